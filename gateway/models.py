@@ -1,0 +1,84 @@
+"""Plain records shared by the store, the admin API and the pipeline."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+
+def rfc3339(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: str) -> float:
+    """RFC 3339 / ISO 8601 with a zone (``Z`` or offset) → epoch seconds. ValueError otherwise."""
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if dt.tzinfo is None:
+        raise ValueError("timestamp needs a time zone, e.g. 2027-01-31T00:00:00Z")
+    return dt.timestamp()
+
+
+@dataclass(frozen=True)
+class Workspace:
+    id: str
+    name: str
+    plan: str
+    created_at: float
+    rev: int = 0  # bumped on every change that affects authorisation (plan, workspace roles)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "name": self.name, "plan": self.plan,
+                "created_at": rfc3339(self.created_at)}
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A key as stored; ``hash`` is the argon2id hash of the secret and never leaves the store
+    module except to be verified."""
+    id: str
+    workspace: str
+    name: str
+    description: str
+    environment: str
+    role: str | None
+    scopes: tuple[str, ...]          # explicit scopes (role None) — effective scopes are computed
+    hash: str
+    prefix: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    last_used_at: float | None
+    rate_limit: str | None           # "N/s" | "N/m" | None (plan's)
+    rev: int = 0                     # bumped on every change
+
+    def status(self, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+    def to_json(self, effective_scopes: tuple[str, ...], now: float | None = None) -> dict:
+        return {"id": self.id, "workspace": self.workspace, "name": self.name,
+                "description": self.description, "environment": self.environment,
+                "role": self.role, "scopes": list(effective_scopes), "prefix": self.prefix,
+                "created_at": rfc3339(self.created_at), "expires_at": rfc3339(self.expires_at),
+                "last_used_at": rfc3339(self.last_used_at),
+                "revoked_at": rfc3339(self.revoked_at), "rate_limit": self.rate_limit,
+                "status": self.status(now)}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who an authenticated proxy request acts as."""
+    workspace: str
+    key_id: str
+    scopes: frozenset[str]
+    plan: str
+
+    def has_scope(self, scope: str) -> bool:
+        return "ALL" in self.scopes or scope in self.scopes

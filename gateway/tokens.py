@@ -1,0 +1,113 @@
+"""Token format, checksum and secret hashing. Pure: no I/O.
+
+A token is ``<prefix>_<env>_<body>``; the body is 50 base62 characters: a 12-char key id,
+a 32-char secret and a 6-char checksum, ``zlib.crc32`` of everything before it in base62
+(``0-9A-Za-z``, most significant digit first, left-padded with ``0``).
+
+The checksum lets the gateway refuse typos and garbage without touching the store, and lets
+secret scanners find leaked keys with few false positives. The secret has 32*log2(62) ≈ 190
+bits of entropy; only its argon2id hash is ever stored.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import zlib
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+ID_LEN, SECRET_LEN, CHECKSUM_LEN = 12, 32, 6
+BODY_LEN = ID_LEN + SECRET_LEN + CHECKSUM_LEN
+PREFIX_CHARS = 20  # the key object's public ``prefix``: the token's first 20 characters
+
+_BODY_RE = re.compile(r"[0-9A-Za-z]{%d}" % BODY_LEN)
+KEY_ID_RE = re.compile(r"[0-9A-Za-z]{%d}" % ID_LEN)
+
+
+def base62(n: int, width: int) -> str:
+    digits = []
+    while n:
+        n, r = divmod(n, 62)
+        digits.append(ALPHABET[r])
+    return "".join(reversed(digits)).rjust(width, "0")
+
+
+def checksum(head: str) -> str:
+    """Checksum of the token text before it (``kg_live_`` + id + secret)."""
+    return base62(zlib.crc32(head.encode("ascii")), CHECKSUM_LEN)
+
+
+def random_base62(n: int) -> str:
+    return "".join(secrets.choice(ALPHABET) for _ in range(n))
+
+
+@dataclass(frozen=True)
+class ParsedToken:
+    prefix: str
+    environment: str
+    key_id: str
+    secret: str
+
+    def __repr__(self) -> str:  # never print the secret by accident
+        return f"ParsedToken({self.prefix}_{self.environment}_{self.key_id}…)"
+
+
+def make_token(prefix: str, environment: str, key_id: str | None = None) -> tuple[str, ParsedToken]:
+    """A fresh token and its parts. ``key_id`` is random unless given."""
+    key_id = key_id or random_base62(ID_LEN)
+    secret = random_base62(SECRET_LEN)
+    head = f"{prefix}_{environment}_{key_id}{secret}"
+    return head + checksum(head), ParsedToken(prefix, environment, key_id, secret)
+
+
+class MalformedToken(ValueError):
+    """The text is not a well-formed token of this gateway (shape, checksum or environment)."""
+
+
+def parse_token(text: str, prefix: str, environments: tuple[str, ...] | frozenset[str]) -> ParsedToken:
+    """Validate shape, prefix, environment and checksum; raise MalformedToken otherwise."""
+    if len(text) > 200 or not text.isascii():
+        raise MalformedToken("not a keygate token")
+    pfx, sep, rest = text.partition("_")
+    env, sep2, body = rest.partition("_")
+    if not (sep and sep2) or pfx != prefix or not _BODY_RE.fullmatch(body):
+        raise MalformedToken("not a keygate token")
+    head = text[:-CHECKSUM_LEN]
+    if not secrets.compare_digest(checksum(head), body[-CHECKSUM_LEN:]):
+        raise MalformedToken("the key's checksum does not match; it was mistyped or truncated")
+    if env not in environments:
+        raise MalformedToken(f"keys of environment '{env}' are not accepted here")
+    return ParsedToken(pfx, env, body[:ID_LEN], body[ID_LEN:ID_LEN + SECRET_LEN])
+
+
+def looks_like_token(text: str, prefix: str) -> bool:
+    """True when ``text`` is shaped like a token of ``prefix`` with a valid checksum, any env.
+
+    Used to refuse and mask keys sent in URLs: a leaked key is a leaked key whatever its env.
+    """
+    pfx, sep, rest = text.partition("_")
+    env, sep2, body = rest.partition("_")
+    if not (sep and sep2) or pfx != prefix or not env or not _BODY_RE.fullmatch(body):
+        return False
+    return secrets.compare_digest(checksum(text[:-CHECKSUM_LEN]), body[-CHECKSUM_LEN:])
+
+
+class SecretHasher:
+    """argon2id over the secret only. ``verify`` is CPU-heavy: call it off the event loop."""
+
+    def __init__(self, time_cost: int = 2, memory_cost: int = 19456, parallelism: int = 1) -> None:
+        self._ph = PasswordHasher(time_cost=time_cost, memory_cost=memory_cost,
+                                  parallelism=parallelism)
+
+    def hash(self, secret: str) -> str:
+        return self._ph.hash(secret)
+
+    def verify(self, encoded_hash: str, secret: str) -> bool:
+        try:
+            return self._ph.verify(encoded_hash, secret)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False

