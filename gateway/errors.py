@@ -6,6 +6,7 @@
     │                                 revoked_key, unauthorized (admin)
     ├── Forbidden (403)               insufficient_scope
     ├── NotFound (404)                no_route, not_found
+    ├── MethodNotAllowed (405)        method_not_allowed (keygate's own endpoints)
     ├── Conflict (409)                conflict, key_limit_reached
     ├── PayloadTooLarge (413)         body_too_large
     ├── TooManyRequests (429)         too_many_failures, rate_limited, quota_exceeded
@@ -68,6 +69,10 @@ class Forbidden(GatewayError):
 
 class NotFound(GatewayError):
     status, code = 404, "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status, code = 405, "method_not_allowed"
 
 
 class Conflict(GatewayError):

@@ -1,0 +1,198 @@
+"""Wiring and lifecycle: build the gateway from a config, run its two listeners, stop cleanly.
+
+``running_gateway`` owns every resource (store clients, upstream pools, the argon2 pool) and
+closes them in reverse order; ``serve`` is ``keygate serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+from aiohttp import web
+
+from .auth import Authenticator
+from .config import Config, load_config
+from .errors import ConfigError, StoreError
+from .hotpath import RequestStore
+from .metrics import Metrics
+from .pipeline import Pipeline
+
+log = logging.getLogger("keygate")
+
+
+@dataclass
+class Gateway:
+    config: Config
+    store: object             # gateway.store.Store
+    requests: RequestStore
+    pipeline: Pipeline
+    metrics: Metrics
+    admin_app: web.Application
+    proxy_server: web.Server
+
+
+def redact(url: str) -> str:
+    """A store URL fit for messages: no password."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        parts = parts._replace(netloc=f"{user}:***@{netloc}")
+    return urlunsplit(parts)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(config: Config, store_url: str, *,
+                          clock: Callable[[], float] = time.time,
+                          metrics: Metrics | None = None) -> AsyncIterator[Gateway]:
+    """Every resource of one gateway process, opened in order and closed in reverse."""
+    from .admin import create_admin_app, self_service
+    from .accesslog import AccessLog
+    from .proxy import Forwarder
+    from .store import Store
+
+    metrics = metrics or Metrics(workspace_labels=config.server.metrics_workspace_labels)
+    store = await Store.connect(store_url, config, clock=clock)
+    requests = RequestStore(store_url, timeout=config.store.timeout)
+    forwarder = Forwarder(config)
+    auth = Authenticator(config, store, requests, metrics, clock=clock)
+    try:
+        await forwarder.start()
+        pipeline = Pipeline(config, store, requests, auth, forwarder, metrics,
+                            self_service=self_service, clock=clock)
+        if config.server.access_log != "off":
+            pipeline.access = AccessLog(config).write
+        admin_app = create_admin_app(config, store)
+        from .observe import add_metrics_route
+        add_metrics_route(admin_app, metrics, store, config)
+        proxy_server = web.Server(pipeline.handle, access_log=None,
+                                  client_max_size=config.server.max_body_bytes)
+        yield Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server)
+    finally:
+        auth.close()
+        await forwarder.close()
+        await requests.close()
+        await store.close()
+
+
+async def _serve(config: Config, store_url: str, reuse_port: bool) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with running_gateway(config, store_url) as gw:
+        try:
+            ready = await gw.store.ping()
+        except StoreError:
+            ready = False
+        if not ready:
+            print(f"keygate: cannot reach the store at {redact(store_url)}", file=sys.stderr)
+            return 1
+        proxy_runner = web.ServerRunner(gw.proxy_server, handle_signals=False,
+                                        shutdown_timeout=30)
+        admin_runner = web.AppRunner(gw.admin_app, handle_signals=False, access_log=None)
+        await proxy_runner.setup()
+        await admin_runner.setup()
+        try:
+            for runner, host, port in ((proxy_runner, config.server.host, config.server.port),
+                                       (admin_runner, config.admin.host, config.admin.port)):
+                try:
+                    await web.TCPSite(runner, host, port, reuse_port=reuse_port or None,
+                                      backlog=1024).start()
+                except OSError as exc:
+                    print(f"keygate: cannot listen on {host}:{port}: {exc.strerror or exc}",
+                          file=sys.stderr)
+                    return 1
+            log.info("keygate listening: proxy %s:%d, admin %s:%d (pid %d)",
+                     config.server.host, config.server.port, config.admin.host,
+                     config.admin.port, os.getpid())
+            await stop.wait()
+            log.info("shutting down: finishing in-flight requests")
+        finally:
+            await proxy_runner.cleanup()   # stops accepting, waits for in-flight requests
+            await admin_runner.cleanup()
+    return 0
+
+
+def _run_worker(config: Config, store_url: str, reuse_port: bool) -> int:
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # not on Linux: the default loop is fine
+        pass
+    return asyncio.run(_serve(config, store_url, reuse_port))
+
+
+def _supervise(config: Config, store_url: str, workers: int) -> int:
+    """N worker processes sharing the listening ports (SO_REUSEPORT); SIGTERM stops all."""
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _run_worker(config, store_url, reuse_port=True)
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum, _frame) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    remaining = set(children)
+    while remaining:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        remaining.discard(pid)
+        if os.waitstatus_to_exitcode(code) != 0 and remaining:
+            status = 1  # a worker died: take the rest down so the supervisor above restarts us
+            forward(signal.SIGTERM, None)
+    return status
+
+
+def setup_logging(config: Config) -> None:
+    logging.basicConfig(level=config.server.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve(config_path: str | None, workers: int | None = None) -> int:
+    """``keygate serve``: exit code 0 after a clean stop, 1 when it cannot start."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    setup_logging(config)
+    from .embedded import EmbeddedError, resolve_store_url
+    try:
+        store_url, embedded = resolve_store_url(config)
+    except EmbeddedError as exc:
+        print(f"keygate: {exc}", file=sys.stderr)
+        return 1
+    try:
+        workers = workers or config.server.workers
+        if workers > 1:
+            return _supervise(config, store_url, workers)
+        return _run_worker(config, store_url, reuse_port=False)
+    finally:
+        if embedded is not None:
+            embedded.stop()

@@ -1,0 +1,134 @@
+"""The per-request store calls: one Lua round trip per proxied request, plus the cold path's
+failure throttle. Every call here is on the request path, so it goes through the lean
+:class:`gateway.resp.RespClient` (standalone Redis) or redis-py (Cluster / Sentinel), behind
+one seam: :meth:`RequestStore.authorize`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from typing import Any, NamedTuple
+
+from .errors import StoreError
+from .resp import RespClient, RespError
+from .store import fail_ip_key, fail_key_key, key_key, rate_key, usage_key, ws_key
+
+
+def _script(name: str) -> tuple[str, str]:
+    text = resources.files("gateway").joinpath("lua", name).read_text()
+    return text, hashlib.sha1(text.encode()).hexdigest()
+
+
+AUTHORIZE, AUTHORIZE_SHA = _script("authorize.lua")
+
+RECORD_FAILURE = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 or redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+local m = redis.call('INCR', KEYS[2])
+if m == 1 or redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
+return {n, m}
+"""
+RECORD_FAILURE_SHA = hashlib.sha1(RECORD_FAILURE.encode()).hexdigest()
+
+ADD_USAGE = """
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return n
+"""
+ADD_USAGE_SHA = hashlib.sha1(ADD_USAGE.encode()).hexdigest()
+
+
+class Decision(NamedTuple):
+    """What the store decided for one request."""
+    outcome: str            # ok | stale | rate | quota
+    month_used: int = 0
+    rate_remaining: int = -1  # -1: no rate limit applies
+    retry_after_ms: int = 0   # rate: when one more request will be admitted
+    window_reset_ms: int = 0  # rate: until the current window ends
+
+
+class RequestStore:
+    """Hot-path store client. ``url``: redis://, rediss://, unix://; others go via redis-py."""
+
+    def __init__(self, url: str, *, timeout: float = 2.0) -> None:
+        self.url = url
+        self._resp: RespClient | None = None
+        self._redis: Any = None
+        if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+            self._resp = RespClient(url, timeout=timeout)
+        else:
+            import redis.asyncio as aioredis  # Redis Cluster: redis-py routes by slot
+            self._redis = aioredis.RedisCluster.from_url(
+                "redis" + url.split("://", 1)[0].removeprefix("redis+cluster") + "://"
+                + url.split("://", 1)[1], socket_timeout=timeout)
+
+    async def close(self) -> None:
+        if self._resp is not None:
+            await self._resp.close()
+        elif self._redis is not None:
+            await self._redis.aclose()
+
+    async def _evalsha(self, sha: str, script: str, keys: tuple[str, ...],
+                       args: tuple[Any, ...]) -> Any:
+        try:
+            if self._resp is not None:
+                try:
+                    return await self._resp.call("EVALSHA", sha, len(keys), *keys, *args)
+                except RespError as exc:
+                    if not str(exc).startswith("NOSCRIPT"):
+                        raise
+                    return await self._resp.call("EVAL", script, len(keys), *keys, *args)
+            return await self._redis.eval(script, len(keys), *keys, *args)
+        except StoreError:
+            raise
+        except Exception as exc:  # connection lost, timeout, error reply: the store failed
+            raise StoreError(f"store call failed: {exc.__class__.__name__}") from exc
+
+    async def authorize(self, *, workspace: str, key_id: str, key_rev: int, ws_rev: int,
+                        count: bool, rate_limit: int, rate_period_ms: int,
+                        monthly_limit: int | None, period: str, counter_ttl: int,
+                        now_ms: int) -> Decision:
+        reply = await self._evalsha(
+            AUTHORIZE_SHA, AUTHORIZE,
+            (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
+             rate_key(workspace, key_id)),
+            (now_ms, key_rev, ws_rev, "count" if count else "check", rate_limit,
+             rate_period_ms, -1 if monthly_limit is None else monthly_limit, counter_ttl))
+        outcome = reply[0]
+        if outcome == b"ok":
+            if len(reply) == 2:
+                return Decision("ok", reply[1])
+            return Decision("ok", reply[1], reply[2], 0, reply[3])
+        if outcome == b"stale":
+            return Decision("stale")
+        if outcome == b"rate":
+            return Decision("rate", retry_after_ms=reply[1], window_reset_ms=reply[2])
+        if outcome == b"quota":
+            return Decision("quota", month_used=reply[1])
+        raise StoreError("unexpected answer from the authorize script")
+
+    async def failure_counts(self, ip: str, key_id: str) -> tuple[int, int]:
+        """Failed verifications in the current window: (from this IP, against this key id)."""
+        try:
+            if self._resp is not None:
+                reply = await self._resp.call("MGET", fail_ip_key(ip), fail_key_key(key_id))
+            else:  # Cluster: the two keys live in different slots
+                reply = [await self._redis.get(fail_ip_key(ip)),
+                         await self._redis.get(fail_key_key(key_id))]
+        except Exception as exc:
+            raise StoreError(f"store call failed: {exc.__class__.__name__}") from exc
+        return int(reply[0] or 0), int(reply[1] or 0)
+
+    async def record_failure(self, ip: str, key_id: str, window_seconds: int) -> None:
+        if self._resp is not None:
+            await self._evalsha(RECORD_FAILURE_SHA, RECORD_FAILURE,
+                                (fail_ip_key(ip), fail_key_key(key_id)), (window_seconds,))
+        else:
+            for k in (fail_ip_key(ip), fail_key_key(key_id)):
+                await self._evalsha(ADD_USAGE_SHA, ADD_USAGE, (k,), (1, window_seconds))
+
+    async def add_usage(self, workspace: str, period: str, n: int, ttl: int) -> int:
+        """Add requests counted locally while the store was down (fail-open)."""
+        return int(await self._evalsha(ADD_USAGE_SHA, ADD_USAGE,
+                                       (usage_key(workspace, period),), (n, ttl)))

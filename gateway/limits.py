@@ -1,0 +1,77 @@
+"""Rate and quota arithmetic and the IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers-11).
+
+The decisions themselves are made atomically in Redis (``lua/authorize.lua``); this module
+holds the pure parts around them: which limits apply, the calendar month, the headers.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from typing import NamedTuple
+
+from .config import Config, Plan, RateLimit
+
+COUNTER_GRACE = 40 * 86400  # month counters outlive their month, for usage reports
+
+
+class Month(NamedTuple):
+    period: str          # "YYYY-MM"
+    start: float         # epoch seconds, first instant of the month (UTC)
+    resets_at: float     # first instant of next month (UTC)
+
+    @property
+    def seconds(self) -> int:
+        return int(self.resets_at - self.start)
+
+    def seconds_left(self, now: float) -> int:
+        return max(1, math.ceil(self.resets_at - now))
+
+    def counter_ttl(self, now: float) -> int:
+        return self.seconds_left(now) + COUNTER_GRACE
+
+
+def month_of(now: float) -> Month:
+    dt = datetime.fromtimestamp(now, timezone.utc)
+    start = datetime(dt.year, dt.month, 1, tzinfo=timezone.utc)
+    nxt = datetime(dt.year + (dt.month == 12), dt.month % 12 + 1, 1, tzinfo=timezone.utc)
+    return Month(f"{dt.year:04d}-{dt.month:02d}", start.timestamp(), nxt.timestamp())
+
+
+class MonthCache:
+    """``month_of`` costs a datetime round trip; the answer only changes once a month."""
+
+    def __init__(self) -> None:
+        self._month = month_of(0)
+
+    def get(self, now: float) -> Month:
+        m = self._month
+        if not (m.start <= now < m.resets_at):
+            m = self._month = month_of(now)
+        return m
+
+
+def key_rate_limit(config: Config, plan: Plan | None, key_rate: str | None) -> RateLimit | None:
+    """The key's own rate limit wins over its plan's."""
+    if key_rate:
+        from .config import parse_rate_limit
+        return parse_rate_limit(key_rate)
+    return plan.rate_limit if plan else None
+
+
+def ratelimit_headers(rate: RateLimit | None, rate_remaining: int, rate_reset_ms: int,
+                      monthly_limit: int | None, month_used: int, month: Month,
+                      now: float) -> dict[str, str]:
+    """RateLimit-Policy and RateLimit, one item per limit that applies."""
+    policies, values = [], []
+    if rate is not None:
+        policies.append(f'"rate";q={rate.requests};w={rate.period_seconds}')
+        values.append(f'"rate";r={max(0, rate_remaining)};'
+                      f't={max(0, math.ceil(rate_reset_ms / 1000))}')
+    if monthly_limit is not None:
+        policies.append(f'"monthly";q={monthly_limit};w={month.seconds}')
+        values.append(f'"monthly";r={max(0, monthly_limit - month_used)};'
+                      f't={month.seconds_left(now)}')
+    if not policies:
+        return {}
+    return {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(values)}

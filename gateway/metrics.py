@@ -1,0 +1,55 @@
+"""Prometheus metrics, on a registry of the gateway's own (one per app, so tests start fresh).
+
+Request counters are labelled by route (the route's path glob, never the raw path), method and
+status class, so cardinality is bounded by the config. Per-workspace usage is read from Redis
+at scrape time instead of being a per-request label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 workspace_labels: bool = False) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.workspace_labels = workspace_labels
+        labels = ["route", "method", "status_class"] + (["workspace"] if workspace_labels else [])
+        self.requests = Counter("keygate_requests_total",
+                                "Proxy requests answered, by route, method and status class.",
+                                labels, registry=r)
+        self.auth_failures = Counter("keygate_auth_failures_total",
+                                     "Requests refused by authentication, authorisation or "
+                                     "limits, by error code.", ["reason"], registry=r)
+        self.request_duration = Histogram("keygate_request_duration_seconds",
+                                          "Time from request to response headers, by route.",
+                                          ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_duration = Histogram("keygate_upstream_duration_seconds",
+                                           "Time the upstream took to answer with headers.",
+                                           ["upstream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.key_cache = Counter("keygate_key_cache_total",
+                                 "Verified-key cache lookups, by result (hit|miss).",
+                                 ["result"], registry=r)
+        self.argon2 = Counter("keygate_argon2_verifications_total",
+                              "argon2id verifications run, by result (ok|fail).",
+                              ["result"], registry=r)
+        self.store_errors = Counter("keygate_store_errors_total",
+                                    "Store calls on the request path that failed.", registry=r)
+        self.degraded = Counter("keygate_degraded_decisions_total",
+                                "Requests let through while the store was down "
+                                "(on_store_error: open).", registry=r)
+        self.month_requests = Gauge("keygate_workspace_month_requests",
+                                    "Requests counted this calendar month (UTC), per workspace; "
+                                    "read from the store at scrape time.", ["workspace"],
+                                    registry=r)
+        self.month_limit = Gauge("keygate_workspace_month_limit",
+                                 "The workspace plan's monthly request quota (absent when "
+                                 "unlimited); read at scrape time.", ["workspace"], registry=r)
+        for result in ("hit", "miss"):
+            self.key_cache.labels(result)
+        for result in ("ok", "fail"):
+            self.argon2.labels(result)

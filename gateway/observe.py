@@ -1,0 +1,37 @@
+"""``/metrics`` on the admin listener, with month-to-date usage read from the store at scrape
+time (so usage per workspace needs no per-request label)."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .config import Config
+from .errors import StoreError
+from .metrics import Metrics
+
+log = logging.getLogger("keygate")
+
+
+async def refresh_usage_gauges(metrics: Metrics, store, config: Config) -> None:
+    metrics.month_requests.clear()
+    metrics.month_limit.clear()
+    for workspace in await store.list_workspaces():
+        usage = await store.usage(workspace.id)
+        metrics.month_requests.labels(workspace.id).set(usage["used"])
+        if usage["limit"] is not None:
+            metrics.month_limit.labels(workspace.id).set(usage["limit"])
+
+
+def add_metrics_route(app: web.Application, metrics: Metrics, store, config: Config) -> None:
+    async def handle_metrics(request: web.Request) -> web.Response:
+        try:
+            await refresh_usage_gauges(metrics, store, config)
+        except StoreError:
+            metrics.store_errors.inc()  # the process's own metrics are still worth serving
+        return web.Response(body=generate_latest(metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/metrics", handle_metrics)

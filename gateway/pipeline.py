@@ -1,0 +1,326 @@
+"""The proxy listener's request pipeline, top to bottom.
+
+    sanitise path → refuse keys in the URL → match route → extract credential → authenticate
+    → authorise (state, scopes, rate, quota: one store round trip) → forward → observe
+
+Each step returns a value or raises one named ``GatewayError``; ``handle`` is the one place
+that turns errors into SPEC's JSON responses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import time
+from typing import Callable
+
+from aiohttp import web
+
+from . import errors
+from .auth import Authenticator, CachedKey
+from .config import Config, Route
+from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
+from .hotpath import Decision, RequestStore
+from .limits import MonthCache, ratelimit_headers
+from .models import rfc3339
+from .routes import RouteTable, check_path, query_has_token
+from .tokens import MalformedToken, ParsedToken, parse_token
+
+log = logging.getLogger("keygate.proxy")
+access_log = logging.getLogger("keygate.access")
+
+RESERVED = "/_keygate/"
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_STALE_RETRIES = 3
+
+
+class Outcome:
+    """What the pipeline learned about a request, for the access log and metrics."""
+    __slots__ = ("route", "upstream", "workspace", "key_id", "code")
+
+    def __init__(self) -> None:
+        self.route = self.upstream = self.workspace = self.key_id = self.code = None
+
+
+class Pipeline:
+    def __init__(self, config: Config, store, requests: RequestStore, auth: Authenticator,
+                 forwarder, metrics=None, self_service=None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.store = store
+        self.requests = requests
+        self.auth = auth
+        self.forwarder = forwarder
+        self.metrics = metrics
+        self.self_service = self_service
+        self.clock = clock
+        self.routes = RouteTable(config.routes)
+        self.months = MonthCache()
+        self.fail_open = config.store.on_store_error == "open"
+        self.local_counts: dict[tuple[str, str], int] = {}  # (workspace, period) → requests
+        self._prefix = config.keys.prefix
+        self._environments = frozenset(config.keys.environments)
+        self._key_headers = tuple(h.lower() for h in config.keys.headers)
+        self._trusted = tuple(ipaddress.ip_network(p, strict=False)
+                              for p in config.server.trusted_proxies)
+        self._rid_prefix = os.urandom(4).hex()
+        self._rid_counter = 0
+
+    # --- the one handler ----------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = self._request_id(request)
+        outcome = Outcome()
+        try:
+            response = await self.pipeline(request, request_id, outcome)
+        except GatewayError as exc:
+            outcome.code = exc.code
+            response = exc.response(request_id)
+        except Exception:  # a bug: never a traceback on the wire
+            log.exception("unhandled error in request %s", request_id)
+            outcome.code = "internal_error"
+            response = GatewayError("Internal error.").response(request_id)
+        self.observe(request, response, outcome, request_id, started)
+        return response
+
+    async def pipeline(self, request: web.BaseRequest, request_id: str,
+                       outcome: Outcome) -> web.StreamResponse:
+        raw_path, _, raw_query = request.raw_path.partition("?")
+        check_path(raw_path)
+        if raw_query and query_has_token(raw_query, self._prefix):
+            raise errors.BadRequest(
+                "An API key was sent in the URL; URLs end up in logs. Send it in the "
+                "Authorization header instead, and rotate this key.", code="key_in_url")
+        if raw_path.startswith(RESERVED):
+            return await self.internal(request, raw_path, outcome)
+        route = self.routes.match(request.method, raw_path)
+        outcome.route, outcome.upstream = route.path, route.upstream
+        upstream = self.config.upstreams[route.upstream]
+        if route.public:
+            return await self.forwarder.forward(request, upstream, None, request_id, {})
+        token = self.credential(request)
+        key = await self.authenticate(token, request)
+        outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
+        key, limit_headers = await self.authorise(key, route.scopes, count=True)
+        return await self.forwarder.forward(request, upstream, key.principal, request_id,
+                                            limit_headers)
+
+    # --- steps --------------------------------------------------------------------------------
+
+    def credential(self, request: web.BaseRequest) -> ParsedToken:
+        """The one token this request carries (missing / malformed / ambiguous otherwise)."""
+        found: list[str] = []
+        repeated = False
+        seen_headers: set[str] = set()
+        for name, value in request.headers.items():
+            lname = name.lower()
+            if lname == "authorization":
+                scheme, _, rest = value.strip().partition(" ")
+                if scheme.lower() != "bearer" or not rest.strip():
+                    raise errors.invalid_token(
+                        "malformed_key", "The Authorization header must be 'Bearer <key>'.")
+                value = rest.strip()
+            elif lname not in self._key_headers:
+                continue
+            repeated |= lname in seen_headers
+            seen_headers.add(lname)
+            found.append(value.strip())
+        if not found:
+            raise errors.missing_key()
+        if repeated:
+            raise errors.ambiguous_key("The API key header was sent more than once.")
+        if any(v != found[0] for v in found[1:]):
+            raise errors.ambiguous_key("Two different API keys were sent; send exactly one.")
+        try:
+            return parse_token(found[0], self._prefix, self._environments)
+        except MalformedToken as exc:
+            raise errors.invalid_token("malformed_key", f"The API key is malformed: {exc}.") from None
+
+    async def authenticate(self, token: ParsedToken, request: web.BaseRequest) -> CachedKey:
+        try:
+            return await self.auth.authenticate(token, self.client_ip(request))
+        except StoreError as exc:
+            raise self._store_down() from exc
+
+    async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *,
+                        count: bool) -> tuple[CachedKey, dict[str, str]]:
+        """State (revoked/expired), scopes, then rate and quota in one round trip.
+
+        Decisions read from the cache are confirmed against the store's revision before they
+        are answered, so a widened scope or extended expiry acts on the next request too."""
+        for _ in range(_STALE_RETRIES):
+            now = self.clock()
+            k = key.key
+            if k.revoked_at is not None:
+                raise errors.invalid_token("revoked_key", "This API key has been revoked.")
+            expired = k.expires_at is not None and k.expires_at <= now
+            missing = next((s for s in scopes if not key.principal.has_scope(s)), None)
+            month = self.months.get(now)
+            try:
+                decision = await self.requests.authorize(
+                    workspace=k.workspace, key_id=k.id, key_rev=k.rev, ws_rev=key.workspace.rev,
+                    count=count and not expired and missing is None,
+                    rate_limit=key.rate.requests if key.rate else 0,
+                    rate_period_ms=key.rate.period_seconds * 1000 if key.rate else 1000,
+                    monthly_limit=key.monthly_limit, period=month.period,
+                    counter_ttl=month.counter_ttl(now), now_ms=int(now * 1000))
+            except StoreError as exc:
+                return key, self._degraded(key, expired, missing, count, exc)
+            if decision.outcome == "stale":
+                try:
+                    fresh = await self.auth.refresh(key)
+                except StoreError as exc:
+                    raise self._store_down() from exc
+                if fresh is None:
+                    raise errors.invalid_token("invalid_key", "The API key is not valid.")
+                key = fresh
+                continue
+            if expired:
+                raise errors.invalid_token("expired_key", "This API key has expired.")
+            if missing is not None:
+                raise errors.insufficient_scope(missing)
+            if self.local_counts:
+                self._flush_local_counts()
+            return key, self._decide(key, decision, month, now)
+        raise ServiceUnavailable("The key changed while this request was checked; retry.",
+                                 headers={"Retry-After": "1"})
+
+    def _decide(self, key: CachedKey, d: Decision, month, now: float) -> dict[str, str]:
+        headers = ratelimit_headers(key.rate, d.rate_remaining, d.window_reset_ms,
+                                    key.monthly_limit, d.month_used, month, now)
+        if d.outcome == "rate":
+            headers.update(ratelimit_headers(key.rate, 0, d.window_reset_ms, key.monthly_limit,
+                                             d.month_used, month, now))
+            headers["Retry-After"] = str(max(1, math.ceil(d.retry_after_ms / 1000)))
+            raise TooManyRequests(f"Rate limit of {key.rate} exceeded for this key.",
+                                  code="rate_limited", headers=headers)
+        if d.outcome == "quota":
+            headers["Retry-After"] = str(month.seconds_left(now))
+            raise TooManyRequests(
+                f"The workspace's monthly quota of {key.monthly_limit} requests is used up; it "
+                f"resets at {rfc3339(month.resets_at)}.", code="quota_exceeded", headers=headers)
+        return headers
+
+    # --- store down ---------------------------------------------------------------------------
+
+    def _store_down(self) -> ServiceUnavailable:
+        if self.metrics:
+            self.metrics.store_errors.inc()
+        return ServiceUnavailable("The key store is unavailable; the request was not checked.",
+                                  headers={"Retry-After": "1"})
+
+    def _degraded(self, key: CachedKey, expired: bool, missing: str | None, count: bool,
+                  exc: StoreError) -> dict[str, str]:
+        """The store failed on a key verified in this process: fail closed, or — with
+        ``on_store_error: open`` — decide from the cached state and count locally."""
+        if not self.fail_open:
+            raise self._store_down() from exc
+        if self.metrics:
+            self.metrics.store_errors.inc()
+        if expired:
+            raise errors.invalid_token("expired_key", "This API key has expired.")
+        if missing is not None:
+            raise errors.insufficient_scope(missing)
+        if count:
+            period = self.months.get(self.clock()).period
+            slot = (key.workspace.id, period)
+            self.local_counts[slot] = self.local_counts.get(slot, 0) + 1
+        if self.metrics:
+            self.metrics.degraded.inc()
+        return {}
+
+    def _flush_local_counts(self) -> None:
+        import asyncio
+
+        counts, self.local_counts = self.local_counts, {}
+
+        async def flush() -> None:
+            now = self.clock()
+            ttl = self.months.get(now).counter_ttl(now)
+            for (workspace, period), n in counts.items():
+                try:
+                    await self.requests.add_usage(workspace, period, n, ttl)
+                except StoreError:
+                    self.local_counts[(workspace, period)] = \
+                        self.local_counts.get((workspace, period), 0) + n
+        asyncio.ensure_future(flush())
+
+    # --- the reserved /_keygate/ prefix -------------------------------------------------------
+
+    async def internal(self, request: web.BaseRequest, raw_path: str,
+                       outcome: Outcome) -> web.StreamResponse:
+        outcome.route = raw_path if raw_path == "/_keygate/v1/usage" else "/_keygate/v1/keys"
+        if raw_path == "/_keygate/v1/usage":
+            if request.method not in ("GET", "HEAD"):
+                raise errors.MethodNotAllowed("Use GET for the usage endpoint.")
+            token = self.credential(request)
+            key = await self.authenticate(token, request)
+            outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
+            key, _ = await self.authorise(key, (), count=False)
+            try:
+                usage = await self.store.usage(key.workspace.id)
+            except StoreError as exc:
+                raise self._store_down() from exc
+            usage["key"] = key.key.to_json(tuple(sorted(key.principal.scopes)), self.clock())
+            return web.Response(body=json.dumps(usage).encode(), content_type="application/json")
+        if raw_path == "/_keygate/v1/keys" or raw_path.startswith("/_keygate/v1/keys/"):
+            token = self.credential(request)
+            key = await self.authenticate(token, request)
+            outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
+            key, _ = await self.authorise(key, ("keys:admin",), count=False)
+            return await self.self_service(request, key.principal, self.store, self.config)
+        raise errors.NotFound(f"No route matches {request.method} {raw_path}.", code="no_route")
+
+    # --- small helpers ------------------------------------------------------------------------
+
+    def _request_id(self, request: web.BaseRequest) -> str:
+        rid = request.headers.get("X-Request-Id")
+        if rid is not None and _SANE_REQUEST_ID.fullmatch(rid):
+            return rid
+        self._rid_counter += 1
+        return f"{self._rid_prefix}{self._rid_counter:012x}"
+
+    def client_ip(self, request: web.BaseRequest) -> str:
+        peer = request.remote or "unknown"
+        if not self._trusted:
+            return peer
+        try:
+            if not any(ipaddress.ip_address(peer) in n for n in self._trusted):
+                return peer
+        except ValueError:
+            return peer
+        hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", ())).split(",")
+                if h.strip()]
+        for hop in reversed(hops):  # the nearest address not one of our proxies
+            try:
+                if not any(ipaddress.ip_address(hop) in n for n in self._trusted):
+                    return hop
+            except ValueError:
+                return peer
+        return peer
+
+    def observe(self, request: web.BaseRequest, response: web.StreamResponse,
+                outcome: Outcome, request_id: str, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        m = self.metrics
+        route = outcome.route or "(none)"
+        if m is not None:
+            status_class = f"{response.status // 100}xx"
+            if m.workspace_labels:
+                m.requests.labels(route, request.method, status_class,
+                                  outcome.workspace or "").inc()
+            else:
+                m.requests.labels(route, request.method, status_class).inc()
+            m.request_duration.labels(route).observe(elapsed)
+            if outcome.code is not None and response.status in (401, 403, 429) or \
+                    outcome.code in ("ambiguous_key", "key_in_url"):
+                m.auth_failures.labels(outcome.code).inc()
+        if self.access is not None:
+            self.access(request, response, outcome, request_id, elapsed)
+
+    access: Callable | None = None

@@ -1,0 +1,195 @@
+"""A lean Redis client for the per-request hot path: one connection, RESP by hand, hiredis.
+
+Why not redis-py here: measured on this machine kind (../shared/PERFORMANCE.md), one EVALSHA
+through redis-py's asyncio client costs ~130-185 µs of client CPU, as much as all of the
+proxying; the same round trip through one ``asyncio.Protocol`` whose writes are coalesced per
+loop tick and whose replies are parsed by hiredis costs ~11-24 µs. redis-py stays the client for
+everything that is not per request (admin operations, Cluster, Sentinel).
+
+Contract of :class:`RespClient`: ``await client.call(*args)`` sends one command and returns its
+reply (bytes, int, list, None); a Redis error reply raises :class:`RespError`; a dead,
+unreachable or stuck connection raises ``ConnectionError`` for every call in flight, and the
+next call reconnects. Commands are pipelined on one connection; replies come back in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+import hiredis
+
+
+class RespError(Exception):
+    """An error reply from Redis (e.g. NOSCRIPT, WRONGTYPE)."""
+
+
+def _encode(args: tuple[Any, ...]) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if not isinstance(a, bytes):
+            a = str(a).encode() if not isinstance(a, str) else a.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(parts)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, on_lost) -> None:
+        self.reader = hiredis.Reader(replyError=RespError)
+        self.waiting: collections.deque[tuple[asyncio.Future, float]] = collections.deque()
+        self.out: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._on_lost = on_lost
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiting = self.waiting
+        while (reply := self.reader.gets()) is not False:
+            if not waiting:  # a reply nobody asked for: the stream is out of step
+                self.abort(ConnectionError("unexpected reply from Redis"))
+                return
+            fut = waiting.popleft()[0]
+            if not fut.done():
+                if isinstance(reply, RespError):
+                    fut.set_exception(reply)
+                else:
+                    fut.set_result(reply)
+
+    def connection_lost(self, exc) -> None:
+        self.abort(ConnectionError("connection to Redis lost"))
+
+    def abort(self, exc: Exception) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._on_lost(self)
+        while self.waiting:
+            fut = self.waiting.popleft()[0]
+            if not fut.done():
+                fut.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def flush(self) -> None:
+        if self.out and not self.closed:
+            self.transport.write(b"".join(self.out))
+        self.out.clear()
+
+
+class RespClient:
+    """One pipelined connection to a standalone Redis (``redis://``, ``rediss://``, ``unix://``)."""
+
+    def __init__(self, url: str, *, timeout: float = 2.0, connect_timeout: float = 2.0) -> None:
+        u = urlparse(url)
+        q = parse_qs(u.query)
+        self.scheme = u.scheme
+        self.host = u.hostname or "127.0.0.1"
+        self.port = u.port or 6379
+        self.path = unquote(u.path) if u.scheme == "unix" else None
+        db = q.get("db", [None])[0] if u.scheme == "unix" else (u.path.strip("/") or None)
+        self.db = int(db) if db else 0
+        self.username = unquote(u.username) if u.username else None
+        self.password = unquote(u.password) if u.password else None
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self._proto: _Protocol | None = None
+        self._connecting: asyncio.Future | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        factory = lambda: _Protocol(self._lost)  # noqa: E731
+        try:
+            if self.scheme == "unix":
+                coro = loop.create_unix_connection(factory, self.path)
+            else:
+                tls = ssl.create_default_context() if self.scheme == "rediss" else None
+                coro = loop.create_connection(factory, self.host, self.port, ssl=tls)
+            _, proto = await asyncio.wait_for(coro, self.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ConnectionError(f"cannot connect to Redis: {exc.__class__.__name__}") from exc
+        hello = []
+        if self.password is not None:
+            hello.append(("AUTH", self.username, self.password) if self.username
+                         else ("AUTH", self.password))
+        if self.db:
+            hello.append(("SELECT", self.db))
+        for cmd in hello:
+            fut = loop.create_future()
+            proto.waiting.append((fut, time.monotonic()))
+            proto.transport.write(_encode(cmd))
+            try:
+                await asyncio.wait_for(fut, self.timeout)
+            except RespError as exc:
+                proto.abort(ConnectionError("Redis refused the connection's AUTH/SELECT"))
+                raise ConnectionError(f"Redis refused {cmd[0]}: {exc}") from exc
+        if self._watchdog is None:
+            self._arm_watchdog()
+        return proto
+
+    def _lost(self, proto: _Protocol) -> None:
+        if self._proto is proto:
+            self._proto = None
+
+    def _arm_watchdog(self) -> None:
+        """Every timeout/4 s: a reply overdue by more than ``timeout`` kills the connection
+        (one timer for all calls, instead of a wait_for per call on the hot path)."""
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            proto = self._proto
+            if proto is not None and proto.waiting and \
+                    time.monotonic() - proto.waiting[0][1] > self.timeout:
+                proto.abort(ConnectionError("Redis did not answer in time"))
+            self._watchdog = loop.call_later(self.timeout / 4, check)
+
+        self._watchdog = loop.call_later(self.timeout / 4, check)
+
+    async def _connection(self) -> _Protocol:
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        try:
+            proto = await asyncio.shield(self._connecting)
+        except BaseException:
+            self._connecting = None
+            raise
+        self._connecting = None
+        self._proto = proto
+        return proto
+
+    def call(self, *args: Any) -> "asyncio.Future[Any]":
+        """Queue one command; the returned future resolves to its reply."""
+        proto = self._proto
+        if proto is None or proto.closed:
+            return asyncio.ensure_future(self._call_after_connect(args))
+        return self._send(proto, args)
+
+    async def _call_after_connect(self, args: tuple[Any, ...]) -> Any:
+        proto = self._proto
+        if proto is None or proto.closed:
+            proto = await self._connection()
+        return await self._send(proto, args)
+
+    def _send(self, proto: _Protocol, args: tuple[Any, ...]) -> "asyncio.Future[Any]":
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not proto.out:
+            loop.call_soon(proto.flush)
+        proto.out.append(_encode(args))
+        proto.waiting.append((fut, time.monotonic()))
+        return fut
+
+    async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._proto is not None:
+            self._proto.abort(ConnectionError("client closed"))
+            self._proto = None
