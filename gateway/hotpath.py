@@ -7,6 +7,7 @@ one seam: :meth:`RequestStore.authorize`.
 from __future__ import annotations
 
 import hashlib
+import os
 from importlib import resources
 from typing import Any, NamedTuple
 
@@ -45,7 +46,7 @@ class Decision(NamedTuple):
     month_used: int = 0
     rate_remaining: int = -1  # -1: no rate limit applies
     retry_after_ms: int = 0   # rate: when one more request will be admitted
-    window_reset_ms: int = 0  # rate: until the current window ends
+    window_reset_ms: int = 0  # rate: until the oldest admitted request leaves the window
 
 
 class RequestStore:
@@ -53,6 +54,7 @@ class RequestStore:
 
     def __init__(self, url: str, *, timeout: float = 2.0) -> None:
         self.url = url
+        self._tag, self._seq = os.urandom(4).hex(), 0  # rate-log members unique across replicas
         self._resp: RespClient | None = None
         self._redis: Any = None
         if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
@@ -62,6 +64,10 @@ class RequestStore:
             self._redis = aioredis.RedisCluster.from_url(
                 "redis" + url.split("://", 1)[0].removeprefix("redis+cluster") + "://"
                 + url.split("://", 1)[1], socket_timeout=timeout)
+
+    def _member(self, now_ms: int) -> str:
+        self._seq += 1
+        return f"{now_ms}:{self._tag}:{self._seq}"
 
     async def close(self) -> None:
         if self._resp is not None:
@@ -94,7 +100,8 @@ class RequestStore:
             (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
              rate_key(workspace, key_id)),
             (now_ms, key_rev, ws_rev, "count" if count else "check", rate_limit,
-             rate_period_ms, -1 if monthly_limit is None else monthly_limit, counter_ttl))
+             rate_period_ms, -1 if monthly_limit is None else monthly_limit, counter_ttl,
+             self._member(now_ms)))
         outcome = reply[0]
         if outcome == b"ok":
             if len(reply) == 2:

@@ -5,17 +5,18 @@
 -- KEYS[1] key hash      kg:key:{ws}:<id>
 -- KEYS[2] workspace     kg:ws:{ws}
 -- KEYS[3] month counter kg:usage:{ws}:<YYYY-MM>
--- KEYS[4] rate window   kg:rate:{ws}:<id>
+-- KEYS[4] rate log      kg:rate:{ws}:<id>  (sorted set of admitted request times, ms)
 -- ARGV[1] now, ms   ARGV[2] cached key rev   ARGV[3] cached workspace rev (missing rev = "0")
 -- ARGV[4] mode: "count" (forward) or "check" (state only, counts nothing)
 -- ARGV[5] rate limit N (0 = none)   ARGV[6] rate period, ms
 -- ARGV[7] monthly limit (-1 = unlimited)   ARGV[8] month counter TTL, s
+-- ARGV[9] a member unique to this request (for the rate log)
 --
 -- Returns one of
 --   {"stale"}                                 the key or workspace changed (or is gone): the
 --                                             caller re-reads it and decides again
 --   {"ok", month_used}                        (mode "check")
---   {"rate", retry_after_ms, window_reset_ms}
+--   {"rate", retry_after_ms, retry_after_ms}
 --   {"quota", month_used}
 --   {"ok", month_used, rate_remaining, window_reset_ms}
 local k = redis.call('HMGET', KEYS[1], 'rev', 'id')
@@ -28,34 +29,20 @@ if ARGV[4] == 'check' then
   return {'ok', tonumber(redis.call('GET', KEYS[3]) or '0')}
 end
 
--- Sliding-window rate limit: the previous window's count weighted by how much of it still
--- overlaps the last `period`, plus this window's count. Stored as one hash: w, c, p.
+-- Per-key rate limit as a sliding log: a sorted set of the admitted requests' times in the
+-- last `period`. Exact (never more than N in any window of `period`), and bursts up to N are
+-- fine; memory is N entries per active key.
 local limit, period = tonumber(ARGV[5]), tonumber(ARGV[6])
-local window, count, prev, rate_remaining, reset_ms = 0, 0, 0, -1, 0
+local rate_remaining, reset_ms = -1, 0
 if limit > 0 then
-  window = math.floor(now / period)
-  local st = redis.call('HMGET', KEYS[4], 'w', 'c', 'p')
-  local w = tonumber(st[1])
-  if w == window then
-    count, prev = tonumber(st[2]), tonumber(st[3])
-  elseif w == window - 1 then
-    prev = tonumber(st[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - period)
+  local n = redis.call('ZCARD', KEYS[4])
+  if n >= limit then
+    local oldest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+    local retry = tonumber(oldest[2]) + period - now
+    return {'rate', retry, retry}
   end
-  local into = now - window * period
-  local weighted = prev * (period - into) / period
-  reset_ms = period - into
-  if weighted + count + 1 > limit then
-    -- when will the estimate have dropped enough for one more request?
-    local retry = reset_ms
-    if prev > 0 and count + 1 <= limit then
-      local need = weighted + count + 1 - limit
-      retry = math.ceil(need * period / prev)
-    end
-    return {'rate', retry, reset_ms}
-  end
-  count = count + 1
-  rate_remaining = math.floor(limit - weighted - count)
-  if rate_remaining < 0 then rate_remaining = 0 end
+  rate_remaining = limit - n - 1
 end
 
 local quota = tonumber(ARGV[7])
@@ -64,8 +51,9 @@ if quota >= 0 and used >= quota then
   return {'quota', used}  -- refused: nothing counted, no rate consumed
 end
 if limit > 0 then
-  redis.call('HSET', KEYS[4], 'w', window, 'c', count, 'p', prev)
-  redis.call('PEXPIRE', KEYS[4], 2 * period)
+  redis.call('ZADD', KEYS[4], now, ARGV[9])
+  redis.call('PEXPIRE', KEYS[4], period)
+  reset_ms = tonumber(redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')[2]) + period - now
 end
 used = redis.call('INCR', KEYS[3])
 if used == 1 or redis.call('TTL', KEYS[3]) < 0 then

@@ -1,0 +1,121 @@
+"""The per-request store round trip, against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from gateway.errors import StoreError
+from gateway.hotpath import RequestStore
+from gateway.resp import RespClient, RespError
+from gateway.store import key_key, usage_key, ws_key
+
+NOW_MS = 1_795_000_000_000  # 2026-11-18
+
+
+def seed(url: str, key_rev: int = 1, ws_rev: int = 1) -> None:
+    r = redis.Redis.from_url(url)
+    r.hset(key_key("acme", "k1"), mapping={"id": "k1", "rev": key_rev})
+    r.hset(ws_key("acme"), mapping={"id": "acme", "rev": ws_rev, "plan": "pro"})
+
+
+async def authorize(store: RequestStore, **kw):
+    args = dict(workspace="acme", key_id="k1", key_rev=1, ws_rev=1, count=True,
+                rate_limit=0, rate_period_ms=1000, monthly_limit=None, period="2026-11",
+                counter_ttl=3600, now_ms=NOW_MS)
+    args.update(kw)
+    return await store.authorize(**args)
+
+
+async def test_resp_client_round_trips_and_pipelines(redis_url):
+    client = RespClient(redis_url)
+    replies = await asyncio.gather(*(client.call("INCR", "n") for _ in range(100)))
+    assert sorted(replies) == list(range(1, 101))
+    assert await client.call("GET", "n") == b"100"
+    with pytest.raises(RespError):
+        await client.call("HGET", "n", "x")  # WRONGTYPE
+    assert await client.call("PING") == b"PONG"  # the connection survives an error reply
+    await client.close()
+
+
+async def test_resp_client_reports_unreachable_store_and_reconnects(own_redis):
+    client = RespClient(own_redis.url, timeout=0.5, connect_timeout=0.5)
+    assert await client.call("PING") == b"PONG"
+    own_redis.stop()
+    with pytest.raises(ConnectionError):
+        await client.call("PING")
+    own_redis.start()
+    assert await client.call("PING") == b"PONG"
+    await client.close()
+
+
+async def test_stale_when_key_or_workspace_revision_moved(redis_url):
+    seed(redis_url, key_rev=2, ws_rev=1)
+    store = RequestStore(redis_url)
+    assert (await authorize(store)).outcome == "stale"
+    assert (await authorize(store, key_rev=2)).outcome == "ok"
+    assert (await authorize(store, key_rev=2, ws_rev=7)).outcome == "stale"
+    assert (await authorize(store, key_id="gone", key_rev=2)).outcome == "stale"
+    await store.close()
+
+
+async def test_quota_is_exact_under_concurrency_and_refusals_count_nothing(redis_url):
+    seed(redis_url)
+    store = RequestStore(redis_url)
+    decisions = await asyncio.gather(*(authorize(store, monthly_limit=50) for _ in range(150)))
+    assert sum(d.outcome == "ok" for d in decisions) == 50
+    assert sum(d.outcome == "quota" for d in decisions) == 100
+    r = redis.Redis.from_url(redis_url)
+    assert r.get(usage_key("acme", "2026-11")) == b"50"
+    assert 0 < r.ttl(usage_key("acme", "2026-11")) <= 3600
+    await store.close()
+
+
+async def test_check_mode_counts_nothing(redis_url):
+    seed(redis_url)
+    store = RequestStore(redis_url)
+    await authorize(store)
+    d = await authorize(store, count=False)
+    assert d.outcome == "ok" and d.month_used == 1
+    assert redis.Redis.from_url(redis_url).get(usage_key("acme", "2026-11")) == b"1"
+    await store.close()
+
+
+async def test_counter_regains_a_lost_expiry(redis_url):
+    seed(redis_url)
+    redis.Redis.from_url(redis_url).set(usage_key("acme", "2026-11"), 5)  # no TTL
+    store = RequestStore(redis_url)
+    await authorize(store)
+    assert redis.Redis.from_url(redis_url).ttl(usage_key("acme", "2026-11")) > 0
+    await store.close()
+
+
+async def test_rate_limit_admits_n_per_window_and_says_when_to_retry(redis_url):
+    seed(redis_url)
+    store = RequestStore(redis_url)
+    t0 = NOW_MS - NOW_MS % 1000
+    got = [await authorize(store, rate_limit=5, now_ms=t0 + i) for i in range(8)]
+    assert [d.outcome for d in got] == ["ok"] * 5 + ["rate"] * 3
+    assert [d.rate_remaining for d in got[:5]] == [4, 3, 2, 1, 0]
+    assert 0 < got[5].retry_after_ms <= 1000
+    # a rate-limited request is not counted against the month
+    assert redis.Redis.from_url(redis_url).get(usage_key("acme", "2026-11")) == b"5"
+    # over a steady 3 s, about 5/s get through
+    admitted = 0
+    for step in range(300):
+        d = await authorize(store, rate_limit=5, now_ms=t0 + 1000 + step * 10)
+        admitted += d.outcome == "ok"
+    assert admitted == 15
+    await store.close()
+
+
+async def test_store_down_is_a_store_error(own_redis):
+    seed(own_redis.url)
+    store = RequestStore(own_redis.url, timeout=0.5)
+    assert (await authorize(store)).outcome == "ok"
+    own_redis.stop()
+    with pytest.raises(StoreError):
+        await authorize(store)
+    await store.close()
