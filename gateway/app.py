@@ -84,6 +84,35 @@ async def running_gateway(config: Config, store_url: str, *,
         await store.close()
 
 
+class ListenError(Exception):
+    """A listener could not bind (port in use, no permission, bad address)."""
+
+
+async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.BaseRunner]:
+    """Bind the proxy and admin listeners. Raises ListenError naming the address."""
+    config = gw.config
+    proxy_runner = web.ServerRunner(gw.proxy_server, handle_signals=False, shutdown_timeout=30)
+    admin_runner = web.AppRunner(gw.admin_app, handle_signals=False, access_log=None)
+    await proxy_runner.setup()
+    await admin_runner.setup()
+    runners = [proxy_runner, admin_runner]
+    for runner, host, port in ((proxy_runner, config.server.host, config.server.port),
+                               (admin_runner, config.admin.host, config.admin.port)):
+        try:
+            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None,
+                              backlog=1024).start()
+        except OSError as exc:
+            await stop_listeners(runners)
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return runners
+
+
+async def stop_listeners(runners: list[web.BaseRunner]) -> None:
+    """Stop accepting, let in-flight requests finish (up to the shutdown timeout), close."""
+    for runner in runners:
+        await runner.cleanup()
+
+
 async def _serve(config: Config, store_url: str, reuse_port: bool) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -97,29 +126,19 @@ async def _serve(config: Config, store_url: str, reuse_port: bool) -> int:
         if not ready:
             print(f"keygate: cannot reach the store at {redact(store_url)}", file=sys.stderr)
             return 1
-        proxy_runner = web.ServerRunner(gw.proxy_server, handle_signals=False,
-                                        shutdown_timeout=30)
-        admin_runner = web.AppRunner(gw.admin_app, handle_signals=False, access_log=None)
-        await proxy_runner.setup()
-        await admin_runner.setup()
         try:
-            for runner, host, port in ((proxy_runner, config.server.host, config.server.port),
-                                       (admin_runner, config.admin.host, config.admin.port)):
-                try:
-                    await web.TCPSite(runner, host, port, reuse_port=reuse_port or None,
-                                      backlog=1024).start()
-                except OSError as exc:
-                    print(f"keygate: cannot listen on {host}:{port}: {exc.strerror or exc}",
-                          file=sys.stderr)
-                    return 1
+            runners = await start_listeners(gw, reuse_port)
+        except ListenError as exc:
+            print(f"keygate: {exc}", file=sys.stderr)
+            return 1
+        try:
             log.info("keygate listening: proxy %s:%d, admin %s:%d (pid %d)",
                      config.server.host, config.server.port, config.admin.host,
                      config.admin.port, os.getpid())
             await stop.wait()
             log.info("shutting down: finishing in-flight requests")
         finally:
-            await proxy_runner.cleanup()   # stops accepting, waits for in-flight requests
-            await admin_runner.cleanup()
+            await stop_listeners(runners)
     return 0
 
 

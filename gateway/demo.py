@@ -1,0 +1,224 @@
+"""``keygate demo``: the whole product in one command, no config file.
+
+Starts the embedded store under ``./.keygate-demo``, a small CRM-like upstream in-process, the
+gateway in front of it, creates a workspace on the starter plan and two keys (read-only and
+read-write) through the admin API, and prints the tokens and curl lines to try. Ctrl-C stops
+everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+
+from aiohttp import ClientSession, web
+
+from .config import (AdminConfig, Config, Plan, RateLimit, Route, ServerConfig, StoreConfig,
+                     Upstream)
+
+DEMO_DIR = ".keygate-demo"
+WORKSPACE = "demo"
+
+PEOPLE = {1: {"id": 1, "name": "Ada Lovelace", "email": "ada@example.com", "company_id": 1},
+          2: {"id": 2, "name": "Grace Hopper", "email": "grace@example.com", "company_id": 2}}
+COMPANIES = {1: {"id": 1, "name": "Analytical Engines Ltd"},
+             2: {"id": 2, "name": "Compiler Works Inc"}}
+
+
+def sample_upstream() -> web.Application:
+    """A tiny CRM: it trusts the identity headers keygate injects, as a real upstream would."""
+
+    def who(request: web.Request) -> dict:
+        return {"workspace": request.headers.get("X-Workspace-Id"),
+                "key_id": request.headers.get("X-Api-Key-Id"),
+                "scopes": request.headers.get("X-Api-Scopes", "").split()}
+
+    async def list_people(request: web.Request) -> web.Response:
+        return web.json_response({"items": list(PEOPLE.values()), "caller": who(request)})
+
+    async def get_person(request: web.Request) -> web.Response:
+        person = PEOPLE.get(int(request.match_info["id"])) if request.match_info["id"].isdigit() else None
+        if person is None:
+            return web.json_response({"error": "no such person"}, status=404)
+        return web.json_response({**person, "caller": who(request)})
+
+    async def create_person(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        person = {"id": max(PEOPLE) + 1, "name": str(body.get("name", "Unnamed"))}
+        PEOPLE[person["id"]] = person
+        return web.json_response({**person, "caller": who(request)}, status=201)
+
+    async def list_companies(request: web.Request) -> web.Response:
+        return web.json_response({"items": list(COMPANIES.values()), "caller": who(request)})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/people", list_people)
+    app.router.add_post("/people", create_person)
+    app.router.add_get("/people/{id}", get_person)
+    app.router.add_get("/companies", list_companies)
+    app.router.add_get("/health", health)
+    return app
+
+
+def _port_or_free(host: str, preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind((host, preferred))
+            return preferred
+        except OSError:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+
+
+def demo_config(upstream_port: int, proxy_port: int, admin_port: int, data_dir: str) -> Config:
+    read = ("people:read", "companies:read", "interactions:read")
+    write = ("people:write", "companies:write", "interactions:write")
+    return Config(
+        server=ServerConfig(host="127.0.0.1", port=proxy_port, access_log="text"),
+        admin=AdminConfig(host="127.0.0.1", port=admin_port),
+        store=StoreConfig(redis_url="embedded", data_dir=data_dir),
+        plans={"starter": Plan("starter", 1000, 5, RateLimit(10, 1)),
+               "pro": Plan("pro", 10000, 20, RateLimit(20, 1))},
+        default_plan="starter",
+        roles={"reader": read, "editor": read + write, "admin": ("ALL", "keys:admin")},
+        upstreams={"crm": Upstream("crm", f"http://127.0.0.1:{upstream_port}", 10.0)},
+        routes=(
+            Route("/health", "crm", ("GET",), (), True),
+            Route("/people", "crm", ("GET",), ("people:read",)),
+            Route("/people/*", "crm", ("GET",), ("people:read",)),
+            Route("/people", "crm", ("POST",), ("people:write",)),
+            Route("/companies/**", "crm", ("GET",), ("companies:read",)),
+            Route("/companies", "crm", ("GET",), ("companies:read",)),
+        ),
+        source="<demo>")
+
+
+async def _admin(session: ClientSession, method: str, path: str, body: dict | None = None):
+    async with session.request(method, path, json=body) as r:
+        return r.status, await r.json()
+
+
+async def _provision(admin_url: str, token: str) -> dict[str, str]:
+    """The demo workspace and two fresh keys (earlier demo keys are revoked)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with ClientSession(admin_url, headers=headers) as s:
+        status, body = await _admin(s, "POST", "/admin/v1/workspaces",
+                                    {"id": WORKSPACE, "name": "Demo Inc", "plan": "starter"})
+        if status not in (201, 409):
+            raise RuntimeError(f"could not create the demo workspace: {body}")
+        _, listing = await _admin(s, "GET", f"/admin/v1/workspaces/{WORKSPACE}/keys?status=active")
+        for key in listing.get("items", []):
+            await _admin(s, "POST", f"/admin/v1/workspaces/{WORKSPACE}/keys/{key['id']}/revoke")
+        tokens = {}
+        for name, role in (("read-only", "reader"), ("read-write", "editor")):
+            status, body = await _admin(s, "POST", f"/admin/v1/workspaces/{WORKSPACE}/keys",
+                                        {"name": name, "role": role})
+            if status != 201:
+                raise RuntimeError(f"could not create the demo key {name}: {body}")
+            tokens[name] = body["token"]
+        return tokens
+
+
+def _banner(proxy: str, admin: str, admin_token: str, tokens: dict[str, str],
+            generated_admin_token: bool) -> str:
+    ro, rw = tokens["read-only"], tokens["read-write"]
+    lines = [
+        "",
+        "keygate demo is running (Ctrl-C to stop)",
+        f"  proxy  {proxy}   ->  sample CRM upstream",
+        f"  admin  {admin}",
+        "",
+        "Two keys for workspace 'demo' (starter plan: 1000 requests/month, 10/s).",
+        "They are shown once; keygate stores only their argon2id hashes.",
+        f"  read-only   RO={ro}",
+        f"  read-write  RW={rw}",
+        "",
+        "Try:",
+        f"  curl -s -H \"Authorization: Bearer $RO\" {proxy}/people/1          # 200, identity injected",
+        f"  curl -s -X POST -H \"Authorization: Bearer $RO\" -d '{{\"name\":\"Alan\"}}' {proxy}/people   # 403 insufficient_scope",
+        f"  curl -s -X POST -H \"Authorization: Bearer $RW\" -d '{{\"name\":\"Alan\"}}' {proxy}/people   # 201",
+        f"  curl -s {proxy}/people/1                                          # 401 missing_key",
+        f"  curl -s -H \"Authorization: Bearer $RO\" {proxy}/_keygate/v1/usage   # month-to-date usage",
+        f"  curl -s -H \"Authorization: Bearer $ADMIN\" {admin}/admin/v1/workspaces/demo/keys",
+        "",
+        f"  ADMIN={admin_token}" + ("   (generated for this run; set KEYGATE_ADMIN_TOKEN to choose)"
+                                   if generated_admin_token else "   (from KEYGATE_ADMIN_TOKEN)"),
+        f"  export RO={ro} RW={rw}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+async def _run(data_dir: str) -> int:
+    from .app import ListenError, running_gateway, start_listeners, stop_listeners
+    from .embedded import EmbeddedError, EmbeddedRedis
+
+    generated = not os.environ.get("KEYGATE_ADMIN_TOKEN")
+    if generated:
+        os.environ["KEYGATE_ADMIN_TOKEN"] = secrets.token_urlsafe(24)
+    admin_token = os.environ["KEYGATE_ADMIN_TOKEN"]
+
+    upstream_runner = web.AppRunner(sample_upstream(), access_log=None)
+    await upstream_runner.setup()
+    upstream_site = web.TCPSite(upstream_runner, "127.0.0.1", 0)
+    await upstream_site.start()
+    upstream_port = upstream_runner.addresses[0][1]
+    config = demo_config(upstream_port, _port_or_free("127.0.0.1", 8080),
+                         _port_or_free("127.0.0.1", 8081), data_dir)
+    embedded = EmbeddedRedis(data_dir)
+    try:
+        store_url = await asyncio.to_thread(embedded.start)
+    except EmbeddedError as exc:
+        print(f"keygate: {exc}", file=sys.stderr)
+        await upstream_runner.cleanup()
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with running_gateway(config, store_url) as gw:
+            try:
+                runners = await start_listeners(gw)
+            except ListenError as exc:
+                print(f"keygate: {exc}", file=sys.stderr)
+                return 1
+            try:
+                proxy = f"http://127.0.0.1:{config.server.port}"
+                admin = f"http://127.0.0.1:{config.admin.port}"
+                tokens = await _provision(admin, admin_token)
+                print(_banner(proxy, admin, admin_token, tokens, generated), flush=True)
+                await stop.wait()
+                print("\nstopping keygate demo", file=sys.stderr)
+            finally:
+                await stop_listeners(runners)
+    finally:
+        await upstream_runner.cleanup()
+        await asyncio.to_thread(embedded.stop)
+    return 0
+
+
+def run_demo(data_dir: str = DEMO_DIR) -> int:
+    import logging
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with contextlib.suppress(ImportError):
+        import uvloop
+        uvloop.install()
+    return asyncio.run(_run(os.path.abspath(data_dir)))
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo())
