@@ -2,12 +2,27 @@
 
 The dataclasses below are the contract every other module codes against; ``load_config``
 parses and validates a file into them. (Loader and validation: see below.)
+
+The loader walks the *composed* YAML node tree (``yaml.compose``) rather than the constructed
+Python objects, so every value keeps its line number: each problem reads
+``config.yaml:14: routes[2].upstream: unknown upstream 'crm2' (known: crm)``. Every problem in
+the file is collected before ``ConfigError`` is raised, so one ``keygate config check`` run
+shows them all.
 """
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+import yaml
+
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -123,3 +138,746 @@ class Config:
     routes: tuple[Route, ...] = ()
     identity_headers: IdentityHeaders = field(default_factory=IdentityHeaders)
     source: str = "<defaults>"                 # the file it came from, for messages
+
+
+# =============================================================================================
+# Loader
+# =============================================================================================
+
+RATE_LIMIT_RE = re.compile(r"\s*([0-9]+)\s*/\s*([sm])\s*")
+SCOPE_RE = re.compile(r"[A-Za-z0-9_.-]+(?::[A-Za-z0-9_.-]+)*")
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")            # plan, role and upstream names
+PREFIX_RE = re.compile(r"[a-z0-9]{1,10}")
+ENVIRONMENT_RE = re.compile(r"[a-z0-9]{1,16}")
+HEADER_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ENV_REF_RE = re.compile(r"\$\$|\$\{([^}]*)\}")
+ENV_BODY_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)(.*))?", re.DOTALL)
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
+RESERVED_PATH = "/_keygate/"
+MAX_RATE = 10**9
+
+# Headers an operator may not claim as identity headers: the gateway sets or strips these itself.
+RESERVED_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "proxy-authenticate", "host", "content-length",
+    "content-type", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
+    "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded",
+})
+
+
+def parse_rate_limit(text: str) -> RateLimit:
+    """``"5/s"`` → ``RateLimit(5, 1)``; ``"100/m"`` → ``RateLimit(100, 60)``.
+
+    Raises ``ValueError`` with a sentence fit to show a user (the admin API reuses it for a
+    key's own ``rate_limit``).
+    """
+    match = RATE_LIMIT_RE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"a rate limit looks like '5/s' or '300/m' (requests per second or "
+                         f"per minute), got {text!r}")
+    requests = int(match.group(1))
+    if not 1 <= requests <= MAX_RATE:
+        raise ValueError(f"a rate limit needs between 1 and {MAX_RATE} requests, got {text!r}")
+    return RateLimit(requests, 1 if match.group(2) == "s" else 60)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate a YAML config file; ``None`` means all defaults.
+
+    Raises ``ConfigError`` carrying every problem found, one line each:
+    ``<file>:<line>: <field path>: <what is wrong>``.
+    """
+    if path is None:
+        return Config()
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise ConfigError([f"cannot read {source}: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"cannot read {source}: not UTF-8 text "
+                           f"(bad byte at offset {exc.start})"]) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f"{mark.line + 1}" if mark is not None else "1"
+        what = exc.problem or exc.context or "invalid YAML"
+        col = f" (column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError([f"{source}:{line}: invalid YAML: {what}{col}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}:1: invalid YAML: {exc}"]) from None
+    reader = _Reader(source)
+    config = reader.config(root)
+    if reader.problems:
+        raise ConfigError(reader.sorted_problems())
+    return config
+
+
+def check_config(path: str | os.PathLike[str] | None) -> list[str]:
+    """Every problem in the file, one line each; ``[]`` when it is fine."""
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []
+
+
+# --- the node walker -----------------------------------------------------------------------------
+
+class _Bad:
+    """Marks a value that failed validation (its problem is already recorded)."""
+
+    def __repr__(self) -> str:
+        return "<bad>"
+
+
+BAD: Any = _Bad()
+Node = yaml.Node
+
+_TAG_NAMES = {
+    "tag:yaml.org,2002:str": "a string",
+    "tag:yaml.org,2002:int": "an integer",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:bool": "a boolean",
+    "tag:yaml.org,2002:null": "null",
+    "tag:yaml.org,2002:timestamp": "a date",
+    "tag:yaml.org,2002:binary": "binary data",
+}
+
+
+def _suggest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _known(choices: Any) -> str:
+    names = ", ".join(str(c) for c in choices)
+    return f"(known: {names})" if names else "(none defined)"
+
+
+class _Reader:
+    """Turns a composed node tree into a ``Config``, recording problems as it goes."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[tuple[int, int, str]] = []
+        self._constructor = yaml.constructor.SafeConstructor()
+        self._resolver = yaml.resolver.Resolver()
+
+    # --- bookkeeping --------------------------------------------------------------------------
+
+    def fail(self, node: Node | None, path: str, message: str) -> Any:
+        line = node.start_mark.line + 1 if node is not None else 1
+        self.problems.append((line, len(self.problems),
+                              f"{self.source}:{line}: {path or 'top level'}: {message}"))
+        return BAD
+
+    def sorted_problems(self) -> list[str]:
+        return [text for _, _, text in sorted(self.problems)]
+
+    # --- generic shapes -----------------------------------------------------------------------
+
+    def describe(self, node: Node) -> str:
+        if isinstance(node, yaml.MappingNode):
+            return "a mapping"
+        if isinstance(node, yaml.SequenceNode):
+            return "a list"
+        return _TAG_NAMES.get(node.tag, f"a value tagged {node.tag}")
+
+    def scalar(self, node: Node, path: str) -> Any:
+        """The Python value of a scalar node, after ``${ENV}`` expansion."""
+        if not isinstance(node, yaml.ScalarNode):
+            return self.fail(node, path, f"expected a single value, got {self.describe(node)}")
+        if "$" in node.value and node.tag == "tag:yaml.org,2002:str":
+            expanded = self.expand(node, path)
+            if expanded is BAD:
+                return BAD
+            if expanded != node.value:
+                # An unquoted ``port: ${PORT}`` should become an int, as if the value had been
+                # written there; a quoted one stays a string.
+                tag = (self._resolver.resolve(yaml.ScalarNode, expanded, (True, False))
+                       if node.style is None else node.tag)
+                node = yaml.ScalarNode(tag, expanded, node.start_mark, node.end_mark, node.style)
+        try:
+            return self._constructor.construct_object(node)
+        except (yaml.YAMLError, ValueError, TypeError) as exc:
+            return self.fail(node, path, f"cannot read this value: {exc}")
+
+    def expand(self, node: Node, path: str) -> Any:
+        """``${VAR}``, ``${VAR:-default}`` (unset or empty), ``${VAR-default}``, ``$$`` = ``$``."""
+        failed = False
+
+        def substitute(match: re.Match[str]) -> str:
+            nonlocal failed
+            if match.group(0) == "$$":
+                return "$"
+            body = ENV_BODY_RE.fullmatch(match.group(1))
+            if body is None:
+                failed = True
+                self.fail(node, path, f"bad environment reference '{match.group(0)}' "
+                                      "(use ${NAME} or ${NAME:-default})")
+                return ""
+            name, operator, default = body.groups()
+            value = os.environ.get(name)
+            if operator == ":-" and not value:
+                return default
+            if operator == "-" and value is None:
+                return default
+            if value is None:
+                failed = True
+                self.fail(node, path, f"environment variable {name} is not set "
+                                      f"(set it, or write ${{{name}:-default}})")
+                return ""
+            return value
+
+        result = ENV_REF_RE.sub(substitute, node.value)
+        return BAD if failed else result
+
+    def mapping(self, node: Node | None, path: str,
+                allowed: tuple[str, ...] | None = None) -> list[tuple[str, Node, Node]] | None:
+        """(key, key node, value node) in file order; unknown and duplicate keys reported.
+
+        ``None`` (absent or ``key:`` with nothing after it) is returned as an empty list.
+        """
+        if node is None or (isinstance(node, yaml.ScalarNode)
+                            and node.tag == "tag:yaml.org,2002:null"):
+            return []
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, path, f"expected a mapping, got {self.describe(node)}")
+            return None
+        try:
+            self._constructor.flatten_mapping(node)  # YAML merge keys: <<: *defaults
+        except yaml.YAMLError as exc:
+            self.fail(node, path, f"bad merge key: {getattr(exc, 'problem', exc)}")
+            return None
+        entries: list[tuple[str, Node, Node]] = []
+        seen: dict[str, Node] = {}
+        for key_node, value_node in node.value:
+            sub = f"{path}.{key_node.value}" if path else str(key_node.value)
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.fail(key_node, path, f"a key must be a plain name, got "
+                                          f"{self.describe(key_node)}")
+                continue
+            key = key_node.value
+            if key in seen:
+                self.fail(key_node, sub, f"duplicate key (first given on line "
+                                         f"{seen[key].start_mark.line + 1})")
+                continue
+            seen[key] = key_node
+            if allowed is not None and key not in allowed:
+                hint = _suggest(key, allowed) or f" (allowed: {', '.join(allowed)})"
+                self.fail(key_node, sub, f"unknown key '{key}'{hint}")
+                continue
+            entries.append((key, key_node, value_node))
+        return entries
+
+    def sequence(self, node: Node, path: str) -> list[Node] | None:
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, path, f"expected a list, got {self.describe(node)}")
+            return None
+        return list(node.value)
+
+    # --- typed scalars ------------------------------------------------------------------------
+
+    def string(self, node: Node, path: str, *, pattern: re.Pattern[str] | None = None,
+               what: str = "", choices: tuple[str, ...] | None = None,
+               nullable: bool = False) -> Any:
+        value = self.scalar(node, path)
+        if value is BAD:
+            return BAD
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str):
+            return self.fail(node, path, f"expected a string, got {self.describe_value(value)}")
+        if choices is not None and value not in choices:
+            return self.fail(node, path, f"must be one of {', '.join(choices)}, got "
+                                         f"'{value}'{_suggest(value, choices)}")
+        if not value:
+            return self.fail(node, path, "must not be empty")
+        if pattern is not None and not pattern.fullmatch(value):
+            return self.fail(node, path, f"'{value}' is not {what}")
+        return value
+
+    def integer(self, node: Node, path: str, *, minimum: int | None = None,
+                maximum: int | None = None, nullable: bool = False) -> Any:
+        value = self.scalar(node, path)
+        if value is BAD:
+            return BAD
+        if value is None and nullable:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            extra = " or null (unlimited)" if nullable else ""
+            return self.fail(node, path, f"expected an integer{extra}, got "
+                                         f"{self.describe_value(value)}")
+        return self.in_range(node, path, value, minimum, maximum)
+
+    def number(self, node: Node, path: str, *, minimum: float | None = None,
+               positive: bool = False) -> Any:
+        value = self.scalar(node, path)
+        if value is BAD:
+            return BAD
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return self.fail(node, path, f"expected a number of seconds, got "
+                                         f"{self.describe_value(value)}")
+        if value != value or value in (float("inf"), float("-inf")):
+            return self.fail(node, path, f"must be a finite number, got {value}")
+        if positive and value <= 0:
+            return self.fail(node, path, f"must be greater than 0, got {value}")
+        if minimum is not None and value < minimum:
+            return self.fail(node, path, f"must be at least {minimum}, got {value}")
+        return float(value)
+
+    def boolean(self, node: Node, path: str) -> Any:
+        value = self.scalar(node, path)
+        if value is BAD:
+            return BAD
+        if not isinstance(value, bool):
+            return self.fail(node, path, f"expected true or false, got "
+                                         f"{self.describe_value(value)}")
+        return value
+
+    def in_range(self, node: Node, path: str, value: int, minimum: int | None,
+                 maximum: int | None) -> Any:
+        if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+            return self.fail(node, path, f"must be between {minimum} and {maximum}, got {value}")
+        if minimum is not None and value < minimum:
+            return self.fail(node, path, f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            return self.fail(node, path, f"must be at most {maximum}, got {value}")
+        return value
+
+    @staticmethod
+    def describe_value(value: Any) -> str:
+        if value is None:
+            return "null"
+        if isinstance(value, bool):
+            return f"a boolean ({'true' if value else 'false'})"
+        if isinstance(value, int):
+            return f"an integer ({value})"
+        if isinstance(value, float):
+            return f"a number ({value})"
+        if isinstance(value, str):
+            shown = value if len(value) <= 40 else value[:37] + "..."
+            return f"a string ('{shown}')"
+        return f"a {type(value).__name__}"
+
+    def string_list(self, node: Node, path: str,
+                    item: Callable[[Node, str], Any]) -> Any:
+        items = self.sequence(node, path)
+        if items is None:
+            return BAD
+        values = [item(child, f"{path}[{i}]") for i, child in enumerate(items)]
+        return BAD if any(v is BAD for v in values) else values
+
+    # --- sections -----------------------------------------------------------------------------
+
+    def section(self, node: Node | None, path: str, cls: type,
+                fields: Mapping[str, Callable[[Node, str], Any]], **fixed: Any) -> Any:
+        """A flat mapping of known fields into ``cls``; bad or absent fields keep defaults."""
+        entries = self.mapping(node, path, tuple(fields))
+        if entries is None:
+            return cls(**fixed)
+        kwargs = dict(fixed)
+        for key, _key_node, value_node in entries:
+            value = fields[key](value_node, f"{path}.{key}")
+            if value is not BAD:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    def config(self, root: Node | None) -> Config:
+        top = self.mapping(root, "", TOP_LEVEL_KEYS)
+        if top is None:
+            return Config(source=self.source)
+        nodes = {key: (key_node, value_node) for key, key_node, value_node in top}
+
+        def value(key: str) -> Node | None:
+            return nodes[key][1] if key in nodes else None
+
+        server = self.server(value("server"))
+        admin = self.section(value("admin"), "admin", AdminConfig, {
+            "host": self.host, "port": self.port,
+            "token_env": lambda n, p: self.string(n, p, pattern=ENV_NAME_RE,
+                                                  what="an environment variable name"),
+        })
+        store = self.store(value("store"))
+        keys = self.keys(value("keys"))
+        plans, default_plan = self.plans(nodes.get("plans"), nodes.get("default_plan"))
+        roles = self.roles(value("roles"))
+        upstreams = self.upstreams(value("upstreams"))
+        routes = self.routes(value("routes"), upstreams)
+        identity = self.identity_headers(value("identity_headers"), keys)
+        wildcard = ("0.0.0.0", "::", "")
+        if server.port == admin.port and (server.host == admin.host or server.host in wildcard
+                                          or admin.host in wildcard):
+            self.fail(self.child(value("admin"), "port") or self.child(value("server"), "port")
+                      or root, "admin.port", f"the admin listener cannot share port "
+                                             f"{admin.port} with the proxy listener")
+        return Config(server=server, admin=admin, store=store, keys=keys, plans=plans,
+                      default_plan=default_plan, roles=roles, upstreams=upstreams,
+                      routes=routes, identity_headers=identity, source=self.source)
+
+    def host(self, node: Node, path: str) -> Any:
+        return self.string(node, path)
+
+    def port(self, node: Node, path: str) -> Any:
+        return self.integer(node, path, minimum=1, maximum=65535)
+
+    def server(self, node: Node | None) -> ServerConfig:
+        return self.section(node, "server", ServerConfig, {
+            "host": self.host,
+            "port": self.port,
+            "workers": lambda n, p: self.integer(n, p, minimum=1, maximum=1024),
+            "max_body_bytes": lambda n, p: self.integer(n, p, minimum=1),
+            "trusted_proxies": self.trusted_proxies,
+            "log_level": lambda n, p: self.string(
+                n, p, choices=("debug", "info", "warning", "error")),
+            "access_log": lambda n, p: self.string(n, p, choices=("json", "text", "off")),
+            "metrics_workspace_labels": self.boolean,
+        })
+
+    def trusted_proxies(self, node: Node, path: str) -> Any:
+        def network(child: Node, sub: str) -> Any:
+            text = self.string(child, sub)
+            if text is BAD:
+                return BAD
+            try:
+                ipaddress.ip_network(text.strip(), strict=False)
+            except ValueError:
+                return self.fail(child, sub, f"'{text}' is not an IP address or CIDR network "
+                                             "(e.g. 10.0.0.0/8)")
+            return text.strip()
+        values = self.string_list(node, path, network)
+        return BAD if values is BAD else tuple(values)
+
+    def store(self, node: Node | None) -> StoreConfig:
+        return self.section(node, "store", StoreConfig, {
+            "redis_url": self.redis_url,
+            "data_dir": self.host,
+            "on_store_error": lambda n, p: self.string(n, p, choices=("closed", "open")),
+            "timeout": lambda n, p: self.number(n, p, positive=True),
+        })
+
+    def redis_url(self, node: Node, path: str) -> Any:
+        # The URL may carry a password (often via ${ENV}): messages show its scheme only.
+        url = self.string(node, path)
+        if url is BAD or url == "embedded":
+            return url
+        scheme = url.partition("://")[0].lower() if "://" in url else ""
+        if scheme not in REDIS_SCHEMES:
+            return self.fail(node, path, "must be 'embedded' or a URL with scheme "
+                                         f"{', '.join(s + '://' for s in REDIS_SCHEMES)}"
+                                         + (f", got scheme '{scheme}'" if scheme else ""))
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            return self.fail(node, path, f"not a valid {scheme}:// URL (bad host or port)")
+        if scheme == "unix":
+            if not parts.path:
+                return self.fail(node, path, "a unix:// URL needs a socket path, e.g. "
+                                             "unix:///run/redis.sock")
+        elif not parts.hostname:
+            return self.fail(node, path, f"a {scheme}:// URL needs a host")
+        return url
+
+    def keys(self, node: Node | None) -> KeysConfig:
+        keys = self.section(node, "keys", KeysConfig, {
+            "prefix": lambda n, p: self.string(
+                n, p, pattern=PREFIX_RE, what="a valid key prefix (1-10 of a-z, 0-9)"),
+            "environments": self.environments,
+            "headers": self.credential_headers,
+            "argon2": lambda n, p: self.section(n, p, Argon2Config, {
+                "time_cost": lambda n2, p2: self.integer(n2, p2, minimum=1, maximum=100),
+                "memory_cost": lambda n2, p2: self.integer(n2, p2, minimum=8,
+                                                           maximum=4 * 1024 * 1024),
+                "parallelism": lambda n2, p2: self.integer(n2, p2, minimum=1, maximum=64),
+            }),
+            "cache_ttl": lambda n, p: self.number(n, p, minimum=0),
+            "failures": lambda n, p: self.section(n, p, FailureLimits, {
+                "per_ip": lambda n2, p2: self.integer(n2, p2, minimum=1),
+                "per_key": lambda n2, p2: self.integer(n2, p2, minimum=1),
+                "window_seconds": lambda n2, p2: self.integer(n2, p2, minimum=1),
+            }),
+        })
+        if keys.argon2.memory_cost < 8 * keys.argon2.parallelism:
+            argon2_node = self.child(node, "argon2")
+            self.fail(argon2_node or node, "keys.argon2.memory_cost",
+                      f"argon2 needs memory_cost >= 8 x parallelism "
+                      f"({8 * keys.argon2.parallelism}), got {keys.argon2.memory_cost}")
+        return keys
+
+    def child(self, node: Node | None, key: str) -> Node | None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+                    return value_node
+        return None
+
+    def environments(self, node: Node, path: str) -> Any:
+        values = self.string_list(node, path, lambda n, p: self.string(
+            n, p, pattern=ENVIRONMENT_RE, what="a valid environment name (1-16 of a-z, 0-9)"))
+        if values is BAD:
+            return BAD
+        if not values:
+            return self.fail(node, path, "at least one environment is required")
+        if len(set(values)) != len(values):
+            return self.fail(node, path, "lists an environment twice")
+        return tuple(values)
+
+    def header_name(self, node: Node, path: str) -> Any:
+        name = self.string(node, path, pattern=HEADER_RE, what="a valid HTTP header name")
+        if name is BAD:
+            return BAD
+        if name.lower() == "authorization":
+            return self.fail(node, path, "Authorization is always read as 'Bearer <key>'; "
+                                         "list only other headers here")
+        return name
+
+    def credential_headers(self, node: Node, path: str) -> Any:
+        values = self.string_list(node, path, self.header_name)
+        if values is BAD:
+            return BAD
+        if len({_header_key(v) for v in values}) != len(values):
+            return self.fail(node, path, "lists the same header twice")
+        return tuple(values)
+
+    def plans(self, plans_entry: tuple[Node, Node] | None,
+              default_entry: tuple[Node, Node] | None) -> tuple[dict[str, Plan], str]:
+        default_node = default_entry[1] if default_entry else None
+        default = (self.string(default_node, "default_plan")
+                   if default_node is not None else None)
+        if plans_entry is None:
+            plans = {"default": Plan("default")}
+        else:
+            plans_node = plans_entry[1]
+            entries = self.mapping(plans_node, "plans")
+            plans = {}
+            for name, key_node, value_node in entries or []:
+                path = f"plans.{name}"
+                if not NAME_RE.fullmatch(name):
+                    self.fail(key_node, path, f"'{name}' is not a valid plan name "
+                                              "(letters, digits, _ . -)")
+                plans[name] = self.section(value_node, path, Plan, {
+                    "monthly_requests": lambda n, p: self.integer(n, p, minimum=0,
+                                                                  nullable=True),
+                    "max_keys": lambda n, p: self.integer(n, p, minimum=0, nullable=True),
+                    "rate_limit": self.rate_limit,
+                }, name=name)
+            if entries is not None and not entries:
+                self.fail(plans_node, "plans", "at least one plan is required "
+                                               "(or leave 'plans' out for one unlimited plan)")
+                plans = {"default": Plan("default")}
+        if default is BAD:
+            return plans, next(iter(plans))
+        if default is None:
+            return plans, next(iter(plans))
+        if default not in plans:
+            self.fail(default_node, "default_plan", f"unknown plan '{default}'"
+                                                    f"{_suggest(default, plans)} {_known(plans)}")
+            return plans, next(iter(plans))
+        return plans, default
+
+    def rate_limit(self, node: Node, path: str) -> Any:
+        text = self.scalar(node, path)
+        if text is None or text is BAD:
+            return text
+        if not isinstance(text, str):
+            return self.fail(node, path, f"expected a rate like '5/s' or '300/m', got "
+                                         f"{self.describe_value(text)}")
+        try:
+            return parse_rate_limit(text)
+        except ValueError as exc:
+            return self.fail(node, path, str(exc))
+
+    def scope(self, node: Node, path: str) -> Any:
+        return self.string(node, path, pattern=SCOPE_RE,
+                           what="a valid scope (like 'people:read', or ALL)")
+
+    def scopes(self, node: Node, path: str) -> Any:
+        values = self.string_list(node, path, self.scope)
+        return BAD if values is BAD else tuple(dict.fromkeys(values))
+
+    def roles(self, node: Node | None) -> dict[str, tuple[str, ...]]:
+        roles: dict[str, tuple[str, ...]] = {}
+        for name, key_node, value_node in self.mapping(node, "roles") or []:
+            path = f"roles.{name}"
+            if not NAME_RE.fullmatch(name):
+                self.fail(key_node, path, f"'{name}' is not a valid role name "
+                                          "(letters, digits, _ . -)")
+            scopes = self.scopes(value_node, path)
+            if scopes is not BAD:
+                roles[name] = scopes
+        return roles
+
+    def upstreams(self, node: Node | None) -> dict[str, Upstream]:
+        upstreams: dict[str, Upstream] = {}
+        for name, key_node, value_node in self.mapping(node, "upstreams") or []:
+            path = f"upstreams.{name}"
+            if not NAME_RE.fullmatch(name):
+                self.fail(key_node, path, f"'{name}' is not a valid upstream name "
+                                          "(letters, digits, _ . -)")
+            if isinstance(value_node, yaml.ScalarNode) and value_node.tag != \
+                    "tag:yaml.org,2002:null":
+                url = self.upstream_url(value_node, path)  # shorthand: `crm: http://...`
+                upstream = Upstream(name, url if url is not BAD else "")
+            else:
+                if self.child(value_node, "url") is None and isinstance(value_node,
+                                                                        (yaml.MappingNode,
+                                                                         yaml.ScalarNode)):
+                    self.fail(value_node, f"{path}.url", "required (e.g. http://127.0.0.1:9000)")
+                upstream = self.section(value_node, path, Upstream, {
+                    "url": self.upstream_url,
+                    "timeout": lambda n, p: self.number(n, p, positive=True),
+                }, name=name, url="")
+            upstreams[name] = upstream
+        return upstreams
+
+    def upstream_url(self, node: Node, path: str) -> Any:
+        url = self.string(node, path)
+        if url is BAD:
+            return BAD
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            return self.fail(node, path, f"'{url}' is not a valid URL (bad host or port)")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return self.fail(node, path, f"'{url}' must be an http:// or https:// URL with a "
+                                         "host, e.g. http://127.0.0.1:9000")
+        if parts.query or parts.fragment or url.endswith(("?", "#")):
+            return self.fail(node, path, f"'{url}' must not have a query or fragment")
+        return url
+
+    def routes(self, node: Node | None, upstreams: Mapping[str, Upstream]) -> tuple[Route, ...]:
+        if node is None or (isinstance(node, yaml.ScalarNode)
+                            and node.tag == "tag:yaml.org,2002:null"):
+            return ()
+        items = self.sequence(node, "routes")
+        routes: list[Route] = []
+        for i, item in enumerate(items or []):
+            path = f"routes[{i}]"
+            entries = self.mapping(item, path, ROUTE_KEYS)
+            if entries is None:
+                continue
+            fields = {key: value_node for key, _, value_node in entries}
+            kwargs: dict[str, Any] = {}
+            if "path" in fields:
+                route_path = self.route_path(fields["path"], f"{path}.path")
+                if route_path is not BAD:
+                    kwargs["path"] = route_path
+            else:
+                self.fail(item, f"{path}.path", "required (e.g. /people/**)")
+            if "methods" in fields:
+                methods = self.methods(fields["methods"], f"{path}.methods")
+                if methods is not BAD:
+                    kwargs["methods"] = methods
+            if "upstream" in fields:
+                name = self.string(fields["upstream"], f"{path}.upstream")
+                if name is not BAD:
+                    if name not in upstreams:
+                        self.fail(fields["upstream"], f"{path}.upstream",
+                                  f"unknown upstream '{name}'{_suggest(name, upstreams)} "
+                                  f"{_known(upstreams)}")
+                    kwargs["upstream"] = name
+            else:
+                self.fail(item, f"{path}.upstream", f"required: the upstream this route "
+                                                    f"forwards to {_known(upstreams)}")
+            if "scopes" in fields:
+                scopes = self.scopes(fields["scopes"], f"{path}.scopes")
+                if scopes is not BAD:
+                    kwargs["scopes"] = scopes
+            if "public" in fields:
+                public = self.boolean(fields["public"], f"{path}.public")
+                if public is not BAD:
+                    kwargs["public"] = public
+            if kwargs.get("public") and kwargs.get("scopes"):
+                self.fail(fields["scopes"], f"{path}.scopes",
+                          "a public route cannot require scopes (no key is checked)")
+            routes.append(Route(**{"path": "/", **kwargs}))
+        return tuple(routes)
+
+    def route_path(self, node: Node, path: str) -> Any:
+        text = self.string(node, path)
+        if text is BAD:
+            return BAD
+        if not text.startswith("/"):
+            return self.fail(node, path, f"'{text}' must start with /")
+        if text.startswith(RESERVED_PATH) or text == RESERVED_PATH.rstrip("/"):
+            return self.fail(node, path, f"'{text}' is under {RESERVED_PATH}, which keygate "
+                                         "reserves for itself")
+        if any(c in text for c in "?#\\") or any(ord(c) <= 32 or ord(c) == 127 for c in text):
+            return self.fail(node, path, f"'{text}' contains a character not allowed in a "
+                                         "route path (space, control, ?, # or \\)")
+        segments = text[1:].split("/")
+        for index, segment in enumerate(segments):
+            last = index == len(segments) - 1
+            if segment == "" and not last:
+                return self.fail(node, path, f"'{text}' has an empty segment (//)")
+            if segment in (".", ".."):
+                return self.fail(node, path, f"'{text}' has a '{segment}' segment; requests "
+                                             "with dot-segments are refused, so it never matches")
+            if "*" in segment and segment not in ("*", "**"):
+                return self.fail(node, path, f"'{text}': '*' and '**' must be a whole segment "
+                                             f"(got '{segment}')")
+            if segment == "**" and not last:
+                return self.fail(node, path, f"'{text}': '**' may only be the last segment")
+            if re.search(r"%(?![0-9A-Fa-f]{2})", segment):
+                return self.fail(node, path, f"'{text}' has a bad percent-escape")
+        return text
+
+    def methods(self, node: Node, path: str) -> Any:
+        def method(child: Node, sub: str) -> Any:
+            name = self.string(child, sub)
+            if name is BAD:
+                return BAD
+            if name.upper() not in HTTP_METHODS:
+                return self.fail(child, sub, f"'{name}' is not an HTTP method "
+                                             f"({', '.join(HTTP_METHODS)})")
+            return name.upper()
+        values = self.string_list(node, path, method)
+        if values is BAD:
+            return BAD
+        if not values:
+            return self.fail(node, path, "is empty; leave 'methods' out to allow any method")
+        return tuple(dict.fromkeys(values))
+
+    def identity_headers(self, node: Node | None, keys: KeysConfig) -> IdentityHeaders:
+        def identity(child: Node, sub: str) -> Any:
+            name = self.header_name(child, sub)
+            if name is BAD:
+                return BAD
+            if name.lower() in RESERVED_HEADERS:
+                return self.fail(child, sub, f"'{name}' is a header keygate manages itself")
+            return name
+        fields = ("workspace", "key_id", "scopes", "plan")
+        headers = self.section(node, "identity_headers", IdentityHeaders,
+                               {f: identity for f in fields})
+        seen: dict[str, str] = {}
+        credential = {_header_key(h): h for h in keys.headers}
+        for f in fields:
+            name = getattr(headers, f)
+            where = self.child(node, f) or node
+            if _header_key(name) in seen:
+                self.fail(where, f"identity_headers.{f}",
+                          f"'{name}' is already used for identity_headers.{seen[_header_key(name)]}")
+            elif _header_key(name) in credential:
+                self.fail(where, f"identity_headers.{f}",
+                          f"'{name}' is a credential header (keys.headers)")
+            seen[_header_key(name)] = f
+        return headers
+
+
+def _header_key(name: str) -> str:
+    """Header identity as a spoofer sees it: case-insensitive, ``_`` = ``-``."""
+    return name.lower().replace("_", "-")
+
+
+TOP_LEVEL_KEYS = ("server", "admin", "store", "keys", "plans", "default_plan", "roles",
+                  "upstreams", "routes", "identity_headers")
+ROUTE_KEYS = ("path", "methods", "upstream", "scopes", "public")
