@@ -1,0 +1,14 @@
+-- Revoke a key for good: stamp revoked_at, bump its rev (every replica refuses it on its next
+-- request), drop it from the active set, audit it. Revoking a revoked key changes nothing.
+-- KEYS[1] kg:key:{ws}:<id>   KEYS[2] kg:ws:{ws}:active   KEYS[3] kg:ws:{ws}:audit
+-- ARGV[1] key id   ARGV[2] now   ARGV[3] audit entry (JSON)   ARGV[4] audit stream cap
+-- Returns the key hash (HGETALL), or nil when the key does not exist.
+local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at')
+if not st[1] then return false end
+if not st[2] or st[2] == '' then
+  redis.call('HSET', KEYS[1], 'revoked_at', ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'rev', 1)
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'e', ARGV[3])
+end
+return redis.call('HGETALL', KEYS[1])

@@ -1,0 +1,301 @@
+"""gateway.store against a real redis-server: layout, atomicity, revisions, no secrets at rest."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+import redis
+
+from gateway.config import Argon2Config, Config, KeysConfig, Plan
+from gateway.errors import Conflict, NotFound, StoreError
+from gateway.store import (Store, key_index_key, key_key, month_period, slug_from_name,
+                           usage_key, ws_key)
+from gateway.tokens import parse_token
+
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cheap_config(**changes) -> Config:
+    base = Config()
+    keys = dataclasses.replace(base.keys, argon2=Argon2Config(time_cost=1, memory_cost=8,
+                                                                parallelism=1))
+    plans = {"default": Plan("default"), "small": Plan("small", monthly_requests=1000,
+                                                        max_keys=2)}
+    return dataclasses.replace(base, keys=keys, plans=plans,
+                               roles={"reader": ("people:read",)}, **changes)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def store(redis_url, clock):
+    s = await Store.connect(redis_url, cheap_config(), clock=clock)
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def raw(redis_url):
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+async def test_create_workspace_then_read_it_back(store):
+    ws = await store.create_workspace("acme", "ACME", "default")
+    assert ws.id == "acme" and ws.created_at == T0
+    again = await store.get_workspace("acme")
+    assert (again.id, again.name, again.plan) == ("acme", "ACME", "default")
+    assert [w.id for w in await store.list_workspaces()] == ["acme"]
+
+
+async def test_explicit_workspace_id_taken_is_a_conflict(store):
+    await store.create_workspace("acme", "ACME", "default")
+    with pytest.raises(Conflict):
+        await store.create_workspace("acme", "Other", "default")
+    assert (await store.get_workspace("acme")).name == "ACME"
+
+
+async def test_derived_workspace_id_gets_a_suffix_when_taken(store):
+    first = await store.create_workspace(None, "Acme Corp.", "default")
+    second = await store.create_workspace(None, "Acme Corp.", "default")
+    assert first.id == "acme-corp"
+    assert second.id.startswith("acme-corp-") and second.id != first.id
+
+
+def test_slug_from_name():
+    assert slug_from_name("  Hello, World!  ") == "hello-world"
+    assert slug_from_name("!!!") == "ws"
+
+
+async def test_update_workspace_bumps_rev(store):
+    ws = await store.create_workspace("acme", "ACME", "default")
+    updated = await store.update_workspace("acme", plan="small")
+    assert updated.plan == "small" and updated.rev > ws.rev
+
+
+async def test_update_unknown_workspace_is_not_found_and_creates_nothing(store, raw):
+    with pytest.raises(NotFound):
+        await store.update_workspace("ghost", name="x")
+    assert not raw.exists(ws_key("ghost"))
+
+
+async def test_created_key_round_trips_and_verifies(store):
+    await store.create_workspace("acme", "ACME", "default")
+    new = await store.create_key("acme", name="ci", environment="live", scopes=["a:read"])
+    parsed = parse_token(new.token, "kg", ("live", "test"))
+    assert parsed.key_id == new.key.id
+    key = await store.get_key("acme", new.key.id)
+    assert key.scopes == ("a:read",) and key.role is None and key.rev >= 1
+    assert key.prefix == new.token[:20]
+    assert store.hasher.verify(key.hash, parsed.secret)
+    assert await store.key_workspace(new.key.id) == "acme"
+
+
+async def test_no_token_or_secret_anywhere_in_redis(store, raw):
+    await store.create_workspace("acme", "ACME", "default")
+    tokens = [(await store.create_key("acme", name=f"k{i}", environment="live")).token
+              for i in range(3)]
+    old = await store.create_key("acme", name="old", environment="test")
+    _, rotated = await store.rotate_key("acme", old.key.id, grace_seconds=60)
+    tokens += [old.token, rotated.token]
+    secrets_ = [parse_token(t, "kg", ("live", "test")).secret for t in tokens]
+    dump: list[str] = []
+    for name in raw.scan_iter("*"):
+        dump.append(name)
+        kind = raw.type(name)
+        if kind == "hash":
+            for f, v in raw.hgetall(name).items():
+                dump += [f, v]
+                if f == "hash":
+                    assert v.startswith("$argon2id$")
+        elif kind == "string":
+            dump.append(raw.get(name))
+        elif kind == "set":
+            dump += raw.smembers(name)
+        elif kind == "zset":
+            dump += raw.zrange(name, 0, -1)
+        elif kind == "stream":
+            for _id, fields in raw.xrange(name):
+                dump += list(fields.values())
+    text = "\n".join(dump)
+    for token, secret in zip(tokens, secrets_):
+        assert token not in text
+        assert secret not in text
+
+
+async def test_create_key_in_unknown_workspace_leaves_no_index(store, raw):
+    with pytest.raises(NotFound):
+        await store.create_key("ghost", name="k", environment="live")
+    assert raw.keys("kg:keyid:*") == []
+
+
+async def test_key_cap_counts_only_active_keys(store, clock):
+    await store.create_workspace("acme", "ACME", "small")
+    a = await store.create_key("acme", name="a", environment="live")
+    await store.create_key("acme", name="b", environment="live", expires_at=T0 + 10)
+    with pytest.raises(Conflict) as info:
+        await store.create_key("acme", name="c", environment="live")
+    assert info.value.code == "key_limit_reached"
+    await store.revoke_key("acme", a.key.id)
+    await store.create_key("acme", name="c", environment="live")  # the revoked one freed a slot
+    clock.now = T0 + 11                                            # "b" expired
+    await store.create_key("acme", name="d", environment="live")
+    with pytest.raises(Conflict):
+        await store.create_key("acme", name="e", environment="live")
+
+
+async def test_concurrent_creates_at_the_cap_admit_exactly_the_cap(store, raw):
+    await store.create_workspace("acme", "ACME", "small")
+    results = await asyncio.gather(
+        *[store.create_key("acme", name=f"k{i}", environment="live") for i in range(12)],
+        return_exceptions=True)
+    made = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, Conflict)]
+    assert len(made) == 2 and len(refused) == 10
+    assert len(await store.list_keys("acme")) == 2
+    assert len(raw.keys("kg:keyid:*")) == 2  # refused creates released their ids
+
+
+async def test_revoke_bumps_rev_and_is_idempotent(store):
+    await store.create_workspace("acme", "ACME", "default")
+    new = await store.create_key("acme", name="k", environment="live")
+    first = await store.revoke_key("acme", new.key.id)
+    assert first.revoked_at == T0 and first.rev > new.key.rev
+    again = await store.revoke_key("acme", new.key.id)
+    assert again.revoked_at == first.revoked_at and again.rev == first.rev
+    assert len([e for e in await store.audit("acme") if e["action"] == "key.revoke"]) == 1
+
+
+async def test_update_key_rebinds_and_bumps_rev(store):
+    await store.create_workspace("acme", "ACME", "default")
+    new = await store.create_key("acme", name="k", environment="live", scopes=["a:read"])
+    rebound = await store.update_key("acme", new.key.id, role="reader", name="renamed")
+    assert rebound.role == "reader" and rebound.scopes == () and rebound.name == "renamed"
+    assert rebound.rev > new.key.rev
+    assert await store.effective_scopes("acme", rebound) == ("people:read",)
+    back = await store.update_key("acme", new.key.id, scopes=["b:write"], expires_at=T0 + 5)
+    assert back.role is None and back.scopes == ("b:write",) and back.expires_at == T0 + 5
+
+
+async def test_update_unknown_key_is_not_found_and_creates_nothing(store, raw):
+    await store.create_workspace("acme", "ACME", "default")
+    with pytest.raises(NotFound):
+        await store.update_key("acme", "AAAAAAAAAAAA", name="x")
+    assert not raw.exists(key_key("acme", "AAAAAAAAAAAA"))
+
+
+async def test_workspace_role_shadows_config_role_and_bumps_workspace_rev(store):
+    ws = await store.create_workspace("acme", "ACME", "default")
+    new = await store.create_key("acme", name="k", environment="live", role="reader")
+    await store.put_role("acme", "reader", ["people:read", "people:write"])
+    assert await store.effective_scopes("acme", new.key) == ("people:read", "people:write")
+    after_put = await store.get_workspace("acme")
+    assert after_put.rev > ws.rev
+    await store.delete_role("acme", "reader")
+    assert await store.effective_scopes("acme", new.key) == ("people:read",)
+    assert (await store.get_workspace("acme")).rev > after_put.rev
+    with pytest.raises(NotFound):
+        await store.delete_role("acme", "reader")
+
+
+async def test_rotate_with_grace_keeps_old_key_until_grace_ends(store, clock):
+    await store.create_workspace("acme", "ACME", "small")
+    old = await store.create_key("acme", name="k", environment="live", scopes=["x"],
+                                 rate_limit="5/s")
+    await store.create_key("acme", name="other", environment="live")  # at the cap now
+    before, new = await store.rotate_key("acme", old.key.id, grace_seconds=60)
+    assert before.expires_at == T0 + 60 and before.revoked_at is None
+    assert before.rev > old.key.rev
+    assert (new.key.name, new.key.scopes, new.key.rate_limit) == ("k", ("x",), "5/s")
+    assert new.key.id != old.key.id
+    # the rotation may exceed the cap by the one key during the grace; creates may not
+    with pytest.raises(Conflict):
+        await store.create_key("acme", name="third", environment="live")
+    clock.now = T0 + 61
+    assert (await store.get_key("acme", old.key.id)).status(clock.now) == "expired"
+
+
+async def test_rotate_without_grace_revokes_and_revoked_cannot_rotate(store):
+    await store.create_workspace("acme", "ACME", "default")
+    old = await store.create_key("acme", name="k", environment="live")
+    before, _ = await store.rotate_key("acme", old.key.id)
+    assert before.revoked_at == T0
+    with pytest.raises(Conflict):
+        await store.rotate_key("acme", old.key.id)
+
+
+async def test_list_keys_filters_by_status(store, clock):
+    await store.create_workspace("acme", "ACME", "default")
+    a = await store.create_key("acme", name="a", environment="live")
+    b = await store.create_key("acme", name="b", environment="live", expires_at=T0 + 1)
+    c = await store.create_key("acme", name="c", environment="live")
+    await store.revoke_key("acme", c.key.id)
+    clock.now = T0 + 2
+    assert [k.id for k in await store.list_keys("acme", "active")] == [a.key.id]
+    assert [k.id for k in await store.list_keys("acme", "expired")] == [b.key.id]
+    assert [k.id for k in await store.list_keys("acme", "revoked")] == [c.key.id]
+    assert len(await store.list_keys("acme")) == 3
+
+
+async def test_usage_reads_the_month_counter(store, raw, clock):
+    await store.create_workspace("acme", "ACME", "small")
+    clock.now = T0 + 40 * 86400  # 2026-02-10
+    period, _ = month_period(clock.now)
+    raw.set(usage_key("acme", period), 250)
+    assert await store.usage("acme") == {
+        "workspace": "acme", "plan": "small", "period": "2026-02", "used": 250,
+        "limit": 1000, "remaining": 750, "resets_at": "2026-03-01T00:00:00Z"}
+
+
+async def test_usage_unlimited_plan_has_null_limit(store):
+    await store.create_workspace("acme", "ACME", "default")
+    usage = await store.usage("acme")
+    assert usage["used"] == 0 and usage["limit"] is None and usage["remaining"] is None
+    assert usage["resets_at"] == "2026-02-01T00:00:00Z"
+
+
+def test_month_period_rolls_over_the_year():
+    assert month_period(T0 - 1) == ("2025-12", T0)
+
+
+async def test_audit_is_newest_first_and_limited(store):
+    await store.create_workspace("acme", "ACME", "default")
+    for i in range(3):
+        await store.create_key("acme", name=f"k{i}", environment="live")
+    events = await store.audit("acme", limit=2)
+    assert len(events) == 2
+    assert [e["details"]["name"] for e in events] == ["k2", "k1"]
+    assert events[0]["actor"] == "operator" and events[0]["at"] == "2026-01-01T00:00:00Z"
+    assert (await store.audit("acme"))[-1]["action"] == "workspace.create"
+
+
+async def test_store_down_raises_store_error(own_redis):
+    s = await Store.connect(own_redis.url, cheap_config())
+    assert await s.ping()
+    own_redis.stop()
+    assert not await s.ping()
+    with pytest.raises(StoreError):
+        await s.get_workspace("acme")
+    with pytest.raises(StoreError):
+        await s.create_workspace("acme", "ACME", "default")
+    await s.close()
+
+
+async def test_index_entry_points_at_the_workspace(store, raw):
+    await store.create_workspace("acme", "ACME", "default")
+    new = await store.create_key("acme", name="k", environment="live")
+    assert raw.get(key_index_key(new.key.id)) == "acme"
