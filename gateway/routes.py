@@ -1,0 +1,223 @@
+"""Path sanity, keys in query strings, and route matching. Pure: no I/O.
+
+The gateway matches routes on the path exactly as it forwards it, byte for byte, so a path that
+an upstream could read differently from the gateway (``/public/..%2Fadmin``, ``/admin;x=1``,
+``//admin``, ``/%61dmin``) is refused with 400 ``bad_path`` instead of being rewritten.
+
+What ``check_path`` accepts (the raw request target before any decoding, query excluded):
+
+- ASCII only, starting with ``/``, at most 2048 bytes;
+- characters RFC 3986 allows in a path (``pchar`` and ``/``) except ``;``: unreserved letters,
+  digits and ``-._~``, the sub-delimiters ``!$&'()*+,=``, ``:``, ``@`` and percent escapes;
+- no empty segment (``//``) except one trailing slash (``/people/`` is fine);
+- no ``.`` or ``..`` segment (percent-encoded dots are refused as encoded unreserved anyway);
+- percent escapes must be well-formed (``%`` + two hex digits) and must be needed: an escape of
+  an unreserved character (``%41``, ``%2e``, ``%7E``) is not canonical; ``%2F`` and ``%5C``
+  (encoded ``/`` and ``\\``), ``%00`` and other encoded control characters are refused, as is
+  double encoding (``%25`` followed by two hex digits, like ``%252e``).
+- Lower-case hex in a needed escape (``%c3%a9``) is accepted: it decodes to the same bytes as
+  ``%C3%A9`` and cannot change which segment or route a path means.
+- An encoded ``;`` (``%3B``) is data inside a segment, not a segment parameter, and is accepted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+from urllib.parse import unquote
+
+from .config import Route
+from .errors import BadRequest, NotFound
+from .tokens import BODY_LEN, looks_like_token
+
+MAX_PATH_BYTES = 2048
+
+_PCHAR = r"A-Za-z0-9\-._~!$&'()*+,=:@"
+# The common case in one C-level match: canonical segments, escapes merely well-formed.
+_FAST = re.compile(r"(?:/(?!\.\.?(?:/|\Z))(?:[%s]|%%[0-9A-Fa-f]{2})+)*/?" % _PCHAR)
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_HEX = frozenset("0123456789abcdefABCDEF")
+_BAD_CHAR = re.compile(r"[^%s/%%]" % _PCHAR)
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _bad(message: str) -> BadRequest:
+    return BadRequest(message, code="bad_path")
+
+
+def check_path(raw_path: str | bytes) -> None:
+    """Refuse a request path that is not already canonical (400 ``bad_path``).
+
+    ``raw_path`` is the path part of the request target exactly as sent (no query)."""
+    if isinstance(raw_path, bytes):
+        raw_path = raw_path.decode("utf-8", "surrogateescape")
+    if len(raw_path) > MAX_PATH_BYTES:
+        raise _bad(f"The request path is longer than {MAX_PATH_BYTES} bytes.")
+    if raw_path[:1] == "/" and _FAST.fullmatch(raw_path) is not None:
+        if "%" in raw_path:
+            _check_escapes(raw_path)
+        return
+    raise _bad(_diagnose(raw_path))
+
+
+def _check_escapes(path: str) -> None:
+    """Every escape is well-formed here; refuse the ones a canonical path never has."""
+    for m in _ESCAPE.finditer(path):
+        byte = int(m.group(1), 16)
+        if byte == 0x2F or byte == 0x5C:
+            raise _bad(f"The request path contains an encoded '{chr(byte)}' ({m.group(0)}); "
+                       "send path separators unencoded.")
+        if byte == 0:
+            raise _bad("The request path contains an encoded NUL (%00).")
+        if byte < 0x20 or byte == 0x7F:
+            raise _bad(f"The request path contains an encoded control character ({m.group(0)}).")
+        if byte in _UNRESERVED:
+            what = "dot" if byte == 0x2E else f"'{chr(byte)}'"
+            raise _bad(f"The request path contains a percent-encoded {what} ({m.group(0)}); "
+                       "send unreserved characters unencoded.")
+        if byte == 0x25:
+            end = m.end()
+            if path[end:end + 1] in _HEX and path[end + 1:end + 2] in _HEX:
+                raise _bad("The request path is double-encoded "
+                           f"({path[m.start():end + 2]}).")
+
+
+def _diagnose(path: str) -> str:
+    """Why the fast match failed, as one clear sentence (the slow path: bad requests only)."""
+    if not path.startswith("/"):
+        return "The request path must start with '/'."
+    if not path.isascii():
+        return "The request path contains non-ASCII bytes; percent-encode them."
+    if "\x00" in path:
+        return "The request path contains a NUL byte."
+    for ch in path:
+        if ch < " " or ch == "\x7f":
+            return "The request path contains a control character."
+    if " " in path:
+        return "The request path contains a space; percent-encode it as %20."
+    if "\\" in path:
+        return "The request path contains a backslash."
+    if ";" in path:
+        return "The request path contains ';' (segment parameters are not accepted)."
+    m = _BAD_CHAR.search(path)
+    if m is not None:
+        return f"The request path contains '{m.group(0)}', which must be percent-encoded."
+    for m in re.finditer("%", path):
+        if not (path[m.end():m.end() + 1] in _HEX and path[m.end() + 1:m.end() + 2] in _HEX):
+            return "The request path contains a malformed percent escape."
+    segments = path.split("/")[1:]
+    for i, seg in enumerate(segments):
+        if seg == "" and i != len(segments) - 1:
+            return "The request path contains an empty segment ('//')."
+        if seg in (".", ".."):
+            return f"The request path contains a '{seg}' segment."
+    return "The request path is not canonical."
+
+
+# --- keys in the query string --------------------------------------------------------------------
+
+_TOKEN_RES: dict[str, re.Pattern[str]] = {}
+
+
+def _token_re(prefix: str) -> re.Pattern[str]:
+    pattern = _TOKEN_RES.get(prefix)
+    if pattern is None:
+        pattern = re.compile(r"%s_[0-9A-Za-z-]+_[0-9A-Za-z]{%d}" % (re.escape(prefix), BODY_LEN))
+        _TOKEN_RES[prefix] = pattern
+    return pattern
+
+
+def query_has_token(raw_query: str, prefix: str) -> bool:
+    """True when any query parameter name or value holds a keygate token (valid checksum).
+
+    Looks at the percent-decoded query (``+`` as space), decoded up to three times so that
+    double encoding does not hide a key, and finds tokens anywhere in it: bare, as
+    ``Bearer <token>``, or inside a larger value. Any environment counts — a key in a URL has
+    leaked whatever its environment."""
+    if not raw_query:
+        return False
+    text = raw_query
+    pattern = _token_re(prefix)
+    for _ in range(3):
+        if "+" in text:
+            text = text.replace("+", " ")
+        if "%" in text:
+            text = unquote(text, encoding="latin-1")
+        if prefix + "_" in text:
+            for m in pattern.finditer(text):
+                if looks_like_token(m.group(0), prefix):
+                    return True
+        if "%" not in text:
+            return False
+    return False
+
+
+# --- route matching ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Compiled:
+    index: int
+    route: Route
+    methods: frozenset[str] | None     # None = any method
+    regex: re.Pattern[str]
+
+
+def compile_glob(path: str) -> re.Pattern[str]:
+    """A route glob as a regex over the raw path.
+
+    ``*`` is exactly one non-empty segment, ``**`` (last segment only) is the rest: zero or
+    more segments, so ``/people/**`` matches ``/people``, ``/people/`` and ``/people/a/b``.
+    Other segments are literal and compared, case-sensitively, with the raw (still
+    percent-encoded) segment. A trailing slash is significant: ``/people`` does not match
+    ``/people/``."""
+    if not path.startswith("/"):
+        raise ValueError(f"route path {path!r} must start with '/'")
+    segments = path.split("/")[1:]
+    parts: list[str] = []
+    for i, seg in enumerate(segments):
+        if seg == "**":
+            if i != len(segments) - 1:
+                raise ValueError(f"route path {path!r}: '**' must be the last segment")
+            parts.append("(?:/.*)?")
+        elif seg == "*":
+            parts.append("/[^/]+")
+        else:
+            parts.append("/" + re.escape(seg))
+    return re.compile("".join(parts) or "/")
+
+
+class RouteTable:
+    """Routes in file order; ``match`` returns the first whose methods and glob fit.
+
+    Routes are indexed by their first literal segment, so a request only tries the routes that
+    could match its first segment (plus the ones starting with a glob), in file order."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        compiled: list[_Compiled] = []
+        firsts: list[str | None] = []
+        for i, route in enumerate(routes):
+            methods = None
+            if route.methods:
+                names = {m.upper() for m in route.methods}
+                if "GET" in names:
+                    names.add("HEAD")   # HEAD is GET without the body; same scopes
+                methods = frozenset(names)
+            compiled.append(_Compiled(i, route, methods, compile_glob(route.path)))
+            first = route.path.split("/", 2)[1]
+            firsts.append(None if first in ("*", "**") else first)
+        self._wild = tuple(c for c, f in zip(compiled, firsts) if f is None)
+        self._by_first: dict[str, tuple[_Compiled, ...]] = {}
+        for key in {f for f in firsts if f is not None}:
+            self._by_first[key] = tuple(c for c, f in zip(compiled, firsts)
+                                        if f is None or f == key)
+        self.routes = tuple(routes)
+
+    def match(self, method: str, raw_path: str) -> Route:
+        end = raw_path.find("/", 1)
+        first = raw_path[1:] if end < 0 else raw_path[1:end]
+        for c in self._by_first.get(first, self._wild):
+            if (c.methods is None or method in c.methods) and c.regex.fullmatch(raw_path):
+                return c.route
+        raise NotFound(f"No route matches {method} {raw_path}.", code="no_route")

@@ -1,0 +1,290 @@
+"""Path sanity, keys in the query string and route matching (gateway.routes, pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import Route
+from gateway.errors import BadRequest, NotFound
+from gateway.routes import RouteTable, check_path, compile_glob, query_has_token
+from gateway.tokens import make_token
+
+# --- check_path ----------------------------------------------------------------------------------
+
+GOOD_PATHS = [
+    "/",
+    "/people",
+    "/people/",
+    "/people/123",
+    "/people/123/",
+    "/people/a%20b",
+    "/caf%C3%A9",
+    "/caf%c3%a9",                 # lower-case hex in a needed escape: accepted
+    "/a%3Bb",                     # encoded ';' is data, not a segment parameter
+    "/a%25",                      # a literal '%'
+    "/a%25zz",                    # '%25' not followed by two hex digits
+    "/a%3F%23",                   # encoded '?' and '#'
+    "/.well-known/openid-configuration",
+    "/...",
+    "/a..b/.c/d.",
+    "/v1/users/@me:sub!$&'()*+,=",
+    "/~user/file-name_1.txt",
+    "/" + "a" * 2047,
+]
+
+BAD_PATHS = {
+    # dot segments, raw and encoded in any case
+    "dot-raw": ["/.", "/./", "/a/./b", "/a/.", "/..", "/../", "/a/../b", "/a/.."],
+    "dot-enc": ["/%2e", "/%2E", "/a/%2e%2e/b", "/a/%2E%2e/b", "/a/.%2e/b", "/a/%2e./b",
+                "/a/%2e%2E", "/%2e%2e/etc/passwd", "/a%2eb"],
+    "slash-enc": ["/a%2Fb", "/a%2fb", "/public/..%2Fadmin", "/%2F"],
+    "backslash": ["/a%5Cb", "/a%5cb", "/a\\b", "/\\", "/a/..\\b"],
+    "empty-seg": ["//", "//a", "/a//b", "/a//", "/a/b//"],
+    "semicolon": ["/a;b", "/a;", "/;/a", "/admin;x=1/users", "/a/b;jsessionid=1"],
+    "nul": ["/a\x00b", "/a%00b", "/%00"],
+    "control": ["/a\tb", "/a\nb", "/a\rb", "/a\x7fb", "/a%0Ab", "/a%0d", "/a%7F", "/a%1f"],
+    "space": ["/a b", "/ ", "/a/ /b"],
+    "double": ["/%252e", "/%252E%252e", "/a%252Fb", "/a%2541", "/a%25ff"],
+    "unreserved-enc": ["/%41", "/%5A", "/%5a", "/%61dmin", "/%7A", "/%7a", "/%30", "/%39",
+                       "/%2D", "/%2d", "/%5F", "/%5f", "/%7E", "/%7e", "/people/%31"],
+    "malformed": ["/%zz", "/%4", "/%", "/a%g1", "/a%1", "/a%%41"],
+    "non-ascii": ["/caf\u00e9", "/\u00ff", "/\udcc3\udca9", "/a\u2028"],
+    "no-slash": ["", "a", "people", "*", "http://example.com/a"],
+    "too-long": ["/" + "a" * 2048, "/a" * 1025],
+    "other-chars": ["/a#b", "/a?b", "/a\"b", "/a<b", "/a>b", "/a{b}", "/a|b", "/a^b", "/a`b",
+                    "/a[b]"],
+}
+
+
+@pytest.mark.parametrize("path", GOOD_PATHS)
+def test_canonical_paths_pass(path: str) -> None:
+    check_path(path)
+
+
+@pytest.mark.parametrize("path", [p for ps in BAD_PATHS.values() for p in ps])
+def test_non_canonical_paths_are_bad_path(path: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        check_path(path)
+    err = info.value
+    assert err.code == "bad_path" and err.status == 400
+    assert err.message.startswith("The request path") and err.message.endswith(".")
+
+
+@pytest.mark.parametrize("path, words", [
+    ("/a/../b", "'..' segment"),
+    ("/a/%2e%2e/b", "percent-encoded dot"),
+    ("/a%2Fb", "encoded '/'"),
+    ("/a%5cb", "encoded '\\'"),
+    ("/a\\b", "backslash"),
+    ("/a//b", "empty segment"),
+    ("/a;b", "';'"),
+    ("/a%00b", "NUL"),
+    ("/a\x00b", "NUL"),
+    ("/a b", "space"),
+    ("/%252e", "double-encoded"),
+    ("/%61dmin", "percent-encoded 'a'"),
+    ("/%zz", "malformed percent escape"),
+    ("/caf\u00e9", "non-ASCII"),
+    ("people", "must start with '/'"),
+    ("/" + "a" * 3000, "longer than 2048"),
+])
+def test_bad_path_messages_say_what_is_wrong(path: str, words: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        check_path(path)
+    assert words in info.value.message
+
+
+def test_check_path_accepts_raw_bytes() -> None:
+    check_path(b"/people/a%20b")
+    with pytest.raises(BadRequest):
+        check_path(b"/caf\xc3\xa9")
+    with pytest.raises(BadRequest):
+        check_path(b"/a/%2e%2e/b")
+
+
+def test_bad_path_response_is_spec_json() -> None:
+    with pytest.raises(BadRequest) as info:
+        check_path("/a/../b")
+    import json
+    body = json.loads(info.value.body("rid-1"))
+    assert body["error"]["code"] == "bad_path" and body["error"]["request_id"] == "rid-1"
+
+
+# --- query_has_token -----------------------------------------------------------------------------
+
+TOKEN, _ = make_token("kg", "live")
+TEST_TOKEN, _ = make_token("kg", "test")
+OTHER_PREFIX, _ = make_token("zz", "live")
+BROKEN = TOKEN[:-1] + ("A" if TOKEN[-1] != "A" else "B")   # checksum no longer matches
+
+
+@pytest.mark.parametrize("query", [
+    f"api_key={TOKEN}",
+    f"a=1&key={TOKEN}&b=2",
+    f"{TOKEN}",
+    f"{TOKEN}=x",
+    f"key={TEST_TOKEN}",
+    f"auth=Bearer%20{TOKEN}",
+    f"auth=Bearer+{TOKEN}",
+    f"auth=bearer {TOKEN}",
+    f"k=%6Bg_live_{TOKEN[8:]}",                       # percent-encoded prefix
+    f"k=%256Bg_live_{TOKEN[8:]}",                     # double-encoded prefix
+    f"x=1;k={TOKEN}",
+    f"json=%7B%22key%22%3A%22{TOKEN}%22%7D",
+])
+def test_query_with_token_is_detected(query: str) -> None:
+    assert query_has_token(query, "kg")
+
+
+@pytest.mark.parametrize("query", [
+    "",
+    "a=1&b=2",
+    f"key={BROKEN}",
+    f"key={TOKEN[:-3]}",
+    f"key={OTHER_PREFIX}",
+    "key=kg_live_" + "a" * 50,
+    "q=%2F&x=1",
+    "q=%zz",
+])
+def test_query_without_token_passes(query: str) -> None:
+    assert not query_has_token(query, "kg")
+
+
+def test_query_token_other_prefix() -> None:
+    assert query_has_token(f"k={OTHER_PREFIX}", "zz")
+    assert not query_has_token(f"k={TOKEN}", "zz")
+
+
+# --- route matching ------------------------------------------------------------------------------
+
+def table(*routes: Route) -> RouteTable:
+    return RouteTable(routes)
+
+
+def r(path: str, *methods: str, upstream: str = "api", public: bool = False) -> Route:
+    return Route(path=path, upstream=upstream, methods=tuple(methods), public=public)
+
+
+def no_route(t: RouteTable, method: str, path: str) -> None:
+    with pytest.raises(NotFound) as info:
+        t.match(method, path)
+    assert info.value.code == "no_route" and info.value.status == 404
+    assert info.value.message == f"No route matches {method} {path}."
+
+
+def test_exact_path_and_trailing_slash() -> None:
+    people = r("/people")
+    t = table(people)
+    assert t.match("GET", "/people") is people
+    no_route(t, "GET", "/people/")
+    no_route(t, "GET", "/people/1")
+    no_route(t, "GET", "/peoplex")
+    no_route(t, "GET", "/")
+    slash = r("/people/")
+    t = table(slash)
+    assert t.match("GET", "/people/") is slash
+    no_route(t, "GET", "/people")
+
+
+def test_double_star_matches_zero_or_more_segments() -> None:
+    rest = r("/people/**")
+    t = table(rest)
+    for path in ("/people", "/people/", "/people/1", "/people/1/", "/people/1/friends/2"):
+        assert t.match("GET", path) is rest, path
+    no_route(t, "GET", "/peoplex")
+    no_route(t, "GET", "/peoplex/1")
+    no_route(t, "GET", "/other/people")
+    no_route(t, "GET", "/")
+
+
+def test_people_vs_people_rest_first_match_wins() -> None:
+    exact, rest = r("/people", "GET"), r("/people/**")
+    t = table(exact, rest)
+    assert t.match("GET", "/people") is exact
+    assert t.match("POST", "/people") is rest
+    assert t.match("GET", "/people/1") is rest
+    t2 = table(rest, exact)
+    assert t2.match("GET", "/people") is rest
+
+
+def test_single_star_is_exactly_one_nonempty_segment() -> None:
+    one = r("/people/*")
+    t = table(one)
+    assert t.match("GET", "/people/1") is one
+    assert t.match("GET", "/people/a%20b") is one
+    no_route(t, "GET", "/people")
+    no_route(t, "GET", "/people/")
+    no_route(t, "GET", "/people/1/")
+    no_route(t, "GET", "/people/1/2")
+    mid = r("/people/*/friends")
+    t = table(mid)
+    assert t.match("GET", "/people/7/friends") is mid
+    no_route(t, "GET", "/people/friends")
+    no_route(t, "GET", "/people/7/8/friends")
+
+
+def test_root_and_catch_all() -> None:
+    root, every = r("/"), r("/**")
+    t = table(root, every)
+    assert t.match("GET", "/") is root
+    assert t.match("GET", "/anything/at/all") is every
+    t = table(every, root)
+    assert t.match("GET", "/") is every
+    star = r("/*/items")
+    t = table(r("/a/x"), star)
+    assert t.match("GET", "/b/items") is star
+    assert t.match("GET", "/a/items") is star
+
+
+def test_methods() -> None:
+    read, write, anym = r("/p/**", "GET"), r("/p/**", "POST", "PUT"), r("/p/**")
+    t = table(read, write, anym)
+    assert t.match("GET", "/p/1") is read
+    assert t.match("HEAD", "/p/1") is read          # GET routes answer HEAD too
+    assert t.match("POST", "/p/1") is write
+    assert t.match("PUT", "/p/1") is write
+    assert t.match("DELETE", "/p/1") is anym
+    t = table(read, write)
+    no_route(t, "DELETE", "/p/1")
+    no_route(t, "get", "/p/1")                      # methods are case-sensitive on the wire
+    assert table(r("/x", "get")).match("GET", "/x").path == "/x"   # config case is normalised
+
+
+def test_case_sensitive_and_raw_segments() -> None:
+    t = table(r("/People"), r("/caf%C3%A9"))
+    assert t.match("GET", "/People").path == "/People"
+    no_route(t, "GET", "/people")
+    assert t.match("GET", "/caf%C3%A9").path == "/caf%C3%A9"
+    no_route(t, "GET", "/caf%c3%a9")                # literal segments compare raw
+    no_route(t, "GET", "/PEOPLE")
+
+
+def test_first_match_in_file_order_across_index_buckets() -> None:
+    routes = [r("/a/b", "GET", upstream="u1"), r("/*/b", upstream="u2"),
+              r("/a/**", upstream="u3"), r("/**", upstream="u4")]
+    t = RouteTable(routes)
+    assert t.match("GET", "/a/b").upstream == "u1"
+    assert t.match("POST", "/a/b").upstream == "u2"
+    assert t.match("POST", "/z/b").upstream == "u2"
+    assert t.match("GET", "/a/c").upstream == "u3"
+    assert t.match("GET", "/z/c").upstream == "u4"
+    assert t.match("GET", "/").upstream == "u4"
+
+
+def test_glob_characters_are_literal_inside_segments_and_regex_safe() -> None:
+    t = table(r("/v1.0/a+b/(x)"))
+    assert t.match("GET", "/v1.0/a+b/(x)").path == "/v1.0/a+b/(x)"
+    no_route(t, "GET", "/v1x0/a+b/(x)")
+    assert compile_glob("/files/*.json").fullmatch("/files/*.json")
+    assert not compile_glob("/files/*.json").fullmatch("/files/a.json")
+
+
+def test_double_star_must_be_last() -> None:
+    with pytest.raises(ValueError):
+        RouteTable([r("/a/**/b")])
+    with pytest.raises(ValueError):
+        RouteTable([r("a/b")])
+
+
+def test_empty_table() -> None:
+    no_route(RouteTable([]), "GET", "/")
