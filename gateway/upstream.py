@@ -1,0 +1,335 @@
+"""A lean HTTP/1.1 client for upstreams: keep-alive pool, llhttp parsing, streaming both ways.
+
+Why not aiohttp's ClientSession: measured on this machine kind (../shared/PERFORMANCE.md) it
+costs ~190-250 µs of CPU per request against ~40-90 µs for a protocol-level client over the
+same socket — more than everything else keygate does per request. This client keeps what a
+proxy needs and nothing else:
+
+- one pool of idle keep-alive connections per upstream (LIFO, capped);
+- the request head is written as given (the proxy has already cleaned the headers); the body
+  streams from any async chunk source with write backpressure (``pause_writing``), framed with
+  ``Content-Length`` when known, else chunked;
+- the response is parsed by llhttp (httptools), strict: a malformed response is an error,
+  never passed on; its body streams out with read backpressure (``pause_reading``);
+- a connection is reused only after a complete response that allows keep-alive, and when the
+  request body was completely sent;
+- timeouts: connect, and time to the response head. A request that fails on a reused idle
+  connection before any response byte (the upstream closed it meanwhile) is retried once on a
+  fresh connection when it had no body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from typing import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
+
+import httptools
+
+HIGH_WATER = 256 * 1024
+MAX_IDLE = 256
+
+
+class UpstreamConnectError(Exception):
+    """Could not connect (refused, unreachable, DNS, TLS)."""
+
+
+class UpstreamTimeout(Exception):
+    """The upstream did not answer (connect or response head) in time."""
+
+
+class UpstreamProtocolError(Exception):
+    """The upstream broke HTTP: malformed response, or closed mid-response."""
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, pool: "UpstreamPool") -> None:
+        self.pool = pool
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.head: asyncio.Future | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.complete = False
+        self.got_bytes = False
+        self.reading_paused = False
+        self.body_waiter: asyncio.Future | None = None
+        self.error: Exception | None = None
+        self.write_ok: asyncio.Future | None = None  # set while the transport is paused
+        self.skip_body = False                       # HEAD: the head ends the message
+        self.keep_alive = False
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamProtocolError("upstream switched protocols"))
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamProtocolError(f"malformed response from upstream: {exc}"))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.pool._forget(self)
+        if not self.complete:
+            self._fail(UpstreamProtocolError("upstream closed the connection"))
+        if self.write_ok is not None and not self.write_ok.done():
+            self.write_ok.set_exception(UpstreamProtocolError("upstream closed the connection"))
+
+    def pause_writing(self) -> None:
+        self.write_ok = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.write_ok is not None and not self.write_ok.done():
+            self.write_ok.set_result(None)
+        self.write_ok = None
+
+    # -- httptools callbacks --
+    def on_message_begin(self) -> None:
+        self.headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it after the message
+        if self.head is not None and not self.head.done():
+            self.head.set_result(None)
+        if self.skip_body:
+            self.complete = True
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > HIGH_WATER and not self.reading_paused and self.transport:
+            self.transport.pause_reading()
+            self.reading_paused = True
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    # -- helpers --
+    def _wake(self) -> None:
+        w = self.body_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _fail(self, exc: Exception) -> None:
+        if self.error is None:
+            self.error = exc
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(exc)
+            self.head.exception()  # retrieved here; raised again by the awaiting request
+        self._wake()
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        self.pool._forget(self)
+
+    async def drain(self) -> None:
+        if self.write_ok is not None:
+            await self.write_ok
+
+
+class UpstreamResponse:
+    """Status and headers of an upstream response; the body is read with ``chunks()``."""
+
+    def __init__(self, conn: _Connection, pool: "UpstreamPool", body_sent: Callable[[], bool]) -> None:
+        self._conn, self._pool, self._body_sent = conn, pool, body_sent
+        self.status = conn.parser.get_status_code()
+        self.headers = conn.headers
+        self.keep_alive = conn.keep_alive and not conn.skip_body
+
+    def body_if_complete(self) -> bytes | None:
+        """The whole body when it has already arrived with the head (the common small case)."""
+        conn = self._conn
+        if conn.complete and conn.error is None:
+            body = b"".join(conn.chunks)
+            conn.chunks.clear()
+            self.release()
+            return body
+        return None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        try:
+            while True:
+                if conn.chunks:
+                    chunk = conn.chunks.popleft()
+                    conn.buffered -= len(chunk)
+                    if conn.reading_paused and conn.buffered < HIGH_WATER // 2:
+                        conn.reading_paused = False
+                        conn.transport.resume_reading()
+                    yield chunk
+                    continue
+                if conn.error is not None:
+                    raise conn.error
+                if conn.complete:
+                    break
+                conn.body_waiter = asyncio.get_running_loop().create_future()
+                await conn.body_waiter
+                conn.body_waiter = None
+        except BaseException:
+            conn.close()
+            raise
+        self.release()
+
+    def release(self) -> None:
+        """Back to the pool if reusable, else closed."""
+        conn = self._conn
+        if conn.closed:
+            return
+        if self.keep_alive and conn.complete and conn.error is None and self._body_sent():
+            self._pool._idle_push(conn)
+        else:
+            conn.close()
+
+
+BodySource = Callable[[], Awaitable[bytes]]  # returns b"" at the end
+
+
+class UpstreamPool:
+    """Keep-alive connections to one upstream origin (``http://host:port`` or ``https://``)."""
+
+    def __init__(self, url: str, *, connect_timeout: float = 5.0, max_idle: int = MAX_IDLE) -> None:
+        parts = urlsplit(url)
+        self.tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self.tls else 80)
+        self.base_path = parts.path.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self.idle: list[_Connection] = []
+        self.active: set[_Connection] = set()
+
+    def _idle_push(self, conn: _Connection) -> None:
+        self.active.discard(conn)
+        if len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.head, conn.complete, conn.error, conn.got_bytes = None, False, None, False
+        conn.chunks.clear()
+        conn.buffered, conn.skip_body = 0, False
+        self.idle.append(conn)
+
+    def _forget(self, conn: _Connection) -> None:
+        self.active.discard(conn)
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(self), self.host, self.port,
+                                       ssl=self.tls,
+                                       server_hostname=self.host if self.tls else None),
+                self.connect_timeout)
+        except asyncio.TimeoutError as exc:
+            raise UpstreamTimeout("connect timed out") from exc
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamConnectError(exc.__class__.__name__) from exc
+        return conn
+
+    async def request(self, head: bytes, *, body: BodySource | None = None,
+                      content_length: int | None = None, timeout: float = 30.0,
+                      is_head: bool = False) -> UpstreamResponse:
+        """Send ``head`` (request line + headers, without the final CRLF and without any
+        framing header) and the body; return once the response head has arrived."""
+        for attempt in (0, 1):
+            reused = bool(self.idle)
+            conn = self.idle.pop() if reused else await self._connect()
+            if conn.closed:
+                continue
+            self.active.add(conn)
+            try:
+                return await self._exchange(conn, head, body, content_length, timeout, is_head)
+            except UpstreamProtocolError:
+                # an idle connection the upstream had closed: retry once if nothing was sent
+                # that cannot be sent again
+                if attempt == 0 and reused and body is None and not conn.got_bytes:
+                    continue
+                raise
+        raise UpstreamProtocolError("upstream closed the connection")
+
+    async def _exchange(self, conn: _Connection, head: bytes, body: BodySource | None,
+                        content_length: int | None, timeout: float,
+                        is_head: bool) -> UpstreamResponse:
+        loop = asyncio.get_running_loop()
+        waiter = conn.head = loop.create_future()
+        conn.skip_body = is_head
+        sent = [body is None]
+        timer = loop.call_later(timeout, self._head_timeout, conn, waiter)
+        sender = None
+        if body is None:
+            conn.transport.write(head + b"\r\n\r\n")
+        else:
+            framing = (b"\r\nContent-Length: %d\r\n\r\n" % content_length
+                       if content_length is not None else b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+            conn.transport.write(head + framing)
+            sender = asyncio.ensure_future(
+                self._send_body(conn, waiter, body, content_length is None, sent))
+        try:
+            await waiter
+        except BaseException:
+            conn.close()
+            if sender is not None and not sender.done():
+                sender.cancel()
+            raise
+        finally:
+            timer.cancel()
+        return UpstreamResponse(conn, self, lambda: sent[0])
+
+    @staticmethod
+    def _head_timeout(conn: _Connection, waiter: asyncio.Future) -> None:
+        if not waiter.done():
+            waiter.set_exception(UpstreamTimeout("no response head in time"))
+            conn.close()
+
+    async def _send_body(self, conn: _Connection, waiter: asyncio.Future, body: BodySource,
+                         chunked: bool, sent: list[bool]) -> None:
+        """Stream the request body; a failure of the body source (client gone, body too
+        large) fails the exchange with that same exception."""
+        write = conn.transport.write
+        try:
+            while True:
+                chunk = await body()
+                if not chunk:
+                    break
+                if conn.closed:
+                    return
+                write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await conn.drain()
+            if chunked and not conn.closed:
+                write(b"0\r\n\r\n")
+            sent[0] = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not waiter.done():
+                waiter.set_exception(exc)
+            conn.close()
+
+    async def close(self) -> None:
+        for conn in list(self.idle) + list(self.active):
+            conn.close()
+        self.idle.clear()
+        self.active.clear()
