@@ -1,0 +1,417 @@
+"""Config loading: every problem names the file, the line, the field and what is wrong."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gateway.config import (Config, RateLimit, Route, check_config, load_config,
+                            parse_rate_limit)
+from gateway.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
+
+
+def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+def problems_of(tmp_path: Path, text: str) -> list[str]:
+    """Problems of a config, with the tmp dir stripped so lines read ``config.yaml:N: ...``."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert check_config(path) == info.value.problems
+    return [p.replace(str(tmp_path) + "/", "") for p in info.value.problems]
+
+
+UPSTREAM = """
+upstreams:
+  crm: {url: "http://127.0.0.1:9000"}
+"""
+
+
+def with_upstream(text: str) -> str:
+    """A config with upstream ``crm`` (lines 1-2) and then ``text`` from line 3."""
+    return UPSTREAM.lstrip("\n") + textwrap.dedent(text).lstrip("\n")
+
+
+# --- reading the file ------------------------------------------------------------------------
+
+def test_missing_file_is_one_problem_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"cannot read {path}: No such file or directory"]
+
+
+def test_yaml_syntax_error_is_one_problem_with_file_and_line(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, """
+        server:
+          port: 8080
+        routes: [
+          - path: /x
+    """)
+    assert len(problems) == 1
+    assert problems[0].startswith("config.yaml:4: invalid YAML: ")
+
+
+def test_empty_file_gives_all_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "# nothing configured yet\n")
+    config = load_config(path)
+    assert config == Config(source=str(path))
+    assert config.keys.headers == ("X-Api-Key",)
+    assert dict(config.plans) == {"default": config.plans["default"]}
+    assert config.plans["default"].monthly_requests is None
+    assert config.default_plan == "default"
+    assert check_config(path) == []
+
+
+def test_no_path_gives_all_defaults() -> None:
+    assert load_config(None) == Config()
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, "- a\n- b\n") == [
+        "config.yaml:1: top level: expected a mapping, got a list"]
+
+
+# --- types, ranges, unknown keys ---------------------------------------------------------------
+
+def test_string_where_an_int_is_needed(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, """
+        server:
+          host: 0.0.0.0
+          port: "8080"
+    """) == ["config.yaml:3: server.port: expected an integer, got a string ('8080')"]
+
+
+def test_boolean_is_not_a_port(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, "admin:\n  port: yes\n") == [
+        "config.yaml:2: admin.port: expected an integer, got a boolean (true)"]
+
+
+def test_out_of_range_values(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, """
+        server:
+          port: 70000
+          workers: 0
+          max_body_bytes: -5
+        store:
+          on_store_error: maybe
+          redis_url: http://localhost:6379
+          timeout: 0
+    """) == [
+        "config.yaml:2: server.port: must be between 1 and 65535, got 70000",
+        "config.yaml:3: server.workers: must be between 1 and 1024, got 0",
+        "config.yaml:4: server.max_body_bytes: must be at least 1, got -5",
+        "config.yaml:6: store.on_store_error: must be one of closed, open, got 'maybe'",
+        "config.yaml:7: store.redis_url: must be 'embedded' or a URL with scheme redis://, "
+        "rediss://, unix://, redis+cluster://, redis+sentinel://, got scheme 'http'",
+        "config.yaml:8: store.timeout: must be greater than 0, got 0",
+    ]
+
+
+def test_redis_url_problems_never_echo_the_password(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, "store:\n  redis_url: 'redis://:s3cret@:notaport/0'\n")
+    assert len(problems) == 1 and "s3cret" not in problems[0]
+    assert problems[0].startswith("config.yaml:2: store.redis_url: ")
+
+
+def test_unknown_top_level_key_suggests_the_close_match(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, "servers:\n  port: 8080\n") == [
+        "config.yaml:1: servers: unknown key 'servers' (did you mean 'server'?)"]
+
+
+def test_unknown_nested_key_suggests_the_close_match(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, with_upstream("""
+        routes:
+          - path: /people/**
+            upstream: crm
+            scope: [people:read]
+    """)) == ["config.yaml:6: routes[0].scope: unknown key 'scope' (did you mean 'scopes'?)"]
+
+
+def test_unknown_key_without_a_close_match_lists_the_allowed_ones(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, "admin:\n  zzz: 1\n") == [
+        "config.yaml:2: admin.zzz: unknown key 'zzz' (allowed: host, port, token_env)"]
+
+
+def test_duplicate_key_is_an_error(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, "server:\n  port: 1\n  port: 2\n") == [
+        "config.yaml:3: server.port: duplicate key (first given on line 2)"]
+
+
+def test_all_problems_are_reported_at_once_in_line_order(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, """
+        default_plan: gold
+        server:
+          port: 0
+        keys:
+          prefix: KG
+    """)
+    assert [p.split(":")[1] for p in problems] == ["1", "3", "5"]
+
+
+# --- cross references --------------------------------------------------------------------------
+
+def test_route_upstream_must_exist(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, with_upstream("""
+        routes:
+          - path: /people/**
+            upstream: crm
+          - path: /companies/**
+            upstream: crm
+          - path: /deals/**
+            upstream: sales
+    """)) == ["config.yaml:9: routes[2].upstream: unknown upstream 'sales' (known: crm)"]
+
+
+def test_route_upstream_typo_gets_a_suggestion(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, UPSTREAM + "routes:\n  - {path: /x, upstream: crm2}\n") == [
+        "config.yaml:4: routes[0].upstream: unknown upstream 'crm2' (did you mean 'crm'?) "
+        "(known: crm)"]
+
+
+def test_every_route_needs_an_upstream(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, UPSTREAM + "routes:\n  - path: /health\n    public: true\n"
+                       ) == ["config.yaml:4: routes[0].upstream: required: the upstream this "
+                             "route forwards to (known: crm)"]
+
+
+def test_default_plan_must_be_a_plan(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, """
+        plans:
+          starter: {monthly_requests: 1000}
+          pro: {monthly_requests: 10000}
+        default_plan: prox
+    """) == ["config.yaml:4: default_plan: unknown plan 'prox' (did you mean 'pro'?) "
+             "(known: starter, pro)"]
+
+
+def test_default_plan_defaults_to_the_first_plan_listed(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+        plans:
+          pro: {monthly_requests: 10000, rate_limit: 20/s}
+          starter: {monthly_requests: 1000}
+          unlimited:
+    """))
+    assert config.default_plan == "pro"
+    assert list(config.plans) == ["pro", "starter", "unlimited"]
+    assert config.plans["unlimited"].monthly_requests is None
+
+
+def test_plan_values_are_non_negative_ints_or_null(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, """
+        plans:
+          free: {monthly_requests: -1, max_keys: "5"}
+          big: {monthly_requests: null, max_keys: null}
+    """) == [
+        "config.yaml:2: plans.free.monthly_requests: must be at least 0, got -1",
+        "config.yaml:2: plans.free.max_keys: expected an integer or null (unlimited), "
+        "got a string ('5')",
+    ]
+
+
+# --- rate limits, scopes, globs, methods, headers ---------------------------------------------
+
+def test_bad_rate_limit_names_the_plan_field(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, """
+        plans:
+          starter:
+            rate_limit: 5/h
+          pro:
+            rate_limit: 0/s
+    """) == [
+        "config.yaml:3: plans.starter.rate_limit: a rate limit looks like '5/s' or '300/m' "
+        "(requests per second or per minute), got '5/h'",
+        "config.yaml:5: plans.pro.rate_limit: a rate limit needs between 1 and 1000000000 "
+        "requests, got '0/s'",
+    ]
+
+
+def test_parse_rate_limit() -> None:
+    assert parse_rate_limit("5/s") == RateLimit(5, 1)
+    assert parse_rate_limit("300/m") == RateLimit(300, 60)
+    assert str(parse_rate_limit("300/m")) == "300/m"
+    for bad in ("5", "5/h", "-1/s", "0/m", "x/s", "", "5/s/s"):
+        with pytest.raises(ValueError, match="rate limit"):
+            parse_rate_limit(bad)
+
+
+def test_bad_role_scope(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, """
+        roles:
+          reader: [people:read, "people read", ALL]
+          writer: people:write
+    """) == [
+        "config.yaml:2: roles.reader[1]: 'people read' is not a valid scope "
+        "(like 'people:read', or ALL)",
+        "config.yaml:3: roles.writer: expected a list, got a string",
+    ]
+
+
+def test_bad_route_scope(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, with_upstream("""
+        routes:
+          - path: /people/**
+            upstream: crm
+            scopes: ["people::read"]
+    """)) == ["config.yaml:6: routes[0].scopes[0]: 'people::read' is not a valid scope "
+             "(like 'people:read', or ALL)"]
+
+
+@pytest.mark.parametrize("glob, message", [
+    ("/people/*x", "'/people/*x': '*' and '**' must be a whole segment (got '*x')"),
+    ("/a/**/b", "'/a/**/b': '**' may only be the last segment"),
+    ("people/**", "'people/**' must start with /"),
+    ("/a//b", "'/a//b' has an empty segment (//)"),
+    ("/a/../b", "'/a/../b' has a '..' segment; requests with dot-segments are refused, "
+                "so it never matches"),
+    ("/_keygate/v1/x", "'/_keygate/v1/x' is under /_keygate/, which keygate reserves for "
+                       "itself"),
+])
+def test_bad_route_glob(tmp_path: Path, glob: str, message: str) -> None:
+    assert problems_of(tmp_path, UPSTREAM + f"routes:\n  - path: '{glob}'\n    upstream: crm\n"
+                       ) == [f"config.yaml:4: routes[0].path: {message}"]
+
+
+def test_route_methods_are_upper_cased_http_methods(tmp_path: Path) -> None:
+    path = write(tmp_path, UPSTREAM + "routes:\n  - {path: /x/*, upstream: crm, "
+                                      "methods: [get, Post, GET]}\n")
+    assert load_config(path).routes == (Route("/x/*", "crm", ("GET", "POST")),)
+    assert problems_of(tmp_path, UPSTREAM + "routes:\n  - {path: /x, upstream: crm, "
+                                            "methods: [GET, FETCH]}\n") == [
+        "config.yaml:4: routes[0].methods[1]: 'FETCH' is not an HTTP method "
+        "(GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE, CONNECT)"]
+
+
+def test_public_route_cannot_require_scopes(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, UPSTREAM + "routes:\n  - {path: /x, upstream: crm, "
+                                            "public: true, scopes: [a:b]}\n") == [
+        "config.yaml:4: routes[0].scopes: a public route cannot require scopes "
+        "(no key is checked)"]
+
+
+def test_upstream_url_must_be_http_with_a_host(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, """
+        upstreams:
+          crm: {url: "ftp://x"}
+          billing: {timeout: 5}
+    """) == [
+        "config.yaml:2: upstreams.crm.url: 'ftp://x' must be an http:// or https:// URL "
+        "with a host, e.g. http://127.0.0.1:9000",
+        "config.yaml:3: upstreams.billing.url: required (e.g. http://127.0.0.1:9000)",
+    ]
+
+
+def test_key_settings_are_validated(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, """
+        keys:
+          prefix: KG_
+          environments: [live, Prod]
+          headers: [Authorization, "X Key"]
+    """) == [
+        "config.yaml:2: keys.prefix: 'KG_' is not a valid key prefix (1-10 of a-z, 0-9)",
+        "config.yaml:3: keys.environments[1]: 'Prod' is not a valid environment name "
+        "(1-16 of a-z, 0-9)",
+        "config.yaml:4: keys.headers[0]: Authorization is always read as 'Bearer <key>'; "
+        "list only other headers here",
+        "config.yaml:4: keys.headers[1]: 'X Key' is not a valid HTTP header name",
+    ]
+
+
+def test_identity_headers_must_be_distinct(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, """
+        identity_headers:
+          workspace: X-Tenant
+          plan: x_tenant
+    """) == ["config.yaml:3: identity_headers.plan: 'x_tenant' is already used for "
+             "identity_headers.workspace"]
+
+
+def test_trusted_proxies_are_ips_or_networks(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, "server:\n  trusted_proxies: [10.0.0.0/8, '::1', lb.local]\n"
+                       ) == ["config.yaml:2: server.trusted_proxies[2]: 'lb.local' is not an "
+                             "IP address or CIDR network (e.g. 10.0.0.0/8)"]
+
+
+# --- environment expansion -------------------------------------------------------------------
+
+def test_env_reference_expands_when_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    monkeypatch.setenv("KG_TEST_CRM_URL", "http://10.1.2.3:9000")
+    monkeypatch.setenv("KG_TEST_PORT", "9999")
+    config = load_config(write(tmp_path, """
+        server:
+          port: ${KG_TEST_PORT}
+        upstreams:
+          crm: {url: "${KG_TEST_CRM_URL}"}
+    """))
+    assert config.upstreams["crm"].url == "http://10.1.2.3:9000"
+    assert config.server.port == 9999  # an unquoted reference takes the type of its value
+
+
+def test_env_reference_to_an_unset_variable_names_it(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KG_TEST_UNSET", raising=False)
+    assert problems_of(tmp_path, "upstreams:\n  crm:\n    url: ${KG_TEST_UNSET}\n") == [
+        "config.yaml:3: upstreams.crm.url: environment variable KG_TEST_UNSET is not set "
+        "(set it, or write ${KG_TEST_UNSET:-default})"]
+
+
+def test_env_reference_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KG_TEST_UNSET", raising=False)
+    monkeypatch.setenv("KG_TEST_EMPTY", "")
+    config = load_config(write(tmp_path, """
+        store:
+          redis_url: ${KG_TEST_UNSET:-redis://127.0.0.1:6379/0}
+          data_dir: ${KG_TEST_EMPTY:-/var/lib/keygate}
+        admin:
+          token_env: KG_${KG_TEST_UNSET:-ADMIN}_TOKEN
+    """))
+    assert config.store.redis_url == "redis://127.0.0.1:6379/0"
+    assert config.store.data_dir == "/var/lib/keygate"
+    assert config.admin.token_env == "KG_ADMIN_TOKEN"
+
+
+def test_expanded_value_is_still_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    monkeypatch.setenv("KG_TEST_PORT", "http")
+    assert problems_of(tmp_path, "server:\n  port: ${KG_TEST_PORT}\n") == [
+        "config.yaml:2: server.port: expected an integer, got a string ('http')"]
+
+
+# --- the shipped example ---------------------------------------------------------------------
+
+def test_example_config_loads_clean(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CRM_URL", raising=False)
+    monkeypatch.delenv("KEYGATE_REDIS_URL", raising=False)
+    assert check_config(EXAMPLE) == []
+    config = load_config(EXAMPLE)
+    assert list(config.plans) == ["starter", "pro", "business", "enterprise"]
+    assert config.default_plan == "starter"
+    starter, enterprise = config.plans["starter"], config.plans["enterprise"]
+    assert (starter.monthly_requests, starter.max_keys, starter.rate_limit) == (
+        1000, 5, RateLimit(5, 1))
+    assert (enterprise.monthly_requests, enterprise.max_keys, enterprise.rate_limit) == (
+        None, None, RateLimit(200, 1))
+    assert config.roles["reader"] == ("people:read", "companies:read", "interactions:read")
+    assert config.roles["admin"] == ("ALL", "keys:admin")
+    assert config.upstreams["crm"].url == "http://127.0.0.1:9000"
+    assert config.store.redis_url == "embedded"
+    route_scopes = {scope for route in config.routes for scope in route.scopes}
+    assert route_scopes == {"people:read", "people:write", "companies:read", "companies:write",
+                            "companies:remove", "interactions:read", "interactions:write"}
+    assert config.routes[0] == Route("/health", "crm", ("GET",), (), True)
+    assert Route("/companies/*", "crm", ("DELETE",), ("companies:remove",)) in config.routes
+    assert all(route.upstream == "crm" for route in config.routes)
+
+
+def test_example_config_follows_crm_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRM_URL", "https://crm.internal:8443")
+    assert load_config(EXAMPLE).upstreams["crm"].url == "https://crm.internal:8443"
