@@ -168,3 +168,380 @@ def test_python_dash_m_gateway_runs_the_cli(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"ok: {path}\n"
+
+
+# --- live: every admin verb against a real admin API on real Redis --------------------------------
+
+TOKEN_SHAPE = r"kg_(live|test)_[0-9A-Za-z]{50}"
+
+
+@pytest.fixture
+async def admin_url(redis_url, monkeypatch):
+    """A real admin API on a loopback port; the CLI finds it through the environment."""
+    import dataclasses
+
+    from aiohttp import web
+
+    from gateway.config import Argon2Config, Config, Plan
+    admin = pytest.importorskip("gateway.admin")
+    from gateway.store import Store
+
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    config = Config(plans={"free": Plan("free", monthly_requests=1000, max_keys=2),
+                           "pro": Plan("pro")},
+                    default_plan="free", roles={"reader": ("people:read",)})
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, argon2=Argon2Config(1, 8, 1)))
+    store = await Store.connect(redis_url, config)
+    runner = web.AppRunner(admin.create_admin_app(config, store))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("KEYGATE_ADMIN_URL", url)
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
+        await store.close()
+
+
+class Run:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def json(self):
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def keygate(capsys, monkeypatch):
+    """``await keygate("keys", "list", ..., stdin="y\\n")`` → Run(code, out, err)."""
+    async def run(*argv: str, stdin: str = "") -> Run:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, list(argv))
+        out, err = capsys.readouterr()
+        return Run(code, out, err)
+    return run
+
+
+async def make_workspace(keygate, ws: str = "acme", plan: str | None = None) -> None:
+    argv = ["workspaces", "create", ws, "--name", ws.title() + " Corp"]
+    if plan:
+        argv += ["--plan", plan]
+    assert (await keygate(*argv)).code == 0
+
+
+async def make_key(keygate, ws: str = "acme", *extra: str) -> dict:
+    run = await keygate("keys", "create", "--workspace", ws, "--name", "ci", "--json", *extra)
+    assert run.code == 0, run.err
+    return run.json()
+
+
+async def test_workspaces_create_prints_the_workspace(admin_url, keygate):
+    run = await keygate("workspaces", "create", "acme", "--name", "Acme Corp")
+    assert run.code == 0, run.err
+    assert "acme" in run.out and "Acme Corp" in run.out and "free" in run.out
+
+
+async def test_workspaces_create_json_and_plan(admin_url, keygate):
+    run = await keygate("workspaces", "create", "acme", "--name", "Acme", "--plan", "pro", "--json")
+    assert run.code == 0, run.err
+    body = run.json()
+    assert (body["id"], body["name"], body["plan"]) == ("acme", "Acme", "pro")
+    assert body["created_at"].endswith("Z")
+
+
+async def test_workspaces_create_taken_id_is_a_conflict(admin_url, keygate):
+    await make_workspace(keygate)
+    run = await keygate("workspaces", "create", "acme", "--name", "Again")
+    assert run.code == 1
+    assert run.out == ""
+    assert run.err.startswith("keygate: ") and run.err.rstrip().endswith("(conflict)")
+
+
+async def test_workspaces_create_unknown_plan_is_a_bad_request(admin_url, keygate):
+    run = await keygate("workspaces", "create", "acme", "--name", "Acme", "--plan", "platinum")
+    assert run.code == 1
+    assert "(bad_request)" in run.err
+
+
+async def test_workspaces_create_bad_slug_is_a_bad_request(admin_url, keygate):
+    run = await keygate("workspaces", "create", "Not A Slug", "--name", "x")
+    assert run.code == 1
+    assert "(bad_request)" in run.err
+
+
+async def test_workspaces_list_table_and_json(admin_url, keygate):
+    await make_workspace(keygate, "acme")
+    await make_workspace(keygate, "globex", plan="pro")
+    run = await keygate("workspaces", "list")
+    assert run.code == 0, run.err
+    header, *rows = run.out.strip().splitlines()
+    assert header.split() == ["ID", "NAME", "PLAN", "CREATED"]
+    assert sorted(row.split()[0] for row in rows) == ["acme", "globex"]
+    assert any(row.split()[0] == "globex" and " pro " in row and "UTC" in row for row in rows)
+    listed = (await keygate("workspaces", "list", "--json")).json()
+    assert sorted(w["id"] for w in listed) == ["acme", "globex"]
+
+
+async def test_workspaces_set_plan(admin_url, keygate):
+    await make_workspace(keygate)
+    run = await keygate("workspaces", "set-plan", "acme", "pro")
+    assert run.code == 0, run.err
+    assert "pro" in run.out
+    listed = (await keygate("workspaces", "list", "--json")).json()
+    assert listed[0]["plan"] == "pro"
+
+
+async def test_workspaces_set_plan_unknown_workspace_is_not_found(admin_url, keygate):
+    run = await keygate("workspaces", "set-plan", "nobody", "pro")
+    assert run.code == 1
+    assert "(not_found)" in run.err
+
+
+async def test_workspaces_set_plan_unknown_plan_is_a_bad_request(admin_url, keygate):
+    await make_workspace(keygate)
+    run = await keygate("workspaces", "set-plan", "acme", "platinum")
+    assert run.code == 1
+    assert "(bad_request)" in run.err
+
+
+async def test_wrong_admin_token_is_unauthorized_and_never_printed(admin_url, keygate, monkeypatch):
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "wrong-token-abcdef")
+    run = await keygate("workspaces", "list")
+    assert run.code == 1
+    assert "(unauthorized)" in run.err
+    assert "wrong-token-abcdef" not in run.err + run.out
+
+
+async def test_missing_admin_token_hints_at_the_variable(admin_url, keygate, monkeypatch):
+    monkeypatch.delenv("KEYGATE_ADMIN_TOKEN")
+    run = await keygate("workspaces", "list")
+    assert run.code == 1
+    assert "KEYGATE_ADMIN_TOKEN" in run.err
+
+
+async def test_keys_create_prints_the_token_once_with_a_warning(admin_url, keygate):
+    import re
+    await make_workspace(keygate)
+    run = await keygate("keys", "create", "--workspace", "acme", "--name", "ci", "--role", "reader")
+    assert run.code == 0, run.err
+    token = run.out.strip()
+    assert re.fullmatch(TOKEN_SHAPE, token)
+    assert token.startswith("kg_live_")
+    assert "cannot be shown again" in run.err
+    assert token not in run.err
+    listed = (await keygate("keys", "list", "--workspace", "acme", "--json")).json()
+    assert listed[0]["id"] == token[8:20]
+    assert listed[0]["role"] == "reader" and listed[0]["scopes"] == ["people:read"]
+
+
+async def test_keys_create_json_holds_key_and_token(admin_url, keygate):
+    await make_workspace(keygate)
+    answer = await make_key(keygate, "acme", "--scope", "people:read", "people:write",
+                            "--description", "nightly sync", "--env", "test",
+                            "--rate-limit", "10/s")
+    key = answer["key"]
+    assert answer["token"].startswith("kg_test_")
+    assert key["role"] is None
+    assert sorted(key["scopes"]) == ["people:read", "people:write"]
+    assert key["description"] == "nightly sync"
+    assert key["environment"] == "test"
+    assert key["rate_limit"] == "10/s"
+    assert key["status"] == "active"
+
+
+async def test_keys_create_scope_can_repeat(admin_url, keygate):
+    await make_workspace(keygate)
+    key = (await make_key(keygate, "acme", "--scope", "a:read", "--scope", "b:read"))["key"]
+    assert sorted(key["scopes"]) == ["a:read", "b:read"]
+
+
+async def test_keys_create_expires_duration_and_date(admin_url, keygate):
+    import time
+    from gateway.models import parse_rfc3339
+    await make_workspace(keygate, plan="pro")
+    key = (await make_key(keygate, "acme", "--role", "reader", "--expires", "30d"))["key"]
+    assert abs(parse_rfc3339(key["expires_at"]) - (time.time() + 30 * 86400)) < 120
+    key = (await make_key(keygate, "acme", "--role", "reader", "--expires", "2099-01-31"))["key"]
+    assert key["expires_at"] == "2099-01-31T00:00:00Z"
+
+
+async def test_keys_create_in_unknown_workspace_is_not_found(admin_url, keygate):
+    run = await keygate("keys", "create", "--workspace", "nobody", "--name", "x", "--role", "reader")
+    assert run.code == 1
+    assert "(not_found)" in run.err
+    assert run.out == ""
+
+
+async def test_keys_create_unknown_role_is_a_bad_request(admin_url, keygate):
+    await make_workspace(keygate)
+    run = await keygate("keys", "create", "--workspace", "acme", "--name", "x", "--role", "wizard")
+    assert run.code == 1
+    assert "(bad_request)" in run.err
+
+
+async def test_keys_create_bad_rate_limit_is_a_bad_request(admin_url, keygate):
+    await make_workspace(keygate)
+    run = await keygate("keys", "create", "--workspace", "acme", "--name", "x", "--role", "reader",
+                        "--rate-limit", "fast")
+    assert run.code == 1
+    assert "(bad_request)" in run.err
+
+
+async def test_keys_create_over_the_plan_limit_is_refused(admin_url, keygate):
+    await make_workspace(keygate)  # plan free: max_keys 2
+    await make_key(keygate, "acme", "--role", "reader")
+    await make_key(keygate, "acme", "--role", "reader")
+    run = await keygate("keys", "create", "--workspace", "acme", "--name", "x", "--role", "reader")
+    assert run.code == 1
+    assert "(key_limit_reached)" in run.err
+
+
+async def test_keys_list_table(admin_url, keygate):
+    await make_workspace(keygate)
+    role_key = (await make_key(keygate, "acme", "--role", "reader"))
+    scoped = (await make_key(keygate, "acme", "--scope", "people:write", "--expires", "2099-01-31"))
+    run = await keygate("keys", "list", "--workspace", "acme")
+    assert run.code == 0, run.err
+    lines = run.out.strip().splitlines()
+    assert lines[0].split() == ["ID", "NAME", "ROLE/SCOPES", "CREATED", "LAST", "USED", "EXPIRES",
+                                "STATUS"]
+    by_id = {line.split()[0]: line for line in lines[1:]}
+    assert set(by_id) == {role_key["key"]["id"], scoped["key"]["id"]}
+    role_line = by_id[role_key["key"]["id"]]
+    assert "role:reader" in role_line and role_line.rstrip().endswith("active")
+    assert role_line.count(" - ") >= 2  # never used, never expires
+    assert "people:write" in by_id[scoped["key"]["id"]]
+    assert "2099-01-31 00:00 UTC" in by_id[scoped["key"]["id"]]
+    for answer in (role_key, scoped):
+        assert answer["token"] not in run.out
+
+
+async def test_keys_list_json_never_holds_tokens(admin_url, keygate):
+    await make_workspace(keygate)
+    answer = await make_key(keygate, "acme", "--role", "reader")
+    run = await keygate("keys", "list", "--workspace", "acme", "--json")
+    assert run.code == 0
+    assert answer["token"] not in run.out
+    assert [k["id"] for k in run.json()] == [answer["key"]["id"]]
+
+
+async def test_keys_list_status_filter(admin_url, keygate):
+    await make_workspace(keygate)
+    keep = (await make_key(keygate, "acme", "--role", "reader"))["key"]["id"]
+    gone = (await make_key(keygate, "acme", "--role", "reader"))["key"]["id"]
+    assert (await keygate("keys", "revoke", "--workspace", "acme", gone, "--yes")).code == 0
+    active = (await keygate("keys", "list", "--workspace", "acme", "--status", "active", "--json"))
+    revoked = (await keygate("keys", "list", "--workspace", "acme", "--status", "revoked", "--json"))
+    assert [k["id"] for k in active.json()] == [keep]
+    assert [k["id"] for k in revoked.json()] == [gone]
+
+
+async def test_keys_list_unknown_workspace_is_not_found(admin_url, keygate):
+    run = await keygate("keys", "list", "--workspace", "nobody")
+    assert run.code == 1
+    assert "(not_found)" in run.err
+
+
+async def key_status(keygate, ws: str, key_id: str) -> str:
+    listed = (await keygate("keys", "list", "--workspace", ws, "--json")).json()
+    return {k["id"]: k["status"] for k in listed}[key_id]
+
+
+async def test_keys_revoke_with_yes(admin_url, keygate):
+    await make_workspace(keygate)
+    key_id = (await make_key(keygate, "acme", "--role", "reader"))["key"]["id"]
+    run = await keygate("keys", "revoke", "--workspace", "acme", key_id, "--yes")
+    assert run.code == 0, run.err
+    assert key_id in run.out
+    assert await key_status(keygate, "acme", key_id) == "revoked"
+
+
+async def test_keys_revoke_asks_and_y_confirms(admin_url, keygate):
+    await make_workspace(keygate)
+    key_id = (await make_key(keygate, "acme", "--role", "reader"))["key"]["id"]
+    run = await keygate("keys", "revoke", "--workspace", "acme", key_id, stdin="y\n")
+    assert run.code == 0, run.err
+    assert f"Revoke key {key_id} of workspace acme? This cannot be undone. [y/N]" in run.err
+    assert await key_status(keygate, "acme", key_id) == "revoked"
+
+
+@pytest.mark.parametrize("answer", ["n\n", "\n", "", "nope\n"])
+async def test_keys_revoke_aborts_unless_confirmed(admin_url, keygate, answer):
+    await make_workspace(keygate)
+    key_id = (await make_key(keygate, "acme", "--role", "reader"))["key"]["id"]
+    run = await keygate("keys", "revoke", "--workspace", "acme", key_id, stdin=answer)
+    assert run.code == 1
+    assert "aborted" in run.err
+    assert await key_status(keygate, "acme", key_id) == "active"
+
+
+async def test_keys_revoke_unknown_key_is_not_found(admin_url, keygate):
+    await make_workspace(keygate)
+    run = await keygate("keys", "revoke", "--workspace", "acme", "AAAAAAAAAAAA", "--yes")
+    assert run.code == 1
+    assert "(not_found)" in run.err
+
+
+async def test_keys_rotate_prints_a_new_token_and_revokes_the_old_key(admin_url, keygate):
+    import re
+    await make_workspace(keygate, plan="pro")
+    old = await make_key(keygate, "acme", "--role", "reader")
+    run = await keygate("keys", "rotate", "--workspace", "acme", old["key"]["id"])
+    assert run.code == 0, run.err
+    token = run.out.strip()
+    assert re.fullmatch(TOKEN_SHAPE, token) and token != old["token"]
+    assert "cannot be shown again" in run.err and token not in run.err
+    assert await key_status(keygate, "acme", old["key"]["id"]) == "revoked"
+    assert await key_status(keygate, "acme", token[8:20]) == "active"
+
+
+async def test_keys_rotate_with_grace_keeps_the_old_key_for_a_while(admin_url, keygate):
+    import time
+    from gateway.models import parse_rfc3339
+    await make_workspace(keygate, plan="pro")
+    old_id = (await make_key(keygate, "acme", "--role", "reader"))["key"]["id"]
+    run = await keygate("keys", "rotate", "--workspace", "acme", old_id, "--grace", "24h", "--json")
+    assert run.code == 0, run.err
+    new = run.json()
+    assert new["key"]["role"] == "reader" and new["key"]["name"] == "ci"
+    listed = {k["id"]: k for k in
+              (await keygate("keys", "list", "--workspace", "acme", "--json")).json()}
+    assert listed[old_id]["status"] == "active"
+    assert abs(parse_rfc3339(listed[old_id]["expires_at"]) - (time.time() + 86400)) < 120
+
+
+async def test_keys_rotate_unknown_key_is_not_found(admin_url, keygate):
+    await make_workspace(keygate)
+    run = await keygate("keys", "rotate", "--workspace", "acme", "AAAAAAAAAAAA")
+    assert run.code == 1
+    assert "(not_found)" in run.err
+    assert run.out == ""
+
+
+async def test_usage_line(admin_url, keygate):
+    import re
+    await make_workspace(keygate)
+    run = await keygate("usage", "--workspace", "acme")
+    assert run.code == 0, run.err
+    assert re.fullmatch(r"acme  \d{4}-\d{2}  used 0 / 1000  \(1000 remaining, resets "
+                        r"\d{4}-\d{2}-01T00:00:00Z\)\n", run.out)
+
+
+async def test_usage_unlimited_and_json(admin_url, keygate):
+    await make_workspace(keygate, plan="pro")
+    run = await keygate("usage", "--workspace", "acme")
+    assert run.code == 0, run.err
+    assert "used 0 / unlimited" in run.out
+    body = (await keygate("usage", "--workspace", "acme", "--json")).json()
+    assert body["workspace"] == "acme" and body["limit"] is None and body["remaining"] is None
+
+
+async def test_usage_unknown_workspace_is_not_found(admin_url, keygate):
+    run = await keygate("usage", "--workspace", "nobody")
+    assert run.code == 1
+    assert "(not_found)" in run.err
