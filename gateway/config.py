@@ -351,14 +351,21 @@ class _Reader:
         if not isinstance(node, yaml.MappingNode):
             self.fail(node, path, f"expected a mapping, got {self.describe(node)}")
             return None
+        explicit = [(k, v) for k, v in node.value if k.tag != "tag:yaml.org,2002:merge"]
         try:
-            self._constructor.flatten_mapping(node)  # YAML merge keys: <<: *defaults
+            # YAML merge keys (``<<: *defaults``): flatten_mapping puts the merged pairs first.
+            self._constructor.flatten_mapping(node)
         except yaml.YAMLError as exc:
             self.fail(node, path, f"bad merge key: {getattr(exc, 'problem', exc)}")
             return None
-        entries: list[tuple[str, Node, Node]] = []
+        merged = node.value[:len(node.value) - len(explicit)]
+        explicit_keys = {k.value for k, _ in explicit if isinstance(k, yaml.ScalarNode)}
+        entries: dict[str, tuple[str, Node, Node]] = {}
+        for key_node, value_node in merged:  # later merges win; explicit keys win over all
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value not in explicit_keys:
+                entries[key_node.value] = (key_node.value, key_node, value_node)
         seen: dict[str, Node] = {}
-        for key_node, value_node in node.value:
+        for key_node, value_node in explicit:
             sub = f"{path}.{key_node.value}" if path else str(key_node.value)
             if not isinstance(key_node, yaml.ScalarNode):
                 self.fail(key_node, path, f"a key must be a plain name, got "
@@ -370,12 +377,18 @@ class _Reader:
                                          f"{seen[key].start_mark.line + 1})")
                 continue
             seen[key] = key_node
+            entries[key] = (key, key_node, value_node)
+        result = []
+        for key, key_node, value_node in entries.values():
             if allowed is not None and key not in allowed:
+                if not path and key.startswith("x-"):
+                    continue  # top-level x-* keys hold YAML anchors, as in docker compose
+                sub = f"{path}.{key}" if path else key
                 hint = _suggest(key, allowed) or f" (allowed: {', '.join(allowed)})"
                 self.fail(key_node, sub, f"unknown key '{key}'{hint}")
                 continue
-            entries.append((key, key_node, value_node))
-        return entries
+            result.append((key, key_node, value_node))
+        return result
 
     def sequence(self, node: Node, path: str) -> list[Node] | None:
         if not isinstance(node, yaml.SequenceNode):
@@ -478,11 +491,19 @@ class _Reader:
     # --- sections -----------------------------------------------------------------------------
 
     def section(self, node: Node | None, path: str, cls: type,
-                fields: Mapping[str, Callable[[Node, str], Any]], **fixed: Any) -> Any:
-        """A flat mapping of known fields into ``cls``; bad or absent fields keep defaults."""
+                fields: Mapping[str, Callable[[Node, str], Any]],
+                required: Mapping[str, str] | None = None, **fixed: Any) -> Any:
+        """A flat mapping of known fields into ``cls``; bad or absent fields keep defaults.
+
+        ``required`` maps a field that must be given to a hint shown when it is missing.
+        """
         entries = self.mapping(node, path, tuple(fields))
         if entries is None:
             return cls(**fixed)
+        given = {key for key, _, _ in entries}
+        for key, hint in (required or {}).items():
+            if key not in given:
+                self.fail(node, f"{path}.{key}", f"required {hint}".rstrip())
         kwargs = dict(fixed)
         for key, _key_node, value_node in entries:
             value = fields[key](value_node, f"{path}.{key}")
@@ -501,7 +522,7 @@ class _Reader:
 
         server = self.server(value("server"))
         admin = self.section(value("admin"), "admin", AdminConfig, {
-            "host": self.host, "port": self.port,
+            "host": self.text, "port": self.port,
             "token_env": lambda n, p: self.string(n, p, pattern=ENV_NAME_RE,
                                                   what="an environment variable name"),
         })
@@ -522,7 +543,7 @@ class _Reader:
                       default_plan=default_plan, roles=roles, upstreams=upstreams,
                       routes=routes, identity_headers=identity, source=self.source)
 
-    def host(self, node: Node, path: str) -> Any:
+    def text(self, node: Node, path: str) -> Any:
         return self.string(node, path)
 
     def port(self, node: Node, path: str) -> Any:
@@ -530,7 +551,7 @@ class _Reader:
 
     def server(self, node: Node | None) -> ServerConfig:
         return self.section(node, "server", ServerConfig, {
-            "host": self.host,
+            "host": self.text,
             "port": self.port,
             "workers": lambda n, p: self.integer(n, p, minimum=1, maximum=1024),
             "max_body_bytes": lambda n, p: self.integer(n, p, minimum=1),
@@ -558,7 +579,7 @@ class _Reader:
     def store(self, node: Node | None) -> StoreConfig:
         return self.section(node, "store", StoreConfig, {
             "redis_url": self.redis_url,
-            "data_dir": self.host,
+            "data_dir": self.text,
             "on_store_error": lambda n, p: self.string(n, p, choices=("closed", "open")),
             "timeout": lambda n, p: self.number(n, p, positive=True),
         })
@@ -672,6 +693,7 @@ class _Reader:
             if entries is not None and not entries:
                 self.fail(plans_node, "plans", "at least one plan is required "
                                                "(or leave 'plans' out for one unlimited plan)")
+            if not plans:
                 plans = {"default": Plan("default")}
         if default is BAD:
             return plans, next(iter(plans))
@@ -727,14 +749,10 @@ class _Reader:
                 url = self.upstream_url(value_node, path)  # shorthand: `crm: http://...`
                 upstream = Upstream(name, url if url is not BAD else "")
             else:
-                if self.child(value_node, "url") is None and isinstance(value_node,
-                                                                        (yaml.MappingNode,
-                                                                         yaml.ScalarNode)):
-                    self.fail(value_node, f"{path}.url", "required (e.g. http://127.0.0.1:9000)")
                 upstream = self.section(value_node, path, Upstream, {
                     "url": self.upstream_url,
                     "timeout": lambda n, p: self.number(n, p, positive=True),
-                }, name=name, url="")
+                }, required={"url": "(e.g. http://127.0.0.1:9000)"}, name=name, url="")
             upstreams[name] = upstream
         return upstreams
 

@@ -415,3 +415,39 @@ def test_example_config_loads_clean(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_example_config_follows_crm_url(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRM_URL", "https://crm.internal:8443")
     assert load_config(EXAMPLE).upstreams["crm"].url == "https://crm.internal:8443"
+
+
+# --- YAML conveniences -------------------------------------------------------------------------
+
+def test_anchors_and_merge_keys_with_x_extension_keys(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+        x-small: &small {monthly_requests: 1000, max_keys: 5}
+        plans:
+          starter: {<<: *small, rate_limit: 5/s}
+          trial: {<<: *small, max_keys: 1}
+        upstreams:
+          crm: http://127.0.0.1:9000
+    """))
+    assert config.plans["trial"].max_keys == 1
+    assert config.plans["trial"].monthly_requests == 1000
+    assert config.plans["starter"].rate_limit == RateLimit(5, 1)
+    assert config.upstreams["crm"].url == "http://127.0.0.1:9000"
+
+
+def test_wrong_shapes_are_problems_not_crashes(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, """
+        plans: [starter, pro]
+        routes: {path: /x}
+        server:
+          port: {value: 8080}
+    """) == [
+        "config.yaml:1: plans: expected a mapping, got a list",
+        "config.yaml:2: routes: expected a list, got a mapping",
+        "config.yaml:4: server.port: expected a single value, got a mapping",
+    ]
+
+
+def test_admin_listener_cannot_share_the_proxy_port(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, "admin:\n  port: 8080\n") == [
+        "config.yaml:2: admin.port: the admin listener cannot share port 8080 with the proxy "
+        "listener"]
