@@ -829,9 +829,12 @@ class _Reader:
         if text.startswith(RESERVED_PATH) or text == RESERVED_PATH.rstrip("/"):
             return self.fail(node, path, f"'{text}' is under {RESERVED_PATH}, which keygate "
                                          "reserves for itself")
-        if any(c in text for c in "?#\\") or any(ord(c) <= 32 or ord(c) == 127 for c in text):
+        if any(c in text for c in "?#;\\") or any(ord(c) <= 32 or ord(c) >= 127 for c in text):
+            # Requests are matched on the raw path and refused when not canonical, so a route
+            # with any of these could never match.
             return self.fail(node, path, f"'{text}' contains a character not allowed in a "
-                                         "route path (space, control, ?, # or \\)")
+                                         "route path (space, control, non-ASCII, ?, #, ; or \\; "
+                                         "percent-encode non-ASCII)")
         segments = text[1:].split("/")
         for index, segment in enumerate(segments):
             last = index == len(segments) - 1
@@ -847,6 +850,12 @@ class _Reader:
                 return self.fail(node, path, f"'{text}': '**' may only be the last segment")
             if re.search(r"%(?![0-9A-Fa-f]{2})", segment):
                 return self.fail(node, path, f"'{text}' has a bad percent-escape")
+            for escape in re.findall(r"%[0-9A-Fa-f]{2}", segment):
+                char = chr(int(escape[1:], 16))
+                if char.isascii() and (char.isalnum() or char in "-._~/\\%"):
+                    return self.fail(node, path, f"'{text}' has '{escape}'; requests with it "
+                                                 "are refused as non-canonical, so it never "
+                                                 "matches")
         return text
 
     def methods(self, node: Node, path: str) -> Any:

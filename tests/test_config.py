@@ -272,6 +272,8 @@ def test_bad_route_scope(tmp_path: Path) -> None:
     ("/a//b", "'/a//b' has an empty segment (//)"),
     ("/a/../b", "'/a/../b' has a '..' segment; requests with dot-segments are refused, "
                 "so it never matches"),
+    ("/people;v=1/*", "'/people;v=1/*' contains a character not allowed in a route path "
+                      "(space, control, non-ASCII, ?, #, ; or \\; percent-encode non-ASCII)"),
     ("/_keygate/v1/x", "'/_keygate/v1/x' is under /_keygate/, which keygate reserves for "
                        "itself"),
 ])
