@@ -1,0 +1,294 @@
+"""Forwarding an allowed request to its upstream, streaming both ways.
+
+One keep-alive connection pool (``aiohttp.ClientSession`` + ``TCPConnector``) per upstream. The
+request goes out with the method, raw path and raw query exactly as received (no re-quoting:
+the path was checked canonical by ``gateway.routes`` and the upstream must see the same bytes
+the routes were matched on).
+
+Request header hygiene, in one pass over the client's headers:
+
+- hop-by-hop headers (``Connection``, ``Keep-Alive``, ``Proxy-Connection``, ``TE``,
+  ``Trailer``, ``Transfer-Encoding``, ``Upgrade``, ``Proxy-Authorization``,
+  ``Proxy-Authenticate``) and every header ``Connection`` names are dropped. The headers keygate
+  sets are added after this filtering, so ``Connection`` can never remove one of them;
+- keygate's credential headers (``config.keys.headers``) are dropped, and ``Authorization``
+  when it is the ``Bearer`` credential (on a public route, only when it carries a keygate token:
+  an upstream doing its own auth still gets its own ``Authorization``);
+- client-sent identity headers are dropped whatever their case, however often repeated, and
+  in the ``_`` spelling (``X_Workspace_Id``) that CGI/WSGI-style upstreams read as the same
+  header. All header-name comparisons here map ``_`` to ``-``;
+- ``X-Forwarded-*`` and ``Forwarded`` from the client are dropped unless the peer is in
+  ``server.trusted_proxies``; from a trusted peer they are kept and the peer is appended to
+  ``X-Forwarded-For`` (its ``X-Forwarded-Proto``/``-Host`` are kept when present);
+- ``Host`` is the upstream's host (like nginx's default ``proxy_set_header Host $proxy_host``):
+  the client's ``Host`` goes to ``X-Forwarded-Host``;
+- ``Expect: 100-continue`` is answered by keygate itself (``100 Continue`` is sent to the client
+  only once the request is allowed and about to stream), so it is not forwarded;
+- the client's ``X-Request-Id`` is replaced by the request id (the pipeline already adopted the
+  client's when it was sane);
+- everything else passes as sent, in order, repeats included.
+
+Response headers: hop-by-hop and ``Connection``-named ones are dropped, the rest pass (repeats
+such as ``Set-Cookie`` included); the pipeline's ``RateLimit`` fields and ``X-Request-Id`` are
+set. Bodies are never decompressed or buffered whole.
+
+WebSocket/``Upgrade`` is not proxied (``Upgrade`` is hop-by-hop and dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import AsyncIterator, Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .config import Config, Upstream
+from .errors import BadGateway, GatewayTimeout, PayloadTooLarge
+from .models import Principal
+from .tokens import looks_like_token
+
+log = logging.getLogger("keygate.proxy")
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authorization", "proxy-authenticate",
+})
+_NO_BODY_STATUS = frozenset({204, 304})
+_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def _norm(name: str) -> str:
+    """Header name for comparison: lower case, ``_`` read as ``-``."""
+    name = name.lower()
+    return name.replace("_", "-") if "_" in name else name
+
+
+class _BodyState:
+    __slots__ = ("too_large",)
+
+    def __init__(self) -> None:
+        self.too_large = False
+
+
+class Forwarder:
+    """Forwards requests to upstreams; one keep-alive pool per upstream."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.max_body = config.server.max_body_bytes
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._bases: dict[str, str] = {}
+        ident = config.identity_headers
+        self._identity = tuple(n for n in ident.names())
+        # Dropped from every request whatever the route (names normalised with _norm).
+        always = set(HOP_BY_HOP)
+        always.update(_norm(n) for n in ident.names())
+        always.update(_norm(h) for h in config.keys.headers)
+        always.update(("host", "expect", "x-request-id"))
+        self._drop = frozenset(always)
+        self._trusted = tuple(ipaddress.ip_network(p.strip(), strict=False)
+                              for p in config.server.trusted_proxies)
+        self._trust_cache: dict[str, bool] = {}
+        self._prefix = config.keys.prefix
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for upstream in self.config.upstreams.values():
+            self._session(upstream)
+
+    async def close(self) -> None:
+        sessions, self._sessions = self._sessions, {}
+        for session in sessions.values():
+            await session.close()
+
+    def _session(self, upstream: Upstream) -> aiohttp.ClientSession:
+        session = self._sessions.get(upstream.name)
+        if session is None or session.closed:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30,
+                                             enable_cleanup_closed=False)
+            t = upstream.timeout
+            session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=_SKIP_AUTO,
+                # connect: pool wait + TCP/TLS connect; sock_read: from the end of the request
+                # body to the response headers, then the longest silence while streaming.
+                timeout=aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t,
+                                              sock_read=t),
+                trust_env=False, raise_for_status=False)
+            self._sessions[upstream.name] = session
+            url = URL(upstream.url)
+            base = str(url.origin()) + url.raw_path.rstrip("/")
+            self._bases[upstream.name] = base
+        return session
+
+    # --- the request -------------------------------------------------------------------------
+
+    def _is_trusted(self, peer: str | None) -> bool:
+        if not self._trusted or peer is None:
+            return False
+        trusted = self._trust_cache.get(peer)
+        if trusted is None:
+            try:
+                ip = ipaddress.ip_address(peer)
+                trusted = any(ip in net for net in self._trusted)
+            except ValueError:
+                trusted = False
+            if len(self._trust_cache) > 10000:
+                self._trust_cache.clear()
+            self._trust_cache[peer] = trusted
+        return trusted
+
+    def request_headers(self, request: web.BaseRequest, principal: Principal | None,
+                        request_id: str) -> list[tuple[str, str]]:
+        """The headers to send upstream (see the module docstring for the rules)."""
+        headers = request.headers
+        named: frozenset[str] | set[str] = frozenset()
+        connection = headers.getall("Connection", None)
+        if connection:
+            named = {_norm(t.strip()) for v in connection for t in v.split(",") if t.strip()}
+        peer = request.remote
+        trusted = self._is_trusted(peer)
+        drop = self._drop
+        out: list[tuple[str, str]] = []
+        xff: list[str] = []
+        xf_proto = xf_host = None
+        for name, value in headers.items():
+            lname = _norm(name)
+            if lname in drop or lname in named:
+                continue
+            if lname.startswith("x-forwarded-") or lname == "forwarded":
+                if not trusted:
+                    continue
+                if lname == "x-forwarded-for":
+                    xff.append(value)
+                    continue
+                if lname == "x-forwarded-proto":
+                    xf_proto = value
+                elif lname == "x-forwarded-host":
+                    xf_host = value
+            elif lname == "authorization":
+                scheme, _, credential = value.strip().partition(" ")
+                if scheme.lower() == "bearer" and (
+                        principal is not None
+                        or looks_like_token(credential.strip(), self._prefix)):
+                    continue
+            out.append((name, value))
+        xff.append(peer or "unknown")
+        out.append(("X-Forwarded-For", ", ".join(xff)))
+        if xf_proto is None:
+            out.append(("X-Forwarded-Proto", request.scheme))
+        if xf_host is None:
+            host = headers.get("Host")
+            if host is not None:
+                out.append(("X-Forwarded-Host", host))
+        out.append(("X-Request-Id", request_id))
+        if principal is not None:
+            ws, kid, scopes, plan = self._identity
+            out.append((ws, principal.workspace))
+            out.append((kid, principal.key_id))
+            out.append((scopes, " ".join(sorted(principal.scopes))))
+            out.append((plan, principal.plan))
+        return out
+
+    async def _limited(self, request: web.BaseRequest,
+                       state: _BodyState) -> AsyncIterator[bytes]:
+        """A chunked request body, stopped as soon as it grows past ``max_body_bytes``."""
+        total, limit = 0, self.max_body
+        async for chunk in request.content.iter_any():
+            total += len(chunk)
+            if total > limit:
+                state.too_large = True
+                raise PayloadTooLarge(self._too_large_message())
+            yield chunk
+
+    def _too_large_message(self) -> str:
+        return f"The request body is larger than the limit of {self.max_body} bytes."
+
+    async def forward(self, request: web.BaseRequest, upstream: Upstream,
+                      principal: Principal | None, request_id: str,
+                      response_headers: Mapping[str, str]) -> web.StreamResponse:
+        """Send ``request`` to ``upstream`` and stream its answer back.
+
+        Raises ``PayloadTooLarge`` (413), ``BadGateway`` (502) or ``GatewayTimeout`` (504)
+        while no response has started; once it has, an upstream failure aborts the client
+        connection (a truncated body must not look complete)."""
+        session = self._session(upstream)
+        state = _BodyState()
+        data = None
+        if request.body_exists:
+            length = request.content_length
+            if length is not None:
+                if length > self.max_body:
+                    raise PayloadTooLarge(self._too_large_message())
+                data = request.content
+            else:
+                data = self._limited(request, state)
+            if request.version >= (1, 1) and \
+                    request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(_CONTINUE)
+                request.writer.output_size = 0
+        headers = self.request_headers(request, principal, request_id)
+        url = URL(self._bases[upstream.name] + request.raw_path, encoded=True)
+        try:
+            resp = await session.request(request.method, url, headers=headers, data=data,
+                                         allow_redirects=False, compress=None)
+        except asyncio.TimeoutError:
+            if state.too_large:
+                raise PayloadTooLarge(self._too_large_message()) from None
+            raise GatewayTimeout(f"The upstream '{upstream.name}' did not answer within "
+                                 f"{upstream.timeout:g} seconds.") from None
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            if state.too_large:
+                raise PayloadTooLarge(self._too_large_message()) from None
+            log.warning("upstream %s failed: %s", upstream.name, type(exc).__name__)
+            raise BadGateway(f"The upstream '{upstream.name}' is unavailable.") from None
+        try:
+            return await self._stream_back(request, resp, request_id, response_headers,
+                                           upstream)
+        finally:
+            resp.release()
+
+    async def _stream_back(self, request: web.BaseRequest, resp: aiohttp.ClientResponse,
+                           request_id: str, response_headers: Mapping[str, str],
+                           upstream: Upstream) -> web.StreamResponse:
+        named: frozenset[str] | set[str] = frozenset()
+        connection = resp.headers.getall("Connection", None)
+        if connection:
+            named = {_norm(t.strip()) for v in connection for t in v.split(",") if t.strip()}
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in resp.headers.items():
+            lname = name.lower()
+            if lname in HOP_BY_HOP or lname in named:
+                continue
+            out.add(name, value)
+        for name, value in response_headers.items():
+            out[name] = value
+        out["X-Request-Id"] = request_id
+        response = web.StreamResponse(status=resp.status, reason=resp.reason, headers=out)
+        await response.prepare(request)
+        if request.method == "HEAD" or resp.status in _NO_BODY_STATUS:
+            await response.write_eof()
+            return response
+        try:
+            async for chunk in resp.content.iter_any():
+                await response.write(chunk)
+        except ConnectionError:       # the client went away: drop the upstream connection too
+            resp.close()
+            return response
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.warning("upstream %s failed mid-response: %s", upstream.name,
+                        type(exc).__name__)
+            resp.close()
+            transport = request.transport
+            if transport is not None:
+                transport.abort()     # never let a truncated body look complete
+            return response
+        await response.write_eof()
+        return response
