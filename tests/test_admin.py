@@ -1,0 +1,552 @@
+"""The admin API over real HTTP against a real redis-server: every endpoint, success and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+
+import pytest
+import redis
+from aiohttp import web
+
+from gateway.admin import create_admin_app, error_middleware
+from gateway.config import Argon2Config, Config, Plan, RateLimit
+from gateway.store import Store
+from gateway.tokens import parse_token
+
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+OPERATOR_TOKEN = "operator-secret-for-tests"
+AUTH = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+KEY_FIELDS = {"id", "workspace", "name", "description", "environment", "role", "scopes",
+              "prefix", "created_at", "expires_at", "last_used_at", "revoked_at", "rate_limit",
+              "status"}
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cheap_config() -> Config:
+    base = Config()
+    keys = dataclasses.replace(base.keys, argon2=Argon2Config(time_cost=1, memory_cost=8,
+                                                                parallelism=1))
+    plans = {"default": Plan("default"),
+             "small": Plan("small", monthly_requests=1000, max_keys=3,
+                           rate_limit=RateLimit(10, 1))}
+    return dataclasses.replace(base, keys=keys, plans=plans,
+                               roles={"reader": ("people:read",), "admin": ("ALL",)})
+
+
+@pytest.fixture
+async def admin(aiohttp_client, redis_url, monkeypatch):
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", OPERATOR_TOKEN)
+    clock = Clock()
+    store = await Store.connect(redis_url, cheap_config(), clock=clock)
+    client = await aiohttp_client(create_admin_app(cheap_config(), store), headers=AUTH)
+    client.store, client.clock = store, clock
+    yield client
+    await store.close()
+
+
+async def ok(resp, status: int = 200) -> dict:
+    body = await resp.json()
+    assert resp.status == status, body
+    assert resp.headers["X-Request-Id"]
+    return body
+
+
+async def error(resp, status: int, code: str, mentions: str | None = None) -> dict:
+    body = await resp.json()
+    assert resp.status == status, body
+    assert body["error"]["code"] == code
+    assert body["error"]["request_id"] == resp.headers["X-Request-Id"]
+    if mentions is not None:
+        assert mentions in body["error"]["message"], body
+    return body
+
+
+async def workspace(admin, ws: str = "acme", plan: str = "default") -> dict:
+    return await ok(await admin.post("/admin/v1/workspaces",
+                                     json={"id": ws, "name": ws.upper(), "plan": plan}), 201)
+
+
+async def new_key(admin, ws: str = "acme", **fields) -> dict:
+    fields.setdefault("name", "ci")
+    return await ok(await admin.post(f"/admin/v1/workspaces/{ws}/keys", json=fields), 201)
+
+
+# --- auth, health, plumbing --------------------------------------------------------------------
+
+async def test_admin_is_closed_when_the_token_env_var_is_unset(admin, monkeypatch):
+    monkeypatch.delenv("KEYGATE_ADMIN_TOKEN")
+    await error(await admin.get("/admin/v1/workspaces"), 401, "unauthorized",
+                "KEYGATE_ADMIN_TOKEN")
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "")
+    await error(await admin.post("/admin/v1/workspaces", json={"name": "x"}), 401,
+                "unauthorized", "KEYGATE_ADMIN_TOKEN")
+
+
+async def test_missing_or_wrong_operator_token_is_401(admin):
+    await error(await admin.get("/admin/v1/workspaces", headers={"Authorization": ""}),
+                401, "unauthorized")
+    await error(await admin.get("/admin/v1/workspaces",
+                                headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+    await error(await admin.get("/admin/v1/workspaces",
+                                headers={"Authorization": f"Basic {OPERATOR_TOKEN}"}),
+                401, "unauthorized")
+    await error(await admin.get("/admin/v1/nothing-here", headers={"Authorization": ""}),
+                401, "unauthorized")
+
+
+async def test_health_endpoints_need_no_auth(admin):
+    assert await ok(await admin.get("/healthz", headers={"Authorization": ""})) == \
+        {"status": "ok"}
+    assert await ok(await admin.get("/readyz", headers={"Authorization": ""})) == \
+        {"status": "ok"}
+
+
+async def test_readyz_is_503_and_admin_calls_503_when_the_store_is_down(
+        aiohttp_client, own_redis, monkeypatch):
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", OPERATOR_TOKEN)
+    store = await Store.connect(own_redis.url, cheap_config())
+    client = await aiohttp_client(create_admin_app(cheap_config(), store), headers=AUTH)
+    own_redis.stop()
+    await error(await client.get("/readyz"), 503, "store_unavailable")
+    body = await error(await client.get("/admin/v1/workspaces"), 503, "store_unavailable")
+    assert "Error" not in body["error"]["message"]
+    await store.close()
+
+
+async def test_request_id_is_echoed_when_sane_and_generated_otherwise(admin):
+    resp = await admin.get("/healthz", headers={"X-Request-Id": "abc-123"})
+    assert resp.headers["X-Request-Id"] == "abc-123"
+    resp = await admin.get("/healthz", headers={"X-Request-Id": "bad id\twith junk"})
+    assert resp.headers["X-Request-Id"] != "bad id\twith junk"
+    await error(await admin.get("/admin/v1/nope", headers={"X-Request-Id": "r1"}),
+                404, "not_found")
+
+
+async def test_unknown_endpoint_is_json_404_and_wrong_method_json_405(admin):
+    await error(await admin.get("/admin/v1/nope"), 404, "not_found")
+    resp = await admin.delete("/admin/v1/workspaces")
+    await error(resp, 405, "method_not_allowed")
+    assert "GET" in resp.headers["Allow"]
+
+
+async def test_unexpected_errors_are_a_generic_500_without_details(aiohttp_client):
+    async def boom(request):
+        raise RuntimeError("secret internals kg_live_xyz")
+
+    app = web.Application(middlewares=[error_middleware(Config(), authenticate=False)])
+    app.router.add_get("/boom", boom)
+    client = await aiohttp_client(app)
+    resp = await client.get("/boom")
+    body = await error(resp, 500, "internal_error")
+    assert "internals" not in json.dumps(body) and "Traceback" not in await resp.text()
+
+
+# --- workspaces --------------------------------------------------------------------------------
+
+async def test_create_workspace_returns_201_with_default_plan(admin):
+    body = await ok(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "ACME"}),
+                    201)
+    assert body == {"id": "acme", "name": "ACME", "plan": "default",
+                    "created_at": "2026-01-01T00:00:00Z"}
+
+
+async def test_create_workspace_without_id_derives_a_slug(admin):
+    first = await ok(await admin.post("/admin/v1/workspaces", json={"name": "Acme Corp"}), 201)
+    second = await ok(await admin.post("/admin/v1/workspaces", json={"name": "Acme Corp"}), 201)
+    assert first["id"] == "acme-corp"
+    assert second["id"].startswith("acme-corp-")
+
+
+async def test_create_workspace_with_a_taken_id_is_409(admin):
+    await workspace(admin)
+    await error(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "x"}),
+                409, "conflict", "acme")
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"id": "Acme", "name": "x"}, "id"),
+    ({"id": "-acme", "name": "x"}, "id"),
+    ({"id": "a" * 64, "name": "x"}, "id"),
+    ({"id": 5, "name": "x"}, "id"),
+    ({"id": "acme"}, "name"),
+    ({"id": "acme", "name": ""}, "name"),
+    ({"id": "acme", "name": "n" * 201}, "name"),
+    ({"id": "acme", "name": 7}, "name"),
+    ({"id": "acme", "name": "x", "plan": "gold"}, "plan"),
+    ({"id": "acme", "name": "x", "colour": "red"}, "colour"),
+])
+async def test_create_workspace_rejects_bad_fields(admin, body, field):
+    await error(await admin.post("/admin/v1/workspaces", json=body), 400, "bad_request", field)
+
+
+async def test_bad_json_and_non_objects_are_400(admin):
+    await error(await admin.post("/admin/v1/workspaces", data=b"{not json"), 400,
+                "bad_request", "JSON")
+    await error(await admin.post("/admin/v1/workspaces", json=["a"]), 400, "bad_request",
+                "object")
+
+
+async def test_list_and_read_workspaces(admin):
+    await workspace(admin, "acme")
+    await workspace(admin, "beta")
+    body = await ok(await admin.get("/admin/v1/workspaces"))
+    assert [w["id"] for w in body["items"]] == ["acme", "beta"]
+    assert (await ok(await admin.get("/admin/v1/workspaces/beta")))["name"] == "BETA"
+    await error(await admin.get("/admin/v1/workspaces/ghost"), 404, "not_found")
+    await error(await admin.get("/admin/v1/workspaces/BAD%7Bslug"), 404, "not_found")
+
+
+async def test_patch_workspace_changes_name_and_plan_and_bumps_rev(admin):
+    await workspace(admin)
+    before = await admin.store.get_workspace("acme")
+    body = await ok(await admin.patch("/admin/v1/workspaces/acme",
+                                      json={"name": "New", "plan": "small"}))
+    assert (body["name"], body["plan"]) == ("New", "small")
+    assert (await admin.store.get_workspace("acme")).rev > before.rev
+
+
+async def test_patch_workspace_errors(admin):
+    await error(await admin.patch("/admin/v1/workspaces/ghost", json={"name": "x"}), 404,
+                "not_found")
+    await workspace(admin)
+    await error(await admin.patch("/admin/v1/workspaces/acme", json={"plan": "gold"}), 400,
+                "bad_request", "plan")
+    await error(await admin.patch("/admin/v1/workspaces/acme", json={"id": "x"}), 400,
+                "bad_request", "id")
+    await error(await admin.patch("/admin/v1/workspaces/acme", json={}), 400, "bad_request")
+    await error(await admin.patch("/admin/v1/workspaces/acme", json={"name": "x" * 201}), 400,
+                "bad_request", "name")
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+async def test_create_key_returns_the_key_object_and_the_token_once(admin):
+    await workspace(admin)
+    body = await new_key(admin, scopes=["people:read"], description="CI runner")
+    key, token = body["key"], body["token"]
+    assert set(key) == KEY_FIELDS
+    parsed = parse_token(token, "kg", ("live", "test"))
+    assert key["id"] == parsed.key_id and key["prefix"] == token[:20]
+    assert key["role"] is None and key["scopes"] == ["people:read"]
+    assert (key["environment"], key["status"], key["workspace"]) == ("live", "active", "acme")
+    assert key["created_at"] == "2026-01-01T00:00:00Z" and key["expires_at"] is None
+    listing = await admin.get("/admin/v1/workspaces/acme/keys")
+    text = await listing.text()
+    assert token not in text and parsed.secret not in text and "argon2" not in text
+    read = await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{key['id']}"))
+    assert read == key
+
+
+async def test_create_key_with_role_env_expiry_and_rate_limit(admin):
+    await workspace(admin)
+    body = await new_key(admin, role="reader", environment="test", expires_in=3600,
+                         rate_limit="5/s")
+    key = body["key"]
+    assert key["role"] == "reader" and key["scopes"] == ["people:read"]
+    assert key["environment"] == "test" and body["token"].startswith("kg_test_")
+    assert key["expires_at"] == "2026-01-01T01:00:00Z" and key["rate_limit"] == "5/s"
+    body = await new_key(admin, expires_at="2026-06-01T00:00:00Z")
+    assert body["key"]["expires_at"] == "2026-06-01T00:00:00Z"
+
+
+@pytest.mark.parametrize("fields, mention", [
+    ({"name": "k", "role": "reader", "scopes": ["a"]}, "role"),
+    ({"name": "k", "expires_at": "2027-01-01T00:00:00Z", "expires_in": 60}, "expires_in"),
+    ({"name": "k", "expires_at": "2025-01-01T00:00:00Z"}, "expires_at"),
+    ({"name": "k", "expires_at": "next tuesday"}, "expires_at"),
+    ({"name": "k", "expires_at": "2027-01-01T00:00:00"}, "expires_at"),
+    ({"name": "k", "expires_in": 0}, "expires_in"),
+    ({"name": "k", "expires_in": True}, "expires_in"),
+    ({"name": "k", "expires_in": "60"}, "expires_in"),
+    ({"name": "k", "role": "nobody"}, "role"),
+    ({"name": "k", "role": 5}, "role"),
+    ({"name": "k", "scopes": "people:read"}, "scopes"),
+    ({"name": "k", "scopes": ["people read"]}, "scopes"),
+    ({"name": "k", "scopes": ["a::b"]}, "scopes"),
+    ({"name": "k", "scopes": [1]}, "scopes"),
+    ({"name": "k", "environment": "prod"}, "environment"),
+    ({"name": "k", "rate_limit": "5/h"}, "rate_limit"),
+    ({"name": "k", "rate_limit": 5}, "rate_limit"),
+    ({"name": "n" * 201}, "name"),
+    ({"description": "no name"}, "name"),
+    ({"name": "k", "token": "mine"}, "token"),
+])
+async def test_create_key_rejects_bad_fields(admin, fields, mention):
+    await workspace(admin)
+    await error(await admin.post("/admin/v1/workspaces/acme/keys", json=fields), 400,
+                "bad_request", mention)
+    assert await admin.store.list_keys("acme") == []
+
+
+async def test_create_key_in_unknown_workspace_is_404(admin):
+    await error(await admin.post("/admin/v1/workspaces/ghost/keys", json={"name": "k"}), 404,
+                "not_found")
+
+
+async def test_key_cap_is_409_key_limit_reached(admin):
+    await workspace(admin, plan="small")
+    for i in range(3):
+        await new_key(admin, name=f"k{i}")
+    await error(await admin.post("/admin/v1/workspaces/acme/keys", json={"name": "k4"}), 409,
+                "key_limit_reached")
+
+
+async def test_concurrent_creates_at_the_cap_over_http(admin):
+    await workspace(admin, plan="small")
+    responses = await asyncio.gather(*[
+        admin.post("/admin/v1/workspaces/acme/keys", json={"name": f"k{i}"}) for i in range(10)])
+    statuses = sorted(r.status for r in responses)
+    assert statuses == [201] * 3 + [409] * 7
+
+
+async def test_list_keys_filters_by_status(admin):
+    await workspace(admin)
+    a = (await new_key(admin, name="a"))["key"]["id"]
+    admin.clock.now = T0 + 1
+    b = (await new_key(admin, name="b", expires_in=10))["key"]["id"]
+    admin.clock.now = T0 + 2
+    c = (await new_key(admin, name="c"))["key"]["id"]
+    await ok(await admin.post(f"/admin/v1/workspaces/acme/keys/{c}/revoke"))
+    admin.clock.now = T0 + 12
+
+    async def ids(query: str) -> list[str]:
+        body = await ok(await admin.get(f"/admin/v1/workspaces/acme/keys{query}"))
+        return [k["id"] for k in body["items"]]
+
+    assert await ids("") == [a, b, c]
+    assert await ids("?status=active") == [a]
+    assert await ids("?status=expired") == [b]
+    assert await ids("?status=revoked") == [c]
+    await error(await admin.get("/admin/v1/workspaces/acme/keys?status=gone"), 400,
+                "bad_request", "status")
+    await error(await admin.get("/admin/v1/workspaces/ghost/keys"), 404, "not_found")
+
+
+async def test_read_key_errors(admin):
+    await workspace(admin)
+    await workspace(admin, "beta")
+    other = (await new_key(admin, "beta"))["key"]["id"]
+    await error(await admin.get(f"/admin/v1/workspaces/acme/keys/{other}"), 404, "not_found")
+    await error(await admin.get("/admin/v1/workspaces/acme/keys/not-an-id"), 404, "not_found")
+    await error(await admin.get(f"/admin/v1/workspaces/ghost/keys/{other}"), 404, "not_found")
+
+
+async def test_patch_key_updates_fields_and_rev(admin):
+    await workspace(admin)
+    key = (await new_key(admin, scopes=["a:read"]))["key"]
+    url = f"/admin/v1/workspaces/acme/keys/{key['id']}"
+    rev0 = (await admin.store.get_key("acme", key["id"])).rev
+    body = await ok(await admin.patch(url, json={"name": "renamed", "description": "d",
+                                                 "role": "reader",
+                                                 "expires_at": "2026-02-01T00:00:00Z"}))
+    assert (body["name"], body["description"], body["role"], body["scopes"]) == \
+        ("renamed", "d", "reader", ["people:read"])
+    assert body["expires_at"] == "2026-02-01T00:00:00Z"
+    assert (await admin.store.get_key("acme", key["id"])).rev > rev0
+    body = await ok(await admin.patch(url, json={"scopes": ["b:write"], "expires_at": None}))
+    assert body["role"] is None and body["scopes"] == ["b:write"] and body["expires_at"] is None
+
+
+@pytest.mark.parametrize("fields, mention", [
+    ({"role": "reader", "scopes": ["a"]}, "role"),
+    ({"expires_at": "2020-01-01T00:00:00Z"}, "expires_at"),
+    ({"expires_in": 60}, "expires_in"),
+    ({"environment": "test"}, "environment"),
+    ({"rate_limit": "5/s"}, "rate_limit"),
+    ({"name": "x" * 201}, "name"),
+    ({"name": None}, "name"),
+    ({"role": "nobody"}, "role"),
+    ({"scopes": ["bad scope"]}, "scopes"),
+    ({}, "Nothing"),
+])
+async def test_patch_key_rejects_bad_fields(admin, fields, mention):
+    await workspace(admin)
+    key = (await new_key(admin))["key"]
+    await error(await admin.patch(f"/admin/v1/workspaces/acme/keys/{key['id']}", json=fields),
+                400, "bad_request", mention)
+
+
+async def test_patch_unknown_key_is_404(admin):
+    await workspace(admin)
+    await error(await admin.patch("/admin/v1/workspaces/acme/keys/AAAAAAAAAAAA",
+                                  json={"name": "x"}), 404, "not_found")
+
+
+async def test_revoke_is_permanent_and_idempotent(admin):
+    await workspace(admin)
+    key = (await new_key(admin))["key"]
+    url = f"/admin/v1/workspaces/acme/keys/{key['id']}/revoke"
+    first = await ok(await admin.post(url))
+    assert first["status"] == "revoked" and first["revoked_at"] == "2026-01-01T00:00:00Z"
+    admin.clock.now = T0 + 5
+    again = await ok(await admin.post(url))
+    assert again["revoked_at"] == first["revoked_at"]
+    await error(await admin.post("/admin/v1/workspaces/acme/keys/AAAAAAAAAAAA/revoke"), 404,
+                "not_found")
+    await error(await admin.post(url, json={"force": True}), 400, "bad_request", "force")
+
+
+async def test_rotate_copies_settings_and_revokes_the_old_key_by_default(admin):
+    await workspace(admin)
+    old = (await new_key(admin, name="svc", role="reader", rate_limit="7/m"))["key"]
+    body = await ok(await admin.post(f"/admin/v1/workspaces/acme/keys/{old['id']}/rotate"), 201)
+    new = body["key"]
+    assert new["id"] != old["id"] and body["token"].startswith("kg_live_" + new["id"])
+    assert (new["name"], new["role"], new["scopes"], new["rate_limit"]) == \
+        ("svc", "reader", ["people:read"], "7/m")
+    old_now = await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{old['id']}"))
+    assert old_now["status"] == "revoked"
+    await error(await admin.post(f"/admin/v1/workspaces/acme/keys/{old['id']}/rotate"), 409,
+                "conflict", "revoked")
+
+
+async def test_rotate_with_grace_expires_the_old_key_later(admin):
+    await workspace(admin)
+    old = (await new_key(admin))["key"]
+    body = await ok(await admin.post(f"/admin/v1/workspaces/acme/keys/{old['id']}/rotate",
+                                     json={"grace_seconds": 3600}), 201)
+    assert body["previous"]["expires_at"] == "2026-01-01T01:00:00Z"
+    assert body["previous"]["status"] == "active"
+
+
+@pytest.mark.parametrize("grace", [-1, "60", 1.5, None])
+async def test_rotate_rejects_bad_grace(admin, grace):
+    await workspace(admin)
+    old = (await new_key(admin))["key"]
+    await error(await admin.post(f"/admin/v1/workspaces/acme/keys/{old['id']}/rotate",
+                                 json={"grace_seconds": grace}), 400, "bad_request",
+                "grace_seconds")
+
+
+async def test_rotate_unknown_key_is_404(admin):
+    await workspace(admin)
+    await error(await admin.post("/admin/v1/workspaces/acme/keys/AAAAAAAAAAAA/rotate"), 404,
+                "not_found")
+
+
+async def test_no_token_or_secret_is_stored_anywhere(admin, redis_url):
+    await workspace(admin)
+    tokens = [(await new_key(admin, name=f"k{i}"))["token"] for i in range(3)]
+    kid = parse_token(tokens[0], "kg", ("live",)).key_id
+    body = await ok(await admin.post(f"/admin/v1/workspaces/acme/keys/{kid}/rotate",
+                                     json={"grace_seconds": 60}), 201)
+    tokens.append(body["token"])
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    values: list[str] = []
+    hashes = []
+    for name in raw.scan_iter("*"):  # every key and every value, read by type (no RDB dump:
+        values.append(name)          # it may compress strings and hide a match)
+        kind = raw.type(name)
+        if kind == "hash":
+            values += [x for kv in raw.hgetall(name).items() for x in kv]
+            if name.startswith("kg:key:"):
+                hashes.append(raw.hget(name, "hash"))
+        elif kind == "string":
+            values.append(raw.get(name))
+        elif kind == "set":
+            values += raw.smembers(name)
+        elif kind == "zset":
+            values += raw.zrange(name, 0, -1)
+        elif kind == "stream":
+            values += [v for _id, fields in raw.xrange(name) for v in fields.values()]
+        else:
+            raise AssertionError(f"unexpected Redis type {kind} at {name}")
+    raw.close()
+    blob = "\n".join(values)
+    for token in tokens:
+        secret = parse_token(token, "kg", ("live",)).secret
+        assert token not in blob and secret not in blob
+    assert len(hashes) == 4 and all(h.startswith("$argon2id$") for h in hashes)
+
+
+# --- usage, roles, audit -----------------------------------------------------------------------
+
+async def test_usage_object(admin, redis_url):
+    await workspace(admin, plan="small")
+    raw = redis.Redis.from_url(redis_url)
+    raw.set("kg:usage:{acme}:2026-01", 40)
+    raw.close()
+    assert await ok(await admin.get("/admin/v1/workspaces/acme/usage")) == {
+        "workspace": "acme", "plan": "small", "period": "2026-01", "used": 40, "limit": 1000,
+        "remaining": 960, "resets_at": "2026-02-01T00:00:00Z"}
+    await error(await admin.get("/admin/v1/workspaces/ghost/usage"), 404, "not_found")
+
+
+async def test_roles_list_put_delete(admin):
+    await workspace(admin)
+    key = (await new_key(admin, role="reader"))["key"]
+    body = await ok(await admin.get("/admin/v1/workspaces/acme/roles"))
+    assert {"name": "reader", "scopes": ["people:read"], "source": "config"} in body["items"]
+    rev0 = (await admin.store.get_workspace("acme")).rev
+    put = await ok(await admin.put("/admin/v1/workspaces/acme/roles/reader",
+                                   json={"scopes": ["people:read", "notes:read"]}))
+    assert put == {"name": "reader", "scopes": ["people:read", "notes:read"],
+                   "source": "workspace"}
+    assert (await admin.store.get_workspace("acme")).rev > rev0
+    read = await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{key['id']}"))
+    assert read["scopes"] == ["people:read", "notes:read"]  # bound keys follow at once
+    body = await ok(await admin.get("/admin/v1/workspaces/acme/roles"))
+    assert [r for r in body["items"] if r["name"] == "reader"] == [put]
+    await ok(await admin.delete("/admin/v1/workspaces/acme/roles/reader"))
+    read = await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{key['id']}"))
+    assert read["scopes"] == ["people:read"]
+    await error(await admin.delete("/admin/v1/workspaces/acme/roles/reader"), 404, "not_found")
+
+
+async def test_role_errors(admin):
+    await error(await admin.put("/admin/v1/workspaces/ghost/roles/r", json={"scopes": []}),
+                404, "not_found")
+    await error(await admin.get("/admin/v1/workspaces/ghost/roles"), 404, "not_found")
+    await workspace(admin)
+    await error(await admin.put("/admin/v1/workspaces/acme/roles/r", json={}), 400,
+                "bad_request", "scopes")
+    await error(await admin.put("/admin/v1/workspaces/acme/roles/r",
+                                json={"scopes": ["no spaces"]}), 400, "bad_request", "scopes")
+    await error(await admin.put("/admin/v1/workspaces/acme/roles/r",
+                                json={"scopes": [], "x": 1}), 400, "bad_request", "'x'")
+    await error(await admin.put("/admin/v1/workspaces/acme/roles/bad%20name",
+                                json={"scopes": []}), 400, "bad_request", "name")
+    await error(await admin.delete("/admin/v1/workspaces/acme/roles/none"), 404, "not_found")
+
+
+async def test_audit_lists_changes_newest_first_without_secrets(admin):
+    await workspace(admin)
+    created = await new_key(admin, name="k")
+    kid = created["key"]["id"]
+    await ok(await admin.patch(f"/admin/v1/workspaces/acme/keys/{kid}", json={"name": "k2"}))
+    await ok(await admin.post(f"/admin/v1/workspaces/acme/keys/{kid}/rotate"), 201)
+    await ok(await admin.put("/admin/v1/workspaces/acme/roles/r", json={"scopes": ["a"]}))
+    await ok(await admin.patch("/admin/v1/workspaces/acme", json={"plan": "small"}))
+    resp = await admin.get("/admin/v1/workspaces/acme/audit")
+    body = await ok(resp)
+    assert [e["action"] for e in body["items"]] == [
+        "workspace.update", "role.put", "key.rotate", "key.update", "key.create",
+        "workspace.create"]
+    for event in body["items"]:
+        assert set(event) == {"at", "actor", "action", "target", "details"}
+        assert event["actor"] == "operator"
+    assert body["items"][2]["target"] == kid
+    text = await resp.text()
+    assert created["token"] not in text and "argon2" not in text
+    limited = await ok(await admin.get("/admin/v1/workspaces/acme/audit?limit=2"))
+    assert len(limited["items"]) == 2
+
+
+@pytest.mark.parametrize("limit", ["0", "1001", "ten", "-1"])
+async def test_audit_rejects_bad_limit(admin, limit):
+    await workspace(admin)
+    await error(await admin.get(f"/admin/v1/workspaces/acme/audit?limit={limit}"), 400,
+                "bad_request", "limit")
+
+
+async def test_audit_of_unknown_workspace_is_404(admin):
+    await error(await admin.get("/admin/v1/workspaces/ghost/audit"), 404, "not_found")
