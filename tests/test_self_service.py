@@ -1,0 +1,189 @@
+"""Workspace self-service on the proxy listener (``/_keygate/v1/keys...``), through the real
+pipeline (token parsing, argon2 verification, revision checks) against a real redis-server."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gateway.app import running_gateway
+from gateway.config import Argon2Config, Config, Plan, RateLimit
+
+FUTURE = "2099-01-01T00:00:00Z"
+
+
+def cheap_config() -> Config:
+    base = Config()
+    keys = dataclasses.replace(base.keys, argon2=Argon2Config(time_cost=1, memory_cost=8,
+                                                                parallelism=1))
+    plans = {"default": Plan("default"),
+             "small": Plan("small", max_keys=10, rate_limit=RateLimit(10, 1))}
+    server = dataclasses.replace(base.server, access_log="off")
+    return dataclasses.replace(
+        base, keys=keys, plans=plans, server=server,
+        roles={"keyadmin": ("keys:admin", "people:read"), "reader": ("people:read",),
+               "writer": ("people:read", "people:write")})
+
+
+@pytest.fixture
+async def env(redis_url, aiohttp_raw_server, aiohttp_client):
+    """A gateway on a flushed Redis with workspaces ``acme`` and ``beta``; ``env.token(key)``."""
+    async with running_gateway(cheap_config(), redis_url) as gw:
+        server = await aiohttp_raw_server(gw.pipeline.handle)
+        client = await aiohttp_client(server)
+        store = gw.store
+        await store.create_workspace("acme", "ACME", "small")
+        await store.create_workspace("beta", "Beta", "default")
+
+        class Env:
+            pass
+
+        e = Env()
+        e.client, e.store = client, store
+        e.admin = await store.create_key("acme", name="acme-admin", environment="live",
+                                         role="keyadmin")
+        e.beta_key = await store.create_key("beta", name="beta-key", environment="live",
+                                            scopes=["people:read"])
+        e.reader = await store.create_key("acme", name="reader", environment="live",
+                                          role="reader")
+        e.writer = await store.create_key("acme", name="writer", environment="live",
+                                          role="writer")
+
+        def call(method: str, path: str, token: str | None = None, **kwargs):
+            headers = {"Authorization": f"Bearer {token or e.admin.token}"}
+            return client.request(method, "/_keygate/v1/keys" + path, headers=headers, **kwargs)
+
+        e.call = call
+        yield e
+
+
+async def status_and_body(resp) -> tuple[int, dict]:
+    return resp.status, await resp.json()
+
+
+async def test_lists_only_its_own_workspace(env):
+    status, body = await status_and_body(await env.call("GET", ""))
+    assert status == 200
+    ids = {k["id"] for k in body["items"]}
+    assert ids == {env.admin.key.id, env.reader.key.id, env.writer.key.id}
+    assert env.beta_key.key.id not in ids
+    status, body = await status_and_body(await env.call("GET", "?status=revoked"))
+    assert status == 200 and body["items"] == []
+
+
+async def test_creates_a_key_within_its_scopes_and_audit_names_the_acting_key(env):
+    status, body = await status_and_body(await env.call(
+        "POST", "", json={"name": "ci", "scopes": ["people:read"], "expires_at": FUTURE}))
+    assert status == 201, body
+    assert body["key"]["workspace"] == "acme" and body["token"].startswith("kg_live_")
+    event = (await env.store.audit("acme", 1))[0]
+    assert event == {
+        "at": event["at"], "actor": env.admin.key.id,
+        "action": "key.create", "target": body["key"]["id"],
+        "details": {"name": "ci", "environment": "live", "role": None,
+                    "scopes": ["people:read"], "expires_at": FUTURE, "rate_limit": None}}
+    # the new key works at once
+    status, body = await status_and_body(await env.call("GET", "", token=body["token"]))
+    assert status == 403 and body["error"]["code"] == "insufficient_scope"  # no keys:admin
+
+
+async def test_other_workspaces_keys_are_not_found_for_every_operation(env):
+    other = env.beta_key.key.id
+    for method, path, body in (("GET", f"/{other}", None),
+                               ("PATCH", f"/{other}", {"name": "pwned"}),
+                               ("POST", f"/{other}/revoke", None),
+                               ("POST", f"/{other}/rotate", None)):
+        status, answer = await status_and_body(await env.call(method, path, json=body))
+        assert (status, answer["error"]["code"]) == (404, "not_found"), (method, path)
+    untouched = await env.store.get_key("beta", other)
+    assert untouched.name == "beta-key" and untouched.revoked_at is None
+    assert len(await env.store.list_keys("beta")) == 1
+    assert [e["action"] for e in await env.store.audit("beta")] == ["key.create",
+                                                                     "workspace.create"]
+
+
+@pytest.mark.parametrize("fields", [
+    {"name": "wide", "scopes": ["people:write"]},
+    {"name": "wide", "scopes": ["ALL"]},
+    {"name": "wide", "role": "writer"},
+    {"name": "wide", "scopes": ["people:read", "billing:read"]},
+])
+async def test_cannot_mint_a_wider_key(env, fields):
+    status, body = await status_and_body(await env.call("POST", "", json=fields))
+    assert (status, body["error"]["code"]) == (403, "insufficient_scope")
+    assert len(await env.store.list_keys("acme")) == 3
+
+
+async def test_cannot_widen_a_key_by_patch(env):
+    target = env.reader.key.id
+    for fields in ({"scopes": ["people:write"]}, {"role": "writer"}, {"scopes": ["ALL"]}):
+        status, body = await status_and_body(await env.call("PATCH", f"/{target}", json=fields))
+        assert (status, body["error"]["code"]) == (403, "insufficient_scope"), fields
+    assert (await env.store.get_key("acme", target)).role == "reader"
+    status, body = await status_and_body(await env.call(
+        "PATCH", f"/{target}", json={"scopes": ["keys:admin"], "name": "n"}))
+    assert status == 200 and body["scopes"] == ["keys:admin"] and body["name"] == "n"
+
+
+async def test_cannot_rotate_a_key_wider_than_itself(env):
+    status, body = await status_and_body(await env.call("POST", f"/{env.writer.key.id}/rotate"))
+    assert (status, body["error"]["code"]) == (403, "insufficient_scope")
+    assert (await env.store.get_key("acme", env.writer.key.id)).revoked_at is None
+    status, body = await status_and_body(await env.call(
+        "POST", f"/{env.reader.key.id}/rotate", json={"grace_seconds": 60}))
+    assert status == 201 and body["key"]["scopes"] == ["people:read"]
+
+
+async def test_cannot_raise_the_rate_limit_above_the_plan(env):
+    status, body = await status_and_body(await env.call(
+        "POST", "", json={"name": "fast", "rate_limit": "11/s"}))
+    assert (status, body["error"]["code"]) == (403, "insufficient_scope")
+    status, _ = await status_and_body(await env.call(
+        "POST", "", json={"name": "slow", "rate_limit": "60/m"}))
+    assert status == 201
+
+
+async def test_a_key_holding_all_may_mint_all(env):
+    root = await env.store.create_key("acme", name="root", environment="live", scopes=["ALL"])
+    status, body = await status_and_body(await env.call(
+        "POST", "", token=root.token, json={"name": "another-root", "scopes": ["ALL"]}))
+    assert status == 201 and body["key"]["scopes"] == ["ALL"]
+
+
+async def test_revoke_takes_effect_on_the_next_request(env):
+    status, body = await status_and_body(await env.call("POST", f"/{env.admin.key.id}/revoke"))
+    assert status == 200 and body["status"] == "revoked"
+    status, body = await status_and_body(await env.call("GET", ""))
+    assert (status, body["error"]["code"]) == (401, "revoked_key")
+
+
+async def test_read_and_patch_within_the_workspace(env):
+    status, body = await status_and_body(await env.call("GET", f"/{env.reader.key.id}"))
+    assert status == 200 and body["name"] == "reader" and "token" not in body
+    status, body = await status_and_body(await env.call(
+        "PATCH", f"/{env.reader.key.id}", json={"description": "read-only", "expires_at": FUTURE}))
+    assert status == 200 and body["description"] == "read-only"
+    assert (await env.store.audit("acme", 1))[0]["actor"] == env.admin.key.id
+
+
+async def test_key_without_keys_admin_is_refused(env):
+    status, body = await status_and_body(await env.call("GET", "", token=env.reader.token))
+    assert (status, body["error"]["code"]) == (403, "insufficient_scope")
+
+
+async def test_validation_errors_and_unknown_paths(env):
+    status, body = await status_and_body(await env.call("POST", "", json={"name": "x",
+                                                                          "plan": "gold"}))
+    assert (status, body["error"]["code"]) == (400, "bad_request") and "plan" in \
+        body["error"]["message"]
+    status, body = await status_and_body(await env.call("POST", "", data=b"{nope"))
+    assert status == 400
+    status, body = await status_and_body(await env.call("GET", "/AAAAAAAAAAAA"))
+    assert (status, body["error"]["code"]) == (404, "not_found")
+    status, body = await status_and_body(await env.call("GET", f"/{env.reader.key.id}/nope"))
+    assert status == 404
+    resp = await env.call("DELETE", f"/{env.reader.key.id}")
+    status, body = await status_and_body(resp)
+    assert status == 405 and "PATCH" in resp.headers["Allow"]
+
