@@ -40,7 +40,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import AsyncIterator, Mapping
+import time
+from typing import AsyncIterator, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -96,6 +97,9 @@ class Forwarder:
                               for p in config.server.trusted_proxies)
         self._trust_cache: dict[str, bool] = {}
         self._prefix = config.keys.prefix
+        # Called with (upstream name, seconds from sending to the response headers) for each
+        # upstream answer; the app wires it to keygate_upstream_duration_seconds.
+        self.on_upstream: Callable[[str, float], None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -236,6 +240,7 @@ class Forwarder:
                 request.writer.output_size = 0
         headers = self.request_headers(request, principal, request_id)
         url = URL(self._bases[upstream.name] + request.raw_path, encoded=True)
+        started = time.perf_counter()
         try:
             resp = await session.request(request.method, url, headers=headers, data=data,
                                          allow_redirects=False, compress=None)
@@ -249,6 +254,8 @@ class Forwarder:
                 raise PayloadTooLarge(self._too_large_message()) from None
             log.warning("upstream %s failed: %s", upstream.name, type(exc).__name__)
             raise BadGateway(f"The upstream '{upstream.name}' is unavailable.") from None
+        if self.on_upstream is not None:
+            self.on_upstream(upstream.name, time.perf_counter() - started)
         try:
             return await self._stream_back(request, resp, request_id, response_headers,
                                            upstream)

@@ -79,7 +79,7 @@ def names(record: dict) -> set[str]:
 
 async def send(front, method: str, raw: str, headers=None, data=None, timeout: float = 30):
     async with aiohttp.ClientSession(auto_decompress=False) as client:
-        async with client.request(method, URL(str(front.make_url("")) .rstrip("/") + raw,
+        async with client.request(method, URL(str(front.make_url("")).rstrip("/") + raw,
                                               encoded=True),
                                   headers=headers, data=data,
                                   timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
@@ -565,3 +565,11 @@ def test_dataclass_config_is_unchanged() -> None:
     # The forwarder reads only documented fields of the config contract.
     assert {f.name for f in dataclasses.fields(ServerConfig)} >= {"max_body_bytes",
                                                                  "trusted_proxies"}
+
+
+async def test_on_upstream_hook_reports_header_latency(upstream, make_front) -> None:
+    front = await make_front(up_url(upstream))
+    seen: list[tuple[str, float]] = []
+    front.forwarder.on_upstream = lambda name, seconds: seen.append((name, seconds))
+    await send(front, "GET", "/people")
+    assert len(seen) == 1 and seen[0][0] == "people" and 0 <= seen[0][1] < 30
