@@ -51,7 +51,7 @@ def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         raise BadRequest("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise BadRequest("The request body must be a JSON object.")
@@ -63,7 +63,7 @@ def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _string(data: Mapping[str, Any], field: str, max_len: int, *, required: bool = False,
-            nonempty: bool = True) -> str | None:
+            nonempty: bool = True, single_line: bool = False) -> str | None:
     if field not in data:
         if required:
             raise BadRequest(f"The field '{field}' is required.")
@@ -76,6 +76,11 @@ def _string(data: Mapping[str, Any], field: str, max_len: int, *, required: bool
     if len(value) > max_len:
         raise BadRequest(f"The field '{field}' is too long ({len(value)} characters; "
                          f"at most {max_len}).")
+    if single_line and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise BadRequest(f"The field '{field}' must not contain control characters "
+                         "(newlines, tabs, ...).")
+    if "\x00" in value:
+        raise BadRequest(f"The field '{field}' must not contain NUL characters.")
     return value
 
 
@@ -223,7 +228,7 @@ class KeyOps:
     async def create(self, raw: bytes) -> web.Response:
         data = parse_body(raw, CREATE_FIELDS)
         now = self.store.clock()
-        name = _string(data, "name", MAX_NAME, required=True)
+        name = _string(data, "name", MAX_NAME, required=True, single_line=True)
         description = _string(data, "description", MAX_DESCRIPTION, nonempty=False) or ""
         environments = self.config.keys.environments
         environment = data.get("environment", environments[0])
@@ -265,7 +270,7 @@ class KeyOps:
             raise BadRequest(f"Nothing to change; send one or more of: {', '.join(PATCH_FIELDS)}.")
         changes: dict[str, Any] = {}
         if "name" in data:
-            changes["name"] = _string(data, "name", MAX_NAME)
+            changes["name"] = _string(data, "name", MAX_NAME, single_line=True)
         if "description" in data:
             changes["description"] = _string(data, "description", MAX_DESCRIPTION,
                                              nonempty=False)
@@ -406,7 +411,7 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
 
     async def create_workspace(request: web.Request) -> web.Response:
         data = parse_body(await request.read(), ("id", "name", "plan"))
-        name = _string(data, "name", MAX_NAME, required=True)
+        name = _string(data, "name", MAX_NAME, required=True, single_line=True)
         ws = None
         if "id" in data:
             ws = data["id"]
@@ -429,8 +434,8 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
         data = parse_body(await request.read(), ("name", "plan"))
         if not data:
             raise BadRequest("Nothing to change; send 'name' and/or 'plan'.")
-        workspace = await store.update_workspace(ws, name=_string(data, "name", MAX_NAME),
-                                                 plan=plan_of(data))
+        name = _string(data, "name", MAX_NAME, single_line=True)
+        workspace = await store.update_workspace(ws, name=name, plan=plan_of(data))
         return _json(workspace.to_json())
 
     async def list_keys(request: web.Request) -> web.Response:

@@ -571,7 +571,9 @@ class Store:
                          expires_at: Any = UNSET, actor: str = OPERATOR) -> KeyRecord:
         """Change the given fields (UNSET = leave as is). ``role`` binds the key to a role,
         ``scopes`` to explicit scopes (the other binding is cleared); ``expires_at`` None
-        removes the expiry. Bumps the key's rev: every replica applies it on the next request."""
+        removes the expiry. Bumps the key's rev: every replica applies it on the next request.
+        A new expiry for an expired key re-activates it: Conflict ``key_limit_reached`` if the
+        plan's cap is reached."""
         fields: list[str] = []
         details: dict[str, Any] = {}
         if name is not UNSET:
@@ -591,12 +593,21 @@ class Store:
             fields += ["expires_at", _ts(expires_at)]
             details["expires_at"] = rfc3339(expires_at)
             score = "+inf" if expires_at is None else _ts(expires_at)
-        if not WORKSPACE_ID_RE.fullmatch(ws):
+        max_keys = -1
+        if score:
+            max_keys = self._max_keys(await self.require_workspace(ws))
+        elif not WORKSPACE_ID_RE.fullmatch(ws):
             raise NotFound(f"There is no workspace '{ws}'.")
+        now = self.clock()
         reply = await self._run(
             "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws)),
-            (key_id, score, self._audit_entry(self.clock(), actor, "key.update", key_id,
-                                              details), AUDIT_MAXLEN, *fields))
+            (key_id, score, _ts(now), max_keys,
+             self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
+             *fields))
+        if reply == "limit":
+            raise Conflict(f"Key '{key_id}' has expired and workspace '{ws}' already has the "
+                           f"{max_keys} active keys its plan allows; a new expiry would make "
+                           "it active again.", code="key_limit_reached")
         key = key_from_hash(_pairs(reply))
         if key is None:
             raise NotFound(f"Workspace '{ws}' has no key '{key_id}'.")

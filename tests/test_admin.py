@@ -181,6 +181,7 @@ async def test_create_workspace_with_a_taken_id_is_409(admin):
     ({"id": "acme", "name": ""}, "name"),
     ({"id": "acme", "name": "n" * 201}, "name"),
     ({"id": "acme", "name": 7}, "name"),
+    ({"id": "acme", "name": "two\nlines"}, "name"),
     ({"id": "acme", "name": "x", "plan": "gold"}, "plan"),
     ({"id": "acme", "name": "x", "colour": "red"}, "colour"),
 ])
@@ -193,6 +194,8 @@ async def test_bad_json_and_non_objects_are_400(admin):
                 "bad_request", "JSON")
     await error(await admin.post("/admin/v1/workspaces", json=["a"]), 400, "bad_request",
                 "object")
+    await error(await admin.post("/admin/v1/workspaces", data=b"[" * 100_000), 400,
+                "bad_request", "JSON")
 
 
 async def test_list_and_read_workspaces(admin):

@@ -299,3 +299,27 @@ async def test_index_entry_points_at_the_workspace(store, raw):
     await store.create_workspace("acme", "ACME", "default")
     new = await store.create_key("acme", name="k", environment="live")
     assert raw.get(key_index_key(new.key.id)) == "acme"
+
+
+async def test_reviving_an_expired_key_counts_against_the_cap(store, clock):
+    await store.create_workspace("acme", "ACME", "small")
+    old = await store.create_key("acme", name="a", environment="live", expires_at=T0 + 10)
+    clock.now = T0 + 20
+    await store.create_key("acme", name="b", environment="live")
+    await store.create_key("acme", name="c", environment="live")
+    with pytest.raises(Conflict) as info:
+        await store.update_key("acme", old.key.id, expires_at=T0 + 1000)
+    assert info.value.code == "key_limit_reached"
+    assert (await store.get_key("acme", old.key.id)).expires_at == T0 + 10
+    renamed = await store.update_key("acme", old.key.id, name="still-expired")
+    assert renamed.name == "still-expired"
+
+
+async def test_extending_an_active_key_at_the_cap_is_fine(store):
+    await store.create_workspace("acme", "ACME", "small")
+    a = await store.create_key("acme", name="a", environment="live", expires_at=T0 + 10)
+    await store.create_key("acme", name="b", environment="live")
+    extended = await store.update_key("acme", a.key.id, expires_at=None)
+    assert extended.expires_at is None
+    with pytest.raises(Conflict):
+        await store.create_key("acme", name="c", environment="live")

@@ -1,19 +1,29 @@
 -- Change a key's fields, bump its rev (every gateway replica re-reads it on its next request)
--- and audit it, in one step.
+-- and audit it, in one step. Giving an expired key a new expiry makes it active again, so that
+-- counts against the plan's key cap like a create.
 -- KEYS[1] kg:key:{ws}:<id>   KEYS[2] kg:ws:{ws}:active   KEYS[3] kg:ws:{ws}:audit
--- ARGV[1] key id   ARGV[2] new expiry score ('' = unchanged, '+inf' = never)
--- ARGV[3] audit entry (JSON)   ARGV[4] audit stream cap   ARGV[5..] field, value pairs
--- Returns the key hash (HGETALL), or nil when the key does not exist.
+-- ARGV[1] key id   ARGV[2] new expiry score ('' = unchanged, '+inf' = never; never in the past)
+-- ARGV[3] now   ARGV[4] max active keys (-1 = unlimited)
+-- ARGV[5] audit entry (JSON)   ARGV[6] audit stream cap   ARGV[7..] field, value pairs
+-- Returns the key hash (HGETALL), nil when the key does not exist, or 'limit'.
 local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at')
 if not st[1] then return false end
-if #ARGV >= 6 then
-  local fields = {}
-  for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-  redis.call('HSET', KEYS[1], unpack(fields))
-end
-if ARGV[2] ~= '' and (not st[2] or st[2] == '') then
+local revoked = st[2] and st[2] ~= ''
+if ARGV[2] ~= '' and not revoked then
+  local now = tonumber(ARGV[3])
+  local cur = redis.call('ZSCORE', KEYS[2], ARGV[1])
+  local active = cur and (cur == 'inf' or tonumber(cur) > now)
+  if not active and tonumber(ARGV[4]) >= 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
+    if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 'limit' end
+  end
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 end
+if #ARGV >= 8 then
+  local fields = {}
+  for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+  redis.call('HSET', KEYS[1], unpack(fields))
+end
 redis.call('HINCRBY', KEYS[1], 'rev', 1)
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'e', ARGV[3])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
 return redis.call('HGETALL', KEYS[1])
