@@ -1,0 +1,69 @@
+# syntax=docker/dockerfile:1
+#
+# keygate container image.
+#
+#   docker build -t keygate .
+#   docker run -e KEYGATE_ADMIN_TOKEN=... -p 8080:8080 -p 127.0.0.1:8081:8081 keygate
+#
+# The default config (/etc/keygate/config.yaml, from deploy/config.yaml) listens on 0.0.0.0 for
+# both the proxy (8080) and the admin API (8081, so Prometheus and probes can reach it: publish
+# it only on a private network) and uses $KEYGATE_REDIS_URL, falling back to the embedded Redis
+# in /var/lib/keygate. Mount your own config over /etc/keygate/config.yaml.
+
+ARG PYTHON_VERSION=3.12
+
+# --- builder: every wheel keygate needs, built or fetched once ----------------------------------
+FROM python:${PYTHON_VERSION}-slim-bookworm AS builder
+
+# Compilers only for dependencies that lack a wheel for this platform; never in the final stage.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /src
+COPY pyproject.toml README* ./
+COPY gateway ./gateway
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+# --- runtime: Python, keygate's wheels, nothing to build with -----------------------------------
+FROM python:${PYTHON_VERSION}-slim-bookworm
+
+LABEL org.opencontainers.image.title="keygate" \
+      org.opencontainers.image.description="Authenticating reverse proxy for API keys" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# The wheels are bind-mounted from the builder, so they never become a layer of this image.
+# Versions are pinned by the builder: --no-index installs exactly the wheels it resolved.
+# hadolint ignore=DL3013
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index --find-links=/wheels keygate \
+    && groupadd --system --gid 10001 keygate \
+    && useradd --system --uid 10001 --gid keygate --home-dir /var/lib/keygate \
+       --shell /usr/sbin/nologin keygate \
+    && mkdir -p /etc/keygate /var/lib/keygate \
+    && chown keygate:keygate /var/lib/keygate \
+    && chmod 700 /var/lib/keygate
+
+COPY deploy/config.yaml /etc/keygate/config.yaml
+
+USER 10001:10001
+WORKDIR /var/lib/keygate
+VOLUME ["/etc/keygate", "/var/lib/keygate"]
+
+# 8080: proxy listener (public). 8081: admin API, /healthz, /readyz, /metrics (private).
+EXPOSE 8080 8081
+
+# Set at runtime (never baked in): the operator bearer token for the admin API.
+# ENV KEYGATE_ADMIN_TOKEN=   <- pass with -e / a Secret
+
+HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8081/healthz', timeout=4).status == 200 else 1)"]
+
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["keygate"]
+CMD ["serve", "--config", "/etc/keygate/config.yaml"]

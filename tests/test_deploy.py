@@ -1,0 +1,409 @@
+"""Packaging and deploy files agree with the code: ports, paths, env names, health endpoints,
+metric names. Static and offline; the linters users run (hadolint, promtool, kubernetes-validate,
+docker compose) are run too when they are installed, and skipped otherwise."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from gateway.config import AdminConfig, ServerConfig, StoreConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+DOCKERFILE = ROOT / "Dockerfile"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "keygate.json"
+
+PROXY_PORT = ServerConfig().port          # 8080
+ADMIN_PORT = AdminConfig().port           # 8081
+TOKEN_ENV = AdminConfig().token_env       # KEYGATE_ADMIN_TOKEN
+CONFIG_PATH = "/etc/keygate/config.yaml"
+DATA_DIR = "/var/lib/keygate"
+
+# The metric names agreed in INTERFACES.md (gateway/metrics.py must export exactly these).
+INTERFACE_METRICS = {
+    "keygate_requests_total": "counter",
+    "keygate_auth_failures_total": "counter",
+    "keygate_request_duration_seconds": "histogram",
+    "keygate_upstream_duration_seconds": "histogram",
+    "keygate_key_cache_total": "counter",
+    "keygate_argon2_verifications_total": "counter",
+    "keygate_store_errors_total": "counter",
+    "keygate_degraded_decisions_total": "counter",
+    "keygate_workspace_month_requests": "gauge",
+    "keygate_workspace_month_limit": "gauge",
+}
+
+
+def deploy_files(*suffixes: str) -> list[Path]:
+    return sorted(p for p in DEPLOY.rglob("*") if p.is_file() and p.suffix in suffixes)
+
+
+def documents(path: Path) -> list[Any]:
+    with path.open() as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+def k8s_objects() -> dict[str, dict[str, Any]]:
+    """Every manifest under deploy/k8s keyed ``Kind/name``."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in documents(path):
+            if doc.get("kind") == "Kustomization":
+                continue
+            found[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    return found
+
+
+def gateway_container() -> dict[str, Any]:
+    (container,) = k8s_objects()["Deployment/keygate"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the final stage, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: list[list[tuple[str, str]]] = [[]]
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, args = line.partition(" ")
+        if instruction.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((instruction.upper(), args.strip()))
+    return stages[-1]
+
+
+def dockerfile_values(instruction: str) -> list[str]:
+    return [args for name, args in dockerfile_instructions() if name == instruction]
+
+
+def compose() -> dict[str, Any]:
+    (doc,) = documents(DEPLOY / "docker-compose.yml")
+    return doc
+
+
+def dashboard_exprs() -> Iterator[str]:
+    board = json.loads(DASHBOARD.read_text())
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            yield target["expr"]
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            yield variable["definition"]
+
+
+def metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\bkeygate_[a-z0-9_]+\b", expr))
+
+
+def concrete(expr: str) -> str:
+    """A Grafana query with its variables filled in, so PromQL tools can parse it."""
+    return (expr.replace("$__rate_interval", "5m")
+            .replace("$job", ".*").replace("$instance", ".*")
+            .replace("$route", ".*").replace("$workspace", ".*"))
+
+
+# --- everything parses ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", deploy_files(".yaml", ".yml"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_yaml_file_under_deploy_parses(path):
+    assert documents(path), f"{path} holds no YAML document"
+
+
+@pytest.mark.parametrize("path", deploy_files(".json"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_json_file_under_deploy_parses(path):
+    assert isinstance(json.loads(path.read_text()), dict)
+
+
+# --- the container config ---------------------------------------------------------------------
+
+def test_container_config_passes_keygate_validation(monkeypatch):
+    config_module = pytest.importorskip("gateway.config")
+    if not hasattr(config_module, "load_config"):
+        pytest.skip("gateway.config.load_config does not exist yet")
+    for name in ("KEYGATE_REDIS_URL", "KEYGATE_UPSTREAM_URL", "KEYGATE_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    config = config_module.load_config(DEPLOY / "config.yaml")
+    assert config.admin.host == "0.0.0.0", "Prometheus and probes must reach the admin listener"
+    assert (config.server.port, config.admin.port) == (PROXY_PORT, ADMIN_PORT)
+    assert config.admin.token_env == TOKEN_ENV
+    assert config.store.data_dir == DATA_DIR
+    assert config.store.redis_url == StoreConfig().redis_url == "embedded"
+
+
+def test_container_config_takes_the_redis_url_from_the_environment(monkeypatch):
+    from gateway.config import load_config
+    monkeypatch.setenv("KEYGATE_REDIS_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("KEYGATE_UPSTREAM_URL", "http://echo:5678")
+    config = load_config(DEPLOY / "config.yaml")
+    assert config.store.redis_url == "redis://redis:6379/0"
+    assert [u.url for u in config.upstreams.values()] == ["http://echo:5678"]
+
+
+def test_k8s_configmap_carries_the_same_config_file():
+    configmap = k8s_objects()["ConfigMap/keygate-config"]
+    assert configmap["data"]["config.yaml"] == (DEPLOY / "config.yaml").read_text()
+
+
+# --- Dockerfile -------------------------------------------------------------------------------
+
+def test_dockerfile_exposes_the_default_ports_and_runs_keygate_serve():
+    assert dockerfile_values("EXPOSE") == [f"{PROXY_PORT} {ADMIN_PORT}"]
+    assert json.loads(dockerfile_values("ENTRYPOINT")[0]) == ["keygate"]
+    assert json.loads(dockerfile_values("CMD")[0]) == ["serve", "--config", CONFIG_PATH]
+    volumes = json.loads(dockerfile_values("VOLUME")[0])
+    assert sorted(volumes) == sorted([str(Path(CONFIG_PATH).parent), DATA_DIR])
+
+
+def test_dockerfile_healthcheck_hits_healthz_on_the_admin_port_without_curl():
+    (healthcheck,) = dockerfile_values("HEALTHCHECK")
+    assert f"http://127.0.0.1:{ADMIN_PORT}/healthz" in healthcheck
+    assert "urllib.request" in healthcheck and "curl" not in healthcheck
+
+
+def test_dockerfile_final_stage_is_non_root_and_has_no_build_tools():
+    (user,) = dockerfile_values("USER")
+    assert user.split(":")[0] not in ("root", "0")
+    final = " ".join(args for _, args in dockerfile_instructions())
+    for tool in ("build-essential", "gcc", "apt-get install"):
+        assert tool not in final
+    assert "FROM" in DOCKERFILE.read_text() and " AS builder" in DOCKERFILE.read_text()
+
+
+def test_dockerfile_copies_the_container_config_to_where_cmd_reads_it():
+    copies = [args.split() for args in dockerfile_values("COPY")]
+    assert ["deploy/config.yaml", CONFIG_PATH] in copies
+
+
+def test_dockerignore_lets_in_what_the_dockerfile_copies():
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    for needed in ("!pyproject.toml", "!gateway/", "!deploy/config.yaml"):
+        assert needed in ignore
+
+
+# --- docker compose ---------------------------------------------------------------------------
+
+def keygate_services() -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in compose()["services"].items()
+            if name.startswith("keygate")}
+
+
+def test_compose_runs_two_gateway_replicas_on_a_shared_redis():
+    services = keygate_services()
+    assert len(services) == 2
+    for svc in services.values():
+        assert TOKEN_ENV in svc["environment"]
+        assert svc["environment"]["KEYGATE_REDIS_URL"].startswith("redis://redis:")
+        assert f"./config.yaml:{CONFIG_PATH}:ro" in svc["volumes"]
+        targets = {str(p).split(":")[-1] for p in svc["ports"]}
+        assert targets == {str(PROXY_PORT), str(ADMIN_PORT)}
+        admin_published = [str(p) for p in svc["ports"] if str(p).endswith(f":{ADMIN_PORT}")]
+        assert all(p.startswith("127.0.0.1:") for p in admin_published), \
+            "the admin API must not be published on every interface"
+
+
+def test_compose_redis_keeps_an_everysec_aof():
+    command = compose()["services"]["redis"]["command"]
+    args = command if isinstance(command, list) else shlex.split(command)
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] == "everysec"
+
+
+def test_prometheus_scrapes_metrics_on_every_replicas_admin_port():
+    (config,) = documents(DEPLOY / "prometheus" / "prometheus.yml")
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "keygate"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = {t for sc in job["static_configs"] for t in sc["targets"]}
+    assert targets == {f"{name}:{ADMIN_PORT}" for name in keygate_services()}
+
+
+def test_grafana_provisioning_points_at_the_mounted_dashboards():
+    grafana = compose()["services"]["grafana"]
+    mounts = dict(v.split(":")[:2] for v in grafana["volumes"] if v.startswith("./"))
+    (provider,) = documents(DEPLOY / "grafana" / "provisioning" / "dashboards" / "keygate.yml")
+    path = provider["providers"][0]["options"]["path"]
+    assert mounts["./grafana/dashboards"] == path
+    assert (DEPLOY / "grafana" / "dashboards" / "keygate.json").is_file()
+    (datasources,) = documents(DEPLOY / "grafana" / "provisioning" / "datasources"
+                               / "prometheus.yml")
+    assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+# --- Kubernetes -------------------------------------------------------------------------------
+
+def test_k8s_has_every_object_a_cluster_deploy_needs():
+    kinds = {(doc["apiVersion"], doc["kind"]) for doc in k8s_objects().values()}
+    assert kinds >= {("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"),
+                     ("v1", "Secret"), ("autoscaling/v2", "HorizontalPodAutoscaler"),
+                     ("policy/v1", "PodDisruptionBudget"),
+                     ("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+
+def test_k8s_probes_hit_readyz_and_healthz_on_the_admin_port():
+    container = gateway_container()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"proxy": PROXY_PORT, "admin": ADMIN_PORT}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+
+
+def test_k8s_deployment_is_non_root_read_only_with_resources():
+    deployment = k8s_objects()["Deployment/keygate"]
+    assert deployment["spec"]["replicas"] == 2
+    container = gateway_container()
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert {"requests", "limits"} <= set(container["resources"])
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert DATA_DIR in writable and "/tmp" in writable
+
+
+def test_k8s_admin_token_comes_from_the_secret_and_config_from_the_configmap():
+    objects = k8s_objects()
+    container = gateway_container()
+    env = {e["name"]: e for e in container["env"]}
+    ref = env[TOKEN_ENV]["valueFrom"]["secretKeyRef"]
+    secret = objects[f"Secret/{ref['name']}"]
+    assert ref["key"] in secret["stringData"]
+    assert "CHANGE-ME" in secret["stringData"][ref["key"]], "the committed token is a placeholder"
+    (config_volume,) = [v for v in objects["Deployment/keygate"]["spec"]["template"]["spec"]
+                        ["volumes"] if "configMap" in v]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == config_volume["name"])
+    configmap = objects[f"ConfigMap/{config_volume['configMap']['name']}"]
+    assert str(Path(mount["mountPath"]) / next(iter(configmap["data"]))) == CONFIG_PATH
+    assert container["args"] == ["serve", "--config", CONFIG_PATH]
+
+
+def test_k8s_services_hpa_pdb_and_servicemonitor_select_the_gateway_pods():
+    objects = k8s_objects()
+    pod_labels = objects["Deployment/keygate"]["spec"]["template"]["metadata"]["labels"]
+    services = [doc for doc in objects.values() if doc["kind"] == "Service"]
+    for svc in services:
+        assert svc["spec"]["selector"].items() <= pod_labels.items()
+    ports = {p["port"] for svc in services for p in svc["spec"]["ports"]}
+    assert ports == {PROXY_PORT, ADMIN_PORT}
+    pdb = objects["PodDisruptionBudget/keygate"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    hpa = objects["HorizontalPodAutoscaler/keygate"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": "keygate"}
+    assert hpa["spec"]["minReplicas"] >= 2
+    monitor = objects["ServiceMonitor/keygate"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    (scraped,) = [svc for svc in services
+                  if monitor["spec"]["selector"]["matchLabels"].items()
+                  <= svc["metadata"]["labels"].items()]
+    (port,) = [p for p in scraped["spec"]["ports"] if p["name"] == endpoint["port"]]
+    assert (port["port"], endpoint["path"]) == (ADMIN_PORT, "/metrics")
+
+
+def test_kustomization_lists_every_manifest():
+    (kustomization,) = documents(K8S / "kustomization.yaml")
+    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == manifests
+
+
+# --- Grafana dashboard ------------------------------------------------------------------------
+
+def test_dashboard_uses_only_the_agreed_metric_names():
+    allowed = set()
+    for name, kind in INTERFACE_METRICS.items():
+        allowed.add(name)
+        if kind == "histogram":
+            allowed |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    used = set().union(*(metric_names(e) for e in dashboard_exprs()))
+    assert used and used <= allowed, f"not in INTERFACES.md: {sorted(used - allowed)}"
+
+
+def test_agreed_metric_names_are_the_ones_the_code_exports():
+    from gateway.metrics import Metrics
+    exported = {metric.name + ("_total" if metric.type == "counter" else ""): metric.type
+                for metric in Metrics().registry.collect()}
+    assert exported == INTERFACE_METRICS
+
+
+def test_dashboard_shows_routes_statuses_failures_latency_and_monthly_usage():
+    exprs = list(dashboard_exprs())
+    joined = "\n".join(exprs)
+    assert "sum by (route, status_class) (rate(keygate_requests_total" in joined
+    assert "sum by (reason) (rate(keygate_auth_failures_total" in joined
+    assert re.search(r"histogram_quantile\(0\.99, sum by \(le[^)]*\) "
+                     r"\(rate\(keygate_request_duration_seconds_bucket", joined)
+    assert any("keygate_workspace_month_requests" in e and "keygate_workspace_month_limit" in e
+               for e in exprs), "usage vs limit needs both series in one query"
+
+
+def test_dashboard_panels_have_unique_ids_and_a_datasource():
+    board = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in board["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["type"] == "prometheus" and panel["targets"]
+    assert board["uid"] and board["title"]
+
+
+# --- the tools users run, when installed ------------------------------------------------------
+
+def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, **kwargs)
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def test_hadolint_accepts_the_dockerfile():
+    result = run([tool("hadolint"), str(DOCKERFILE)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_accepts_the_prometheus_config():
+    result = run([tool("promtool"), "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_parses_every_dashboard_query(tmp_path):
+    promtool = tool("promtool")
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"keygate:dashboard_query_{i}", "expr": concrete(expr)}
+        for i, expr in enumerate(dashboard_exprs()) if not expr.startswith("label_values(")]}]}
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = run([promtool, "check", "rules", str(path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kubernetes_validate_accepts_the_manifests():
+    validate = tool("kubernetes-validate")
+    manifests = sorted(str(p) for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    result = run([validate, "--strict", "--quiet", *manifests])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_docker_compose_accepts_the_compose_file():
+    env = dict(os.environ, KEYGATE_ADMIN_TOKEN="compose-config-check")
+    if shutil.which("docker-compose"):
+        cmd = ["docker-compose"]
+    elif shutil.which("docker") and run(["docker", "compose", "version"]).returncode == 0:
+        cmd = ["docker", "compose"]
+    else:
+        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+    result = run([*cmd, "-f", str(DEPLOY / "docker-compose.yml"), "config", "-q"], env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
