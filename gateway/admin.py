@@ -315,10 +315,10 @@ def request_id_of(request: web.BaseRequest) -> str:
     return uuid.uuid4().hex
 
 
-def check_operator(request: web.BaseRequest, config: Config) -> None:
-    """The operator token from ``config.admin.token_env``, compared in constant time. With the
-    variable unset or empty every call is refused: the admin API never runs open."""
-    expected = os.environ.get(config.admin.token_env, "")
+def check_operator(request: web.BaseRequest, config: Config, expected: str) -> None:
+    """The operator token (read from ``config.admin.token_env`` when the app is made), compared
+    in constant time. With the variable unset or empty every call is refused: the admin API
+    never runs open."""
     if not expected:
         raise Unauthorized(f"The admin API is disabled: the environment variable "
                            f"{config.admin.token_env} holding the operator token is not set "
@@ -348,7 +348,11 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
 
 def error_middleware(config: Config, *, authenticate: bool = True) -> Callable:
     """Errors → SPEC's JSON body; anything unexpected → a generic 500 (logged, never shown);
-    ``X-Request-Id`` on every response; operator auth for everything under ``/admin/``."""
+    ``X-Request-Id`` on every response; operator auth for everything under ``/admin/``.
+
+    The operator token is read from the environment here, once: changing the variable takes a
+    restart (as with every other setting)."""
+    expected = os.environ.get(config.admin.token_env, "")
 
     @web.middleware
     async def middleware(request: web.Request,
@@ -357,7 +361,7 @@ def error_middleware(config: Config, *, authenticate: bool = True) -> Callable:
         rid = request_id_of(request)
         try:
             if authenticate and request.path.startswith("/admin/"):
-                check_operator(request, config)
+                check_operator(request, config, expected)
             response = await handler(request)
         except GatewayError as err:
             response = err.response(rid)

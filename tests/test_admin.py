@@ -82,13 +82,23 @@ async def new_key(admin, ws: str = "acme", **fields) -> dict:
 
 # --- auth, health, plumbing --------------------------------------------------------------------
 
-async def test_admin_is_closed_when_the_token_env_var_is_unset(admin, monkeypatch):
-    monkeypatch.delenv("KEYGATE_ADMIN_TOKEN")
-    await error(await admin.get("/admin/v1/workspaces"), 401, "unauthorized",
-                "KEYGATE_ADMIN_TOKEN")
-    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "")
-    await error(await admin.post("/admin/v1/workspaces", json={"name": "x"}), 401,
+@pytest.mark.parametrize("value", [None, ""])
+async def test_admin_is_closed_when_the_token_env_var_is_unset(aiohttp_client, redis_url,
+                                                               monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("KEYGATE_ADMIN_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", value)
+    store = await Store.connect(redis_url, cheap_config())
+    client = await aiohttp_client(create_admin_app(cheap_config(), store))
+    for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Bearer x"}):
+        await error(await client.get("/admin/v1/workspaces", headers=headers), 401,
+                    "unauthorized", "KEYGATE_ADMIN_TOKEN")
+    await error(await client.post("/admin/v1/workspaces", json={"name": "x"}), 401,
                 "unauthorized", "KEYGATE_ADMIN_TOKEN")
+    assert await store.list_workspaces() == []
+    assert (await client.get("/healthz")).status == 200
+    await store.close()
 
 
 async def test_missing_or_wrong_operator_token_is_401(admin):
