@@ -254,8 +254,9 @@ class KeyOps:
     async def _rate_within_plan(self, rate_limit: str) -> None:
         workspace = await self.store.require_workspace(self.ws)
         plan = self.config.plans.get(workspace.plan)
-        if plan is not None and plan.rate_limit is not None \
-                and _per_second(rate_limit) > plan.rate_limit.requests / plan.rate_limit.period_seconds:
+        if plan is None or plan.rate_limit is None:
+            return
+        if _per_second(rate_limit) > _per_second(str(plan.rate_limit)):
             raise Forbidden(f"The field 'rate_limit' may not exceed the plan's rate limit "
                             f"({plan.rate_limit}) for a key created by a workspace key.")
 

@@ -187,3 +187,15 @@ async def test_validation_errors_and_unknown_paths(env):
     status, body = await status_and_body(resp)
     assert status == 405 and "PATCH" in resp.headers["Allow"]
 
+
+
+async def test_re_roling_or_editing_a_role_takes_effect_on_the_next_request(env):
+    assert (await env.call("GET", "")).status == 200
+    await env.store.put_role("acme", "keyadmin", ["people:read"])  # the role loses keys:admin
+    status, body = await status_and_body(await env.call("GET", ""))
+    assert (status, body["error"]["code"]) == (403, "insufficient_scope")
+    await env.store.delete_role("acme", "keyadmin")                # back to the config role
+    assert (await env.call("GET", "")).status == 200
+    await env.store.update_key("acme", env.admin.key.id, role="reader")
+    status, body = await status_and_body(await env.call("GET", ""))
+    assert (status, body["error"]["code"]) == (403, "insufficient_scope")

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import redis
 
-from gateway.config import Argon2Config, Config, KeysConfig, Plan
+from gateway.config import Argon2Config, Config, Plan
 from gateway.errors import Conflict, NotFound, StoreError
 from gateway.store import (Store, key_index_key, key_key, month_period, slug_from_name,
                            usage_key, ws_key)
