@@ -74,8 +74,7 @@ async def running_gateway(config: Config, store_url: str, *,
         admin_app = create_admin_app(config, store)
         from .observe import add_metrics_route
         add_metrics_route(admin_app, metrics, store, config)
-        proxy_server = web.Server(pipeline.handle, access_log=None,
-                                  client_max_size=config.server.max_body_bytes)
+        proxy_server = web.Server(pipeline.handle, access_log=None)
         yield Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server)
     finally:
         auth.close()
