@@ -31,9 +31,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-async def make_front(aiohttp_raw_server):
-    """A front server whose handler is ``Forwarder.forward`` (plus GatewayError rendering)."""
+@pytest.fixture(params=["lean", "aiohttp"])
+async def make_front(request, aiohttp_raw_server):
+    """A front server whose handler is ``Forwarder.forward`` (plus GatewayError rendering);
+    every test using it runs against both upstream clients."""
+    client = request.param
     forwarders: list[Forwarder] = []
 
     async def make(upstream_url: str, *, timeout: float = 5.0, principal=PRINCIPAL,
@@ -41,7 +43,7 @@ async def make_front(aiohttp_raw_server):
         up = Upstream("people", upstream_url, timeout)
         config = Config(server=ServerConfig(**server_options), upstreams={"people": up},
                         keys=KeysConfig(headers=("X-Api-Key", "X-Other-Key")))
-        fwd = Forwarder(config)
+        fwd = Forwarder(config, client=client)
         await fwd.start()
         forwarders.append(fwd)
 
@@ -573,3 +575,23 @@ async def test_on_upstream_hook_reports_header_latency(upstream, make_front) -> 
     front.forwarder.on_upstream = lambda name, seconds: seen.append((name, seconds))
     await send(front, "GET", "/people")
     assert len(seen) == 1 and seen[0][0] == "people" and 0 <= seen[0][1] < 30
+
+
+async def test_bare_upstream_response_passes(make_front) -> None:
+    """A minimal upstream response passes. (aiohttp's server adds the RFC 9110 default
+    ``Content-Type: application/octet-stream`` to a typeless non-empty body; same meaning.)"""
+    async def bare(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: 1\r\n\r\nabc")
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(bare, "127.0.0.1", 0)
+    try:
+        front = await make_front(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}")
+        resp, body = await send(front, "GET", "/x")
+        assert resp.status == 200 and body == b"abc" and resp.headers["X-A"] == "1"
+        assert resp.headers.get("Content-Type", "application/octet-stream") == \
+            "application/octet-stream"
+    finally:
+        srv.close()
