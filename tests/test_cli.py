@@ -183,7 +183,7 @@ async def admin_url(redis_url, monkeypatch):
     from aiohttp import web
 
     from gateway.config import Argon2Config, Config, Plan
-    admin = pytest.importorskip("gateway.admin")
+    from gateway import admin
     from gateway.store import Store
 
     monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
@@ -545,3 +545,74 @@ async def test_usage_unknown_workspace_is_not_found(admin_url, keygate):
     run = await keygate("usage", "--workspace", "nobody")
     assert run.code == 1
     assert "(not_found)" in run.err
+
+
+# --- transport edges: timeouts, redirects, non-JSON errors, proxies -------------------------------
+
+def dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_json_option_before_the_verb_is_honoured(admin_url, keygate):
+    await make_workspace(keygate)
+    run = await keygate("--json", "workspaces", "list")
+    assert run.code == 0, run.err
+    assert [w["id"] for w in run.json()] == ["acme"]
+
+
+async def test_environment_proxy_is_not_used_for_the_admin_api(admin_url, keygate, monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{dead_port()}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert (await keygate("workspaces", "list")).code == 0
+
+
+async def test_silent_admin_api_times_out_with_exit_1(keygate, monkeypatch):
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    with socket.socket() as listener:  # accepts connections (backlog) but never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        run = await keygate("workspaces", "list", "--admin-url", url, "--timeout", "0.3")
+    assert run.code == 1
+    assert run.err == f"keygate: the admin API at {url} did not answer within 0.3s\n"
+
+
+async def test_redirect_is_refused_and_the_token_not_forwarded(aiohttp_server, keygate, monkeypatch):
+    from aiohttp import web
+    seen_auth: list[str | None] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen_auth.append(request.headers.get("Authorization"))
+        return web.json_response({"items": []})
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect("/elsewhere")
+
+    app = web.Application()
+    app.router.add_get("/admin/v1/workspaces", redirect)
+    app.router.add_get("/elsewhere", elsewhere)
+    server = await aiohttp_server(app)
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    run = await keygate("workspaces", "list", "--admin-url", str(server.make_url("")))
+    assert run.code == 1
+    assert "redirect" in run.err
+    assert seen_auth == []
+
+
+async def test_non_json_error_answer_is_reported_with_its_status(aiohttp_server, keygate):
+    from aiohttp import web
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=502, text="<html>bad gateway</html>")
+
+    app = web.Application()
+    app.router.add_get("/admin/v1/workspaces", broken)
+    server = await aiohttp_server(app)
+    run = await keygate("workspaces", "list", "--admin-url", str(server.make_url("")))
+    assert run.code == 1
+    assert run.err.startswith("keygate: the admin API at ")
+    assert "HTTP 502" in run.err and "<html>" not in run.err
