@@ -40,6 +40,24 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def core_times() -> dict[int, tuple[int, int]]:
+    """Per core (busy, total) jiffies from /proc/stat, to see who else used a core."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *vals = line.split()
+                v = [int(x) for x in vals]
+                total = sum(v[:8])
+                out[int(name[3:])] = (total - v[3] - v[4], total)
+    return out
+
+
+def core_busy(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> dict[str, float]:
+    return {str(c): round((after[c][0] - before[c][0]) / max(1, after[c][1] - before[c][1]), 3)
+            for c in after if c in before}
+
+
 def own_cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -69,16 +87,18 @@ class Window:
     async def run(self) -> dict:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(self.warmup)
-        cpu0, watch0 = own_cpu_seconds(), [proc_cpu_seconds(p) for p in self.watch]
+        cpu0, watch0, cores0 = own_cpu_seconds(), [proc_cpu_seconds(p) for p in self.watch], core_times()
         t0 = time.perf_counter()
         self.recording = True
         await asyncio.sleep(self.duration)
         self.recording = False
         t1 = time.perf_counter()
-        cpu1, watch1 = own_cpu_seconds(), [proc_cpu_seconds(p) for p in self.watch]
+        cpu1, watch1, cores1 = own_cpu_seconds(), [proc_cpu_seconds(p) for p in self.watch], core_times()
         self.stopped = True
-        return summarize(self, t1 - t0, cpu1 - cpu0,
-                         {str(p): b - a for p, a, b in zip(self.watch, watch0, watch1)})
+        result = summarize(self, t1 - t0, cpu1 - cpu0,
+                           {str(p): b - a for p, a, b in zip(self.watch, watch0, watch1)})
+        result["cores_busy"] = core_busy(cores0, cores1)
+        return result
 
 
 def percentile(sorted_ns: list[int], q: float) -> float | None:

@@ -251,15 +251,16 @@ def run_load(t: Target, conns: int, duration: float, warmup: float, loadgen: str
             argv += ["-H", h]
         if warmup > 0:
             subprocess.run(argv + [f"-d{max(1, round(warmup))}s", t.url], capture_output=True, check=True)
-        before = {role: cpu_of(p) for role, p in watch.items()}
+        before, cores0 = {role: cpu_of(p) for role, p in watch.items()}, load.core_times()
         ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         out = subprocess.run(argv + [f"-d{max(1, round(duration))}s", t.url], capture_output=True,
                              text=True, check=True).stdout
         seconds = time.perf_counter() - t0
         ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        after = {role: cpu_of(p) for role, p in watch.items()}
+        after, cores1 = {role: cpu_of(p) for role, p in watch.items()}, load.core_times()
         result = parse_wrk(out)
+        result["cores_busy"] = load.core_busy(cores0, cores1)
         result["seconds"] = round(seconds, 3)
         result["loadgen_cpu_s"] = round((ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime), 3)
         result["cpu_s"] = {role: round(after[role] - before[role], 3) for role in watch}
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                         if key == "a":
                             pin(upstream_pid, helper_core)
                     res.update(target=key, name=TARGET_NAMES[key], connections=conns, round=rep, note=t.note)
-                    derive(res)
+                    derive(res, server_core)
                     runs.append(res)
                     print("  " + one_line(res), flush=True)
 
@@ -403,7 +404,9 @@ def main(argv: list[str] | None = None) -> int:
                         "platform": platform.platform(), "aiohttp": _version("aiohttp")},
             "settings": {"duration": a.duration, "warmup": a.warmup, "connections": conns_list,
                          "repeat": a.repeat, "targets": wanted},
-            "targets": {k: {"name": TARGET_NAMES[k], "url": t.url, "note": t.note} for k, t in targets.items()},
+            "targets": {k: {"name": TARGET_NAMES[k], "url": t.url, "note": t.note, "server_pids": t.server_pids,
+                            "loadgen": "lean" if t.force_lean and loadgen == "wrk" else loadgen}
+                        for k, t in targets.items()},
             "unavailable": unavailable, "loadgen_check": loadgen_check,
             "summary": summary, "runs": runs,
         }, indent=2) + "\n")
@@ -580,7 +583,7 @@ def check_loadgen(t: Target, conns: int, duration: float, server_core, helper_co
     return out
 
 
-def derive(res: dict) -> None:
+def derive(res: dict, server_core: set[int] | None) -> None:
     if "failed" in res:
         return
     n = max(1, res["requests"])
@@ -588,6 +591,11 @@ def derive(res: dict) -> None:
     res["server_cpu_us_per_req"] = round(1e6 * cpu.get("server", 0.0) / n, 1)
     res["server_core_busy"] = round(cpu.get("server", 0.0) / res["seconds"], 2)
     res["helper_core_busy"] = round((cpu.get("helpers", 0.0) + res.get("loadgen_cpu_s", 0.0)) / res["seconds"], 2)
+    if server_core:
+        # CPU on the server's core not spent by the server: other engineers' jobs, kernel, etc.
+        total = res.get("cores_busy", {}).get(str(next(iter(server_core))))
+        if total is not None:
+            res["other_on_server_core"] = round(max(0.0, total - res["server_core_busy"]), 2)
     res["errors_total"] = (res["requests"] - res["ok"]) + sum(res.get("errors", {}).values())
 
 
@@ -597,7 +605,8 @@ def one_line(r: dict) -> str:
         return f"{head} FAILED: {r['failed']}"
     return (f"{head} {r['rps']:>9.0f} req/s  p50 {fmt_ms(r['p50_ms'])}  p99 {fmt_ms(r['p99_ms'])}  "
             f"server {r['server_cpu_us_per_req']:>6.0f} us/req ({r['server_core_busy']:.0%} core)  "
-            f"helper core {r['helper_core_busy']:.0%}  errors {r['errors_total']}")
+            f"helper core {r['helper_core_busy']:.0%}  other on server core {r.get('other_on_server_core', 0):.0%}  "
+            f"errors {r['errors_total']}")
 
 
 def fmt_ms(v: float | None) -> str:
@@ -616,7 +625,7 @@ def summarize(runs: list[dict], conns_list: list[int]) -> dict:
                 "target": key, "connections": conns, "rounds": len(rs),
                 **{m: statistics.median([r[m] for r in rs if r.get(m) is not None] or [0])
                    for m in ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_req", "server_core_busy",
-                             "helper_core_busy", "errors_total")},
+                             "helper_core_busy", "other_on_server_core", "errors_total")},
             }
     ratios: dict[str, dict] = {}
     for conns in conns_list:
@@ -624,7 +633,7 @@ def summarize(runs: list[dict], conns_list: list[int]) -> dict:
             x, y = cells.get(f"{num}@{conns}"), cells.get(f"{den}@{conns}")
             if x and y and y["rps"]:
                 ratios[f"{num}/{den}@{conns}"] = {
-                    "throughput": round(x["rps"] / y["rps"], 3),
+                    "throughput": round(x["rps"] / y["rps"], 4),
                     "cpu_per_req": round(x["server_cpu_us_per_req"] / y["server_cpu_us_per_req"], 3)
                     if y["server_cpu_us_per_req"] else None,
                 }
@@ -641,7 +650,7 @@ def print_table(summary: dict, conns_list: list[int], placement: str, loadgen: s
     print(f"placement: {placement}")
     print(f"load generator: {loadgen} (d always uses the lean Python client: one key per connection)")
     hdr = (f"{'target':<32} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'srv us/req':>10} "
-           f"{'srv core':>8} {'helper core':>11} {'errors':>6}")
+           f"{'srv core':>8} {'helper core':>11} {'other':>6} {'errors':>6}")
     print(hdr)
     print("-" * len(hdr))
     for key in ORDER:
@@ -650,14 +659,17 @@ def print_table(summary: dict, conns_list: list[int], placement: str, loadgen: s
             if c:
                 print(f"{key}  {TARGET_NAMES[key]:<29} {conns:>5} {c['rps']:>9.0f} {c['p50_ms']:>8.2f} "
                       f"{c['p99_ms']:>8.2f} {c['server_cpu_us_per_req']:>10.0f} {c['server_core_busy']:>8.0%} "
-                      f"{c['helper_core_busy']:>11.0%} {c['errors_total']:>6}")
+                      f"{c['helper_core_busy']:>11.0%} {c['other_on_server_core']:>6.0%} {int(c['errors_total']):>6}")
+    print("srv us/req: CPU of the server under test per request (nginx+verifier for e); srv core: its core's\n"
+          "share it used; helper core: load generator + upstream + redis on the other core; other: CPU on the\n"
+          "server's core not charged to it (other jobs on a shared box, loopback softirq) - distrust req/s when high")
     for key, why in unavailable.items():
         print(f"{key}  {TARGET_NAMES[key]:<29} unavailable: {why.splitlines()[0][:120]}")
     if summary["ratios"]:
         print("\nratios (throughput = req/s of first / second; cpu = server CPU per request, first / second)")
         for name, r in summary["ratios"].items():
-            cpu = f"{r['cpu_per_req']:.2f}" if r["cpu_per_req"] is not None else "n/a"
-            print(f"  {name:<10} throughput {r['throughput']:.2f}   cpu/req {cpu}")
+            cpu = f"{r['cpu_per_req']:.3g}" if r["cpu_per_req"] is not None else "n/a"
+            print(f"  {name:<10} throughput {r['throughput']:<6.3g}  cpu/req {cpu}")
     if "p99_c_minus_b_at_8_ms" in summary:
         print(f"\np99 c - b at 8 connections: {summary['p99_c_minus_b_at_8_ms']:+.3f} ms "
               f"(p50: {summary['p50_c_minus_b_at_8_ms']:+.3f} ms)")
@@ -666,6 +678,10 @@ def print_table(summary: dict, conns_list: list[int], placement: str, loadgen: s
         for client, r in loadgen_check.items():
             print(f"  {client:<8} {r['rps_vs_a']:>8.0f} req/s at a, {r['loadgen_cpu_us_per_req']:>5.1f} us/req "
                   f"-> ceiling ~{r['ceiling_rps']} req/s on one core (core {r['loadgen_core_busy']:.0%} busy)")
+    noisy = [k for k, c in summary["cells"].items() if c.get("other_on_server_core", 0) > 0.1]
+    if noisy:
+        print(f"\nwarning: >10% of the server core went to other processes in {', '.join(noisy)}: "
+              "req/s there is low by about that much; server us/req is less affected; use --repeat")
     busy = [k for k, c in summary["cells"].items() if c["helper_core_busy"] > 0.9]
     if busy:
         print(f"\nwarning: helper core >90% busy in {', '.join(busy)}: the load generator/upstream may "
