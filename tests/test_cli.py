@@ -616,3 +616,18 @@ async def test_non_json_error_answer_is_reported_with_its_status(aiohttp_server,
     assert run.code == 1
     assert run.err.startswith("keygate: the admin API at ")
     assert "HTTP 502" in run.err and "<html>" not in run.err
+
+
+def test_serve_refuses_to_start_on_a_bad_config(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("server:\n  port: lots\n")
+    assert main(["serve", "--config", str(path)]) == 1
+    assert "server.port" in capsys.readouterr().err
+
+
+def test_serve_reads_keygate_config_from_the_environment(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "env-bad.yaml"
+    path.write_text("admin:\n  port: -1\n")
+    monkeypatch.setenv("KEYGATE_CONFIG", str(path))
+    assert main(["serve"]) == 1
+    assert "env-bad.yaml" in capsys.readouterr().err
