@@ -20,6 +20,18 @@ from .tokens import looks_like_token
 logger = logging.getLogger("keygate.access")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (it may be swapped after start-up)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def mask_query(raw_query: str, prefix: str) -> str:
     """The query with every value (or name) that looks like a key replaced by ``***``."""
     if prefix + "_" not in raw_query and "%5F" not in raw_query.upper():
@@ -38,7 +50,7 @@ class AccessLog:
         self.prefix = config.keys.prefix
         self.text = config.server.access_log == "text"
         if not logger.handlers:  # one bare line per request, not wrapped in the app's format
-            handler = logging.StreamHandler(sys.stderr)
+            handler = _StderrHandler()
             handler.setFormatter(logging.Formatter("%(message)s"))
             logger.addHandler(handler)
             logger.propagate = False

@@ -1,0 +1,91 @@
+"""A whole gateway in the test's event loop: real Redis, real upstream, real sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+from aiohttp import ClientSession
+from aiohttp.test_utils import RawTestServer, TestServer
+
+from gateway.app import running_gateway
+from gateway.config import (Argon2Config, Config, FailureLimits, KeysConfig, Plan, RateLimit,
+                            Route, ServerConfig, StoreConfig, Upstream)
+
+ADMIN_TOKEN = "test-operator-token-0123456789"
+
+
+def make_config(upstream_url: str, **overrides: Any) -> Config:
+    read = ("people:read", "companies:read")
+    config = Config(
+        server=ServerConfig(host="127.0.0.1", access_log="json"),
+        store=StoreConfig(timeout=0.5),
+        keys=KeysConfig(argon2=Argon2Config(1, 8, 1), failures=FailureLimits(20, 10, 60)),
+        plans={"starter": Plan("starter", 1000, 5, None),
+               "tiny": Plan("tiny", 3, 5, None),
+               "limited": Plan("limited", None, 5, RateLimit(3, 1)),
+               "unlimited": Plan("unlimited", None, None, None)},
+        default_plan="starter",
+        roles={"reader": read, "editor": read + ("people:write",), "admin": ("ALL", "keys:admin")},
+        upstreams={"api": Upstream("api", upstream_url, 2.0)},
+        routes=(Route("/health", "api", ("GET",), (), True),
+                Route("/people/**", "api", ("GET",), ("people:read",)),
+                Route("/people", "api", ("GET",), ("people:read",)),
+                Route("/people/**", "api", ("POST", "PUT", "PATCH", "DELETE"), ("people:write",)),
+                Route("/people", "api", ("POST",), ("people:write",)),
+                Route("/companies/**", "api", (), ("companies:read",))),
+        source="<test>")
+    return dataclasses.replace(config, **overrides)
+
+
+class GatewayUnderTest:
+    """``proxy`` and ``admin`` are ClientSessions bound to the two listeners."""
+
+    def __init__(self, gw, proxy_server, admin_server, proxy, admin) -> None:
+        self.gw, self.proxy_server, self.admin_server = gw, proxy_server, admin_server
+        self.proxy, self.admin = proxy, admin
+
+    @property
+    def metrics(self):
+        return self.gw.metrics
+
+    async def admin_json(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        async with self.admin.request(method, "/admin/v1" + path, json=body) as r:
+            return r.status, await r.json()
+
+    async def workspace(self, ws: str = "acme", plan: str = "starter") -> None:
+        status, body = await self.admin_json("POST", "/workspaces",
+                                             {"id": ws, "name": ws.title(), "plan": plan})
+        assert status == 201, body
+
+    async def key(self, ws: str = "acme", **fields: Any) -> tuple[str, dict]:
+        fields.setdefault("name", "integration")
+        if "role" not in fields and "scopes" not in fields:
+            fields["scopes"] = ["people:read"]
+        status, body = await self.admin_json("POST", f"/workspaces/{ws}/keys", fields)
+        assert status == 201, body
+        return body["token"], body["key"]
+
+    def counter(self, name: str, **labels: str) -> float:
+        return self.gw.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+@contextlib.asynccontextmanager
+async def gateway_under_test(config: Config, redis_url: str, monkeypatch, **kw):
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    async with running_gateway(config, redis_url, **kw) as gw:
+        proxy_server = RawTestServer(gw.proxy_server.request_handler, host="127.0.0.1")
+        await proxy_server.start_server(access_log=None)
+        admin_server = TestServer(gw.admin_app, host="127.0.0.1")
+        await admin_server.start_server()
+        proxy = ClientSession(str(proxy_server.make_url("")), auto_decompress=False)
+        admin = ClientSession(str(admin_server.make_url("")),
+                              headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        try:
+            yield GatewayUnderTest(gw, proxy_server, admin_server, proxy, admin)
+        finally:
+            await proxy.close()
+            await admin.close()
+            await proxy_server.close()
+            await admin_server.close()

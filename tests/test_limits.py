@@ -1,0 +1,171 @@
+"""Monthly quotas and per-key rate limits through the whole gateway, on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+
+import pytest
+import redis
+
+from harness import gateway_under_test, make_config
+
+
+class Clock:
+    """An injectable wall clock: tests move time instead of waiting for it."""
+
+    def __init__(self, when: str) -> None:
+        self.now = datetime.fromisoformat(when).replace(tzinfo=timezone.utc).timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def set(self, when: str) -> None:
+        self.now = datetime.fromisoformat(when).replace(tzinfo=timezone.utc).timestamp()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock("2026-11-30T23:59:00")
+
+
+@pytest.fixture
+async def gut(redis_url, upstream, monkeypatch, clock):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as g:
+        g.upstream = upstream
+        yield g
+
+
+async def statuses(g, token: str, n: int, path: str = "/people/1") -> list[int]:
+    async def one() -> int:
+        async with g.proxy.get(path, headers=bearer(token)) as r:
+            await r.read()
+            return r.status
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def test_quota_is_exact_across_two_gateways(redis_url, upstream, monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as a, \
+            gateway_under_test(config, redis_url, monkeypatch) as b:
+        await a.workspace("acme", plan="tiny")  # 3 requests a month
+        token, _ = await a.key()
+        results = await asyncio.gather(statuses(a, token, 5), statuses(b, token, 4))
+        flat = results[0] + results[1]
+        assert flat.count(200) == 3 and flat.count(429) == 6
+        assert len(upstream.requests) == 3
+
+
+async def test_quota_429_says_when_the_month_resets(gut, clock):
+    await gut.workspace("acme", plan="tiny")
+    token, _ = await gut.key()
+    assert await statuses(gut, token, 3) == [200, 200, 200]
+    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+        body = await r.json()
+        assert r.status == 429 and body["error"]["code"] == "quota_exceeded"
+        assert r.headers["Retry-After"] == "60"  # 23:59 → midnight, 1 December
+        assert r.headers["RateLimit-Policy"] == '"monthly";q=3;w=2592000'
+        assert r.headers["RateLimit"] == '"monthly";r=0;t=60'
+    assert len(gut.upstream.requests) == 3
+
+
+async def test_month_rollover_resets_the_quota(gut, clock):
+    await gut.workspace("acme", plan="tiny")
+    token, _ = await gut.key()
+    assert await statuses(gut, token, 4) == [200, 200, 200, 429]
+    clock.set("2026-12-01T00:00:01")
+    assert await statuses(gut, token, 1) == [200]
+    status, usage = await gut.admin_json("GET", "/workspaces/acme/usage")
+    assert status == 200
+    assert (usage["period"], usage["used"], usage["limit"], usage["remaining"]) == \
+        ("2026-12", 1, 3, 2)
+    assert usage["resets_at"] == "2027-01-01T00:00:00Z"
+
+
+async def test_plan_upgrade_keeps_the_months_count_and_applies_at_once(gut):
+    await gut.workspace("acme", plan="tiny")
+    token, _ = await gut.key()
+    assert await statuses(gut, token, 4) == [200, 200, 200, 429]
+    status, _ = await gut.admin_json("PATCH", "/workspaces/acme", {"plan": "starter"})
+    assert status == 200
+    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+        assert r.status == 200
+        assert r.headers["RateLimit"].startswith('"monthly";r=996;')
+    _, usage = await gut.admin_json("GET", "/workspaces/acme/usage")
+    assert usage["used"] == 4 and usage["limit"] == 1000
+
+
+async def test_rotation_keeps_the_workspaces_usage(gut):
+    await gut.workspace("acme", plan="tiny")
+    token, key = await gut.key()
+    assert await statuses(gut, token, 2) == [200, 200]
+    status, rotated = await gut.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/rotate", {})
+    assert status == 201
+    assert await statuses(gut, rotated["token"], 2) == [200, 429]
+    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+        assert r.status == 401 and (await r.json())["error"]["code"] == "revoked_key"
+
+
+async def test_rate_limit_is_429_with_retry_after_and_fields(gut):
+    await gut.workspace("acme", plan="limited")  # 3/s, unlimited month
+    token, _ = await gut.key()
+    got = []
+    for _ in range(4):
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            got.append((r.status, dict(r.headers)))
+    assert [s for s, _ in got] == [200, 200, 200, 429]
+    assert got[0][1]["RateLimit-Policy"] == '"rate";q=3;w=1'
+    assert got[0][1]["RateLimit"] == '"rate";r=2;t=1'
+    limited = got[3][1]
+    assert limited["Retry-After"] == "1"
+    assert limited["RateLimit"] == '"rate";r=0;t=1'
+
+
+async def test_rate_limit_admits_n_per_second_over_three_seconds(gut, clock):
+    await gut.workspace("acme", plan="limited")
+    token, _ = await gut.key()
+    admitted = 0
+    for step in range(60):  # 20 attempts a second for 3 s of the injected clock
+        clock.now += 0.05
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            admitted += r.status == 200
+    assert abs(admitted - 9) <= 3
+
+
+async def test_key_rate_limit_overrides_the_plans(gut):
+    await gut.workspace("acme", plan="unlimited")
+    token, key = await gut.key(rate_limit="2/m")
+    assert key["rate_limit"] == "2/m"
+    assert await statuses(gut, token, 3) == [200, 200, 429]
+
+
+async def test_usage_endpoint_counts_nothing_and_matches_admin(gut):
+    await gut.workspace("acme", plan="tiny")
+    token, key = await gut.key()
+    await statuses(gut, token, 2)
+    for _ in range(3):
+        async with gut.proxy.get("/_keygate/v1/usage", headers=bearer(token)) as r:
+            assert r.status == 200
+            mine = await r.json()
+    _, admin = await gut.admin_json("GET", "/workspaces/acme/usage")
+    assert mine.pop("key")["id"] == key["id"]
+    assert mine == admin
+    assert admin["used"] == 2 and admin["remaining"] == 1 and admin["workspace"] == "acme"
+
+
+async def test_every_counter_keeps_an_expiry(gut, redis_url):
+    await gut.workspace("acme", plan="limited")
+    token, _ = await gut.key()
+    await statuses(gut, token, 5)
+    async with gut.proxy.get("/people/1", headers=bearer(token[:-7] + "x" * 7)) as r:
+        await r.read()
+    r = redis.Redis.from_url(redis_url)
+    counters = [k for k in r.scan_iter("kg:*") if k.startswith((b"kg:usage:", b"kg:rate:",
+                                                                  b"kg:fail:"))]
+    assert counters
+    assert all(r.pttl(k) > 0 for k in counters), [(k, r.pttl(k)) for k in counters]

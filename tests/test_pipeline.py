@@ -1,0 +1,408 @@
+"""The proxy pipeline end to end: real Redis, real upstream, the gateway's real listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import threading
+
+import pytest
+import redis
+
+from gateway.config import KeysConfig, StoreConfig
+from gateway.tokens import checksum
+
+from harness import gateway_under_test, make_config
+
+REALM = 'Bearer realm="keygate"'
+
+
+@pytest.fixture
+async def gut(redis_url, upstream, monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        g.upstream = upstream
+        await g.workspace("acme")
+        yield g
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def headers_seen(upstream) -> dict[str, list[str]]:
+    seen: dict[str, list[str]] = {}
+    for name, value in upstream.requests[-1]["headers"]:
+        seen.setdefault(name.lower(), []).append(value)
+    return seen
+
+
+def wrong_secret(token: str) -> str:
+    """The same key id with another secret and a valid checksum."""
+    head = token[:-6 - 32] + ("Z" * 32 if token[-38:-6] != "Z" * 32 else "Y" * 32)
+    return head + checksum(head)
+
+
+async def error_of(response) -> tuple[int, str, dict]:
+    body = await response.json()
+    return response.status, body["error"]["code"], body
+
+
+# --- happy path --------------------------------------------------------------------------------
+
+async def test_allowed_request_reaches_upstream_with_identity_and_without_credential(gut):
+    token, key = await gut.key(scopes=["people:read"])
+    async with gut.proxy.get("/people/1?expand=company", headers=bearer(token)) as r:
+        assert r.status == 200
+        assert r.headers["X-Upstream"] == "echo"
+        assert r.headers["X-Request-Id"]
+        assert r.headers["RateLimit-Policy"].startswith('"monthly";q=1000;w=')
+        assert r.headers["RateLimit"].startswith('"monthly";r=999;t=')
+    seen = headers_seen(gut.upstream)
+    assert gut.upstream.requests[-1]["raw_path"] == "/people/1?expand=company"
+    assert seen["x-workspace-id"] == ["acme"]
+    assert seen["x-api-key-id"] == [key["id"]]
+    assert seen["x-api-scopes"] == ["people:read"]
+    assert seen["x-workspace-plan"] == ["starter"]
+    assert "authorization" not in seen
+    assert token not in json.dumps(gut.upstream.requests[-1])
+
+
+async def test_public_route_needs_no_key_and_gets_no_identity(gut):
+    async with gut.proxy.get("/health", headers={"X-Workspace-Id": "evil"}) as r:
+        assert r.status == 200
+    assert "x-workspace-id" not in headers_seen(gut.upstream)
+
+
+async def test_x_api_key_header_works_like_bearer(gut):
+    token, _ = await gut.key()
+    async with gut.proxy.get("/people/1", headers={"X-Api-Key": token}) as r:
+        assert r.status == 200
+    assert "x-api-key" not in headers_seen(gut.upstream)
+
+
+async def test_same_key_in_both_headers_is_fine(gut):
+    token, _ = await gut.key()
+    async with gut.proxy.get("/people/1", headers={**bearer(token), "X-Api-Key": token}) as r:
+        assert r.status == 200
+
+
+# --- 4xx rows of the table, in order -----------------------------------------------------------
+
+async def test_missing_key_is_401_with_plain_bearer_challenge(gut):
+    async with gut.proxy.get("/people/1") as r:
+        status, code, body = await error_of(r)
+        assert (status, code) == (401, "missing_key")
+        assert r.headers["WWW-Authenticate"] == REALM
+        assert body["error"]["request_id"] == r.headers["X-Request-Id"]
+    assert gut.upstream.requests == []
+
+
+@pytest.mark.parametrize("auth", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer kg_live_garbage",
+                                  "Token abc"])
+async def test_malformed_credentials_are_401_malformed_key(gut, auth):
+    async with gut.proxy.get("/people/1", headers={"Authorization": auth}) as r:
+        assert (await error_of(r))[:2] == (401, "malformed_key")
+        assert r.headers["WWW-Authenticate"] == REALM + ', error="invalid_token"'
+
+
+async def test_checksum_typo_is_malformed_and_never_touches_the_store(gut):
+    token, _ = await gut.key()
+    typo = token[:-1] + ("a" if token[-1] != "a" else "b")
+    async with gut.proxy.get("/people/1", headers=bearer(typo)) as r:
+        assert (await error_of(r))[:2] == (401, "malformed_key")
+    assert gut.counter("keygate_key_cache_total", result="miss") == 0
+
+
+async def test_environment_not_accepted_is_malformed(redis_url, upstream, monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key(environment="test")
+    only_live = dataclasses.replace(config, keys=dataclasses.replace(config.keys,
+                                                                     environments=("live",)))
+    async with gateway_under_test(only_live, redis_url, monkeypatch) as g:
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            status, code, body = await error_of(r)
+            assert (status, code) == (401, "malformed_key")
+            assert "environment" in body["error"]["message"]
+
+
+async def test_two_different_keys_are_ambiguous(gut):
+    a, _ = await gut.key(name="a")
+    b, _ = await gut.key(name="b")
+    async with gut.proxy.get("/people/1", headers={**bearer(a), "X-Api-Key": b}) as r:
+        assert (await error_of(r))[:2] == (400, "ambiguous_key")
+        assert r.headers["WWW-Authenticate"] == REALM + ', error="invalid_request"'
+
+
+async def test_a_repeated_key_header_is_ambiguous(gut):
+    token, _ = await gut.key()
+    async with gut.proxy.get("/people/1", headers=[("X-Api-Key", token),
+                                                   ("X-Api-Key", token)]) as r:
+        assert (await error_of(r))[:2] == (400, "ambiguous_key")
+
+
+async def test_unknown_key_and_wrong_secret_are_invalid_key(gut):
+    token, _ = await gut.key()
+    head = "kg_live_" + "Q" * 44
+    for bad in (head + checksum(head), wrong_secret(token)):
+        async with gut.proxy.get("/people/1", headers=bearer(bad)) as r:
+            assert (await error_of(r))[:2] == (401, "invalid_key")
+            assert r.headers["WWW-Authenticate"] == REALM + ', error="invalid_token"'
+    assert gut.upstream.requests == []
+
+
+async def test_revoked_key_is_rejected_on_next_request(gut):
+    token, key = await gut.key()
+    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+        assert r.status == 200
+    status, _ = await gut.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+    assert status == 200
+    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+        assert (await error_of(r))[:2] == (401, "revoked_key")
+    assert len(gut.upstream.requests) == 1
+
+
+async def test_revocation_reaches_every_replica_on_the_next_request(redis_url, upstream,
+                                                                    monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as a, \
+            gateway_under_test(config, redis_url, monkeypatch) as b:
+        await a.workspace()
+        token, key = await a.key()
+        for g in (a, b):  # both replicas have the key verified and cached
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == 200
+        await a.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+        async with b.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert (await error_of(r))[:2] == (401, "revoked_key")
+
+
+async def test_revoked_status_is_not_disclosed_without_the_right_secret(gut):
+    token, key = await gut.key()
+    await gut.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+    async with gut.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+        assert (await error_of(r))[:2] == (401, "invalid_key")
+
+
+async def test_expired_key_is_401_expired_key_and_extension_acts_at_once(gut):
+    token, key = await gut.key(expires_in=1)
+    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+        assert r.status == 200
+    await asyncio.sleep(1.1)
+    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+        assert (await error_of(r))[:2] == (401, "expired_key")
+    status, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                        {"expires_at": "2099-01-01T00:00:00Z"})
+    assert status == 200, body
+    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+        assert r.status == 200
+
+
+async def test_missing_scope_is_403_naming_the_scope(gut):
+    token, _ = await gut.key(scopes=["people:read"])
+    async with gut.proxy.post("/people", headers=bearer(token), json={}) as r:
+        assert (await error_of(r))[:2] == (403, "insufficient_scope")
+        assert r.headers["WWW-Authenticate"] == \
+            REALM + ', error="insufficient_scope", scope="people:write"'
+    assert gut.upstream.requests == []
+
+
+async def test_rescoping_acts_on_the_next_request_both_ways(gut):
+    token, key = await gut.key(scopes=["people:read"])
+    async with gut.proxy.post("/people", headers=bearer(token), json={}) as r:
+        assert r.status == 403
+    await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                         {"scopes": ["people:read", "people:write"]})
+    async with gut.proxy.post("/people", headers=bearer(token), json={}) as r:
+        assert r.status == 200
+    await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}", {"scopes": ["people:write"]})
+    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+        assert r.status == 403
+
+
+async def test_role_edit_acts_on_the_next_request(gut):
+    token, _ = await gut.key(role="reader")
+    async with gut.proxy.post("/people", headers=bearer(token), json={}) as r:
+        assert r.status == 403
+    status, body = await gut.admin_json("PUT", "/workspaces/acme/roles/reader",
+                                        {"scopes": ["people:read", "people:write"]})
+    assert status in (200, 201), body
+    async with gut.proxy.post("/people", headers=bearer(token), json={}) as r:
+        assert r.status == 200
+
+
+async def test_all_scope_grants_every_route(gut):
+    token, _ = await gut.key(role="admin")
+    async with gut.proxy.delete("/people/7", headers=bearer(token)) as r:
+        assert r.status == 200
+
+
+async def test_unknown_route_is_404_no_route(gut):
+    token, _ = await gut.key()
+    async with gut.proxy.get("/nowhere", headers=bearer(token)) as r:
+        assert (await error_of(r))[:2] == (404, "no_route")
+
+
+@pytest.mark.parametrize("path", ["/people/../admin", "/people/%2e%2e/x", "/people/a%2Fb",
+                                  "/people/a%5Cb", "/people//1", "/people/1;v=2", "/people/%00",
+                                  "/people/%252e%252e", "/people/%61", "/people/./1"])
+async def test_path_variants_never_reach_the_upstream(gut, path):
+    token, _ = await gut.key()
+    reader, writer = await asyncio.open_connection(gut.proxy_server.host, gut.proxy_server.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                 f"Connection: close\r\n\r\n".encode())
+    response = await reader.read()
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 400"), response[:200]
+    assert b'"bad_path"' in response
+    assert gut.upstream.requests == []
+
+
+async def test_key_in_query_is_refused_and_never_logged(gut, capfd):
+    token, _ = await gut.key()
+    async with gut.proxy.get(f"/people/1?api_key={token}") as r:
+        assert (await error_of(r))[:2] == (400, "key_in_url")
+    assert gut.upstream.requests == []
+    out, err = capfd.readouterr()
+    assert token not in out + err
+    assert "key_in_url" in err  # the access log saw the request, masked
+
+
+async def test_spoofed_identity_headers_never_reach_upstream(gut):
+    token, key = await gut.key()
+    spoof = [("X-Workspace-Id", "evil"), ("x-workspace-id", "evil2"), ("X_Workspace_Id", "evil3"),
+             ("X-Api-Key-Id", "evil"), ("X-Api-Scopes", "ALL"), ("X-Workspace-Plan", "enterprise"),
+             ("Connection", "X-Workspace-Id"), *bearer(token).items()]
+    async with gut.proxy.get("/people/1", headers=spoof) as r:
+        assert r.status == 200
+    seen = headers_seen(gut.upstream)
+    assert seen["x-workspace-id"] == ["acme"]
+    assert seen["x-api-key-id"] == [key["id"]]
+    assert seen["x-api-scopes"] == ["people:read"]
+    assert seen["x-workspace-plan"] == ["starter"]
+    assert "x_workspace_id" not in seen
+
+
+# --- failures throttle -------------------------------------------------------------------------
+
+async def test_failed_verifications_are_throttled_before_argon2_runs(gut):
+    token, _ = await gut.key()
+    bad = wrong_secret(token)
+    for _ in range(10):  # per_key limit in the harness config
+        async with gut.proxy.get("/people/1", headers=bearer(bad)) as r:
+            assert r.status == 401
+    verifications = gut.counter("keygate_argon2_verifications_total", result="fail")
+    async with gut.proxy.get("/people/1", headers=bearer(bad)) as r:
+        status, code, _ = await error_of(r)
+        assert (status, code) == (429, "too_many_failures")
+        assert int(r.headers["Retry-After"]) > 0
+    assert gut.counter("keygate_argon2_verifications_total", result="fail") == verifications
+
+
+# --- cost of the hot path ----------------------------------------------------------------------
+
+def monitor_commands(url: str, started: threading.Event, stop_marker: str, out: list[str]) -> None:
+    client = redis.Redis.from_url(url)
+    with client.monitor() as m:
+        started.set()
+        for event in m.listen():
+            if stop_marker in event["command"]:
+                return
+            out.append(event["command"] if event.get("client_type") != "lua" else "lua:" + event["command"])
+
+
+async def test_cached_key_costs_one_round_trip_and_no_argon2(gut, redis_url):
+    token, _ = await gut.key()
+    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:  # cold: verifies once
+        assert r.status == 200
+    verified = gut.counter("keygate_argon2_verifications_total", result="ok")
+    assert verified == 1
+    commands: list[str] = []
+    started = threading.Event()
+    t = threading.Thread(target=monitor_commands,
+                         args=(redis_url, started, "stop-monitor-marker", commands))
+    t.start()
+    started.wait(5)
+    await asyncio.sleep(0.1)
+    for _ in range(5):
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+    redis.Redis.from_url(redis_url).echo("stop-monitor-marker")
+    t.join(5)
+    top_level = [c for c in commands if not c.startswith(("lua:", "HELLO", "CLIENT"))]
+    assert len(top_level) == 5, top_level
+    assert all(c.startswith(("EVALSHA", "EVAL")) for c in top_level), top_level
+    assert gut.counter("keygate_argon2_verifications_total", result="ok") == 1
+
+
+# --- store down --------------------------------------------------------------------------------
+
+async def test_store_down_is_503_never_401(own_redis, upstream, monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        cold, _ = await g.key(name="cold")
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        own_redis.stop()
+        for t in (token, cold):
+            async with g.proxy.get("/people/1", headers=bearer(t)) as r:
+                status, code, body = await error_of(r)
+                assert (status, code) == (503, "store_unavailable")
+                assert "Retry-After" in r.headers
+                assert "redis" not in json.dumps(body).lower()
+        own_redis.start()
+
+
+async def test_fail_open_lets_verified_keys_through_and_counts_them_later(redis_url, upstream,
+                                                                          monkeypatch):
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        cold, _ = await g.key(name="cold")
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "2500")  # unresponsive
+        for _ in range(3):
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == 200
+        async with g.proxy.get("/people/1", headers=bearer(cold)) as r:
+            assert (await error_of(r))[:2] == (503, "store_unavailable")
+        assert g.counter("keygate_degraded_decisions_total") == 3
+        await asyncio.sleep(2.6)
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        await asyncio.sleep(0.2)  # the local counts are flushed in the background
+        _, usage = await g.admin_json("GET", "/workspaces/acme/usage")
+        assert usage["used"] == 5
+
+
+# --- logs --------------------------------------------------------------------------------------
+
+async def test_tokens_and_secrets_never_appear_in_logs(gut, capfd, caplog):
+    caplog.set_level(logging.DEBUG)
+    token, _ = await gut.key()
+    for headers in (bearer(token), bearer(wrong_secret(token)), {"X-Api-Key": token[:-1] + "x"}):
+        async with gut.proxy.get("/people/1", headers=headers) as r:
+            await r.read()
+    async with gut.proxy.get(f"/people/1?token={token}") as r:
+        await r.read()
+    out, err = capfd.readouterr()
+    everything = out + err + caplog.text
+    secret = token[-38:-6]
+    assert token not in everything and secret not in everything
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert len(lines) >= 4 and all("request_id" in line for line in lines)
+
+
+async def test_error_bodies_hold_no_internals(gut):
+    async with gut.proxy.get("/people/1", headers={"Authorization": "Bearer " + "x" * 500}) as r:
+        text = await r.text()
+        assert "Traceback" not in text and "Error(" not in text
