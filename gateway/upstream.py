@@ -62,6 +62,7 @@ class _Connection(asyncio.Protocol):
         self.write_ok: asyncio.Future | None = None  # set while the transport is paused
         self.skip_body = False                       # HEAD: the head ends the message
         self.keep_alive = False
+        self.until_close = False
 
     # -- asyncio.Protocol --
     def connection_made(self, transport) -> None:
@@ -82,7 +83,10 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.pool._forget(self)
-        if not self.complete:
+        if not self.complete and self.until_close and self.head is not None and self.head.done():
+            self.complete, self.keep_alive = True, False
+            self._wake()
+        elif not self.complete:
             self._fail(UpstreamProtocolError("upstream closed the connection"))
         if self.write_ok is not None and not self.write_ok.done():
             self.write_ok.set_exception(UpstreamProtocolError("upstream closed the connection"))
@@ -104,6 +108,11 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it after the message
+        status = self.parser.get_status_code()
+        framed = any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
+        # an HTTP/1.0-style body with neither length nor chunks ends when the upstream closes
+        self.until_close = not framed and not self.skip_body and \
+            status >= 200 and status not in (204, 304)
         if self.head is not None and not self.head.done():
             self.head.set_result(None)
         if self.skip_body:
@@ -225,7 +234,7 @@ class UpstreamPool:
             return
         conn.head, conn.complete, conn.error, conn.got_bytes = None, False, None, False
         conn.chunks.clear()
-        conn.buffered, conn.skip_body = 0, False
+        conn.buffered, conn.skip_body, conn.until_close = 0, False, False
         self.idle.append(conn)
 
     def _forget(self, conn: _Connection) -> None:

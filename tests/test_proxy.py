@@ -599,11 +599,6 @@ async def test_bare_upstream_response_passes(make_front) -> None:
 
 async def test_close_delimited_upstream_body(make_front, request) -> None:
     """HTTP/1.0-style response: no length, the body ends when the upstream closes."""
-    if "lean" in request.node.name:
-        # gateway/upstream.py treats EOF before message-complete as an error even when the
-        # body is close-delimited (httptools has no finish()); reported to its owner.
-        request.applymarker(pytest.mark.xfail(reason="lean client: close-delimited bodies",
-                                              strict=False))
     async def old(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-eof")
