@@ -13,15 +13,17 @@ import os
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from .auth import Authenticator
 from .config import Config, load_config
-from .errors import ConfigError, StoreError
+from .errors import BadRequest, ConfigError, GatewayError, StoreError
 from .hotpath import RequestStore
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -38,6 +40,30 @@ class Gateway:
     metrics: Metrics
     admin_app: web.Application
     proxy_server: web.Server
+
+
+class _JsonErrorRequestHandler(RequestHandler):
+    """aiohttp answers requests its HTTP parser refuses (ambiguous framing, bad header
+    syntax) itself, as text; keygate's contract is a JSON body for every error."""
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        if status >= 500:
+            self.log_exception("error handling request", exc_info=exc)
+            error = GatewayError("Internal error.")
+        else:  # the client's fault: no traceback in the log, no parser detail on the wire
+            log.debug("refused a malformed request from %s: %s", request.remote, exc)
+            error = BadRequest("The request is not valid HTTP/1.1.")
+            error.status = status
+        response = error.response(uuid.uuid4().hex)
+        response.force_close()
+        return response
+
+
+class ProxyServer(web.Server):
+    """The proxy listener's low-level server: one handler, no router, JSON parser errors."""
+
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 def redact(url: str) -> str:
@@ -74,7 +100,7 @@ async def running_gateway(config: Config, store_url: str, *,
         admin_app = create_admin_app(config, store)
         from .observe import add_metrics_route
         add_metrics_route(admin_app, metrics, store, config)
-        proxy_server = web.Server(pipeline.handle, access_log=None)
+        proxy_server = ProxyServer(pipeline.handle, access_log=None)
         yield Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server)
     finally:
         auth.close()

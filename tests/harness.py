@@ -7,7 +7,8 @@ import dataclasses
 from typing import Any
 
 from aiohttp import ClientSession
-from aiohttp.test_utils import RawTestServer, TestServer
+from aiohttp import web
+from aiohttp.test_utils import BaseTestServer, TestServer
 
 from gateway.app import running_gateway
 from gateway.config import (Argon2Config, Config, FailureLimits, KeysConfig, Plan, RateLimit,
@@ -71,12 +72,23 @@ class GatewayUnderTest:
         return self.gw.metrics.registry.get_sample_value(name, labels or None) or 0.0
 
 
+class _ProxyTestServer(BaseTestServer):
+    """Serves the gateway's own proxy ``web.Server`` object, exactly as ``serve`` does."""
+
+    def __init__(self, server: web.Server, **kw: Any) -> None:
+        self._server = server
+        super().__init__(**kw)
+
+    async def _make_runner(self, **kwargs: Any) -> web.ServerRunner:
+        return web.ServerRunner(self._server)
+
+
 @contextlib.asynccontextmanager
 async def gateway_under_test(config: Config, redis_url: str, monkeypatch, **kw):
     monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
     async with running_gateway(config, redis_url, **kw) as gw:
-        proxy_server = RawTestServer(gw.proxy_server.request_handler, host="127.0.0.1")
-        await proxy_server.start_server(access_log=None)
+        proxy_server = _ProxyTestServer(gw.proxy_server, host="127.0.0.1")
+        await proxy_server.start_server()
         admin_server = TestServer(gw.admin_app, host="127.0.0.1")
         await admin_server.start_server()
         proxy = ClientSession(str(proxy_server.make_url("")), auto_decompress=False)

@@ -262,6 +262,23 @@ async def test_path_variants_never_reach_the_upstream(gut, path):
     assert gut.upstream.requests == []
 
 
+@pytest.mark.parametrize("framing", [
+    b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+    b"Content-Length: 5\r\nContent-Length: 6\r\n",
+])
+async def test_ambiguous_framing_is_a_json_400_and_never_forwarded(gut, framing):
+    token, _ = await gut.key(scopes=["people:write"])
+    reader, writer = await asyncio.open_connection(gut.proxy_server.host, gut.proxy_server.port)
+    writer.write(b"POST /people HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token.encode()
+                 + b"\r\n" + framing + b"\r\n0\r\n\r\n")
+    response = await reader.read()
+    writer.close()
+    assert response.split(b" ", 2)[1] == b"400", response[:100]
+    body = json.loads(response.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "bad_request"
+    assert gut.upstream.requests == []
+
+
 async def test_key_in_query_is_refused_and_never_logged(gut, capfd):
     token, _ = await gut.key()
     async with gut.proxy.get(f"/people/1?api_key={token}") as r:
