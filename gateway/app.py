@@ -90,6 +90,8 @@ async def running_gateway(config: Config, store_url: str, *,
     store = await Store.connect(store_url, config, clock=clock)
     requests = RequestStore(store_url, timeout=config.store.timeout)
     forwarder = Forwarder(config)
+    forwarder.on_upstream = lambda name, seconds: \
+        metrics.upstream_duration.labels(name).observe(seconds)
     auth = Authenticator(config, store, requests, metrics, clock=clock)
     try:
         await forwarder.start()
@@ -178,12 +180,21 @@ def _run_worker(config: Config, store_url: str, reuse_port: bool) -> int:
 
 def _supervise(config: Config, store_url: str, workers: int) -> int:
     """N worker processes sharing the listening ports (SO_REUSEPORT); SIGTERM stops all."""
+    import shutil
+    import tempfile
+
+    # Metrics aggregate across workers through prometheus-client's multiprocess mode: each
+    # worker writes its samples to files in this directory; /metrics on any worker sums them.
+    metrics_dir = tempfile.mkdtemp(prefix="keygate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     children: list[int] = []
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
+                from prometheus_client import values
+                values.ValueClass = values.MultiProcessValue()
                 code = _run_worker(config, store_url, reuse_port=True)
             finally:
                 os._exit(code)
@@ -209,6 +220,7 @@ def _supervise(config: Config, store_url: str, workers: int) -> int:
         if os.waitstatus_to_exitcode(code) != 0 and remaining:
             status = 1  # a worker died: take the rest down so the supervisor above restarts us
             forward(signal.SIGTERM, None)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
 
 

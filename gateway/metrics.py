@@ -45,10 +45,11 @@ class Metrics:
         self.month_requests = Gauge("keygate_workspace_month_requests",
                                     "Requests counted this calendar month (UTC), per workspace; "
                                     "read from the store at scrape time.", ["workspace"],
-                                    registry=r)
+                                    registry=r, multiprocess_mode="mostrecent")
         self.month_limit = Gauge("keygate_workspace_month_limit",
                                  "The workspace plan's monthly request quota (absent when "
-                                 "unlimited); read at scrape time.", ["workspace"], registry=r)
+                                 "unlimited); read at scrape time.", ["workspace"], registry=r,
+                                 multiprocess_mode="mostrecent")
         for result in ("hit", "miss"):
             self.key_cache.labels(result)
         for result in ("ok", "fail"):

@@ -4,9 +4,11 @@ time (so usage per workspace needs no per-request label)."""
 from __future__ import annotations
 
 import logging
+import os
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .config import Config
 from .errors import StoreError
@@ -31,7 +33,11 @@ def add_metrics_route(app: web.Application, metrics: Metrics, store, config: Con
             await refresh_usage_gauges(metrics, store, config)
         except StoreError:
             metrics.store_errors.inc()  # the process's own metrics are still worth serving
-        return web.Response(body=generate_latest(metrics.registry),
+        registry = metrics.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # keygate serve --workers N
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+        return web.Response(body=generate_latest(registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_get("/metrics", handle_metrics)
