@@ -1,0 +1,404 @@
+"""``keygate serve`` as a real process: start, answer, survive a restart, stop cleanly.
+
+Every test runs ``python -m gateway serve --config <file>`` with real sockets and a real
+redis-server (embedded, or the session's), and stops what it started in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import ClientSession, ClientTimeout, web
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import free_port
+
+ADMIN_TOKEN = "serve-test-operator-token-0123456789"
+TIMEOUT = ClientTimeout(total=15)
+
+
+def write_config(tmp_path: Path, *, redis_url: str = "embedded", data_dir: str | None = None,
+                 upstream_url: str = "http://127.0.0.1:9", plan: dict | None = None,
+                 name: str = "keygate.yaml", **server: Any) -> tuple[Path, int, int]:
+    """A config file for one gateway on free loopback ports: (path, proxy port, admin port)."""
+    proxy_port, admin_port = free_port(), free_port()
+    store: dict[str, Any] = {"redis_url": redis_url}
+    if data_dir is not None:
+        store["data_dir"] = data_dir
+    doc = {
+        "server": {"host": "127.0.0.1", "port": proxy_port, "access_log": "off", **server},
+        "admin": {"host": "127.0.0.1", "port": admin_port},
+        "store": store,
+        # cheap argon2 parameters: the tests are about the process, not the hash
+        "keys": {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}},
+        "plans": {"starter": plan or {"monthly_requests": 1000, "max_keys": 5,
+                                      "rate_limit": None}},
+        "default_plan": "starter",
+        "upstreams": {"api": {"url": upstream_url, "timeout": 10}},
+        "routes": [{"path": "/health", "methods": ["GET"], "upstream": "api", "public": True},
+                   {"path": "/people/**", "methods": ["GET"], "upstream": "api",
+                    "scopes": ["people:read"]}],
+    }
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return path, proxy_port, admin_port
+
+
+def short_data_dir() -> str:
+    """A data_dir whose unix socket path stays well under the sun_path limit."""
+    return tempfile.mkdtemp(prefix="kgs-", dir="/tmp")
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["KEYGATE_ADMIN_TOKEN"] = ADMIN_TOKEN
+    e.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return e
+
+
+def children_of(pid: int) -> set[int]:
+    """Direct children of a process (Linux /proc)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Served:
+    """One ``keygate serve`` process."""
+
+    def __init__(self, config: Path, proxy_port: int, admin_port: int, *args: str) -> None:
+        self.config, self.proxy_port, self.admin_port = config, proxy_port, admin_port
+        self.stderr_path = config.with_suffix(f".{time.monotonic_ns()}.stderr")
+        self._stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config), *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
+            env=env(), cwd=str(config.parent))
+
+    @property
+    def proxy(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    async def ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        async with ClientSession(timeout=ClientTimeout(total=2)) as s:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"keygate serve exited {self.proc.returncode}: "
+                                         f"{self.stderr()}")
+                try:
+                    async with s.get(self.admin + "/readyz") as r:
+                        if r.status == 200:  # the proxy port, without counting a request:
+                            _, writer = await asyncio.open_connection("127.0.0.1",
+                                                                      self.proxy_port)
+                            writer.close()
+                            return
+                except OSError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"keygate serve not ready in {timeout}s: {self.stderr()}")
+
+    def terminate(self, timeout: float = 20) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._stderr.close()
+
+
+def embedded_pid(data_dir: str) -> int:
+    return int(Path(data_dir, "redis.pid").read_text().strip())
+
+
+async def admin_json(s: ClientSession, base: str, method: str, path: str,
+                     body: Any = None) -> tuple[int, Any]:
+    async with s.request(method, base + "/admin/v1" + path, json=body,
+                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+        return r.status, await r.json()
+
+
+async def new_key(s: ClientSession, base: str, ws: str = "acme", plan: str = "starter") -> str:
+    status, body = await admin_json(s, base, "POST", "/workspaces",
+                                    {"id": ws, "name": ws.title(), "plan": plan})
+    assert status == 201, body
+    status, body = await admin_json(s, base, "POST", f"/workspaces/{ws}/keys",
+                                    {"name": "it", "scopes": ["people:read"]})
+    assert status == 201, body
+    return body["token"]
+
+
+@pytest.fixture
+async def slow_upstream():
+    """A real upstream on loopback that answers ``/people/...`` after ``delay`` seconds."""
+    state = {"delay": 0.0, "seen": 0}
+
+    async def handler(request: web.Request) -> web.Response:
+        state["seen"] += 1
+        await asyncio.sleep(state["delay"])
+        return web.json_response({"path": request.path,
+                                  "workspace": request.headers.get("X-Workspace-Id")})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}", state
+    finally:
+        await runner.cleanup()
+
+
+# --- start, answer, restart, stop -------------------------------------------------------------
+
+async def test_serve_embedded_answers_survives_restart_and_stops_clean(tmp_path, slow_upstream):
+    url, _ = slow_upstream
+    data_dir = short_data_dir()
+    config, pport, aport = write_config(tmp_path, data_dir=data_dir, upstream_url=url)
+    try:
+        gw = Served(config, pport, aport)
+        try:
+            await gw.ready()
+            async with ClientSession(timeout=TIMEOUT) as s:
+                for path in ("/healthz", "/readyz"):
+                    async with s.get(gw.admin + path) as r:
+                        assert r.status == 200, path
+                token = await new_key(s, gw.admin)
+                async with s.get(gw.proxy + "/people/1",
+                                 headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert r.status == 200
+                    assert (await r.json())["workspace"] == "acme"
+            redis_pid = embedded_pid(data_dir)
+            assert alive(redis_pid)
+            assert gw.terminate() == 0
+            assert "Traceback" not in gw.stderr()
+        finally:
+            gw.close()
+        deadline = time.monotonic() + 10
+        while alive(redis_pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not alive(redis_pid), "the embedded redis-server outlived keygate serve"
+
+        again = Served(config, pport, aport)
+        try:
+            await again.ready()
+            async with ClientSession(timeout=TIMEOUT) as s:
+                status, body = await admin_json(s, again.admin, "GET", "/workspaces/acme")
+                assert status == 200 and body["name"] == "Acme"
+                async with s.get(again.proxy + "/people/1",
+                                 headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert r.status == 200  # the key survived too
+                status, usage = await admin_json(s, again.admin, "GET", "/workspaces/acme/usage")
+                assert usage["used"] == 2
+            assert again.terminate() == 0
+        finally:
+            again.close()
+    finally:
+        import shutil
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_sigterm_lets_an_in_flight_request_finish(tmp_path, slow_upstream, redis_url):
+    url, state = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+            state["delay"] = 1.0
+
+            async def call() -> tuple[int, Any]:
+                async with s.get(gw.proxy + "/people/7",
+                                 headers={"Authorization": f"Bearer {token}"}) as r:
+                    return r.status, await r.json()
+
+            in_flight = asyncio.ensure_future(call())
+            deadline = time.monotonic() + 5
+            while state["seen"] == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert state["seen"] == 1, "the request never reached the upstream"
+            gw.proc.send_signal(signal.SIGTERM)
+            status, body = await asyncio.wait_for(in_flight, 10)
+            assert status == 200 and body["path"] == "/people/7"
+        code = await asyncio.to_thread(gw.proc.wait, 20)
+        assert code == 0
+    finally:
+        gw.close()
+
+
+# --- bad starts: one clear line, non-zero exit, no traceback ------------------------------------
+
+def run_serve(config: Path, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=timeout, env=env(),
+                          stdin=subprocess.DEVNULL, cwd=str(config.parent))
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess, *needles: str) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_bad_yaml_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("server:\n  port: [8080\n")
+    assert_one_clear_line(run_serve(path), "broken.yaml")
+
+
+def test_port_in_use_is_one_line_naming_the_address(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data_dir = short_data_dir()
+        try:
+            config, _, aport = write_config(tmp_path, data_dir=data_dir)
+            doc = yaml.safe_load(config.read_text())
+            doc["server"]["port"] = port
+            config.write_text(yaml.safe_dump(doc))
+            line = assert_one_clear_line(run_serve(config), f"127.0.0.1:{port}")
+            assert "in use" in line
+            pid_file = Path(data_dir, "redis.pid")
+            if pid_file.exists():  # the embedded store it started is stopped again
+                assert not alive(int(pid_file.read_text().strip()))
+        finally:
+            import shutil
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_unreachable_redis_is_one_line_without_password(tmp_path):
+    port = free_port()
+    config, _, _ = write_config(tmp_path, redis_url=f"redis://:hunter2@127.0.0.1:{port}/0")
+    line = assert_one_clear_line(run_serve(config), f"127.0.0.1:{port}")
+    assert "hunter2" not in line
+
+
+def test_unwritable_data_dir_is_one_line(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    config, _, _ = write_config(tmp_path, data_dir=str(blocker / "sub"))
+    assert_one_clear_line(run_serve(config), "data_dir")
+
+
+# --- several workers, several replicas ---------------------------------------------------------
+
+def requests_total(text: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "keygate_requests":
+            total += sum(s.value for s in family.samples if s.name == "keygate_requests_total")
+    return total
+
+
+async def test_two_workers_share_one_port_metrics_and_stop_together(tmp_path, slow_upstream,
+                                                                     redis_url):
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", "2")
+    workers: set[int] = set()
+    try:
+        await gw.ready()
+        deadline = time.monotonic() + 10
+        while len(workers := children_of(gw.proc.pid)) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(workers) == 2, workers
+        sent = 0
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+            for _ in range(3):  # new connections each round, so both workers get some
+                async with ClientSession(timeout=TIMEOUT) as fresh:
+                    for path in ("/people/1", "/health", "/nope"):
+                        async with fresh.get(gw.proxy + path,
+                                             headers={"Authorization": f"Bearer {token}",
+                                                      "Connection": "close"}) as r:
+                            sent += 1
+                            assert r.status == (404 if path == "/nope" else 200)
+            for _ in range(6):  # any worker may answer; each sees the sum over all workers
+                async with ClientSession(timeout=TIMEOUT) as fresh:
+                    async with fresh.get(gw.admin + "/metrics",
+                                         headers={"Connection": "close"}) as r:
+                        assert r.status == 200
+                        assert requests_total(await r.text()) == sent
+        assert await asyncio.to_thread(gw.terminate) == 0
+        assert "Traceback" not in gw.stderr()
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in workers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not any(alive(p) for p in workers), "a worker outlived keygate serve"
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        gw.close()
+
+
+async def test_quota_is_exact_across_two_serve_processes(tmp_path, slow_upstream, redis_url):
+    url, _ = slow_upstream
+    limit = 4
+    plan = {"monthly_requests": limit, "max_keys": 5, "rate_limit": None}
+    a_cfg, a_p, a_a = write_config(tmp_path, redis_url=redis_url, upstream_url=url, plan=plan,
+                                   name="a.yaml")
+    b_cfg, b_p, b_a = write_config(tmp_path, redis_url=redis_url, upstream_url=url, plan=plan,
+                                   name="b.yaml")
+    a = Served(a_cfg, a_p, a_a)
+    b = Served(b_cfg, b_p, b_a)
+    try:
+        await asyncio.gather(a.ready(), b.ready())
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, a.admin)
+            headers = {"Authorization": f"Bearer {token}"}
+
+            async def one(base: str) -> tuple[int, str | None]:
+                async with s.get(base + "/people/1", headers=headers) as r:
+                    body = await r.json()
+                    return r.status, (body.get("error") or {}).get("code")
+
+            results = await asyncio.gather(*(one(a.proxy if i % 2 else b.proxy)
+                                             for i in range(3 * limit)))
+        assert [r for r in results if r[0] == 200].__len__() == limit, results
+        assert sorted(set(r for r in results if r[0] != 200)) == [(429, "quota_exceeded")], results
+        assert a.terminate() == 0 and b.terminate() == 0
+    finally:
+        a.close()
+        b.close()
