@@ -1,0 +1,257 @@
+"""``/metrics`` after real traffic: every metric INTERFACES.md lists, with the values the traffic
+implies, parsed the way Prometheus parses them; the Grafana dashboard only asks for names that
+exist; ``promtool check metrics`` is happy with the exposition."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.config import StoreConfig
+from gateway.tokens import checksum
+
+from harness import gateway_under_test, make_config
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy/grafana/dashboards/keygate.json"
+
+METRICS = {  # INTERFACES.md's list: name → type
+    "keygate_requests_total": "counter",
+    "keygate_auth_failures_total": "counter",
+    "keygate_request_duration_seconds": "histogram",
+    "keygate_upstream_duration_seconds": "histogram",
+    "keygate_key_cache_total": "counter",
+    "keygate_argon2_verifications_total": "counter",
+    "keygate_store_errors_total": "counter",
+    "keygate_degraded_decisions_total": "counter",
+    "keygate_workspace_month_requests": "gauge",
+    "keygate_workspace_month_limit": "gauge",
+}
+
+
+class Scrape:
+    """One parsed exposition: sample lookups by full sample name and labels."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.families = list(text_string_to_metric_families(text))
+        self.samples = [s for f in self.families for s in f.samples]
+
+    def value(self, name: str, **labels: str) -> float | None:
+        found = [s.value for s in self.samples if s.name == name and s.labels == labels]
+        assert len(found) <= 1, (name, labels, found)
+        return found[0] if found else None
+
+    def labelsets(self, name: str) -> list[dict[str, str]]:
+        return [s.labels for s in self.samples if s.name == name]
+
+    def type_of(self, sample_name: str) -> str | None:
+        for family in self.families:
+            if any(s.name == sample_name for s in family.samples) or family.name == sample_name:
+                return family.type
+        return None
+
+
+async def scrape(g) -> Scrape:
+    async with g.admin.get("/metrics", headers={"Authorization": ""}) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        return Scrape(await r.text())
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def wrong_secret(token: str) -> str:
+    head = token[:-6 - 32] + ("Z" * 32 if token[-38:-6] != "Z" * 32 else "Y" * 32)
+    return head + checksum(head)
+
+
+async def status_of(g, method: str, path: str, **kw) -> int:
+    async with g.proxy.request(method, path, **kw) as r:
+        await r.read()
+        return r.status
+
+
+@pytest.fixture
+async def traffic(redis_url, upstream, monkeypatch):
+    """A gateway after a known mix of requests (sequential, so every count is exact)."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme", plan="starter")
+        await g.workspace("open", plan="unlimited")
+        token, _ = await g.key("acme", scopes=["people:read"])
+        expected = [
+            ("GET", "/people/1", bearer(token), 200),           # cache miss, argon2 ok
+            ("GET", "/people/2", bearer(token), 200),           # hit
+            ("GET", "/people/3", bearer(token), 200),           # hit
+            ("POST", "/people", bearer(token), 403),            # hit, insufficient_scope
+            ("GET", "/people/1", bearer(wrong_secret(token)), 401),  # miss, argon2 fail
+            ("GET", "/people/1", {}, 401),                      # missing_key
+            ("GET", "/people/1", {"Authorization": "Basic eA=="}, 401),  # malformed_key
+            ("GET", "/nowhere", {}, 404),                       # no_route
+            ("GET", "/health", {}, 200),                        # public
+            ("GET", "/_keygate/v1/usage", bearer(token), 200),  # hit; not counted in usage
+        ]
+        for method, path, headers, status in expected:
+            assert await status_of(g, method, path, headers=headers) == status, (method, path)
+        g.token = token
+        yield g
+
+
+async def test_every_agreed_metric_is_exported_with_its_type(traffic):
+    s = await scrape(traffic)
+    for name, kind in METRICS.items():
+        sample = name + ("_count" if kind == "histogram" else "")
+        assert s.type_of(sample) == kind, (name, s.type_of(sample))
+
+
+async def test_request_counters_by_route_method_and_status_class(traffic):
+    s = await scrape(traffic)
+    req = "keygate_requests_total"
+    assert s.value(req, route="/people/**", method="GET", status_class="2xx") == 3
+    assert s.value(req, route="/people/**", method="GET", status_class="4xx") == 3
+    # POST /people matches the first POST route in file order, "/people/**" ("**" may be empty)
+    assert s.value(req, route="/people/**", method="POST", status_class="4xx") == 1
+    assert s.value(req, route="/health", method="GET", status_class="2xx") == 1
+    assert s.value(req, route="/_keygate/v1/usage", method="GET", status_class="2xx") == 1
+    assert sum(s.value(req, **labels) for labels in s.labelsets(req)) == 10
+    # bounded cardinality: the route glob, never the raw path
+    assert not any(labels["route"] in ("/people/1", "/people/2", "/nowhere")
+                   for labels in s.labelsets(req))
+
+
+async def test_auth_failures_by_reason(traffic):
+    s = await scrape(traffic)
+    fail = "keygate_auth_failures_total"
+    assert s.value(fail, reason="insufficient_scope") == 1
+    assert s.value(fail, reason="invalid_key") == 1
+    assert s.value(fail, reason="missing_key") == 1
+    assert s.value(fail, reason="malformed_key") == 1
+    assert s.value(fail, reason="no_route") is None  # a 404 is not an auth failure
+    assert sum(s.value(fail, **labels) for labels in s.labelsets(fail)) == 4
+
+
+async def test_latency_histograms_count_every_request_and_forward(traffic):
+    s = await scrape(traffic)
+    assert s.value("keygate_request_duration_seconds_count", route="/people/**") == 7
+    assert s.value("keygate_request_duration_seconds_count", route="/health") == 1
+    assert s.value("keygate_request_duration_seconds_bucket", route="/people/**", le="+Inf") == 7
+    # forwarded: three allowed /people/* reads and the public /health
+    assert s.value("keygate_upstream_duration_seconds_count", upstream="api") == 4
+    assert s.value("keygate_upstream_duration_seconds_sum", upstream="api") > 0
+
+
+async def test_key_cache_and_argon2_counters(traffic):
+    s = await scrape(traffic)
+    assert s.value("keygate_key_cache_total", result="hit") == 4
+    assert s.value("keygate_key_cache_total", result="miss") == 2
+    assert s.value("keygate_argon2_verifications_total", result="ok") == 1
+    assert s.value("keygate_argon2_verifications_total", result="fail") == 1
+
+
+async def test_workspace_month_gauges_are_read_from_the_store(traffic):
+    s = await scrape(traffic)
+    assert s.value("keygate_workspace_month_requests", workspace="acme") == 3
+    assert s.value("keygate_workspace_month_limit", workspace="acme") == 1000
+    assert s.value("keygate_workspace_month_requests", workspace="open") == 0
+    assert s.value("keygate_workspace_month_limit", workspace="open") is None  # unlimited
+    assert s.value("keygate_store_errors_total") == 0
+    assert s.value("keygate_degraded_decisions_total") == 0
+    # read at scrape time: the next scrape sees the next forwarded request
+    assert await status_of(traffic, "GET", "/people/9", headers=bearer(traffic.token)) == 200
+    s = await scrape(traffic)
+    assert s.value("keygate_workspace_month_requests", workspace="acme") == 4
+    _, usage = await traffic.admin_json("GET", "/workspaces/acme/usage")
+    assert usage["used"] == 4
+
+
+async def test_store_errors_are_counted_and_metrics_still_served(own_redis, upstream,
+                                                                 monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        assert await status_of(g, "GET", "/people/1", headers=bearer(token)) == 200
+        assert (await scrape(g)).value("keygate_store_errors_total") == 0
+        own_redis.stop()
+        try:
+            assert await status_of(g, "GET", "/people/1", headers=bearer(token)) == 503
+            first = (await scrape(g)).value("keygate_store_errors_total")
+            assert first >= 1
+            assert await status_of(g, "GET", "/people/1", headers=bearer(token)) == 503
+            s = await scrape(g)  # the process's own metrics are served with the store down
+            assert s.value("keygate_store_errors_total") >= first + 1
+            assert s.value("keygate_requests_total", route="/people/**", method="GET",
+                           status_class="5xx") == 2
+        finally:
+            own_redis.start()
+
+
+async def test_degraded_decisions_are_counted_when_failing_open(redis_url, upstream, monkeypatch):
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        assert await status_of(g, "GET", "/people/1", headers=bearer(token)) == 200
+        before = await scrape(g)
+        assert before.value("keygate_degraded_decisions_total") == 0
+        client = redis.Redis.from_url(redis_url)
+        client.execute_command("CLIENT", "PAUSE", "1500")  # the store stops answering
+        try:
+            for _ in range(2):
+                assert await status_of(g, "GET", "/people/1", headers=bearer(token)) == 200
+            s = await scrape(g)
+            assert s.value("keygate_degraded_decisions_total") == 2
+            assert s.value("keygate_store_errors_total") >= 2
+        finally:
+            await asyncio.sleep(1.6)  # let the pause end before the next test flushes Redis
+            client.close()
+
+
+# --- the dashboard and the linter --------------------------------------------------------------
+
+def dashboard_metric_names() -> set[str]:
+    names: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("expr", "query") and isinstance(value, str):
+                    names.update(re.findall(r"\bkeygate_[a-z0-9_]+\b", value))
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(json.loads(DASHBOARD.read_text()))
+    return names
+
+
+async def test_dashboard_queries_only_metrics_the_gateway_exports(traffic):
+    s = await scrape(traffic)
+    live = {sample.name for sample in s.samples}
+    used = dashboard_metric_names()
+    assert used, "the dashboard queries no keygate metric"
+    missing = sorted(n for n in used if n not in live)
+    assert not missing, f"dashboard queries metrics /metrics does not export: {missing}"
+    # and every agreed metric has a panel
+    assert {re.sub(r"_(bucket|sum|count)$", "", n) for n in used} >= set(METRICS)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+async def test_promtool_accepts_the_exposition(traffic):
+    s = await scrape(traffic)
+    result = subprocess.run(["promtool", "check", "metrics"], input=s.text, text=True,
+                            capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
