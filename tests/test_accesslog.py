@@ -1,0 +1,142 @@
+"""The access log: one line per proxied request, JSON by default, text or off on request, and
+never a token (not from a header, not from the query string)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+from aiohttp import ClientSession, ClientTimeout
+
+from gateway.config import ServerConfig
+
+from harness import gateway_under_test, make_config
+from test_serve import Served, new_key, write_config
+
+FIELDS = ("time", "request_id", "method", "path", "status", "workspace", "key_id", "route",
+          "upstream", "bytes_in", "bytes_out")
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def config_with(upstream, access_log: str):
+    config = make_config(str(upstream.make_url("")))
+    return dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                  access_log=access_log))
+
+
+def json_lines(err: str) -> list[dict]:
+    return [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+
+
+async def test_json_lines_carry_every_field(redis_url, upstream, monkeypatch, capfd):
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, key = await g.key(scopes=["people:read", "people:write"])
+        capfd.readouterr()
+        async with g.proxy.post("/people", data=b"x" * 123,
+                                headers={**bearer(token), "X-Request-Id": "rid-post-1"}) as r:
+            assert r.status == 200
+            body = await r.read()
+        async with g.proxy.get("/people/1") as r:
+            assert r.status == 401
+            await r.read()
+        out, err = capfd.readouterr()
+    lines = json_lines(err)
+    assert len(lines) == 2, err
+    ok, refused = lines
+    for line in lines:
+        assert set(FIELDS) <= set(line), line
+        assert any(k.startswith("duration") and isinstance(v, (int, float)) and v >= 0
+                   for k, v in line.items()), line
+        assert time.strptime(line["time"], "%Y-%m-%dT%H:%M:%SZ")
+    assert ok["request_id"] == "rid-post-1" and ok["method"] == "POST"
+    assert ok["path"] == "/people" and ok["status"] == 200
+    assert ok["workspace"] == "acme" and ok["key_id"] == key["id"]
+    assert ok["route"] == "/people/**" and ok["upstream"] == "api"
+    assert ok["bytes_in"] == 123 and ok["bytes_out"] == len(body)
+    assert refused["status"] == 401 and refused["workspace"] is None and refused["key_id"] is None
+    assert refused["request_id"]  # generated, and the same one the client got
+    assert out == ""  # stdout stays clean
+
+
+async def test_no_token_in_the_log_from_header_or_query(redis_url, upstream, monkeypatch, capfd):
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        secret = token[-38:-6]
+        capfd.readouterr()
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        async with g.proxy.get("/people/1", headers={"X-Api-Key": token}) as r:
+            assert r.status == 200
+        async with g.proxy.get(f"/people/1?q=ada&token={token}&page=2",
+                               headers=bearer(token)) as r:
+            assert r.status == 400 and (await r.json())["error"]["code"] == "key_in_url"
+            rid = r.headers["X-Request-Id"]
+        _, err = capfd.readouterr()
+    assert token not in err and secret not in err
+    lines = json_lines(err)
+    assert len(lines) == 3
+    masked = next(line for line in lines if line["request_id"] == rid)
+    assert masked["path"] == "/people/1?q=ada&token=***&page=2"
+    assert masked["status"] == 400
+
+
+async def test_text_access_log_gives_one_plain_line_per_request(redis_url, upstream,
+                                                               monkeypatch, capfd):
+    async with gateway_under_test(config_with(upstream, "text"), redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, key = await g.key()
+        capfd.readouterr()
+        async with g.proxy.get(f"/people/1?x=1&k={token}", headers=bearer(token)) as r:
+            assert r.status == 400
+        async with g.proxy.get("/people/1", headers={**bearer(token), "X-Request-Id": "rid-t"}) as r:
+            assert r.status == 200
+        _, err = capfd.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 2, err
+    assert not any(line.lstrip().startswith("{") for line in lines)
+    assert token not in err
+    assert "GET /people/1?x=1&k=*** 400" in lines[0]
+    assert "GET /people/1 200" in lines[1] and "rid-t" in lines[1] and key["id"] in lines[1]
+
+
+async def test_access_log_off_writes_nothing(redis_url, upstream, monkeypatch, capfd):
+    async with gateway_under_test(config_with(upstream, "off"), redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        capfd.readouterr()
+        for headers in (bearer(token), {}):
+            async with g.proxy.get("/people/1", headers=headers) as r:
+                await r.read()
+        _, err = capfd.readouterr()
+    assert err.strip() == ""
+
+
+async def test_keygate_serve_writes_json_access_lines_to_stderr(tmp_path, upstream, redis_url):
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")),
+                                        access_log="json")
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=ClientTimeout(total=15)) as s:
+            token = await new_key(s, gw.admin)
+            async with s.get(gw.proxy + "/people/1", headers=bearer(token)) as r:
+                assert r.status == 200
+            async with s.get(gw.proxy + f"/people/1?token={token}") as r:
+                assert r.status == 400
+        assert gw.terminate() == 0
+        err = gw.stderr()
+    finally:
+        gw.close()
+    assert token not in err
+    lines = json_lines(err)
+    assert [(line["path"], line["status"]) for line in lines] == [
+        ("/people/1", 200), ("/people/1?token=***", 400)]
+    assert lines[0]["workspace"] == "acme"
