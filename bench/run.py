@@ -364,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
                         unavailable[t] = str(exc)
         for key, why in unavailable.items():
             print(f"  [{key}] {TARGET_NAMES[key]}: UNAVAILABLE — {why}")
+        for key in ORDER:
+            if key in targets and targets[key].note:
+                print(f"  [{key}] {targets[key].note}")
 
         helpers = [upstream_pid] + ([redis_pid] if redis_pid else [])
         runs: list[dict] = []
