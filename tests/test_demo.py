@@ -1,0 +1,109 @@
+"""``keygate demo`` as a user runs it: one command, a banner with tokens and curl lines, the
+curl lines do what the banner says, Ctrl-C stops everything (its redis-server included)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from aiohttp import ClientSession, ClientTimeout
+
+from test_serve import alive
+
+
+async def read_banner(proc: asyncio.subprocess.Process, timeout: float = 30) -> str:
+    """stdout up to the banner's last line (``export RO=... RW=...``)."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            raw = await asyncio.wait_for(proc.stdout.readline(), deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            break
+        if not raw:
+            break  # the demo exited
+        lines.append(raw.decode())
+        if raw.lstrip().startswith(b"export RO="):
+            return "".join(lines)
+    raise AssertionError(f"no banner from keygate demo: {''.join(lines)!r}")
+
+
+async def test_demo_banner_curls_work_and_ctrl_c_stops_everything():
+    cwd = tempfile.mkdtemp(prefix="kgd-", dir="/tmp")  # short: the store's unix socket is here
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KEYGATE_ADMIN_TOKEN", "PROMETHEUS_MULTIPROC_DIR")}
+    stderr = open(Path(cwd, "stderr.txt"), "wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "demo", cwd=cwd, env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=stderr)
+    redis_pid = None
+    try:
+        banner = await read_banner(proc)
+        proxy = re.search(r"^\s*proxy\s+(http://127\.0\.0\.1:\d+)", banner, re.M).group(1)
+        admin = re.search(r"^\s*admin\s+(http://127\.0\.0\.1:\d+)", banner, re.M).group(1)
+        ro = re.search(r"\bRO=(kg_live_[0-9A-Za-z]{50})\b", banner).group(1)
+        rw = re.search(r"\bRW=(kg_live_[0-9A-Za-z]{50})\b", banner).group(1)
+        admin_token = re.search(r"^\s*ADMIN=(\S+)", banner, re.M).group(1)
+        assert ro != rw
+        assert f"{proxy}/people/1" in banner and f"{proxy}/_keygate/v1/usage" in banner
+        redis_pid = int(Path(cwd, ".keygate-demo", "redis.pid").read_text().strip())
+
+        async with ClientSession(timeout=ClientTimeout(total=15)) as s:
+            # curl -s -H "Authorization: Bearer $RO" $PROXY/people/1
+            async with s.get(proxy + "/people/1", headers={"Authorization": f"Bearer {ro}"}) as r:
+                assert r.status == 200
+                person = await r.json()
+                assert person["name"] == "Ada Lovelace"
+                assert person["caller"]["workspace"] == "demo"
+                assert "people:read" in person["caller"]["scopes"]
+            # curl -s -X POST -H "Authorization: Bearer $RO" -d '{"name":"Alan"}' $PROXY/people
+            async with s.post(proxy + "/people", data=b'{"name":"Alan"}',
+                              headers={"Authorization": f"Bearer {ro}"}) as r:
+                assert r.status == 403
+                assert (await r.json())["error"]["code"] == "insufficient_scope"
+            # the read-write key may
+            async with s.post(proxy + "/people", data=b'{"name":"Alan"}',
+                              headers={"Authorization": f"Bearer {rw}"}) as r:
+                assert r.status == 201
+            # curl -s $PROXY/people/1
+            async with s.get(proxy + "/people/1") as r:
+                assert r.status == 401
+                assert (await r.json())["error"]["code"] == "missing_key"
+            # curl -s -H "Authorization: Bearer $RO" $PROXY/_keygate/v1/usage
+            async with s.get(proxy + "/_keygate/v1/usage",
+                             headers={"Authorization": f"Bearer {ro}"}) as r:
+                assert r.status == 200
+                usage = await r.json()
+                assert usage["workspace"] == "demo" and usage["plan"] == "starter"
+                assert usage["used"] == 2 and usage["limit"] == 1000
+            # the admin line works with the printed operator token
+            async with s.get(admin + "/admin/v1/workspaces/demo/keys",
+                             headers={"Authorization": f"Bearer {admin_token}"}) as r:
+                assert r.status == 200
+                assert len((await r.json())["items"]) >= 2
+
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        code = await asyncio.wait_for(proc.wait(), 15)
+        assert code == 0
+        deadline = time.monotonic() + 10
+        while alive(redis_pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not alive(redis_pid), "keygate demo left its redis-server running"
+        err = Path(cwd, "stderr.txt").read_text(errors="replace")
+        assert "Traceback" not in err
+        assert ro not in err and rw not in err  # the access log names key ids, not tokens
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if redis_pid is not None and alive(redis_pid):
+            os.kill(redis_pid, signal.SIGKILL)
+        stderr.close()
+        shutil.rmtree(cwd, ignore_errors=True)
