@@ -88,7 +88,11 @@ async def running_gateway(config: Config, store_url: str, *,
 
     metrics = metrics or Metrics(workspace_labels=config.server.metrics_workspace_labels)
     store = await Store.connect(store_url, config, clock=clock)
-    requests = RequestStore(store_url, timeout=config.store.timeout)
+    try:
+        requests = RequestStore(store_url, timeout=config.store.timeout)
+    except ValueError as exc:  # e.g. a database number that is not a number
+        await store.close()
+        raise StoreError(f"bad store URL: {exc}") from exc
     forwarder = Forwarder(config)
     forwarder.on_upstream = lambda name, seconds: \
         metrics.upstream_duration.labels(name).observe(seconds)
@@ -145,6 +149,15 @@ async def _serve(config: Config, store_url: str, reuse_port: bool) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    try:
+        return await _serve_gateway(config, store_url, reuse_port, stop)
+    except StoreError as exc:  # raised while opening the store clients: one line, no traceback
+        print(f"keygate: cannot use the store at {redact(store_url)}: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
+                         stop: asyncio.Event) -> int:
     async with running_gateway(config, store_url) as gw:
         try:
             ready = await gw.store.ping()
