@@ -314,6 +314,12 @@ def test_unreachable_redis_is_one_line_without_password(tmp_path):
     assert "hunter2" not in line
 
 
+def test_store_url_the_client_refuses_is_one_line(tmp_path):
+    # passes `config check` today (it does not look at the database part), so serve must cope
+    config, _, _ = write_config(tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/abc")
+    assert_one_clear_line(run_serve(config), "store")
+
+
 def test_unwritable_data_dir_is_one_line(tmp_path):
     blocker = tmp_path / "afile"
     blocker.write_text("not a directory")
