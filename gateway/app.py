@@ -191,11 +191,51 @@ def _run_worker(config: Config, store_url: str, reuse_port: bool) -> int:
     return asyncio.run(_serve(config, store_url, reuse_port))
 
 
+def _preflight(config: Config, store_url: str) -> str | None:
+    """What every worker would fail on (store, ports), checked once before forking, so a bad
+    start says it in one line rather than once per worker. None when all is well."""
+    import socket
+
+    async def store_problem() -> str | None:
+        from .store import Store
+        try:
+            store = await Store.connect(store_url, config)
+        except StoreError as exc:
+            return f"cannot use the store at {redact(store_url)}: {exc}"
+        try:
+            RequestStore(store_url, timeout=config.store.timeout)
+        except ValueError as exc:
+            return f"cannot use the store at {redact(store_url)}: bad store URL: {exc}"
+        try:
+            ok = await store.ping()
+        finally:
+            await store.close()
+        return None if ok else f"cannot reach the store at {redact(store_url)}"
+
+    if problem := asyncio.run(store_problem()):
+        return problem
+    for host, port in ((config.server.host, config.server.port),
+                       (config.admin.host, config.admin.port)):
+        try:
+            for family, kind, proto, _, addr in socket.getaddrinfo(
+                    host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    probe.bind(addr)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def _supervise(config: Config, store_url: str, workers: int) -> int:
     """N worker processes sharing the listening ports (SO_REUSEPORT); SIGTERM stops all."""
     import shutil
     import tempfile
 
+    if problem := _preflight(config, store_url):
+        print(f"keygate: {problem}", file=sys.stderr)
+        return 1
     # Metrics aggregate across workers through prometheus-client's multiprocess mode: each
     # worker writes its samples to files in this directory; /metrics on any worker sums them.
     metrics_dir = tempfile.mkdtemp(prefix="keygate-metrics-")
