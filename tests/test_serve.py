@@ -264,8 +264,9 @@ async def test_sigterm_lets_an_in_flight_request_finish(tmp_path, slow_upstream,
 
 # --- bad starts: one clear line, non-zero exit, no traceback ------------------------------------
 
-def run_serve(config: Path, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+def run_serve(config: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config),
+                           *args],
                           capture_output=True, text=True, timeout=timeout, env=env(),
                           stdin=subprocess.DEVNULL, cwd=str(config.parent))
 
@@ -286,7 +287,8 @@ def test_bad_yaml_is_one_line_naming_the_file(tmp_path):
     assert_one_clear_line(run_serve(path), "broken.yaml")
 
 
-def test_port_in_use_is_one_line_naming_the_address(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_port_in_use_is_one_line_naming_the_address(tmp_path, workers):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -297,7 +299,8 @@ def test_port_in_use_is_one_line_naming_the_address(tmp_path):
             doc = yaml.safe_load(config.read_text())
             doc["server"]["port"] = port
             config.write_text(yaml.safe_dump(doc))
-            line = assert_one_clear_line(run_serve(config), f"127.0.0.1:{port}")
+            line = assert_one_clear_line(run_serve(config, "--workers", workers),
+                                         f"127.0.0.1:{port}")
             assert "in use" in line
             pid_file = Path(data_dir, "redis.pid")
             if pid_file.exists():  # the embedded store it started is stopped again
@@ -307,10 +310,11 @@ def test_port_in_use_is_one_line_naming_the_address(tmp_path):
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def test_unreachable_redis_is_one_line_without_password(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_unreachable_redis_is_one_line_without_password(tmp_path, workers):
     port = free_port()
     config, _, _ = write_config(tmp_path, redis_url=f"redis://:hunter2@127.0.0.1:{port}/0")
-    line = assert_one_clear_line(run_serve(config), f"127.0.0.1:{port}")
+    line = assert_one_clear_line(run_serve(config, "--workers", workers), f"127.0.0.1:{port}")
     assert "hunter2" not in line
 
 
