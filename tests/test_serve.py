@@ -369,7 +369,13 @@ async def test_two_workers_share_one_port_metrics_and_stop_together(tmp_path, sl
                     async with fresh.get(gw.admin + "/metrics",
                                          headers={"Connection": "close"}) as r:
                         assert r.status == 200
-                        assert requests_total(await r.text()) == sent
+                        text = await r.text()
+                        assert requests_total(text) == sent
+                        month = [s.value for f in text_string_to_metric_families(text)
+                                 for s in f.samples
+                                 if s.name == "keygate_workspace_month_requests"
+                                 and s.labels.get("workspace") == "acme"]
+                        assert month == [3]  # the three /people/1 forwards, read from Redis
         assert await asyncio.to_thread(gw.terminate) == 0
         assert "Traceback" not in gw.stderr()
         deadline = time.monotonic() + 10
