@@ -94,8 +94,7 @@ async def running_gateway(config: Config, store_url: str, *,
         await store.close()
         raise StoreError(f"bad store URL: {exc}") from exc
     forwarder = Forwarder(config)
-    forwarder.on_upstream = lambda name, seconds: \
-        metrics.upstream_duration.labels(name).observe(seconds)
+    forwarder.on_upstream = metrics.observe_upstream
     auth = Authenticator(config, store, requests, metrics, clock=clock)
     try:
         await forwarder.start()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from .errors import TooManyRequests, invalid_token
 from .hotpath import RequestStore
 from .limits import key_rate_limit
 from .models import KeyRecord, Principal, Workspace
-from .tokens import ParsedToken, SecretHasher
+from .tokens import MalformedToken, ParsedToken, SecretHasher, parse_token
 
 MAX_CACHED_KEYS = 100_000
 
@@ -40,7 +39,7 @@ class CachedKey:
     principal: Principal
     plan: Plan | None
     rate: RateLimit | None
-    secret_digest: bytes
+    secret_digest: bytes   # SHA-256 of the verified token (the cache key)
     verified_until: float  # time.monotonic() deadline for the argon2 verification
 
     @property
@@ -48,8 +47,10 @@ class CachedKey:
         return self.plan.monthly_requests if self.plan else None
 
 
-def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
+def token_digest(raw_token: str) -> bytes:
+    """What the cache is keyed by: SHA-256 of the whole token. The token itself is never kept;
+    a token that once verified is known well-formed, so a hit skips parsing it again."""
+    return hashlib.sha256(raw_token.encode("utf-8", "surrogateescape")).digest()
 
 
 class Authenticator:
@@ -63,30 +64,39 @@ class Authenticator:
         a = config.keys.argon2
         self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="argon2")
-        self.cache: dict[str, CachedKey] = {}
-        self._inflight: dict[tuple[str, bytes], asyncio.Future] = {}
+        self.cache: dict[bytes, CachedKey] = {}       # token digest → verified key
+        self._by_key_id: dict[str, bytes] = {}        # key id → its token digest
+        self._inflight: dict[bytes, asyncio.Future] = {}
+        self._prefix = config.keys.prefix
+        self._environments = frozenset(config.keys.environments)
+        self._hit = metrics.key_cache.labels("hit") if metrics else None
+        self._miss = metrics.key_cache.labels("miss") if metrics else None
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # --- the step the pipeline awaits ---------------------------------------------------------
 
-    async def authenticate(self, token: ParsedToken, client_ip: str) -> CachedKey:
-        """The verified key for ``token``, or a named error. Does not judge expiry/revocation."""
-        digest = _digest(token.secret)
-        entry = self.cache.get(token.key_id)
-        if entry is not None and time.monotonic() < entry.verified_until \
-                and hmac.compare_digest(entry.secret_digest, digest):
-            if self.metrics:
-                self.metrics.key_cache.labels("hit").inc()
+    async def authenticate(self, raw_token: str, client_ip: str) -> CachedKey:
+        """The verified key for ``raw_token``, or a named error (malformed, invalid, throttled).
+
+        Does not judge expiry or revocation: the pipeline does, against the store."""
+        digest = token_digest(raw_token)
+        entry = self.cache.get(digest)
+        if entry is not None and time.monotonic() < entry.verified_until:
+            if self._hit is not None:
+                self._hit.inc()
             return entry
-        if self.metrics:
-            self.metrics.key_cache.labels("miss").inc()
-        flight = (token.key_id, digest)
-        if (fut := self._inflight.get(flight)) is not None:
+        try:  # only tokens that never verified get here: shape, checksum, environment
+            token = parse_token(raw_token, self._prefix, self._environments)
+        except MalformedToken as exc:
+            raise invalid_token("malformed_key", f"The API key is malformed: {exc}.") from None
+        if self._miss is not None:
+            self._miss.inc()
+        if (fut := self._inflight.get(digest)) is not None:
             return await asyncio.shield(fut)
         fut = asyncio.get_running_loop().create_future()
-        self._inflight[flight] = fut
+        self._inflight[digest] = fut
         try:
             entry = await self._verify(token, digest, client_ip)
             fut.set_result(entry)
@@ -99,17 +109,15 @@ class Authenticator:
             fut.exception()  # followers re-raise it; nobody else needs to retrieve it
             raise
         finally:
-            del self._inflight[flight]
+            del self._inflight[digest]
 
     async def refresh(self, entry: CachedKey) -> CachedKey | None:
         """Re-read a key whose stored revision moved on. None when it no longer exists."""
         key = await self.store.get_key(entry.key.workspace, entry.key.id)
-        if key is None:
-            self.cache.pop(entry.key.id, None)
-            return None
-        fresh = await self._load(key, entry.secret_digest, entry.verified_until)
+        fresh = None if key is None else \
+            await self._load(key, entry.secret_digest, entry.verified_until)
         if fresh is None:
-            self.cache.pop(entry.key.id, None)
+            self._forget(entry)
             return None
         self._remember(fresh)
         return fresh
@@ -153,7 +161,14 @@ class Authenticator:
 
     def _remember(self, entry: CachedKey) -> None:
         cache = self.cache
-        cache.pop(entry.key.id, None)
+        if (old := self._by_key_id.pop(entry.key.id, None)) is not None:
+            cache.pop(old, None)
         if len(cache) >= MAX_CACHED_KEYS:  # drop the oldest entry (dicts keep insertion order)
-            del cache[next(iter(cache))]
-        cache[entry.key.id] = entry
+            self._forget(cache[next(iter(cache))])
+        cache[entry.secret_digest] = entry
+        self._by_key_id[entry.key.id] = entry.secret_digest
+
+    def _forget(self, entry: CachedKey) -> None:
+        self.cache.pop(entry.secret_digest, None)
+        if self._by_key_id.get(entry.key.id) == entry.secret_digest:
+            del self._by_key_id[entry.key.id]

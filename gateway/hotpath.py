@@ -12,7 +12,7 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 from .errors import StoreError
-from .resp import RespClient, RespError
+from .resp import RespClient, RespError, _encode
 from .store import fail_ip_key, fail_key_key, key_key, rate_key, usage_key, ws_key
 
 
@@ -22,6 +22,7 @@ def _script(name: str) -> tuple[str, str]:
 
 
 AUTHORIZE, AUTHORIZE_SHA = _script("authorize.lua")
+_AUTHORIZE_ARGS = 9
 
 RECORD_FAILURE = """
 local n = redis.call('INCR', KEYS[1])
@@ -55,6 +56,7 @@ class RequestStore:
     def __init__(self, url: str, *, timeout: float = 2.0) -> None:
         self.url = url
         self._tag, self._seq = os.urandom(4).hex(), 0  # rate-log members unique across replicas
+        self._heads: dict[tuple[str, str, str], bytes] = {}
         self._resp: RespClient | None = None
         self._redis: Any = None
         if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
@@ -95,13 +97,29 @@ class RequestStore:
                         count: bool, rate_limit: int, rate_period_ms: int,
                         monthly_limit: int | None, period: str, counter_ttl: int,
                         now_ms: int) -> Decision:
-        reply = await self._evalsha(
-            AUTHORIZE_SHA, AUTHORIZE,
-            (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
-             rate_key(workspace, key_id)),
-            (now_ms, key_rev, ws_rev, "count" if count else "check", rate_limit,
-             rate_period_ms, -1 if monthly_limit is None else monthly_limit, counter_ttl,
-             self._member(now_ms)))
+        args = (now_ms, key_rev, ws_rev, "count" if count else "check", rate_limit,
+                rate_period_ms, -1 if monthly_limit is None else monthly_limit, counter_ttl,
+                self._member(now_ms))
+        reply = None
+        if self._resp is not None:
+            # The command's first half (EVALSHA, sha, the four keys) is the same for every
+            # request of a key in a month: encode it once.
+            head = self._heads.get((workspace, key_id, period))
+            if head is None:
+                head = self._authorize_head(workspace, key_id, period)
+            tail = "".join([f"${len(a)}\r\n{a}\r\n" for a in map(str, args)])
+            try:
+                reply = await self._resp.call_encoded(head + tail.encode())
+            except RespError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise StoreError(f"store call failed: {exc.__class__.__name__}") from exc
+            except Exception as exc:  # connection lost or timed out: the store failed
+                raise StoreError(f"store call failed: {exc.__class__.__name__}") from exc
+        if reply is None:
+            reply = await self._evalsha(
+                AUTHORIZE_SHA, AUTHORIZE,
+                (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
+                 rate_key(workspace, key_id)), args)
         outcome = reply[0]
         if outcome == b"ok":
             if len(reply) == 2:
@@ -114,6 +132,16 @@ class RequestStore:
         if outcome == b"quota":
             return Decision("quota", month_used=reply[1])
         raise StoreError("unexpected answer from the authorize script")
+
+    def _authorize_head(self, workspace: str, key_id: str, period: str) -> bytes:
+        keys = (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
+                rate_key(workspace, key_id))
+        head = _encode(("EVALSHA", AUTHORIZE_SHA, len(keys), *keys))
+        head = b"*%d" % (3 + len(keys) + _AUTHORIZE_ARGS) + head[head.index(b"\r\n"):]
+        if len(self._heads) > 100_000:
+            self._heads.clear()
+        self._heads[(workspace, key_id, period)] = head
+        return head
 
     async def failure_counts(self, ip: str, key_id: str) -> tuple[int, int]:
         """Failed verifications in the current window: (from this IP, against this key id)."""

@@ -50,7 +50,38 @@ class Metrics:
                                  "The workspace plan's monthly request quota (absent when "
                                  "unlimited); read at scrape time.", ["workspace"], registry=r,
                                  multiprocess_mode="mostrecent")
+        self._per_request: dict[tuple, tuple] = {}
+        self._per_upstream: dict[str, object] = {}
         for result in ("hit", "miss"):
             self.key_cache.labels(result)
         for result in ("ok", "fail"):
             self.argon2.labels(result)
+
+    # Hot-path helpers: labelled children are looked up once per label set and kept, since
+    # ``.labels()`` takes a lock and builds a key on every call.
+
+    def observe_request(self, route: str, method: str, status: int, workspace: str | None,
+                        elapsed: float) -> None:
+        key = (route, method, status, workspace)
+        children = self._per_request.get(key)
+        if children is None:
+            if method not in _METHODS:
+                method = "OTHER"  # clients choose methods: keep the label set bounded
+            labels = [route, method, f"{status // 100}xx"]
+            if self.workspace_labels:
+                labels.append(workspace or "")
+            children = (self.requests.labels(*labels), self.request_duration.labels(route))
+            if len(self._per_request) < 10_000:
+                self._per_request[key] = children
+        children[0].inc()
+        children[1].observe(elapsed)
+
+    def observe_upstream(self, upstream: str, seconds: float) -> None:
+        child = self._per_upstream.get(upstream)
+        if child is None:
+            child = self._per_upstream[upstream] = self.upstream_duration.labels(upstream)
+        child.observe(seconds)
+
+
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
+                      "CONNECT"))

@@ -28,7 +28,6 @@ from .hotpath import Decision, RequestStore
 from .limits import MonthCache, ratelimit_headers
 from .models import rfc3339
 from .routes import RouteTable, check_path, query_has_token
-from .tokens import MalformedToken, ParsedToken, parse_token
 
 log = logging.getLogger("keygate.proxy")
 access_log = logging.getLogger("keygate.access")
@@ -63,7 +62,6 @@ class Pipeline:
         self.fail_open = config.store.on_store_error == "open"
         self.local_counts: dict[tuple[str, str], int] = {}  # (workspace, period) → requests
         self._prefix = config.keys.prefix
-        self._environments = frozenset(config.keys.environments)
         self._key_headers = tuple(h.lower() for h in config.keys.headers)
         self._trusted = tuple(ipaddress.ip_network(p, strict=False)
                               for p in config.server.trusted_proxies)
@@ -112,8 +110,11 @@ class Pipeline:
 
     # --- steps --------------------------------------------------------------------------------
 
-    def credential(self, request: web.BaseRequest) -> ParsedToken:
-        """The one token this request carries (missing / malformed / ambiguous otherwise)."""
+    def credential(self, request: web.BaseRequest) -> str:
+        """The one token this request carries (missing / malformed / ambiguous otherwise).
+
+        Its shape and checksum are checked by ``Authenticator.authenticate``, only for tokens
+        not already verified in this process."""
         found: list[str] = []
         repeated = False
         seen_headers: set[str] = set()
@@ -136,12 +137,9 @@ class Pipeline:
             raise errors.ambiguous_key("The API key header was sent more than once.")
         if any(v != found[0] for v in found[1:]):
             raise errors.ambiguous_key("Two different API keys were sent; send exactly one.")
-        try:
-            return parse_token(found[0], self._prefix, self._environments)
-        except MalformedToken as exc:
-            raise errors.invalid_token("malformed_key", f"The API key is malformed: {exc}.") from None
+        return found[0]
 
-    async def authenticate(self, token: ParsedToken, request: web.BaseRequest) -> CachedKey:
+    async def authenticate(self, token: str, request: web.BaseRequest) -> CachedKey:
         try:
             return await self.auth.authenticate(token, self.client_ip(request))
         except StoreError as exc:
@@ -310,13 +308,8 @@ class Pipeline:
         m = self.metrics
         route = outcome.route or "(none)"
         if m is not None:
-            status_class = f"{response.status // 100}xx"
-            if m.workspace_labels:
-                m.requests.labels(route, request.method, status_class,
-                                  outcome.workspace or "").inc()
-            else:
-                m.requests.labels(route, request.method, status_class).inc()
-            m.request_duration.labels(route).observe(elapsed)
+            m.observe_request(route, request.method, response.status,
+                              outcome.workspace if m.workspace_labels else None, elapsed)
             if outcome.code is not None and response.status in (401, 403, 429) or \
                     outcome.code in ("ambiguous_key", "key_in_url"):
                 m.auth_failures.labels(outcome.code).inc()

@@ -29,6 +29,22 @@ class RespError(Exception):
 
 
 def _encode(args: tuple[Any, ...]) -> bytes:
+    """RESP array of bulk strings. The hot path's arguments are ASCII str and int: one
+    f-string pass and one encode; anything else takes the general path."""
+    try:
+        text = f"*{len(args)}\r\n" + "".join(
+            [f"${len(a)}\r\n{a}\r\n" if a.__class__ is str else
+             f"${len(str(a))}\r\n{a}\r\n" if a.__class__ is int else _NOT_FAST
+             for a in args])
+        return text.encode("ascii")
+    except (TypeError, UnicodeEncodeError):
+        return _encode_general(args)
+
+
+_NOT_FAST = object()
+
+
+def _encode_general(args: tuple[Any, ...]) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for a in args:
         if not isinstance(a, bytes):
@@ -177,12 +193,28 @@ class RespClient:
             proto = await self._connection()
         return await self._send(proto, args)
 
+    def call_encoded(self, command: bytes) -> "asyncio.Future[Any]":
+        """Like ``call``, for a command already encoded as RESP."""
+        proto = self._proto
+        if proto is None or proto.closed:
+            return asyncio.ensure_future(self._encoded_after_connect(command))
+        return self._send_encoded(proto, command)
+
+    async def _encoded_after_connect(self, command: bytes) -> Any:
+        proto = self._proto
+        if proto is None or proto.closed:
+            proto = await self._connection()
+        return await self._send_encoded(proto, command)
+
     def _send(self, proto: _Protocol, args: tuple[Any, ...]) -> "asyncio.Future[Any]":
+        return self._send_encoded(proto, _encode(args))
+
+    def _send_encoded(self, proto: _Protocol, command: bytes) -> "asyncio.Future[Any]":
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         if not proto.out:
             loop.call_soon(proto.flush)
-        proto.out.append(_encode(args))
+        proto.out.append(command)
         proto.waiting.append((fut, time.monotonic()))
         return fut
 

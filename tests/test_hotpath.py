@@ -119,3 +119,13 @@ async def test_store_down_is_a_store_error(own_redis):
     with pytest.raises(StoreError):
         await authorize(store)
     await store.close()
+
+
+async def test_authorize_survives_a_script_flush(redis_url):
+    seed(redis_url)
+    store = RequestStore(redis_url)
+    assert (await authorize(store)).outcome == "ok"
+    redis.Redis.from_url(redis_url).script_flush()  # e.g. a Redis restart or failover
+    assert (await authorize(store)).outcome == "ok"
+    assert (await authorize(store)).month_used == 3
+    await store.close()
