@@ -300,11 +300,10 @@ class KeyOps:
         key = await self.store.require_key(self.ws, self._key_id(key_id))
         if self.limit_scopes is not None:  # a rotation hands out a token with the key's scopes
             self._within_limit(await self.store.effective_scopes(self.ws, key), "rotate a key with")
-        old, new = await self.store.rotate_key(self.ws, key_id, grace_seconds=grace,
-                                               actor=self.actor)
-        roles = await self.store.workspace_roles(self.ws)
-        return _json({"key": await self.key_json(new.key, roles), "token": new.token,
-                      "previous": await self.key_json(old, roles)}, 201)
+        _old, new = await self.store.rotate_key(self.ws, key_id, grace_seconds=grace,
+                                                actor=self.actor)
+        # SPEC: 201 {"key", "token"} -- exactly those two; the old key is read with GET.
+        return _json({"key": await self.key_json(new.key), "token": new.token}, 201)
 
 
 # --- the admin app -----------------------------------------------------------------------------
