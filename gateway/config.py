@@ -56,7 +56,7 @@ class AdminConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    redis_url: str = "embedded"                # embedded | redis://… | rediss://… | unix://… | redis+cluster://…
+    redis_url: str = "embedded"                # embedded | redis://… | rediss://… | unix://… | redis+sentinel://… | redis+cluster://… (gateway/redis_urls.py)
     data_dir: str = ".keygate-data"
     on_store_error: str = "closed"             # closed | open
     timeout: float = 2.0                       # seconds per store call before it counts as down
@@ -590,6 +590,15 @@ class _Reader:
         if url is BAD or url == "embedded":
             return url
         scheme = url.partition("://")[0].lower() if "://" in url else ""
+        if scheme in ("redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster"):
+            # Sentinel / Cluster: host lists and /<master-name>; gateway.redis_urls knows them
+            # (its messages never repeat a password).
+            from .redis_urls import parse_topology_url
+            try:
+                parse_topology_url(url)
+            except ValueError as exc:
+                return self.fail(node, path, str(exc))
+            return url
         if scheme not in REDIS_SCHEMES:
             return self.fail(node, path, "must be 'embedded' or a URL with scheme "
                                          f"{', '.join(s + '://' for s in REDIS_SCHEMES)}"
@@ -605,6 +614,16 @@ class _Reader:
                                              "unix:///run/redis.sock")
         elif not parts.hostname:
             return self.fail(node, path, f"a {scheme}:// URL needs a host")
+        else:
+            # The path is the database number (redis-py reads it as such and refuses anything
+            # else at connect time, too late for "the gateway never starts on a bad config").
+            db = parts.path.removeprefix("/")
+            if db and not db.isdigit():
+                return self.fail(node, path, f"the path of a {scheme}:// URL is the database "
+                                             f"number (e.g. {scheme}://host:6379/0), got "
+                                             f"'{parts.path[:32]}'")
+            if db and scheme.endswith("+cluster") and int(db) != 0:
+                return self.fail(node, path, "Redis Cluster has only database 0")
         return url
 
     def keys(self, node: Node | None) -> KeysConfig:
