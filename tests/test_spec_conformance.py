@@ -499,3 +499,84 @@ async def test_cli_config_check_path(tmp_path, capsys):
     assert await asyncio.to_thread(main, ["config", "check", str(bad)]) == 1
     err = capsys.readouterr().err
     assert f"{bad}:2: store.redis_url" in err
+
+
+# --- proxy listener: the error table's exact codes and headers ------------------------------------
+
+async def test_proxy_error_table_codes_and_rfc6750_challenges(gut, upstream):
+    await gut.workspace()
+    token, _ = await gut.key()
+    bearer = {"Authorization": f"Bearer {token}"}
+    realm = 'Bearer realm="keygate"'
+    status, body, h = await call(gut.proxy, "GET", "/people")
+    assert_error(status, body, h, 401, "missing_key")
+    assert h["WWW-Authenticate"] == realm
+    for auth in ("Basic abc", "Bearer kg_live_nonsense", "Bearer " + token[:-1] + "x"):
+        status, body, h = await call(gut.proxy, "GET", "/people", headers={"Authorization": auth})
+        assert_error(status, body, h, 401, "malformed_key")
+        assert h["WWW-Authenticate"] == realm + ', error="invalid_token"'
+    status, body, h = await call(gut.proxy, "GET", "/people",
+                                 headers={"Authorization": f"Bearer {token}",
+                                          "X-Api-Key": (await gut.key(name="third"))[0]})
+    assert_error(status, body, h, 400, "ambiguous_key")
+    assert h["WWW-Authenticate"] == realm + ', error="invalid_request"'
+    status, body, h = await call(gut.proxy, "POST", "/people", headers=bearer)
+    assert_error(status, body, h, 403, "insufficient_scope")
+    assert h["WWW-Authenticate"] == realm + ', error="insufficient_scope", scope="people:write"'
+    status, body, h = await call(gut.proxy, "GET", "/nope", headers=bearer)
+    assert_error(status, body, h, 404, "no_route")
+    status, body, h = await call(gut.proxy, "GET", "/people;x=1", headers=bearer)
+    assert_error(status, body, h, 400, "bad_path")
+    status, body, h = await call(gut.proxy, "GET", f"/people?api_key={token}")
+    assert_error(status, body, h, 400, "key_in_url")
+    wrong = token[:20] + ("A" if token[20] != "A" else "B") + token[21:-6]
+    from gateway.tokens import checksum
+    wrong += checksum(wrong)
+    status, body, h = await call(gut.proxy, "GET", "/people",
+                                 headers={"Authorization": f"Bearer {wrong}"})
+    assert_error(status, body, h, 401, "invalid_key")
+    assert h["WWW-Authenticate"] == realm + ', error="invalid_token"'
+    assert token not in json.dumps(body)
+    assert all("/nope" not in r["raw_path"] and ";" not in r["raw_path"]
+               for r in upstream.requests)
+
+
+async def test_forwarded_response_carries_monthly_ratelimit_fields(gut):
+    await gut.workspace()
+    token, _ = await gut.key()
+    async with gut.proxy.get("/people", headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 200
+        policy, value = r.headers["RateLimit-Policy"], r.headers["RateLimit"]
+    assert re.fullmatch(r'"monthly";q=1000;w=\d+', policy), policy
+    assert re.fullmatch(r'"monthly";r=999;t=\d+', value), value
+
+
+async def test_rate_limited_429_has_retry_after_and_rate_policy(gut):
+    await gut.workspace("lim", plan="limited")   # 3/s
+    token, _ = await gut.key("lim")
+    auth = {"Authorization": f"Bearer {token}"}
+    statuses = []
+    for _ in range(4):
+        async with gut.proxy.get("/people", headers=auth) as r:
+            statuses.append(r.status)
+            last = r
+            body = await r.json()
+    assert statuses[:3] == [200, 200, 200] and statuses[3] == 429
+    assert body["error"]["code"] == "rate_limited"
+    assert int(last.headers["Retry-After"]) >= 1
+    assert '"rate";q=3;w=1' in last.headers["RateLimit-Policy"]
+
+
+async def test_quota_exceeded_429_counts_nothing(gut):
+    await gut.workspace("t", plan="tiny")        # 3 a month
+    token, _ = await gut.key("t")
+    auth = {"Authorization": f"Bearer {token}"}
+    for _ in range(3):
+        async with gut.proxy.get("/people", headers=auth) as r:
+            assert r.status == 200
+    for _ in range(2):
+        status, body, h = await call(gut.proxy, "GET", "/people", headers=auth)
+        assert_error(status, body, h, 429, "quota_exceeded")
+        assert int(h["Retry-After"]) >= 1
+    _, usage, _ = await call(gut.admin, "GET", "/admin/v1/workspaces/t/usage")
+    assert (usage["used"], usage["remaining"]) == (3, 0)
