@@ -83,6 +83,8 @@ class Pipeline:
             log.exception("unhandled error in request %s", request_id)
             outcome.code = "internal_error"
             response = GatewayError("Internal error.").response(request_id)
+        if not response.prepared and "X-Request-Id" not in response.headers:
+            response.headers["X-Request-Id"] = request_id  # keygate's own /_keygate/ answers
         self.observe(request, response, outcome, request_id, started)
         return response
 
@@ -262,9 +264,10 @@ class Pipeline:
             key, _ = await self.authorise(key, (), count=False)
             try:
                 usage = await self.store.usage(key.workspace.id)
+                current = await self.store.get_key(key.workspace.id, key.key.id) or key.key
             except StoreError as exc:
                 raise self._store_down() from exc
-            usage["key"] = key.key.to_json(tuple(sorted(key.principal.scopes)), self.clock())
+            usage["key"] = current.to_json(tuple(sorted(key.principal.scopes)), self.clock())
             return web.Response(body=json.dumps(usage).encode(), content_type="application/json")
         if raw_path == "/_keygate/v1/keys" or raw_path.startswith("/_keygate/v1/keys/"):
             token = self.credential(request)
