@@ -614,16 +614,15 @@ class _Reader:
                                              "unix:///run/redis.sock")
         elif not parts.hostname:
             return self.fail(node, path, f"a {scheme}:// URL needs a host")
-        else:
+        elif scheme in ("redis", "rediss"):
             # The path is the database number (redis-py reads it as such and refuses anything
             # else at connect time, too late for "the gateway never starts on a bad config").
+            # Sentinel/Cluster paths mean other things (gateway.redis_urls).
             db = parts.path.removeprefix("/")
             if db and not db.isdigit():
                 return self.fail(node, path, f"the path of a {scheme}:// URL is the database "
                                              f"number (e.g. {scheme}://host:6379/0), got "
                                              f"'{parts.path[:32]}'")
-            if db and scheme.endswith("+cluster") and int(db) != 0:
-                return self.fail(node, path, "Redis Cluster has only database 0")
         return url
 
     def keys(self, node: Node | None) -> KeysConfig:
