@@ -66,6 +66,7 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
     "upgrade", "proxy-authorization", "proxy-authenticate",
 })
+_HOP_BY_HOP_BYTES = frozenset(n.encode() for n in HOP_BY_HOP)
 _NO_BODY_STATUS = frozenset({204, 304})
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -405,19 +406,16 @@ class Forwarder:
     async def _stream_back_lean(self, request: web.BaseRequest, resp, request_id: str,
                                 response_headers: Mapping[str, str], upstream: Upstream,
                                 is_head: bool) -> web.StreamResponse:
-        named: frozenset[str] | set[str] = frozenset()
+        named: set[bytes] = set()
+        for raw_name, raw_value in resp.headers:
+            if raw_name.lower() == b"connection":
+                named.update(t.strip().lower() for t in raw_value.split(b",") if t.strip())
         out: CIMultiDict[str] = CIMultiDict()
         for raw_name, raw_value in resp.headers:
-            name = raw_name.decode("latin-1")
-            lname = name.lower()
-            value = raw_value.decode("utf-8", "surrogateescape")
-            if lname == "connection":
-                named = {t.strip().lower() for t in value.split(",") if t.strip()} | set(named)
-            out.add(name, value)
-        for name in list(out.keys()):
-            lname = name.lower()
-            if lname in HOP_BY_HOP or lname in named:
-                out.popall(name, None)
+            lname = raw_name.lower()
+            if lname in _HOP_BY_HOP_BYTES or lname in named:
+                continue
+            out.add(raw_name.decode("latin-1"), raw_value.decode("utf-8", "surrogateescape"))
         for name, value in response_headers.items():
             out[name] = value
         out["X-Request-Id"] = request_id
