@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime, timezone
 
 import pytest
 import redis
 
+from gateway.cli import main
 from harness import gateway_under_test, make_config
 
 
@@ -144,7 +146,7 @@ async def test_key_rate_limit_overrides_the_plans(gut):
     assert await statuses(gut, token, 3) == [200, 200, 429]
 
 
-async def test_usage_endpoint_counts_nothing_and_matches_admin(gut):
+async def test_usage_endpoint_counts_nothing_and_matches_admin_and_cli(gut, capsys):
     await gut.workspace("acme", plan="tiny")
     token, key = await gut.key()
     await statuses(gut, token, 2)
@@ -156,6 +158,11 @@ async def test_usage_endpoint_counts_nothing_and_matches_admin(gut):
     assert mine.pop("key")["id"] == key["id"]
     assert mine == admin
     assert admin["used"] == 2 and admin["remaining"] == 1 and admin["workspace"] == "acme"
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["usage", "--workspace", "acme", "--json", "--admin-url",
+                                          str(gut.admin_server.make_url("")).rstrip("/")])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == admin
 
 
 async def test_every_counter_keeps_an_expiry(gut, redis_url):

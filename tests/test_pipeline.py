@@ -333,7 +333,8 @@ def monitor_commands(url: str, started: threading.Event, stop_marker: str, out: 
 
 
 async def test_cached_key_costs_one_round_trip_and_no_argon2(gut, redis_url):
-    token, _ = await gut.key()
+    await gut.workspace("metered", plan="metered")  # a monthly quota and a rate limit apply
+    token, _ = await gut.key("metered")
     async with gut.proxy.get("/people/1", headers=bearer(token)) as r:  # cold: verifies once
         assert r.status == 200
     verified = gut.counter("keygate_argon2_verifications_total", result="ok")
@@ -348,6 +349,8 @@ async def test_cached_key_costs_one_round_trip_and_no_argon2(gut, redis_url):
     for _ in range(5):
         async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
             assert r.status == 200
+            assert '"rate";q=1000;w=1' in r.headers["RateLimit-Policy"]
+            assert '"monthly";q=100000' in r.headers["RateLimit-Policy"]
     redis.Redis.from_url(redis_url).echo("stop-monitor-marker")
     t.join(5)
     top_level = [c for c in commands if not c.startswith(("lua:", "HELLO", "CLIENT"))]
