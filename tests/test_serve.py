@@ -7,6 +7,7 @@ redis-server (embedded, or the session's), and stops what it started in a ``fina
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
 from aiohttp import ClientSession, ClientTimeout, web
 from prometheus_client.parser import text_string_to_metric_families
@@ -418,3 +420,36 @@ async def test_quota_is_exact_across_two_serve_processes(tmp_path, slow_upstream
     finally:
         a.close()
         b.close()
+
+
+async def test_counters_keep_their_expiry_when_a_gateway_is_killed_mid_run(tmp_path,
+                                                                           slow_upstream,
+                                                                           redis_url):
+    url, _ = slow_upstream
+    plan = {"monthly_requests": 100000, "max_keys": 5, "rate_limit": "1000/s"}
+    cfg, proxy_port, admin_port = write_config(tmp_path, redis_url=redis_url, upstream_url=url,
+                                               plan=plan)
+    served = Served(cfg, proxy_port, admin_port)
+    try:
+        await served.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, served.admin)
+            headers = {"Authorization": f"Bearer {token}"}
+            bad = {"Authorization": "Bearer " + token[:-38] + "Z" * 32 + token[-6:]}
+
+            async def one(h: dict[str, str]) -> None:
+                with contextlib.suppress(Exception):
+                    async with s.get(served.proxy + "/people/1", headers=h) as r:
+                        await r.read()
+            calls = [asyncio.ensure_future(one(headers if i % 4 else bad)) for i in range(60)]
+            await asyncio.sleep(0.3)
+            served.proc.kill()  # SIGKILL with requests in flight
+            await asyncio.gather(*calls)
+        served.proc.wait(10)
+    finally:
+        served.close()
+    client = redis.Redis.from_url(redis_url)
+    counters = [k for k in client.scan_iter("kg:*")
+                if k.startswith((b"kg:usage:", b"kg:rate:", b"kg:fail:"))]
+    assert any(k.startswith(b"kg:usage:") for k in counters)
+    assert all(client.pttl(k) > 0 for k in counters), [(k, client.pttl(k)) for k in counters]
