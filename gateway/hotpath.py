@@ -62,10 +62,10 @@ class RequestStore:
         if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
             self._resp = RespClient(url, timeout=timeout)
         else:
-            import redis.asyncio as aioredis  # Redis Cluster: redis-py routes by slot
-            self._redis = aioredis.RedisCluster.from_url(
-                "redis" + url.split("://", 1)[0].removeprefix("redis+cluster") + "://"
-                + url.split("://", 1)[1], socket_timeout=timeout)
+            # Sentinel (follows failovers) / Cluster (routes by slot): redis-py does it right.
+            # ValueError on a bad URL, like RespClient.
+            from .redis_urls import topology_client
+            self._redis = topology_client(url, timeout=timeout, decode_responses=False)
 
     def _member(self, now_ms: int) -> str:
         self._seq += 1

