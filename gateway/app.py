@@ -60,10 +60,20 @@ class _JsonErrorRequestHandler(RequestHandler):
 
 
 class ProxyServer(web.Server):
-    """The proxy listener's low-level server: one handler, no router, JSON parser errors."""
+    """A low-level aiohttp server whose parser errors are SPEC's JSON errors. The proxy
+    listener uses it directly (one handler, no router); the admin listener via AdminRunner."""
 
     def __call__(self) -> RequestHandler:
         return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class AdminRunner(web.AppRunner):
+    """``web.AppRunner`` for the admin app, with JSON answers to unparseable requests too."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return ProxyServer(server.request_handler, request_factory=server.request_factory,
+                           loop=server._loop, **server._kwargs)
 
 
 def redact(url: str) -> str:
@@ -122,7 +132,7 @@ async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.Bas
     """Bind the proxy and admin listeners. Raises ListenError naming the address."""
     config = gw.config
     proxy_runner = web.ServerRunner(gw.proxy_server, handle_signals=False, shutdown_timeout=30)
-    admin_runner = web.AppRunner(gw.admin_app, handle_signals=False, access_log=None)
+    admin_runner = AdminRunner(gw.admin_app, handle_signals=False, access_log=None)
     await proxy_runner.setup()
     await admin_runner.setup()
     runners = [proxy_runner, admin_runner]
