@@ -320,10 +320,9 @@ def test_unreachable_redis_is_one_line_without_password(tmp_path, workers):
     assert "hunter2" not in line
 
 
-def test_store_url_the_client_refuses_is_one_line(tmp_path):
-    # passes `config check` today (it does not look at the database part), so serve must cope
+def test_bad_store_url_is_one_line_naming_the_field(tmp_path):
     config, _, _ = write_config(tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/abc")
-    assert_one_clear_line(run_serve(config), "store")
+    assert_one_clear_line(run_serve(config), "store.redis_url")
 
 
 def test_unwritable_data_dir_is_one_line(tmp_path):
