@@ -426,3 +426,14 @@ async def test_error_bodies_hold_no_internals(gut):
     async with gut.proxy.get("/people/1", headers={"Authorization": "Bearer " + "x" * 500}) as r:
         text = await r.text()
         assert "Traceback" not in text and "Error(" not in text
+
+
+async def test_concurrent_first_requests_share_one_verification(gut):
+    token, _ = await gut.key()
+
+    async def one() -> int:
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            await r.read()
+            return r.status
+    assert await asyncio.gather(*(one() for _ in range(20))) == [200] * 20
+    assert gut.counter("keygate_argon2_verifications_total", result="ok") == 1
