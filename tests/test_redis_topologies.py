@@ -11,6 +11,8 @@ proxied requests, quota, revocation, listings and /metrics across nodes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any, Iterator
 import pytest
 import redis
 
+from gateway.app import _preflight
 from gateway.config import ConfigError, load_config
 from gateway.redis_urls import parse_topology_url, redact
 from gateway.tokens import make_token
@@ -258,11 +261,26 @@ async def test_sentinel_down_is_503_and_not_ready(upstream, monkeypatch) -> None
 CLUSTER_PW = "cluster-pw-89"
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) exists and is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[dict]:
     """Three password-protected masters, slots split by ``redis-cli --cluster create``."""
     servers = Servers(tmp_path)
-    ports = [free_port() for _ in range(3)]
+    ports = [_cluster_port() for _ in range(3)]
     try:
         for i, port in enumerate(ports):
             servers.start(f"node{i}", port, "--cluster-enabled", "yes", "--cluster-config-file",
@@ -379,3 +397,17 @@ async def test_cluster_unreachable_is_503_and_not_ready(upstream, monkeypatch) -
         assert await _status(gut, token) == (503, "store_unavailable")
         status, body = await gut.admin_json("GET", "/workspaces")
         assert status == 503, body
+
+
+# --- keygate serve's pre-fork check --------------------------------------------------------
+
+def test_serve_preflight_accepts_a_live_sentinel_and_names_a_dead_one(sentinel_group) -> None:
+    config = make_config("http://127.0.0.1:9")
+    config = dataclasses.replace(
+        config, server=dataclasses.replace(config.server, port=free_port()),
+        admin=dataclasses.replace(config.admin, port=free_port()))
+    assert _preflight(config, sentinel_group["url"]) is None
+    dead = f"redis+sentinel://:{DATA_PW}@127.0.0.1:{free_port()}/{MASTER}"
+    problem = _preflight(config, dead)
+    assert problem is not None and problem.startswith("cannot reach the store at ")
+    assert DATA_PW not in problem
