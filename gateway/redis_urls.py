@@ -97,9 +97,7 @@ def parse_topology_url(url: str) -> TopologyURL:
     if at:
         user, colon, pw = userinfo.partition(":")
         username = unquote(user) or None
-        password = unquote(pw) if colon else None
-        if password is None and username is not None:  # "secret@host": like redis-py, a password
-            username, password = None, username
+        password = unquote(pw) if colon else None  # "name@host": a user name, as in redis-py
     sentinel = scheme in SENTINEL_SCHEMES
     default_port = SENTINEL_PORT if sentinel else REDIS_PORT
     nodes = tuple(_node(h.strip(), default_port, scheme) for h in hostlist.split(","))
