@@ -16,7 +16,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
-from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -27,6 +26,7 @@ from .errors import BadRequest, ConfigError, GatewayError, StoreError
 from .hotpath import RequestStore
 from .metrics import Metrics
 from .pipeline import Pipeline
+from .redis_urls import redact
 
 log = logging.getLogger("keygate")
 
@@ -74,16 +74,6 @@ class AdminRunner(web.AppRunner):
         server = await super()._make_server()
         return ProxyServer(server.request_handler, request_factory=server.request_factory,
                            loop=server._loop, **server._kwargs)
-
-
-def redact(url: str) -> str:
-    """A store URL fit for messages: no password."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = parts.username or ""
-        parts = parts._replace(netloc=f"{user}:***@{netloc}")
-    return urlunsplit(parts)
 
 
 @contextlib.asynccontextmanager
@@ -212,7 +202,7 @@ def _preflight(config: Config, store_url: str) -> str | None:
         except StoreError as exc:
             return f"cannot use the store at {redact(store_url)}: {exc}"
         try:
-            RequestStore(store_url, timeout=config.store.timeout)
+            await RequestStore(store_url, timeout=config.store.timeout).close()
         except ValueError as exc:
             return f"cannot use the store at {redact(store_url)}: bad store URL: {exc}"
         try:

@@ -11,6 +11,8 @@ import os
 from importlib import resources
 from typing import Any, NamedTuple
 
+from redis.exceptions import NoScriptError
+
 from .errors import StoreError
 from .resp import RespClient, RespError, _encode
 from .store import fail_ip_key, fail_key_key, key_key, rate_key, usage_key, ws_key
@@ -87,7 +89,10 @@ class RequestStore:
                     if not str(exc).startswith("NOSCRIPT"):
                         raise
                     return await self._resp.call("EVAL", script, len(keys), *keys, *args)
-            return await self._redis.eval(script, len(keys), *keys, *args)
+            try:
+                return await self._redis.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:  # a fresh or newly promoted server: send the script once
+                return await self._redis.eval(script, len(keys), *keys, *args)
         except StoreError:
             raise
         except Exception as exc:  # connection lost, timeout, error reply: the store failed

@@ -579,12 +579,11 @@ async def test_quota_exceeded_429_counts_nothing(gut):
     assert (usage["used"], usage["remaining"]) == (3, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="app.py serves the admin app with a plain web.AppRunner, "
-                   "so requests aiohttp's HTTP parser refuses get aiohttp's text/plain 400 "
-                   "without X-Request-Id (the proxy listener uses _JsonErrorRequestHandler)")
 async def test_admin_listener_answers_unparseable_requests_with_the_json_error_body(gut):
     from aiohttp import web
-    runner = web.AppRunner(gut.gw.admin_app, handle_signals=False, access_log=None)  # as app.py
+
+    from gateway.app import AdminRunner
+    runner = AdminRunner(gut.gw.admin_app, handle_signals=False, access_log=None)  # as app.py
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
