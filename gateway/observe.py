@@ -3,6 +3,7 @@ time (so usage per workspace needs no per-request label)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -18,13 +19,21 @@ log = logging.getLogger("keygate")
 
 
 async def refresh_usage_gauges(metrics: Metrics, store, config: Config) -> None:
+    workspaces = await store.list_workspaces()
+    usages = []
+    for i in range(0, len(workspaces), 100):  # concurrent reads, 100 at a time
+        usages += await asyncio.gather(*(store.usage(w.id) for w in workspaces[i:i + 100]),
+                                       return_exceptions=True)
     metrics.month_requests.clear()
     metrics.month_limit.clear()
-    for workspace in await store.list_workspaces():
-        usage = await store.usage(workspace.id)
-        metrics.month_requests.labels(workspace.id).set(usage["used"])
+    for usage in usages:
+        if isinstance(usage, BaseException):  # e.g. a workspace deleted meanwhile
+            if isinstance(usage, StoreError):
+                raise usage
+            continue
+        metrics.month_requests.labels(usage["workspace"]).set(usage["used"])
         if usage["limit"] is not None:
-            metrics.month_limit.labels(workspace.id).set(usage["limit"])
+            metrics.month_limit.labels(usage["workspace"]).set(usage["limit"])
 
 
 def add_metrics_route(app: web.Application, metrics: Metrics, store, config: Config) -> None:
