@@ -145,17 +145,19 @@ def _banner(proxy: str, admin: str, admin_token: str, tokens: dict[str, str],
         f"  read-only   RO={ro}",
         f"  read-write  RW={rw}",
         "",
-        "Try:",
+        "Paste this first (the admin token is " + ("generated for this run; set "
+                                                  "KEYGATE_ADMIN_TOKEN to choose it):"
+                                                  if generated_admin_token
+                                                  else "your KEYGATE_ADMIN_TOKEN):"),
+        f"  export RO={ro} RW={rw} ADMIN={admin_token}",
+        "",
+        "Then try:",
         f"  curl -s -H \"Authorization: Bearer $RO\" {proxy}/people/1          # 200, identity injected",
         f"  curl -s -X POST -H \"Authorization: Bearer $RO\" -d '{{\"name\":\"Alan\"}}' {proxy}/people   # 403 insufficient_scope",
         f"  curl -s -X POST -H \"Authorization: Bearer $RW\" -d '{{\"name\":\"Alan\"}}' {proxy}/people   # 201",
         f"  curl -s {proxy}/people/1                                          # 401 missing_key",
         f"  curl -s -H \"Authorization: Bearer $RO\" {proxy}/_keygate/v1/usage   # month-to-date usage",
         f"  curl -s -H \"Authorization: Bearer $ADMIN\" {admin}/admin/v1/workspaces/demo/keys",
-        "",
-        f"  ADMIN={admin_token}" + ("   (generated for this run; set KEYGATE_ADMIN_TOKEN to choose)"
-                                   if generated_admin_token else "   (from KEYGATE_ADMIN_TOKEN)"),
-        f"  export RO={ro} RW={rw}",
         "",
     ]
     return "\n".join(lines)

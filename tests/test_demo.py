@@ -50,7 +50,7 @@ async def test_demo_banner_curls_work_and_ctrl_c_stops_everything():
         admin = re.search(r"^\s*admin\s+(http://127\.0\.0\.1:\d+)", banner, re.M).group(1)
         ro = re.search(r"\bRO=(kg_live_[0-9A-Za-z]{50})\b", banner).group(1)
         rw = re.search(r"\bRW=(kg_live_[0-9A-Za-z]{50})\b", banner).group(1)
-        admin_token = re.search(r"^\s*ADMIN=(\S+)", banner, re.M).group(1)
+        admin_token = re.search(r"\bADMIN=(\S+)", banner).group(1)
         assert ro != rw
         assert f"{proxy}/people/1" in banner and f"{proxy}/_keygate/v1/usage" in banner
         redis_pid = int(Path(cwd, ".keygate-demo", "redis.pid").read_text().strip())
