@@ -19,7 +19,7 @@ from test_serve import alive
 
 
 async def read_banner(proc: asyncio.subprocess.Process, timeout: float = 30) -> str:
-    """stdout up to the banner's last line (``export RO=... RW=...``)."""
+    """stdout up to the banner's last line (the admin listing curl)."""
     lines: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -30,7 +30,7 @@ async def read_banner(proc: asyncio.subprocess.Process, timeout: float = 30) -> 
         if not raw:
             break  # the demo exited
         lines.append(raw.decode())
-        if raw.lstrip().startswith(b"export RO="):
+        if b"/admin/v1/workspaces/demo/keys" in raw:
             return "".join(lines)
     raise AssertionError(f"no banner from keygate demo: {''.join(lines)!r}")
 
