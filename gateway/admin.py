@@ -76,11 +76,17 @@ def _string(data: Mapping[str, Any], field: str, max_len: int, *, required: bool
     if len(value) > max_len:
         raise BadRequest(f"The field '{field}' is too long ({len(value)} characters; "
                          f"at most {max_len}).")
-    if single_line and any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if single_line and any(ord(c) < 32 or 127 <= ord(c) <= 159 for c in value):
+        # C1 controls too: U+009B is a terminal CSI, and names reach `keygate keys list`
         raise BadRequest(f"The field '{field}' must not contain control characters "
                          "(newlines, tabs, ...).")
     if "\x00" in value:
         raise BadRequest(f"The field '{field}' must not contain NUL characters.")
+    try:  # JSON can carry lone surrogates ("\ud800"), which no store can hold as UTF-8
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"The field '{field}' is not valid Unicode text (it holds a lone "
+                         "surrogate).") from None
     return value
 
 

@@ -565,3 +565,76 @@ async def test_audit_rejects_bad_limit(admin, limit):
 
 async def test_audit_of_unknown_workspace_is_404(admin):
     await error(await admin.get("/admin/v1/workspaces/ghost/audit"), 404, "not_found")
+
+
+# --- review: hostile input ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("path,field", [
+    ("/admin/v1/workspaces", "name"),
+    ("/admin/v1/workspaces/acme/keys", "name"),
+    ("/admin/v1/workspaces/acme/keys", "description"),
+])
+async def test_lone_surrogates_and_c1_controls_in_strings_are_400_not_500(admin, path, field):
+    """JSON may carry "\\ud800" (a lone surrogate): it cannot be stored as UTF-8, which used to
+    escape as a 500 from the Redis client. C1 controls (U+009B is a terminal CSI) in one-line
+    names would reach the operator's terminal through `keygate keys list`."""
+    await workspace(admin)
+    raw = '{"name": "ok", "%s": "bad\\ud800"}' % field if field != "name" else \
+        '{"name": "bad\\ud800"}'
+    await error(await admin.post(path, data=raw), 400, "bad_request", field)
+    if field == "name":
+        await error(await admin.post(path, json={"name": "x\u009b31m"}), 400, "bad_request",
+                    field)
+    assert (await admin.get("/admin/v1/workspaces")).status == 200
+
+
+@pytest.mark.parametrize("limit", ["\u00b2", "\u0663", "9" * 5000, "+5", " 5"])
+async def test_audit_limit_is_ascii_digits_only_never_500(admin, limit):
+    """'²'.isdigit() is True but int('²') raises; 5000 digits exceed int()'s digit limit."""
+    await workspace(admin)
+    await error(await admin.get("/admin/v1/workspaces/acme/audit", params={"limit": limit}),
+                400, "bad_request", "limit")
+
+
+async def test_non_utf8_operator_header_is_401_not_500(admin):
+    """aiohttp decodes header bytes with surrogateescape; encoding them strictly raised a 500."""
+    host, port = admin.server.host, admin.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /admin/v1/workspaces HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer \xff\xfe-not-the-token\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+
+
+@pytest.mark.parametrize("path", ["/admin/v1/workspaces/acme/keys?state=active",
+                                  "/admin/v1/workspaces/acme/audit?limt=5",
+                                  "/admin/v1/workspaces?x=1"])
+async def test_unknown_query_parameters_are_400(admin, path):
+    """`?state=active` (a typo of status) used to list every key, revoked ones included: a
+    script acting on "the active keys" would act on all of them."""
+    await workspace(admin)
+    await error(await admin.get(path), 400, "bad_request")
+
+
+async def test_rotating_with_grace_cannot_grow_a_workspace_past_its_cap(admin):
+    """Rotating with a grace keeps the old key active: without a check, rotating the newest key
+    again and again minted any number of active keys on a plan with max_keys=3."""
+    await workspace(admin, plan="small")
+    key = (await new_key(admin))["key"]
+    await new_key(admin)
+    await new_key(admin)
+    resp = await admin.post(f"/admin/v1/workspaces/acme/keys/{key['id']}/rotate",
+                            json={"grace_seconds": 86400})
+    key = (await ok(resp, 201))["key"]   # one over the cap during a grace period is fine
+    resp = await admin.post(f"/admin/v1/workspaces/acme/keys/{key['id']}/rotate",
+                            json={"grace_seconds": 86400})
+    await error(resp, 409, "key_limit_reached")
+    active = await ok(await admin.get("/admin/v1/workspaces/acme/keys?status=active"))
+    assert len(active["items"]) == 4
+    # without a grace the old key is revoked at once: always possible
+    resp = await admin.post(f"/admin/v1/workspaces/acme/keys/{key['id']}/rotate")
+    await ok(resp, 201)
+    active = await ok(await admin.get("/admin/v1/workspaces/acme/keys?status=active"))
+    assert len(active["items"]) == 4
