@@ -502,7 +502,8 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
     async def audit(request: web.Request) -> web.Response:
         ws = await workspace_exists(request)
         text = request.query.get("limit", str(AUDIT_DEFAULT))
-        if not text.isdigit() or not 1 <= int(text) <= AUDIT_MAX:
+        # ASCII digits only: str.isdigit() admits '²' (int() refuses it) and '٣'
+        if not re.fullmatch(r"[0-9]{1,6}", text) or not 1 <= int(text) <= AUDIT_MAX:
             raise BadRequest(f"The query parameter 'limit' must be an integer from 1 to "
                              f"{AUDIT_MAX}.")
         return _json({"items": await store.audit(ws, int(text))})
