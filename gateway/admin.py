@@ -325,7 +325,7 @@ def check_operator(request: web.BaseRequest, config: Config, expected: str) -> N
     """The operator token (read from ``config.admin.token_env`` when the app is made), compared
     in constant time. With the variable unset or empty every call is refused: the admin API
     never runs open."""
-    if not expected:
+    if not expected.strip():
         raise Unauthorized(f"The admin API is disabled: the environment variable "
                            f"{config.admin.token_env} holding the operator token is not set "
                            "on the gateway.", headers={"WWW-Authenticate": _ADMIN_REALM})
@@ -333,7 +333,11 @@ def check_operator(request: web.BaseRequest, config: Config, expected: str) -> N
     if scheme.lower() != "bearer" or not given.strip():
         raise Unauthorized("Send the operator token as 'Authorization: Bearer <token>'.",
                            headers={"WWW-Authenticate": _ADMIN_REALM})
-    if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+    # aiohttp decodes header bytes with surrogateescape: encode the same way (a strict encode
+    # of a non-UTF-8 header raised, which answered 500); both sides without surrounding blanks
+    # (a token file written on Windows leaves a '\r' in the variable).
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given_bytes, expected.strip().encode("utf-8", "surrogateescape")):
         raise Unauthorized("The operator token is not valid.",
                            headers={"WWW-Authenticate": _ADMIN_REALM + ', error="invalid_token"'})
 
