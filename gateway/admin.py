@@ -159,6 +159,15 @@ def _per_second(rate: str) -> float:
     return limit.requests / limit.period_seconds
 
 
+def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None:
+    """Refuse query parameters an endpoint does not take: a typo such as ``?state=active``
+    must not silently answer as if no filter had been asked for."""
+    unknown = [p for p in query if p not in allowed]
+    if unknown:
+        takes = f"it takes: {', '.join(allowed)}" if allowed else "it takes none"
+        raise BadRequest(f"Unknown query parameter '{unknown[0][:64]}'; {takes}.")
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=json.dumps(data).encode(),
                         content_type="application/json")
@@ -372,6 +381,10 @@ def error_middleware(config: Config, *, authenticate: bool = True) -> Callable:
         try:
             if authenticate and request.path.startswith("/admin/"):
                 check_operator(request, config, expected)
+                resource = getattr(request.match_info.route, "resource", None)
+                if resource is not None:
+                    check_query(request.query, QUERY_PARAMS.get(
+                        (request.method, getattr(resource, "canonical", "")), ()))
             response = await handler(request)
         except GatewayError as err:
             response = err.response(rid)
@@ -392,6 +405,11 @@ def error_middleware(config: Config, *, authenticate: bool = True) -> Callable:
         return response
 
     return middleware
+
+
+QUERY_PARAMS = {("GET", "/admin/v1/workspaces/{ws}/keys"): ("status",),
+                ("GET", "/admin/v1/workspaces/{ws}/audit"): ("limit",)}
+"""The query parameters each admin endpoint takes; any other is a 400."""
 
 
 def create_admin_app(config: Config, store: Store) -> web.Application:
@@ -558,6 +576,7 @@ async def self_service(request: web.Request, principal: Principal, store: Store,
             raise MethodNotAllowed(f"Use {' or '.join(methods)} here.",
                                    headers={"Allow": ", ".join(methods)})
 
+    check_query(request.query, ("status",) if not parts and method == "GET" else ())
     if not parts:
         allow("GET", "POST")
         if method == "GET":

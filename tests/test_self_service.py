@@ -199,3 +199,9 @@ async def test_re_roling_or_editing_a_role_takes_effect_on_the_next_request(env)
     await env.store.update_key("acme", env.admin.key.id, role="reader")
     status, body = await status_and_body(await env.call("GET", ""))
     assert (status, body["error"]["code"]) == (403, "insufficient_scope")
+
+
+async def test_unknown_query_parameter_is_400(env):
+    """`?state=revoked` (typo of status) used to list every key of the workspace."""
+    resp = await env.call("GET", "?state=revoked")
+    assert resp.status == 400 and "state" in (await resp.json())["error"]["message"]
