@@ -563,6 +563,11 @@ class Store:
                 raise Conflict(f"Key '{key_id}' has expired and workspace '{ws}' already has "
                                f"the {self._max_keys(workspace)} active keys its plan allows.",
                                code="key_limit_reached")
+            if reply == "grace_limit":
+                raise Conflict(f"Workspace '{ws}' is already over the "
+                               f"{self._max_keys(workspace)} active keys its plan allows (a "
+                               "rotation's grace period is running); rotate without a grace, "
+                               "or revoke a key first.", code="key_limit_reached")
         raise StoreError("could not find a free key id")
 
     async def update_key(self, ws: str, key_id: str, *, name: Any = UNSET,

@@ -1,14 +1,17 @@
 -- Replace a key by a new one with the same settings, in one step: the new key is created and
 -- the old one revoked now (no grace) or set to expire at the end of the grace period.
--- Rotating an active key never fails on the plan's key cap (the new key replaces the old; during
--- a grace period the workspace can hold one key over its cap); rotating an expired key creates
--- a key like any other, so the cap applies.
+-- Rotating an active key without a grace never fails on the plan's key cap (the new key
+-- replaces the old). With a grace both stay active for a while, so the workspace may go one
+-- key over its cap, never more (else rotating the newest key again and again, each time with a
+-- grace, would mint any number of active keys). Rotating an expired key creates a key like any
+-- other, so the cap applies.
 -- KEYS[1] kg:ws:{ws}   KEYS[2] kg:ws:{ws}:keys   KEYS[3] kg:ws:{ws}:active
 -- KEYS[4] old key hash   KEYS[5] new key hash   KEYS[6] kg:ws:{ws}:audit
 -- ARGV[1] now   ARGV[2] max active keys (-1 = unlimited)   ARGV[3] new key's expiry score
 -- ARGV[4] new key id   ARGV[5] old key id   ARGV[6] end of grace (epoch s; '' = revoke now)
 -- ARGV[7] audit entry (JSON)   ARGV[8] audit stream cap   ARGV[9..] new key's field, value pairs
--- Returns 'ok' | 'no_workspace' | 'not_found' | 'revoked' | 'collision' | 'limit'.
+-- Returns 'ok' | 'no_workspace' | 'not_found' | 'revoked' | 'collision' | 'limit'
+-- (expired key, cap reached) | 'grace_limit' (grace asked, workspace already over its cap).
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
 local old = redis.call('HMGET', KEYS[4], 'id', 'revoked_at', 'expires_at')
 if not old[1] then return 'not_found' end
@@ -20,6 +23,9 @@ local old_exp = tonumber(old[3] or '')
 local expired = old_exp ~= nil and old_exp <= now
 local max = tonumber(ARGV[2])
 if expired and max >= 0 and redis.call('ZCARD', KEYS[3]) >= max then return 'limit' end
+if not expired and ARGV[6] ~= '' and max >= 0 and redis.call('ZCARD', KEYS[3]) > max then
+  return 'grace_limit'
+end
 
 if ARGV[6] == '' then
   redis.call('HSET', KEYS[4], 'revoked_at', ARGV[1])
