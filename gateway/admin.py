@@ -186,12 +186,26 @@ class KeyOps:
 
     ``limit_scopes`` is None for the operator; for a workspace key it holds that key's
     effective scopes, which bound every key it creates, re-binds or rotates.
+    ``limit_expires_at`` is the acting workspace key's own expiry (None: it never expires): no
+    key it creates, rotates or re-dates may outlive it, else a key given a day by the operator
+    could make itself (or a copy) permanent. It also may not extend the life of a key that holds
+    scopes it lacks itself.
     """
 
     def __init__(self, store: Store, config: Config, ws: str, actor: str = OPERATOR,
-                 limit_scopes: frozenset[str] | None = None) -> None:
+                 limit_scopes: frozenset[str] | None = None,
+                 limit_expires_at: float | None = None) -> None:
         self.store, self.config, self.ws = store, config, ws
         self.actor, self.limit_scopes = actor, limit_scopes
+        self.limit_expires_at = limit_expires_at
+
+    def _within_lifetime(self, expires_at: float | None) -> None:
+        if self.limit_scopes is None or self.limit_expires_at is None:
+            return
+        if expires_at is None or expires_at > self.limit_expires_at:
+            raise Forbidden(f"The field 'expires_at' may not be later than the acting key's own "
+                            f"expiry ({rfc3339(self.limit_expires_at)}): a key cannot create "
+                            "or extend a key that outlives it.")
 
     async def key_json(self, key: KeyRecord,
                        roles: Mapping[str, tuple[str, ...]] | None = None) -> dict:
@@ -257,6 +271,10 @@ class KeyOps:
             expires_at = parse_expires_at(data["expires_at"], now, nullable=True)
         elif (expires_in := _integer(data, "expires_in", 1)) is not None:
             expires_at = now + expires_in
+        if self.limit_scopes is not None and self.limit_expires_at is not None \
+                and expires_at is None:
+            expires_at = self.limit_expires_at  # a new key inherits the acting key's expiry
+        self._within_lifetime(expires_at)
         rate_limit = parse_rate(data.get("rate_limit"))
         if rate_limit is not None and self.limit_scopes is not None:
             await self._rate_within_plan(rate_limit)
@@ -299,10 +317,21 @@ class KeyOps:
                 changes["role"] = role
             else:
                 changes["scopes"] = scopes
-        await self.store.require_key(self.ws, key_id)  # 404 before anything is attempted
+        current = await self.store.require_key(self.ws, key_id)  # 404 before anything else
+        if "expires_at" in changes and self.limit_scopes is not None:
+            await self._may_redate(current, changes["expires_at"])
         key = await self.store.update_key(self.ws, key_id, actor=self.actor,
                                           **{f: changes.get(f, UNSET) for f in PATCH_FIELDS})
         return _json(await self.key_json(key))
+
+    async def _may_redate(self, key: KeyRecord, expires_at: float | None) -> None:
+        """Self-service: never past the acting key's own expiry; and a key holding scopes the
+        actor lacks may be brought forward, not extended."""
+        self._within_lifetime(expires_at)
+        extends = key.expires_at is not None and (expires_at is None or expires_at > key.expires_at)
+        if extends:
+            self._within_limit(await self.store.effective_scopes(self.ws, key),
+                               "extend the life of a key with")
 
     async def revoke(self, key_id: str, raw: bytes) -> web.Response:
         parse_body(raw, ())
@@ -315,8 +344,9 @@ class KeyOps:
         key = await self.store.require_key(self.ws, self._key_id(key_id))
         if self.limit_scopes is not None:  # a rotation hands out a token with the key's scopes
             self._within_limit(await self.store.effective_scopes(self.ws, key), "rotate a key with")
+        latest = self.limit_expires_at if self.limit_scopes is not None else None
         _old, new = await self.store.rotate_key(self.ws, key_id, grace_seconds=grace,
-                                                actor=self.actor)
+                                                actor=self.actor, max_expires_at=latest)
         # SPEC: 201 {"key", "token"} -- exactly those two; the old key is read with GET.
         return _json({"key": await self.key_json(new.key), "token": new.token}, 201)
 
@@ -567,8 +597,9 @@ async def self_service(request: web.Request, principal: Principal, store: Store,
     parts = rest.strip("/").split("/") if rest not in (None, "", "/") else []
     if rest is None or (rest and not rest.startswith("/")) or len(parts) > 2 or "" in parts:
         raise NotFound("No such endpoint.")
+    acting = await store.require_key(principal.workspace, principal.key_id)
     ops = KeyOps(store, config, principal.workspace, actor=principal.key_id,
-                 limit_scopes=principal.scopes)
+                 limit_scopes=principal.scopes, limit_expires_at=acting.expires_at)
     method = request.method
 
     def allow(*methods: str) -> None:

@@ -522,11 +522,13 @@ class Store:
         raise StoreError("could not find a free key id")
 
     async def rotate_key(self, ws: str, key_id: str, *, grace_seconds: int = 0,
-                         actor: str = OPERATOR) -> tuple[KeyRecord, NewKey]:
+                         actor: str = OPERATOR, max_expires_at: float | None = None
+                         ) -> tuple[KeyRecord, NewKey]:
         """Replace a key by a new one with the same name, description, environment, role or
         scopes and rate limit (and, if the old key had an expiry, the same lifetime). The old
         key is revoked now (grace 0) or expires after the grace (never later than it already
-        would). Returns (old key as now, new key). Conflict if the key is revoked."""
+        would). ``max_expires_at`` caps the new key's expiry (self-service: the acting key's).
+        Returns (old key as now, new key). Conflict if the key is revoked."""
         workspace = await self.require_workspace(ws)
         old = await self.require_key(ws, key_id)
         if old.revoked_at is not None:
@@ -537,6 +539,8 @@ class Store:
             expires_at = None
             if old.expires_at is not None:
                 expires_at = now + max(1.0, old.expires_at - old.created_at)
+            if max_expires_at is not None:
+                expires_at = min(max_expires_at, expires_at or max_expires_at)
             record, fields = self._key_fields(
                 key_id=new_id, ws=ws, token=token, hashed=hashed, name=old.name,
                 description=old.description, environment=old.environment, role=old.role,

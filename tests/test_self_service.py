@@ -205,3 +205,58 @@ async def test_unknown_query_parameter_is_400(env):
     """`?state=revoked` (typo of status) used to list every key of the workspace."""
     resp = await env.call("GET", "?state=revoked")
     assert resp.status == 400 and "state" in (await resp.json())["error"]["message"]
+
+
+async def _short_lived_admin(env, seconds: float = 86400):
+    import time
+    return await env.store.create_key("acme", name="temp-admin", environment="live",
+                                      role="keyadmin", expires_at=time.time() + seconds)
+
+
+async def test_a_key_cannot_extend_its_own_expiry(env):
+    """An operator gave a keys:admin key one day; PATCHing its own expires_at to null or to a
+    later date made it a permanent credential."""
+    temp = await _short_lived_admin(env)
+    for value in (None, FUTURE):
+        status, body = await status_and_body(await env.call(
+            "PATCH", f"/{temp.key.id}", temp.token, json={"expires_at": value}))
+        assert (status, body["error"]["code"]) == (403, "insufficient_scope"), body
+        assert "expires_at" in body["error"]["message"]
+    assert abs((await env.store.get_key("acme", temp.key.id)).expires_at - temp.key.expires_at) < 0.01
+    sooner = "2000-01-01T00:00:00Z"  # the past is a 400 as ever; a sooner future date is fine
+    status, _ = await status_and_body(await env.call(
+        "PATCH", f"/{temp.key.id}", temp.token, json={"expires_at": sooner}))
+    assert status == 400
+
+
+async def test_a_key_cannot_mint_or_rotate_a_key_that_outlives_it(env):
+    temp = await _short_lived_admin(env)
+    status, body = await status_and_body(await env.call(
+        "POST", "", temp.token, json={"name": "x", "scopes": ["people:read"],
+                                      "expires_at": FUTURE}))
+    assert (status, body["error"]["code"]) == (403, "insufficient_scope"), body
+    # without an expiry the new key inherits the acting key's
+    status, body = await status_and_body(await env.call(
+        "POST", "", temp.token, json={"name": "x", "scopes": ["people:read"]}))
+    assert status == 201, body
+    assert body["key"]["expires_at"] is not None
+    assert body["key"]["expires_at"] <= temp.key.to_json(())["expires_at"]
+    # rotating a never-expiring key hands out a key that ends no later than the actor
+    status, body = await status_and_body(await env.call(
+        "POST", f"/{env.reader.key.id}/rotate", temp.token))
+    assert status == 201, body
+    assert body["key"]["expires_at"] is not None
+    assert body["key"]["expires_at"] <= temp.key.to_json(())["expires_at"]
+
+
+async def test_a_key_cannot_extend_the_life_of_a_wider_key(env):
+    """The acting key lacks people:write; keeping a writer key alive longer is widening."""
+    import time
+    writer = await env.store.create_key("acme", name="w", environment="live", role="writer",
+                                        expires_at=time.time() + 3600)
+    status, body = await status_and_body(await env.call(
+        "PATCH", f"/{writer.key.id}", json={"expires_at": None}))
+    assert (status, body["error"]["code"]) == (403, "insufficient_scope"), body
+    status, body = await status_and_body(await env.call(
+        "PATCH", f"/{writer.key.id}", json={"name": "renamed"}))
+    assert status == 200, body
