@@ -117,7 +117,9 @@ class AdminClient:
 
     def __init__(self, base_url: str, token: str | None, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.base_url = base_url.rstrip("/")
-        self._token = token
+        # A token file saved with CRLF leaves '\r' in "$(cat file)": surrounding blanks are
+        # never part of a token. (The server strips them too.)
+        self._token = token.strip() if token else token
         self.timeout = timeout
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
 
@@ -132,6 +134,11 @@ class AdminClient:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         if self._token:
+            if not all(" " <= c <= "~" for c in self._token):
+                # http.client would raise ValueError("Invalid header value 'Bearer <token>'"):
+                # a traceback or message holding the operator token. Say what is wrong, not what.
+                raise CliError("KEYGATE_ADMIN_TOKEN holds characters that cannot be sent in an "
+                               "HTTP header (line breaks, control or non-ASCII characters)")
             headers["Authorization"] = f"Bearer {self._token}"
         req = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:

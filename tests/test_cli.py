@@ -631,3 +631,21 @@ def test_serve_reads_keygate_config_from_the_environment(tmp_path, capsys, monke
     monkeypatch.setenv("KEYGATE_CONFIG", str(path))
     assert main(["serve"]) == 1
     assert "env-bad.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("token", ["op-secret-XYZ\r", "op-secret-XYZ\nevil: 1", "op-secret-XYZ\u2019"])
+def test_an_unsendable_operator_token_is_never_printed(token, capsys, monkeypatch):
+    """http.client refuses a header value with CR/LF with ValueError('Invalid header value
+    'Bearer <token>''): the traceback printed the operator token (a token file saved with CRLF
+    leaves a '\\r' in $(cat file))."""
+    from gateway.cli import main
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", token)
+    try:
+        code = main(["workspaces", "list", "--admin-url", "http://127.0.0.1:9"])
+    except Exception as exc:  # an escaping exception is printed with its message
+        code, text = None, repr(exc)
+    else:
+        text = ""
+    captured = capsys.readouterr()
+    assert "op-secret-XYZ" not in captured.err + captured.out + text
+    assert code == 1
