@@ -13,7 +13,8 @@ proxy needs and nothing else:
   never passed on; its body streams out with read backpressure (``pause_reading``);
 - a connection is reused only after a complete response that allows keep-alive, and when the
   request body was completely sent;
-- timeouts: connect, and time to the response head. A request that fails on a reused idle
+- timeouts: connect, and time to the response head counted from the end of the request body
+  (an upstream that stops reading the request body for that long also times out). A request that fails on a reused idle
   connection before any response byte (the upstream closed it meanwhile) is retried once on a
   fresh connection when it had no body.
 """
@@ -44,6 +45,10 @@ class UpstreamProtocolError(Exception):
     """The upstream broke HTTP: malformed response, or closed mid-response."""
 
 
+class _OutOfStep(Exception):
+    """The upstream sent a message nobody asked for."""
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, pool: "UpstreamPool") -> None:
         self.pool = pool
@@ -63,19 +68,31 @@ class _Connection(asyncio.Protocol):
         self.skip_body = False                       # HEAD: the head ends the message
         self.keep_alive = False
         self.until_close = False
+        self.interim = False                         # parsing a 1xx (not the final answer)
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.out_of_step = False
 
     # -- asyncio.Protocol --
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.head is None or self.complete:
+            # bytes on an idle connection or after the complete answer: the upstream is out
+            # of step with us; they are never read as the next request's answer
+            self.close()
+            return
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamProtocolError("upstream switched protocols"))
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamProtocolError(f"malformed response from upstream: {exc}"))
+        except Exception as exc:  # HttpParserError, or a callback's (wrapped or not)
+            if self.out_of_step:  # a second message in the same read: drop it, keep ours
+                self.close()
+                self._wake()
+            else:
+                self._fail(UpstreamProtocolError(f"malformed response from upstream: {exc}"))
 
     def eof_received(self) -> bool:
         return False
@@ -101,14 +118,22 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks --
     def on_message_begin(self) -> None:
+        if self.complete:
+            self.out_of_step = True
+            raise _OutOfStep()
         self.headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it after the message
         status = self.parser.get_status_code()
+        if status < 200:
+            # 100 Continue, 102, 103 Early Hints: llhttp reports each as a message without a
+            # body; the final answer follows on the same connection (101 raises Upgrade)
+            self.interim = True
+            return
+        self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it after the message
         framed = any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
         # an HTTP/1.0-style body with neither length nor chunks ends when the upstream closes
         self.until_close = not framed and not self.skip_body and \
@@ -127,6 +152,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         self.complete = True
         self._wake()
 
@@ -150,10 +178,6 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         self.pool._forget(self)
-
-    async def drain(self) -> None:
-        if self.write_ok is not None:
-            await self.write_ok
 
 
 class UpstreamResponse:
@@ -233,6 +257,9 @@ class UpstreamPool:
             conn.close()
             return
         conn.head, conn.complete, conn.error, conn.got_bytes = None, False, None, False
+        if conn.reading_paused:  # a whole body taken while reading was paused
+            conn.reading_paused = False
+            conn.transport.resume_reading()
         conn.chunks.clear()
         conn.buffered, conn.skip_body, conn.until_close = 0, False, False
         self.idle.append(conn)
@@ -286,16 +313,16 @@ class UpstreamPool:
         waiter = conn.head = loop.create_future()
         conn.skip_body = is_head
         sent = [body is None]
-        timer = loop.call_later(timeout, self._head_timeout, conn, waiter)
         sender = None
         if body is None:
+            conn.head_timer = loop.call_later(timeout, self._head_timeout, conn, waiter)
             conn.transport.write(head + b"\r\n\r\n")
         else:
             framing = (b"\r\nContent-Length: %d\r\n\r\n" % content_length
                        if content_length is not None else b"\r\nTransfer-Encoding: chunked\r\n\r\n")
             conn.transport.write(head + framing)
             sender = asyncio.ensure_future(
-                self._send_body(conn, waiter, body, content_length is None, sent))
+                self._send_body(conn, waiter, body, content_length is None, sent, timeout))
         try:
             await waiter
         except BaseException:
@@ -304,7 +331,9 @@ class UpstreamPool:
                 sender.cancel()
             raise
         finally:
-            timer.cancel()
+            if conn.head_timer is not None:
+                conn.head_timer.cancel()
+                conn.head_timer = None
         return UpstreamResponse(conn, self, lambda: sent[0])
 
     @staticmethod
@@ -314,9 +343,13 @@ class UpstreamPool:
             conn.close()
 
     async def _send_body(self, conn: _Connection, waiter: asyncio.Future, body: BodySource,
-                         chunked: bool, sent: list[bool]) -> None:
+                         chunked: bool, sent: list[bool], timeout: float) -> None:
         """Stream the request body; a failure of the body source (client gone, body too
-        large) fails the exchange with that same exception."""
+        large) fails the exchange with that same exception.
+
+        The time-to-head timeout starts once the body is sent (a slow client's long upload
+        is not an upstream timeout); meanwhile an upstream that stops reading the body for
+        ``timeout`` seconds is one."""
         write = conn.transport.write
         try:
             while True:
@@ -326,10 +359,18 @@ class UpstreamPool:
                 if conn.closed:
                     return
                 write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
-                await conn.drain()
+                if conn.write_ok is not None:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(conn.write_ok), timeout)
+                    except asyncio.TimeoutError:
+                        raise UpstreamTimeout("upstream stopped reading the request body") \
+                            from None
             if chunked and not conn.closed:
                 write(b"0\r\n\r\n")
             sent[0] = True
+            if not waiter.done() and not conn.closed:
+                conn.head_timer = asyncio.get_running_loop().call_later(
+                    timeout, self._head_timeout, conn, waiter)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -129,3 +129,129 @@ async def test_malformed_response_is_an_error(aiohttp_raw_server):
         await read_all(resp)
     srv.close()
     await pool.close()
+
+
+async def raw_upstream(answer):
+    """A loopback server running ``answer(reader, writer)`` per connection; returns (srv, url)."""
+    srv = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return srv, f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+
+
+@pytest.mark.parametrize("interim", [b"HTTP/1.1 100 Continue\r\n\r\n",
+                                     b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
+                                     b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n"])
+async def test_informational_1xx_is_not_the_final_response(interim):
+    """llhttp reports a 1xx as a message of its own: it must not be taken as the answer."""
+    async def answer(reader, writer):
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(interim)
+            await writer.drain()
+            await asyncio.sleep(0.05)   # the interim answer arrives on its own
+            writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\nX-Final: 1\r\n\r\ndone")
+            await writer.drain()
+    srv, url = await raw_upstream(answer)
+    pool = UpstreamPool(url)
+    for _ in range(2):  # and the connection stays in step for the next request
+        resp = await pool.request(head("GET", "/"), timeout=2)
+        assert resp.status == 201
+        assert (b"X-Final", b"1") in resp.headers
+        assert await read_all(resp) == b"done"
+    assert len(pool.idle) == 1
+    srv.close()
+    await pool.close()
+
+
+async def test_complete_body_larger_than_high_water_leaves_a_reusable_connection(server):
+    """A body that arrived whole while reading was paused (over HIGH_WATER) and was taken
+    with body_if_complete: the pooled connection must not stay paused (the next request on
+    it would wait for its answer forever)."""
+    pool = UpstreamPool(str(server.make_url("")))
+    payload = b"p" * (400 * 1024)
+    for _ in range(3):
+        chunks = [payload]
+
+        async def source() -> bytes:
+            return chunks.pop() if chunks else b""
+        resp = await pool.request(head("POST", "/echo/p"), body=source,
+                                  content_length=len(payload), timeout=2)
+        await asyncio.sleep(0.2)  # let the whole body arrive before it is read
+        body = resp.body_if_complete()
+        if body is None:
+            body = await read_all(resp)
+        assert body == payload
+    resp = await pool.request(head("GET", "/echo/after"), timeout=2)
+    assert resp.status == 200
+    await pool.close()
+
+
+async def test_bytes_after_the_response_are_never_passed_on_or_reused():
+    """An upstream that sends more than the response it framed (a second response, or
+    bytes on an idle connection) is out of step: the extra bytes are not appended to the
+    body and the connection is not reused."""
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!")
+        await writer.drain()
+        await asyncio.sleep(1)
+    srv, url = await raw_upstream(answer)
+    pool = UpstreamPool(url)
+    resp = await pool.request(head("GET", "/"), timeout=2)
+    await asyncio.sleep(0.05)
+    body = resp.body_if_complete()
+    if body is None:
+        body = await read_all(resp)
+    assert body == b"ok"
+    assert pool.idle == []
+    srv.close()
+    await pool.close()
+
+
+async def test_unsolicited_bytes_on_an_idle_connection_close_it():
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!")
+        await writer.drain()
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
+        await writer.drain()
+    srv, url = await raw_upstream(answer)
+    pool = UpstreamPool(url)
+    resp = await pool.request(head("GET", "/"), timeout=2)
+    assert await read_all(resp) == b"ok"
+    await asyncio.sleep(0.3)
+    assert pool.idle == []
+    srv.close()
+    await pool.close()
+
+
+async def test_upload_longer_than_the_timeout_is_not_a_timeout(server):
+    """The timeout is the time to the response head once the request is sent, not a cap on
+    how long a (slow client's) upload may take."""
+    pool = UpstreamPool(str(server.make_url("")))
+
+    def slow_source(n: int):
+        parts = [b"s" * 1000 for _ in range(n)]
+
+        async def read() -> bytes:
+            await asyncio.sleep(0.1)
+            return parts.pop() if parts else b""
+        return read
+    for length in (8000, None):
+        resp = await pool.request(head("POST", "/echo/slow-up"), body=slow_source(8),
+                                  content_length=length, timeout=0.4)
+        assert resp.status == 200 and len(await read_all(resp)) == 8000
+    with pytest.raises(UpstreamTimeout):   # still a timeout once the body is sent
+        await pool.request(head("GET", "/slow"), body=slow_source(1), content_length=1000,
+                           timeout=0.4)
+    await pool.close()
