@@ -346,7 +346,9 @@ class KeyOps:
             self._within_limit(await self.store.effective_scopes(self.ws, key), "rotate a key with")
         latest = self.limit_expires_at if self.limit_scopes is not None else None
         _old, new = await self.store.rotate_key(self.ws, key_id, grace_seconds=grace,
-                                                actor=self.actor, max_expires_at=latest)
+                                                actor=self.actor, max_expires_at=latest,
+                                                expect_rev=None if self.limit_scopes is None
+                                                else key.rev)  # the rev whose scopes we checked
         # SPEC: 201 {"key", "token"} -- exactly those two; the old key is read with GET.
         return _json({"key": await self.key_json(new.key), "token": new.token}, 201)
 

@@ -522,18 +522,26 @@ class Store:
         raise StoreError("could not find a free key id")
 
     async def rotate_key(self, ws: str, key_id: str, *, grace_seconds: int = 0,
-                         actor: str = OPERATOR, max_expires_at: float | None = None
-                         ) -> tuple[KeyRecord, NewKey]:
+                         actor: str = OPERATOR, max_expires_at: float | None = None,
+                         expect_rev: int | None = None) -> tuple[KeyRecord, NewKey]:
         """Replace a key by a new one with the same name, description, environment, role or
         scopes and rate limit (and, if the old key had an expiry, the same lifetime). The old
         key is revoked now (grace 0) or expires after the grace (never later than it already
         would). ``max_expires_at`` caps the new key's expiry (self-service: the acting key's).
-        Returns (old key as now, new key). Conflict if the key is revoked."""
+        Returns (old key as now, new key). Conflict if the key is revoked.
+
+        The new key copies the old one as the script finds it: if the old key changed between
+        the read here and the script (its rev moved), the rotation is retried from a fresh read
+        -- or, with ``expect_rev`` (the rev the caller checked, e.g. self-service's scope check),
+        refused with Conflict."""
         workspace = await self.require_workspace(ws)
         old = await self.require_key(ws, key_id)
-        if old.revoked_at is not None:
-            raise Conflict(f"Key '{key_id}' is revoked; a revoked key cannot be rotated.")
         for _ in range(_ID_ATTEMPTS):
+            if old.revoked_at is not None:
+                raise Conflict(f"Key '{key_id}' is revoked; a revoked key cannot be rotated.")
+            if expect_rev is not None and old.rev != expect_rev:
+                raise Conflict(f"Key '{key_id}' changed while it was being rotated; read it "
+                               "again and retry.")
             new_id, token, hashed = await self._new_token(ws, old.environment)
             now = self.clock()
             expires_at = None
@@ -553,7 +561,7 @@ class Store:
                  "+inf" if expires_at is None else _ts(expires_at), new_id, key_id,
                  "" if grace_seconds <= 0 else _ts(now + grace_seconds),
                  self._audit_entry(now, actor, "key.rotate", key_id, details),
-                 AUDIT_MAXLEN, *fields))
+                 AUDIT_MAXLEN, old.rev, *fields))
             if reply == "ok":
                 return await self.require_key(ws, key_id), NewKey(record, token)
             await self._release_id(new_id)
@@ -563,6 +571,9 @@ class Store:
                 raise NotFound(f"Workspace '{ws}' has no key '{key_id}'.")
             if reply == "revoked":
                 raise Conflict(f"Key '{key_id}' is revoked; a revoked key cannot be rotated.")
+            if reply in ("stale", "collision"):
+                old = await self.require_key(ws, key_id)
+                continue
             if reply == "limit":
                 raise Conflict(f"Key '{key_id}' has expired and workspace '{ws}' already has "
                                f"the {self._max_keys(workspace)} active keys its plan allows.",

@@ -323,3 +323,34 @@ async def test_extending_an_active_key_at_the_cap_is_fine(store):
     assert extended.expires_at is None
     with pytest.raises(Conflict):
         await store.create_key("acme", name="c", environment="live")
+
+
+async def test_rotate_copies_the_key_as_it_is_when_the_script_runs(redis_url, raw):
+    """rotate_key read the old key, hashed a new secret (argon2: the slow part), then created
+    the new key from that earlier read. An operator narrowing the key's scopes in between was
+    undone: the new key got the old, wider scopes. The script now checks the old key's rev."""
+    state = {"armed": False}
+
+    def clock() -> float:
+        if state["armed"]:  # runs after the read and the hashing, before the script
+            state["armed"] = False
+            k = key_key("acme", state["id"])
+            raw.hset(k, "scopes", '["people:read"]')
+            raw.hincrby(k, "rev", 1)
+        return T0
+
+    s = await Store.connect(redis_url, cheap_config(), clock=clock)
+    try:
+        await s.create_workspace("acme", "ACME", "default")
+        old = await s.create_key("acme", name="k", environment="live",
+                                 scopes=["people:read", "people:write"])
+        state.update(armed=True, id=old.key.id)
+        _, new = await s.rotate_key("acme", old.key.id)
+        assert (await s.get_key("acme", new.key.id)).scopes == ("people:read",)
+        # a caller that checked a given revision is told the key changed under it
+        other = await s.create_key("acme", name="o", environment="live", scopes=["a:b"])
+        with pytest.raises(Conflict):
+            await s.rotate_key("acme", other.key.id, expect_rev=other.key.rev + 5)
+        assert (await s.get_key("acme", other.key.id)).revoked_at is None
+    finally:
+        await s.close()

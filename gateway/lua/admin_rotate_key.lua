@@ -9,13 +9,17 @@
 -- KEYS[4] old key hash   KEYS[5] new key hash   KEYS[6] kg:ws:{ws}:audit
 -- ARGV[1] now   ARGV[2] max active keys (-1 = unlimited)   ARGV[3] new key's expiry score
 -- ARGV[4] new key id   ARGV[5] old key id   ARGV[6] end of grace (epoch s; '' = revoke now)
--- ARGV[7] audit entry (JSON)   ARGV[8] audit stream cap   ARGV[9..] new key's field, value pairs
--- Returns 'ok' | 'no_workspace' | 'not_found' | 'revoked' | 'collision' | 'limit'
+-- ARGV[7] audit entry (JSON)   ARGV[8] audit stream cap
+-- ARGV[9] the old key's rev the new key's fields were copied from (the copy is refused as
+--         'stale' if the key changed since: the caller re-reads and tries again)
+-- ARGV[10..] new key's field, value pairs
+-- Returns 'ok' | 'no_workspace' | 'not_found' | 'revoked' | 'collision' | 'stale' | 'limit'
 -- (expired key, cap reached) | 'grace_limit' (grace asked, workspace already over its cap).
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
-local old = redis.call('HMGET', KEYS[4], 'id', 'revoked_at', 'expires_at')
+local old = redis.call('HMGET', KEYS[4], 'id', 'revoked_at', 'expires_at', 'rev')
 if not old[1] then return 'not_found' end
 if old[2] and old[2] ~= '' then return 'revoked' end
+if (old[4] or '0') ~= ARGV[9] then return 'stale' end
 if redis.call('EXISTS', KEYS[5]) == 1 then return 'collision' end
 local now = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
@@ -40,7 +44,7 @@ end
 redis.call('HINCRBY', KEYS[4], 'rev', 1)
 
 local fields = {}
-for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[5], unpack(fields))
 redis.call('HINCRBY', KEYS[5], 'rev', 1)
 redis.call('SADD', KEYS[2], ARGV[4])
