@@ -260,3 +260,13 @@ async def test_a_key_cannot_extend_the_life_of_a_wider_key(env):
     status, body = await status_and_body(await env.call(
         "PATCH", f"/{writer.key.id}", json={"name": "renamed"}))
     assert status == 200, body
+
+
+async def test_an_oversized_body_is_413_not_500(env):
+    """The proxy listener's request.read() refuses bodies over 1 MiB with an aiohttp
+    HTTPException that the pipeline rendered as a 500."""
+    resp = await env.call("POST", "", data=b'{"name": "' + b"a" * (2 * 1024 * 1024) + b'"}')
+    assert resp.status == 413, await resp.text()
+    assert (await resp.json())["error"]["code"] == "body_too_large"
+    status, _ = await status_and_body(await env.call("GET", ""))
+    assert status == 200
