@@ -638,3 +638,22 @@ async def test_rotating_with_grace_cannot_grow_a_workspace_past_its_cap(admin):
     await ok(resp, 201)
     active = await ok(await admin.get("/admin/v1/workspaces/acme/keys?status=active"))
     assert len(active["items"]) == 4
+
+
+async def test_a_10_mb_body_is_413_and_the_api_keeps_working(admin):
+    await workspace(admin)
+    resp = await admin.post("/admin/v1/workspaces/acme/keys",
+                            data=b'{"name": "' + b"a" * (10 * 1024 * 1024) + b'"}')
+    await error(resp, 413, "body_too_large")
+    await ok(await admin.get("/admin/v1/workspaces/acme"))
+
+
+@pytest.mark.parametrize("name", ["..", "a%2Fb", "%2e%2e"])
+async def test_path_traversal_ish_role_names_are_refused(admin, name):
+    await workspace(admin)
+    resp = await admin.delete(f"/admin/v1/workspaces/acme/roles/{name}")
+    assert resp.status in (400, 404)
+    resp = await admin.put(f"/admin/v1/workspaces/acme/roles/{name}", json={"scopes": []})
+    assert resp.status in (400, 404)
+    assert (await ok(await admin.get("/admin/v1/workspaces/acme/roles")))["items"][0]["source"] \
+        == "config"
