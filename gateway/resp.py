@@ -137,17 +137,22 @@ class RespClient:
                          else ("AUTH", self.password))
         if self.db:
             hello.append(("SELECT", self.db))
-        for cmd in hello:
-            fut = loop.create_future()
-            proto.waiting.append((fut, time.monotonic()))
-            proto.transport.write(_encode(cmd))
-            try:
-                await asyncio.wait_for(fut, self.timeout)
-            except RespError as exc:
-                proto.abort(ConnectionError("Redis refused the connection's AUTH/SELECT"))
-                raise ConnectionError(f"Redis refused {cmd[0]}: {exc}") from exc
-        if self._watchdog is None:
-            self._arm_watchdog()
+        try:
+            for cmd in hello:
+                fut = loop.create_future()
+                proto.waiting.append((fut, time.monotonic()))
+                proto.transport.write(_encode(cmd))
+                try:
+                    await asyncio.wait_for(fut, self.timeout)
+                except RespError as exc:
+                    raise ConnectionError(f"Redis refused {cmd[0]}: {exc}") from exc
+                except asyncio.TimeoutError as exc:
+                    raise ConnectionError(f"Redis did not answer {cmd[0]} in time") from exc
+        except BaseException:  # refused, stuck, lost, or close() cancelled us: never leak it
+            proto.abort(ConnectionError("connection to Redis not set up"))
+            raise
+        if proto.closed:
+            raise ConnectionError("connection to Redis lost while connecting")
         return proto
 
     def _lost(self, proto: _Protocol) -> None:
@@ -169,16 +174,34 @@ class RespClient:
         self._watchdog = loop.call_later(self.timeout / 4, check)
 
     async def _connection(self) -> _Protocol:
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._connect())
+        """The one connection attempt in progress, shared by every caller waiting for it.
+        Its outcome is recorded by the attempt itself (``_connected``), so that callers
+        cancelled meanwhile neither start a second connection nor leave this one unowned."""
+        task = self._connecting
+        if task is None:
+            task = self._connecting = asyncio.ensure_future(self._connect())
+            task.add_done_callback(self._connected)
         try:
-            proto = await asyncio.shield(self._connecting)
-        except BaseException:
-            self._connecting = None
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if task.cancelled() and (me is None or not me.cancelling()):
+                raise ConnectionError("Redis client closed while connecting") from None
             raise
-        self._connecting = None
+
+    def _connected(self, task: asyncio.Future) -> None:
+        if self._connecting is task:
+            self._connecting = None
+        if task.cancelled() or task.exception() is not None:
+            return
+        proto = task.result()
+        if proto.closed:
+            return
+        if self._proto is not None and self._proto is not proto:
+            self._proto.abort(ConnectionError("replaced by a new connection"))
         self._proto = proto
-        return proto
+        if self._watchdog is None:
+            self._arm_watchdog()
 
     def call(self, *args: Any) -> "asyncio.Future[Any]":
         """Queue one command; the returned future resolves to its reply."""
@@ -212,6 +235,9 @@ class RespClient:
     def _send_encoded(self, proto: _Protocol, command: bytes) -> "asyncio.Future[Any]":
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        if proto.closed:  # lost between connecting and this send: nobody would answer
+            fut.set_exception(ConnectionError("connection to Redis lost"))
+            return fut
         if not proto.out:
             loop.call_soon(proto.flush)
         proto.out.append(command)
@@ -219,6 +245,12 @@ class RespClient:
         return fut
 
     async def close(self) -> None:
+        """Close the connection (calls in flight get ``ConnectionError``) and stop the
+        watchdog; a connection attempt in progress is abandoned. A later call reconnects."""
+        task, self._connecting = self._connecting, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait((task,))
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None

@@ -129,3 +129,103 @@ async def test_authorize_survives_a_script_flush(redis_url):
     assert (await authorize(store)).outcome == "ok"
     assert (await authorize(store)).month_used == 3
     await store.close()
+
+
+# --- RespClient: failure shapes that must not hang, leak or shift replies ---------------------
+
+async def fake_redis(answer):
+    """A loopback server running ``answer(reader, writer)`` per connection."""
+    conns: list[asyncio.StreamWriter] = []
+
+    async def run(reader, writer):
+        conns.append(writer)
+        await answer(reader, writer)
+    srv = await asyncio.start_server(run, "127.0.0.1", 0)
+    srv.conns = conns
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+def own_connections(url: str) -> int:
+    """Connections to the redis-server other than the one asking."""
+    return len(redis.Redis.from_url(url).client_list()) - 1
+
+
+async def test_resp_auth_timeout_is_a_connection_error_and_closes_the_socket():
+    closed = asyncio.Event()
+
+    async def mute(reader, writer):
+        await reader.read()   # never answers AUTH; returns when the client hangs up
+        closed.set()
+    srv, port = await fake_redis(mute)
+    client = RespClient(f"redis://:pw@127.0.0.1:{port}/0", timeout=0.3, connect_timeout=0.3)
+    with pytest.raises(ConnectionError):
+        await client.call("PING")
+    await asyncio.wait_for(closed.wait(), 2)   # the stuck connection was not left open
+    await client.close()
+    srv.close()
+
+
+async def test_resp_connection_lost_right_after_connect_fails_the_call_not_hangs():
+    async def ok_then_close(reader, writer):
+        await reader.readuntil(b"\r\n")
+        writer.write(b"+OK\r\n")
+        writer.close()
+    srv, port = await fake_redis(ok_then_close)
+    client = RespClient(f"redis://:pw@127.0.0.1:{port}/0", timeout=0.5, connect_timeout=0.5)
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(client.call("PING"), 3)
+    await client.close()
+    srv.close()
+
+
+async def test_resp_cancelled_caller_during_connect_leaks_no_connection(redis_url):
+    client = RespClient(redis_url)
+    first = client.call("PING")
+    await asyncio.sleep(0)
+    first.cancel()
+    assert await client.call("PING") == b"PONG"
+    assert await client.call("PING") == b"PONG"
+    await asyncio.sleep(0.05)
+    assert own_connections(redis_url) == 1
+    await client.close()
+
+
+async def test_resp_close_during_connect_leaves_nothing_open(redis_url):
+    client = RespClient(redis_url)
+    pending = client.call("PING")
+    await asyncio.sleep(0)
+    await client.close()
+    with pytest.raises(ConnectionError):
+        await pending
+    await asyncio.sleep(0.1)
+    assert own_connections(redis_url) == 0
+    assert client._watchdog is None
+    assert await client.call("PING") == b"PONG"   # usable again, like after any loss
+    await client.close()
+
+
+async def test_resp_cancelled_waiters_do_not_shift_replies(redis_url):
+    client = RespClient(redis_url)
+    await client.call("MSET", "a", "1", "b", "2", "c", "3")
+    for _ in range(3):
+        fa, fb, fc = client.call("GET", "a"), client.call("GET", "b"), client.call("GET", "c")
+        fb.cancel()
+        assert await fa == b"1" and await fc == b"3"
+        assert await client.call("GET", "b") == b"2"
+    await client.close()
+
+
+async def test_resp_stuck_redis_fails_calls_in_flight_then_reconnects():
+    async def mute(reader, writer):
+        await reader.read()
+    srv, port = await fake_redis(mute)
+    client = RespClient(f"redis://127.0.0.1:{port}", timeout=0.3, connect_timeout=0.3)
+    calls = [client.call("PING") for _ in range(5)]
+    for call in calls:
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(call, 3)
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(client.call("PING"), 3)
+    assert len(srv.conns) == 2   # one reconnect for the next call, no more
+    await client.close()
+    srv.close()
