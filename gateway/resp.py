@@ -103,7 +103,8 @@ class _Protocol(asyncio.Protocol):
 class RespClient:
     """One pipelined connection to a standalone Redis (``redis://``, ``rediss://``, ``unix://``)."""
 
-    def __init__(self, url: str, *, timeout: float = 2.0, connect_timeout: float = 2.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 2.0, connect_timeout: float = 2.0,
+                 max_pending: int = 100_000) -> None:
         u = urlparse(url)
         q = parse_qs(u.query)
         self.scheme = u.scheme
@@ -115,6 +116,10 @@ class RespClient:
         self.username = unquote(u.username) if u.username else None
         self.password = unquote(u.password) if u.password else None
         self.timeout, self.connect_timeout = timeout, connect_timeout
+        # Commands awaiting a reply on the connection. The watchdog bounds how long Redis may
+        # lag, this bounds how much piles up meanwhile: past it a call fails at once (the
+        # hot path answers 503) instead of growing memory without limit.
+        self.max_pending = max_pending
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -237,6 +242,10 @@ class RespClient:
         fut = loop.create_future()
         if proto.closed:  # lost between connecting and this send: nobody would answer
             fut.set_exception(ConnectionError("connection to Redis lost"))
+            return fut
+        if len(proto.waiting) >= self.max_pending:
+            fut.set_exception(ConnectionError(
+                f"{self.max_pending} Redis commands already waiting for a reply"))
             return fut
         if not proto.out:
             loop.call_soon(proto.flush)

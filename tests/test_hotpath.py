@@ -229,3 +229,20 @@ async def test_resp_stuck_redis_fails_calls_in_flight_then_reconnects():
     assert len(srv.conns) == 2   # one reconnect for the next call, no more
     await client.close()
     srv.close()
+
+
+async def test_resp_commands_waiting_on_a_stalled_redis_are_bounded():
+    async def mute(reader, writer):
+        await reader.read()
+    srv, port = await fake_redis(mute)
+    client = RespClient(f"redis://127.0.0.1:{port}", timeout=5, max_pending=50)
+    first = client.call("PING")
+    await asyncio.sleep(0.05)  # connected, the first command is waiting
+    queued = [client.call("PING") for _ in range(49)]
+    with pytest.raises(ConnectionError, match="already waiting"):
+        await client.call("PING")
+    await client.close()
+    for fut in [first, *queued]:
+        with pytest.raises(ConnectionError):
+            await fut
+    srv.close()
