@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import time
 from typing import AsyncIterator, Callable, Mapping
 
@@ -70,6 +71,9 @@ _HOP_BY_HOP_BYTES = frozenset(n.encode() for n in HOP_BY_HOP)
 _NO_BODY_STATUS = frozenset({204, 304})
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Control characters a header value may not carry (RFC 9110 5.5: HTAB is the only one allowed):
+# CR/LF would split the lean client's request head, NUL and the rest get it refused upstream.
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _norm(name: str) -> str:
@@ -229,9 +233,9 @@ class Forwarder:
             ws, kid, scopes, plan = self._identity
             values = (principal.workspace, principal.key_id, " ".join(sorted(principal.scopes)),
                       principal.plan)
-            for value in values:   # store data: never let it split the request head
-                if "\r" in value or "\n" in value:
-                    raise ValueError("identity value with a line break")
+            # store data: never let it split the request head (one search for all four)
+            if _CTL.search(f"{values[0]}|{values[1]}|{values[2]}|{values[3]}") is not None:
+                raise ValueError("identity value with a control character")
             out.append((ws, values[0]))
             out.append((kid, values[1]))
             out.append((scopes, values[2]))

@@ -612,3 +612,120 @@ async def test_close_delimited_upstream_body(make_front, request) -> None:
         assert resp.status == 200 and body == b"until-eof"
     finally:
         srv.close()
+
+
+# --- review: transport edge cases ----------------------------------------------------------------
+
+@pytest.mark.parametrize("interim", [b"HTTP/1.1 100 Continue\r\n\r\n",
+                                     b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"])
+async def test_upstream_interim_1xx_is_not_the_answer(make_front, interim: bytes) -> None:
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(interim)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\nConnection: close\r\n\r\ndone")
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        front = await make_front(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}")
+        resp, body = await send(front, "GET", "/x")
+        assert resp.status == 201 and body == b"done"
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("bad", ["pro\r\nX-Injected: 1", "pro\nX: 1", "pro\x00", "pro\x7f"])
+async def test_identity_value_with_control_characters_is_never_sent(upstream, make_front,
+                                                                   bad: str) -> None:
+    p = Principal("acme", "abc123def456", frozenset({"people:read"}), bad)
+    front = await make_front(up_url(upstream), principal=p)
+    with pytest.raises(ValueError):
+        await front.forwarder.forward(_FakeRequest(), front.forwarder.config.upstreams["people"],
+                                      p, "rid", {})
+    assert upstream.requests == []
+
+
+class _FakeRequest:
+    """Just enough of a request for request_headers (the check runs before any I/O)."""
+    method, raw_path, version, scheme, remote = "GET", "/x", (1, 1), "http", "127.0.0.1"
+    body_exists, content_length = False, None
+
+    def __init__(self) -> None:
+        from multidict import CIMultiDict, CIMultiDictProxy
+        self.headers = CIMultiDictProxy(CIMultiDict({"Host": "h"}))
+
+
+@pytest.mark.parametrize("extra", [b"X-A: 1\r\n folded: yes\r\n", b"X-A: 1\rX-B: 2\r\n",
+                                   b"X-A: 1\nX-B: 2\r\n", b"X-A: 1\x00\r\n"])
+async def test_header_values_that_could_split_the_upstream_head_are_refused(
+        upstream, make_front, extra: bytes) -> None:
+    front = await make_front(up_url(upstream))
+    answer = await raw_exchange(front, b"GET /people HTTP/1.1\r\nHost: x\r\n" + extra +
+                                b"Connection: close\r\n\r\n")
+    assert answer.split(b" ", 2)[1] == b"400", answer[:100]
+    assert upstream.requests == []
+
+
+def _streaming_upstream(total_mb: int, written: list[int], ended: asyncio.Event,
+                        pause: float = 0.0):
+    async def big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(total_mb * MB)})
+        await resp.prepare(request)
+        try:
+            for _ in range(total_mb * 4):
+                await resp.write(b"d" * (MB // 4))
+                written[0] += MB // 4
+                if pause:
+                    await asyncio.sleep(pause)
+            await resp.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            ended.set()
+        return resp
+    app = web.Application()
+    app.router.add_get("/big", big)
+    return app
+
+
+async def test_slow_client_pauses_the_upstream_not_buffers_it(aiohttp_server, make_front) -> None:
+    """A client that stops reading: the proxy stops reading the upstream (bounded buffers,
+    no 1 GB download held in memory)."""
+    written, ended = [0], asyncio.Event()
+    up = await aiohttp_server(_streaming_upstream(256, written, ended))
+    front = await make_front(up_url(up))
+    reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+    writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    await reader.readuntil(b"\r\n\r\n")
+    await asyncio.sleep(1.0)          # the client reads nothing meanwhile
+    stalled_at = written[0]
+    await asyncio.sleep(0.3)
+    assert written[0] == stalled_at, "the upstream kept streaming into the proxy"
+    assert stalled_at < 64 * MB, stalled_at
+    got = 0                           # and it resumes when the client reads again
+    while got < 16 * MB:
+        got += len(await reader.read(MB))
+    assert written[0] > stalled_at
+    writer.close()
+    await asyncio.wait_for(ended.wait(), 5)
+
+
+async def test_client_gone_mid_download_closes_the_upstream_connection(aiohttp_server,
+                                                                       make_front) -> None:
+    written, ended = [0], asyncio.Event()
+    up = await aiohttp_server(_streaming_upstream(64, written, ended, pause=0.01))
+    front = await make_front(up_url(up))
+    reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+    writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    await reader.readuntil(b"\r\n\r\n")
+    await reader.read(MB)
+    writer.close()
+    # the upstream's write fails soon: its connection was closed, not parked in a pool
+    await asyncio.wait_for(ended.wait(), 5)
+    assert written[0] < 64 * MB
+    fwd = front.forwarder
+    for pool, _, _ in fwd._pools.values():
+        assert pool.idle == [] and not pool.active
