@@ -286,7 +286,7 @@ class KeyOps:
 
     async def _rate_within_plan(self, rate_limit: str) -> None:
         workspace = await self.store.require_workspace(self.ws)
-        plan = self.config.plans.get(workspace.plan)
+        plan = self.config.plan_of(workspace.plan)
         if plan is None or plan.rate_limit is None:
             return
         if _per_second(rate_limit) > _per_second(str(plan.rate_limit)):

@@ -153,7 +153,7 @@ class Authenticator:
         if workspace is None:
             return None
         scopes = await self.store.effective_scopes(key.workspace, key)
-        plan = self.config.plans.get(workspace.plan)
+        plan = self.config.plan_of(workspace.plan)
         principal = Principal(workspace.id, key.id, frozenset(scopes), workspace.plan)
         return CachedKey(key, workspace, principal, plan,
                          key_rate_limit(self.config, plan, key.rate_limit),

@@ -139,6 +139,12 @@ class Config:
     identity_headers: IdentityHeaders = field(default_factory=IdentityHeaders)
     source: str = "<defaults>"                 # the file it came from, for messages
 
+    def plan_of(self, name: str) -> Plan:
+        """The plan a workspace is on. A stored plan name the config no longer has (renamed or
+        removed) falls back to ``default_plan``, never to "unlimited"."""
+        plan = self.plans.get(name)
+        return plan if plan is not None else self.plans[self.default_plan]
+
 
 # =============================================================================================
 # Loader

@@ -442,7 +442,7 @@ class Store:
     # --- keys: changes ------------------------------------------------------------------------
 
     def _max_keys(self, workspace: Workspace) -> int:
-        plan = self.config.plans.get(workspace.plan)
+        plan = self.config.plan_of(workspace.plan)
         return -1 if plan is None or plan.max_keys is None else plan.max_keys
 
     async def _new_token(self, ws: str, environment: str) -> tuple[str, str, str]:
@@ -654,7 +654,7 @@ class Store:
         period, resets_at = month_period(self.clock())
         with _store_errors("read"):
             used = int(await self.redis.get(usage_key(ws, period)) or 0)
-        plan = self.config.plans.get(workspace.plan)
+        plan = self.config.plan_of(workspace.plan)
         limit = plan.monthly_requests if plan is not None else None
         return {"workspace": ws, "plan": workspace.plan, "period": period, "used": used,
                 "limit": limit, "remaining": None if limit is None else max(0, limit - used),

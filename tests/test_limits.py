@@ -176,3 +176,19 @@ async def test_every_counter_keeps_an_expiry(gut, redis_url):
                                                                   b"kg:fail:"))]
     assert counters
     assert all(r.pttl(k) > 0 for k in counters), [(k, r.pttl(k)) for k in counters]
+
+
+async def test_a_plan_gone_from_the_config_falls_back_to_the_default_plan(redis_url, upstream,
+                                                                         monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as before:
+        await before.workspace("acme", plan="unlimited")
+        token, _ = await before.key()
+    renamed = {k: v for k, v in config.plans.items() if k != "unlimited"}
+    after_config = make_config(str(upstream.make_url("")), plans=renamed)
+    async with gateway_under_test(after_config, redis_url, monkeypatch) as after:
+        async with after.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+            assert r.headers["RateLimit-Policy"].startswith('"monthly";q=1000;')  # starter's
+        _, usage = await after.admin_json("GET", "/workspaces/acme/usage")
+        assert usage["limit"] == 1000
