@@ -323,11 +323,11 @@ class Forwarder:
             out[name] = value
         out["X-Request-Id"] = request_id
         response = web.StreamResponse(status=resp.status, reason=resp.reason, headers=out)
-        await response.prepare(request)
-        if request.method == "HEAD" or resp.status in _NO_BODY_STATUS:
-            await response.write_eof()
-            return response
         try:
+            await response.prepare(request)
+            if request.method == "HEAD" or resp.status in _NO_BODY_STATUS:
+                await response.write_eof()
+                return response
             async for chunk in resp.content.iter_any():
                 await response.write(chunk)
         except ConnectionError:       # the client went away: drop the upstream connection too
@@ -435,10 +435,10 @@ class Forwarder:
             out.popall("Content-Length", None)
             return web.Response(status=status, body=whole, headers=out)
         response = web.StreamResponse(status=status, headers=out)
-        await response.prepare(request)
         chunks = resp.chunks()
         timeout = upstream.timeout
         try:
+            await response.prepare(request)
             while True:
                 try:
                     async with asyncio.timeout(timeout):
@@ -447,15 +447,18 @@ class Forwarder:
                     break
                 await response.write(chunk)
         except ConnectionError:       # the client went away: drop the upstream connection too
-            await chunks.aclose()
             return response
         except (UpstreamProtocolError, TimeoutError, OSError) as exc:
             log.warning("upstream %s failed mid-response: %s", upstream.name,
                         type(exc).__name__)
-            await chunks.aclose()
             transport = request.transport
             if transport is not None:
                 transport.abort()     # never let a truncated body look complete
             return response
+        finally:
+            # any way out but the end of the body (client gone, cancelled, upstream failed):
+            # the upstream connection is closed, never left open or pooled half-read
+            await chunks.aclose()
+            resp.close()
         await response.write_eof()
         return response

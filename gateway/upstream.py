@@ -188,6 +188,7 @@ class UpstreamResponse:
         self.status = conn.parser.get_status_code()
         self.headers = conn.headers
         self.keep_alive = conn.keep_alive and not conn.skip_body
+        self._done = False
 
     def body_if_complete(self) -> bytes | None:
         """The whole body when it has already arrived with the head (the common small case)."""
@@ -226,12 +227,21 @@ class UpstreamResponse:
     def release(self) -> None:
         """Back to the pool if reusable, else closed."""
         conn = self._conn
+        self._done = True
         if conn.closed:
             return
         if self.keep_alive and conn.complete and conn.error is None and self._body_sent():
             self._pool._idle_push(conn)
         else:
             conn.close()
+
+
+    def close(self) -> None:
+        """Abandon the response: its connection is closed unless already released (so that
+        a caller that fails half-way never leaves an upstream connection open and unowned)."""
+        if not self._done:
+            self._done = True
+            self._conn.close()
 
 
 BodySource = Callable[[], Awaitable[bytes]]  # returns b"" at the end

@@ -729,3 +729,59 @@ async def test_client_gone_mid_download_closes_the_upstream_connection(aiohttp_s
     fwd = front.forwarder
     for pool, _, _ in fwd._pools.values():
         assert pool.idle == [] and not pool.active
+
+
+async def production_like_port(front) -> tuple[int, web.ServerRunner]:
+    """The front's forwarder behind a server like keygate's (aiohttp's default: the handler is
+    not cancelled when the client goes away; the test servers cancel it)."""
+    fwd = front.forwarder
+    up = fwd.config.upstreams["people"]
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return await fwd.forward(request, up, PRINCIPAL, "rid", RATE_HEADERS)
+    runner = web.ServerRunner(web.Server(handler, handler_cancellation=False))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner.addresses[0][1], runner
+
+
+@pytest.mark.parametrize("cancelling", [True, False])
+async def test_client_gone_before_the_upstream_answers_leaks_no_connection(
+        aiohttp_server, make_front, cancelling: bool) -> None:
+    ended = asyncio.Event()
+    outcome: list[str] = []
+
+    async def late_big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(32 * MB)})
+        try:
+            await asyncio.sleep(0.3)
+            await resp.prepare(request)
+            for _ in range(128):
+                await resp.write(b"l" * (MB // 4))
+            await resp.write_eof()
+            outcome.append("sent")
+        except (ConnectionError, asyncio.CancelledError):
+            outcome.append("closed")
+        finally:
+            ended.set()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/late", late_big)
+    up = await aiohttp_server(app)
+    front = await make_front(up_url(up))
+    port, runner = (front.port, None) if cancelling else await production_like_port(front)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.close()                    # gone before the upstream's head
+        await asyncio.wait_for(ended.wait(), 5)
+        assert outcome == ["closed"]
+        for pool, _, _ in front.forwarder._pools.values():
+            assert pool.idle == [] and not pool.active
+    finally:
+        if runner is not None:
+            await runner.cleanup()
