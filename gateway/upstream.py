@@ -250,9 +250,13 @@ BodySource = Callable[[], Awaitable[bytes]]  # returns b"" at the end
 class UpstreamPool:
     """Keep-alive connections to one upstream origin (``http://host:port`` or ``https://``)."""
 
-    def __init__(self, url: str, *, connect_timeout: float = 5.0, max_idle: int = MAX_IDLE) -> None:
+    def __init__(self, url: str, *, connect_timeout: float = 5.0, max_idle: int = MAX_IDLE,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: for ``https://``, the context to verify the upstream with (e.g.
+        one trusting a private CA); by default the system's trust store."""
         parts = urlsplit(url)
-        self.tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self.tls = (ssl_context or ssl.create_default_context()) \
+            if parts.scheme == "https" else None
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if self.tls else 80)
         self.base_path = parts.path.rstrip("/")

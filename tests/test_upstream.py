@@ -255,3 +255,66 @@ async def test_upload_longer_than_the_timeout_is_not_a_timeout(server):
         await pool.request(head("GET", "/slow"), body=slow_source(1), content_length=1000,
                            timeout=0.4)
     await pool.close()
+
+
+@pytest.fixture
+def self_signed(tmp_path):
+    """A certificate for 127.0.0.1 made with the openssl CLI (skipped without it)."""
+    import shutil
+    import subprocess
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not available")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    done = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("openssl could not make a certificate")
+    return cert, key
+
+
+async def test_https_upstream_streams_and_keeps_alive(aiohttp_server, self_signed):
+    import ssl
+    cert, key = self_signed
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(8):
+            await resp.write(b"t" * (1024 * 1024))
+        await resp.write_eof()
+        return resp
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(body=await request.read())
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/big", big)
+    app.router.add_post("/echo", echo)
+    srv = await aiohttp_server(app, ssl=server_ctx)
+    url = f"https://127.0.0.1:{srv.port}"
+
+    untrusting = UpstreamPool(url)   # the system trust store does not know this certificate
+    with pytest.raises(UpstreamConnectError):
+        await untrusting.request(head("GET", "/big"))
+    await untrusting.close()
+
+    pool = UpstreamPool(url, ssl_context=ssl.create_default_context(cafile=str(cert)))
+    for _ in range(2):
+        resp = await pool.request(head("GET", "/big"), timeout=5)
+        total = 0
+        async for chunk in resp.chunks():
+            total += len(chunk)
+            await asyncio.sleep(0)     # a slow reader: reading pauses and resumes over TLS
+        assert total == 8 * 1024 * 1024
+    payload = [b"u" * (1024 * 1024)] * 3
+
+    async def source() -> bytes:
+        return payload.pop() if payload else b""
+    resp = await pool.request(head("POST", "/echo"), body=source, content_length=None,
+                              timeout=5)
+    assert len(await read_all(resp)) == 3 * 1024 * 1024
+    assert len(pool.idle) == 1
+    await pool.close()
