@@ -5,7 +5,9 @@ costs ~190-250 µs of CPU per request against ~40-90 µs for a protocol-level cl
 same socket — more than everything else keygate does per request. This client keeps what a
 proxy needs and nothing else:
 
-- one pool of idle keep-alive connections per upstream (LIFO, capped);
+- one pool of idle keep-alive connections per upstream (LIFO, capped, none kept idle longer
+  than ``idle_ttl``: a middlebox may drop an idle flow silently, and a request sent on it would
+  only end at the head timeout);
 - the request head is written as given (the proxy has already cleaned the headers); the body
   streams from any async chunk source with write backpressure (``pause_writing``), framed with
   ``Content-Length`` when known, else chunked;
@@ -14,9 +16,10 @@ proxy needs and nothing else:
 - a connection is reused only after a complete response that allows keep-alive, and when the
   request body was completely sent;
 - timeouts: connect, and time to the response head counted from the end of the request body
-  (an upstream that stops reading the request body for that long also times out). A request that fails on a reused idle
-  connection before any response byte (the upstream closed it meanwhile) is retried once on a
-  fresh connection when it had no body.
+  (an upstream that stops reading the request body for that long also times out);
+- a request that fails on a reused idle connection before any response byte (the upstream
+  closed it meanwhile) is retried once when it had no body; one with a body is not (its body
+  was consumed from the client): it fails as a 502, never silently sent twice.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import httptools
 
 HIGH_WATER = 256 * 1024
 MAX_IDLE = 256
+IDLE_TTL = 30.0   # seconds an idle connection is trusted (as the aiohttp path's keepalive_timeout)
 
 
 class UpstreamConnectError(Exception):
@@ -68,6 +72,7 @@ class _Connection(asyncio.Protocol):
         self.skip_body = False                       # HEAD: the head ends the message
         self.keep_alive = False
         self.until_close = False
+        self.idle_since = 0.0
         self.interim = False                         # parsing a 1xx (not the final answer)
         self.head_timer: asyncio.TimerHandle | None = None
         self.out_of_step = False
@@ -251,7 +256,7 @@ class UpstreamPool:
     """Keep-alive connections to one upstream origin (``http://host:port`` or ``https://``)."""
 
     def __init__(self, url: str, *, connect_timeout: float = 5.0, max_idle: int = MAX_IDLE,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, idle_ttl: float = IDLE_TTL) -> None:
         """``ssl_context``: for ``https://``, the context to verify the upstream with (e.g.
         one trusting a private CA); by default the system's trust store."""
         parts = urlsplit(url)
@@ -262,6 +267,7 @@ class UpstreamPool:
         self.base_path = parts.path.rstrip("/")
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
+        self.idle_ttl = idle_ttl
         self.idle: list[_Connection] = []
         self.active: set[_Connection] = set()
 
@@ -276,6 +282,7 @@ class UpstreamPool:
             conn.transport.resume_reading()
         conn.chunks.clear()
         conn.buffered, conn.skip_body, conn.until_close = 0, False, False
+        conn.idle_since = asyncio.get_running_loop().time()
         self.idle.append(conn)
 
     def _forget(self, conn: _Connection) -> None:
@@ -306,7 +313,16 @@ class UpstreamPool:
         framing header) and the body; return once the response head has arrived."""
         for attempt in (0, 1):
             reused = bool(self.idle)
-            conn = self.idle.pop() if reused else await self._connect()
+            if reused:
+                conn = self.idle.pop()
+                if asyncio.get_running_loop().time() - conn.idle_since > self.idle_ttl:
+                    # the newest idle connection is too old: so are all the others
+                    stale, self.idle = self.idle, []
+                    for old in stale + [conn]:
+                        old.close()
+                    reused = False
+            if not reused:
+                conn = await self._connect()
             if conn.closed:
                 continue
             self.active.add(conn)

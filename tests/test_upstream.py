@@ -318,3 +318,22 @@ async def test_https_upstream_streams_and_keeps_alive(aiohttp_server, self_signe
     assert len(await read_all(resp)) == 3 * 1024 * 1024
     assert len(pool.idle) == 1
     await pool.close()
+
+
+async def test_idle_connections_older_than_the_ttl_are_not_reused(aiohttp_server):
+    peers = []
+
+    async def h(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername"))
+        return web.Response(text="ok")
+    app = web.Application()
+    app.router.add_get("/", h)
+    srv = await aiohttp_server(app)
+    pool = UpstreamPool(str(srv.make_url("")), idle_ttl=0.2)
+    for pause in (0, 0.05, 0.4, 0):
+        await asyncio.sleep(pause)
+        resp = await pool.request(head("GET", "/"))
+        assert await read_all(resp) == b"ok"
+    assert peers[0] == peers[1] != peers[2] == peers[3]
+    assert len(pool.idle) == 1
+    await pool.close()
