@@ -73,6 +73,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.until_close = False
         self.idle_since = 0.0
+        self.status = 0
         self.interim = False                         # parsing a 1xx (not the final answer)
         self.head_timer: asyncio.TimerHandle | None = None
         self.out_of_step = False
@@ -112,6 +113,7 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamProtocolError("upstream closed the connection"))
         if self.write_ok is not None and not self.write_ok.done():
             self.write_ok.set_exception(UpstreamProtocolError("upstream closed the connection"))
+            self.write_ok.exception()  # marked retrieved: the sender may not be waiting on it
 
     def pause_writing(self) -> None:
         self.write_ok = asyncio.get_running_loop().create_future()
@@ -138,6 +140,7 @@ class _Connection(asyncio.Protocol):
             # body; the final answer follows on the same connection (101 raises Upgrade)
             self.interim = True
             return
+        self.status = status
         self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it after the message
         framed = any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
         # an HTTP/1.0-style body with neither length nor chunks ends when the upstream closes
@@ -190,7 +193,7 @@ class UpstreamResponse:
 
     def __init__(self, conn: _Connection, pool: "UpstreamPool", body_sent: Callable[[], bool]) -> None:
         self._conn, self._pool, self._body_sent = conn, pool, body_sent
-        self.status = conn.parser.get_status_code()
+        self.status = conn.status
         self.headers = conn.headers
         self.keep_alive = conn.keep_alive and not conn.skip_body
         self._done = False

@@ -337,3 +337,49 @@ async def test_idle_connections_older_than_the_ttl_are_not_reused(aiohttp_server
     assert peers[0] == peers[1] != peers[2] == peers[3]
     assert len(pool.idle) == 1
     await pool.close()
+
+
+@pytest.mark.parametrize("with_body", [False, True])
+async def test_stale_idle_connection_retries_only_a_bodyless_request(with_body):
+    """The upstream drops a keep-alive connection just as the next request arrives on it:
+    without a body the request is sent again on a new connection; with one it fails (its body
+    was consumed), and it is never sent twice."""
+    seen: list[tuple[int, bytes]] = []
+    conns = [0]
+
+    async def answer(reader, writer):
+        conns[0] += 1
+        me = conns[0]
+        n = 0
+        while True:
+            try:
+                request = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            n += 1
+            seen.append((me, request.split(b" ", 2)[1]))
+            if me == 1 and n == 2:     # the keep-alive timeout fires: hang up, no answer
+                writer.transport.abort()
+                return
+            if b"Content-Length: 3" in request:
+                await reader.readexactly(3)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+    srv, url = await raw_upstream(answer)
+    pool = UpstreamPool(url)
+    assert await read_all(await pool.request(head("GET", "/first"), timeout=2)) == b"ok"
+    if with_body:
+        parts = [b"abc"]
+
+        async def source() -> bytes:
+            return parts.pop() if parts else b""
+        with pytest.raises(UpstreamProtocolError):
+            await pool.request(head("POST", "/second"), body=source, content_length=3,
+                               timeout=2)
+        assert seen == [(1, b"/first"), (1, b"/second")]
+    else:
+        resp = await pool.request(head("GET", "/second"), timeout=2)
+        assert await read_all(resp) == b"ok"
+        assert seen == [(1, b"/first"), (1, b"/second"), (2, b"/second")]
+    srv.close()
+    await pool.close()
