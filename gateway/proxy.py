@@ -214,10 +214,12 @@ class Forwarder:
                 elif lname == "x-forwarded-host":
                     xf_host = value
             elif lname == "authorization":
-                scheme, _, credential = value.strip().partition(" ")
-                if scheme.lower() == "bearer" and (
+                # any whitespace after the scheme (RFC 9110 allows HTAB): "Bearer\t<token>"
+                # on a public route must not carry a keygate token upstream
+                parts = value.split(None, 1)
+                if parts and parts[0].lower() == "bearer" and (
                         principal is not None
-                        or looks_like_token(credential.strip(), self._prefix)):
+                        or (len(parts) == 2 and looks_like_token(parts[1].strip(), self._prefix))):
                     continue
             out.append((name, value))
         xff.append(peer or "unknown")

@@ -183,6 +183,8 @@ async def test_credential_headers_removed(upstream, make_front) -> None:
         ("X_Api_Key", TOKEN)])
     rec = upstream.requests[-1]
     assert TOKEN not in json.dumps(rec)
+    resp, _ = await send(front, "GET", "/pub", headers={"Authorization": ""})
+    assert resp.status == 200 and values(upstream.requests[-1], "Authorization") == [""]
     assert not names(rec) & {"authorization", "x-api-key", "x-other-key", "x_api_key"}
 
 
@@ -785,3 +787,14 @@ async def test_client_gone_before_the_upstream_answers_leaks_no_connection(
     finally:
         if runner is not None:
             await runner.cleanup()
+
+
+@pytest.mark.parametrize("spelling", ["Bearer\t{t}", "bearer  {t}", " BEARER {t} "])
+async def test_keygate_token_in_authorization_never_reaches_a_public_upstream(
+        upstream, make_front, spelling: str) -> None:
+    front = await make_front(up_url(upstream), principal=None)
+    await send(front, "GET", "/pub", headers={"Authorization": spelling.format(t=TOKEN)})
+    rec = upstream.requests[-1]
+    assert TOKEN not in json.dumps(rec)
+    resp, _ = await send(front, "GET", "/pub", headers={"Authorization": ""})
+    assert resp.status == 200 and values(upstream.requests[-1], "Authorization") == [""]
