@@ -95,9 +95,13 @@ class _Protocol(asyncio.Protocol):
             self.transport.abort()
 
     def flush(self) -> None:
-        if self.out and not self.closed:
-            self.transport.write(b"".join(self.out))
-        self.out.clear()
+        out = self.out
+        if out:
+            data = b"".join(out)
+            out.clear()  # first: a failing write must not leave ``out`` non-empty, which
+            #              would stop every later command from scheduling a flush
+            if not self.closed:
+                self.transport.write(data)
 
 
 class RespClient:

@@ -246,3 +246,17 @@ async def test_resp_commands_waiting_on_a_stalled_redis_are_bounded():
         with pytest.raises(ConnectionError):
             await fut
     srv.close()
+
+
+async def test_resp_reconnect_sends_auth_and_select_again(own_redis):
+    admin = redis.Redis.from_url(own_redis.url)
+    admin.config_set("requirepass", "s3cret")
+    admin = redis.Redis(port=own_redis.port, password="s3cret", db=3)
+    admin.set("where", "db3")
+    client = RespClient(f"redis://:s3cret@127.0.0.1:{own_redis.port}/3", timeout=1)
+    assert await client.call("GET", "where") == b"db3"
+    admin.client_kill_filter(_type="normal", skipme=True)   # Redis drops our connection
+    await asyncio.sleep(0.05)
+    assert client._proto is None           # the loss was noticed
+    assert await client.call("GET", "where") == b"db3"   # reconnected: AUTH, SELECT 3
+    await client.close()
