@@ -371,6 +371,8 @@ class Forwarder:
         parts = [f"{request.method} {base}{request.raw_path} HTTP/1.1\r\nHost: {host}"]
         for name, value in headers:
             parts.append(f"{name}: {value}")
+        if body is None and request.content_length == 0:
+            parts.append("Content-Length: 0")  # as sent: a POST without it may get a 411
         head = "\r\n".join(parts).encode("utf-8", "surrogateescape")
         is_head = request.method == "HEAD"
         started = time.perf_counter()

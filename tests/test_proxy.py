@@ -798,3 +798,14 @@ async def test_keygate_token_in_authorization_never_reaches_a_public_upstream(
     assert TOKEN not in json.dumps(rec)
     resp, _ = await send(front, "GET", "/pub", headers={"Authorization": ""})
     assert resp.status == 200 and values(upstream.requests[-1], "Authorization") == [""]
+
+
+async def test_empty_body_with_content_length_zero_keeps_its_framing(upstream, make_front) -> None:
+    """``POST`` with ``Content-Length: 0`` reaches the upstream with it (many servers answer
+    411 Length Required to a POST without one)."""
+    front = await make_front(up_url(upstream))
+    answer = await raw_exchange(front, b"POST /people HTTP/1.1\r\nHost: x\r\n"
+                                       b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200")
+    rec = upstream.requests[-1]
+    assert values(rec, "Content-Length") == ["0"] and rec["body_len"] == 0
