@@ -34,6 +34,7 @@ import httptools
 
 HIGH_WATER = 256 * 1024
 MAX_IDLE = 256
+MAX_HEAD = 1024 * 1024  # bytes read before the response head is complete (1xx included)
 IDLE_TTL = 30.0   # seconds an idle connection is trusted (as the aiohttp path's keepalive_timeout)
 
 
@@ -74,6 +75,7 @@ class _Connection(asyncio.Protocol):
         self.until_close = False
         self.idle_since = 0.0
         self.status = 0
+        self.head_bytes = 0
         self.interim = False                         # parsing a 1xx (not the final answer)
         self.head_timer: asyncio.TimerHandle | None = None
         self.out_of_step = False
@@ -89,6 +91,13 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
+        if not self.head.done():
+            # an upstream sending headers without end would otherwise grow ``headers`` until
+            # the head timeout
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD:
+                self._fail(UpstreamProtocolError("response head from upstream too large"))
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -280,6 +289,7 @@ class UpstreamPool:
             conn.close()
             return
         conn.head, conn.complete, conn.error, conn.got_bytes = None, False, None, False
+        conn.head_bytes = 0
         if conn.reading_paused:  # a whole body taken while reading was paused
             conn.reading_paused = False
             conn.transport.resume_reading()

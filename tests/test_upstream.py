@@ -383,3 +383,21 @@ async def test_stale_idle_connection_retries_only_a_bodyless_request(with_body):
         assert seen == [(1, b"/first"), (1, b"/second"), (2, b"/second")]
     srv.close()
     await pool.close()
+
+
+async def test_endless_response_head_is_an_error_not_unbounded_memory():
+    async def endless(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        try:
+            for _ in range(4096):   # 4 MB of headers, never ending the head
+                writer.write(b"X-Pad: " + b"a" * 1000 + b"\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+    srv, url = await raw_upstream(endless)
+    pool = UpstreamPool(url)
+    with pytest.raises(UpstreamProtocolError):
+        await pool.request(head("GET", "/"), timeout=10)
+    srv.close()
+    await pool.close()
