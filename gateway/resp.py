@@ -68,16 +68,19 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         waiting = self.waiting
-        while (reply := self.reader.gets()) is not False:
-            if not waiting:  # a reply nobody asked for: the stream is out of step
-                self.abort(ConnectionError("unexpected reply from Redis"))
-                return
-            fut = waiting.popleft()[0]
-            if not fut.done():
-                if isinstance(reply, RespError):
-                    fut.set_exception(reply)
-                else:
-                    fut.set_result(reply)
+        try:
+            while (reply := self.reader.gets()) is not False:
+                if not waiting:  # a reply nobody asked for: the stream is out of step
+                    self.abort(ConnectionError("unexpected reply from Redis"))
+                    return
+                fut = waiting.popleft()[0]
+                if not fut.done():  # a caller that gave up: its reply is dropped, in order
+                    if isinstance(reply, RespError):
+                        fut.set_exception(reply)
+                    else:
+                        fut.set_result(reply)
+        except hiredis.ProtocolError:  # not RESP: every call in flight fails, we reconnect
+            self.abort(ConnectionError("Redis sent a malformed reply"))
 
     def connection_lost(self, exc) -> None:
         self.abort(ConnectionError("connection to Redis lost"))

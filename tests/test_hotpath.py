@@ -260,3 +260,18 @@ async def test_resp_reconnect_sends_auth_and_select_again(own_redis):
     assert client._proto is None           # the loss was noticed
     assert await client.call("GET", "where") == b"db3"   # reconnected: AUTH, SELECT 3
     await client.close()
+
+
+async def test_resp_garbage_from_the_server_fails_calls_cleanly(caplog):
+    async def garbage(reader, writer):
+        await reader.readuntil(b"\r\n")
+        writer.write(b"\x00\x01not resp at all\r\n")
+        await writer.drain()
+        await reader.read()
+    srv, port = await fake_redis(garbage)
+    client = RespClient(f"redis://127.0.0.1:{port}", timeout=1)
+    with pytest.raises(ConnectionError, match="malformed"):
+        await asyncio.wait_for(client.call("PING"), 3)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    await client.close()
+    srv.close()
