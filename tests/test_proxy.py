@@ -809,3 +809,21 @@ async def test_empty_body_with_content_length_zero_keeps_its_framing(upstream, m
     assert answer.startswith(b"HTTP/1.1 200")
     rec = upstream.requests[-1]
     assert values(rec, "Content-Length") == ["0"] and rec["body_len"] == 0
+
+
+@pytest.mark.parametrize("status", [299, 420, 499, 599])
+async def test_unregistered_status_codes_pass(make_front, status: int) -> None:
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 %d Whatever\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
+                     % status)
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        front = await make_front(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}")
+        resp, body = await send(front, "GET", "/x")
+        assert resp.status == status and body == b"hi"
+    finally:
+        srv.close()
