@@ -202,11 +202,14 @@ class RespClient:
             raise
 
     def _connected(self, task: asyncio.Future) -> None:
-        if self._connecting is task:
+        detached = self._connecting is not task  # close() let go of it meanwhile
+        if not detached:
             self._connecting = None
         if task.cancelled() or task.exception() is not None:
             return
         proto = task.result()
+        if detached:
+            proto.abort(ConnectionError("Redis client closed while connecting"))
         if proto.closed:
             return
         if self._proto is not None and self._proto is not proto:

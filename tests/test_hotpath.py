@@ -275,3 +275,17 @@ async def test_resp_garbage_from_the_server_fails_calls_cleanly(caplog):
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     await client.close()
     srv.close()
+
+
+async def test_resp_close_right_after_the_connection_is_made_leaves_nothing_open(redis_url):
+    client = RespClient(redis_url)
+    pending = client.call("PING")
+    task = client._connecting
+    while not (task is not None and task.done()):   # connected, outcome not yet recorded
+        await asyncio.sleep(0)
+        task = task or client._connecting
+    await client.close()
+    with pytest.raises(ConnectionError):
+        await pending
+    await asyncio.sleep(0.05)
+    assert own_connections(redis_url) == 0 and client._watchdog is None
