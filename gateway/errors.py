@@ -89,6 +89,7 @@ class TooManyRequests(GatewayError):
 
 class BadGateway(GatewayError):
     status, code = 502, "upstream_unavailable"
+    not_forwarded = False  # True when the request never reached the upstream (connect failed)
 
 
 class ServiceUnavailable(GatewayError):

@@ -43,6 +43,15 @@ return n
 ADD_USAGE_SHA = hashlib.sha1(ADD_USAGE.encode()).hexdigest()
 
 
+REFUND = """
+local n = redis.call('DECR', KEYS[1])
+if n < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return n
+"""
+REFUND_SHA = hashlib.sha1(REFUND.encode()).hexdigest()
+
+
 class Decision(NamedTuple):
     """What the store decided for one request."""
     outcome: str            # ok | stale | rate | quota
@@ -167,6 +176,10 @@ class RequestStore:
         else:
             for k in (fail_ip_key(ip), fail_key_key(key_id)):
                 await self._evalsha(ADD_USAGE_SHA, ADD_USAGE, (k,), (1, window_seconds))
+
+    async def refund(self, workspace: str, period: str, ttl: int) -> None:
+        """Take back one counted request that never reached the upstream."""
+        await self._evalsha(REFUND_SHA, REFUND, (usage_key(workspace, period),), (ttl,))
 
     async def add_usage(self, workspace: str, period: str, n: int, ttl: int) -> int:
         """Add requests counted locally while the store was down (fail-open)."""

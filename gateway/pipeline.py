@@ -23,7 +23,7 @@ from aiohttp import web
 from . import errors
 from .auth import Authenticator, CachedKey
 from .config import Config, Route
-from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
+from .errors import BadGateway, GatewayError, ServiceUnavailable, StoreError, TooManyRequests
 from .hotpath import Decision, RequestStore
 from .limits import MonthCache, ratelimit_headers
 from .models import rfc3339
@@ -107,8 +107,13 @@ class Pipeline:
         key = await self.authenticate(token, request)
         outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
         key, limit_headers = await self.authorise(key, route.scopes, count=True)
-        return await self.forwarder.forward(request, upstream, key.principal, request_id,
-                                            limit_headers)
+        try:
+            return await self.forwarder.forward(request, upstream, key.principal, request_id,
+                                                limit_headers)
+        except BadGateway as exc:
+            if exc.not_forwarded:  # the upstream never saw it: it does not count
+                await self.refund(key)
+            raise
 
     # --- steps --------------------------------------------------------------------------------
 
@@ -205,6 +210,14 @@ class Pipeline:
                 f"The workspace's monthly quota of {key.monthly_limit} requests is used up; it "
                 f"resets at {rfc3339(month.resets_at)}.", code="quota_exceeded", headers=headers)
         return headers
+
+    async def refund(self, key: CachedKey) -> None:
+        now = self.clock()
+        month = self.months.get(now)
+        try:
+            await self.requests.refund(key.workspace.id, month.period, month.counter_ttl(now))
+        except StoreError:
+            log.warning("could not refund a request that never reached the upstream")
 
     # --- store down ---------------------------------------------------------------------------
 

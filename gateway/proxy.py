@@ -299,7 +299,9 @@ class Forwarder:
             if state.too_large:
                 raise PayloadTooLarge(self._too_large_message()) from None
             log.warning("upstream %s failed: %s", upstream.name, type(exc).__name__)
-            raise BadGateway(f"The upstream '{upstream.name}' is unavailable.") from None
+            error = BadGateway(f"The upstream '{upstream.name}' is unavailable.")
+            error.not_forwarded = isinstance(exc, aiohttp.ClientConnectorError)
+            raise error from None
         if self.on_upstream is not None:
             self.on_upstream(upstream.name, time.perf_counter() - started)
         try:
@@ -386,7 +388,9 @@ class Forwarder:
                                  f"{upstream.timeout:g} seconds.") from None
         except (UpstreamConnectError, UpstreamProtocolError, OSError, ValueError) as exc:
             log.warning("upstream %s failed: %s", upstream.name, type(exc).__name__)
-            raise BadGateway(f"The upstream '{upstream.name}' is unavailable.") from None
+            error = BadGateway(f"The upstream '{upstream.name}' is unavailable.")
+            error.not_forwarded = isinstance(exc, UpstreamConnectError)
+            raise error from None
         except Exception as exc:  # the client's body failed (client gone mid-upload)
             log.info("request body failed while forwarding to %s: %s", upstream.name,
                      type(exc).__name__)

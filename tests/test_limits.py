@@ -192,3 +192,17 @@ async def test_a_plan_gone_from_the_config_falls_back_to_the_default_plan(redis_
             assert r.headers["RateLimit-Policy"].startswith('"monthly";q=1000;')  # starter's
         _, usage = await after.admin_json("GET", "/workspaces/acme/usage")
         assert usage["limit"] == 1000
+
+
+async def test_a_request_the_upstream_never_received_does_not_count(redis_url, monkeypatch):
+    from conftest import free_port
+    config = make_config(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme", plan="tiny")
+        token, _ = await g.key()
+        for _ in range(4):
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == 502
+                assert (await r.json())["error"]["code"] == "upstream_unavailable"
+        _, usage = await g.admin_json("GET", "/workspaces/acme/usage")
+        assert usage["used"] == 0
