@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
-from urllib.parse import parse_qsl, quote
 
 from aiohttp import web
 
 from .config import Config
-from .tokens import looks_like_token
+from .routes import query_has_token
 
 logger = logging.getLogger("keygate.access")
 
@@ -32,17 +32,23 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+_SEPARATORS = re.compile(r"([&;])")
+
+
 def mask_query(raw_query: str, prefix: str) -> str:
-    """The query with every value (or name) that looks like a key replaced by ``***``."""
-    if prefix + "_" not in raw_query and "%5F" not in raw_query.upper():
+    """The query with every parameter that holds a key replaced by ``name=***``.
+
+    "Holds a key" is exactly what the pipeline refuses as ``key_in_url``
+    (:func:`gateway.routes.query_has_token`): percent- or double-encoded, inside a larger
+    value, in a name, behind ``;`` separators. Parameters without a key are logged as sent."""
+    if not query_has_token(raw_query, prefix):
         return raw_query
-    out = []
-    for name, value in parse_qsl(raw_query, keep_blank_values=True):
-        if looks_like_token(name, prefix) or looks_like_token(value.removeprefix("Bearer "), prefix):
-            out.append(f"{quote(name) if not looks_like_token(name, prefix) else '***'}=***")
-        else:
-            out.append(f"{quote(name)}={quote(value)}")
-    return "&".join(out)
+    parts = _SEPARATORS.split(raw_query)
+    for i in range(0, len(parts), 2):
+        if query_has_token(parts[i], prefix):
+            name = parts[i].partition("=")[0]
+            parts[i] = "***=***" if query_has_token(name, prefix) else f"{name}=***"
+    return "".join(parts)
 
 
 class AccessLog:
