@@ -66,7 +66,7 @@ class Authenticator:
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="argon2")
         self.cache: dict[bytes, CachedKey] = {}       # token digest → verified key
         self._by_key_id: dict[str, bytes] = {}        # key id → its token digest
-        self._inflight: dict[bytes, asyncio.Future] = {}
+        self._inflight: dict[bytes, asyncio.Task] = {}
         self._prefix = config.keys.prefix
         self._environments = frozenset(config.keys.environments)
         self._hit = metrics.key_cache.labels("hit") if metrics else None
@@ -93,23 +93,21 @@ class Authenticator:
             raise invalid_token("malformed_key", f"The API key is malformed: {exc}.") from None
         if self._miss is not None:
             self._miss.inc()
-        if (fut := self._inflight.get(digest)) is not None:
-            return await asyncio.shield(fut)
-        fut = asyncio.get_running_loop().create_future()
-        self._inflight[digest] = fut
-        try:
-            entry = await self._verify(token, digest, client_ip)
-            fut.set_result(entry)
-            return entry
-        except asyncio.CancelledError:
-            fut.cancel()
-            raise
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # followers re-raise it; nobody else needs to retrieve it
-            raise
-        finally:
+        task = self._inflight.get(digest)
+        if task is None:
+            # The verification runs as its own task, not inside the first request: a first
+            # request cancelled (client gone, shutdown) must not cancel it under the others
+            # waiting on it, nor waste the argon2 run already under way.
+            task = asyncio.ensure_future(self._verify(token, digest, client_ip))
+            self._inflight[digest] = task
+            task.add_done_callback(lambda t: self._verified(digest, t))
+        return await asyncio.shield(task)
+
+    def _verified(self, digest: bytes, task: asyncio.Task) -> None:
+        if self._inflight.get(digest) is task:
             del self._inflight[digest]
+        if not task.cancelled():
+            task.exception()  # retrieved: its waiters re-raise it, or nobody waits any more
 
     async def refresh(self, entry: CachedKey) -> CachedKey | None:
         """Re-read a key whose stored revision moved on. None when it no longer exists."""

@@ -50,3 +50,28 @@ def test_access_log_masks_every_query_form_the_gateway_refuses_as_key_in_url(que
 def test_access_log_keeps_queries_without_keys_as_sent():
     q = "q=ada%20lovelace&page=2&sort=-name;x=1&kg_x=y"
     assert mask_query(q, "kg") == q
+
+
+# --- verification single-flight ------------------------------------------------------------
+
+@pytest.fixture
+async def gut(redis_url, upstream, monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        g.upstream = upstream
+        await g.workspace("acme")
+        yield g
+
+
+async def test_a_cancelled_first_verification_does_not_fail_the_requests_waiting_on_it(gut):
+    token, key = await gut.key()
+    auth = gut.gw.pipeline.auth
+    first = asyncio.create_task(auth.authenticate(token, "10.0.0.1"))
+    await asyncio.sleep(0)          # first is now verifying; the followers join it
+    followers = [asyncio.create_task(auth.authenticate(token, "10.0.0.2")) for _ in range(3)]
+    await asyncio.sleep(0)
+    first.cancel()                  # e.g. its client went away, or shutdown
+    results = await asyncio.gather(*followers, return_exceptions=True)
+    assert [getattr(r, "key", r).id for r in results] == [key["id"]] * 3
+    with pytest.raises(asyncio.CancelledError):
+        await first
