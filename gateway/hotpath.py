@@ -142,8 +142,10 @@ class RequestStore:
         if outcome == b"stale":
             return Decision("stale")
         if outcome == b"rate":
-            return Decision("rate", retry_after_ms=reply[1], window_reset_ms=reply[2])
+            return Decision("rate", reply[3] if len(reply) > 3 else 0, 0, reply[1], reply[2])
         if outcome == b"quota":
+            if len(reply) > 3:
+                return Decision("quota", reply[1], reply[2], 0, reply[3])
             return Decision("quota", month_used=reply[1])
         raise StoreError("unexpected answer from the authorize script")
 

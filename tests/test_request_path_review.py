@@ -75,3 +75,33 @@ async def test_a_cancelled_first_verification_does_not_fail_the_requests_waiting
     assert [getattr(r, "key", r).id for r in results] == [key["id"]] * 3
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+# --- RateLimit fields on 429s ----------------------------------------------------------------
+
+async def _get_all(g, token: str, n: int) -> list[tuple[int, dict]]:
+    got = []
+    for _ in range(n):
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            await r.read()
+            got.append((r.status, dict(r.headers)))
+    return got
+
+
+async def test_a_rate_429_reports_the_monthly_quota_actually_left(gut):
+    token, _ = await gut.key(rate_limit="2/m")  # acme is on starter: 1000 a month
+    got = await _get_all(gut, token, 3)
+    assert [s for s, _ in got] == [200, 200, 429]
+    assert got[1][1]["RateLimit"].startswith('"rate";r=0;t=60, "monthly";r=998;t=')
+    # the refusal counted nothing: the month still has 998 left, not 1000
+    assert got[2][1]["RateLimit"].startswith('"rate";r=0;t=60, "monthly";r=998;t=')
+
+
+async def test_a_quota_429_reports_the_rate_actually_left(gut):
+    await gut.admin_json("PATCH", "/workspaces/acme", {"plan": "tiny"})  # 3 a month
+    token, _ = await gut.key(rate_limit="10/m")
+    got = await _get_all(gut, token, 4)
+    assert [s for s, _ in got] == [200, 200, 200, 429]
+    assert got[2][1]["RateLimit"].startswith('"rate";r=7;t=60, "monthly";r=0;t=')
+    # refused by the quota, the request used no rate: 7 remain, not 0
+    assert got[3][1]["RateLimit"].startswith('"rate";r=7;t=60, "monthly";r=0;t=')

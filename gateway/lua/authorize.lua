@@ -16,8 +16,8 @@
 --   {"stale"}                                 the key or workspace changed (or is gone): the
 --                                             caller re-reads it and decides again
 --   {"ok", month_used}                        (mode "check")
---   {"rate", retry_after_ms, retry_after_ms}
---   {"quota", month_used}
+--   {"rate", retry_after_ms, retry_after_ms, month_used}
+--   {"quota", month_used, rate_remaining, window_reset_ms}   (nothing counted, no rate used)
 --   {"ok", month_used, rate_remaining, window_reset_ms}
 local k = redis.call('HMGET', KEYS[1], 'rev', 'id')
 local w = redis.call('HMGET', KEYS[2], 'rev', 'id')
@@ -33,14 +33,14 @@ end
 -- last `period`. Exact (never more than N in any window of `period`), and bursts up to N are
 -- fine; memory is N entries per active key.
 local limit, period = tonumber(ARGV[5]), tonumber(ARGV[6])
-local rate_remaining, reset_ms = -1, 0
+local rate_remaining, reset_ms, n = -1, 0, 0
 if limit > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - period)
-  local n = redis.call('ZCARD', KEYS[4])
+  n = redis.call('ZCARD', KEYS[4])
   if n >= limit then
     local oldest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
     local retry = tonumber(oldest[2]) + period - now
-    return {'rate', retry, retry}
+    return {'rate', retry, retry, tonumber(redis.call('GET', KEYS[3]) or '0')}
   end
   rate_remaining = limit - n - 1
 end
@@ -48,7 +48,11 @@ end
 local quota = tonumber(ARGV[7])
 local used = tonumber(redis.call('GET', KEYS[3]) or '0')
 if quota >= 0 and used >= quota then
-  return {'quota', used}  -- refused: nothing counted, no rate consumed
+  -- refused: nothing counted, no rate consumed (so the rate has one more left than if admitted)
+  if n > 0 then
+    reset_ms = tonumber(redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')[2]) + period - now
+  end
+  return {'quota', used, limit > 0 and limit - n or -1, reset_ms}
 end
 if limit > 0 then
   redis.call('ZADD', KEYS[4], now, ARGV[9])
