@@ -96,6 +96,7 @@ async def running_gateway(config: Config, store_url: str, *,
     forwarder = Forwarder(config)
     forwarder.on_upstream = metrics.observe_upstream
     auth = Authenticator(config, store, requests, metrics, clock=clock)
+    pipeline = None
     try:
         await forwarder.start()
         pipeline = Pipeline(config, store, requests, auth, forwarder, metrics,
@@ -108,10 +109,16 @@ async def running_gateway(config: Config, store_url: str, *,
         proxy_server = ProxyServer(pipeline.handle, access_log=None)
         yield Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server)
     finally:
-        auth.close()
-        await forwarder.close()
-        await requests.close()
-        await store.close()
+        try:
+            if pipeline is not None:  # bounded: a store that is still down must not hang a stop
+                await asyncio.wait_for(pipeline.close(), timeout=10)
+        except (asyncio.TimeoutError, StoreError):
+            log.warning("shutdown: requests counted while the store was down were not written")
+        finally:
+            auth.close()
+            await forwarder.close()
+            await requests.close()
+            await store.close()
 
 
 class ListenError(Exception):

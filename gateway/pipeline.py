@@ -9,6 +9,7 @@ that turns errors into SPEC's JSON responses.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -61,6 +62,7 @@ class Pipeline:
         self.months = MonthCache()
         self.fail_open = config.store.on_store_error == "open"
         self.local_counts: dict[tuple[str, str], int] = {}  # (workspace, period) → requests
+        self._flushes: set[asyncio.Task] = set()
         self._prefix = config.keys.prefix
         self._key_headers = tuple(h.lower() for h in config.keys.headers)
         self._trusted = tuple(ipaddress.ip_network(p, strict=False)
@@ -248,20 +250,35 @@ class Pipeline:
         return {}
 
     def _flush_local_counts(self) -> None:
-        import asyncio
-
+        """Write the requests counted locally to the store, in the background. The counts are
+        taken out of ``local_counts`` first, so concurrent flushes never write one twice, and
+        put back when the store fails again, so none is lost."""
         counts, self.local_counts = self.local_counts, {}
+        task = asyncio.ensure_future(self._flush(counts))
+        self._flushes.add(task)  # a task nobody references can be garbage-collected mid-way
+        task.add_done_callback(self._flushes.discard)
 
-        async def flush() -> None:
-            now = self.clock()
-            ttl = self.months.get(now).counter_ttl(now)
-            for (workspace, period), n in counts.items():
-                try:
-                    await self.requests.add_usage(workspace, period, n, ttl)
-                except StoreError:
-                    self.local_counts[(workspace, period)] = \
-                        self.local_counts.get((workspace, period), 0) + n
-        asyncio.ensure_future(flush())
+    async def _flush(self, counts: dict[tuple[str, str], int]) -> None:
+        now = self.clock()
+        ttl = self.months.get(now).counter_ttl(now)
+        for (workspace, period), n in counts.items():
+            try:
+                await self.requests.add_usage(workspace, period, n, ttl)
+            except StoreError:
+                self.local_counts[(workspace, period)] = \
+                    self.local_counts.get((workspace, period), 0) + n
+
+    async def close(self) -> None:
+        """At shutdown, after the listeners stopped: write what was counted locally while the
+        store was down (a process that stops must not take its share of the month with it)."""
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+        if self.local_counts:
+            counts, self.local_counts = self.local_counts, {}
+            await self._flush(counts)
+        if self.local_counts:
+            log.warning("the store is unavailable: %d requests counted while it was down were "
+                        "not written to the monthly usage", sum(self.local_counts.values()))
 
     # --- the reserved /_keygate/ prefix -------------------------------------------------------
 

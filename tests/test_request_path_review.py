@@ -105,3 +105,27 @@ async def test_a_quota_429_reports_the_rate_actually_left(gut):
     assert got[2][1]["RateLimit"].startswith('"rate";r=7;t=60, "monthly";r=0;t=')
     # refused by the quota, the request used no rate: 7 remain, not 0
     assert got[3][1]["RateLimit"].startswith('"rate";r=7;t=60, "monthly";r=0;t=')
+
+
+# --- fail-open: local counts ------------------------------------------------------------------
+
+async def test_requests_counted_locally_while_the_store_was_down_survive_a_shutdown(
+        redis_url, upstream, monkeypatch):
+    import redis as sync_redis
+    from gateway.config import StoreConfig
+    from gateway.limits import month_of
+    from gateway.store import usage_key
+
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        assert (await _get_all(g, token, 1))[0][0] == 200
+        sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1200")
+        assert [s for s, _ in await _get_all(g, token, 3)] == [200, 200, 200]
+        assert g.counter("keygate_degraded_decisions_total") == 3
+        await asyncio.sleep(1.3)  # the store is back; no request came to flush the counts
+    import time
+    used = sync_redis.Redis.from_url(redis_url).get(usage_key("acme", month_of(time.time()).period))
+    assert int(used) == 4
