@@ -67,6 +67,7 @@ class Authenticator:
         self.cache: dict[bytes, CachedKey] = {}       # token digest → verified key
         self._by_key_id: dict[str, bytes] = {}        # key id → its token digest
         self._inflight: dict[bytes, asyncio.Task] = {}
+        self._pending: dict[str, int] = {}  # client IP or key id → verifications running
         self._prefix = config.keys.prefix
         self._environments = frozenset(config.keys.environments)
         self._hit = metrics.key_cache.labels("hit") if metrics else None
@@ -125,10 +126,31 @@ class Authenticator:
     async def _verify(self, token: ParsedToken, digest: bytes, client_ip: str) -> CachedKey:
         limits = self.config.keys.failures
         by_ip, by_key = await self.requests.failure_counts(client_ip, token.key_id)
-        if by_ip >= limits.per_ip or by_key >= limits.per_key:
+        # Verifications still running count as possible failures: the stored counts only move
+        # once a verification has failed, so without this, N concurrent wrong guesses all
+        # passed the check and all ran argon2 (an unbounded CPU cost an attacker chooses).
+        pending_ip = self._pending.get(client_ip, 0)
+        pending_key = self._pending.get(token.key_id, 0)
+        if by_ip + pending_ip >= limits.per_ip or by_key + pending_key >= limits.per_key:
+            failed = by_ip >= limits.per_ip or by_key >= limits.per_key
             raise TooManyRequests(
                 "Too many failed attempts with invalid keys; wait before trying again.",
-                code="too_many_failures", headers={"Retry-After": str(limits.window_seconds)})
+                code="too_many_failures",
+                headers={"Retry-After": str(limits.window_seconds if failed else 1)})
+        self._pending[client_ip] = pending_ip + 1
+        self._pending[token.key_id] = pending_key + 1
+        try:
+            return await self._verify_counted(token, digest, client_ip)
+        finally:
+            for name in (client_ip, token.key_id):
+                if (n := self._pending[name] - 1) > 0:
+                    self._pending[name] = n
+                else:
+                    del self._pending[name]
+
+    async def _verify_counted(self, token: ParsedToken, digest: bytes,
+                              client_ip: str) -> CachedKey:
+        limits = self.config.keys.failures
         workspace_id = await self.store.key_workspace(token.key_id)
         key = await self.store.get_key(workspace_id, token.key_id) if workspace_id else None
         ok = False

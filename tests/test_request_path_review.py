@@ -129,3 +129,23 @@ async def test_requests_counted_locally_while_the_store_was_down_survive_a_shutd
     import time
     used = sync_redis.Redis.from_url(redis_url).get(usage_key("acme", month_of(time.time()).period))
     assert int(used) == 4
+
+
+# --- failure throttle under concurrency -----------------------------------------------------
+
+async def test_concurrent_wrong_secrets_cannot_run_argon2_past_the_failure_limit(gut):
+    from gateway.tokens import checksum, random_base62
+    token, _ = await gut.key()
+    guesses = []
+    for _ in range(40):  # one key id, forty different wrong secrets, all well-formed
+        head = token[:-38] + random_base62(32)
+        guesses.append(head + checksum(head))
+
+    async def one(t: str) -> tuple[int, str]:
+        async with gut.proxy.get("/people/1", headers=bearer(t)) as r:
+            return r.status, (await r.json())["error"]["code"]
+    results = await asyncio.gather(*(one(t) for t in guesses))
+    ran = gut.counter("keygate_argon2_verifications_total", result="fail")
+    assert ran <= 10, ran  # per_key = 10: the rest were refused before argon2
+    assert sum(code == "invalid_key" for _, code in results) == ran
+    assert all(code in ("invalid_key", "too_many_failures") for _, code in results)
