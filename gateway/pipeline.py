@@ -46,6 +46,12 @@ class Outcome:
         self.route = self.upstream = self.workspace = self.key_id = self.code = None
 
 
+class _CountedLocally(dict):
+    """The (empty) RateLimit fields of a request decided while the store was down; ``slot`` is
+    where it was counted locally, so a refund takes it back there and not from the store."""
+    slot: tuple[str, str] | None = None
+
+
 class Pipeline:
     def __init__(self, config: Config, store, requests: RequestStore, auth: Authenticator,
                  forwarder, metrics=None, self_service=None,
@@ -114,7 +120,7 @@ class Pipeline:
                                                 limit_headers)
         except BadGateway as exc:
             if exc.not_forwarded:  # the upstream never saw it: it does not count
-                await self.refund(key)
+                await self.refund(key, limit_headers)
             raise
 
     # --- steps --------------------------------------------------------------------------------
@@ -213,9 +219,19 @@ class Pipeline:
                 f"resets at {rfc3339(month.resets_at)}.", code="quota_exceeded", headers=headers)
         return headers
 
-    async def refund(self, key: CachedKey) -> None:
+    async def refund(self, key: CachedKey, limit_headers: dict | None = None) -> None:
         now = self.clock()
         month = self.months.get(now)
+        if isinstance(limit_headers, _CountedLocally):  # counted here while the store was down
+            slot = limit_headers.slot
+            n = self.local_counts.get(slot, 0)
+            if n > 1:
+                self.local_counts[slot] = n - 1
+                return
+            if n == 1:
+                del self.local_counts[slot]
+                return
+            # already flushed to the store: take it back there
         try:
             await self.requests.refund(key.workspace.id, month.period, month.counter_ttl(now))
         except StoreError:
@@ -241,13 +257,14 @@ class Pipeline:
             raise errors.invalid_token("expired_key", "This API key has expired.")
         if missing is not None:
             raise errors.insufficient_scope(missing)
+        headers = _CountedLocally()
         if count:
             period = self.months.get(self.clock()).period
-            slot = (key.workspace.id, period)
+            slot = headers.slot = (key.workspace.id, period)
             self.local_counts[slot] = self.local_counts.get(slot, 0) + 1
         if self.metrics:
             self.metrics.degraded.inc()
-        return {}
+        return headers
 
     def _flush_local_counts(self) -> None:
         """Write the requests counted locally to the store, in the background. The counts are

@@ -149,3 +149,29 @@ async def test_concurrent_wrong_secrets_cannot_run_argon2_past_the_failure_limit
     assert ran <= 10, ran  # per_key = 10: the rest were refused before argon2
     assert sum(code == "invalid_key" for _, code in results) == ran
     assert all(code in ("invalid_key", "too_many_failures") for _, code in results)
+
+
+async def test_a_request_counted_locally_that_never_reached_the_upstream_is_taken_back(
+        redis_url, monkeypatch):
+    import time
+    import redis as sync_redis
+    from conftest import free_port
+    from gateway.config import StoreConfig
+    from gateway.limits import month_of
+    from gateway.store import usage_key
+
+    config = make_config(f"http://127.0.0.1:{free_port()}",  # nothing listens there
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        async with g.proxy.get("/_keygate/v1/usage", headers=bearer(token)) as r:
+            assert r.status == 200  # verified in this process; counts nothing
+        sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1500")
+        for _ in range(2):
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == 502
+        assert g.counter("keygate_degraded_decisions_total") == 2
+        await asyncio.sleep(1.6)
+    used = sync_redis.Redis.from_url(redis_url).get(usage_key("acme", month_of(time.time()).period))
+    assert int(used or 0) == 0
