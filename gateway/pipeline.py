@@ -169,15 +169,17 @@ class Pipeline:
         for _ in range(_STALE_RETRIES):
             now = self.clock()
             k = key.key
-            if k.revoked_at is not None:
-                raise errors.invalid_token("revoked_key", "This API key has been revoked.")
             expired = k.expires_at is not None and k.expires_at <= now
+            # Revoked is permanent, so the cache may answer it without the store; but the table
+            # puts expired_key first, and an expiry must be confirmed (it can be extended).
+            if k.revoked_at is not None and not expired:
+                raise errors.invalid_token("revoked_key", "This API key has been revoked.")
             missing = next((s for s in scopes if not key.principal.has_scope(s)), None)
             month = self.months.get(now)
             try:
                 decision = await self.requests.authorize(
                     workspace=k.workspace, key_id=k.id, key_rev=k.rev, ws_rev=key.workspace.rev,
-                    count=count and not expired and missing is None,
+                    count=count and not expired and missing is None and k.revoked_at is None,
                     rate_limit=key.rate.requests if key.rate else 0,
                     rate_period_ms=key.rate.period_seconds * 1000 if key.rate else 1000,
                     monthly_limit=key.monthly_limit, period=month.period,
@@ -195,6 +197,8 @@ class Pipeline:
                 continue
             if expired:
                 raise errors.invalid_token("expired_key", "This API key has expired.")
+            if k.revoked_at is not None:  # expired once, then extended: revoked all the same
+                raise errors.invalid_token("revoked_key", "This API key has been revoked.")
             if missing is not None:
                 raise errors.insufficient_scope(missing)
             if self.local_counts:
@@ -255,6 +259,8 @@ class Pipeline:
             self.metrics.store_errors.inc()
         if expired:
             raise errors.invalid_token("expired_key", "This API key has expired.")
+        if key.key.revoked_at is not None:
+            raise errors.invalid_token("revoked_key", "This API key has been revoked.")
         if missing is not None:
             raise errors.insufficient_scope(missing)
         headers = _CountedLocally()

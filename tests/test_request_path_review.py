@@ -175,3 +175,24 @@ async def test_a_request_counted_locally_that_never_reached_the_upstream_is_take
         await asyncio.sleep(1.6)
     used = sync_redis.Redis.from_url(redis_url).get(usage_key("acme", month_of(time.time()).period))
     assert int(used or 0) == 0
+
+
+# --- error order --------------------------------------------------------------------------------
+
+async def test_a_key_both_expired_and_revoked_is_expired_key_as_the_table_orders(
+        redis_url, upstream, monkeypatch):
+    clock = type("Clock", (), {"now": 1_795_000_000.0, "__call__": lambda self: self.now})()
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as g:
+        await g.workspace("acme")
+        token, key = await g.key(expires_in=60)
+        revoked, rkey = await g.key(name="other")
+        clock.now += 120
+        for k in (key, rkey):
+            status, _ = await g.admin_json("POST", f"/workspaces/acme/keys/{k['id']}/revoke")
+            assert status == 200
+        for t, want in ((token, "expired_key"), (revoked, "revoked_key")):
+            async with g.proxy.get("/people/1", headers=bearer(t)) as r:
+                assert r.status == 401
+                assert (await r.json())["error"]["code"] == want
+                assert r.headers["WWW-Authenticate"] == 'Bearer realm="keygate", error="invalid_token"'
