@@ -310,7 +310,8 @@ class Pipeline:
         outcome.route = raw_path if raw_path == "/_keygate/v1/usage" else "/_keygate/v1/keys"
         if raw_path == "/_keygate/v1/usage":
             if request.method not in ("GET", "HEAD"):
-                raise errors.MethodNotAllowed("Use GET for the usage endpoint.")
+                raise errors.MethodNotAllowed("Use GET for the usage endpoint.",
+                                              headers={"Allow": "GET, HEAD"})
             token = self.credential(request)
             key = await self.authenticate(token, request)
             outcome.workspace, outcome.key_id = key.workspace.id, key.key.id

@@ -196,3 +196,11 @@ async def test_a_key_both_expired_and_revoked_is_expired_key_as_the_table_orders
                 assert r.status == 401
                 assert (await r.json())["error"]["code"] == want
                 assert r.headers["WWW-Authenticate"] == 'Bearer realm="keygate", error="invalid_token"'
+
+
+async def test_usage_endpoint_405_says_which_methods_are_allowed(gut):
+    async with gut.proxy.post("/_keygate/v1/usage") as r:
+        assert r.status == 405
+        assert (await r.json())["error"]["code"] == "method_not_allowed"
+        assert r.headers["Allow"] == "GET, HEAD"  # RFC 9110 15.5.6: a 405 MUST carry Allow
+        assert r.headers["X-Request-Id"]
