@@ -255,7 +255,13 @@ def _supervise(config: Config, store_url: str, workers: int) -> int:
                 from prometheus_client import values
                 values.ValueClass = values.MultiProcessValue()
                 code = _run_worker(config, store_url, reuse_port=True)
+            except BaseException:  # os._exit below would swallow it: say why the worker died
+                import traceback
+                traceback.print_exc()
             finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
                 os._exit(code)
         children.append(pid)
 

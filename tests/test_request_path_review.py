@@ -204,3 +204,26 @@ async def test_usage_endpoint_405_says_which_methods_are_allowed(gut):
         assert (await r.json())["error"]["code"] == "method_not_allowed"
         assert r.headers["Allow"] == "GET, HEAD"  # RFC 9110 15.5.6: a 405 MUST carry Allow
         assert r.headers["X-Request-Id"]
+
+
+# --- serve --workers -----------------------------------------------------------------------------
+
+def test_a_worker_that_fails_says_why_and_the_supervisor_exits_1(tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "sys.path.insert(0, %r)\n"
+        "import gateway.app as app\n"
+        "from harness import make_config\n"
+        "app._preflight = lambda config, url: None\n"
+        "def boom(*args, **kwargs):\n"
+        "    raise RuntimeError('worker start-up failed: boom')\n"
+        "app._run_worker = boom\n"
+        "sys.exit(app._supervise(make_config('http://127.0.0.1:9'), 'redis://127.0.0.1:9', 2))\n"
+        % str(__import__("pathlib").Path(__file__).parent))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert "RuntimeError: worker start-up failed: boom" in done.stderr, done.stderr
