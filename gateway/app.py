@@ -282,9 +282,10 @@ def _supervise(config: Config, store_url: str, workers: int) -> int:
         except InterruptedError:
             continue
         remaining.discard(pid)
-        if os.waitstatus_to_exitcode(code) != 0 and remaining:
-            status = 1  # a worker died: take the rest down so the supervisor above restarts us
-            forward(signal.SIGTERM, None)
+        if os.waitstatus_to_exitcode(code) != 0:
+            status = 1  # a worker died (even the last one): the exit code must say so
+            if remaining:  # take the rest down so the supervisor above restarts us
+                forward(signal.SIGTERM, None)
     shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
 
