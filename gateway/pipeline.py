@@ -46,6 +46,33 @@ class Outcome:
         self.route = self.upstream = self.workspace = self.key_id = self.code = None
 
 
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    # A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; trusted_proxies names them as
+    # IPv4 networks.
+    return ip.ipv4_mapped or ip if ip.version == 6 else ip
+
+
+def client_address(peer: str, forwarded_for, trusted) -> str:
+    """The client's IP for the failure throttle: the peer, unless the peer is a trusted proxy;
+    then the nearest X-Forwarded-For hop that is not one of ours (hops further left were
+    written by whoever sent the request and prove nothing)."""
+    peer_ip = _ip(peer)
+    if peer_ip is None or not any(peer_ip in n for n in trusted):
+        return peer
+    hops = [h.strip() for h in ",".join(forwarded_for).split(",") if h.strip()]
+    for hop in reversed(hops):
+        ip = _ip(hop)
+        if ip is None:  # not an address: our proxy did not write it, so trust nothing left of it
+            return peer
+        if not any(ip in n for n in trusted):
+            return str(ip)
+    return peer
+
+
 class _CountedLocally(dict):
     """The (empty) RateLimit fields of a request decided while the store was down; ``slot`` is
     where it was counted locally, so a refund takes it back there and not from the store."""
@@ -344,20 +371,7 @@ class Pipeline:
         peer = request.remote or "unknown"
         if not self._trusted:
             return peer
-        try:
-            if not any(ipaddress.ip_address(peer) in n for n in self._trusted):
-                return peer
-        except ValueError:
-            return peer
-        hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", ())).split(",")
-                if h.strip()]
-        for hop in reversed(hops):  # the nearest address not one of our proxies
-            try:
-                if not any(ipaddress.ip_address(hop) in n for n in self._trusted):
-                    return hop
-            except ValueError:
-                return peer
-        return peer
+        return client_address(peer, request.headers.getall("X-Forwarded-For", ()), self._trusted)
 
     def observe(self, request: web.BaseRequest, response: web.StreamResponse,
                 outcome: Outcome, request_id: str, started: float) -> None:

@@ -252,3 +252,20 @@ def test_the_last_worker_failing_is_still_a_failed_exit(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 1, done.stderr
+
+
+# --- client IP behind trusted proxies ----------------------------------------------------------
+
+@pytest.mark.parametrize("peer,xff,want", [
+    ("203.0.113.9", ["198.51.100.1"], "203.0.113.9"),           # untrusted peer: XFF ignored
+    ("10.0.0.5", ["198.51.100.1, 10.0.0.7"], "198.51.100.1"),   # nearest untrusted hop
+    ("10.0.0.5", ["1.1.1.1", "198.51.100.1"], "198.51.100.1"),  # repeated header = one list
+    ("10.0.0.5", ["spoofed-garbage, 198.51.100.1"], "198.51.100.1"),
+    ("::ffff:10.0.0.5", ["198.51.100.1"], "198.51.100.1"),      # dual-stack listener
+    ("10.0.0.5", ["::ffff:10.0.0.7, 10.0.0.6"], "10.0.0.5"),    # all hops ours
+])
+def test_client_ip_trusts_forwarded_for_only_from_trusted_proxies(peer, xff, want):
+    from gateway.pipeline import client_address
+    import ipaddress
+    trusted = (ipaddress.ip_network("10.0.0.0/8"),)
+    assert client_address(peer, xff, trusted) == want
