@@ -26,7 +26,7 @@ from .auth import Authenticator, CachedKey
 from .config import Config, Route
 from .errors import BadGateway, GatewayError, ServiceUnavailable, StoreError, TooManyRequests
 from .hotpath import Decision, RequestStore
-from .limits import MonthCache, ratelimit_headers
+from .limits import Month, MonthCache, ratelimit_headers
 from .models import rfc3339
 from .routes import RouteTable, check_path, query_has_token
 
@@ -141,13 +141,13 @@ class Pipeline:
         token = self.credential(request)
         key = await self.authenticate(token, request)
         outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
-        key, limit_headers = await self.authorise(key, route.scopes, count=True)
+        key, limit_headers, month = await self.authorise(key, route.scopes, count=True)
         try:
             return await self.forwarder.forward(request, upstream, key.principal, request_id,
                                                 limit_headers)
         except BadGateway as exc:
             if exc.not_forwarded:  # the upstream never saw it: it does not count
-                await self.refund(key, limit_headers)
+                await self.refund(key, limit_headers, month)
             raise
 
     # --- steps --------------------------------------------------------------------------------
@@ -188,8 +188,9 @@ class Pipeline:
             raise self._store_down() from exc
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *,
-                        count: bool) -> tuple[CachedKey, dict[str, str]]:
-        """State (revoked/expired), scopes, then rate and quota in one round trip.
+                        count: bool) -> tuple[CachedKey, dict[str, str], Month]:
+        """State (revoked/expired), scopes, then rate and quota in one round trip. Returns the
+        key as confirmed, the RateLimit fields, and the month the request was counted in.
 
         Decisions read from the cache are confirmed against the store's revision before they
         are answered, so a widened scope or extended expiry acts on the next request too."""
@@ -212,7 +213,7 @@ class Pipeline:
                     monthly_limit=key.monthly_limit, period=month.period,
                     counter_ttl=month.counter_ttl(now), now_ms=int(now * 1000))
             except StoreError as exc:
-                return key, self._degraded(key, expired, missing, count, exc)
+                return key, self._degraded(key, expired, missing, count, exc), month
             if decision.outcome == "stale":
                 try:
                     fresh = await self.auth.refresh(key)
@@ -230,7 +231,7 @@ class Pipeline:
                 raise errors.insufficient_scope(missing)
             if self.local_counts:
                 self._flush_local_counts()
-            return key, self._decide(key, decision, month, now)
+            return key, self._decide(key, decision, month, now), month
         raise ServiceUnavailable("The key changed while this request was checked; retry.",
                                  headers={"Retry-After": "1"})
 
@@ -250,9 +251,12 @@ class Pipeline:
                 f"resets at {rfc3339(month.resets_at)}.", code="quota_exceeded", headers=headers)
         return headers
 
-    async def refund(self, key: CachedKey, limit_headers: dict | None = None) -> None:
+    async def refund(self, key: CachedKey, limit_headers: dict | None = None,
+                     month: Month | None = None) -> None:
+        """Take back a counted request the upstream never received, from the month that
+        counted it (a connect attempt can end after midnight at the turn of the month)."""
         now = self.clock()
-        month = self.months.get(now)
+        month = month or self.months.get(now)
         if isinstance(limit_headers, _CountedLocally):  # counted here while the store was down
             slot = limit_headers.slot
             n = self.local_counts.get(slot, 0)
@@ -292,8 +296,7 @@ class Pipeline:
             raise errors.insufficient_scope(missing)
         headers = _CountedLocally()
         if count:
-            period = self.months.get(self.clock()).period
-            slot = headers.slot = (key.workspace.id, period)
+            slot = headers.slot = (key.workspace.id, self.months.get(self.clock()).period)
             self.local_counts[slot] = self.local_counts.get(slot, 0) + 1
         if self.metrics:
             self.metrics.degraded.inc()
@@ -342,7 +345,7 @@ class Pipeline:
             token = self.credential(request)
             key = await self.authenticate(token, request)
             outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
-            key, _ = await self.authorise(key, (), count=False)
+            key, _, _ = await self.authorise(key, (), count=False)
             try:
                 usage = await self.store.usage(key.workspace.id)
                 current = await self.store.get_key(key.workspace.id, key.key.id) or key.key
@@ -354,7 +357,7 @@ class Pipeline:
             token = self.credential(request)
             key = await self.authenticate(token, request)
             outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
-            key, _ = await self.authorise(key, ("keys:admin",), count=False)
+            key, _, _ = await self.authorise(key, ("keys:admin",), count=False)
             return await self.self_service(request, key.principal, self.store, self.config)
         raise errors.NotFound(f"No route matches {request.method} {raw_path}.", code="no_route")
 

@@ -269,3 +269,33 @@ def test_client_ip_trusts_forwarded_for_only_from_trusted_proxies(peer, xff, wan
     import ipaddress
     trusted = (ipaddress.ip_network("10.0.0.0/8"),)
     assert client_address(peer, xff, trusted) == want
+
+
+# --- refund ---------------------------------------------------------------------------------------
+
+async def test_a_refund_at_the_turn_of_the_month_goes_to_the_month_that_counted(
+        redis_url, monkeypatch):
+    import redis as sync_redis
+    from datetime import datetime, timezone
+    from conftest import free_port
+    from gateway.store import usage_key
+
+    clock = type("Clock", (), {"__call__": lambda self: self.now})()
+    clock.now = datetime(2026, 11, 30, 23, 59, 59, 900000, tzinfo=timezone.utc).timestamp()
+    config = make_config(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        r = sync_redis.Redis.from_url(redis_url)
+        r.set(usage_key("acme", "2026-12"), 5)  # (December already has some use)
+        forwarder = g.gw.pipeline.forwarder
+        real_forward = forwarder.forward
+
+        async def forward_after_midnight(*args, **kwargs):
+            clock.now += 0.2  # the connect attempt ends in December
+            return await real_forward(*args, **kwargs)
+        monkeypatch.setattr(forwarder, "forward", forward_after_midnight)
+        async with g.proxy.get("/people/1", headers=bearer(token)) as resp:
+            assert resp.status == 502
+        assert int(r.get(usage_key("acme", "2026-11")) or 0) == 0  # November's count taken back
+        assert int(r.get(usage_key("acme", "2026-12"))) == 5       # December's untouched
