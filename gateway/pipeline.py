@@ -358,7 +358,10 @@ class Pipeline:
             key = await self.authenticate(token, request)
             outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
             key, _, _ = await self.authorise(key, ("keys:admin",), count=False)
-            return await self.self_service(request, key.principal, self.store, self.config)
+            try:
+                return await self.self_service(request, key.principal, self.store, self.config)
+            except StoreError as exc:  # not a bug: the store failed under the key endpoints
+                raise self._store_down() from exc
         raise errors.NotFound(f"No route matches {request.method} {raw_path}.", code="no_route")
 
     # --- small helpers ------------------------------------------------------------------------

@@ -299,3 +299,22 @@ async def test_a_refund_at_the_turn_of_the_month_goes_to_the_month_that_counted(
             assert resp.status == 502
         assert int(r.get(usage_key("acme", "2026-11")) or 0) == 0  # November's count taken back
         assert int(r.get(usage_key("acme", "2026-12"))) == 5       # December's untouched
+
+
+async def test_store_down_during_a_self_service_call_is_503_not_500(redis_url, upstream,
+                                                                      monkeypatch):
+    import redis as sync_redis
+    from gateway.config import StoreConfig
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(role="admin")  # ALL + keys:admin
+        async with g.proxy.get("/_keygate/v1/keys", headers=bearer(token)) as r:
+            assert r.status == 200
+        sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1500")
+        async with g.proxy.get("/_keygate/v1/keys", headers=bearer(token)) as r:
+            body = await r.json()
+            assert (r.status, body["error"]["code"]) == (503, "store_unavailable")
+            assert r.headers["Retry-After"] == "1"
+        await asyncio.sleep(1.6)
