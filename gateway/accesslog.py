@@ -15,7 +15,8 @@ import time
 from aiohttp import web
 
 from .config import Config
-from .routes import query_has_token
+from .routes import _token_re, query_has_token
+from .tokens import looks_like_token
 
 logger = logging.getLogger("keygate.access")
 
@@ -51,6 +52,18 @@ def mask_query(raw_query: str, prefix: str) -> str:
     return "".join(parts)
 
 
+def mask_path(path: str, prefix: str) -> str:
+    """The path with every key in it replaced by ``***`` (SPEC forwards keys in paths; the log
+    never holds one). A key hidden by percent-encoding withholds the whole path."""
+    if prefix + "_" not in path and "%" not in path:
+        return path
+    path = _token_re(prefix).sub(
+        lambda m: "***" if looks_like_token(m.group(0), prefix) else m.group(0), path)
+    if "%" in path and query_has_token(path, prefix):
+        return "/***"
+    return path
+
+
 class AccessLog:
     def __init__(self, config: Config) -> None:
         self.prefix = config.keys.prefix
@@ -67,6 +80,7 @@ class AccessLog:
         if not logger.isEnabledFor(logging.INFO):
             return
         path, _, query = request.raw_path.partition("?")
+        path = mask_path(path, self.prefix)
         if query:
             path = f"{path}?{mask_query(query, self.prefix)}"
         bytes_out = response.body_length if response.prepared else len(getattr(response, "body", b"") or b"")
