@@ -36,6 +36,7 @@ access_log = logging.getLogger("keygate.access")
 RESERVED = "/_keygate/"
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _STALE_RETRIES = 3
+LOCAL_COUNT_RETRY = 1.0  # seconds between attempts to write fail-open counts to the store
 
 
 class Outcome:
@@ -96,6 +97,7 @@ class Pipeline:
         self.fail_open = config.store.on_store_error == "open"
         self.local_counts: dict[tuple[str, str], int] = {}  # (workspace, period) → requests
         self._flushes: set[asyncio.Task] = set()
+        self._retry: asyncio.Task | None = None
         self._prefix = config.keys.prefix
         self._key_headers = tuple(h.lower() for h in config.keys.headers)
         self._trusted = tuple(ipaddress.ip_network(p, strict=False)
@@ -298,9 +300,20 @@ class Pipeline:
         if count:
             slot = headers.slot = (key.workspace.id, self.months.get(self.clock()).period)
             self.local_counts[slot] = self.local_counts.get(slot, 0) + 1
+            if self._retry is None or self._retry.done():
+                self._retry = asyncio.ensure_future(self._retry_flush())
         if self.metrics:
             self.metrics.degraded.inc()
         return headers
+
+    async def _retry_flush(self) -> None:
+        """While requests are counted locally, try to write them once a second, so usage is
+        right soon after the store returns even if no request comes to trigger a flush."""
+        while self.local_counts:
+            await asyncio.sleep(LOCAL_COUNT_RETRY)
+            if self.local_counts:
+                self._flush_local_counts()  # a tracked task: cancelling this loop spares it
+                await asyncio.wait(set(self._flushes))
 
     def _flush_local_counts(self) -> None:
         """Write the requests counted locally to the store, in the background. The counts are
@@ -324,6 +337,9 @@ class Pipeline:
     async def close(self) -> None:
         """At shutdown, after the listeners stopped: write what was counted locally while the
         store was down (a process that stops must not take its share of the month with it)."""
+        if self._retry is not None and not self._retry.done():
+            self._retry.cancel()
+            await asyncio.gather(self._retry, return_exceptions=True)
         if self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
         if self.local_counts:

@@ -437,3 +437,21 @@ async def test_concurrent_first_requests_share_one_verification(gut):
             return r.status
     assert await asyncio.gather(*(one() for _ in range(20))) == [200] * 20
     assert gut.counter("keygate_argon2_verifications_total", result="ok") == 1
+
+
+async def test_fail_open_counts_reach_the_store_without_waiting_for_more_traffic(
+        redis_url, upstream, monkeypatch):
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1000")
+        for _ in range(2):
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == 200
+        await asyncio.sleep(2.5)  # no request after the store came back
+        _, usage = await g.admin_json("GET", "/workspaces/acme/usage")
+        assert usage["used"] == 3
