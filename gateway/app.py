@@ -247,11 +247,26 @@ def _supervise(config: Config, store_url: str, workers: int) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="keygate-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     children: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    # SIGTERM/SIGINT are held while forking: one arriving mid-loop is delivered once every
+    # worker exists and the handler that forwards it is in place (none is orphaned).
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
                 from prometheus_client import values
                 values.ValueClass = values.MultiProcessValue()
                 code = _run_worker(config, store_url, reuse_port=True)
@@ -264,14 +279,7 @@ def _supervise(config: Config, store_url: str, workers: int) -> int:
                     sys.stderr.flush()
                 os._exit(code)
         children.append(pid)
-
-    def forward(signum, _frame) -> None:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
     status = 0
     remaining = set(children)
     while remaining:
