@@ -16,6 +16,7 @@ import difflib
 import ipaddress
 import os
 import re
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
@@ -103,6 +104,9 @@ class Upstream:
     name: str
     url: str                                   # http://host:port[/base]
     timeout: float = 30.0
+    # https:// only: PEM bundle of the CAs to trust for this upstream INSTEAD of the system
+    # store (like nginx's proxy_ssl_trusted_certificate); None = the system store.
+    ca_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -776,9 +780,36 @@ class _Reader:
                 upstream = self.section(value_node, path, Upstream, {
                     "url": self.upstream_url,
                     "timeout": lambda n, p: self.number(n, p, positive=True),
+                    "ca_file": self.ca_file,
                 }, required={"url": "(e.g. http://127.0.0.1:9000)"}, name=name, url="")
+                if upstream.ca_file is not None and upstream.url \
+                        and urlsplit(upstream.url).scheme != "https":
+                    self.fail(self.child(value_node, "ca_file"), f"{path}.ca_file",
+                              "only applies to an https:// url, and this upstream's url "
+                              "is http:// (use https:// or remove ca_file)")
             upstreams[name] = upstream
         return upstreams
+
+    def ca_file(self, node: Node, path: str) -> Any:
+        """A PEM bundle of CAs to trust: checked now, so a bad one stops the gateway at load
+        rather than failing every request to the upstream later."""
+        name = self.string(node, path, nullable=True)
+        if name is BAD or name is None:
+            return name
+        try:
+            with open(name, "rb"):
+                pass
+        except OSError as exc:
+            return self.fail(node, path, f"cannot read '{name}': {exc.strerror or exc}")
+        try:
+            ssl.create_default_context(cafile=name)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None)
+            reason = ("no certificate found in it" if reason == "NO_CERTIFICATE_OR_CRL_FOUND"
+                      else reason or "a damaged PEM block")
+            return self.fail(node, path, f"'{name}' is not a PEM bundle of CA certificates "
+                                         f"({reason})")
+        return name
 
     def upstream_url(self, node: Node, path: str) -> Any:
         url = self.string(node, path)

@@ -46,6 +46,7 @@ import asyncio
 import ipaddress
 import logging
 import re
+import ssl
 import time
 from typing import AsyncIterator, Callable, Mapping
 
@@ -87,6 +88,11 @@ class _BodyState:
 
     def __init__(self) -> None:
         self.too_large = False
+
+
+def _trusting(upstream: Upstream) -> ssl.SSLContext | None:
+    """The TLS context trusting ``upstream.ca_file`` (instead of the system store), if set."""
+    return ssl.create_default_context(cafile=upstream.ca_file) if upstream.ca_file else None
 
 
 class Forwarder:
@@ -138,7 +144,8 @@ class Forwarder:
         entry = self._pools.get(upstream.name)
         if entry is None:
             url = URL(upstream.url)
-            pool = UpstreamPool(str(url.origin()), connect_timeout=upstream.timeout)
+            pool = UpstreamPool(str(url.origin()), connect_timeout=upstream.timeout,
+                                ssl_context=_trusting(upstream))
             entry = (pool, url.raw_path.rstrip("/"), url.host_port_subcomponent or url.host or "")
             self._pools[upstream.name] = entry
         return entry
@@ -147,7 +154,8 @@ class Forwarder:
         session = self._sessions.get(upstream.name)
         if session is None or session.closed:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30,
-                                             enable_cleanup_closed=False)
+                                             enable_cleanup_closed=False,
+                                             ssl=_trusting(upstream) or True)
             t = upstream.timeout
             session = aiohttp.ClientSession(
                 connector=connector, auto_decompress=False,

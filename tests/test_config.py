@@ -311,6 +311,67 @@ def test_upstream_url_must_be_http_with_a_host(tmp_path: Path) -> None:
     ]
 
 
+# A CA certificate (public part only) for the ca_file checks that need a valid PEM bundle.
+TEST_CA_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBlzCCAT2gAwIBAgIUY3XyKrzNLjmq2mMohn05meuOcvQwCgYIKoZIzj0EAwIw
+ITEfMB0GA1UEAwwWa2V5Z2F0ZSBjb25maWctdGVzdCBDQTAeFw0yNjExMjUxNDA3
+MzNaFw0zNjExMjIxNDA3MzNaMCExHzAdBgNVBAMMFmtleWdhdGUgY29uZmlnLXRl
+c3QgQ0EwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAASJKcAmpo+Twe4dvsWeL/mn
+c6GtX4MSR9Bx/bmjFnpAGcb5+oAyh6DtsXbKuLBisasZIqX1lcyn3DfboNmyRr+h
+o1MwUTAdBgNVHQ4EFgQU7CGoEvrwwuSxRV2yamDue+ktF+UwHwYDVR0jBBgwFoAU
+7CGoEvrwwuSxRV2yamDue+ktF+UwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQD
+AgNIADBFAiEAqWYRn9h+ndp32wBeAgvrer18wSkuEVGtHPZODDBxvHwCICgDoj8z
+J4R8PgRWbUZjgFsNfG5vdN+8OLvIf15ePIPL
+-----END CERTIFICATE-----
+"""
+
+
+def test_upstream_ca_file_loads_and_expands_env(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "ca.pem").write_text(TEST_CA_PEM)
+    monkeypatch.setenv("KG_TEST_CA_DIR", str(tmp_path))
+    config = load_config(write(tmp_path, """
+        upstreams:
+          crm: {url: "https://crm.internal:8443", ca_file: "${KG_TEST_CA_DIR}/ca.pem"}
+          plain: {url: "https://api.example.com"}
+          nulled: {url: "https://api.example.com", ca_file: null}
+    """))
+    assert config.upstreams["crm"].ca_file == str(tmp_path / "ca.pem")
+    assert config.upstreams["crm"].timeout == 30.0
+    assert config.upstreams["plain"].ca_file is None
+    assert config.upstreams["nulled"].ca_file is None
+
+
+def test_upstream_ca_file_problems(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text(TEST_CA_PEM)
+    (tmp_path / "notes.txt").write_text("not a certificate\n")
+    (tmp_path / "cut.pem").write_text("\n".join(TEST_CA_PEM.splitlines()[:5])
+                                      + "\n-----END CERTIFICATE-----\n")
+    (tmp_path / "dir").mkdir()
+    problems = problems_of(tmp_path, f"""
+        upstreams:
+          a: {{url: "https://a", ca_file: "{tmp_path}/missing.pem"}}
+          b: {{url: "https://b", ca_file: "{tmp_path}/notes.txt"}}
+          c: {{url: "https://c", ca_file: "{tmp_path}/cut.pem"}}
+          d: {{url: "http://d", ca_file: "{tmp_path}/ca.pem"}}
+          e: {{url: "https://e", ca_file: 5}}
+          f: {{url: "https://f", ca_file: "{tmp_path}/dir"}}
+    """)
+    assert [p.replace(str(tmp_path) + "/", "") for p in problems] == [
+        "config.yaml:2: upstreams.a.ca_file: cannot read 'missing.pem': "
+        "No such file or directory",
+        "config.yaml:3: upstreams.b.ca_file: 'notes.txt' is not a PEM bundle of CA "
+        "certificates (no certificate found in it)",
+        "config.yaml:4: upstreams.c.ca_file: 'cut.pem' is not a PEM bundle of CA "
+        "certificates (a damaged PEM block)",
+        "config.yaml:5: upstreams.d.ca_file: only applies to an https:// url, and this "
+        "upstream's url is http:// (use https:// or remove ca_file)",
+        "config.yaml:6: upstreams.e.ca_file: expected a string, got an integer (5)",
+        "config.yaml:7: upstreams.f.ca_file: cannot read 'dir': Is a directory",
+    ]
+
+
 def test_key_settings_are_validated(tmp_path: Path) -> None:
     assert problems_of(tmp_path, """
         keys:
