@@ -16,6 +16,22 @@ import redis
 from aiohttp import web
 
 
+# The metrics the README documents (name → type); gateway/metrics.py, the Grafana dashboard
+# and the deploy checks all agree with this list.
+DOCUMENTED_METRICS = {
+    "keygate_requests_total": "counter",
+    "keygate_auth_failures_total": "counter",
+    "keygate_request_duration_seconds": "histogram",
+    "keygate_upstream_duration_seconds": "histogram",
+    "keygate_key_cache_total": "counter",
+    "keygate_argon2_verifications_total": "counter",
+    "keygate_store_errors_total": "counter",
+    "keygate_degraded_decisions_total": "counter",
+    "keygate_workspace_month_requests": "gauge",
+    "keygate_workspace_month_limit": "gauge",
+}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from conftest import DOCUMENTED_METRICS
 from gateway.config import AdminConfig, ServerConfig, StoreConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,19 +31,8 @@ TOKEN_ENV = AdminConfig().token_env       # KEYGATE_ADMIN_TOKEN
 CONFIG_PATH = "/etc/keygate/config.yaml"
 DATA_DIR = "/var/lib/keygate"
 
-# The metric names agreed in INTERFACES.md (gateway/metrics.py must export exactly these).
-INTERFACE_METRICS = {
-    "keygate_requests_total": "counter",
-    "keygate_auth_failures_total": "counter",
-    "keygate_request_duration_seconds": "histogram",
-    "keygate_upstream_duration_seconds": "histogram",
-    "keygate_key_cache_total": "counter",
-    "keygate_argon2_verifications_total": "counter",
-    "keygate_store_errors_total": "counter",
-    "keygate_degraded_decisions_total": "counter",
-    "keygate_workspace_month_requests": "gauge",
-    "keygate_workspace_month_limit": "gauge",
-}
+# The documented metric names (gateway/metrics.py must export exactly these).
+INTERFACE_METRICS = DOCUMENTED_METRICS
 
 
 def deploy_files(*suffixes: str) -> list[Path]:

@@ -18,22 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import StoreConfig
 from gateway.tokens import checksum
 
+from conftest import DOCUMENTED_METRICS
 from harness import gateway_under_test, make_config
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy/grafana/dashboards/keygate.json"
 
-METRICS = {  # INTERFACES.md's list: name → type
-    "keygate_requests_total": "counter",
-    "keygate_auth_failures_total": "counter",
-    "keygate_request_duration_seconds": "histogram",
-    "keygate_upstream_duration_seconds": "histogram",
-    "keygate_key_cache_total": "counter",
-    "keygate_argon2_verifications_total": "counter",
-    "keygate_store_errors_total": "counter",
-    "keygate_degraded_decisions_total": "counter",
-    "keygate_workspace_month_requests": "gauge",
-    "keygate_workspace_month_limit": "gauge",
-}
+METRICS = DOCUMENTED_METRICS  # name → type
 
 
 class Scrape:
