@@ -63,6 +63,23 @@ async def make_front(request, aiohttp_raw_server):
         await fwd.close()
 
 
+@pytest.fixture
+async def raw_front(make_front):
+    """A front before a raw-socket upstream the test writes byte by byte (for answers an
+    aiohttp server would never send); the upstream is closed after the test."""
+    servers: list[asyncio.AbstractServer] = []
+
+    async def make(handler, **front_options):
+        srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+        servers.append(srv)
+        return await make_front(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}",
+                                **front_options)
+
+    yield make
+    for srv in servers:
+        srv.close()
+
+
 def up_url(server) -> str:
     return str(server.make_url(""))
 
@@ -456,7 +473,7 @@ async def test_slow_upstream_is_504(aiohttp_server, make_front) -> None:
     assert err["code"] == "upstream_timeout" and "people" in err["message"]
 
 
-async def test_upstream_dying_mid_body_is_not_a_complete_response(make_front) -> None:
+async def test_upstream_dying_mid_body_is_not_a_complete_response(raw_front) -> None:
     """An upstream that promises 1000 bytes and hangs up after 10: the client must not get
     a response that looks complete."""
     async def bad_upstream(reader, writer):
@@ -465,32 +482,22 @@ async def test_upstream_dying_mid_body_is_not_a_complete_response(make_front) ->
         await writer.drain()
         writer.close()
 
-    srv = await asyncio.start_server(bad_upstream, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
-    try:
-        front = await make_front(f"http://127.0.0.1:{port}")
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await send(front, "GET", "/x")
-    finally:
-        srv.close()
+    front = await raw_front(bad_upstream)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await send(front, "GET", "/x")
 
 
-async def test_malformed_upstream_response_is_502(make_front) -> None:
+async def test_malformed_upstream_response_is_502(raw_front) -> None:
     async def garbage(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"NOT HTTP AT ALL\r\n\r\n")
         await writer.drain()
         writer.close()
 
-    srv = await asyncio.start_server(garbage, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
-    try:
-        front = await make_front(f"http://127.0.0.1:{port}")
-        resp, body = await send(front, "GET", "/x")
-        assert resp.status == 502
-        assert json.loads(body)["error"]["code"] == "upstream_unavailable"
-    finally:
-        srv.close()
+    front = await raw_front(garbage)
+    resp, body = await send(front, "GET", "/x")
+    assert resp.status == 502
+    assert json.loads(body)["error"]["code"] == "upstream_unavailable"
 
 
 async def test_keepalive_pool_reuses_connections(aiohttp_server, make_front) -> None:
@@ -579,7 +586,7 @@ async def test_on_upstream_hook_reports_header_latency(upstream, make_front) -> 
     assert len(seen) == 1 and seen[0][0] == "people" and 0 <= seen[0][1] < 30
 
 
-async def test_bare_upstream_response_passes(make_front) -> None:
+async def test_bare_upstream_response_passes(raw_front) -> None:
     """A minimal upstream response passes. (aiohttp's server adds the RFC 9110 default
     ``Content-Type: application/octet-stream`` to a typeless non-empty body; same meaning.)"""
     async def bare(reader, writer):
@@ -588,18 +595,14 @@ async def test_bare_upstream_response_passes(make_front) -> None:
         await writer.drain()
         writer.close()
 
-    srv = await asyncio.start_server(bare, "127.0.0.1", 0)
-    try:
-        front = await make_front(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}")
-        resp, body = await send(front, "GET", "/x")
-        assert resp.status == 200 and body == b"abc" and resp.headers["X-A"] == "1"
-        assert resp.headers.get("Content-Type", "application/octet-stream") == \
-            "application/octet-stream"
-    finally:
-        srv.close()
+    front = await raw_front(bare)
+    resp, body = await send(front, "GET", "/x")
+    assert resp.status == 200 and body == b"abc" and resp.headers["X-A"] == "1"
+    assert resp.headers.get("Content-Type", "application/octet-stream") == \
+        "application/octet-stream"
 
 
-async def test_close_delimited_upstream_body(make_front, request) -> None:
+async def test_close_delimited_upstream_body(raw_front) -> None:
     """HTTP/1.0-style response: no length, the body ends when the upstream closes."""
     async def old(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
@@ -607,20 +610,16 @@ async def test_close_delimited_upstream_body(make_front, request) -> None:
         await writer.drain()
         writer.close()
 
-    srv = await asyncio.start_server(old, "127.0.0.1", 0)
-    try:
-        front = await make_front(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}")
-        resp, body = await send(front, "GET", "/x")
-        assert resp.status == 200 and body == b"until-eof"
-    finally:
-        srv.close()
+    front = await raw_front(old)
+    resp, body = await send(front, "GET", "/x")
+    assert resp.status == 200 and body == b"until-eof"
 
 
 # --- review: transport edge cases ----------------------------------------------------------------
 
 @pytest.mark.parametrize("interim", [b"HTTP/1.1 100 Continue\r\n\r\n",
                                      b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"])
-async def test_upstream_interim_1xx_is_not_the_answer(make_front, interim: bytes) -> None:
+async def test_upstream_interim_1xx_is_not_the_answer(raw_front, interim: bytes) -> None:
     async def answer(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
         writer.write(interim)
@@ -630,13 +629,9 @@ async def test_upstream_interim_1xx_is_not_the_answer(make_front, interim: bytes
         await writer.drain()
         writer.close()
 
-    srv = await asyncio.start_server(answer, "127.0.0.1", 0)
-    try:
-        front = await make_front(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}")
-        resp, body = await send(front, "GET", "/x")
-        assert resp.status == 201 and body == b"done"
-    finally:
-        srv.close()
+    front = await raw_front(answer)
+    resp, body = await send(front, "GET", "/x")
+    assert resp.status == 201 and body == b"done"
 
 
 @pytest.mark.parametrize("bad", ["pro\r\nX-Injected: 1", "pro\nX: 1", "pro\x00", "pro\x7f"])
@@ -812,7 +807,7 @@ async def test_empty_body_with_content_length_zero_keeps_its_framing(upstream, m
 
 
 @pytest.mark.parametrize("status", [299, 420, 499, 599])
-async def test_unregistered_status_codes_pass(make_front, status: int) -> None:
+async def test_unregistered_status_codes_pass(raw_front, status: int) -> None:
     async def answer(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 %d Whatever\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
@@ -820,10 +815,6 @@ async def test_unregistered_status_codes_pass(make_front, status: int) -> None:
         await writer.drain()
         writer.close()
 
-    srv = await asyncio.start_server(answer, "127.0.0.1", 0)
-    try:
-        front = await make_front(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}")
-        resp, body = await send(front, "GET", "/x")
-        assert resp.status == status and body == b"hi"
-    finally:
-        srv.close()
+    front = await raw_front(answer)
+    resp, body = await send(front, "GET", "/x")
+    assert resp.status == status and body == b"hi"
