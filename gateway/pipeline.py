@@ -240,9 +240,7 @@ class Pipeline:
     def _decide(self, key: CachedKey, d: Decision, month, now: float) -> dict[str, str]:
         headers = ratelimit_headers(key.rate, d.rate_remaining, d.window_reset_ms,
                                     key.monthly_limit, d.month_used, month, now)
-        if d.outcome == "rate":
-            headers.update(ratelimit_headers(key.rate, 0, d.window_reset_ms, key.monthly_limit,
-                                             d.month_used, month, now))
+        if d.outcome == "rate":  # the script reports r=0 for the refused rate itself
             headers["Retry-After"] = str(max(1, math.ceil(d.retry_after_ms / 1000)))
             raise TooManyRequests(f"Rate limit of {key.rate} exceeded for this key.",
                                   code="rate_limited", headers=headers)
