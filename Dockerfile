@@ -22,9 +22,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY pyproject.toml README* ./
+COPY pyproject.toml constraints.txt README* ./
 COPY gateway ./gateway
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt .
 
 # --- runtime: Python, keygate's wheels, nothing to build with -----------------------------------
 FROM python:${PYTHON_VERSION}-slim-bookworm
