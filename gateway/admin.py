@@ -1,5 +1,10 @@
-"""The admin API (operator, admin listener) and workspace self-service (``keys:admin`` keys,
-proxy listener ``/_keygate/v1/keys...``).
+"""The admin API (admin listener) and workspace self-service (``keys:admin`` keys, proxy
+listener ``/_keygate/v1/keys...``), and the web console's static files (``/console/``).
+
+The admin API answers the operator token everywhere, and a ``keys:admin`` key of a workspace on
+that workspace's key routes (:data:`WORKSPACE_ADMIN_ROUTES`), with exactly the self-service
+rules below: it is the one API the console uses for both kinds of people. Every other admin
+route stays operator-only, including routes added later that are not listed.
 
 Both share one set of key operations (:class:`KeyOps`); they differ in who acts (``operator``
 or the acting key's id, which the audit records), which workspace they may touch (self-service:
@@ -19,6 +24,8 @@ import logging
 import os
 import re
 import uuid
+from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Awaitable, Callable, Mapping
 
 from aiohttp import web
@@ -383,6 +390,82 @@ def check_operator(request: web.BaseRequest, config: Config, expected: str) -> N
                            headers={"WWW-Authenticate": _ADMIN_REALM + ', error="invalid_token"'})
 
 
+@dataclass(frozen=True)
+class Actor:
+    """Who an admin API call acts as: the operator (``workspace`` None), or a ``keys:admin``
+    key confined to its workspace, its effective scopes and its own expiry."""
+    key_id: str
+    workspace: str | None = None
+    scopes: frozenset[str] = frozenset()
+    expires_at: float | None = None
+
+    @property
+    def is_operator(self) -> bool:
+        return self.workspace is None
+
+
+OPERATOR_ACTOR = Actor(OPERATOR)
+ACTOR = web.RequestKey("actor", Actor)
+
+KeyAuthenticator = Callable[[str, web.BaseRequest], Awaitable[Actor]]
+"""Token → the acting workspace key: verified, not expired or revoked, holding ``keys:admin``
+(the proxy pipeline's own authenticate + authorise, so the failure throttle, the verification
+cache and the revision checks are the same ones). Raises the proxy's ``GatewayError``s."""
+
+WORKSPACE_ADMIN_ROUTES = frozenset({
+    ("GET", "/admin/v1/workspaces"),              # lists only the key's own workspace
+    ("GET", "/admin/v1/workspaces/{ws}"),
+    ("GET", "/admin/v1/workspaces/{ws}/keys"),
+    ("POST", "/admin/v1/workspaces/{ws}/keys"),
+    ("GET", "/admin/v1/workspaces/{ws}/keys/{key}"),
+    ("PATCH", "/admin/v1/workspaces/{ws}/keys/{key}"),
+    ("POST", "/admin/v1/workspaces/{ws}/keys/{key}/revoke"),
+    ("POST", "/admin/v1/workspaces/{ws}/keys/{key}/rotate"),
+    ("GET", "/admin/v1/workspaces/{ws}/usage"),
+    ("GET", "/admin/v1/workspaces/{ws}/roles"),
+})
+"""What a ``keys:admin`` key may call on the admin API: its workspace's key endpoints (those
+self-service offers on the proxy listener) and reads the console needs. Anything else is for
+the operator: workspace creation and plans, role definitions, the audit, reloads."""
+
+
+async def identify(request: web.BaseRequest, config: Config, expected: str,
+                   authenticate_key: KeyAuthenticator | None) -> Actor:
+    """The operator, or a workspace admin key; 401 ``unauthorized`` for anything else."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    given = given.strip()
+    is_operator = bool(expected.strip()) and hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"),
+        expected.strip().encode("utf-8", "surrogateescape"))
+    if authenticate_key is not None and not is_operator and scheme.lower() == "bearer" \
+            and given.startswith(config.keys.prefix + "_"):
+        try:
+            return await authenticate_key(given, request)
+        except Unauthorized as exc:  # malformed/invalid/expired/revoked: the admin API's code
+            raise Unauthorized(exc.message, headers={
+                "WWW-Authenticate": _ADMIN_REALM + ', error="invalid_token"'}) from None
+    check_operator(request, config, expected)
+    return OPERATOR_ACTOR
+
+
+def confine(request: web.Request, actor: Actor) -> None:
+    """A workspace admin reaches its own workspace's listed routes only. Another workspace
+    reads as 404 exactly like one that does not exist (existence is not disclosed); an
+    operator-only route of its own workspace (or no workspace) is 403."""
+    if actor.is_operator:
+        return
+    resource = getattr(request.match_info.route, "resource", None)
+    if resource is None:  # no such route (404) or method (405): the router answers
+        return
+    ws = request.match_info.get("ws")
+    if ws is not None and ws != actor.workspace:
+        raise NotFound(f"There is no workspace '{ws[:64]}'.")
+    method = "GET" if request.method == "HEAD" else request.method
+    if (method, resource.canonical) not in WORKSPACE_ADMIN_ROUTES:
+        raise Forbidden("Only the operator token may use this endpoint; a workspace key "
+                        "manages the keys of its own workspace.")
+
+
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     if exc.status == 404:
         return NotFound("No such admin endpoint.")
@@ -397,9 +480,11 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     return err
 
 
-def error_middleware(config: Config, *, authenticate: bool = True) -> Callable:
+def error_middleware(config: Config, *, authenticate: bool = True,
+                     authenticate_key: KeyAuthenticator | None = None) -> Callable:
     """Errors → SPEC's JSON body; anything unexpected → a generic 500 (logged, never shown);
-    ``X-Request-Id`` on every response; operator auth for everything under ``/admin/``.
+    ``X-Request-Id`` on every response; auth for everything under ``/admin/``: the operator
+    token, or (with ``authenticate_key``) a workspace admin key, confined by :func:`confine`.
 
     The operator token is read from the environment here, once: changing the variable takes a
     restart (as with every other setting)."""
@@ -412,7 +497,9 @@ def error_middleware(config: Config, *, authenticate: bool = True) -> Callable:
         rid = request_id_of(request)
         try:
             if authenticate and request.path.startswith("/admin/"):
-                check_operator(request, config, expected)
+                actor = await identify(request, config, expected, authenticate_key)
+                confine(request, actor)
+                request[ACTOR] = actor
                 resource = getattr(request.match_info.route, "resource", None)
                 if resource is not None:
                     check_query(request.query, QUERY_PARAMS.get(
@@ -444,12 +531,19 @@ QUERY_PARAMS = {("GET", "/admin/v1/workspaces/{ws}/keys"): ("status",),
 """The query parameters each admin endpoint takes; any other is a 400."""
 
 
-def create_admin_app(config: Config, store: Store) -> web.Application:
-    """The admin listener's app: ``/admin/v1/...`` (operator token), ``/healthz``, ``/readyz``."""
-    app = web.Application(middlewares=[error_middleware(config)])
+def create_admin_app(config: Config, store: Store,
+                     authenticate_key: KeyAuthenticator | None = None) -> web.Application:
+    """The admin listener's app: ``/admin/v1/...`` (operator token; with ``authenticate_key``
+    also workspace admin keys), ``/healthz``, ``/readyz``, and the console at ``/console/``."""
+    app = web.Application(middlewares=[error_middleware(config,
+                                                        authenticate_key=authenticate_key)])
 
     def ops(request: web.Request) -> KeyOps:
-        return KeyOps(store, config, request.match_info["ws"])
+        actor = request.get(ACTOR, OPERATOR_ACTOR)
+        if actor.is_operator:
+            return KeyOps(store, config, request.match_info["ws"])
+        return KeyOps(store, config, request.match_info["ws"], actor=actor.key_id,
+                      limit_scopes=actor.scopes, limit_expires_at=actor.expires_at)
 
     async def workspace_exists(request: web.Request) -> str:
         ws = request.match_info["ws"]
@@ -488,6 +582,9 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
         return _json(workspace.to_json(), 201)
 
     async def list_workspaces(request: web.Request) -> web.Response:
+        actor = request.get(ACTOR, OPERATOR_ACTOR)
+        if not actor.is_operator:  # a workspace admin sees its own workspace only
+            return _json({"items": [(await store.require_workspace(actor.workspace)).to_json()]})
         return _json({"items": [w.to_json() for w in await store.list_workspaces()]})
 
     async def read_workspace(request: web.Request) -> web.Response:
@@ -581,7 +678,49 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
     r.add_put(v1 + "/{ws}/roles/{name}", put_role)
     r.add_delete(v1 + "/{ws}/roles/{name}", delete_role)
     r.add_get(v1 + "/{ws}/audit", audit)
+    add_console_routes(app)
     return app
+
+
+# --- the web console: static files from the package ---------------------------------------------
+
+CONSOLE_FILES = {"index.html": "text/html", "app.js": "text/javascript",
+                 "app.css": "text/css", "favicon.svg": "image/svg+xml"}
+CONSOLE_HEADERS = {
+    # Everything from this origin only; no inline script or style, no plugins, no framing,
+    # no <base> rewriting, forms post nowhere (the page sends JSON with fetch).
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self'; connect-src 'self'; object-src 'none'; "
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cache-Control": "no-cache",
+}
+
+
+def add_console_routes(app: web.Application) -> None:
+    """``GET /console/`` and its few files, read once from the package (no directory
+    listing, no path from the request ever reaches the file system)."""
+    folder = resources.files("gateway") / "console"
+    bodies = {name: (folder / name).read_bytes() for name in CONSOLE_FILES}
+
+    def serve(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handler(request: web.Request) -> web.Response:
+            return web.Response(body=bodies[name], headers=CONSOLE_HEADERS,
+                                content_type=CONSOLE_FILES[name],
+                                charset=None if name == "favicon.svg" else "utf-8")
+        return handler
+
+    async def to_console(request: web.Request) -> web.Response:
+        raise web.HTTPPermanentRedirect("/console/", headers=CONSOLE_HEADERS)
+
+    app.router.add_get("/console", to_console)
+    app.router.add_get("/console/", serve("index.html"))
+    for name in CONSOLE_FILES:
+        if name != "index.html":
+            app.router.add_get("/console/" + name, serve(name))
 
 
 # --- workspace self-service on the proxy listener ----------------------------------------------

@@ -103,7 +103,7 @@ async def running_gateway(config: Config, store_url: str, *,
                             self_service=self_service, clock=clock)
         if config.server.access_log != "off":
             pipeline.access = AccessLog(config).write
-        admin_app = create_admin_app(config, store)
+        admin_app = create_admin_app(config, store, workspace_admin(pipeline))
         from .observe import add_metrics_route
         add_metrics_route(admin_app, metrics, store, config)
         proxy_server = ProxyServer(pipeline.handle, access_log=None)
@@ -119,6 +119,18 @@ async def running_gateway(config: Config, store_url: str, *,
             await forwarder.close()
             await requests.close()
             await store.close()
+
+
+def workspace_admin(pipeline: Pipeline):
+    """The admin API's check of a ``keys:admin`` key: the proxy pipeline's own steps
+    (format, throttle, argon2 or the cache, then state and scope against the store)."""
+    from .admin import Actor
+
+    async def authenticate_key(token: str, request: web.BaseRequest) -> Actor:
+        key = await pipeline.authenticate(token, request)
+        key, _, _ = await pipeline.authorise(key, ("keys:admin",), count=False)
+        return Actor(key.key.id, key.workspace.id, key.principal.scopes, key.key.expires_at)
+    return authenticate_key
 
 
 class ListenError(Exception):

@@ -656,9 +656,13 @@ class Store:
             used = int(await self.redis.get(usage_key(ws, period)) or 0)
         plan = self.config.plan_of(workspace.plan)
         limit = plan.monthly_requests if plan is not None else None
+        # limits: the plan's values in force (the console shows active keys against max_keys)
+        limits = {"monthly_requests": limit,
+                  "max_keys": plan.max_keys if plan is not None else None,
+                  "rate_limit": str(plan.rate_limit) if plan and plan.rate_limit else None}
         return {"workspace": ws, "plan": workspace.plan, "period": period, "used": used,
                 "limit": limit, "remaining": None if limit is None else max(0, limit - used),
-                "resets_at": rfc3339(resets_at)}
+                "resets_at": rfc3339(resets_at), "limits": limits}
 
     async def audit(self, ws: str, limit: int = 100) -> list[dict]:
         """The workspace's lifecycle events, newest first."""

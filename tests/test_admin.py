@@ -492,7 +492,8 @@ async def test_usage_object(admin, redis_url):
     raw.close()
     assert await ok(await admin.get("/admin/v1/workspaces/acme/usage")) == {
         "workspace": "acme", "plan": "small", "period": "2026-01", "used": 40, "limit": 1000,
-        "remaining": 960, "resets_at": "2026-02-01T00:00:00Z"}
+        "remaining": 960, "resets_at": "2026-02-01T00:00:00Z",
+        "limits": {"monthly_requests": 1000, "max_keys": 3, "rate_limit": "10/s"}}
     await error(await admin.get("/admin/v1/workspaces/ghost/usage"), 404, "not_found")
 
 

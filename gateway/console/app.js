@@ -1,0 +1,616 @@
+// keygate console: a small page over the admin API (/admin/v1/...), nothing else.
+//
+// The token lives in `session` below and nowhere else: not in localStorage, sessionStorage,
+// a cookie or the URL. Reloading the page signs out. Every value from the API reaches the page
+// as text (textContent), never as HTML: key names are written by workspace admins and read by
+// the operator.
+
+const API = "/admin/v1";
+const DAY = 86400 * 1000;
+
+let session = null;  // {token, operator, label, workspace, keys, roles, usage}
+let view = {sort: "created_at", descending: true};
+
+const $ = (id) => document.getElementById(id);
+
+// --- the admin API -----------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, code, message, requestId) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.requestId = requestId;
+  }
+}
+
+async function api(method, path, body) {
+  if (session === null) throw new ApiError(0, "signed_out", "You are signed out.", null);
+  const headers = {"Authorization": "Bearer " + session.token, "Accept": "application/json"};
+  const init = {method, headers, cache: "no-store", credentials: "omit", redirect: "error",
+                referrerPolicy: "no-referrer"};
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(API + path, init);
+  } catch (err) {
+    throw new ApiError(0, "network", "The admin API could not be reached (" + err.message + ").",
+                       null);
+  }
+  let data = null;
+  try {
+    data = await response.json();
+  } catch (err) {
+    data = null;
+  }
+  if (!response.ok) {
+    const error = data && data.error ? data.error : {};
+    throw new ApiError(response.status, error.code || "http_" + response.status,
+                       error.message || "The admin API answered " + response.status + ".",
+                       error.request_id || response.headers.get("X-Request-Id"));
+  }
+  return data;
+}
+
+function describe(err) {
+  if (err instanceof ApiError) {
+    return err.requestId ? err.message + " (request id " + err.requestId + ")" : err.message;
+  }
+  return "Something went wrong in the page: " + err.message;
+}
+
+// --- small DOM helpers -------------------------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === false || value === null || value === undefined) continue;
+    if (name === "text") node.textContent = value;
+    else if (name === "on") for (const [ev, fn] of Object.entries(value)) node.addEventListener(ev, fn);
+    else node.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function showAlert(message) {
+  const box = $("alert");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+function showFormError(form, message) {
+  const box = form.querySelector(".form-error");
+  box.textContent = message || "";
+  box.hidden = !message;
+}
+
+function when(iso) {
+  if (!iso) return "";
+  return iso.replace("T", " ").replace(/:\d\d(\.\d+)?Z$/, " UTC");
+}
+
+function plural(n, word) {
+  return n.toLocaleString("en") + " " + word + (n === 1 ? "" : "s");
+}
+
+// "30d" / "12h" / "90m" / "3600s" → seconds; a date or date-time → epoch ms; "" → null.
+function parseExpiry(text) {
+  const value = text.trim();
+  if (value === "" || value.toLowerCase() === "never") return {never: true};
+  const duration = /^(\d{1,6})\s*([smhdw])$/i.exec(value);
+  if (duration) {
+    const unit = {s: 1, m: 60, h: 3600, d: 86400, w: 604800}[duration[2].toLowerCase()];
+    return {seconds: Number(duration[1]) * unit};
+  }
+  const date = /^\d{4}-\d{2}-\d{2}$/.test(value) ? value + "T00:00:00Z" : value;
+  const ms = Date.parse(date);
+  if (!/^\d{4}-\d{2}-\d{2}/.test(value) || Number.isNaN(ms)) {
+    throw new Error("Expires must be empty (never), a duration such as 30d, 12h or 90m, " +
+                    "or a date such as 2027-01-31.");
+  }
+  return {at: new Date(ms).toISOString().replace(/\.\d{3}Z$/, "Z")};
+}
+
+function parseDuration(text) {
+  const value = text.trim();
+  if (value === "" || value === "0") return 0;
+  const found = /^(\d{1,9})\s*([smhdw]?)$/i.exec(value);
+  if (!found) throw new Error("Grace must be 0 or a duration such as 30m, 24h or 7d.");
+  const unit = {"": 1, s: 1, m: 60, h: 3600, d: 86400, w: 604800}[found[2].toLowerCase()];
+  return Number(found[1]) * unit;
+}
+
+function splitScopes(text) {
+  return text.split(/[\s,]+/).filter((s) => s !== "");
+}
+
+// --- dialogs: built when opened, removed when closed (one at a time) ----------------------------
+
+function openDialog(title, build) {
+  closeDialogs();
+  const heading = el("h2", {id: "dialog-title", text: title});
+  const dialog = el("dialog", {"role": "dialog", "aria-modal": "true",
+                               "aria-labelledby": "dialog-title"}, heading);
+  const opener = document.activeElement;
+  const close = () => {
+    dialog.close();
+    dialog.remove();
+    if (opener && opener.isConnected) opener.focus();
+  };
+  build(dialog, close);
+  dialog.addEventListener("cancel", (event) => { event.preventDefault(); close(); });
+  document.body.append(dialog);
+  dialog.showModal();
+  const first = dialog.querySelector("[autofocus]") || dialog.querySelector("input, select, button");
+  if (first) first.focus();
+  return dialog;
+}
+
+function closeDialogs() {
+  for (const dialog of document.querySelectorAll("dialog")) {
+    dialog.close();
+    dialog.remove();
+  }
+}
+
+function errorBox() {
+  return el("p", {"class": "form-error", "role": "alert", "hidden": true});
+}
+
+function showTokenDialog(title, token, key) {
+  openDialog(title, (dialog, close) => {
+    const status = el("span", {"class": "copied", "aria-live": "polite"});
+    const tokenBox = el("code", {"class": "token", "data-token": token, "tabindex": "0",
+                                 "text": token});
+    const copy = async () => {
+      try {
+        await navigator.clipboard.writeText(token);
+      } catch (err) {  // no clipboard permission: select the text so Ctrl+C copies it
+        const range = document.createRange();
+        range.selectNodeContents(tokenBox);
+        const selection = window.getSelection();
+        selection.removeAllRanges();
+        selection.addRange(range);
+        status.textContent = "Selected: press Ctrl+C to copy.";
+        return;
+      }
+      status.textContent = "Copied.";
+    };
+    dialog.append(
+      el("p", {"class": "warning", "text": "Copy this token now. It cannot be shown again: " +
+                                           "keygate keeps only a hash of it."}),
+      el("p", {"class": "meta", "text": "Key " + key.name + " (" + key.prefix + ")"}),
+      tokenBox,
+      el("div", {"class": "actions"},
+         el("button", {"type": "button", "class": "primary", "autofocus": true, "text": "Copy",
+                       "on": {click: copy}}),
+         el("button", {"type": "button", "text": "Done", "on": {click: close}}),
+         status));
+  });
+}
+
+// --- signing in and out ------------------------------------------------------------------------
+
+function looksLikeKey(token) {
+  return /^[^_\s]+_[^_\s]+_[0-9A-Za-z]{50}$/.test(token);
+}
+
+async function signIn(event) {
+  event.preventDefault();
+  const input = $("token");
+  const token = input.value.trim();
+  input.value = "";
+  showAlert("");
+  if (token === "") {
+    showAlert("Enter the operator token or a key holding keys:admin.");
+    input.focus();
+    return;
+  }
+  const operator = !looksLikeKey(token);
+  session = {token, operator, workspace: null, keys: [], roles: [], usage: null,
+             label: operator ? "operator" : "key " + token.slice(0, token.length - 38)};
+  let listing;
+  try {
+    listing = await api("GET", "/workspaces");
+  } catch (err) {
+    session = null;
+    showAlert(describe(err));
+    input.focus();
+    return;
+  }
+  $("signin-view").hidden = true;
+  $("sign-out").hidden = false;
+  $("who").textContent = "Signed in as " + session.label;
+  if (session.operator) {
+    showWorkspaces(listing.items);
+  } else {
+    await openWorkspace(listing.items[0].id);
+  }
+}
+
+function signOut() {
+  session = null;
+  closeDialogs();
+  for (const id of ["workspaces-view", "workspace-view", "sign-out"]) $(id).hidden = true;
+  $("who").textContent = "";
+  $("keys").tBodies[0].replaceChildren();
+  $("workspaces").tBodies[0].replaceChildren();
+  resetCreateForm();
+  showAlert("");
+  $("signin-view").hidden = false;
+  $("token").focus();
+}
+
+// --- operator: the workspace list --------------------------------------------------------------
+
+function showWorkspaces(items) {
+  $("workspace-view").hidden = true;
+  $("workspaces-view").hidden = false;
+  const body = $("workspaces").tBodies[0];
+  body.replaceChildren(...items.map((ws) => el("tr", {"data-workspace": ws.id},
+    el("th", {"scope": "row"}, el("a", {"href": "#workspace-" + ws.id, "text": ws.id,
+      "on": {click: (event) => { event.preventDefault(); openWorkspace(ws.id); }}})),
+    el("td", {"text": ws.name}),
+    el("td", {"text": ws.plan}),
+    el("td", {"text": when(ws.created_at)}))));
+  $("workspaces-empty").hidden = items.length > 0;
+}
+
+async function backToWorkspaces(event) {
+  event.preventDefault();
+  showAlert("");
+  try {
+    showWorkspaces((await api("GET", "/workspaces")).items);
+  } catch (err) {
+    showAlert(describe(err));
+  }
+}
+
+// --- one workspace: usage, cap, keys -----------------------------------------------------------
+
+async function openWorkspace(id) {
+  showAlert("");
+  try {
+    const ws = encodeURIComponent(id);
+    const [workspace, roles] = await Promise.all([
+      api("GET", "/workspaces/" + ws), api("GET", "/workspaces/" + ws + "/roles")]);
+    session.workspace = workspace;
+    session.roles = roles.items;
+    await refresh();
+  } catch (err) {
+    showAlert(describe(err));
+    return;
+  }
+  const workspace = session.workspace;
+  $("ws-title").textContent = workspace.name + " (" + workspace.id + ")";
+  $("ws-plan").textContent = workspace.plan;
+  $("back-nav").hidden = !session.operator;
+  fillRoles($("create-role"), "");
+  resetCreateForm();
+  $("workspaces-view").hidden = true;
+  $("workspace-view").hidden = false;
+  $("ws-title").focus();
+}
+
+async function refresh() {
+  const ws = "/workspaces/" + encodeURIComponent(session.workspace.id);
+  const [keys, usage] = await Promise.all([api("GET", ws + "/keys"), api("GET", ws + "/usage")]);
+  session.keys = keys.items;
+  session.usage = usage;
+  renderUsage();
+  renderKeys();
+}
+
+function renderUsage() {
+  const usage = session.usage;
+  const bar = $("usage-bar");
+  if (usage.limit === null || usage.limit === undefined) {
+    $("usage-text").textContent = plural(usage.used, "request") + " in " + usage.period +
+                                  " (no monthly limit)";
+    bar.hidden = true;
+  } else {
+    $("usage-text").textContent = usage.used.toLocaleString("en") + " of " +
+      plural(usage.limit, "request") + " in " + usage.period + "; " +
+      usage.remaining.toLocaleString("en") + " left until " + when(usage.resets_at);
+    bar.hidden = false;
+    bar.max = Math.max(usage.limit, 1);
+    bar.value = Math.min(usage.used, usage.limit);
+  }
+  const active = session.keys.filter((k) => k.status === "active").length;
+  const limits = usage.limits || session.workspace.limits || {};
+  const cap = limits.max_keys;
+  const keysBar = $("keys-bar");
+  if (cap === null || cap === undefined) {
+    $("keys-text").textContent = active + " active (no cap)";
+    keysBar.hidden = true;
+  } else {
+    $("keys-text").textContent = active + " of " + cap + " active keys allowed";
+    keysBar.hidden = false;
+    keysBar.max = Math.max(cap, 1);
+    keysBar.value = Math.min(active, cap);
+  }
+}
+
+function visibleKeys() {
+  const status = $("filter-status").value;
+  const unusedText = $("filter-unused").value.trim();
+  const unusedDays = unusedText === "" ? null : Number(unusedText);
+  const now = Date.now();
+  let keys = session.keys.filter((k) => status === "" || k.status === status);
+  if (unusedDays !== null && Number.isFinite(unusedDays) && unusedDays >= 0) {
+    keys = keys.filter((k) => k.last_used_at === null ||
+                              now - Date.parse(k.last_used_at) > unusedDays * DAY);
+  }
+  const field = view.sort;
+  const order = view.descending ? -1 : 1;
+  return keys.slice().sort((a, b) => {
+    const x = a[field], y = b[field];
+    if (x === y) return a.name.localeCompare(b.name);
+    if (x === null) return 1;   // never used / never expires: last, whichever the direction
+    if (y === null) return -1;
+    return (field === "name" ? x.localeCompare(y) : x < y ? -1 : 1) * order;
+  });
+}
+
+function renderKeys() {
+  const keys = visibleKeys();
+  for (const th of $("keys").tHead.rows[0].cells) {
+    if (!th.dataset.sort) continue;
+    th.setAttribute("aria-sort", th.dataset.sort !== view.sort ? "none"
+                    : view.descending ? "descending" : "ascending");
+  }
+  $("keys").tBodies[0].replaceChildren(...keys.map(keyRow));
+  $("keys-empty").hidden = keys.length > 0;
+}
+
+function keyRow(key) {
+  const nameId = "key-name-" + key.id;
+  const revoked = key.status === "revoked";
+  const button = (text, handler, disabled) => el("button", {
+    "type": "button", "text": text, "aria-describedby": nameId, "disabled": disabled,
+    "on": {click: () => handler(key)}});
+  const binding = key.role !== null
+    ? el("span", {}, el("span", {"class": "role", "text": key.role}), " ",
+         el("span", {"class": "hint", "text": key.scopes.join(" ")}))
+    : el("span", {"text": key.scopes.join(" ")});
+  return el("tr", {"data-key-id": key.id, "class": "status-" + key.status},
+    el("th", {"scope": "row", "id": nameId, "text": key.name}),
+    el("td", {"class": "description", "text": key.description}),
+    el("td", {}, binding),
+    el("td", {}, el("code", {"text": key.prefix})),
+    el("td", {"text": when(key.created_at)}),
+    el("td", {"text": key.last_used_at ? when(key.last_used_at) : "never"}),
+    el("td", {"text": key.expires_at ? when(key.expires_at) : "never"}),
+    el("td", {}, el("span", {"class": "badge " + key.status, "text": key.status})),
+    el("td", {"class": "row-actions"},
+       button("Edit", editKey, revoked),
+       button("Rotate", rotateKey, revoked),
+       button("Revoke", revokeKey, revoked)));
+}
+
+function sortBy(field) {
+  if (view.sort === field) view.descending = !view.descending;
+  else view = {sort: field, descending: field !== "name"};
+  renderKeys();
+}
+
+function keyPath(key) {
+  return "/workspaces/" + encodeURIComponent(session.workspace.id) + "/keys/" +
+         encodeURIComponent(key.id);
+}
+
+// --- create ------------------------------------------------------------------------------------
+
+function fillRoles(select, current) {
+  const options = [el("option", {"value": "", "text": "(none: use scopes)"})];
+  for (const role of session.roles) {
+    options.push(el("option", {"value": role.name, "text": role.name,
+                               "selected": role.name === current}));
+  }
+  select.replaceChildren(...options);
+  select.value = current || "";
+}
+
+function resetCreateForm() {
+  const form = $("create-form");
+  form.reset();
+  form.hidden = true;
+  showFormError(form, "");
+  $("create-open").setAttribute("aria-expanded", "false");
+}
+
+function openCreateForm() {
+  const form = $("create-form");
+  if (!form.hidden) {
+    resetCreateForm();
+    return;
+  }
+  form.hidden = false;
+  $("create-open").setAttribute("aria-expanded", "true");
+  $("create-name").focus();
+}
+
+async function createKey(event) {
+  event.preventDefault();
+  const form = $("create-form");
+  showFormError(form, "");
+  const body = {name: $("create-name").value.trim()};
+  const description = $("create-description").value;
+  if (description.trim() !== "") body.description = description;
+  const role = $("create-role").value;
+  const scopes = splitScopes($("create-scopes").value);
+  if (role !== "") body.role = role;
+  if (scopes.length > 0 || role === "") body.scopes = scopes;  // both: the API says why not
+  try {
+    const expiry = parseExpiry($("create-expires").value);
+    if (expiry.seconds !== undefined) body.expires_in = expiry.seconds;
+    if (expiry.at !== undefined) body.expires_at = expiry.at;
+  } catch (err) {
+    showFormError(form, err.message);
+    return;
+  }
+  let created;
+  try {
+    created = await api("POST", "/workspaces/" + encodeURIComponent(session.workspace.id) +
+                                "/keys", body);
+  } catch (err) {
+    showFormError(form, describe(err));
+    return;
+  }
+  resetCreateForm();
+  showTokenDialog("Key created", created.token, created.key);
+  created = null;
+  await refreshQuietly();
+}
+
+async function refreshQuietly() {
+  try {
+    await refresh();
+  } catch (err) {
+    showAlert(describe(err));
+  }
+}
+
+// --- revoke, rotate, edit ----------------------------------------------------------------------
+
+function revokeKey(key) {
+  openDialog("Revoke key " + key.name + "?", (dialog, close) => {
+    const problem = errorBox();
+    const confirm = async () => {
+      try {
+        await api("POST", keyPath(key) + "/revoke", {});
+      } catch (err) {
+        problem.textContent = describe(err);
+        problem.hidden = false;
+        return;
+      }
+      close();
+      await refreshQuietly();
+    };
+    dialog.append(
+      el("p", {"text": "Requests with " + key.prefix + "… are refused from the next one on. " +
+                       "Revoking is permanent: a revoked key cannot be restored."}),
+      problem,
+      el("div", {"class": "actions"},
+         el("button", {"type": "button", "class": "danger", "text": "Revoke",
+                       "on": {click: confirm}}),
+         el("button", {"type": "button", "autofocus": true, "text": "Cancel",
+                       "on": {click: close}})));
+  });
+}
+
+function rotateKey(key) {
+  openDialog("Rotate key " + key.name, (dialog, close) => {
+    const problem = errorBox();
+    const grace = el("input", {"id": "rotate-grace", "value": "0", "autocomplete": "off",
+                               "aria-describedby": "rotate-grace-hint"});
+    const confirm = async (event) => {
+      event.preventDefault();
+      let rotated;
+      try {
+        rotated = await api("POST", keyPath(key) + "/rotate",
+                            {grace_seconds: parseDuration(grace.value)});
+      } catch (err) {
+        problem.textContent = describe(err);
+        problem.hidden = false;
+        return;
+      }
+      close();
+      showTokenDialog("Key rotated", rotated.token, rotated.key);
+      await refreshQuietly();
+    };
+    dialog.append(el("form", {"novalidate": true, "on": {submit: confirm}},
+      el("p", {"text": "A new key with the same name, role or scopes and rate limit replaces " +
+                       key.prefix + "…. The old key keeps working for the grace period " +
+                       "(0 revokes it now)."}),
+      el("label", {"for": "rotate-grace", "text": "Grace"}), grace,
+      el("p", {"id": "rotate-grace-hint", "class": "hint",
+               "text": "0, or a duration such as 30m, 24h or 7d."}),
+      problem,
+      el("div", {"class": "actions"},
+         el("button", {"type": "submit", "class": "primary", "text": "Rotate"}),
+         el("button", {"type": "button", "text": "Cancel", "on": {click: close}}))));
+  });
+}
+
+function editKey(key) {
+  openDialog("Edit key " + key.name, (dialog, close) => {
+    const problem = errorBox();
+    const role = el("select", {"id": "edit-role"});
+    fillRoles(role, key.role || "");
+    const scopesText = key.role === null ? key.scopes.join(" ") : "";
+    const scopes = el("input", {"id": "edit-scopes", "value": scopesText, "autocomplete": "off",
+                                "spellcheck": "false"});
+    const expiresText = key.expires_at || "";
+    const expires = el("input", {"id": "edit-expires", "value": expiresText,
+                                 "autocomplete": "off", "spellcheck": "false",
+                                 "aria-describedby": "edit-expires-hint"});
+    const save = async (event) => {
+      event.preventDefault();
+      const body = {};
+      const roleChanged = role.value !== (key.role || "");
+      const scopesChanged = scopes.value.trim() !== scopesText;
+      if (roleChanged || scopesChanged) {  // both given: the API says why not
+        if (role.value !== "") body.role = role.value;
+        if (role.value === "" || (scopesChanged && splitScopes(scopes.value).length > 0)) {
+          body.scopes = splitScopes(scopes.value);
+        }
+      }
+      if (expires.value.trim() !== expiresText) {
+        try {
+          const expiry = parseExpiry(expires.value);
+          body.expires_at = expiry.never ? null : expiry.at !== undefined ? expiry.at
+            : new Date(Date.now() + expiry.seconds * 1000).toISOString().replace(/\.\d{3}Z$/, "Z");
+        } catch (err) {
+          problem.textContent = err.message;
+          problem.hidden = false;
+          return;
+        }
+      }
+      if (Object.keys(body).length === 0) {
+        close();
+        return;
+      }
+      try {
+        await api("PATCH", keyPath(key), body);
+      } catch (err) {
+        problem.textContent = describe(err);
+        problem.hidden = false;
+        return;
+      }
+      close();
+      await refreshQuietly();
+    };
+    dialog.append(el("form", {"novalidate": true, "on": {submit: save}},
+      el("div", {"class": "grid"},
+         el("label", {"for": "edit-role", "text": "Role"}), role,
+         el("label", {"for": "edit-scopes", "text": "Scopes"}), scopes,
+         el("label", {"for": "edit-expires", "text": "Expires"}), expires,
+         el("p", {"id": "edit-expires-hint", "class": "hint span",
+                  "text": "Empty for never; a duration from now such as 30d; or a date."})),
+      problem,
+      el("div", {"class": "actions"},
+         el("button", {"type": "submit", "class": "primary", "text": "Save"}),
+         el("button", {"type": "button", "text": "Cancel", "on": {click: close}}))));
+  });
+}
+
+// --- wiring ------------------------------------------------------------------------------------
+
+$("signin-form").addEventListener("submit", signIn);
+$("sign-out").addEventListener("click", signOut);
+$("back").addEventListener("click", backToWorkspaces);
+$("create-open").addEventListener("click", openCreateForm);
+$("create-cancel").addEventListener("click", resetCreateForm);
+$("create-form").addEventListener("submit", createKey);
+$("filter-status").addEventListener("change", renderKeys);
+$("filter-unused").addEventListener("input", renderKeys);
+for (const th of $("keys").tHead.rows[0].cells) {
+  if (th.dataset.sort) th.querySelector("button").addEventListener("click", () => sortBy(th.dataset.sort));
+}
+$("ws-title").setAttribute("tabindex", "-1");
+document.documentElement.dataset.ready = "true";
