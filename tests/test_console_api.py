@@ -1,0 +1,285 @@
+"""The console's server side, without a browser: the page's files and headers, and the admin
+API answering a workspace admin's key with exactly the self-service rules (own workspace only,
+never wider than the key itself, operator-only routes stay operator-only)."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+
+import pytest
+from yarl import URL
+
+from gateway.admin import WORKSPACE_ADMIN_ROUTES
+from harness import gateway_under_test, make_config
+
+CSP = re.compile(r"(^|;)\s*default-src 'self'\s*(;|$)")
+
+
+@pytest.fixture
+async def gut(upstream, redis_url, monkeypatch):
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace("acme")
+        await g.workspace("beta")
+        g.admin_token, g.admin_key = await g.key("acme", name="acme-admin",
+                                                  scopes=["keys:admin", "people:read"])
+        yield g
+
+
+async def as_key(g, token: str, method: str, path: str, body=None):
+    async with g.admin.request(method, "/admin/v1" + path, json=body,
+                               headers={"Authorization": f"Bearer {token}"}) as r:
+        return r.status, await r.json()
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+class _Scan(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inline_scripts, self.style_attrs, self.handlers, self.refs = 0, 0, [], []
+        self._in_script = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "script":
+            self._in_script = "src" not in attrs
+        if tag == "style" or "style" in attrs:
+            self.style_attrs += 1
+        self.handlers += [a for a in attrs if a.startswith("on")]
+        self.refs += [attrs[a] for a in ("src", "href") if a in attrs]
+
+    def handle_data(self, data):
+        if self._in_script and data.strip():
+            self.inline_scripts += 1
+
+    def handle_endtag(self, tag):
+        if tag == "script":
+            self._in_script = False
+
+
+async def test_console_page_is_served_without_auth_with_strict_headers(gut):
+    async with gut.admin.get("/console/", headers={"Authorization": ""}) as r:
+        assert r.status == 200 and r.content_type == "text/html"
+        page = await r.text()
+        headers = r.headers
+    csp = headers["Content-Security-Policy"]
+    assert CSP.search(csp) and "'unsafe-inline'" not in csp and "'unsafe-eval'" not in csp
+    assert "frame-ancestors 'none'" in csp and "object-src 'none'" in csp
+    assert headers["X-Frame-Options"] == "DENY"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    scan = _Scan()
+    scan.feed(page)
+    assert scan.inline_scripts == 0 and scan.style_attrs == 0 and scan.handlers == []
+    # every file the page names is served from here, relative: no CDN, no third party
+    assert sorted(scan.refs) == ["#workspaces", "app.css", "app.js", "favicon.svg"]
+    for ref in (r for r in scan.refs if not r.startswith("#")):
+        async with gut.admin.get("/console/" + ref) as r:
+            assert r.status == 200, ref
+            assert r.headers["Content-Security-Policy"] == csp
+            assert r.headers["X-Frame-Options"] == "DENY"
+
+
+async def test_console_scripts_never_touch_storage_cookies_or_html_sinks(gut):
+    async with gut.admin.get("/console/app.js") as r:
+        script = re.sub(r"^\s*//.*$", "", await r.text(), flags=re.M)  # code, not comments
+        assert r.content_type == "text/javascript"
+    for forbidden in ("localStorage", "sessionStorage", "document.cookie", "innerHTML",
+                      "outerHTML", "insertAdjacentHTML", "eval(", "new Function",
+                      "location.hash =", "history.pushState", "console.log", "http://",
+                      "https://"):
+        assert forbidden not in script, forbidden
+
+
+async def test_console_without_slash_redirects_and_other_paths_are_404(gut):
+    async with gut.admin.get("/console", allow_redirects=False) as r:
+        assert r.status == 308 and r.headers["Location"] == "/console/"
+    for path in ("/console/app.py", "/console/x/app.js",
+                 "/console/%2e%2e/pyproject.toml", "/ui"):
+        async with gut.admin.get(URL(path, encoded=True), allow_redirects=False) as r:
+            assert r.status == 404, path
+            assert (await r.json())["error"]["code"] == "not_found"
+
+
+# --- a workspace admin on the admin API --------------------------------------------------------
+
+async def test_workspace_admin_lists_only_its_own_workspace(gut):
+    status, body = await as_key(gut, gut.admin_token, "GET", "/workspaces")
+    assert status == 200 and [w["id"] for w in body["items"]] == ["acme"]
+    status, body = await as_key(gut, gut.admin_token, "GET", "/workspaces/acme")
+    assert status == 200 and body["id"] == "acme" and body["plan"] == "starter"
+
+
+async def test_workspace_admin_manages_its_own_keys(gut):
+    token = gut.admin_token
+    status, created = await as_key(gut, token, "POST", "/workspaces/acme/keys",
+                                   {"name": "ci", "scopes": ["people:read"]})
+    assert status == 201 and created["token"].startswith("kg_live_")
+    key_id = created["key"]["id"]
+    async with gut.proxy.get("/people", headers={"Authorization":
+                                                 f"Bearer {created['token']}"}) as r:
+        assert r.status == 200
+    status, listing = await as_key(gut, token, "GET", "/workspaces/acme/keys")
+    assert status == 200 and key_id in [k["id"] for k in listing["items"]]
+    status, patched = await as_key(gut, token, "PATCH", f"/workspaces/acme/keys/{key_id}",
+                                   {"description": "nightly"})
+    assert status == 200 and patched["description"] == "nightly"
+    status, rotated = await as_key(gut, token, "POST", f"/workspaces/acme/keys/{key_id}/rotate",
+                                   {"grace_seconds": 60})
+    assert status == 201 and rotated["key"]["name"] == "ci"
+    status, revoked = await as_key(gut, token, "POST",
+                                   f"/workspaces/acme/keys/{rotated['key']['id']}/revoke")
+    assert status == 200 and revoked["status"] == "revoked"
+    async with gut.proxy.get("/people", headers={"Authorization":
+                                                 f"Bearer {rotated['token']}"}) as r:
+        assert r.status == 401 and (await r.json())["error"]["code"] == "revoked_key"
+    status, usage = await as_key(gut, token, "GET", "/workspaces/acme/usage")
+    assert status == 200 and usage["limits"]["max_keys"] == 5
+    status, roles = await as_key(gut, token, "GET", "/workspaces/acme/roles")
+    assert status == 200 and "reader" in [r["name"] for r in roles["items"]]
+    # the audit records the acting key, not the operator
+    status, audit = await gut.admin_json("GET", "/workspaces/acme/audit")
+    actors = {e["action"]: e["actor"] for e in audit["items"]
+              if e["action"].startswith("key.") and e["target"] != gut.admin_key["id"]}
+    assert set(actors.values()) == {gut.admin_key["id"]}, audit
+
+
+async def test_another_workspace_reads_exactly_as_one_that_does_not_exist(gut):
+    _, beta_key = await gut.key("beta", name="beta-key")
+    paths = [("GET", "/workspaces/{ws}"), ("PATCH", "/workspaces/{ws}"),
+             ("GET", "/workspaces/{ws}/keys"), ("POST", "/workspaces/{ws}/keys"),
+             ("GET", "/workspaces/{ws}/keys/" + beta_key["id"]),
+             ("PATCH", "/workspaces/{ws}/keys/" + beta_key["id"]),
+             ("POST", "/workspaces/{ws}/keys/" + beta_key["id"] + "/revoke"),
+             ("POST", "/workspaces/{ws}/keys/" + beta_key["id"] + "/rotate"),
+             ("GET", "/workspaces/{ws}/usage"), ("GET", "/workspaces/{ws}/roles"),
+             ("PUT", "/workspaces/{ws}/roles/x"), ("DELETE", "/workspaces/{ws}/roles/x"),
+             ("GET", "/workspaces/{ws}/audit")]
+    body = {"name": "x", "scopes": ["people:read"]}
+    for method, path in paths:
+        answers = []
+        for ws in ("beta", "ghost"):
+            status, error = await as_key(gut, gut.admin_token, method, path.format(ws=ws),
+                                         body if method in ("POST", "PATCH", "PUT") else None)
+            answers.append((status, error["error"]["code"],
+                            error["error"]["message"].replace(ws, "WS")))
+        assert answers[0] == answers[1] == (404, "not_found", "There is no workspace 'WS'."), \
+            (method, path, answers)
+    status, key = await gut.admin_json("GET", f"/workspaces/beta/keys/{beta_key['id']}")
+    assert key["status"] == "active" and key["name"] == "beta-key"  # nothing changed
+
+
+async def test_operator_only_routes_stay_operator_only(gut):
+    token = gut.admin_token
+    for method, path, body in [("POST", "/workspaces", {"id": "mine", "name": "Mine"}),
+                               ("PATCH", "/workspaces/acme", {"plan": "unlimited"}),
+                               ("PATCH", "/workspaces/acme", {"name": "Renamed"}),
+                               ("PUT", "/workspaces/acme/roles/reader", {"scopes": ["ALL"]}),
+                               ("DELETE", "/workspaces/acme/roles/reader", None),
+                               ("GET", "/workspaces/acme/audit", None)]:
+        status, error = await as_key(gut, token, method, path, body)
+        assert status == 403, (method, path, error)
+        assert "operator" in error["error"]["message"]
+    status, ws = await gut.admin_json("GET", "/workspaces/acme")
+    assert ws["plan"] == "starter" and ws["name"] == "Acme"
+    status, listing = await gut.admin_json("GET", "/workspaces")
+    assert [w["id"] for w in listing["items"]] == ["acme", "beta"]
+    status, roles = await gut.admin_json("GET", "/workspaces/acme/roles")
+    assert {"name": "reader", "scopes": ["people:read", "companies:read"],
+            "source": "config"} in roles["items"]
+
+
+async def test_every_admin_route_not_listed_for_workspace_admins_is_refused_to_them(gut):
+    """A route added later (reload, scopes, ...) is operator-only unless it is listed."""
+    routes = {(route.method, route.resource.canonical)
+              for route in gut.gw.admin_app.router.routes()
+              if route.resource is not None and route.resource.canonical.startswith("/admin/")
+              and route.method != "HEAD"}
+    assert WORKSPACE_ADMIN_ROUTES <= routes
+    for method, canonical in sorted(routes - WORKSPACE_ADMIN_ROUTES):
+        path = canonical.removeprefix("/admin/v1").format(ws="acme", key=gut.admin_key["id"],
+                                                          name="reader")
+        status, error = await as_key(gut, gut.admin_token, method, path)
+        assert status == 403, (method, canonical, error)
+
+
+async def test_workspace_admin_cannot_widen_a_key(gut):
+    token = gut.admin_token
+    writer_token, writer = await gut.key("acme", name="writer", role="editor")
+    _, reader = await gut.key("acme", name="reader", role="reader")
+    refusals = [
+        ("POST", "/workspaces/acme/keys", {"name": "w", "scopes": ["people:write"]}),
+        ("POST", "/workspaces/acme/keys", {"name": "w", "scopes": ["ALL"]}),
+        ("POST", "/workspaces/acme/keys", {"name": "w", "role": "editor"}),
+        ("POST", "/workspaces/acme/keys", {"name": "w", "role": "admin"}),
+        ("PATCH", f"/workspaces/acme/keys/{reader['id']}", {"role": "editor"}),
+        ("PATCH", f"/workspaces/acme/keys/{reader['id']}", {"scopes": ["companies:read"]}),
+        ("PATCH", f"/workspaces/acme/keys/{gut.admin_key['id']}",
+         {"scopes": ["keys:admin", "ALL"]}),
+        ("POST", f"/workspaces/acme/keys/{writer['id']}/rotate", {}),
+    ]
+    for method, path, body in refusals:
+        status, error = await as_key(gut, token, method, path, body)
+        assert status == 403 and error["error"]["code"] == "insufficient_scope", \
+            (method, path, body, error)
+    status, listing = await gut.admin_json("GET", "/workspaces/acme/keys")
+    scopes = {k["name"]: k["scopes"] for k in listing["items"]}
+    assert scopes == {"acme-admin": ["keys:admin", "people:read"], "writer":
+                      ["people:read", "companies:read", "people:write"],
+                      "reader": ["people:read", "companies:read"]}
+    async with gut.proxy.get("/people", headers={"Authorization": f"Bearer {writer_token}"}) as r:
+        assert r.status == 200  # the refused rotation left the writer's key alone
+
+
+async def test_workspace_admin_key_with_an_expiry_cannot_outlive_itself(gut):
+    token, key = await gut.key("acme", name="temp-admin", scopes=["keys:admin", "people:read"],
+                               expires_in=3600)
+    status, error = await as_key(gut, token, "POST", "/workspaces/acme/keys",
+                                 {"name": "forever", "scopes": ["people:read"],
+                                  "expires_at": "2099-01-01T00:00:00Z"})
+    assert status == 403, error
+    status, error = await as_key(gut, token, "PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                 {"expires_at": None})
+    assert status == 403, error
+    status, created = await as_key(gut, token, "POST", "/workspaces/acme/keys",
+                                   {"name": "child", "scopes": ["people:read"]})
+    assert status == 201 and created["key"]["expires_at"] == key["expires_at"]
+
+
+async def test_keys_that_are_not_workspace_admins_are_refused(gut):
+    reader_token, reader = await gut.key("acme", name="reader", role="reader")
+    status, error = await as_key(gut, reader_token, "GET", "/workspaces/acme/keys")
+    assert status == 403 and error["error"]["code"] == "insufficient_scope"
+    status, _ = await gut.admin_json("POST", f"/workspaces/acme/keys/{gut.admin_key['id']}/revoke")
+    status, error = await as_key(gut, gut.admin_token, "GET", "/workspaces/acme/keys")
+    assert status == 401 and error["error"]["code"] == "unauthorized"
+    assert "revoked" in error["error"]["message"] and error["error"]["request_id"]
+    wrong = gut.admin_token[:-8] + ("A" if gut.admin_token[-8] != "A" else "B") + \
+        gut.admin_token[-7:]
+    for bad in (wrong, "kg_live_" + "x" * 50, "kg_live_short", "kg_"):
+        status, error = await as_key(gut, bad, "GET", "/workspaces/acme/keys")
+        assert status == 401 and error["error"]["code"] == "unauthorized", (bad, error)
+        assert bad not in error["error"]["message"]
+    status, error = await as_key(gut, "not-the-operator-token", "GET", "/workspaces")
+    assert status == 401 and error["error"]["message"] == "The operator token is not valid."
+
+
+async def test_wrong_keys_on_the_admin_listener_meet_the_failure_throttle(gut):
+    statuses = []
+    for i in range(22):  # per_ip is 20 in the test config: well-formed tokens, wrong secrets
+        forged = _with_checksum(gut.admin_token[:20] + f"{i:032d}")
+        status, body = await as_key(gut, forged, "GET", "/workspaces")
+        statuses.append((status, body["error"]["code"]))
+    assert statuses[0] == (401, "unauthorized")
+    assert statuses[-1] == (429, "too_many_failures")
+
+
+def _with_checksum(without: str) -> str:
+    import zlib
+    alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    n, digits = zlib.crc32(without.encode("ascii")), ""
+    while n:
+        n, r = divmod(n, 62)
+        digits = alphabet[r] + digits
+    return without + digits.rjust(6, "0")
