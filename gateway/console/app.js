@@ -287,7 +287,6 @@ async function openWorkspace(id) {
   }
   const workspace = session.workspace;
   $("ws-title").textContent = workspace.name + " (" + workspace.id + ")";
-  $("ws-plan").textContent = workspace.plan;
   $("back-nav").hidden = !session.operator;
   fillRoles($("create-role"), "");
   resetCreateForm();
@@ -322,6 +321,8 @@ function renderUsage() {
   }
   const active = session.keys.filter((k) => k.status === "active").length;
   const limits = usage.limits || session.workspace.limits || {};
+  $("ws-plan").textContent = session.workspace.plan +
+    (limits.rate_limit ? " (rate limit " + limits.rate_limit + " per key)" : "");
   const cap = limits.max_keys;
   const keysBar = $("keys-bar");
   if (cap === null || cap === undefined) {
@@ -382,9 +383,9 @@ function keyRow(key) {
     el("td", {"class": "description", "text": key.description}),
     el("td", {}, binding),
     el("td", {}, el("code", {"text": key.prefix})),
-    el("td", {"text": when(key.created_at)}),
-    el("td", {"text": key.last_used_at ? when(key.last_used_at) : "never"}),
-    el("td", {"text": key.expires_at ? when(key.expires_at) : "never"}),
+    el("td", {"class": "when", "text": when(key.created_at)}),
+    el("td", {"class": "when", "text": key.last_used_at ? when(key.last_used_at) : "never"}),
+    el("td", {"class": "when", "text": key.expires_at ? when(key.expires_at) : "never"}),
     el("td", {}, el("span", {"class": "badge " + key.status, "text": key.status})),
     el("td", {"class": "row-actions"},
        button("Edit", editKey, revoked),

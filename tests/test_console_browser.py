@@ -1,0 +1,479 @@
+"""The console in a real headless browser (Debian's chromium + chromium-driver, via selenium)
+against a whole gateway: real listeners, a real redis-server, a real upstream.
+
+Controls are found the way SPEC names them (the `Token` field, `Sign in`, a workspace link by
+its id, a table row by the key's name, `Create key`, `data-token`, `Copy`, `Done`, `Revoke`,
+`Rotate`, `role="dialog"`), as a person would. Every test ends by checking that the browser
+console logged no error and that no token is left in storage, a cookie or the URL.
+
+With ``KEYGATE_SCREENSHOTS=DIR`` the run saves the README's screenshots into DIR.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_sync
+from aiohttp import web
+
+from conftest import free_port
+from gateway.app import running_gateway, start_listeners, stop_listeners
+from harness import ADMIN_TOKEN, make_config
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+if CHROMIUM is None or CHROMEDRIVER is None:
+    pytest.skip("the console's browser tests need Debian's chromium and chromium-driver "
+                "(apt-get install chromium chromium-driver); .ci/run installs them",
+                allow_module_level=True)
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the test extra) is "
+                                "not installed")
+from selenium.common.exceptions import (StaleElementReferenceException,  # noqa: E402
+                                        TimeoutException)
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+WAIT = 20  # seconds: generous, the machine is shared
+
+
+# --- a whole gateway on its own event loop thread (selenium blocks the test's thread) ---------
+
+class ThreadedGateway:
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                       name="console-gateway")
+        self._stack = contextlib.AsyncExitStack()
+
+    def run(self, coro) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    def start(self) -> "ThreadedGateway":
+        self.thread.start()
+        self.run(self._start())
+        return self
+
+    async def _start(self) -> None:
+        async def echo(request: web.Request) -> web.Response:
+            return web.json_response({"path": request.path,
+                                      "workspace": request.headers.get("X-Workspace-Id")})
+        upstream_app = web.Application()
+        upstream_app.router.add_route("*", "/{tail:.*}", echo)
+        runner = web.AppRunner(upstream_app, access_log=None)
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+        upstream_port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", upstream_port).start()
+        base = make_config(f"http://127.0.0.1:{upstream_port}")
+        config = dataclasses.replace(
+            base, server=dataclasses.replace(base.server, port=free_port(), access_log="off"),
+            admin=dataclasses.replace(base.admin, host="127.0.0.1", port=free_port()))
+        gw = await self._stack.enter_async_context(running_gateway(config, self.redis_url))
+        runners = await start_listeners(gw)
+        self._stack.push_async_callback(stop_listeners, runners)
+        self.proxy_url = f"http://127.0.0.1:{config.server.port}"
+        self.admin_url = f"http://127.0.0.1:{config.admin.port}"
+
+    def stop(self) -> None:
+        self.run(self._stack.aclose())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    # plain blocking HTTP from the test's thread
+    def call(self, base: str, method: str, path: str, body: Any = None,
+             token: str | None = ADMIN_TOKEN) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(base + path, data=data, method=method)
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def admin(self, method: str, path: str, body: Any = None, token: str = ADMIN_TOKEN):
+        return self.call(self.admin_url, method, "/admin/v1" + path, body, token)
+
+    def proxy(self, path: str, token: str) -> tuple[int, Any]:
+        return self.call(self.proxy_url, "GET", path, token=token)
+
+    def key(self, ws: str, **fields: Any) -> tuple[str, dict]:
+        status, body = self.admin("POST", f"/workspaces/{ws}/keys", fields)
+        assert status == 201, body
+        return body["token"], body["key"]
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_server_url):
+    client = redis_sync.Redis.from_url(redis_server_url)
+    client.flushdb()
+    client.close()
+    previous = os.environ.get("KEYGATE_ADMIN_TOKEN")
+    os.environ["KEYGATE_ADMIN_TOKEN"] = ADMIN_TOKEN  # read when the admin app is made
+    try:
+        gw = ThreadedGateway(redis_server_url).start()
+    finally:
+        if previous is None:
+            del os.environ["KEYGATE_ADMIN_TOKEN"]
+        else:
+            os.environ["KEYGATE_ADMIN_TOKEN"] = previous
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium.webdriver.chrome.service import Service
+    profile = tempfile.mkdtemp(prefix="keygate-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 "--window-size=1360,900", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def page(browser, gateway):
+    """The console, freshly loaded (signed out); afterwards: no console errors, no token kept."""
+    browser.get("about:blank")
+    browser.get_log("browser")  # drop what earlier tests left
+    browser.get(gateway.admin_url + "/console/")
+    wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+    console = Console(browser, gateway)
+    yield console
+    console.assert_nothing_kept()
+    console.assert_no_console_errors()
+
+
+def wait(driver, condition, timeout: float = WAIT):
+    # the page re-renders rows and dialogs as answers arrive: a vanished element means "retry"
+    return WebDriverWait(driver, timeout,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(condition)
+
+
+class Console:
+    """A person at the console: finds controls by their visible labels."""
+
+    def __init__(self, driver, gateway: ThreadedGateway) -> None:
+        self.driver, self.gateway = driver, gateway
+        self.allowed_errors: list[str] = []  # substrings of console errors a test provokes
+        self.tokens_seen: list[str] = []
+
+    def field(self, label: str, scope=None):
+        scope = scope or self.driver
+        tag = scope.find_element(By.XPATH, f".//label[normalize-space()='{label}']")
+        return self.driver.find_element(By.ID, tag.get_attribute("for"))
+
+    def button(self, text: str, scope=None):
+        scope = scope or self.driver
+        return wait(self.driver, lambda d: next(
+            (b for b in scope.find_elements(By.XPATH, f".//button[normalize-space()='{text}']")
+             if b.is_displayed()), False))
+
+    def sign_in(self, token: str) -> None:
+        box = self.field("Token")
+        box.clear()
+        box.send_keys(token)
+        self.button("Sign in").click()
+
+    def rows(self) -> list[str]:
+        return [r.find_element(By.XPATH, "./th").text
+                for r in self.driver.find_elements(By.CSS_SELECTOR, "#keys tbody tr")]
+
+    def row(self, name: str):
+        return wait(self.driver, lambda d: next(
+            (r for r in d.find_elements(By.XPATH, "//table//tbody/tr")
+             if name in [c.text for c in r.find_elements(By.XPATH, "./th|./td")]), False))
+
+    def dialog(self):
+        return wait(self.driver, lambda d: next(
+            (x for x in d.find_elements(By.CSS_SELECTOR, '[role="dialog"]') if x.is_displayed()),
+            False))
+
+    def no_dialog(self) -> None:
+        wait(self.driver, lambda d: not d.find_elements(By.CSS_SELECTOR, '[role="dialog"]'))
+
+    def create_key(self, name: str, *, description: str = "", role: str | None = None,
+                   scopes: str = "", expires: str = "") -> None:
+        self.button("Create key").click()
+        self.field("Name").send_keys(name)
+        if description:
+            self.field("Description").send_keys(description)
+        if role is not None:
+            Select(self.field("Role")).select_by_visible_text(role)
+        if scopes:
+            self.field("Scopes").send_keys(scopes)
+        if expires:
+            self.field("Expires").send_keys(expires)
+        self.button("Create").click()
+
+    def take_token(self, screenshot: str | None = None) -> str:
+        """The token from the shown-once dialog: Copy, then Done; it is gone afterwards."""
+        shown = wait(self.driver, lambda d: next(
+            (t for t in d.find_elements(By.CSS_SELECTOR, '[role="dialog"] [data-token]')
+             if t.is_displayed()), False))
+        dialog = shown.find_element(By.XPATH, './ancestor::*[@role="dialog"]')
+        token = shown.text.strip()
+        assert "cannot be shown again" in dialog.text
+        self.button("Copy", dialog).click()
+        wait(self.driver, lambda d: dialog.find_element(By.CSS_SELECTOR, ".copied").text)
+        if screenshot:
+            self.screenshot(screenshot)
+        self.button("Done", dialog).click()
+        self.no_dialog()
+        assert not self.driver.find_elements(By.CSS_SELECTOR, "[data-token]")
+        assert token not in self.driver.page_source
+        self.tokens_seen.append(token)
+        return token
+
+    def alert_text(self) -> str:
+        return wait(self.driver, lambda d: next(
+            (a.text for a in d.find_elements(By.CSS_SELECTOR, '[role="alert"]')
+             if a.is_displayed() and a.text), False))
+
+    def screenshot(self, name: str) -> None:
+        folder = os.environ.get("KEYGATE_SCREENSHOTS")
+        target = Path(folder) if folder else Path(tempfile.gettempdir()) / "keygate-console"
+        target.mkdir(parents=True, exist_ok=True)
+        assert self.driver.save_screenshot(str(target / name))
+
+    def assert_nothing_kept(self) -> None:
+        state = self.driver.execute_script(
+            "return {local: Object.keys(localStorage).map(k => k + '=' + localStorage[k]),"
+            " session: Object.keys(sessionStorage).map(k => k + '=' + sessionStorage[k]),"
+            " cookie: document.cookie, url: location.href, history: history.length}")
+        assert state["local"] == [] and state["session"] == [] and state["cookie"] == ""
+        assert self.driver.get_cookies() == []
+        assert state["url"].startswith(self.gateway.admin_url + "/console/")
+        for token in self.tokens_seen + [ADMIN_TOKEN]:
+            assert token not in state["url"]
+            assert token not in json.dumps(state)
+
+    def assert_no_console_errors(self) -> None:
+        errors = [e["message"] for e in self.driver.get_log("browser")
+                  if e["level"] in ("SEVERE", "ERROR")
+                  and not any(a in e["message"] for a in self.allowed_errors)]
+        assert errors == [], errors
+
+
+def new_workspace(gateway: ThreadedGateway, ws: str, name: str, plan: str = "starter") -> None:
+    status, body = gateway.admin("POST", "/workspaces", {"id": ws, "name": name, "plan": plan})
+    assert status == 201, body
+
+
+# --- the operator -------------------------------------------------------------------------------
+
+def test_operator_manages_keys_from_workspace_list_to_revocation(page, gateway):
+    new_workspace(gateway, "acme", "Acme Corp")
+    new_workspace(gateway, "globex", "Globex", plan="unlimited")
+    used_token, _ = gateway.key("acme", name="ci-deploy", description="GitHub Actions deploys",
+                                role="editor")
+    assert gateway.proxy("/people", used_token)[0] == 200  # last used: now
+    gateway.key("acme", name="nightly-export", description="Warehouse export",
+                scopes=["companies:read"], expires_in=90 * 86400)
+    old_token, old = gateway.key("acme", name="legacy-crm", scopes=["people:read"])
+    gateway.admin("POST", f"/workspaces/acme/keys/{old['id']}/revoke")
+    rotate_token, _ = gateway.key("acme", name="partner-feed", role="reader")
+
+    page.sign_in(ADMIN_TOKEN)
+    workspaces = wait(page.driver, lambda d: d.find_element(By.ID, "workspaces"))
+    wait(page.driver, lambda d: "globex" in workspaces.text)
+    assert "unlimited" in page.row("globex").text and "starter" in page.row("acme").text
+    page.driver.find_element(By.LINK_TEXT, "acme").click()
+    wait(page.driver, lambda d: "partner-feed" in page.rows())
+    assert sorted(page.rows()) == ["ci-deploy", "legacy-crm", "nightly-export", "partner-feed"]
+    ci = page.row("ci-deploy").text
+    assert "GitHub Actions deploys" in ci and "editor" in ci and "active" in ci
+    assert "never" in page.row("partner-feed").text  # never used
+    assert "revoked" in page.row("legacy-crm").text
+    assert page.driver.find_element(By.ID, "keys-text").text == "3 of 5 active keys allowed"
+    assert "1 of 1,000 requests" in page.driver.find_element(By.ID, "usage-text").text
+
+    # create: a role, an expiry; the token is shown once and works at the proxy
+    page.create_key("billing-sync", description="Stripe webhook sync", role="reader",
+                    expires="30d")
+    token = page.take_token(screenshot="console-token.png")
+    assert token.startswith("kg_live_") and len(token) == len("kg_live_") + 50
+    status, body = gateway.proxy("/people", token)
+    assert status == 200 and body["workspace"] == "acme"
+    row = page.row("billing-sync")
+    assert "Stripe webhook sync" in row.text and "reader" in row.text
+    assert page.driver.find_element(By.ID, "keys-text").text == "4 of 5 active keys allowed"
+    page.screenshot("console-keys.png")
+
+    # rotate with a grace: the new token works, the old one too until the grace ends
+    page.button("Rotate", page.row("partner-feed")).click()
+    dialog = page.dialog()
+    grace = page.field("Grace", dialog)
+    grace.clear()
+    grace.send_keys("1h")
+    page.button("Rotate", dialog).click()
+    rotated = page.take_token()
+    assert rotated != rotate_token
+    assert gateway.proxy("/people", rotated)[0] == 200
+    assert gateway.proxy("/people", rotate_token)[0] == 200
+    wait(page.driver, lambda d: page.rows().count("partner-feed") == 2)
+
+    # revoke through the confirmation dialog: the very next request is refused
+    page.button("Revoke", page.row("billing-sync")).click()
+    dialog = page.dialog()
+    assert "permanent" in dialog.text
+    page.button("Revoke", dialog).click()
+    page.no_dialog()
+    wait(page.driver, lambda d: "revoked" in page.row("billing-sync").text)
+    status, body = gateway.proxy("/people", token)
+    assert status == 401 and body["error"]["code"] == "revoked_key"
+
+    # edit: role and expiry
+    page.button("Edit", page.row("nightly-export")).click()
+    dialog = page.dialog()
+    Select(page.field("Role", dialog)).select_by_visible_text("reader")
+    page.field("Scopes", dialog).clear()
+    expires = page.field("Expires", dialog)
+    expires.clear()
+    expires.send_keys("2030-06-30")
+    page.button("Save", dialog).click()
+    page.no_dialog()
+    wait(page.driver, lambda d: "2030-06-30" in page.row("nightly-export").text)
+    status, listing = gateway.admin("GET", "/workspaces/acme/keys")
+    edited = next(k for k in listing["items"] if k["name"] == "nightly-export")
+    assert edited["role"] == "reader" and edited["expires_at"] == "2030-06-30T00:00:00Z"
+
+    # filter and sort
+    Select(page.field("Status")).select_by_visible_text("Revoked")
+    wait(page.driver, lambda d: sorted(page.rows()) == ["billing-sync", "legacy-crm"])
+    Select(page.field("Status")).select_by_visible_text("Active")
+    status, listing = gateway.admin("GET", "/workspaces/acme/keys")
+    unused = sorted(k["name"] for k in listing["items"]
+                    if k["status"] == "active" and k["last_used_at"] is None)
+    assert "ci-deploy" not in unused and "nightly-export" in unused
+    page.field("Unused for (days)").send_keys("7")
+    wait(page.driver, lambda d: sorted(page.rows()) == unused)
+    page.field("Unused for (days)").clear()
+    Select(page.field("Status")).select_by_visible_text("All")
+    page.driver.find_element(By.XPATH, "//th/button[normalize-space()='Name']").click()
+    wait(page.driver, lambda d: page.rows() == sorted(page.rows()) and len(page.rows()) == 6)
+    page.driver.find_element(By.XPATH, "//th/button[normalize-space()='Name']").click()
+    wait(page.driver, lambda d: page.rows() == sorted(page.rows(), reverse=True))
+
+    # back to the list, then a reload signs out (the token was in memory only)
+    page.driver.find_element(By.LINK_TEXT, "All workspaces").click()
+    wait(page.driver, lambda d: d.find_element(By.LINK_TEXT, "globex").is_displayed())
+    page.tokens_seen += [used_token, rotate_token, old_token]
+    page.assert_nothing_kept()
+    page.driver.refresh()
+    wait(page.driver, lambda d: page.field("Token").is_displayed())
+    assert not page.driver.find_element(By.ID, "workspaces-view").is_displayed()
+
+
+# --- a workspace admin --------------------------------------------------------------------------
+
+def test_workspace_admin_sees_only_its_workspace_and_cannot_widen(page, gateway):
+    new_workspace(gateway, "initech", "Initech", plan="metered")
+    new_workspace(gateway, "umbrella", "Umbrella")
+    gateway.key("umbrella", name="umbrella-secret-project", scopes=["people:read"])
+    admin_token, admin_key = gateway.key("initech", name="initech-admin",
+                                         scopes=["keys:admin", "people:read"])
+    page.tokens_seen.append(admin_token)
+
+    page.sign_in(admin_token)
+    wait(page.driver, lambda d: "initech-admin" in page.rows())
+    assert page.driver.find_element(By.ID, "ws-title").text == "Initech (initech)"
+    assert not page.driver.find_element(By.ID, "workspaces-view").is_displayed()
+    assert not page.driver.find_elements(By.LINK_TEXT, "All workspaces") or \
+        not page.driver.find_element(By.LINK_TEXT, "All workspaces").is_displayed()
+    assert "umbrella" not in page.driver.page_source
+    assert f"key kg_live_{admin_key['id']}" in page.driver.find_element(By.ID, "who").text
+
+    # within its own scopes: fine, and the token works
+    page.create_key("hr-sync", scopes="people:read")
+    token = page.take_token()
+    status, body = gateway.proxy("/people", token)
+    assert status == 200 and body["workspace"] == "initech"
+
+    # wider than itself: refused, with the API's own message and request id
+    page.allowed_errors.append("403")  # the refused call's network line in the console
+    page.create_key("too-wide", scopes="people:write")
+    problem = page.alert_text()
+    assert "cannot grant scopes it does not hold itself: people:write" in problem
+    assert "request id" in problem
+    page.button("Cancel").click()
+    assert "too-wide" not in page.rows()
+
+    # revoke its own creation through the dialog; Escape first cancels
+    page.button("Revoke", page.row("hr-sync")).click()
+    page.dialog()
+    page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
+    page.no_dialog()
+    assert gateway.proxy("/people", token)[0] == 200
+    page.button("Revoke", page.row("hr-sync")).click()
+    page.button("Revoke", page.dialog()).click()
+    page.no_dialog()
+    wait(page.driver, lambda d: "revoked" in page.row("hr-sync").text)
+    status, body = gateway.proxy("/people", token)
+    assert status == 401 and body["error"]["code"] == "revoked_key"
+    status, listing = gateway.admin("GET", "/workspaces/umbrella/keys")
+    assert [k["status"] for k in listing["items"]] == ["active"]
+
+
+# --- errors and hostile data --------------------------------------------------------------------
+
+def test_a_wrong_token_shows_the_api_message_and_request_id(page, gateway):
+    page.allowed_errors.append("401")
+    page.sign_in("not-the-operator-token")
+    problem = page.alert_text()
+    assert "The operator token is not valid." in problem and "request id" in problem
+    assert page.field("Token").get_attribute("value") == ""  # not left in the field either
+    assert page.field("Token").is_displayed()
+
+
+def test_key_names_are_shown_as_text_never_as_markup(page, gateway):
+    new_workspace(gateway, "hostile", "<b>Hostile</b>")
+    gateway.key("hostile", name='<img src=x onerror="document.title=1">',
+                description="<script>alert(1)</script>", scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.driver.find_element(By.LINK_TEXT, "hostile").click()
+    row = page.row('<img src=x onerror="document.title=1">')
+    assert "<script>alert(1)</script>" in row.text
+    assert not page.driver.find_elements(By.CSS_SELECTOR, "#keys img, #keys script")
+    assert page.driver.find_element(By.ID, "ws-title").text == "<b>Hostile</b> (hostile)"
+    assert page.driver.title == "keygate console"
+
+
+def test_the_page_refuses_to_be_framed(page, gateway):
+    page.allowed_errors += ["frame-ancestors", "X-Frame-Options", "refused to connect"]
+    page.driver.execute_script(
+        "const f = document.createElement('iframe'); f.id = 'framed';"
+        "f.src = '/console/'; document.body.append(f);")
+    with pytest.raises(TimeoutException):
+        wait(page.driver, lambda d: d.execute_script(
+            "const f = document.getElementById('framed');"
+            "try { return f.contentDocument && f.contentDocument.getElementById('token') !== null; }"
+            "catch (e) { return false; }"), timeout=3)
