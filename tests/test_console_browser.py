@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -197,6 +198,10 @@ class Console:
             (b for b in scope.find_elements(By.XPATH, f".//button[normalize-space()='{text}']")
              if b.is_displayed()), False))
 
+    def link(self, text: str):
+        return wait(self.driver, lambda d: next(
+            (a for a in d.find_elements(By.LINK_TEXT, text) if a.is_displayed()), False))
+
     def sign_in(self, token: str) -> None:
         box = self.field("Token")
         box.clear()
@@ -276,6 +281,31 @@ class Console:
             assert token not in state["url"]
             assert token not in json.dumps(state)
 
+    def requested_paths(self) -> set[str]:
+        """Every URL the page loaded or fetched, from the browser's own record of them."""
+        urls = self.driver.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+            ".concat([location.href])")
+        origin = self.gateway.admin_url
+        foreign = [u for u in urls if not u.startswith(origin + "/")]
+        assert foreign == [], foreign  # nothing from elsewhere: no CDN, fonts, trackers
+        return {u[len(origin):].split("?")[0].split("#")[0] for u in urls}
+
+    def assert_only_documented_api(self, paths: set[str]) -> None:
+        """The page calls the admin API and nothing else; with an OpenAPI document served,
+        only the paths it describes."""
+        api = {p for p in paths if not p.startswith("/console/")}
+        assert all(p.startswith("/admin/v1/") for p in api), api
+        status, document = self.gateway.call(self.gateway.admin_url, "GET",
+                                              "/admin/v1/openapi.json", token=None)
+        if status != 200:
+            return
+        templates = [re.compile(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(t)) + "$")
+                     for t in document["paths"]]
+        undocumented = [p for p in api if not any(t.match(p.removeprefix("/admin/v1"))
+                                                  or t.match(p) for t in templates)]
+        assert undocumented == [], undocumented
+
     def assert_no_console_errors(self) -> None:
         errors = [e["message"] for e in self.driver.get_log("browser")
                   if e["level"] in ("SEVERE", "ERROR")
@@ -306,7 +336,7 @@ def test_operator_manages_keys_from_workspace_list_to_revocation(page, gateway):
     workspaces = wait(page.driver, lambda d: d.find_element(By.ID, "workspaces"))
     wait(page.driver, lambda d: "globex" in workspaces.text)
     assert "unlimited" in page.row("globex").text and "starter" in page.row("acme").text
-    page.driver.find_element(By.LINK_TEXT, "acme").click()
+    page.link("acme").click()
     wait(page.driver, lambda d: "partner-feed" in page.rows())
     assert sorted(page.rows()) == ["ci-deploy", "legacy-crm", "nightly-export", "partner-feed"]
     ci = page.row("ci-deploy").text
@@ -348,6 +378,8 @@ def test_operator_manages_keys_from_workspace_list_to_revocation(page, gateway):
     page.button("Revoke", dialog).click()
     page.no_dialog()
     wait(page.driver, lambda d: "revoked" in page.row("billing-sync").text)
+    assert page.driver.find_element(By.CSS_SELECTOR, '[role="status"]').text == \
+        "Key billing-sync revoked."
     status, body = gateway.proxy("/people", token)
     assert status == 401 and body["error"]["code"] == "revoked_key"
 
@@ -384,8 +416,9 @@ def test_operator_manages_keys_from_workspace_list_to_revocation(page, gateway):
     wait(page.driver, lambda d: page.rows() == sorted(page.rows(), reverse=True))
 
     # back to the list, then a reload signs out (the token was in memory only)
-    page.driver.find_element(By.LINK_TEXT, "All workspaces").click()
-    wait(page.driver, lambda d: d.find_element(By.LINK_TEXT, "globex").is_displayed())
+    page.link("All workspaces").click()
+    page.link("globex")
+    page.assert_only_documented_api(page.requested_paths())
     page.tokens_seen += [used_token, rotate_token, old_token]
     page.assert_nothing_kept()
     page.driver.refresh()
@@ -405,7 +438,7 @@ def test_workspace_admin_sees_only_its_workspace_and_cannot_widen(page, gateway)
 
     page.sign_in(admin_token)
     wait(page.driver, lambda d: "initech-admin" in page.rows())
-    assert page.driver.find_element(By.ID, "ws-title").text == "Initech (initech)"
+    wait(page.driver, lambda d: d.find_element(By.ID, "ws-title").text == "Initech (initech)")
     assert not page.driver.find_element(By.ID, "workspaces-view").is_displayed()
     assert not page.driver.find_elements(By.LINK_TEXT, "All workspaces") or \
         not page.driver.find_element(By.LINK_TEXT, "All workspaces").is_displayed()
@@ -441,6 +474,9 @@ def test_workspace_admin_sees_only_its_workspace_and_cannot_widen(page, gateway)
     assert status == 401 and body["error"]["code"] == "revoked_key"
     status, listing = gateway.admin("GET", "/workspaces/umbrella/keys")
     assert [k["status"] for k in listing["items"]] == ["active"]
+    paths = page.requested_paths()
+    page.assert_only_documented_api(paths)
+    assert not any("umbrella" in p for p in paths)
 
 
 # --- errors and hostile data --------------------------------------------------------------------
@@ -459,11 +495,11 @@ def test_key_names_are_shown_as_text_never_as_markup(page, gateway):
     gateway.key("hostile", name='<img src=x onerror="document.title=1">',
                 description="<script>alert(1)</script>", scopes=["people:read"])
     page.sign_in(ADMIN_TOKEN)
-    page.driver.find_element(By.LINK_TEXT, "hostile").click()
+    page.link("hostile").click()
     row = page.row('<img src=x onerror="document.title=1">')
     assert "<script>alert(1)</script>" in row.text
     assert not page.driver.find_elements(By.CSS_SELECTOR, "#keys img, #keys script")
-    assert page.driver.find_element(By.ID, "ws-title").text == "<b>Hostile</b> (hostile)"
+    wait(page.driver, lambda d: d.find_element(By.ID, "ws-title").text == "<b>Hostile</b> (hostile)")
     assert page.driver.title == "keygate console"
 
 

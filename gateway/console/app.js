@@ -82,6 +82,10 @@ function showAlert(message) {
   box.hidden = !message;
 }
 
+function announce(message) {
+  $("status").textContent = message;
+}
+
 function showFormError(form, message) {
   const box = form.querySelector(".form-error");
   box.textContent = message || "";
@@ -237,6 +241,7 @@ function signOut() {
   closeDialogs();
   for (const id of ["workspaces-view", "workspace-view", "sign-out"]) $(id).hidden = true;
   $("who").textContent = "";
+  announce("");
   $("keys").tBodies[0].replaceChildren();
   $("workspaces").tBodies[0].replaceChildren();
   resetCreateForm();
@@ -274,6 +279,7 @@ async function backToWorkspaces(event) {
 
 async function openWorkspace(id) {
   showAlert("");
+  announce("");
   try {
     const ws = encodeURIComponent(id);
     const [workspace, roles] = await Promise.all([
@@ -463,6 +469,7 @@ async function createKey(event) {
     return;
   }
   resetCreateForm();
+  announce("Key " + created.key.name + " created.");
   showTokenDialog("Key created", created.token, created.key);
   created = null;
   await refreshQuietly();
@@ -490,6 +497,7 @@ function revokeKey(key) {
         return;
       }
       close();
+      announce("Key " + key.name + " revoked.");
       await refreshQuietly();
     };
     dialog.append(
@@ -521,6 +529,7 @@ function rotateKey(key) {
         return;
       }
       close();
+      announce("Key " + key.name + " rotated.");
       showTokenDialog("Key rotated", rotated.token, rotated.key);
       await refreshQuietly();
     };
@@ -584,6 +593,7 @@ function editKey(key) {
         return;
       }
       close();
+      announce("Key " + key.name + " updated.");
       await refreshQuietly();
     };
     dialog.append(el("form", {"novalidate": true, "on": {submit: save}},
