@@ -106,7 +106,9 @@ async def running_gateway(config: Config, store_url: str, *,
         admin_app = create_admin_app(config, store)
         from .observe import add_metrics_route
         add_metrics_route(admin_app, metrics, store, config)
-        proxy_server = ProxyServer(pipeline.handle, access_log=None)
+        # Bodies are forwarded byte for byte as sent: a Content-Encoding body is never inflated
+        # (an inflated body no longer matches the framing the client declared).
+        proxy_server = ProxyServer(pipeline.handle, access_log=None, auto_decompress=False)
         yield Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server)
     finally:
         try:

@@ -59,8 +59,8 @@ from .config import Config, Upstream
 from .errors import BadGateway, GatewayError, GatewayTimeout, PayloadTooLarge
 from .models import Principal
 from .tokens import looks_like_token
-from .upstream import (UpstreamConnectError, UpstreamPool, UpstreamProtocolError,
-                       UpstreamTimeout)
+from .upstream import (BodyFramingError, UpstreamConnectError, UpstreamPool,
+                       UpstreamProtocolError, UpstreamTimeout)
 
 log = logging.getLogger("keygate.proxy")
 
@@ -88,6 +88,24 @@ class _BodyState:
 
     def __init__(self) -> None:
         self.too_large = False
+
+
+async def _exactly(content, length: int) -> AsyncIterator[bytes]:
+    """The body as declared: exactly ``length`` bytes, or an error before a byte past it."""
+    left = length
+    last = b""
+    async for chunk in content.iter_any():
+        left -= len(chunk)
+        if left < 0:
+            raise BodyFramingError("request body longer than its Content-Length")
+        if left == 0:  # held back until the source has ended (see UpstreamPool._send_body)
+            last = chunk
+            continue
+        yield chunk
+    if last:
+        yield last
+    if left:
+        raise BodyFramingError(f"request body ended {left} bytes short of its Content-Length")
 
 
 def _trusting(upstream: Upstream) -> ssl.SSLContext | None:
@@ -285,7 +303,7 @@ class Forwarder:
             if length is not None:
                 if length > self.max_body:
                     raise PayloadTooLarge(self._too_large_message())
-                data = request.content
+                data = _exactly(request.content, length)
             else:
                 data = self._limited(request, state)
             if request.version >= (1, 1) and \

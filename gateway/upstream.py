@@ -50,6 +50,10 @@ class UpstreamProtocolError(Exception):
     """The upstream broke HTTP: malformed response, or closed mid-response."""
 
 
+class BodyFramingError(UpstreamProtocolError):
+    """The request body source gave more or fewer bytes than the Content-Length sent."""
+
+
 class _OutOfStep(Exception):
     """The upstream sent a message nobody asked for."""
 
@@ -365,7 +369,7 @@ class UpstreamPool:
                        if content_length is not None else b"\r\nTransfer-Encoding: chunked\r\n\r\n")
             conn.transport.write(head + framing)
             sender = asyncio.ensure_future(
-                self._send_body(conn, waiter, body, content_length is None, sent, timeout))
+                self._send_body(conn, waiter, body, content_length, sent, timeout))
         try:
             await waiter
         except BaseException:
@@ -386,21 +390,40 @@ class UpstreamPool:
             conn.close()
 
     async def _send_body(self, conn: _Connection, waiter: asyncio.Future, body: BodySource,
-                         chunked: bool, sent: list[bool], timeout: float) -> None:
+                         content_length: int | None, sent: list[bool], timeout: float) -> None:
         """Stream the request body; a failure of the body source (client gone, body too
         large) fails the exchange with that same exception.
+
+        With ``content_length`` the bytes written are exactly that many: a source that gives
+        more (or ends sooner) fails the exchange and closes the connection before the request
+        is complete upstream (the last chunk is written only once the source has ended), so
+        whatever the source does, the upstream never acts on it nor reads the rest as a
+        request of its own.
 
         The time-to-head timeout starts once the body is sent (a slow client's long upload
         is not an upstream timeout); meanwhile an upstream that stops reading the body for
         ``timeout`` seconds is one."""
         write = conn.transport.write
+        chunked = content_length is None
+        left = content_length or 0
         try:
             while True:
                 chunk = await body()
                 if not chunk:
+                    if not chunked and left:
+                        raise BodyFramingError(
+                            f"request body ended {left} bytes short of its Content-Length")
                     break
                 if conn.closed:
                     return
+                if not chunked:
+                    left -= len(chunk)
+                    if left < 0:
+                        raise BodyFramingError("request body longer than its Content-Length")
+                    if left == 0 and await body():
+                        # held back until the source has ended: a source giving more never
+                        # completes a request upstream
+                        raise BodyFramingError("request body longer than its Content-Length")
                 write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
                 if conn.write_ok is not None:
                     try:
