@@ -168,8 +168,7 @@ async def running_gateway(config: Config, store_url: str, *,
         proxy_server = ProxyServer(pipeline.handle, access_log=None, auto_decompress=False,
                                    keepalive_timeout=timeouts.idle,
                                    header_timeout=timeouts.header,
-                                   max_connections=config.server.max_connections)
-        raise_open_file_limit(config)
+                                   max_connections=raise_open_file_limit(config))
         yield Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server)
     finally:
         try:
@@ -186,21 +185,27 @@ async def running_gateway(config: Config, store_url: str, *,
 
 def raise_open_file_limit(config: Config) -> int:
     """Raise this process's soft open-file limit to fit ``server.max_connections`` client
-    connections plus every upstream's ``max_connections`` and some room for the store, the
-    admin listener and logs (up to the hard limit). Returns the soft limit in force."""
+    connections, every upstream's ``max_connections`` and 1024 more for the store, the admin
+    listener and logs (up to the hard limit). Returns the client-connection bound in force:
+    ``max_connections``, or less when the hard limit cannot fit it (so idle clients can never
+    take the descriptors that upstream and store connections need)."""
     import resource
-    needed = config.server.max_connections + 1024 + sum(
-        u.max_connections for u in config.upstreams.values())
+    reserve = 1024 + sum(u.max_connections for u in config.upstreams.values())
+    wanted = config.server.max_connections
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        if target > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        if soft < needed:
-            log.warning("open-file limit %d is below the %d that server.max_connections needs; "
-                        "raise the hard limit (ulimit -Hn) or lower max_connections", soft, needed)
-    return soft
+    if soft == resource.RLIM_INFINITY or soft >= wanted + reserve:
+        return wanted
+    target = wanted + reserve if hard == resource.RLIM_INFINITY else min(wanted + reserve, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft >= wanted + reserve:
+        return wanted
+    bound = max(soft - reserve, soft // 2)
+    log.warning("the open-file limit (%d) cannot fit server.max_connections %d plus %d for "
+                "upstreams and the store: accepting at most %d client connections (raise the "
+                "hard limit, ulimit -Hn, to lift this)", soft, wanted, reserve, bound)
+    return bound
 
 
 class ListenError(Exception):

@@ -222,15 +222,31 @@ def test_the_open_file_limit_is_raised_to_fit_max_connections():
     import resource
     from gateway.app import raise_open_file_limit
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4000:
+        pytest.skip(f"the hard open-file limit ({hard}) is too low to raise into")
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
         config = make_config("http://127.0.0.1:9", server=ServerConfig(max_connections=2000))
-        got = raise_open_file_limit(config)
-        want = 2000 + 1024 + 100
-        assert got == min(want, hard) if hard != resource.RLIM_INFINITY else got == want
-        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == got
+        assert raise_open_file_limit(config) == 2000
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 2000 + 1024 + 100
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_max_connections_shrinks_to_what_the_hard_open_file_limit_can_hold(tmp_path):
+    """Under a 1024 hard limit the default 10000 cannot fit: the bound in force leaves the
+    descriptors upstream and store connections need (run in a child: hard limits only fall)."""
+    import subprocess
+    import sys
+    code = ("import resource, sys; sys.path.insert(0, 'tests');"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024));"
+            "from harness import make_config; from gateway.app import raise_open_file_limit;"
+            "print(raise_open_file_limit(make_config('http://127.0.0.1:9')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    bound = int(out.stdout.strip())
+    assert 0 < bound <= 1024 - 1024 // 2
+    assert "cannot fit server.max_connections" in out.stderr
 
 
 # --- refusals are never billed ------------------------------------------------------------------
