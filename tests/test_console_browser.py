@@ -228,6 +228,9 @@ class Console:
     def create_key(self, name: str, *, description: str = "", role: str | None = None,
                    scopes: str = "", expires: str = "") -> None:
         self.button("Create key").click()
+        shown = [b.text for b in self.driver.find_elements(By.TAG_NAME, "button")
+                 if b.is_displayed() and b.text.startswith("Create")]
+        assert shown == ["Create"], shown  # "Create" names one button while the form is open
         self.field("Name").send_keys(name)
         if description:
             self.field("Description").send_keys(description)
@@ -386,6 +389,8 @@ def test_operator_manages_keys_from_workspace_list_to_revocation(page, gateway):
     # edit: role and expiry
     page.button("Edit", page.row("nightly-export")).click()
     dialog = page.dialog()
+    for label in ("Role", "Scopes", "Expires"):  # one control per label on the whole page
+        assert len(page.driver.find_elements(By.XPATH, f"//label[normalize-space()='{label}']")) == 1
     Select(page.field("Role", dialog)).select_by_visible_text("reader")
     page.field("Scopes", dialog).clear()
     expires = page.field("Expires", dialog)
@@ -410,10 +415,14 @@ def test_operator_manages_keys_from_workspace_list_to_revocation(page, gateway):
     wait(page.driver, lambda d: sorted(page.rows()) == unused)
     page.field("Unused for (days)").clear()
     Select(page.field("Status")).select_by_visible_text("All")
-    page.driver.find_element(By.XPATH, "//th/button[normalize-space()='Name']").click()
+    Select(page.field("Sort by")).select_by_visible_text("Name, A to Z")
     wait(page.driver, lambda d: page.rows() == sorted(page.rows()) and len(page.rows()) == 6)
-    page.driver.find_element(By.XPATH, "//th/button[normalize-space()='Name']").click()
+    assert page.driver.find_element(By.XPATH, "//th[@data-sort='name']").get_attribute(
+        "aria-sort") == "ascending"
+    Select(page.field("Sort by")).select_by_visible_text("Name, Z to A")
     wait(page.driver, lambda d: page.rows() == sorted(page.rows(), reverse=True))
+    Select(page.field("Sort by")).select_by_visible_text("Recently used first")
+    wait(page.driver, lambda d: page.rows()[0] in ("ci-deploy", "partner-feed"))
 
     # back to the list, then a reload signs out (the token was in memory only)
     page.link("All workspaces").click()

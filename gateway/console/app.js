@@ -294,7 +294,6 @@ async function openWorkspace(id) {
   const workspace = session.workspace;
   $("ws-title").textContent = workspace.name + " (" + workspace.id + ")";
   $("back-nav").hidden = !session.operator;
-  fillRoles($("create-role"), "");
   resetCreateForm();
   $("workspaces-view").hidden = true;
   $("workspace-view").hidden = false;
@@ -399,9 +398,9 @@ function keyRow(key) {
        button("Revoke", revokeKey, revoked)));
 }
 
-function sortBy(field) {
-  if (view.sort === field) view.descending = !view.descending;
-  else view = {sort: field, descending: field !== "name"};
+function sortBy() {
+  const [field, direction] = $("sort").value.split(":");
+  view = {sort: field, descending: direction === "desc"};
   renderKeys();
 }
 
@@ -422,22 +421,24 @@ function fillRoles(select, current) {
   select.value = current || "";
 }
 
+// The form is cloned from a <template> when opened and removed when closed, so its fields are
+// on the page only while it is open: no label ever appears twice (the edit dialog has its own).
 function resetCreateForm() {
   const form = $("create-form");
-  form.reset();
-  form.hidden = true;
-  showFormError(form, "");
-  $("create-open").setAttribute("aria-expanded", "false");
+  const wasOpen = form !== null;
+  if (wasOpen) form.remove();
+  $("create-open").hidden = false;
+  if (wasOpen && !$("workspace-view").hidden) $("create-open").focus();
 }
 
 function openCreateForm() {
-  const form = $("create-form");
-  if (!form.hidden) {
-    resetCreateForm();
-    return;
-  }
-  form.hidden = false;
-  $("create-open").setAttribute("aria-expanded", "true");
+  if ($("create-form") !== null) return;
+  const form = $("create-template").content.firstElementChild.cloneNode(true);
+  $("create-slot").append(form);
+  fillRoles($("create-role"), "");
+  form.addEventListener("submit", createKey);
+  $("create-cancel").addEventListener("click", resetCreateForm);
+  $("create-open").hidden = true;
   $("create-name").focus();
 }
 
@@ -616,12 +617,8 @@ $("signin-form").addEventListener("submit", signIn);
 $("sign-out").addEventListener("click", signOut);
 $("back").addEventListener("click", backToWorkspaces);
 $("create-open").addEventListener("click", openCreateForm);
-$("create-cancel").addEventListener("click", resetCreateForm);
-$("create-form").addEventListener("submit", createKey);
 $("filter-status").addEventListener("change", renderKeys);
 $("filter-unused").addEventListener("input", renderKeys);
-for (const th of $("keys").tHead.rows[0].cells) {
-  if (th.dataset.sort) th.querySelector("button").addEventListener("click", () => sortBy(th.dataset.sort));
-}
+$("sort").addEventListener("change", sortBy);
 $("ws-title").setAttribute("tabindex", "-1");
 document.documentElement.dataset.ready = "true";
