@@ -292,6 +292,8 @@ class Console:
         origin = self.gateway.admin_url
         foreign = [u for u in urls if not u.startswith(origin + "/")]
         assert foreign == [], foreign  # nothing from elsewhere: no CDN, fonts, trackers
+        for token in self.tokens_seen + [ADMIN_TOKEN]:
+            assert not any(token in u for u in urls)  # a token never goes in a URL
         return {u[len(origin):].split("?")[0].split("#")[0] for u in urls}
 
     def assert_only_documented_api(self, paths: set[str]) -> None:
@@ -486,6 +488,13 @@ def test_workspace_admin_sees_only_its_workspace_and_cannot_widen(page, gateway)
     paths = page.requested_paths()
     page.assert_only_documented_api(paths)
     assert not any("umbrella" in p for p in paths)
+
+    # signing out forgets the workspace and its keys
+    page.button("Sign out").click()
+    wait(page.driver, lambda d: page.field("Token").is_displayed())
+    assert page.rows() == []
+    assert "initech" not in page.driver.find_element(By.TAG_NAME, "main").get_attribute(
+        "innerHTML")
 
 
 # --- errors and hostile data --------------------------------------------------------------------

@@ -240,7 +240,9 @@ function signOut() {
   session = null;
   closeDialogs();
   for (const id of ["workspaces-view", "workspace-view", "sign-out"]) $(id).hidden = true;
-  $("who").textContent = "";
+  for (const id of ["who", "ws-title", "ws-plan", "usage-text", "keys-text"]) {
+    $(id).textContent = "";
+  }
   announce("");
   $("keys").tBodies[0].replaceChildren();
   $("workspaces").tBodies[0].replaceChildren();
