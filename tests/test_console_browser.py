@@ -531,3 +531,45 @@ def test_the_page_refuses_to_be_framed(page, gateway):
             "const f = document.getElementById('framed');"
             "try { return f.contentDocument && f.contentDocument.getElementById('token') !== null; }"
             "catch (e) { return false; }"), timeout=3)
+
+
+def test_signing_in_creating_and_revoking_work_from_the_keyboard(page, gateway):
+    new_workspace(gateway, "hooli", "Hooli")
+    admin_token, _ = gateway.key("hooli", name="hooli-admin", scopes=["keys:admin", "people:read"])
+    page.tokens_seen.append(admin_token)
+    keyboard = lambda *keys: page.driver.switch_to.active_element.send_keys(*keys)  # noqa: E731
+
+    page.field("Token").send_keys(admin_token, Keys.ENTER)
+    wait(page.driver, lambda d: "hooli-admin" in page.rows())
+    keyboard(Keys.TAB)  # from the workspace's title, the first control is Create key
+    assert page.driver.switch_to.active_element.text == "Create key"
+    keyboard(Keys.ENTER)
+    wait(page.driver, lambda d: d.switch_to.active_element.get_attribute("id") == "create-name")
+    keyboard("kbd-key", Keys.TAB, Keys.TAB, Keys.TAB, "people:read", Keys.ENTER)
+    shown = wait(page.driver, lambda d: d.find_element(By.CSS_SELECTOR, "[data-token]"))
+    token = shown.text
+    assert page.driver.switch_to.active_element.text == "Copy"  # focus moved into the dialog
+    keyboard(Keys.TAB)
+    assert page.driver.switch_to.active_element.text == "Done"
+    keyboard(Keys.ENTER)
+    page.no_dialog()
+    assert page.driver.switch_to.active_element.text == "Create key"  # focus came back
+    page.tokens_seen.append(token)
+    assert gateway.proxy("/people", token)[0] == 200
+
+    page.row("kbd-key").find_element(By.XPATH, ".//button[normalize-space()='Revoke']") \
+        .send_keys(Keys.ENTER)
+    page.dialog()
+    assert page.driver.switch_to.active_element.text == "Cancel"  # the safe choice first
+    keyboard(Keys.SHIFT, Keys.TAB)
+    assert page.driver.switch_to.active_element.text == "Revoke"
+    keyboard(Keys.ENTER)
+    page.no_dialog()
+    wait(page.driver, lambda d: "revoked" in page.row("kbd-key").text)
+    assert gateway.proxy("/people", token)[1]["error"]["code"] == "revoked_key"
+
+    # revoking the key one is signed in with says so first
+    page.button("Revoke", page.row("hooli-admin")).click()
+    assert "the key you are signed in with" in page.dialog().text
+    keyboard(Keys.ESCAPE)
+    page.no_dialog()

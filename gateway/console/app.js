@@ -215,7 +215,8 @@ async function signIn(event) {
     return;
   }
   const operator = !looksLikeKey(token);
-  session = {token, operator, workspace: null, keys: [], roles: [], usage: null,
+  const keyId = operator ? null : token.slice(token.length - 50, token.length - 38);
+  session = {token, operator, keyId, workspace: null, keys: [], roles: [], usage: null,
              label: operator ? "operator" : "key " + token.slice(0, token.length - 38)};
   let listing;
   try {
@@ -372,6 +373,8 @@ function renderKeys() {
                     : view.descending ? "descending" : "ascending");
   }
   $("keys").tBodies[0].replaceChildren(...keys.map(keyRow));
+  $("keys-empty").textContent = session.keys.length === 0
+    ? "No keys yet: Create key makes the first one." : "No keys match these filters.";
   $("keys-empty").hidden = keys.length > 0;
 }
 
@@ -503,9 +506,12 @@ function revokeKey(key) {
       announce("Key " + key.name + " revoked.");
       await refreshQuietly();
     };
+    const own = key.id === session.keyId;
     dialog.append(
       el("p", {"text": "Requests with " + key.prefix + "… are refused from the next one on. " +
                        "Revoking is permanent: a revoked key cannot be restored."}),
+      own ? el("p", {"class": "warning", "text": "This is the key you are signed in with: " +
+                                                 "this page loses access too."}) : "",
       problem,
       el("div", {"class": "actions"},
          el("button", {"type": "button", "class": "danger", "text": "Revoke",
