@@ -92,10 +92,12 @@ class AccessLog:
             "upstream": outcome.upstream, "error": outcome.code,
             "bytes_in": request.content_length or 0, "bytes_out": bytes_out,
             "client": request.remote,
+            "trace_id": outcome.trace.trace_id if outcome.trace is not None else None,
         }
         if self.text:
-            logger.info("%s %s %s %d %.1fms ws=%s key=%s rid=%s", record["client"],
+            logger.info("%s %s %s %d %.1fms ws=%s key=%s rid=%s trace=%s", record["client"],
                         record["method"], path, record["status"], record["duration_ms"],
-                        record["workspace"] or "-", record["key_id"] or "-", request_id)
+                        record["workspace"] or "-", record["key_id"] or "-", request_id,
+                        record["trace_id"] or "-")
         else:
             logger.info(json.dumps(record, separators=(",", ":")))

@@ -29,6 +29,7 @@ from .hotpath import Decision, RequestStore
 from .limits import Month, MonthCache, ratelimit_headers
 from .models import rfc3339
 from .routes import RouteTable, check_path, query_has_token
+from .tracing import Tracer
 
 log = logging.getLogger("keygate.proxy")
 access_log = logging.getLogger("keygate.access")
@@ -41,10 +42,11 @@ LOCAL_COUNT_RETRY = 1.0  # seconds between attempts to write fail-open counts to
 
 class Outcome:
     """What the pipeline learned about a request, for the access log and metrics."""
-    __slots__ = ("route", "upstream", "workspace", "key_id", "code")
+    __slots__ = ("route", "upstream", "workspace", "key_id", "code", "trace")
 
     def __init__(self) -> None:
         self.route = self.upstream = self.workspace = self.key_id = self.code = None
+        self.trace = None  # gateway.tracing.Trace
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -104,6 +106,7 @@ class Pipeline:
                               for p in config.server.trusted_proxies)
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
+        self.tracer = Tracer()  # gateway.otel.OtelTracer when tracing is configured
 
     # --- the one handler ----------------------------------------------------------------------
 
@@ -111,6 +114,7 @@ class Pipeline:
         started = time.perf_counter()
         request_id = self._request_id(request)
         outcome = Outcome()
+        outcome.trace = self.tracer.start(request)
         try:
             response = await self.pipeline(request, request_id, outcome)
         except GatewayError as exc:
@@ -138,15 +142,21 @@ class Pipeline:
         route = self.routes.match(request.method, raw_path)
         outcome.route, outcome.upstream = route.path, route.upstream
         upstream = self.config.upstreams[route.upstream]
+        trace = outcome.trace
         if route.public:
-            return await self.forwarder.forward(request, upstream, None, request_id, {})
+            with trace.step("forward"):
+                return await self.forwarder.forward(request, upstream, None, request_id, {},
+                                                    trace=trace)
         token = self.credential(request)
-        key = await self.authenticate(token, request)
+        with trace.step("authenticate"):
+            key = await self.authenticate(token, request)
         outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
-        key, limit_headers, month = await self.authorise(key, route.scopes, count=True)
+        with trace.step("authorise"):
+            key, limit_headers, month = await self.authorise(key, route.scopes, count=True)
         try:
-            return await self.forwarder.forward(request, upstream, key.principal, request_id,
-                                                limit_headers)
+            with trace.step("forward"):
+                return await self.forwarder.forward(request, upstream, key.principal,
+                                                    request_id, limit_headers, trace=trace)
         except BadGateway as exc:
             if exc.not_forwarded:  # the upstream never saw it: it does not count
                 await self.refund(key, limit_headers, month)
@@ -406,5 +416,6 @@ class Pipeline:
                 m.auth_failures.labels(outcome.code).inc()
         if self.access is not None:
             self.access(request, response, outcome, request_id, elapsed)
+        outcome.trace.end(request, response, outcome, request_id)
 
     access: Callable | None = None
