@@ -126,7 +126,8 @@ class Forwarder:
         always.update(("host", "expect", "x-request-id", "traceparent", "tracestate"))
         signing = config.identity_signature
         self._sign_header = signing.header if signing else SIGNATURE_HEADER
-        always.add(_norm(self._sign_header))
+        # the default name too: an upstream still checking it must never read a client's copy
+        always.update((_norm(self._sign_header), _norm(SIGNATURE_HEADER)))
         self._sign_secret: bytes | None = None
         if signing is not None:
             secrets = secrets_of(os.environ.get(signing.secret_env, ""))
