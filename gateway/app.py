@@ -103,6 +103,8 @@ async def running_gateway(config: Config, store_url: str, *,
                             self_service=self_service, clock=clock)
         if config.server.access_log != "off":
             pipeline.access = AccessLog(config).write
+        if config.tracing is not None:
+            pipeline.tracer = _otel_tracer(config)
         admin_app = create_admin_app(config, store)
         from .observe import add_metrics_route
         add_metrics_route(admin_app, metrics, store, config)
@@ -116,9 +118,26 @@ async def running_gateway(config: Config, store_url: str, *,
             log.warning("shutdown: requests counted while the store was down were not written")
         finally:
             auth.close()
+            if pipeline is not None:
+                await pipeline.tracer.close()
             await forwarder.close()
             await requests.close()
             await store.close()
+
+
+def _otel_tracer(config: Config):
+    """The OTLP exporting tracer (the ``keygate[otel]`` extra; the config loader checked it is
+    installed)."""
+    from yarl import URL
+
+    from .accesslog import mask_path
+    from .otel import OtelTracer
+    hosts = {}
+    for name, upstream in config.upstreams.items():
+        url = URL(upstream.url)
+        hosts[name] = (url.host or "", url.port or 0)
+    prefix = config.keys.prefix
+    return OtelTracer(config.tracing, hosts, mask_path=lambda path: mask_path(path, prefix))
 
 
 class ListenError(Exception):

@@ -1015,6 +1015,15 @@ class _Reader:
                 return self.fail(child, sub, "must be an http:// or https:// URL of an OTLP/HTTP "
                                              "receiver, e.g. http://otel-collector:4318")
             return url
+        import importlib.util
+        try:
+            installed = all(importlib.util.find_spec(m) is not None for m in (
+                "opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"))
+        except ModuleNotFoundError:
+            installed = False
+        if not installed:
+            self.fail(node, "tracing", "exporting spans needs OpenTelemetry: install "
+                                       "keygate with the extra, pip install 'keygate[otel]'")
         return self.section(node, "tracing", TracingConfig, {
             "otlp_endpoint": endpoint,
             "service_name": lambda n, p: self.string(n, p, pattern=re.compile(r"\S.{0,127}"),
