@@ -168,18 +168,22 @@ class OtelTracer(Tracer):
                                  trace_flags=TraceFlags(int(flags, 16)),
                                  trace_state=_trace_state(tracestate))
             context = otel_trace.set_span_in_context(NonRecordingSpan(remote))
-        path = self.mask_path(request.raw_path.partition("?")[0])
+        span = self.tracer.start_span(request.method if request.method in _METHODS else "HTTP",
+                                      context=context, kind=SpanKind.SERVER)
+        ctx = span.get_span_context()
+        if not span.is_recording():  # sampled out: trace context only, no child spans
+            return Trace("%032x" % ctx.trace_id, "%016x" % ctx.span_id,
+                         "%02x" % (int(ctx.trace_flags) & 3), parent[1] if parent else None,
+                         tracestate)
         attributes = _method_attributes(request.method)
-        attributes.update({"url.path": path, "url.scheme": request.scheme,
+        attributes.update({"url.path": self.mask_path(request.raw_path.partition("?")[0]),
+                           "url.scheme": request.scheme,
                            "network.protocol.version": "%d.%d" % request.version,
                            "client.address": request.remote or ""})
         agent = request.headers.get("User-Agent")
         if agent:
             attributes["user_agent.original"] = agent[:256]
-        span = self.tracer.start_span(request.method if request.method in _METHODS else "HTTP",
-                                      context=context, kind=SpanKind.SERVER,
-                                      attributes=attributes)
-        ctx = span.get_span_context()
+        span.set_attributes(attributes)
         trace = OtelTrace("%032x" % ctx.trace_id, "%016x" % ctx.span_id,
                           "%02x" % (int(ctx.trace_flags) & 3),
                           parent[1] if parent else None, tracestate)
