@@ -164,3 +164,48 @@ def test_config_names_the_missing_extra_or_accepts_the_section(tmp_path):
                     "routes: [{path: /x, upstream: api}]\n"
                     "tracing: {otlp_endpoint: 'http://127.0.0.1:4318', sample_ratio: 0.25}\n")
     assert load_config(path).tracing == TracingConfig("http://127.0.0.1:4318", "keygate", 0.25)
+
+
+async def test_keygate_serve_with_two_workers_signs_and_exports_every_request(
+        tmp_path, upstream, receiver, redis_url, monkeypatch):
+    """The real CLI, forked workers: each worker's exporter runs after the fork, and a SIGTERM
+    flushes what every worker still had batched."""
+    import asyncio
+
+    import yaml
+    from aiohttp import ClientSession
+
+    from gateway.signature import verify
+    from test_serve import TIMEOUT, Served, new_key, write_config
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")))
+    doc = yaml.safe_load(config.read_text())
+    doc["identity_signature"] = {"secret_env": "KG_SERVE_SIGNING"}
+    doc["tracing"] = {"otlp_endpoint": str(receiver.make_url("")), "service_name": "served"}
+    config.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("KG_SERVE_SIGNING", "serve-secret")  # inherited by the serve process
+    gw = Served(config, pport, aport, "--workers", "2")
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+        sent = []
+        for i in range(8):  # a new connection each time, so both workers get some
+            trace_id = "%032x" % (0xabc000 + i)
+            sent.append(trace_id)
+            async with ClientSession(timeout=TIMEOUT) as fresh:
+                async with fresh.get(gw.proxy + f"/people/{i}", headers={
+                        "Authorization": f"Bearer {token}", "Connection": "close",
+                        "traceparent": f"00-{trace_id}-{PARENT}-01"}) as r:
+                    assert r.status == 200
+        assert await asyncio.to_thread(gw.terminate) == 0
+        assert "Traceback" not in gw.stderr()
+    finally:
+        gw.close()
+    for record in upstream.requests:
+        headers = dict(record["headers"])
+        assert verify(headers, record["method"], record["raw_path"], "serve-secret")
+    roots = [s for s in receiver.spans if s["kind"] == 2]
+    assert sorted(s["trace_id"] for s in roots) == sorted(sent)
+    assert {s["resource"]["service.name"] for s in roots} == {"served"}
+    assert all(s["attributes"]["keygate.decision"] == "allowed" for s in roots)
