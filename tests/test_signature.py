@@ -245,3 +245,34 @@ async def test_the_forwarder_signs_the_request_line_it_sends(upstream, aiohttp_r
     assert record["raw_path"] == "/base/p/%7Ex?a=%2F&b"
     assert _headers(record)["X-Api-Scopes"] == "a b"
     assert spec_verify(record["headers"], "PATCH", record["raw_path"], SECRET)
+
+
+async def test_connection_cannot_name_away_keygates_signature(upstream, redis_url, monkeypatch):
+    monkeypatch.setenv("KG_SIGNING", SECRET)
+    async with gateway_under_test(signed_config(upstream), redis_url, monkeypatch) as gw:
+        async with gw.proxy.get("/health", headers={
+                "Connection": "keep-alive, X-Keygate-Signature, traceparent"}) as r:
+            assert r.status == 200
+    record = upstream.requests[-1]
+    names = [k.lower() for k, _ in record["headers"]]
+    assert names.count("x-keygate-signature") == 1 and names.count("traceparent") == 1
+    assert spec_verify(record["headers"], "GET", "/health", SECRET)
+
+
+async def test_renamed_identity_headers_are_signed_and_verify_with_their_names(
+        upstream, redis_url, monkeypatch):
+    from gateway.config import IdentityHeaders
+    monkeypatch.setenv("KG_SIGNING", SECRET)
+    names = ("X-Tenant", "X-Key", "X-Perms", "X-Tier")
+    config = dataclasses.replace(signed_config(upstream),
+                                 identity_headers=IdentityHeaders(*names))
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        await gw.workspace("acme")
+        token, _ = await gw.key("acme")
+        async with gw.proxy.get("/people/1", headers={"X-Api-Key": token}) as r:
+            assert r.status == 200
+    record = upstream.requests[-1]
+    h = _headers(record)
+    assert h["X-Tenant"] == "acme"
+    assert signature.verify(h, "GET", "/people/1", SECRET, identity_headers=names)
+    assert not signature.verify(h, "GET", "/people/1", SECRET)  # read with the default names

@@ -114,3 +114,35 @@ def test_parse_traceparent():
     assert parse_traceparent(f"00-{TRACE_ID}-{PARENT}-ff") == (TRACE_ID, PARENT, "03")
     assert parse_traceparent(f"01-{TRACE_ID}-{PARENT}-00-x") == (TRACE_ID, PARENT, "00")
     assert parse_traceparent(f"01-{TRACE_ID}-{PARENT}-00x") is None
+
+
+HEX = "0123456789abcdef"
+
+
+def reference_parse(value: str):
+    """W3C Trace Context §3.2, written out field by field."""
+    fields = value.split("-")
+    if len(fields) < 4:
+        return None
+    version, trace_id, parent_id, flags = fields[:4]
+    ok = (len(version) == 2 and all(c in HEX for c in version) and version != "ff"
+          and len(trace_id) == 32 and all(c in HEX for c in trace_id) and set(trace_id) != {"0"}
+          and len(parent_id) == 16 and all(c in HEX for c in parent_id)
+          and set(parent_id) != {"0"} and len(flags) == 2 and all(c in HEX for c in flags))
+    if not ok or (version == "00" and len(fields) != 4):
+        return None
+    return trace_id, parent_id, "%02x" % (int(flags, 16) & 3)
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(st.one_of(
+    st.tuples(st.sampled_from(["00", "01", "cc", "ff", "0", "0g"]),
+              st.text(alphabet=HEX, min_size=31, max_size=33) | st.just("0" * 32),
+              st.text(alphabet=HEX, min_size=15, max_size=17) | st.just("0" * 16),
+              st.sampled_from(["00", "01", "02", "03", "ff", "0", "1g"]),
+              st.sampled_from(["", "-x", "-", "x"])).map(lambda t: "-".join(t[:4]) + t[4]),
+    st.text(max_size=80)))
+def test_parse_traceparent_agrees_with_the_spec_reading(value):
+    assert parse_traceparent(value) == reference_parse(value)
