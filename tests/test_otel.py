@@ -209,3 +209,20 @@ async def test_keygate_serve_with_two_workers_signs_and_exports_every_request(
     assert sorted(s["trace_id"] for s in roots) == sorted(sent)
     assert {s["resource"]["service.name"] for s in roots} == {"served"}
     assert all(s["attributes"]["keygate.decision"] == "allowed" for s in roots)
+
+
+async def test_an_unreachable_upstream_marks_the_request_and_forward_spans_as_errors(
+        receiver, redis_url, monkeypatch):
+    from tests.conftest import free_port
+    config = make_config(f"http://127.0.0.1:{free_port()}", tracing=TracingConfig(
+        str(receiver.make_url(""))))
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        async with gw.proxy.get("/health") as r:
+            assert r.status == 502
+    spans = by_name(receiver.spans)
+    root, forward = spans["GET /health"], spans["forward"]
+    assert root["status"] == 2 and forward["status"] == 2  # ERROR
+    assert root["attributes"]["error.type"] == "upstream_unavailable"
+    assert root["attributes"]["keygate.decision"] == "upstream_unavailable"
+    assert forward["attributes"]["error.type"] == "upstream_unavailable"
+    assert forward["parent"] == root["span_id"]
