@@ -40,6 +40,7 @@ class Gateway:
     metrics: Metrics
     admin_app: web.Application
     proxy_server: web.Server
+    access_log: object = None  # gateway.accesslog.AccessLog, when the access log is on
 
 
 class _JsonErrorRequestHandler(RequestHandler):
@@ -153,12 +154,15 @@ async def running_gateway(config: Config, store_url: str, *,
     forwarder.on_upstream = metrics.observe_upstream
     auth = Authenticator(config, store, requests, metrics, clock=clock)
     pipeline = None
+    access = None
     try:
         await forwarder.start()
         pipeline = Pipeline(config, store, requests, auth, forwarder, metrics,
                             self_service=self_service, clock=clock)
         if config.server.access_log != "off":
-            pipeline.access = AccessLog(config).write
+            access = AccessLog(config, on_drop=metrics.access_log_dropped.inc)
+            await access.start()
+            pipeline.access = access.write
         if config.tracing is not None:
             pipeline.tracer = _otel_tracer(config)
         admin_app = create_admin_app(config, store)
@@ -171,7 +175,8 @@ async def running_gateway(config: Config, store_url: str, *,
                                    keepalive_timeout=timeouts.idle,
                                    header_timeout=timeouts.header,
                                    max_connections=raise_open_file_limit(config))
-        yield Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server)
+        yield Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server,
+                      access)
     finally:
         try:
             if pipeline is not None:  # bounded: a store that is still down must not hang a stop
@@ -179,6 +184,8 @@ async def running_gateway(config: Config, store_url: str, *,
         except (asyncio.TimeoutError, StoreError):
             log.warning("shutdown: requests counted while the store was down were not written")
         finally:
+            if access is not None:  # after the listeners stopped: every line is written
+                await access.close()
             auth.close()
             if pipeline is not None:
                 await pipeline.tracer.close()

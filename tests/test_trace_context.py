@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 
 import pytest
@@ -90,23 +89,39 @@ async def test_each_request_gets_its_own_trace_and_span(upstream, redis_url, mon
 
 
 async def test_access_log_carries_the_trace_id_also_for_refused_requests(
-        upstream, redis_url, monkeypatch, caplog):
+        upstream, redis_url, monkeypatch, capfd):
     config = make_config(str(upstream.make_url("")))
-    caplog.set_level(logging.INFO, logger="keygate.access")
     async with gateway_under_test(config, redis_url, monkeypatch) as gw:
         await gw.workspace("acme")
         token, _ = await gw.key("acme")
+        gw.logs(capfd)
         async with gw.proxy.get("/people/1", headers={
                 "Authorization": f"Bearer {token}",
                 "traceparent": f"00-{TRACE_ID}-{PARENT}-01"}) as r:
             assert r.status == 200
         async with gw.proxy.get("/people/1") as r:  # 401, never forwarded
             assert r.status == 401
-    lines = [json.loads(rec.getMessage()) for rec in caplog.records
-             if rec.name == "keygate.access"]
-    assert lines[-2]["trace_id"] == TRACE_ID
-    assert re.fullmatch(r"[0-9a-f]{32}", lines[-1]["trace_id"])
-    assert lines[-1]["trace_id"] != TRACE_ID
+        _, err = gw.logs(capfd)
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert len(lines) == 2, err
+    assert lines[0]["trace_id"] == TRACE_ID
+    assert re.fullmatch(r"[0-9a-f]{32}", lines[1]["trace_id"])
+    assert lines[1]["trace_id"] != TRACE_ID
+
+
+async def test_text_access_log_ends_with_the_trace_id(upstream, redis_url, monkeypatch, capfd):
+    import dataclasses
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                    access_log="text"))
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        gw.logs(capfd)
+        async with gw.proxy.get("/health", headers={
+                "traceparent": f"00-{TRACE_ID}-{PARENT}-01"}) as r:
+            assert r.status == 200
+        _, err = gw.logs(capfd)
+    [line] = [line for line in err.splitlines() if " GET /health " in line]
+    assert line.endswith(f" trace={TRACE_ID}")
 
 
 def test_parse_traceparent():
