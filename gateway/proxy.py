@@ -47,7 +47,6 @@ listener never decodes a ``Content-Encoding``), framed exactly as declared.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import re
@@ -65,6 +64,7 @@ from .models import Principal
 from .signature import DEFAULT_HEADER as SIGNATURE_HEADER, secrets_of, sign
 from .tracing import Trace, Tracer
 from .tokens import looks_like_token
+from .trust import TrustedProxies
 from .upstream import (UpstreamConnectError, UpstreamPool, UpstreamProtocolError,
                        UpstreamTimeout, UpstreamUnreached)
 
@@ -123,9 +123,7 @@ class Forwarder:
                                  f"{signing.secret_env} holds no secret")
             self._sign_secret = secrets[0]
         self._drop = frozenset(always)
-        self._trusted = tuple(ipaddress.ip_network(p.strip(), strict=False)
-                              for p in config.server.trusted_proxies)
-        self._trust_cache: dict[str, bool] = {}
+        self.trusted = TrustedProxies(config.server.trusted_proxies)
         self._prefix = config.keys.prefix
         # Called with (upstream name, seconds from sending to the response headers) for each
         # upstream answer; the app wires it to keygate_upstream_duration_seconds.
@@ -155,21 +153,6 @@ class Forwarder:
 
     # --- the request -------------------------------------------------------------------------
 
-    def _is_trusted(self, peer: str | None) -> bool:
-        if not self._trusted or peer is None:
-            return False
-        trusted = self._trust_cache.get(peer)
-        if trusted is None:
-            try:
-                ip = ipaddress.ip_address(peer)
-                trusted = any(ip in net for net in self._trusted)
-            except ValueError:
-                trusted = False
-            if len(self._trust_cache) > 10000:
-                self._trust_cache.clear()
-            self._trust_cache[peer] = trusted
-        return trusted
-
     def request_headers(self, request: web.BaseRequest, principal: Principal | None,
                         request_id: str, *, target: str | None = None,
                         trace: Trace | None = None) -> list[tuple[str, str]]:
@@ -183,7 +166,7 @@ class Forwarder:
         if connection:
             named = {_norm(t.strip()) for v in connection for t in v.split(",") if t.strip()}
         peer = request.remote
-        trusted = self._is_trusted(peer)
+        trusted = self.trusted.is_trusted(peer)
         drop = self._drop
         out: list[tuple[str, str]] = []
         xff: list[str] = []
