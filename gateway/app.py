@@ -164,7 +164,7 @@ async def running_gateway(config: Config, store_url: str, *,
             await access.start()
             pipeline.access = access.write
         if config.tracing is not None:
-            pipeline.tracer = _otel_tracer(config)
+            pipeline.tracer = _otel_tracer(config, pipeline.client_ip)
         admin_app = create_admin_app(config, store)
         from .observe import add_metrics_route
         add_metrics_route(admin_app, metrics, store, config)
@@ -194,7 +194,7 @@ async def running_gateway(config: Config, store_url: str, *,
             await store.close()
 
 
-def _otel_tracer(config: Config):
+def _otel_tracer(config: Config, client_address: Callable):
     """The OTLP exporting tracer (the ``keygate[otel]`` extra; the config loader checked it is
     installed)."""
     from yarl import URL
@@ -206,7 +206,8 @@ def _otel_tracer(config: Config):
         url = URL(upstream.url)
         hosts[name] = (url.host or "", url.port or 0)
     prefix = config.keys.prefix
-    return OtelTracer(config.tracing, hosts, mask_path=lambda path: mask_path(path, prefix))
+    return OtelTracer(config.tracing, hosts, mask_path=lambda path: mask_path(path, prefix),
+                      client_address=client_address)
 
 
 def raise_open_file_limit(config: Config) -> int:

@@ -145,7 +145,8 @@ class OtelTracer(Tracer):
     """Spans for every request, exported over OTLP/HTTP in batches."""
 
     def __init__(self, config: TracingConfig, upstream_hosts: dict[str, tuple[str, int]],
-                 *, mask_path: Any = None, exporter: Any = None) -> None:
+                 *, mask_path: Any = None, client_address: Any = None,
+                 exporter: Any = None) -> None:
         self.provider = TracerProvider(
             sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
             resource=Resource.create({"service.name": config.service_name,
@@ -158,6 +159,8 @@ class OtelTracer(Tracer):
         self.tracer = self.provider.get_tracer("keygate", __version__)
         self.upstream_hosts = upstream_hosts
         self.mask_path = mask_path or (lambda p: p)
+        # the client behind server.trusted_proxies, as the failure throttle reads it
+        self.client_address = client_address or (lambda request: request.remote or "")
 
     def start(self, request: Any) -> OtelTrace:
         parent, tracestate = incoming(request.headers)
@@ -179,7 +182,8 @@ class OtelTracer(Tracer):
         attributes.update({"url.path": self.mask_path(request.raw_path.partition("?")[0]),
                            "url.scheme": request.scheme,
                            "network.protocol.version": "%d.%d" % request.version,
-                           "client.address": request.remote or ""})
+                           "client.address": self.client_address(request),
+                           "network.peer.address": request.remote or ""})
         agent = request.headers.get("User-Agent")
         if agent:
             attributes["user_agent.original"] = agent[:256]

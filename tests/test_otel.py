@@ -226,3 +226,17 @@ async def test_an_unreachable_upstream_marks_the_request_and_forward_spans_as_er
     assert root["attributes"]["keygate.decision"] == "upstream_unavailable"
     assert forward["attributes"]["error.type"] == "upstream_unavailable"
     assert forward["parent"] == root["span_id"]
+
+
+async def test_client_address_is_the_client_behind_a_trusted_proxy(upstream, receiver,
+                                                                    redis_url, monkeypatch):
+    import dataclasses
+    config = traced_config(upstream, receiver)
+    config = dataclasses.replace(config, server=dataclasses.replace(
+        config.server, trusted_proxies=("127.0.0.0/8",)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        async with gw.proxy.get("/health", headers={"X-Forwarded-For": "203.0.113.7"}) as r:
+            assert r.status == 200
+    [root] = [s for s in receiver.spans if s["kind"] == 2]
+    assert root["attributes"]["client.address"] == "203.0.113.7"
+    assert root["attributes"]["network.peer.address"] == "127.0.0.1"
