@@ -425,6 +425,10 @@ WORKSPACE_ADMIN_ROUTES = frozenset({
     ("POST", "/admin/v1/workspaces/{ws}/keys/{key}/rotate"),
     ("GET", "/admin/v1/workspaces/{ws}/usage"),
     ("GET", "/admin/v1/workspaces/{ws}/roles"),
+    # key controls (issue 17), which self-service offers too: delete a dead key, daily usage
+    ("DELETE", "/admin/v1/workspaces/{ws}/keys/{key}"),
+    ("GET", "/admin/v1/workspaces/{ws}/keys/{key}/usage/daily"),
+    ("GET", "/admin/v1/workspaces/{ws}/usage/daily"),
 })
 """What a ``keys:admin`` key may call on the admin API: its workspace's key endpoints (those
 self-service offers on the proxy listener) and reads the console needs. Anything else is for
