@@ -121,20 +121,24 @@ class ThreadedGateway:
         return body["token"], body["key"]
 
 
-@pytest.fixture(scope="module")
-def gateway(redis_server_url):
-    client = redis_sync.Redis.from_url(redis_server_url)
-    client.flushdb()
-    client.close()
+def start_gateway(redis_url: str) -> ThreadedGateway:
     previous = os.environ.get("KEYGATE_ADMIN_TOKEN")
     os.environ["KEYGATE_ADMIN_TOKEN"] = ADMIN_TOKEN  # read when the admin app is made
     try:
-        gw = ThreadedGateway(redis_server_url).start()
+        return ThreadedGateway(redis_url).start()
     finally:
         if previous is None:
             del os.environ["KEYGATE_ADMIN_TOKEN"]
         else:
             os.environ["KEYGATE_ADMIN_TOKEN"] = previous
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_server_url):
+    client = redis_sync.Redis.from_url(redis_server_url)
+    client.flushdb()
+    client.close()
+    gw = start_gateway(redis_server_url)
     yield gw
     gw.stop()
 
@@ -573,3 +577,29 @@ def test_signing_in_creating_and_revoking_work_from_the_keyboard(page, gateway):
     assert "the key you are signed in with" in page.dialog().text
     keyboard(Keys.ESCAPE)
     page.no_dialog()
+
+
+def test_a_store_outage_shows_the_api_message_and_request_id(browser, own_redis):
+    outage = start_gateway(own_redis.url)
+    try:
+        new_workspace(outage, "acme", "Acme")
+        outage.key("acme", name="doomed", scopes=["people:read"])
+        browser.get(outage.admin_url + "/console/")
+        browser.get_log("browser")
+        page = Console(browser, outage)
+        page.sign_in(ADMIN_TOKEN)
+        page.link("acme").click()
+        page.row("doomed")
+        own_redis.stop()
+        page.button("Revoke", page.row("doomed")).click()
+        dialog = page.dialog()
+        page.button("Revoke", dialog).click()
+        problem = wait(browser, lambda d: dialog.find_element(By.CSS_SELECTOR, ".form-error").text)
+        assert problem.startswith("The key store is unavailable")
+        assert re.search(r"\(request id [0-9a-f]{32}\)$", problem), problem
+        assert "revoked" not in page.row("doomed").text
+        page.allowed_errors.append("503")
+        page.assert_no_console_errors()
+        page.assert_nothing_kept()
+    finally:
+        outage.stop()
