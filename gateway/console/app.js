@@ -306,6 +306,11 @@ async function openWorkspace(id) {
 async function refresh() {
   const ws = "/workspaces/" + encodeURIComponent(session.workspace.id);
   const [keys, usage] = await Promise.all([api("GET", ws + "/keys"), api("GET", ws + "/usage")]);
+  let page = keys;
+  while (page.next_cursor) {  // a paged listing: read every page (counts need them all)
+    page = await api("GET", ws + "/keys?cursor=" + encodeURIComponent(page.next_cursor));
+    keys.items.push(...page.items);
+  }
   session.keys = keys.items;
   session.usage = usage;
   renderUsage();
@@ -367,6 +372,7 @@ function visibleKeys() {
 
 function renderKeys() {
   const keys = visibleKeys();
+  $("month-col").hidden = !session.keys.some(hasControls);
   for (const th of $("keys").tHead.rows[0].cells) {
     if (!th.dataset.sort) continue;
     th.setAttribute("aria-sort", th.dataset.sort !== view.sort ? "none"
@@ -378,9 +384,22 @@ function renderKeys() {
   $("keys-empty").hidden = keys.length > 0;
 }
 
+// Key controls (per-key monthly cap, enable/disable, delete) appear when the API's key objects
+// carry them (their fields are present), so the page works with the API it is served with.
+function hasControls(key) {
+  return "enabled" in key && "used_this_month" in key;
+}
+
+function monthText(key) {
+  const used = key.used_this_month.toLocaleString("en");
+  return key.monthly_requests === null ? used : used + " of " +
+    key.monthly_requests.toLocaleString("en");
+}
+
 function keyRow(key) {
   const nameId = "key-name-" + key.id;
   const revoked = key.status === "revoked";
+  const controls = hasControls(key);
   const button = (text, handler, disabled) => el("button", {
     "type": "button", "text": text, "aria-describedby": nameId, "disabled": disabled,
     "on": {click: () => handler(key)}});
@@ -396,11 +415,16 @@ function keyRow(key) {
     el("td", {"class": "when", "text": when(key.created_at)}),
     el("td", {"class": "when", "text": key.last_used_at ? when(key.last_used_at) : "never"}),
     el("td", {"class": "when", "text": key.expires_at ? when(key.expires_at) : "never"}),
-    el("td", {}, el("span", {"class": "badge " + key.status, "text": key.status})),
+    controls ? el("td", {"class": "month", "text": monthText(key)}) : "",
+    el("td", {}, el("span", {"class": "badge " + key.status, "text": key.status}),
+       controls && key.enabled === false && !revoked
+         ? el("span", {"class": "badge disabled", "text": "disabled"}) : ""),
     el("td", {"class": "row-actions"},
        button("Edit", editKey, revoked),
+       controls ? button(key.enabled === false ? "Enable" : "Disable", toggleKey, revoked) : "",
        button("Rotate", rotateKey, revoked),
-       button("Revoke", revokeKey, revoked)));
+       button("Revoke", revokeKey, revoked),
+       controls && key.status !== "active" ? button("Delete", deleteKey, false) : ""));
 }
 
 function sortBy() {
@@ -556,6 +580,47 @@ function rotateKey(key) {
   });
 }
 
+async function toggleKey(key) {
+  const enable = key.enabled === false;
+  try {
+    await api("PATCH", keyPath(key), {enabled: enable});
+  } catch (err) {
+    showAlert(describe(err));
+    return;
+  }
+  showAlert("");
+  announce("Key " + key.name + (enable ? " enabled." : " disabled: its requests are refused " +
+                                                     "until it is enabled again."));
+  await refreshQuietly();
+}
+
+function deleteKey(key) {
+  openDialog("Delete key " + key.name + "?", (dialog, close) => {
+    const problem = errorBox();
+    const confirm = async () => {
+      try {
+        await api("DELETE", keyPath(key));
+      } catch (err) {
+        problem.textContent = describe(err);
+        problem.hidden = false;
+        return;
+      }
+      close();
+      announce("Key " + key.name + " deleted from the list.");
+      await refreshQuietly();
+    };
+    dialog.append(
+      el("p", {"text": "The " + key.status + " key " + key.prefix + "… leaves this list. " +
+                       "Its entries in the audit stay."}),
+      problem,
+      el("div", {"class": "actions"},
+         el("button", {"type": "button", "class": "danger", "text": "Delete",
+                       "on": {click: confirm}}),
+         el("button", {"type": "button", "autofocus": true, "text": "Cancel",
+                       "on": {click: close}})));
+  });
+}
+
 function editKey(key) {
   openDialog("Edit key " + key.name, (dialog, close) => {
     const problem = errorBox();
@@ -568,9 +633,28 @@ function editKey(key) {
     const expires = el("input", {"id": "edit-expires", "value": expiresText,
                                  "autocomplete": "off", "spellcheck": "false",
                                  "aria-describedby": "edit-expires-hint"});
+    const controls = hasControls(key);
+    const capText = controls && key.monthly_requests !== null ? String(key.monthly_requests) : "";
+    const rateText = key.rate_limit || "";
+    const cap = el("input", {"id": "edit-cap", "value": capText, "inputmode": "numeric",
+                             "autocomplete": "off", "aria-describedby": "edit-cap-hint"});
+    const rate = el("input", {"id": "edit-rate", "value": rateText, "autocomplete": "off",
+                              "spellcheck": "false", "aria-describedby": "edit-cap-hint"});
     const save = async (event) => {
       event.preventDefault();
       const body = {};
+      if (controls && cap.value.trim() !== capText) {
+        const value = cap.value.trim();
+        if (value !== "" && !/^\d{1,12}$/.test(value)) {
+          problem.textContent = "Monthly cap must be a whole number of requests, or empty.";
+          problem.hidden = false;
+          return;
+        }
+        body.monthly_requests = value === "" ? null : Number(value);
+      }
+      if (controls && rate.value.trim() !== rateText) {
+        body.rate_limit = rate.value.trim() === "" ? null : rate.value.trim();
+      }
       const roleChanged = role.value !== (key.role || "");
       const scopesChanged = scopes.value.trim() !== scopesText;
       if (roleChanged || scopesChanged) {  // both given: the API says why not
@@ -611,7 +695,13 @@ function editKey(key) {
          el("label", {"for": "edit-scopes", "text": "Scopes"}), scopes,
          el("label", {"for": "edit-expires", "text": "Expires"}), expires,
          el("p", {"id": "edit-expires-hint", "class": "hint span",
-                  "text": "Empty for never; a duration from now such as 30d; or a date."})),
+                  "text": "Empty for never; a duration from now such as 30d; or a date."}),
+         ...(controls ? [
+           el("label", {"for": "edit-cap", "text": "Monthly cap"}), cap,
+           el("label", {"for": "edit-rate", "text": "Rate limit"}), rate,
+           el("p", {"id": "edit-cap-hint", "class": "hint span",
+                    "text": "This key's own limits, such as 10000 requests a month and 10/s " +
+                            "or 600/m; empty for the plan's."})] : [])),
       problem,
       el("div", {"class": "actions"},
          el("button", {"type": "submit", "class": "primary", "text": "Save"}),
