@@ -102,11 +102,18 @@ class Forwarder:
         if client not in ("lean", "aiohttp"):
             raise ValueError(f"unknown upstream client {client!r} (lean | aiohttp)")
         self.client = client
-        self.config = config
         self._pools: dict[str, tuple[UpstreamPool, str, str]] = {}  # name → pool, base, Host
-        self.max_body = config.server.max_body_bytes
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._bases: dict[str, str] = {}
+        self._retiring: set[asyncio.Task] = set()
+        self._settle(config)
+        # Called with (upstream name, seconds from sending to the response headers) for each
+        # upstream answer; the app wires it to keygate_upstream_duration_seconds.
+        self.on_upstream: Callable[[str, float], None] | None = None
+
+    def _settle(self, config: Config) -> None:
+        self.config = config
+        self.max_body = config.server.max_body_bytes
         ident = config.identity_headers
         self._identity = tuple(n for n in ident.names())
         # Dropped from every request whatever the route (names normalised with _norm).
@@ -119,9 +126,6 @@ class Forwarder:
                               for p in config.server.trusted_proxies)
         self._trust_cache: dict[str, bool] = {}
         self._prefix = config.keys.prefix
-        # Called with (upstream name, seconds from sending to the response headers) for each
-        # upstream answer; the app wires it to keygate_upstream_duration_seconds.
-        self.on_upstream: Callable[[str, float], None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -132,7 +136,41 @@ class Forwarder:
             else:
                 self._session(upstream)
 
+    def reconfigure(self, config: Config) -> None:
+        """Take ``config`` for the next request (a reload). The pool of an upstream that was
+        removed or changed is taken out of use now and closed once its requests are done;
+        requests already forwarding finish on it."""
+        old = self.config.upstreams
+        self._settle(config)
+        for name, before in old.items():
+            if config.upstreams.get(name) == before:
+                continue
+            pool = self._pools.pop(name, None)
+            session = self._sessions.pop(name, None)
+            self._bases.pop(name, None)
+            task = asyncio.ensure_future(self._retire(pool and pool[0], session, before))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, pool: UpstreamPool | None, session, upstream: Upstream) -> None:
+        loop = asyncio.get_running_loop()
+        # Bounded: a response that streams for ever must not keep an old pool open for ever.
+        deadline = loop.time() + max(60.0, 4 * upstream.timeout)
+        try:
+            while pool is not None and pool.active and loop.time() < deadline:
+                await asyncio.sleep(0.25)
+            if session is not None:  # aiohttp's session shows no in-flight count to wait on
+                await asyncio.sleep(min(deadline - loop.time(), upstream.timeout + 1))
+        finally:
+            if pool is not None:
+                await pool.close()
+            if session is not None:
+                await session.close()
+
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         sessions, self._sessions = self._sessions, {}
         for session in sessions.values():
             await session.close()
