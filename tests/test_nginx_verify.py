@@ -153,6 +153,16 @@ async def test_refusals_keep_keygates_status_and_headers(stack, upstream):
     assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 3
 
 
+async def test_a_client_cannot_have_another_request_checked(stack, upstream):
+    """Forged X-Forwarded-Uri / X-Original-URI naming a public route do not reach keygate."""
+    _, base = stack
+    status, _, _ = await get(base + "/people/1", headers={
+        "X-Forwarded-Uri": "/health", "X-Forwarded-Method": "GET",
+        "X-Original-URI": "/health", "X-Original-Method": "GET"})
+    assert status == 401
+    assert upstream.requests == []
+
+
 async def test_a_public_route_passes_without_a_key_and_without_identity(stack, upstream):
     _, base = stack
     status, _, _ = await get(base + "/health", headers={"X-Workspace-Id": "evil",
