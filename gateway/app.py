@@ -47,7 +47,53 @@ class Gateway:
 
 class _JsonErrorRequestHandler(RequestHandler):
     """aiohttp answers requests its HTTP parser refuses (ambiguous framing, bad header
-    syntax) itself, as text; keygate's contract is a JSON body for every error."""
+    syntax) itself, as text; keygate's contract is a JSON body for every error.
+
+    It also holds the edge's limits that aiohttp lacks (``server.timeouts.header`` and
+    ``server.max_connections``); idle keep-alive is aiohttp's own ``keepalive_timeout``."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        server = self._manager
+        limit = getattr(server, "max_connections", None)
+        if limit is not None and len(server.connections) > limit:
+            # over the bound: refused at once, so idle or slow clients cannot take the file
+            # descriptors that the upstream and store connections need
+            server.refused_connections += 1
+            transport.abort()
+            return
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and not self._request_in_progress and not self._messages:
+            self._arm_head_timer()   # the first bytes of the next request on this connection
+        seen = self._request_count
+        super().data_received(data)
+        if self._request_count != seen and self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def connection_lost(self, exc) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        timeout = getattr(self._manager, "header_timeout", None)
+        if timeout:
+            self._head_timer = self._loop.call_later(timeout, self._head_timed_out,
+                                                     self._request_count)
+
+    def _head_timed_out(self, count: int) -> None:
+        """No whole request head arrived in time (a slow-loris or a stalled client)."""
+        self._head_timer = None
+        if self._request_count == count and not self._request_in_progress \
+                and not self._messages and self.transport is not None:
+            self.force_close()
+            self.transport.close()
 
     def handle_error(self, request, status=500, exc=None, message=None):
         if status >= 500:
@@ -64,7 +110,17 @@ class _JsonErrorRequestHandler(RequestHandler):
 
 class ProxyServer(web.Server):
     """A low-level aiohttp server whose parser errors are SPEC's JSON errors. The proxy
-    listener uses it directly (one handler, no router); the admin listener via AdminRunner."""
+    listener uses it directly (one handler, no router); the admin listener via AdminRunner.
+
+    ``header_timeout``: seconds for a whole request head; ``max_connections``: open client
+    connections beyond which a new one is closed at once (None: no bound)."""
+
+    def __init__(self, handler, *, header_timeout: float | None = None,
+                 max_connections: int | None = None, **kwargs) -> None:
+        super().__init__(handler, **kwargs)
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.refused_connections = 0
 
     def __call__(self) -> RequestHandler:
         return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -113,7 +169,13 @@ async def running_gateway(config: Config, store_url: str, *,
         admin_app = create_admin_app(config, store)
         from .observe import add_metrics_route
         add_metrics_route(admin_app, metrics, store, config)
-        proxy_server = ProxyServer(pipeline.handle, access_log=None)
+        # Bodies are forwarded byte for byte as sent: a Content-Encoding body is never inflated
+        # (an inflated body no longer matches the framing the client declared).
+        timeouts = config.server.timeouts
+        proxy_server = ProxyServer(pipeline.handle, access_log=None, auto_decompress=False,
+                                   keepalive_timeout=timeouts.idle,
+                                   header_timeout=timeouts.header,
+                                   max_connections=raise_open_file_limit(config))
         tls = {name: ListenerTLS(section.tls) for name, section in
                (("proxy", config.server), ("admin", config.admin)) if section.tls is not None}
         gw = Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server, tls)
@@ -149,6 +211,31 @@ async def running_gateway(config: Config, store_url: str, *,
             await forwarder.close()
             await requests.close()
             await store.close()
+
+
+def raise_open_file_limit(config: Config) -> int:
+    """Raise this process's soft open-file limit to fit ``server.max_connections`` client
+    connections, every upstream's ``max_connections`` and 1024 more for the store, the admin
+    listener and logs (up to the hard limit). Returns the client-connection bound in force:
+    ``max_connections``, or less when the hard limit cannot fit it (so idle clients can never
+    take the descriptors that upstream and store connections need)."""
+    import resource
+    reserve = 1024 + sum(u.max_connections for u in config.upstreams.values())
+    wanted = config.server.max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted + reserve:
+        return wanted
+    target = wanted + reserve if hard == resource.RLIM_INFINITY else min(wanted + reserve, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft >= wanted + reserve:
+        return wanted
+    bound = max(soft - reserve, soft // 2)
+    log.warning("the open-file limit (%d) cannot fit server.max_connections %d plus %d for "
+                "upstreams and the store: accepting at most %d client connections (raise the "
+                "hard limit, ulimit -Hn, to lift this)", soft, wanted, reserve, bound)
+    return bound
 
 
 class ListenError(Exception):
