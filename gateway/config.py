@@ -642,8 +642,9 @@ class _Reader:
         except ssl.SSLError as exc:
             reason = getattr(exc, "reason", None) or "not PEM"
             if reason == "KEY_VALUES_MISMATCH":
-                what = "does not match the certificate in " + files["cert_file"]
-                return self.fail(given["key_file"], f"{path}.key_file", f"'{files['key_file']}' {what}")
+                return self.fail(given["key_file"], f"{path}.key_file",
+                                 f"'{files['key_file']}' does not match the certificate in "
+                                 f"'{files['cert_file']}'")
             return self.fail(node, path, f"'{files['cert_file']}' and '{files['key_file']}' are "
                                          f"not a PEM certificate and its private key ({reason})")
         except (OSError, ValueError) as exc:
