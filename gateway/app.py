@@ -41,6 +41,7 @@ class Gateway:
     metrics: Metrics
     admin_app: web.Application
     proxy_server: web.Server
+    access_log: object = None  # gateway.accesslog.AccessLog, when the access log is on
     tls: dict[str, "ListenerTLS"] = field(default_factory=dict)  # "proxy" / "admin"
     reloader: "Reloader | None" = None
 
@@ -160,12 +161,15 @@ async def running_gateway(config: Config, store_url: str, *,
     forwarder.on_upstream = metrics.observe_upstream
     auth = Authenticator(config, store, requests, metrics, clock=clock)
     pipeline = None
+    access = None
     try:
         await forwarder.start()
         pipeline = Pipeline(config, store, requests, auth, forwarder, metrics,
                             self_service=self_service, clock=clock)
         if config.server.access_log != "off":
-            pipeline.access = AccessLog(config).write
+            access = AccessLog(config, on_drop=metrics.access_log_dropped.inc)
+            await access.start()
+            pipeline.access = access.write
         admin_app = create_admin_app(config, store)
         from .observe import add_metrics_route
         add_metrics_route(admin_app, metrics, store, config)
@@ -178,7 +182,8 @@ async def running_gateway(config: Config, store_url: str, *,
                                    max_connections=raise_open_file_limit(config))
         tls = {name: ListenerTLS(section.tls) for name, section in
                (("proxy", config.server), ("admin", config.admin)) if section.tls is not None}
-        gw = Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server, tls)
+        gw = Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server,
+                     access, tls)
 
         def swap(new: Config) -> None:
             """The reload itself: everything that can fail first, then one synchronous swap."""
@@ -186,14 +191,14 @@ async def running_gateway(config: Config, store_url: str, *,
                             for name, section, where in (("proxy", new.server, "server.tls"),
                                                          ("admin", new.admin, "admin.tls"))
                             if name in tls and section.tls is not None}
-            access = AccessLog(new).write if new.server.access_log != "off" else None
             for name, context in certificates.items():
                 tls[name].current = context
             store.config = new
             auth.reconfigure(new)
             forwarder.reconfigure(new)
             pipeline.reconfigure(new)
-            pipeline.access = access
+            if access is not None:  # on or off, json or text: a restart (it owns a writer)
+                access.prefix = new.keys.prefix
             logging.getLogger().setLevel(new.server.log_level.upper())
             gw.config = new
 
@@ -207,6 +212,8 @@ async def running_gateway(config: Config, store_url: str, *,
         except (asyncio.TimeoutError, StoreError):
             log.warning("shutdown: requests counted while the store was down were not written")
         finally:
+            if access is not None:  # after the listeners stopped: every line is written
+                await access.close()
             auth.close()
             await forwarder.close()
             await requests.close()

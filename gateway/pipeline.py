@@ -10,7 +10,6 @@ that turns errors into SPEC's JSON responses.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import math
@@ -30,6 +29,7 @@ from .limits import Month, MonthCache, ratelimit_headers
 from .models import rfc3339
 from .routes import RouteTable, check_path, no_route, query_has_token
 from .tokens import adoptable_request_id
+from .trust import TrustedProxies
 
 log = logging.getLogger("keygate.proxy")
 access_log = logging.getLogger("keygate.access")
@@ -48,33 +48,6 @@ class Outcome:
 
     def __init__(self) -> None:
         self.route = self.upstream = self.workspace = self.key_id = self.code = None
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    # A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; trusted_proxies names them as
-    # IPv4 networks.
-    return ip.ipv4_mapped or ip if ip.version == 6 else ip
-
-
-def client_address(peer: str, forwarded_for, trusted) -> str:
-    """The client's IP for the failure throttle: the peer, unless the peer is a trusted proxy;
-    then the nearest X-Forwarded-For hop that is not one of ours (hops further left were
-    written by whoever sent the request and prove nothing)."""
-    peer_ip = _ip(peer)
-    if peer_ip is None or not any(peer_ip in n for n in trusted):
-        return peer
-    hops = [h.strip() for h in ",".join(forwarded_for).split(",") if h.strip()]
-    for hop in reversed(hops):
-        ip = _ip(hop)
-        if ip is None:  # not an address: our proxy did not write it, so trust nothing left of it
-            return peer
-        if not any(ip in n for n in trusted):
-            return str(ip)
-    return peer
 
 
 def original_request(request: web.BaseRequest, suffix: str) -> tuple[str, str]:
@@ -135,8 +108,7 @@ class Pipeline:
         self._prefix = config.keys.prefix
         self.max_body = config.server.max_body_bytes
         self._key_headers = tuple(h.lower() for h in config.keys.headers)
-        self._trusted = tuple(ipaddress.ip_network(p, strict=False)
-                              for p in config.server.trusted_proxies)
+        self.trusted = TrustedProxies(config.server.trusted_proxies)
         ident = config.identity_headers
         self._identity = (ident.workspace, ident.key_id, ident.scopes, ident.plan)
 
@@ -482,9 +454,9 @@ class Pipeline:
 
     def client_ip(self, request: web.BaseRequest) -> str:
         peer = request.remote or "unknown"
-        if not self._trusted:
+        if not self.trusted:
             return peer
-        return client_address(peer, request.headers.getall("X-Forwarded-For", ()), self._trusted)
+        return self.trusted.client_address(peer, request.headers.getall("X-Forwarded-For", ()))
 
     def observe(self, request: web.BaseRequest, response: web.StreamResponse,
                 outcome: Outcome, request_id: str, started: float) -> None:

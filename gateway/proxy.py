@@ -43,7 +43,6 @@ listener never decodes a ``Content-Encoding``), framed exactly as declared.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import re
 import ssl
@@ -58,6 +57,7 @@ from .config import Config, Upstream
 from .errors import BadGateway, GatewayError, GatewayTimeout, RequestTimeout, body_too_large
 from .models import Principal
 from .tokens import looks_like_token
+from .trust import TrustedProxies
 from .upstream import (UpstreamConnectError, UpstreamPool, UpstreamProtocolError,
                        UpstreamTimeout, UpstreamUnreached)
 
@@ -109,9 +109,7 @@ class Forwarder:
         always.update(_norm(h) for h in config.keys.headers)
         always.update(("host", "expect", "x-request-id"))
         self._drop = frozenset(always)
-        self._trusted = tuple(ipaddress.ip_network(p.strip(), strict=False)
-                              for p in config.server.trusted_proxies)
-        self._trust_cache: dict[str, bool] = {}
+        self.trusted = TrustedProxies(config.server.trusted_proxies)
         self._prefix = config.keys.prefix
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -168,21 +166,6 @@ class Forwarder:
 
     # --- the request -------------------------------------------------------------------------
 
-    def _is_trusted(self, peer: str | None) -> bool:
-        if not self._trusted or peer is None:
-            return False
-        trusted = self._trust_cache.get(peer)
-        if trusted is None:
-            try:
-                ip = ipaddress.ip_address(peer)
-                trusted = any(ip in net for net in self._trusted)
-            except ValueError:
-                trusted = False
-            if len(self._trust_cache) > 10000:
-                self._trust_cache.clear()
-            self._trust_cache[peer] = trusted
-        return trusted
-
     def request_headers(self, request: web.BaseRequest, principal: Principal | None,
                         request_id: str) -> list[tuple[str, str]]:
         """The headers to send upstream (see the module docstring for the rules), without
@@ -193,7 +176,7 @@ class Forwarder:
         if connection:
             named = {_norm(t.strip()) for v in connection for t in v.split(",") if t.strip()}
         peer = request.remote
-        trusted = self._is_trusted(peer)
+        trusted = self.trusted.is_trusted(peer)
         drop = self._drop
         out: list[tuple[str, str]] = []
         xff: list[str] = []
