@@ -327,3 +327,25 @@ async def test_admin_reload_under_two_workers_reloads_both_once(tmp_path, slow_u
         assert await asyncio.to_thread(gw.terminate) == 0
     finally:
         gw.close()
+
+
+async def test_the_pool_of_a_changed_upstream_is_closed_once_idle(reloadable, upstreams):
+    gw, path = reloadable
+    urls, delay = upstreams
+    token, _ = await gw.key(role="reader")
+    auth = {"Authorization": f"Bearer {token}"}
+    async with gw.proxy.get("/people/1", headers=auth) as r:
+        assert (await r.json())["upstream"] == "a"
+    forwarder = gw.gw.pipeline.forwarder
+    old_pool = forwarder._pools["api"][0]
+    kept = list(old_pool.idle)
+    assert kept, "the keep-alive connection to a should be idle in its pool"
+    write(path, config_doc(urls["b"]))
+    assert (await reload(gw))[0] == 200
+    deadline = asyncio.get_running_loop().time() + 5
+    while not all(c.transport.is_closing() for c in kept):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    async with gw.proxy.get("/people/1", headers=auth) as r:
+        assert (await r.json())["upstream"] == "b"
+    assert forwarder._pools["api"][0] is not old_pool
