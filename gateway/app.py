@@ -315,6 +315,7 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
                 task.add_done_callback(reloads.discard)
 
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one held: now
             await stop.wait()
             log.info("shutting down: finishing in-flight requests")
         finally:
@@ -425,7 +426,7 @@ def _supervise(config: Config, store_url: str, workers: int,
                 os.kill(child, signal.SIGHUP)
 
     signal.signal(signal.SIGHUP, reload_all)  # after forking: workers have their own
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals | {signal.SIGHUP})
     status = 0
     remaining = set(children)
     while remaining:
@@ -458,8 +459,9 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
             print(problem, file=sys.stderr)
         return 1
     setup_logging(config)
-    # Until the event loop takes it over, a SIGHUP (a reload) must not end the process.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Until the event loop takes it over, a SIGHUP (a reload) must neither end the process nor
+    # be lost: it is held (workers inherit the mask) and delivered once a handler is in place.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     from .embedded import EmbeddedError, resolve_store_url
     try:
         store_url, embedded = resolve_store_url(config)

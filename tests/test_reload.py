@@ -349,3 +349,36 @@ async def test_the_pool_of_a_changed_upstream_is_closed_once_idle(reloadable, up
     async with gw.proxy.get("/people/1", headers=auth) as r:
         assert (await r.json())["upstream"] == "b"
     assert forwarder._pools["api"][0] is not old_pool
+
+
+def sighup_blocked(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = next(line for line in status.splitlines() if line.startswith("SigBlk:"))
+    return bool(int(mask.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+
+async def test_a_sighup_during_start_up_is_held_not_lost(tmp_path, slow_upstream, redis_url):
+    """Sent once serve has taken over SIGHUP but before its workers can reload: each worker
+    reloads as soon as it is up (it is neither killed nor left on the file it started with)."""
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", "2")
+    try:
+        deadline = time.monotonic() + 20
+        while not sighup_blocked(gw.proc.pid):
+            assert gw.proc.poll() is None and time.monotonic() < deadline, gw.stderr()
+            await asyncio.sleep(0.002)
+        edit_routes(config, [PEOPLE, {"path": "/late/**", "upstream": "api",
+                                      "scopes": ["people:read"]}])
+        gw.proc.send_signal(signal.SIGHUP)
+        await gw.ready()
+        deadline = time.monotonic() + 10
+        while gw.stderr().count("config reloaded from") < 2:
+            assert time.monotonic() < deadline, gw.stderr()
+            await asyncio.sleep(0.1)
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+        assert await answered_by_all(gw.proxy, "/late/x", token, 200)
+        assert await asyncio.to_thread(gw.terminate) == 0
+    finally:
+        gw.close()
