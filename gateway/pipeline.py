@@ -29,6 +29,7 @@ from .limits import Month, MonthCache, ratelimit_headers
 from .models import rfc3339
 from .routes import RouteTable, check_path, no_route, query_has_token
 from .tokens import adoptable_request_id
+from .tracing import Tracer
 from .trust import TrustedProxies
 
 log = logging.getLogger("keygate.proxy")
@@ -44,10 +45,11 @@ LOCAL_COUNT_RETRY = 1.0  # seconds between attempts to write fail-open counts to
 
 class Outcome:
     """What the pipeline learned about a request, for the access log and metrics."""
-    __slots__ = ("route", "upstream", "workspace", "key_id", "code")
+    __slots__ = ("route", "upstream", "workspace", "key_id", "code", "trace")
 
     def __init__(self) -> None:
         self.route = self.upstream = self.workspace = self.key_id = self.code = None
+        self.trace = None  # gateway.tracing.Trace
 
 
 def original_request(request: web.BaseRequest, suffix: str) -> tuple[str, str]:
@@ -98,6 +100,7 @@ class Pipeline:
         self.reconfigure(config)
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
+        self.tracer = Tracer()  # gateway.otel.OtelTracer when tracing is configured
 
     def reconfigure(self, config: Config) -> None:
         """Take ``config`` for the next request (a reload). Synchronous, so no request sees
@@ -118,6 +121,7 @@ class Pipeline:
         started = time.perf_counter()
         request_id = self._request_id(request)
         outcome = Outcome()
+        outcome.trace = self.tracer.start(request)
         try:
             response = await self.pipeline(request, request_id, outcome)
         except GatewayError as exc:
@@ -152,20 +156,27 @@ class Pipeline:
             raise errors.NotFound(f"No route matches {request.method} {raw_path}.",
                                   code="no_route")
         upstream = self.config.upstreams[route.upstream]
+        trace = outcome.trace
         if route.public:
-            return await self.forwarder.forward(request, upstream, None, request_id, {})
+            with trace.step("forward"):
+                return await self.forwarder.forward(request, upstream, None, request_id, {},
+                                                    trace=trace)
         token = self.credential(request)
-        key = await self.authenticate(token, request)
+        with trace.step("authenticate"):
+            key = await self.authenticate(token, request)
         outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
         # A declared body over the limit is refused after every other check (SPEC's order)
         # and, like every refusal of keygate's own, is not counted.
         too_large = (request.content_length or 0) > self.max_body
-        key, limit_headers, month = await self.authorise(key, route.scopes, count=not too_large)
+        with trace.step("authorise"):
+            key, limit_headers, month = await self.authorise(key, route.scopes,
+                                                             count=not too_large)
         if too_large:
             raise errors.body_too_large(self.max_body)
         try:
-            return await self.forwarder.forward(request, upstream, key.principal, request_id,
-                                                limit_headers)
+            with trace.step("forward"):
+                return await self.forwarder.forward(request, upstream, key.principal,
+                                                    request_id, limit_headers, trace=trace)
         except GatewayError as exc:
             if not exc.reached_upstream:  # refused here, or never sent: it does not count
                 await self.refund(key, limit_headers, month)
@@ -390,9 +401,12 @@ class Pipeline:
         if route.public:
             return web.Response(status=200)
         token = self.credential(request)
-        key = await self.authenticate(token, request)
+        trace = outcome.trace
+        with trace.step("authenticate"):
+            key = await self.authenticate(token, request)
         outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
-        key, limit_headers, _ = await self.authorise(key, route.scopes, count=True)
+        with trace.step("authorise"):
+            key, limit_headers, _ = await self.authorise(key, route.scopes, count=True)
         headers = dict(limit_headers)
         p = key.principal
         ws, kid, scopes, plan = self._identity
@@ -471,5 +485,6 @@ class Pipeline:
                 m.auth_failures.labels(outcome.code).inc()
         if self.access is not None:
             self.access(request, response, outcome, request_id, elapsed)
+        outcome.trace.end(request, response, outcome, request_id)
 
     access: Callable | None = None

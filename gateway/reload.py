@@ -37,6 +37,9 @@ RELOADABLE = {
     "admin": ("tls",),
     "store": (),
 }
+# Whole sections built once at start (the OTLP exporter; the signing secret, read from the
+# environment, which a running process cannot see change): kept until a restart.
+RESTART_ONLY_SECTIONS = ("identity_signature", "tracing")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ def keep_restart_only(old: Config, new: Config) -> tuple[Config, tuple[str, ...]
                 if a != b:
                     kept.append(f"{section}.{f.name}")
         sections[section] = dataclasses.replace(before, **merged)
+    for section in RESTART_ONLY_SECTIONS:
+        if hasattr(old, section):
+            sections[section] = getattr(old, section)
+            if getattr(old, section) != getattr(new, section):
+                kept.append(section)
     return dataclasses.replace(new, **sections), tuple(kept)
 
 
