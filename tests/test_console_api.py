@@ -4,6 +4,7 @@ never wider than the key itself, operator-only routes stay operator-only)."""
 
 from __future__ import annotations
 
+import json
 import re
 from html.parser import HTMLParser
 
@@ -166,6 +167,10 @@ async def test_another_workspace_reads_exactly_as_one_that_does_not_exist(gut):
                             error["error"]["message"].replace(ws, "WS")))
         assert answers[0] == answers[1] == (404, "not_found", "There is no workspace 'WS'."), \
             (method, path, answers)
+    # a token pasted where a workspace id goes is not echoed back
+    status, error = await as_key(gut, gut.admin_token, "GET",
+                                 f"/workspaces/{gut.admin_token}/keys")
+    assert status == 404 and gut.admin_token[12:] not in json.dumps(error)
     status, key = await gut.admin_json("GET", f"/workspaces/beta/keys/{beta_key['id']}")
     assert key["status"] == "active" and key["name"] == "beta-key"  # nothing changed
 
