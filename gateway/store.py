@@ -56,13 +56,12 @@ from datetime import datetime, timezone
 from importlib import resources
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisClusterException, RedisError
 
 from .config import Config
 from .errors import Conflict, NotFound, StoreError
 from .models import KeyRecord, Workspace, rfc3339
-from .redis_urls import is_topology_url, topology_client
+from .redis_urls import is_topology_url, standalone_client, topology_client
 from .tokens import ID_LEN, PREFIX_CHARS, SecretHasher, make_token
 
 
@@ -208,8 +207,7 @@ def _client(url: str, timeout: float) -> Any:
                          "redis+sentinel:// or redis+cluster://")
     if is_topology_url(url):  # redis+sentinel://, redis+cluster:// (see gateway.redis_urls)
         return topology_client(url, timeout=timeout, decode_responses=True)
-    return aioredis.from_url(url, decode_responses=True, socket_timeout=timeout,
-                             socket_connect_timeout=timeout)
+    return standalone_client(url, timeout=timeout, decode_responses=True)
 
 
 @contextlib.contextmanager
