@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from redis.exceptions import NoScriptError
 
-from .errors import StoreError
+from .errors import StoreError, describe
 from .resp import RespClient, RespError, _encode
 from .store import fail_ip_key, fail_key_key, key_key, rate_key, usage_key, ws_key
 
@@ -88,6 +88,25 @@ class RequestStore:
         elif self._redis is not None:
             await self._redis.aclose()
 
+    async def ready(self) -> None:
+        """Raise :class:`StoreError` (naming the cause) unless this client's own connection can
+        run the per-request script: loads it (so the first request needs no NOSCRIPT round
+        trip) and checks Redis answers with its digest. A wrong password, a missing ACL
+        permission or an unreachable server all fail here."""
+        try:
+            if self._resp is not None:
+                sha = await self._resp.call("SCRIPT", "LOAD", AUTHORIZE)
+            else:
+                sha = await self._redis.script_load(AUTHORIZE)
+        except Exception as exc:
+            raise StoreError(f"the per-request store connection cannot run its script: "
+                             f"{describe(exc)}") from exc
+        if isinstance(sha, bytes):
+            sha = sha.decode()
+        if sha != AUTHORIZE_SHA:
+            raise StoreError("the per-request store connection cannot run its script: "
+                             "Redis answered SCRIPT LOAD with an unexpected digest")
+
     async def _evalsha(self, sha: str, script: str, keys: tuple[str, ...],
                        args: tuple[Any, ...]) -> Any:
         try:
@@ -105,7 +124,7 @@ class RequestStore:
         except StoreError:
             raise
         except Exception as exc:  # connection lost, timeout, error reply: the store failed
-            raise StoreError(f"store call failed: {exc.__class__.__name__}") from exc
+            raise StoreError(f"store call failed: {describe(exc)}") from exc
 
     async def authorize(self, *, workspace: str, key_id: str, key_rev: int, ws_rev: int,
                         count: bool, rate_limit: int, rate_period_ms: int,
@@ -126,9 +145,9 @@ class RequestStore:
                 reply = await self._resp.call_encoded(head + tail.encode())
             except RespError as exc:
                 if not str(exc).startswith("NOSCRIPT"):
-                    raise StoreError(f"store call failed: {exc.__class__.__name__}") from exc
+                    raise StoreError(f"store call failed: {describe(exc)}") from exc
             except Exception as exc:  # connection lost or timed out: the store failed
-                raise StoreError(f"store call failed: {exc.__class__.__name__}") from exc
+                raise StoreError(f"store call failed: {describe(exc)}") from exc
         if reply is None:
             reply = await self._evalsha(
                 AUTHORIZE_SHA, AUTHORIZE,
@@ -168,7 +187,7 @@ class RequestStore:
                 reply = [await self._redis.get(fail_ip_key(ip)),
                          await self._redis.get(fail_key_key(key_id))]
         except Exception as exc:
-            raise StoreError(f"store call failed: {exc.__class__.__name__}") from exc
+            raise StoreError(f"store call failed: {describe(exc)}") from exc
         return int(reply[0] or 0), int(reply[1] or 0)
 
     async def record_failure(self, ip: str, key_id: str, window_seconds: int) -> None:

@@ -200,8 +200,12 @@ class StandaloneURL:
             return None
         import ssl
         o = self.options
-        ctx = ssl.create_default_context(cafile=o.get("ssl_ca_certs"),
-                                         capath=o.get("ssl_ca_path"))
+        try:
+            ctx = ssl.create_default_context(cafile=o.get("ssl_ca_certs"),
+                                             capath=o.get("ssl_ca_path"))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load ssl_ca_certs: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
         reqs = o.get("ssl_cert_reqs", "required")
         reqs = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
                 "required": ssl.CERT_REQUIRED}.get(str(reqs).lower(), reqs) \
@@ -214,9 +218,13 @@ class StandaloneURL:
         elif check is not None:
             ctx.check_hostname = bool(check)
         ctx.verify_mode = reqs
-        if o.get("ssl_certfile"):
-            ctx.load_cert_chain(o["ssl_certfile"], o.get("ssl_keyfile"),
-                                o.get("ssl_password"))
+        try:
+            if o.get("ssl_certfile"):
+                ctx.load_cert_chain(o["ssl_certfile"], o.get("ssl_keyfile"),
+                                    o.get("ssl_password"))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load the TLS client certificate: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
         return ctx
 
     def __repr__(self) -> str:  # never print a password by accident

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ssl
 import time
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
+
+from .redis_urls import parse_standalone_url
 
 
 class RespError(Exception):
@@ -112,16 +112,14 @@ class RespClient:
 
     def __init__(self, url: str, *, timeout: float = 2.0, connect_timeout: float = 2.0,
                  max_pending: int = 100_000) -> None:
-        u = urlparse(url)
-        q = parse_qs(u.query)
-        self.scheme = u.scheme
-        self.host = u.hostname or "127.0.0.1"
-        self.port = u.port or 6379
-        self.path = unquote(u.path) if u.scheme == "unix" else None
-        db = q.get("db", [None])[0] if u.scheme == "unix" else (u.path.strip("/") or None)
-        self.db = int(db) if db else 0
-        self.username = unquote(u.username) if u.username else None
-        self.password = unquote(u.password) if u.password else None
+        # The same parse as the admin path's redis-py client (redis-py's own URL semantics):
+        # a password or db in a unix:// query, ssl_ca_certs and the other TLS options.
+        target = parse_standalone_url(url)
+        self.path = target.unix_path
+        self.host, self.port = target.host, target.port
+        self.db = target.db
+        self.username, self.password = target.username, target.password
+        self._ssl = target.ssl_context()
         self.timeout, self.connect_timeout = timeout, connect_timeout
         # Commands awaiting a reply on the connection. The watchdog bounds how long Redis may
         # lag, this bounds how much piles up meanwhile: past it a call fails at once (the
@@ -135,14 +133,13 @@ class RespClient:
         loop = asyncio.get_running_loop()
         factory = lambda: _Protocol(self._lost)  # noqa: E731
         try:
-            if self.scheme == "unix":
+            if self.path is not None:
                 coro = loop.create_unix_connection(factory, self.path)
             else:
-                tls = ssl.create_default_context() if self.scheme == "rediss" else None
-                coro = loop.create_connection(factory, self.host, self.port, ssl=tls)
+                coro = loop.create_connection(factory, self.host, self.port, ssl=self._ssl)
             _, proto = await asyncio.wait_for(coro, self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            raise ConnectionError(f"cannot connect to Redis: {exc.__class__.__name__}") from exc
+            raise ConnectionError(f"cannot connect to Redis: {exc.__class__.__name__}: {exc}") from exc
         hello = []
         if self.password is not None:
             hello.append(("AUTH", self.username, self.password) if self.username
