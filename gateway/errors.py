@@ -11,7 +11,7 @@
     ├── PayloadTooLarge (413)         body_too_large
     ├── TooManyRequests (429)         too_many_failures, rate_limited, quota_exceeded
     ├── BadGateway (502)              upstream_unavailable
-    ├── ServiceUnavailable (503)      store_unavailable
+    ├── ServiceUnavailable (503)      store_unavailable, overloaded (gateway.verify_queue)
     └── GatewayTimeout (504)          upstream_timeout
 
     StoreError                        the store could not be reached or answered garbage;

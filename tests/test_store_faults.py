@@ -148,3 +148,111 @@ def test_rediss_options_reach_the_per_request_client(tmp_path):
     client = RespClient("rediss://u:p@h:6380/3?ssl_cert_reqs=none")
     assert client._ssl.verify_mode == ssl.CERT_NONE and (client.db, client.port) == (3, 6380)
     assert (client.username, client.password) == ("u", "p")
+
+
+# --- the failure throttle throttles failures ---------------------------------------------------
+
+from gateway.config import Argon2Config, FailureLimits, KeysConfig, VerifyQueueLimits  # noqa: E402
+
+
+def _wrong_secrets(token: str, n: int) -> list[str]:
+    from gateway.tokens import checksum, random_base62
+    out = []
+    for _ in range(n):
+        head = token[:-38] + random_base62(32)
+        out.append(head + checksum(head))
+    return out
+
+
+async def _status_codes(g, tokens: list[str]) -> list[tuple[int, str | None, str | None]]:
+    async def one(t: str):
+        async with g.proxy.get("/people", headers={"Authorization": f"Bearer {t}"}) as r:
+            body = await r.json()
+            code = body.get("error", {}).get("code") if isinstance(body, dict) else None
+            return r.status, code, r.headers.get("Retry-After")
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(one(t)) for t in tokens]
+    return [t.result() for t in tasks]
+
+
+def test_failure_and_queue_defaults_follow_the_spec(tmp_path):
+    from gateway.config import load_config
+    path = tmp_path / "config.yaml"
+    path.write_text("upstreams: {api: {url: 'http://127.0.0.1:9'}}\n"
+                    "routes: [{path: '/x', upstream: api}]\n")
+    keys = load_config(path).keys
+    assert keys.failures == FailureLimits(per_ip=20, per_key=None, window_seconds=60)
+    assert keys.verify_queue == VerifyQueueLimits(per_ip=256, total=4096)
+    path.write_text("keys: {failures: {per_key: 5}, verify_queue: {per_ip: 8, total: 9}}\n"
+                    "upstreams: {api: {url: 'http://127.0.0.1:9'}}\n"
+                    "routes: [{path: '/x', upstream: api}]\n")
+    keys = load_config(path).keys
+    assert (keys.failures.per_key, keys.verify_queue) == (5, VerifyQueueLimits(8, 9))
+
+
+async def test_a_public_key_id_cannot_be_locked_out_by_wrong_secrets(upstream, redis_url,
+                                                                      monkeypatch):
+    """Key ids are public: with the default (no per-key limit), wrong secrets sent for a key
+    id do not lock the key's owner out of a replica that has not cached it yet."""
+    config = make_config(str(upstream.make_url("")),
+                         keys=KeysConfig(argon2=Argon2Config(1, 8, 1),
+                                         failures=FailureLimits(per_ip=100)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        results = await _status_codes(g, _wrong_secrets(token, 30))
+        assert {s for s, _, _ in results} == {401}
+        [(status, _, _)] = await _status_codes(g, [token])
+        assert status == 200
+
+
+async def test_concurrent_wrong_secrets_from_one_address_run_argon2_at_most_per_ip_times(
+        upstream, redis_url, monkeypatch):
+    config = make_config(str(upstream.make_url("")),
+                         keys=KeysConfig(argon2=Argon2Config(1, 8, 1),
+                                         failures=FailureLimits(per_ip=20)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        results = await _status_codes(g, _wrong_secrets(token, 80))
+        ran = g.counter("keygate_argon2_verifications_total", result="fail")
+        assert ran == 20, ran
+        codes = [c for _, c, _ in results]
+        assert codes.count("invalid_key") == 20 and codes.count("too_many_failures") == 60
+        assert all(ra == "60" for _, c, ra in results if c == "too_many_failures")
+
+
+async def test_a_full_verification_queue_answers_503_overloaded(upstream, redis_url,
+                                                                 monkeypatch):
+    """Only a full queue refuses; everything admitted to it is decided (200 here)."""
+    slow = Argon2Config(2, 19456, 1)  # a real argon2 cost, so the queue fills
+    config = make_config(str(upstream.make_url("")),
+                         keys=KeysConfig(argon2=slow, verify_queue=VerifyQueueLimits(5, 4096)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        tokens = [(await g.key(name=f"k{i}"))[0] for i in range(30)]
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:  # cold caches
+        results = await _status_codes(g, tokens)
+        assert {(s, c) for s, c, _ in results} <= {(200, None), (503, "overloaded")}, results
+        overloaded = [ra for s, c, ra in results if c == "overloaded"]
+        assert overloaded and all(ra == "1" for ra in overloaded)
+        assert sum(s == 200 for s, _, _ in results) >= 5
+        # the refused ones were refused before anything ran: a retry succeeds
+        again = await _status_codes(g, [t for t, (s, _, _) in zip(tokens, results) if s == 503])
+        assert {s for s, _, _ in again} <= {200, 503}
+
+
+async def test_argon2_runs_at_a_lower_cpu_priority_than_the_event_loop(upstream, redis_url,
+                                                                       monkeypatch):
+    import sys
+    import threading
+    if not sys.platform.startswith("linux"):
+        pytest.skip("a thread's own nice value is a Linux feature")
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        auth = g.gw.pipeline.auth
+        loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        nice = await asyncio.get_running_loop().run_in_executor(
+            auth.executor, lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        assert nice > loop_nice or loop_nice == 19
+        assert auth.executor._max_workers <= 4
