@@ -6,8 +6,10 @@ one seam: :meth:`RequestStore.authorize`.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import time
 from importlib import resources
 from typing import Any, NamedTuple
 
@@ -24,7 +26,11 @@ def _script(name: str) -> tuple[str, str]:
 
 
 AUTHORIZE, AUTHORIZE_SHA = _script("authorize.lua")
-_AUTHORIZE_ARGS = 9
+_AUTHORIZE_ARGS = 10
+# The script's deadline (lua/authorize.lua ARGV[10]) is this share of the store timeout after
+# the call is made: a reply to a call that ran before it reaches us before we give up on it.
+DEADLINE_SHARE = 0.8
+OFFSET_MAX_AGE = 60.0  # seconds between clock-offset measurements on the redis-py path
 
 RECORD_FAILURE = """
 local n = redis.call('INCR', KEYS[1])
@@ -70,6 +76,10 @@ class RequestStore:
         self._heads: dict[tuple[str, str, str], bytes] = {}
         self._resp: RespClient | None = None
         self._redis: Any = None
+        self.timeout = timeout
+        self._offset: float | None = None    # redis-py path: Redis's clock minus ours
+        self._offset_at = -1e9
+        self._measuring: asyncio.Future | None = None
         if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
             self._resp = RespClient(url, timeout=timeout)
         else:
@@ -78,11 +88,40 @@ class RequestStore:
             from .redis_urls import topology_client
             self._redis = topology_client(url, timeout=timeout, decode_responses=False)
 
+    def _deadline(self) -> int:
+        """The latest instant, in Redis's clock (µs), at which the authorize script may still
+        count this request; 0 (none) while the clocks' offset is unknown."""
+        if self._resp is not None:
+            offset = self._resp.clock_offset
+        else:
+            offset = self._offset
+            if time.monotonic() - self._offset_at > OFFSET_MAX_AGE and self._measuring is None:
+                self._measuring = asyncio.ensure_future(self._measure_offset())
+        if offset is None:
+            return 0
+        return int((time.time() + offset + self.timeout * DEADLINE_SHARE) * 1e6)
+
+    async def _measure_offset(self) -> None:
+        """Redis's clock minus ours, for the redis-py path (Cluster: nodes keep NTP time, one
+        node's reading stands for all), refreshed every ``OFFSET_MAX_AGE`` seconds."""
+        try:
+            sent = time.time()
+            seconds, micros = await self._redis.time()
+            self._offset = seconds + micros / 1e6 - (sent + time.time()) / 2
+            self._offset_at = time.monotonic()
+        except Exception:  # the store is down: keep the last offset, try again next call
+            pass
+        finally:
+            self._measuring = None
+
     def _member(self, now_ms: int) -> str:
         self._seq += 1
         return f"{now_ms}:{self._tag}:{self._seq}"
 
     async def close(self) -> None:
+        if self._measuring is not None:
+            self._measuring.cancel()
+            await asyncio.wait((self._measuring,))
         if self._resp is not None:
             await self._resp.close()
         elif self._redis is not None:
@@ -132,7 +171,7 @@ class RequestStore:
                         now_ms: int) -> Decision:
         args = (now_ms, key_rev, ws_rev, "count" if count else "check", rate_limit,
                 rate_period_ms, -1 if monthly_limit is None else monthly_limit, counter_ttl,
-                self._member(now_ms))
+                self._member(now_ms), self._deadline() if count else 0)
         reply = None
         if self._resp is not None:
             # The command's first half (EVALSHA, sha, the four keys) is the same for every
@@ -154,6 +193,9 @@ class RequestStore:
                 (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
                  rate_key(workspace, key_id)), args)
         outcome = reply[0]
+        if outcome == b"late":  # ran after we would have given up: it counted nothing
+            raise StoreError("store call failed: Redis ran the call after its deadline "
+                             "(paused or overloaded)")
         if outcome == b"ok":
             if len(reply) == 2:
                 return Decision("ok", reply[1])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
 from typing import Any
 
@@ -125,6 +126,8 @@ class RespClient:
         # lag, this bounds how much piles up meanwhile: past it a call fails at once (the
         # hot path answers 503) instead of growing memory without limit.
         self.max_pending = max_pending
+        # Redis's clock minus ours, seconds, measured at each connect (None: not yet known).
+        self.clock_offset: float | None = None
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -139,7 +142,8 @@ class RespClient:
                 coro = loop.create_connection(factory, self.host, self.port, ssl=self._ssl)
             _, proto = await asyncio.wait_for(coro, self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            raise ConnectionError(f"cannot connect to Redis: {exc.__class__.__name__}: {exc}") from exc
+            raise ConnectionError(
+                f"cannot connect to Redis: {exc.__class__.__name__}: {exc}") from exc
         hello = []
         if self.password is not None:
             hello.append(("AUTH", self.username, self.password) if self.username
@@ -157,12 +161,28 @@ class RespClient:
                     raise ConnectionError(f"Redis refused {cmd[0]}: {exc}") from exc
                 except asyncio.TimeoutError as exc:
                     raise ConnectionError(f"Redis did not answer {cmd[0]} in time") from exc
+            # Redis's clock against ours (TIME, halfway through its round trip): the
+            # per-request script's deadline is set in Redis's clock. Sent, not awaited: the
+            # connection is usable at once, the offset is known one round trip later.
+            fut = loop.create_future()
+            proto.waiting.append((fut, time.monotonic()))
+            proto.transport.write(_encode(("TIME",)))
+            fut.add_done_callback(functools.partial(self._clock_read, time.time()))
         except BaseException:  # refused, stuck, lost, or close() cancelled us: never leak it
             proto.abort(ConnectionError("connection to Redis not set up"))
             raise
         if proto.closed:
             raise ConnectionError("connection to Redis lost while connecting")
         return proto
+
+    def _clock_read(self, sent: float, fut: asyncio.Future) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return  # lost with the connection, or TIME refused (an ACL): keep what we had
+        try:
+            seconds, micros = fut.result()
+            self.clock_offset = int(seconds) + int(micros) / 1e6 - (sent + time.time()) / 2
+        except (TypeError, ValueError):
+            pass
 
     def _lost(self, proto: _Protocol) -> None:
         if self._proto is proto:

@@ -256,3 +256,70 @@ async def test_argon2_runs_at_a_lower_cpu_priority_than_the_event_loop(upstream,
             auth.executor, lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         assert nice > loop_nice or loop_nice == 19
         assert auth.executor._max_workers <= 4
+
+
+# --- Redis paused, killed, restarted: answers stay right -----------------------------------------
+
+async def _load(g, token: str, stop: asyncio.Event, statuses: list[int], workers: int = 8,
+                path: str = "/people") -> None:
+    async def worker() -> None:
+        while not stop.is_set():
+            async with g.proxy.get(path, headers={"Authorization": f"Bearer {token}"}) as r:
+                await r.read()
+                statuses.append(r.status)
+    await asyncio.gather(*(worker() for _ in range(workers)))
+
+
+def _month_count(url: str, ws: str) -> int:
+    from gateway.limits import month_of
+    from gateway.store import usage_key
+    return int(redis.Redis.from_url(url).get(usage_key(ws, month_of(time.time()).period)) or 0)
+
+
+async def test_requests_answered_503_while_redis_is_paused_are_never_counted(
+        upstream, own_redis, monkeypatch):
+    """SIGSTOP: calls sit in Redis's socket buffer, the gateway answers 503 after its
+    timeout; when Redis wakes it runs them all. They must count nothing (clients retry)."""
+    config = make_config(str(upstream.make_url("")))  # store timeout 0.5 s
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        token, _ = await g.key()
+        stop, statuses = asyncio.Event(), []
+        load = asyncio.ensure_future(_load(g, token, stop, statuses))
+        await asyncio.sleep(0.3)
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(1.5)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await load
+        await asyncio.sleep(0.2)
+    assert set(statuses) == {200, 503}, sorted(set(statuses))
+    assert _month_count(own_redis.url, "acme") == statuses.count(200)
+
+
+async def test_fail_open_counts_a_paused_redis_once(upstream, own_redis, monkeypatch):
+    """on_store_error: open counts locally what Redis did not answer in time; the calls that
+    Redis runs when it wakes must not count the same requests a second time."""
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.5, on_store_error="open"))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        token, _ = await g.key()
+        stop, statuses = asyncio.Event(), []
+        load = asyncio.ensure_future(_load(g, token, stop, statuses))
+        await asyncio.sleep(0.3)
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(1.5)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await load
+        await asyncio.sleep(1.5)  # the local counts are written back within a second
+        assert g.counter("keygate_degraded_decisions_total") > 0
+    assert set(statuses) == {200}, sorted(set(statuses))
+    assert _month_count(own_redis.url, "acme") == len(statuses)
