@@ -248,10 +248,11 @@ def standalone_client(url: str, *, timeout: float, decode_responses: bool) -> Re
     instead of raising (see ``POOL_CONNECTIONS``). Dead pooled connections (a restart, a
     failover, ``CLIENT KILL``) are re-made by redis-py's retry on ``ConnectionError``."""
     parse_standalone_url(url)  # refuse what redis-py would refuse, with our message
+    # The retry policy lives on the pool's connections (a client given a pool ignores its own).
     pool = BlockingConnectionPool.from_url(
         url, max_connections=POOL_CONNECTIONS, timeout=None, decode_responses=decode_responses,
-        socket_timeout=timeout, socket_connect_timeout=timeout)
-    return Redis(connection_pool=pool, retry=_retry(), retry_on_error=[])
+        socket_timeout=timeout, socket_connect_timeout=timeout, retry=_retry())
+    return Redis(connection_pool=pool)
 
 
 def _retry() -> Any:

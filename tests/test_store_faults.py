@@ -323,3 +323,69 @@ async def test_fail_open_counts_a_paused_redis_once(upstream, own_redis, monkeyp
         assert g.counter("keygate_degraded_decisions_total") > 0
     assert set(statuses) == {200}, sorted(set(statuses))
     assert _month_count(own_redis.url, "acme") == len(statuses)
+
+
+class AofRedis:
+    """A redis-server with AOF on (as ``embedded`` runs it) that a test can kill and restart
+    on the same port and data directory."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.data_dir, self.port = data_dir, free_port()
+        self.proc: subprocess.Popen | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "AofRedis":
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+             "--dir", self.data_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_timeout=0.5).ping()
+                return self
+            except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def aof_redis(tmp_path):
+    server = AofRedis(str(tmp_path)).start()
+    yield server
+    server.stop()
+
+
+async def test_after_a_redis_restart_the_first_cold_call_gets_the_right_answer(
+        upstream, aof_redis, monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, aof_redis.url, monkeypatch) as g:
+        await g.workspace()
+        used, _ = await g.key(name="used")
+        revoked, revoked_key = await g.key(name="revoked")
+        fresh, _ = await g.key(name="fresh")
+        status, _ = await g.admin_json("POST", f"/workspaces/acme/keys/{revoked_key['id']}/revoke")
+        assert status == 200
+        # several pooled admin-path connections, and a cached key on the hot path
+        await asyncio.gather(*(g.admin_json("GET", "/workspaces/acme/keys") for _ in range(8)))
+        [(status, _, _)] = await _status_codes(g, [used])
+        assert status == 200
+
+        aof_redis.kill()
+        aof_redis.start()  # same port, same AOF: every key and revocation is back
+
+        results = await _status_codes(g, [revoked, fresh, used])
+        assert [(s, c) for s, c, _ in results] == [(401, "revoked_key"), (200, None),
+                                                    (200, None)], results
+        status, body = await g.admin_json("GET", "/workspaces/acme/keys")
+        assert status == 200 and len(body["items"]) == 3
