@@ -389,3 +389,43 @@ async def test_after_a_redis_restart_the_first_cold_call_gets_the_right_answer(
                                                     (200, None)], results
         status, body = await g.admin_json("GET", "/workspaces/acme/keys")
         assert status == 200 and len(body["items"]) == 3
+
+
+async def test_client_kill_under_load_loses_no_count_and_gives_no_wrong_answer(
+        upstream, own_redis, monkeypatch):
+    """Redis drops every client connection (CLIENT KILL TYPE normal) three times under load:
+    connections are re-made, no answer is other than 200 or 503, nothing counted is lost."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        token, _ = await g.key()
+        stop, statuses = asyncio.Event(), []
+        load = asyncio.ensure_future(_load(g, token, stop, statuses))
+        killer = redis.Redis.from_url(own_redis.url)
+        await asyncio.sleep(0.3)
+        for _ in range(3):
+            killer.client_kill_filter(_type="normal", skipme=True)
+            await asyncio.sleep(0.4)
+        ok_before_end = statuses.count(200)
+        await asyncio.sleep(0.4)
+        stop.set()
+        await load
+        assert statuses.count(200) > ok_before_end  # still answering after the last kill
+        status, body = await g.admin_json("GET", "/workspaces/acme/keys")  # admin path too
+        assert status == 200 and len(body["items"]) == 1
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+    assert _month_count(own_redis.url, "acme") >= statuses.count(200)
+
+
+def test_the_fault_harness_runs_a_cluster_failover(tmp_path):
+    """bench/faults.py, scenario cluster, small load: a Cluster of three primaries and three
+    replicas, the workspace's primary killed under load, its replica promoted. The harness
+    exits 1 on any answer other than 200/503, a 200 decided while the slot had no primary, a
+    first 200 more than 2 s after the promotion, or anything lost."""
+    from pathlib import Path
+    import sys
+    harness = Path(__file__).resolve().parent.parent / "bench" / "faults.py"
+    out = subprocess.run([sys.executable, str(harness), "--quick", "--only", "cluster",
+                          "--workers", "2"], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "| Cluster primary killed, replica promoted |" in out.stdout
