@@ -420,9 +420,9 @@ def error_middleware(config: Config, *, authenticate: bool = True) -> Callable:
             response = await handler(request)
         except GatewayError as err:
             response = err.response(rid)
-        except StoreError:
-            log.warning("store unavailable during %s %s (request %s)", request.method,
-                        request.path, rid)
+        except StoreError as exc:
+            log.warning("store unavailable during %s %s (request %s): %s", request.method,
+                        request.path, rid, exc)
             response = ServiceUnavailable("The key store is unavailable; nothing was changed "
                                           "or the change could not be confirmed.").response(rid)
         except web.HTTPException as exc:

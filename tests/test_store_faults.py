@@ -429,3 +429,22 @@ def test_the_fault_harness_runs_a_cluster_failover(tmp_path):
                           "--workers", "2"], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert "| Cluster primary killed, replica promoted |" in out.stdout
+
+
+async def test_a_store_error_in_the_log_names_its_cause(upstream, own_redis, monkeypatch,
+                                                         caplog):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        own_redis.stop()
+        status, _ = await g.admin_json("GET", "/workspaces/acme/keys")
+        assert status == 503
+        [(status, code, _)] = await _status_codes(g, [token])
+        assert (status, code) == (503, "store_unavailable")
+    admin_line = next(r.getMessage() for r in caplog.records
+                      if r.getMessage().startswith("store unavailable during GET"))
+    proxy_line = next(r.getMessage() for r in caplog.records
+                      if r.getMessage().startswith("store unavailable: "))
+    for line in (admin_line, proxy_line):
+        assert "ConnectionError" in line and ("refused" in line.lower() or "111" in line), line
