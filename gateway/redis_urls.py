@@ -252,7 +252,7 @@ def standalone_client(url: str, *, timeout: float, decode_responses: bool) -> Re
     pool = BlockingConnectionPool.from_url(
         url, max_connections=POOL_CONNECTIONS, timeout=None, decode_responses=decode_responses,
         socket_timeout=timeout, socket_connect_timeout=timeout, retry=_retry())
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # closing the client closes its pool
 
 
 def _retry() -> Any:

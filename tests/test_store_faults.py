@@ -448,3 +448,13 @@ async def test_a_store_error_in_the_log_names_its_cause(upstream, own_redis, mon
                       if r.getMessage().startswith("store unavailable: "))
     for line in (admin_line, proxy_line):
         assert "ConnectionError" in line and ("refused" in line.lower() or "111" in line), line
+
+
+async def test_a_stopped_gateway_leaves_no_store_connection_open(upstream, own_redis,
+                                                                  monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace()
+        await asyncio.gather(*(g.admin_json("GET", "/workspaces/acme") for _ in range(30)))
+    await asyncio.sleep(0.1)
+    assert len(redis.Redis.from_url(own_redis.url).client_list()) == 1  # only the asker
