@@ -28,7 +28,7 @@ from .hotpath import RequestStore
 from .limits import key_rate_limit
 from .models import KeyRecord, Principal, Workspace
 from .tokens import MalformedToken, ParsedToken, SecretHasher, parse_token
-from .verify_queue import VerifyQueue, argon2_executor
+from .verify_queue import VerifyQueue, argon2_executor, argon2_threads
 
 MAX_CACHED_KEYS = 100_000
 
@@ -65,10 +65,11 @@ class Authenticator:
         self.clock = clock
         a = config.keys.argon2
         self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
-        self.executor = argon2_executor()
+        threads = argon2_threads()
+        self.executor = argon2_executor(threads)
         # A turn per argon2 thread, plus one, so a thread never idles while a turn reads the
         # key from the store.
-        self.queue = VerifyQueue(self.executor._max_workers + 1,
+        self.queue = VerifyQueue(threads + 1,
                                  config.keys.verify_queue.per_ip,
                                  config.keys.verify_queue.total)
         self._per_key_limit = config.keys.failures.per_key

@@ -99,15 +99,24 @@ class RequestStore:
                 self._measuring = asyncio.ensure_future(self._measure_offset())
         if offset is None:
             return 0
-        return int((time.time() + offset + self.timeout * DEADLINE_SHARE) * 1e6)
+        return int((time.monotonic() + offset + self.timeout * DEADLINE_SHARE) * 1e6)
+
+    def _clock_stepped(self) -> None:
+        """A call came back "late" long before its deadline could have passed: one of the
+        clocks stepped since the offset was measured. Measure it again."""
+        if self._resp is not None:
+            self._resp.measure_clock()
+        else:
+            self._offset_at = -1e9
 
     async def _measure_offset(self) -> None:
-        """Redis's clock minus ours, for the redis-py path (Cluster: nodes keep NTP time, one
-        node's reading stands for all), refreshed every ``OFFSET_MAX_AGE`` seconds."""
+        """Redis's clock minus our ``time.monotonic()``, for the redis-py path (Cluster:
+        nodes keep NTP time, one node's reading stands for all), refreshed every
+        ``OFFSET_MAX_AGE`` seconds."""
         try:
-            sent = time.time()
+            sent = time.monotonic()
             seconds, micros = await self._redis.time()
-            self._offset = seconds + micros / 1e6 - (sent + time.time()) / 2
+            self._offset = seconds + micros / 1e6 - (sent + time.monotonic()) / 2
             self._offset_at = time.monotonic()
         except Exception:  # the store is down: keep the last offset, try again next call
             pass
@@ -169,6 +178,7 @@ class RequestStore:
                         count: bool, rate_limit: int, rate_period_ms: int,
                         monthly_limit: int | None, period: str, counter_ttl: int,
                         now_ms: int) -> Decision:
+        started = time.monotonic()
         args = (now_ms, key_rev, ws_rev, "count" if count else "check", rate_limit,
                 rate_period_ms, -1 if monthly_limit is None else monthly_limit, counter_ttl,
                 self._member(now_ms), self._deadline() if count else 0)
@@ -194,6 +204,8 @@ class RequestStore:
                  rate_key(workspace, key_id)), args)
         outcome = reply[0]
         if outcome == b"late":  # ran after we would have given up: it counted nothing
+            if time.monotonic() - started < self.timeout * DEADLINE_SHARE / 2:
+                self._clock_stepped()
             raise StoreError("store call failed: Redis ran the call after its deadline "
                              "(paused or overloaded)")
         if outcome == b"ok":

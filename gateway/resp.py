@@ -126,7 +126,8 @@ class RespClient:
         # lag, this bounds how much piles up meanwhile: past it a call fails at once (the
         # hot path answers 503) instead of growing memory without limit.
         self.max_pending = max_pending
-        # Redis's clock minus ours, seconds, measured at each connect (None: not yet known).
+        # Redis's clock minus our time.monotonic(), seconds, measured at each connect (None:
+        # not yet known).
         self.clock_offset: float | None = None
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
@@ -167,7 +168,7 @@ class RespClient:
             fut = loop.create_future()
             proto.waiting.append((fut, time.monotonic()))
             proto.transport.write(_encode(("TIME",)))
-            fut.add_done_callback(functools.partial(self._clock_read, time.time()))
+            fut.add_done_callback(functools.partial(self._clock_read, time.monotonic()))
         except BaseException:  # refused, stuck, lost, or close() cancelled us: never leak it
             proto.abort(ConnectionError("connection to Redis not set up"))
             raise
@@ -175,12 +176,21 @@ class RespClient:
             raise ConnectionError("connection to Redis lost while connecting")
         return proto
 
+    def measure_clock(self) -> None:
+        """Measure ``clock_offset`` again (one TIME call, not awaited): after a clock step."""
+        self.call("TIME").add_done_callback(functools.partial(self._clock_read,
+                                                              time.monotonic()))
+
     def _clock_read(self, sent: float, fut: asyncio.Future) -> None:
+        """``clock_offset`` = Redis's clock (TIME) minus our ``time.monotonic()``, read
+        halfway through the round trip. Monotonic, so a step of this host's wall clock cannot
+        move the per-request deadlines."""
         if fut.cancelled() or fut.exception() is not None:
             return  # lost with the connection, or TIME refused (an ACL): keep what we had
         try:
             seconds, micros = fut.result()
-            self.clock_offset = int(seconds) + int(micros) / 1e6 - (sent + time.time()) / 2
+            self.clock_offset = int(seconds) + int(micros) / 1e6 - \
+                (sent + time.monotonic()) / 2
         except (TypeError, ValueError):
             pass
 

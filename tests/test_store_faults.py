@@ -255,7 +255,7 @@ async def test_argon2_runs_at_a_lower_cpu_priority_than_the_event_loop(upstream,
         nice = await asyncio.get_running_loop().run_in_executor(
             auth.executor, lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         assert nice > loop_nice or loop_nice == 19
-        assert auth.executor._max_workers <= 4
+        assert auth.queue.slots <= 5  # at most 4 argon2 threads, and one turn more
 
 
 # --- Redis paused, killed, restarted: answers stay right -----------------------------------------
@@ -458,3 +458,26 @@ async def test_a_stopped_gateway_leaves_no_store_connection_open(upstream, own_r
         await asyncio.gather(*(g.admin_json("GET", "/workspaces/acme") for _ in range(30)))
     await asyncio.sleep(0.1)
     assert len(redis.Redis.from_url(own_redis.url).client_list()) == 1  # only the asker
+
+
+async def test_a_stepped_clock_costs_at_most_one_refused_request(upstream, own_redis,
+                                                                  monkeypatch):
+    """The deadline is in Redis's clock, from an offset measured at connect. If a clock
+    steps (here: the measured offset is made an hour wrong), the first call comes back "late"
+    at once; the offset is measured again and the next requests pass."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        token, _ = await g.key()
+        [(status, _, _)] = await _status_codes(g, [token])
+        assert status == 200
+        resp = g.gw.requests._resp
+        measured = resp.clock_offset
+        resp.clock_offset -= 3600
+        [(status, code, _)] = await _status_codes(g, [token])
+        assert (status, code) == (503, "store_unavailable")
+        await asyncio.sleep(0.05)
+        assert abs(resp.clock_offset - measured) < 1  # measured again
+        results = await _status_codes(g, [token] * 5)
+        assert {s for s, _, _ in results} == {200}
+    assert _month_count(own_redis.url, "acme") == 6
