@@ -481,3 +481,27 @@ async def test_a_stepped_clock_costs_at_most_one_refused_request(upstream, own_r
         results = await _status_codes(g, [token] * 5)
         assert {s for s, _, _ in results} == {200}
     assert _month_count(own_redis.url, "acme") == 6
+
+
+async def test_every_topology_s_pool_waits_for_a_connection_instead_of_raising():
+    """No client-side connection limit may become a 503: standalone and Sentinel pools wait
+    for a free connection (no timeout of their own); Cluster pools, which cannot wait, are
+    far above any burst one process makes."""
+    from redis.asyncio import BlockingConnectionPool
+    from gateway.redis_urls import (CLUSTER_NODE_CONNECTIONS, standalone_client,
+                                    topology_client)
+    for url in ("redis://127.0.0.1:1/0", "unix:///tmp/none.sock?db=1&password=x"):
+        client = standalone_client(url, timeout=1, decode_responses=True)
+        pool = client.connection_pool
+        assert isinstance(pool, BlockingConnectionPool) and pool.timeout is None
+        assert pool.connection_kwargs["retry"].get_retries() == 1
+        await client.aclose()
+    sentinel = topology_client("redis+sentinel://127.0.0.1:1/mymaster", timeout=1,
+                               decode_responses=True)
+    assert isinstance(sentinel.connection_pool, BlockingConnectionPool)
+    assert sentinel.connection_pool.timeout is None
+    await sentinel.aclose()
+    cluster = topology_client("redis+cluster://127.0.0.1:1", timeout=1, decode_responses=True)
+    node = next(iter(cluster.nodes_manager.startup_nodes.values()))
+    assert node.max_connections == CLUSTER_NODE_CONNECTIONS >= 2048
+    await cluster.aclose()
