@@ -104,10 +104,12 @@ def wait_for(what: str, check, timeout: float = 20.0, step: float = 0.02) -> flo
 
 
 class RedisProc:
-    def __init__(self, data_dir: Path, port: int | None = None, *extra: str) -> None:
-        self.dir, self.port, self.extra = data_dir, port or free_port(), extra
+    def __init__(self, data_dir: Path, pick_port=free_port, *extra: str) -> None:
+        self.dir, self.pick_port, self.extra = data_dir, pick_port, extra
+        self.port = pick_port()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
+        self.started_once = False
 
     @property
     def url(self) -> str:
@@ -117,13 +119,30 @@ class RedisProc:
         return redis.Redis(port=self.port, socket_timeout=2)
 
     def start(self) -> float:
-        """Start (or restart from the AOF); returns the monotonic time it first answered."""
-        self.spawned = time.monotonic()  # it cannot answer anything before this
-        self.proc = subprocess.Popen(
-            [redis_bin(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.dir),
-             *self.extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return wait_for("redis-server", lambda: self.client().ping())
+        """Start (or restart from the AOF, on the same port); returns the monotonic time it
+        first answered. A first start whose port another process took meanwhile is retried
+        on a new port."""
+        for _ in range(3):
+            self.spawned = time.monotonic()  # it cannot answer anything before this
+            self.proc = subprocess.Popen(
+                [redis_bin(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.dir),
+                 *self.extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+            def up() -> bool:
+                if self.proc.poll() is not None:
+                    raise PortTaken(f"redis-server on port {self.port} exited")
+                return bool(self.client().ping())
+            try:
+                ready = wait_for("redis-server", up)
+            except PortTaken:
+                if self.started_once:
+                    raise
+                self.port = self.pick_port()
+                continue
+            self.started_once = True
+            return ready
+        raise RuntimeError("redis-server could not start on three free ports")
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -139,7 +158,7 @@ class Cluster:
     """Three primaries and three replicas (``redis-cli --cluster create --cluster-replicas 1``)."""
 
     def __init__(self, base: Path) -> None:
-        self.nodes = [RedisProc(base / f"node{i}", cluster_port(), "--cluster-enabled", "yes",
+        self.nodes = [RedisProc(base / f"node{i}", cluster_port, "--cluster-enabled", "yes",
                                 "--cluster-config-file", "nodes.conf",
                                 "--cluster-node-timeout", "1000")
                       for i in range(6)]
@@ -181,14 +200,25 @@ class Cluster:
             node.stop()
 
 
+class PortTaken(RuntimeError):
+    """keygate could not bind a port picked as free: another process took it meanwhile."""
+
+
 class Keygate:
     """``keygate serve`` as a child process, with its own config file and log."""
 
     def __init__(self, workdir: Path, store_url: str, upstream_port: int,
                  timeout: float = 2.0) -> None:
-        self.dir = workdir
-        self.port, self.admin_port = free_port(), free_port()
+        self.dir, self.store_url, self.upstream_port, self.timeout = \
+            workdir, store_url, upstream_port, timeout
         self.config = workdir / "config.yaml"
+        self.log = workdir / "keygate.log"
+        self.proc: subprocess.Popen | None = None
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        store_url, upstream_port, timeout = self.store_url, self.upstream_port, self.timeout
+        self.port, self.admin_port = free_port(), free_port()
         self.config.write_text(json.dumps({
             "server": {"host": "127.0.0.1", "port": self.port, "access_log": "off"},
             "admin": {"host": "127.0.0.1", "port": self.admin_port},
@@ -199,8 +229,6 @@ class Keygate:
             "upstreams": {"api": {"url": f"http://127.0.0.1:{upstream_port}"}},
             "routes": [{"path": "/people/**", "upstream": "api", "scopes": ["people:read"]}],
         }))
-        self.log = workdir / "keygate.log"
-        self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
@@ -211,6 +239,16 @@ class Keygate:
         return f"http://127.0.0.1:{self.admin_port}"
 
     def start(self) -> None:
+        """Start and wait until ready; free ports are picked again if another process took
+        one between picking and binding (a busy shared machine)."""
+        for attempt in range(3):
+            try:
+                return self._start()
+            except PortTaken:
+                self._pick_ports()
+        self._start()
+
+    def _start(self) -> None:
         env = {**os.environ, "KEYGATE_ADMIN_TOKEN": ADMIN_TOKEN}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
@@ -218,7 +256,11 @@ class Keygate:
 
         def ready() -> bool:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"keygate exited: {self.log.read_text()[-2000:]}")
+                tail = self.log.read_text()[-2000:]
+                lines = tail.splitlines()
+                if lines and "address already in use" in lines[-1]:
+                    raise PortTaken(tail)
+                raise RuntimeError(f"keygate exited: {tail}")
             import urllib.request
             try:
                 with urllib.request.urlopen(self.admin_url + "/readyz", timeout=1) as r:
