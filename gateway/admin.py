@@ -452,9 +452,10 @@ def create_admin_app(config: Config, store: Store,
                      ) -> web.Application:
     """The admin listener's app: ``/admin/v1/...`` (operator token), ``/healthz``, ``/readyz``."""
     app = web.Application(middlewares=[error_middleware(config)])
+    # Handlers read ``store.config`` on each request: a reload swaps it (gateway/reload.py).
 
     def ops(request: web.Request) -> KeyOps:
-        return KeyOps(store, config, request.match_info["ws"])
+        return KeyOps(store, store.config, request.match_info["ws"])
 
     async def workspace_exists(request: web.Request) -> str:
         ws = request.match_info["ws"]
@@ -465,9 +466,9 @@ def create_admin_app(config: Config, store: Store,
         if "plan" not in data:
             return None
         plan = data["plan"]
-        if not isinstance(plan, str) or plan not in config.plans:
+        if not isinstance(plan, str) or plan not in store.config.plans:
             raise BadRequest(f"The field 'plan' must be one of the configured plans: "
-                             f"{', '.join(sorted(config.plans))}.")
+                             f"{', '.join(sorted(store.config.plans))}.")
         return plan
 
     async def healthz(request: web.Request) -> web.Response:
@@ -506,7 +507,7 @@ def create_admin_app(config: Config, store: Store,
                 raise BadRequest("The field 'id' must be a slug: lowercase letters, digits and "
                                  "'-', starting with a letter or digit, at most 63 "
                                  "characters.")
-        plan = plan_of(data) or config.default_plan
+        plan = plan_of(data) or store.config.default_plan
         workspace = await store.create_workspace(ws, name, plan)
         return _json(workspace.to_json(), 201)
 
@@ -558,7 +559,7 @@ def create_admin_app(config: Config, store: Store,
         items = [{"name": n, "scopes": list(s), "source": "workspace"}
                  for n, s in sorted(own.items())]
         items += [{"name": n, "scopes": list(s), "source": "config"}
-                  for n, s in sorted(config.roles.items()) if n not in own]
+                  for n, s in sorted(store.config.roles.items()) if n not in own]
         return _json({"items": items})
 
     async def put_role(request: web.Request) -> web.Response:

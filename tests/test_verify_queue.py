@@ -78,3 +78,18 @@ async def test_a_cancelled_waiter_leaves_nothing_behind():
     release.set()
     await first
     assert queue.busy == 0 and queue.queued == 0 and order == ["a"]
+
+
+def test_a_reload_moves_the_queue_bounds_and_the_per_key_limit():
+    import dataclasses
+    from gateway.auth import Authenticator
+    from gateway.config import Config, FailureLimits, KeysConfig, VerifyQueueLimits
+    auth = Authenticator(Config(), store=None, requests=None)
+    try:
+        assert (auth.queue.per_ip, auth.queue.total, auth._per_key_limit) == (256, 4096, None)
+        keys = KeysConfig(failures=FailureLimits(per_key=7),
+                          verify_queue=VerifyQueueLimits(per_ip=8, total=9))
+        auth.reconfigure(dataclasses.replace(Config(), keys=keys))
+        assert (auth.queue.per_ip, auth.queue.total, auth._per_key_limit) == (8, 9, 7)
+    finally:
+        auth.close()
