@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from .auth import Authenticator
-from .config import Config, load_config
+from .config import Config, load_config, servable_problems
 from .errors import BadRequest, ConfigError, GatewayError, StoreError
 from .hotpath import RequestStore
 from .metrics import Metrics
@@ -178,9 +178,9 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
             print(f"keygate: {exc}", file=sys.stderr)
             return 1
         try:
-            log.info("keygate listening: proxy %s:%d, admin %s:%d (pid %d)",
+            log.info("keygate listening: proxy %s:%d, admin %s:%d (config %s, pid %d)",
                      config.server.host, config.server.port, config.admin.host,
-                     config.admin.port, os.getpid())
+                     config.admin.port, os.path.abspath(config.source), os.getpid())
             await stop.wait()
             log.info("shutting down: finishing in-flight requests")
         finally:
@@ -307,6 +307,8 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
     """``keygate serve``: exit code 0 after a clean stop, 1 when it cannot start."""
     try:
         config = load_config(config_path)
+        if problems := servable_problems(config):
+            raise ConfigError(problems)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
