@@ -411,7 +411,8 @@ def error_middleware(config: Config, *, authenticate: bool = True) -> Callable:
                          ) -> web.StreamResponse:
         rid = request_id_of(request)
         try:
-            if authenticate and request.path.startswith("/admin/"):
+            if authenticate and request.path.startswith("/admin/") \
+                    and request.path not in UNAUTHENTICATED:
                 check_operator(request, config, expected)
                 resource = getattr(request.match_info.route, "resource", None)
                 if resource is not None:
@@ -438,6 +439,10 @@ def error_middleware(config: Config, *, authenticate: bool = True) -> Callable:
 
     return middleware
 
+
+OPENAPI_PATH = "/admin/v1/openapi.json"
+UNAUTHENTICATED = frozenset({OPENAPI_PATH})
+"""Paths under /admin/ that need no operator token (SPEC: the OpenAPI document)."""
 
 QUERY_PARAMS = {("GET", "/admin/v1/workspaces/{ws}/keys"): ("status",),
                 ("GET", "/admin/v1/workspaces/{ws}/audit"): ("limit",)}
@@ -562,7 +567,12 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
                              f"{AUDIT_MAX}.")
         return _json({"items": await store.audit(ws, int(text))})
 
+    async def openapi(request: web.Request) -> web.Response:
+        from .openapi import document_bytes
+        return web.Response(body=document_bytes(), content_type="application/json")
+
     r = app.router
+    r.add_get(OPENAPI_PATH, openapi)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     v1 = "/admin/v1/workspaces"
