@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from typing import Any, Awaitable, Callable, Mapping
 
@@ -410,10 +411,12 @@ def error_middleware(config: Config, *, authenticate: bool = True) -> Callable:
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                          ) -> web.StreamResponse:
         rid = request_id_of(request)
+        started, actor = time.perf_counter(), "-"
         try:
             if authenticate and request.path.startswith("/admin/") \
                     and request.path not in UNAUTHENTICATED:
                 check_operator(request, config, expected)
+                actor = OPERATOR
                 resource = getattr(request.match_info.route, "resource", None)
                 if resource is not None:
                     check_query(request.query, QUERY_PARAMS.get(
@@ -435,9 +438,24 @@ def error_middleware(config: Config, *, authenticate: bool = True) -> Callable:
                           request.path, rid)
             response = GatewayError("An internal error occurred.").response(rid)
         response.headers["X-Request-Id"] = rid
+        if request.path.startswith("/admin/") and request.path not in UNAUTHENTICATED:
+            log_admin_call(request, response.status, rid, actor, time.perf_counter() - started,
+                           config.keys.prefix)
         return response
 
     return middleware
+
+
+def log_admin_call(request: web.Request, status: int, rid: str, actor: str,
+                   elapsed: float, prefix: str) -> None:
+    """One line per admin API call: who (``operator``, or ``-`` when the token was refused),
+    what, the answer. Never a header value, so never a token; keys in the path are masked."""
+    from .accesslog import mask_target
+    target = mask_target(request.raw_path, prefix)
+    log.info("admin %s %s %d %s", request.method, target, status, actor,
+             extra={"request_id": rid, "method": request.method, "path": target,
+                    "status": status, "actor": actor, "client": request.remote,
+                    "duration_ms": round(elapsed * 1000, 3)})
 
 
 OPENAPI_PATH = "/admin/v1/openapi.json"

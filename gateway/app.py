@@ -24,7 +24,7 @@ from .auth import Authenticator
 from .config import Config, load_config, servable_problems
 from .errors import BadRequest, ConfigError, GatewayError, StoreError
 from .hotpath import RequestStore
-from .metrics import Metrics
+from .metrics import Metrics, counted
 from .pipeline import Pipeline
 from .redis_urls import redact
 
@@ -87,9 +87,13 @@ async def running_gateway(config: Config, store_url: str, *,
     from .store import Store
 
     metrics = metrics or Metrics(workspace_labels=config.server.metrics_workspace_labels)
+    for upstream in config.upstreams:  # zeros from the start, so rate() and alerts see them
+        for code in ("upstream_unavailable", "upstream_timeout"):
+            metrics.upstream_errors.labels(upstream, code)
     store = await Store.connect(store_url, config, clock=clock)
     try:
-        requests = RequestStore(store_url, timeout=config.store.timeout)
+        from .observe import TimedRequestStore
+        requests = TimedRequestStore(store_url, timeout=config.store.timeout, metrics=metrics)
     except ValueError as exc:  # e.g. a database number that is not a number
         await store.close()
         raise StoreError(f"bad store URL: {exc}") from exc
@@ -106,7 +110,8 @@ async def running_gateway(config: Config, store_url: str, *,
         admin_app = create_admin_app(config, store)
         from .observe import add_metrics_route
         add_metrics_route(admin_app, metrics, store, config)
-        proxy_server = ProxyServer(pipeline.handle, access_log=None)
+        proxy_server = ProxyServer(counted(pipeline.handle, metrics.in_flight),
+                                   access_log=None)
         yield Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server)
     finally:
         try:
@@ -299,8 +304,19 @@ def _supervise(config: Config, store_url: str, workers: int) -> int:
 
 
 def setup_logging(config: Config) -> None:
-    logging.basicConfig(level=config.server.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Application logs on stderr; JSON lines when the access log is JSON (one format for a
+    log pipeline to parse), else ``time level logger: message``."""
+    from .accesslog import JsonFormatter
+    handler = logging.StreamHandler(sys.stderr)
+    if config.server.access_log == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(config.server.log_level.upper())
 
 
 def serve(config_path: str | None, workers: int | None = None) -> int:

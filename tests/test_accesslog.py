@@ -13,7 +13,7 @@ from aiohttp import ClientSession, ClientTimeout
 from gateway.config import ServerConfig
 
 from harness import gateway_under_test, make_config
-from test_serve import Served, new_key, write_config
+from test_serve import ADMIN_TOKEN as ADMIN_TOKEN_OF_SERVE, Served, new_key, write_config
 
 FIELDS = ("time", "request_id", "method", "path", "status", "workspace", "key_id", "route",
           "upstream", "bytes_in", "bytes_out")
@@ -30,6 +30,11 @@ def config_with(upstream, access_log: str):
 
 
 def json_lines(err: str) -> list[dict]:
+    """The access lines (application log lines carry a "logger" field)."""
+    return [entry for entry in all_json_lines(err) if "logger" not in entry]
+
+
+def all_json_lines(err: str) -> list[dict]:
     return [json.loads(line) for line in err.splitlines() if line.startswith("{")]
 
 
@@ -140,3 +145,15 @@ async def test_keygate_serve_writes_json_access_lines_to_stderr(tmp_path, upstre
     assert [(line["path"], line["status"]) for line in lines] == [
         ("/people/1", 200), ("/people/1?token=***", 400)]
     assert lines[0]["workspace"] == "acme"
+    # with a JSON access log, every line on stderr is JSON: the application's too
+    text_lines = [line for line in err.splitlines() if line.strip() and not line.startswith("{")]
+    assert text_lines == []
+    app = [entry for entry in all_json_lines(err) if "logger" in entry]
+    assert any(e["logger"] == "keygate" and "listening" in e["message"] for e in app)
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in app)
+    # admin calls are logged, with who and the answer, never the token
+    admin = [e for e in app if e["logger"] == "keygate.admin"]
+    assert [(e["method"], e["status"], e["actor"]) for e in admin][:2] == [
+        ("POST", 201, "operator"), ("POST", 201, "operator")]
+    assert admin[1]["path"] == "/admin/v1/workspaces/acme/keys"
+    assert ADMIN_TOKEN_OF_SERVE not in err
