@@ -448,12 +448,14 @@ def cmd_keys_revoke(args: argparse.Namespace, client: AdminClient) -> int:
     if not args.yes:
         confirmed = _confirm(f"Revoke key {args.id} of workspace {args.workspace}? "
                              "This cannot be undone.")
+        # Not confirmed: nothing was done, which a script must not read as success (0), and
+        # nothing failed at the API (1): exit 2, as for a command that needed --yes.
         if confirmed is None:
-            raise UsageError("no answer to the confirmation (end of input); nothing was "
-                             "revoked. Pass --yes to revoke without asking")
-        if not confirmed:  # the user said no: not a failure, and nothing changed
+            raise UsageError(f"no answer to the confirmation (end of input): key {args.id} was "
+                             "not revoked. Pass --yes to revoke without asking")
+        if not confirmed:
             print(f"aborted: key {args.id} was not revoked", file=sys.stderr)
-            return 0
+            return 2
     key = client.request("POST", f"/workspaces/{_seg(args.workspace)}/keys/{_seg(args.id)}/revoke")
     return _show(args, client, lambda: f"revoked key {key.get('id', args.id)} of workspace "
                                        f"{args.workspace}")

@@ -556,11 +556,11 @@ async def test_keys_revoke_asks_and_y_confirms(admin_url, keygate):
 
 @pytest.mark.parametrize("answer", ["n\n", "\n", "nope\n"])
 async def test_keys_revoke_declined_is_not_an_api_error(admin_url, keygate, answer):
-    """Saying no is the user's choice, not a failure: exit 0 (1 means the API refused)."""
+    """Saying no is not an API error (1), nor a success a script could act on (0): exit 2."""
     await make_workspace(keygate)
     key_id = (await make_key(keygate, "acme", "--role", "reader"))["key"]["id"]
     run = await keygate("keys", "revoke", "--workspace", "acme", key_id, stdin=answer)
-    assert run.code == 0
+    assert run.code == 2
     assert "aborted" in run.err and "not revoked" in run.err
     assert await key_status(keygate, "acme", key_id) == "active"
 
@@ -882,3 +882,32 @@ def test_a_bad_config_for_the_admin_url_is_exit_1_naming_the_problem(tmp_path, c
     path.write_text("admin:\n  port: nope\n")
     assert main(["workspaces", "list", "--config", str(path)]) == 1
     assert "admin.port" in capsys.readouterr().err
+
+
+def test_the_cli_reference_describes_every_command_and_option():
+    """docs/cli.md has a section per command, naming each of its options."""
+    import argparse
+    from pathlib import Path
+    from gateway.cli import build_parser
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    parser = build_parser()
+
+    def walk(p: argparse.ArgumentParser, path: list[str]):
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs and path:
+            yield path, p
+        for action in subs:
+            for name, sub in action.choices.items():
+                yield from walk(sub, path + [name])
+
+    shared = {"--admin-url", "--config", "--timeout", "--json", "--help", "-h"}
+    for path, sub in walk(parser, []):
+        heading = f"### `keygate {' '.join(path)}`"
+        assert heading in text, heading
+        section = text.split(heading, 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+        for action in sub._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option not in shared:
+                    assert option in section, (path, option)
+    for option in shared - {"--help", "-h"}:
+        assert f"`{option}" in text

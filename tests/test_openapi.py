@@ -141,3 +141,31 @@ async def test_schemathesis_on_the_self_service_endpoints_of_the_proxy_listener(
                                        # both run the admin API's code, tested above
                                        "--exclude-path-regex", "/(revoke|rotate)$")
     assert code == 0, out
+
+
+def codes_in(value) -> set[str]:
+    if isinstance(value, dict):
+        found = set()
+        for key, item in value.items():
+            if key == "code" and isinstance(item, dict) and "enum" in item:
+                found |= set(item["enum"])
+            found |= codes_in(item)
+        return found
+    if isinstance(value, list):
+        return set().union(*(codes_in(v) for v in value)) if value else set()
+    return set()
+
+
+def test_every_error_code_the_api_answers_is_in_the_error_table():
+    table = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text()
+    codes = codes_in(document())
+    import gateway.errors as errors
+    codes |= {cls.code for cls in vars(errors).values()
+              if isinstance(cls, type) and issubclass(cls, errors.GatewayError)}
+    # the proxy's codes, raised by name across the pipeline
+    source = "\n".join(p.read_text() for p in
+                       (Path(errors.__file__).parent).glob("*.py"))
+    codes |= set(re.findall(r'code="([a-z_]+)"', source))
+    assert codes
+    missing = sorted(c for c in codes if f"`{c}`" not in table)
+    assert not missing, missing
