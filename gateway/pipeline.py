@@ -10,7 +10,6 @@ that turns errors into SPEC's JSON responses.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import math
@@ -24,17 +23,18 @@ from aiohttp import web
 from . import errors
 from .auth import Authenticator, CachedKey
 from .config import Config, Route
-from .errors import BadGateway, GatewayError, ServiceUnavailable, StoreError, TooManyRequests
+from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
 from .hotpath import Decision, RequestStore
 from .limits import Month, MonthCache, ratelimit_headers
 from .models import rfc3339
-from .routes import RouteTable, check_path, query_has_token
+from .routes import RouteTable, check_path, no_route, query_has_token
+from .tokens import adoptable_request_id
+from .trust import TrustedProxies
 
 log = logging.getLogger("keygate.proxy")
 access_log = logging.getLogger("keygate.access")
 
 RESERVED = "/_keygate/"
-_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _STALE_RETRIES = 3
 LOCAL_COUNT_RETRY = 1.0  # seconds between attempts to write fail-open counts to the store
 
@@ -45,33 +45,6 @@ class Outcome:
 
     def __init__(self) -> None:
         self.route = self.upstream = self.workspace = self.key_id = self.code = None
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    # A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; trusted_proxies names them as
-    # IPv4 networks.
-    return ip.ipv4_mapped or ip if ip.version == 6 else ip
-
-
-def client_address(peer: str, forwarded_for, trusted) -> str:
-    """The client's IP for the failure throttle: the peer, unless the peer is a trusted proxy;
-    then the nearest X-Forwarded-For hop that is not one of ours (hops further left were
-    written by whoever sent the request and prove nothing)."""
-    peer_ip = _ip(peer)
-    if peer_ip is None or not any(peer_ip in n for n in trusted):
-        return peer
-    hops = [h.strip() for h in ",".join(forwarded_for).split(",") if h.strip()]
-    for hop in reversed(hops):
-        ip = _ip(hop)
-        if ip is None:  # not an address: our proxy did not write it, so trust nothing left of it
-            return peer
-        if not any(ip in n for n in trusted):
-            return str(ip)
-    return peer
 
 
 class _CountedLocally(dict):
@@ -99,9 +72,9 @@ class Pipeline:
         self._flushes: set[asyncio.Task] = set()
         self._retry: asyncio.Task | None = None
         self._prefix = config.keys.prefix
+        self.max_body = config.server.max_body_bytes
         self._key_headers = tuple(h.lower() for h in config.keys.headers)
-        self._trusted = tuple(ipaddress.ip_network(p, strict=False)
-                              for p in config.server.trusted_proxies)
+        self.trusted = TrustedProxies(config.server.trusted_proxies)
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
 
@@ -116,6 +89,10 @@ class Pipeline:
         except GatewayError as exc:
             outcome.code = exc.code
             response = exc.response(request_id)
+            if exc.status in (408, 413):  # the rest of that body is not worth reading
+                response.force_close()
+                if exc.status == 408:  # a stalled sender: answer, then close without the
+                    await self._answer_and_close(request, response)  # lingering read
         except Exception:  # a bug: never a traceback on the wire
             log.exception("unhandled error in request %s", request_id)
             outcome.code = "internal_error"
@@ -143,12 +120,17 @@ class Pipeline:
         token = self.credential(request)
         key = await self.authenticate(token, request)
         outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
-        key, limit_headers, month = await self.authorise(key, route.scopes, count=True)
+        # A declared body over the limit is refused after every other check (SPEC's order)
+        # and, like every refusal of keygate's own, is not counted.
+        too_large = (request.content_length or 0) > self.max_body
+        key, limit_headers, month = await self.authorise(key, route.scopes, count=not too_large)
+        if too_large:
+            raise errors.body_too_large(self.max_body)
         try:
             return await self.forwarder.forward(request, upstream, key.principal, request_id,
                                                 limit_headers)
-        except BadGateway as exc:
-            if exc.not_forwarded:  # the upstream never saw it: it does not count
+        except GatewayError as exc:
+            if not exc.reached_upstream:  # refused here, or never sent: it does not count
                 await self.refund(key, limit_headers, month)
             raise
 
@@ -376,22 +358,32 @@ class Pipeline:
                 return await self.self_service(request, key.principal, self.store, self.config)
             except StoreError as exc:  # not a bug: the store failed under the key endpoints
                 raise self._store_down() from exc
-        raise errors.NotFound(f"No route matches {request.method} {raw_path}.", code="no_route")
+        raise no_route(request.method, raw_path)
 
     # --- small helpers ------------------------------------------------------------------------
 
+    @staticmethod
+    async def _answer_and_close(request: web.BaseRequest, response: web.Response) -> None:
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except ConnectionError:
+            pass
+        if request.transport is not None:
+            request.transport.close()
+
     def _request_id(self, request: web.BaseRequest) -> str:
         rid = request.headers.get("X-Request-Id")
-        if rid is not None and _SANE_REQUEST_ID.fullmatch(rid):
+        if adoptable_request_id(rid):
             return rid
         self._rid_counter += 1
         return f"{self._rid_prefix}{self._rid_counter:012x}"
 
     def client_ip(self, request: web.BaseRequest) -> str:
         peer = request.remote or "unknown"
-        if not self._trusted:
+        if not self.trusted:
             return peer
-        return client_address(peer, request.headers.getall("X-Forwarded-For", ()), self._trusted)
+        return self.trusted.client_address(peer, request.headers.getall("X-Forwarded-For", ()))
 
     def observe(self, request: web.BaseRequest, response: web.StreamResponse,
                 outcome: Outcome, request_id: str, started: float) -> None:

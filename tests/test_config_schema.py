@@ -53,7 +53,7 @@ def schema_at(path: list[str]) -> dict:
 # (config path in the probe document, path in the schema)
 OBJECTS = [
     ([], []), (["server"], ["server"]), (["admin"], ["admin"]), (["store"], ["store"]),
-    (["keys"], ["keys"]), (["keys", "argon2"], ["keys", "argon2"]),
+    (["server", "timeouts"], ["server", "timeouts"]), (["keys"], ["keys"]), (["keys", "argon2"], ["keys", "argon2"]),
     (["keys", "failures"], ["keys", "failures"]), (["plans", "p"], ["plans", "*"]),
     (["upstreams", "crm"], ["upstreams", "*"]), (["routes", 0], ["routes", "[]"]),
     (["identity_headers"], ["identity_headers"]),
@@ -125,7 +125,9 @@ CASES = [
     ("plans.p.rate_limit", "5/h", False), ("plans.p.max_keys", "many", False),
     ("roles", {"reader": ["people:read"]}, True), ("roles", {"reader": ["bad scope"]}, False),
     ("upstreams.crm", "http://127.0.0.1:9000", True), ("upstreams.crm.url", "ftp://x", False),
-    ("upstreams.crm.timeout", 0, False), ("routes.0.methods", ["get", "POST"], True),
+    ("upstreams.crm.timeout", 0, False), ("upstreams.crm.max_connections", 0, False),
+    ("upstreams.crm.max_connections", 8, True), ("server.timeouts.body", 0, False),
+    ("server.timeouts.idle", 5, True), ("server.max_connections", 0, False), ("routes.0.methods", ["get", "POST"], True),
     ("routes.0.methods", [], False), ("routes.0.path", "people", False),
     ("routes.0.public", True, True), ("identity_headers.workspace", "X-Tenant", True),
     ("identity_headers.workspace", "bad header", False),
