@@ -380,6 +380,50 @@ def document_bytes() -> bytes:
     return json.dumps(document(), indent=1).encode()
 
 
+def operation_id(method: str, path: str) -> str:
+    """``POST /admin/v1/workspaces/{ws}/keys`` → ``post_workspaces_ws_keys`` (stable, for
+    links and client generators)."""
+    words = [w.strip("{}_") for w in path.split("/") if w and w not in ("admin", "v1")]
+    return "_".join([method] + [w.replace(".", "_").replace("-", "_") for w in words])
+
+
+LINKS = {
+    # (operation, status) → {link name: (target operation, parameters)}: how a client (and
+    # schemathesis's stateful phase) goes from a created object to the calls that use it
+    ("post_workspaces", "201"): {
+        "GetWorkspace": ("get_workspaces_ws", {"ws": "$response.body#/id"}),
+        "CreateKey": ("post_workspaces_ws_keys", {"ws": "$response.body#/id"}),
+        "ListKeys": ("get_workspaces_ws_keys", {"ws": "$response.body#/id"}),
+        "GetUsage": ("get_workspaces_ws_usage", {"ws": "$response.body#/id"}),
+        "GetAudit": ("get_workspaces_ws_audit", {"ws": "$response.body#/id"}),
+    },
+    ("post_workspaces_ws_keys", "201"): {
+        "GetKey": ("get_workspaces_ws_keys_key", {"ws": "$response.body#/key/workspace",
+                                                  "key": "$response.body#/key/id"}),
+        "UpdateKey": ("patch_workspaces_ws_keys_key", {"ws": "$response.body#/key/workspace",
+                                                       "key": "$response.body#/key/id"}),
+        "RevokeKey": ("post_workspaces_ws_keys_key_revoke",
+                      {"ws": "$response.body#/key/workspace", "key": "$response.body#/key/id"}),
+        "RotateKey": ("post_workspaces_ws_keys_key_rotate",
+                      {"ws": "$response.body#/key/workspace", "key": "$response.body#/key/id"}),
+    },
+}
+
+
+def with_operation_ids(paths: dict[str, Schema]) -> dict[str, Schema]:
+    for path, item in paths.items():
+        for method, operation in item.items():
+            if method in ("get", "put", "post", "patch", "delete"):
+                operation["operationId"] = operation_id(method, path)
+    by_id = {op["operationId"]: op for item in paths.values() for m, op in item.items()
+             if isinstance(op, dict) and "operationId" in op}
+    for (source, status), links in LINKS.items():
+        by_id[source]["responses"][status]["links"] = {
+            name: {"operationId": target, "parameters": parameters}
+            for name, (target, parameters) in links.items()}
+    return paths
+
+
 def document() -> Schema:
     return {
         "openapi": "3.1.0",
@@ -397,7 +441,7 @@ def document() -> Schema:
         "servers": [{"url": "/", "description": "the admin listener (default "
                                                 "127.0.0.1:8081)"}],
         "security": [{"operatorToken": []}],
-        "paths": {**admin_paths(), **proxy_paths()},
+        "paths": with_operation_ids({**admin_paths(), **proxy_paths()}),
         "components": {
             "schemas": schemas(),
             "headers": {"X-Request-Id": {

@@ -91,7 +91,7 @@ async def schemathesis(schema_url: str, base_url: str, token: str, *options: str
     proc = await asyncio.create_subprocess_exec(
         ST, "run", schema_url, "--url", base_url, "-H", f"Authorization: Bearer {token}",
         "--checks", CHECKS, "--max-examples", "12", "--seed", "1", "--workers", "1",
-        "--phases", "examples,coverage,fuzzing", "--request-timeout", "10",
+        "--phases", "examples,coverage,fuzzing,stateful", "--request-timeout", "10",
         "--suppress-health-check", "all", "--no-color", *options,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
     try:
