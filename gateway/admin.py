@@ -218,8 +218,9 @@ class KeyOps:
                            self.store.clock())
 
     def _key_id(self, key_id: str) -> str:
-        if not KEY_ID_RE.fullmatch(key_id):
-            raise NotFound(f"Workspace '{self.ws}' has no key '{key_id[:64]}'.")
+        if not KEY_ID_RE.fullmatch(key_id):  # not echoed: it may be a whole token
+            raise NotFound(f"Workspace '{self.ws}' has no key with that id (a key id is 12 "
+                           "letters and digits).")
         return key_id
 
     async def _binding(self, data: Mapping[str, Any]) -> tuple[str | None, tuple[str, ...]]:

@@ -293,8 +293,9 @@ class Store:
 
     async def require_workspace(self, ws: str) -> Workspace:
         workspace = await self.get_workspace(ws)
-        if workspace is None:
-            raise NotFound(f"There is no workspace '{ws}'.")
+        if workspace is None:  # echoed only when it is a slug: it could be a token
+            raise NotFound(f"There is no workspace '{ws}'." if WORKSPACE_ID_RE.fullmatch(ws)
+                           else "There is no workspace with that id.")
         return workspace
 
     async def list_workspaces(self) -> list[Workspace]:
@@ -348,8 +349,9 @@ class Store:
             (self._audit_entry(self.clock(), actor, "workspace.update", ws, changes),
              AUDIT_MAXLEN, *[x for kv in changes.items() for x in kv]))
         workspace = workspace_from_hash(_pairs(reply))
-        if workspace is None:
-            raise NotFound(f"There is no workspace '{ws}'.")
+        if workspace is None:  # echoed only when it is a slug: it could be a token
+            raise NotFound(f"There is no workspace '{ws}'." if WORKSPACE_ID_RE.fullmatch(ws)
+                           else "There is no workspace with that id.")
         return workspace
 
     # --- roles --------------------------------------------------------------------------------
