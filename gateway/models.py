@@ -21,7 +21,7 @@ def parse_rfc3339(text: str) -> float:
     return dt.timestamp()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Workspace:
     id: str
     name: str
@@ -34,7 +34,7 @@ class Workspace:
                 "created_at": rfc3339(self.created_at)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KeyRecord:
     """A key as stored; ``hash`` is the argon2id hash of the secret and never leaves the store
     module except to be verified."""
@@ -72,7 +72,7 @@ class KeyRecord:
                 "status": self.status(now)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Principal:
     """Who an authenticated proxy request acts as."""
     workspace: str

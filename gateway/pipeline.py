@@ -29,6 +29,7 @@ from .limits import Month, MonthCache, ratelimit_headers
 from .models import rfc3339
 from .routes import RouteTable, check_path, no_route, query_has_token
 from .tokens import adoptable_request_id
+from .tracing import Tracer
 from .trust import TrustedProxies
 
 log = logging.getLogger("keygate.proxy")
@@ -41,10 +42,11 @@ LOCAL_COUNT_RETRY = 1.0  # seconds between attempts to write fail-open counts to
 
 class Outcome:
     """What the pipeline learned about a request, for the access log and metrics."""
-    __slots__ = ("route", "upstream", "workspace", "key_id", "code")
+    __slots__ = ("route", "upstream", "workspace", "key_id", "code", "trace")
 
     def __init__(self) -> None:
         self.route = self.upstream = self.workspace = self.key_id = self.code = None
+        self.trace = None  # gateway.tracing.Trace
 
 
 class _CountedLocally(dict):
@@ -77,6 +79,7 @@ class Pipeline:
         self.trusted = TrustedProxies(config.server.trusted_proxies)
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
+        self.tracer = Tracer()  # gateway.otel.OtelTracer when tracing is configured
 
     # --- the one handler ----------------------------------------------------------------------
 
@@ -84,6 +87,7 @@ class Pipeline:
         started = time.perf_counter()
         request_id = self._request_id(request)
         outcome = Outcome()
+        outcome.trace = self.tracer.start(request)
         try:
             response = await self.pipeline(request, request_id, outcome)
         except GatewayError as exc:
@@ -115,20 +119,27 @@ class Pipeline:
         route = self.routes.match(request.method, raw_path)
         outcome.route, outcome.upstream = route.path, route.upstream
         upstream = self.config.upstreams[route.upstream]
+        trace = outcome.trace
         if route.public:
-            return await self.forwarder.forward(request, upstream, None, request_id, {})
+            with trace.step("forward"):
+                return await self.forwarder.forward(request, upstream, None, request_id, {},
+                                                    trace=trace)
         token = self.credential(request)
-        key = await self.authenticate(token, request)
+        with trace.step("authenticate"):
+            key = await self.authenticate(token, request)
         outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
         # A declared body over the limit is refused after every other check (SPEC's order)
         # and, like every refusal of keygate's own, is not counted.
         too_large = (request.content_length or 0) > self.max_body
-        key, limit_headers, month = await self.authorise(key, route.scopes, count=not too_large)
+        with trace.step("authorise"):
+            key, limit_headers, month = await self.authorise(key, route.scopes,
+                                                             count=not too_large)
         if too_large:
             raise errors.body_too_large(self.max_body)
         try:
-            return await self.forwarder.forward(request, upstream, key.principal, request_id,
-                                                limit_headers)
+            with trace.step("forward"):
+                return await self.forwarder.forward(request, upstream, key.principal,
+                                                    request_id, limit_headers, trace=trace)
         except GatewayError as exc:
             if not exc.reached_upstream:  # refused here, or never sent: it does not count
                 await self.refund(key, limit_headers, month)
@@ -400,5 +411,6 @@ class Pipeline:
                 m.upstream_errors.labels(outcome.upstream or "", outcome.code).inc()
         if self.access is not None:
             self.access(request, response, outcome, request_id, elapsed)
+        outcome.trace.end(request, response, outcome, request_id)
 
     access: Callable | None = None

@@ -57,6 +57,7 @@ OBJECTS = [
     (["keys", "failures"], ["keys", "failures"]), (["plans", "p"], ["plans", "*"]),
     (["upstreams", "crm"], ["upstreams", "*"]), (["routes", 0], ["routes", "[]"]),
     (["identity_headers"], ["identity_headers"]),
+    (["identity_signature"], ["identity_signature"]), (["tracing"], ["tracing"]),
 ]
 
 
