@@ -57,8 +57,9 @@ TARGET_NAMES = {
     "l": "keygate cached, limits on",
     "d": "keygate cold key (argon2)",
     "e": "nginx auth_request+aiohttp",
+    "v": "nginx auth_request+keygate verify",
 }
-ORDER = "abcled"
+ORDER = "abcledv"
 
 
 # ------------------------------------------------------------------ processes and placement
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (10)")
     ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each run (2)")
     ap.add_argument("--connections", default="8,64", help="comma list of connection counts (8,64)")
-    ap.add_argument("--targets", default="a,b,c,l,d,e", help="comma list from a,b,c,l,d,e")
+    ap.add_argument("--targets", default="a,b,c,l,d,e", help="comma list from a,b,c,l,d,e,v")
     ap.add_argument("--repeat", type=int, default=1, help="rounds, in rotated order; median reported")
     ap.add_argument("--loadgen", choices=("auto", "wrk", "lean", "aiohttp"), default="auto",
                     help="auto = wrk when on PATH, else the lean Python client (bench/load.py)")
@@ -353,13 +354,13 @@ def main(argv: list[str] | None = None) -> int:
                 targets["e"] = start_nginx(procs, workdir, up_port, base_token, server_core)
             except RuntimeError as exc:
                 unavailable["e"] = str(exc)
-        if any(t in wanted for t in "cld"):
+        if any(t in wanted for t in "cldv"):
             try:
                 redis_pid, kg_targets = start_keygates(procs, workdir, up_port, wanted, server_core,
                                                        helper_core, max(conns_list))
                 targets.update(kg_targets)
             except RuntimeError as exc:
-                for t in "cld":
+                for t in "cldv":
                     if t in wanted:
                         unavailable[t] = str(exc)
         for key, why in unavailable.items():
@@ -428,32 +429,44 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def start_nginx(procs: Procs, workdir: Path, up_port: int, token: str, core: set[int] | None) -> Target:
+def start_nginx(procs: Procs, workdir: Path, up_port: int, token: str, core: set[int] | None,
+                keygate: tuple[int, int] | None = None) -> Target:
+    """e: nginx auth_request to the dict verifier; with ``keygate`` = (port, pid), target v:
+    the same nginx asking keygate's /_keygate/v1/verify instead."""
     nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
                                            if os.access(p, os.X_OK)), None)
     if not nginx:
         raise RuntimeError("nginx not on PATH")
-    ver_port, port = free_port(), free_port()
-    hashes = workdir / "verifier-hashes.txt"
-    hashes.write_text(f"{hashlib.sha256(token.encode()).hexdigest()} bench\n")
-    verifier = procs.spawn("nginx_verifier", [sys.executable, str(BENCH / "nginx_verifier.py"), "--port",
-                                              str(ver_port), "--hashes-file", str(hashes), "--uvloop"], core)
-    wait_port(ver_port, verifier)
-    ndir = workdir / "nginx"
+    port = free_port()
+    if keygate is None:
+        ver_port = free_port()
+        hashes = workdir / "verifier-hashes.txt"
+        hashes.write_text(f"{hashlib.sha256(token.encode()).hexdigest()} bench\n")
+        verifier = procs.spawn("nginx_verifier", [sys.executable, str(BENCH / "nginx_verifier.py"), "--port",
+                                                  str(ver_port), "--hashes-file", str(hashes), "--uvloop"], core)
+        wait_port(ver_port, verifier)
+        name, verify_path, verifier_pid = "e", "/verify", verifier.pid
+    else:
+        (ver_port, verifier_pid), name, verify_path = keygate, "v", "/_keygate/v1/verify"
+    ndir = workdir / f"nginx-{name}"
     (ndir / "tmp").mkdir(parents=True)
     conf = ndir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=ndir, port=port, up_port=up_port, ver_port=ver_port))
-    proc = procs.spawn("nginx", [nginx, "-p", str(ndir), "-c", str(conf), "-e", str(ndir / "error.log")], core)
+    conf.write_text(NGINX_CONF.format(dir=ndir, port=port, up_port=up_port, ver_port=ver_port,
+                                      verify_path=verify_path))
+    proc = procs.spawn(f"nginx-{name}", [nginx, "-p", str(ndir), "-c", str(conf), "-e", str(ndir / "error.log")], core)
     try:
         wait_port(port, proc)
     except RuntimeError as exc:
-        raise RuntimeError(f"nginx did not start ({exc}): {procs.log_tail('nginx')} "
+        raise RuntimeError(f"nginx did not start ({exc}): {procs.log_tail(f'nginx-{name}')} "
                            f"{(ndir / 'error.log').read_text(errors='replace')[-400:] if (ndir / 'error.log').exists() else ''}")
     time.sleep(0.2)
     workers = children(proc.pid)
-    return Target("e", f"http://127.0.0.1:{port}{PATH}", [proc.pid, *workers, verifier.pid], token,
-                  note="nginx (1 worker) auth_request -> aiohttp verifier, dict of sha256(token); "
-                       "server CPU = nginx + verifier")
+    note = ("nginx (1 worker) auth_request -> aiohttp verifier, dict of sha256(token); "
+            "server CPU = nginx + verifier") if name == "e" else (
+        "the same nginx, auth_request -> keygate /_keygate/v1/verify (cached key, full pipeline, "
+        "counted); server CPU = nginx + keygate")
+    return Target(name, f"http://127.0.0.1:{port}{PATH}", [proc.pid, *workers, verifier_pid], token,
+                  note=note)
 
 
 NGINX_CONF = """\
@@ -476,11 +489,13 @@ http {{
     listen 127.0.0.1:{port} backlog=1024;
     location = /_auth {{
       internal;
-      proxy_pass http://verifier/verify;
+      proxy_pass http://verifier{verify_path};
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_pass_request_body off;
       proxy_set_header Content-Length "";
+      proxy_set_header X-Original-Method $request_method;
+      proxy_set_header X-Original-URI $request_uri;
     }}
     location /people/ {{
       auth_request /_auth;
@@ -519,7 +534,7 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
     out: dict[str, Target] = {}
     gateways: dict[str, tuple[int, int, subprocess.Popen]] = {}
     for name, ttl in (("warm", 300.0), ("cold", 0.0)):
-        if name == "warm" and not any(t in wanted for t in "cl"):
+        if name == "warm" and not any(t in wanted for t in "clv"):
             continue
         if name == "cold" and "d" not in wanted:
             continue
@@ -554,6 +569,9 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
                 tok = make_key(admin_port, "bench-limited", "limited", 1)[0]
                 out["l"] = Target("l", f"http://127.0.0.1:{port}{PATH}", [proc.pid], tok,
                                   note="as c, plan with monthly quota 1e9 and rate limit 1000000/s (checked, never hit)")
+            if "v" in wanted:
+                tok = make_key(admin_port, "bench", "bench", 1)[0]
+                out["v"] = start_nginx(procs, workdir, up_port, tok, server_core, (port, proc.pid))
         if "cold" in gateways:
             port, admin_port, proc = gateways["cold"]
             tokens = make_key(admin_port, "bench-cold", "bench", max_conns)
@@ -632,7 +650,8 @@ def summarize(runs: list[dict], conns_list: list[int]) -> dict:
             }
     ratios: dict[str, dict] = {}
     for conns in conns_list:
-        for num, den in (("c", "b"), ("c", "a"), ("c", "e"), ("d", "b"), ("l", "b"), ("e", "b")):
+        for num, den in (("c", "b"), ("c", "a"), ("c", "e"), ("d", "b"), ("l", "b"), ("e", "b"),
+                         ("v", "e"), ("v", "c")):
             x, y = cells.get(f"{num}@{conns}"), cells.get(f"{den}@{conns}")
             if x and y and y["rps"]:
                 ratios[f"{num}/{den}@{conns}"] = {

@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from aiohttp import web
 
 from .config import NAME_RE, SCOPE_RE, Config, parse_rate_limit
-from .errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
+from .errors import (shown, BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
                      PayloadTooLarge, ServiceUnavailable, StoreError, Unauthorized)
 from .models import KeyRecord, Principal, parse_rfc3339, rfc3339
 from .store import (OPERATOR, STATUSES, UNSET, WORKSPACE_ID_RE, Store, effective_scopes_of)
@@ -57,13 +57,14 @@ def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
         raise BadRequest("The request body must be a JSON object.")
     unknown = [f for f in data if f not in allowed]
     if unknown:
-        raise BadRequest(f"Unknown field '{unknown[0]}'; this endpoint accepts: "
+        raise BadRequest(f"Unknown field '{shown(unknown[0])}'; this endpoint accepts: "
                          f"{', '.join(allowed)}.")
     return data
 
 
-# C0 and C1 controls, DEL, line/paragraph separators, bidi embedding/override/isolate marks
-_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# C0 and C1 controls, DEL, line/paragraph separators, bidi marks, embeddings, overrides, isolates
+_UNSAFE_TEXT = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def _string(data: Mapping[str, Any], field: str, max_len: int, *, required: bool = False,
@@ -113,7 +114,7 @@ def parse_scopes(value: Any, field: str = "scopes") -> tuple[str, ...]:
     for scope in value:
         if not isinstance(scope, str) or len(scope) > MAX_SCOPE_LEN \
                 or not SCOPE_RE.fullmatch(scope):
-            raise BadRequest(f"The field '{field}' holds a malformed scope {scope!r}; a scope "
+            raise BadRequest(f"The field '{field}' holds a malformed scope {shown(scope) if isinstance(scope, str) else scope!r}; a scope "
                              "looks like 'people:read' (letters, digits, '_', '.', '-', "
                              "parts joined by ':').")
         if scope not in scopes:
@@ -140,7 +141,7 @@ def parse_expires_at(value: Any, now: float, *, nullable: bool) -> float | None:
         when = parse_rfc3339(value)
     except ValueError:
         raise BadRequest(f"The field 'expires_at' is not an RFC 3339 timestamp with a time "
-                         f"zone (e.g. '2027-01-31T00:00:00Z'): {value[:64]!r}.") from None
+                         f"zone (e.g. '2027-01-31T00:00:00Z'): {shown(value)!r}.") from None
     if when <= now:
         raise BadRequest(f"The field 'expires_at' is in the past ({rfc3339(when)}).")
     if when > now + MAX_SECONDS:
@@ -168,7 +169,7 @@ def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None
     unknown = [p for p in query if p not in allowed]
     if unknown:
         takes = f"it takes: {', '.join(allowed)}" if allowed else "it takes none"
-        raise BadRequest(f"Unknown query parameter '{unknown[0][:64]}'; {takes}.")
+        raise BadRequest(f"Unknown query parameter '{shown(unknown[0])}'; {takes}.")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -218,9 +219,8 @@ class KeyOps:
                            self.store.clock())
 
     def _key_id(self, key_id: str) -> str:
-        if not KEY_ID_RE.fullmatch(key_id):  # not echoed: it may be a whole token
-            raise NotFound(f"Workspace '{self.ws}' has no key with that id (a key id is 12 "
-                           "letters and digits).")
+        if not KEY_ID_RE.fullmatch(key_id):
+            raise NotFound(f"Workspace '{self.ws}' has no key '{shown(key_id, 12)}'.")
         return key_id
 
     async def _binding(self, data: Mapping[str, Any]) -> tuple[str | None, tuple[str, ...]]:
@@ -473,9 +473,10 @@ QUERY_PARAMS = {("GET", "/admin/v1/workspaces/{ws}/keys"): ("status",),
 def create_admin_app(config: Config, store: Store) -> web.Application:
     """The admin listener's app: ``/admin/v1/...`` (operator token), ``/healthz``, ``/readyz``."""
     app = web.Application(middlewares=[error_middleware(config)])
+    # Handlers read ``store.config`` on each request: a reload swaps it (gateway/reload.py).
 
     def ops(request: web.Request) -> KeyOps:
-        return KeyOps(store, config, request.match_info["ws"])
+        return KeyOps(store, store.config, request.match_info["ws"])
 
     async def workspace_exists(request: web.Request) -> str:
         ws = request.match_info["ws"]
@@ -486,9 +487,9 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
         if "plan" not in data:
             return None
         plan = data["plan"]
-        if not isinstance(plan, str) or plan not in config.plans:
+        if not isinstance(plan, str) or plan not in store.config.plans:
             raise BadRequest(f"The field 'plan' must be one of the configured plans: "
-                             f"{', '.join(sorted(config.plans))}.")
+                             f"{', '.join(sorted(store.config.plans))}.")
         return plan
 
     async def healthz(request: web.Request) -> web.Response:
@@ -509,7 +510,7 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
                 raise BadRequest("The field 'id' must be a slug: lowercase letters, digits and "
                                  "'-', starting with a letter or digit, at most 63 "
                                  "characters.")
-        plan = plan_of(data) or config.default_plan
+        plan = plan_of(data) or store.config.default_plan
         workspace = await store.create_workspace(ws, name, plan)
         return _json(workspace.to_json(), 201)
 
@@ -561,7 +562,7 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
         items = [{"name": n, "scopes": list(s), "source": "workspace"}
                  for n, s in sorted(own.items())]
         items += [{"name": n, "scopes": list(s), "source": "config"}
-                  for n, s in sorted(config.roles.items()) if n not in own]
+                  for n, s in sorted(store.config.roles.items()) if n not in own]
         return _json({"items": items})
 
     async def put_role(request: web.Request) -> web.Response:

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from aiohttp import web
@@ -27,6 +27,7 @@ from .hotpath import RequestStore
 from .metrics import Metrics, counted
 from .pipeline import Pipeline
 from .redis_urls import redact
+from .reload import ListenerTLS, Reloader, add_reload_route
 
 log = logging.getLogger("keygate")
 
@@ -41,6 +42,8 @@ class Gateway:
     admin_app: web.Application
     proxy_server: web.Server
     access_log: object = None  # gateway.accesslog.AccessLog, when the access log is on
+    tls: dict[str, "ListenerTLS"] = field(default_factory=dict)  # "proxy" / "admin"
+    reloader: "Reloader | None" = None
 
 
 class _JsonErrorRequestHandler(RequestHandler):
@@ -51,6 +54,7 @@ class _JsonErrorRequestHandler(RequestHandler):
     ``server.max_connections``); idle keep-alive is aiohttp's own ``keepalive_timeout``."""
 
     _head_timer: asyncio.TimerHandle | None = None
+    _last_payload = None  # the body stream of the newest request parsed on this connection
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -65,13 +69,20 @@ class _JsonErrorRequestHandler(RequestHandler):
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and not self._request_in_progress and not self._messages:
-            self._arm_head_timer()   # the first bytes of the next request on this connection
+        if data and self._head_timer is None and not self._request_in_progress \
+                and not self._messages \
+                and (self._last_payload is None or self._last_payload.is_eof()):
+            # the first bytes of the next request head (not the rest of a body that aiohttp
+            # reads after a handler that did not read it)
+            self._arm_head_timer()
         seen = self._request_count
         super().data_received(data)
-        if self._request_count != seen and self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._request_count != seen:
+            if self._messages:
+                self._last_payload = self._messages[-1][1]
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
 
     def connection_lost(self, exc) -> None:
         if self._head_timer is not None:
@@ -90,8 +101,7 @@ class _JsonErrorRequestHandler(RequestHandler):
         self._head_timer = None
         if self._request_count == count and not self._request_in_progress \
                 and not self._messages and self.transport is not None:
-            self.force_close()
-            self.transport.close()
+            self.force_close()  # closes the transport
 
     def handle_error(self, request, status=500, exc=None, message=None):
         if status >= 500:
@@ -136,8 +146,12 @@ class AdminRunner(web.AppRunner):
 @contextlib.asynccontextmanager
 async def running_gateway(config: Config, store_url: str, *,
                           clock: Callable[[], float] = time.time,
-                          metrics: Metrics | None = None) -> AsyncIterator[Gateway]:
-    """Every resource of one gateway process, opened in order and closed in reverse."""
+                          metrics: Metrics | None = None,
+                          config_path: str | None = None) -> AsyncIterator[Gateway]:
+    """Every resource of one gateway process, opened in order and closed in reverse.
+
+    ``config_path``: the file ``config`` came from, re-read on reload (SIGHUP, or
+    ``POST /admin/v1/reload``)."""
     from .admin import create_admin_app, self_service
     from .accesslog import AccessLog
     from .proxy import Forwarder
@@ -179,8 +193,31 @@ async def running_gateway(config: Config, store_url: str, *,
                                    auto_decompress=False, keepalive_timeout=timeouts.idle,
                                    header_timeout=timeouts.header,
                                    max_connections=raise_open_file_limit(config))
-        yield Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server,
-                      access)
+        tls = {name: ListenerTLS(section.tls) for name, section in
+               (("proxy", config.server), ("admin", config.admin)) if section.tls is not None}
+        gw = Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server,
+                     access, tls)
+
+        def swap(new: Config) -> None:
+            """The reload itself: everything that can fail first, then one synchronous swap."""
+            certificates = {name: ListenerTLS.prepare(section.tls, where, new.source)
+                            for name, section, where in (("proxy", new.server, "server.tls"),
+                                                         ("admin", new.admin, "admin.tls"))
+                            if name in tls and section.tls is not None}
+            for name, context in certificates.items():
+                tls[name].current = context
+            store.config = new
+            auth.reconfigure(new)
+            forwarder.reconfigure(new)
+            pipeline.reconfigure(new)
+            if access is not None:  # on or off, json or text: a restart (it owns a writer)
+                access.prefix = new.keys.prefix
+            logging.getLogger().setLevel(new.server.log_level.upper())
+            gw.config = new
+
+        gw.reloader = Reloader(config, config_path, swap, metrics, clock=clock)
+        add_reload_route(admin_app, gw.reloader)
+        yield gw
     finally:
         try:
             if pipeline is not None:  # bounded: a store that is still down must not hang a stop
@@ -232,10 +269,11 @@ def raise_open_file_limit(config: Config) -> int:
         soft = target
     if soft >= wanted + reserve:
         return wanted
-    bound = max(soft - reserve, soft // 2)
+    bound = max(soft - reserve, 64)
     log.warning("the open-file limit (%d) cannot fit server.max_connections %d plus %d for "
-                "upstreams and the store: accepting at most %d client connections (raise the "
-                "hard limit, ulimit -Hn, to lift this)", soft, wanted, reserve, bound)
+                "upstreams and the store: accepting at most %d client connections%s (raise "
+                "the hard limit, ulimit -Hn, to lift this)", soft, wanted, reserve, bound,
+                "" if soft - reserve >= 64 else " and the upstream bounds may not all fit")
     return bound
 
 
@@ -254,8 +292,9 @@ async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.Bas
     for runner, host, port in ((proxy_runner, config.server.host, config.server.port),
                                (admin_runner, config.admin.host, config.admin.port)):
         try:
-            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None,
-                              backlog=1024).start()
+            tls = gw.tls.get("proxy" if runner is proxy_runner else "admin")
+            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
+                              ssl_context=tls.listener if tls else None).start()
         except OSError as exc:
             await stop_listeners(runners)
             raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
@@ -268,21 +307,22 @@ async def stop_listeners(runners: list[web.BaseRunner]) -> None:
         await runner.cleanup()
 
 
-async def _serve(config: Config, store_url: str, reuse_port: bool) -> int:
+async def _serve(config: Config, store_url: str, reuse_port: bool,
+                 config_path: str | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        return await _serve_gateway(config, store_url, reuse_port, stop)
+        return await _serve_gateway(config, store_url, reuse_port, stop, config_path)
     except StoreError as exc:  # raised while opening the store clients: one line, no traceback
         print(f"keygate: cannot use the store at {redact(store_url)}: {exc}", file=sys.stderr)
         return 1
 
 
 async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
-                         stop: asyncio.Event) -> int:
-    async with running_gateway(config, store_url) as gw:
+                         stop: asyncio.Event, config_path: str | None = None) -> int:
+    async with running_gateway(config, store_url, config_path=config_path) as gw:
         try:
             ready = await gw.store.ping()
         except StoreError:
@@ -299,6 +339,15 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
             log.info("keygate listening: proxy %s:%d, admin %s:%d (config %s, pid %d)",
                      config.server.host, config.server.port, config.admin.host,
                      config.admin.port, os.path.abspath(config.source), os.getpid())
+            reloads: set[asyncio.Task] = set()
+
+            def hangup() -> None:
+                task = asyncio.ensure_future(gw.reloader.on_signal())
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one held: now
             await stop.wait()
             log.info("shutting down: finishing in-flight requests")
         finally:
@@ -306,13 +355,14 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
     return 0
 
 
-def _run_worker(config: Config, store_url: str, reuse_port: bool) -> int:
+def _run_worker(config: Config, store_url: str, reuse_port: bool,
+                config_path: str | None = None) -> int:
     try:
         import uvloop
         uvloop.install()
     except ImportError:  # not on Linux: the default loop is fine
         pass
-    return asyncio.run(_serve(config, store_url, reuse_port))
+    return asyncio.run(_serve(config, store_url, reuse_port, config_path))
 
 
 def _preflight(config: Config, store_url: str) -> str | None:
@@ -352,8 +402,10 @@ def _preflight(config: Config, store_url: str) -> str | None:
     return None
 
 
-def _supervise(config: Config, store_url: str, workers: int) -> int:
-    """N worker processes sharing the listening ports (SO_REUSEPORT); SIGTERM stops all."""
+def _supervise(config: Config, store_url: str, workers: int,
+               config_path: str | None = None) -> int:
+    """N worker processes sharing the listening ports (SO_REUSEPORT); SIGTERM stops all,
+    SIGHUP reloads all."""
     import shutil
     import tempfile
 
@@ -364,6 +416,7 @@ def _supervise(config: Config, store_url: str, workers: int) -> int:
     # worker writes its samples to files in this directory; /metrics on any worker sums them.
     metrics_dir = tempfile.mkdtemp(prefix="keygate-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ["KEYGATE_SUPERVISOR_PID"] = str(os.getpid())  # a worker asks it to reload all
     children: list[int] = []
 
     def forward(signum, _frame) -> None:
@@ -387,7 +440,7 @@ def _supervise(config: Config, store_url: str, workers: int) -> int:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
                 from prometheus_client import values
                 values.ValueClass = values.MultiProcessValue()
-                code = _run_worker(config, store_url, reuse_port=True)
+                code = _run_worker(config, store_url, reuse_port=True, config_path=config_path)
             except BaseException:  # os._exit below would swallow it: say why the worker died
                 import traceback
                 traceback.print_exc()
@@ -397,7 +450,15 @@ def _supervise(config: Config, store_url: str, workers: int) -> int:
                     sys.stderr.flush()
                 os._exit(code)
         children.append(pid)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+
+    def reload_all(signum, _frame) -> None:
+        log.info("SIGHUP: asking %d workers to reload", len(children))
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, reload_all)  # after forking: workers have their own
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals | {signal.SIGHUP})
     status = 0
     remaining = set(children)
     while remaining:
@@ -443,6 +504,9 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
             print(problem, file=sys.stderr)
         return 1
     setup_logging(config)
+    # Until the event loop takes it over, a SIGHUP (a reload) must neither end the process nor
+    # be lost: it is held (workers inherit the mask) and delivered once a handler is in place.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     from .embedded import EmbeddedError, resolve_store_url
     try:
         store_url, embedded = resolve_store_url(config)
@@ -452,8 +516,8 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
     try:
         workers = workers or config.server.workers
         if workers > 1:
-            return _supervise(config, store_url, workers)
-        return _run_worker(config, store_url, reuse_port=False)
+            return _supervise(config, store_url, workers, config_path)
+        return _run_worker(config, store_url, reuse_port=False, config_path=config_path)
     finally:
         if embedded is not None:
             embedded.stop()

@@ -126,6 +126,17 @@ def schemas() -> dict[str, Schema]:
                            "action": {"type": "string"}, "target": {"type": "string"},
                            "details": {"type": "object"}}),
         "AuditList": items_of(ref("AuditEvent")),
+        "ReloadResult": obj({"result": {"const": "ok"},
+                             "config": {"type": "string", "description": "the file re-read"},
+                             "reloaded_at": TIMESTAMP,
+                             "restart_required": {"type": "array", "items": {"type": "string"},
+                                                  "description": "settings changed in the file "
+                                                                 "but kept until a restart"}}),
+        "ConfigProblems": obj({"error": obj({
+            "code": {"const": "bad_request"}, "message": {"type": "string"},
+            "request_id": {"type": "string"},
+            "problems": {"type": "array", "items": {"type": "string"},
+                         "description": "every problem, as file:line: field: what"}})}),
     }
 
 
@@ -210,6 +221,17 @@ def admin_paths() -> dict[str, Schema]:
             "responses": {"200": {"description": "OpenAPI 3.1",
                                   "headers": REQUEST_ID_HEADER,
                                   "content": {JSON: {"schema": {"type": "object"}}}}}}},
+        "/admin/v1/reload": {
+            "post": op("Re-read the config file and apply it without a restart (every worker)",
+                       ok(200, ref("ReloadResult"), "applied"), ADMIN_401, TOO_LARGE_413,
+                       ("400", {"description": "`bad_request`: a body was sent, or the file has "
+                                              "problems (listed; nothing was changed)",
+                                "headers": REQUEST_ID_HEADER,
+                                "content": {JSON: {"schema": {"anyOf": [
+                                    ref("ConfigProblems"), err(400, "bad_request")[1]["content"]
+                                    [JSON]["schema"]]}}}}),
+                       err(409, "conflict"), tags=["config"]),
+        },
         v1: {
             "post": op("Create a workspace", ok(201, ref("Workspace"), "created"), *with_body,
                        err(409, "conflict"), body=ref("WorkspaceCreate"), tags=["workspaces"]),
@@ -338,6 +360,27 @@ def proxy_paths() -> dict[str, Schema]:
                   security=API_KEY_SECURITY, tags=["self-service"])
 
     key_path = [param("key", "path", KEY_ID, "key id")]
+    verify_headers = {
+        "X-Forwarded-Method": "the original method (Traefik forwardAuth, nginx)",
+        "X-Forwarded-Uri": "the original path and query",
+        "X-Original-Method": "the original method (nginx auth_request convention)",
+        "X-Original-URI": "the original path and query",
+    }
+    verify_params = [param(name, "header", {"type": "string"}, text, required=False)
+                     for name, text in verify_headers.items()]
+
+    def verify(summary: str) -> Schema:
+        errors = dict(proxy_errors(scope=True, body=False))
+        errors["404"] = err(404, "no_route")[1]
+        return {"summary": summary, "security": API_KEY_SECURITY, "tags": ["verify"],
+                "parameters": verify_params,
+                "description": "Any method is taken; the original request comes from the "
+                               "X-Forwarded-* headers, else X-Original-*, else this request's "
+                               "own method and the path after /_keygate/v1/verify.",
+                "responses": {"200": {"description": "allowed: the identity and RateLimit "
+                                                     "fields as headers, no body",
+                                      "headers": REQUEST_ID_HEADER},
+                              **errors}}
     return {
         "/_keygate/v1/usage": {
             "servers": PROXY_SERVER,
@@ -345,6 +388,17 @@ def proxy_paths() -> dict[str, Schema]:
                       ok(200, ref("SelfUsage"), "usage plus `key`"),
                       *proxy_errors(scope=False, body=False), security=API_KEY_SECURITY,
                       tags=["self-service"]),
+        },
+        "/_keygate/v1/verify": {
+            "servers": PROXY_SERVER,
+            "get": verify("Verify-only: the whole pipeline on the original request, nothing "
+                          "forwarded (auth_request, forwardAuth, ext_authz)"),
+        },
+        "/_keygate/v1/verify/{original}": {
+            "servers": PROXY_SERVER,
+            "parameters": [param("original", "path", {"type": "string"},
+                                 "the original path (Envoy ext_authz path_prefix)")],
+            "get": verify("Verify-only, the original path after the prefix"),
         },
         base: {
             "servers": PROXY_SERVER,

@@ -911,3 +911,32 @@ def test_the_cli_reference_describes_every_command_and_option():
                     assert option in section, (path, option)
     for option in shared - {"--help", "-h"}:
         assert f"`{option}" in text
+
+
+async def test_reload_through_the_cli_with_the_servers_own_config(tmp_path, redis_url,
+                                                                  keygate, monkeypatch):
+    """keygate reload --config FILE: the URL and token come from the file the gateway runs
+    with; a file with problems changes nothing, and the problems are printed one per line."""
+    import yaml
+    from test_serve import ADMIN_TOKEN as SERVE_TOKEN, Served, write_config
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url)
+    monkeypatch.delenv("KEYGATE_ADMIN_URL", raising=False)
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", SERVE_TOKEN)
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        run = await keygate("reload", "--config", str(config))
+        assert run.code == 0, run.err
+        assert run.out.startswith(f"reloaded {config}")
+        doc = yaml.safe_load(config.read_text())
+        doc["routes"][0]["upstream"] = "nowhere"
+        config.write_text(yaml.safe_dump(doc))
+        run = await keygate("reload", "--config", str(config))
+        assert run.code == 1
+        assert "routes[0].upstream: unknown upstream 'nowhere'" in run.err
+        assert "(bad_request)" in run.err
+        run = await keygate("reload", "--admin-url", gw.admin, "--json")
+        assert run.code == 1 and run.json()["error"]["problems"]
+    finally:
+        assert gw.terminate() == 0
+        gw.close()

@@ -53,7 +53,8 @@ def schema_at(path: list[str]) -> dict:
 # (config path in the probe document, path in the schema)
 OBJECTS = [
     ([], []), (["server"], ["server"]), (["admin"], ["admin"]), (["store"], ["store"]),
-    (["server", "timeouts"], ["server", "timeouts"]), (["keys"], ["keys"]), (["keys", "argon2"], ["keys", "argon2"]),
+    (["server", "timeouts"], ["server", "timeouts"]), (["server", "tls"], ["server", "tls"]),
+    (["admin", "tls"], ["admin", "tls"]), (["keys"], ["keys"]), (["keys", "argon2"], ["keys", "argon2"]),
     (["keys", "failures"], ["keys", "failures"]), (["plans", "p"], ["plans", "*"]),
     (["upstreams", "crm"], ["upstreams", "*"]), (["routes", 0], ["routes", "[]"]),
     (["identity_headers"], ["identity_headers"]),
