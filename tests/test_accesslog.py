@@ -152,7 +152,8 @@ async def test_keygate_serve_writes_json_access_lines_to_stderr(tmp_path, upstre
     text_lines = [line for line in err.splitlines() if line.strip() and not line.startswith("{")]
     assert text_lines == []
     app = [entry for entry in all_json_lines(err) if "logger" in entry]
-    assert any(e["logger"] == "keygate" and "listening" in e["message"] for e in app)
+    listening = [e["message"] for e in app if "listening" in e["message"]]
+    assert listening and f"config {config}" in listening[0]  # serve says which file it runs
     assert all({"time", "level", "logger", "message"} <= set(e) for e in app)
     # admin calls are logged, with who and the answer, never the token
     admin = [e for e in app if e["logger"] == "keygate.admin"]
