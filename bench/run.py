@@ -241,9 +241,43 @@ def cpu_of(pids: list[int]) -> float:
     return total
 
 
+def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    """py-spy sampling ``pid`` for ``seconds`` (collapsed stacks to ``out``), if installed."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
+                             "--rate", "250", "--format", "raw", "--nonblocking", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def profile_top(path: Path, n: int = 12) -> list[tuple[str, float, float]]:
+    """(function, self %, inclusive %) of the samples in a py-spy raw (collapsed) profile."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        k = int(count)
+        total += k
+        frames = [re.sub(r" \(.*?:\d+\)$", "", f) + " " + (re.search(r"\(([^:()]*)", f) or ["", ""])[1]
+                  for f in stack.split(";")]
+        frames = [re.sub(r"\s+", " ", f).strip() for f in frames]
+        own[frames[-1]] = own.get(frames[-1], 0) + k
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + k
+    if not total:
+        return []
+    return [(f, 100 * c / total, 100 * incl[f] / total)
+            for f, c in sorted(own.items(), key=lambda kv: -kv[1])[:n]]
+
+
 def run_load(t: Target, conns: int, duration: float, warmup: float, loadgen: str,
-             watch: dict[str, list[int]], workdir: Path) -> dict:
-    """One warm-up + measured window. Returns the load result plus CPU seconds per role."""
+             watch: dict[str, list[int]], workdir: Path, profile: Path | None = None) -> dict:
+    """One warm-up + measured window. Returns the load result plus CPU seconds per role.
+    With ``profile``, py-spy samples the server during the measured window (wrk only)."""
     use = "lean" if (t.force_lean and loadgen == "wrk") else loadgen
     headers = [f"Authorization: Bearer {t.token}"] if t.token else []
     if use == "wrk":
@@ -254,10 +288,13 @@ def run_load(t: Target, conns: int, duration: float, warmup: float, loadgen: str
             subprocess.run(argv + [f"-d{max(1, round(warmup))}s", t.url], capture_output=True, check=True)
         before, cores0 = {role: cpu_of(p) for role, p in watch.items()}, load.core_times()
         ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        spy = start_profile(t.server_pids[0], duration, profile) if profile else None
         t0 = time.perf_counter()
         out = subprocess.run(argv + [f"-d{max(1, round(duration))}s", t.url], capture_output=True,
                              text=True, check=True).stdout
         seconds = time.perf_counter() - t0
+        if spy is not None:
+            spy.wait(timeout=30)
         ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         after, cores1 = {role: cpu_of(p) for role, p in watch.items()}, load.core_times()
         result = parse_wrk(out)
@@ -302,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip measuring the Python load generator's ceiling against (a)")
     ap.add_argument("--quick", action="store_true", help="~30 s smoke: 8 connections, 2 s windows")
     ap.add_argument("--out", help="results JSON path (default bench/results-<timestamp>.json)")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy the keygate targets (c, l) during their measured windows and print "
+                         "where their CPU goes (needs py-spy: pip install py-spy; wrk load only)")
     a = ap.parse_args(argv)
     if a.quick:
         a.duration, a.warmup, a.connections, a.no_loadgen_check = 2.0, 0.5, "8", True
@@ -386,7 +426,14 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         watch = {"server": t.server_pids,
                                  "helpers": [p for p in helpers if p not in t.server_pids]}
-                        res = run_load(t, conns, a.duration, a.warmup, loadgen, watch, workdir)
+                        prof = workdir / f"profile-{key}-c{conns}-r{rep}.txt" \
+                            if a.profile and key in ("c", "l") else None
+                        res = run_load(t, conns, a.duration, a.warmup, loadgen, watch, workdir, prof)
+                        if prof is not None and prof.exists():
+                            res["profile_top"] = profile_top(prof)
+                            print(f"  profile of {key}@{conns} (self %, inclusive %):")
+                            for fn, own_pct, incl_pct in res["profile_top"]:
+                                print(f"      {own_pct:5.1f} {incl_pct:5.1f}  {fn}")
                     except (RuntimeError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
                         res = {"failed": str(exc)[:300]}
                     finally:

@@ -104,6 +104,7 @@ class Pipeline:
         self.self_service = self_service
         self.clock = clock
         self.months = MonthCache()
+        self._store_error_logged_at, self._store_errors_unlogged = -1e9, 0
         self.local_counts: dict[tuple[str, str], int] = {}  # (workspace, period) → requests
         self._flushes: set[asyncio.Task] = set()
         self._retry: asyncio.Task | None = None
@@ -232,7 +233,7 @@ class Pipeline:
         try:
             return await self.auth.authenticate(token, self.client_ip(request))
         except StoreError as exc:
-            raise self._store_down() from exc
+            raise self._store_down(exc) from exc
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *,
                         count: bool) -> tuple[CachedKey, dict[str, str], Month]:
@@ -265,7 +266,7 @@ class Pipeline:
                 try:
                     fresh = await self.auth.refresh(key)
                 except StoreError as exc:
-                    raise self._store_down() from exc
+                    raise self._store_down(exc) from exc
                 if fresh is None:
                     raise errors.invalid_token("invalid_key", "The API key is not valid.")
                 key = fresh
@@ -319,20 +320,32 @@ class Pipeline:
 
     # --- store down ---------------------------------------------------------------------------
 
-    def _store_down(self) -> ServiceUnavailable:
+    def _store_down(self, cause: BaseException | None = None) -> ServiceUnavailable:
         if self.metrics:
             self.metrics.store_errors.inc()
+        self._log_store_error(cause)
         return ServiceUnavailable("The key store is unavailable; the request was not checked.",
                                   headers={"Retry-After": "1"})
+
+    def _log_store_error(self, cause: BaseException | None) -> None:
+        """Name the cause of store failures in the log (its class and message, never a
+        password), at most once a second however many requests fail."""
+        self._store_errors_unlogged += 1
+        now = time.monotonic()
+        if cause is not None and now - self._store_error_logged_at >= 1.0:
+            log.warning("store unavailable: %s (%d store failures since the last report)",
+                        cause, self._store_errors_unlogged)
+            self._store_error_logged_at, self._store_errors_unlogged = now, 0
 
     def _degraded(self, key: CachedKey, expired: bool, missing: str | None, count: bool,
                   exc: StoreError) -> dict[str, str]:
         """The store failed on a key verified in this process: fail closed, or — with
         ``on_store_error: open`` — decide from the cached state and count locally."""
         if not self.fail_open:
-            raise self._store_down() from exc
+            raise self._store_down(exc) from exc
         if self.metrics:
             self.metrics.store_errors.inc()
+        self._log_store_error(exc)
         if expired:
             raise errors.invalid_token("expired_key", "This API key has expired.")
         if key.key.revoked_at is not None:
@@ -444,7 +457,7 @@ class Pipeline:
                 usage = await self.store.usage(key.workspace.id)
                 current = await self.store.get_key(key.workspace.id, key.key.id) or key.key
             except StoreError as exc:
-                raise self._store_down() from exc
+                raise self._store_down(exc) from exc
             usage["key"] = current.to_json(tuple(sorted(key.principal.scopes)), self.clock())
             return web.Response(body=json.dumps(usage).encode(), content_type="application/json")
         if raw_path == "/_keygate/v1/keys" or raw_path.startswith("/_keygate/v1/keys/"):
@@ -455,7 +468,7 @@ class Pipeline:
             try:
                 return await self.self_service(request, key.principal, self.store, self.config)
             except StoreError as exc:  # not a bug: the store failed under the key endpoints
-                raise self._store_down() from exc
+                raise self._store_down(exc) from exc
         raise no_route(request.method, raw_path)
 
     # --- small helpers ------------------------------------------------------------------------

@@ -11,8 +11,13 @@
 -- ARGV[5] rate limit N (0 = none)   ARGV[6] rate period, ms
 -- ARGV[7] monthly limit (-1 = unlimited)   ARGV[8] month counter TTL, s
 -- ARGV[9] a member unique to this request (for the rate log)
+-- ARGV[10] deadline in Redis's own clock (TIME), microseconds; "0" = none. Set a little
+--          before the client gives up on the reply: a call that runs later than that (Redis
+--          was paused, or the command sat in a socket buffer) has been answered 503 already,
+--          so it counts nothing.
 --
 -- Returns one of
+--   {"late"}                                  (mode "count") past the deadline: nothing done
 --   {"stale"}                                 the key or workspace changed (or is gone): the
 --                                             caller re-reads it and decides again
 --   {"ok", month_used}                        (mode "check")
@@ -25,6 +30,12 @@ if not k[2] or not w[2] or (k[1] or '0') ~= ARGV[2] or (w[1] or '0') ~= ARGV[3] 
   return {'stale'}
 end
 local now = tonumber(ARGV[1])
+if ARGV[4] == 'count' and ARGV[10] ~= '0' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[10]) then
+    return {'late'}
+  end
+end
 if ARGV[4] == 'check' then
   return {'ok', tonumber(redis.call('GET', KEYS[3]) or '0')}
 end
