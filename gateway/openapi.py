@@ -328,7 +328,7 @@ def proxy_errors(*, scope: bool, body: bool) -> list[tuple[str, Schema]]:
         err(401, "missing_key", "malformed_key", "invalid_key", "expired_key", "revoked_key",
             headers=INVALID_TOKEN),
         err(429, "too_many_failures", "rate_limited", "quota_exceeded", headers=RETRY_AFTER),
-        err(503, "store_unavailable", headers=RETRY_AFTER),
+        err(503, "store_unavailable", "overloaded", headers=RETRY_AFTER),
     ]
     if scope:
         errors.append(err(403, "insufficient_scope"))

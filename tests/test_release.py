@@ -58,3 +58,9 @@ def test_readme_links_to_every_page_of_the_docs():
     for page in sorted((ROOT / "docs").glob("*.md")):
         assert f"docs/{page.name}" in readme, page.name
     assert "shared/SPEC.md" not in readme
+
+
+def test_the_operations_guide_lists_every_metric():
+    from conftest import DOCUMENTED_METRICS
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    assert [m for m in DOCUMENTED_METRICS if f"`{m}`" not in guide] == []
