@@ -86,14 +86,15 @@ CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
 
 
 async def schemathesis(schema_url: str, base_url: str, token: str, *options: str,
-                       timeout: float = 150) -> tuple[int, str]:
+                       cwd: Path, timeout: float = 150) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     proc = await asyncio.create_subprocess_exec(
         ST, "run", schema_url, "--url", base_url, "-H", f"Authorization: Bearer {token}",
         "--checks", CHECKS, "--max-examples", "12", "--seed", "1", "--workers", "1",
         "--phases", "examples,coverage,fuzzing,stateful", "--request-timeout", "10",
         "--suppress-health-check", "all", "--no-color", *options,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+        cwd=cwd)  # its cache directory stays out of the source tree
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     except asyncio.TimeoutError:
@@ -110,7 +111,7 @@ pytestmark_st = pytest.mark.skipif(ST is None, reason="schemathesis is not insta
 
 @pytestmark_st
 async def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(
-        redis_url, upstream, monkeypatch):
+        redis_url, upstream, monkeypatch, tmp_path):
     config = make_config(str(upstream.make_url("")))
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         await g.workspace("acme")
@@ -118,7 +119,7 @@ async def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_docu
         base = str(g.admin_server.make_url("")).rstrip("/")
         started = time.monotonic()
         code, out = await schemathesis(base + "/admin/v1/openapi.json", base, ADMIN_TOKEN,
-                                       "--exclude-path-regex", "^/_keygate/")
+                                       "--exclude-path-regex", "^/_keygate/", cwd=tmp_path)
         elapsed = time.monotonic() - started
     assert code == 0, out
     assert re.search(r"\b[1-9]\d* passed", out) or "passed" in out, out
@@ -127,7 +128,7 @@ async def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_docu
 
 @pytestmark_st
 async def test_schemathesis_on_the_self_service_endpoints_of_the_proxy_listener(
-        redis_url, upstream, monkeypatch):
+        redis_url, upstream, monkeypatch, tmp_path):
     config = make_config(str(upstream.make_url("")))
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         await g.workspace("acme", plan="unlimited")
@@ -139,7 +140,8 @@ async def test_schemathesis_on_the_self_service_endpoints_of_the_proxy_listener(
                                        # a revoke or rotate of the acting key itself (its id
                                        # is in every listing) would end the run's credentials;
                                        # both run the admin API's code, tested above
-                                       "--exclude-path-regex", "/(revoke|rotate)$")
+                                       "--exclude-path-regex", "/(revoke|rotate)$",
+                                       cwd=tmp_path)
     assert code == 0, out
 
 
