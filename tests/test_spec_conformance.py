@@ -27,8 +27,9 @@ from harness import ADMIN_TOKEN, gateway_under_test, make_config
 
 KEY_FIELDS = {"id", "workspace", "name", "description", "environment", "role", "scopes",
               "prefix", "created_at", "expires_at", "last_used_at", "revoked_at", "rate_limit",
-              "status"}
-USAGE_FIELDS = {"workspace", "plan", "period", "used", "limit", "remaining", "resets_at"}
+              "status", "monthly_requests", "used_this_month", "enabled", "meta", "allowed_ips"}
+USAGE_FIELDS = {"workspace", "plan", "period", "used", "limit", "remaining", "resets_at",
+                "limits"}
 AUDIT_FIELDS = {"at", "actor", "action", "target", "details"}
 RFC3339_Z = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z")
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
