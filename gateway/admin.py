@@ -29,6 +29,7 @@ from .config import NAME_RE, SCOPE_RE, Config, parse_rate_limit
 from .errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
                      PayloadTooLarge, ServiceUnavailable, StoreError, Unauthorized)
 from .models import LIMIT_FIELDS, KeyRecord, Principal, parse_rfc3339, rfc3339
+from .limits import effective_plan
 from .store import (OPERATOR, STATUSES, UNSET, WORKSPACE_ID_RE, Store, effective_scopes_of)
 from .tokens import KEY_ID_RE
 
@@ -169,8 +170,8 @@ def parse_monthly(value: Any, field: str = "monthly_requests") -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_MONTHLY:
-        raise BadRequest(f"The field '{field}' must be a whole number of requests from 0 to "
-                         f"{MAX_MONTHLY}, or null.")
+        raise BadRequest(f"The field '{field}' must be a whole number from 0 to "
+                         f"{MAX_MONTHLY}, or null (no limit of its own).")
     return value
 
 
@@ -530,8 +531,8 @@ class KeyOps:
 
     async def _rate_within_plan(self, rate_limit: str) -> None:
         workspace = await self.store.require_workspace(self.ws)
-        plan = self.config.plan_of(workspace.plan)
-        if plan is None or plan.rate_limit is None:
+        plan = effective_plan(self.config, workspace)  # the workspace's own limits included
+        if plan.rate_limit is None:
             return
         if _per_second(rate_limit) > _per_second(str(plan.rate_limit)):
             raise Forbidden(f"The field 'rate_limit' may not exceed the plan's rate limit "
@@ -875,7 +876,7 @@ async def self_service(request: web.Request, principal: Principal, store: Store,
     path = request.rel_url.raw_path
     rest = path[len(SELF_SERVICE_PREFIX):] if path.startswith(SELF_SERVICE_PREFIX) else None
     parts = rest.strip("/").split("/") if rest not in (None, "", "/") else []
-    if rest is None or (rest and not rest.startswith("/")) or len(parts) > 2 or "" in parts:
+    if rest is None or (rest and not rest.startswith("/")) or len(parts) > 3 or "" in parts:
         raise NotFound("No such endpoint.")
     async def body() -> bytes:
         try:  # aiohttp caps it (1 MiB) with an HTTPException the pipeline does not render
@@ -893,17 +894,26 @@ async def self_service(request: web.Request, principal: Principal, store: Store,
             raise MethodNotAllowed(f"Use {' or '.join(methods)} here.",
                                    headers={"Allow": ", ".join(methods)})
 
-    check_query(request.query, ("status",) if not parts and method == "GET" else ())
+    daily = len(parts) == 3 and parts[1:] == ["usage", "daily"]
+    if len(parts) == 3 and not daily:
+        raise NotFound("No such endpoint.")
+    check_query(request.query, LIST_PARAMS if not parts and method == "GET"
+                else ("days",) if daily and method == "GET" else ())
     if not parts:
         allow("GET", "POST")
         if method == "GET":
             return await ops.list(request.query)
         return await ops.create(await body())
     key_id = parts[0]
+    if daily:
+        allow("GET")
+        return await ops.daily(key_id, request.query)
     if len(parts) == 1:
-        allow("GET", "PATCH")
+        allow("GET", "PATCH", "DELETE")
         if method == "GET":
             return await ops.read(key_id)
+        if method == "DELETE":
+            return await ops.delete(key_id)
         return await ops.patch(key_id, await body())
     if parts[1] == "revoke":
         allow("POST")
