@@ -26,6 +26,8 @@ import urllib.request
 from datetime import date, datetime, timezone
 from typing import Any, Callable, Sequence, TextIO
 
+from . import cli_controls
+
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
 DEFAULT_TIMEOUT = 10.0
 TOKEN_WARNING = ("keygate: this is the only time the token is shown; it cannot be shown again. "
@@ -317,7 +319,8 @@ def cmd_keys_create(args: argparse.Namespace, client: AdminClient) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace, client: AdminClient) -> int:
-    query = {"status": args.status} if args.status else None
+    query = {"status": args.status} if args.status else {}
+    query.update(cli_controls.list_query(args))
     items = client.request("GET", f"/workspaces/{_seg(args.workspace)}/keys",
                            query=query).get("items", [])
     if args.json:
@@ -365,6 +368,8 @@ def cmd_keys_rotate(args: argparse.Namespace, client: AdminClient) -> int:
 
 
 def cmd_usage(args: argparse.Namespace, client: AdminClient) -> int:
+    if args.daily:
+        return cli_controls.print_daily_usage(args, client, _seg)
     usage = client.request("GET", f"/workspaces/{_seg(args.workspace)}/usage")
     if args.json:
         _print_json(usage, sys.stdout)
@@ -394,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                        default=default if suppress else None,
                        help=f"admin API base URL (env KEYGATE_ADMIN_URL, default {DEFAULT_ADMIN_URL})")
         p.add_argument("--timeout", type=float, default=default if suppress else DEFAULT_TIMEOUT,
-                       help="seconds to wait for the admin API (default %(default)s)")
+                       # not %(default)s: a leaf's default is SUPPRESS, and formatting
+                       # its --help then raised KeyError (every subcommand's --help crashed)
+                       help=f"seconds to wait for the admin API (default {DEFAULT_TIMEOUT})")
         p.add_argument("--json", action="store_true", default=default if suppress else False,
                        help="machine-readable JSON output")
         return p
@@ -435,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     ws_plan.add_argument("id", metavar="ID")
     ws_plan.add_argument("plan", metavar="PLAN")
     ws_plan.set_defaults(handler=cmd_workspaces_set_plan)
+    cli_controls.add_workspace_commands(ws_verbs, leaf, _seg)
 
     keys = verbs.add_parser("keys", help="manage API keys")
     key_verbs = keys.add_subparsers(dest="key_verb", metavar="COMMAND", required=True)
@@ -457,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     k_list.add_argument("--workspace", required=True, metavar="WS")
     k_list.add_argument("--status", choices=("active", "expired", "revoked"))
     k_list.set_defaults(handler=cmd_keys_list)
+    cli_controls.add_list_options(k_list)
 
     k_revoke = key_verbs.add_parser("revoke", parents=leaf, help="revoke a key (permanent)")
     k_revoke.add_argument("--workspace", required=True, metavar="WS")
@@ -471,10 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     k_rotate.add_argument("--grace", type=_argtype(parse_duration, "DURATION"),
                           help="how long the old key keeps working, e.g. 24h (default 0: revoked now)")
     k_rotate.set_defaults(handler=cmd_keys_rotate)
+    cli_controls.add_key_commands(key_verbs, leaf, _seg, _argtype(parse_expiry, "EXPIRES"))
 
     usage = verbs.add_parser("usage", parents=leaf, help="a workspace's usage this month")
     usage.add_argument("--workspace", required=True, metavar="WS")
     usage.set_defaults(handler=cmd_usage)
+    cli_controls.add_usage_options(usage)
     return parser
 
 
