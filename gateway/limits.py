@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from datetime import datetime, timezone
 from typing import NamedTuple
 
@@ -44,12 +45,22 @@ class MonthCache:
 
     def __init__(self) -> None:
         self._month = month_of(0)
+        self._day = (0.0, 0.0, "")  # start, end, "YYYY-MM-DD" (UTC)
 
     def get(self, now: float) -> Month:
         m = self._month
         if not (m.start <= now < m.resets_at):
             m = self._month = month_of(now)
         return m
+
+    def day(self, now: float) -> str:
+        """"YYYY-MM-DD" of ``now`` (UTC), for the day counters; recomputed once a day."""
+        start, end, text = self._day
+        if not (start <= now < end):
+            start = now - now % 86400  # UTC days are 86400 s apart (no leap seconds in epoch)
+            text = time.strftime("%Y-%m-%d", time.gmtime(start))
+            self._day = (start, start + 86400, text)
+        return text
 
 
 def effective_plan(config: Config, workspace) -> Plan:

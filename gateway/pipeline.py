@@ -219,7 +219,7 @@ class Pipeline:
             blocked = key.networks is not None and request is not None and \
                 not key.allows(self.client_ip(request))
             month = self.months.get(now)
-            counted = Counted(month, utc_day(now))
+            counted = Counted(month, self.months.day(now))
             try:
                 decision = await self.requests.authorize(
                     workspace=k.workspace, key_id=k.id, key_rev=k.rev, ws_rev=key.workspace.rev,

@@ -549,3 +549,35 @@ async def test_self_service_keys_follow_the_same_rules_within_their_scopes(gut):
     status, body = await ss("POST", "", {"name": "x", "scopes": ["people:read"],
                                          "rate_limit": "5/s", "monthly_requests": 3})
     assert status == 201 and body["key"]["monthly_requests"] == 3
+
+
+# --- days, months and rotation ------------------------------------------------------------------
+
+async def test_days_and_the_keys_month_turn_over_at_midnight_utc(redis_url, upstream,
+                                                                 monkeypatch):
+    from test_limits import Clock
+    clock = Clock("2026-11-30T23:59:59")
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as g:
+        await g.workspace()
+        token, key = await g.key(monthly_requests=1)
+        assert (await call(g, token))[0] == 200
+        assert (await call(g, token))[:2] == (429, "key_quota_exceeded")
+        clock.set("2026-12-01T00:00:00")
+        assert (await call(g, token))[0] == 200  # a new month: the key's cap starts over
+        _, days = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}/usage/daily"
+                                            "?days=2")
+        assert days["items"] == [{"date": "2026-11-30", "requests": 1},
+                                 {"date": "2026-12-01", "requests": 1}]
+
+
+async def test_rotation_keeps_the_keys_controls(gut):
+    await gut.workspace()
+    _, key = await gut.key(monthly_requests=9, allowed_ips=["10.0.0.0/8"], meta={"a": 1},
+                           rate_limit="3/s")
+    status, body = await gut.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/rotate")
+    assert status == 201
+    new = body["key"]
+    assert (new["monthly_requests"], new["allowed_ips"], new["meta"], new["rate_limit"],
+            new["enabled"]) == (9, ["10.0.0.0/8"], {"a": 1}, "3/s", True)
+    assert (await call(gut, body["token"]))[:2] == (403, "ip_not_allowed")
