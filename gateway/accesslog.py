@@ -1,4 +1,4 @@
-"""One access-log line per proxied request, JSON (default) or text, on logger ``keygate.access``.
+"""One access-log line per proxied request, JSON (default) or text, on stderr.
 
 Never a token: the path is logged without its query string's values that look like keys, and
 no header value is logged at all.
@@ -6,8 +6,10 @@ no header value is logged at all.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
-import logging
+import os
 import re
 import sys
 import time
@@ -17,21 +19,6 @@ from aiohttp import web
 from .config import Config
 from .routes import _token_re, query_has_token
 from .tokens import looks_like_token
-
-logger = logging.getLogger("keygate.access")
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is now (it may be swapped after start-up)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
 
 _SEPARATORS = re.compile(r"([&;])")
 
@@ -64,38 +51,144 @@ def mask_path(path: str, prefix: str) -> str:
     return path
 
 
+_SAFE = re.compile(r'[ !#-\[\]-~]*')   # printable ASCII but '"' and '\': JSON as is
+_PIPE_BUF = 4096                        # a write this size or smaller is never interleaved
+
+
+def _js(value: str | None) -> str:
+    if value is None:
+        return "null"
+    return f'"{value}"' if _SAFE.fullmatch(value) else json.dumps(value)
+
+
 class AccessLog:
-    def __init__(self, config: Config) -> None:
+    """One line per request, buffered and written off the event loop.
+
+    ``write`` only formats the line and appends it to a buffer (a few µs); a task hands what
+    has gathered to a writer thread every ``interval`` seconds (and ``close`` writes the rest,
+    so a clean stop loses no line). A slow or blocked stderr therefore never stalls requests:
+    while the writer is stuck, lines gather up to ``max_buffer`` bytes and past that are
+    dropped and counted (``dropped``; ``keygate_access_log_dropped_total``), never an unbounded
+    buffer. Writes go out in whole lines of at most PIPE_BUF bytes, so lines of several
+    workers sharing one stderr pipe never interleave mid-line."""
+
+    def __init__(self, config: Config, *, interval: float = 0.1,
+                 max_buffer: int = 4 * 1024 * 1024, on_drop=None) -> None:
         self.prefix = config.keys.prefix
         self.text = config.server.access_log == "text"
-        if not logger.handlers:  # one bare line per request, not wrapped in the app's format
-            handler = _StderrHandler()
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            logger.addHandler(handler)
-            logger.propagate = False
-            logger.setLevel(logging.INFO)
+        self.interval, self.max_buffer = interval, max_buffer
+        self.on_drop = on_drop
+        self.dropped = 0
+        self._lines: list[str] = []
+        self._size = 0
+        self._second = -1
+        self._stamp = ""
+        self._task: asyncio.Task | None = None
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, "keygate-access-log")
+        self._writing: asyncio.Future | None = None
+
+    # --- per request --------------------------------------------------------------------------
 
     def write(self, request: web.BaseRequest, response: web.StreamResponse, outcome,
               request_id: str, elapsed: float) -> None:
-        if not logger.isEnabledFor(logging.INFO):
-            return
         path, _, query = request.raw_path.partition("?")
         path = mask_path(path, self.prefix)
         if query:
             path = f"{path}?{mask_query(query, self.prefix)}"
-        bytes_out = response.body_length if response.prepared else len(getattr(response, "body", b"") or b"")
-        record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "request_id": request_id, "method": request.method, "path": path,
-            "status": response.status, "duration_ms": round(elapsed * 1000, 3),
-            "workspace": outcome.workspace, "key_id": outcome.key_id, "route": outcome.route,
-            "upstream": outcome.upstream, "error": outcome.code,
-            "bytes_in": request.content_length or 0, "bytes_out": bytes_out,
-            "client": request.remote,
-        }
+        bytes_out = response.body_length if response.prepared else \
+            len(getattr(response, "body", b"") or b"")
+        now = time.time()
+        if int(now) != self._second:
+            self._second = int(now)
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         if self.text:
-            logger.info("%s %s %s %d %.1fms ws=%s key=%s rid=%s", record["client"],
-                        record["method"], path, record["status"], record["duration_ms"],
-                        record["workspace"] or "-", record["key_id"] or "-", request_id)
+            line = (f"{request.remote} {request.method} {path} {response.status} "
+                    f"{elapsed * 1000:.1f}ms ws={outcome.workspace or '-'} "
+                    f"key={outcome.key_id or '-'} rid={request_id}\n")
         else:
-            logger.info(json.dumps(record, separators=(",", ":")))
+            line = (f'{{"time":"{self._stamp}","request_id":{_js(request_id)},'
+                    f'"method":{_js(request.method)},"path":{_js(path)},'
+                    f'"status":{response.status},"duration_ms":{round(elapsed * 1000, 3)},'
+                    f'"workspace":{_js(outcome.workspace)},"key_id":{_js(outcome.key_id)},'
+                    f'"route":{_js(outcome.route)},"upstream":{_js(outcome.upstream)},'
+                    f'"error":{_js(outcome.code)},"bytes_in":{request.content_length or 0},'
+                    f'"bytes_out":{bytes_out},"client":{_js(request.remote)}}}\n')
+        if self._size + len(line) > self.max_buffer:
+            self.dropped += 1
+            if self.on_drop is not None:
+                self.on_drop()
+            return
+        self._lines.append(line)
+        self._size += len(line)
+        if self._task is None:  # not started (a test driving the pipeline directly)
+            self._start()
+
+    # --- the background writer ----------------------------------------------------------------
+
+    def _start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._flush_every_interval())
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._start()
+
+    async def _flush_every_interval(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            if self._lines and (self._writing is None or self._writing.done()):
+                self._writing = self._hand_over()
+
+    def _hand_over(self) -> asyncio.Future:
+        lines, self._lines, self._size = self._lines, [], 0
+        return asyncio.get_running_loop().run_in_executor(self._writer, _write_lines, lines)
+
+    def flush_now(self) -> None:
+        """Write what is buffered, from this thread (tests, and the last words at shutdown)."""
+        lines, self._lines, self._size = self._lines, [], 0
+        _write_lines(lines)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop the flusher and write every line still buffered (bounded by ``timeout``)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        pending = [f for f in (self._writing,) if f is not None and not f.done()]
+        if self._lines:
+            pending.append(self._hand_over())
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        self._writer.shutdown(wait=False)
+
+
+def _write_lines(lines: list[str]) -> None:
+    """Whole lines to stderr (whatever it is now), in writes of at most PIPE_BUF bytes."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object with no fd
+        sys.stderr.write("".join(lines))
+        return
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        data = line.encode("utf-8", "surrogateescape")
+        if size + len(data) > _PIPE_BUF and chunk:
+            _write_all(fd, b"".join(chunk))
+            chunk, size = [], 0
+        chunk.append(data)
+        size += len(data)
+    if chunk:
+        _write_all(fd, b"".join(chunk))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        except OSError:   # stderr closed: nothing more can be said
+            return
+        view = view[written:]

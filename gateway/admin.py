@@ -31,7 +31,7 @@ from .errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotF
 from .models import LIMIT_FIELDS, KeyRecord, Principal, parse_rfc3339, rfc3339
 from .limits import effective_plan
 from .store import (OPERATOR, STATUSES, UNSET, WORKSPACE_ID_RE, Store, effective_scopes_of)
-from .tokens import KEY_ID_RE
+from .tokens import KEY_ID_RE, adoptable_request_id
 
 log = logging.getLogger("keygate.admin")
 
@@ -42,7 +42,6 @@ MAX_SCOPE_LEN = 128
 MAX_ROLE_LEN = 64
 MAX_SECONDS = 100 * 365 * 86400   # expires_in / grace_seconds ceiling (a century)
 AUDIT_DEFAULT, AUDIT_MAX = 100, 1000
-_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _ADMIN_REALM = 'Bearer realm="keygate-admin"'
 
 
@@ -65,8 +64,12 @@ def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
     return data
 
 
+# C0 and C1 controls, DEL, line/paragraph separators, bidi embedding/override/isolate marks
+_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
 def _string(data: Mapping[str, Any], field: str, max_len: int, *, required: bool = False,
-            nonempty: bool = True, single_line: bool = False) -> str | None:
+            nonempty: bool = True) -> str | None:
     if field not in data:
         if required:
             raise BadRequest(f"The field '{field}' is required.")
@@ -79,12 +82,11 @@ def _string(data: Mapping[str, Any], field: str, max_len: int, *, required: bool
     if len(value) > max_len:
         raise BadRequest(f"The field '{field}' is too long ({len(value)} characters; "
                          f"at most {max_len}).")
-    if single_line and any(ord(c) < 32 or 127 <= ord(c) <= 159 for c in value):
-        # C1 controls too: U+009B is a terminal CSI, and names reach `keygate keys list`
+    if _UNSAFE_TEXT.search(value):
+        # C1 controls too (U+009B is a terminal CSI), and the bidi overrides that make a
+        # listing read other than it is: text fields reach `keygate keys list` and the console
         raise BadRequest(f"The field '{field}' must not contain control characters "
-                         "(newlines, tabs, ...).")
-    if "\x00" in value:
-        raise BadRequest(f"The field '{field}' must not contain NUL characters.")
+                         "(newlines, tabs, escapes, bidirectional overrides, ...).")
     try:  # JSON can carry lone surrogates ("\ud800"), which no store can hold as UTF-8
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -123,8 +125,8 @@ def parse_scopes(value: Any, field: str = "scopes") -> tuple[str, ...]:
 
 def parse_role_name(value: Any, field: str = "role") -> str:
     if not isinstance(value, str) or len(value) > MAX_ROLE_LEN or not NAME_RE.fullmatch(value):
-        raise BadRequest(f"The field '{field}' must be a role name (letters, digits, '_', '.', "
-                         f"'-'; at most {MAX_ROLE_LEN} characters).")
+        raise BadRequest(f"The field '{field}' must be a role name (a letter or digit, then "
+                         f"letters, digits, '_', '.', '-'; at most {MAX_ROLE_LEN} characters).")
     return value
 
 
@@ -504,7 +506,7 @@ class KeyOps:
     async def create(self, raw: bytes) -> web.Response:
         data = parse_body(raw, CREATE_FIELDS)
         now = self.store.clock()
-        name = _string(data, "name", MAX_NAME, required=True, single_line=True)
+        name = _string(data, "name", MAX_NAME, required=True)
         description = _string(data, "description", MAX_DESCRIPTION, nonempty=False) or ""
         environments = self.config.keys.environments
         environment = data.get("environment", environments[0])
@@ -549,7 +551,7 @@ class KeyOps:
             raise BadRequest(f"Nothing to change; send one or more of: {', '.join(PATCH_FIELDS)}.")
         changes: dict[str, Any] = {}
         if "name" in data:
-            changes["name"] = _string(data, "name", MAX_NAME, single_line=True)
+            changes["name"] = _string(data, "name", MAX_NAME)
         if "description" in data:
             changes["description"] = _string(data, "description", MAX_DESCRIPTION,
                                              nonempty=False)
@@ -603,7 +605,7 @@ class KeyOps:
 
 def request_id_of(request: web.BaseRequest) -> str:
     rid = request.headers.get("X-Request-Id")
-    if rid is not None and _SANE_REQUEST_ID.fullmatch(rid):
+    if adoptable_request_id(rid):
         return rid
     return uuid.uuid4().hex
 
@@ -723,7 +725,7 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
 
     async def create_workspace(request: web.Request) -> web.Response:
         data = parse_body(await request.read(), ("id", "name", "plan"))
-        name = _string(data, "name", MAX_NAME, required=True, single_line=True)
+        name = _string(data, "name", MAX_NAME, required=True)
         ws = None
         if "id" in data:
             ws = data["id"]
@@ -748,7 +750,7 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
         data = parse_body(await request.read(), ("name", "plan", "limits"))
         if not data:
             raise BadRequest("Nothing to change; send 'name', 'plan' and/or 'limits'.")
-        name = _string(data, "name", MAX_NAME, single_line=True)
+        name = _string(data, "name", MAX_NAME)
         limits = parse_limits(data["limits"]) if "limits" in data else UNSET
         workspace = await store.update_workspace(ws, name=name, plan=plan_of(data),
                                                  limits=limits)

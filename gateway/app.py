@@ -40,11 +40,58 @@ class Gateway:
     metrics: Metrics
     admin_app: web.Application
     proxy_server: web.Server
+    access_log: object = None  # gateway.accesslog.AccessLog, when the access log is on
 
 
 class _JsonErrorRequestHandler(RequestHandler):
     """aiohttp answers requests its HTTP parser refuses (ambiguous framing, bad header
-    syntax) itself, as text; keygate's contract is a JSON body for every error."""
+    syntax) itself, as text; keygate's contract is a JSON body for every error.
+
+    It also holds the edge's limits that aiohttp lacks (``server.timeouts.header`` and
+    ``server.max_connections``); idle keep-alive is aiohttp's own ``keepalive_timeout``."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        server = self._manager
+        limit = getattr(server, "max_connections", None)
+        if limit is not None and len(server.connections) > limit:
+            # over the bound: refused at once, so idle or slow clients cannot take the file
+            # descriptors that the upstream and store connections need
+            server.refused_connections += 1
+            transport.abort()
+            return
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and not self._request_in_progress and not self._messages:
+            self._arm_head_timer()   # the first bytes of the next request on this connection
+        seen = self._request_count
+        super().data_received(data)
+        if self._request_count != seen and self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def connection_lost(self, exc) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        timeout = getattr(self._manager, "header_timeout", None)
+        if timeout:
+            self._head_timer = self._loop.call_later(timeout, self._head_timed_out,
+                                                     self._request_count)
+
+    def _head_timed_out(self, count: int) -> None:
+        """No whole request head arrived in time (a slow-loris or a stalled client)."""
+        self._head_timer = None
+        if self._request_count == count and not self._request_in_progress \
+                and not self._messages and self.transport is not None:
+            self.force_close()
+            self.transport.close()
 
     def handle_error(self, request, status=500, exc=None, message=None):
         if status >= 500:
@@ -61,7 +108,17 @@ class _JsonErrorRequestHandler(RequestHandler):
 
 class ProxyServer(web.Server):
     """A low-level aiohttp server whose parser errors are SPEC's JSON errors. The proxy
-    listener uses it directly (one handler, no router); the admin listener via AdminRunner."""
+    listener uses it directly (one handler, no router); the admin listener via AdminRunner.
+
+    ``header_timeout``: seconds for a whole request head; ``max_connections``: open client
+    connections beyond which a new one is closed at once (None: no bound)."""
+
+    def __init__(self, handler, *, header_timeout: float | None = None,
+                 max_connections: int | None = None, **kwargs) -> None:
+        super().__init__(handler, **kwargs)
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.refused_connections = 0
 
     def __call__(self) -> RequestHandler:
         return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -97,17 +154,27 @@ async def running_gateway(config: Config, store_url: str, *,
     forwarder.on_upstream = metrics.observe_upstream
     auth = Authenticator(config, store, requests, metrics, clock=clock)
     pipeline = None
+    access = None
     try:
         await forwarder.start()
         pipeline = Pipeline(config, store, requests, auth, forwarder, metrics,
                             self_service=self_service, clock=clock)
         if config.server.access_log != "off":
-            pipeline.access = AccessLog(config).write
+            access = AccessLog(config, on_drop=metrics.access_log_dropped.inc)
+            await access.start()
+            pipeline.access = access.write
         admin_app = create_admin_app(config, store)
         from .observe import add_metrics_route
         add_metrics_route(admin_app, metrics, store, config)
-        proxy_server = ProxyServer(pipeline.handle, access_log=None)
-        yield Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server)
+        # Bodies are forwarded byte for byte as sent: a Content-Encoding body is never inflated
+        # (an inflated body no longer matches the framing the client declared).
+        timeouts = config.server.timeouts
+        proxy_server = ProxyServer(pipeline.handle, access_log=None, auto_decompress=False,
+                                   keepalive_timeout=timeouts.idle,
+                                   header_timeout=timeouts.header,
+                                   max_connections=raise_open_file_limit(config))
+        yield Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server,
+                      access)
     finally:
         try:
             if pipeline is not None:  # bounded: a store that is still down must not hang a stop
@@ -115,10 +182,37 @@ async def running_gateway(config: Config, store_url: str, *,
         except (asyncio.TimeoutError, StoreError):
             log.warning("shutdown: requests counted while the store was down were not written")
         finally:
+            if access is not None:  # after the listeners stopped: every line is written
+                await access.close()
             auth.close()
             await forwarder.close()
             await requests.close()
             await store.close()
+
+
+def raise_open_file_limit(config: Config) -> int:
+    """Raise this process's soft open-file limit to fit ``server.max_connections`` client
+    connections, every upstream's ``max_connections`` and 1024 more for the store, the admin
+    listener and logs (up to the hard limit). Returns the client-connection bound in force:
+    ``max_connections``, or less when the hard limit cannot fit it (so idle clients can never
+    take the descriptors that upstream and store connections need)."""
+    import resource
+    reserve = 1024 + sum(u.max_connections for u in config.upstreams.values())
+    wanted = config.server.max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted + reserve:
+        return wanted
+    target = wanted + reserve if hard == resource.RLIM_INFINITY else min(wanted + reserve, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft >= wanted + reserve:
+        return wanted
+    bound = max(soft - reserve, soft // 2)
+    log.warning("the open-file limit (%d) cannot fit server.max_connections %d plus %d for "
+                "upstreams and the store: accepting at most %d client connections (raise the "
+                "hard limit, ulimit -Hn, to lift this)", soft, wanted, reserve, bound)
+    return bound
 
 
 class ListenError(Exception):

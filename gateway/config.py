@@ -37,6 +37,14 @@ class RateLimit:
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    """Seconds a client may take (``server.timeouts``)."""
+    header: float = 10.0   # from a connection's first byte of a request to its whole head
+    body: float = 60.0     # the longest silence while a request body streams (then 408)
+    idle: float = 75.0     # an idle keep-alive connection is closed after this
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8080
@@ -46,6 +54,8 @@ class ServerConfig:
     log_level: str = "info"                    # debug | info | warning | error
     access_log: str = "json"                   # json | text | off
     metrics_workspace_labels: bool = False     # per-workspace labels on request counters
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_connections: int = 10000               # open client connections, per process
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,7 @@ class Upstream:
     # https:// only: PEM bundle of the CAs to trust for this upstream INSTEAD of the system
     # store (like nginx's proxy_ssl_trusted_certificate); None = the system store.
     ca_file: str | None = None
+    max_connections: int = 100                 # open connections to it; more requests wait
 
 
 @dataclass(frozen=True)
@@ -159,7 +170,7 @@ class Config:
 
 RATE_LIMIT_RE = re.compile(r"\s*([0-9]+)\s*/\s*([sm])\s*")
 SCOPE_RE = re.compile(r"[A-Za-z0-9_.-]+(?::[A-Za-z0-9_.-]+)*")
-NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")            # plan, role and upstream names
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # plan, role and upstream names
 PREFIX_RE = re.compile(r"[a-z0-9]{1,10}")
 ENVIRONMENT_RE = re.compile(r"[a-z0-9]{1,16}")
 HEADER_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
@@ -576,6 +587,12 @@ class _Reader:
                 n, p, choices=("debug", "info", "warning", "error")),
             "access_log": lambda n, p: self.string(n, p, choices=("json", "text", "off")),
             "metrics_workspace_labels": self.boolean,
+            "timeouts": lambda n, p: self.section(n, p, Timeouts, {
+                "header": lambda n2, p2: self.number(n2, p2, positive=True),
+                "body": lambda n2, p2: self.number(n2, p2, positive=True),
+                "idle": lambda n2, p2: self.number(n2, p2, positive=True),
+            }),
+            "max_connections": lambda n, p: self.integer(n, p, minimum=1, maximum=1_000_000),
         })
 
     def trusted_proxies(self, node: Node, path: str) -> Any:
@@ -717,7 +734,7 @@ class _Reader:
                 path = f"plans.{name}"
                 if not NAME_RE.fullmatch(name):
                     self.fail(key_node, path, f"'{name}' is not a valid plan name "
-                                              "(letters, digits, _ . -)")
+                                              "(a letter or digit, then letters, digits, _ . -)")
                 plans[name] = self.section(value_node, path, Plan, {
                     "monthly_requests": lambda n, p: self.integer(n, p, minimum=0,
                                                                   nullable=True),
@@ -788,7 +805,7 @@ class _Reader:
             path = f"roles.{name}"
             if not NAME_RE.fullmatch(name):
                 self.fail(key_node, path, f"'{name}' is not a valid role name "
-                                          "(letters, digits, _ . -)")
+                                          "(a letter or digit, then letters, digits, _ . -)")
             scopes = self.scopes(value_node, path)
             if scopes is not BAD:
                 roles[name] = scopes
@@ -800,7 +817,7 @@ class _Reader:
             path = f"upstreams.{name}"
             if not NAME_RE.fullmatch(name):
                 self.fail(key_node, path, f"'{name}' is not a valid upstream name "
-                                          "(letters, digits, _ . -)")
+                                          "(a letter or digit, then letters, digits, _ . -)")
             if isinstance(value_node, yaml.ScalarNode) and value_node.tag != \
                     "tag:yaml.org,2002:null":
                 url = self.upstream_url(value_node, path)  # shorthand: `crm: http://...`
@@ -810,6 +827,8 @@ class _Reader:
                     "url": self.upstream_url,
                     "timeout": lambda n, p: self.number(n, p, positive=True),
                     "ca_file": self.ca_file,
+                    "max_connections": lambda n, p: self.integer(n, p, minimum=1,
+                                                                 maximum=100_000),
                 }, required={"url": "(e.g. http://127.0.0.1:9000)"}, name=name, url="")
                 if upstream.ca_file is not None and upstream.url \
                         and urlsplit(upstream.url).scheme != "https":

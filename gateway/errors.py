@@ -7,6 +7,7 @@
     ├── Forbidden (403)               insufficient_scope
     ├── NotFound (404)                no_route, not_found
     ├── MethodNotAllowed (405)        method_not_allowed (keygate's own endpoints)
+    ├── RequestTimeout (408)          request_timeout (a request body stalled)
     ├── Conflict (409)                conflict, key_limit_reached
     ├── PayloadTooLarge (413)         body_too_large
     ├── TooManyRequests (429)         too_many_failures, rate_limited, quota_exceeded
@@ -36,12 +37,19 @@ class GatewayError(Exception):
     status: int = 500
     code: str = "internal_error"
 
+    # Whether the upstream may have received the request before this error: only then does a
+    # request count against the monthly quota (a request keygate refused itself never does).
+    reached_upstream: bool = False
+
     def __init__(self, message: str, *, code: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None,
+                 reached_upstream: bool | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        if reached_upstream is not None:
+            self.reached_upstream = reached_upstream
         self.headers: dict[str, str] = dict(headers or {})
 
     def body(self, request_id: str) -> bytes:
@@ -75,6 +83,10 @@ class MethodNotAllowed(GatewayError):
     status, code = 405, "method_not_allowed"
 
 
+class RequestTimeout(GatewayError):
+    status, code = 408, "request_timeout"
+
+
 class Conflict(GatewayError):
     status, code = 409, "conflict"
 
@@ -89,7 +101,7 @@ class TooManyRequests(GatewayError):
 
 class BadGateway(GatewayError):
     status, code = 502, "upstream_unavailable"
-    not_forwarded = False  # True when the request never reached the upstream (connect failed)
+    reached_upstream = True   # unless the connection could not be made (said when raised)
 
 
 class ServiceUnavailable(GatewayError):
@@ -98,6 +110,11 @@ class ServiceUnavailable(GatewayError):
 
 class GatewayTimeout(GatewayError):
     status, code = 504, "upstream_timeout"
+    reached_upstream = True   # unless it timed out connecting or waiting for a connection
+
+
+def body_too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
 
 
 # --- the proxy's RFC 6750 401/400/403 flavours -------------------------------------------------

@@ -42,6 +42,9 @@ class Metrics:
         self.degraded = Counter("keygate_degraded_decisions_total",
                                 "Requests let through while the store was down "
                                 "(on_store_error: open).", registry=r)
+        self.access_log_dropped = Counter("keygate_access_log_dropped_total",
+                                          "Access-log lines dropped because stderr could not "
+                                          "keep up (the buffer was full).", registry=r)
         self.month_requests = Gauge("keygate_workspace_month_requests",
                                     "Requests counted this calendar month (UTC), per workspace; "
                                     "read from the store at scrape time.", ["workspace"],

@@ -24,17 +24,17 @@ from aiohttp import web
 from . import errors
 from .auth import Authenticator, CachedKey
 from .config import Config, Route
-from .errors import BadGateway, GatewayError, ServiceUnavailable, StoreError, TooManyRequests
+from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
 from .hotpath import Decision, RequestStore, Slot, utc_day
 from .limits import Month, MonthCache, ratelimit_headers
 from .models import rfc3339
-from .routes import RouteTable, check_path, query_has_token
+from .routes import RouteTable, check_path, no_route, query_has_token
+from .tokens import adoptable_request_id
 
 log = logging.getLogger("keygate.proxy")
 access_log = logging.getLogger("keygate.access")
 
 RESERVED = "/_keygate/"
-_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _STALE_RETRIES = 3
 LOCAL_COUNT_RETRY = 1.0  # seconds between attempts to write fail-open counts to the store
 
@@ -105,6 +105,7 @@ class Pipeline:
         self._flushes: set[asyncio.Task] = set()
         self._retry: asyncio.Task | None = None
         self._prefix = config.keys.prefix
+        self.max_body = config.server.max_body_bytes
         self._key_headers = tuple(h.lower() for h in config.keys.headers)
         self._trusted = tuple(ipaddress.ip_network(p, strict=False)
                               for p in config.server.trusted_proxies)
@@ -122,6 +123,10 @@ class Pipeline:
         except GatewayError as exc:
             outcome.code = exc.code
             response = exc.response(request_id)
+            if exc.status in (408, 413):  # the rest of that body is not worth reading
+                response.force_close()
+                if exc.status == 408:  # a stalled sender: answer, then close without the
+                    await self._answer_and_close(request, response)  # lingering read
         except Exception:  # a bug: never a traceback on the wire
             log.exception("unhandled error in request %s", request_id)
             outcome.code = "internal_error"
@@ -149,13 +154,18 @@ class Pipeline:
         token = self.credential(request)
         key = await self.authenticate(token, request)
         outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
-        key, limit_headers, counted = await self.authorise(key, route.scopes, count=True,
-                                                           request=request)
+        # A declared body over the limit is refused after every other check (SPEC's order)
+        # and, like every refusal of keygate's own, is not counted.
+        too_large = (request.content_length or 0) > self.max_body
+        key, limit_headers, counted = await self.authorise(key, route.scopes,
+                                                           count=not too_large, request=request)
+        if too_large:
+            raise errors.body_too_large(self.max_body)
         try:
             return await self.forwarder.forward(request, upstream, key.principal, request_id,
                                                 limit_headers)
-        except BadGateway as exc:
-            if exc.not_forwarded:  # the upstream never saw it: it does not count
+        except GatewayError as exc:
+            if not exc.reached_upstream:  # refused here, or never sent: it does not count
                 await self.refund(key, limit_headers, counted)
             raise
 
@@ -414,13 +424,23 @@ class Pipeline:
                 return await self.self_service(request, key.principal, self.store, self.config)
             except StoreError as exc:  # not a bug: the store failed under the key endpoints
                 raise self._store_down() from exc
-        raise errors.NotFound(f"No route matches {request.method} {raw_path}.", code="no_route")
+        raise no_route(request.method, raw_path)
 
     # --- small helpers ------------------------------------------------------------------------
 
+    @staticmethod
+    async def _answer_and_close(request: web.BaseRequest, response: web.Response) -> None:
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except ConnectionError:
+            pass
+        if request.transport is not None:
+            request.transport.close()
+
     def _request_id(self, request: web.BaseRequest) -> str:
         rid = request.headers.get("X-Request-Id")
-        if rid is not None and _SANE_REQUEST_ID.fullmatch(rid):
+        if adoptable_request_id(rid):
             return rid
         self._rid_counter += 1
         return f"{self._rid_prefix}{self._rid_counter:012x}"

@@ -34,10 +34,10 @@ set. Bodies are never decompressed or buffered whole.
 
 WebSocket/``Upgrade`` is not proxied (``Upgrade`` is hop-by-hop and dropped).
 
-Two upstream clients sit behind the same header rules: ``client="lean"`` (the default,
-``gateway.upstream.UpstreamPool``: httptools parsing over a plain ``asyncio.Protocol``, 3-5x
-less CPU per request, see PERFORMANCE.md) and ``client="aiohttp"`` (``ClientSession``). The
-test suite runs every forwarding test against both.
+The upstream client is ``gateway.upstream.UpstreamPool`` (httptools parsing over a plain
+``asyncio.Protocol``: 3-5x less CPU per request than aiohttp's ClientSession, see
+PERFORMANCE.md). Request bodies go upstream byte for byte as the client sent them (the proxy
+listener never decodes a ``Content-Encoding``), framed exactly as declared.
 """
 
 from __future__ import annotations
@@ -48,19 +48,18 @@ import logging
 import re
 import ssl
 import time
-from typing import AsyncIterator, Callable, Mapping
+from typing import Callable, Mapping
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from .config import Config, Upstream
-from .errors import BadGateway, GatewayError, GatewayTimeout, PayloadTooLarge
+from .errors import BadGateway, GatewayError, GatewayTimeout, RequestTimeout, body_too_large
 from .models import Principal
 from .tokens import looks_like_token
 from .upstream import (UpstreamConnectError, UpstreamPool, UpstreamProtocolError,
-                       UpstreamTimeout)
+                       UpstreamTimeout, UpstreamUnreached)
 
 log = logging.getLogger("keygate.proxy")
 
@@ -70,7 +69,6 @@ HOP_BY_HOP = frozenset({
 })
 _HOP_BY_HOP_BYTES = frozenset(n.encode() for n in HOP_BY_HOP)
 _NO_BODY_STATUS = frozenset({204, 304})
-_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Control characters a header value may not carry (RFC 9110 5.5: HTAB is the only one allowed):
 # CR/LF would split the lean client's request head, NUL and the rest get it refused upstream.
@@ -83,13 +81,6 @@ def _norm(name: str) -> str:
     return name.replace("_", "-") if "_" in name else name
 
 
-class _BodyState:
-    __slots__ = ("too_large",)
-
-    def __init__(self) -> None:
-        self.too_large = False
-
-
 def _trusting(upstream: Upstream) -> ssl.SSLContext | None:
     """The TLS context trusting ``upstream.ca_file`` (instead of the system store), if set."""
     return ssl.create_default_context(cafile=upstream.ca_file) if upstream.ca_file else None
@@ -98,15 +89,11 @@ def _trusting(upstream: Upstream) -> ssl.SSLContext | None:
 class Forwarder:
     """Forwards requests to upstreams; one keep-alive pool per upstream."""
 
-    def __init__(self, config: Config, *, client: str = "lean") -> None:
-        if client not in ("lean", "aiohttp"):
-            raise ValueError(f"unknown upstream client {client!r} (lean | aiohttp)")
-        self.client = client
+    def __init__(self, config: Config) -> None:
         self.config = config
         self._pools: dict[str, tuple[UpstreamPool, str, str]] = {}  # name → pool, base, Host
         self.max_body = config.server.max_body_bytes
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
-        self._bases: dict[str, str] = {}
+        self.body_timeout = config.server.timeouts.body
         ident = config.identity_headers
         self._identity = tuple(n for n in ident.names())
         # Dropped from every request whatever the route (names normalised with _norm).
@@ -127,15 +114,9 @@ class Forwarder:
 
     async def start(self) -> None:
         for upstream in self.config.upstreams.values():
-            if self.client == "lean":
-                self._pool(upstream)
-            else:
-                self._session(upstream)
+            self._pool(upstream)
 
     async def close(self) -> None:
-        sessions, self._sessions = self._sessions, {}
-        for session in sessions.values():
-            await session.close()
         pools, self._pools = self._pools, {}
         for pool, _, _ in pools.values():
             await pool.close()
@@ -145,31 +126,11 @@ class Forwarder:
         if entry is None:
             url = URL(upstream.url)
             pool = UpstreamPool(str(url.origin()), connect_timeout=upstream.timeout,
-                                ssl_context=_trusting(upstream))
+                                ssl_context=_trusting(upstream),
+                                max_connections=upstream.max_connections)
             entry = (pool, url.raw_path.rstrip("/"), url.host_port_subcomponent or url.host or "")
             self._pools[upstream.name] = entry
         return entry
-
-    def _session(self, upstream: Upstream) -> aiohttp.ClientSession:
-        session = self._sessions.get(upstream.name)
-        if session is None or session.closed:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30,
-                                             enable_cleanup_closed=False,
-                                             ssl=_trusting(upstream) or True)
-            t = upstream.timeout
-            session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False,
-                cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=_SKIP_AUTO,
-                # connect: pool wait + TCP/TLS connect; sock_read: from the end of the request
-                # body to the response headers, then the longest silence while streaming.
-                timeout=aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t,
-                                              sock_read=t),
-                trust_env=False, raise_for_status=False)
-            self._sessions[upstream.name] = session
-            url = URL(upstream.url)
-            base = str(url.origin()) + url.raw_path.rstrip("/")
-            self._bases[upstream.name] = base
-        return session
 
     # --- the request -------------------------------------------------------------------------
 
@@ -189,11 +150,9 @@ class Forwarder:
         return trusted
 
     def request_headers(self, request: web.BaseRequest, principal: Principal | None,
-                        request_id: str, *, framing: bool = True) -> list[tuple[str, str]]:
-        """The headers to send upstream (see the module docstring for the rules).
-
-        ``framing=False`` also leaves out ``Content-Length`` (the lean client frames the body
-        itself)."""
+                        request_id: str) -> list[tuple[str, str]]:
+        """The headers to send upstream (see the module docstring for the rules), without
+        ``Content-Length``: the upstream writer frames the body itself."""
         headers = request.headers
         named: frozenset[str] | set[str] = frozenset()
         connection = headers.getall("Connection", None)
@@ -209,7 +168,7 @@ class Forwarder:
             lname = _norm(name)
             if lname in drop or lname in named:
                 continue
-            if not framing and lname == "content-length":
+            if lname == "content-length":  # the writer frames the body itself
                 continue
             if lname.startswith("x-forwarded-") or lname == "forwarded":
                 if not trusted:
@@ -252,132 +211,57 @@ class Forwarder:
             out.append((plan, values[3]))
         return out
 
-    async def _limited(self, request: web.BaseRequest,
-                       state: _BodyState) -> AsyncIterator[bytes]:
-        """A chunked request body, stopped as soon as it grows past ``max_body_bytes``."""
-        total, limit = 0, self.max_body
-        async for chunk in request.content.iter_any():
-            total += len(chunk)
-            if total > limit:
-                state.too_large = True
-                raise PayloadTooLarge(self._too_large_message())
-            yield chunk
+    def _body_source(self, content, length: int | None):
+        """The request body as the upstream writer's chunk source.
 
-    def _too_large_message(self) -> str:
-        return f"The request body is larger than the limit of {self.max_body} bytes."
+        A chunked body is judged against ``max_body_bytes`` as it streams (a declared length
+        was judged before); a body that stalls for ``server.timeouts.body`` ends the request
+        with 408. Both are keygate's own refusals: the writer then closes the upstream
+        connection before the request is complete upstream."""
+        readany, at_eof = content.readany, content.is_eof
+        limit, stall = self.max_body, self.body_timeout
+        total = 0
+
+        async def read() -> bytes:
+            nonlocal total
+            if at_eof():  # all of it is buffered: nothing to wait for
+                chunk = await readany()
+            else:
+                try:
+                    async with asyncio.timeout(stall):
+                        chunk = await readany()
+                except TimeoutError:
+                    raise RequestTimeout(f"The request body stalled for {stall:g} seconds.") \
+                        from None
+            if length is None:
+                total += len(chunk)
+                if total > limit:
+                    raise body_too_large(limit)
+            return chunk
+        return read
 
     async def forward(self, request: web.BaseRequest, upstream: Upstream,
                       principal: Principal | None, request_id: str,
                       response_headers: Mapping[str, str]) -> web.StreamResponse:
         """Send ``request`` to ``upstream`` and stream its answer back.
 
-        Raises ``PayloadTooLarge`` (413), ``BadGateway`` (502) or ``GatewayTimeout`` (504)
-        while no response has started; once it has, an upstream failure aborts the client
-        connection (a truncated body must not look complete)."""
-        if self.client == "lean":
-            return await self._forward_lean(request, upstream, principal, request_id,
-                                            response_headers)
-        session = self._session(upstream)
-        state = _BodyState()
-        data = None
-        if request.body_exists:
-            length = request.content_length
-            if length is not None:
-                if length > self.max_body:
-                    raise PayloadTooLarge(self._too_large_message())
-                data = request.content
-            else:
-                data = self._limited(request, state)
-            if request.version >= (1, 1) and \
-                    request.headers.get("Expect", "").lower() == "100-continue":
-                await request.writer.write(_CONTINUE)
-                request.writer.output_size = 0
-        headers = self.request_headers(request, principal, request_id)
-        url = URL(self._bases[upstream.name] + request.raw_path, encoded=True)
-        started = time.perf_counter()
-        try:
-            resp = await session.request(request.method, url, headers=headers, data=data,
-                                         allow_redirects=False, compress=None)
-        except asyncio.TimeoutError:
-            if state.too_large:
-                raise PayloadTooLarge(self._too_large_message()) from None
-            raise GatewayTimeout(f"The upstream '{upstream.name}' did not answer within "
-                                 f"{upstream.timeout:g} seconds.") from None
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            if state.too_large:
-                raise PayloadTooLarge(self._too_large_message()) from None
-            log.warning("upstream %s failed: %s", upstream.name, type(exc).__name__)
-            error = BadGateway(f"The upstream '{upstream.name}' is unavailable.")
-            error.not_forwarded = isinstance(exc, aiohttp.ClientConnectorError)
-            raise error from None
-        if self.on_upstream is not None:
-            self.on_upstream(upstream.name, time.perf_counter() - started)
-        try:
-            return await self._stream_back(request, resp, request_id, response_headers,
-                                           upstream)
-        finally:
-            resp.release()
-
-    async def _stream_back(self, request: web.BaseRequest, resp: aiohttp.ClientResponse,
-                           request_id: str, response_headers: Mapping[str, str],
-                           upstream: Upstream) -> web.StreamResponse:
-        named: frozenset[str] | set[str] = frozenset()
-        connection = resp.headers.getall("Connection", None)
-        if connection:
-            named = {_norm(t.strip()) for v in connection for t in v.split(",") if t.strip()}
-        out: CIMultiDict[str] = CIMultiDict()
-        for name, value in resp.headers.items():
-            lname = name.lower()
-            if lname in HOP_BY_HOP or lname in named:
-                continue
-            out.add(name, value)
-        for name, value in response_headers.items():
-            out[name] = value
-        out["X-Request-Id"] = request_id
-        response = web.StreamResponse(status=resp.status, reason=resp.reason, headers=out)
-        try:
-            await response.prepare(request)
-            if request.method == "HEAD" or resp.status in _NO_BODY_STATUS:
-                await response.write_eof()
-                return response
-            async for chunk in resp.content.iter_any():
-                await response.write(chunk)
-        except ConnectionError:       # the client went away: drop the upstream connection too
-            resp.close()
-            return response
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            log.warning("upstream %s failed mid-response: %s", upstream.name,
-                        type(exc).__name__)
-            resp.close()
-            transport = request.transport
-            if transport is not None:
-                transport.abort()     # never let a truncated body look complete
-            return response
-        await response.write_eof()
-        return response
-
-    # --- the lean client ---------------------------------------------------------------------
-
-    async def _forward_lean(self, request: web.BaseRequest, upstream: Upstream,
-                            principal: Principal | None, request_id: str,
-                            response_headers: Mapping[str, str]) -> web.StreamResponse:
+        Raises ``PayloadTooLarge`` (413), ``RequestTimeout`` (408), ``BadGateway`` (502) or
+        ``GatewayTimeout`` (504) while no response has started (each says whether the upstream
+        may have received the request); once a response has started, an upstream failure
+        aborts the client connection (a truncated body must not look complete)."""
         pool, base, host = self._pool(upstream)
         body = None
         length = None
         if request.body_exists:
             length = request.content_length
-            content = request.content
-            if length is not None:
-                if length > self.max_body:
-                    raise PayloadTooLarge(self._too_large_message())
-                body = content.readany
-            else:
-                body = self._limited_source(content)
+            if length is not None and length > self.max_body:
+                raise body_too_large(self.max_body)
+            body = self._body_source(request.content, length)
             if request.version >= (1, 1) and \
                     request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(_CONTINUE)
                 request.writer.output_size = 0
-        headers = self.request_headers(request, principal, request_id, framing=False)
+        headers = self.request_headers(request, principal, request_id)
         parts = [f"{request.method} {base}{request.raw_path} HTTP/1.1\r\nHost: {host}"]
         for name, value in headers:
             parts.append(f"{name}: {value}")
@@ -389,41 +273,29 @@ class Forwarder:
         try:
             resp = await pool.request(head, body=body, content_length=length,
                                       timeout=upstream.timeout, is_head=is_head)
-        except GatewayError:
+        except GatewayError:  # the body source's own: 413, 408
             raise
-        except UpstreamTimeout:
+        except UpstreamTimeout as exc:
             raise GatewayTimeout(f"The upstream '{upstream.name}' did not answer within "
-                                 f"{upstream.timeout:g} seconds.") from None
+                                 f"{upstream.timeout:g} seconds.",
+                                 reached_upstream=not isinstance(exc, UpstreamUnreached)) \
+                from None
         except (UpstreamConnectError, UpstreamProtocolError, OSError, ValueError) as exc:
-            log.warning("upstream %s failed: %s", upstream.name, type(exc).__name__)
-            error = BadGateway(f"The upstream '{upstream.name}' is unavailable.")
-            error.not_forwarded = isinstance(exc, UpstreamConnectError)
-            raise error from None
+            log.warning("upstream %s failed: %s: %s", upstream.name, type(exc).__name__, exc)
+            raise BadGateway(f"The upstream '{upstream.name}' is unavailable.",
+                             reached_upstream=not isinstance(exc, UpstreamConnectError)) \
+                from None
         except Exception as exc:  # the client's body failed (client gone mid-upload)
             log.info("request body failed while forwarding to %s: %s", upstream.name,
                      type(exc).__name__)
-            raise BadGateway(f"The request to upstream '{upstream.name}' failed.") from None
+            raise BadGateway(f"The request to upstream '{upstream.name}' failed.",
+                             reached_upstream=False) from None
         if self.on_upstream is not None:
             self.on_upstream(upstream.name, time.perf_counter() - started)
-        return await self._stream_back_lean(request, resp, request_id, response_headers,
-                                            upstream, is_head)
+        return await self._stream_back(request, resp, request_id, response_headers,
+                                       upstream, is_head)
 
-    def _limited_source(self, content):
-        """A chunked request body as a lean-client body source, capped at max_body_bytes."""
-        total = 0
-        limit = self.max_body
-        readany = content.readany
-
-        async def read() -> bytes:
-            nonlocal total
-            chunk = await readany()
-            total += len(chunk)
-            if total > limit:
-                raise PayloadTooLarge(self._too_large_message())
-            return chunk
-        return read
-
-    async def _stream_back_lean(self, request: web.BaseRequest, resp, request_id: str,
+    async def _stream_back(self, request: web.BaseRequest, resp, request_id: str,
                                 response_headers: Mapping[str, str], upstream: Upstream,
                                 is_head: bool) -> web.StreamResponse:
         named: set[bytes] = set()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Sequence
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_to_bytes
 
 from .config import Route
 from .errors import BadRequest, NotFound
@@ -45,6 +45,13 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 
 def _bad(message: str) -> BadRequest:
     return BadRequest(message, code="bad_path")
+
+
+def no_route(method: str, raw_path: str) -> NotFound:
+    """404 ``no_route``, naming the path without any segment long enough to hold a key's
+    secret (32 characters, however encoded): a key in the path is never echoed back."""
+    shown = "/".join(seg if len(seg) < 32 else "***" for seg in raw_path.split("/"))
+    return NotFound(f"No route matches {method} {shown}.", code="no_route")
 
 
 def check_path(raw_path: str | bytes) -> None:
@@ -82,6 +89,10 @@ def _check_escapes(path: str) -> None:
             if path[end:end + 1] in _HEX and path[end + 1:end + 2] in _HEX:
                 raise _bad("The request path is double-encoded "
                            f"({path[m.start():end + 2]}).")
+    try:  # strict UTF-8: no overlong forms (%c0%ae is an overlong '.'), no surrogates
+        unquote_to_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad("The request path's percent-encoding is not valid UTF-8.") from None
 
 
 def _diagnose(path: str) -> str:
@@ -220,4 +231,4 @@ class RouteTable:
         for c in self._by_first.get(first, self._wild):
             if (c.methods is None or method in c.methods) and c.regex.fullmatch(raw_path):
                 return c.route
-        raise NotFound(f"No route matches {method} {raw_path}.", code="no_route")
+        raise no_route(method, raw_path)

@@ -96,6 +96,22 @@ def looks_like_token(text: str, prefix: str) -> bool:
     return secrets.compare_digest(checksum(text[:-CHECKSUM_LEN]), body[-CHECKSUM_LEN:])
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_ALNUM_RUN = re.compile(r"[A-Za-z0-9]{32,}")
+_HEX_RUN = re.compile(r"[0-9a-fA-F]+")
+
+
+def adoptable_request_id(value: str | None) -> bool:
+    """Whether a client's ``X-Request-Id`` may be adopted (echoed, logged, forwarded).
+
+    At most 128 of ``A-Za-z0-9._:-``, and nothing that can hold a key: no run of 32 or more
+    letters and digits unless it is hex (a key's secret is 32 base62 characters, and its key id
+    is public; UUIDs, trace ids and hashes are hex). A token itself never passes (``_``)."""
+    if value is None or not _REQUEST_ID.fullmatch(value):
+        return False
+    return all(_HEX_RUN.fullmatch(run) for run in _ALNUM_RUN.findall(value))
+
+
 class SecretHasher:
     """argon2id over the secret only. ``verify`` is CPU-heavy: call it off the event loop."""
 

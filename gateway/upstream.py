@@ -46,8 +46,16 @@ class UpstreamTimeout(Exception):
     """The upstream did not answer (connect or response head) in time."""
 
 
+class UpstreamUnreached(UpstreamTimeout):
+    """Timed out before anything was sent: connecting, or waiting for a free connection."""
+
+
 class UpstreamProtocolError(Exception):
     """The upstream broke HTTP: malformed response, or closed mid-response."""
+
+
+class BodyFramingError(UpstreamProtocolError):
+    """The request body source gave more or fewer bytes than the Content-Length sent."""
 
 
 class _OutOfStep(Exception):
@@ -79,6 +87,7 @@ class _Connection(asyncio.Protocol):
         self.interim = False                         # parsing a 1xx (not the final answer)
         self.head_timer: asyncio.TimerHandle | None = None
         self.out_of_step = False
+        self.counted = False                         # holds one of the pool's connection slots
 
     # -- asyncio.Protocol --
     def connection_made(self, transport) -> None:
@@ -268,9 +277,13 @@ class UpstreamPool:
     """Keep-alive connections to one upstream origin (``http://host:port`` or ``https://``)."""
 
     def __init__(self, url: str, *, connect_timeout: float = 5.0, max_idle: int = MAX_IDLE,
-                 ssl_context: ssl.SSLContext | None = None, idle_ttl: float = IDLE_TTL) -> None:
+                 ssl_context: ssl.SSLContext | None = None, idle_ttl: float = IDLE_TTL,
+                 max_connections: int = 100) -> None:
         """``ssl_context``: for ``https://``, the context to verify the upstream with (e.g.
-        one trusting a private CA); by default the system's trust store."""
+        one trusting a private CA); by default the system's trust store.
+
+        ``max_connections`` bounds the connections open to the upstream (in use, idle or being
+        made); a request over it waits for one, up to ``connect_timeout``."""
         parts = urlsplit(url)
         self.tls = (ssl_context or ssl.create_default_context()) \
             if parts.scheme == "https" else None
@@ -282,6 +295,9 @@ class UpstreamPool:
         self.idle_ttl = idle_ttl
         self.idle: list[_Connection] = []
         self.active: set[_Connection] = set()
+        self.max_connections = max_connections
+        self.opened = 0                                  # connections holding a slot
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
 
     def _idle_push(self, conn: _Connection) -> None:
         self.active.discard(conn)
@@ -297,6 +313,7 @@ class UpstreamPool:
         conn.buffered, conn.skip_body, conn.until_close = 0, False, False
         conn.idle_since = asyncio.get_running_loop().time()
         self.idle.append(conn)
+        self._wake_one()
 
     def _forget(self, conn: _Connection) -> None:
         self.active.discard(conn)
@@ -304,6 +321,65 @@ class UpstreamPool:
             self.idle.remove(conn)
         except ValueError:
             pass
+        if conn.counted:
+            conn.counted = False
+            self.opened -= 1
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        """A connection went idle or a slot came free: the longest waiter may take it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _checkout(self) -> tuple[_Connection, bool]:
+        """An idle connection (reused: True) or a new one, within ``max_connections``."""
+        loop = asyncio.get_running_loop()
+        deadline = None
+        while True:
+            while self.idle:
+                conn = self.idle.pop()
+                if loop.time() - conn.idle_since > self.idle_ttl:
+                    # the newest idle connection is too old: so are all the others
+                    stale, self.idle = self.idle, []
+                    for old in stale + [conn]:
+                        old.close()
+                    break
+                if not conn.closed:
+                    return conn, True
+            if self.opened < self.max_connections:
+                self.opened += 1
+                try:
+                    conn = await self._connect()
+                except BaseException:
+                    self.opened -= 1
+                    self._wake_one()
+                    raise
+                if conn.closed:  # lost before we could hold it: its slot is free again
+                    self.opened -= 1
+                    self._wake_one()
+                    continue
+                conn.counted = True
+                return conn, False
+            if deadline is None:
+                deadline = loop.time() + self.connect_timeout
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except BaseException as exc:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                elif waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken as we gave up: pass the turn on
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamUnreached(
+                        f"no free connection to the upstream within {self.connect_timeout:g} s"
+                        f" (max_connections {self.max_connections})") from None
+                raise
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -314,7 +390,7 @@ class UpstreamPool:
                                        server_hostname=self.host if self.tls else None),
                 self.connect_timeout)
         except asyncio.TimeoutError as exc:
-            raise UpstreamTimeout("connect timed out") from exc
+            raise UpstreamUnreached("connect timed out") from exc
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamConnectError(exc.__class__.__name__) from exc
         return conn
@@ -325,19 +401,7 @@ class UpstreamPool:
         """Send ``head`` (request line + headers, without the final CRLF and without any
         framing header) and the body; return once the response head has arrived."""
         for attempt in (0, 1):
-            reused = bool(self.idle)
-            if reused:
-                conn = self.idle.pop()
-                if asyncio.get_running_loop().time() - conn.idle_since > self.idle_ttl:
-                    # the newest idle connection is too old: so are all the others
-                    stale, self.idle = self.idle, []
-                    for old in stale + [conn]:
-                        old.close()
-                    reused = False
-            if not reused:
-                conn = await self._connect()
-            if conn.closed:
-                continue
+            conn, reused = await self._checkout()
             self.active.add(conn)
             try:
                 return await self._exchange(conn, head, body, content_length, timeout, is_head)
@@ -365,7 +429,7 @@ class UpstreamPool:
                        if content_length is not None else b"\r\nTransfer-Encoding: chunked\r\n\r\n")
             conn.transport.write(head + framing)
             sender = asyncio.ensure_future(
-                self._send_body(conn, waiter, body, content_length is None, sent, timeout))
+                self._send_body(conn, waiter, body, content_length, sent, timeout))
         try:
             await waiter
         except BaseException:
@@ -386,21 +450,40 @@ class UpstreamPool:
             conn.close()
 
     async def _send_body(self, conn: _Connection, waiter: asyncio.Future, body: BodySource,
-                         chunked: bool, sent: list[bool], timeout: float) -> None:
+                         content_length: int | None, sent: list[bool], timeout: float) -> None:
         """Stream the request body; a failure of the body source (client gone, body too
         large) fails the exchange with that same exception.
+
+        With ``content_length`` the bytes written are exactly that many: a source that gives
+        more (or ends sooner) fails the exchange and closes the connection before the request
+        is complete upstream (the last chunk is written only once the source has ended), so
+        whatever the source does, the upstream never acts on it nor reads the rest as a
+        request of its own.
 
         The time-to-head timeout starts once the body is sent (a slow client's long upload
         is not an upstream timeout); meanwhile an upstream that stops reading the body for
         ``timeout`` seconds is one."""
         write = conn.transport.write
+        chunked = content_length is None
+        left = content_length or 0
         try:
             while True:
                 chunk = await body()
                 if not chunk:
+                    if not chunked and left:
+                        raise BodyFramingError(
+                            f"request body ended {left} bytes short of its Content-Length")
                     break
                 if conn.closed:
                     return
+                if not chunked:
+                    left -= len(chunk)
+                    if left < 0:
+                        raise BodyFramingError("request body longer than its Content-Length")
+                    if left == 0 and await body():
+                        # held back until the source has ended: a source giving more never
+                        # completes a request upstream
+                        raise BodyFramingError("request body longer than its Content-Length")
                 write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
                 if conn.write_ok is not None:
                     try:
@@ -426,3 +509,8 @@ class UpstreamPool:
             conn.close()
         self.idle.clear()
         self.active.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(UpstreamConnectError("upstream pool closed"))
+                waiter.exception()
+        self._waiters.clear()

@@ -69,6 +69,12 @@ class GatewayUnderTest:
         assert status == 201, body
         return body["token"], body["key"]
 
+    def logs(self, capfd) -> tuple[str, str]:
+        """stdout and stderr so far, with the buffered access log written out first."""
+        if self.gw.access_log is not None:
+            self.gw.access_log.flush_now()
+        return capfd.readouterr()
+
     def counter(self, name: str, **labels: str) -> float:
         return self.gw.metrics.registry.get_sample_value(name, labels or None) or 0.0
 

@@ -3,7 +3,10 @@ never a token (not from a header, not from the query string)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
+import sys
 import json
 import time
 
@@ -37,7 +40,7 @@ async def test_json_lines_carry_every_field(redis_url, upstream, monkeypatch, ca
     async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
         await g.workspace("acme")
         token, key = await g.key(scopes=["people:read", "people:write"])
-        capfd.readouterr()
+        g.logs(capfd)
         async with g.proxy.post("/people", data=b"x" * 123,
                                 headers={**bearer(token), "X-Request-Id": "rid-post-1"}) as r:
             assert r.status == 200
@@ -45,7 +48,7 @@ async def test_json_lines_carry_every_field(redis_url, upstream, monkeypatch, ca
         async with g.proxy.get("/people/1") as r:
             assert r.status == 401
             await r.read()
-        out, err = capfd.readouterr()
+        out, err = g.logs(capfd)
     lines = json_lines(err)
     assert len(lines) == 2, err
     ok, refused = lines
@@ -69,7 +72,7 @@ async def test_no_token_in_the_log_from_header_or_query(redis_url, upstream, mon
         await g.workspace("acme")
         token, _ = await g.key()
         secret = token[-38:-6]
-        capfd.readouterr()
+        g.logs(capfd)
         async with g.proxy.get("/people/1", headers=bearer(token)) as r:
             assert r.status == 200
         async with g.proxy.get("/people/1", headers={"X-Api-Key": token}) as r:
@@ -78,7 +81,7 @@ async def test_no_token_in_the_log_from_header_or_query(redis_url, upstream, mon
                                headers=bearer(token)) as r:
             assert r.status == 400 and (await r.json())["error"]["code"] == "key_in_url"
             rid = r.headers["X-Request-Id"]
-        _, err = capfd.readouterr()
+        _, err = g.logs(capfd)
     assert token not in err and secret not in err
     lines = json_lines(err)
     assert len(lines) == 3
@@ -92,12 +95,12 @@ async def test_text_access_log_gives_one_plain_line_per_request(redis_url, upstr
     async with gateway_under_test(config_with(upstream, "text"), redis_url, monkeypatch) as g:
         await g.workspace("acme")
         token, key = await g.key()
-        capfd.readouterr()
+        g.logs(capfd)
         async with g.proxy.get(f"/people/1?x=1&k={token}", headers=bearer(token)) as r:
             assert r.status == 400
         async with g.proxy.get("/people/1", headers={**bearer(token), "X-Request-Id": "rid-t"}) as r:
             assert r.status == 200
-        _, err = capfd.readouterr()
+        _, err = g.logs(capfd)
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 2, err
     assert not any(line.lstrip().startswith("{") for line in lines)
@@ -110,11 +113,11 @@ async def test_access_log_off_writes_nothing(redis_url, upstream, monkeypatch, c
     async with gateway_under_test(config_with(upstream, "off"), redis_url, monkeypatch) as g:
         await g.workspace("acme")
         token, _ = await g.key()
-        capfd.readouterr()
+        g.logs(capfd)
         for headers in (bearer(token), {}):
             async with g.proxy.get("/people/1", headers=headers) as r:
                 await r.read()
-        _, err = capfd.readouterr()
+        _, err = g.logs(capfd)
     assert err.strip() == ""
 
 
@@ -140,3 +143,70 @@ async def test_keygate_serve_writes_json_access_lines_to_stderr(tmp_path, upstre
     assert [(line["path"], line["status"]) for line in lines] == [
         ("/people/1", 200), ("/people/1?token=***", 400)]
     assert lines[0]["workspace"] == "acme"
+
+
+async def test_sigterm_right_after_a_burst_loses_no_access_line(tmp_path, upstream, redis_url):
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")),
+                                        access_log="json")
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=ClientTimeout(total=30)) as s:
+            token = await new_key(s, gw.admin)
+
+            async def one(i: int) -> int:
+                async with s.get(gw.proxy + f"/people/{i}", headers=bearer(token)) as r:
+                    return r.status
+            statuses = await asyncio.gather(*(one(i) for i in range(200)))
+        assert statuses == [200] * 200
+        assert gw.terminate() == 0          # at once: lines still buffered must be written
+        err = gw.stderr()
+    finally:
+        gw.close()
+    paths = sorted(line["path"] for line in json_lines(err))
+    assert paths == sorted(f"/people/{i}" for i in range(200))
+
+
+async def test_a_blocked_stderr_never_stalls_requests_and_drops_are_counted(
+        redis_url, upstream, monkeypatch):
+    """stderr is a pipe nobody reads: the writer thread blocks once the pipe is full, and the
+    requests go on at full speed; past the buffer bound, lines are dropped and counted."""
+    read_end, write_end = os.pipe()
+    blocked = os.fdopen(write_end, "w")
+    try:
+        async with gateway_under_test(config_with(upstream, "json"), redis_url,
+                                      monkeypatch) as g:
+            await g.workspace("acme")
+            token, _ = await g.key(scopes=["people:read"])
+            monkeypatch.setattr(sys, "stderr", blocked)
+            g.gw.access_log.max_buffer = 64 * 1024
+            started = time.monotonic()
+            for batch in range(10):
+                async def one(i: int) -> int:
+                    async with g.proxy.get(f"/people/{i}", headers=bearer(token)) as r:
+                        await r.read()
+                        return r.status
+                assert await asyncio.gather(*(one(i) for i in range(100))) == [200] * 100
+                await asyncio.sleep(0.12)     # let the flusher hand lines to the stuck writer
+            elapsed = time.monotonic() - started
+            dropped = g.gw.access_log.dropped
+            assert dropped > 0
+            assert g.counter("keygate_access_log_dropped_total") == dropped
+            assert elapsed < 20
+            monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+            os.set_blocking(read_end, False)   # unblock the writer so the gateway can stop
+            drain = asyncio.ensure_future(_drain(read_end))
+        drain.cancel()
+    finally:
+        blocked.close()
+        os.close(read_end)
+
+
+async def _drain(fd: int) -> None:
+    while True:
+        try:
+            if not os.read(fd, 1 << 16):
+                return
+        except BlockingIOError:
+            await asyncio.sleep(0.01)

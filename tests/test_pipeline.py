@@ -284,7 +284,7 @@ async def test_key_in_query_is_refused_and_never_logged(gut, capfd):
     async with gut.proxy.get(f"/people/1?api_key={token}") as r:
         assert (await error_of(r))[:2] == (400, "key_in_url")
     assert gut.upstream.requests == []
-    out, err = capfd.readouterr()
+    out, err = gut.logs(capfd)
     assert token not in out + err
     assert "key_in_url" in err  # the access log saw the request, masked
 
@@ -422,7 +422,7 @@ async def test_tokens_and_secrets_never_appear_in_logs(gut, capfd, caplog):
             await r.read()
     async with gut.proxy.get(f"/people/1?token={token}") as r:
         await r.read()
-    out, err = capfd.readouterr()
+    out, err = gut.logs(capfd)
     everything = out + err + caplog.text
     secret = token[-38:-6]
     assert token not in everything and secret not in everything

@@ -31,11 +31,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(params=["lean", "aiohttp"])
-async def make_front(request, aiohttp_raw_server):
-    """A front server whose handler is ``Forwarder.forward`` (plus GatewayError rendering);
-    every test using it runs against both upstream clients."""
-    client = request.param
+@pytest.fixture
+async def make_front(aiohttp_raw_server):
+    """A front server whose handler is ``Forwarder.forward`` (plus GatewayError rendering)."""
     forwarders: list[Forwarder] = []
 
     async def make(upstream_url: str, *, timeout: float = 5.0, principal=PRINCIPAL,
@@ -43,7 +41,7 @@ async def make_front(request, aiohttp_raw_server):
         up = Upstream("people", upstream_url, timeout)
         config = Config(server=ServerConfig(**server_options), upstreams={"people": up},
                         keys=KeysConfig(headers=("X-Api-Key", "X-Other-Key")))
-        fwd = Forwarder(config, client=client)
+        fwd = Forwarder(config)
         await fwd.start()
         forwarders.append(fwd)
 

@@ -104,13 +104,12 @@ async def test_without_ca_file_the_private_ca_is_not_trusted(
     assert body["error"]["code"] == "upstream_unavailable"
 
 
-@pytest.mark.parametrize("client", ["lean", "aiohttp"])
 @pytest.mark.parametrize("trusted", [True, False])
-async def test_both_upstream_clients_use_the_ca_file(
-        aiohttp_raw_server, tls_upstream, private_ca, client, trusted) -> None:
+async def test_the_upstream_client_uses_the_ca_file(
+        aiohttp_raw_server, tls_upstream, private_ca, trusted) -> None:
     upstream = Upstream("api", f"https://127.0.0.1:{tls_upstream.port}", 2.0,
                         ca_file=str(private_ca["ca"]) if trusted else None)
-    forwarder = Forwarder(Config(upstreams={"api": upstream}), client=client)
+    forwarder = Forwarder(Config(upstreams={"api": upstream}))
     await forwarder.start()
     principal = Principal("acme", "abc123def456", frozenset({"people:read"}), "pro")
 

@@ -1,0 +1,452 @@
+"""Request smuggling and framing, as an attacker sends them, against a whole gateway.
+
+The client side is a raw socket; the upstream is a raw-socket server that logs every byte it
+receives and parses it with llhttp on its own. Each case asserts on what reached the upstream,
+byte for byte: exactly one request per request the gateway allowed, carrying exactly the body
+bytes the client sent (a ``Content-Encoding`` body is never decoded), and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import zlib
+from dataclasses import dataclass, field
+
+import httptools
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.config import Route
+
+from harness import gateway_under_test, make_config
+
+SMUGGLED = (b"GET /admin-only/PWNED HTTP/1.1\r\nHost: upstream\r\n"
+            b"X-Workspace-Id: acme\r\nX-Api-Key-Id: FORGEDKEYID1\r\nX-Api-Scopes: ALL\r\n\r\n")
+
+
+@dataclass
+class Seen:
+    method: str
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+
+    def header(self, name: bytes) -> list[bytes]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+@dataclass
+class RawUpstream:
+    """Logs the raw bytes of every connection and the requests llhttp finds in them."""
+    raw: list[bytearray] = field(default_factory=list)
+    requests: list[Seen] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    port: int = 0
+
+    async def start(self) -> "RawUpstream":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def reset(self) -> None:
+        self.raw.clear()
+        self.requests.clear()
+        self.errors.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buf = bytearray()
+        self.raw.append(buf)
+        done: list[Seen] = []
+        upstream = self
+
+        class Callbacks:
+            current: Seen | None = None
+
+            def on_message_begin(self) -> None:
+                self.current = Seen("", b"", [])
+
+            def on_url(self, url: bytes) -> None:
+                self.current.target += url
+
+            def on_header(self, name: bytes, value: bytes) -> None:
+                self.current.headers.append((name, value))
+
+            def on_body(self, body: bytes) -> None:
+                self.current.body += body
+
+            def on_message_complete(self) -> None:
+                self.current.method = parser.get_method().decode()
+                upstream.requests.append(self.current)
+                done.append(self.current)
+
+        parser = httptools.HttpRequestParser(Callbacks())
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                buf += data
+                try:
+                    parser.feed_data(data)
+                except httptools.HttpParserError as exc:
+                    self.errors.append(f"upstream could not parse what it got: {exc}")
+                    break
+                while done:
+                    done.pop(0)
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+async def raw_upstream():
+    up = await RawUpstream().start()
+    yield up
+    up.close()
+
+
+ROUTES = (Route("/public/**", "api", ("POST", "PUT", "GET"), (), True),
+          Route("/people/**", "api", ("GET", "POST"), ("people:read",)))
+
+
+@pytest.fixture
+async def edge(redis_url, raw_upstream, monkeypatch):
+    config = make_config(f"http://127.0.0.1:{raw_upstream.port}", routes=ROUTES)
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        g.token, _ = await g.key(scopes=["people:read"])
+        g.up = raw_upstream
+        yield g
+
+
+async def exchange(g, payload: bytes, *, wait: float = 3.0) -> bytes:
+    """Send raw bytes, read until the gateway closes or goes quiet; return what came back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", g.proxy_server.port)
+    out = bytearray()
+    try:
+        writer.write(payload)
+        await writer.drain()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), wait)
+            except asyncio.TimeoutError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        writer.close()
+    return bytes(out)
+
+
+def statuses(answer: bytes) -> list[int]:
+    """The status codes of the responses in ``answer``, in order."""
+    found: list[int] = []
+
+    class Callbacks:
+        def on_headers_complete(self) -> None:
+            found.append(parser.get_status_code())
+
+    parser = httptools.HttpResponseParser(Callbacks())
+    try:
+        parser.feed_data(answer)
+    except httptools.HttpParserError:
+        pass
+    return found
+
+
+def request(method: str, target: str, headers: list[tuple[str, str]], body: bytes = b"",
+            *, close: bool = True) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: gateway"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def bomb(encoding: str) -> bytes:
+    """A compressed body that inflates to filler + a second, forged request."""
+    plain = b"A" * 100_000 + SMUGGLED
+    if encoding.lower() == "deflate":
+        return zlib.compress(plain)
+    return gzip.compress(plain)
+
+
+def assert_forwarded_exactly(g, body: bytes, n: int = 1) -> Seen:
+    up = g.up
+    assert up.errors == [], up.errors
+    assert len(up.requests) == n, [r.target for r in up.requests]
+    seen = up.requests[-1]
+    assert seen.body == body
+    assert b"PWNED" not in b"".join(up.raw)
+    return seen
+
+
+# --- compressed bodies are forwarded as sent --------------------------------------------------
+
+@pytest.mark.parametrize("encoding", ["gzip", "GZIP", "deflate", "Deflate", "br", "gzip, deflate",
+                                      "x-gzip"])
+@pytest.mark.parametrize("keyed", [False, True])
+async def test_a_compressed_body_reaches_the_upstream_byte_for_byte(edge, encoding, keyed):
+    body = bomb(encoding)
+    headers = [("Content-Encoding", encoding), ("Content-Length", str(len(body)))]
+    target = "/public/upload"
+    if keyed:
+        headers.append(("Authorization", f"Bearer {edge.token}"))
+        target = "/people/upload"
+    answer = await exchange(edge, request("POST", target, headers, body))
+    assert statuses(answer) == [200], answer[:200]
+    seen = assert_forwarded_exactly(edge, body)
+    assert seen.header(b"Content-Encoding") == [encoding.encode()]
+    assert seen.header(b"Content-Length") == [str(len(body)).encode()]
+
+
+async def test_a_chunked_compressed_body_reaches_the_upstream_byte_for_byte(edge):
+    body = bomb("gzip")
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 7000]), body[i:i + 7000])
+                       for i in range(0, len(body), 7000)) + b"0\r\n\r\n"
+    headers = [("Content-Encoding", "gzip"), ("Transfer-Encoding", "chunked")]
+    answer = await exchange(edge, request("POST", "/public/upload", headers, chunked))
+    assert statuses(answer) == [200], answer[:200]
+    assert_forwarded_exactly(edge, body)
+
+
+async def test_body_limit_is_judged_on_the_bytes_sent_not_the_inflated_size(
+        redis_url, raw_upstream, monkeypatch):
+    from gateway.config import ServerConfig
+    config = make_config(f"http://127.0.0.1:{raw_upstream.port}", routes=ROUTES,
+                         server=ServerConfig(host="127.0.0.1", max_body_bytes=64 * 1024))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        g.up = raw_upstream
+        small = gzip.compress(b"\0" * (20 * 1024 * 1024))   # 20 MiB inflated, ~20 KB sent
+        answer = await exchange(g, request("POST", "/public/up", [
+            ("Content-Encoding", "gzip"), ("Content-Length", str(len(small)))], small))
+        assert statuses(answer) == [200]
+        assert_forwarded_exactly(g, small)
+        raw_upstream.reset()
+        big = bytes(range(256)) * 400                        # 100 KiB sent
+        answer = await exchange(g, request("POST", "/public/up", [
+            ("Content-Length", str(len(big)))], big))
+        assert statuses(answer) == [413]
+        assert raw_upstream.requests == []
+
+
+# --- ambiguous framing: refused, nothing reaches the upstream ----------------------------------
+
+AMBIGUOUS = {
+    "cl+te": [("Content-Length", "5"), ("Transfer-Encoding", "chunked")],
+    "te+cl": [("Transfer-Encoding", "chunked"), ("Content-Length", "40")],
+    "duplicate cl": [("Content-Length", "5"), ("Content-Length", "6")],
+    "cl list": [("Content-Length", "5, 6")],
+    "cl plus sign": [("Content-Length", "+5")],
+    "cl negative": [("Content-Length", "-5")],
+    "cl hex": [("Content-Length", "0x5")],
+    "te chunked identity": [("Transfer-Encoding", "chunked, identity")],
+    "te xchunked": [("Transfer-Encoding", "xchunked")],
+    "te identity": [("Transfer-Encoding", "identity")],
+    "te twice": [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(AMBIGUOUS))
+async def test_ambiguous_framing_is_refused_and_never_reaches_the_upstream(edge, case):
+    body = b"0\r\n\r\n" + SMUGGLED
+    answer = await exchange(edge, request("POST", "/public/x", AMBIGUOUS[case], body,
+                                          close=False))
+    codes = statuses(answer)
+    assert codes[:1] == [400], answer[:200]
+    assert len(codes) == 1, "the gateway must not read past a request it could not frame"
+    assert edge.up.requests == [] and edge.up.errors == []
+
+
+RAW_TRICKS = {
+    "space before colon": b"POST /public/x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding : chunked\r\n"
+                          b"Content-Length: 3\r\n\r\n0\r\n\r\n",
+    "obs-fold te": b"POST /public/x HTTP/1.1\r\nHost: g\r\nContent-Length: 3\r\nX-A: a\r\n"
+                   b" Transfer-Encoding: chunked\r\n\r\nabc",
+    "obs-fold value": b"POST /public/x HTTP/1.1\r\nHost: g\r\nX-A: a\r\n b\r\n"
+                      b"Content-Length: 3\r\n\r\nabc",
+    "bare lf": b"POST /public/x HTTP/1.1\nHost: g\nContent-Length: 3\n\nabc",
+    "bare cr": b"POST /public/x HTTP/1.1\rHost: g\r\nContent-Length: 3\r\n\r\nabc",
+    "bare cr in value": b"POST /public/x HTTP/1.1\r\nHost: g\r\nX-A: a\rContent-Length: 40\r\n"
+                        b"Content-Length: 3\r\n\r\nabc",
+    "nul in header": b"POST /public/x HTTP/1.1\r\nHost: g\r\nX-A: a\x00b\r\n"
+                     b"Content-Length: 3\r\n\r\nabc",
+    "chunk size overflow": b"POST /public/x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n"
+                           b"\r\nfffffffffffffffff1\r\nabc\r\n0\r\n\r\n",
+    "chunk size negative": b"POST /public/x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n"
+                           b"\r\n-3\r\nabc\r\n0\r\n\r\n",
+    "chunk size 0x": b"POST /public/x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n"
+                     b"\r\n0x3\r\nabc\r\n0\r\n\r\n",
+    "chunk longer than its size": b"POST /public/x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: "
+                                  b"chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n",
+    "chunk lf only": b"POST /public/x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n"
+                     b"\r\n3\nabc\n0\n\n",
+    "http/1.0 chunked": b"POST /public/x HTTP/1.0\r\nHost: g\r\nTransfer-Encoding: chunked\r\n"
+                        b"\r\n3\r\nabc\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(RAW_TRICKS))
+async def test_framing_tricks_are_refused_or_forwarded_exactly_once(edge, case):
+    """Each is either refused (400, nothing upstream) or, where the gateway's parser reads it
+    one way unambiguously, forwarded as exactly one request with exactly that body."""
+    answer = await exchange(edge, RAW_TRICKS[case] + SMUGGLED, wait=1.5)
+    codes = statuses(answer)
+    assert edge.up.errors == []
+    assert b"PWNED" not in b"".join(edge.up.raw)
+    if codes[:1] == [400]:
+        assert edge.up.requests == []
+    else:
+        assert codes[:1] == [200], answer[:200]
+        assert len(edge.up.requests) == 1
+        assert edge.up.requests[0].body == b"abc"
+
+
+async def test_chunk_extensions_are_not_forwarded_as_data(edge):
+    payload = (b"POST /public/x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n"
+               b"Connection: close\r\n\r\n3;name=\"v\"\r\nabc\r\n2;x\r\nde\r\n0\r\n\r\n")
+    answer = await exchange(edge, payload)
+    assert statuses(answer) == [200]
+    assert_forwarded_exactly(edge, b"abcde")
+
+
+# --- pipelining: a refused request never lets the next one ride along -----------------------
+
+async def test_pipelined_keyless_requests_are_each_judged_alone(edge):
+    payload = (request("GET", "/people/1", [], close=False)                  # no key: 401
+               + request("POST", "/people/1", [("Content-Length", str(len(SMUGGLED)))],
+                         SMUGGLED, close=False)                            # no key: 401
+               + request("GET", "/public/ok", []))                         # public: forwarded
+    answer = await exchange(edge, payload)
+    assert statuses(answer) == [401, 401, 200]
+    seen = assert_forwarded_exactly(edge, b"")
+    assert seen.target == b"/public/ok"
+
+
+async def test_pipelined_allowed_requests_each_reach_the_upstream_once(edge):
+    auth = [("Authorization", f"Bearer {edge.token}")]
+    payload = (request("POST", "/people/a", auth + [("Content-Length", "3")], b"one", close=False)
+               + request("POST", "/public/b", [("Content-Length", "3")], b"two", close=False)
+               + request("GET", "/people/c", auth))
+    answer = await exchange(edge, payload)
+    assert statuses(answer) == [200, 200, 200]
+    assert [(r.target, r.body) for r in edge.up.requests] == \
+        [(b"/people/a", b"one"), (b"/public/b", b"two"), (b"/people/c", b"")]
+
+
+# --- property: any framing the gateway accepts reaches the upstream once, body intact ---------
+
+framings = st.fixed_dictionaries({
+    "body": st.binary(max_size=3000),
+    "chunked": st.booleans(),
+    "splits": st.lists(st.integers(1, 600), max_size=8),
+    "extension": st.sampled_from([b"", b";a=b", b";x"]),
+    "encoding": st.sampled_from([None, "gzip", "deflate", "br", "GzIp", "identity"]),
+    "compress": st.booleans(),
+    "keyed": st.booleans(),
+    "follow": st.booleans(),
+})
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(f=framings)
+async def test_property_one_request_upstream_per_allowed_request_with_its_exact_body(edge, f):
+    edge.up.reset()
+    body = f["body"]
+    if f["compress"]:
+        body = gzip.compress(body + SMUGGLED)
+    headers: list[tuple[str, str]] = []
+    if f["encoding"]:
+        headers.append(("Content-Encoding", f["encoding"]))
+    target = "/public/p"
+    if f["keyed"]:
+        headers.append(("Authorization", f"Bearer {edge.token}"))
+        target = "/people/p"
+    if f["chunked"]:
+        headers.append(("Transfer-Encoding", "chunked"))
+        wire, rest = bytearray(), body
+        for size in f["splits"]:
+            if not rest:
+                break
+            piece, rest = rest[:size], rest[size:]
+            wire += b"%x%s\r\n%s\r\n" % (len(piece), f["extension"], piece)
+        if rest:
+            wire += b"%x\r\n%s\r\n" % (len(rest), rest)
+        wire += b"0\r\n\r\n"
+    else:
+        headers.append(("Content-Length", str(len(body))))
+        wire = body
+    payload = request("POST", target, headers, bytes(wire), close=not f["follow"])
+    if f["follow"]:
+        payload += request("GET", "/public/after", [])
+    answer = await exchange(edge, payload, wait=2.0)
+    expected = [(target.encode(), body)] + ([(b"/public/after", b"")] if f["follow"] else [])
+    assert statuses(answer) == [200] * len(expected), answer[:300]
+    assert edge.up.errors == []
+    assert [(r.target, r.body) for r in edge.up.requests] == expected
+
+
+# --- the upstream writer never writes other than what it declared -----------------------------
+
+@pytest.mark.parametrize("sizes, declared", [([5, 5], 5), ([3], 10), ([4, 4, 4], 8)])
+async def test_upstream_writer_writes_exactly_the_declared_length_or_fails(raw_upstream, sizes,
+                                                                           declared):
+    from gateway.upstream import UpstreamPool, UpstreamProtocolError
+    pool = UpstreamPool(f"http://127.0.0.1:{raw_upstream.port}")
+    chunks = [bytes([65 + i]) * n for i, n in enumerate(sizes)]
+
+    async def source() -> bytes:
+        return chunks.pop(0) if chunks else b""
+
+    head = b"POST /x HTTP/1.1\r\nHost: upstream"
+    try:
+        with pytest.raises(UpstreamProtocolError):
+            await pool.request(head, body=source, content_length=declared, timeout=2)
+        await asyncio.sleep(0.2)
+        sent = bytes(raw_upstream.raw[0])
+        _, _, body_bytes = sent.partition(b"\r\n\r\n")
+        assert len(body_bytes) <= declared           # never a byte past the framing
+        assert raw_upstream.requests == []           # and never a complete request from it
+    finally:
+        await pool.close()
+
+
+async def test_inflating_server_cannot_smuggle_past_the_writer(edge):
+    """Even with the server inflating bodies again (the original bug's first half), the
+    writer's length check stops the inflated bytes at the declared length."""
+    from aiohttp.test_utils import BaseTestServer
+    from gateway.app import ProxyServer
+
+    inflating = ProxyServer(edge.gw.pipeline.handle, access_log=None, auto_decompress=True)
+
+    class Front(BaseTestServer):
+        async def _make_runner(self, **kwargs):
+            from aiohttp import web
+            return web.ServerRunner(inflating)
+
+    front = Front(host="127.0.0.1")
+    await front.start_server()
+    try:
+        body = bomb("gzip")
+        payload = request("POST", "/public/upload", [("Content-Encoding", "gzip"),
+                                                     ("Content-Length", str(len(body)))], body)
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+        writer.write(payload)
+        answer = await asyncio.wait_for(reader.read(65536), 5)
+        writer.close()
+        assert statuses(answer) == [502]
+        await asyncio.sleep(0.2)
+        assert b"PWNED" not in b"".join(edge.up.raw)
+        assert edge.up.requests == []
+    finally:
+        await front.close()

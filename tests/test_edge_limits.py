@@ -1,0 +1,274 @@
+"""Slow, stalled and too many callers; refusals that must not be billed.
+
+Real gateway, real Redis, real upstreams on loopback; the clients are raw sockets that behave
+as a slow-loris or a stalled uploader would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+
+import pytest
+from aiohttp import web
+
+from gateway.config import Route, ServerConfig, Timeouts, Upstream
+
+from harness import gateway_under_test, make_config
+
+ROUTES = (Route("/public/**", "api", ("GET", "POST"), (), True),
+          Route("/people/**", "api", ("GET", "POST"), ("people:read",)))
+
+
+def edge_config(upstream_url: str, **server) -> object:
+    server.setdefault("timeouts", Timeouts(header=1.0, body=1.0, idle=2.0))
+    return make_config(upstream_url, routes=ROUTES,
+                       server=ServerConfig(host="127.0.0.1", **server))
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> tuple[bool, bytes]:
+    """Read until EOF; (True, bytes) if the gateway closed the connection in time."""
+    got = bytearray()
+    try:
+        async with asyncio.timeout(seconds):
+            while chunk := await reader.read(65536):
+                got += chunk
+        return True, bytes(got)
+    except (TimeoutError, ConnectionError):
+        return False, bytes(got)
+
+
+async def connect(g):
+    return await asyncio.open_connection("127.0.0.1", g.proxy_server.port)
+
+
+async def usage_used(g, ws: str = "acme") -> int:
+    status, body = await g.admin_json("GET", f"/workspaces/{ws}/usage")
+    assert status == 200
+    return body["used"]
+
+
+# --- header, body and idle timeouts -----------------------------------------------------------
+
+async def test_a_request_head_dripped_slowly_is_cut_off_at_the_header_timeout(
+        redis_url, upstream, monkeypatch):
+    async with gateway_under_test(edge_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        reader, writer = await connect(g)
+        started = time.monotonic()
+        writer.write(b"GET /public/x HTTP/1.1\r\nHost: g\r\n")
+
+        async def drip() -> None:
+            for i in range(40):                       # a header line every 0.1 s, never ending
+                await asyncio.sleep(0.1)
+                writer.write(b"X-%d: y\r\n" % i)
+
+        dripping = asyncio.ensure_future(drip())
+        try:
+            closed, _ = await closed_within(reader, 3.5)
+        finally:
+            dripping.cancel()
+            writer.close()
+        assert closed, "a slow-loris kept its connection past the header timeout"
+        assert 0.8 < time.monotonic() - started < 3.0
+        assert upstream.requests == []
+
+
+async def test_a_connection_that_never_sends_is_closed_at_the_header_timeout(
+        redis_url, upstream, monkeypatch):
+    async with gateway_under_test(edge_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        reader, writer = await connect(g)
+        closed, _ = await closed_within(reader, 3.0)
+        writer.close()
+        assert closed
+
+
+async def test_idle_keep_alive_connections_close_after_the_idle_timeout(
+        redis_url, upstream, monkeypatch):
+    async with gateway_under_test(edge_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        reader, writer = await connect(g)
+        writer.write(b"GET /public/x HTTP/1.1\r\nHost: g\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+        started = time.monotonic()
+        closed, _ = await closed_within(reader, 5.0)
+        writer.close()
+        assert closed
+        assert 1.5 < time.monotonic() - started < 4.0  # idle (2 s), not the header timeout
+
+
+async def test_a_stalled_body_is_408_frees_the_upstream_connection_and_is_not_counted(
+        redis_url, monkeypatch):
+    upstream_conns: list[int] = []
+
+    async def slow_reader(reader, writer):       # an upstream that reads whatever it gets
+        upstream_conns.append(1)
+        try:
+            while await reader.read(65536):
+                pass
+        finally:
+            upstream_conns.pop()
+            writer.close()
+
+    srv = await asyncio.start_server(slow_reader, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    try:
+        async with gateway_under_test(edge_config(url), redis_url, monkeypatch) as g:
+            await g.workspace("acme")
+            token, _ = await g.key(scopes=["people:read"])
+            reader, writer = await connect(g)
+            writer.write(b"POST /people/x HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer "
+                         + token.encode() + b"\r\nContent-Length: 100\r\n\r\n0123456789")
+            started = time.monotonic()
+            closed, answer = await closed_within(reader, 5.0)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            body = json.loads(answer.partition(b"\r\n\r\n")[2])
+            assert body["error"]["code"] == "request_timeout"
+            assert closed and time.monotonic() - started < 3.0
+            await asyncio.sleep(0.2)
+            assert upstream_conns == []               # the upstream connection was let go
+            assert await usage_used(g) == 0           # keygate's own refusal: not billed
+    finally:
+        srv.close()
+
+
+# --- connection bounds --------------------------------------------------------------------------
+
+async def test_client_connections_over_max_connections_are_refused_and_the_rest_served(
+        redis_url, upstream, monkeypatch):
+    config = edge_config(str(upstream.make_url("")), max_connections=5,
+                         timeouts=Timeouts(header=30, body=30, idle=30))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        idle = [await connect(g) for _ in range(5)]
+        await asyncio.sleep(0.1)
+        reader, writer = await connect(g)
+        closed, _ = await closed_within(reader, 2.0)
+        writer.close()
+        assert closed, "a connection over server.max_connections was kept"
+        assert g.gw.proxy_server.refused_connections >= 1
+        for _, w in idle[:2]:
+            w.close()
+        await asyncio.sleep(0.2)
+        async with g.proxy.get("/public/ok") as r:      # room again: served
+            assert r.status == 200
+        for _, w in idle[2:]:
+            w.close()
+
+
+async def test_upstream_connections_are_bounded_and_requests_over_the_bound_wait(
+        redis_url, aiohttp_server, monkeypatch):
+    active, peak = 0, 0
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.2)
+        active -= 1
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", slow)
+    server = await aiohttp_server(app)
+    config = edge_config(str(server.make_url("")))
+    config = dataclasses.replace(config, upstreams={
+        "api": Upstream("api", str(server.make_url("")), 5.0, max_connections=2)})
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        async def one() -> int:
+            async with g.proxy.get("/public/x") as r:
+                return r.status
+        statuses = await asyncio.gather(*(one() for _ in range(8)))
+    assert statuses == [200] * 8
+    assert peak == 2
+
+
+async def test_waiting_for_an_upstream_connection_past_the_timeout_is_504_and_not_counted(
+        redis_url, aiohttp_server, monkeypatch):
+    async def stuck(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.5)
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", stuck)
+    server = await aiohttp_server(app)
+    config = edge_config(str(server.make_url("")))
+    config = dataclasses.replace(config, upstreams={
+        "api": Upstream("api", str(server.make_url("")), 0.5, max_connections=1)})
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read"])
+
+        async def one() -> tuple[int, str]:
+            async with g.proxy.get("/people/x", headers={"Authorization": f"Bearer {token}"}) \
+                    as r:
+                return r.status, (await r.json())["error"]["code"]
+
+        (s1, c1), (s2, c2) = await asyncio.gather(one(), one())
+        assert sorted([s1, s2]) == [504, 504]
+        # one reached the upstream (it timed out waiting for the answer: counted), the other
+        # never got a connection (refused here: not counted)
+        assert await usage_used(g) == 1
+
+
+def test_the_open_file_limit_is_raised_to_fit_max_connections():
+    import resource
+    from gateway.app import raise_open_file_limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4000:
+        pytest.skip(f"the hard open-file limit ({hard}) is too low to raise into")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        config = make_config("http://127.0.0.1:9", server=ServerConfig(max_connections=2000))
+        assert raise_open_file_limit(config) == 2000
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 2000 + 1024 + 100
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_max_connections_shrinks_to_what_the_hard_open_file_limit_can_hold(tmp_path):
+    """Under a 1024 hard limit the default 10000 cannot fit: the bound in force leaves the
+    descriptors upstream and store connections need (run in a child: hard limits only fall)."""
+    import subprocess
+    import sys
+    code = ("import resource, sys; sys.path.insert(0, 'tests');"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024));"
+            "from harness import make_config; from gateway.app import raise_open_file_limit;"
+            "print(raise_open_file_limit(make_config('http://127.0.0.1:9')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    bound = int(out.stdout.strip())
+    assert 0 < bound <= 1024 - 1024 // 2
+    assert "cannot fit server.max_connections" in out.stderr
+
+
+# --- refusals are never billed ------------------------------------------------------------------
+
+async def test_a_declared_body_over_the_limit_is_413_and_not_counted(redis_url, upstream,
+                                                                     monkeypatch):
+    config = edge_config(str(upstream.make_url("")), max_body_bytes=1000)
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read"])
+        auth = {"Authorization": f"Bearer {token}"}
+        async with g.proxy.post("/people/x", data=b"x" * 5000, headers=auth) as r:
+            assert r.status == 413
+            assert (await r.json())["error"]["code"] == "body_too_large"
+
+        async def chunks():
+            for _ in range(10):
+                yield b"y" * 500
+        async with g.proxy.post("/people/x", data=chunks(), headers=auth) as r:
+            assert r.status == 413
+        assert await usage_used(g) == 0
+        async with g.proxy.post("/people/x", data=b"z" * 10, headers=auth) as r:
+            assert r.status == 200
+        assert await usage_used(g) == 1
+        assert [rec["body_len"] for rec in upstream.requests] == [10]
