@@ -56,6 +56,44 @@ def _named(fn: Callable[[str], Any], name: str) -> Callable[[str], Any]:
 
 # --- wiring ------------------------------------------------------------------------------------
 
+def add_update_options(update: Any) -> None:
+    """The key-control options of ``keys update`` (see :func:`update_body`)."""
+    update.add_argument("--monthly-requests", type=_named(_count_or_none, "N"), metavar="N|none",
+                        default=argparse.SUPPRESS,
+                        help="the key's own monthly cap (none: only the workspace's quota)")
+    update.add_argument("--rate-limit", type=_named(_rate_or_none, "RATE"), metavar="N/s|N/m|none",
+                        default=argparse.SUPPRESS,
+                        help="the key's own rate limit (none: the plan's)")
+    enabled = update.add_mutually_exclusive_group()
+    enabled.add_argument("--enable", dest="enabled", action="store_const", const=True,
+                         help="let a disabled key work again")
+    enabled.add_argument("--disable", dest="enabled", action="store_const", const=False,
+                         help="refuse the key (401 disabled_key) until enabled; not a revoke")
+    update.add_argument("--meta", type=_named(_meta, "JSON"), metavar="JSON",
+                        help="replace the key's metadata (a JSON object, at most 4 KiB)")
+    ips = update.add_mutually_exclusive_group()
+    ips.add_argument("--allow-ip", action="extend", nargs="+", metavar="CIDR",
+                     help="the only addresses the key may be used from (repeatable)")
+    ips.add_argument("--any-ip", action="store_true", help="drop the key's address allow-list")
+
+
+def update_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The PATCH fields the key-control options of ``keys update`` ask for."""
+    body: dict[str, Any] = {}
+    for field in ("monthly_requests", "rate_limit"):
+        if hasattr(args, field):
+            body[field] = getattr(args, field)
+    if args.enabled is not None:
+        body["enabled"] = args.enabled
+    if args.meta is not None:
+        body["meta"] = args.meta
+    if args.allow_ip is not None:
+        body["allowed_ips"] = args.allow_ip
+    if args.any_ip:
+        body["allowed_ips"] = None
+    return body
+
+
 def add_key_commands(key_verbs: Any, leaf: list, seg: Callable[[str], str],
                      parse_expiry: Callable[[str], Any]) -> None:
     """``keys update``, ``keys usage``, ``keys delete``."""
@@ -74,23 +112,7 @@ def add_key_commands(key_verbs: Any, leaf: list, seg: Callable[[str], str],
     expiry.add_argument("--expires", type=parse_expiry,
                         help="new expiry: 30d, 24h, or a date/datetime like 2027-01-31")
     expiry.add_argument("--no-expiry", action="store_true", help="the key never expires")
-    update.add_argument("--monthly-requests", type=_named(_count_or_none, "N"), metavar="N|none",
-                        default=argparse.SUPPRESS,
-                        help="the key's own monthly cap (none: only the workspace's quota)")
-    update.add_argument("--rate-limit", type=_named(_rate_or_none, "RATE"), metavar="N/s|N/m|none",
-                        default=argparse.SUPPRESS,
-                        help="the key's own rate limit (none: the plan's)")
-    enabled = update.add_mutually_exclusive_group()
-    enabled.add_argument("--enable", dest="enabled", action="store_const", const=True,
-                         help="let a disabled key work again")
-    enabled.add_argument("--disable", dest="enabled", action="store_const", const=False,
-                         help="refuse the key (401 disabled_key) until enabled; not a revoke")
-    update.add_argument("--meta", type=_named(_meta, "JSON"), metavar="JSON",
-                        help="replace the key's metadata (a JSON object, at most 4 KiB)")
-    ips = update.add_mutually_exclusive_group()
-    ips.add_argument("--allow-ip", action="extend", nargs="+", metavar="CIDR",
-                     help="the only addresses the key may be used from (repeatable)")
-    ips.add_argument("--any-ip", action="store_true", help="drop the key's address allow-list")
+    add_update_options(update)
     update.set_defaults(handler=lambda a, c: cmd_keys_update(a, c, seg))
 
     usage = key_verbs.add_parser("usage", parents=leaf,
@@ -148,8 +170,13 @@ def add_usage_options(usage: Any) -> None:
 
 # --- commands ----------------------------------------------------------------------------------
 
-def _print(value: Any) -> None:
-    print(json.dumps(value, indent=2))
+def _print(value: Any, client: Any = None) -> None:
+    """``--json``: the API's body as it came when the client keeps it, else re-encoded."""
+    raw = getattr(client, "last_body", None)
+    if isinstance(raw, bytes):
+        sys.stdout.write(raw.decode("utf-8", "replace").rstrip("\n") + "\n")
+    else:
+        print(json.dumps(value, indent=2))
 
 
 def _print_days(items: list[dict]) -> None:
@@ -175,24 +202,14 @@ def cmd_keys_update(args: argparse.Namespace, client: Any, seg: Callable[[str], 
             body["expires_at"] = args.expires["expires_at"]
     if args.no_expiry:
         body["expires_at"] = None
-    for field in ("monthly_requests", "rate_limit"):
-        if hasattr(args, field):
-            body[field] = getattr(args, field)
-    if args.enabled is not None:
-        body["enabled"] = args.enabled
-    if args.meta is not None:
-        body["meta"] = args.meta
-    if args.allow_ip is not None:
-        body["allowed_ips"] = args.allow_ip
-    if args.any_ip:
-        body["allowed_ips"] = None
+    body.update(update_body(args))
     if not body:
         print("keygate keys update: error: nothing to change; give at least one option "
               "(see --help)", file=sys.stderr)
         return 2
     key = client.request("PATCH", f"/workspaces/{seg(args.workspace)}/keys/{seg(args.id)}", body)
     if args.json:
-        _print(key)
+        _print(key, client)
     else:
         print(f"updated key {key.get('id')} ({key.get('name')}): "
               f"{'enabled' if key.get('enabled', True) else 'DISABLED'}, "
@@ -211,14 +228,13 @@ def cmd_keys_usage(args: argparse.Namespace, client: Any, seg: Callable[[str], s
     if args.daily:
         answer = client.request("GET", path + "/usage/daily", query={"days": str(args.days)})
         if args.json:
-            _print(answer)
+            _print(answer, client)
         else:
             _print_days(answer.get("items", []))
         return 0
     key = client.request("GET", path)
     if args.json:
-        _print({"id": key.get("id"), "used_this_month": key.get("used_this_month"),
-                "monthly_requests": key.get("monthly_requests")})
+        _print(key, client)
     else:
         cap = key.get("monthly_requests")
         print(f"{key.get('id')}  {key.get('name')}  used {key.get('used_this_month')} this "
@@ -229,7 +245,7 @@ def cmd_keys_usage(args: argparse.Namespace, client: Any, seg: Callable[[str], s
 def cmd_keys_delete(args: argparse.Namespace, client: Any, seg: Callable[[str], str]) -> int:
     key = client.request("DELETE", f"/workspaces/{seg(args.workspace)}/keys/{seg(args.id)}")
     if args.json:
-        _print(key)
+        _print(key, client)
     else:
         print(f"deleted key {key.get('id', args.id)} of workspace {args.workspace} "
               "(its audit entries stay)")
@@ -252,7 +268,7 @@ def cmd_workspaces_limits(args: argparse.Namespace, client: Any,
     else:
         workspace = client.request("GET", path)
     if args.json:
-        _print(workspace)
+        _print(workspace, client)
         return 0
     limits, custom = workspace.get("limits") or {}, workspace.get("custom_limits") or {}
     print(f"workspace {workspace.get('id')}  plan {workspace.get('plan')}")
@@ -268,7 +284,7 @@ def print_daily_usage(args: argparse.Namespace, client: Any, seg: Callable[[str]
     answer = client.request("GET", f"/workspaces/{seg(args.workspace)}/usage/daily",
                             query={"days": str(args.days)})
     if args.json:
-        _print(answer)
+        _print(answer, client)
     else:
         _print_days(answer.get("items", []))
     return 0
