@@ -95,8 +95,16 @@ def update_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_key_commands(key_verbs: Any, leaf: list, seg: Callable[[str], str],
-                     parse_expiry: Callable[[str], Any]) -> None:
-    """``keys update``, ``keys usage``, ``keys delete``."""
+                     parse_expiry: Callable[[str], Any] | None = None) -> None:
+    """``keys usage``, ``keys delete``, and ``keys update`` when ``parse_expiry`` is given (a
+    CLI with a ``keys update`` of its own adds :func:`add_update_options` to it instead)."""
+    if parse_expiry is not None:
+        _add_update(key_verbs, leaf, seg, parse_expiry)
+    _add_usage_and_delete(key_verbs, leaf, seg)
+
+
+def _add_update(key_verbs: Any, leaf: list, seg: Callable[[str], str],
+                parse_expiry: Callable[[str], Any]) -> None:
     update = key_verbs.add_parser("update", parents=leaf,
                                   help="change a key: name, access, expiry, limits, enabled, "
                                        "metadata, addresses")
@@ -115,6 +123,8 @@ def add_key_commands(key_verbs: Any, leaf: list, seg: Callable[[str], str],
     add_update_options(update)
     update.set_defaults(handler=lambda a, c: cmd_keys_update(a, c, seg))
 
+
+def _add_usage_and_delete(key_verbs: Any, leaf: list, seg: Callable[[str], str]) -> None:
     usage = key_verbs.add_parser("usage", parents=leaf,
                                  help="a key's requests this month, or per day with --daily")
     usage.add_argument("--workspace", required=True, metavar="WS")
