@@ -35,7 +35,12 @@ async def test_keys_update_usage_and_list_unused(admin_url, keygate):
                         "--monthly-requests", "500", "--rate-limit", "5/s", "--disable",
                         "--meta", '{"crm": "c-9"}', "--allow-ip", "10.0.0.0/8", "192.0.2.1")
     assert run.code == 0, run.err
-    assert "DISABLED" in run.out and "cap 500" in run.out and "10.0.0.0/8" in run.out
+    assert "500" in run.out and "10.0.0.0/8" in run.out and "192.0.2.1/32" in run.out
+    run = await keygate("keys", "update", "--workspace", "acme", key["id"], "--json",
+                        "--name", "ci-2")
+    body = run.json()
+    assert (body["name"], body["monthly_requests"], body["enabled"], body["rate_limit"]) == \
+        ("ci-2", 500, False, "5/s")
     run = await keygate("keys", "update", "--workspace", "acme", key["id"], "--json",
                         "--monthly-requests", "none", "--enable", "--any-ip")
     body = run.json()
@@ -55,7 +60,9 @@ async def test_keys_update_usage_and_list_unused(admin_url, keygate):
                         "--days", "91")
     assert run.code == 1 and "days" in run.err
     run = await keygate("keys", "list", "--workspace", "acme", "--unused", "30d", "--json")
-    assert run.code == 0 and [k["id"] for k in run.json()] == [key["id"]]
+    listing = run.json()
+    items = listing["items"] if isinstance(listing, dict) else listing
+    assert run.code == 0 and [k["id"] for k in items] == [key["id"]]
     run = await keygate("usage", "--workspace", "acme", "--daily", "--days", "2", "--json")
     assert run.code == 0 and len(run.json()["items"]) == 2
 
