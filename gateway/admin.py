@@ -214,6 +214,11 @@ def parse_allowed_ips(value: Any) -> tuple[str, ...] | None:
             if not isinstance(item, str) or len(item) > 64 or item != item.strip():
                 raise ValueError
             net = ipaddress.ip_network(item, strict=False)
+            mapped = net.network_address.ipv4_mapped if net.version == 6 else None
+            if mapped is not None and net.prefixlen >= 96:
+                # ::ffff:a.b.c.d/n: clients are compared as IPv4 (as the failure throttle sees
+                # them), so the entry is kept as the IPv4 network it names
+                net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}", strict=False)
         except ValueError:
             raise BadRequest(f"The field 'allowed_ips' holds {str(item)[:64]!r}, which is not "
                              "an IP address or CIDR like '203.0.113.0/24'.") from None

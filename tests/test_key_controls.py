@@ -269,6 +269,11 @@ async def test_a_key_bound_to_addresses_is_403_from_elsewhere_only_after_its_sec
     assert (await call(gut, token))[0] == 200
     await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}", {"allowed_ips": None})
     assert (await call(gut, token))[0] == 200
+    # an IPv4-mapped entry names the IPv4 client it maps
+    _, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                   {"allowed_ips": ["::ffff:127.0.0.0/104"]})
+    assert body["allowed_ips"] == ["127.0.0.0/8"]
+    assert (await call(gut, token))[0] == 200
 
 
 async def test_the_allow_list_sees_the_client_as_the_failure_throttle_does(redis_url, upstream,
