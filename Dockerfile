@@ -11,6 +11,8 @@
 # in /var/lib/keygate. Mount your own config over /etc/keygate/config.yaml.
 
 ARG PYTHON_VERSION=3.12
+# Optional extras: --build-arg KEYGATE_EXTRAS="[otel]" adds OTLP span export (tracing:).
+ARG KEYGATE_EXTRAS=""
 
 # --- builder: every wheel keygate needs, built or fetched once ----------------------------------
 FROM python:${PYTHON_VERSION}-slim-bookworm AS builder
@@ -24,7 +26,8 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml constraints.txt README* ./
 COPY gateway ./gateway
-RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt .
+ARG KEYGATE_EXTRAS
+RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt ".${KEYGATE_EXTRAS}"
 
 # --- runtime: Python, keygate's wheels, nothing to build with -----------------------------------
 FROM python:${PYTHON_VERSION}-slim-bookworm
@@ -39,9 +42,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # The wheels are bind-mounted from the builder, so they never become a layer of this image.
 # Versions are pinned by the builder: --no-index installs exactly the wheels it resolved.
+ARG KEYGATE_EXTRAS
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels keygate \
+    pip install --no-cache-dir --no-index --find-links=/wheels "keygate${KEYGATE_EXTRAS}" \
     && groupadd --system --gid 10001 keygate \
     && useradd --system --uid 10001 --gid keygate --home-dir /var/lib/keygate \
        --shell /usr/sbin/nologin keygate \

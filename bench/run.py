@@ -182,7 +182,7 @@ def keygate_config(path: Path, port: int, admin_port: int, redis_url: str, upstr
                    cache_ttl: float) -> None:
     """YAML is a superset of JSON: writing JSON keeps `off`, `null` and globs unambiguous."""
     config = {
-        "server": {"host": "127.0.0.1", "port": port, "workers": 1, "access_log": "off",
+        "server": {"host": "127.0.0.1", "port": port, "workers": 1, "access_log": "json",
                    "log_level": "warning"},
         "admin": {"host": "127.0.0.1", "port": admin_port, "token_env": ADMIN_TOKEN_ENV},
         "store": {"redis_url": redis_url},
@@ -549,7 +549,7 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
             if "c" in wanted:
                 tok = make_key(admin_port, "bench", "bench", 1)[0]
                 out["c"] = Target("c", f"http://127.0.0.1:{port}{PATH}", [proc.pid], tok,
-                                  note="keys.cache_ttl 300, plan without quota or rate limit, access_log off")
+                                  note="keys.cache_ttl 300, plan without quota or rate limit, default JSON access log")
             if "l" in wanted:
                 tok = make_key(admin_port, "bench-limited", "limited", 1)[0]
                 out["l"] = Target("l", f"http://127.0.0.1:{port}{PATH}", [proc.pid], tok,

@@ -97,6 +97,7 @@ class AccessLog:
             path = f"{path}?{mask_query(query, self.prefix)}"
         bytes_out = response.body_length if response.prepared else \
             len(getattr(response, "body", b"") or b"")
+        trace_id = outcome.trace.trace_id if outcome.trace is not None else None  # hex
         now = time.time()
         if int(now) != self._second:
             self._second = int(now)
@@ -104,7 +105,7 @@ class AccessLog:
         if self.text:
             line = (f"{request.remote} {request.method} {path} {response.status} "
                     f"{elapsed * 1000:.1f}ms ws={outcome.workspace or '-'} "
-                    f"key={outcome.key_id or '-'} rid={request_id}\n")
+                    f"key={outcome.key_id or '-'} rid={request_id} trace={trace_id or '-'}\n")
         else:
             line = (f'{{"time":"{self._stamp}","request_id":{_js(request_id)},'
                     f'"method":{_js(request.method)},"path":{_js(path)},'
@@ -112,7 +113,8 @@ class AccessLog:
                     f'"workspace":{_js(outcome.workspace)},"key_id":{_js(outcome.key_id)},'
                     f'"route":{_js(outcome.route)},"upstream":{_js(outcome.upstream)},'
                     f'"error":{_js(outcome.code)},"bytes_in":{request.content_length or 0},'
-                    f'"bytes_out":{bytes_out},"client":{_js(request.remote)}}}\n')
+                    f'"bytes_out":{bytes_out},"client":{_js(request.remote)},'
+                    f'"trace_id":{_js(trace_id)}}}\n')
         if self._size + len(line) > self.max_buffer:
             self.dropped += 1
             if self.on_drop is not None:

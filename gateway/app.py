@@ -163,6 +163,8 @@ async def running_gateway(config: Config, store_url: str, *,
             access = AccessLog(config, on_drop=metrics.access_log_dropped.inc)
             await access.start()
             pipeline.access = access.write
+        if config.tracing is not None:
+            pipeline.tracer = _otel_tracer(config, pipeline.client_ip)
         admin_app = create_admin_app(config, store)
         from .observe import add_metrics_route
         add_metrics_route(admin_app, metrics, store, config)
@@ -185,9 +187,27 @@ async def running_gateway(config: Config, store_url: str, *,
             if access is not None:  # after the listeners stopped: every line is written
                 await access.close()
             auth.close()
+            if pipeline is not None:
+                await pipeline.tracer.close()
             await forwarder.close()
             await requests.close()
             await store.close()
+
+
+def _otel_tracer(config: Config, client_address: Callable):
+    """The OTLP exporting tracer (the ``keygate[otel]`` extra; the config loader checked it is
+    installed)."""
+    from yarl import URL
+
+    from .accesslog import mask_path
+    from .otel import OtelTracer
+    hosts = {}
+    for name, upstream in config.upstreams.items():
+        url = URL(upstream.url)
+        hosts[name] = (url.host or "", url.port or 0)
+    prefix = config.keys.prefix
+    return OtelTracer(config.tracing, hosts, mask_path=lambda path: mask_path(path, prefix),
+                      client_address=client_address)
 
 
 def raise_open_file_limit(config: Config) -> int:

@@ -19,7 +19,7 @@ import hashlib
 import ipaddress
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from .config import Config, Plan, RateLimit
@@ -33,7 +33,7 @@ MAX_CACHED_KEYS = 100_000
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@dataclass
+@dataclass(slots=True)
 class CachedKey:
     """A verified key and the state it was verified at."""
     key: KeyRecord
@@ -88,6 +88,7 @@ class Authenticator:
         self.cache: dict[bytes, CachedKey] = {}       # token digest → verified key
         self._by_key_id: dict[str, bytes] = {}        # key id → its token digest
         self._inflight: dict[bytes, asyncio.Task] = {}
+        self._interned: dict = {}  # shared workspaces and scope sets (see entry())
         self._pending: dict[str, int] = {}  # client IP or key id → verifications running
         self._prefix = config.keys.prefix
         self._environments = frozenset(config.keys.environments)
@@ -194,13 +195,38 @@ class Authenticator:
         if workspace is None:
             return None
         scopes = await self.store.effective_scopes(key.workspace, key)
-        plan = effective_plan(self.config, workspace)
-        principal = Principal(workspace.id, key.id, frozenset(scopes), workspace.plan)
+        return self.entry(key, workspace, scopes, digest, verified_until)
+
+    def entry(self, key: KeyRecord, workspace: Workspace, scopes, digest: bytes,
+              verified_until: float) -> CachedKey:
+        """The cache entry for a verified key, kept lean (bench/memory.py): only what deciding
+        a request needs. The argon2 hash is not kept (the verification is done; a new one
+        re-reads the key), nor are name, description, prefix and timestamps other than expiry
+        (answers that show a key read it from the store); workspaces, scope sets and other
+        values equal to ones already cached are shared."""
+        workspace = self._shared(workspace)
+        key = replace(key, hash="", name="", description="", prefix="", created_at=0.0,
+                      last_used_at=None, workspace=workspace.id,
+                      environment=self._shared(key.environment), role=self._shared(key.role),
+                      rate_limit=self._shared(key.rate_limit), scopes=self._shared(key.scopes),
+                      meta="{}", allowed_ips=self._shared(key.allowed_ips))
+        plan = effective_plan(self.config, workspace)  # the workspace's own limits included
+        principal = Principal(workspace.id, key.id, self._shared(frozenset(scopes)),
+                              workspace.plan)
         networks = None if key.allowed_ips is None else \
             tuple(ipaddress.ip_network(n, strict=False) for n in key.allowed_ips)
         return CachedKey(key, workspace, principal, plan,
                          key_rate_limit(self.config, plan, key.rate_limit),
                          digest, verified_until, networks)
+
+    def _shared(self, value):
+        """One instance per distinct immutable value among cached keys."""
+        shared = self._interned.get(value)
+        if shared is None:
+            if len(self._interned) >= MAX_CACHED_KEYS:
+                self._interned.clear()
+            shared = self._interned[value] = value
+        return shared
 
     def _remember(self, entry: CachedKey) -> None:
         cache = self.cache

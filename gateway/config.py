@@ -141,6 +141,21 @@ class IdentityHeaders:
 
 
 @dataclass(frozen=True)
+class IdentitySignature:
+    """``identity_signature``: sign the identity sent upstream (gateway/signature.py)."""
+    secret_env: str                            # env var holding the secret(s), comma-separated
+    header: str = "X-Keygate-Signature"
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """``tracing``: export spans over OTLP/HTTP (needs the ``keygate[otel]`` extra)."""
+    otlp_endpoint: str                         # http(s)://collector:4318[/v1/traces]
+    service_name: str = "keygate"
+    sample_ratio: float = 1.0                  # of traces keygate starts; a caller's flag wins
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -152,6 +167,8 @@ class Config:
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
     identity_headers: IdentityHeaders = field(default_factory=IdentityHeaders)
+    identity_signature: IdentitySignature | None = None
+    tracing: TracingConfig | None = None
     source: str = "<defaults>"                 # the file it came from, for messages
     # the scope catalogue (NAME: description); when given, keys, roles and routes may name
     # only these scopes (and ALL). None: any well-formed scope.
@@ -559,6 +576,8 @@ class _Reader:
         upstreams = self.upstreams(value("upstreams"))
         routes = self.routes(value("routes"), upstreams)
         identity = self.identity_headers(value("identity_headers"), keys)
+        signature = self.identity_signature(value("identity_signature"), keys, identity)
+        tracing = self.tracing(value("tracing"))
         wildcard = ("0.0.0.0", "::", "")
         if server.port == admin.port and (server.host == admin.host or server.host in wildcard
                                           or admin.host in wildcard):
@@ -567,8 +586,8 @@ class _Reader:
                                              f"{admin.port} with the proxy listener")
         return Config(server=server, admin=admin, store=store, keys=keys, plans=plans,
                       default_plan=default_plan, roles=roles, upstreams=upstreams,
-                      routes=routes, identity_headers=identity, source=self.source,
-                      scopes=self.catalogue)
+                      routes=routes, identity_headers=identity, identity_signature=signature,
+                      tracing=tracing, source=self.source, scopes=self.catalogue)
 
     def text(self, node: Node, path: str) -> Any:
         return self.string(node, path)
@@ -1002,6 +1021,73 @@ class _Reader:
             seen[_header_key(name)] = f
         return headers
 
+    def identity_signature(self, node: Node | None, keys: KeysConfig,
+                           identity: IdentityHeaders) -> IdentitySignature | None:
+        if node is None or self.describe(node) == "null":
+            return None
+
+        def secret_env(child: Node, sub: str) -> Any:
+            name = self.string(child, sub, pattern=ENV_NAME_RE, what="an environment variable name")
+            if name is BAD:
+                return BAD
+            if not os.environ.get(name, "").replace(",", "").strip():
+                return self.fail(child, sub, f"environment variable {name} is not set (it holds "
+                                             "the signing secret)")
+            return name
+
+        def header(child: Node, sub: str) -> Any:
+            name = self.header_name(child, sub)
+            if name is BAD:
+                return BAD
+            taken = {_header_key(h) for h in identity.names() + keys.headers}
+            if name.lower() in RESERVED_HEADERS or _header_key(name) in taken:
+                return self.fail(child, sub, f"'{name}' is already a header keygate sets, "
+                                             "strips or reads")
+            return name
+        return self.section(node, "identity_signature", IdentitySignature,
+                            {"secret_env": secret_env, "header": header},
+                            required={"secret_env": "(the environment variable holding the "
+                                                    "secret)"}, secret_env="")
+
+    def tracing(self, node: Node | None) -> TracingConfig | None:
+        if node is None or self.describe(node) == "null":
+            return None
+
+        def endpoint(child: Node, sub: str) -> Any:
+            url = self.string(child, sub)
+            if url is BAD:
+                return BAD
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                return self.fail(child, sub, "must be an http:// or https:// URL of an OTLP/HTTP "
+                                             "receiver, e.g. http://otel-collector:4318")
+            return url
+        import importlib.util
+        try:
+            installed = all(importlib.util.find_spec(m) is not None for m in (
+                "opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"))
+        except ModuleNotFoundError:
+            installed = False
+        if not installed:
+            self.fail(node, "tracing", "exporting spans needs OpenTelemetry: install "
+                                       "keygate with the extra, pip install 'keygate[otel]'")
+        return self.section(node, "tracing", TracingConfig, {
+            "otlp_endpoint": endpoint,
+            "service_name": lambda n, p: self.string(n, p, pattern=re.compile(r"\S.{0,127}"),
+                                                     what="a service name (1-128 characters)"),
+            "sample_ratio": self.ratio,
+        }, required={"otlp_endpoint": "(the OTLP/HTTP receiver's URL)"}, otlp_endpoint="")
+
+    def ratio(self, node: Node, path: str) -> Any:
+        value = self.scalar(node, path)
+        if value is BAD:
+            return BAD
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not 0 <= value <= 1:
+            return self.fail(node, path, f"expected a number from 0 to 1, got "
+                                         f"{self.describe_value(value)}")
+        return float(value)
+
 
 def _header_key(name: str) -> str:
     """Header identity as a spoofer sees it: case-insensitive, ``_`` = ``-``."""
@@ -1009,5 +1095,6 @@ def _header_key(name: str) -> str:
 
 
 TOP_LEVEL_KEYS = ("server", "admin", "store", "keys", "plans", "default_plan", "roles",
-                  "upstreams", "routes", "identity_headers", "scopes")
+                  "upstreams", "routes", "identity_headers", "identity_signature", "tracing",
+                  "scopes")
 ROUTE_KEYS = ("path", "methods", "upstream", "scopes", "public")

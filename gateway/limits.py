@@ -72,7 +72,7 @@ def effective_plan(config: Config, workspace) -> Plan:
         return plan
     from .config import parse_rate_limit
     changes: dict = {}
-    for name, value in overrides.items():
+    for name, value in overrides:
         if name == "rate_limit":
             changes[name] = parse_rate_limit(value) if value else None
         elif name in ("monthly_requests", "max_keys"):

@@ -26,16 +26,17 @@ def parse_rfc3339(text: str) -> float:
 LIMIT_FIELDS = ("monthly_requests", "max_keys", "rate_limit")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Workspace:
     id: str
     name: str
     plan: str
     created_at: float
     rev: int = 0  # bumped on every change that affects authorisation (plan, workspace roles)
-    # the workspace's own limits over its plan's (a custom deal): any of LIMIT_FIELDS, a value
-    # of None meaning unlimited; a field not given is the plan's
-    overrides: Mapping[str, Any] = field(default_factory=dict)
+    # the workspace's own limits over its plan's (a custom deal): (field, value) pairs of
+    # LIMIT_FIELDS, a value of None meaning unlimited; a field not given is the plan's. A tuple,
+    # so a workspace stays hashable (the key cache shares equal workspaces).
+    overrides: tuple[tuple[str, Any], ...] = ()
 
     def to_json(self, limits: Mapping[str, Any] | None = None) -> dict:
         """``limits``: the limits in force (plan and overrides merged)."""
@@ -47,7 +48,7 @@ class Workspace:
         return data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KeyRecord:
     """A key as stored; ``hash`` is the argon2id hash of the secret and never leaves the store
     module except to be verified."""
@@ -93,7 +94,7 @@ class KeyRecord:
                 "status": self.status(now)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Principal:
     """Who an authenticated proxy request acts as."""
     workspace: str

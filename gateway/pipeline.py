@@ -10,7 +10,6 @@ that turns errors into SPEC's JSON responses.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import math
@@ -30,6 +29,8 @@ from .limits import Month, MonthCache, ratelimit_headers
 from .models import rfc3339
 from .routes import RouteTable, check_path, no_route, query_has_token
 from .tokens import adoptable_request_id
+from .tracing import Tracer
+from .trust import TrustedProxies
 
 log = logging.getLogger("keygate.proxy")
 access_log = logging.getLogger("keygate.access")
@@ -41,37 +42,11 @@ LOCAL_COUNT_RETRY = 1.0  # seconds between attempts to write fail-open counts to
 
 class Outcome:
     """What the pipeline learned about a request, for the access log and metrics."""
-    __slots__ = ("route", "upstream", "workspace", "key_id", "code")
+    __slots__ = ("route", "upstream", "workspace", "key_id", "code", "trace")
 
     def __init__(self) -> None:
         self.route = self.upstream = self.workspace = self.key_id = self.code = None
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    # A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; trusted_proxies names them as
-    # IPv4 networks.
-    return ip.ipv4_mapped or ip if ip.version == 6 else ip
-
-
-def client_address(peer: str, forwarded_for, trusted) -> str:
-    """The client's IP for the failure throttle: the peer, unless the peer is a trusted proxy;
-    then the nearest X-Forwarded-For hop that is not one of ours (hops further left were
-    written by whoever sent the request and prove nothing)."""
-    peer_ip = _ip(peer)
-    if peer_ip is None or not any(peer_ip in n for n in trusted):
-        return peer
-    hops = [h.strip() for h in ",".join(forwarded_for).split(",") if h.strip()]
-    for hop in reversed(hops):
-        ip = _ip(hop)
-        if ip is None:  # not an address: our proxy did not write it, so trust nothing left of it
-            return peer
-        if not any(ip in n for n in trusted):
-            return str(ip)
-    return peer
+        self.trace = None  # gateway.tracing.Trace
 
 
 class Counted(NamedTuple):
@@ -107,10 +82,10 @@ class Pipeline:
         self._prefix = config.keys.prefix
         self.max_body = config.server.max_body_bytes
         self._key_headers = tuple(h.lower() for h in config.keys.headers)
-        self._trusted = tuple(ipaddress.ip_network(p, strict=False)
-                              for p in config.server.trusted_proxies)
+        self.trusted = TrustedProxies(config.server.trusted_proxies)
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
+        self.tracer = Tracer()  # gateway.otel.OtelTracer when tracing is configured
 
     # --- the one handler ----------------------------------------------------------------------
 
@@ -118,6 +93,7 @@ class Pipeline:
         started = time.perf_counter()
         request_id = self._request_id(request)
         outcome = Outcome()
+        outcome.trace = self.tracer.start(request)
         try:
             response = await self.pipeline(request, request_id, outcome)
         except GatewayError as exc:
@@ -149,21 +125,28 @@ class Pipeline:
         route = self.routes.match(request.method, raw_path)
         outcome.route, outcome.upstream = route.path, route.upstream
         upstream = self.config.upstreams[route.upstream]
+        trace = outcome.trace
         if route.public:
-            return await self.forwarder.forward(request, upstream, None, request_id, {})
+            with trace.step("forward"):
+                return await self.forwarder.forward(request, upstream, None, request_id, {},
+                                                    trace=trace)
         token = self.credential(request)
-        key = await self.authenticate(token, request)
+        with trace.step("authenticate"):
+            key = await self.authenticate(token, request)
         outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
         # A declared body over the limit is refused after every other check (SPEC's order)
         # and, like every refusal of keygate's own, is not counted.
         too_large = (request.content_length or 0) > self.max_body
-        key, limit_headers, counted = await self.authorise(key, route.scopes,
-                                                           count=not too_large, request=request)
+        with trace.step("authorise"):
+            key, limit_headers, counted = await self.authorise(key, route.scopes,
+                                                               count=not too_large,
+                                                               request=request)
         if too_large:
             raise errors.body_too_large(self.max_body)
         try:
-            return await self.forwarder.forward(request, upstream, key.principal, request_id,
-                                                limit_headers)
+            with trace.step("forward"):
+                return await self.forwarder.forward(request, upstream, key.principal,
+                                                    request_id, limit_headers, trace=trace)
         except GatewayError as exc:
             if not exc.reached_upstream:  # refused here, or never sent: it does not count
                 await self.refund(key, limit_headers, counted)
@@ -447,9 +430,9 @@ class Pipeline:
 
     def client_ip(self, request: web.BaseRequest) -> str:
         peer = request.remote or "unknown"
-        if not self._trusted:
+        if not self.trusted:
             return peer
-        return client_address(peer, request.headers.getall("X-Forwarded-For", ()), self._trusted)
+        return self.trusted.client_address(peer, request.headers.getall("X-Forwarded-For", ()))
 
     def observe(self, request: web.BaseRequest, response: web.StreamResponse,
                 outcome: Outcome, request_id: str, started: float) -> None:
@@ -464,5 +447,6 @@ class Pipeline:
                 m.auth_failures.labels(outcome.code).inc()
         if self.access is not None:
             self.access(request, response, outcome, request_id, elapsed)
+        outcome.trace.end(request, response, outcome, request_id)
 
     access: Callable | None = None

@@ -26,6 +26,10 @@ Request header hygiene, in one pass over the client's headers:
   only once the request is allowed and about to stream), so it is not forwarded;
 - the client's ``X-Request-Id`` is replaced by the request id (the pipeline already adopted the
   client's when it was sane);
+- ``traceparent`` is always keygate's own (``gateway.tracing``), ``tracestate`` passes only with
+  a trace keygate continued; the client's copy of the signature header
+  (``identity_signature.header``, default ``X-Keygate-Signature``) is always dropped, and
+  keygate's own set last when signing is on (``gateway.signature``);
 - everything else passes as sent, in order, repeats included.
 
 Response headers: hop-by-hop and ``Connection``-named ones are dropped, the rest pass (repeats
@@ -43,8 +47,8 @@ listener never decodes a ``Content-Encoding``), framed exactly as declared.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
+import os
 import re
 import ssl
 import time
@@ -57,7 +61,10 @@ from yarl import URL
 from .config import Config, Upstream
 from .errors import BadGateway, GatewayError, GatewayTimeout, RequestTimeout, body_too_large
 from .models import Principal
+from .signature import DEFAULT_HEADER as SIGNATURE_HEADER, secrets_of, sign
+from .tracing import Trace, Tracer
 from .tokens import looks_like_token
+from .trust import TrustedProxies
 from .upstream import (UpstreamConnectError, UpstreamPool, UpstreamProtocolError,
                        UpstreamTimeout, UpstreamUnreached)
 
@@ -86,6 +93,9 @@ def _trusting(upstream: Upstream) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=upstream.ca_file) if upstream.ca_file else None
 
 
+_TRACE_ONLY = Tracer()
+
+
 class Forwarder:
     """Forwards requests to upstreams; one keep-alive pool per upstream."""
 
@@ -100,11 +110,20 @@ class Forwarder:
         always = set(HOP_BY_HOP)
         always.update(_norm(n) for n in ident.names())
         always.update(_norm(h) for h in config.keys.headers)
-        always.update(("host", "expect", "x-request-id"))
+        always.update(("host", "expect", "x-request-id", "traceparent", "tracestate"))
+        signing = config.identity_signature
+        self._sign_header = signing.header if signing else SIGNATURE_HEADER
+        # the default name too: an upstream still checking it must never read a client's copy
+        always.update((_norm(self._sign_header), _norm(SIGNATURE_HEADER)))
+        self._sign_secret: bytes | None = None
+        if signing is not None:
+            secrets = secrets_of(os.environ.get(signing.secret_env, ""))
+            if not secrets:
+                raise ValueError(f"identity_signature: environment variable "
+                                 f"{signing.secret_env} holds no secret")
+            self._sign_secret = secrets[0]
         self._drop = frozenset(always)
-        self._trusted = tuple(ipaddress.ip_network(p.strip(), strict=False)
-                              for p in config.server.trusted_proxies)
-        self._trust_cache: dict[str, bool] = {}
+        self.trusted = TrustedProxies(config.server.trusted_proxies)
         self._prefix = config.keys.prefix
         # Called with (upstream name, seconds from sending to the response headers) for each
         # upstream answer; the app wires it to keygate_upstream_duration_seconds.
@@ -134,32 +153,20 @@ class Forwarder:
 
     # --- the request -------------------------------------------------------------------------
 
-    def _is_trusted(self, peer: str | None) -> bool:
-        if not self._trusted or peer is None:
-            return False
-        trusted = self._trust_cache.get(peer)
-        if trusted is None:
-            try:
-                ip = ipaddress.ip_address(peer)
-                trusted = any(ip in net for net in self._trusted)
-            except ValueError:
-                trusted = False
-            if len(self._trust_cache) > 10000:
-                self._trust_cache.clear()
-            self._trust_cache[peer] = trusted
-        return trusted
-
     def request_headers(self, request: web.BaseRequest, principal: Principal | None,
-                        request_id: str) -> list[tuple[str, str]]:
+                        request_id: str, *, target: str | None = None,
+                        trace: Trace | None = None) -> list[tuple[str, str]]:
         """The headers to send upstream (see the module docstring for the rules), without
-        ``Content-Length``: the upstream writer frames the body itself."""
+        ``Content-Length``: the upstream writer frames the body itself. ``target`` is the
+        request line's path and query as sent upstream (what the signature covers); ``trace``
+        the request's trace context (read from the request when not given)."""
         headers = request.headers
         named: frozenset[str] | set[str] = frozenset()
         connection = headers.getall("Connection", None)
         if connection:
             named = {_norm(t.strip()) for v in connection for t in v.split(",") if t.strip()}
         peer = request.remote
-        trusted = self._is_trusted(peer)
+        trusted = self.trusted.is_trusted(peer)
         drop = self._drop
         out: list[tuple[str, str]] = []
         xff: list[str] = []
@@ -198,6 +205,12 @@ class Forwarder:
             if host is not None:
                 out.append(("X-Forwarded-Host", host))
         out.append(("X-Request-Id", request_id))
+        if trace is None:
+            trace = _TRACE_ONLY.start(request)
+        out.append(("traceparent", trace.traceparent()))
+        for value in trace.tracestate:
+            out.append(("tracestate", value))
+        values = ("", "", "", "")
         if principal is not None:
             ws, kid, scopes, plan = self._identity
             values = (principal.workspace, principal.key_id, " ".join(sorted(principal.scopes)),
@@ -209,6 +222,10 @@ class Forwarder:
             out.append((kid, values[1]))
             out.append((scopes, values[2]))
             out.append((plan, values[3]))
+        if self._sign_secret is not None:
+            out.append((self._sign_header, sign(
+                self._sign_secret, request.method,
+                request.raw_path if target is None else target, request_id, *values)))
         return out
 
     def _body_source(self, content, length: int | None):
@@ -242,7 +259,8 @@ class Forwarder:
 
     async def forward(self, request: web.BaseRequest, upstream: Upstream,
                       principal: Principal | None, request_id: str,
-                      response_headers: Mapping[str, str]) -> web.StreamResponse:
+                      response_headers: Mapping[str, str], *,
+                      trace: Trace | None = None) -> web.StreamResponse:
         """Send ``request`` to ``upstream`` and stream its answer back.
 
         Raises ``PayloadTooLarge`` (413), ``RequestTimeout`` (408), ``BadGateway`` (502) or
@@ -261,8 +279,10 @@ class Forwarder:
                     request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(_CONTINUE)
                 request.writer.output_size = 0
-        headers = self.request_headers(request, principal, request_id)
-        parts = [f"{request.method} {base}{request.raw_path} HTTP/1.1\r\nHost: {host}"]
+        target = base + request.raw_path
+        headers = self.request_headers(request, principal, request_id, target=target,
+                                       trace=trace)
+        parts = [f"{request.method} {target} HTTP/1.1\r\nHost: {host}"]
         for name, value in headers:
             parts.append(f"{name}: {value}")
         if body is None and request.content_length == 0:

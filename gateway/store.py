@@ -210,7 +210,8 @@ def workspace_from_hash(h: Mapping[str, str]) -> Workspace | None:
             raise ValueError("limits")
         return Workspace(id=h["id"], name=h.get("name", ""), plan=h.get("plan", ""),
                          created_at=float(h["created_at"]), rev=int(h.get("rev") or 0),
-                         overrides={f: overrides[f] for f in LIMIT_FIELDS if f in overrides})
+                         overrides=tuple((f, overrides[f]) for f in LIMIT_FIELDS
+                                         if f in overrides))
     except (KeyError, ValueError) as exc:
         raise StoreError(f"the store holds a malformed workspace ({h.get('id')!r})") from exc
 

@@ -265,10 +265,8 @@ def test_the_last_worker_failing_is_still_a_failed_exit(tmp_path):
     ("10.0.0.5", ["::ffff:10.0.0.7, 10.0.0.6"], "10.0.0.5"),    # all hops ours
 ])
 def test_client_ip_trusts_forwarded_for_only_from_trusted_proxies(peer, xff, want):
-    from gateway.pipeline import client_address
-    import ipaddress
-    trusted = (ipaddress.ip_network("10.0.0.0/8"),)
-    assert client_address(peer, xff, trusted) == want
+    from gateway.trust import TrustedProxies
+    assert TrustedProxies(["10.0.0.0/8"]).client_address(peer, xff) == want
 
 
 # --- refund ---------------------------------------------------------------------------------------

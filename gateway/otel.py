@@ -1,0 +1,215 @@
+"""OpenTelemetry spans exported over OTLP/HTTP: opt-in, behind the ``keygate[otel]`` extra.
+
+With ``tracing: {otlp_endpoint, service_name, sample_ratio}`` every request gets a SERVER span
+(named ``METHOD route``) with child spans for the pipeline's steps: ``authenticate`` (the
+credential checked, argon2 or the cache), ``authorise`` (the store round trip: state, scopes,
+rate, quota) and ``forward`` (a CLIENT span; its id is the parent the upstream sees in
+``traceparent``). Attributes follow the OpenTelemetry HTTP semantic conventions
+(``http.request.method``, ``url.path``, ``http.route``, ``http.response.status_code``,
+``client.address``, ``server.address``/``server.port`` of the upstream, ``error.type``) plus
+``keygate.workspace``, ``keygate.key_id``, ``keygate.decision`` (``allowed``, ``public`` or
+the error code) and ``keygate.request_id``. Never a token: paths are masked as in the access
+log, no header value and no query string is recorded.
+
+Sampling: a caller's sampled flag is followed (parent-based); a trace keygate starts is kept
+with probability ``sample_ratio``. Spans are batched and sent from the SDK's own thread, so
+the event loop never waits for the collector; when the collector is down, spans are dropped.
+The exporter reads the standard ``OTEL_EXPORTER_OTLP_*`` variables for anything else (headers,
+certificates, compression).
+
+The SDK's own tracer provider is kept here, never installed as the process's global one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from .config import TracingConfig
+from .tracing import Trace, Tracer, incoming
+
+try:
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.trace import (NonRecordingSpan, SpanContext, SpanKind, Status,
+                                     StatusCode, TraceFlags, TraceState)
+except ImportError as exc:  # pragma: no cover - exercised by installs without the extra
+    raise ImportError("tracing.otlp_endpoint needs OpenTelemetry: pip install "
+                      "'keygate[otel]'") from exc
+
+from . import __version__
+
+log = logging.getLogger("keygate.tracing")
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
+                      "CONNECT"})
+
+
+def traces_url(endpoint: str) -> str:
+    """An OTLP/HTTP base URL gets the traces path (``/v1/traces``) appended; a URL with a path
+    is used as given (like ``OTEL_EXPORTER_OTLP_ENDPOINT`` and ``..._TRACES_ENDPOINT``)."""
+    if urlsplit(endpoint).path in ("", "/"):
+        return endpoint.rstrip("/") + "/v1/traces"
+    return endpoint
+
+
+def _method_attributes(method: str) -> dict[str, Any]:
+    if method in _METHODS:
+        return {"http.request.method": method}
+    return {"http.request.method": "_OTHER", "http.request.method_original": method[:32]}
+
+
+class _Step:
+    """A child span around one pipeline step."""
+    __slots__ = ("trace", "name", "span", "ended_at")
+
+    def __init__(self, trace: "OtelTrace", name: str) -> None:
+        self.trace, self.name = trace, name
+        self.span: Any = None
+        self.ended_at: int | None = None
+
+    def __enter__(self) -> "_Step":
+        t = self.trace
+        forward = self.name == "forward"
+        self.span = t.tracer.start_span(
+            self.name, context=t.context, kind=SpanKind.CLIENT if forward else SpanKind.INTERNAL)
+        if forward:  # the upstream's parent is this span
+            t.span_id = "%016x" % self.span.get_span_context().span_id
+            t.forward = self
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        span = self.span
+        if exc is not None:
+            code = getattr(exc, "code", None) or type(exc).__name__
+            span.set_attribute("error.type", code)
+            if getattr(exc, "status", 500) >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+        if self.name == "forward" and exc is None:
+            self.ended_at = time.time_ns()  # ended by OtelTrace.end, once the status is known
+        else:
+            span.end()
+
+    def set(self, name: str, value: Any) -> None:
+        self.span.set_attribute(name, value)
+
+
+class OtelTrace(Trace):
+    __slots__ = ("tracer", "span", "context", "forward", "upstream")
+
+    def step(self, name: str) -> _Step:
+        return _Step(self, name)
+
+    def end(self, request: Any, response: Any, outcome: Any, request_id: str) -> None:
+        span = self.span
+        status = response.status
+        route = outcome.route
+        attributes: dict[str, Any] = {"http.response.status_code": status,
+                                      "keygate.request_id": request_id}
+        if route is not None:
+            attributes["http.route"] = route
+            span.update_name(f"{request.method if request.method in _METHODS else 'HTTP'} "
+                             f"{route}")
+        if outcome.workspace is not None:
+            attributes["keygate.workspace"] = outcome.workspace
+            attributes["keygate.key_id"] = outcome.key_id
+        if outcome.code is not None:
+            attributes["keygate.decision"] = outcome.code
+            attributes["error.type"] = outcome.code if status >= 500 else None
+        else:
+            attributes["keygate.decision"] = "allowed" if outcome.workspace else "public"
+        span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        forward = self.forward
+        if forward is not None and forward.ended_at is not None:
+            where = self.upstream.get(outcome.upstream)
+            forward.span.set_attributes({
+                **_method_attributes(request.method), "http.response.status_code": status,
+                "keygate.upstream": outcome.upstream or "",
+                **({"server.address": where[0], "server.port": where[1]} if where else {})})
+            if status >= 500:
+                forward.span.set_status(Status(StatusCode.ERROR))
+            forward.span.end(end_time=forward.ended_at)
+        span.end()
+
+
+class OtelTracer(Tracer):
+    """Spans for every request, exported over OTLP/HTTP in batches."""
+
+    def __init__(self, config: TracingConfig, upstream_hosts: dict[str, tuple[str, int]],
+                 *, mask_path: Any = None, client_address: Any = None,
+                 exporter: Any = None) -> None:
+        self.provider = TracerProvider(
+            sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
+            resource=Resource.create({"service.name": config.service_name,
+                                      "service.version": __version__}),
+            shutdown_on_exit=False)
+        exporter = exporter or OTLPSpanExporter(endpoint=traces_url(config.otlp_endpoint),
+                                                timeout=3)
+        self.provider.add_span_processor(BatchSpanProcessor(exporter,
+                                                            schedule_delay_millis=1000))
+        self.tracer = self.provider.get_tracer("keygate", __version__)
+        self.upstream_hosts = upstream_hosts
+        self.mask_path = mask_path or (lambda p: p)
+        # the client behind server.trusted_proxies, as the failure throttle reads it
+        self.client_address = client_address or (lambda request: request.remote or "")
+
+    def start(self, request: Any) -> OtelTrace:
+        parent, tracestate = incoming(request.headers)
+        context = None
+        if parent is not None:
+            trace_id, parent_id, flags = parent
+            remote = SpanContext(int(trace_id, 16), int(parent_id, 16), is_remote=True,
+                                 trace_flags=TraceFlags(int(flags, 16)),
+                                 trace_state=_trace_state(tracestate))
+            context = otel_trace.set_span_in_context(NonRecordingSpan(remote))
+        span = self.tracer.start_span(request.method if request.method in _METHODS else "HTTP",
+                                      context=context, kind=SpanKind.SERVER)
+        ctx = span.get_span_context()
+        if not span.is_recording():  # sampled out: trace context only, no child spans
+            return Trace("%032x" % ctx.trace_id, "%016x" % ctx.span_id,
+                         "%02x" % (int(ctx.trace_flags) & 3), parent[1] if parent else None,
+                         tracestate)
+        attributes = _method_attributes(request.method)
+        attributes.update({"url.path": self.mask_path(request.raw_path.partition("?")[0]),
+                           "url.scheme": request.scheme,
+                           "network.protocol.version": "%d.%d" % request.version,
+                           "client.address": self.client_address(request),
+                           "network.peer.address": request.remote or ""})
+        agent = request.headers.get("User-Agent")
+        if agent:
+            attributes["user_agent.original"] = agent[:256]
+        span.set_attributes(attributes)
+        trace = OtelTrace("%032x" % ctx.trace_id, "%016x" % ctx.span_id,
+                          "%02x" % (int(ctx.trace_flags) & 3),
+                          parent[1] if parent else None, tracestate)
+        trace.tracer = self.tracer
+        trace.span = span
+        trace.context = otel_trace.set_span_in_context(span)
+        trace.forward = None
+        trace.upstream = self.upstream_hosts
+        return trace
+
+    async def close(self) -> None:
+        """Send what is batched (bounded: a dead collector must not hold up a stop)."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.provider.shutdown), timeout=15)
+        except asyncio.TimeoutError:
+            log.warning("tracing: spans still queued at shutdown were not exported")
+
+
+def _trace_state(values: tuple[str, ...]) -> TraceState:
+    if not values:
+        return TraceState()
+    try:
+        return TraceState.from_header(list(values))
+    except Exception:  # a malformed tracestate is still passed on; OpenTelemetry ignores it
+        return TraceState()

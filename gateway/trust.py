@@ -1,0 +1,67 @@
+"""Which peers are our own proxies, and who the client is behind them: decided once.
+
+``server.trusted_proxies`` lists the load balancers in front of keygate. Their
+``X-Forwarded-*`` headers are kept when forwarding (``gateway.proxy``), and the client address
+the failure throttle and IP allow-lists use is read through them (``gateway.pipeline``). Both
+ask this one object, so they can never disagree about a peer.
+
+A dual-stack listener sees IPv4 peers as ``::ffff:a.b.c.d``; they are compared as IPv4, since
+``trusted_proxies`` names IPv4 networks as such.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_CACHE_MAX = 10_000
+
+
+def parse_ip(text: str) -> Address | None:
+    """The address in ``text`` (IPv4-mapped IPv6 as IPv4), or None if it is not one."""
+    try:
+        ip = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    return ip.ipv4_mapped or ip if ip.version == 6 else ip
+
+
+class TrustedProxies:
+    def __init__(self, networks: Iterable[str]) -> None:
+        self.networks = tuple(ipaddress.ip_network(n.strip(), strict=False) for n in networks)
+        self._peers: dict[str, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def _contains(self, ip: Address | None) -> bool:
+        return ip is not None and any(ip in net for net in self.networks)
+
+    def is_trusted(self, peer: str | None) -> bool:
+        """Whether the connection's peer is one of our proxies (cached per peer address)."""
+        if not self.networks or peer is None:
+            return False
+        trusted = self._peers.get(peer)
+        if trusted is None:
+            trusted = self._contains(parse_ip(peer))
+            if len(self._peers) >= _CACHE_MAX:
+                self._peers.clear()
+            self._peers[peer] = trusted
+        return trusted
+
+    def client_address(self, peer: str, forwarded_for: Iterable[str]) -> str:
+        """The client's IP: the peer, unless the peer is a trusted proxy; then the nearest
+        ``X-Forwarded-For`` hop that is not one of ours (hops further left were written by
+        whoever sent the request and prove nothing)."""
+        if not self.is_trusted(peer):
+            return peer
+        hops = [h.strip() for h in ",".join(forwarded_for).split(",") if h.strip()]
+        for hop in reversed(hops):
+            ip = parse_ip(hop)
+            if ip is None:  # not an address: our proxy did not write it; trust nothing left
+                return peer
+            if not self._contains(ip):
+                return str(ip)
+        return peer

@@ -1,0 +1,242 @@
+"""OpenTelemetry export: spans arrive at a real OTLP/HTTP receiver, decoded from protobuf."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+from aiohttp import web
+
+pytest.importorskip("opentelemetry.sdk")
+pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
+    ExportTraceServiceRequest)
+
+from gateway.config import TracingConfig  # noqa: E402
+from tests.harness import gateway_under_test, make_config  # noqa: E402
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+
+
+@pytest.fixture
+async def receiver(aiohttp_server):
+    """An OTLP/HTTP traces receiver: ``receiver.spans`` (decoded, with their resource's
+    attributes under ``"resource"``) and ``receiver.raw`` (every body as received)."""
+    spans: list[dict] = []
+    raw: list[bytes] = []
+
+    async def export(request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        raw.append(body)
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(body)
+        for rs in message.resource_spans:
+            resource = {a.key: _value(a.value) for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    spans.append({
+                        "name": s.name, "kind": s.kind, "trace_id": s.trace_id.hex(),
+                        "span_id": s.span_id.hex(), "parent": s.parent_span_id.hex(),
+                        "status": s.status.code, "start": s.start_time_unix_nano,
+                        "end": s.end_time_unix_nano, "resource": resource,
+                        "attributes": {a.key: _value(a.value) for a in s.attributes}})
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", export)
+    server = await aiohttp_server(app)
+    server.spans, server.raw = spans, raw
+    return server
+
+
+def _value(v):
+    return getattr(v, v.WhichOneof("value"))
+
+
+def traced_config(upstream, receiver, **tracing):
+    return make_config(str(upstream.make_url("")), tracing=TracingConfig(
+        str(receiver.make_url("")), **{"service_name": "edge-gw", **tracing}))
+
+
+def by_name(spans, trace_id=None):
+    return {s["name"]: s for s in spans if trace_id is None or s["trace_id"] == trace_id}
+
+
+async def test_request_and_step_spans_are_exported_with_http_and_keygate_attributes(
+        upstream, receiver, redis_url, monkeypatch):
+    async with gateway_under_test(traced_config(upstream, receiver), redis_url,
+                                  monkeypatch) as gw:
+        await gw.workspace("acme")
+        token, key = await gw.key("acme")
+        async with gw.proxy.get("/people/42?q=1", headers={
+                "Authorization": f"Bearer {token}", "User-Agent": "probe/1",
+                "traceparent": f"00-{TRACE_ID}-{PARENT}-01"}) as r:
+            assert r.status == 200
+    # leaving the gateway flushed the batch
+    spans = by_name(receiver.spans, TRACE_ID)
+    assert set(spans) == {"GET /people/**", "authenticate", "authorise", "forward"}
+    root = spans["GET /people/**"]
+    assert root["parent"] == PARENT and root["kind"] == 2  # SERVER
+    assert root["resource"]["service.name"] == "edge-gw"
+    a = root["attributes"]
+    assert a["http.request.method"] == "GET" and a["url.path"] == "/people/42"
+    assert a["http.route"] == "/people/**" and a["http.response.status_code"] == 200
+    assert a["url.scheme"] == "http" and a["client.address"] == "127.0.0.1"
+    assert a["user_agent.original"] == "probe/1"
+    assert a["keygate.workspace"] == "acme" and a["keygate.key_id"] == key["id"]
+    assert a["keygate.decision"] == "allowed"
+    for step in ("authenticate", "authorise", "forward"):
+        assert spans[step]["parent"] == root["span_id"]
+        assert root["start"] <= spans[step]["start"] <= spans[step]["end"] <= root["end"]
+    forward = spans["forward"]
+    assert forward["kind"] == 3  # CLIENT
+    assert forward["attributes"]["server.address"] == "127.0.0.1"
+    assert forward["attributes"]["server.port"] == upstream.port
+    assert forward["attributes"]["http.response.status_code"] == 200
+    # the upstream's parent is the forward span
+    [sent] = [v for k, v in upstream.requests[-1]["headers"] if k == "traceparent"]
+    assert sent == f"00-{TRACE_ID}-{forward['span_id']}-01"
+
+
+async def test_refused_request_span_carries_the_decision_and_never_a_token(
+        upstream, receiver, redis_url, monkeypatch):
+    async with gateway_under_test(traced_config(upstream, receiver), redis_url,
+                                  monkeypatch) as gw:
+        await gw.workspace("acme")
+        token, key = await gw.key("acme")
+        revoked, rkey = await gw.key("acme", name="old")
+        assert (await gw.admin_json("POST", f"/workspaces/acme/keys/{rkey['id']}/revoke"))[0] \
+            == 200
+        async with gw.proxy.get(f"/people/{token}", headers={"X-Api-Key": revoked}) as r:
+            assert r.status == 401
+        async with gw.proxy.get(f"/people/{token}", headers={"X-Api-Key": token}) as r:
+            assert r.status == 200
+        async with gw.proxy.post("/people", headers={"X-Api-Key": token}) as r:
+            assert r.status == 403
+    spans = receiver.spans
+    roots = [s for s in spans if s["kind"] == 2]
+    decisions = [s["attributes"]["keygate.decision"] for s in roots]
+    assert decisions == ["revoked_key", "allowed", "insufficient_scope"]
+    assert roots[0]["attributes"]["url.path"] == "/people/***"
+    assert all(s["status"] != 2 for s in roots)  # 4xx is not a server error
+    refused = by_name(spans, roots[0]["trace_id"])
+    assert "forward" not in refused
+    assert refused["authorise"]["attributes"]["error.type"] == "revoked_key"
+    blob = b"".join(receiver.raw)
+    for secret in (token, revoked, token.split("_")[-1][12:44], revoked.split("_")[-1][12:44]):
+        assert secret.encode() not in blob
+
+
+async def test_sample_ratio_zero_exports_only_traces_the_caller_sampled(
+        upstream, receiver, redis_url, monkeypatch):
+    config = traced_config(upstream, receiver, sample_ratio=0.0)
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        async with gw.proxy.get("/health") as r:
+            assert r.status == 200
+        [own] = [v for k, v in upstream.requests[-1]["headers"] if k == "traceparent"]
+        assert int(own[-2:], 16) & 1 == 0  # not sampled, and the upstream is told so
+        async with gw.proxy.get("/health", headers={
+                "traceparent": f"00-{TRACE_ID}-{PARENT}-01"}) as r:
+            assert r.status == 200
+    assert {s["trace_id"] for s in receiver.spans} == {TRACE_ID}
+    spans = by_name(receiver.spans)
+    assert set(spans) == {"GET /health", "forward"}
+    assert spans["GET /health"]["attributes"]["keygate.decision"] == "public"
+
+
+async def test_a_dead_collector_costs_no_request(upstream, redis_url, monkeypatch):
+    from tests.conftest import free_port
+    config = make_config(str(upstream.make_url("")), tracing=TracingConfig(
+        f"http://127.0.0.1:{free_port()}"))
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        for _ in range(20):
+            async with gw.proxy.get("/health") as r:
+                assert r.status == 200
+
+
+def test_config_names_the_missing_extra_or_accepts_the_section(tmp_path):
+    from gateway.config import load_config
+    path = tmp_path / "c.yaml"
+    path.write_text("upstreams: {api: {url: 'http://127.0.0.1:9'}}\n"
+                    "routes: [{path: /x, upstream: api}]\n"
+                    "tracing: {otlp_endpoint: 'http://127.0.0.1:4318', sample_ratio: 0.25}\n")
+    assert load_config(path).tracing == TracingConfig("http://127.0.0.1:4318", "keygate", 0.25)
+
+
+async def test_keygate_serve_with_two_workers_signs_and_exports_every_request(
+        tmp_path, upstream, receiver, redis_url, monkeypatch):
+    """The real CLI, forked workers: each worker's exporter runs after the fork, and a SIGTERM
+    flushes what every worker still had batched."""
+    import asyncio
+
+    import yaml
+    from aiohttp import ClientSession
+
+    from gateway.signature import verify
+    from test_serve import TIMEOUT, Served, new_key, write_config
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")))
+    doc = yaml.safe_load(config.read_text())
+    doc["identity_signature"] = {"secret_env": "KG_SERVE_SIGNING"}
+    doc["tracing"] = {"otlp_endpoint": str(receiver.make_url("")), "service_name": "served"}
+    config.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("KG_SERVE_SIGNING", "serve-secret")  # inherited by the serve process
+    gw = Served(config, pport, aport, "--workers", "2")
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+        sent = []
+        for i in range(8):  # a new connection each time, so both workers get some
+            trace_id = "%032x" % (0xabc000 + i)
+            sent.append(trace_id)
+            async with ClientSession(timeout=TIMEOUT) as fresh:
+                async with fresh.get(gw.proxy + f"/people/{i}", headers={
+                        "Authorization": f"Bearer {token}", "Connection": "close",
+                        "traceparent": f"00-{trace_id}-{PARENT}-01"}) as r:
+                    assert r.status == 200
+        assert await asyncio.to_thread(gw.terminate) == 0
+        assert "Traceback" not in gw.stderr()
+    finally:
+        gw.close()
+    for record in upstream.requests:
+        headers = dict(record["headers"])
+        assert verify(headers, record["method"], record["raw_path"], "serve-secret")
+    roots = [s for s in receiver.spans if s["kind"] == 2]
+    assert sorted(s["trace_id"] for s in roots) == sorted(sent)
+    assert {s["resource"]["service.name"] for s in roots} == {"served"}
+    assert all(s["attributes"]["keygate.decision"] == "allowed" for s in roots)
+
+
+async def test_an_unreachable_upstream_marks_the_request_and_forward_spans_as_errors(
+        receiver, redis_url, monkeypatch):
+    from tests.conftest import free_port
+    config = make_config(f"http://127.0.0.1:{free_port()}", tracing=TracingConfig(
+        str(receiver.make_url(""))))
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        async with gw.proxy.get("/health") as r:
+            assert r.status == 502
+    spans = by_name(receiver.spans)
+    root, forward = spans["GET /health"], spans["forward"]
+    assert root["status"] == 2 and forward["status"] == 2  # ERROR
+    assert root["attributes"]["error.type"] == "upstream_unavailable"
+    assert root["attributes"]["keygate.decision"] == "upstream_unavailable"
+    assert forward["attributes"]["error.type"] == "upstream_unavailable"
+    assert forward["parent"] == root["span_id"]
+
+
+async def test_client_address_is_the_client_behind_a_trusted_proxy(upstream, receiver,
+                                                                    redis_url, monkeypatch):
+    import dataclasses
+    config = traced_config(upstream, receiver)
+    config = dataclasses.replace(config, server=dataclasses.replace(
+        config.server, trusted_proxies=("127.0.0.0/8",)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        async with gw.proxy.get("/health", headers={"X-Forwarded-For": "203.0.113.7"}) as r:
+            assert r.status == 200
+    [root] = [s for s in receiver.spans if s["kind"] == 2]
+    assert root["attributes"]["client.address"] == "203.0.113.7"
+    assert root["attributes"]["network.peer.address"] == "127.0.0.1"

@@ -1,0 +1,76 @@
+"""One trust decision for a peer, seen through both of its uses: the X-Forwarded-* headers sent
+upstream and the client address the failure throttle counts by."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+
+import pytest
+from aiohttp import ClientSession, web
+
+from gateway.config import FailureLimits, KeysConfig, ServerConfig
+from gateway.tokens import checksum
+from gateway.trust import TrustedProxies
+
+from harness import gateway_under_test, make_config
+
+
+def test_ipv4_mapped_peers_are_compared_as_ipv4():
+    trusted = TrustedProxies(["127.0.0.0/8"])
+    assert trusted.is_trusted("::ffff:127.0.0.1") and trusted.is_trusted("127.0.0.1")
+    assert not trusted.is_trusted("::1") and not trusted.is_trusted("garbage")
+    assert not TrustedProxies([]).is_trusted("127.0.0.1")
+
+
+async def test_a_dual_stack_peer_is_trusted_alike_for_forwarded_headers_and_the_throttle(
+        redis_url, upstream, monkeypatch):
+    """The gateway listens on '::' (dual stack): a proxy at 127.0.0.1 arrives as
+    ::ffff:127.0.0.1. It is trusted for both uses, or the throttle locks out every client
+    behind it while the upstream still believes its X-Forwarded-For."""
+    base = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(
+        base, server=ServerConfig(host="::", trusted_proxies=("127.0.0.0/8",)),
+        keys=dataclasses.replace(base.keys, failures=FailureLimits(per_ip=2, per_key=1000,
+                                                                   window_seconds=60)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read"])
+        runner = web.ServerRunner(g.gw.proxy_server)
+        await runner.setup()
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)   # dual stack
+        sock.bind(("::", 0))
+        port = sock.getsockname()[1]
+        site = web.SockSite(runner, sock)
+        await site.start()
+        try:
+            async with ClientSession() as s:
+                url = f"http://127.0.0.1:{port}"
+                # forwarded headers: the proxy's X-Forwarded-For is kept and extended
+                async with s.get(url + "/people/1", headers={
+                        "Authorization": f"Bearer {token}",
+                        "X-Forwarded-For": "198.51.100.7"}) as r:
+                    assert r.status == 200
+                xff = [v for k, v in upstream.requests[-1]["headers"]
+                       if k.lower() == "x-forwarded-for"]
+                assert xff == ["198.51.100.7, ::ffff:127.0.0.1"]
+                # throttle: an attacker's failures behind the proxy lock out only the attacker
+                head = token[:-38] + "Z" * 32                  # same key id, wrong secret
+                bad = head + checksum(head)
+                for _ in range(4):
+                    async with s.get(url + "/people/1", headers={
+                            "Authorization": f"Bearer {bad}",
+                            "X-Forwarded-For": "203.0.113.66"}) as r:
+                        await r.read()
+                async with s.get(url + "/people/1", headers={
+                        "Authorization": f"Bearer {bad}",
+                        "X-Forwarded-For": "203.0.113.66"}) as r:
+                    assert r.status == 429
+                async with s.get(url + "/people/1", headers={
+                        "Authorization": f"Bearer {token}",
+                        "X-Forwarded-For": "198.51.100.7"}) as r:
+                    assert r.status == 200
+        finally:
+            await runner.cleanup()
