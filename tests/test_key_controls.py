@@ -57,6 +57,7 @@ async def test_a_keys_monthly_cap_is_429_key_quota_exceeded_and_counts_nothing(g
     assert len(gut.upstream.requests) == 2
     _, usage = await gut.admin_json("GET", "/workspaces/acme/usage")
     assert usage["used"] == 2  # the refused request counted nowhere
+    assert gut.counter("keygate_auth_failures_total", reason="key_quota_exceeded") == 1
     _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
     assert read["used_this_month"] == 2
     # raising the cap acts on the very next request
@@ -212,6 +213,7 @@ async def test_a_key_created_disabled_is_refused_and_revoked_stays_revoked(gut):
     token, key = await gut.key(enabled=False)
     assert key["enabled"] is False
     assert (await call(gut, token))[:2] == (401, "disabled_key")
+    assert gut.counter("keygate_auth_failures_total", reason="disabled_key") == 1
     await gut.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/revoke")
     await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}", {"enabled": True})
     assert (await call(gut, token))[:2] == (401, "revoked_key")
@@ -257,6 +259,7 @@ async def test_a_key_bound_to_addresses_is_403_from_elsewhere_only_after_its_sec
     assert key["allowed_ips"] == ["10.0.0.0/8", "2001:db8::/32"]
     status, code, headers = await call(gut, token)
     assert (status, code) == (403, "ip_not_allowed")
+    assert gut.counter("keygate_auth_failures_total", reason="ip_not_allowed") == 1
     assert "insufficient_scope" not in headers.get("WWW-Authenticate", "")
     wrong = token[:-20] + ("B" if token[-20] != "B" else "C") + token[-19:]
     assert (await call(gut, wrong))[1] in ("invalid_key", "malformed_key")
