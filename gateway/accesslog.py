@@ -7,11 +7,12 @@ no header value is logged at all.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import json
 import os
 import re
 import sys
+import threading
 import time
 
 from aiohttp import web
@@ -84,7 +85,6 @@ class AccessLog:
         self._second = -1
         self._stamp = ""
         self._task: asyncio.Task | None = None
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, "keygate-access-log")
         self._writing: asyncio.Future | None = None
 
     # --- per request --------------------------------------------------------------------------
@@ -141,8 +141,22 @@ class AccessLog:
                 self._writing = self._hand_over()
 
     def _hand_over(self) -> asyncio.Future:
+        """Write the buffered lines in a daemon thread of their own: a write blocked on a
+        full stderr holds neither the loop nor, at exit, the interpreter (an executor's
+        worker would be joined at exit and keep a SIGTERMed process alive)."""
         lines, self._lines, self._size = self._lines, [], 0
-        return asyncio.get_running_loop().run_in_executor(self._writer, _write_lines, lines)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def run() -> None:
+            try:
+                _write_lines(lines)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop may be closed by then
+                    loop.call_soon_threadsafe(_settle, done)
+
+        threading.Thread(target=run, name="keygate-access-log", daemon=True).start()
+        return done
 
     def flush_now(self) -> None:
         """Write what is buffered, from this thread (tests, and the last words at shutdown)."""
@@ -160,7 +174,11 @@ class AccessLog:
             pending.append(self._hand_over())
         if pending:
             await asyncio.wait(pending, timeout=timeout)
-        self._writer.shutdown(wait=False)
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _write_lines(lines: list[str]) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from aiohttp import web
 
 from .config import NAME_RE, SCOPE_RE, Config, parse_rate_limit
-from .errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
+from .errors import (shown, BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
                      PayloadTooLarge, ServiceUnavailable, StoreError, Unauthorized)
 from .models import LIMIT_FIELDS, KeyRecord, Principal, parse_rfc3339, rfc3339
 from .limits import effective_plan
@@ -59,13 +59,14 @@ def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
         raise BadRequest("The request body must be a JSON object.")
     unknown = [f for f in data if f not in allowed]
     if unknown:
-        raise BadRequest(f"Unknown field '{unknown[0]}'; this endpoint accepts: "
+        raise BadRequest(f"Unknown field '{shown(unknown[0])}'; this endpoint accepts: "
                          f"{', '.join(allowed)}.")
     return data
 
 
-# C0 and C1 controls, DEL, line/paragraph separators, bidi embedding/override/isolate marks
-_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# C0 and C1 controls, DEL, line/paragraph separators, bidi marks, embeddings, overrides, isolates
+_UNSAFE_TEXT = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def _string(data: Mapping[str, Any], field: str, max_len: int, *, required: bool = False,
@@ -115,7 +116,7 @@ def parse_scopes(value: Any, field: str = "scopes") -> tuple[str, ...]:
     for scope in value:
         if not isinstance(scope, str) or len(scope) > MAX_SCOPE_LEN \
                 or not SCOPE_RE.fullmatch(scope):
-            raise BadRequest(f"The field '{field}' holds a malformed scope {scope!r}; a scope "
+            raise BadRequest(f"The field '{field}' holds a malformed scope {shown(scope) if isinstance(scope, str) else scope!r}; a scope "
                              "looks like 'people:read' (letters, digits, '_', '.', '-', "
                              "parts joined by ':').")
         if scope not in scopes:
@@ -142,7 +143,7 @@ def parse_expires_at(value: Any, now: float, *, nullable: bool) -> float | None:
         when = parse_rfc3339(value)
     except ValueError:
         raise BadRequest(f"The field 'expires_at' is not an RFC 3339 timestamp with a time "
-                         f"zone (e.g. '2027-01-31T00:00:00Z'): {value[:64]!r}.") from None
+                         f"zone (e.g. '2027-01-31T00:00:00Z'): {shown(value)!r}.") from None
     if when <= now:
         raise BadRequest(f"The field 'expires_at' is in the past ({rfc3339(when)}).")
     if when > now + MAX_SECONDS:
@@ -220,7 +221,7 @@ def parse_allowed_ips(value: Any) -> tuple[str, ...] | None:
                 # them), so the entry is kept as the IPv4 network it names
                 net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}", strict=False)
         except ValueError:
-            raise BadRequest(f"The field 'allowed_ips' holds {str(item)[:64]!r}, which is not "
+            raise BadRequest(f"The field 'allowed_ips' holds {shown(str(item))!r}, which is not "
                              "an IP address or CIDR like '203.0.113.0/24'.") from None
         if str(net) not in networks:
             networks.append(str(net))
@@ -246,7 +247,7 @@ def parse_limits(value: Any) -> dict[str, Any] | None:
                          "back to the plan's limits.")
     unknown = [f for f in value if f not in LIMIT_FIELDS]
     if unknown:
-        raise BadRequest(f"Unknown field 'limits.{str(unknown[0])[:64]}'; limits takes: "
+        raise BadRequest(f"Unknown field 'limits.{shown(str(unknown[0]))}'; limits takes: "
                          f"{', '.join(LIMIT_FIELDS)}.")
     limits: dict[str, Any] = {}
     if "monthly_requests" in value:
@@ -270,7 +271,7 @@ def check_catalogue(scopes: tuple[str, ...], config: Config, field: str = "scope
     unknown = [s for s in scopes if s != "ALL" and s not in config.scopes]
     if unknown:
         raise BadRequest(f"The field '{field}' names a scope that is not in the scope "
-                         f"catalogue: {unknown[0]!r} (GET /admin/v1/scopes lists them).")
+                         f"catalogue: {shown(unknown[0])!r} (GET /admin/v1/scopes lists them).")
 
 
 def _per_second(rate: str) -> float:
@@ -284,7 +285,7 @@ def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None
     unknown = [p for p in query if p not in allowed]
     if unknown:
         takes = f"it takes: {', '.join(allowed)}" if allowed else "it takes none"
-        raise BadRequest(f"Unknown query parameter '{unknown[0][:64]}'; {takes}.")
+        raise BadRequest(f"Unknown query parameter '{shown(unknown[0])}'; {takes}.")
 
 
 def _sort_key(key: KeyRecord, sort: str) -> tuple:
@@ -432,7 +433,7 @@ class KeyOps:
 
     def _key_id(self, key_id: str) -> str:
         if not KEY_ID_RE.fullmatch(key_id):
-            raise NotFound(f"Workspace '{self.ws}' has no key '{key_id[:64]}'.")
+            raise NotFound(f"Workspace '{self.ws}' has no key '{shown(key_id, 12)}'.")
         return key_id
 
     async def _binding(self, data: Mapping[str, Any]) -> tuple[str | None, tuple[str, ...]]:

@@ -51,6 +51,7 @@ class _JsonErrorRequestHandler(RequestHandler):
     ``server.max_connections``); idle keep-alive is aiohttp's own ``keepalive_timeout``."""
 
     _head_timer: asyncio.TimerHandle | None = None
+    _last_payload = None  # the body stream of the newest request parsed on this connection
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -65,13 +66,20 @@ class _JsonErrorRequestHandler(RequestHandler):
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and not self._request_in_progress and not self._messages:
-            self._arm_head_timer()   # the first bytes of the next request on this connection
+        if data and self._head_timer is None and not self._request_in_progress \
+                and not self._messages \
+                and (self._last_payload is None or self._last_payload.is_eof()):
+            # the first bytes of the next request head (not the rest of a body that aiohttp
+            # reads after a handler that did not read it)
+            self._arm_head_timer()
         seen = self._request_count
         super().data_received(data)
-        if self._request_count != seen and self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._request_count != seen:
+            if self._messages:
+                self._last_payload = self._messages[-1][1]
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
 
     def connection_lost(self, exc) -> None:
         if self._head_timer is not None:
@@ -90,8 +98,7 @@ class _JsonErrorRequestHandler(RequestHandler):
         self._head_timer = None
         if self._request_count == count and not self._request_in_progress \
                 and not self._messages and self.transport is not None:
-            self.force_close()
-            self.transport.close()
+            self.force_close()  # closes the transport
 
     def handle_error(self, request, status=500, exc=None, message=None):
         if status >= 500:
@@ -228,10 +235,11 @@ def raise_open_file_limit(config: Config) -> int:
         soft = target
     if soft >= wanted + reserve:
         return wanted
-    bound = max(soft - reserve, soft // 2)
+    bound = max(soft - reserve, 64)
     log.warning("the open-file limit (%d) cannot fit server.max_connections %d plus %d for "
-                "upstreams and the store: accepting at most %d client connections (raise the "
-                "hard limit, ulimit -Hn, to lift this)", soft, wanted, reserve, bound)
+                "upstreams and the store: accepting at most %d client connections%s (raise "
+                "the hard limit, ulimit -Hn, to lift this)", soft, wanted, reserve, bound,
+                "" if soft - reserve >= 64 else " and the upstream bounds may not all fit")
     return bound
 
 

@@ -11,6 +11,7 @@
     ├── Conflict (409)                conflict, key_limit_reached
     ├── PayloadTooLarge (413)         body_too_large
     ├── TooManyRequests (429)         too_many_failures, rate_limited, quota_exceeded
+    ├── NotImplemented_ (501)         not_implemented (a transfer coding other than chunked)
     ├── BadGateway (502)              upstream_unavailable
     ├── ServiceUnavailable (503)      store_unavailable
     └── GatewayTimeout (504)          upstream_timeout
@@ -99,6 +100,10 @@ class TooManyRequests(GatewayError):
     status, code = 429, "rate_limited"
 
 
+class NotImplemented_(GatewayError):
+    status, code = 501, "not_implemented"
+
+
 class BadGateway(GatewayError):
     status, code = 502, "upstream_unavailable"
     reached_upstream = True   # unless the connection could not be made (said when raised)
@@ -111,6 +116,13 @@ class ServiceUnavailable(GatewayError):
 class GatewayTimeout(GatewayError):
     status, code = 504, "upstream_timeout"
     reached_upstream = True   # unless it timed out connecting or waiting for a connection
+
+
+def shown(text: str, limit: int = 31) -> str:
+    """A client's value as an error message may quote it: whole when shorter than a key's
+    secret (32 characters), else its first 12 characters and an ellipsis, so a key pasted
+    where it does not belong is never echoed back."""
+    return text if len(text) <= limit else text[:12] + "…"
 
 
 def body_too_large(limit: int) -> PayloadTooLarge:

@@ -49,6 +49,16 @@ class Outcome:
         self.trace = None  # gateway.tracing.Trace
 
 
+def _check_transfer_coding(values: list[str]) -> None:
+    """Only ``chunked`` is forwarded: the body is re-framed upstream, so another coding
+    (``gzip, chunked``) would reach the upstream silently stripped of its label (RFC 9112
+    6.1: a server answers 501 to a transfer coding it does not understand)."""
+    codings = [c.strip().lower() for v in values for c in v.split(",") if c.strip()]
+    if codings != ["chunked"]:
+        raise errors.NotImplemented_("Only the 'chunked' transfer coding is supported; send "
+                                     "compressed bodies with Content-Encoding.")
+
+
 class Counted(NamedTuple):
     """The month and UTC day a request was counted in (a refund takes it back from those)."""
     month: Month
@@ -99,7 +109,7 @@ class Pipeline:
         except GatewayError as exc:
             outcome.code = exc.code
             response = exc.response(request_id)
-            if exc.status in (408, 413):  # the rest of that body is not worth reading
+            if exc.status in (408, 413, 501):  # the rest of that body is not worth reading
                 response.force_close()
                 if exc.status == 408:  # a stalled sender: answer, then close without the
                     await self._answer_and_close(request, response)  # lingering read
@@ -114,6 +124,8 @@ class Pipeline:
 
     async def pipeline(self, request: web.BaseRequest, request_id: str,
                        outcome: Outcome) -> web.StreamResponse:
+        if "Transfer-Encoding" in request.headers:
+            _check_transfer_coding(request.headers.getall("Transfer-Encoding"))
         raw_path, _, raw_query = request.raw_path.partition("?")
         check_path(raw_path)
         if raw_query and query_has_token(raw_query, self._prefix):

@@ -65,8 +65,8 @@ from .signature import DEFAULT_HEADER as SIGNATURE_HEADER, secrets_of, sign
 from .tracing import Trace, Tracer
 from .tokens import looks_like_token
 from .trust import TrustedProxies
-from .upstream import (UpstreamConnectError, UpstreamPool, UpstreamProtocolError,
-                       UpstreamTimeout, UpstreamUnreached)
+from .upstream import (BodyFramingError, UpstreamConnectError, UpstreamPool,
+                       UpstreamProtocolError, UpstreamTimeout, UpstreamUnreached)
 
 log = logging.getLogger("keygate.proxy")
 
@@ -86,6 +86,33 @@ def _norm(name: str) -> str:
     """Header name for comparison: lower case, ``_`` read as ``-``."""
     name = name.lower()
     return name.replace("_", "-") if "_" in name else name
+
+
+PREFETCH = 64 * 1024  # request body bytes read before an upstream connection is taken
+
+
+class ClientBodyFailed(Exception):
+    """The client's request body could not be read: the client went away mid-upload."""
+
+
+async def _prefetched(source, limit: int):
+    """``source`` with its first ``limit`` bytes (all of a smaller body) already read."""
+    chunks: list[bytes] = []
+    size, ended = 0, False
+    while size < limit:
+        chunk = await source()
+        if not chunk:
+            ended = True
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    chunks.reverse()
+
+    async def read() -> bytes:
+        if chunks:
+            return chunks.pop()
+        return b"" if ended else await source()
+    return read
 
 
 def _trusting(upstream: Upstream) -> ssl.SSLContext | None:
@@ -241,15 +268,17 @@ class Forwarder:
 
         async def read() -> bytes:
             nonlocal total
-            if at_eof():  # all of it is buffered: nothing to wait for
-                chunk = await readany()
-            else:
-                try:
+            try:
+                if at_eof():  # all of it is buffered: nothing to wait for
+                    chunk = await readany()
+                else:
                     async with asyncio.timeout(stall):
                         chunk = await readany()
-                except TimeoutError:
-                    raise RequestTimeout(f"The request body stalled for {stall:g} seconds.") \
-                        from None
+            except TimeoutError:
+                raise RequestTimeout(f"The request body stalled for {stall:g} seconds.") \
+                    from None
+            except Exception as exc:  # the client went away mid-upload (ConnectionResetError)
+                raise ClientBodyFailed(type(exc).__name__) from exc
             if length is None:
                 total += len(chunk)
                 if total > limit:
@@ -291,10 +320,20 @@ class Forwarder:
         is_head = request.method == "HEAD"
         started = time.perf_counter()
         try:
+            if body is not None:
+                # no upstream connection is taken before the first PREFETCH bytes (all of a
+                # small body) are here: clients trickling bodies cannot hold the upstream's
+                # connections
+                body = await _prefetched(body, PREFETCH)
             resp = await pool.request(head, body=body, content_length=length,
                                       timeout=upstream.timeout, is_head=is_head)
         except GatewayError:  # the body source's own: 413, 408
             raise
+        except ClientBodyFailed as exc:
+            log.info("the client went away while sending its body to %s: %s", upstream.name,
+                     exc)
+            raise BadGateway(f"The request to upstream '{upstream.name}' failed: its body "
+                             "did not arrive.", reached_upstream=False) from None
         except UpstreamTimeout as exc:
             raise GatewayTimeout(f"The upstream '{upstream.name}' did not answer within "
                                  f"{upstream.timeout:g} seconds.",
@@ -303,13 +342,12 @@ class Forwarder:
         except (UpstreamConnectError, UpstreamProtocolError, OSError, ValueError) as exc:
             log.warning("upstream %s failed: %s: %s", upstream.name, type(exc).__name__, exc)
             raise BadGateway(f"The upstream '{upstream.name}' is unavailable.",
-                             reached_upstream=not isinstance(exc, UpstreamConnectError)) \
-                from None
-        except Exception as exc:  # the client's body failed (client gone mid-upload)
-            log.info("request body failed while forwarding to %s: %s", upstream.name,
-                     type(exc).__name__)
-            raise BadGateway(f"The request to upstream '{upstream.name}' failed.",
-                             reached_upstream=False) from None
+                             reached_upstream=not isinstance(
+                                 exc, (UpstreamConnectError, BodyFramingError))) from None
+        except Exception as exc:
+            log.warning("forwarding to %s failed: %s: %s", upstream.name, type(exc).__name__,
+                        exc)
+            raise BadGateway(f"The request to upstream '{upstream.name}' failed.") from None
         if self.on_upstream is not None:
             self.on_upstream(upstream.name, time.perf_counter() - started)
         return await self._stream_back(request, resp, request_id, response_headers,
@@ -344,7 +382,7 @@ class Forwarder:
             return web.Response(status=status, body=whole, headers=out)
         response = web.StreamResponse(status=status, headers=out)
         chunks = resp.chunks()
-        timeout = upstream.timeout
+        timeout, stall = upstream.timeout, self.body_timeout
         try:
             await response.prepare(request)
             while True:
@@ -353,7 +391,15 @@ class Forwarder:
                         chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
-                await response.write(chunk)
+                try:
+                    async with asyncio.timeout(stall):
+                        await response.write(chunk)
+                except TimeoutError:  # not an upstream failure: the client stopped reading
+                    log.info("client stopped reading a response from %s for %g s; closed",
+                             upstream.name, stall)
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
         except ConnectionError:       # the client went away: drop the upstream connection too
             return response
         except (UpstreamProtocolError, TimeoutError, OSError) as exc:

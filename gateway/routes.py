@@ -28,7 +28,7 @@ from typing import Sequence
 from urllib.parse import unquote, unquote_to_bytes
 
 from .config import Route
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, NotFound, shown
 from .tokens import BODY_LEN, looks_like_token
 
 MAX_PATH_BYTES = 2048
@@ -50,8 +50,8 @@ def _bad(message: str) -> BadRequest:
 def no_route(method: str, raw_path: str) -> NotFound:
     """404 ``no_route``, naming the path without any segment long enough to hold a key's
     secret (32 characters, however encoded): a key in the path is never echoed back."""
-    shown = "/".join(seg if len(seg) < 32 else "***" for seg in raw_path.split("/"))
-    return NotFound(f"No route matches {method} {shown}.", code="no_route")
+    path = "/".join(seg if len(seg) < 32 else "***" for seg in raw_path.split("/"))
+    return NotFound(f"No route matches {shown(method)} {path}.", code="no_route")
 
 
 def check_path(raw_path: str | bytes) -> None:

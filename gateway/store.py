@@ -60,7 +60,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisClusterException, RedisError
 
 from .config import Config
-from .errors import Conflict, NotFound, StoreError
+from .errors import Conflict, NotFound, StoreError, shown
 from .limits import effective_plan, limits_json
 from .models import LIMIT_FIELDS, KeyRecord, Workspace, rfc3339
 from .redis_urls import is_topology_url, topology_client
@@ -131,6 +131,11 @@ WORKSPACES = "kg:workspaces"
 OPERATOR = "operator"        # the audit actor of admin-API changes (self-service: the key id)
 AUDIT_MAXLEN = 10_000
 WORKSPACE_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def _ws(ws: str) -> str:
+    """A workspace id as a message may quote it (a token is never a valid id)."""
+    return ws if WORKSPACE_ID_RE.fullmatch(ws) else shown(ws)
 STATUSES = ("active", "expired", "revoked")
 _ID_ATTEMPTS = 8             # fresh key ids / slug suffixes tried before giving up
 
@@ -331,7 +336,7 @@ class Store:
     async def require_workspace(self, ws: str) -> Workspace:
         workspace = await self.get_workspace(ws)
         if workspace is None:
-            raise NotFound(f"There is no workspace '{ws}'.")
+            raise NotFound(f"There is no workspace '{_ws(ws)}'.")
         return workspace
 
     async def list_workspaces(self) -> list[Workspace]:
@@ -368,7 +373,7 @@ class Store:
                 return Workspace(candidate, name, plan, now, 1)
             if ws is not None:
                 break
-        raise Conflict(f"The workspace id '{base}' is already taken.")
+        raise Conflict(f"The workspace id '{_ws(base)}' is already taken.")
 
     async def update_workspace(self, ws: str, *, name: str | None = None,
                                plan: str | None = None, limits: Any = UNSET,
@@ -388,7 +393,7 @@ class Store:
         if limits is not UNSET:
             patch = "null" if limits is None else json.dumps(limits)
         if not WORKSPACE_ID_RE.fullmatch(ws):
-            raise NotFound(f"There is no workspace '{ws}'.")
+            raise NotFound(f"There is no workspace '{_ws(ws)}'.")
         details: dict[str, Any] = dict(changes)
         if limits is not UNSET:
             details["limits"] = limits
@@ -398,7 +403,7 @@ class Store:
              AUDIT_MAXLEN, patch, *[x for kv in changes.items() for x in kv]))
         workspace = workspace_from_hash(_pairs(reply))
         if workspace is None:
-            raise NotFound(f"There is no workspace '{ws}'.")
+            raise NotFound(f"There is no workspace '{_ws(ws)}'.")
         return workspace
 
     # --- roles --------------------------------------------------------------------------------
@@ -443,16 +448,16 @@ class Store:
     async def _set_role(self, ws: str, op: str, name: str, scopes: list[str] | None,
                         actor: str) -> None:
         if not WORKSPACE_ID_RE.fullmatch(ws):
-            raise NotFound(f"There is no workspace '{ws}'.")
+            raise NotFound(f"There is no workspace '{_ws(ws)}'.")
         details = {"scopes": scopes} if scopes is not None else {}
         reply = await self._run(
             "set_role", (ws_key(ws), ws_roles_key(ws), ws_audit_key(ws)),
             (op, name, json.dumps(scopes or []),
              self._audit_entry(self.clock(), actor, f"role.{op}", name, details), AUDIT_MAXLEN))
         if reply == "no_workspace":
-            raise NotFound(f"There is no workspace '{ws}'.")
+            raise NotFound(f"There is no workspace '{_ws(ws)}'.")
         if reply == "not_found":
-            raise NotFound(f"Workspace '{ws}' defines no role '{name}'.")
+            raise NotFound(f"Workspace '{_ws(ws)}' defines no role '{shown(name)}'.")
 
     # --- keys: reads --------------------------------------------------------------------------
 
@@ -469,7 +474,7 @@ class Store:
     async def require_key(self, ws: str, key_id: str) -> KeyRecord:
         key = await self.get_key(ws, key_id)
         if key is None:
-            raise NotFound(f"Workspace '{ws}' has no key '{key_id}'.")
+            raise NotFound(f"Workspace '{_ws(ws)}' has no key '{shown(key_id, 12)}'.")
         return key
 
     async def list_keys(self, ws: str, status: str | None = None) -> list[KeyRecord]:
@@ -580,9 +585,9 @@ class Store:
                 return NewKey(record, token)
             await self._release_id(key_id)
             if reply == "no_workspace":
-                raise NotFound(f"There is no workspace '{ws}'.")
+                raise NotFound(f"There is no workspace '{_ws(ws)}'.")
             if reply == "limit":
-                raise Conflict(f"Workspace '{ws}' already has the {self._max_keys(workspace)} "
+                raise Conflict(f"Workspace '{_ws(ws)}' already has the {self._max_keys(workspace)} "
                                f"active keys its plan '{workspace.plan}' allows; revoke one "
                                "first.", code="key_limit_reached")
         raise StoreError("could not find a free key id")
@@ -604,9 +609,9 @@ class Store:
         old = await self.require_key(ws, key_id)
         for _ in range(_ID_ATTEMPTS):
             if old.revoked_at is not None:
-                raise Conflict(f"Key '{key_id}' is revoked; a revoked key cannot be rotated.")
+                raise Conflict(f"Key '{shown(key_id, 12)}' is revoked; a revoked key cannot be rotated.")
             if expect_rev is not None and old.rev != expect_rev:
-                raise Conflict(f"Key '{key_id}' changed while it was being rotated; read it "
+                raise Conflict(f"Key '{shown(key_id, 12)}' changed while it was being rotated; read it "
                                "again and retry.")
             new_id, token, hashed = await self._new_token(ws, old.environment)
             now = self.clock()
@@ -634,20 +639,20 @@ class Store:
                 return await self.require_key(ws, key_id), NewKey(record, token)
             await self._release_id(new_id)
             if reply == "no_workspace":
-                raise NotFound(f"There is no workspace '{ws}'.")
+                raise NotFound(f"There is no workspace '{_ws(ws)}'.")
             if reply == "not_found":
-                raise NotFound(f"Workspace '{ws}' has no key '{key_id}'.")
+                raise NotFound(f"Workspace '{_ws(ws)}' has no key '{shown(key_id, 12)}'.")
             if reply == "revoked":
-                raise Conflict(f"Key '{key_id}' is revoked; a revoked key cannot be rotated.")
+                raise Conflict(f"Key '{shown(key_id, 12)}' is revoked; a revoked key cannot be rotated.")
             if reply in ("stale", "collision"):
                 old = await self.require_key(ws, key_id)
                 continue
             if reply == "limit":
-                raise Conflict(f"Key '{key_id}' has expired and workspace '{ws}' already has "
+                raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace '{_ws(ws)}' already has "
                                f"the {self._max_keys(workspace)} active keys its plan allows.",
                                code="key_limit_reached")
             if reply == "grace_limit":
-                raise Conflict(f"Workspace '{ws}' is already over the "
+                raise Conflict(f"Workspace '{_ws(ws)}' is already over the "
                                f"{self._max_keys(workspace)} active keys its plan allows (a "
                                "rotation's grace period is running); rotate without a grace, "
                                "or revoke a key first.", code="key_limit_reached")
@@ -694,7 +699,7 @@ class Store:
         if score:
             max_keys = self._max_keys(await self.require_workspace(ws))
         elif not WORKSPACE_ID_RE.fullmatch(ws):
-            raise NotFound(f"There is no workspace '{ws}'.")
+            raise NotFound(f"There is no workspace '{_ws(ws)}'.")
         now = self.clock()
         reply = await self._run(
             "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws)),
@@ -702,18 +707,18 @@ class Store:
              self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
              *fields))
         if reply == "limit":
-            raise Conflict(f"Key '{key_id}' has expired and workspace '{ws}' already has the "
+            raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace '{_ws(ws)}' already has the "
                            f"{max_keys} active keys its plan allows; a new expiry would make "
                            "it active again.", code="key_limit_reached")
         key = key_from_hash(_pairs(reply))
         if key is None:
-            raise NotFound(f"Workspace '{ws}' has no key '{key_id}'.")
+            raise NotFound(f"Workspace '{_ws(ws)}' has no key '{shown(key_id, 12)}'.")
         return key
 
     async def revoke_key(self, ws: str, key_id: str, *, actor: str = OPERATOR) -> KeyRecord:
         """Revoke for good (idempotent: revoking again changes nothing and audits nothing)."""
         if not WORKSPACE_ID_RE.fullmatch(ws):
-            raise NotFound(f"There is no workspace '{ws}'.")
+            raise NotFound(f"There is no workspace '{_ws(ws)}'.")
         now = self.clock()
         reply = await self._run(
             "revoke_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws)),
@@ -721,14 +726,14 @@ class Store:
              AUDIT_MAXLEN))
         key = key_from_hash(_pairs(reply))
         if key is None:
-            raise NotFound(f"Workspace '{ws}' has no key '{key_id}'.")
+            raise NotFound(f"Workspace '{_ws(ws)}' has no key '{shown(key_id, 12)}'.")
         return key
 
     async def delete_key(self, ws: str, key_id: str, *, actor: str = OPERATOR) -> KeyRecord:
         """Remove a revoked or expired key for good (Conflict for an active key: revoke it
         first). Its audit entries stay; its token then reads as unknown (invalid_key)."""
         if not WORKSPACE_ID_RE.fullmatch(ws):
-            raise NotFound(f"There is no workspace '{ws}'.")
+            raise NotFound(f"There is no workspace '{_ws(ws)}'.")
         now = self.clock()
         reply = await self._run(
             "delete_key", (key_key(ws, key_id), ws_keys_key(ws), ws_active_key(ws),
@@ -736,11 +741,11 @@ class Store:
             (key_id, _ts(now), self._audit_entry(now, actor, "key.delete", key_id, {}),
              AUDIT_MAXLEN))
         if reply == "active":
-            raise Conflict(f"Key '{key_id}' is active; revoke it (or let it expire) before "
-                           "deleting it.")
+            raise Conflict(f"Key '{shown(key_id, 12)}' is active; revoke it (or let it expire) "
+                           "before deleting it.")
         key = key_from_hash(_pairs(reply))
         if key is None:
-            raise NotFound(f"Workspace '{ws}' has no key '{key_id}'.")
+            raise NotFound(f"Workspace '{_ws(ws)}' has no key '{shown(key_id, 12)}'.")
         with _store_errors("write"):  # the global index, in its own slot: after the key
             await self.redis.delete(key_index_key(key_id))
         return key

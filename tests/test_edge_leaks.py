@@ -87,7 +87,7 @@ async def test_overlong_dot_in_the_path_is_refused_end_to_end(gut):
 
 
 @pytest.mark.parametrize("text", ["evil\x1b[2J", "csi\u009b31m", "bell\x07", "new\nline",
-                                  "rtl\u202eexe.txt", "iso\u2066x\u2069", "sep\u2028x", "del\x7f"])
+                                  "rtl\u202eexe.txt", "iso\u2066x\u2069", "rlm\u200fx", "sep\u2028x", "del\x7f"])
 @pytest.mark.parametrize("field", ["name", "description"])
 async def test_text_fields_with_control_characters_are_refused(gut, text, field):
     body = {"name": "ok", "scopes": ["people:read"], field: text}

@@ -589,3 +589,24 @@ async def test_rotation_keeps_the_keys_controls(gut):
     assert (new["monthly_requests"], new["allowed_ips"], new["meta"], new["rate_limit"],
             new["enabled"]) == (9, ["10.0.0.0/8"], {"a": 1}, "3/s", True)
     assert (await call(gut, body["token"]))[:2] == (403, "ip_not_allowed")
+
+
+async def test_no_message_about_a_key_control_echoes_a_token(gut):
+    await gut.workspace()
+    token, key = await gut.key()
+    for method, path, body in (
+            ("PATCH", f"/workspaces/acme/keys/{key['id']}", {"allowed_ips": [token]}),
+            ("PATCH", "/workspaces/acme", {"limits": {token: 1}}),
+            ("DELETE", f"/workspaces/acme/keys/{token}", None),
+            ("GET", f"/workspaces/acme/keys/{token}/usage/daily", None)):
+        status, answer = await gut.admin_json(method, path, body)
+        assert status in (400, 404), answer
+        assert token not in json.dumps(answer) and token[8:40] not in json.dumps(answer)
+
+
+async def test_a_catalogue_refusal_never_echoes_a_token(catalogued):
+    await catalogued.workspace()
+    token, _ = await catalogued.key(scopes=["people:read"])
+    status, answer = await catalogued.admin_json("POST", "/workspaces/acme/keys",
+                                                 {"name": "x", "scopes": [token]})
+    assert status == 400 and token[8:40] not in json.dumps(answer)
