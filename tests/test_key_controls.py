@@ -610,3 +610,14 @@ async def test_a_catalogue_refusal_never_echoes_a_token(catalogued):
     status, answer = await catalogued.admin_json("POST", "/workspaces/acme/keys",
                                                  {"name": "x", "scopes": [token]})
     assert status == 400 and token[8:40] not in json.dumps(answer)
+
+
+async def test_concurrent_limit_changes_of_different_fields_both_stay(gut):
+    await gut.workspace()
+    changes = [{"monthly_requests": 10 + i} if i % 2 else {"max_keys": 20 + i}
+               for i in range(20)]
+    results = await asyncio.gather(*(gut.admin_json("PATCH", "/workspaces/acme", {"limits": c})
+                                     for c in changes))
+    assert all(status == 200 for status, _ in results)
+    _, ws = await gut.admin_json("GET", "/workspaces/acme")
+    assert set(ws["custom_limits"]) == {"monthly_requests", "max_keys"}
