@@ -9,6 +9,13 @@
 # both the proxy (8080) and the admin API (8081, so Prometheus and probes can reach it: publish
 # it only on a private network) and uses $KEYGATE_REDIS_URL, falling back to the embedded Redis
 # in /var/lib/keygate. Mount your own config over /etc/keygate/config.yaml.
+#
+# HTTPS listeners: mount the certificate and key read-only and name them in the config
+# (server.tls / admin.tls), e.g.
+#   docker run ... -v /etc/letsencrypt/live/api.example.com:/etc/keygate/tls:ro keygate
+#   server: {tls: {cert_file: /etc/keygate/tls/fullchain.pem, key_file: /etc/keygate/tls/privkey.pem}}
+# After a renewal, `docker kill -s HUP <container>` reloads them without a restart. With
+# admin.tls set, the HEALTHCHECK below must use https:// (and an unverified context, or the CA).
 
 ARG PYTHON_VERSION=3.12
 # Optional extras: --build-arg KEYGATE_EXTRAS="[otel]" adds OTLP span export (tracing:).

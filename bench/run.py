@@ -57,8 +57,9 @@ TARGET_NAMES = {
     "l": "keygate cached, limits on",
     "d": "keygate cold key (argon2)",
     "e": "nginx auth_request+aiohttp",
+    "v": "nginx auth_request+keygate verify",
 }
-ORDER = "abcled"
+ORDER = "abcledv"
 
 
 # ------------------------------------------------------------------ processes and placement
@@ -240,9 +241,43 @@ def cpu_of(pids: list[int]) -> float:
     return total
 
 
+def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    """py-spy sampling ``pid`` for ``seconds`` (collapsed stacks to ``out``), if installed."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
+                             "--rate", "250", "--format", "raw", "--nonblocking", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def profile_top(path: Path, n: int = 12) -> list[tuple[str, float, float]]:
+    """(function, self %, inclusive %) of the samples in a py-spy raw (collapsed) profile."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        k = int(count)
+        total += k
+        frames = [re.sub(r" \(.*?:\d+\)$", "", f) + " " + (re.search(r"\(([^:()]*)", f) or ["", ""])[1]
+                  for f in stack.split(";")]
+        frames = [re.sub(r"\s+", " ", f).strip() for f in frames]
+        own[frames[-1]] = own.get(frames[-1], 0) + k
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + k
+    if not total:
+        return []
+    return [(f, 100 * c / total, 100 * incl[f] / total)
+            for f, c in sorted(own.items(), key=lambda kv: -kv[1])[:n]]
+
+
 def run_load(t: Target, conns: int, duration: float, warmup: float, loadgen: str,
-             watch: dict[str, list[int]], workdir: Path) -> dict:
-    """One warm-up + measured window. Returns the load result plus CPU seconds per role."""
+             watch: dict[str, list[int]], workdir: Path, profile: Path | None = None) -> dict:
+    """One warm-up + measured window. Returns the load result plus CPU seconds per role.
+    With ``profile``, py-spy samples the server during the measured window (wrk only)."""
     use = "lean" if (t.force_lean and loadgen == "wrk") else loadgen
     headers = [f"Authorization: Bearer {t.token}"] if t.token else []
     if use == "wrk":
@@ -253,10 +288,13 @@ def run_load(t: Target, conns: int, duration: float, warmup: float, loadgen: str
             subprocess.run(argv + [f"-d{max(1, round(warmup))}s", t.url], capture_output=True, check=True)
         before, cores0 = {role: cpu_of(p) for role, p in watch.items()}, load.core_times()
         ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        spy = start_profile(t.server_pids[0], duration, profile) if profile else None
         t0 = time.perf_counter()
         out = subprocess.run(argv + [f"-d{max(1, round(duration))}s", t.url], capture_output=True,
                              text=True, check=True).stdout
         seconds = time.perf_counter() - t0
+        if spy is not None:
+            spy.wait(timeout=30)
         ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         after, cores1 = {role: cpu_of(p) for role, p in watch.items()}, load.core_times()
         result = parse_wrk(out)
@@ -293,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (10)")
     ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each run (2)")
     ap.add_argument("--connections", default="8,64", help="comma list of connection counts (8,64)")
-    ap.add_argument("--targets", default="a,b,c,l,d,e", help="comma list from a,b,c,l,d,e")
+    ap.add_argument("--targets", default="a,b,c,l,d,e", help="comma list from a,b,c,l,d,e,v")
     ap.add_argument("--repeat", type=int, default=1, help="rounds, in rotated order; median reported")
     ap.add_argument("--loadgen", choices=("auto", "wrk", "lean", "aiohttp"), default="auto",
                     help="auto = wrk when on PATH, else the lean Python client (bench/load.py)")
@@ -301,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip measuring the Python load generator's ceiling against (a)")
     ap.add_argument("--quick", action="store_true", help="~30 s smoke: 8 connections, 2 s windows")
     ap.add_argument("--out", help="results JSON path (default bench/results-<timestamp>.json)")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy the keygate targets (c, l) during their measured windows and print "
+                         "where their CPU goes (needs py-spy: pip install py-spy; wrk load only)")
     a = ap.parse_args(argv)
     if a.quick:
         a.duration, a.warmup, a.connections, a.no_loadgen_check = 2.0, 0.5, "8", True
@@ -353,13 +394,13 @@ def main(argv: list[str] | None = None) -> int:
                 targets["e"] = start_nginx(procs, workdir, up_port, base_token, server_core)
             except RuntimeError as exc:
                 unavailable["e"] = str(exc)
-        if any(t in wanted for t in "cld"):
+        if any(t in wanted for t in "cldv"):
             try:
                 redis_pid, kg_targets = start_keygates(procs, workdir, up_port, wanted, server_core,
                                                        helper_core, max(conns_list))
                 targets.update(kg_targets)
             except RuntimeError as exc:
-                for t in "cld":
+                for t in "cldv":
                     if t in wanted:
                         unavailable[t] = str(exc)
         for key, why in unavailable.items():
@@ -385,7 +426,14 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         watch = {"server": t.server_pids,
                                  "helpers": [p for p in helpers if p not in t.server_pids]}
-                        res = run_load(t, conns, a.duration, a.warmup, loadgen, watch, workdir)
+                        prof = workdir / f"profile-{key}-c{conns}-r{rep}.txt" \
+                            if a.profile and key in ("c", "l") else None
+                        res = run_load(t, conns, a.duration, a.warmup, loadgen, watch, workdir, prof)
+                        if prof is not None and prof.exists():
+                            res["profile_top"] = profile_top(prof)
+                            print(f"  profile of {key}@{conns} (self %, inclusive %):")
+                            for fn, own_pct, incl_pct in res["profile_top"]:
+                                print(f"      {own_pct:5.1f} {incl_pct:5.1f}  {fn}")
                     except (RuntimeError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
                         res = {"failed": str(exc)[:300]}
                     finally:
@@ -428,32 +476,44 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def start_nginx(procs: Procs, workdir: Path, up_port: int, token: str, core: set[int] | None) -> Target:
+def start_nginx(procs: Procs, workdir: Path, up_port: int, token: str, core: set[int] | None,
+                keygate: tuple[int, int] | None = None) -> Target:
+    """e: nginx auth_request to the dict verifier; with ``keygate`` = (port, pid), target v:
+    the same nginx asking keygate's /_keygate/v1/verify instead."""
     nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
                                            if os.access(p, os.X_OK)), None)
     if not nginx:
         raise RuntimeError("nginx not on PATH")
-    ver_port, port = free_port(), free_port()
-    hashes = workdir / "verifier-hashes.txt"
-    hashes.write_text(f"{hashlib.sha256(token.encode()).hexdigest()} bench\n")
-    verifier = procs.spawn("nginx_verifier", [sys.executable, str(BENCH / "nginx_verifier.py"), "--port",
-                                              str(ver_port), "--hashes-file", str(hashes), "--uvloop"], core)
-    wait_port(ver_port, verifier)
-    ndir = workdir / "nginx"
+    port = free_port()
+    if keygate is None:
+        ver_port = free_port()
+        hashes = workdir / "verifier-hashes.txt"
+        hashes.write_text(f"{hashlib.sha256(token.encode()).hexdigest()} bench\n")
+        verifier = procs.spawn("nginx_verifier", [sys.executable, str(BENCH / "nginx_verifier.py"), "--port",
+                                                  str(ver_port), "--hashes-file", str(hashes), "--uvloop"], core)
+        wait_port(ver_port, verifier)
+        name, verify_path, verifier_pid = "e", "/verify", verifier.pid
+    else:
+        (ver_port, verifier_pid), name, verify_path = keygate, "v", "/_keygate/v1/verify"
+    ndir = workdir / f"nginx-{name}"
     (ndir / "tmp").mkdir(parents=True)
     conf = ndir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=ndir, port=port, up_port=up_port, ver_port=ver_port))
-    proc = procs.spawn("nginx", [nginx, "-p", str(ndir), "-c", str(conf), "-e", str(ndir / "error.log")], core)
+    conf.write_text(NGINX_CONF.format(dir=ndir, port=port, up_port=up_port, ver_port=ver_port,
+                                      verify_path=verify_path))
+    proc = procs.spawn(f"nginx-{name}", [nginx, "-p", str(ndir), "-c", str(conf), "-e", str(ndir / "error.log")], core)
     try:
         wait_port(port, proc)
     except RuntimeError as exc:
-        raise RuntimeError(f"nginx did not start ({exc}): {procs.log_tail('nginx')} "
+        raise RuntimeError(f"nginx did not start ({exc}): {procs.log_tail(f'nginx-{name}')} "
                            f"{(ndir / 'error.log').read_text(errors='replace')[-400:] if (ndir / 'error.log').exists() else ''}")
     time.sleep(0.2)
     workers = children(proc.pid)
-    return Target("e", f"http://127.0.0.1:{port}{PATH}", [proc.pid, *workers, verifier.pid], token,
-                  note="nginx (1 worker) auth_request -> aiohttp verifier, dict of sha256(token); "
-                       "server CPU = nginx + verifier")
+    note = ("nginx (1 worker) auth_request -> aiohttp verifier, dict of sha256(token); "
+            "server CPU = nginx + verifier") if name == "e" else (
+        "the same nginx, auth_request -> keygate /_keygate/v1/verify (cached key, full pipeline, "
+        "counted); server CPU = nginx + keygate")
+    return Target(name, f"http://127.0.0.1:{port}{PATH}", [proc.pid, *workers, verifier_pid], token,
+                  note=note)
 
 
 NGINX_CONF = """\
@@ -476,11 +536,13 @@ http {{
     listen 127.0.0.1:{port} backlog=1024;
     location = /_auth {{
       internal;
-      proxy_pass http://verifier/verify;
+      proxy_pass http://verifier{verify_path};
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_pass_request_body off;
       proxy_set_header Content-Length "";
+      proxy_set_header X-Original-Method $request_method;
+      proxy_set_header X-Original-URI $request_uri;
     }}
     location /people/ {{
       auth_request /_auth;
@@ -519,7 +581,7 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
     out: dict[str, Target] = {}
     gateways: dict[str, tuple[int, int, subprocess.Popen]] = {}
     for name, ttl in (("warm", 300.0), ("cold", 0.0)):
-        if name == "warm" and not any(t in wanted for t in "cl"):
+        if name == "warm" and not any(t in wanted for t in "clv"):
             continue
         if name == "cold" and "d" not in wanted:
             continue
@@ -554,6 +616,9 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
                 tok = make_key(admin_port, "bench-limited", "limited", 1)[0]
                 out["l"] = Target("l", f"http://127.0.0.1:{port}{PATH}", [proc.pid], tok,
                                   note="as c, plan with monthly quota 1e9 and rate limit 1000000/s (checked, never hit)")
+            if "v" in wanted:
+                tok = make_key(admin_port, "bench", "bench", 1)[0]
+                out["v"] = start_nginx(procs, workdir, up_port, tok, server_core, (port, proc.pid))
         if "cold" in gateways:
             port, admin_port, proc = gateways["cold"]
             tokens = make_key(admin_port, "bench-cold", "bench", max_conns)
@@ -632,7 +697,8 @@ def summarize(runs: list[dict], conns_list: list[int]) -> dict:
             }
     ratios: dict[str, dict] = {}
     for conns in conns_list:
-        for num, den in (("c", "b"), ("c", "a"), ("c", "e"), ("d", "b"), ("l", "b"), ("e", "b")):
+        for num, den in (("c", "b"), ("c", "a"), ("c", "e"), ("d", "b"), ("l", "b"), ("e", "b"),
+                         ("v", "e"), ("v", "c")):
             x, y = cells.get(f"{num}@{conns}"), cells.get(f"{den}@{conns}")
             if x and y and y["rps"]:
                 ratios[f"{num}/{den}@{conns}"] = {

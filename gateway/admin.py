@@ -703,9 +703,10 @@ QUERY_PARAMS = {("GET", "/admin/v1/workspaces/{ws}/keys"): LIST_PARAMS,
 def create_admin_app(config: Config, store: Store) -> web.Application:
     """The admin listener's app: ``/admin/v1/...`` (operator token), ``/healthz``, ``/readyz``."""
     app = web.Application(middlewares=[error_middleware(config)])
+    # Handlers read ``store.config`` on each request: a reload swaps it (gateway/reload.py).
 
     def ops(request: web.Request) -> KeyOps:
-        return KeyOps(store, config, request.match_info["ws"])
+        return KeyOps(store, store.config, request.match_info["ws"])
 
     async def workspace_exists(request: web.Request) -> str:
         ws = request.match_info["ws"]
@@ -716,9 +717,9 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
         if "plan" not in data:
             return None
         plan = data["plan"]
-        if not isinstance(plan, str) or plan not in config.plans:
+        if not isinstance(plan, str) or plan not in store.config.plans:
             raise BadRequest(f"The field 'plan' must be one of the configured plans: "
-                             f"{', '.join(sorted(config.plans))}.")
+                             f"{', '.join(sorted(store.config.plans))}.")
         return plan
 
     async def healthz(request: web.Request) -> web.Response:
@@ -739,7 +740,7 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
                 raise BadRequest("The field 'id' must be a slug: lowercase letters, digits and "
                                  "'-', starting with a letter or digit, at most 63 "
                                  "characters.")
-        plan = plan_of(data) or config.default_plan
+        plan = plan_of(data) or store.config.default_plan
         workspace = await store.create_workspace(ws, name, plan)
         return _json(store.workspace_json(workspace), 201)
 
@@ -763,12 +764,13 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
         return _json(store.workspace_json(workspace))
 
     async def scopes(request: web.Request) -> web.Response:
-        if config.scopes is not None:
+        current = store.config  # a reload swaps it
+        if current.scopes is not None:
             return _json({"items": [{"name": n, "description": d}
-                                    for n, d in config.scopes.items()]})
+                                    for n, d in current.scopes.items()]})
         # no catalogue: the scopes the config's routes and roles name, undescribed
-        used = dict.fromkeys(s for route in config.routes for s in route.scopes)
-        used.update(dict.fromkeys(s for role in config.roles.values() for s in role))
+        used = dict.fromkeys(s for route in current.routes for s in route.scopes)
+        used.update(dict.fromkeys(s for role in current.roles.values() for s in role))
         return _json({"items": [{"name": n, "description": None} for n in sorted(used)]})
 
     async def delete_key(request: web.Request) -> web.Response:
@@ -817,7 +819,7 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
         items = [{"name": n, "scopes": list(s), "source": "workspace"}
                  for n, s in sorted(own.items())]
         items += [{"name": n, "scopes": list(s), "source": "config"}
-                  for n, s in sorted(config.roles.items()) if n not in own]
+                  for n, s in sorted(store.config.roles.items()) if n not in own]
         return _json({"items": items})
 
     async def put_role(request: web.Request) -> web.Response:
@@ -826,7 +828,7 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
         if "scopes" not in data:
             raise BadRequest("The field 'scopes' is required.")
         scopes = parse_scopes(data["scopes"])
-        check_catalogue(scopes, config)
+        check_catalogue(scopes, store.config)
         await store.put_role(request.match_info["ws"], name, scopes)
         return _json({"name": name, "scopes": list(scopes), "source": "workspace"})
 

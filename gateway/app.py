@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from aiohttp import web
@@ -27,6 +27,7 @@ from .hotpath import RequestStore
 from .metrics import Metrics
 from .pipeline import Pipeline
 from .redis_urls import redact
+from .reload import ListenerTLS, Reloader, add_reload_route
 
 log = logging.getLogger("keygate")
 
@@ -41,6 +42,8 @@ class Gateway:
     admin_app: web.Application
     proxy_server: web.Server
     access_log: object = None  # gateway.accesslog.AccessLog, when the access log is on
+    tls: dict[str, "ListenerTLS"] = field(default_factory=dict)  # "proxy" / "admin"
+    reloader: "Reloader | None" = None
 
 
 class _JsonErrorRequestHandler(RequestHandler):
@@ -143,8 +146,12 @@ class AdminRunner(web.AppRunner):
 @contextlib.asynccontextmanager
 async def running_gateway(config: Config, store_url: str, *,
                           clock: Callable[[], float] = time.time,
-                          metrics: Metrics | None = None) -> AsyncIterator[Gateway]:
-    """Every resource of one gateway process, opened in order and closed in reverse."""
+                          metrics: Metrics | None = None,
+                          config_path: str | None = None) -> AsyncIterator[Gateway]:
+    """Every resource of one gateway process, opened in order and closed in reverse.
+
+    ``config_path``: the file ``config`` came from, re-read on reload (SIGHUP, or
+    ``POST /admin/v1/reload``)."""
     from .admin import create_admin_app, self_service
     from .accesslog import AccessLog
     from .proxy import Forwarder
@@ -182,8 +189,31 @@ async def running_gateway(config: Config, store_url: str, *,
                                    keepalive_timeout=timeouts.idle,
                                    header_timeout=timeouts.header,
                                    max_connections=raise_open_file_limit(config))
-        yield Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server,
-                      access)
+        tls = {name: ListenerTLS(section.tls) for name, section in
+               (("proxy", config.server), ("admin", config.admin)) if section.tls is not None}
+        gw = Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server,
+                     access, tls)
+
+        def swap(new: Config) -> None:
+            """The reload itself: everything that can fail first, then one synchronous swap."""
+            certificates = {name: ListenerTLS.prepare(section.tls, where, new.source)
+                            for name, section, where in (("proxy", new.server, "server.tls"),
+                                                         ("admin", new.admin, "admin.tls"))
+                            if name in tls and section.tls is not None}
+            for name, context in certificates.items():
+                tls[name].current = context
+            store.config = new
+            auth.reconfigure(new)
+            forwarder.reconfigure(new)
+            pipeline.reconfigure(new)
+            if access is not None:  # on or off, json or text: a restart (it owns a writer)
+                access.prefix = new.keys.prefix
+            logging.getLogger().setLevel(new.server.log_level.upper())
+            gw.config = new
+
+        gw.reloader = Reloader(config, config_path, swap, metrics, clock=clock)
+        add_reload_route(admin_app, gw.reloader)
+        yield gw
     finally:
         try:
             if pipeline is not None:  # bounded: a store that is still down must not hang a stop
@@ -258,8 +288,9 @@ async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.Bas
     for runner, host, port in ((proxy_runner, config.server.host, config.server.port),
                                (admin_runner, config.admin.host, config.admin.port)):
         try:
-            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None,
-                              backlog=1024).start()
+            tls = gw.tls.get("proxy" if runner is proxy_runner else "admin")
+            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
+                              ssl_context=tls.listener if tls else None).start()
         except OSError as exc:
             await stop_listeners(runners)
             raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
@@ -272,21 +303,22 @@ async def stop_listeners(runners: list[web.BaseRunner]) -> None:
         await runner.cleanup()
 
 
-async def _serve(config: Config, store_url: str, reuse_port: bool) -> int:
+async def _serve(config: Config, store_url: str, reuse_port: bool,
+                 config_path: str | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        return await _serve_gateway(config, store_url, reuse_port, stop)
+        return await _serve_gateway(config, store_url, reuse_port, stop, config_path)
     except StoreError as exc:  # raised while opening the store clients: one line, no traceback
         print(f"keygate: cannot use the store at {redact(store_url)}: {exc}", file=sys.stderr)
         return 1
 
 
 async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
-                         stop: asyncio.Event) -> int:
-    async with running_gateway(config, store_url) as gw:
+                         stop: asyncio.Event, config_path: str | None = None) -> int:
+    async with running_gateway(config, store_url, config_path=config_path) as gw:
         try:
             ready = await gw.store.ping()
         except StoreError:
@@ -303,6 +335,15 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
             log.info("keygate listening: proxy %s:%d, admin %s:%d (pid %d)",
                      config.server.host, config.server.port, config.admin.host,
                      config.admin.port, os.getpid())
+            reloads: set[asyncio.Task] = set()
+
+            def hangup() -> None:
+                task = asyncio.ensure_future(gw.reloader.on_signal())
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one held: now
             await stop.wait()
             log.info("shutting down: finishing in-flight requests")
         finally:
@@ -310,13 +351,14 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
     return 0
 
 
-def _run_worker(config: Config, store_url: str, reuse_port: bool) -> int:
+def _run_worker(config: Config, store_url: str, reuse_port: bool,
+                config_path: str | None = None) -> int:
     try:
         import uvloop
         uvloop.install()
     except ImportError:  # not on Linux: the default loop is fine
         pass
-    return asyncio.run(_serve(config, store_url, reuse_port))
+    return asyncio.run(_serve(config, store_url, reuse_port, config_path))
 
 
 def _preflight(config: Config, store_url: str) -> str | None:
@@ -356,8 +398,10 @@ def _preflight(config: Config, store_url: str) -> str | None:
     return None
 
 
-def _supervise(config: Config, store_url: str, workers: int) -> int:
-    """N worker processes sharing the listening ports (SO_REUSEPORT); SIGTERM stops all."""
+def _supervise(config: Config, store_url: str, workers: int,
+               config_path: str | None = None) -> int:
+    """N worker processes sharing the listening ports (SO_REUSEPORT); SIGTERM stops all,
+    SIGHUP reloads all."""
     import shutil
     import tempfile
 
@@ -368,6 +412,7 @@ def _supervise(config: Config, store_url: str, workers: int) -> int:
     # worker writes its samples to files in this directory; /metrics on any worker sums them.
     metrics_dir = tempfile.mkdtemp(prefix="keygate-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ["KEYGATE_SUPERVISOR_PID"] = str(os.getpid())  # a worker asks it to reload all
     children: list[int] = []
 
     def forward(signum, _frame) -> None:
@@ -391,7 +436,7 @@ def _supervise(config: Config, store_url: str, workers: int) -> int:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
                 from prometheus_client import values
                 values.ValueClass = values.MultiProcessValue()
-                code = _run_worker(config, store_url, reuse_port=True)
+                code = _run_worker(config, store_url, reuse_port=True, config_path=config_path)
             except BaseException:  # os._exit below would swallow it: say why the worker died
                 import traceback
                 traceback.print_exc()
@@ -401,7 +446,15 @@ def _supervise(config: Config, store_url: str, workers: int) -> int:
                     sys.stderr.flush()
                 os._exit(code)
         children.append(pid)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+
+    def reload_all(signum, _frame) -> None:
+        log.info("SIGHUP: asking %d workers to reload", len(children))
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, reload_all)  # after forking: workers have their own
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals | {signal.SIGHUP})
     status = 0
     remaining = set(children)
     while remaining:
@@ -434,6 +487,9 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
             print(problem, file=sys.stderr)
         return 1
     setup_logging(config)
+    # Until the event loop takes it over, a SIGHUP (a reload) must neither end the process nor
+    # be lost: it is held (workers inherit the mask) and delivered once a handler is in place.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     from .embedded import EmbeddedError, resolve_store_url
     try:
         store_url, embedded = resolve_store_url(config)
@@ -443,8 +499,8 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
     try:
         workers = workers or config.server.workers
         if workers > 1:
-            return _supervise(config, store_url, workers)
-        return _run_worker(config, store_url, reuse_port=False)
+            return _supervise(config, store_url, workers, config_path)
+        return _run_worker(config, store_url, reuse_port=False, config_path=config_path)
     finally:
         if embedded is not None:
             embedded.stop()

@@ -43,6 +43,7 @@ class CachedKey:
     rate: RateLimit | None
     secret_digest: bytes   # SHA-256 of the verified token (the cache key)
     verified_until: float  # time.monotonic() deadline for the argon2 verification
+    generation: int = 0    # the config it was derived with (plan, rate, role scopes)
     networks: tuple[IPNetwork, ...] | None = None  # the key's allowed_ips (None: any address)
 
     @property
@@ -77,6 +78,7 @@ def token_digest(raw_token: str) -> bytes:
 class Authenticator:
     def __init__(self, config: Config, store, requests: RequestStore, metrics=None,
                  clock: Callable[[], float] = time.time) -> None:
+        self.generation = 0             # bumped by a reload: cached entries are re-derived
         self.config = config
         self.store = store              # gateway.store.Store (redis-py; cold path only)
         self.requests = requests        # hot path
@@ -95,6 +97,20 @@ class Authenticator:
         self._hit = metrics.key_cache.labels("hit") if metrics else None
         self._miss = metrics.key_cache.labels("miss") if metrics else None
 
+    def reconfigure(self, config: Config) -> None:
+        """Take ``config`` (a reload). Verified secrets stay verified (no argon2 re-run); each
+        cached key's plan, rate and role scopes are re-read on its next request. A changed
+        token prefix or environment list drops the cache: what verified may no longer parse."""
+        keys_changed = (config.keys.prefix, config.keys.environments) != \
+            (self.config.keys.prefix, self.config.keys.environments)
+        self.config = config
+        self._prefix = config.keys.prefix
+        self._environments = frozenset(config.keys.environments)
+        self.generation += 1
+        if keys_changed:
+            self.cache.clear()
+            self._by_key_id.clear()
+
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -109,6 +125,11 @@ class Authenticator:
         if entry is not None and time.monotonic() < entry.verified_until:
             if self._hit is not None:
                 self._hit.inc()
+            if entry.generation != self.generation:  # derived under a config since reloaded
+                fresh = await self.refresh(entry)
+                if fresh is None:
+                    raise invalid_token("invalid_key", "The API key is not valid.")
+                return fresh
             return entry
         try:  # only tokens that never verified get here: shape, checksum, environment
             token = parse_token(raw_token, self._prefix, self._environments)
@@ -191,14 +212,15 @@ class Authenticator:
         return entry
 
     async def _load(self, key: KeyRecord, digest: bytes, verified_until: float) -> CachedKey | None:
+        generation = self.generation  # a reload while this reads leaves the entry stale
         workspace = await self.store.get_workspace(key.workspace)
         if workspace is None:
             return None
         scopes = await self.store.effective_scopes(key.workspace, key)
-        return self.entry(key, workspace, scopes, digest, verified_until)
+        return self.entry(key, workspace, scopes, digest, verified_until, generation)
 
     def entry(self, key: KeyRecord, workspace: Workspace, scopes, digest: bytes,
-              verified_until: float) -> CachedKey:
+              verified_until: float, generation: int | None = None) -> CachedKey:
         """The cache entry for a verified key, kept lean (bench/memory.py): only what deciding
         a request needs. The argon2 hash is not kept (the verification is done; a new one
         re-reads the key), nor are name, description, prefix and timestamps other than expiry
@@ -217,7 +239,8 @@ class Authenticator:
             tuple(ipaddress.ip_network(n, strict=False) for n in key.allowed_ips)
         return CachedKey(key, workspace, principal, plan,
                          key_rate_limit(self.config, plan, key.rate_limit),
-                         digest, verified_until, networks)
+                         digest, verified_until,
+                         self.generation if generation is None else generation, networks)
 
     def _shared(self, value):
         """One instance per distinct immutable value among cached keys."""

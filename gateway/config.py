@@ -45,6 +45,13 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    """HTTPS on a listener: PEM files, the chain (leaf first) in ``cert_file``."""
+    cert_file: str
+    key_file: str
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8080
@@ -56,6 +63,7 @@ class ServerConfig:
     metrics_workspace_labels: bool = False     # per-workspace labels on request counters
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_connections: int = 10000               # open client connections, per process
+    tls: TLSConfig | None = None               # HTTPS only on the proxy listener
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 8081
     token_env: str = "KEYGATE_ADMIN_TOKEN"
+    tls: TLSConfig | None = None               # HTTPS only on the admin listener
 
 
 @dataclass(frozen=True)
@@ -258,6 +267,15 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     if reader.problems:
         raise ConfigError(reader.sorted_problems())
     return config
+
+
+def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """The TLS context of an HTTPS listener: the ``ssl`` module's server defaults, TLS 1.2 at
+    least. Raises ``ssl.SSLError`` / ``OSError`` when the files are not a matching pair."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
 
 
 def check_config(path: str | os.PathLike[str] | None) -> list[str]:
@@ -567,6 +585,7 @@ class _Reader:
             "host": self.text, "port": self.port,
             "token_env": lambda n, p: self.string(n, p, pattern=ENV_NAME_RE,
                                                   what="an environment variable name"),
+            "tls": self.tls,
         })
         store = self.store(value("store"))
         keys = self.keys(value("keys"))
@@ -612,7 +631,50 @@ class _Reader:
                 "idle": lambda n2, p2: self.number(n2, p2, positive=True),
             }),
             "max_connections": lambda n, p: self.integer(n, p, minimum=1, maximum=1_000_000),
+            "tls": self.tls,
         })
+
+    def tls(self, node: Node, path: str) -> Any:
+        """``{cert_file, key_file}``, both read and matched now: a renewal that left a key
+        behind, or a file the gateway may not read, is a config problem, not a failed
+        handshake later."""
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+            return None
+        entries = self.mapping(node, path, ("cert_file", "key_file"))
+        if entries is None:
+            return BAD
+        given = {key: value_node for key, _, value_node in entries}
+        files: dict[str, str] = {}
+        for name in ("cert_file", "key_file"):
+            if name not in given:
+                self.fail(node, f"{path}.{name}", "required (a PEM file)")
+                continue
+            file_name = self.string(given[name], f"{path}.{name}")
+            if file_name is BAD:
+                continue
+            try:
+                with open(file_name, "rb") as fh:
+                    fh.read(1)
+            except OSError as exc:
+                self.fail(given[name], f"{path}.{name}",
+                          f"cannot read '{file_name}': {exc.strerror or exc}")
+                continue
+            files[name] = file_name
+        if len(files) != 2:
+            return BAD
+        try:
+            server_context(files["cert_file"], files["key_file"])
+        except ssl.SSLError as exc:
+            reason = getattr(exc, "reason", None) or "not PEM"
+            if reason == "KEY_VALUES_MISMATCH":
+                return self.fail(given["key_file"], f"{path}.key_file",
+                                 f"'{files['key_file']}' does not match the certificate in "
+                                 f"'{files['cert_file']}'")
+            return self.fail(node, path, f"'{files['cert_file']}' and '{files['key_file']}' are "
+                                         f"not a PEM certificate and its private key ({reason})")
+        except (OSError, ValueError) as exc:
+            return self.fail(node, path, f"cannot load the certificate: {exc}")
+        return TLSConfig(files["cert_file"], files["key_file"])
 
     def trusted_proxies(self, node: Node, path: str) -> Any:
         def network(child: Node, sub: str) -> Any:
@@ -925,9 +987,7 @@ class _Reader:
                                   f"unknown upstream '{name}'{_suggest(name, upstreams)} "
                                   f"{_known(upstreams)}")
                     kwargs["upstream"] = name
-            else:
-                self.fail(item, f"{path}.upstream", f"required: the upstream this route "
-                                                    f"forwards to {_known(upstreams)}")
+            # no upstream: a verify-only route (answered by /_keygate/v1/verify, never forwarded)
             if "scopes" in fields:
                 scopes = self.scopes(fields["scopes"], f"{path}.scopes")
                 if scopes is not BAD:

@@ -53,12 +53,21 @@ class Metrics:
                                  "The workspace plan's monthly request quota (absent when "
                                  "unlimited); read at scrape time.", ["workspace"], registry=r,
                                  multiprocess_mode="mostrecent")
+        self.config_reloads = Counter("keygate_config_reloads_total",
+                                      "Config reloads (SIGHUP or POST /admin/v1/reload), by "
+                                      "result (ok|error).", ["result"], registry=r)
+        self.config_reloaded_at = Gauge("keygate_config_last_reload_timestamp_seconds",
+                                        "When the config in force was loaded (start or last "
+                                        "successful reload), Unix seconds.", registry=r,
+                                        multiprocess_mode="max")
         self._per_request: dict[tuple, tuple] = {}
         self._per_upstream: dict[str, object] = {}
         for result in ("hit", "miss"):
             self.key_cache.labels(result)
         for result in ("ok", "fail"):
             self.argon2.labels(result)
+        for result in ("ok", "error"):
+            self.config_reloads.labels(result)
 
     # Hot-path helpers: labelled children are looked up once per label set and kept, since
     # ``.labels()`` takes a lock and builds a key on every call.

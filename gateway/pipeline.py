@@ -36,6 +36,9 @@ log = logging.getLogger("keygate.proxy")
 access_log = logging.getLogger("keygate.access")
 
 RESERVED = "/_keygate/"
+VERIFY = "/_keygate/v1/verify"
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]{1,32}")  # an RFC 9110 token, upper-cased
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _STALE_RETRIES = 3
 LOCAL_COUNT_RETRY = 1.0  # seconds between attempts to write fail-open counts to the store
 
@@ -59,6 +62,30 @@ def _check_transfer_coding(values: list[str]) -> None:
                                      "compressed bodies with Content-Encoding.")
 
 
+def original_request(request: web.BaseRequest, suffix: str) -> tuple[str, str]:
+    """The method and URI (path and query) a verify call asks about: ``X-Forwarded-Method`` +
+    ``X-Forwarded-Uri`` (Traefik, nginx), then ``X-Original-Method`` + ``X-Original-URI``
+    (nginx ``auth_request``), else the call's own method and its path after the verify prefix
+    (Envoy ``ext_authz`` with ``path_prefix``)."""
+    headers = request.headers
+    for method_header, uri_header in (("X-Forwarded-Method", "X-Forwarded-Uri"),
+                                      ("X-Original-Method", "X-Original-URI")):
+        uri = headers.getall(uri_header, ())
+        if uri:
+            methods = headers.getall(method_header, ())
+            if len(uri) > 1 or len(methods) > 1:
+                raise errors.BadRequest(f"{uri_header} or {method_header} was sent twice.",
+                                        code="bad_request")
+            method = methods[0].strip().upper() if methods else request.method
+            if not _METHOD.fullmatch(method):
+                raise errors.BadRequest(f"{method_header} is not an HTTP method.",
+                                        code="bad_request")
+            return method, uri[0].strip()
+    _, _, query = request.raw_path.partition("?")
+    path = suffix or "/"
+    return request.method, f"{path}?{query}" if query else path
+
+
 class Counted(NamedTuple):
     """The month and UTC day a request was counted in (a refund takes it back from those)."""
     month: Month
@@ -75,7 +102,6 @@ class Pipeline:
     def __init__(self, config: Config, store, requests: RequestStore, auth: Authenticator,
                  forwarder, metrics=None, self_service=None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.config = config
         self.store = store
         self.requests = requests
         self.auth = auth
@@ -83,19 +109,27 @@ class Pipeline:
         self.metrics = metrics
         self.self_service = self_service
         self.clock = clock
-        self.routes = RouteTable(config.routes)
         self.months = MonthCache()
-        self.fail_open = config.store.on_store_error == "open"
         self.local_counts: dict[Slot, int] = {}  # (workspace, key, month, day) → requests
         self._flushes: set[asyncio.Task] = set()
         self._retry: asyncio.Task | None = None
+        self.reconfigure(config)
+        self._rid_prefix = os.urandom(4).hex()
+        self._rid_counter = 0
+        self.tracer = Tracer()  # gateway.otel.OtelTracer when tracing is configured
+
+    def reconfigure(self, config: Config) -> None:
+        """Take ``config`` for the next request (a reload). Synchronous, so no request sees
+        half of it; one already past route matching keeps the route and upstream it found."""
+        self.config = config
+        self.routes = RouteTable(config.routes)
+        self.fail_open = config.store.on_store_error == "open"
         self._prefix = config.keys.prefix
         self.max_body = config.server.max_body_bytes
         self._key_headers = tuple(h.lower() for h in config.keys.headers)
         self.trusted = TrustedProxies(config.server.trusted_proxies)
-        self._rid_prefix = os.urandom(4).hex()
-        self._rid_counter = 0
-        self.tracer = Tracer()  # gateway.otel.OtelTracer when tracing is configured
+        ident = config.identity_headers
+        self._identity = (ident.workspace, ident.key_id, ident.scopes, ident.plan)
 
     # --- the one handler ----------------------------------------------------------------------
 
@@ -127,15 +161,13 @@ class Pipeline:
         if "Transfer-Encoding" in request.headers:
             _check_transfer_coding(request.headers.getall("Transfer-Encoding"))
         raw_path, _, raw_query = request.raw_path.partition("?")
-        check_path(raw_path)
-        if raw_query and query_has_token(raw_query, self._prefix):
-            raise errors.BadRequest(
-                "An API key was sent in the URL; URLs end up in logs. Send it in the "
-                "Authorization header instead, and rotate this key.", code="key_in_url")
+        self.screen(raw_path, raw_query)
         if raw_path.startswith(RESERVED):
             return await self.internal(request, raw_path, outcome)
         route = self.routes.match(request.method, raw_path)
         outcome.route, outcome.upstream = route.path, route.upstream
+        if route.upstream is None:  # a verify-only route: /_keygate/v1/verify answers it
+            raise no_route(request.method, raw_path)
         upstream = self.config.upstreams[route.upstream]
         trace = outcome.trace
         if route.public:
@@ -165,6 +197,14 @@ class Pipeline:
             raise
 
     # --- steps --------------------------------------------------------------------------------
+
+    def screen(self, raw_path: str, raw_query: str) -> None:
+        """The first two rows of SPEC's table: a canonical path, and no key in the query."""
+        check_path(raw_path)
+        if raw_query and query_has_token(raw_query, self._prefix):
+            raise errors.BadRequest(
+                "An API key was sent in the URL; URLs end up in logs. Send it in the "
+                "Authorization header instead, and rotate this key.", code="key_in_url")
 
     def credential(self, request: web.BaseRequest) -> str:
         """The one token this request carries (missing / malformed / ambiguous otherwise).
@@ -390,8 +430,44 @@ class Pipeline:
 
     # --- the reserved /_keygate/ prefix -------------------------------------------------------
 
+    async def verify(self, request: web.BaseRequest, suffix: str,
+                     outcome: Outcome) -> web.StreamResponse:
+        """``/_keygate/v1/verify``: the whole pipeline on the *original* request, counted as a
+        forwarded request would be, and nothing forwarded. Allowed: 200 with the identity and
+        RateLimit fields as headers; refused: the error the proxy would answer."""
+        method, target = original_request(request, suffix)
+        raw_path, _, raw_query = target.partition("?")
+        if not raw_path.startswith("/"):
+            raise errors.BadRequest("The original URI must be a path starting with '/'.",
+                                    code="bad_path")
+        self.screen(raw_path, raw_query)
+        if raw_path.startswith(RESERVED):
+            raise no_route(method, raw_path)
+        route = self.routes.match(method, raw_path)
+        outcome.route, outcome.upstream = route.path, route.upstream
+        if route.public:
+            return web.Response(status=200)
+        token = self.credential(request)
+        trace = outcome.trace
+        with trace.step("authenticate"):
+            key = await self.authenticate(token, request)
+        outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
+        with trace.step("authorise"):
+            key, limit_headers, _ = await self.authorise(key, route.scopes, count=True,
+                                                         request=request)
+        headers = dict(limit_headers)
+        p = key.principal
+        ws, kid, scopes, plan = self._identity
+        headers[ws] = p.workspace
+        headers[kid] = p.key_id
+        headers[scopes] = " ".join(sorted(p.scopes))
+        headers[plan] = p.plan
+        return web.Response(status=200, headers=headers)
+
     async def internal(self, request: web.BaseRequest, raw_path: str,
                        outcome: Outcome) -> web.StreamResponse:
+        if raw_path == VERIFY or raw_path.startswith(VERIFY + "/"):
+            return await self.verify(request, raw_path[len(VERIFY):], outcome)
         outcome.route = raw_path if raw_path == "/_keygate/v1/usage" else "/_keygate/v1/keys"
         if raw_path == "/_keygate/v1/usage":
             if request.method not in ("GET", "HEAD"):

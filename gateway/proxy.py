@@ -127,8 +127,15 @@ class Forwarder:
     """Forwards requests to upstreams; one keep-alive pool per upstream."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
         self._pools: dict[str, tuple[UpstreamPool, str, str]] = {}  # name → pool, base, Host
+        self._retiring: set[asyncio.Task] = set()
+        self._settle(config)
+        # Called with (upstream name, seconds from sending to the response headers) for each
+        # upstream answer; the app wires it to keygate_upstream_duration_seconds.
+        self.on_upstream: Callable[[str, float], None] | None = None
+
+    def _settle(self, config: Config) -> None:
+        self.config = config
         self.max_body = config.server.max_body_bytes
         self.body_timeout = config.server.timeouts.body
         ident = config.identity_headers
@@ -152,9 +159,6 @@ class Forwarder:
         self._drop = frozenset(always)
         self.trusted = TrustedProxies(config.server.trusted_proxies)
         self._prefix = config.keys.prefix
-        # Called with (upstream name, seconds from sending to the response headers) for each
-        # upstream answer; the app wires it to keygate_upstream_duration_seconds.
-        self.on_upstream: Callable[[str, float], None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -162,7 +166,37 @@ class Forwarder:
         for upstream in self.config.upstreams.values():
             self._pool(upstream)
 
+    def reconfigure(self, config: Config) -> None:
+        """Take ``config`` for the next request (a reload). The pool of an upstream that was
+        removed or changed is taken out of use now and closed once its requests are done;
+        requests already forwarding finish on it."""
+        old = self.config.upstreams
+        self._settle(config)
+        for name, before in old.items():
+            if config.upstreams.get(name) == before:
+                continue
+            entry = self._pools.pop(name, None)
+            if entry is None:
+                continue
+            task = asyncio.ensure_future(self._retire(entry[0], before))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    async def _retire(pool: UpstreamPool, upstream: Upstream) -> None:
+        loop = asyncio.get_running_loop()
+        # Bounded: a response that streams for ever must not keep an old pool open for ever.
+        deadline = loop.time() + max(60.0, 4 * upstream.timeout)
+        try:
+            while pool.active and loop.time() < deadline:
+                await asyncio.sleep(0.25)
+        finally:
+            await pool.close()
+
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         pools, self._pools = self._pools, {}
         for pool, _, _ in pools.values():
             await pool.close()

@@ -30,6 +30,8 @@ DOCUMENTED_METRICS = {
     "keygate_access_log_dropped_total": "counter",
     "keygate_workspace_month_requests": "gauge",
     "keygate_workspace_month_limit": "gauge",
+    "keygate_config_reloads_total": "counter",
+    "keygate_config_last_reload_timestamp_seconds": "gauge",
 }
 
 

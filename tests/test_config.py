@@ -138,7 +138,7 @@ def test_unknown_nested_key_suggests_the_close_match(tmp_path: Path) -> None:
 
 def test_unknown_key_without_a_close_match_lists_the_allowed_ones(tmp_path: Path) -> None:
     assert problems_of(tmp_path, "admin:\n  zzz: 1\n") == [
-        "config.yaml:2: admin.zzz: unknown key 'zzz' (allowed: host, port, token_env)"]
+        "config.yaml:2: admin.zzz: unknown key 'zzz' (allowed: host, port, token_env, tls)"]
 
 
 def test_duplicate_key_is_an_error(tmp_path: Path) -> None:
@@ -177,10 +177,16 @@ def test_route_upstream_typo_gets_a_suggestion(tmp_path: Path) -> None:
         "(known: crm)"]
 
 
-def test_every_route_needs_an_upstream(tmp_path: Path) -> None:
-    assert problems_of(tmp_path, UPSTREAM + "routes:\n  - path: /health\n    public: true\n"
-                       ) == ["config.yaml:4: routes[0].upstream: required: the upstream this "
-                             "route forwards to (known: crm)"]
+def test_a_route_without_upstream_is_a_verify_only_route(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, UPSTREAM + "routes:\n  - path: /people/**\n"
+                                                    "    scopes: [people:read]\n"))
+    assert config.routes[0].upstream is None
+
+
+def test_a_route_naming_an_unknown_upstream_is_still_a_problem(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, UPSTREAM + "routes:\n  - path: /health\n    upstream: crn\n"
+                       ) == ["config.yaml:5: routes[0].upstream: unknown upstream 'crn' "
+                             "(did you mean 'crm'?) (known: crm)"]
 
 
 def test_default_plan_must_be_a_plan(tmp_path: Path) -> None:

@@ -621,3 +621,52 @@ async def test_concurrent_limit_changes_of_different_fields_both_stay(gut):
     assert all(status == 200 for status, _ in results)
     _, ws = await gut.admin_json("GET", "/workspaces/acme")
     assert set(ws["custom_limits"]) == {"monthly_requests", "max_keys"}
+
+
+async def test_a_reloaded_scope_catalogue_applies_to_the_next_admin_call(tmp_path, redis_url,
+                                                                        upstream, monkeypatch):
+    from gateway.config import load_config
+    from test_reload import config_doc, write
+    path = tmp_path / "keygate.yaml"
+    write(path, config_doc(str(upstream.make_url(""))))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                  config_path=str(path)) as g:
+        await g.workspace()
+        status, _ = await g.admin_json("POST", "/workspaces/acme/keys",
+                                       {"name": "a", "scopes": ["people:raed"]})
+        assert status == 201  # no catalogue: any well-formed scope
+        write(path, config_doc(str(upstream.make_url("")),
+                               scopes={"people:read": "Read people"}))
+        status, body = await g.admin_json("POST", "/reload")
+        assert status == 200, body
+        status, body = await g.admin_json("POST", "/workspaces/acme/keys",
+                                          {"name": "b", "scopes": ["people:raed"]})
+        assert status == 400
+        _, listed = await g.admin_json("GET", "/scopes")
+        assert listed["items"] == [{"name": "people:read", "description": "Read people"}]
+
+
+async def test_verify_only_mode_applies_every_key_control(redis_url, upstream, monkeypatch):
+    from test_verify import VERIFY, verify_config
+    async with gateway_under_test(verify_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace()
+        token, key = await g.key(monthly_requests=1)
+        h = {**bearer(token), "X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/people/1"}
+
+        async def verify() -> tuple[int, str | None]:
+            async with g.proxy.get(VERIFY, headers=h) as r:
+                body = await r.read()
+                return r.status, json.loads(body)["error"]["code"] if r.status >= 400 else None
+
+        assert await verify() == (200, None)
+        assert await verify() == (429, "key_quota_exceeded")
+        await g.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                           {"monthly_requests": None, "allowed_ips": ["10.0.0.0/8"]})
+        assert await verify() == (403, "ip_not_allowed")
+        await g.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                           {"allowed_ips": None, "enabled": False})
+        assert await verify() == (401, "disabled_key")
+        _, days = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}/usage/daily"
+                                            "?days=1")
+        assert days["items"][0]["requests"] == 1 and upstream.requests == []

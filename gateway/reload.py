@@ -1,0 +1,219 @@
+"""Reload without restart: re-read the config file and swap it in, or change nothing.
+
+    SIGHUP / POST /admin/v1/reload → load and validate the file (every problem, or none)
+    → keep the settings that need a restart (and name them) → swap, in one event-loop step
+
+The swap is synchronous: no request sees half of it. A request already past route matching
+keeps the route and upstream it matched; the next one sees the new config. Upstream pools of
+removed or changed upstreams close once their requests are done. TLS certificates are loaded
+into the listeners' live ``SSLContext``: new handshakes get the new certificate, open
+connections keep theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from aiohttp import web
+
+from .config import Config, TLSConfig, load_config
+from .errors import BadRequest, ConfigError, Conflict
+
+log = logging.getLogger("keygate")
+
+# What a reload may change inside the listener/store sections; every other field there needs a
+# restart (host, port, workers, store, timeouts, ...). Sections outside these three all reload.
+RELOADABLE = {
+    "server": ("max_body_bytes", "trusted_proxies", "log_level", "tls"),
+    "admin": ("tls",),
+    "store": (),
+}
+# Whole sections built once at start (the OTLP exporter; the signing secret, read from the
+# environment, which a running process cannot see change): kept until a restart.
+RESTART_ONLY_SECTIONS = ("identity_signature", "tracing")
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    source: str
+    reloaded_at: float
+    restart_required: tuple[str, ...]   # settings changed in the file but kept until a restart
+
+    def to_json(self) -> dict[str, Any]:
+        from .models import rfc3339
+        return {"result": "ok", "config": self.source, "reloaded_at": rfc3339(self.reloaded_at),
+                "restart_required": list(self.restart_required)}
+
+
+def keep_restart_only(old: Config, new: Config) -> tuple[Config, tuple[str, ...]]:
+    """``new`` with every restart-only setting put back to ``old``'s value, and the names of
+    the settings that differed (``server.port``, ``store``...)."""
+    kept: list[str] = []
+    sections: dict[str, Any] = {}
+    for section, reloadable in RELOADABLE.items():
+        before, after = getattr(old, section), getattr(new, section)
+        merged = {}
+        for f in dataclasses.fields(before):
+            a, b = getattr(before, f.name), getattr(after, f.name)
+            if f.name in reloadable and not (f.name == "tls" and (a is None) != (b is None)):
+                merged[f.name] = b
+            else:  # restart-only (turning TLS on or off rebinds the listener, too)
+                merged[f.name] = a
+                if a != b:
+                    kept.append(f"{section}.{f.name}")
+        sections[section] = dataclasses.replace(before, **merged)
+    for section in RESTART_ONLY_SECTIONS:
+        if hasattr(old, section):
+            sections[section] = getattr(old, section)
+            if getattr(old, section) != getattr(new, section):
+                kept.append(section)
+    return dataclasses.replace(new, **sections), tuple(kept)
+
+
+class Reloader:
+    """Owns one gateway's reloads. ``apply`` does the swap (built by ``gateway.app``)."""
+
+    def __init__(self, config: Config, path: str | None, apply: Callable[[Config], None],
+                 metrics=None, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.path = path
+        self.apply = apply
+        self.metrics = metrics
+        self.clock = clock
+        self._lock = asyncio.Lock()
+        self._echo = 0  # SIGHUPs we caused ourselves (a worker asking its siblings to reload)
+        if metrics is not None:
+            metrics.config_reloaded_at.set(clock())
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the file and swap it in. Raises ``ConfigError`` (nothing changed)."""
+        async with self._lock:
+            if self.path is None:
+                raise ConfigError(["this gateway was started without a config file; "
+                                   "there is nothing to reload"])
+            try:
+                new = await asyncio.get_running_loop().run_in_executor(
+                    None, load_config, self.path)
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("reload refused: %s", problem)
+                log.error("reload refused: the config in force is unchanged")
+                self._count("error")
+                raise
+            merged, kept = keep_restart_only(self.config, new)
+            try:
+                self.apply(merged)
+            except ConfigError as exc:  # e.g. a certificate replaced between check and load
+                for problem in exc.problems:
+                    log.error("reload refused: %s", problem)
+                self._count("error")
+                raise
+            self.config = merged
+            now = self.clock()
+            self._count("ok")
+            if self.metrics is not None:
+                self.metrics.config_reloaded_at.set(now)
+            if kept:
+                log.warning("config reloaded from %s; these settings need a restart and keep "
+                            "their old values until then: %s", self.path, ", ".join(kept))
+            else:
+                log.info("config reloaded from %s", self.path)
+            return ReloadResult(self.path, now, kept)
+
+    async def on_signal(self) -> None:
+        """SIGHUP: reload, log the outcome (a signal has nobody to answer)."""
+        if self._echo:
+            self._echo -= 1
+            return
+        log.info("SIGHUP: reloading %s", self.path)
+        try:
+            await self.reload()
+        except ConfigError:
+            pass  # logged line by line by reload()
+
+    def tell_siblings(self) -> None:
+        """Under ``serve --workers N``, after a reload asked over the admin API of this worker:
+        have the supervisor pass SIGHUP to every worker (this one skips its own echo)."""
+        supervisor = os.environ.get("KEYGATE_SUPERVISOR_PID")
+        if supervisor and supervisor.isdigit() and int(supervisor) == os.getppid():
+            self._echo += 1
+            try:
+                os.kill(int(supervisor), signal.SIGHUP)
+            except OSError:
+                self._echo -= 1
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.config_reloads.labels(result).inc()
+
+
+class ListenerTLS:
+    """The ``SSLContext`` a listener is bound with, whose certificate a reload can replace.
+
+    The listener's context hands every new handshake to ``current`` (through the SNI callback,
+    which OpenSSL runs for every ClientHello, with or without a server name); a reload builds
+    a whole new context from the new files and only then puts it in ``current``, so a bad
+    pair never reaches a handshake and open connections keep the certificate they got."""
+
+    def __init__(self, tls: TLSConfig) -> None:
+        from .config import server_context
+        self.current = server_context(tls.cert_file, tls.key_file)
+        self.listener = server_context(tls.cert_file, tls.key_file)
+        self.listener.sni_callback = self._pick
+
+    def _pick(self, ssl_object: ssl.SSLObject, server_name: str | None,
+              context: ssl.SSLContext) -> None:
+        ssl_object.context = self.current
+
+    @staticmethod
+    def prepare(tls: TLSConfig, where: str, source: str) -> ssl.SSLContext:
+        """A context from the new files; ``ConfigError`` if they changed since the check."""
+        from .config import server_context
+        try:
+            return server_context(tls.cert_file, tls.key_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError([f"{source}:1: {where}: cannot load {tls.cert_file} / "
+                               f"{tls.key_file}: {exc}"]) from exc
+
+
+class ConfigRejected(BadRequest):
+    """400 from ``POST /admin/v1/reload``: the usual error body plus every problem found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(f"The config file has {len(problems)} problem"
+                         f"{'' if len(problems) == 1 else 's'}; nothing was changed.")
+        self.problems = problems
+
+    def body(self, request_id: str) -> bytes:
+        return json.dumps({"error": {"code": self.code, "message": self.message,
+                                     "request_id": request_id,
+                                     "problems": self.problems}}).encode()
+
+
+def add_reload_route(app: web.Application, reloader: Reloader) -> None:
+    """``POST /admin/v1/reload`` (operator token, like all of ``/admin/``): 200 with the
+    result, 400 with the problems (nothing changed), 409 without a config file to re-read."""
+
+    async def reload(request: web.Request) -> web.Response:
+        if (await request.read()).strip() not in (b"", b"{}"):
+            raise BadRequest("POST /admin/v1/reload takes no body; it re-reads the config file.")
+        if reloader.path is None:
+            raise Conflict("This gateway was started without a config file; there is nothing "
+                           "to reload.")
+        try:
+            result = await reloader.reload()
+        except ConfigError as exc:
+            raise ConfigRejected(list(exc.problems)) from None
+        reloader.tell_siblings()
+        return web.json_response(result.to_json())
+
+    app.router.add_post("/admin/v1/reload", reload)

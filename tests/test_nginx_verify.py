@@ -1,0 +1,205 @@
+"""docs/verify/nginx.conf, as shipped, in a real nginx in front of a real keygate (verify-only
+mode) and a real upstream. Skipped when no nginx binary is installed."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from conftest import free_port
+from gateway.config import Route
+from harness import gateway_under_test, make_config
+
+SNIPPET = Path(__file__).resolve().parent.parent / "docs" / "verify" / "nginx.conf"
+NGINX = shutil.which("nginx") or next(
+    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
+
+pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+
+
+def nginx_config(tmp: Path, port: int, keygate: str, api: str) -> Path:
+    snippet = SNIPPET.read_text()
+    for shipped, ours in (("127.0.0.1:8080", keygate), ("127.0.0.1:9000", api),
+                          ("listen 8000;", f"listen 127.0.0.1:{port};")):
+        assert shipped in snippet
+        snippet = snippet.replace(shipped, ours)
+    (tmp / "keygate.conf").write_text(snippet)
+    for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / d).mkdir(exist_ok=True)
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    include {tmp}/keygate.conf;
+}}
+""")
+    return conf
+
+
+@pytest.fixture
+async def stack(tmp_path, upstream, own_redis, monkeypatch):
+    """nginx → (auth_request) keygate; nginx → upstream. Yields (gw, nginx base URL)."""
+    config = make_config("http://127.0.0.1:9", store=dataclasses.replace(
+        make_config("http://x").store, timeout=0.5))
+    config = dataclasses.replace(config, upstreams={}, routes=(
+        Route("/health", None, ("GET",), (), True),
+        Route("/people/**", None, ("GET",), ("people:read",)),
+        Route("/people/**", None, ("POST",), ("people:write",)),
+    ), server=dataclasses.replace(config.server, trusted_proxies=("127.0.0.1",)))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as gw:
+        port = free_port()
+        conf = nginx_config(tmp_path, port, f"127.0.0.1:{gw.proxy_server.port}",
+                            f"127.0.0.1:{upstream.port}")
+        check = subprocess.run([NGINX, "-t", "-c", str(conf), "-p", str(tmp_path)],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    _, w = await asyncio.open_connection("127.0.0.1", port)
+                    w.close()
+                    break
+                except OSError:
+                    assert proc.poll() is None and time.monotonic() < deadline, \
+                        (tmp_path / "error.log").read_text()
+                    await asyncio.sleep(0.05)
+            yield gw, f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+async def get(url: str, **kw) -> tuple[int, dict, str]:
+    async with aiohttp.ClientSession() as s:
+        async with s.request(kw.pop("method", "GET"), url, **kw) as r:
+            return r.status, r.headers, await r.text()
+
+
+async def test_allowed_request_reaches_the_api_with_identity_and_without_the_key(stack,
+                                                                                 upstream):
+    gw, base = stack
+    await gw.workspace("acme")
+    token, key = await gw.key(scopes=["people:read"])
+    status, headers, body = await get(base + "/people/7?q=1", headers={
+        "Authorization": f"Bearer {token}", "X-Workspace-Id": "evil", "X-Api-Scopes": "ALL"})
+    assert status == 200, body
+    seen = dict(upstream.requests[-1]["headers"])
+    assert upstream.requests[-1]["raw_path"] == "/people/7?q=1"
+    assert seen["X-Workspace-Id"] == "acme"
+    assert seen["X-Api-Key-Id"] == key["id"]
+    assert seen["X-Api-Scopes"] == "people:read"
+    assert seen["X-Workspace-Plan"] == "starter"
+    assert "Authorization" not in seen and token not in str(seen)
+    assert {k.lower(): v for k, v in seen.items()}["x-request-id"] == headers["X-Request-Id"]
+    assert seen["Host"] == "127.0.0.1" or seen["Host"].startswith("127.0.0.1:")
+    assert headers["RateLimit"].startswith('"monthly";r=999;')
+    assert headers["RateLimit-Policy"].startswith('"monthly";q=1000;')
+
+
+async def test_refusals_keep_keygates_status_and_headers(stack, upstream):
+    gw, base = stack
+    await gw.workspace("acme", plan="tiny")  # 3 a month
+    token, _ = await gw.key(scopes=["people:read"])
+    auth = {"Authorization": f"Bearer {token}"}
+
+    status, headers, body = await get(base + "/people/1")
+    assert status == 401
+    assert headers["WWW-Authenticate"] == 'Bearer realm="keygate"'
+    assert headers.getall("WWW-Authenticate") == ['Bearer realm="keygate"']
+    assert headers["Content-Type"] == "application/json"
+
+    status, headers, body = await get(base + "/people/1", headers={
+        "Authorization": "Bearer kg_live_" + "A" * 50})
+    assert status == 401 and 'error="invalid_token"' in headers["WWW-Authenticate"]
+
+    status, headers, _ = await get(base + "/people/1", method="POST", headers=auth)
+    assert status == 403 and 'scope="people:write"' in headers["WWW-Authenticate"]
+
+    status, _, _ = await get(base + "/nowhere", headers=auth)
+    assert status == 404
+    status, _, body = await get(base + f"/people/1?k={token}", headers=auth)
+    assert status == 400 and token not in body
+
+    for _ in range(3):
+        status, _, _ = await get(base + "/people/1", headers=auth)
+        assert status == 200
+    status, headers, body = await get(base + "/people/1", headers=auth)
+    assert status == 429, body
+    assert int(headers["Retry-After"]) > 0
+    assert headers["RateLimit"].startswith('"monthly";r=0;')
+    assert headers["X-Request-Id"] in body
+    assert len(upstream.requests) == 3
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 3
+
+
+async def test_a_client_cannot_have_another_request_checked(stack, upstream):
+    """Forged X-Forwarded-Uri / X-Original-URI naming a public route do not reach keygate."""
+    _, base = stack
+    status, _, _ = await get(base + "/people/1", headers={
+        "X-Forwarded-Uri": "/health", "X-Forwarded-Method": "GET",
+        "X-Original-URI": "/health", "X-Original-Method": "GET"})
+    assert status == 401
+    assert upstream.requests == []
+
+
+async def test_a_public_route_passes_without_a_key_and_without_identity(stack, upstream):
+    _, base = stack
+    status, _, _ = await get(base + "/health", headers={"X-Workspace-Id": "evil",
+                                                        "X_Workspace_Id": "evil"})
+    assert status == 200
+    seen = {k.lower() for k, _ in upstream.requests[-1]["headers"]}
+    assert not seen & {"x-workspace-id", "x_workspace_id"}
+
+
+async def test_store_down_is_503_with_retry_after_through_nginx(stack, own_redis, upstream):
+    gw, base = stack
+    await gw.workspace("acme")
+    token, _ = await gw.key(scopes=["people:read"])
+    own_redis.stop()
+    status, headers, body = await get(base + "/people/1",
+                                      headers={"Authorization": f"Bearer {token}"})
+    assert status == 503, body
+    assert headers["Retry-After"] == "1"
+    assert upstream.requests == []
+
+
+async def test_keygate_down_fails_closed(tmp_path, upstream):
+    port = free_port()
+    conf = nginx_config(tmp_path, port, f"127.0.0.1:{free_port()}", f"127.0.0.1:{upstream.port}")
+    proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                status, _, body = await get(f"http://127.0.0.1:{port}/people/1")
+                break
+            except aiohttp.ClientConnectionError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        assert status == 503 and "auth_unavailable" in body
+        assert upstream.requests == []
+    finally:
+        proc.terminate()
+        proc.wait(10)

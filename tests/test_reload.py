@@ -1,0 +1,398 @@
+"""Reload without restart: SIGHUP or ``POST /admin/v1/reload`` swaps a valid config in, one
+request to the next; an invalid one changes nothing and says why, line by line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import ClientSession, ClientTimeout, web
+
+from gateway.config import load_config
+from prometheus_client.parser import text_string_to_metric_families
+from harness import gateway_under_test
+from test_serve import (ADMIN_TOKEN, Served, TIMEOUT, admin_json, children_of, new_key,
+                        slow_upstream, write_config)  # noqa: F401 - slow_upstream is a fixture
+
+
+def config_doc(upstream_url: str, **changes: Any) -> dict[str, Any]:
+    doc = {
+        "server": {"host": "127.0.0.1", "port": 18080},
+        "admin": {"host": "127.0.0.1", "port": 18081},
+        "keys": {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}},
+        "plans": {"starter": {"monthly_requests": 1000, "max_keys": 5}},
+        "default_plan": "starter",
+        "roles": {"reader": ["people:read"]},
+        "upstreams": {"api": {"url": upstream_url, "timeout": 5}},
+        "routes": [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
+                    "scopes": ["people:read"]}],
+    }
+    doc.update(changes)
+    return doc
+
+
+def write(path: Path, doc: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(doc))
+
+
+@pytest.fixture
+async def upstreams():
+    """Two real upstreams on loopback, ``a`` and ``b``; each answers which one it is, after
+    ``delay[name]`` seconds, and echoes the identity headers it received."""
+    delay = {"a": 0.0, "b": 0.0}
+    runners, urls = [], {}
+    for name in ("a", "b"):
+        async def handler(request: web.Request, name: str = name) -> web.Response:
+            await asyncio.sleep(delay[name])
+            return web.json_response({"upstream": name, "headers": dict(request.headers)})
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        urls[name] = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield urls, delay
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+@pytest.fixture
+async def reloadable(tmp_path, upstreams, redis_url, monkeypatch):
+    urls, _ = upstreams
+    path = tmp_path / "keygate.yaml"
+    write(path, config_doc(urls["a"]))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                  config_path=str(path)) as gw:
+        await gw.workspace("acme")
+        yield gw, path
+
+
+async def reload(gw) -> tuple[int, Any]:
+    return await gw.admin_json("POST", "/reload")
+
+
+async def test_routes_roles_plans_upstreams_and_identity_headers_swap_on_reload(
+        reloadable, upstreams):
+    gw, path = reloadable
+    urls, _ = upstreams
+    token, _ = await gw.key(role="reader")
+    auth = {"Authorization": f"Bearer {token}"}
+    async with gw.proxy.get("/people/1", headers=auth) as r:
+        body = await r.json()
+        assert (r.status, body["upstream"]) == (200, "a")
+        assert 'q=1000' in r.headers["RateLimit-Policy"]
+    async with gw.proxy.get("/orders/1", headers=auth) as r:
+        assert r.status == 404
+    write(path, config_doc(
+        urls["b"], plans={"starter": {"monthly_requests": 500, "max_keys": 5}},
+        roles={"reader": ["people:read", "orders:read"]},
+        identity_headers={"workspace": "X-Tenant"},
+        routes=[{"path": "/people/**", "upstream": "api", "scopes": ["people:read"]},
+                {"path": "/orders/**", "upstream": "api", "scopes": ["orders:read"]}]))
+    status, result = await reload(gw)
+    assert status == 200, result
+    assert result["result"] == "ok" and result["restart_required"] == []
+    assert result["config"] == str(path) and result["reloaded_at"].endswith("Z")
+    async with gw.proxy.get("/orders/1", headers=auth) as r:  # new route, role widened
+        body = await r.json()
+        assert (r.status, body["upstream"]) == (200, "b")  # upstream moved
+        assert body["headers"]["X-Tenant"] == "acme"
+        assert "X-Workspace-Id" not in body["headers"]
+        assert 'q=500' in r.headers["RateLimit-Policy"]  # plan changed
+    assert gw.counter("keygate_config_reloads_total", result="ok") == 1
+    status, roles = await gw.admin_json("GET", "/workspaces/acme/roles")
+    assert {"name": "reader", "scopes": ["people:read", "orders:read"],
+            "source": "config"} in roles["items"]
+
+
+async def test_an_invalid_file_changes_nothing_and_answers_400_with_every_problem(
+        reloadable, upstreams, caplog):
+    gw, path = reloadable
+    token, _ = await gw.key(role="reader")
+    before = gw.counter("keygate_config_last_reload_timestamp_seconds")
+    path.write_text(path.read_text().replace("path: /people/**", "path: people")
+                    + "plans_typo: 1\n")
+    with caplog.at_level(logging.ERROR, logger="keygate"):
+        status, body = await reload(gw)
+    assert status == 400
+    assert body["error"]["code"] == "bad_request"
+    problems = body["error"]["problems"]
+    assert len(problems) == 2
+    assert all(p.startswith(f"{path}:") for p in problems), problems
+    assert any("routes[0].path: 'people' must start with /" in p for p in problems)
+    assert any("plans_typo: unknown key" in p for p in problems)
+    for problem in problems:
+        assert problem in caplog.text
+    async with gw.proxy.get("/people/1", headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 200
+    assert gw.counter("keygate_config_reloads_total", result="error") == 1
+    assert gw.counter("keygate_config_reloads_total", result="ok") == 0
+    assert gw.counter("keygate_config_last_reload_timestamp_seconds") == before > 0
+
+
+async def test_restart_only_settings_are_kept_and_named(reloadable, upstreams, caplog):
+    gw, path = reloadable
+    urls, _ = upstreams
+    write(path, config_doc(urls["a"], server={"host": "127.0.0.1", "port": 18090,
+                                              "max_body_bytes": 10},
+                           store={"redis_url": "redis://127.0.0.1:1/0"}))
+    with caplog.at_level(logging.WARNING, logger="keygate"):
+        status, result = await reload(gw)
+    assert status == 200
+    assert result["restart_required"] == ["server.port", "store.redis_url"]
+    assert "server.port, store.redis_url" in caplog.text
+    assert gw.gw.config.server.port == 18080
+    assert gw.gw.config.store.redis_url == "embedded"
+    assert gw.gw.config.server.max_body_bytes == 10  # reloadable: taken
+    token, _ = await gw.key(role="reader")
+    async with gw.proxy.post("/people/1", data=b"x" * 100,
+                             headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status in (404, 413)  # GET-only route; the store still answers either way
+
+
+async def test_a_request_in_flight_finishes_on_the_old_config(reloadable, upstreams):
+    gw, path = reloadable
+    urls, delay = upstreams
+    token, _ = await gw.key(role="reader")
+    auth = {"Authorization": f"Bearer {token}"}
+    delay["a"] = 1.0
+    async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
+        slow = asyncio.ensure_future(other.get("/people/1", headers=auth))
+        await asyncio.sleep(0.3)  # forwarded to a, waiting for its answer
+        write(path, config_doc(urls["b"]))
+        status, _ = await reload(gw)
+        assert status == 200
+        async with gw.proxy.get("/people/2", headers=auth) as r:
+            assert (await r.json())["upstream"] == "b"  # the next request: new config
+        r = await slow
+        assert (r.status, (await r.json())["upstream"]) == (200, "a")
+        r.release()
+
+
+async def test_the_reload_endpoint_needs_the_operator_and_no_body(reloadable):
+    gw, _ = reloadable
+    async with ClientSession(str(gw.admin_server.make_url(""))) as anonymous:
+        async with anonymous.post("/admin/v1/reload") as r:
+            assert r.status == 401
+    async with gw.admin.post("/admin/v1/reload", json={"path": "/etc/passwd"}) as r:
+        assert r.status == 400
+    async with gw.admin.get("/admin/v1/reload") as r:
+        assert r.status == 405
+
+
+async def test_without_a_config_file_there_is_nothing_to_reload(redis_url, upstream,
+                                                                monkeypatch):
+    from harness import make_config
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as gw:
+        status, body = await gw.admin_json("POST", "/reload")
+    assert status == 409 and body["error"]["code"] == "conflict"
+
+
+# --- keygate serve: SIGHUP and the admin call under load, with one and two workers ----------
+
+async def load(base: str, token: str, stop: asyncio.Event, results: list[int],
+               errors: list[str]) -> None:
+    """Back-to-back requests on one keep-alive connection, plus a new connection every 20."""
+    while not stop.is_set():
+        async with ClientSession(timeout=TIMEOUT) as s:
+            for _ in range(20):
+                try:
+                    async with s.get(base + "/people/1",
+                                     headers={"Authorization": f"Bearer {token}"}) as r:
+                        await r.read()
+                        results.append(r.status)
+                except Exception as exc:  # a dropped connection is exactly what must not happen
+                    errors.append(repr(exc))
+                if stop.is_set():
+                    break
+
+
+async def answered_by_all(base: str, path: str, token: str, want: int, tries: int = 30) -> bool:
+    """``want`` on ``path`` from every connection of ``tries`` fresh ones (all workers)."""
+    for _ in range(tries):
+        async with ClientSession(timeout=TIMEOUT) as s:
+            async with s.get(base + path, headers={"Authorization": f"Bearer {token}",
+                                                   "Connection": "close"}) as r:
+                if r.status != want:
+                    return False
+    return True
+
+
+async def reload_counts(s: ClientSession, admin: str) -> dict[str, int]:
+    async with s.get(admin + "/metrics", headers={"Connection": "close"}) as r:
+        text = await r.text()
+    return {sample.labels["result"]: int(sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == "keygate_config_reloads_total"}
+
+
+def edit_routes(config: Path, routes: list[dict]) -> None:
+    doc = yaml.safe_load(config.read_text())
+    doc["routes"] = routes
+    config.write_text(yaml.safe_dump(doc))
+
+
+PEOPLE = {"path": "/people/**", "methods": ["GET"], "upstream": "api", "scopes": ["people:read"]}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sighup_under_load_drops_no_request_and_reaches_every_worker(
+        tmp_path, slow_upstream, redis_url, workers):
+    url, state = slow_upstream
+    state["delay"] = 0.02
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", workers)
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+        stop, results, errors = asyncio.Event(), [], []
+        clients = [asyncio.ensure_future(load(gw.proxy, token, stop, results, errors))
+                   for _ in range(8)]
+        await asyncio.sleep(0.5)
+        for n in range(3):
+            extra = {"path": f"/extra{n}/**", "upstream": "api", "scopes": ["people:read"]}
+            edit_routes(config, [PEOPLE, extra])
+            gw.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while not await answered_by_all(gw.proxy, f"/extra{n}/x", token, 200, 6):
+                assert time.monotonic() < deadline, gw.stderr()
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*clients)
+        assert errors == []
+        assert len(results) > 50 and set(results) == {200}
+        assert await answered_by_all(gw.proxy, "/extra2/x", token, 200)
+        assert await answered_by_all(gw.proxy, "/extra0/x", token, 404)  # gone in every worker
+        assert gw.proc.poll() is None
+        deadline = time.monotonic() + 10
+        while gw.stderr().count("config reloaded from") < 3 * int(workers):
+            assert time.monotonic() < deadline, gw.stderr()
+            await asyncio.sleep(0.1)
+        log = gw.stderr()
+        assert "Traceback" not in log
+        assert log.count("config reloaded from") == 3 * int(workers)
+        assert await asyncio.to_thread(gw.terminate) == 0
+    finally:
+        gw.close()
+
+
+async def test_admin_reload_under_two_workers_reloads_both_once(tmp_path, slow_upstream,
+                                                                redis_url):
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", "2")
+    try:
+        await gw.ready()
+        deadline = time.monotonic() + 10
+        while len(children_of(gw.proc.pid)) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+            edit_routes(config, [PEOPLE, {"path": "/more/**", "upstream": "api",
+                                          "scopes": ["people:read"]}])
+            status, body = await admin_json(s, gw.admin, "POST", "/reload")
+            assert status == 200, body
+            deadline = time.monotonic() + 10
+            while not await answered_by_all(gw.proxy, "/more/x", token, 200, 6):
+                assert time.monotonic() < deadline, gw.stderr()
+                await asyncio.sleep(0.1)
+            config.write_text(config.read_text() + "bogus: 1\n")
+            status, body = await admin_json(s, gw.admin, "POST", "/reload")
+            assert status == 400
+            [problem] = body["error"]["problems"]
+            line = len(config.read_text().splitlines())
+            assert problem.startswith(f"{config}:{line}: bogus: unknown key 'bogus'"), problem
+            deadline = time.monotonic() + 10
+            while (reloads := await reload_counts(s, gw.admin)) != {"ok": 2, "error": 1}:
+                assert time.monotonic() < deadline and reloads["ok"] <= 2, reloads
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)  # and no third reload follows (the caller's echo is skipped)
+            assert await reload_counts(s, gw.admin) == {"ok": 2, "error": 1}  # once per worker
+        assert gw.stderr().count("config reloaded from") == 2
+        assert await asyncio.to_thread(gw.terminate) == 0
+    finally:
+        gw.close()
+
+
+async def test_the_pool_of_a_changed_upstream_is_closed_once_idle(reloadable, upstreams):
+    gw, path = reloadable
+    urls, delay = upstreams
+    token, _ = await gw.key(role="reader")
+    auth = {"Authorization": f"Bearer {token}"}
+    async with gw.proxy.get("/people/1", headers=auth) as r:
+        assert (await r.json())["upstream"] == "a"
+    forwarder = gw.gw.pipeline.forwarder
+    old_pool = forwarder._pools["api"][0]
+    kept = list(old_pool.idle)
+    assert kept, "the keep-alive connection to a should be idle in its pool"
+    write(path, config_doc(urls["b"]))
+    assert (await reload(gw))[0] == 200
+    deadline = asyncio.get_running_loop().time() + 5
+    while not all(c.transport.is_closing() for c in kept):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    async with gw.proxy.get("/people/1", headers=auth) as r:
+        assert (await r.json())["upstream"] == "b"
+    assert forwarder._pools["api"][0] is not old_pool
+
+
+def sighup_blocked(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = next(line for line in status.splitlines() if line.startswith("SigBlk:"))
+    return bool(int(mask.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+
+async def test_a_sighup_during_start_up_is_held_not_lost(tmp_path, slow_upstream, redis_url):
+    """Sent once serve has taken over SIGHUP but before its workers can reload: each worker
+    reloads as soon as it is up (it is neither killed nor left on the file it started with)."""
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", "2")
+    try:
+        deadline = time.monotonic() + 20
+        while not sighup_blocked(gw.proc.pid):
+            assert gw.proc.poll() is None and time.monotonic() < deadline, gw.stderr()
+            await asyncio.sleep(0.002)
+        edit_routes(config, [PEOPLE, {"path": "/late/**", "upstream": "api",
+                                      "scopes": ["people:read"]}])
+        gw.proc.send_signal(signal.SIGHUP)
+        await gw.ready()
+        deadline = time.monotonic() + 10
+        while gw.stderr().count("config reloaded from") < 2:
+            assert time.monotonic() < deadline, gw.stderr()
+            await asyncio.sleep(0.1)
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+        assert await answered_by_all(gw.proxy, "/late/x", token, 200)
+        assert await asyncio.to_thread(gw.terminate) == 0
+    finally:
+        gw.close()
+
+
+async def test_tracing_and_identity_signature_need_a_restart(reloadable, upstreams,
+                                                             monkeypatch):
+    gw, path = reloadable
+    urls, _ = upstreams
+    monkeypatch.setenv("KG_TEST_SIGNING", "s" * 32)
+    write(path, config_doc(urls["a"], identity_signature={"secret_env": "KG_TEST_SIGNING"}))
+    status, result = await reload(gw)
+    assert status == 200, result
+    assert result["restart_required"] == ["identity_signature"]
+    assert gw.gw.config.identity_signature is None
+    token, _ = await gw.key(role="reader")
+    async with gw.proxy.get("/people/1", headers={"Authorization": f"Bearer {token}"}) as r:
+        assert "X-Keygate-Signature" not in (await r.json())["headers"]

@@ -1,0 +1,216 @@
+"""HTTPS on keygate's own listeners: ``server.tls`` / ``admin.tls``, checked at load, swapped
+on reload. Certificates come from a throwaway CA made with the openssl CLI (skipped without)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import socket
+import ssl
+import subprocess
+import warnings
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from conftest import free_port
+from gateway.app import running_gateway, start_listeners, stop_listeners
+from gateway.config import load_config
+from harness import ADMIN_TOKEN
+
+EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
+def _openssl(*args: str) -> None:
+    done = subprocess.run(["openssl", *args], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"openssl could not make the test PKI: {done.stderr[-200:]!r}")
+
+
+def issue(d: Path, ca: Path, ca_key: Path, name: str, cn: str = "localhost") -> tuple[Path, Path]:
+    """A server certificate for localhost / 127.0.0.1 signed by the CA: (cert, key)."""
+    _openssl("req", "-new", *EC, "-subj", f"/CN={cn}",
+             "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
+    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                               "extendedKeyUsage=serverAuth\n")
+    _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(ca), "-CAkey",
+             str(ca_key), "-CAcreateserial", "-days", "1", "-extfile", str(d / "ext.cnf"),
+             "-out", str(d / f"{name}.pem"))
+    return d / f"{name}.pem", d / f"{name}.key"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not available")
+    d = tmp_path_factory.mktemp("listener-pki")
+    _openssl("req", "-x509", *EC, "-days", "2", "-subj", "/CN=keygate listener test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
+    first = issue(d, d / "ca.pem", d / "ca.key", "first", "first.localhost")
+    second = issue(d, d / "ca.pem", d / "ca.key", "second", "second.localhost")
+    return {"dir": d, "ca": d / "ca.pem", "ca_key": d / "ca.key", "cert": first[0],
+            "key": first[1], "cert2": second[0], "key2": second[1]}
+
+
+def problems(path: Path) -> list[str]:
+    from gateway.errors import ConfigError
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return [p.replace(str(path.parent) + "/", "") for p in info.value.problems]
+
+
+def test_tls_problems_name_file_line_and_field(tmp_path, pki):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"server:\n  tls:\n    cert_file: {tmp_path}/nope.pem\n"
+                    f"    key_file: {pki['key']}\n"
+                    f"admin:\n  tls:\n    cert_file: {pki['cert']}\n")
+    assert problems(path) == [
+        "config.yaml:3: server.tls.cert_file: cannot read 'nope.pem': "
+        "No such file or directory",
+        "config.yaml:7: admin.tls.key_file: required (a PEM file)"]
+
+
+def test_a_key_that_does_not_match_the_certificate_is_a_problem(tmp_path, pki):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"server:\n  tls: {{cert_file: {pki['cert']}, key_file: {pki['key2']}}}\n")
+    [problem] = problems(path)
+    assert problem.startswith("config.yaml:2: server.tls.key_file: ")
+    assert "does not match the certificate" in problem
+
+
+@pytest.mark.parametrize("what", ["directory", "not_pem", "swapped"])
+def test_unreadable_or_garbage_files_are_problems_not_tracebacks(tmp_path, pki, what):
+    cert, key = pki["cert"], pki["key"]
+    if what == "directory":
+        cert = tmp_path
+    elif what == "not_pem":
+        cert = tmp_path / "garbage.pem"
+        cert.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
+    else:
+        cert, key = key, cert
+    path = tmp_path / "config.yaml"
+    path.write_text(f"admin:\n  tls:\n    cert_file: {cert}\n    key_file: {key}\n")
+    [problem] = problems(path)
+    assert problem.startswith(("config.yaml:2: admin.tls", "config.yaml:3: admin.tls",
+                               "config.yaml:4: admin.tls")), problem
+    assert "Traceback" not in problem
+
+
+def client_context(pki) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(pki["ca"]))
+
+
+def served_certificate_cn(port: int, pki) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with client_context(pki).wrap_socket(raw, server_hostname="localhost") as tls:
+            subject = dict(x[0] for x in tls.getpeercert()["subject"])
+            return subject["commonName"]
+
+
+def write_config(path: Path, upstream: str, proxy_port: int, admin_port: int,
+                 cert: Path, key: Path, extra: str = "") -> None:
+    path.write_text(f"""
+server: {{host: 127.0.0.1, port: {proxy_port}, tls: {{cert_file: {cert}, key_file: {key}}}}}
+admin: {{host: 127.0.0.1, port: {admin_port}, tls: {{cert_file: {cert}, key_file: {key}}}}}
+keys: {{argon2: {{time_cost: 1, memory_cost: 8, parallelism: 1}}}}
+upstreams: {{api: {{url: "{upstream}"}}}}
+routes:
+  - {{path: /people/**, upstream: api, scopes: [people:read]}}
+{extra}""")
+
+
+@pytest.fixture
+async def https_gateway(tmp_path, pki, upstream, redis_url, monkeypatch):
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    cert, key = tmp_path / "tls.pem", tmp_path / "tls.key"
+    shutil.copy(pki["cert"], cert)
+    shutil.copy(pki["key"], key)
+    path = tmp_path / "config.yaml"
+    ports = free_port(), free_port()
+    write_config(path, str(upstream.make_url("")), *ports, cert, key)
+    async with running_gateway(load_config(path), redis_url, config_path=str(path)) as gw:
+        runners = await start_listeners(gw)
+        try:
+            yield gw, ports, cert, key
+        finally:
+            await stop_listeners(runners)
+
+
+async def test_https_listeners_forward_with_x_forwarded_proto_https(https_gateway, pki,
+                                                                    upstream):
+    gw, (proxy_port, admin_port), _, _ = https_gateway
+    ctx = client_context(pki)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as s:
+        admin = f"https://localhost:{admin_port}/admin/v1"
+        async with s.post(f"{admin}/workspaces", json={"id": "acme", "name": "Acme"},
+                          ssl=ctx) as r:
+            assert r.status == 201
+        async with s.post(f"{admin}/workspaces/acme/keys",
+                          json={"name": "k", "scopes": ["people:read"]}, ssl=ctx) as r:
+            token = (await r.json())["token"]
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"https://localhost:{proxy_port}/people/1",
+                         headers={"X-Api-Key": token, "X-Forwarded-Proto": "http"},
+                         ssl=ctx) as r:
+            assert r.status == 200
+            headers = dict((k.lower(), v) for k, v in (await r.json())["headers"])
+    assert headers["x-forwarded-proto"] == "https"
+
+
+async def test_plain_http_and_old_tls_are_refused_on_an_https_listener(https_gateway, pki):
+    _, (proxy_port, _), _, _ = https_gateway
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.ClientError):
+            async with s.get(f"http://127.0.0.1:{proxy_port}/people/1") as r:
+                await r.read()
+    old = client_context(pki)
+    with warnings.catch_warnings():  # TLS 1.1 is deprecated: that is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    with socket.create_connection(("127.0.0.1", proxy_port), timeout=5) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            old.wrap_socket(raw, server_hostname="localhost").close()
+
+
+async def test_reload_swaps_the_certificate_for_new_connections_only(https_gateway, pki):
+    gw, (proxy_port, admin_port), cert, key = https_gateway
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, served_certificate_cn, proxy_port,
+                                      pki) == "first.localhost"
+    ctx = client_context(pki)
+    connections = []
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(lambda *_: connections.append(1) or asyncio.sleep(0))
+    async with aiohttp.ClientSession(trace_configs=[trace]) as s:  # keep-alive across reload
+        async with s.get(f"https://localhost:{proxy_port}/nowhere", ssl=ctx) as r:
+            assert r.status == 404
+        shutil.copy(pki["cert2"], cert)  # a renewal, as certbot or cert-manager does it
+        shutil.copy(pki["key2"], key)
+        result = await gw.reloader.reload()
+        assert result.restart_required == ()
+        async with s.get(f"https://localhost:{proxy_port}/nowhere", ssl=ctx) as r:
+            assert r.status == 404
+    assert len(connections) == 1  # the open connection was neither dropped nor re-made
+    for port in (proxy_port, admin_port):
+        assert await loop.run_in_executor(None, served_certificate_cn, port,
+                                          pki) == "second.localhost"
+
+
+async def test_a_renewal_that_left_the_old_key_is_refused_and_changes_nothing(https_gateway,
+                                                                              pki):
+    gw, (proxy_port, _), cert, _ = https_gateway
+    shutil.copy(pki["cert2"], cert)  # new certificate, old key: a half-done renewal
+    from gateway.errors import ConfigError
+    with pytest.raises(ConfigError) as info:
+        await gw.reloader.reload()
+    assert any("server.tls.key_file" in p and "does not match" in p
+               for p in info.value.problems)
+    assert await asyncio.get_running_loop().run_in_executor(
+        None, served_certificate_cn, proxy_port, pki) == "first.localhost"
+    assert gw.metrics.registry.get_sample_value("keygate_config_reloads_total",
+                                                {"result": "error"}) == 1

@@ -1,0 +1,189 @@
+"""Verify-only mode: ``/_keygate/v1/verify`` runs the pipeline on the original request, counts
+it as a forwarded request would be counted, and forwards nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+from yarl import URL
+
+from gateway.config import Route
+from harness import gateway_under_test, make_config
+
+VERIFY = "/_keygate/v1/verify"
+
+
+def verify_config(upstream_url: str, **kw):
+    config = make_config(upstream_url, **kw)
+    # a verify-only route (no upstream) first, then the usual forwarding ones
+    return dataclasses.replace(config, routes=(
+        Route("/orders/**", None, ("GET",), ("orders:read",)),
+        Route("/open/**", None, (), (), True),
+    ) + config.routes)
+
+
+@pytest.fixture
+async def gw(redis_url, upstream, monkeypatch):
+    async with gateway_under_test(verify_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace("acme", plan="tiny")  # 3 requests a month
+        yield g
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_allowed_answers_200_empty_with_identity_and_ratelimit_headers(gw, upstream):
+    token, key = await gw.key(scopes=["people:read"])
+    async with gw.proxy.get(VERIFY, headers={**bearer(token), "X-Original-Method": "GET",
+                                             "X-Original-URI": "/people/7?x=1"}) as r:
+        assert r.status == 200
+        assert await r.read() == b""
+        assert r.headers["X-Workspace-Id"] == "acme"
+        assert r.headers["X-Api-Key-Id"] == key["id"]
+        assert r.headers["X-Api-Scopes"] == "people:read"
+        assert r.headers["X-Workspace-Plan"] == "tiny"
+        assert r.headers["RateLimit"] == '"monthly";r=2;t=' + r.headers["RateLimit"].split("t=")[1]
+        assert "RateLimit-Policy" in r.headers and "X-Request-Id" in r.headers
+        assert token not in str(r.headers)
+    assert upstream.requests == []  # nothing forwarded
+
+
+async def test_verify_counts_exactly_like_forwarding_and_refuses_the_same_way(gw, upstream):
+    token, _ = await gw.key(scopes=["people:read"])
+    h = {**bearer(token), "X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/people/1"}
+    for _ in range(2):
+        async with gw.proxy.get(VERIFY, headers=h) as r:
+            assert r.status == 200
+    async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
+        assert r.status == 200  # the third request of the month, forwarded
+    async with gw.proxy.get(VERIFY, headers=h) as r:
+        refused_by_verify = (r.status, await r.json(), r.headers.get("Retry-After"))
+    async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
+        refused_by_proxy = (r.status, await r.json(), r.headers.get("Retry-After"))
+    assert refused_by_verify[0] == refused_by_proxy[0] == 429
+    assert refused_by_verify[1]["error"]["code"] == refused_by_proxy[1]["error"]["code"] \
+        == "quota_exceeded"
+    assert refused_by_verify[2] == refused_by_proxy[2]
+    status, usage = await gw.admin_json("GET", "/workspaces/acme/usage")
+    assert usage["used"] == 3
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("headers, code, status", [
+    ({}, "missing_key", 401),
+    ({"Authorization": "Basic abc"}, "malformed_key", 401),
+    ({"X-Original-URI": "/people/../admin"}, "bad_path", 400),
+    ({"X-Original-URI": "/people/%2e%2e/admin"}, "bad_path", 400),
+    ({"X-Original-URI": "people/1"}, "bad_path", 400),
+    ({"X-Original-URI": "/nowhere"}, "no_route", 404),
+    ({"X-Original-URI": "/_keygate/v1/usage"}, "no_route", 404),
+    ({"X-Original-URI": "/_keygate/v1/verify"}, "no_route", 404),
+])
+async def test_refusals_carry_the_proxy_status_and_json(gw, headers, code, status):
+    h = {"X-Original-Method": "GET", "X-Original-URI": "/people/1", **headers}
+    async with gw.proxy.get(VERIFY, headers=h) as r:
+        assert r.status == status
+        body = await r.json()
+        assert body["error"]["code"] == code
+        assert body["error"]["request_id"] == r.headers["X-Request-Id"]
+        if status == 401:
+            assert r.headers["WWW-Authenticate"].startswith('Bearer realm="keygate"')
+
+
+async def test_a_key_in_the_original_query_is_refused_and_not_counted(gw):
+    token, _ = await gw.key(scopes=["people:read"])
+    h = {**bearer(token), "X-Original-URI": f"/people/1?api_key={token}"}
+    async with gw.proxy.get(VERIFY, headers=h) as r:
+        assert r.status == 400
+        body = await r.text()
+        assert "key_in_url" in body and token not in body
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
+
+
+async def test_scopes_are_checked_against_the_original_method(gw):
+    token, _ = await gw.key(scopes=["people:read"])
+    h = {**bearer(token), "X-Forwarded-Method": "DELETE", "X-Forwarded-Uri": "/people/1"}
+    async with gw.proxy.get(VERIFY, headers=h) as r:
+        assert r.status == 403
+        assert (await r.json())["error"]["code"] == "insufficient_scope"
+        assert 'scope="people:write"' in r.headers["WWW-Authenticate"]
+
+
+async def test_forwarded_headers_win_over_original_ones(gw):
+    token, _ = await gw.key(scopes=["people:read"])
+    h = {**bearer(token), "X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/people/1",
+         "X-Original-Method": "DELETE", "X-Original-URI": "/nowhere"}
+    async with gw.proxy.post(VERIFY, headers=h) as r:
+        assert r.status == 200
+
+
+async def test_without_headers_the_path_after_the_prefix_is_the_original(gw):
+    """Envoy ext_authz with path_prefix: own method, path after the prefix, its query."""
+    token, _ = await gw.key(scopes=["people:read"])
+    async with gw.proxy.get(VERIFY + "/people/1?page=2", headers=bearer(token)) as r:
+        assert r.status == 200
+        assert r.headers["X-Workspace-Id"] == "acme"
+    async with gw.proxy.delete(VERIFY + "/people/1", headers=bearer(token)) as r:
+        assert r.status == 403
+    url = URL(str(gw.proxy_server.make_url(VERIFY + "/people/x")).replace("/x", "/%2e%2e/x"),
+              encoded=True)
+    async with gw.proxy.get(url, headers=bearer(token)) as r:
+        assert r.status == 400
+        assert (await r.json())["error"]["code"] == "bad_path"
+
+
+async def test_a_repeated_original_uri_or_a_bad_method_is_refused(gw):
+    token, _ = await gw.key(scopes=["people:read"])
+    h = [("Authorization", f"Bearer {token}"), ("X-Original-URI", "/people/1"),
+         ("X-Original-URI", "/admin")]
+    async with gw.proxy.get(VERIFY, headers=h) as r:
+        assert r.status == 400
+    h = {**bearer(token), "X-Original-URI": "/people/1", "X-Original-Method": "GET /x"}
+    async with gw.proxy.get(VERIFY, headers=h) as r:
+        assert r.status == 400
+
+
+async def test_verify_only_routes_verify_but_never_forward(gw, upstream):
+    token, _ = await gw.key(scopes=["orders:read"])
+    async with gw.proxy.get(VERIFY, headers={**bearer(token),
+                                             "X-Original-URI": "/orders/9"}) as r:
+        assert r.status == 200
+        assert r.headers["X-Api-Scopes"] == "orders:read"
+    async with gw.proxy.get("/orders/9", headers=bearer(token)) as r:
+        assert r.status == 404
+        assert (await r.json())["error"]["code"] == "no_route"
+    assert upstream.requests == []
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 1
+
+
+async def test_a_public_route_verifies_without_a_key_and_sets_no_identity(gw):
+    async with gw.proxy.get(VERIFY, headers={"X-Original-URI": "/open/x",
+                                             "X-Workspace-Id": "evil"}) as r:
+        assert r.status == 200
+        assert "X-Workspace-Id" not in r.headers
+
+
+async def test_a_burst_of_verifications_counts_each_once(gw):
+    await gw.admin_json("PATCH", "/workspaces/acme", {"plan": "starter"})  # 1000 a month
+    token, _ = await gw.key(scopes=["people:read"])
+    h = {**bearer(token), "X-Original-URI": "/people/1"}
+
+    async def one() -> int:
+        async with gw.proxy.get(VERIFY, headers=h) as r:
+            return r.status
+
+    statuses = await asyncio.gather(*(one() for _ in range(200)))
+    assert statuses == [200] * 200
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 200
+
+
+async def test_verify_requests_are_observed_under_the_original_route(gw):
+    token, _ = await gw.key(scopes=["people:read"])
+    async with gw.proxy.get(VERIFY, headers={**bearer(token), "X-Original-URI": "/people/1"}):
+        pass
+    assert gw.counter("keygate_requests_total", route="/people/**", method="GET",
+                      status_class="2xx") == 1

@@ -1,0 +1,60 @@
+"""The verify-only configs in docs/verify/ that no binary here can run (Traefik, Envoy,
+ingress-nginx): they parse, point at the verify endpoint, and carry keygate's header names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from gateway.config import IdentityHeaders
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "verify"
+IDENTITY = IdentityHeaders().names()
+
+
+def text_of(name: str) -> str:
+    return (DOCS / name).read_text()
+
+
+def test_traefik_labels_forward_auth_to_verify_and_copy_the_identity():
+    doc = yaml.safe_load(text_of("traefik-compose.yml"))
+    labels = dict(label.split("=", 1) for label in doc["services"]["api"]["labels"])
+    prefix = "traefik.http.middlewares.keygate.forwardauth."
+    assert labels[prefix + "address"].endswith(":8080/_keygate/v1/verify")
+    assert labels[prefix + "trustForwardHeader"] == "false"
+    assert labels[prefix + "authResponseHeaders"].split(",")[:4] == list(IDENTITY)
+    chain = labels["traefik.http.routers.api.middlewares"].split(",")
+    assert chain[0].startswith("keygate-clean") and chain[1].startswith("keygate@")
+    cleaned = {k.rsplit(".", 1)[1] for k in labels if "keygate-clean.headers" in k}
+    assert cleaned == set(IDENTITY)
+
+
+def test_envoy_ext_authz_uses_the_verify_prefix_and_fails_closed():
+    text = text_of("envoy.yaml")
+    doc = yaml.safe_load(text)
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = [f["name"] for f in hcm["http_filters"]]
+    assert filters == ["envoy.filters.http.header_mutation", "envoy.filters.http.ext_authz",
+                       "envoy.filters.http.router"]
+    authz = hcm["http_filters"][1]["typed_config"]
+    assert authz["failure_mode_allow"] is False
+    assert authz["http_service"]["path_prefix"] == "/_keygate/v1/verify"
+    upstream = {p["exact"] for p in authz["http_service"]["authorization_response"]
+                ["allowed_upstream_headers"]["patterns"]}
+    assert {h.lower() for h in IDENTITY} <= upstream
+    removed = {m["remove"] for m in hcm["http_filters"][0]["typed_config"]["mutations"]
+               ["request_mutations"]}
+    assert removed == {h.lower() for h in IDENTITY}
+
+
+def test_ingress_nginx_sets_the_original_request_headers_itself():
+    configmap, ingress = yaml.safe_load_all(text_of("ingress-nginx.yaml"))
+    assert configmap["data"] == {"X-Forwarded-Method": "$request_method",
+                                 "X-Forwarded-Uri": "$request_uri"}
+    notes = ingress["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/auth-url"].endswith(":8080/_keygate/v1/verify")
+    assert notes["nginx.ingress.kubernetes.io/auth-proxy-set-headers"] == \
+        f"{configmap['metadata']['namespace']}/{configmap['metadata']['name']}"
+    assert notes["nginx.ingress.kubernetes.io/auth-response-headers"].split(",")[:4] == \
+        list(IDENTITY)
