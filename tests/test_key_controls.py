@@ -11,7 +11,7 @@ import json
 import pytest
 import redis
 
-from gateway.config import ServerConfig, StoreConfig
+from gateway.config import StoreConfig
 from harness import gateway_under_test, make_config
 
 
