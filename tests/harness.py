@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from typing import Any
@@ -68,6 +69,16 @@ class GatewayUnderTest:
         status, body = await self.admin_json("POST", f"/workspaces/{ws}/keys", fields)
         assert status == 201, body
         return body["token"], body["key"]
+
+    async def raw_connection(self):
+        """A raw (reader, writer) socket to the proxy listener, for framing and timing tests."""
+        return await asyncio.open_connection("127.0.0.1", self.proxy_server.port)
+
+    async def used(self, ws: str = "acme") -> int:
+        """The workspace's requests counted this month, as the admin API reports them."""
+        status, body = await self.admin_json("GET", f"/workspaces/{ws}/usage")
+        assert status == 200, body
+        return body["used"]
 
     def logs(self, capfd) -> tuple[str, str]:
         """stdout and stderr so far, with the buffered access log written out first."""

@@ -28,16 +28,6 @@ def edge_config(upstream_url: str, upstream_timeout: float = 2.0, upstream_max: 
         "api": Upstream("api", upstream_url, upstream_timeout, max_connections=upstream_max)})
 
 
-async def connect(g):
-    return await asyncio.open_connection("127.0.0.1", g.proxy_server.port)
-
-
-async def usage_used(g, ws: str = "acme") -> int:
-    status, body = await g.admin_json("GET", f"/workspaces/{ws}/usage")
-    assert status == 200
-    return body["used"]
-
-
 # --- 1. unauthenticated clients take every upstream connection slot ----------------------------
 
 async def test_stalled_public_uploads_must_not_take_every_upstream_connection(
@@ -50,7 +40,7 @@ async def test_stalled_public_uploads_must_not_take_every_upstream_connection(
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         attackers = []
         for _ in range(3):
-            reader, writer = await connect(g)
+            reader, writer = await g.raw_connection()
             writer.write(b"POST /public/upload HTTP/1.1\r\nHost: g\r\n"
                          b"Content-Length: 1000000\r\n\r\nx")
             attackers.append((reader, writer))
@@ -80,7 +70,7 @@ async def test_a_client_gone_mid_upload_is_not_counted(redis_url, upstream, monk
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         await g.workspace("acme")
         token, _ = await g.key(scopes=["people:read"])
-        reader, writer = await connect(g)
+        reader, writer = await g.raw_connection()
         writer.write(b"POST /people/x HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer "
                      + token.encode() + b"\r\nContent-Length: 100\r\n\r\n0123456789")
         await writer.drain()
@@ -88,7 +78,7 @@ async def test_a_client_gone_mid_upload_is_not_counted(redis_url, upstream, monk
         writer.close()                       # the client goes away mid-upload
         await asyncio.sleep(0.5)
         assert upstream.requests == []       # the upstream never got a whole request
-        assert await usage_used(g) == 0, "a request the client abandoned mid-body was billed"
+        assert await g.used() == 0, "a request the client abandoned mid-body was billed"
 
 
 # --- 3. a 503 whose store call timed out is billed once the store wakes -------------------------
@@ -109,7 +99,7 @@ async def test_a_503_after_a_store_timeout_is_not_counted_once_the_store_wakes(
         auth = {"Authorization": f"Bearer {token}"}
         async with g.proxy.get("/people/warm", headers=auth) as r:   # key verified, cached
             assert r.status == 200
-        assert await usage_used(g) == 1
+        assert await g.used() == 1
         os.kill(own_redis.proc.pid, signal.SIGSTOP)
         try:
             statuses = []
@@ -120,7 +110,7 @@ async def test_a_503_after_a_store_timeout_is_not_counted_once_the_store_wakes(
             os.kill(own_redis.proc.pid, signal.SIGCONT)
         assert statuses == [(503, "store_unavailable")] * 3
         await asyncio.sleep(1.5)   # the store is back (fail-open retries would run by now)
-        assert await usage_used(g) == 1, "refused 503s were billed once Redis woke"
+        assert await g.used() == 1, "refused 503s were billed once Redis woke"
 
 
 # --- 4. a blocked stderr blocks the process's exit ----------------------------------------------
@@ -189,7 +179,7 @@ async def test_a_refused_requests_body_does_not_cut_keep_alive_to_the_header_tim
     config = edge_config(str(upstream.make_url("")),
                          timeouts=Timeouts(header=2.0, body=5.0, idle=10.0))
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
-        reader, writer = await connect(g)
+        reader, writer = await g.raw_connection()
         writer.write(b"POST /people/x HTTP/1.1\r\nHost: g\r\nContent-Length: 5\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 401"), head
@@ -222,7 +212,7 @@ async def test_a_header_timeout_closes_quietly_without_an_error_traceback(
                          timeouts=Timeouts(header=0.5, body=5.0, idle=10.0))
     caplog.set_level(logging.ERROR)
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
-        conns = [await connect(g) for _ in range(5)]
+        conns = [await g.raw_connection() for _ in range(5)]
         for _, w in conns:
             w.write(b"GET /public/x HTTP/1.1\r\nHost: g\r\n")   # never finished
         await asyncio.sleep(1.5)
@@ -297,7 +287,7 @@ async def test_a_gzip_transfer_coding_is_refused_or_kept_never_silently_dropped(
     config = edge_config(str(upstream.make_url("")))
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         coded = gzip.compress(b"hello world " * 10)
-        reader, writer = await connect(g)
+        reader, writer = await g.raw_connection()
         writer.write(b"POST /public/x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: gzip, chunked\r\n"
                      b"Connection: close\r\n\r\n" + b"%x\r\n" % len(coded) + coded
                      + b"\r\n0\r\n\r\n")

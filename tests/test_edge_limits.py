@@ -40,23 +40,13 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> tuple[b
         return False, bytes(got)
 
 
-async def connect(g):
-    return await asyncio.open_connection("127.0.0.1", g.proxy_server.port)
-
-
-async def usage_used(g, ws: str = "acme") -> int:
-    status, body = await g.admin_json("GET", f"/workspaces/{ws}/usage")
-    assert status == 200
-    return body["used"]
-
-
 # --- header, body and idle timeouts -----------------------------------------------------------
 
 async def test_a_request_head_dripped_slowly_is_cut_off_at_the_header_timeout(
         redis_url, upstream, monkeypatch):
     async with gateway_under_test(edge_config(str(upstream.make_url(""))), redis_url,
                                   monkeypatch) as g:
-        reader, writer = await connect(g)
+        reader, writer = await g.raw_connection()
         started = time.monotonic()
         writer.write(b"GET /public/x HTTP/1.1\r\nHost: g\r\n")
 
@@ -80,7 +70,7 @@ async def test_a_connection_that_never_sends_is_closed_at_the_header_timeout(
         redis_url, upstream, monkeypatch):
     async with gateway_under_test(edge_config(str(upstream.make_url(""))), redis_url,
                                   monkeypatch) as g:
-        reader, writer = await connect(g)
+        reader, writer = await g.raw_connection()
         closed, _ = await closed_within(reader, 3.0)
         writer.close()
         assert closed
@@ -90,7 +80,7 @@ async def test_idle_keep_alive_connections_close_after_the_idle_timeout(
         redis_url, upstream, monkeypatch):
     async with gateway_under_test(edge_config(str(upstream.make_url(""))), redis_url,
                                   monkeypatch) as g:
-        reader, writer = await connect(g)
+        reader, writer = await g.raw_connection()
         writer.write(b"GET /public/x HTTP/1.1\r\nHost: g\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200")
@@ -123,7 +113,7 @@ async def test_a_stalled_body_is_408_frees_the_upstream_connection_and_is_not_co
         async with gateway_under_test(edge_config(url), redis_url, monkeypatch) as g:
             await g.workspace("acme")
             token, _ = await g.key(scopes=["people:read"])
-            reader, writer = await connect(g)
+            reader, writer = await g.raw_connection()
             writer.write(b"POST /people/x HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer "
                          + token.encode() + b"\r\nContent-Length: 100\r\n\r\n0123456789")
             started = time.monotonic()
@@ -135,7 +125,7 @@ async def test_a_stalled_body_is_408_frees_the_upstream_connection_and_is_not_co
             assert closed and time.monotonic() - started < 3.0
             await asyncio.sleep(0.2)
             assert upstream_conns == []               # the upstream connection was let go
-            assert await usage_used(g) == 0           # keygate's own refusal: not billed
+            assert await g.used() == 0           # keygate's own refusal: not billed
     finally:
         srv.close()
 
@@ -147,9 +137,9 @@ async def test_client_connections_over_max_connections_are_refused_and_the_rest_
     config = edge_config(str(upstream.make_url("")), max_connections=5,
                          timeouts=Timeouts(header=30, body=30, idle=30))
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
-        idle = [await connect(g) for _ in range(5)]
+        idle = [await g.raw_connection() for _ in range(5)]
         await asyncio.sleep(0.1)
-        reader, writer = await connect(g)
+        reader, writer = await g.raw_connection()
         closed, _ = await closed_within(reader, 2.0)
         writer.close()
         assert closed, "a connection over server.max_connections was kept"
@@ -215,7 +205,7 @@ async def test_waiting_for_an_upstream_connection_past_the_timeout_is_504_and_no
         assert sorted([s1, s2]) == [504, 504]
         # one reached the upstream (it timed out waiting for the answer: counted), the other
         # never got a connection (refused here: not counted)
-        assert await usage_used(g) == 1
+        assert await g.used() == 1
 
 
 def test_the_open_file_limit_is_raised_to_fit_max_connections():
@@ -267,8 +257,8 @@ async def test_a_declared_body_over_the_limit_is_413_and_not_counted(redis_url, 
                 yield b"y" * 500
         async with g.proxy.post("/people/x", data=chunks(), headers=auth) as r:
             assert r.status == 413
-        assert await usage_used(g) == 0
+        assert await g.used() == 0
         async with g.proxy.post("/people/x", data=b"z" * 10, headers=auth) as r:
             assert r.status == 200
-        assert await usage_used(g) == 1
+        assert await g.used() == 1
         assert [rec["body_len"] for rec in upstream.requests] == [10]
