@@ -674,9 +674,9 @@ def error_middleware(config: Config, *, authenticate: bool = True) -> Callable:
             response = await handler(request)
         except GatewayError as err:
             response = err.response(rid)
-        except StoreError:
-            log.warning("store unavailable during %s %s (request %s)", request.method,
-                        request.path, rid)
+        except StoreError as exc:
+            log.warning("store unavailable during %s %s (request %s): %s", request.method,
+                        request.path, rid, exc)
             response = ServiceUnavailable("The key store is unavailable; nothing was changed "
                                           "or the change could not be confirmed.").response(rid)
         except web.HTTPException as exc:
@@ -700,7 +700,9 @@ QUERY_PARAMS = {("GET", "/admin/v1/workspaces/{ws}/keys"): LIST_PARAMS,
 """The query parameters each admin endpoint takes; any other is a 400."""
 
 
-def create_admin_app(config: Config, store: Store) -> web.Application:
+def create_admin_app(config: Config, store: Store,
+                     per_request_ready: Callable[[], Awaitable[None]] | None = None
+                     ) -> web.Application:
     """The admin listener's app: ``/admin/v1/...`` (operator token), ``/healthz``, ``/readyz``."""
     app = web.Application(middlewares=[error_middleware(config)])
     # Handlers read ``store.config`` on each request: a reload swaps it (gateway/reload.py).
@@ -725,8 +727,26 @@ def create_admin_app(config: Config, store: Store) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return _json({"status": "ok"})
 
+    last_problem: list[str | None] = [None]
+
     async def readyz(request: web.Request) -> web.Response:
-        if await store.ping():
+        """200 only when both store clients work: the admin path answers PING and the
+        per-request path's own connection can run its script (``per_request_ready``)."""
+        problem = None
+        if not await store.ping():
+            problem = "the admin store connection does not answer PING"
+        elif per_request_ready is not None:
+            try:
+                await per_request_ready()
+            except StoreError as exc:
+                problem = str(exc)
+        if problem != last_problem[0]:  # log changes, not every probe
+            if problem:
+                log.warning("not ready: %s", problem)
+            elif last_problem[0]:
+                log.info("ready again: the store answers on both paths")
+            last_problem[0] = problem
+        if problem is None:
             return _json({"status": "ok"})
         raise ServiceUnavailable("The key store is unreachable.")
 

@@ -179,7 +179,7 @@ async def running_gateway(config: Config, store_url: str, *,
             pipeline.access = access.write
         if config.tracing is not None:
             pipeline.tracer = _otel_tracer(config, pipeline.client_ip)
-        admin_app = create_admin_app(config, store)
+        admin_app = create_admin_app(config, store, requests.ready)
         from .observe import add_metrics_route
         add_metrics_route(admin_app, metrics, store, config)
         # Bodies are forwarded byte for byte as sent: a Content-Encoding body is never inflated
@@ -319,12 +319,15 @@ async def _serve(config: Config, store_url: str, reuse_port: bool,
 async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
                          stop: asyncio.Event, config_path: str | None = None) -> int:
     async with running_gateway(config, store_url, config_path=config_path) as gw:
-        try:
-            ready = await gw.store.ping()
-        except StoreError:
-            ready = False
-        if not ready:
-            print(f"keygate: cannot reach the store at {redact(store_url)}", file=sys.stderr)
+        if problem := await gw.store.ping_problem():
+            print(f"keygate: cannot reach the store at {redact(store_url)}: {problem}",
+                  file=sys.stderr)
+            return 1
+        try:  # the per-request path's own connection (its credentials, its permissions)
+            await gw.requests.ready()
+        except StoreError as exc:
+            print(f"keygate: cannot use the store at {redact(store_url)}: {exc}",
+                  file=sys.stderr)
             return 1
         try:
             runners = await start_listeners(gw, reuse_port)
@@ -373,14 +376,20 @@ def _preflight(config: Config, store_url: str) -> str | None:
         except StoreError as exc:
             return f"cannot use the store at {redact(store_url)}: {exc}"
         try:
-            await RequestStore(store_url, timeout=config.store.timeout).close()
+            requests = RequestStore(store_url, timeout=config.store.timeout)
         except ValueError as exc:
+            await store.close()
             return f"cannot use the store at {redact(store_url)}: bad store URL: {exc}"
         try:
-            ok = await store.ping()
+            if problem := await store.ping_problem():
+                return f"cannot reach the store at {redact(store_url)}: {problem}"
+            await requests.ready()
+        except StoreError as exc:
+            return f"cannot use the store at {redact(store_url)}: {exc}"
         finally:
+            await requests.close()
             await store.close()
-        return None if ok else f"cannot reach the store at {redact(store_url)}"
+        return None
 
     if problem := asyncio.run(store_problem()):
         return problem

@@ -7,9 +7,11 @@ store round trip (``lua/authorize.lua``) compares revisions, and a stale entry i
 before anything is decided, so revocation and re-scoping act on the very next request at every
 replica without waiting for a TTL.
 
-The cold path (a key not in the cache) reads the key, then verifies in a thread pool, never on
-the event loop; concurrent first requests for one key and secret share one verification, and
-failed verifications are throttled per client IP and per key id *before* argon2 runs.
+The cold path (a key not in the cache) waits for a turn in a bounded, fair queue
+(``gateway.verify_queue``), reads the key, then verifies on a bounded thread pool at lower CPU
+priority, never on the event loop; concurrent first requests for one key and secret share one
+verification, and failed verifications are throttled per client IP (and per key id when
+``keys.failures.per_key`` is set) *before* argon2 runs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import asyncio
 import hashlib
 import ipaddress
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -28,6 +29,7 @@ from .hotpath import RequestStore
 from .limits import effective_plan, key_rate_limit
 from .models import KeyRecord, Principal, Workspace
 from .tokens import MalformedToken, ParsedToken, SecretHasher, parse_token
+from .verify_queue import VerifyQueue, argon2_executor, argon2_threads
 
 MAX_CACHED_KEYS = 100_000
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -86,12 +88,20 @@ class Authenticator:
         self.clock = clock
         a = config.keys.argon2
         self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="argon2")
+        threads = argon2_threads()
+        self.executor = argon2_executor(threads)
+        # A turn per argon2 thread, plus one, so a thread never idles while a turn reads the
+        # key from the store.
+        self.queue = VerifyQueue(threads + 1,
+                                 config.keys.verify_queue.per_ip,
+                                 config.keys.verify_queue.total)
+        self._per_key_limit = config.keys.failures.per_key
+        self._running: dict[str, int] = {}  # client IP / key id → verifications running
+        self._finished: dict[str, asyncio.Event] = {}  # set when one of them finishes
         self.cache: dict[bytes, CachedKey] = {}       # token digest → verified key
         self._by_key_id: dict[str, bytes] = {}        # key id → its token digest
         self._inflight: dict[bytes, asyncio.Task] = {}
         self._interned: dict = {}  # shared workspaces and scope sets (see entry())
-        self._pending: dict[str, int] = {}  # client IP or key id → verifications running
         self._prefix = config.keys.prefix
         self._environments = frozenset(config.keys.environments)
         self._hit = metrics.key_cache.labels("hit") if metrics else None
@@ -106,6 +116,9 @@ class Authenticator:
         self.config = config
         self._prefix = config.keys.prefix
         self._environments = frozenset(config.keys.environments)
+        self._per_key_limit = config.keys.failures.per_key
+        self.queue.per_ip = config.keys.verify_queue.per_ip  # bounds for the next arrivals
+        self.queue.total = config.keys.verify_queue.total
         self.generation += 1
         if keys_changed:
             self.cache.clear()
@@ -167,29 +180,46 @@ class Authenticator:
     # --- cold path ----------------------------------------------------------------------------
 
     async def _verify(self, token: ParsedToken, digest: bytes, client_ip: str) -> CachedKey:
+        """Wait for a turn (503 overloaded when the queue is full), then check the failure
+        throttle and verify. Only verifications that *failed* count against the throttle;
+        a verification waiting in the queue is never refused as a failure."""
+        async with self.queue.turn(client_ip):
+            await self._within_failure_limits(token.key_id, client_ip)
+            running = [client_ip] + ([token.key_id] if self._per_key_limit else [])
+            for name in running:
+                self._running[name] = self._running.get(name, 0) + 1
+            try:
+                return await self._verify_counted(token, digest, client_ip)
+            finally:
+                for name in running:
+                    if (n := self._running[name] - 1) > 0:
+                        self._running[name] = n
+                    else:
+                        del self._running[name]
+                    if (done := self._finished.pop(name, None)) is not None:
+                        done.set()
+
+    async def _within_failure_limits(self, key_id: str, client_ip: str) -> None:
+        """429 too_many_failures once the stored failures reach a limit. While they are below
+        it, verifications of this process still running for the same IP (or key id) are what
+        could still fail: one that could push past the limit waits for them to finish rather
+        than run argon2 beyond the limit (an attacker's concurrent wrong guesses then cost at
+        most ``per_ip`` argon2 runs per window and process)."""
         limits = self.config.keys.failures
-        by_ip, by_key = await self.requests.failure_counts(client_ip, token.key_id)
-        # Verifications still running count as possible failures: the stored counts only move
-        # once a verification has failed, so without this, N concurrent wrong guesses all
-        # passed the check and all ran argon2 (an unbounded CPU cost an attacker chooses).
-        pending_ip = self._pending.get(client_ip, 0)
-        pending_key = self._pending.get(token.key_id, 0)
-        if by_ip + pending_ip >= limits.per_ip or by_key + pending_key >= limits.per_key:
-            failed = by_ip >= limits.per_ip or by_key >= limits.per_key
-            raise TooManyRequests(
-                "Too many failed attempts with invalid keys; wait before trying again.",
-                code="too_many_failures",
-                headers={"Retry-After": str(limits.window_seconds if failed else 1)})
-        self._pending[client_ip] = pending_ip + 1
-        self._pending[token.key_id] = pending_key + 1
-        try:
-            return await self._verify_counted(token, digest, client_ip)
-        finally:
-            for name in (client_ip, token.key_id):
-                if (n := self._pending[name] - 1) > 0:
-                    self._pending[name] = n
-                else:
-                    del self._pending[name]
+        per_key = self._per_key_limit
+        while True:
+            by_ip, by_key = await self.requests.failure_counts(client_ip, key_id)
+            if by_ip >= limits.per_ip or (per_key and by_key >= per_key):
+                raise TooManyRequests(
+                    "Too many failed attempts with invalid keys; wait before trying again.",
+                    code="too_many_failures",
+                    headers={"Retry-After": str(limits.window_seconds)})
+            if by_ip + self._running.get(client_ip, 0) < limits.per_ip:
+                if not per_key or by_key + self._running.get(key_id, 0) < per_key:
+                    return
+                await self._finished.setdefault(key_id, asyncio.Event()).wait()
+            else:
+                await self._finished.setdefault(client_ip, asyncio.Event()).wait()
 
     async def _verify_counted(self, token: ParsedToken, digest: bytes,
                               client_ip: str) -> CachedKey:

@@ -94,10 +94,20 @@ class Argon2Config:
 
 @dataclass(frozen=True)
 class FailureLimits:
-    """Failed verifications tolerated per window before 429 too_many_failures."""
+    """Failed verifications tolerated per window before 429 too_many_failures. ``per_key`` is
+    off (None) by default: key ids are public, so a per-key limit would let anyone lock a key
+    out of a replica whose cache does not hold it yet."""
     per_ip: int = 20
-    per_key: int = 10
+    per_key: int | None = None
     window_seconds: int = 60
+
+
+@dataclass(frozen=True)
+class VerifyQueueLimits:
+    """Verifications waiting for (or holding) a turn at argon2, per client IP and in total;
+    past either, 503 overloaded."""
+    per_ip: int = 256
+    total: int = 4096
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,7 @@ class KeysConfig:
     argon2: Argon2Config = field(default_factory=Argon2Config)
     cache_ttl: float = 300.0                   # seconds a verified secret stays verified in-process
     failures: FailureLimits = field(default_factory=FailureLimits)
+    verify_queue: VerifyQueueLimits = field(default_factory=VerifyQueueLimits)
 
 
 @dataclass(frozen=True)
@@ -754,8 +765,12 @@ class _Reader:
             "cache_ttl": lambda n, p: self.number(n, p, minimum=0),
             "failures": lambda n, p: self.section(n, p, FailureLimits, {
                 "per_ip": lambda n2, p2: self.integer(n2, p2, minimum=1),
-                "per_key": lambda n2, p2: self.integer(n2, p2, minimum=1),
+                "per_key": lambda n2, p2: self.integer(n2, p2, minimum=1, nullable=True),
                 "window_seconds": lambda n2, p2: self.integer(n2, p2, minimum=1),
+            }),
+            "verify_queue": lambda n, p: self.section(n, p, VerifyQueueLimits, {
+                "per_ip": lambda n2, p2: self.integer(n2, p2, minimum=1),
+                "total": lambda n2, p2: self.integer(n2, p2, minimum=1),
             }),
         })
         if keys.argon2.memory_cost < 8 * keys.argon2.parallelism:

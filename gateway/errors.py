@@ -13,7 +13,7 @@
     ├── TooManyRequests (429)         too_many_failures, rate_limited, quota_exceeded
     ├── NotImplemented_ (501)         not_implemented (a transfer coding other than chunked)
     ├── BadGateway (502)              upstream_unavailable
-    ├── ServiceUnavailable (503)      store_unavailable
+    ├── ServiceUnavailable (503)      store_unavailable, overloaded (gateway.verify_queue)
     └── GatewayTimeout (504)          upstream_timeout
 
     StoreError                        the store could not be reached or answered garbage;
@@ -155,6 +155,17 @@ def insufficient_scope(needed: str) -> Forbidden:
 
 class StoreError(Exception):
     """The store is unreachable or failed; never shown to clients (they see 503)."""
+
+
+def describe(exc: BaseException) -> str:
+    """An exception's class and message for a log line, e.g. ``ConnectionError: Error 111
+    connecting to 127.0.0.1:6379. Connection refused.``. Redis and redis-py never put a password
+    in an error message; a ``password=`` fragment is masked all the same."""
+    import re
+    text = str(exc).replace("\n", " ").strip()
+    text = re.sub(r"(password=)[^&\s]+", r"\1***", text, flags=re.I)
+    text = re.sub(r"(://[^:/@\s]*:)[^@\s]+@", r"\1***@", text)
+    return f"{exc.__class__.__name__}: {text[:300]}" if text else exc.__class__.__name__
 
 
 class ConfigError(Exception):

@@ -6,6 +6,7 @@ one seam: :meth:`RequestStore.authorize`.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -14,7 +15,7 @@ from typing import Any, NamedTuple
 
 from redis.exceptions import NoScriptError
 
-from .errors import StoreError
+from .errors import StoreError, describe
 from .resp import RespClient, RespError, _encode
 from .store import (daily_key, fail_ip_key, fail_key_key, key_daily_key, key_key, key_usage_key,
                     rate_key, usage_key, ws_key)
@@ -26,7 +27,11 @@ def _script(name: str) -> tuple[str, str]:
 
 
 AUTHORIZE, AUTHORIZE_SHA = _script("authorize.lua")
-_AUTHORIZE_ARGS = 11
+_AUTHORIZE_ARGS = 12
+# The script's deadline (lua/authorize.lua ARGV[12]) is this share of the store timeout after
+# the call is made: a reply to a call that ran before it reaches us before we give up on it.
+DEADLINE_SHARE = 0.8
+OFFSET_MAX_AGE = 60.0  # seconds between clock-offset measurements on the redis-py path
 
 RECORD_FAILURE = """
 local n = redis.call('INCR', KEYS[1])
@@ -104,6 +109,10 @@ class RequestStore:
         self._heads: dict[tuple[str, str, str], bytes] = {}
         self._resp: RespClient | None = None
         self._redis: Any = None
+        self.timeout = timeout
+        self._offset: float | None = None    # redis-py path: Redis's clock minus ours
+        self._offset_at = -1e9
+        self._measuring: asyncio.Future | None = None
         if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
             self._resp = RespClient(url, timeout=timeout)
         else:
@@ -112,15 +121,72 @@ class RequestStore:
             from .redis_urls import topology_client
             self._redis = topology_client(url, timeout=timeout, decode_responses=False)
 
+    def _deadline(self) -> int:
+        """The latest instant, in Redis's clock (µs), at which the authorize script may still
+        count this request; 0 (none) while the clocks' offset is unknown."""
+        if self._resp is not None:
+            offset = self._resp.clock_offset
+        else:
+            offset = self._offset
+            if time.monotonic() - self._offset_at > OFFSET_MAX_AGE and self._measuring is None:
+                self._measuring = asyncio.ensure_future(self._measure_offset())
+        if offset is None:
+            return 0
+        return int((time.monotonic() + offset + self.timeout * DEADLINE_SHARE) * 1e6)
+
+    def _clock_stepped(self) -> None:
+        """A call came back "late" long before its deadline could have passed: one of the
+        clocks stepped since the offset was measured. Measure it again."""
+        if self._resp is not None:
+            self._resp.measure_clock()
+        else:
+            self._offset_at = -1e9
+
+    async def _measure_offset(self) -> None:
+        """Redis's clock minus our ``time.monotonic()``, for the redis-py path (Cluster:
+        nodes keep NTP time, one node's reading stands for all), refreshed every
+        ``OFFSET_MAX_AGE`` seconds."""
+        try:
+            sent = time.monotonic()
+            seconds, micros = await self._redis.time()
+            self._offset = seconds + micros / 1e6 - (sent + time.monotonic()) / 2
+            self._offset_at = time.monotonic()
+        except Exception:  # the store is down: keep the last offset, try again next call
+            pass
+        finally:
+            self._measuring = None
+
     def _member(self, now_ms: int) -> str:
         self._seq += 1
         return f"{now_ms}:{self._tag}:{self._seq}"
 
     async def close(self) -> None:
+        if self._measuring is not None:
+            self._measuring.cancel()
+            await asyncio.wait((self._measuring,))
         if self._resp is not None:
             await self._resp.close()
         elif self._redis is not None:
             await self._redis.aclose()
+
+    async def ready(self) -> None:
+        """Raise :class:`StoreError` (naming the cause) unless this client's own connection can
+        run the per-request script: loads it (so the first request needs no NOSCRIPT round
+        trip) and checks Redis answers with its digest. A wrong password, a missing ACL
+        permission or an unreachable server all fail here."""
+        try:
+            if self._resp is not None:
+                sha = await self._resp.call("SCRIPT", "LOAD", AUTHORIZE)
+            else:
+                sha = await self._redis.script_load(AUTHORIZE)
+        except Exception as exc:
+            raise StoreError(f"the per-request store connection cannot run its script: "
+                             f"{describe(exc)}") from exc
+        if isinstance(sha, bytes):
+            sha = sha.decode()
+        if sha != AUTHORIZE_SHA:
+            raise StoreError("the per-request store connection cannot run its script: "
+                             "Redis answered SCRIPT LOAD with an unexpected digest")
 
     async def _evalsha(self, sha: str, script: str, keys: tuple[str, ...],
                        args: tuple[Any, ...]) -> Any:
@@ -139,16 +205,18 @@ class RequestStore:
         except StoreError:
             raise
         except Exception as exc:  # connection lost, timeout, error reply: the store failed
-            raise StoreError(f"store call failed: {exc.__class__.__name__}") from exc
+            raise StoreError(f"store call failed: {describe(exc)}") from exc
 
     async def authorize(self, *, workspace: str, key_id: str, key_rev: int, ws_rev: int,
                         count: bool, rate_limit: int, rate_period_ms: int,
                         monthly_limit: int | None, period: str, counter_ttl: int,
                         now_ms: int, day: str = "", key_limit: int | None = None) -> Decision:
+        started = time.monotonic()
         day = day or utc_day(now_ms / 1000)
         args = (now_ms, key_rev, ws_rev, "count" if count else "check", rate_limit,
                 rate_period_ms, -1 if monthly_limit is None else monthly_limit, counter_ttl,
-                self._member(now_ms), -1 if key_limit is None else key_limit, DAILY_TTL)
+                self._member(now_ms), -1 if key_limit is None else key_limit, DAILY_TTL,
+                self._deadline() if count else 0)
         reply = None
         if self._resp is not None:
             # The command's first half (EVALSHA, sha, the seven keys) is the same for every
@@ -161,12 +229,17 @@ class RequestStore:
                 reply = await self._resp.call_encoded(head + tail.encode())
             except RespError as exc:
                 if not str(exc).startswith("NOSCRIPT"):
-                    raise StoreError(f"store call failed: {exc.__class__.__name__}") from exc
+                    raise StoreError(f"store call failed: {describe(exc)}") from exc
             except Exception as exc:  # connection lost or timed out: the store failed
-                raise StoreError(f"store call failed: {exc.__class__.__name__}") from exc
+                raise StoreError(f"store call failed: {describe(exc)}") from exc
         if reply is None:
             reply = await self._evalsha(AUTHORIZE_SHA, AUTHORIZE,
                                         _authorize_keys(workspace, key_id, period, day), args)
+        if reply[0] == b"late":  # ran after we would have given up: it counted nothing
+            if time.monotonic() - started < self.timeout * DEADLINE_SHARE / 2:
+                self._clock_stepped()
+            raise StoreError("store call failed: Redis ran the call after its deadline "
+                             "(paused or overloaded)")
         try:
             outcome = _OUTCOMES[reply[0]]
             return Decision(outcome, reply[1], reply[2], reply[4], reply[3], reply[5])
@@ -191,7 +264,7 @@ class RequestStore:
                 reply = [await self._redis.get(fail_ip_key(ip)),
                          await self._redis.get(fail_key_key(key_id))]
         except Exception as exc:
-            raise StoreError(f"store call failed: {exc.__class__.__name__}") from exc
+            raise StoreError(f"store call failed: {describe(exc)}") from exc
         return int(reply[0] or 0), int(reply[1] or 0)
 
     async def record_failure(self, ip: str, key_id: str, window_seconds: int) -> None:

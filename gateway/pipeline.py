@@ -110,6 +110,7 @@ class Pipeline:
         self.self_service = self_service
         self.clock = clock
         self.months = MonthCache()
+        self._store_error_logged_at, self._store_errors_unlogged = -1e9, 0
         self.local_counts: dict[Slot, int] = {}  # (workspace, key, month, day) → requests
         self._flushes: set[asyncio.Task] = set()
         self._retry: asyncio.Task | None = None
@@ -239,7 +240,7 @@ class Pipeline:
         try:
             return await self.auth.authenticate(token, self.client_ip(request))
         except StoreError as exc:
-            raise self._store_down() from exc
+            raise self._store_down(exc) from exc
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
                         request: web.BaseRequest | None = None
@@ -281,7 +282,7 @@ class Pipeline:
                 try:
                     fresh = await self.auth.refresh(key)
                 except StoreError as exc:
-                    raise self._store_down() from exc
+                    raise self._store_down(exc) from exc
                 if fresh is None:
                     raise errors.invalid_token("invalid_key", "The API key is not valid.")
                 key = fresh
@@ -353,20 +354,32 @@ class Pipeline:
 
     # --- store down ---------------------------------------------------------------------------
 
-    def _store_down(self) -> ServiceUnavailable:
+    def _store_down(self, cause: BaseException | None = None) -> ServiceUnavailable:
         if self.metrics:
             self.metrics.store_errors.inc()
+        self._log_store_error(cause)
         return ServiceUnavailable("The key store is unavailable; the request was not checked.",
                                   headers={"Retry-After": "1"})
+
+    def _log_store_error(self, cause: BaseException | None) -> None:
+        """Name the cause of store failures in the log (its class and message, never a
+        password), at most once a second however many requests fail."""
+        self._store_errors_unlogged += 1
+        now = time.monotonic()
+        if cause is not None and now - self._store_error_logged_at >= 1.0:
+            log.warning("store unavailable: %s (%d store failures since the last report)",
+                        cause, self._store_errors_unlogged)
+            self._store_error_logged_at, self._store_errors_unlogged = now, 0
 
     def _degraded(self, key: CachedKey, expired: bool, missing: str | None, blocked: bool,
                   count: bool, exc: StoreError) -> dict[str, str]:
         """The store failed on a key verified in this process: fail closed, or — with
         ``on_store_error: open`` — decide from the cached state and count locally."""
         if not self.fail_open:
-            raise self._store_down() from exc
+            raise self._store_down(exc) from exc
         if self.metrics:
             self.metrics.store_errors.inc()
+        self._log_store_error(exc)
         if expired:
             raise errors.invalid_token("expired_key", "This API key has expired.")
         if key.key.revoked_at is not None:
@@ -482,7 +495,7 @@ class Pipeline:
                 current = await self.store.get_key(key.workspace.id, key.key.id) or key.key
                 used, = await self.store.keys_used_this_month(key.workspace.id, [current.id])
             except StoreError as exc:
-                raise self._store_down() from exc
+                raise self._store_down(exc) from exc
             usage["key"] = current.to_json(tuple(sorted(key.principal.scopes)), self.clock(),
                                            used)
             return web.Response(body=json.dumps(usage).encode(), content_type="application/json")
@@ -494,7 +507,7 @@ class Pipeline:
             try:
                 return await self.self_service(request, key.principal, self.store, self.config)
             except StoreError as exc:  # not a bug: the store failed under the key endpoints
-                raise self._store_down() from exc
+                raise self._store_down(exc) from exc
         raise no_route(request.method, raw_path)
 
     # --- small helpers ------------------------------------------------------------------------

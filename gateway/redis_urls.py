@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
@@ -141,6 +143,138 @@ def parse_topology_url(url: str) -> TopologyURL:
                        first.get("sentinel_password") or None)
 
 
+# How many connections one process opens to one Redis node at most. Past it, a store call
+# waits for a free connection (it is never refused: redis-py 8's default pool raises
+# ``MaxConnectionsError`` past 100, which a burst of admin calls turned into 503s while Redis
+# was fine). The wait itself is bounded by the calls ahead of it, each bounded by the store
+# timeout. Cluster pools cannot wait, so theirs is large (a node's maxclients is 10000).
+POOL_CONNECTIONS = 64
+CLUSTER_NODE_CONNECTIONS = 2048
+
+
+@dataclass(frozen=True)
+class StandaloneURL:
+    """A ``redis://``, ``rediss://`` or ``unix://`` URL as redis-py itself reads it
+    (``redis.asyncio.connection.parse_url``): the one parse both store clients use, so every
+    option (``password`` in the query of a ``unix://`` URL, ``ssl_ca_certs``, ``db``...) means
+    the same on the admin path and on the per-request path."""
+    options: dict[str, Any]
+
+    @property
+    def unix_path(self) -> str | None:
+        return self.options.get("path") if self.is_unix else None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.options.get("connection_class") is UnixDomainSocketConnection
+
+    @property
+    def tls(self) -> bool:
+        return self.options.get("connection_class") is SSLConnection
+
+    @property
+    def host(self) -> str:
+        return self.options.get("host") or "localhost"
+
+    @property
+    def port(self) -> int:
+        return int(self.options.get("port") or REDIS_PORT)
+
+    @property
+    def db(self) -> int:
+        return int(self.options.get("db") or 0)
+
+    @property
+    def username(self) -> str | None:
+        return self.options.get("username") or None
+
+    @property
+    def password(self) -> str | None:
+        return self.options.get("password") or None
+
+    def ssl_context(self) -> Any:
+        """The TLS context of a ``rediss://`` URL, built from the same options redis-py's
+        ``SSLConnection`` takes (``ssl_ca_certs``, ``ssl_cert_reqs``, ``ssl_certfile``,
+        ``ssl_keyfile``, ``ssl_check_hostname``, ``ssl_ca_path``); None for plain URLs."""
+        if not self.tls:
+            return None
+        import ssl
+        o = self.options
+        try:
+            ctx = ssl.create_default_context(cafile=o.get("ssl_ca_certs"),
+                                             capath=o.get("ssl_ca_path"))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load ssl_ca_certs: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        reqs = o.get("ssl_cert_reqs", "required")
+        reqs = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
+                "required": ssl.CERT_REQUIRED}.get(str(reqs).lower(), reqs) \
+            if isinstance(reqs, str) else reqs
+        check = o.get("ssl_check_hostname")
+        if isinstance(check, str):
+            check = check.lower() in ("1", "true", "yes", "on")
+        if reqs == ssl.CERT_NONE:
+            ctx.check_hostname = False
+        elif check is not None:
+            ctx.check_hostname = bool(check)
+        ctx.verify_mode = reqs
+        try:
+            if o.get("ssl_certfile"):
+                ctx.load_cert_chain(o["ssl_certfile"], o.get("ssl_keyfile"),
+                                    o.get("ssl_password"))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load the TLS client certificate: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        return ctx
+
+    def __repr__(self) -> str:  # never print a password by accident
+        return f"StandaloneURL({self.unix_path or f'{self.host}:{self.port}'}, db={self.db})"
+
+
+def parse_standalone_url(url: str) -> StandaloneURL:
+    """Parse a standalone URL exactly as redis-py does. Raises ``ValueError`` (no password in
+    the message) on a URL redis-py would refuse."""
+    try:
+        options = dict(parse_url(url))
+    except ValueError as exc:
+        raise ValueError(str(exc).replace(url, redact(url))) from None
+    if options.get("connection_class") is UnixDomainSocketConnection and not options.get("path"):
+        raise ValueError("a unix:// URL needs a socket path, e.g. unix:///run/redis.sock")
+    return StandaloneURL(options)
+
+
+def standalone_client(url: str, *, timeout: float, decode_responses: bool) -> Redis:
+    """A redis-py asyncio client for a standalone URL whose pool waits for a free connection
+    instead of raising (see ``POOL_CONNECTIONS``). Dead pooled connections (a restart, a
+    failover, ``CLIENT KILL``) are re-made by redis-py's retry on ``ConnectionError``."""
+    parse_standalone_url(url)  # refuse what redis-py would refuse, with our message
+    # The retry policy lives on the pool's connections (a client given a pool ignores its own).
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=POOL_CONNECTIONS, timeout=None, decode_responses=decode_responses,
+        socket_timeout=timeout, socket_connect_timeout=timeout, retry=_retry())
+    return Redis.from_pool(pool)  # closing the client closes its pool
+
+
+def _retry() -> Any:
+    """One immediate retry of a command whose connection turned out dead. Commands are sent on
+    a pooled connection that may have been closed by the server since it was last used; the
+    retry runs on a fresh connection. A timeout is not retried (the command may have run)."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError, ConnectionResetError,
+                                                   BrokenPipeError))
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The Sentinel-following pool, waiting for a free connection instead of raising."""
+
+    def __init__(self, service_name: str, sentinel_manager: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("max_connections", POOL_CONNECTIONS)
+        kwargs["timeout"] = None
+        super().__init__(service_name, sentinel_manager, **kwargs)
+
+
 def redact(url: str) -> str:
     """``url`` fit for messages: the password and any ``sentinel_password`` masked."""
     scheme, sep, rest = url.partition("://")
@@ -172,7 +306,8 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool) -> Any:
     if target.kind == "cluster":
         from redis.asyncio.cluster import ClusterNode, RedisCluster
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
-                            ssl=target.tls, **options)
+                            ssl=target.tls, max_connections=CLUSTER_NODE_CONNECTIONS,
+                            **options)
     from redis.asyncio.retry import Retry
     from redis.asyncio.sentinel import Sentinel
     from redis.backoff import NoBackoff
@@ -193,7 +328,7 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool) -> Any:
         options["ssl"] = True
     sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_options)
     client = sentinel.master_for(target.service, redis_class=_SentinelMaster, db=target.db,
-                                 **options)
+                                 connection_pool_class=_BlockingSentinelPool, **options)
     client._sentinel = sentinel
     return client
 

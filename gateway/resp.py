@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ssl
+import functools
 import time
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
+
+from .redis_urls import parse_standalone_url
 
 
 class RespError(Exception):
@@ -112,21 +113,22 @@ class RespClient:
 
     def __init__(self, url: str, *, timeout: float = 2.0, connect_timeout: float = 2.0,
                  max_pending: int = 100_000) -> None:
-        u = urlparse(url)
-        q = parse_qs(u.query)
-        self.scheme = u.scheme
-        self.host = u.hostname or "127.0.0.1"
-        self.port = u.port or 6379
-        self.path = unquote(u.path) if u.scheme == "unix" else None
-        db = q.get("db", [None])[0] if u.scheme == "unix" else (u.path.strip("/") or None)
-        self.db = int(db) if db else 0
-        self.username = unquote(u.username) if u.username else None
-        self.password = unquote(u.password) if u.password else None
+        # The same parse as the admin path's redis-py client (redis-py's own URL semantics):
+        # a password or db in a unix:// query, ssl_ca_certs and the other TLS options.
+        target = parse_standalone_url(url)
+        self.path = target.unix_path
+        self.host, self.port = target.host, target.port
+        self.db = target.db
+        self.username, self.password = target.username, target.password
+        self._ssl = target.ssl_context()
         self.timeout, self.connect_timeout = timeout, connect_timeout
         # Commands awaiting a reply on the connection. The watchdog bounds how long Redis may
         # lag, this bounds how much piles up meanwhile: past it a call fails at once (the
         # hot path answers 503) instead of growing memory without limit.
         self.max_pending = max_pending
+        # Redis's clock minus our time.monotonic(), seconds, measured at each connect (None:
+        # not yet known).
+        self.clock_offset: float | None = None
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -135,14 +137,14 @@ class RespClient:
         loop = asyncio.get_running_loop()
         factory = lambda: _Protocol(self._lost)  # noqa: E731
         try:
-            if self.scheme == "unix":
+            if self.path is not None:
                 coro = loop.create_unix_connection(factory, self.path)
             else:
-                tls = ssl.create_default_context() if self.scheme == "rediss" else None
-                coro = loop.create_connection(factory, self.host, self.port, ssl=tls)
+                coro = loop.create_connection(factory, self.host, self.port, ssl=self._ssl)
             _, proto = await asyncio.wait_for(coro, self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            raise ConnectionError(f"cannot connect to Redis: {exc.__class__.__name__}") from exc
+            raise ConnectionError(
+                f"cannot connect to Redis: {exc.__class__.__name__}: {exc}") from exc
         hello = []
         if self.password is not None:
             hello.append(("AUTH", self.username, self.password) if self.username
@@ -160,12 +162,37 @@ class RespClient:
                     raise ConnectionError(f"Redis refused {cmd[0]}: {exc}") from exc
                 except asyncio.TimeoutError as exc:
                     raise ConnectionError(f"Redis did not answer {cmd[0]} in time") from exc
+            # Redis's clock against ours (TIME, halfway through its round trip): the
+            # per-request script's deadline is set in Redis's clock. Sent, not awaited: the
+            # connection is usable at once, the offset is known one round trip later.
+            fut = loop.create_future()
+            proto.waiting.append((fut, time.monotonic()))
+            proto.transport.write(_encode(("TIME",)))
+            fut.add_done_callback(functools.partial(self._clock_read, time.monotonic()))
         except BaseException:  # refused, stuck, lost, or close() cancelled us: never leak it
             proto.abort(ConnectionError("connection to Redis not set up"))
             raise
         if proto.closed:
             raise ConnectionError("connection to Redis lost while connecting")
         return proto
+
+    def measure_clock(self) -> None:
+        """Measure ``clock_offset`` again (one TIME call, not awaited): after a clock step."""
+        self.call("TIME").add_done_callback(functools.partial(self._clock_read,
+                                                              time.monotonic()))
+
+    def _clock_read(self, sent: float, fut: asyncio.Future) -> None:
+        """``clock_offset`` = Redis's clock (TIME) minus our ``time.monotonic()``, read
+        halfway through the round trip. Monotonic, so a step of this host's wall clock cannot
+        move the per-request deadlines."""
+        if fut.cancelled() or fut.exception() is not None:
+            return  # lost with the connection, or TIME refused (an ACL): keep what we had
+        try:
+            seconds, micros = fut.result()
+            self.clock_offset = int(seconds) + int(micros) / 1e6 - \
+                (sent + time.monotonic()) / 2
+        except (TypeError, ValueError):
+            pass
 
     def _lost(self, proto: _Protocol) -> None:
         if self._proto is proto:

