@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -182,11 +183,17 @@ def _settle(future: asyncio.Future) -> None:
 
 
 def _write_lines(lines: list[str]) -> None:
-    """Whole lines to stderr (whatever it is now), in writes of at most PIPE_BUF bytes."""
+    """Whole lines to stderr (whatever it is now): to a pipe or socket, which other workers
+    may share, in writes of at most PIPE_BUF bytes (never interleaved mid-line); to a file or
+    terminal, in one write."""
     try:
         fd = sys.stderr.fileno()
+        mode = os.fstat(fd).st_mode
     except (AttributeError, OSError, ValueError):  # stderr replaced by an object with no fd
         sys.stderr.write("".join(lines))
+        return
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        _write_all(fd, "".join(lines).encode("utf-8", "surrogateescape"))
         return
     chunk: list[bytes] = []
     size = 0

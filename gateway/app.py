@@ -53,7 +53,9 @@ class _JsonErrorRequestHandler(RequestHandler):
     It also holds the edge's limits that aiohttp lacks (``server.timeouts.header`` and
     ``server.max_connections``); idle keep-alive is aiohttp's own ``keepalive_timeout``."""
 
-    _head_timer: asyncio.TimerHandle | None = None
+    # loop time the current request head started arriving (None: no head under way); the
+    # server's sweep closes the connection once it is older than server.timeouts.header
+    _head_since: float | None = None
     _last_payload = None  # the body stream of the newest request parsed on this connection
 
     def connection_made(self, transport) -> None:
@@ -66,42 +68,29 @@ class _JsonErrorRequestHandler(RequestHandler):
             server.refused_connections += 1
             transport.abort()
             return
-        self._arm_head_timer()
+        if getattr(server, "header_timeout", None):
+            self._head_since = self._loop.time()   # the first head is due from now
+            server.sweep_heads()
 
     def data_received(self, data: bytes) -> None:
-        if data and self._head_timer is None and not self._request_in_progress \
+        if data and self._head_since is None and not self._request_in_progress \
                 and not self._messages \
                 and (self._last_payload is None or self._last_payload.is_eof()):
             # the first bytes of the next request head (not the rest of a body that aiohttp
             # reads after a handler that did not read it)
-            self._arm_head_timer()
+            self._head_since = self._loop.time()
         seen = self._request_count
         super().data_received(data)
         if self._request_count != seen:
+            self._head_since = None
             if self._messages:
                 self._last_payload = self._messages[-1][1]
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
 
-    def connection_lost(self, exc) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        super().connection_lost(exc)
-
-    def _arm_head_timer(self) -> None:
-        timeout = getattr(self._manager, "header_timeout", None)
-        if timeout:
-            self._head_timer = self._loop.call_later(timeout, self._head_timed_out,
-                                                     self._request_count)
-
-    def _head_timed_out(self, count: int) -> None:
-        """No whole request head arrived in time (a slow-loris or a stalled client)."""
-        self._head_timer = None
-        if self._request_count == count and not self._request_in_progress \
-                and not self._messages and self.transport is not None:
-            self.force_close()  # closes the transport
+    def head_overdue(self, deadline: float) -> bool:
+        """No whole request head since before ``deadline`` (a slow-loris, a stalled client)."""
+        since = self._head_since
+        return since is not None and since < deadline and not self._request_in_progress \
+            and not self._messages and self.transport is not None
 
     def handle_error(self, request, status=500, exc=None, message=None):
         if status >= 500:
@@ -129,6 +118,29 @@ class ProxyServer(web.Server):
         self.header_timeout = header_timeout
         self.max_connections = max_connections
         self.refused_connections = 0
+        self._sweeper: asyncio.Task | None = None
+
+    def sweep_heads(self) -> None:
+        """Make sure the header-timeout sweep runs while there are connections. One task per
+        server checks every connection a few times per timeout, instead of a timer armed and
+        cancelled for every request."""
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = self._loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        timeout = self.header_timeout
+        every = min(1.0, timeout / 4)
+        while self._connections:
+            await asyncio.sleep(every)
+            deadline = self._loop.time() - timeout
+            for handler in list(self._connections):
+                if handler.head_overdue(deadline):
+                    handler.force_close()  # closes the transport
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await super().shutdown(timeout)
 
     def __call__(self) -> RequestHandler:
         return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
