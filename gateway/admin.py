@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from typing import Any, Awaitable, Callable, Mapping
 
@@ -664,9 +665,12 @@ def error_middleware(config: Config, *, authenticate: bool = True) -> Callable:
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                          ) -> web.StreamResponse:
         rid = request_id_of(request)
+        started, actor = time.perf_counter(), "-"
         try:
-            if authenticate and request.path.startswith("/admin/"):
+            if authenticate and request.path.startswith("/admin/") \
+                    and request.path not in UNAUTHENTICATED:
                 check_operator(request, config, expected)
+                actor = OPERATOR
                 resource = getattr(request.match_info.route, "resource", None)
                 if resource is not None:
                     check_query(request.query, QUERY_PARAMS.get(
@@ -688,10 +692,29 @@ def error_middleware(config: Config, *, authenticate: bool = True) -> Callable:
                           request.path, rid)
             response = GatewayError("An internal error occurred.").response(rid)
         response.headers["X-Request-Id"] = rid
+        if request.path.startswith("/admin/") and request.path not in UNAUTHENTICATED:
+            log_admin_call(request, response.status, rid, actor, time.perf_counter() - started,
+                           config.keys.prefix)
         return response
 
     return middleware
 
+
+def log_admin_call(request: web.Request, status: int, rid: str, actor: str,
+                   elapsed: float, prefix: str) -> None:
+    """One line per admin API call: who (``operator``, or ``-`` when the token was refused),
+    what, the answer. Never a header value, so never a token; keys in the path are masked."""
+    from .accesslog import mask_target
+    target = mask_target(request.raw_path, prefix)
+    log.info("admin %s %s %d %s", request.method, target, status, actor,
+             extra={"request_id": rid, "method": request.method, "path": target,
+                    "status": status, "actor": actor, "client": request.remote,
+                    "duration_ms": round(elapsed * 1000, 3)})
+
+
+OPENAPI_PATH = "/admin/v1/openapi.json"
+UNAUTHENTICATED = frozenset({OPENAPI_PATH})
+"""Paths under /admin/ that need no operator token (SPEC: the OpenAPI document)."""
 
 QUERY_PARAMS = {("GET", "/admin/v1/workspaces/{ws}/keys"): LIST_PARAMS,
                 ("GET", "/admin/v1/workspaces/{ws}/audit"): ("limit",),
@@ -867,7 +890,12 @@ def create_admin_app(config: Config, store: Store,
                              f"{AUDIT_MAX}.")
         return _json({"items": await store.audit(ws, int(text))})
 
+    async def openapi(request: web.Request) -> web.Response:
+        from .openapi import document_bytes
+        return web.Response(body=document_bytes(), content_type="application/json")
+
     r = app.router
+    r.add_get(OPENAPI_PATH, openapi)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     v1 = "/admin/v1/workspaces"

@@ -21,10 +21,10 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from .auth import Authenticator
-from .config import Config, load_config
+from .config import Config, load_config, servable_problems
 from .errors import BadRequest, ConfigError, GatewayError, StoreError
 from .hotpath import RequestStore
-from .metrics import Metrics
+from .metrics import Metrics, counted
 from .pipeline import Pipeline
 from .redis_urls import redact
 from .reload import ListenerTLS, Reloader, add_reload_route
@@ -170,9 +170,13 @@ async def running_gateway(config: Config, store_url: str, *,
     from .store import Store
 
     metrics = metrics or Metrics(workspace_labels=config.server.metrics_workspace_labels)
+    for upstream in config.upstreams:  # zeros from the start, so rate() and alerts see them
+        for code in ("upstream_unavailable", "upstream_timeout"):
+            metrics.upstream_errors.labels(upstream, code)
     store = await Store.connect(store_url, config, clock=clock)
     try:
-        requests = RequestStore(store_url, timeout=config.store.timeout)
+        from .observe import TimedRequestStore
+        requests = TimedRequestStore(store_url, timeout=config.store.timeout, metrics=metrics)
     except ValueError as exc:  # e.g. a database number that is not a number
         await store.close()
         raise StoreError(f"bad store URL: {exc}") from exc
@@ -197,8 +201,8 @@ async def running_gateway(config: Config, store_url: str, *,
         # Bodies are forwarded byte for byte as sent: a Content-Encoding body is never inflated
         # (an inflated body no longer matches the framing the client declared).
         timeouts = config.server.timeouts
-        proxy_server = ProxyServer(pipeline.handle, access_log=None, auto_decompress=False,
-                                   keepalive_timeout=timeouts.idle,
+        proxy_server = ProxyServer(counted(pipeline.handle, metrics.in_flight), access_log=None,
+                                   auto_decompress=False, keepalive_timeout=timeouts.idle,
                                    header_timeout=timeouts.header,
                                    max_connections=raise_open_file_limit(config))
         tls = {name: ListenerTLS(section.tls) for name, section in
@@ -347,9 +351,9 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
             print(f"keygate: {exc}", file=sys.stderr)
             return 1
         try:
-            log.info("keygate listening: proxy %s:%d, admin %s:%d (pid %d)",
+            log.info("keygate listening: proxy %s:%d, admin %s:%d (config %s, pid %d)",
                      config.server.host, config.server.port, config.admin.host,
-                     config.admin.port, os.getpid())
+                     config.admin.port, os.path.abspath(config.source), os.getpid())
             reloads: set[asyncio.Task] = set()
 
             def hangup() -> None:
@@ -495,14 +499,27 @@ def _supervise(config: Config, store_url: str, workers: int,
 
 
 def setup_logging(config: Config) -> None:
-    logging.basicConfig(level=config.server.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Application logs on stderr; JSON lines when the access log is JSON (one format for a
+    log pipeline to parse), else ``time level logger: message``."""
+    from .accesslog import JsonFormatter
+    handler = logging.StreamHandler(sys.stderr)
+    if config.server.access_log == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(config.server.log_level.upper())
 
 
 def serve(config_path: str | None, workers: int | None = None) -> int:
     """``keygate serve``: exit code 0 after a clean stop, 1 when it cannot start."""
     try:
         config = load_config(config_path)
+        if problems := servable_problems(config):
+            raise ConfigError(problems)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

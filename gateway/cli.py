@@ -103,9 +103,12 @@ class CliError(Exception):
 
 
 class ApiError(CliError):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    """The admin API answered an error; ``body`` is its JSON body as received (``--json``
+    prints it on stdout)."""
+
+    def __init__(self, status: int, code: str, message: str, body: bytes = b"") -> None:
         super().__init__(f"{message} ({code})")
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.body = status, code, message, body
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -124,6 +127,7 @@ class AdminClient:
         self._token = token.strip() if token else token
         self.timeout = timeout
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+        self.last_body = b""   # the raw JSON of the last successful answer (for --json)
 
     def request(self, method: str, path: str, body: dict | None = None,
                 query: dict[str, str] | None = None) -> Any:
@@ -161,6 +165,7 @@ class AdminClient:
             raise CliError(f"cannot reach the admin API at {self.base_url}: {exc}") from None
 
     def _decode(self, status: int, raw: bytes) -> Any:
+        self.last_body = raw
         try:
             return json.loads(raw) if raw else {}
         except ValueError:
@@ -170,7 +175,7 @@ class AdminClient:
     def _api_error(self, status: int, raw: bytes) -> ApiError:
         try:
             error = json.loads(raw)["error"]
-            return ApiError(status, str(error["code"]), str(error["message"]))
+            return ApiError(status, str(error["code"]), str(error["message"]), raw)
         except (ValueError, KeyError, TypeError):
             return ApiError(status, f"http_{status}",
                             f"the admin API at {self.base_url} answered HTTP {status}")
@@ -210,6 +215,11 @@ def _print_json(value: Any, out: TextIO) -> None:
     print(json.dumps(value, indent=2, sort_keys=False), file=out)
 
 
+def _print_body(client: "AdminClient") -> None:
+    """``--json``: the API's answer exactly as it came (a listing stays ``{"items": [...]}``)."""
+    sys.stdout.write(client.last_body.decode("utf-8", "replace").rstrip("\n") + "\n")
+
+
 def _key_access(key: dict) -> str:
     if key.get("role"):
         return f"role:{key['role']}"
@@ -226,11 +236,57 @@ def _usage_line(usage: dict) -> str:
     return f"{usage.get('workspace')}  {usage.get('period')}  {tail}"
 
 
+def _fields(obj: dict, order: Sequence[str]) -> str:
+    """An object as ``name: value`` lines, the listed fields first, then any others."""
+    names = [n for n in order if n in obj] + [n for n in obj if n not in order]
+    width = max((len(n) for n in names), default=0)
+    lines = []
+    for name in names:
+        value = obj[name]
+        if isinstance(value, str) and name.endswith("_at"):
+            shown = human_time(value)
+        elif isinstance(value, list):
+            shown = " ".join(str(v) for v in value) or "-"
+        elif isinstance(value, dict):
+            shown = json.dumps(value, separators=(",", ":")) if value else "-"
+        else:
+            shown = _cell(value)
+        lines.append(f"{name.ljust(width)}  {shown}")
+    return "\n".join(lines)
+
+
+KEY_FIELDS = ("id", "workspace", "name", "description", "status", "environment", "role",
+              "scopes", "prefix", "created_at", "expires_at", "last_used_at", "revoked_at",
+              "rate_limit")
+WORKSPACE_FIELDS = ("id", "name", "plan", "created_at")
+
+
 # --- commands ------------------------------------------------------------------------------------
+
+DEFAULT_CONFIG = "config.yaml"
+
+
+def config_path(given: str | None) -> str:
+    """The config file ``serve`` and ``config check`` use: the one named, else
+    ``$KEYGATE_CONFIG``, else ``./config.yaml``."""
+    return given or os.environ.get("KEYGATE_CONFIG") or DEFAULT_CONFIG
+
+
+def _missing_default_config(path: str, given: str | None) -> bool:
+    if given or os.environ.get("KEYGATE_CONFIG") or os.path.exists(path):
+        return False
+    print(f"keygate: no config file: {os.path.abspath(path)} does not exist. Pass --config "
+          "PATH (or set KEYGATE_CONFIG); `keygate demo` runs without one.", file=sys.stderr)
+    return True
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import serve
-    return serve(args.config, args.workers)
+    given = getattr(args, "config", None)
+    path = config_path(given)
+    if _missing_default_config(path, given):
+        return 1
+    return serve(path, args.workers)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -239,19 +295,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_config, servable_problems
     from .errors import ConfigError
-    path = args.path or os.environ.get("KEYGATE_CONFIG") or "config.yaml"
-    try:
-        load_config(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    given = args.path or getattr(args, "config", None)
+    path = config_path(given)
+    if _missing_default_config(path, given):
         return 1
+    try:
+        problems = servable_problems(load_config(path))
+    except ConfigError as exc:
+        problems = exc.problems
     except OSError as exc:
         print(f"keygate: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return 1
     print(f"ok: {path}")
+    return 0
+
+
+def _show(args: argparse.Namespace, client: AdminClient, text: Callable[[], str]) -> int:
+    if args.json:
+        _print_body(client)
+    else:
+        print(text())
     return 0
 
 
@@ -260,38 +329,39 @@ def cmd_workspaces_create(args: argparse.Namespace, client: AdminClient) -> int:
     if args.plan:
         body["plan"] = args.plan
     workspace = client.request("POST", "/workspaces", body)
-    if args.json:
-        _print_json(workspace, sys.stdout)
-    else:
-        print(f"created workspace {workspace.get('id')} ({workspace.get('name')}, "
-              f"plan {workspace.get('plan')})")
-    return 0
+    return _show(args, client, lambda: f"created workspace {workspace.get('id')} "
+                                       f"({workspace.get('name')}, plan {workspace.get('plan')})")
 
 
 def cmd_workspaces_list(args: argparse.Namespace, client: AdminClient) -> int:
     items = client.request("GET", "/workspaces").get("items", [])
-    if args.json:
-        _print_json(items, sys.stdout)
-        return 0
     rows = [[_cell(w.get("id")), _cell(w.get("name")), _cell(w.get("plan")),
              human_time(w.get("created_at"))] for w in items]
-    print(format_table(["ID", "NAME", "PLAN", "CREATED"], rows))
-    return 0
+    return _show(args, client, lambda: format_table(["ID", "NAME", "PLAN", "CREATED"], rows))
+
+
+def cmd_workspaces_show(args: argparse.Namespace, client: AdminClient) -> int:
+    workspace = client.request("GET", f"/workspaces/{_seg(args.id)}")
+    return _show(args, client, lambda: _fields(workspace, WORKSPACE_FIELDS))
 
 
 def cmd_workspaces_set_plan(args: argparse.Namespace, client: AdminClient) -> int:
     workspace = client.request("PATCH", f"/workspaces/{_seg(args.id)}", {"plan": args.plan})
-    if args.json:
-        _print_json(workspace, sys.stdout)
-    else:
-        print(f"workspace {workspace.get('id')} is now on plan {workspace.get('plan')}")
-    return 0
+    return _show(args, client, lambda: f"workspace {workspace.get('id')} is now on plan "
+                                       f"{workspace.get('plan')}")
 
 
-def _print_new_token(answer: dict, args: argparse.Namespace, what: str) -> None:
+def cmd_workspaces_rename(args: argparse.Namespace, client: AdminClient) -> int:
+    workspace = client.request("PATCH", f"/workspaces/{_seg(args.id)}", {"name": args.name})
+    return _show(args, client, lambda: f"workspace {workspace.get('id')} is now named "
+                                       f"{workspace.get('name')}")
+
+
+def _print_new_token(answer: dict, args: argparse.Namespace, client: AdminClient,
+                     what: str) -> None:
     key = answer.get("key", {})
     if args.json:
-        _print_json(answer, sys.stdout)
+        _print_body(client)
     else:
         print(f"keygate: {what} key {key.get('id')} ({key.get('name')}) in workspace "
               f"{key.get('workspace')}", file=sys.stderr)
@@ -299,12 +369,16 @@ def _print_new_token(answer: dict, args: argparse.Namespace, what: str) -> None:
     print(TOKEN_WARNING, file=sys.stderr)
 
 
+def _binding(args: argparse.Namespace, body: dict[str, Any]) -> None:
+    if getattr(args, "role", None) is not None:
+        body["role"] = args.role
+    elif getattr(args, "scope", None) is not None:
+        body["scopes"] = args.scope
+
+
 def cmd_keys_create(args: argparse.Namespace, client: AdminClient) -> int:
     body: dict[str, Any] = {"name": args.name}
-    if args.role is not None:
-        body["role"] = args.role
-    else:
-        body["scopes"] = args.scope
+    _binding(args, body)
     if args.description is not None:
         body["description"] = args.description
     if args.expires is not None:
@@ -314,8 +388,16 @@ def cmd_keys_create(args: argparse.Namespace, client: AdminClient) -> int:
     if args.rate_limit is not None:
         body["rate_limit"] = args.rate_limit
     answer = client.request("POST", f"/workspaces/{_seg(args.workspace)}/keys", body)
-    _print_new_token(answer, args, "created")
+    _print_new_token(answer, args, client, "created")
     return 0
+
+
+def _keys_table(items: list[dict]) -> str:
+    rows = [[_cell(k.get("id")), _cell(k.get("name")), _key_access(k),
+             human_time(k.get("created_at")), human_time(k.get("last_used_at")),
+             human_time(k.get("expires_at")), _cell(k.get("status"))] for k in items]
+    return format_table(["ID", "NAME", "ROLE/SCOPES", "CREATED", "LAST USED", "EXPIRES",
+                         "STATUS"], rows)
 
 
 def cmd_keys_list(args: argparse.Namespace, client: AdminClient) -> int:
@@ -323,41 +405,72 @@ def cmd_keys_list(args: argparse.Namespace, client: AdminClient) -> int:
     query.update(cli_controls.list_query(args))
     items = client.request("GET", f"/workspaces/{_seg(args.workspace)}/keys",
                            query=query).get("items", [])
-    if args.json:
-        _print_json(items, sys.stdout)
-        return 0
-    rows = [[_cell(k.get("id")), _cell(k.get("name")), _key_access(k),
-             human_time(k.get("created_at")), human_time(k.get("last_used_at")),
-             human_time(k.get("expires_at")), _cell(k.get("status"))] for k in items]
-    print(format_table(["ID", "NAME", "ROLE/SCOPES", "CREATED", "LAST USED", "EXPIRES",
-                        "STATUS"], rows))
-    return 0
+    return _show(args, client, lambda: _keys_table(items))
 
 
-def _confirm(question: str) -> bool:
+def cmd_keys_show(args: argparse.Namespace, client: AdminClient) -> int:
+    key = client.request("GET", f"/workspaces/{_seg(args.workspace)}/keys/{_seg(args.id)}")
+    return _show(args, client, lambda: _fields(key, KEY_FIELDS))
+
+
+def cmd_keys_update(args: argparse.Namespace, client: AdminClient) -> int:
+    body: dict[str, Any] = {}
+    if args.name is not None:
+        body["name"] = args.name
+    if args.description is not None:
+        body["description"] = args.description
+    _binding(args, body)
+    if args.no_expiry:
+        body["expires_at"] = None
+    elif args.expires is not None:
+        if "expires_in" in args.expires:  # PATCH takes a moment, not a duration
+            from datetime import timedelta
+            moment = datetime.now(timezone.utc) + timedelta(seconds=args.expires["expires_in"])
+            body["expires_at"] = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+        else:
+            body.update(args.expires)
+    body.update(cli_controls.update_body(args))
+    if not body:
+        raise UsageError("nothing to change: give one or more of --name, --description, "
+                         "--role, --scope, --expires, --no-expiry, --monthly-requests, "
+                         "--rate-limit, --enable, --disable, --meta, --allow-ip, --any-ip")
+    key = client.request("PATCH", f"/workspaces/{_seg(args.workspace)}/keys/{_seg(args.id)}",
+                         body)
+    return _show(args, client, lambda: _fields(key, KEY_FIELDS))
+
+
+def _confirm(question: str) -> bool | None:
+    """True on y/yes, False on any other answer, None when there is no answer (end of input:
+    a script that forgot --yes)."""
     print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
     answer = sys.stdin.readline()
+    if not answer:
+        return None
     return answer.strip().lower() in ("y", "yes")
 
 
 def cmd_keys_revoke(args: argparse.Namespace, client: AdminClient) -> int:
-    if not args.yes and not _confirm(f"Revoke key {args.id} of workspace {args.workspace}? "
-                                     "This cannot be undone."):
-        print("aborted", file=sys.stderr)
-        return 1
+    if not args.yes:
+        confirmed = _confirm(f"Revoke key {args.id} of workspace {args.workspace}? "
+                             "This cannot be undone.")
+        # Not confirmed: nothing was done, which a script must not read as success (0), and
+        # nothing failed at the API (1): exit 2, as for a command that needed --yes.
+        if confirmed is None:
+            raise UsageError(f"no answer to the confirmation (end of input): key {args.id} was "
+                             "not revoked. Pass --yes to revoke without asking")
+        if not confirmed:
+            print(f"aborted: key {args.id} was not revoked", file=sys.stderr)
+            return 2
     key = client.request("POST", f"/workspaces/{_seg(args.workspace)}/keys/{_seg(args.id)}/revoke")
-    if args.json:
-        _print_json(key, sys.stdout)
-    else:
-        print(f"revoked key {key.get('id', args.id)} of workspace {args.workspace}")
-    return 0
+    return _show(args, client, lambda: f"revoked key {key.get('id', args.id)} of workspace "
+                                       f"{args.workspace}")
 
 
 def cmd_keys_rotate(args: argparse.Namespace, client: AdminClient) -> int:
     body = {"grace_seconds": args.grace} if args.grace is not None else {}
     answer = client.request(
         "POST", f"/workspaces/{_seg(args.workspace)}/keys/{_seg(args.id)}/rotate", body)
-    _print_new_token(answer, args, f"rotated {args.id} into")
+    _print_new_token(answer, args, client, f"rotated {args.id} into")
     if not args.json:
         if args.grace:
             print(f"keygate: the old key {args.id} keeps working for {args.grace}s",
@@ -371,14 +484,62 @@ def cmd_usage(args: argparse.Namespace, client: AdminClient) -> int:
     if args.daily:
         return cli_controls.print_daily_usage(args, client, _seg)
     usage = client.request("GET", f"/workspaces/{_seg(args.workspace)}/usage")
-    if args.json:
-        _print_json(usage, sys.stdout)
-    else:
-        print(_usage_line(usage))
-    return 0
+    return _show(args, client, lambda: _usage_line(usage))
+
+
+def cmd_roles_list(args: argparse.Namespace, client: AdminClient) -> int:
+    items = client.request("GET", f"/workspaces/{_seg(args.workspace)}/roles").get("items", [])
+    rows = [[_cell(r.get("name")), _cell(r.get("source")), " ".join(r.get("scopes") or []) or "-"]
+            for r in items]
+    return _show(args, client, lambda: format_table(["NAME", "SOURCE", "SCOPES"], rows))
+
+
+def cmd_roles_set(args: argparse.Namespace, client: AdminClient) -> int:
+    role = client.request("PUT", f"/workspaces/{_seg(args.workspace)}/roles/{_seg(args.name)}",
+                          {"scopes": args.scope})
+    return _show(args, client, lambda: f"role {role.get('name')} of workspace {args.workspace}: "
+                                       f"{' '.join(role.get('scopes') or []) or '(no scopes)'}")
+
+
+def cmd_roles_delete(args: argparse.Namespace, client: AdminClient) -> int:
+    role = client.request("DELETE", f"/workspaces/{_seg(args.workspace)}/roles/{_seg(args.name)}")
+    return _show(args, client, lambda: f"deleted role {role.get('name', args.name)} of workspace "
+                                       f"{args.workspace}")
+
+
+def cmd_audit(args: argparse.Namespace, client: AdminClient) -> int:
+    query = {"limit": str(args.limit)} if args.limit is not None else None
+    items = client.request("GET", f"/workspaces/{_seg(args.workspace)}/audit",
+                           query=query).get("items", [])
+    rows = [[human_time(e.get("at")), _cell(e.get("actor")), _cell(e.get("action")),
+             _cell(e.get("target")),
+             json.dumps(e.get("details"), separators=(",", ":")) if e.get("details") else "-"]
+            for e in items]
+    return _show(args, client, lambda: format_table(["AT", "ACTOR", "ACTION", "TARGET",
+                                                     "DETAILS"], rows))
+
+
+def cmd_reload(args: argparse.Namespace, client: AdminClient) -> int:
+    try:
+        result = client.request("POST", "/reload")
+    except ApiError as exc:
+        if not args.json:  # the file's problems, one per line, like config check
+            try:
+                for problem in json.loads(exc.body)["error"].get("problems", []):
+                    print(problem, file=sys.stderr)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                pass
+        raise
+    kept = result.get("restart_required") or []
+    return _show(args, client, lambda: f"reloaded {result.get('config')}" + (
+        f"; kept until a restart: {', '.join(kept)}" if kept else ""))
 
 
 # --- parser --------------------------------------------------------------------------------------
+
+class UsageError(Exception):
+    """Bad usage found after parsing: exit 2 with this message."""
+
 
 def _admin_url(text: str) -> str:
     parts = urllib.parse.urlsplit(text)
@@ -387,106 +548,212 @@ def _admin_url(text: str) -> str:
     return text
 
 
+def admin_from_config(path: str) -> tuple[str, str | None]:
+    """(admin URL, operator token) for the gateway a config file describes: its admin
+    listener's address (a wildcard host is reached on loopback) and the token from the
+    variable its ``admin.token_env`` names."""
+    from .config import load_config
+    from .errors import ConfigError
+    try:
+        admin = load_config(path).admin
+    except ConfigError as exc:
+        # A file with problems elsewhere (say, one `keygate reload` is about to refuse) still
+        # names the admin listener: read that section alone.
+        admin = _admin_section(path, exc)
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(admin.host, admin.host)
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if getattr(admin, "tls", None) else "http"
+    return f"{scheme}://{host}:{admin.port}", os.environ.get(admin.token_env)
+
+
+def _admin_section(path: str, original: Exception) -> Any:
+    import tempfile
+
+    import yaml
+
+    from .config import load_config
+    from .errors import ConfigError
+    problems = "\n".join(getattr(original, "problems", [str(original)]))
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            document = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError):
+        raise CliError(problems) from None
+    if not isinstance(document, dict):
+        raise CliError(problems)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        yaml.safe_dump({"admin": document.get("admin")}, fh)
+    try:
+        return load_config(fh.name).admin
+    except ConfigError as exc:
+        raise CliError("\n".join(p.replace(fh.name, path) for p in exc.problems)) from None
+    finally:
+        os.unlink(fh.name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     # Admin options are accepted before the verb and after it; SUPPRESS keeps a leaf's unset
-    # option from overwriting a value given at the top level.
+    # option from overwriting a value given at the top level. (No %(default)s in their help:
+    # with SUPPRESS there is no default to show, and argparse raised KeyError on --help.)
     def admin_options(suppress: bool) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(add_help=False)
-        default = argparse.SUPPRESS
-        p.add_argument("--admin-url", type=_argtype(_admin_url, "URL"),
-                       default=default if suppress else None,
-                       help=f"admin API base URL (env KEYGATE_ADMIN_URL, default {DEFAULT_ADMIN_URL})")
-        p.add_argument("--timeout", type=float, default=default if suppress else DEFAULT_TIMEOUT,
-                       # not %(default)s: a leaf's default is SUPPRESS, and formatting
-                       # its --help then raised KeyError (every subcommand's --help crashed)
-                       help=f"seconds to wait for the admin API (default {DEFAULT_TIMEOUT})")
-        p.add_argument("--json", action="store_true", default=default if suppress else False,
-                       help="machine-readable JSON output")
+        def default(value: Any) -> Any:
+            return argparse.SUPPRESS if suppress else value
+        p.add_argument("--admin-url", type=_argtype(_admin_url, "URL"), default=default(None),
+                       help=f"admin API base URL (env KEYGATE_ADMIN_URL, default "
+                            f"{DEFAULT_ADMIN_URL})")
+        p.add_argument("--config", metavar="PATH", default=default(None),
+                       help="take the admin URL and operator token from this config file's "
+                            "admin section")
+        p.add_argument("--timeout", type=float, default=default(DEFAULT_TIMEOUT),
+                       help=f"seconds to wait for the admin API (default {DEFAULT_TIMEOUT:g})")
+        p.add_argument("--json", action="store_true", default=default(False),
+                       help="print the API's JSON answer as is (errors too, on stdout)")
         return p
 
     leaf = [admin_options(suppress=True)]
     parser = argparse.ArgumentParser(
         prog="keygate", parents=[admin_options(suppress=False)],
-        description="keygate: an authenticating reverse proxy for API keys.")
+        description="keygate: an authenticating reverse proxy for API keys.",
+        epilog="Exit codes: 0 success, 1 API or runtime error, 2 bad usage.")
     parser.add_argument("--version", action="version", version=f"keygate {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
 
-    serve = verbs.add_parser("serve", help="run the gateway (proxy and admin listeners)")
-    serve.add_argument("--config", default=os.environ.get("KEYGATE_CONFIG"),
-                       help="config file (env KEYGATE_CONFIG)")
+    def group(name: str, help: str) -> argparse._SubParsersAction:
+        sub = verbs.add_parser(name, help=help, description=help)
+        return sub.add_subparsers(dest=f"{name}_verb", metavar="COMMAND", required=True)
+
+    def command(where: argparse._SubParsersAction, name: str, help: str, handler: Callable,
+                *, local: bool = False) -> argparse.ArgumentParser:
+        sub = where.add_parser(name, parents=[] if local else leaf, help=help, description=help)
+        sub.set_defaults(handler=handler, local=local)
+        return sub
+
+    def workspace_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--workspace", "-w", required=True, metavar="WS", help="workspace id")
+
+    serve = command(verbs, "serve", "run the gateway (proxy and admin listeners)", cmd_serve,
+                    local=True)
+    serve.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                       help=f"config file (default: $KEYGATE_CONFIG, else ./{DEFAULT_CONFIG})")
     serve.add_argument("--workers", type=_argtype(_positive_int, "N"),
                        help="worker processes (default: server.workers from the config)")
-    serve.set_defaults(handler=cmd_serve, local=True)
 
-    demo = verbs.add_parser("demo", help="try keygate: embedded store, sample upstream, a key")
-    demo.set_defaults(handler=cmd_demo, local=True)
+    command(verbs, "demo", "try keygate: embedded store, sample upstream, two keys", cmd_demo,
+            local=True)
 
-    config = verbs.add_parser("config", help="configuration tools")
-    config_verbs = config.add_subparsers(dest="config_verb", metavar="COMMAND", required=True)
-    check = config_verbs.add_parser("check", help="validate a config file")
-    check.add_argument("path", nargs="?", help="config file (default: $KEYGATE_CONFIG or config.yaml)")
-    check.set_defaults(handler=cmd_config_check, local=True)
+    config = group("config", "configuration tools")
+    check = command(config, "check", "validate a config file", cmd_config_check, local=True)
+    check.add_argument("path", nargs="?", metavar="PATH",
+                       help=f"config file (default: $KEYGATE_CONFIG, else ./{DEFAULT_CONFIG})")
 
-    workspaces = verbs.add_parser("workspaces", help="manage workspaces")
-    ws_verbs = workspaces.add_subparsers(dest="ws_verb", metavar="COMMAND", required=True)
-    ws_create = ws_verbs.add_parser("create", parents=leaf, help="create a workspace")
-    ws_create.add_argument("id", metavar="ID")
-    ws_create.add_argument("--name", required=True)
-    ws_create.add_argument("--plan")
-    ws_create.set_defaults(handler=cmd_workspaces_create)
-    ws_list = ws_verbs.add_parser("list", parents=leaf, help="list workspaces")
-    ws_list.set_defaults(handler=cmd_workspaces_list)
-    ws_plan = ws_verbs.add_parser("set-plan", parents=leaf, help="change a workspace's plan")
-    ws_plan.add_argument("id", metavar="ID")
-    ws_plan.add_argument("plan", metavar="PLAN")
-    ws_plan.set_defaults(handler=cmd_workspaces_set_plan)
-    cli_controls.add_workspace_commands(ws_verbs, leaf, _seg)
+    workspaces = group("workspaces", "manage workspaces")
+    p = command(workspaces, "create", "create a workspace", cmd_workspaces_create)
+    p.add_argument("id", metavar="ID", help="slug: lowercase letters, digits, '-'")
+    p.add_argument("--name", required=True, help="display name")
+    p.add_argument("--plan", help="plan name (default: the config's default_plan)")
+    command(workspaces, "list", "list workspaces", cmd_workspaces_list)
+    p = command(workspaces, "show", "show one workspace", cmd_workspaces_show)
+    p.add_argument("id", metavar="ID")
+    p = command(workspaces, "set-plan", "change a workspace's plan", cmd_workspaces_set_plan)
+    p.add_argument("id", metavar="ID")
+    p.add_argument("plan", metavar="PLAN")
+    p = command(workspaces, "rename", "change a workspace's display name",
+                cmd_workspaces_rename)
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--name", required=True)
 
-    keys = verbs.add_parser("keys", help="manage API keys")
-    key_verbs = keys.add_subparsers(dest="key_verb", metavar="COMMAND", required=True)
-    k_create = key_verbs.add_parser("create", parents=leaf, help="create a key; prints its token once")
-    k_create.add_argument("--workspace", required=True, metavar="WS")
-    k_create.add_argument("--name", required=True)
-    access = k_create.add_mutually_exclusive_group(required=True)
+    keys = group("keys", "manage API keys")
+    p = command(keys, "create", "create a key; prints its token once", cmd_keys_create)
+    workspace_option(p)
+    p.add_argument("--name", required=True)
+    access = p.add_mutually_exclusive_group(required=True)
     access.add_argument("--role", help="bind the key to a role")
     access.add_argument("--scope", action="extend", nargs="+", metavar="S",
                         help="bind the key to explicit scopes (repeatable)")
-    k_create.add_argument("--expires", type=_argtype(parse_expiry, "EXPIRES"),
-                          help="30d, 24h, 90m, 3600s, or a date/datetime like 2027-01-31")
-    k_create.add_argument("--env", help="token environment, e.g. test (default: live)")
-    k_create.add_argument("--description")
-    k_create.add_argument("--rate-limit", metavar="N/s|N/m",
-                          help="the key's own rate limit instead of the plan's")
-    k_create.set_defaults(handler=cmd_keys_create)
+    p.add_argument("--expires", type=_argtype(parse_expiry, "EXPIRES"),
+                   help="30d, 24h, 90m, 3600s, or a date/datetime like 2027-01-31")
+    p.add_argument("--env", help="token environment, e.g. test (default: live)")
+    p.add_argument("--description")
+    p.add_argument("--rate-limit", metavar="N/s|N/m",
+                   help="the key's own rate limit instead of the plan's")
 
-    k_list = key_verbs.add_parser("list", parents=leaf, help="list a workspace's keys")
-    k_list.add_argument("--workspace", required=True, metavar="WS")
-    k_list.add_argument("--status", choices=("active", "expired", "revoked"))
-    k_list.set_defaults(handler=cmd_keys_list)
-    cli_controls.add_list_options(k_list)
+    p = command(keys, "list", "list a workspace's keys", cmd_keys_list)
+    workspace_option(p)
+    p.add_argument("--status", choices=("active", "expired", "revoked"))
+    cli_controls.add_list_options(p)
 
-    k_revoke = key_verbs.add_parser("revoke", parents=leaf, help="revoke a key (permanent)")
-    k_revoke.add_argument("--workspace", required=True, metavar="WS")
-    k_revoke.add_argument("id", metavar="ID")
-    k_revoke.add_argument("--yes", "-y", action="store_true", help="do not ask to confirm")
-    k_revoke.set_defaults(handler=cmd_keys_revoke)
+    p = command(keys, "show", "show one key (never its token)", cmd_keys_show)
+    workspace_option(p)
+    p.add_argument("id", metavar="ID")
 
-    k_rotate = key_verbs.add_parser("rotate", parents=leaf,
-                                    help="replace a key; prints the new token once")
-    k_rotate.add_argument("--workspace", required=True, metavar="WS")
-    k_rotate.add_argument("id", metavar="ID")
-    k_rotate.add_argument("--grace", type=_argtype(parse_duration, "DURATION"),
-                          help="how long the old key keeps working, e.g. 24h (default 0: revoked now)")
-    k_rotate.set_defaults(handler=cmd_keys_rotate)
-    cli_controls.add_key_commands(key_verbs, leaf, _seg, _argtype(parse_expiry, "EXPIRES"))
+    p = command(keys, "update", "change a key's name, description, role/scopes or expiry",
+                cmd_keys_update)
+    workspace_option(p)
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--name")
+    p.add_argument("--description")
+    access = p.add_mutually_exclusive_group()
+    access.add_argument("--role", help="re-bind the key to a role (takes effect at once)")
+    access.add_argument("--scope", action="extend", nargs="+", metavar="S",
+                        help="re-bind the key to explicit scopes (repeatable)")
+    expiry = p.add_mutually_exclusive_group()
+    expiry.add_argument("--expires", type=_argtype(parse_expiry, "EXPIRES"),
+                        help="new expiry: 30d, 24h (from now) or a date/datetime")
+    expiry.add_argument("--no-expiry", action="store_true", help="the key never expires")
+    cli_controls.add_update_options(p)
 
-    usage = verbs.add_parser("usage", parents=leaf, help="a workspace's usage this month")
-    usage.add_argument("--workspace", required=True, metavar="WS")
-    usage.set_defaults(handler=cmd_usage)
-    cli_controls.add_usage_options(usage)
+    p = command(keys, "revoke", "revoke a key (permanent)", cmd_keys_revoke)
+    workspace_option(p)
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask to confirm")
+
+    p = command(keys, "rotate", "replace a key; prints the new token once", cmd_keys_rotate)
+    workspace_option(p)
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--grace", type=_argtype(parse_duration, "DURATION"),
+                   help="how long the old key keeps working, e.g. 24h (default 0: revoked now)")
+
+    cli_controls.add_key_commands(keys, leaf, _seg)
+    cli_controls.add_workspace_commands(workspaces, leaf, _seg)
+
+    roles = group("roles", "manage a workspace's own roles")
+    p = command(roles, "list", "list the roles a workspace's keys can use", cmd_roles_list)
+    workspace_option(p)
+    p = command(roles, "set", "create or replace a workspace role", cmd_roles_set)
+    workspace_option(p)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--scope", action="extend", nargs="+", metavar="S", required=True,
+                   help="the role's scopes (repeatable)")
+    p = command(roles, "delete", "delete a workspace role", cmd_roles_delete)
+    workspace_option(p)
+    p.add_argument("name", metavar="NAME")
+
+    p = command(verbs, "usage", "a workspace's usage this month", cmd_usage)
+    workspace_option(p)
+    cli_controls.add_usage_options(p)
+
+    command(verbs, "reload", "re-read the gateway's config file without a restart", cmd_reload)
+
+    p = command(verbs, "audit", "a workspace's key lifecycle events, newest first", cmd_audit)
+    workspace_option(p)
+    p.add_argument("--limit", type=_argtype(_positive_int, "N"),
+                   help="how many events (default 100, at most 1000)")
     return parser
+
+
+def _connection(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(admin URL, token): --admin-url, then --config, then the environment, then the
+    default; the token from the config's token_env when --config is given."""
+    url, token = None, None
+    if getattr(args, "config", None):
+        url, token = admin_from_config(args.config)
+    token = token or os.environ.get("KEYGATE_ADMIN_TOKEN")
+    url = args.admin_url or url or os.environ.get("KEYGATE_ADMIN_URL") or DEFAULT_ADMIN_URL
+    return url, token
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -495,21 +762,27 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help → 0, bad usage → 2; returned so main() is testable
         return exc.code if isinstance(exc.code, int) else 2
+    token = None
     try:
         if getattr(args, "local", False):
             return int(args.handler(args) or 0)
-        admin_url = args.admin_url or os.environ.get("KEYGATE_ADMIN_URL") or DEFAULT_ADMIN_URL
+        admin_url, token = _connection(args)
         try:
             admin_url = _admin_url(admin_url)
         except ValueError as exc:
             parser.print_usage(sys.stderr)
             print(f"keygate: error: KEYGATE_ADMIN_URL: {exc}", file=sys.stderr)
             return 2
-        client = AdminClient(admin_url, os.environ.get("KEYGATE_ADMIN_TOKEN"), args.timeout)
+        client = AdminClient(admin_url, token, args.timeout)
         return int(args.handler(args, client) or 0)
+    except UsageError as exc:
+        print(f"keygate: error: {exc}", file=sys.stderr)
+        return 2
     except ApiError as exc:
+        if getattr(args, "json", False) and exc.body:
+            sys.stdout.write(exc.body.decode("utf-8", "replace").rstrip("\n") + "\n")
         print(f"keygate: {exc}", file=sys.stderr)
-        if exc.status == 401 and not os.environ.get("KEYGATE_ADMIN_TOKEN"):
+        if exc.status == 401 and not token:
             print("keygate: set KEYGATE_ADMIN_TOKEN to the operator token", file=sys.stderr)
         return 1
     except CliError as exc:

@@ -298,6 +298,17 @@ def check_config(path: str | os.PathLike[str] | None) -> list[str]:
     return []
 
 
+def servable_problems(config: Config) -> list[str]:
+    """What makes a valid config unfit to serve with: no routes means a gateway that can
+    forward nothing (usually an empty file, or a file that is not the one meant).
+    ``keygate serve`` and ``keygate config check`` refuse it; tests build such configs freely."""
+    if not config.routes:
+        return [f"{config.source}: routes: no routes are defined, so the gateway would answer "
+                "every request 404 no_route; add at least one route (see "
+                "docs/configuration.md#routes)"]
+    return []
+
+
 # --- the node walker -----------------------------------------------------------------------------
 
 class _Bad:

@@ -145,11 +145,8 @@ def _banner(proxy: str, admin: str, admin_token: str, tokens: dict[str, str],
         f"  read-only   RO={ro}",
         f"  read-write  RW={rw}",
         "",
-        "Paste this first (the admin token is " + ("generated for this run; set "
-                                                  "KEYGATE_ADMIN_TOKEN to choose it):"
-                                                  if generated_admin_token
-                                                  else "your KEYGATE_ADMIN_TOKEN):"),
-        f"  export RO={ro} RW={rw} ADMIN={admin_token}",
+        "Paste this first:",
+        f"  export RO={ro} RW={rw}",
         "",
         "Then try:",
         f"  curl -s -H \"Authorization: Bearer $RO\" {proxy}/people/1          # 200, identity injected",
@@ -157,8 +154,16 @@ def _banner(proxy: str, admin: str, admin_token: str, tokens: dict[str, str],
         f"  curl -s -X POST -H \"Authorization: Bearer $RW\" -d '{{\"name\":\"Alan\"}}' {proxy}/people   # 201",
         f"  curl -s {proxy}/people/1                                          # 401 missing_key",
         f"  curl -s -H \"Authorization: Bearer $RO\" {proxy}/_keygate/v1/usage   # month-to-date usage",
-        f"  curl -s -H \"Authorization: Bearer $ADMIN\" {admin}/admin/v1/workspaces/demo/keys",
+        f"  curl -s -H \"Authorization: Bearer $KEYGATE_ADMIN_TOKEN\" {admin}/admin/v1/workspaces/demo/keys",
+        "  keygate keys list --workspace demo      # the CLI talks to this demo's admin API",
+        "  keygate usage --workspace demo",
         "",
+        "The admin token is " + ("generated for this run (set KEYGATE_ADMIN_TOKEN to choose "
+                                 "it); paste this for the admin lines and the CLI:"
+                                 if generated_admin_token else
+                                 "your KEYGATE_ADMIN_TOKEN; paste this for the admin lines "
+                                 "and the CLI:"),
+        f"  export KEYGATE_ADMIN_URL={admin} KEYGATE_ADMIN_TOKEN={admin_token}",
     ]
     return "\n".join(lines)
 

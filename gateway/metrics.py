@@ -7,9 +7,17 @@ at scrape time instead of being a per-request label.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+from typing import Any, Awaitable, Callable, Iterator
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector,
+                               ProcessCollector)
+from prometheus_client.core import Metric
+
+from . import __version__
 
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+STORE_BUCKETS = (.0002, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5)
 
 
 class Metrics:
@@ -17,6 +25,25 @@ class Metrics:
                  workspace_labels: bool = False) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        # The conventional process_* and python_info series (a registry of our own does not
+        # get prometheus-client's defaults). Under --workers, /metrics sums every worker's
+        # process_* instead (WorkersProcessCollector).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.build_info = Gauge("keygate_build_info", "Always 1; the running keygate version "
+                                "in the label.", ["version"], registry=r,
+                                multiprocess_mode="max")
+        self.build_info.labels(__version__).set(1)
+        self.in_flight = Gauge("keygate_requests_in_flight", "Proxy requests being handled "
+                               "now.", registry=r, multiprocess_mode="livesum")
+        self.store_calls = Histogram("keygate_store_call_duration_seconds",
+                                     "Store round trips on the request path (and the usage "
+                                     "read of a scrape), by call.", ["call"],
+                                     buckets=STORE_BUCKETS, registry=r)
+        self.upstream_errors = Counter("keygate_upstream_errors_total",
+                                       "Forwards that failed, by upstream and error code "
+                                       "(upstream_unavailable|upstream_timeout).",
+                                       ["upstream", "code"], registry=r)
         self.workspace_labels = workspace_labels
         labels = ["route", "method", "status_class"] + (["workspace"] if workspace_labels else [])
         self.requests = Counter("keygate_requests_total",
@@ -88,6 +115,10 @@ class Metrics:
         children[0].inc()
         children[1].observe(elapsed)
 
+    def store_timer(self, call: str) -> Callable[[float], None]:
+        """The ``observe`` of the store-call histogram child for ``call`` (looked up once)."""
+        return self.store_calls.labels(call).observe
+
     def observe_upstream(self, upstream: str, seconds: float) -> None:
         child = self._per_upstream.get(upstream)
         if child is None:
@@ -97,3 +128,56 @@ class Metrics:
 
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
                       "CONNECT"))
+
+
+def counted(handler: Callable[[Any], Awaitable[Any]],
+            gauge: Gauge) -> Callable[[Any], Awaitable[Any]]:
+    """``handler`` with ``gauge`` (requests in flight) raised while it runs."""
+    inc, dec = gauge.inc, gauge.dec
+
+    async def handle(request: Any) -> Any:
+        inc()
+        try:
+            return await handler(request)
+        finally:
+            dec()
+    return handle
+
+
+class WorkersProcessCollector:
+    """``process_*`` for ``serve --workers N``: summed over every live worker, found by the pid
+    in the names of prometheus-client's multiprocess files (``counter_<pid>.db``), so a scrape
+    that any one worker answers describes the whole gateway, not the worker that answered.
+    Start time is the oldest worker's."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def _pids(self) -> list[int]:
+        pids = set()
+        for name in os.listdir(self.directory):
+            stem = name.rsplit(".", 1)[0]
+            tail = stem.rsplit("_", 1)[-1]
+            if tail.isdigit() and os.path.exists(f"/proc/{tail}"):
+                pids.add(int(tail))
+        return sorted(pids) or [os.getpid()]
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for pid in self._pids():
+            collector = ProcessCollector(pid=lambda pid=pid: pid, registry=None)
+            for family in collector.collect():
+                if family.name not in merged:
+                    merged[family.name] = family
+                    continue
+                into = merged[family.name]
+                for i, theirs in enumerate(family.samples[:len(into.samples)]):
+                    mine = into.samples[i]
+                    if family.name == "process_start_time_seconds":
+                        value = min(mine.value, theirs.value)
+                    elif family.name == "process_max_fds":
+                        value = mine.value
+                    else:
+                        value = mine.value + theirs.value
+                    into.samples[i] = mine._replace(value=value)
+        yield from merged.values()

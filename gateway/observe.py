@@ -6,47 +6,120 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, PlatformCollector,
+                               generate_latest)
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .config import Config
 from .errors import StoreError
-from .metrics import Metrics
+from .hotpath import RequestStore
+from .metrics import Metrics, WorkersProcessCollector
 
 log = logging.getLogger("keygate")
 
 
-async def refresh_usage_gauges(metrics: Metrics, store, config: Config) -> None:
-    workspaces = await store.list_workspaces()
-    usages = []
-    for i in range(0, len(workspaces), 100):  # concurrent reads, 100 at a time
-        usages += await asyncio.gather(*(store.usage(w.id) for w in workspaces[i:i + 100]),
-                                       return_exceptions=True)
-    metrics.month_requests.clear()
-    metrics.month_limit.clear()
-    for usage in usages:
-        if isinstance(usage, BaseException):  # e.g. a workspace deleted meanwhile
-            if isinstance(usage, StoreError):
-                raise usage
-            continue
-        metrics.month_requests.labels(usage["workspace"]).set(usage["used"])
-        if usage["limit"] is not None:
-            metrics.month_limit.labels(usage["workspace"]).set(usage["limit"])
+class UsageGauges:
+    """The per-workspace month gauges, read fresh at each scrape in one store round trip
+    (:meth:`Store.usage_all`, given the workspaces the last scrape found); concurrent scrapes
+    share one read."""
+
+    def __init__(self, metrics: Metrics, store) -> None:
+        self.metrics, self.store = metrics, store
+        self._known: list[str] = []
+        self._reading: asyncio.Future | None = None
+        self._timer = metrics.store_timer("usage_scrape")
+
+    async def refresh(self) -> None:
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read())
+        reading = self._reading
+        try:
+            await asyncio.shield(reading)
+        finally:
+            if self._reading is reading and reading.done():
+                self._reading = None
+
+    async def _read(self) -> None:
+        started = time.perf_counter()
+        try:
+            usages = await self.store.usage_all(self._known)
+        finally:
+            self._timer(time.perf_counter() - started)
+        self._known = [usage["workspace"] for usage in usages]
+        m = self.metrics
+        m.month_requests.clear()
+        m.month_limit.clear()
+        for usage in usages:
+            m.month_requests.labels(usage["workspace"]).set(usage["used"])
+            if usage["limit"] is not None:
+                m.month_limit.labels(usage["workspace"]).set(usage["limit"])
 
 
 def add_metrics_route(app: web.Application, metrics: Metrics, store, config: Config) -> None:
+    gauges = UsageGauges(metrics, store)
+
     async def handle_metrics(request: web.Request) -> web.Response:
         try:
-            await refresh_usage_gauges(metrics, store, config)
+            await gauges.refresh()
         except StoreError:
             metrics.store_errors.inc()  # the process's own metrics are still worth serving
         registry = metrics.registry
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # keygate serve --workers N
+        if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # serve --workers N
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
+            registry.register(WorkersProcessCollector(directory))
+            PlatformCollector(registry=registry)
         return web.Response(body=generate_latest(registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_get("/metrics", handle_metrics)
+
+
+class TimedRequestStore(RequestStore):
+    """The hot-path store client with every round trip timed into
+    ``keygate_store_call_duration_seconds{call}`` (failed calls too: a slow failure is what an
+    operator needs to see). A subclass, so ``gateway.hotpath`` stays free of metrics."""
+
+    def __init__(self, url: str, *, timeout: float, metrics: Metrics) -> None:
+        super().__init__(url, timeout=timeout)
+        self._observe = {call: metrics.store_timer(call) for call in
+                         ("authorize", "failure_counts", "record_failure", "refund",
+                          "add_usage")}
+
+    async def authorize(self, **kwargs):
+        started = time.perf_counter()
+        try:
+            return await super().authorize(**kwargs)
+        finally:
+            self._observe["authorize"](time.perf_counter() - started)
+
+    async def failure_counts(self, ip: str, key_id: str):
+        started = time.perf_counter()
+        try:
+            return await super().failure_counts(ip, key_id)
+        finally:
+            self._observe["failure_counts"](time.perf_counter() - started)
+
+    async def record_failure(self, ip: str, key_id: str, window_seconds: int):
+        started = time.perf_counter()
+        try:
+            return await super().record_failure(ip, key_id, window_seconds)
+        finally:
+            self._observe["record_failure"](time.perf_counter() - started)
+
+    async def refund(self, slot, ttl: int):
+        started = time.perf_counter()
+        try:
+            return await super().refund(slot, ttl)
+        finally:
+            self._observe["refund"](time.perf_counter() - started)
+
+    async def add_usage(self, slot, n: int, ttl: int):
+        started = time.perf_counter()
+        try:
+            return await super().add_usage(slot, n, ttl)
+        finally:
+            self._observe["add_usage"](time.perf_counter() - started)

@@ -546,6 +546,8 @@ class Pipeline:
             if outcome.code is not None and response.status in (401, 403, 429) or \
                     outcome.code in ("ambiguous_key", "key_in_url"):
                 m.auth_failures.labels(outcome.code).inc()
+            elif outcome.code in ("upstream_unavailable", "upstream_timeout"):
+                m.upstream_errors.labels(outcome.upstream or "", outcome.code).inc()
         if self.access is not None:
             self.access(request, response, outcome, request_id, elapsed)
         outcome.trace.end(request, response, outcome, request_id)

@@ -762,10 +762,15 @@ class Store:
         period, resets_at = month_period(self.clock())
         with _store_errors("read"):
             used = int(await self.redis.get(usage_key(ws, period)) or 0)
-        plan = effective_plan(self.config, workspace)
+        return self._usage_object(workspace, period, resets_at, used)
+
+    def _usage_object(self, workspace: Workspace, period: str, resets_at: float,
+                      used: int) -> dict:
+        plan = effective_plan(self.config, workspace)  # the workspace's own limits included
         limit = plan.monthly_requests
-        return {"workspace": ws, "plan": workspace.plan, "period": period, "used": used,
-                "limit": limit, "remaining": None if limit is None else max(0, limit - used),
+        return {"workspace": workspace.id, "plan": workspace.plan, "period": period,
+                "used": used, "limit": limit,
+                "remaining": None if limit is None else max(0, limit - used),
                 "resets_at": rfc3339(resets_at), "limits": limits_json(plan)}
 
     def workspace_json(self, workspace: Workspace) -> dict:
@@ -791,6 +796,39 @@ class Store:
         with _store_errors("read"):
             counts = await self.redis.mget(names)
         return [{"date": d, "requests": int(c or 0)} for d, c in zip(dates, counts)]
+
+    async def usage_all(self, known: Sequence[str] = ()) -> list[dict]:
+        """Every workspace's usage object this month, for a scrape: one round trip (the
+        workspace set, and the hash and counter of each workspace in ``known``, pipelined)
+        while ``known`` -- the ids the previous call returned -- is still the whole set; a
+        second for workspaces created since. Never one call per workspace."""
+        period, resets_at = month_period(self.clock())
+
+        async def read(ids: Sequence[str], with_set: bool) -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if with_set:
+                    pipe.smembers(WORKSPACES)
+                for ws in ids:
+                    pipe.hgetall(ws_key(ws))
+                    pipe.get(usage_key(ws, period))
+                return await pipe.execute()
+
+        with _store_errors("read"):
+            replies = await read(known, True)
+            ids, replies = sorted(replies[0]), replies[1:]
+            read_back = {ws: (replies[2 * i], replies[2 * i + 1]) for i, ws in enumerate(known)}
+            new = [ws for ws in ids if ws not in read_back]
+            if new:
+                replies = await read(new, False)
+                read_back.update({ws: (replies[2 * i], replies[2 * i + 1])
+                                  for i, ws in enumerate(new)})
+        usages = []
+        for ws in ids:
+            workspace = workspace_from_hash(read_back[ws][0])
+            if workspace is not None:  # deleted meanwhile
+                usages.append(self._usage_object(workspace, period, resets_at,
+                                                 int(read_back[ws][1] or 0)))
+        return usages
 
     async def audit(self, ws: str, limit: int = 100) -> list[dict]:
         """The workspace's lifecycle events, newest first."""

@@ -32,6 +32,20 @@ DOCUMENTED_METRICS = {
     "keygate_workspace_month_limit": "gauge",
     "keygate_config_reloads_total": "counter",
     "keygate_config_last_reload_timestamp_seconds": "gauge",
+    "keygate_build_info": "gauge",
+    "keygate_requests_in_flight": "gauge",
+    "keygate_store_call_duration_seconds": "histogram",
+    "keygate_upstream_errors_total": "counter",
+}
+
+# Conventional series every scrape carries beside keygate's own (prometheus-client's process
+# and platform collectors).
+STANDARD_METRICS = {
+    "process_cpu_seconds_total": "counter",
+    "process_resident_memory_bytes": "gauge",
+    "process_start_time_seconds": "gauge",
+    "process_open_fds": "gauge",
+    "python_info": "gauge",
 }
 
 

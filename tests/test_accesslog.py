@@ -16,7 +16,7 @@ from aiohttp import ClientSession, ClientTimeout
 from gateway.config import ServerConfig
 
 from harness import gateway_under_test, make_config
-from test_serve import Served, new_key, write_config
+from test_serve import ADMIN_TOKEN as ADMIN_TOKEN_OF_SERVE, Served, new_key, write_config
 
 FIELDS = ("time", "request_id", "method", "path", "status", "workspace", "key_id", "route",
           "upstream", "bytes_in", "bytes_out")
@@ -33,6 +33,11 @@ def config_with(upstream, access_log: str):
 
 
 def json_lines(err: str) -> list[dict]:
+    """The access lines (application log lines carry a "logger" field)."""
+    return [entry for entry in all_json_lines(err) if "logger" not in entry]
+
+
+def all_json_lines(err: str) -> list[dict]:
     return [json.loads(line) for line in err.splitlines() if line.startswith("{")]
 
 
@@ -143,6 +148,19 @@ async def test_keygate_serve_writes_json_access_lines_to_stderr(tmp_path, upstre
     assert [(line["path"], line["status"]) for line in lines] == [
         ("/people/1", 200), ("/people/1?token=***", 400)]
     assert lines[0]["workspace"] == "acme"
+    # with a JSON access log, every line on stderr is JSON: the application's too
+    text_lines = [line for line in err.splitlines() if line.strip() and not line.startswith("{")]
+    assert text_lines == []
+    app = [entry for entry in all_json_lines(err) if "logger" in entry]
+    listening = [e["message"] for e in app if "listening" in e["message"]]
+    assert listening and f"config {config}" in listening[0]  # serve says which file it runs
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in app)
+    # admin calls are logged, with who and the answer, never the token
+    admin = [e for e in app if e["logger"] == "keygate.admin"]
+    assert [(e["method"], e["status"], e["actor"]) for e in admin][:2] == [
+        ("POST", 201, "operator"), ("POST", 201, "operator")]
+    assert admin[1]["path"] == "/admin/v1/workspaces/acme/keys"
+    assert ADMIN_TOKEN_OF_SERVE not in err
 
 
 async def test_sigterm_right_after_a_burst_loses_no_access_line(tmp_path, upstream, redis_url):
@@ -210,3 +228,53 @@ async def _drain(fd: int) -> None:
                 return
         except BlockingIOError:
             await asyncio.sleep(0.01)
+
+
+async def test_admin_calls_are_logged_without_tokens(redis_url, upstream, monkeypatch, caplog):
+    """Every admin call is logged with its outcome and actor; a refused token is never
+    written, nor a key that appears in the path."""
+    import logging
+    from harness import ADMIN_TOKEN
+    caplog.set_level(logging.INFO, logger="keygate.admin")
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, key = await g.key(scopes=["people:read"])
+        async with g.admin.get(f"/admin/v1/workspaces/acme/keys/{token}") as r:
+            assert r.status == 404
+        async with g.admin.get("/admin/v1/workspaces",
+                               headers={"Authorization": "Bearer wrong-operator-token"}) as r:
+            assert r.status == 401
+        async with g.admin.get("/healthz") as r:   # probes are not admin calls
+            assert r.status == 200
+    records = [r for r in caplog.records if r.name == "keygate.admin"]
+    calls = [(r.method, r.path, r.status, r.actor) for r in records]
+    assert calls == [
+        ("POST", "/admin/v1/workspaces", 201, "operator"),
+        ("POST", "/admin/v1/workspaces/acme/keys", 201, "operator"),
+        ("GET", "/admin/v1/workspaces/acme/keys/***", 404, "operator"),
+        ("GET", "/admin/v1/workspaces", 401, "-"),
+    ]
+    text = caplog.text + "".join(str(r.__dict__) for r in records)
+    for secret in (token, ADMIN_TOKEN, "wrong-operator-token"):
+        assert secret not in text
+
+
+async def test_a_token_in_an_admin_path_is_never_echoed_in_the_answer(redis_url, upstream,
+                                                                      monkeypatch):
+    """SPEC: no error message echoes a token found in the path. The 404 for a key id that is
+    not one repeated the whole path segment, a pasted token included."""
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read"])
+        for path in (f"/admin/v1/workspaces/acme/keys/{token}",
+                     f"/admin/v1/workspaces/acme/keys/{token}/revoke",
+                     f"/admin/v1/workspaces/{token}/keys", f"/admin/v1/workspaces/{token}"):
+            method = "POST" if path.endswith("revoke") else "GET"
+            async with g.admin.request(method, path) as r:
+                assert r.status == 404, path
+                assert token not in await r.text(), path
+        async with g.proxy.get(f"/_keygate/v1/keys/{token}",
+                               headers={"Authorization": "Bearer " + (await g.key(
+                                   role="admin"))[0]}) as r:
+            assert r.status == 404
+            assert token not in await r.text()

@@ -88,6 +88,50 @@ def test_help_exits_0(capsys):
     assert "workspaces" in capsys.readouterr().out
 
 
+def every_command() -> list[list[str]]:
+    """Every command path the parser knows, found by walking it (so a new one is covered)."""
+    import argparse
+    from gateway.cli import build_parser
+
+    found: list[list[str]] = []
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        found.append(path)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+    walk(build_parser(), [])
+    return found
+
+
+def test_the_command_walk_finds_the_commands_the_readme_names():
+    names = {" ".join(path) for path in every_command()}
+    for command in ("serve", "demo", "config check", "workspaces create", "workspaces list",
+                    "workspaces show", "workspaces set-plan", "keys create", "keys list",
+                    "keys show", "keys update", "keys revoke", "keys rotate", "usage",
+                    "roles list", "roles set", "roles delete", "audit"):
+        assert command in names
+
+
+@pytest.mark.parametrize("path", every_command(), ids=lambda p: " ".join(p) or "keygate")
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_every_command_answers_help(path, flag, capsys):
+    """Every leaf used to crash on --help (KeyError: 'default' from %(default)s with
+    SUPPRESS), printing a traceback instead of its usage."""
+    assert main([*path, flag]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: keygate"), out
+    assert err == ""
+
+
+def test_help_as_a_subprocess_has_no_traceback():
+    done = subprocess.run([sys.executable, "-m", "gateway", "keys", "create", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "--workspace" in done.stdout and "Traceback" not in done.stderr
+
+
 def test_unreachable_admin_api_is_one_line_and_exit_1(capsys, monkeypatch):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -151,6 +195,46 @@ def test_config_check_names_file_line_and_field_of_each_problem(tmp_path, capsys
 def test_config_check_reports_a_missing_file(tmp_path, capsys):
     assert main(["config", "check", str(tmp_path / "nope.yaml")]) == 1
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_config_check_defaults_to_config_yaml_in_the_current_directory(tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.delenv("KEYGATE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text(GOOD_CONFIG)
+    assert main(["config", "check"]) == 0
+    assert capsys.readouterr().out == "ok: config.yaml\n"
+
+
+def test_serve_and_config_check_without_a_config_say_which_file_is_missing(tmp_path, capsys,
+                                                                          monkeypatch):
+    """serve used to run on built-in defaults (no routes) when ./config.yaml was absent."""
+    monkeypatch.delenv("KEYGATE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for argv in (["serve"], ["config", "check"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert str(tmp_path / "config.yaml") in err and "does not exist" in err
+
+
+def test_serve_reads_config_yaml_in_the_current_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("KEYGATE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("server:\n  port: lots\n")
+    assert main(["serve"]) == 1
+    assert "config.yaml:2: server.port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["", "# nothing yet\n", "server:\n  port: 8080\n",
+                                  "upstreams:\n  crm: http://127.0.0.1:9000\nroutes: []\n"])
+def test_a_config_with_no_routes_is_refused_by_check_and_serve(tmp_path, capsys, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    for argv in (["config", "check", str(path)], ["serve", "--config", str(path)]):
+        assert main(argv) == 1
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert f"{path}: routes: no routes are defined" in err
 
 
 def test_config_check_defaults_to_keygate_config_env(tmp_path, capsys, monkeypatch):
@@ -283,7 +367,7 @@ async def test_workspaces_list_table_and_json(admin_url, keygate):
     assert header.split() == ["ID", "NAME", "PLAN", "CREATED"]
     assert sorted(row.split()[0] for row in rows) == ["acme", "globex"]
     assert any(row.split()[0] == "globex" and " pro " in row and "UTC" in row for row in rows)
-    listed = (await keygate("workspaces", "list", "--json")).json()
+    listed = (await keygate("workspaces", "list", "--json")).json()["items"]
     assert sorted(w["id"] for w in listed) == ["acme", "globex"]
 
 
@@ -292,7 +376,7 @@ async def test_workspaces_set_plan(admin_url, keygate):
     run = await keygate("workspaces", "set-plan", "acme", "pro")
     assert run.code == 0, run.err
     assert "pro" in run.out
-    listed = (await keygate("workspaces", "list", "--json")).json()
+    listed = (await keygate("workspaces", "list", "--json")).json()["items"]
     assert listed[0]["plan"] == "pro"
 
 
@@ -334,7 +418,7 @@ async def test_keys_create_prints_the_token_once_with_a_warning(admin_url, keyga
     assert token.startswith("kg_live_")
     assert "cannot be shown again" in run.err
     assert token not in run.err
-    listed = (await keygate("keys", "list", "--workspace", "acme", "--json")).json()
+    listed = (await keygate("keys", "list", "--workspace", "acme", "--json")).json()["items"]
     assert listed[0]["id"] == token[8:20]
     assert listed[0]["role"] == "reader" and listed[0]["scopes"] == ["people:read"]
 
@@ -427,7 +511,7 @@ async def test_keys_list_json_never_holds_tokens(admin_url, keygate):
     run = await keygate("keys", "list", "--workspace", "acme", "--json")
     assert run.code == 0
     assert answer["token"] not in run.out
-    assert [k["id"] for k in run.json()] == [answer["key"]["id"]]
+    assert [k["id"] for k in run.json()["items"]] == [answer["key"]["id"]]
 
 
 async def test_keys_list_status_filter(admin_url, keygate):
@@ -437,8 +521,8 @@ async def test_keys_list_status_filter(admin_url, keygate):
     assert (await keygate("keys", "revoke", "--workspace", "acme", gone, "--yes")).code == 0
     active = (await keygate("keys", "list", "--workspace", "acme", "--status", "active", "--json"))
     revoked = (await keygate("keys", "list", "--workspace", "acme", "--status", "revoked", "--json"))
-    assert [k["id"] for k in active.json()] == [keep]
-    assert [k["id"] for k in revoked.json()] == [gone]
+    assert [k["id"] for k in active.json()["items"]] == [keep]
+    assert [k["id"] for k in revoked.json()["items"]] == [gone]
 
 
 async def test_keys_list_unknown_workspace_is_not_found(admin_url, keygate):
@@ -448,7 +532,7 @@ async def test_keys_list_unknown_workspace_is_not_found(admin_url, keygate):
 
 
 async def key_status(keygate, ws: str, key_id: str) -> str:
-    listed = (await keygate("keys", "list", "--workspace", ws, "--json")).json()
+    listed = (await keygate("keys", "list", "--workspace", ws, "--json")).json()["items"]
     return {k["id"]: k["status"] for k in listed}[key_id]
 
 
@@ -470,13 +554,24 @@ async def test_keys_revoke_asks_and_y_confirms(admin_url, keygate):
     assert await key_status(keygate, "acme", key_id) == "revoked"
 
 
-@pytest.mark.parametrize("answer", ["n\n", "\n", "", "nope\n"])
-async def test_keys_revoke_aborts_unless_confirmed(admin_url, keygate, answer):
+@pytest.mark.parametrize("answer", ["n\n", "\n", "nope\n"])
+async def test_keys_revoke_declined_is_not_an_api_error(admin_url, keygate, answer):
+    """Saying no is not an API error (1), nor a success a script could act on (0): exit 2."""
     await make_workspace(keygate)
     key_id = (await make_key(keygate, "acme", "--role", "reader"))["key"]["id"]
     run = await keygate("keys", "revoke", "--workspace", "acme", key_id, stdin=answer)
-    assert run.code == 1
-    assert "aborted" in run.err
+    assert run.code == 2
+    assert "aborted" in run.err and "not revoked" in run.err
+    assert await key_status(keygate, "acme", key_id) == "active"
+
+
+async def test_keys_revoke_without_an_answer_is_bad_usage(admin_url, keygate):
+    """A script that forgot --yes (stdin at end of input) is told to pass it: exit 2."""
+    await make_workspace(keygate)
+    key_id = (await make_key(keygate, "acme", "--role", "reader"))["key"]["id"]
+    run = await keygate("keys", "revoke", "--workspace", "acme", key_id, stdin="")
+    assert run.code == 2
+    assert "--yes" in run.err
     assert await key_status(keygate, "acme", key_id) == "active"
 
 
@@ -510,7 +605,7 @@ async def test_keys_rotate_with_grace_keeps_the_old_key_for_a_while(admin_url, k
     new = run.json()
     assert new["key"]["role"] == "reader" and new["key"]["name"] == "ci"
     listed = {k["id"]: k for k in
-              (await keygate("keys", "list", "--workspace", "acme", "--json")).json()}
+              (await keygate("keys", "list", "--workspace", "acme", "--json")).json()["items"]}
     assert listed[old_id]["status"] == "active"
     assert abs(parse_rfc3339(listed[old_id]["expires_at"]) - (time.time() + 86400)) < 120
 
@@ -559,7 +654,7 @@ async def test_json_option_before_the_verb_is_honoured(admin_url, keygate):
     await make_workspace(keygate)
     run = await keygate("--json", "workspaces", "list")
     assert run.code == 0, run.err
-    assert [w["id"] for w in run.json()] == ["acme"]
+    assert [w["id"] for w in run.json()["items"]] == ["acme"]
 
 
 async def test_environment_proxy_is_not_used_for_the_admin_api(admin_url, keygate, monkeypatch):
@@ -649,3 +744,199 @@ def test_an_unsendable_operator_token_is_never_printed(token, capsys, monkeypatc
     captured = capsys.readouterr()
     assert "op-secret-XYZ" not in captured.err + captured.out + text
     assert code == 1
+
+
+# --- show / update / roles / audit / --json bodies / --config ----------------------------------
+
+async def test_workspaces_show(admin_url, keygate):
+    await make_workspace(keygate, "acme", plan="pro")
+    run = await keygate("workspaces", "show", "acme")
+    assert run.code == 0, run.err
+    fields = dict(line.split(None, 1) for line in run.out.strip().splitlines())
+    assert fields["id"] == "acme" and fields["plan"] == "pro" and fields["name"] == "Acme Corp"
+    assert (await keygate("workspaces", "show", "acme", "--json")).json()["plan"] == "pro"
+    missing = await keygate("workspaces", "show", "nobody")
+    assert missing.code == 1 and "(not_found)" in missing.err
+
+
+async def test_workspaces_rename(admin_url, keygate):
+    await make_workspace(keygate)
+    assert (await keygate("workspaces", "rename", "acme", "--name", "Acme 2")).code == 0
+    assert (await keygate("workspaces", "show", "acme", "--json")).json()["name"] == "Acme 2"
+
+
+async def test_keys_show_never_prints_the_token(admin_url, keygate):
+    await make_workspace(keygate)
+    answer = await make_key(keygate, "acme", "--role", "reader", "--description", "nightly")
+    key_id = answer["key"]["id"]
+    run = await keygate("keys", "show", "--workspace", "acme", key_id)
+    assert run.code == 0, run.err
+    assert answer["token"] not in run.out + run.err
+    fields = dict(line.split(None, 1) for line in run.out.strip().splitlines())
+    assert fields["id"] == key_id and fields["role"] == "reader"
+    assert fields["description"] == "nightly" and fields["status"] == "active"
+    assert fields["scopes"] == "people:read" and fields["expires_at"] == "-"
+    body = (await keygate("keys", "show", "--workspace", "acme", key_id, "--json")).json()
+    assert body == answer["key"]
+
+
+async def test_keys_update_rebinds_renames_and_dates_a_key(admin_url, keygate):
+    await make_workspace(keygate)
+    key_id = (await make_key(keygate, "acme", "--role", "reader"))["key"]["id"]
+    run = await keygate("keys", "update", "--workspace", "acme", key_id, "--name", "renamed",
+                        "--scope", "people:write", "--scope", "companies:read",
+                        "--expires", "2099-01-31", "--json")
+    assert run.code == 0, run.err
+    key = run.json()
+    assert key["name"] == "renamed" and key["role"] is None
+    assert key["scopes"] == ["people:write", "companies:read"]
+    assert key["expires_at"] == "2099-01-31T00:00:00Z"
+    cleared = (await keygate("keys", "update", "--workspace", "acme", key_id, "--no-expiry",
+                             "--json")).json()
+    assert cleared["expires_at"] is None
+    relative = (await keygate("keys", "update", "--workspace", "acme", key_id, "--expires", "1d",
+                              "--json")).json()
+    assert relative["expires_at"] is not None
+
+
+async def test_keys_update_with_nothing_to_change_is_bad_usage(admin_url, keygate):
+    run = await keygate("keys", "update", "--workspace", "acme", "AAAAAAAAAAAA")
+    assert run.code == 2
+    assert "nothing to change" in run.err
+
+
+async def test_roles_set_list_and_delete(admin_url, keygate):
+    await make_workspace(keygate)
+    run = await keygate("roles", "set", "--workspace", "acme", "auditor", "--scope", "audit:read")
+    assert run.code == 0, run.err
+    listed = await keygate("roles", "list", "--workspace", "acme")
+    header, *rows = listed.out.strip().splitlines()
+    assert header.split() == ["NAME", "SOURCE", "SCOPES"]
+    by_name = {row.split()[0]: row.split()[1:] for row in rows}
+    assert by_name["auditor"] == ["workspace", "audit:read"]
+    assert by_name["reader"] == ["config", "people:read"]
+    body = (await keygate("roles", "list", "--workspace", "acme", "--json")).json()
+    assert {r["name"] for r in body["items"]} == {"auditor", "reader"}
+    assert (await keygate("roles", "delete", "--workspace", "acme", "auditor")).code == 0
+    body = (await keygate("roles", "list", "--workspace", "acme", "--json")).json()
+    assert {r["name"] for r in body["items"]} == {"reader"}
+
+
+async def test_audit_lists_lifecycle_events_newest_first(admin_url, keygate):
+    await make_workspace(keygate)
+    key_id = (await make_key(keygate, "acme", "--role", "reader"))["key"]["id"]
+    assert (await keygate("keys", "revoke", "--workspace", "acme", key_id, "--yes")).code == 0
+    run = await keygate("audit", "--workspace", "acme")
+    assert run.code == 0, run.err
+    header, *rows = run.out.strip().splitlines()
+    assert header.split() == ["AT", "ACTOR", "ACTION", "TARGET", "DETAILS"]
+    assert "operator" in rows[0] and key_id in rows[0]
+    body = (await keygate("audit", "--workspace", "acme", "--limit", "1", "--json")).json()
+    assert len(body["items"]) == 1 and body["items"][0]["target"] == key_id
+
+
+async def test_json_listings_are_the_api_body_as_is(admin_url, keygate):
+    import urllib.request
+    await make_workspace(keygate)
+    await make_key(keygate, "acme", "--role", "reader")
+    run = await keygate("keys", "list", "--workspace", "acme", "--json")
+    request = urllib.request.Request(admin_url + "/admin/v1/workspaces/acme/keys",
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    api = await asyncio.to_thread(lambda: urllib.request.urlopen(request).read())
+    assert json.loads(run.out) == json.loads(api)
+    assert list(run.json()) == ["items"]
+
+
+async def test_json_errors_print_the_error_body_on_stdout_and_exit_1(admin_url, keygate):
+    run = await keygate("keys", "list", "--workspace", "nobody", "--json")
+    assert run.code == 1
+    error = run.json()["error"]
+    assert error["code"] == "not_found" and error["request_id"]
+    assert "(not_found)" in run.err
+
+
+async def test_config_gives_the_admin_url_and_token(admin_url, keygate, tmp_path, monkeypatch):
+    """--config PATH: the admin listener's address and the token from its token_env."""
+    port = int(admin_url.rsplit(":", 1)[1])
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD_CONFIG + f"admin:\n  host: 0.0.0.0\n  port: {port}\n"
+                                  "  token_env: MY_OPERATOR_TOKEN\n")
+    monkeypatch.delenv("KEYGATE_ADMIN_URL")
+    monkeypatch.delenv("KEYGATE_ADMIN_TOKEN")
+    monkeypatch.setenv("MY_OPERATOR_TOKEN", ADMIN_TOKEN)
+    await make_workspace_with(keygate, "--config", str(path))
+    run = await keygate("workspaces", "list", "--config", str(path), "--json")
+    assert run.code == 0, run.err
+    assert [w["id"] for w in run.json()["items"]] == ["acme"]
+    before = await keygate("--config", str(path), "workspaces", "list")  # before the verb too
+    assert before.code == 0, before.err
+
+
+async def make_workspace_with(keygate, *options: str) -> None:
+    run = await keygate("workspaces", "create", "acme", "--name", "Acme", *options)
+    assert run.code == 0, run.err
+
+
+def test_a_bad_config_for_the_admin_url_is_exit_1_naming_the_problem(tmp_path, capsys):
+    path = tmp_path / "gw.yaml"
+    path.write_text("admin:\n  port: nope\n")
+    assert main(["workspaces", "list", "--config", str(path)]) == 1
+    assert "admin.port" in capsys.readouterr().err
+
+
+def test_the_cli_reference_describes_every_command_and_option():
+    """docs/cli.md has a section per command, naming each of its options."""
+    import argparse
+    from pathlib import Path
+    from gateway.cli import build_parser
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    parser = build_parser()
+
+    def walk(p: argparse.ArgumentParser, path: list[str]):
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs and path:
+            yield path, p
+        for action in subs:
+            for name, sub in action.choices.items():
+                yield from walk(sub, path + [name])
+
+    shared = {"--admin-url", "--config", "--timeout", "--json", "--help", "-h"}
+    for path, sub in walk(parser, []):
+        heading = f"### `keygate {' '.join(path)}`"
+        assert heading in text, heading
+        section = text.split(heading, 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+        for action in sub._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option not in shared:
+                    assert option in section, (path, option)
+    for option in shared - {"--help", "-h"}:
+        assert f"`{option}" in text
+
+
+async def test_reload_through_the_cli_with_the_servers_own_config(tmp_path, redis_url,
+                                                                  keygate, monkeypatch):
+    """keygate reload --config FILE: the URL and token come from the file the gateway runs
+    with; a file with problems changes nothing, and the problems are printed one per line."""
+    import yaml
+    from test_serve import ADMIN_TOKEN as SERVE_TOKEN, Served, write_config
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url)
+    monkeypatch.delenv("KEYGATE_ADMIN_URL", raising=False)
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", SERVE_TOKEN)
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        run = await keygate("reload", "--config", str(config))
+        assert run.code == 0, run.err
+        assert run.out.startswith(f"reloaded {config}")
+        doc = yaml.safe_load(config.read_text())
+        doc["routes"][0]["upstream"] = "nowhere"
+        config.write_text(yaml.safe_dump(doc))
+        run = await keygate("reload", "--config", str(config))
+        assert run.code == 1
+        assert "routes[0].upstream: unknown upstream 'nowhere'" in run.err
+        assert "(bad_request)" in run.err
+        run = await keygate("reload", "--admin-url", gw.admin, "--json")
+        assert run.code == 1 and run.json()["error"]["problems"]
+    finally:
+        assert gw.terminate() == 0
+        gw.close()

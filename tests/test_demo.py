@@ -4,6 +4,7 @@ curl lines do what the banner says, Ctrl-C stops everything (its redis-server in
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from test_serve import alive
 
 
 async def read_banner(proc: asyncio.subprocess.Process, timeout: float = 30) -> str:
-    """stdout up to the banner's last line (the admin listing curl)."""
+    """stdout up to the banner's last line (the export for the CLI)."""
     lines: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -30,7 +31,7 @@ async def read_banner(proc: asyncio.subprocess.Process, timeout: float = 30) -> 
         if not raw:
             break  # the demo exited
         lines.append(raw.decode())
-        if b"/admin/v1/workspaces/demo/keys" in raw:
+        if b"export KEYGATE_ADMIN_URL=" in raw:
             return "".join(lines)
     raise AssertionError(f"no banner from keygate demo: {''.join(lines)!r}")
 
@@ -50,7 +51,12 @@ async def test_demo_banner_curls_work_and_ctrl_c_stops_everything():
         admin = re.search(r"^\s*admin\s+(http://127\.0\.0\.1:\d+)", banner, re.M).group(1)
         ro = re.search(r"\bRO=(kg_live_[0-9A-Za-z]{50})\b", banner).group(1)
         rw = re.search(r"\bRW=(kg_live_[0-9A-Za-z]{50})\b", banner).group(1)
-        admin_token = re.search(r"\bADMIN=(\S+)", banner).group(1)
+        # the banner ends with the line that makes the CLI work as pasted
+        last = banner.strip().splitlines()[-1].strip()
+        exported = re.fullmatch(r"export KEYGATE_ADMIN_URL=(\S+) KEYGATE_ADMIN_TOKEN=(\S+)", last)
+        assert exported, last
+        assert exported.group(1) == admin
+        admin_token = exported.group(2)
         assert ro != rw
         assert f"{proxy}/people/1" in banner and f"{proxy}/_keygate/v1/usage" in banner
         redis_pid = int(Path(cwd, ".keygate-demo", "redis.pid").read_text().strip())
@@ -88,6 +94,15 @@ async def test_demo_banner_curls_work_and_ctrl_c_stops_everything():
                              headers={"Authorization": f"Bearer {admin_token}"}) as r:
                 assert r.status == 200
                 assert len((await r.json())["items"]) >= 2
+
+        # keygate keys list --workspace demo, after pasting the export line
+        cli_env = {**env, "KEYGATE_ADMIN_URL": admin, "KEYGATE_ADMIN_TOKEN": admin_token}
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "keys", "list", "--workspace", "demo", "--json",
+            env=cli_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(cli.communicate(), 30)
+        assert cli.returncode == 0, err
+        assert len(json.loads(out)["items"]) >= 2
 
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         code = await asyncio.wait_for(proc.wait(), 15)

@@ -321,7 +321,8 @@ def test_dashboard_uses_only_the_agreed_metric_names():
 def test_agreed_metric_names_are_the_ones_the_code_exports():
     from gateway.metrics import Metrics
     exported = {metric.name + ("_total" if metric.type == "counter" else ""): metric.type
-                for metric in Metrics().registry.collect()}
+                for metric in Metrics().registry.collect()
+                if metric.name.startswith("keygate_")}
     assert exported == INTERFACE_METRICS
 
 
@@ -348,8 +349,10 @@ def test_dashboard_panels_have_unique_ids_and_a_datasource():
 
 # --- the tools users run, when installed ------------------------------------------------------
 
-def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, **kwargs)
+def run(cmd: list[str], cwd_override: Path | None = None,
+        **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          cwd=cwd_override or ROOT, **kwargs)
 
 
 def tool(name: str) -> str:
@@ -366,6 +369,45 @@ def test_hadolint_accepts_the_dockerfile():
 
 def test_promtool_accepts_the_prometheus_config():
     result = run([tool("promtool"), "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+
+
+def test_alert_rules_cover_store_5xx_quota_and_argon2_with_agreed_metrics():
+    (group,) = yaml.safe_load(ALERTS.read_text())["groups"]
+    rules = {rule["alert"]: rule for rule in group["rules"]}
+    allowed = {"up"}
+    for name, kind in INTERFACE_METRICS.items():
+        allowed |= {name} | ({f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+                             if kind == "histogram" else set())
+    for name, rule in rules.items():
+        assert metric_names(rule["expr"]) <= allowed, (name, metric_names(rule["expr"]))
+        assert rule["labels"]["severity"] in ("critical", "warning", "info")
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+    joined = " ".join(rule["expr"] for rule in rules.values())
+    for metric in ("keygate_store_errors_total", 'status_class="5xx"',
+                   "keygate_workspace_month_limit", "keygate_argon2_verifications_total"):
+        assert metric in joined
+
+
+def test_compose_prometheus_loads_the_alert_rules():
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    (compose,) = documents(DEPLOY / "docker-compose.yml")
+    mounts = compose["services"]["prometheus"]["volumes"]
+    assert "./prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
+
+
+def test_promtool_checks_the_alert_rules():
+    result = run([tool("promtool"), "check", "rules", str(ALERTS)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_unit_tests_of_the_alert_rules_pass():
+    result = run([tool("promtool"), "test", "rules", "alerts-test.yml"],
+                 cwd_override=DEPLOY / "prometheus")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -670,3 +670,24 @@ async def test_verify_only_mode_applies_every_key_control(redis_url, upstream, m
         _, days = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}/usage/daily"
                                             "?days=1")
         assert days["items"][0]["requests"] == 1 and upstream.requests == []
+
+
+def test_the_openapi_document_describes_the_key_controls():
+    from gateway.openapi import document
+    doc = document()
+    paths = doc["paths"]
+    assert "delete" in paths["/admin/v1/workspaces/{ws}/keys/{key}"]
+    assert "delete" in paths["/_keygate/v1/keys/{key}"]
+    for path in ("/admin/v1/workspaces/{ws}/usage/daily", "/admin/v1/scopes",
+                 "/admin/v1/workspaces/{ws}/keys/{key}/usage/daily",
+                 "/_keygate/v1/keys/{key}/usage/daily"):
+        assert "get" in paths[path], path
+    schemas = doc["components"]["schemas"]
+    assert {"monthly_requests", "used_this_month", "enabled", "meta", "allowed_ips"} <= \
+        set(schemas["Key"]["properties"])
+    assert {"monthly_requests", "enabled", "meta", "allowed_ips", "rate_limit"} <= \
+        set(schemas["KeyPatch"]["properties"])
+    assert "limits" in schemas["WorkspacePatch"]["properties"]
+    assert "limits" in schemas["Usage"]["properties"]
+    listed = {p["name"] for p in paths["/admin/v1/workspaces/{ws}/keys"]["get"]["parameters"]}
+    assert listed == {"status", "unused_days", "sort", "limit", "cursor"}

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import StoreConfig
 from gateway.tokens import checksum
 
-from conftest import DOCUMENTED_METRICS
+from conftest import DOCUMENTED_METRICS, STANDARD_METRICS
 from harness import gateway_under_test, make_config
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy/grafana/dashboards/keygate.json"
@@ -102,6 +102,86 @@ async def test_every_agreed_metric_is_exported_with_its_type(traffic):
     for name, kind in METRICS.items():
         sample = name + ("_count" if kind == "histogram" else "")
         assert s.type_of(sample) == kind, (name, s.type_of(sample))
+
+
+async def test_build_info_and_the_standard_process_series(traffic):
+    from gateway import __version__
+    s = await scrape(traffic)
+    assert s.value("keygate_build_info", version=__version__) == 1
+    for name, kind in STANDARD_METRICS.items():
+        assert s.type_of(name) in (kind, "unknown", "info"), (name, s.type_of(name))
+        assert s.labelsets(name), name
+    assert s.value("process_resident_memory_bytes") > 0
+
+
+async def test_store_call_latency_histogram_times_the_request_path(traffic):
+    s = await scrape(traffic)
+    h = "keygate_store_call_duration_seconds"
+    # authorize ran for every request whose key verified (3 reads, the 403, the usage call)
+    assert s.value(h + "_count", call="authorize") == 5
+    assert s.value(h + "_sum", call="authorize") > 0
+    assert s.value(h + "_count", call="record_failure") == 1   # the wrong secret
+    # each scrape reads usage once, timed too (this scrape's read is recorded after it)
+    assert (await scrape(traffic)).value(h + "_count", call="usage_scrape") >= 1
+
+
+async def test_requests_in_flight(redis_url, monkeypatch, aiohttp_server):
+    from aiohttp import web
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", slow)
+    server = await aiohttp_server(app)
+    async with gateway_under_test(make_config(str(server.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        assert (await scrape(g)).value("keygate_requests_in_flight") == 0
+        pending = asyncio.create_task(status_of(g, "GET", "/health"))
+        await asyncio.wait_for(arrived.wait(), 10)
+        assert (await scrape(g)).value("keygate_requests_in_flight") == 1
+        release.set()
+        assert await pending == 200
+        assert (await scrape(g)).value("keygate_requests_in_flight") == 0
+
+
+async def test_upstream_errors_are_counted_per_upstream(redis_url, monkeypatch):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    async with gateway_under_test(make_config(dead), redis_url, monkeypatch) as g:
+        for _ in range(2):
+            assert await status_of(g, "GET", "/health") == 502
+        s = await scrape(g)
+        assert s.value("keygate_upstream_errors_total", upstream="api",
+                       code="upstream_unavailable") == 2
+
+
+async def test_usage_gauges_cover_many_workspaces_with_one_store_read_per_scrape(
+        redis_url, upstream, monkeypatch):
+    """A scrape used to make two store calls per workspace; now the workspace set and every
+    hash and counter travel in one pipeline (the MONITOR shows no command outside it)."""
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        for i in range(30):
+            await g.workspace(f"ws{i:02d}")
+        first = await scrape(g)   # learns the 30 workspaces (a second round trip for them)
+        assert len(first.labelsets("keygate_workspace_month_requests")) == 30
+        client = redis.Redis.from_url(redis_url)
+        before = client.info("commandstats")
+        s = await scrape(g)
+        after = client.info("commandstats")
+        client.close()
+        calls = {name.removeprefix("cmdstat_"): after[name]["calls"] -
+                 before.get(name, {}).get("calls", 0) for name in after}
+        calls = {name: n for name, n in calls.items() if n and name != "info"}
+        assert calls == {"smembers": 1, "hgetall": 30, "get": 30}, calls
+        assert s.value("keygate_workspace_month_limit", workspace="ws29") == 1000
 
 
 async def test_request_counters_by_route_method_and_status_class(traffic):

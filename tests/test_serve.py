@@ -377,6 +377,17 @@ async def test_two_workers_share_one_port_metrics_and_stop_together(tmp_path, sl
                                  if s.name == "keygate_workspace_month_requests"
                                  and s.labels.get("workspace") == "acme"]
                         assert month == [3]  # the three /people/1 forwards, read from Redis
+                        # the conventional series work under --workers too: build info once,
+                        # process_* summed over both workers (each holds tens of MiB)
+                        samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
+                                   for f in text_string_to_metric_families(text)
+                                   for x in f.samples}
+                        info = [v for (n, _), v in samples.items() if n == "keygate_build_info"]
+                        assert info == [1]
+                        rss = samples[("process_resident_memory_bytes", ())]
+                        assert rss > 2 * 10 * 1024 * 1024
+                        assert samples[("process_open_fds", ())] > 0
+                        assert ("python_info" in {n for n, _ in samples})
         assert await asyncio.to_thread(gw.terminate) == 0
         assert "Traceback" not in gw.stderr()
         deadline = time.monotonic() + 10

@@ -489,7 +489,9 @@ async def test_cli_workspace_key_lifecycle_exit_codes_and_json(cli, gut):
 
 async def test_cli_config_check_path(tmp_path, capsys):
     good = tmp_path / "good.yaml"
-    good.write_text("store:\n  redis_url: redis://localhost:6379/0\n")
+    good.write_text("store:\n  redis_url: redis://localhost:6379/0\n"
+                    "upstreams:\n  api: http://127.0.0.1:9000\n"
+                    "routes:\n  - {path: /x, upstream: api}\n")
     assert await asyncio.to_thread(main, ["config", "check", str(good)]) == 0
     bad = tmp_path / "bad.yaml"
     bad.write_text("store:\n  redis_url: redis://localhost:6379/abc\n")

@@ -1,0 +1,149 @@
+"""docs/config.schema.json (the JSON Schema editors use for the config file) and the loader
+(gateway.config) agree: on which keys exist at every level, on the example configs, and on a
+table of good and bad values. A key added to the loader without the schema fails here."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.config import load_config
+from gateway.errors import ConfigError
+
+jsonschema_rs = pytest.importorskip("jsonschema_rs")  # comes with the test extra (schemathesis)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = json.loads((ROOT / "docs" / "config.schema.json").read_text())
+VALIDATOR = jsonschema_rs.Draft202012Validator(SCHEMA)
+
+BASE = {"upstreams": {"crm": {"url": "http://127.0.0.1:9"}},
+        "routes": [{"path": "/x", "upstream": "crm"}],
+        "plans": {"p": {"monthly_requests": 1}}}
+
+
+def loader_accepts(doc: object, tmp_path: Path) -> tuple[bool, list[str]]:
+    path = tmp_path / "probe.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        return False, exc.problems
+    return True, []
+
+
+def schema_at(path: list[str]) -> dict:
+    """The object schema at a config path (``plans.*`` and ``upstreams.*`` are any name)."""
+    node = SCHEMA
+    for part in path:
+        if part == "[]":
+            node = node["items"]
+        elif part == "*":
+            extra = node["additionalProperties"]
+            node = next(alt for alt in extra.get("anyOf", [extra]) if alt.get("type") == "object")
+        else:
+            node = node["properties"][part]
+    return node
+
+
+# (config path in the probe document, path in the schema)
+OBJECTS = [
+    ([], []), (["server"], ["server"]), (["admin"], ["admin"]), (["store"], ["store"]),
+    (["server", "timeouts"], ["server", "timeouts"]), (["server", "tls"], ["server", "tls"]),
+    (["admin", "tls"], ["admin", "tls"]), (["keys"], ["keys"]), (["keys", "argon2"], ["keys", "argon2"]),
+    (["keys", "failures"], ["keys", "failures"]),
+    (["keys", "verify_queue"], ["keys", "verify_queue"]), (["plans", "p"], ["plans", "*"]),
+    (["upstreams", "crm"], ["upstreams", "*"]), (["routes", 0], ["routes", "[]"]),
+    (["identity_headers"], ["identity_headers"]),
+    (["identity_signature"], ["identity_signature"]), (["tracing"], ["tracing"]),
+]
+
+
+@pytest.mark.parametrize("where, schema_path", OBJECTS,
+                         ids=[".".join(map(str, w)) or "top" for w, _ in OBJECTS])
+def test_every_level_allows_the_same_keys_in_the_schema_and_the_loader(where, schema_path,
+                                                                        tmp_path):
+    doc = copy.deepcopy(BASE)
+    node = doc
+    for part in where:
+        node = node[part] if isinstance(node, list) else node.setdefault(part, {})
+    node["zzzzzzzz"] = 1
+    accepted, problems = loader_accepts(doc, tmp_path)
+    assert not accepted
+    (problem,) = [p for p in problems if "zzzzzzzz" in p]
+    allowed = set(re.search(r"\(allowed: ([^)]*)\)", problem).group(1).split(", "))
+    schema = schema_at(schema_path)
+    assert schema["additionalProperties"] is False
+    assert set(schema["properties"]) == allowed
+    assert not VALIDATOR.is_valid(doc)
+
+
+def example_configs() -> list[tuple[str, object]]:
+    found = [("config.example.yaml", yaml.safe_load((ROOT / "config.example.yaml").read_text())),
+             ("deploy/config.yaml", yaml.safe_load((ROOT / "deploy/config.yaml").read_text()))]
+    for doc in yaml.safe_load_all((ROOT / "deploy/k8s/configmap.yaml").read_text()):
+        for name, text in (doc or {}).get("data", {}).items():
+            if name.endswith((".yaml", ".yml")):
+                found.append((f"configmap {name}", yaml.safe_load(text)))
+    return found
+
+
+@pytest.mark.parametrize("name, doc", example_configs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_the_shipped_configs_validate_against_the_schema(name, doc):
+    errors = [f"{e.instance_path}: {e.message}" for e in VALIDATOR.iter_errors(doc)]
+    assert errors == []
+
+
+def with_(path: str, value: object) -> dict:
+    doc = copy.deepcopy(BASE)
+    node: object = doc
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    node[int(parts[-1]) if parts[-1].isdigit() else parts[-1]] = value
+    return doc
+
+
+CASES = [
+    ("server.port", 8080, True), ("server.port", 0, False), ("server.port", 70000, False),
+    ("server.port", "eighty", False), ("server.workers", 4, True), ("server.workers", 0, False),
+    ("server.access_log", "text", True), ("server.access_log", "xml", False),
+    ("server.log_level", "loud", False), ("server.metrics_workspace_labels", "yes", False),
+    ("admin.token_env", "MY_TOKEN", True), ("admin.token_env", "1BAD", False),
+    ("store.redis_url", "redis://127.0.0.1:6379/0", True),
+    ("store.redis_url", "redis+sentinel://s1:26379/mymaster", True),
+    ("store.redis_url", "memcached://x", False), ("store.on_store_error", "open", True),
+    ("store.on_store_error", "maybe", False), ("store.timeout", 0, False),
+    ("store.timeout", 0.5, True), ("keys.prefix", "acme", True), ("keys.prefix", "ACME", False),
+    ("keys.prefix", "waytoolongprefix", False), ("keys.environments", [], False),
+    ("keys.environments", ["live", "live"], False), ("keys.headers", ["X-Key"], True),
+    ("keys.headers", ["bad header"], False), ("keys.argon2.time_cost", 0, False),
+    ("keys.cache_ttl", -1, False), ("keys.failures.per_ip", 0, False),
+    ("keys.failures.per_key", None, True), ("keys.verify_queue.total", 0, False),
+    ("plans.p.monthly_requests", None, True), ("plans.p.monthly_requests", -1, False),
+    ("plans.p.rate_limit", "5/s", True), ("plans.p.rate_limit", "300/m", True),
+    ("plans.p.rate_limit", "5/h", False), ("plans.p.max_keys", "many", False),
+    ("roles", {"reader": ["people:read"]}, True), ("roles", {"reader": ["bad scope"]}, False),
+    ("upstreams.crm", "http://127.0.0.1:9000", True), ("upstreams.crm.url", "ftp://x", False),
+    ("upstreams.crm.timeout", 0, False), ("upstreams.crm.max_connections", 0, False),
+    ("upstreams.crm.max_connections", 8, True), ("server.timeouts.body", 0, False),
+    ("server.timeouts.idle", 5, True), ("server.max_connections", 0, False), ("routes.0.methods", ["get", "POST"], True),
+    ("routes.0.methods", [], False), ("routes.0.path", "people", False),
+    ("routes.0.public", True, True), ("identity_headers.workspace", "X-Tenant", True),
+    ("identity_headers.workspace", "bad header", False),
+    ("server.port", "${PORT:-8080}", True),
+]
+
+
+@pytest.mark.parametrize("path, value, valid", CASES,
+                         ids=[f"{p}={v!r}" for p, v, _ in CASES])
+def test_schema_and_loader_agree_on_values(path, value, valid, tmp_path, monkeypatch):
+    monkeypatch.delenv("PORT", raising=False)
+    doc = with_(path, value)
+    accepted, problems = loader_accepts(doc, tmp_path)
+    assert accepted is valid, problems
+    assert VALIDATOR.is_valid(doc) is valid

@@ -1,0 +1,66 @@
+"""What a release needs besides code: one version, written once and shown everywhere; the
+licence text; a changelog entry; docs that stay inside the repository."""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import version
+from pathlib import Path
+
+import yaml
+
+from gateway import __version__
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_installed_distribution_takes_its_version_from_the_package():
+    assert version("keygate") == __version__
+    assert "version = " not in (ROOT / "pyproject.toml").read_text().split("[project]")[1] \
+        .split("[")[0].replace("dynamic", "")
+
+
+def test_the_changelog_has_an_entry_for_this_version():
+    assert f"## [{__version__}]" in (ROOT / "CHANGELOG.md").read_text()
+
+
+def test_the_kubernetes_image_tag_is_this_version():
+    kustomization = yaml.safe_load((ROOT / "deploy/k8s/kustomization.yaml").read_text())
+    assert kustomization["images"][0]["newTag"] == __version__
+    assert f"image: keygate:{__version__}" in (ROOT / "deploy/k8s/deployment.yaml").read_text()
+
+
+def test_the_licence_is_the_apache_2_text():
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
+
+
+MARKDOWN = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_readme_and_docs_link_only_inside_the_repository():
+    for page in MARKDOWN:
+        for target in LINK.findall(page.read_text()):
+            assert not re.match(r"[a-z]+:", target), f"{page.name} links outside: {target}"
+            path = target.split("#", 1)[0]
+            if not path:
+                continue
+            resolved = (page.parent / path).resolve()
+            assert resolved.is_relative_to(ROOT), f"{page.name} links outside: {target}"
+            assert resolved.exists(), f"{page.name} links to a missing file: {target}"
+
+
+def test_readme_links_to_every_page_of_the_docs():
+    readme = (ROOT / "README.md").read_text()
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        assert f"docs/{page.name}" in readme, page.name
+    assert "shared/SPEC.md" not in readme
+
+
+def test_the_operations_guide_lists_every_metric():
+    from conftest import DOCUMENTED_METRICS
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    assert [m for m in DOCUMENTED_METRICS if f"`{m}`" not in guide] == []
