@@ -1,6 +1,6 @@
-"""CLI verbs for the key controls: ``keys update``, ``keys usage [--daily]``, ``keys delete``,
-``workspaces limits`` and the ``keys list`` / ``usage`` options that find unused keys and show
-days. Kept apart from ``gateway.cli`` (which wires them in with ``add_*`` calls) so the rest of
+"""CLI verbs for the key controls: the control options of ``keys update``, ``keys usage
+[--daily]``, ``keys delete``, ``workspaces limits`` and the ``keys list`` / ``usage`` options that
+find unused keys and show days. Kept apart from ``gateway.cli`` (which wires them in with ``add_*`` calls) so the rest of
 the CLI can change without these moving.
 
 Every command is a thin client of the admin API: it sends what the options say and prints
@@ -94,34 +94,10 @@ def update_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
-def add_key_commands(key_verbs: Any, leaf: list, seg: Callable[[str], str],
-                     parse_expiry: Callable[[str], Any] | None = None) -> None:
-    """``keys usage``, ``keys delete``, and ``keys update`` when ``parse_expiry`` is given (a
-    CLI with a ``keys update`` of its own adds :func:`add_update_options` to it instead)."""
-    if parse_expiry is not None:
-        _add_update(key_verbs, leaf, seg, parse_expiry)
+def add_key_commands(key_verbs: Any, leaf: list, seg: Callable[[str], str]) -> None:
+    """``keys usage`` and ``keys delete`` (``keys update`` is the CLI's own, with
+    :func:`add_update_options` added to it)."""
     _add_usage_and_delete(key_verbs, leaf, seg)
-
-
-def _add_update(key_verbs: Any, leaf: list, seg: Callable[[str], str],
-                parse_expiry: Callable[[str], Any]) -> None:
-    update = key_verbs.add_parser("update", parents=leaf,
-                                  help="change a key: name, access, expiry, limits, enabled, "
-                                       "metadata, addresses")
-    update.add_argument("--workspace", required=True, metavar="WS")
-    update.add_argument("id", metavar="ID")
-    update.add_argument("--name")
-    update.add_argument("--description")
-    access = update.add_mutually_exclusive_group()
-    access.add_argument("--role", help="bind the key to a role")
-    access.add_argument("--scope", action="extend", nargs="+", metavar="S",
-                        help="bind the key to explicit scopes (repeatable)")
-    expiry = update.add_mutually_exclusive_group()
-    expiry.add_argument("--expires", type=parse_expiry,
-                        help="new expiry: 30d, 24h, or a date/datetime like 2027-01-31")
-    expiry.add_argument("--no-expiry", action="store_true", help="the key never expires")
-    add_update_options(update)
-    update.set_defaults(handler=lambda a, c: cmd_keys_update(a, c, seg))
 
 
 def _add_usage_and_delete(key_verbs: Any, leaf: list, seg: Callable[[str], str]) -> None:
@@ -194,43 +170,6 @@ def _print_days(items: list[dict]) -> None:
     print(f"{'DATE':<10}  {'REQUESTS':>{width}}")
     for day in items:
         print(f"{day.get('date', ''):<10}  {day.get('requests', 0):>{width}}")
-
-
-def cmd_keys_update(args: argparse.Namespace, client: Any, seg: Callable[[str], str]) -> int:
-    body: dict[str, Any] = {}
-    for field in ("name", "description", "role"):
-        if getattr(args, field) is not None:
-            body[field] = getattr(args, field)
-    if args.scope is not None:
-        body["scopes"] = args.scope
-    if args.expires is not None:
-        if "expires_in" in args.expires:  # PATCH takes a timestamp: resolve the duration here
-            from datetime import datetime, timedelta, timezone
-            when = datetime.now(timezone.utc) + timedelta(seconds=args.expires["expires_in"])
-            body["expires_at"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
-        else:
-            body["expires_at"] = args.expires["expires_at"]
-    if args.no_expiry:
-        body["expires_at"] = None
-    body.update(update_body(args))
-    if not body:
-        print("keygate keys update: error: nothing to change; give at least one option "
-              "(see --help)", file=sys.stderr)
-        return 2
-    key = client.request("PATCH", f"/workspaces/{seg(args.workspace)}/keys/{seg(args.id)}", body)
-    if args.json:
-        _print(key, client)
-    else:
-        print(f"updated key {key.get('id')} ({key.get('name')}): "
-              f"{'enabled' if key.get('enabled', True) else 'DISABLED'}, "
-              f"cap {_limit(key.get('monthly_requests'))}, "
-              f"rate {key.get('rate_limit') or 'plan'}, "
-              f"addresses {', '.join(key.get('allowed_ips') or []) or 'any'}")
-    return 0
-
-
-def _limit(value: Any) -> str:
-    return "none" if value is None else str(value)
 
 
 def cmd_keys_usage(args: argparse.Namespace, client: Any, seg: Callable[[str], str]) -> int:
