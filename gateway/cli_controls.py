@@ -1,7 +1,7 @@
 """CLI verbs for the key controls: the control options of ``keys update``, ``keys usage
 [--daily]``, ``keys delete``, ``workspaces limits`` and the ``keys list`` / ``usage`` options that
-find unused keys and show days. Kept apart from ``gateway.cli`` (which wires them in with ``add_*`` calls) so the rest of
-the CLI can change without these moving.
+find unused keys and show days. Kept apart from ``gateway.cli`` (which wires them in with
+``add_*`` calls) so the rest of the CLI can change without these moving.
 
 Every command is a thin client of the admin API: it sends what the options say and prints
 what the API answers (``--json``: the body as is).
