@@ -18,7 +18,9 @@ it is given.
 
 from __future__ import annotations
 
+import base64
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -34,7 +36,8 @@ from aiohttp import web
 from .config import NAME_RE, SCOPE_RE, Config, parse_rate_limit
 from .errors import (shown, BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
                      PayloadTooLarge, ServiceUnavailable, StoreError, Unauthorized)
-from .models import KeyRecord, Principal, parse_rfc3339, rfc3339
+from .models import LIMIT_FIELDS, KeyRecord, Principal, parse_rfc3339, rfc3339
+from .limits import effective_plan
 from .store import (OPERATOR, STATUSES, UNSET, WORKSPACE_ID_RE, Store, effective_scopes_of)
 from .tokens import KEY_ID_RE, adoptable_request_id
 
@@ -165,6 +168,120 @@ def parse_rate(value: Any) -> str | None:
         raise BadRequest(f"The field 'rate_limit' is invalid: {exc}.") from None
 
 
+MAX_META_BYTES = 4096
+MAX_ALLOWED_IPS = 100
+MAX_MONTHLY = 10**15
+DAILY_DEFAULT, DAILY_MAX = 30, 90
+LIST_MAX = 1000
+SORTS = ("created", "last_used", "name")
+
+
+def parse_monthly(value: Any, field: str = "monthly_requests") -> int | None:
+    """A monthly request cap: a whole number ≥ 0, or null (none of its own)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_MONTHLY:
+        raise BadRequest(f"The field '{field}' must be a whole number from 0 to "
+                         f"{MAX_MONTHLY}, or null (no limit of its own).")
+    return value
+
+
+def parse_enabled(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest("The field 'enabled' must be true or false.")
+    return value
+
+
+def parse_meta(value: Any) -> str:
+    """A JSON object of at most 4 KiB (compact UTF-8 JSON), returned as that JSON text."""
+    if not isinstance(value, dict):
+        raise BadRequest("The field 'meta' must be a JSON object.")
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        size = len(text.encode("utf-8"))
+    except (UnicodeEncodeError, ValueError, RecursionError):
+        raise BadRequest("The field 'meta' holds text that is not valid Unicode (a lone "
+                         "surrogate).") from None
+    if size > MAX_META_BYTES:
+        raise BadRequest(f"The field 'meta' is {size} bytes as JSON; at most {MAX_META_BYTES}.")
+    return text
+
+
+def parse_allowed_ips(value: Any) -> tuple[str, ...] | None:
+    """A list of CIDRs (a bare address is a /32 or /128), or null for any address."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise BadRequest("The field 'allowed_ips' must be a non-empty list of CIDRs such as "
+                         "'203.0.113.0/24', or null for any address (to refuse every address, "
+                         "disable the key: 'enabled': false).")
+    if len(value) > MAX_ALLOWED_IPS:
+        raise BadRequest(f"The field 'allowed_ips' holds more than {MAX_ALLOWED_IPS} entries.")
+    networks: list[str] = []
+    for item in value:
+        try:
+            if not isinstance(item, str) or len(item) > 64 or item != item.strip():
+                raise ValueError
+            net = ipaddress.ip_network(item, strict=False)
+            mapped = net.network_address.ipv4_mapped if net.version == 6 else None
+            if mapped is not None and net.prefixlen >= 96:
+                # ::ffff:a.b.c.d/n: clients are compared as IPv4 (as the failure throttle sees
+                # them), so the entry is kept as the IPv4 network it names
+                net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}", strict=False)
+        except ValueError:
+            raise BadRequest(f"The field 'allowed_ips' holds {shown(str(item))!r}, which is not "
+                             "an IP address or CIDR like '203.0.113.0/24'.") from None
+        if str(net) not in networks:
+            networks.append(str(net))
+    return tuple(networks)
+
+
+def parse_days(query: Mapping[str, str]) -> int:
+    text = query.get("days", str(DAILY_DEFAULT))
+    if not re.fullmatch(r"[0-9]{1,3}", text) or not 1 <= int(text) <= DAILY_MAX:
+        raise BadRequest(f"The query parameter 'days' must be an integer from 1 to {DAILY_MAX}.")
+    return int(text)
+
+
+def parse_limits(value: Any) -> dict[str, Any] | None:
+    """PATCH workspace ``limits``: an object of the limits to override (a null value:
+    unlimited; a field left out keeps its current override or the plan's), or null to drop
+    every override."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadRequest("The field 'limits' must be an object with any of monthly_requests, "
+                         "max_keys, rate_limit (null values mean unlimited), or null to go "
+                         "back to the plan's limits.")
+    unknown = [f for f in value if f not in LIMIT_FIELDS]
+    if unknown:
+        raise BadRequest(f"Unknown field 'limits.{shown(str(unknown[0]))}'; limits takes: "
+                         f"{', '.join(LIMIT_FIELDS)}.")
+    limits: dict[str, Any] = {}
+    if "monthly_requests" in value:
+        limits["monthly_requests"] = parse_monthly(value["monthly_requests"],
+                                                   "limits.monthly_requests")
+    if "max_keys" in value:
+        limits["max_keys"] = parse_monthly(value["max_keys"], "limits.max_keys")
+    if "rate_limit" in value:
+        try:
+            limits["rate_limit"] = parse_rate(value["rate_limit"])
+        except BadRequest:
+            raise BadRequest("The field 'limits.rate_limit' must be a rate like '5/s' or "
+                             "'300/m', or null.") from None
+    return limits
+
+
+def check_catalogue(scopes: tuple[str, ...], config: Config, field: str = "scopes") -> None:
+    """With a scope catalogue configured, every scope must be in it (``ALL`` always is)."""
+    if config.scopes is None:
+        return
+    unknown = [s for s in scopes if s != "ALL" and s not in config.scopes]
+    if unknown:
+        raise BadRequest(f"The field '{field}' names a scope that is not in the scope "
+                         f"catalogue: {shown(unknown[0])!r} (GET /admin/v1/scopes lists them).")
+
+
 def _per_second(rate: str) -> float:
     limit = parse_rate_limit(rate)
     return limit.requests / limit.period_seconds
@@ -179,6 +296,98 @@ def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None
         raise BadRequest(f"Unknown query parameter '{shown(unknown[0])}'; {takes}.")
 
 
+def _sort_key(key: KeyRecord, sort: str) -> tuple:
+    if sort == "name":
+        return (key.name, key.id)
+    if sort == "last_used":  # least recently used first; never used before all
+        return (-1.0 if key.last_used_at is None else key.last_used_at, key.id)
+    return (key.created_at, key.id)
+
+
+def _cursor(sort: str, sort_key: tuple) -> str:
+    raw = json.dumps([sort, *sort_key], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _after(text: str, sort: str) -> tuple:
+    """The sort key a ``cursor`` continues after (400 if it is not one of ours for ``sort``)."""
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = json.loads(raw)
+        if not (isinstance(data, list) and len(data) == 3 and data[0] == sort
+                and isinstance(data[2], str)
+                and isinstance(data[1], str if sort == "name" else (int, float))
+                and not isinstance(data[1], bool)):
+            raise ValueError
+    except (ValueError, TypeError, RecursionError):
+        raise BadRequest("The query parameter 'cursor' is not a cursor this listing gave "
+                         "(with the same 'sort').") from None
+    return (data[1], data[2])
+
+
+def _query_int(query: Mapping[str, str], name: str, low: int, high: int) -> int | None:
+    text = query.get(name)
+    if text is None:
+        return None
+    if not re.fullmatch(r"[0-9]{1,7}", text) or not low <= int(text) <= high:
+        raise BadRequest(f"The query parameter '{name}' must be an integer from {low} to "
+                         f"{high}.")
+    return int(text)
+
+
+def select_keys(keys: list[KeyRecord], query: Mapping[str, str],
+                now: float) -> tuple[list[KeyRecord], str | None]:
+    """A listing's page: ``status``, ``unused_days`` (never used, or last used more than N days
+    ago), ``sort`` (created|last_used|name, ascending), ``limit`` and ``cursor`` (keyset: the
+    page continues after the last key of the previous one, so keys created or deleted between
+    pages neither repeat nor vanish). Returns (page, next cursor or None)."""
+    status = query.get("status")
+    if status is not None and status not in STATUSES:
+        raise BadRequest(f"The query parameter 'status' must be one of {', '.join(STATUSES)}.")
+    sort = query.get("sort", "created")
+    if sort not in SORTS:
+        raise BadRequest(f"The query parameter 'sort' must be one of {', '.join(SORTS)}.")
+    unused = _query_int(query, "unused_days", 0, 36500)
+    limit = _query_int(query, "limit", 1, LIST_MAX)
+    if status is not None:
+        keys = [k for k in keys if k.status(now) == status]
+    if unused is not None:
+        cutoff = now - unused * 86400
+        keys = [k for k in keys if k.last_used_at is None or k.last_used_at < cutoff]
+    keys = sorted(keys, key=lambda k: _sort_key(k, sort))
+    if "cursor" in query:
+        after = _after(query["cursor"], sort)
+        keys = [k for k in keys if _sort_key(k, sort) > after]
+    if limit is None or len(keys) <= limit:
+        return keys, None
+    page = keys[:limit]
+    return page, _cursor(sort, _sort_key(page[-1], sort))
+
+
+def _loosens(key: KeyRecord, controls: Mapping[str, Any]) -> bool:
+    """Whether ``controls`` would let ``key`` do more than it may now."""
+    if controls.get("enabled") is True and not key.enabled:
+        return True
+    if "monthly_requests" in controls and key.monthly_requests is not None:
+        cap = controls["monthly_requests"]
+        if cap is None or cap > key.monthly_requests:
+            return True
+    if "rate_limit" in controls and key.rate_limit is not None:
+        rate = controls["rate_limit"]
+        if rate is None or _per_second(rate) > _per_second(key.rate_limit):
+            return True
+    if "allowed_ips" in controls and key.allowed_ips is not None:
+        new = controls["allowed_ips"]
+        if new is None:
+            return True
+        old = [ipaddress.ip_network(n) for n in key.allowed_ips]
+        for text in new:
+            net = ipaddress.ip_network(text)
+            if not any(net.version == o.version and net.subnet_of(o) for o in old):
+                return True
+    return False
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=json.dumps(data).encode(),
                         content_type="application/json")
@@ -186,9 +395,11 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 # --- key operations shared by the admin API and self-service ----------------------------------
 
+CONTROL_FIELDS = ("rate_limit", "monthly_requests", "enabled", "meta", "allowed_ips")
 CREATE_FIELDS = ("name", "description", "role", "scopes", "expires_at", "expires_in",
-                 "environment", "rate_limit")
-PATCH_FIELDS = ("name", "description", "role", "scopes", "expires_at")
+                 "environment") + CONTROL_FIELDS
+PATCH_FIELDS = ("name", "description", "role", "scopes", "expires_at") + CONTROL_FIELDS
+LIST_PARAMS = ("status", "unused_days", "sort", "limit", "cursor")
 ROTATE_FIELDS = ("grace_seconds",)
 
 
@@ -219,11 +430,14 @@ class KeyOps:
                             "or extend a key that outlives it.")
 
     async def key_json(self, key: KeyRecord,
-                       roles: Mapping[str, tuple[str, ...]] | None = None) -> dict:
+                       roles: Mapping[str, tuple[str, ...]] | None = None,
+                       used: int | None = None) -> dict:
         if roles is None:
             roles = await self.store.workspace_roles(self.ws)
+        if used is None:
+            used, = await self.store.keys_used_this_month(self.ws, [key.id])
         return key.to_json(effective_scopes_of(key, roles, self.config.roles),
-                           self.store.clock())
+                           self.store.clock(), used)
 
     def _key_id(self, key_id: str) -> str:
         if not KEY_ID_RE.fullmatch(key_id):
@@ -245,6 +459,7 @@ class KeyOps:
             self._within_limit(granted)
             return role, ()
         scopes = parse_scopes(data.get("scopes", []))
+        check_catalogue(scopes, self.config)
         self._within_limit(scopes)
         return None, scopes
 
@@ -257,13 +472,50 @@ class KeyOps:
                             f"{', '.join(wider)}.")
 
     async def list(self, query: Mapping[str, str]) -> web.Response:
-        status = query.get("status")
-        if status is not None and status not in STATUSES:
-            raise BadRequest(f"The query parameter 'status' must be one of "
-                             f"{', '.join(STATUSES)}.")
-        keys = await self.store.list_keys(self.ws, status)
+        select_keys([], query, 0)  # a bad query is a 400 before any store call
+        keys, next_cursor = select_keys(await self.store.list_keys(self.ws), query,
+                                        self.store.clock())
         roles = await self.store.workspace_roles(self.ws)
-        return _json({"items": [await self.key_json(k, roles) for k in keys]})
+        used = await self.store.keys_used_this_month(self.ws, [k.id for k in keys])
+        body: dict[str, Any] = {"items": [await self.key_json(k, roles, n)
+                                          for k, n in zip(keys, used)]}
+        if next_cursor is not None:
+            body["next_cursor"] = next_cursor
+        return _json(body)
+
+    async def delete(self, key_id: str) -> web.Response:
+        key = await self.store.delete_key(self.ws, self._key_id(key_id), actor=self.actor)
+        return _json(await self.key_json(key, used=0))
+
+    async def daily(self, key_id: str, query: Mapping[str, str]) -> web.Response:
+        days = parse_days(query)
+        await self.store.require_key(self.ws, self._key_id(key_id))
+        return _json({"items": await self.store.daily_usage(self.ws, days, key_id)})
+
+    async def _controls(self, data: Mapping[str, Any],
+                        target: KeyRecord | None = None) -> dict[str, Any]:
+        """The key controls in ``data``, checked; self-service may tighten any key of its
+        workspace but loosen (enable, lift a cap, widen the addresses, raise the rate) only
+        keys within its own scopes, and never past the plan's rate limit."""
+        controls: dict[str, Any] = {}
+        if "rate_limit" in data:
+            controls["rate_limit"] = parse_rate(data["rate_limit"])
+        if "monthly_requests" in data:
+            controls["monthly_requests"] = parse_monthly(data["monthly_requests"])
+        if "enabled" in data:
+            controls["enabled"] = parse_enabled(data["enabled"])
+        if "meta" in data:
+            controls["meta"] = parse_meta(data["meta"])
+        if "allowed_ips" in data:
+            controls["allowed_ips"] = parse_allowed_ips(data["allowed_ips"])
+        if self.limit_scopes is None:
+            return controls
+        if controls.get("rate_limit") is not None:
+            await self._rate_within_plan(controls["rate_limit"])
+        if target is not None and _loosens(target, controls):
+            self._within_limit(await self.store.effective_scopes(self.ws, target),
+                               "loosen the limits of a key with")
+        return controls
 
     async def create(self, raw: bytes) -> web.Response:
         data = parse_body(raw, CREATE_FIELDS)
@@ -286,19 +538,17 @@ class KeyOps:
                 and expires_at is None:
             expires_at = self.limit_expires_at  # a new key inherits the acting key's expiry
         self._within_lifetime(expires_at)
-        rate_limit = parse_rate(data.get("rate_limit"))
-        if rate_limit is not None and self.limit_scopes is not None:
-            await self._rate_within_plan(rate_limit)
+        controls = await self._controls(data)
         role, scopes = await self._binding(data)
         new = await self.store.create_key(
             self.ws, name=name, description=description, environment=environment, role=role,
-            scopes=scopes, expires_at=expires_at, rate_limit=rate_limit, actor=self.actor)
-        return _json({"key": await self.key_json(new.key), "token": new.token}, 201)
+            scopes=scopes, expires_at=expires_at, actor=self.actor, **controls)
+        return _json({"key": await self.key_json(new.key, used=0), "token": new.token}, 201)
 
     async def _rate_within_plan(self, rate_limit: str) -> None:
         workspace = await self.store.require_workspace(self.ws)
-        plan = self.config.plan_of(workspace.plan)
-        if plan is None or plan.rate_limit is None:
+        plan = effective_plan(self.config, workspace)  # the workspace's own limits included
+        if plan.rate_limit is None:
             return
         if _per_second(rate_limit) > _per_second(str(plan.rate_limit)):
             raise Forbidden(f"The field 'rate_limit' may not exceed the plan's rate limit "
@@ -329,6 +579,7 @@ class KeyOps:
             else:
                 changes["scopes"] = scopes
         current = await self.store.require_key(self.ws, key_id)  # 404 before anything else
+        changes.update(await self._controls(data, current))
         if "expires_at" in changes and self.limit_scopes is not None:
             await self._may_redate(current, changes["expires_at"])
         key = await self.store.update_key(self.ws, key_id, actor=self.actor,
@@ -562,8 +813,10 @@ OPENAPI_PATH = "/admin/v1/openapi.json"
 UNAUTHENTICATED = frozenset({OPENAPI_PATH})
 """Paths under /admin/ that need no operator token (SPEC: the OpenAPI document)."""
 
-QUERY_PARAMS = {("GET", "/admin/v1/workspaces/{ws}/keys"): ("status",),
-                ("GET", "/admin/v1/workspaces/{ws}/audit"): ("limit",)}
+QUERY_PARAMS = {("GET", "/admin/v1/workspaces/{ws}/keys"): LIST_PARAMS,
+                ("GET", "/admin/v1/workspaces/{ws}/audit"): ("limit",),
+                ("GET", "/admin/v1/workspaces/{ws}/usage/daily"): ("days",),
+                ("GET", "/admin/v1/workspaces/{ws}/keys/{key}/usage/daily"): ("days",)}
 """The query parameters each admin endpoint takes; any other is a 400."""
 
 
@@ -635,25 +888,53 @@ def create_admin_app(config: Config, store: Store,
                                  "characters.")
         plan = plan_of(data) or store.config.default_plan
         workspace = await store.create_workspace(ws, name, plan)
-        return _json(workspace.to_json(), 201)
+        return _json(store.workspace_json(workspace), 201)
 
     async def list_workspaces(request: web.Request) -> web.Response:
         actor = request.get(ACTOR, OPERATOR_ACTOR)
         if not actor.is_operator:  # a workspace admin sees its own workspace only
-            return _json({"items": [(await store.require_workspace(actor.workspace)).to_json()]})
-        return _json({"items": [w.to_json() for w in await store.list_workspaces()]})
+            return _json({"items": [store.workspace_json(
+                await store.require_workspace(actor.workspace))]})
+        return _json({"items": [store.workspace_json(w)
+                                for w in await store.list_workspaces()]})
 
     async def read_workspace(request: web.Request) -> web.Response:
-        return _json((await store.require_workspace(request.match_info["ws"])).to_json())
+        return _json(store.workspace_json(
+            await store.require_workspace(request.match_info["ws"])))
 
     async def patch_workspace(request: web.Request) -> web.Response:
         ws = await workspace_exists(request)
-        data = parse_body(await request.read(), ("name", "plan"))
+        data = parse_body(await request.read(), ("name", "plan", "limits"))
         if not data:
-            raise BadRequest("Nothing to change; send 'name' and/or 'plan'.")
+            raise BadRequest("Nothing to change; send 'name', 'plan' and/or 'limits'.")
         name = _string(data, "name", MAX_NAME)
-        workspace = await store.update_workspace(ws, name=name, plan=plan_of(data))
-        return _json(workspace.to_json())
+        limits = parse_limits(data["limits"]) if "limits" in data else UNSET
+        workspace = await store.update_workspace(ws, name=name, plan=plan_of(data),
+                                                 limits=limits)
+        return _json(store.workspace_json(workspace))
+
+    async def scopes(request: web.Request) -> web.Response:
+        current = store.config  # a reload swaps it
+        if current.scopes is not None:
+            return _json({"items": [{"name": n, "description": d}
+                                    for n, d in current.scopes.items()]})
+        # no catalogue: the scopes the config's routes and roles name, undescribed
+        used = dict.fromkeys(s for route in current.routes for s in route.scopes)
+        used.update(dict.fromkeys(s for role in current.roles.values() for s in role))
+        return _json({"items": [{"name": n, "description": None} for n in sorted(used)]})
+
+    async def delete_key(request: web.Request) -> web.Response:
+        await workspace_exists(request)
+        return await ops(request).delete(request.match_info["key"])
+
+    async def key_daily(request: web.Request) -> web.Response:
+        await workspace_exists(request)
+        return await ops(request).daily(request.match_info["key"], request.query)
+
+    async def workspace_daily(request: web.Request) -> web.Response:
+        days = parse_days(request.query)
+        ws = await workspace_exists(request)
+        return _json({"items": await store.daily_usage(ws, days)})
 
     async def list_keys(request: web.Request) -> web.Response:
         await workspace_exists(request)
@@ -697,6 +978,7 @@ def create_admin_app(config: Config, store: Store,
         if "scopes" not in data:
             raise BadRequest("The field 'scopes' is required.")
         scopes = parse_scopes(data["scopes"])
+        check_catalogue(scopes, store.config)
         await store.put_role(request.match_info["ws"], name, scopes)
         return _json({"name": name, "scopes": list(scopes), "source": "workspace"})
 
@@ -734,7 +1016,11 @@ def create_admin_app(config: Config, store: Store,
     r.add_patch(v1 + "/{ws}/keys/{key}", patch_key)
     r.add_post(v1 + "/{ws}/keys/{key}/revoke", revoke_key)
     r.add_post(v1 + "/{ws}/keys/{key}/rotate", rotate_key)
+    r.add_delete(v1 + "/{ws}/keys/{key}", delete_key)
+    r.add_get(v1 + "/{ws}/keys/{key}/usage/daily", key_daily)
     r.add_get(v1 + "/{ws}/usage", usage)
+    r.add_get(v1 + "/{ws}/usage/daily", workspace_daily)
+    r.add_get("/admin/v1/scopes", scopes)
     r.add_get(v1 + "/{ws}/roles", list_roles)
     r.add_put(v1 + "/{ws}/roles/{name}", put_role)
     r.add_delete(v1 + "/{ws}/roles/{name}", delete_role)
@@ -797,7 +1083,7 @@ async def self_service(request: web.Request, principal: Principal, store: Store,
     path = request.rel_url.raw_path
     rest = path[len(SELF_SERVICE_PREFIX):] if path.startswith(SELF_SERVICE_PREFIX) else None
     parts = rest.strip("/").split("/") if rest not in (None, "", "/") else []
-    if rest is None or (rest and not rest.startswith("/")) or len(parts) > 2 or "" in parts:
+    if rest is None or (rest and not rest.startswith("/")) or len(parts) > 3 or "" in parts:
         raise NotFound("No such endpoint.")
     async def body() -> bytes:
         try:  # aiohttp caps it (1 MiB) with an HTTPException the pipeline does not render
@@ -815,17 +1101,26 @@ async def self_service(request: web.Request, principal: Principal, store: Store,
             raise MethodNotAllowed(f"Use {' or '.join(methods)} here.",
                                    headers={"Allow": ", ".join(methods)})
 
-    check_query(request.query, ("status",) if not parts and method == "GET" else ())
+    daily = len(parts) == 3 and parts[1:] == ["usage", "daily"]
+    if len(parts) == 3 and not daily:
+        raise NotFound("No such endpoint.")
+    check_query(request.query, LIST_PARAMS if not parts and method == "GET"
+                else ("days",) if daily and method == "GET" else ())
     if not parts:
         allow("GET", "POST")
         if method == "GET":
             return await ops.list(request.query)
         return await ops.create(await body())
     key_id = parts[0]
+    if daily:
+        allow("GET")
+        return await ops.daily(key_id, request.query)
     if len(parts) == 1:
-        allow("GET", "PATCH")
+        allow("GET", "PATCH", "DELETE")
         if method == "GET":
             return await ops.read(key_id)
+        if method == "DELETE":
+            return await ops.delete(key_id)
         return await ops.patch(key_id, await body())
     if parts[1] == "revoke":
         allow("POST")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -25,12 +26,13 @@ from typing import Callable
 from .config import Config, Plan, RateLimit
 from .errors import TooManyRequests, invalid_token
 from .hotpath import RequestStore
-from .limits import key_rate_limit
+from .limits import effective_plan, key_rate_limit
 from .models import KeyRecord, Principal, Workspace
 from .tokens import MalformedToken, ParsedToken, SecretHasher, parse_token
 from .verify_queue import VerifyQueue, argon2_executor, argon2_threads
 
 MAX_CACHED_KEYS = 100_000
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(slots=True)
@@ -44,10 +46,29 @@ class CachedKey:
     secret_digest: bytes   # SHA-256 of the verified token (the cache key)
     verified_until: float  # time.monotonic() deadline for the argon2 verification
     generation: int = 0    # the config it was derived with (plan, rate, role scopes)
+    networks: tuple[IPNetwork, ...] | None = None  # the key's allowed_ips (None: any address)
 
     @property
     def monthly_limit(self) -> int | None:
         return self.plan.monthly_requests if self.plan else None
+
+    @property
+    def key_limit(self) -> int | None:
+        """The key's own monthly cap (None: only the workspace's applies)."""
+        return self.key.monthly_requests
+
+    def allows(self, client_ip: str) -> bool:
+        """Whether the key may be used from ``client_ip`` (its allow-list; IPv4-mapped IPv6
+        addresses compare as IPv4, as the failure throttle sees them)."""
+        if self.networks is None:
+            return True
+        try:
+            ip = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
 
 
 def token_digest(raw_token: str) -> bytes:
@@ -239,14 +260,17 @@ class Authenticator:
         key = replace(key, hash="", name="", description="", prefix="", created_at=0.0,
                       last_used_at=None, workspace=workspace.id,
                       environment=self._shared(key.environment), role=self._shared(key.role),
-                      rate_limit=self._shared(key.rate_limit), scopes=self._shared(key.scopes))
-        plan = self.config.plan_of(workspace.plan)
+                      rate_limit=self._shared(key.rate_limit), scopes=self._shared(key.scopes),
+                      meta="{}", allowed_ips=self._shared(key.allowed_ips))
+        plan = effective_plan(self.config, workspace)  # the workspace's own limits included
         principal = Principal(workspace.id, key.id, self._shared(frozenset(scopes)),
                               workspace.plan)
+        networks = None if key.allowed_ips is None else \
+            tuple(ipaddress.ip_network(n, strict=False) for n in key.allowed_ips)
         return CachedKey(key, workspace, principal, plan,
                          key_rate_limit(self.config, plan, key.rate_limit),
                          digest, verified_until,
-                         self.generation if generation is None else generation)
+                         self.generation if generation is None else generation, networks)
 
     def _shared(self, value):
         """One instance per distinct immutable value among cached keys."""

@@ -26,6 +26,8 @@ import urllib.request
 from datetime import date, datetime, timezone
 from typing import Any, Callable, Sequence, TextIO
 
+from . import cli_controls
+
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
 DEFAULT_TIMEOUT = 10.0
 TOKEN_WARNING = ("keygate: this is the only time the token is shown; it cannot be shown again. "
@@ -399,7 +401,8 @@ def _keys_table(items: list[dict]) -> str:
 
 
 def cmd_keys_list(args: argparse.Namespace, client: AdminClient) -> int:
-    query = {"status": args.status} if args.status else None
+    query = {"status": args.status} if args.status else {}
+    query.update(cli_controls.list_query(args))
     items = client.request("GET", f"/workspaces/{_seg(args.workspace)}/keys",
                            query=query).get("items", [])
     return _show(args, client, lambda: _keys_table(items))
@@ -426,9 +429,11 @@ def cmd_keys_update(args: argparse.Namespace, client: AdminClient) -> int:
             body["expires_at"] = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
         else:
             body.update(args.expires)
+    body.update(cli_controls.update_body(args))
     if not body:
         raise UsageError("nothing to change: give one or more of --name, --description, "
-                         "--role, --scope, --expires, --no-expiry")
+                         "--role, --scope, --expires, --no-expiry, --monthly-requests, "
+                         "--rate-limit, --enable, --disable, --meta, --allow-ip, --any-ip")
     key = client.request("PATCH", f"/workspaces/{_seg(args.workspace)}/keys/{_seg(args.id)}",
                          body)
     return _show(args, client, lambda: _fields(key, KEY_FIELDS))
@@ -476,6 +481,8 @@ def cmd_keys_rotate(args: argparse.Namespace, client: AdminClient) -> int:
 
 
 def cmd_usage(args: argparse.Namespace, client: AdminClient) -> int:
+    if args.daily:
+        return cli_controls.print_daily_usage(args, client, _seg)
     usage = client.request("GET", f"/workspaces/{_seg(args.workspace)}/usage")
     return _show(args, client, lambda: _usage_line(usage))
 
@@ -677,6 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(keys, "list", "list a workspace's keys", cmd_keys_list)
     workspace_option(p)
     p.add_argument("--status", choices=("active", "expired", "revoked"))
+    cli_controls.add_list_options(p)
 
     p = command(keys, "show", "show one key (never its token)", cmd_keys_show)
     workspace_option(p)
@@ -696,6 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     expiry.add_argument("--expires", type=_argtype(parse_expiry, "EXPIRES"),
                         help="new expiry: 30d, 24h (from now) or a date/datetime")
     expiry.add_argument("--no-expiry", action="store_true", help="the key never expires")
+    cli_controls.add_update_options(p)
 
     p = command(keys, "revoke", "revoke a key (permanent)", cmd_keys_revoke)
     workspace_option(p)
@@ -707,6 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", metavar="ID")
     p.add_argument("--grace", type=_argtype(parse_duration, "DURATION"),
                    help="how long the old key keeps working, e.g. 24h (default 0: revoked now)")
+
+    cli_controls.add_key_commands(keys, leaf, _seg)
+    cli_controls.add_workspace_commands(workspaces, leaf, _seg)
 
     roles = group("roles", "manage a workspace's own roles")
     p = command(roles, "list", "list the roles a workspace's keys can use", cmd_roles_list)
@@ -722,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(verbs, "usage", "a workspace's usage this month", cmd_usage)
     workspace_option(p)
+    cli_controls.add_usage_options(p)
 
     command(verbs, "reload", "re-read the gateway's config file without a restart", cmd_reload)
 

@@ -190,6 +190,9 @@ class Config:
     identity_signature: IdentitySignature | None = None
     tracing: TracingConfig | None = None
     source: str = "<defaults>"                 # the file it came from, for messages
+    # the scope catalogue (NAME: description); when given, keys, roles and routes may name
+    # only these scopes (and ALL). None: any well-formed scope.
+    scopes: Mapping[str, str] | None = None
 
     def plan_of(self, name: str) -> Plan:
         """The plan a workspace is on. A stored plan name the config no longer has (renamed or
@@ -347,6 +350,7 @@ class _Reader:
         self.problems: list[tuple[int, int, str]] = []
         self._constructor = yaml.constructor.SafeConstructor()
         self._resolver = yaml.resolver.Resolver()
+        self.catalogue: dict[str, str] | None = None  # top-level 'scopes', read first
 
     # --- bookkeeping --------------------------------------------------------------------------
 
@@ -607,6 +611,7 @@ class _Reader:
         })
         store = self.store(value("store"))
         keys = self.keys(value("keys"))
+        self.catalogue = self.scope_catalogue(value("scopes")) if "scopes" in nodes else None
         plans, default_plan = self.plans(nodes.get("plans"), nodes.get("default_plan"))
         roles = self.roles(value("roles"))
         upstreams = self.upstreams(value("upstreams"))
@@ -623,7 +628,7 @@ class _Reader:
         return Config(server=server, admin=admin, store=store, keys=keys, plans=plans,
                       default_plan=default_plan, roles=roles, upstreams=upstreams,
                       routes=routes, identity_headers=identity, identity_signature=signature,
-                      tracing=tracing, source=self.source)
+                      tracing=tracing, source=self.source, scopes=self.catalogue)
 
     def text(self, node: Node, path: str) -> Any:
         return self.string(node, path)
@@ -871,8 +876,31 @@ class _Reader:
             return self.fail(node, path, str(exc))
 
     def scope(self, node: Node, path: str) -> Any:
-        return self.string(node, path, pattern=SCOPE_RE,
-                           what="a valid scope (like 'people:read', or ALL)")
+        value = self.string(node, path, pattern=SCOPE_RE,
+                            what="a valid scope (like 'people:read', or ALL)")
+        catalogue = self.catalogue
+        if isinstance(value, str) and catalogue is not None and value != "ALL" \
+                and value not in catalogue:
+            return self.fail(node, path, f"scope '{value}' is not in the scope catalogue "
+                                         f"(top-level 'scopes'){_suggest(value, catalogue)}")
+        return value
+
+    def scope_catalogue(self, node: Node | None) -> dict[str, str] | None:
+        """Top-level ``scopes: {NAME: description}``."""
+        if node is None or (isinstance(node, yaml.ScalarNode)
+                            and node.tag == "tag:yaml.org,2002:null"):
+            return None
+        catalogue: dict[str, str] = {}
+        for name, key_node, value_node in self.mapping(node, "scopes") or []:
+            path = f"scopes.{name}"
+            if not SCOPE_RE.fullmatch(name) or name == "ALL":
+                self.fail(key_node, path, f"'{name}' is not a valid scope name (like "
+                                          "'people:read'; ALL is built in)")
+                continue
+            description = self.string(value_node, path, nullable=True)
+            if description is not BAD:
+                catalogue[name] = description or ""
+        return catalogue
 
     def scopes(self, node: Node, path: str) -> Any:
         values = self.string_list(node, path, self.scope)
@@ -1153,5 +1181,6 @@ def _header_key(name: str) -> str:
 
 
 TOP_LEVEL_KEYS = ("server", "admin", "store", "keys", "plans", "default_plan", "roles",
-                  "upstreams", "routes", "identity_headers", "identity_signature", "tracing")
+                  "upstreams", "routes", "identity_headers", "identity_signature", "tracing",
+                  "scopes")
 ROUTE_KEYS = ("path", "methods", "upstream", "scopes", "public")

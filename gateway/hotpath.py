@@ -17,7 +17,8 @@ from redis.exceptions import NoScriptError
 
 from .errors import StoreError, describe
 from .resp import RespClient, RespError, _encode
-from .store import fail_ip_key, fail_key_key, key_key, rate_key, usage_key, ws_key
+from .store import (daily_key, fail_ip_key, fail_key_key, key_daily_key, key_key, key_usage_key,
+                    rate_key, usage_key, ws_key)
 
 
 def _script(name: str) -> tuple[str, str]:
@@ -26,8 +27,8 @@ def _script(name: str) -> tuple[str, str]:
 
 
 AUTHORIZE, AUTHORIZE_SHA = _script("authorize.lua")
-_AUTHORIZE_ARGS = 10
-# The script's deadline (lua/authorize.lua ARGV[10]) is this share of the store timeout after
+_AUTHORIZE_ARGS = 12
+# The script's deadline (lua/authorize.lua ARGV[12]) is this share of the store timeout after
 # the call is made: a reply to a call that ran before it reaches us before we give up on it.
 DEADLINE_SHARE = 0.8
 OFFSET_MAX_AGE = 60.0  # seconds between clock-offset measurements on the redis-py path
@@ -42,17 +43,25 @@ return {n, m}
 RECORD_FAILURE_SHA = hashlib.sha1(RECORD_FAILURE.encode()).hexdigest()
 
 ADD_USAGE = """
-local n = redis.call('INCRBY', KEYS[1], ARGV[1])
-if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+local n
+for i = 1, #KEYS do
+  local m = redis.call('INCRBY', KEYS[i], ARGV[1])
+  if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ARGV[i + 1]) end
+  n = n or m
+end
 return n
 """
 ADD_USAGE_SHA = hashlib.sha1(ADD_USAGE.encode()).hexdigest()
 
 
 REFUND = """
-local n = redis.call('DECR', KEYS[1])
-if n < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
-if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+local n
+for i = 1, #KEYS do
+  local m = redis.call('DECR', KEYS[i])
+  if m < 0 then redis.call('SET', KEYS[i], 0, 'KEEPTTL') end
+  if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ARGV[i]) end
+  n = n or m
+end
 return n
 """
 REFUND_SHA = hashlib.sha1(REFUND.encode()).hexdigest()
@@ -60,11 +69,35 @@ REFUND_SHA = hashlib.sha1(REFUND.encode()).hexdigest()
 
 class Decision(NamedTuple):
     """What the store decided for one request."""
-    outcome: str            # ok | stale | rate | quota
+    outcome: str            # ok | stale | rate | quota | key_quota
     month_used: int = 0
     rate_remaining: int = -1  # -1: no rate limit applies
     retry_after_ms: int = 0   # rate: when one more request will be admitted
     window_reset_ms: int = 0  # rate: until the oldest admitted request leaves the window
+    key_used: int = 0         # the key's own count this month (when it has a cap, or counted)
+
+
+class Slot(NamedTuple):
+    """Where one request is counted: its workspace and key, the month and the UTC day."""
+    workspace: str
+    key_id: str
+    period: str   # YYYY-MM
+    day: str      # YYYY-MM-DD
+
+    def counters(self) -> tuple[str, str, str, str]:
+        """The four counters a forwarded request adds one to."""
+        return (usage_key(self.workspace, self.period),
+                key_usage_key(self.workspace, self.key_id, self.period),
+                daily_key(self.workspace, self.day),
+                key_daily_key(self.workspace, self.key_id, self.day))
+
+
+def utc_day(now: float) -> str:
+    """"YYYY-MM-DD" of ``now`` (epoch seconds), UTC."""
+    return time.strftime("%Y-%m-%d", time.gmtime(now))
+
+
+DAILY_TTL = 100 * 86400  # day counters: the usage history reaches 90 days back
 
 
 class RequestStore:
@@ -177,18 +210,20 @@ class RequestStore:
     async def authorize(self, *, workspace: str, key_id: str, key_rev: int, ws_rev: int,
                         count: bool, rate_limit: int, rate_period_ms: int,
                         monthly_limit: int | None, period: str, counter_ttl: int,
-                        now_ms: int) -> Decision:
+                        now_ms: int, day: str = "", key_limit: int | None = None) -> Decision:
         started = time.monotonic()
+        day = day or utc_day(now_ms / 1000)
         args = (now_ms, key_rev, ws_rev, "count" if count else "check", rate_limit,
                 rate_period_ms, -1 if monthly_limit is None else monthly_limit, counter_ttl,
-                self._member(now_ms), self._deadline() if count else 0)
+                self._member(now_ms), -1 if key_limit is None else key_limit, DAILY_TTL,
+                self._deadline() if count else 0)
         reply = None
         if self._resp is not None:
-            # The command's first half (EVALSHA, sha, the four keys) is the same for every
-            # request of a key in a month: encode it once.
-            head = self._heads.get((workspace, key_id, period))
+            # The command's first half (EVALSHA, sha, the seven keys) is the same for every
+            # request of a key in a day: encode it once.
+            head = self._heads.get((workspace, key_id, day))
             if head is None:
-                head = self._authorize_head(workspace, key_id, period)
+                head = self._authorize_head(workspace, key_id, period, day)
             tail = "".join([f"${len(a)}\r\n{a}\r\n" for a in map(str, args)])
             try:
                 reply = await self._resp.call_encoded(head + tail.encode())
@@ -198,38 +233,26 @@ class RequestStore:
             except Exception as exc:  # connection lost or timed out: the store failed
                 raise StoreError(f"store call failed: {describe(exc)}") from exc
         if reply is None:
-            reply = await self._evalsha(
-                AUTHORIZE_SHA, AUTHORIZE,
-                (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
-                 rate_key(workspace, key_id)), args)
-        outcome = reply[0]
-        if outcome == b"late":  # ran after we would have given up: it counted nothing
+            reply = await self._evalsha(AUTHORIZE_SHA, AUTHORIZE,
+                                        _authorize_keys(workspace, key_id, period, day), args)
+        if reply[0] == b"late":  # ran after we would have given up: it counted nothing
             if time.monotonic() - started < self.timeout * DEADLINE_SHARE / 2:
                 self._clock_stepped()
             raise StoreError("store call failed: Redis ran the call after its deadline "
                              "(paused or overloaded)")
-        if outcome == b"ok":
-            if len(reply) == 2:
-                return Decision("ok", reply[1])
-            return Decision("ok", reply[1], reply[2], 0, reply[3])
-        if outcome == b"stale":
-            return Decision("stale")
-        if outcome == b"rate":
-            return Decision("rate", reply[3] if len(reply) > 3 else 0, 0, reply[1], reply[2])
-        if outcome == b"quota":
-            if len(reply) > 3:
-                return Decision("quota", reply[1], reply[2], 0, reply[3])
-            return Decision("quota", month_used=reply[1])
-        raise StoreError("unexpected answer from the authorize script")
+        try:
+            outcome = _OUTCOMES[reply[0]]
+            return Decision(outcome, reply[1], reply[2], reply[4], reply[3], reply[5])
+        except (KeyError, IndexError, TypeError):
+            raise StoreError("unexpected answer from the authorize script") from None
 
-    def _authorize_head(self, workspace: str, key_id: str, period: str) -> bytes:
-        keys = (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
-                rate_key(workspace, key_id))
+    def _authorize_head(self, workspace: str, key_id: str, period: str, day: str) -> bytes:
+        keys = _authorize_keys(workspace, key_id, period, day)
         head = _encode(("EVALSHA", AUTHORIZE_SHA, len(keys), *keys))
         head = b"*%d" % (3 + len(keys) + _AUTHORIZE_ARGS) + head[head.index(b"\r\n"):]
         if len(self._heads) > 100_000:
             self._heads.clear()
-        self._heads[(workspace, key_id, period)] = head
+        self._heads[(workspace, key_id, day)] = head
         return head
 
     async def failure_counts(self, ip: str, key_id: str) -> tuple[int, int]:
@@ -252,11 +275,22 @@ class RequestStore:
             for k in (fail_ip_key(ip), fail_key_key(key_id)):
                 await self._evalsha(ADD_USAGE_SHA, ADD_USAGE, (k,), (1, window_seconds))
 
-    async def refund(self, workspace: str, period: str, ttl: int) -> None:
-        """Take back one counted request that never reached the upstream."""
-        await self._evalsha(REFUND_SHA, REFUND, (usage_key(workspace, period),), (ttl,))
+    async def refund(self, slot: Slot, ttl: int) -> None:
+        """Take back one counted request that never reached the upstream, from every counter
+        it was counted in."""
+        await self._evalsha(REFUND_SHA, REFUND, slot.counters(), (ttl, ttl, DAILY_TTL, DAILY_TTL))
 
-    async def add_usage(self, workspace: str, period: str, n: int, ttl: int) -> int:
+    async def add_usage(self, slot: Slot, n: int, ttl: int) -> int:
         """Add requests counted locally while the store was down (fail-open)."""
-        return int(await self._evalsha(ADD_USAGE_SHA, ADD_USAGE,
-                                       (usage_key(workspace, period),), (n, ttl)))
+        return int(await self._evalsha(ADD_USAGE_SHA, ADD_USAGE, slot.counters(),
+                                       (n, ttl, ttl, DAILY_TTL, DAILY_TTL)))
+
+
+_OUTCOMES = {b"ok": "ok", b"stale": "stale", b"rate": "rate", b"quota": "quota",
+             b"key_quota": "key_quota"}
+
+
+def _authorize_keys(workspace: str, key_id: str, period: str, day: str) -> tuple[str, ...]:
+    return (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
+            rate_key(workspace, key_id), key_usage_key(workspace, key_id, period),
+            daily_key(workspace, day), key_daily_key(workspace, key_id, day))

@@ -6,7 +6,9 @@ holds the pure parts around them: which limits apply, the calendar month, the he
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from datetime import datetime, timezone
 from typing import NamedTuple
 
@@ -43,12 +45,45 @@ class MonthCache:
 
     def __init__(self) -> None:
         self._month = month_of(0)
+        self._day = (0.0, 0.0, "")  # start, end, "YYYY-MM-DD" (UTC)
 
     def get(self, now: float) -> Month:
         m = self._month
         if not (m.start <= now < m.resets_at):
             m = self._month = month_of(now)
         return m
+
+    def day(self, now: float) -> str:
+        """"YYYY-MM-DD" of ``now`` (UTC), for the day counters; recomputed once a day."""
+        start, end, text = self._day
+        if not (start <= now < end):
+            start = now - now % 86400  # UTC days are 86400 s apart (no leap seconds in epoch)
+            text = time.strftime("%Y-%m-%d", time.gmtime(start))
+            self._day = (start, start + 86400, text)
+        return text
+
+
+def effective_plan(config: Config, workspace) -> Plan:
+    """The limits in force for ``workspace`` (a ``models.Workspace``): its plan's, with the
+    workspace's own overrides (a custom deal) on top."""
+    plan = config.plan_of(workspace.plan)
+    overrides = workspace.overrides
+    if not overrides:
+        return plan
+    from .config import parse_rate_limit
+    changes: dict = {}
+    for name, value in overrides:
+        if name == "rate_limit":
+            changes[name] = parse_rate_limit(value) if value else None
+        elif name in ("monthly_requests", "max_keys"):
+            changes[name] = value
+    return dataclasses.replace(plan, **changes)
+
+
+def limits_json(plan: Plan) -> dict:
+    """``{"monthly_requests", "max_keys", "rate_limit"}`` of a plan (null = unlimited)."""
+    return {"monthly_requests": plan.monthly_requests, "max_keys": plan.max_keys,
+            "rate_limit": None if plan.rate_limit is None else str(plan.rate_limit)}
 
 
 def key_rate_limit(config: Config, plan: Plan | None, key_rate: str | None) -> RateLimit | None:
@@ -61,7 +96,8 @@ def key_rate_limit(config: Config, plan: Plan | None, key_rate: str | None) -> R
 
 def ratelimit_headers(rate: RateLimit | None, rate_remaining: int, rate_reset_ms: int,
                       monthly_limit: int | None, month_used: int, month: Month,
-                      now: float) -> dict[str, str]:
+                      now: float, key_limit: int | None = None,
+                      key_used: int = 0) -> dict[str, str]:
     """RateLimit-Policy and RateLimit, one item per limit that applies."""
     policies, values = [], []
     if rate is not None:
@@ -71,6 +107,10 @@ def ratelimit_headers(rate: RateLimit | None, rate_remaining: int, rate_reset_ms
     if monthly_limit is not None:
         policies.append(f'"monthly";q={monthly_limit};w={month.seconds}')
         values.append(f'"monthly";r={max(0, monthly_limit - month_used)};'
+                      f't={month.seconds_left(now)}')
+    if key_limit is not None:  # the key's own monthly cap, on top of the workspace's
+        policies.append(f'"key-monthly";q={key_limit};w={month.seconds}')
+        values.append(f'"key-monthly";r={max(0, key_limit - key_used)};'
                       f't={month.seconds_left(now)}')
     if not policies:
         return {}

@@ -110,16 +110,16 @@ class TimedRequestStore(RequestStore):
         finally:
             self._observe["record_failure"](time.perf_counter() - started)
 
-    async def refund(self, workspace: str, period: str, ttl: int):
+    async def refund(self, slot, ttl: int):
         started = time.perf_counter()
         try:
-            return await super().refund(workspace, period, ttl)
+            return await super().refund(slot, ttl)
         finally:
             self._observe["refund"](time.perf_counter() - started)
 
-    async def add_usage(self, workspace: str, period: str, n: int, ttl: int):
+    async def add_usage(self, slot, n: int, ttl: int):
         started = time.perf_counter()
         try:
-            return await super().add_usage(workspace, period, n, ttl)
+            return await super().add_usage(slot, n, ttl)
         finally:
             self._observe["add_usage"](time.perf_counter() - started)

@@ -41,6 +41,9 @@ ROLE_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": 64,
 RATE_LIMIT: Schema = {"type": "string", "pattern": r"^\s*[0-9]+\s*/\s*[sm]\s*$",
                       "description": "`N/s` or `N/m`."}
 SINGLE_LINE = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+COUNT_OR_NULL: Schema = {"type": ["integer", "null"], "minimum": 0, "maximum": 10**15}
+NULLABLE_RATE: Schema = {"type": ["string", "null"], "pattern": RATE_LIMIT["pattern"]}
+DAYS = {"type": "integer", "minimum": 1, "maximum": 90}
 
 
 def ref(name: str) -> Schema:
@@ -70,7 +73,32 @@ def schemas() -> dict[str, Schema]:
         "last_used_at": NULLABLE_TIMESTAMP, "revoked_at": NULLABLE_TIMESTAMP,
         "rate_limit": {"type": ["string", "null"]},
         "status": {"enum": ["active", "expired", "revoked"]},
+        "monthly_requests": {"type": ["integer", "null"], "minimum": 0,
+                             "description": "the key's own monthly cap; null: none"},
+        "used_this_month": {"type": "integer", "minimum": 0},
+        "enabled": {"type": "boolean", "description": "false: refused with `disabled_key`"},
+        "meta": {"type": "object", "description": "the key's metadata (never forwarded)"},
+        "allowed_ips": {"type": ["array", "null"], "items": {"type": "string"},
+                        "description": "CIDRs the key may be used from; null: any"},
     })
+    limit_values = {"monthly_requests": COUNT_OR_NULL, "max_keys": COUNT_OR_NULL,
+                    "rate_limit": NULLABLE_RATE}
+    limits = obj(dict(limit_values), description="the limits in force (null: unlimited)")
+    limits_patch = obj({}, dict(limit_values),
+                       description="limits overriding the plan's for this workspace (null: "
+                                   "unlimited); fields left out keep their override or the "
+                                   "plan's; `limits: null` drops every override")
+    limits_patch["type"] = ["object", "null"]
+    controls = {
+        "rate_limit": NULLABLE_RATE,
+        "monthly_requests": {**COUNT_OR_NULL,
+                             "description": "the key's own monthly cap; null: none"},
+        "enabled": {"type": "boolean"},
+        "meta": {"type": "object", "description": "a JSON object of at most 4 KiB"},
+        "allowed_ips": {"type": ["array", "null"], "items": {"type": "string"},
+                        "minItems": 1, "maxItems": 100,
+                        "description": "CIDRs (a bare address is a /32 or /128); null: any"},
+    }
     usage = obj({
         "workspace": WORKSPACE_ID, "plan": {"type": "string"},
         "period": {"type": "string", "pattern": r"^\d{4}-\d{2}$"},
@@ -78,10 +106,7 @@ def schemas() -> dict[str, Schema]:
         "limit": {"type": ["integer", "null"], "minimum": 0},
         "remaining": {"type": ["integer", "null"], "minimum": 0},
         "resets_at": TIMESTAMP,
-        "limits": obj({"monthly_requests": {"type": ["integer", "null"], "minimum": 0},
-                       "max_keys": {"type": ["integer", "null"], "minimum": 0},
-                       "rate_limit": {"type": ["string", "null"]}},
-                      description="the limits in force (null: unlimited)"),
+        "limits": ref("Limits"),
     })
     self_usage = copy.deepcopy(usage)
     self_usage["properties"]["key"] = ref("Key")
@@ -95,24 +120,32 @@ def schemas() -> dict[str, Schema]:
             "request_id": {"type": "string"}})}),
         "Status": obj({"status": {"const": "ok"}}),
         "Workspace": obj({"id": WORKSPACE_ID, "name": {"type": "string"},
-                          "plan": {"type": "string"}, "created_at": TIMESTAMP}),
+                          "plan": {"type": "string"}, "created_at": TIMESTAMP,
+                          "limits": ref("Limits"),
+                          "custom_limits": obj({}, dict(limit_values))}),
+        "Limits": limits,
         "WorkspaceList": items_of(ref("Workspace")),
         "WorkspaceCreate": obj({"name": name}, {"id": WORKSPACE_ID, "plan": {"type": "string"}}),
-        "WorkspacePatch": obj({}, {"name": name, "plan": {"type": "string"}}, minProperties=1),
+        "WorkspacePatch": obj({}, {"name": name, "plan": {"type": "string"},
+                                   "limits": limits_patch}, minProperties=1),
         "Key": key,
-        "KeyList": items_of(ref("Key")),
+        "KeyList": obj({"items": {"type": "array", "items": ref("Key")}},
+                       {"next_cursor": {"type": "string",
+                                        "description": "present when there are more keys: "
+                                                       "pass it as `cursor`"}}),
         "KeyCreate": obj({"name": name}, {
             "description": description, "role": ROLE_NAME,
             "scopes": {"type": "array", "items": SCOPE, "maxItems": 100},
             "expires_at": {"type": ["string", "null"], "format": "date-time"},
             "expires_in": {**seconds, "minimum": 1}, "environment": {"type": "string"},
-            "rate_limit": {"type": ["string", "null"], "pattern": RATE_LIMIT["pattern"]},
+            **controls,
         }, description="Give `role` or `scopes`, not both; `expires_at` or `expires_in`, "
                        "not both."),
         "KeyPatch": obj({}, {
             "name": name, "description": description, "role": ROLE_NAME,
             "scopes": {"type": "array", "items": SCOPE, "maxItems": 100},
             "expires_at": {"type": ["string", "null"], "format": "date-time"},
+            **controls,
         }, minProperties=1),
         "KeyRotate": obj({}, {"grace_seconds": {**seconds, "minimum": 0}}),
         "NewKey": obj({"key": ref("Key"),
@@ -130,6 +163,11 @@ def schemas() -> dict[str, Schema]:
                            "action": {"type": "string"}, "target": {"type": "string"},
                            "details": {"type": "object"}}),
         "AuditList": items_of(ref("AuditEvent")),
+        "DailyUsage": items_of(obj({
+            "date": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"},
+            "requests": {"type": "integer", "minimum": 0}})),
+        "ScopeList": items_of(obj({"name": SCOPE,
+                                   "description": {"type": ["string", "null"]}})),
         "ReloadResult": obj({"result": {"const": "ok"},
                              "config": {"type": "string", "description": "the file re-read"},
                              "reloaded_at": TIMESTAMP,
@@ -142,6 +180,16 @@ def schemas() -> dict[str, Schema]:
             "problems": {"type": "array", "items": {"type": "string"},
                          "description": "every problem, as file:line: field: what"}})}),
     }
+
+
+def list_params() -> list[Schema]:
+    """The key listing's query parameters."""
+    return [param("status", "query", {"enum": ["active", "expired", "revoked"]}),
+            param("unused_days", "query", {"type": "integer", "minimum": 0, "maximum": 36500},
+                  "never used, or last used more than N days ago"),
+            param("sort", "query", {"enum": ["created", "last_used", "name"]}),
+            param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000}),
+            param("cursor", "query", {"type": "string"}, "`next_cursor` of the previous page")]
 
 
 # --- responses -----------------------------------------------------------------------------------
@@ -246,7 +294,7 @@ def admin_paths() -> dict[str, Schema]:
             "parameters": [WS],
             "get": op("Read a workspace", ok(200, ref("Workspace"), "the workspace"), *common,
                       NOT_FOUND_404, tags=["workspaces"]),
-            "patch": op("Rename a workspace or change its plan",
+            "patch": op("Rename a workspace, change its plan or its own limits",
                         ok(200, ref("Workspace"), "the updated workspace"), *with_body,
                         NOT_FOUND_404, body=ref("WorkspacePatch"), tags=["workspaces"]),
         },
@@ -258,9 +306,7 @@ def admin_paths() -> dict[str, Schema]:
                        tags=["keys"]),
             "get": op("List a workspace's keys (never tokens or hashes)",
                       ok(200, ref("KeyList"), "the keys"), *common, NOT_FOUND_404,
-                      params=[param("status", "query",
-                                    {"enum": ["active", "expired", "revoked"]})],
-                      tags=["keys"]),
+                      params=list_params(), tags=["keys"]),
         },
         v1 + "/{ws}/keys/{key}": {
             "parameters": [WS, KEY],
@@ -270,6 +316,15 @@ def admin_paths() -> dict[str, Schema]:
                         ok(200, ref("Key"), "the updated key"), *with_body, NOT_FOUND_404,
                         err(409, "conflict", "key_limit_reached"), body=ref("KeyPatch"),
                         tags=["keys"]),
+            "delete": op("Delete a revoked or expired key (its audit entries stay)",
+                         ok(200, ref("Key"), "the key as it was"), *common, NOT_FOUND_404,
+                         err(409, "conflict"), tags=["keys"]),
+        },
+        v1 + "/{ws}/keys/{key}/usage/daily": {
+            "parameters": [WS, KEY],
+            "get": op("A key's requests per UTC day, oldest first",
+                      ok(200, ref("DailyUsage"), "one item per day"), *common, NOT_FOUND_404,
+                      params=[param("days", "query", DAYS, "default 30")], tags=["usage"]),
         },
         v1 + "/{ws}/keys/{key}/revoke": {
             "parameters": [WS, KEY],
@@ -288,6 +343,16 @@ def admin_paths() -> dict[str, Schema]:
             "parameters": [WS],
             "get": op("This month's usage", ok(200, ref("Usage"), "the usage object"),
                       *common, NOT_FOUND_404, tags=["usage"]),
+        },
+        v1 + "/{ws}/usage/daily": {
+            "parameters": [WS],
+            "get": op("The workspace's requests per UTC day, oldest first",
+                      ok(200, ref("DailyUsage"), "one item per day"), *common, NOT_FOUND_404,
+                      params=[param("days", "query", DAYS, "default 30")], tags=["usage"]),
+        },
+        "/admin/v1/scopes": {
+            "get": op("The scope catalogue (without one: the scopes the config uses)",
+                      ok(200, ref("ScopeList"), "the scopes"), *common, tags=["scopes"]),
         },
         v1 + "/{ws}/roles": {
             "parameters": [WS],
@@ -330,12 +395,15 @@ def proxy_errors(*, scope: bool, body: bool) -> list[tuple[str, Schema]]:
     errors = [
         err(400, "bad_request", "bad_path", "key_in_url", "ambiguous_key"),
         err(401, "missing_key", "malformed_key", "invalid_key", "expired_key", "revoked_key",
-            headers=INVALID_TOKEN),
-        err(429, "too_many_failures", "rate_limited", "quota_exceeded", headers=RETRY_AFTER),
+            "disabled_key", headers=INVALID_TOKEN),
+        err(429, "too_many_failures", "rate_limited", "quota_exceeded", "key_quota_exceeded",
+            headers=RETRY_AFTER),
         err(503, "store_unavailable", "overloaded", headers=RETRY_AFTER),
     ]
     if scope:
-        errors.append(err(403, "insufficient_scope"))
+        errors.append(err(403, "insufficient_scope", "ip_not_allowed"))
+    else:
+        errors.append(err(403, "ip_not_allowed"))
     if body:
         errors.append(err(413, "body_too_large"))
     return errors
@@ -407,8 +475,7 @@ def proxy_paths() -> dict[str, Schema]:
         base: {
             "servers": PROXY_SERVER,
             "get": own("List the workspace's keys", ok(200, ref("KeyList"), "the keys"),
-                       params=[param("status", "query",
-                                     {"enum": ["active", "expired", "revoked"]})]),
+                       params=list_params()),
             "post": own("Create a key within the calling key's own scopes",
                         ok(201, ref("NewKey"), "the key and its token"),
                         err(409, "key_limit_reached"), body=ref("KeyCreate")),
@@ -419,6 +486,14 @@ def proxy_paths() -> dict[str, Schema]:
             "patch": own("Update a key within the calling key's own scopes",
                          ok(200, ref("Key"), "the updated key"),
                          err(409, "conflict", "key_limit_reached"), body=ref("KeyPatch")),
+            "delete": own("Delete a revoked or expired key of the workspace",
+                          ok(200, ref("Key"), "the key as it was"), err(409, "conflict")),
+        },
+        base + "/{key}/usage/daily": {
+            "servers": PROXY_SERVER, "parameters": key_path,
+            "get": own("A key's requests per UTC day, oldest first",
+                       ok(200, ref("DailyUsage"), "one item per day"),
+                       params=[param("days", "query", DAYS, "default 30")]),
         },
         base + "/{key}/revoke": {
             "servers": PROXY_SERVER, "parameters": key_path,

@@ -16,7 +16,7 @@ import math
 import os
 import re
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from aiohttp import web
 
@@ -24,7 +24,7 @@ from . import errors
 from .auth import Authenticator, CachedKey
 from .config import Config, Route
 from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
-from .hotpath import Decision, RequestStore
+from .hotpath import Decision, RequestStore, Slot, utc_day
 from .limits import Month, MonthCache, ratelimit_headers
 from .models import rfc3339
 from .routes import RouteTable, check_path, no_route, query_has_token
@@ -86,10 +86,16 @@ def original_request(request: web.BaseRequest, suffix: str) -> tuple[str, str]:
     return request.method, f"{path}?{query}" if query else path
 
 
+class Counted(NamedTuple):
+    """The month and UTC day a request was counted in (a refund takes it back from those)."""
+    month: Month
+    day: str
+
+
 class _CountedLocally(dict):
     """The (empty) RateLimit fields of a request decided while the store was down; ``slot`` is
     where it was counted locally, so a refund takes it back there and not from the store."""
-    slot: tuple[str, str] | None = None
+    slot: Slot | None = None
 
 
 class Pipeline:
@@ -105,7 +111,7 @@ class Pipeline:
         self.clock = clock
         self.months = MonthCache()
         self._store_error_logged_at, self._store_errors_unlogged = -1e9, 0
-        self.local_counts: dict[tuple[str, str], int] = {}  # (workspace, period) → requests
+        self.local_counts: dict[Slot, int] = {}  # (workspace, key, month, day) → requests
         self._flushes: set[asyncio.Task] = set()
         self._retry: asyncio.Task | None = None
         self.reconfigure(config)
@@ -177,8 +183,9 @@ class Pipeline:
         # and, like every refusal of keygate's own, is not counted.
         too_large = (request.content_length or 0) > self.max_body
         with trace.step("authorise"):
-            key, limit_headers, month = await self.authorise(key, route.scopes,
-                                                             count=not too_large)
+            key, limit_headers, counted = await self.authorise(key, route.scopes,
+                                                               count=not too_large,
+                                                               request=request)
         if too_large:
             raise errors.body_too_large(self.max_body)
         try:
@@ -187,7 +194,7 @@ class Pipeline:
                                                     request_id, limit_headers, trace=trace)
         except GatewayError as exc:
             if not exc.reached_upstream:  # refused here, or never sent: it does not count
-                await self.refund(key, limit_headers, month)
+                await self.refund(key, limit_headers, counted)
             raise
 
     # --- steps --------------------------------------------------------------------------------
@@ -235,13 +242,16 @@ class Pipeline:
         except StoreError as exc:
             raise self._store_down(exc) from exc
 
-    async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *,
-                        count: bool) -> tuple[CachedKey, dict[str, str], Month]:
-        """State (revoked/expired), scopes, then rate and quota in one round trip. Returns the
-        key as confirmed, the RateLimit fields, and the month the request was counted in.
+    async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
+                        request: web.BaseRequest | None = None
+                        ) -> tuple[CachedKey, dict[str, str], Counted]:
+        """State (revoked/expired/disabled, the key's IP allow-list), scopes, then rate and
+        quotas in one round trip. Returns the key as confirmed, the RateLimit fields, and the
+        month and day the request was counted in.
 
         Decisions read from the cache are confirmed against the store's revision before they
-        are answered, so a widened scope or extended expiry acts on the next request too."""
+        are answered, so a widened scope, an extended expiry or a key enabled again acts on the
+        next request too."""
         for _ in range(_STALE_RETRIES):
             now = self.clock()
             k = key.key
@@ -251,17 +261,23 @@ class Pipeline:
             if k.revoked_at is not None and not expired:
                 raise errors.invalid_token("revoked_key", "This API key has been revoked.")
             missing = next((s for s in scopes if not key.principal.has_scope(s)), None)
+            # the client address exactly as the failure throttle computes it
+            blocked = key.networks is not None and request is not None and \
+                not key.allows(self.client_ip(request))
             month = self.months.get(now)
+            counted = Counted(month, self.months.day(now))
             try:
                 decision = await self.requests.authorize(
                     workspace=k.workspace, key_id=k.id, key_rev=k.rev, ws_rev=key.workspace.rev,
-                    count=count and not expired and missing is None and k.revoked_at is None,
+                    count=count and not expired and missing is None and k.revoked_at is None
+                    and k.enabled and not blocked,
                     rate_limit=key.rate.requests if key.rate else 0,
                     rate_period_ms=key.rate.period_seconds * 1000 if key.rate else 1000,
                     monthly_limit=key.monthly_limit, period=month.period,
-                    counter_ttl=month.counter_ttl(now), now_ms=int(now * 1000))
+                    counter_ttl=month.counter_ttl(now), now_ms=int(now * 1000),
+                    day=counted.day, key_limit=key.key_limit)
             except StoreError as exc:
-                return key, self._degraded(key, expired, missing, count, exc), month
+                return key, self._degraded(key, expired, missing, blocked, count, exc), counted
             if decision.outcome == "stale":
                 try:
                     fresh = await self.auth.refresh(key)
@@ -275,17 +291,28 @@ class Pipeline:
                 raise errors.invalid_token("expired_key", "This API key has expired.")
             if k.revoked_at is not None:  # expired once, then extended: revoked all the same
                 raise errors.invalid_token("revoked_key", "This API key has been revoked.")
+            self._check_controls(key, blocked)
             if missing is not None:
                 raise errors.insufficient_scope(missing)
             if self.local_counts:
                 self._flush_local_counts()
-            return key, self._decide(key, decision, month, now), month
+            return key, self._decide(key, decision, month, now), counted
         raise ServiceUnavailable("The key changed while this request was checked; retry.",
                                  headers={"Retry-After": "1"})
 
+    @staticmethod
+    def _check_controls(key: CachedKey, blocked: bool) -> None:
+        """The key's own switches, once its secret verified: disabled, IP allow-list."""
+        if not key.key.enabled:
+            raise errors.invalid_token("disabled_key", "This API key is disabled.")
+        if blocked:
+            raise errors.Forbidden("This API key may not be used from this address.",
+                                   code="ip_not_allowed")
+
     def _decide(self, key: CachedKey, d: Decision, month, now: float) -> dict[str, str]:
         headers = ratelimit_headers(key.rate, d.rate_remaining, d.window_reset_ms,
-                                    key.monthly_limit, d.month_used, month, now)
+                                    key.monthly_limit, d.month_used, month, now,
+                                    key.key_limit, d.key_used)
         if d.outcome == "rate":  # the script reports r=0 for the refused rate itself
             headers["Retry-After"] = str(max(1, math.ceil(d.retry_after_ms / 1000)))
             raise TooManyRequests(f"Rate limit of {key.rate} exceeded for this key.",
@@ -295,14 +322,20 @@ class Pipeline:
             raise TooManyRequests(
                 f"The workspace's monthly quota of {key.monthly_limit} requests is used up; it "
                 f"resets at {rfc3339(month.resets_at)}.", code="quota_exceeded", headers=headers)
+        if d.outcome == "key_quota":
+            headers["Retry-After"] = str(month.seconds_left(now))
+            raise TooManyRequests(
+                f"This key's own monthly cap of {key.key_limit} requests is used up; it resets "
+                f"at {rfc3339(month.resets_at)}.", code="key_quota_exceeded", headers=headers)
         return headers
 
     async def refund(self, key: CachedKey, limit_headers: dict | None = None,
-                     month: Month | None = None) -> None:
-        """Take back a counted request the upstream never received, from the month that
-        counted it (a connect attempt can end after midnight at the turn of the month)."""
+                     counted: Counted | None = None) -> None:
+        """Take back a counted request the upstream never received, from the month and day
+        that counted it (a connect attempt can end after midnight at the turn of the month)."""
         now = self.clock()
-        month = month or self.months.get(now)
+        counted = counted or Counted(self.months.get(now), utc_day(now))
+        month = counted.month
         if isinstance(limit_headers, _CountedLocally):  # counted here while the store was down
             slot = limit_headers.slot
             n = self.local_counts.get(slot, 0)
@@ -314,7 +347,8 @@ class Pipeline:
                 return
             # already flushed to the store: take it back there
         try:
-            await self.requests.refund(key.workspace.id, month.period, month.counter_ttl(now))
+            await self.requests.refund(Slot(key.workspace.id, key.key.id, month.period,
+                                            counted.day), month.counter_ttl(now))
         except StoreError:
             log.warning("could not refund a request that never reached the upstream")
 
@@ -337,8 +371,8 @@ class Pipeline:
                         cause, self._store_errors_unlogged)
             self._store_error_logged_at, self._store_errors_unlogged = now, 0
 
-    def _degraded(self, key: CachedKey, expired: bool, missing: str | None, count: bool,
-                  exc: StoreError) -> dict[str, str]:
+    def _degraded(self, key: CachedKey, expired: bool, missing: str | None, blocked: bool,
+                  count: bool, exc: StoreError) -> dict[str, str]:
         """The store failed on a key verified in this process: fail closed, or — with
         ``on_store_error: open`` — decide from the cached state and count locally."""
         if not self.fail_open:
@@ -350,11 +384,14 @@ class Pipeline:
             raise errors.invalid_token("expired_key", "This API key has expired.")
         if key.key.revoked_at is not None:
             raise errors.invalid_token("revoked_key", "This API key has been revoked.")
+        self._check_controls(key, blocked)
         if missing is not None:
             raise errors.insufficient_scope(missing)
         headers = _CountedLocally()
         if count:
-            slot = headers.slot = (key.workspace.id, self.months.get(self.clock()).period)
+            now = self.clock()
+            slot = headers.slot = Slot(key.workspace.id, key.key.id, self.months.get(now).period,
+                                       utc_day(now))
             self.local_counts[slot] = self.local_counts.get(slot, 0) + 1
             if self._retry is None or self._retry.done():
                 self._retry = asyncio.ensure_future(self._retry_flush())
@@ -380,15 +417,14 @@ class Pipeline:
         self._flushes.add(task)  # a task nobody references can be garbage-collected mid-way
         task.add_done_callback(self._flushes.discard)
 
-    async def _flush(self, counts: dict[tuple[str, str], int]) -> None:
+    async def _flush(self, counts: dict[Slot, int]) -> None:
         now = self.clock()
         ttl = self.months.get(now).counter_ttl(now)
-        for (workspace, period), n in counts.items():
+        for slot, n in counts.items():
             try:
-                await self.requests.add_usage(workspace, period, n, ttl)
+                await self.requests.add_usage(slot, n, ttl)
             except StoreError:
-                self.local_counts[(workspace, period)] = \
-                    self.local_counts.get((workspace, period), 0) + n
+                self.local_counts[slot] = self.local_counts.get(slot, 0) + n
 
     async def close(self) -> None:
         """At shutdown, after the listeners stopped: write what was counted locally while the
@@ -430,7 +466,8 @@ class Pipeline:
             key = await self.authenticate(token, request)
         outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
         with trace.step("authorise"):
-            key, limit_headers, _ = await self.authorise(key, route.scopes, count=True)
+            key, limit_headers, _ = await self.authorise(key, route.scopes, count=True,
+                                                         request=request)
         headers = dict(limit_headers)
         p = key.principal
         ws, kid, scopes, plan = self._identity
@@ -452,19 +489,21 @@ class Pipeline:
             token = self.credential(request)
             key = await self.authenticate(token, request)
             outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
-            key, _, _ = await self.authorise(key, (), count=False)
+            key, _, _ = await self.authorise(key, (), count=False, request=request)
             try:
                 usage = await self.store.usage(key.workspace.id)
                 current = await self.store.get_key(key.workspace.id, key.key.id) or key.key
+                used, = await self.store.keys_used_this_month(key.workspace.id, [current.id])
             except StoreError as exc:
                 raise self._store_down(exc) from exc
-            usage["key"] = current.to_json(tuple(sorted(key.principal.scopes)), self.clock())
+            usage["key"] = current.to_json(tuple(sorted(key.principal.scopes)), self.clock(),
+                                           used)
             return web.Response(body=json.dumps(usage).encode(), content_type="application/json")
         if raw_path == "/_keygate/v1/keys" or raw_path.startswith("/_keygate/v1/keys/"):
             token = self.credential(request)
             key = await self.authenticate(token, request)
             outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
-            key, _, _ = await self.authorise(key, ("keys:admin",), count=False)
+            key, _, _ = await self.authorise(key, ("keys:admin",), count=False, request=request)
             try:
                 return await self.self_service(request, key.principal, self.store, self.config)
             except StoreError as exc:  # not a bug: the store failed under the key endpoints

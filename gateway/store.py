@@ -52,7 +52,7 @@ import secrets
 import string
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from importlib import resources
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -60,7 +60,8 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from .config import Config
 from .errors import Conflict, NotFound, StoreError, describe, shown
-from .models import KeyRecord, Workspace, rfc3339
+from .limits import effective_plan, limits_json
+from .models import LIMIT_FIELDS, KeyRecord, Workspace, rfc3339
 from .redis_urls import is_topology_url, standalone_client, topology_client
 from .tokens import ID_LEN, PREFIX_CHARS, SecretHasher, make_token
 
@@ -95,6 +96,18 @@ def key_index_key(key_id: str) -> str:
 
 def usage_key(ws: str, period: str) -> str:
     return f"kg:usage:{{{ws}}}:{period}"
+
+
+def key_usage_key(ws: str, key_id: str, period: str) -> str:
+    return f"kg:kusage:{{{ws}}}:{key_id}:{period}"
+
+
+def daily_key(ws: str, day: str) -> str:
+    return f"kg:daily:{{{ws}}}:{day}"
+
+
+def key_daily_key(ws: str, key_id: str, day: str) -> str:
+    return f"kg:kdaily:{{{ws}}}:{key_id}:{day}"
 
 
 def rate_key(ws: str, key_id: str) -> str:
@@ -184,7 +197,10 @@ def key_from_hash(h: Mapping[str, str]) -> KeyRecord | None:
             created_at=float(h["created_at"]), expires_at=_opt_float(h.get("expires_at")),
             revoked_at=_opt_float(h.get("revoked_at")),
             last_used_at=_opt_float(h.get("last_used_at")),
-            rate_limit=h.get("rate_limit") or None, rev=int(h.get("rev") or 0))
+            rate_limit=h.get("rate_limit") or None, rev=int(h.get("rev") or 0),
+            monthly_requests=int(h["monthly_requests"]) if h.get("monthly_requests") else None,
+            enabled=h.get("enabled", "1") != "0", meta=h.get("meta") or "{}",
+            allowed_ips=tuple(json.loads(h["allowed_ips"])) if h.get("allowed_ips") else None)
     except (KeyError, ValueError, TypeError) as exc:
         raise StoreError(f"the store holds a malformed key record ({h.get('id')!r})") from exc
 
@@ -193,10 +209,30 @@ def workspace_from_hash(h: Mapping[str, str]) -> Workspace | None:
     if not h or not h.get("id"):
         return None
     try:
+        overrides = json.loads(h.get("limits") or "{}")
+        if not isinstance(overrides, dict):
+            raise ValueError("limits")
         return Workspace(id=h["id"], name=h.get("name", ""), plan=h.get("plan", ""),
-                         created_at=float(h["created_at"]), rev=int(h.get("rev") or 0))
+                         created_at=float(h["created_at"]), rev=int(h.get("rev") or 0),
+                         overrides=tuple((f, overrides[f]) for f in LIMIT_FIELDS
+                                         if f in overrides))
     except (KeyError, ValueError) as exc:
         raise StoreError(f"the store holds a malformed workspace ({h.get('id')!r})") from exc
+
+
+def _control_fields(**controls: Any) -> list[str]:
+    """Hash field, value pairs for the key controls given (as in ``KeyRecord``)."""
+    out: list[str] = []
+    for name, value in controls.items():
+        if name in ("rate_limit", "monthly_requests"):
+            out += [name, "" if value is None else str(value)]
+        elif name == "enabled":
+            out += [name, "1" if value else "0"]
+        elif name == "meta":
+            out += [name, value]
+        elif name == "allowed_ips":
+            out += [name, "" if value is None else json.dumps(list(value))]
+    return out
 
 
 def _pairs(h: Any) -> dict[str, str]:
@@ -254,7 +290,8 @@ class Store:
         self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
         self._scripts = {name: client.register_script(_script_text(f"admin_{name}.lua"))
                          for name in ("create_workspace", "update_workspace", "create_key",
-                                      "rotate_key", "update_key", "revoke_key", "set_role")}
+                                      "rotate_key", "update_key", "revoke_key", "set_role",
+                                      "delete_key")}
 
     @classmethod
     async def connect(cls, url: str, config: Config, *,
@@ -343,19 +380,31 @@ class Store:
         raise Conflict(f"The workspace id '{_ws(base)}' is already taken.")
 
     async def update_workspace(self, ws: str, *, name: str | None = None,
-                               plan: str | None = None, actor: str = OPERATOR) -> Workspace:
-        """Rename and/or re-plan; bumps the workspace's rev (cached authorisations re-read)."""
-        changes: dict[str, str] = {}
+                               plan: str | None = None, limits: Any = UNSET,
+                               actor: str = OPERATOR) -> Workspace:
+        """Rename, re-plan and/or change the workspace's own limits; bumps the workspace's rev
+        (cached authorisations re-read it on their next request).
+
+        ``limits``: a dict of LIMIT_FIELDS merged into the overrides (a value of None:
+        unlimited), or None to drop every override (back to the plan's). The merge happens in
+        the script, so concurrent changes of different fields both stay."""
+        changes: dict[str, Any] = {}
         if name is not None:
             changes["name"] = name
         if plan is not None:
             changes["plan"] = plan
+        patch = ""
+        if limits is not UNSET:
+            patch = "null" if limits is None else json.dumps(limits)
         if not WORKSPACE_ID_RE.fullmatch(ws):
             raise NotFound(f"There is no workspace '{_ws(ws)}'.")
+        details: dict[str, Any] = dict(changes)
+        if limits is not UNSET:
+            details["limits"] = limits
         reply = await self._run(
             "update_workspace", (ws_key(ws), ws_audit_key(ws)),
-            (self._audit_entry(self.clock(), actor, "workspace.update", ws, changes),
-             AUDIT_MAXLEN, *[x for kv in changes.items() for x in kv]))
+            (self._audit_entry(self.clock(), actor, "workspace.update", ws, details),
+             AUDIT_MAXLEN, patch, *[x for kv in changes.items() for x in kv]))
         workspace = workspace_from_hash(_pairs(reply))
         if workspace is None:
             raise NotFound(f"There is no workspace '{_ws(ws)}'.")
@@ -451,8 +500,8 @@ class Store:
     # --- keys: changes ------------------------------------------------------------------------
 
     def _max_keys(self, workspace: Workspace) -> int:
-        plan = self.config.plan_of(workspace.plan)
-        return -1 if plan is None or plan.max_keys is None else plan.max_keys
+        plan = effective_plan(self.config, workspace)
+        return -1 if plan.max_keys is None else plan.max_keys
 
     async def _new_token(self, ws: str, environment: str) -> tuple[str, str, str]:
         """(key id, token, argon2 hash) with the key id reserved in the global index."""
@@ -472,7 +521,9 @@ class Store:
     def _key_fields(self, *, key_id: str, ws: str, token: str, hashed: str, name: str,
                     description: str, environment: str, role: str | None,
                     scopes: Sequence[str], expires_at: float | None, rate_limit: str | None,
-                    now: float) -> tuple[KeyRecord, list[str]]:
+                    now: float, monthly_requests: int | None = None, enabled: bool = True,
+                    meta: str = "{}", allowed_ips: Sequence[str] | None = None
+                    ) -> tuple[KeyRecord, list[str]]:
         # The public prefix never reaches into the secret, whatever the configured prefix/env.
         head = len(self.config.keys.prefix) + len(environment) + 2
         record = KeyRecord(
@@ -480,25 +531,38 @@ class Store:
             environment=environment, role=role, scopes=tuple(scopes) if role is None else (),
             hash=hashed, prefix=token[:min(PREFIX_CHARS, head + ID_LEN)], created_at=now,
             expires_at=expires_at, revoked_at=None, last_used_at=None, rate_limit=rate_limit,
-            rev=1)
+            rev=1, monthly_requests=monthly_requests, enabled=enabled, meta=meta,
+            allowed_ips=None if allowed_ips is None else tuple(allowed_ips))
         fields = ["id", key_id, "workspace", ws, "name", name, "description", description,
                   "environment", environment, "role", role or "",
                   "scopes", json.dumps(list(record.scopes)), "hash", hashed,
                   "prefix", record.prefix, "created_at", _ts(now),
                   "expires_at", _ts(expires_at), "revoked_at", "", "last_used_at", "",
-                  "rate_limit", rate_limit or ""]
+                  "rate_limit", rate_limit or "", *_control_fields(
+                      monthly_requests=monthly_requests, enabled=enabled, meta=meta,
+                      allowed_ips=allowed_ips)]
         return record, fields
 
     @staticmethod
     def _key_details(record: KeyRecord) -> dict[str, Any]:
-        return {"name": record.name, "environment": record.environment, "role": record.role,
-                "scopes": None if record.role else list(record.scopes),
-                "expires_at": rfc3339(record.expires_at), "rate_limit": record.rate_limit}
+        details = {"name": record.name, "environment": record.environment,
+                   "role": record.role, "scopes": None if record.role else list(record.scopes),
+                   "expires_at": rfc3339(record.expires_at), "rate_limit": record.rate_limit}
+        if record.monthly_requests is not None:
+            details["monthly_requests"] = record.monthly_requests
+        if not record.enabled:
+            details["enabled"] = False
+        if record.allowed_ips is not None:
+            details["allowed_ips"] = list(record.allowed_ips)
+        return details
 
     async def create_key(self, ws: str, *, name: str, environment: str,
                          description: str = "", role: str | None = None,
                          scopes: Sequence[str] = (), expires_at: float | None = None,
-                         rate_limit: str | None = None, actor: str = OPERATOR) -> NewKey:
+                         rate_limit: str | None = None, monthly_requests: int | None = None,
+                         enabled: bool = True, meta: str = "{}",
+                         allowed_ips: Sequence[str] | None = None,
+                         actor: str = OPERATOR) -> NewKey:
         """Create a key bound to ``role`` (if given) or to ``scopes``. Raises NotFound (no such
         workspace) or Conflict ``key_limit_reached`` (the plan's active-key cap is reached;
         checked and applied in one script, so concurrent creates cannot overshoot)."""
@@ -509,7 +573,9 @@ class Store:
             record, fields = self._key_fields(
                 key_id=key_id, ws=ws, token=token, hashed=hashed, name=name,
                 description=description, environment=environment, role=role, scopes=scopes,
-                expires_at=expires_at, rate_limit=rate_limit, now=now)
+                expires_at=expires_at, rate_limit=rate_limit, now=now,
+                monthly_requests=monthly_requests, enabled=enabled, meta=meta,
+                allowed_ips=allowed_ips)
             # No release of the id on a store error: the script may have run, and a key
             # must never lose its index entry (a stray entry is harmless, see the layout).
             reply = await self._run(
@@ -561,7 +627,9 @@ class Store:
             record, fields = self._key_fields(
                 key_id=new_id, ws=ws, token=token, hashed=hashed, name=old.name,
                 description=old.description, environment=old.environment, role=old.role,
-                scopes=old.scopes, expires_at=expires_at, rate_limit=old.rate_limit, now=now)
+                scopes=old.scopes, expires_at=expires_at, rate_limit=old.rate_limit, now=now,
+                monthly_requests=old.monthly_requests, enabled=old.enabled, meta=old.meta,
+                allowed_ips=old.allowed_ips)
             details = {"new_key": new_id, "grace_seconds": grace_seconds}
             reply = await self._run(
                 "rotate_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
@@ -596,7 +664,9 @@ class Store:
 
     async def update_key(self, ws: str, key_id: str, *, name: Any = UNSET,
                          description: Any = UNSET, role: Any = UNSET, scopes: Any = UNSET,
-                         expires_at: Any = UNSET, actor: str = OPERATOR) -> KeyRecord:
+                         expires_at: Any = UNSET, rate_limit: Any = UNSET,
+                         monthly_requests: Any = UNSET, enabled: Any = UNSET, meta: Any = UNSET,
+                         allowed_ips: Any = UNSET, actor: str = OPERATOR) -> KeyRecord:
         """Change the given fields (UNSET = leave as is). ``role`` binds the key to a role,
         ``scopes`` to explicit scopes (the other binding is cleared); ``expires_at`` None
         removes the expiry. Bumps the key's rev: every replica applies it on the next request.
@@ -616,6 +686,14 @@ class Store:
         elif scopes is not UNSET:
             fields += ["role", "", "scopes", json.dumps(list(scopes))]
             details["scopes"] = list(scopes)
+        controls = {name: value for name, value in (
+            ("rate_limit", rate_limit), ("monthly_requests", monthly_requests),
+            ("enabled", enabled), ("meta", meta), ("allowed_ips", allowed_ips))
+            if value is not UNSET}
+        fields += _control_fields(**controls)
+        details.update({k: v for k, v in controls.items() if k != "meta"})
+        if "meta" in controls:
+            details["meta"] = "changed"  # metadata can be large; the audit says it changed
         score = ""
         if expires_at is not UNSET:
             fields += ["expires_at", _ts(expires_at)]
@@ -655,10 +733,31 @@ class Store:
             raise NotFound(f"Workspace '{_ws(ws)}' has no key '{shown(key_id, 12)}'.")
         return key
 
+    async def delete_key(self, ws: str, key_id: str, *, actor: str = OPERATOR) -> KeyRecord:
+        """Remove a revoked or expired key for good (Conflict for an active key: revoke it
+        first). Its audit entries stay; its token then reads as unknown (invalid_key)."""
+        if not WORKSPACE_ID_RE.fullmatch(ws):
+            raise NotFound(f"There is no workspace '{_ws(ws)}'.")
+        now = self.clock()
+        reply = await self._run(
+            "delete_key", (key_key(ws, key_id), ws_keys_key(ws), ws_active_key(ws),
+                           ws_audit_key(ws)),
+            (key_id, _ts(now), self._audit_entry(now, actor, "key.delete", key_id, {}),
+             AUDIT_MAXLEN))
+        if reply == "active":
+            raise Conflict(f"Key '{shown(key_id, 12)}' is active; revoke it (or let it expire) "
+                           "before deleting it.")
+        key = key_from_hash(_pairs(reply))
+        if key is None:
+            raise NotFound(f"Workspace '{_ws(ws)}' has no key '{shown(key_id, 12)}'.")
+        with _store_errors("write"):  # the global index, in its own slot: after the key
+            await self.redis.delete(key_index_key(key_id))
+        return key
+
     # --- usage and audit ----------------------------------------------------------------------
 
     async def usage(self, ws: str) -> dict:
-        """SPEC's usage object for the clock's current UTC month."""
+        """SPEC's usage object for the clock's current UTC month, with the limits in force."""
         workspace = await self.require_workspace(ws)
         period, resets_at = month_period(self.clock())
         with _store_errors("read"):
@@ -667,16 +766,36 @@ class Store:
 
     def _usage_object(self, workspace: Workspace, period: str, resets_at: float,
                       used: int) -> dict:
-        plan = self.config.plan_of(workspace.plan)
-        limit = plan.monthly_requests if plan is not None else None
-        # limits: the plan's values in force (the console shows active keys against max_keys)
-        limits = {"monthly_requests": limit,
-                  "max_keys": plan.max_keys if plan is not None else None,
-                  "rate_limit": str(plan.rate_limit) if plan and plan.rate_limit else None}
+        plan = effective_plan(self.config, workspace)  # the workspace's own limits included
+        limit = plan.monthly_requests
         return {"workspace": workspace.id, "plan": workspace.plan, "period": period,
                 "used": used, "limit": limit,
                 "remaining": None if limit is None else max(0, limit - used),
-                "resets_at": rfc3339(resets_at), "limits": limits}
+                "resets_at": rfc3339(resets_at), "limits": limits_json(plan)}
+
+    def workspace_json(self, workspace: Workspace) -> dict:
+        """The workspace object, with the limits in force."""
+        return workspace.to_json(limits_json(effective_plan(self.config, workspace)))
+
+    async def keys_used_this_month(self, ws: str, key_ids: Sequence[str]) -> list[int]:
+        """Each key's own count for the clock's current month (one MGET; one slot)."""
+        if not key_ids:
+            return []
+        period, _ = month_period(self.clock())
+        with _store_errors("read"):
+            counts = await self.redis.mget([key_usage_key(ws, k, period) for k in key_ids])
+        return [int(c or 0) for c in counts]
+
+    async def daily_usage(self, ws: str, days: int, key_id: str | None = None) -> list[dict]:
+        """``days`` UTC days up to today, oldest first, days without requests as 0: the
+        workspace's counts, or one key's."""
+        today = datetime.fromtimestamp(self.clock(), timezone.utc).date()
+        dates = [(today - timedelta(days=i)).isoformat() for i in range(days - 1, -1, -1)]
+        names = [daily_key(ws, d) if key_id is None else key_daily_key(ws, key_id, d)
+                 for d in dates]
+        with _store_errors("read"):
+            counts = await self.redis.mget(names)
+        return [{"date": d, "requests": int(c or 0)} for d, c in zip(dates, counts)]
 
     async def usage_all(self, known: Sequence[str] = ()) -> list[dict]:
         """Every workspace's usage object this month, for a scrape: one round trip (the

@@ -172,9 +172,10 @@ async def test_every_counter_keeps_an_expiry(gut, redis_url):
     async with gut.proxy.get("/people/1", headers=bearer(token[:-7] + "x" * 7)) as r:
         await r.read()
     r = redis.Redis.from_url(redis_url)
-    counters = [k for k in r.scan_iter("kg:*") if k.startswith((b"kg:usage:", b"kg:rate:",
-                                                                  b"kg:fail:"))]
-    assert counters
+    counters = [k for k in r.scan_iter("kg:*") if k.startswith((
+        b"kg:usage:", b"kg:rate:", b"kg:fail:", b"kg:kusage:", b"kg:daily:", b"kg:kdaily:"))]
+    assert {k.split(b":")[1] for k in counters} >= {b"usage", b"rate", b"kusage", b"daily",
+                                                    b"kdaily"}
     assert all(r.pttl(k) > 0 for k in counters), [(k, r.pttl(k)) for k in counters]
 
 

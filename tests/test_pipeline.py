@@ -334,7 +334,11 @@ def monitor_commands(url: str, started: threading.Event, stop_marker: str, out: 
 
 async def test_cached_key_costs_one_round_trip_and_no_argon2(gut, redis_url):
     await gut.workspace("metered", plan="metered")  # a monthly quota and a rate limit apply
-    token, _ = await gut.key("metered")
+    # and every key control that acts on requests: its own cap, an IP allow-list, metadata;
+    # the workspace has limits of its own (the daily counters are written on every request)
+    await gut.admin_json("PATCH", "/workspaces/metered", {"limits": {"monthly_requests": 90000}})
+    token, key = await gut.key("metered", monthly_requests=500,
+                               allowed_ips=["127.0.0.0/8", "::1"], meta={"crm": "c-1"})
     async with gut.proxy.get("/people/1", headers=bearer(token)) as r:  # cold: verifies once
         assert r.status == 200
     verified = gut.counter("keygate_argon2_verifications_total", result="ok")
@@ -350,13 +354,17 @@ async def test_cached_key_costs_one_round_trip_and_no_argon2(gut, redis_url):
         async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
             assert r.status == 200
             assert '"rate";q=1000;w=1' in r.headers["RateLimit-Policy"]
-            assert '"monthly";q=100000' in r.headers["RateLimit-Policy"]
+            assert '"monthly";q=90000' in r.headers["RateLimit-Policy"]
+            assert '"key-monthly";q=500' in r.headers["RateLimit-Policy"]
     redis.Redis.from_url(redis_url).echo("stop-monitor-marker")
     t.join(5)
     top_level = [c for c in commands if not c.startswith(("lua:", "HELLO", "CLIENT"))]
     assert len(top_level) == 5, top_level
     assert all(c.startswith(("EVALSHA", "EVAL")) for c in top_level), top_level
     assert gut.counter("keygate_argon2_verifications_total", result="ok") == 1
+    _, days = await gut.admin_json("GET", f"/workspaces/metered/keys/{key['id']}/usage/daily"
+                                          "?days=1")
+    assert days["items"][0]["requests"] == 6  # counted in that one round trip
 
 
 # --- store down --------------------------------------------------------------------------------

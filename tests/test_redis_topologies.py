@@ -386,6 +386,29 @@ async def test_cluster_gateway_runs_every_store_operation_across_nodes(
             assert f'keygate_workspace_month_requests{{workspace="{tiny}"}} 3.0' \
                 in await r.text()
 
+        # the key controls: caps, limits, disable, daily usage, delete - each on its slot
+        ws = spread[2]
+        status, _ = await gut.admin_json("PATCH", f"/workspaces/{ws}",
+                                         {"limits": {"monthly_requests": 50, "max_keys": 9}})
+        assert status == 200
+        token, key = await gut.key(ws, role="reader", monthly_requests=1,
+                                   allowed_ips=["127.0.0.1"], meta={"crm": 1})
+        assert await _status(gut, token) == (200, None)
+        assert await _status(gut, token) == (429, "key_quota_exceeded")
+        status, _ = await gut.admin_json("PATCH", f"/workspaces/{ws}/keys/{key['id']}",
+                                         {"enabled": False, "monthly_requests": None})
+        assert await _status(gut, token) == (401, "disabled_key")
+        status, days = await gut.admin_json("GET",
+                                            f"/workspaces/{ws}/keys/{key['id']}/usage/daily")
+        assert status == 200 and days["items"][-1]["requests"] == 1
+        status, days = await gut.admin_json("GET", f"/workspaces/{ws}/usage/daily?days=2")
+        assert status == 200 and days["items"][-1]["requests"] == 2
+        status, page = await gut.admin_json("GET", f"/workspaces/{ws}/keys?limit=1&sort=name")
+        assert status == 200 and len(page["items"]) == 1 and page["next_cursor"]
+        status, _ = await gut.admin_json("DELETE",
+                                         f"/workspaces/{ws}/keys/{keys['items'][0]['id']}")
+        assert status == 200
+
 
 async def test_cluster_unreachable_is_503_and_not_ready(upstream, monkeypatch) -> None:
     url = f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}"

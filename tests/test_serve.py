@@ -432,6 +432,45 @@ async def test_quota_is_exact_across_two_serve_processes(tmp_path, slow_upstream
         b.close()
 
 
+async def test_a_keys_own_cap_is_exact_across_two_serve_processes(tmp_path, slow_upstream,
+                                                                  redis_url):
+    url, _ = slow_upstream
+    a_cfg, a_p, a_a = write_config(tmp_path, redis_url=redis_url, upstream_url=url,
+                                   name="a.yaml")
+    b_cfg, b_p, b_a = write_config(tmp_path, redis_url=redis_url, upstream_url=url,
+                                   name="b.yaml")
+    a = Served(a_cfg, a_p, a_a)
+    b = Served(b_cfg, b_p, b_a)
+    cap = 4
+    try:
+        await asyncio.gather(a.ready(), b.ready())
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, a.admin)  # the workspace's quota (1000) is far off
+            status, keys = await admin_json(s, a.admin, "GET", "/workspaces/acme/keys")
+            key_id = keys["items"][0]["id"]
+            status, _ = await admin_json(s, b.admin, "PATCH", f"/workspaces/acme/keys/{key_id}",
+                                         {"monthly_requests": cap})
+            assert status == 200
+            headers = {"Authorization": f"Bearer {token}"}
+
+            async def one(base: str) -> tuple[int, str | None]:
+                async with s.get(base + "/people/1", headers=headers) as r:
+                    body = await r.json()
+                    return r.status, (body.get("error") or {}).get("code")
+
+            results = await asyncio.gather(*(one(a.proxy if i % 2 else b.proxy)
+                                             for i in range(4 * cap)))
+            _, key = await admin_json(s, a.admin, "GET", f"/workspaces/acme/keys/{key_id}")
+        assert [r for r in results if r[0] == 200].__len__() == cap, results
+        assert sorted(set(r for r in results if r[0] != 200)) == \
+            [(429, "key_quota_exceeded")], results
+        assert key["used_this_month"] == cap
+        assert a.terminate() == 0 and b.terminate() == 0
+    finally:
+        a.close()
+        b.close()
+
+
 async def test_counters_keep_their_expiry_when_a_gateway_is_killed_mid_run(tmp_path,
                                                                            slow_upstream,
                                                                            redis_url):

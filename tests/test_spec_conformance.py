@@ -27,8 +27,7 @@ from harness import ADMIN_TOKEN, gateway_under_test, make_config
 
 KEY_FIELDS = {"id", "workspace", "name", "description", "environment", "role", "scopes",
               "prefix", "created_at", "expires_at", "last_used_at", "revoked_at", "rate_limit",
-              "status"}
-# limits: the limits in force (SPEC "Key controls": the usage object shows them)
+              "status", "monthly_requests", "used_this_month", "enabled", "meta", "allowed_ips"}
 USAGE_FIELDS = {"workspace", "plan", "period", "used", "limit", "remaining", "resets_at",
                 "limits"}
 AUDIT_FIELDS = {"at", "actor", "action", "target", "details"}

@@ -1,13 +1,25 @@
--- Change a workspace's name and/or plan, bump its rev (cached authorisations re-read it on
--- their next request), and audit it, in one step.
+-- Change a workspace's name, plan and/or own limits, bump its rev (cached authorisations
+-- re-read it on their next request), and audit it, in one step.
 -- KEYS[1] kg:ws:{ws}   KEYS[2] kg:ws:{ws}:audit
--- ARGV[1] audit entry (JSON)   ARGV[2] audit stream cap   ARGV[3..] field, value pairs
+-- ARGV[1] audit entry (JSON)   ARGV[2] audit stream cap
+-- ARGV[3] limits: '' = unchanged, 'null' = drop every override, else a JSON object merged
+--         into the stored overrides (its nulls stay: null = unlimited)
+-- ARGV[4..] field, value pairs
 -- Returns the workspace hash (HGETALL), or nil when it does not exist.
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-if #ARGV >= 4 then
+if #ARGV >= 5 then
   local fields = {}
-  for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], unpack(fields))
+end
+if ARGV[3] == 'null' then
+  redis.call('HDEL', KEYS[1], 'limits')
+elseif ARGV[3] ~= '' then
+  local cur = redis.call('HGET', KEYS[1], 'limits')
+  local merged = {}
+  if cur and cur ~= '' then merged = cjson.decode(cur) end
+  for name, value in pairs(cjson.decode(ARGV[3])) do merged[name] = value end
+  redis.call('HSET', KEYS[1], 'limits', cjson.encode(merged))
 end
 redis.call('HINCRBY', KEYS[1], 'rev', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])

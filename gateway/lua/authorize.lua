@@ -1,43 +1,52 @@
 -- The one round trip of a proxied request: confirm the cached key state is current, then
--- decide the per-key rate limit and the workspace's monthly quota, count, stamp last-used.
+-- decide the per-key rate limit, the workspace's monthly quota and the key's own monthly cap,
+-- count (month and day, workspace and key), stamp last-used.
 -- All KEYS share the workspace's hash tag, so this runs on one Redis Cluster slot.
 --
 -- KEYS[1] key hash      kg:key:{ws}:<id>
 -- KEYS[2] workspace     kg:ws:{ws}
 -- KEYS[3] month counter kg:usage:{ws}:<YYYY-MM>
 -- KEYS[4] rate log      kg:rate:{ws}:<id>  (sorted set of admitted request times, ms)
+-- KEYS[5] key's month counter   kg:kusage:{ws}:<id>:<YYYY-MM>
+-- KEYS[6] workspace day counter kg:daily:{ws}:<YYYY-MM-DD>
+-- KEYS[7] key's day counter     kg:kdaily:{ws}:<id>:<YYYY-MM-DD>
 -- ARGV[1] now, ms   ARGV[2] cached key rev   ARGV[3] cached workspace rev (missing rev = "0")
 -- ARGV[4] mode: "count" (forward) or "check" (state only, counts nothing)
 -- ARGV[5] rate limit N (0 = none)   ARGV[6] rate period, ms
 -- ARGV[7] monthly limit (-1 = unlimited)   ARGV[8] month counter TTL, s
 -- ARGV[9] a member unique to this request (for the rate log)
--- ARGV[10] deadline in Redis's own clock (TIME), microseconds; "0" = none. Set a little
+-- ARGV[10] the key's own monthly cap (-1 = none)   ARGV[11] day counter TTL, s
+-- ARGV[12] deadline in Redis's own clock (TIME), microseconds; "0" = none. Set a little
 --          before the client gives up on the reply: a call that runs later than that (Redis
 --          was paused, or the command sat in a socket buffer) has been answered 503 already,
 --          so it counts nothing.
 --
--- Returns one of
---   {"late"}                                  (mode "count") past the deadline: nothing done
---   {"stale"}                                 the key or workspace changed (or is gone): the
---                                             caller re-reads it and decides again
---   {"ok", month_used}                        (mode "check")
---   {"rate", retry_after_ms, retry_after_ms, month_used}
---   {"quota", month_used, rate_remaining, window_reset_ms}   (nothing counted, no rate used)
---   {"ok", month_used, rate_remaining, window_reset_ms}
+-- Returns {"late"} (mode "count": past the deadline, nothing done), or
+-- {outcome, month_used, rate_remaining, reset_ms, retry_ms, key_used} with outcome
+--   "stale"      the key or workspace changed (or is gone): the caller re-reads it and decides
+--                again (the other fields are 0)
+--   "ok"         admitted and counted (mode "count"), or the state is current (mode "check")
+--   "rate"       per-key rate limit: retry_ms until one more is admitted
+--   "quota"      the workspace's month is used up (nothing counted, no rate used)
+--   "key_quota"  the key's own monthly cap is used up (nothing counted, no rate used)
+-- rate_remaining is -1 when no rate limit applies.
 local k = redis.call('HMGET', KEYS[1], 'rev', 'id')
 local w = redis.call('HMGET', KEYS[2], 'rev', 'id')
 if not k[2] or not w[2] or (k[1] or '0') ~= ARGV[2] or (w[1] or '0') ~= ARGV[3] then
-  return {'stale'}
+  return {'stale', 0, 0, 0, 0, 0}
 end
 local now = tonumber(ARGV[1])
-if ARGV[4] == 'count' and ARGV[10] ~= '0' then
+if ARGV[4] == 'count' and ARGV[12] ~= '0' then
   local t = redis.call('TIME')
-  if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[10]) then
+  if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[12]) then
     return {'late'}
   end
 end
+local key_cap = tonumber(ARGV[10])
+local key_used = 0
+if key_cap >= 0 then key_used = tonumber(redis.call('GET', KEYS[5]) or '0') end
 if ARGV[4] == 'check' then
-  return {'ok', tonumber(redis.call('GET', KEYS[3]) or '0')}
+  return {'ok', tonumber(redis.call('GET', KEYS[3]) or '0'), -1, 0, 0, key_used}
 end
 
 -- Per-key rate limit as a sliding log: a sorted set of the admitted requests' times in the
@@ -51,19 +60,25 @@ if limit > 0 then
   if n >= limit then
     local oldest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
     local retry = tonumber(oldest[2]) + period - now
-    return {'rate', retry, retry, tonumber(redis.call('GET', KEYS[3]) or '0')}
+    return {'rate', tonumber(redis.call('GET', KEYS[3]) or '0'), 0, retry, retry, key_used}
   end
   rate_remaining = limit - n - 1
 end
 
 local quota = tonumber(ARGV[7])
 local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+local refused = nil
 if quota >= 0 and used >= quota then
+  refused = 'quota'
+elseif key_cap >= 0 and key_used >= key_cap then
+  refused = 'key_quota'
+end
+if refused then
   -- refused: nothing counted, no rate consumed (so the rate has one more left than if admitted)
   if n > 0 then
     reset_ms = tonumber(redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')[2]) + period - now
   end
-  return {'quota', used, limit > 0 and limit - n or -1, reset_ms}
+  return {refused, used, limit > 0 and limit - n or -1, reset_ms, 0, key_used}
 end
 if limit > 0 then
   redis.call('ZADD', KEYS[4], now, ARGV[9])
@@ -74,5 +89,11 @@ used = redis.call('INCR', KEYS[3])
 if used == 1 or redis.call('TTL', KEYS[3]) < 0 then
   redis.call('EXPIRE', KEYS[3], ARGV[8])
 end
+-- The key's month and both days: every writer of these counters sets the TTL in the script
+-- that creates them, so a first count (1) is the only moment one can lack it.
+key_used = redis.call('INCR', KEYS[5])
+if key_used == 1 then redis.call('EXPIRE', KEYS[5], ARGV[8]) end
+if redis.call('INCR', KEYS[6]) == 1 then redis.call('EXPIRE', KEYS[6], ARGV[11]) end
+if redis.call('INCR', KEYS[7]) == 1 then redis.call('EXPIRE', KEYS[7], ARGV[11]) end
 redis.call('HSET', KEYS[1], 'last_used_at', string.format('%.3f', now / 1000))
-return {'ok', used, rate_remaining, reset_ms}
+return {'ok', used, rate_remaining, reset_ms, 0, key_used}

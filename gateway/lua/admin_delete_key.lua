@@ -1,0 +1,18 @@
+-- Delete a key that is revoked or expired (never an active one), and audit it, in one step:
+-- the hash goes, the key leaves the workspace's key set and active set. Every replica that
+-- cached it finds it gone on its next request (the authorize script reads it as stale).
+-- KEYS[1] kg:key:{ws}:<id>   KEYS[2] kg:ws:{ws}:keys   KEYS[3] kg:ws:{ws}:active
+-- KEYS[4] kg:ws:{ws}:audit
+-- ARGV[1] key id   ARGV[2] now   ARGV[3] audit entry (JSON)   ARGV[4] audit stream cap
+-- Returns the key hash as it was (HGETALL), nil when it does not exist, or 'active'.
+local h = redis.call('HGETALL', KEYS[1])
+if #h == 0 then return false end
+local st = redis.call('HMGET', KEYS[1], 'revoked_at', 'expires_at')
+local revoked = st[1] and st[1] ~= ''
+local exp = tonumber(st[2] or '')
+if not revoked and (exp == nil or exp > tonumber(ARGV[2])) then return 'active' end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'e', ARGV[3])
+return h

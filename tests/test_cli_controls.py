@@ -1,0 +1,96 @@
+"""The key-control verbs of the CLI against a real admin API (fixtures from test_cli)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.cli import main
+from test_cli import admin_url, keygate, make_key, make_workspace  # noqa: F401 (fixtures)
+
+
+@pytest.mark.parametrize("argv", [
+    ["keys", "update", "--help"], ["keys", "usage", "--help"], ["keys", "delete", "--help"],
+    ["workspaces", "limits", "--help"], ["keys", "list", "--help"], ["usage", "--help"]])
+def test_every_new_command_answers_help(argv, capsys):
+    assert main(argv) == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["keys", "update", "--workspace", "acme", "K", "--monthly-requests", "lots"],
+    ["keys", "update", "--workspace", "acme", "K", "--enable", "--disable"],
+    ["keys", "update", "--workspace", "acme", "K", "--meta", "[1]"],
+    ["keys", "update", "--workspace", "acme", "K", "--allow-ip", "10.0.0.0/8", "--any-ip"],
+    ["keys", "update", "--workspace", "acme", "K"],
+    ["keys", "list", "--workspace", "acme", "--unused", "thirty"],
+    ["workspaces", "limits", "acme", "--reset", "--max-keys", "3"]])
+def test_bad_usage_of_the_new_commands_exits_2(argv, capsys):
+    assert main(argv) == 2
+
+
+async def test_keys_update_usage_and_list_unused(admin_url, keygate):
+    await make_workspace(keygate)
+    key = (await make_key(keygate, "acme", "--scope", "people:read"))["key"]
+    run = await keygate("keys", "update", "--workspace", "acme", key["id"],
+                        "--monthly-requests", "500", "--rate-limit", "5/s", "--disable",
+                        "--meta", '{"crm": "c-9"}', "--allow-ip", "10.0.0.0/8", "192.0.2.1")
+    assert run.code == 0, run.err
+    assert "500" in run.out and "10.0.0.0/8" in run.out and "192.0.2.1/32" in run.out
+    run = await keygate("keys", "update", "--workspace", "acme", key["id"], "--json",
+                        "--name", "ci-2")
+    body = run.json()
+    assert (body["name"], body["monthly_requests"], body["enabled"], body["rate_limit"]) == \
+        ("ci-2", 500, False, "5/s")
+    run = await keygate("keys", "update", "--workspace", "acme", key["id"], "--json",
+                        "--monthly-requests", "none", "--enable", "--any-ip")
+    body = run.json()
+    assert body["monthly_requests"] is None and body["enabled"] is True
+    assert body["allowed_ips"] is None and body["meta"] == {"crm": "c-9"}
+    assert body["rate_limit"] == "5/s"
+    run = await keygate("keys", "update", "--workspace", "acme", key["id"],
+                        "--rate-limit", "fast")
+    assert run.code == 1 and "rate_limit" in run.err
+    run = await keygate("keys", "usage", "--workspace", "acme", key["id"])
+    assert run.code == 0 and "used 0 this month" in run.out
+    run = await keygate("keys", "usage", "--workspace", "acme", key["id"], "--daily",
+                        "--days", "3")
+    assert run.code == 0 and run.out.splitlines()[0].split() == ["DATE", "REQUESTS"]
+    assert len(run.out.splitlines()) == 4
+    run = await keygate("keys", "usage", "--workspace", "acme", key["id"], "--daily",
+                        "--days", "91")
+    assert run.code == 1 and "days" in run.err
+    run = await keygate("keys", "list", "--workspace", "acme", "--unused", "30d", "--json")
+    listing = run.json()
+    items = listing["items"] if isinstance(listing, dict) else listing
+    assert run.code == 0 and [k["id"] for k in items] == [key["id"]]
+    run = await keygate("usage", "--workspace", "acme", "--daily", "--days", "2", "--json")
+    assert run.code == 0 and len(run.json()["items"]) == 2
+
+
+async def test_keys_delete_refuses_an_active_key(admin_url, keygate):
+    await make_workspace(keygate)
+    key = (await make_key(keygate, "acme", "--scope", "people:read"))["key"]
+    run = await keygate("keys", "delete", "--workspace", "acme", key["id"])
+    assert run.code == 1 and "conflict" in run.err
+    assert (await keygate("keys", "revoke", "--workspace", "acme", key["id"], "--yes")).code == 0
+    run = await keygate("keys", "delete", "--workspace", "acme", key["id"])
+    assert run.code == 0 and "deleted" in run.out
+
+
+async def test_workspaces_limits_shows_sets_and_resets(admin_url, keygate):
+    await make_workspace(keygate, "acme", "free")
+    run = await keygate("workspaces", "limits", "acme")
+    assert run.code == 0
+    assert "monthly_requests  1000  (plan)" in run.out
+    run = await keygate("workspaces", "limits", "acme", "--monthly-requests", "250000",
+                        "--rate-limit", "none")
+    assert run.code == 0, run.err
+    assert "monthly_requests  250000  (custom)" in run.out
+    assert "rate_limit        unlimited  (custom)" in run.out
+    run = await keygate("workspaces", "limits", "acme", "--max-keys", "9", "--json")
+    assert run.json()["limits"] == {"monthly_requests": 250000, "max_keys": 9,
+                                    "rate_limit": None}
+    run = await keygate("workspaces", "limits", "acme", "--reset", "--json")
+    assert run.json()["custom_limits"] == {}
+    run = await keygate("workspaces", "limits", "ghost")
+    assert run.code == 1 and "not_found" in run.err

@@ -1,0 +1,693 @@
+"""Key controls beyond the basics, through the whole gateway on a real Redis: per-key monthly
+caps and rate limits, workspace limit overrides, disabling, metadata, IP allow-lists, daily
+usage, the scope catalogue, and finding (and deleting) keys."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+
+import pytest
+import redis
+
+from gateway.config import StoreConfig
+from harness import gateway_under_test, make_config
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def call(g, token: str, path: str = "/people/1", **headers: str) -> tuple[int, str | None,
+                                                                               dict]:
+    async with g.proxy.get(path, headers={**bearer(token), **headers}) as r:
+        body = await r.read()
+        code = json.loads(body)["error"]["code"] if r.status >= 400 else None
+        return r.status, code, dict(r.headers)
+
+
+async def statuses(g, token: str, n: int) -> list[tuple[int, str | None]]:
+    results = await asyncio.gather(*(call(g, token) for _ in range(n)))
+    return [(s, c) for s, c, _ in results]
+
+
+@pytest.fixture
+async def gut(redis_url, upstream, monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        g.upstream = upstream
+        yield g
+
+
+# --- per-key monthly cap -----------------------------------------------------------------------
+
+async def test_a_keys_monthly_cap_is_429_key_quota_exceeded_and_counts_nothing(gut):
+    await gut.workspace()
+    token, key = await gut.key(monthly_requests=2)
+    assert key["monthly_requests"] == 2 and key["used_this_month"] == 0
+    first = await call(gut, token)
+    assert first[0] == 200
+    assert '"key-monthly";q=2;' in first[2]["RateLimit-Policy"]
+    assert '"key-monthly";r=1;' in first[2]["RateLimit"]
+    assert (await call(gut, token))[0] == 200
+    status, code, headers = await call(gut, token)
+    assert (status, code) == (429, "key_quota_exceeded")
+    assert int(headers["Retry-After"]) > 0 and '"key-monthly";r=0;' in headers["RateLimit"]
+    assert len(gut.upstream.requests) == 2
+    _, usage = await gut.admin_json("GET", "/workspaces/acme/usage")
+    assert usage["used"] == 2  # the refused request counted nowhere
+    assert gut.counter("keygate_auth_failures_total", reason="key_quota_exceeded") == 1
+    _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+    assert read["used_this_month"] == 2
+    # raising the cap acts on the very next request
+    status, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                        {"monthly_requests": 3})
+    assert status == 200 and body["monthly_requests"] == 3 and body["used_this_month"] == 2
+    assert (await call(gut, token))[0] == 200
+    assert (await call(gut, token))[:2] == (429, "key_quota_exceeded")
+    # null: back to the workspace's quota alone
+    await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}", {"monthly_requests": None})
+    assert (await call(gut, token))[0] == 200
+
+
+async def test_the_keys_cap_is_exact_across_two_gateways_under_concurrency(redis_url, upstream,
+                                                                           monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as a, \
+            gateway_under_test(config, redis_url, monkeypatch) as b:
+        await a.workspace("acme", plan="starter")
+        token, _ = await a.key(monthly_requests=5)
+        other, _ = await a.key(name="other")
+        results = await asyncio.gather(statuses(a, token, 12), statuses(b, token, 12),
+                                       statuses(a, other, 3))
+        capped = results[0] + results[1]
+        assert capped.count((200, None)) == 5, capped
+        assert capped.count((429, "key_quota_exceeded")) == 19
+        assert results[2] == [(200, None)] * 3  # the workspace's other keys are not capped
+        assert len(upstream.requests) == 8
+
+
+async def test_a_keys_rate_limit_can_be_changed_and_acts_at_once(gut):
+    await gut.workspace()
+    token, key = await gut.key(rate_limit="2/m")
+    assert [s for s, _ in await statuses(gut, token, 3)].count(429) == 1
+    status, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                        {"rate_limit": "100/s"})
+    assert status == 200 and body["rate_limit"] == "100/s"
+    status, _, headers = await call(gut, token)
+    assert status == 200 and '"rate";q=100;w=1' in headers["RateLimit-Policy"]
+    await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}", {"rate_limit": None})
+    status, _, headers = await call(gut, token)
+    assert status == 200 and '"rate"' not in headers["RateLimit-Policy"]  # starter: none
+
+
+@pytest.mark.parametrize("fields, mention", [
+    ({"monthly_requests": -1}, "monthly_requests"),
+    ({"monthly_requests": "10"}, "monthly_requests"),
+    ({"monthly_requests": True}, "monthly_requests"),
+    ({"rate_limit": 5}, "rate_limit"),
+    ({"enabled": "false"}, "enabled"),
+    ({"enabled": None}, "enabled"),
+    ({"meta": []}, "meta"),
+    ({"meta": "x"}, "meta"),
+    ({"meta": {"blob": "x" * 4100}}, "meta"),
+    ({"allowed_ips": "10.0.0.0/8"}, "allowed_ips"),
+    ({"allowed_ips": []}, "allowed_ips"),
+    ({"allowed_ips": ["10.0.0.0/33"]}, "allowed_ips"),
+    ({"allowed_ips": ["example.com"]}, "allowed_ips"),
+    ({"allowed_ips": [" 10.0.0.1"]}, "allowed_ips"),
+    ({"allowed_ips": [7]}, "allowed_ips"),
+])
+async def test_bad_key_controls_are_400_naming_the_field(gut, fields, mention):
+    await gut.workspace()
+    _, key = await gut.key()
+    for method, path, body in (("POST", "/workspaces/acme/keys", {"name": "x", **fields}),
+                               ("PATCH", f"/workspaces/acme/keys/{key['id']}", fields)):
+        status, answer = await gut.admin_json(method, path, body)
+        assert status == 400 and answer["error"]["code"] == "bad_request", answer
+        assert mention in answer["error"]["message"]
+
+
+# --- workspace limits ----------------------------------------------------------------------------
+
+async def test_workspace_limits_override_the_plan_and_act_at_once(gut):
+    await gut.workspace(plan="starter")  # 1000 a month, 5 keys, no rate limit
+    token, _ = await gut.key()
+    assert (await call(gut, token))[0] == 200
+    status, ws = await gut.admin_json("PATCH", "/workspaces/acme",
+                                      {"limits": {"monthly_requests": 2, "rate_limit": "50/s"}})
+    assert status == 200
+    assert ws["limits"] == {"monthly_requests": 2, "max_keys": 5, "rate_limit": "50/s"}
+    assert ws["custom_limits"] == {"monthly_requests": 2, "rate_limit": "50/s"}
+    status, _, headers = await call(gut, token)
+    assert status == 200 and '"monthly";q=2;' in headers["RateLimit-Policy"]
+    assert '"rate";q=50;w=1' in headers["RateLimit-Policy"]
+    assert (await call(gut, token))[:2] == (429, "quota_exceeded")
+    _, usage = await gut.admin_json("GET", "/workspaces/acme/usage")
+    assert (usage["limit"], usage["remaining"]) == (2, 0)
+    assert usage["limits"] == ws["limits"]
+    # fields merge: a second PATCH keeps the first's other overrides; null is unlimited
+    _, ws = await gut.admin_json("PATCH", "/workspaces/acme",
+                                 {"limits": {"monthly_requests": None, "max_keys": 1}})
+    assert ws["limits"] == {"monthly_requests": None, "max_keys": 1, "rate_limit": "50/s"}
+    assert (await call(gut, token))[0] == 200
+    status, body = await gut.admin_json("POST", "/workspaces/acme/keys",
+                                        {"name": "two", "scopes": ["people:read"]})
+    assert (status, body["error"]["code"]) == (409, "key_limit_reached")
+    # null drops every override: the plan's limits again
+    _, ws = await gut.admin_json("PATCH", "/workspaces/acme", {"limits": None})
+    assert ws["limits"] == {"monthly_requests": 1000, "max_keys": 5, "rate_limit": None}
+    assert ws["custom_limits"] == {}
+    _, read = await gut.admin_json("GET", "/workspaces/acme")
+    assert read == ws
+    _, audit = await gut.admin_json("GET", "/workspaces/acme/audit")
+    assert audit["items"][0]["action"] == "workspace.update"
+    assert audit["items"][0]["details"] == {"limits": None}
+
+
+@pytest.mark.parametrize("limits", [{"monthly": 5}, {"monthly_requests": -1}, [],
+                                    {"rate_limit": "fast"}, {"max_keys": 1.5}, "unlimited"])
+async def test_bad_workspace_limits_are_400(gut, limits):
+    await gut.workspace()
+    status, body = await gut.admin_json("PATCH", "/workspaces/acme", {"limits": limits})
+    assert status == 400 and "limits" in body["error"]["message"]
+
+
+async def test_workspace_limit_metrics_agree_with_the_usage_endpoint(gut):
+    await gut.workspace()
+    await gut.admin_json("PATCH", "/workspaces/acme", {"limits": {"monthly_requests": 77}})
+    async with gut.admin.get("/metrics") as r:
+        text = await r.text()
+    assert 'keygate_workspace_month_limit{workspace="acme"} 77.0' in text
+
+
+# --- disable without revoking ------------------------------------------------------------------
+
+async def test_a_disabled_key_is_401_on_the_next_request_at_every_replica_and_comes_back(
+        redis_url, upstream, monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as a, \
+            gateway_under_test(config, redis_url, monkeypatch) as b:
+        await a.workspace()
+        token, key = await a.key()
+        assert (await call(a, token))[0] == 200 and (await call(b, token))[0] == 200
+        status, body = await a.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                          {"enabled": False})
+        assert status == 200 and body["enabled"] is False and body["status"] == "active"
+        for g in (a, b):
+            status, code, headers = await call(g, token)
+            assert (status, code) == (401, "disabled_key")
+            assert headers["WWW-Authenticate"] == 'Bearer realm="keygate", error="invalid_token"'
+        # not disclosed to a wrong secret
+        assert (await call(a, token[:-12] + "A" * 6 + token[-6:]))[1] in ("invalid_key",
+                                                                          "malformed_key")
+        _, usage = await a.admin_json("GET", "/workspaces/acme/usage")
+        assert usage["used"] == 2  # refused requests are not counted
+        await a.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}", {"enabled": True})
+        assert (await call(a, token))[0] == 200 and (await call(b, token))[0] == 200
+
+
+async def test_a_key_created_disabled_is_refused_and_revoked_stays_revoked(gut):
+    await gut.workspace()
+    token, key = await gut.key(enabled=False)
+    assert key["enabled"] is False
+    assert (await call(gut, token))[:2] == (401, "disabled_key")
+    assert gut.counter("keygate_auth_failures_total", reason="disabled_key") == 1
+    await gut.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+    await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}", {"enabled": True})
+    assert (await call(gut, token))[:2] == (401, "revoked_key")
+
+
+# --- metadata ----------------------------------------------------------------------------------
+
+async def test_meta_is_returned_with_the_key_and_by_the_usage_endpoint_never_forwarded(gut):
+    await gut.workspace()
+    meta = {"customer": "cus_4Q2mZ", "tier": ["gold"], "note": "ünïcode ✓"}
+    token, key = await gut.key(meta=meta)
+    assert key["meta"] == meta
+    async with gut.proxy.get("/_keygate/v1/usage", headers=bearer(token)) as r:
+        body = await r.json()
+    assert body["key"]["meta"] == meta and body["key"]["used_this_month"] == 0
+    assert (await call(gut, token))[0] == 200
+    forwarded = json.dumps(gut.upstream.requests[-1]["headers"])
+    assert "cus_4Q2mZ" not in forwarded and "gold" not in forwarded
+    _, read = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                   {"meta": {"customer": "cus_other"}})
+    assert read["meta"] == {"customer": "cus_other"}  # replaced, not merged
+    async with gut.proxy.get("/_keygate/v1/usage", headers=bearer(token)) as r:
+        body = await r.json()
+    assert body["key"]["meta"] == {"customer": "cus_other"}
+    assert body["key"]["used_this_month"] == 1
+
+
+async def test_meta_of_exactly_4_kib_is_accepted(gut):
+    await gut.workspace()
+    blob = {"b": "x" * (4096 - len('{"b":""}'))}
+    _, key = await gut.key(meta=blob)
+    assert key["meta"] == blob
+    status, _ = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                     {"meta": {"b": blob["b"] + "x"}})
+    assert status == 400
+
+
+# --- IP allow-list -----------------------------------------------------------------------------
+
+async def test_a_key_bound_to_addresses_is_403_from_elsewhere_only_after_its_secret(gut):
+    await gut.workspace()
+    token, key = await gut.key(allowed_ips=["10.0.0.0/8", "2001:db8::/32"])
+    assert key["allowed_ips"] == ["10.0.0.0/8", "2001:db8::/32"]
+    status, code, headers = await call(gut, token)
+    assert (status, code) == (403, "ip_not_allowed")
+    assert gut.counter("keygate_auth_failures_total", reason="ip_not_allowed") == 1
+    assert "insufficient_scope" not in headers.get("WWW-Authenticate", "")
+    wrong = token[:-20] + ("B" if token[-20] != "B" else "C") + token[-19:]
+    assert (await call(gut, wrong))[1] in ("invalid_key", "malformed_key")
+    _, usage = await gut.admin_json("GET", "/workspaces/acme/usage")
+    assert usage["used"] == 0 and not gut.upstream.requests
+    # a bare address is a /32; the change acts on the next request
+    _, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                   {"allowed_ips": ["127.0.0.1", "10.1.2.3/8"]})
+    assert body["allowed_ips"] == ["127.0.0.1/32", "10.0.0.0/8"]
+    assert (await call(gut, token))[0] == 200
+    await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}", {"allowed_ips": None})
+    assert (await call(gut, token))[0] == 200
+    # an IPv4-mapped entry names the IPv4 client it maps
+    _, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                   {"allowed_ips": ["::ffff:127.0.0.0/104"]})
+    assert body["allowed_ips"] == ["127.0.0.0/8"]
+    assert (await call(gut, token))[0] == 200
+
+
+async def test_the_allow_list_sees_the_client_as_the_failure_throttle_does(redis_url, upstream,
+                                                                         monkeypatch):
+    base = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(base, server=dataclasses.replace(
+        base.server, trusted_proxies=("127.0.0.1/32",)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key(allowed_ips=["198.51.100.0/24"])
+        # behind our trusted proxy: the nearest untrusted hop is the client
+        assert (await call(g, token, **{"X-Forwarded-For": "198.51.100.7"}))[0] == 200
+        assert (await call(g, token, **{"X-Forwarded-For": "198.51.100.7, 127.0.0.1"}))[0] == 200
+        # a client cannot claim an allowed address left of the hop our proxy wrote
+        assert (await call(g, token, **{"X-Forwarded-For": "198.51.100.7, 203.0.113.9"}))[:2] \
+            == (403, "ip_not_allowed")
+        assert (await call(g, token))[:2] == (403, "ip_not_allowed")
+
+
+async def test_an_untrusted_peers_forwarded_for_is_ignored_by_the_allow_list(gut):
+    await gut.workspace()
+    token, _ = await gut.key(allowed_ips=["198.51.100.0/24"])
+    assert (await call(gut, token, **{"X-Forwarded-For": "198.51.100.7"}))[:2] == \
+        (403, "ip_not_allowed")
+
+
+# --- daily usage -------------------------------------------------------------------------------
+
+async def test_daily_usage_for_workspace_and_key_oldest_first_with_zero_days(gut, redis_url):
+    await gut.workspace()
+    token, key = await gut.key()
+    other, _ = await gut.key(name="other")
+    for t in (token, token, other):
+        assert (await call(gut, t))[0] == 200
+    status, ws_days = await gut.admin_json("GET", "/workspaces/acme/usage/daily")
+    assert status == 200 and len(ws_days["items"]) == 30
+    dates = [d["date"] for d in ws_days["items"]]
+    assert dates == sorted(dates) and len(set(dates)) == 30
+    assert ws_days["items"][-1]["requests"] == 3
+    assert sum(d["requests"] for d in ws_days["items"]) == 3
+    _, key_days = await gut.admin_json("GET",
+                                       f"/workspaces/acme/keys/{key['id']}/usage/daily?days=7")
+    assert len(key_days["items"]) == 7 and key_days["items"][-1] == \
+        {"date": dates[-1], "requests": 2}
+    _, one = await gut.admin_json("GET", "/workspaces/acme/usage/daily?days=90")
+    assert len(one["items"]) == 90
+    r = redis.Redis.from_url(redis_url)
+    daily = list(r.scan_iter("kg:*daily:*"))
+    assert len(daily) == 3  # the workspace's day, each key's day
+    assert all(90 * 86400 < r.ttl(k) <= 100 * 86400 for k in daily)
+    r.close()
+
+
+@pytest.mark.parametrize("query", ["days=0", "days=91", "days=x", "days=", "day=3"])
+async def test_daily_usage_refuses_bad_days(gut, query):
+    await gut.workspace()
+    _, key = await gut.key()
+    for path in ("/workspaces/acme/usage/daily", f"/workspaces/acme/keys/{key['id']}/usage/daily"):
+        status, body = await gut.admin_json("GET", f"{path}?{query}")
+        assert status == 400 and body["error"]["code"] == "bad_request"
+
+
+async def test_daily_usage_of_unknown_workspace_or_key_is_404(gut):
+    await gut.workspace()
+    assert (await gut.admin_json("GET", "/workspaces/ghost/usage/daily"))[0] == 404
+    assert (await gut.admin_json("GET", "/workspaces/acme/keys/AAAAAAAAAAAA/usage/daily"))[0] \
+        == 404
+
+
+async def test_a_request_the_upstream_never_received_is_taken_off_every_counter(redis_url,
+                                                                             monkeypatch):
+    from conftest import free_port
+    config = make_config(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, key = await g.key(monthly_requests=2)
+        for _ in range(3):  # never capped: nothing was forwarded
+            assert (await call(g, token))[:2] == (502, "upstream_unavailable")
+        _, read = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+        assert read["used_this_month"] == 0
+        _, days = await g.admin_json("GET", "/workspaces/acme/usage/daily?days=1")
+        assert days["items"][0]["requests"] == 0
+        r = redis.Redis.from_url(redis_url)
+        assert all(r.ttl(k) > 0 for k in r.scan_iter("kg:*usage:*"))
+        assert all(r.ttl(k) > 0 for k in r.scan_iter("kg:*daily:*"))
+
+
+async def test_fail_open_counts_reach_the_keys_and_days_counters(redis_url, upstream,
+                                                                 monkeypatch):
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, key = await g.key()
+        assert (await call(g, token))[0] == 200
+        redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1500")
+        for _ in range(2):
+            assert (await call(g, token))[0] == 200
+        await asyncio.sleep(3)  # paused, then flushed by the once-a-second retry
+        _, read = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+        assert read["used_this_month"] == 3
+        _, days = await g.admin_json("GET", "/workspaces/acme/usage/daily?days=1")
+        assert days["items"][0]["requests"] == 3
+
+
+# --- scope catalogue ---------------------------------------------------------------------------
+
+@pytest.fixture
+async def catalogued(redis_url, upstream, monkeypatch):
+    config = make_config(str(upstream.make_url("")), scopes={
+        "people:read": "Read people", "people:write": "Create and change people",
+        "companies:read": "Read companies", "keys:admin": "Manage the workspace's keys"})
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        yield g
+
+
+async def test_scope_catalogue_is_listed_and_refuses_other_scopes(catalogued):
+    g = catalogued
+    status, body = await g.admin_json("GET", "/scopes")
+    assert status == 200
+    assert body["items"][0] == {"name": "people:read", "description": "Read people"}
+    assert len(body["items"]) == 4
+    await g.workspace()
+    status, body = await g.admin_json("POST", "/workspaces/acme/keys",
+                                      {"name": "typo", "scopes": ["people:raed"]})
+    assert status == 400 and "people:raed" in body["error"]["message"]
+    status, body = await g.admin_json("PUT", "/workspaces/acme/roles/custom",
+                                      {"scopes": ["people:read", "people:raed"]})
+    assert status == 400 and "people:raed" in body["error"]["message"]
+    _, key = await g.key(scopes=["people:read", "ALL"])
+    status, body = await g.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                      {"scopes": ["people:delete"]})
+    assert status == 400
+
+
+async def test_without_a_catalogue_scopes_lists_what_the_config_uses(gut):
+    status, body = await gut.admin_json("GET", "/scopes")
+    names = [i["name"] for i in body["items"]]
+    assert status == 200 and "people:read" in names and "people:write" in names
+    assert all(i["description"] is None for i in body["items"])
+
+
+def test_config_check_names_scopes_outside_the_catalogue(tmp_path):
+    from gateway.config import check_config
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        "scopes:\n"
+        "  people:read: Read people\n"
+        "  ALL: everything\n"
+        "roles:\n"
+        "  reader: [people:read, people:raed]\n"
+        "  root: [ALL]\n"
+        "upstreams:\n"
+        "  api: {url: 'http://127.0.0.1:9'}\n"
+        "routes:\n"
+        "  - {path: /people/**, upstream: api, scopes: [people:read]}\n"
+        "  - {path: /x/**, upstream: api, scopes: [companies:read]}\n")
+    problems = "\n".join(check_config(path))
+    assert "k.yaml:3: scopes.ALL" in problems
+    assert "k.yaml:5: roles.reader" in problems and "people:raed" in problems
+    assert "k.yaml:11: routes[1].scopes" in problems and "companies:read" in problems
+    assert "routes[0]" not in problems and "roles.root" not in problems
+
+
+# --- finding and deleting keys -----------------------------------------------------------------
+
+async def test_listing_filters_unused_sorts_and_pages_with_a_cursor(gut, redis_url):
+    await gut.workspace("acme", plan="unlimited")
+    ids = {}
+    for name in ("delta", "alpha", "charlie", "bravo", "echo"):
+        token, key = await gut.key(name=name)
+        ids[name] = (token, key["id"])
+    for name in ("charlie", "alpha"):
+        assert (await call(gut, ids[name][0]))[0] == 200
+    # 'charlie' was last used 40 days ago
+    r = redis.Redis.from_url(redis_url)
+    r.hset(f"kg:key:{{acme}}:{ids['charlie'][1]}", "last_used_at", "1000000000.000")
+    r.close()
+    _, body = await gut.admin_json("GET", "/workspaces/acme/keys?unused_days=30&sort=name")
+    assert [k["name"] for k in body["items"]] == ["bravo", "charlie", "delta", "echo"]
+    _, body = await gut.admin_json("GET", "/workspaces/acme/keys?sort=last_used")
+    assert [k["name"] for k in body["items"]][-2:] == ["charlie", "alpha"]
+    seen, cursor = [], None
+    while True:
+        path = "/workspaces/acme/keys?sort=name&limit=2" + (f"&cursor={cursor}" if cursor else "")
+        status, body = await gut.admin_json("GET", path)
+        assert status == 200 and len(body["items"]) <= 2
+        seen += [k["name"] for k in body["items"]]
+        cursor = body.get("next_cursor")
+        if cursor is None:
+            break
+    assert seen == ["alpha", "bravo", "charlie", "delta", "echo"]
+    _, body = await gut.admin_json("GET", "/workspaces/acme/keys")
+    assert "next_cursor" not in body and len(body["items"]) == 5
+
+
+@pytest.mark.parametrize("query", ["sort=age", "limit=0", "limit=1001", "limit=two",
+                                   "unused_days=-1", "cursor=garbage", "status=disabled"])
+async def test_listing_refuses_bad_parameters(gut, query):
+    await gut.workspace()
+    status, body = await gut.admin_json("GET", f"/workspaces/acme/keys?{query}")
+    assert status == 400 and body["error"]["code"] == "bad_request"
+
+
+async def test_a_cursor_belongs_to_its_sort(gut):
+    await gut.workspace("acme", plan="unlimited")
+    for i in range(3):
+        await gut.key(name=f"k{i}")
+    _, body = await gut.admin_json("GET", "/workspaces/acme/keys?sort=name&limit=1")
+    status, _ = await gut.admin_json("GET",
+                                     f"/workspaces/acme/keys?limit=1&cursor={body['next_cursor']}")
+    assert status == 400
+
+
+async def test_delete_removes_a_dead_key_from_listings_keeps_its_audit_refuses_active(gut):
+    await gut.workspace()
+    token, key = await gut.key()
+    async with gut.admin.delete(f"/admin/v1/workspaces/acme/keys/{key['id']}") as r:
+        assert r.status == 409 and (await r.json())["error"]["code"] == "conflict"
+    assert (await call(gut, token))[0] == 200
+    await gut.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+    async with gut.admin.delete(f"/admin/v1/workspaces/acme/keys/{key['id']}") as r:
+        assert r.status == 200 and (await r.json())["id"] == key["id"]
+    _, listing = await gut.admin_json("GET", "/workspaces/acme/keys")
+    assert listing["items"] == []
+    assert (await gut.admin_json("GET", f"/workspaces/acme/keys/{key['id']}"))[0] == 404
+    async with gut.admin.delete(f"/admin/v1/workspaces/acme/keys/{key['id']}") as r:
+        assert r.status == 404
+    assert (await call(gut, token))[:2] == (401, "invalid_key")
+    _, audit = await gut.admin_json("GET", "/workspaces/acme/audit")
+    actions = [e["action"] for e in audit["items"]]
+    assert actions[:3] == ["key.delete", "key.revoke", "key.create"]
+
+
+async def test_an_expired_key_can_be_deleted(gut, redis_url):
+    await gut.workspace()
+    _, key = await gut.key(expires_in=1)
+    await asyncio.sleep(1.2)
+    async with gut.admin.delete(f"/admin/v1/workspaces/acme/keys/{key['id']}") as r:
+        assert r.status == 200
+
+
+# --- self-service --------------------------------------------------------------------------------
+
+async def test_self_service_keys_follow_the_same_rules_within_their_scopes(gut):
+    await gut.workspace()
+    admin_token, _ = await gut.key(name="admin", scopes=["people:read", "keys:admin"])
+    _, wide = await gut.key(name="wide", scopes=["people:read", "people:write"])
+    _, narrow = await gut.key(name="narrow", scopes=["people:read"], monthly_requests=10)
+    h = bearer(admin_token)
+
+    async def ss(method: str, path: str, body=None):
+        async with gut.proxy.request(method, "/_keygate/v1/keys" + path, json=body,
+                                     headers=h) as r:
+            return r.status, await r.json()
+
+    # disabling any key of the workspace is fine (less than revoking it)
+    assert (await ss("PATCH", f"/{wide['id']}", {"enabled": False}))[0] == 200
+    # but giving back access to a key wider than itself is not
+    status, body = await ss("PATCH", f"/{wide['id']}", {"enabled": True})
+    assert (status, body["error"]["code"]) == (403, "insufficient_scope")
+    # within its scopes: caps, addresses and metadata
+    status, body = await ss("PATCH", f"/{narrow['id']}",
+                            {"monthly_requests": 50, "allowed_ips": ["10.0.0.0/8"],
+                             "meta": {"team": "ops"}})
+    assert status == 200 and body["monthly_requests"] == 50 and body["meta"] == {"team": "ops"}
+    status, body = await ss("PATCH", f"/{wide['id']}", {"monthly_requests": 5})
+    assert status == 200  # tightening a wider key is fine
+    assert (await ss("PATCH", f"/{wide['id']}", {"monthly_requests": None}))[0] == 403
+    status, body = await ss("GET", "?sort=name&limit=2")
+    assert status == 200 and [k["name"] for k in body["items"]] == ["admin", "narrow"]
+    assert "next_cursor" in body
+    status, body = await ss("GET", f"/{narrow['id']}/usage/daily?days=3")
+    assert status == 200 and len(body["items"]) == 3
+    assert (await ss("DELETE", f"/{narrow['id']}"))[0] == 409
+    await ss("POST", f"/{narrow['id']}/revoke")
+    assert (await ss("DELETE", f"/{narrow['id']}"))[0] == 200
+    status, body = await ss("POST", "", {"name": "x", "scopes": ["people:read"],
+                                         "rate_limit": "5/s", "monthly_requests": 3})
+    assert status == 201 and body["key"]["monthly_requests"] == 3
+
+
+# --- days, months and rotation ------------------------------------------------------------------
+
+async def test_days_and_the_keys_month_turn_over_at_midnight_utc(redis_url, upstream,
+                                                                 monkeypatch):
+    from test_limits import Clock
+    clock = Clock("2026-11-30T23:59:59")
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as g:
+        await g.workspace()
+        token, key = await g.key(monthly_requests=1)
+        assert (await call(g, token))[0] == 200
+        assert (await call(g, token))[:2] == (429, "key_quota_exceeded")
+        clock.set("2026-12-01T00:00:00")
+        assert (await call(g, token))[0] == 200  # a new month: the key's cap starts over
+        _, days = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}/usage/daily"
+                                            "?days=2")
+        assert days["items"] == [{"date": "2026-11-30", "requests": 1},
+                                 {"date": "2026-12-01", "requests": 1}]
+
+
+async def test_rotation_keeps_the_keys_controls(gut):
+    await gut.workspace()
+    _, key = await gut.key(monthly_requests=9, allowed_ips=["10.0.0.0/8"], meta={"a": 1},
+                           rate_limit="3/s")
+    status, body = await gut.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/rotate")
+    assert status == 201
+    new = body["key"]
+    assert (new["monthly_requests"], new["allowed_ips"], new["meta"], new["rate_limit"],
+            new["enabled"]) == (9, ["10.0.0.0/8"], {"a": 1}, "3/s", True)
+    assert (await call(gut, body["token"]))[:2] == (403, "ip_not_allowed")
+
+
+async def test_no_message_about_a_key_control_echoes_a_token(gut):
+    await gut.workspace()
+    token, key = await gut.key()
+    for method, path, body in (
+            ("PATCH", f"/workspaces/acme/keys/{key['id']}", {"allowed_ips": [token]}),
+            ("PATCH", "/workspaces/acme", {"limits": {token: 1}}),
+            ("DELETE", f"/workspaces/acme/keys/{token}", None),
+            ("GET", f"/workspaces/acme/keys/{token}/usage/daily", None)):
+        status, answer = await gut.admin_json(method, path, body)
+        assert status in (400, 404), answer
+        assert token not in json.dumps(answer) and token[8:40] not in json.dumps(answer)
+
+
+async def test_a_catalogue_refusal_never_echoes_a_token(catalogued):
+    await catalogued.workspace()
+    token, _ = await catalogued.key(scopes=["people:read"])
+    status, answer = await catalogued.admin_json("POST", "/workspaces/acme/keys",
+                                                 {"name": "x", "scopes": [token]})
+    assert status == 400 and token[8:40] not in json.dumps(answer)
+
+
+async def test_concurrent_limit_changes_of_different_fields_both_stay(gut):
+    await gut.workspace()
+    changes = [{"monthly_requests": 10 + i} if i % 2 else {"max_keys": 20 + i}
+               for i in range(20)]
+    results = await asyncio.gather(*(gut.admin_json("PATCH", "/workspaces/acme", {"limits": c})
+                                     for c in changes))
+    assert all(status == 200 for status, _ in results)
+    _, ws = await gut.admin_json("GET", "/workspaces/acme")
+    assert set(ws["custom_limits"]) == {"monthly_requests", "max_keys"}
+
+
+async def test_a_reloaded_scope_catalogue_applies_to_the_next_admin_call(tmp_path, redis_url,
+                                                                        upstream, monkeypatch):
+    from gateway.config import load_config
+    from test_reload import config_doc, write
+    path = tmp_path / "keygate.yaml"
+    write(path, config_doc(str(upstream.make_url(""))))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                  config_path=str(path)) as g:
+        await g.workspace()
+        status, _ = await g.admin_json("POST", "/workspaces/acme/keys",
+                                       {"name": "a", "scopes": ["people:raed"]})
+        assert status == 201  # no catalogue: any well-formed scope
+        write(path, config_doc(str(upstream.make_url("")),
+                               scopes={"people:read": "Read people"}))
+        status, body = await g.admin_json("POST", "/reload")
+        assert status == 200, body
+        status, body = await g.admin_json("POST", "/workspaces/acme/keys",
+                                          {"name": "b", "scopes": ["people:raed"]})
+        assert status == 400
+        _, listed = await g.admin_json("GET", "/scopes")
+        assert listed["items"] == [{"name": "people:read", "description": "Read people"}]
+
+
+async def test_verify_only_mode_applies_every_key_control(redis_url, upstream, monkeypatch):
+    from test_verify import VERIFY, verify_config
+    async with gateway_under_test(verify_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace()
+        token, key = await g.key(monthly_requests=1)
+        h = {**bearer(token), "X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/people/1"}
+
+        async def verify() -> tuple[int, str | None]:
+            async with g.proxy.get(VERIFY, headers=h) as r:
+                body = await r.read()
+                return r.status, json.loads(body)["error"]["code"] if r.status >= 400 else None
+
+        assert await verify() == (200, None)
+        assert await verify() == (429, "key_quota_exceeded")
+        await g.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                           {"monthly_requests": None, "allowed_ips": ["10.0.0.0/8"]})
+        assert await verify() == (403, "ip_not_allowed")
+        await g.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                           {"allowed_ips": None, "enabled": False})
+        assert await verify() == (401, "disabled_key")
+        _, days = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}/usage/daily"
+                                            "?days=1")
+        assert days["items"][0]["requests"] == 1 and upstream.requests == []
+
+
+def test_the_openapi_document_describes_the_key_controls():
+    from gateway.openapi import document
+    doc = document()
+    paths = doc["paths"]
+    assert "delete" in paths["/admin/v1/workspaces/{ws}/keys/{key}"]
+    assert "delete" in paths["/_keygate/v1/keys/{key}"]
+    for path in ("/admin/v1/workspaces/{ws}/usage/daily", "/admin/v1/scopes",
+                 "/admin/v1/workspaces/{ws}/keys/{key}/usage/daily",
+                 "/_keygate/v1/keys/{key}/usage/daily"):
+        assert "get" in paths[path], path
+    schemas = doc["components"]["schemas"]
+    assert {"monthly_requests", "used_this_month", "enabled", "meta", "allowed_ips"} <= \
+        set(schemas["Key"]["properties"])
+    assert {"monthly_requests", "enabled", "meta", "allowed_ips", "rate_limit"} <= \
+        set(schemas["KeyPatch"]["properties"])
+    assert "limits" in schemas["WorkspacePatch"]["properties"]
+    assert "limits" in schemas["Usage"]["properties"]
+    listed = {p["name"] for p in paths["/admin/v1/workspaces/{ws}/keys"]["get"]["parameters"]}
+    assert listed == {"status", "unused_days", "sort", "limit", "cursor"}
