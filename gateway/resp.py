@@ -1,6 +1,6 @@
 """A lean Redis client for the per-request hot path: one connection, RESP by hand, hiredis.
 
-Why not redis-py here: measured on this machine kind (../shared/PERFORMANCE.md), one EVALSHA
+Why not redis-py here: measured on this machine kind (measured per part; see bench/), one EVALSHA
 through redis-py's asyncio client costs ~130-185 µs of client CPU, as much as all of the
 proxying; the same round trip through one ``asyncio.Protocol`` whose writes are coalesced per
 loop tick and whose replies are parsed by hiredis costs ~11-24 µs. redis-py stays the client for
