@@ -126,11 +126,17 @@ async def test_access_log_off_writes_nothing(redis_url, upstream, monkeypatch, c
     assert err.strip() == ""
 
 
-async def test_keygate_serve_writes_json_access_lines_to_stderr(tmp_path, upstream, redis_url):
+def served_with_json_log(tmp_path, upstream, redis_url) -> Served:
+    """A ``keygate serve`` process with the JSON access log on, before the given upstream."""
     config, pport, aport = write_config(tmp_path, redis_url=redis_url,
                                         upstream_url=str(upstream.make_url("")),
                                         access_log="json")
-    gw = Served(config, pport, aport)
+    return Served(config, pport, aport)
+
+
+async def test_keygate_serve_writes_json_access_lines_to_stderr(tmp_path, upstream, redis_url):
+    gw = served_with_json_log(tmp_path, upstream, redis_url)
+    config = gw.config
     try:
         await gw.ready()
         async with ClientSession(timeout=ClientTimeout(total=15)) as s:
@@ -164,10 +170,7 @@ async def test_keygate_serve_writes_json_access_lines_to_stderr(tmp_path, upstre
 
 
 async def test_sigterm_right_after_a_burst_loses_no_access_line(tmp_path, upstream, redis_url):
-    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
-                                        upstream_url=str(upstream.make_url("")),
-                                        access_log="json")
-    gw = Served(config, pport, aport)
+    gw = served_with_json_log(tmp_path, upstream, redis_url)
     try:
         await gw.ready()
         async with ClientSession(timeout=ClientTimeout(total=30)) as s:
