@@ -1,8 +1,15 @@
-"""Plain records shared by the store, the admin API and the pipeline."""
+"""Plain records and the vocabulary every module shares.
+
+The vocabulary (HTTP methods, the reserved path, name and scope syntax, header-name identity)
+and the records the request path reads from the config (rate limits, plans, upstreams, routes)
+live here rather than in the config loader, so a module that only needs ``Route`` or
+``SCOPE_RE`` does not pull in the YAML reader, and each rule has one definition.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,7 +30,87 @@ def parse_rfc3339(text: str) -> float:
     return dt.timestamp()
 
 
+# --- vocabulary ----------------------------------------------------------------------------------
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+RESERVED_PATH = "/_keygate/"  # keygate's own endpoints; no route may claim a path under it
+SCOPE_RE = re.compile(r"[A-Za-z0-9_.-]+(?::[A-Za-z0-9_.-]+)*")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # plan, role and upstream names
+
+
+def header_key(name: str) -> str:
+    """A header name's identity as a spoofer sees it: case-insensitive, and ``_`` the same as
+    ``-`` (many servers and frameworks read ``X_Workspace_Id`` as ``X-Workspace-Id``)."""
+    name = name.lower()
+    return name.replace("_", "-") if "_" in name else name
+
+
+# --- rate limits and plans ------------------------------------------------------------------------
+
+RATE_LIMIT_RE = re.compile(r"\s*([0-9]+)\s*/\s*([sm])\s*")
+MAX_RATE = 10**9
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """``N/s`` or ``N/m``: ``requests`` per ``period_seconds``."""
+    requests: int
+    period_seconds: int  # 1 or 60
+
+    def __str__(self) -> str:
+        return f"{self.requests}/{'s' if self.period_seconds == 1 else 'm'}"
+
+
+def parse_rate_limit(text: str) -> RateLimit:
+    """``"5/s"`` → ``RateLimit(5, 1)``; ``"100/m"`` → ``RateLimit(100, 60)``.
+
+    Raises ``ValueError`` with a sentence fit to show a user: the config loader (a plan's
+    ``rate_limit``) and the admin API (a key's own ``rate_limit``) both show it as is.
+    """
+    match = RATE_LIMIT_RE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"a rate limit looks like '5/s' or '300/m' (requests per second or "
+                         f"per minute), got {text!r}")
+    requests = int(match.group(1))
+    if not 1 <= requests <= MAX_RATE:
+        raise ValueError(f"a rate limit needs between 1 and {MAX_RATE} requests, got {text!r}")
+    return RateLimit(requests, 1 if match.group(2) == "s" else 60)
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    monthly_requests: int | None = None        # None = unlimited
+    max_keys: int | None = None
+    rate_limit: RateLimit | None = None
+
+
 LIMIT_FIELDS = ("monthly_requests", "max_keys", "rate_limit")
+
+
+# --- where requests go ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    url: str                                   # http://host:port[/base]
+    timeout: float = 30.0
+    # https:// only: PEM bundle of the CAs to trust for this upstream INSTEAD of the system
+    # store (like nginx's proxy_ssl_trusted_certificate); None = the system store.
+    ca_file: str | None = None
+    max_connections: int = 100                 # open connections to it; more requests wait
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str                                  # glob: * one segment, ** the rest
+    upstream: str | None = None                # None only for routes that are not forwarded
+    methods: tuple[str, ...] = ()              # () = any method
+    scopes: tuple[str, ...] = ()               # all required
+    public: bool = False
+
+
+# --- what the store holds -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,9 @@
 """Store URLs for Redis Sentinel and Redis Cluster, parsed into redis-py asyncio clients.
 
-Standalone URLs (``redis://``, ``rediss://``, ``unix://``) are redis-py's own forms and are not
-handled here. The two topology forms:
+Standalone URLs (``redis://``, ``rediss://``, ``unix://``) are redis-py's own forms, read by
+redis-py's own parser (``parse_standalone_url``). ``check_store_url`` is the rule for every form
+``store.redis_url`` may take, so the config loader refuses at load what a client could never
+connect with. The two topology forms:
 
 ``redis+sentinel://[user:pass@]host1:26379[,host2:26379...]/<master-name>[/<db>][?sentinel_username=U&sentinel_password=P]``
     The hosts are the Sentinels (port defaults to 26379); ``<master-name>`` is the monitored
@@ -39,6 +41,9 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 TOPOLOGY_SCHEMES = SENTINEL_SCHEMES + CLUSTER_SCHEMES
+STANDALONE_SCHEMES = ("redis", "rediss", "unix")
+# as messages list them (the TLS topology forms are the plain ones with rediss)
+STORE_SCHEMES = STANDALONE_SCHEMES + ("redis+cluster", "redis+sentinel")
 SENTINEL_PORT = 26379
 REDIS_PORT = 6379
 _SENTINEL_PARAMS = ("sentinel_username", "sentinel_password")
@@ -241,6 +246,37 @@ def parse_standalone_url(url: str) -> StandaloneURL:
     if options.get("connection_class") is UnixDomainSocketConnection and not options.get("path"):
         raise ValueError("a unix:// URL needs a socket path, e.g. unix:///run/redis.sock")
     return StandaloneURL(options)
+
+
+def check_store_url(url: str) -> None:
+    """Refuse a store URL no client could use, with a sentence fit for a config problem (never
+    repeating a password). ``embedded`` is not a URL and is the caller's business."""
+    scheme = scheme_of(url)
+    if scheme in TOPOLOGY_SCHEMES:
+        parse_topology_url(url)
+        return
+    if scheme not in STORE_SCHEMES:
+        raise ValueError("must be 'embedded' or a URL with scheme "
+                         f"{', '.join(s + '://' for s in STORE_SCHEMES)}"
+                         + (f", got scheme '{scheme}'" if scheme else ""))
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f"not a valid {scheme}:// URL (bad host or port)") from None
+    if scheme == "unix":
+        if not parts.path:
+            raise ValueError("a unix:// URL needs a socket path, e.g. unix:///run/redis.sock")
+    elif not parts.hostname:
+        raise ValueError(f"a {scheme}:// URL needs a host")
+    else:
+        # The path is the database number. redis-py ignores a path that is not one, so a
+        # typo would silently select database 0.
+        db = parts.path.removeprefix("/")
+        if db and not db.isdigit():
+            raise ValueError(f"the path of a {scheme}:// URL is the database number (e.g. "
+                             f"{scheme}://host:6379/0), got '{parts.path[:32]}'")
+    parse_standalone_url(url)
 
 
 def standalone_client(url: str, *, timeout: float, decode_responses: bool) -> Redis:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Sequence
 from urllib.parse import unquote, unquote_to_bytes
 
-from .config import Route
 from .errors import BadRequest, NotFound, shown
+from .models import RESERVED_PATH, Route
 from .tokens import BODY_LEN, looks_like_token
 
 MAX_PATH_BYTES = 2048
@@ -197,6 +197,42 @@ def compile_glob(path: str) -> re.Pattern[str]:
         else:
             parts.append("/" + re.escape(seg))
     return re.compile("".join(parts) or "/")
+
+
+def glob_problem(glob: str) -> str | None:
+    """Why a route glob from the config could never match a request, as one sentence; None
+    when it is fine.
+
+    Requests are matched on the raw path and refused unless ``check_path`` finds it canonical,
+    so a glob's literal segments must be what a canonical path can hold: a glob that breaks
+    these rules would load and then silently never match. ``/_keygate/`` is keygate's own."""
+    if not glob.startswith("/"):
+        return f"'{glob}' must start with /"
+    if glob.startswith(RESERVED_PATH) or glob == RESERVED_PATH.rstrip("/"):
+        return f"'{glob}' is under {RESERVED_PATH}, which keygate reserves for itself"
+    if any(c in glob for c in "?#;\\") or any(ord(c) <= 32 or ord(c) >= 127 for c in glob):
+        return (f"'{glob}' contains a character not allowed in a route path (space, control, "
+                "non-ASCII, ?, #, ; or \\; percent-encode non-ASCII)")
+    segments = glob[1:].split("/")
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        if segment == "" and not last:
+            return f"'{glob}' has an empty segment (//)"
+        if segment in (".", ".."):
+            return (f"'{glob}' has a '{segment}' segment; requests with dot-segments are "
+                    "refused, so it never matches")
+        if "*" in segment and segment not in ("*", "**"):
+            return f"'{glob}': '*' and '**' must be a whole segment (got '{segment}')"
+        if segment == "**" and not last:
+            return f"'{glob}': '**' may only be the last segment"
+        if re.search(r"%(?![0-9A-Fa-f]{2})", segment):
+            return f"'{glob}' has a bad percent-escape"
+        for escape in _ESCAPE.finditer(segment):
+            byte = int(escape.group(1), 16)
+            if byte in _UNRESERVED or byte in b"/\\%":
+                return (f"'{glob}' has '{escape.group(0)}'; requests with it are refused as "
+                        "non-canonical, so it never matches")
+    return None
 
 
 class RouteTable:

@@ -1,0 +1,116 @@
+"""``load_config``: a YAML file in, a ``gateway.settings.Config`` out, or every problem in it.
+
+The loader walks the *composed* YAML node tree (``yaml.compose``) rather than the constructed
+Python objects, so every value keeps its line number: each problem reads
+``config.yaml:14: routes[2].upstream: unknown upstream 'crm2' (known: crm)``. Every problem in
+the file is collected before ``ConfigError`` is raised, so one ``keygate config check`` run
+shows them all.
+"""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+
+from ..errors import ConfigError
+from ..settings import Config
+from .nodes import Node, child
+from .routing import RoutingSections
+from .service import ServiceSections
+
+TOP_LEVEL_KEYS = ("server", "admin", "store", "keys", "plans", "default_plan", "roles",
+                  "upstreams", "routes", "identity_headers", "identity_signature", "tracing",
+                  "scopes")
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+class Reader(ServiceSections, RoutingSections):
+    """Turns a composed node tree into a ``Config``, recording problems as it goes."""
+
+    def config(self, root: Node | None) -> Config:
+        top = self.mapping(root, "", TOP_LEVEL_KEYS)
+        if top is None:
+            return Config(source=self.source)
+        nodes = {key: value_node for key, _key_node, value_node in top}
+        value = nodes.get
+
+        server = self.server(value("server"))
+        admin = self.admin(value("admin"))
+        store = self.store(value("store"))
+        keys = self.keys(value("keys"))
+        # the catalogue first: every scope read after it (roles, routes) is checked against it
+        self.catalogue = self.scope_catalogue(value("scopes")) if "scopes" in nodes else None
+        plans, default_plan = self.plans(value("plans"), value("default_plan"))
+        roles = self.roles(value("roles"))
+        upstreams = self.upstreams(value("upstreams"))
+        routes = self.routes(value("routes"), upstreams)
+        identity = self.identity_headers(value("identity_headers"), keys)
+        signature = self.identity_signature(value("identity_signature"), keys, identity)
+        tracing = self.tracing(value("tracing"))
+        if server.port == admin.port and (server.host == admin.host
+                                          or server.host in _WILDCARD_HOSTS
+                                          or admin.host in _WILDCARD_HOSTS):
+            self.fail(child(value("admin"), "port") or child(value("server"), "port") or root,
+                      "admin.port", f"the admin listener cannot share port {admin.port} with "
+                                    "the proxy listener")
+        return Config(server=server, admin=admin, store=store, keys=keys, plans=plans,
+                      default_plan=default_plan, roles=roles, upstreams=upstreams,
+                      routes=routes, identity_headers=identity, identity_signature=signature,
+                      tracing=tracing, source=self.source, scopes=self.catalogue)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate a YAML config file; ``None`` means all defaults.
+
+    Raises ``ConfigError`` carrying every problem found, one line each:
+    ``<file>:<line>: <field path>: <what is wrong>``.
+    """
+    if path is None:
+        return Config()
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise ConfigError([f"cannot read {source}: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"cannot read {source}: not UTF-8 text "
+                           f"(bad byte at offset {exc.start})"]) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f"{mark.line + 1}" if mark is not None else "1"
+        what = exc.problem or exc.context or "invalid YAML"
+        col = f" (column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError([f"{source}:{line}: invalid YAML: {what}{col}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}:1: invalid YAML: {exc}"]) from None
+    reader = Reader(source)
+    config = reader.config(root)
+    if reader.problems:
+        raise ConfigError(reader.sorted_problems())
+    return config
+
+
+def check_config(path: str | os.PathLike[str] | None) -> list[str]:
+    """Every problem in the file, one line each; ``[]`` when it is fine."""
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []
+
+
+def servable_problems(config: Config) -> list[str]:
+    """What makes a valid config unfit to serve with: no routes means a gateway that can
+    forward nothing (usually an empty file, or a file that is not the one meant).
+    ``keygate serve`` and ``keygate config check`` refuse it; tests build such configs freely."""
+    if not config.routes:
+        return [f"{config.source}: routes: no routes are defined, so the gateway would answer "
+                "every request 404 no_route; add at least one route (see "
+                "docs/configuration.md#routes)"]
+    return []

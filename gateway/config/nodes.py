@@ -1,0 +1,221 @@
+"""A generic reader of a composed YAML node tree that keeps every value's line number.
+
+Nothing here knows keygate's schema: it turns nodes into Python values (after ``${ENV}``
+expansion), walks mappings and lists, and records each problem as
+``<file>:<line>: <field path>: <what is wrong>``. Problems are collected rather than raised, so
+one run reports them all; a value that failed is returned as ``BAD`` and its caller moves on.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from typing import Any
+
+import yaml
+
+Node = yaml.Node
+
+ENV_REF_RE = re.compile(r"\$\$|\$\{([^}]*)\}")
+ENV_BODY_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)(.*))?", re.DOTALL)
+
+NULL_TAG = "tag:yaml.org,2002:null"
+_TAG_NAMES = {
+    "tag:yaml.org,2002:str": "a string",
+    "tag:yaml.org,2002:int": "an integer",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:bool": "a boolean",
+    NULL_TAG: "null",
+    "tag:yaml.org,2002:timestamp": "a date",
+    "tag:yaml.org,2002:binary": "binary data",
+}
+
+
+class _Bad:
+    """Marks a value that failed validation (its problem is already recorded)."""
+
+    def __repr__(self) -> str:
+        return "<bad>"
+
+
+BAD: Any = _Bad()
+
+
+def suggest(word: str, choices: Any) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or nothing."""
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def known(choices: Any) -> str:
+    names = ", ".join(str(c) for c in choices)
+    return f"(known: {names})" if names else "(none defined)"
+
+
+def is_null(node: Node | None) -> bool:
+    """Absent, or ``key:`` with nothing after it."""
+    return node is None or (isinstance(node, yaml.ScalarNode) and node.tag == NULL_TAG)
+
+
+def describe_value(value: Any) -> str:
+    """A constructed value as a message shows it: its kind, and a short form of it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({'true' if value else 'false'})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"a string ('{shown}')"
+    return f"a {type(value).__name__}"
+
+
+def child(node: Node | None, key: str) -> Node | None:
+    """The value node under ``key`` of a mapping node (to point a cross-field problem at)."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+                return value_node
+    return None
+
+
+class NodeReader:
+    """Values out of nodes, with every problem recorded against the node's line."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[tuple[int, int, str]] = []
+        self._constructor = yaml.constructor.SafeConstructor()
+        self._resolver = yaml.resolver.Resolver()
+
+    # --- bookkeeping --------------------------------------------------------------------------
+
+    def fail(self, node: Node | None, path: str, message: str) -> Any:
+        line = node.start_mark.line + 1 if node is not None else 1
+        self.problems.append((line, len(self.problems),
+                              f"{self.source}:{line}: {path or 'top level'}: {message}"))
+        return BAD
+
+    def sorted_problems(self) -> list[str]:
+        """In file order; problems on one line in the order they were found."""
+        return [text for _, _, text in sorted(self.problems)]
+
+    # --- shapes -------------------------------------------------------------------------------
+
+    @staticmethod
+    def describe(node: Node) -> str:
+        if isinstance(node, yaml.MappingNode):
+            return "a mapping"
+        if isinstance(node, yaml.SequenceNode):
+            return "a list"
+        return _TAG_NAMES.get(node.tag, f"a value tagged {node.tag}")
+
+    def scalar(self, node: Node, path: str) -> Any:
+        """The Python value of a scalar node, after ``${ENV}`` expansion."""
+        if not isinstance(node, yaml.ScalarNode):
+            return self.fail(node, path, f"expected a single value, got {self.describe(node)}")
+        if "$" in node.value and node.tag == "tag:yaml.org,2002:str":
+            expanded = self.expand(node, path)
+            if expanded is BAD:
+                return BAD
+            if expanded != node.value:
+                # An unquoted ``port: ${PORT}`` should become an int, as if the value had been
+                # written there; a quoted one stays a string.
+                tag = (self._resolver.resolve(yaml.ScalarNode, expanded, (True, False))
+                       if node.style is None else node.tag)
+                node = yaml.ScalarNode(tag, expanded, node.start_mark, node.end_mark, node.style)
+        try:
+            return self._constructor.construct_object(node)
+        except (yaml.YAMLError, ValueError, TypeError) as exc:
+            return self.fail(node, path, f"cannot read this value: {exc}")
+
+    def expand(self, node: Node, path: str) -> Any:
+        """``${VAR}``, ``${VAR:-default}`` (unset or empty), ``${VAR-default}``, ``$$`` = ``$``."""
+        failed = False
+
+        def substitute(match: re.Match[str]) -> str:
+            nonlocal failed
+            if match.group(0) == "$$":
+                return "$"
+            body = ENV_BODY_RE.fullmatch(match.group(1))
+            if body is None:
+                failed = True
+                self.fail(node, path, f"bad environment reference '{match.group(0)}' "
+                                      "(use ${NAME} or ${NAME:-default})")
+                return ""
+            name, operator, default = body.groups()
+            value = os.environ.get(name)
+            if operator == ":-" and not value:
+                return default
+            if operator == "-" and value is None:
+                return default
+            if value is None:
+                failed = True
+                self.fail(node, path, f"environment variable {name} is not set "
+                                      f"(set it, or write ${{{name}:-default}})")
+                return ""
+            return value
+
+        result = ENV_REF_RE.sub(substitute, node.value)
+        return BAD if failed else result
+
+    def mapping(self, node: Node | None, path: str,
+                allowed: tuple[str, ...] | None = None) -> list[tuple[str, Node, Node]] | None:
+        """(key, key node, value node) in file order; unknown and duplicate keys reported.
+
+        ``None`` (absent or ``key:`` with nothing after it) is returned as an empty list; a
+        node that is not a mapping is reported and returned as ``None``.
+        """
+        if is_null(node):
+            return []
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, path, f"expected a mapping, got {self.describe(node)}")
+            return None
+        explicit = [(k, v) for k, v in node.value if k.tag != "tag:yaml.org,2002:merge"]
+        try:
+            # YAML merge keys (``<<: *defaults``): flatten_mapping puts the merged pairs first.
+            self._constructor.flatten_mapping(node)
+        except yaml.YAMLError as exc:
+            self.fail(node, path, f"bad merge key: {getattr(exc, 'problem', exc)}")
+            return None
+        merged = node.value[:len(node.value) - len(explicit)]
+        explicit_keys = {k.value for k, _ in explicit if isinstance(k, yaml.ScalarNode)}
+        entries: dict[str, tuple[str, Node, Node]] = {}
+        for key_node, value_node in merged:  # later merges win; explicit keys win over all
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value not in explicit_keys:
+                entries[key_node.value] = (key_node.value, key_node, value_node)
+        seen: dict[str, Node] = {}
+        for key_node, value_node in explicit:
+            sub = f"{path}.{key_node.value}" if path else str(key_node.value)
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.fail(key_node, path, f"a key must be a plain name, got "
+                                          f"{self.describe(key_node)}")
+                continue
+            key = key_node.value
+            if key in seen:
+                self.fail(key_node, sub, f"duplicate key (first given on line "
+                                         f"{seen[key].start_mark.line + 1})")
+                continue
+            seen[key] = key_node
+            entries[key] = (key, key_node, value_node)
+        result = []
+        for key, key_node, value_node in entries.values():
+            if allowed is not None and key not in allowed:
+                if not path and key.startswith("x-"):
+                    continue  # top-level x-* keys hold YAML anchors, as in docker compose
+                sub = f"{path}.{key}" if path else key
+                hint = suggest(key, allowed) or f" (allowed: {', '.join(allowed)})"
+                self.fail(key_node, sub, f"unknown key '{key}'{hint}")
+                continue
+            result.append((key, key_node, value_node))
+        return result
+
+    def sequence(self, node: Node, path: str) -> list[Node] | None:
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, path, f"expected a list, got {self.describe(node)}")
+            return None
+        return list(node.value)

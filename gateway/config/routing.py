@@ -1,0 +1,127 @@
+"""Where requests go: ``upstreams`` and ``routes``."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from ..models import HTTP_METHODS, Route, Upstream
+from ..routes import glob_problem
+from .access import AccessSections
+from .nodes import BAD, Node, child, is_null, known, suggest
+
+import yaml
+
+
+class RoutingSections(AccessSections):
+    """Upstreams, and routes onto them (a route's scopes are read as ``AccessSections`` reads
+    every scope)."""
+
+    def upstreams(self, node: Node | None) -> dict[str, Upstream]:
+        upstreams: dict[str, Upstream] = {}
+        for name, key_node, value_node in self.mapping(node, "upstreams") or []:
+            path = f"upstreams.{name}"
+            self.named(key_node, path, name, "upstream")
+            if isinstance(value_node, yaml.ScalarNode) and not is_null(value_node):
+                url = self.upstream_url(value_node, path)  # shorthand: `crm: http://...`
+                upstream = Upstream(name, url if url is not BAD else "")
+            else:
+                upstream = self.section(value_node, path, Upstream, {
+                    "url": self.upstream_url,
+                    "timeout": self.seconds,
+                    "ca_file": self.ca_file,
+                    "max_connections": lambda n, p: self.integer(n, p, minimum=1,
+                                                                 maximum=100_000),
+                }, required={"url": "(e.g. http://127.0.0.1:9000)"}, name=name, url="")
+                if upstream.ca_file is not None and upstream.url \
+                        and urlsplit(upstream.url).scheme != "https":
+                    self.fail(child(value_node, "ca_file"), f"{path}.ca_file",
+                              "only applies to an https:// url, and this upstream's url "
+                              "is http:// (use https:// or remove ca_file)")
+            upstreams[name] = upstream
+        return upstreams
+
+    def ca_file(self, node: Node, path: str) -> Any:
+        """A PEM bundle of CAs to trust: checked now, so a bad one stops the gateway at load
+        rather than failing every request to the upstream later."""
+        name = self.string(node, path, nullable=True)
+        if name is BAD or name is None:
+            return name
+        try:
+            with open(name, "rb"):
+                pass
+        except OSError as exc:
+            return self.fail(node, path, f"cannot read '{name}': {exc.strerror or exc}")
+        try:
+            ssl.create_default_context(cafile=name)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None)
+            reason = ("no certificate found in it" if reason == "NO_CERTIFICATE_OR_CRL_FOUND"
+                      else reason or "a damaged PEM block")
+            return self.fail(node, path, f"'{name}' is not a PEM bundle of CA certificates "
+                                         f"({reason})")
+        return name
+
+    def upstream_url(self, node: Node, path: str) -> Any:
+        url = self.string(node, path)
+        if url is BAD:
+            return BAD
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            return self.fail(node, path, f"'{url}' is not a valid URL (bad host or port)")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return self.fail(node, path, f"'{url}' must be an http:// or https:// URL with a "
+                                         "host, e.g. http://127.0.0.1:9000")
+        if parts.query or parts.fragment or url.endswith(("?", "#")):
+            return self.fail(node, path, f"'{url}' must not have a query or fragment")
+        return url
+
+    def routes(self, node: Node | None, upstreams: Mapping[str, Upstream]) -> tuple[Route, ...]:
+        if is_null(node):
+            return ()
+
+        def upstream(value_node: Node, sub: str) -> Any:
+            name = self.string(value_node, sub)
+            if name is not BAD and name not in upstreams:
+                self.fail(value_node, sub, f"unknown upstream '{name}'"
+                                           f"{suggest(name, upstreams)} {known(upstreams)}")
+            return name
+
+        readers = {"path": self.route_path, "methods": self.methods, "upstream": upstream,
+                   "scopes": self.scopes, "public": self.boolean}
+        routes: list[Route] = []
+        for i, item in enumerate(self.sequence(node, "routes") or []):
+            # no upstream: a verify-only route (answered by /_keygate/v1/verify, never forwarded)
+            route = self.section(item, f"routes[{i}]", Route, readers,
+                                 required={"path": "(e.g. /people/**)"}, path="/")
+            if route.public and route.scopes:
+                self.fail(child(item, "scopes"), f"routes[{i}].scopes",
+                          "a public route cannot require scopes (no key is checked)")
+            routes.append(route)
+        return tuple(routes)
+
+    def route_path(self, node: Node, path: str) -> Any:
+        text = self.string(node, path)
+        if text is BAD:
+            return BAD
+        problem = glob_problem(text)
+        return text if problem is None else self.fail(node, path, problem)
+
+    def methods(self, node: Node, path: str) -> Any:
+        def method(value_node: Node, sub: str) -> Any:
+            name = self.string(value_node, sub)
+            if name is BAD:
+                return BAD
+            if name.upper() not in HTTP_METHODS:
+                return self.fail(value_node, sub, f"'{name}' is not an HTTP method "
+                                                  f"({', '.join(HTTP_METHODS)})")
+            return name.upper()
+        values = self.string_list(node, path, method)
+        if values is BAD:
+            return BAD
+        if not values:
+            return self.fail(node, path, "is empty; leave 'methods' out to allow any method")
+        return tuple(dict.fromkeys(values))

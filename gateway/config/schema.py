@@ -1,0 +1,146 @@
+"""Typed field readers and dataclass-shaped sections, on top of the generic node reader.
+
+A section is read into a settings dataclass: the keys a file may give are that dataclass's
+fields (in their declared order, which is also the order "allowed: ..." hints list them), each
+read by the reader given for it. A field without a reader (``Plan.name``, ``Upstream.name``) is
+not a key of the file; its value comes from elsewhere (``fixed``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Mapping
+
+from .nodes import BAD, Node, NodeReader, describe_value, suggest
+
+FieldReader = Callable[[Node, str], Any]
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class SchemaReader(NodeReader):
+    """Strings, integers, numbers, booleans, lists and sections, each checked as it is read."""
+
+    def string(self, node: Node, path: str, *, pattern: re.Pattern[str] | None = None,
+               what: str = "", choices: tuple[str, ...] | None = None,
+               nullable: bool = False) -> Any:
+        """A non-empty string; with ``choices`` an enum, with ``pattern`` a syntax."""
+        value = self.scalar(node, path)
+        if value is BAD:
+            return BAD
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str):
+            return self.fail(node, path, f"expected a string, got {describe_value(value)}")
+        if choices is not None and value not in choices:
+            return self.fail(node, path, f"must be one of {', '.join(choices)}, got "
+                                         f"'{value}'{suggest(value, choices)}")
+        if not value:
+            return self.fail(node, path, "must not be empty")
+        if pattern is not None and not pattern.fullmatch(value):
+            return self.fail(node, path, f"'{value}' is not {what}")
+        return value
+
+    def text(self, node: Node, path: str) -> Any:
+        return self.string(node, path)
+
+    def env_name(self, node: Node, path: str) -> Any:
+        """The name of an environment variable (that holds a secret the file should not)."""
+        return self.string(node, path, pattern=ENV_NAME_RE, what="an environment variable name")
+
+    def integer(self, node: Node, path: str, *, minimum: int | None = None,
+                maximum: int | None = None, nullable: bool = False) -> Any:
+        value = self.scalar(node, path)
+        if value is BAD:
+            return BAD
+        if value is None and nullable:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            extra = " or null (unlimited)" if nullable else ""
+            return self.fail(node, path, f"expected an integer{extra}, got "
+                                         f"{describe_value(value)}")
+        return self.in_range(node, path, value, minimum, maximum)
+
+    def in_range(self, node: Node, path: str, value: int, minimum: int | None,
+                 maximum: int | None) -> Any:
+        if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+            return self.fail(node, path, f"must be between {minimum} and {maximum}, got {value}")
+        if minimum is not None and value < minimum:
+            return self.fail(node, path, f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            return self.fail(node, path, f"must be at most {maximum}, got {value}")
+        return value
+
+    def number(self, node: Node, path: str, *, minimum: float | None = None,
+               positive: bool = False) -> Any:
+        """A finite number of seconds, as a float."""
+        value = self.scalar(node, path)
+        if value is BAD:
+            return BAD
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return self.fail(node, path, f"expected a number of seconds, got "
+                                         f"{describe_value(value)}")
+        if value != value or value in (float("inf"), float("-inf")):
+            return self.fail(node, path, f"must be a finite number, got {value}")
+        if positive and value <= 0:
+            return self.fail(node, path, f"must be greater than 0, got {value}")
+        if minimum is not None and value < minimum:
+            return self.fail(node, path, f"must be at least {minimum}, got {value}")
+        return float(value)
+
+    def seconds(self, node: Node, path: str) -> Any:
+        return self.number(node, path, positive=True)
+
+    def ratio(self, node: Node, path: str) -> Any:
+        """A number from 0 to 1, as a float."""
+        value = self.scalar(node, path)
+        if value is BAD:
+            return BAD
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not 0 <= value <= 1:
+            return self.fail(node, path, f"expected a number from 0 to 1, got "
+                                         f"{describe_value(value)}")
+        return float(value)
+
+    def boolean(self, node: Node, path: str) -> Any:
+        value = self.scalar(node, path)
+        if value is BAD:
+            return BAD
+        if not isinstance(value, bool):
+            return self.fail(node, path, f"expected true or false, got {describe_value(value)}")
+        return value
+
+    def string_list(self, node: Node, path: str, item: FieldReader) -> Any:
+        """A list read item by item (``path[i]``); ``BAD`` when any item is."""
+        items = self.sequence(node, path)
+        if items is None:
+            return BAD
+        values = [item(child, f"{path}[{i}]") for i, child in enumerate(items)]
+        return BAD if any(v is BAD for v in values) else values
+
+    def section(self, node: Node | None, where: str, cls: type,
+                readers: Mapping[str, FieldReader],
+                required: Mapping[str, str] | None = None, **fixed: Any) -> Any:
+        """A mapping read into the dataclass ``cls``; bad or absent fields keep defaults.
+
+        The keys allowed are ``cls``'s fields that have a reader. ``required`` maps a key that
+        must be given to a hint shown when it is missing; ``fixed`` are constructor arguments
+        not read from the file (or placeholders a required key's value replaces).
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(readers) - set(names)
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
+        entries = self.mapping(node, where, tuple(n for n in names if n in readers))
+        if entries is None:
+            return cls(**fixed)
+        given = {key for key, _, _ in entries}
+        for key, hint in (required or {}).items():
+            if key not in given:
+                self.fail(node, f"{where}.{key}", f"required {hint}".rstrip())
+        kwargs = dict(fixed)
+        for key, _key_node, value_node in entries:
+            value = readers[key](value_node, f"{where}.{key}")
+            if value is not BAD:
+                kwargs[key] = value
+        return cls(**kwargs)

@@ -1,0 +1,159 @@
+"""The process's own sections: ``server`` and ``admin`` (listeners, TLS), ``store`` and
+``tracing``."""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import re
+import ssl
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..redis_urls import check_store_url
+from ..settings import AdminConfig, ServerConfig, StoreConfig, Timeouts, TLSConfig, TracingConfig
+from .nodes import BAD, Node, is_null
+from .schema import SchemaReader
+
+SERVICE_NAME_RE = re.compile(r"\S.{0,127}")
+_OTEL_MODULES = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+
+
+def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """The TLS context of an HTTPS listener: the ``ssl`` module's server defaults, TLS 1.2 at
+    least. Raises ``ssl.SSLError`` / ``OSError`` when the files are not a matching pair."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+class ServiceSections(SchemaReader):
+    """Listeners, the store and span export."""
+
+    def port(self, node: Node, path: str) -> Any:
+        return self.integer(node, path, minimum=1, maximum=65535)
+
+    def server(self, node: Node | None) -> ServerConfig:
+        return self.section(node, "server", ServerConfig, {
+            "host": self.text,
+            "port": self.port,
+            "workers": lambda n, p: self.integer(n, p, minimum=1, maximum=1024),
+            "max_body_bytes": lambda n, p: self.integer(n, p, minimum=1),
+            "trusted_proxies": self.trusted_proxies,
+            "log_level": lambda n, p: self.string(
+                n, p, choices=("debug", "info", "warning", "error")),
+            "access_log": lambda n, p: self.string(n, p, choices=("json", "text", "off")),
+            "metrics_workspace_labels": self.boolean,
+            "timeouts": lambda n, p: self.section(n, p, Timeouts, {
+                "header": self.seconds, "body": self.seconds, "idle": self.seconds}),
+            "max_connections": lambda n, p: self.integer(n, p, minimum=1, maximum=1_000_000),
+            "tls": self.tls,
+        })
+
+    def admin(self, node: Node | None) -> AdminConfig:
+        return self.section(node, "admin", AdminConfig, {
+            "host": self.text, "port": self.port, "token_env": self.env_name, "tls": self.tls})
+
+    def tls(self, node: Node, path: str) -> Any:
+        """``{cert_file, key_file}``, both read and matched now: a renewal that left a key
+        behind, or a file the gateway may not read, is a config problem, not a failed
+        handshake later."""
+        if is_null(node):
+            return None
+        entries = self.mapping(node, path, ("cert_file", "key_file"))
+        if entries is None:
+            return BAD
+        given = {key: value_node for key, _, value_node in entries}
+        files: dict[str, str] = {}
+        for name in ("cert_file", "key_file"):
+            if name not in given:
+                self.fail(node, f"{path}.{name}", "required (a PEM file)")
+                continue
+            file_name = self.string(given[name], f"{path}.{name}")
+            if file_name is BAD:
+                continue
+            try:
+                with open(file_name, "rb") as fh:
+                    fh.read(1)
+            except OSError as exc:
+                self.fail(given[name], f"{path}.{name}",
+                          f"cannot read '{file_name}': {exc.strerror or exc}")
+                continue
+            files[name] = file_name
+        if len(files) != 2:
+            return BAD
+        try:
+            server_context(files["cert_file"], files["key_file"])
+        except ssl.SSLError as exc:
+            reason = getattr(exc, "reason", None) or "not PEM"
+            if reason == "KEY_VALUES_MISMATCH":
+                return self.fail(given["key_file"], f"{path}.key_file",
+                                 f"'{files['key_file']}' does not match the certificate in "
+                                 f"'{files['cert_file']}'")
+            return self.fail(node, path, f"'{files['cert_file']}' and '{files['key_file']}' are "
+                                         f"not a PEM certificate and its private key ({reason})")
+        except (OSError, ValueError) as exc:
+            return self.fail(node, path, f"cannot load the certificate: {exc}")
+        return TLSConfig(files["cert_file"], files["key_file"])
+
+    def trusted_proxies(self, node: Node, path: str) -> Any:
+        def network(child: Node, sub: str) -> Any:
+            text = self.string(child, sub)
+            if text is BAD:
+                return BAD
+            try:
+                ipaddress.ip_network(text.strip(), strict=False)
+            except ValueError:
+                return self.fail(child, sub, f"'{text}' is not an IP address or CIDR network "
+                                             "(e.g. 10.0.0.0/8)")
+            return text.strip()
+        values = self.string_list(node, path, network)
+        return BAD if values is BAD else tuple(values)
+
+    def store(self, node: Node | None) -> StoreConfig:
+        return self.section(node, "store", StoreConfig, {
+            "redis_url": self.redis_url,
+            "data_dir": self.text,
+            "on_store_error": lambda n, p: self.string(n, p, choices=("closed", "open")),
+            "timeout": self.seconds,
+        })
+
+    def redis_url(self, node: Node, path: str) -> Any:
+        # The URL may carry a password (often via ${ENV}): gateway.redis_urls' messages never
+        # repeat it.
+        url = self.string(node, path)
+        if url is BAD or url == "embedded":
+            return url
+        try:
+            check_store_url(url)
+        except ValueError as exc:
+            return self.fail(node, path, str(exc))
+        return url
+
+    def tracing(self, node: Node | None) -> TracingConfig | None:
+        if is_null(node):
+            return None
+
+        def endpoint(child: Node, sub: str) -> Any:
+            url = self.string(child, sub)
+            if url is BAD:
+                return BAD
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                return self.fail(child, sub, "must be an http:// or https:// URL of an OTLP/HTTP "
+                                             "receiver, e.g. http://otel-collector:4318")
+            return url
+        try:
+            installed = all(importlib.util.find_spec(m) is not None for m in _OTEL_MODULES)
+        except ModuleNotFoundError:
+            installed = False
+        if not installed:
+            self.fail(node, "tracing", "exporting spans needs OpenTelemetry: install "
+                                       "keygate with the extra, pip install 'keygate[otel]'")
+        return self.section(node, "tracing", TracingConfig, {
+            "otlp_endpoint": endpoint,
+            "service_name": lambda n, p: self.string(n, p, pattern=SERVICE_NAME_RE,
+                                                     what="a service name (1-128 characters)"),
+            "sample_ratio": self.ratio,
+        }, required={"otlp_endpoint": "(the OTLP/HTTP receiver's URL)"}, otlp_endpoint="")
