@@ -327,6 +327,12 @@ def redact(url: str) -> str:
     return f"{scheme}://{userinfo}{at}{hosts}{slash}{path}{q}{query}"
 
 
+def _given(**credentials: str | None) -> dict[str, str]:
+    """The credentials a URL gave; absent ones are not passed at all, so redis-py's own defaults
+    apply to them."""
+    return {name: value for name, value in credentials.items() if value is not None}
+
+
 def topology_client(url: str, *, timeout: float, decode_responses: bool) -> Any:
     """A redis-py asyncio client for a Sentinel or Cluster URL: a ``Redis`` on the current
     master (Sentinel) or a ``RedisCluster``. It connects lazily (the first command) and is
@@ -334,11 +340,8 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool) -> Any:
     the Sentinels. Raises ``ValueError`` on a bad URL."""
     target = parse_topology_url(url)
     options: dict[str, Any] = dict(decode_responses=decode_responses, socket_timeout=timeout,
-                                   socket_connect_timeout=timeout)
-    if target.username is not None:
-        options["username"] = target.username
-    if target.password is not None:
-        options["password"] = target.password
+                                   socket_connect_timeout=timeout,
+                                   **_given(username=target.username, password=target.password))
     if target.kind == "cluster":
         from redis.asyncio.cluster import ClusterNode, RedisCluster
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
@@ -354,11 +357,9 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool) -> Any:
     options["retry"] = Retry(NoBackoff(), 1)
     sentinel_options: dict[str, Any] = dict(socket_timeout=timeout,
                                             socket_connect_timeout=timeout,
-                                            retry=Retry(NoBackoff(), 0))
-    if target.sentinel_username is not None:
-        sentinel_options["username"] = target.sentinel_username
-    if target.sentinel_password is not None:
-        sentinel_options["password"] = target.sentinel_password
+                                            retry=Retry(NoBackoff(), 0),
+                                            **_given(username=target.sentinel_username,
+                                                     password=target.sentinel_password))
     if target.tls:
         sentinel_options["ssl"] = True
         options["ssl"] = True

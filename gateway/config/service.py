@@ -131,19 +131,19 @@ class ServiceSections(SchemaReader):
             return self.fail(node, path, str(exc))
         return url
 
+    def otlp_endpoint(self, node: Node, path: str) -> Any:
+        url = self.string(node, path)
+        if url is BAD:
+            return BAD
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return self.fail(node, path, "must be an http:// or https:// URL of an OTLP/HTTP "
+                                         "receiver, e.g. http://otel-collector:4318")
+        return url
+
     def tracing(self, node: Node | None) -> TracingConfig | None:
         if is_null(node):
             return None
-
-        def endpoint(child: Node, sub: str) -> Any:
-            url = self.string(child, sub)
-            if url is BAD:
-                return BAD
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                return self.fail(child, sub, "must be an http:// or https:// URL of an OTLP/HTTP "
-                                             "receiver, e.g. http://otel-collector:4318")
-            return url
         try:
             installed = all(importlib.util.find_spec(m) is not None for m in _OTEL_MODULES)
         except ModuleNotFoundError:
@@ -152,7 +152,7 @@ class ServiceSections(SchemaReader):
             self.fail(node, "tracing", "exporting spans needs OpenTelemetry: install "
                                        "keygate with the extra, pip install 'keygate[otel]'")
         return self.section(node, "tracing", TracingConfig, {
-            "otlp_endpoint": endpoint,
+            "otlp_endpoint": self.otlp_endpoint,
             "service_name": lambda n, p: self.string(n, p, pattern=SERVICE_NAME_RE,
                                                      what="a service name (1-128 characters)"),
             "sample_ratio": self.ratio,
