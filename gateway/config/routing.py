@@ -6,12 +6,12 @@ import ssl
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+import yaml
+
 from ..models import HTTP_METHODS, Route, Upstream
 from ..routes import glob_problem
 from .access import AccessSections
 from .nodes import BAD, Node, child, is_null, known, suggest
-
-import yaml
 
 
 class RoutingSections(AccessSections):
