@@ -16,20 +16,6 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 
-def rfc3339(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_rfc3339(text: str) -> float:
-    """RFC 3339 / ISO 8601 with a zone (``Z`` or offset) → epoch seconds. ValueError otherwise."""
-    dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    if dt.tzinfo is None:
-        raise ValueError("timestamp needs a time zone, e.g. 2027-01-31T00:00:00Z")
-    return dt.timestamp()
-
-
 # --- vocabulary ----------------------------------------------------------------------------------
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
@@ -85,6 +71,7 @@ class Plan:
     rate_limit: RateLimit | None = None
 
 
+# the fields of a plan a workspace may override with limits of its own
 LIMIT_FIELDS = ("monthly_requests", "max_keys", "rate_limit")
 
 
@@ -111,6 +98,19 @@ class Route:
 
 
 # --- what the store holds -------------------------------------------------------------------------
+
+def rfc3339(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: str) -> float:
+    """RFC 3339 / ISO 8601 with a zone (``Z`` or offset) → epoch seconds. ValueError otherwise."""
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if dt.tzinfo is None:
+        raise ValueError("timestamp needs a time zone, e.g. 2027-01-31T00:00:00Z")
+    return dt.timestamp()
 
 
 @dataclass(frozen=True, slots=True)
