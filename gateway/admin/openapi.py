@@ -22,7 +22,8 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from . import __version__
+from .. import __version__
+from .api import WORKSPACE_ADMIN_ROUTES
 
 JSON = "application/json"
 Schema = dict[str, Any]
@@ -601,10 +602,9 @@ def document() -> Schema:
 
 def workspace_admin_access(paths: dict[str, Schema]) -> dict[str, Schema]:
     """The admin API also answers a workspace's ``keys:admin`` key (the console signs people in
-    with one) on the routes ``gateway.admin.WORKSPACE_ADMIN_ROUTES`` lists, confined to that
+    with one) on the routes ``api.WORKSPACE_ADMIN_ROUTES`` lists, confined to that
     workspace (another reads as 404 ``not_found``) and to the key's own scopes (wider: 403);
     every other authenticated admin route answers such a key 403 ``insufficient_scope``."""
-    from .admin import WORKSPACE_ADMIN_ROUTES
     key_errors = dict([err(403, "insufficient_scope"),
                        err(429, "too_many_failures", headers=RETRY_AFTER)])
     for path, item in paths.items():
