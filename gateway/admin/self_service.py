@@ -21,7 +21,7 @@ from .validate import check_query
 
 SELF_SERVICE_PREFIX = "/_keygate/v1/keys"
 
-_ROUTES: tuple[tuple[Endpoint, tuple[str, ...]], ...] = tuple(
+SELF_SERVICE_ROUTES: tuple[tuple[Endpoint, tuple[str, ...]], ...] = tuple(
     (e, tuple(e.path[len(KEYS):].split("/")[1:]))   # the path's segments after the prefix
     for e in ROUTES if e.workspace_admin and (e.path == KEYS or e.path.startswith(KEYS + "/")))
 """The table rows self-service serves, with their path segments below the prefix."""
@@ -50,7 +50,7 @@ async def self_service(request: web.BaseRequest, principal: Principal, store: St
     if rest is None or (rest and not rest.startswith("/")):
         raise NotFound("No such endpoint.")
     parts = rest.strip("/").split("/") if rest not in ("", "/") else []
-    routes = [(e, params) for e, pattern in _ROUTES
+    routes = [(e, params) for e, pattern in SELF_SERVICE_ROUTES
               if "" not in parts and (params := _match(pattern, parts)) is not None]
     if not routes:
         raise NotFound("No such endpoint.")
