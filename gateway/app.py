@@ -98,8 +98,7 @@ class _JsonErrorRequestHandler(RequestHandler):
             error = GatewayError("Internal error.")
         else:  # the client's fault: no traceback in the log, no parser detail on the wire
             log.debug("refused a malformed request from %s: %s", request.remote, exc)
-            error = BadRequest("The request is not valid HTTP/1.1.")
-            error.status = status
+            error = BadRequest("The request is not valid HTTP/1.1.", status=status)
         response = error.response(uuid.uuid4().hex)
         response.force_close()
         return response
