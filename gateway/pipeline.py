@@ -16,22 +16,22 @@ import logging
 import math
 import os
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, Mapping, NamedTuple, Protocol
 
 from aiohttp import web
 
 from . import errors, reserved
 from .access import refusal
 from .auth import Authenticator, CachedKey
-from .config import Config
+from .config import Config, Upstream
 from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
 from .hotpath import Decision, RequestStore, Slot, utc_day
 from .ledger import LocalLedger
 from .limits import Month, MonthCache, ratelimit_headers
-from .models import rfc3339
+from .models import Principal, rfc3339
 from .routes import RouteTable, check_path, no_route, query_has_token
 from .tokens import adoptable_request_id
-from .tracing import Tracer
+from .tracing import Trace, Tracer
 from .trust import TrustedProxies
 
 log = logging.getLogger("keygate.proxy")
@@ -68,9 +68,18 @@ class Counted(NamedTuple):
     local: Slot | None = None
 
 
+class Forwarding(Protocol):
+    """Where an allowed request goes (``gateway.proxying.forward.Forwarder``)."""
+
+    async def forward(self, request: web.BaseRequest, upstream: Upstream,
+                      principal: Principal | None, request_id: str,
+                      response_headers: Mapping[str, str], *,
+                      trace: Trace | None = None) -> web.StreamResponse: ...
+
+
 class Pipeline:
     def __init__(self, config: Config, store, requests: RequestStore, auth: Authenticator,
-                 forwarder, metrics=None, self_service=None,
+                 forwarder: Forwarding, metrics=None, self_service=None,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.requests = requests

@@ -1,6 +1,6 @@
 """Forwarding an allowed request to its upstream, streaming both ways.
 
-One keep-alive connection pool (``aiohttp.ClientSession`` + ``TCPConnector``) per upstream. The
+One keep-alive connection pool (``gateway.proxying.upstream.UpstreamPool``) per upstream. The
 request goes out with the method, raw path and raw query exactly as received (no re-quoting:
 the path was checked canonical by ``gateway.routes`` and the upstream must see the same bytes
 the routes were matched on).
@@ -18,9 +18,9 @@ decompressed or buffered whole.
 
 WebSocket/``Upgrade`` is not proxied (``Upgrade`` is hop-by-hop and dropped).
 
-The upstream client is ``gateway.proxying.upstream.UpstreamPool`` (httptools parsing over a plain
-``asyncio.Protocol``: 3-5x less CPU per request than aiohttp's ClientSession, as measured
-with the probes behind ``bench/``). Request bodies go upstream byte for byte as the client sent them (the proxy
+The pool is keygate's own client (httptools parsing over a plain ``asyncio.Protocol``: 3-5x
+less CPU per request than aiohttp's ClientSession, as measured with the probes behind
+``bench/``). Request bodies go upstream byte for byte as the client sent them (the proxy
 listener never decodes a ``Content-Encoding``), framed exactly as declared.
 """
 

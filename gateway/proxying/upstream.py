@@ -1,7 +1,6 @@
 """A lean HTTP/1.1 client for upstreams: keep-alive pool, llhttp parsing, streaming both ways.
 
-Why not aiohttp's ClientSession: measured on this machine kind (measured per part; see bench/) it
-costs ~190-250 µs of CPU per request against ~40-90 µs for a protocol-level client over the
+Why not aiohttp's ClientSession: measured per part (see bench/), it costs ~190-250 µs of CPU per request against ~40-90 µs for a protocol-level client over the
 same socket — more than everything else keygate does per request. This client keeps what a
 proxy needs and nothing else:
 
@@ -20,6 +19,9 @@ proxy needs and nothing else:
 - a request that fails on a reused idle connection before any response byte (the upstream
   closed it meanwhile) is retried once when it had no body; one with a body is not (its body
   was consumed from the client): it fails as a 502, never silently sent twice.
+
+This module is the pool; one connection, its parsing and the response it hands out are
+``gateway.proxying.connection``.
 """
 
 from __future__ import annotations
