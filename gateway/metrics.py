@@ -126,6 +126,9 @@ class Metrics:
         child.observe(seconds)
 
 
+# The method label's values: RFC 9110's methods, anything else is "OTHER" (bounded
+# cardinality). The same list as config.HTTP_METHODS; to be imported from the shared vocabulary
+# (gateway.models) once it lives there, instead of written twice.
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
                       "CONNECT"))
 

@@ -215,7 +215,7 @@ def test_a_worker_that_fails_says_why_and_the_supervisor_exits_1(tmp_path):
     script.write_text(
         "import sys\n"
         "sys.path.insert(0, %r)\n"
-        "import gateway.app as app\n"
+        "import gateway.workers as app\n"
         "from harness import make_config\n"
         "app._preflight = lambda config, url: None\n"
         "def boom(*args, **kwargs):\n"
@@ -236,7 +236,7 @@ def test_the_last_worker_failing_is_still_a_failed_exit(tmp_path):
     script.write_text(
         "import os, sys, time\n"
         "sys.path.insert(0, %r)\n"
-        "import gateway.app as app\n"
+        "import gateway.workers as app\n"
         "from harness import make_config\n"
         "app._preflight = lambda config, url: None\n"
         "def worker(*args, **kwargs):\n"

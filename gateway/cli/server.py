@@ -55,7 +55,7 @@ def _missing_default_config(path: str, given: str | None) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..app import serve
+    from ..workers import serve
     given = getattr(args, "config", None)
     path = config_path(given)
     if _missing_default_config(path, given):
