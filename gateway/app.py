@@ -52,7 +52,7 @@ async def running_gateway(config: Config, store_url: str, *,
 
     ``config_path``: the file ``config`` came from, re-read on reload (SIGHUP, or
     ``POST /admin/v1/reload``)."""
-    from .admin import create_admin_app, self_service
+    from .admin import create_admin_app, handle_self_service
     from .accesslog import AccessLog
     from .proxying.forward import Forwarder
     from .store import Store
@@ -76,7 +76,7 @@ async def running_gateway(config: Config, store_url: str, *,
     try:
         await forwarder.start()
         pipeline = Pipeline(config, store, requests, auth, forwarder, metrics,
-                            self_service=self_service, clock=clock)
+                            self_service=handle_self_service, clock=clock)
         if config.server.access_log != "off":
             access = AccessLog(config, on_drop=metrics.access_log_dropped.inc)
             await access.start()

@@ -42,7 +42,7 @@ class RequestSteps(Protocol):
     config: Config
     routes: RouteTable
     store: Any                      # gateway.store.Store
-    self_service: Callable | None   # gateway.admin.self_service
+    self_service: Callable | None   # gateway.admin.handle_self_service
     clock: Callable[[], float]
 
     def screen(self, raw_path: str, raw_query: str) -> None: ...

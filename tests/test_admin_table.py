@@ -6,7 +6,8 @@ from aiohttp.test_utils import make_mocked_request
 
 from gateway.admin import WORKSPACE_ADMIN_ROUTES
 from gateway.admin.api import KEYS, QUERY_PARAMS, ROUTES
-from gateway.admin.self_service import SELF_SERVICE_PREFIX, SELF_SERVICE_ROUTES, self_service
+from gateway.admin.self_service import (SELF_SERVICE_PREFIX, SELF_SERVICE_ROUTES,
+                                        handle_self_service)
 from gateway.config import Config
 from gateway.errors import BadRequest, MethodNotAllowed, NotFound
 from gateway.models import Principal
@@ -52,7 +53,7 @@ def test_workspace_admin_routes_and_query_parameters_come_from_the_rows():
                                   "/_keygate/v1/keys/k/usage/weekly"])
 async def test_a_path_not_in_the_table_is_404_before_any_store_call(path):
     with pytest.raises(NotFound):
-        await self_service(make_mocked_request("GET", path), PRINCIPAL, NoStore(), Config())
+        await handle_self_service(make_mocked_request("GET", path), PRINCIPAL, NoStore(), Config())
 
 
 @pytest.mark.parametrize("method, path, allow", [
@@ -63,7 +64,7 @@ async def test_a_path_not_in_the_table_is_404_before_any_store_call(path):
 ])
 async def test_a_method_the_table_has_not_there_is_405_with_the_rows_methods(method, path, allow):
     with pytest.raises(MethodNotAllowed) as caught:
-        await self_service(make_mocked_request(method, path), PRINCIPAL, ActingKeyStore(),
+        await handle_self_service(make_mocked_request(method, path), PRINCIPAL, ActingKeyStore(),
                            Config())
     assert caught.value.headers["Allow"] == allow
 
@@ -71,4 +72,4 @@ async def test_a_method_the_table_has_not_there_is_405_with_the_rows_methods(met
 async def test_query_parameters_are_the_rows_own():
     request = make_mocked_request("GET", "/_keygate/v1/keys/AbCdEf123456?status=active")
     with pytest.raises(BadRequest, match="'status'"):
-        await self_service(request, PRINCIPAL, ActingKeyStore(), Config())
+        await handle_self_service(request, PRINCIPAL, ActingKeyStore(), Config())

@@ -24,7 +24,7 @@ from .api import WORKSPACE_ADMIN_ROUTES
 from .keyops import Actor
 from .listener import create_admin_app
 from .middleware import KeyAuthenticator, error_middleware
-from .self_service import SELF_SERVICE_PREFIX, self_service
+from .self_service import SELF_SERVICE_PREFIX, handle_self_service
 
 __all__ = ["WORKSPACE_ADMIN_ROUTES", "Actor", "create_admin_app", "KeyAuthenticator",
-           "error_middleware", "SELF_SERVICE_PREFIX", "self_service"]
+           "error_middleware", "SELF_SERVICE_PREFIX", "handle_self_service"]

@@ -124,16 +124,8 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
                                 headers={"Allow": allow} if allow else None)
     if exc.status == 413:
         return PayloadTooLarge("The request body is too large.")
-    return _Refused(exc.reason or "Request refused.", exc.status)
-
-
-class _Refused(GatewayError):
-    """Any other refusal of aiohttp's (a malformed request), with its own status."""
-    code = "bad_request"
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
+    # any other refusal of aiohttp's (a malformed request) keeps the status aiohttp chose
+    return GatewayError(exc.reason or "Request refused.", code="bad_request", status=exc.status)
 
 
 def error_middleware(config: Config, *, authenticate: bool = True,

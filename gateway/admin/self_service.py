@@ -40,7 +40,7 @@ def _match(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
     return params
 
 
-async def self_service(request: web.BaseRequest, principal: Principal, store: Store,
+async def handle_self_service(request: web.BaseRequest, principal: Principal, store: Store,
                        config: Config) -> web.Response:
     """One ``/_keygate/v1/keys...`` call: 404 for a path the table does not have, 405 (with
     ``Allow``) for a method it does not take there, 400 for a query parameter it does not take,
