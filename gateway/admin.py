@@ -37,7 +37,7 @@ from .config import NAME_RE, SCOPE_RE, Config, parse_rate_limit
 from .errors import (shown, BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
                      PayloadTooLarge, ServiceUnavailable, StoreError, Unauthorized)
 from .models import LIMIT_FIELDS, KeyRecord, Principal, parse_rfc3339, rfc3339
-from .limits import effective_plan
+from .usage import effective_plan
 from .store import (OPERATOR, STATUSES, UNSET, WORKSPACE_ID_RE, Store, effective_scopes_of)
 from .tokens import KEY_ID_RE, adoptable_request_id
 

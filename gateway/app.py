@@ -23,7 +23,7 @@ from aiohttp.web_protocol import RequestHandler
 from .auth import Authenticator
 from .config import Config, load_config, servable_problems
 from .errors import BadRequest, ConfigError, GatewayError, StoreError
-from .hotpath import RequestStore
+from .store.request import RequestStore
 from .metrics import Metrics, counted
 from .pipeline import Pipeline
 from .redis_urls import redact
@@ -541,7 +541,7 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
     # Until the event loop takes it over, a SIGHUP (a reload) must neither end the process nor
     # be lost: it is held (workers inherit the mask) and delivered once a handler is in place.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-    from .embedded import EmbeddedError, resolve_store_url
+    from .store.embedded import EmbeddedError, resolve_store_url
     try:
         store_url, embedded = resolve_store_url(config)
     except EmbeddedError as exc:

@@ -25,8 +25,8 @@ from typing import Callable
 
 from .config import Config, Plan, RateLimit
 from .errors import TooManyRequests, invalid_token
-from .hotpath import RequestStore
-from .limits import effective_plan, key_rate_limit
+from .store.request import RequestStore
+from .usage import effective_plan, key_rate_limit
 from .models import KeyRecord, Principal, Workspace
 from .tokens import MalformedToken, ParsedToken, SecretHasher, parse_token
 from .verify_queue import VerifyQueue, argon2_executor, argon2_threads

@@ -170,7 +170,7 @@ def _banner(proxy: str, admin: str, admin_token: str, tokens: dict[str, str],
 
 async def _run(data_dir: str) -> int:
     from .app import ListenError, running_gateway, start_listeners, stop_listeners
-    from .embedded import EmbeddedError, EmbeddedRedis
+    from .store.embedded import EmbeddedError, EmbeddedRedis
 
     generated = not os.environ.get("KEYGATE_ADMIN_TOKEN")
     if generated:

@@ -15,7 +15,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from .config import Config
 from .errors import StoreError
-from .hotpath import RequestStore
+from .store.request import RequestStore
 from .metrics import Metrics, WorkersProcessCollector
 
 log = logging.getLogger("keygate")

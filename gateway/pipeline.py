@@ -24,8 +24,8 @@ from . import errors
 from .auth import Authenticator, CachedKey
 from .config import Config, Route
 from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
-from .hotpath import Decision, RequestStore, Slot, utc_day
-from .limits import Month, MonthCache, ratelimit_headers
+from .store.request import Decision, RequestStore, Slot
+from .usage import Month, MonthCache, ratelimit_headers, utc_day
 from .models import rfc3339
 from .routes import RouteTable, check_path, no_route, query_has_token
 from .tokens import adoptable_request_id
