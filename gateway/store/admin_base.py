@@ -59,9 +59,8 @@ class StoreBase:
         a = config.keys.argon2
         self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
         self._scripts = {name: client.register_script(load(f"admin_{name}").text)
-                         for name in ("create_workspace", "update_workspace", "create_key",
-                                      "rotate_key", "update_key", "revoke_key", "set_role",
-                                      "delete_key")}
+                         for name in ("create_workspace", "update_workspace", "add_key",
+                                      "update_key", "revoke_key", "set_role", "delete_key")}
 
     @classmethod
     async def connect(cls, url: str, config: Config, *,
@@ -90,8 +89,10 @@ class StoreBase:
         except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
             return describe(exc)
 
-    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        with store_errors(name.replace("_", " ")):
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
+                   what: str = "") -> Any:
+        """Run the script ``lua/admin_<name>.lua``; ``what`` names the operation in errors."""
+        with store_errors(what or name.replace("_", " ")):
             return await self._scripts[name](keys=list(keys), args=list(args))
 
     def _audit_entry(self, now: float, actor: str, action: str, target: str,

@@ -130,12 +130,13 @@ class KeyStore(StoreBase):
             # No release of the id on a store error: the script may have run, and a key
             # must never lose its index entry (a stray entry is harmless, see the layout).
             reply = await self._run(
-                "create_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
-                               key_key(ws, key_id), ws_audit_key(ws)),
+                "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
+                            key_key(ws, key_id), ws_audit_key(ws)),
                 (epoch_field(now), self._max_keys(workspace),
                  "+inf" if expires_at is None else epoch_field(expires_at), key_id,
                  self._audit_entry(now, actor, "key.create", key_id,
-                                   self._key_details(record)), AUDIT_MAXLEN, *fields))
+                                   self._key_details(record)), AUDIT_MAXLEN,
+                 "", "", "", *fields), what="create key")
             if reply == "ok":
                 return NewKey(record, token)
             await self._release_id(key_id)
@@ -183,13 +184,13 @@ class KeyStore(StoreBase):
                 allowed_ips=old.allowed_ips)
             details = {"new_key": new_id, "grace_seconds": grace_seconds}
             reply = await self._run(
-                "rotate_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
-                               key_key(ws, key_id), key_key(ws, new_id), ws_audit_key(ws)),
+                "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
+                            key_key(ws, new_id), ws_audit_key(ws), key_key(ws, key_id)),
                 (epoch_field(now), self._max_keys(workspace),
-                 "+inf" if expires_at is None else epoch_field(expires_at), new_id, key_id,
-                 "" if grace_seconds <= 0 else epoch_field(now + grace_seconds),
-                 self._audit_entry(now, actor, "key.rotate", key_id, details),
-                 AUDIT_MAXLEN, old.rev, *fields))
+                 "+inf" if expires_at is None else epoch_field(expires_at), new_id,
+                 self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,
+                 key_id, "" if grace_seconds <= 0 else epoch_field(now + grace_seconds),
+                 old.rev, *fields), what="rotate key")
             if reply == "ok":
                 return await self.require_key(ws, key_id), NewKey(record, token)
             await self._release_id(new_id)
