@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from ..errors import Conflict, NotFound, StoreError, shown
 from ..models import KeyRecord, Workspace, rfc3339
 from ..usage import effective_plan, limits_json, month_period
-from .admin_base import AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, store_errors
+from .admin_base import AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, no_workspace, store_errors
 from .admin_keys import KeyStore
 from .keyspace import (WORKSPACES, daily_key, key_daily_key, key_usage_key, usage_key,
                        ws_audit_key, ws_key, ws_roles_key)
@@ -88,7 +88,7 @@ class Store(KeyStore):
         if limits is not UNSET:
             patch = "null" if limits is None else json.dumps(limits)
         if not WORKSPACE_ID_RE.fullmatch(ws):
-            raise NotFound(f"There is no workspace '{shown_ws(ws)}'.")
+            raise no_workspace(ws)
         details: dict[str, Any] = dict(changes)
         if limits is not UNSET:
             details["limits"] = limits
@@ -98,7 +98,7 @@ class Store(KeyStore):
              AUDIT_MAXLEN, patch, *[x for kv in changes.items() for x in kv]))
         workspace = workspace_from_hash(hash_pairs(reply))
         if workspace is None:
-            raise NotFound(f"There is no workspace '{shown_ws(ws)}'.")
+            raise no_workspace(ws)
         return workspace
 
     # --- roles --------------------------------------------------------------------------------
@@ -143,14 +143,14 @@ class Store(KeyStore):
     async def _set_role(self, ws: str, op: str, name: str, scopes: list[str] | None,
                         actor: str) -> None:
         if not WORKSPACE_ID_RE.fullmatch(ws):
-            raise NotFound(f"There is no workspace '{shown_ws(ws)}'.")
+            raise no_workspace(ws)
         details = {"scopes": scopes} if scopes is not None else {}
         reply = await self._run(
             "set_role", (ws_key(ws), ws_roles_key(ws), ws_audit_key(ws)),
             (op, name, json.dumps(scopes or []),
              self._audit_entry(self.clock(), actor, f"role.{op}", name, details), AUDIT_MAXLEN))
         if reply == "no_workspace":
-            raise NotFound(f"There is no workspace '{shown_ws(ws)}'.")
+            raise no_workspace(ws)
         if reply == "not_found":
             raise NotFound(f"Workspace '{shown_ws(ws)}' defines no role '{shown(name)}'.")
 

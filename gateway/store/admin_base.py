@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Mapping, Self, Sequence
 from redis.exceptions import RedisClusterException, RedisError
 
 from ..config import Config
-from ..errors import NotFound, StoreError, describe
+from ..errors import Conflict, NotFound, StoreError, describe, shown
 from ..models import Workspace, rfc3339
 from ..redis_urls import is_topology_url, standalone_client, topology_client
 from ..tokens import SecretHasher
@@ -32,6 +32,18 @@ def _client(url: str, timeout: float) -> Any:
     if is_topology_url(url):  # redis+sentinel://, redis+cluster:// (see gateway.redis_urls)
         return topology_client(url, timeout=timeout, decode_responses=True)
     return standalone_client(url, timeout=timeout, decode_responses=True)
+
+
+def no_workspace(ws: str) -> NotFound:
+    return NotFound(f"There is no workspace '{shown_ws(ws)}'.")
+
+
+def no_key(ws: str, key_id: str) -> NotFound:
+    return NotFound(f"Workspace '{shown_ws(ws)}' has no key '{shown(key_id, 12)}'.")
+
+
+def revoked_key(key_id: str) -> Conflict:
+    return Conflict(f"Key '{shown(key_id, 12)}' is revoked; a revoked key cannot be rotated.")
 
 
 @contextlib.contextmanager
@@ -111,12 +123,10 @@ class StoreBase:
     async def require_workspace(self, ws: str) -> Workspace:
         workspace = await self.get_workspace(ws)
         if workspace is None:
-            raise NotFound(f"There is no workspace '{shown_ws(ws)}'.")
+            raise no_workspace(ws)
         return workspace
 
-
-    # --- keys: changes ------------------------------------------------------------------------
-
     def _max_keys(self, workspace: Workspace) -> int:
+        """The active-key cap in force for ``workspace`` (-1: none), as the scripts take it."""
         plan = effective_plan(self.config, workspace)
         return -1 if plan.max_keys is None else plan.max_keys

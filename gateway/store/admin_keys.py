@@ -7,10 +7,11 @@ import asyncio
 import json
 from typing import Any, Sequence
 
-from ..errors import Conflict, NotFound, StoreError, shown
+from ..errors import Conflict, StoreError, shown
 from ..models import KeyRecord, rfc3339
 from ..tokens import ID_LEN, PREFIX_CHARS, make_token
-from .admin_base import AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, store_errors
+from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, no_key, no_workspace,
+                         revoked_key, store_errors)
 from .keyspace import key_index_key, key_key, ws_active_key, ws_audit_key, ws_key, ws_keys_key
 from .records import (UNSET, WORKSPACE_ID_RE, NewKey, control_fields, epoch_field, hash_pairs,
                       key_from_hash, shown_ws)
@@ -34,7 +35,7 @@ class KeyStore(StoreBase):
     async def require_key(self, ws: str, key_id: str) -> KeyRecord:
         key = await self.get_key(ws, key_id)
         if key is None:
-            raise NotFound(f"Workspace '{shown_ws(ws)}' has no key '{shown(key_id, 12)}'.")
+            raise no_key(ws, key_id)
         return key
 
     async def list_keys(self, ws: str, status: str | None = None) -> list[KeyRecord]:
@@ -141,11 +142,12 @@ class KeyStore(StoreBase):
                 return NewKey(record, token)
             await self._release_id(key_id)
             if reply == "no_workspace":
-                raise NotFound(f"There is no workspace '{shown_ws(ws)}'.")
+                raise no_workspace(ws)
             if reply == "limit":
-                raise Conflict(f"Workspace '{shown_ws(ws)}' already has the {self._max_keys(workspace)} "
-                               f"active keys its plan '{workspace.plan}' allows; revoke one "
-                               "first.", code="key_limit_reached")
+                raise Conflict(f"Workspace '{shown_ws(ws)}' already has the "
+                               f"{self._max_keys(workspace)} active keys its plan "
+                               f"'{workspace.plan}' allows; revoke one first.",
+                               code="key_limit_reached")
         raise StoreError("could not find a free key id")
 
     async def rotate_key(self, ws: str, key_id: str, *, grace_seconds: int = 0,
@@ -165,10 +167,10 @@ class KeyStore(StoreBase):
         old = await self.require_key(ws, key_id)
         for _ in range(ID_ATTEMPTS):
             if old.revoked_at is not None:
-                raise Conflict(f"Key '{shown(key_id, 12)}' is revoked; a revoked key cannot be rotated.")
+                raise revoked_key(key_id)
             if expect_rev is not None and old.rev != expect_rev:
-                raise Conflict(f"Key '{shown(key_id, 12)}' changed while it was being rotated; read it "
-                               "again and retry.")
+                raise Conflict(f"Key '{shown(key_id, 12)}' changed while it was being rotated; "
+                               "read it again and retry.")
             new_id, token, hashed = await self._new_token(ws, old.environment)
             now = self.clock()
             expires_at = None
@@ -195,17 +197,18 @@ class KeyStore(StoreBase):
                 return await self.require_key(ws, key_id), NewKey(record, token)
             await self._release_id(new_id)
             if reply == "no_workspace":
-                raise NotFound(f"There is no workspace '{shown_ws(ws)}'.")
+                raise no_workspace(ws)
             if reply == "not_found":
-                raise NotFound(f"Workspace '{shown_ws(ws)}' has no key '{shown(key_id, 12)}'.")
+                raise no_key(ws, key_id)
             if reply == "revoked":
-                raise Conflict(f"Key '{shown(key_id, 12)}' is revoked; a revoked key cannot be rotated.")
+                raise revoked_key(key_id)
             if reply in ("stale", "collision"):
                 old = await self.require_key(ws, key_id)
                 continue
             if reply == "limit":
-                raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace '{shown_ws(ws)}' already has "
-                               f"the {self._max_keys(workspace)} active keys its plan allows.",
+                raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
+                               f"'{shown_ws(ws)}' already has the {self._max_keys(workspace)} "
+                               "active keys its plan allows.",
                                code="key_limit_reached")
             if reply == "grace_limit":
                 raise Conflict(f"Workspace '{shown_ws(ws)}' is already over the "
@@ -255,7 +258,7 @@ class KeyStore(StoreBase):
         if score:
             max_keys = self._max_keys(await self.require_workspace(ws))
         elif not WORKSPACE_ID_RE.fullmatch(ws):
-            raise NotFound(f"There is no workspace '{shown_ws(ws)}'.")
+            raise no_workspace(ws)
         now = self.clock()
         reply = await self._run(
             "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws)),
@@ -263,18 +266,19 @@ class KeyStore(StoreBase):
              self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
              *fields))
         if reply == "limit":
-            raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace '{shown_ws(ws)}' already has the "
-                           f"{max_keys} active keys its plan allows; a new expiry would make "
-                           "it active again.", code="key_limit_reached")
+            raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
+                           f"'{shown_ws(ws)}' already has the {max_keys} active keys its plan "
+                           "allows; a new expiry would make it active again.",
+                           code="key_limit_reached")
         key = key_from_hash(hash_pairs(reply))
         if key is None:
-            raise NotFound(f"Workspace '{shown_ws(ws)}' has no key '{shown(key_id, 12)}'.")
+            raise no_key(ws, key_id)
         return key
 
     async def revoke_key(self, ws: str, key_id: str, *, actor: str = OPERATOR) -> KeyRecord:
         """Revoke for good (idempotent: revoking again changes nothing and audits nothing)."""
         if not WORKSPACE_ID_RE.fullmatch(ws):
-            raise NotFound(f"There is no workspace '{shown_ws(ws)}'.")
+            raise no_workspace(ws)
         now = self.clock()
         reply = await self._run(
             "revoke_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws)),
@@ -282,14 +286,14 @@ class KeyStore(StoreBase):
              AUDIT_MAXLEN))
         key = key_from_hash(hash_pairs(reply))
         if key is None:
-            raise NotFound(f"Workspace '{shown_ws(ws)}' has no key '{shown(key_id, 12)}'.")
+            raise no_key(ws, key_id)
         return key
 
     async def delete_key(self, ws: str, key_id: str, *, actor: str = OPERATOR) -> KeyRecord:
         """Remove a revoked or expired key for good (Conflict for an active key: revoke it
         first). Its audit entries stay; its token then reads as unknown (invalid_key)."""
         if not WORKSPACE_ID_RE.fullmatch(ws):
-            raise NotFound(f"There is no workspace '{shown_ws(ws)}'.")
+            raise no_workspace(ws)
         now = self.clock()
         reply = await self._run(
             "delete_key", (key_key(ws, key_id), ws_keys_key(ws), ws_active_key(ws),
@@ -301,7 +305,7 @@ class KeyStore(StoreBase):
                            "before deleting it.")
         key = key_from_hash(hash_pairs(reply))
         if key is None:
-            raise NotFound(f"Workspace '{shown_ws(ws)}' has no key '{shown(key_id, 12)}'.")
+            raise no_key(ws, key_id)
         with store_errors("write"):  # the global index, in its own slot: after the key
             await self.redis.delete(key_index_key(key_id))
         return key

@@ -17,7 +17,7 @@ from ..usage import utc_day
 from .clients import ScriptClient, connect
 from .keyspace import (daily_key, fail_ip_key, fail_key_key, key_daily_key, key_key,
                        key_usage_key, rate_key, usage_key, ws_key)
-from .scripts import load
+from .scripts import Script, load
 
 AUTHORIZE = load("authorize")
 ADD_USAGE = load("add_usage")
@@ -55,14 +55,16 @@ class Slot(NamedTuple):
 
 class RequestStore:
     """Hot-path store client. ``url``: redis://, rediss://, unix:// (the lean client);
-    redis+sentinel://, redis+cluster:// (redis-py). ValueError on a bad URL."""
+    redis+sentinel://, redis+cluster:// (redis-py). ValueError on a bad URL. ``client``
+    replaces the one ``url`` names (tests)."""
 
-    def __init__(self, url: str, *, timeout: float = 2.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 2.0,
+                 client: ScriptClient | None = None) -> None:
         self.url = url
         self.timeout = timeout
         self._tag, self._seq = os.urandom(4).hex(), 0  # rate-log members unique across replicas
         self._keys: dict[tuple[str, str, str, str], tuple[str, ...]] = {}
-        self._resp: ScriptClient = connect(url, timeout)
+        self._resp: ScriptClient = client or connect(url, timeout)
 
     def _deadline(self) -> int:
         """The latest instant, in Redis's clock (µs), at which the authorize script may still
@@ -160,7 +162,7 @@ class RequestStore:
         return int(await self._run(ADD_USAGE, slot.counters(),
                                    (n, ttl, ttl, DAILY_TTL, DAILY_TTL)))
 
-    async def _run(self, script, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+    async def _run(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         try:
             return await self._resp.run(script, keys, args)
         except Exception as exc:  # connection lost, timeout, error reply: the store failed
