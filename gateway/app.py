@@ -20,7 +20,7 @@ from aiohttp import web
 from .auth import Authenticator
 from .config import Config
 from .errors import StoreError
-from .hotpath import RequestStore
+from .store.request import RequestStore
 from .metrics import Metrics, counted
 from .pipeline import Pipeline
 from .proxying.server import AdminRunner, ProxyServer

@@ -172,7 +172,7 @@ def _banner(proxy: str, admin: str, admin_token: str, tokens: dict[str, str],
 
 async def _run(data_dir: str) -> int:
     from .app import ListenError, running_gateway, start_listeners, stop_listeners
-    from .embedded import EmbeddedError, EmbeddedRedis
+    from .store.embedded import EmbeddedError, EmbeddedRedis
 
     # The admin API reads its operator token from the variable admin.token_env names
     # (KEYGATE_ADMIN_TOKEN): setting it here is how a generated token reaches it.

@@ -13,8 +13,8 @@ import logging
 from typing import Callable, Protocol
 
 from .errors import StoreError
-from .hotpath import Slot
-from .limits import MonthCache
+from .store.request import Slot
+from .usage import MonthCache
 
 log = logging.getLogger("keygate.proxy")
 
@@ -22,7 +22,7 @@ RETRY_EVERY = 1.0  # seconds between attempts to write local counts to the store
 
 
 class UsageWriter(Protocol):
-    """The store side the ledger writes to (``gateway.hotpath.RequestStore``)."""
+    """The store side the ledger writes to (``gateway.store.request.RequestStore``)."""
 
     async def add_usage(self, slot: Slot, n: int, ttl: int) -> int: ...
 

@@ -25,9 +25,9 @@ from .access import refusal
 from .auth import Authenticator, CachedKey
 from .config import Config, Upstream
 from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
-from .hotpath import Decision, RequestStore, Slot, utc_day
+from .store.request import Decision, RequestStore, Slot
 from .ledger import LocalLedger
-from .limits import Month, MonthCache, ratelimit_headers
+from .usage import Month, MonthCache, ratelimit_headers, utc_day
 from .models import Principal, rfc3339
 from .routes import RouteTable, check_path, no_route, query_has_token
 from .tokens import adoptable_request_id

@@ -18,7 +18,7 @@ import sys
 from .app import ListenError, running_gateway, start_listeners, stop_listeners
 from .config import Config, load_config, servable_problems
 from .errors import ConfigError, StoreError
-from .hotpath import RequestStore
+from .store.request import RequestStore
 from .redis_urls import redact
 
 log = logging.getLogger("keygate")
@@ -233,7 +233,7 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
     # Until the event loop takes it over, a SIGHUP (a reload) must neither end the process nor
     # be lost: it is held (workers inherit the mask) and delivered once a handler is in place.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-    from .embedded import EmbeddedError, resolve_store_url
+    from .store.embedded import EmbeddedError, resolve_store_url
     try:
         store_url, embedded = resolve_store_url(config)
     except EmbeddedError as exc:

@@ -11,9 +11,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.access import refusal
 from gateway.auth import CachedKey
 from gateway.errors import StoreError
-from gateway.hotpath import Slot
+from gateway.store.request import Slot
 from gateway.ledger import LocalLedger
-from gateway.limits import MonthCache
+from gateway.usage import MonthCache
 from gateway.models import KeyRecord, Principal, Workspace
 from gateway.proxying.headers import RequestHeaderRules, response_headers
 from harness import make_config

@@ -113,7 +113,7 @@ async def test_requests_counted_locally_while_the_store_was_down_survive_a_shutd
         redis_url, upstream, monkeypatch):
     import redis as sync_redis
     from gateway.config import StoreConfig
-    from gateway.limits import month_of
+    from gateway.usage import month_of
     from gateway.store import usage_key
 
     config = make_config(str(upstream.make_url("")),
@@ -157,7 +157,7 @@ async def test_a_request_counted_locally_that_never_reached_the_upstream_is_take
     import redis as sync_redis
     from conftest import free_port
     from gateway.config import StoreConfig
-    from gateway.limits import month_of
+    from gateway.usage import month_of
     from gateway.store import usage_key
 
     config = make_config(f"http://127.0.0.1:{free_port()}",  # nothing listens there

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from ..config import Config
 from ..errors import BadRequest, Forbidden, NotFound, shown
-from ..limits import effective_plan
+from ..usage import effective_plan
 from ..models import KeyRecord, rfc3339
 from ..store import OPERATOR, UNSET, Store, effective_scopes_of
 from ..tokens import KEY_ID_RE
