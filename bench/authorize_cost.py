@@ -54,7 +54,7 @@ def start_redis() -> tuple[subprocess.Popen, str]:
 
 
 async def run(url: str, calls: int, concurrency: int, rate: bool) -> dict:
-    from gateway.hotpath import RequestStore
+    from gateway.store.request import RequestStore
     from gateway.store import key_key, ws_key
     r = redis.Redis.from_url(url)
     r.flushall()

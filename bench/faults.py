@@ -57,7 +57,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.limits import month_of  # noqa: E402
+from gateway.usage import month_of  # noqa: E402
 from gateway.store import usage_key  # noqa: E402
 
 ADMIN_TOKEN = secrets.token_urlsafe(24)

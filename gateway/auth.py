@@ -3,7 +3,7 @@
 A key's secret is argon2-verified at most once per process per ``keys.cache_ttl``; the cache
 remembers a SHA-256 digest of the verified secret (never the secret) and the key's state at a
 revision. The cache never decides alone whether the state is current: every request's one
-store round trip (``lua/authorize.lua``) compares revisions, and a stale entry is re-read
+store round trip (``gateway/store/lua/authorize.lua``) compares revisions, and a stale entry is re-read
 before anything is decided, so revocation and re-scoping act on the very next request at every
 replica without waiting for a TTL.
 
@@ -25,8 +25,8 @@ from typing import Callable
 
 from .config import Config, Plan, RateLimit
 from .errors import TooManyRequests, invalid_token
-from .hotpath import RequestStore
-from .limits import effective_plan, key_rate_limit
+from .store.request import RequestStore
+from .usage import effective_plan, key_rate_limit
 from .models import KeyRecord, Principal, Workspace
 from .tokens import MalformedToken, ParsedToken, SecretHasher, parse_token
 from .verify_queue import VerifyQueue, argon2_executor, argon2_threads

@@ -2,8 +2,8 @@
 
 Starts the embedded store under ``./.keygate-demo``, a small CRM-like upstream in-process, the
 gateway in front of it, creates a workspace on the starter plan and two keys (read-only and
-read-write) through the admin API, and prints the tokens and curl lines to try. Ctrl-C stops
-everything.
+read-write) through the admin API, and prints the tokens, curl lines to try and the export
+line that points the CLI at this demo's admin API. Ctrl-C stops everything.
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ def sample_upstream() -> web.Application:
 
 
 def _port_or_free(host: str, preferred: int) -> int:
+    """``preferred`` (the port the docs name) when it is free, else any free port: a second
+    demo or another server on 8080 must not stop this one."""
     with socket.socket() as s:
         try:
             s.bind((host, preferred))
@@ -170,8 +172,10 @@ def _banner(proxy: str, admin: str, admin_token: str, tokens: dict[str, str],
 
 async def _run(data_dir: str) -> int:
     from .app import ListenError, running_gateway, start_listeners, stop_listeners
-    from .embedded import EmbeddedError, EmbeddedRedis
+    from .store.embedded import EmbeddedError, EmbeddedRedis
 
+    # The admin API reads its operator token from the variable admin.token_env names
+    # (KEYGATE_ADMIN_TOKEN): setting it here is how a generated token reaches it.
     generated = not os.environ.get("KEYGATE_ADMIN_TOKEN")
     if generated:
         os.environ["KEYGATE_ADMIN_TOKEN"] = secrets.token_urlsafe(24)

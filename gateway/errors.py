@@ -3,14 +3,15 @@
     GatewayError                      status, code, message, headers
     ├── BadRequest (400)              bad_request, bad_path, key_in_url, ambiguous_key
     ├── Unauthorized (401)            missing_key, malformed_key, invalid_key, expired_key,
-    │                                 revoked_key, unauthorized (admin)
-    ├── Forbidden (403)               insufficient_scope
+    │                                 revoked_key, disabled_key, unauthorized (admin)
+    ├── Forbidden (403)               insufficient_scope, ip_not_allowed
     ├── NotFound (404)                no_route, not_found
     ├── MethodNotAllowed (405)        method_not_allowed (keygate's own endpoints)
     ├── RequestTimeout (408)          request_timeout (a request body stalled)
     ├── Conflict (409)                conflict, key_limit_reached
     ├── PayloadTooLarge (413)         body_too_large
-    ├── TooManyRequests (429)         too_many_failures, rate_limited, quota_exceeded
+    ├── TooManyRequests (429)         too_many_failures, rate_limited, quota_exceeded,
+    │                                 key_quota_exceeded
     ├── NotImplemented_ (501)         not_implemented (a transfer coding other than chunked)
     ├── BadGateway (502)              upstream_unavailable
     ├── ServiceUnavailable (503)      store_unavailable, overloaded (gateway.verify_queue)
@@ -34,6 +35,13 @@ from aiohttp import web
 REALM = 'Bearer realm="keygate"'
 
 
+def _override(target: object, **given: object) -> None:
+    """Set each given (not None) attribute on a class or an instance."""
+    for name, value in given.items():
+        if value is not None:
+            setattr(target, name, value)
+
+
 class GatewayError(Exception):
     status: int = 500
     code: str = "internal_error"
@@ -42,15 +50,20 @@ class GatewayError(Exception):
     # request count against the monthly quota (a request keygate refused itself never does).
     reached_upstream: bool = False
 
-    def __init__(self, message: str, *, code: str | None = None,
+    def __init_subclass__(cls, *, status: int | None = None, code: str | None = None,
+                          reached_upstream: bool | None = None, **kwargs) -> None:
+        """Each kind of error names its status and default code in its class line."""
+        super().__init_subclass__(**kwargs)
+        _override(cls, status=status, code=code, reached_upstream=reached_upstream)
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
                  headers: Mapping[str, str] | None = None,
                  reached_upstream: bool | None = None) -> None:
+        """Everything about an error is said when it is made (none is changed after): a
+        ``status`` of its own only where another component picked it (aiohttp's parser)."""
         super().__init__(message)
         self.message = message
-        if code is not None:
-            self.code = code
-        if reached_upstream is not None:
-            self.reached_upstream = reached_upstream
+        _override(self, status=status, code=code, reached_upstream=reached_upstream)
         self.headers: dict[str, str] = dict(headers or {})
 
     def body(self, request_id: str) -> bytes:
@@ -64,58 +77,62 @@ class GatewayError(Exception):
                             content_type="application/json", headers=headers)
 
 
-class BadRequest(GatewayError):
-    status, code = 400, "bad_request"
+class BadRequest(GatewayError, status=400, code="bad_request"):
+    """Malformed on the wire or in its parts: ``bad_request``, ``bad_path``, ``key_in_url``,
+    ``ambiguous_key``."""
 
 
-class Unauthorized(GatewayError):
-    status, code = 401, "unauthorized"
+class Unauthorized(GatewayError, status=401, code="unauthorized"):
+    """No usable credential: ``missing_key``, ``malformed_key``, ``invalid_key``,
+    ``expired_key``, ``revoked_key``, ``disabled_key``; ``unauthorized`` on the admin API."""
 
 
-class Forbidden(GatewayError):
-    status, code = 403, "insufficient_scope"
+class Forbidden(GatewayError, status=403, code="insufficient_scope"):
+    """A valid key that may not do this: ``insufficient_scope``, ``ip_not_allowed``."""
 
 
-class NotFound(GatewayError):
-    status, code = 404, "not_found"
+class NotFound(GatewayError, status=404, code="not_found"):
+    """``no_route`` on the proxy, ``not_found`` on the admin API."""
 
 
-class MethodNotAllowed(GatewayError):
-    status, code = 405, "method_not_allowed"
+class MethodNotAllowed(GatewayError, status=405, code="method_not_allowed"):
+    """A method keygate's own endpoints do not take."""
 
 
-class RequestTimeout(GatewayError):
-    status, code = 408, "request_timeout"
+class RequestTimeout(GatewayError, status=408, code="request_timeout"):
+    """A request body stalled for ``server.timeouts.body``."""
 
 
-class Conflict(GatewayError):
-    status, code = 409, "conflict"
+class Conflict(GatewayError, status=409, code="conflict"):
+    """The admin API's state forbids the change: ``conflict``, ``key_limit_reached``."""
 
 
-class PayloadTooLarge(GatewayError):
-    status, code = 413, "body_too_large"
+class PayloadTooLarge(GatewayError, status=413, code="body_too_large"):
+    """A body over ``server.max_body_bytes`` (see ``body_too_large``)."""
 
 
-class TooManyRequests(GatewayError):
-    status, code = 429, "rate_limited"
+class TooManyRequests(GatewayError, status=429, code="rate_limited"):
+    """``too_many_failures``, ``rate_limited``, ``quota_exceeded``, ``key_quota_exceeded``."""
 
 
-class NotImplemented_(GatewayError):
-    status, code = 501, "not_implemented"
+class NotImplemented_(GatewayError, status=501, code="not_implemented"):
+    """A transfer coding other than ``chunked``."""
 
 
-class BadGateway(GatewayError):
-    status, code = 502, "upstream_unavailable"
-    reached_upstream = True   # unless the connection could not be made (said when raised)
+class BadGateway(GatewayError, status=502, code="upstream_unavailable",
+                 reached_upstream=True):
+    """The upstream failed; it may have received the request unless the connection could not
+    be made (said when raised)."""
 
 
-class ServiceUnavailable(GatewayError):
-    status, code = 503, "store_unavailable"
+class ServiceUnavailable(GatewayError, status=503, code="store_unavailable"):
+    """``store_unavailable``; ``overloaded`` from ``gateway.verify_queue``."""
 
 
-class GatewayTimeout(GatewayError):
-    status, code = 504, "upstream_timeout"
-    reached_upstream = True   # unless it timed out connecting or waiting for a connection
+class GatewayTimeout(GatewayError, status=504, code="upstream_timeout",
+                     reached_upstream=True):
+    """The upstream did not answer in time; it may have received the request unless it timed
+    out connecting or waiting for a connection (said when raised)."""
 
 
 def shown(text: str, limit: int = 31) -> str:

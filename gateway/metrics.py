@@ -15,6 +15,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Pla
 from prometheus_client.core import Metric
 
 from . import __version__
+from .models import HTTP_METHODS
 
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 STORE_BUCKETS = (.0002, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5)
@@ -126,8 +127,8 @@ class Metrics:
         child.observe(seconds)
 
 
-_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
-                      "CONNECT"))
+# The method label's values: RFC 9110's methods, anything else is "OTHER" (bounded cardinality).
+_METHODS = frozenset(HTTP_METHODS)
 
 
 def counted(handler: Callable[[Any], Awaitable[Any]],

@@ -15,7 +15,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from .config import Config
 from .errors import StoreError
-from .hotpath import RequestStore
+from .store.request import RequestStore
 from .metrics import Metrics, WorkersProcessCollector
 
 log = logging.getLogger("keygate")
@@ -81,7 +81,7 @@ def add_metrics_route(app: web.Application, metrics: Metrics, store, config: Con
 class TimedRequestStore(RequestStore):
     """The hot-path store client with every round trip timed into
     ``keygate_store_call_duration_seconds{call}`` (failed calls too: a slow failure is what an
-    operator needs to see). A subclass, so ``gateway.hotpath`` stays free of metrics."""
+    operator needs to see). A subclass, so ``gateway.store.request`` stays free of metrics."""
 
     def __init__(self, url: str, *, timeout: float, metrics: Metrics) -> None:
         super().__init__(url, timeout=timeout)

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .config import TracingConfig
+from .models import HTTP_METHODS
 from .tracing import Trace, Tracer, incoming
 
 try:
@@ -48,8 +49,7 @@ from . import __version__
 
 log = logging.getLogger("keygate.tracing")
 
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
-                      "CONNECT"})
+_METHODS = frozenset(HTTP_METHODS)  # span names: a known method, else "HTTP"
 
 
 def traces_url(endpoint: str) -> str:

@@ -1,7 +1,7 @@
 """Which peers are our own proxies, and who the client is behind them: decided once.
 
 ``server.trusted_proxies`` lists the load balancers in front of keygate. Their
-``X-Forwarded-*`` headers are kept when forwarding (``gateway.proxy``), and the client address
+``X-Forwarded-*`` headers are kept when forwarding (``gateway.proxying.headers``), and the client address
 the failure throttle and IP allow-lists use is read through them (``gateway.pipeline``). Both
 ask this one object, so they can never disagree about a peer.
 

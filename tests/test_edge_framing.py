@@ -401,7 +401,8 @@ async def test_property_one_request_upstream_per_allowed_request_with_its_exact_
 @pytest.mark.parametrize("sizes, declared", [([5, 5], 5), ([3], 10), ([4, 4, 4], 8)])
 async def test_upstream_writer_writes_exactly_the_declared_length_or_fails(raw_upstream, sizes,
                                                                            declared):
-    from gateway.upstream import UpstreamPool, UpstreamProtocolError
+    from gateway.proxying.connection import UpstreamProtocolError
+    from gateway.proxying.upstream import UpstreamPool
     pool = UpstreamPool(f"http://127.0.0.1:{raw_upstream.port}")
     chunks = [bytes([65 + i]) * n for i, n in enumerate(sizes)]
 
@@ -425,7 +426,7 @@ async def test_inflating_server_cannot_smuggle_past_the_writer(edge):
     """Even with the server inflating bodies again (the original bug's first half), the
     writer's length check stops the inflated bytes at the declared length."""
     from aiohttp.test_utils import BaseTestServer
-    from gateway.app import ProxyServer
+    from gateway.proxying.server import ProxyServer
 
     inflating = ProxyServer(edge.gw.pipeline.handle, access_log=None, auto_decompress=True)
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from gateway.config import Config, StoreConfig
-from gateway.embedded import EmbeddedError, EmbeddedRedis, resolve_store_url
+from gateway.store.embedded import EmbeddedError, EmbeddedRedis, resolve_store_url
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_relative_data_dir_is_made_absolute(started, tmp_path, monkeypatch):
 def test_processes_starting_at_once_share_one_server(data_dir):
     script = textwrap.dedent(f"""
         import sys
-        from gateway.embedded import EmbeddedRedis
+        from gateway.store.embedded import EmbeddedRedis
         e = EmbeddedRedis({str(data_dir)!r})
         e.start()
         print(e.pid, e.owner, flush=True)
@@ -127,7 +127,7 @@ def test_processes_starting_at_once_share_one_server(data_dir):
 def test_server_exits_when_its_owner_is_killed_and_data_is_kept(started, data_dir):
     script = textwrap.dedent(f"""
         import redis, sys
-        from gateway.embedded import EmbeddedRedis
+        from gateway.store.embedded import EmbeddedRedis
         e = EmbeddedRedis({str(data_dir)!r})
         redis.Redis.from_url(e.start()).set("kg:before-kill", "1")
         print(e.pid, flush=True)

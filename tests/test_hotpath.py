@@ -8,8 +8,8 @@ import pytest
 import redis
 
 from gateway.errors import StoreError
-from gateway.hotpath import RequestStore
-from gateway.resp import RespClient, RespError
+from gateway.store.request import RequestStore
+from gateway.store.resp import RespClient, RespError
 from gateway.store import key_key, usage_key, ws_key
 
 NOW_MS = 1_795_000_000_000  # 2026-11-18

@@ -673,7 +673,7 @@ async def test_verify_only_mode_applies_every_key_control(redis_url, upstream, m
 
 
 def test_the_openapi_document_describes_the_key_controls():
-    from gateway.openapi import document
+    from gateway.admin.openapi import document
     doc = document()
     paths = doc["paths"]
     assert "delete" in paths["/admin/v1/workspaces/{ws}/keys/{key}"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession
 
-from gateway.openapi import document
+from gateway.admin.openapi import document
 
 from harness import ADMIN_TOKEN, gateway_under_test, make_config
 

@@ -15,7 +15,7 @@ from yarl import URL
 from gateway.config import Config, KeysConfig, ServerConfig, Upstream
 from gateway.errors import GatewayError
 from gateway.models import Principal
-from gateway.proxy import Forwarder
+from gateway.proxying.forward import Forwarder
 from gateway.tokens import make_token
 
 PRINCIPAL = Principal("acme", "abc123def456", frozenset({"people:read"}), "pro")

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import pytest
 import redis
 
-from gateway.app import _preflight
+from gateway.workers import _preflight
 from gateway.config import ConfigError, load_config
 from gateway.redis_urls import parse_topology_url, redact
 from gateway.tokens import make_token

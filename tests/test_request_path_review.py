@@ -113,7 +113,7 @@ async def test_requests_counted_locally_while_the_store_was_down_survive_a_shutd
         redis_url, upstream, monkeypatch):
     import redis as sync_redis
     from gateway.config import StoreConfig
-    from gateway.limits import month_of
+    from gateway.usage import month_of
     from gateway.store import usage_key
 
     config = make_config(str(upstream.make_url("")),
@@ -157,7 +157,7 @@ async def test_a_request_counted_locally_that_never_reached_the_upstream_is_take
     import redis as sync_redis
     from conftest import free_port
     from gateway.config import StoreConfig
-    from gateway.limits import month_of
+    from gateway.usage import month_of
     from gateway.store import usage_key
 
     config = make_config(f"http://127.0.0.1:{free_port()}",  # nothing listens there
@@ -215,7 +215,7 @@ def test_a_worker_that_fails_says_why_and_the_supervisor_exits_1(tmp_path):
     script.write_text(
         "import sys\n"
         "sys.path.insert(0, %r)\n"
-        "import gateway.app as app\n"
+        "import gateway.workers as app\n"
         "from harness import make_config\n"
         "app._preflight = lambda config, url: None\n"
         "def boom(*args, **kwargs):\n"
@@ -236,7 +236,7 @@ def test_the_last_worker_failing_is_still_a_failed_exit(tmp_path):
     script.write_text(
         "import os, sys, time\n"
         "sys.path.insert(0, %r)\n"
-        "import gateway.app as app\n"
+        "import gateway.workers as app\n"
         "from harness import make_config\n"
         "app._preflight = lambda config, url: None\n"
         "def worker(*args, **kwargs):\n"

@@ -223,7 +223,7 @@ async def test_the_forwarder_signs_the_request_line_it_sends(upstream, aiohttp_r
                                                               monkeypatch):
     from gateway.config import Config
     from gateway.models import Principal
-    from gateway.proxy import Forwarder
+    from gateway.proxying.forward import Forwarder
     monkeypatch.setenv("KG_SIGNING", SECRET)
     up = Upstream("api", str(upstream.make_url("/base")), 5.0)
     fwd = Forwarder(Config(upstreams={"api": up},

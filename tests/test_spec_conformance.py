@@ -585,7 +585,7 @@ async def test_quota_exceeded_429_counts_nothing(gut):
 async def test_admin_listener_answers_unparseable_requests_with_the_json_error_body(gut):
     from aiohttp import web
 
-    from gateway.app import AdminRunner
+    from gateway.proxying.server import AdminRunner
     runner = AdminRunner(gut.gw.admin_app, handle_signals=False, access_log=None)  # as app.py
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -10,8 +10,8 @@ import redis
 
 from gateway.config import Argon2Config, Config, Plan
 from gateway.errors import Conflict, NotFound, StoreError
-from gateway.store import (Store, key_index_key, key_key, month_period, slug_from_name,
-                           usage_key, ws_key)
+from gateway.store import Store, key_index_key, key_key, slug_from_name, usage_key, ws_key
+from gateway.usage import month_period
 from gateway.tokens import parse_token
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z

@@ -140,7 +140,7 @@ async def test_serve_refuses_to_start_on_a_wrong_password_in_one_line(unix_redis
 
 
 def test_rediss_options_reach_the_per_request_client(tmp_path):
-    from gateway.resp import RespClient
+    from gateway.store.resp import RespClient
     import ssl
     missing = tmp_path / "no-such-ca.pem"
     with pytest.raises(ValueError, match="ssl_ca_certs"):
@@ -271,7 +271,7 @@ async def _load(g, token: str, stop: asyncio.Event, statuses: list[int], workers
 
 
 def _month_count(url: str, ws: str) -> int:
-    from gateway.limits import month_of
+    from gateway.usage import month_of
     from gateway.store import usage_key
     return int(redis.Redis.from_url(url).get(usage_key(ws, month_of(time.time()).period)) or 0)
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.config import Config, Upstream, load_config
 from gateway.errors import GatewayError
 from gateway.models import Principal
-from gateway.proxy import Forwarder
+from gateway.proxying.forward import Forwarder
 from harness import gateway_under_test, make_config
 
 

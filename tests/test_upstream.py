@@ -7,8 +7,9 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from gateway.upstream import (UpstreamConnectError, UpstreamPool, UpstreamProtocolError,
-                              UpstreamTimeout)
+from gateway.proxying.connection import (UpstreamConnectError, UpstreamProtocolError,
+                                         UpstreamTimeout)
+from gateway.proxying.upstream import UpstreamPool
 
 
 def head(method: str, target: str, host: str = "upstream") -> bytes:

@@ -22,7 +22,7 @@ from typing import Any
 
 import hiredis
 
-from .redis_urls import parse_standalone_url
+from ..redis_urls import parse_standalone_url
 
 
 class RespError(Exception):

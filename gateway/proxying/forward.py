@@ -1,46 +1,26 @@
 """Forwarding an allowed request to its upstream, streaming both ways.
 
-One keep-alive connection pool (``aiohttp.ClientSession`` + ``TCPConnector``) per upstream. The
+One keep-alive connection pool (``gateway.proxying.upstream.UpstreamPool``) per upstream. The
 request goes out with the method, raw path and raw query exactly as received (no re-quoting:
 the path was checked canonical by ``gateway.routes`` and the upstream must see the same bytes
 the routes were matched on).
 
-Request header hygiene, in one pass over the client's headers:
+What goes upstream of the client's headers, and back of the upstream's, is
+``gateway.proxying.headers``; this module adds keygate's own: ``Host`` (the upstream's),
+``X-Request-Id`` (the request id: the pipeline already adopted the client's when it was sane),
+``traceparent`` (always keygate's own, ``gateway.tracing``; ``tracestate`` passes only with a
+trace keygate continued), the identity headers, and the signature header last when signing is
+on (``gateway.signature``). ``Expect: 100-continue`` is answered by keygate itself: ``100
+Continue`` goes to the client only once the request is allowed and about to stream.
 
-- hop-by-hop headers (``Connection``, ``Keep-Alive``, ``Proxy-Connection``, ``TE``,
-  ``Trailer``, ``Transfer-Encoding``, ``Upgrade``, ``Proxy-Authorization``,
-  ``Proxy-Authenticate``) and every header ``Connection`` names are dropped. The headers keygate
-  sets are added after this filtering, so ``Connection`` can never remove one of them;
-- keygate's credential headers (``config.keys.headers``) are dropped, and ``Authorization``
-  when it is the ``Bearer`` credential (on a public route, only when it carries a keygate token:
-  an upstream doing its own auth still gets its own ``Authorization``);
-- client-sent identity headers are dropped whatever their case, however often repeated, and
-  in the ``_`` spelling (``X_Workspace_Id``) that CGI/WSGI-style upstreams read as the same
-  header. All header-name comparisons here map ``_`` to ``-``;
-- ``X-Forwarded-*`` and ``Forwarded`` from the client are dropped unless the peer is in
-  ``server.trusted_proxies``; from a trusted peer they are kept and the peer is appended to
-  ``X-Forwarded-For`` (its ``X-Forwarded-Proto``/``-Host`` are kept when present);
-- ``Host`` is the upstream's host (like nginx's default ``proxy_set_header Host $proxy_host``):
-  the client's ``Host`` goes to ``X-Forwarded-Host``;
-- ``Expect: 100-continue`` is answered by keygate itself (``100 Continue`` is sent to the client
-  only once the request is allowed and about to stream), so it is not forwarded;
-- the client's ``X-Request-Id`` is replaced by the request id (the pipeline already adopted the
-  client's when it was sane);
-- ``traceparent`` is always keygate's own (``gateway.tracing``), ``tracestate`` passes only with
-  a trace keygate continued; the client's copy of the signature header
-  (``identity_signature.header``, default ``X-Keygate-Signature``) is always dropped, and
-  keygate's own set last when signing is on (``gateway.signature``);
-- everything else passes as sent, in order, repeats included.
-
-Response headers: hop-by-hop and ``Connection``-named ones are dropped, the rest pass (repeats
-such as ``Set-Cookie`` included); the pipeline's ``RateLimit`` fields and ``X-Request-Id`` are
-set. Bodies are never decompressed or buffered whole.
+Response headers get the pipeline's ``RateLimit`` fields and ``X-Request-Id``. Bodies are never
+decompressed or buffered whole.
 
 WebSocket/``Upgrade`` is not proxied (``Upgrade`` is hop-by-hop and dropped).
 
-The upstream client is ``gateway.upstream.UpstreamPool`` (httptools parsing over a plain
-``asyncio.Protocol``: 3-5x less CPU per request than aiohttp's ClientSession, as measured
-with the probes behind ``bench/``). Request bodies go upstream byte for byte as the client sent them (the proxy
+The pool is keygate's own client (httptools parsing over a plain ``asyncio.Protocol``: 3-5x
+less CPU per request than aiohttp's ClientSession, as measured with the probes behind
+``bench/``). Request bodies go upstream byte for byte as the client sent them (the proxy
 listener never decodes a ``Content-Encoding``), framed exactly as declared.
 """
 
@@ -49,44 +29,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import ssl
 import time
 from typing import Callable, Mapping
 
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
-from .config import Config, Upstream
-from .errors import BadGateway, GatewayError, GatewayTimeout, RequestTimeout, body_too_large
-from .models import Principal
-from .signature import DEFAULT_HEADER as SIGNATURE_HEADER, secrets_of, sign
-from .tracing import Trace, Tracer
-from .tokens import looks_like_token
-from .trust import TrustedProxies
-from .upstream import (BodyFramingError, UpstreamConnectError, UpstreamPool,
-                       UpstreamProtocolError, UpstreamTimeout, UpstreamUnreached)
+from ..config import Config, Upstream
+from ..errors import BadGateway, GatewayError, GatewayTimeout, RequestTimeout, body_too_large
+from ..models import Principal
+from ..signature import secrets_of, sign
+from ..tracing import Trace, Tracer
+from .connection import (BodyFramingError, UpstreamConnectError, UpstreamProtocolError,
+                         UpstreamResponse, UpstreamTimeout, UpstreamUnreached)
+from .headers import RequestHeaderRules, response_headers
+from .upstream import UpstreamPool
 
 log = logging.getLogger("keygate.proxy")
 
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "proxy-authorization", "proxy-authenticate",
-})
-_HOP_BY_HOP_BYTES = frozenset(n.encode() for n in HOP_BY_HOP)
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# Control characters a header value may not carry (RFC 9110 5.5: HTAB is the only one allowed):
-# CR/LF would split the lean client's request head, NUL and the rest get it refused upstream.
-_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-def _norm(name: str) -> str:
-    """Header name for comparison: lower case, ``_`` read as ``-``."""
-    name = name.lower()
-    return name.replace("_", "-") if "_" in name else name
-
 
 PREFETCH = 64 * 1024  # request body bytes read before an upstream connection is taken
 
@@ -138,17 +101,8 @@ class Forwarder:
         self.config = config
         self.max_body = config.server.max_body_bytes
         self.body_timeout = config.server.timeouts.body
-        ident = config.identity_headers
-        self._identity = tuple(n for n in ident.names())
-        # Dropped from every request whatever the route (names normalised with _norm).
-        always = set(HOP_BY_HOP)
-        always.update(_norm(n) for n in ident.names())
-        always.update(_norm(h) for h in config.keys.headers)
-        always.update(("host", "expect", "x-request-id", "traceparent", "tracestate"))
+        self.header_rules = RequestHeaderRules(config)
         signing = config.identity_signature
-        self._sign_header = signing.header if signing else SIGNATURE_HEADER
-        # the default name too: an upstream still checking it must never read a client's copy
-        always.update((_norm(self._sign_header), _norm(SIGNATURE_HEADER)))
         self._sign_secret: bytes | None = None
         if signing is not None:
             secrets = secrets_of(os.environ.get(signing.secret_env, ""))
@@ -156,9 +110,6 @@ class Forwarder:
                 raise ValueError(f"identity_signature: environment variable "
                                  f"{signing.secret_env} holds no secret")
             self._sign_secret = secrets[0]
-        self._drop = frozenset(always)
-        self.trusted = TrustedProxies(config.server.trusted_proxies)
-        self._prefix = config.keys.prefix
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -217,74 +168,24 @@ class Forwarder:
     def request_headers(self, request: web.BaseRequest, principal: Principal | None,
                         request_id: str, *, target: str | None = None,
                         trace: Trace | None = None) -> list[tuple[str, str]]:
-        """The headers to send upstream (see the module docstring for the rules), without
-        ``Content-Length``: the upstream writer frames the body itself. ``target`` is the
-        request line's path and query as sent upstream (what the signature covers); ``trace``
-        the request's trace context (read from the request when not given)."""
-        headers = request.headers
-        named: frozenset[str] | set[str] = frozenset()
-        connection = headers.getall("Connection", None)
-        if connection:
-            named = {_norm(t.strip()) for v in connection for t in v.split(",") if t.strip()}
-        peer = request.remote
-        trusted = self.trusted.is_trusted(peer)
-        drop = self._drop
-        out: list[tuple[str, str]] = []
-        xff: list[str] = []
-        xf_proto = xf_host = None
-        for name, value in headers.items():
-            lname = _norm(name)
-            if lname in drop or lname in named:
-                continue
-            if lname == "content-length":  # the writer frames the body itself
-                continue
-            if lname.startswith("x-forwarded-") or lname == "forwarded":
-                if not trusted:
-                    continue
-                if lname == "x-forwarded-for":
-                    xff.append(value)
-                    continue
-                if lname == "x-forwarded-proto":
-                    xf_proto = value
-                elif lname == "x-forwarded-host":
-                    xf_host = value
-            elif lname == "authorization":
-                # any whitespace after the scheme (RFC 9110 allows HTAB): "Bearer\t<token>"
-                # on a public route must not carry a keygate token upstream
-                parts = value.split(None, 1)
-                if parts and parts[0].lower() == "bearer" and (
-                        principal is not None
-                        or (len(parts) == 2 and looks_like_token(parts[1].strip(), self._prefix))):
-                    continue
-            out.append((name, value))
-        xff.append(peer or "unknown")
-        out.append(("X-Forwarded-For", ", ".join(xff)))
-        if xf_proto is None:
-            out.append(("X-Forwarded-Proto", request.scheme))
-        if xf_host is None:
-            host = headers.get("Host")
-            if host is not None:
-                out.append(("X-Forwarded-Host", host))
+        """The headers to send upstream (the client's as ``gateway.proxying.headers`` passes
+        them on, then keygate's own), without ``Content-Length``: the upstream writer frames the
+        body itself. ``target`` is the request line's path and query as sent upstream (what the
+        signature covers); ``trace`` the request's trace context (read from the request when
+        not given)."""
+        rules = self.header_rules
+        out = rules.passed_on(request.headers, request.remote, request.scheme, principal)
         out.append(("X-Request-Id", request_id))
         if trace is None:
             trace = _TRACE_ONLY.start(request)
         out.append(("traceparent", trace.traceparent()))
         for value in trace.tracestate:
             out.append(("tracestate", value))
-        values = ("", "", "", "")
+        values = rules.identity_values(principal)
         if principal is not None:
-            ws, kid, scopes, plan = self._identity
-            values = (principal.workspace, principal.key_id, " ".join(sorted(principal.scopes)),
-                      principal.plan)
-            # store data: never let it split the request head (one search for all four)
-            if _CTL.search(f"{values[0]}|{values[1]}|{values[2]}|{values[3]}") is not None:
-                raise ValueError("identity value with a control character")
-            out.append((ws, values[0]))
-            out.append((kid, values[1]))
-            out.append((scopes, values[2]))
-            out.append((plan, values[3]))
+            out.extend(zip(rules.identity, values))
         if self._sign_secret is not None:
-            out.append((self._sign_header, sign(
+            out.append((rules.sign_header, sign(
                 self._sign_secret, request.method,
                 request.raw_path if target is None else target, request_id, *values)))
         return out
@@ -387,20 +288,11 @@ class Forwarder:
         return await self._stream_back(request, resp, request_id, response_headers,
                                        upstream, is_head)
 
-    async def _stream_back(self, request: web.BaseRequest, resp, request_id: str,
-                                response_headers: Mapping[str, str], upstream: Upstream,
-                                is_head: bool) -> web.StreamResponse:
-        named: set[bytes] = set()
-        for raw_name, raw_value in resp.headers:
-            if raw_name.lower() == b"connection":
-                named.update(t.strip().lower() for t in raw_value.split(b",") if t.strip())
-        out: CIMultiDict[str] = CIMultiDict()
-        for raw_name, raw_value in resp.headers:
-            lname = raw_name.lower()
-            if lname in _HOP_BY_HOP_BYTES or lname in named:
-                continue
-            out.add(raw_name.decode("latin-1"), raw_value.decode("utf-8", "surrogateescape"))
-        for name, value in response_headers.items():
+    async def _stream_back(self, request: web.BaseRequest, resp: UpstreamResponse,
+                           request_id: str, limit_headers: Mapping[str, str],
+                           upstream: Upstream, is_head: bool) -> web.StreamResponse:
+        out = response_headers(resp.headers)
+        for name, value in limit_headers.items():
             out[name] = value
         out["X-Request-Id"] = request_id
         status = resp.status

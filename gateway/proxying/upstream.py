@@ -1,7 +1,6 @@
 """A lean HTTP/1.1 client for upstreams: keep-alive pool, llhttp parsing, streaming both ways.
 
-Why not aiohttp's ClientSession: measured on this machine kind (measured per part; see bench/) it
-costs ~190-250 µs of CPU per request against ~40-90 µs for a protocol-level client over the
+Why not aiohttp's ClientSession: measured per part (see bench/), it costs ~190-250 µs of CPU per request against ~40-90 µs for a protocol-level client over the
 same socket — more than everything else keygate does per request. This client keeps what a
 proxy needs and nothing else:
 
@@ -20,6 +19,9 @@ proxy needs and nothing else:
 - a request that fails on a reused idle connection before any response byte (the upstream
   closed it meanwhile) is retried once when it had no body; one with a body is not (its body
   was consumed from the client): it fails as a 502, never silently sent twice.
+
+This module is the pool; one connection, its parsing and the response it hands out are
+``gateway.proxying.connection``.
 """
 
 from __future__ import annotations
@@ -27,250 +29,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
-import httptools
+from .connection import (BodyFramingError, BodySource, UpstreamConnectError,
+                         UpstreamConnection, UpstreamProtocolError, UpstreamResponse,
+                         UpstreamTimeout, UpstreamUnreached)
 
-HIGH_WATER = 256 * 1024
 MAX_IDLE = 256
-MAX_HEAD = 1024 * 1024  # bytes read before the response head is complete (1xx included)
-IDLE_TTL = 30.0   # seconds an idle connection is trusted (as the aiohttp path's keepalive_timeout)
-
-
-class UpstreamConnectError(Exception):
-    """Could not connect (refused, unreachable, DNS, TLS)."""
-
-
-class UpstreamTimeout(Exception):
-    """The upstream did not answer (connect or response head) in time."""
-
-
-class UpstreamUnreached(UpstreamTimeout):
-    """Timed out before anything was sent: connecting, or waiting for a free connection."""
-
-
-class UpstreamProtocolError(Exception):
-    """The upstream broke HTTP: malformed response, or closed mid-response."""
-
-
-class BodyFramingError(UpstreamProtocolError):
-    """The request body source gave more or fewer bytes than the Content-Length sent."""
-
-
-class _OutOfStep(Exception):
-    """The upstream sent a message nobody asked for."""
-
-
-class _Connection(asyncio.Protocol):
-    def __init__(self, pool: "UpstreamPool") -> None:
-        self.pool = pool
-        self.parser = httptools.HttpResponseParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.head: asyncio.Future | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.buffered = 0
-        self.complete = False
-        self.got_bytes = False
-        self.reading_paused = False
-        self.body_waiter: asyncio.Future | None = None
-        self.error: Exception | None = None
-        self.write_ok: asyncio.Future | None = None  # set while the transport is paused
-        self.skip_body = False                       # HEAD: the head ends the message
-        self.keep_alive = False
-        self.until_close = False
-        self.idle_since = 0.0
-        self.status = 0
-        self.head_bytes = 0
-        self.interim = False                         # parsing a 1xx (not the final answer)
-        self.head_timer: asyncio.TimerHandle | None = None
-        self.out_of_step = False
-        self.counted = False                         # holds one of the pool's connection slots
-
-    # -- asyncio.Protocol --
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        if self.head is None or self.complete:
-            # bytes on an idle connection or after the complete answer: the upstream is out
-            # of step with us; they are never read as the next request's answer
-            self.close()
-            return
-        self.got_bytes = True
-        if not self.head.done():
-            # an upstream sending headers without end would otherwise grow ``headers`` until
-            # the head timeout
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_HEAD:
-                self._fail(UpstreamProtocolError("response head from upstream too large"))
-                return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamProtocolError("upstream switched protocols"))
-        except Exception as exc:  # HttpParserError, or a callback's (wrapped or not)
-            if self.out_of_step:  # a second message in the same read: drop it, keep ours
-                self.close()
-                self._wake()
-            else:
-                self._fail(UpstreamProtocolError(f"malformed response from upstream: {exc}"))
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc) -> None:
-        self.closed = True
-        self.pool._forget(self)
-        if not self.complete and self.until_close and self.head is not None and self.head.done():
-            self.complete, self.keep_alive = True, False
-            self._wake()
-        elif not self.complete:
-            self._fail(UpstreamProtocolError("upstream closed the connection"))
-        if self.write_ok is not None and not self.write_ok.done():
-            self.write_ok.set_exception(UpstreamProtocolError("upstream closed the connection"))
-            self.write_ok.exception()  # marked retrieved: the sender may not be waiting on it
-
-    def pause_writing(self) -> None:
-        self.write_ok = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        if self.write_ok is not None and not self.write_ok.done():
-            self.write_ok.set_result(None)
-        self.write_ok = None
-
-    # -- httptools callbacks --
-    def on_message_begin(self) -> None:
-        if self.complete:
-            self.out_of_step = True
-            raise _OutOfStep()
-        self.headers = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if status < 200:
-            # 100 Continue, 102, 103 Early Hints: llhttp reports each as a message without a
-            # body; the final answer follows on the same connection (101 raises Upgrade)
-            self.interim = True
-            return
-        self.status = status
-        self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it after the message
-        framed = any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
-        # an HTTP/1.0-style body with neither length nor chunks ends when the upstream closes
-        self.until_close = not framed and not self.skip_body and \
-            status >= 200 and status not in (204, 304)
-        if self.head is not None and not self.head.done():
-            self.head.set_result(None)
-        if self.skip_body:
-            self.complete = True
-
-    def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)
-        self.buffered += len(body)
-        if self.buffered > HIGH_WATER and not self.reading_paused and self.transport:
-            self.transport.pause_reading()
-            self.reading_paused = True
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        if self.interim:
-            self.interim = False
-            return
-        self.complete = True
-        self._wake()
-
-    # -- helpers --
-    def _wake(self) -> None:
-        w = self.body_waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    def _fail(self, exc: Exception) -> None:
-        if self.error is None:
-            self.error = exc
-        if self.head is not None and not self.head.done():
-            self.head.set_exception(exc)
-            self.head.exception()  # retrieved here; raised again by the awaiting request
-        self._wake()
-        self.close()
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
-        self.pool._forget(self)
-
-
-class UpstreamResponse:
-    """Status and headers of an upstream response; the body is read with ``chunks()``."""
-
-    def __init__(self, conn: _Connection, pool: "UpstreamPool", body_sent: Callable[[], bool]) -> None:
-        self._conn, self._pool, self._body_sent = conn, pool, body_sent
-        self.status = conn.status
-        self.headers = conn.headers
-        self.keep_alive = conn.keep_alive and not conn.skip_body
-        self._done = False
-
-    def body_if_complete(self) -> bytes | None:
-        """The whole body when it has already arrived with the head (the common small case)."""
-        conn = self._conn
-        if conn.complete and conn.error is None:
-            body = b"".join(conn.chunks)
-            conn.chunks.clear()
-            self.release()
-            return body
-        return None
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        conn = self._conn
-        try:
-            while True:
-                if conn.chunks:
-                    chunk = conn.chunks.popleft()
-                    conn.buffered -= len(chunk)
-                    if conn.reading_paused and conn.buffered < HIGH_WATER // 2:
-                        conn.reading_paused = False
-                        conn.transport.resume_reading()
-                    yield chunk
-                    continue
-                if conn.error is not None:
-                    raise conn.error
-                if conn.complete:
-                    break
-                conn.body_waiter = asyncio.get_running_loop().create_future()
-                await conn.body_waiter
-                conn.body_waiter = None
-        except BaseException:
-            conn.close()
-            raise
-        self.release()
-
-    def release(self) -> None:
-        """Back to the pool if reusable, else closed."""
-        conn = self._conn
-        self._done = True
-        if conn.closed:
-            return
-        if self.keep_alive and conn.complete and conn.error is None and self._body_sent():
-            self._pool._idle_push(conn)
-        else:
-            conn.close()
-
-
-    def close(self) -> None:
-        """Abandon the response: its connection is closed unless already released (so that
-        a caller that fails half-way never leaves an upstream connection open and unowned)."""
-        if not self._done:
-            self._done = True
-            self._conn.close()
-
-
-BodySource = Callable[[], Awaitable[bytes]]  # returns b"" at the end
+IDLE_TTL = 30.0   # seconds an idle connection is trusted (a middlebox may drop it silently)
 
 
 class UpstreamPool:
@@ -293,13 +59,13 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self.idle_ttl = idle_ttl
-        self.idle: list[_Connection] = []
-        self.active: set[_Connection] = set()
+        self.idle: list[UpstreamConnection] = []
+        self.active: set[UpstreamConnection] = set()
         self.max_connections = max_connections
         self.opened = 0                                  # connections holding a slot
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
 
-    def _idle_push(self, conn: _Connection) -> None:
+    def take_back(self, conn: UpstreamConnection) -> None:
         self.active.discard(conn)
         if len(self.idle) >= self.max_idle:
             conn.close()
@@ -315,7 +81,7 @@ class UpstreamPool:
         self.idle.append(conn)
         self._wake_one()
 
-    def _forget(self, conn: _Connection) -> None:
+    def forget(self, conn: UpstreamConnection) -> None:
         self.active.discard(conn)
         try:
             self.idle.remove(conn)
@@ -334,7 +100,7 @@ class UpstreamPool:
                 waiter.set_result(None)
                 return
 
-    async def _checkout(self) -> tuple[_Connection, bool]:
+    async def _checkout(self) -> tuple[UpstreamConnection, bool]:
         """An idle connection (reused: True) or a new one, within ``max_connections``."""
         loop = asyncio.get_running_loop()
         deadline = None
@@ -381,11 +147,11 @@ class UpstreamPool:
                         f" (max_connections {self.max_connections})") from None
                 raise
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self), self.host, self.port,
+                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port,
                                        ssl=self.tls,
                                        server_hostname=self.host if self.tls else None),
                 self.connect_timeout)
@@ -413,7 +179,7 @@ class UpstreamPool:
                 raise
         raise UpstreamProtocolError("upstream closed the connection")
 
-    async def _exchange(self, conn: _Connection, head: bytes, body: BodySource | None,
+    async def _exchange(self, conn: UpstreamConnection, head: bytes, body: BodySource | None,
                         content_length: int | None, timeout: float,
                         is_head: bool) -> UpstreamResponse:
         loop = asyncio.get_running_loop()
@@ -444,12 +210,12 @@ class UpstreamPool:
         return UpstreamResponse(conn, self, lambda: sent[0])
 
     @staticmethod
-    def _head_timeout(conn: _Connection, waiter: asyncio.Future) -> None:
+    def _head_timeout(conn: UpstreamConnection, waiter: asyncio.Future) -> None:
         if not waiter.done():
             waiter.set_exception(UpstreamTimeout("no response head in time"))
             conn.close()
 
-    async def _send_body(self, conn: _Connection, waiter: asyncio.Future, body: BodySource,
+    async def _send_body(self, conn: UpstreamConnection, waiter: asyncio.Future, body: BodySource,
                          content_length: int | None, sent: list[bool], timeout: float) -> None:
         """Stream the request body; a failure of the body source (client gone, body too
         large) fails the exchange with that same exception.

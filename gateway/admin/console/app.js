@@ -165,6 +165,11 @@ function errorBox() {
   return el("p", {"class": "form-error", "role": "alert", "hidden": true});
 }
 
+function showProblem(box, message) {  // in a dialog's errorBox()
+  box.textContent = message;
+  box.hidden = false;
+}
+
 function showTokenDialog(title, token, key) {
   openDialog(title, (dialog, close) => {
     const status = el("span", {"class": "copied", "aria-live": "polite"});
@@ -515,34 +520,42 @@ async function refreshQuietly() {
 
 // --- revoke, rotate, edit ----------------------------------------------------------------------
 
-function revokeKey(key) {
-  openDialog("Revoke key " + key.name + "?", (dialog, close) => {
+// A dialog that asks before a step that cannot be undone: `act` runs on the danger button; a
+// failure shows in the dialog, a success closes it, says `done` and refreshes the list.
+function confirmDialog(title, label, act, done, ...text) {
+  openDialog(title, (dialog, close) => {
     const problem = errorBox();
     const confirm = async () => {
       try {
-        await api("POST", keyPath(key) + "/revoke", {});
+        await act();
       } catch (err) {
-        problem.textContent = describe(err);
-        problem.hidden = false;
+        showProblem(problem, describe(err));
         return;
       }
       close();
-      announce("Key " + key.name + " revoked.");
+      announce(done);
       await refreshQuietly();
     };
-    const own = key.id === session.keyId;
     dialog.append(
-      el("p", {"text": "Requests with " + key.prefix + "… are refused from the next one on. " +
-                       "Revoking is permanent: a revoked key cannot be restored."}),
-      own ? el("p", {"class": "warning", "text": "This is the key you are signed in with: " +
-                                                 "this page loses access too."}) : "",
+      ...text,
       problem,
       el("div", {"class": "actions"},
-         el("button", {"type": "button", "class": "danger", "text": "Revoke",
+         el("button", {"type": "button", "class": "danger", "text": label,
                        "on": {click: confirm}}),
          el("button", {"type": "button", "autofocus": true, "text": "Cancel",
                        "on": {click: close}})));
   });
+}
+
+function revokeKey(key) {
+  const own = key.id === session.keyId;
+  confirmDialog(
+    "Revoke key " + key.name + "?", "Revoke",
+    () => api("POST", keyPath(key) + "/revoke", {}), "Key " + key.name + " revoked.",
+    el("p", {"text": "Requests with " + key.prefix + "… are refused from the next one on. " +
+                     "Revoking is permanent: a revoked key cannot be restored."}),
+    own ? el("p", {"class": "warning", "text": "This is the key you are signed in with: " +
+                                               "this page loses access too."}) : "");
 }
 
 function rotateKey(key) {
@@ -557,8 +570,7 @@ function rotateKey(key) {
         rotated = await api("POST", keyPath(key) + "/rotate",
                             {grace_seconds: parseDuration(grace.value)});
       } catch (err) {
-        problem.textContent = describe(err);
-        problem.hidden = false;
+        showProblem(problem, describe(err));
         return;
       }
       close();
@@ -595,30 +607,11 @@ async function toggleKey(key) {
 }
 
 function deleteKey(key) {
-  openDialog("Delete key " + key.name + "?", (dialog, close) => {
-    const problem = errorBox();
-    const confirm = async () => {
-      try {
-        await api("DELETE", keyPath(key));
-      } catch (err) {
-        problem.textContent = describe(err);
-        problem.hidden = false;
-        return;
-      }
-      close();
-      announce("Key " + key.name + " deleted from the list.");
-      await refreshQuietly();
-    };
-    dialog.append(
-      el("p", {"text": "The " + key.status + " key " + key.prefix + "… leaves this list. " +
-                       "Its entries in the audit stay."}),
-      problem,
-      el("div", {"class": "actions"},
-         el("button", {"type": "button", "class": "danger", "text": "Delete",
-                       "on": {click: confirm}}),
-         el("button", {"type": "button", "autofocus": true, "text": "Cancel",
-                       "on": {click: close}})));
-  });
+  confirmDialog(
+    "Delete key " + key.name + "?", "Delete",
+    () => api("DELETE", keyPath(key)), "Key " + key.name + " deleted from the list.",
+    el("p", {"text": "The " + key.status + " key " + key.prefix + "… leaves this list. " +
+                     "Its entries in the audit stay."}));
 }
 
 function editKey(key) {
@@ -646,8 +639,7 @@ function editKey(key) {
       if (controls && cap.value.trim() !== capText) {
         const value = cap.value.trim();
         if (value !== "" && !/^\d{1,12}$/.test(value)) {
-          problem.textContent = "Monthly cap must be a whole number of requests, or empty.";
-          problem.hidden = false;
+          showProblem(problem, "Monthly cap must be a whole number of requests, or empty.");
           return;
         }
         body.monthly_requests = value === "" ? null : Number(value);
@@ -669,8 +661,7 @@ function editKey(key) {
           body.expires_at = expiry.never ? null : expiry.at !== undefined ? expiry.at
             : new Date(Date.now() + expiry.seconds * 1000).toISOString().replace(/\.\d{3}Z$/, "Z");
         } catch (err) {
-          problem.textContent = err.message;
-          problem.hidden = false;
+          showProblem(problem, err.message);
           return;
         }
       }
@@ -681,8 +672,7 @@ function editKey(key) {
       try {
         await api("PATCH", keyPath(key), body);
       } catch (err) {
-        problem.textContent = describe(err);
-        problem.hidden = false;
+        showProblem(problem, describe(err));
         return;
       }
       close();

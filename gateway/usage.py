@@ -1,7 +1,9 @@
-"""Rate and quota arithmetic and the IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers-11).
+"""Usage periods, the limits in force and the IETF RateLimit fields
+(draft-ietf-httpapi-ratelimit-headers-11).
 
-The decisions themselves are made atomically in Redis (``lua/authorize.lua``); this module
-holds the pure parts around them: which limits apply, the calendar month, the headers.
+The decisions themselves are made atomically in Redis (``gateway/store/lua/authorize.lua``);
+this module holds the pure parts around them: the calendar month and UTC day an instant
+counts in, which limits apply, the headers.
 """
 
 from __future__ import annotations
@@ -34,10 +36,23 @@ class Month(NamedTuple):
 
 
 def month_of(now: float) -> Month:
+    """The UTC calendar month ``now`` (epoch seconds) falls in: the one place that rule is
+    written."""
     dt = datetime.fromtimestamp(now, timezone.utc)
     start = datetime(dt.year, dt.month, 1, tzinfo=timezone.utc)
     nxt = datetime(dt.year + (dt.month == 12), dt.month % 12 + 1, 1, tzinfo=timezone.utc)
     return Month(f"{dt.year:04d}-{dt.month:02d}", start.timestamp(), nxt.timestamp())
+
+
+def month_period(now: float) -> tuple[str, float]:
+    """("YYYY-MM", first instant of the next month) of ``now``, UTC."""
+    month = month_of(now)
+    return month.period, month.resets_at
+
+
+def utc_day(now: float) -> str:
+    """"YYYY-MM-DD" of ``now`` (epoch seconds), UTC."""
+    return time.strftime("%Y-%m-%d", time.gmtime(now))
 
 
 class MonthCache:
@@ -58,7 +73,7 @@ class MonthCache:
         start, end, text = self._day
         if not (start <= now < end):
             start = now - now % 86400  # UTC days are 86400 s apart (no leap seconds in epoch)
-            text = time.strftime("%Y-%m-%d", time.gmtime(start))
+            text = utc_day(start)
             self._day = (start, start + 86400, text)
         return text
 

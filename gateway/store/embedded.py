@@ -52,7 +52,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 if TYPE_CHECKING:
-    from .config import Config
+    from ..config import Config
 
 SOCKET_NAME = "redis.sock"
 PIDFILE_NAME = "redis.pid"

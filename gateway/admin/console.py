@@ -1,0 +1,47 @@
+"""The web console's static files at ``/console/``, read once from the package."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from aiohttp import web
+
+CONSOLE_FILES = {"index.html": "text/html", "app.js": "text/javascript",
+                 "app.css": "text/css", "favicon.svg": "image/svg+xml"}
+CONSOLE_HEADERS = {
+    # Everything from this origin only; no inline script or style, no plugins, no framing,
+    # no <base> rewriting, forms post nowhere (the page sends JSON with fetch).
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self'; connect-src 'self'; object-src 'none'; "
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cache-Control": "no-cache",
+}
+_BODIES = web.AppKey("console_files", dict)
+"""File name → its bytes, read when the routes are added."""
+
+
+def add_console_routes(app: web.Application) -> None:
+    """``GET /console/`` and its few files (no directory listing: no path from the request
+    ever reaches the file system)."""
+    folder = resources.files(__package__) / "console"
+    app[_BODIES] = {name: (folder / name).read_bytes() for name in CONSOLE_FILES}
+    app.router.add_get("/console", to_console)
+    app.router.add_get("/console/", serve_file)
+    for name in CONSOLE_FILES:
+        if name != "index.html":
+            app.router.add_get("/console/" + name, serve_file)
+
+
+async def to_console(request: web.Request) -> web.Response:
+    raise web.HTTPPermanentRedirect("/console/", headers=CONSOLE_HEADERS)
+
+
+async def serve_file(request: web.Request) -> web.Response:
+    name = request.path.removeprefix("/console/") or "index.html"  # a registered path
+    return web.Response(body=request.app[_BODIES][name], headers=CONSOLE_HEADERS,
+                        content_type=CONSOLE_FILES[name],
+                        charset=None if name == "favicon.svg" else "utf-8")

@@ -1,0 +1,282 @@
+"""The key operations of one workspace, shared by the admin API and self-service.
+
+They differ only in who acts (:class:`Actor`): the operator, or a ``keys:admin`` key, which
+the audit records and which may never mint a key wider than itself (its effective scopes),
+longer-lived than itself, or above the plan's rate limit. Each operation returns the JSON body
+of its answer; the caller picks the status.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..config import Config
+from ..errors import BadRequest, Forbidden, NotFound, shown
+from ..usage import effective_plan
+from ..models import KeyRecord, rfc3339
+from ..store import OPERATOR, UNSET, Store, effective_scopes_of
+from ..tokens import KEY_ID_RE
+from .listing import select_keys
+from .validate import (MAX_DESCRIPTION, MAX_NAME, check_catalogue, parse_allowed_ips,
+                       parse_body, parse_days, parse_enabled, parse_expires_at, parse_meta,
+                       parse_monthly, parse_rate, parse_role_name, parse_scopes, parse_seconds,
+                       parse_text, per_second)
+
+CONTROL_FIELDS = ("rate_limit", "monthly_requests", "enabled", "meta", "allowed_ips")
+CREATE_FIELDS = ("name", "description", "role", "scopes", "expires_at", "expires_in",
+                 "environment") + CONTROL_FIELDS
+PATCH_FIELDS = ("name", "description", "role", "scopes", "expires_at") + CONTROL_FIELDS
+ROTATE_FIELDS = ("grace_seconds",)
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who an admin call acts as: the operator (``workspace`` None), or a ``keys:admin``
+    key confined to its workspace, its effective scopes and its own expiry."""
+    key_id: str
+    workspace: str | None = None
+    scopes: frozenset[str] = frozenset()
+    expires_at: float | None = None
+
+    @property
+    def is_operator(self) -> bool:
+        return self.workspace is None
+
+
+OPERATOR_ACTOR = Actor(OPERATOR)
+
+
+class KeyOps:
+    """The key endpoints of one workspace, acting as ``actor``.
+
+    A workspace key's effective scopes bound every key it creates, re-binds or rotates. Its
+    own expiry (None: it never expires) bounds every key it creates, rotates or re-dates, else
+    a key given a day by the operator could make itself (or a copy) permanent; and it may not
+    extend the life of a key that holds scopes it lacks itself.
+    """
+
+    def __init__(self, store: Store, config: Config, ws: str,
+                 actor: Actor = OPERATOR_ACTOR) -> None:
+        self.store, self.config, self.ws = store, config, ws
+        self.actor = actor.key_id
+        self.limit_scopes = None if actor.is_operator else actor.scopes
+        self.limit_expires_at = None if actor.is_operator else actor.expires_at
+
+    def _within_lifetime(self, expires_at: float | None) -> None:
+        if self.limit_scopes is None or self.limit_expires_at is None:
+            return
+        if expires_at is None or expires_at > self.limit_expires_at:
+            raise Forbidden(f"The field 'expires_at' may not be later than the acting key's own "
+                            f"expiry ({rfc3339(self.limit_expires_at)}): a key cannot create "
+                            "or extend a key that outlives it.")
+
+    async def key_json(self, key: KeyRecord,
+                       roles: Mapping[str, tuple[str, ...]] | None = None,
+                       used: int | None = None) -> dict:
+        if roles is None:
+            roles = await self.store.workspace_roles(self.ws)
+        if used is None:
+            used, = await self.store.keys_used_this_month(self.ws, [key.id])
+        return key.to_json(effective_scopes_of(key, roles, self.config.roles),
+                           self.store.clock(), used)
+
+    def _key_id(self, key_id: str) -> str:
+        if not KEY_ID_RE.fullmatch(key_id):
+            raise NotFound(f"Workspace '{self.ws}' has no key '{shown(key_id, 12)}'.")
+        return key_id
+
+    async def _binding(self, data: Mapping[str, Any]) -> tuple[str | None, tuple[str, ...]]:
+        """(role, explicit scopes) from ``role`` / ``scopes``, checked against the limits."""
+        if "role" in data and "scopes" in data:
+            raise BadRequest("Give either 'role' or 'scopes', not both: a key is bound to a "
+                             "role or to explicit scopes.")
+        if "role" in data:
+            role = parse_role_name(data["role"])
+            granted = await self.store.resolve_role(self.ws, role)
+            if granted is None:
+                raise BadRequest(f"The field 'role' names an unknown role '{role}'; it is "
+                                 f"neither a role of workspace '{self.ws}' nor a configured "
+                                 "role.")
+            self._within_limit(granted)
+            return role, ()
+        scopes = parse_scopes(data.get("scopes", []))
+        check_catalogue(scopes, self.config)
+        self._within_limit(scopes)
+        return None, scopes
+
+    def _within_limit(self, scopes: tuple[str, ...], verb: str = "grant") -> None:
+        if self.limit_scopes is None or "ALL" in self.limit_scopes:
+            return
+        wider = [s for s in scopes if s not in self.limit_scopes]
+        if wider:
+            raise Forbidden(f"This key cannot {verb} scopes it does not hold itself: "
+                            f"{', '.join(wider)}.")
+
+    async def list(self, query: Mapping[str, str]) -> dict[str, Any]:
+        select_keys([], query, 0)  # a bad query is a 400 before any store call
+        keys, next_cursor = select_keys(await self.store.list_keys(self.ws), query,
+                                        self.store.clock())
+        roles = await self.store.workspace_roles(self.ws)
+        used = await self.store.keys_used_this_month(self.ws, [k.id for k in keys])
+        body: dict[str, Any] = {"items": [await self.key_json(k, roles, n)
+                                          for k, n in zip(keys, used)]}
+        if next_cursor is not None:
+            body["next_cursor"] = next_cursor
+        return body
+
+    async def delete(self, key_id: str) -> dict:
+        key = await self.store.delete_key(self.ws, self._key_id(key_id), actor=self.actor)
+        return await self.key_json(key, used=0)
+
+    async def daily(self, key_id: str, query: Mapping[str, str]) -> dict:
+        days = parse_days(query)
+        await self.store.require_key(self.ws, self._key_id(key_id))
+        return {"items": await self.store.daily_usage(self.ws, days, key_id)}
+
+    async def _controls(self, data: Mapping[str, Any],
+                        target: KeyRecord | None = None) -> dict[str, Any]:
+        """The key controls in ``data``, checked; self-service may tighten any key of its
+        workspace but loosen (enable, lift a cap, widen the addresses, raise the rate) only
+        keys within its own scopes, and never past the plan's rate limit."""
+        controls: dict[str, Any] = {}
+        if "rate_limit" in data:
+            controls["rate_limit"] = parse_rate(data["rate_limit"])
+        if "monthly_requests" in data:
+            controls["monthly_requests"] = parse_monthly(data["monthly_requests"])
+        if "enabled" in data:
+            controls["enabled"] = parse_enabled(data["enabled"])
+        if "meta" in data:
+            controls["meta"] = parse_meta(data["meta"])
+        if "allowed_ips" in data:
+            controls["allowed_ips"] = parse_allowed_ips(data["allowed_ips"])
+        if self.limit_scopes is None:
+            return controls
+        if controls.get("rate_limit") is not None:
+            await self._rate_within_plan(controls["rate_limit"])
+        if target is not None and _loosens(target, controls):
+            self._within_limit(await self.store.effective_scopes(self.ws, target),
+                               "loosen the limits of a key with")
+        return controls
+
+    async def create(self, raw: bytes) -> dict:
+        data = parse_body(raw, CREATE_FIELDS)
+        now = self.store.clock()
+        name = parse_text(data, "name", MAX_NAME, required=True)
+        description = parse_text(data, "description", MAX_DESCRIPTION, nonempty=False) or ""
+        environments = self.config.keys.environments
+        environment = data.get("environment", environments[0])
+        if environment not in environments:
+            raise BadRequest(f"The field 'environment' must be one of "
+                             f"{', '.join(environments)}.")
+        if "expires_at" in data and "expires_in" in data:
+            raise BadRequest("Give either 'expires_at' or 'expires_in', not both.")
+        expires_at = None
+        if "expires_at" in data:
+            expires_at = parse_expires_at(data["expires_at"], now, nullable=True)
+        elif (expires_in := parse_seconds(data, "expires_in", 1)) is not None:
+            expires_at = now + expires_in
+        if self.limit_scopes is not None and self.limit_expires_at is not None \
+                and expires_at is None:
+            expires_at = self.limit_expires_at  # a new key inherits the acting key's expiry
+        self._within_lifetime(expires_at)
+        controls = await self._controls(data)
+        role, scopes = await self._binding(data)
+        new = await self.store.create_key(
+            self.ws, name=name, description=description, environment=environment, role=role,
+            scopes=scopes, expires_at=expires_at, actor=self.actor, **controls)
+        return {"key": await self.key_json(new.key, used=0), "token": new.token}
+
+    async def _rate_within_plan(self, rate_limit: str) -> None:
+        workspace = await self.store.require_workspace(self.ws)
+        plan = effective_plan(self.config, workspace)  # the workspace's own limits included
+        if plan.rate_limit is None:
+            return
+        if per_second(rate_limit) > per_second(str(plan.rate_limit)):
+            raise Forbidden(f"The field 'rate_limit' may not exceed the plan's rate limit "
+                            f"({plan.rate_limit}) for a key created by a workspace key.")
+
+    async def read(self, key_id: str) -> dict:
+        key = await self.store.require_key(self.ws, self._key_id(key_id))
+        return await self.key_json(key)
+
+    async def patch(self, key_id: str, raw: bytes) -> dict:
+        self._key_id(key_id)
+        data = parse_body(raw, PATCH_FIELDS)
+        if not data:
+            raise BadRequest(f"Nothing to change; send one or more of: {', '.join(PATCH_FIELDS)}.")
+        changes: dict[str, Any] = {}
+        if "name" in data:
+            changes["name"] = parse_text(data, "name", MAX_NAME)
+        if "description" in data:
+            changes["description"] = parse_text(data, "description", MAX_DESCRIPTION,
+                                                nonempty=False)
+        if "expires_at" in data:
+            changes["expires_at"] = parse_expires_at(data["expires_at"], self.store.clock(),
+                                                     nullable=True)
+        if "role" in data or "scopes" in data:
+            role, scopes = await self._binding(data)
+            if role is not None:
+                changes["role"] = role
+            else:
+                changes["scopes"] = scopes
+        current = await self.store.require_key(self.ws, key_id)  # 404 before anything else
+        changes.update(await self._controls(data, current))
+        if "expires_at" in changes and self.limit_scopes is not None:
+            await self._may_redate(current, changes["expires_at"])
+        key = await self.store.update_key(self.ws, key_id, actor=self.actor,
+                                          **{f: changes.get(f, UNSET) for f in PATCH_FIELDS})
+        return await self.key_json(key)
+
+    async def _may_redate(self, key: KeyRecord, expires_at: float | None) -> None:
+        """Self-service: never past the acting key's own expiry; and a key holding scopes the
+        actor lacks may be brought forward, not extended."""
+        self._within_lifetime(expires_at)
+        extends = key.expires_at is not None and (expires_at is None or expires_at > key.expires_at)
+        if extends:
+            self._within_limit(await self.store.effective_scopes(self.ws, key),
+                               "extend the life of a key with")
+
+    async def revoke(self, key_id: str, raw: bytes) -> dict:
+        parse_body(raw, ())
+        key = await self.store.revoke_key(self.ws, self._key_id(key_id), actor=self.actor)
+        return await self.key_json(key)
+
+    async def rotate(self, key_id: str, raw: bytes) -> dict:
+        """SPEC: exactly ``{"key", "token"}`` of the new key; the old key is read with GET."""
+        data = parse_body(raw, ROTATE_FIELDS)
+        grace = parse_seconds(data, "grace_seconds", 0) or 0
+        key = await self.store.require_key(self.ws, self._key_id(key_id))
+        if self.limit_scopes is not None:  # a rotation hands out a token with the key's scopes
+            self._within_limit(await self.store.effective_scopes(self.ws, key), "rotate a key with")
+        latest = self.limit_expires_at if self.limit_scopes is not None else None
+        _old, new = await self.store.rotate_key(self.ws, key_id, grace_seconds=grace,
+                                                actor=self.actor, max_expires_at=latest,
+                                                expect_rev=None if self.limit_scopes is None
+                                                else key.rev)  # the rev whose scopes we checked
+        return {"key": await self.key_json(new.key), "token": new.token}
+
+
+def _loosens(key: KeyRecord, controls: Mapping[str, Any]) -> bool:
+    """Whether ``controls`` would let ``key`` do more than it may now."""
+    if controls.get("enabled") is True and not key.enabled:
+        return True
+    if "monthly_requests" in controls and key.monthly_requests is not None:
+        cap = controls["monthly_requests"]
+        if cap is None or cap > key.monthly_requests:
+            return True
+    if "rate_limit" in controls and key.rate_limit is not None:
+        rate = controls["rate_limit"]
+        if rate is None or per_second(rate) > per_second(key.rate_limit):
+            return True
+    if "allowed_ips" in controls and key.allowed_ips is not None:
+        new = controls["allowed_ips"]
+        if new is None:
+            return True
+        old = [ipaddress.ip_network(n) for n in key.allowed_ips]
+        for text in new:
+            net = ipaddress.ip_network(text)
+            if not any(net.version == o.version and net.subnet_of(o) for o in old):
+                return True
+    return False

@@ -1,0 +1,101 @@
+"""The admin listener's app: the admin API (:data:`api.ROUTES`), the probes, the OpenAPI
+document and the console. (``/metrics`` and the reload endpoint are added by
+gateway/observe.py and gateway/reload.py.)"""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from ..config import Config
+from ..errors import ServiceUnavailable, StoreError
+from ..store import Store
+from .api import ROUTES, Call, Endpoint, json_response
+from .console import add_console_routes
+from .keyops import OPERATOR_ACTOR
+from .middleware import ACTOR, OPENAPI_PATH, KeyAuthenticator, error_middleware
+from .openapi import document_bytes
+
+log = logging.getLogger("keygate.admin")
+
+STORE = web.AppKey("store", Store)
+
+
+class Readiness:
+    """``/readyz``: ready only when both store clients work: the admin path answers PING and
+    the per-request path's own connection can run its script (``per_request_ready``). A
+    change is logged, not every probe."""
+
+    def __init__(self, store: Store,
+                 per_request_ready: Callable[[], Awaitable[None]] | None) -> None:
+        self.store, self.per_request_ready = store, per_request_ready
+        self.problem: str | None = None
+
+    async def check(self) -> str | None:
+        """What is wrong now (None: ready)."""
+        problem = None
+        if not await self.store.ping():
+            problem = "the admin store connection does not answer PING"
+        elif self.per_request_ready is not None:
+            try:
+                await self.per_request_ready()
+            except StoreError as exc:
+                problem = str(exc)
+        if problem != self.problem:
+            if problem:
+                log.warning("not ready: %s", problem)
+            elif self.problem:
+                log.info("ready again: the store answers on both paths")
+            self.problem = problem
+        return problem
+
+
+READINESS = web.AppKey("readiness", Readiness)
+
+
+def create_admin_app(config: Config, store: Store,
+                     per_request_ready: Callable[[], Awaitable[None]] | None = None,
+                     authenticate_key: KeyAuthenticator | None = None) -> web.Application:
+    """The admin listener's app: ``/admin/v1/...`` (operator token; with ``authenticate_key``
+    also workspace admin keys), ``/healthz``, ``/readyz``, and the console at ``/console/``."""
+    app = web.Application(middlewares=[error_middleware(config,
+                                                        authenticate_key=authenticate_key)])
+    app[STORE] = store
+    app[READINESS] = Readiness(store, per_request_ready)
+    r = app.router
+    r.add_get(OPENAPI_PATH, openapi_document)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    for endpoint in ROUTES:
+        if endpoint.method == "GET":
+            r.add_get(endpoint.path, _serving(endpoint))  # and HEAD
+        else:
+            r.add_route(endpoint.method, endpoint.path, _serving(endpoint))
+    add_console_routes(app)
+    return app
+
+
+def _serving(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The aiohttp handler of one table row: the call as the authenticated actor."""
+    async def handle(request: web.Request) -> web.Response:
+        store = request.app[STORE]
+        return await endpoint.handler(Call(
+            store, store.config, request.get(ACTOR, OPERATOR_ACTOR), request.match_info,
+            request.query, request.read))
+    return handle
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.Response(body=document_bytes(), content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if await request.app[READINESS].check() is None:
+        return json_response({"status": "ok"})
+    raise ServiceUnavailable("The key store is unreachable.")

@@ -1,0 +1,74 @@
+"""A key listing's page: filters, order and keyset cursors (pure)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Mapping
+
+from ..errors import BadRequest
+from ..models import KeyRecord
+from ..store import STATUSES
+from .validate import query_int
+
+LIST_PARAMS = ("status", "unused_days", "sort", "limit", "cursor")
+LIST_MAX = 1000
+SORTS = ("created", "last_used", "name")
+
+
+def select_keys(keys: list[KeyRecord], query: Mapping[str, str],
+                now: float) -> tuple[list[KeyRecord], str | None]:
+    """A listing's page: ``status``, ``unused_days`` (never used, or last used more than N days
+    ago), ``sort`` (created|last_used|name, ascending), ``limit`` and ``cursor`` (keyset: the
+    page continues after the last key of the previous one, so keys created or deleted between
+    pages neither repeat nor vanish). Returns (page, next cursor or None)."""
+    status = query.get("status")
+    if status is not None and status not in STATUSES:
+        raise BadRequest(f"The query parameter 'status' must be one of {', '.join(STATUSES)}.")
+    sort = query.get("sort", "created")
+    if sort not in SORTS:
+        raise BadRequest(f"The query parameter 'sort' must be one of {', '.join(SORTS)}.")
+    unused = query_int(query, "unused_days", 0, 36500)
+    limit = query_int(query, "limit", 1, LIST_MAX)
+    if status is not None:
+        keys = [k for k in keys if k.status(now) == status]
+    if unused is not None:
+        cutoff = now - unused * 86400
+        keys = [k for k in keys if k.last_used_at is None or k.last_used_at < cutoff]
+    keys = sorted(keys, key=lambda k: _sort_key(k, sort))
+    if "cursor" in query:
+        after = _after(query["cursor"], sort)
+        keys = [k for k in keys if _sort_key(k, sort) > after]
+    if limit is None or len(keys) <= limit:
+        return keys, None
+    page = keys[:limit]
+    return page, _cursor(sort, _sort_key(page[-1], sort))
+
+
+def _sort_key(key: KeyRecord, sort: str) -> tuple:
+    if sort == "name":
+        return (key.name, key.id)
+    if sort == "last_used":  # least recently used first; never used before all
+        return (-1.0 if key.last_used_at is None else key.last_used_at, key.id)
+    return (key.created_at, key.id)
+
+
+def _cursor(sort: str, sort_key: tuple) -> str:
+    raw = json.dumps([sort, *sort_key], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _after(text: str, sort: str) -> tuple:
+    """The sort key a ``cursor`` continues after (400 if it is not one of ours for ``sort``)."""
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = json.loads(raw)
+        if not (isinstance(data, list) and len(data) == 3 and data[0] == sort
+                and isinstance(data[2], str)
+                and isinstance(data[1], str if sort == "name" else (int, float))
+                and not isinstance(data[1], bool)):
+            raise ValueError
+    except (ValueError, TypeError, RecursionError):
+        raise BadRequest("The query parameter 'cursor' is not a cursor this listing gave "
+                         "(with the same 'sort').") from None
+    return (data[1], data[2])

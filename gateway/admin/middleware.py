@@ -1,0 +1,191 @@
+"""Who may call the admin listener, and how every answer of it is shaped.
+
+:func:`error_middleware` wraps every admin-listener handler: errors become SPEC's JSON body
+(anything unexpected a generic 500, logged and never shown), every answer carries
+``X-Request-Id``, and everything under ``/admin/`` is authenticated (:func:`identify`),
+confined (:func:`confine`), checked for unknown query parameters and logged once.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import re
+import time
+import uuid
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from ..accesslog import mask_target
+from ..config import Config
+from ..errors import (Forbidden, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge,
+                      ServiceUnavailable, StoreError, Unauthorized, shown)
+from ..store import WORKSPACE_ID_RE
+from ..tokens import adoptable_request_id
+from .api import QUERY_PARAMS, WORKSPACE_ADMIN_ROUTES
+from .keyops import OPERATOR_ACTOR, Actor
+from .validate import check_query
+
+log = logging.getLogger("keygate.admin")
+
+_ADMIN_REALM = 'Bearer realm="keygate-admin"'
+OPENAPI_PATH = "/admin/v1/openapi.json"
+UNAUTHENTICATED = frozenset({OPENAPI_PATH})
+"""Paths under /admin/ that need no operator token (SPEC: the OpenAPI document)."""
+
+ACTOR = web.RequestKey("actor", Actor)
+"""Who the call acts as, set on the request once it is authenticated."""
+
+KeyAuthenticator = Callable[[str, web.BaseRequest], Awaitable[Actor]]
+"""Token → the acting workspace key: verified, not expired or revoked, holding ``keys:admin``
+(the proxy pipeline's own authenticate + authorise, so the failure throttle, the verification
+cache and the revision checks are the same ones). Raises the proxy's ``GatewayError``s."""
+
+_TOKEN_SHAPE = re.compile(r"[a-z0-9]{1,10}_[A-Za-z0-9]{1,32}_[A-Za-z0-9]{50}")
+"""Shaped like an API key (``<prefix>_<env>_<50 base62>``): checked as one, not as the operator
+token. The pipeline then checks the prefix, environment and checksum in force."""
+
+
+def request_id_of(request: web.BaseRequest) -> str:
+    """The client's ``X-Request-Id`` when it is a sane token, else a fresh one."""
+    rid = request.headers.get("X-Request-Id")
+    if adoptable_request_id(rid):
+        return rid
+    return uuid.uuid4().hex
+
+
+def check_operator(request: web.BaseRequest, config: Config, expected: str) -> None:
+    """The operator token (read from ``config.admin.token_env`` when the app is made), compared
+    in constant time. With the variable unset or empty every call is refused: the admin API
+    never runs open."""
+    if not expected.strip():
+        raise Unauthorized(f"The admin API is disabled: the environment variable "
+                           f"{config.admin.token_env} holding the operator token is not set "
+                           "on the gateway.", headers={"WWW-Authenticate": _ADMIN_REALM})
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise Unauthorized("Send the operator token as 'Authorization: Bearer <token>'.",
+                           headers={"WWW-Authenticate": _ADMIN_REALM})
+    # aiohttp decodes header bytes with surrogateescape: encode the same way (a strict encode
+    # of a non-UTF-8 header would raise); both sides without surrounding blanks (a token file
+    # written on Windows leaves a '\r' in the variable).
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given_bytes, expected.strip().encode("utf-8", "surrogateescape")):
+        raise Unauthorized("The operator token is not valid.",
+                           headers={"WWW-Authenticate": _ADMIN_REALM + ', error="invalid_token"'})
+
+
+async def identify(request: web.BaseRequest, config: Config, expected: str,
+                   authenticate_key: KeyAuthenticator | None) -> Actor:
+    """The operator, or a workspace admin key; 401 ``unauthorized`` for anything else."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    given = given.strip()
+    is_operator = bool(expected.strip()) and hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"),
+        expected.strip().encode("utf-8", "surrogateescape"))
+    if authenticate_key is not None and not is_operator and scheme.lower() == "bearer" \
+            and _TOKEN_SHAPE.fullmatch(given):  # any prefix: a reload may change it
+        try:
+            return await authenticate_key(given, request)
+        except Unauthorized as exc:  # malformed/invalid/expired/revoked: the admin API's code
+            raise Unauthorized(exc.message, headers={
+                "WWW-Authenticate": _ADMIN_REALM + ', error="invalid_token"'}) from None
+    check_operator(request, config, expected)
+    return OPERATOR_ACTOR
+
+
+def confine(request: web.Request, actor: Actor) -> None:
+    """A workspace admin reaches its own workspace's listed routes only. Another workspace
+    reads as 404 exactly like one that does not exist (existence is not disclosed); an
+    operator-only route of its own workspace (or no workspace) is 403."""
+    if actor.is_operator:
+        return
+    resource = getattr(request.match_info.route, "resource", None)
+    if resource is None:  # no such route (404) or method (405): the router answers
+        return
+    ws = request.match_info.get("ws")
+    if ws is not None and ws != actor.workspace:
+        shown_ws = ws if WORKSPACE_ID_RE.fullmatch(ws) else shown(ws)  # as the store says it
+        raise NotFound(f"There is no workspace '{shown_ws}'.")
+    method = "GET" if request.method == "HEAD" else request.method
+    if (method, resource.canonical) not in WORKSPACE_ADMIN_ROUTES:
+        raise Forbidden("Only the operator token may use this endpoint; a workspace key "
+                        "manages the keys of its own workspace.")
+
+
+def _from_http_exception(exc: web.HTTPException) -> GatewayError:
+    if exc.status == 404:
+        return NotFound("No such admin endpoint.")
+    if exc.status == 405:
+        allow = exc.headers.get("Allow", "")
+        return MethodNotAllowed(f"Method not allowed here; use {allow or 'another method'}.",
+                                headers={"Allow": allow} if allow else None)
+    if exc.status == 413:
+        return PayloadTooLarge("The request body is too large.")
+    # any other refusal of aiohttp's (a malformed request) keeps the status aiohttp chose
+    return GatewayError(exc.reason or "Request refused.", code="bad_request", status=exc.status)
+
+
+def error_middleware(config: Config, *, authenticate: bool = True,
+                     authenticate_key: KeyAuthenticator | None = None) -> Callable:
+    """Errors → SPEC's JSON body; anything unexpected → a generic 500 (logged, never shown);
+    ``X-Request-Id`` on every response; auth for everything under ``/admin/``: the operator
+    token, or (with ``authenticate_key``) a workspace admin key, confined by :func:`confine`.
+
+    The operator token is read from the environment here, once: changing the variable takes a
+    restart (as with every other setting)."""
+    expected = os.environ.get(config.admin.token_env, "")
+
+    @web.middleware
+    async def middleware(request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+        rid = request_id_of(request)
+        started, actor = time.perf_counter(), "-"
+        try:
+            if authenticate and request.path.startswith("/admin/") \
+                    and request.path not in UNAUTHENTICATED:
+                caller = await identify(request, config, expected, authenticate_key)
+                confine(request, caller)
+                request[ACTOR] = caller
+                actor = caller.key_id  # "operator" or the acting key's id, for the log
+                resource = getattr(request.match_info.route, "resource", None)
+                if resource is not None:
+                    check_query(request.query, QUERY_PARAMS.get(
+                        (request.method, getattr(resource, "canonical", "")), ()))
+            response = await handler(request)
+        except GatewayError as err:
+            response = err.response(rid)
+        except StoreError as exc:
+            log.warning("store unavailable during %s %s (request %s): %s", request.method,
+                        request.path, rid, exc)
+            response = ServiceUnavailable("The key store is unavailable; nothing was changed "
+                                          "or the change could not be confirmed.").response(rid)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = _from_http_exception(exc).response(rid)
+        except Exception:
+            log.exception("unexpected error in %s %s (request %s)", request.method,
+                          request.path, rid)
+            response = GatewayError("An internal error occurred.").response(rid)
+        response.headers["X-Request-Id"] = rid
+        if request.path.startswith("/admin/") and request.path not in UNAUTHENTICATED:
+            log_admin_call(request, response.status, rid, actor, time.perf_counter() - started,
+                           config.keys.prefix)
+        return response
+
+    return middleware
+
+
+def log_admin_call(request: web.Request, status: int, rid: str, actor: str,
+                   elapsed: float, prefix: str) -> None:
+    """One line per admin API call: who (``operator``, or ``-`` when the token was refused),
+    what, the answer. Never a header value, so never a token; keys in the path are masked."""
+    target = mask_target(request.raw_path, prefix)
+    log.info("admin %s %s %d %s", request.method, target, status, actor,
+             extra={"request_id": rid, "method": request.method, "path": target,
+                    "status": status, "actor": actor, "client": request.remote,
+                    "duration_ms": round(elapsed * 1000, 3)})

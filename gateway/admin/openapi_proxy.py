@@ -1,0 +1,135 @@
+"""The OpenAPI description of the proxy listener's ``/_keygate/`` endpoints: the calling key's
+usage, verify-only, and self-service (the admin API's key rows, acting as a ``keys:admin``
+key)."""
+
+from __future__ import annotations
+
+from .openapi_schemas import (DAYS, JSON, KEY_ID, REQUEST_ID_HEADER, RETRY_AFTER, Schema, err,
+                              header, list_params, obj, ok, op, param, ref)
+
+# --- the proxy listener's /_keygate/ endpoints ---------------------------------------------------
+
+PROXY_SERVER = [{"url": "{proxy}", "description": "the proxy listener",
+                 "variables": {"proxy": {"default": "http://127.0.0.1:8080"}}}]
+API_KEY_SECURITY = [{"apiKey": []}]
+INVALID_TOKEN = {"WWW-Authenticate": header('`Bearer realm="keygate"`, with '
+                                            '`error="invalid_token"` except for `missing_key`')}
+
+
+def proxy_errors(*, scope: bool, body: bool) -> list[tuple[str, Schema]]:
+    """What any ``/_keygate/`` call can answer before its own work starts."""
+    errors = [
+        err(400, "bad_request", "bad_path", "key_in_url", "ambiguous_key"),
+        err(401, "missing_key", "malformed_key", "invalid_key", "expired_key", "revoked_key",
+            "disabled_key", headers=INVALID_TOKEN),
+        err(429, "too_many_failures", "rate_limited", "quota_exceeded", "key_quota_exceeded",
+            headers=RETRY_AFTER),
+        err(503, "store_unavailable", "overloaded", headers=RETRY_AFTER),
+    ]
+    if scope:
+        errors.append(err(403, "insufficient_scope", "ip_not_allowed"))
+    else:
+        errors.append(err(403, "ip_not_allowed"))
+    if body:
+        errors.append(err(413, "body_too_large"))
+    return errors
+
+
+def proxy_paths() -> dict[str, Schema]:
+    base = "/_keygate/v1/keys"
+
+    def own(summary: str, success: tuple[str, Schema], *extra: tuple[str, Schema],
+            body: Schema | None = None, params: list[Schema] | None = None) -> Schema:
+        # a key with keys:admin, confined to its own workspace and scopes; another
+        # workspace's key reads as 404
+        errors = proxy_errors(scope=True, body=body is not None)
+        errors.append(err(404, "not_found", "no_route"))
+        merged = dict(errors)
+        for status, response in extra:
+            if status in merged:  # widen the code list of an error already there
+                codes = (merged[status]["content"][JSON]["schema"]["allOf"][1]["properties"]
+                         ["error"]["properties"]["code"]["enum"])
+                more = (response["content"][JSON]["schema"]["allOf"][1]["properties"]["error"]
+                        ["properties"]["code"]["enum"])
+                codes.extend(c for c in more if c not in codes)
+            else:
+                merged[status] = response
+        return op(summary, success, *merged.items(), body=body, params=params,
+                  security=API_KEY_SECURITY, tags=["self-service"])
+
+    key_path = [param("key", "path", KEY_ID, "key id")]
+    verify_headers = {
+        "X-Forwarded-Method": "the original method (Traefik forwardAuth, nginx)",
+        "X-Forwarded-Uri": "the original path and query",
+        "X-Original-Method": "the original method (nginx auth_request convention)",
+        "X-Original-URI": "the original path and query",
+    }
+    verify_params = [param(name, "header", {"type": "string"}, text, required=False)
+                     for name, text in verify_headers.items()]
+
+    def verify(summary: str) -> Schema:
+        errors = dict(proxy_errors(scope=True, body=False))
+        errors["404"] = err(404, "no_route")[1]
+        return {"summary": summary, "security": API_KEY_SECURITY, "tags": ["verify"],
+                "parameters": verify_params,
+                "description": "Any method is taken; the original request comes from the "
+                               "X-Forwarded-* headers, else X-Original-*, else this request's "
+                               "own method and the path after /_keygate/v1/verify.",
+                "responses": {"200": {"description": "allowed: the identity and RateLimit "
+                                                     "fields as headers, no body",
+                                      "headers": REQUEST_ID_HEADER},
+                              **errors}}
+    return {
+        "/_keygate/v1/usage": {
+            "servers": PROXY_SERVER,
+            "get": op("The calling key's workspace usage and the key itself (not counted)",
+                      ok(200, ref("SelfUsage"), "usage plus `key`"),
+                      *proxy_errors(scope=False, body=False), security=API_KEY_SECURITY,
+                      tags=["self-service"]),
+        },
+        "/_keygate/v1/verify": {
+            "servers": PROXY_SERVER,
+            "get": verify("Verify-only: the whole pipeline on the original request, nothing "
+                          "forwarded (auth_request, forwardAuth, ext_authz)"),
+        },
+        "/_keygate/v1/verify/{original}": {
+            "servers": PROXY_SERVER,
+            "parameters": [param("original", "path", {"type": "string"},
+                                 "the original path (Envoy ext_authz path_prefix)")],
+            "get": verify("Verify-only, the original path after the prefix"),
+        },
+        base: {
+            "servers": PROXY_SERVER,
+            "get": own("List the workspace's keys", ok(200, ref("KeyList"), "the keys"),
+                       params=list_params()),
+            "post": own("Create a key within the calling key's own scopes",
+                        ok(201, ref("NewKey"), "the key and its token"),
+                        err(409, "key_limit_reached"), body=ref("KeyCreate")),
+        },
+        base + "/{key}": {
+            "servers": PROXY_SERVER, "parameters": key_path,
+            "get": own("Read a key", ok(200, ref("Key"), "the key")),
+            "patch": own("Update a key within the calling key's own scopes",
+                         ok(200, ref("Key"), "the updated key"),
+                         err(409, "conflict", "key_limit_reached"), body=ref("KeyPatch")),
+            "delete": own("Delete a revoked or expired key of the workspace",
+                          ok(200, ref("Key"), "the key as it was"), err(409, "conflict")),
+        },
+        base + "/{key}/usage/daily": {
+            "servers": PROXY_SERVER, "parameters": key_path,
+            "get": own("A key's requests per UTC day, oldest first",
+                       ok(200, ref("DailyUsage"), "one item per day"),
+                       params=[param("days", "query", DAYS, "default 30")]),
+        },
+        base + "/{key}/revoke": {
+            "servers": PROXY_SERVER, "parameters": key_path,
+            "post": own("Revoke a key", ok(200, ref("Key"), "the revoked key"), body=obj({})),
+        },
+        base + "/{key}/rotate": {
+            "servers": PROXY_SERVER, "parameters": key_path,
+            "post": own("Rotate a key within the calling key's own scopes",
+                        ok(201, ref("NewKey"), "the new key and its token"),
+                        err(409, "conflict", "key_limit_reached"), body=ref("KeyRotate")),
+        },
+    }
+

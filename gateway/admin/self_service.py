@@ -1,0 +1,74 @@
+"""Workspace self-service on the proxy listener: ``/_keygate/v1/keys...`` for a key holding
+``keys:admin`` (the pipeline checked that).
+
+It serves the rows of the admin API's table under ``/admin/v1/workspaces/{ws}/keys`` that a
+workspace admin may call, with ``{ws}`` fixed to the acting key's own workspace and the key's
+own scopes and expiry as the bound (:class:`keyops.KeyOps`): no second router, so the two
+listeners cannot drift apart. Raises ``GatewayError``s; the pipeline renders them.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..config import Config
+from ..errors import MethodNotAllowed, NotFound, PayloadTooLarge
+from ..models import Principal
+from ..store import Store
+from .api import KEYS, ROUTES, Call, Endpoint
+from .keyops import Actor
+from .validate import check_query
+
+SELF_SERVICE_PREFIX = "/_keygate/v1/keys"
+
+SELF_SERVICE_ROUTES: tuple[tuple[Endpoint, tuple[str, ...]], ...] = tuple(
+    (e, tuple(e.path[len(KEYS):].split("/")[1:]))   # the path's segments after the prefix
+    for e in ROUTES if e.workspace_admin and (e.path == KEYS or e.path.startswith(KEYS + "/")))
+"""The table rows self-service serves, with their path segments below the prefix."""
+
+
+def _match(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
+    """The ``{name}`` parameters when ``parts`` (raw, undecoded segments) fit ``pattern``."""
+    if len(pattern) != len(parts):
+        return None
+    params = {}
+    for want, part in zip(pattern, parts):
+        if want.startswith("{"):
+            params[want.strip("{}")] = part
+        elif want != part:
+            return None
+    return params
+
+
+async def handle_self_service(request: web.BaseRequest, principal: Principal, store: Store,
+                       config: Config) -> web.Response:
+    """One ``/_keygate/v1/keys...`` call: 404 for a path the table does not have, 405 (with
+    ``Allow``) for a method it does not take there, 400 for a query parameter it does not take,
+    else the table's handler, acting as the key."""
+    path = request.rel_url.raw_path
+    rest = path[len(SELF_SERVICE_PREFIX):] if path.startswith(SELF_SERVICE_PREFIX) else None
+    if rest is None or (rest and not rest.startswith("/")):
+        raise NotFound("No such endpoint.")
+    parts = rest.strip("/").split("/") if rest not in ("", "/") else []
+    routes = [(e, params) for e, pattern in SELF_SERVICE_ROUTES
+              if "" not in parts and (params := _match(pattern, parts)) is not None]
+    if not routes:
+        raise NotFound("No such endpoint.")
+    acting = await store.require_key(principal.workspace, principal.key_id)
+    chosen = next(((e, params) for e, params in routes if e.method == request.method), None)
+    check_query(request.query, chosen[0].query if chosen else ())
+    if chosen is None:
+        methods = [e.method for e, _ in routes]
+        raise MethodNotAllowed(f"Use {' or '.join(methods)} here.",
+                               headers={"Allow": ", ".join(methods)})
+
+    async def body() -> bytes:
+        try:  # aiohttp caps it (1 MiB) with an HTTPException the pipeline does not render
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge("The request body is too large for a key endpoint.") from None
+
+    endpoint, params = chosen
+    actor = Actor(principal.key_id, principal.workspace, principal.scopes, acting.expires_at)
+    return await endpoint.handler(Call(store, config, actor, {"ws": principal.workspace, **params},
+                                       request.query, body, known_workspace=principal.workspace))

@@ -1,0 +1,303 @@
+"""Input of the admin API and self-service, checked field by field (pure: no store, no HTTP).
+
+Every refusal is a 400 ``bad_request`` that names the field or query parameter, so a caller can
+fix the request without reading the source. The store trusts what these return.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from typing import Any, Mapping
+
+from ..config import NAME_RE, SCOPE_RE, Config, parse_rate_limit
+from ..errors import BadRequest, shown
+from ..models import LIMIT_FIELDS, parse_rfc3339, rfc3339
+from ..store import WORKSPACE_ID_RE
+
+MAX_NAME = 200
+MAX_DESCRIPTION = 2000
+MAX_SCOPES = 100
+MAX_SCOPE_LEN = 128
+MAX_ROLE_LEN = 64
+MAX_SECONDS = 100 * 365 * 86400   # expires_in / grace_seconds ceiling (a century)
+MAX_META_BYTES = 4096
+MAX_ALLOWED_IPS = 100
+MAX_MONTHLY = 10**15
+DAILY_DEFAULT, DAILY_MAX = 30, 90
+AUDIT_DEFAULT, AUDIT_MAX = 100, 1000
+
+
+def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """A JSON object whose fields are all in ``allowed`` (an empty body is ``{}``)."""
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    unknown = [f for f in data if f not in allowed]
+    if unknown:
+        raise BadRequest(f"Unknown field '{shown(unknown[0])}'; this endpoint accepts: "
+                         f"{', '.join(allowed)}.")
+    return data
+
+
+def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None:
+    """Refuse query parameters an endpoint does not take: a typo such as ``?state=active``
+    must not silently answer as if no filter had been asked for."""
+    unknown = [p for p in query if p not in allowed]
+    if unknown:
+        takes = f"it takes: {', '.join(allowed)}" if allowed else "it takes none"
+        raise BadRequest(f"Unknown query parameter '{shown(unknown[0])}'; {takes}.")
+
+
+# C0 and C1 controls, DEL, line/paragraph separators, bidi marks, embeddings, overrides, isolates
+_UNSAFE_TEXT = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def parse_text(data: Mapping[str, Any], field: str, max_len: int, *, required: bool = False,
+               nonempty: bool = True) -> str | None:
+    """A text field (name, description): None when absent and not ``required``."""
+    if field not in data:
+        if required:
+            raise BadRequest(f"The field '{field}' is required.")
+        return None
+    value = data[field]
+    if not isinstance(value, str):
+        raise BadRequest(f"The field '{field}' must be a string.")
+    if nonempty and not value.strip():
+        raise BadRequest(f"The field '{field}' must not be empty.")
+    if len(value) > max_len:
+        raise BadRequest(f"The field '{field}' is too long ({len(value)} characters; "
+                         f"at most {max_len}).")
+    if _UNSAFE_TEXT.search(value):
+        # C1 controls too (U+009B is a terminal CSI), and the bidi overrides that make a
+        # listing read other than it is: text fields reach `keygate keys list` and the console
+        raise BadRequest(f"The field '{field}' must not contain control characters "
+                         "(newlines, tabs, escapes, bidirectional overrides, ...).")
+    try:  # JSON can carry lone surrogates ("\ud800"), which no store can hold as UTF-8
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"The field '{field}' is not valid Unicode text (it holds a lone "
+                         "surrogate).") from None
+    return value
+
+
+def parse_seconds(data: Mapping[str, Any], field: str, minimum: int) -> int | None:
+    """A whole number of seconds from ``minimum`` to a century; None when absent."""
+    if field not in data:
+        return None
+    value = data[field]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"The field '{field}' must be an integer number of seconds.")
+    if not minimum <= value <= MAX_SECONDS:
+        raise BadRequest(f"The field '{field}' must be between {minimum} and {MAX_SECONDS}.")
+    return value
+
+
+def parse_workspace_id(value: Any) -> str:
+    if not isinstance(value, str) or not WORKSPACE_ID_RE.fullmatch(value):
+        raise BadRequest("The field 'id' must be a slug: lowercase letters, digits and "
+                         "'-', starting with a letter or digit, at most 63 characters.")
+    return value
+
+
+def parse_plan(data: Mapping[str, Any], config: Config) -> str | None:
+    """The ``plan`` field, one of the configured plans; None when absent."""
+    if "plan" not in data:
+        return None
+    plan = data["plan"]
+    if not isinstance(plan, str) or plan not in config.plans:
+        raise BadRequest(f"The field 'plan' must be one of the configured plans: "
+                         f"{', '.join(sorted(config.plans))}.")
+    return plan
+
+
+def parse_scopes(value: Any, field: str = "scopes") -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise BadRequest(f"The field '{field}' must be a list of scope strings.")
+    if len(value) > MAX_SCOPES:
+        raise BadRequest(f"The field '{field}' holds more than {MAX_SCOPES} scopes.")
+    scopes: list[str] = []
+    for scope in value:
+        if not isinstance(scope, str) or len(scope) > MAX_SCOPE_LEN \
+                or not SCOPE_RE.fullmatch(scope):
+            raise BadRequest(f"The field '{field}' holds a malformed scope {shown(scope) if isinstance(scope, str) else scope!r}; a scope "
+                             "looks like 'people:read' (letters, digits, '_', '.', '-', "
+                             "parts joined by ':').")
+        if scope not in scopes:
+            scopes.append(scope)
+    return tuple(scopes)
+
+
+def check_catalogue(scopes: tuple[str, ...], config: Config, field: str = "scopes") -> None:
+    """With a scope catalogue configured, every scope must be in it (``ALL`` always is)."""
+    if config.scopes is None:
+        return
+    unknown = [s for s in scopes if s != "ALL" and s not in config.scopes]
+    if unknown:
+        raise BadRequest(f"The field '{field}' names a scope that is not in the scope "
+                         f"catalogue: {shown(unknown[0])!r} (GET /admin/v1/scopes lists them).")
+
+
+def parse_role_name(value: Any, field: str = "role") -> str:
+    if not isinstance(value, str) or len(value) > MAX_ROLE_LEN or not NAME_RE.fullmatch(value):
+        raise BadRequest(f"The field '{field}' must be a role name (a letter or digit, then "
+                         f"letters, digits, '_', '.', '-'; at most {MAX_ROLE_LEN} characters).")
+    return value
+
+
+def parse_expires_at(value: Any, now: float, *, nullable: bool) -> float | None:
+    if value is None:
+        if nullable:
+            return None
+        raise BadRequest("The field 'expires_at' must be an RFC 3339 timestamp.")
+    if not isinstance(value, str):
+        raise BadRequest("The field 'expires_at' must be an RFC 3339 timestamp such as "
+                         "'2027-01-31T00:00:00Z'.")
+    try:
+        when = parse_rfc3339(value)
+    except ValueError:
+        raise BadRequest(f"The field 'expires_at' is not an RFC 3339 timestamp with a time "
+                         f"zone (e.g. '2027-01-31T00:00:00Z'): {shown(value)!r}.") from None
+    if when <= now:
+        raise BadRequest(f"The field 'expires_at' is in the past ({rfc3339(when)}).")
+    if when > now + MAX_SECONDS:
+        raise BadRequest("The field 'expires_at' is more than a century away.")
+    return when
+
+
+def parse_rate(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(parse_rate_limit(value))
+    except ValueError as exc:
+        raise BadRequest(f"The field 'rate_limit' is invalid: {exc}.") from None
+
+
+def per_second(rate: str) -> float:
+    """A rate limit as requests per second, so '60/m' and '1/s' compare equal."""
+    limit = parse_rate_limit(rate)
+    return limit.requests / limit.period_seconds
+
+
+def parse_monthly(value: Any, field: str = "monthly_requests") -> int | None:
+    """A monthly request cap: a whole number ≥ 0, or null (none of its own)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_MONTHLY:
+        raise BadRequest(f"The field '{field}' must be a whole number from 0 to "
+                         f"{MAX_MONTHLY}, or null (no limit of its own).")
+    return value
+
+
+def parse_enabled(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest("The field 'enabled' must be true or false.")
+    return value
+
+
+def parse_meta(value: Any) -> str:
+    """A JSON object of at most 4 KiB (compact UTF-8 JSON), returned as that JSON text."""
+    if not isinstance(value, dict):
+        raise BadRequest("The field 'meta' must be a JSON object.")
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        size = len(text.encode("utf-8"))
+    except (UnicodeEncodeError, ValueError, RecursionError):
+        raise BadRequest("The field 'meta' holds text that is not valid Unicode (a lone "
+                         "surrogate).") from None
+    if size > MAX_META_BYTES:
+        raise BadRequest(f"The field 'meta' is {size} bytes as JSON; at most {MAX_META_BYTES}.")
+    return text
+
+
+def parse_allowed_ips(value: Any) -> tuple[str, ...] | None:
+    """A list of CIDRs (a bare address is a /32 or /128), or null for any address."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise BadRequest("The field 'allowed_ips' must be a non-empty list of CIDRs such as "
+                         "'203.0.113.0/24', or null for any address (to refuse every address, "
+                         "disable the key: 'enabled': false).")
+    if len(value) > MAX_ALLOWED_IPS:
+        raise BadRequest(f"The field 'allowed_ips' holds more than {MAX_ALLOWED_IPS} entries.")
+    networks: list[str] = []
+    for item in value:
+        try:
+            if not isinstance(item, str) or len(item) > 64 or item != item.strip():
+                raise ValueError
+            net = ipaddress.ip_network(item, strict=False)
+            mapped = net.network_address.ipv4_mapped if net.version == 6 else None
+            if mapped is not None and net.prefixlen >= 96:
+                # ::ffff:a.b.c.d/n: clients are compared as IPv4 (as the failure throttle sees
+                # them), so the entry is kept as the IPv4 network it names
+                net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}", strict=False)
+        except ValueError:
+            raise BadRequest(f"The field 'allowed_ips' holds {shown(str(item))!r}, which is not "
+                             "an IP address or CIDR like '203.0.113.0/24'.") from None
+        if str(net) not in networks:
+            networks.append(str(net))
+    return tuple(networks)
+
+
+def parse_limits(value: Any) -> dict[str, Any] | None:
+    """PATCH workspace ``limits``: an object of the limits to override (a null value:
+    unlimited; a field left out keeps its current override or the plan's), or null to drop
+    every override."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadRequest("The field 'limits' must be an object with any of monthly_requests, "
+                         "max_keys, rate_limit (null values mean unlimited), or null to go "
+                         "back to the plan's limits.")
+    unknown = [f for f in value if f not in LIMIT_FIELDS]
+    if unknown:
+        raise BadRequest(f"Unknown field 'limits.{shown(str(unknown[0]))}'; limits takes: "
+                         f"{', '.join(LIMIT_FIELDS)}.")
+    limits: dict[str, Any] = {}
+    if "monthly_requests" in value:
+        limits["monthly_requests"] = parse_monthly(value["monthly_requests"],
+                                                   "limits.monthly_requests")
+    if "max_keys" in value:
+        limits["max_keys"] = parse_monthly(value["max_keys"], "limits.max_keys")
+    if "rate_limit" in value:
+        try:
+            limits["rate_limit"] = parse_rate(value["rate_limit"])
+        except BadRequest:
+            raise BadRequest("The field 'limits.rate_limit' must be a rate like '5/s' or "
+                             "'300/m', or null.") from None
+    return limits
+
+
+def query_int(query: Mapping[str, str], name: str, low: int, high: int, *,
+              digits: int = 7) -> int | None:
+    """An integer query parameter from ``low`` to ``high`` written in at most ``digits``
+    digits; None when absent.
+
+    ASCII digits only: ``str.isdigit()`` admits '²' (which ``int()`` refuses) and '٣'."""
+    text = query.get(name)
+    if text is None:
+        return None
+    if not re.fullmatch(f"[0-9]{{1,{digits}}}", text) or not low <= int(text) <= high:
+        raise BadRequest(f"The query parameter '{name}' must be an integer from {low} to "
+                         f"{high}.")
+    return int(text)
+
+
+def parse_days(query: Mapping[str, str]) -> int:
+    """``days`` of a daily-usage listing."""
+    days = query_int(query, "days", 1, DAILY_MAX, digits=3)
+    return DAILY_DEFAULT if days is None else days
+
+
+def parse_audit_limit(query: Mapping[str, str]) -> int:
+    """``limit`` of the audit listing."""
+    limit = query_int(query, "limit", 1, AUDIT_MAX, digits=6)
+    return AUDIT_DEFAULT if limit is None else limit

@@ -1,0 +1,65 @@
+"""``keygate``: the command line.
+
+``serve``, ``demo`` and ``config check`` run locally; every other verb is a thin client of the
+admin API (``--admin-url`` / ``KEYGATE_ADMIN_URL``, operator token from ``KEYGATE_ADMIN_TOKEN``).
+
+Exit codes: 0 success, 1 API or local error (one line on stderr), 2 bad usage (argparse).
+A token is printed only in the answer to ``keys create`` / ``keys rotate``; the operator token
+is never printed.
+
+Where things are: :mod:`.parser` (the parser, commands in ``--help`` order), :mod:`.client`
+(the admin API client and the errors that end a command), :mod:`.connection` (which admin API,
+which token), :mod:`.output`, :mod:`.parsing` (option values, the command tree), and a module
+per noun: :mod:`.server` (serve, demo, config check, reload), :mod:`.workspaces`,
+:mod:`.keys`, :mod:`.key_controls`, :mod:`.roles`, :mod:`.reports` (usage, audit).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .client import AdminClient, ApiError, CliError, UsageError
+from .connection import admin_url, connection
+from .parser import build_parser
+from .parsing import parse_duration, parse_expiry
+
+__all__ = ["build_parser", "main", "parse_duration", "parse_expiry"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ``keygate`` command; the exit code is returned (the console script exits
+    with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help → 0, bad usage → 2; returned so main() is testable
+        return exc.code if isinstance(exc.code, int) else 2
+    token = None
+    try:
+        if getattr(args, "local", False):
+            return int(args.handler(args) or 0)
+        url, token = connection(args)
+        try:
+            url = admin_url(url)  # --admin-url is checked by argparse; the others here
+        except ValueError as exc:
+            parser.print_usage(sys.stderr)
+            print(f"keygate: error: KEYGATE_ADMIN_URL: {exc}", file=sys.stderr)
+            return 2
+        client = AdminClient(url, token, args.timeout)
+        return int(args.handler(args, client) or 0)
+    except UsageError as exc:
+        print(f"keygate: error: {exc}", file=sys.stderr)
+        return 2
+    except ApiError as exc:
+        if getattr(args, "json", False) and exc.body:
+            sys.stdout.write(exc.body.decode("utf-8", "replace").rstrip("\n") + "\n")
+        print(f"keygate: {exc}", file=sys.stderr)
+        if exc.status == 401 and not token:
+            print("keygate: set KEYGATE_ADMIN_TOKEN to the operator token", file=sys.stderr)
+        return 1
+    except CliError as exc:
+        print(f"keygate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130

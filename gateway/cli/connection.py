@@ -1,0 +1,80 @@
+"""Which admin API a remote command talks to, and with which operator token.
+
+The admin URL is the first of ``--admin-url``, ``--config``'s admin listener,
+``$KEYGATE_ADMIN_URL`` and :data:`DEFAULT_ADMIN_URL`; the token is the config's ``token_env``
+variable (with ``--config``), else ``$KEYGATE_ADMIN_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import urllib.parse
+from typing import Any
+
+from .client import CliError
+
+DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
+
+
+def admin_url(text: str) -> str:
+    """The admin URL as given, if it is an http(s) URL with a host; else ValueError."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"'{text}' is not an http(s) URL")
+    return text
+
+
+def connection(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(admin URL, token): --admin-url, then --config, then the environment, then the
+    default; the token from the config's token_env when --config is given."""
+    url, token = None, None
+    if getattr(args, "config", None):
+        url, token = admin_from_config(args.config)
+    token = token or os.environ.get("KEYGATE_ADMIN_TOKEN")
+    url = args.admin_url or url or os.environ.get("KEYGATE_ADMIN_URL") or DEFAULT_ADMIN_URL
+    return url, token
+
+
+def admin_from_config(path: str) -> tuple[str, str | None]:
+    """(admin URL, operator token) for the gateway a config file describes: its admin
+    listener's address (a wildcard host is reached on loopback) and the token from the
+    variable its ``admin.token_env`` names."""
+    from ..config import load_config
+    from ..errors import ConfigError
+    try:
+        admin = load_config(path).admin
+    except ConfigError as exc:
+        # A file with problems elsewhere (say, one `keygate reload` is about to refuse) still
+        # names the admin listener: read that section alone.
+        admin = _admin_section(path, exc)
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(admin.host, admin.host)
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if getattr(admin, "tls", None) else "http"
+    return f"{scheme}://{host}:{admin.port}", os.environ.get(admin.token_env)
+
+
+def _admin_section(path: str, original: Exception) -> Any:
+    import tempfile
+
+    import yaml
+
+    from ..config import load_config
+    from ..errors import ConfigError
+    problems = "\n".join(getattr(original, "problems", [str(original)]))
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            document = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError):
+        raise CliError(problems) from None
+    if not isinstance(document, dict):
+        raise CliError(problems)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        yaml.safe_dump({"admin": document.get("admin")}, fh)
+    try:
+        return load_config(fh.name).admin
+    except ConfigError as exc:
+        raise CliError("\n".join(p.replace(fh.name, path) for p in exc.problems)) from None
+    finally:
+        os.unlink(fh.name)

@@ -1,0 +1,188 @@
+"""``keygate keys create|list|show|update|revoke|rotate``: a key's life cycle. The token is
+printed only by ``create`` and ``rotate``, once. The key-control options of ``update`` and
+``list`` and the ``keys usage`` / ``keys delete`` verbs are in :mod:`.key_controls`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from . import key_controls
+from .client import AdminClient, UsageError, seg
+from .output import cell, fields, format_table, human_time, print_new_token, show
+from .parsing import (CommandTree, SubCommands, argtype, given, parse_duration, parse_expiry,
+                      workspace_option)
+
+KEY_FIELDS = ("id", "workspace", "name", "description", "status", "environment", "role",
+              "scopes", "prefix", "created_at", "expires_at", "last_used_at", "revoked_at",
+              "rate_limit")
+
+
+def add_commands(tree: CommandTree) -> SubCommands:
+    """The ``keys`` group and its life-cycle verbs; returns the group for the verbs added
+    later."""
+    keys = tree.group("keys", "manage API keys")
+    p = tree.command(keys, "create", "create a key; prints its token once", cmd_keys_create)
+    workspace_option(p)
+    p.add_argument("--name", required=True)
+    access = p.add_mutually_exclusive_group(required=True)
+    access.add_argument("--role", help="bind the key to a role")
+    access.add_argument("--scope", action="extend", nargs="+", metavar="S",
+                        help="bind the key to explicit scopes (repeatable)")
+    p.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"),
+                   help="30d, 24h, 90m, 3600s, or a date/datetime like 2027-01-31")
+    p.add_argument("--env", help="token environment, e.g. test (default: live)")
+    p.add_argument("--description")
+    p.add_argument("--rate-limit", metavar="N/s|N/m",
+                   help="the key's own rate limit instead of the plan's")
+
+    p = tree.command(keys, "list", "list a workspace's keys", cmd_keys_list)
+    workspace_option(p)
+    p.add_argument("--status", choices=("active", "expired", "revoked"))
+    key_controls.add_list_options(p)
+
+    p = tree.command(keys, "show", "show one key (never its token)", cmd_keys_show)
+    workspace_option(p)
+    p.add_argument("id", metavar="ID")
+
+    p = tree.command(keys, "update", "change a key's name, description, role/scopes or expiry",
+                     cmd_keys_update)
+    workspace_option(p)
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--name")
+    p.add_argument("--description")
+    access = p.add_mutually_exclusive_group()
+    access.add_argument("--role", help="re-bind the key to a role (takes effect at once)")
+    access.add_argument("--scope", action="extend", nargs="+", metavar="S",
+                        help="re-bind the key to explicit scopes (repeatable)")
+    expiry = p.add_mutually_exclusive_group()
+    expiry.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"),
+                        help="new expiry: 30d, 24h (from now) or a date/datetime")
+    expiry.add_argument("--no-expiry", action="store_true", help="the key never expires")
+    key_controls.add_update_options(p)
+
+    p = tree.command(keys, "revoke", "revoke a key (permanent)", cmd_keys_revoke)
+    workspace_option(p)
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask to confirm")
+
+    p = tree.command(keys, "rotate", "replace a key; prints the new token once", cmd_keys_rotate)
+    workspace_option(p)
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--grace", type=argtype(parse_duration, "DURATION"),
+                   help="how long the old key keeps working, e.g. 24h (default 0: revoked now)")
+    return keys
+
+
+def _key_path(args: argparse.Namespace) -> str:
+    return f"/workspaces/{seg(args.workspace)}/keys/{seg(args.id)}"
+
+
+def _access(args: argparse.Namespace) -> dict[str, Any]:
+    """``--role`` or ``--scope`` (argparse lets only one through) as body fields."""
+    if getattr(args, "role", None) is not None:
+        return {"role": args.role}
+    if getattr(args, "scope", None) is not None:
+        return {"scopes": args.scope}
+    return {}
+
+
+def cmd_keys_create(args: argparse.Namespace, client: AdminClient) -> int:
+    body: dict[str, Any] = {"name": args.name, **_access(args),
+                            **given(description=args.description), **(args.expires or {}),
+                            **given(environment=args.env, rate_limit=args.rate_limit)}
+    answer = client.request("POST", f"/workspaces/{seg(args.workspace)}/keys", body)
+    print_new_token(answer, args, client, "created")
+    return 0
+
+
+def _keys_table(items: list[dict]) -> str:
+    rows = [[cell(k.get("id")), cell(k.get("name")), _key_access(k),
+             human_time(k.get("created_at")), human_time(k.get("last_used_at")),
+             human_time(k.get("expires_at")), cell(k.get("status"))] for k in items]
+    return format_table(["ID", "NAME", "ROLE/SCOPES", "CREATED", "LAST USED", "EXPIRES",
+                         "STATUS"], rows)
+
+
+def _key_access(key: dict) -> str:
+    if key.get("role"):
+        return f"role:{key['role']}"
+    return ",".join(key.get("scopes") or []) or "-"
+
+
+def cmd_keys_list(args: argparse.Namespace, client: AdminClient) -> int:
+    query = {"status": args.status} if args.status else {}
+    query.update(key_controls.list_query(args))
+    items = client.request("GET", f"/workspaces/{seg(args.workspace)}/keys",
+                           query=query).get("items", [])
+    return show(args, client, lambda: _keys_table(items))
+
+
+def cmd_keys_show(args: argparse.Namespace, client: AdminClient) -> int:
+    key = client.request("GET", _key_path(args))
+    return show(args, client, lambda: fields(key, KEY_FIELDS))
+
+
+def _new_expiry(args: argparse.Namespace) -> dict[str, Any]:
+    if args.no_expiry:
+        return {"expires_at": None}
+    if args.expires is None:
+        return {}
+    if "expires_in" in args.expires:  # PATCH takes a moment, not a duration
+        moment = datetime.now(timezone.utc) + timedelta(seconds=args.expires["expires_in"])
+        return {"expires_at": moment.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    return args.expires
+
+
+def cmd_keys_update(args: argparse.Namespace, client: AdminClient) -> int:
+    body = {**given(name=args.name, description=args.description), **_access(args),
+            **_new_expiry(args), **key_controls.update_body(args)}
+    if not body:
+        raise UsageError("nothing to change: give one or more of --name, --description, "
+                         "--role, --scope, --expires, --no-expiry, --monthly-requests, "
+                         "--rate-limit, --enable, --disable, --meta, --allow-ip, --any-ip")
+    key = client.request("PATCH", _key_path(args), body)
+    return show(args, client, lambda: fields(key, KEY_FIELDS))
+
+
+def _confirm(question: str) -> bool | None:
+    """True on y/yes, False on any other answer, None when there is no answer (end of input:
+    a script that forgot --yes)."""
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline()
+    if not answer:
+        return None
+    return answer.strip().lower() in ("y", "yes")
+
+
+def cmd_keys_revoke(args: argparse.Namespace, client: AdminClient) -> int:
+    if not args.yes:
+        confirmed = _confirm(f"Revoke key {args.id} of workspace {args.workspace}? "
+                             "This cannot be undone.")
+        # Not confirmed: nothing was done, which a script must not read as success (0), and
+        # nothing failed at the API (1): exit 2, as for a command that needed --yes.
+        if confirmed is None:
+            raise UsageError(f"no answer to the confirmation (end of input): key {args.id} was "
+                             "not revoked. Pass --yes to revoke without asking")
+        if not confirmed:
+            print(f"aborted: key {args.id} was not revoked", file=sys.stderr)
+            return 2
+    key = client.request("POST", _key_path(args) + "/revoke")
+    return show(args, client, lambda: f"revoked key {key.get('id', args.id)} of workspace "
+                                      f"{args.workspace}")
+
+
+def cmd_keys_rotate(args: argparse.Namespace, client: AdminClient) -> int:
+    body = {"grace_seconds": args.grace} if args.grace is not None else {}
+    answer = client.request("POST", _key_path(args) + "/rotate", body)
+    print_new_token(answer, args, client, f"rotated {args.id} into")
+    if not args.json:
+        if args.grace:
+            print(f"keygate: the old key {args.id} keeps working for {args.grace}s",
+                  file=sys.stderr)
+        else:
+            print(f"keygate: the old key {args.id} is revoked", file=sys.stderr)
+    return 0

@@ -1,0 +1,95 @@
+"""How commands print: a human line or table on stdout, or with ``--json`` the API's answer
+exactly as it came; a new token once, with its warning on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from typing import Any, Callable, Sequence
+
+from .client import AdminClient
+
+TOKEN_WARNING = ("keygate: this is the only time the token is shown; it cannot be shown again. "
+                 "Store it now in a secret manager.")
+
+
+def show(args: argparse.Namespace, client: AdminClient, text: Callable[[], str]) -> int:
+    """Print the answer: ``text()`` for a human, the body as it came with ``--json``."""
+    if args.json:
+        print_body(client)
+    else:
+        print(text())
+    return 0
+
+
+def print_body(client: AdminClient) -> None:
+    """``--json``: the API's answer exactly as it came (a listing stays ``{"items": [...]}``)."""
+    sys.stdout.write(client.last_body.decode("utf-8", "replace").rstrip("\n") + "\n")
+
+
+def print_new_token(answer: dict, args: argparse.Namespace, client: AdminClient,
+                    what: str) -> None:
+    """A created or rotated key's token: alone on stdout (or inside the ``--json`` body), so
+    ``$(keygate keys create ...)`` captures just the token; the rest goes to stderr."""
+    key = answer.get("key", {})
+    if args.json:
+        print_body(client)
+    else:
+        print(f"keygate: {what} key {key.get('id')} ({key.get('name')}) in workspace "
+              f"{key.get('workspace')}", file=sys.stderr)
+        print(answer.get("token", ""))
+    print(TOKEN_WARNING, file=sys.stderr)
+
+
+def human_time(value: str | None) -> str:
+    """``2026-11-05T12:34:56Z`` → ``2026-11-05 12:34 UTC``; None → ``-``."""
+    if not value:
+        return "-"
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(timezone.utc)
+    except ValueError:
+        return value
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+             for line in [list(headers), *rows]]
+    return "\n".join(lines)
+
+
+def cell(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def fields(obj: dict, order: Sequence[str]) -> str:
+    """An object as ``name: value`` lines, the listed fields first, then any others."""
+    names = [n for n in order if n in obj] + [n for n in obj if n not in order]
+    width = max((len(n) for n in names), default=0)
+    lines = []
+    for name in names:
+        value = obj[name]
+        if isinstance(value, str) and name.endswith("_at"):
+            shown = human_time(value)
+        elif isinstance(value, list):
+            shown = " ".join(str(v) for v in value) or "-"
+        elif isinstance(value, dict):
+            shown = json.dumps(value, separators=(",", ":")) if value else "-"
+        else:
+            shown = cell(value)
+        lines.append(f"{name.ljust(width)}  {shown}")
+    return "\n".join(lines)
+
+
+def days_table(items: list[dict]) -> str:
+    """``--daily``: a DATE / REQUESTS line per day, the counts right-aligned."""
+    width = max([len(str(d.get("requests"))) for d in items] + [8])
+    lines = [f"{'DATE':<10}  {'REQUESTS':>{width}}"]
+    lines += [f"{day.get('date', ''):<10}  {day.get('requests', 0):>{width}}" for day in items]
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""The ``keygate`` argument parser: the admin options, and the commands in the order
+``keygate --help`` lists them (each command module adds its own)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from . import key_controls, keys, reports, roles, server, workspaces
+from .client import DEFAULT_TIMEOUT
+from .connection import DEFAULT_ADMIN_URL, admin_url
+from .parsing import CommandTree, argtype
+
+
+def admin_options(suppress: bool) -> argparse.ArgumentParser:
+    """The options every admin command takes, before the command name and after it.
+
+    After it (``suppress``), an unset option must not overwrite a value given before it:
+    SUPPRESS leaves it out of the namespace. (No %(default)s in their help: with SUPPRESS
+    there is no default to show, and argparse raised KeyError on --help.)
+    """
+    p = argparse.ArgumentParser(add_help=False)
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+    p.add_argument("--admin-url", type=argtype(admin_url, "URL"), default=default(None),
+                   help=f"admin API base URL (env KEYGATE_ADMIN_URL, default "
+                        f"{DEFAULT_ADMIN_URL})")
+    p.add_argument("--config", metavar="PATH", default=default(None),
+                   help="take the admin URL and operator token from this config file's "
+                        "admin section")
+    p.add_argument("--timeout", type=float, default=default(DEFAULT_TIMEOUT),
+                   help=f"seconds to wait for the admin API (default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--json", action="store_true", default=default(False),
+                   help="print the API's JSON answer as is (errors too, on stdout)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="keygate", parents=[admin_options(suppress=False)],
+        description="keygate: an authenticating reverse proxy for API keys.",
+        epilog="Exit codes: 0 success, 1 API or runtime error, 2 bad usage.")
+    parser.add_argument("--version", action="version", version=f"keygate {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+    tree = CommandTree(verbs, [admin_options(suppress=True)])
+
+    server.add_local_commands(tree)
+    workspace_verbs = workspaces.add_commands(tree)
+    key_verbs = keys.add_commands(tree)
+    key_controls.add_key_commands(tree, key_verbs)
+    key_controls.add_workspace_commands(tree, workspace_verbs)
+    roles.add_commands(tree)
+    reports.add_usage(tree)
+    server.add_reload(tree)
+    reports.add_audit(tree)
+    return parser

@@ -1,0 +1,157 @@
+"""What the command modules build their commands from: the option value types (pure, each a
+``ValueError``-raising parser that :func:`argtype` turns into an argparse usage error, exit 2),
+:func:`given` for request bodies, and :class:`CommandTree`, the parser they add their
+commands to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from datetime import date, datetime, timezone
+from typing import Any, Callable
+
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+NONE_WORDS = ("none", "null", "unlimited")
+
+
+# --- option values -------------------------------------------------------------------------------
+
+def parse_duration(text: str) -> int:
+    """``30d`` / ``24h`` / ``90m`` / ``3600s`` / ``2w`` → seconds. ``0`` alone is accepted.
+
+    A unit is required otherwise: a bare ``30`` could mean seconds or days.
+    """
+    text = text.strip()
+    if text == "0":
+        return 0
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"'{text}' is not a duration; use e.g. 30d, 24h, 90m or 3600s")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def parse_expiry(text: str) -> dict[str, Any]:
+    """``--expires``: a duration → ``{"expires_in": seconds}``; an RFC 3339 date or datetime →
+    ``{"expires_at": "...Z"}`` (a bare date is midnight UTC; a datetime needs a zone)."""
+    text = text.strip()
+    if _DURATION.match(text):
+        seconds = parse_duration(text)
+        if seconds <= 0:
+            raise ValueError("--expires must be a positive duration")
+        return {"expires_in": seconds}
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        try:
+            day = date.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"'{text}' is not a valid date") from None
+        return {"expires_at": f"{day.isoformat()}T00:00:00Z"}
+    try:
+        moment = datetime.fromisoformat(re.sub(r"[zZ]$", "+00:00", text))
+    except ValueError:
+        raise ValueError(f"'{text}' is neither a duration (30d, 24h, 90m, 3600s) nor an "
+                         "RFC 3339 date (2027-01-31) or datetime (2027-01-31T12:00:00Z)") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"'{text}' has no time zone; add Z or an offset like +02:00")
+    return {"expires_at": moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
+def count_or_none(text: str) -> int | None:
+    """``--monthly-requests 5000`` / ``none`` (no limit of its own)."""
+    if text.strip().lower() in NONE_WORDS:
+        return None
+    if not text.strip().isascii() or not text.strip().isdigit():
+        raise ValueError(f"'{text}' is not a whole number (or 'none')")
+    return int(text)
+
+
+def rate_or_none(text: str) -> str | None:
+    return None if text.strip().lower() in NONE_WORDS else text.strip()
+
+
+def json_object(text: str) -> dict:
+    """``--meta '{"customer": "c-42"}'``."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ValueError("--meta must be a JSON object, e.g. "
+                         "'{\"customer\": \"c-42\"}'") from None
+    if not isinstance(value, dict):
+        raise ValueError("--meta must be a JSON object")
+    return value
+
+
+def days(text: str) -> int:
+    """``--unused 30d`` (or ``30``) → 30."""
+    body = text.strip().lower().removesuffix("d")
+    if not body.isascii() or not body.isdigit():
+        raise ValueError(f"'{text}' is not a number of days like 30d")
+    return int(body)
+
+
+def argtype(fn: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """Wrap a ValueError-raising parser so argparse reports its message (exit 2)."""
+    def convert(text: str) -> Any:
+        try:
+            return fn(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = name
+    return convert
+
+
+def given(**fields: Any) -> dict[str, Any]:
+    """The fields whose option was given (not None), in order: what a request body carries."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+# --- the command tree ----------------------------------------------------------------------------
+
+SubCommands = argparse._SubParsersAction
+
+
+class CommandTree:
+    """The ``keygate`` parser as the command modules see it.
+
+    A remote command (the default) takes the admin options after its name too (``leaf``) and
+    its handler is called as ``handler(args, client)``; a local one (``serve``, ``demo``,
+    ``config check``) as ``handler(args)``.
+    """
+
+    def __init__(self, verbs: SubCommands, leaf: list[argparse.ArgumentParser]) -> None:
+        self.verbs = verbs
+        self.leaf = leaf
+
+    def group(self, name: str, help: str) -> SubCommands:
+        """A noun (``keys``, ``workspaces``, ...) whose verbs are added under it."""
+        sub = self.verbs.add_parser(name, help=help, description=help)
+        return sub.add_subparsers(dest=f"{name}_verb", metavar="COMMAND", required=True)
+
+    def command(self, where: SubCommands | None, name: str, help: str, handler: Callable,
+                *, local: bool = False, described: bool = True) -> argparse.ArgumentParser:
+        """A command under ``where`` (a group; None: a top-level verb). ``described=False``
+        leaves the help line out of the command's own ``--help``."""
+        where = self.verbs if where is None else where
+        extra = {"description": help} if described else {}
+        sub = where.add_parser(name, parents=[] if local else self.leaf, help=help, **extra)
+        sub.set_defaults(handler=handler, local=local)
+        return sub
+
+
+def workspace_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workspace", "-w", required=True, metavar="WS", help="workspace id")
+
+
+def daily_options(p: argparse.ArgumentParser) -> None:
+    """``--daily [--days N]`` of ``usage`` and ``keys usage``."""
+    p.add_argument("--daily", action="store_true", help="one line per UTC day")
+    p.add_argument("--days", type=int, default=30, help="days with --daily (1-90, default 30)")

@@ -1,0 +1,57 @@
+"""``keygate usage`` and ``keygate audit``: what a workspace's keys did this month (or per
+day) and its key life-cycle events. A single key's usage is ``keys usage``, with the key
+controls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .client import AdminClient, seg
+from .key_controls import show_daily
+from .output import cell, format_table, human_time, show
+from .parsing import CommandTree, argtype, daily_options, positive_int, workspace_option
+
+
+def add_usage(tree: CommandTree) -> None:
+    p = tree.command(None, "usage", "a workspace's usage this month", cmd_usage)
+    workspace_option(p)
+    daily_options(p)
+
+
+def add_audit(tree: CommandTree) -> None:
+    p = tree.command(None, "audit", "a workspace's key lifecycle events, newest first",
+                     cmd_audit)
+    workspace_option(p)
+    p.add_argument("--limit", type=argtype(positive_int, "N"),
+                   help="how many events (default 100, at most 1000)")
+
+
+def _usage_line(usage: dict) -> str:
+    limit = usage.get("limit")
+    if limit is None:
+        tail = f"used {usage.get('used')} / unlimited  (resets {usage.get('resets_at')})"
+    else:
+        tail = (f"used {usage.get('used')} / {limit}  ({usage.get('remaining')} remaining, "
+                f"resets {usage.get('resets_at')})")
+    return f"{usage.get('workspace')}  {usage.get('period')}  {tail}"
+
+
+def cmd_usage(args: argparse.Namespace, client: AdminClient) -> int:
+    path = f"/workspaces/{seg(args.workspace)}"
+    if args.daily:
+        return show_daily(args, client, path)
+    usage = client.request("GET", path + "/usage")
+    return show(args, client, lambda: _usage_line(usage))
+
+
+def cmd_audit(args: argparse.Namespace, client: AdminClient) -> int:
+    query = {"limit": str(args.limit)} if args.limit is not None else None
+    items = client.request("GET", f"/workspaces/{seg(args.workspace)}/audit",
+                           query=query).get("items", [])
+    rows = [[human_time(e.get("at")), cell(e.get("actor")), cell(e.get("action")),
+             cell(e.get("target")),
+             json.dumps(e.get("details"), separators=(",", ":")) if e.get("details") else "-"]
+            for e in items]
+    return show(args, client, lambda: format_table(["AT", "ACTOR", "ACTION", "TARGET",
+                                                    "DETAILS"], rows))

@@ -1,0 +1,46 @@
+"""``keygate roles list|set|delete``: the roles a workspace defines for its own keys."""
+
+from __future__ import annotations
+
+import argparse
+
+from .client import AdminClient, seg
+from .output import cell, format_table, show
+from .parsing import CommandTree, workspace_option
+
+
+def add_commands(tree: CommandTree) -> None:
+    roles = tree.group("roles", "manage a workspace's own roles")
+    p = tree.command(roles, "list", "list the roles a workspace's keys can use", cmd_roles_list)
+    workspace_option(p)
+    p = tree.command(roles, "set", "create or replace a workspace role", cmd_roles_set)
+    workspace_option(p)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--scope", action="extend", nargs="+", metavar="S", required=True,
+                   help="the role's scopes (repeatable)")
+    p = tree.command(roles, "delete", "delete a workspace role", cmd_roles_delete)
+    workspace_option(p)
+    p.add_argument("name", metavar="NAME")
+
+
+def _role_path(args: argparse.Namespace) -> str:
+    return f"/workspaces/{seg(args.workspace)}/roles/{seg(args.name)}"
+
+
+def cmd_roles_list(args: argparse.Namespace, client: AdminClient) -> int:
+    items = client.request("GET", f"/workspaces/{seg(args.workspace)}/roles").get("items", [])
+    rows = [[cell(r.get("name")), cell(r.get("source")), " ".join(r.get("scopes") or []) or "-"]
+            for r in items]
+    return show(args, client, lambda: format_table(["NAME", "SOURCE", "SCOPES"], rows))
+
+
+def cmd_roles_set(args: argparse.Namespace, client: AdminClient) -> int:
+    role = client.request("PUT", _role_path(args), {"scopes": args.scope})
+    return show(args, client, lambda: f"role {role.get('name')} of workspace {args.workspace}: "
+                                      f"{' '.join(role.get('scopes') or []) or '(no scopes)'}")
+
+
+def cmd_roles_delete(args: argparse.Namespace, client: AdminClient) -> int:
+    role = client.request("DELETE", _role_path(args))
+    return show(args, client, lambda: f"deleted role {role.get('name', args.name)} of workspace "
+                                      f"{args.workspace}")

@@ -1,0 +1,106 @@
+"""The gateway process and its config file: ``serve``, ``demo`` and ``config check`` run
+locally (they import the gateway only when run, so the admin commands start fast);
+``reload`` asks a running gateway to re-read its file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .client import AdminClient, ApiError
+from .output import show
+from .parsing import CommandTree, argtype, positive_int
+
+DEFAULT_CONFIG = "config.yaml"
+
+
+def add_local_commands(tree: CommandTree) -> None:
+    serve = tree.command(None, "serve", "run the gateway (proxy and admin listeners)",
+                         cmd_serve, local=True)
+    serve.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                       help=f"config file (default: $KEYGATE_CONFIG, else ./{DEFAULT_CONFIG})")
+    serve.add_argument("--workers", type=argtype(positive_int, "N"),
+                       help="worker processes (default: server.workers from the config)")
+
+    tree.command(None, "demo", "try keygate: embedded store, sample upstream, two keys",
+                 cmd_demo, local=True)
+
+    config = tree.group("config", "configuration tools")
+    check = tree.command(config, "check", "validate a config file", cmd_config_check,
+                         local=True)
+    check.add_argument("path", nargs="?", metavar="PATH",
+                       help=f"config file (default: $KEYGATE_CONFIG, else ./{DEFAULT_CONFIG})")
+
+
+def add_reload(tree: CommandTree) -> None:
+    tree.command(None, "reload", "re-read the gateway's config file without a restart",
+                 cmd_reload)
+
+
+def config_path(given: str | None) -> str:
+    """The config file ``serve`` and ``config check`` use: the one named, else
+    ``$KEYGATE_CONFIG``, else ``./config.yaml``."""
+    return given or os.environ.get("KEYGATE_CONFIG") or DEFAULT_CONFIG
+
+
+def _missing_default_config(path: str, given: str | None) -> bool:
+    if given or os.environ.get("KEYGATE_CONFIG") or os.path.exists(path):
+        return False
+    print(f"keygate: no config file: {os.path.abspath(path)} does not exist. Pass --config "
+          "PATH (or set KEYGATE_CONFIG); `keygate demo` runs without one.", file=sys.stderr)
+    return True
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..workers import serve
+    given = getattr(args, "config", None)
+    path = config_path(given)
+    if _missing_default_config(path, given):
+        return 1
+    return serve(path, args.workers)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+    return run_demo()
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from ..config import load_config, servable_problems
+    from ..errors import ConfigError
+    given = args.path or getattr(args, "config", None)
+    path = config_path(given)
+    if _missing_default_config(path, given):
+        return 1
+    try:
+        problems = servable_problems(load_config(path))
+    except ConfigError as exc:
+        problems = exc.problems
+    except OSError as exc:
+        print(f"keygate: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return 1
+    print(f"ok: {path}")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace, client: AdminClient) -> int:
+    try:
+        result = client.request("POST", "/reload")
+    except ApiError as exc:
+        if not args.json:  # the file's problems, one per line, like config check
+            try:
+                for problem in json.loads(exc.body)["error"].get("problems", []):
+                    print(problem, file=sys.stderr)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                pass
+        raise
+    kept = result.get("restart_required") or []
+    return show(args, client, lambda: f"reloaded {result.get('config')}" + (
+        f"; kept until a restart: {', '.join(kept)}" if kept else ""))

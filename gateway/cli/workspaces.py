@@ -1,0 +1,67 @@
+"""``keygate workspaces create|list|show|set-plan|rename`` (``workspaces limits`` is with the
+key controls)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .client import AdminClient, seg
+from .output import cell, fields, format_table, human_time, show
+from .parsing import CommandTree, SubCommands
+
+WORKSPACE_FIELDS = ("id", "name", "plan", "created_at")
+
+
+def add_commands(tree: CommandTree) -> SubCommands:
+    """The ``workspaces`` group and its verbs; returns the group for the verbs added later."""
+    workspaces = tree.group("workspaces", "manage workspaces")
+    p = tree.command(workspaces, "create", "create a workspace", cmd_workspaces_create)
+    p.add_argument("id", metavar="ID", help="slug: lowercase letters, digits, '-'")
+    p.add_argument("--name", required=True, help="display name")
+    p.add_argument("--plan", help="plan name (default: the config's default_plan)")
+    tree.command(workspaces, "list", "list workspaces", cmd_workspaces_list)
+    p = tree.command(workspaces, "show", "show one workspace", cmd_workspaces_show)
+    p.add_argument("id", metavar="ID")
+    p = tree.command(workspaces, "set-plan", "change a workspace's plan",
+                     cmd_workspaces_set_plan)
+    p.add_argument("id", metavar="ID")
+    p.add_argument("plan", metavar="PLAN")
+    p = tree.command(workspaces, "rename", "change a workspace's display name",
+                     cmd_workspaces_rename)
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--name", required=True)
+    return workspaces
+
+
+def cmd_workspaces_create(args: argparse.Namespace, client: AdminClient) -> int:
+    body: dict[str, Any] = {"id": args.id, "name": args.name}
+    if args.plan:
+        body["plan"] = args.plan
+    workspace = client.request("POST", "/workspaces", body)
+    return show(args, client, lambda: f"created workspace {workspace.get('id')} "
+                                      f"({workspace.get('name')}, plan {workspace.get('plan')})")
+
+
+def cmd_workspaces_list(args: argparse.Namespace, client: AdminClient) -> int:
+    items = client.request("GET", "/workspaces").get("items", [])
+    rows = [[cell(w.get("id")), cell(w.get("name")), cell(w.get("plan")),
+             human_time(w.get("created_at"))] for w in items]
+    return show(args, client, lambda: format_table(["ID", "NAME", "PLAN", "CREATED"], rows))
+
+
+def cmd_workspaces_show(args: argparse.Namespace, client: AdminClient) -> int:
+    workspace = client.request("GET", f"/workspaces/{seg(args.id)}")
+    return show(args, client, lambda: fields(workspace, WORKSPACE_FIELDS))
+
+
+def cmd_workspaces_set_plan(args: argparse.Namespace, client: AdminClient) -> int:
+    workspace = client.request("PATCH", f"/workspaces/{seg(args.id)}", {"plan": args.plan})
+    return show(args, client, lambda: f"workspace {workspace.get('id')} is now on plan "
+                                      f"{workspace.get('plan')}")
+
+
+def cmd_workspaces_rename(args: argparse.Namespace, client: AdminClient) -> int:
+    workspace = client.request("PATCH", f"/workspaces/{seg(args.id)}", {"name": args.name})
+    return show(args, client, lambda: f"workspace {workspace.get('id')} is now named "
+                                      f"{workspace.get('name')}")

@@ -1,0 +1,152 @@
+"""Header hygiene at the edge, both ways: what of the client's request goes upstream, and what
+of the upstream's response comes back. Pure: no I/O, nothing but header lists in and out.
+
+Request headers, in one pass over the client's headers:
+
+- hop-by-hop headers (``Connection``, ``Keep-Alive``, ``Proxy-Connection``, ``TE``,
+  ``Trailer``, ``Transfer-Encoding``, ``Upgrade``, ``Proxy-Authorization``,
+  ``Proxy-Authenticate``) and every header ``Connection`` names are dropped. The headers keygate
+  sets are added after this filtering, so ``Connection`` can never remove one of them;
+- keygate's credential headers (``config.keys.headers``) are dropped, and ``Authorization``
+  when it is the ``Bearer`` credential (on a public route, only when it carries a keygate token:
+  an upstream doing its own auth still gets its own ``Authorization``);
+- client-sent identity headers are dropped whatever their case, however often repeated, and
+  in the ``_`` spelling (``X_Workspace_Id``) that CGI/WSGI-style upstreams read as the same
+  header. All header-name comparisons here map ``_`` to ``-``;
+- ``X-Forwarded-*`` and ``Forwarded`` from the client are dropped unless the peer is in
+  ``server.trusted_proxies`` (``gateway.trust``: the same decision the failure throttle
+  makes); from a trusted peer they are kept and the peer is appended to ``X-Forwarded-For``
+  (its ``X-Forwarded-Proto``/``-Host`` are kept when present);
+- ``Host`` is the upstream's host (like nginx's default ``proxy_set_header Host $proxy_host``):
+  the client's ``Host`` goes to ``X-Forwarded-Host``;
+- ``Expect`` is not forwarded (keygate answers ``100-continue`` itself), nor
+  ``Content-Length`` (the upstream writer frames the body), nor the client's ``X-Request-Id``,
+  ``traceparent``, ``tracestate`` or signature header (under its configured name and the
+  default one): keygate sets its own after this filtering;
+- everything else passes as sent, in order, repeats included.
+
+Identity headers carry store data: a value with a control character is refused rather than
+allowed to split the upstream request head.
+
+Response headers: hop-by-hop and ``Connection``-named ones are dropped, the rest pass (repeats
+such as ``Set-Cookie`` included).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from ..config import Config
+from ..models import Principal, header_key
+from ..signature import DEFAULT_HEADER as SIGNATURE_HEADER
+from ..tokens import looks_like_token
+from ..trust import TrustedProxies
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authorization", "proxy-authenticate",
+})
+_HOP_BY_HOP_BYTES = frozenset(n.encode() for n in HOP_BY_HOP)
+# Control characters a header value may not carry (RFC 9110 5.5: HTAB is the only one allowed):
+# CR/LF would split the lean client's request head, NUL and the rest get it refused upstream.
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+_norm = header_key  # header names compared as a spoofer sees them
+
+
+class RequestHeaderRules:
+    """The request-header rules of one config (see the module docstring)."""
+
+    def __init__(self, config: Config) -> None:
+        ident = config.identity_headers
+        self.identity = tuple(ident.names())  # workspace, key id, scopes, plan
+        signing = config.identity_signature
+        self.sign_header = signing.header if signing else SIGNATURE_HEADER
+        # Dropped from every request whatever the route (names normalised with _norm).
+        always = set(HOP_BY_HOP)
+        always.update(_norm(n) for n in self.identity)
+        always.update(_norm(h) for h in config.keys.headers)
+        always.update(("host", "expect", "content-length", "x-request-id", "traceparent",
+                       "tracestate"))
+        # the default name too: an upstream still checking it must never read a client's copy
+        always.update((_norm(self.sign_header), _norm(SIGNATURE_HEADER)))
+        self._drop = frozenset(always)
+        self.trusted = TrustedProxies(config.server.trusted_proxies)
+        self._prefix = config.keys.prefix
+
+    def passed_on(self, headers: CIMultiDictProxy[str], peer: str | None, scheme: str,
+                  principal: Principal | None) -> list[tuple[str, str]]:
+        """The client's headers that go upstream, then ``X-Forwarded-For``/``-Proto``/``-Host``
+        for this hop."""
+        named: frozenset[str] | set[str] = frozenset()
+        connection = headers.getall("Connection", None)
+        if connection:
+            named = {_norm(t.strip()) for v in connection for t in v.split(",") if t.strip()}
+        trusted = self.trusted.is_trusted(peer)
+        drop = self._drop
+        out: list[tuple[str, str]] = []
+        xff: list[str] = []
+        xf_proto = xf_host = None
+        for name, value in headers.items():
+            lname = _norm(name)
+            if lname in drop or lname in named:
+                continue
+            if lname.startswith("x-forwarded-") or lname == "forwarded":
+                if not trusted:
+                    continue
+                if lname == "x-forwarded-for":
+                    xff.append(value)
+                    continue
+                if lname == "x-forwarded-proto":
+                    xf_proto = value
+                elif lname == "x-forwarded-host":
+                    xf_host = value
+            elif lname == "authorization":
+                # any whitespace after the scheme (RFC 9110 allows HTAB): "Bearer\t<token>"
+                # on a public route must not carry a keygate token upstream
+                parts = value.split(None, 1)
+                if parts and parts[0].lower() == "bearer" and (
+                        principal is not None
+                        or (len(parts) == 2 and looks_like_token(parts[1].strip(), self._prefix))):
+                    continue
+            out.append((name, value))
+        xff.append(peer or "unknown")
+        out.append(("X-Forwarded-For", ", ".join(xff)))
+        if xf_proto is None:
+            out.append(("X-Forwarded-Proto", scheme))
+        if xf_host is None:
+            host = headers.get("Host")
+            if host is not None:
+                out.append(("X-Forwarded-Host", host))
+        return out
+
+    def identity_values(self, principal: Principal | None) -> tuple[str, str, str, str]:
+        """Workspace, key id, scopes and plan as sent upstream (and signed): empty for a public
+        route. Raises ``ValueError`` for a value with a control character."""
+        if principal is None:
+            return ("", "", "", "")
+        values = (principal.workspace, principal.key_id, " ".join(sorted(principal.scopes)),
+                  principal.plan)
+        # store data: never let it split the request head (one search for all four)
+        if _CTL.search("|".join(values)) is not None:
+            raise ValueError("identity value with a control character")
+        return values
+
+
+def response_headers(raw: Sequence[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """The upstream's response headers (as parsed) that go back to the client."""
+    named: set[bytes] = set()
+    for raw_name, raw_value in raw:
+        if raw_name.lower() == b"connection":
+            named.update(t.strip().lower() for t in raw_value.split(b",") if t.strip())
+    out: CIMultiDict[str] = CIMultiDict()
+    for raw_name, raw_value in raw:
+        lname = raw_name.lower()
+        if lname in _HOP_BY_HOP_BYTES or lname in named:
+            continue
+        out.add(raw_name.decode("latin-1"), raw_value.decode("utf-8", "surrogateescape"))
+    return out

@@ -1,0 +1,153 @@
+"""keygate's own endpoints on the proxy listener, under the reserved ``/_keygate/`` prefix:
+
+- ``/_keygate/v1/verify[/...]``: verify-only mode (nginx ``auth_request``, Traefik
+  ``forwardAuth``, Envoy ``ext_authz``): the whole pipeline on the *original* request, counted
+  as a forwarded request would be, and nothing forwarded;
+- ``/_keygate/v1/usage``: the calling key's workspace usage and its own record;
+- ``/_keygate/v1/keys[/...]``: self-service key management for a ``keys:admin`` key.
+
+Each admits the caller with the pipeline's own steps (``RequestSteps``), so a key is refused
+here exactly as the proxy would refuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from aiohttp import web
+
+from . import errors
+from .auth import CachedKey
+from .config import Config
+from .errors import StoreError
+from .models import RESERVED_PATH
+from .routes import RouteTable, no_route
+
+if TYPE_CHECKING:
+    from .pipeline import Counted, Outcome
+
+RESERVED = RESERVED_PATH  # keygate's own prefix: never forwarded, and no route may claim it
+VERIFY = "/_keygate/v1/verify"
+USAGE = "/_keygate/v1/usage"
+KEYS = "/_keygate/v1/keys"
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]{1,32}")  # an RFC 9110 token, upper-cased
+
+
+class RequestSteps(Protocol):
+    """What these endpoints use of ``gateway.pipeline.Pipeline``."""
+
+    config: Config
+    routes: RouteTable
+    store: Any                      # gateway.store.Store
+    self_service: Callable | None   # gateway.admin.handle_self_service
+    clock: Callable[[], float]
+
+    def screen(self, raw_path: str, raw_query: str) -> None: ...
+
+    def credential(self, request: web.BaseRequest) -> str: ...
+
+    async def authenticate(self, token: str, request: web.BaseRequest) -> CachedKey: ...
+
+    async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
+                        request: web.BaseRequest | None = None
+                        ) -> tuple[CachedKey, dict[str, str], Counted]: ...
+
+    def store_down(self, cause: BaseException | None = None) -> errors.ServiceUnavailable: ...
+
+
+async def answer(steps: RequestSteps, request: web.BaseRequest, raw_path: str,
+                 outcome: Outcome) -> web.StreamResponse:
+    """The answer to a request whose path is under ``RESERVED``."""
+    if raw_path == VERIFY or raw_path.startswith(VERIFY + "/"):
+        return await verify(steps, request, raw_path[len(VERIFY):], outcome)
+    outcome.route = raw_path if raw_path == USAGE else KEYS
+    if raw_path == USAGE:
+        if request.method not in ("GET", "HEAD"):
+            raise errors.MethodNotAllowed("Use GET for the usage endpoint.",
+                                          headers={"Allow": "GET, HEAD"})
+        key = await _admit(steps, request, outcome, ())
+        store = steps.store
+        try:
+            usage = await store.usage(key.workspace.id)
+            current = await store.get_key(key.workspace.id, key.key.id) or key.key
+            used, = await store.keys_used_this_month(key.workspace.id, [current.id])
+        except StoreError as exc:
+            raise steps.store_down(exc) from exc
+        usage["key"] = current.to_json(tuple(sorted(key.principal.scopes)), steps.clock(), used)
+        return web.Response(body=json.dumps(usage).encode(), content_type="application/json")
+    if raw_path == KEYS or raw_path.startswith(KEYS + "/"):
+        key = await _admit(steps, request, outcome, ("keys:admin",))
+        try:
+            return await steps.self_service(request, key.principal, steps.store, steps.config)
+        except StoreError as exc:  # not a bug: the store failed under the key endpoints
+            raise steps.store_down(exc) from exc
+    raise no_route(request.method, raw_path)
+
+
+async def _admit(steps: RequestSteps, request: web.BaseRequest, outcome: Outcome,
+                 scopes: tuple[str, ...]) -> CachedKey:
+    """The caller's key, authenticated and authorised for ``scopes`` (not counted)."""
+    key = await steps.authenticate(steps.credential(request), request)
+    outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
+    key, _, _ = await steps.authorise(key, scopes, count=False, request=request)
+    return key
+
+
+async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
+                 outcome: Outcome) -> web.StreamResponse:
+    """``/_keygate/v1/verify``. Allowed: 200 with the identity and RateLimit fields as
+    headers; refused: the error the proxy would answer."""
+    method, target = original_request(request, suffix)
+    raw_path, _, raw_query = target.partition("?")
+    if not raw_path.startswith("/"):
+        raise errors.BadRequest("The original URI must be a path starting with '/'.",
+                                code="bad_path")
+    steps.screen(raw_path, raw_query)
+    if raw_path.startswith(RESERVED):
+        raise no_route(method, raw_path)
+    route = steps.routes.match(method, raw_path)
+    outcome.route, outcome.upstream = route.path, route.upstream
+    if route.public:
+        return web.Response(status=200)
+    token = steps.credential(request)
+    trace = outcome.trace
+    with trace.step("authenticate"):
+        key = await steps.authenticate(token, request)
+    outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
+    with trace.step("authorise"):
+        key, limit_headers, _ = await steps.authorise(key, route.scopes, count=True,
+                                                      request=request)
+    headers = dict(limit_headers)
+    p = key.principal
+    ident = steps.config.identity_headers
+    headers[ident.workspace] = p.workspace
+    headers[ident.key_id] = p.key_id
+    headers[ident.scopes] = " ".join(sorted(p.scopes))
+    headers[ident.plan] = p.plan
+    return web.Response(status=200, headers=headers)
+
+
+def original_request(request: web.BaseRequest, suffix: str) -> tuple[str, str]:
+    """The method and URI (path and query) a verify call asks about: ``X-Forwarded-Method`` +
+    ``X-Forwarded-Uri`` (Traefik, nginx), then ``X-Original-Method`` + ``X-Original-URI``
+    (nginx ``auth_request``), else the call's own method and its path after the verify prefix
+    (Envoy ``ext_authz`` with ``path_prefix``)."""
+    headers = request.headers
+    for method_header, uri_header in (("X-Forwarded-Method", "X-Forwarded-Uri"),
+                                      ("X-Original-Method", "X-Original-URI")):
+        uri = headers.getall(uri_header, ())
+        if uri:
+            methods = headers.getall(method_header, ())
+            if len(uri) > 1 or len(methods) > 1:
+                raise errors.BadRequest(f"{uri_header} or {method_header} was sent twice.",
+                                        code="bad_request")
+            method = methods[0].strip().upper() if methods else request.method
+            if not _METHOD.fullmatch(method):
+                raise errors.BadRequest(f"{method_header} is not an HTTP method.",
+                                        code="bad_request")
+            return method, uri[0].strip()
+    _, _, query = request.raw_path.partition("?")
+    path = suffix or "/"
+    return request.method, f"{path}?{query}" if query else path

@@ -1,0 +1,244 @@
+"""The admin store: workspaces, keys, roles, usage and audit in Redis, on redis-py (which
+also follows Sentinel failovers and routes Cluster slots). Every admin operation and every
+usage report reads and writes through :class:`Store`; the per-request calls are
+:class:`gateway.store.request.RequestStore`'s, and the key layout is documented in
+:mod:`gateway.store.keyspace`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from datetime import datetime, timedelta, timezone
+from typing import Any, Sequence
+
+from ..errors import Conflict, NotFound, StoreError, shown
+from ..models import KeyRecord, Workspace, rfc3339
+from ..usage import effective_plan, limits_json, month_period
+from .admin_base import AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, no_workspace, store_errors
+from .admin_keys import KeyStore
+from .keyspace import (WORKSPACES, daily_key, key_daily_key, key_usage_key, usage_key,
+                       ws_audit_key, ws_key, ws_roles_key)
+from .records import (UNSET, WORKSPACE_ID_RE, epoch_field, hash_pairs, shown_ws, slug_from_name,
+                      workspace_from_hash)
+
+
+class Store(KeyStore):
+    """Workspaces, keys, roles, usage and audit in Redis (layout: ``gateway.store.keyspace``).
+
+    Admin writes raise :class:`NotFound` / :class:`Conflict` for unknown or clashing objects,
+    :class:`StoreError` when Redis fails. Validation of user input is the caller's job
+    (``gateway.admin``); the store trusts its arguments.
+    """
+
+    # --- workspaces ---------------------------------------------------------------------------
+
+    async def list_workspaces(self) -> list[Workspace]:
+        with store_errors("read"):
+            ids = sorted(await self.redis.smembers(WORKSPACES))
+            if not ids:
+                return []
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for ws in ids:
+                    pipe.hgetall(ws_key(ws))
+                hashes = await pipe.execute()
+        return [w for h in hashes if (w := workspace_from_hash(h)) is not None]
+
+    async def create_workspace(self, ws: str | None, name: str, plan: str, *,
+                               actor: str = OPERATOR) -> Workspace:
+        """Create a workspace. ``ws`` None: a slug of ``name``, with a random suffix if taken.
+        An explicit ``ws`` that is taken raises :class:`Conflict`."""
+        base = ws or slug_from_name(name)
+        for attempt in range(ID_ATTEMPTS):
+            candidate = base
+            if ws is None and attempt:
+                suffix = "".join(secrets.choice(string.ascii_lowercase + string.digits)
+                                 for _ in range(5))
+                candidate = f"{base[:57]}-{suffix}"
+            now = self.clock()
+            with store_errors("write"):
+                await self.redis.sadd(WORKSPACES, candidate)
+            created = await self._run(
+                "create_workspace", (ws_key(candidate), ws_audit_key(candidate)),
+                (self._audit_entry(now, actor, "workspace.create", candidate,
+                                   {"name": name, "plan": plan}), AUDIT_MAXLEN,
+                 "id", candidate, "name", name, "plan", plan, "created_at", epoch_field(now)))
+            if created:
+                return Workspace(candidate, name, plan, now, 1)
+            if ws is not None:
+                break
+        raise Conflict(f"The workspace id '{shown_ws(base)}' is already taken.")
+
+    async def update_workspace(self, ws: str, *, name: str | None = None,
+                               plan: str | None = None, limits: Any = UNSET,
+                               actor: str = OPERATOR) -> Workspace:
+        """Rename, re-plan and/or change the workspace's own limits; bumps the workspace's rev
+        (cached authorisations re-read it on their next request).
+
+        ``limits``: a dict of LIMIT_FIELDS merged into the overrides (a value of None:
+        unlimited), or None to drop every override (back to the plan's). The merge happens in
+        the script, so concurrent changes of different fields both stay."""
+        changes: dict[str, Any] = {}
+        if name is not None:
+            changes["name"] = name
+        if plan is not None:
+            changes["plan"] = plan
+        patch = ""
+        if limits is not UNSET:
+            patch = "null" if limits is None else json.dumps(limits)
+        if not WORKSPACE_ID_RE.fullmatch(ws):
+            raise no_workspace(ws)
+        details: dict[str, Any] = dict(changes)
+        if limits is not UNSET:
+            details["limits"] = limits
+        reply = await self._run(
+            "update_workspace", (ws_key(ws), ws_audit_key(ws)),
+            (self._audit_entry(self.clock(), actor, "workspace.update", ws, details),
+             AUDIT_MAXLEN, patch, *[x for kv in changes.items() for x in kv]))
+        workspace = workspace_from_hash(hash_pairs(reply))
+        if workspace is None:
+            raise no_workspace(ws)
+        return workspace
+
+    # --- roles --------------------------------------------------------------------------------
+
+    async def workspace_roles(self, ws: str) -> dict[str, tuple[str, ...]]:
+        with store_errors("read"):
+            raw = await self.redis.hgetall(ws_roles_key(ws))
+        try:
+            return {name: tuple(json.loads(scopes)) for name, scopes in raw.items()}
+        except ValueError as exc:
+            raise StoreError("the store holds a malformed workspace role") from exc
+
+    async def resolve_role(self, ws: str, role: str) -> tuple[str, ...] | None:
+        """The scopes of ``role`` in ``ws`` now (workspace role first, then config); None if
+        neither defines it."""
+        with store_errors("read"):
+            raw = await self.redis.hget(ws_roles_key(ws), role)
+        if raw is not None:
+            try:
+                return tuple(json.loads(raw))
+            except ValueError as exc:
+                raise StoreError("the store holds a malformed workspace role") from exc
+        if role in self.config.roles:
+            return tuple(self.config.roles[role])
+        return None
+
+    async def effective_scopes(self, ws: str, key: KeyRecord) -> tuple[str, ...]:
+        if key.role is None:
+            return key.scopes
+        return await self.resolve_role(ws, key.role) or ()
+
+    async def put_role(self, ws: str, name: str, scopes: Sequence[str], *,
+                       actor: str = OPERATOR) -> None:
+        """Define or replace a workspace role; keys bound to it act with ``scopes`` at once."""
+        await self._set_role(ws, "put", name, list(scopes), actor)
+
+    async def delete_role(self, ws: str, name: str, *, actor: str = OPERATOR) -> None:
+        """Remove a workspace role (NotFound if the workspace does not define it). Keys bound to
+        it fall back to the configured role of that name, or have no scopes."""
+        await self._set_role(ws, "delete", name, None, actor)
+
+    async def _set_role(self, ws: str, op: str, name: str, scopes: list[str] | None,
+                        actor: str) -> None:
+        if not WORKSPACE_ID_RE.fullmatch(ws):
+            raise no_workspace(ws)
+        details = {"scopes": scopes} if scopes is not None else {}
+        reply = await self._run(
+            "set_role", (ws_key(ws), ws_roles_key(ws), ws_audit_key(ws)),
+            (op, name, json.dumps(scopes or []),
+             self._audit_entry(self.clock(), actor, f"role.{op}", name, details), AUDIT_MAXLEN))
+        if reply == "no_workspace":
+            raise no_workspace(ws)
+        if reply == "not_found":
+            raise NotFound(f"Workspace '{shown_ws(ws)}' defines no role '{shown(name)}'.")
+
+
+    # --- usage and audit ----------------------------------------------------------------------
+
+    async def usage(self, ws: str) -> dict:
+        """SPEC's usage object for the clock's current UTC month, with the limits in force."""
+        workspace = await self.require_workspace(ws)
+        period, resets_at = month_period(self.clock())
+        with store_errors("read"):
+            used = int(await self.redis.get(usage_key(ws, period)) or 0)
+        return self._usage_object(workspace, period, resets_at, used)
+
+    def _usage_object(self, workspace: Workspace, period: str, resets_at: float,
+                      used: int) -> dict:
+        plan = effective_plan(self.config, workspace)  # the workspace's own limits included
+        limit = plan.monthly_requests
+        return {"workspace": workspace.id, "plan": workspace.plan, "period": period,
+                "used": used, "limit": limit,
+                "remaining": None if limit is None else max(0, limit - used),
+                "resets_at": rfc3339(resets_at), "limits": limits_json(plan)}
+
+    def workspace_json(self, workspace: Workspace) -> dict:
+        """The workspace object, with the limits in force."""
+        return workspace.to_json(limits_json(effective_plan(self.config, workspace)))
+
+    async def keys_used_this_month(self, ws: str, key_ids: Sequence[str]) -> list[int]:
+        """Each key's own count for the clock's current month (one MGET; one slot)."""
+        if not key_ids:
+            return []
+        period, _ = month_period(self.clock())
+        with store_errors("read"):
+            counts = await self.redis.mget([key_usage_key(ws, k, period) for k in key_ids])
+        return [int(c or 0) for c in counts]
+
+    async def daily_usage(self, ws: str, days: int, key_id: str | None = None) -> list[dict]:
+        """``days`` UTC days up to today, oldest first, days without requests as 0: the
+        workspace's counts, or one key's."""
+        today = datetime.fromtimestamp(self.clock(), timezone.utc).date()
+        dates = [(today - timedelta(days=i)).isoformat() for i in range(days - 1, -1, -1)]
+        names = [daily_key(ws, d) if key_id is None else key_daily_key(ws, key_id, d)
+                 for d in dates]
+        with store_errors("read"):
+            counts = await self.redis.mget(names)
+        return [{"date": d, "requests": int(c or 0)} for d, c in zip(dates, counts)]
+
+    async def usage_all(self, known: Sequence[str] = ()) -> list[dict]:
+        """Every workspace's usage object this month, for a scrape: one round trip (the
+        workspace set, and the hash and counter of each workspace in ``known``, pipelined)
+        while ``known`` -- the ids the previous call returned -- is still the whole set; a
+        second for workspaces created since. Never one call per workspace."""
+        period, resets_at = month_period(self.clock())
+
+        async def read(ids: Sequence[str], with_set: bool) -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if with_set:
+                    pipe.smembers(WORKSPACES)
+                for ws in ids:
+                    pipe.hgetall(ws_key(ws))
+                    pipe.get(usage_key(ws, period))
+                return await pipe.execute()
+
+        with store_errors("read"):
+            replies = await read(known, True)
+            ids, replies = sorted(replies[0]), replies[1:]
+            read_back = {ws: (replies[2 * i], replies[2 * i + 1]) for i, ws in enumerate(known)}
+            new = [ws for ws in ids if ws not in read_back]
+            if new:
+                replies = await read(new, False)
+                read_back.update({ws: (replies[2 * i], replies[2 * i + 1])
+                                  for i, ws in enumerate(new)})
+        usages = []
+        for ws in ids:
+            workspace = workspace_from_hash(read_back[ws][0])
+            if workspace is not None:  # deleted meanwhile
+                usages.append(self._usage_object(workspace, period, resets_at,
+                                                 int(read_back[ws][1] or 0)))
+        return usages
+
+    async def audit(self, ws: str, limit: int = 100) -> list[dict]:
+        """The workspace's lifecycle events, newest first."""
+        with store_errors("read"):
+            entries = await self.redis.xrevrange(ws_audit_key(ws), count=limit)
+        events = []
+        for _id, fields in entries:
+            try:
+                events.append(json.loads(fields["e"]))
+            except (KeyError, ValueError) as exc:
+                raise StoreError("the store holds a malformed audit entry") from exc
+        return events

@@ -1,0 +1,132 @@
+"""The admin store's foundation: connection, script runner, errors, workspace reads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any, Callable, Iterator, Mapping, Self, Sequence
+
+from redis.exceptions import RedisClusterException, RedisError
+
+from ..config import Config
+from ..errors import Conflict, NotFound, StoreError, describe, shown
+from ..models import Workspace, rfc3339
+from ..redis_urls import is_topology_url, standalone_client, topology_client
+from ..tokens import SecretHasher
+from ..usage import effective_plan
+from .keyspace import ws_key
+from .records import WORKSPACE_ID_RE, shown_ws, workspace_from_hash
+from .scripts import load
+
+OPERATOR = "operator"        # the audit actor of admin-API changes (self-service: the key id)
+AUDIT_MAXLEN = 10_000
+ID_ATTEMPTS = 8              # fresh key ids / slug suffixes tried before giving up
+
+
+def _client(url: str, timeout: float) -> Any:
+    if "://" not in url:
+        raise StoreError("the store URL needs a scheme: redis://, rediss://, unix://, "
+                         "redis+sentinel:// or redis+cluster://")
+    if is_topology_url(url):  # redis+sentinel://, redis+cluster:// (see gateway.redis_urls)
+        return topology_client(url, timeout=timeout, decode_responses=True)
+    return standalone_client(url, timeout=timeout, decode_responses=True)
+
+
+def no_workspace(ws: str) -> NotFound:
+    return NotFound(f"There is no workspace '{shown_ws(ws)}'.")
+
+
+def no_key(ws: str, key_id: str) -> NotFound:
+    return NotFound(f"Workspace '{shown_ws(ws)}' has no key '{shown(key_id, 12)}'.")
+
+
+def revoked_key(key_id: str) -> Conflict:
+    return Conflict(f"Key '{shown(key_id, 12)}' is revoked; a revoked key cannot be rotated.")
+
+
+@contextlib.contextmanager
+def store_errors(what: str) -> Iterator[None]:
+    """Re-raise whatever the Redis client raises as :class:`StoreError` (never shown to clients)."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
+        # RedisClusterException: e.g. no seed node of a Cluster answers (not a RedisError)
+        raise StoreError(f"store {what} failed: {describe(exc)}") from exc
+
+
+class StoreBase:
+    """What every admin operation stands on: the redis-py connection, the admin scripts, the
+    workspace reads and the audit entry. :class:`gateway.store.admin.Store` is the whole store.
+    """
+
+    def __init__(self, client: Any, config: Config, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.redis = client
+        self.config = config
+        self.clock = clock
+        a = config.keys.argon2
+        self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
+        self._scripts = {name: client.register_script(load(f"admin_{name}").text)
+                         for name in ("create_workspace", "update_workspace", "add_key",
+                                      "update_key", "revoke_key", "set_role", "delete_key")}
+
+    @classmethod
+    async def connect(cls, url: str, config: Config, *,
+                      clock: Callable[[], float] = time.time) -> "Self":
+        """A store on ``url``. Does not wait for Redis to answer (``ping`` tells readiness)."""
+        with store_errors("connect"):
+            try:
+                client = _client(url, config.store.timeout)
+            except ValueError as exc:
+                raise StoreError(f"bad store URL: {exc}") from exc
+        return cls(client, config, clock=clock)
+
+    async def close(self) -> None:
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
+            await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        return await self.ping_problem() is None
+
+    async def ping_problem(self) -> str | None:
+        """None when Redis answers PING, else the cause (exception class and message)."""
+        try:
+            if await self.redis.ping():
+                return None
+            return "PING was not answered with PONG"
+        except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
+            return describe(exc)
+
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
+                   what: str = "") -> Any:
+        """Run the script ``lua/admin_<name>.lua``; ``what`` names the operation in errors."""
+        with store_errors(what or name.replace("_", " ")):
+            return await self._scripts[name](keys=list(keys), args=list(args))
+
+    def _audit_entry(self, now: float, actor: str, action: str, target: str,
+                     details: Mapping[str, Any]) -> str:
+        return json.dumps({"at": rfc3339(now), "actor": actor, "action": action,
+                           "target": target, "details": dict(details)})
+
+    # --- workspaces ---------------------------------------------------------------------------
+
+    async def get_workspace(self, ws: str) -> Workspace | None:
+        if not WORKSPACE_ID_RE.fullmatch(ws):
+            return None
+        with store_errors("read"):
+            return workspace_from_hash(await self.redis.hgetall(ws_key(ws)))
+
+    async def require_workspace(self, ws: str) -> Workspace:
+        workspace = await self.get_workspace(ws)
+        if workspace is None:
+            raise no_workspace(ws)
+        return workspace
+
+    def _max_keys(self, workspace: Workspace) -> int:
+        """The active-key cap in force for ``workspace`` (-1: none), as the scripts take it."""
+        plan = effective_plan(self.config, workspace)
+        return -1 if plan.max_keys is None else plan.max_keys

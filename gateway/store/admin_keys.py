@@ -1,0 +1,311 @@
+"""The admin store's key operations: reads, and the changes that each run as one script on
+the workspace's slot (see ``gateway/store/lua/admin_*_key.lua``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Sequence
+
+from ..errors import Conflict, StoreError, shown
+from ..models import KeyRecord, rfc3339
+from ..tokens import ID_LEN, PREFIX_CHARS, make_token
+from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, no_key, no_workspace,
+                         revoked_key, store_errors)
+from .keyspace import key_index_key, key_key, ws_active_key, ws_audit_key, ws_key, ws_keys_key
+from .records import (UNSET, WORKSPACE_ID_RE, NewKey, control_fields, epoch_field, hash_pairs,
+                      key_from_hash, shown_ws)
+
+
+class KeyStore(StoreBase):
+    """Keys: the reads, create, rotate, update, revoke, delete."""
+
+    # --- keys: reads --------------------------------------------------------------------------
+
+    async def key_workspace(self, key_id: str) -> str | None:
+        with store_errors("read"):
+            return await self.redis.get(key_index_key(key_id))
+
+    async def get_key(self, ws: str, key_id: str) -> KeyRecord | None:
+        if not WORKSPACE_ID_RE.fullmatch(ws):
+            return None
+        with store_errors("read"):
+            return key_from_hash(await self.redis.hgetall(key_key(ws, key_id)))
+
+    async def require_key(self, ws: str, key_id: str) -> KeyRecord:
+        key = await self.get_key(ws, key_id)
+        if key is None:
+            raise no_key(ws, key_id)
+        return key
+
+    async def list_keys(self, ws: str, status: str | None = None) -> list[KeyRecord]:
+        """The workspace's keys, oldest first; ``status`` filters (active|expired|revoked)."""
+        with store_errors("read"):
+            ids = await self.redis.smembers(ws_keys_key(ws))
+            if not ids:
+                return []
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key_id in ids:
+                    pipe.hgetall(key_key(ws, key_id))
+                hashes = await pipe.execute()
+        now = self.clock()
+        keys = [k for h in hashes if (k := key_from_hash(h)) is not None]
+        if status is not None:
+            keys = [k for k in keys if k.status(now) == status]
+        return sorted(keys, key=lambda k: (k.created_at, k.id))
+
+
+    async def _new_token(self, ws: str, environment: str) -> tuple[str, str, str]:
+        """(key id, token, argon2 hash) with the key id reserved in the global index."""
+        for _ in range(ID_ATTEMPTS):
+            token, parts = make_token(self.config.keys.prefix, environment)
+            with store_errors("write"):
+                reserved = await self.redis.set(key_index_key(parts.key_id), ws, nx=True)
+            if reserved:
+                hashed = await asyncio.to_thread(self.hasher.hash, parts.secret)
+                return parts.key_id, token, hashed
+        raise StoreError("could not find a free key id")
+
+    async def _release_id(self, key_id: str) -> None:
+        with store_errors("write"):
+            await self.redis.delete(key_index_key(key_id))
+
+    def _key_fields(self, *, key_id: str, ws: str, token: str, hashed: str, name: str,
+                    description: str, environment: str, role: str | None,
+                    scopes: Sequence[str], expires_at: float | None, rate_limit: str | None,
+                    now: float, monthly_requests: int | None = None, enabled: bool = True,
+                    meta: str = "{}", allowed_ips: Sequence[str] | None = None
+                    ) -> tuple[KeyRecord, list[str]]:
+        # The public prefix never reaches into the secret, whatever the configured prefix/env.
+        head = len(self.config.keys.prefix) + len(environment) + 2
+        record = KeyRecord(
+            id=key_id, workspace=ws, name=name, description=description,
+            environment=environment, role=role, scopes=tuple(scopes) if role is None else (),
+            hash=hashed, prefix=token[:min(PREFIX_CHARS, head + ID_LEN)], created_at=now,
+            expires_at=expires_at, revoked_at=None, last_used_at=None, rate_limit=rate_limit,
+            rev=1, monthly_requests=monthly_requests, enabled=enabled, meta=meta,
+            allowed_ips=None if allowed_ips is None else tuple(allowed_ips))
+        fields = ["id", key_id, "workspace", ws, "name", name, "description", description,
+                  "environment", environment, "role", role or "",
+                  "scopes", json.dumps(list(record.scopes)), "hash", hashed,
+                  "prefix", record.prefix, "created_at", epoch_field(now),
+                  "expires_at", epoch_field(expires_at), "revoked_at", "", "last_used_at", "",
+                  "rate_limit", rate_limit or "", *control_fields(
+                      monthly_requests=monthly_requests, enabled=enabled, meta=meta,
+                      allowed_ips=allowed_ips)]
+        return record, fields
+
+    @staticmethod
+    def _key_details(record: KeyRecord) -> dict[str, Any]:
+        details = {"name": record.name, "environment": record.environment,
+                   "role": record.role, "scopes": None if record.role else list(record.scopes),
+                   "expires_at": rfc3339(record.expires_at), "rate_limit": record.rate_limit}
+        if record.monthly_requests is not None:
+            details["monthly_requests"] = record.monthly_requests
+        if not record.enabled:
+            details["enabled"] = False
+        if record.allowed_ips is not None:
+            details["allowed_ips"] = list(record.allowed_ips)
+        return details
+
+    async def create_key(self, ws: str, *, name: str, environment: str,
+                         description: str = "", role: str | None = None,
+                         scopes: Sequence[str] = (), expires_at: float | None = None,
+                         rate_limit: str | None = None, monthly_requests: int | None = None,
+                         enabled: bool = True, meta: str = "{}",
+                         allowed_ips: Sequence[str] | None = None,
+                         actor: str = OPERATOR) -> NewKey:
+        """Create a key bound to ``role`` (if given) or to ``scopes``. Raises NotFound (no such
+        workspace) or Conflict ``key_limit_reached`` (the plan's active-key cap is reached;
+        checked and applied in one script, so concurrent creates cannot overshoot)."""
+        workspace = await self.require_workspace(ws)
+        for _ in range(ID_ATTEMPTS):
+            key_id, token, hashed = await self._new_token(ws, environment)
+            now = self.clock()
+            record, fields = self._key_fields(
+                key_id=key_id, ws=ws, token=token, hashed=hashed, name=name,
+                description=description, environment=environment, role=role, scopes=scopes,
+                expires_at=expires_at, rate_limit=rate_limit, now=now,
+                monthly_requests=monthly_requests, enabled=enabled, meta=meta,
+                allowed_ips=allowed_ips)
+            # No release of the id on a store error: the script may have run, and a key
+            # must never lose its index entry (a stray entry is harmless, see the layout).
+            reply = await self._run(
+                "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
+                            key_key(ws, key_id), ws_audit_key(ws)),
+                (epoch_field(now), self._max_keys(workspace),
+                 "+inf" if expires_at is None else epoch_field(expires_at), key_id,
+                 self._audit_entry(now, actor, "key.create", key_id,
+                                   self._key_details(record)), AUDIT_MAXLEN,
+                 "", "", "", *fields), what="create key")
+            if reply == "ok":
+                return NewKey(record, token)
+            await self._release_id(key_id)
+            if reply == "no_workspace":
+                raise no_workspace(ws)
+            if reply == "limit":
+                raise Conflict(f"Workspace '{shown_ws(ws)}' already has the "
+                               f"{self._max_keys(workspace)} active keys its plan "
+                               f"'{workspace.plan}' allows; revoke one first.",
+                               code="key_limit_reached")
+        raise StoreError("could not find a free key id")
+
+    async def rotate_key(self, ws: str, key_id: str, *, grace_seconds: int = 0,
+                         actor: str = OPERATOR, max_expires_at: float | None = None,
+                         expect_rev: int | None = None) -> tuple[KeyRecord, NewKey]:
+        """Replace a key by a new one with the same name, description, environment, role or
+        scopes and rate limit (and, if the old key had an expiry, the same lifetime). The old
+        key is revoked now (grace 0) or expires after the grace (never later than it already
+        would). ``max_expires_at`` caps the new key's expiry (self-service: the acting key's).
+        Returns (old key as now, new key). Conflict if the key is revoked.
+
+        The new key copies the old one as the script finds it: if the old key changed between
+        the read here and the script (its rev moved), the rotation is retried from a fresh read
+        -- or, with ``expect_rev`` (the rev the caller checked, e.g. self-service's scope check),
+        refused with Conflict."""
+        workspace = await self.require_workspace(ws)
+        old = await self.require_key(ws, key_id)
+        for _ in range(ID_ATTEMPTS):
+            if old.revoked_at is not None:
+                raise revoked_key(key_id)
+            if expect_rev is not None and old.rev != expect_rev:
+                raise Conflict(f"Key '{shown(key_id, 12)}' changed while it was being rotated; "
+                               "read it again and retry.")
+            new_id, token, hashed = await self._new_token(ws, old.environment)
+            now = self.clock()
+            expires_at = None
+            if old.expires_at is not None:
+                expires_at = now + max(1.0, old.expires_at - old.created_at)
+            if max_expires_at is not None:
+                expires_at = min(max_expires_at, expires_at or max_expires_at)
+            record, fields = self._key_fields(
+                key_id=new_id, ws=ws, token=token, hashed=hashed, name=old.name,
+                description=old.description, environment=old.environment, role=old.role,
+                scopes=old.scopes, expires_at=expires_at, rate_limit=old.rate_limit, now=now,
+                monthly_requests=old.monthly_requests, enabled=old.enabled, meta=old.meta,
+                allowed_ips=old.allowed_ips)
+            details = {"new_key": new_id, "grace_seconds": grace_seconds}
+            reply = await self._run(
+                "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
+                            key_key(ws, new_id), ws_audit_key(ws), key_key(ws, key_id)),
+                (epoch_field(now), self._max_keys(workspace),
+                 "+inf" if expires_at is None else epoch_field(expires_at), new_id,
+                 self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,
+                 key_id, "" if grace_seconds <= 0 else epoch_field(now + grace_seconds),
+                 old.rev, *fields), what="rotate key")
+            if reply == "ok":
+                return await self.require_key(ws, key_id), NewKey(record, token)
+            await self._release_id(new_id)
+            if reply == "no_workspace":
+                raise no_workspace(ws)
+            if reply == "not_found":
+                raise no_key(ws, key_id)
+            if reply == "revoked":
+                raise revoked_key(key_id)
+            if reply in ("stale", "collision"):
+                old = await self.require_key(ws, key_id)
+                continue
+            if reply == "limit":
+                raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
+                               f"'{shown_ws(ws)}' already has the {self._max_keys(workspace)} "
+                               "active keys its plan allows.",
+                               code="key_limit_reached")
+            if reply == "grace_limit":
+                raise Conflict(f"Workspace '{shown_ws(ws)}' is already over the "
+                               f"{self._max_keys(workspace)} active keys its plan allows (a "
+                               "rotation's grace period is running); rotate without a grace, "
+                               "or revoke a key first.", code="key_limit_reached")
+        raise StoreError("could not find a free key id")
+
+    async def update_key(self, ws: str, key_id: str, *, name: Any = UNSET,
+                         description: Any = UNSET, role: Any = UNSET, scopes: Any = UNSET,
+                         expires_at: Any = UNSET, rate_limit: Any = UNSET,
+                         monthly_requests: Any = UNSET, enabled: Any = UNSET, meta: Any = UNSET,
+                         allowed_ips: Any = UNSET, actor: str = OPERATOR) -> KeyRecord:
+        """Change the given fields (UNSET = leave as is). ``role`` binds the key to a role,
+        ``scopes`` to explicit scopes (the other binding is cleared); ``expires_at`` None
+        removes the expiry. Bumps the key's rev: every replica applies it on the next request.
+        A new expiry for an expired key re-activates it: Conflict ``key_limit_reached`` if the
+        plan's cap is reached."""
+        fields: list[str] = []
+        details: dict[str, Any] = {}
+        if name is not UNSET:
+            fields += ["name", name]
+            details["name"] = name
+        if description is not UNSET:
+            fields += ["description", description]
+            details["description"] = description
+        if role is not UNSET:
+            fields += ["role", role, "scopes", "[]"]
+            details["role"] = role
+        elif scopes is not UNSET:
+            fields += ["role", "", "scopes", json.dumps(list(scopes))]
+            details["scopes"] = list(scopes)
+        controls = {name: value for name, value in (
+            ("rate_limit", rate_limit), ("monthly_requests", monthly_requests),
+            ("enabled", enabled), ("meta", meta), ("allowed_ips", allowed_ips))
+            if value is not UNSET}
+        fields += control_fields(**controls)
+        details.update({k: v for k, v in controls.items() if k != "meta"})
+        if "meta" in controls:
+            details["meta"] = "changed"  # metadata can be large; the audit says it changed
+        score = ""
+        if expires_at is not UNSET:
+            fields += ["expires_at", epoch_field(expires_at)]
+            details["expires_at"] = rfc3339(expires_at)
+            score = "+inf" if expires_at is None else epoch_field(expires_at)
+        max_keys = -1
+        if score:
+            max_keys = self._max_keys(await self.require_workspace(ws))
+        elif not WORKSPACE_ID_RE.fullmatch(ws):
+            raise no_workspace(ws)
+        now = self.clock()
+        reply = await self._run(
+            "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws)),
+            (key_id, score, epoch_field(now), max_keys,
+             self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
+             *fields))
+        if reply == "limit":
+            raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
+                           f"'{shown_ws(ws)}' already has the {max_keys} active keys its plan "
+                           "allows; a new expiry would make it active again.",
+                           code="key_limit_reached")
+        key = key_from_hash(hash_pairs(reply))
+        if key is None:
+            raise no_key(ws, key_id)
+        return key
+
+    async def revoke_key(self, ws: str, key_id: str, *, actor: str = OPERATOR) -> KeyRecord:
+        """Revoke for good (idempotent: revoking again changes nothing and audits nothing)."""
+        if not WORKSPACE_ID_RE.fullmatch(ws):
+            raise no_workspace(ws)
+        now = self.clock()
+        reply = await self._run(
+            "revoke_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws)),
+            (key_id, epoch_field(now), self._audit_entry(now, actor, "key.revoke", key_id, {}),
+             AUDIT_MAXLEN))
+        key = key_from_hash(hash_pairs(reply))
+        if key is None:
+            raise no_key(ws, key_id)
+        return key
+
+    async def delete_key(self, ws: str, key_id: str, *, actor: str = OPERATOR) -> KeyRecord:
+        """Remove a revoked or expired key for good (Conflict for an active key: revoke it
+        first). Its audit entries stay; its token then reads as unknown (invalid_key)."""
+        if not WORKSPACE_ID_RE.fullmatch(ws):
+            raise no_workspace(ws)
+        now = self.clock()
+        reply = await self._run(
+            "delete_key", (key_key(ws, key_id), ws_keys_key(ws), ws_active_key(ws),
+                           ws_audit_key(ws)),
+            (key_id, epoch_field(now), self._audit_entry(now, actor, "key.delete", key_id, {}),
+             AUDIT_MAXLEN))
+        if reply == "active":
+            raise Conflict(f"Key '{shown(key_id, 12)}' is active; revoke it (or let it expire) "
+                           "before deleting it.")
+        key = key_from_hash(hash_pairs(reply))
+        if key is None:
+            raise no_key(ws, key_id)
+        with store_errors("write"):  # the global index, in its own slot: after the key
+            await self.redis.delete(key_index_key(key_id))
+        return key

@@ -1,0 +1,158 @@
+"""The one seam between the per-request store and Redis: :class:`ScriptClient`, with an
+implementation per kind of deployment.
+
+* :class:`LeanClient` -- one standalone server (``redis://``, ``rediss://``, ``unix://``) over
+  the lean :class:`~gateway.store.resp.RespClient`: a request's round trip costs a few µs of
+  client CPU instead of redis-py's ~150 (see ``gateway/store/resp.py``).
+* :class:`TopologyClient` -- Sentinel (follows failovers) and Cluster (routes by slot) over
+  redis-py, which does both right.
+
+Both run the scripts of ``gateway/store/lua/`` by digest and send the text only when the
+server does not have it yet (a fresh or newly promoted server), and both know Redis's clock
+relative to ours, for the authorize script's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Protocol, Sequence
+
+from redis.exceptions import NoScriptError
+
+from .resp import RespClient, RespError, _encode
+from .scripts import Script
+
+OFFSET_MAX_AGE = 60.0  # seconds between clock-offset measurements on a topology
+
+
+class ScriptClient(Protocol):
+    """What :class:`~gateway.store.request.RequestStore` needs from a Redis connection.
+    Failures surface as the client's own exceptions; the caller maps them to StoreError."""
+
+    @property
+    def clock_offset(self) -> float | None:
+        """Redis's clock minus our ``time.monotonic()``, seconds; None while unknown."""
+
+    def measure_clock(self) -> None:
+        """Measure the offset again soon (a clock stepped since it was measured)."""
+
+    async def script_load(self, script: Script) -> str:
+        """Load ``script`` on the server; the digest Redis answers with."""
+
+    async def run(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        """EVALSHA ``script`` over ``keys`` (all in one slot), EVAL if the server lacks it."""
+
+    async def run_each_slot(self, script: Script, keys: Sequence[str], shared: tuple[Any, ...],
+                            per_key: Sequence[Any]) -> None:
+        """Run ``script`` over ``keys`` that may live in different slots, with ARGV =
+        ``shared`` followed by one ``per_key`` item for each key."""
+
+    async def get_each(self, keys: Sequence[str]) -> list[Any]:
+        """GET of each of ``keys`` (which may live in different slots)."""
+
+    async def close(self) -> None: ...
+
+
+def connect(url: str, timeout: float) -> ScriptClient:
+    """The client for ``url``; ValueError on a bad URL."""
+    if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        return LeanClient(url, timeout=timeout)
+    return TopologyClient(url, timeout=timeout)
+
+
+class LeanClient(RespClient):
+    """One standalone server: any keys go in one call, so no call needs splitting by slot."""
+
+    def __init__(self, url: str, *, timeout: float) -> None:
+        super().__init__(url, timeout=timeout)
+        self._heads: dict[tuple[str, tuple[str, ...], int], bytes] = {}
+
+    async def script_load(self, script: Script) -> str:
+        sha = await self.call("SCRIPT", "LOAD", script.text)
+        return sha.decode() if isinstance(sha, bytes) else sha
+
+    async def run(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        # The command's first half (EVALSHA, digest, keys) is the same for every request of a
+        # key in a day: it is encoded once, and only the arguments are encoded per call.
+        head = self._heads.get((script.sha, keys, len(args)))
+        if head is None:
+            head = self._head(script, keys, len(args))
+        tail = _encode(args)
+        try:
+            return await self.call_encoded(head + tail[tail.index(b"\r\n") + 2:])
+        except RespError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self.call("EVAL", script.text, len(keys), *keys, *args)
+
+    def _head(self, script: Script, keys: tuple[str, ...], n_args: int) -> bytes:
+        head = _encode(("EVALSHA", script.sha, len(keys), *keys))
+        head = b"*%d" % (3 + len(keys) + n_args) + head[head.index(b"\r\n"):]
+        if len(self._heads) > 100_000:
+            self._heads.clear()
+        self._heads[(script.sha, keys, n_args)] = head
+        return head
+
+    async def run_each_slot(self, script: Script, keys: Sequence[str], shared: tuple[Any, ...],
+                            per_key: Sequence[Any]) -> None:
+        await self.run(script, tuple(keys), (*shared, *per_key))
+
+    async def get_each(self, keys: Sequence[str]) -> list[Any]:
+        return await self.call("MGET", *keys)
+
+
+class TopologyClient:
+    """Sentinel or Cluster over redis-py. Cluster nodes keep NTP time, so one node's clock
+    stands for all; the offset is measured in the background every ``OFFSET_MAX_AGE``."""
+
+    def __init__(self, url: str, *, timeout: float) -> None:
+        from ..redis_urls import topology_client
+        self.redis = topology_client(url, timeout=timeout, decode_responses=False)
+        self._offset: float | None = None
+        self._offset_at = -1e9
+        self._measuring: asyncio.Future | None = None
+
+    @property
+    def clock_offset(self) -> float | None:
+        if time.monotonic() - self._offset_at > OFFSET_MAX_AGE and self._measuring is None:
+            self._measuring = asyncio.ensure_future(self._measure_offset())
+        return self._offset
+
+    def measure_clock(self) -> None:
+        self._offset_at = -1e9
+
+    async def _measure_offset(self) -> None:
+        try:
+            sent = time.monotonic()
+            seconds, micros = await self.redis.time()
+            self._offset = seconds + micros / 1e6 - (sent + time.monotonic()) / 2
+            self._offset_at = time.monotonic()
+        except Exception:  # the store is down: keep the last offset, try again next call
+            pass
+        finally:
+            self._measuring = None
+
+    async def script_load(self, script: Script) -> str:
+        sha = await self.redis.script_load(script.text)
+        return sha.decode() if isinstance(sha, bytes) else sha
+
+    async def run(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        try:
+            return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:  # a fresh or newly promoted server: send the script once
+            return await self.redis.eval(script.text, len(keys), *keys, *args)
+
+    async def run_each_slot(self, script: Script, keys: Sequence[str], shared: tuple[Any, ...],
+                            per_key: Sequence[Any]) -> None:
+        for key, arg in zip(keys, per_key):  # a Cluster script may only touch one slot
+            await self.run(script, (key,), (*shared, arg))
+
+    async def get_each(self, keys: Sequence[str]) -> list[Any]:
+        return [await self.redis.get(key) for key in keys]
+
+    async def close(self) -> None:
+        if self._measuring is not None:
+            self._measuring.cancel()
+            await asyncio.wait((self._measuring,))
+        await self.redis.aclose()

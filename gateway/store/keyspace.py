@@ -1,0 +1,115 @@
+"""Every Redis key keygate uses, and what each holds.
+
+``{ws}`` is a Redis Cluster hash tag: everything of one workspace shares a slot, so the
+per-request script and every admin script touch a single slot.
+
+    kg:workspaces                 SET     workspace ids (added before the workspace hash is
+                                          created, so it may name an id whose creation failed;
+                                          listings skip those)
+    kg:ws:{ws}                    HASH    id, name, plan, created_at, rev,
+                                          limits (JSON object of the workspace's own limits
+                                          over its plan's; absent = none)
+                                          (rev is bumped on any change that affects
+                                          authorisation: plan change, workspace role edit;
+                                          the admin scripts bump it on every workspace change)
+    kg:ws:{ws}:keys               SET     key ids of the workspace
+    kg:ws:{ws}:active             ZSET    key ids not revoked, score = expires_at (+inf = never);
+                                          entries whose score has passed are trimmed by the
+                                          create script; ZCARD after trimming = active keys,
+                                          what the plan's max_keys caps
+    kg:ws:{ws}:roles              HASH    role name -> JSON list of scopes
+    kg:ws:{ws}:audit              STREAM  field "e" = JSON {at, actor, action, target, details},
+                                          capped (MAXLEN ~ 10000)
+    kg:key:{ws}:<id>              HASH    id, workspace, name, description, environment,
+                                          role ("" = none), scopes (JSON list, explicit scopes),
+                                          hash (argon2id of the secret), prefix,
+                                          created_at, expires_at, revoked_at, last_used_at
+                                          (epoch seconds as decimal strings, "" = null),
+                                          rate_limit ("" = plan's), monthly_requests (the key's
+                                          own cap, "" = none), enabled ("0" = disabled),
+                                          meta (JSON object), allowed_ips (JSON list, "" = any),
+                                          rev (bumped on every change)
+    kg:keyid:<id>                 STRING  workspace id of key <id> (global index, own slot;
+                                          read only on a key's first request in a process).
+                                          Written (SET NX, which also catches id collisions)
+                                          *before* the key's script runs and deleted if the
+                                          script refuses, so a key never exists without its
+                                          index; a crash in between leaves at worst an index
+                                          entry pointing at no key, which reads as unknown.
+    kg:usage:{ws}:<YYYY-MM>       STRING  requests forwarded this month (always has a TTL)
+    kg:kusage:{ws}:<id>:<YYYY-MM> STRING  the key's requests forwarded this month (TTL)
+    kg:daily:{ws}:<YYYY-MM-DD>    STRING  requests forwarded that UTC day (TTL: 100 days)
+    kg:kdaily:{ws}:<id>:<YYYY-MM-DD>
+                                  STRING  the key's requests forwarded that UTC day (TTL)
+    kg:rate:{ws}:<id>             ZSET    the key's rate log: one member per request admitted
+                                          in the last rate period, score = its time in ms
+                                          (a sliding log; expires one period after the last)
+    kg:fail:ip:<ip>               STRING  failed verifications in the window (TTL)
+    kg:fail:key:<id>              STRING  failed verifications in the window (TTL)
+
+Every multi-step change is one Lua script (``gateway/store/lua/``) on the workspace's slot:
+the change, the ``rev`` bump and the audit entry happen together or not at all. The global
+entries (``kg:workspaces``, ``kg:keyid:<id>``, ``kg:fail:*``) live in other slots, so they are
+written on their own; the first two are written first and are allowed to name something that
+does not exist (readers treat that as absent).
+"""
+
+from __future__ import annotations
+
+WORKSPACES = "kg:workspaces"
+
+
+def ws_key(ws: str) -> str:
+    return f"kg:ws:{{{ws}}}"
+
+
+def ws_keys_key(ws: str) -> str:
+    return f"kg:ws:{{{ws}}}:keys"
+
+
+def ws_active_key(ws: str) -> str:
+    return f"kg:ws:{{{ws}}}:active"
+
+
+def ws_roles_key(ws: str) -> str:
+    return f"kg:ws:{{{ws}}}:roles"
+
+
+def ws_audit_key(ws: str) -> str:
+    return f"kg:ws:{{{ws}}}:audit"
+
+
+def key_key(ws: str, key_id: str) -> str:
+    return f"kg:key:{{{ws}}}:{key_id}"
+
+
+def key_index_key(key_id: str) -> str:
+    return f"kg:keyid:{key_id}"
+
+
+def usage_key(ws: str, period: str) -> str:
+    return f"kg:usage:{{{ws}}}:{period}"
+
+
+def key_usage_key(ws: str, key_id: str, period: str) -> str:
+    return f"kg:kusage:{{{ws}}}:{key_id}:{period}"
+
+
+def daily_key(ws: str, day: str) -> str:
+    return f"kg:daily:{{{ws}}}:{day}"
+
+
+def key_daily_key(ws: str, key_id: str, day: str) -> str:
+    return f"kg:kdaily:{{{ws}}}:{key_id}:{day}"
+
+
+def rate_key(ws: str, key_id: str) -> str:
+    return f"kg:rate:{{{ws}}}:{key_id}"
+
+
+def fail_ip_key(ip: str) -> str:
+    return f"kg:fail:ip:{ip}"
+
+
+def fail_key_key(key_id: str) -> str:
+    return f"kg:fail:key:{key_id}"

@@ -1,0 +1,68 @@
+-- Create a key, or rotate one: create its replacement (same settings) and, in the same step,
+-- revoke the old key now (no grace) or set it to expire at the end of the grace period.
+-- One script for both, so a key is added to a workspace in exactly one way.
+--
+-- The plan's cap on active keys is checked in the same step as the creation, so concurrent
+-- creates at the cap cannot both succeed. Rotating an active key without a grace never fails
+-- on the cap (the new key replaces the old). With a grace both stay active for a while, so the
+-- workspace may go one key over its cap, never more (else rotating the newest key again and
+-- again, each time with a grace, would mint any number of active keys). Rotating an expired
+-- key creates a key like any other, so the cap applies.
+--
+-- KEYS[1] kg:ws:{ws}   KEYS[2] kg:ws:{ws}:keys   KEYS[3] kg:ws:{ws}:active
+-- KEYS[4] new key hash   KEYS[5] kg:ws:{ws}:audit   KEYS[6] old key hash (rotation only)
+-- ARGV[1] now (epoch s)   ARGV[2] max active keys (-1 = unlimited)
+-- ARGV[3] the new key's expiry as a score ('+inf' = never)   ARGV[4] new key id
+-- ARGV[5] audit entry (JSON)   ARGV[6] audit stream cap
+-- ARGV[7] old key id ('' = create, not rotate)   ARGV[8] end of grace (epoch s; '' = revoke now)
+-- ARGV[9] the old key's rev the new key's fields were copied from (the copy is refused as
+--         'stale' if the key changed since: the caller re-reads and tries again)
+-- ARGV[10..] new key's field, value pairs
+-- Returns 'ok' | 'no_workspace' | 'collision' (new key id taken) | 'limit' (cap reached) and,
+-- rotating, 'not_found' | 'revoked' | 'stale' | 'grace_limit' (grace asked, workspace
+-- already over its cap).
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
+local rotating = ARGV[7] ~= ''
+local old_exp = nil
+if rotating then
+  local old = redis.call('HMGET', KEYS[6], 'id', 'revoked_at', 'expires_at', 'rev')
+  if not old[1] then return 'not_found' end
+  if old[2] and old[2] ~= '' then return 'revoked' end
+  if (old[4] or '0') ~= ARGV[9] then return 'stale' end
+  old_exp = tonumber(old[3] or '')
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then return 'collision' end
+local now = tonumber(ARGV[1])
+-- keys that expired leave the active set (revoked ones left it when revoked)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+local replaces_active = rotating and not (old_exp ~= nil and old_exp <= now)
+local max = tonumber(ARGV[2])
+if not replaces_active and max >= 0 and redis.call('ZCARD', KEYS[3]) >= max then
+  return 'limit'
+end
+if replaces_active and ARGV[8] ~= '' and max >= 0 and redis.call('ZCARD', KEYS[3]) > max then
+  return 'grace_limit'
+end
+
+if rotating then
+  if ARGV[8] == '' then
+    redis.call('HSET', KEYS[6], 'revoked_at', ARGV[1])
+    redis.call('ZREM', KEYS[3], ARGV[7])
+  elseif replaces_active then
+    local grace_end = tonumber(ARGV[8])
+    if old_exp == nil or grace_end < old_exp then
+      redis.call('HSET', KEYS[6], 'expires_at', ARGV[8])
+      redis.call('ZADD', KEYS[3], ARGV[8], ARGV[7])
+    end
+  end
+  redis.call('HINCRBY', KEYS[6], 'rev', 1)
+end
+
+local fields = {}
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[4], unpack(fields))
+redis.call('HINCRBY', KEYS[4], 'rev', 1)
+redis.call('SADD', KEYS[2], ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
+return 'ok'

@@ -1,0 +1,173 @@
+"""The per-request store: one Lua round trip per proxied request (``lua/authorize.lua``),
+the cold path's failure throttle, and the pipeline's refunds and fail-open catch-up.
+
+Every call goes through one :class:`~gateway.store.clients.ScriptClient` -- the lean RESP
+client for a standalone server, redis-py for Sentinel and Cluster -- so nothing here depends
+on which one it is. The admin operations are :class:`gateway.store.admin.Store`'s.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, NamedTuple
+
+from ..errors import StoreError, describe
+from ..usage import utc_day
+from .clients import ScriptClient, connect
+from .keyspace import (daily_key, fail_ip_key, fail_key_key, key_daily_key, key_key,
+                       key_usage_key, rate_key, usage_key, ws_key)
+from .scripts import Script, load
+
+AUTHORIZE = load("authorize")
+ADD_USAGE = load("add_usage")
+REFUND = load("refund")
+# The script's deadline (lua/authorize.lua ARGV[12]) is this share of the store timeout after
+# the call is made: a reply to a call that ran before it reaches us before we give up on it.
+DEADLINE_SHARE = 0.8
+DAILY_TTL = 100 * 86400  # day counters: the usage history reaches 90 days back
+
+
+class Decision(NamedTuple):
+    """What the store decided for one request."""
+    outcome: str            # ok | stale | rate | quota | key_quota
+    month_used: int = 0
+    rate_remaining: int = -1  # -1: no rate limit applies
+    retry_after_ms: int = 0   # rate: when one more request will be admitted
+    window_reset_ms: int = 0  # rate: until the oldest admitted request leaves the window
+    key_used: int = 0         # the key's own count this month (when it has a cap, or counted)
+
+
+class Slot(NamedTuple):
+    """Where one request is counted: its workspace and key, the month and the UTC day."""
+    workspace: str
+    key_id: str
+    period: str   # YYYY-MM
+    day: str      # YYYY-MM-DD
+
+    def counters(self) -> tuple[str, str, str, str]:
+        """The four counters a forwarded request adds one to."""
+        return (usage_key(self.workspace, self.period),
+                key_usage_key(self.workspace, self.key_id, self.period),
+                daily_key(self.workspace, self.day),
+                key_daily_key(self.workspace, self.key_id, self.day))
+
+
+class RequestStore:
+    """Hot-path store client. ``url``: redis://, rediss://, unix:// (the lean client);
+    redis+sentinel://, redis+cluster:// (redis-py). ValueError on a bad URL. ``client``
+    replaces the one ``url`` names (tests)."""
+
+    def __init__(self, url: str, *, timeout: float = 2.0,
+                 client: ScriptClient | None = None) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._tag, self._seq = os.urandom(4).hex(), 0  # rate-log members unique across replicas
+        self._keys: dict[tuple[str, str, str, str], tuple[str, ...]] = {}
+        self._resp: ScriptClient = client or connect(url, timeout)
+
+    def _deadline(self) -> int:
+        """The latest instant, in Redis's clock (µs), at which the authorize script may still
+        count this request; 0 (none) while the clocks' offset is unknown."""
+        offset = self._resp.clock_offset
+        if offset is None:
+            return 0
+        return int((time.monotonic() + offset + self.timeout * DEADLINE_SHARE) * 1e6)
+
+    def _member(self, now_ms: int) -> str:
+        self._seq += 1
+        return f"{now_ms}:{self._tag}:{self._seq}"
+
+    async def close(self) -> None:
+        await self._resp.close()
+
+    async def ready(self) -> None:
+        """Raise :class:`StoreError` (naming the cause) unless this client's own connection can
+        run the per-request script: loads it (so the first request needs no NOSCRIPT round
+        trip) and checks Redis answers with its digest. A wrong password, a missing ACL
+        permission or an unreachable server all fail here."""
+        try:
+            sha = await self._resp.script_load(AUTHORIZE)
+        except Exception as exc:
+            raise StoreError(f"the per-request store connection cannot run its script: "
+                             f"{describe(exc)}") from exc
+        if sha != AUTHORIZE.sha:
+            raise StoreError("the per-request store connection cannot run its script: "
+                             "Redis answered SCRIPT LOAD with an unexpected digest")
+
+    async def authorize(self, *, workspace: str, key_id: str, key_rev: int, ws_rev: int,
+                        count: bool, rate_limit: int, rate_period_ms: int,
+                        monthly_limit: int | None, period: str, counter_ttl: int,
+                        now_ms: int, day: str = "", key_limit: int | None = None) -> Decision:
+        started = time.monotonic()
+        day = day or utc_day(now_ms / 1000)
+        keys = self._keys.get((workspace, key_id, period, day))
+        if keys is None:
+            keys = self._authorize_keys(workspace, key_id, period, day)
+        args = (now_ms, key_rev, ws_rev, "count" if count else "check", rate_limit,
+                rate_period_ms, -1 if monthly_limit is None else monthly_limit, counter_ttl,
+                self._member(now_ms), -1 if key_limit is None else key_limit, DAILY_TTL,
+                self._deadline() if count else 0)
+        try:
+            reply = await self._resp.run(AUTHORIZE, keys, args)
+        except Exception as exc:  # connection lost, timeout, error reply: the store failed
+            raise StoreError(f"store call failed: {describe(exc)}") from exc
+        if reply[0] == b"late":  # ran after we would have given up: it counted nothing
+            if time.monotonic() - started < self.timeout * DEADLINE_SHARE / 2:
+                # Far too early for the deadline to have passed: a clock stepped since the
+                # offset was measured.
+                self._resp.measure_clock()
+            raise StoreError("store call failed: Redis ran the call after its deadline "
+                             "(paused or overloaded)")
+        try:
+            outcome = _OUTCOMES[reply[0]]
+            return Decision(outcome, reply[1], reply[2], reply[4], reply[3], reply[5])
+        except (KeyError, IndexError, TypeError):
+            raise StoreError("unexpected answer from the authorize script") from None
+
+    def _authorize_keys(self, workspace: str, key_id: str, period: str,
+                        day: str) -> tuple[str, ...]:
+        keys = (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
+                rate_key(workspace, key_id), key_usage_key(workspace, key_id, period),
+                daily_key(workspace, day), key_daily_key(workspace, key_id, day))
+        if len(self._keys) > 100_000:
+            self._keys.clear()
+        self._keys[(workspace, key_id, period, day)] = keys
+        return keys
+
+    async def failure_counts(self, ip: str, key_id: str) -> tuple[int, int]:
+        """Failed verifications in the current window: (from this IP, against this key id)."""
+        try:
+            reply = await self._resp.get_each((fail_ip_key(ip), fail_key_key(key_id)))
+        except Exception as exc:
+            raise StoreError(f"store call failed: {describe(exc)}") from exc
+        return int(reply[0] or 0), int(reply[1] or 0)
+
+    async def record_failure(self, ip: str, key_id: str, window_seconds: int) -> None:
+        """Count one failed verification from ``ip`` and against ``key_id``; each count lives
+        ``window_seconds`` from its first failure."""
+        try:
+            await self._resp.run_each_slot(ADD_USAGE, (fail_ip_key(ip), fail_key_key(key_id)),
+                                           (1,), (window_seconds, window_seconds))
+        except Exception as exc:
+            raise StoreError(f"store call failed: {describe(exc)}") from exc
+
+    async def refund(self, slot: Slot, ttl: int) -> None:
+        """Take back one counted request that never reached the upstream, from every counter
+        it was counted in."""
+        await self._run(REFUND, slot.counters(), (ttl, ttl, DAILY_TTL, DAILY_TTL))
+
+    async def add_usage(self, slot: Slot, n: int, ttl: int) -> int:
+        """Add requests counted locally while the store was down (fail-open)."""
+        return int(await self._run(ADD_USAGE, slot.counters(),
+                                   (n, ttl, ttl, DAILY_TTL, DAILY_TTL)))
+
+    async def _run(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        try:
+            return await self._resp.run(script, keys, args)
+        except Exception as exc:  # connection lost, timeout, error reply: the store failed
+            raise StoreError(f"store call failed: {describe(exc)}") from exc
+
+
+_OUTCOMES = {b"ok": "ok", b"stale": "stale", b"rate": "rate", b"quota": "quota",
+             b"key_quota": "key_quota"}

@@ -1,0 +1,249 @@
+"""Running ``keygate serve``: one worker process, or a supervisor forking several.
+
+``serve`` loads the config, sets up logging and runs the gateway (``gateway.app``) in this
+process, or in N workers sharing the listening ports (SO_REUSEPORT) under ``_supervise``.
+What every worker would fail on (the store, the ports) is checked once before forking
+(``_preflight``), so a bad start says it in one line rather than once per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+from .app import ListenError, running_gateway, start_listeners, stop_listeners
+from .config import Config, load_config, servable_problems
+from .errors import ConfigError, StoreError
+from .store.request import RequestStore
+from .redis_urls import redact
+
+log = logging.getLogger("keygate")
+
+
+async def _serve(config: Config, store_url: str, reuse_port: bool,
+                 config_path: str | None = None) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        return await _serve_gateway(config, store_url, reuse_port, stop, config_path)
+    except StoreError as exc:  # raised while opening the store clients: one line, no traceback
+        print(f"keygate: cannot use the store at {redact(store_url)}: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
+                         stop: asyncio.Event, config_path: str | None = None) -> int:
+    async with running_gateway(config, store_url, config_path=config_path) as gw:
+        if problem := await gw.store.ping_problem():
+            print(f"keygate: cannot reach the store at {redact(store_url)}: {problem}",
+                  file=sys.stderr)
+            return 1
+        try:  # the per-request path's own connection (its credentials, its permissions)
+            await gw.requests.ready()
+        except StoreError as exc:
+            print(f"keygate: cannot use the store at {redact(store_url)}: {exc}",
+                  file=sys.stderr)
+            return 1
+        try:
+            runners = await start_listeners(gw, reuse_port)
+        except ListenError as exc:
+            print(f"keygate: {exc}", file=sys.stderr)
+            return 1
+        try:
+            log.info("keygate listening: proxy %s:%d, admin %s:%d (config %s, pid %d)",
+                     config.server.host, config.server.port, config.admin.host,
+                     config.admin.port, os.path.abspath(config.source), os.getpid())
+            reloads: set[asyncio.Task] = set()
+
+            def hangup() -> None:
+                task = asyncio.ensure_future(gw.reloader.on_signal())
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one held: now
+            await stop.wait()
+            log.info("shutting down: finishing in-flight requests")
+        finally:
+            await stop_listeners(runners)
+    return 0
+
+
+def _run_worker(config: Config, store_url: str, reuse_port: bool,
+                config_path: str | None = None) -> int:
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # not on Linux: the default loop is fine
+        pass
+    return asyncio.run(_serve(config, store_url, reuse_port, config_path))
+
+
+def _preflight(config: Config, store_url: str) -> str | None:
+    """What every worker would fail on (store, ports), checked once before forking, so a bad
+    start says it in one line rather than once per worker. None when all is well."""
+    import socket
+
+    async def store_problem() -> str | None:
+        from .store import Store
+        try:
+            store = await Store.connect(store_url, config)
+        except StoreError as exc:
+            return f"cannot use the store at {redact(store_url)}: {exc}"
+        try:
+            requests = RequestStore(store_url, timeout=config.store.timeout)
+        except ValueError as exc:
+            await store.close()
+            return f"cannot use the store at {redact(store_url)}: bad store URL: {exc}"
+        try:
+            if problem := await store.ping_problem():
+                return f"cannot reach the store at {redact(store_url)}: {problem}"
+            await requests.ready()
+        except StoreError as exc:
+            return f"cannot use the store at {redact(store_url)}: {exc}"
+        finally:
+            await requests.close()
+            await store.close()
+        return None
+
+    if problem := asyncio.run(store_problem()):
+        return problem
+    for host, port in ((config.server.host, config.server.port),
+                       (config.admin.host, config.admin.port)):
+        try:
+            for family, kind, proto, _, addr in socket.getaddrinfo(
+                    host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    probe.bind(addr)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
+def _supervise(config: Config, store_url: str, workers: int,
+               config_path: str | None = None) -> int:
+    """N worker processes sharing the listening ports (SO_REUSEPORT); SIGTERM stops all,
+    SIGHUP reloads all."""
+    import shutil
+    import tempfile
+
+    if problem := _preflight(config, store_url):
+        print(f"keygate: {problem}", file=sys.stderr)
+        return 1
+    # Metrics aggregate across workers through prometheus-client's multiprocess mode: each
+    # worker writes its samples to files in this directory; /metrics on any worker sums them.
+    metrics_dir = tempfile.mkdtemp(prefix="keygate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ["KEYGATE_SUPERVISOR_PID"] = str(os.getpid())  # a worker asks it to reload all
+    children: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    # SIGTERM/SIGINT are held while forking: one arriving mid-loop is delivered once every
+    # worker exists and the handler that forwards it is in place (none is orphaned).
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+                from prometheus_client import values
+                values.ValueClass = values.MultiProcessValue()
+                code = _run_worker(config, store_url, reuse_port=True, config_path=config_path)
+            except BaseException:  # os._exit below would swallow it: say why the worker died
+                import traceback
+                traceback.print_exc()
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        children.append(pid)
+
+    def reload_all(signum, _frame) -> None:
+        log.info("SIGHUP: asking %d workers to reload", len(children))
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, reload_all)  # after forking: workers have their own
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals | {signal.SIGHUP})
+    status = 0
+    remaining = set(children)
+    while remaining:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        remaining.discard(pid)
+        if os.waitstatus_to_exitcode(code) != 0:
+            status = 1  # a worker died (even the last one): the exit code must say so
+            if remaining:  # take the rest down so the supervisor above restarts us
+                forward(signal.SIGTERM, None)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    return status
+
+
+def setup_logging(config: Config) -> None:
+    """Application logs on stderr; JSON lines when the access log is JSON (one format for a
+    log pipeline to parse), else ``time level logger: message``."""
+    from .accesslog import JsonFormatter
+    handler = logging.StreamHandler(sys.stderr)
+    if config.server.access_log == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(config.server.log_level.upper())
+
+
+def serve(config_path: str | None, workers: int | None = None) -> int:
+    """``keygate serve``: exit code 0 after a clean stop, 1 when it cannot start."""
+    try:
+        config = load_config(config_path)
+        if problems := servable_problems(config):
+            raise ConfigError(problems)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    setup_logging(config)
+    # Until the event loop takes it over, a SIGHUP (a reload) must neither end the process nor
+    # be lost: it is held (workers inherit the mask) and delivered once a handler is in place.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    from .store.embedded import EmbeddedError, resolve_store_url
+    try:
+        store_url, embedded = resolve_store_url(config)
+    except EmbeddedError as exc:
+        print(f"keygate: {exc}", file=sys.stderr)
+        return 1
+    try:
+        workers = workers or config.server.workers
+        if workers > 1:
+            return _supervise(config, store_url, workers, config_path)
+        return _run_worker(config, store_url, reuse_port=False, config_path=config_path)
+    finally:
+        if embedded is not None:
+            embedded.stop()

@@ -1,0 +1,69 @@
+"""The seams inside ``gateway.cli``: option values, request bodies from options, the command
+tree the command modules add to, and the ``--daily`` table."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from gateway.cli.output import days_table
+from gateway.cli.parsing import (CommandTree, argtype, count_or_none, days, given, json_object,
+                                 rate_or_none)
+
+
+def test_given_keeps_the_options_that_were_given_in_order():
+    assert given(name="n", description=None, enabled=False, meta={}) == {
+        "name": "n", "enabled": False, "meta": {}}
+    assert list(given(b=1, a=2)) == ["b", "a"]
+
+
+@pytest.mark.parametrize("text, value", [("5000", 5000), (" 7 ", 7), ("none", None),
+                                         ("Unlimited", None), ("null", None)])
+def test_count_or_none(text, value):
+    assert count_or_none(text) == value
+
+
+@pytest.mark.parametrize("fn, text", [(count_or_none, "-1"), (count_or_none, "٣"),
+                                      (days, "30w"), (json_object, "[1]"), (json_object, "{")])
+def test_bad_values_are_argparse_usage_errors_with_their_own_message(fn, text):
+    with pytest.raises(ValueError) as raised:
+        fn(text)
+    with pytest.raises(argparse.ArgumentTypeError) as usage:
+        argtype(fn, "VALUE")(text)
+    assert str(usage.value) == str(raised.value)
+
+
+def test_rate_or_none_and_days():
+    assert rate_or_none(" 10/s ") == "10/s" and rate_or_none("NONE") is None
+    assert days("30d") == days("30") == 30
+
+
+def test_a_command_is_remote_by_default_and_may_leave_its_description_out():
+    parser = argparse.ArgumentParser(prog="k")
+    admin = argparse.ArgumentParser(add_help=False)
+    admin.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    tree = CommandTree(parser.add_subparsers(dest="verb", required=True), [admin])
+    group = tree.group("things", "manage things")
+    tree.command(group, "list", "list things", "remote-handler")
+    tree.command(group, "quiet", "a quiet one", "quiet-handler", described=False)
+    tree.command(None, "run", "run locally", "local-handler", local=True)
+
+    args = parser.parse_args(["things", "list", "--json"])
+    assert (args.handler, args.local, args.json) == ("remote-handler", False, True)
+    args = parser.parse_args(["run"])
+    assert (args.handler, args.local) == ("local-handler", True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--json"])  # a local command takes no admin options
+    things = parser._subparsers._group_actions[0].choices["things"]
+    subs = things._subparsers._group_actions[0].choices
+    assert subs["list"].description == "list things" and subs["quiet"].description is None
+
+
+def test_days_table_right_aligns_the_counts():
+    assert days_table([{"date": "2026-11-01", "requests": 5},
+                       {"date": "2026-11-02", "requests": 123456789}]).splitlines() == [
+        "DATE         REQUESTS",
+        "2026-11-01          5",
+        "2026-11-02  123456789"]
+    assert days_table([]) == "DATE        REQUESTS"

@@ -1,0 +1,91 @@
+"""The seams of the request path taken apart: the pure access check, the fail-open ledger
+and the pure header rules, each without a listener or a store."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.access import refusal
+from gateway.auth import CachedKey
+from gateway.errors import StoreError
+from gateway.store.request import Slot
+from gateway.ledger import LocalLedger
+from gateway.usage import MonthCache
+from gateway.models import KeyRecord, Principal, Workspace
+from gateway.proxying.headers import RequestHeaderRules, response_headers
+from harness import make_config
+
+NOW = 1_750_000_000.0
+
+
+def _key(**changes) -> CachedKey:
+    record = KeyRecord("k1", "acme", "ci", "", "live", None, ("people:read",), "h", "kg_",
+                       NOW - 100, None, None, None, None)
+    record = dataclasses.replace(record, **changes)
+    return CachedKey(record, Workspace("acme", "Acme", "starter", NOW - 200),
+                     Principal("acme", "k1", frozenset({"people:read"}), "starter"),
+                     None, None, b"", 0.0)
+
+
+def _code(key: CachedKey, scopes=("people:read",), blocked=False) -> str | None:
+    refused = refusal(key, scopes, now=NOW, blocked=blocked)
+    return None if refused is None else refused.code
+
+
+def test_access_is_refused_in_specs_order() -> None:
+    everything = _key(expires_at=NOW, revoked_at=NOW - 1, enabled=False)
+    assert _code(everything, ("people:write",), blocked=True) == "expired_key"
+    assert _code(_key(revoked_at=NOW - 1, enabled=False), ("x",), True) == "revoked_key"
+    assert _code(_key(enabled=False), ("x",), True) == "disabled_key"
+    assert _code(_key(), ("x",), True) == "ip_not_allowed"
+    assert _code(_key(), ("people:write",)) == "insufficient_scope"
+    assert _code(_key(expires_at=NOW + 1)) is None
+
+
+class _Store:
+    def __init__(self, fail: bool) -> None:
+        self.fail, self.written = fail, []
+
+    async def add_usage(self, slot: Slot, n: int, ttl: int) -> int:
+        if self.fail:
+            raise StoreError("down")
+        self.written.append((slot, n))
+        return n
+
+
+async def test_the_ledger_takes_back_what_it_still_holds_and_writes_the_rest() -> None:
+    slot = Slot("acme", "k1", "2025-06", "2025-06-15")
+    store = _Store(fail=True)
+    ledger = LocalLedger(store, MonthCache(), lambda: NOW)
+    ledger.add(slot)
+    ledger.add(slot)
+    assert ledger.take_back(slot) and ledger.counts == {slot: 1}
+    ledger.flush()                    # the store is still down: the count comes back
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert ledger.counts == {slot: 1}
+    store.fail = False
+    await ledger.close()
+    assert store.written == [(slot, 1)] and not ledger
+    assert not ledger.take_back(slot)  # already in the store: the caller refunds it there
+
+
+def test_request_header_rules_drop_hop_by_hop_named_identity_and_untrusted_forwarding() -> None:
+    rules = RequestHeaderRules(make_config("http://127.0.0.1:9"))
+    headers = CIMultiDictProxy(CIMultiDict([
+        ("Host", "api.example"), ("Connection", "keep-alive, X-Drop"), ("X-Drop", "1"),
+        ("X_Workspace_Id", "evil"), ("X-Forwarded-For", "6.6.6.6"), ("Accept", "a"),
+        ("Accept", "b"), ("Content-Length", "3")]))
+    out = rules.passed_on(headers, "10.0.0.1", "http", None)
+    assert out == [("Accept", "a"), ("Accept", "b"), ("X-Forwarded-For", "10.0.0.1"),
+                   ("X-Forwarded-Proto", "http"), ("X-Forwarded-Host", "api.example")]
+
+
+def test_response_headers_drop_hop_by_hop_and_connection_named_ones() -> None:
+    out = response_headers([(b"Connection", b"close, X-Secret"), (b"X-Secret", b"s"),
+                            (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"),
+                            (b"Keep-Alive", b"timeout=5")])
+    assert list(out.items()) == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
