@@ -15,15 +15,11 @@ from aiohttp import ClientSession, ClientTimeout
 
 from gateway.config import ServerConfig
 
-from harness import gateway_under_test, make_config
+from harness import bearer, gateway_under_test, make_config
 from test_serve import ADMIN_TOKEN as ADMIN_TOKEN_OF_SERVE, Served, new_key, write_config
 
 FIELDS = ("time", "request_id", "method", "path", "status", "workspace", "key_id", "route",
           "upstream", "bytes_in", "bytes_out")
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def config_with(upstream, access_log: str):

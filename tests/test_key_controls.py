@@ -12,11 +12,7 @@ import pytest
 import redis
 
 from gateway.config import StoreConfig
-from harness import gateway_under_test, make_config
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+from harness import bearer, gateway_under_test, make_config
 
 
 async def call(g, token: str, path: str = "/people/1", **headers: str) -> tuple[int, str | None,

@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timezone
 
 import pytest
 import redis
 
 from gateway.cli import main
-from harness import gateway_under_test, make_config
-
-
-class Clock:
-    """An injectable wall clock: tests move time instead of waiting for it."""
-
-    def __init__(self, when: str) -> None:
-        self.now = datetime.fromisoformat(when).replace(tzinfo=timezone.utc).timestamp()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def set(self, when: str) -> None:
-        self.now = datetime.fromisoformat(when).replace(tzinfo=timezone.utc).timestamp()
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+from harness import Clock, bearer, gateway_under_test, make_config
 
 
 @pytest.fixture

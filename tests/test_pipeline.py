@@ -14,7 +14,7 @@ import redis
 from gateway.config import KeysConfig, StoreConfig
 from gateway.tokens import checksum
 
-from harness import gateway_under_test, make_config
+from harness import bearer, gateway_under_test, make_config, wrong_secret
 
 REALM = 'Bearer realm="keygate"'
 
@@ -28,21 +28,11 @@ async def gut(redis_url, upstream, monkeypatch):
         yield g
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
 def headers_seen(upstream) -> dict[str, list[str]]:
     seen: dict[str, list[str]] = {}
     for name, value in upstream.requests[-1]["headers"]:
         seen.setdefault(name.lower(), []).append(value)
     return seen
-
-
-def wrong_secret(token: str) -> str:
-    """The same key id with another secret and a valid checksum."""
-    head = token[:-6 - 32] + ("Z" * 32 if token[-38:-6] != "Z" * 32 else "Y" * 32)
-    return head + checksum(head)
 
 
 async def error_of(response) -> tuple[int, str, dict]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import socket
 
 import aiohttp
 import pytest
@@ -18,17 +17,13 @@ from gateway.models import Principal
 from gateway.proxy import Forwarder
 from gateway.tokens import make_token
 
+from conftest import free_port
+
 PRINCIPAL = Principal("acme", "abc123def456", frozenset({"people:read"}), "pro")
 RATE_HEADERS = {"RateLimit-Policy": '"monthly";q=10000;w=2592000',
                 "RateLimit": '"monthly";r=9999;t=100'}
 TOKEN, _ = make_token("kg", "live")
 MB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

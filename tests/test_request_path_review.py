@@ -11,13 +11,9 @@ import pytest
 from gateway.accesslog import mask_query
 from gateway.tokens import make_token
 
-from harness import gateway_under_test, make_config
+from harness import bearer, gateway_under_test, make_config
 
 TOKEN, _ = make_token("kg", "live")
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def _recoverable(logged: str) -> bool:

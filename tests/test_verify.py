@@ -10,7 +10,7 @@ import pytest
 from yarl import URL
 
 from gateway.config import Route
-from harness import gateway_under_test, make_config
+from harness import bearer, gateway_under_test, make_config
 
 VERIFY = "/_keygate/v1/verify"
 
@@ -30,10 +30,6 @@ async def gw(redis_url, upstream, monkeypatch):
                                   monkeypatch) as g:
         await g.workspace("acme", plan="tiny")  # 3 requests a month
         yield g
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 async def test_allowed_answers_200_empty_with_identity_and_ratelimit_headers(gw, upstream):
