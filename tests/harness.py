@@ -56,6 +56,16 @@ class Clock:
         self.now = _timestamp(when)
 
 
+async def get_all(g: "GatewayUnderTest", token: str, n: int) -> list[tuple[int, dict]]:
+    """``n`` GETs of /people/1 with ``token``, one after another: (status, headers) each."""
+    got = []
+    for _ in range(n):
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            await r.read()
+            got.append((r.status, dict(r.headers)))
+    return got
+
+
 def openssl(*args: str) -> None:
     """Run the openssl CLI to make a test PKI; skip the test if it cannot."""
     done = subprocess.run(["openssl", *args], capture_output=True)

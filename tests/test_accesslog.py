@@ -9,14 +9,19 @@ import os
 import sys
 import json
 import time
+from urllib.parse import quote, unquote
 
 import pytest
 from aiohttp import ClientSession, ClientTimeout
 
+from gateway.accesslog import mask_query
 from gateway.config import ServerConfig
+from gateway.tokens import make_token
 
 from harness import bearer, gateway_under_test, make_config
 from test_serve import ADMIN_TOKEN as ADMIN_TOKEN_OF_SERVE, Served, new_key, write_config
+
+TOKEN, _ = make_token("kg", "live")
 
 FIELDS = ("time", "request_id", "method", "path", "status", "workspace", "key_id", "route",
           "upstream", "bytes_in", "bytes_out")
@@ -277,3 +282,62 @@ async def test_a_token_in_an_admin_path_is_never_echoed_in_the_answer(redis_url,
                                    role="admin"))[0]}) as r:
             assert r.status == 404
             assert token not in await r.text()
+
+
+# --- keys in the query or the path never reach the log -------------------------------------------
+
+
+def _recoverable(logged: str) -> bool:
+    """Could a reader of the log line get the token back (decoding up to three times)?"""
+    text = logged
+    for _ in range(4):
+        if TOKEN in text or TOKEN[-38:-6] in text:
+            return True
+        text = unquote(text.replace("+", " "))
+    return False
+
+
+@pytest.mark.parametrize("query", [
+    f"a=1;token={TOKEN}",                                  # ';' separator
+    f"token={TOKEN};a=1",
+    f"token=%6B{TOKEN[1:]}",                                 # first letter percent-encoded
+    f"token={quote(quote(TOKEN, safe=''), safe='')}",         # double-encoded
+    "token=" + "".join(f"%{b:02X}" for b in TOKEN.encode()),  # every byte encoded
+    f"next=https%3A%2F%2Fx.example%2F%3Fkey%3D{TOKEN}",     # inside a larger value
+    f"q=Bearer+{TOKEN}",
+    f"{TOKEN}=1",                                            # in a name
+    f"a={TOKEN}&a={TOKEN}",                                  # repeated
+])
+def test_access_log_masks_every_query_form_the_gateway_refuses_as_key_in_url(query):
+    from gateway.routes import query_has_token
+    assert query_has_token(query, "kg")  # the pipeline refuses it as key_in_url ...
+    assert not _recoverable(mask_query(query, "kg"))  # ... and the log must not hold it
+
+
+def test_access_log_keeps_queries_without_keys_as_sent():
+    q = "q=ada%20lovelace&page=2&sort=-name;x=1&kg_x=y"
+    assert mask_query(q, "kg") == q
+
+
+async def test_a_key_in_the_path_is_forwarded_but_never_logged(redis_url, upstream, monkeypatch,
+                                                                capfd):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        g.logs(capfd)
+        for path in (f"/people/{token}", f"/people/x{token}y/z"):
+            async with g.proxy.get(path, headers=bearer(token)) as r:
+                assert r.status == 200  # SPEC refuses keys in the query only
+        _, err = g.logs(capfd)
+    assert token not in err and token[-38:-6] not in err
+    paths = [json.loads(line)["path"] for line in err.splitlines() if line.startswith("{")]
+    assert paths == ["/people/***", "/people/x***y/z"]
+
+
+def test_access_log_path_masking_handles_encoded_keys():
+    from gateway.accesslog import mask_path
+    assert mask_path("/people/1", "kg") == "/people/1"
+    assert mask_path("/a/kg_live_short/b%C3%A9", "kg") == "/a/kg_live_short/b%C3%A9"
+    assert mask_path(f"/a/%6B{TOKEN[1:]}", "kg") == "/***"
+    assert mask_path(f"/a/{quote(TOKEN, safe='')}".replace("_", "%5F"), "kg") == "/***"

@@ -401,6 +401,52 @@ async def test_two_workers_share_one_port_metrics_and_stop_together(tmp_path, sl
         gw.close()
 
 
+def test_a_worker_that_fails_says_why_and_the_supervisor_exits_1(tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "sys.path.insert(0, %r)\n"
+        "import gateway.app as app\n"
+        "from harness import make_config\n"
+        "app._preflight = lambda config, url: None\n"
+        "def boom(*args, **kwargs):\n"
+        "    raise RuntimeError('worker start-up failed: boom')\n"
+        "app._run_worker = boom\n"
+        "sys.exit(app._supervise(make_config('http://127.0.0.1:9'), 'redis://127.0.0.1:9', 2))\n"
+        % str(__import__("pathlib").Path(__file__).parent))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert "RuntimeError: worker start-up failed: boom" in done.stderr, done.stderr
+
+
+def test_the_last_worker_failing_is_still_a_failed_exit(tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "sys.path.insert(0, %r)\n"
+        "import gateway.app as app\n"
+        "from harness import make_config\n"
+        "app._preflight = lambda config, url: None\n"
+        "def worker(*args, **kwargs):\n"
+        "    try:\n"
+        "        os.close(os.open(%r, os.O_CREAT | os.O_EXCL))\n"
+        "        return 0            # the first worker stops cleanly\n"
+        "    except FileExistsError:\n"
+        "        time.sleep(0.5)\n"
+        "        return 1            # the other one fails, after it\n"
+        "app._run_worker = worker\n"
+        "sys.exit(app._supervise(make_config('http://127.0.0.1:9'), 'redis://127.0.0.1:9', 2))\n"
+        % (str(__import__("pathlib").Path(__file__).parent), str(tmp_path / "first")))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1, done.stderr
+
+
 async def test_quota_is_exact_across_two_serve_processes(tmp_path, slow_upstream, redis_url):
     url, _ = slow_upstream
     limit = 4
