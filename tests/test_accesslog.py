@@ -225,6 +225,58 @@ async def test_a_blocked_stderr_never_stalls_requests_and_drops_are_counted(
         os.close(read_end)
 
 
+async def test_sigterm_exits_even_when_stderr_is_a_pipe_nobody_reads(tmp_path, upstream,
+                                                                     redis_url):
+    """AccessLog.close() waits 5 s for the writer thread, then shutdown(wait=False); but the
+    writer is a ThreadPoolExecutor thread stuck in os.write(), and the interpreter joins those
+    threads at exit. With stderr blocked (a stalled log collector), SIGTERM never ends the
+    process (the supervisor has to SIGKILL it, losing whatever else shutdown does)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from aiohttp import ClientSession, ClientTimeout
+    from test_serve import env, write_config
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")),
+                                        access_log="json", log_level="warning")
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=write_end, env=env(), cwd=str(config.parent))
+    os.close(write_end)
+    try:
+        async with ClientSession(timeout=ClientTimeout(total=10)) as s:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with s.get(f"http://127.0.0.1:{pport}/health") as r:
+                        await r.read()
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline, "keygate serve did not start"
+                    await asyncio.sleep(0.1)
+            for _ in range(8):                       # ~300 KB of lines: the pipe (64 KiB) fills
+                async def one() -> int:
+                    async with s.get(f"http://127.0.0.1:{pport}/health") as r:
+                        await r.read()
+                        return r.status
+                assert await asyncio.gather(*(one() for _ in range(100))) == [200] * 100
+                await asyncio.sleep(0.15)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, "keygate serve did not exit within 20 s of SIGTERM (stderr blocked)"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(read_end)
+
+
+
 async def _drain(fd: int) -> None:
     while True:
         try:

@@ -562,7 +562,7 @@ async def test_audit_of_unknown_workspace_is_404(admin):
     await error(await admin.get("/admin/v1/workspaces/ghost/audit"), 404, "not_found")
 
 
-# --- review: hostile input ----------------------------------------------------------------------
+# --- hostile input: never a 500, never a way around a rule ---------------------------------------
 
 @pytest.mark.parametrize("path,field", [
     ("/admin/v1/workspaces", "name"),
