@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 
 import pytest
 import redis
@@ -178,18 +179,23 @@ async def test_revoked_status_is_not_disclosed_without_the_right_secret(gut):
         assert (await error_of(r))[:2] == (401, "invalid_key")
 
 
-async def test_expired_key_is_401_expired_key_and_extension_acts_at_once(gut):
-    token, key = await gut.key(expires_in=1)
-    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
-        assert r.status == 200
-    await asyncio.sleep(1.1)
-    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
-        assert (await error_of(r))[:2] == (401, "expired_key")
-    status, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
-                                        {"expires_at": "2099-01-01T00:00:00Z"})
-    assert status == 200, body
-    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
-        assert r.status == 200
+async def test_expired_key_is_401_expired_key_and_extension_acts_at_once(redis_url, upstream,
+                                                                         monkeypatch):
+    clock = Clock(time.time())
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as gut:
+        await gut.workspace("acme")
+        token, key = await gut.key(expires_in=1)
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        clock.now += 1.1
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert (await error_of(r))[:2] == (401, "expired_key")
+        status, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                            {"expires_at": "2099-01-01T00:00:00Z"})
+        assert status == 200, body
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
 
 
 async def test_a_key_both_expired_and_revoked_is_expired_key_as_the_table_orders(
