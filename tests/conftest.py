@@ -146,3 +146,15 @@ async def upstream(aiohttp_server):
     server = await aiohttp_server(app)
     server.requests = seen
     return server
+
+
+@pytest.fixture
+async def gut(redis_url, upstream, monkeypatch):
+    """A whole gateway under test (``harness.GatewayUnderTest``) in front of the echo
+    ``upstream`` (also at ``gut.upstream``), on the default test config, with no workspace yet.
+    A module that wants more (a workspace made, a clock) overrides it under the same name."""
+    from harness import gateway_under_test, make_config
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        g.upstream = upstream
+        yield g

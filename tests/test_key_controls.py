@@ -29,14 +29,6 @@ async def statuses(g, token: str, n: int) -> list[tuple[int, str | None]]:
     return [(s, c) for s, c, _ in results]
 
 
-@pytest.fixture
-async def gut(redis_url, upstream, monkeypatch):
-    config = make_config(str(upstream.make_url("")))
-    async with gateway_under_test(config, redis_url, monkeypatch) as g:
-        g.upstream = upstream
-        yield g
-
-
 # --- per-key monthly cap -----------------------------------------------------------------------
 
 async def test_a_keys_monthly_cap_is_429_key_quota_exceeded_and_counts_nothing(gut):

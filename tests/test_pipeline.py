@@ -21,12 +21,10 @@ REALM = 'Bearer realm="keygate"'
 
 
 @pytest.fixture
-async def gut(redis_url, upstream, monkeypatch):
-    config = make_config(str(upstream.make_url("")))
-    async with gateway_under_test(config, redis_url, monkeypatch) as g:
-        g.upstream = upstream
-        await g.workspace("acme")
-        yield g
+async def gut(gut):
+    """conftest's gateway under test, with workspace acme made."""
+    await gut.workspace("acme")
+    return gut
 
 
 def headers_seen(upstream) -> dict[str, list[str]]:
