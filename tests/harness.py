@@ -66,6 +66,13 @@ async def get_all(g: "GatewayUnderTest", token: str, n: int) -> list[tuple[int, 
     return got
 
 
+async def raw_upstream(answer) -> tuple[asyncio.AbstractServer, str]:
+    """A loopback server running ``answer(reader, writer)`` per connection, for upstream answers
+    an aiohttp server would never send; returns (server, its http:// URL). Close it after."""
+    srv = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return srv, f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+
+
 def openssl(*args: str) -> None:
     """Run the openssl CLI to make a test PKI; skip the test if it cannot."""
     done = subprocess.run(["openssl", *args], capture_output=True)

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway.config import Route, ServerConfig, Timeouts, Upstream
 
-from harness import gateway_under_test, make_config
+from harness import gateway_under_test, make_config, raw_upstream
 
 ROUTES = (Route("/public/**", "api", ("GET", "POST"), (), True),
           Route("/people/**", "api", ("GET", "POST"), ("people:read",)))
@@ -107,8 +107,7 @@ async def test_a_stalled_body_is_408_frees_the_upstream_connection_and_is_not_co
             upstream_conns.pop()
             writer.close()
 
-    srv = await asyncio.start_server(slow_reader, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    srv, url = await raw_upstream(slow_reader)
     try:
         async with gateway_under_test(edge_config(url), redis_url, monkeypatch) as g:
             await g.workspace("acme")

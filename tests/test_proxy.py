@@ -18,6 +18,7 @@ from gateway.proxy import Forwarder
 from gateway.tokens import make_token
 
 from conftest import free_port
+from harness import raw_upstream
 
 PRINCIPAL = Principal("acme", "abc123def456", frozenset({"people:read"}), "pro")
 RATE_HEADERS = {"RateLimit-Policy": '"monthly";q=10000;w=2592000',
@@ -63,10 +64,9 @@ async def raw_front(make_front):
     servers: list[asyncio.AbstractServer] = []
 
     async def make(handler, **front_options):
-        srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+        srv, url = await raw_upstream(handler)
         servers.append(srv)
-        return await make_front(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}",
-                                **front_options)
+        return await make_front(url, **front_options)
 
     yield make
     for srv in servers:
