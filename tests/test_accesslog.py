@@ -19,7 +19,7 @@ from gateway.config import ServerConfig
 from gateway.tokens import make_token
 
 from harness import bearer, gateway_under_test, make_config
-from test_serve import ADMIN_TOKEN as ADMIN_TOKEN_OF_SERVE, Served, new_key, write_config
+from served import ADMIN_TOKEN as ADMIN_TOKEN_OF_SERVE, Served, new_key, write_config
 
 TOKEN, _ = make_token("kg", "live")
 
@@ -236,7 +236,7 @@ async def test_sigterm_exits_even_when_stderr_is_a_pipe_nobody_reads(tmp_path, u
     import subprocess
     import sys
     from aiohttp import ClientSession, ClientTimeout
-    from test_serve import env, write_config
+    from served import env, write_config
     config, pport, aport = write_config(tmp_path, redis_url=redis_url,
                                         upstream_url=str(upstream.make_url("")),
                                         access_log="json", log_level="warning")
