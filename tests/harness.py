@@ -104,6 +104,19 @@ def make_config(upstream_url: str, **overrides: Any) -> Config:
     return dataclasses.replace(config, **overrides)
 
 
+VERIFY = "/_keygate/v1/verify"
+
+
+def verify_config(upstream_url: str, **kw: Any) -> Config:
+    """The test config with verify-only routes (no upstream) ahead of the forwarding ones."""
+    config = make_config(upstream_url, **kw)
+    # a verify-only route (no upstream) first, then the usual forwarding ones
+    return dataclasses.replace(config, routes=(
+        Route("/orders/**", None, ("GET",), ("orders:read",)),
+        Route("/open/**", None, (), (), True),
+    ) + config.routes)
+
+
 class GatewayUnderTest:
     """``proxy`` and ``admin`` are ClientSessions bound to the two listeners."""
 

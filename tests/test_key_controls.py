@@ -640,7 +640,7 @@ async def test_a_reloaded_scope_catalogue_applies_to_the_next_admin_call(tmp_pat
 
 
 async def test_verify_only_mode_applies_every_key_control(redis_url, upstream, monkeypatch):
-    from test_verify import VERIFY, verify_config
+    from harness import VERIFY, verify_config
     async with gateway_under_test(verify_config(str(upstream.make_url(""))), redis_url,
                                   monkeypatch) as g:
         await g.workspace()

@@ -4,24 +4,11 @@ it as a forwarded request would be counted, and forwards nothing."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import pytest
 from yarl import URL
 
-from gateway.config import Route
-from harness import bearer, gateway_under_test, make_config
-
-VERIFY = "/_keygate/v1/verify"
-
-
-def verify_config(upstream_url: str, **kw):
-    config = make_config(upstream_url, **kw)
-    # a verify-only route (no upstream) first, then the usual forwarding ones
-    return dataclasses.replace(config, routes=(
-        Route("/orders/**", None, ("GET",), ("orders:read",)),
-        Route("/open/**", None, (), (), True),
-    ) + config.routes)
+from harness import VERIFY, bearer, gateway_under_test, verify_config
 
 
 @pytest.fixture
