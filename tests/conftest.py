@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -146,3 +147,39 @@ async def upstream(aiohttp_server):
     server = await aiohttp_server(app)
     server.requests = seen
     return server
+
+
+@pytest.fixture
+async def slow_upstream():
+    """A real upstream on loopback that answers ``/people/...`` after ``delay`` seconds."""
+    state = {"delay": 0.0, "seen": 0}
+
+    async def handler(request: web.Request) -> web.Response:
+        state["seen"] += 1
+        await asyncio.sleep(state["delay"])
+        return web.json_response({"path": request.path,
+                                  "workspace": request.headers.get("X-Workspace-Id")})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}", state
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def gut(redis_url, upstream, monkeypatch):
+    """A whole gateway under test (``harness.GatewayUnderTest``) in front of the echo
+    ``upstream`` (also at ``gut.upstream``), on the default test config, with no workspace yet.
+    A module that wants more (a workspace made, a clock) overrides it under the same name."""
+    from harness import gateway_under_test, make_config
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        g.upstream = upstream
+        yield g

@@ -1,12 +1,16 @@
-"""A whole gateway in the test's event loop: real Redis, real upstream, real sockets."""
+"""What the tests share: a whole gateway in the test's event loop (real Redis, real upstream,
+real sockets), an injectable clock, and the small helpers every area's tests use."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import subprocess
+from datetime import datetime, timezone
 from typing import Any
 
+import pytest
 from aiohttp import ClientSession
 from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestServer
@@ -14,8 +18,66 @@ from aiohttp.test_utils import BaseTestServer, TestServer
 from gateway.app import running_gateway
 from gateway.config import (Argon2Config, Config, FailureLimits, KeysConfig, Plan, RateLimit,
                             Route, ServerConfig, StoreConfig, Upstream)
+from gateway.tokens import checksum
 
 ADMIN_TOKEN = "test-operator-token-0123456789"
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def wrong_secret(token: str) -> str:
+    """The same key id with another secret and a valid checksum."""
+    head = token[:-6 - 32] + ("Z" * 32 if token[-38:-6] != "Z" * 32 else "Y" * 32)
+    return head + checksum(head)
+
+
+def _timestamp(when: float | str) -> float:
+    if isinstance(when, str):
+        return datetime.fromisoformat(when).replace(tzinfo=timezone.utc).timestamp()
+    return float(when)
+
+
+class Clock:
+    """An injectable wall clock: tests move time instead of waiting for it.
+
+    ``Clock()`` starts at T0; ``Clock("2026-11-30T23:59:00")`` at that UTC instant. Move it
+    with ``clock.now += seconds`` or ``clock.set(when)``."""
+
+    def __init__(self, now: float | str = T0) -> None:
+        self.now = _timestamp(now)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def set(self, when: float | str) -> None:
+        self.now = _timestamp(when)
+
+
+async def get_all(g: "GatewayUnderTest", token: str, n: int) -> list[tuple[int, dict]]:
+    """``n`` GETs of /people/1 with ``token``, one after another: (status, headers) each."""
+    got = []
+    for _ in range(n):
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            await r.read()
+            got.append((r.status, dict(r.headers)))
+    return got
+
+
+async def raw_upstream(answer) -> tuple[asyncio.AbstractServer, str]:
+    """A loopback server running ``answer(reader, writer)`` per connection, for upstream answers
+    an aiohttp server would never send; returns (server, its http:// URL). Close it after."""
+    srv = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return srv, f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+
+
+def openssl(*args: str) -> None:
+    """Run the openssl CLI to make a test PKI; skip the test if it cannot."""
+    done = subprocess.run(["openssl", *args], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"openssl could not make the test PKI: {done.stderr[-200:]!r}")
 
 
 def make_config(upstream_url: str, **overrides: Any) -> Config:
@@ -40,6 +102,19 @@ def make_config(upstream_url: str, **overrides: Any) -> Config:
                 Route("/companies/**", "api", (), ("companies:read",))),
         source="<test>")
     return dataclasses.replace(config, **overrides)
+
+
+VERIFY = "/_keygate/v1/verify"
+
+
+def verify_config(upstream_url: str, **kw: Any) -> Config:
+    """The test config with verify-only routes (no upstream) ahead of the forwarding ones."""
+    config = make_config(upstream_url, **kw)
+    # a verify-only route (no upstream) first, then the usual forwarding ones
+    return dataclasses.replace(config, routes=(
+        Route("/orders/**", None, ("GET",), ("orders:read",)),
+        Route("/open/**", None, (), (), True),
+    ) + config.routes)
 
 
 class GatewayUnderTest:

@@ -9,21 +9,22 @@ import os
 import sys
 import json
 import time
+from urllib.parse import quote, unquote
 
 import pytest
 from aiohttp import ClientSession, ClientTimeout
 
+from gateway.accesslog import mask_query
 from gateway.config import ServerConfig
+from gateway.tokens import make_token
 
-from harness import gateway_under_test, make_config
-from test_serve import ADMIN_TOKEN as ADMIN_TOKEN_OF_SERVE, Served, new_key, write_config
+from harness import bearer, gateway_under_test, make_config
+from served import ADMIN_TOKEN as ADMIN_TOKEN_OF_SERVE, Served, new_key, write_config
+
+TOKEN, _ = make_token("kg", "live")
 
 FIELDS = ("time", "request_id", "method", "path", "status", "workspace", "key_id", "route",
           "upstream", "bytes_in", "bytes_out")
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def config_with(upstream, access_log: str):
@@ -224,6 +225,58 @@ async def test_a_blocked_stderr_never_stalls_requests_and_drops_are_counted(
         os.close(read_end)
 
 
+async def test_sigterm_exits_even_when_stderr_is_a_pipe_nobody_reads(tmp_path, upstream,
+                                                                     redis_url):
+    """AccessLog.close() waits 5 s for the writer thread, then shutdown(wait=False); but the
+    writer is a ThreadPoolExecutor thread stuck in os.write(), and the interpreter joins those
+    threads at exit. With stderr blocked (a stalled log collector), SIGTERM never ends the
+    process (the supervisor has to SIGKILL it, losing whatever else shutdown does)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from aiohttp import ClientSession, ClientTimeout
+    from served import env, write_config
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")),
+                                        access_log="json", log_level="warning")
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=write_end, env=env(), cwd=str(config.parent))
+    os.close(write_end)
+    try:
+        async with ClientSession(timeout=ClientTimeout(total=10)) as s:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with s.get(f"http://127.0.0.1:{pport}/health") as r:
+                        await r.read()
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline, "keygate serve did not start"
+                    await asyncio.sleep(0.1)
+            for _ in range(8):                       # ~300 KB of lines: the pipe (64 KiB) fills
+                async def one() -> int:
+                    async with s.get(f"http://127.0.0.1:{pport}/health") as r:
+                        await r.read()
+                        return r.status
+                assert await asyncio.gather(*(one() for _ in range(100))) == [200] * 100
+                await asyncio.sleep(0.15)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, "keygate serve did not exit within 20 s of SIGTERM (stderr blocked)"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(read_end)
+
+
+
 async def _drain(fd: int) -> None:
     while True:
         try:
@@ -281,3 +334,62 @@ async def test_a_token_in_an_admin_path_is_never_echoed_in_the_answer(redis_url,
                                    role="admin"))[0]}) as r:
             assert r.status == 404
             assert token not in await r.text()
+
+
+# --- keys in the query or the path never reach the log -------------------------------------------
+
+
+def _recoverable(logged: str) -> bool:
+    """Could a reader of the log line get the token back (decoding up to three times)?"""
+    text = logged
+    for _ in range(4):
+        if TOKEN in text or TOKEN[-38:-6] in text:
+            return True
+        text = unquote(text.replace("+", " "))
+    return False
+
+
+@pytest.mark.parametrize("query", [
+    f"a=1;token={TOKEN}",                                  # ';' separator
+    f"token={TOKEN};a=1",
+    f"token=%6B{TOKEN[1:]}",                                 # first letter percent-encoded
+    f"token={quote(quote(TOKEN, safe=''), safe='')}",         # double-encoded
+    "token=" + "".join(f"%{b:02X}" for b in TOKEN.encode()),  # every byte encoded
+    f"next=https%3A%2F%2Fx.example%2F%3Fkey%3D{TOKEN}",     # inside a larger value
+    f"q=Bearer+{TOKEN}",
+    f"{TOKEN}=1",                                            # in a name
+    f"a={TOKEN}&a={TOKEN}",                                  # repeated
+])
+def test_access_log_masks_every_query_form_the_gateway_refuses_as_key_in_url(query):
+    from gateway.routes import query_has_token
+    assert query_has_token(query, "kg")  # the pipeline refuses it as key_in_url ...
+    assert not _recoverable(mask_query(query, "kg"))  # ... and the log must not hold it
+
+
+def test_access_log_keeps_queries_without_keys_as_sent():
+    q = "q=ada%20lovelace&page=2&sort=-name;x=1&kg_x=y"
+    assert mask_query(q, "kg") == q
+
+
+async def test_a_key_in_the_path_is_forwarded_but_never_logged(redis_url, upstream, monkeypatch,
+                                                                capfd):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        g.logs(capfd)
+        for path in (f"/people/{token}", f"/people/x{token}y/z"):
+            async with g.proxy.get(path, headers=bearer(token)) as r:
+                assert r.status == 200  # SPEC refuses keys in the query only
+        _, err = g.logs(capfd)
+    assert token not in err and token[-38:-6] not in err
+    paths = [json.loads(line)["path"] for line in err.splitlines() if line.startswith("{")]
+    assert paths == ["/people/***", "/people/x***y/z"]
+
+
+def test_access_log_path_masking_handles_encoded_keys():
+    from gateway.accesslog import mask_path
+    assert mask_path("/people/1", "kg") == "/people/1"
+    assert mask_path("/a/kg_live_short/b%C3%A9", "kg") == "/a/kg_live_short/b%C3%A9"
+    assert mask_path(f"/a/%6B{TOKEN[1:]}", "kg") == "/***"
+    assert mask_path(f"/a/{quote(TOKEN, safe='')}".replace("_", "%5F"), "kg") == "/***"

@@ -918,7 +918,7 @@ async def test_reload_through_the_cli_with_the_servers_own_config(tmp_path, redi
     """keygate reload --config FILE: the URL and token come from the file the gateway runs
     with; a file with problems changes nothing, and the problems are printed one per line."""
     import yaml
-    from test_serve import ADMIN_TOKEN as SERVE_TOKEN, Served, write_config
+    from served import ADMIN_TOKEN as SERVE_TOKEN, Served, write_config
     config, pport, aport = write_config(tmp_path, redis_url=redis_url)
     monkeypatch.delenv("KEYGATE_ADMIN_URL", raising=False)
     monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", SERVE_TOKEN)

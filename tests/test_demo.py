@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import ClientSession, ClientTimeout
 
-from test_serve import alive
+from served import alive
 
 
 async def read_banner(proc: asyncio.subprocess.Process, timeout: float = 30) -> str:

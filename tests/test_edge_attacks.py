@@ -1,5 +1,6 @@
-"""Attacks on the edge found by review: slow or vanished clients holding upstream
-connections, bills for requests that were never served, timers that misfire, leaks."""
+"""Hostile clients at the edge: slow or vanished clients must not hold upstream connections,
+requests that were never served are never billed, the connection timers fire when they
+should (and quietly), and no token or transfer coding slips through."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def edge_config(upstream_url: str, upstream_timeout: float = 2.0, upstream_max: 
         "api": Upstream("api", upstream_url, upstream_timeout, max_connections=upstream_max)})
 
 
-# --- 1. unauthenticated clients take every upstream connection slot ----------------------------
+# --- stalled keyless uploads cannot take every upstream connection slot --------------------------
 
 async def test_stalled_public_uploads_must_not_take_every_upstream_connection(
         redis_url, upstream, monkeypatch):
@@ -59,7 +60,7 @@ async def test_stalled_public_uploads_must_not_take_every_upstream_connection(
                 w.close()
 
 
-# --- 2. a client vanishing mid-upload is billed -------------------------------------------------
+# --- a client vanishing mid-upload is not billed -------------------------------------------------
 
 async def test_a_client_gone_mid_upload_is_not_counted(redis_url, upstream, monkeypatch):
     """The body source fails with aiohttp's ConnectionResetError("Connection lost"), an
@@ -81,7 +82,7 @@ async def test_a_client_gone_mid_upload_is_not_counted(redis_url, upstream, monk
         assert await g.used() == 0, "a request the client abandoned mid-body was billed"
 
 
-# --- 3. a 503 whose store call timed out is billed once the store wakes -------------------------
+# --- a 503 whose store call timed out stays unbilled when the store wakes ------------------------
 
 async def test_a_503_after_a_store_timeout_is_not_counted_once_the_store_wakes(
         own_redis, upstream, monkeypatch):
@@ -112,60 +113,8 @@ async def test_a_503_after_a_store_timeout_is_not_counted_once_the_store_wakes(
         assert await g.used() == 1, "refused 503s were billed once Redis woke"
 
 
-# --- 4. a blocked stderr blocks the process's exit ----------------------------------------------
 
-async def test_sigterm_exits_even_when_stderr_is_a_pipe_nobody_reads(tmp_path, upstream,
-                                                                     redis_url):
-    """AccessLog.close() waits 5 s for the writer thread, then shutdown(wait=False); but the
-    writer is a ThreadPoolExecutor thread stuck in os.write(), and the interpreter joins those
-    threads at exit. With stderr blocked (a stalled log collector), SIGTERM never ends the
-    process (the supervisor has to SIGKILL it, losing whatever else shutdown does)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    from aiohttp import ClientSession, ClientTimeout
-    from test_serve import env, write_config
-    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
-                                        upstream_url=str(upstream.make_url("")),
-                                        access_log="json", log_level="warning")
-    read_end, write_end = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=write_end, env=env(), cwd=str(config.parent))
-    os.close(write_end)
-    try:
-        async with ClientSession(timeout=ClientTimeout(total=10)) as s:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    async with s.get(f"http://127.0.0.1:{pport}/health") as r:
-                        await r.read()
-                        break
-                except OSError:
-                    assert time.monotonic() < deadline, "keygate serve did not start"
-                    await asyncio.sleep(0.1)
-            for _ in range(8):                       # ~300 KB of lines: the pipe (64 KiB) fills
-                async def one() -> int:
-                    async with s.get(f"http://127.0.0.1:{pport}/health") as r:
-                        await r.read()
-                        return r.status
-                assert await asyncio.gather(*(one() for _ in range(100))) == [200] * 100
-                await asyncio.sleep(0.15)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(20)
-        except subprocess.TimeoutExpired:
-            code = None
-        assert code == 0, "keygate serve did not exit within 20 s of SIGTERM (stderr blocked)"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        os.close(read_end)
-
-
-# --- 5. the head timer, armed by a refused request's body, closes the idle connection ----------
+# --- a refused request's late body does not cut keep-alive to the header timeout -----------------
 
 async def test_a_refused_requests_body_does_not_cut_keep_alive_to_the_header_timeout(
         redis_url, upstream, monkeypatch):
@@ -197,7 +146,7 @@ async def test_a_refused_requests_body_does_not_cut_keep_alive_to_the_header_tim
             "the keep-alive connection was closed at the header timeout while idle"
 
 
-# --- 6. every header timeout is an ERROR traceback ---------------------------------------------
+# --- a header timeout closes the connection without an ERROR traceback ---------------------------
 
 async def test_a_header_timeout_closes_quietly_without_an_error_traceback(
         redis_url, upstream, monkeypatch, caplog):
@@ -223,34 +172,8 @@ async def test_a_header_timeout_closes_quietly_without_an_error_traceback(
                          f"{errors[0].exc_info[1]!r}"
 
 
-# --- 7. the shrunken client bound does not leave room for the upstream bounds ------------------
 
-def test_under_a_low_hard_limit_clients_and_upstreams_together_fit_the_open_file_limit():
-    """raise_open_file_limit: when the hard limit cannot fit max_connections + reserve, the
-    bound is max(soft - reserve, soft // 2): with several upstreams the reserve is larger than
-    soft // 2, so the client bound falls back to half the limit and clients plus the upstream
-    connections the config allows exceed it (EMFILE on upstream connects, the very failure
-    issue 10 reported). Eight upstreams at the default 100, hard limit 1024."""
-    import subprocess
-    import sys
-    code = ("import dataclasses, resource, sys; sys.path.insert(0, 'tests');"
-            "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024));"
-            "from harness import make_config; from gateway.config import Upstream;"
-            "from gateway.app import raise_open_file_limit;"
-            "c = make_config('http://127.0.0.1:9');"
-            "c = dataclasses.replace(c, upstreams={f'u{i}': Upstream(f'u{i}', "
-            "'http://127.0.0.1:9', 2.0) for i in range(8)});"
-            "print(raise_open_file_limit(c), resource.getrlimit(resource.RLIMIT_NOFILE)[0],"
-            " sum(u.max_connections for u in c.upstreams.values()))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True)
-    bound, soft, upstream_fds = map(int, out.stdout.split())
-    assert bound + upstream_fds + 64 <= soft, (
-        f"{bound} client connections + {upstream_fds} upstream connections do not fit an "
-        f"open-file limit of {soft}")
-
-
-# --- 8. a token in a key endpoint's path is echoed in the 404 -----------------------------------
+# --- a token in a key endpoint's path is never echoed in the 404 ---------------------------------
 
 async def test_a_token_in_a_key_endpoint_path_is_never_echoed(redis_url, upstream, monkeypatch):
     """SPEC: 'No error message echoes a token found in the path or anywhere else.' no_route is
@@ -272,7 +195,7 @@ async def test_a_token_in_a_key_endpoint_path_is_never_echoed(redis_url, upstrea
         assert other not in json.dumps(body), f"the admin error body echoes the token: {body}"
 
 
-# --- 9. a gzip transfer coding is stripped, the coded bytes forwarded as plain ----------------
+# --- a gzip transfer coding is refused or kept, never silently dropped ---------------------------
 
 async def test_a_gzip_transfer_coding_is_refused_or_kept_never_silently_dropped(
         redis_url, upstream, monkeypatch):
@@ -304,7 +227,7 @@ async def test_a_gzip_transfer_coding_is_refused_or_kept_never_silently_dropped(
         assert status in (400, 501)
 
 
-# --- 10. a client that does not read its response holds an upstream connection forever --------
+# --- a client that stops reading does not hold an upstream connection forever --------------------
 
 async def test_clients_not_reading_a_large_response_do_not_hold_upstream_connections_forever(
         redis_url, aiohttp_server, monkeypatch):

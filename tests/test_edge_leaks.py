@@ -10,16 +10,12 @@ from gateway.errors import BadRequest
 from gateway.routes import check_path
 from gateway.tokens import adoptable_request_id, make_token
 
-from harness import gateway_under_test, make_config
-
 
 @pytest.fixture
-async def gut(redis_url, upstream, monkeypatch):
-    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
-                                  monkeypatch) as g:
-        g.upstream = upstream
-        await g.workspace("acme")
-        yield g
+async def gut(gut):
+    """conftest's gateway under test, with workspace acme made."""
+    await gut.workspace("acme")
+    return gut
 
 
 TOKEN, _ = make_token("kg", "live")

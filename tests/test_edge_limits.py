@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway.config import Route, ServerConfig, Timeouts, Upstream
 
-from harness import gateway_under_test, make_config
+from harness import gateway_under_test, make_config, raw_upstream
 
 ROUTES = (Route("/public/**", "api", ("GET", "POST"), (), True),
           Route("/people/**", "api", ("GET", "POST"), ("people:read",)))
@@ -107,8 +107,7 @@ async def test_a_stalled_body_is_408_frees_the_upstream_connection_and_is_not_co
             upstream_conns.pop()
             writer.close()
 
-    srv = await asyncio.start_server(slow_reader, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    srv, url = await raw_upstream(slow_reader)
     try:
         async with gateway_under_test(edge_config(url), redis_url, monkeypatch) as g:
             await g.workspace("acme")
@@ -237,6 +236,32 @@ def test_max_connections_shrinks_to_what_the_hard_open_file_limit_can_hold(tmp_p
     bound = int(out.stdout.strip())
     assert 0 < bound <= 1024 - 1024 // 2
     assert "cannot fit server.max_connections" in out.stderr
+
+
+def test_under_a_low_hard_limit_clients_and_upstreams_together_fit_the_open_file_limit():
+    """raise_open_file_limit: when the hard limit cannot fit max_connections + reserve, the
+    bound is max(soft - reserve, soft // 2): with several upstreams the reserve is larger than
+    soft // 2, so the client bound falls back to half the limit and clients plus the upstream
+    connections the config allows exceed it (EMFILE on upstream connects, the very failure
+    issue 10 reported). Eight upstreams at the default 100, hard limit 1024."""
+    import subprocess
+    import sys
+    code = ("import dataclasses, resource, sys; sys.path.insert(0, 'tests');"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024));"
+            "from harness import make_config; from gateway.config import Upstream;"
+            "from gateway.app import raise_open_file_limit;"
+            "c = make_config('http://127.0.0.1:9');"
+            "c = dataclasses.replace(c, upstreams={f'u{i}': Upstream(f'u{i}', "
+            "'http://127.0.0.1:9', 2.0) for i in range(8)});"
+            "print(raise_open_file_limit(c), resource.getrlimit(resource.RLIMIT_NOFILE)[0],"
+            " sum(u.max_connections for u in c.upstreams.values()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    bound, soft, upstream_fds = map(int, out.stdout.split())
+    assert bound + upstream_fds + 64 <= soft, (
+        f"{bound} client connections + {upstream_fds} upstream connections do not fit an "
+        f"open-file limit of {soft}")
+
 
 
 # --- refusals are never billed ------------------------------------------------------------------

@@ -7,16 +7,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 
 import pytest
 import redis
 
 from gateway.config import StoreConfig
-from harness import gateway_under_test, make_config
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+from harness import Clock, bearer, gateway_under_test, make_config
 
 
 async def call(g, token: str, path: str = "/people/1", **headers: str) -> tuple[int, str | None,
@@ -30,14 +27,6 @@ async def call(g, token: str, path: str = "/people/1", **headers: str) -> tuple[
 async def statuses(g, token: str, n: int) -> list[tuple[int, str | None]]:
     results = await asyncio.gather(*(call(g, token) for _ in range(n)))
     return [(s, c) for s, c, _ in results]
-
-
-@pytest.fixture
-async def gut(redis_url, upstream, monkeypatch):
-    config = make_config(str(upstream.make_url("")))
-    async with gateway_under_test(config, redis_url, monkeypatch) as g:
-        g.upstream = upstream
-        yield g
 
 
 # --- per-key monthly cap -----------------------------------------------------------------------
@@ -511,12 +500,17 @@ async def test_delete_removes_a_dead_key_from_listings_keeps_its_audit_refuses_a
     assert actions[:3] == ["key.delete", "key.revoke", "key.create"]
 
 
-async def test_an_expired_key_can_be_deleted(gut, redis_url):
-    await gut.workspace()
-    _, key = await gut.key(expires_in=1)
-    await asyncio.sleep(1.2)
-    async with gut.admin.delete(f"/admin/v1/workspaces/acme/keys/{key['id']}") as r:
-        assert r.status == 200
+async def test_an_expired_key_can_be_deleted(redis_url, upstream, monkeypatch):
+    clock = Clock(time.time())
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as gut:
+        await gut.workspace()
+        _, key = await gut.key(expires_in=1)
+        clock.now += 1.2
+        _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+        assert read["status"] == "expired"
+        async with gut.admin.delete(f"/admin/v1/workspaces/acme/keys/{key['id']}") as r:
+            assert r.status == 200
 
 
 # --- self-service --------------------------------------------------------------------------------
@@ -563,7 +557,6 @@ async def test_self_service_keys_follow_the_same_rules_within_their_scopes(gut):
 
 async def test_days_and_the_keys_month_turn_over_at_midnight_utc(redis_url, upstream,
                                                                  monkeypatch):
-    from test_limits import Clock
     clock = Clock("2026-11-30T23:59:59")
     config = make_config(str(upstream.make_url("")))
     async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as g:
@@ -647,7 +640,7 @@ async def test_a_reloaded_scope_catalogue_applies_to_the_next_admin_call(tmp_pat
 
 
 async def test_verify_only_mode_applies_every_key_control(redis_url, upstream, monkeypatch):
-    from test_verify import VERIFY, verify_config
+    from harness import VERIFY, verify_config
     async with gateway_under_test(verify_config(str(upstream.make_url(""))), redis_url,
                                   monkeypatch) as g:
         await g.workspace()

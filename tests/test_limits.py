@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timezone
 
 import pytest
 import redis
 
 from gateway.cli import main
-from harness import gateway_under_test, make_config
-
-
-class Clock:
-    """An injectable wall clock: tests move time instead of waiting for it."""
-
-    def __init__(self, when: str) -> None:
-        self.now = datetime.fromisoformat(when).replace(tzinfo=timezone.utc).timestamp()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def set(self, when: str) -> None:
-        self.now = datetime.fromisoformat(when).replace(tzinfo=timezone.utc).timestamp()
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+from harness import Clock, bearer, gateway_under_test, get_all, make_config
 
 
 @pytest.fixture
@@ -128,6 +110,27 @@ async def test_rate_limit_is_429_with_retry_after_and_fields(gut):
     assert limited["RateLimit"] == '"rate";r=0;t=1'
 
 
+async def test_a_rate_429_reports_the_monthly_quota_actually_left(gut):
+    await gut.workspace("acme")
+    token, _ = await gut.key(rate_limit="2/m")  # acme is on starter: 1000 a month
+    got = await get_all(gut, token, 3)
+    assert [s for s, _ in got] == [200, 200, 429]
+    assert got[1][1]["RateLimit"].startswith('"rate";r=0;t=60, "monthly";r=998;t=')
+    # the refusal counted nothing: the month still has 998 left, not 1000
+    assert got[2][1]["RateLimit"].startswith('"rate";r=0;t=60, "monthly";r=998;t=')
+
+
+async def test_a_quota_429_reports_the_rate_actually_left(gut):
+    await gut.workspace("acme")
+    await gut.admin_json("PATCH", "/workspaces/acme", {"plan": "tiny"})  # 3 a month
+    token, _ = await gut.key(rate_limit="10/m")
+    got = await get_all(gut, token, 4)
+    assert [s for s, _ in got] == [200, 200, 200, 429]
+    assert got[2][1]["RateLimit"].startswith('"rate";r=7;t=60, "monthly";r=0;t=')
+    # refused by the quota, the request used no rate: 7 remain, not 0
+    assert got[3][1]["RateLimit"].startswith('"rate";r=7;t=60, "monthly";r=0;t=')
+
+
 async def test_rate_limit_admits_n_per_second_over_three_seconds(gut, clock):
     await gut.workspace("acme", plan="limited")
     token, _ = await gut.key()
@@ -163,6 +166,14 @@ async def test_usage_endpoint_counts_nothing_and_matches_admin_and_cli(gut, caps
                                           str(gut.admin_server.make_url("")).rstrip("/")])
     assert code == 0
     assert json.loads(capsys.readouterr().out) == admin
+
+
+async def test_usage_endpoint_405_says_which_methods_are_allowed(gut):
+    async with gut.proxy.post("/_keygate/v1/usage") as r:
+        assert r.status == 405
+        assert (await r.json())["error"]["code"] == "method_not_allowed"
+        assert r.headers["Allow"] == "GET, HEAD"  # RFC 9110 15.5.6: a 405 MUST carry Allow
+        assert r.headers["X-Request-Id"]
 
 
 async def test_every_counter_keeps_an_expiry(gut, redis_url):
@@ -207,3 +218,29 @@ async def test_a_request_the_upstream_never_received_does_not_count(redis_url, m
                 assert (await r.json())["error"]["code"] == "upstream_unavailable"
         _, usage = await g.admin_json("GET", "/workspaces/acme/usage")
         assert usage["used"] == 0
+
+
+async def test_a_refund_at_the_turn_of_the_month_goes_to_the_month_that_counted(
+        redis_url, monkeypatch):
+    import redis as sync_redis
+    from conftest import free_port
+    from gateway.store import usage_key
+
+    clock = Clock("2026-11-30T23:59:59.900000")
+    config = make_config(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        r = sync_redis.Redis.from_url(redis_url)
+        r.set(usage_key("acme", "2026-12"), 5)  # (December already has some use)
+        forwarder = g.gw.pipeline.forwarder
+        real_forward = forwarder.forward
+
+        async def forward_after_midnight(*args, **kwargs):
+            clock.now += 0.2  # the connect attempt ends in December
+            return await real_forward(*args, **kwargs)
+        monkeypatch.setattr(forwarder, "forward", forward_after_midnight)
+        async with g.proxy.get("/people/1", headers=bearer(token)) as resp:
+            assert resp.status == 502
+        assert int(r.get(usage_key("acme", "2026-11")) or 0) == 0  # November's count taken back
+        assert int(r.get(usage_key("acme", "2026-12"))) == 5       # December's untouched

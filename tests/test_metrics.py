@@ -16,10 +16,9 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import StoreConfig
-from gateway.tokens import checksum
 
 from conftest import DOCUMENTED_METRICS, STANDARD_METRICS
-from harness import gateway_under_test, make_config
+from harness import bearer, gateway_under_test, make_config, wrong_secret
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy/grafana/dashboards/keygate.json"
 
@@ -54,15 +53,6 @@ async def scrape(g) -> Scrape:
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/plain")
         return Scrape(await r.text())
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def wrong_secret(token: str) -> str:
-    head = token[:-6 - 32] + ("Z" * 32 if token[-38:-6] != "Z" * 32 else "Y" * 32)
-    return head + checksum(head)
 
 
 async def status_of(g, method: str, path: str, **kw) -> int:

@@ -43,7 +43,7 @@ async def test_the_document_is_served_without_auth_and_is_openapi_3_1(redis_url,
 
 
 async def test_every_admin_route_is_documented_and_nothing_else(redis_url, upstream, monkeypatch):
-    """A route added to the admin app without a line in gateway/openapi.py fails here."""
+    """A route added to the admin app without a line in gateway/admin/openapi.py fails here."""
     async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
                                   monkeypatch) as g:
         served = set()

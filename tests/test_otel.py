@@ -176,7 +176,7 @@ async def test_keygate_serve_with_two_workers_signs_and_exports_every_request(
     from aiohttp import ClientSession
 
     from gateway.signature import verify
-    from test_serve import TIMEOUT, Served, new_key, write_config
+    from served import TIMEOUT, Served, new_key, write_config
     config, pport, aport = write_config(tmp_path, redis_url=redis_url,
                                         upstream_url=str(upstream.make_url("")))
     doc = yaml.safe_load(config.read_text())

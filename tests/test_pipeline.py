@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 
 import pytest
 import redis
@@ -14,22 +15,16 @@ import redis
 from gateway.config import KeysConfig, StoreConfig
 from gateway.tokens import checksum
 
-from harness import gateway_under_test, make_config
+from harness import Clock, bearer, gateway_under_test, make_config, wrong_secret
 
 REALM = 'Bearer realm="keygate"'
 
 
 @pytest.fixture
-async def gut(redis_url, upstream, monkeypatch):
-    config = make_config(str(upstream.make_url("")))
-    async with gateway_under_test(config, redis_url, monkeypatch) as g:
-        g.upstream = upstream
-        await g.workspace("acme")
-        yield g
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+async def gut(gut):
+    """conftest's gateway under test, with workspace acme made."""
+    await gut.workspace("acme")
+    return gut
 
 
 def headers_seen(upstream) -> dict[str, list[str]]:
@@ -37,12 +32,6 @@ def headers_seen(upstream) -> dict[str, list[str]]:
     for name, value in upstream.requests[-1]["headers"]:
         seen.setdefault(name.lower(), []).append(value)
     return seen
-
-
-def wrong_secret(token: str) -> str:
-    """The same key id with another secret and a valid checksum."""
-    head = token[:-6 - 32] + ("Z" * 32 if token[-38:-6] != "Z" * 32 else "Y" * 32)
-    return head + checksum(head)
 
 
 async def error_of(response) -> tuple[int, str, dict]:
@@ -188,18 +177,42 @@ async def test_revoked_status_is_not_disclosed_without_the_right_secret(gut):
         assert (await error_of(r))[:2] == (401, "invalid_key")
 
 
-async def test_expired_key_is_401_expired_key_and_extension_acts_at_once(gut):
-    token, key = await gut.key(expires_in=1)
-    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
-        assert r.status == 200
-    await asyncio.sleep(1.1)
-    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
-        assert (await error_of(r))[:2] == (401, "expired_key")
-    status, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
-                                        {"expires_at": "2099-01-01T00:00:00Z"})
-    assert status == 200, body
-    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
-        assert r.status == 200
+async def test_expired_key_is_401_expired_key_and_extension_acts_at_once(redis_url, upstream,
+                                                                         monkeypatch):
+    clock = Clock(time.time())
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as gut:
+        await gut.workspace("acme")
+        token, key = await gut.key(expires_in=1)
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        clock.now += 1.1
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert (await error_of(r))[:2] == (401, "expired_key")
+        status, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                            {"expires_at": "2099-01-01T00:00:00Z"})
+        assert status == 200, body
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+
+
+async def test_a_key_both_expired_and_revoked_is_expired_key_as_the_table_orders(
+        redis_url, upstream, monkeypatch):
+    clock = Clock(1_795_000_000.0)
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as g:
+        await g.workspace("acme")
+        token, key = await g.key(expires_in=60)
+        revoked, rkey = await g.key(name="other")
+        clock.now += 120
+        for k in (key, rkey):
+            status, _ = await g.admin_json("POST", f"/workspaces/acme/keys/{k['id']}/revoke")
+            assert status == 200
+        for t, want in ((token, "expired_key"), (revoked, "revoked_key")):
+            async with g.proxy.get("/people/1", headers=bearer(t)) as r:
+                assert r.status == 401
+                assert (await r.json())["error"]["code"] == want
+                assert r.headers["WWW-Authenticate"] == 'Bearer realm="keygate", error="invalid_token"'
 
 
 async def test_missing_scope_is_403_naming_the_scope(gut):
@@ -318,6 +331,24 @@ async def test_failed_verifications_are_throttled_before_argon2_runs(gut):
         assert (status, code) == (429, "too_many_failures")
         assert int(r.headers["Retry-After"]) > 0
     assert gut.counter("keygate_argon2_verifications_total", result="fail") == verifications
+
+
+async def test_concurrent_wrong_secrets_cannot_run_argon2_past_the_failure_limit(gut):
+    from gateway.tokens import checksum, random_base62
+    token, _ = await gut.key()
+    guesses = []
+    for _ in range(40):  # one key id, forty different wrong secrets, all well-formed
+        head = token[:-38] + random_base62(32)
+        guesses.append(head + checksum(head))
+
+    async def one(t: str) -> tuple[int, str]:
+        async with gut.proxy.get("/people/1", headers=bearer(t)) as r:
+            return r.status, (await r.json())["error"]["code"]
+    results = await asyncio.gather(*(one(t) for t in guesses))
+    ran = gut.counter("keygate_argon2_verifications_total", result="fail")
+    assert ran <= 10, ran  # per_key = 10: the rest were refused before argon2
+    assert sum(code == "invalid_key" for _, code in results) == ran
+    assert all(code in ("invalid_key", "too_many_failures") for _, code in results)
 
 
 # --- cost of the hot path ----------------------------------------------------------------------
@@ -445,6 +476,20 @@ async def test_concurrent_first_requests_share_one_verification(gut):
             return r.status
     assert await asyncio.gather(*(one() for _ in range(20))) == [200] * 20
     assert gut.counter("keygate_argon2_verifications_total", result="ok") == 1
+
+
+async def test_a_cancelled_first_verification_does_not_fail_the_requests_waiting_on_it(gut):
+    token, key = await gut.key()
+    auth = gut.gw.pipeline.auth
+    first = asyncio.create_task(auth.authenticate(token, "10.0.0.1"))
+    await asyncio.sleep(0)          # first is now verifying; the followers join it
+    followers = [asyncio.create_task(auth.authenticate(token, "10.0.0.2")) for _ in range(3)]
+    await asyncio.sleep(0)
+    first.cancel()                  # e.g. its client went away, or shutdown
+    results = await asyncio.gather(*followers, return_exceptions=True)
+    assert [getattr(r, "key", r).id for r in results] == [key["id"]] * 3
+    with pytest.raises(asyncio.CancelledError):
+        await first
 
 
 async def test_fail_open_counts_reach_the_store_without_waiting_for_more_traffic(

@@ -1,11 +1,10 @@
-"""Forwarding through gateway.proxy.Forwarder, against real aiohttp servers on loopback."""
+"""Forwarding through gateway.proxying.forward.Forwarder, against real aiohttp servers on loopback."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
-import socket
 
 import aiohttp
 import pytest
@@ -18,17 +17,14 @@ from gateway.models import Principal
 from gateway.proxying.forward import Forwarder
 from gateway.tokens import make_token
 
+from conftest import free_port
+from harness import raw_upstream
+
 PRINCIPAL = Principal("acme", "abc123def456", frozenset({"people:read"}), "pro")
 RATE_HEADERS = {"RateLimit-Policy": '"monthly";q=10000;w=2592000',
                 "RateLimit": '"monthly";r=9999;t=100'}
 TOKEN, _ = make_token("kg", "live")
 MB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -68,10 +64,9 @@ async def raw_front(make_front):
     servers: list[asyncio.AbstractServer] = []
 
     async def make(handler, **front_options):
-        srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+        srv, url = await raw_upstream(handler)
         servers.append(srv)
-        return await make_front(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}",
-                                **front_options)
+        return await make_front(url, **front_options)
 
     yield make
     for srv in servers:
@@ -231,6 +226,63 @@ async def test_nothing_added_that_the_client_did_not_send(upstream, make_front) 
     assert host == [f"127.0.0.1:{upstream.port}"]
 
 
+@pytest.mark.parametrize("bad", ["pro\r\nX-Injected: 1", "pro\nX: 1", "pro\x00", "pro\x7f"])
+async def test_identity_value_with_control_characters_is_never_sent(upstream, make_front,
+                                                                   bad: str) -> None:
+    p = Principal("acme", "abc123def456", frozenset({"people:read"}), bad)
+    front = await make_front(up_url(upstream), principal=p)
+    with pytest.raises(ValueError):
+        await front.forwarder.forward(_FakeRequest(), front.forwarder.config.upstreams["people"],
+                                      p, "rid", {})
+    assert upstream.requests == []
+
+
+class _FakeRequest:
+    """Just enough of a request for request_headers (the check runs before any I/O)."""
+    method, raw_path, version, scheme, remote = "GET", "/x", (1, 1), "http", "127.0.0.1"
+    body_exists, content_length = False, None
+
+    def __init__(self) -> None:
+        from multidict import CIMultiDict, CIMultiDictProxy
+        self.headers = CIMultiDictProxy(CIMultiDict({"Host": "h"}))
+
+
+@pytest.mark.parametrize("spelling", ["Bearer\t{t}", "bearer  {t}", " BEARER {t} "])
+async def test_keygate_token_in_authorization_never_reaches_a_public_upstream(
+        upstream, make_front, spelling: str) -> None:
+    front = await make_front(up_url(upstream), principal=None)
+    await send(front, "GET", "/pub", headers={"Authorization": spelling.format(t=TOKEN)})
+    rec = upstream.requests[-1]
+    assert TOKEN not in json.dumps(rec)
+    resp, _ = await send(front, "GET", "/pub", headers={"Authorization": ""})
+    assert resp.status == 200 and values(upstream.requests[-1], "Authorization") == [""]
+
+
+async def test_forwarder_config_identity_names_are_configurable(upstream, aiohttp_raw_server) -> None:
+    from gateway.config import IdentityHeaders
+    up = Upstream("people", up_url(upstream), 5)
+    config = Config(upstreams={"people": up},
+                    identity_headers=IdentityHeaders("X-Tenant", "X-Key", "X-Scopes", "X-Plan"))
+    fwd = Forwarder(config)
+    await fwd.start()
+    try:
+        server = await aiohttp_raw_server(
+            lambda r: fwd.forward(r, up, PRINCIPAL, "r2", {}))
+        await send(server, "GET", "/p", headers=[("X_Tenant", "evil"), ("x-plan", "evil")])
+        rec = upstream.requests[-1]
+        assert values(rec, "X-Tenant") == ["acme"] and values(rec, "X-Plan") == ["pro"]
+        assert "evil" not in json.dumps(rec)
+    finally:
+        await fwd.close()
+
+
+def test_dataclass_config_is_unchanged() -> None:
+    # The forwarder reads only documented fields of the config contract.
+    assert {f.name for f in dataclasses.fields(ServerConfig)} >= {"max_body_bytes",
+                                                                 "trusted_proxies"}
+
+
+
 # --- X-Forwarded-* -------------------------------------------------------------------------------
 
 SPOOFED_XF = [("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "7.7.7.7, 8.8.8.8"),
@@ -380,6 +432,18 @@ async def test_expect_100_continue(upstream, make_front) -> None:
     assert rec["body_len"] == 5000 and "expect" not in names(rec)
 
 
+async def test_empty_body_with_content_length_zero_keeps_its_framing(upstream, make_front) -> None:
+    """``POST`` with ``Content-Length: 0`` reaches the upstream with it (many servers answer
+    411 Length Required to a POST without one)."""
+    front = await make_front(up_url(upstream))
+    answer = await raw_exchange(front, b"POST /people HTTP/1.1\r\nHost: x\r\n"
+                                       b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200")
+    rec = upstream.requests[-1]
+    assert values(rec, "Content-Length") == ["0"] and rec["body_len"] == 0
+
+
+
 # --- responses -----------------------------------------------------------------------------------
 
 async def test_response_headers_repeats_kept_hop_by_hop_dropped(aiohttp_server,
@@ -442,7 +506,68 @@ async def test_gzip_response_passes_compressed(aiohttp_server, make_front) -> No
     assert body == blob and resp.headers["Content-Encoding"] == "gzip"
 
 
-# --- upstream failures ---------------------------------------------------------------------------
+@pytest.mark.parametrize("interim", [b"HTTP/1.1 100 Continue\r\n\r\n",
+                                     b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"])
+async def test_upstream_interim_1xx_is_not_the_answer(raw_front, interim: bytes) -> None:
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(interim)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\nConnection: close\r\n\r\ndone")
+        await writer.drain()
+        writer.close()
+
+    front = await raw_front(answer)
+    resp, body = await send(front, "GET", "/x")
+    assert resp.status == 201 and body == b"done"
+
+
+async def test_bare_upstream_response_passes(raw_front) -> None:
+    """A minimal upstream response passes. (aiohttp's server adds the RFC 9110 default
+    ``Content-Type: application/octet-stream`` to a typeless non-empty body; same meaning.)"""
+    async def bare(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: 1\r\n\r\nabc")
+        await writer.drain()
+        writer.close()
+
+    front = await raw_front(bare)
+    resp, body = await send(front, "GET", "/x")
+    assert resp.status == 200 and body == b"abc" and resp.headers["X-A"] == "1"
+    assert resp.headers.get("Content-Type", "application/octet-stream") == \
+        "application/octet-stream"
+
+
+async def test_close_delimited_upstream_body(raw_front) -> None:
+    """HTTP/1.0-style response: no length, the body ends when the upstream closes."""
+    async def old(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-eof")
+        await writer.drain()
+        writer.close()
+
+    front = await raw_front(old)
+    resp, body = await send(front, "GET", "/x")
+    assert resp.status == 200 and body == b"until-eof"
+
+
+@pytest.mark.parametrize("status", [299, 420, 499, 599])
+async def test_unregistered_status_codes_pass(raw_front, status: int) -> None:
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 %d Whatever\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
+                     % status)
+        await writer.drain()
+        writer.close()
+
+    front = await raw_front(answer)
+    resp, body = await send(front, "GET", "/x")
+    assert resp.status == status and body == b"hi"
+
+
+
+# --- upstream failures, pooled connections, the latency hook -------------------------------------
 
 async def test_upstream_down_is_502(make_front) -> None:
     port = free_port()
@@ -515,6 +640,15 @@ async def test_keepalive_pool_reuses_connections(aiohttp_server, make_front) -> 
     assert len(set(peers)) == 1
 
 
+async def test_on_upstream_hook_reports_header_latency(upstream, make_front) -> None:
+    front = await make_front(up_url(upstream))
+    seen: list[tuple[str, float]] = []
+    front.forwarder.on_upstream = lambda name, seconds: seen.append((name, seconds))
+    await send(front, "GET", "/people")
+    assert len(seen) == 1 and seen[0][0] == "people" and 0 <= seen[0][1] < 30
+
+
+
 # --- request smuggling shapes: refused by the server's parser ------------------------------------
 
 async def raw_exchange(front, payload: bytes) -> bytes:
@@ -552,107 +686,6 @@ async def test_raw_request_roundtrip_sanity(upstream, make_front) -> None:
     assert upstream.requests[-1]["body_len"] == 5
 
 
-async def test_forwarder_config_identity_names_are_configurable(upstream, aiohttp_raw_server) -> None:
-    from gateway.config import IdentityHeaders
-    up = Upstream("people", up_url(upstream), 5)
-    config = Config(upstreams={"people": up},
-                    identity_headers=IdentityHeaders("X-Tenant", "X-Key", "X-Scopes", "X-Plan"))
-    fwd = Forwarder(config)
-    await fwd.start()
-    try:
-        server = await aiohttp_raw_server(
-            lambda r: fwd.forward(r, up, PRINCIPAL, "r2", {}))
-        await send(server, "GET", "/p", headers=[("X_Tenant", "evil"), ("x-plan", "evil")])
-        rec = upstream.requests[-1]
-        assert values(rec, "X-Tenant") == ["acme"] and values(rec, "X-Plan") == ["pro"]
-        assert "evil" not in json.dumps(rec)
-    finally:
-        await fwd.close()
-
-
-def test_dataclass_config_is_unchanged() -> None:
-    # The forwarder reads only documented fields of the config contract.
-    assert {f.name for f in dataclasses.fields(ServerConfig)} >= {"max_body_bytes",
-                                                                 "trusted_proxies"}
-
-
-async def test_on_upstream_hook_reports_header_latency(upstream, make_front) -> None:
-    front = await make_front(up_url(upstream))
-    seen: list[tuple[str, float]] = []
-    front.forwarder.on_upstream = lambda name, seconds: seen.append((name, seconds))
-    await send(front, "GET", "/people")
-    assert len(seen) == 1 and seen[0][0] == "people" and 0 <= seen[0][1] < 30
-
-
-async def test_bare_upstream_response_passes(raw_front) -> None:
-    """A minimal upstream response passes. (aiohttp's server adds the RFC 9110 default
-    ``Content-Type: application/octet-stream`` to a typeless non-empty body; same meaning.)"""
-    async def bare(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: 1\r\n\r\nabc")
-        await writer.drain()
-        writer.close()
-
-    front = await raw_front(bare)
-    resp, body = await send(front, "GET", "/x")
-    assert resp.status == 200 and body == b"abc" and resp.headers["X-A"] == "1"
-    assert resp.headers.get("Content-Type", "application/octet-stream") == \
-        "application/octet-stream"
-
-
-async def test_close_delimited_upstream_body(raw_front) -> None:
-    """HTTP/1.0-style response: no length, the body ends when the upstream closes."""
-    async def old(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-eof")
-        await writer.drain()
-        writer.close()
-
-    front = await raw_front(old)
-    resp, body = await send(front, "GET", "/x")
-    assert resp.status == 200 and body == b"until-eof"
-
-
-# --- review: transport edge cases ----------------------------------------------------------------
-
-@pytest.mark.parametrize("interim", [b"HTTP/1.1 100 Continue\r\n\r\n",
-                                     b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"])
-async def test_upstream_interim_1xx_is_not_the_answer(raw_front, interim: bytes) -> None:
-    async def answer(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(interim)
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\nConnection: close\r\n\r\ndone")
-        await writer.drain()
-        writer.close()
-
-    front = await raw_front(answer)
-    resp, body = await send(front, "GET", "/x")
-    assert resp.status == 201 and body == b"done"
-
-
-@pytest.mark.parametrize("bad", ["pro\r\nX-Injected: 1", "pro\nX: 1", "pro\x00", "pro\x7f"])
-async def test_identity_value_with_control_characters_is_never_sent(upstream, make_front,
-                                                                   bad: str) -> None:
-    p = Principal("acme", "abc123def456", frozenset({"people:read"}), bad)
-    front = await make_front(up_url(upstream), principal=p)
-    with pytest.raises(ValueError):
-        await front.forwarder.forward(_FakeRequest(), front.forwarder.config.upstreams["people"],
-                                      p, "rid", {})
-    assert upstream.requests == []
-
-
-class _FakeRequest:
-    """Just enough of a request for request_headers (the check runs before any I/O)."""
-    method, raw_path, version, scheme, remote = "GET", "/x", (1, 1), "http", "127.0.0.1"
-    body_exists, content_length = False, None
-
-    def __init__(self) -> None:
-        from multidict import CIMultiDict, CIMultiDictProxy
-        self.headers = CIMultiDictProxy(CIMultiDict({"Host": "h"}))
-
-
 @pytest.mark.parametrize("extra", [b"X-A: 1\r\n folded: yes\r\n", b"X-A: 1\rX-B: 2\r\n",
                                    b"X-A: 1\nX-B: 2\r\n", b"X-A: 1\x00\r\n"])
 async def test_header_values_that_could_split_the_upstream_head_are_refused(
@@ -662,6 +695,11 @@ async def test_header_values_that_could_split_the_upstream_head_are_refused(
                                 b"Connection: close\r\n\r\n")
     assert answer.split(b" ", 2)[1] == b"400", answer[:100]
     assert upstream.requests == []
+
+
+
+# --- slow and vanished clients -------------------------------------------------------------------
+
 
 
 def _streaming_upstream(total_mb: int, written: list[int], ended: asyncio.Event,
@@ -780,39 +818,3 @@ async def test_client_gone_before_the_upstream_answers_leaks_no_connection(
     finally:
         if runner is not None:
             await runner.cleanup()
-
-
-@pytest.mark.parametrize("spelling", ["Bearer\t{t}", "bearer  {t}", " BEARER {t} "])
-async def test_keygate_token_in_authorization_never_reaches_a_public_upstream(
-        upstream, make_front, spelling: str) -> None:
-    front = await make_front(up_url(upstream), principal=None)
-    await send(front, "GET", "/pub", headers={"Authorization": spelling.format(t=TOKEN)})
-    rec = upstream.requests[-1]
-    assert TOKEN not in json.dumps(rec)
-    resp, _ = await send(front, "GET", "/pub", headers={"Authorization": ""})
-    assert resp.status == 200 and values(upstream.requests[-1], "Authorization") == [""]
-
-
-async def test_empty_body_with_content_length_zero_keeps_its_framing(upstream, make_front) -> None:
-    """``POST`` with ``Content-Length: 0`` reaches the upstream with it (many servers answer
-    411 Length Required to a POST without one)."""
-    front = await make_front(up_url(upstream))
-    answer = await raw_exchange(front, b"POST /people HTTP/1.1\r\nHost: x\r\n"
-                                       b"Content-Length: 0\r\nConnection: close\r\n\r\n")
-    assert answer.startswith(b"HTTP/1.1 200")
-    rec = upstream.requests[-1]
-    assert values(rec, "Content-Length") == ["0"] and rec["body_len"] == 0
-
-
-@pytest.mark.parametrize("status", [299, 420, 499, 599])
-async def test_unregistered_status_codes_pass(raw_front, status: int) -> None:
-    async def answer(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 %d Whatever\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
-                     % status)
-        await writer.drain()
-        writer.close()
-
-    front = await raw_front(answer)
-    resp, body = await send(front, "GET", "/x")
-    assert resp.status == status and body == b"hi"

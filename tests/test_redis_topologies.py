@@ -27,15 +27,11 @@ from gateway.redis_urls import parse_topology_url, redact
 from gateway.tokens import make_token
 
 from conftest import free_port, redis_server_binary
-from harness import gateway_under_test, make_config
+from harness import bearer, gateway_under_test, make_config
 
 DATA_PW = "data-pw-0123"          # the data nodes' requirepass
 SENTINEL_PW = "sentinel-pw-4567"  # the Sentinel's own requirepass
 MASTER = "kgmaster"
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def _wait(what: str, check, timeout: float = 15.0) -> Any:

@@ -18,8 +18,7 @@ from aiohttp import ClientSession, ClientTimeout, web
 from gateway.config import load_config
 from prometheus_client.parser import text_string_to_metric_families
 from harness import gateway_under_test
-from test_serve import (ADMIN_TOKEN, Served, TIMEOUT, admin_json, children_of, new_key,
-                        slow_upstream, write_config)  # noqa: F401 - slow_upstream is a fixture
+from served import ADMIN_TOKEN, TIMEOUT, Served, admin_json, children_of, new_key, write_config
 
 
 def config_doc(upstream_url: str, **changes: Any) -> dict[str, Any]:

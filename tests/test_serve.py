@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,169 +20,12 @@ from typing import Any
 import pytest
 import redis
 import yaml
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientSession
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
-
-ADMIN_TOKEN = "serve-test-operator-token-0123456789"
-TIMEOUT = ClientTimeout(total=15)
-
-
-def write_config(tmp_path: Path, *, redis_url: str = "embedded", data_dir: str | None = None,
-                 upstream_url: str = "http://127.0.0.1:9", plan: dict | None = None,
-                 name: str = "keygate.yaml", **server: Any) -> tuple[Path, int, int]:
-    """A config file for one gateway on free loopback ports: (path, proxy port, admin port)."""
-    proxy_port, admin_port = free_port(), free_port()
-    store: dict[str, Any] = {"redis_url": redis_url}
-    if data_dir is not None:
-        store["data_dir"] = data_dir
-    doc = {
-        "server": {"host": "127.0.0.1", "port": proxy_port, "access_log": "off", **server},
-        "admin": {"host": "127.0.0.1", "port": admin_port},
-        "store": store,
-        # cheap argon2 parameters: the tests are about the process, not the hash
-        "keys": {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}},
-        "plans": {"starter": plan or {"monthly_requests": 1000, "max_keys": 5,
-                                      "rate_limit": None}},
-        "default_plan": "starter",
-        "upstreams": {"api": {"url": upstream_url, "timeout": 10}},
-        "routes": [{"path": "/health", "methods": ["GET"], "upstream": "api", "public": True},
-                   {"path": "/people/**", "methods": ["GET"], "upstream": "api",
-                    "scopes": ["people:read"]}],
-    }
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(doc))
-    return path, proxy_port, admin_port
-
-
-def short_data_dir() -> str:
-    """A data_dir whose unix socket path stays well under the sun_path limit."""
-    return tempfile.mkdtemp(prefix="kgs-", dir="/tmp")
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["KEYGATE_ADMIN_TOKEN"] = ADMIN_TOKEN
-    e.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    return e
-
-
-def children_of(pid: int) -> set[int]:
-    """Direct children of a process (Linux /proc)."""
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found |= {int(c) for c in (task / "children").read_text().split()}
-        except OSError:
-            pass
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-class Served:
-    """One ``keygate serve`` process."""
-
-    def __init__(self, config: Path, proxy_port: int, admin_port: int, *args: str) -> None:
-        self.config, self.proxy_port, self.admin_port = config, proxy_port, admin_port
-        self.stderr_path = config.with_suffix(f".{time.monotonic_ns()}.stderr")
-        self._stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config), *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
-            env=env(), cwd=str(config.parent))
-
-    @property
-    def proxy(self) -> str:
-        return f"http://127.0.0.1:{self.proxy_port}"
-
-    @property
-    def admin(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    async def ready(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        async with ClientSession(timeout=ClientTimeout(total=2)) as s:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"keygate serve exited {self.proc.returncode}: "
-                                         f"{self.stderr()}")
-                try:
-                    async with s.get(self.admin + "/readyz") as r:
-                        if r.status == 200:  # the proxy port, without counting a request:
-                            _, writer = await asyncio.open_connection("127.0.0.1",
-                                                                      self.proxy_port)
-                            writer.close()
-                            return
-                except OSError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise AssertionError(f"keygate serve not ready in {timeout}s: {self.stderr()}")
-
-    def terminate(self, timeout: float = 20) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._stderr.close()
-
-
-def embedded_pid(data_dir: str) -> int:
-    return int(Path(data_dir, "redis.pid").read_text().strip())
-
-
-async def admin_json(s: ClientSession, base: str, method: str, path: str,
-                     body: Any = None) -> tuple[int, Any]:
-    async with s.request(method, base + "/admin/v1" + path, json=body,
-                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
-        return r.status, await r.json()
-
-
-async def new_key(s: ClientSession, base: str, ws: str = "acme", plan: str = "starter") -> str:
-    status, body = await admin_json(s, base, "POST", "/workspaces",
-                                    {"id": ws, "name": ws.title(), "plan": plan})
-    assert status == 201, body
-    status, body = await admin_json(s, base, "POST", f"/workspaces/{ws}/keys",
-                                    {"name": "it", "scopes": ["people:read"]})
-    assert status == 201, body
-    return body["token"]
-
-
-@pytest.fixture
-async def slow_upstream():
-    """A real upstream on loopback that answers ``/people/...`` after ``delay`` seconds."""
-    state = {"delay": 0.0, "seen": 0}
-
-    async def handler(request: web.Request) -> web.Response:
-        state["seen"] += 1
-        await asyncio.sleep(state["delay"])
-        return web.json_response({"path": request.path,
-                                  "workspace": request.headers.get("X-Workspace-Id")})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}", state
-    finally:
-        await runner.cleanup()
+from served import (TIMEOUT, Served, admin_json, alive, children_of, embedded_pid, env, new_key,
+                    short_data_dir, write_config)
 
 
 # --- start, answer, restart, stop -------------------------------------------------------------
@@ -399,6 +241,52 @@ async def test_two_workers_share_one_port_metrics_and_stop_together(tmp_path, sl
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         gw.close()
+
+
+def test_a_worker_that_fails_says_why_and_the_supervisor_exits_1(tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "sys.path.insert(0, %r)\n"
+        "import gateway.workers as app\n"
+        "from harness import make_config\n"
+        "app._preflight = lambda config, url: None\n"
+        "def boom(*args, **kwargs):\n"
+        "    raise RuntimeError('worker start-up failed: boom')\n"
+        "app._run_worker = boom\n"
+        "sys.exit(app._supervise(make_config('http://127.0.0.1:9'), 'redis://127.0.0.1:9', 2))\n"
+        % str(__import__("pathlib").Path(__file__).parent))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert "RuntimeError: worker start-up failed: boom" in done.stderr, done.stderr
+
+
+def test_the_last_worker_failing_is_still_a_failed_exit(tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "sys.path.insert(0, %r)\n"
+        "import gateway.workers as app\n"
+        "from harness import make_config\n"
+        "app._preflight = lambda config, url: None\n"
+        "def worker(*args, **kwargs):\n"
+        "    try:\n"
+        "        os.close(os.open(%r, os.O_CREAT | os.O_EXCL))\n"
+        "        return 0            # the first worker stops cleanly\n"
+        "    except FileExistsError:\n"
+        "        time.sleep(0.5)\n"
+        "        return 1            # the other one fails, after it\n"
+        "app._run_worker = worker\n"
+        "sys.exit(app._supervise(make_config('http://127.0.0.1:9'), 'redis://127.0.0.1:9', 2))\n"
+        % (str(__import__("pathlib").Path(__file__).parent), str(tmp_path / "first")))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1, done.stderr
 
 
 async def test_quota_is_exact_across_two_serve_processes(tmp_path, slow_upstream, redis_url):

@@ -23,7 +23,7 @@ import redis
 from gateway.cli import main
 from gateway.config import load_config
 from gateway.errors import ConfigError
-from harness import ADMIN_TOKEN, gateway_under_test, make_config
+from harness import ADMIN_TOKEN
 
 KEY_FIELDS = {"id", "workspace", "name", "description", "environment", "role", "scopes",
               "prefix", "created_at", "expires_at", "last_used_at", "revoked_at", "rate_limit",
@@ -57,13 +57,6 @@ async def call(session, method: str, path: str, **kw) -> tuple[int, dict, dict]:
     async with session.request(method, path, **kw) as r:
         text = await r.text()
         return r.status, (json.loads(text) if text else None), r.headers
-
-
-@pytest.fixture
-async def gut(redis_url, upstream, monkeypatch):
-    config = make_config(str(upstream.make_url("")))
-    async with gateway_under_test(config, redis_url, monkeypatch) as g:
-        yield g
 
 
 # --- token format --------------------------------------------------------------------------------

@@ -13,16 +13,7 @@ from gateway.errors import Conflict, NotFound, StoreError
 from gateway.store import Store, key_index_key, key_key, slug_from_name, usage_key, ws_key
 from gateway.usage import month_period
 from gateway.tokens import parse_token
-
-T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from harness import T0, Clock
 
 
 def cheap_config(**changes) -> Config:

@@ -16,7 +16,7 @@ import redis
 from gateway.config import StoreConfig
 from aiohttp import ClientSession, TCPConnector
 
-from harness import ADMIN_TOKEN, gateway_under_test, make_config
+from harness import ADMIN_TOKEN, bearer, gateway_under_test, get_all, make_config
 from conftest import redis_server_binary, free_port
 
 
@@ -323,6 +323,73 @@ async def test_fail_open_counts_a_paused_redis_once(upstream, own_redis, monkeyp
         assert g.counter("keygate_degraded_decisions_total") > 0
     assert set(statuses) == {200}, sorted(set(statuses))
     assert _month_count(own_redis.url, "acme") == len(statuses)
+
+
+async def test_requests_counted_locally_while_the_store_was_down_survive_a_shutdown(
+        redis_url, upstream, monkeypatch):
+    import redis as sync_redis
+    from gateway.config import StoreConfig
+    from gateway.usage import month_of
+    from gateway.store import usage_key
+
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        assert (await get_all(g, token, 1))[0][0] == 200
+        sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1200")
+        assert [s for s, _ in await get_all(g, token, 3)] == [200, 200, 200]
+        assert g.counter("keygate_degraded_decisions_total") == 3
+        await asyncio.sleep(1.3)  # the store is back; no request came to flush the counts
+    import time
+    used = sync_redis.Redis.from_url(redis_url).get(usage_key("acme", month_of(time.time()).period))
+    assert int(used) == 4
+
+
+async def test_a_request_counted_locally_that_never_reached_the_upstream_is_taken_back(
+        redis_url, monkeypatch):
+    import time
+    import redis as sync_redis
+    from conftest import free_port
+    from gateway.config import StoreConfig
+    from gateway.usage import month_of
+    from gateway.store import usage_key
+
+    config = make_config(f"http://127.0.0.1:{free_port()}",  # nothing listens there
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        async with g.proxy.get("/_keygate/v1/usage", headers=bearer(token)) as r:
+            assert r.status == 200  # verified in this process; counts nothing
+        sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1500")
+        for _ in range(2):
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == 502
+        assert g.counter("keygate_degraded_decisions_total") == 2
+        await asyncio.sleep(1.6)
+    used = sync_redis.Redis.from_url(redis_url).get(usage_key("acme", month_of(time.time()).period))
+    assert int(used or 0) == 0
+
+
+async def test_store_down_during_a_self_service_call_is_503_not_500(redis_url, upstream,
+                                                                      monkeypatch):
+    import redis as sync_redis
+    from gateway.config import StoreConfig
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(role="admin")  # ALL + keys:admin
+        async with g.proxy.get("/_keygate/v1/keys", headers=bearer(token)) as r:
+            assert r.status == 200
+        sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1500")
+        async with g.proxy.get("/_keygate/v1/keys", headers=bearer(token)) as r:
+            body = await r.json()
+            assert (r.status, body["error"]["code"]) == (503, "store_unavailable")
+            assert r.headers["Retry-After"] == "1"
+        await asyncio.sleep(1.6)
 
 
 class AofRedis:

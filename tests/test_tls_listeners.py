@@ -8,7 +8,6 @@ import dataclasses
 import shutil
 import socket
 import ssl
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -18,24 +17,18 @@ import pytest
 from conftest import free_port
 from gateway.app import running_gateway, start_listeners, stop_listeners
 from gateway.config import load_config
-from harness import ADMIN_TOKEN
+from harness import ADMIN_TOKEN, openssl
 
 EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
 
 
-def _openssl(*args: str) -> None:
-    done = subprocess.run(["openssl", *args], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"openssl could not make the test PKI: {done.stderr[-200:]!r}")
-
-
 def issue(d: Path, ca: Path, ca_key: Path, name: str, cn: str = "localhost") -> tuple[Path, Path]:
     """A server certificate for localhost / 127.0.0.1 signed by the CA: (cert, key)."""
-    _openssl("req", "-new", *EC, "-subj", f"/CN={cn}",
+    openssl("req", "-new", *EC, "-subj", f"/CN={cn}",
              "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
     (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
                                "extendedKeyUsage=serverAuth\n")
-    _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(ca), "-CAkey",
+    openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(ca), "-CAkey",
              str(ca_key), "-CAcreateserial", "-days", "1", "-extfile", str(d / "ext.cnf"),
              "-out", str(d / f"{name}.pem"))
     return d / f"{name}.pem", d / f"{name}.key"
@@ -46,7 +39,7 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     if shutil.which("openssl") is None:
         pytest.skip("openssl CLI not available")
     d = tmp_path_factory.mktemp("listener-pki")
-    _openssl("req", "-x509", *EC, "-days", "2", "-subj", "/CN=keygate listener test CA",
+    openssl("req", "-x509", *EC, "-days", "2", "-subj", "/CN=keygate listener test CA",
              "-addext", "basicConstraints=critical,CA:TRUE",
              "-addext", "keyUsage=critical,keyCertSign,cRLSign",
              "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))

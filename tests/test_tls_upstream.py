@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import ssl
-import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -19,13 +18,7 @@ from gateway.config import Config, Upstream, load_config
 from gateway.errors import GatewayError
 from gateway.models import Principal
 from gateway.proxying.forward import Forwarder
-from harness import gateway_under_test, make_config
-
-
-def _openssl(*args: str) -> None:
-    done = subprocess.run(["openssl", *args], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"openssl could not make the test PKI: {done.stderr[-200:]!r}")
+from harness import gateway_under_test, make_config, openssl
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +28,11 @@ def private_ca(tmp_path_factory) -> dict[str, Path]:
         pytest.skip("openssl CLI not available")
     d = tmp_path_factory.mktemp("pki")
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl("req", "-x509", *ec, "-days", "2", "-subj", "/CN=keygate test CA",
+    openssl("req", "-x509", *ec, "-days", "2", "-subj", "/CN=keygate test CA",
              "-addext", "basicConstraints=critical,CA:TRUE",
              "-addext", "keyUsage=critical,keyCertSign,cRLSign",
              "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
-    _openssl("req", "-new", *ec, "-subj", "/CN=localhost",
+    openssl("req", "-new", *ec, "-subj", "/CN=localhost",
              "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"))
     (d / "ext.cnf").write_text(
         "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
@@ -48,7 +41,7 @@ def private_ca(tmp_path_factory) -> dict[str, Path]:
         "extendedKeyUsage=serverAuth\n"
         "subjectKeyIdentifier=hash\n"
         "authorityKeyIdentifier=keyid:always\n")
-    _openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
+    openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
              "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "1",
              "-extfile", str(d / "ext.cnf"), "-out", str(d / "server.pem"))
     return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key", "dir": d}

@@ -24,6 +24,19 @@ def test_ipv4_mapped_peers_are_compared_as_ipv4():
     assert not TrustedProxies([]).is_trusted("127.0.0.1")
 
 
+@pytest.mark.parametrize("peer,xff,want", [
+    ("203.0.113.9", ["198.51.100.1"], "203.0.113.9"),           # untrusted peer: XFF ignored
+    ("10.0.0.5", ["198.51.100.1, 10.0.0.7"], "198.51.100.1"),   # nearest untrusted hop
+    ("10.0.0.5", ["1.1.1.1", "198.51.100.1"], "198.51.100.1"),  # repeated header = one list
+    ("10.0.0.5", ["spoofed-garbage, 198.51.100.1"], "198.51.100.1"),
+    ("::ffff:10.0.0.5", ["198.51.100.1"], "198.51.100.1"),      # dual-stack listener
+    ("10.0.0.5", ["::ffff:10.0.0.7, 10.0.0.6"], "10.0.0.5"),    # all hops ours
+])
+def test_client_ip_trusts_forwarded_for_only_from_trusted_proxies(peer, xff, want):
+    from gateway.trust import TrustedProxies
+    assert TrustedProxies(["10.0.0.0/8"]).client_address(peer, xff) == want
+
+
 async def test_a_dual_stack_peer_is_trusted_alike_for_forwarded_headers_and_the_throttle(
         redis_url, upstream, monkeypatch):
     """The gateway listens on '::' (dual stack): a proxy at 127.0.0.1 arrives as

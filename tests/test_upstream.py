@@ -11,6 +11,8 @@ from gateway.proxying.connection import (UpstreamConnectError, UpstreamProtocolE
                                          UpstreamTimeout)
 from gateway.proxying.upstream import UpstreamPool
 
+from harness import raw_upstream
+
 
 def head(method: str, target: str, host: str = "upstream") -> bytes:
     return f"{method} {target} HTTP/1.1\r\nHost: {host}".encode()
@@ -122,20 +124,13 @@ async def test_malformed_response_is_an_error(aiohttp_raw_server):
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello")
         await writer.drain()
         writer.close()
-    srv = await asyncio.start_server(garbage_server, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
-    pool = UpstreamPool(f"http://127.0.0.1:{port}")
+    srv, url = await raw_upstream(garbage_server)
+    pool = UpstreamPool(url)
     with pytest.raises(UpstreamProtocolError):
         resp = await pool.request(head("GET", "/"))
         await read_all(resp)
     srv.close()
     await pool.close()
-
-
-async def raw_upstream(answer):
-    """A loopback server running ``answer(reader, writer)`` per connection; returns (srv, url)."""
-    srv = await asyncio.start_server(answer, "127.0.0.1", 0)
-    return srv, f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
 
 
 @pytest.mark.parametrize("interim", [b"HTTP/1.1 100 Continue\r\n\r\n",

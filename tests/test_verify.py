@@ -4,24 +4,11 @@ it as a forwarded request would be counted, and forwards nothing."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import pytest
 from yarl import URL
 
-from gateway.config import Route
-from harness import gateway_under_test, make_config
-
-VERIFY = "/_keygate/v1/verify"
-
-
-def verify_config(upstream_url: str, **kw):
-    config = make_config(upstream_url, **kw)
-    # a verify-only route (no upstream) first, then the usual forwarding ones
-    return dataclasses.replace(config, routes=(
-        Route("/orders/**", None, ("GET",), ("orders:read",)),
-        Route("/open/**", None, (), (), True),
-    ) + config.routes)
+from harness import VERIFY, bearer, gateway_under_test, verify_config
 
 
 @pytest.fixture
@@ -30,10 +17,6 @@ async def gw(redis_url, upstream, monkeypatch):
                                   monkeypatch) as g:
         await g.workspace("acme", plan="tiny")  # 3 requests a month
         yield g
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 async def test_allowed_answers_200_empty_with_identity_and_ratelimit_headers(gw, upstream):
