@@ -431,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                         res = run_load(t, conns, a.duration, a.warmup, loadgen, watch, workdir, prof)
                         if prof is not None and prof.exists():
                             res["profile_top"] = profile_top(prof)
+                            kept = BENCH / f"profile-{key}-c{conns}-r{rep}.txt"
+                            shutil.copyfile(prof, kept)  # whole stacks, for py-spy/flamegraph tools
+                            res["profile_file"] = str(kept)
                             print(f"  profile of {key}@{conns} (self %, inclusive %):")
                             for fn, own_pct, incl_pct in res["profile_top"]:
                                 print(f"      {own_pct:5.1f} {incl_pct:5.1f}  {fn}")
