@@ -13,8 +13,9 @@ from urllib.parse import quote, unquote
 
 import pytest
 from aiohttp import ClientSession, ClientTimeout
+from hypothesis import given, strategies as st
 
-from gateway.accesslog import mask_query
+from gateway.accesslog import _js, mask_query
 from gateway.config import ServerConfig
 from gateway.tokens import make_token
 
@@ -393,3 +394,11 @@ def test_access_log_path_masking_handles_encoded_keys():
     assert mask_path("/a/kg_live_short/b%C3%A9", "kg") == "/a/kg_live_short/b%C3%A9"
     assert mask_path(f"/a/%6B{TOKEN[1:]}", "kg") == "/***"
     assert mask_path(f"/a/{quote(TOKEN, safe='')}".replace("_", "%5F"), "kg") == "/***"
+
+
+@given(st.text() | st.text(alphabet=st.characters(max_codepoint=0x80)))
+def test_every_string_field_is_written_as_json_that_reads_back_as_sent(value):
+    """The line's string fields skip json.dumps when they need no escaping; whatever the value
+    (quotes, backslashes, control characters, U+2028, non-ASCII), the JSON is the same."""
+    assert _js(value) == json.dumps(value)
+    assert json.loads(_js(value)) == value
