@@ -104,7 +104,8 @@ class Pipeline:
         self.fail_open = config.store.on_store_error == "open"
         self._prefix = config.keys.prefix
         self.max_body = config.server.max_body_bytes
-        self._key_headers = tuple(h.lower() for h in config.keys.headers)
+        self._key_headers = tuple(dict.fromkeys(
+            h.lower() for h in config.keys.headers if h.lower() != "authorization"))
         self.trusted = TrustedProxies(config.server.trusted_proxies)
 
     # --- the one handler ----------------------------------------------------------------------
@@ -187,22 +188,20 @@ class Pipeline:
 
         Its shape and checksum are checked by ``Authenticator.authenticate``, only for tokens
         not already verified in this process."""
+        headers = request.headers
         found: list[str] = []
-        repeated = False
-        seen_headers: set[str] = set()
-        for name, value in request.headers.items():
-            lname = name.lower()
-            if lname == "authorization":
-                scheme, _, rest = value.strip().partition(" ")
-                if scheme.lower() != "bearer" or not rest.strip():
-                    raise errors.invalid_token(
-                        "malformed_key", "The Authorization header must be 'Bearer <key>'.")
-                value = rest.strip()
-            elif lname not in self._key_headers:
-                continue
-            repeated |= lname in seen_headers
-            seen_headers.add(lname)
-            found.append(value.strip())
+        sent = headers.getall("Authorization", ())
+        for value in sent:
+            scheme, _, rest = value.strip().partition(" ")
+            if scheme.lower() != "bearer" or not rest.strip():
+                raise errors.invalid_token(
+                    "malformed_key", "The Authorization header must be 'Bearer <key>'.")
+            found.append(rest.strip())
+        repeated = len(sent) > 1
+        for name in self._key_headers:  # case-insensitive lookups, not a walk of every header
+            sent = headers.getall(name, ())
+            repeated |= len(sent) > 1
+            found.extend(value.strip() for value in sent)
         if not found:
             raise errors.missing_key()
         if repeated:

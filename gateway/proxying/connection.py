@@ -60,6 +60,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # set with the transport
         self.closed = False
         self.head: asyncio.Future | None = None
         self.headers: list[tuple[bytes, bytes]] = []
@@ -85,6 +86,9 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol --
     def connection_made(self, transport) -> None:
         self.transport = transport
+        # The loop, once: on Python 3.11 every asyncio.get_running_loop() is a getpid()
+        # system call, and a request would make several.
+        self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         if self.head is None or self.complete:
@@ -127,7 +131,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.write_ok.exception()  # marked retrieved: the sender may not be waiting on it
 
     def pause_writing(self) -> None:
-        self.write_ok = asyncio.get_running_loop().create_future()
+        self.write_ok = self.loop.create_future()
 
     def resume_writing(self) -> None:
         if self.write_ok is not None and not self.write_ok.done():
@@ -235,7 +239,7 @@ class UpstreamResponse:
                     raise conn.error
                 if conn.complete:
                     break
-                conn.body_waiter = asyncio.get_running_loop().create_future()
+                conn.body_waiter = conn.loop.create_future()
                 await conn.body_waiter
                 conn.body_waiter = None
         except BaseException:

@@ -77,7 +77,7 @@ class UpstreamPool:
             conn.transport.resume_reading()
         conn.chunks.clear()
         conn.buffered, conn.skip_body, conn.until_close = 0, False, False
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = conn.loop.time()
         self.idle.append(conn)
         self._wake_one()
 
@@ -102,12 +102,11 @@ class UpstreamPool:
 
     async def _checkout(self) -> tuple[UpstreamConnection, bool]:
         """An idle connection (reused: True) or a new one, within ``max_connections``."""
-        loop = asyncio.get_running_loop()
         deadline = None
         while True:
             while self.idle:
                 conn = self.idle.pop()
-                if loop.time() - conn.idle_since > self.idle_ttl:
+                if conn.loop.time() - conn.idle_since > self.idle_ttl:
                     # the newest idle connection is too old: so are all the others
                     stale, self.idle = self.idle, []
                     for old in stale + [conn]:
@@ -129,6 +128,7 @@ class UpstreamPool:
                     continue
                 conn.counted = True
                 return conn, False
+            loop = asyncio.get_running_loop()
             if deadline is None:
                 deadline = loop.time() + self.connect_timeout
             waiter = loop.create_future()
@@ -182,7 +182,7 @@ class UpstreamPool:
     async def _exchange(self, conn: UpstreamConnection, head: bytes, body: BodySource | None,
                         content_length: int | None, timeout: float,
                         is_head: bool) -> UpstreamResponse:
-        loop = asyncio.get_running_loop()
+        loop = conn.loop
         waiter = conn.head = loop.create_future()
         conn.skip_body = is_head
         sent = [body is None]
@@ -261,7 +261,7 @@ class UpstreamPool:
                 write(b"0\r\n\r\n")
             sent[0] = True
             if not waiter.done() and not conn.closed:
-                conn.head_timer = asyncio.get_running_loop().call_later(
+                conn.head_timer = conn.loop.call_later(
                     timeout, self._head_timeout, conn, waiter)
         except asyncio.CancelledError:
             raise

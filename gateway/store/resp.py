@@ -60,11 +60,13 @@ class _Protocol(asyncio.Protocol):
         self.waiting: collections.deque[tuple[asyncio.Future, float]] = collections.deque()
         self.out: list[bytes] = []
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         self._on_lost = on_lost
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.loop = asyncio.get_running_loop()  # once: on Python 3.11 each call is a getpid()
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -275,7 +277,7 @@ class RespClient:
         return self._send_encoded(proto, _encode(args))
 
     def _send_encoded(self, proto: _Protocol, command: bytes) -> "asyncio.Future[Any]":
-        loop = asyncio.get_running_loop()
+        loop = proto.loop or asyncio.get_running_loop()
         fut = loop.create_future()
         if proto.closed:  # lost between connecting and this send: nobody would answer
             fut.set_exception(ConnectionError("connection to Redis lost"))
