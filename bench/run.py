@@ -240,9 +240,8 @@ def per_worker_metrics(metrics_dir: Path) -> dict[int, dict[str, float]]:
         row = out.setdefault(pid, {})
         for key, value, *_ in MmapedDict.read_all_values_from_file(str(f)):
             _, name, labels, _ = json.loads(key)
-            family = name[:-len("_total")] + "_total" if name.endswith("_total") else name
-            if family in wanted:
-                label, prefix = wanted[family]
+            if name in wanted:
+                label, prefix = wanted[name]
                 k = prefix + str(labels.get(label))
                 row[k] = row.get(k, 0) + value
     return out
