@@ -22,6 +22,7 @@ from .config import Config
 from .errors import StoreError
 from .store.request import RequestStore
 from .metrics import Metrics, counted
+from .ledger import RETRY_EVERY
 from .pipeline import Pipeline
 from .proxying.server import AdminRunner, ProxyServer
 from .reload import ListenerTLS, Reloader, add_reload_route
@@ -46,10 +47,12 @@ class Gateway:
 @contextlib.asynccontextmanager
 async def running_gateway(config: Config, store_url: str, *,
                           clock: Callable[[], float] = time.time,
+                          ledger_retry: float = RETRY_EVERY,
                           metrics: Metrics | None = None,
                           config_path: str | None = None) -> AsyncIterator[Gateway]:
     """Every resource of one gateway process, opened in order and closed in reverse.
 
+    ``ledger_retry``: seconds between attempts to write fail-open counts back to the store.
     ``config_path``: the file ``config`` came from, re-read on reload (SIGHUP, or
     ``POST /admin/v1/reload``)."""
     from .admin import create_admin_app, handle_self_service
@@ -76,7 +79,8 @@ async def running_gateway(config: Config, store_url: str, *,
     try:
         await forwarder.start()
         pipeline = Pipeline(config, store, requests, auth, forwarder, metrics,
-                            self_service=handle_self_service, clock=clock)
+                            self_service=handle_self_service, clock=clock,
+                            ledger_retry=ledger_retry)
         if config.server.access_log != "off":
             access = AccessLog(config, on_drop=metrics.access_log_dropped.inc)
             await access.start()

@@ -1,9 +1,10 @@
 """Requests counted in this process while the store was down (``on_store_error: open``).
 
 A fail-open decision still counts the request, here, per ``Slot``; the ledger writes those
-counts to the store in the background as soon as it answers again (retrying once a second,
-even if no request comes to trigger it) and at shutdown. A request the upstream never received
-is taken back from the ledger while its count is still here.
+counts to the store in the background as soon as it answers again (retrying every
+``retry_every`` seconds, once a second by default, even if no request comes to trigger it) and
+at shutdown. A request the upstream never received is taken back from the ledger while its
+count is still here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .usage import MonthCache
 
 log = logging.getLogger("keygate.proxy")
 
-RETRY_EVERY = 1.0  # seconds between attempts to write local counts to the store
+RETRY_EVERY = 1.0  # seconds between attempts to write local counts to the store (default)
 
 
 class UsageWriter(Protocol):
@@ -31,10 +32,11 @@ class LocalLedger:
     """Per-slot request counts not yet in the store."""
 
     def __init__(self, store: UsageWriter, months: MonthCache,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], *, retry_every: float = RETRY_EVERY) -> None:
         self.store = store
         self.months = months
         self.clock = clock
+        self.retry_every = retry_every  # seconds between write attempts while counts wait
         self.counts: dict[Slot, int] = {}  # (workspace, key, month, day) → requests
         self._flushes: set[asyncio.Task] = set()
         self._retry: asyncio.Task | None = None
@@ -70,7 +72,7 @@ class LocalLedger:
 
     async def _retry_flush(self) -> None:
         while self.counts:
-            await asyncio.sleep(RETRY_EVERY)
+            await asyncio.sleep(self.retry_every)
             if self.counts:
                 self.flush()  # a tracked task: cancelling this loop spares it
                 await asyncio.wait(set(self._flushes))

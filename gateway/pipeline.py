@@ -26,7 +26,7 @@ from .auth import Authenticator, CachedKey
 from .config import Config, Upstream
 from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
 from .store.request import Decision, RequestStore, Slot
-from .ledger import LocalLedger
+from .ledger import RETRY_EVERY, LocalLedger
 from .usage import Month, MonthCache, ratelimit_headers, utc_day
 from .models import Principal, rfc3339
 from .routes import RouteTable, check_path, no_route, query_has_token
@@ -80,7 +80,8 @@ class Forwarding(Protocol):
 class Pipeline:
     def __init__(self, config: Config, store, requests: RequestStore, auth: Authenticator,
                  forwarder: Forwarding, metrics=None, self_service=None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 ledger_retry: float = RETRY_EVERY) -> None:
         self.store = store
         self.requests = requests
         self.auth = auth
@@ -90,7 +91,8 @@ class Pipeline:
         self.clock = clock
         self.months = MonthCache()
         self._store_error_logged_at, self._store_errors_unlogged = -1e9, 0
-        self.ledger = LocalLedger(requests, self.months, clock)  # fail-open counts
+        self.ledger = LocalLedger(requests, self.months, clock,  # fail-open counts
+                                  retry_every=ledger_retry)
         self.reconfigure(config)
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0

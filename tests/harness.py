@@ -56,6 +56,35 @@ class Clock:
         self.now = _timestamp(when)
 
 
+async def eventually(condition, timeout: float = 10.0, every: float = 0.02):
+    """Poll ``condition`` (no arguments, sync or async) until it gives a true value or
+    ``timeout`` seconds pass; return its last value. For a background effect (a write-back, a
+    pause ending): wait for it, then assert on it, instead of sleeping a fixed time."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = condition()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got or asyncio.get_running_loop().time() > deadline:
+            return got
+        await asyncio.sleep(every)
+
+
+def redis_answers(url: str):
+    """A condition for ``eventually``: Redis at ``url`` answers a PING (a pause has ended)."""
+    import redis
+
+    def answers() -> bool:
+        client = redis.Redis.from_url(url, socket_timeout=0.05)
+        try:
+            return client.ping()
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+    return answers
+
+
 async def get_all(g: "GatewayUnderTest", token: str, n: int) -> list[tuple[int, dict]]:
     """``n`` GETs of /people/1 with ``token``, one after another: (status, headers) each."""
     got = []

@@ -1,30 +1,17 @@
 """The admin API's one route table: the admin listener and self-service serve from it, and the
-workspace-admin list and the query parameters are read from its rows."""
+workspace-admin list and the query parameters are read from its rows. The refusals it makes
+are seen on the real proxy listener, with a real ``keys:admin`` key on real Redis."""
+
+import asyncio
 
 import pytest
-from aiohttp.test_utils import make_mocked_request
+import redis
 
 from gateway.admin import WORKSPACE_ADMIN_ROUTES
 from gateway.admin.api import KEYS, QUERY_PARAMS, ROUTES
-from gateway.admin.self_service import (SELF_SERVICE_PREFIX, SELF_SERVICE_ROUTES,
-                                        handle_self_service)
-from gateway.config import Config
-from gateway.errors import BadRequest, MethodNotAllowed, NotFound
-from gateway.models import Principal
-
-PRINCIPAL = Principal("acme", "AbCdEf123456", frozenset({"keys:admin"}), "free")
-
-
-class NoStore:
-    """A store that must not be reached."""
-
-    async def require_key(self, ws, key_id):
-        raise AssertionError("the store was called")
-
-
-class ActingKeyStore:
-    async def require_key(self, ws, key_id):
-        return type("Key", (), {"expires_at": None})()
+from gateway.admin.self_service import SELF_SERVICE_PREFIX, SELF_SERVICE_ROUTES
+from gateway.config import StoreConfig
+from harness import bearer, eventually, gateway_under_test, make_config, redis_answers
 
 
 def test_self_service_serves_the_workspace_admin_key_rows_of_the_table():
@@ -48,28 +35,76 @@ def test_workspace_admin_routes_and_query_parameters_come_from_the_rows():
     assert len({(e.method, e.path) for e in ROUTES}) == len(ROUTES)
 
 
-@pytest.mark.parametrize("path", ["/_keygate/v1/keysX", "/_keygate/v1/keys/a//revoke",
-                                  "/_keygate/v1/keys/k/usage", "/_keygate/v1/keys/k/a/b/c",
-                                  "/_keygate/v1/keys/k/usage/weekly"])
-async def test_a_path_not_in_the_table_is_404_before_any_store_call(path):
-    with pytest.raises(NotFound):
-        await handle_self_service(make_mocked_request("GET", path), PRINCIPAL, NoStore(), Config())
+NOT_IN_THE_TABLE = ["/_keygate/v1/keysX", "/_keygate/v1/keys/k/usage",
+                    "/_keygate/v1/keys/k/a/b/c", "/_keygate/v1/keys/k/usage/weekly"]
+
+
+@pytest.fixture
+async def admin_key(redis_url, upstream, monkeypatch):
+    """A gateway failing open (so a paused store still lets a cached key through to the
+    table) and a real ``keys:admin`` key of workspace acme, already verified once."""
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, key = await g.key(role="admin")  # ALL + keys:admin
+        async with g.proxy.get("/_keygate/v1/keys", headers=bearer(token)) as r:
+            assert r.status == 200
+        yield g, token, key
+
+
+async def _call(g, method: str, path: str, token: str) -> tuple[int, dict, dict | None]:
+    async with g.proxy.request(method, path, headers=bearer(token)) as r:
+        body = await r.json() if r.content_type == "application/json" else None
+        return r.status, dict(r.headers), body
+
+
+@pytest.mark.parametrize("path", NOT_IN_THE_TABLE)
+async def test_a_path_not_in_the_table_is_404(admin_key, path):
+    g, token, _ = admin_key
+    status, _, body = await _call(g, "GET", path, token)
+    assert status == 404, body
+
+
+async def test_an_empty_segment_is_refused_before_the_table(admin_key):
+    g, token, _ = admin_key
+    status, _, body = await _call(g, "GET", "/_keygate/v1/keys/a//revoke", token)
+    assert (status, body["error"]["code"]) == (400, "bad_path")
+
+
+async def test_a_path_not_in_the_table_is_404_before_any_store_call(admin_key, redis_url):
+    """With Redis paused, a path the table has is 503 (it needs the store); one it has not is
+    still 404: it was answered before the store was asked."""
+    g, token, _ = admin_key
+    redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1500")
+    try:
+        got = await asyncio.gather(_call(g, "GET", "/_keygate/v1/keys", token),
+                                   *(_call(g, "GET", p, token) for p in NOT_IN_THE_TABLE))
+    finally:
+        assert await eventually(redis_answers(redis_url))  # the pause is over
+    (status, _, body), *unknown = got
+    assert (status, body["error"]["code"]) == (503, "store_unavailable")
+    assert [s for s, _, _ in unknown] == [404] * len(NOT_IN_THE_TABLE), unknown
 
 
 @pytest.mark.parametrize("method, path, allow", [
-    ("PUT", "/_keygate/v1/keys", "GET, POST"),
-    ("HEAD", "/_keygate/v1/keys/AbCdEf123456", "GET, PATCH, DELETE"),
-    ("GET", "/_keygate/v1/keys/AbCdEf123456/revoke", "POST"),
-    ("POST", "/_keygate/v1/keys/AbCdEf123456/usage/daily", "GET"),
+    ("PUT", "", "GET, POST"),
+    ("HEAD", "/{id}", "GET, PATCH, DELETE"),
+    ("GET", "/{id}/revoke", "POST"),
+    ("POST", "/{id}/usage/daily", "GET"),
 ])
-async def test_a_method_the_table_has_not_there_is_405_with_the_rows_methods(method, path, allow):
-    with pytest.raises(MethodNotAllowed) as caught:
-        await handle_self_service(make_mocked_request(method, path), PRINCIPAL, ActingKeyStore(),
-                           Config())
-    assert caught.value.headers["Allow"] == allow
+async def test_a_method_the_table_has_not_there_is_405_with_the_rows_methods(
+        admin_key, method, path, allow):
+    g, token, key = admin_key
+    status, headers, _ = await _call(g, method, "/_keygate/v1/keys" + path.format(id=key["id"]),
+                                     token)
+    assert (status, headers["Allow"]) == (405, allow)
 
 
-async def test_query_parameters_are_the_rows_own():
-    request = make_mocked_request("GET", "/_keygate/v1/keys/AbCdEf123456?status=active")
-    with pytest.raises(BadRequest, match="'status'"):
-        await handle_self_service(request, PRINCIPAL, ActingKeyStore(), Config())
+async def test_query_parameters_are_the_rows_own(admin_key):
+    g, token, key = admin_key
+    status, _, body = await _call(g, "GET", f"/_keygate/v1/keys/{key['id']}?status=active",
+                                  token)
+    assert status == 400 and "'status'" in body["error"]["message"], body
+    status, _, body = await _call(g, "GET", "/_keygate/v1/keys?status=active", token)
+    assert status == 200, body  # the list's row takes it

@@ -1,22 +1,22 @@
-"""The seams of the request path taken apart: the pure access check, the fail-open ledger
-and the pure header rules, each without a listener or a store."""
+"""The seams of the request path taken apart: the pure access check, the fail-open ledger (on
+a real store that is stopped and started) and the pure header rules, each without a
+listener."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
+import redis
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.access import refusal
 from gateway.auth import CachedKey
-from gateway.errors import StoreError
-from gateway.store.request import Slot
+from gateway.store.request import RequestStore, Slot
 from gateway.ledger import LocalLedger
 from gateway.usage import MonthCache
 from gateway.models import KeyRecord, Principal, Workspace
 from gateway.proxying.headers import RequestHeaderRules, response_headers
-from harness import make_config
+from harness import eventually, make_config
 
 NOW = 1_750_000_000.0
 
@@ -45,32 +45,24 @@ def test_access_is_refused_in_specs_order() -> None:
     assert _code(_key(expires_at=NOW + 1)) is None
 
 
-class _Store:
-    def __init__(self, fail: bool) -> None:
-        self.fail, self.written = fail, []
-
-    async def add_usage(self, slot: Slot, n: int, ttl: int) -> int:
-        if self.fail:
-            raise StoreError("down")
-        self.written.append((slot, n))
-        return n
-
-
-async def test_the_ledger_takes_back_what_it_still_holds_and_writes_the_rest() -> None:
+async def test_the_ledger_takes_back_what_it_still_holds_and_writes_the_rest(own_redis) -> None:
     slot = Slot("acme", "k1", "2025-06", "2025-06-15")
-    store = _Store(fail=True)
-    ledger = LocalLedger(store, MonthCache(), lambda: NOW)
+    store = RequestStore(own_redis.url, timeout=0.5)
+    ledger = LocalLedger(store, MonthCache(), lambda: NOW, retry_every=3600)  # no retry here
+    own_redis.stop()                  # the store is down: nothing listens on its port
     ledger.add(slot)
     ledger.add(slot)
     assert ledger.take_back(slot) and ledger.counts == {slot: 1}
     ledger.flush()                    # the store is still down: the count comes back
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    assert ledger.counts == {slot: 1}
-    store.fail = False
+    assert not ledger.counts          # taken out while it is written
+    assert await eventually(lambda: ledger.counts == {slot: 1}, timeout=5)
+    own_redis.start()                 # the store is back, on the same port
     await ledger.close()
-    assert store.written == [(slot, 1)] and not ledger
+    assert not ledger
+    r = redis.Redis.from_url(own_redis.url)
+    assert [int(r.get(k)) for k in slot.counters()] == [1, 1, 1, 1]  # written once
     assert not ledger.take_back(slot)  # already in the store: the caller refunds it there
+    await store.close()
 
 
 def test_request_header_rules_drop_hop_by_hop_named_identity_and_untrusted_forwarding() -> None:

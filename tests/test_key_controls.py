@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from gateway.config import StoreConfig
-from harness import Clock, bearer, gateway_under_test, make_config
+from harness import Clock, bearer, eventually, gateway_under_test, make_config
 
 
 async def call(g, token: str, path: str = "/people/1", **headers: str) -> tuple[int, str | None,
@@ -357,14 +357,18 @@ async def test_fail_open_counts_reach_the_keys_and_days_counters(redis_url, upst
                                                                  monkeypatch):
     config = make_config(str(upstream.make_url("")),
                          store=StoreConfig(timeout=0.3, on_store_error="open"))
-    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+    async with gateway_under_test(config, redis_url, monkeypatch, ledger_retry=0.05) as g:
         await g.workspace()
         token, key = await g.key()
         assert (await call(g, token))[0] == 200
         redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1500")
         for _ in range(2):
             assert (await call(g, token))[0] == 200
-        await asyncio.sleep(3)  # paused, then flushed by the once-a-second retry
+
+        async def key_read():  # paused, then written back by the ledger's retry
+            status, read = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+            return status == 200 and read["used_this_month"] >= 3
+        await eventually(key_read)
         _, read = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
         assert read["used_this_month"] == 3
         _, days = await g.admin_json("GET", "/workspaces/acme/usage/daily?days=1")

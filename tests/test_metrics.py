@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import StoreConfig
 
 from conftest import DOCUMENTED_METRICS, STANDARD_METRICS
-from harness import bearer, gateway_under_test, make_config, wrong_secret
+from harness import (bearer, eventually, gateway_under_test, make_config, redis_answers,
+                     wrong_secret)
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy/grafana/dashboards/keygate.json"
 
@@ -274,7 +275,8 @@ async def test_degraded_decisions_are_counted_when_failing_open(redis_url, upstr
             assert s.value("keygate_degraded_decisions_total") == 2
             assert s.value("keygate_store_errors_total") >= 2
         finally:
-            await asyncio.sleep(1.6)  # let the pause end before the next test flushes Redis
+            # let the pause end before the next test flushes Redis
+            assert await eventually(redis_answers(redis_url))
             client.close()
 
 

@@ -15,7 +15,8 @@ import redis
 from gateway.config import KeysConfig, StoreConfig
 from gateway.tokens import checksum
 
-from harness import Clock, bearer, gateway_under_test, make_config, wrong_secret
+from harness import (Clock, bearer, eventually, gateway_under_test, make_config, redis_answers,
+                     wrong_secret)
 
 REALM = 'Bearer realm="keygate"'
 
@@ -435,10 +436,14 @@ async def test_fail_open_lets_verified_keys_through_and_counts_them_later(redis_
         async with g.proxy.get("/people/1", headers=bearer(cold)) as r:
             assert (await error_of(r))[:2] == (503, "store_unavailable")
         assert g.counter("keygate_degraded_decisions_total") == 3
-        await asyncio.sleep(2.6)
+        assert await eventually(redis_answers(redis_url))  # the pause is over
         async with g.proxy.get("/people/1", headers=bearer(token)) as r:
             assert r.status == 200
-        await asyncio.sleep(0.2)  # the local counts are flushed in the background
+
+        async def usage_read():  # the local counts are flushed in the background
+            status, usage = await g.admin_json("GET", "/workspaces/acme/usage")
+            return status == 200 and usage["used"] >= 5
+        await eventually(usage_read)
         _, usage = await g.admin_json("GET", "/workspaces/acme/usage")
         assert usage["used"] == 5
 
@@ -496,7 +501,7 @@ async def test_fail_open_counts_reach_the_store_without_waiting_for_more_traffic
         redis_url, upstream, monkeypatch):
     config = make_config(str(upstream.make_url("")),
                          store=StoreConfig(timeout=0.3, on_store_error="open"))
-    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+    async with gateway_under_test(config, redis_url, monkeypatch, ledger_retry=0.05) as g:
         await g.workspace()
         token, _ = await g.key()
         async with g.proxy.get("/people/1", headers=bearer(token)) as r:
@@ -505,6 +510,10 @@ async def test_fail_open_counts_reach_the_store_without_waiting_for_more_traffic
         for _ in range(2):
             async with g.proxy.get("/people/1", headers=bearer(token)) as r:
                 assert r.status == 200
-        await asyncio.sleep(2.5)  # no request after the store came back
+
+        async def usage_read():  # no request after the store came back: the retry writes them
+            status, usage = await g.admin_json("GET", "/workspaces/acme/usage")
+            return status == 200 and usage["used"] >= 3
+        await eventually(usage_read)
         _, usage = await g.admin_json("GET", "/workspaces/acme/usage")
         assert usage["used"] == 3

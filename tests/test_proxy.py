@@ -228,23 +228,13 @@ async def test_nothing_added_that_the_client_did_not_send(upstream, make_front) 
 
 @pytest.mark.parametrize("bad", ["pro\r\nX-Injected: 1", "pro\nX: 1", "pro\x00", "pro\x7f"])
 async def test_identity_value_with_control_characters_is_never_sent(upstream, make_front,
-                                                                   bad: str) -> None:
+                                                                   caplog, bad: str) -> None:
     p = Principal("acme", "abc123def456", frozenset({"people:read"}), bad)
     front = await make_front(up_url(upstream), principal=p)
-    with pytest.raises(ValueError):
-        await front.forwarder.forward(_FakeRequest(), front.forwarder.config.upstreams["people"],
-                                      p, "rid", {})
+    resp, _ = await send(front, "GET", "/x")
+    assert resp.status == 500  # refused before any I/O to the upstream
     assert upstream.requests == []
-
-
-class _FakeRequest:
-    """Just enough of a request for request_headers (the check runs before any I/O)."""
-    method, raw_path, version, scheme, remote = "GET", "/x", (1, 1), "http", "127.0.0.1"
-    body_exists, content_length = False, None
-
-    def __init__(self) -> None:
-        from multidict import CIMultiDict, CIMultiDictProxy
-        self.headers = CIMultiDictProxy(CIMultiDict({"Host": "h"}))
+    assert "ValueError" in caplog.text
 
 
 @pytest.mark.parametrize("spelling", ["Bearer\t{t}", "bearer  {t}", " BEARER {t} "])

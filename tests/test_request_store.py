@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 
 import pytest
 import redis
@@ -11,6 +14,7 @@ from gateway.errors import StoreError
 from gateway.store.request import RequestStore
 from gateway.store.resp import RespClient, RespError
 from gateway.store import key_key, usage_key, ws_key
+from harness import eventually
 
 NOW_MS = 1_795_000_000_000  # 2026-11-18
 
@@ -134,7 +138,8 @@ async def test_authorize_survives_a_script_flush(redis_url):
 # --- RespClient: failure shapes that must not hang, leak or shift replies ---------------------
 
 async def fake_redis(answer):
-    """A loopback server running ``answer(reader, writer)`` per connection."""
+    """A loopback server running ``answer(reader, writer)`` per connection: only for the
+    shapes a real redis-server cannot be made to send (a reply then a close, not RESP)."""
     conns: list[asyncio.StreamWriter] = []
 
     async def run(reader, writer):
@@ -150,19 +155,38 @@ def own_connections(url: str) -> int:
     return len(redis.Redis.from_url(url).client_list()) - 1
 
 
-async def test_resp_auth_timeout_is_a_connection_error_and_closes_the_socket():
-    closed = asyncio.Event()
+@contextlib.contextmanager
+def stopped(server):
+    """A real redis-server frozen (SIGSTOP): it accepts connections (the kernel does) and
+    answers nothing until it is continued, on leaving."""
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
 
-    async def mute(reader, writer):
-        await reader.read()   # never answers AUTH; returns when the client hangs up
-        closed.set()
-    srv, port = await fake_redis(mute)
-    client = RespClient(f"redis://:pw@127.0.0.1:{port}/0", timeout=0.3, connect_timeout=0.3)
-    with pytest.raises(ConnectionError):
-        await client.call("PING")
-    await asyncio.wait_for(closed.wait(), 2)   # the stuck connection was not left open
+
+def connections_received(asker: redis.Redis) -> int:
+    return asker.info("stats")["total_connections_received"]
+
+
+async def test_resp_auth_timeout_is_a_connection_error_and_closes_the_socket(own_redis):
+    admin = redis.Redis.from_url(own_redis.url)
+    admin.config_set("requirepass", "s3cret")
+    admin.close()
+    asker = redis.Redis(port=own_redis.port, password="s3cret")
+
+    def clients() -> set[str]:
+        return {c["id"] for c in asker.client_list()}
+    before = clients()
+    client = RespClient(f"redis://:s3cret@127.0.0.1:{own_redis.port}/0", timeout=0.3,
+                        connect_timeout=0.3)
+    with stopped(own_redis):  # never answers AUTH
+        with pytest.raises(ConnectionError):
+            await client.call("PING")
+    # the stuck connection was not left open: Redis, continued, sees it closed
+    assert await eventually(lambda: clients() == before, timeout=3), asker.client_list()
     await client.close()
-    srv.close()
 
 
 async def test_resp_connection_lost_right_after_connect_fails_the_call_not_hangs():
@@ -215,37 +239,35 @@ async def test_resp_cancelled_waiters_do_not_shift_replies(redis_url):
     await client.close()
 
 
-async def test_resp_stuck_redis_fails_calls_in_flight_then_reconnects():
-    async def mute(reader, writer):
-        await reader.read()
-    srv, port = await fake_redis(mute)
-    client = RespClient(f"redis://127.0.0.1:{port}", timeout=0.3, connect_timeout=0.3)
-    calls = [client.call("PING") for _ in range(5)]
-    for call in calls:
+async def test_resp_stuck_redis_fails_calls_in_flight_then_reconnects(own_redis):
+    asker = redis.Redis.from_url(own_redis.url)  # one connection, made before
+    before = connections_received(asker)
+    client = RespClient(own_redis.url, timeout=0.3, connect_timeout=0.3)
+    with stopped(own_redis):
+        calls = [client.call("PING") for _ in range(5)]
+        for call in calls:
+            with pytest.raises(ConnectionError):
+                await asyncio.wait_for(call, 3)
         with pytest.raises(ConnectionError):
-            await asyncio.wait_for(call, 3)
-    with pytest.raises(ConnectionError):
-        await asyncio.wait_for(client.call("PING"), 3)
-    assert len(srv.conns) == 2   # one reconnect for the next call, no more
+            await asyncio.wait_for(client.call("PING"), 3)
     await client.close()
-    srv.close()
+    # one reconnect for the next call, no more (the asker's own connection is reused)
+    await eventually(lambda: connections_received(asker) - before >= 2, timeout=3)
+    assert connections_received(asker) - before == 2
 
 
-async def test_resp_commands_waiting_on_a_stalled_redis_are_bounded():
-    async def mute(reader, writer):
-        await reader.read()
-    srv, port = await fake_redis(mute)
-    client = RespClient(f"redis://127.0.0.1:{port}", timeout=5, max_pending=50)
-    first = client.call("PING")
-    await asyncio.sleep(0.05)  # connected, the first command is waiting
-    queued = [client.call("PING") for _ in range(49)]
-    with pytest.raises(ConnectionError, match="already waiting"):
-        await client.call("PING")
-    await client.close()
-    for fut in [first, *queued]:
-        with pytest.raises(ConnectionError):
-            await fut
-    srv.close()
+async def test_resp_commands_waiting_on_a_stalled_redis_are_bounded(own_redis):
+    client = RespClient(own_redis.url, timeout=5, max_pending=50)
+    with stopped(own_redis):
+        first = client.call("PING")
+        await asyncio.sleep(0.05)  # connected, the first command is waiting
+        queued = [client.call("PING") for _ in range(49)]
+        with pytest.raises(ConnectionError, match="already waiting"):
+            await client.call("PING")
+        await client.close()
+        for fut in [first, *queued]:
+            with pytest.raises(ConnectionError):
+                await fut
 
 
 async def test_resp_reconnect_sends_auth_and_select_again(own_redis):

@@ -1,8 +1,11 @@
 """The per-request store's one client seam (gateway.store.clients.ScriptClient) and the rule
-that every Lua script lives in gateway/store/lua/."""
+that every Lua script lives in gateway/store/lua/. What the store sends is read from a real
+Redis's ``MONITOR``, and what it wrote from Redis itself."""
 
 from __future__ import annotations
 
+import asyncio
+import codecs
 import re
 from importlib import resources
 from pathlib import Path
@@ -12,36 +15,61 @@ import redis
 import gateway
 from gateway.store.clients import LeanClient, TopologyClient, connect
 from gateway.store.keyspace import fail_ip_key, fail_key_key
-from gateway.store.request import ADD_USAGE, AUTHORIZE, REFUND, RequestStore, Slot
-from gateway.store.scripts import Script
+from gateway.store.request import ADD_USAGE, AUTHORIZE, DAILY_TTL, REFUND, RequestStore, Slot
+from harness import eventually
 
 
-class RecordingClient:
-    """A ScriptClient that answers from a script of replies and records every call."""
+class Monitor:
+    """A real ``MONITOR`` connection: every command Redis receives from its other clients, as
+    its arguments (bytes, unescaped)."""
 
-    clock_offset = None
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.lines: list[bytes] = []
 
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
+    async def __aenter__(self) -> "Monitor":
+        at = redis.connection.parse_url(self.url)
+        self.reader, self.writer = await asyncio.open_connection(at.get("host", "localhost"),
+                                                                 at.get("port", 6379))
+        self.writer.write(b"MONITOR\r\n")
+        assert await self.reader.readline() == b"+OK\r\n"
+        self.task = asyncio.ensure_future(self._read())
+        return self
 
-    def measure_clock(self) -> None:
-        self.calls.append(("measure_clock",))
+    async def _read(self) -> None:
+        while line := await self.reader.readline():
+            self.lines.append(line)
 
-    async def script_load(self, script: Script) -> str:
-        return script.sha
+    async def __aexit__(self, *exc) -> None:
+        self.task.cancel()
+        self.writer.close()
 
-    async def run(self, script: Script, keys, args):
-        self.calls.append(("run", script.name, tuple(keys), tuple(args)))
-        return [b"ok", 1, -1, 0, 0, 0] if script is AUTHORIZE else 1
+    def commands(self) -> list[tuple[str, tuple[bytes, ...]]]:
+        """Each command a client sent so far (not the ones scripts ran inside Redis), as
+        (the client's address, its arguments)."""
+        out = []
+        for line in self.lines:
+            client = re.search(rb"\[\d+ ([^\]]+)\]", line).group(1).decode()
+            if client == "lua":
+                continue
+            quoted = re.findall(rb'"((?:[^"\\]|\\.)*)"', line)
+            out.append((client, tuple(codecs.escape_decode(q)[0] for q in quoted)))
+        return out
 
-    async def run_each_slot(self, script: Script, keys, shared, per_key) -> None:
-        self.calls.append(("run_each_slot", script.name, tuple(keys), shared, tuple(per_key)))
 
-    async def get_each(self, keys):
-        return [b"3", None]
+SCRIPTS = {s.sha.encode(): s.name for s in (AUTHORIZE, ADD_USAGE, REFUND)}
+TEXTS = {s.text.encode(): s.name for s in (AUTHORIZE, ADD_USAGE, REFUND)}
 
-    async def close(self) -> None:
-        self.calls.append(("close",))
+
+def _named(args: tuple[bytes, ...]) -> tuple[str, ...]:
+    """A command with its script named: ('EVALSHA', 'authorize'), ('EVAL', 'refund'), ..."""
+    if args[0] == b"EVALSHA":
+        return "EVALSHA", SCRIPTS[args[1]]
+    if args[0] == b"EVAL":
+        return "EVAL", TEXTS[args[1]]
+    if args[:2] == (b"SCRIPT", b"LOAD"):
+        return "SCRIPT LOAD", TEXTS[args[2]]
+    return (args[0].decode(),)
 
 
 def test_connect_picks_the_lean_client_for_one_server_and_redis_py_for_a_topology():
@@ -50,25 +78,44 @@ def test_connect_picks_the_lean_client_for_one_server_and_redis_py_for_a_topolog
     assert isinstance(connect("redis+sentinel://127.0.0.1:26379/mymaster", 1.0), TopologyClient)
 
 
-async def test_request_store_speaks_only_through_the_seam():
-    client = RecordingClient()
-    store = RequestStore("redis://127.0.0.1:1", client=client)
-    await store.ready()
-    d = await store.authorize(workspace="acme", key_id="k1", key_rev=1, ws_rev=1, count=False,
-                              rate_limit=0, rate_period_ms=1000, monthly_limit=None,
-                              period="2026-11", counter_ttl=60, now_ms=1_795_000_000_000)
-    assert d.outcome == "ok"
-    assert await store.failure_counts("10.0.0.1", "k1") == (3, 0)
-    await store.record_failure("10.0.0.1", "k1", 300)
-    slot = Slot("acme", "k1", "2026-11", "2026-11-18")
-    await store.refund(slot, 60)
-    assert await store.add_usage(slot, 4, 60) == 1
-    await store.close()
-    names = [c[:2] for c in client.calls]
-    assert names == [("run", "authorize"), ("run_each_slot", "add_usage"), ("run", "refund"),
-                     ("run", "add_usage"), ("close",)]
-    assert client.calls[1][2:] == ((fail_ip_key("10.0.0.1"), fail_key_key("k1")), (1,),
-                                   (300, 300))
+async def test_request_store_speaks_only_through_the_seam(redis_url):
+    """Every call is one command on the store's one connection: the scripts by digest, the
+    failure counts in one MGET; what Redis then holds is what the calls asked for."""
+    store = RequestStore(redis_url)
+    async with Monitor(redis_url) as monitor:
+        await store.ready()
+        d = await store.authorize(workspace="acme", key_id="k1", key_rev=1, ws_rev=1,
+                                  count=False, rate_limit=0, rate_period_ms=1000,
+                                  monthly_limit=None, period="2026-11", counter_ttl=60,
+                                  now_ms=1_795_000_000_000)
+        assert await store.failure_counts("10.0.0.1", "k1") == (0, 0)
+        await store.record_failure("10.0.0.1", "k1", 300)
+        assert await store.failure_counts("10.0.0.1", "k1") == (1, 1)
+        slot = Slot("acme", "k1", "2026-11", "2026-11-18")
+        await store.refund(slot, 60)
+        assert await store.add_usage(slot, 4, 60) == 4
+        await store.close()
+        await eventually(lambda: len(monitor.commands()) >= 10, timeout=5)  # the last lines
+        seen = monitor.commands()
+    assert d.outcome == "stale"  # Redis holds no key k1 at rev 1: the caller must re-read it
+    assert len({client for client, _ in seen}) == 1  # one connection
+    commands = [args for _, args in seen]
+    assert [_named(c) for c in commands] == [
+        ("TIME",),                                  # the clock offset, at connect
+        ("SCRIPT LOAD", "authorize"),               # ready()
+        ("EVALSHA", "authorize"),
+        ("MGET",),                                  # failure_counts: both keys, one call
+        ("EVALSHA", "add_usage"), ("EVAL", "add_usage"),  # NOSCRIPT: sent once in full
+        ("MGET",),
+        ("EVALSHA", "refund"), ("EVAL", "refund"),
+        ("EVALSHA", "add_usage")]                   # loaded now: by digest
+    assert commands[4][2:] == (b"2", fail_ip_key("10.0.0.1").encode(),
+                               fail_key_key("k1").encode(), b"1", b"300", b"300")
+    r = redis.Redis.from_url(redis_url)
+    for counter in slot.counters()[:2]:  # the months: refunded to 0 (never below), then +4
+        assert int(r.get(counter)) == 4 and 0 < r.ttl(counter) <= 60
+    for counter in slot.counters()[2:]:  # the days keep the day counters' own TTL
+        assert int(r.get(counter)) == 4 and 60 < r.ttl(counter) <= DAILY_TTL
 
 
 async def test_failures_are_counted_with_a_ttl_from_the_first(redis_url):
