@@ -62,13 +62,12 @@ class RequestStore:
     # hook rather than a wrapper: the hottest call keeps one coroutine and no re-packed kwargs.
     on_authorize: Callable[[float], None] | None = None
 
-    def __init__(self, url: str, *, timeout: float = 2.0,
-                 client: ScriptClient | None = None) -> None:
+    def __init__(self, url: str, *, timeout: float = 2.0) -> None:
         self.url = url
         self.timeout = timeout
         self._tag, self._seq = os.urandom(4).hex(), 0  # rate-log members unique across replicas
         self._keys: dict[tuple[str, str, str, str], tuple[str, ...]] = {}
-        self._resp: ScriptClient = client or connect(url, timeout)
+        self._resp: ScriptClient = connect(url, timeout)  # lean RESP, or redis-py for a topology
 
     def _deadline(self) -> int:
         """The latest instant, in Redis's clock (µs), at which the authorize script may still
