@@ -141,6 +141,18 @@ def test_unknown_key_without_a_close_match_lists_the_allowed_ones(tmp_path: Path
         "config.yaml:2: admin.zzz: unknown key 'zzz' (allowed: host, port, token_env, tls)"]
 
 
+def test_unknown_route_key_lists_the_route_keys_in_their_documented_order(tmp_path: Path) -> None:
+    # SPEC and the docs name a route's keys as path, methods, upstream, scopes, public; the hint
+    # listed them so before the config package (not in the Route dataclass's field order).
+    assert problems_of(tmp_path, with_upstream("""
+        routes:
+          - path: /people/**
+            upstream: crm
+            zzz: 1
+    """)) == ["config.yaml:6: routes[0].zzz: unknown key 'zzz' "
+              "(allowed: path, methods, upstream, scopes, public)"]
+
+
 def test_duplicate_key_is_an_error(tmp_path: Path) -> None:
     assert problems_of(tmp_path, "server:\n  port: 1\n  port: 2\n") == [
         "config.yaml:3: server.port: duplicate key (first given on line 2)"]

@@ -13,6 +13,9 @@ from ..routes import glob_problem
 from .access import AccessSections
 from .nodes import BAD, Node, child, is_null, known, suggest
 
+# A route's keys in the order SPEC and the docs name them (and "allowed: ..." hints list them).
+ROUTE_KEYS = ("path", "methods", "upstream", "scopes", "public")
+
 
 class RoutingSections(AccessSections):
     """Upstreams, and routes onto them (a route's scopes are read as ``AccessSections`` reads
@@ -96,7 +99,8 @@ class RoutingSections(AccessSections):
         for i, item in enumerate(self.sequence(node, "routes") or []):
             # no upstream: a verify-only route (answered by /_keygate/v1/verify, never forwarded)
             route = self.section(item, f"routes[{i}]", Route, readers,
-                                 required={"path": "(e.g. /people/**)"}, path="/")
+                                 required={"path": "(e.g. /people/**)"}, order=ROUTE_KEYS,
+                                 path="/")
             if route.public and route.scopes:
                 self.fail(child(item, "scopes"), f"routes[{i}].scopes",
                           "a public route cannot require scopes (no key is checked)")

@@ -1,7 +1,8 @@
 """Typed field readers and dataclass-shaped sections, on top of the generic node reader.
 
 A section is read into a settings dataclass: the keys a file may give are that dataclass's
-fields (in their declared order, which is also the order "allowed: ..." hints list them), each
+fields (in their declared order, which is also the order "allowed: ..." hints list them unless
+a section names its documented order), each
 read by the reader given for it. A field without a reader (``Plan.name``, ``Upstream.name``) is
 not a key of the file; its value comes from elsewhere (``fixed``).
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from .nodes import BAD, Node, NodeReader, describe_value, suggest
 
@@ -120,18 +121,26 @@ class SchemaReader(NodeReader):
 
     def section(self, node: Node | None, where: str, cls: type,
                 readers: Mapping[str, FieldReader],
-                required: Mapping[str, str] | None = None, **fixed: Any) -> Any:
+                required: Mapping[str, str] | None = None,
+                order: Sequence[str] | None = None, **fixed: Any) -> Any:
         """A mapping read into the dataclass ``cls``; bad or absent fields keep defaults.
 
         The keys allowed are ``cls``'s fields that have a reader. ``required`` maps a key that
         must be given to a hint shown when it is missing; ``fixed`` are constructor arguments
-        not read from the file (or placeholders a required key's value replaces).
+        not read from the file (or placeholders a required key's value replaces). ``order``:
+        the order "allowed: ..." hints list the keys in, where the documented order is not the
+        dataclass's (a route's keys: path, methods, upstream, scopes, public).
         """
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = set(readers) - set(names)
         if unknown:
             raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
-        entries = self.mapping(node, where, tuple(n for n in names if n in readers))
+        allowed = tuple(n for n in names if n in readers)
+        if order is not None:
+            if sorted(order) != sorted(allowed):
+                raise TypeError(f"order {order!r} does not list the keys of {cls.__name__}")
+            allowed = tuple(order)
+        entries = self.mapping(node, where, allowed)
         if entries is None:
             return cls(**fixed)
         given = {key for key, _, _ in entries}
