@@ -92,13 +92,24 @@ def redis_bin(name: str = "redis-server") -> str:
 
 
 def wait_for(what: str, check, timeout: float = 20.0, step: float = 0.02) -> float:
+    return wait_for_change(what, check, timeout, step)[1]
+
+
+def wait_for_change(what: str, check, timeout: float = 20.0,
+                    step: float = 0.02) -> tuple[float, float]:
+    """(when the last check that said no began, when one said yes). The change happened
+    between the two: a check sees the state at some instant while it runs, so a "no" proves
+    the old state only up to its start; on a loaded machine a check can take 100+ ms."""
     deadline = time.monotonic() + timeout
+    last_no = time.monotonic()
     while time.monotonic() < deadline:
+        started = time.monotonic()
         try:
             if check():
-                return time.monotonic()
+                return last_no, time.monotonic()
+            last_no = started
         except (redis.RedisError, OSError):
-            pass
+            pass  # no answer says nothing about the state
         time.sleep(step)
     raise RuntimeError(f"timed out waiting for {what}")
 
@@ -648,12 +659,15 @@ async def scenario_cluster(work: Path, upstream_port: int, workers: int,
             await asyncio.sleep(1.1)
             primary.signal(signal.SIGKILL)
             down = time.monotonic()
-            back = await asyncio.get_running_loop().run_in_executor(None, lambda: wait_for(
-                "the replica's promotion",
-                lambda: replica.client().info("replication")["role"] == "master", 30))
+            not_yet, back = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: wait_for_change(
+                    "the replica's promotion",
+                    lambda: replica.client().info("replication")["role"] == "master", 30))
             await asyncio.sleep(4)
         tally(load.answers, row)
-        fault_metrics(row, load.answers, down, back)
+        # a 200 answered before the replica was last seen still a replica was decided with no
+        # primary for the slot; one answered after that may have met the promoted replica
+        fault_metrics(row, load.answers, down, back, up=max(down, not_yet))
         row.note = (row.note + "; " if row.note else "") + \
             f"promotion took {back - down:.1f} s"
         client = cluster.client()
