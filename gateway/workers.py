@@ -165,7 +165,10 @@ def _supervise(config: Config, store_url: str, workers: int,
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
                 from prometheus_client import values
-                values.ValueClass = values.MultiProcessValue()
+                # This worker's pid, read once: by default every metric update calls
+                # os.getpid() (a system call) to notice a fork, and a worker never forks.
+                worker = os.getpid()
+                values.ValueClass = values.MultiProcessValue(lambda: worker)
                 code = _run_worker(config, store_url, reuse_port=True, config_path=config_path)
             except BaseException:  # os._exit below would swallow it: say why the worker died
                 import traceback
