@@ -3,8 +3,8 @@
 A key's secret is argon2-verified at most once per process per ``keys.cache_ttl``; the cache
 remembers a SHA-256 digest of the verified secret (never the secret) and the key's state at a
 revision. The cache never decides alone whether the state is current: every request's one
-store round trip (``gateway/store/lua/authorize.lua``) compares revisions, and a stale entry is re-read
-before anything is decided, so revocation and re-scoping act on the very next request at every
+store round trip (``gateway/store/lua/authorize.lua``) compares revisions, and a stale entry is
+re-read before anything is decided, so revocation and re-scoping act on the very next request at every
 replica without waiting for a TTL.
 
 The cold path (a key not in the cache) waits for a turn in a bounded, fair queue
