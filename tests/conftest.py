@@ -160,17 +160,9 @@ async def slow_upstream():
         return web.json_response({"path": request.path,
                                   "workspace": request.headers.get("X-Workspace-Id")})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}", state
-    finally:
-        await runner.cleanup()
+    from harness import serving
+    async with serving(handler) as url:
+        yield url, state
 
 
 @pytest.fixture

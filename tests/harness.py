@@ -95,6 +95,21 @@ async def get_all(g: "GatewayUnderTest", token: str, n: int) -> list[tuple[int, 
     return got
 
 
+@contextlib.asynccontextmanager
+async def serving(handler):
+    """A real aiohttp upstream on loopback answering every method and path with ``handler``;
+    yields its base URL, and stops it after."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 async def raw_upstream(answer) -> tuple[asyncio.AbstractServer, str]:
     """A loopback server running ``answer(reader, writer)`` per connection, for upstream answers
     an aiohttp server would never send; returns (server, its http:// URL). Close it after."""

@@ -4,6 +4,7 @@ request to the next; an invalid one changes nothing and says why, line by line."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ from aiohttp import ClientSession, ClientTimeout, web
 
 from gateway.config import load_config
 from prometheus_client.parser import text_string_to_metric_families
-from harness import gateway_under_test
+from harness import gateway_under_test, serving
 from served import ADMIN_TOKEN, TIMEOUT, Served, admin_json, children_of, new_key, write_config
 
 
@@ -46,24 +47,14 @@ async def upstreams():
     """Two real upstreams on loopback, ``a`` and ``b``; each answers which one it is, after
     ``delay[name]`` seconds, and echoes the identity headers it received."""
     delay = {"a": 0.0, "b": 0.0}
-    runners, urls = [], {}
-    for name in ("a", "b"):
-        async def handler(request: web.Request, name: str = name) -> web.Response:
-            await asyncio.sleep(delay[name])
-            return web.json_response({"upstream": name, "headers": dict(request.headers)})
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handler)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        urls[name] = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    urls = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for name in ("a", "b"):
+            async def handler(request: web.Request, name: str = name) -> web.Response:
+                await asyncio.sleep(delay[name])
+                return web.json_response({"upstream": name, "headers": dict(request.headers)})
+            urls[name] = await stack.enter_async_context(serving(handler))
         yield urls, delay
-    finally:
-        for runner in runners:
-            await runner.cleanup()
 
 
 @pytest.fixture
