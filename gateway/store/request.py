@@ -55,8 +55,7 @@ class Slot(NamedTuple):
 
 class RequestStore:
     """Hot-path store client. ``url``: redis://, rediss://, unix:// (the lean client);
-    redis+sentinel://, redis+cluster:// (redis-py). ValueError on a bad URL. ``client``
-    replaces the one ``url`` names (tests)."""
+    redis+sentinel://, redis+cluster:// (redis-py). ValueError on a bad URL."""
 
     # Told each authorize round trip's seconds, failed ones too (the metrics' histogram). A
     # hook rather than a wrapper: the hottest call keeps one coroutine and no re-packed kwargs.
