@@ -402,3 +402,33 @@ def test_every_string_field_is_written_as_json_that_reads_back_as_sent(value):
     (quotes, backslashes, control characters, U+2028, non-ASCII), the JSON is the same."""
     assert _js(value) == json.dumps(value)
     assert json.loads(_js(value)) == value
+
+
+def test_lines_go_to_a_shared_pipe_in_whole_line_writes_of_at_most_pipe_buf(monkeypatch):
+    """Workers share one stderr pipe: each write must be whole lines and at most PIPE_BUF
+    bytes (atomic), or two workers' lines interleave mid-line. A SOCK_SEQPACKET pair keeps
+    every write a message of its own, so the test sees each write as made."""
+    import socket
+    from gateway import accesslog
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+
+    class Stderr:
+        def fileno(self):
+            return ours.fileno()
+
+    monkeypatch.setattr(accesslog.sys, "stderr", Stderr())
+    lines = [("x" * (i * 37 % 900)) + f" line {i}\n" for i in range(300)]
+    lines.insert(150, "L" * 6000 + "\n")   # longer than PIPE_BUF: goes out alone, whole
+    accesslog._write_block(accesslog._encode(lines))
+    ours.close()
+    writes = []
+    while chunk := theirs.recv(1 << 16):
+        writes.append(chunk)
+    assert b"".join(writes).decode() == "".join(lines)
+    assert len(writes) > 10
+    for chunk in writes:
+        assert chunk.endswith(b"\n")
+        assert len(chunk) <= 4096 or chunk.count(b"\n") == 1
