@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
@@ -21,7 +22,7 @@ from .auth import Authenticator
 from .config import Config
 from .errors import StoreError
 from .store.request import RequestStore
-from .metrics import Metrics, counted
+from .metrics import FLUSH_EVERY, Metrics
 from .ledger import RETRY_EVERY
 from .pipeline import Pipeline
 from .proxying.server import AdminRunner, ProxyServer
@@ -76,6 +77,7 @@ async def running_gateway(config: Config, store_url: str, *,
     auth = Authenticator(config, store, requests, metrics, clock=clock)
     pipeline = None
     access = None
+    flushing = None
     try:
         await forwarder.start()
         pipeline = Pipeline(config, store, requests, auth, forwarder, metrics,
@@ -94,7 +96,7 @@ async def running_gateway(config: Config, store_url: str, *,
         # Bodies are forwarded byte for byte as sent: a Content-Encoding body is never inflated
         # (an inflated body no longer matches the framing the client declared).
         timeouts = config.server.timeouts
-        proxy_server = ProxyServer(counted(pipeline.handle, metrics.in_flight), access_log=None,
+        proxy_server = ProxyServer(metrics.handled(pipeline.handle), access_log=None,
                                    auto_decompress=False, keepalive_timeout=timeouts.idle,
                                    header_timeout=timeouts.header,
                                    max_connections=raise_open_file_limit(config))
@@ -122,8 +124,14 @@ async def running_gateway(config: Config, store_url: str, *,
 
         gw.reloader = Reloader(config, config_path, swap, metrics, clock=clock)
         add_reload_route(admin_app, gw.reloader)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # serve --workers N: another worker
+            flushing = asyncio.ensure_future(_flush_metrics_every(metrics))  # may answer scrapes
         yield gw
     finally:
+        if flushing is not None:
+            flushing.cancel()
+            await asyncio.gather(flushing, return_exceptions=True)
+            metrics.flush()
         try:
             if pipeline is not None:  # bounded: a store that is still down must not hang a stop
                 await asyncio.wait_for(pipeline.close(), timeout=10)
@@ -138,6 +146,12 @@ async def running_gateway(config: Config, store_url: str, *,
             await forwarder.close()
             await requests.close()
             await store.close()
+
+
+async def _flush_metrics_every(metrics: Metrics) -> None:
+    while True:
+        await asyncio.sleep(FLUSH_EVERY)
+        metrics.flush()
 
 
 def workspace_admin(pipeline: Pipeline):

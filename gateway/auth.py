@@ -104,8 +104,8 @@ class Authenticator:
         self._interned: dict = {}  # shared workspaces and scope sets (see entry())
         self._prefix = config.keys.prefix
         self._environments = frozenset(config.keys.environments)
-        self._hit = metrics.key_cache.labels("hit") if metrics else None
-        self._miss = metrics.key_cache.labels("miss") if metrics else None
+        self._hit = metrics.tally(metrics.key_cache.labels("hit")) if metrics else None
+        self._miss = metrics.tally(metrics.key_cache.labels("miss")) if metrics else None
 
     def reconfigure(self, config: Config) -> None:
         """Take ``config`` (a reload). Verified secrets stay verified (no argon2 re-run); each

@@ -68,6 +68,7 @@ def add_metrics_route(app: web.Application, metrics: Metrics, store, config: Con
             metrics.store_errors.inc()  # the process's own metrics are still worth serving
         registry = metrics.registry
         if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # serve --workers N
+            metrics.flush()   # this worker's tallies; the others flush every FLUSH_EVERY s
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
             registry.register(WorkersProcessCollector(directory))

@@ -317,3 +317,46 @@ async def test_promtool_accepts_the_exposition(traffic):
     result = subprocess.run(["promtool", "check", "metrics"], input=s.text, text=True,
                             capture_output=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from([0.0, .001, .0025, .005, .01, 1.0, 30.0, 31.0]),
+                          st.floats(min_value=0, max_value=60, allow_nan=False)),
+                max_size=40),
+       st.integers(min_value=0, max_value=3))
+def test_tallied_observations_expose_exactly_what_observe_would(values, flushes_between):
+    """Requests are tallied and brought into prometheus-client's values in one go; a scrape
+    must read the same buckets (bounds included: a value equal to a bound is in that bucket),
+    count and sum as if each had been observed one by one, however often flushes ran."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from gateway.metrics import LATENCY_BUCKETS, Metrics
+
+    m = Metrics()
+    reference = CollectorRegistry()
+    h = Histogram("keygate_request_duration_seconds", "x", ["route"],
+                  buckets=LATENCY_BUCKETS, registry=reference)
+    step = max(1, len(values) // (flushes_between + 1))
+    for i, v in enumerate(values):
+        m.observe_request("/people/*", "GET", 200, None, v)
+        h.labels("/people/*").observe(v)
+        if (i + 1) % step == 0:
+            m.flush()
+
+    def series(text: str) -> dict:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text)
+                if f.name == "keygate_request_duration_seconds"
+                for s in f.samples if not s.name.endswith("_created")}
+
+    ours = series(generate_latest(m.registry).decode())
+    theirs = series(generate_latest(reference).decode())
+    assert ours.keys() == theirs.keys()
+    for k, v in theirs.items():
+        assert ours[k] == pytest.approx(v), k
+    count = Scrape(generate_latest(m.registry).decode()).value(
+        "keygate_requests_total", route="/people/*", method="GET", status_class="2xx")
+    assert count == (len(values) or None)

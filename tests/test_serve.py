@@ -23,6 +23,8 @@ import yaml
 from aiohttp import ClientSession
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.metrics import FLUSH_EVERY
+
 from conftest import free_port
 from served import (TIMEOUT, Served, admin_json, alive, children_of, embedded_pid, env, new_key,
                     short_data_dir, write_config)
@@ -207,6 +209,8 @@ async def test_two_workers_share_one_port_metrics_and_stop_together(tmp_path, sl
                                                       "Connection": "close"}) as r:
                             sent += 1
                             assert r.status == (404 if path == "/nope" else 200)
+            # each worker adds its requests to the shared files every FLUSH_EVERY seconds
+            await asyncio.sleep(FLUSH_EVERY * 3)
             for _ in range(6):  # any worker may answer; each sees the sum over all workers
                 async with ClientSession(timeout=TIMEOUT) as fresh:
                     async with fresh.get(gw.admin + "/metrics",
