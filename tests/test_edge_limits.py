@@ -29,14 +29,18 @@ def edge_config(upstream_url: str, **server) -> object:
 
 
 async def closed_within(reader: asyncio.StreamReader, seconds: float) -> tuple[bool, bytes]:
-    """Read until EOF; (True, bytes) if the gateway closed the connection in time."""
+    """Read until EOF; (True, bytes) if the gateway closed the connection in time. A reset is
+    a close too: a client still writing (a dripped head) when the gateway closes gets RST from
+    the kernel for the bytes that arrived after the close, instead of a clean EOF."""
     got = bytearray()
     try:
         async with asyncio.timeout(seconds):
             while chunk := await reader.read(65536):
                 got += chunk
         return True, bytes(got)
-    except (TimeoutError, ConnectionError):
+    except ConnectionError:
+        return True, bytes(got)
+    except TimeoutError:
         return False, bytes(got)
 
 
