@@ -109,6 +109,7 @@ class Pipeline:
         self._key_headers = tuple(dict.fromkeys(
             h.lower() for h in config.keys.headers if h.lower() != "authorization"))
         self.trusted = TrustedProxies(config.server.trusted_proxies)
+        self._any_trusted = bool(self.trusted)
 
     # --- the one handler ----------------------------------------------------------------------
 
@@ -370,7 +371,7 @@ class Pipeline:
 
     def client_ip(self, request: web.BaseRequest) -> str:
         peer = request.remote or "unknown"
-        if not self.trusted:
+        if not self._any_trusted:
             return peer
         return self.trusted.client_address(peer, request.headers.getall("X-Forwarded-For", ()))
 

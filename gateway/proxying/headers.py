@@ -139,14 +139,19 @@ class RequestHeaderRules:
 
 def response_headers(raw: Sequence[tuple[bytes, bytes]]) -> CIMultiDict[str]:
     """The upstream's response headers (as parsed) that go back to the client."""
-    named: set[bytes] = set()
-    for raw_name, raw_value in raw:
-        if raw_name.lower() == b"connection":
-            named.update(t.strip().lower() for t in raw_value.split(b",") if t.strip())
-    out: CIMultiDict[str] = CIMultiDict()
+    named: set[bytes] | None = None
+    kept: list[tuple[bytes, bytes]] = []
     for raw_name, raw_value in raw:
         lname = raw_name.lower()
-        if lname in _HOP_BY_HOP_BYTES or lname in named:
+        if lname in _HOP_BY_HOP_BYTES:
+            if lname == b"connection":
+                named = named or set()
+                named.update(t.strip().lower() for t in raw_value.split(b",") if t.strip())
+            continue
+        kept.append((raw_name, raw_value))
+    out: CIMultiDict[str] = CIMultiDict()
+    for raw_name, raw_value in kept:
+        if named and raw_name.lower() in named:
             continue
         out.add(raw_name.decode("latin-1"), raw_value.decode("utf-8", "surrogateescape"))
     return out
