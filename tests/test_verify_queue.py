@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -93,3 +94,20 @@ def test_a_reload_moves_the_queue_bounds_and_the_per_key_limit():
         assert (auth.queue.per_ip, auth.queue.total, auth._per_key_limit) == (8, 9, 7)
     finally:
         auth.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_the_argon2_pool_has_a_thread_per_cpu_the_process_may_use_not_per_machine_cpu():
+    """A gateway pinned to one CPU (taskset, a cpuset container) gets one argon2 thread: every
+    extra thread would take its own share of the event loop's only CPU during a cold burst."""
+    import subprocess
+    import sys
+
+    one = sorted(os.sched_getaffinity(0))[:1]
+    probe = "from gateway.verify_queue import argon2_threads; print(argon2_threads())"
+    pinned = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            preexec_fn=lambda: os.sched_setaffinity(0, one), check=True)
+    free = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True)
+    assert pinned.stdout.strip() == "1"
+    assert free.stdout.strip() == str(max(1, min(4, len(os.sched_getaffinity(0)))))
