@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import ipaddress
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from .config import Config, Plan, RateLimit
@@ -35,12 +35,30 @@ MAX_CACHED_KEYS = 100_000
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@dataclass(frozen=True, slots=True)
+class VerifiedKey(Principal):
+    """What the cache keeps of a verified key: who its requests act as (the ``Principal``
+    forwarded upstream) and the state the access check and the authorize script read, as a
+    ``KeyRecord`` spells it. One object is both a cache entry's ``key`` and its ``principal``:
+    a whole ``KeyRecord`` (its argon2 hash, name, description, prefix, timestamps) and a
+    separate ``Principal`` took 248 of the 600 bytes a cached key cost (bench/memory.py)."""
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    enabled: bool = True
+    rev: int = 0
+    monthly_requests: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.key_id
+
+
 @dataclass(slots=True)
 class CachedKey:
     """A verified key and the state it was verified at."""
-    key: KeyRecord
+    key: VerifiedKey | KeyRecord   # as entry() builds it, a VerifiedKey
     workspace: Workspace
-    principal: Principal
+    principal: Principal           # as entry() builds it, the same object as ``key``
     plan: Plan | None
     rate: RateLimit | None
     secret_digest: bytes   # SHA-256 of the verified token (the cache key)
@@ -98,8 +116,10 @@ class Authenticator:
         self._per_key_limit = config.keys.failures.per_key
         self._running: dict[str, int] = {}  # client IP / key id → verifications running
         self._finished: dict[str, asyncio.Event] = {}  # set when one of them finishes
-        self.cache: dict[bytes, CachedKey] = {}       # token digest → verified key
-        self._by_key_id: dict[str, bytes] = {}        # key id → its token digest
+        # token digest → verified key. One token can verify for a key id (the id, secret and
+        # checksum are the token's body; the prefix is the config's, whose change clears
+        # this), so the cache needs no index by key id.
+        self.cache: dict[bytes, CachedKey] = {}
         self._inflight: dict[bytes, asyncio.Task] = {}
         self._interned: dict = {}  # shared workspaces and scope sets (see entry())
         self._prefix = config.keys.prefix
@@ -122,7 +142,6 @@ class Authenticator:
         self.generation += 1
         if keys_changed:
             self.cache.clear()
-            self._by_key_id.clear()
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -252,24 +271,23 @@ class Authenticator:
     def entry(self, key: KeyRecord, workspace: Workspace, scopes, digest: bytes,
               verified_until: float, generation: int | None = None) -> CachedKey:
         """The cache entry for a verified key, kept lean (bench/memory.py): only what deciding
-        a request needs. The argon2 hash is not kept (the verification is done; a new one
-        re-reads the key), nor are name, description, prefix and timestamps other than expiry
-        (answers that show a key read it from the store); workspaces, scope sets and other
-        values equal to ones already cached are shared."""
+        a request needs, in one ``VerifiedKey``. The argon2 hash is not kept (the verification
+        is done; a new one re-reads the key), nor are name, description, prefix and timestamps
+        other than expiry (answers that show a key read it from the store); workspaces, plans,
+        rate limits and scope sets equal to ones already cached are shared (all immutable)."""
         workspace = self._shared(workspace)
-        key = replace(key, hash="", name="", description="", prefix="", created_at=0.0,
-                      last_used_at=None, workspace=workspace.id,
-                      environment=self._shared(key.environment), role=self._shared(key.role),
-                      rate_limit=self._shared(key.rate_limit), scopes=self._shared(key.scopes),
-                      meta="{}", allowed_ips=self._shared(key.allowed_ips))
         plan = effective_plan(self.config, workspace)  # the workspace's own limits included
-        principal = Principal(workspace.id, key.id, self._shared(frozenset(scopes)),
-                              workspace.plan)
-        networks = None if key.allowed_ips is None else \
-            tuple(ipaddress.ip_network(n, strict=False) for n in key.allowed_ips)
-        return CachedKey(key, workspace, principal, plan,
-                         key_rate_limit(self.config, plan, key.rate_limit),
-                         digest, verified_until,
+        if workspace.overrides:  # a plan of its own: one per distinct set of limits
+            plan = self._shared(plan)
+        rate = key_rate_limit(self.config, plan, key.rate_limit)
+        if key.rate_limit:       # parsed from the key's own "N/s": one per distinct limit
+            rate = self._shared(rate)
+        verified = VerifiedKey(workspace.id, key.id, self._shared(frozenset(scopes)),
+                               workspace.plan, key.expires_at, key.revoked_at, key.enabled,
+                               key.rev, key.monthly_requests)
+        networks = None if key.allowed_ips is None else self._shared(
+            tuple(ipaddress.ip_network(n, strict=False) for n in key.allowed_ips))
+        return CachedKey(verified, workspace, verified, plan, rate, digest, verified_until,
                          self.generation if generation is None else generation, networks)
 
     def _shared(self, value):
@@ -283,14 +301,10 @@ class Authenticator:
 
     def _remember(self, entry: CachedKey) -> None:
         cache = self.cache
-        if (old := self._by_key_id.pop(entry.key.id, None)) is not None:
-            cache.pop(old, None)
+        cache.pop(entry.secret_digest, None)  # a re-read entry moves to the newest end
         if len(cache) >= MAX_CACHED_KEYS:  # drop the oldest entry (dicts keep insertion order)
-            self._forget(cache[next(iter(cache))])
+            del cache[next(iter(cache))]
         cache[entry.secret_digest] = entry
-        self._by_key_id[entry.key.id] = entry.secret_digest
 
     def _forget(self, entry: CachedKey) -> None:
         self.cache.pop(entry.secret_digest, None)
-        if self._by_key_id.get(entry.key.id) == entry.secret_digest:
-            del self._by_key_id[entry.key.id]

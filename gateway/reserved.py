@@ -71,10 +71,12 @@ async def answer(steps: RequestSteps, request: web.BaseRequest, raw_path: str,
         store = steps.store
         try:
             usage = await store.usage(key.workspace.id)
-            current = await store.get_key(key.workspace.id, key.key.id) or key.key
-            used, = await store.keys_used_this_month(key.workspace.id, [current.id])
+            current = await store.get_key(key.workspace.id, key.key.id)
+            used, = await store.keys_used_this_month(key.workspace.id, [key.key.id])
         except StoreError as exc:
             raise steps.store_down(exc) from exc
+        if current is None:  # deleted since it was admitted (the cache keeps no key object)
+            raise errors.invalid_token("invalid_key", "The API key is not valid.")
         usage["key"] = current.to_json(tuple(sorted(key.principal.scopes)), steps.clock(), used)
         return web.Response(body=json.dumps(usage).encode(), content_type="application/json")
     if raw_path == KEYS or raw_path.startswith(KEYS + "/"):
