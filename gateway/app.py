@@ -148,7 +148,7 @@ def workspace_admin(pipeline: Pipeline):
     async def authenticate_key(token: str, request: web.BaseRequest) -> Actor:
         key = await pipeline.authenticate(token, request)
         key, _, _ = await pipeline.authorise(key, ("keys:admin",), count=False)
-        return Actor(key.key.id, key.workspace.id, key.principal.scopes, key.key.expires_at)
+        return Actor(key.key_id, key.workspace, key.scopes, key.expires_at)
     return authenticate_key
 
 

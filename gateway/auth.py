@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import ipaddress
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from .config import Config, Plan, RateLimit
@@ -35,45 +34,71 @@ MAX_CACHED_KEYS = 100_000
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@dataclass(frozen=True, slots=True)
-class VerifiedKey(Principal):
-    """What the cache keeps of a verified key: who its requests act as (the ``Principal``
-    forwarded upstream) and the state the access check and the authorize script read, as a
-    ``KeyRecord`` spells it. One object is both a cache entry's ``key`` and its ``principal``:
-    a whole ``KeyRecord`` (its argon2 hash, name, description, prefix, timestamps) and a
-    separate ``Principal`` took 248 of the 600 bytes a cached key cost (bench/memory.py)."""
-    expires_at: float | None = None
-    revoked_at: float | None = None
-    enabled: bool = True
-    rev: int = 0
-    monthly_requests: int | None = None
+class CachedKey:
+    """A verified key as the cache keeps it, in one object: who its requests act as (it is
+    their ``Principal``: ``workspace``, ``key_id``, ``scopes``, ``plan``), the key's state the
+    access check and the authorize script read (named as in ``KeyRecord``), the workspace
+    record and the limits it was derived with, and the verification itself.
+
+    Only what deciding a request needs (bench/memory.py): a stripped ``KeyRecord`` copy, a
+    ``Principal`` and an entry holding both took 330 of the ~600 bytes a cached key cost; this
+    takes 144. The argon2 hash, name, description, prefix and timestamps other than expiry
+    are not kept (answers that show a key read it from the store)."""
+
+    __slots__ = ("key_id", "scopes", "expires_at", "revoked_at", "enabled", "rev",
+                 "monthly_requests", "workspace_record", "limits", "rate", "secret_digest",
+                 "verified_until", "generation", "networks")
+
+    def __init__(self, key: KeyRecord, workspace: Workspace, principal: Principal,
+                 limits: Plan | None, rate: RateLimit | None, secret_digest: bytes,
+                 verified_until: float, generation: int = 0,
+                 networks: tuple[IPNetwork, ...] | None = None) -> None:
+        """``key``, ``workspace``: the records as read; ``principal``: the key's effective
+        scopes (its ``workspace`` and ``plan`` are the records'); ``limits``: the plan in
+        force for the workspace; ``rate``: the key's rate limit in force."""
+        self.key_id = key.id
+        self.scopes: frozenset[str] = principal.scopes
+        self.expires_at = key.expires_at
+        self.revoked_at = key.revoked_at
+        self.enabled = key.enabled
+        self.rev = key.rev
+        self.monthly_requests = key.monthly_requests  # the key's own cap (None: none)
+        self.workspace_record = workspace
+        self.limits = limits
+        self.rate = rate
+        self.secret_digest = secret_digest    # SHA-256 of the verified token (the cache key)
+        self.verified_until = verified_until  # time.monotonic() deadline of the verification
+        self.generation = generation  # the config it was derived with (plan, rate, role scopes)
+        self.networks = networks      # the key's allowed_ips (None: any address)
 
     @property
     def id(self) -> str:
+        """The key id, under ``KeyRecord``'s name."""
         return self.key_id
 
+    # --- as a Principal (forwarded upstream, handed to the self-service endpoints) ---------------
 
-@dataclass(slots=True)
-class CachedKey:
-    """A verified key and the state it was verified at."""
-    key: VerifiedKey | KeyRecord   # as entry() builds it, a VerifiedKey
-    workspace: Workspace
-    principal: Principal           # as entry() builds it, the same object as ``key``
-    plan: Plan | None
-    rate: RateLimit | None
-    secret_digest: bytes   # SHA-256 of the verified token (the cache key)
-    verified_until: float  # time.monotonic() deadline for the argon2 verification
-    generation: int = 0    # the config it was derived with (plan, rate, role scopes)
-    networks: tuple[IPNetwork, ...] | None = None  # the key's allowed_ips (None: any address)
+    @property
+    def workspace(self) -> str:
+        return self.workspace_record.id
+
+    @property
+    def plan(self) -> str:
+        return self.workspace_record.plan
+
+    def has_scope(self, scope: str) -> bool:
+        return "ALL" in self.scopes or scope in self.scopes
+
+    # --- the limits -----------------------------------------------------------------------------
 
     @property
     def monthly_limit(self) -> int | None:
-        return self.plan.monthly_requests if self.plan else None
+        return self.limits.monthly_requests if self.limits else None
 
     @property
     def key_limit(self) -> int | None:
         """The key's own monthly cap (None: only the workspace's applies)."""
-        return self.key.monthly_requests
+        return self.monthly_requests
 
     def allows(self, client_ip: str) -> bool:
         """Whether the key may be used from ``client_ip`` (its allow-list; IPv4-mapped IPv6
@@ -187,7 +212,7 @@ class Authenticator:
 
     async def refresh(self, entry: CachedKey) -> CachedKey | None:
         """Re-read a key whose stored revision moved on. None when it no longer exists."""
-        key = await self.store.get_key(entry.key.workspace, entry.key.id)
+        key = await self.store.get_key(entry.workspace, entry.key_id)
         fresh = None if key is None else \
             await self._load(key, entry.secret_digest, entry.verified_until)
         if fresh is None:
@@ -271,10 +296,8 @@ class Authenticator:
     def entry(self, key: KeyRecord, workspace: Workspace, scopes, digest: bytes,
               verified_until: float, generation: int | None = None) -> CachedKey:
         """The cache entry for a verified key, kept lean (bench/memory.py): only what deciding
-        a request needs, in one ``VerifiedKey``. The argon2 hash is not kept (the verification
-        is done; a new one re-reads the key), nor are name, description, prefix and timestamps
-        other than expiry (answers that show a key read it from the store); workspaces, plans,
-        rate limits and scope sets equal to ones already cached are shared (all immutable)."""
+        a request needs, in one ``CachedKey``; workspaces, plans, rate limits, scope sets and
+        allow-lists equal to ones already cached are shared (all immutable)."""
         workspace = self._shared(workspace)
         plan = effective_plan(self.config, workspace)  # the workspace's own limits included
         if workspace.overrides:  # a plan of its own: one per distinct set of limits
@@ -282,12 +305,11 @@ class Authenticator:
         rate = key_rate_limit(self.config, plan, key.rate_limit)
         if key.rate_limit:       # parsed from the key's own "N/s": one per distinct limit
             rate = self._shared(rate)
-        verified = VerifiedKey(workspace.id, key.id, self._shared(frozenset(scopes)),
-                               workspace.plan, key.expires_at, key.revoked_at, key.enabled,
-                               key.rev, key.monthly_requests)
         networks = None if key.allowed_ips is None else self._shared(
             tuple(ipaddress.ip_network(n, strict=False) for n in key.allowed_ips))
-        return CachedKey(verified, workspace, verified, plan, rate, digest, verified_until,
+        principal = Principal(workspace.id, key.id, self._shared(frozenset(scopes)),
+                              workspace.plan)
+        return CachedKey(key, workspace, principal, plan, rate, digest, verified_until,
                          self.generation if generation is None else generation, networks)
 
     def _shared(self, value):
