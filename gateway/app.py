@@ -26,6 +26,7 @@ from .ledger import RETRY_EVERY
 from .pipeline import Pipeline
 from .proxying.server import AdminRunner, ProxyServer
 from .reload import ListenerTLS, Reloader, add_reload_route
+from .verify_queue import release_freed_memory_every
 
 log = logging.getLogger("keygate")
 
@@ -76,6 +77,7 @@ async def running_gateway(config: Config, store_url: str, *,
     auth = Authenticator(config, store, requests, metrics, clock=clock)
     pipeline = None
     access = None
+    releasing = asyncio.ensure_future(release_freed_memory_every())  # argon2's 19 MiB runs
     try:
         await forwarder.start()
         pipeline = Pipeline(config, store, requests, auth, forwarder, metrics,
@@ -130,6 +132,7 @@ async def running_gateway(config: Config, store_url: str, *,
         except (asyncio.TimeoutError, StoreError):
             log.warning("shutdown: requests counted while the store was down were not written")
         finally:
+            releasing.cancel()
             if access is not None:  # after the listeners stopped: every line is written
                 await access.close()
             auth.close()
