@@ -41,7 +41,7 @@ class CachedKey:
     record and the limits it was derived with, and the verification itself.
 
     Only what deciding a request needs (bench/memory.py): a stripped ``KeyRecord`` copy, a
-    ``Principal`` and an entry holding both took 330 of the ~600 bytes a cached key cost; this
+    ``Principal`` and an entry holding both took 352 of the ~600 bytes a cached key cost; this
     takes 144. The argon2 hash, name, description, prefix and timestamps other than expiry
     are not kept (answers that show a key read it from the store)."""
 
