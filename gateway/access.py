@@ -21,17 +21,16 @@ def refusal(key: CachedKey, scopes: Iterable[str], *, now: float,
     """The error to answer for ``key`` at ``now`` on a route needing ``scopes`` (None: no
     refusal). ``blocked``: the client address is outside the key's IP allow-list (decided by
     the caller, from the client address exactly as the failure throttle computes it)."""
-    k = key.key
-    if k.expires_at is not None and k.expires_at <= now:
+    if key.expires_at is not None and key.expires_at <= now:
         return errors.invalid_token("expired_key", "This API key has expired.")
-    if k.revoked_at is not None:  # expired once, then extended: revoked all the same
+    if key.revoked_at is not None:  # expired once, then extended: revoked all the same
         return errors.invalid_token("revoked_key", "This API key has been revoked.")
-    if not k.enabled:
+    if not key.enabled:
         return errors.invalid_token("disabled_key", "This API key is disabled.")
     if blocked:
         return errors.Forbidden("This API key may not be used from this address.",
                                 code="ip_not_allowed")
-    missing = next((s for s in scopes if not key.principal.has_scope(s)), None)
+    missing = next((s for s in scopes if not key.has_scope(s)), None)
     if missing is not None:
         return errors.insufficient_scope(missing)
     return None

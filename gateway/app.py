@@ -27,6 +27,7 @@ from .ledger import RETRY_EVERY
 from .pipeline import Pipeline
 from .proxying.server import AdminRunner, ProxyServer
 from .reload import ListenerTLS, Reloader, add_reload_route
+from .verify_queue import release_freed_memory_every
 
 log = logging.getLogger("keygate")
 
@@ -78,6 +79,7 @@ async def running_gateway(config: Config, store_url: str, *,
     pipeline = None
     access = None
     flushing = None
+    releasing = asyncio.ensure_future(release_freed_memory_every())  # argon2's 19 MiB runs
     try:
         await forwarder.start()
         pipeline = Pipeline(config, store, requests, auth, forwarder, metrics,
@@ -138,6 +140,7 @@ async def running_gateway(config: Config, store_url: str, *,
         except (asyncio.TimeoutError, StoreError):
             log.warning("shutdown: requests counted while the store was down were not written")
         finally:
+            releasing.cancel()
             if access is not None:  # after the listeners stopped: every line is written
                 await access.close()
             auth.close()
@@ -162,7 +165,7 @@ def workspace_admin(pipeline: Pipeline):
     async def authenticate_key(token: str, request: web.BaseRequest) -> Actor:
         key = await pipeline.authenticate(token, request)
         key, _, _ = await pipeline.authorise(key, ("keys:admin",), count=False)
-        return Actor(key.key.id, key.workspace.id, key.principal.scopes, key.key.expires_at)
+        return Actor(key.key_id, key.workspace, key.scopes, key.expires_at)
     return authenticate_key
 
 

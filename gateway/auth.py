@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import ipaddress
 import time
-from dataclasses import dataclass, replace
 from typing import Callable
 
 from .config import Config, Plan, RateLimit
@@ -35,27 +34,71 @@ MAX_CACHED_KEYS = 100_000
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@dataclass(slots=True)
 class CachedKey:
-    """A verified key and the state it was verified at."""
-    key: KeyRecord
-    workspace: Workspace
-    principal: Principal
-    plan: Plan | None
-    rate: RateLimit | None
-    secret_digest: bytes   # SHA-256 of the verified token (the cache key)
-    verified_until: float  # time.monotonic() deadline for the argon2 verification
-    generation: int = 0    # the config it was derived with (plan, rate, role scopes)
-    networks: tuple[IPNetwork, ...] | None = None  # the key's allowed_ips (None: any address)
+    """A verified key as the cache keeps it, in one object: who its requests act as (it is
+    their ``Principal``: ``workspace``, ``key_id``, ``scopes``, ``plan``), the key's state the
+    access check and the authorize script read (named as in ``KeyRecord``), the workspace
+    record and the limits it was derived with, and the verification itself.
+
+    Only what deciding a request needs (bench/memory.py): a stripped ``KeyRecord`` copy, a
+    ``Principal`` and an entry holding both took 352 of the ~600 bytes a cached key cost; this
+    takes 144. The argon2 hash, name, description, prefix and timestamps other than expiry
+    are not kept (answers that show a key read it from the store)."""
+
+    __slots__ = ("key_id", "scopes", "expires_at", "revoked_at", "enabled", "rev",
+                 "monthly_requests", "workspace_record", "limits", "rate", "secret_digest",
+                 "verified_until", "generation", "networks")
+
+    def __init__(self, key: KeyRecord, workspace: Workspace, principal: Principal,
+                 limits: Plan | None, rate: RateLimit | None, secret_digest: bytes,
+                 verified_until: float, generation: int = 0,
+                 networks: tuple[IPNetwork, ...] | None = None) -> None:
+        """``key``, ``workspace``: the records as read; ``principal``: the key's effective
+        scopes (its ``workspace`` and ``plan`` are the records'); ``limits``: the plan in
+        force for the workspace; ``rate``: the key's rate limit in force."""
+        self.key_id = key.id
+        self.scopes: frozenset[str] = principal.scopes
+        self.expires_at = key.expires_at
+        self.revoked_at = key.revoked_at
+        self.enabled = key.enabled
+        self.rev = key.rev
+        self.monthly_requests = key.monthly_requests  # the key's own cap (None: none)
+        self.workspace_record = workspace
+        self.limits = limits
+        self.rate = rate
+        self.secret_digest = secret_digest    # SHA-256 of the verified token (the cache key)
+        self.verified_until = verified_until  # time.monotonic() deadline of the verification
+        self.generation = generation  # the config it was derived with (plan, rate, role scopes)
+        self.networks = networks      # the key's allowed_ips (None: any address)
+
+    @property
+    def id(self) -> str:
+        """The key id, under ``KeyRecord``'s name."""
+        return self.key_id
+
+    # --- as a Principal (forwarded upstream, handed to the self-service endpoints) ---------------
+
+    @property
+    def workspace(self) -> str:
+        return self.workspace_record.id
+
+    @property
+    def plan(self) -> str:
+        return self.workspace_record.plan
+
+    def has_scope(self, scope: str) -> bool:
+        return "ALL" in self.scopes or scope in self.scopes
+
+    # --- the limits -----------------------------------------------------------------------------
 
     @property
     def monthly_limit(self) -> int | None:
-        return self.plan.monthly_requests if self.plan else None
+        return self.limits.monthly_requests if self.limits else None
 
     @property
     def key_limit(self) -> int | None:
         """The key's own monthly cap (None: only the workspace's applies)."""
-        return self.key.monthly_requests
+        return self.monthly_requests
 
     def allows(self, client_ip: str) -> bool:
         """Whether the key may be used from ``client_ip`` (its allow-list; IPv4-mapped IPv6
@@ -98,8 +141,10 @@ class Authenticator:
         self._per_key_limit = config.keys.failures.per_key
         self._running: dict[str, int] = {}  # client IP / key id → verifications running
         self._finished: dict[str, asyncio.Event] = {}  # set when one of them finishes
-        self.cache: dict[bytes, CachedKey] = {}       # token digest → verified key
-        self._by_key_id: dict[str, bytes] = {}        # key id → its token digest
+        # token digest → verified key. One token can verify for a key id (the id, secret and
+        # checksum are the token's body; the prefix is the config's, whose change clears
+        # this), so the cache needs no index by key id.
+        self.cache: dict[bytes, CachedKey] = {}
         self._inflight: dict[bytes, asyncio.Task] = {}
         self._interned: dict = {}  # shared workspaces and scope sets (see entry())
         self._prefix = config.keys.prefix
@@ -122,7 +167,6 @@ class Authenticator:
         self.generation += 1
         if keys_changed:
             self.cache.clear()
-            self._by_key_id.clear()
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -168,7 +212,7 @@ class Authenticator:
 
     async def refresh(self, entry: CachedKey) -> CachedKey | None:
         """Re-read a key whose stored revision moved on. None when it no longer exists."""
-        key = await self.store.get_key(entry.key.workspace, entry.key.id)
+        key = await self.store.get_key(entry.workspace, entry.key_id)
         fresh = None if key is None else \
             await self._load(key, entry.secret_digest, entry.verified_until)
         if fresh is None:
@@ -252,24 +296,20 @@ class Authenticator:
     def entry(self, key: KeyRecord, workspace: Workspace, scopes, digest: bytes,
               verified_until: float, generation: int | None = None) -> CachedKey:
         """The cache entry for a verified key, kept lean (bench/memory.py): only what deciding
-        a request needs. The argon2 hash is not kept (the verification is done; a new one
-        re-reads the key), nor are name, description, prefix and timestamps other than expiry
-        (answers that show a key read it from the store); workspaces, scope sets and other
-        values equal to ones already cached are shared."""
+        a request needs, in one ``CachedKey``; workspaces, plans, rate limits, scope sets and
+        allow-lists equal to ones already cached are shared (all immutable)."""
         workspace = self._shared(workspace)
-        key = replace(key, hash="", name="", description="", prefix="", created_at=0.0,
-                      last_used_at=None, workspace=workspace.id,
-                      environment=self._shared(key.environment), role=self._shared(key.role),
-                      rate_limit=self._shared(key.rate_limit), scopes=self._shared(key.scopes),
-                      meta="{}", allowed_ips=self._shared(key.allowed_ips))
         plan = effective_plan(self.config, workspace)  # the workspace's own limits included
+        if workspace.overrides:  # a plan of its own: one per distinct set of limits
+            plan = self._shared(plan)
+        rate = key_rate_limit(self.config, plan, key.rate_limit)
+        if key.rate_limit:       # parsed from the key's own "N/s": one per distinct limit
+            rate = self._shared(rate)
+        networks = None if key.allowed_ips is None else self._shared(
+            tuple(ipaddress.ip_network(n, strict=False) for n in key.allowed_ips))
         principal = Principal(workspace.id, key.id, self._shared(frozenset(scopes)),
                               workspace.plan)
-        networks = None if key.allowed_ips is None else \
-            tuple(ipaddress.ip_network(n, strict=False) for n in key.allowed_ips)
-        return CachedKey(key, workspace, principal, plan,
-                         key_rate_limit(self.config, plan, key.rate_limit),
-                         digest, verified_until,
+        return CachedKey(key, workspace, principal, plan, rate, digest, verified_until,
                          self.generation if generation is None else generation, networks)
 
     def _shared(self, value):
@@ -283,14 +323,10 @@ class Authenticator:
 
     def _remember(self, entry: CachedKey) -> None:
         cache = self.cache
-        if (old := self._by_key_id.pop(entry.key.id, None)) is not None:
-            cache.pop(old, None)
+        cache.pop(entry.secret_digest, None)  # a re-read entry moves to the newest end
         if len(cache) >= MAX_CACHED_KEYS:  # drop the oldest entry (dicts keep insertion order)
-            self._forget(cache[next(iter(cache))])
+            del cache[next(iter(cache))]
         cache[entry.secret_digest] = entry
-        self._by_key_id[entry.key.id] = entry.secret_digest
 
     def _forget(self, entry: CachedKey) -> None:
         self.cache.pop(entry.secret_digest, None)
-        if self._by_key_id.get(entry.key.id) == entry.secret_digest:
-            del self._by_key_id[entry.key.id]

@@ -183,7 +183,9 @@ class KeyRecord:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who an authenticated proxy request acts as."""
+    """Who an authenticated proxy request acts as. The key cache's entry
+    (``gateway.auth.CachedKey``) has the same four fields and ``has_scope``, and is what the
+    pipeline hands on as the principal."""
     workspace: str
     key_id: str
     scopes: frozenset[str]

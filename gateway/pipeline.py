@@ -157,7 +157,7 @@ class Pipeline:
         token = self.credential(request)
         with trace.step("authenticate"):
             key = await self.authenticate(token, request)
-        outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
+        outcome.workspace, outcome.key_id = key.workspace, key.key_id
         # A declared body over the limit is refused after every other check (SPEC's order)
         # and, like every refusal of keygate's own, is not counted.
         too_large = (request.content_length or 0) > self.max_body
@@ -169,7 +169,7 @@ class Pipeline:
             raise errors.body_too_large(self.max_body)
         try:
             with trace.step("forward"):
-                return await self.forwarder.forward(request, upstream, key.principal,
+                return await self.forwarder.forward(request, upstream, key,
                                                     request_id, limit_headers, trace=trace)
         except GatewayError as exc:
             if not exc.reached_upstream:  # refused here, or never sent: it does not count
@@ -231,7 +231,6 @@ class Pipeline:
         next request too."""
         for _ in range(_STALE_RETRIES):
             now = self.clock()
-            k = key.key
             # the client address exactly as the failure throttle computes it
             blocked = key.networks is not None and request is not None and \
                 not key.allows(self.client_ip(request))
@@ -244,7 +243,8 @@ class Pipeline:
             counted = Counted(month, self.months.day(now))
             try:
                 decision = await self.requests.authorize(
-                    workspace=k.workspace, key_id=k.id, key_rev=k.rev, ws_rev=key.workspace.rev,
+                    workspace=key.workspace, key_id=key.key_id, key_rev=key.rev,
+                    ws_rev=key.workspace_record.rev,
                     count=count and refused is None,
                     rate_limit=key.rate.requests if key.rate else 0,
                     rate_period_ms=key.rate.period_seconds * 1000 if key.rate else 1000,
@@ -300,7 +300,7 @@ class Pipeline:
             return
         month = counted.month
         try:
-            await self.requests.refund(Slot(key.workspace.id, key.key.id, month.period,
+            await self.requests.refund(Slot(key.workspace, key.key_id, month.period,
                                             counted.day), month.counter_ttl(now))
         except StoreError:
             log.warning("could not refund a request that never reached the upstream")
@@ -338,7 +338,7 @@ class Pipeline:
             raise refused
         if count:
             now = self.clock()
-            slot = Slot(key.workspace.id, key.key.id, self.months.get(now).period, utc_day(now))
+            slot = Slot(key.workspace, key.key_id, self.months.get(now).period, utc_day(now))
             self.ledger.add(slot)
             counted = counted._replace(local=slot)
         if self.metrics:

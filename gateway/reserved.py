@@ -70,17 +70,19 @@ async def answer(steps: RequestSteps, request: web.BaseRequest, raw_path: str,
         key = await _admit(steps, request, outcome, ())
         store = steps.store
         try:
-            usage = await store.usage(key.workspace.id)
-            current = await store.get_key(key.workspace.id, key.key.id) or key.key
-            used, = await store.keys_used_this_month(key.workspace.id, [current.id])
+            usage = await store.usage(key.workspace)
+            current = await store.get_key(key.workspace, key.key_id)
+            used, = await store.keys_used_this_month(key.workspace, [key.key_id])
         except StoreError as exc:
             raise steps.store_down(exc) from exc
-        usage["key"] = current.to_json(tuple(sorted(key.principal.scopes)), steps.clock(), used)
+        if current is None:  # deleted since it was admitted (the cache keeps no key object)
+            raise errors.invalid_token("invalid_key", "The API key is not valid.")
+        usage["key"] = current.to_json(tuple(sorted(key.scopes)), steps.clock(), used)
         return web.Response(body=json.dumps(usage).encode(), content_type="application/json")
     if raw_path == KEYS or raw_path.startswith(KEYS + "/"):
         key = await _admit(steps, request, outcome, ("keys:admin",))
         try:
-            return await steps.self_service(request, key.principal, steps.store, steps.config)
+            return await steps.self_service(request, key, steps.store, steps.config)
         except StoreError as exc:  # not a bug: the store failed under the key endpoints
             raise steps.store_down(exc) from exc
     raise no_route(request.method, raw_path)
@@ -90,7 +92,7 @@ async def _admit(steps: RequestSteps, request: web.BaseRequest, outcome: Outcome
                  scopes: tuple[str, ...]) -> CachedKey:
     """The caller's key, authenticated and authorised for ``scopes`` (not counted)."""
     key = await steps.authenticate(steps.credential(request), request)
-    outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
+    outcome.workspace, outcome.key_id = key.workspace, key.key_id
     key, _, _ = await steps.authorise(key, scopes, count=False, request=request)
     return key
 
@@ -115,17 +117,16 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     trace = outcome.trace
     with trace.step("authenticate"):
         key = await steps.authenticate(token, request)
-    outcome.workspace, outcome.key_id = key.workspace.id, key.key.id
+    outcome.workspace, outcome.key_id = key.workspace, key.key_id
     with trace.step("authorise"):
         key, limit_headers, _ = await steps.authorise(key, route.scopes, count=True,
                                                       request=request)
     headers = dict(limit_headers)
-    p = key.principal
     ident = steps.config.identity_headers
-    headers[ident.workspace] = p.workspace
-    headers[ident.key_id] = p.key_id
-    headers[ident.scopes] = " ".join(sorted(p.scopes))
-    headers[ident.plan] = p.plan
+    headers[ident.workspace] = key.workspace
+    headers[ident.key_id] = key.key_id
+    headers[ident.scopes] = " ".join(sorted(key.scopes))
+    headers[ident.plan] = key.plan
     return web.Response(status=200, headers=headers)
 
 

@@ -240,6 +240,44 @@ async def test_meta_of_exactly_4_kib_is_accepted(gut):
     assert status == 400
 
 
+async def test_keys_sharing_equal_limits_and_allow_lists_in_the_cache_still_change_alone(gut):
+    """The key cache shares equal values between keys (a workspace, its plan with overrides,
+    a key's own rate limit, an allow-list): a change to one workspace or key must reach every
+    key it applies to and no other."""
+    same = {"limits": {"monthly_requests": 50, "rate_limit": "50/s"}}
+    for ws in ("acme", "beta"):
+        await gut.workspace(ws)
+        await gut.admin_json("PATCH", f"/workspaces/{ws}", same)
+    own = {"allowed_ips": ["127.0.0.0/8"], "rate_limit": "40/s"}
+    (a1, k1), (a2, k2) = await gut.key(name="a1", **own), await gut.key(name="a2", **own)
+    b1, _ = await gut.key("beta", name="b1", **own)
+
+    async def policies() -> list[str]:
+        answers = [await call(gut, token) for token in (a1, a2, b1)]
+        assert [status for status, _, _ in answers] == [200, 200, 200], answers
+        return [headers["RateLimit-Policy"] for _, _, headers in answers]
+
+    assert all('"monthly";q=50;' in p and '"rate";q=40;w=1' in p for p in await policies())
+    # one workspace's limits change for every key of that workspace, and only there
+    await gut.admin_json("PATCH", "/workspaces/acme", {"limits": {"monthly_requests": 60}})
+    in_a1, in_a2, in_b1 = await policies()
+    assert '"monthly";q=60;' in in_a1 and '"monthly";q=60;' in in_a2
+    assert '"monthly";q=50;' in in_b1
+    # a plan change likewise
+    await gut.admin_json("PATCH", "/workspaces/acme", {"plan": "metered", "limits": None})
+    in_a1, in_a2, in_b1 = await policies()
+    assert '"monthly";q=100000;' in in_a1 and '"monthly";q=100000;' in in_a2
+    assert '"monthly";q=50;' in in_b1
+    # one key's own rate limit and allow-list change for that key alone
+    await gut.admin_json("PATCH", f"/workspaces/acme/keys/{k2['id']}", {"rate_limit": "7/s"})
+    in_a1, in_a2, in_b1 = await policies()
+    assert '"rate";q=40;w=1' in in_a1 and '"rate";q=7;w=1' in in_a2 and '"rate";q=40;' in in_b1
+    await gut.admin_json("PATCH", f"/workspaces/acme/keys/{k1['id']}",
+                         {"allowed_ips": ["10.0.0.0/8"]})
+    assert (await call(gut, a1))[:2] == (403, "ip_not_allowed")
+    assert (await call(gut, a2))[0] == 200 and (await call(gut, b1))[0] == 200
+
+
 # --- IP allow-list -----------------------------------------------------------------------------
 
 async def test_a_key_bound_to_addresses_is_403_from_elsewhere_only_after_its_secret(gut):

@@ -24,6 +24,7 @@ from .resp import RespClient, RespError, _encode
 from .scripts import Script
 
 OFFSET_MAX_AGE = 60.0  # seconds between clock-offset measurements on a topology
+HOT_HEADS = 1024  # encoded command heads kept (~0.4 KB each; see request.HOT_KEYS)
 
 
 class ScriptClient(Protocol):
@@ -89,7 +90,7 @@ class LeanClient(RespClient):
     def _head(self, script: Script, keys: tuple[str, ...], n_args: int) -> bytes:
         head = _encode(("EVALSHA", script.sha, len(keys), *keys))
         head = b"*%d" % (3 + len(keys) + n_args) + head[head.index(b"\r\n"):]
-        if len(self._heads) > 100_000:
+        if len(self._heads) >= HOT_HEADS:
             self._heads.clear()
         self._heads[(script.sha, keys, n_args)] = head
         return head

@@ -26,6 +26,11 @@ REFUND = load("refund")
 # the call is made: a reply to a call that ran before it reaches us before we give up on it.
 DEADLINE_SHARE = 0.8
 DAILY_TTL = 100 * 86400  # day counters: the usage history reaches 90 days back
+# Keys whose authorize key names (and, in the lean client, encoded command head) are kept
+# ready: a lookup costs ~0.2 µs, building them ~3.5. Each key kept costs ~1.3 KB with its
+# head: keeping every key of the day (up to 100,000) took ~130 MB for 100k keys
+# (bench/memory.py), so only the most recent ones are, and a busy key is one of them.
+HOT_KEYS = 1024
 
 
 class Decision(NamedTuple):
@@ -135,7 +140,7 @@ class RequestStore:
         keys = (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
                 rate_key(workspace, key_id), key_usage_key(workspace, key_id, period),
                 daily_key(workspace, day), key_daily_key(workspace, key_id, day))
-        if len(self._keys) > 100_000:
+        if len(self._keys) >= HOT_KEYS:
             self._keys.clear()
         self._keys[(workspace, key_id, period, day)] = keys
         return keys
