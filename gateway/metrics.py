@@ -120,7 +120,7 @@ class Metrics:
             labels = [route, method, f"{status // 100}xx"]
             if self.workspace_labels:
                 labels.append(workspace or "")
-            tally = (self._count(self.requests.labels(*labels)),
+            tally = (self.tally(self.requests.labels(*labels)),
                      self._hist(self.request_duration, (route,)))
             if len(self._per_request) < 10_000:
                 self._per_request[key] = tally
@@ -151,9 +151,6 @@ class Metrics:
 
     def tally(self, child) -> "_Count":
         """A counter child's tally (``inc()`` adds one, brought in at the next flush)."""
-        return self._count(child)
-
-    def _count(self, child) -> "_Count":
         tally = self._counts.get(id(child))
         if tally is None:
             tally = self._counts[id(child)] = _Count(child)
