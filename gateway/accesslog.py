@@ -240,6 +240,8 @@ def _start_writer() -> None:
             block, loop, done = q.get()
             try:
                 _write_block(block)
+            except Exception:  # nowhere left to say it (stderr itself failed); the thread
+                pass           # must live on, or every later batch waits for it forever
             finally:
                 with contextlib.suppress(RuntimeError):  # the loop may be closed by then
                     loop.call_soon_threadsafe(_settle, done)

@@ -133,13 +133,14 @@ async def running_gateway(config: Config, store_url: str, *,
         if flushing is not None:
             flushing.cancel()
             await asyncio.gather(flushing, return_exceptions=True)
-            metrics.flush()
         try:
             if pipeline is not None:  # bounded: a store that is still down must not hang a stop
                 await asyncio.wait_for(pipeline.close(), timeout=10)
         except (asyncio.TimeoutError, StoreError):
             log.warning("shutdown: requests counted while the store was down were not written")
         finally:
+            if flushing is not None:  # after the shutdown's own store calls (the ledger's)
+                metrics.flush()
             releasing.cancel()
             if access is not None:  # after the listeners stopped: every line is written
                 await access.close()

@@ -108,6 +108,40 @@ async def test_sigterm_lets_an_in_flight_request_finish(tmp_path, slow_upstream,
         gw.close()
 
 
+async def test_an_access_log_write_that_fails_does_not_stop_the_next_ones(
+        tmp_path, slow_upstream, redis_url):
+    """A gateway started with stderr closed (``2>&-``: Python's sys.stderr is None) cannot
+    write its access log; each batch's write fails. The writer thread must outlive a failed
+    write: when it died on the first one, every later batch waited for it forever and a
+    SIGTERM waited out the access log's whole 5 s close timeout."""
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url,
+                                        access_log="json")
+    proc = subprocess.Popen(f"exec {sys.executable} -m gateway serve --config {config} 2>&-",
+                            shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            env=env(), cwd=str(config.parent))
+    gw = Served.__new__(Served)
+    gw.proc, gw.proxy_port, gw.admin_port = proc, pport, aport
+    gw.stderr = lambda: "(stderr closed)"
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+            for _ in range(3):  # three batches, each handed over after the last one failed
+                async with s.get(gw.proxy + "/people/1",
+                                 headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert r.status == 200
+                await asyncio.sleep(0.3)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)  # (its exit code is not this test's: without a stderr it is -6 on main too)
+        assert time.monotonic() - started < 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -576,3 +576,28 @@ async def test_every_topology_s_pool_waits_for_a_connection_instead_of_raising()
     node = next(iter(cluster.nodes_manager.startup_nodes.values()))
     assert node.max_connections == CLUSTER_NODE_CONNECTIONS >= 2048
     await cluster.aclose()
+
+
+async def test_a_worker_s_last_store_calls_reach_the_shared_metrics_before_it_exits(
+        redis_url, upstream, monkeypatch, tmp_path):
+    """Under serve --workers N a worker's tallies reach the shared metric files only when
+    flushed; the last flush at shutdown must come after the shutdown's own store calls (the
+    write-back of requests counted while the store was down), or the workers still running
+    never show them."""
+    import redis as sync_redis
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # as a worker runs
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, redis_url, monkeypatch, ledger_retry=3600) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        assert (await get_all(g, token, 1))[0][0] == 200
+        sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1200")
+        assert [s for s, _ in await get_all(g, token, 3)] == [200, 200, 200]
+        assert await eventually(redis_answers(redis_url))
+        metrics = g.metrics
+    # what the metric's own values hold (in a worker: its shared file), read without a flush
+    written = {s.labels["call"]: s.value for family in metrics.store_calls.collect()
+               for s in family.samples if s.name.endswith("_count")}
+    assert written.get("add_usage") == 1, written
