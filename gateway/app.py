@@ -153,9 +153,20 @@ async def running_gateway(config: Config, store_url: str, *,
 
 
 async def _flush_metrics_every(metrics: Metrics) -> None:
+    """Until cancelled. A flush that fails (the multiprocess directory full or gone) loses
+    what it was writing, is logged once, and the next ones go on: the task must not end,
+    or this worker's requests would reach the shared files only when it answers a scrape."""
+    failing = False
     while True:
         await asyncio.sleep(FLUSH_EVERY)
-        metrics.flush()
+        try:
+            metrics.flush()
+        except Exception as exc:
+            if not failing:
+                log.warning("metrics could not be written to the shared files: %s", exc)
+            failing = True
+        else:
+            failing = False
 
 
 def workspace_admin(pipeline: Pipeline):
