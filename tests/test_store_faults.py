@@ -327,6 +327,18 @@ async def test_fail_open_counts_a_paused_redis_once(upstream, own_redis, monkeyp
     assert _month_count(own_redis.url, "acme") == len(statuses)
 
 
+async def three_requests_counted_while_the_store_is_paused(g, redis_url: str) -> None:
+    """A key verified in this process, then Redis paused 1.2 s (CLIENT PAUSE) and three
+    requests let through (on_store_error: open) and counted in the process's ledger."""
+    import redis as sync_redis
+
+    await g.workspace("acme")
+    token, _ = await g.key()
+    assert (await get_all(g, token, 1))[0][0] == 200
+    sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1200")
+    assert [s for s, _ in await get_all(g, token, 3)] == [200, 200, 200]
+
+
 async def test_requests_counted_locally_while_the_store_was_down_survive_a_shutdown(
         redis_url, upstream, monkeypatch):
     import redis as sync_redis
@@ -338,11 +350,7 @@ async def test_requests_counted_locally_while_the_store_was_down_survive_a_shutd
                          store=StoreConfig(timeout=0.3, on_store_error="open"))
     # no retry comes before the shutdown: only the shutdown can write the counts
     async with gateway_under_test(config, redis_url, monkeypatch, ledger_retry=3600) as g:
-        await g.workspace("acme")
-        token, _ = await g.key()
-        assert (await get_all(g, token, 1))[0][0] == 200
-        sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1200")
-        assert [s for s, _ in await get_all(g, token, 3)] == [200, 200, 200]
+        await three_requests_counted_while_the_store_is_paused(g, redis_url)
         assert g.counter("keygate_degraded_decisions_total") == 3
         # the store is back; no request came to flush the counts
         assert await eventually(redis_answers(redis_url))
@@ -590,11 +598,7 @@ async def test_a_worker_s_last_store_calls_reach_the_shared_metrics_before_it_ex
     config = make_config(str(upstream.make_url("")),
                          store=StoreConfig(timeout=0.3, on_store_error="open"))
     async with gateway_under_test(config, redis_url, monkeypatch, ledger_retry=3600) as g:
-        await g.workspace("acme")
-        token, _ = await g.key()
-        assert (await get_all(g, token, 1))[0][0] == 200
-        sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1200")
-        assert [s for s, _ in await get_all(g, token, 3)] == [200, 200, 200]
+        await three_requests_counted_while_the_store_is_paused(g, redis_url)
         assert await eventually(redis_answers(redis_url))
         metrics = g.metrics
     # what the metric's own values hold (in a worker: its shared file), read without a flush
