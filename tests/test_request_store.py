@@ -311,3 +311,26 @@ async def test_resp_close_right_after_the_connection_is_made_leaves_nothing_open
         await pending
     await asyncio.sleep(0.05)
     assert own_connections(redis_url) == 0 and client._watchdog is None
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(st.lists(st.one_of(st.integers(min_value=-2**63, max_value=2**63),
+                          st.text(max_size=40), st.binary(max_size=20),
+                          st.floats(allow_nan=False, allow_infinity=False), st.booleans()),
+                max_size=14))
+def test_every_command_is_encoded_as_redis_reads_it(args):
+    """The hot path's fast encoding (ASCII str and int) and the general one (bytes, floats,
+    non-ASCII text) give the RESP bytes Redis parses back into the same arguments."""
+    import hiredis
+
+    from gateway.store.resp import _encode
+
+    data = _encode(tuple(args))
+    reader = hiredis.Reader()
+    reader.feed(data)
+    parsed = reader.gets()
+    expected = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    assert parsed == expected
+    assert reader.gets() is False   # nothing left over
