@@ -58,11 +58,12 @@ TARGET_NAMES = {
     "c": "keygate cached key",
     "w": "keygate --workers 2, cached",
     "l": "keygate cached, limits on",
+    "p": "keygate public route (no key)",
     "d": "keygate cold key (argon2)",
     "e": "nginx auth_request+aiohttp",
     "v": "nginx auth_request+keygate verify",
 }
-ORDER = "abcwledv"
+ORDER = "abcpwledv"
 
 
 # ------------------------------------------------------------------ processes and placement
@@ -201,7 +202,9 @@ def keygate_config(path: Path, port: int, admin_port: int, redis_url: str, upstr
         "default_plan": "bench",
         "upstreams": {"api": {"url": f"http://127.0.0.1:{upstream_port}", "timeout": 10}},
         "routes": [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
-                    "scopes": ["people:read"]}],
+                    "scopes": ["people:read"]},
+                   # no key: what forwarding alone costs (a probe, not a target)
+                   {"path": "/public/**", "methods": ["GET"], "upstream": "api", "public": True}],
     }
     path.write_text(json.dumps(config, indent=2) + "\n")
 
@@ -397,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (10)")
     ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each run (2)")
     ap.add_argument("--connections", default="8,64", help="comma list of connection counts (8,64)")
-    ap.add_argument("--targets", default="a,b,c,w,l,d,e", help="comma list from a,b,c,w,l,d,e,v")
+    ap.add_argument("--targets", default="a,b,c,w,l,d,e", help="comma list from a,b,c,p,w,l,d,e,v")
     ap.add_argument("--repeat", type=int, default=1, help="rounds, in rotated order; median reported")
     ap.add_argument("--loadgen", choices=("auto", "wrk", "lean", "aiohttp"), default="auto",
                     help="auto = wrk when on PATH, else the lean Python client (bench/load.py)")
@@ -468,14 +471,14 @@ def main(argv: list[str] | None = None) -> int:
                 targets["e"] = start_nginx(procs, workdir, up_port, base_token, server_core)
             except RuntimeError as exc:
                 unavailable["e"] = str(exc)
-        if any(t in wanted for t in "cwldv"):
+        if any(t in wanted for t in "cpwldv"):
             try:
                 redis_pid, kg_targets = start_keygates(procs, workdir, up_port, wanted, server_core,
                                                        helper_core, max(conns_list), all_cores,
                                                        store=a.store)
                 targets.update(kg_targets)
             except RuntimeError as exc:
-                for t in "cwldv":
+                for t in "cpwldv":
                     if t in wanted:
                         unavailable[t] = str(exc)
         for key, why in unavailable.items():
@@ -676,7 +679,7 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
     gateways: dict[str, tuple[int, int, subprocess.Popen]] = {}
     worker_pids: list[int] = []
     for name, ttl in (("warm", 300.0), ("workers", 300.0), ("cold", 0.0)):
-        if name == "warm" and not any(t in wanted for t in "clv"):
+        if name == "warm" and not any(t in wanted for t in "cplv"):
             continue
         if name == "workers" and "w" not in wanted:
             continue
@@ -724,6 +727,10 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
                 tok = make_key(admin_port, "bench-limited", "limited", 1)[0]
                 out["l"] = Target("l", f"http://127.0.0.1:{port}{PATH}", [proc.pid], tok,
                                   note="as c, plan with monthly quota 1e9 and rate limit 1000000/s (checked, never hit)")
+            if "p" in wanted:
+                out["p"] = Target("p", f"http://127.0.0.1:{port}/public{PATH}", [proc.pid], "",
+                                  note="as c, a public route: no key, no store call; what "
+                                       "keygate's forwarding alone costs (c - p: the key's part)")
             if "v" in wanted:
                 tok = make_key(admin_port, "bench", "bench", 1)[0]
                 out["v"] = start_nginx(procs, workdir, up_port, tok, server_core, (port, proc.pid))
@@ -822,7 +829,7 @@ def summarize(runs: list[dict], conns_list: list[int]) -> dict:
             }
     ratios: dict[str, dict] = {}
     for conns in conns_list:
-        for num, den in (("c", "b"), ("c", "a"), ("c", "e"), ("w", "c"), ("d", "b"), ("l", "b"),
+        for num, den in (("c", "b"), ("c", "a"), ("c", "e"), ("p", "b"), ("w", "c"), ("d", "b"), ("l", "b"),
                          ("e", "b"), ("v", "e"), ("v", "c")):
             x, y = cells.get(f"{num}@{conns}"), cells.get(f"{den}@{conns}")
             if x and y and y["rps"]:
