@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import json
 import time
 from typing import Callable
 
 from .config import Config, Plan, RateLimit
-from .errors import TooManyRequests, invalid_token
+from .errors import StoreError, TooManyRequests, invalid_token
+from .store.records import WORKSPACE_ID_RE, key_from_hash, workspace_from_hash
 from .store.request import RequestStore
 from .usage import effective_plan, key_rate_limit
 from .models import KeyRecord, Principal, Workspace
@@ -212,9 +214,10 @@ class Authenticator:
 
     async def refresh(self, entry: CachedKey) -> CachedKey | None:
         """Re-read a key whose stored revision moved on. None when it no longer exists."""
-        key = await self.store.get_key(entry.workspace, entry.key_id)
-        fresh = None if key is None else \
-            await self._load(key, entry.secret_digest, entry.verified_until)
+        generation = self.generation  # a reload while this reads leaves the entry stale
+        key, workspace, role = await self._read(entry.workspace, entry.key_id)
+        fresh = None if key is None else self._entry_for(
+            key, workspace, role, entry.secret_digest, entry.verified_until, generation)
         if fresh is None:
             self._forget(entry)
             return None
@@ -268,8 +271,10 @@ class Authenticator:
     async def _verify_counted(self, token: ParsedToken, digest: bytes,
                               client_ip: str) -> CachedKey:
         limits = self.config.keys.failures
-        workspace_id = await self.store.key_workspace(token.key_id)
-        key = await self.store.get_key(workspace_id, token.key_id) if workspace_id else None
+        generation = self.generation  # a reload while this runs leaves the entry stale
+        workspace_id = await self.requests.key_workspace(token.key_id)
+        key, workspace, role = await self._read(workspace_id, token.key_id) \
+            if workspace_id else (None, None, None)
         ok = False
         if key is not None and key.environment == token.environment:
             ok = await asyncio.get_running_loop().run_in_executor(
@@ -279,18 +284,38 @@ class Authenticator:
         if not ok:
             await self.requests.record_failure(client_ip, token.key_id, limits.window_seconds)
             raise invalid_token("invalid_key", "The API key is not valid.")
-        entry = await self._load(key, digest, time.monotonic() + self.config.keys.cache_ttl)
+        entry = self._entry_for(key, workspace, role, digest,
+                                time.monotonic() + self.config.keys.cache_ttl, generation)
         if entry is None:  # the workspace vanished under the key
             raise invalid_token("invalid_key", "The API key is not valid.")
         self._remember(entry)
         return entry
 
-    async def _load(self, key: KeyRecord, digest: bytes, verified_until: float) -> CachedKey | None:
-        generation = self.generation  # a reload while this reads leaves the entry stale
-        workspace = await self.store.get_workspace(key.workspace)
+    async def _read(self, ws: str, key_id: str
+                    ) -> tuple[KeyRecord | None, Workspace | None, str | None]:
+        """The key, its workspace and the workspace's definition of the key's role (JSON),
+        in one round trip on the request path's connection."""
+        if not WORKSPACE_ID_RE.fullmatch(ws):
+            return None, None, None
+        stored = await self.requests.read_key(ws, key_id)
+        return key_from_hash(stored.key), workspace_from_hash(stored.workspace), stored.role
+
+    def _entry_for(self, key: KeyRecord, workspace: Workspace | None, role: str | None,
+                   digest: bytes, verified_until: float, generation: int) -> CachedKey | None:
+        """The cache entry, with the key's scopes now: its own, or its role's (the workspace's
+        definition shadows the config's; a role neither defines grants nothing). None when
+        the workspace is gone."""
         if workspace is None:
             return None
-        scopes = await self.store.effective_scopes(key.workspace, key)
+        if key.role is None:
+            scopes = key.scopes
+        elif role is not None:
+            try:
+                scopes = tuple(json.loads(role))
+            except ValueError as exc:
+                raise StoreError("the store holds a malformed workspace role") from exc
+        else:
+            scopes = tuple(self.config.roles.get(key.role, ()))
         return self.entry(key, workspace, scopes, digest, verified_until, generation)
 
     def entry(self, key: KeyRecord, workspace: Workspace, scopes, digest: bytes,

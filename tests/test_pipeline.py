@@ -249,6 +249,38 @@ async def test_role_edit_acts_on_the_next_request(gut):
         assert r.status == 200
 
 
+async def test_a_role_the_workspace_drops_falls_back_to_the_configured_one(gut):
+    """A workspace role shadows the configured role of the same name, for keys verified
+    before and after it changes; deleted, the configured role applies again."""
+    status, body = await gut.admin_json("PUT", "/workspaces/acme/roles/reader",
+                                        {"scopes": ["people:read", "people:write"]})
+    assert status in (200, 201), body
+    token, _ = await gut.key(role="reader")   # first request: read with the workspace role
+    async with gut.proxy.post("/people", headers=bearer(token), json={}) as r:
+        assert r.status == 200
+    status, body = await gut.admin_json("DELETE", "/workspaces/acme/roles/reader")
+    assert status in (200, 204), body
+    async with gut.proxy.post("/people", headers=bearer(token), json={}) as r:
+        assert r.status == 403                # the configured reader cannot write
+    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+        assert r.status == 200
+
+
+async def test_a_role_nobody_defines_grants_nothing(gut, redis_url):
+    token, key = await gut.key(role="reader")
+    # the configured role disappears from under a stored key (as after a config change)
+    redis.Redis.from_url(redis_url).hset(f"kg:key:{{acme}}:{key['id']}", "role", "ghost")
+    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+        assert (await error_of(r))[:2] == (403, "insufficient_scope")
+
+
+async def test_a_malformed_workspace_role_in_the_store_is_503_never_a_grant(gut, redis_url):
+    token, _ = await gut.key(role="reader")
+    redis.Redis.from_url(redis_url).hset("kg:ws:{acme}:roles", "reader", "not json")
+    async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+        assert (await error_of(r))[:2] == (503, "store_unavailable")
+
+
 async def test_all_scope_grants_every_route(gut):
     token, _ = await gut.key(role="admin")
     async with gut.proxy.delete("/people/7", headers=bearer(token)) as r:
