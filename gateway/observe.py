@@ -88,7 +88,7 @@ class TimedRequestStore(RequestStore):
         super().__init__(url, timeout=timeout)
         self._observe = {call: metrics.store_timer(call) for call in
                          ("authorize", "failure_counts", "record_failure", "refund",
-                          "add_usage")}
+                          "add_usage", "key_workspace", "read_key")}
         self.on_authorize = self._observe["authorize"]
 
     async def failure_counts(self, ip: str, key_id: str):
@@ -97,6 +97,20 @@ class TimedRequestStore(RequestStore):
             return await super().failure_counts(ip, key_id)
         finally:
             self._observe["failure_counts"](time.perf_counter() - started)
+
+    async def key_workspace(self, key_id: str):
+        started = time.perf_counter()
+        try:
+            return await super().key_workspace(key_id)
+        finally:
+            self._observe["key_workspace"](time.perf_counter() - started)
+
+    async def read_key(self, ws: str, key_id: str):
+        started = time.perf_counter()
+        try:
+            return await super().read_key(ws, key_id)
+        finally:
+            self._observe["read_key"](time.perf_counter() - started)
 
     async def record_failure(self, ip: str, key_id: str, window_seconds: int):
         started = time.perf_counter()

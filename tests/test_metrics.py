@@ -112,6 +112,9 @@ async def test_store_call_latency_histogram_times_the_request_path(traffic):
     assert s.value(h + "_count", call="authorize") == 5
     assert s.value(h + "_sum", call="authorize") > 0
     assert s.value(h + "_count", call="record_failure") == 1   # the wrong secret
+    # the two first requests (right and wrong secret) each read the key, on the same connection
+    assert s.value(h + "_count", call="key_workspace") == 2
+    assert s.value(h + "_count", call="read_key") == 2
     # each scrape reads usage once, timed too (this scrape's read is recorded after it)
     assert (await scrape(traffic)).value(h + "_count", call="usage_scrape") >= 1
 
