@@ -91,44 +91,28 @@ class TimedRequestStore(RequestStore):
                           "add_usage", "key_workspace", "read_key")}
         self.on_authorize = self._observe["authorize"]
 
-    async def failure_counts(self, ip: str, key_id: str):
+    async def _timed(self, call: str, awaitable):
         started = time.perf_counter()
         try:
-            return await super().failure_counts(ip, key_id)
+            return await awaitable
         finally:
-            self._observe["failure_counts"](time.perf_counter() - started)
+            self._observe[call](time.perf_counter() - started)
 
-    async def key_workspace(self, key_id: str):
-        started = time.perf_counter()
-        try:
-            return await super().key_workspace(key_id)
-        finally:
-            self._observe["key_workspace"](time.perf_counter() - started)
+    def failure_counts(self, ip: str, key_id: str):
+        return self._timed("failure_counts", super().failure_counts(ip, key_id))
 
-    async def read_key(self, ws: str, key_id: str):
-        started = time.perf_counter()
-        try:
-            return await super().read_key(ws, key_id)
-        finally:
-            self._observe["read_key"](time.perf_counter() - started)
+    def key_workspace(self, key_id: str):
+        return self._timed("key_workspace", super().key_workspace(key_id))
 
-    async def record_failure(self, ip: str, key_id: str, window_seconds: int):
-        started = time.perf_counter()
-        try:
-            return await super().record_failure(ip, key_id, window_seconds)
-        finally:
-            self._observe["record_failure"](time.perf_counter() - started)
+    def read_key(self, ws: str, key_id: str):
+        return self._timed("read_key", super().read_key(ws, key_id))
 
-    async def refund(self, slot, ttl: int):
-        started = time.perf_counter()
-        try:
-            return await super().refund(slot, ttl)
-        finally:
-            self._observe["refund"](time.perf_counter() - started)
+    def record_failure(self, ip: str, key_id: str, window_seconds: int):
+        return self._timed("record_failure",
+                           super().record_failure(ip, key_id, window_seconds))
 
-    async def add_usage(self, slot, n: int, ttl: int):
-        started = time.perf_counter()
-        try:
-            return await super().add_usage(slot, n, ttl)
-        finally:
-            self._observe["add_usage"](time.perf_counter() - started)
+    def refund(self, slot, ttl: int):
+        return self._timed("refund", super().refund(slot, ttl))
+
+    def add_usage(self, slot, n: int, ttl: int):
+        return self._timed("add_usage", super().add_usage(slot, n, ttl))
