@@ -451,6 +451,26 @@ async def test_store_down_is_503_never_401(own_redis, upstream, monkeypatch):
         own_redis.start()
 
 
+async def test_a_store_error_reading_a_first_key_is_503_and_never_a_failed_attempt(gut, redis_url):
+    """The cold path's read of the key (after the throttle check passed) fails in Redis: the
+    answer is 503 store_unavailable, and the attempt is not counted against the caller's
+    address or the key id (a store fault must not lock legitimate callers out)."""
+    token, key = await gut.key()
+    r = redis.Redis.from_url(redis_url)
+    stored = f"kg:key:{{acme}}:{key['id']}"
+    fields = r.hgetall(stored)
+    r.delete(stored)
+    r.set(stored, "not a hash")          # HGETALL inside the read script: WRONGTYPE
+    async with gut.proxy.get("/people/1", headers=bearer(token)) as resp:
+        assert (await error_of(resp))[:2] == (503, "store_unavailable")
+    assert r.get("kg:fail:ip:127.0.0.1") is None
+    assert r.get(f"kg:fail:key:{key['id']}") is None
+    r.delete(stored)
+    r.hset(stored, mapping=fields)       # the store mended: the same key verifies
+    async with gut.proxy.get("/people/1", headers=bearer(token)) as resp:
+        assert resp.status == 200
+
+
 async def test_fail_open_lets_verified_keys_through_and_counts_them_later(redis_url, upstream,
                                                                           monkeypatch):
     config = make_config(str(upstream.make_url("")),
