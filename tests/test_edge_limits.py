@@ -185,12 +185,21 @@ async def test_upstream_connections_are_bounded_and_requests_over_the_bound_wait
 
 async def test_waiting_for_an_upstream_connection_past_the_timeout_is_504_and_not_counted(
         redis_url, aiohttp_server, monkeypatch):
-    async def stuck(request: web.Request) -> web.Response:
-        await asyncio.sleep(1.5)
-        return web.Response(text="late")
+    # The first request holds the pool's only connection for 1.5 s: its answer's head comes at
+    # once (so its own timeout never fires), then the body drips. The second starts once the
+    # first's head is here, so it must wait for the connection, past the 0.5 s timeout. (With
+    # a stuck head instead, both timers end at ~0.5 s and which fires first is a race: the
+    # second then sometimes got the freed connection and reached the upstream.)
+    async def dripping(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(15):
+            await asyncio.sleep(0.1)
+            await response.write(b"x")
+        return response
 
     app = web.Application()
-    app.router.add_get("/{tail:.*}", stuck)
+    app.router.add_get("/{tail:.*}", dripping)
     server = await aiohttp_server(app)
     config = edge_config(str(server.make_url("")))
     config = dataclasses.replace(config, upstreams={
@@ -198,16 +207,17 @@ async def test_waiting_for_an_upstream_connection_past_the_timeout_is_504_and_no
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         await g.workspace("acme")
         token, _ = await g.key(scopes=["people:read"])
-
-        async def one() -> tuple[int, str]:
-            async with g.proxy.get("/people/x", headers={"Authorization": f"Bearer {token}"}) \
-                    as r:
-                return r.status, (await r.json())["error"]["code"]
-
-        (s1, c1), (s2, c2) = await asyncio.gather(one(), one())
-        assert sorted([s1, s2]) == [504, 504]
-        # one reached the upstream (it timed out waiting for the answer: counted), the other
-        # never got a connection (refused here: not counted)
+        auth = {"Authorization": f"Bearer {token}"}
+        async with g.proxy.get("/people/x", headers=auth) as first:
+            assert first.status == 200                   # the connection is now held
+            started = time.monotonic()
+            async with g.proxy.get("/people/x", headers=auth) as second:
+                waited = time.monotonic() - started
+                assert second.status == 504
+                assert (await second.json())["error"]["code"] == "upstream_timeout"
+            assert 0.4 < waited < 1.2
+            assert await first.read() == b"x" * 15      # the held one was not disturbed
+        # the first reached the upstream (counted); the second never got a connection
         assert await g.used() == 1
 
 
