@@ -191,6 +191,8 @@ async def test_waiting_for_an_upstream_connection_past_the_timeout_is_504_and_no
     # a stuck head instead, both timers end at ~0.5 s and which fires first is a race: the
     # second then sometimes got the freed connection and reached the upstream.)
     async def dripping(request: web.Request) -> web.StreamResponse:
+        if request.path == "/people/stuck":
+            await asyncio.sleep(1.5)
         response = web.StreamResponse()
         await response.prepare(request)
         for _ in range(15):
@@ -219,6 +221,10 @@ async def test_waiting_for_an_upstream_connection_past_the_timeout_is_504_and_no
             assert await first.read() == b"x" * 15      # the held one was not disturbed
         # the first reached the upstream (counted); the second never got a connection
         assert await g.used() == 1
+        # one that reached the upstream and timed out waiting for the answer is counted
+        async with g.proxy.get("/people/stuck", headers=auth) as stuck:
+            assert stuck.status == 504
+        assert await g.used() == 2
 
 
 def test_the_open_file_limit_is_raised_to_fit_max_connections():
