@@ -27,7 +27,7 @@ from .ledger import RETRY_EVERY
 from .pipeline import Pipeline
 from .proxying.server import AdminRunner, ProxyServer
 from .reload import ListenerTLS, Reloader, add_reload_route
-from .verify_queue import release_freed_memory_every
+from .argon2_pool import release_freed_memory_every
 
 log = logging.getLogger("keygate")
 
@@ -76,6 +76,7 @@ async def running_gateway(config: Config, store_url: str, *,
     forwarder = Forwarder(config)
     forwarder.on_upstream = metrics.observe_upstream
     auth = Authenticator(config, store, requests, metrics, clock=clock)
+    store.argon2 = auth.argon2  # new keys' hashes too: never at the event loop's expense
     pipeline = None
     access = None
     flushing = None

@@ -8,9 +8,9 @@ re-read before anything is decided, so revocation and re-scoping act on the very
 replica without waiting for a TTL.
 
 The cold path (a key not in the cache) waits for a turn in a bounded, fair queue
-(``gateway.verify_queue``), reads the key, then verifies on a bounded thread pool at lower CPU
-priority, never on the event loop; concurrent first requests for one key and secret share one
-verification, and failed verifications are throttled per client IP (and per key id when
+(``gateway.verify_queue``), reads the key, then verifies on a bounded thread pool that takes
+only the CPU the event loop leaves or lends it (``gateway.argon2_pool``), never on the loop;
+concurrent first requests for one key and secret share one verification, and failed verifications are throttled per client IP (and per key id when
 ``keys.failures.per_key`` is set) *before* argon2 runs.
 """
 
@@ -30,7 +30,8 @@ from .store.request import RequestStore
 from .usage import effective_plan, key_rate_limit
 from .models import KeyRecord, Principal, Workspace
 from .tokens import MalformedToken, ParsedToken, SecretHasher, parse_token
-from .verify_queue import VerifyQueue, argon2_executor, argon2_threads
+from .argon2_pool import Argon2Pool, argon2_threads
+from .verify_queue import VerifyQueue
 
 MAX_CACHED_KEYS = 100_000
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -134,7 +135,7 @@ class Authenticator:
         a = config.keys.argon2
         self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
         threads = argon2_threads()
-        self.executor = argon2_executor(threads)
+        self.argon2 = Argon2Pool(threads)
         # A turn per argon2 thread, plus one, so a thread never idles while a turn reads the
         # key from the store.
         self.queue = VerifyQueue(threads + 1,
@@ -171,7 +172,7 @@ class Authenticator:
             self.cache.clear()
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.argon2.shutdown()
 
     # --- the step the pipeline awaits ---------------------------------------------------------
 
@@ -277,8 +278,7 @@ class Authenticator:
             if workspace_id else (None, None, None)
         ok = False
         if key is not None and key.environment == token.environment:
-            ok = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.hasher.verify, key.hash, token.secret)
+            ok = await self.argon2.run(self.hasher.verify, key.hash, token.secret)
             if self.metrics:
                 self.metrics.argon2.labels("ok" if ok else "fail").inc()
         if not ok:

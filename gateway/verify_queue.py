@@ -7,19 +7,7 @@ the request is answered 503 ``overloaded`` with ``Retry-After: 1``. Turns are ha
 round-robin across client IPs, so one address with a long queue cannot delay every other
 address's first request by its whole queue.
 
-The argon2 work itself runs on :func:`argon2_executor`: a bounded thread pool whose threads
-have a higher nice value than the event loop's thread, so a cold burst takes CPU from argon2
-first and cached keys keep their latency.
-
-Each argon2 run mallocs ``memory_cost`` KiB (19 MiB by default) and frees it. Left to itself,
-glibc keeps that memory for the life of the process in every thread that ran argon2 (the
-argon2 threads, and asyncio's default executor threads that hash new keys): a thread has its
-own malloc arena, the first free raises glibc's mmap threshold above the run's size, and
-``malloc_trim`` never shrinks a thread's arena. ``keygate serve`` went from 56 to 115 MB RSS
-after its first four verifications. :func:`one_malloc_arena` (called by ``serve`` before any
-thread starts) has every thread allocate from the main arena, which
-:func:`release_freed_memory` can return to the system; the gateway calls it every
-``RELEASE_EVERY`` seconds. Runs in a burst still reuse the memory the previous run freed.
+The argon2 work itself runs on ``gateway.argon2_pool``.
 """
 
 from __future__ import annotations
@@ -27,85 +15,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
-import logging
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 from .errors import ServiceUnavailable
-
-log = logging.getLogger("keygate.auth")
-
-ARGON2_NICE = 10  # added to the process's nice value for the argon2 threads (Linux)
-RELEASE_EVERY = 10.0  # seconds between returns of freed memory to the system
-_M_ARENA_MAX = -8     # glibc's mallopt() parameter number
-
-
-def _c_library() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(None)  # the C library this process runs on
-    except OSError:
-        return None
-
-
-_LIBC = _c_library()
-
-
-def one_malloc_arena() -> None:
-    """Every thread started after this allocates from glibc's main arena (see the module
-    docstring). Elsewhere a no-op."""
-    if (mallopt := getattr(_LIBC, "mallopt", None)) is not None:
-        mallopt(_M_ARENA_MAX, 1)
-
-
-def release_freed_memory() -> None:
-    """Return the memory freed inside the main malloc arena to the system (glibc's
-    ``malloc_trim``; well under a millisecond when there is little to return, ~2 ms after an
-    argon2 run). Elsewhere a no-op."""
-    if (trim := getattr(_LIBC, "malloc_trim", None)) is not None:
-        trim(0)
-
-
-async def release_freed_memory_every(seconds: float = RELEASE_EVERY) -> None:
-    """Runs until cancelled (a task of the gateway's lifecycle). The trim runs on the default
-    executor's thread, not the event loop's: it walks the heap (~2 ms after an argon2 run),
-    and a foreign call through ctypes does not hold the GIL, so requests go on meanwhile."""
-    loop = asyncio.get_running_loop()
-    while True:
-        await asyncio.sleep(seconds)
-        await loop.run_in_executor(None, release_freed_memory)
-
-
-def argon2_threads() -> int:
-    """Threads of the argon2 pool: one per CPU this process may run on, at least 1, at most 4
-    (each argon2 run takes ``memory_cost`` KiB, and beyond the CPUs more threads only queue
-    inside the kernel). The CPUs it may run on, not the machine's: a gateway pinned to one
-    CPU (taskset, a cpuset container) with a thread per machine CPU ran two argon2 threads
-    beside its event loop, each weighing as much in the scheduler, so a cold burst took
-    ~18% of the loop's core instead of ~10%."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        usable = os.cpu_count() or 1
-    return max(1, min(4, usable))
-
-
-def _lower_priority() -> None:
-    """Thread initializer: raise this thread's nice value (on Linux a thread has its own; no
-    privilege is needed to lower one's priority). Elsewhere a no-op."""
-    try:
-        tid = threading.get_native_id()
-        current = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + ARGON2_NICE))
-    except (AttributeError, OSError) as exc:  # not Linux, or a sandbox that forbids it
-        log.debug("argon2 threads keep the default priority: %s", exc)
-
-
-def argon2_executor(threads: int | None = None) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=threads or argon2_threads(),
-                              thread_name_prefix="argon2", initializer=_lower_priority)
 
 
 def overloaded() -> ServiceUnavailable:

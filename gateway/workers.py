@@ -233,7 +233,7 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
             print(problem, file=sys.stderr)
         return 1
     setup_logging(config)
-    from .verify_queue import one_malloc_arena
+    from .argon2_pool import one_malloc_arena
     one_malloc_arena()  # before any thread starts, in this process and the workers it forks
     # Until the event loop takes it over, a SIGHUP (a reload) must neither end the process nor
     # be lost: it is held (workers inherit the mask) and delivered once a handler is in place.

@@ -245,17 +245,17 @@ async def test_a_full_verification_queue_answers_503_overloaded(upstream, redis_
 
 async def test_argon2_runs_at_a_lower_cpu_priority_than_the_event_loop(upstream, redis_url,
                                                                        monkeypatch):
+    """Verifying first requests and hashing new keys' secrets alike: argon2 threads are in the
+    idle scheduling class (gateway.argon2_pool), the event loop is not."""
     import sys
-    import threading
     if not sys.platform.startswith("linux"):
-        pytest.skip("a thread's own nice value is a Linux feature")
+        pytest.skip("a thread's own scheduling class is a Linux feature")
     config = make_config(str(upstream.make_url("")))
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         auth = g.gw.pipeline.auth
-        loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        nice = await asyncio.get_running_loop().run_in_executor(
-            auth.executor, lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        assert nice > loop_nice or loop_nice == 19
+        assert await auth.argon2.run(os.sched_getscheduler, 0) == os.SCHED_IDLE
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+        assert g.gw.pipeline.store.argon2 is auth.argon2
         assert auth.queue.slots <= 5  # at most 4 argon2 threads, and one turn more
 
 

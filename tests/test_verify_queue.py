@@ -104,7 +104,7 @@ def test_the_argon2_pool_has_a_thread_per_cpu_the_process_may_use_not_per_machin
     import sys
 
     one = sorted(os.sched_getaffinity(0))[:1]
-    probe = "from gateway.verify_queue import argon2_threads; print(argon2_threads())"
+    probe = "from gateway.argon2_pool import argon2_threads; print(argon2_threads())"
     pinned = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             preexec_fn=lambda: os.sched_setaffinity(0, one), check=True)
     free = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

@@ -70,6 +70,9 @@ class StoreBase:
         self.clock = clock
         a = config.keys.argon2
         self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
+        # gateway.argon2_pool.Argon2Pool: where a serving gateway hashes new keys' secrets
+        # (None: a thread of asyncio's default executor, as the CLI and tests do)
+        self.argon2 = None
         self._scripts = {name: client.register_script(load(f"admin_{name}").text)
                          for name in ("create_workspace", "update_workspace", "add_key",
                                       "update_key", "revoke_key", "set_role", "delete_key")}

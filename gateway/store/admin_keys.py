@@ -62,7 +62,8 @@ class KeyStore(StoreBase):
             with store_errors("write"):
                 reserved = await self.redis.set(key_index_key(parts.key_id), ws, nx=True)
             if reserved:
-                hashed = await asyncio.to_thread(self.hasher.hash, parts.secret)
+                hashed = await (asyncio.to_thread if self.argon2 is None else self.argon2.run)(
+                    self.hasher.hash, parts.secret)
                 return parts.key_id, token, hashed
         raise StoreError("could not find a free key id")
 

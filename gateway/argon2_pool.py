@@ -1,0 +1,188 @@
+"""Where argon2 runs: a bounded thread pool that only takes CPU the event loop gives it.
+
+One argon2id run is ~20 ms of CPU at the shipped cost. Its threads run in Linux's idle
+scheduling class (``SCHED_IDLE``): they get a CPU only when nothing else wants it, and a
+waking event loop takes its CPU back from them at once. Measured (``bench/burst.py``, keygate
+pinned to one saturated core): argon2 threads at a nice value 10 above the loop got ~10% of
+the core as whole scheduler ticks, 4 ms during which the loop could not run, and a cached
+key's p99 went from 2.5 to ~6 ms during bursts of new keys.
+
+An idle-class thread alone would starve first requests whenever the loop keeps its core busy.
+So while a run is in progress, the loop checks every ``DONATE_EVERY`` seconds how much CPU the
+pool's threads got since the last check; when it is less than ``SHARE`` of that time, the loop
+sleeps ``DONATE_SLICE`` seconds, handing its core over. argon2 then gets at least ~10% of the
+loop's core however busy it is, in slices of 0.5 ms, the only pauses cached requests see.
+On a machine with a free core argon2 runs there at full speed and the loop never sleeps.
+
+Where the idle class cannot be set (not Linux, a sandbox that forbids it), the threads run at
+a nice value ``ARGON2_NICE`` above the loop's and the loop never sleeps for them.
+
+Each argon2 run mallocs ``memory_cost`` KiB (19 MiB by default) and frees it. Left to itself,
+glibc keeps that memory for the life of the process in every thread that ran argon2: a thread
+has its own malloc arena, the first free raises glibc's mmap threshold above the run's size,
+and ``malloc_trim`` never shrinks a thread's arena. ``keygate serve`` went from 56 to 115 MB
+RSS after its first four verifications. :func:`one_malloc_arena` (called by ``serve`` before
+any thread starts) has every thread allocate from the main arena, which
+:func:`release_freed_memory` can return to the system; the gateway calls it every
+``RELEASE_EVERY`` seconds. Runs in a burst still reuse the memory the previous run freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+log = logging.getLogger("keygate.auth")
+
+T = TypeVar("T")
+
+DONATE_EVERY = 0.0045  # seconds of loop time between checks while a run is in progress
+DONATE_SLICE = 0.0005  # seconds the loop sleeps when argon2 got too little CPU
+SHARE = DONATE_SLICE / (DONATE_EVERY + DONATE_SLICE)  # the least argon2 gets: ~10%
+ARGON2_NICE = 10       # the fallback: added to the process's nice value for the threads
+RELEASE_EVERY = 10.0   # seconds between returns of freed memory to the system
+_M_ARENA_MAX = -8      # glibc's mallopt() parameter number
+
+
+def argon2_threads() -> int:
+    """Threads of the pool: one per CPU this process may run on, at least 1, at most 4 (each
+    run takes ``memory_cost`` KiB, and beyond the CPUs more threads only queue inside the
+    kernel). The CPUs it may run on, not the machine's: a gateway pinned to one CPU (taskset,
+    a cpuset container) with a thread per machine CPU ran two argon2 threads beside its event
+    loop."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        usable = os.cpu_count() or 1
+    return max(1, min(4, usable))
+
+
+def _idle_class() -> bool:
+    """Put the calling thread in the idle scheduling class (Linux; no privilege is needed to
+    lower one's own priority). False where that cannot be done."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+        return True
+    except (AttributeError, OSError) as exc:
+        log.debug("argon2 threads cannot use the idle scheduling class: %s", exc)
+        return False
+
+
+def _lower_nice() -> None:
+    try:
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + ARGON2_NICE))
+    except (AttributeError, OSError) as exc:  # not Linux, or a sandbox that forbids it
+        log.debug("argon2 threads keep the default priority: %s", exc)
+
+
+class Argon2Pool:
+    """``await pool.run(fn, *args)`` runs ``fn`` (an argon2 hash or verify) on one of the
+    pool's threads, lending them the event loop's CPU when they starve (module docstring).
+    ``idle_class`` tells whether the threads run in the idle class (None until one starts)."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=threads or argon2_threads(),
+                                           thread_name_prefix="argon2",
+                                           initializer=self._thread_started)
+        self.idle_class: bool | None = None
+        self.donated = 0                  # slices the loop gave away (a diagnosis)
+        self._clocks: list[int] = []      # the threads' CPU-time clocks
+        self._jobs: set[Future] = set()   # runs submitted and not finished
+        self._timer: asyncio.TimerHandle | None = None
+        self._seen = 0.0                  # the threads' CPU seconds at the last check
+        self._checked = 0.0               # loop.time() of the last check
+
+    def _thread_started(self) -> None:
+        idle = _idle_class()
+        if not idle:
+            _lower_nice()
+        self.idle_class = idle
+        try:
+            self._clocks.append(time.pthread_getcpuclockid(threading.get_ident()))
+        except (AttributeError, OSError):  # no per-thread clocks: the loop cannot tell
+            pass
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        job = self.executor.submit(fn, *args)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)  # set.discard is atomic under the GIL
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._seen, self._checked = self._cpu(), loop.time()
+            self._timer = loop.call_later(DONATE_EVERY, self._check, loop)
+        return await asyncio.wrap_future(job)
+
+    def _cpu(self) -> float:
+        total = 0.0
+        for clock in self._clocks:
+            try:
+                total += time.clock_gettime(clock)
+            except OSError:  # the thread is gone (the pool shut down)
+                pass
+        return total
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        """While runs are in progress (a run cancelled by its caller still runs): lend the
+        loop's CPU when the threads got less than ``SHARE`` of the time since the last check."""
+        if not self._jobs:
+            self._timer = None
+            return
+        now = loop.time()
+        cpu = self._cpu()
+        if self.idle_class and cpu - self._seen < SHARE * (now - self._checked):
+            time.sleep(DONATE_SLICE)
+            self.donated += 1
+            cpu, now = self._cpu(), loop.time()
+        self._seen, self._checked = cpu, now
+        self._timer = loop.call_later(DONATE_EVERY, self._check, loop)
+
+    def shutdown(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+# --- argon2's memory ----------------------------------------------------------------------------
+
+def _c_library() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None)  # the C library this process runs on
+    except (OSError, TypeError):  # TypeError: Windows wants a name
+        return None
+
+
+_LIBC = _c_library()
+
+
+def one_malloc_arena() -> None:
+    """Every thread started after this allocates from glibc's main arena (see the module
+    docstring). Elsewhere a no-op."""
+    if (mallopt := getattr(_LIBC, "mallopt", None)) is not None:
+        mallopt(_M_ARENA_MAX, 1)
+
+
+def release_freed_memory() -> None:
+    """Return the memory freed inside the main malloc arena to the system (glibc's
+    ``malloc_trim``; well under a millisecond when there is little to return, ~2 ms after an
+    argon2 run). Elsewhere a no-op."""
+    if (trim := getattr(_LIBC, "malloc_trim", None)) is not None:
+        trim(0)
+
+
+async def release_freed_memory_every(seconds: float = RELEASE_EVERY) -> None:
+    """Runs until cancelled (a task of the gateway's lifecycle). The trim runs on the default
+    executor's thread, not the event loop's: it walks the heap (~2 ms after an argon2 run),
+    and a foreign call through ctypes does not hold the GIL, so requests go on meanwhile."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(seconds)
+        await loop.run_in_executor(None, release_freed_memory)
