@@ -44,6 +44,24 @@ async def test_resp_client_round_trips_and_pipelines(redis_url):
     await client.close()
 
 
+async def test_every_caller_gets_its_own_reply_however_calls_meet_on_the_connection(redis_url):
+    """A call made while nothing is in flight is written at once; calls made while replies are
+    awaited go out together at the end of the loop's turn. Mixed across turns, each caller
+    must still get the reply to its own command."""
+    client = RespClient(redis_url)
+
+    async def caller(i: int) -> bytes:
+        for _ in range(i % 4):          # start on different loop turns
+            await asyncio.sleep(0)
+        return await client.call("ECHO", f"reply-{i}")
+
+    for _ in range(3):
+        replies = await asyncio.gather(*(caller(i) for i in range(200)))
+        assert replies == [f"reply-{i}".encode() for i in range(200)]
+        assert await client.call("ECHO", "alone") == b"alone"   # nothing in flight now
+    await client.close()
+
+
 async def test_resp_client_reports_unreachable_store_and_reconnects(own_redis):
     client = RespClient(own_redis.url, timeout=0.5, connect_timeout=0.5)
     assert await client.call("PING") == b"PONG"
