@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -117,5 +118,24 @@ async def test_a_run_raising_passes_its_error_to_the_caller_and_the_pool_goes_on
         assert await pool.run(hasher.verify, hasher.hash("x" * 32), "x" * 32) is True
         await asyncio.sleep(0.02)
         assert pool._timer is None      # no run in progress: the loop stops checking
+    finally:
+        pool.shutdown()
+
+
+async def test_the_cpu_of_the_threads_libargon2_starts_for_its_lanes_counts_as_argon2s():
+    """With ``keys.argon2.parallelism`` above 1 (the config's, or a key hashed under it),
+    libargon2 fills the lanes in threads it starts itself while the pool's thread waits for
+    them. The loop counted only the pool threads' own clocks: it saw ~5% of argon2's CPU and
+    lent its core at every check, argon2 at full speed on a free core or not."""
+    pool = Argon2Pool(1)
+    try:
+        hasher = SecretHasher(2, 8192, 4)
+        stored = hasher.hash("l" * 32)
+        await pool.run(int)  # the pool's thread has started
+        counted, process, loop = pool._cpu(), time.process_time(), time.thread_time()
+        for _ in range(4):
+            assert await pool.run(hasher.verify, stored, "l" * 32) is True
+        argon2 = (time.process_time() - process) - (time.thread_time() - loop)
+        assert pool._cpu() - counted >= 0.8 * argon2 > 0, (pool._cpu() - counted, argon2)
     finally:
         pool.shutdown()
