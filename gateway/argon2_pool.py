@@ -17,6 +17,10 @@ On a machine with a free core argon2 runs there at full speed and the loop never
 Where the idle class cannot be set (not Linux, a sandbox that forbids it), the threads run at
 a nice value ``ARGON2_NICE`` above the loop's and the loop never sleeps for them.
 
+The idle class weighs 3 in the scheduler, a thread at nice 0 1024: argon2 beside a loop at
+nice 0 gets ~0.3% of the core on its weight, in whole ticks. A gateway started at a high nice
+value loses most of the difference (nice 19 weighs 15: argon2 gets ~17% in whole ticks again).
+
 Each argon2 run mallocs ``memory_cost`` KiB (19 MiB by default) and frees it. Left to itself,
 glibc keeps that memory for the life of the process in every thread that ran argon2: a thread
 has its own malloc arena, the first free raises glibc's mmap threshold above the run's size,
