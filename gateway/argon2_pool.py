@@ -17,6 +17,10 @@ On a machine with a free core argon2 runs there at full speed and the loop never
 Where the idle class cannot be set (not Linux, a sandbox that forbids it), the threads run at
 a nice value ``ARGON2_NICE`` above the loop's and the loop never sleeps for them.
 
+The idle class weighs 3 in the scheduler, a thread at nice 0 1024: argon2 beside a loop at
+nice 0 gets ~0.3% of the core on its weight, in whole ticks. A gateway started at a high nice
+value loses most of the difference (nice 19 weighs 15: argon2 gets ~17% in whole ticks again).
+
 Each argon2 run mallocs ``memory_cost`` KiB (19 MiB by default) and frees it. Left to itself,
 glibc keeps that memory for the life of the process in every thread that ran argon2: a thread
 has its own malloc arena, the first free raises glibc's mmap threshold above the run's size,
@@ -83,6 +87,13 @@ def _lower_nice() -> None:
         log.debug("argon2 threads keep the default priority: %s", exc)
 
 
+def _thread_clock(tid: int) -> int:
+    """The clock id of thread ``tid``'s CPU time (Linux's MAKE_THREAD_CPUCLOCK, what glibc's
+    and musl's ``pthread_getcpuclockid`` return). Reading it once the thread has ended fails
+    with EINVAL."""
+    return (~tid << 3) | 6  # CPUCLOCK_PERTHREAD_MASK | CPUCLOCK_SCHED
+
+
 class Argon2Pool:
     """``await pool.run(fn, *args)`` runs ``fn`` (an argon2 hash or verify) on one of the
     pool's threads, lending them the event loop's CPU when they starve (module docstring).
@@ -94,10 +105,10 @@ class Argon2Pool:
                                            initializer=self._thread_started)
         self.idle_class: bool | None = None
         self.donated = 0                  # slices the loop gave away (a diagnosis)
-        self._clocks: list[int] = []      # the threads' CPU-time clocks
+        self._threads: set[int] = set()   # the pool threads' native ids
         self._jobs: set[Future] = set()   # runs submitted and not finished
         self._timer: asyncio.TimerHandle | None = None
-        self._seen = 0.0                  # the threads' CPU seconds at the last check
+        self._seen = 0.0                  # argon2's CPU seconds at the last check (_cpu)
         self._checked = 0.0               # loop.time() of the last check
 
     def _thread_started(self) -> None:
@@ -105,10 +116,7 @@ class Argon2Pool:
         if not idle:
             _lower_nice()
         self.idle_class = idle
-        try:
-            self._clocks.append(time.pthread_getcpuclockid(threading.get_ident()))
-        except (AttributeError, OSError):  # no per-thread clocks: the loop cannot tell
-            pass
+        self._threads.add(threading.get_native_id())
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         job = self.executor.submit(fn, *args)
@@ -121,13 +129,23 @@ class Argon2Pool:
         return await asyncio.wrap_future(job)
 
     def _cpu(self) -> float:
-        total = 0.0
-        for clock in self._clocks:
-            try:
-                total += time.clock_gettime(clock)
-            except OSError:  # the thread is gone (the pool shut down)
+        """CPU seconds argon2 has had: the process's, less every other Python thread's (the
+        event loop's, the access log's writer...). Not the pool threads' own clocks: with
+        ``keys.argon2.parallelism`` above 1 (the config's, or a key hashed under it) libargon2
+        fills the lanes in threads it starts itself while the pool's thread waits for them,
+        and the loop saw ~5% of argon2's CPU and lent its core at every check, argon2 at full
+        speed on a free core or not. Threads Python did not start (those lanes, libuv's)
+        count as argon2's."""
+        others = 0.0
+        for thread in threading.enumerate():
+            tid = thread.native_id
+            if tid is None or tid in self._threads:  # None: not started yet
+                continue
+            try:  # the thread's CPU clock by its id, not by pthread_t: one that has just
+                others += time.clock_gettime(_thread_clock(tid))  # ended is an error, not UB
+            except (AttributeError, OSError):  # it has ended; or no such clock (not Linux)
                 pass
-        return total
+        return time.process_time() - others
 
     def _check(self, loop: asyncio.AbstractEventLoop) -> None:
         """While runs are in progress (a run cancelled by its caller still runs): lend the

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -23,7 +24,9 @@ linux_only = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux sch
 
 # A loop that never waits: each callback computes for 1 ms and queues the next one at once.
 # It reads the clock continuously; a jump between two reads is time the loop was not running
-# (preempted, or asleep lending its CPU). Jumps over 0.3 ms are recorded.
+# (preempted, or asleep lending its CPU). Jumps over 0.3 ms are recorded with the CPU argon2
+# had meanwhile (the process's other thread), so a jump while another process had the CPU
+# (a CI runner's neighbours) is told apart from one argon2 took.
 _BUSY_LOOP = textwrap.dedent("""
     import asyncio, json, os, sys, time
     from gateway.argon2_pool import Argon2Pool
@@ -33,26 +36,27 @@ _BUSY_LOOP = textwrap.dedent("""
     hasher = SecretHasher()
     stored = hasher.hash("s" * 32)
 
+    def argon2_cpu():
+        return time.process_time() - time.thread_time()
+
     async def main():
         loop = asyncio.get_running_loop()
         pool = Argon2Pool(1)
-        stalls, last, busy = [], [time.perf_counter()], [True]
+        stalls, last, busy = [], [time.perf_counter(), argon2_cpu()], [True]
 
         def spin():
-            prev = last[0]
+            prev, prev_cpu = last
             end = time.perf_counter() + 0.001
             while True:
-                now = time.perf_counter()
+                now, cpu = time.perf_counter(), argon2_cpu()
                 if now - prev > 0.0003:
-                    stalls.append(now - prev)
-                prev = now
+                    stalls.append((now - prev, cpu - prev_cpu))
+                prev, prev_cpu = now, cpu
                 if now >= end:
                     break
-            last[0] = prev
+            last[:] = prev, prev_cpu
             if busy[0]:
                 loop.call_soon(spin)
-
-        loop.call_soon(spin)
 
         loop.call_soon(spin)
         await asyncio.sleep(0.2)          # the loop is busy from here on
@@ -94,18 +98,23 @@ async def test_argon2_threads_run_in_the_idle_class_and_the_loop_keeps_its_own()
 @linux_only
 def test_a_loop_that_never_rests_still_lends_argon2_its_core_in_short_slices():
     """In the idle class alone, argon2 would never run beside a loop that never waits (first
-    requests would starve). The loop lends its core: the verifications finish, and the loop
-    is never away for long. Before, argon2 threads at nice +10 took whole 4 ms scheduler
+    requests would starve). The loop lends its core: the verifications finish, and argon2
+    never has the core for long. Before, argon2 threads at nice +10 took whole 4 ms scheduler
     ticks from the loop (one every ~40 ms of loop time)."""
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice > 5:
+        pytest.skip(f"at nice {nice} the loop's scheduler weight is too small beside the idle "
+                    "class's (3; 1024 at nice 0, 15 at nice 19) for argon2 to be idle: it gets "
+                    "whole ticks on its weight alone")
     r = _busy_loop_beside_argon2()
     assert r["ok"] == [True, True, True], r       # not starved
     assert r["idle_class"] is True and r["donated"] > 0
     assert r["took"] < 10, r
-    # The loop was away in 0.5 ms slices. A few whole ticks remain: the idle class still has a
-    # weight (3, against the loop's 1024), and other processes run too. At nice +10 this
-    # measured 18 ticks of 4 ms in 0.8 s.
-    long_stalls = [g for g in r["stalls"] if g > 0.0025]
-    assert len(long_stalls) <= 6, r
+    # argon2 had the core in 0.5 ms slices. A few whole ticks remain: the idle class still has
+    # a weight (3, against the loop's 1024). At nice +10 this measured 18 ticks of 4 ms in
+    # 0.8 s. The loop's absences while argon2 did not run (other processes) do not count.
+    argon2_ticks = [(away, ran) for away, ran in r["stalls"] if away > 0.0025 and ran > 0.002]
+    assert len(argon2_ticks) <= 6, r
 
 
 async def test_a_run_raising_passes_its_error_to_the_caller_and_the_pool_goes_on():
@@ -117,5 +126,24 @@ async def test_a_run_raising_passes_its_error_to_the_caller_and_the_pool_goes_on
         assert await pool.run(hasher.verify, hasher.hash("x" * 32), "x" * 32) is True
         await asyncio.sleep(0.02)
         assert pool._timer is None      # no run in progress: the loop stops checking
+    finally:
+        pool.shutdown()
+
+
+async def test_the_cpu_of_the_threads_libargon2_starts_for_its_lanes_counts_as_argon2s():
+    """With ``keys.argon2.parallelism`` above 1 (the config's, or a key hashed under it),
+    libargon2 fills the lanes in threads it starts itself while the pool's thread waits for
+    them. The loop counted only the pool threads' own clocks: it saw ~5% of argon2's CPU and
+    lent its core at every check, argon2 at full speed on a free core or not."""
+    pool = Argon2Pool(1)
+    try:
+        hasher = SecretHasher(2, 8192, 4)
+        stored = hasher.hash("l" * 32)
+        await pool.run(int)  # the pool's thread has started
+        counted, process, loop = pool._cpu(), time.process_time(), time.thread_time()
+        for _ in range(4):
+            assert await pool.run(hasher.verify, stored, "l" * 32) is True
+        argon2 = (time.process_time() - process) - (time.thread_time() - loop)
+        assert pool._cpu() - counted >= 0.8 * argon2 > 0, (pool._cpu() - counted, argon2)
     finally:
         pool.shutdown()

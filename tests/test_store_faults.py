@@ -259,6 +259,43 @@ async def test_argon2_runs_at_a_lower_cpu_priority_than_the_event_loop(upstream,
         assert auth.queue.slots <= 5  # at most 4 argon2 threads, and one turn more
 
 
+async def test_a_workspace_admin_creating_keys_in_bulk_does_not_queue_first_requests(
+        upstream, redis_url, monkeypatch):
+    """New keys' secrets are hashed on the argon2 pool that verifies first requests. A
+    workspace admin key (a customer's, on the proxy listener) sending many creates at once
+    queued every hash in the pool's one FIFO: another workspace's first request then waited
+    for all of them (they are hashed even past the plan's key limit)."""
+    config = make_config(str(upstream.make_url("")),
+                         keys=KeysConfig(argon2=Argon2Config(2, 8192, 1)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("bulk", plan="unlimited")
+        await g.workspace("other")
+        admin_token, _ = await g.key("bulk", role="admin")
+        victim, _ = await g.key("other")
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:  # cold caches
+        async with g.proxy.get("/_keygate/v1/keys", headers=bearer(admin_token)) as r:
+            assert r.status == 200  # the admin key is verified: only the creates hash now
+        created: list[int] = []
+        bulk = ClientSession(str(g.proxy_server.make_url("")), connector=TCPConnector(limit=0))
+
+        async def create(i: int) -> None:
+            async with bulk.post("/_keygate/v1/keys", headers=bearer(admin_token),
+                                 json={"name": f"k{i}", "scopes": ["people:read"]}) as r:
+                created.append(r.status)
+
+        flood = asyncio.gather(*(create(i) for i in range(120)))
+        await eventually(lambda: created)  # the hashes are under way
+        # a client of its own: the flood holds every connection of g.proxy's
+        async with ClientSession(str(g.proxy_server.make_url(""))) as other:
+            async with other.get("/people", headers=bearer(victim)) as r:
+                assert r.status == 200
+                before = len(created)
+        await flood
+        await bulk.close()
+        assert created == [201] * 120
+        assert before <= 20, f"{before} keys were created while a first request waited"
+
+
 # --- Redis paused, killed, restarted: answers stay right -----------------------------------------
 
 async def _load(g, token: str, stop: asyncio.Event, statuses: list[int], workers: int = 8,

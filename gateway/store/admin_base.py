@@ -73,6 +73,9 @@ class StoreBase:
         # gateway.argon2_pool.Argon2Pool: where a serving gateway hashes new keys' secrets
         # (None: a thread of asyncio's default executor, as the CLI and tests do)
         self.argon2 = None
+        # One new key's hash at a time: on the pool, a workspace admin sending creates in
+        # bulk queued every hash ahead of other workspaces' first requests (see _new_token)
+        self._hashing = asyncio.Semaphore(1)
         self._scripts = {name: client.register_script(load(f"admin_{name}").text)
                          for name in ("create_workspace", "update_workspace", "add_key",
                                       "update_key", "revoke_key", "set_role", "delete_key")}

@@ -56,14 +56,20 @@ class KeyStore(StoreBase):
 
 
     async def _new_token(self, ws: str, environment: str) -> tuple[str, str, str]:
-        """(key id, token, argon2 hash) with the key id reserved in the global index."""
+        """(key id, token, argon2 hash) with the key id reserved in the global index.
+
+        Hashes wait their turn here, one at a time, not in the argon2 pool's queue: that
+        queue is first come, first served, and a workspace admin key sending 120 creates at
+        once had another workspace's first request wait for all 120 hashes (a create hashes
+        before the plan's key limit is checked). Now a first request waits for one at most."""
         for _ in range(ID_ATTEMPTS):
             token, parts = make_token(self.config.keys.prefix, environment)
             with store_errors("write"):
                 reserved = await self.redis.set(key_index_key(parts.key_id), ws, nx=True)
             if reserved:
-                hashed = await (asyncio.to_thread if self.argon2 is None else self.argon2.run)(
-                    self.hasher.hash, parts.secret)
+                async with self._hashing:
+                    hashed = await (asyncio.to_thread if self.argon2 is None
+                                    else self.argon2.run)(self.hasher.hash, parts.secret)
                 return parts.key_id, token, hashed
         raise StoreError("could not find a free key id")
 
