@@ -3,9 +3,8 @@
 Why not redis-py here: measured on this machine kind (measured per part; see bench/), one EVALSHA
 through redis-py's asyncio client costs ~130-185 µs of client CPU, as much as all of the
 proxying; the same round trip through one ``asyncio.Protocol`` whose writes are coalesced per
-loop tick (while replies are awaited) and whose replies are parsed by hiredis costs ~11-24 µs.
-redis-py stays the client for everything that is not per request (admin operations, Cluster,
-Sentinel).
+loop tick and whose replies are parsed by hiredis costs ~11-24 µs. redis-py stays the client for
+everything that is not per request (admin operations, Cluster, Sentinel).
 
 Contract of :class:`RespClient`: ``await client.call(*args)`` sends one command and returns its
 reply (bytes, int, list, None); a Redis error reply raises :class:`RespError`; a dead,
@@ -289,17 +288,9 @@ class RespClient:
             fut.set_exception(ConnectionError(
                 f"{self.max_pending} Redis commands already waiting for a reply"))
             return fut
-        if proto.waiting or proto.out:
-            # Commands in flight: Redis is busy with ours, so this one waits for the end of
-            # the loop's turn and goes out with the others sent meanwhile, in one write.
-            if not proto.out:
-                loop.call_soon(proto.flush)
-            proto.out.append(command)
-        else:
-            # Nothing in flight: nothing to batch with. Written at once, it reaches Redis a
-            # loop turn sooner, and the loop makes no extra turn to flush it (bench: ~4% less
-            # CPU per request at 8 connections).
-            proto.transport.write(command)
+        if not proto.out:
+            loop.call_soon(proto.flush)
+        proto.out.append(command)
         proto.waiting.append((fut, time.monotonic()))
         return fut
 
