@@ -14,6 +14,15 @@ sleeps ``DONATE_SLICE`` seconds, handing its core over. argon2 then gets at leas
 loop's core however busy it is, in slices of 0.5 ms, the only pauses cached requests see.
 On a machine with a free core argon2 runs there at full speed and the loop never sleeps.
 
+A lent slice can go to another process instead: one busy at normal priority on the same CPU
+outweighs the idle class 1024 to 3, and argon2 would never run. When ``WASTED_SLICES`` lent
+slices in a row gave argon2 (almost) nothing, the pool's threads leave the idle class for a
+nice value ``ARGON2_NICE`` above the loop's (whole ticks again, but never starved) until no
+run is in progress; the first time, a warning says so. The idle class also shares the GIL:
+an idle-class thread that holds it when it is preempted keeps the loop waiting until it runs
+again. The pool's threads hold it only between runs, tens of microseconds each, and on a
+crowded CPU they leave the idle class after the first few milliseconds of a burst.
+
 Where the idle class cannot be set (not Linux, a sandbox that forbids it), the threads run at
 a nice value ``ARGON2_NICE`` above the loop's and the loop never sleeps for them.
 
@@ -48,6 +57,7 @@ T = TypeVar("T")
 
 DONATE_EVERY = 0.0045  # seconds of loop time between checks while a run is in progress
 DONATE_SLICE = 0.0005  # seconds the loop sleeps when argon2 got too little CPU
+WASTED_SLICES = 3      # lent slices in a row another process took: leave the idle class
 SHARE = DONATE_SLICE / (DONATE_EVERY + DONATE_SLICE)  # the least argon2 gets: ~10%
 ARGON2_NICE = 10       # the fallback: added to the process's nice value for the threads
 RELEASE_EVERY = 10.0   # seconds between returns of freed memory to the system
@@ -105,6 +115,9 @@ class Argon2Pool:
                                            initializer=self._thread_started)
         self.idle_class: bool | None = None
         self.donated = 0                  # slices the loop gave away (a diagnosis)
+        self.escalated = False            # out of the idle class until the runs end
+        self.escalations = 0              # times it was (a diagnosis)
+        self._wasted = 0                  # consecutive lent slices argon2 did not get
         self._threads: set[int] = set()   # the pool threads' native ids
         self._jobs: set[Future] = set()   # runs submitted and not finished
         self._timer: asyncio.TimerHandle | None = None
@@ -112,10 +125,13 @@ class Argon2Pool:
         self._checked = 0.0               # loop.time() of the last check
 
     def _thread_started(self) -> None:
-        idle = _idle_class()
-        if not idle:
+        if self.escalated:  # started while its siblings are out of the idle class
             _lower_nice()
-        self.idle_class = idle
+        else:
+            idle = _idle_class()
+            if not idle:
+                _lower_nice()
+            self.idle_class = idle
         self._threads.add(threading.get_native_id())
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -149,18 +165,49 @@ class Argon2Pool:
 
     def _check(self, loop: asyncio.AbstractEventLoop) -> None:
         """While runs are in progress (a run cancelled by its caller still runs): lend the
-        loop's CPU when the threads got less than ``SHARE`` of the time since the last check."""
+        loop's CPU when the threads got less than ``SHARE`` of the time since the last check;
+        move them out of the idle class when the slices lent go to another process."""
         if not self._jobs:
             self._timer = None
+            if self.escalated:
+                self._set_class(idle=True)
             return
-        now = loop.time()
-        cpu = self._cpu()
-        if self.idle_class and cpu - self._seen < SHARE * (now - self._checked):
-            time.sleep(DONATE_SLICE)
-            self.donated += 1
-            cpu, now = self._cpu(), loop.time()
-        self._seen, self._checked = cpu, now
-        self._timer = loop.call_later(DONATE_EVERY, self._check, loop)
+        try:
+            now = loop.time()
+            cpu = self._cpu()
+            if self.idle_class and not self.escalated and \
+                    cpu - self._seen < SHARE * (now - self._checked):
+                time.sleep(DONATE_SLICE)
+                self.donated += 1
+                lent, cpu, now = cpu, self._cpu(), loop.time()
+                # A busy neighbour on this CPU (another process at normal priority) takes
+                # the slice instead of the idle class: argon2 would never run.
+                self._wasted = self._wasted + 1 if cpu - lent < DONATE_SLICE / 4 else 0
+                if self._wasted >= WASTED_SLICES:
+                    self._set_class(idle=False)
+            self._seen, self._checked = cpu, now
+        finally:
+            self._timer = loop.call_later(DONATE_EVERY, self._check, loop)
+
+    def _set_class(self, *, idle: bool) -> None:
+        """Every pool thread into the idle class, or out of it at nice +``ARGON2_NICE`` (the
+        threads libargon2 starts for a run's lanes inherit it from theirs)."""
+        self.escalated, self._wasted = not idle, 0
+        for tid in list(self._threads):
+            try:
+                if idle:
+                    os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+                else:
+                    os.setpriority(os.PRIO_PROCESS, tid,
+                                   min(19, os.getpriority(os.PRIO_PROCESS, 0) + ARGON2_NICE))
+                    os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            except OSError as exc:  # the thread has ended, or a sandbox forbids it
+                log.debug("argon2 thread %d keeps its scheduling class: %s", tid, exc)
+        if not idle:
+            self.escalations += 1  # said once at warning level: it tells of a crowded host
+            log.log(logging.WARNING if self.escalations == 1 else logging.INFO,
+                    "argon2 threads leave the idle scheduling class until this burst of "
+                    "verifications ends: another process takes the CPU the event loop lends")
 
     def shutdown(self) -> None:
         if self._timer is not None:

@@ -32,7 +32,11 @@ _BUSY_LOOP = textwrap.dedent("""
     from gateway.argon2_pool import Argon2Pool
     from gateway.tokens import SecretHasher
 
+    import subprocess
     os.sched_setaffinity(0, {int(sys.argv[1])})
+    hog = None
+    if sys.argv[3:] == ["hog"]:   # another process, busy at normal priority on the same CPU
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     hasher = SecretHasher()
     stored = hasher.hash("s" * 32)
 
@@ -69,17 +73,21 @@ _BUSY_LOOP = textwrap.dedent("""
             ok = None
         took = time.perf_counter() - started
         busy[0] = False
+        await asyncio.sleep(0.05)         # the runs are over: the next check restores the class
         pool.shutdown()
+        if hog is not None:
+            hog.kill()
         print(json.dumps({"ok": ok, "took": took, "idle_class": pool.idle_class,
-                          "donated": pool.donated, "stalls": sorted(stalls)}))
+                          "donated": pool.donated, "stalls": sorted(stalls),
+                          "escalations": pool.escalations, "escalated_after": pool.escalated}))
 
     asyncio.run(main())
 """)
 
 
-def _busy_loop_beside_argon2(timeout: float = 20.0) -> dict:
+def _busy_loop_beside_argon2(timeout: float = 20.0, *extra: str) -> dict:
     cpu = sorted(os.sched_getaffinity(0))[-1]
-    out = subprocess.run([sys.executable, "-c", _BUSY_LOOP, str(cpu), str(timeout)],
+    out = subprocess.run([sys.executable, "-c", _BUSY_LOOP, str(cpu), str(timeout), *extra],
                          capture_output=True, text=True, timeout=timeout + 30, check=True)
     return json.loads(out.stdout)
 
@@ -115,6 +123,22 @@ def test_a_loop_that_never_rests_still_lends_argon2_its_core_in_short_slices():
     # 0.8 s. The loop's absences while argon2 did not run (other processes) do not count.
     argon2_ticks = [(away, ran) for away, ran in r["stalls"] if away > 0.0025 and ran > 0.002]
     assert len(argon2_ticks) <= 6, r
+    assert r["escalations"] == 0, r   # nobody else wanted the lent slices
+
+
+@linux_only
+def test_argon2_leaves_the_idle_class_while_another_process_takes_the_cpu_the_loop_lends():
+    """A busy process at normal priority on the gateway's CPU takes every slice the loop
+    lends (it outweighs the idle class 1024 to 3): argon2 would never run, and first requests
+    would wait until the queue refused them. After three such slices the pool's threads run
+    at nice +10 instead, as they did before the idle class, until the runs end."""
+    if os.getpriority(os.PRIO_PROCESS, 0) > 5:
+        pytest.skip("the loop's weight is too small here for the idle class to be idle")
+    r = _busy_loop_beside_argon2(10.0, "hog")
+    assert r["ok"] == [True, True, True], r       # not starved
+    assert r["escalations"] >= 1, r
+    assert r["escalated_after"] is False, r       # back in the idle class once they ended
+    assert r["took"] < 10, r
 
 
 async def test_a_run_raising_passes_its_error_to_the_caller_and_the_pool_goes_on():
