@@ -88,11 +88,13 @@ def _idle_class() -> bool:
         return False
 
 
-def _lower_nice() -> None:
+def _lower_nice(tid: int | None = None) -> None:
+    """Thread ``tid`` (the calling one by default) at a nice value ``ARGON2_NICE`` above the
+    calling thread's (a pool thread's own, or the event loop's when it moves them)."""
     try:
-        tid = threading.get_native_id()
-        current = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + ARGON2_NICE))
+        base = os.getpriority(os.PRIO_PROCESS, 0)  # 0: the calling thread
+        os.setpriority(os.PRIO_PROCESS, tid or threading.get_native_id(),
+                       min(19, base + ARGON2_NICE))
     except (AttributeError, OSError) as exc:  # not Linux, or a sandbox that forbids it
         log.debug("argon2 threads keep the default priority: %s", exc)
 
@@ -198,8 +200,7 @@ class Argon2Pool:
                 if idle:
                     os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
                 else:
-                    os.setpriority(os.PRIO_PROCESS, tid,
-                                   min(19, os.getpriority(os.PRIO_PROCESS, 0) + ARGON2_NICE))
+                    _lower_nice(tid)
                     os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
             except OSError as exc:  # the thread has ended, or a sandbox forbids it
                 log.debug("argon2 thread %d keeps its scheduling class: %s", tid, exc)
