@@ -20,7 +20,7 @@ from typing import Any, Protocol, Sequence
 
 from redis.exceptions import NoScriptError
 
-from .resp import RespClient, RespError, _encode
+from .resp import RespClient, RespError, _bulk, _encode
 from .scripts import Script
 
 OFFSET_MAX_AGE = 60.0  # seconds between clock-offset measurements on a topology
@@ -43,6 +43,15 @@ class ScriptClient(Protocol):
 
     async def run(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         """EVALSHA ``script`` over ``keys`` (all in one slot), EVAL if the server lacks it."""
+
+    def prepare(self, script: Script, keys: tuple[str, ...], fixed: tuple[Any, ...],
+                n_varying: int) -> Any:
+        """A call of ``script`` over ``keys`` whose ARGV starts with ``fixed`` and ends with
+        ``n_varying`` more arguments given to each ``run_prepared``: what can be encoded once
+        for many calls (an opaque value, kept by the caller)."""
+
+    async def run_prepared(self, prepared: Any, varying: tuple[Any, ...]) -> Any:
+        """``run`` of a prepared call, ARGV = its ``fixed`` followed by ``varying``."""
 
     async def run_each_slot(self, script: Script, keys: Sequence[str], shared: tuple[Any, ...],
                             per_key: Sequence[Any]) -> None:
@@ -79,13 +88,29 @@ class LeanClient(RespClient):
         head = self._heads.get((script.sha, keys, len(args)))
         if head is None:
             head = self._head(script, keys, len(args))
-        tail = _encode(args)
         try:
-            return await self.call_encoded(head + tail[tail.index(b"\r\n") + 2:])
+            return await self.call_encoded(head + _bulk(args))
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         return await self.call("EVAL", script.text, len(keys), *keys, *args)
+
+    def prepare(self, script: Script, keys: tuple[str, ...], fixed: tuple[Any, ...],
+                n_varying: int) -> Any:
+        # EVALSHA, digest, keys and the fixed arguments, encoded once: a call then encodes
+        # only its varying arguments (the authorize call: 4 of 12, ~2 µs less per request).
+        head = _encode(("EVALSHA", script.sha, len(keys), *keys, *fixed))
+        head = b"*%d" % (3 + len(keys) + len(fixed) + n_varying) + head[head.index(b"\r\n"):]
+        return script, keys, fixed, head
+
+    async def run_prepared(self, prepared: Any, varying: tuple[Any, ...]) -> Any:
+        script, keys, fixed, head = prepared
+        try:
+            return await self.call_encoded(head + _bulk(varying))
+        except RespError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self.call("EVAL", script.text, len(keys), *keys, *fixed, *varying)
 
     def _head(self, script: Script, keys: tuple[str, ...], n_args: int) -> bytes:
         head = _encode(("EVALSHA", script.sha, len(keys), *keys))
@@ -143,6 +168,14 @@ class TopologyClient:
             return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:  # a fresh or newly promoted server: send the script once
             return await self.redis.eval(script.text, len(keys), *keys, *args)
+
+    def prepare(self, script: Script, keys: tuple[str, ...], fixed: tuple[Any, ...],
+                n_varying: int) -> Any:
+        return script, keys, fixed
+
+    async def run_prepared(self, prepared: Any, varying: tuple[Any, ...]) -> Any:
+        script, keys, fixed = prepared
+        return await self.run(script, keys, (*fixed, *varying))
 
     async def run_each_slot(self, script: Script, keys: Sequence[str], shared: tuple[Any, ...],
                             per_key: Sequence[Any]) -> None:

@@ -27,9 +27,9 @@ READ_KEY = load("read_key")
 # the call is made: a reply to a call that ran before it reaches us before we give up on it.
 DEADLINE_SHARE = 0.8
 DAILY_TTL = 100 * 86400  # day counters: the usage history reaches 90 days back
-# Keys whose authorize key names (and, in the lean client, encoded command head) are kept
-# ready: a lookup costs ~0.2 µs, building them ~3.5. Each key kept costs ~1.3 KB with its
-# head: keeping every key of the day (up to 100,000) took ~130 MB for 100k keys
+# Keys whose authorize call (key names and, in the lean client, the command encoded up to the
+# per-request arguments) is kept ready: a lookup costs ~0.2 µs, building it ~3.5. Each key
+# kept costs ~1.3 KB: keeping every key of the day (up to 100,000) took ~130 MB for 100k keys
 # (bench/memory.py), so only the most recent ones are, and a busy key is one of them.
 HOT_KEYS = 1024
 
@@ -85,7 +85,7 @@ class RequestStore:
         self.url = url
         self.timeout = timeout
         self._tag, self._seq = os.urandom(4).hex(), 0  # rate-log members unique across replicas
-        self._keys: dict[tuple[str, str, str, str], tuple[str, ...]] = {}
+        self._prepared: dict[tuple, Any] = {}
         self._resp: ScriptClient = connect(url, timeout)  # lean RESP, or redis-py for a topology
 
     def _deadline(self) -> int:
@@ -123,15 +123,17 @@ class RequestStore:
                         now_ms: int, day: str = "", key_limit: int | None = None) -> Decision:
         started = time.monotonic()
         day = day or utc_day(now_ms / 1000)
-        keys = self._keys.get((workspace, key_id, period, day))
-        if keys is None:
-            keys = self._authorize_keys(workspace, key_id, period, day)
-        args = (now_ms, key_rev, ws_rev, "count" if count else "check", rate_limit,
-                rate_period_ms, -1 if monthly_limit is None else monthly_limit, counter_ttl,
-                self._member(now_ms), -1 if key_limit is None else key_limit, DAILY_TTL,
-                self._deadline() if count else 0)
+        # What stays the same for every request of this key today is encoded once
+        # (lua/authorize.lua ARGV[1..8]); a request adds its time, TTL, member and deadline.
+        fixed = (key_rev, ws_rev, "count" if count else "check", rate_limit, rate_period_ms,
+                 -1 if monthly_limit is None else monthly_limit,
+                 -1 if key_limit is None else key_limit, DAILY_TTL)
+        prepared = self._prepared.get((workspace, key_id, period, day, fixed))
+        if prepared is None:
+            prepared = self._prepare(workspace, key_id, period, day, fixed)
+        varying = (now_ms, counter_ttl, self._member(now_ms), self._deadline() if count else 0)
         try:
-            reply = await self._resp.run(AUTHORIZE, keys, args)
+            reply = await self._resp.run_prepared(prepared, varying)
         except Exception as exc:  # connection lost, timeout, error reply: the store failed
             raise StoreError(f"store call failed: {describe(exc)}") from exc
         finally:
@@ -150,15 +152,16 @@ class RequestStore:
         except (KeyError, IndexError, TypeError):
             raise StoreError("unexpected answer from the authorize script") from None
 
-    def _authorize_keys(self, workspace: str, key_id: str, period: str,
-                        day: str) -> tuple[str, ...]:
+    def _prepare(self, workspace: str, key_id: str, period: str, day: str,
+                 fixed: tuple[Any, ...]) -> Any:
         keys = (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
                 rate_key(workspace, key_id), key_usage_key(workspace, key_id, period),
                 daily_key(workspace, day), key_daily_key(workspace, key_id, day))
-        if len(self._keys) >= HOT_KEYS:
-            self._keys.clear()
-        self._keys[(workspace, key_id, period, day)] = keys
-        return keys
+        prepared = self._resp.prepare(AUTHORIZE, keys, fixed, 4)
+        if len(self._prepared) >= HOT_KEYS:
+            self._prepared.clear()
+        self._prepared[(workspace, key_id, period, day, fixed)] = prepared
+        return prepared
 
     async def key_workspace(self, key_id: str) -> str | None:
         """The workspace a key id belongs to (None: no such key)."""

@@ -30,25 +30,30 @@ class RespError(Exception):
 
 
 def _encode(args: tuple[Any, ...]) -> bytes:
-    """RESP array of bulk strings. The hot path's arguments are ASCII str and int: one
-    f-string per argument and one encode (a loop: ~2.3 µs for the authorize call's 12
-    arguments, against ~3.1 for a conditional comprehension that formats ints twice);
-    anything else takes the general path."""
-    out = [f"*{len(args)}\r\n"]
+    """RESP array of bulk strings."""
+    return b"*%d\r\n%s" % (len(args), _bulk(args))
+
+
+def _bulk(args: tuple[Any, ...]) -> bytes:
+    """``args`` as RESP bulk strings, one after the other (no array header). The hot path's
+    arguments are ASCII str and int: one f-string per argument and one encode (a loop: ~2.3
+    µs for 12 arguments, against ~3.1 for a conditional comprehension that formats ints
+    twice); anything else takes the general path."""
+    out = []
     for a in args:
         if a.__class__ is not str:
             if a.__class__ is not int:
-                return _encode_general(args)
+                return _bulk_general(args)
             a = str(a)
         out.append(f"${len(a)}\r\n{a}\r\n")
     try:
         return "".join(out).encode("ascii")
     except UnicodeEncodeError:
-        return _encode_general(args)
+        return _bulk_general(args)
 
 
-def _encode_general(args: tuple[Any, ...]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
+def _bulk_general(args: tuple[Any, ...]) -> bytes:
+    parts = []
     for a in args:
         if not isinstance(a, bytes):
             a = str(a).encode() if not isinstance(a, str) else a.encode()

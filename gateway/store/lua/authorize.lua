@@ -10,12 +10,15 @@
 -- KEYS[5] key's month counter   kg:kusage:{ws}:<id>:<YYYY-MM>
 -- KEYS[6] workspace day counter kg:daily:{ws}:<YYYY-MM-DD>
 -- KEYS[7] key's day counter     kg:kdaily:{ws}:<id>:<YYYY-MM-DD>
--- ARGV[1] now, ms   ARGV[2] cached key rev   ARGV[3] cached workspace rev (missing rev = "0")
--- ARGV[4] mode: "count" (forward) or "check" (state only, counts nothing)
--- ARGV[5] rate limit N (0 = none)   ARGV[6] rate period, ms
--- ARGV[7] monthly limit (-1 = unlimited)   ARGV[8] month counter TTL, s
--- ARGV[9] a member unique to this request (for the rate log)
--- ARGV[10] the key's own monthly cap (-1 = none)   ARGV[11] day counter TTL, s
+-- ARGV[1..8] are the same for every request of a key in a day (the client encodes them once):
+-- ARGV[1] cached key rev   ARGV[2] cached workspace rev (missing rev = "0")
+-- ARGV[3] mode: "count" (forward) or "check" (state only, counts nothing)
+-- ARGV[4] rate limit N (0 = none)   ARGV[5] rate period, ms
+-- ARGV[6] monthly limit (-1 = unlimited)   ARGV[7] the key's own monthly cap (-1 = none)
+-- ARGV[8] day counter TTL, s
+-- ARGV[9..12] change with every request:
+-- ARGV[9] now, ms   ARGV[10] month counter TTL, s
+-- ARGV[11] a member unique to this request (for the rate log)
 -- ARGV[12] deadline in Redis's own clock (TIME), microseconds; "0" = none. Set a little
 --          before the client gives up on the reply: a call that runs later than that (Redis
 --          was paused, or the command sat in a socket buffer) has been answered 503 already,
@@ -32,27 +35,27 @@
 -- rate_remaining is -1 when no rate limit applies.
 local k = redis.call('HMGET', KEYS[1], 'rev', 'id')
 local w = redis.call('HMGET', KEYS[2], 'rev', 'id')
-if not k[2] or not w[2] or (k[1] or '0') ~= ARGV[2] or (w[1] or '0') ~= ARGV[3] then
+if not k[2] or not w[2] or (k[1] or '0') ~= ARGV[1] or (w[1] or '0') ~= ARGV[2] then
   return {'stale', 0, 0, 0, 0, 0}
 end
-local now = tonumber(ARGV[1])
-if ARGV[4] == 'count' and ARGV[12] ~= '0' then
+local now = tonumber(ARGV[9])
+if ARGV[3] == 'count' and ARGV[12] ~= '0' then
   local t = redis.call('TIME')
   if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[12]) then
     return {'late'}
   end
 end
-local key_cap = tonumber(ARGV[10])
+local key_cap = tonumber(ARGV[7])
 local key_used = 0
 if key_cap >= 0 then key_used = tonumber(redis.call('GET', KEYS[5]) or '0') end
-if ARGV[4] == 'check' then
+if ARGV[3] == 'check' then
   return {'ok', tonumber(redis.call('GET', KEYS[3]) or '0'), -1, 0, 0, key_used}
 end
 
 -- Per-key rate limit as a sliding log: a sorted set of the admitted requests' times in the
 -- last `period`. Exact (never more than N in any window of `period`), and bursts up to N are
 -- fine; memory is N entries per active key.
-local limit, period = tonumber(ARGV[5]), tonumber(ARGV[6])
+local limit, period = tonumber(ARGV[4]), tonumber(ARGV[5])
 local rate_remaining, reset_ms, n = -1, 0, 0
 if limit > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - period)
@@ -65,7 +68,7 @@ if limit > 0 then
   rate_remaining = limit - n - 1
 end
 
-local quota = tonumber(ARGV[7])
+local quota = tonumber(ARGV[6])
 local used = tonumber(redis.call('GET', KEYS[3]) or '0')
 local refused = nil
 if quota >= 0 and used >= quota then
@@ -81,19 +84,19 @@ if refused then
   return {refused, used, limit > 0 and limit - n or -1, reset_ms, 0, key_used}
 end
 if limit > 0 then
-  redis.call('ZADD', KEYS[4], now, ARGV[9])
+  redis.call('ZADD', KEYS[4], now, ARGV[11])
   redis.call('PEXPIRE', KEYS[4], period)
   reset_ms = tonumber(redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')[2]) + period - now
 end
 used = redis.call('INCR', KEYS[3])
 if used == 1 or redis.call('TTL', KEYS[3]) < 0 then
-  redis.call('EXPIRE', KEYS[3], ARGV[8])
+  redis.call('EXPIRE', KEYS[3], ARGV[10])
 end
 -- The key's month and both days: every writer of these counters sets the TTL in the script
 -- that creates them, so a first count (1) is the only moment one can lack it.
 key_used = redis.call('INCR', KEYS[5])
-if key_used == 1 then redis.call('EXPIRE', KEYS[5], ARGV[8]) end
-if redis.call('INCR', KEYS[6]) == 1 then redis.call('EXPIRE', KEYS[6], ARGV[11]) end
-if redis.call('INCR', KEYS[7]) == 1 then redis.call('EXPIRE', KEYS[7], ARGV[11]) end
+if key_used == 1 then redis.call('EXPIRE', KEYS[5], ARGV[10]) end
+if redis.call('INCR', KEYS[6]) == 1 then redis.call('EXPIRE', KEYS[6], ARGV[8]) end
+if redis.call('INCR', KEYS[7]) == 1 then redis.call('EXPIRE', KEYS[7], ARGV[8]) end
 redis.call('HSET', KEYS[1], 'last_used_at', string.format('%.3f', now / 1000))
 return {'ok', used, rate_remaining, reset_ms, 0, key_used}
