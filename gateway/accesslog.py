@@ -85,6 +85,7 @@ def mask_target(raw_path: str, prefix: str) -> str:
     return f"{path}?{mask_query(query, prefix)}" if query else path
 
 
+SEEN_MAX = 4096  # combinations of a line's repeating fields kept formatted (~0.3 KB each)
 _PIPE_BUF = 4096                        # a write this size or smaller is never interleaved
 
 
@@ -118,8 +119,10 @@ class AccessLog:
         self.dropped = 0
         self._lines: list[str] = []
         self._size = 0
-        self._second = -1
+        self._next_second = 0.0  # when the current second's time stamp runs out
         self._stamp = ""
+        self._marker = self.prefix + "_"  # in a path that may hold a key
+        self._seen: dict = {}  # repeating field values (and tuples of them) → their JSON
         self._task: asyncio.Task | None = None
         self._writing: asyncio.Future | None = None
 
@@ -127,30 +130,38 @@ class AccessLog:
 
     def write(self, request: web.BaseRequest, response: web.StreamResponse, outcome,
               request_id: str, elapsed: float) -> None:
-        path, _, query = request.raw_path.partition("?")
-        path = mask_path(path, self.prefix)
-        if query:
-            path = f"{path}?{mask_query(query, self.prefix)}"
+        path = request.raw_path
+        if "?" in path or "%" in path or self._marker in path:  # else nothing to mask
+            path = mask_target(path, self.prefix)
         bytes_out = response.body_length if response.prepared else \
             len(getattr(response, "body", b"") or b"")
         trace_id = outcome.trace.trace_id if outcome.trace is not None else None  # hex
         now = time.time()
-        if int(now) != self._second:
-            self._second = int(now)
+        if not self._next_second - 1.0 <= now < self._next_second:  # a new second (or a
+            self._next_second = float(int(now) + 1)                  # clock stepped back)
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         if self.text:
             line = (f"{request.remote} {request.method} {path} {response.status} "
                     f"{elapsed * 1000:.1f}ms ws={outcome.workspace or '-'} "
                     f"key={outcome.key_id or '-'} rid={request_id} trace={trace_id or '-'}\n")
         else:
+            # The fields that repeat from request to request (who, which route, from where)
+            # are formatted once per value: ~1.5 µs of a line's ~5.
+            seen = self._seen
+            key = (outcome.workspace, outcome.key_id, outcome.route, outcome.upstream,
+                   outcome.code)
+            middle = seen.get(key)
+            if middle is None:
+                middle = self._remember(key, '"workspace":%s,"key_id":%s,"route":%s,'
+                                        '"upstream":%s,"error":%s' % tuple(map(_js, key)))
+            method, client = request.method, request.remote
+            js_method = seen.get(method) or self._remember(method, _js(method))
+            js_client = seen.get(client) or self._remember(client, _js(client))
             line = (f'{{"time":"{self._stamp}","request_id":{_js(request_id)},'
-                    f'"method":{_js(request.method)},"path":{_js(path)},'
-                    f'"status":{response.status},"duration_ms":{round(elapsed * 1000, 3)},'
-                    f'"workspace":{_js(outcome.workspace)},"key_id":{_js(outcome.key_id)},'
-                    f'"route":{_js(outcome.route)},"upstream":{_js(outcome.upstream)},'
-                    f'"error":{_js(outcome.code)},"bytes_in":{request.content_length or 0},'
-                    f'"bytes_out":{bytes_out},"client":{_js(request.remote)},'
-                    f'"trace_id":{_js(trace_id)}}}\n')
+                    f'"method":{js_method},"path":{_js(path)},"status":{response.status},'
+                    f'"duration_ms":{round(elapsed * 1000, 3)},{middle},'
+                    f'"bytes_in":{request.content_length or 0},"bytes_out":{bytes_out},'
+                    f'"client":{js_client},"trace_id":{_js(trace_id)}}}\n')
         if self._size + len(line) > self.max_buffer:
             self.dropped += 1
             if self.on_drop is not None:
@@ -160,6 +171,12 @@ class AccessLog:
         self._size += len(line)
         if self._task is None:  # not started (a test driving the pipeline directly)
             self._start()
+
+    def _remember(self, key, formatted: str) -> str:
+        if len(self._seen) >= SEEN_MAX:
+            self._seen.clear()
+        self._seen[key] = formatted
+        return formatted
 
     # --- the background writer ----------------------------------------------------------------
 
