@@ -38,6 +38,7 @@ log = logging.getLogger("keygate.proxy")
 access_log = logging.getLogger("keygate.access")
 
 _STALE_RETRIES = 3
+CANONICAL_MAX = 4096  # request paths remembered as canonical (~100 B each)
 
 
 class Outcome:
@@ -96,6 +97,7 @@ class Pipeline:
         self.reconfigure(config)
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
+        self._canonical: set[str] = set()  # paths check_path accepted lately (CANONICAL_MAX)
         self.tracer = Tracer()  # gateway.otel.OtelTracer when tracing is configured
 
     def reconfigure(self, config: Config) -> None:
@@ -180,7 +182,11 @@ class Pipeline:
 
     def screen(self, raw_path: str, raw_query: str) -> None:
         """The first two rows of SPEC's table: a canonical path, and no key in the query."""
-        check_path(raw_path)
+        if raw_path not in self._canonical:  # a set lookup, not a regex, for a path seen
+            check_path(raw_path)
+            if len(self._canonical) >= CANONICAL_MAX:
+                self._canonical.clear()
+            self._canonical.add(raw_path)
         if raw_query and query_has_token(raw_query, self._prefix):
             raise errors.BadRequest(
                 "An API key was sent in the URL; URLs end up in logs. Send it in the "
