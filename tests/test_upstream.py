@@ -46,6 +46,11 @@ async def server(aiohttp_server):
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     app.router.add_get("/big", big)
     app.router.add_get("/slow", slow)
+
+    async def after(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query["s"]))
+        return web.Response(text="late but in time")
+    app.router.add_get("/after", after)
     return await aiohttp_server(app)
 
 
@@ -99,6 +104,29 @@ async def test_timeout_and_refused(server):
     dead = UpstreamPool("http://127.0.0.1:1")
     with pytest.raises(UpstreamConnectError):
         await dead.request(head("GET", "/"))
+    await pool.close()
+
+
+async def test_each_request_gets_its_whole_head_timeout_and_not_much_more(server):
+    """One sweep serves every request's time-to-head timeout: a request keeps its own
+    deadline whatever the others' are, and an overdue one fails within a quarter of its
+    timeout after it."""
+    pool = UpstreamPool(str(server.make_url("")))
+    loop = asyncio.get_running_loop()
+
+    async def overdue() -> float:
+        await asyncio.sleep(0.15)  # the sweep is already under way for the other request
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout):
+            await pool.request(head("GET", "/slow"), timeout=0.4)
+        return loop.time() - started
+
+    async def in_time() -> bytes:  # its deadline comes before the overdue one's
+        return await read_all(await pool.request(head("GET", "/after?s=0.3"), timeout=0.4))
+    for _ in range(2):  # the second round: on connections and a sweep left by the first
+        took, body = await asyncio.gather(overdue(), in_time())
+        assert 0.4 <= took < 0.4 * 1.25 + 0.15, took
+        assert body == b"late but in time"
     await pool.close()
 
 

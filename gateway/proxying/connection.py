@@ -79,7 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.head_bytes = 0
         self.interim = False                         # parsing a 1xx (not the final answer)
-        self.head_timer: asyncio.TimerHandle | None = None
+        self.head_due: float | None = None           # loop time the response head is due by
         self.out_of_step = False
         self.counted = False                         # holds one of the pool's connection slots
 

@@ -64,6 +64,11 @@ class UpstreamPool:
         self.max_connections = max_connections
         self.opened = 0                                  # connections holding a slot
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        # The time-to-head timeouts: one sweep over the connections in use, a few times per
+        # timeout, instead of a timer armed and cancelled for each request (uvloop's
+        # call_later + cancel cost ~2 µs, a tenth of all the pool's own work per request).
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_every = 1.0
 
     def take_back(self, conn: UpstreamConnection) -> None:
         self.active.discard(conn)
@@ -188,7 +193,7 @@ class UpstreamPool:
         sent = [body is None]
         sender = None
         if body is None:
-            conn.head_timer = loop.call_later(timeout, self._head_timeout, conn, waiter)
+            self._await_head(conn, timeout)
             conn.transport.write(head + b"\r\n\r\n")
         else:
             framing = (b"\r\nContent-Length: %d\r\n\r\n" % content_length
@@ -204,16 +209,37 @@ class UpstreamPool:
                 sender.cancel()
             raise
         finally:
-            if conn.head_timer is not None:
-                conn.head_timer.cancel()
-                conn.head_timer = None
+            conn.head_due = None
         return UpstreamResponse(conn, self, lambda: sent[0])
 
-    @staticmethod
-    def _head_timeout(conn: UpstreamConnection, waiter: asyncio.Future) -> None:
-        if not waiter.done():
-            waiter.set_exception(UpstreamTimeout("no response head in time"))
-            conn.close()
+    def _await_head(self, conn: UpstreamConnection, timeout: float) -> None:
+        """The response head is due within ``timeout`` from now (else UpstreamTimeout)."""
+        loop = conn.loop
+        conn.head_due = loop.time() + timeout
+        if self._sweep is None or timeout / 4 < self._sweep_every:
+            if self._sweep is not None:
+                self._sweep.cancel()
+            self._sweep_every = min(1.0, timeout / 4)
+            self._sweep = loop.call_later(self._sweep_every, self._sweep_heads, loop)
+
+    def _sweep_heads(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the exchanges whose response head is overdue; again in ``_sweep_every`` while
+        any connection waits for one (a timeout fires up to a quarter of it late)."""
+        now, waiting = loop.time(), False
+        for conn in list(self.active):
+            due = conn.head_due
+            if due is None:
+                continue
+            if now >= due:
+                conn.head_due = None
+                waiter = conn.head
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(UpstreamTimeout("no response head in time"))
+                    conn.close()
+            else:
+                waiting = True
+        self._sweep = loop.call_later(self._sweep_every, self._sweep_heads, loop) \
+            if waiting else None
 
     async def _send_body(self, conn: UpstreamConnection, waiter: asyncio.Future, body: BodySource,
                          content_length: int | None, sent: list[bool], timeout: float) -> None:
@@ -261,8 +287,7 @@ class UpstreamPool:
                 write(b"0\r\n\r\n")
             sent[0] = True
             if not waiter.done() and not conn.closed:
-                conn.head_timer = conn.loop.call_later(
-                    timeout, self._head_timeout, conn, waiter)
+                self._await_head(conn, timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -271,6 +296,9 @@ class UpstreamPool:
             conn.close()
 
     async def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in list(self.idle) + list(self.active):
             conn.close()
         self.idle.clear()
