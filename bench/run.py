@@ -4,6 +4,8 @@
   a  the upstream directly (aiohttp web.Server, 186-byte JSON)         bench/upstream.py
   b  a bare aiohttp pass-through proxy (the floor of any Python proxy)  bench/bare_proxy.py
   c  keygate, cached key (plan: no quota, no rate limit)                `keygate serve`
+  u  as c, with keygate reaching redis-server over its unix socket (the transport of the
+     default 'embedded' store) instead of loopback TCP (the transport to a real Redis)
   w  as c, but `keygate serve --workers 2` (SO_REUSEPORT): not pinnable to one core, so it
      and the helpers share both cores for its runs; ratio w/c = what a second worker buys here
   l  keygate, cached key, plan WITH quota + rate limit (high enough never to 429)
@@ -56,6 +58,7 @@ TARGET_NAMES = {
     "a": "upstream direct",
     "b": "bare aiohttp proxy",
     "c": "keygate cached key",
+    "u": "keygate cached, unix socket",
     "w": "keygate --workers 2, cached",
     "l": "keygate cached, limits on",
     "p": "keygate public route (no key)",
@@ -63,7 +66,7 @@ TARGET_NAMES = {
     "e": "nginx auth_request+aiohttp",
     "v": "nginx auth_request+keygate verify",
 }
-ORDER = "abcpwledv"
+ORDER = "abcupwledv"
 
 
 # ------------------------------------------------------------------ processes and placement
@@ -400,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (10)")
     ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each run (2)")
     ap.add_argument("--connections", default="8,64", help="comma list of connection counts (8,64)")
-    ap.add_argument("--targets", default="a,b,c,w,l,d,e", help="comma list from a,b,c,p,w,l,d,e,v")
+    ap.add_argument("--targets", default="a,b,c,w,l,d,e", help="comma list from a,b,c,u,p,w,l,d,e,v")
     ap.add_argument("--repeat", type=int, default=1, help="rounds, in rotated order; median reported")
     ap.add_argument("--loadgen", choices=("auto", "wrk", "lean", "aiohttp"), default="auto",
                     help="auto = wrk when on PATH, else the lean Python client (bench/load.py)")
@@ -471,14 +474,14 @@ def main(argv: list[str] | None = None) -> int:
                 targets["e"] = start_nginx(procs, workdir, up_port, base_token, server_core)
             except RuntimeError as exc:
                 unavailable["e"] = str(exc)
-        if any(t in wanted for t in "cpwldv"):
+        if any(t in wanted for t in "cupwldv"):
             try:
                 redis_pid, kg_targets = start_keygates(procs, workdir, up_port, wanted, server_core,
                                                        helper_core, max(conns_list), all_cores,
                                                        store=a.store)
                 targets.update(kg_targets)
             except RuntimeError as exc:
-                for t in "cpwldv":
+                for t in "cupwldv":
                     if t in wanted:
                         unavailable[t] = str(exc)
         for key, why in unavailable.items():
@@ -510,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                         watch = {"server": t.server_pids,
                                  "helpers": [p for p in helpers if p not in t.server_pids]}
                         prof = workdir / f"profile-{key}-c{conns}-r{rep}.txt" \
-                            if a.profile and key in ("c", "l") else None
+                            if a.profile and key in ("c", "u", "l") else None
                         res = run_load(t, conns, a.duration, a.warmup, loadgen, watch, workdir, prof)
                         if prof is not None and prof.exists():
                             res["profile_top"] = profile_top(prof)
@@ -678,8 +681,11 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
     out: dict[str, Target] = {}
     gateways: dict[str, tuple[int, int, subprocess.Popen]] = {}
     worker_pids: list[int] = []
-    for name, ttl in (("warm", 300.0), ("workers", 300.0), ("cold", 0.0)):
+    unix_url = f"unix://{sock}?db=0"
+    for name, ttl in (("warm", 300.0), ("unix", 300.0), ("workers", 300.0), ("cold", 0.0)):
         if name == "warm" and not any(t in wanted for t in "cplv"):
+            continue
+        if name == "unix" and "u" not in wanted:
             continue
         if name == "workers" and "w" not in wanted:
             continue
@@ -687,7 +693,7 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
             continue
         port, admin_port = free_port(), free_port()
         cfg = workdir / f"keygate-{name}.yaml"
-        keygate_config(cfg, port, admin_port, redis_url, up_port, ttl)
+        keygate_config(cfg, port, admin_port, unix_url if name == "unix" else redis_url, up_port, ttl)
         if name == "workers":
             # The supervisor makes its prometheus multiprocess directory with tempfile: give it
             # one of ours, so the per-worker counters can be read (and go with the workdir).
@@ -734,6 +740,11 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
             if "v" in wanted:
                 tok = make_key(admin_port, "bench", "bench", 1)[0]
                 out["v"] = start_nginx(procs, workdir, up_port, tok, server_core, (port, proc.pid))
+        if "unix" in gateways:
+            port, admin_port, proc = gateways["unix"]
+            tok = make_key(admin_port, "bench", "bench", 1)[0]
+            out["u"] = Target("u", f"http://127.0.0.1:{port}{PATH}", [proc.pid], tok,
+                              note="as c, the store reached over redis-server's unix socket")
         if "workers" in gateways:
             port, admin_port, proc = gateways["workers"]
             tok = make_key(admin_port, "bench", "bench", 1)[0]
@@ -829,7 +840,7 @@ def summarize(runs: list[dict], conns_list: list[int]) -> dict:
             }
     ratios: dict[str, dict] = {}
     for conns in conns_list:
-        for num, den in (("c", "b"), ("c", "a"), ("c", "e"), ("p", "b"), ("w", "c"), ("d", "b"), ("l", "b"),
+        for num, den in (("c", "b"), ("u", "b"), ("c", "a"), ("c", "e"), ("p", "b"), ("w", "c"), ("d", "b"), ("l", "b"),
                          ("e", "b"), ("v", "e"), ("v", "c")):
             x, y = cells.get(f"{num}@{conns}"), cells.get(f"{den}@{conns}")
             if x and y and y["rps"]:
