@@ -121,10 +121,18 @@ class AccessLog:
         self._size = 0
         self._next_second = 0.0  # when the current second's time stamp runs out
         self._stamp = ""
-        self._marker = self.prefix + "_"  # in a path that may hold a key
         self._seen: dict = {}  # repeating field values (and tuples of them) → their JSON
         self._task: asyncio.Task | None = None
         self._writing: asyncio.Future | None = None
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    @prefix.setter
+    def prefix(self, prefix: str) -> None:
+        # a reload sets the key prefix: the marker of a path that may hold a key follows it
+        self._prefix, self._marker = prefix, prefix + "_"
 
     # --- per request --------------------------------------------------------------------------
 

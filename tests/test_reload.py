@@ -386,3 +386,24 @@ async def test_tracing_and_identity_signature_need_a_restart(reloadable, upstrea
     token, _ = await gw.key(role="reader")
     async with gw.proxy.get("/people/1", headers={"Authorization": f"Bearer {token}"}) as r:
         assert "X-Keygate-Signature" not in (await r.json())["headers"]
+
+
+async def test_a_key_in_the_path_is_never_logged_after_a_reload_changes_the_key_prefix(
+        reloadable, upstreams, capfd):
+    """keys.prefix is swapped on reload: the access log must mask keys of the new prefix in a
+    path as it did those of the old one (a key in the path is forwarded, never logged)."""
+    gw, path = reloadable
+    urls, _ = upstreams
+    doc = config_doc(urls["a"])
+    doc["keys"] = {**doc["keys"], "prefix": "ab"}
+    write(path, doc)
+    status, result = await reload(gw)
+    assert status == 200, result
+    token, _ = await gw.key(role="reader")
+    assert token.startswith("ab_live_")
+    gw.logs(capfd)
+    async with gw.proxy.get(f"/people/{token}", headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 200
+    _, err = gw.logs(capfd)
+    assert token not in err and token[-38:-6] not in err
+    assert '"path":"/people/***"' in err, err
