@@ -38,7 +38,10 @@ log = logging.getLogger("keygate.proxy")
 access_log = logging.getLogger("keygate.access")
 
 _STALE_RETRIES = 3
-CANONICAL_MAX = 4096  # request paths remembered as canonical (~100 B each)
+# Request paths remembered as canonical: at most this many, each at most CANONICAL_LEN long
+# (an API's paths; a longer one is checked each time), so the set stays under ~1.5 MB.
+CANONICAL_MAX = 4096
+CANONICAL_LEN = 256
 
 
 class Outcome:
@@ -184,9 +187,10 @@ class Pipeline:
         """The first two rows of SPEC's table: a canonical path, and no key in the query."""
         if raw_path not in self._canonical:  # a set lookup, not a regex, for a path seen
             check_path(raw_path)
-            if len(self._canonical) >= CANONICAL_MAX:
-                self._canonical.clear()
-            self._canonical.add(raw_path)
+            if len(raw_path) <= CANONICAL_LEN:
+                if len(self._canonical) >= CANONICAL_MAX:
+                    self._canonical.clear()
+                self._canonical.add(raw_path)
         if raw_query and query_has_token(raw_query, self._prefix):
             raise errors.BadRequest(
                 "An API key was sent in the URL; URLs end up in logs. Send it in the "

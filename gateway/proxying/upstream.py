@@ -37,6 +37,7 @@ from .connection import (BodyFramingError, BodySource, UpstreamConnectError,
 
 MAX_IDLE = 256
 IDLE_TTL = 30.0   # seconds an idle connection is trusted (a middlebox may drop it silently)
+SWEEP_MIN = 0.01  # seconds between head-timeout sweeps at the least (a timeout of a few ms)
 
 
 class UpstreamPool:
@@ -216,30 +217,33 @@ class UpstreamPool:
         """The response head is due within ``timeout`` from now (else UpstreamTimeout)."""
         loop = conn.loop
         conn.head_due = loop.time() + timeout
-        if self._sweep is None or timeout / 4 < self._sweep_every:
+        if self._sweep is None or max(SWEEP_MIN, timeout / 4) < self._sweep_every:
             if self._sweep is not None:
                 self._sweep.cancel()
-            self._sweep_every = min(1.0, timeout / 4)
+            self._sweep_every = min(1.0, max(SWEEP_MIN, timeout / 4))
             self._sweep = loop.call_later(self._sweep_every, self._sweep_heads, loop)
 
     def _sweep_heads(self, loop: asyncio.AbstractEventLoop) -> None:
         """Fail the exchanges whose response head is overdue; again in ``_sweep_every`` while
         any connection waits for one (a timeout fires up to a quarter of it late)."""
-        now, waiting = loop.time(), False
-        for conn in list(self.active):
-            due = conn.head_due
-            if due is None:
-                continue
-            if now >= due:
-                conn.head_due = None
-                waiter = conn.head
-                if waiter is not None and not waiter.done():
-                    waiter.set_exception(UpstreamTimeout("no response head in time"))
-                    conn.close()
-            else:
-                waiting = True
-        self._sweep = loop.call_later(self._sweep_every, self._sweep_heads, loop) \
-            if waiting else None
+        now, waiting, swept = loop.time(), False, False
+        try:
+            for conn in list(self.active):
+                due = conn.head_due
+                if due is None:
+                    continue
+                if now >= due:
+                    conn.head_due = None
+                    waiter = conn.head
+                    if waiter is not None and not waiter.done():
+                        waiter.set_exception(UpstreamTimeout("no response head in time"))
+                        conn.close()
+                else:
+                    waiting = True
+            swept = True
+        finally:  # re-armed if anything went wrong above: a sweep that stops never fires again
+            self._sweep = loop.call_later(self._sweep_every, self._sweep_heads, loop) \
+                if waiting or not swept else None
 
     async def _send_body(self, conn: UpstreamConnection, waiter: asyncio.Future, body: BodySource,
                          content_length: int | None, sent: list[bool], timeout: float) -> None:
