@@ -99,7 +99,7 @@ async def running_gateway(config: Config, store_url: str, *,
         # Bodies are forwarded byte for byte as sent: a Content-Encoding body is never inflated
         # (an inflated body no longer matches the framing the client declared).
         timeouts = config.server.timeouts
-        proxy_server = ProxyServer(metrics.handled(pipeline.handle), access_log=None,
+        proxy_server = ProxyServer(pipeline.handle, access_log=None,
                                    auto_decompress=False, keepalive_timeout=timeouts.idle,
                                    header_timeout=timeouts.header,
                                    max_connections=raise_open_file_limit(config))

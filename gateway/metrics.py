@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector,
                                ProcessCollector)
@@ -94,7 +94,7 @@ class Metrics:
         self._per_upstream: dict[str, _Hist] = {}
         self._counts: dict[int, _Count] = {}
         self._hists: dict[int, _Hist] = {}
-        self.in_flight_now = self._in_flight_set = 0
+        self.in_flight_now = self._in_flight_set = 0  # Pipeline.handle counts requests in
         for result in ("hit", "miss"):
             self.key_cache.labels(result)
         for result in ("ok", "fail"):
@@ -137,17 +137,6 @@ class Metrics:
             tally = self._per_upstream[upstream] = self._hist(self.upstream_duration,
                                                               (upstream,))
         tally.observe(seconds)
-
-    def handled(self, handler: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
-        """``handler`` counted in ``keygate_requests_in_flight`` (a tallied int, set on the
-        gauge at each flush)."""
-        async def handle(request: Any) -> Any:
-            self.in_flight_now += 1
-            try:
-                return await handler(request)
-            finally:
-                self.in_flight_now -= 1
-        return handle
 
     def tally(self, child) -> "_Count":
         """A counter child's tally (``inc()`` adds one, brought in at the next flush)."""

@@ -119,27 +119,36 @@ class Pipeline:
     # --- the one handler ----------------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = time.perf_counter()
-        request_id = self._request_id(request)
-        outcome = Outcome()
-        outcome.trace = self.tracer.start(request)
+        # keygate_requests_in_flight is counted here rather than by a wrapping coroutine,
+        # whose frame every request resumed at each of its awaits
+        m = self.metrics
+        if m is not None:
+            m.in_flight_now += 1
         try:
-            response = await self.pipeline(request, request_id, outcome)
-        except GatewayError as exc:
-            outcome.code = exc.code
-            response = exc.response(request_id)
-            if exc.status in (408, 413, 501):  # the rest of that body is not worth reading
-                response.force_close()
-                if exc.status == 408:  # a stalled sender: answer, then close without the
-                    await self._answer_and_close(request, response)  # lingering read
-        except Exception:  # a bug: never a traceback on the wire
-            log.exception("unhandled error in request %s", request_id)
-            outcome.code = "internal_error"
-            response = GatewayError("Internal error.").response(request_id)
-        if not response.prepared and "X-Request-Id" not in response.headers:
-            response.headers["X-Request-Id"] = request_id  # keygate's own /_keygate/ answers
-        self.observe(request, response, outcome, request_id, started)
-        return response
+            started = time.perf_counter()
+            request_id = self._request_id(request)
+            outcome = Outcome()
+            outcome.trace = self.tracer.start(request)
+            try:
+                response = await self.pipeline(request, request_id, outcome)
+            except GatewayError as exc:
+                outcome.code = exc.code
+                response = exc.response(request_id)
+                if exc.status in (408, 413, 501):  # the rest of that body is not worth reading
+                    response.force_close()
+                    if exc.status == 408:  # a stalled sender: answer, then close without the
+                        await self._answer_and_close(request, response)  # lingering read
+            except Exception:  # a bug: never a traceback on the wire
+                log.exception("unhandled error in request %s", request_id)
+                outcome.code = "internal_error"
+                response = GatewayError("Internal error.").response(request_id)
+            if not response.prepared and "X-Request-Id" not in response.headers:
+                response.headers["X-Request-Id"] = request_id  # keygate's own /_keygate/ answers
+            self.observe(request, response, outcome, request_id, started)
+            return response
+        finally:
+            if m is not None:
+                m.in_flight_now -= 1
 
     async def pipeline(self, request: web.BaseRequest, request_id: str,
                        outcome: Outcome) -> web.StreamResponse:
