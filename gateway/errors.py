@@ -32,6 +32,8 @@ from typing import Mapping
 
 from aiohttp import web
 
+from .proxying.response import WholeResponse
+
 REALM = 'Bearer realm="keygate"'
 
 
@@ -73,7 +75,7 @@ class GatewayError(Exception):
     def response(self, request_id: str) -> web.Response:
         headers = dict(self.headers)
         headers["X-Request-Id"] = request_id
-        return web.Response(status=self.status, body=self.body(request_id),
+        return WholeResponse(status=self.status, body=self.body(request_id),
                             content_type="application/json", headers=headers)
 
 

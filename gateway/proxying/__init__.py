@@ -4,6 +4,7 @@
 - ``forward``: ``Forwarder``, one allowed request to its upstream and its answer back;
 - ``upstream`` / ``connection``: the lean HTTP/1.1 upstream client (pool; one connection);
 - ``server``: the listeners' low-level aiohttp server (JSON parser errors, edge limits).
+- ``response``: ``WholeResponse``, an answer whose body is all here, written in one step.
 
 Named ``proxying`` rather than ``http``: a folder holding ``http/`` on ``sys.path`` (a shell
 in ``gateway/``, a tool pointed at it) would shadow the standard library's ``http``, which

@@ -45,6 +45,7 @@ from .connection import (BodyFramingError, UpstreamConnectError, UpstreamProtoco
                          UpstreamResponse, UpstreamTimeout, UpstreamUnreached)
 from .headers import RequestHeaderRules, response_headers
 from .upstream import UpstreamPool
+from .response import WholeResponse
 
 log = logging.getLogger("keygate.proxy")
 
@@ -305,7 +306,7 @@ class Forwarder:
         whole = resp.body_if_complete()
         if whole is not None:  # the common small case: one write, exact Content-Length
             out.popall("Content-Length", None)
-            return web.Response(status=status, body=whole, headers=out)
+            return WholeResponse(status=status, body=whole, headers=out)
         response = web.StreamResponse(status=status, headers=out)
         chunks = resp.chunks()
         timeout, stall = upstream.timeout, self.body_timeout
