@@ -425,3 +425,30 @@ async def test_endless_response_head_is_an_error_not_unbounded_memory():
         await pool.request(head("GET", "/"), timeout=10)
     srv.close()
     await pool.close()
+
+
+async def test_a_connection_being_opened_while_the_pool_closes_is_closed_after_its_request():
+    """A reload retires a pool once no request is active on it; a request still connecting
+    then is not active yet. It is answered, and its connection is closed afterwards: never
+    kept in the closed pool, where nothing would ever close it."""
+    closed = asyncio.Event()
+
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        try:  # kept alive until the client closes it
+            await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            closed.set()
+    srv, url = await raw_upstream(answer)
+    pool = UpstreamPool(url)
+    request = asyncio.ensure_future(pool.request(head("GET", "/"), timeout=2))
+    await asyncio.sleep(0)  # the request is connecting
+    assert pool.opened == 1 and not pool.active
+    await pool.close()
+    resp = await request
+    assert resp.body_if_complete() == b"ok"  # which hands the connection back
+    await asyncio.wait_for(closed.wait(), 2)  # the upstream saw its connection closed
+    assert pool.idle == []
+    srv.close()

@@ -70,10 +70,13 @@ class UpstreamPool:
         # call_later + cancel cost ~2 µs, a tenth of all the pool's own work per request).
         self._sweep: asyncio.TimerHandle | None = None
         self._sweep_every = 1.0
+        # Closed (a reload retired it, or shutdown): a connection handed back is closed, not
+        # kept. One opened while the pool closed was not active yet, so close() missed it.
+        self.closed = False
 
     def take_back(self, conn: UpstreamConnection) -> None:
         self.active.discard(conn)
-        if len(self.idle) >= self.max_idle:
+        if self.closed or len(self.idle) >= self.max_idle:
             conn.close()
             return
         conn.head, conn.complete, conn.error, conn.got_bytes = None, False, None, False
@@ -300,6 +303,7 @@ class UpstreamPool:
             conn.close()
 
     async def close(self) -> None:
+        self.closed = True
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
