@@ -3,8 +3,8 @@
 Why not redis-py here: measured on this machine kind (measured per part; see bench/), one EVALSHA
 through redis-py's asyncio client costs ~130-185 µs of client CPU, as much as all of the
 proxying; the same round trip through one ``asyncio.Protocol`` whose writes are coalesced over
-two loop turns and whose replies are parsed by hiredis costs ~11-24 µs. redis-py stays the client for
-everything that is not per request (admin operations, Cluster, Sentinel).
+two loop turns and whose replies are parsed by hiredis costs ~11-24 µs. redis-py stays the
+client for everything that is not per request (admin operations, Cluster, Sentinel).
 
 Contract of :class:`RespClient`: ``await client.call(*args)`` sends one command and returns its
 reply (bytes, int, list, None); a Redis error reply raises :class:`RespError`; a dead,
