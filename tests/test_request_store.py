@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 
 import pytest
 import redis
@@ -286,6 +287,59 @@ async def test_resp_commands_waiting_on_a_stalled_redis_are_bounded(own_redis):
         for fut in [first, *queued]:
             with pytest.raises(ConnectionError):
                 await fut
+
+
+def _stall(seconds: float) -> None:
+    """The event loop stops for ``seconds`` (what a gen-2 GC pause of a big heap, or a process
+    starved of CPU, does to it) while Redis itself stays quick."""
+    time.sleep(seconds)
+
+
+async def test_resp_a_loop_stall_between_call_and_send_is_not_a_late_redis(redis_url):
+    """A command waits for the next loop pass to be written. A stall before that pass made
+    the watchdog, which ran in the same pass as the write, count the stall as Redis's
+    time: every call on the connection failed with 'Redis did not answer in time' (a whole
+    burst of self-service creates answered 503 after ~0.5 s while Redis was healthy)."""
+    client = RespClient(redis_url, timeout=0.2)
+    assert await client.call("PING") == b"PONG"  # connected, the watchdog armed
+    calls = [client.call("PING") for _ in range(50)]
+    _stall(0.4)  # in the same step as the calls: they are not written yet
+    assert await asyncio.wait_for(asyncio.gather(*calls), 3) == [b"PONG"] * 50
+    await client.close()
+
+
+async def test_resp_a_loop_stall_after_send_is_not_a_late_redis(redis_url):
+    """Written, answered at once, but the loop stalled before reading the reply, and the
+    watchdog was due in the same loop pass as the stall: it must read what arrived before
+    it judges Redis late."""
+    client = RespClient(redis_url, timeout=0.2)
+    assert await client.call("PING") == b"PONG"
+    loop = asyncio.get_running_loop()
+    due = client._watchdog.when()
+    sent: list[asyncio.Future] = []
+
+    def send_then_spin() -> None:
+        sent.append(client.call("PING"))   # written in the next pass, before the stall
+        while loop.time() < due + 0.002:   # so the stall and the watchdog are due together
+            pass
+    loop.call_at(due - 0.004, send_then_spin)
+    loop.call_at(due - 0.002, _stall, 0.4)
+    await eventually(lambda: sent)
+    assert await asyncio.wait_for(sent[0], 3) == b"PONG"
+    assert client._proto is not None and not client._proto.closed
+    await client.close()
+
+
+async def test_resp_a_late_redis_is_still_caught_after_a_loop_stall(own_redis):
+    """The watchdog still fails calls Redis did not answer, stall or not."""
+    client = RespClient(own_redis.url, timeout=0.2, connect_timeout=0.3)
+    assert await client.call("PING") == b"PONG"
+    with stopped(own_redis):
+        call = client.call("PING")
+        _stall(0.4)
+        with pytest.raises(ConnectionError, match="in time"):
+            await asyncio.wait_for(call, 3)
+    await client.close()
 
 
 async def test_resp_reconnect_sends_auth_and_select_again(own_redis):
