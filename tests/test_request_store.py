@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import socket
 import contextlib
 import os
 import signal
+import time
 
 import pytest
 import redis
@@ -286,6 +289,79 @@ async def test_resp_commands_waiting_on_a_stalled_redis_are_bounded(own_redis):
         for fut in [first, *queued]:
             with pytest.raises(ConnectionError):
                 await fut
+
+
+def _stall(seconds: float) -> None:
+    """The event loop stops for ``seconds`` (what a gen-2 GC pause of a big heap, or a process
+    starved of CPU, does to it) while Redis itself stays quick."""
+    time.sleep(seconds)
+
+
+async def test_resp_a_loop_stall_between_call_and_send_is_not_a_late_redis(redis_url):
+    """A command waits for the next loop pass to be written. A stall before that pass made
+    the watchdog, which ran in the same pass as the write, count the stall as Redis's
+    time: every call on the connection failed with 'Redis did not answer in time' (a whole
+    burst of self-service creates answered 503 after ~0.5 s while Redis was healthy)."""
+    client = RespClient(redis_url, timeout=0.2)
+    assert await client.call("PING") == b"PONG"  # connected, the watchdog armed
+    calls = [client.call("PING") for _ in range(50)]
+    _stall(0.4)  # in the same step as the calls: they are not written yet
+    assert await asyncio.wait_for(asyncio.gather(*calls), 3) == [b"PONG"] * 50
+    await client.close()
+
+
+def test_resp_a_loop_stall_after_send_is_not_a_late_redis(redis_url):
+    """Written, then the loop stalled in an I/O callback (a GC pause can land anywhere)
+    before Redis's quick reply was read, and the watchdog's check came due meanwhile. uvloop
+    (what ``serve`` runs) runs due timers before it polls sockets, so the check runs first
+    thing after the stall: it must let the loop read what arrived before it judges Redis
+    late, else every call in flight fails while Redis is healthy."""
+    uvloop = pytest.importorskip("uvloop")
+    import redis as sync_redis
+
+    async def main() -> None:
+        client = RespClient(redis_url, timeout=0.2)
+        assert await client.call("PING") == b"PONG"
+        loop = asyncio.get_running_loop()
+        proto = client._proto
+        rsock, wsock = socket.socketpair()
+        written: list[bool] = []
+
+        def stall_in_io() -> None:  # in the poll right after the PING is written
+            rsock.recv(1)
+            written.append(proto.sent_at[0] != math.inf)
+            _stall(0.4)  # the reply arrives meanwhile; the watchdog's check comes due
+        loop.add_reader(rsock, stall_in_io)
+        # Redis answers 60 ms late (well within the 0.2 s timeout): the reply surely arrives
+        # during the stall, not before the poll that runs it
+        sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "60")
+        try:
+            call = client.call("PING")
+            # queued after the client's own flush, which runs two turns from now: same turn,
+            # just after it, so the socket pair is readable in the poll that follows
+            loop.call_soon(loop.call_soon, loop.call_soon, wsock.send, b"x")
+            assert await asyncio.wait_for(call, 3) == b"PONG"
+        finally:
+            loop.remove_reader(rsock)
+            rsock.close()
+            wsock.close()
+        assert written == [True]  # the stall did come between the write and the read
+        assert client._proto is proto and not proto.closed
+        await client.close()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+async def test_resp_a_late_redis_is_still_caught_after_a_loop_stall(own_redis):
+    """The watchdog still fails calls Redis did not answer, stall or not."""
+    client = RespClient(own_redis.url, timeout=0.2, connect_timeout=0.3)
+    assert await client.call("PING") == b"PONG"
+    with stopped(own_redis):
+        call = client.call("PING")
+        _stall(0.4)
+        with pytest.raises(ConnectionError, match="in time"):
+            await asyncio.wait_for(call, 3)
+    await client.close()
 
 
 async def test_resp_reconnect_sends_auth_and_select_again(own_redis):

@@ -10,6 +10,10 @@ Contract of :class:`RespClient`: ``await client.call(*args)`` sends one command 
 reply (bytes, int, list, None); a Redis error reply raises :class:`RespError`; a dead,
 unreachable or stuck connection raises ``ConnectionError`` for every call in flight, and the
 next call reconnects. Commands are pipelined on one connection; replies come back in order.
+
+"Stuck" is judged on Redis's time only: from when a command was written to the socket, and
+after the loop has read what arrived. A stall of our own event loop (a gen-2 GC pause of a big
+heap, a process starved of CPU) is not Redis being late, and must not fail every call in flight.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import math
 import time
 from typing import Any
 
@@ -64,8 +69,12 @@ def _bulk_general(args: tuple[Any, ...]) -> bytes:
 class _Protocol(asyncio.Protocol):
     def __init__(self, on_lost) -> None:
         self.reader = hiredis.Reader(replyError=RespError)
-        self.waiting: collections.deque[tuple[asyncio.Future, float]] = collections.deque()
+        # Each command awaiting its reply, with when it was written: a one-item list shared
+        # by the commands written together, ``inf`` until ``flush`` writes them.
+        self.waiting: collections.deque[tuple[asyncio.Future, list[float]]] = \
+            collections.deque()
         self.out: list[bytes] = []
+        self.sent_at: list[float] = [math.inf]  # the write time of the commands in ``out``
         self.transport: asyncio.Transport | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
@@ -114,7 +123,14 @@ class _Protocol(asyncio.Protocol):
             out.clear()  # first: a failing write must not leave ``out`` non-empty, which
             #              would stop every later command from scheduling a flush
             if not self.closed:
+                # the watchdog's clock starts now, not when the commands were queued: a loop
+                # stall between the two is ours, not Redis's
+                self.sent_at[0] = time.monotonic()
                 self.transport.write(data)
+
+    def sent(self, fut: asyncio.Future) -> None:
+        """``fut`` awaits the reply to a command written just now (not through ``out``)."""
+        self.waiting.append((fut, [time.monotonic()]))
 
 
 class RespClient:
@@ -163,7 +179,7 @@ class RespClient:
         try:
             for cmd in hello:
                 fut = loop.create_future()
-                proto.waiting.append((fut, time.monotonic()))
+                proto.sent(fut)
                 proto.transport.write(_encode(cmd))
                 try:
                     await asyncio.wait_for(fut, self.timeout)
@@ -175,7 +191,7 @@ class RespClient:
             # per-request script's deadline is set in Redis's clock. Sent, not awaited: the
             # connection is usable at once, the offset is known one round trip later.
             fut = loop.create_future()
-            proto.waiting.append((fut, time.monotonic()))
+            proto.sent(fut)
             proto.transport.write(_encode(("TIME",)))
             fut.add_done_callback(functools.partial(self._clock_read, time.monotonic()))
         except BaseException:  # refused, stuck, lost, or close() cancelled us: never leak it
@@ -208,16 +224,30 @@ class RespClient:
             self._proto = None
 
     def _arm_watchdog(self) -> None:
-        """Every timeout/4 s: a reply overdue by more than ``timeout`` kills the connection
-        (one timer for all calls, instead of a wait_for per call on the hot path)."""
+        """Every timeout/4 s: a reply overdue by more than ``timeout`` since its command was
+        written kills the connection (one timer for all calls, instead of a wait_for per call
+        on the hot path).
+
+        An overdue reply is judged again in the next loop pass, after the loop has polled the
+        socket: when the loop itself was stalled (a GC pause, a starved CPU), the reply may be
+        waiting there unread, and this check may run in the same pass as the stall, before
+        any read. Only a reply still missing then is Redis's."""
         loop = asyncio.get_running_loop()
 
         def check() -> None:
             proto = self._proto
-            if proto is not None and proto.waiting and \
-                    time.monotonic() - proto.waiting[0][1] > self.timeout:
-                proto.abort(ConnectionError("Redis did not answer in time"))
+            if proto is not None and proto.waiting:
+                fut, sent_at = proto.waiting[0]
+                if time.monotonic() - sent_at[0] > self.timeout:
+                    # judged two turns from now, after the loop polled the socket: uvloop runs
+                    # due timers before it polls, so this check can run right after a stall
+                    # of the loop, before the reply that arrived meanwhile is read
+                    loop.call_soon(loop.call_soon, confirm, proto, fut)
             self._watchdog = loop.call_later(self.timeout / 4, check)
+
+        def confirm(proto: _Protocol, fut: asyncio.Future) -> None:
+            if proto.waiting and proto.waiting[0][0] is fut:
+                proto.abort(ConnectionError("Redis did not answer in time"))
 
         self._watchdog = loop.call_later(self.timeout / 4, check)
 
@@ -301,8 +331,9 @@ class RespClient:
             # batch costing one TCP write and one read that wake Redis; the wait it adds is
             # one turn of the loop.
             loop.call_soon(loop.call_soon, proto.flush)
+            proto.sent_at = [math.inf]  # these commands' write time, set when written
         proto.out.append(command)
-        proto.waiting.append((fut, time.monotonic()))
+        proto.waiting.append((fut, proto.sent_at))
         return fut
 
     async def close(self) -> None:
