@@ -642,3 +642,29 @@ async def test_a_worker_s_last_store_calls_reach_the_shared_metrics_before_it_ex
     written = {s.labels["call"]: s.value for family in metrics.store_calls.collect()
                for s in family.samples if s.name.endswith("_count")}
     assert written.get("add_usage") == 1, written
+
+
+async def test_a_clock_offset_measured_across_a_pause_is_never_too_large(own_redis):
+    """The offset (Redis's clock minus ours) comes from TIME on each new connection. One
+    opened while Redis is stopped hears TIME only when Redis wakes: read halfway through
+    that round trip, the offset came out too large by half the pause, and every deadline
+    derived from it as late, past the moment the client gives up on the call."""
+    from gateway.store.resp import RespClient
+    client = RespClient(own_redis.url, timeout=5)
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    try:
+        answered = client.call("PING")  # connects: TIME is sent first, and waits
+        await asyncio.sleep(0.6)
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+    try:
+        await asyncio.wait_for(answered, 5)
+        sent = time.monotonic()
+        seconds, micros = redis.Redis.from_url(own_redis.url).time()
+        arrived = time.monotonic()
+        # the true offset lies between these two
+        low, high = seconds + micros / 1e6 - arrived, seconds + micros / 1e6 - sent
+        assert low - 0.05 <= client.clock_offset <= high + 0.005, \
+            (client.clock_offset - low, client.clock_offset - high)
+    finally:
+        await client.close()

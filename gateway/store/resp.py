@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import time
 from typing import Any
 
@@ -27,6 +26,19 @@ from ..redis_urls import parse_standalone_url
 
 class RespError(Exception):
     """An error reply from Redis (e.g. NOSCRIPT, WRONGTYPE)."""
+
+
+def clock_offset(time_reply: Any, arrived: float) -> float:
+    """Redis's clock minus our ``time.monotonic()``, seconds, from a TIME reply that reached
+    us at ``arrived`` (monotonic; so a step of this host's wall clock cannot move it).
+
+    Redis read its clock at some instant between sending and arrival; taking the arrival
+    makes the offset at most one round trip too small, never too large. The per-request
+    deadline built on it can then come early, never late. Halfway through the round trip
+    was wrong by half of any stall: a connection opened while Redis is paused hears TIME
+    only when it wakes, and its deadlines then fell after the client had given up."""
+    seconds, micros = time_reply
+    return int(seconds) + int(micros) / 1e6 - arrived
 
 
 def _encode(args: tuple[Any, ...]) -> bytes:
@@ -171,13 +183,13 @@ class RespClient:
                     raise ConnectionError(f"Redis refused {cmd[0]}: {exc}") from exc
                 except asyncio.TimeoutError as exc:
                     raise ConnectionError(f"Redis did not answer {cmd[0]} in time") from exc
-            # Redis's clock against ours (TIME, halfway through its round trip): the
-            # per-request script's deadline is set in Redis's clock. Sent, not awaited: the
-            # connection is usable at once, the offset is known one round trip later.
+            # Redis's clock against ours (TIME): the per-request script's deadline is set in
+            # Redis's clock. Sent, not awaited: the connection is usable at once, the offset
+            # is known one round trip later.
             fut = loop.create_future()
             proto.waiting.append((fut, time.monotonic()))
             proto.transport.write(_encode(("TIME",)))
-            fut.add_done_callback(functools.partial(self._clock_read, time.monotonic()))
+            fut.add_done_callback(self._clock_read)
         except BaseException:  # refused, stuck, lost, or close() cancelled us: never leak it
             proto.abort(ConnectionError("connection to Redis not set up"))
             raise
@@ -187,19 +199,14 @@ class RespClient:
 
     def measure_clock(self) -> None:
         """Measure ``clock_offset`` again (one TIME call, not awaited): after a clock step."""
-        self.call("TIME").add_done_callback(functools.partial(self._clock_read,
-                                                              time.monotonic()))
+        self.call("TIME").add_done_callback(self._clock_read)
 
-    def _clock_read(self, sent: float, fut: asyncio.Future) -> None:
-        """``clock_offset`` = Redis's clock (TIME) minus our ``time.monotonic()``, read
-        halfway through the round trip. Monotonic, so a step of this host's wall clock cannot
-        move the per-request deadlines."""
+    def _clock_read(self, fut: asyncio.Future) -> None:
+        """``clock_offset`` from a TIME reply (:func:`clock_offset`)."""
         if fut.cancelled() or fut.exception() is not None:
             return  # lost with the connection, or TIME refused (an ACL): keep what we had
         try:
-            seconds, micros = fut.result()
-            self.clock_offset = int(seconds) + int(micros) / 1e6 - \
-                (sent + time.monotonic()) / 2
+            self.clock_offset = clock_offset(fut.result(), time.monotonic())
         except (TypeError, ValueError):
             pass
 
