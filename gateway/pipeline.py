@@ -311,11 +311,13 @@ class Pipeline:
 
     async def refund(self, key: CachedKey, counted: Counted | None = None) -> None:
         """Take back a counted request the upstream never received, from where it was counted:
-        this process's ledger while its count is still there, else the month and day that
-        counted it (a connect attempt can end after midnight at the turn of the month)."""
+        this process's ledger when it counted it (which writes the subtraction if the count
+        was written already), else the month and day that counted it in the store (a connect
+        attempt can end after midnight at the turn of the month)."""
         now = self.clock()
         counted = counted or Counted(self.months.get(now), utc_day(now))
-        if counted.local is not None and self.ledger.take_back(counted.local):
+        if counted.local is not None:  # the ledger takes it back, and writes that if need be
+            self.ledger.take_back(counted.local)
             return
         month = counted.month
         try:

@@ -668,3 +668,44 @@ async def test_a_clock_offset_measured_across_a_pause_is_never_too_large(own_red
             (client.clock_offset - low, client.clock_offset - high)
     finally:
         await client.close()
+
+
+async def test_a_ledger_write_that_timed_out_on_a_stopped_redis_counts_once(
+        upstream, own_redis, monkeypatch):
+    """A write of the fail-open ledger that times out on a stopped Redis still sits in
+    Redis's socket buffer and runs when Redis wakes; the ledger writes the same counts again.
+    Each request must be counted once. (The ledger's script is in Redis's cache from an
+    earlier outage here: with a cold cache the stale call is refused with NOSCRIPT.)"""
+    import redis as sync_redis
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, own_redis.url, monkeypatch, ledger_retry=3600) as g:
+        ledger = g.gw.pipeline.ledger
+
+        def writes_done() -> float:
+            return g.counter("keygate_store_call_duration_seconds_count", call="add_usage")
+
+        await three_requests_counted_while_the_store_is_paused(g, own_redis.url)  # 1 + 3
+        assert await eventually(redis_answers(own_redis.url))
+        ledger.flush()
+        assert await eventually(lambda: not ledger and writes_done() == 1)
+        assert _month_count(own_redis.url, "acme") == 4
+
+        token, second = await g.key(name="second")
+        assert (await get_all(g, token, 1))[0][0] == 200  # verified in this process: 5
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            assert [s for s, _ in await get_all(g, token, 3)] == [200] * 3  # counted here
+            ledger.flush()  # sent, then given up on: Redis is stopped
+            assert await eventually(lambda: writes_done() == 2)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        assert await eventually(redis_answers(own_redis.url))
+        ledger.flush()
+        assert await eventually(lambda: not ledger and writes_done() >= 3)
+        await asyncio.sleep(0.1)
+    assert _month_count(own_redis.url, "acme") == 8
+    from gateway.store import key_usage_key
+    from gateway.usage import month_of
+    key_month = key_usage_key("acme", second["id"], month_of(time.time()).period)
+    assert int(sync_redis.Redis.from_url(own_redis.url).get(key_month)) == 4
