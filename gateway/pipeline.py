@@ -12,6 +12,8 @@ built from these same steps.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import math
 import os
@@ -350,6 +352,10 @@ class Pipeline:
         """The store failed on a key verified in this process: fail closed, or — with
         ``on_store_error: open`` — decide from the cached state and count in the ledger.
         Returns where the request was counted."""
+        if exc.counted_late is not None:  # Redis may have counted it all the same
+            exc.counted_late.add_done_callback(functools.partial(
+                self._counted_after_all,
+                Slot(key.workspace, key.key_id, counted.month.period, counted.day)))
         if not self.fail_open:
             raise self.store_down(exc) from exc
         if self.metrics:
@@ -365,6 +371,13 @@ class Pipeline:
         if self.metrics:
             self.metrics.degraded.inc()
         return counted
+
+    def _counted_after_all(self, slot: Slot, counted: asyncio.Future[bool]) -> None:
+        """The reply to a call given up on came late and says Redis counted the request
+        (it ran the call in time, then stalled before replying): the request was answered
+        503 or counted in the ledger, so the ledger takes Redis's count back."""
+        if not counted.cancelled() and counted.result():
+            self.ledger.take_back(slot)
 
     async def close(self) -> None:
         """At shutdown, after the listeners stopped: write what the ledger counted while the

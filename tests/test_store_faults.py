@@ -709,3 +709,37 @@ async def test_a_ledger_write_that_timed_out_on_a_stopped_redis_counts_once(
     from gateway.usage import month_of
     key_month = key_usage_key("acme", second["id"], month_of(time.time()).period)
     assert int(sync_redis.Redis.from_url(own_redis.url).get(key_month)) == 4
+
+
+async def _one_request(g, token: str) -> tuple[int, str | None]:
+    async with g.proxy.get("/people", headers=bearer(token)) as r:
+        body = await r.json()
+        return r.status, body.get("error", {}).get("code") if isinstance(body, dict) else None
+
+
+@pytest.mark.parametrize("on_store_error", ["closed", "open"])
+async def test_a_request_redis_counted_after_the_gateway_gave_up_is_counted_once(
+        upstream, redis_url, monkeypatch, on_store_error):
+    """Redis can run the per-request call in time and stall before its reply leaves (the
+    SIGSTOP tests hit this now and then). The gateway gives up at its timeout: fail-closed it
+    answers 503, which SPEC says is not counted (or is taken back); fail-open it counts the
+    request here. The reply still comes when Redis goes on, saying Redis counted it: it must
+    then be taken back, so that the month holds each request answered 200 once, and no 503."""
+    from harness import HeldReplies
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error=on_store_error))
+    async with HeldReplies(redis_url) as relay:
+        async with gateway_under_test(config, relay.url, monkeypatch, ledger_retry=0.05) as g:
+            await g.workspace(plan="unlimited")
+            token, _ = await g.key()
+            assert await _one_request(g, token) == (200, None)  # verified in this process
+            relay.hold()  # Redis runs the next call and counts it; its answer waits
+            expected = (503, "store_unavailable") if on_store_error == "closed" else (200, None)
+            assert await _one_request(g, token) == expected
+            relay.release()
+            answered = 1 + (on_store_error == "open")
+            assert await eventually(lambda: _month_count(redis_url, "acme") == answered
+                                    and not g.gw.pipeline.ledger, timeout=3), \
+                (_month_count(redis_url, "acme"), answered)
+            await asyncio.sleep(0.3)  # nothing more arrives
+    assert _month_count(redis_url, "acme") == answered

@@ -8,6 +8,7 @@ on which one it is. The admin operations are :class:`gateway.store.admin.Store`'
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -142,7 +143,11 @@ class RequestStore:
         try:
             reply = await self._resp.run_prepared(prepared, varying)
         except Exception as exc:  # connection lost, timeout, error reply: the store failed
-            raise StoreError(f"store call failed: {describe(exc)}") from exc
+            error = StoreError(f"store call failed: {describe(exc)}")
+            late = getattr(exc, "late", None)  # the lean client's TimedOut
+            if count and late is not None:
+                error.counted_late = _counted(late)
+            raise error from exc
         finally:
             if self.on_authorize is not None:
                 self.on_authorize(time.monotonic() - started)
@@ -225,6 +230,24 @@ class RequestStore:
             return await self._resp.run(script, keys, args)
         except Exception as exc:  # connection lost, timeout, error reply: the store failed
             raise StoreError(f"store call failed: {describe(exc)}") from exc
+
+
+def _counted(late: asyncio.Future) -> asyncio.Future[bool]:
+    """Whether an authorize call given up on counted its request, from its late reply
+    (``late``, the raw reply): only "ok" counts. Cancelled if no reply comes."""
+    counted = late.get_loop().create_future()
+
+    def read(reply: asyncio.Future) -> None:
+        if counted.done():
+            return
+        if reply.cancelled():
+            counted.cancel()
+        else:
+            r = reply.result()
+            counted.set_result(isinstance(r, list) and len(r) > 1 and r[0] == b"ok")
+
+    late.add_done_callback(read)
+    return counted
 
 
 _OUTCOMES = {b"ok": "ok", b"stale": "stale", b"rate": "rate", b"quota": "quota",

@@ -10,6 +10,8 @@ Contract of :class:`RespClient`: ``await client.call(*args)`` sends one command 
 reply (bytes, int, list, None); a Redis error reply raises :class:`RespError`; a dead,
 unreachable or stuck connection raises ``ConnectionError`` for every call in flight, and the
 next call reconnects. Commands are pipelined on one connection; replies come back in order.
+A call not answered in time raises :class:`TimedOut`, whose ``late`` future still gets the
+reply if Redis sends it after all: Redis may have run the call.
 """
 
 from __future__ import annotations
@@ -24,8 +26,25 @@ import hiredis
 from ..redis_urls import parse_standalone_url
 
 
+# A connection retired after a timeout is read on until the late replies are in (see
+# RespClient._sweep_retired): for at most this many seconds, and at most this many of them.
+RETIRED_MAX_AGE = 300.0
+RETIRED_MAX = 8
+
+
 class RespError(Exception):
     """An error reply from Redis (e.g. NOSCRIPT, WRONGTYPE)."""
+
+
+class TimedOut(ConnectionError):
+    """Redis did not answer a call in time. Redis may have run it all the same (it ran the
+    call, then stalled before its reply left): ``late`` resolves to the reply (an error reply
+    as a :class:`RespError` value) if it still comes, and is cancelled if the connection goes
+    first."""
+
+    def __init__(self, message: str, late: asyncio.Future) -> None:
+        super().__init__(message)
+        self.late = late
 
 
 def clock_offset(time_reply: Any, arrived: float) -> float:
@@ -80,7 +99,10 @@ class _Protocol(asyncio.Protocol):
         self.out: list[bytes] = []
         self.transport: asyncio.Transport | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.closed = False
+        self.closed = False    # no more calls are sent here
+        self.gone = False      # the socket is closed, nothing is read any more
+        self.answered = False  # Redis answered on this connection at least once
+        self.retired_at: float | None = None  # when it stopped taking calls, still reading
         self._on_lost = on_lost
 
     def connection_made(self, transport) -> None:
@@ -88,6 +110,7 @@ class _Protocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()  # once: on Python 3.11 each call is a getpid()
 
     def data_received(self, data: bytes) -> None:
+        self.answered = True
         self.reader.feed(data)
         waiting = self.waiting
         try:
@@ -97,27 +120,62 @@ class _Protocol(asyncio.Protocol):
                     return
                 fut = waiting.popleft()[0]
                 if not fut.done():  # a caller that gave up: its reply is dropped, in order
-                    if isinstance(reply, RespError):
+                    if isinstance(reply, RespError) and self.retired_at is None:
                         fut.set_exception(reply)
-                    else:
+                    else:  # a reply, or a late one (TimedOut.late): error replies as values
                         fut.set_result(reply)
         except hiredis.ProtocolError:  # not RESP: every call in flight fails, we reconnect
             self.abort(ConnectionError("Redis sent a malformed reply"))
+            return
+        if self.retired_at is not None and not waiting:  # every late reply is in
+            self.abort(ConnectionError("connection to Redis retired"))
 
     def connection_lost(self, exc) -> None:
         self.abort(ConnectionError("connection to Redis lost"))
 
     def abort(self, exc: Exception) -> None:
-        if self.closed:
+        """Fail every call in flight (cancel the late replies still awaited), close."""
+        if self.gone:
             return
-        self.closed = True
-        self._on_lost(self)
+        self.gone = True
+        if not self.closed:
+            self.closed = True
+            self._on_lost(self)
         while self.waiting:
             fut = self.waiting.popleft()[0]
             if not fut.done():
-                fut.set_exception(exc)
+                if self.retired_at is None:
+                    fut.set_exception(exc)
+                else:
+                    fut.cancel()
         if self.transport is not None:
             self.transport.abort()
+
+    def retire(self, now: float) -> None:
+        """Redis did not answer in time: send nothing more here and fail every call in flight
+        with :class:`TimedOut`, but keep reading. Redis may have run some of them and stalled
+        before replying; a reply that still comes says what it did (``TimedOut.late``)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.retired_at = now
+        self._on_lost(self)
+        # Commands still queued for this loop turn were never sent: they simply fail.
+        unsent = len(self.out)
+        self.out.clear()
+        gone_unsent = ConnectionError("Redis did not answer in time")
+        for _ in range(unsent):
+            fut = self.waiting.pop()[0]
+            if not fut.done():
+                fut.set_exception(gone_unsent)
+        sent, self.waiting = self.waiting, collections.deque()
+        for fut, at in sent:
+            late = self.loop.create_future()
+            self.waiting.append((late, at))
+            if not fut.done():
+                fut.set_exception(TimedOut("Redis did not answer in time", late))
+        if not self.waiting:
+            self.abort(gone_unsent)
 
     def flush(self) -> None:
         out = self.out
@@ -153,6 +211,7 @@ class RespClient:
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._retired: list[_Protocol] = []  # timed out, still reading late replies
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -215,18 +274,41 @@ class RespClient:
             self._proto = None
 
     def _arm_watchdog(self) -> None:
-        """Every timeout/4 s: a reply overdue by more than ``timeout`` kills the connection
-        (one timer for all calls, instead of a wait_for per call on the hot path)."""
+        """Every timeout/4 s: a reply overdue by more than ``timeout`` retires the connection
+        (one timer for all calls, instead of a wait_for per call on the hot path); the next
+        call makes a new one."""
         loop = asyncio.get_running_loop()
 
         def check() -> None:
-            proto = self._proto
+            proto, now = self._proto, time.monotonic()
             if proto is not None and proto.waiting and \
-                    time.monotonic() - proto.waiting[0][1] > self.timeout:
-                proto.abort(ConnectionError("Redis did not answer in time"))
+                    now - proto.waiting[0][1] > self.timeout:
+                proto.retire(now)
+                self._retired.append(proto)
+            if self._retired:
+                self._sweep_retired(now)
             self._watchdog = loop.call_later(self.timeout / 4, check)
 
         self._watchdog = loop.call_later(self.timeout / 4, check)
+
+    def _sweep_retired(self, now: float) -> None:
+        """Close the retired connections that can tell nothing more. One Redis never answered
+        on was most likely made while Redis was stopped: it ran nothing from it before then,
+        and what it runs ``timeout`` after the calls were given up on is past their deadline
+        (the per-request script's, set before the client's timeout), so it counts nothing.
+        One Redis did answer on may hold replies to calls it ran just before it stalled: it
+        is kept until they come, for at most RETIRED_MAX_AGE, the RETIRED_MAX newest only."""
+        keep = []
+        for proto in self._retired:
+            age = now - proto.retired_at
+            if not proto.gone and (age > RETIRED_MAX_AGE or
+                                   (not proto.answered and age > self.timeout)):
+                proto.abort(ConnectionError("gave up waiting for late replies"))
+            if not proto.gone:
+                keep.append(proto)
+        for proto in keep[:-RETIRED_MAX]:
+            proto.abort(ConnectionError("gave up waiting for late replies"))
+        self._retired = keep[-RETIRED_MAX:]
 
     async def _connection(self) -> _Protocol:
         """The one connection attempt in progress, shared by every caller waiting for it.
@@ -319,3 +401,6 @@ class RespClient:
         if self._proto is not None:
             self._proto.abort(ConnectionError("client closed"))
             self._proto = None
+        for proto in self._retired:
+            proto.abort(ConnectionError("client closed"))
+        self._retired.clear()
