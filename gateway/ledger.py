@@ -60,6 +60,7 @@ class LocalLedger:
         self._tag, self._seq = os.urandom(6).hex(), 0  # write ids unique across processes
         self._writer: asyncio.Task | None = None
         self._retry: asyncio.Task | None = None
+        self._closing = False  # close() writes what is here; no retry loop starts any more
 
     def __bool__(self) -> bool:
         """Whether anything waits for the store."""
@@ -80,7 +81,7 @@ class LocalLedger:
             self.counts[slot] = n
         else:
             del self.counts[slot]
-        if self._retry is None or self._retry.done():
+        if not self._closing and (self._retry is None or self._retry.done()):
             self._retry = asyncio.ensure_future(self._retry_flush())
 
     def flush(self) -> None:
@@ -120,7 +121,9 @@ class LocalLedger:
 
     async def close(self) -> None:
         """At shutdown, after the listeners stopped: write what is still here (a process that
-        stops must not take its share of the month with it)."""
+        stops must not take its share of the month with it). A take-back that comes later (a
+        late store reply, during the rest of the shutdown) is not written."""
+        self._closing = True
         if self._retry is not None and not self._retry.done():
             self._retry.cancel()
             await asyncio.gather(self._retry, return_exceptions=True)

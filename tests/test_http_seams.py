@@ -107,3 +107,16 @@ def test_response_headers_drop_hop_by_hop_and_connection_named_ones() -> None:
                             (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"),
                             (b"Keep-Alive", b"timeout=5")])
     assert list(out.items()) == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
+
+
+async def test_a_ledger_closed_starts_no_retry_loop_for_what_comes_later(redis_url) -> None:
+    """A late store reply can take a request back while the gateway shuts down, after the
+    ledger wrote what it held: no retry loop may start then (a task left pending at exit)."""
+    slot = Slot("acme", "k1", "2025-06", "2025-06-15")
+    store = RequestStore(redis_url, timeout=0.5)
+    ledger = LocalLedger(store, MonthCache(), lambda: NOW, retry_every=3600)
+    ledger.add(slot)
+    await ledger.close()
+    ledger.take_back(slot)
+    assert ledger._retry is None or ledger._retry.done()
+    await store.close()
