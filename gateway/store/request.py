@@ -27,7 +27,9 @@ REFUND = load("refund")
 LEDGER_WRITE = load("ledger_write")
 READ_KEY = load("read_key")
 # The script's deadline (lua/authorize.lua ARGV[12]) is this share of the store timeout after
-# the call is made: a reply to a call that ran before it reaches us before we give up on it.
+# the call is made: a reply to a call that ran before it reaches us before we give up on it,
+# unless Redis stalled between running the call and replying; that reply comes late, and a
+# request it counted is taken back then (StoreError.counted_late).
 DEADLINE_SHARE = 0.8
 DAILY_TTL = 100 * 86400  # day counters: the usage history reaches 90 days back
 # How long Redis remembers that a ledger write ran (lua/ledger_write.lua), renewed by every
