@@ -127,10 +127,11 @@ class LocalLedger:
         if self._retry is not None and not self._retry.done():
             self._retry.cancel()
             await asyncio.gather(self._retry, return_exceptions=True)
-        for _ in range(2):  # the write under way, then one of everything left
-            if self._writer is not None:
-                await asyncio.gather(self._writer, return_exceptions=True)
-            self.flush()
+        if self._writer is not None:  # the write under way
+            await asyncio.gather(self._writer, return_exceptions=True)
+        self.flush()  # then everything left, once
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
         if self:
             log.warning("the store is unavailable: %d requests counted while it was down "
                         "(net of those taken back) were not written to the monthly usage",

@@ -66,6 +66,9 @@ async def test_the_ledger_nets_what_it_takes_back_and_keeps_a_failed_write_as_it
     await asyncio.wait((ledger._writer,))
     assert [(w.id, w.n) for w in ledger.pending.values()][0] == (write_id, 1)
     assert [w.n for w in ledger.pending.values()] == [1, 1]
+    await ledger.close()              # a shutdown with the store still down: tried, then left
+    assert [w.n for w in ledger.pending.values()] == [1, 1]
+    assert all(task.done() for task in asyncio.all_tasks() if task is not asyncio.current_task())
     own_redis.start()                 # the store is back, on the same port
     await ledger.close()
     assert not ledger
