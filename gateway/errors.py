@@ -27,6 +27,7 @@ traces, store errors, hashes or tokens.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Mapping
 
@@ -173,7 +174,13 @@ def insufficient_scope(needed: str) -> Forbidden:
 
 
 class StoreError(Exception):
-    """The store is unreachable or failed; never shown to clients (they see 503)."""
+    """The store is unreachable or failed; never shown to clients (they see 503).
+
+    ``counted_late``: for a call that would have counted a request and was given up on
+    while Redis may still have run it, a future that says whether it did (True: Redis
+    counted the request after all), once its reply comes; cancelled if none ever does.
+    None when nothing more can be learnt."""
+    counted_late: asyncio.Future[bool] | None = None
 
 
 def describe(exc: BaseException) -> str:

@@ -3,15 +3,24 @@
 A fail-open decision still counts the request, here, per ``Slot``; the ledger writes those
 counts to the store in the background as soon as it answers again (retrying every
 ``retry_every`` seconds, once a second by default, even if no request comes to trigger it) and
-at shutdown. A request the upstream never received is taken back from the ledger while its
-count is still here.
+at shutdown. A request taken back (the upstream never received it) is subtracted here, whether
+its count still waits here or was written already: the subtraction is written like a count.
+
+Each write counts once, whatever the timing. A write the store did not answer in time may
+still run there (a paused Redis runs what sits in its socket buffers when it wakes) while the
+ledger sends it again; so every write has an id of its own that it keeps across retries, and
+the store's script remembers the ids that ran (``store/lua/ledger_write.lua``). A write that
+waits is never changed: counts made meanwhile go into a new write. The writes of one slot are
+made in order, each once the store confirmed the one before, so a subtraction never reaches
+the store before the count it takes back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Protocol
+import os
+from typing import Callable, NamedTuple, Protocol
 
 from .errors import StoreError
 from .store.request import Slot
@@ -25,7 +34,15 @@ RETRY_EVERY = 1.0  # seconds between attempts to write local counts to the store
 class UsageWriter(Protocol):
     """The store side the ledger writes to (``gateway.store.request.RequestStore``)."""
 
-    async def add_usage(self, slot: Slot, n: int, ttl: int) -> int: ...
+    async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str) -> bool: ...
+
+
+class Write(NamedTuple):
+    """Requests of one slot on their way to the store, under an id they keep until it
+    confirms the write."""
+    id: str
+    slot: Slot
+    n: int  # negative: requests taken back
 
 
 class LocalLedger:
@@ -37,66 +54,85 @@ class LocalLedger:
         self.months = months
         self.clock = clock
         self.retry_every = retry_every  # seconds between write attempts while counts wait
-        self.counts: dict[Slot, int] = {}  # (workspace, key, month, day) → requests
-        self._flushes: set[asyncio.Task] = set()
+        # (workspace, key, month, day) → requests counted (negative: taken back) in no write yet
+        self.counts: dict[Slot, int] = {}
+        self.pending: dict[str, Write] = {}  # by id, in order: sent until the store confirms
+        self._tag, self._seq = os.urandom(6).hex(), 0  # write ids unique across processes
+        self._writer: asyncio.Task | None = None
         self._retry: asyncio.Task | None = None
+        self._closing = False  # close() writes what is here; no retry loop starts any more
 
     def __bool__(self) -> bool:
-        """Whether any count waits for the store."""
-        return bool(self.counts)
+        """Whether anything waits for the store."""
+        return bool(self.counts or self.pending)
 
     def add(self, slot: Slot) -> None:
         """Count one request in ``slot``, and make sure a retry loop will write it."""
-        self.counts[slot] = self.counts.get(slot, 0) + 1
-        if self._retry is None or self._retry.done():
+        self._count(slot, 1)
+
+    def take_back(self, slot: Slot) -> None:
+        """Un-count one request this ledger counted in ``slot``: here while its count waits,
+        else by writing the subtraction."""
+        self._count(slot, -1)
+
+    def _count(self, slot: Slot, n: int) -> None:
+        n += self.counts.get(slot, 0)
+        if n:
+            self.counts[slot] = n
+        else:
+            del self.counts[slot]
+        if not self._closing and (self._retry is None or self._retry.done()):
             self._retry = asyncio.ensure_future(self._retry_flush())
 
-    def take_back(self, slot: Slot) -> bool:
-        """Un-count one request of ``slot``; False when its count already went to the store
-        (the caller refunds it there)."""
-        n = self.counts.get(slot, 0)
-        if n > 1:
-            self.counts[slot] = n - 1
-        elif n == 1:
-            del self.counts[slot]
-        return n > 0
-
     def flush(self) -> None:
-        """Write the counts to the store, in the background. They are taken out of the ledger
-        first, so concurrent flushes never write one twice, and put back when the store fails
-        again, so none is lost."""
-        counts, self.counts = self.counts, {}
-        task = asyncio.ensure_future(self._write(counts))
-        self._flushes.add(task)  # a task nobody references can be garbage-collected mid-way
-        task.add_done_callback(self._flushes.discard)
+        """Write what waits, in the background. The counts become writes with ids of their
+        own; while a write is under way they stay here, for the next flush."""
+        if self._writer is not None and not self._writer.done():
+            return
+        for slot, n in self.counts.items():
+            self._seq += 1
+            write = Write(f"{self._tag}-{self._seq}", slot, n)
+            self.pending[write.id] = write
+        self.counts = {}
+        if self.pending:
+            # a task nobody references can be garbage-collected mid-way: kept in _writer
+            self._writer = asyncio.ensure_future(self._write())
 
     async def _retry_flush(self) -> None:
-        while self.counts:
+        while self:
             await asyncio.sleep(self.retry_every)
-            if self.counts:
-                self.flush()  # a tracked task: cancelling this loop spares it
-                await asyncio.wait(set(self._flushes))
+            self.flush()
+            if self._writer is not None:  # cancelling this loop spares the writer
+                await asyncio.wait((self._writer,))
 
-    async def _write(self, counts: dict[Slot, int]) -> None:
+    async def _write(self) -> None:
         now = self.clock()
         ttl = self.months.get(now).counter_ttl(now)
-        for slot, n in counts.items():
+        failed: set[Slot] = set()
+        for write in list(self.pending.values()):
+            if write.slot in failed:
+                continue  # a slot's writes stay in order: this one waits for the one before
             try:
-                await self.store.add_usage(slot, n, ttl)
+                await self.store.add_usage(write.slot, write.n, ttl, write.id)
             except StoreError:
-                self.counts[slot] = self.counts.get(slot, 0) + n
+                failed.add(write.slot)  # kept, id and all: sent again at the next flush
+            else:
+                del self.pending[write.id]
 
     async def close(self) -> None:
         """At shutdown, after the listeners stopped: write what is still here (a process that
-        stops must not take its share of the month with it)."""
+        stops must not take its share of the month with it). A take-back that comes later (a
+        late store reply, during the rest of the shutdown) is not written."""
+        self._closing = True
         if self._retry is not None and not self._retry.done():
             self._retry.cancel()
             await asyncio.gather(self._retry, return_exceptions=True)
-        if self._flushes:
-            await asyncio.gather(*self._flushes, return_exceptions=True)
-        if self.counts:
-            counts, self.counts = self.counts, {}
-            await self._write(counts)
-        if self.counts:
-            log.warning("the store is unavailable: %d requests counted while it was down were "
-                        "not written to the monthly usage", sum(self.counts.values()))
+        if self._writer is not None:  # the write under way
+            await asyncio.gather(self._writer, return_exceptions=True)
+        self.flush()  # then everything left, once
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if self:
+            log.warning("the store is unavailable: %d requests counted while it was down "
+                        "(net of those taken back) were not written to the monthly usage",
+                        sum(self.counts.values()) + sum(w.n for w in self.pending.values()))

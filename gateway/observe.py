@@ -114,5 +114,5 @@ class TimedRequestStore(RequestStore):
     def refund(self, slot, ttl: int):
         return self._timed("refund", super().refund(slot, ttl))
 
-    def add_usage(self, slot, n: int, ttl: int):
-        return self._timed("add_usage", super().add_usage(slot, n, ttl))
+    def add_usage(self, slot, n: int, ttl: int, write_id: str):
+        return self._timed("add_usage", super().add_usage(slot, n, ttl, write_id))

@@ -12,6 +12,8 @@ built from these same steps.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import math
 import os
@@ -311,11 +313,13 @@ class Pipeline:
 
     async def refund(self, key: CachedKey, counted: Counted | None = None) -> None:
         """Take back a counted request the upstream never received, from where it was counted:
-        this process's ledger while its count is still there, else the month and day that
-        counted it (a connect attempt can end after midnight at the turn of the month)."""
+        this process's ledger when it counted it (which writes the subtraction if the count
+        was written already), else the month and day that counted it in the store (a connect
+        attempt can end after midnight at the turn of the month)."""
         now = self.clock()
         counted = counted or Counted(self.months.get(now), utc_day(now))
-        if counted.local is not None and self.ledger.take_back(counted.local):
+        if counted.local is not None:  # the ledger takes it back, and writes that if need be
+            self.ledger.take_back(counted.local)
             return
         month = counted.month
         try:
@@ -348,6 +352,10 @@ class Pipeline:
         """The store failed on a key verified in this process: fail closed, or — with
         ``on_store_error: open`` — decide from the cached state and count in the ledger.
         Returns where the request was counted."""
+        if exc.counted_late is not None:  # Redis may have counted it all the same
+            exc.counted_late.add_done_callback(functools.partial(
+                self._counted_after_all,
+                Slot(key.workspace, key.key_id, counted.month.period, counted.day)))
         if not self.fail_open:
             raise self.store_down(exc) from exc
         if self.metrics:
@@ -363,6 +371,13 @@ class Pipeline:
         if self.metrics:
             self.metrics.degraded.inc()
         return counted
+
+    def _counted_after_all(self, slot: Slot, counted: asyncio.Future[bool]) -> None:
+        """The reply to a call given up on came late and says Redis counted the request
+        (it ran the call in time, then stalled before replying): the request was answered
+        503 or counted in the ledger, so the ledger takes Redis's count back."""
+        if not counted.cancelled() and counted.result():
+            self.ledger.take_back(slot)
 
     async def close(self) -> None:
         """At shutdown, after the listeners stopped: write what the ledger counted while the

@@ -241,3 +241,61 @@ async def gateway_under_test(config: Config, redis_url: str, monkeypatch, **kw):
             await admin.close()
             await proxy_server.close()
             await admin_server.close()
+
+
+class HeldReplies:
+    """A loopback TCP relay in front of a real redis-server whose replies a test can hold
+    back: Redis has run the commands, their answers wait. This is what a Redis that stalls
+    between running a call and writing its reply does (stopped or paused there, a slow AOF
+    write), which a signal cannot be timed to hit. ``url`` is the relay's; ``hold()`` keeps
+    the replies from then on, ``release()`` sends them, in order, and lets replies flow again."""
+
+    def __init__(self, redis_url: str) -> None:
+        from urllib.parse import urlsplit
+        at = urlsplit(redis_url)
+        self._target = (at.hostname, at.port)
+        self._db = at.path
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._tasks: set[asyncio.Task] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> "HeldReplies":
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}{self._db}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._flowing.set()
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def hold(self) -> None:
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
+    async def _relay(self, client_reader, client_writer) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection(*self._target)
+
+        async def pump(reader, writer, held: bool) -> None:
+            try:
+                while data := await reader.read(65536):
+                    if held:
+                        await self._flowing.wait()
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        tasks = [asyncio.ensure_future(pump(client_reader, redis_writer, False)),
+                 asyncio.ensure_future(pump(redis_reader, client_writer, True))]
+        self._tasks.update(tasks)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.difference_update(tasks)

@@ -4,6 +4,7 @@ listener."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import redis
@@ -11,7 +12,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.access import refusal
 from gateway.auth import CachedKey
-from gateway.store.request import RequestStore, Slot
+from gateway.store.keyspace import write_key
+from gateway.store.request import WRITE_ID_TTL, RequestStore, Slot
 from gateway.ledger import LocalLedger
 from gateway.usage import MonthCache
 from gateway.models import KeyRecord, Principal, Workspace
@@ -45,23 +47,50 @@ def test_access_is_refused_in_specs_order() -> None:
     assert _code(_key(expires_at=NOW + 1)) is None
 
 
-async def test_the_ledger_takes_back_what_it_still_holds_and_writes_the_rest(own_redis) -> None:
+async def test_the_ledger_nets_what_it_takes_back_and_keeps_a_failed_write_as_it_was(
+        own_redis) -> None:
     slot = Slot("acme", "k1", "2025-06", "2025-06-15")
     store = RequestStore(own_redis.url, timeout=0.5)
     ledger = LocalLedger(store, MonthCache(), lambda: NOW, retry_every=3600)  # no retry here
     own_redis.stop()                  # the store is down: nothing listens on its port
     ledger.add(slot)
     ledger.add(slot)
-    assert ledger.take_back(slot) and ledger.counts == {slot: 1}
-    ledger.flush()                    # the store is still down: the count comes back
-    assert not ledger.counts          # taken out while it is written
-    assert await eventually(lambda: ledger.counts == {slot: 1}, timeout=5)
+    ledger.take_back(slot)
+    assert ledger.counts == {slot: 1}
+    ledger.flush()                    # the store is still down: the write waits, unchanged
+    assert not ledger.counts and [(w.slot, w.n) for w in ledger.pending.values()] == [(slot, 1)]
+    [write_id] = ledger.pending
+    await asyncio.wait((ledger._writer,))
+    ledger.add(slot)                  # counted meanwhile: not merged into the waiting write
+    ledger.flush()
+    await asyncio.wait((ledger._writer,))
+    assert [(w.id, w.n) for w in ledger.pending.values()][0] == (write_id, 1)
+    assert [w.n for w in ledger.pending.values()] == [1, 1]
+    await ledger.close()              # a shutdown with the store still down: tried, then left
+    assert [w.n for w in ledger.pending.values()] == [1, 1]
+    assert all(task.done() for task in asyncio.all_tasks() if task is not asyncio.current_task())
     own_redis.start()                 # the store is back, on the same port
     await ledger.close()
     assert not ledger
     r = redis.Redis.from_url(own_redis.url)
-    assert [int(r.get(k)) for k in slot.counters()] == [1, 1, 1, 1]  # written once
-    assert not ledger.take_back(slot)  # already in the store: the caller refunds it there
+    assert [int(r.get(k)) for k in slot.counters()] == [2, 2, 2, 2]  # each written once
+    ledger.take_back(slot)            # already in the store: the ledger writes the subtraction
+    await ledger.close()
+    assert [int(r.get(k)) for k in slot.counters()] == [1, 1, 1, 1]
+    await store.close()
+
+
+async def test_a_ledger_write_sent_twice_counts_once_and_never_below_zero(redis_url) -> None:
+    slot = Slot("acme", "k1", "2025-06", "2025-06-15")
+    store = RequestStore(redis_url, timeout=0.5)
+    r = redis.Redis.from_url(redis_url)
+    assert await store.add_usage(slot, 3, 60, "w-1")
+    assert not await store.add_usage(slot, 3, 60, "w-1")   # a copy of it: nothing again
+    assert [int(r.get(k)) for k in slot.counters()] == [3, 3, 3, 3]
+    assert await store.add_usage(slot, -5, 60, "w-2")
+    assert [int(r.get(k)) for k in slot.counters()] == [0, 0, 0, 0]
+    assert all(r.ttl(k) > 0 for k in slot.counters())
+    assert 0 < r.ttl(write_key("acme", "w-1")) <= WRITE_ID_TTL
     await store.close()
 
 
@@ -81,3 +110,16 @@ def test_response_headers_drop_hop_by_hop_and_connection_named_ones() -> None:
                             (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"),
                             (b"Keep-Alive", b"timeout=5")])
     assert list(out.items()) == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
+
+
+async def test_a_ledger_closed_starts_no_retry_loop_for_what_comes_later(redis_url) -> None:
+    """A late store reply can take a request back while the gateway shuts down, after the
+    ledger wrote what it held: no retry loop may start then (a task left pending at exit)."""
+    slot = Slot("acme", "k1", "2025-06", "2025-06-15")
+    store = RequestStore(redis_url, timeout=0.5)
+    ledger = LocalLedger(store, MonthCache(), lambda: NOW, retry_every=3600)
+    ledger.add(slot)
+    await ledger.close()
+    ledger.take_back(slot)
+    assert ledger._retry is None or ledger._retry.done()
+    await store.close()

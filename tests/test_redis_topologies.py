@@ -24,6 +24,7 @@ import redis
 from gateway.workers import _preflight
 from gateway.config import ConfigError, load_config
 from gateway.redis_urls import parse_topology_url, redact
+from gateway.store.request import Slot
 from gateway.tokens import make_token
 
 from conftest import free_port, redis_server_binary
@@ -404,6 +405,14 @@ async def test_cluster_gateway_runs_every_store_operation_across_nodes(
         status, _ = await gut.admin_json("DELETE",
                                          f"/workspaces/{ws}/keys/{keys['items'][0]['id']}")
         assert status == 200
+
+        # a fail-open ledger write: its id and the counters in one slot, counted once
+        slot = Slot(ws, "kx", "2026-01", "2026-01-15")
+        assert await gut.gw.requests.add_usage(slot, 2, 60, "w-1")
+        assert not await gut.gw.requests.add_usage(slot, 2, 60, "w-1")
+        owner = redis.Redis(port=_owner_port(ports, slot.counters()[0]), password=CLUSTER_PW)
+        assert [int(owner.get(counter)) for counter in slot.counters()] == [2, 2, 2, 2]
+        owner.close()
 
 
 async def test_cluster_unreachable_is_503_and_not_ready(upstream, monkeypatch) -> None:

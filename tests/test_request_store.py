@@ -428,3 +428,43 @@ def test_every_command_is_encoded_as_redis_reads_it(args):
     expected = [a if isinstance(a, bytes) else str(a).encode() for a in args]
     assert parsed == expected
     assert reader.gets() is False   # nothing left over
+
+
+async def test_resp_a_call_given_up_on_still_hears_its_late_reply(redis_url):
+    """Redis ran the call and its reply came after the timeout: the caller got TimedOut at
+    the timeout, and its ``late`` future gets the reply when it comes; the connection,
+    retired meanwhile, closes once every late reply is in."""
+    from harness import HeldReplies
+    from gateway.store.resp import TimedOut
+    async with HeldReplies(redis_url) as relay:
+        client = RespClient(relay.url, timeout=0.2)
+        assert await client.call("PING") == b"PONG"
+        relay.hold()
+        calls = [client.call("INCR", "late"), client.call("HGET", "late", "x")]
+        late = []
+        for call in calls:
+            with pytest.raises(TimedOut) as raised:
+                await asyncio.wait_for(call, 3)
+            late.append(raised.value.late)
+        relay.release()
+        assert await asyncio.wait_for(late[0], 3) == 1   # Redis did run it
+        assert isinstance(await asyncio.wait_for(late[1], 3), RespError)  # WRONGTYPE
+        assert await client.call("GET", "late") == b"1"  # on a new connection
+        assert await eventually(lambda: not client._retired)
+        await client.close()
+
+
+async def test_resp_a_long_pause_leaves_no_pile_of_retired_connections(own_redis):
+    """Each timeout during a pause makes a new connection; those Redis never answered on are
+    closed once their calls are past any deadline, so a long pause holds a few sockets,
+    not one per timeout."""
+    client = RespClient(own_redis.url, timeout=0.2, connect_timeout=0.2)
+    assert await client.call("PING") == b"PONG"
+    with stopped(own_redis):
+        for _ in range(10):  # ~2.5 s of calls timing out, one after another
+            with pytest.raises(ConnectionError):
+                await asyncio.wait_for(client.call("PING"), 3)
+        assert len(client._retired) <= 3
+    assert await client.call("PING") == b"PONG"
+    assert await eventually(lambda: not client._retired and own_connections(own_redis.url) == 1)
+    await client.close()

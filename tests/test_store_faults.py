@@ -648,3 +648,104 @@ async def test_a_worker_s_last_store_calls_reach_the_shared_metrics_before_it_ex
     written = {s.labels["call"]: s.value for family in metrics.store_calls.collect()
                for s in family.samples if s.name.endswith("_count")}
     assert written.get("add_usage") == 1, written
+
+
+async def test_a_clock_offset_measured_across_a_pause_is_never_too_large(own_redis):
+    """The offset (Redis's clock minus ours) comes from TIME on each new connection. One
+    opened while Redis is stopped hears TIME only when Redis wakes: read halfway through
+    that round trip, the offset came out too large by half the pause, and every deadline
+    derived from it as late, past the moment the client gives up on the call."""
+    from gateway.store.resp import RespClient
+    client = RespClient(own_redis.url, timeout=5)
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    try:
+        answered = client.call("PING")  # connects: TIME is sent first, and waits
+        await asyncio.sleep(0.6)
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+    try:
+        await asyncio.wait_for(answered, 5)
+        sent = time.monotonic()
+        seconds, micros = redis.Redis.from_url(own_redis.url).time()
+        arrived = time.monotonic()
+        # the true offset lies between these two
+        low, high = seconds + micros / 1e6 - arrived, seconds + micros / 1e6 - sent
+        assert low - 0.05 <= client.clock_offset <= high + 0.005, \
+            (client.clock_offset - low, client.clock_offset - high)
+    finally:
+        await client.close()
+
+
+async def test_a_ledger_write_that_timed_out_on_a_stopped_redis_counts_once(
+        upstream, own_redis, monkeypatch):
+    """A write of the fail-open ledger that times out on a stopped Redis still sits in
+    Redis's socket buffer and runs when Redis wakes; the ledger writes the same counts again.
+    Each request must be counted once. (The ledger's script is in Redis's cache from an
+    earlier outage here: with a cold cache the stale call is refused with NOSCRIPT.)"""
+    import redis as sync_redis
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, own_redis.url, monkeypatch, ledger_retry=3600) as g:
+        ledger = g.gw.pipeline.ledger
+
+        def writes_done() -> float:
+            return g.counter("keygate_store_call_duration_seconds_count", call="add_usage")
+
+        await three_requests_counted_while_the_store_is_paused(g, own_redis.url)  # 1 + 3
+        assert await eventually(redis_answers(own_redis.url))
+        ledger.flush()
+        assert await eventually(lambda: not ledger and writes_done() == 1)
+        assert _month_count(own_redis.url, "acme") == 4
+
+        token, second = await g.key(name="second")
+        assert (await get_all(g, token, 1))[0][0] == 200  # verified in this process: 5
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            assert [s for s, _ in await get_all(g, token, 3)] == [200] * 3  # counted here
+            ledger.flush()  # sent, then given up on: Redis is stopped
+            assert await eventually(lambda: writes_done() == 2)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        assert await eventually(redis_answers(own_redis.url))
+        ledger.flush()
+        assert await eventually(lambda: not ledger and writes_done() >= 3)
+        await asyncio.sleep(0.1)
+    assert _month_count(own_redis.url, "acme") == 8
+    from gateway.store import key_usage_key
+    from gateway.usage import month_of
+    key_month = key_usage_key("acme", second["id"], month_of(time.time()).period)
+    assert int(sync_redis.Redis.from_url(own_redis.url).get(key_month)) == 4
+
+
+async def _one_request(g, token: str) -> tuple[int, str | None]:
+    async with g.proxy.get("/people", headers=bearer(token)) as r:
+        body = await r.json()
+        return r.status, body.get("error", {}).get("code") if isinstance(body, dict) else None
+
+
+@pytest.mark.parametrize("on_store_error", ["closed", "open"])
+async def test_a_request_redis_counted_after_the_gateway_gave_up_is_counted_once(
+        upstream, redis_url, monkeypatch, on_store_error):
+    """Redis can run the per-request call in time and stall before its reply leaves (the
+    SIGSTOP tests hit this now and then). The gateway gives up at its timeout: fail-closed it
+    answers 503, which SPEC says is not counted (or is taken back); fail-open it counts the
+    request here. The reply still comes when Redis goes on, saying Redis counted it: it must
+    then be taken back, so that the month holds each request answered 200 once, and no 503."""
+    from harness import HeldReplies
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error=on_store_error))
+    async with HeldReplies(redis_url) as relay:
+        async with gateway_under_test(config, relay.url, monkeypatch, ledger_retry=0.05) as g:
+            await g.workspace(plan="unlimited")
+            token, _ = await g.key()
+            assert await _one_request(g, token) == (200, None)  # verified in this process
+            relay.hold()  # Redis runs the next call and counts it; its answer waits
+            expected = (503, "store_unavailable") if on_store_error == "closed" else (200, None)
+            assert await _one_request(g, token) == expected
+            relay.release()
+            answered = 1 + (on_store_error == "open")
+            assert await eventually(lambda: _month_count(redis_url, "acme") == answered
+                                    and not g.gw.pipeline.ledger, timeout=3), \
+                (_month_count(redis_url, "acme"), answered)
+            await asyncio.sleep(0.3)  # nothing more arrives
+    assert _month_count(redis_url, "acme") == answered

@@ -15,7 +15,8 @@ import redis
 import gateway
 from gateway.store.clients import LeanClient, TopologyClient, connect
 from gateway.store.keyspace import fail_ip_key, fail_key_key
-from gateway.store.request import ADD_USAGE, AUTHORIZE, DAILY_TTL, REFUND, RequestStore, Slot
+from gateway.store.request import (ADD_USAGE, AUTHORIZE, DAILY_TTL, LEDGER_WRITE, REFUND,
+                                   RequestStore, Slot)
 from harness import eventually
 
 
@@ -57,8 +58,8 @@ class Monitor:
         return out
 
 
-SCRIPTS = {s.sha.encode(): s.name for s in (AUTHORIZE, ADD_USAGE, REFUND)}
-TEXTS = {s.text.encode(): s.name for s in (AUTHORIZE, ADD_USAGE, REFUND)}
+SCRIPTS = {s.sha.encode(): s.name for s in (AUTHORIZE, ADD_USAGE, REFUND, LEDGER_WRITE)}
+TEXTS = {s.text.encode(): s.name for s in (AUTHORIZE, ADD_USAGE, REFUND, LEDGER_WRITE)}
 
 
 def _named(args: tuple[bytes, ...]) -> tuple[str, ...]:
@@ -93,9 +94,10 @@ async def test_request_store_speaks_only_through_the_seam(redis_url):
         assert await store.failure_counts("10.0.0.1", "k1") == (1, 1)
         slot = Slot("acme", "k1", "2026-11", "2026-11-18")
         await store.refund(slot, 60)
-        assert await store.add_usage(slot, 4, 60) == 4
+        assert await store.add_usage(slot, 4, 60, "w-1")
+        assert not await store.add_usage(slot, 4, 60, "w-1")  # a copy: counts nothing again
         await store.close()
-        await eventually(lambda: len(monitor.commands()) >= 10, timeout=5)  # the last lines
+        await eventually(lambda: len(monitor.commands()) >= 12, timeout=5)  # the last lines
         seen = monitor.commands()
     assert d.outcome == "stale"  # Redis holds no key k1 at rev 1: the caller must re-read it
     assert len({client for client, _ in seen}) == 1  # one connection
@@ -108,7 +110,8 @@ async def test_request_store_speaks_only_through_the_seam(redis_url):
         ("EVALSHA", "add_usage"), ("EVAL", "add_usage"),  # NOSCRIPT: sent once in full
         ("MGET",),
         ("EVALSHA", "refund"), ("EVAL", "refund"),
-        ("EVALSHA", "add_usage")]                   # loaded now: by digest
+        ("EVALSHA", "ledger_write"), ("EVAL", "ledger_write"),
+        ("EVALSHA", "ledger_write")]                # loaded now: by digest
     assert commands[4][2:] == (b"2", fail_ip_key("10.0.0.1").encode(),
                                fail_key_key("k1").encode(), b"1", b"300", b"300")
     r = redis.Redis.from_url(redis_url)

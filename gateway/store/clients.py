@@ -20,7 +20,7 @@ from typing import Any, Protocol, Sequence
 
 from redis.exceptions import NoScriptError
 
-from .resp import RespClient, RespError, _bulk, _encode
+from .resp import RespClient, RespError, _bulk, _encode, clock_offset
 from .scripts import Script
 
 OFFSET_MAX_AGE = 60.0  # seconds between clock-offset measurements on a topology
@@ -150,9 +150,7 @@ class TopologyClient:
 
     async def _measure_offset(self) -> None:
         try:
-            sent = time.monotonic()
-            seconds, micros = await self.redis.time()
-            self._offset = seconds + micros / 1e6 - (sent + time.monotonic()) / 2
+            self._offset = clock_offset(await self.redis.time(), time.monotonic())
             self._offset_at = time.monotonic()
         except Exception:  # the store is down: keep the last offset, try again next call
             pass

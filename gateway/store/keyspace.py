@@ -41,6 +41,10 @@ per-request script and every admin script touch a single slot.
     kg:daily:{ws}:<YYYY-MM-DD>    STRING  requests forwarded that UTC day (TTL: 100 days)
     kg:kdaily:{ws}:<id>:<YYYY-MM-DD>
                                   STRING  the key's requests forwarded that UTC day (TTL)
+    kg:write:{ws}:<write-id>      STRING  "1": a write of a process's fail-open ledger (requests
+                                          counted while the store was down) that has run, so
+                                          a copy of it run again adds nothing (TTL: an hour,
+                                          renewed by each copy)
     kg:rate:{ws}:<id>             ZSET    the key's rate log: one member per request admitted
                                           in the last rate period, score = its time in ms
                                           (a sliding log; expires one period after the last)
@@ -105,6 +109,10 @@ def key_daily_key(ws: str, key_id: str, day: str) -> str:
 
 def rate_key(ws: str, key_id: str) -> str:
     return f"kg:rate:{{{ws}}}:{key_id}"
+
+
+def write_key(ws: str, write_id: str) -> str:
+    return f"kg:write:{{{ws}}}:{write_id}"
 
 
 def fail_ip_key(ip: str) -> str:

@@ -8,6 +8,7 @@ on which one it is. The admin operations are :class:`gateway.store.admin.Store`'
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -16,17 +17,26 @@ from ..errors import StoreError, describe
 from ..usage import utc_day
 from .clients import ScriptClient, connect
 from .keyspace import (daily_key, fail_ip_key, fail_key_key, key_daily_key, key_index_key,
-                       key_key, key_usage_key, rate_key, usage_key, ws_key, ws_roles_key)
+                       key_key, key_usage_key, rate_key, usage_key, write_key, ws_key,
+                       ws_roles_key)
 from .scripts import Script, load
 
 AUTHORIZE = load("authorize")
 ADD_USAGE = load("add_usage")
 REFUND = load("refund")
+LEDGER_WRITE = load("ledger_write")
 READ_KEY = load("read_key")
 # The script's deadline (lua/authorize.lua ARGV[12]) is this share of the store timeout after
-# the call is made: a reply to a call that ran before it reaches us before we give up on it.
+# the call is made: a reply to a call that ran before it reaches us before we give up on it,
+# unless Redis stalled between running the call and replying; that reply comes late, and a
+# request it counted is taken back then (StoreError.counted_late).
 DEADLINE_SHARE = 0.8
 DAILY_TTL = 100 * 86400  # day counters: the usage history reaches 90 days back
+# How long Redis remembers that a ledger write ran (lua/ledger_write.lua), renewed by every
+# copy of it that arrives. Copies come from the ledger's retries (every second or so while it
+# waits) and from what sat in a paused Redis's socket buffers (run as it wakes): an hour is far
+# beyond both. ~100 bytes per write, and writes happen only after the store failed.
+WRITE_ID_TTL = 3600
 # Keys whose authorize call (key names and, in the lean client, the command encoded up to the
 # per-request arguments) is kept ready: a lookup costs ~0.2 µs, building it ~3.5. Each key
 # kept costs ~1.3 KB: keeping every key of the day (up to 100,000) took ~130 MB for 100k keys
@@ -135,7 +145,11 @@ class RequestStore:
         try:
             reply = await self._resp.run_prepared(prepared, varying)
         except Exception as exc:  # connection lost, timeout, error reply: the store failed
-            raise StoreError(f"store call failed: {describe(exc)}") from exc
+            error = StoreError(f"store call failed: {describe(exc)}")
+            late = getattr(exc, "late", None)  # the lean client's TimedOut
+            if count and late is not None:
+                error.counted_late = _counted(late)
+            raise error from exc
         finally:
             if self.on_authorize is not None:
                 self.on_authorize(time.monotonic() - started)
@@ -205,16 +219,37 @@ class RequestStore:
         it was counted in."""
         await self._run(REFUND, slot.counters(), (ttl, ttl, DAILY_TTL, DAILY_TTL))
 
-    async def add_usage(self, slot: Slot, n: int, ttl: int) -> int:
-        """Add requests counted locally while the store was down (fail-open)."""
-        return int(await self._run(ADD_USAGE, slot.counters(),
-                                   (n, ttl, ttl, DAILY_TTL, DAILY_TTL)))
+    async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str) -> bool:
+        """Add ``n`` requests counted locally while the store was down (fail-open; negative:
+        taken back), once per ``write_id`` however often it is sent. False when a write of
+        that id had already run."""
+        return bool(await self._run(LEDGER_WRITE,
+                                    (write_key(slot.workspace, write_id), *slot.counters()),
+                                    (n, WRITE_ID_TTL, ttl, ttl, DAILY_TTL, DAILY_TTL)))
 
     async def _run(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         try:
             return await self._resp.run(script, keys, args)
         except Exception as exc:  # connection lost, timeout, error reply: the store failed
             raise StoreError(f"store call failed: {describe(exc)}") from exc
+
+
+def _counted(late: asyncio.Future) -> asyncio.Future[bool]:
+    """Whether an authorize call given up on counted its request, from its late reply
+    (``late``, the raw reply): only "ok" counts. Cancelled if no reply comes."""
+    counted = late.get_loop().create_future()
+
+    def read(reply: asyncio.Future) -> None:
+        if counted.done():
+            return
+        if reply.cancelled():
+            counted.cancel()
+        else:
+            r = reply.result()
+            counted.set_result(isinstance(r, list) and len(r) > 1 and r[0] == b"ok")
+
+    late.add_done_callback(read)
+    return counted
 
 
 _OUTCOMES = {b"ok": "ok", b"stale": "stale", b"rate": "rate", b"quota": "quota",

@@ -10,6 +10,8 @@ Contract of :class:`RespClient`: ``await client.call(*args)`` sends one command 
 reply (bytes, int, list, None); a Redis error reply raises :class:`RespError`; a dead,
 unreachable or stuck connection raises ``ConnectionError`` for every call in flight, and the
 next call reconnects. Commands are pipelined on one connection; replies come back in order.
+A call not answered in time raises :class:`TimedOut`, whose ``late`` future still gets the
+reply if Redis sends it after all: Redis may have run the call.
 
 "Stuck" is judged on Redis's time only: from when a command was written to the socket, and
 after the loop has read what arrived. A stall of our own event loop (a gen-2 GC pause of a big
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import math
 import time
 from typing import Any
@@ -30,8 +31,38 @@ import hiredis
 from ..redis_urls import parse_standalone_url
 
 
+# A connection retired after a timeout is read on until the late replies are in (see
+# RespClient._sweep_retired): for at most this many seconds, and at most this many of them.
+RETIRED_MAX_AGE = 300.0
+RETIRED_MAX = 8
+
+
 class RespError(Exception):
     """An error reply from Redis (e.g. NOSCRIPT, WRONGTYPE)."""
+
+
+class TimedOut(ConnectionError):
+    """Redis did not answer a call in time. Redis may have run it all the same (it ran the
+    call, then stalled before its reply left): ``late`` resolves to the reply (an error reply
+    as a :class:`RespError` value) if it still comes, and is cancelled if the connection goes
+    first."""
+
+    def __init__(self, message: str, late: asyncio.Future) -> None:
+        super().__init__(message)
+        self.late = late
+
+
+def clock_offset(time_reply: Any, arrived: float) -> float:
+    """Redis's clock minus our ``time.monotonic()``, seconds, from a TIME reply that reached
+    us at ``arrived`` (monotonic; so a step of this host's wall clock cannot move it).
+
+    Redis read its clock at some instant between sending and arrival; taking the arrival
+    makes the offset at most one round trip too small, never too large. The per-request
+    deadline built on it can then come early, never late. Halfway through the round trip
+    was wrong by half of any stall: a connection opened while Redis is paused hears TIME
+    only when it wakes, and its deadlines then fell after the client had given up."""
+    seconds, micros = time_reply
+    return int(seconds) + int(micros) / 1e6 - arrived
 
 
 def _encode(args: tuple[Any, ...]) -> bytes:
@@ -77,7 +108,10 @@ class _Protocol(asyncio.Protocol):
         self.sent_at: list[float] = [math.inf]  # the write time of the commands in ``out``
         self.transport: asyncio.Transport | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.closed = False
+        self.closed = False    # no more calls are sent here
+        self.gone = False      # the socket is closed, nothing is read any more
+        self.answered = False  # Redis answered on this connection at least once
+        self.retired_at: float | None = None  # when it stopped taking calls, still reading
         self._on_lost = on_lost
 
     def connection_made(self, transport) -> None:
@@ -85,6 +119,7 @@ class _Protocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()  # once: on Python 3.11 each call is a getpid()
 
     def data_received(self, data: bytes) -> None:
+        self.answered = True
         self.reader.feed(data)
         waiting = self.waiting
         try:
@@ -94,27 +129,62 @@ class _Protocol(asyncio.Protocol):
                     return
                 fut = waiting.popleft()[0]
                 if not fut.done():  # a caller that gave up: its reply is dropped, in order
-                    if isinstance(reply, RespError):
+                    if isinstance(reply, RespError) and self.retired_at is None:
                         fut.set_exception(reply)
-                    else:
+                    else:  # a reply, or a late one (TimedOut.late): error replies as values
                         fut.set_result(reply)
         except hiredis.ProtocolError:  # not RESP: every call in flight fails, we reconnect
             self.abort(ConnectionError("Redis sent a malformed reply"))
+            return
+        if self.retired_at is not None and not waiting:  # every late reply is in
+            self.abort(ConnectionError("connection to Redis retired"))
 
     def connection_lost(self, exc) -> None:
         self.abort(ConnectionError("connection to Redis lost"))
 
     def abort(self, exc: Exception) -> None:
-        if self.closed:
+        """Fail every call in flight (cancel the late replies still awaited), close."""
+        if self.gone:
             return
-        self.closed = True
-        self._on_lost(self)
+        self.gone = True
+        if not self.closed:
+            self.closed = True
+            self._on_lost(self)
         while self.waiting:
             fut = self.waiting.popleft()[0]
             if not fut.done():
-                fut.set_exception(exc)
+                if self.retired_at is None:
+                    fut.set_exception(exc)
+                else:
+                    fut.cancel()
         if self.transport is not None:
             self.transport.abort()
+
+    def retire(self, now: float) -> None:
+        """Redis did not answer in time: send nothing more here and fail every call in flight
+        with :class:`TimedOut`, but keep reading. Redis may have run some of them and stalled
+        before replying; a reply that still comes says what it did (``TimedOut.late``)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.retired_at = now
+        self._on_lost(self)
+        # Commands still queued for this loop turn were never sent: they simply fail.
+        unsent = len(self.out)
+        self.out.clear()
+        gone_unsent = ConnectionError("Redis did not answer in time")
+        for _ in range(unsent):
+            fut = self.waiting.pop()[0]
+            if not fut.done():
+                fut.set_exception(gone_unsent)
+        sent, self.waiting = self.waiting, collections.deque()
+        for fut, at in sent:
+            late = self.loop.create_future()
+            self.waiting.append((late, at))
+            if not fut.done():
+                fut.set_exception(TimedOut("Redis did not answer in time", late))
+        if not self.waiting:
+            self.abort(gone_unsent)
 
     def flush(self) -> None:
         out = self.out
@@ -157,6 +227,7 @@ class RespClient:
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._retired: list[_Protocol] = []  # timed out, still reading late replies
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -187,13 +258,13 @@ class RespClient:
                     raise ConnectionError(f"Redis refused {cmd[0]}: {exc}") from exc
                 except asyncio.TimeoutError as exc:
                     raise ConnectionError(f"Redis did not answer {cmd[0]} in time") from exc
-            # Redis's clock against ours (TIME, halfway through its round trip): the
-            # per-request script's deadline is set in Redis's clock. Sent, not awaited: the
-            # connection is usable at once, the offset is known one round trip later.
+            # Redis's clock against ours (TIME): the per-request script's deadline is set in
+            # Redis's clock. Sent, not awaited: the connection is usable at once, the offset
+            # is known one round trip later.
             fut = loop.create_future()
             proto.sent(fut)
             proto.transport.write(_encode(("TIME",)))
-            fut.add_done_callback(functools.partial(self._clock_read, time.monotonic()))
+            fut.add_done_callback(self._clock_read)
         except BaseException:  # refused, stuck, lost, or close() cancelled us: never leak it
             proto.abort(ConnectionError("connection to Redis not set up"))
             raise
@@ -203,19 +274,14 @@ class RespClient:
 
     def measure_clock(self) -> None:
         """Measure ``clock_offset`` again (one TIME call, not awaited): after a clock step."""
-        self.call("TIME").add_done_callback(functools.partial(self._clock_read,
-                                                              time.monotonic()))
+        self.call("TIME").add_done_callback(self._clock_read)
 
-    def _clock_read(self, sent: float, fut: asyncio.Future) -> None:
-        """``clock_offset`` = Redis's clock (TIME) minus our ``time.monotonic()``, read
-        halfway through the round trip. Monotonic, so a step of this host's wall clock cannot
-        move the per-request deadlines."""
+    def _clock_read(self, fut: asyncio.Future) -> None:
+        """``clock_offset`` from a TIME reply (:func:`clock_offset`)."""
         if fut.cancelled() or fut.exception() is not None:
             return  # lost with the connection, or TIME refused (an ACL): keep what we had
         try:
-            seconds, micros = fut.result()
-            self.clock_offset = int(seconds) + int(micros) / 1e6 - \
-                (sent + time.monotonic()) / 2
+            self.clock_offset = clock_offset(fut.result(), time.monotonic())
         except (TypeError, ValueError):
             pass
 
@@ -225,31 +291,53 @@ class RespClient:
 
     def _arm_watchdog(self) -> None:
         """Every timeout/4 s: a reply overdue by more than ``timeout`` since its command was
-        written kills the connection (one timer for all calls, instead of a wait_for per call
-        on the hot path).
+        written retires the connection (one timer for all calls, instead of a wait_for per
+        call on the hot path); the next call makes a new one.
 
-        An overdue reply is judged again in the next loop pass, after the loop has polled the
+        An overdue reply is judged again two loop turns later, after the loop has polled the
         socket: when the loop itself was stalled (a GC pause, a starved CPU), the reply may be
         waiting there unread, and this check may run in the same pass as the stall, before
         any read. Only a reply still missing then is Redis's."""
         loop = asyncio.get_running_loop()
 
         def check() -> None:
-            proto = self._proto
+            proto, now = self._proto, time.monotonic()
             if proto is not None and proto.waiting:
                 fut, sent_at = proto.waiting[0]
-                if time.monotonic() - sent_at[0] > self.timeout:
+                if now - sent_at[0] > self.timeout:
                     # judged two turns from now, after the loop polled the socket: uvloop runs
                     # due timers before it polls, so this check can run right after a stall
                     # of the loop, before the reply that arrived meanwhile is read
                     loop.call_soon(loop.call_soon, confirm, proto, fut)
+            if self._retired:
+                self._sweep_retired(now)
             self._watchdog = loop.call_later(self.timeout / 4, check)
 
         def confirm(proto: _Protocol, fut: asyncio.Future) -> None:
-            if proto.waiting and proto.waiting[0][0] is fut:
-                proto.abort(ConnectionError("Redis did not answer in time"))
+            if not proto.closed and proto.waiting and proto.waiting[0][0] is fut:
+                proto.retire(time.monotonic())
+                self._retired.append(proto)
 
         self._watchdog = loop.call_later(self.timeout / 4, check)
+
+    def _sweep_retired(self, now: float) -> None:
+        """Close the retired connections that can tell nothing more. One Redis never answered
+        on was most likely made while Redis was stopped: it ran nothing from it before then,
+        and what it runs ``timeout`` after the calls were given up on is past their deadline
+        (the per-request script's, set before the client's timeout), so it counts nothing.
+        One Redis did answer on may hold replies to calls it ran just before it stalled: it
+        is kept until they come, for at most RETIRED_MAX_AGE, the RETIRED_MAX newest only."""
+        keep = []
+        for proto in self._retired:
+            age = now - proto.retired_at
+            if not proto.gone and (age > RETIRED_MAX_AGE or
+                                   (not proto.answered and age > self.timeout)):
+                proto.abort(ConnectionError("gave up waiting for late replies"))
+            if not proto.gone:
+                keep.append(proto)
+        for proto in keep[:-RETIRED_MAX]:
+            proto.abort(ConnectionError("gave up waiting for late replies"))
+        self._retired = keep[-RETIRED_MAX:]
 
     async def _connection(self) -> _Protocol:
         """The one connection attempt in progress, shared by every caller waiting for it.
@@ -349,3 +437,6 @@ class RespClient:
         if self._proto is not None:
             self._proto.abort(ConnectionError("client closed"))
             self._proto = None
+        for proto in self._retired:
+            proto.abort(ConnectionError("client closed"))
+        self._retired.clear()
