@@ -337,9 +337,9 @@ def test_resp_a_loop_stall_after_send_is_not_a_late_redis(redis_url):
         sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "60")
         try:
             call = client.call("PING")
-            # queued after the client's own flush, which runs two turns from now: same turn,
-            # just after it, so the socket pair is readable in the poll that follows
-            loop.call_soon(loop.call_soon, loop.call_soon, wsock.send, b"x")
+            # the client writes the PING next turn; this comes the turn after, so the socket
+            # pair is readable in the poll that follows the write
+            loop.call_soon(loop.call_soon, wsock.send, b"x")
             assert await asyncio.wait_for(call, 3) == b"PONG"
         finally:
             loop.remove_reader(rsock)

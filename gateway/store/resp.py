@@ -2,8 +2,8 @@
 
 Why not redis-py here: measured on this machine kind (measured per part; see bench/), one EVALSHA
 through redis-py's asyncio client costs ~130-185 µs of client CPU, as much as all of the
-proxying; the same round trip through one ``asyncio.Protocol`` whose writes are coalesced over
-two loop turns and whose replies are parsed by hiredis costs ~11-24 µs. redis-py stays the
+proxying; the same round trip through one ``asyncio.Protocol`` whose writes are coalesced per
+loop turn and whose replies are parsed by hiredis costs ~11-24 µs. redis-py stays the
 client for everything that is not per request (admin operations, Cluster, Sentinel).
 
 Contract of :class:`RespClient`: ``await client.call(*args)`` sends one command and returns its
@@ -412,13 +412,7 @@ class RespClient:
                 f"{self.max_pending} Redis commands already waiting for a reply"))
             return fut
         if not proto.out:
-            # Written two turns of the loop from now, not one: the requests read in the
-            # meantime (their handlers run in the next turn, after this hop) add their calls
-            # to the same write. Under wrk at 8 connections that is ~3.6 calls a write instead
-            # of ~2.1 (/proc/<pid>/io: 0.28 Redis writes a request instead of 0.47), each
-            # batch costing one TCP write and one read that wake Redis; the wait it adds is
-            # one turn of the loop.
-            loop.call_soon(loop.call_soon, proto.flush)
+            loop.call_soon(proto.flush)
             proto.sent_at = [math.inf]  # these commands' write time, set when written
         proto.out.append(command)
         proto.waiting.append((fut, proto.sent_at))
