@@ -749,3 +749,30 @@ async def test_a_request_redis_counted_after_the_gateway_gave_up_is_counted_once
                 (_month_count(redis_url, "acme"), answered)
             await asyncio.sleep(0.3)  # nothing more arrives
     assert _month_count(redis_url, "acme") == answered
+
+
+async def test_a_request_counted_on_a_connection_redis_never_answered_is_taken_back(
+        upstream, redis_url, monkeypatch):
+    """Redis runs calls and holds their replies (a stall between running and replying) for
+    longer than two timeouts. The first request's call times out and its connection retires;
+    the second request goes out on a new connection, which Redis has not answered on yet (its
+    TIME waits with the rest), runs there in time and is counted. Its reply must still be
+    heard and the count taken back: the gateway answered 503 for both."""
+    from harness import HeldReplies
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="closed"))
+    async with HeldReplies(redis_url) as relay:
+        async with gateway_under_test(config, relay.url, monkeypatch, ledger_retry=0.05) as g:
+            await g.workspace(plan="unlimited")
+            token, _ = await g.key()
+            assert await _one_request(g, token) == (200, None)  # verified in this process
+            relay.hold()
+            assert await _one_request(g, token) == (503, "store_unavailable")
+            assert await _one_request(g, token) == (503, "store_unavailable")  # new connection
+            await asyncio.sleep(1.0)  # Redis still holds the replies, past two timeouts
+            relay.release()
+            assert await eventually(lambda: _month_count(redis_url, "acme") == 1
+                                    and not g.gw.pipeline.ledger, timeout=3), \
+                _month_count(redis_url, "acme")
+            await asyncio.sleep(0.3)
+    assert _month_count(redis_url, "acme") == 1

@@ -35,6 +35,12 @@ from ..redis_urls import parse_standalone_url
 # RespClient._sweep_retired): for at most this many seconds, and at most this many of them.
 RETIRED_MAX_AGE = 300.0
 RETIRED_MAX = 8
+# Of those, the ones Redis never answered on (made during a long pause, most likely): only the
+# newest few. "Never answered" does not mean "ran nothing": Redis may have run their calls in
+# time and held the replies with the rest (TIME's too), so they are kept like the others, but
+# a long pause that makes one per timeout must not push out the connection that was in use
+# when it began.
+RETIRED_UNANSWERED_MAX = 2
 
 
 class RespError(Exception):
@@ -315,26 +321,29 @@ class RespClient:
 
         def confirm(proto: _Protocol, fut: asyncio.Future) -> None:
             if not proto.closed and proto.waiting and proto.waiting[0][0] is fut:
-                proto.retire(time.monotonic())
+                now = time.monotonic()
+                proto.retire(now)
                 self._retired.append(proto)
+                self._sweep_retired(now)  # the bounds hold at once, not a check later
 
         self._watchdog = loop.call_later(self.timeout / 4, check)
 
     def _sweep_retired(self, now: float) -> None:
-        """Close the retired connections that can tell nothing more. One Redis never answered
-        on was most likely made while Redis was stopped: it ran nothing from it before then,
-        and what it runs ``timeout`` after the calls were given up on is past their deadline
-        (the per-request script's, set before the client's timeout), so it counts nothing.
-        One Redis did answer on may hold replies to calls it ran just before it stalled: it
-        is kept until they come, for at most RETIRED_MAX_AGE, the RETIRED_MAX newest only."""
+        """Bound the retired connections. Each may hold replies to calls Redis ran just
+        before it stalled, even one Redis never answered on (it may have run the calls and
+        held every reply, TIME's too): it is kept until they come, for at most
+        RETIRED_MAX_AGE, the RETIRED_MAX newest only, of those never answered on the
+        RETIRED_UNANSWERED_MAX newest only."""
         keep = []
         for proto in self._retired:
-            age = now - proto.retired_at
-            if not proto.gone and (age > RETIRED_MAX_AGE or
-                                   (not proto.answered and age > self.timeout)):
+            if not proto.gone and now - proto.retired_at > RETIRED_MAX_AGE:
                 proto.abort(ConnectionError("gave up waiting for late replies"))
             if not proto.gone:
                 keep.append(proto)
+        unanswered = [proto for proto in keep if not proto.answered]
+        for proto in unanswered[:-RETIRED_UNANSWERED_MAX]:
+            proto.abort(ConnectionError("gave up waiting for late replies"))
+        keep = [proto for proto in keep if not proto.gone]
         for proto in keep[:-RETIRED_MAX]:
             proto.abort(ConnectionError("gave up waiting for late replies"))
         self._retired = keep[-RETIRED_MAX:]
