@@ -824,6 +824,22 @@ def fmt_ms(v: float | None) -> str:
     return "   n/a" if v is None else f"{v:6.2f}ms"
 
 
+def paired_rounds(runs: list[dict], num: str, den: str, conns: int) -> dict:
+    """The throughput ratio within each round (both targets ran in it, minutes apart at
+    most) and its median: on a shared machine that moves between rounds, the ratio of the two
+    medians can pair one target's fast round with the other's slow one."""
+    by_round: dict[int, dict[str, float]] = {}
+    for r in runs:
+        if r["connections"] == conns and r["target"] in (num, den) and "failed" not in r \
+                and r.get("rps"):
+            by_round.setdefault(r["round"], {})[r["target"]] = r["rps"]
+    each = [round(t[num] / t[den], 2) for _, t in sorted(by_round.items())
+            if num in t and den in t]
+    if not each:
+        return {}
+    return {"throughput_rounds": each, "throughput_round_median": round(statistics.median(each), 3)}
+
+
 def summarize(runs: list[dict], conns_list: list[int]) -> dict:
     """Median over rounds per (target, connections), then the ratios."""
     cells: dict[str, dict] = {}
@@ -848,6 +864,7 @@ def summarize(runs: list[dict], conns_list: list[int]) -> dict:
                     "throughput": round(x["rps"] / y["rps"], 4),
                     "cpu_per_req": round(x["server_cpu_us_per_req"] / y["server_cpu_us_per_req"], 3)
                     if y["server_cpu_us_per_req"] else None,
+                    **paired_rounds(runs, num, den, conns),
                 }
     extra = {}
     c8, b8 = cells.get("c@8"), cells.get("b@8")
@@ -883,7 +900,11 @@ def print_table(summary: dict, conns_list: list[int], placement: str, loadgen: s
         print("\nratios (throughput = req/s of first / second; cpu = server CPU per request, first / second)")
         for name, r in summary["ratios"].items():
             cpu = f"{r['cpu_per_req']:.3g}" if r["cpu_per_req"] is not None else "n/a"
-            print(f"  {name:<10} throughput {r['throughput']:<6.3g}  cpu/req {cpu}")
+            rounds = ""
+            if len(r.get("throughput_rounds", ())) > 1:
+                rounds = (f"  per round {' '.join(f'{x:.2f}' for x in r['throughput_rounds'])}"
+                          f" (median {r['throughput_round_median']:.3g})")
+            print(f"  {name:<10} throughput {r['throughput']:<6.3g}  cpu/req {cpu}{rounds}")
     if "p99_c_minus_b_at_8_ms" in summary:
         print(f"\np99 c - b at 8 connections: {summary['p99_c_minus_b_at_8_ms']:+.3f} ms "
               f"(p50: {summary['p50_c_minus_b_at_8_ms']:+.3f} ms)")

@@ -49,3 +49,23 @@ def test_a_silent_worker_a_non_2xx_and_a_second_verify_are_reported(tmp_path):
     assert "worker 102 answered no 200" in text
     assert "worker 101 answered non-2xx" in text
     assert "worker 101 verified the key 2 times" in text
+
+
+def test_ratios_also_pair_the_rounds_so_a_noisy_round_shows():
+    """Each round runs every target once, close together in time; on a shared machine the
+    ratio of two medians can pair a fast round of one with a slow round of the other. The
+    summary also gives each round's own ratio and their median."""
+    def r(target: str, rnd: int, rps: float) -> dict:
+        return {"target": target, "connections": 8, "round": rnd, "rps": rps, "p50_ms": 1.0,
+                "p99_ms": 2.0, "server_cpu_us_per_req": 1e6 / rps, "server_core_busy": 0.9,
+                "helper_core_busy": 0.5, "other_on_server_core": 0.0, "errors_total": 0}
+    # the machine slows down round by round; c is 2% ahead of b in every round
+    runs = [r("b", 0, 7400), r("c", 0, 7548), r("b", 1, 6600), r("c", 1, 6732),
+            r("c", 2, 5814), r("b", 2, 5700)]
+    cb = run.summarize(runs, [8])["ratios"]["c/b@8"]
+    assert cb["throughput_rounds"] == [1.02, 1.02, 1.02]
+    assert cb["throughput_round_median"] == 1.02
+    runs[1] = r("c", 0, 5920)  # one bad round for c
+    cb = run.summarize(runs, [8])["ratios"]["c/b@8"]
+    assert cb["throughput_rounds"] == [0.8, 1.02, 1.02]
+    assert cb["throughput_round_median"] == 1.02
