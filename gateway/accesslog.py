@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from json.encoder import encode_basestring_ascii as _escape
 import logging
 import os
 import queue
@@ -90,13 +91,9 @@ _PIPE_BUF = 4096                        # a write this size or smaller is never 
 
 
 def _js(value: str | None) -> str:
-    """``value`` as a JSON string. Printable ASCII without ``"`` or ``\\`` is already one once
-    quoted (str methods: a regex match here cost most of a line's formatting time)."""
-    if value is None:
-        return "null"
-    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
-        return f'"{value}"'
-    return json.dumps(value)
+    """``value`` as a JSON string, exactly as ``json.dumps`` writes it (its C escaper, without
+    the encoder object around it: a tenth of the time)."""
+    return "null" if value is None else _escape(value)
 
 
 class AccessLog:
@@ -165,9 +162,11 @@ class AccessLog:
             method, client = request.method, request.remote
             js_method = seen.get(method) or self._remember(method, _js(method))
             js_client = seen.get(client) or self._remember(client, _js(client))
-            line = (f'{{"time":"{self._stamp}","request_id":{_js(request_id)},'
-                    f'"method":{js_method},"path":{_js(path)},"status":{response.status},'
-                    f'"duration_ms":{round(elapsed * 1000, 3)},{middle},'
+            # the duration as a fixed 3 decimals: repr of a round()ed float took a fifth of
+            # the line's time (two float-to-string conversions and one back)
+            line = (f'{{"time":"{self._stamp}","request_id":{_escape(request_id)},'
+                    f'"method":{js_method},"path":{_escape(path)},"status":{response.status},'
+                    f'"duration_ms":{elapsed * 1000:.3f},{middle},'
                     f'"bytes_in":{request.content_length or 0},"bytes_out":{bytes_out},'
                     f'"client":{js_client},"trace_id":{_js(trace_id)}}}\n')
         if self._size + len(line) > self.max_buffer:
