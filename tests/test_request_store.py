@@ -468,3 +468,13 @@ async def test_resp_a_long_pause_leaves_no_pile_of_retired_connections(own_redis
     assert await client.call("PING") == b"PONG"
     assert await eventually(lambda: not client._retired and own_connections(own_redis.url) == 1)
     await client.close()
+
+
+@given(st.tuples(*[st.one_of(st.text(max_size=30), st.text(alphabet="0123456789:-abc"),
+                             st.integers(), st.binary(max_size=10))] * 4))
+def test_the_unrolled_encoding_of_the_authorize_arguments_is_the_general_one(args):
+    """The authorize call's four varying arguments go through an unrolled format when they are
+    all str; whatever they are (non-ASCII text, int, bytes), the bytes are _bulk's."""
+    from gateway.store.resp import _bulk, _bulk_str4
+
+    assert _bulk_str4(args) == _bulk(args)

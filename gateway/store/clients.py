@@ -20,7 +20,7 @@ from typing import Any, Protocol, Sequence
 
 from redis.exceptions import NoScriptError
 
-from .resp import RespClient, RespError, _bulk, _encode, clock_offset
+from .resp import RespClient, RespError, _bulk, _bulk_str4, _encode, clock_offset
 from .scripts import Script
 
 OFFSET_MAX_AGE = 60.0  # seconds between clock-offset measurements on a topology
@@ -106,7 +106,8 @@ class LeanClient(RespClient):
     async def run_prepared(self, prepared: Any, varying: tuple[Any, ...]) -> Any:
         script, keys, fixed, head = prepared
         try:
-            return await self.call_encoded(head + _bulk(varying))
+            return await self.call_encoded(
+                head + (_bulk_str4(varying) if len(varying) == 4 else _bulk(varying)))
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise

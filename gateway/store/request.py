@@ -68,6 +68,9 @@ class Decision(NamedTuple):
     key_used: int = 0         # the key's own count this month (when it has a cap, or counted)
 
 
+_new_tuple = tuple.__new__
+
+
 class Slot(NamedTuple):
     """Where one request is counted: its workspace and key, the month and the UTC day."""
     workspace: str
@@ -98,15 +101,7 @@ class RequestStore:
         self._prepared: dict[tuple, Any] = {}
         self._resp: ScriptClient = connect(url, timeout)  # lean RESP, or redis-py for a topology
 
-    def _deadline(self) -> int:
-        """The latest instant, in Redis's clock (µs), at which the authorize script may still
-        count this request; 0 (none) while the clocks' offset is unknown."""
-        offset = self._resp.clock_offset
-        if offset is None:
-            return 0
-        return int((time.monotonic() + offset + self.timeout * DEADLINE_SHARE) * 1e6)
-
-    def _member(self, now_ms: int) -> str:
+    def _member(self, now_ms: str) -> str:
         self._seq += 1
         return f"{now_ms}:{self._tag}:{self._seq}"
 
@@ -141,7 +136,16 @@ class RequestStore:
         prepared = self._prepared.get((workspace, key_id, period, day, fixed))
         if prepared is None:
             prepared = self._prepare(workspace, key_id, period, day, fixed)
-        varying = (now_ms, counter_ttl, self._member(now_ms), self._deadline() if count else 0)
+        # ARGV[11], the rate log's member, is read only under a rate limit: "-" without one
+        # saves formatting a unique string per request. The deadline is the latest instant, in
+        # Redis's clock (µs), at which the script may still count this request ("0", none,
+        # while the clocks' offset is unknown or for a check).
+        # The four go as str: the lean client encodes four str in one unrolled format.
+        offset = self._resp.clock_offset
+        now = str(now_ms)
+        varying = (now, str(counter_ttl), self._member(now) if rate_limit else "-",
+                   str(int((started + offset + self.timeout * DEADLINE_SHARE) * 1e6))
+                   if count and offset is not None else "0")
         try:
             reply = await self._resp.run_prepared(prepared, varying)
         except Exception as exc:  # connection lost, timeout, error reply: the store failed
@@ -161,8 +165,9 @@ class RequestStore:
             raise StoreError("store call failed: Redis ran the call after its deadline "
                              "(paused or overloaded)")
         try:
-            outcome = _OUTCOMES[reply[0]]
-            return Decision(outcome, reply[1], reply[2], reply[4], reply[3], reply[5])
+            # tuple.__new__: what Decision(...) does, without its Python-level __new__
+            return _new_tuple(Decision, (_OUTCOMES[reply[0]], reply[1], reply[2], reply[4],
+                                         reply[3], reply[5]))
         except (KeyError, IndexError, TypeError):
             raise StoreError("unexpected answer from the authorize script") from None
 

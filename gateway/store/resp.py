@@ -94,6 +94,23 @@ def _bulk(args: tuple[Any, ...]) -> bytes:
         return _bulk_general(args)
 
 
+_FOUR_STR = (str, str, str, str)
+
+
+def _bulk_str4(args: tuple[str, ...]) -> bytes:
+    """``_bulk`` of four arguments, unrolled into one format when all four are str: the
+    authorize call's varying arguments (callgrind: ~8.5k instructions per call, against ~13.4k
+    through the loop)."""
+    a, b, c, d = args
+    if (a.__class__, b.__class__, c.__class__, d.__class__) != _FOUR_STR:
+        return _bulk(args)
+    try:
+        return (f"${len(a)}\r\n{a}\r\n${len(b)}\r\n{b}\r\n${len(c)}\r\n{c}\r\n"
+                f"${len(d)}\r\n{d}\r\n").encode("ascii")
+    except UnicodeEncodeError:
+        return _bulk_general(args)
+
+
 def _bulk_general(args: tuple[Any, ...]) -> bytes:
     parts = []
     for a in args:
