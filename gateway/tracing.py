@@ -113,7 +113,13 @@ class Tracer:
     new_flags = "01"
 
     def start(self, request: Any) -> Trace:
-        parent, tracestate = incoming(request.headers)
+        headers = request.headers
+        if "traceparent" not in headers:  # the common case, inline: a new trace's two ids
+            ids = getrandbits(192).to_bytes(24, "big").hex()  # from one draw
+            trace_id, span_id = ids[:32], ids[32:]
+            if trace_id != _ZERO_TRACE and span_id != _ZERO_SPAN:
+                return Trace(trace_id, span_id, self.new_flags)
+        parent, tracestate = incoming(headers)
         if parent is None:
             return Trace(new_trace_id(), new_span_id(), self.new_flags)
         trace_id, parent_id, flags = parent
