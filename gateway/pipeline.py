@@ -20,7 +20,8 @@ import os
 import time
 from typing import Callable, Mapping, NamedTuple, Protocol
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import istr
 
 from . import errors, reserved
 from .access import refusal
@@ -44,6 +45,9 @@ _STALE_RETRIES = 3
 # (an API's paths; a longer one is checked each time), so the set stays under ~1.5 MB.
 CANONICAL_MAX = 4096
 CANONICAL_LEN = 256
+
+
+_AUTHORIZATION = hdrs.AUTHORIZATION  # an istr: no case-folding per lookup
 
 
 class Outcome:
@@ -113,8 +117,8 @@ class Pipeline:
         self.fail_open = config.store.on_store_error == "open"
         self._prefix = config.keys.prefix
         self.max_body = config.server.max_body_bytes
-        self._key_headers = tuple(dict.fromkeys(
-            h.lower() for h in config.keys.headers if h.lower() != "authorization"))
+        self._key_headers = tuple(istr(h) for h in dict.fromkeys(  # istr: no case-folding
+            h.lower() for h in config.keys.headers if h.lower() != "authorization"))  # per call
         self.trusted = TrustedProxies(config.server.trusted_proxies)
         self._any_trusted = bool(self.trusted)
 
@@ -214,25 +218,29 @@ class Pipeline:
         not already verified in this process."""
         headers = request.headers
         found: list[str] = []
-        sent = headers.getall("Authorization", ())
+        sent = headers.getall(_AUTHORIZATION, ())
         for value in sent:
             scheme, _, rest = value.strip().partition(" ")
-            if scheme.lower() != "bearer" or not rest.strip():
+            rest = rest.strip()
+            if not rest or scheme.lower() != "bearer":
                 raise errors.invalid_token(
                     "malformed_key", "The Authorization header must be 'Bearer <key>'.")
-            found.append(rest.strip())
+            found.append(rest)
         repeated = len(sent) > 1
         for name in self._key_headers:  # case-insensitive lookups, not a walk of every header
             sent = headers.getall(name, ())
-            repeated |= len(sent) > 1
-            found.extend(value.strip() for value in sent)
+            if sent:
+                repeated |= len(sent) > 1
+                found += [value.strip() for value in sent]
         if not found:
             raise errors.missing_key()
         if repeated:
             raise errors.ambiguous_key("The API key header was sent more than once.")
-        if any(v != found[0] for v in found[1:]):
-            raise errors.ambiguous_key("Two different API keys were sent; send exactly one.")
-        return found[0]
+        token = found[0]
+        for other in found[1:]:  # one per header at most (else repeated, above)
+            if other != token:
+                raise errors.ambiguous_key("Two different API keys were sent; send exactly one.")
+        return token
 
     async def authenticate(self, token: str, request: web.BaseRequest) -> CachedKey:
         try:
