@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 
 import redis
+from hypothesis import given, strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.access import refusal
@@ -18,7 +19,10 @@ from gateway.ledger import LocalLedger
 from gateway.usage import MonthCache
 from gateway.models import KeyRecord, Principal, Workspace
 from gateway.proxying.headers import RequestHeaderRules, response_headers
+from gateway.tokens import make_token
 from harness import eventually, make_config
+
+TOKEN, _ = make_token("kg", "live")
 
 NOW = 1_750_000_000.0
 
@@ -123,3 +127,32 @@ async def test_a_ledger_closed_starts_no_retry_loop_for_what_comes_later(redis_u
     ledger.take_back(slot)
     assert ledger._retry is None or ledger._retry.done()
     await store.close()
+
+
+_NAMES = ["Host", "host", "Accept", "Authorization", "authorization", "X-Api-Key", "x_api_key",
+          "X-Forwarded-For", "x_forwarded_for", "X-Forwarded-Proto", "X-Forwarded-Host",
+          "X-Forwarded-Port", "Forwarded", "X-Workspace-Id", "X_Workspace_Id", "Keep-Alive",
+          "TE", "Upgrade", "Content-Length", "Expect", "X-Request-Id", "traceparent",
+          "tracestate", "X-Keygate-Signature", "Cookie", "X-Custom", "x-custom"]
+
+
+@given(st.lists(st.tuples(st.sampled_from(_NAMES),
+                          st.sampled_from(["1", "a b", f"Bearer {TOKEN}", f"bearer\t{TOKEN}",
+                                           "Bearer other", "Basic x", "6.6.6.6", "https"])),
+                max_size=12),
+       st.sampled_from(["10.0.0.1", "127.0.0.1", None]), st.booleans(), st.booleans())
+def test_the_header_rules_fast_path_passes_on_what_the_rules_do(pairs, peer, keyed, trust):
+    """passed_on remembers what it does with each header name; for any mix of names (case,
+    `_` spellings, repeats, forwarding headers from trusted and untrusted peers, Bearer tokens
+    on keyed and public routes), it passes on exactly what applying the rules one header at a
+    time does."""
+    config = make_config("http://127.0.0.1:9")
+    if trust:
+        config = dataclasses.replace(config, server=dataclasses.replace(
+            config.server, trusted_proxies=("127.0.0.1/32",)))
+    rules = RequestHeaderRules(config)
+    headers = CIMultiDictProxy(CIMultiDict(pairs))
+    principal = Principal("acme", "k1", frozenset({"people:read"}), "starter") if keyed else None
+    for _ in range(2):  # the second time from what it remembered
+        assert rules.passed_on(headers, peer, "http", principal) == \
+            rules.passed_on_by_rule(headers, peer, "http", principal)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from ..config import Config
 from ..models import Principal, header_key
@@ -56,6 +56,13 @@ _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 _norm = header_key  # header names compared as a spoofer sees them
+
+# What passed_on does with a header of a name: pass it, drop it, or look at the peer
+# (X-Forwarded-*, Forwarded) or the value (Authorization).
+_PASS, _DROP, _FORWARDED, _AUTHZ = object(), object(), object(), object()
+_KINDS_MAX = 1024  # header names remembered (a client inventing names only refills it)
+_CONNECTION, _HOST = istr("Connection"), istr("Host")
+_IDENTITIES_MAX = 4096  # principals whose identity header values are kept formatted
 
 
 class RequestHeaderRules:
@@ -77,15 +84,72 @@ class RequestHeaderRules:
         self._drop = frozenset(always)
         self.trusted = TrustedProxies(config.server.trusted_proxies)
         self._prefix = config.keys.prefix
+        self._kinds: dict[str, object] = {}  # header name as sent -> _PASS, _DROP, ...
+        self._identities: dict[tuple, tuple[str, str, str, str]] = {}  # checked, formatted
 
     def passed_on(self, headers: CIMultiDictProxy[str], peer: str | None, scheme: str,
                   principal: Principal | None) -> list[tuple[str, str]]:
         """The client's headers that go upstream, then ``X-Forwarded-For``/``-Proto``/``-Host``
         for this hop."""
-        named: frozenset[str] | set[str] = frozenset()
-        connection = headers.getall("Connection", None)
+        connection = headers.getall(_CONNECTION, None)
         if connection:
             named = {_norm(t.strip()) for v in connection for t in v.split(",") if t.strip()}
+            if named:
+                return self.passed_on_by_rule(headers, peer, scheme, principal, named)
+        # Each header name, as sent, is judged once (kinds, bounded): most requests' headers
+        # then cost a dict lookup each instead of a normalisation and five comparisons.
+        kinds = self._kinds
+        out: list[tuple[str, str]] = []
+        trusted = None
+        for name, value in headers.items():
+            kind = kinds.get(name)
+            if kind is None:
+                kind = self._kind(name)
+            if kind is _PASS:
+                out.append((name, value))
+            elif kind is _AUTHZ:
+                # any whitespace after the scheme (RFC 9110 allows HTAB): "Bearer\t<token>"
+                # on a public route must not carry a keygate token upstream
+                parts = value.split(None, 1)
+                if not (parts and parts[0].lower() == "bearer" and (
+                        principal is not None
+                        or (len(parts) == 2 and looks_like_token(parts[1].strip(),
+                                                                 self._prefix)))):
+                    out.append((name, value))
+            elif kind is _FORWARDED:  # the client's own X-Forwarded-* / Forwarded
+                if trusted is None:
+                    trusted = self.trusted.is_trusted(peer)
+                if trusted:  # kept and extended: by the rules
+                    return self.passed_on_by_rule(headers, peer, scheme, principal)
+        out.append(("X-Forwarded-For", peer or "unknown"))
+        out.append(("X-Forwarded-Proto", scheme))
+        host = headers.get(_HOST)
+        if host is not None:
+            out.append(("X-Forwarded-Host", host))
+        return out
+
+    def _kind(self, name: str) -> object:
+        lname = _norm(name)
+        if lname in self._drop:
+            kind = _DROP
+        elif lname.startswith("x-forwarded-") or lname == "forwarded":
+            kind = _FORWARDED
+        elif lname == "authorization":
+            kind = _AUTHZ
+        else:
+            kind = _PASS
+        if len(self._kinds) >= _KINDS_MAX:
+            self._kinds.clear()
+        self._kinds[name] = kind
+        return kind
+
+    def passed_on_by_rule(self, headers: CIMultiDictProxy[str], peer: str | None,
+                          scheme: str, principal: Principal | None,
+                          named: frozenset[str] | set[str] = frozenset()
+                          ) -> list[tuple[str, str]]:
+        """``passed_on`` applying the rules header by header: for a request whose
+        ``Connection`` names headers (``named``), and the reference the fast path is tested
+        against."""
         trusted = self.trusted.is_trusted(peer)
         drop = self._drop
         out: list[tuple[str, str]] = []
@@ -129,11 +193,16 @@ class RequestHeaderRules:
         route. Raises ``ValueError`` for a value with a control character."""
         if principal is None:
             return ("", "", "", "")
-        values = (principal.workspace, principal.key_id, " ".join(sorted(principal.scopes)),
-                  principal.plan)
-        # store data: never let it split the request head (one search for all four)
-        if _CTL.search("|".join(values)) is not None:
-            raise ValueError("identity value with a control character")
+        who = (principal.workspace, principal.key_id, principal.scopes, principal.plan)
+        values = self._identities.get(who)  # the same for every request of a key
+        if values is None:
+            values = (who[0], who[1], " ".join(sorted(who[2])), who[3])
+            # store data: never let it split the request head (one search for all four)
+            if _CTL.search("|".join(values)) is not None:
+                raise ValueError("identity value with a control character")
+            if len(self._identities) >= _IDENTITIES_MAX:
+                self._identities.clear()
+            self._identities[who] = values
         return values
 
 
