@@ -156,3 +156,23 @@ def test_the_header_rules_fast_path_passes_on_what_the_rules_do(pairs, peer, key
     for _ in range(2):  # the second time from what it remembered
         assert rules.passed_on(headers, peer, "http", principal) == \
             rules.passed_on_by_rule(headers, peer, "http", principal)
+
+
+_RESPONSE_NAMES = [b"Content-Type", b"content-type", b"Set-Cookie", b"X-Secret", b"x-secret",
+                   b"Connection", b"connection", b"Keep-Alive", b"Transfer-Encoding",
+                   b"Upgrade", b"Proxy-Authenticate", b"Date", b"Server", b"X-\xe9"]
+
+
+@given(st.lists(st.tuples(st.sampled_from(_RESPONSE_NAMES),
+                          st.sampled_from([b"1", b"close", b"keep-alive", b"close, X-Secret",
+                                           b" x-secret ,Upgrade", b"a=\xe9\xff", b""])),
+                max_size=10))
+def test_response_headers_fast_path_passes_back_what_the_rules_do(raw):
+    """response_headers remembers each upstream header name; for any mix (case, hop-by-hop,
+    Connection naming other headers, non-UTF-8 bytes) it passes back what judging every
+    name afresh does, the first time and from memory."""
+    from gateway.proxying.headers import response_headers_by_rule
+
+    for _ in range(2):
+        assert list(response_headers(raw).items()) == \
+            list(response_headers_by_rule(raw).items())

@@ -208,6 +208,41 @@ class RequestHeaderRules:
 
 def response_headers(raw: Sequence[tuple[bytes, bytes]]) -> CIMultiDict[str]:
     """The upstream's response headers (as parsed) that go back to the client."""
+    names = _response_names
+    out: CIMultiDict[str] = CIMultiDict()
+    named: set[bytes] | None = None
+    for raw_name, raw_value in raw:
+        name = names.get(raw_name, _UNSEEN)
+        if name is _UNSEEN:
+            name = _response_name(raw_name)
+        if name is None:  # hop-by-hop
+            if raw_name.lower() == b"connection":
+                named = named or set()
+                named.update(t.strip().lower() for t in raw_value.split(b",") if t.strip())
+            continue
+        out.add(name, raw_value.decode("utf-8", "surrogateescape"))
+    if named and not named <= _HOP_BY_HOP_BYTES:  # Connection names more than hop-by-hop
+        out = CIMultiDict((k, v) for k, v in out.items()
+                          if k.encode("latin-1").lower() not in named)
+    return out
+
+
+# Response header names as the upstream sent them -> as passed on (None: hop-by-hop, dropped).
+_response_names: dict[bytes, str | None] = {}
+_RESPONSE_NAMES_MAX = 1024
+_UNSEEN = object()
+
+
+def _response_name(raw_name: bytes) -> str | None:
+    name = None if raw_name.lower() in _HOP_BY_HOP_BYTES else raw_name.decode("latin-1")
+    if len(_response_names) >= _RESPONSE_NAMES_MAX:
+        _response_names.clear()
+    _response_names[raw_name] = name
+    return name
+
+
+def response_headers_by_rule(raw: Sequence[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """``response_headers`` judging every name afresh: the reference it is tested against."""
     named: set[bytes] | None = None
     kept: list[tuple[bytes, bytes]] = []
     for raw_name, raw_value in raw:
