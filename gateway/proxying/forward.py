@@ -306,7 +306,7 @@ class Forwarder:
         whole = resp.body_if_complete()
         if whole is not None:  # the common small case: one write, exact Content-Length
             out.popall("Content-Length", None)
-            return WholeResponse(status=status, body=whole, headers=out)
+            return WholeResponse.of(status, whole, out)
         response = web.StreamResponse(status=status, headers=out)
         chunks = resp.chunks()
         timeout, stall = upstream.timeout, self.body_timeout

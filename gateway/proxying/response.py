@@ -16,7 +16,8 @@ with ``web.Response``'s for generated responses and requests.
 Like ``gateway.proxying.server`` this reads aiohttp private attributes (the response's
 ``_body``, ``_headers``, ``_status``, ``_reason``, ``_keep_alive``, ``_payload_writer``,
 ``_eof_sent``, ``_req``, ``_body_length``, ``_must_be_empty_body``, ``_compression``,
-``_chunked``, ``_cookies``; the request's ``_payload_writer`` and ``_prepare_hook``). An
+``_chunked``, ``_cookies``, and, for ``of``, ``_state``, ``_zlib_executor_size`` and
+``_zlib_executor``, which ``web.Response.__init__`` sets; the request's ``_payload_writer`` and ``_prepare_hook``). An
 aiohttp upgrade that moves them fails that test.
 """
 
@@ -25,6 +26,8 @@ from __future__ import annotations
 from aiohttp import hdrs, web
 from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
+from aiohttp.web_response import MAX_SYNC_CHUNK_SIZE, REASON_PHRASES
+from multidict import CIMultiDict
 
 _CONTENT_LENGTH, _CONTENT_TYPE = hdrs.CONTENT_LENGTH, hdrs.CONTENT_TYPE
 _DATE, _SERVER, _CONNECTION = hdrs.DATE, hdrs.SERVER, hdrs.CONNECTION
@@ -34,6 +37,23 @@ class WholeResponse(web.Response):
     """``web.Response(status=, body=bytes, headers=)``, prepared and written in one step."""
 
     _lean = False  # prepared here (else by web.Response)
+
+    @classmethod
+    def of(cls, status: int, body: bytes, headers: CIMultiDict[str]) -> "WholeResponse":
+        """``WholeResponse(status=status, body=body, headers=headers)`` for the hot path: it
+        takes ``headers`` as its own instead of copying them, and skips what ``web.Response``
+        weighs at construction (text, content type and charset arguments, a body of another
+        type): 13.5k instructions per response in a callgrind micro-benchmark, with the
+        header copy. ``body`` must be ``bytes``; ``status`` an int."""
+        self = cls.__new__(cls)
+        self._state = {}
+        self._headers = headers
+        self._status = status
+        self._reason = REASON_PHRASES.get(status, "")
+        self._body = body
+        self._zlib_executor_size = MAX_SYNC_CHUNK_SIZE
+        self._zlib_executor = None
+        return self
 
     async def prepare(self, request: web.BaseRequest):
         if self._eof_sent:
