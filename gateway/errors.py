@@ -32,6 +32,7 @@ import json
 from typing import Mapping
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from .proxying.response import WholeResponse
 
@@ -74,10 +75,10 @@ class GatewayError(Exception):
                                      "request_id": request_id}}).encode()
 
     def response(self, request_id: str) -> web.Response:
-        headers = dict(self.headers)
+        headers = CIMultiDict(self.headers)
         headers["X-Request-Id"] = request_id
-        return WholeResponse(status=self.status, body=self.body(request_id),
-                            content_type="application/json", headers=headers)
+        headers["Content-Type"] = "application/json"  # last, where content_type= put it
+        return WholeResponse.of(self.status, self.body(request_id), headers)
 
 
 class BadRequest(GatewayError, status=400, code="bad_request"):
