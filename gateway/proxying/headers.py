@@ -61,6 +61,7 @@ _norm = header_key  # header names compared as a spoofer sees them
 # (X-Forwarded-*, Forwarded) or the value (Authorization).
 _PASS, _DROP, _FORWARDED, _AUTHZ = object(), object(), object(), object()
 _KINDS_MAX = 1024  # header names remembered (a client inventing names only refills it)
+_NAME_KEPT_MAX = 64  # longer names are not remembered: the memos stay under ~100 KB
 _CONNECTION, _HOST = istr("Connection"), istr("Host")
 _IDENTITIES_MAX = 4096  # principals whose identity header values are kept formatted
 
@@ -138,9 +139,10 @@ class RequestHeaderRules:
             kind = _AUTHZ
         else:
             kind = _PASS
-        if len(self._kinds) >= _KINDS_MAX:
-            self._kinds.clear()
-        self._kinds[name] = kind
+        if len(name) <= _NAME_KEPT_MAX:  # invented long names: judged each time, not kept
+            if len(self._kinds) >= _KINDS_MAX:
+                self._kinds.clear()
+            self._kinds[name] = kind
         return kind
 
     def passed_on_by_rule(self, headers: CIMultiDictProxy[str], peer: str | None,
@@ -235,9 +237,10 @@ _UNSEEN = object()
 
 def _response_name(raw_name: bytes) -> str | None:
     name = None if raw_name.lower() in _HOP_BY_HOP_BYTES else raw_name.decode("latin-1")
-    if len(_response_names) >= _RESPONSE_NAMES_MAX:
-        _response_names.clear()
-    _response_names[raw_name] = name
+    if len(raw_name) <= _NAME_KEPT_MAX:
+        if len(_response_names) >= _RESPONSE_NAMES_MAX:
+            _response_names.clear()
+        _response_names[raw_name] = name
     return name
 
 
