@@ -47,7 +47,8 @@ CANONICAL_MAX = 4096
 CANONICAL_LEN = 256
 
 
-_AUTHORIZATION = hdrs.AUTHORIZATION  # an istr: no case-folding per lookup
+_AUTHORIZATION = hdrs.AUTHORIZATION  # istr: no case-folding per lookup
+_X_REQUEST_ID = istr("X-Request-Id")
 
 
 class Outcome:
@@ -405,8 +406,8 @@ class Pipeline:
             request.transport.close()
 
     def _request_id(self, request: web.BaseRequest) -> str:
-        rid = request.headers.get("X-Request-Id")
-        if adoptable_request_id(rid):
+        rid = request.headers.get(_X_REQUEST_ID)
+        if rid is not None and adoptable_request_id(rid):
             return rid
         self._rid_counter += 1
         return f"{self._rid_prefix}{self._rid_counter:012x}"

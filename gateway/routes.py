@@ -235,6 +235,10 @@ def glob_problem(glob: str) -> str | None:
     return None
 
 
+SEEN_MAX = 4096      # (method, path) pairs whose route is remembered
+SEEN_PATH_LEN = 256  # longer paths are matched each time, not remembered
+
+
 class RouteTable:
     """Routes in file order; ``match`` returns the first whose methods and glob fit.
 
@@ -260,11 +264,21 @@ class RouteTable:
             self._by_first[key] = tuple(c for c, f in zip(compiled, firsts)
                                         if f is None or f == key)
         self.routes = tuple(routes)
+        # (method, path) -> the route it matched, for paths matched lately (a new table on
+        # every reload, so never a route of an old config)
+        self._seen: dict[tuple[str, str], Route] = {}
 
     def match(self, method: str, raw_path: str) -> Route:
+        route = self._seen.get((method, raw_path))  # a hot endpoint: one dict lookup
+        if route is not None:
+            return route
         end = raw_path.find("/", 1)
         first = raw_path[1:] if end < 0 else raw_path[1:end]
         for c in self._by_first.get(first, self._wild):
             if (c.methods is None or method in c.methods) and c.regex.fullmatch(raw_path):
+                if len(raw_path) <= SEEN_PATH_LEN:
+                    if len(self._seen) >= SEEN_MAX:
+                        self._seen.clear()
+                    self._seen[(method, raw_path)] = c.route
                 return c.route
         raise no_route(method, raw_path)

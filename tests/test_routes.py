@@ -288,3 +288,30 @@ def test_double_star_must_be_last() -> None:
 
 def test_empty_table() -> None:
     no_route(RouteTable([]), "GET", "/")
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+_ROUTES = (Route("/people/**", "api", ("GET",), ("people:read",)),
+           Route("/people", "api", ("POST",), ("people:write",)),
+           Route("/*/stats", "api", (), ("stats:read",)),
+           Route("/v1/chat/completions", "llm", ("POST",), ("chat",)))
+
+
+@given(st.lists(st.tuples(st.sampled_from(["GET", "HEAD", "POST", "PUT", "get"]),
+                          st.sampled_from(["/people", "/people/1", "/people/1/x", "/v1/stats",
+                                           "/people/stats", "/v1/chat/completions",
+                                           "/v1/chat/completions/x", "/", "/other"])),
+                max_size=20))
+def test_a_remembered_match_is_the_match(requests):
+    """The table remembers the route each (method, path) matched; asked again, in any order
+    and mix, it answers what a fresh table answers, and still refuses what matches nothing."""
+    remembering = RouteTable(_ROUTES)
+    for method, path in requests + requests:
+        try:
+            expected = RouteTable(_ROUTES).match(method, path)
+        except NotFound:
+            with pytest.raises(NotFound):
+                remembering.match(method, path)
+        else:
+            assert remembering.match(method, path) is expected
