@@ -8,8 +8,8 @@ Request headers, in one pass over the client's headers:
   ``Proxy-Authenticate``) and every header ``Connection`` names are dropped. The headers keygate
   sets are added after this filtering, so ``Connection`` can never remove one of them;
 - keygate's credential headers (``config.keys.headers``) are dropped, and ``Authorization``
-  when it is the ``Bearer`` credential (on a public route, only when it carries a keygate token:
-  an upstream doing its own auth still gets its own ``Authorization``);
+  when it is the ``Bearer`` credential (on a public route, only when it carries a keygate token
+  in any form: an upstream doing its own auth still gets its own ``Authorization``);
 - client-sent identity headers are dropped whatever their case, however often repeated, and
   in the ``_`` spelling (``X_Workspace_Id``) that CGI/WSGI-style upstreams read as the same
   header. All header-name comparisons here map ``_`` to ``-``;
@@ -34,6 +34,8 @@ such as ``Set-Cookie`` included).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Sequence
 
@@ -42,7 +44,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 from ..config import Config
 from ..models import Principal, header_key
 from ..signature import DEFAULT_HEADER as SIGNATURE_HEADER
-from ..tokens import looks_like_token
+from ..routes import query_has_token
 from ..trust import TrustedProxies
 
 HOP_BY_HOP = frozenset({
@@ -109,13 +111,7 @@ class RequestHeaderRules:
             if kind is _PASS:
                 out.append((name, value))
             elif kind is _AUTHZ:
-                # any whitespace after the scheme (RFC 9110 allows HTAB): "Bearer\t<token>"
-                # on a public route must not carry a keygate token upstream
-                parts = value.split(None, 1)
-                if not (parts and parts[0].lower() == "bearer" and (
-                        principal is not None
-                        or (len(parts) == 2 and looks_like_token(parts[1].strip(),
-                                                                 self._prefix)))):
+                if not self._credential(value, principal):
                     out.append((name, value))
             elif kind is _FORWARDED:  # the client's own X-Forwarded-* / Forwarded
                 if trusted is None:
@@ -128,6 +124,27 @@ class RequestHeaderRules:
         if host is not None:
             out.append(("X-Forwarded-Host", host))
         return out
+
+    def _credential(self, value: str, principal: Principal | None) -> bool:
+        """Whether an ``Authorization`` value is keygate's to drop. On a keyed route it is
+        the Bearer credential keygate checked (any whitespace after the scheme: RFC 9110
+        allows HTAB). On a public route the upstream's own credentials pass, but never a
+        keygate token: not as ``Bearer <token>``, nor inside any other value (``Token
+        <token>``, ``Bearer <token> x``, a ``Basic`` user or password), percent-encoded or
+        not."""
+        parts = value.split(None, 1)
+        if principal is not None:
+            return bool(parts) and parts[0].lower() == "bearer"
+        prefix = self._prefix
+        if query_has_token(value, prefix):
+            return True
+        if len(parts) == 2 and parts[0].lower() == "basic":
+            try:
+                decoded = base64.b64decode(parts[1].strip()).decode("latin-1")
+            except (binascii.Error, ValueError):
+                return False
+            return query_has_token(decoded, prefix)
+        return False
 
     def _kind(self, name: str) -> object:
         lname = _norm(name)
@@ -172,12 +189,7 @@ class RequestHeaderRules:
                 elif lname == "x-forwarded-host":
                     xf_host = value
             elif lname == "authorization":
-                # any whitespace after the scheme (RFC 9110 allows HTAB): "Bearer\t<token>"
-                # on a public route must not carry a keygate token upstream
-                parts = value.split(None, 1)
-                if parts and parts[0].lower() == "bearer" and (
-                        principal is not None
-                        or (len(parts) == 2 and looks_like_token(parts[1].strip(), self._prefix))):
+                if self._credential(value, principal):
                     continue
             out.append((name, value))
         xff.append(peer or "unknown")
