@@ -170,11 +170,14 @@ class Pipeline:
         if route.upstream is None:  # a verify-only route: /_keygate/v1/verify answers it
             raise no_route(request.method, raw_path)
         upstream = self.config.upstreams[route.upstream]
+        # the header rules the key is read under: a reload while this request waits on the
+        # store must not forward, say, a credential header that was a credential when read
+        rules = self.forwarder.header_rules
         trace = outcome.trace
         if route.public:
             with trace.step("forward"):
                 return await self.forwarder.forward(request, upstream, None, request_id, {},
-                                                    trace=trace)
+                                                    trace=trace, rules=rules)
         token = self.credential(request)
         with trace.step("authenticate"):
             key = await self.authenticate(token, request)
@@ -191,7 +194,8 @@ class Pipeline:
         try:
             with trace.step("forward"):
                 return await self.forwarder.forward(request, upstream, key,
-                                                    request_id, limit_headers, trace=trace)
+                                                    request_id, limit_headers, trace=trace,
+                                                    rules=rules)
         except GatewayError as exc:
             if not exc.reached_upstream:  # refused here, or never sent: it does not count
                 await self.refund(key, counted)

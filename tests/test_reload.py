@@ -407,3 +407,39 @@ async def test_a_key_in_the_path_is_never_logged_after_a_reload_changes_the_key_
     _, err = gw.logs(capfd)
     assert token not in err and token[-38:-6] not in err
     assert '"path":"/people/***"' in err, err
+
+
+async def test_a_request_in_flight_drops_the_credential_header_it_was_checked_with(
+        tmp_path, upstreams, redis_url, monkeypatch):
+    """A request checked with a key from X-Api-Key, still waiting for its store call when a
+    reload removes X-Api-Key from keys.headers, is forwarded under the header rules it was
+    checked with: its key does not reach the upstream."""
+    from harness import HeldReplies
+
+    urls, _ = upstreams
+    path = tmp_path / "keygate.yaml"
+    write(path, config_doc(urls["a"], keys={
+        "argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1},
+        "headers": ["X-Api-Key"]}))
+    async with HeldReplies(redis_url) as relay, \
+            gateway_under_test(load_config(path), relay.url, monkeypatch,
+                               config_path=str(path)) as gw:
+        await gw.workspace("acme")
+        token, _ = await gw.key(role="reader")
+        async with gw.proxy.get("/people/1", headers={"X-Api-Key": token}) as r:
+            assert r.status == 200  # verified and cached: the next one only authorizes
+        relay.hold()
+        async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
+            pending = asyncio.ensure_future(other.get("/people/2", headers={"X-Api-Key": token}))
+            await asyncio.sleep(0.2)  # checked, its authorize reply held back
+            write(path, config_doc(urls["a"], keys={
+                "argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1},
+                "headers": ["X-Other-Key"]}))
+            status, _ = await reload(gw)
+            assert status == 200
+            relay.release()
+            r = await pending
+            seen = (await r.json())["headers"]
+            r.release()
+        assert r.status == 200
+        assert token not in str(seen) and "X-Api-Key" not in seen

@@ -168,13 +168,16 @@ class Forwarder:
 
     def request_headers(self, request: web.BaseRequest, principal: Principal | None,
                         request_id: str, *, target: str | None = None,
-                        trace: Trace | None = None) -> list[tuple[str, str]]:
+                        trace: Trace | None = None,
+                        rules: RequestHeaderRules | None = None) -> list[tuple[str, str]]:
         """The headers to send upstream (the client's as ``gateway.proxying.headers`` passes
         them on, then keygate's own), without ``Content-Length``: the upstream writer frames the
         body itself. ``target`` is the request line's path and query as sent upstream (what the
         signature covers); ``trace`` the request's trace context (read from the request when
-        not given)."""
-        rules = self.header_rules
+        not given); ``rules`` the header rules the request was checked under (the current
+        ones when not given: a reload must not change them for a request in flight)."""
+        if rules is None:
+            rules = self.header_rules
         out = rules.passed_on(request.headers, request.remote, request.scheme, principal)
         out.append(("X-Request-Id", request_id))
         if trace is None:
@@ -225,7 +228,8 @@ class Forwarder:
     async def forward(self, request: web.BaseRequest, upstream: Upstream,
                       principal: Principal | None, request_id: str,
                       response_headers: Mapping[str, str], *,
-                      trace: Trace | None = None) -> web.StreamResponse:
+                      trace: Trace | None = None,
+                      rules: RequestHeaderRules | None = None) -> web.StreamResponse:
         """Send ``request`` to ``upstream`` and stream its answer back.
 
         Raises ``PayloadTooLarge`` (413), ``RequestTimeout`` (408), ``BadGateway`` (502) or
@@ -246,7 +250,7 @@ class Forwarder:
                 request.writer.output_size = 0
         target = base + request.raw_path
         headers = self.request_headers(request, principal, request_id, target=target,
-                                       trace=trace)
+                                       trace=trace, rules=rules)
         parts = [f"{request.method} {target} HTTP/1.1\r\nHost: {host}"]
         for name, value in headers:
             parts.append(f"{name}: {value}")
