@@ -30,7 +30,7 @@ def refusal(key: CachedKey, scopes: Iterable[str], *, now: float,
     if blocked:
         return errors.Forbidden("This API key may not be used from this address.",
                                 code="ip_not_allowed")
-    missing = next((s for s in scopes if not key.has_scope(s)), None)
-    if missing is not None:
-        return errors.insufficient_scope(missing)
+    for scope in scopes:  # the first one missing (a loop: no generator per request)
+        if not key.has_scope(scope):
+            return errors.insufficient_scope(scope)
     return None

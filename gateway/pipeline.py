@@ -47,6 +47,7 @@ CANONICAL_MAX = 4096
 CANONICAL_LEN = 256
 
 
+_new_tuple = tuple.__new__
 _AUTHORIZATION = hdrs.AUTHORIZATION  # istr: no case-folding per lookup
 _X_REQUEST_ID = istr("X-Request-Id")
 
@@ -274,17 +275,19 @@ class Pipeline:
             if refused is not None and refused.code == "revoked_key":
                 raise refused
             month = self.months.get(now)
-            counted = Counted(month, self.months.day(now))
+            day = self.months.day(now)
+            counted = _new_tuple(Counted, (month, day, None))  # Counted(month, day), no __new__
+            rate = key.rate
             try:
                 decision = await self.requests.authorize(
                     workspace=key.workspace, key_id=key.key_id, key_rev=key.rev,
                     ws_rev=key.workspace_record.rev,
                     count=count and refused is None,
-                    rate_limit=key.rate.requests if key.rate else 0,
-                    rate_period_ms=key.rate.period_seconds * 1000 if key.rate else 1000,
+                    rate_limit=rate.requests if rate else 0,
+                    rate_period_ms=rate.period_seconds * 1000 if rate else 1000,
                     monthly_limit=key.monthly_limit, period=month.period,
                     counter_ttl=month.counter_ttl(now), now_ms=int(now * 1000),
-                    day=counted.day, key_limit=key.key_limit)
+                    day=day, key_limit=key.key_limit)
             except StoreError as exc:
                 return key, {}, self._degraded(key, refused, count, counted, exc)
             if decision.outcome == "stale":
