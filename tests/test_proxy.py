@@ -830,3 +830,29 @@ async def test_client_gone_before_the_upstream_answers_leaks_no_connection(
     finally:
         if runner is not None:
             await runner.cleanup()
+
+
+def _b64(text: str, *, urlsafe: bool = False) -> str:
+    return (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(text.encode()).decode()
+
+
+@pytest.mark.parametrize("value", [
+    # padding left off (RFC 7617 clients and lenient decoders — Node's Buffer, Go's
+    # RawStdEncoding — read these as the same credentials)
+    "Basic " + _b64("us:" + TOKEN).rstrip("="),
+    "Basic " + _b64("use:" + TOKEN).rstrip("="),
+    # the URL-safe alphabet ('-' and '_' for '+' and '/')
+    "Basic " + _b64("u:" + TOKEN + "??>", urlsafe=True),
+    # two credentials in one value: the second one is a keygate token
+    "Basic " + _b64("u:p") + ", Basic " + _b64("u:" + TOKEN),
+], ids=["unpadded-1", "unpadded-2", "urlsafe", "two-credentials"])
+async def test_keygate_token_in_leniently_encoded_basic_never_reaches_a_public_upstream(
+        upstream, make_front, value: str) -> None:
+    front = await make_front(up_url(upstream), principal=None)
+    resp, _ = await send(front, "GET", "/pub", headers={"Authorization": value})
+    assert resp.status == 200
+    assert values(upstream.requests[-1], "Authorization") == []
+    # the reference path (a Connection header naming another header) judges it the same
+    resp, _ = await send(front, "GET", "/pub", headers={"Authorization": value,
+                                                        "Connection": "keep-alive, X-Foo"})
+    assert values(upstream.requests[-1], "Authorization") == []

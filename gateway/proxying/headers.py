@@ -55,6 +55,9 @@ _HOP_BY_HOP_BYTES = frozenset(n.encode() for n in HOP_BY_HOP)
 # Control characters a header value may not carry (RFC 9110 5.5: HTAB is the only one allowed):
 # CR/LF would split the lean client's request head, NUL and the rest get it refused upstream.
 _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Basic credentials as base64 in either alphabet (RFC 4648 sections 4 and 5), padding aside
+_NOT_B64 = re.compile(r"[^A-Za-z0-9+/_-]")
+_B64_RUN = re.compile(r"[A-Za-z0-9+/_-]+")
 
 
 _norm = header_key  # header names compared as a spoofer sees them
@@ -139,11 +142,18 @@ class RequestHeaderRules:
         if query_has_token(value, prefix):
             return True
         if len(parts) == 2 and parts[0].lower() == "basic":
-            try:
-                decoded = base64.b64decode(parts[1].strip()).decode("latin-1")
-            except (binascii.Error, ValueError):
-                return False
-            return query_has_token(decoded, prefix)
+            # decoded as leniently as any upstream might: padding optional, either alphabet,
+            # the whole value and each base64 run in it ("Basic a, Basic b")
+            text = parts[1]
+            for run in (_NOT_B64.sub("", text), *_B64_RUN.findall(text)):
+                if len(run) % 4 == 1:  # a stray last character: lenient decoders drop it
+                    run = run[:-1]
+                try:
+                    decoded = base64.b64decode(run + "=" * (-len(run) % 4), altchars=b"-_")
+                except (binascii.Error, ValueError):
+                    continue
+                if query_has_token(decoded.decode("latin-1"), prefix):
+                    return True
         return False
 
     def _kind(self, name: str) -> object:
