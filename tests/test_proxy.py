@@ -856,3 +856,30 @@ async def test_keygate_token_in_leniently_encoded_basic_never_reaches_a_public_u
     resp, _ = await send(front, "GET", "/pub", headers={"Authorization": value,
                                                         "Connection": "keep-alive, X-Foo"})
     assert values(upstream.requests[-1], "Authorization") == []
+
+
+@pytest.mark.parametrize("before, after", [(None, "X-Identity-Sig"), ("X-Identity-Sig", None)],
+                         ids=["signing-turned-on", "signing-turned-off"])
+def test_headers_of_a_request_in_flight_through_a_reload_are_all_of_its_config(
+        monkeypatch, before, after) -> None:
+    """The header rules a request was read under (Pipeline passes them as ``rules=``) and the
+    signing secret come from one config: a reload that turns identity signing on or off
+    while the request waits must not sign it under the old rules (a header name the old
+    config never dropped) or leave it unsigned where its config signs."""
+    from aiohttp.test_utils import make_mocked_request
+    from gateway.config import IdentitySignature
+
+    monkeypatch.setenv("KG_SIGNING", "s3cret")
+
+    def config(header):
+        signing = None if header is None else IdentitySignature("KG_SIGNING", header=header)
+        return Config(upstreams={"people": Upstream("people", "http://127.0.0.1:1", 5)},
+                      identity_signature=signing)
+
+    request = make_mocked_request("GET", "/people/1", headers={"X-Identity-Sig": "forged"})
+    fwd = Forwarder(config(before))
+    rules = fwd.header_rules  # taken when the request started
+    fwd.reconfigure(config(after))
+    got = fwd.request_headers(request, PRINCIPAL, "rid-1", rules=rules)
+    unchanged = Forwarder(config(before)).request_headers(request, PRINCIPAL, "rid-1")
+    assert sorted(n.lower() for n, _ in got) == sorted(n.lower() for n, _ in unchanged)

@@ -111,6 +111,9 @@ class Forwarder:
                 raise ValueError(f"identity_signature: environment variable "
                                  f"{signing.secret_env} holds no secret")
             self._sign_secret = secrets[0]
+        # with the rules it signs under: a request in flight through a reload that passes its
+        # rules (Pipeline) signs, or not, as the config it was read under did
+        self.header_rules.sign_secret = self._sign_secret
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -188,9 +191,9 @@ class Forwarder:
         values = rules.identity_values(principal)
         if principal is not None:
             out.extend(zip(rules.identity, values))
-        if self._sign_secret is not None:
+        if rules.sign_secret is not None:
             out.append((rules.sign_header, sign(
-                self._sign_secret, request.method,
+                rules.sign_secret, request.method,
                 request.raw_path if target is None else target, request_id, *values)))
         return out
 

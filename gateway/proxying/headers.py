@@ -79,6 +79,7 @@ class RequestHeaderRules:
         self.identity = tuple(ident.names())  # workspace, key id, scopes, plan
         signing = config.identity_signature
         self.sign_header = signing.header if signing else SIGNATURE_HEADER
+        self.sign_secret: bytes | None = None  # set by the Forwarder that reads the secret
         # Dropped from every request whatever the route (names normalised with _norm).
         always = set(HOP_BY_HOP)
         always.update(_norm(n) for n in self.identity)
