@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from typing import Callable, Mapping, NamedTuple, Protocol
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
 from aiohttp import hdrs, web
 from multidict import istr
@@ -86,7 +86,9 @@ class Forwarding(Protocol):
     async def forward(self, request: web.BaseRequest, upstream: Upstream,
                       principal: Principal | None, request_id: str,
                       response_headers: Mapping[str, str], *,
-                      trace: Trace | None = None) -> web.StreamResponse: ...
+                      trace: Trace | None = None, rules=None) -> web.StreamResponse: ...
+
+    header_rules: Any  # the current RequestHeaderRules; a request keeps the ones it began with
 
 
 class Pipeline:

@@ -8,8 +8,9 @@ Request headers, in one pass over the client's headers:
   ``Proxy-Authenticate``) and every header ``Connection`` names are dropped. The headers keygate
   sets are added after this filtering, so ``Connection`` can never remove one of them;
 - keygate's credential headers (``config.keys.headers``) are dropped, and ``Authorization``
-  when it is the ``Bearer`` credential (on a public route, only when it carries a keygate token
-  in any form: an upstream doing its own auth still gets its own ``Authorization``);
+  when it is the ``Bearer`` credential (on a public route, only when it carries a keygate token,
+  as text or in ``Basic`` credentials: an upstream doing its own auth still gets its own
+  ``Authorization``);
 - client-sent identity headers are dropped whatever their case, however often repeated, and
   in the ``_`` spelling (``X_Workspace_Id``) that CGI/WSGI-style upstreams read as the same
   header. All header-name comparisons here map ``_`` to ``-``;
