@@ -266,23 +266,3 @@ def _response_name(raw_name: bytes) -> str | None:
             _response_names.clear()
         _response_names[raw_name] = name
     return name
-
-
-def response_headers_by_rule(raw: Sequence[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    """``response_headers`` judging every name afresh: the reference it is tested against."""
-    named: set[bytes] | None = None
-    kept: list[tuple[bytes, bytes]] = []
-    for raw_name, raw_value in raw:
-        lname = raw_name.lower()
-        if lname in _HOP_BY_HOP_BYTES:
-            if lname == b"connection":
-                named = named or set()
-                named.update(t.strip().lower() for t in raw_value.split(b",") if t.strip())
-            continue
-        kept.append((raw_name, raw_value))
-    out: CIMultiDict[str] = CIMultiDict()
-    for raw_name, raw_value in kept:
-        if named and raw_name.lower() in named:
-            continue
-        out.add(raw_name.decode("latin-1"), raw_value.decode("utf-8", "surrogateescape"))
-    return out
