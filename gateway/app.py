@@ -102,7 +102,8 @@ async def running_gateway(config: Config, store_url: str, *,
         proxy_server = ProxyServer(pipeline.handle, access_log=None,
                                    auto_decompress=False, keepalive_timeout=timeouts.idle,
                                    header_timeout=timeouts.header,
-                                   max_connections=raise_open_file_limit(config))
+                                   max_connections=raise_open_file_limit(config),
+                                   inline=True)
         tls = {name: ListenerTLS(section.tls) for name, section in
                (("proxy", config.server), ("admin", config.admin)) if section.tls is not None}
         gw = Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server,
