@@ -88,7 +88,8 @@ class Forwarding(Protocol):
                       response_headers: Mapping[str, str], *,
                       trace: Trace | None = None, rules=None) -> web.StreamResponse: ...
 
-    header_rules: Any  # the current RequestHeaderRules; a request keeps the ones it began with
+    header_rules: Any  # the current RequestHeaderRules (headers, signing, body limits); a
+    # request keeps the ones it began with
 
 
 class Pipeline:
@@ -120,7 +121,6 @@ class Pipeline:
         self.routes = RouteTable(config.routes)
         self.fail_open = config.store.on_store_error == "open"
         self._prefix = config.keys.prefix
-        self.max_body = config.server.max_body_bytes
         self._key_headers = tuple(istr(h) for h in dict.fromkeys(  # istr: no case-folding
             h.lower() for h in config.keys.headers if h.lower() != "authorization"))  # per call
         self.trusted = TrustedProxies(config.server.trusted_proxies)
@@ -187,13 +187,13 @@ class Pipeline:
         outcome.workspace, outcome.key_id = key.workspace, key.key_id
         # A declared body over the limit is refused after every other check (SPEC's order)
         # and, like every refusal of keygate's own, is not counted.
-        too_large = (request.content_length or 0) > self.max_body
+        too_large = (request.content_length or 0) > rules.max_body
         with trace.step("authorise"):
             key, limit_headers, counted = await self.authorise(key, route.scopes,
                                                                count=not too_large,
                                                                request=request)
         if too_large:
-            raise errors.body_too_large(self.max_body)
+            raise errors.body_too_large(rules.max_body)
         try:
             with trace.step("forward"):
                 return await self.forwarder.forward(request, upstream, key,

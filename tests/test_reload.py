@@ -18,7 +18,7 @@ from aiohttp import ClientSession, ClientTimeout, web
 
 from gateway.config import load_config
 from prometheus_client.parser import text_string_to_metric_families
-from harness import gateway_under_test, serving
+from harness import bearer, gateway_under_test, serving
 from served import ADMIN_TOKEN, TIMEOUT, Served, admin_json, children_of, new_key, write_config
 
 
@@ -443,3 +443,46 @@ async def test_a_request_in_flight_drops_the_credential_header_it_was_checked_wi
             r.release()
         assert r.status == 200
         assert token not in str(seen) and "X-Api-Key" not in seen
+
+
+async def test_a_request_in_flight_keeps_the_body_limit_it_was_checked_with(
+        tmp_path, upstreams, redis_url, monkeypatch):
+    """A request with a 5,000-byte body, allowed under max_body_bytes 10,000 and waiting for
+    its store call when a reload lowers the limit to 1,000, finishes on the config it was
+    checked with: it is forwarded, not refused with 413 after it was counted."""
+    from harness import HeldReplies
+
+    urls, _ = upstreams
+    path = tmp_path / "keygate.yaml"
+    routes = [{"path": "/people/**", "methods": ["GET", "POST"], "upstream": "api",
+               "scopes": ["people:read"]}]
+
+    def doc(limit: int) -> dict[str, Any]:
+        return config_doc(urls["a"], routes=routes, server={
+            "host": "127.0.0.1", "port": 18080, "max_body_bytes": limit})
+
+    write(path, doc(10_000))
+    async with HeldReplies(redis_url) as relay, \
+            gateway_under_test(load_config(path), relay.url, monkeypatch,
+                               config_path=str(path)) as gw:
+        await gw.workspace("acme")
+        token, _ = await gw.key(role="reader")
+        async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200  # verified and cached: the next one only authorizes
+        relay.hold()
+        async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
+            pending = asyncio.ensure_future(
+                other.post("/people/2", headers=bearer(token), data=b"x" * 5000))
+            await asyncio.sleep(0.2)  # checked, its authorize reply held back
+            write(path, doc(1000))
+            status, _ = await reload(gw)
+            assert status == 200
+            relay.release()
+            r = await pending
+            body = await r.json()
+            r.release()
+        assert r.status == 200, body
+        assert body["upstream"] == "a"
+        # the next request is judged under the new limit
+        async with gw.proxy.post("/people/3", headers=bearer(token), data=b"x" * 5000) as r:
+            assert r.status == 413

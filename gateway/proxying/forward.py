@@ -100,8 +100,6 @@ class Forwarder:
 
     def _settle(self, config: Config) -> None:
         self.config = config
-        self.max_body = config.server.max_body_bytes
-        self.body_timeout = config.server.timeouts.body
         self.header_rules = RequestHeaderRules(config)
         signing = config.identity_signature
         self._sign_secret: bytes | None = None
@@ -197,7 +195,7 @@ class Forwarder:
                 request.raw_path if target is None else target, request_id, *values)))
         return out
 
-    def _body_source(self, content, length: int | None):
+    def _body_source(self, content, length: int | None, rules: RequestHeaderRules):
         """The request body as the upstream writer's chunk source.
 
         A chunked body is judged against ``max_body_bytes`` as it streams (a declared length
@@ -205,7 +203,7 @@ class Forwarder:
         with 408. Both are keygate's own refusals: the writer then closes the upstream
         connection before the request is complete upstream."""
         readany, at_eof = content.readany, content.is_eof
-        limit, stall = self.max_body, self.body_timeout
+        limit, stall = rules.max_body, rules.body_timeout
         total = 0
 
         async def read() -> bytes:
@@ -239,14 +237,16 @@ class Forwarder:
         ``GatewayTimeout`` (504) while no response has started (each says whether the upstream
         may have received the request); once a response has started, an upstream failure
         aborts the client connection (a truncated body must not look complete)."""
+        if rules is None:
+            rules = self.header_rules
         pool, base, host = self._pool(upstream)
         body = None
         length = None
         if request.body_exists:
             length = request.content_length
-            if length is not None and length > self.max_body:
-                raise body_too_large(self.max_body)
-            body = self._body_source(request.content, length)
+            if length is not None and length > rules.max_body:
+                raise body_too_large(rules.max_body)
+            body = self._body_source(request.content, length, rules)
             if request.version >= (1, 1) and \
                     request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(_CONTINUE)
@@ -294,11 +294,13 @@ class Forwarder:
         if self.on_upstream is not None:
             self.on_upstream(upstream.name, time.perf_counter() - started)
         return await self._stream_back(request, resp, request_id, response_headers,
-                                       upstream, is_head)
+                                       upstream, is_head, rules.body_timeout)
 
     async def _stream_back(self, request: web.BaseRequest, resp: UpstreamResponse,
                            request_id: str, limit_headers: Mapping[str, str],
-                           upstream: Upstream, is_head: bool) -> web.StreamResponse:
+                           upstream: Upstream, is_head: bool,
+                           stall: float) -> web.StreamResponse:
+        """``stall``: seconds a client may stop reading the answer (``server.timeouts.body``)."""
         out = response_headers(resp.headers)
         for name, value in limit_headers.items():
             out[name] = value
@@ -316,7 +318,7 @@ class Forwarder:
             return WholeResponse.of(status, whole, out)
         response = web.StreamResponse(status=status, headers=out)
         chunks = resp.chunks()
-        timeout, stall = upstream.timeout, self.body_timeout
+        timeout = upstream.timeout
         try:
             await response.prepare(request)
             while True:

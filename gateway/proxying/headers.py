@@ -81,6 +81,10 @@ class RequestHeaderRules:
         signing = config.identity_signature
         self.sign_header = signing.header if signing else SIGNATURE_HEADER
         self.sign_secret: bytes | None = None  # set by the Forwarder that reads the secret
+        # the body limits a request is forwarded under, with its header rules: a request in
+        # flight through a reload keeps the ones it was checked with
+        self.max_body = config.server.max_body_bytes
+        self.body_timeout = config.server.timeouts.body
         # Dropped from every request whatever the route (names normalised with _norm).
         always = set(HOP_BY_HOP)
         always.update(_norm(n) for n in self.identity)
