@@ -43,9 +43,9 @@ from ..signature import secrets_of, sign
 from ..tracing import Trace, Tracer
 from .connection import (BodyFramingError, UpstreamConnectError, UpstreamProtocolError,
                          UpstreamResponse, UpstreamTimeout, UpstreamUnreached)
-from .headers import RequestHeaderRules, response_headers
+from .headers import NotUtf8Headers, RequestHeaderRules, response_headers
 from .upstream import UpstreamPool
-from .response import WholeResponse
+from .response import WholeResponse, keep_header_bytes
 
 log = logging.getLogger("keygate.proxy")
 
@@ -302,6 +302,8 @@ class Forwarder:
                            stall: float) -> web.StreamResponse:
         """``stall``: seconds a client may stop reading the answer (``server.timeouts.body``)."""
         out = response_headers(resp.headers)
+        if out.__class__ is NotUtf8Headers:  # written byte for byte, not by aiohttp's writer
+            keep_header_bytes(request.writer)
         for name, value in limit_headers.items():
             out[name] = value
         out["X-Request-Id"] = request_id

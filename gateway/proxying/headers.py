@@ -236,11 +236,18 @@ class RequestHeaderRules:
         return values
 
 
+class NotUtf8Headers(CIMultiDict):
+    """Response headers of which a value is not UTF-8 (decoded with surrogateescape): they
+    must be written by ``gateway.proxying.response.raw_header_block`` to keep those bytes."""
+
+
 def response_headers(raw: Sequence[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    """The upstream's response headers (as parsed) that go back to the client."""
+    """The upstream's response headers (as parsed) that go back to the client; a
+    ``NotUtf8Headers`` when a value is not UTF-8."""
     names = _response_names
     out: CIMultiDict[str] = CIMultiDict()
     named: set[bytes] | None = None
+    not_utf8 = False
     for raw_name, raw_value in raw:
         name = names.get(raw_name, _UNSEEN)
         if name is _UNSEEN:
@@ -250,10 +257,17 @@ def response_headers(raw: Sequence[tuple[bytes, bytes]]) -> CIMultiDict[str]:
                 named = named or set()
                 named.update(t.strip().lower() for t in raw_value.split(b",") if t.strip())
             continue
-        out.add(name, raw_value.decode("utf-8", "surrogateescape"))
+        try:
+            value = raw_value.decode("utf-8")
+        except UnicodeDecodeError:  # obs-text (Latin-1, say): kept as the bytes it was
+            value = raw_value.decode("utf-8", "surrogateescape")
+            not_utf8 = True
+        out.add(name, value)
     if named and not named <= _HOP_BY_HOP_BYTES:  # Connection names more than hop-by-hop
         out = CIMultiDict((k, v) for k, v in out.items()
                           if k.encode("latin-1").lower() not in named)
+    if not_utf8:
+        out = NotUtf8Headers(out)
     return out
 
 

@@ -23,6 +23,8 @@ aiohttp upgrade that moves them fails that test.
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import hdrs, web
 from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
@@ -31,6 +33,44 @@ from multidict import CIMultiDict
 
 _CONTENT_LENGTH, _CONTENT_TYPE = hdrs.CONTENT_LENGTH, hdrs.CONTENT_TYPE
 _DATE, _SERVER, _CONNECTION = hdrs.DATE, hdrs.SERVER, hdrs.CONNECTION
+
+
+# what aiohttp's serialiser refuses in a status line, name or value (RFC 9110 5.5: no
+# control character but HTAB)
+_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def raw_header_block(status_line: str, headers) -> bytes:
+    """The status line and header block as aiohttp's serialiser writes them, except that a
+    value decoded with surrogateescape (bytes that are not UTF-8) goes out as the bytes it
+    came from, where aiohttp's drops them. Like aiohttp's, refuses (``ValueError``) a control
+    character other than HTAB anywhere, CR and LF included: nothing can split the head."""
+    lines = [status_line]
+    for name, value in headers.items():
+        lines.append(f"{name}: {value}")
+    for line in lines:
+        if _FORBIDDEN.search(line) is not None:
+            raise ValueError("Forbidden control character detected in headers. "
+                             "Potential header injection attack.")
+    lines.append("\r\n")
+    try:
+        return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that came from no byte: not ours to send
+        raise ValueError("a header value that cannot be encoded") from None
+
+
+def keep_header_bytes(writer) -> None:
+    """Have ``writer`` (this request's aiohttp ``StreamWriter``) write the response's header
+    block with ``raw_header_block``. Set only for a response carrying an upstream value that
+    is not UTF-8 (rare): the usual one stays on aiohttp's C serialiser. Uses the writer's
+    ``_on_headers_sent``, ``_headers_buf`` and ``_headers_written``, as its own
+    ``write_headers`` does."""
+    async def write_headers(status_line: str, headers) -> None:
+        if writer._on_headers_sent is not None:
+            await writer._on_headers_sent(headers)
+        writer._headers_buf = raw_header_block(status_line, headers)
+        writer._headers_written = False
+    writer.write_headers = write_headers
 
 
 class WholeResponse(web.Response):
