@@ -16,10 +16,11 @@ import time
 
 from aiohttp import web
 
-from gateway.config import Upstream
+from gateway.config import Route, ServerConfig, Timeouts, Upstream
 from gateway.proxying import server as proxy_server
 
-from harness import bearer, eventually, gateway_under_test, make_config, serving
+from harness import (bearer, eventually, gateway_under_test, make_config, raw_upstream,
+                     serving)
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -204,3 +205,47 @@ async def test_callers_vanishing_mid_request_leave_the_listener_serving(
             # the vanished callers' connections are gone; at most the session's own remains
             server = g.gw.proxy_server
             assert await eventually(lambda: len(server.connections) <= 1)
+
+
+async def test_a_connection_closed_with_its_408_stops_holding_a_connection_slot(
+        redis_url, monkeypatch):
+    """A stalled body is answered 408 and the connection closed without the lingering read
+    (Pipeline._answer_and_close). Run in the connection's task, the rest of start() follows
+    before the loop has told the handler its transport is gone, so it started aiohttp's
+    lingering read (10 s) on the closed connection: the connection kept its place in
+    server.max_connections for those 10 s, and a caller after it was refused."""
+    async def answer(reader, writer):   # a GET answered; a POST's body read and never answered
+        try:
+            if (await reader.readuntil(b"\r\n\r\n")).startswith(b"GET"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            while await reader.read(65536):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    srv, url = await raw_upstream(answer)
+    try:
+        config = make_config(url, routes=(Route("/public/**", "api", ("GET", "POST"), (),
+                                                True),),
+                             server=ServerConfig(host="127.0.0.1", max_connections=1,
+                                                 timeouts=Timeouts(header=5, body=0.5,
+                                                                   idle=30)))
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            reader, writer = await g.raw_connection()
+            writer.write(b"POST /public/x HTTP/1.1\r\nHost: g\r\n"
+                         b"Content-Length: 100\r\n\r\n0123456789")
+            answer = await asyncio.wait_for(reader.read(), 5)  # to EOF: answered, closed
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            server = g.gw.proxy_server
+            assert await eventually(lambda: len(server.connections) == 0, timeout=2), \
+                "a connection closed after its 408 still counts against max_connections"
+            reader, writer = await g.raw_connection()   # the one slot is free again
+            writer.write(b"GET /public/ok HTTP/1.1\r\nHost: g\r\n\r\n")
+            status, _ = await asyncio.wait_for(_read_response(reader), 5)
+            assert status == 200
+            writer.close()
+    finally:
+        srv.close()

@@ -111,7 +111,9 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
     it starts that task eagerly) so a handler gets its own copy of the context variables. The
     proxy pipeline sets none, and the extra task cost a task creation and two loop turns per
     request: measured at 10 % of the gateway's CPU per request at 8 connections (148 → 129 µs,
-    alternating rounds, bench/). Everything else below is aiohttp 3.14.5's ``start()`` as is;
+    alternating rounds, bench/). Everything else below is aiohttp 3.14.5's ``start()`` as is,
+    but for the lingering read (marked ``keygate:``): without the task's extra loop turn,
+    ``connection_lost`` has not yet run for a transport the handler closed;
     ``INLINE_START`` checks that the installed aiohttp still has that ``start()``."""
 
     async def start(self) -> None:
@@ -179,7 +181,12 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
                 # check payload
                 if not payload.is_eof():
                     lingering_time = self._lingering_time
-                    if not self._force_close and lingering_time:
+                    # keygate: nor on a transport the handler closed (a 408). aiohttp's
+                    # connection_lost, which sets _force_close, ran before this point while the
+                    # handler had a task of its own; here it has not run yet, and a lingering
+                    # read on a closed connection holds its max_connections slot for 10 s.
+                    if not self._force_close and lingering_time and \
+                            not self.transport.is_closing():
                         self.log_debug(
                             "Start lingering close timer for %s sec.", lingering_time
                         )
