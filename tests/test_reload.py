@@ -486,3 +486,39 @@ async def test_a_request_in_flight_keeps_the_body_limit_it_was_checked_with(
         # the next request is judged under the new limit
         async with gw.proxy.post("/people/3", headers=bearer(token), data=b"x" * 5000) as r:
             assert r.status == 413
+
+
+async def test_a_request_in_flight_to_a_moved_upstream_leaves_the_next_ones_on_the_new_url(
+        tmp_path, upstreams, redis_url, monkeypatch):
+    """A request waiting for its store call when a reload moves its upstream finishes on the
+    old URL; the requests after it go to the new one. The forwarder's pools were keyed by the
+    upstream's name alone: the reload took the old pool out of use, and the request in
+    flight, asking for a pool for its (old) upstream, put a new one for the old URL back under
+    that name, where every later request found it and went to the old upstream."""
+    from harness import HeldReplies
+
+    urls, _ = upstreams
+    path = tmp_path / "keygate.yaml"
+    write(path, config_doc(urls["a"]))
+    async with HeldReplies(redis_url) as relay, \
+            gateway_under_test(load_config(path), relay.url, monkeypatch,
+                               config_path=str(path)) as gw:
+        await gw.workspace("acme")
+        token, _ = await gw.key(role="reader")
+        async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert (await r.json())["upstream"] == "a"  # verified and cached
+        relay.hold()
+        async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
+            pending = asyncio.ensure_future(other.get("/people/2", headers=bearer(token)))
+            await asyncio.sleep(0.2)  # checked, its authorize reply held back
+            write(path, config_doc(urls["b"]))
+            status, _ = await reload(gw)
+            assert status == 200
+            relay.release()
+            r = await pending
+            body = await r.json()
+            r.release()
+        assert (r.status, body["upstream"]) == (200, "a")  # in flight: the old config
+        for i in range(3):  # the next ones: the new config
+            async with gw.proxy.get(f"/people/{3 + i}", headers=bearer(token)) as r:
+                assert (r.status, (await r.json())["upstream"]) == (200, "b")

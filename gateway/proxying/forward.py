@@ -155,14 +155,22 @@ class Forwarder:
             await pool.close()
 
     def _pool(self, upstream: Upstream) -> tuple[UpstreamPool, str, str]:
-        entry = self._pools.get(upstream.name)
+        current = self.config.upstreams.get(upstream.name)
+        current = current is upstream or current == upstream
+        # a request in flight through a reload that changed its upstream: its pool was retired
+        # with the old config, and it must not put one for the old URL back under the name
+        # the new config's requests look up
+        entry = self._pools.get(upstream.name) if current else None
         if entry is None:
             url = URL(upstream.url)
             pool = UpstreamPool(str(url.origin()), connect_timeout=upstream.timeout,
                                 ssl_context=_trusting(upstream),
                                 max_connections=upstream.max_connections)
             entry = (pool, url.raw_path.rstrip("/"), url.host_port_subcomponent or url.host or "")
-            self._pools[upstream.name] = entry
+            if current:
+                self._pools[upstream.name] = entry
+            else:  # this request's alone: closed already, so its connection is not kept
+                pool.closed = True
         return entry
 
     # --- the request -------------------------------------------------------------------------
