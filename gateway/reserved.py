@@ -110,6 +110,9 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     if raw_path.startswith(RESERVED):
         raise no_route(method, raw_path)
     route = steps.routes.match(method, raw_path)
+    # read with the route: a reload while this call waits on the store must not rename the
+    # identity headers it answers with (requests in flight finish on the old config)
+    ident = steps.config.identity_headers
     outcome.route, outcome.upstream = route.path, route.upstream
     if route.public:
         return web.Response(status=200)
@@ -122,7 +125,6 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
         key, limit_headers, _ = await steps.authorise(key, route.scopes, count=True,
                                                       request=request)
     headers = dict(limit_headers)
-    ident = steps.config.identity_headers
     headers[ident.workspace] = key.workspace
     headers[ident.key_id] = key.key_id
     headers[ident.scopes] = " ".join(sorted(key.scopes))

@@ -522,3 +522,37 @@ async def test_a_request_in_flight_to_a_moved_upstream_leaves_the_next_ones_on_t
         for i in range(3):  # the next ones: the new config
             async with gw.proxy.get(f"/people/{3 + i}", headers=bearer(token)) as r:
                 assert (r.status, (await r.json())["upstream"]) == (200, "b")
+
+
+async def test_a_verify_call_in_flight_answers_with_the_identity_headers_it_was_checked_with(
+        tmp_path, upstreams, redis_url, monkeypatch):
+    """Verify-only mode, like a forwarded request: a call waiting for its store call when a
+    reload renames an identity header answers under the config it was checked with (the
+    proxy in front reads the names it was configured with, for the old config too)."""
+    from harness import HeldReplies
+
+    urls, _ = upstreams
+    path = tmp_path / "keygate.yaml"
+    write(path, config_doc(urls["a"]))
+    async with HeldReplies(redis_url) as relay, \
+            gateway_under_test(load_config(path), relay.url, monkeypatch,
+                               config_path=str(path)) as gw:
+        await gw.workspace("acme")
+        token, _ = await gw.key(role="reader")
+        verify = "/_keygate/v1/verify/people/1"
+        async with gw.proxy.get(verify, headers=bearer(token)) as r:
+            assert r.status == 200 and r.headers["X-Workspace-Id"] == "acme"  # and cached
+        relay.hold()
+        async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
+            pending = asyncio.ensure_future(other.get(verify, headers=bearer(token)))
+            await asyncio.sleep(0.2)  # checked, its authorize reply held back
+            write(path, config_doc(urls["a"], identity_headers={"workspace": "X-Tenant"}))
+            status, _ = await reload(gw)
+            assert status == 200
+            relay.release()
+            r = await pending
+            r.release()
+        assert r.status == 200
+        assert r.headers.get("X-Workspace-Id") == "acme" and "X-Tenant" not in r.headers
+        async with gw.proxy.get(verify, headers=bearer(token)) as r:  # the next: new names
+            assert r.status == 200 and r.headers["X-Tenant"] == "acme"
