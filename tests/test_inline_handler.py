@@ -249,3 +249,48 @@ async def test_a_connection_closed_with_its_408_stops_holding_a_connection_slot(
             writer.close()
     finally:
         srv.close()
+
+
+async def test_a_request_pipelined_behind_an_aborted_answer_is_neither_forwarded_nor_counted(
+        redis_url, monkeypatch):
+    """The upstream fails mid-response: keygate aborts the client connection (a truncated body
+    must not look complete). A request the client pipelined behind it is never answered, so
+    it must not be forwarded nor billed. Run in the connection's task, start() went on to it
+    before the loop had told the handler its transport was gone."""
+    seen: list[bytes] = []
+
+    async def answer(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                seen.append(head.split(b" ", 2)[1])
+                if head.startswith(b"GET /people/first "):  # 10 bytes of 100,000, then gone
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n0123456789")
+                    await writer.drain()
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    srv, url = await raw_upstream(answer)
+    try:
+        async with gateway_under_test(make_config(url), redis_url, monkeypatch) as g:
+            await g.workspace()
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(b"".join(f"GET /people/{name} HTTP/1.1\r\nHost: x\r\n"
+                                  f"Authorization: Bearer {token}\r\n\r\n".encode()
+                                  for name in ("first", "second")))
+            try:
+                got = await asyncio.wait_for(reader.read(), 5)  # to EOF (or a reset)
+            except ConnectionError:
+                got = b""
+            writer.close()
+            assert b"ok" not in got
+            await asyncio.sleep(0.3)
+            assert seen == [b"/people/first"]
+            assert await g.used() == 1  # the first reached the upstream; not the second
+    finally:
+        srv.close()

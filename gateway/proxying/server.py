@@ -112,8 +112,8 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
     proxy pipeline sets none, and the extra task cost a task creation and two loop turns per
     request: measured at 10 % of the gateway's CPU per request at 8 connections (148 → 129 µs,
     alternating rounds, bench/). Everything else below is aiohttp 3.14.5's ``start()`` as is,
-    but for the lingering read (marked ``keygate:``): without the task's extra loop turn,
-    ``connection_lost`` has not yet run for a transport the handler closed;
+    but for a transport the handler closed (marked ``keygate:``): without the task's extra
+    loop turn, ``connection_lost`` has not yet run for it when the handler returns;
     ``INLINE_START`` checks that the installed aiohttp still has that ``start()``."""
 
     async def start(self) -> None:
@@ -170,6 +170,14 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
                 except ConnectionError:
                     self.log_debug("Ignored premature client disconnection")
                     break
+                # keygate: a transport the handler closed or aborted (a 408, an upstream
+                # failing mid-response) is done with. With a task of its own, the loop ran
+                # connection_lost (force_close) before this point; here it has not yet, and
+                # without this the lingering read would wait 10 s on the closed connection
+                # (holding its max_connections slot) and a request pipelined behind would be
+                # forwarded and counted, its answer never delivered.
+                if self.transport is not None and self.transport.is_closing():
+                    self.force_close()
 
                 if reset:
                     self.log_debug("Ignored premature client disconnection 2")
@@ -181,12 +189,7 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
                 # check payload
                 if not payload.is_eof():
                     lingering_time = self._lingering_time
-                    # keygate: nor on a transport the handler closed (a 408). aiohttp's
-                    # connection_lost, which sets _force_close, ran before this point while the
-                    # handler had a task of its own; here it has not run yet, and a lingering
-                    # read on a closed connection holds its max_connections slot for 10 s.
-                    if not self._force_close and lingering_time and \
-                            not self.transport.is_closing():
+                    if not self._force_close and lingering_time:
                         self.log_debug(
                             "Start lingering close timer for %s sec.", lingering_time
                         )
