@@ -45,11 +45,12 @@ def _handler_tasks() -> list[asyncio.Task]:
 
 
 async def test_the_installed_aiohttp_still_has_the_start_the_proxy_listener_copies():
-    # An aiohttp upgrade that changes RequestHandler.start turns the copy off (the listener
-    # still works, slower); this says so here, so the copy is brought up to date.
+    # An aiohttp upgrade that changes RequestHandler.start, or the methods whose timing the
+    # copy relies on, turns the copy off (the listener still works, slower); this says so
+    # here, so the copy is checked against the new release and brought up to date.
     assert proxy_server.INLINE_START, (
-        "aiohttp's RequestHandler.start changed: re-copy it into _InlineRequestHandler.start "
-        "and update _COPIED_START")
+        "aiohttp's RequestHandler changed in one of server._RELIED_ON: re-check and re-copy "
+        "_InlineRequestHandler.start, then update _COPIED_FROM")
 
 
 async def test_requests_held_at_the_upstream_run_in_their_connections_tasks(

@@ -87,20 +87,24 @@ class _JsonErrorRequestHandler(RequestHandler):
         return response
 
 
-# RequestHandler.start of the aiohttp release _InlineRequestHandler.start was copied from; with
-# any other start() the stock one runs (only slower), so an upgrade cannot change behaviour
-_COPIED_START = "2e565fd40c8e04fb3afb481d5ba52691a61d28396573b4b8a4cf3b168782288e"
+# The aiohttp code _InlineRequestHandler.start was copied from (start) and relies on the
+# timing of (the handler's own coroutine, the response's finish, the connection's loss): with
+# any other version of one of them the stock start() runs (only slower), so an upgrade cannot
+# change behaviour.
+_RELIED_ON = ("start", "_handle_request", "finish_response", "connection_lost")
+_COPIED_FROM = "65fcd7c5cd7439114853afc24025c725ac789fcd2d80ee61ee505632bf9a5dab"
 
 
-def _stock_start_digest() -> str:
+def _stock_digest() -> str:
     try:
-        source = inspect.getsource(RequestHandler.start)
+        source = "".join(inspect.getsource(getattr(RequestHandler, name))
+                         for name in _RELIED_ON)
     except (OSError, TypeError):  # no source shipped: treat as unknown
         return ""
     return hashlib.sha256(source.encode()).hexdigest()
 
 
-INLINE_START = _stock_start_digest() == _COPIED_START
+INLINE_START = _stock_digest() == _COPIED_FROM
 
 
 class _InlineRequestHandler(_JsonErrorRequestHandler):
