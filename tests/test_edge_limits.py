@@ -307,3 +307,27 @@ async def test_a_declared_body_over_the_limit_is_413_and_not_counted(redis_url, 
             assert r.status == 200
         assert await g.used() == 1
         assert [rec["body_len"] for rec in upstream.requests] == [10]
+
+
+async def test_a_stalled_body_to_a_key_endpoint_is_408_and_closed(redis_url, upstream,
+                                                                   monkeypatch):
+    """The self-service key endpoints on the proxy listener read their (small JSON) body
+    whole; a client that declares a body and stops sending it is answered 408 once
+    server.timeouts.body has passed, and its connection closed, like a stalled body to an
+    upstream, instead of holding the connection for as long as it likes."""
+    config = edge_config(str(upstream.make_url("")), timeouts=Timeouts(header=5.0, body=1.0,
+                                                                       idle=30.0))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(role="admin")
+        reader, writer = await g.raw_connection()
+        started = time.monotonic()
+        writer.write(f"POST /_keygate/v1/keys HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 100\r\n\r\n{{\"name\": ".encode())
+        closed, got = await closed_within(reader, 5.0)
+        took = time.monotonic() - started
+        assert closed and got.startswith(b"HTTP/1.1 408 "), got[:200]
+        assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        assert 0.9 <= took < 3, took
+        writer.close()

@@ -9,10 +9,12 @@ listeners cannot drift apart. Raises ``GatewayError``s; the pipeline renders the
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from ..config import Config
-from ..errors import MethodNotAllowed, NotFound, PayloadTooLarge
+from ..errors import MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout
 from ..models import Principal
 from ..store import Store
 from .api import KEYS, ROUTES, Call, Endpoint
@@ -63,10 +65,16 @@ async def handle_self_service(request: web.BaseRequest, principal: Principal, st
                                headers={"Allow": ", ".join(methods)})
 
     async def body() -> bytes:
+        stall = config.server.timeouts.body
         try:  # aiohttp caps it (1 MiB) with an HTTPException the pipeline does not render
-            return await request.read()
+            # a small JSON body, read whole: it must all be here within server.timeouts.body
+            async with asyncio.timeout(stall):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge("The request body is too large for a key endpoint.") from None
+        except TimeoutError:
+            raise RequestTimeout(f"The request body did not arrive within {stall:g} seconds.") \
+                from None
 
     endpoint, params = chosen
     actor = Actor(principal.key_id, principal.workspace, principal.scopes, acting.expires_at)
