@@ -331,3 +331,29 @@ async def test_a_stalled_body_to_a_key_endpoint_is_408_and_closed(redis_url, ups
         assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
         assert 0.9 <= took < 3, took
         writer.close()
+
+
+async def test_a_key_endpoint_answers_100_continue_before_it_waits_for_the_body(redis_url,
+                                                                               upstream,
+                                                                               monkeypatch):
+    """A client sending ``Expect: 100-continue`` to /_keygate/v1/keys holds its body back
+    until it sees ``100 Continue`` (RFC 9110 10.1.1: the server MUST send it, or a final
+    answer, once it has the head). keygate sends it for a forwarded request; the key endpoints
+    read their body whole within server.timeouts.body, so without it a client that waits
+    (as RFC 9110 lets it) is answered 408 for a body it was never asked for."""
+    config = edge_config(str(upstream.make_url("")), timeouts=Timeouts(header=5.0, body=1.0,
+                                                                       idle=30.0))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(role="admin")
+        reader, writer = await g.raw_connection()
+        body = json.dumps({"name": "made", "scopes": ["people:read"]}).encode()
+        writer.write(f"POST /_keygate/v1/keys HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                     f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+        writer.write(body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        assert head.startswith(b"HTTP/1.1 201 "), head
+        writer.close()

@@ -22,6 +22,7 @@ from .keyops import Actor
 from .validate import check_query
 
 SELF_SERVICE_PREFIX = "/_keygate/v1/keys"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 SELF_SERVICE_ROUTES: tuple[tuple[Endpoint, tuple[str, ...]], ...] = tuple(
     (e, tuple(e.path[len(KEYS):].split("/")[1:]))   # the path's segments after the prefix
@@ -66,6 +67,12 @@ async def handle_self_service(request: web.BaseRequest, principal: Principal, st
 
     async def body() -> bytes:
         stall = config.server.timeouts.body
+        if request.body_exists and request.version >= (1, 1) and \
+                request.headers.get("Expect", "").lower() == "100-continue":
+            # the client holds its body back until asked (RFC 9110 10.1.1), as a forwarded
+            # request's is: without this the wait below ends in 408 for a body never asked for
+            await request.writer.write(_CONTINUE)
+            request.writer.output_size = 0  # bytes_out counts the answer, not this
         try:  # aiohttp caps it (1 MiB) with an HTTPException the pipeline does not render
             # a small JSON body, read whole: it must all be here within server.timeouts.body
             async with asyncio.timeout(stall):
