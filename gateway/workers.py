@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -55,10 +56,12 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
         except ListenError as exc:
             print(f"keygate: {exc}", file=sys.stderr)
             return 1
+        frozen = settle_heap()
         try:
             log.info("keygate listening: proxy %s:%d, admin %s:%d (config %s, pid %d)",
                      config.server.host, config.server.port, config.admin.host,
                      config.admin.port, os.path.abspath(config.source), os.getpid())
+            log.info("start-up heap: %d objects kept out of garbage collection", frozen)
             reloads: set[asyncio.Task] = set()
 
             def hangup() -> None:
@@ -73,6 +76,19 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
         finally:
             await stop_listeners(runners)
     return 0
+
+
+def settle_heap() -> int:
+    """Take what start-up built (modules, config, the app: it lives as long as the process) out
+    of the cyclic garbage collector's way, once it is built and collected; returns how many
+    objects that is. A full collection then walks only what came later (cached keys, what
+    requests leave behind) and stalls the event loop that much less: bench/gc_pause.py
+    measured a full collection at 13 ms before and ~0 after at rest, 32 → 1 ms with 10k cached
+    keys, 66 → 27 ms with 100k. Frozen objects are still freed by reference counting; only a
+    cycle among them would never be collected, hence the collection first."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def _run_worker(config: Config, store_url: str, reuse_port: bool,

@@ -472,3 +472,21 @@ async def test_counters_keep_their_expiry_when_a_gateway_is_killed_mid_run(tmp_p
                 if k.startswith((b"kg:usage:", b"kg:rate:", b"kg:fail:"))]
     assert any(k.startswith(b"kg:usage:") for k in counters)
     assert all(client.pttl(k) > 0 for k in counters), [(k, client.pttl(k)) for k in counters]
+
+
+async def test_the_start_up_heap_is_kept_out_of_garbage_collection(tmp_path, redis_url):
+    """What start-up built lives as long as the process; a full garbage collection walking it
+    again and again stalled the event loop for ~13 ms at rest (bench/gc_pause.py). serve
+    freezes it once listening, and says how much it froze."""
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url)
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            await new_key(s, gw.admin)  # serving after the freeze
+        line = next((l for l in gw.stderr().splitlines() if "start-up heap:" in l), None)
+        assert line is not None, gw.stderr()
+        frozen = int(line.split("start-up heap:")[1].split()[0])
+        assert frozen > 10_000, line  # modules, config and app: tens of thousands of objects
+    finally:
+        gw.close()
