@@ -7,6 +7,7 @@ as a slow-loris or a stalled uploader would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -309,18 +310,29 @@ async def test_a_declared_body_over_the_limit_is_413_and_not_counted(redis_url, 
         assert [rec["body_len"] for rec in upstream.requests] == [10]
 
 
-async def test_a_stalled_body_to_a_key_endpoint_is_408_and_closed(redis_url, upstream,
-                                                                   monkeypatch):
-    """The self-service key endpoints on the proxy listener read their (small JSON) body
-    whole; a client that declares a body and stops sending it is answered 408 once
-    server.timeouts.body has passed, and its connection closed, like a stalled body to an
-    upstream, instead of holding the connection for as long as it likes."""
+@contextlib.asynccontextmanager
+async def key_endpoint_caller(redis_url, upstream, monkeypatch):
+    """A raw connection to a gateway with server.timeouts.body 1 s, and a keys:admin token:
+    yields ``(reader, writer, token)``."""
     config = edge_config(str(upstream.make_url("")), timeouts=Timeouts(header=5.0, body=1.0,
                                                                        idle=30.0))
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         await g.workspace("acme")
         token, _ = await g.key(role="admin")
         reader, writer = await g.raw_connection()
+        try:
+            yield reader, writer, token
+        finally:
+            writer.close()
+
+
+async def test_a_stalled_body_to_a_key_endpoint_is_408_and_closed(redis_url, upstream,
+                                                                   monkeypatch):
+    """The self-service key endpoints on the proxy listener read their (small JSON) body
+    whole; a client that declares a body and stops sending it is answered 408 once
+    server.timeouts.body has passed, and its connection closed, like a stalled body to an
+    upstream, instead of holding the connection for as long as it likes."""
+    async with key_endpoint_caller(redis_url, upstream, monkeypatch) as (reader, writer, token):
         started = time.monotonic()
         writer.write(f"POST /_keygate/v1/keys HTTP/1.1\r\nHost: x\r\n"
                      f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
@@ -330,7 +342,6 @@ async def test_a_stalled_body_to_a_key_endpoint_is_408_and_closed(redis_url, ups
         assert closed and got.startswith(b"HTTP/1.1 408 "), got[:200]
         assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
         assert 0.9 <= took < 3, took
-        writer.close()
 
 
 async def test_a_key_endpoint_answers_100_continue_before_it_waits_for_the_body(redis_url,
@@ -341,12 +352,7 @@ async def test_a_key_endpoint_answers_100_continue_before_it_waits_for_the_body(
     answer, once it has the head). keygate sends it for a forwarded request; the key endpoints
     read their body whole within server.timeouts.body, so without it a client that waits
     (as RFC 9110 lets it) is answered 408 for a body it was never asked for."""
-    config = edge_config(str(upstream.make_url("")), timeouts=Timeouts(header=5.0, body=1.0,
-                                                                       idle=30.0))
-    async with gateway_under_test(config, redis_url, monkeypatch) as g:
-        await g.workspace("acme")
-        token, _ = await g.key(role="admin")
-        reader, writer = await g.raw_connection()
+    async with key_endpoint_caller(redis_url, upstream, monkeypatch) as (reader, writer, token):
         body = json.dumps({"name": "made", "scopes": ["people:read"]}).encode()
         writer.write(f"POST /_keygate/v1/keys HTTP/1.1\r\nHost: x\r\n"
                      f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
@@ -356,4 +362,3 @@ async def test_a_key_endpoint_answers_100_continue_before_it_waits_for_the_body(
         writer.write(body)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
         assert head.startswith(b"HTTP/1.1 201 "), head
-        writer.close()

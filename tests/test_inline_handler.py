@@ -10,6 +10,7 @@ Real gateway, real Redis, real upstreams on loopback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -44,6 +45,52 @@ def _handler_tasks() -> list[asyncio.Task]:
     return found
 
 
+def closing_answer(handle):
+    """A raw upstream's connection handler: ``handle(reader, writer)``, then the connection
+    closed; a gateway that goes away early is not an error."""
+    async def answer(reader, writer):
+        try:
+            await handle(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+    return answer
+
+
+class Holding:
+    """A gateway (``g``, with workspace acme and a key, ``token``) in front of an upstream that
+    holds every request but ``/people/after`` until ``release`` is set; ``arrived`` counts the
+    requests it has seen."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.arrived = 0
+
+    async def upstream(self, request: web.Request) -> web.Response:
+        self.arrived += 1
+        if request.path != "/people/after":
+            await self.release.wait()
+        return web.json_response({"ok": True})
+
+    async def until_arrived(self, n: int) -> bool:
+        return await eventually(lambda: self.arrived >= n)
+
+
+@contextlib.asynccontextmanager
+async def holding(redis_url, monkeypatch):
+    held = Holding()
+    async with serving(held.upstream) as url:
+        async with gateway_under_test(make_config(url), redis_url, monkeypatch) as g:
+            await g.workspace()
+            held.g = g
+            held.token, _ = await g.key()
+            try:
+                yield held
+            finally:
+                held.release.set()
+
+
 async def test_the_installed_aiohttp_still_has_the_start_the_proxy_listener_copies():
     # An aiohttp upgrade that changes RequestHandler.start, or the methods whose timing the
     # copy relies on, turns the copy off (the listener still works, slower); this says so
@@ -55,59 +102,32 @@ async def test_the_installed_aiohttp_still_has_the_start_the_proxy_listener_copi
 
 async def test_requests_held_at_the_upstream_run_in_their_connections_tasks(
         redis_url, monkeypatch):
-    release = asyncio.Event()
-    arrived = 0
-
-    async def held(request: web.Request) -> web.Response:
-        nonlocal arrived
-        arrived += 1
-        await release.wait()
-        return web.json_response({"ok": True})
-
-    async with serving(held) as url:
-        async with gateway_under_test(make_config(url), redis_url, monkeypatch) as g:
-            await g.workspace()
-            token, _ = await g.key()
-            connections = [await g.raw_connection() for _ in range(4)]
-            for i, (_, writer) in enumerate(connections):
-                writer.write(f"GET /people/{i} HTTP/1.1\r\nHost: x\r\n"
-                             f"Authorization: Bearer {token}\r\n\r\n".encode())
-            deadline = time.monotonic() + 10
-            while arrived < 4 and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            try:
-                assert arrived == 4
-                # four requests in flight, and not one task of aiohttp's per-request kind
-                assert _handler_tasks() == []
-            finally:
-                release.set()
-            for reader, writer in connections:
-                status, body = await _read_response(reader)
-                assert status == 200 and json.loads(body) == {"ok": True}
-                writer.close()
+    async with holding(redis_url, monkeypatch) as held:
+        connections = [await held.g.raw_connection() for _ in range(4)]
+        for i, (_, writer) in enumerate(connections):
+            writer.write(f"GET /people/{i} HTTP/1.1\r\nHost: x\r\n"
+                         f"Authorization: Bearer {held.token}\r\n\r\n".encode())
+        assert await held.until_arrived(4)
+        # four requests in flight, and not one task of aiohttp's per-request kind
+        assert _handler_tasks() == []
+        held.release.set()
+        for reader, writer in connections:
+            status, body = await _read_response(reader)
+            assert status == 200 and json.loads(body) == {"ok": True}
+            writer.close()
 
 
 async def test_the_stock_handler_is_used_when_aiohttp_start_is_not_the_copied_one(
-        redis_url, upstream, monkeypatch):
+        redis_url, monkeypatch):
     monkeypatch.setattr(proxy_server, "INLINE_START", False)
-    release = asyncio.Event()
-
-    async def held(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.json_response({"ok": True})
-
-    async with serving(held) as url:
-        async with gateway_under_test(make_config(url), redis_url, monkeypatch) as g:
-            await g.workspace()
-            token, _ = await g.key()
-            pending = asyncio.ensure_future(g.proxy.get("/people/1", headers=bearer(token)))
-            deadline = time.monotonic() + 10
-            while not _handler_tasks() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            assert len(_handler_tasks()) == 1  # aiohttp's own start(): a task per request
-            release.set()
-            async with await pending as r:
-                assert r.status == 200
+    async with holding(redis_url, monkeypatch) as held:
+        pending = asyncio.ensure_future(
+            held.g.proxy.get("/people/1", headers=bearer(held.token)))
+        assert await eventually(_handler_tasks)
+        assert len(_handler_tasks()) == 1  # aiohttp's own start(): a task per request
+        held.release.set()
+        async with await pending as r:
+            assert r.status == 200
 
 
 async def test_timeouts_on_a_kept_alive_connection_each_fire_on_time(redis_url, monkeypatch):
@@ -177,35 +197,21 @@ async def test_requests_sent_back_to_back_on_one_connection_are_answered_in_orde
 
 async def test_callers_vanishing_mid_request_leave_the_listener_serving(
         redis_url, monkeypatch):
-    release = asyncio.Event()
-    arrived = 0
-
-    async def held(request: web.Request) -> web.Response:
-        nonlocal arrived
-        arrived += 1
-        if request.path != "/people/after":
-            await release.wait()
-        return web.json_response({"ok": True})
-
-    async with serving(held) as url:
-        async with gateway_under_test(make_config(url), redis_url, monkeypatch) as g:
-            await g.workspace()
-            token, _ = await g.key()
-            for i in range(10):
-                _, writer = await g.raw_connection()
-                writer.write(f"GET /people/{i} HTTP/1.1\r\nHost: x\r\n"
-                             f"Authorization: Bearer {token}\r\n\r\n".encode())
-                await writer.drain()
-                writer.transport.abort()  # gone, its request still at the upstream
-            deadline = time.monotonic() + 10
-            while arrived < 10 and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            release.set()
-            async with g.proxy.get("/people/after", headers=bearer(token)) as r:
-                assert r.status == 200
-            # the vanished callers' connections are gone; at most the session's own remains
-            server = g.gw.proxy_server
-            assert await eventually(lambda: len(server.connections) <= 1)
+    async with holding(redis_url, monkeypatch) as held:
+        g = held.g
+        for i in range(10):
+            _, writer = await g.raw_connection()
+            writer.write(f"GET /people/{i} HTTP/1.1\r\nHost: x\r\n"
+                         f"Authorization: Bearer {held.token}\r\n\r\n".encode())
+            await writer.drain()
+            writer.transport.abort()  # gone, its request still at the upstream
+        assert await held.until_arrived(10)
+        held.release.set()
+        async with g.proxy.get("/people/after", headers=bearer(held.token)) as r:
+            assert r.status == 200
+        # the vanished callers' connections are gone; at most the session's own remains
+        server = g.gw.proxy_server
+        assert await eventually(lambda: len(server.connections) <= 1)
 
 
 async def test_a_connection_closed_with_its_408_stops_holding_a_connection_slot(
@@ -215,16 +221,12 @@ async def test_a_connection_closed_with_its_408_stops_holding_a_connection_slot(
     before the loop has told the handler its transport is gone, so it started aiohttp's
     lingering read (10 s) on the closed connection: the connection kept its place in
     server.max_connections for those 10 s, and a caller after it was refused."""
+    @closing_answer
     async def answer(reader, writer):   # a GET answered; a POST's body read and never answered
-        try:
-            if (await reader.readuntil(b"\r\n\r\n")).startswith(b"GET"):
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            while await reader.read(65536):
-                pass
-        except (ConnectionError, asyncio.IncompleteReadError):
+        if (await reader.readuntil(b"\r\n\r\n")).startswith(b"GET"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        while await reader.read(65536):
             pass
-        finally:
-            writer.close()
 
     srv, url = await raw_upstream(answer)
     try:
@@ -260,20 +262,16 @@ async def test_a_request_pipelined_behind_an_aborted_answer_is_neither_forwarded
     before the loop had told the handler its transport was gone."""
     seen: list[bytes] = []
 
+    @closing_answer
     async def answer(reader, writer):
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                seen.append(head.split(b" ", 2)[1])
-                if head.startswith(b"GET /people/first "):  # 10 bytes of 100,000, then gone
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n0123456789")
-                    await writer.drain()
-                    break
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen.append(head.split(b" ", 2)[1])
+            if head.startswith(b"GET /people/first "):  # 10 bytes of 100,000, then gone
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n0123456789")
+                await writer.drain()
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     srv, url = await raw_upstream(answer)
     try:

@@ -72,6 +72,39 @@ async def reload(gw) -> tuple[int, Any]:
     return await gw.admin_json("POST", "/reload")
 
 
+@contextlib.asynccontextmanager
+async def held_across_reload(path: Path, redis_url: str, monkeypatch):
+    """A gateway on the config at ``path`` whose store replies can be held back (HeldReplies),
+    with workspace acme and a reader key. Yields ``(gw, token, across)``: ``await
+    across(send, new_doc)`` makes a request with ``send(session)``, holds its authorize reply
+    while ``new_doc`` is written and reloaded, then lets it go, and returns ``(response,
+    JSON body or None)``. The request must be the key's second (the first verifies it; only
+    then does a request wait on the authorize call alone)."""
+    from harness import HeldReplies
+
+    async with HeldReplies(redis_url) as relay, \
+            gateway_under_test(load_config(path), relay.url, monkeypatch,
+                               config_path=str(path)) as gw:
+        await gw.workspace("acme")
+        token, _ = await gw.key(role="reader")
+
+        async def across(send, new_doc: dict[str, Any]):
+            relay.hold()
+            async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
+                pending = asyncio.ensure_future(send(other))
+                await asyncio.sleep(0.2)  # checked, its authorize reply held back
+                write(path, new_doc)
+                status, _ = await reload(gw)
+                assert status == 200
+                relay.release()
+                r = await pending
+                body = await r.json() if r.content_type == "application/json" else None
+                r.release()
+            return r, body
+
+        yield gw, token, across
+
+
 async def test_routes_roles_plans_upstreams_and_identity_headers_swap_on_reload(
         reloadable, upstreams):
     gw, path = reloadable
@@ -462,25 +495,11 @@ async def test_a_request_in_flight_keeps_the_body_limit_it_was_checked_with(
             "host": "127.0.0.1", "port": 18080, "max_body_bytes": limit})
 
     write(path, doc(10_000))
-    async with HeldReplies(redis_url) as relay, \
-            gateway_under_test(load_config(path), relay.url, monkeypatch,
-                               config_path=str(path)) as gw:
-        await gw.workspace("acme")
-        token, _ = await gw.key(role="reader")
+    async with held_across_reload(path, redis_url, monkeypatch) as (gw, token, across):
         async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
             assert r.status == 200  # verified and cached: the next one only authorizes
-        relay.hold()
-        async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
-            pending = asyncio.ensure_future(
-                other.post("/people/2", headers=bearer(token), data=b"x" * 5000))
-            await asyncio.sleep(0.2)  # checked, its authorize reply held back
-            write(path, doc(1000))
-            status, _ = await reload(gw)
-            assert status == 200
-            relay.release()
-            r = await pending
-            body = await r.json()
-            r.release()
+        r, body = await across(lambda s: s.post("/people/2", headers=bearer(token),
+                                                data=b"x" * 5000), doc(1000))
         assert r.status == 200, body
         assert body["upstream"] == "a"
         # the next request is judged under the new limit
@@ -495,29 +514,14 @@ async def test_a_request_in_flight_to_a_moved_upstream_leaves_the_next_ones_on_t
     upstream's name alone: the reload took the old pool out of use, and the request in
     flight, asking for a pool for its (old) upstream, put a new one for the old URL back under
     that name, where every later request found it and went to the old upstream."""
-    from harness import HeldReplies
-
     urls, _ = upstreams
     path = tmp_path / "keygate.yaml"
     write(path, config_doc(urls["a"]))
-    async with HeldReplies(redis_url) as relay, \
-            gateway_under_test(load_config(path), relay.url, monkeypatch,
-                               config_path=str(path)) as gw:
-        await gw.workspace("acme")
-        token, _ = await gw.key(role="reader")
+    async with held_across_reload(path, redis_url, monkeypatch) as (gw, token, across):
         async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
             assert (await r.json())["upstream"] == "a"  # verified and cached
-        relay.hold()
-        async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
-            pending = asyncio.ensure_future(other.get("/people/2", headers=bearer(token)))
-            await asyncio.sleep(0.2)  # checked, its authorize reply held back
-            write(path, config_doc(urls["b"]))
-            status, _ = await reload(gw)
-            assert status == 200
-            relay.release()
-            r = await pending
-            body = await r.json()
-            r.release()
+        r, body = await across(lambda s: s.get("/people/2", headers=bearer(token)),
+                               config_doc(urls["b"]))
         assert (r.status, body["upstream"]) == (200, "a")  # in flight: the old config
         for i in range(3):  # the next ones: the new config
             async with gw.proxy.get(f"/people/{3 + i}", headers=bearer(token)) as r:
@@ -529,29 +533,15 @@ async def test_a_verify_call_in_flight_answers_with_the_identity_headers_it_was_
     """Verify-only mode, like a forwarded request: a call waiting for its store call when a
     reload renames an identity header answers under the config it was checked with (the
     proxy in front reads the names it was configured with, for the old config too)."""
-    from harness import HeldReplies
-
     urls, _ = upstreams
     path = tmp_path / "keygate.yaml"
     write(path, config_doc(urls["a"]))
-    async with HeldReplies(redis_url) as relay, \
-            gateway_under_test(load_config(path), relay.url, monkeypatch,
-                               config_path=str(path)) as gw:
-        await gw.workspace("acme")
-        token, _ = await gw.key(role="reader")
+    async with held_across_reload(path, redis_url, monkeypatch) as (gw, token, across):
         verify = "/_keygate/v1/verify/people/1"
         async with gw.proxy.get(verify, headers=bearer(token)) as r:
             assert r.status == 200 and r.headers["X-Workspace-Id"] == "acme"  # and cached
-        relay.hold()
-        async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
-            pending = asyncio.ensure_future(other.get(verify, headers=bearer(token)))
-            await asyncio.sleep(0.2)  # checked, its authorize reply held back
-            write(path, config_doc(urls["a"], identity_headers={"workspace": "X-Tenant"}))
-            status, _ = await reload(gw)
-            assert status == 200
-            relay.release()
-            r = await pending
-            r.release()
+        r, _ = await across(lambda s: s.get(verify, headers=bearer(token)),
+                            config_doc(urls["a"], identity_headers={"workspace": "X-Tenant"}))
         assert r.status == 200
         assert r.headers.get("X-Workspace-Id") == "acme" and "X-Tenant" not in r.headers
         async with gw.proxy.get(verify, headers=bearer(token)) as r:  # the next: new names
