@@ -28,6 +28,7 @@ from .access import refusal
 from .auth import Authenticator, CachedKey
 from .config import Config, Upstream
 from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
+from .proxying.server import answer_and_close
 from .store.request import Decision, RequestStore, Slot
 from .ledger import RETRY_EVERY, LocalLedger
 from .usage import Month, MonthCache, ratelimit_headers, utc_day
@@ -147,7 +148,7 @@ class Pipeline:
                 if exc.status in (408, 413, 501):  # the rest of that body is not worth reading
                     response.force_close()
                     if exc.status == 408:  # a stalled sender: answer, then close without the
-                        await self._answer_and_close(request, response)  # lingering read
+                        await answer_and_close(request, response)  # lingering read
             except Exception:  # a bug: never a traceback on the wire
                 log.exception("unhandled error in request %s", request_id)
                 outcome.code = "internal_error"
@@ -403,16 +404,6 @@ class Pipeline:
         await self.ledger.close()
 
     # --- small helpers ------------------------------------------------------------------------
-
-    @staticmethod
-    async def _answer_and_close(request: web.BaseRequest, response: web.Response) -> None:
-        try:
-            await response.prepare(request)
-            await response.write_eof()
-        except ConnectionError:
-            pass
-        if request.transport is not None:
-            request.transport.close()
 
     def _request_id(self, request: web.BaseRequest) -> str:
         rid = request.headers.get(_X_REQUEST_ID)

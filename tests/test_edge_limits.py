@@ -362,3 +362,30 @@ async def test_a_key_endpoint_answers_100_continue_before_it_waits_for_the_body(
         writer.write(body)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
         assert head.startswith(b"HTTP/1.1 201 "), head
+
+
+async def test_a_stalled_body_to_the_admin_api_is_408_and_closed(redis_url, upstream,
+                                                                 monkeypatch):
+    """An authenticated admin caller (operator token or a workspace admin key) that declares a
+    body and stops sending it is answered 408 once server.timeouts.body has passed, and its
+    connection closed, instead of holding an admin connection for as long as it likes."""
+    from harness import ADMIN_TOKEN
+
+    config = edge_config(str(upstream.make_url("")), timeouts=Timeouts(header=5.0, body=1.0,
+                                                                       idle=30.0))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        reader, writer = await asyncio.open_connection("127.0.0.1", g.admin_server.port)
+        try:
+            started = time.monotonic()
+            writer.write(f"POST /admin/v1/workspaces HTTP/1.1\r\nHost: x\r\n"
+                         f"Authorization: Bearer {ADMIN_TOKEN}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                         f"{{\"id\": ".encode())
+            closed, got = await closed_within(reader, 5.0)
+            took = time.monotonic() - started
+            assert closed and got.startswith(b"HTTP/1.1 408 "), got[:200]
+            assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["code"] == \
+                "request_timeout"
+            assert 0.9 <= took < 3, took
+        finally:
+            writer.close()

@@ -217,7 +217,7 @@ async def test_callers_vanishing_mid_request_leave_the_listener_serving(
 async def test_a_connection_closed_with_its_408_stops_holding_a_connection_slot(
         redis_url, monkeypatch):
     """A stalled body is answered 408 and the connection closed without the lingering read
-    (Pipeline._answer_and_close). Run in the connection's task, the rest of start() follows
+    (proxying.server.answer_and_close). Run in the connection's task, the rest of start() follows
     before the loop has told the handler its transport is gone, so it started aiohttp's
     lingering read (10 s) on the closed connection: the connection kept its place in
     server.max_connections for those 10 s, and a caller after it was refused."""

@@ -8,6 +8,7 @@ confined (:func:`confine`), checked for unknown query parameters and logged once
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -20,8 +21,9 @@ from aiohttp import web
 
 from ..accesslog import mask_target
 from ..config import Config
+from ..proxying.server import answer_and_close
 from ..errors import (Forbidden, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge,
-                      ServiceUnavailable, StoreError, Unauthorized, shown)
+                      RequestTimeout, ServiceUnavailable, StoreError, Unauthorized, shown)
 from ..store import WORKSPACE_ID_RE
 from ..tokens import adoptable_request_id
 from .api import QUERY_PARAMS, WORKSPACE_ADMIN_ROUTES
@@ -128,6 +130,20 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     return GatewayError(exc.reason or "Request refused.", code="bad_request", status=exc.status)
 
 
+async def _whole_body(request: web.Request, within: float) -> None:
+    """Read a declared body (small JSON, at most aiohttp's 1 MiB) before the handler does: it
+    must all be here within ``server.timeouts.body``, else 408 ``request_timeout``, as on the
+    proxy listener. The handler then reads it from memory."""
+    if not request.body_exists or request.content.is_eof():
+        return
+    try:
+        async with asyncio.timeout(within):
+            await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {within:g} seconds.") \
+            from None
+
+
 def error_middleware(config: Config, *, authenticate: bool = True,
                      authenticate_key: KeyAuthenticator | None = None) -> Callable:
     """Errors → SPEC's JSON body; anything unexpected → a generic 500 (logged, never shown);
@@ -155,6 +171,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                 if resource is not None:
                     check_query(request.query, QUERY_PARAMS.get(
                         (request.method, getattr(resource, "canonical", "")), ()))
+                await _whole_body(request, config.server.timeouts.body)
             response = await handler(request)
         except GatewayError as err:
             response = err.response(rid)
@@ -175,6 +192,9 @@ def error_middleware(config: Config, *, authenticate: bool = True,
         if request.path.startswith("/admin/") and request.path not in UNAUTHENTICATED:
             log_admin_call(request, response.status, rid, actor, time.perf_counter() - started,
                            config.keys.prefix)
+        if response.status == 408:  # the rest of that body is not worth waiting for
+            response.force_close()
+            await answer_and_close(request, response)
         return response
 
     return middleware

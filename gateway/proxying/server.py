@@ -254,6 +254,18 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
                 self.transport.close()
 
 
+async def answer_and_close(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Write ``response`` and close the connection at once: after a 408 the rest of a stalled
+    body is not worth aiohttp's lingering read (up to 10 s, the connection held meanwhile)."""
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass
+    if request.transport is not None:
+        request.transport.close()
+
+
 class ProxyServer(web.Server):
     """A low-level aiohttp server whose parser errors are SPEC's JSON errors. The proxy
     listener uses it directly (one handler, no router); the admin listener via AdminRunner.
