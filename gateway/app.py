@@ -233,7 +233,9 @@ async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.Bas
     """Bind the proxy and admin listeners. Raises ListenError naming the address."""
     config = gw.config
     proxy_runner = web.ServerRunner(gw.proxy_server, handle_signals=False, shutdown_timeout=30)
-    admin_runner = AdminRunner(gw.admin_app, handle_signals=False, access_log=None)
+    admin_runner = AdminRunner(gw.admin_app, handle_signals=False, access_log=None,
+                               header_timeout=config.server.timeouts.header,
+                               keepalive_timeout=config.server.timeouts.idle)
     await proxy_runner.setup()
     await admin_runner.setup()
     runners = [proxy_runner, admin_runner]

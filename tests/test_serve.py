@@ -490,3 +490,41 @@ async def test_the_start_up_heap_is_kept_out_of_garbage_collection(tmp_path, red
         assert frozen > 10_000, line  # modules, config and app: tens of thousands of objects
     finally:
         gw.close()
+
+
+async def test_the_admin_listener_cuts_off_a_request_head_dripped_past_the_header_timeout(
+        tmp_path, redis_url):
+    """A slow-loris on the admin listener (which should be private, but is a listener all the
+    same) is closed once server.timeouts.header has passed without a whole request head, as
+    on the proxy listener, instead of holding a connection for as long as it drips."""
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        timeouts={"header": 1, "body": 5, "idle": 30})
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        reader, writer = await asyncio.open_connection("127.0.0.1", aport)
+        started = time.monotonic()
+        writer.write(b"GET /admin/v1/workspaces HTTP/1.1\r\nHost: x\r\n")
+
+        async def drip() -> None:
+            for i in range(80):                       # a header line every 0.1 s, never ending
+                await asyncio.sleep(0.1)
+                writer.write(b"X-%d: y\r\n" % i)
+
+        dripping = asyncio.ensure_future(drip())
+        try:
+            async with asyncio.timeout(6):
+                while await reader.read(65536):
+                    pass
+            closed = True
+        except ConnectionError:
+            closed = True
+        except TimeoutError:
+            closed = False
+        finally:
+            dripping.cancel()
+            writer.close()
+        assert closed, "a slow-loris kept its admin connection past the header timeout"
+        assert 0.8 < time.monotonic() - started < 5.0
+    finally:
+        gw.close()

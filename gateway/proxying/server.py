@@ -313,9 +313,17 @@ class ProxyServer(web.Server):
 
 
 class AdminRunner(web.AppRunner):
-    """``web.AppRunner`` for the admin app, with JSON answers to unparseable requests too."""
+    """``web.AppRunner`` for the admin app, with JSON answers to unparseable requests too, and
+    the proxy listener's head timeout (``header_timeout``): a slow-loris is cut off there as
+    well."""
+
+    def __init__(self, app: web.Application, *, header_timeout: float | None = None,
+                 **kwargs) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout = header_timeout
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         return ProxyServer(server.request_handler, request_factory=server.request_factory,
-                           loop=server._loop, **server._kwargs)
+                           loop=server._loop, header_timeout=self._header_timeout,
+                           **server._kwargs)
