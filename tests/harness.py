@@ -28,6 +28,12 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def tampered(token: str) -> str:
+    """The token with its last character changed: its checksum no longer matches. (Always
+    changed: replacing it with a fixed "x" left a token ending in "x" valid, 1 run in 62.)"""
+    return token[:-1] + ("x" if token[-1] != "x" else "y")
+
+
 def wrong_secret(token: str) -> str:
     """The same key id with another secret and a valid checksum."""
     head = token[:-6 - 32] + ("Z" * 32 if token[-38:-6] != "Z" * 32 else "Y" * 32)

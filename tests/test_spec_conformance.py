@@ -23,7 +23,7 @@ import redis
 from gateway.cli import main
 from gateway.config import load_config
 from gateway.errors import ConfigError
-from harness import ADMIN_TOKEN
+from harness import ADMIN_TOKEN, tampered
 
 KEY_FIELDS = {"id", "workspace", "name", "description", "environment", "role", "scopes",
               "prefix", "created_at", "expires_at", "last_used_at", "revoked_at", "rate_limit",
@@ -504,7 +504,7 @@ async def test_proxy_error_table_codes_and_rfc6750_challenges(gut, upstream):
     status, body, h = await call(gut.proxy, "GET", "/people")
     assert_error(status, body, h, 401, "missing_key")
     assert h["WWW-Authenticate"] == realm
-    for auth in ("Basic abc", "Bearer kg_live_nonsense", "Bearer " + token[:-1] + "x"):
+    for auth in ("Basic abc", "Bearer kg_live_nonsense", "Bearer " + tampered(token)):
         status, body, h = await call(gut.proxy, "GET", "/people", headers={"Authorization": auth})
         assert_error(status, body, h, 401, "malformed_key")
         assert h["WWW-Authenticate"] == realm + ', error="invalid_token"'

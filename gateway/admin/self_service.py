@@ -16,13 +16,13 @@ from aiohttp import web
 from ..config import Config
 from ..errors import MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout
 from ..models import Principal
+from ..proxying.server import continue_if_expected
 from ..store import Store
 from .api import KEYS, ROUTES, Call, Endpoint
 from .keyops import Actor
 from .validate import check_query
 
 SELF_SERVICE_PREFIX = "/_keygate/v1/keys"
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 SELF_SERVICE_ROUTES: tuple[tuple[Endpoint, tuple[str, ...]], ...] = tuple(
     (e, tuple(e.path[len(KEYS):].split("/")[1:]))   # the path's segments after the prefix
@@ -67,12 +67,8 @@ async def handle_self_service(request: web.BaseRequest, principal: Principal, st
 
     async def body() -> bytes:
         stall = config.server.timeouts.body
-        if request.body_exists and request.version >= (1, 1) and \
-                request.headers.get("Expect", "").lower() == "100-continue":
-            # the client holds its body back until asked (RFC 9110 10.1.1), as a forwarded
-            # request's is: without this the wait below ends in 408 for a body never asked for
-            await request.writer.write(_CONTINUE)
-            request.writer.output_size = 0  # bytes_out counts the answer, not this
+        if request.body_exists:  # else the wait below is a 408 for a body never asked for
+            await continue_if_expected(request)
         try:  # aiohttp caps it (1 MiB) with an HTTPException the pipeline does not render
             # a small JSON body, read whole: it must all be here within server.timeouts.body
             async with asyncio.timeout(stall):

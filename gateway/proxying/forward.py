@@ -46,11 +46,11 @@ from .connection import (BodyFramingError, UpstreamConnectError, UpstreamProtoco
 from .headers import NotUtf8Headers, RequestHeaderRules, response_headers
 from .upstream import UpstreamPool
 from .response import WholeResponse, keep_header_bytes
+from .server import continue_if_expected
 
 log = logging.getLogger("keygate.proxy")
 
 _NO_BODY_STATUS = frozenset({204, 304})
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 PREFETCH = 64 * 1024  # request body bytes read before an upstream connection is taken
 
@@ -255,10 +255,7 @@ class Forwarder:
             if length is not None and length > rules.max_body:
                 raise body_too_large(rules.max_body)
             body = self._body_source(request.content, length, rules)
-            if request.version >= (1, 1) and \
-                    request.headers.get("Expect", "").lower() == "100-continue":
-                await request.writer.write(_CONTINUE)
-                request.writer.output_size = 0
+            await continue_if_expected(request)
         target = base + request.raw_path
         headers = self.request_headers(request, principal, request_id, target=target,
                                        trace=trace, rules=rules)

@@ -254,6 +254,19 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
                 self.transport.close()
 
 
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+async def continue_if_expected(request: web.BaseRequest) -> None:
+    """Answer ``Expect: 100-continue`` before the body is waited for: such a client holds its
+    body back until asked (RFC 9110 10.1.1), and the proxy listener is aiohttp's low-level
+    server, which leaves that to the handler. ``bytes_out`` counts the answer, not this."""
+    if request.version >= (1, 1) and \
+            request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(_CONTINUE)
+        request.writer.output_size = 0
+
+
 async def answer_and_close(request: web.BaseRequest, response: web.StreamResponse) -> None:
     """Write ``response`` and close the connection at once: after a 408 the rest of a stalled
     body is not worth aiohttp's lingering read (up to 10 s, the connection held meanwhile)."""
