@@ -16,8 +16,8 @@ from gateway.auth import CachedKey
 from gateway.store.keyspace import write_key
 from gateway.store.request import WRITE_ID_TTL, RequestStore, Slot
 from gateway.ledger import LocalLedger
-from gateway.usage import MonthCache
-from gateway.models import KeyRecord, Principal, Workspace
+from gateway.usage import MonthCache, ratelimit_headers
+from gateway.models import KeyRecord, Principal, RateLimit, Workspace
 from gateway.proxying.headers import RequestHeaderRules, response_headers
 from gateway.tokens import make_token
 from harness import eventually, make_config
@@ -199,3 +199,49 @@ def test_response_headers_fast_path_passes_back_what_the_rules_do(raw):
     for _ in range(2):
         assert list(response_headers(raw).items()) == \
             list(response_headers_by_rule(raw).items())
+
+
+# --- RateLimit fields: the policy is formatted once per key and month ---------------------------
+
+def _ratelimit_headers_by_rule(rate, rate_remaining, rate_reset_ms, monthly_limit, month_used,
+                               month, now, key_limit=None, key_used=0):
+    """The fields as written before the policy was remembered: the reference."""
+    import math
+    policies, values = [], []
+    if rate is not None:
+        policies.append(f'"rate";q={rate.requests};w={rate.period_seconds}')
+        values.append(f'"rate";r={max(0, rate_remaining)};'
+                      f't={max(0, math.ceil(rate_reset_ms / 1000))}')
+    if monthly_limit is not None:
+        policies.append(f'"monthly";q={monthly_limit};w={month.seconds}')
+        values.append(f'"monthly";r={max(0, monthly_limit - month_used)};'
+                      f't={month.seconds_left(now)}')
+    if key_limit is not None:
+        policies.append(f'"key-monthly";q={key_limit};w={month.seconds}')
+        values.append(f'"key-monthly";r={max(0, key_limit - key_used)};'
+                      f't={month.seconds_left(now)}')
+    if not policies:
+        return {}
+    return {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(values)}
+
+
+# few distinct limits, so a remembered policy is met again, in other months and for other keys
+_LIMITS = st.sampled_from([None, 0, 1000, 10**9])
+_RATES = st.sampled_from([None, RateLimit(5, 1), RateLimit(5, 60), RateLimit(100, 1)])
+# instants across months of 28, 29, 30 and 31 days (2023-2025)
+_NOW = st.floats(1_672_531_200, 1_767_225_600, allow_nan=False)
+
+
+@given(st.lists(st.tuples(_RATES, st.integers(-5, 10**6), st.integers(-2000, 120_000),
+                          _LIMITS, st.integers(0, 10**9), _LIMITS, st.integers(0, 10**9), _NOW),
+                min_size=1, max_size=30))
+def test_ratelimit_fields_are_what_formatting_them_each_time_gives(calls):
+    """Many calls in a row (so remembered policies are reused across keys, limits and
+    months): each answer is the reference's."""
+    months = MonthCache()
+    for rate, remaining, reset_ms, monthly, used, key_limit, key_used, now in calls:
+        month = months.get(now)
+        assert ratelimit_headers(rate, remaining, reset_ms, monthly, used, month, now,
+                                 key_limit, key_used) == \
+            _ratelimit_headers_by_rule(rate, remaining, reset_ms, monthly, used, month, now,
+                                       key_limit, key_used)
