@@ -116,6 +116,44 @@ async def serving(handler):
         await runner.cleanup()
 
 
+async def closed_within(reader: asyncio.StreamReader,
+                        seconds: float) -> tuple[bool, bytes]:
+    """Read until EOF; (True, bytes) if the gateway closed the connection in time. A reset is
+    a close too: a client still writing (a dripped head) when the gateway closes gets RST from
+    the kernel for the bytes that arrived after the close, instead of a clean EOF."""
+    got = bytearray()
+    try:
+        async with asyncio.timeout(seconds):
+            while chunk := await reader.read(65536):
+                got += chunk
+        return True, bytes(got)
+    except ConnectionError:
+        return True, bytes(got)
+    except TimeoutError:
+        return False, bytes(got)
+
+
+async def drips_until_closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             first: bytes, seconds: float) -> bool:
+    """A slow-loris: send ``first`` (the start of a request head), then a header line every
+    0.1 s, never the end of the head; True if the server closed the connection within
+    ``seconds``. Closes the writer."""
+    writer.write(first)
+
+    async def drip() -> None:
+        for i in range(int(seconds * 10) + 20):
+            await asyncio.sleep(0.1)
+            writer.write(b"X-%d: y\r\n" % i)
+
+    dripping = asyncio.ensure_future(drip())
+    try:
+        closed, _ = await closed_within(reader, seconds)
+    finally:
+        dripping.cancel()
+        writer.close()
+    return closed
+
+
 async def raw_upstream(answer) -> tuple[asyncio.AbstractServer, str]:
     """A loopback server running ``answer(reader, writer)`` per connection, for upstream answers
     an aiohttp server would never send; returns (server, its http:// URL). Close it after."""

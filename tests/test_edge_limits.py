@@ -17,7 +17,8 @@ from aiohttp import web
 
 from gateway.config import Route, ServerConfig, Timeouts, Upstream
 
-from harness import gateway_under_test, make_config, raw_upstream
+from harness import (closed_within, drips_until_closed, gateway_under_test, make_config,
+                     raw_upstream)
 
 ROUTES = (Route("/public/**", "api", ("GET", "POST"), (), True),
           Route("/people/**", "api", ("GET", "POST"), ("people:read",)))
@@ -29,22 +30,6 @@ def edge_config(upstream_url: str, **server) -> object:
                        server=ServerConfig(host="127.0.0.1", **server))
 
 
-async def closed_within(reader: asyncio.StreamReader, seconds: float) -> tuple[bool, bytes]:
-    """Read until EOF; (True, bytes) if the gateway closed the connection in time. A reset is
-    a close too: a client still writing (a dripped head) when the gateway closes gets RST from
-    the kernel for the bytes that arrived after the close, instead of a clean EOF."""
-    got = bytearray()
-    try:
-        async with asyncio.timeout(seconds):
-            while chunk := await reader.read(65536):
-                got += chunk
-        return True, bytes(got)
-    except ConnectionError:
-        return True, bytes(got)
-    except TimeoutError:
-        return False, bytes(got)
-
-
 # --- header, body and idle timeouts -----------------------------------------------------------
 
 async def test_a_request_head_dripped_slowly_is_cut_off_at_the_header_timeout(
@@ -53,19 +38,8 @@ async def test_a_request_head_dripped_slowly_is_cut_off_at_the_header_timeout(
                                   monkeypatch) as g:
         reader, writer = await g.raw_connection()
         started = time.monotonic()
-        writer.write(b"GET /public/x HTTP/1.1\r\nHost: g\r\n")
-
-        async def drip() -> None:
-            for i in range(80):                       # a header line every 0.1 s, never ending
-                await asyncio.sleep(0.1)
-                writer.write(b"X-%d: y\r\n" % i)
-
-        dripping = asyncio.ensure_future(drip())
-        try:
-            closed, _ = await closed_within(reader, 6.0)
-        finally:
-            dripping.cancel()
-            writer.close()
+        closed = await drips_until_closed(reader, writer,
+                                          b"GET /public/x HTTP/1.1\r\nHost: g\r\n", 6.0)
         assert closed, "a slow-loris kept its connection past the header timeout"
         assert 0.8 < time.monotonic() - started < 5.0   # 1 s and the sweep; a loaded CI box
         assert upstream.requests == []

@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.metrics import FLUSH_EVERY
 
 from conftest import free_port
+from harness import drips_until_closed
 from served import (TIMEOUT, Served, admin_json, alive, children_of, embedded_pid, env, new_key,
                     short_data_dir, write_config)
 
@@ -504,26 +505,8 @@ async def test_the_admin_listener_cuts_off_a_request_head_dripped_past_the_heade
         await gw.ready()
         reader, writer = await asyncio.open_connection("127.0.0.1", aport)
         started = time.monotonic()
-        writer.write(b"GET /admin/v1/workspaces HTTP/1.1\r\nHost: x\r\n")
-
-        async def drip() -> None:
-            for i in range(80):                       # a header line every 0.1 s, never ending
-                await asyncio.sleep(0.1)
-                writer.write(b"X-%d: y\r\n" % i)
-
-        dripping = asyncio.ensure_future(drip())
-        try:
-            async with asyncio.timeout(6):
-                while await reader.read(65536):
-                    pass
-            closed = True
-        except ConnectionError:
-            closed = True
-        except TimeoutError:
-            closed = False
-        finally:
-            dripping.cancel()
-            writer.close()
+        closed = await drips_until_closed(
+            reader, writer, b"GET /admin/v1/workspaces HTTP/1.1\r\nHost: x\r\n", 6.0)
         assert closed, "a slow-loris kept its admin connection past the header timeout"
         assert 0.8 < time.monotonic() - started < 5.0
     finally:
