@@ -130,15 +130,14 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     return GatewayError(exc.reason or "Request refused.", code="bad_request", status=exc.status)
 
 
-async def _whole_body(request: web.Request, within: float) -> None:
-    """Read a declared body (small JSON, at most aiohttp's 1 MiB) before the handler does: it
-    must all be here within ``server.timeouts.body``, else 408 ``request_timeout``, as on the
-    proxy listener. The handler then reads it from memory."""
-    if not request.body_exists or request.content.is_eof():
-        return
+async def read_whole_body(request: web.BaseRequest, within: float) -> bytes:
+    """A declared body (small JSON, at most aiohttp's 1 MiB), read whole: it must all be here
+    within ``within`` (``server.timeouts.body``), else 408 ``request_timeout``, as a stalled
+    body is on the way to an upstream. Read once, it is kept: a later ``read()`` or ``json()``
+    takes it from memory."""
     try:
         async with asyncio.timeout(within):
-            await request.read()
+            return await request.read()
     except TimeoutError:
         raise RequestTimeout(f"The request body did not arrive within {within:g} seconds.") \
             from None
@@ -171,7 +170,8 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                 if resource is not None:
                     check_query(request.query, QUERY_PARAMS.get(
                         (request.method, getattr(resource, "canonical", "")), ()))
-                await _whole_body(request, config.server.timeouts.body)
+                if request.body_exists:  # before the handler, whose reads then wait on nothing
+                    await read_whole_body(request, config.server.timeouts.body)
             response = await handler(request)
         except GatewayError as err:
             response = err.response(rid)

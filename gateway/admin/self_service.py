@@ -9,17 +9,16 @@ listeners cannot drift apart. Raises ``GatewayError``s; the pipeline renders the
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from ..config import Config
-from ..errors import MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout
+from ..errors import MethodNotAllowed, NotFound, PayloadTooLarge
 from ..models import Principal
 from ..proxying.server import continue_if_expected
 from ..store import Store
 from .api import KEYS, ROUTES, Call, Endpoint
 from .keyops import Actor
+from .middleware import read_whole_body
 from .validate import check_query
 
 SELF_SERVICE_PREFIX = "/_keygate/v1/keys"
@@ -66,18 +65,12 @@ async def handle_self_service(request: web.BaseRequest, principal: Principal, st
                                headers={"Allow": ", ".join(methods)})
 
     async def body() -> bytes:
-        stall = config.server.timeouts.body
         if request.body_exists:  # else the wait below is a 408 for a body never asked for
             await continue_if_expected(request)
         try:  # aiohttp caps it (1 MiB) with an HTTPException the pipeline does not render
-            # a small JSON body, read whole: it must all be here within server.timeouts.body
-            async with asyncio.timeout(stall):
-                return await request.read()
+            return await read_whole_body(request, config.server.timeouts.body)
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge("The request body is too large for a key endpoint.") from None
-        except TimeoutError:
-            raise RequestTimeout(f"The request body did not arrive within {stall:g} seconds.") \
-                from None
 
     endpoint, params = chosen
     actor = Actor(principal.key_id, principal.workspace, principal.scopes, acting.expires_at)
