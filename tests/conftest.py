@@ -60,10 +60,20 @@ def pytest_collection_finish(session) -> None:
     gc.freeze()
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on, never one this test run handed out before: the
+    kernel may offer the same free port twice in a row, and a test that asked for a proxy and
+    an admin port then got one port for both (CI saw it once in ~1,500 tests)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def redis_server_binary() -> str:

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+from conftest import free_port
 from gateway.cli import main, parse_duration, parse_expiry
 
 ADMIN_TOKEN = "test-operator-token-0123456789"
@@ -133,9 +134,7 @@ def test_help_as_a_subprocess_has_no_traceback():
 
 
 def test_unreachable_admin_api_is_one_line_and_exit_1(capsys, monkeypatch):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
     code = main(["keys", "list", "--workspace", "acme", "--admin-url", f"http://127.0.0.1:{port}"])
     out, err = capsys.readouterr()
@@ -147,18 +146,14 @@ def test_unreachable_admin_api_is_one_line_and_exit_1(capsys, monkeypatch):
 
 
 def test_admin_url_comes_from_the_environment(capsys, monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("KEYGATE_ADMIN_URL", f"http://127.0.0.1:{port}")
     assert main(["workspaces", "list"]) == 1
     assert f"127.0.0.1:{port}" in capsys.readouterr().err
 
 
 def test_admin_url_before_the_verb_is_honoured(capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     assert main(["--admin-url", f"http://127.0.0.1:{port}", "workspaces", "list"]) == 1
     assert f"127.0.0.1:{port}" in capsys.readouterr().err
 
@@ -644,11 +639,6 @@ async def test_usage_unknown_workspace_is_not_found(admin_url, keygate):
 
 # --- transport edges: timeouts, redirects, non-JSON errors, proxies -------------------------------
 
-def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 async def test_json_option_before_the_verb_is_honoured(admin_url, keygate):
     await make_workspace(keygate)
@@ -659,7 +649,7 @@ async def test_json_option_before_the_verb_is_honoured(admin_url, keygate):
 
 async def test_environment_proxy_is_not_used_for_the_admin_api(admin_url, keygate, monkeypatch):
     for name in ("http_proxy", "HTTP_PROXY"):
-        monkeypatch.setenv(name, f"http://127.0.0.1:{dead_port()}")
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     assert (await keygate("workspaces", "list")).code == 0

@@ -144,10 +144,8 @@ async def test_requests_in_flight(redis_url, monkeypatch, aiohttp_server):
 
 
 async def test_upstream_errors_are_counted_per_upstream(redis_url, monkeypatch):
-    import socket
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    from conftest import free_port
+    dead = f"http://127.0.0.1:{free_port()}"  # a port nobody listens on
     async with gateway_under_test(make_config(dead), redis_url, monkeypatch) as g:
         for _ in range(2):
             assert await status_of(g, "GET", "/health") == 502
