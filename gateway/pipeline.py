@@ -183,8 +183,10 @@ class Pipeline:
                 return await self.forwarder.forward(request, upstream, None, request_id, {},
                                                     trace=trace, rules=rules)
         token = self.credential(request)
+        client = self.client_ip(request)  # once, before any await: a reload of
+        #                                   trusted_proxies must not change it mid-request
         with trace.step("authenticate"):
-            key = await self.authenticate(token, request)
+            key = await self.authenticate(token, client)
         outcome.workspace, outcome.key_id = key.workspace, key.key_id
         # A declared body over the limit is refused after every other check (SPEC's order)
         # and, like every refusal of keygate's own, is not counted.
@@ -192,7 +194,7 @@ class Pipeline:
         with trace.step("authorise"):
             key, limit_headers, counted = await self.authorise(key, route.scopes,
                                                                count=not too_large,
-                                                               request=request)
+                                                               client=client)
         if too_large:
             raise errors.body_too_large(rules.max_body)
         try:
@@ -251,27 +253,27 @@ class Pipeline:
                 raise errors.ambiguous_key("Two different API keys were sent; send exactly one.")
         return token
 
-    async def authenticate(self, token: str, request: web.BaseRequest) -> CachedKey:
+    async def authenticate(self, token: str, client: str) -> CachedKey:
+        """``client``: the request's address as ``client_ip`` gives it (the failure throttle's
+        and the IP allow-list's)."""
         try:
-            return await self.auth.authenticate(token, self.client_ip(request))
+            return await self.auth.authenticate(token, client)
         except StoreError as exc:
             raise self.store_down(exc) from exc
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
-                        request: web.BaseRequest | None = None
-                        ) -> tuple[CachedKey, dict[str, str], Counted]:
+                        client: str) -> tuple[CachedKey, dict[str, str], Counted]:
         """State (revoked/expired/disabled, the key's IP allow-list), scopes, then rate and
         quotas in one round trip. Returns the key as confirmed, the RateLimit fields, and the
-        month and day the request was counted in.
+        month and day the request was counted in. ``client`` is the address the key's IP
+        allow-list is checked against: the one ``authenticate`` was given.
 
         Decisions read from the cache are confirmed against the store's revision before they
         are answered, so a widened scope, an extended expiry or a key enabled again acts on the
         next request too."""
         for _ in range(_STALE_RETRIES):
             now = self.clock()
-            # the client address exactly as the failure throttle computes it
-            blocked = key.networks is not None and request is not None and \
-                not key.allows(self.client_ip(request))
+            blocked = key.networks is not None and not key.allows(client)
             refused = refusal(key, scopes, now=now, blocked=blocked)
             # Revoked is permanent, so the cache may answer it without the store; every other
             # refusal is confirmed first (an expiry can be extended, a key enabled again).

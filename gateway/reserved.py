@@ -48,11 +48,12 @@ class RequestSteps(Protocol):
 
     def credential(self, request: web.BaseRequest) -> str: ...
 
-    async def authenticate(self, token: str, request: web.BaseRequest) -> CachedKey: ...
+    def client_ip(self, request: web.BaseRequest) -> str: ...
+
+    async def authenticate(self, token: str, client: str) -> CachedKey: ...
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
-                        request: web.BaseRequest | None = None
-                        ) -> tuple[CachedKey, dict[str, str], Counted]: ...
+                        client: str) -> tuple[CachedKey, dict[str, str], Counted]: ...
 
     def store_down(self, cause: BaseException | None = None) -> errors.ServiceUnavailable: ...
 
@@ -91,9 +92,10 @@ async def answer(steps: RequestSteps, request: web.BaseRequest, raw_path: str,
 async def _admit(steps: RequestSteps, request: web.BaseRequest, outcome: Outcome,
                  scopes: tuple[str, ...]) -> CachedKey:
     """The caller's key, authenticated and authorised for ``scopes`` (not counted)."""
-    key = await steps.authenticate(steps.credential(request), request)
+    client = steps.client_ip(request)
+    key = await steps.authenticate(steps.credential(request), client)
     outcome.workspace, outcome.key_id = key.workspace, key.key_id
-    key, _, _ = await steps.authorise(key, scopes, count=False, request=request)
+    key, _, _ = await steps.authorise(key, scopes, count=False, client=client)
     return key
 
 
@@ -117,13 +119,14 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     if route.public:
         return web.Response(status=200)
     token = steps.credential(request)
+    client = steps.client_ip(request)
     trace = outcome.trace
     with trace.step("authenticate"):
-        key = await steps.authenticate(token, request)
+        key = await steps.authenticate(token, client)
     outcome.workspace, outcome.key_id = key.workspace, key.key_id
     with trace.step("authorise"):
         key, limit_headers, _ = await steps.authorise(key, route.scopes, count=True,
-                                                      request=request)
+                                                      client=client)
     headers = dict(limit_headers)
     headers[ident.workspace] = key.workspace
     headers[ident.key_id] = key.key_id

@@ -292,3 +292,24 @@ def _with_checksum(without: str) -> str:
         n, r = divmod(n, 62)
         digits = alphabet[r] + digits
     return without + digits.rjust(6, "0")
+
+
+async def test_a_workspace_admin_keys_ip_allow_list_holds_on_the_admin_api_too(gut):
+    """SPEC: a key bound to addresses is 403 ``ip_not_allowed`` from elsewhere. The admin API
+    checked a ``keys:admin`` key's state and scopes but not its allow-list, so a leaked admin
+    key bound to the office network still managed the workspace's keys from anywhere."""
+    token = gut.admin_token
+    admin_id = gut.admin_key["id"]
+    status, _ = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{admin_id}",
+                                     {"allowed_ips": ["10.0.0.0/8"]})
+    assert status == 200
+    for method, path, body in (("GET", "/workspaces/acme/keys", None),
+                               ("POST", "/workspaces/acme/keys",
+                                {"name": "from-elsewhere", "scopes": ["people:read"]})):
+        status, answer = await as_key(gut, token, method, path, body)
+        assert (status, answer["error"]["code"]) == (403, "ip_not_allowed"), (path, answer)
+    # the same key from an allowed address (this test's client is 127.0.0.1) manages again
+    await gut.admin_json("PATCH", f"/workspaces/acme/keys/{admin_id}",
+                         {"allowed_ips": ["127.0.0.0/8"]})
+    status, listing = await as_key(gut, token, "GET", "/workspaces/acme/keys")
+    assert status == 200 and "from-elsewhere" not in [k["name"] for k in listing["items"]]

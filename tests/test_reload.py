@@ -546,3 +546,25 @@ async def test_a_verify_call_in_flight_answers_with_the_identity_headers_it_was_
         assert r.headers.get("X-Workspace-Id") == "acme" and "X-Tenant" not in r.headers
         async with gw.proxy.get(verify, headers=bearer(token)) as r:  # the next: new names
             assert r.status == 200 and r.headers["X-Tenant"] == "acme"
+
+
+async def test_a_request_in_flight_is_allow_listed_by_the_client_address_it_was_throttled_by(
+        tmp_path, upstreams, redis_url, monkeypatch):
+    """The client address (X-Forwarded-For, through ``server.trusted_proxies``) is taken once
+    per request. It was computed again after the key's verification, under whatever config a
+    reload had put in place meanwhile: a client allowed by its forwarded address was refused
+    403 ip_not_allowed because a reload stopped trusting the proxy it came through."""
+    urls, _ = upstreams
+    path = tmp_path / "keygate.yaml"
+    server = {"host": "127.0.0.1", "port": 18080}
+    write(path, config_doc(urls["a"], server={**server, "trusted_proxies": ["127.0.0.1/32"]}))
+    async with held_across_reload(path, redis_url, monkeypatch) as (gw, _, across):
+        token, _ = await gw.key(name="office", role="reader", allowed_ips=["198.51.100.0/24"])
+        sent = {**bearer(token), "X-Forwarded-For": "198.51.100.7"}
+        # its first request: held on the store while the key is read, before the allow-list
+        r, body = await across(lambda s: s.get("/people/1", headers=sent),
+                               config_doc(urls["a"], server=server))
+        assert (r.status, body.get("upstream")) == (200, "a"), body
+        # the next one comes from the proxy, now untrusted: its own address is not allowed
+        async with gw.proxy.get("/people/2", headers=sent) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (403, "ip_not_allowed")
