@@ -543,6 +543,26 @@ async def test_bytes_out_of_a_body_cut_short_upstream_is_what_went_out(redis_url
     assert line_of(err, "rid-cut")["bytes_out"] == 3000
 
 
+async def test_bytes_out_leaves_out_a_100_continue(redis_url, upstream, monkeypatch, capfd):
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:write"])
+        g.logs(capfd)
+        reader, writer = await g.raw_connection()
+        writer.write(b"POST /people HTTP/1.1\r\nHost: g\r\nX-Request-Id: rid-100\r\n"
+                     b"Authorization: Bearer " + token.encode() + b"\r\nConnection: close"
+                     b"\r\nExpect: 100-continue\r\nContent-Length: 50\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.write(b"x" * 50)
+        closed, answer = await closed_within(reader, 5.0)
+        writer.close()
+        _, err = g.logs(capfd)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert closed and head.startswith(b"HTTP/1.1 200 ") and json.loads(body)["body_len"] == 50
+    assert line_of(err, "rid-100")["bytes_out"] == len(body)
+
+
 async def test_bytes_out_of_keygate_errors_is_the_json_body(redis_url, upstream, monkeypatch,
                                                             capfd):
     async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
