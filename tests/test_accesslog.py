@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 import sys
 import json
 import time
+from pathlib import Path
 from urllib.parse import quote, unquote
 
 import pytest
@@ -624,3 +626,18 @@ async def test_bytes_out_of_the_reserved_endpoints(redis_url, upstream, monkeypa
     assert len(usage) > 0 and line_of(err, "rid-usage")["bytes_out"] == len(usage)
     assert line_of(err, "rid-usage-head")["bytes_out"] == 0
     assert line_of(err, "rid-verify")["bytes_out"] == len(verified) == 0
+
+
+async def test_the_operations_guide_lists_every_field_of_a_json_line(redis_url, upstream,
+                                                                     monkeypatch, capfd):
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    table = guide[guide.index("A JSON line has these fields"):]
+    documented = re.findall(r"^\| `(\w+)` \|", table[:table.index("\n\n", table.index("|"))],
+                            re.M)
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        g.logs(capfd)
+        async with g.proxy.get("/people/1") as r:
+            await r.read()
+        _, err = g.logs(capfd)
+    line, = json_lines(err)
+    assert documented == list(line)
