@@ -86,6 +86,21 @@ def mask_target(raw_path: str, prefix: str) -> str:
     return f"{path}?{mask_query(query, prefix)}" if query else path
 
 
+def body_bytes_sent(response: web.StreamResponse) -> int:
+    """The body bytes of a response keygate wrote before its log line: a streamed upstream
+    answer (``gateway.proxying.forward`` counts its chunks as it writes them, a truncated
+    one included), a head-only answer (HEAD, 204, 304), or a 408 written before the
+    connection was closed (``gateway.proxying.server.answer_and_close``). Reads aiohttp's
+    private ``_must_be_empty_body``, which ``prepare`` sets (as ``gateway.proxying.response``
+    does)."""
+    sent = getattr(response, "body_bytes_sent", None)
+    if sent is not None:
+        return sent
+    if response._must_be_empty_body:  # set by prepare: HEAD, 1xx, 204, 304
+        return 0
+    return len(getattr(response, "body", None) or b"")  # whole, in one write
+
+
 SEEN_MAX = 4096  # combinations of a line's repeating fields kept formatted (~0.3 KB each)
 _PIPE_BUF = 4096                        # a write this size or smaller is never interleaved
 
@@ -135,18 +150,16 @@ class AccessLog:
 
     def write(self, request: web.BaseRequest, response: web.StreamResponse, outcome,
               request_id: str, elapsed: float) -> None:
-        path = request.raw_path
+        path, method = request.raw_path, request.method
         if "?" in path or "%" in path or self._marker in path:  # else nothing to mask
             path = mask_target(path, self.prefix)
-        bytes_out = response.body_length if response.prepared else \
-            len(getattr(response, "body", b"") or b"")
         trace_id = outcome.trace.trace_id if outcome.trace is not None else None  # hex
         now = time.time()
         if not self._next_second - 1.0 <= now < self._next_second:  # a new second (or a
             self._next_second = float(int(now) + 1)                  # clock stepped back)
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         if self.text:
-            line = (f"{request.remote} {request.method} {path} {response.status} "
+            line = (f"{request.remote} {method} {path} {response.status} "
                     f"{elapsed * 1000:.1f}ms ws={outcome.workspace or '-'} "
                     f"key={outcome.key_id or '-'} rid={request_id} trace={trace_id or '-'}\n")
         else:
@@ -159,7 +172,16 @@ class AccessLog:
             if middle is None:
                 middle = self._remember(key, '"workspace":%s,"key_id":%s,"route":%s,'
                                         '"upstream":%s,"error":%s' % tuple(map(_js, key)))
-            method, client = request.method, request.remote
+            # the body's bytes alone (what Envoy's BYTES_SENT and nginx's $body_bytes_sent
+            # count): aiohttp's body_length would add the status line, the headers and the
+            # chunk framing. A response not yet written (the common case: every one keygate
+            # leaves to aiohttp is a web.Response) goes out after this line, whole, but
+            # without its body to a HEAD.
+            if response.prepared:
+                bytes_out = body_bytes_sent(response)
+            else:
+                bytes_out = 0 if method == "HEAD" else len(response.body or b"")
+            client = request.remote
             js_method = seen.get(method) or self._remember(method, _js(method))
             js_client = seen.get(client) or self._remember(client, _js(client))
             # the duration as a fixed 3 decimals: repr of a round()ed float took a fifth of

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 import sys
 import json
 import time
+from pathlib import Path
 from urllib.parse import quote, unquote
 
 import pytest
@@ -16,10 +18,11 @@ from aiohttp import ClientSession, ClientTimeout
 from hypothesis import given, strategies as st
 
 from gateway.accesslog import _js, mask_query
-from gateway.config import ServerConfig
+from gateway.config import Route, ServerConfig, Timeouts
 from gateway.tokens import make_token
 
-from harness import bearer, gateway_under_test, make_config
+from harness import (VERIFY, bearer, closed_within, gateway_under_test, make_config,
+                     raw_upstream, verify_config)
 from served import ADMIN_TOKEN as ADMIN_TOKEN_OF_SERVE, Served, new_key, write_config
 
 TOKEN, _ = make_token("kg", "live")
@@ -434,3 +437,207 @@ def test_lines_go_to_a_shared_pipe_in_whole_line_writes_of_at_most_pipe_buf(monk
     for chunk in writes:
         assert chunk.endswith(b"\n")
         assert len(chunk) <= 4096 or chunk.count(b"\n") == 1
+
+
+# --- bytes_out: the response body's bytes, never the status line, headers or chunk framing ----
+
+STREAMED = {                      # path → (the body's pieces, how the upstream frames them)
+    "/public/chunked": ([b"c" * 1000] * 5, "chunked"),
+    "/public/large": ([b"l" * 65536] * 4, "length"),
+    "/public/close": ([b"e" * 700] * 3, "close"),   # no length: the body ends with the connection
+}
+PUBLIC = (Route("/public/**", "api", ("GET", "HEAD"), (), True),)
+
+
+async def _bytes_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A loopback upstream answering ``/public/...``: a whole 2-byte body, 204, 304, and the
+    STREAMED bodies written piece by piece with pauses, so keygate streams them back."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            is_head = head.startswith(b"HEAD ")
+            path = head.split(b" ", 2)[1].decode()
+            if path in STREAMED:
+                pieces, framing = STREAMED[path]
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n" + {
+                    "chunked": b"Transfer-Encoding: chunked\r\n\r\n",
+                    "length": b"Content-Length: %d\r\n\r\n" % sum(map(len, pieces)),
+                    "close": b"Connection: close\r\n\r\n"}[framing])
+                for piece in pieces:
+                    await writer.drain()
+                    await asyncio.sleep(0.02)
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece)
+                                 if framing == "chunked" else piece)
+                if framing == "chunked":
+                    writer.write(b"0\r\n\r\n")
+                await writer.drain()
+                if framing == "close":
+                    return
+            elif path == "/public/cut":  # 3000 bytes of the 10000 it declares, then gone
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.02)
+                writer.write(b"t" * 3000)
+                await writer.drain()
+                await asyncio.sleep(0.1)
+                return
+            elif path == "/public/no-content":
+                writer.write(b"HTTP/1.1 204 No Content\r\nX-A: b\r\n\r\n")
+            elif path == "/public/not-modified":
+                writer.write(b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                             b"Content-Length: 2\r\n\r\n" + (b"" if is_head else b"ok"))
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+def line_of(err: str, request_id: str) -> dict:
+    lines = [line for line in json_lines(err) if line["request_id"] == request_id]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("method, path, length", [
+    ("GET", "/public/whole", 2),                  # complete with its head: WholeResponse
+    ("GET", "/public/chunked", 5000),             # streamed, chunked on both sides
+    ("GET", "/public/large", 4 * 65536),          # streamed, with its Content-Length
+    ("GET", "/public/close", 2100),               # streamed, no length upstream: chunked here
+    ("HEAD", "/public/whole", 0),                 # a head and no body
+    ("GET", "/public/no-content", 0),             # 204
+    ("GET", "/public/not-modified", 0),           # 304
+])
+async def test_bytes_out_is_the_body_the_client_received(redis_url, monkeypatch, capfd,
+                                                         method, path, length):
+    server, url = await raw_upstream(_bytes_upstream)
+    try:
+        async with gateway_under_test(make_config(url, routes=PUBLIC), redis_url,
+                                      monkeypatch) as g:
+            g.logs(capfd)
+            async with g.proxy.request(method, path, headers={"X-Request-Id": "rid-b"}) as r:
+                body = await r.read()
+            _, err = g.logs(capfd)
+    finally:
+        server.close()
+    assert len(body) == length
+    assert line_of(err, "rid-b")["bytes_out"] == length
+
+
+async def test_bytes_out_of_a_body_cut_short_upstream_is_what_went_out(redis_url, monkeypatch,
+                                                                      capfd):
+    server, url = await raw_upstream(_bytes_upstream)
+    try:
+        async with gateway_under_test(make_config(url, routes=PUBLIC), redis_url,
+                                      monkeypatch) as g:
+            g.logs(capfd)
+            reader, writer = await g.raw_connection()
+            writer.write(b"GET /public/cut HTTP/1.1\r\nHost: g\r\nX-Request-Id: rid-cut\r\n\r\n")
+            closed, answer = await closed_within(reader, 5.0)
+            writer.close()
+            _, err = g.logs(capfd)
+    finally:
+        server.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert closed and b"Content-Length: 10000" in head and body == b"t" * 3000
+    assert line_of(err, "rid-cut")["bytes_out"] == 3000
+
+
+async def test_bytes_out_leaves_out_a_100_continue(redis_url, upstream, monkeypatch, capfd):
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:write"])
+        g.logs(capfd)
+        reader, writer = await g.raw_connection()
+        writer.write(b"POST /people HTTP/1.1\r\nHost: g\r\nX-Request-Id: rid-100\r\n"
+                     b"Authorization: Bearer " + token.encode() + b"\r\nConnection: close"
+                     b"\r\nExpect: 100-continue\r\nContent-Length: 50\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.write(b"x" * 50)
+        closed, answer = await closed_within(reader, 5.0)
+        writer.close()
+        _, err = g.logs(capfd)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert closed and head.startswith(b"HTTP/1.1 200 ") and json.loads(body)["body_len"] == 50
+    assert line_of(err, "rid-100")["bytes_out"] == len(body)
+
+
+async def test_bytes_out_of_keygate_errors_is_the_json_body(redis_url, upstream, monkeypatch,
+                                                            capfd):
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        g.logs(capfd)
+        async with g.proxy.get("/people/1", headers={"X-Request-Id": "rid-401"}) as r:
+            assert r.status == 401
+            refused = await r.read()
+        async with g.proxy.head("/people/1", headers={"X-Request-Id": "rid-401-head"}) as r:
+            assert r.status == 401 and int(r.headers["Content-Length"]) > 0
+            assert await r.read() == b""           # a HEAD is answered without the body
+        _, err = g.logs(capfd)
+    assert json.loads(refused)["error"]["code"] == "missing_key"
+    assert line_of(err, "rid-401")["bytes_out"] == len(refused)
+    assert line_of(err, "rid-401-head")["bytes_out"] == 0
+
+
+async def test_bytes_out_of_a_408_written_before_its_line_is_the_json_body(redis_url, upstream,
+                                                                           monkeypatch, capfd):
+    """keygate writes a 408 itself (then closes) before the line is logged."""
+    config = config_with(upstream, "json")
+    config = dataclasses.replace(config, server=dataclasses.replace(
+        config.server, timeouts=Timeouts(header=5.0, body=0.5, idle=5.0)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read", "people:write"])
+        g.logs(capfd)
+        reader, writer = await g.raw_connection()
+        writer.write(b"POST /people/x HTTP/1.1\r\nHost: g\r\nX-Request-Id: rid-408\r\n"
+                     b"Authorization: Bearer " + token.encode() +
+                     b"\r\nContent-Length: 100\r\n\r\n0123456789")
+        closed, answer = await closed_within(reader, 5.0)
+        writer.close()
+        _, err = g.logs(capfd)
+    assert closed and answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    body = answer.partition(b"\r\n\r\n")[2]
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert line_of(err, "rid-408")["bytes_out"] == len(body)
+
+
+async def test_bytes_out_of_the_reserved_endpoints(redis_url, upstream, monkeypatch, capfd):
+    async with gateway_under_test(verify_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read"])
+        g.logs(capfd)
+        async with g.proxy.get("/_keygate/v1/usage",
+                               headers={**bearer(token), "X-Request-Id": "rid-usage"}) as r:
+            assert r.status == 200
+            usage = await r.read()
+        async with g.proxy.head("/_keygate/v1/usage",
+                                headers={**bearer(token), "X-Request-Id": "rid-usage-head"}) as r:
+            assert r.status == 200
+            assert await r.read() == b""
+        async with g.proxy.get(VERIFY, headers={**bearer(token), "X-Request-Id": "rid-verify",
+                                                "X-Original-URI": "/people/1"}) as r:
+            assert r.status == 200
+            verified = await r.read()
+        _, err = g.logs(capfd)
+    assert len(usage) > 0 and line_of(err, "rid-usage")["bytes_out"] == len(usage)
+    assert line_of(err, "rid-usage-head")["bytes_out"] == 0
+    assert line_of(err, "rid-verify")["bytes_out"] == len(verified) == 0
+
+
+async def test_the_operations_guide_lists_every_field_of_a_json_line(redis_url, upstream,
+                                                                     monkeypatch, capfd):
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    table = guide[guide.index("A JSON line has these fields"):]
+    documented = re.findall(r"^\| `(\w+)` \|", table[:table.index("\n\n", table.index("|"))],
+                            re.M)
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        g.logs(capfd)
+        async with g.proxy.get("/people/1") as r:
+            await r.read()
+        _, err = g.logs(capfd)
+    line, = json_lines(err)
+    assert documented == list(line)

@@ -326,6 +326,7 @@ class Forwarder:
         response = web.StreamResponse(status=status, headers=out)
         chunks = resp.chunks()
         timeout = upstream.timeout
+        sent = 0  # body bytes written, for the access log (aiohttp's count has the head)
         try:
             await response.prepare(request)
             while True:
@@ -337,6 +338,7 @@ class Forwarder:
                 try:
                     async with asyncio.timeout(stall):
                         await response.write(chunk)
+                    sent += len(chunk)
                 except TimeoutError:  # not an upstream failure: the client stopped reading
                     log.info("client stopped reading a response from %s for %g s; closed",
                              upstream.name, stall)
@@ -353,6 +355,7 @@ class Forwarder:
                 transport.abort()     # never let a truncated body look complete
             return response
         finally:
+            response.body_bytes_sent = sent  # the whole body, or as much of it as went out
             # any way out but the end of the body (client gone, cancelled, upstream failed):
             # the upstream connection is closed, never left open or pooled half-read
             await chunks.aclose()

@@ -260,11 +260,10 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 async def continue_if_expected(request: web.BaseRequest) -> None:
     """Answer ``Expect: 100-continue`` before the body is waited for: such a client holds its
     body back until asked (RFC 9110 10.1.1), and the proxy listener is aiohttp's low-level
-    server, which leaves that to the handler. ``bytes_out`` counts the answer, not this."""
+    server, which leaves that to the handler."""
     if request.version >= (1, 1) and \
             request.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(_CONTINUE)
-        request.writer.output_size = 0
 
 
 async def answer_and_close(request: web.BaseRequest, response: web.StreamResponse) -> None:
