@@ -159,7 +159,7 @@ class AccessLog:
             self._next_second = float(int(now) + 1)                  # clock stepped back)
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         if self.text:
-            line = (f"{request.remote} {method} {path} {response.status} "
+            line = (f"{outcome.client or request.remote} {method} {path} {response.status} "
                     f"{elapsed * 1000:.1f}ms ws={outcome.workspace or '-'} "
                     f"key={outcome.key_id or '-'} rid={request_id} trace={trace_id or '-'}\n")
         else:
@@ -181,7 +181,7 @@ class AccessLog:
                 bytes_out = body_bytes_sent(response)
             else:
                 bytes_out = 0 if method == "HEAD" else len(response.body or b"")
-            client = request.remote
+            client = outcome.client or request.remote  # through server.trusted_proxies
             js_method = seen.get(method) or self._remember(method, _js(method))
             js_client = seen.get(client) or self._remember(client, _js(client))
             # the duration as a fixed 3 decimals: repr of a round()ed float took a fifth of

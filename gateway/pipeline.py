@@ -55,11 +55,12 @@ _X_REQUEST_ID = istr("X-Request-Id")
 
 class Outcome:
     """What the pipeline learned about a request, for the access log and metrics."""
-    __slots__ = ("route", "upstream", "workspace", "key_id", "code", "trace")
+    __slots__ = ("route", "upstream", "workspace", "key_id", "code", "trace", "client")
 
     def __init__(self) -> None:
         self.route = self.upstream = self.workspace = self.key_id = self.code = None
         self.trace = None  # gateway.tracing.Trace
+        self.client = None  # the client address the key was checked for (Pipeline.client_ip)
 
 
 def _check_transfer_coding(values: list[str]) -> None:
@@ -183,8 +184,8 @@ class Pipeline:
                 return await self.forwarder.forward(request, upstream, None, request_id, {},
                                                     trace=trace, rules=rules)
         token = self.credential(request)
-        client = self.client_ip(request)  # once, before any await: a reload of
-        #                                   trusted_proxies must not change it mid-request
+        # once, before any await: a reload of trusted_proxies must not change it mid-request
+        outcome.client = client = self.client_ip(request)
         with trace.step("authenticate"):
             key = await self.authenticate(token, client)
         outcome.workspace, outcome.key_id = key.workspace, key.key_id
@@ -434,6 +435,9 @@ class Pipeline:
             elif outcome.code in ("upstream_unavailable", "upstream_timeout"):
                 m.upstream_errors.labels(outcome.upstream or "", outcome.code).inc()
         if self.access is not None:
+            if outcome.client is None:  # no key was checked: the line's client all the same
+                outcome.client = self.client_ip(request) if self._any_trusted else \
+                    request.remote
             self.access(request, response, outcome, request_id, elapsed)
         outcome.trace.end(request, response, outcome, request_id)
 

@@ -92,7 +92,7 @@ async def answer(steps: RequestSteps, request: web.BaseRequest, raw_path: str,
 async def _admit(steps: RequestSteps, request: web.BaseRequest, outcome: Outcome,
                  scopes: tuple[str, ...]) -> CachedKey:
     """The caller's key, authenticated and authorised for ``scopes`` (not counted)."""
-    client = steps.client_ip(request)
+    outcome.client = client = steps.client_ip(request)
     key = await steps.authenticate(steps.credential(request), client)
     outcome.workspace, outcome.key_id = key.workspace, key.key_id
     key, _, _ = await steps.authorise(key, scopes, count=False, client=client)
@@ -119,7 +119,7 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     if route.public:
         return web.Response(status=200)
     token = steps.credential(request)
-    client = steps.client_ip(request)
+    outcome.client = client = steps.client_ip(request)
     trace = outcome.trace
     with trace.step("authenticate"):
         key = await steps.authenticate(token, client)

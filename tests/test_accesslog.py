@@ -641,3 +641,37 @@ async def test_the_operations_guide_lists_every_field_of_a_json_line(redis_url, 
         _, err = g.logs(capfd)
     line, = json_lines(err)
     assert documented == list(line)
+
+
+@pytest.mark.parametrize("access_log", ["json", "text"])
+async def test_behind_a_trusted_proxy_the_line_names_the_client_not_the_proxy(
+        redis_url, upstream, monkeypatch, capfd, access_log):
+    """Behind a load balancer listed in ``server.trusted_proxies`` every line said the load
+    balancer's address: the failure throttle and the keys' allow-lists saw the client, the
+    log did not. ``client`` is now the same address they use, for every line."""
+    config = config_with(upstream, access_log)
+    config = dataclasses.replace(config, server=dataclasses.replace(
+        config.server, trusted_proxies=("127.0.0.1/32",)))
+    forwarded = {"X-Forwarded-For": "198.51.100.7, 203.0.113.9"}
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        g.logs(capfd)
+        for headers, status in (({**bearer(token), **forwarded}, 200),  # a key checked
+                                (forwarded, 401),                       # no key
+                                ({"X-Forwarded-For": "not an address"}, 401),
+                                ({}, 401)):                             # no header
+            async with g.proxy.get("/people/1", headers=headers) as r:
+                assert r.status == status
+                await r.read()
+        async with g.proxy.get("/_keygate/v1/verify/people/1",
+                               headers={**bearer(token), **forwarded}) as r:
+            assert r.status == 200
+        _, err = g.logs(capfd)
+    if access_log == "json":
+        clients = [line["client"] for line in json_lines(err)]
+    else:
+        clients = [line.split(" ", 1)[0] for line in err.splitlines() if " ws=" in line]
+    # the nearest hop our proxy did not write; a hop that is no address proves nothing
+    assert clients == ["203.0.113.9", "203.0.113.9", "127.0.0.1", "127.0.0.1",
+                       "203.0.113.9"], err
