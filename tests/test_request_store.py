@@ -7,6 +7,7 @@ import math
 import socket
 import contextlib
 import os
+import re
 import signal
 import time
 
@@ -329,7 +330,7 @@ def test_resp_a_loop_stall_after_send_is_not_a_late_redis(redis_url):
 
         def stall_in_io() -> None:  # in the poll right after the PING is written
             rsock.recv(1)
-            written.append(proto.sent_at[0] != math.inf)
+            written.append(proto.waiting[0][1][0] != math.inf)  # the PING's write time
             _stall(0.4)  # the reply arrives meanwhile; the watchdog's check comes due
         loop.add_reader(rsock, stall_in_io)
         # Redis answers 60 ms late (well within the 0.2 s timeout): the reply surely arrives
@@ -337,8 +338,8 @@ def test_resp_a_loop_stall_after_send_is_not_a_late_redis(redis_url):
         sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "60")
         try:
             call = client.call("PING")
-            # the client writes the PING next turn; this comes the turn after, so the socket
-            # pair is readable in the poll that follows the write
+            # the client writes the PING at once (nothing else is in flight); this comes two
+            # turns later, so the socket pair is readable in a poll after the write
             loop.call_soon(loop.call_soon, wsock.send, b"x")
             assert await asyncio.wait_for(call, 3) == b"PONG"
         finally:
@@ -478,3 +479,52 @@ def test_the_unrolled_encoding_of_the_authorize_arguments_is_the_general_one(arg
     from gateway.store.resp import _bulk, _bulk_str4
 
     assert _bulk_str4(args) == _bulk(args)
+
+
+def test_resp_a_command_to_an_idle_connection_goes_out_before_the_loop_turn_ends():
+    """A call made while none of ours is in Redis is written at once: Redis works on it while
+    the loop goes on with the rest of its turn (the other requests read with this one). Calls
+    made while a reply is awaited go out together when the turn ends. The server is a thread,
+    so it sees when the bytes arrive while the loop is busy."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    arrivals: list[tuple[float, bytes]] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while data := conn.recv(65536):
+                arrivals.append((time.monotonic(), data))
+                conn.sendall(b"".join(  # each command's reply, in order
+                    b"+PONG\r\n" if cmd == b"PING" else b"*2\r\n$10\r\n1700000000\r\n$1\r\n0\r\n"
+                    for cmd in re.findall(rb"PING|TIME", data)))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    async def main() -> float:
+        client = RespClient(f"redis://127.0.0.1:{port}/0", timeout=5)
+        assert await client.call("PING") == b"PONG"  # connected; TIME answered too
+        await asyncio.sleep(0.1)
+        arrivals.clear()
+        calls = [client.call("PING") for _ in range(3)]
+        time.sleep(0.3)  # the rest of this loop turn
+        turn_ended = time.monotonic()
+        assert await asyncio.gather(*calls) == [b"PONG"] * 3
+        await client.close()
+        return turn_ended
+
+    try:
+        turn_ended = asyncio.run(main())
+    finally:
+        listener.close()
+        thread.join(5)
+    first, *rest = arrivals
+    assert first[1].count(b"PING") == 1 and first[0] < turn_ended - 0.2, arrivals
+    assert rest and all(at >= turn_ended for at, _ in rest), arrivals
+    assert sum(data.count(b"PING") for _, data in rest) == 2

@@ -3,7 +3,8 @@
 Why not redis-py here: measured on this machine kind (measured per part; see bench/), one EVALSHA
 through redis-py's asyncio client costs ~130-185 µs of client CPU, as much as all of the
 proxying; the same round trip through one ``asyncio.Protocol`` whose writes are coalesced per
-loop turn and whose replies are parsed by hiredis costs ~11-24 µs. redis-py stays the
+loop turn (but for a command to an idle connection, written at once) and whose replies are
+parsed by hiredis costs ~11-24 µs. redis-py stays the
 client for everything that is not per request (admin operations, Cluster, Sentinel).
 
 Contract of :class:`RespClient`: ``await client.call(*args)`` sends one command and returns its
@@ -438,6 +439,16 @@ class RespClient:
                 f"{self.max_pending} Redis commands already waiting for a reply"))
             return fut
         if not proto.out:
+            if not proto.waiting:
+                # Nothing of ours is in Redis: written now, so Redis runs it while this loop
+                # turn goes on with the other requests read with this one. Their commands,
+                # made while this reply is awaited, go out together at the turn's end. Under
+                # wrk at 8 connections this took keygate's core from 92% to 96% busy and its
+                # throughput 1.07x up (bench A/B, CPU per request unchanged); writing every
+                # command at once did not pay (more writes and reads a request).
+                proto.waiting.append((fut, [time.monotonic()]))
+                proto.transport.write(command)
+                return fut
             loop.call_soon(proto.flush)
             proto.sent_at = [math.inf]  # these commands' write time, set when written
         proto.out.append(command)
