@@ -316,8 +316,11 @@ class Forwarder:
         if is_head or status in _NO_BODY_STATUS:
             resp.release()
             response = web.StreamResponse(status=status, headers=out)
-            await response.prepare(request)
-            await response.write_eof()
+            try:
+                await response.prepare(request)
+                await response.write_eof()
+            except ConnectionError:  # the client left while the upstream answered: not a
+                pass                 # keygate failure (no 500, no traceback), as below
             return response
         whole = resp.body_if_complete()
         if whole is not None:  # the common small case: one write, exact Content-Length
@@ -360,5 +363,8 @@ class Forwarder:
             # the upstream connection is closed, never left open or pooled half-read
             await chunks.aclose()
             resp.close()
-        await response.write_eof()
+        try:
+            await response.write_eof()  # the last chunk of a chunked answer
+        except ConnectionError:  # the client left after the body's last bytes, before its end:
+            pass                 # what it got is logged, not keygate's 500 with a traceback
         return response
