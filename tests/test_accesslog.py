@@ -764,3 +764,39 @@ async def test_a_client_gone_before_a_head_only_answer_is_logged_as_the_upstream
     line = line_of(err, "rid-gone-head")
     assert (line["status"], line["error"], line["bytes_out"]) == (status, None, 0), line
     assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
+
+
+async def test_a_whole_answer_to_a_client_gone_is_logged_with_no_body_bytes(
+        redis_url, monkeypatch, capfd):
+    """A whole answer is logged before aiohttp writes it. When the client has left by then
+    (here while the upstream took its time), nothing of it is written, but bytes_out said
+    its whole length; operations.md: for a client gone, the part written before it ended."""
+    client_left = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.wait_for(client_left.wait(), 5)
+            await asyncio.sleep(0.2)   # keygate has seen the client go
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        finally:
+            writer.close()
+
+    server, url = await raw_upstream(answer)
+    try:
+        async with gateway_under_test(make_config(url, routes=PUBLIC), redis_url,
+                                      monkeypatch) as g:
+            g.logs(capfd)
+            reader, writer = await g.raw_connection()
+            writer.write(b"GET /public/whole HTTP/1.1\r\nHost: g\r\nX-Request-Id: rid-left\r\n\r\n")
+            await asyncio.sleep(0.1)
+            writer.close()
+            client_left.set()
+            await asyncio.sleep(0.6)
+            _, err = g.logs(capfd)
+    finally:
+        server.close()
+    line = line_of(err, "rid-left")
+    assert (line["status"], line["bytes_out"]) == (200, 0), line
