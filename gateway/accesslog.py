@@ -176,11 +176,15 @@ class AccessLog:
             # count): aiohttp's body_length would add the status line, the headers and the
             # chunk framing. A response not yet written (the common case: every one keygate
             # leaves to aiohttp is a web.Response) goes out after this line, whole, but
-            # without its body to a HEAD.
+            # without its body to a HEAD, and not at all to a client already gone (aiohttp
+            # writes nothing to a closing transport).
             if response.prepared:
                 bytes_out = body_bytes_sent(response)
+            elif method == "HEAD" or (transport := request.transport) is None or \
+                    transport.is_closing():
+                bytes_out = 0
             else:
-                bytes_out = 0 if method == "HEAD" else len(response.body or b"")
+                bytes_out = len(response.body or b"")
             client = outcome.client or request.remote  # through server.trusted_proxies
             js_method = seen.get(method) or self._remember(method, _js(method))
             js_client = seen.get(client) or self._remember(client, _js(client))

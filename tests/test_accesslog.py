@@ -675,3 +675,128 @@ async def test_behind_a_trusted_proxy_the_line_names_the_client_not_the_proxy(
     # the nearest hop our proxy did not write; a hop that is no address proves nothing
     assert clients == ["203.0.113.9", "203.0.113.9", "127.0.0.1", "127.0.0.1",
                        "203.0.113.9"], err
+
+
+async def test_a_client_gone_before_a_chunked_body_ends_is_logged_as_what_went_out(
+        redis_url, monkeypatch, capfd, caplog):
+    """The client read part of a chunked answer and left; the upstream ended the body after
+    that. Writing the last chunk to the closed connection raised out of the streaming code,
+    so the request was logged as keygate's 500 ``internal_error`` (with a traceback "unhandled
+    error") and bytes_out as the JSON error's length, though the client got a 200 and the
+    body's first chunk."""
+    client_left = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the head alone first: keygate streams this answer
+            writer.write(b"3\r\nabc\r\n")
+            await writer.drain()
+            await asyncio.wait_for(client_left.wait(), 5)
+            await asyncio.sleep(0.2)   # keygate has seen the client go
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        finally:
+            writer.close()
+
+    server, url = await raw_upstream(answer)
+    try:
+        async with gateway_under_test(make_config(url, routes=PUBLIC), redis_url,
+                                      monkeypatch) as g:
+            g.logs(capfd)
+            reader, writer = await g.raw_connection()
+            writer.write(b"GET /public/stream HTTP/1.1\r\nHost: g\r\nX-Request-Id: rid-gone\r\n\r\n")
+            got = b""
+            while not got.endswith(b"abc\r\n"):
+                got += await asyncio.wait_for(reader.read(65536), 5)
+            writer.close()
+            client_left.set()
+            await asyncio.sleep(0.6)
+            _, err = g.logs(capfd)
+    finally:
+        server.close()
+    assert got.startswith(b"HTTP/1.1 200 ")
+    line = line_of(err, "rid-gone")
+    assert (line["status"], line["error"], line["bytes_out"]) == (200, None, 3), line
+    assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
+
+
+@pytest.mark.parametrize("method, path, status", [("HEAD", "/public/whole", 200),
+                                                  ("GET", "/public/no-content", 204)])
+async def test_a_client_gone_before_a_head_only_answer_is_logged_as_the_upstreams(
+        redis_url, monkeypatch, capfd, caplog, method, path, status):
+    """The same for an answer without a body (HEAD, 204, 304): the client left while the
+    upstream was answering; writing the head to the closed connection raised, and the line
+    said keygate's 500 ``internal_error`` with a traceback."""
+    client_left = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.wait_for(client_left.wait(), 5)
+            await asyncio.sleep(0.2)   # keygate has seen the client go
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n" if status == 204 else
+                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        finally:
+            writer.close()
+
+    server, url = await raw_upstream(answer)
+    try:
+        async with gateway_under_test(make_config(url, routes=PUBLIC), redis_url,
+                                      monkeypatch) as g:
+            g.logs(capfd)
+            reader, writer = await g.raw_connection()
+            writer.write(f"{method} {path} HTTP/1.1\r\nHost: g\r\n"
+                         f"X-Request-Id: rid-gone-head\r\n\r\n".encode())
+            await asyncio.sleep(0.1)
+            writer.close()
+            client_left.set()
+            await asyncio.sleep(0.6)
+            _, err = g.logs(capfd)
+    finally:
+        server.close()
+    line = line_of(err, "rid-gone-head")
+    assert (line["status"], line["error"], line["bytes_out"]) == (status, None, 0), line
+    assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
+
+
+async def test_a_whole_answer_to_a_client_gone_is_logged_with_no_body_bytes(
+        redis_url, monkeypatch, capfd):
+    """A whole answer is logged before aiohttp writes it. When the client has left by then
+    (here while the upstream took its time), nothing of it is written, but bytes_out said
+    its whole length; operations.md: for a client gone, the part written before it ended."""
+    client_left = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.wait_for(client_left.wait(), 5)
+            await asyncio.sleep(0.2)   # keygate has seen the client go
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        finally:
+            writer.close()
+
+    server, url = await raw_upstream(answer)
+    try:
+        async with gateway_under_test(make_config(url, routes=PUBLIC), redis_url,
+                                      monkeypatch) as g:
+            g.logs(capfd)
+            reader, writer = await g.raw_connection()
+            writer.write(b"GET /public/whole HTTP/1.1\r\nHost: g\r\nX-Request-Id: rid-left\r\n\r\n")
+            await asyncio.sleep(0.1)
+            writer.close()
+            client_left.set()
+            await asyncio.sleep(0.6)
+            _, err = g.logs(capfd)
+    finally:
+        server.close()
+    line = line_of(err, "rid-left")
+    assert (line["status"], line["bytes_out"]) == (200, 0), line

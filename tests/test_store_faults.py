@@ -776,3 +776,35 @@ async def test_a_request_counted_on_a_connection_redis_never_answered_is_taken_b
                 _month_count(redis_url, "acme")
             await asyncio.sleep(0.3)
     assert _month_count(redis_url, "acme") == 1
+
+
+async def test_a_client_gone_before_its_100_continue_is_not_counted(upstream, redis_url,
+                                                                    monkeypatch, caplog):
+    """A client sent its head with ``Expect: 100-continue`` and left while the store was slow
+    to admit it. The request was counted, then writing "100 Continue" to the closed
+    connection raised out of the forwarding code: keygate's 500 internal_error with an
+    'unhandled error' traceback, and the request stayed counted though it never reached the
+    upstream (SPEC: a request refused or failed before forwarding is never counted)."""
+    from harness import HeldReplies
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=3.0))
+    async with HeldReplies(redis_url) as relay:
+        async with gateway_under_test(config, relay.url, monkeypatch) as g:
+            await g.workspace(plan="unlimited")
+            token, _ = await g.key(scopes=["people:write"])
+            async with g.proxy.post("/people", data=b"{}", headers=bearer(token)) as r:
+                assert r.status == 200   # verified in this process; counted once
+            seen = len(upstream.requests)
+            relay.hold()  # the next authorize call runs in Redis, its answer waits
+            reader, writer = await g.raw_connection()
+            writer.write(b"POST /people HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer " +
+                         token.encode() + b"\r\nExpect: 100-continue\r\n"
+                         b"Content-Length: 2\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.close()             # gave up waiting for the 100 Continue
+            await asyncio.sleep(0.2)   # keygate has seen it go
+            relay.release()
+            await asyncio.sleep(0.5)
+    assert len(upstream.requests) == seen
+    assert _month_count(redis_url, "acme") == 1
+    assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]

@@ -255,7 +255,14 @@ class Forwarder:
             if length is not None and length > rules.max_body:
                 raise body_too_large(rules.max_body)
             body = self._body_source(request.content, length, rules)
-            await continue_if_expected(request)
+            try:
+                await continue_if_expected(request)
+            except ConnectionError:
+                # the client left before it was asked for its body: as for one gone
+                # mid-upload, nothing reached the upstream and the request is not counted
+                log.info("the client went away before sending its body to %s", upstream.name)
+                raise BadGateway(f"The request to upstream '{upstream.name}' failed: its "
+                                 "body did not arrive.", reached_upstream=False) from None
         target = base + request.raw_path
         headers = self.request_headers(request, principal, request_id, target=target,
                                        trace=trace, rules=rules)
@@ -316,8 +323,11 @@ class Forwarder:
         if is_head or status in _NO_BODY_STATUS:
             resp.release()
             response = web.StreamResponse(status=status, headers=out)
-            await response.prepare(request)
-            await response.write_eof()
+            try:
+                await response.prepare(request)
+                await response.write_eof()
+            except ConnectionError:  # the client left while the upstream answered: not a
+                pass                 # keygate failure (no 500, no traceback), as below
             return response
         whole = resp.body_if_complete()
         if whole is not None:  # the common small case: one write, exact Content-Length
@@ -360,5 +370,8 @@ class Forwarder:
             # the upstream connection is closed, never left open or pooled half-read
             await chunks.aclose()
             resp.close()
-        await response.write_eof()
+        try:
+            await response.write_eof()  # the last chunk of a chunked answer
+        except ConnectionError:  # the client left after the body's last bytes, before its end:
+            pass                 # what it got is logged, not keygate's 500 with a traceback
         return response
