@@ -150,6 +150,14 @@ def body_too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
 
 
+def body_cut_short() -> BadRequest:
+    """The client ended the connection before the body it declared was all sent (or framed it
+    wrongly): its own doing, so a 400, never keygate's 500 nor the upstream's 502, and never
+    counted (nothing whole reached the upstream)."""
+    return BadRequest("The request body ended before all of it was sent.",
+                      reached_upstream=False)
+
+
 # --- the proxy's RFC 6750 401/400/403 flavours -------------------------------------------------
 
 def missing_key() -> Unauthorized:

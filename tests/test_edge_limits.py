@@ -17,7 +17,7 @@ from aiohttp import web
 
 from gateway.config import Route, ServerConfig, Timeouts, Upstream
 
-from harness import (closed_within, drips_until_closed, gateway_under_test, make_config,
+from harness import (bearer, closed_within, drips_until_closed, gateway_under_test, make_config,
                      raw_upstream)
 
 ROUTES = (Route("/public/**", "api", ("GET", "POST"), (), True),
@@ -363,3 +363,42 @@ async def test_a_stalled_body_to_the_admin_api_is_408_and_closed(redis_url, upst
             assert 0.9 <= took < 3, took
         finally:
             writer.close()
+
+
+
+async def test_a_body_cut_short_is_the_clients_400_not_a_500_nor_an_upstream_error(
+        redis_url, upstream, monkeypatch, capfd, caplog):
+    """A client that declares a body and closes its connection before sending all of it: the
+    body can never arrive, by the client's doing. The key endpoints answered that as keygate's
+    own 500 ``internal_error`` with a traceback in the log; a proxied route as 502
+    ``upstream_unavailable``, counted in keygate_upstream_errors_total (which the shipped
+    alert watches) though the upstream did nothing wrong. Both are now 400 ``bad_request``
+    in the access log, and nothing is counted against the quota."""
+    from prometheus_client.parser import text_string_to_metric_families
+    config = edge_config(str(upstream.make_url("")), timeouts=Timeouts(header=5.0, body=5.0,
+                                                                       idle=30.0))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(role="admin")
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200  # verified and counted: 1
+        g.logs(capfd)
+        for target in ("/_keygate/v1/keys", "/people"):
+            reader, writer = await g.raw_connection()
+            writer.write(f"POST {target} HTTP/1.1\r\nHost: x\r\n"
+                         f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: 100\r\n\r\n{{\"name\": ".encode())
+            await writer.drain()
+            await asyncio.sleep(0.3)  # admitted, waiting for the rest of the body
+            writer.close()
+            await asyncio.sleep(0.3)
+        _, err = g.logs(capfd)
+        lines = [json.loads(line) for line in err.splitlines() if line.startswith('{"time"')]
+        assert [(line["status"], line["error"]) for line in lines
+                if line["method"] == "POST"] == [(400, "bad_request")] * 2, err
+        async with g.admin.get("/metrics") as r:
+            exposition = await r.text()
+        assert not [s for f in text_string_to_metric_families(exposition) for s in f.samples
+                    if s.name == "keygate_upstream_errors_total" and s.value], exposition
+        assert await g.used() == 1
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text

@@ -23,7 +23,8 @@ from ..accesslog import mask_target
 from ..config import Config
 from ..proxying.server import answer_and_close
 from ..errors import (Forbidden, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge,
-                      RequestTimeout, ServiceUnavailable, StoreError, Unauthorized, shown)
+                      RequestTimeout, ServiceUnavailable, StoreError, Unauthorized, body_cut_short,
+                      shown)
 from ..store import WORKSPACE_ID_RE
 from ..tokens import adoptable_request_id
 from .api import QUERY_PARAMS, WORKSPACE_ADMIN_ROUTES
@@ -141,6 +142,8 @@ async def read_whole_body(request: web.BaseRequest, within: float) -> bytes:
     except TimeoutError:
         raise RequestTimeout(f"The request body did not arrive within {within:g} seconds.") \
             from None
+    except ConnectionError:  # the client ended the connection mid-body (aiohttp's "Connection
+        raise body_cut_short() from None  # lost"): not keygate's 500
 
 
 def error_middleware(config: Config, *, authenticate: bool = True,

@@ -37,7 +37,8 @@ from aiohttp import web
 from yarl import URL
 
 from ..config import Config, Upstream
-from ..errors import BadGateway, GatewayError, GatewayTimeout, RequestTimeout, body_too_large
+from ..errors import (BadGateway, GatewayError, GatewayTimeout, RequestTimeout, body_cut_short,
+                      body_too_large)
 from ..models import Principal
 from ..signature import secrets_of, sign
 from ..tracing import Trace, Tracer
@@ -261,8 +262,7 @@ class Forwarder:
                 # the client left before it was asked for its body: as for one gone
                 # mid-upload, nothing reached the upstream and the request is not counted
                 log.info("the client went away before sending its body to %s", upstream.name)
-                raise BadGateway(f"The request to upstream '{upstream.name}' failed: its "
-                                 "body did not arrive.", reached_upstream=False) from None
+                raise body_cut_short() from None
         target = base + request.raw_path
         headers = self.request_headers(request, principal, request_id, target=target,
                                        trace=trace, rules=rules)
@@ -287,8 +287,7 @@ class Forwarder:
         except ClientBodyFailed as exc:
             log.info("the client went away while sending its body to %s: %s", upstream.name,
                      exc)
-            raise BadGateway(f"The request to upstream '{upstream.name}' failed: its body "
-                             "did not arrive.", reached_upstream=False) from None
+            raise body_cut_short() from None  # not the upstream's failure: no 502
         except UpstreamTimeout as exc:
             raise GatewayTimeout(f"The upstream '{upstream.name}' did not answer within "
                                  f"{upstream.timeout:g} seconds.",
