@@ -148,7 +148,7 @@ async def test_sample_ratio_zero_exports_only_traces_the_caller_sampled(
 
 
 async def test_a_dead_collector_costs_no_request(upstream, redis_url, monkeypatch):
-    from tests.conftest import free_port
+    from conftest import free_port
     config = make_config(str(upstream.make_url("")), tracing=TracingConfig(
         f"http://127.0.0.1:{free_port()}"))
     async with gateway_under_test(config, redis_url, monkeypatch) as gw:
@@ -213,7 +213,7 @@ async def test_keygate_serve_with_two_workers_signs_and_exports_every_request(
 
 async def test_an_unreachable_upstream_marks_the_request_and_forward_spans_as_errors(
         receiver, redis_url, monkeypatch):
-    from tests.conftest import free_port
+    from conftest import free_port
     config = make_config(f"http://127.0.0.1:{free_port()}", tracing=TracingConfig(
         str(receiver.make_url(""))))
     async with gateway_under_test(config, redis_url, monkeypatch) as gw:
