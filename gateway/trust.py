@@ -20,12 +20,18 @@ _CACHE_MAX = 10_000
 
 
 def parse_ip(text: str) -> Address | None:
-    """The address in ``text`` (IPv4-mapped IPv6 as IPv4), or None if it is not one."""
+    """The address in ``text`` (IPv4-mapped IPv6 as IPv4, an IPv6 zone dropped), or None if
+    it is not one. ``ipaddress`` keeps a zone (``fe80::1%eth0``) of any text, control
+    characters included, in the string of the address."""
     try:
         ip = ipaddress.ip_address(text.strip())
     except ValueError:
         return None
-    return ip.ipv4_mapped or ip if ip.version == 6 else ip
+    if ip.version == 4:
+        return ip
+    if ip.scope_id is not None:
+        ip = ipaddress.IPv6Address(ip.packed)
+    return ip.ipv4_mapped or ip
 
 
 class TrustedProxies:

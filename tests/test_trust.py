@@ -87,3 +87,16 @@ async def test_a_dual_stack_peer_is_trusted_alike_for_forwarded_headers_and_the_
                     assert r.status == 200
         finally:
             await runner.cleanup()
+
+
+@pytest.mark.parametrize("hop", ["fe80::1%eth0", "fe80::1%ab c\x1b[31m", "fe80::1%\r\nx: y",
+                                 "::ffff:198.51.100.7%0"])
+def test_a_forwarded_hop_with_a_zone_gives_the_bare_address(hop):
+    """``ipaddress`` accepts an IPv6 zone (``%...``) of any text, control characters
+    included, and kept it in the address it returned: that string became the client address
+    written to the text access log, and part of the failure throttle's Redis key. A client on
+    the other side of a proxy has no zone here: it is dropped."""
+    trusted = TrustedProxies(["127.0.0.1/32"])
+    client = trusted.client_address("127.0.0.1", [hop])
+    assert "%" not in client and client.isprintable() and " " not in client
+    assert client == ("198.51.100.7" if "ffff" in hop else "fe80::1")
