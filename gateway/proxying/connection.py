@@ -19,6 +19,9 @@ MAX_HEAD = 1024 * 1024  # bytes read before the response head is complete (1xx i
 BodySource = Callable[[], Awaitable[bytes]]  # returns b"" at the end
 
 
+_FRAMING = (b"content-length", b"transfer-encoding")  # the headers that say where a body ends
+_FRAMING_LENGTHS = (14, 17)
+
 class UpstreamConnectError(Exception):
     """Could not connect (refused, unreachable, DNS, TLS)."""
 
@@ -157,7 +160,13 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it after the message
-        framed = any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
+        # a loop, not any(<generator>): any() stopping early closes the generator, and its
+        # GeneratorExit made a frame object and a traceback on every response
+        framed = False
+        for name, _ in self.headers:
+            if len(name) in _FRAMING_LENGTHS and name.lower() in _FRAMING:
+                framed = True
+                break
         # an HTTP/1.0-style body with neither length nor chunks ends when the upstream closes
         self.until_close = not framed and not self.skip_body and \
             status >= 200 and status not in (204, 304)
@@ -206,7 +215,9 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamResponse:
     """Status and headers of an upstream response; the body is read with ``chunks()``."""
 
-    def __init__(self, conn: UpstreamConnection, pool: ConnectionOwner, body_sent: Callable[[], bool]) -> None:
+    def __init__(self, conn: UpstreamConnection, pool: ConnectionOwner,
+                 body_sent: list[bool]) -> None:
+        """``body_sent[0]``: the request body is all written (the sender sets it when done)."""
         self._conn, self._pool, self._body_sent = conn, pool, body_sent
         self.status = conn.status
         self.headers = conn.headers
@@ -253,7 +264,7 @@ class UpstreamResponse:
         self._done = True
         if conn.closed:
             return
-        if self.keep_alive and conn.complete and conn.error is None and self._body_sent():
+        if self.keep_alive and conn.complete and conn.error is None and self._body_sent[0]:
             self._pool.take_back(conn)
         else:
             conn.close()

@@ -214,7 +214,7 @@ class UpstreamPool:
             raise
         finally:
             conn.head_due = None
-        return UpstreamResponse(conn, self, lambda: sent[0])
+        return UpstreamResponse(conn, self, sent)
 
     def _await_head(self, conn: UpstreamConnection, timeout: float) -> None:
         """The response head is due within ``timeout`` from now (else UpstreamTimeout)."""
