@@ -93,7 +93,8 @@ async def running_gateway(config: Config, store_url: str, *,
         if config.tracing is not None:
             pipeline.tracer = _otel_tracer(config, pipeline.client_ip)
         admin_app = create_admin_app(config, store, requests.ready,
-                                     authenticate_key=workspace_admin(pipeline))
+                                     authenticate_key=workspace_admin(pipeline),
+                                     client_address=pipeline.client_ip)
         from .observe import add_metrics_route
         add_metrics_route(admin_app, metrics, store, config)
         # Bodies are forwarded byte for byte as sent: a Content-Encoding body is never inflated

@@ -800,3 +800,22 @@ async def test_a_whole_answer_to_a_client_gone_is_logged_with_no_body_bytes(
         server.close()
     line = line_of(err, "rid-left")
     assert (line["status"], line["bytes_out"]) == (200, 0), line
+
+
+async def test_an_admin_call_through_a_trusted_proxy_logs_the_caller(redis_url, upstream,
+                                                                     monkeypatch, caplog):
+    """The admin API's own line names the caller as the allow-list and the failure throttle
+    see it (through ``server.trusted_proxies``), not the load balancer in front."""
+    import logging
+    caplog.set_level(logging.INFO, logger="keygate.admin")
+    config = config_with(upstream, "json")
+    config = dataclasses.replace(config, server=dataclasses.replace(
+        config.server, trusted_proxies=("127.0.0.1/32",)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        async with g.admin.get("/admin/v1/workspaces",
+                               headers={"X-Forwarded-For": "198.51.100.7"}) as r:
+            assert r.status == 200
+        async with g.admin.get("/admin/v1/workspaces") as r:
+            assert r.status == 200
+    records = [r for r in caplog.records if r.name == "keygate.admin"]
+    assert [r.client for r in records] == ["198.51.100.7", "127.0.0.1"]

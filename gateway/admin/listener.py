@@ -57,11 +57,16 @@ READINESS = web.AppKey("readiness", Readiness)
 
 def create_admin_app(config: Config, store: Store,
                      per_request_ready: Callable[[], Awaitable[None]] | None = None,
-                     authenticate_key: KeyAuthenticator | None = None) -> web.Application:
+                     authenticate_key: KeyAuthenticator | None = None,
+                     client_address: Callable[[web.BaseRequest], str] | None = None
+                     ) -> web.Application:
     """The admin listener's app: ``/admin/v1/...`` (operator token; with ``authenticate_key``
-    also workspace admin keys), ``/healthz``, ``/readyz``, and the console at ``/console/``."""
+    also workspace admin keys), ``/healthz``, ``/readyz``, and the console at ``/console/``.
+    ``client_address``: the caller's address for the log line (the proxy pipeline's, through
+    ``server.trusted_proxies``); the connection's peer without it."""
     app = web.Application(middlewares=[error_middleware(config,
-                                                        authenticate_key=authenticate_key)])
+                                                        authenticate_key=authenticate_key,
+                                                        client_address=client_address)])
     app[STORE] = store
     app[READINESS] = Readiness(store, per_request_ready)
     r = app.router

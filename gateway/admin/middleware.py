@@ -147,7 +147,9 @@ async def read_whole_body(request: web.BaseRequest, within: float) -> bytes:
 
 
 def error_middleware(config: Config, *, authenticate: bool = True,
-                     authenticate_key: KeyAuthenticator | None = None) -> Callable:
+                     authenticate_key: KeyAuthenticator | None = None,
+                     client_address: Callable[[web.BaseRequest], str] | None = None
+                     ) -> Callable:
     """Errors → SPEC's JSON body; anything unexpected → a generic 500 (logged, never shown);
     ``X-Request-Id`` on every response; auth for everything under ``/admin/``: the operator
     token, or (with ``authenticate_key``) a workspace admin key, confined by :func:`confine`.
@@ -194,7 +196,8 @@ def error_middleware(config: Config, *, authenticate: bool = True,
         response.headers["X-Request-Id"] = rid
         if request.path.startswith("/admin/") and request.path not in UNAUTHENTICATED:
             log_admin_call(request, response.status, rid, actor, time.perf_counter() - started,
-                           config.keys.prefix)
+                           config.keys.prefix,
+                           client_address(request) if client_address else request.remote)
         if response.status == 408:  # the rest of that body is not worth waiting for
             response.force_close()
             await answer_and_close(request, response)
@@ -204,11 +207,11 @@ def error_middleware(config: Config, *, authenticate: bool = True,
 
 
 def log_admin_call(request: web.Request, status: int, rid: str, actor: str,
-                   elapsed: float, prefix: str) -> None:
+                   elapsed: float, prefix: str, client: str | None) -> None:
     """One line per admin API call: who (``operator``, or ``-`` when the token was refused),
     what, the answer. Never a header value, so never a token; keys in the path are masked."""
     target = mask_target(request.raw_path, prefix)
     log.info("admin %s %s %d %s", request.method, target, status, actor,
              extra={"request_id": rid, "method": request.method, "path": target,
-                    "status": status, "actor": actor, "client": request.remote,
+                    "status": status, "actor": actor, "client": client,
                     "duration_ms": round(elapsed * 1000, 3)})
