@@ -808,3 +808,38 @@ async def test_a_client_gone_before_its_100_continue_is_not_counted(upstream, re
     assert len(upstream.requests) == seen
     assert _month_count(redis_url, "acme") == 1
     assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
+
+
+async def test_a_client_gone_before_its_100_continue_on_a_key_endpoint_is_not_a_500(
+        upstream, redis_url, monkeypatch, caplog, capfd):
+    """The key endpoints (``/_keygate/v1/keys``) write their own ``100 Continue`` before
+    reading the body. A client that sent ``Expect: 100-continue`` and left while it was being
+    admitted made that write raise out of the endpoint: keygate's 500 ``internal_error`` with
+    an 'unhandled error' traceback, where the proxied route answers the same case as the
+    client's 400 ``bad_request`` (errors.body_cut_short)."""
+    import json
+    from harness import HeldReplies
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=3.0))
+    async with HeldReplies(redis_url) as relay:
+        async with gateway_under_test(config, relay.url, monkeypatch) as g:
+            await g.workspace(plan="unlimited")
+            token, _ = await g.key(role="admin")
+            async with g.proxy.get("/_keygate/v1/keys", headers=bearer(token)) as r:
+                assert r.status == 200   # verified in this process
+            g.logs(capfd)
+            relay.hold()  # the next store call runs in Redis, its answer waits
+            reader, writer = await g.raw_connection()
+            writer.write(b"POST /_keygate/v1/keys HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer "
+                         + token.encode() + b"\r\nExpect: 100-continue\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.close()             # gave up waiting for the 100 Continue
+            await asyncio.sleep(0.2)   # keygate has seen it go
+            relay.release()
+            await asyncio.sleep(0.5)
+            _, err = g.logs(capfd)
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith('{"time"')]
+    assert [(line["status"], line["error"]) for line in lines
+            if line["method"] == "POST"] == [(400, "bad_request")], err
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
