@@ -150,12 +150,17 @@ def body_too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
 
 
-def body_cut_short() -> BadRequest:
-    """The client ended the connection before the body it declared was all sent (or framed it
-    wrongly): its own doing, so a 400, never keygate's 500 nor the upstream's 502, and never
-    counted (nothing whole reached the upstream)."""
-    return BadRequest("The request body ended before all of it was sent.",
-                      reached_upstream=False)
+class BodyCutShort(BadRequest):
+    """The request body will never arrive whole: the client closed the connection before
+    sending all it declared, or the body's chunked framing broke. The client's doing, so a
+    400, never keygate's 500 nor the upstream's 502, never counted (nothing whole reached the
+    upstream), and the connection is closed after it (there is no next request to find)."""
+
+
+def body_cut_short() -> BodyCutShort:
+    return BodyCutShort("The request body did not arrive whole: the connection closed before "
+                        "all of it was sent, or its chunked framing was broken.",
+                        reached_upstream=False)
 
 
 # --- the proxy's RFC 6750 401/400/403 flavours -------------------------------------------------

@@ -146,7 +146,8 @@ class Pipeline:
             except GatewayError as exc:
                 outcome.code = exc.code
                 response = exc.response(request_id)
-                if exc.status in (408, 413, 501):  # the rest of that body is not worth reading
+                if exc.status in (408, 413, 501) or exc.__class__ is errors.BodyCutShort:
+                    # the rest of that body is not worth reading, or will never come
                     response.force_close()
                     if exc.status == 408:  # a stalled sender: answer, then close without the
                         await answer_and_close(request, response)  # lingering read

@@ -404,15 +404,14 @@ async def test_a_body_cut_short_is_the_clients_400_not_a_500_nor_an_upstream_err
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
 
-@pytest.mark.xfail(strict=True, reason="aiohttp's C parser drops the in-flight payload on a "
-                   "framing error mid-body without failing it; not fixed yet (see the commit)")
 async def test_a_chunked_body_framed_wrongly_mid_body_is_400_at_once_not_a_408(
         redis_url, upstream, monkeypatch):
     """docs/errors.md: a request that is not valid HTTP/1.1 (bad framing) is 400
     ``bad_request``. A chunked body whose framing breaks after the head was admitted (here a
     chunk size that is not hex) is found by aiohttp's parser, which queues its own 400 behind
     the request in flight and leaves that request's body stream waiting: the request then
-    stalls until ``server.timeouts.body`` (60 s by default) and is answered 408."""
+    stalled until ``server.timeouts.body`` (60 s by default) and was answered 408. The body
+    now fails at once: 400, not counted, the connection closed."""
     config = edge_config(str(upstream.make_url("")), timeouts=Timeouts(header=5.0, body=3.0,
                                                                        idle=30.0))
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
@@ -428,8 +427,11 @@ async def test_a_chunked_body_framed_wrongly_mid_body_is_400_at_once_not_a_408(
             writer.write(b"zz\r\nabc\r\n0\r\n\r\n")
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 6)
             took = time.monotonic() - started
+            closed, rest = await closed_within(reader, 3.0)  # and nothing more on it
+            assert closed and b"HTTP/1.1" not in rest, rest
         finally:
             writer.close()
         assert head.startswith(b"HTTP/1.1 400"), head
         assert took < 2, took
         assert await g.used() == 0
+        assert upstream.requests == []  # no upstream connection for an unfinished body

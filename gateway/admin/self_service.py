@@ -12,7 +12,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..config import Config
-from ..errors import MethodNotAllowed, NotFound, PayloadTooLarge, body_cut_short
+from ..errors import MethodNotAllowed, NotFound, PayloadTooLarge
 from ..models import Principal
 from ..proxying.server import continue_if_expected
 from ..store import Store
@@ -66,10 +66,7 @@ async def handle_self_service(request: web.BaseRequest, principal: Principal, st
 
     async def body() -> bytes:
         if request.body_exists:  # else the wait below is a 408 for a body never asked for
-            try:
-                await continue_if_expected(request)
-            except ConnectionError:  # the client left before it was asked for its body:
-                raise body_cut_short() from None  # its 400, as on a proxied route, not a 500
+            await continue_if_expected(request)  # a client gone meanwhile: body_cut_short
         try:  # aiohttp caps it (1 MiB) with an HTTPException the pipeline does not render
             return await read_whole_body(request, config.server.timeouts.body)
         except web.HTTPRequestEntityTooLarge:

@@ -256,13 +256,7 @@ class Forwarder:
             if length is not None and length > rules.max_body:
                 raise body_too_large(rules.max_body)
             body = self._body_source(request.content, length, rules)
-            try:
-                await continue_if_expected(request)
-            except ConnectionError:
-                # the client left before it was asked for its body: as for one gone
-                # mid-upload, nothing reached the upstream and the request is not counted
-                log.info("the client went away before sending its body to %s", upstream.name)
-                raise body_cut_short() from None
+            await continue_if_expected(request)  # a client gone meanwhile: body_cut_short
         target = base + request.raw_path
         headers = self.request_headers(request, principal, request_id, target=target,
                                        trace=trace, rules=rules)

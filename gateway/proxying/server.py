@@ -24,9 +24,18 @@ from aiohttp.helpers import ceil_timeout
 from aiohttp.http_writer import StreamWriter
 from aiohttp.web_protocol import RequestHandler
 
-from ..errors import BadRequest, GatewayError
+from ..errors import BadRequest, GatewayError, body_cut_short
 
 log = logging.getLogger("keygate")
+
+
+_ERR_INFO = getattr(web_protocol, "_ErrInfo", None)  # what aiohttp queues for a parse error
+
+
+class BodyFramingBroken(ConnectionResetError):
+    """The in-flight request's body can never be read whole: a ``ConnectionError`` like a
+    client gone mid-body, which every reader of a body already answers with
+    ``errors.body_cut_short``."""
 
 
 class _JsonErrorRequestHandler(RequestHandler):
@@ -62,12 +71,18 @@ class _JsonErrorRequestHandler(RequestHandler):
             # the first bytes of the next request head (not the rest of a body that aiohttp
             # reads after a handler that did not read it)
             self._head_since = self._loop.time()
-        seen = self._request_count
+        seen, body = self._request_count, self._last_payload
         super().data_received(data)
         if self._request_count != seen:
             self._head_since = None
             if self._messages:
-                self._last_payload = self._messages[-1][1]
+                message, self._last_payload = self._messages[-1]
+                if message.__class__ is _ERR_INFO and body is not None and not body.is_eof():
+                    # the parser found the framing broken in the body of the request in
+                    # flight: aiohttp queues its own 400 behind that request and leaves its
+                    # body stream waiting, which then stalled until server.timeouts.body
+                    # (a 408). The body fails at once instead (a 400, the connection closed).
+                    body.set_exception(BodyFramingBroken("the request body's framing broke"))
 
     def head_overdue(self, deadline: float) -> bool:
         """No whole request head since before ``deadline`` (a slow-loris, a stalled client)."""
@@ -263,7 +278,10 @@ async def continue_if_expected(request: web.BaseRequest) -> None:
     server, which leaves that to the handler."""
     if request.version >= (1, 1) and \
             request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(_CONTINUE)
+        try:
+            await request.writer.write(_CONTINUE)
+        except ConnectionError:  # the client left before it was asked for its body
+            raise body_cut_short() from None
 
 
 async def answer_and_close(request: web.BaseRequest, response: web.StreamResponse) -> None:
