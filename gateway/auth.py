@@ -1,7 +1,7 @@
 """Authentication: token → a verified key, with a process-local verification cache.
 
 A key's secret is argon2-verified at most once per process per ``keys.cache_ttl``; the cache
-remembers a SHA-256 digest of the verified secret (never the secret) and the key's state at a
+remembers a BLAKE2s digest of the verified token (never the token) and the key's state at a
 revision. The cache never decides alone whether the state is current: every request's one
 store round trip (``gateway/store/lua/authorize.lua``) compares revisions, and a stale entry is
 re-read before anything is decided, so revocation and re-scoping act on the very next request at every
@@ -69,7 +69,7 @@ class CachedKey:
         self.workspace_record = workspace
         self.limits = limits
         self.rate = rate
-        self.secret_digest = secret_digest    # SHA-256 of the verified token (the cache key)
+        self.secret_digest = secret_digest    # BLAKE2s of the verified token (the cache key)
         self.verified_until = verified_until  # time.monotonic() deadline of the verification
         self.generation = generation  # the config it was derived with (plan, rate, role scopes)
         self.networks = networks      # the key's allowed_ips (None: any address)
