@@ -684,20 +684,34 @@ async def test_a_client_gone_before_a_chunked_body_ends_is_logged_as_what_went_o
     so the request was logged as keygate's 500 ``internal_error`` (with a traceback "unhandled
     error") and bytes_out as the JSON error's length, though the client got a 200 and the
     body's first chunk."""
+    line, got = await logged_after_the_client_left(
+        redis_url, monkeypatch, capfd, "GET /public/stream HTTP/1.1", b"0\r\n\r\n", "rid-gone",
+        first=b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+              b"Transfer-Encoding: chunked\r\n\r\n|3\r\nabc\r\n", until=b"abc\r\n")
+    assert got.startswith(b"HTTP/1.1 200 ")
+    assert (line["status"], line["error"], line["bytes_out"]) == (200, None, 3), line
+    assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
+
+
+async def logged_after_the_client_left(redis_url, monkeypatch, capfd, head: str,
+                                       reply: bytes, request_id: str, *, first: bytes = b"",
+                                       until: bytes = b"") -> tuple[dict, bytes]:
+    """The access line of ``head`` (a public route) whose client closes its connection while
+    a raw upstream holds the answer, and what the client read: the upstream sends ``first``
+    at once (pieces separated by ``|`` written one by one), the client reads until it has ``until``
+    and leaves, and the upstream sends ``reply`` once keygate has seen it go."""
     client_left = asyncio.Event()
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n")
-            await writer.drain()
-            await asyncio.sleep(0.05)  # the head alone first: keygate streams this answer
-            writer.write(b"3\r\nabc\r\n")
-            await writer.drain()
+            for piece in filter(None, first.split(b"|")):
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.05)  # the head alone first: keygate streams the answer
             await asyncio.wait_for(client_left.wait(), 5)
             await asyncio.sleep(0.2)   # keygate has seen the client go
-            writer.write(b"0\r\n\r\n")
+            writer.write(reply)
             await writer.drain()
             await asyncio.sleep(0.2)
         finally:
@@ -709,20 +723,18 @@ async def test_a_client_gone_before_a_chunked_body_ends_is_logged_as_what_went_o
                                       monkeypatch) as g:
             g.logs(capfd)
             reader, writer = await g.raw_connection()
-            writer.write(b"GET /public/stream HTTP/1.1\r\nHost: g\r\nX-Request-Id: rid-gone\r\n\r\n")
+            writer.write(f"{head}\r\nHost: g\r\nX-Request-Id: {request_id}\r\n\r\n".encode())
             got = b""
-            while not got.endswith(b"abc\r\n"):
+            while not got.endswith(until):
                 got += await asyncio.wait_for(reader.read(65536), 5)
+            await asyncio.sleep(0.1)
             writer.close()
             client_left.set()
             await asyncio.sleep(0.6)
             _, err = g.logs(capfd)
     finally:
         server.close()
-    assert got.startswith(b"HTTP/1.1 200 ")
-    line = line_of(err, "rid-gone")
-    assert (line["status"], line["error"], line["bytes_out"]) == (200, None, 3), line
-    assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
+    return line_of(err, request_id), got
 
 
 @pytest.mark.parametrize("method, path, status", [("HEAD", "/public/whole", 200),
@@ -732,36 +744,10 @@ async def test_a_client_gone_before_a_head_only_answer_is_logged_as_the_upstream
     """The same for an answer without a body (HEAD, 204, 304): the client left while the
     upstream was answering; writing the head to the closed connection raised, and the line
     said keygate's 500 ``internal_error`` with a traceback."""
-    client_left = asyncio.Event()
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            await asyncio.wait_for(client_left.wait(), 5)
-            await asyncio.sleep(0.2)   # keygate has seen the client go
-            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n" if status == 204 else
-                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
-            await writer.drain()
-            await asyncio.sleep(0.2)
-        finally:
-            writer.close()
-
-    server, url = await raw_upstream(answer)
-    try:
-        async with gateway_under_test(make_config(url, routes=PUBLIC), redis_url,
-                                      monkeypatch) as g:
-            g.logs(capfd)
-            reader, writer = await g.raw_connection()
-            writer.write(f"{method} {path} HTTP/1.1\r\nHost: g\r\n"
-                         f"X-Request-Id: rid-gone-head\r\n\r\n".encode())
-            await asyncio.sleep(0.1)
-            writer.close()
-            client_left.set()
-            await asyncio.sleep(0.6)
-            _, err = g.logs(capfd)
-    finally:
-        server.close()
-    line = line_of(err, "rid-gone-head")
+    line, _ = await logged_after_the_client_left(
+        redis_url, monkeypatch, capfd, f"{method} {path} HTTP/1.1",
+        b"HTTP/1.1 204 No Content\r\n\r\n" if status == 204 else
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", "rid-gone-head")
     assert (line["status"], line["error"], line["bytes_out"]) == (status, None, 0), line
     assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
 
@@ -771,34 +757,9 @@ async def test_a_whole_answer_to_a_client_gone_is_logged_with_no_body_bytes(
     """A whole answer is logged before aiohttp writes it. When the client has left by then
     (here while the upstream took its time), nothing of it is written, but bytes_out said
     its whole length; operations.md: for a client gone, the part written before it ended."""
-    client_left = asyncio.Event()
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            await asyncio.wait_for(client_left.wait(), 5)
-            await asyncio.sleep(0.2)   # keygate has seen the client go
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-            await asyncio.sleep(0.2)
-        finally:
-            writer.close()
-
-    server, url = await raw_upstream(answer)
-    try:
-        async with gateway_under_test(make_config(url, routes=PUBLIC), redis_url,
-                                      monkeypatch) as g:
-            g.logs(capfd)
-            reader, writer = await g.raw_connection()
-            writer.write(b"GET /public/whole HTTP/1.1\r\nHost: g\r\nX-Request-Id: rid-left\r\n\r\n")
-            await asyncio.sleep(0.1)
-            writer.close()
-            client_left.set()
-            await asyncio.sleep(0.6)
-            _, err = g.logs(capfd)
-    finally:
-        server.close()
-    line = line_of(err, "rid-left")
+    line, _ = await logged_after_the_client_left(
+        redis_url, monkeypatch, capfd, "GET /public/whole HTTP/1.1",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "rid-left")
     assert (line["status"], line["bytes_out"]) == (200, 0), line
 
 

@@ -778,6 +778,21 @@ async def test_a_request_counted_on_a_connection_redis_never_answered_is_taken_b
     assert _month_count(redis_url, "acme") == 1
 
 
+async def gives_up_before_its_100_continue(g, relay, path: str, token: str) -> None:
+    """A client sends a JSON POST's head with ``Expect: 100-continue`` while ``relay`` holds
+    the store's answer, gives up waiting and closes; then the store answers."""
+    reader, writer = await g.raw_connection()
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {token}\r\n"
+                 f"Expect: 100-continue\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: 2\r\n\r\n".encode())
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()             # gave up waiting for the 100 Continue
+    await asyncio.sleep(0.2)   # keygate has seen it go
+    relay.release()
+    await asyncio.sleep(0.5)
+
+
 async def test_a_client_gone_before_its_100_continue_is_not_counted(upstream, redis_url,
                                                                     monkeypatch, caplog):
     """A client sent its head with ``Expect: 100-continue`` and left while the store was slow
@@ -795,16 +810,7 @@ async def test_a_client_gone_before_its_100_continue_is_not_counted(upstream, re
                 assert r.status == 200   # verified in this process; counted once
             seen = len(upstream.requests)
             relay.hold()  # the next authorize call runs in Redis, its answer waits
-            reader, writer = await g.raw_connection()
-            writer.write(b"POST /people HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer " +
-                         token.encode() + b"\r\nExpect: 100-continue\r\n"
-                         b"Content-Length: 2\r\n\r\n")
-            await writer.drain()
-            await asyncio.sleep(0.2)
-            writer.close()             # gave up waiting for the 100 Continue
-            await asyncio.sleep(0.2)   # keygate has seen it go
-            relay.release()
-            await asyncio.sleep(0.5)
+            await gives_up_before_its_100_continue(g, relay, "/people", token)
     assert len(upstream.requests) == seen
     assert _month_count(redis_url, "acme") == 1
     assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
@@ -828,16 +834,7 @@ async def test_a_client_gone_before_its_100_continue_on_a_key_endpoint_is_not_a_
                 assert r.status == 200   # verified in this process
             g.logs(capfd)
             relay.hold()  # the next store call runs in Redis, its answer waits
-            reader, writer = await g.raw_connection()
-            writer.write(b"POST /_keygate/v1/keys HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer "
-                         + token.encode() + b"\r\nExpect: 100-continue\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n")
-            await writer.drain()
-            await asyncio.sleep(0.2)
-            writer.close()             # gave up waiting for the 100 Continue
-            await asyncio.sleep(0.2)   # keygate has seen it go
-            relay.release()
-            await asyncio.sleep(0.5)
+            await gives_up_before_its_100_continue(g, relay, "/_keygate/v1/keys", token)
             _, err = g.logs(capfd)
     lines = [json.loads(line) for line in err.splitlines() if line.startswith('{"time"')]
     assert [(line["status"], line["error"]) for line in lines
