@@ -22,6 +22,7 @@ BodySource = Callable[[], Awaitable[bytes]]  # returns b"" at the end
 _FRAMING = (b"content-length", b"transfer-encoding")  # the headers that say where a body ends
 _FRAMING_LENGTHS = (14, 17)
 
+
 class UpstreamConnectError(Exception):
     """Could not connect (refused, unreachable, DNS, TLS)."""
 
