@@ -435,3 +435,42 @@ async def test_a_chunked_body_framed_wrongly_mid_body_is_400_at_once_not_a_408(
         assert took < 2, took
         assert await g.used() == 0
         assert upstream.requests == []  # no upstream connection for an unfinished body
+
+
+async def test_a_chunked_body_framed_wrongly_mid_body_is_400_at_once_on_the_admin_api(
+        redis_url, upstream, monkeypatch):
+    """The same on the admin listener (AdminRunner, as ``keygate serve`` runs it): 400
+    ``bad_request`` at once, one answer, the connection closed. (This held before the proxy
+    listener's fix too: the admin app runs each request in its own task, and aiohttp answers
+    the parse error and closes; the test keeps it so.)"""
+    from aiohttp import web
+
+    from gateway.proxying.server import AdminRunner
+    from harness import ADMIN_TOKEN
+    config = edge_config(str(upstream.make_url("")), timeouts=Timeouts(header=5.0, body=3.0,
+                                                                       idle=30.0))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        runner = AdminRunner(g.gw.admin_app, handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+            writer.write(f"POST /admin/v1/workspaces HTTP/1.1\r\nHost: x\r\n"
+                         f"Authorization: Bearer {ADMIN_TOKEN}\r\n"
+                         f"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         f"4\r\n{{\"id\"\r\n".encode())
+            await writer.drain()
+            await asyncio.sleep(0.3)  # the handler is reading the body
+            started = time.monotonic()
+            writer.write(b"zz\r\nabc\r\n0\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 6)
+            took = time.monotonic() - started
+            closed, rest = await closed_within(reader, 3.0)
+            writer.close()
+        finally:
+            await runner.cleanup()
+    assert head.split(b" ")[1] == b"400", (head, rest)
+    assert took < 2, took
+    assert closed and b"\r\n\r\n" not in rest, rest  # one answer, then closed
+    assert json.loads(rest)["error"]["code"] == "bad_request", rest
