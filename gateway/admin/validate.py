@@ -68,6 +68,11 @@ def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None
     if unknown:
         takes = f"it takes: {', '.join(allowed)}" if allowed else "it takes none"
         raise BadRequest(f"Unknown query parameter '{shown(unknown[0])}'; {takes}.")
+    getall = getattr(query, "getall", None)  # aiohttp's multidict holds every value
+    repeated = next((p for p in query if getall is not None and len(getall(p)) > 1), None)
+    if repeated is not None:  # else the first value would win, silently
+        raise BadRequest(f"The query parameter '{shown(repeated)}' is given more than once; "
+                         "give it once.")
 
 
 # C0 and C1 controls, DEL, line/paragraph separators, bidi marks, embeddings, overrides, isolates
