@@ -147,7 +147,7 @@ def admin_paths() -> dict[str, Schema]:
             "put": op("Create or replace a workspace role",
                       ok(200, ref("Role"), "the role"), *with_body, NOT_FOUND_404,
                       body=ref("RolePut"), tags=["roles"]),
-            "delete": op("Delete a workspace role (idempotent)",
+            "delete": op("Delete a workspace role (404 when the workspace does not define it)",
                          ok(200, ref("Role"), "the role as it was"), *common, NOT_FOUND_404,
                          tags=["roles"]),
         },
