@@ -613,6 +613,33 @@ async def test_unknown_query_parameters_are_400(admin, path):
     await error(await admin.get(path), 400, "bad_request")
 
 
+async def test_head_takes_the_query_parameters_of_its_get(admin):
+    """RFC 9110: HEAD is GET without the body. aiohttp serves HEAD for every GET route, but the
+    table of query parameters was looked up by the request's own method, so a HEAD of
+    ``/keys?status=active`` (a link checker, a cache probe) was 400 "Unknown query parameter
+    'status'; it takes none" where GET answers 200."""
+    await workspace(admin)
+    for path in ("/admin/v1/workspaces/acme/keys?status=active&sort=name&limit=5",
+                 "/admin/v1/workspaces/acme/usage/daily?days=7",
+                 "/admin/v1/workspaces/acme/audit?limit=5"):
+        assert (await admin.get(path)).status == 200
+        head = await admin.head(path)
+        assert head.status == 200, (path, head.status)
+    assert (await admin.head("/admin/v1/workspaces/acme/keys?state=active")).status == 400
+
+
+@pytest.mark.parametrize("query", ["status=active&status=revoked", "limit=1&limit=1000",
+                                   "sort=name&sort=created"])
+async def test_a_repeated_query_parameter_is_400_not_its_first_value(admin, query):
+    """``?status=active&status=revoked`` answered the active keys alone, silently: a script
+    meaning "active or revoked" acted on part of them, the very misreading that makes unknown
+    parameters a 400. Each parameter takes one value."""
+    await workspace(admin)
+    body = await error(await admin.get(f"/admin/v1/workspaces/acme/keys?{query}"), 400,
+                       "bad_request")
+    assert query.split("=")[0] in body["error"]["message"]
+
+
 async def test_rotating_with_grace_cannot_grow_a_workspace_past_its_cap(admin):
     """Rotating with a grace keeps the old key active: without a check, rotating the newest key
     again and again minted any number of active keys on a plan with max_keys=3."""

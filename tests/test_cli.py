@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import json
 import socket
 import subprocess
@@ -143,6 +144,32 @@ def test_unreachable_admin_api_is_one_line_and_exit_1(capsys, monkeypatch):
     assert err.startswith(f"keygate: cannot reach the admin API at http://127.0.0.1:{port}: ")
     assert err.count("\n") == 1
     assert ADMIN_TOKEN not in err
+
+
+@pytest.mark.parametrize("argv, env, names", [
+    (["--admin-url", "http://127.0.0.1:abc"], {}, "--admin-url"),
+    (["--admin-url", "http://127.0.0.1:99999"], {}, "--admin-url"),
+    (["--admin-url", "http://127.0.0.1:1 x"], {}, "--admin-url"),
+    ([], {"KEYGATE_ADMIN_URL": "http://127.0.0.1:abc"}, "KEYGATE_ADMIN_URL"),
+    (["--timeout", "-1"], {}, "--timeout"),
+    (["--timeout", "nan"], {}, "--timeout"),
+    (["--timeout", "inf"], {}, "--timeout"),
+    (["--timeout", "0"], {}, "--timeout"),
+], ids=["nonnumeric-port", "port-out-of-range", "blank-in-port", "env-port", "timeout-negative",
+        "timeout-nan", "timeout-inf", "timeout-zero"])
+def test_a_bad_admin_url_or_timeout_is_bad_usage_never_a_traceback(argv, env, names):
+    """SPEC: exit 2 on bad usage, never a traceback. An admin URL whose port is not a port
+    passed the scheme-and-host check and ended in http.client's InvalidURL traceback; a
+    --timeout of -1, nan or inf in socket.settimeout's ValueError/OverflowError traceback (0
+    made the socket non-blocking: 'Operation now in progress')."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_ADMIN_URL")}
+    environ.update(env, KEYGATE_ADMIN_TOKEN=ADMIN_TOKEN)
+    done = subprocess.run([sys.executable, "-m", "gateway", *argv, "workspaces", "list"],
+                          capture_output=True, text=True, timeout=60, env=environ)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 2, done.stderr
+    assert names in done.stderr and done.stdout == ""
+    assert ADMIN_TOKEN not in done.stderr
 
 
 def test_admin_url_comes_from_the_environment(capsys, monkeypatch):

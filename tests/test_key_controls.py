@@ -240,6 +240,36 @@ async def test_meta_of_exactly_4_kib_is_accepted(gut):
     assert status == 400
 
 
+def strict_json(raw: bytes):
+    """JSON as RFC 8259 has it (as JavaScript's JSON.parse and jq read it): no NaN/Infinity."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(raw, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+async def test_a_body_with_a_number_json_cannot_hold_is_400_and_never_stored(gut, number):
+    """Python's json reads NaN, Infinity and 1e999 (a float overflowing to inf); RFC 8259 has
+    none of them. ``meta`` took them and every later answer about the key (its create, read and
+    the workspace's listing) carried a bare ``NaN``: not JSON, so the console (JSON.parse), jq
+    and strict clients could no longer read the workspace's key listing at all."""
+    await gut.workspace()
+    _, key = await gut.key()
+    path = f"/admin/v1/workspaces/acme/keys/{key['id']}"
+    for method, url, body in (
+            ("POST", "/admin/v1/workspaces/acme/keys",
+             '{"name": "n", "scopes": ["people:read"], "meta": {"x": %s}}' % number),
+            ("PATCH", path, '{"meta": {"x": [%s]}}' % number)):
+        async with gut.admin.request(method, url, data=body.encode(),
+                                     headers={"Content-Type": "application/json"}) as r:
+            raw = await r.read()
+            assert r.status == 400, raw
+            assert strict_json(raw)["error"]["code"] == "bad_request"
+    async with gut.admin.get("/admin/v1/workspaces/acme/keys") as r:
+        listing = strict_json(await r.read())
+    assert [k["meta"] for k in listing["items"]] == [{}]
+
+
 async def test_keys_sharing_equal_limits_and_allow_lists_in_the_cache_still_change_alone(gut):
     """The key cache shares equal values between keys (a workspace, its plan with overrides,
     a key's own rate limit, an allow-list): a change to one workspace or key must reach every

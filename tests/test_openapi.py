@@ -5,6 +5,7 @@ checked by schemathesis, a property-based API tester, driven from the document a
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -171,3 +172,63 @@ def test_every_error_code_the_api_answers_is_in_the_error_table():
     assert codes
     missing = sorted(c for c in codes if f"`{c}`" not in table)
     assert not missing, missing
+
+
+# --- answers the gateway gives that the document must hold ---------------------------------------
+
+def documented_codes(doc: dict, method: str, path: str, status: int) -> list[str]:
+    """The error codes the document allows for ``method path`` answering ``status``."""
+    responses = doc["paths"][path][method.lower()]["responses"]
+    if str(status) not in responses:
+        return []
+    schema = responses[str(status)]["content"]["application/json"]["schema"]
+    return schema["allOf"][1]["properties"]["error"]["properties"]["code"]["enum"]
+
+
+async def test_a_workspace_keys_ip_refusal_and_a_stalled_body_are_in_the_document(
+        redis_url, upstream, monkeypatch):
+    """SPEC: the document describes every error and status code exactly as served. A
+    ``keys:admin`` key used from outside its ``allowed_ips`` is answered 403 ``ip_not_allowed``
+    on the admin listener (only ``insufficient_scope`` was described there), and a body that
+    stalls is 408 ``request_timeout`` on the admin API and self-service (no 408 anywhere)."""
+    from gateway.config import ServerConfig, Timeouts
+
+    from harness import ADMIN_TOKEN, closed_within
+
+    doc = document()
+    config = make_config(str(upstream.make_url("")), server=ServerConfig(
+        host="127.0.0.1", timeouts=Timeouts(header=5.0, body=1.0, idle=30.0)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, key = await g.key("acme", scopes=["keys:admin", "people:read"])
+
+        async def stalled(port: int, path: str, bearer: str) -> tuple[int, str]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                             f"{bearer}\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: 100\r\n\r\n{{\"name\": ".encode())
+                _, got = await closed_within(reader, 5.0)
+            finally:
+                writer.close()
+            head, _, body = got.partition(b"\r\n\r\n")
+            return int(head.split()[1]), json.loads(body)["error"]["code"]
+
+        served = [("POST", "/admin/v1/workspaces", await stalled(
+                       g.admin_server.port, "/admin/v1/workspaces", ADMIN_TOKEN)),
+                  ("POST", "/_keygate/v1/keys", await stalled(
+                      g.proxy_server.port, "/_keygate/v1/keys", token))]
+        status, _ = await g.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                       {"allowed_ips": ["10.0.0.0/8"]})
+        assert status == 200
+        for method, path in (("GET", "/admin/v1/workspaces/{ws}/keys"),
+                             ("POST", "/admin/v1/workspaces/{ws}/keys")):
+            async with g.admin.request(method, path.replace("{ws}", "acme"),
+                                       json={"name": "n"} if method == "POST" else None,
+                                       headers={"Authorization": f"Bearer {token}"}) as r:
+                served.append((method, path, (r.status, (await r.json())["error"]["code"])))
+    assert [s for _, _, s in served] == [(408, "request_timeout")] * 2 + \
+        [(403, "ip_not_allowed")] * 2
+    undescribed = [(m, p, s) for m, p, s in served
+                   if s[1] not in documented_codes(doc, m, p, s[0])]
+    assert not undescribed, undescribed

@@ -172,9 +172,10 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                 request[ACTOR] = caller
                 actor = caller.key_id  # "operator" or the acting key's id, for the log
                 resource = getattr(request.match_info.route, "resource", None)
-                if resource is not None:
+                if resource is not None:  # HEAD is GET without the body: its parameters
+                    method = "GET" if request.method == "HEAD" else request.method
                     check_query(request.query, QUERY_PARAMS.get(
-                        (request.method, getattr(resource, "canonical", "")), ()))
+                        (method, getattr(resource, "canonical", "")), ()))
                 if request.body_exists:  # before the handler, whose reads then wait on nothing
                     await read_whole_body(request, config.server.timeouts.body)
             response = await handler(request)

@@ -17,6 +17,7 @@ Adding an endpoint (see also docs/operations.md "Extending the API"):
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import lru_cache
 
@@ -25,7 +26,7 @@ from .api import WORKSPACE_ADMIN_ROUTES
 from .openapi_proxy import proxy_paths
 from .openapi_schemas import (ADMIN_401, BAD_400, DAYS, JSON, KEY, NOT_FOUND_404,
                               REQUEST_ID_HEADER, RETRY_AFTER, ROLE_NAME, STORE_503,
-                              TOO_LARGE_413, WS, Schema, err, list_params, obj, ok, op, param,
+                              TIMEOUT_408, TOO_LARGE_413, WS, Schema, err, list_params, obj, ok, op, param,
                               ref, schemas)
 
 
@@ -33,8 +34,10 @@ from .openapi_schemas import (ADMIN_401, BAD_400, DAYS, JSON, KEY, NOT_FOUND_404
 
 def admin_paths() -> dict[str, Schema]:
     v1 = "/admin/v1/workspaces"
-    common = (BAD_400, ADMIN_401, STORE_503)          # unknown query parameter, auth, store
-    with_body = (BAD_400, ADMIN_401, TOO_LARGE_413, STORE_503)
+    # unknown query parameter, auth, a declared body that stalls (any authenticated call's
+    # body is read before its handler runs), store
+    common = (BAD_400, ADMIN_401, TIMEOUT_408, STORE_503)
+    with_body = (BAD_400, ADMIN_401, TIMEOUT_408, TOO_LARGE_413, STORE_503)
     open_ = []                                        # no authentication
     return {
         "/healthz": {"get": op("The process is up", ok(200, ref("Status"), "up"),
@@ -53,7 +56,8 @@ def admin_paths() -> dict[str, Schema]:
                                   "content": {JSON: {"schema": {"type": "object"}}}}}}},
         "/admin/v1/reload": {
             "post": op("Re-read the config file and apply it without a restart (every worker)",
-                       ok(200, ref("ReloadResult"), "applied"), ADMIN_401, TOO_LARGE_413,
+                       ok(200, ref("ReloadResult"), "applied"), ADMIN_401, TIMEOUT_408,
+                       TOO_LARGE_413, STORE_503,
                        ("400", {"description": "`bad_request`: a body was sent, or the file has "
                                               "problems (listed; nothing was changed)",
                                 "headers": REQUEST_ID_HEADER,
@@ -143,7 +147,7 @@ def admin_paths() -> dict[str, Schema]:
             "put": op("Create or replace a workspace role",
                       ok(200, ref("Role"), "the role"), *with_body, NOT_FOUND_404,
                       body=ref("RolePut"), tags=["roles"]),
-            "delete": op("Delete a workspace role (idempotent)",
+            "delete": op("Delete a workspace role (404 when the workspace does not define it)",
                          ok(200, ref("Role"), "the role as it was"), *common, NOT_FOUND_404,
                          tags=["roles"]),
         },
@@ -253,9 +257,14 @@ def workspace_admin_access(paths: dict[str, Schema]) -> dict[str, Schema]:
     """The admin API also answers a workspace's ``keys:admin`` key (the console signs people in
     with one) on the routes ``api.WORKSPACE_ADMIN_ROUTES`` lists, confined to that
     workspace (another reads as 404 ``not_found``) and to the key's own scopes (wider: 403);
-    every other authenticated admin route answers such a key 403 ``insufficient_scope``."""
-    key_errors = dict([err(403, "insufficient_scope"),
+    every other authenticated admin route answers such a key 403 ``insufficient_scope``. The
+    key is checked by the proxy pipeline's own steps: from outside its ``allowed_ips`` it is
+    403 ``ip_not_allowed``, and a full verification queue is 503 ``overloaded``."""
+    key_errors = dict([err(403, "insufficient_scope", "ip_not_allowed"),
                        err(429, "too_many_failures", headers=RETRY_AFTER)])
+    busy = err(503, "store_unavailable", "overloaded", headers={"Retry-After": {
+        **RETRY_AFTER["Retry-After"], "required": False,
+        "description": "seconds (with `overloaded`)"}})
     for path, item in paths.items():
         if not path.startswith("/admin/v1/"):
             continue
@@ -263,6 +272,8 @@ def workspace_admin_access(paths: dict[str, Schema]) -> dict[str, Schema]:
             if method == "parameters" or operation.get("security") == []:
                 continue
             operation["responses"].update(key_errors)
+            if "503" in operation["responses"]:
+                operation["responses"]["503"] = copy.deepcopy(busy[1])
             if (method.upper(), path) in WORKSPACE_ADMIN_ROUTES:
                 operation["security"] = [{"operatorToken": []}, {"workspaceAdminKey": []}]
     return paths

@@ -31,6 +31,7 @@ def proxy_errors(*, scope: bool, body: bool) -> list[tuple[str, Schema]]:
     else:
         errors.append(err(403, "ip_not_allowed"))
     if body:
+        errors.append(err(408, "request_timeout"))  # a body that stalls (then closed)
         errors.append(err(413, "body_too_large"))
     return errors
 

@@ -205,6 +205,7 @@ STORE_503 = err(503, "store_unavailable")
 BAD_400 = err(400, "bad_request")
 NOT_FOUND_404 = err(404, "not_found")
 TOO_LARGE_413 = err(413, "body_too_large")
+TIMEOUT_408 = err(408, "request_timeout")   # a declared body that stalls (then closed)
 
 
 def param(name: str, where: str, schema: Schema, description: str = "",

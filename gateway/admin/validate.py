@@ -29,12 +29,27 @@ DAILY_DEFAULT, DAILY_MAX = 30, 90
 AUDIT_DEFAULT, AUDIT_MAX = 100, 1000
 
 
+def _not_json(text: str) -> float:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e999: no JSON can carry it back out
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """A JSON object whose fields are all in ``allowed`` (an empty body is ``{}``)."""
+    """A JSON object whose fields are all in ``allowed`` (an empty body is ``{}``).
+
+    Strict RFC 8259: Python's reader also takes NaN, Infinity and numbers that overflow to
+    infinity, which ``meta`` would store and every later answer would carry as bare ``NaN``
+    (not JSON: the console and jq could no longer read the listing)."""
     if not raw.strip():
         return {}
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
     except (ValueError, RecursionError):
         raise BadRequest("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
@@ -53,6 +68,11 @@ def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None
     if unknown:
         takes = f"it takes: {', '.join(allowed)}" if allowed else "it takes none"
         raise BadRequest(f"Unknown query parameter '{shown(unknown[0])}'; {takes}.")
+    getall = getattr(query, "getall", None)  # aiohttp's multidict holds every value
+    repeated = next((p for p in query if getall is not None and len(getall(p)) > 1), None)
+    if repeated is not None:  # else the first value would win, silently
+        raise BadRequest(f"The query parameter '{shown(repeated)}' is given more than once; "
+                         "give it once.")
 
 
 # C0 and C1 controls, DEL, line/paragraph separators, bidi marks, embeddings, overrides, isolates

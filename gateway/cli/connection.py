@@ -22,6 +22,15 @@ def admin_url(text: str) -> str:
     parts = urllib.parse.urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"'{text}' is not an http(s) URL")
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise ValueError(f"{text!r} holds blanks or control characters")
+    try:
+        parts.port  # a port that is not a number from 0 to 65535 raises ValueError here
+    except ValueError:
+        raise ValueError(f"'{text}' does not have a valid port (a number from 1 to 65535)") \
+            from None
+    if parts.port == 0:
+        raise ValueError(f"'{text}' does not have a valid port (a number from 1 to 65535)")
     return text
 
 

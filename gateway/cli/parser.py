@@ -9,7 +9,7 @@ from typing import Any
 from . import key_controls, keys, reports, roles, server, workspaces
 from .client import DEFAULT_TIMEOUT
 from .connection import DEFAULT_ADMIN_URL, admin_url
-from .parsing import CommandTree, argtype
+from .parsing import CommandTree, argtype, seconds
 
 
 def admin_options(suppress: bool) -> argparse.ArgumentParser:
@@ -29,7 +29,8 @@ def admin_options(suppress: bool) -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="PATH", default=default(None),
                    help="take the admin URL and operator token from this config file's "
                         "admin section")
-    p.add_argument("--timeout", type=float, default=default(DEFAULT_TIMEOUT),
+    p.add_argument("--timeout", type=argtype(seconds, "SECONDS"),
+                   default=default(DEFAULT_TIMEOUT),
                    help=f"seconds to wait for the admin API (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--json", action="store_true", default=default(False),
                    help="print the API's JSON answer as is (errors too, on stdout)")

@@ -58,6 +58,18 @@ def parse_expiry(text: str) -> dict[str, Any]:
     return {"expires_at": moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
+def seconds(text: str) -> float:
+    """``--timeout``: a finite number of seconds above 0 (0 would make the socket
+    non-blocking; a negative, nan or inf one is refused by the socket with a traceback)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"'{text}' is not a number of seconds") from None
+    if not 0 < value < 10**6:  # nan compares false
+        raise ValueError(f"'{text}' must be a number of seconds above 0 (and below 1000000)")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
