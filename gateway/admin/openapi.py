@@ -26,8 +26,8 @@ from .api import WORKSPACE_ADMIN_ROUTES
 from .openapi_proxy import proxy_paths
 from .openapi_schemas import (ADMIN_401, BAD_400, DAYS, JSON, KEY, NOT_FOUND_404,
                               REQUEST_ID_HEADER, RETRY_AFTER, ROLE_NAME, STORE_503,
-                              TIMEOUT_408, TOO_LARGE_413, WS, Schema, err, list_params, obj, ok, op, param,
-                              ref, schemas)
+                              TIMEOUT_408, TOO_LARGE_413, WS, Schema, err, list_params, obj, ok,
+                              op, param, ref, schemas)
 
 
 # --- the admin listener ----------------------------------------------------------------------
