@@ -149,11 +149,15 @@ def original_request(request: web.BaseRequest, suffix: str) -> tuple[str, str]:
             if len(uri) > 1 or len(methods) > 1:
                 raise errors.BadRequest(f"{uri_header} or {method_header} was sent twice.",
                                         code="bad_request")
-            method = methods[0].strip().upper() if methods else request.method
-            if not _METHOD.fullmatch(method):
+            # As sent: the HTTP parser already trimmed SP and HTAB around each value, and
+            # str.strip() would also drop what is not whitespace to HTTP (a no-break space,
+            # NEL), so path sanity would judge another URI than the proxy in front forwards.
+            # ASCII before upper(): 'poſt'.upper() is 'POST'.
+            method = methods[0] if methods else request.method
+            if not method.isascii() or not _METHOD.fullmatch(method := method.upper()):
                 raise errors.BadRequest(f"{method_header} is not an HTTP method.",
                                         code="bad_request")
-            return method, uri[0].strip()
+            return method, uri[0]
     _, _, query = request.raw_path.partition("?")
     path = suffix or "/"
     return request.method, f"{path}?{query}" if query else path

@@ -276,3 +276,29 @@ async def test_renamed_identity_headers_are_signed_and_verify_with_their_names(
     assert h["X-Tenant"] == "acme"
     assert signature.verify(h, "GET", "/people/1", SECRET, identity_headers=names)
     assert not signature.verify(h, "GET", "/people/1", SECRET)  # read with the default names
+
+
+@pytest.mark.parametrize("value", [
+    "t=\u00b2,v1=" + "0" * 64,            # superscript two: isdigit() yet not int()
+    "t=\u0661\u0662\u0663,v1=" + "0" * 64,  # Arabic-Indic digits: not the signed ASCII t
+    "t=1,v1=\ud800",                      # a lone surrogate (a plain dict of headers)
+    "t=1,v1=\udcff",
+])
+def test_verify_answers_false_for_any_malformed_header_never_raises(value):
+    headers = {"X-Keygate-Signature": value, "X-Request-Id": "r1"}
+    assert signature.verify(headers, "GET", "/", SECRET, now=1) is False
+
+
+def test_verify_reads_only_ascii_digits_as_the_time():
+    """The time signed is ``str(t)``: a header whose t= is not those ASCII digits is not the
+    header keygate wrote, even where int() would read the same number."""
+    now = 1_800_000_000
+    value = signature.sign(SECRET, "GET", "/", "r1", t=now)
+    headers = {"X-Request-Id": "r1"}
+    assert signature.verify({**headers, "X-Keygate-Signature": value}, "GET", "/", SECRET,
+                            now=now)
+    arabic = value.replace(f"t={now}", "t=" + str(now).translate(
+        str.maketrans("0123456789", "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667"
+                                    "\u0668\u0669")))
+    assert not signature.verify({**headers, "X-Keygate-Signature": arabic}, "GET", "/",
+                                SECRET, now=now)

@@ -80,3 +80,24 @@ async def test_the_wsgi_middleware_accepts_keygate_and_refuses_a_direct_caller(
     forged = [(k, "evil" if k == "X-Workspace-Id" else v) for k, v in received["headers"]]
     assert call(forged, received["raw_path"])[0] == "401 Unauthorized"
     assert call(received["headers"], "/people/2?a=%2F")[0] == "401 Unauthorized"
+
+
+async def test_a_direct_caller_with_a_malformed_signature_gets_401_not_500(aiohttp_server,
+                                                                           monkeypatch):
+    """What the documented middleware answers a caller that goes around keygate with a
+    garbled header: 401, never an exception from ``verify`` (a 500, a traceback in the
+    upstream's log). ``t=²`` or Arabic-Indic digits pass ``str.isdigit``; a WSGI server hands
+    header bytes over as Latin-1, so ``\\xb2`` is '²'."""
+    monkeypatch.setenv("KEYGATE_SIGNING_SECRET", "doc-secret")
+    middleware = load(doc_blocks()[0])["keygate_signature"]
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="reached")
+    app = web.Application(middlewares=[middleware])
+    app.router.add_route("*", "/{tail:.*}", hello)
+    server = await aiohttp_server(app)
+    async with ClientSession() as direct:
+        for value in ("t=\u00b2,v1=00", "t=\u0661\u0662,v1=00", "t=1,v1=\u00e9"):
+            async with direct.get(server.make_url("/people/1"),
+                                  headers={"X-Keygate-Signature": value}) as r:
+                assert r.status == 401, (value, r.status)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import socket
 
 import pytest
@@ -100,3 +101,35 @@ def test_a_forwarded_hop_with_a_zone_gives_the_bare_address(hop):
     client = trusted.client_address("127.0.0.1", [hop])
     assert "%" not in client and client.isprintable() and " " not in client
     assert client == ("198.51.100.7" if "ffff" in hop else "fe80::1")
+
+
+async def test_a_trusted_proxy_vouches_only_for_the_forwarded_headers_it_writes(
+        redis_url, upstream, monkeypatch, capfd):
+    """A load balancer in ``trusted_proxies`` writes ``X-Forwarded-For``/``-Proto``; it passes
+    a client's ``X_Forwarded_For``/``X_Forwarded_Proto`` on untouched (HAProxy, Envoy and
+    cloud balancers keep names with ``_``), and a WSGI upstream reads those as the same
+    headers. keygate judged the client by the hyphenated chain alone (throttle, IP
+    allow-list, access log), so the upstream must get that chain, not one with the client's
+    own entry spliced in after the balancer's, nor the client's word for the scheme."""
+    base = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(base, server=dataclasses.replace(
+        base.server, trusted_proxies=("127.0.0.1",)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read"])
+        async with g.proxy.get("/people/1", headers=[
+                ("Authorization", f"Bearer {token}"),
+                ("X-Forwarded-For", "203.0.113.9"),          # written by the balancer
+                ("X_Forwarded_For", "6.6.6.6"),              # the client's, passed along
+                ("X_Forwarded_Proto", "https")]) as r:
+            assert r.status == 200
+        _, err = g.logs(capfd)
+    [line] = [json.loads(x) for x in err.splitlines() if '"/people/1"' in x]
+    assert line["client"] == "203.0.113.9"
+    forwarded = [(k.lower().replace("_", "-"), v) for k, v in upstream.requests[-1]["headers"]
+                 if k.lower().replace("_", "-").startswith("x-forwarded-")]
+    xff = [v for k, v in forwarded if k == "x-forwarded-for"]
+    assert xff == ["203.0.113.9, 127.0.0.1"]
+    # the upstream, trusting keygate's peer and keygate, finds the client keygate found
+    assert TrustedProxies(["127.0.0.1"]).client_address("127.0.0.1", xff) == "203.0.113.9"
+    assert [v for k, v in forwarded if k == "x-forwarded-proto"] == ["http"]

@@ -4,6 +4,7 @@ it as a forwarded request would be counted, and forwards nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from yarl import URL
@@ -170,3 +171,47 @@ async def test_verify_requests_are_observed_under_the_original_route(gw):
         pass
     assert gw.counter("keygate_requests_total", route="/people/**", method="GET",
                       status_class="2xx") == 1
+
+
+async def _raw_verify(gw, headers: bytes) -> tuple[bytes, bytes]:
+    """One verify call with header bytes an HTTP client library would not send; returns the
+    status line and the body."""
+    reader, writer = await gw.raw_connection()
+    try:
+        writer.write(b"GET " + VERIFY.encode() + b" HTTP/1.1\r\nHost: gw\r\n" + headers
+                     + b"Connection: close\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], body
+
+
+@pytest.mark.parametrize("name", [b"X-Original-URI", b"X-Forwarded-Uri"])
+@pytest.mark.parametrize("uri", [b"/people/1\xc2\xa0", b"/people/1\xc2\x85",
+                                 b"/open/x\xe2\x80\x83"])
+async def test_the_original_uri_is_judged_as_sent_not_trimmed(gw, name, uri):
+    """Path sanity applies to the original URI byte for byte: a trailing no-break space, NEL
+    or em space is not whitespace to trim (HTTP trims only SP and HTAB
+    around a field value). The proxy itself refuses such a request line, so verify must not
+    answer 200 for it, let alone for a public route (/open/**) without a key."""
+    token, _ = await gw.key(scopes=["people:read"])
+    status, body = await _raw_verify(gw, b"Authorization: Bearer " + token.encode() + b"\r\n"
+                                     + name + b": " + uri + b"\r\n")
+    assert status.split()[1] == b"400", status
+    assert json.loads(body)["error"]["code"] == "bad_path"
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
+
+
+async def test_the_original_method_is_judged_as_sent(gw):
+    """A method with a trailing no-break space, or one that only upper-cases to an HTTP method
+    through Unicode case mapping (the long s of 'poſt'), is not that method."""
+    token, _ = await gw.key(scopes=["people:read", "people:write"])
+    for method in ("GET\u00a0", "po\u017ft"):
+        status, body = await _raw_verify(
+            gw, b"Authorization: Bearer " + token.encode() + b"\r\nX-Original-URI: /people/1"
+            b"\r\nX-Original-Method: " + method.encode() + b"\r\n")
+        assert status.split()[1] == b"400", (method, status)
+        assert json.loads(body)["error"]["code"] == "bad_request"
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0

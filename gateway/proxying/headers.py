@@ -17,7 +17,8 @@ Request headers, in one pass over the client's headers:
 - ``X-Forwarded-*`` and ``Forwarded`` from the client are dropped unless the peer is in
   ``server.trusted_proxies`` (``gateway.trust``: the same decision the failure throttle
   makes); from a trusted peer they are kept and the peer is appended to ``X-Forwarded-For``
-  (its ``X-Forwarded-Proto``/``-Host`` are kept when present);
+  (its ``X-Forwarded-Proto``/``-Host`` are kept when present), except their ``_`` spellings
+  (``X_Forwarded_For``): a proxy never writes those, it passes on the client's;
 - ``Host`` is the upstream's host (like nginx's default ``proxy_set_header Host $proxy_host``):
   the client's ``Host`` goes to ``X-Forwarded-Host``;
 - ``Expect`` is not forwarded (keygate answers ``100-continue`` itself), nor
@@ -195,7 +196,9 @@ class RequestHeaderRules:
             if lname in drop or lname in named:
                 continue
             if lname.startswith("x-forwarded-") or lname == "forwarded":
-                if not trusted:
+                # a trusted proxy vouches for the ones it writes: never an "_" spelling, which
+                # it passes on from the client and which gateway.trust does not read either
+                if not trusted or "_" in name:
                     continue
                 if lname == "x-forwarded-for":
                     xff.append(value)
