@@ -164,6 +164,27 @@ async def test_an_invalid_file_changes_nothing_and_answers_400_with_every_proble
     assert gw.counter("keygate_config_last_reload_timestamp_seconds") == before > 0
 
 
+async def test_a_file_emptied_by_mistake_is_refused_like_config_check_refuses_it(
+        reloadable, caplog):
+    """A file truncated mid-write (or one with its routes deleted) loads as a valid config
+    with no routes: ``serve`` and ``config check`` refuse it; a reload must too, instead of
+    answering every request 404 no_route from then on."""
+    gw, path = reloadable
+    token, _ = await gw.key(role="reader")
+    for text in ("", "routes: []\n"):
+        path.write_text(text)
+        with caplog.at_level(logging.ERROR, logger="keygate"):
+            status, body = await reload(gw)
+        assert status == 400, body
+        problems = body["error"]["problems"]
+        assert len(problems) == 1 and problems[0].startswith(f"{path}:1: routes: "), problems
+        assert problems[0] in caplog.text
+        async with gw.proxy.get("/people/1", headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 200
+    assert gw.counter("keygate_config_reloads_total", result="error") == 2
+    assert gw.counter("keygate_config_reloads_total", result="ok") == 0
+
+
 async def test_restart_only_settings_are_kept_and_named(reloadable, upstreams, caplog):
     gw, path = reloadable
     urls, _ = upstreams
