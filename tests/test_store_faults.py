@@ -120,6 +120,24 @@ async def test_readyz_is_503_when_the_per_request_path_cannot_run_its_script(
     assert "pw-of-noscripts" not in caplog.text
 
 
+async def test_a_user_name_without_a_password_authenticates_on_both_paths(
+        upstream, unix_redis, monkeypatch):
+    """``unix://svc@/path`` (or ``redis://svc@host``): redis-py logs in as ``svc`` (AUTH svc
+    with an empty password, which an ACL user with ``nopass`` accepts); the per-request path
+    must log in as the same user, not fall back to the default user."""
+    admin = redis.Redis(unix_socket_path=str(unix_redis), password=PASSWORD)
+    admin.execute_command("ACL", "SETUSER", "svc", "on", "nopass", "~*", "&*", "+@all")
+    url = f"unix://svc@{unix_redis}"
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, url, monkeypatch) as g:
+        async with g.admin.get("/readyz") as r:
+            assert r.status == 200, await r.text()
+        await g.workspace("svc")
+        token, _ = await g.key("svc")
+        async with g.proxy.get("/people", headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 200, await r.text()
+
+
 async def test_serve_refuses_to_start_on_a_wrong_password_in_one_line(unix_redis, tmp_path):
     import sys
     url = _unix_url(unix_redis, "wrong-password")
