@@ -138,6 +138,31 @@ async def test_a_user_name_without_a_password_authenticates_on_both_paths(
             assert r.status == 200, await r.text()
 
 
+async def test_readyz_is_503_on_a_read_only_replica(upstream, own_redis, tmp_path,
+                                                     monkeypatch):
+    """A redis:// URL that names a replica (a demoted master behind a DNS name, the replica
+    endpoint by mistake): PING and SCRIPT LOAD answer there, but the per-request script, which
+    counts, cannot run (READONLY). The gateway must not report ready while every request it
+    takes would be answered 503."""
+    from conftest import RedisServer
+    (tmp_path / "replica").mkdir()
+    replica = RedisServer(str(tmp_path / "replica")).start()
+    try:
+        redis.Redis(port=replica.port).replicaof("127.0.0.1", own_redis.port)
+        config = make_config(str(upstream.make_url("")))
+        async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+            await g.workspace("ro")
+            token, _ = await g.key("ro")
+        assert await eventually(lambda: redis.Redis(port=replica.port).exists("kg:ws:{ro}"))
+        async with gateway_under_test(config, replica.url, monkeypatch) as g:
+            async with g.proxy.get("/people", headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 503  # READONLY: the request could not be counted
+            async with g.admin.get("/readyz") as r:
+                assert r.status == 503, await r.text()
+    finally:
+        replica.stop()
+
+
 async def test_serve_refuses_to_start_on_a_wrong_password_in_one_line(unix_redis, tmp_path):
     import sys
     url = _unix_url(unix_redis, "wrong-password")
