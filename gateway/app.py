@@ -31,6 +31,11 @@ from .argon2_pool import release_freed_memory_every
 
 log = logging.getLogger("keygate")
 
+# Seconds a stop lets requests in flight finish, then writes what the fail-open ledger counted
+# (deploy/k8s/deployment.yaml's grace period covers both, after its preStop sleep).
+SHUTDOWN_TIMEOUT = 30
+LEDGER_SHUTDOWN_TIMEOUT = 10
+
 
 @dataclass
 class Gateway:
@@ -138,7 +143,7 @@ async def running_gateway(config: Config, store_url: str, *,
             await asyncio.gather(flushing, return_exceptions=True)
         try:
             if pipeline is not None:  # bounded: a store that is still down must not hang a stop
-                await asyncio.wait_for(pipeline.close(), timeout=10)
+                await asyncio.wait_for(pipeline.close(), timeout=LEDGER_SHUTDOWN_TIMEOUT)
         except (asyncio.TimeoutError, StoreError):
             log.warning("shutdown: requests counted while the store was down were not written")
         finally:
@@ -236,7 +241,8 @@ class ListenError(Exception):
 async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.BaseRunner]:
     """Bind the proxy and admin listeners. Raises ListenError naming the address."""
     config = gw.config
-    proxy_runner = web.ServerRunner(gw.proxy_server, handle_signals=False, shutdown_timeout=30)
+    proxy_runner = web.ServerRunner(gw.proxy_server, handle_signals=False,
+                                    shutdown_timeout=SHUTDOWN_TIMEOUT)
     admin_runner = AdminRunner(gw.admin_app, handle_signals=False, access_log=None,
                                header_timeout=config.server.timeouts.header,
                                keepalive_timeout=config.server.timeouts.idle)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from .config import Config, TLSConfig, load_config
+from .config import Config, TLSConfig, load_config, servable_problems
 from .errors import BadRequest, ConfigError, Conflict
 
 log = logging.getLogger("keygate")
@@ -103,6 +103,10 @@ class Reloader:
             try:
                 new = await asyncio.get_running_loop().run_in_executor(
                     None, load_config, self.path)
+                # what serve refuses to start on (no routes: a file emptied by mistake or
+                # caught half-written) is no config to swap in either
+                if problems := servable_problems(new):
+                    raise ConfigError(problems)
             except ConfigError as exc:
                 for problem in exc.problems:
                     log.error("reload refused: %s", problem)

@@ -256,7 +256,8 @@ def test_a_config_with_no_routes_is_refused_by_check_and_serve(tmp_path, capsys,
         assert main(argv) == 1
         out, err = capsys.readouterr()
         assert out == ""
-        assert f"{path}: routes: no routes are defined" in err
+        line = 3 if "routes:" in text else 1  # file:line: field: what
+        assert f"{path}:{line}: routes: no routes are defined" in err
 
 
 def test_config_check_defaults_to_keygate_config_env(tmp_path, capsys, monkeypatch):

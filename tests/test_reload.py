@@ -164,6 +164,46 @@ async def test_an_invalid_file_changes_nothing_and_answers_400_with_every_proble
     assert gw.counter("keygate_config_last_reload_timestamp_seconds") == before > 0
 
 
+async def test_a_file_emptied_by_mistake_is_refused_like_config_check_refuses_it(
+        reloadable, caplog):
+    """A file truncated mid-write (or one with its routes deleted) loads as a valid config
+    with no routes: ``serve`` and ``config check`` refuse it; a reload must too, instead of
+    answering every request 404 no_route from then on."""
+    gw, path = reloadable
+    token, _ = await gw.key(role="reader")
+    for text in ("", "routes: []\n"):
+        path.write_text(text)
+        with caplog.at_level(logging.ERROR, logger="keygate"):
+            status, body = await reload(gw)
+        assert status == 400, body
+        problems = body["error"]["problems"]
+        assert len(problems) == 1 and problems[0].startswith(f"{path}:1: routes: "), problems
+        assert problems[0] in caplog.text
+        async with gw.proxy.get("/people/1", headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 200
+    assert gw.counter("keygate_config_reloads_total", result="error") == 2
+    assert gw.counter("keygate_config_reloads_total", result="ok") == 0
+
+
+async def test_new_argon2_parameters_hash_the_keys_created_after_the_reload(
+        reloadable, upstreams, redis_url):
+    """keys.argon2 is a key setting, reloaded without a restart and not named as needing one:
+    keys created after the reload are hashed with the new parameters (and still verify)."""
+    import redis as redis_sync
+    from gateway.store import key_key
+    gw, path = reloadable
+    urls, _ = upstreams
+    write(path, config_doc(urls["a"], keys={"argon2": {"time_cost": 2, "memory_cost": 16,
+                                                       "parallelism": 1}}))
+    status, result = await reload(gw)
+    assert status == 200 and result["restart_required"] == [], result
+    token, key = await gw.key(role="reader")
+    stored = redis_sync.Redis.from_url(redis_url).hget(key_key("acme", key["id"]), "hash")
+    assert b"m=16,t=2,p=1" in stored, stored
+    async with gw.proxy.get("/people/1", headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 200
+
+
 async def test_restart_only_settings_are_kept_and_named(reloadable, upstreams, caplog):
     gw, path = reloadable
     urls, _ = upstreams

@@ -120,6 +120,49 @@ async def test_readyz_is_503_when_the_per_request_path_cannot_run_its_script(
     assert "pw-of-noscripts" not in caplog.text
 
 
+async def test_a_user_name_without_a_password_authenticates_on_both_paths(
+        upstream, unix_redis, monkeypatch):
+    """``unix://svc@/path`` (or ``redis://svc@host``): redis-py logs in as ``svc`` (AUTH svc
+    with an empty password, which an ACL user with ``nopass`` accepts); the per-request path
+    must log in as the same user, not fall back to the default user."""
+    admin = redis.Redis(unix_socket_path=str(unix_redis), password=PASSWORD)
+    admin.execute_command("ACL", "SETUSER", "svc", "on", "nopass", "~*", "&*", "+@all")
+    url = f"unix://svc@{unix_redis}"
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, url, monkeypatch) as g:
+        async with g.admin.get("/readyz") as r:
+            assert r.status == 200, await r.text()
+        await g.workspace("svc")
+        token, _ = await g.key("svc")
+        async with g.proxy.get("/people", headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 200, await r.text()
+
+
+async def test_readyz_is_503_on_a_read_only_replica(upstream, own_redis, tmp_path,
+                                                     monkeypatch):
+    """A redis:// URL that names a replica (a demoted master behind a DNS name, the replica
+    endpoint by mistake): PING and SCRIPT LOAD answer there, but the per-request script, which
+    counts, cannot run (READONLY). The gateway must not report ready while every request it
+    takes would be answered 503."""
+    from conftest import RedisServer
+    (tmp_path / "replica").mkdir()
+    replica = RedisServer(str(tmp_path / "replica")).start()
+    try:
+        redis.Redis(port=replica.port).replicaof("127.0.0.1", own_redis.port)
+        config = make_config(str(upstream.make_url("")))
+        async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+            await g.workspace("ro")
+            token, _ = await g.key("ro")
+        assert await eventually(lambda: redis.Redis(port=replica.port).exists("kg:ws:{ro}"))
+        async with gateway_under_test(config, replica.url, monkeypatch) as g:
+            async with g.proxy.get("/people", headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 503  # READONLY: the request could not be counted
+            async with g.admin.get("/readyz") as r:
+                assert r.status == 503, await r.text()
+    finally:
+        replica.stop()
+
+
 async def test_serve_refuses_to_start_on_a_wrong_password_in_one_line(unix_redis, tmp_path):
     import sys
     url = _unix_url(unix_redis, "wrong-password")

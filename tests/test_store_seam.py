@@ -15,8 +15,8 @@ import redis
 import gateway
 from gateway.store.clients import LeanClient, TopologyClient, connect
 from gateway.store.keyspace import fail_ip_key, fail_key_key
-from gateway.store.request import (ADD_USAGE, AUTHORIZE, DAILY_TTL, LEDGER_WRITE, REFUND,
-                                   RequestStore, Slot)
+from gateway.store.request import (ADD_USAGE, AUTHORIZE, DAILY_TTL, LEDGER_WRITE, READY,
+                                   REFUND, RequestStore, Slot)
 from harness import eventually
 
 
@@ -58,8 +58,9 @@ class Monitor:
         return out
 
 
-SCRIPTS = {s.sha.encode(): s.name for s in (AUTHORIZE, ADD_USAGE, REFUND, LEDGER_WRITE)}
-TEXTS = {s.text.encode(): s.name for s in (AUTHORIZE, ADD_USAGE, REFUND, LEDGER_WRITE)}
+ALL_SCRIPTS = (AUTHORIZE, ADD_USAGE, REFUND, LEDGER_WRITE, READY)
+SCRIPTS = {s.sha.encode(): s.name for s in ALL_SCRIPTS}
+TEXTS = {s.text.encode(): s.name for s in ALL_SCRIPTS}
 
 
 def _named(args: tuple[bytes, ...]) -> tuple[str, ...]:
@@ -97,7 +98,7 @@ async def test_request_store_speaks_only_through_the_seam(redis_url):
         assert await store.add_usage(slot, 4, 60, "w-1")
         assert not await store.add_usage(slot, 4, 60, "w-1")  # a copy: counts nothing again
         await store.close()
-        await eventually(lambda: len(monitor.commands()) >= 12, timeout=5)  # the last lines
+        await eventually(lambda: len(monitor.commands()) >= 14, timeout=5)  # the last lines
         seen = monitor.commands()
     assert d.outcome == "stale"  # Redis holds no key k1 at rev 1: the caller must re-read it
     assert len({client for client, _ in seen}) == 1  # one connection
@@ -105,6 +106,7 @@ async def test_request_store_speaks_only_through_the_seam(redis_url):
     assert [_named(c) for c in commands] == [
         ("TIME",),                                  # the clock offset, at connect
         ("SCRIPT LOAD", "authorize"),               # ready()
+        ("EVALSHA", "ready"), ("EVAL", "ready"),    # ready(): a script may write here
         ("EVALSHA", "authorize"),
         ("MGET",),                                  # failure_counts: both keys, one call
         ("EVALSHA", "add_usage"), ("EVAL", "add_usage"),  # NOSCRIPT: sent once in full
@@ -112,7 +114,7 @@ async def test_request_store_speaks_only_through_the_seam(redis_url):
         ("EVALSHA", "refund"), ("EVAL", "refund"),
         ("EVALSHA", "ledger_write"), ("EVAL", "ledger_write"),
         ("EVALSHA", "ledger_write")]                # loaded now: by digest
-    assert commands[4][2:] == (b"2", fail_ip_key("10.0.0.1").encode(),
+    assert commands[6][2:] == (b"2", fail_ip_key("10.0.0.1").encode(),
                                fail_key_key("k1").encode(), b"1", b"300", b"300")
     r = redis.Redis.from_url(redis_url)
     for counter in slot.counters()[:2]:  # the months: refunded to 0 (never below), then +4

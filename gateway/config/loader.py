@@ -110,7 +110,20 @@ def servable_problems(config: Config) -> list[str]:
     forward nothing (usually an empty file, or a file that is not the one meant).
     ``keygate serve`` and ``keygate config check`` refuse it; tests build such configs freely."""
     if not config.routes:
-        return [f"{config.source}: routes: no routes are defined, so the gateway would answer "
-                "every request 404 no_route; add at least one route (see "
-                "docs/configuration.md#routes)"]
+        return [f"{config.source}:{_routes_line(config.source)}: routes: no routes are "
+                "defined, so the gateway would answer every request 404 no_route; add at "
+                "least one route (see docs/configuration.md#routes)"]
     return []
+
+
+def _routes_line(source: str) -> int:
+    """The line of the file's top-level ``routes:`` (1 when it has none), for the problem's
+    ``file:line: field: what``."""
+    try:
+        with open(source, encoding="utf-8-sig") as fh:
+            for number, line in enumerate(fh, 1):
+                if line.startswith("routes:") or line.startswith("routes "):
+                    return number
+    except (OSError, UnicodeDecodeError):
+        pass
+    return 1

@@ -66,10 +66,8 @@ class StoreBase:
     def __init__(self, client: Any, config: Config, *,
                  clock: Callable[[], float] = time.time) -> None:
         self.redis = client
-        self.config = config
+        self.config = config  # and the hasher of new keys' secrets (see the setter)
         self.clock = clock
-        a = config.keys.argon2
-        self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
         # gateway.argon2_pool.Argon2Pool: where a serving gateway hashes new keys' secrets
         # (None: a thread of asyncio's default executor, as the CLI and tests do)
         self.argon2 = None
@@ -79,6 +77,19 @@ class StoreBase:
         self._scripts = {name: client.register_script(load(f"admin_{name}").text)
                          for name in ("create_workspace", "update_workspace", "add_key",
                                       "update_key", "revoke_key", "set_role", "delete_key")}
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """The config in force; a reload that changes ``keys.argon2`` hashes the secrets of
+        keys created from then on with the new parameters."""
+        a = config.keys.argon2
+        if getattr(self, "_config", None) is None or self._config.keys.argon2 != a:
+            self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
+        self._config = config
 
     @classmethod
     async def connect(cls, url: str, config: Config, *,

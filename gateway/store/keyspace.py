@@ -50,6 +50,8 @@ per-request script and every admin script touch a single slot.
                                           (a sliding log; expires one period after the last)
     kg:fail:ip:<ip>               STRING  failed verifications in the window (TTL)
     kg:fail:key:<id>              STRING  failed verifications in the window (TTL)
+    kg:ready                      STRING  "1", written by each readiness check of the
+                                          per-request connection (TTL: 1 s)
 
 Every multi-step change is one Lua script (``gateway/store/lua/``) on the workspace's slot:
 the change, the ``rev`` bump and the audit entry happen together or not at all. The global
@@ -85,6 +87,10 @@ def ws_audit_key(ws: str) -> str:
 
 def key_key(ws: str, key_id: str) -> str:
     return f"kg:key:{{{ws}}}:{key_id}"
+
+
+def ready_key() -> str:
+    return "kg:ready"
 
 
 def key_index_key(key_id: str) -> str:

@@ -17,8 +17,8 @@ from ..errors import StoreError, describe
 from ..usage import utc_day
 from .clients import ScriptClient, connect
 from .keyspace import (daily_key, fail_ip_key, fail_key_key, key_daily_key, key_index_key,
-                       key_key, key_usage_key, rate_key, usage_key, write_key, ws_key,
-                       ws_roles_key)
+                       key_key, key_usage_key, rate_key, ready_key, usage_key, write_key,
+                       ws_key, ws_roles_key)
 from .scripts import Script, load
 
 AUTHORIZE = load("authorize")
@@ -26,6 +26,7 @@ ADD_USAGE = load("add_usage")
 REFUND = load("refund")
 LEDGER_WRITE = load("ledger_write")
 READ_KEY = load("read_key")
+READY = load("ready")
 # The script's deadline (lua/authorize.lua ARGV[12]) is this share of the store timeout after
 # the call is made: a reply to a call that ran before it reaches us before we give up on it,
 # unless Redis stalled between running the call and replying; that reply comes late, and a
@@ -111,10 +112,13 @@ class RequestStore:
     async def ready(self) -> None:
         """Raise :class:`StoreError` (naming the cause) unless this client's own connection can
         run the per-request script: loads it (so the first request needs no NOSCRIPT round
-        trip) and checks Redis answers with its digest. A wrong password, a missing ACL
-        permission or an unreachable server all fail here."""
+        trip), checks Redis answers with its digest, and that a script may write there (the
+        per-request script counts). A wrong password, a missing ACL permission, an
+        unreachable server, a read-only replica or a full Redis all fail here."""
         try:
             sha = await self._resp.script_load(AUTHORIZE)
+            if sha == AUTHORIZE.sha:
+                await self._resp.run(READY, (ready_key(),), ())
         except Exception as exc:
             raise StoreError(f"the per-request store connection cannot run its script: "
                              f"{describe(exc)}") from exc

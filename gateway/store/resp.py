@@ -266,9 +266,12 @@ class RespClient:
             raise ConnectionError(
                 f"cannot connect to Redis: {exc.__class__.__name__}: {exc}") from exc
         hello = []
-        if self.password is not None:
-            hello.append(("AUTH", self.username, self.password) if self.username
-                         else ("AUTH", self.password))
+        # redis-py's rule (UsernamePasswordCredentialProvider): a user name alone logs in as
+        # that user with an empty password (an ACL user with ``nopass``), not as ``default``
+        if self.username:
+            hello.append(("AUTH", self.username, self.password or ""))
+        elif self.password is not None:
+            hello.append(("AUTH", self.password))
         if self.db:
             hello.append(("SELECT", self.db))
         try:
