@@ -12,8 +12,8 @@
 #
 # HTTPS listeners: mount the certificate and key read-only and name them in the config
 # (server.tls / admin.tls), e.g.
-#   docker run ... -v /etc/letsencrypt/live/api.example.com:/etc/keygate/tls:ro keygate
-#   server: {tls: {cert_file: /etc/keygate/tls/fullchain.pem, key_file: /etc/keygate/tls/privkey.pem}}
+#   docker run ... -v /etc/letsencrypt/live/api.example.com:/etc/keygate-tls:ro keygate
+#   server: {tls: {cert_file: /etc/keygate-tls/fullchain.pem, key_file: /etc/keygate-tls/privkey.pem}}
 # After a renewal, `docker kill -s HUP <container>` reloads them without a restart. With
 # admin.tls set, the HEALTHCHECK below must use https:// (and an unverified context, or the CA).
 
