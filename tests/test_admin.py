@@ -303,8 +303,9 @@ async def test_key_cap_is_409_key_limit_reached(admin):
     await workspace(admin, plan="small")
     for i in range(3):
         await new_key(admin, name=f"k{i}")
-    await error(await admin.post("/admin/v1/workspaces/acme/keys", json={"name": "k4"}), 409,
-                "key_limit_reached")
+    body = await error(await admin.post("/admin/v1/workspaces/acme/keys", json={"name": "k4"}),
+                       409, "key_limit_reached")
+    assert "cap of 3 active keys (set by its plan 'small')" in body["error"]["message"]
 
 
 async def test_concurrent_creates_at_the_cap_over_http(admin):

@@ -56,9 +56,10 @@ async def test_keys_update_usage_and_list_unused(admin_url, keygate):
                         "--days", "3")
     assert run.code == 0 and run.out.splitlines()[0].split() == ["DATE", "REQUESTS"]
     assert len(run.out.splitlines()) == 4
-    run = await keygate("keys", "usage", "--workspace", "acme", key["id"], "--daily",
-                        "--days", "91")
-    assert run.code == 1 and "days" in run.err
+    for days in ("91", "0", "-1", "x"):  # outside what the API takes: bad usage, no call
+        run = await keygate("keys", "usage", "--workspace", "acme", key["id"], "--daily",
+                            "--days", days)
+        assert run.code == 2 and "from 1 to 90" in run.err and "Traceback" not in run.err
     run = await keygate("keys", "list", "--workspace", "acme", "--unused", "30d", "--json")
     listing = run.json()
     items = listing["items"] if isinstance(listing, dict) else listing

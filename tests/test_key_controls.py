@@ -144,6 +144,7 @@ async def test_workspace_limits_override_the_plan_and_act_at_once(gut):
     status, body = await gut.admin_json("POST", "/workspaces/acme/keys",
                                         {"name": "two", "scopes": ["people:read"]})
     assert (status, body["error"]["code"]) == (409, "key_limit_reached")
+    assert "cap of 1 active keys (set by the workspace's own limits)" in body["error"]["message"]
     # null drops every override: the plan's limits again
     _, ws = await gut.admin_json("PATCH", "/workspaces/acme", {"limits": None})
     assert ws["limits"] == {"monthly_requests": 1000, "max_keys": 5, "rate_limit": None}

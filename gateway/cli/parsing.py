@@ -110,6 +110,13 @@ def days(text: str) -> int:
     return int(body)
 
 
+def daily_days(text: str) -> int:
+    """``--days N`` of ``--daily``: 1 to 90, as the API takes it (else bad usage, exit 2)."""
+    if not text.strip().isascii() or not text.strip().isdigit() or not 1 <= int(text) <= 90:
+        raise ValueError(f"'{text}' is not a number of days from 1 to 90")
+    return int(text)
+
+
 def argtype(fn: Callable[[str], Any], name: str) -> Callable[[str], Any]:
     """Wrap a ValueError-raising parser so argparse reports its message (exit 2)."""
     def convert(text: str) -> Any:
@@ -166,4 +173,5 @@ def workspace_option(p: argparse.ArgumentParser) -> None:
 def daily_options(p: argparse.ArgumentParser) -> None:
     """``--daily [--days N]`` of ``usage`` and ``keys usage``."""
     p.add_argument("--daily", action="store_true", help="one line per UTC day")
-    p.add_argument("--days", type=int, default=30, help="days with --daily (1-90, default 30)")
+    p.add_argument("--days", type=argtype(daily_days, "DAYS"), default=30,
+                   help="days with --daily (1-90, default 30)")

@@ -151,10 +151,13 @@ class KeyStore(StoreBase):
             if reply == "no_workspace":
                 raise no_workspace(ws)
             if reply == "limit":
-                raise Conflict(f"Workspace '{shown_ws(ws)}' already has the "
-                               f"{self._max_keys(workspace)} active keys its plan "
-                               f"'{workspace.plan}' allows; revoke one first.",
-                               code="key_limit_reached")
+                # the cap, not a count: a lowered cap can leave more active keys than it
+                source = "the workspace's own limits" if any(
+                    name == "max_keys" for name, _ in workspace.overrides) \
+                    else f"its plan '{workspace.plan}'"
+                raise Conflict(f"Workspace '{shown_ws(ws)}' is at its cap of "
+                               f"{self._max_keys(workspace)} active keys (set by {source}); "
+                               "revoke one first.", code="key_limit_reached")
         raise StoreError("could not find a free key id")
 
     async def rotate_key(self, ws: str, key_id: str, *, grace_seconds: int = 0,
