@@ -248,12 +248,16 @@ class Pipeline:
                 found += [value.strip() for value in sent]
         if not found:
             raise errors.missing_key()
-        if repeated:
-            raise errors.ambiguous_key("The API key header was sent more than once.")
         token = found[0]
-        for other in found[1:]:  # one per header at most (else repeated, above)
-            if other != token:
-                raise errors.ambiguous_key("Two different API keys were sent; send exactly one.")
+        if repeated or (len(found) > 1 and found.count(token) != len(found)):
+            # ambiguous, but SPEC's table puts malformed_key above ambiguous_key: a malformed
+            # token is answered as such, whatever else was sent (parsed here only, never for
+            # the one credential of an ordinary request)
+            for each in found:
+                self.auth.parse(each)
+            if repeated:
+                raise errors.ambiguous_key("The API key header was sent more than once.")
+            raise errors.ambiguous_key("Two different API keys were sent; send exactly one.")
         return token
 
     async def authenticate(self, token: str, client: str) -> CachedKey:
