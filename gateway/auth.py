@@ -193,10 +193,7 @@ class Authenticator:
                     raise invalid_token("invalid_key", "The API key is not valid.")
                 return fresh
             return entry
-        try:  # only tokens that never verified get here: shape, checksum, environment
-            token = parse_token(raw_token, self._prefix, self._environments)
-        except MalformedToken as exc:
-            raise invalid_token("malformed_key", f"The API key is malformed: {exc}.") from None
+        token = self.parse(raw_token)  # only tokens that never verified get here
         if self._miss is not None:
             self._miss.inc()
         task = self._inflight.get(digest)
@@ -208,6 +205,14 @@ class Authenticator:
             self._inflight[digest] = task
             task.add_done_callback(lambda t: self._verified(digest, t))
         return await asyncio.shield(task)
+
+    def parse(self, raw_token: str) -> ParsedToken:
+        """The token's parts: shape, prefix, checksum and environment checked (401
+        ``malformed_key`` otherwise). No store call."""
+        try:
+            return parse_token(raw_token, self._prefix, self._environments)
+        except MalformedToken as exc:
+            raise invalid_token("malformed_key", f"The API key is malformed: {exc}.") from None
 
     def _verified(self, digest: bytes, task: asyncio.Task) -> None:
         if self._inflight.get(digest) is task:

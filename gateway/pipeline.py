@@ -190,13 +190,14 @@ class Pipeline:
         with trace.step("authenticate"):
             key = await self.authenticate(token, client)
         outcome.workspace, outcome.key_id = key.workspace, key.key_id
-        # A declared body over the limit is refused after every other check (SPEC's order)
-        # and, like every refusal of keygate's own, is not counted.
+        # A declared body over the limit is refused after every other check (SPEC's order:
+        # the rate limit and quotas included, judged without spending them) and, like every
+        # refusal of keygate's own, is not counted.
         too_large = (request.content_length or 0) > rules.max_body
         with trace.step("authorise"):
             key, limit_headers, counted = await self.authorise(key, route.scopes,
                                                                count=not too_large,
-                                                               client=client)
+                                                               client=client, peek=too_large)
         if too_large:
             raise errors.body_too_large(rules.max_body)
         try:
@@ -247,12 +248,16 @@ class Pipeline:
                 found += [value.strip() for value in sent]
         if not found:
             raise errors.missing_key()
-        if repeated:
-            raise errors.ambiguous_key("The API key header was sent more than once.")
         token = found[0]
-        for other in found[1:]:  # one per header at most (else repeated, above)
-            if other != token:
-                raise errors.ambiguous_key("Two different API keys were sent; send exactly one.")
+        if repeated or (len(found) > 1 and found.count(token) != len(found)):
+            # ambiguous, but SPEC's table puts malformed_key above ambiguous_key: a malformed
+            # token is answered as such, whatever else was sent (parsed here only, never for
+            # the one credential of an ordinary request)
+            for each in found:
+                self.auth.parse(each)
+            if repeated:
+                raise errors.ambiguous_key("The API key header was sent more than once.")
+            raise errors.ambiguous_key("Two different API keys were sent; send exactly one.")
         return token
 
     async def authenticate(self, token: str, client: str) -> CachedKey:
@@ -264,11 +269,14 @@ class Pipeline:
             raise self.store_down(exc) from exc
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
-                        client: str) -> tuple[CachedKey, dict[str, str], Counted]:
+                        client: str, peek: bool = False
+                        ) -> tuple[CachedKey, dict[str, str], Counted]:
         """State (revoked/expired/disabled, the key's IP allow-list), scopes, then rate and
         quotas in one round trip. Returns the key as confirmed, the RateLimit fields, and the
         month and day the request was counted in. ``client`` is the address the key's IP
-        allow-list is checked against: the one ``authenticate`` was given.
+        allow-list is checked against: the one ``authenticate`` was given. Not ``count``:
+        nothing is counted, and rate and quotas are judged only with ``peek`` (a request
+        refused after them), else not at all (keygate's own endpoints).
 
         Decisions read from the cache are confirmed against the store's revision before they
         are answered, so a widened scope, an extended expiry or a key enabled again acts on the
@@ -289,7 +297,7 @@ class Pipeline:
                 decision = await self.requests.authorize(
                     workspace=key.workspace, key_id=key.key_id, key_rev=key.rev,
                     ws_rev=key.workspace_record.rev,
-                    count=count and refused is None,
+                    count=count and refused is None, peek=peek and refused is None,
                     rate_limit=rate.requests if rate else 0,
                     rate_period_ms=rate.period_seconds * 1000 if rate else 1000,
                     monthly_limit=key.monthly_limit, period=month.period,

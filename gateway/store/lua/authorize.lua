@@ -12,7 +12,9 @@
 -- KEYS[7] key's day counter     kg:kdaily:{ws}:<id>:<YYYY-MM-DD>
 -- ARGV[1..8] are the same for every request of a key in a day (the client encodes them once):
 -- ARGV[1] cached key rev   ARGV[2] cached workspace rev (missing rev = "0")
--- ARGV[3] mode: "count" (forward) or "check" (state only, counts nothing)
+-- ARGV[3] mode: "count" (forward), "check" (state only, counts nothing) or "peek" (state,
+--         rate and quotas judged as "count" would, nothing counted and no rate used: a
+--         request refused after them, a body over max_body_bytes)
 -- ARGV[4] rate limit N (0 = none)   ARGV[5] rate period, ms
 -- ARGV[6] monthly limit (-1 = unlimited)   ARGV[7] the key's own monthly cap (-1 = none)
 -- ARGV[8] day counter TTL, s
@@ -82,6 +84,9 @@ if refused then
     reset_ms = tonumber(redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')[2]) + period - now
   end
   return {refused, used, limit > 0 and limit - n or -1, reset_ms, 0, key_used}
+end
+if ARGV[3] == 'peek' then
+  return {'ok', used, limit > 0 and limit - n or -1, 0, 0, key_used}
 end
 if limit > 0 then
   redis.call('ZADD', KEYS[4], now, ARGV[11])
