@@ -137,7 +137,8 @@ class RequestStore:
         day = day or utc_day(now_ms / 1000)
         # What stays the same for every request of this key today is encoded once
         # (lua/authorize.lua ARGV[1..8]); a request adds its time, TTL, member and deadline.
-        fixed = (key_rev, ws_rev, "count" if count else "peek" if peek else "check", rate_limit, rate_period_ms,
+        mode = "count" if count else "peek" if peek else "check"
+        fixed = (key_rev, ws_rev, mode, rate_limit, rate_period_ms,
                  -1 if monthly_limit is None else monthly_limit,
                  -1 if key_limit is None else key_limit, DAILY_TTL)
         prepared = self._prepared.get((workspace, key_id, period, day, fixed))
