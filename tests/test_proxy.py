@@ -261,6 +261,22 @@ async def test_keygate_token_in_authorization_never_reaches_a_public_upstream(
     assert resp.status == 200 and values(upstream.requests[-1], "Authorization") == [""]
 
 
+@pytest.mark.parametrize("mistyped", [
+    TOKEN[:-1],                                  # the last character lost in a paste
+    TOKEN[:-6] + ("000000" if not TOKEN.endswith("000000") else "111111"),  # checksum wrong
+    TOKEN + "x",                                 # a character too many
+    TOKEN[:-6]], ids=["cut-short", "bad-checksum", "one-too-many", "no-checksum"])
+async def test_a_mistyped_keygate_bearer_token_never_reaches_a_public_upstream(
+        upstream, make_front, mistyped: str) -> None:
+    """Its key id and secret are intact (the checksum is computable from them), so it is as
+    much a credential as the token it was meant to be: keygate's, never the upstream's."""
+    front = await make_front(up_url(upstream), principal=None)
+    resp, _ = await send(front, "GET", "/pub", headers={"Authorization": f"Bearer {mistyped}"})
+    assert resp.status == 200
+    assert values(upstream.requests[-1], "Authorization") == []
+    assert TOKEN[8:52] not in json.dumps(upstream.requests[-1])
+
+
 @pytest.mark.parametrize("own", ["Bearer upstream-own-secret", _basic("user", "pass"),
                                  "Token kg_live_notachecksummedtoken", "Basic !!not-base64"])
 async def test_an_upstreams_own_authorization_passes_a_public_route(upstream, make_front,

@@ -9,8 +9,8 @@ Request headers, in one pass over the client's headers:
   sets are added after this filtering, so ``Connection`` can never remove one of them;
 - keygate's credential headers (``config.keys.headers``) are dropped, and ``Authorization``
   when it is the ``Bearer`` credential (on a public route, only when it carries a keygate token,
-  as text or in ``Basic`` credentials: an upstream doing its own auth still gets its own
-  ``Authorization``);
+  as text or in ``Basic`` credentials, or is ``Bearer`` and a mistyped one: an upstream doing
+  its own auth still gets its own ``Authorization``);
 - client-sent identity headers are dropped whatever their case, however often repeated, and
   in the ``_`` spelling (``X_Workspace_Id``) that CGI/WSGI-style upstreams read as the same
   header. All header-name comparisons here map ``_`` to ``-``;
@@ -58,6 +58,18 @@ _HOP_BY_HOP_BYTES = frozenset(n.encode() for n in HOP_BY_HOP)
 # CR/LF would split the lean client's request head, NUL and the rest get it refused upstream.
 _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Basic credentials as base64 in either alphabet (RFC 4648 sections 4 and 5), padding aside
+_MISTYPED: dict[str, re.Pattern] = {}
+
+
+def _mistyped_token(prefix: str) -> re.Pattern:
+    """``<prefix>_<env>_`` and at least a key id and secret's worth (44) of base62."""
+    pattern = _MISTYPED.get(prefix)
+    if pattern is None:
+        pattern = _MISTYPED[prefix] = re.compile(re.escape(prefix) +
+                                                 r"_[A-Za-z0-9]+_[0-9A-Za-z]{44}")
+    return pattern
+
+
 _NOT_B64 = re.compile(r"[^A-Za-z0-9+/_-]")
 _B64_RUN = re.compile(r"[A-Za-z0-9+/_-]+")
 
@@ -147,6 +159,12 @@ class RequestHeaderRules:
             return bool(parts) and parts[0].lower() == "bearer"
         prefix = self._prefix
         if query_has_token(value, prefix):
+            return True
+        if len(parts) == 2 and parts[0].lower() == "bearer" and \
+                _mistyped_token(prefix).match(parts[1]):
+            # a keygate token with its key id and secret intact but a checksum that fails
+            # (cut short, a character too many): meant for keygate, and as good as the token
+            # to whoever reads it, since the checksum is computed from the rest
             return True
         if len(parts) == 2 and parts[0].lower() == "basic":
             # decoded as leniently as any upstream might: padding optional, either alphabet,
