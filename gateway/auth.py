@@ -30,6 +30,7 @@ from .store.request import RequestStore
 from .usage import effective_plan, key_rate_limit
 from .models import KeyRecord, Principal, Workspace
 from .tokens import MalformedToken, ParsedToken, SecretHasher, parse_token
+from .trust import throttle_client
 from .argon2_pool import Argon2Pool, argon2_threads
 from .verify_queue import VerifyQueue
 
@@ -201,7 +202,8 @@ class Authenticator:
             # The verification runs as its own task, not inside the first request: a first
             # request cancelled (client gone, shutdown) must not cancel it under the others
             # waiting on it, nor waste the argon2 run already under way.
-            task = asyncio.ensure_future(self._verify(token, digest, client_ip))
+            task = asyncio.ensure_future(self._verify(token, digest,
+                                                      throttle_client(client_ip)))
             self._inflight[digest] = task
             task.add_done_callback(lambda t: self._verified(digest, t))
         return await asyncio.shield(task)

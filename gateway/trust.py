@@ -34,6 +34,18 @@ def parse_ip(text: str) -> Address | None:
     return ip.ipv4_mapped or ip
 
 
+def throttle_client(address: str) -> str:
+    """Who the failed-verification throttle and the verification queue count an address as:
+    an IPv4 address itself, an IPv6 address its /64 (a subscriber is handed a whole /64, and
+    an attacker rotating addresses inside it is one client, as a NAT'd IPv4 site is)."""
+    if ":" not in address:
+        return address
+    ip = parse_ip(address)
+    if ip is None or ip.version == 4:
+        return address if ip is None else str(ip)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
 class TrustedProxies:
     def __init__(self, networks: Iterable[str]) -> None:
         self.networks = tuple(ipaddress.ip_network(n.strip(), strict=False) for n in networks)

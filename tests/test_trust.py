@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import secrets
 import socket
 
 import pytest
@@ -133,3 +134,31 @@ async def test_a_trusted_proxy_vouches_only_for_the_forwarded_headers_it_writes(
     # the upstream, trusting keygate's peer and keygate, finds the client keygate found
     assert TrustedProxies(["127.0.0.1"]).client_address("127.0.0.1", xff) == "203.0.113.9"
     assert [v for k, v in forwarded if k == "x-forwarded-proto"] == ["http"]
+
+
+async def test_the_failure_throttle_counts_an_ipv6_client_by_its_64_prefix(
+        redis_url, upstream, monkeypatch):
+    """An IPv6 subscriber is handed a whole /64: an attacker rotating addresses inside it must
+    not get per_ip failures from each of its 2**64 addresses (as a NAT'd IPv4 site is one
+    address). Another /64 is another client."""
+    base = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(
+        base, server=ServerConfig(trusted_proxies=("127.0.0.0/8",)),
+        keys=dataclasses.replace(base.keys, failures=FailureLimits(per_ip=2, per_key=None,
+                                                                   window_seconds=60)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read"])
+
+        async def wrong_key_from(address: str) -> tuple[int, str]:
+            head = token[:-38] + "".join(secrets.choice("ABCDEFGH") for _ in range(32))
+            async with g.proxy.get("/people/1", headers={
+                    "Authorization": f"Bearer {head + checksum(head)}",
+                    "X-Forwarded-For": address}) as r:
+                return r.status, (await r.json())["error"]["code"]
+
+        assert await wrong_key_from("2001:db8:1:2::a") == (401, "invalid_key")
+        assert await wrong_key_from("2001:db8:1:2:ffff:ffff:ffff:ffff") == (401, "invalid_key")
+        assert await wrong_key_from("2001:db8:1:2::b") == (429, "too_many_failures")
+        assert await wrong_key_from("2001:db8:1:3::a") == (401, "invalid_key")   # another /64
+        assert await wrong_key_from("198.51.100.7") == (401, "invalid_key")      # IPv4 as before
