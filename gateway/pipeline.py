@@ -245,7 +245,8 @@ class Pipeline:
             sent = headers.getall(name, ())
             if sent:
                 repeated |= len(sent) > 1
-                found += [value.strip() for value in sent]
+                # an empty one is no credential (a client's unset key variable): missing_key
+                found += [value for value in map(str.strip, sent) if value]
         if not found:
             raise errors.missing_key()
         token = found[0]

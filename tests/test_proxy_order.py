@@ -104,3 +104,20 @@ async def test_two_well_formed_tokens_that_differ_are_still_ambiguous(gut):
         status, got, headers = await answer(gut, "GET", "/people/1", sent)
         assert (status, got) == (400, "ambiguous_key")
         assert headers["WWW-Authenticate"] == REALM + ', error="invalid_request"'
+
+
+@pytest.mark.parametrize("headers", [{"X-Api-Key": ""}, {"X-Api-Key": "   "}])
+async def test_an_empty_key_header_is_no_key_sent(gut, headers):
+    """A client whose key variable is unset sends the header empty: that is no credential
+    (401 missing_key, the realm without an error attribute), not a malformed one."""
+    status, code, got = await answer(gut, "GET", "/people/1", headers)
+    assert (status, code) == (401, "missing_key")
+    assert got["WWW-Authenticate"] == REALM
+
+
+async def test_an_empty_key_header_beside_a_bearer_token_is_not_a_second_credential(gut):
+    await gut.workspace("w")
+    token, _ = await gut.key("w", scopes=["people:read"])
+    status, code, _ = await answer(gut, "GET", "/people/1", {**bearer(token), "X-Api-Key": ""})
+    assert (status, code) == (200, None)
+    assert all(k.lower() != "x-api-key" for k, _ in gut.upstream.requests[-1]["headers"])
