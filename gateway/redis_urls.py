@@ -189,6 +189,12 @@ class StandaloneURL:
     def db(self) -> int:
         return int(self.options.get("db") or 0)
 
+    def option_seconds(self, name: str, default: float) -> float:
+        """A timeout option of the URL (``socket_timeout``, ``socket_connect_timeout``),
+        which wins over ``default`` as it does in redis-py."""
+        value = self.options.get(name)
+        return default if value is None else float(value)
+
     @property
     def username(self) -> str | None:
         return self.options.get("username") or None

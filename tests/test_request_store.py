@@ -528,3 +528,32 @@ def test_resp_a_command_to_an_idle_connection_goes_out_before_the_loop_turn_ends
     assert first[1].count(b"PING") == 1 and first[0] < turn_ended - 0.2, arrivals
     assert rest and all(at >= turn_ended for at, _ in rest), arrivals
     assert sum(data.count(b"PING") for _, data in rest) == 2
+
+
+async def test_url_timeouts_and_client_name_hold_on_the_per_request_path_too(own_redis):
+    """SPEC: every part honours every URL option with redis-py's semantics, where the URL's
+    options win over the client's arguments. The admin path (redis-py) took socket_timeout,
+    socket_connect_timeout and client_name from the URL; the per-request client ignored
+    them: a store.timeout of 5 s held requests 5 s against a frozen Redis whose URL said 0.3,
+    and its connection was unnamed in CLIENT LIST."""
+    from gateway.redis_urls import standalone_client
+    url = (f"redis://127.0.0.1:{own_redis.port}/0?socket_timeout=0.3"
+           "&socket_connect_timeout=0.4&client_name=kg-edge")
+    store = RequestStore(url, timeout=5.0)
+    admin = standalone_client(url, timeout=5.0, decode_responses=True)
+    asker = redis.Redis(port=own_redis.port, decode_responses=True)
+    try:
+        await store.ready()
+        await admin.ping()
+        names = sorted(c["name"] for c in asker.client_list() if c["name"])
+        assert names == ["kg-edge", "kg-edge"], asker.client_list()
+        with stopped(own_redis):
+            for call in (store.failure_counts("198.51.100.7", "abc123def456"),
+                         admin.get("x")):
+                started = time.monotonic()
+                with pytest.raises(Exception):
+                    await call
+                assert time.monotonic() - started < 2.0  # the URL's 0.3 s, not 5 s
+    finally:
+        await store.close()
+        await admin.aclose()

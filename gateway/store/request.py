@@ -101,6 +101,9 @@ class RequestStore:
         self._tag, self._seq = os.urandom(4).hex(), 0  # rate-log members unique across replicas
         self._prepared: dict[tuple, Any] = {}
         self._resp: ScriptClient = connect(url, timeout)  # lean RESP, or redis-py for a topology
+        # a socket_timeout in the URL wins (redis-py's semantics): the deadline the script is
+        # given is a share of the timeout the client really keeps
+        self.timeout = getattr(self._resp, "timeout", timeout)
 
     def _member(self, now_ms: str) -> str:
         self._seq += 1

@@ -240,7 +240,10 @@ class RespClient:
         self.db = target.db
         self.username, self.password = target.username, target.password
         self._ssl = target.ssl_context()
-        self.timeout, self.connect_timeout = timeout, connect_timeout
+        # as in redis-py, the URL's options win over the arguments
+        self.timeout = target.option_seconds("socket_timeout", timeout)
+        self.connect_timeout = target.option_seconds("socket_connect_timeout", connect_timeout)
+        self.client_name = target.options.get("client_name")
         # Commands awaiting a reply on the connection. The watchdog bounds how long Redis may
         # lag, this bounds how much piles up meanwhile: past it a call fails at once (the
         # hot path answers 503) instead of growing memory without limit.
@@ -274,6 +277,8 @@ class RespClient:
             hello.append(("AUTH", self.password))
         if self.db:
             hello.append(("SELECT", self.db))
+        if self.client_name:
+            hello.append(("CLIENT", "SETNAME", self.client_name))
         try:
             for cmd in hello:
                 fut = loop.create_future()
