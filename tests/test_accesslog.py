@@ -780,3 +780,29 @@ async def test_an_admin_call_through_a_trusted_proxy_logs_the_caller(redis_url, 
             assert r.status == 200
     records = [r for r in caplog.records if r.name == "keygate.admin"]
     assert [r.client for r in records] == ["198.51.100.7", "127.0.0.1"]
+
+
+async def test_a_token_in_an_admin_path_is_masked_when_the_store_is_down(own_redis, upstream,
+                                                                         monkeypatch, caplog):
+    """The admin API's warning for a call the store could not answer wrote the request's
+    decoded path: a key pasted into an admin URL (even percent-encoded) reached the log
+    whenever Redis was down, while the call's own line masked it."""
+    import logging
+    caplog.set_level(logging.INFO, logger="keygate.admin")
+    async with gateway_under_test(config_with(upstream, "json"), own_redis.url,
+                                  monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read"])
+        own_redis.stop()
+        try:
+            encoded = "".join(f"%{b:02X}" for b in token.encode())
+            for path in (f"/admin/v1/workspaces/acme/keys/{token}",
+                         f"/admin/v1/workspaces/acme/keys/{encoded}"):
+                async with g.admin.get(path) as r:
+                    assert r.status == 503
+        finally:
+            own_redis.start()
+    records = [r for r in caplog.records if r.name == "keygate.admin"]
+    assert any("store unavailable" in r.getMessage() for r in records)
+    text = caplog.text + "".join(str(r.__dict__) for r in records)
+    assert token not in text and token[-38:-6] not in text
