@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import os
 import re
+import signal
 import sys
 import json
 import time
@@ -806,3 +807,47 @@ async def test_a_token_in_an_admin_path_is_masked_when_the_store_is_down(own_red
     assert any("store unavailable" in r.getMessage() for r in records)
     text = caplog.text + "".join(str(r.__dict__) for r in records)
     assert token not in text and token[-38:-6] not in text
+
+
+async def test_a_blocked_stderr_never_stalls_requests_that_log_warnings(tmp_path, redis_url):
+    """The access log never blocks on stderr, but application lines went straight to a
+    blocking StreamHandler on the event loop: with stderr a pipe nobody reads (a stalled log
+    collector) and an upstream down, each 502 logs a warning, and once the pipe was full the
+    next warning blocked the loop: every request of the process hung, healthy routes too."""
+    import subprocess
+    from served import env
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url="http://127.0.0.1:9",  # nobody listens
+                                        access_log="json")
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=write_end, env=env(), cwd=str(config.parent))
+    os.close(write_end)
+    try:
+        async with ClientSession(timeout=ClientTimeout(total=5)) as s:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with s.get(f"http://127.0.0.1:{aport}/healthz") as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, "keygate serve did not start"
+                await asyncio.sleep(0.1)
+            for _ in range(10):   # ~600 warnings and their access lines: well past 64 KiB
+                async def one() -> int:
+                    async with s.get(f"http://127.0.0.1:{pport}/health") as r:
+                        await r.read()
+                        return r.status
+                assert await asyncio.gather(*(one() for _ in range(60))) == [502] * 60
+            async with s.get(f"http://127.0.0.1:{aport}/healthz") as r:
+                assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(read_end)
