@@ -851,3 +851,23 @@ async def test_a_blocked_stderr_never_stalls_requests_that_log_warnings(tmp_path
             proc.kill()
             proc.wait(10)
         os.close(read_end)
+
+
+async def test_an_unknown_reserved_path_is_logged_and_counted_with_no_route(
+        redis_url, upstream, monkeypatch, capfd):
+    """operations.md: ``route`` is null when no route matched. A request for an unknown path
+    under ``/_keygate/`` (a 404 ``no_route``) was logged, and counted in
+    keygate_requests_total, as the ``/_keygate/v1/keys`` endpoint's."""
+    async with gateway_under_test(verify_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        g.logs(capfd)
+        for path in ("/_keygate/v2/anything", "/_keygate/v1/usagex"):
+            async with g.proxy.get(path, headers={"X-Request-Id": "rid-" + path[-4:]}) as r:
+                assert r.status == 404
+                assert (await r.json())["error"]["code"] == "no_route"
+        _, err = g.logs(capfd)
+        assert g.counter("keygate_requests_total", route="/_keygate/v1/keys", method="GET",
+                         status_class="4xx") == 0
+    for rid in ("rid-hing", "rid-agex"):
+        line = line_of(err, rid)
+        assert (line["route"], line["upstream"], line["error"]) == (None, None, "no_route"), line
