@@ -79,6 +79,67 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"), default=str)
 
 
+class BackgroundHandler(logging.Handler):
+    """Application log lines on stderr, written by a thread of their own, as the access log's
+    are: a record is formatted where it is logged and queued (at most ``max_lines``); a stderr
+    that is slow or full (a pipe nobody reads) holds only that thread, never the event loop.
+    Lines past the bound are dropped and said so, in one line, once stderr takes lines again.
+    ``flush`` (``logging.shutdown`` at exit, a worker before it exits) waits, bounded, for the
+    queue to be written."""
+
+    def __init__(self, max_lines: int = 10_000) -> None:
+        super().__init__()
+        self.max_lines = max_lines
+        self._pid = -1
+        self._queue: "queue.Queue[str] | None" = None
+        self._dropped = 0
+
+    def _lines(self) -> "queue.Queue[str]":
+        if self._pid != os.getpid():  # first use, or a forked worker: no writer thread yet
+            self._pid, self._dropped = os.getpid(), 0
+            self._queue = q = queue.Queue(self.max_lines)
+            threading.Thread(target=self._run, args=(q,), name="keygate-log",
+                             daemon=True).start()
+        return self._queue
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        try:  # emit runs under the handler's lock: _dropped needs no other
+            self._lines().put_nowait(line)
+        except queue.Full:
+            self._dropped += 1
+
+    def _run(self, q: "queue.Queue[str]") -> None:
+        while True:
+            lines = [q.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(lines) < 1000:
+                    lines.append(q.get_nowait())
+            with self.lock:
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                lines.append(f"{dropped} log lines were dropped: stderr did not keep up\n")
+            try:
+                _write_block(_encode(lines))
+            except Exception:  # stderr itself failed: nowhere left to say it
+                pass
+            finally:
+                for _ in range(len(lines) - (1 if dropped else 0)):
+                    q.task_done()
+
+    def flush(self, timeout: float = 2.0) -> None:
+        q = self._queue
+        if q is None or self._pid != os.getpid():
+            return
+        deadline = time.monotonic() + timeout
+        while q.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 def mask_target(raw_path: str, prefix: str) -> str:
     """A raw request target (path and query) fit for a log: keys masked in both."""
     path, _, query = raw_path.partition("?")

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector,
                                ProcessCollector)
-from prometheus_client.core import Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from . import __version__
 from .models import HTTP_METHODS
@@ -75,14 +75,11 @@ class Metrics:
         self.access_log_dropped = Counter("keygate_access_log_dropped_total",
                                           "Access-log lines dropped because stderr could not "
                                           "keep up (the buffer was full).", registry=r)
-        self.month_requests = Gauge("keygate_workspace_month_requests",
-                                    "Requests counted this calendar month (UTC), per workspace; "
-                                    "read from the store at scrape time.", ["workspace"],
-                                    registry=r, multiprocess_mode="mostrecent")
-        self.month_limit = Gauge("keygate_workspace_month_limit",
-                                 "The workspace plan's monthly request quota (absent when "
-                                 "unlimited); read at scrape time.", ["workspace"], registry=r,
-                                 multiprocess_mode="mostrecent")
+        # read from the store at each scrape and served as read (never kept in prometheus-
+        # client's per-worker files under --workers, where a workspace's limit that went away
+        # would outlive its clear())
+        self.usage = UsageCollector()
+        r.register(self.usage)
         self.config_reloads = Counter("keygate_config_reloads_total",
                                       "Config reloads (SIGHUP or POST /admin/v1/reload), by "
                                       "result (ok|error).", ["result"], registry=r)
@@ -205,6 +202,36 @@ class _Hist:
         for i, n in enumerate(counts):
             if n:
                 child._buckets[i].inc(n)
+
+
+class UsageCollector:
+    """``keygate_workspace_month_requests`` and ``keygate_workspace_month_limit``, exactly as
+    the last scrape read them from the store (``gateway.observe.UsageGauges``): a workspace
+    without a monthly limit has no limit sample."""
+
+    def __init__(self) -> None:
+        self.usages: list[tuple[str, float, float | None]] = []  # workspace, used, limit
+
+    def describe(self) -> list[Metric]:
+        return list(self._families([]))
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.usages)
+
+    @staticmethod
+    def _families(usages) -> Iterator[Metric]:
+        used = GaugeMetricFamily("keygate_workspace_month_requests",
+                                 "Requests counted this calendar month (UTC), per workspace; "
+                                 "read from the store at scrape time.", labels=["workspace"])
+        limit = GaugeMetricFamily("keygate_workspace_month_limit",
+                                  "The workspace plan's monthly request quota (absent when "
+                                  "unlimited); read at scrape time.", labels=["workspace"])
+        for workspace, requests, most in usages:
+            used.add_metric([workspace], requests)
+            if most is not None:
+                limit.add_metric([workspace], most)
+        yield used
+        yield limit
 
 
 class _Flusher:

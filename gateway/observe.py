@@ -49,13 +49,7 @@ class UsageGauges:
         finally:
             self._timer(time.perf_counter() - started)
         self._known = [usage["workspace"] for usage in usages]
-        m = self.metrics
-        m.month_requests.clear()
-        m.month_limit.clear()
-        for usage in usages:
-            m.month_requests.labels(usage["workspace"]).set(usage["used"])
-            if usage["limit"] is not None:
-                m.month_limit.labels(usage["workspace"]).set(usage["limit"])
+        self.metrics.usage.usages = [(u["workspace"], u["used"], u["limit"]) for u in usages]
 
 
 def add_metrics_route(app: web.Application, metrics: Metrics, store, config: Config) -> None:
@@ -71,6 +65,7 @@ def add_metrics_route(app: web.Application, metrics: Metrics, store, config: Con
             metrics.flush()   # this worker's tallies; the others flush every FLUSH_EVERY s
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
+            registry.register(metrics.usage)  # as this scrape read it, not from the files
             registry.register(WorkersProcessCollector(directory))
             PlatformCollector(registry=registry)
         return web.Response(body=generate_latest(registry),

@@ -8,8 +8,10 @@ rate, quota) and ``forward`` (a CLIENT span; its id is the parent the upstream s
 (``http.request.method``, ``url.path``, ``http.route``, ``http.response.status_code``,
 ``client.address``, ``server.address``/``server.port`` of the upstream, ``error.type``) plus
 ``keygate.workspace``, ``keygate.key_id``, ``keygate.decision`` (``allowed``, ``public`` or
-the error code) and ``keygate.request_id``. Never a token: paths are masked as in the access
-log, no header value and no query string is recorded.
+the error code), ``keygate.request_id`` and ``user_agent.original``. Never a token: paths and
+the User-Agent are masked as in the access log, a caller's ``tracestate`` member that holds a
+key is left out of the spans' trace state; no other header value and no query string is
+recorded.
 
 Sampling: a caller's sampled flag is followed (parent-based); a trace keygate starts is kept
 with probability ``sample_ratio``. Spans are batched and sent from the SDK's own thread, so
@@ -169,7 +171,7 @@ class OtelTracer(Tracer):
             trace_id, parent_id, flags = parent
             remote = SpanContext(int(trace_id, 16), int(parent_id, 16), is_remote=True,
                                  trace_flags=TraceFlags(int(flags, 16)),
-                                 trace_state=_trace_state(tracestate))
+                                 trace_state=_trace_state(tracestate, self.mask_path))
             context = otel_trace.set_span_in_context(NonRecordingSpan(remote))
         span = self.tracer.start_span(request.method if request.method in _METHODS else "HTTP",
                                       context=context, kind=SpanKind.SERVER)
@@ -185,8 +187,8 @@ class OtelTracer(Tracer):
                            "client.address": self.client_address(request),
                            "network.peer.address": request.remote or ""})
         agent = request.headers.get("User-Agent")
-        if agent:
-            attributes["user_agent.original"] = agent[:256]
+        if agent:  # masked before it is cut: a cut would leave part of a key unrecognised
+            attributes["user_agent.original"] = self.mask_path(agent)[:256]
         span.set_attributes(attributes)
         trace = OtelTrace("%032x" % ctx.trace_id, "%016x" % ctx.span_id,
                           "%02x" % (int(ctx.trace_flags) & 3),
@@ -206,10 +208,14 @@ class OtelTracer(Tracer):
             log.warning("tracing: spans still queued at shutdown were not exported")
 
 
-def _trace_state(values: tuple[str, ...]) -> TraceState:
+def _trace_state(values: tuple[str, ...], mask: Any) -> TraceState:
+    """The caller's ``tracestate`` as the spans carry it (and export it): without a member
+    that holds a key (``mask`` changes it). The upstream still gets the header as sent."""
     if not values:
         return TraceState()
     try:
-        return TraceState.from_header(list(values))
+        state = TraceState.from_header(list(values))
     except Exception:  # a malformed tracestate is still passed on; OpenTelemetry ignores it
         return TraceState()
+    kept = [(k, v) for k, v in state.items() if mask(f"{k}={v}") == f"{k}={v}"]
+    return state if len(kept) == len(state) else TraceState(kept)

@@ -63,8 +63,8 @@ async def answer(steps: RequestSteps, request: web.BaseRequest, raw_path: str,
     """The answer to a request whose path is under ``RESERVED``."""
     if raw_path == VERIFY or raw_path.startswith(VERIFY + "/"):
         return await verify(steps, request, raw_path[len(VERIFY):], outcome)
-    outcome.route = raw_path if raw_path == USAGE else KEYS
     if raw_path == USAGE:
+        outcome.route = USAGE
         if request.method not in ("GET", "HEAD"):
             raise errors.MethodNotAllowed("Use GET for the usage endpoint.",
                                           headers={"Allow": "GET, HEAD"})
@@ -81,6 +81,7 @@ async def answer(steps: RequestSteps, request: web.BaseRequest, raw_path: str,
         usage["key"] = current.to_json(tuple(sorted(key.scopes)), steps.clock(), used)
         return web.Response(body=json.dumps(usage).encode(), content_type="application/json")
     if raw_path == KEYS or raw_path.startswith(KEYS + "/"):
+        outcome.route = KEYS
         key = await _admit(steps, request, outcome, ("keys:admin",))
         try:
             return await steps.self_service(request, key, steps.store, steps.config)

@@ -191,6 +191,8 @@ def _supervise(config: Config, store_url: str, workers: int,
                 traceback.print_exc()
             finally:
                 with contextlib.suppress(Exception):
+                    for handler in logging.getLogger().handlers:  # os._exit skips the
+                        handler.flush()                           # logging module's atexit
                     sys.stdout.flush()
                     sys.stderr.flush()
                 os._exit(code)
@@ -225,8 +227,8 @@ def _supervise(config: Config, store_url: str, workers: int,
 def setup_logging(config: Config) -> None:
     """Application logs on stderr; JSON lines when the access log is JSON (one format for a
     log pipeline to parse), else ``time level logger: message``."""
-    from .accesslog import JsonFormatter
-    handler = logging.StreamHandler(sys.stderr)
+    from .accesslog import BackgroundHandler, JsonFormatter
+    handler = BackgroundHandler()  # a full stderr must not block the event loop
     if config.server.access_log == "json":
         handler.setFormatter(JsonFormatter())
     else:

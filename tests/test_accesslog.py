@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import os
 import re
+import signal
 import sys
 import json
 import time
@@ -780,3 +781,93 @@ async def test_an_admin_call_through_a_trusted_proxy_logs_the_caller(redis_url, 
             assert r.status == 200
     records = [r for r in caplog.records if r.name == "keygate.admin"]
     assert [r.client for r in records] == ["198.51.100.7", "127.0.0.1"]
+
+
+async def test_a_token_in_an_admin_path_is_masked_when_the_store_is_down(own_redis, upstream,
+                                                                         monkeypatch, caplog):
+    """The admin API's warning for a call the store could not answer wrote the request's
+    decoded path: a key pasted into an admin URL (even percent-encoded) reached the log
+    whenever Redis was down, while the call's own line masked it."""
+    import logging
+    caplog.set_level(logging.INFO, logger="keygate.admin")
+    async with gateway_under_test(config_with(upstream, "json"), own_redis.url,
+                                  monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read"])
+        own_redis.stop()
+        try:
+            encoded = "".join(f"%{b:02X}" for b in token.encode())
+            for path in (f"/admin/v1/workspaces/acme/keys/{token}",
+                         f"/admin/v1/workspaces/acme/keys/{encoded}"):
+                async with g.admin.get(path) as r:
+                    assert r.status == 503
+        finally:
+            own_redis.start()
+    records = [r for r in caplog.records if r.name == "keygate.admin"]
+    assert any("store unavailable" in r.getMessage() for r in records)
+    text = caplog.text + "".join(str(r.__dict__) for r in records)
+    assert token not in text and token[-38:-6] not in text
+
+
+async def test_a_blocked_stderr_never_stalls_requests_that_log_warnings(tmp_path, redis_url):
+    """The access log never blocks on stderr, but application lines went straight to a
+    blocking StreamHandler on the event loop: with stderr a pipe nobody reads (a stalled log
+    collector) and an upstream down, each 502 logs a warning, and once the pipe was full the
+    next warning blocked the loop: every request of the process hung, healthy routes too."""
+    import subprocess
+    from served import env
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url="http://127.0.0.1:9",  # nobody listens
+                                        access_log="json")
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=write_end, env=env(), cwd=str(config.parent))
+    os.close(write_end)
+    try:
+        async with ClientSession(timeout=ClientTimeout(total=5)) as s:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with s.get(f"http://127.0.0.1:{aport}/healthz") as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, "keygate serve did not start"
+                await asyncio.sleep(0.1)
+            for _ in range(10):   # ~600 warnings and their access lines: well past 64 KiB
+                async def one() -> int:
+                    async with s.get(f"http://127.0.0.1:{pport}/health") as r:
+                        await r.read()
+                        return r.status
+                assert await asyncio.gather(*(one() for _ in range(60))) == [502] * 60
+            async with s.get(f"http://127.0.0.1:{aport}/healthz") as r:
+                assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(read_end)
+
+
+async def test_an_unknown_reserved_path_is_logged_and_counted_with_no_route(
+        redis_url, upstream, monkeypatch, capfd):
+    """operations.md: ``route`` is null when no route matched. A request for an unknown path
+    under ``/_keygate/`` (a 404 ``no_route``) was logged, and counted in
+    keygate_requests_total, as the ``/_keygate/v1/keys`` endpoint's."""
+    async with gateway_under_test(verify_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        g.logs(capfd)
+        for path in ("/_keygate/v2/anything", "/_keygate/v1/usagex"):
+            async with g.proxy.get(path, headers={"X-Request-Id": "rid-" + path[-4:]}) as r:
+                assert r.status == 404
+                assert (await r.json())["error"]["code"] == "no_route"
+        _, err = g.logs(capfd)
+        assert g.counter("keygate_requests_total", route="/_keygate/v1/keys", method="GET",
+                         status_class="4xx") == 0
+    for rid in ("rid-hing", "rid-agex"):
+        line = line_of(err, rid)
+        assert (line["route"], line["upstream"], line["error"]) == (None, None, "no_route"), line

@@ -314,6 +314,22 @@ def test_k8s_services_hpa_pdb_and_servicemonitor_select_the_gateway_pods():
     assert (port["port"], endpoint["path"]) == (ADMIN_PORT, "/metrics")
 
 
+def test_the_servicemonitor_scrapes_under_the_job_the_alerts_and_dashboard_select():
+    """Every alert selects ``job="keygate"`` (the compose Prometheus's job name). The Prometheus
+    Operator names a ServiceMonitor's job after the scraped Service, ``keygate-admin``, unless
+    ``jobLabel`` names a Service label to take it from: on Kubernetes no alert ever fired."""
+    objects = k8s_objects()
+    monitor = objects["ServiceMonitor/keygate"]
+    (scraped,) = [svc for svc in objects.values() if svc["kind"] == "Service"
+                  and monitor["spec"]["selector"]["matchLabels"].items()
+                  <= svc["metadata"]["labels"].items()]
+    label = monitor["spec"].get("jobLabel")
+    job = scraped["metadata"]["labels"][label] if label else scraped["metadata"]["name"]
+    (group,) = yaml.safe_load(ALERTS.read_text())["groups"]
+    jobs = {j for rule in group["rules"] for j in re.findall(r'job="([^"]*)"', rule["expr"])}
+    assert jobs == {job}
+
+
 def test_kustomization_lists_every_manifest():
     (kustomization,) = documents(K8S / "kustomization.yaml")
     manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}

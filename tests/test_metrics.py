@@ -361,3 +361,45 @@ def test_tallied_observations_expose_exactly_what_observe_would(values, flushes_
     count = Scrape(generate_latest(m.registry).decode()).value(
         "keygate_requests_total", route="/people/*", method="GET", status_class="2xx")
     assert count == (len(values) or None)
+
+
+async def test_under_workers_a_quota_that_went_away_leaves_the_limit_gauge(tmp_path, upstream,
+                                                                           redis_url):
+    """operations.md: ``keygate_workspace_month_limit`` is absent when the workspace is
+    unlimited. Under ``serve --workers N`` the gauge lives in prometheus-client's shared files,
+    which ``clear()`` does not touch: after a move to an unlimited plan every scrape still
+    served the old limit, so KeygateWorkspaceQuotaExhausted kept firing for a workspace that
+    can no longer run out."""
+    import yaml
+    from prometheus_client.parser import text_string_to_metric_families
+    from aiohttp import ClientSession
+    from served import Served, admin_json, new_key, write_config
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")))
+    doc = yaml.safe_load(config.read_text())
+    doc["plans"]["unlimited"] = {"monthly_requests": None, "max_keys": None, "rate_limit": None}
+    config.write_text(yaml.safe_dump(doc))
+    gw = Served(config, pport, aport, "--workers", "2")
+
+    async def limits() -> list[set[float]]:
+        seen = []
+        for _ in range(6):  # any worker may answer
+            async with ClientSession() as fresh:
+                async with fresh.get(gw.admin + "/metrics",
+                                     headers={"Connection": "close"}) as r:
+                    text = await r.text()
+            seen.append({s.value for f in text_string_to_metric_families(text)
+                         for s in f.samples if s.name == "keygate_workspace_month_limit"
+                         and s.labels.get("workspace") == "acme"})
+        return seen
+    try:
+        await gw.ready()
+        async with ClientSession() as s:
+            await new_key(s, gw.admin)
+            assert await limits() == [{1000.0}] * 6
+            status, body = await admin_json(s, gw.admin, "PATCH", "/workspaces/acme",
+                                            {"plan": "unlimited"})
+            assert status == 200, body
+            assert await limits() == [set()] * 6
+    finally:
+        gw.close()

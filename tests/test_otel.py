@@ -240,3 +240,26 @@ async def test_client_address_is_the_client_behind_a_trusted_proxy(upstream, rec
     [root] = [s for s in receiver.spans if s["kind"] == 2]
     assert root["attributes"]["client.address"] == "203.0.113.7"
     assert root["attributes"]["network.peer.address"] == "127.0.0.1"
+
+
+async def test_a_token_pasted_into_user_agent_or_tracestate_is_never_exported(
+        upstream, receiver, redis_url, monkeypatch):
+    """The span recorded ``User-Agent`` as sent, and the caller's ``tracestate`` rode along
+    in every span's trace state: a key pasted into either (a script that puts its key in its
+    agent string, a vendor's tracestate member) was shipped to the trace collector whole."""
+    async with gateway_under_test(traced_config(upstream, receiver), redis_url,
+                                  monkeypatch) as gw:
+        await gw.workspace("acme")
+        token, _ = await gw.key("acme")
+        async with gw.proxy.get("/people/1", headers={
+                "Authorization": f"Bearer {token}", "User-Agent": f"sync-job/2 ({token})",
+                "traceparent": f"00-{TRACE_ID}-{PARENT}-01",
+                "tracestate": f"vendor=abc,leak={token}"}) as r:
+            assert r.status == 200
+    spans = by_name(receiver.spans, TRACE_ID)
+    root = spans["GET /people/**"]
+    assert root["attributes"]["user_agent.original"] == "sync-job/2 (***)"
+    blob = b"".join(receiver.raw)
+    assert b"vendor=abc" in blob or b"abc" in blob  # the rest of the trace state is kept
+    for secret in (token, token.split("_")[-1][12:44]):
+        assert secret.encode() not in blob

@@ -183,7 +183,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             response = err.response(rid)
         except StoreError as exc:
             log.warning("store unavailable during %s %s (request %s): %s", request.method,
-                        request.path, rid, exc)
+                        mask_target(request.raw_path, config.keys.prefix), rid, exc)
             response = ServiceUnavailable("The key store is unavailable; nothing was changed "
                                           "or the change could not be confirmed.").response(rid)
         except web.HTTPException as exc:
@@ -192,7 +192,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             response = _from_http_exception(exc).response(rid)
         except Exception:
             log.exception("unexpected error in %s %s (request %s)", request.method,
-                          request.path, rid)
+                          mask_target(request.raw_path, config.keys.prefix), rid)
             response = GatewayError("An internal error occurred.").response(rid)
         response.headers["X-Request-Id"] = rid
         if request.path.startswith("/admin/") and request.path not in UNAUTHENTICATED:
