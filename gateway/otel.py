@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from .config import TracingConfig
 from .models import HTTP_METHODS
-from .tracing import Trace, Tracer, incoming
+from .tracing import SPAN_FLUSH_TIMEOUT, Trace, Tracer, incoming
 
 try:
     from opentelemetry import trace as otel_trace
@@ -203,7 +203,8 @@ class OtelTracer(Tracer):
     async def close(self) -> None:
         """Send what is batched (bounded: a dead collector must not hold up a stop)."""
         try:
-            await asyncio.wait_for(asyncio.to_thread(self.provider.shutdown), timeout=15)
+            await asyncio.wait_for(asyncio.to_thread(self.provider.shutdown),
+                                   timeout=SPAN_FLUSH_TIMEOUT)
         except asyncio.TimeoutError:
             log.warning("tracing: spans still queued at shutdown were not exported")
 

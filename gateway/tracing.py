@@ -22,6 +22,9 @@ from typing import Any, Mapping
 
 # version 00 exactly; a later version may append fields after a "-" (W3C Trace Context §3.2)
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+# Seconds a stop waits for batched spans to reach the collector (an exporting tracer's close;
+# deploy/k8s/deployment.yaml's grace period covers it).
+SPAN_FLUSH_TIMEOUT = 15
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 _FLAGS = ("00", "01", "02", "03")  # the bits W3C defines: sampled (01) and random (02)
