@@ -100,7 +100,8 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                redis.Redis(port=self.port, socket_timeout=0.5).ping()
+                with redis.Redis(port=self.port, socket_timeout=0.5) as probe:
+                    probe.ping()  # closed at once: tests count this server's connections
                 return self
             except redis.ConnectionError:
                 time.sleep(0.05)

@@ -173,8 +173,10 @@ async def fake_redis(answer):
 
 
 def own_connections(url: str) -> int:
-    """Connections to the redis-server other than the one asking."""
-    return len(redis.Redis.from_url(url).client_list()) - 1
+    """Connections to the redis-server other than the one asking (closed after asking: an
+    unclosed client would stay connected until collected, and be counted by the next ask)."""
+    with redis.Redis.from_url(url) as asker:
+        return len(asker.client_list()) - 1
 
 
 @contextlib.contextmanager
@@ -224,27 +226,29 @@ async def test_resp_connection_lost_right_after_connect_fails_the_call_not_hangs
     srv.close()
 
 
-async def test_resp_cancelled_caller_during_connect_leaks_no_connection(redis_url):
-    client = RespClient(redis_url)
+async def test_resp_cancelled_caller_during_connect_leaks_no_connection(own_redis):
+    # a server of its own: the shared one's other clients (other tests' closing ones) would
+    # be counted too
+    client = RespClient(own_redis.url)
     first = client.call("PING")
     await asyncio.sleep(0)
     first.cancel()
     assert await client.call("PING") == b"PONG"
     assert await client.call("PING") == b"PONG"
     await asyncio.sleep(0.05)
-    assert own_connections(redis_url) == 1
+    assert own_connections(own_redis.url) == 1
     await client.close()
 
 
-async def test_resp_close_during_connect_leaves_nothing_open(redis_url):
-    client = RespClient(redis_url)
+async def test_resp_close_during_connect_leaves_nothing_open(own_redis):
+    client = RespClient(own_redis.url)
     pending = client.call("PING")
     await asyncio.sleep(0)
     await client.close()
     with pytest.raises(ConnectionError):
         await pending
     await asyncio.sleep(0.1)
-    assert own_connections(redis_url) == 0
+    assert own_connections(own_redis.url) == 0
     assert client._watchdog is None
     assert await client.call("PING") == b"PONG"   # usable again, like after any loss
     await client.close()
@@ -394,8 +398,8 @@ async def test_resp_garbage_from_the_server_fails_calls_cleanly(caplog):
     srv.close()
 
 
-async def test_resp_close_right_after_the_connection_is_made_leaves_nothing_open(redis_url):
-    client = RespClient(redis_url)
+async def test_resp_close_right_after_the_connection_is_made_leaves_nothing_open(own_redis):
+    client = RespClient(own_redis.url)
     pending = client.call("PING")
     task = client._connecting
     while not (task is not None and task.done()):   # connected, outcome not yet recorded
@@ -405,7 +409,7 @@ async def test_resp_close_right_after_the_connection_is_made_leaves_nothing_open
     with pytest.raises(ConnectionError):
         await pending
     await asyncio.sleep(0.05)
-    assert own_connections(redis_url) == 0 and client._watchdog is None
+    assert own_connections(own_redis.url) == 0 and client._watchdog is None
 
 
 from hypothesis import given, strategies as st  # noqa: E402
