@@ -108,6 +108,7 @@ async def running_gateway(config: Config, store_url: str, *,
         proxy_server = ProxyServer(pipeline.handle, access_log=None,
                                    auto_decompress=False, keepalive_timeout=timeouts.idle,
                                    header_timeout=timeouts.header,
+                                   write_timeout=timeouts.body,
                                    max_connections=raise_open_file_limit(config),
                                    inline=True)
         tls = {name: ListenerTLS(section.tls) for name, section in
@@ -245,6 +246,7 @@ async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.Bas
                                     shutdown_timeout=SHUTDOWN_TIMEOUT)
     admin_runner = AdminRunner(gw.admin_app, handle_signals=False, access_log=None,
                                header_timeout=config.server.timeouts.header,
+                               write_timeout=config.server.timeouts.body,
                                keepalive_timeout=config.server.timeouts.idle)
     await proxy_runner.setup()
     await admin_runner.setup()
