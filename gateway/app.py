@@ -108,6 +108,7 @@ async def running_gateway(config: Config, store_url: str, *,
         proxy_server = ProxyServer(pipeline.handle, access_log=None,
                                    auto_decompress=False, keepalive_timeout=timeouts.idle,
                                    header_timeout=timeouts.header,
+                                   write_timeout=timeouts.body,
                                    max_connections=raise_open_file_limit(config),
                                    inline=True)
         tls = {name: ListenerTLS(section.tls) for name, section in
@@ -238,6 +239,29 @@ class ListenError(Exception):
     """A listener could not bind (port in use, no permission, bad address)."""
 
 
+class _Site(web.TCPSite):
+    """``web.TCPSite`` whose TLS handshakes must end within ``handshake_timeout`` (the
+    listeners use ``server.timeouts.header``). aiohttp passes no handshake timeout, so asyncio's
+    60 s applied, and the head timeout starts only once the handshake is done: a client that
+    opened TCP and never sent a ClientHello held its socket for a minute, outside
+    ``server.max_connections`` (a connection counts once its handshake is done)."""
+
+    def __init__(self, *args, handshake_timeout: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        if self._ssl_context is None:
+            return await super().start()
+        await web.BaseSite.start(self)  # registers the site with its runner
+        self._server = await asyncio.get_running_loop().create_server(
+            self._runner.server, self._host, self._port, ssl=self._ssl_context,
+            backlog=self._backlog, reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port, ssl_handshake_timeout=self._handshake_timeout)
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+
 async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.BaseRunner]:
     """Bind the proxy and admin listeners. Raises ListenError naming the address."""
     config = gw.config
@@ -245,6 +269,7 @@ async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.Bas
                                     shutdown_timeout=SHUTDOWN_TIMEOUT)
     admin_runner = AdminRunner(gw.admin_app, handle_signals=False, access_log=None,
                                header_timeout=config.server.timeouts.header,
+                               write_timeout=config.server.timeouts.body,
                                keepalive_timeout=config.server.timeouts.idle)
     await proxy_runner.setup()
     await admin_runner.setup()
@@ -253,8 +278,9 @@ async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.Bas
                                (admin_runner, config.admin.host, config.admin.port)):
         try:
             tls = gw.tls.get("proxy" if runner is proxy_runner else "admin")
-            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
-                              ssl_context=tls.listener if tls else None).start()
+            await _Site(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
+                        ssl_context=tls.listener if tls else None,
+                        handshake_timeout=config.server.timeouts.header).start()
         except OSError as exc:
             await stop_listeners(runners)
             raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc

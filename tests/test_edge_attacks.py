@@ -267,3 +267,57 @@ async def test_clients_not_reading_a_large_response_do_not_hold_upstream_connect
                 w.close()
         assert status == 200, f"{status}: two clients that stopped reading hold every " \
                               f"upstream connection"
+
+
+# --- a request the upstream may have acted on is never sent to it twice -----------------------
+
+@pytest.mark.parametrize("method, replayable", [("POST", False), ("PATCH", False),
+                                                ("DELETE", False), ("GET", True),
+                                                ("OPTIONS", True)])
+async def test_a_non_idempotent_request_is_never_sent_twice_when_the_upstream_hangs_up(
+        redis_url, monkeypatch, method, replayable):
+    """The upstream reads a request on a kept-alive connection, then drops the connection
+    without answering (a crash, a restart, its keep-alive timer racing ours). The pool used to
+    send every request without a body again on a new connection: a bodyless POST (``POST
+    /orders/1/charge``, ``Content-Length: 0``) then ran twice upstream for one client request.
+    Only a safe method (RFC 9110 9.2.1; what Go's transport replays) is sent again; any other
+    is a 502 (a DELETE sent twice answers the client 404 for a delete that was done)."""
+    from harness import raw_upstream
+    seen: list[tuple[int, bytes]] = []
+    conns = [0]
+
+    async def answer(reader, writer):
+        conns[0] += 1
+        me, n = conns[0], 0
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            n += 1
+            seen.append((me, head.split(b"\r\n", 1)[0]))
+            if me == 1 and n == 2:          # acted on it, then hung up without an answer
+                writer.transport.abort()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    srv, url = await raw_upstream(answer)
+    routes = (Route("/public/**", "api", (), (), True),)
+    config = dataclasses.replace(edge_config(url), routes=routes)
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            async with g.proxy.get("/public/first") as r:
+                assert r.status == 200
+            async with g.proxy.request(method, "/public/orders/1/charge",
+                                       headers={"Content-Length": "0"}) as r:
+                status = r.status
+            line = f"{method} /public/orders/1/charge HTTP/1.1".encode()
+            sent = [c for c, l in seen if l == line]
+            if replayable:
+                assert status == 200 and sent == [1, 2]
+            else:
+                assert sent == [1], f"the upstream got the {method} {len(sent)} times"
+                assert status == 502
+    finally:
+        srv.close()

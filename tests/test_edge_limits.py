@@ -474,3 +474,42 @@ async def test_a_chunked_body_framed_wrongly_mid_body_is_400_at_once_on_the_admi
     assert took < 2, took
     assert closed and b"\r\n\r\n" not in rest, rest  # one answer, then closed
     assert json.loads(rest)["error"]["code"] == "bad_request", rest
+
+
+# --- a client that stops reading its answers ---------------------------------------------------
+
+async def _stop_reading(g, request: bytes, times: int):
+    """A raw client with a tiny receive buffer that sends ``request`` ``times`` times,
+    pipelined, and never reads a byte of the answers."""
+    import socket
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", g.proxy_server.port))
+    sock.setblocking(False)
+    _, writer = await asyncio.open_connection(sock=sock)
+    writer.write(request * times)
+    return writer
+
+
+async def test_clients_that_stop_reading_keygates_own_answers_are_cut_off_and_free_their_slots(
+        redis_url, upstream, monkeypatch):
+    """Every answer's last write waits for the client to take the bytes (aiohttp drains on
+    write_eof), with no timeout: neither header, body nor idle applies while a request is in
+    progress. A client with no key that pipelines requests for a small error answer (here a
+    404) and never reads held its connection, and its place under server.max_connections, for
+    ever; a few thousand such sockets shut everyone else out. A client that does not take its
+    answer for server.timeouts.body seconds is cut off, as one stalling a streamed answer is."""
+    config = edge_config(str(upstream.make_url("")), max_connections=2)
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        stuck = [await _stop_reading(g, b"GET /no/route HTTP/1.1\r\nHost: g\r\n\r\n", 30000)
+                 for _ in range(2)]
+        try:
+            await asyncio.sleep(4.0)   # past every timeout in the config (body 1 s, idle 2 s)
+            async with g.proxy.get("/public/ok") as r:
+                assert r.status == 200, "two clients that stopped reading hold every slot"
+        except Exception as exc:  # the listener refused the connection: full
+            raise AssertionError(f"two clients that stopped reading hold every client "
+                                 f"connection slot: {exc!r}") from None
+        finally:
+            for w in stuck:
+                w.close()

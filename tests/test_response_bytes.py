@@ -103,3 +103,44 @@ def test_the_raw_block_is_aiohttps_block_for_any_utf8_headers(pairs):
             raw_header_block("HTTP/1.1 200 OK", headers)
     else:
         assert raw_header_block("HTTP/1.1 200 OK", headers) == expected
+
+
+# --- a transfer coding keygate cannot pass on ---------------------------------------------------
+
+@pytest.mark.parametrize("coding, chunked", [("identity", False), ("gzip", False),
+                                             ("gzip, chunked", True)])
+async def test_a_response_transfer_coding_is_never_silently_dropped_nor_cut_off(
+        redis_url, monkeypatch, coding, chunked):
+    """Transfer-Encoding is hop-by-hop: keygate re-frames the answer. An upstream answer with
+    ``Transfer-Encoding: gzip`` (close-delimited, RFC 9112 6.3) was taken as framed: the body
+    streamed out and the client connection was then aborted as if the upstream had failed;
+    ``gzip, chunked`` reached the client as compressed bytes with no label saying so. Only
+    ``chunked`` (and the no-op ``identity``) is re-framed; another coding is a 502, never
+    passed on stripped of its name."""
+    import gzip as gz
+    from harness import raw_upstream
+    plain = b"hello " * 100
+    body = plain if coding == "identity" else gz.compress(plain)
+    wire = (b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)) if chunked else body
+
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n" % coding.encode())
+        writer.write(wire)
+        await writer.drain()
+        writer.close()           # the end of a close-delimited body
+
+    srv, url = await raw_upstream(answer)
+    from gateway.config import Route
+    config = make_config(url, routes=(Route("/public/**", "api", ("GET",), (), True),))
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            async with g.proxy.get("/public/x") as r:
+                got = await r.read()
+                status = r.status
+            if coding == "identity":
+                assert (status, got) == (200, plain)
+            else:
+                assert status == 502 and b"upstream_unavailable" in got, (status, got[:80])
+    finally:
+        srv.close()

@@ -207,3 +207,40 @@ async def test_a_renewal_that_left_the_old_key_is_refused_and_changes_nothing(ht
         None, served_certificate_cn, proxy_port, pki) == "first.localhost"
     assert gw.metrics.registry.get_sample_value("keygate_config_reloads_total",
                                                 {"result": "error"}) == 1
+
+
+async def test_a_connection_that_never_finishes_its_tls_handshake_is_closed_at_the_header_timeout(
+        tmp_path, pki, upstream, redis_url, monkeypatch):
+    """SPEC: a connection that has not sent a whole request head within server.timeouts.header
+    is closed. On an HTTPS listener the head timeout started only once the handshake was done,
+    and the handshake had asyncio's own 60 s: a client that opens TCP and never sends a
+    ClientHello (or dribbles it) held its socket six times as long as the SPEC allows, outside
+    server.max_connections too (a connection counts once its handshake is done)."""
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    path = tmp_path / "config.yaml"
+    ports = free_port(), free_port()
+    write_config(path, str(upstream.make_url("")), *ports, pki["cert"], pki["key"])
+    text = path.read_text().replace("tls: {cert_file", "timeouts: {header: 1}, tls: {cert_file", 1)
+    path.write_text(text)
+    async with running_gateway(load_config(path), redis_url, config_path=str(path)) as gw:
+        runners = await start_listeners(gw)
+        try:
+            loop = asyncio.get_running_loop()
+            silent = [await asyncio.open_connection("127.0.0.1", port) for port in ports]
+            started = loop.time()
+
+            async def closed(reader) -> float:
+                try:
+                    while await reader.read(1024):
+                        pass
+                except ConnectionError:
+                    pass
+                return loop.time() - started
+
+            took = await asyncio.wait_for(
+                asyncio.gather(*(closed(r) for r, _ in silent)), 20)
+            for _, w in silent:
+                w.close()
+            assert max(took) < 5.0, f"closed after {took} s; the header timeout is 1 s"
+        finally:
+            await stop_listeners(runners)

@@ -23,6 +23,15 @@ _FRAMING = (b"content-length", b"transfer-encoding")  # the headers that say whe
 _FRAMING_LENGTHS = (14, 17)
 
 
+def _chunked_only(value: bytes) -> bool:
+    """``Transfer-Encoding: chunked`` as nearly every upstream sends it (one value, no list)."""
+    return value == b"chunked" or value.strip().lower() == b"chunked"
+
+
+def _codings(value: bytes) -> set[bytes]:
+    return {c.strip().lower() for c in value.split(b",") if c.strip()}
+
+
 class UpstreamConnectError(Exception):
     """Could not connect (refused, unreachable, DNS, TLS)."""
 
@@ -164,8 +173,17 @@ class UpstreamConnection(asyncio.Protocol):
         # a loop, not any(<generator>): any() stopping early closes the generator, and its
         # GeneratorExit made a frame object and a traceback on every response
         framed = False
-        for name, _ in self.headers:
+        for name, value in self.headers:
             if len(name) in _FRAMING_LENGTHS and name.lower() in _FRAMING:
+                if len(name) == 17 and not _chunked_only(value):
+                    # Transfer-Encoding is hop-by-hop: keygate re-frames the body, so another
+                    # coding would reach the client stripped of its name. A body that is not
+                    # chunked last ends when the upstream closes (RFC 9112 6.3).
+                    if _codings(value) - {b"identity", b"chunked"}:
+                        raise UpstreamProtocolError(
+                            "upstream used a transfer coding other than chunked")
+                    if not value.lower().rstrip(b" \t").endswith(b"chunked"):
+                        continue  # identity: not framing, the body ends at close
                 framed = True
                 break
         # an HTTP/1.0-style body with neither length nor chunks ends when the upstream closes

@@ -49,6 +49,7 @@ class _JsonErrorRequestHandler(RequestHandler):
     # server's sweep closes the connection once it is older than server.timeouts.header
     _head_since: float | None = None
     _last_payload = None  # the body stream of the newest request parsed on this connection
+    _write_stall: asyncio.TimerHandle | None = None  # armed while the client takes no bytes
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -83,6 +84,37 @@ class _JsonErrorRequestHandler(RequestHandler):
                     # body stream waiting, which then stalled until server.timeouts.body
                     # (a 408). The body fails at once instead (a 400, the connection closed).
                     body.set_exception(BodyFramingBroken("the request body's framing broke"))
+
+    def pause_writing(self) -> None:
+        # The client stopped taking bytes (the transport's buffer is over its high-water
+        # mark). aiohttp waits for it to drain without a timeout, on every answer's last write
+        # (write_eof drains) and the head's, and no other timeout runs while a request is in
+        # progress: a client that never reads would hold its connection, and its place under
+        # server.max_connections, for ever. Armed only here, so an answer the client takes
+        # costs nothing.
+        super().pause_writing()
+        timeout = getattr(self._manager, "write_timeout", None)
+        if timeout and self._write_stall is None:
+            self._write_stall = self._loop.call_later(timeout, self._reader_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_stall is not None:
+            self._write_stall.cancel()
+            self._write_stall = None
+
+    def _reader_stalled(self) -> None:
+        self._write_stall = None
+        if self.transport is not None:
+            log.info("a client took no bytes of its answer for %g s; closed",
+                     self._manager.write_timeout if self._manager else 0)
+            self.transport.abort()  # connection_lost fails the waiting write: handler ends
+
+    def connection_lost(self, exc) -> None:
+        if self._write_stall is not None:
+            self._write_stall.cancel()
+            self._write_stall = None
+        super().connection_lost(exc)
 
     def head_overdue(self, deadline: float) -> bool:
         """No whole request head since before ``deadline`` (a slow-loris, a stalled client)."""
@@ -300,18 +332,21 @@ class ProxyServer(web.Server):
     """A low-level aiohttp server whose parser errors are SPEC's JSON errors. The proxy
     listener uses it directly (one handler, no router); the admin listener via AdminRunner.
 
-    ``header_timeout``: seconds for a whole request head; ``max_connections``: open client
+    ``header_timeout``: seconds for a whole request head; ``write_timeout``: seconds a
+    client may take no bytes of its answer before its connection is closed
+    (``server.timeouts.body``); ``max_connections``: open client
     connections beyond which a new one is closed at once (None: no bound); ``inline``: run
     each request's handler in its connection's task (the proxy listener; see
     ``_InlineRequestHandler``)."""
 
     def __init__(self, handler, *, header_timeout: float | None = None,
                  max_connections: int | None = None, inline: bool = False,
-                 **kwargs) -> None:
+                 write_timeout: float | None = None, **kwargs) -> None:
         super().__init__(handler, **kwargs)
         self._handler_class = _InlineRequestHandler if inline and INLINE_START \
             else _JsonErrorRequestHandler
         self.header_timeout = header_timeout
+        self.write_timeout = write_timeout
         self.max_connections = max_connections
         self.refused_connections = 0
         self._sweeper: asyncio.Task | None = None
@@ -344,16 +379,18 @@ class ProxyServer(web.Server):
 
 class AdminRunner(web.AppRunner):
     """``web.AppRunner`` for the admin app, with JSON answers to unparseable requests too, and
-    the proxy listener's head timeout (``header_timeout``): a slow-loris is cut off there as
-    well."""
+    the proxy listener's head timeout (``header_timeout``) and write stall timeout
+    (``write_timeout``): a slow-loris or a client that never reads is cut off there as well."""
 
     def __init__(self, app: web.Application, *, header_timeout: float | None = None,
-                 **kwargs) -> None:
+                 write_timeout: float | None = None, **kwargs) -> None:
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
+        self._write_timeout = write_timeout
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         return ProxyServer(server.request_handler, request_factory=server.request_factory,
                            loop=server._loop, header_timeout=self._header_timeout,
+                           write_timeout=self._write_timeout,
                            **server._kwargs)

@@ -17,8 +17,9 @@ proxy needs and nothing else:
 - timeouts: connect, and time to the response head counted from the end of the request body
   (an upstream that stops reading the request body for that long also times out);
 - a request that fails on a reused idle connection before any response byte (the upstream
-  closed it meanwhile) is retried once when it had no body; one with a body is not (its body
-  was consumed from the client): it fails as a 502, never silently sent twice.
+  closed it meanwhile) is retried once when it had no body and a safe method (GET, HEAD,
+  OPTIONS, TRACE); any other is not (the upstream may have acted on it, or its body was
+  consumed from the client): it fails as a 502, never silently sent twice.
 
 This module is the pool; one connection, its parsing and the response it hands out are
 ``gateway.proxying.connection``.
@@ -38,6 +39,10 @@ from .connection import (BodyFramingError, BodySource, UpstreamConnectError,
 MAX_IDLE = 256
 IDLE_TTL = 30.0   # seconds an idle connection is trusted (a middlebox may drop it silently)
 SWEEP_MIN = 0.01  # seconds between head-timeout sweeps at the least (a timeout of a few ms)
+# Request lines that may be sent again after the upstream hung up without an answer: the safe
+# methods (RFC 9110 9.2.1), as Go's http.Transport replays. A POST, PATCH, PUT or DELETE the
+# upstream may have acted on is a 502 instead, never sent twice.
+_REPLAYABLE = (b"GET ", b"HEAD ", b"OPTIONS ", b"TRACE ")
 
 
 class UpstreamPool:
@@ -182,8 +187,10 @@ class UpstreamPool:
                 return await self._exchange(conn, head, body, content_length, timeout, is_head)
             except UpstreamProtocolError:
                 # an idle connection the upstream had closed: retry once if nothing was sent
-                # that cannot be sent again
-                if attempt == 0 and reused and body is None and not conn.got_bytes:
+                # that cannot be sent again (the upstream may have read the request and acted
+                # on it before it hung up: only a safe method is sent twice)
+                if attempt == 0 and reused and body is None and not conn.got_bytes \
+                        and head.startswith(_REPLAYABLE):
                     continue
                 raise
         raise UpstreamProtocolError("upstream closed the connection")
