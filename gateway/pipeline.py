@@ -63,6 +63,14 @@ class Outcome:
         self.client = None  # the client address the key was checked for (Pipeline.client_ip)
 
 
+def _held_back_its_body(request: web.BaseRequest) -> bool:
+    """A refused request that asked for ``100 Continue`` and did not get it: its body may
+    follow or not (RFC 9110 10.1.1). Reading the next bytes as that body would swallow the
+    head of a next request sent without it (the "0.CL" desync behind a pooling proxy)."""
+    return request.body_exists and not request.content.is_eof() and \
+        request.headers.get("Expect", "").lower() == "100-continue"
+
+
 def _check_transfer_coding(values: list[str]) -> None:
     """Only ``chunked`` is forwarded: the body is re-framed upstream, so another coding
     (``gzip, chunked``) would reach the upstream silently stripped of its label (RFC 9112
@@ -146,8 +154,10 @@ class Pipeline:
             except GatewayError as exc:
                 outcome.code = exc.code
                 response = exc.response(request_id)
-                if exc.status in (408, 413, 501) or exc.__class__ is errors.BodyCutShort:
-                    # the rest of that body is not worth reading, or will never come
+                if exc.status in (408, 413, 501) or exc.__class__ is errors.BodyCutShort \
+                        or _held_back_its_body(request):
+                    # the rest of that body is not worth reading, or will never come, or may
+                    # come or not (no 100 Continue was sent): never read the next bytes as it
                     response.force_close()
                     if exc.status == 408:  # a stalled sender: answer, then close without the
                         await answer_and_close(request, response)  # lingering read

@@ -146,6 +146,30 @@ async def test_a_refused_requests_body_does_not_cut_keep_alive_to_the_header_tim
             "the keep-alive connection was closed at the header timeout while idle"
 
 
+async def test_a_refused_request_that_held_back_its_body_for_100_continue_closes_the_connection(
+        redis_url, upstream, monkeypatch):
+    """A client that sent ``Expect: 100-continue`` and is refused never got its 100, so it may
+    send the body or not (RFC 9110 10.1.1). Kept open, keygate would read the next bytes as
+    that body: a client (or a front proxy pooling connections) that skips it has the head of
+    its next request swallowed as body bytes, the "0.CL" desync. The refusal closes the
+    connection instead; nothing reaches the upstream."""
+    config = edge_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        reader, writer = await g.raw_connection()
+        writer.write(b"POST /people/x HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 40\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 401"), head
+        assert b"connection: close" in head.lower()
+        # the client goes on without the body: two more requests (70 bytes). Kept open, the
+        # first 40 bytes were read as the body and the rest parsed as a request (a 400)
+        writer.write(b"GET /public/x HTTP/1.1\r\nHost: g\r\n\r\n" * 2)
+        rest = await asyncio.wait_for(reader.read(), 5)   # to EOF: the server closed
+        writer.close()
+        assert b"HTTP/1.1" not in rest.split(b"\r\n\r\n", 1)[-1], rest
+        assert upstream.requests == []
+
+
 # --- a header timeout closes the connection without an ERROR traceback ---------------------------
 
 async def test_a_header_timeout_closes_quietly_without_an_error_traceback(
