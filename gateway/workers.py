@@ -136,8 +136,11 @@ def _preflight(config: Config, store_url: str) -> str | None:
             for family, kind, proto, _, addr in socket.getaddrinfo(
                     host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
                 with socket.socket(family, kind, proto) as probe:
+                    # SO_REUSEADDR as the listeners have it (a port in TIME_WAIT is free), but
+                    # not SO_REUSEPORT: with it, the bind succeeds on a port another
+                    # `serve --workers` (or any reuseport server of this user) listens on, and
+                    # the kernel then splits the traffic between the two, silently.
                     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                     probe.bind(addr)
         except OSError as exc:
             return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
