@@ -76,6 +76,9 @@ def _port_or_free(host: str, preferred: int) -> int:
     """``preferred`` (the port the docs name) when it is free, else any free port: a second
     demo or another server on 8080 must not stop this one."""
     with socket.socket() as s:
+        # As the listeners bind (asyncio's SO_REUSEADDR): a port whose connections are in
+        # TIME_WAIT after the last demo stopped is free, not taken.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, preferred))
             return preferred

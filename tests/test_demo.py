@@ -122,3 +122,31 @@ async def test_demo_banner_curls_work_and_ctrl_c_stops_everything():
             os.kill(redis_pid, signal.SIGKILL)
         stderr.close()
         shutil.rmtree(cwd, ignore_errors=True)
+
+
+def test_the_demo_keeps_its_documented_port_while_it_is_in_time_wait():
+    """Run the demo, use it, Ctrl-C, run it again: the ports it served on are in TIME_WAIT
+    for a minute (the server closed connections first), which does not stop a listener from
+    binding them (SO_REUSEADDR). The demo must still take the port the docs name, not move to
+    a random one while the user's pasted KEYGATE_ADMIN_URL points at the old port."""
+    import socket
+
+    from gateway.demo import _port_or_free
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's listeners
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()  # the server side closes first: its end goes to TIME_WAIT
+        client.recv(1)
+        client.close()
+    # nothing listens on the port any more; a connection of it is in TIME_WAIT
+    assert _port_or_free("127.0.0.1", port) == port
+    # and a port something listens on is still refused
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert _port_or_free("127.0.0.1", busy.getsockname()[1]) != busy.getsockname()[1]
