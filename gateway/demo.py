@@ -13,6 +13,8 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -136,9 +138,25 @@ async def _provision(admin_url: str, token: str) -> dict[str, str]:
         return tokens
 
 
+def _cli() -> str:
+    """How to run this keygate from another terminal: ``keygate`` when that name on PATH is
+    this installation's command, else its full path. The README runs ``.venv/bin/keygate
+    demo`` without activating the venv, where a bare ``keygate`` is "command not found"."""
+    script = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "keygate")
+    on_path = shutil.which("keygate")
+    if on_path and os.path.exists(script):
+        with contextlib.suppress(OSError):
+            if os.path.samefile(on_path, script):
+                return "keygate"
+    if os.path.exists(script):
+        return shlex.quote(script)
+    return f"{shlex.quote(sys.executable)} -m gateway"
+
+
 def _banner(proxy: str, admin: str, admin_token: str, tokens: dict[str, str],
             generated_admin_token: bool) -> str:
     ro, rw = tokens["read-only"], tokens["read-write"]
+    cli = _cli()
     lines = [
         "",
         "keygate demo is running (Ctrl-C to stop)",
@@ -160,8 +178,8 @@ def _banner(proxy: str, admin: str, admin_token: str, tokens: dict[str, str],
         f"  curl -s {proxy}/people/1                                          # 401 missing_key",
         f"  curl -s -H \"Authorization: Bearer $RO\" {proxy}/_keygate/v1/usage   # month-to-date usage",
         f"  curl -s -H \"Authorization: Bearer $KEYGATE_ADMIN_TOKEN\" {admin}/admin/v1/workspaces/demo/keys",
-        "  keygate keys list --workspace demo      # the CLI talks to this demo's admin API",
-        "  keygate usage --workspace demo",
+        f"  {cli} keys list --workspace demo      # the CLI talks to this demo's admin API",
+        f"  {cli} usage --workspace demo",
         "",
         "The admin token is " + ("generated for this run (set KEYGATE_ADMIN_TOKEN to choose "
                                  "it); paste this for the admin lines and the CLI:"
