@@ -542,3 +542,33 @@ async def test_the_admin_listener_cuts_off_a_request_head_dripped_past_the_heade
         assert 0.8 < time.monotonic() - started < 5.0
     finally:
         gw.close()
+
+
+async def test_serve_without_an_operator_token_says_so_at_start(tmp_path, redis_url,
+                                                                monkeypatch):
+    """A gateway started without KEYGATE_ADMIN_TOKEN (a systemd unit or a pod that forgot the
+    secret) refuses every admin call; the operator should read why in the start-up log, not
+    find out from the first 401."""
+    import served
+    plain = served.env()
+    plain.pop("KEYGATE_ADMIN_TOKEN")
+    monkeypatch.setattr(served, "env", lambda: plain)
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url)
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        assert await asyncio.to_thread(gw.terminate) == 0
+        warned = [line for line in gw.stderr().splitlines() if "KEYGATE_ADMIN_TOKEN" in line]
+        assert len(warned) == 1, gw.stderr()
+        assert "WARNING" in warned[0] and "admin" in warned[0], warned[0]
+    finally:
+        gw.close()
+    # with the token set, no such line
+    monkeypatch.undo()
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        assert await asyncio.to_thread(gw.terminate) == 0
+        assert "KEYGATE_ADMIN_TOKEN" not in gw.stderr()
+    finally:
+        gw.close()
