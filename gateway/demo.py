@@ -193,7 +193,17 @@ def _banner(proxy: str, admin: str, admin_token: str, tokens: dict[str, str],
 
 async def _run(data_dir: str) -> int:
     from .app import ListenError, running_gateway, start_listeners, stop_listeners
-    from .store.embedded import EmbeddedError, EmbeddedRedis
+    from .store.embedded import MAX_SOCKET_PATH, SOCKET_NAME, EmbeddedError, EmbeddedRedis
+
+    # The store's unix socket lives in ./.keygate-demo and a socket path has a length limit.
+    # The embedded store's own message names store.data_dir, which the demo has none of.
+    length = len(os.fsencode(os.path.join(data_dir, SOCKET_NAME)))
+    if length > MAX_SOCKET_PATH:
+        print(f"keygate: the demo keeps its store's socket in {os.path.join(data_dir, SOCKET_NAME)}"
+              f", {length} bytes, longer than a unix socket path may be ({MAX_SOCKET_PATH}): "
+              f"run keygate demo from a directory with a shorter path than "
+              f"{os.path.dirname(data_dir)}", file=sys.stderr)
+        return 1
 
     # The admin API reads its operator token from the variable admin.token_env names
     # (KEYGATE_ADMIN_TOKEN): setting it here is how a generated token reaches it.

@@ -218,3 +218,28 @@ async def test_every_line_of_the_banner_works_pasted_into_a_shell():
                 await proc.wait()
         stderr.close()
         shutil.rmtree(cwd, ignore_errors=True)
+
+
+async def test_a_demo_run_from_a_deep_directory_says_what_to_do():
+    """The demo keeps its store's unix socket in ./.keygate-demo, and a socket path has a
+    length limit (~104 bytes). From a deep directory the demo cannot start; it has no config,
+    so the one line must not tell the user to change a `store.data_dir` they do not have,
+    but to run it from a shorter path."""
+    import subprocess
+
+    base = tempfile.mkdtemp(prefix="kgl-", dir="/tmp")
+    deep = Path(base, "a" * 40, "b" * 40)
+    deep.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KEYGATE_ADMIN_TOKEN", "PROMETHEUS_MULTIPROC_DIR")}
+    try:
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "gateway", "demo"], cwd=str(deep), env=env,
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1, result
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "store.data_dir" not in lines[0], lines[0]
+        assert "shorter path" in lines[0] and str(deep) in lines[0], lines[0]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
