@@ -13,6 +13,8 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -76,6 +78,9 @@ def _port_or_free(host: str, preferred: int) -> int:
     """``preferred`` (the port the docs name) when it is free, else any free port: a second
     demo or another server on 8080 must not stop this one."""
     with socket.socket() as s:
+        # As the listeners bind (asyncio's SO_REUSEADDR): a port whose connections are in
+        # TIME_WAIT after the last demo stopped is free, not taken.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, preferred))
             return preferred
@@ -133,9 +138,25 @@ async def _provision(admin_url: str, token: str) -> dict[str, str]:
         return tokens
 
 
+def _cli() -> str:
+    """How to run this keygate from another terminal: ``keygate`` when that name on PATH is
+    this installation's command, else its full path. The README runs ``.venv/bin/keygate
+    demo`` without activating the venv, where a bare ``keygate`` is "command not found"."""
+    script = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "keygate")
+    on_path = shutil.which("keygate")
+    if on_path and os.path.exists(script):
+        with contextlib.suppress(OSError):
+            if os.path.samefile(on_path, script):
+                return "keygate"
+    if os.path.exists(script):
+        return shlex.quote(script)
+    return f"{shlex.quote(sys.executable)} -m gateway"
+
+
 def _banner(proxy: str, admin: str, admin_token: str, tokens: dict[str, str],
             generated_admin_token: bool) -> str:
     ro, rw = tokens["read-only"], tokens["read-write"]
+    cli = _cli()
     lines = [
         "",
         "keygate demo is running (Ctrl-C to stop)",
@@ -157,8 +178,8 @@ def _banner(proxy: str, admin: str, admin_token: str, tokens: dict[str, str],
         f"  curl -s {proxy}/people/1                                          # 401 missing_key",
         f"  curl -s -H \"Authorization: Bearer $RO\" {proxy}/_keygate/v1/usage   # month-to-date usage",
         f"  curl -s -H \"Authorization: Bearer $KEYGATE_ADMIN_TOKEN\" {admin}/admin/v1/workspaces/demo/keys",
-        "  keygate keys list --workspace demo      # the CLI talks to this demo's admin API",
-        "  keygate usage --workspace demo",
+        f"  {cli} keys list --workspace demo      # the CLI talks to this demo's admin API",
+        f"  {cli} usage --workspace demo",
         "",
         "The admin token is " + ("generated for this run (set KEYGATE_ADMIN_TOKEN to choose "
                                  "it); paste this for the admin lines and the CLI:"
@@ -172,7 +193,17 @@ def _banner(proxy: str, admin: str, admin_token: str, tokens: dict[str, str],
 
 async def _run(data_dir: str) -> int:
     from .app import ListenError, running_gateway, start_listeners, stop_listeners
-    from .store.embedded import EmbeddedError, EmbeddedRedis
+    from .store.embedded import MAX_SOCKET_PATH, SOCKET_NAME, EmbeddedError, EmbeddedRedis
+
+    # The store's unix socket lives in ./.keygate-demo and a socket path has a length limit.
+    # The embedded store's own message names store.data_dir, which the demo has none of.
+    length = len(os.fsencode(os.path.join(data_dir, SOCKET_NAME)))
+    if length > MAX_SOCKET_PATH:
+        print(f"keygate: the demo keeps its store's socket in {os.path.join(data_dir, SOCKET_NAME)}"
+              f", {length} bytes, longer than a unix socket path may be ({MAX_SOCKET_PATH}): "
+              f"run keygate demo from a directory with a shorter path than "
+              f"{os.path.dirname(data_dir)}", file=sys.stderr)
+        return 1
 
     # The admin API reads its operator token from the variable admin.token_env names
     # (KEYGATE_ADMIN_TOKEN): setting it here is how a generated token reaches it.

@@ -136,8 +136,11 @@ def _preflight(config: Config, store_url: str) -> str | None:
             for family, kind, proto, _, addr in socket.getaddrinfo(
                     host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
                 with socket.socket(family, kind, proto) as probe:
+                    # SO_REUSEADDR as the listeners have it (a port in TIME_WAIT is free), but
+                    # not SO_REUSEPORT: with it, the bind succeeds on a port another
+                    # `serve --workers` (or any reuseport server of this user) listens on, and
+                    # the kernel then splits the traffic between the two, silently.
                     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                     probe.bind(addr)
         except OSError as exc:
             return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
@@ -251,6 +254,11 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
             print(problem, file=sys.stderr)
         return 1
     setup_logging(config)
+    if not os.environ.get(config.admin.token_env, "").strip():
+        # The admin API then refuses every call (it never runs open): say so once, at start,
+        # rather than leave the operator to find out from the first 401.
+        log.warning("the admin API refuses every call: the environment variable %s holding "
+                    "the operator token is not set (or empty)", config.admin.token_env)
     from .argon2_pool import one_malloc_arena
     one_malloc_arena()  # before any thread starts, in this process and the workers it forks
     # Until the event loop takes it over, a SIGHUP (a reload) must neither end the process nor

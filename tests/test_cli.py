@@ -958,3 +958,47 @@ async def test_reload_through_the_cli_with_the_servers_own_config(tmp_path, redi
     finally:
         assert gw.terminate() == 0
         gw.close()
+
+
+async def test_the_readmes_managing_keys_commands_work_against_the_example_config(
+        redis_url, keygate, monkeypatch):
+    """README's "Managing keys" block, line by line, against an admin API running
+    config.example.yaml (the config its "Serving" section starts): each command succeeds."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from aiohttp import web
+
+    from gateway import admin
+    from gateway.config import load_config
+    from gateway.store import Store
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = re.search(r"### Managing keys\n+```sh\n(.*?)```", readme, re.S).group(1)
+    lines = [line.split("#", 1)[0].strip() for line in block.splitlines()]
+    lines = [line for line in lines if line.startswith("keygate ")]
+    assert len(lines) >= 8, block
+
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    config = load_config(str(root / "config.example.yaml"))
+    store = await Store.connect(redis_url, config)
+    runner = web.AppRunner(admin.create_admin_app(config, store))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    monkeypatch.setenv("KEYGATE_ADMIN_URL", f"http://127.0.0.1:{runner.addresses[0][1]}")
+    key_id = None
+    try:
+        for line in lines:
+            argv = shlex.split(line)[1:]
+            if "<id>" in argv:
+                argv[argv.index("<id>")] = key_id
+            run = await keygate(*argv, stdin="y\n")
+            assert run.code == 0, (line, run.out, run.err)
+            if argv[:2] == ["keys", "create"]:
+                listing = await keygate("keys", "list", "--workspace", "acme", "--json")
+                key_id = listing.json()["items"][0]["id"]
+    finally:
+        await runner.cleanup()
+        await store.close()

@@ -67,3 +67,15 @@ def test_days_table_right_aligns_the_counts():
         "2026-11-01          5",
         "2026-11-02  123456789"]
     assert days_table([]) == "DATE        REQUESTS"
+
+
+@pytest.mark.parametrize("argv", [["serve", "--workers", "abc"], ["serve", "--workers", "2.5"],
+                                  ["audit", "--workspace", "acme", "--limit", "many"]])
+def test_a_count_that_is_not_a_number_is_said_for_people(argv, capsys):
+    """`keygate serve --workers abc` is bad usage (2) in words, not Python's
+    "invalid literal for int() with base 10"."""
+    from gateway.cli import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "int()" not in err and "base 10" not in err, err
+    assert f"'{argv[-1]}' is not a whole number" in err, err

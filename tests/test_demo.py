@@ -122,3 +122,124 @@ async def test_demo_banner_curls_work_and_ctrl_c_stops_everything():
             os.kill(redis_pid, signal.SIGKILL)
         stderr.close()
         shutil.rmtree(cwd, ignore_errors=True)
+
+
+def test_the_demo_keeps_its_documented_port_while_it_is_in_time_wait():
+    """Run the demo, use it, Ctrl-C, run it again: the ports it served on are in TIME_WAIT
+    for a minute (the server closed connections first), which does not stop a listener from
+    binding them (SO_REUSEADDR). The demo must still take the port the docs name, not move to
+    a random one while the user's pasted KEYGATE_ADMIN_URL points at the old port."""
+    import socket
+
+    from gateway.demo import _port_or_free
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's listeners
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()  # the server side closes first: its end goes to TIME_WAIT
+        client.recv(1)
+        client.close()
+    # nothing listens on the port any more; a connection of it is in TIME_WAIT
+    assert _port_or_free("127.0.0.1", port) == port
+    # and a port something listens on is still refused
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert _port_or_free("127.0.0.1", busy.getsockname()[1]) != busy.getsockname()[1]
+
+
+async def test_every_line_of_the_banner_works_pasted_into_a_shell():
+    """The README's way: `.venv/bin/keygate demo`, the venv not activated (so `keygate` is not
+    on PATH), then each line the banner prints pasted into a shell: the two export lines, the
+    curl lines (each answering what its comment says) and the CLI lines."""
+    import subprocess
+
+    curl = shutil.which("curl")
+    if curl is None:
+        import pytest
+        pytest.skip("needs the curl CLI, which the banner's lines run")
+    script = Path(sys.executable).parent / "keygate"  # the venv's console script
+    assert script.exists(), script
+    path = os.pathsep.join(d for d in ("/usr/local/bin", "/usr/bin", "/bin")
+                           if not Path(d, "keygate").exists())
+    cwd = tempfile.mkdtemp(prefix="kgp-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KEYGATE_ADMIN_TOKEN", "KEYGATE_ADMIN_URL", "PROMETHEUS_MULTIPROC_DIR",
+                        "VIRTUAL_ENV")}
+    env["PATH"] = path
+    stderr = open(Path(cwd, "stderr.txt"), "wb")
+    proc = await asyncio.create_subprocess_exec(
+        str(script), "demo", cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=stderr)
+    try:
+        banner = await read_banner(proc)
+        lines = [line.strip() for line in banner.splitlines()]
+        exports = [line for line in lines if line.startswith("export ")]
+        assert len(exports) == 2, banner
+        tried = lines[lines.index("Then try:") + 1:]
+        tried = [line for line in tried[:tried.index("")]]
+        assert any(line.startswith("curl ") for line in tried), banner
+        clis = [line for line in tried if not line.startswith("curl ")]
+        assert clis, banner
+
+        def paste(line: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["sh", "-c", "; ".join(exports + [line])], cwd=cwd, env=env,
+                                  capture_output=True, text=True, timeout=30)
+
+        for line in tried:
+            command, _, comment = line.partition("#")
+            if not command.startswith("curl "):
+                continue
+            result = paste(command + " -w '\\n%{http_code}'")
+            assert result.returncode == 0, (line, result.stderr)
+            body, _, status = result.stdout.rpartition("\n")
+            expected = comment.split()
+            if expected and expected[0].isdigit():
+                assert status == expected[0], (line, result.stdout)
+            else:
+                assert status == "200", (line, result.stdout)
+            if status >= "400" and len(expected) > 1:  # "# 403 insufficient_scope"
+                assert json.loads(body)["error"]["code"] == expected[1], (line, body)
+        for line in clis:
+            result = paste(line)
+            assert result.returncode == 0, (line, result.stdout, result.stderr)
+            assert result.stdout.strip(), line
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        stderr.close()
+        shutil.rmtree(cwd, ignore_errors=True)
+
+
+async def test_a_demo_run_from_a_deep_directory_says_what_to_do():
+    """The demo keeps its store's unix socket in ./.keygate-demo, and a socket path has a
+    length limit (~104 bytes). From a deep directory the demo cannot start; it has no config,
+    so the one line must not tell the user to change a `store.data_dir` they do not have,
+    but to run it from a shorter path."""
+    import subprocess
+
+    base = tempfile.mkdtemp(prefix="kgl-", dir="/tmp")
+    deep = Path(base, "a" * 40, "b" * 40)
+    deep.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KEYGATE_ADMIN_TOKEN", "PROMETHEUS_MULTIPROC_DIR")}
+    try:
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "gateway", "demo"], cwd=str(deep), env=env,
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1, result
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "store.data_dir" not in lines[0], lines[0]
+        assert "shorter path" in lines[0] and str(deep) in lines[0], lines[0]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

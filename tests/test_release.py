@@ -64,3 +64,19 @@ def test_the_operations_guide_lists_every_metric():
     from conftest import DOCUMENTED_METRICS
     guide = (ROOT / "docs" / "operations.md").read_text()
     assert [m for m in DOCUMENTED_METRICS if f"`{m}`" not in guide] == []
+
+
+def test_the_security_model_names_the_digest_the_key_cache_is_keyed_by():
+    """docs/security.md tells a reviewer what a process keeps of a verified secret; it must be
+    the hash gateway.auth.token_digest computes (README.md says the same)."""
+    import hashlib
+
+    from gateway.auth import token_digest
+
+    text = (ROOT / "docs" / "security.md").read_text()
+    named = re.search(r"remembered in each process as an? ([A-Za-z0-9-]+) digest", text)
+    assert named, "docs/security.md no longer says how a verified secret is remembered"
+    algorithm = {"SHA-256": "sha256", "BLAKE2s-256": "blake2s", "BLAKE2s": "blake2s"}.get(
+        named.group(1), named.group(1).lower())
+    token = "kg_live_" + "A" * 50
+    assert hashlib.new(algorithm, token.encode()).digest() == token_digest(token), named.group(0)

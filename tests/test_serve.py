@@ -235,6 +235,37 @@ def test_port_in_use_is_one_line_naming_the_address(tmp_path, workers):
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
+def test_workers_refuse_a_port_another_server_holds_with_so_reuseport(tmp_path, redis_url):
+    """A second `keygate serve --workers N` (or nginx/envoy with reuseport) on the same ports
+    must not join the first one's listening group: the kernel would then split the traffic
+    between two gateways with different configs and stores, silently. It is a port in use."""
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as a --workers listener
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config, _, _ = write_config(tmp_path, redis_url=redis_url)
+        doc = yaml.safe_load(config.read_text())
+        doc["server"]["port"] = port
+        config.write_text(yaml.safe_dump(doc))
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
+                                 str(config), "--workers", "2"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=env(),
+                                cwd=str(tmp_path), start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:  # it started: take it and its workers down
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise AssertionError(f"keygate serve --workers 2 started on 127.0.0.1:{port}, "
+                                 "which another server was listening on") from None
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+        line = assert_one_clear_line(result, f"127.0.0.1:{port}")
+        assert "in use" in line
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_unreachable_redis_is_one_line_without_password(tmp_path, workers):
     port = free_port()
@@ -509,5 +540,35 @@ async def test_the_admin_listener_cuts_off_a_request_head_dripped_past_the_heade
             reader, writer, b"GET /admin/v1/workspaces HTTP/1.1\r\nHost: x\r\n", 6.0)
         assert closed, "a slow-loris kept its admin connection past the header timeout"
         assert 0.8 < time.monotonic() - started < 5.0
+    finally:
+        gw.close()
+
+
+async def test_serve_without_an_operator_token_says_so_at_start(tmp_path, redis_url,
+                                                                monkeypatch):
+    """A gateway started without KEYGATE_ADMIN_TOKEN (a systemd unit or a pod that forgot the
+    secret) refuses every admin call; the operator should read why in the start-up log, not
+    find out from the first 401."""
+    import served
+    plain = served.env()
+    plain.pop("KEYGATE_ADMIN_TOKEN")
+    monkeypatch.setattr(served, "env", lambda: plain)
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url)
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        assert await asyncio.to_thread(gw.terminate) == 0
+        warned = [line for line in gw.stderr().splitlines() if "KEYGATE_ADMIN_TOKEN" in line]
+        assert len(warned) == 1, gw.stderr()
+        assert "WARNING" in warned[0] and "admin" in warned[0], warned[0]
+    finally:
+        gw.close()
+    # with the token set, no such line
+    monkeypatch.undo()
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        assert await asyncio.to_thread(gw.terminate) == 0
+        assert "KEYGATE_ADMIN_TOKEN" not in gw.stderr()
     finally:
         gw.close()

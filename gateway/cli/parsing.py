@@ -71,7 +71,10 @@ def seconds(text: str) -> float:
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # int()'s own message is Python's: "invalid literal for int() ..."
+        raise ValueError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise ValueError("must be 1 or more")
     return value
