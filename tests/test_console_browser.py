@@ -644,3 +644,37 @@ def test_key_controls_disable_enable_cap_and_delete(page, gateway):
     wait(page.driver, lambda d: "jarvis" not in page.rows())
     status, listing = gateway.admin("GET", "/workspaces/stark/keys")
     assert listing["items"] == []
+
+
+# --- what a hurried person does -----------------------------------------------------------------
+
+def keys_named(gateway: ThreadedGateway, ws: str, name: str) -> list[dict]:
+    status, listing = gateway.admin("GET", f"/workspaces/{ws}/keys")
+    assert status == 200, listing
+    return [k for k in listing["items"] if k["name"] == name]
+
+
+def test_a_double_click_on_create_or_rotate_makes_one_key(page, gateway):
+    from selenium.webdriver.common.action_chains import ActionChains
+    new_workspace(gateway, "wayne", "Wayne")
+    page.sign_in(ADMIN_TOKEN)
+    page.link("wayne").click()
+    page.button("Create key").click()
+    page.field("Name").send_keys("double")
+    page.field("Scopes").send_keys("people:read")
+    ActionChains(page.driver).double_click(page.button("Create")).perform()
+    token = page.take_token()
+    wait(page.driver, lambda d: "double" in page.rows())
+    assert len(keys_named(gateway, "wayne", "double")) == 1  # not a second key nobody holds
+    assert gateway.proxy("/people", token)[0] == 200
+
+    page.button("Rotate", page.row("double")).click()
+    dialog = page.dialog()
+    grace = page.field("Grace", dialog)
+    grace.clear()
+    grace.send_keys("1h")
+    ActionChains(page.driver).double_click(page.button("Rotate", dialog)).perform()
+    rotated = page.take_token()
+    wait(page.driver, lambda d: page.rows().count("double") == 2)
+    assert len(keys_named(gateway, "wayne", "double")) == 2  # the old one and one new one
+    assert gateway.proxy("/people", rotated)[0] == 200

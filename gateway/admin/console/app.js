@@ -161,6 +161,26 @@ function closeDialogs() {
   }
 }
 
+// `act` as an event handler that runs once at a time: while its API call is on its way, a second
+// click or Enter on the same form or dialog does nothing (a double click on Create made two keys,
+// on Rotate two new keys, and the second token dialog replaced the first: a live key whose token
+// nobody ever saw). Nothing is disabled, so focus stays where the person left it.
+function oneAtATime(container, act) {
+  let running = false;
+  return async (event) => {
+    if (event) event.preventDefault();
+    if (running) return;
+    running = true;
+    container.setAttribute("aria-busy", "true");
+    try {
+      await act(event);
+    } finally {
+      running = false;
+      container.removeAttribute("aria-busy");
+    }
+  };
+}
+
 function errorBox() {
   return el("p", {"class": "form-error", "role": "alert", "hidden": true});
 }
@@ -470,7 +490,7 @@ function openCreateForm() {
   const form = $("create-template").content.firstElementChild.cloneNode(true);
   $("create-slot").append(form);
   fillRoles($("create-role"), "");
-  form.addEventListener("submit", createKey);
+  form.addEventListener("submit", oneAtATime(form, createKey));
   $("create-cancel").addEventListener("click", resetCreateForm);
   $("create-open").hidden = true;
   $("create-name").focus();
@@ -525,7 +545,7 @@ async function refreshQuietly() {
 function confirmDialog(title, label, act, done, ...text) {
   openDialog(title, (dialog, close) => {
     const problem = errorBox();
-    const confirm = async () => {
+    const confirm = oneAtATime(dialog, async () => {
       try {
         await act();
       } catch (err) {
@@ -535,7 +555,7 @@ function confirmDialog(title, label, act, done, ...text) {
       close();
       announce(done);
       await refreshQuietly();
-    };
+    });
     dialog.append(
       ...text,
       problem,
@@ -563,8 +583,7 @@ function rotateKey(key) {
     const problem = errorBox();
     const grace = el("input", {"id": "rotate-grace", "value": "0", "autocomplete": "off",
                                "aria-describedby": "rotate-grace-hint"});
-    const confirm = async (event) => {
-      event.preventDefault();
+    const confirm = oneAtATime(dialog, async () => {
       let rotated;
       try {
         rotated = await api("POST", keyPath(key) + "/rotate",
@@ -577,7 +596,7 @@ function rotateKey(key) {
       announce("Key " + key.name + " rotated.");
       showTokenDialog("Key rotated", rotated.token, rotated.key);
       await refreshQuietly();
-    };
+    });
     dialog.append(el("form", {"novalidate": true, "on": {submit: confirm}},
       el("p", {"text": "A new key with the same name, role or scopes and rate limit replaces " +
                        key.prefix + "…. The old key keeps working for the grace period " +
@@ -633,8 +652,7 @@ function editKey(key) {
                              "autocomplete": "off", "aria-describedby": "edit-cap-hint"});
     const rate = el("input", {"id": "edit-rate", "value": rateText, "autocomplete": "off",
                               "spellcheck": "false", "aria-describedby": "edit-cap-hint"});
-    const save = async (event) => {
-      event.preventDefault();
+    const save = oneAtATime(dialog, async () => {
       const body = {};
       if (controls && cap.value.trim() !== capText) {
         const value = cap.value.trim();
@@ -678,7 +696,7 @@ function editKey(key) {
       close();
       announce("Key " + key.name + " updated.");
       await refreshQuietly();
-    };
+    });
     dialog.append(el("form", {"novalidate": true, "on": {submit: save}},
       el("div", {"class": "grid"},
          el("label", {"for": "edit-role", "text": "Role"}), role,
