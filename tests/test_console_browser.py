@@ -678,3 +678,16 @@ def test_a_double_click_on_create_or_rotate_makes_one_key(page, gateway):
     wait(page.driver, lambda d: page.rows().count("double") == 2)
     assert len(keys_named(gateway, "wayne", "double")) == 2  # the old one and one new one
     assert gateway.proxy("/people", rotated)[0] == 200
+
+
+def test_the_token_stays_on_screen_until_done_is_pressed(page, gateway):
+    new_workspace(gateway, "oscorp", "Oscorp")
+    page.sign_in(ADMIN_TOKEN)
+    page.link("oscorp").click()
+    page.create_key("escape-proof", scopes="people:read")
+    shown = wait(page.driver, lambda d: d.find_element(By.CSS_SELECTOR, "[data-token]"))
+    token = shown.text
+    page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)  # a reflex, not a decision
+    page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
+    assert page.driver.find_element(By.CSS_SELECTOR, "[data-token]").text == token
+    assert page.take_token() == token  # Done, and only Done, puts it away

@@ -134,19 +134,30 @@ function splitScopes(text) {
 
 // --- dialogs: built when opened, removed when closed (one at a time) ----------------------------
 
-function openDialog(title, build) {
+// `modal`: Escape does not close it (the shown-once token stays until Done is pressed: a reflex
+// on Escape must not lose a token that can never be shown again).
+function openDialog(title, build, {modal = false} = {}) {
   closeDialogs();
   const heading = el("h2", {id: "dialog-title", text: title});
   const dialog = el("dialog", {"role": "dialog", "aria-modal": "true",
                                "aria-labelledby": "dialog-title"}, heading);
   const opener = document.activeElement;
+  let closing = false;
   const close = () => {
+    closing = true;
     dialog.close();
     dialog.remove();
     if (opener && opener.isConnected) opener.focus();
   };
   build(dialog, close);
-  dialog.addEventListener("cancel", (event) => { event.preventDefault(); close(); });
+  dialog.addEventListener("cancel", (event) => {
+    event.preventDefault();
+    if (!modal) close();
+  });
+  // the browser may close a dialog whatever "cancel" says (a second Escape in a row): open it again
+  dialog.addEventListener("close", () => {
+    if (modal && !closing && dialog.isConnected) dialog.showModal();
+  });
   document.body.append(dialog);
   dialog.showModal();
   const first = dialog.querySelector("[autofocus]") || dialog.querySelector("input, select, button");
@@ -219,7 +230,7 @@ function showTokenDialog(title, token, key) {
                        "on": {click: copy}}),
          el("button", {"type": "button", "text": "Done", "on": {click: close}}),
          status));
-  });
+  }, {modal: true});
 }
 
 // --- signing in and out ------------------------------------------------------------------------
