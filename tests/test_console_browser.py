@@ -691,3 +691,44 @@ def test_the_token_stays_on_screen_until_done_is_pressed(page, gateway):
     page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
     assert page.driver.find_element(By.CSS_SELECTOR, "[data-token]").text == token
     assert page.take_token() == token  # Done, and only Done, puts it away
+
+
+def assert_signed_out(page: Console, *gone: str) -> None:
+    """The sign-in form, and nothing of the session left on the page."""
+    wait(page.driver, lambda d: page.field("Token").is_displayed())
+    assert not page.driver.find_element(By.ID, "sign-out").is_displayed()
+    assert page.driver.find_element(By.ID, "who").text == ""
+    assert page.rows() == []
+    main = page.driver.find_element(By.TAG_NAME, "main").get_attribute("innerHTML")
+    for text in gone:
+        assert text not in main, text
+
+
+def test_losing_access_mid_session_returns_to_sign_in(page, gateway):
+    new_workspace(gateway, "cyberdyne", "Cyberdyne")
+    admin_token, admin_key = gateway.key("cyberdyne", name="skynet-admin",
+                                         scopes=["keys:admin", "people:read"])
+    page.tokens_seen.append(admin_token)
+    page.allowed_errors.append("401")
+
+    # the operator revokes the key while its holder is signed in: the next step signs out
+    page.sign_in(admin_token)
+    wait(page.driver, lambda d: "skynet-admin" in page.rows())
+    gateway.admin("POST", f"/workspaces/cyberdyne/keys/{admin_key['id']}/revoke")
+    page.create_key("t-800", scopes="people:read")
+    assert "This API key has been revoked." in page.alert_text()
+    assert "request id" in page.alert_text()
+    assert_signed_out(page, "skynet-admin", "Cyberdyne")
+    assert keys_named(gateway, "cyberdyne", "t-800") == []
+
+    # revoking the key one is signed in with, from the console: the same
+    second_token, _ = gateway.key("cyberdyne", name="second-admin",
+                                  scopes=["keys:admin", "people:read"])
+    page.tokens_seen.append(second_token)
+    page.sign_in(second_token)
+    wait(page.driver, lambda d: "second-admin" in page.rows())
+    page.button("Revoke", page.row("second-admin")).click()
+    page.button("Revoke", page.dialog()).click()
+    page.no_dialog()
+    assert "This API key has been revoked." in page.alert_text()
+    assert_signed_out(page, "second-admin", "Cyberdyne")

@@ -26,7 +26,8 @@ class ApiError extends Error {
 
 async function api(method, path, body) {
   if (session === null) throw new ApiError(0, "signed_out", "You are signed out.", null);
-  const headers = {"Authorization": "Bearer " + session.token, "Accept": "application/json"};
+  const mine = session;
+  const headers = {"Authorization": "Bearer " + mine.token, "Accept": "application/json"};
   const init = {method, headers, cache: "no-store", credentials: "omit", redirect: "error",
                 referrerPolicy: "no-referrer"};
   if (body !== undefined) {
@@ -46,11 +47,24 @@ async function api(method, path, body) {
   } catch (err) {
     data = null;
   }
+  // An answer to an earlier sign-in (signed out, or in again as someone else, meanwhile) is not
+  // this page's any more: nothing waits on it, nothing of it is shown.
+  if (session !== mine) return new Promise(() => {});
   if (!response.ok) {
     const error = data && data.error ? data.error : {};
-    throw new ApiError(response.status, error.code || "http_" + response.status,
-                       error.message || "The admin API answered " + response.status + ".",
-                       error.request_id || response.headers.get("X-Request-Id"));
+    const failure = new ApiError(response.status, error.code || "http_" + response.status,
+                                 error.message || "The admin API answered " + response.status + ".",
+                                 error.request_id || response.headers.get("X-Request-Id"));
+    if (response.status === 401 && mine.signedIn) {
+      // the token stopped working mid-session (key revoked or expired, operator token changed):
+      // back to sign-in with the API's reason, the token and the workspace's data forgotten
+      const signedOut = new ApiError(401, failure.code, "Signed out: " + failure.message,
+                                     failure.requestId);
+      signOut();
+      showAlert(describe(signedOut));
+      throw signedOut;
+    }
+    throw failure;
   }
   return data;
 }
@@ -263,6 +277,7 @@ async function signIn(event) {
     input.focus();
     return;
   }
+  session.signedIn = true;
   $("signin-view").hidden = true;
   $("sign-out").hidden = false;
   $("who").textContent = "Signed in as " + session.label;
