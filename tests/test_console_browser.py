@@ -732,3 +732,30 @@ def test_losing_access_mid_session_returns_to_sign_in(page, gateway):
     page.no_dialog()
     assert "This API key has been revoked." in page.alert_text()
     assert_signed_out(page, "second-admin", "Cyberdyne")
+
+
+def test_an_expiry_typed_as_a_date_and_time_means_utc_as_the_form_says(page, gateway):
+    new_workspace(gateway, "tyrell", "Tyrell")
+    page.driver.execute_cdp_cmd("Emulation.setTimezoneOverride",
+                                {"timezoneId": "America/New_York"})  # a person far from UTC
+    try:
+        page.sign_in(ADMIN_TOKEN)
+        page.link("tyrell").click()
+        hint = page.driver.find_element(By.ID, "create-open")
+        hint.click()
+        assert "(UTC)" in page.driver.find_element(By.ID, "expires-hint").text
+        page.button("Cancel").click()
+
+        page.create_key("replicant", scopes="people:read", expires="2031-01-31 12:00")
+        page.take_token()
+        wait(page.driver, lambda d: "2031-01-31 12:00 UTC" in page.row("replicant").text)
+        [key] = keys_named(gateway, "tyrell", "replicant")
+        assert key["expires_at"] == "2031-01-31T12:00:00Z"
+
+        # a day that does not exist is refused, not moved to another one (Feb 31 → Mar 3)
+        page.create_key("nexus", scopes="people:read", expires="2031-02-31")
+        assert "Expires must be" in page.alert_text()
+        page.button("Cancel").click()
+        assert keys_named(gateway, "tyrell", "nexus") == []
+    finally:
+        page.driver.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": ""})

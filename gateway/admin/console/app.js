@@ -124,13 +124,27 @@ function parseExpiry(text) {
     const unit = {s: 1, m: 60, h: 3600, d: 86400, w: 604800}[duration[2].toLowerCase()];
     return {seconds: Number(duration[1]) * unit};
   }
-  const date = /^\d{4}-\d{2}-\d{2}$/.test(value) ? value + "T00:00:00Z" : value;
-  const ms = Date.parse(date);
-  if (!/^\d{4}-\d{2}-\d{2}/.test(value) || Number.isNaN(ms)) {
-    throw new Error("Expires must be empty (never), a duration such as 30d, 12h or 90m, " +
-                    "or a date such as 2027-01-31.");
+  // A date, or a date and time, in UTC as the form says (Date.parse would read "2027-01-31 12:00"
+  // in the browser's own time zone, and move "2027-02-31" to March 3); an explicit zone is kept.
+  const found = /^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?\s*(Z|UTC|[+-]\d{2}:?\d{2})?$/i
+    .exec(value);
+  const problem = new Error("Expires must be empty (never), a duration such as 30d, 12h or 90m, " +
+                            "or a date such as 2027-01-31 (UTC).");
+  if (!found) throw problem;
+  const [year, month, day, hour, minute, second] = found.slice(1, 7).map((n) => Number(n || 0));
+  const local = Date.UTC(year, month - 1, day, hour, minute, second);
+  const check = new Date(local);
+  if (check.getUTCFullYear() !== year || check.getUTCMonth() !== month - 1 ||
+      check.getUTCDate() !== day || hour > 23 || minute > 59 || second > 59) {
+    throw problem;
   }
-  return {at: new Date(ms).toISOString().replace(/\.\d{3}Z$/, "Z")};
+  const zone = (found[7] || "Z").toUpperCase();
+  let offset = 0;  // minutes east of UTC
+  if (zone !== "Z" && zone !== "UTC") {
+    const digits = zone.replace(":", "");
+    offset = (zone[0] === "-" ? -1 : 1) * (Number(digits.slice(1, 3)) * 60 + Number(digits.slice(3)));
+  }
+  return {at: new Date(local - offset * 60000).toISOString().replace(/\.\d{3}Z$/, "Z")};
 }
 
 function parseDuration(text) {
