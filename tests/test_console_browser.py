@@ -759,3 +759,35 @@ def test_an_expiry_typed_as_a_date_and_time_means_utc_as_the_form_says(page, gat
         assert keys_named(gateway, "tyrell", "nexus") == []
     finally:
         page.driver.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": ""})
+
+
+def assert_fits(page: Console, what: str) -> None:
+    """Nothing sticks out sideways: the page has no horizontal scroll, nor does a dialog."""
+    widths = page.driver.execute_script(
+        "const d = document.querySelector('dialog');"
+        "return [document.documentElement.scrollWidth, document.documentElement.clientWidth,"
+        " d ? d.scrollWidth : 0, d ? d.clientWidth : 0]")
+    assert widths[0] <= widths[1] and widths[2] <= widths[3], (what, widths)
+
+
+def test_very_long_names_wrap_instead_of_widening_the_page(page, gateway):
+    long_ws = "Initrode" + "W" * 140  # one 148-character word
+    new_workspace(gateway, "initrode", long_ws)
+    name = "k" * 200  # the longest name the API takes, with no space to break at
+    gateway.key("initrode", name=name, description="d" * 2000, scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.link("initrode")
+    assert_fits(page, "workspace list")
+    page.link("initrode").click()
+    page.row(name)
+    assert_fits(page, "key list")
+    page.button("Revoke", page.row(name)).click()
+    page.dialog()
+    assert_fits(page, "revoke dialog")
+    page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
+    page.no_dialog()
+    page.create_key("x" + name[1:], scopes="people:read")
+    page.dialog()
+    assert_fits(page, "token dialog")
+    page.take_token()
+    assert_fits(page, "key list, after a create")
