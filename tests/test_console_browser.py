@@ -791,3 +791,32 @@ def test_very_long_names_wrap_instead_of_widening_the_page(page, gateway):
     assert_fits(page, "token dialog")
     page.take_token()
     assert_fits(page, "key list, after a create")
+
+
+def test_a_double_click_on_sign_in_signs_in_without_a_false_error(page, gateway):
+    from selenium.webdriver.common.action_chains import ActionChains
+    new_workspace(gateway, "hanso", "Hanso")
+    page.field("Token").send_keys(ADMIN_TOKEN)
+    ActionChains(page.driver).double_click(page.button("Sign in")).perform()
+    page.link("hanso")
+    alert = page.driver.find_element(By.ID, "alert")
+    assert not alert.is_displayed(), alert.text
+
+
+def test_signing_out_forgets_the_filters_and_order_too(page, gateway):
+    new_workspace(gateway, "dharma", "Dharma")
+    gateway.key("dharma", name="swan", scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.link("dharma").click()
+    page.row("swan")
+    Select(page.field("Status")).select_by_visible_text("Revoked")
+    page.field("Unused for (days)").send_keys("3")
+    Select(page.field("Sort by")).select_by_visible_text("Name, Z to A")
+    wait(page.driver, lambda d: page.rows() == [])
+    page.button("Sign out").click()
+    page.sign_in(ADMIN_TOKEN)  # the next person at this screen
+    page.link("dharma").click()
+    page.row("swan")  # the whole list, not the last person's view of it
+    assert Select(page.field("Status")).first_selected_option.text == "All"
+    assert page.field("Unused for (days)").get_attribute("value") == ""
+    assert Select(page.field("Sort by")).first_selected_option.text == "Newest first"

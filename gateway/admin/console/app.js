@@ -759,7 +759,7 @@ function editKey(key) {
 
 // --- wiring ------------------------------------------------------------------------------------
 
-$("signin-form").addEventListener("submit", signIn);
+$("signin-form").addEventListener("submit", oneAtATime($("signin-form"), signIn));
 $("sign-out").addEventListener("click", signOut);
 $("back").addEventListener("click", backToWorkspaces);
 $("create-open").addEventListener("click", openCreateForm);
