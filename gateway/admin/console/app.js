@@ -310,6 +310,11 @@ function signOut() {
     $(id).textContent = "";
   }
   announce("");
+  // the next person at this screen starts from the whole list, not from this one's view of it
+  $("filter-status").value = "";
+  $("filter-unused").value = "";
+  $("sort").value = "created_at:desc";
+  view = {sort: "created_at", descending: true};
   $("keys").tBodies[0].replaceChildren();
   $("workspaces").tBodies[0].replaceChildren();
   resetCreateForm();
