@@ -820,3 +820,37 @@ def test_signing_out_forgets_the_filters_and_order_too(page, gateway):
     assert Select(page.field("Status")).first_selected_option.text == "All"
     assert page.field("Unused for (days)").get_attribute("value") == ""
     assert Select(page.field("Sort by")).first_selected_option.text == "Newest first"
+
+
+def test_keyboard_focus_survives_the_list_being_redrawn(page, gateway):
+    new_workspace(gateway, "vought", "Vought")
+    gateway.key("vought", name="homelander", scopes=["people:read"])
+    gateway.key("vought", name="starlight", scopes=["people:read"])
+    keyboard = lambda *keys: page.driver.switch_to.active_element.send_keys(*keys)  # noqa: E731
+    focused = lambda: page.driver.execute_script(  # noqa: E731
+        "const e = document.activeElement; return e === document.body || e === null ? 'body'"
+        " : e.tagName + ':' + e.textContent.trim().slice(0, 40)")
+    page.sign_in(ADMIN_TOKEN)
+    page.link("vought").click()
+
+    # rotate from the keyboard: after Done, focus is back on the row, not lost to the page
+    page.row("starlight").find_element(By.XPATH, ".//button[normalize-space()='Rotate']") \
+        .send_keys(Keys.ENTER)
+    page.dialog()
+    keyboard(Keys.ENTER)  # Grace 0
+    page.tokens_seen.append(wait(page.driver, lambda d: d.find_element(
+        By.CSS_SELECTOR, "[data-token]")).text)
+    wait(page.driver, lambda d: page.rows().count("starlight") == 2)
+    keyboard(Keys.TAB, Keys.ENTER)  # Copy, then Done
+    page.no_dialog()
+    assert focused() != "body"
+
+    # revoke from the keyboard: the row is redrawn after the dialog closes; focus stays on it
+    page.row("homelander").find_element(By.XPATH, ".//button[normalize-space()='Revoke']") \
+        .send_keys(Keys.ENTER)
+    page.dialog()
+    keyboard(Keys.SHIFT, Keys.TAB)
+    keyboard(Keys.ENTER)
+    page.no_dialog()
+    wait(page.driver, lambda d: "revoked" in page.row("homelander").text)
+    assert focused() != "body"

@@ -170,12 +170,14 @@ function openDialog(title, build, {modal = false} = {}) {
   const dialog = el("dialog", {"role": "dialog", "aria-modal": "true",
                                "aria-labelledby": "dialog-title"}, heading);
   const opener = document.activeElement;
+  const openerRow = opener && opener.closest ? opener.closest("#keys tbody tr") : null;
   let closing = false;
   const close = () => {
     closing = true;
     dialog.close();
     dialog.remove();
     if (opener && opener.isConnected) opener.focus();
+    else if (openerRow) focusAgain(openerRow.dataset.keyId, opener.textContent);
   };
   build(dialog, close);
   dialog.addEventListener("cancel", (event) => {
@@ -440,7 +442,20 @@ function visibleKeys() {
   });
 }
 
+// Keyboard focus on a control of the key table, after the table was redrawn (its buttons are
+// new elements): the same key's button with the same text, else the workspace's title; never
+// lost to the top of the page.
+function focusAgain(keyId, text) {
+  const row = [...$("keys").tBodies[0].rows].find((r) => r.dataset.keyId === keyId);
+  const again = row ? [...row.querySelectorAll("button")]
+    .find((b) => b.textContent === text && !b.disabled) : undefined;
+  if (again) again.focus();
+  else if (!$("workspace-view").hidden) $("ws-title").focus();
+}
+
 function renderKeys() {
+  const focused = document.activeElement;
+  const focusedRow = focused && focused.closest ? focused.closest("#keys tbody tr") : null;
   const keys = visibleKeys();
   $("month-col").hidden = !session.keys.some(hasControls);
   for (const th of $("keys").tHead.rows[0].cells) {
@@ -449,6 +464,7 @@ function renderKeys() {
                     : view.descending ? "descending" : "ascending");
   }
   $("keys").tBodies[0].replaceChildren(...keys.map(keyRow));
+  if (focusedRow && !focused.isConnected) focusAgain(focusedRow.dataset.keyId, focused.textContent);
   $("keys-empty").textContent = session.keys.length === 0
     ? "No keys yet: Create key makes the first one." : "No keys match these filters.";
   $("keys-empty").hidden = keys.length > 0;
