@@ -126,7 +126,8 @@ function parseExpiry(text) {
   }
   // A date, or a date and time, in UTC as the form says (Date.parse would read "2027-01-31 12:00"
   // in the browser's own time zone, and move "2027-02-31" to March 3); an explicit zone is kept.
-  const found = /^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?\s*(Z|UTC|[+-]\d{2}:?\d{2})?$/i
+  const DATE_TIME = /^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?/;
+  const found = new RegExp(DATE_TIME.source + /\s*(Z|UTC|[+-]\d{2}:?\d{2})?$/.source, "i")
     .exec(value);
   const problem = new Error("Expires must be empty (never), a duration such as 30d, 12h or 90m, " +
                             "or a date such as 2027-01-31 (UTC).");
@@ -142,7 +143,8 @@ function parseExpiry(text) {
   let offset = 0;  // minutes east of UTC
   if (zone !== "Z" && zone !== "UTC") {
     const digits = zone.replace(":", "");
-    offset = (zone[0] === "-" ? -1 : 1) * (Number(digits.slice(1, 3)) * 60 + Number(digits.slice(3)));
+    const minutes = Number(digits.slice(1, 3)) * 60 + Number(digits.slice(3));
+    offset = zone[0] === "-" ? -minutes : minutes;
   }
   return {at: new Date(local - offset * 60000).toISOString().replace(/\.\d{3}Z$/, "Z")};
 }
