@@ -644,3 +644,213 @@ def test_key_controls_disable_enable_cap_and_delete(page, gateway):
     wait(page.driver, lambda d: "jarvis" not in page.rows())
     status, listing = gateway.admin("GET", "/workspaces/stark/keys")
     assert listing["items"] == []
+
+
+# --- what a hurried person does -----------------------------------------------------------------
+
+def keys_named(gateway: ThreadedGateway, ws: str, name: str) -> list[dict]:
+    status, listing = gateway.admin("GET", f"/workspaces/{ws}/keys")
+    assert status == 200, listing
+    return [k for k in listing["items"] if k["name"] == name]
+
+
+def test_a_double_click_on_create_or_rotate_makes_one_key(page, gateway):
+    from selenium.webdriver.common.action_chains import ActionChains
+    new_workspace(gateway, "wayne", "Wayne")
+    page.sign_in(ADMIN_TOKEN)
+    page.link("wayne").click()
+    page.button("Create key").click()
+    page.field("Name").send_keys("double")
+    page.field("Scopes").send_keys("people:read")
+    ActionChains(page.driver).double_click(page.button("Create")).perform()
+    token = page.take_token()
+    wait(page.driver, lambda d: "double" in page.rows())
+    assert len(keys_named(gateway, "wayne", "double")) == 1  # not a second key nobody holds
+    assert gateway.proxy("/people", token)[0] == 200
+
+    page.button("Rotate", page.row("double")).click()
+    dialog = page.dialog()
+    grace = page.field("Grace", dialog)
+    grace.clear()
+    grace.send_keys("1h")
+    ActionChains(page.driver).double_click(page.button("Rotate", dialog)).perform()
+    rotated = page.take_token()
+    wait(page.driver, lambda d: page.rows().count("double") == 2)
+    assert len(keys_named(gateway, "wayne", "double")) == 2  # the old one and one new one
+    assert gateway.proxy("/people", rotated)[0] == 200
+
+
+def test_the_token_stays_on_screen_until_done_is_pressed(page, gateway):
+    new_workspace(gateway, "oscorp", "Oscorp")
+    page.sign_in(ADMIN_TOKEN)
+    page.link("oscorp").click()
+    page.create_key("escape-proof", scopes="people:read")
+    shown = wait(page.driver, lambda d: d.find_element(By.CSS_SELECTOR, "[data-token]"))
+    token = shown.text
+    page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)  # a reflex, not a decision
+    page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
+    assert page.driver.find_element(By.CSS_SELECTOR, "[data-token]").text == token
+    assert page.take_token() == token  # Done, and only Done, puts it away
+
+
+def assert_signed_out(page: Console, *gone: str) -> None:
+    """The sign-in form, and nothing of the session left on the page."""
+    wait(page.driver, lambda d: page.field("Token").is_displayed())
+    assert not page.driver.find_element(By.ID, "sign-out").is_displayed()
+    assert page.driver.find_element(By.ID, "who").text == ""
+    assert page.rows() == []
+    main = page.driver.find_element(By.TAG_NAME, "main").get_attribute("innerHTML")
+    for text in gone:
+        assert text not in main, text
+
+
+def test_losing_access_mid_session_returns_to_sign_in(page, gateway):
+    new_workspace(gateway, "cyberdyne", "Cyberdyne")
+    admin_token, admin_key = gateway.key("cyberdyne", name="skynet-admin",
+                                         scopes=["keys:admin", "people:read"])
+    page.tokens_seen.append(admin_token)
+    page.allowed_errors.append("401")
+
+    # the operator revokes the key while its holder is signed in: the next step signs out
+    page.sign_in(admin_token)
+    wait(page.driver, lambda d: "skynet-admin" in page.rows())
+    gateway.admin("POST", f"/workspaces/cyberdyne/keys/{admin_key['id']}/revoke")
+    page.create_key("t-800", scopes="people:read")
+    assert "This API key has been revoked." in page.alert_text()
+    assert "request id" in page.alert_text()
+    assert_signed_out(page, "skynet-admin", "Cyberdyne")
+    assert keys_named(gateway, "cyberdyne", "t-800") == []
+
+    # revoking the key one is signed in with, from the console: the same
+    second_token, _ = gateway.key("cyberdyne", name="second-admin",
+                                  scopes=["keys:admin", "people:read"])
+    page.tokens_seen.append(second_token)
+    page.sign_in(second_token)
+    wait(page.driver, lambda d: "second-admin" in page.rows())
+    page.button("Revoke", page.row("second-admin")).click()
+    page.button("Revoke", page.dialog()).click()
+    page.no_dialog()
+    assert "This API key has been revoked." in page.alert_text()
+    assert_signed_out(page, "second-admin", "Cyberdyne")
+
+
+def test_an_expiry_typed_as_a_date_and_time_means_utc_as_the_form_says(page, gateway):
+    new_workspace(gateway, "tyrell", "Tyrell")
+    page.driver.execute_cdp_cmd("Emulation.setTimezoneOverride",
+                                {"timezoneId": "America/New_York"})  # a person far from UTC
+    try:
+        page.sign_in(ADMIN_TOKEN)
+        page.link("tyrell").click()
+        hint = page.driver.find_element(By.ID, "create-open")
+        hint.click()
+        assert "(UTC)" in page.driver.find_element(By.ID, "expires-hint").text
+        page.button("Cancel").click()
+
+        page.create_key("replicant", scopes="people:read", expires="2031-01-31 12:00")
+        page.take_token()
+        wait(page.driver, lambda d: "2031-01-31 12:00 UTC" in page.row("replicant").text)
+        [key] = keys_named(gateway, "tyrell", "replicant")
+        assert key["expires_at"] == "2031-01-31T12:00:00Z"
+
+        # a day that does not exist is refused, not moved to another one (Feb 31 → Mar 3)
+        page.create_key("nexus", scopes="people:read", expires="2031-02-31")
+        assert "Expires must be" in page.alert_text()
+        page.button("Cancel").click()
+        assert keys_named(gateway, "tyrell", "nexus") == []
+    finally:
+        page.driver.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": ""})
+
+
+def assert_fits(page: Console, what: str) -> None:
+    """Nothing sticks out sideways: the page has no horizontal scroll, nor does a dialog."""
+    widths = page.driver.execute_script(
+        "const d = document.querySelector('dialog');"
+        "return [document.documentElement.scrollWidth, document.documentElement.clientWidth,"
+        " d ? d.scrollWidth : 0, d ? d.clientWidth : 0]")
+    assert widths[0] <= widths[1] and widths[2] <= widths[3], (what, widths)
+
+
+def test_very_long_names_wrap_instead_of_widening_the_page(page, gateway):
+    long_ws = "Initrode" + "W" * 140  # one 148-character word
+    new_workspace(gateway, "initrode", long_ws)
+    name = "k" * 200  # the longest name the API takes, with no space to break at
+    gateway.key("initrode", name=name, description="d" * 2000, scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.link("initrode")
+    assert_fits(page, "workspace list")
+    page.link("initrode").click()
+    page.row(name)
+    assert_fits(page, "key list")
+    page.button("Revoke", page.row(name)).click()
+    page.dialog()
+    assert_fits(page, "revoke dialog")
+    page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
+    page.no_dialog()
+    page.create_key("x" + name[1:], scopes="people:read")
+    page.dialog()
+    assert_fits(page, "token dialog")
+    page.take_token()
+    assert_fits(page, "key list, after a create")
+
+
+def test_a_double_click_on_sign_in_signs_in_without_a_false_error(page, gateway):
+    from selenium.webdriver.common.action_chains import ActionChains
+    new_workspace(gateway, "hanso", "Hanso")
+    page.field("Token").send_keys(ADMIN_TOKEN)
+    ActionChains(page.driver).double_click(page.button("Sign in")).perform()
+    page.link("hanso")
+    alert = page.driver.find_element(By.ID, "alert")
+    assert not alert.is_displayed(), alert.text
+
+
+def test_signing_out_forgets_the_filters_and_order_too(page, gateway):
+    new_workspace(gateway, "dharma", "Dharma")
+    gateway.key("dharma", name="swan", scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.link("dharma").click()
+    page.row("swan")
+    Select(page.field("Status")).select_by_visible_text("Revoked")
+    page.field("Unused for (days)").send_keys("3")
+    Select(page.field("Sort by")).select_by_visible_text("Name, Z to A")
+    wait(page.driver, lambda d: page.rows() == [])
+    page.button("Sign out").click()
+    page.sign_in(ADMIN_TOKEN)  # the next person at this screen
+    page.link("dharma").click()
+    page.row("swan")  # the whole list, not the last person's view of it
+    assert Select(page.field("Status")).first_selected_option.text == "All"
+    assert page.field("Unused for (days)").get_attribute("value") == ""
+    assert Select(page.field("Sort by")).first_selected_option.text == "Newest first"
+
+
+def test_keyboard_focus_survives_the_list_being_redrawn(page, gateway):
+    new_workspace(gateway, "vought", "Vought")
+    gateway.key("vought", name="homelander", scopes=["people:read"])
+    gateway.key("vought", name="starlight", scopes=["people:read"])
+    keyboard = lambda *keys: page.driver.switch_to.active_element.send_keys(*keys)  # noqa: E731
+    focused = lambda: page.driver.execute_script(  # noqa: E731
+        "const e = document.activeElement; return e === document.body || e === null ? 'body'"
+        " : e.tagName + ':' + e.textContent.trim().slice(0, 40)")
+    page.sign_in(ADMIN_TOKEN)
+    page.link("vought").click()
+
+    # rotate from the keyboard: after Done, focus is back on the row, not lost to the page
+    page.row("starlight").find_element(By.XPATH, ".//button[normalize-space()='Rotate']") \
+        .send_keys(Keys.ENTER)
+    page.dialog()
+    keyboard(Keys.ENTER)  # Grace 0
+    page.tokens_seen.append(wait(page.driver, lambda d: d.find_element(
+        By.CSS_SELECTOR, "[data-token]")).text)
+    wait(page.driver, lambda d: page.rows().count("starlight") == 2)
+    keyboard(Keys.TAB, Keys.ENTER)  # Copy, then Done
+    page.no_dialog()
+    assert focused() != "body"
+
+    # revoke from the keyboard: the row is redrawn after the dialog closes; focus stays on it
+    page.row("homelander").find_element(By.XPATH, ".//button[normalize-space()='Revoke']") \
+        .send_keys(Keys.ENTER)
+    page.dialog()
+    keyboard(Keys.SHIFT, Keys.TAB)
+    keyboard(Keys.ENTER)
+    page.no_dialog()
+    wait(page.driver, lambda d: "revoked" in page.row("homelander").text)
+    assert focused() != "body"

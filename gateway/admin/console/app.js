@@ -26,7 +26,8 @@ class ApiError extends Error {
 
 async function api(method, path, body) {
   if (session === null) throw new ApiError(0, "signed_out", "You are signed out.", null);
-  const headers = {"Authorization": "Bearer " + session.token, "Accept": "application/json"};
+  const mine = session;
+  const headers = {"Authorization": "Bearer " + mine.token, "Accept": "application/json"};
   const init = {method, headers, cache: "no-store", credentials: "omit", redirect: "error",
                 referrerPolicy: "no-referrer"};
   if (body !== undefined) {
@@ -46,11 +47,24 @@ async function api(method, path, body) {
   } catch (err) {
     data = null;
   }
+  // An answer to an earlier sign-in (signed out, or in again as someone else, meanwhile) is not
+  // this page's any more: nothing waits on it, nothing of it is shown.
+  if (session !== mine) return new Promise(() => {});
   if (!response.ok) {
     const error = data && data.error ? data.error : {};
-    throw new ApiError(response.status, error.code || "http_" + response.status,
-                       error.message || "The admin API answered " + response.status + ".",
-                       error.request_id || response.headers.get("X-Request-Id"));
+    const failure = new ApiError(response.status, error.code || "http_" + response.status,
+                                 error.message || "The admin API answered " + response.status + ".",
+                                 error.request_id || response.headers.get("X-Request-Id"));
+    if (response.status === 401 && mine.signedIn) {
+      // the token stopped working mid-session (key revoked or expired, operator token changed):
+      // back to sign-in with the API's reason, the token and the workspace's data forgotten
+      const signedOut = new ApiError(401, failure.code, "Signed out: " + failure.message,
+                                     failure.requestId);
+      signOut();
+      showAlert(describe(signedOut));
+      throw signedOut;
+    }
+    throw failure;
   }
   return data;
 }
@@ -110,13 +124,29 @@ function parseExpiry(text) {
     const unit = {s: 1, m: 60, h: 3600, d: 86400, w: 604800}[duration[2].toLowerCase()];
     return {seconds: Number(duration[1]) * unit};
   }
-  const date = /^\d{4}-\d{2}-\d{2}$/.test(value) ? value + "T00:00:00Z" : value;
-  const ms = Date.parse(date);
-  if (!/^\d{4}-\d{2}-\d{2}/.test(value) || Number.isNaN(ms)) {
-    throw new Error("Expires must be empty (never), a duration such as 30d, 12h or 90m, " +
-                    "or a date such as 2027-01-31.");
+  // A date, or a date and time, in UTC as the form says (Date.parse would read "2027-01-31 12:00"
+  // in the browser's own time zone, and move "2027-02-31" to March 3); an explicit zone is kept.
+  const DATE_TIME = /^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?/;
+  const found = new RegExp(DATE_TIME.source + /\s*(Z|UTC|[+-]\d{2}:?\d{2})?$/.source, "i")
+    .exec(value);
+  const problem = new Error("Expires must be empty (never), a duration such as 30d, 12h or 90m, " +
+                            "or a date such as 2027-01-31 (UTC).");
+  if (!found) throw problem;
+  const [year, month, day, hour, minute, second] = found.slice(1, 7).map((n) => Number(n || 0));
+  const local = Date.UTC(year, month - 1, day, hour, minute, second);
+  const check = new Date(local);
+  if (check.getUTCFullYear() !== year || check.getUTCMonth() !== month - 1 ||
+      check.getUTCDate() !== day || hour > 23 || minute > 59 || second > 59) {
+    throw problem;
   }
-  return {at: new Date(ms).toISOString().replace(/\.\d{3}Z$/, "Z")};
+  const zone = (found[7] || "Z").toUpperCase();
+  let offset = 0;  // minutes east of UTC
+  if (zone !== "Z" && zone !== "UTC") {
+    const digits = zone.replace(":", "");
+    const minutes = Number(digits.slice(1, 3)) * 60 + Number(digits.slice(3));
+    offset = zone[0] === "-" ? -minutes : minutes;
+  }
+  return {at: new Date(local - offset * 60000).toISOString().replace(/\.\d{3}Z$/, "Z")};
 }
 
 function parseDuration(text) {
@@ -134,19 +164,32 @@ function splitScopes(text) {
 
 // --- dialogs: built when opened, removed when closed (one at a time) ----------------------------
 
-function openDialog(title, build) {
+// `modal`: Escape does not close it (the shown-once token stays until Done is pressed: a reflex
+// on Escape must not lose a token that can never be shown again).
+function openDialog(title, build, {modal = false} = {}) {
   closeDialogs();
   const heading = el("h2", {id: "dialog-title", text: title});
   const dialog = el("dialog", {"role": "dialog", "aria-modal": "true",
                                "aria-labelledby": "dialog-title"}, heading);
   const opener = document.activeElement;
+  const openerRow = opener && opener.closest ? opener.closest("#keys tbody tr") : null;
+  let closing = false;
   const close = () => {
+    closing = true;
     dialog.close();
     dialog.remove();
     if (opener && opener.isConnected) opener.focus();
+    else if (openerRow) focusAgain(openerRow.dataset.keyId, opener.textContent);
   };
   build(dialog, close);
-  dialog.addEventListener("cancel", (event) => { event.preventDefault(); close(); });
+  dialog.addEventListener("cancel", (event) => {
+    event.preventDefault();
+    if (!modal) close();
+  });
+  // the browser may close a dialog whatever "cancel" says (a second Escape in a row): open it again
+  dialog.addEventListener("close", () => {
+    if (modal && !closing && dialog.isConnected) dialog.showModal();
+  });
   document.body.append(dialog);
   dialog.showModal();
   const first = dialog.querySelector("[autofocus]") || dialog.querySelector("input, select, button");
@@ -159,6 +202,26 @@ function closeDialogs() {
     dialog.close();
     dialog.remove();
   }
+}
+
+// `act` as an event handler that runs once at a time: while its API call is on its way, a second
+// click or Enter on the same form or dialog does nothing (a double click on Create made two keys,
+// on Rotate two new keys, and the second token dialog replaced the first: a live key whose token
+// nobody ever saw). Nothing is disabled, so focus stays where the person left it.
+function oneAtATime(container, act) {
+  let running = false;
+  return async (event) => {
+    if (event) event.preventDefault();
+    if (running) return;
+    running = true;
+    container.setAttribute("aria-busy", "true");
+    try {
+      await act(event);
+    } finally {
+      running = false;
+      container.removeAttribute("aria-busy");
+    }
+  };
 }
 
 function errorBox() {
@@ -199,7 +262,7 @@ function showTokenDialog(title, token, key) {
                        "on": {click: copy}}),
          el("button", {"type": "button", "text": "Done", "on": {click: close}}),
          status));
-  });
+  }, {modal: true});
 }
 
 // --- signing in and out ------------------------------------------------------------------------
@@ -232,6 +295,7 @@ async function signIn(event) {
     input.focus();
     return;
   }
+  session.signedIn = true;
   $("signin-view").hidden = true;
   $("sign-out").hidden = false;
   $("who").textContent = "Signed in as " + session.label;
@@ -250,6 +314,11 @@ function signOut() {
     $(id).textContent = "";
   }
   announce("");
+  // the next person at this screen starts from the whole list, not from this one's view of it
+  $("filter-status").value = "";
+  $("filter-unused").value = "";
+  $("sort").value = "created_at:desc";
+  view = {sort: "created_at", descending: true};
   $("keys").tBodies[0].replaceChildren();
   $("workspaces").tBodies[0].replaceChildren();
   resetCreateForm();
@@ -375,7 +444,20 @@ function visibleKeys() {
   });
 }
 
+// Keyboard focus on a control of the key table, after the table was redrawn (its buttons are
+// new elements): the same key's button with the same text, else the workspace's title; never
+// lost to the top of the page.
+function focusAgain(keyId, text) {
+  const row = [...$("keys").tBodies[0].rows].find((r) => r.dataset.keyId === keyId);
+  const again = row ? [...row.querySelectorAll("button")]
+    .find((b) => b.textContent === text && !b.disabled) : undefined;
+  if (again) again.focus();
+  else if (!$("workspace-view").hidden) $("ws-title").focus();
+}
+
 function renderKeys() {
+  const focused = document.activeElement;
+  const focusedRow = focused && focused.closest ? focused.closest("#keys tbody tr") : null;
   const keys = visibleKeys();
   $("month-col").hidden = !session.keys.some(hasControls);
   for (const th of $("keys").tHead.rows[0].cells) {
@@ -384,6 +466,7 @@ function renderKeys() {
                     : view.descending ? "descending" : "ascending");
   }
   $("keys").tBodies[0].replaceChildren(...keys.map(keyRow));
+  if (focusedRow && !focused.isConnected) focusAgain(focusedRow.dataset.keyId, focused.textContent);
   $("keys-empty").textContent = session.keys.length === 0
     ? "No keys yet: Create key makes the first one." : "No keys match these filters.";
   $("keys-empty").hidden = keys.length > 0;
@@ -470,7 +553,7 @@ function openCreateForm() {
   const form = $("create-template").content.firstElementChild.cloneNode(true);
   $("create-slot").append(form);
   fillRoles($("create-role"), "");
-  form.addEventListener("submit", createKey);
+  form.addEventListener("submit", oneAtATime(form, createKey));
   $("create-cancel").addEventListener("click", resetCreateForm);
   $("create-open").hidden = true;
   $("create-name").focus();
@@ -525,7 +608,7 @@ async function refreshQuietly() {
 function confirmDialog(title, label, act, done, ...text) {
   openDialog(title, (dialog, close) => {
     const problem = errorBox();
-    const confirm = async () => {
+    const confirm = oneAtATime(dialog, async () => {
       try {
         await act();
       } catch (err) {
@@ -535,7 +618,7 @@ function confirmDialog(title, label, act, done, ...text) {
       close();
       announce(done);
       await refreshQuietly();
-    };
+    });
     dialog.append(
       ...text,
       problem,
@@ -563,8 +646,7 @@ function rotateKey(key) {
     const problem = errorBox();
     const grace = el("input", {"id": "rotate-grace", "value": "0", "autocomplete": "off",
                                "aria-describedby": "rotate-grace-hint"});
-    const confirm = async (event) => {
-      event.preventDefault();
+    const confirm = oneAtATime(dialog, async () => {
       let rotated;
       try {
         rotated = await api("POST", keyPath(key) + "/rotate",
@@ -577,7 +659,7 @@ function rotateKey(key) {
       announce("Key " + key.name + " rotated.");
       showTokenDialog("Key rotated", rotated.token, rotated.key);
       await refreshQuietly();
-    };
+    });
     dialog.append(el("form", {"novalidate": true, "on": {submit: confirm}},
       el("p", {"text": "A new key with the same name, role or scopes and rate limit replaces " +
                        key.prefix + "…. The old key keeps working for the grace period " +
@@ -633,8 +715,7 @@ function editKey(key) {
                              "autocomplete": "off", "aria-describedby": "edit-cap-hint"});
     const rate = el("input", {"id": "edit-rate", "value": rateText, "autocomplete": "off",
                               "spellcheck": "false", "aria-describedby": "edit-cap-hint"});
-    const save = async (event) => {
-      event.preventDefault();
+    const save = oneAtATime(dialog, async () => {
       const body = {};
       if (controls && cap.value.trim() !== capText) {
         const value = cap.value.trim();
@@ -678,7 +759,7 @@ function editKey(key) {
       close();
       announce("Key " + key.name + " updated.");
       await refreshQuietly();
-    };
+    });
     dialog.append(el("form", {"novalidate": true, "on": {submit: save}},
       el("div", {"class": "grid"},
          el("label", {"for": "edit-role", "text": "Role"}), role,
@@ -701,7 +782,7 @@ function editKey(key) {
 
 // --- wiring ------------------------------------------------------------------------------------
 
-$("signin-form").addEventListener("submit", signIn);
+$("signin-form").addEventListener("submit", oneAtATime($("signin-form"), signIn));
 $("sign-out").addEventListener("click", signOut);
 $("back").addEventListener("click", backToWorkspaces);
 $("create-open").addEventListener("click", openCreateForm);
