@@ -147,6 +147,22 @@ def _preflight(config: Config, store_url: str) -> str | None:
     return None
 
 
+def _stop_with_supervisor(supervisor: int) -> None:
+    """Have the kernel send this worker SIGTERM when the supervisor dies, however it dies
+    (SIGKILL, the OOM killer): an orphaned worker would go on holding the listening ports
+    (a restart then finds them in use, or, with SO_REUSEPORT, shares the traffic with it) and
+    its store connections. Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != supervisor:  # it died before the request took effect: stop now
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _supervise(config: Config, store_url: str, workers: int,
                config_path: str | None = None) -> int:
     """N worker processes sharing the listening ports (SO_REUSEPORT); SIGTERM stops all,
@@ -175,6 +191,7 @@ def _supervise(config: Config, store_url: str, workers: int,
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    supervisor = os.getpid()
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:
@@ -182,6 +199,7 @@ def _supervise(config: Config, store_url: str, workers: int,
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
+                _stop_with_supervisor(supervisor)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
                 from prometheus_client import values
                 # This worker's pid, read once: by default every metric update calls

@@ -572,3 +572,29 @@ async def test_serve_without_an_operator_token_says_so_at_start(tmp_path, redis_
         assert "KEYGATE_ADMIN_TOKEN" not in gw.stderr()
     finally:
         gw.close()
+
+
+async def test_workers_do_not_outlive_a_supervisor_killed_outright(tmp_path, upstream, redis_url):
+    """The supervisor of `serve --workers 2` SIGKILLed (the OOM killer, `kill -9`, a test
+    harness): its workers used to run on as orphans, holding the ports (a restart then found
+    them in use, or with SO_REUSEPORT shared the traffic with them) and their store
+    connections. They now get SIGTERM when it dies, and stop as on any SIGTERM."""
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")))
+    gw = Served(config, pport, aport, "--workers", "2")
+    workers: set[int] = set()
+    try:
+        await gw.ready()
+        workers = children_of(gw.proc.pid)
+        assert len(workers) == 2
+        gw.proc.kill()
+        gw.proc.wait(10)
+        deadline = time.monotonic() + 15
+        while any(map(alive, workers)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not any(map(alive, workers)), "workers outlived their supervisor"
+    finally:
+        gw.close()
+        for pid in workers:  # never leave them behind, whatever the outcome
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
