@@ -93,10 +93,15 @@ class BackgroundHandler(logging.Handler):
         self._pid = -1
         self._queue: "queue.Queue[str] | None" = None
         self._dropped = 0
+        # guards _dropped between emit and the writer. Not the handler's own lock: that one
+        # is held around flush() by logging.shutdown at exit, and a writer waiting on it
+        # could not write what flush() waits for
+        self._drop_lock = threading.Lock()
 
     def _lines(self) -> "queue.Queue[str]":
         if self._pid != os.getpid():  # first use, or a forked worker: no writer thread yet
             self._pid, self._dropped = os.getpid(), 0
+            self._drop_lock = threading.Lock()  # the parent's writer may have held it
             self._queue = q = queue.Queue(self.max_lines)
             threading.Thread(target=self._run, args=(q,), name="keygate-log",
                              daemon=True).start()
@@ -108,10 +113,11 @@ class BackgroundHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        try:  # emit runs under the handler's lock: _dropped needs no other
+        try:
             self._lines().put_nowait(line)
         except queue.Full:
-            self._dropped += 1
+            with self._drop_lock:
+                self._dropped += 1
 
     def _run(self, q: "queue.Queue[str]") -> None:
         while True:
@@ -119,7 +125,7 @@ class BackgroundHandler(logging.Handler):
             with contextlib.suppress(queue.Empty):
                 while len(lines) < 1000:
                     lines.append(q.get_nowait())
-            with self.lock:
+            with self._drop_lock:
                 dropped, self._dropped = self._dropped, 0
             if dropped:
                 lines.append(f"{dropped} log lines were dropped: stderr did not keep up\n")

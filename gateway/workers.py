@@ -271,14 +271,16 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
+    from .argon2_pool import one_malloc_arena
+    # before any thread starts, in this process and the workers it forks: the first line
+    # logged starts the log writer's thread (accesslog.BackgroundHandler)
+    one_malloc_arena()
     setup_logging(config)
     if not os.environ.get(config.admin.token_env, "").strip():
         # The admin API then refuses every call (it never runs open): say so once, at start,
         # rather than leave the operator to find out from the first 401.
         log.warning("the admin API refuses every call: the environment variable %s holding "
                     "the operator token is not set (or empty)", config.admin.token_env)
-    from .argon2_pool import one_malloc_arena
-    one_malloc_arena()  # before any thread starts, in this process and the workers it forks
     # Until the event loop takes it over, a SIGHUP (a reload) must neither end the process nor
     # be lost: it is held (workers inherit the mask) and delivered once a handler is in place.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})

@@ -144,3 +144,42 @@ async def test_a_response_transfer_coding_is_never_silently_dropped_nor_cut_off(
                 assert status == 502 and b"upstream_unavailable" in got, (status, got[:80])
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("te, plain_ok", [
+    (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n", False),
+    (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n", False),
+    (b"Transfer-Encoding: chunked, identity\r\n", False),
+    (b"Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n", True),
+    (b"Transfer-Encoding: Chunked \r\n", True)])
+async def test_every_transfer_encoding_line_is_judged_and_chunked_must_be_the_last_coding(
+        redis_url, monkeypatch, te, plain_ok):
+    """Transfer-Encoding may come as several lines, which llhttp reads as one list: only the
+    first line was judged, so ``chunked`` then ``gzip`` on a second line (the case a coding
+    other than chunked is refused for) was taken as chunked framing while llhttp read the
+    body to close: the answer was streamed out and then cut off. And ``chunked`` that is not
+    the last coding (``chunked, identity``) was read to close with its chunk framing kept,
+    so the client got the chunk-size lines as content, with a 200. Either way a 502, never
+    a cut or altered answer; ``chunked`` last is re-framed as before."""
+    from harness import raw_upstream
+    plain = b"hello " * 100
+    wire = b"%x\r\n%s\r\n0\r\n\r\n" % (len(plain), plain)
+
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n" + te + b"\r\n" + wire)
+        await writer.drain()
+        writer.close()
+
+    srv, url = await raw_upstream(answer)
+    config = make_config(url, routes=ROUTES)
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            async with g.proxy.get("/public/x") as r:
+                status, got = r.status, await r.read()
+            if plain_ok:
+                assert (status, got) == (200, plain)
+            else:
+                assert status == 502 and b"upstream_unavailable" in got, (status, got[:80])
+    finally:
+        srv.close()

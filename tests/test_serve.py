@@ -598,3 +598,39 @@ async def test_workers_do_not_outlive_a_supervisor_killed_outright(tmp_path, ups
         for pid in workers:  # never leave them behind, whatever the outcome
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_serve_sets_one_malloc_arena_before_any_thread_of_its_own_starts(tmp_path, monkeypatch):
+    """``one_malloc_arena`` must run before any thread starts (argon2_pool's docstring: a
+    thread that has allocated keeps its own glibc arena, and the process and every worker it
+    forks then spreads the argon2 threads' memory over more than one arena). Application log
+    lines are now written by a thread started at the first line logged, and serve logs its
+    operator-token warning just before it: with the token unset, that thread ran first."""
+    import logging
+    import threading
+    from gateway import argon2_pool, workers
+    config, _, _ = write_config(tmp_path)
+    monkeypatch.delenv("KEYGATE_ADMIN_TOKEN", raising=False)
+    seen: list[list[str]] = []
+
+    class Stop(Exception):
+        pass
+
+    def record() -> None:
+        seen.append([t.name for t in threading.enumerate() if t.name == "keygate-log"])
+        raise Stop
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    monkeypatch.setattr(argon2_pool, "one_malloc_arena", record)
+    try:
+        with pytest.raises(Stop):
+            workers.serve(str(config))
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.flush()
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+    assert seen == [[]], f"threads started before one_malloc_arena: {seen}"

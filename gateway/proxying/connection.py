@@ -23,13 +23,20 @@ _FRAMING = (b"content-length", b"transfer-encoding")  # the headers that say whe
 _FRAMING_LENGTHS = (14, 17)
 
 
-def _chunked_only(value: bytes) -> bool:
-    """``Transfer-Encoding: chunked`` as nearly every upstream sends it (one value, no list)."""
-    return value == b"chunked" or value.strip().lower() == b"chunked"
-
-
-def _codings(value: bytes) -> set[bytes]:
-    return {c.strip().lower() for c in value.split(b",") if c.strip()}
+def _chunked_framing(value: bytes) -> bool:
+    """Whether a response's Transfer-Encoding (all its lines, joined by commas) frames the body
+    as chunks; False: the body ends when the upstream closes (RFC 9112 6.3), as llhttp reads
+    it. Raises UpstreamProtocolError for a coding keygate cannot pass on: Transfer-Encoding is
+    hop-by-hop and keygate re-frames the body, so another coding would reach the client
+    stripped of its name, and ``chunked`` before another coding is read to close by llhttp
+    with its chunk framing left in the body."""
+    if value == b"chunked":  # nearly every upstream: one line, one value
+        return True
+    codings = [c.strip().lower() for c in value.split(b",") if c.strip()]
+    if any(c not in (b"identity", b"chunked") for c in codings) or \
+            b"chunked" in codings and codings[-1] != b"chunked":
+        raise UpstreamProtocolError("upstream used a transfer coding other than chunked")
+    return bool(codings) and codings[-1] == b"chunked"
 
 
 class UpstreamConnectError(Exception):
@@ -173,19 +180,15 @@ class UpstreamConnection(asyncio.Protocol):
         # a loop, not any(<generator>): any() stopping early closes the generator, and its
         # GeneratorExit made a frame object and a traceback on every response
         framed = False
+        coding = None  # Transfer-Encoding, every line of it (llhttp reads them as one list)
         for name, value in self.headers:
             if len(name) in _FRAMING_LENGTHS and name.lower() in _FRAMING:
-                if len(name) == 17 and not _chunked_only(value):
-                    # Transfer-Encoding is hop-by-hop: keygate re-frames the body, so another
-                    # coding would reach the client stripped of its name. A body that is not
-                    # chunked last ends when the upstream closes (RFC 9112 6.3).
-                    if _codings(value) - {b"identity", b"chunked"}:
-                        raise UpstreamProtocolError(
-                            "upstream used a transfer coding other than chunked")
-                    if not value.lower().rstrip(b" \t").endswith(b"chunked"):
-                        continue  # identity: not framing, the body ends at close
-                framed = True
-                break
+                if len(name) == 14:  # Content-Length (llhttp refuses it beside
+                    framed = True    # Transfer-Encoding before this runs)
+                    break
+                coding = value if coding is None else coding + b"," + value
+        if coding is not None:
+            framed = _chunked_framing(coding)
         # an HTTP/1.0-style body with neither length nor chunks ends when the upstream closes
         self.until_close = not framed and not self.skip_body and \
             status >= 200 and status not in (204, 304)
