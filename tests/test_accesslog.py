@@ -8,6 +8,7 @@ import dataclasses
 import os
 import re
 import signal
+import subprocess
 import sys
 import json
 import time
@@ -230,37 +231,46 @@ async def test_a_blocked_stderr_never_stalls_requests_and_drops_are_counted(
         os.close(read_end)
 
 
+def serve_into_a_pipe(config: Path) -> tuple[subprocess.Popen, int]:
+    """``keygate serve`` whose stderr is a pipe: (the process, the pipe's read end, which the
+    test reads or leaves unread)."""
+    from served import env
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=write_end, env=env(), cwd=str(config.parent))
+    os.close(write_end)
+    return proc, read_end
+
+
+async def until_answering(s: ClientSession, url: str, timeout: float = 20) -> None:
+    """Until ``url`` answers 2xx (the gateway is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with s.get(url) as r:
+                await r.read()
+                if r.status < 300:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "keygate serve did not start"
+        await asyncio.sleep(0.1)
+
+
 async def test_sigterm_exits_even_when_stderr_is_a_pipe_nobody_reads(tmp_path, upstream,
                                                                      redis_url):
     """AccessLog.close() waits 5 s for the writer thread, then shutdown(wait=False); but the
     writer is a ThreadPoolExecutor thread stuck in os.write(), and the interpreter joins those
     threads at exit. With stderr blocked (a stalled log collector), SIGTERM never ends the
     process (the supervisor has to SIGKILL it, losing whatever else shutdown does)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    from aiohttp import ClientSession, ClientTimeout
-    from served import env, write_config
     config, pport, aport = write_config(tmp_path, redis_url=redis_url,
                                         upstream_url=str(upstream.make_url("")),
                                         access_log="json", log_level="warning")
-    read_end, write_end = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=write_end, env=env(), cwd=str(config.parent))
-    os.close(write_end)
+    proc, read_end = serve_into_a_pipe(config)
     try:
         async with ClientSession(timeout=ClientTimeout(total=10)) as s:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    async with s.get(f"http://127.0.0.1:{pport}/health") as r:
-                        await r.read()
-                        break
-                except OSError:
-                    assert time.monotonic() < deadline, "keygate serve did not start"
-                    await asyncio.sleep(0.1)
+            await until_answering(s, f"http://127.0.0.1:{pport}/health")
             for _ in range(8):                       # ~300 KB of lines: the pipe (64 KiB) fills
                 async def one() -> int:
                     async with s.get(f"http://127.0.0.1:{pport}/health") as r:
@@ -814,28 +824,13 @@ async def test_a_blocked_stderr_never_stalls_requests_that_log_warnings(tmp_path
     blocking StreamHandler on the event loop: with stderr a pipe nobody reads (a stalled log
     collector) and an upstream down, each 502 logs a warning, and once the pipe was full the
     next warning blocked the loop: every request of the process hung, healthy routes too."""
-    import subprocess
-    from served import env
     config, pport, aport = write_config(tmp_path, redis_url=redis_url,
                                         upstream_url="http://127.0.0.1:9",  # nobody listens
                                         access_log="json")
-    read_end, write_end = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=write_end, env=env(), cwd=str(config.parent))
-    os.close(write_end)
+    proc, read_end = serve_into_a_pipe(config)
     try:
         async with ClientSession(timeout=ClientTimeout(total=5)) as s:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    async with s.get(f"http://127.0.0.1:{aport}/healthz") as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, "keygate serve did not start"
-                await asyncio.sleep(0.1)
+            await until_answering(s, f"http://127.0.0.1:{aport}/healthz")
             for _ in range(10):   # ~600 warnings and their access lines: well past 64 KiB
                 async def one() -> int:
                     async with s.get(f"http://127.0.0.1:{pport}/health") as r:
