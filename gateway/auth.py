@@ -202,8 +202,11 @@ class Authenticator:
             # The verification runs as its own task, not inside the first request: a first
             # request cancelled (client gone, shutdown) must not cancel it under the others
             # waiting on it, nor waste the argon2 run already under way.
+            # An entry past its TTL is this very token, verified here before: its
+            # re-verification is no guess, and others' failures must not refuse it.
             task = asyncio.ensure_future(self._verify(token, digest,
-                                                      throttle_client(client_ip)))
+                                                      throttle_client(client_ip),
+                                                      verified_before=entry is not None))
             self._inflight[digest] = task
             task.add_done_callback(lambda t: self._verified(digest, t))
         return await asyncio.shield(task)
@@ -236,12 +239,20 @@ class Authenticator:
 
     # --- cold path ----------------------------------------------------------------------------
 
-    async def _verify(self, token: ParsedToken, digest: bytes, client_ip: str) -> CachedKey:
+    async def _verify(self, token: ParsedToken, digest: bytes, client_ip: str,
+                      verified_before: bool = False) -> CachedKey:
         """Wait for a turn (503 overloaded when the queue is full), then check the failure
         throttle and verify. Only verifications that *failed* count against the throttle;
-        a verification waiting in the queue is never refused as a failure."""
+        a verification waiting in the queue is never refused as a failure.
+
+        ``verified_before``: this token (its digest) verified in this process and only its
+        ``cache_ttl`` ran out. The throttle bounds the argon2 runs that guesses cost; this is
+        no guess, so it is not refused for failures others sent from the same address (a NAT,
+        an office) or against the same public key id. Should it fail, its entry is dropped:
+        the exemption holds once."""
         async with self.queue.turn(client_ip):
-            await self._within_failure_limits(token.key_id, client_ip)
+            if not verified_before:
+                await self._within_failure_limits(token.key_id, client_ip)
             running = [client_ip] + ([token.key_id] if self._per_key_limit else [])
             for name in running:
                 self._running[name] = self._running.get(name, 0) + 1
@@ -291,11 +302,13 @@ class Authenticator:
             if self.metrics:
                 self.metrics.argon2.labels("ok" if ok else "fail").inc()
         if not ok:
+            self.cache.pop(digest, None)  # an entry past its TTL: no longer a token that verified
             await self.requests.record_failure(client_ip, token.key_id, limits.window_seconds)
             raise invalid_token("invalid_key", "The API key is not valid.")
         entry = self._entry_for(key, workspace, role, digest,
                                 time.monotonic() + self.config.keys.cache_ttl, generation)
         if entry is None:  # the workspace vanished under the key
+            self.cache.pop(digest, None)
             raise invalid_token("invalid_key", "The API key is not valid.")
         self._remember(entry)
         return entry

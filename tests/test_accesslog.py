@@ -774,6 +774,34 @@ async def test_a_whole_answer_to_a_client_gone_is_logged_with_no_body_bytes(
     assert (line["status"], line["bytes_out"]) == (200, 0), line
 
 
+async def test_the_operator_token_pasted_into_an_admin_url_is_never_logged(
+        redis_url, upstream, monkeypatch, caplog):
+    """The admin log line wrote the request target as sent, masking keygate API keys only: a
+    script that put the operator token in the query (``?token=...``, a habit of other APIs) or
+    in the path, raw or percent-encoded, left full control of every workspace in the log,
+    for anyone who reads logs. The gateway knows the operator token: it is masked like a key."""
+    import logging
+    from yarl import URL
+    from harness import ADMIN_TOKEN
+    caplog.set_level(logging.INFO, logger="keygate.admin")
+    encoded = "".join(f"%{b:02X}" for b in ADMIN_TOKEN.encode())
+    partly = ADMIN_TOKEN.replace("-", "%2D")
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        for target, auth in ((f"/admin/v1/workspaces?token={ADMIN_TOKEN}", ADMIN_TOKEN),
+                             (f"/admin/v1/workspaces?access_token={partly}", ""),
+                             (f"/admin/v1/workspaces?t={encoded}", ADMIN_TOKEN),
+                             (f"/admin/v1/{ADMIN_TOKEN}", ""),
+                             (f"/admin/v1/workspaces/{encoded}", ADMIN_TOKEN)):
+            async with g.admin.get(URL(target, encoded=True),
+                                   headers={"Authorization": f"Bearer {auth}"}) as r:
+                assert r.status in (400, 401, 404), target
+    records = [r for r in caplog.records if r.name == "keygate.admin"]
+    assert len(records) == 5
+    text = caplog.text + "".join(str(r.__dict__) for r in records)
+    assert ADMIN_TOKEN not in text and encoded not in text
+    assert partly not in text
+
+
 async def test_an_admin_call_through_a_trusted_proxy_logs_the_caller(redis_url, upstream,
                                                                      monkeypatch, caplog):
     """The admin API's own line names the caller as the allow-list and the failure throttle

@@ -384,6 +384,39 @@ async def test_concurrent_wrong_secrets_cannot_run_argon2_past_the_failure_limit
     assert all(code in ("invalid_key", "too_many_failures") for _, code in results)
 
 
+async def test_others_failures_do_not_lock_out_a_token_this_process_already_verified(
+        redis_url, upstream, monkeypatch):
+    """Per ``keys.cache_ttl`` a cached key verifies again, and that re-verification went
+    through the failure throttle like a guess: anyone sharing the client's address (a NAT, an
+    office, a proxy not in ``trusted_proxies``) who sent ``per_ip`` bad keys, or anyone at all
+    who sent ``per_key`` wrong secrets for its public key id, had the working integration
+    refused 429 ``too_many_failures`` every ``cache_ttl``. A token whose digest already verified
+    in this process is not a guess: its re-verification is not throttled (guesses still are)."""
+    from gateway.tokens import make_token
+    url = str(upstream.make_url(""))
+    config = make_config(url)
+    config = make_config(url, keys=dataclasses.replace(config.keys, cache_ttl=1.0))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        guesses = [wrong_secret(token)] * 10 + [make_token("kg", "live")[0] for _ in range(10)]
+        for guess in guesses:  # per_key (10) for its key id, then per_ip (20) for the address
+            async with g.proxy.get("/people/1", headers=bearer(guess)) as r:
+                assert r.status == 401
+        for guess in (wrong_secret(token), make_token("kg", "live")[0]):
+            async with g.proxy.get("/people/1", headers=bearer(guess)) as r:
+                assert (r.status, (await r.json())["error"]["code"]) == (429, "too_many_failures")
+        await asyncio.sleep(1.2)  # the verification's cache_ttl runs out
+        for _ in range(2):
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == 200, await r.text()
+        assert g.counter("keygate_argon2_verifications_total", result="ok") == 2
+        async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (429, "too_many_failures")
+
+
 # --- cost of the hot path ----------------------------------------------------------------------
 
 def monitor_commands(url: str, started: threading.Event, stop_marker: str, out: list[str]) -> None:

@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from typing import Awaitable, Callable
+from urllib.parse import unquote_plus
 
 from aiohttp import web
 
@@ -49,6 +50,20 @@ cache and the revision checks are the same ones). Raises the proxy's ``GatewayEr
 _TOKEN_SHAPE = re.compile(r"[a-z0-9]{1,10}_[A-Za-z0-9]{1,32}_[A-Za-z0-9]{50}")
 """Shaped like an API key (``<prefix>_<env>_<50 base62>``): checked as one, not as the operator
 token. The pipeline then checks the prefix, environment and checksum in force."""
+
+
+def loggable_target(raw_path: str, prefix: str, operator_token: str) -> str:
+    """A raw admin request target fit for a log: API keys masked (``mask_target``) and so is
+    the operator token, which a script may paste into the URL (``?token=...``): where it shows
+    as sent it is replaced by ``***``; a path or query that holds it only once percent-decoded
+    is withheld whole."""
+    target = mask_target(raw_path, prefix)
+    token = operator_token.strip()
+    if not token:
+        return target
+    parts = [part.replace(token, "***") for part in target.split("?", 1)]
+    return "?".join(("***" if i else "/***") if token in unquote_plus(part) else part
+                    for i, part in enumerate(parts))
 
 
 def request_id_of(request: web.BaseRequest) -> str:
@@ -183,7 +198,8 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             response = err.response(rid)
         except StoreError as exc:
             log.warning("store unavailable during %s %s (request %s): %s", request.method,
-                        mask_target(request.raw_path, config.keys.prefix), rid, exc)
+                        loggable_target(request.raw_path, config.keys.prefix, expected), rid,
+                        exc)
             response = ServiceUnavailable("The key store is unavailable; nothing was changed "
                                           "or the change could not be confirmed.").response(rid)
         except web.HTTPException as exc:
@@ -192,13 +208,14 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             response = _from_http_exception(exc).response(rid)
         except Exception:
             log.exception("unexpected error in %s %s (request %s)", request.method,
-                          mask_target(request.raw_path, config.keys.prefix), rid)
+                          loggable_target(request.raw_path, config.keys.prefix, expected), rid)
             response = GatewayError("An internal error occurred.").response(rid)
         response.headers["X-Request-Id"] = rid
         if request.path.startswith("/admin/") and request.path not in UNAUTHENTICATED:
             log_admin_call(request, response.status, rid, actor, time.perf_counter() - started,
                            config.keys.prefix,
-                           client_address(request) if client_address else request.remote)
+                           client_address(request) if client_address else request.remote,
+                           operator_token=expected)
         if response.status == 408:  # the rest of that body is not worth waiting for
             response.force_close()
             await answer_and_close(request, response)
@@ -208,10 +225,12 @@ def error_middleware(config: Config, *, authenticate: bool = True,
 
 
 def log_admin_call(request: web.Request, status: int, rid: str, actor: str,
-                   elapsed: float, prefix: str, client: str | None) -> None:
+                   elapsed: float, prefix: str, client: str | None,
+                   operator_token: str = "") -> None:
     """One line per admin API call: who (``operator``, or ``-`` when the token was refused),
-    what, the answer. Never a header value, so never a token; keys in the path are masked."""
-    target = mask_target(request.raw_path, prefix)
+    what, the answer. Never a header value, so never a token; keys and the operator token in
+    the target are masked (:func:`loggable_target`)."""
+    target = loggable_target(request.raw_path, prefix, operator_token)
     log.info("admin %s %s %d %s", request.method, target, status, actor,
              extra={"request_id": rid, "method": request.method, "path": target,
                     "status": status, "actor": actor, "client": client,
