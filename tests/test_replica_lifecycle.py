@@ -5,10 +5,11 @@ at the instant they should, whichever replica answers."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 
-from harness import bearer, gateway_under_test, make_config
+from harness import Clock, bearer, gateway_under_test, make_config
 
 
 async def call(g, token: str, method: str = "GET", path: str = "/people/1"
@@ -54,6 +55,8 @@ async def test_a_deleted_keys_token_is_invalid_key_even_where_it_was_cached_as_r
         for g in (a, b):
             assert await call(g, token) == (401, "invalid_key")
 
+
+
 async def test_a_key_cached_as_revoked_is_503_while_the_store_is_down_never_401(
         own_redis, upstream, monkeypatch):
     """The store cannot confirm the key still exists (it may have been deleted: invalid_key),
@@ -71,3 +74,167 @@ async def test_a_key_cached_as_revoked_is_503_while_the_store_is_down_never_401(
         finally:
             own_redis.start()
         assert await call(g, token) == (401, "invalid_key")
+
+# --- every change made at one replica, seen at the next request at another ------------------
+
+async def test_each_key_workspace_and_role_change_at_one_replica_acts_at_the_next_request_at_another(
+        redis_url, upstream, monkeypatch):
+    async with replicas(redis_url, upstream, monkeypatch) as (a, b):
+        token, key = await a.key(scopes=["people:read"])
+        kid = f"/workspaces/acme/keys/{key['id']}"
+        await cached_at((a, b), token)
+
+        async def change(method, path, body=None, ok=(200, 201, 204)):
+            status, got = await a.admin_json(method, path, body)
+            assert status in ok, got
+
+        # re-scope, both ways
+        await change("PATCH", kid, {"scopes": ["companies:read"]})
+        assert await call(b, token) == (403, "insufficient_scope")
+        await change("PATCH", kid, {"scopes": ["people:read"]})
+        assert await call(b, token) == (200, None)
+        # re-role: bound to the configured "editor" role
+        assert await call(b, token, "POST", "/people") == (403, "insufficient_scope")
+        await change("PATCH", kid, {"role": "editor"})
+        assert await call(b, token, "POST", "/people") == (200, None)
+        # a workspace role shadowing the configured one, then deleted: the configured again
+        await change("PUT", "/workspaces/acme/roles/editor", {"scopes": ["people:read"]})
+        assert await call(b, token, "POST", "/people") == (403, "insufficient_scope")
+        await change("DELETE", "/workspaces/acme/roles/editor")
+        assert await call(b, token, "POST", "/people") == (200, None)
+        # IP allow-list
+        await change("PATCH", kid, {"allowed_ips": ["10.0.0.0/8"]})
+        assert await call(b, token) == (403, "ip_not_allowed")
+        await change("PATCH", kid, {"allowed_ips": None})
+        assert await call(b, token) == (200, None)
+        # the key's own monthly cap, at exactly what it used
+        _, read = await a.admin_json("GET", kid)
+        await change("PATCH", kid, {"monthly_requests": read["used_this_month"]})
+        assert await call(b, token) == (429, "key_quota_exceeded")
+        await change("PATCH", kid, {"monthly_requests": None})
+        assert await call(b, token) == (200, None)
+        # the workspace's plan, and its own limits over the plan
+        used = await a.used()
+        await change("PATCH", "/workspaces/acme", {"plan": "tiny"})  # 3 a month
+        assert used >= 3 and await call(b, token) == (429, "quota_exceeded")
+        await change("PATCH", "/workspaces/acme", {"limits": {"monthly_requests": used + 1}})
+        assert await call(b, token) == (200, None)
+        assert await call(b, token) == (429, "quota_exceeded")
+        await change("PATCH", "/workspaces/acme", {"limits": None, "plan": "starter"})
+        assert await call(b, token) == (200, None)
+        # rate limit on the key
+        await change("PATCH", kid, {"rate_limit": "1/m"})
+        assert await call(b, token) == (200, None)
+        assert await call(b, token) == (429, "rate_limited")
+        await change("PATCH", kid, {"rate_limit": None})
+        assert await call(b, token) == (200, None)
+        # rotation without a grace revokes the old key at once; the new one works everywhere
+        status, rotated = await a.admin_json("POST", f"{kid}/rotate")
+        assert status == 201
+        assert await call(b, token) == (401, "revoked_key")
+        assert await call(b, rotated["token"]) == (200, None)
+
+
+# --- time ----------------------------------------------------------------------------------
+
+async def test_a_cached_key_expires_at_its_instant_at_every_replica(redis_url, upstream,
+                                                                   monkeypatch):
+    clock = Clock("2026-06-30T12:00:00")
+    async with replicas(redis_url, upstream, monkeypatch, clock=clock) as (a, b):
+        token, key = await a.key(expires_in=60)
+        assert key["expires_at"] == "2026-06-30T12:01:00Z"
+        await cached_at((a, b), token)
+        clock.now += 59.999
+        await cached_at((a, b), token)
+        _, read = await a.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+        assert read["status"] == "active"
+        clock.now += 0.001
+        for g in (a, b):
+            assert await call(g, token) == (401, "expired_key")
+        _, read = await b.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+        assert read["status"] == "expired"
+
+
+async def test_a_rotations_grace_ends_at_its_instant_at_every_replica(redis_url, upstream,
+                                                                     monkeypatch):
+    clock = Clock("2026-06-30T12:00:00")
+    async with replicas(redis_url, upstream, monkeypatch, clock=clock) as (a, b):
+        token, key = await a.key()
+        await cached_at((a, b), token)
+        status, rotated = await a.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/rotate",
+                                             {"grace_seconds": 30})
+        assert status == 201, rotated
+        await cached_at((a, b), token)
+        await cached_at((a, b), rotated["token"])
+        clock.now += 29.999
+        await cached_at((b, a), token)
+        clock.now += 0.001
+        for g in (b, a):
+            assert await call(g, token) == (401, "expired_key")
+            assert await call(g, rotated["token"]) == (200, None)
+
+
+async def test_the_month_turns_over_at_the_same_instant_at_every_replica(redis_url, upstream,
+                                                                        monkeypatch):
+    """The last second of a leap February, then the first of March: the quota starts over
+    at both replicas at midnight UTC, and the RateLimit fields give each month's own length."""
+    clock = Clock("2028-02-29T23:59:59")
+    async with replicas(redis_url, upstream, monkeypatch, clock=clock) as (a, b):
+        await a.admin_json("PATCH", "/workspaces/acme", {"plan": "tiny"})
+        token, _ = await a.key()
+        for g, want in ((a, 200), (b, 200), (a, 200), (b, 429), (a, 429)):
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == want
+                assert r.headers["RateLimit-Policy"] == f'"monthly";q=3;w={29 * 86400}'
+                assert r.headers["RateLimit"].endswith(";t=1")
+        clock.now += 0.999
+        assert await call(b, token) == (429, "quota_exceeded")
+        clock.now += 0.001  # 2028-03-01T00:00:00Z
+        for g, left in ((b, 2), (a, 1), (b, 0)):
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == 200
+                assert r.headers["RateLimit-Policy"] == f'"monthly";q=3;w={31 * 86400}'
+                assert r.headers["RateLimit"] == f'"monthly";r={left};t={31 * 86400}'
+        assert await call(a, token) == (429, "quota_exceeded")
+        _, usage = await a.admin_json("GET", "/workspaces/acme/usage")
+        assert (usage["period"], usage["used"], usage["resets_at"]) == \
+            ("2028-03", 3, "2028-04-01T00:00:00Z")
+
+
+# --- concurrency -----------------------------------------------------------------------------
+
+async def test_a_keys_rate_limit_is_shared_exactly_by_three_replicas(redis_url, upstream,
+                                                                    monkeypatch):
+    async with replicas(redis_url, upstream, monkeypatch, n=3) as gs:
+        token, _ = await gs[0].key(rate_limit="4/m")
+        results = await asyncio.gather(*(call(g, token) for g in gs for _ in range(5)))
+        assert results.count((200, None)) == 4, results
+        assert results.count((429, "rate_limited")) == 11
+        assert len(upstream.requests) == 4
+
+
+async def test_no_request_that_arrives_after_a_revocation_answered_is_admitted_anywhere(
+        redis_url, upstream, monkeypatch):
+    async with replicas(redis_url, upstream, monkeypatch, plan="unlimited") as (a, b):
+        token, key = await a.key()
+        await cached_at((a, b), token)
+        revoked = asyncio.Event()
+        late: list[tuple[int, str | None]] = []
+
+        async def hammer(g) -> None:
+            while True:
+                after = revoked.is_set()
+                got = await call(g, token)
+                if after:
+                    late.append(got)
+                    if len(late) >= 20:
+                        return
+
+        load = [asyncio.ensure_future(hammer(g)) for g in (a, b, a, b)]
+        await asyncio.sleep(0.1)
+        status, _ = await a.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+        assert status == 200
+        revoked.set()
+        await asyncio.gather(*load)
+        assert set(late) == {(401, "revoked_key")}
+
