@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from datetime import datetime
 
 from harness import Clock, bearer, gateway_under_test, make_config
 
@@ -238,3 +239,50 @@ async def test_no_request_that_arrives_after_a_revocation_answered_is_admitted_a
         await asyncio.gather(*load)
         assert set(late) == {(401, "revoked_key")}
 
+
+async def test_a_key_expires_at_the_instant_its_expires_at_shows(redis_url, upstream,
+                                                                monkeypatch):
+    """Timestamps are shown to the second. An expiry set from a clock between two seconds
+    (``expires_in``, a rotation's grace, an ``expires_at`` with a fraction) was kept with its
+    fraction: shown as 12:01:00Z, the key still worked, and read ``active``, until 12:01:00.7."""
+    clock = Clock("2026-06-30T12:00:00")
+    clock.now += 0.7
+    async with replicas(redis_url, upstream, monkeypatch, clock=clock) as (a, b):
+        token, key = await a.key(expires_in=60)
+        rotating, old = await a.key(name="rotating")
+        fraction, frac = await a.key(name="fraction", expires_at="2026-06-30T12:01:00.5Z")
+        status, rotated = await a.admin_json("POST", f"/workspaces/acme/keys/{old['id']}/rotate",
+                                             {"grace_seconds": 60})
+        assert status == 201, rotated
+        for t in (token, rotating, fraction):
+            await cached_at((a, b), t)
+        kids = (key["id"], old["id"], frac["id"])
+        shown = set()
+        for kid in kids:
+            _, read = await a.admin_json("GET", f"/workspaces/acme/keys/{kid}")
+            shown.add(read["expires_at"])
+        assert shown == {"2026-06-30T12:01:00Z"}
+        clock.set("2026-06-30T12:01:00")  # the instant every one of them shows
+        for g in (a, b):
+            for t in (token, rotating, fraction):
+                assert await call(g, t) == (401, "expired_key")
+        for kid in kids:
+            _, read = await b.admin_json("GET", f"/workspaces/acme/keys/{kid}")
+            assert read["status"] == "expired"
+
+
+async def test_rotating_again_and_again_keeps_a_keys_lifetime_to_the_second(redis_url, upstream,
+                                                                           monkeypatch):
+    clock = Clock("2026-06-30T12:00:00")
+    clock.now += 0.7
+    async with replicas(redis_url, upstream, monkeypatch, n=1, clock=clock) as (a,):
+        _, key = await a.key(expires_in=3600)
+        for _ in range(5):
+            clock.now += 10.6
+            status, body = await a.admin_json(
+                "POST", f"/workspaces/acme/keys/{key['id']}/rotate")
+            assert status == 201, body
+            key = body["key"]
+            made = datetime.fromisoformat(key["created_at"].replace("Z", "+00:00"))
+            ends = datetime.fromisoformat(key["expires_at"].replace("Z", "+00:00"))
+            assert (ends - made).total_seconds() == 3600
