@@ -9,6 +9,7 @@ live here rather than in the config loader, so a module that only needs ``Route`
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -98,6 +99,12 @@ class Route:
 
 
 # --- what the store holds -------------------------------------------------------------------------
+
+def whole_second(epoch: float) -> float:
+    """An expiry as it is kept: on the second, as ``rfc3339`` shows it, so a key expires at the
+    instant its ``expires_at`` shows (never later than the moment asked for)."""
+    return float(math.floor(epoch))
+
 
 def rfc3339(epoch: float | None) -> str | None:
     if epoch is None:

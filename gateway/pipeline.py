@@ -295,11 +295,10 @@ class Pipeline:
         for _ in range(_STALE_RETRIES):
             now = self.clock()
             blocked = key.networks is not None and not key.allows(client)
+            # Every refusal is confirmed against the store first: an expiry can be extended,
+            # a key enabled again, and even a revoked key can be deleted (its token then reads
+            # as unknown, invalid_key, at every replica).
             refused = refusal(key, scopes, now=now, blocked=blocked)
-            # Revoked is permanent, so the cache may answer it without the store; every other
-            # refusal is confirmed first (an expiry can be extended, a key enabled again).
-            if refused is not None and refused.code == "revoked_key":
-                raise refused
             month = self.months.get(now)
             day = self.months.day(now)
             counted = _new_tuple(Counted, (month, day, None))  # Counted(month, day), no __new__

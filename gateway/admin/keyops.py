@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from ..config import Config
 from ..errors import BadRequest, Forbidden, NotFound, shown
 from ..usage import effective_plan
-from ..models import KeyRecord, rfc3339
+from ..models import KeyRecord, rfc3339, whole_second
 from ..store import OPERATOR, UNSET, Store, effective_scopes_of
 from ..tokens import KEY_ID_RE
 from .listing import select_keys
@@ -176,7 +176,7 @@ class KeyOps:
         if "expires_at" in data:
             expires_at = parse_expires_at(data["expires_at"], now, nullable=True)
         elif (expires_in := parse_seconds(data, "expires_in", 1)) is not None:
-            expires_at = now + expires_in
+            expires_at = whole_second(now + expires_in)
         if self.limit_scopes is not None and self.limit_expires_at is not None \
                 and expires_at is None:
             expires_at = self.limit_expires_at  # a new key inherits the acting key's expiry

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from ..config import NAME_RE, SCOPE_RE, Config, parse_rate_limit
 from ..errors import BadRequest, shown
-from ..models import LIMIT_FIELDS, parse_rfc3339, rfc3339
+from ..models import LIMIT_FIELDS, parse_rfc3339, rfc3339, whole_second
 from ..store import WORKSPACE_ID_RE
 
 MAX_NAME = 200
@@ -181,7 +181,7 @@ def parse_expires_at(value: Any, now: float, *, nullable: bool) -> float | None:
         raise BadRequest("The field 'expires_at' must be an RFC 3339 timestamp such as "
                          "'2027-01-31T00:00:00Z'.")
     try:
-        when = parse_rfc3339(value)
+        when = whole_second(parse_rfc3339(value))
     except ValueError:
         raise BadRequest(f"The field 'expires_at' is not an RFC 3339 timestamp with a time "
                          f"zone (e.g. '2027-01-31T00:00:00Z'): {shown(value)!r}.") from None

@@ -8,7 +8,7 @@ import json
 from typing import Any, Sequence
 
 from ..errors import Conflict, StoreError, shown
-from ..models import KeyRecord, rfc3339
+from ..models import KeyRecord, rfc3339, whole_second
 from ..tokens import ID_LEN, PREFIX_CHARS, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, no_key, no_workspace,
                          revoked_key, store_errors)
@@ -184,8 +184,10 @@ class KeyStore(StoreBase):
             new_id, token, hashed = await self._new_token(ws, old.environment)
             now = self.clock()
             expires_at = None
-            if old.expires_at is not None:
-                expires_at = now + max(1.0, old.expires_at - old.created_at)
+            if old.expires_at is not None:  # the same lifetime as shown, to the second:
+                # rotating again and again never shortens it by the fraction it was made in
+                lifetime = whole_second(old.expires_at) - whole_second(old.created_at)
+                expires_at = whole_second(now + max(1.0, lifetime))
             if max_expires_at is not None:
                 expires_at = min(max_expires_at, expires_at or max_expires_at)
             record, fields = self._key_fields(
@@ -201,7 +203,8 @@ class KeyStore(StoreBase):
                 (epoch_field(now), self._max_keys(workspace),
                  "+inf" if expires_at is None else epoch_field(expires_at), new_id,
                  self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,
-                 key_id, "" if grace_seconds <= 0 else epoch_field(now + grace_seconds),
+                 key_id, "" if grace_seconds <= 0 else
+                 epoch_field(whole_second(now + grace_seconds)),
                  old.rev, *fields), what="rotate key")
             if reply == "ok":
                 return await self.require_key(ws, key_id), NewKey(record, token)
