@@ -600,37 +600,24 @@ async def test_workers_do_not_outlive_a_supervisor_killed_outright(tmp_path, ups
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_serve_sets_one_malloc_arena_before_any_thread_of_its_own_starts(tmp_path, monkeypatch):
+def test_serve_sets_one_malloc_arena_before_any_thread_of_its_own_starts(tmp_path):
     """``one_malloc_arena`` must run before any thread starts (argon2_pool's docstring: a
     thread that has allocated keeps its own glibc arena, and the process and every worker it
     forks then spreads the argon2 threads' memory over more than one arena). Application log
     lines are now written by a thread started at the first line logged, and serve logs its
-    operator-token warning just before it: with the token unset, that thread ran first."""
-    import logging
-    import threading
-    from gateway import argon2_pool, workers
+    operator-token warning just before it: with the token unset, that thread ran first.
+    Run in a fresh interpreter: the test process may hold such a thread from other tests."""
     config, _, _ = write_config(tmp_path)
-    monkeypatch.delenv("KEYGATE_ADMIN_TOKEN", raising=False)
-    seen: list[list[str]] = []
-
-    class Stop(Exception):
-        pass
-
-    def record() -> None:
-        seen.append([t.name for t in threading.enumerate() if t.name == "keygate-log"])
-        raise Stop
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    monkeypatch.setattr(argon2_pool, "one_malloc_arena", record)
-    try:
-        with pytest.raises(Stop):
-            workers.serve(str(config))
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-            handler.flush()
-        for handler in handlers:
-            root.addHandler(handler)
-        root.setLevel(level)
-    assert seen == [[]], f"threads started before one_malloc_arena: {seen}"
+    probe = (
+        "import sys, threading\n"
+        "from gateway import argon2_pool, workers\n"
+        "def record():\n"
+        "    print(sorted(t.name for t in threading.enumerate() if t.name == 'keygate-log'))\n"
+        "    sys.stdout.flush()\n"
+        "    raise SystemExit(0)\n"
+        "argon2_pool.one_malloc_arena = record\n"
+        f"workers.serve({str(config)!r})\n")
+    child_env = {k: v for k, v in env().items() if k != "KEYGATE_ADMIN_TOKEN"}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=child_env, timeout=60)
+    assert run.stdout.strip() == "[]", f"threads started before one_malloc_arena: {run}"
