@@ -802,6 +802,40 @@ async def test_the_operator_token_pasted_into_an_admin_url_is_never_logged(
     assert partly not in text
 
 
+@pytest.mark.parametrize("token, target", [
+    # base64 (openssl rand -base64): '+' '/' '='. Go's url.PathEscape escapes '/' and keeps
+    # '+' and '=': unquote_plus read the '+' as a space, so the decoded path did not hold it
+    ("Zq8+w/Rk9mVt4A/b==", "/admin/v1/workspaces/Zq8+w%2FRk9mVt4A%2Fb%3D%3D"),
+    # a generated password with a '?': pasted into the path, the '?' splits the target, and
+    # neither half held the whole token
+    ("pL9?xK2!vQ7*mR4=", "/admin/v1/workspaces/pL9?xK2!vQ7*mR4="),
+    ("pL9?xK2!vQ7*mR4=", "/admin/v1/workspaces/pL9%3FxK2!vQ7*mR4="),
+])
+async def test_an_operator_token_with_url_characters_is_never_logged(
+        redis_url, upstream, monkeypatch, caplog, token, target):
+    """loggable_target looked for the operator token as sent and once decoded with
+    ``unquote_plus``, in the path and the query separately. A ``+`` in a path is a plus, not a
+    space, so a base64 token with its ``/`` percent-encoded was written nearly as sent (every
+    reader decodes ``%2F``); and a token holding a ``?`` pasted into the path was cut in two by
+    the split, each half written as is."""
+    import logging
+    from urllib.parse import unquote_plus
+    from yarl import URL
+    import harness
+    monkeypatch.setattr(harness, "ADMIN_TOKEN", token)
+    caplog.set_level(logging.INFO, logger="keygate.admin")
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        async with g.admin.get(URL(target, encoded=True),
+                               headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status in (400, 404), await r.text()
+    records = [r for r in caplog.records if r.name == "keygate.admin"]
+    assert len(records) == 1
+    logged = records[0].path
+    for shown_as in (logged, unquote(logged), unquote_plus(logged)):
+        assert token not in shown_as, logged
+    assert token not in caplog.text + str(records[0].__dict__)
+
+
 async def test_an_admin_call_through_a_trusted_proxy_logs_the_caller(redis_url, upstream,
                                                                      monkeypatch, caplog):
     """The admin API's own line names the caller as the allow-list and the failure throttle

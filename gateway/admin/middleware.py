@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from typing import Awaitable, Callable
-from urllib.parse import unquote_plus
+from urllib.parse import unquote, unquote_plus
 
 from aiohttp import web
 
@@ -56,14 +56,29 @@ def loggable_target(raw_path: str, prefix: str, operator_token: str) -> str:
     """A raw admin request target fit for a log: API keys masked (``mask_target``) and so is
     the operator token, which a script may paste into the URL (``?token=...``): where it shows
     as sent it is replaced by ``***``; a path or query that holds it only once percent-decoded
-    is withheld whole."""
+    is withheld whole.
+
+    Looked for in the whole target first (a token may hold a ``?``), and decoded both ways: a
+    ``+`` is a plus in a path and a space in a query, and a reader decodes either way."""
     target = mask_target(raw_path, prefix)
     token = operator_token.strip()
     if not token:
         return target
-    parts = [part.replace(token, "***") for part in target.split("?", 1)]
-    return "?".join(("***" if i else "/***") if token in unquote_plus(part) else part
-                    for i, part in enumerate(parts))
+    target = target.replace(token, "***")
+    if "%" not in target and "+" not in target:  # nothing a decoding could reveal
+        return target
+    if not _holds(target, token):
+        return target
+    path, sep, query = target.partition("?")
+    path_holds, query_holds = _holds(path, token), _holds(query, token)
+    if not (path_holds or query_holds):  # across the '?': neither half is fit to write
+        path_holds = query_holds = True
+    return ("/***" if path_holds else path) + sep + ("***" if query_holds else query)
+
+
+def _holds(text: str, token: str) -> bool:
+    """Whether ``text`` holds ``token`` once percent-decoded, ``+`` read as a plus or a space."""
+    return token in unquote(text) or token in unquote_plus(text)
 
 
 def request_id_of(request: web.BaseRequest) -> str:
