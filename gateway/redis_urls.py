@@ -30,6 +30,7 @@ password and master name are percent-decoded. Error messages never repeat a pass
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -251,6 +252,11 @@ def parse_standalone_url(url: str) -> StandaloneURL:
         raise ValueError(str(exc).replace(url, redact(url))) from None
     if options.get("connection_class") is UnixDomainSocketConnection and not options.get("path"):
         raise ValueError("a unix:// URL needs a socket path, e.g. unix:///run/redis.sock")
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        value = options.get(name)
+        if value is not None and not 0 < value < math.inf:  # nan compares false
+            raise ValueError(f"the URL's {name} must be a number of seconds above 0, "
+                             f"got {value!r}")
     return StandaloneURL(options)
 
 

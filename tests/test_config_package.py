@@ -54,6 +54,11 @@ def test_store_urls_a_client_can_use(url: str) -> None:
     ("http://h", "must be 'embedded' or a URL"), ("redis://h/x", "database number"),
     ("redis:///0", "needs a host"), ("unix://", "socket path"),
     ("redis://h/0?db=x", "Invalid value for 'db'"),
+    # a timeout the per-request client could not keep (nan never times out, inf neither)
+    ("redis://h/0?socket_timeout=nan", "socket_timeout"),
+    ("redis://h/0?socket_timeout=inf", "socket_timeout"),
+    ("redis://h/0?socket_connect_timeout=0", "socket_connect_timeout"),
+    ("redis://h/0?socket_timeout=-1", "socket_timeout"),
 ])
 def test_store_urls_no_client_could_use(url: str, words: str) -> None:
     with pytest.raises(ValueError, match=words):
