@@ -355,10 +355,10 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool) -> Any:
                                    socket_connect_timeout=timeout,
                                    **_given(username=target.username, password=target.password))
     if target.kind == "cluster":
-        from redis.asyncio.cluster import ClusterNode, RedisCluster
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
-                            ssl=target.tls, max_connections=CLUSTER_NODE_CONNECTIONS,
-                            **options)
+        from redis.asyncio.cluster import ClusterNode
+        return _cluster_class()(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
+                                ssl=target.tls, max_connections=CLUSTER_NODE_CONNECTIONS,
+                                **options)
     from redis.asyncio.retry import Retry
     from redis.asyncio.sentinel import Sentinel
     from redis.backoff import NoBackoff
@@ -380,6 +380,52 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool) -> Any:
                                  connection_pool_class=_BlockingSentinelPool, **options)
     client._sentinel = sentinel
     return client
+
+
+_CLUSTER: Any = None
+
+
+def _cluster_class() -> Any:
+    """redis-py's ``RedisCluster``, with its nodes' connections handed out most recently
+    released first.
+
+    An ASK redirection (a slot being migrated) is followed by sending ``ASKING`` and then the
+    command to the new owner, each through the node's pool; ``ASKING`` holds for the next
+    command *on its connection* only. redis-py's node pool hands out the connection released
+    longest ago, so with more than one idle connection (any load) the command went out on
+    another connection without ``ASKING``: the new owner answered MOVED back to the old one,
+    which answered ASK again, until redis-py gave up ("TTL exhausted") and a healthy cluster was
+    reported unavailable. Handing out the most recently released connection gives the command
+    the very connection ``ASKING`` was sent on (nothing runs in between: both are in one task,
+    with no await between the release and the next acquire). Nodes are made by redis-py's
+    NodesManager, so each node this client routes a command to is given the subclass's
+    behaviour as it is looked up (its layout is the same: the subclass adds no slots)."""
+    global _CLUSTER
+    if _CLUSTER is not None:
+        return _CLUSTER
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    class _RecentFirstNode(ClusterNode):
+        __slots__ = ()
+
+        def acquire_connection(self) -> Any:
+            if self._free:
+                return self._free.pop()
+            return super().acquire_connection()
+
+    def recent_first(node: Any) -> Any:
+        if node is not None and type(node) is ClusterNode:
+            node.__class__ = _RecentFirstNode
+        return node
+
+    class _Cluster(RedisCluster):
+        def get_node(self, host: Any = None, port: Any = None,
+                     node_name: Any = None) -> Any:
+            # the ASK path looks its target up here
+            return recent_first(super().get_node(host, port, node_name))
+
+    _CLUSTER = _Cluster
+    return _CLUSTER
 
 
 class _SentinelMaster(Redis):
