@@ -73,3 +73,39 @@ async def test_a_key_whose_slot_is_being_migrated_is_read_through_the_ask_redire
         await store.close()
         src.close()
         dst.close()
+
+
+async def test_a_paused_cluster_node_is_given_up_on_once_and_a_refund_is_not_repeated(
+        redis_cluster) -> None:  # noqa: F811
+    """A Cluster node that stops answering (SIGSTOP: a stalled VM, a long fork) is 503 after the
+    store timeout, as on every other store, and a call that timed out is not sent again: it may
+    run when the node wakes, and running a refund twice takes back a request that was forwarded.
+    redis-py's RedisCluster retried a timed-out command up to 10 times (its default), each on a
+    fresh connection after re-reading the slots: the request waited ~11 timeouts for its 503 and
+    every copy ran when the node woke."""
+    ports = redis_cluster["ports"]
+    from gateway.store.request import Slot
+    slot = Slot("acme", "k1", "2026-01", "2026-01-15")
+    _, port = _owner(ports, slot.counters()[0])
+    owner = _node(port)
+    for counter in slot.counters():
+        owner.set(counter, 10, ex=3600)
+    store = RequestStore(redis_cluster["url"], timeout=0.5)
+    pid = int(owner.info("server")["process_id"])
+    try:
+        await store.refund(slot, 3600)  # the connection is made, the slots are known
+        assert int(owner.get(slot.counters()[0])) == 9
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError):
+                await store.refund(slot, 3600)
+            waited = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert waited < 2.0, f"503 after {waited:.1f} s for a 0.5 s store timeout"
+        await asyncio.sleep(0.5)  # whatever sat in the node's socket buffers has run
+        assert [int(owner.get(c)) for c in slot.counters()] in ([9] * 4, [8] * 4)
+    finally:
+        await store.close()
+        owner.close()
