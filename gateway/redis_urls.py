@@ -418,7 +418,17 @@ def _cluster_class() -> Any:
             node.__class__ = _RecentFirstNode
         return node
 
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
     class _Cluster(RedisCluster):
+        # A timeout is not retried (README: the command may have run). redis-py retries it
+        # (10 times by default, each after re-reading the slots): a node that stopped answering
+        # held a request for ~11 store timeouts before its 503, and every copy of a command that
+        # timed out ran when the node woke (a refund taken back several times). Connection
+        # errors, CLUSTERDOWN and an uncovered slot are still retried: a failover needs that.
+        ERRORS_ALLOW_RETRY = tuple(e for e in RedisCluster.ERRORS_ALLOW_RETRY
+                                   if not issubclass(e, RedisTimeoutError))
+
         def get_node(self, host: Any = None, port: Any = None,
                      node_name: Any = None) -> Any:
             # the ASK path looks its target up here
