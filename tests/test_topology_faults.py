@@ -12,6 +12,8 @@ import time
 import pytest
 import redis
 
+from gateway.usage import utc_day
+
 from gateway.errors import StoreError
 from gateway.store.request import RequestStore
 
@@ -109,3 +111,111 @@ async def test_a_paused_cluster_node_is_given_up_on_once_and_a_refund_is_not_rep
     finally:
         await store.close()
         owner.close()
+
+
+# --- Sentinel: a burst, then a failover under load ------------------------------------------
+
+from test_redis_topologies import DATA_PW, MASTER, SENTINEL_PW, sentinel_group  # noqa: E402,F401
+from harness import bearer, gateway_under_test, make_config  # noqa: E402
+
+
+async def _answer(gut, token: str) -> tuple[int, str | None]:
+    async with gut.proxy.get("/people", headers=bearer(token)) as r:
+        if r.status == 200:
+            return 200, None
+        try:
+            return r.status, (await r.json())["error"]["code"]
+        except Exception:
+            return r.status, "?"
+
+
+@pytest.mark.parametrize("fault", ["failover", "sigstop"])
+async def test_sentinel_burst_then_failover_under_load_answers_right_and_counts_each_200(
+        sentinel_group, upstream, monkeypatch, fault) -> None:  # noqa: F811
+    """200 requests of cached keys with 50 of never-seen keys at once on a Sentinel master: all
+    200. Then SENTINEL FAILOVER with requests running: only 200 or 503 store_unavailable, 200
+    again once the replica is promoted (keygate not restarted), /readyz 200, an admin write
+    lands on the new master, and the month's count equals the 200s answered (a graceful
+    failover loses no write)."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
+        await gut.workspace("acme", plan="unlimited")
+        cached = [(await gut.key("acme"))[0] for _ in range(10)]
+        for token in cached:
+            assert await _answer(gut, token) == (200, None)
+        cold = [(await gut.key("acme"))[0] for _ in range(50)]
+        burst = await asyncio.gather(*(_answer(gut, cached[i % 10]) for i in range(200)),
+                                     *(_answer(gut, t) for t in cold))
+        assert set(burst) == {(200, None)}, {a: burst.count(a) for a in set(burst)}
+        oks = 10 + len(burst)
+
+        seen: list[tuple[float, tuple[int, str | None]]] = []
+        stop = asyncio.Event()
+
+        async def worker(i: int) -> None:
+            while not stop.is_set():
+                seen.append((time.monotonic(), await _answer(gut, cached[i])))
+
+        workers = [asyncio.create_task(worker(i)) for i in range(8)]
+        try:
+            await asyncio.sleep(0.3)
+            s = redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW,
+                            decode_responses=True)
+            old = redis.Redis(port=sentinel_group["master"], password=DATA_PW)
+            pid = int(old.info("server")["process_id"])
+            old.close()
+            if fault == "failover":
+                s.execute_command("SENTINEL", "FAILOVER", MASTER)
+            else:  # the master stalls; the Sentinel promotes the replica; the old one wakes
+                os.kill(pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and \
+                    int(s.sentinel_get_master_addr_by_name(MASTER)[1]) != \
+                    sentinel_group["replica"]:
+                await asyncio.sleep(0.1)
+            promoted = time.monotonic()
+            s.close()
+            if fault == "sigstop":
+                os.kill(pid, signal.SIGCONT)
+            # after the promotion, requests succeed again within a few seconds
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                if any(t > promoted + 0.5 and a == (200, None) for t, a in seen[-8:]) and \
+                        all(a == (200, None) for t, a in seen[-8:]):
+                    break
+        finally:
+            stop.set()
+            await asyncio.gather(*workers)
+        answers = [a for _, a in seen]
+        kinds = {a: answers.count(a) for a in set(answers)}
+        assert set(kinds) <= {(200, None), (503, "store_unavailable")}, kinds
+        assert answers[-8:] == [(200, None)] * 8, kinds
+        async with gut.admin.get("/readyz") as r:
+            assert r.status == 200
+        # A second after the Sentinel named the new master, every write goes there. Pooled
+        # connections made before the failover led to the old master, which still took writes
+        # (it is demoted only later, its data then thrown away): a key created then answered
+        # 201 and was never usable, a revocation was undone, counts vanished.
+        await asyncio.sleep(1.0)
+        token, created = await gut.key("acme")
+        n = redis.Redis(port=sentinel_group["replica"], password=DATA_PW)
+        o = redis.Redis(port=sentinel_group["master"], password=DATA_PW)
+        try:
+            assert n.get(f"kg:keyid:{created['id']}") == b"acme", \
+                (n.info("replication")["role"], o.info("replication")["role"])
+            assert await _answer(gut, token) == (200, None)
+            before = int(n.get(f"kg:usage:{{acme}}:{_period()}") or 0)
+            assert [await _answer(gut, t) for t in cached] == [(200, None)] * len(cached)
+            assert int(n.get(f"kg:usage:{{acme}}:{_period()}")) == before + len(cached)
+            status, _ = await gut.admin_json(
+                "POST", f"/workspaces/acme/keys/{created['id']}/revoke")
+            assert status == 200
+            assert n.hget(f"kg:key:{{acme}}:{created['id']}", "revoked_at")
+            assert await _answer(gut, token) == (401, "revoked_key")
+        finally:
+            n.close()
+            o.close()
+
+
+def _period() -> str:
+    return utc_day(time.time())[:7]
