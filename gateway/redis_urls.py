@@ -438,11 +438,60 @@ def _cluster_class() -> Any:
     return _CLUSTER
 
 
+# How often a Sentinel client asks the Sentinels which node is the master (one SENTINEL MASTERS
+# per client and interval, in the background: nothing per command).
+MASTER_CHECK_INTERVAL = 0.5
+
+
 class _SentinelMaster(Redis):
-    """The master of a Sentinel-monitored group; closing it also closes the Sentinel clients."""
+    """The master of a Sentinel-monitored group; closing it also closes the Sentinel clients.
+
+    redis-py asks the Sentinels for the master only when it opens a connection. After a failover
+    the pooled connections still lead to the old master, and the old master takes writes until
+    the Sentinels demote it, seconds later (a stalled one: only once it wakes), when its data is
+    thrown away: keys created, revocations and counts made there were answered as done and then
+    lost. So the client asks the Sentinels every ``MASTER_CHECK_INTERVAL`` in the background;
+    idle connections to any other node are dropped and busy ones are closed as they are
+    released, so every later command goes to the new master."""
     _sentinel: Any = None
+    _watch: Any = None
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if self._watch is None:
+            import asyncio
+            self._watch = asyncio.ensure_future(self._follow_master())
+        return await super().execute_command(*args, **options)
+
+    async def _follow_master(self) -> None:
+        import asyncio
+        pool = self.connection_pool
+        while True:
+            await asyncio.sleep(MASTER_CHECK_INTERVAL)
+            try:
+                master = await pool.get_master_address()
+            except Exception:  # no Sentinel answers, or none knows a master: commands say so
+                continue
+            # No await from here to the gather: a connection is handed out synchronously, so none
+            # changes hands while this looks. (Comparing with the address the pool knew would
+            # miss a change a new connection learned first: redis-py then closes only the idle
+            # connections, and the busy ones went back to the pool still on the old master.)
+            stale = [c for c in pool._available_connections
+                     if c.is_connected and (c.host, c.port) != master]
+            if stale:
+                pool._available_connections[:] = [c for c in pool._available_connections
+                                                  if c not in stale]
+            for c in pool._in_use_connections:
+                if c.is_connected and (c.host, c.port) != master:
+                    c.mark_for_reconnect()  # closed as it is released
+            if stale:
+                await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            import asyncio
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         try:
             await super().aclose(close_connection_pool)
         finally:
