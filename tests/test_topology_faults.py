@@ -219,3 +219,53 @@ async def test_sentinel_burst_then_failover_under_load_answers_right_and_counts_
 
 def _period() -> str:
     return utc_day(time.time())[:7]
+
+
+async def test_cluster_client_kill_under_load_is_reconnected_without_a_wrong_answer(
+        redis_cluster, upstream, monkeypatch) -> None:  # noqa: F811
+    """CLIENT KILL of every connection on every node, repeatedly, while requests of keys of
+    three workspaces (one per node) run: the cluster stays healthy and the client re-makes the
+    connections, so every answer is 200 and each workspace counts at least its 200s.
+    redis-py closed a node's idle connections after one failed while they stayed handed out:
+    a command that took one meanwhile failed with AttributeError ('NoneType' object has no
+    attribute 'writelines'), not retried, and was answered 503 store_unavailable."""
+    ports = redis_cluster["ports"]
+    owners: dict[int, str] = {}
+    for ws in ("acme", "globex", "initech", "umbrella", "hooli", "wayne", "stark", "tyrell"):
+        owners.setdefault(_owner(ports, f"kg:ws:{{{ws}}}")[1], ws)
+    spaces = sorted(owners.values())
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
+        tokens = []
+        for ws in spaces:
+            await gut.workspace(ws, plan="unlimited")
+            tokens += [(ws, (await gut.key(ws))[0]) for _ in range(3)]
+        for _, token in tokens:
+            assert await _answer(gut, token) == (200, None)
+        seen: list[tuple[str, tuple[int, str | None]]] = []
+        stop = asyncio.Event()
+
+        async def worker(i: int) -> None:
+            ws, token = tokens[i % len(tokens)]
+            while not stop.is_set():
+                seen.append((ws, await _answer(gut, token)))
+
+        workers = [asyncio.create_task(worker(i)) for i in range(12)]
+        try:
+            for _ in range(5):
+                await asyncio.sleep(0.2)
+                for port in ports:
+                    n = _node(port)
+                    n.client_kill_filter(_type="normal", skipme=True)
+                    n.close()
+            await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            await asyncio.gather(*workers)
+        kinds = {a: [x for _, x in seen].count(a) for a in {x for _, x in seen}}
+        assert set(kinds) == {(200, None)}, kinds
+        assert [await _answer(gut, t) for _, t in tokens] == [(200, None)] * len(tokens)
+        for ws in spaces:
+            ok = sum(1 for w, a in seen if w == ws and a == (200, None)) + 3 + 3
+            used = await gut.used(ws)
+            assert ok <= used, (ws, ok, used, kinds)
