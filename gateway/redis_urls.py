@@ -387,7 +387,7 @@ _CLUSTER: Any = None
 
 def _cluster_class() -> Any:
     """redis-py's ``RedisCluster``, with its nodes' connections handed out most recently
-    released first.
+    released first, and never while being closed.
 
     An ASK redirection (a slot being migrated) is followed by sending ``ASKING`` and then the
     command to the new owner, each through the node's pool; ``ASKING`` holds for the next
@@ -397,13 +397,17 @@ def _cluster_class() -> Any:
     which answered ASK again, until redis-py gave up ("TTL exhausted") and a healthy cluster was
     reported unavailable. Handing out the most recently released connection gives the command
     the very connection ``ASKING`` was sent on (nothing runs in between: both are in one task,
-    with no await between the release and the next acquire). Nodes are made by redis-py's
-    NodesManager, so each node this client routes a command to is given the subclass's
-    behaviour as it is looked up (its layout is the same: the subclass adds no slots)."""
+    with no await between the release and the next acquire). The nodes also take their idle
+    connections out of the free list while closing them (see ``disconnect_free_connections``).
+    Nodes are made by redis-py's NodesManager, so each node this client sends a command to is
+    given the subclass's behaviour as it is used (its layout is the same: the subclass adds no
+    slots)."""
     global _CLUSTER
     if _CLUSTER is not None:
         return _CLUSTER
     from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    import asyncio
 
     class _RecentFirstNode(ClusterNode):
         __slots__ = ()
@@ -412,6 +416,18 @@ def _cluster_class() -> Any:
             if self._free:
                 return self._free.pop()
             return super().acquire_connection()
+
+        async def disconnect_free_connections(self) -> None:
+            # redis-py closes the idle connections (after one failed) while they stay in the
+            # free list: a command that took one meanwhile found its writer gone (AttributeError,
+            # not retried: a 503 from a healthy node). They leave the list while being closed,
+            # and come back to be reconnected on their next use.
+            idle = list(self._free)
+            self._free.clear()
+            try:
+                await asyncio.gather(*(c.disconnect() for c in idle), return_exceptions=True)
+            finally:
+                self._free.extend(idle)
 
     def recent_first(node: Any) -> Any:
         if node is not None and type(node) is ClusterNode:
@@ -428,6 +444,9 @@ def _cluster_class() -> Any:
         # errors, CLUSTERDOWN and an uncovered slot are still retried: a failover needs that.
         ERRORS_ALLOW_RETRY = tuple(e for e in RedisCluster.ERRORS_ALLOW_RETRY
                                    if not issubclass(e, RedisTimeoutError))
+
+        async def _execute_command(self, target_node: Any, *args: Any, **kwargs: Any) -> Any:
+            return await super()._execute_command(recent_first(target_node), *args, **kwargs)
 
         def get_node(self, host: Any = None, port: Any = None,
                      node_name: Any = None) -> Any:
