@@ -269,3 +269,57 @@ async def test_cluster_client_kill_under_load_is_reconnected_without_a_wrong_ans
             ok = sum(1 for w, a in seen if w == ws and a == (200, None)) + 3 + 3
             used = await gut.used(ws)
             assert ok <= used, (ws, ok, used, kinds)
+
+
+async def test_a_slot_migration_under_load_leaves_other_workspaces_alone(
+        redis_cluster, upstream, monkeypatch) -> None:  # noqa: F811
+    """One workspace's slot moves to another node (MIGRATING/IMPORTING, MIGRATE, SETSLOT NODE)
+    while requests of it and of workspaces on the other nodes run. The moving workspace may
+    see 503 store_unavailable while its slot is unstable (TRYAGAIN); every other workspace
+    answers 200 throughout, and the moved one 200 again once the routing updated."""
+    ports = redis_cluster["ports"]
+    owners: dict[int, str] = {}
+    for ws in ("acme", "globex", "initech", "umbrella", "hooli", "wayne", "stark", "tyrell"):
+        owners.setdefault(_owner(ports, f"kg:ws:{{{ws}}}")[1], ws)
+    spaces = sorted(owners.values())
+    moving = spaces[0]
+    slot, source = _owner(ports, f"kg:ws:{{{moving}}}")
+    target = next(p for p in ports if p != source)
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
+        tokens = []
+        for ws in spaces:
+            await gut.workspace(ws, plan="unlimited")
+            tokens += [(ws, (await gut.key(ws))[0]) for _ in range(3)]
+        for _, token in tokens:
+            assert await _answer(gut, token) == (200, None)
+        seen: list[tuple[str, tuple[int, str | None]]] = []
+        stop = asyncio.Event()
+
+        async def worker(i: int) -> None:
+            ws, token = tokens[i % len(tokens)]
+            while not stop.is_set():
+                seen.append((ws, await _answer(gut, token)))
+
+        workers = [asyncio.create_task(worker(i)) for i in range(18)]
+        src, dst = _node(source), _node(target)
+        try:
+            await asyncio.sleep(0.3)
+            src_id, dst_id = src.cluster("MYID"), dst.cluster("MYID")
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
+                src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000,
+                                    "AUTH", CLUSTER_PW, "KEYS", *keys)
+            for port in (target, source, *(p for p in ports if p not in (source, target))):
+                _node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+            await asyncio.sleep(1.0)
+        finally:
+            stop.set()
+            await asyncio.gather(*workers)
+            src.close()
+            dst.close()
+        others = [a for ws, a in seen if ws != moving]
+        kinds = {a: others.count(a) for a in set(others)}
+        assert set(kinds) == {(200, None)}, kinds
+        assert [await _answer(gut, t) for _, t in tokens] == [(200, None)] * len(tokens)
