@@ -383,6 +383,7 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool) -> Any:
 
 
 _CLUSTER: Any = None
+_IN_COMMAND: Any = None  # a ContextVar: set while the cluster client runs a command
 
 
 def _cluster_class() -> Any:
@@ -402,9 +403,11 @@ def _cluster_class() -> Any:
     Nodes are made by redis-py's NodesManager, so each node this client sends a command to is
     given the subclass's behaviour as it is used (its layout is the same: the subclass adds no
     slots)."""
-    global _CLUSTER
+    global _CLUSTER, _IN_COMMAND
     if _CLUSTER is not None:
         return _CLUSTER
+    import contextvars
+    _IN_COMMAND = contextvars.ContextVar("keygate_cluster_command", default=False)
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
     import asyncio
@@ -446,7 +449,28 @@ def _cluster_class() -> Any:
                                    if not issubclass(e, RedisTimeoutError))
 
         async def _execute_command(self, target_node: Any, *args: Any, **kwargs: Any) -> Any:
-            return await super()._execute_command(recent_first(target_node), *args, **kwargs)
+            token = _IN_COMMAND.set(True)
+            try:
+                return await super()._execute_command(recent_first(target_node), *args,
+                                                      **kwargs)
+            finally:
+                _IN_COMMAND.reset(token)
+
+        async def aclose(self) -> None:
+            if not _IN_COMMAND.get():  # closing the client
+                await super().aclose()
+                return
+            # redis-py closes the whole client to have the slots read again (every fifth MOVED,
+            # CLUSTERDOWN, an uncovered slot): that cut every node's connections, in use ones
+            # too, and the commands other requests had in flight on healthy nodes failed
+            # (AttributeError, not retried: 503). The slots are read again all the same (before
+            # the next command), but connections are closed only when idle or as they are
+            # released, as redis-py itself does when the slots change.
+            self._initialize = True
+            for node in list(self.nodes_manager.nodes_cache.values()):
+                node = recent_first(node)
+                node.update_active_connections_for_reconnect()
+                await node.disconnect_free_connections()
 
         def get_node(self, host: Any = None, port: Any = None,
                      node_name: Any = None) -> Any:
