@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -323,3 +324,77 @@ async def test_a_slot_migration_under_load_leaves_other_workspaces_alone(
         kinds = {a: others.count(a) for a in set(others)}
         assert set(kinds) == {(200, None)}, kinds
         assert [await _answer(gut, t) for _, t in tokens] == [(200, None)] * len(tokens)
+
+
+async def test_sentinel_admin_writes_during_a_stalled_master_failover(
+        sentinel_group, upstream, monkeypatch) -> None:  # noqa: F811
+    """Keys created and revoked while the master stalls and the Sentinel promotes the replica:
+    each answer is 201/200 or 503 ("nothing was changed or the change could not be
+    confirmed"), /readyz is 503 or 200; afterwards every key answered 201 works unless it was
+    revoked with a 200, and every revocation answered 200 holds."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
+        await gut.workspace("acme", plan="unlimited")
+        pool = [await gut.key("acme") for _ in range(30)]
+        created: list[tuple[str, dict]] = []
+        revoked: set[str] = set()
+        other: list[tuple[int, Any]] = []
+        ready: list[int] = []
+        stop = asyncio.Event()
+
+        async def creator() -> None:
+            while not stop.is_set():
+                status, body = await gut.admin_json("POST", "/workspaces/acme/keys",
+                                                    {"name": "f", "scopes": ["people:read"]})
+                if status == 201:
+                    created.append((body["token"], body["key"]))
+                elif status != 503 or "could not be confirmed" not in str(body):
+                    other.append((status, body))
+
+        async def revoker() -> None:
+            while not stop.is_set() and pool:
+                _, key = pool.pop()
+                status, body = await gut.admin_json(
+                    "POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+                if status == 200:
+                    revoked.add(key["id"])
+                elif status != 503:
+                    other.append((status, body))
+                await asyncio.sleep(0.1)
+
+        async def readyz() -> None:
+            while not stop.is_set():
+                async with gut.admin.get("/readyz") as r:
+                    ready.append(r.status)
+                await asyncio.sleep(0.05)
+
+        tasks = [asyncio.create_task(f()) for f in (creator, creator, revoker, readyz)]
+        s = redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW,
+                        decode_responses=True)
+        old = redis.Redis(port=sentinel_group["master"], password=DATA_PW)
+        pid = int(old.info("server")["process_id"])
+        old.close()
+        try:
+            await asyncio.sleep(0.3)
+            os.kill(pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and \
+                    int(s.sentinel_get_master_addr_by_name(MASTER)[1]) != \
+                    sentinel_group["replica"]:
+                await asyncio.sleep(0.1)
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.sleep(1.5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            stop.set()
+            await asyncio.gather(*tasks)
+            s.close()
+        assert not other, other[:3]
+        assert set(ready) <= {200, 503} and ready[-1] == 200, ready
+        await asyncio.sleep(2.0)  # the old master demoted meanwhile: its data is gone
+        for token, key in created:
+            assert await _answer(gut, token) == (200, None), key["id"]
+        status, listing = await gut.admin_json("GET", "/workspaces/acme/keys?limit=200")
+        states = {k["id"]: k for k in listing["items"]}
+        for key_id in revoked:
+            assert states[key_id].get("revoked_at"), key_id
