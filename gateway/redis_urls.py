@@ -355,10 +355,10 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool) -> Any:
                                    socket_connect_timeout=timeout,
                                    **_given(username=target.username, password=target.password))
     if target.kind == "cluster":
-        from redis.asyncio.cluster import ClusterNode, RedisCluster
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
-                            ssl=target.tls, max_connections=CLUSTER_NODE_CONNECTIONS,
-                            **options)
+        from redis.asyncio.cluster import ClusterNode
+        return _cluster_class()(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
+                                ssl=target.tls, max_connections=CLUSTER_NODE_CONNECTIONS,
+                                **options)
     from redis.asyncio.retry import Retry
     from redis.asyncio.sentinel import Sentinel
     from redis.backoff import NoBackoff
@@ -382,11 +382,159 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool) -> Any:
     return client
 
 
+_CLUSTER: Any = None
+_IN_COMMAND: Any = None  # a ContextVar: set while the cluster client runs a command
+
+
+def _cluster_class() -> Any:
+    """redis-py's ``RedisCluster``, with its nodes' connections handed out most recently
+    released first, and never while being closed.
+
+    An ASK redirection (a slot being migrated) is followed by sending ``ASKING`` and then the
+    command to the new owner, each through the node's pool; ``ASKING`` holds for the next
+    command *on its connection* only. redis-py's node pool hands out the connection released
+    longest ago, so with more than one idle connection (any load) the command went out on
+    another connection without ``ASKING``: the new owner answered MOVED back to the old one,
+    which answered ASK again, until redis-py gave up ("TTL exhausted") and a healthy cluster was
+    reported unavailable. Handing out the most recently released connection gives the command
+    the very connection ``ASKING`` was sent on (nothing runs in between: both are in one task,
+    with no await between the release and the next acquire). The nodes also take their idle
+    connections out of the free list while closing them (see ``disconnect_free_connections``).
+    Nodes are made by redis-py's NodesManager, so each node this client sends a command to is
+    given the subclass's behaviour as it is used (its layout is the same: the subclass adds no
+    slots)."""
+    global _CLUSTER, _IN_COMMAND
+    if _CLUSTER is not None:
+        return _CLUSTER
+    import contextvars
+    _IN_COMMAND = contextvars.ContextVar("keygate_cluster_command", default=False)
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    import asyncio
+
+    class _RecentFirstNode(ClusterNode):
+        __slots__ = ()
+
+        def acquire_connection(self) -> Any:
+            if self._free:
+                return self._free.pop()
+            return super().acquire_connection()
+
+        async def disconnect_free_connections(self) -> None:
+            # redis-py closes the idle connections (after one failed) while they stay in the
+            # free list: a command that took one meanwhile found its writer gone (AttributeError,
+            # not retried: a 503 from a healthy node). They leave the list while being closed,
+            # and come back to be reconnected on their next use.
+            idle = list(self._free)
+            self._free.clear()
+            try:
+                await asyncio.gather(*(c.disconnect() for c in idle), return_exceptions=True)
+            finally:
+                self._free.extend(idle)
+
+    def recent_first(node: Any) -> Any:
+        if node is not None and type(node) is ClusterNode:
+            node.__class__ = _RecentFirstNode
+        return node
+
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    class _Cluster(RedisCluster):
+        # A timeout is not retried (README: the command may have run). redis-py retries it
+        # (10 times by default, each after re-reading the slots): a node that stopped answering
+        # held a request for ~11 store timeouts before its 503, and every copy of a command that
+        # timed out ran when the node woke (a refund taken back several times). Connection
+        # errors, CLUSTERDOWN and an uncovered slot are still retried: a failover needs that.
+        ERRORS_ALLOW_RETRY = tuple(e for e in RedisCluster.ERRORS_ALLOW_RETRY
+                                   if not issubclass(e, RedisTimeoutError))
+
+        async def _execute_command(self, target_node: Any, *args: Any, **kwargs: Any) -> Any:
+            token = _IN_COMMAND.set(True)
+            try:
+                return await super()._execute_command(recent_first(target_node), *args,
+                                                      **kwargs)
+            finally:
+                _IN_COMMAND.reset(token)
+
+        async def aclose(self) -> None:
+            if not _IN_COMMAND.get():  # closing the client
+                await super().aclose()
+                return
+            # redis-py closes the whole client to have the slots read again (every fifth MOVED,
+            # CLUSTERDOWN, an uncovered slot): that cut every node's connections, in use ones
+            # too, and the commands other requests had in flight on healthy nodes failed
+            # (AttributeError, not retried: 503). The slots are read again all the same (before
+            # the next command), but connections are closed only when idle or as they are
+            # released, as redis-py itself does when the slots change.
+            self._initialize = True
+            for node in list(self.nodes_manager.nodes_cache.values()):
+                node = recent_first(node)
+                node.update_active_connections_for_reconnect()
+                await node.disconnect_free_connections()
+
+        def get_node(self, host: Any = None, port: Any = None,
+                     node_name: Any = None) -> Any:
+            # the ASK path looks its target up here
+            return recent_first(super().get_node(host, port, node_name))
+
+    _CLUSTER = _Cluster
+    return _CLUSTER
+
+
+# How often a Sentinel client asks the Sentinels which node is the master (one SENTINEL MASTERS
+# per client and interval, in the background: nothing per command).
+MASTER_CHECK_INTERVAL = 0.5
+
+
 class _SentinelMaster(Redis):
-    """The master of a Sentinel-monitored group; closing it also closes the Sentinel clients."""
+    """The master of a Sentinel-monitored group; closing it also closes the Sentinel clients.
+
+    redis-py asks the Sentinels for the master only when it opens a connection. After a failover
+    the pooled connections still lead to the old master, and the old master takes writes until
+    the Sentinels demote it, seconds later (a stalled one: only once it wakes), when its data is
+    thrown away: keys created, revocations and counts made there were answered as done and then
+    lost. So the client asks the Sentinels every ``MASTER_CHECK_INTERVAL`` in the background;
+    idle connections to any other node are dropped and busy ones are closed as they are
+    released, so every later command goes to the new master."""
     _sentinel: Any = None
+    _watch: Any = None
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if self._watch is None:
+            import asyncio
+            self._watch = asyncio.ensure_future(self._follow_master())
+        return await super().execute_command(*args, **options)
+
+    async def _follow_master(self) -> None:
+        import asyncio
+        pool = self.connection_pool
+        while True:
+            await asyncio.sleep(MASTER_CHECK_INTERVAL)
+            try:
+                master = await pool.get_master_address()
+            except Exception:  # no Sentinel answers, or none knows a master: commands say so
+                continue
+            # No await from here to the gather: a connection is handed out synchronously, so none
+            # changes hands while this looks. (Comparing with the address the pool knew would
+            # miss a change a new connection learned first: redis-py then closes only the idle
+            # connections, and the busy ones went back to the pool still on the old master.)
+            stale = [c for c in pool._available_connections
+                     if c.is_connected and (c.host, c.port) != master]
+            if stale:
+                pool._available_connections[:] = [c for c in pool._available_connections
+                                                  if c not in stale]
+            for c in pool._in_use_connections:
+                if c.is_connected and (c.host, c.port) != master:
+                    c.mark_for_reconnect()  # closed as it is released
+            if stale:
+                await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            import asyncio
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         try:
             await super().aclose(close_connection_pool)
         finally:

