@@ -23,8 +23,16 @@ Lifetime: the server runs in its own session (Ctrl-C in a terminal reaches keyga
 it in order, rather than redis directly). On Linux it also gets ``PR_SET_PDEATHSIG=SIGTERM``, so
 if the process that started it is killed outright (SIGKILL, OOM), redis receives SIGTERM, fsyncs
 its AOF and exits instead of lingering as an orphan. (The death signal fires when the *thread*
-that started it exits, so start it from the main thread; keygate does.) Were it to survive
+that started it exits, so start it from a thread that lives as long as keygate: the main thread,
+or ``watch``'s thread for a server it restarts.) Were it to survive
 anyway, the next ``start`` on that ``data_dir`` simply reuses it.
+
+While keygate runs, ``watch`` keeps the server running: a thread checks it every
+``WATCH_INTERVAL`` seconds and, when it has exited (SIGKILL, the OOM killer) or, for a process
+that reused another's server, no longer answers (that process stopped it), starts it again from
+its AOF under the lock, logging the outage once and the recovery once. Meanwhile requests get
+503 ``store_unavailable`` as for any store outage. (The thread that restarted the server is the
+one its death signal is tied to; it lives until ``stop``.)
 
 Unix socket paths are limited (``sun_path``: 108 bytes on Linux, 104 on macOS, and redis 6.2
 silently truncates a longer one), so a ``data_dir`` whose socket path would exceed
@@ -37,11 +45,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Iterator
@@ -61,6 +71,9 @@ LOGFILE_NAME = "redis.log"
 MAX_SOCKET_PATH = 103          # bytes, without the NUL: fits macOS (104) and Linux (108)
 START_TIMEOUT = 10.0           # seconds for a new server to answer PING
 STOP_TIMEOUT = 10.0            # seconds for SHUTDOWN before SIGTERM, then SIGKILL
+WATCH_INTERVAL = 1.0           # seconds between two checks that the server still runs
+
+log = logging.getLogger("keygate.store")
 
 _PR_SET_PDEATHSIG = 1
 # "1234:M 25 Nov 2025 12:00:00.123 # message" → "message"
@@ -116,6 +129,9 @@ class EmbeddedRedis:
         self.logfile = self.data_dir / LOGFILE_NAME
         self.pid: int | None = None        # the server's pid, whoever started it
         self._proc: subprocess.Popen[bytes] | None = None   # set only if we started it
+        self._mutex = threading.Lock()      # the watcher's check-and-restart against stop()
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -140,6 +156,7 @@ class EmbeddedRedis:
             pid = self._running_pid()
             if pid is not None:
                 self.pid = pid
+                self._proc = None   # someone else's server now (ours, if any, has exited)
                 return self.url
             self._launch(binary)
         return self.url
@@ -291,11 +308,83 @@ class EmbeddedRedis:
             return f"nothing in {str(self.logfile)!r}"
         return _LOG_PREFIX.sub("", lines[-1])
 
+    # -- watch ------------------------------------------------------------------------------
+
+    def watch(self, interval: float = WATCH_INTERVAL) -> None:
+        """Keep the server running until ``stop``: restart it (from its AOF) when it is gone."""
+        if self._watcher is not None:
+            return
+        self._watcher = threading.Thread(target=self._watch, args=(interval,),
+                                         name="keygate-store-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self, interval: float) -> None:
+        down = False
+        last_error = None
+        while not self._stopping.wait(interval):
+            with self._mutex:
+                if self._stopping.is_set():
+                    return
+                gone = self._gone()
+                if gone is None:
+                    if down:
+                        log.warning("embedded redis-server is back (pid %s)", self.pid)
+                    down, last_error = False, None
+                    continue
+                if not down:
+                    log.error("embedded redis-server %s; starting it again", gone)
+                    down = True
+                try:
+                    self.start()
+                except EmbeddedError as exc:
+                    if str(exc) != last_error:   # once per distinct reason, not every second
+                        log.error("embedded redis-server could not be started again: %s", exc)
+                        last_error = str(exc)
+                    continue
+                log.warning("embedded redis-server is back (pid %s)", self.pid)
+                down, last_error = False, None
+
+    def _gone(self) -> str | None:
+        """None while the server runs; else what happened to it, for the log."""
+        proc = self._proc
+        if proc is not None:
+            code = proc.poll()
+            if code is None:
+                return None
+            if code < 0:    # killed: its log's last line says nothing about that
+                return f"(pid {proc.pid}) was killed by signal {-code}"
+            return (f"(pid {proc.pid}) exited (status {code}): "
+                    f"{self._log_reason(max(0, self._log_size() - 8192))}")
+        if self._ping() is not False:
+            return None         # answers, or is loading its AOF
+        pid = self._pidfile_pid()
+        if pid is not None and _is_redis(pid):
+            return None         # starting up: the next check sees it answer
+        return f"no longer answers on {str(self.socket_path)!r}"
+
+    def _log_size(self) -> int:
+        try:
+            return self.logfile.stat().st_size
+        except OSError:
+            return 0
+
     # -- stop -------------------------------------------------------------------------------
 
     def stop(self) -> None:
         """Stop the server if this object started it (SHUTDOWN fsyncs the AOF); else nothing."""
-        proc, self._proc = self._proc, None
+        with self._mutex:           # the watcher restarts nothing from now on
+            self._stopping.set()
+            proc, self._proc = self._proc, None
+        try:
+            self._stop(proc)
+        finally:
+            # After the server: the watcher thread is what a server it restarted is tied to
+            # (PR_SET_PDEATHSIG), so it ends only once that server is stopped.
+            watcher, self._watcher = self._watcher, None
+            if watcher is not None:
+                watcher.join(STOP_TIMEOUT)
+
+    def _stop(self, proc: subprocess.Popen[bytes] | None) -> None:
         if proc is None:
             return
         with contextlib.suppress(EmbeddedError), self._locked():

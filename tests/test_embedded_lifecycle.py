@@ -1,0 +1,115 @@
+"""The embedded store's lifetime under an operator's mishaps: its redis-server killed while
+keygate runs, the process that started it stopping under another one sharing its data_dir.
+Real ``keygate serve`` processes and the real bundled redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+
+import pytest
+from aiohttp import ClientSession
+
+from served import (TIMEOUT, Served, alive, embedded_pid, new_key, short_data_dir,
+                    write_config)
+
+
+async def _wait_ready(s: ClientSession, gw: Served, timeout: float = 15) -> float:
+    """Seconds until /readyz is 200 again."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        async with s.get(gw.admin + "/readyz") as r:
+            if r.status == 200:
+                return time.monotonic() - start
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"/readyz not 200 within {timeout}s: {gw.stderr()}")
+
+
+def _reap(pid: int) -> None:
+    """Kill a redis-server a test left behind (it is nobody's child once keygate is gone)."""
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_killed_embedded_server_is_restarted_with_its_data(tmp_path, upstream, workers):
+    """SIGKILL (the OOM killer, an operator) of the embedded redis-server while keygate runs:
+    requests get 503 store_unavailable meanwhile, then keygate starts it again from its AOF
+    and keys answer again, with the outage logged once, not per request. Before, nothing
+    restarted it: /healthz stayed 200 and every request was a 503 until someone restarted
+    keygate by hand."""
+    url = str(upstream.make_url(""))
+    data_dir = short_data_dir()
+    config, pport, aport = write_config(tmp_path, data_dir=data_dir, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", str(workers))
+    pids: list[int] = []
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+            await asyncio.sleep(1.5)        # everysec: the key is in the AOF
+            first = embedded_pid(data_dir)
+            pids.append(first)
+            os.kill(first, signal.SIGKILL)
+            auth = {"Authorization": f"Bearer {token}"}
+            async with s.get(gw.proxy + "/people/1", headers=auth) as r:
+                assert r.status in (200, 503), r.status
+            await _wait_ready(s, gw)
+            second = embedded_pid(data_dir)
+            pids.append(second)
+            assert second != first and alive(second)
+            async with s.get(gw.proxy + "/people/1", headers=auth) as r:
+                assert r.status == 200, await r.text()
+        assert gw.terminate() == 0
+        err = gw.stderr()
+        assert "Traceback" not in err
+        assert err.count("embedded redis-server") <= 3, err   # down, (reason), back: not a flood
+        assert "killed by signal 9" in err and str(first) in err, err
+        deadline = time.monotonic() + 10
+        while alive(second) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not alive(second), "the restarted redis-server outlived keygate serve"
+    finally:
+        gw.close()
+        for pid in pids:
+            _reap(pid)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_a_serve_sharing_the_data_dir_outlives_the_one_that_started_the_server(
+        tmp_path, upstream):
+    """Two ``keygate serve`` on one data_dir share one redis-server (by design); the first,
+    which started it, is stopped cleanly and shuts it down. The second must go on answering
+    (it starts the server again) rather than 503 every request until restarted by hand."""
+    url = str(upstream.make_url(""))
+    data_dir = short_data_dir()
+    config_a, pa, aa = write_config(tmp_path, data_dir=data_dir, upstream_url=url, name="a.yaml")
+    config_b, pb, ab = write_config(tmp_path, data_dir=data_dir, upstream_url=url, name="b.yaml")
+    a = Served(config_a, pa, aa)
+    b = None
+    pids: list[int] = []
+    try:
+        await a.ready()
+        b = Served(config_b, pb, ab)
+        await b.ready()
+        pids.append(embedded_pid(data_dir))
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, a.admin)
+            assert a.terminate() == 0
+            await _wait_ready(s, b)
+            pids.append(embedded_pid(data_dir))
+            async with s.get(b.proxy + "/people/1",
+                             headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 200, await r.text()   # and the key survived the handover
+        assert b.terminate() == 0
+        assert "Traceback" not in b.stderr()
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+        for pid in pids:
+            _reap(pid)
+        shutil.rmtree(data_dir, ignore_errors=True)
