@@ -113,3 +113,36 @@ async def test_a_serve_sharing_the_data_dir_outlives_the_one_that_started_the_se
         for pid in pids:
             _reap(pid)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_a_data_dir_copied_from_a_running_one_starts_its_own_server(tmp_path):
+    """docs/operations.md: back up ``data_dir`` by copying it, even while running. The copy
+    holds ``redis.pid`` naming the live server of the original. Started on the copy (a restore
+    beside the original, a staging instance), keygate took that live redis-server of *another*
+    data_dir for its own, waited 10 s, then refused, telling the operator to stop it: the
+    production store. (A pid recycled by another data_dir's redis after a hard kill did the
+    same.) A pidfile counts only when its process is a redis-server serving this data_dir."""
+    import redis
+
+    from gateway.store.embedded import EmbeddedRedis
+
+    original = EmbeddedRedis(tmp_path / "orig")
+    copy = EmbeddedRedis(tmp_path / "copy")
+    try:
+        with redis.Redis.from_url(original.start()) as c:
+            c.set("kg:copied", "1")
+            c.execute_command("BGREWRITEAOF")
+            time.sleep(0.5)
+        shutil.copytree(original.data_dir, copy.data_dir,
+                        ignore=shutil.ignore_patterns("redis.sock"))   # as cp, minus the socket
+        assert embedded_pid(str(copy.data_dir)) == original.pid
+        started = time.monotonic()
+        with redis.Redis.from_url(copy.start()) as c:
+            assert c.get("kg:copied") == b"1"
+        assert time.monotonic() - started < 5
+        assert copy.owner and copy.pid != original.pid
+        with redis.Redis.from_url(original.url) as c:
+            assert c.get("kg:copied") == b"1"      # the original is untouched
+    finally:
+        copy.stop()
+        original.stop()

@@ -230,7 +230,7 @@ class EmbeddedRedis:
             pid = self._pidfile_pid()
             if state:
                 return pid or self._server_pid()
-            if pid is None or not _is_redis(pid):
+            if pid is None or not _is_redis(pid, self.data_dir):
                 return None        # nothing there: stale pidfile/socket are redis's to replace
             if time.monotonic() > deadline:
                 raise EmbeddedError(f"a redis-server (pid {pid}) holds {str(self.data_dir)!r} "
@@ -358,7 +358,7 @@ class EmbeddedRedis:
         if self._ping() is not False:
             return None         # answers, or is loading its AOF
         pid = self._pidfile_pid()
-        if pid is not None and _is_redis(pid):
+        if pid is not None and _is_redis(pid, self.data_dir):
             return None         # starting up: the next check sees it answer
         return f"no longer answers on {str(self.socket_path)!r}"
 
@@ -427,15 +427,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _is_redis(pid: int) -> bool:
-    """Best effort: is ``pid`` a redis-server (not a recycled pid)? True when unknowable."""
+def _is_redis(pid: int, data_dir: Path) -> bool:
+    """Best effort: is ``pid`` the redis-server of ``data_dir`` (not a recycled pid, nor the
+    server of another data_dir whose pidfile was copied here with a backup)? True when
+    unknowable."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except FileNotFoundError:
         return _alive(pid) and not Path("/proc/self").exists()
     except OSError:
         return True
-    return b"redis-server" in cmdline
+    if b"redis-server" not in cmdline:
+        return False
+    # Its arguments (or, once it has renamed itself, its title "unixsocket:<path>") name its
+    # socket; failing that, it runs in its data_dir (we start it there, and a moved directory
+    # moves its cwd with it).
+    if os.fsencode(data_dir / SOCKET_NAME) in cmdline:
+        return True
+    try:
+        return Path(f"/proc/{pid}/cwd").resolve() == data_dir.resolve()
+    except OSError:
+        return True
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
