@@ -327,6 +327,7 @@ class EmbeddedRedis:
         """Keep the server running until ``stop``: restart it (from its AOF) when it is gone."""
         if self._watcher is not None:
             return
+        self._stopping.clear()      # watched again after a stop()
         self._watcher = threading.Thread(target=self._watch, args=(interval,),
                                          name="keygate-store-watch", daemon=True)
         self._watcher.start()
