@@ -194,3 +194,39 @@ def test_a_corrupt_aof_is_one_line_with_a_repair_command_that_works(tmp_path):
         assert shlex.split(command)        # a shell command line
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _big_aof(data_dir: Path, commands: int) -> None:
+    data_dir.mkdir(parents=True)
+    with open(data_dir / "appendonly.aof", "wb") as f:
+        f.write(b"*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n")
+        chunk = []
+        for i in range(commands):
+            key = b"kg:k%d" % i
+            chunk.append(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (len(key), key))
+            if len(chunk) >= 100_000:
+                f.write(b"".join(chunk))
+                chunk = []
+        f.write(b"".join(chunk))
+
+
+def test_a_server_still_loading_a_large_aof_is_waited_for_not_killed(tmp_path, monkeypatch):
+    """A large AOF takes a while to load (~1.2 s per million commands here; a few hundred MB
+    pass START_TIMEOUT's 10 s). redis answers LOADING meanwhile: it is making progress. keygate
+    killed it at START_TIMEOUT all the same and failed to start, every time, with no setting
+    to wait longer, and the watcher would kill and restart it in a loop. START_TIMEOUT is
+    scaled down here rather than the AOF scaled up."""
+    import redis
+
+    from gateway.store import embedded as module
+    from gateway.store.embedded import EmbeddedRedis
+
+    data_dir = tmp_path / "big"
+    _big_aof(data_dir, 1_500_000)
+    monkeypatch.setattr(module, "START_TIMEOUT", 0.3)
+    server = EmbeddedRedis(data_dir)
+    try:
+        with redis.Redis.from_url(server.start()) as c:
+            assert c.dbsize() == 1_500_000
+    finally:
+        server.stop()

@@ -70,7 +70,7 @@ PIDFILE_NAME = "redis.pid"
 LOCKFILE_NAME = "redis.lock"
 LOGFILE_NAME = "redis.log"
 MAX_SOCKET_PATH = 103          # bytes, without the NUL: fits macOS (104) and Linux (108)
-START_TIMEOUT = 10.0           # seconds for a new server to answer PING
+START_TIMEOUT = 10.0           # seconds for a new server to answer PING (LOADING resets it)
 STOP_TIMEOUT = 10.0            # seconds for SHUTDOWN before SIGTERM, then SIGKILL
 WATCH_INTERVAL = 1.0           # seconds between two checks that the server still runs
 
@@ -233,6 +233,8 @@ class EmbeddedRedis:
                 return pid or self._server_pid()
             if pid is None or not _is_redis(pid, self.data_dir):
                 return None        # nothing there: stale pidfile/socket are redis's to replace
+            if state is None:      # LOADING its AOF: progress, however large the file
+                deadline = time.monotonic() + START_TIMEOUT
             if time.monotonic() > deadline:
                 raise EmbeddedError(f"a redis-server (pid {pid}) holds {str(self.data_dir)!r} "
                                     f"but does not answer on {str(self.socket_path)!r}; "
@@ -285,9 +287,12 @@ class EmbeddedRedis:
                 raise EmbeddedError(f"cannot run {binary}: {exc.strerror or exc}") from None
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            if self._ping():
+            state = self._ping()
+            if state:
                 self._proc, self.pid = proc, proc.pid
                 return
+            if state is None:   # LOADING its AOF: progress, however large the file
+                deadline = time.monotonic() + START_TIMEOUT
             if proc.poll() is not None:
                 reason = self._log_reason(log_start)
                 if "redis-check-aof" in reason:
