@@ -13,6 +13,8 @@ import time
 import pytest
 from aiohttp import ClientSession
 
+from pathlib import Path
+
 from served import (TIMEOUT, Served, alive, embedded_pid, new_key, short_data_dir,
                     write_config)
 
@@ -230,3 +232,39 @@ def test_a_server_still_loading_a_large_aof_is_waited_for_not_killed(tmp_path, m
             assert c.dbsize() == 1_500_000
     finally:
         server.stop()
+
+
+def test_stopping_after_its_server_died_leaves_the_new_servers_socket_alone(tmp_path):
+    """The server of a keygate (A) is killed; another keygate (C) on the same data_dir, or A's
+    own watcher, starts a new one. A is then stopped: it used to unlink the socket and pidfile
+    regardless, which by then were the new server's. That server ran on, unreachable (every
+    request 503), and the next start found no socket and no pidfile and launched a second
+    redis-server appending to the same AOF."""
+    import redis
+
+    from gateway.store.embedded import EmbeddedRedis
+
+    data_dir = tmp_path / "d"
+    a = EmbeddedRedis(data_dir)
+    c = EmbeddedRedis(data_dir)
+    d = EmbeddedRedis(data_dir)
+    try:
+        a.start()
+        first = a.pid
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while alive(first) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with redis.Redis.from_url(c.start()) as client:
+            client.set("kg:after", "1")
+        assert c.owner and c.pid != first
+        a.stop()
+        assert os.path.exists(c.socket_path) and embedded_pid(str(data_dir)) == c.pid
+        with redis.Redis.from_url(c.url) as client:
+            assert client.get("kg:after") == b"1"
+        d.start()
+        assert not d.owner and d.pid == c.pid      # one server on the AOF, not two
+    finally:
+        d.stop()
+        c.stop()
+        a.stop()

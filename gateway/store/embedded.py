@@ -424,7 +424,14 @@ class EmbeddedRedis:
                 proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 _terminate(proc)
-        for leftover in (self.socket_path, self.pidfile):   # redis removes them on a clean exit
+        # redis removes them on a clean exit; after a crash they may be stale - or, when ours
+        # died earlier and another process (or our watcher) has started a new server since,
+        # that server's: unlinking those would leave it running unreachable, and the next
+        # start would launch a second server on the same AOF.
+        other = self._pidfile_pid()
+        if (other is not None and other != proc.pid) or self._ping() is not False:
+            return
+        for leftover in (self.socket_path, self.pidfile):
             with contextlib.suppress(OSError):
                 leftover.unlink()
 
