@@ -268,3 +268,50 @@ def test_stopping_after_its_server_died_leaves_the_new_servers_socket_alone(tmp_
         d.stop()
         c.stop()
         a.stop()
+
+
+def test_no_second_server_on_one_aof_when_the_socket_and_pidfile_are_gone(tmp_path,
+                                                                          monkeypatch):
+    """The socket and pidfile of a running embedded server deleted (a tmp cleaner, an operator
+    clearing "stale" files): the next start saw no socket, no pidfile, and launched a second
+    redis-server appending to the same appendonly.aof as the first - two writers, one file.
+    A start now finds the first still holding the data_dir and refuses, in one line."""
+    import redis
+
+    from gateway.store import embedded as module
+    from gateway.store.embedded import EmbeddedError, EmbeddedRedis
+
+    monkeypatch.setattr(module, "START_TIMEOUT", 1.0)
+    data_dir = tmp_path / "d"
+    first = EmbeddedRedis(data_dir)
+    second = EmbeddedRedis(data_dir)
+    try:
+        first.start()
+        os.unlink(first.socket_path)
+        os.unlink(first.pidfile)
+        with pytest.raises(EmbeddedError) as caught:
+            second.start()
+        assert "already" in str(caught.value) and "\n" not in str(caught.value)
+        assert not second.owner
+        writers = [pid for pid in os.listdir("/proc") if pid.isdigit()
+                   and _has_open(int(pid), data_dir / "appendonly.aof")]
+        assert writers == [str(first.pid)], writers
+    finally:
+        second.stop()
+        first.stop()
+        if first.pid and alive(first.pid):
+            os.kill(first.pid, signal.SIGKILL)
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd) == str(path):
+                return True
+        except OSError:
+            pass
+    return False

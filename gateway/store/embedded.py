@@ -12,6 +12,8 @@ Files in ``data_dir``::
     redis.pid         the server's pidfile
     redis.lock        fcntl lock serialising start-up/shut-down between processes
     redis.log         redis's log (and its stderr, so config errors land here too)
+    redis.running     locked by the server as long as it runs (it inherits the locked fd): the
+                      proof a server holds this data_dir that survives a deleted socket/pidfile
     appendonly.aof    the data
 
 One server per ``data_dir``: several workers, a ``keygate serve`` and a ``keygate demo``, or a
@@ -69,6 +71,7 @@ SOCKET_NAME = "redis.sock"
 PIDFILE_NAME = "redis.pid"
 LOCKFILE_NAME = "redis.lock"
 LOGFILE_NAME = "redis.log"
+RUNFILE_NAME = "redis.running"  # flock'ed by the server for its whole life (an inherited fd)
 MAX_SOCKET_PATH = 103          # bytes, without the NUL: fits macOS (104) and Linux (108)
 START_TIMEOUT = 10.0           # seconds for a new server to answer PING (LOADING resets it)
 STOP_TIMEOUT = 10.0            # seconds for SHUTDOWN before SIGTERM, then SIGKILL
@@ -128,6 +131,7 @@ class EmbeddedRedis:
         self.pidfile = self.data_dir / PIDFILE_NAME
         self.lockfile = self.data_dir / LOCKFILE_NAME
         self.logfile = self.data_dir / LOGFILE_NAME
+        self.runfile = self.data_dir / RUNFILE_NAME
         self.pid: int | None = None        # the server's pid, whoever started it
         self._proc: subprocess.Popen[bytes] | None = None   # set only if we started it
         self._mutex = threading.Lock()      # the watcher's check-and-restart against stop()
@@ -232,7 +236,17 @@ class EmbeddedRedis:
             if state:
                 return pid or self._server_pid()
             if pid is None or not _is_redis(pid, self.data_dir):
-                return None        # nothing there: stale pidfile/socket are redis's to replace
+                if not self._server_holds_data_dir():
+                    return None    # nothing there: stale pidfile/socket are redis's to replace
+                # A server of ours runs on this AOF, yet its socket and pidfile are gone:
+                # starting another would make two writers of one AOF.
+                if time.monotonic() > deadline:
+                    raise EmbeddedError(
+                        f"a redis-server is already running on {str(self.data_dir)!r} (it "
+                        f"holds {str(self.runfile)!r}; fuser names it) but its socket or "
+                        "pidfile was deleted; stop that server, then start keygate again")
+                time.sleep(0.05)
+                continue
             if state is None:      # LOADING its AOF: progress, however large the file
                 deadline = time.monotonic() + START_TIMEOUT
             if time.monotonic() > deadline:
@@ -240,6 +254,22 @@ class EmbeddedRedis:
                                     f"but does not answer on {str(self.socket_path)!r}; "
                                     f"stop it or see {str(self.logfile)!r}")
             time.sleep(0.05)       # starting up or loading its AOF
+
+    def _server_holds_data_dir(self) -> bool:
+        """True while a server launched by keygate for this data_dir runs (it holds RUNFILE)."""
+        try:
+            fd = os.open(self.runfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)    # releases it, if we got it
+        return False
 
     def _server_pid(self) -> int | None:
         client = self._client()
@@ -276,15 +306,30 @@ class EmbeddedRedis:
         except OSError as exc:
             raise EmbeddedError(f"cannot write {str(self.logfile)!r}: "
                                 f"{exc.strerror or exc}") from None
+        try:
+            running = os.open(self.runfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.close()
+            raise EmbeddedError(f"cannot open {str(self.runfile)!r}: "
+                                f"{exc.strerror or exc}") from None
         with log:
             try:
+                fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # The server inherits the locked descriptor: the lock lasts as long as it
+                # does, whatever becomes of its socket and pidfile (and of this process).
                 proc = subprocess.Popen(
                     [str(binary), *self._command()], cwd=self.data_dir,
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
-                    start_new_session=True,
+                    pass_fds=(running,), start_new_session=True,
                     preexec_fn=_pdeathsig_preexec if _LIBC is not None else None)
+            except BlockingIOError:
+                raise EmbeddedError(f"a redis-server is already running on "
+                                    f"{str(self.data_dir)!r} (it holds {str(self.runfile)!r})"
+                                    "; stop it, then start keygate again") from None
             except OSError as exc:
                 raise EmbeddedError(f"cannot run {binary}: {exc.strerror or exc}") from None
+            finally:
+                os.close(running)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             state = self._ping()
@@ -415,11 +460,15 @@ class EmbeddedRedis:
         if proc.poll() is None:
             client = self._client(timeout=STOP_TIMEOUT)
             try:
+                client.ping()           # shutdown() alone takes "cannot connect" for success
                 client.shutdown()       # redis-py treats the closed connection as success
+                asked = True
             except (redis.RedisError, OSError):
-                pass                    # fall back to signals below
+                asked = False           # (its socket gone, say): SIGTERM, which fsyncs too
             finally:
                 client.close()
+            if not asked:
+                _terminate(proc)
             try:
                 proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
