@@ -315,3 +315,39 @@ def _has_open(pid: int, path: Path) -> bool:
         except OSError:
             pass
     return False
+
+
+async def test_a_server_that_cannot_be_restarted_is_said_once_and_retried_ever_less_often(
+        tmp_path, upstream):
+    """The embedded server dies and cannot start again (here: its AOF corrupted meanwhile).
+    keygate says why once, with the repair command, keeps answering 503, and retries with a
+    growing pause instead of launching a doomed redis-server every second forever."""
+    url = str(upstream.make_url(""))
+    data_dir = short_data_dir()
+    config, pport, aport = write_config(tmp_path, data_dir=data_dir, upstream_url=url)
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            await new_key(s, gw.admin)
+            pid = embedded_pid(data_dir)
+            os.kill(pid, signal.SIGSTOP)      # hold it while its AOF is damaged
+            aof = os.path.join(data_dir, "appendonly.aof")
+            data = open(aof, "rb").read()
+            with open(aof, "wb") as f:
+                f.write(data[:40] + b"GARBAGE\r\n" + data[40:])
+            log_at = os.path.getsize(os.path.join(data_dir, "redis.log"))
+            os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(8)
+            async with s.get(gw.admin + "/readyz") as r:
+                assert r.status == 503
+        launches = open(os.path.join(data_dir, "redis.log"), "rb").read()[log_at:].count(
+            b"Redis is starting")
+        assert 1 <= launches <= 4, launches       # 1, 3, 7 s: not 8
+        assert gw.terminate() == 0
+        err = gw.stderr()
+        assert err.count("could not be started again") == 1, err
+        assert "redis-check-aof" in err and "Traceback" not in err
+    finally:
+        gw.close()
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -76,6 +76,7 @@ MAX_SOCKET_PATH = 103          # bytes, without the NUL: fits macOS (104) and Li
 START_TIMEOUT = 10.0           # seconds for a new server to answer PING (LOADING resets it)
 STOP_TIMEOUT = 10.0            # seconds for SHUTDOWN before SIGTERM, then SIGKILL
 WATCH_INTERVAL = 1.0           # seconds between two checks that the server still runs
+WATCH_MAX_BACKOFF = 60.0       # at most this long between attempts to restart one that fails
 
 log = logging.getLogger("keygate.store")
 
@@ -385,7 +386,9 @@ class EmbeddedRedis:
     def _watch(self, interval: float) -> None:
         down = False
         last_error = None
-        while not self._stopping.wait(interval):
+        wait, failures = interval, 0
+        while not self._stopping.wait(wait):
+            wait = interval
             with self._mutex:
                 if self._stopping.is_set():
                     return
@@ -397,14 +400,17 @@ class EmbeddedRedis:
                     continue
                 if not down:
                     log.error("embedded redis-server %s; starting it again", gone)
-                    down = True
+                    down, failures = True, 0
                 try:
                     self.start()
                 except EmbeddedError as exc:
                     if str(exc) != last_error:   # once per distinct reason, not every second
                         log.error("embedded redis-server could not be started again: %s", exc)
                         last_error = str(exc)
+                    failures += 1   # a server that cannot start: try less and less often
+                    wait = min(interval * 2 ** failures, WATCH_MAX_BACKOFF)
                     continue
+                failures = 0
                 log.warning("embedded redis-server is back (pid %s)", self.pid)
                 down, last_error = False, None
 
