@@ -226,6 +226,7 @@ async def _run(data_dir: str) -> int:
         print(f"keygate: {exc}", file=sys.stderr)
         await upstream_runner.cleanup()
         return 1
+    embedded.watch()  # restarts the store if it dies while the demo runs
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -164,7 +164,7 @@ def _stop_with_supervisor(supervisor: int) -> None:
 
 
 def _supervise(config: Config, store_url: str, workers: int,
-               config_path: str | None = None) -> int:
+               config_path: str | None = None, embedded=None) -> int:
     """N worker processes sharing the listening ports (SO_REUSEPORT); SIGTERM stops all,
     SIGHUP reloads all."""
     import shutil
@@ -227,11 +227,16 @@ def _supervise(config: Config, store_url: str, workers: int,
 
     signal.signal(signal.SIGHUP, reload_all)  # after forking: workers have their own
     signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals | {signal.SIGHUP})
+    if embedded is not None:  # after forking: a thread and fork() do not mix
+        embedded.watch()
     status = 0
     remaining = set(children)
     while remaining:
         try:
-            pid, code = os.wait()
+            # Workers only (they are in our process group): the embedded redis-server, in a
+            # session of its own, is its watcher's to reap. Reaped here, its death used to read
+            # as a worker failing and took every worker down with it.
+            pid, code = os.waitpid(0, 0)
         except ChildProcessError:
             break
         except InterruptedError:
@@ -293,7 +298,9 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
     try:
         workers = workers or config.server.workers
         if workers > 1:
-            return _supervise(config, store_url, workers, config_path)
+            return _supervise(config, store_url, workers, config_path, embedded)
+        if embedded is not None:
+            embedded.watch()  # restarts the server if it dies while we run
         return _run_worker(config, store_url, reuse_port=False, config_path=config_path)
     finally:
         if embedded is not None:

