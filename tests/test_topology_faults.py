@@ -120,6 +120,19 @@ from test_redis_topologies import DATA_PW, MASTER, SENTINEL_PW, sentinel_group  
 from harness import bearer, gateway_under_test, make_config  # noqa: E402
 
 
+def _master_pid(group: dict) -> int:
+    with redis.Redis(port=group["master"], password=DATA_PW) as old:
+        return int(old.info("server")["process_id"])
+
+
+async def _until_promoted(sentinel: redis.Redis, group: dict, timeout: float = 20) -> None:
+    """Until the Sentinel names the replica as the master."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and \
+            int(sentinel.sentinel_get_master_addr_by_name(MASTER)[1]) != group["replica"]:
+        await asyncio.sleep(0.1)
+
+
 async def _answer(gut, token: str) -> tuple[int, str | None]:
     async with gut.proxy.get("/people", headers=bearer(token)) as r:
         if r.status == 200:
@@ -148,7 +161,6 @@ async def test_sentinel_burst_then_failover_under_load_answers_right_and_counts_
         burst = await asyncio.gather(*(_answer(gut, cached[i % 10]) for i in range(200)),
                                      *(_answer(gut, t) for t in cold))
         assert set(burst) == {(200, None)}, {a: burst.count(a) for a in set(burst)}
-        oks = 10 + len(burst)
 
         seen: list[tuple[float, tuple[int, str | None]]] = []
         stop = asyncio.Event()
@@ -162,23 +174,18 @@ async def test_sentinel_burst_then_failover_under_load_answers_right_and_counts_
             await asyncio.sleep(0.3)
             s = redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW,
                             decode_responses=True)
-            old = redis.Redis(port=sentinel_group["master"], password=DATA_PW)
-            pid = int(old.info("server")["process_id"])
-            old.close()
+            pid = _master_pid(sentinel_group)
             if fault == "failover":
                 s.execute_command("SENTINEL", "FAILOVER", MASTER)
             else:  # the master stalls; the Sentinel promotes the replica; the old one wakes
                 os.kill(pid, signal.SIGSTOP)
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and \
-                    int(s.sentinel_get_master_addr_by_name(MASTER)[1]) != \
-                    sentinel_group["replica"]:
-                await asyncio.sleep(0.1)
+            await _until_promoted(s, sentinel_group)
             promoted = time.monotonic()
             s.close()
             if fault == "sigstop":
                 os.kill(pid, signal.SIGCONT)
             # after the promotion, requests succeed again within a few seconds
+            deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
                 if any(t > promoted + 0.5 and a == (200, None) for t, a in seen[-8:]) and \
@@ -222,6 +229,48 @@ def _period() -> str:
     return utc_day(time.time())[:7]
 
 
+def _one_workspace_per_node(ports: list[int]) -> list[str]:
+    """Workspace ids whose slots live on different Cluster nodes, one per node."""
+    owners: dict[int, str] = {}
+    for ws in ("acme", "globex", "initech", "umbrella", "hooli", "wayne", "stark", "tyrell"):
+        owners.setdefault(_owner(ports, f"kg:ws:{{{ws}}}")[1], ws)
+    return sorted(owners.values())
+
+
+async def _three_keys_each(gut, spaces: list[str]) -> list[tuple[str, str]]:
+    """(workspace, token): three keys of each workspace, each used once (cached)."""
+    tokens = []
+    for ws in spaces:
+        await gut.workspace(ws, plan="unlimited")
+        tokens += [(ws, (await gut.key(ws))[0]) for _ in range(3)]
+    for _, token in tokens:
+        assert await _answer(gut, token) == (200, None)
+    return tokens
+
+
+class _Load:
+    """``n`` request loops over ``tokens`` while a test does its damage: ``seen`` holds each
+    answer with its workspace."""
+
+    def __init__(self, gut, tokens: list[tuple[str, str]], n: int) -> None:
+        self.gut, self.tokens, self.n = gut, tokens, n
+        self.seen: list[tuple[str, tuple[int, str | None]]] = []
+        self._stop = asyncio.Event()
+
+    async def _loop(self, i: int) -> None:
+        ws, token = self.tokens[i % len(self.tokens)]
+        while not self._stop.is_set():
+            self.seen.append((ws, await _answer(self.gut, token)))
+
+    async def __aenter__(self) -> "_Load":
+        self._tasks = [asyncio.create_task(self._loop(i)) for i in range(self.n)]
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+
 async def test_cluster_client_kill_under_load_is_reconnected_without_a_wrong_answer(
         redis_cluster, upstream, monkeypatch) -> None:  # noqa: F811
     """CLIENT KILL of every connection on every node, repeatedly, while requests of keys of
@@ -231,28 +280,11 @@ async def test_cluster_client_kill_under_load_is_reconnected_without_a_wrong_ans
     a command that took one meanwhile failed with AttributeError ('NoneType' object has no
     attribute 'writelines'), not retried, and was answered 503 store_unavailable."""
     ports = redis_cluster["ports"]
-    owners: dict[int, str] = {}
-    for ws in ("acme", "globex", "initech", "umbrella", "hooli", "wayne", "stark", "tyrell"):
-        owners.setdefault(_owner(ports, f"kg:ws:{{{ws}}}")[1], ws)
-    spaces = sorted(owners.values())
+    spaces = _one_workspace_per_node(ports)
     config = make_config(str(upstream.make_url("")))
     async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
-        tokens = []
-        for ws in spaces:
-            await gut.workspace(ws, plan="unlimited")
-            tokens += [(ws, (await gut.key(ws))[0]) for _ in range(3)]
-        for _, token in tokens:
-            assert await _answer(gut, token) == (200, None)
-        seen: list[tuple[str, tuple[int, str | None]]] = []
-        stop = asyncio.Event()
-
-        async def worker(i: int) -> None:
-            ws, token = tokens[i % len(tokens)]
-            while not stop.is_set():
-                seen.append((ws, await _answer(gut, token)))
-
-        workers = [asyncio.create_task(worker(i)) for i in range(12)]
-        try:
+        tokens = await _three_keys_each(gut, spaces)
+        async with _Load(gut, tokens, 12) as load:
             for _ in range(5):
                 await asyncio.sleep(0.2)
                 for port in ports:
@@ -260,9 +292,7 @@ async def test_cluster_client_kill_under_load_is_reconnected_without_a_wrong_ans
                     n.client_kill_filter(_type="normal", skipme=True)
                     n.close()
             await asyncio.sleep(0.3)
-        finally:
-            stop.set()
-            await asyncio.gather(*workers)
+        seen = load.seen
         kinds = {a: [x for _, x in seen].count(a) for a in {x for _, x in seen}}
         assert set(kinds) == {(200, None)}, kinds
         assert [await _answer(gut, t) for _, t in tokens] == [(200, None)] * len(tokens)
@@ -279,48 +309,31 @@ async def test_a_slot_migration_under_load_leaves_other_workspaces_alone(
     see 503 store_unavailable while its slot is unstable (TRYAGAIN); every other workspace
     answers 200 throughout, and the moved one 200 again once the routing updated."""
     ports = redis_cluster["ports"]
-    owners: dict[int, str] = {}
-    for ws in ("acme", "globex", "initech", "umbrella", "hooli", "wayne", "stark", "tyrell"):
-        owners.setdefault(_owner(ports, f"kg:ws:{{{ws}}}")[1], ws)
-    spaces = sorted(owners.values())
+    spaces = _one_workspace_per_node(ports)
     moving = spaces[0]
     slot, source = _owner(ports, f"kg:ws:{{{moving}}}")
     target = next(p for p in ports if p != source)
     config = make_config(str(upstream.make_url("")))
     async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
-        tokens = []
-        for ws in spaces:
-            await gut.workspace(ws, plan="unlimited")
-            tokens += [(ws, (await gut.key(ws))[0]) for _ in range(3)]
-        for _, token in tokens:
-            assert await _answer(gut, token) == (200, None)
-        seen: list[tuple[str, tuple[int, str | None]]] = []
-        stop = asyncio.Event()
-
-        async def worker(i: int) -> None:
-            ws, token = tokens[i % len(tokens)]
-            while not stop.is_set():
-                seen.append((ws, await _answer(gut, token)))
-
-        workers = [asyncio.create_task(worker(i)) for i in range(18)]
+        tokens = await _three_keys_each(gut, spaces)
         src, dst = _node(source), _node(target)
         try:
-            await asyncio.sleep(0.3)
-            src_id, dst_id = src.cluster("MYID"), dst.cluster("MYID")
-            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
-                src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000,
-                                    "AUTH", CLUSTER_PW, "KEYS", *keys)
-            for port in (target, source, *(p for p in ports if p not in (source, target))):
-                _node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
-            await asyncio.sleep(1.0)
+            async with _Load(gut, tokens, 18) as load:
+                await asyncio.sleep(0.3)
+                src_id, dst_id = src.cluster("MYID"), dst.cluster("MYID")
+                dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+                src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+                while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
+                    src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000,
+                                        "AUTH", CLUSTER_PW, "KEYS", *keys)
+                for port in (target, source,
+                             *(p for p in ports if p not in (source, target))):
+                    _node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                await asyncio.sleep(1.0)
         finally:
-            stop.set()
-            await asyncio.gather(*workers)
             src.close()
             dst.close()
-        others = [a for ws, a in seen if ws != moving]
+        others = [a for ws, a in load.seen if ws != moving]
         kinds = {a: others.count(a) for a in set(others)}
         assert set(kinds) == {(200, None)}, kinds
         assert [await _answer(gut, t) for _, t in tokens] == [(200, None)] * len(tokens)
@@ -371,17 +384,11 @@ async def test_sentinel_admin_writes_during_a_stalled_master_failover(
         tasks = [asyncio.create_task(f()) for f in (creator, creator, revoker, readyz)]
         s = redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW,
                         decode_responses=True)
-        old = redis.Redis(port=sentinel_group["master"], password=DATA_PW)
-        pid = int(old.info("server")["process_id"])
-        old.close()
+        pid = _master_pid(sentinel_group)
         try:
             await asyncio.sleep(0.3)
             os.kill(pid, signal.SIGSTOP)
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and \
-                    int(s.sentinel_get_master_addr_by_name(MASTER)[1]) != \
-                    sentinel_group["replica"]:
-                await asyncio.sleep(0.1)
+            await _until_promoted(s, sentinel_group)
             os.kill(pid, signal.SIGCONT)
             await asyncio.sleep(1.5)
         finally:
