@@ -4,6 +4,7 @@ never a token (not from a header, not from the query string)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import re
@@ -512,6 +513,20 @@ def line_of(err: str, request_id: str) -> dict:
     return lines[0]
 
 
+@contextlib.asynccontextmanager
+async def public_gateway_before(answer, redis_url, monkeypatch, capfd):
+    """A gateway whose public routes go to a raw upstream that runs ``answer`` per connection,
+    its log read so far (the test reads its own with ``g.logs(capfd)``)."""
+    server, url = await raw_upstream(answer)
+    try:
+        async with gateway_under_test(make_config(url, routes=PUBLIC), redis_url,
+                                      monkeypatch) as g:
+            g.logs(capfd)
+            yield g
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("method, path, length", [
     ("GET", "/public/whole", 2),                  # complete with its head: WholeResponse
     ("GET", "/public/chunked", 5000),             # streamed, chunked on both sides
@@ -523,34 +538,22 @@ def line_of(err: str, request_id: str) -> dict:
 ])
 async def test_bytes_out_is_the_body_the_client_received(redis_url, monkeypatch, capfd,
                                                          method, path, length):
-    server, url = await raw_upstream(_bytes_upstream)
-    try:
-        async with gateway_under_test(make_config(url, routes=PUBLIC), redis_url,
-                                      monkeypatch) as g:
-            g.logs(capfd)
-            async with g.proxy.request(method, path, headers={"X-Request-Id": "rid-b"}) as r:
-                body = await r.read()
-            _, err = g.logs(capfd)
-    finally:
-        server.close()
+    async with public_gateway_before(_bytes_upstream, redis_url, monkeypatch, capfd) as g:
+        async with g.proxy.request(method, path, headers={"X-Request-Id": "rid-b"}) as r:
+            body = await r.read()
+        _, err = g.logs(capfd)
     assert len(body) == length
     assert line_of(err, "rid-b")["bytes_out"] == length
 
 
 async def test_bytes_out_of_a_body_cut_short_upstream_is_what_went_out(redis_url, monkeypatch,
                                                                       capfd):
-    server, url = await raw_upstream(_bytes_upstream)
-    try:
-        async with gateway_under_test(make_config(url, routes=PUBLIC), redis_url,
-                                      monkeypatch) as g:
-            g.logs(capfd)
-            reader, writer = await g.raw_connection()
-            writer.write(b"GET /public/cut HTTP/1.1\r\nHost: g\r\nX-Request-Id: rid-cut\r\n\r\n")
-            closed, answer = await closed_within(reader, 5.0)
-            writer.close()
-            _, err = g.logs(capfd)
-    finally:
-        server.close()
+    async with public_gateway_before(_bytes_upstream, redis_url, monkeypatch, capfd) as g:
+        reader, writer = await g.raw_connection()
+        writer.write(b"GET /public/cut HTTP/1.1\r\nHost: g\r\nX-Request-Id: rid-cut\r\n\r\n")
+        closed, answer = await closed_within(reader, 5.0)
+        writer.close()
+        _, err = g.logs(capfd)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert closed and b"Content-Length: 10000" in head and body == b"t" * 3000
     assert line_of(err, "rid-cut")["bytes_out"] == 3000
@@ -728,23 +731,17 @@ async def logged_after_the_client_left(redis_url, monkeypatch, capfd, head: str,
         finally:
             writer.close()
 
-    server, url = await raw_upstream(answer)
-    try:
-        async with gateway_under_test(make_config(url, routes=PUBLIC), redis_url,
-                                      monkeypatch) as g:
-            g.logs(capfd)
-            reader, writer = await g.raw_connection()
-            writer.write(f"{head}\r\nHost: g\r\nX-Request-Id: {request_id}\r\n\r\n".encode())
-            got = b""
-            while not got.endswith(until):
-                got += await asyncio.wait_for(reader.read(65536), 5)
-            await asyncio.sleep(0.1)
-            writer.close()
-            client_left.set()
-            await asyncio.sleep(0.6)
-            _, err = g.logs(capfd)
-    finally:
-        server.close()
+    async with public_gateway_before(answer, redis_url, monkeypatch, capfd) as g:
+        reader, writer = await g.raw_connection()
+        writer.write(f"{head}\r\nHost: g\r\nX-Request-Id: {request_id}\r\n\r\n".encode())
+        got = b""
+        while not got.endswith(until):
+            got += await asyncio.wait_for(reader.read(65536), 5)
+        await asyncio.sleep(0.1)
+        writer.close()
+        client_left.set()
+        await asyncio.sleep(0.6)
+        _, err = g.logs(capfd)
     return line_of(err, request_id), got
 
 
