@@ -329,8 +329,11 @@ async def test_sighup_under_load_drops_no_request_and_reaches_every_worker(
             extra = {"path": f"/extra{n}/**", "upstream": "api", "scopes": ["people:read"]}
             edit_routes(config, [PEOPLE, extra])
             gw.proc.send_signal(signal.SIGHUP)
+            # Every worker logs its reload; six fresh connections answering 200 could all have
+            # reached the one worker that had reloaded (SO_REUSEPORT picks by hash).
             deadline = time.monotonic() + 10
-            while not await answered_by_all(gw.proxy, f"/extra{n}/x", token, 200, 6):
+            while (gw.stderr().count("config reloaded from") < (n + 1) * int(workers)
+                   or not await answered_by_all(gw.proxy, f"/extra{n}/x", token, 200, 6)):
                 assert time.monotonic() < deadline, gw.stderr()
                 await asyncio.sleep(0.1)
             await asyncio.sleep(0.3)
