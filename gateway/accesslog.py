@@ -18,6 +18,7 @@ import stat
 import sys
 import threading
 import time
+from typing import Callable
 
 from aiohttp import web
 
@@ -83,7 +84,8 @@ class BackgroundHandler(logging.Handler):
     """Application log lines on stderr, written by a thread of their own, as the access log's
     are: a record is formatted where it is logged and queued (at most ``max_lines``); a stderr
     that is slow or full (a pipe nobody reads) holds only that thread, never the event loop.
-    Lines past the bound are dropped and said so, in one line, once stderr takes lines again.
+    Lines past the bound are dropped, counted (``on_drop``, the gateway's metric) and said so,
+    in one line, once stderr takes lines again.
     ``flush`` (``logging.shutdown`` at exit, a worker before it exits) waits, bounded, for the
     queue to be written."""
 
@@ -93,6 +95,7 @@ class BackgroundHandler(logging.Handler):
         self._pid = -1
         self._queue: "queue.Queue[str] | None" = None
         self._dropped = 0
+        self.on_drop: Callable[[], None] | None = None  # told of each dropped line, any thread
         # guards _dropped between emit and the writer. Not the handler's own lock: that one
         # is held around flush() by logging.shutdown at exit, and a writer waiting on it
         # could not write what flush() waits for
@@ -118,6 +121,8 @@ class BackgroundHandler(logging.Handler):
         except queue.Full:
             with self._drop_lock:
                 self._dropped += 1
+            if (on_drop := self.on_drop) is not None:
+                on_drop()
 
     def _run(self, q: "queue.Queue[str]") -> None:
         while True:

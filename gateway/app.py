@@ -86,6 +86,7 @@ async def running_gateway(config: Config, store_url: str, *,
     access = None
     flushing = None
     releasing = asyncio.ensure_future(release_freed_memory_every())  # argon2's 19 MiB runs
+    log_drops = _count_dropped_log_lines(metrics.log_lines_dropped.inc)
     try:
         await forwarder.start()
         pipeline = Pipeline(config, store, requests, auth, forwarder, metrics,
@@ -151,6 +152,7 @@ async def running_gateway(config: Config, store_url: str, *,
             if flushing is not None:  # after the shutdown's own store calls (the ledger's)
                 metrics.flush()
             releasing.cancel()
+            log_drops()
             if access is not None:  # after the listeners stopped: every line is written
                 await access.close()
             auth.close()
@@ -159,6 +161,22 @@ async def running_gateway(config: Config, store_url: str, *,
             await forwarder.close()
             await requests.close()
             await store.close()
+
+
+def _count_dropped_log_lines(count: Callable[[], None]) -> Callable[[], None]:
+    """Count the application log lines ``setup_logging``'s handler drops (a stderr that does
+    not keep up) with ``count``, in this process's metrics (under ``--workers``, prometheus-
+    client's shared files sum them as they do the access log's); returns the undoing."""
+    from .accesslog import BackgroundHandler
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, BackgroundHandler)]
+    for handler in handlers:
+        handler.on_drop = count
+
+    def stop() -> None:
+        for handler in handlers:
+            if handler.on_drop == count:  # not a newer gateway's in this process
+                handler.on_drop = None
+    return stop
 
 
 async def _flush_metrics_every(metrics: Metrics) -> None:

@@ -277,17 +277,31 @@ class Authenticator:
         per_key = self._per_key_limit
         while True:
             by_ip, by_key = await self.requests.failure_counts(client_ip, key_id)
-            if by_ip >= limits.per_ip or (per_key and by_key >= per_key):
+            over_ip, over_key = by_ip >= limits.per_ip, bool(per_key and by_key >= per_key)
+            if over_ip or over_key:
+                wait = await self._failures_reset_in(client_ip if over_ip else None,
+                                                     key_id if over_key else None)
                 raise TooManyRequests(
                     "Too many failed attempts with invalid keys; wait before trying again.",
-                    code="too_many_failures",
-                    headers={"Retry-After": str(limits.window_seconds)})
+                    code="too_many_failures", headers={"Retry-After": str(wait)})
             if by_ip + self._running.get(client_ip, 0) < limits.per_ip:
                 if not per_key or by_key + self._running.get(key_id, 0) < per_key:
                     return
                 await self._finished.setdefault(key_id, asyncio.Event()).wait()
             else:
                 await self._finished.setdefault(client_ip, asyncio.Event()).wait()
+
+    async def _failures_reset_in(self, client_ip: str | None, key_id: str | None) -> int:
+        """Whole seconds (at least 1, rounded up) until the counters over their limit reset:
+        each is a fixed window from its first failure (lua/add_usage.lua), not a whole
+        ``window_seconds`` from now. The window itself if that cannot be read."""
+        window = self.config.keys.failures.window_seconds
+        try:
+            resets = await self.requests.failure_resets_ms(client_ip, key_id)
+        except StoreError:  # the counts were just read: refuse as before, with the window
+            return window
+        ms = max((window * 1000 if r == -1 else r for r in resets), default=0)
+        return max(1, min(window, -(-ms // 1000)))
 
     async def _verify_counted(self, token: ParsedToken, digest: bytes,
                               client_ip: str) -> CachedKey:

@@ -82,8 +82,8 @@ class TimedRequestStore(RequestStore):
     def __init__(self, url: str, *, timeout: float, metrics: Metrics) -> None:
         super().__init__(url, timeout=timeout)
         self._observe = {call: metrics.store_timer(call) for call in
-                         ("authorize", "failure_counts", "record_failure", "refund",
-                          "add_usage", "key_workspace", "read_key")}
+                         ("authorize", "failure_counts", "failure_resets", "record_failure",
+                          "refund", "add_usage", "key_workspace", "read_key")}
         self.on_authorize = self._observe["authorize"]
 
     async def _timed(self, call: str, awaitable):
@@ -95,6 +95,9 @@ class TimedRequestStore(RequestStore):
 
     def failure_counts(self, ip: str, key_id: str):
         return self._timed("failure_counts", super().failure_counts(ip, key_id))
+
+    def failure_resets_ms(self, ip: str | None, key_id: str | None):
+        return self._timed("failure_resets", super().failure_resets_ms(ip, key_id))
 
     def key_workspace(self, key_id: str):
         return self._timed("key_workspace", super().key_workspace(key_id))

@@ -30,6 +30,7 @@ DOCUMENTED_METRICS = {
     "keygate_store_errors_total": "counter",
     "keygate_degraded_decisions_total": "counter",
     "keygate_access_log_dropped_total": "counter",
+    "keygate_log_lines_dropped_total": "counter",
     "keygate_workspace_month_requests": "gauge",
     "keygate_workspace_month_limit": "gauge",
     "keygate_config_reloads_total": "counter",

@@ -951,3 +951,71 @@ def test_application_lines_queued_at_exit_are_written_while_logging_shutdown_flu
         handler.release()
     written = capfd.readouterr().err.splitlines()
     assert len(written) == 5000 and took < 1.5, (len(written), took)
+
+
+async def test_application_lines_dropped_on_a_blocked_stderr_are_counted_in_a_metric(
+        redis_url, upstream, monkeypatch):
+    """Application log lines past BackgroundHandler's bound were only reported in a log line,
+    written once stderr takes lines again, which on a stderr that stays blocked is never:
+    nothing an operator's scrape could see. They are counted in
+    ``keygate_log_lines_dropped_total``, on the registry ``/metrics`` serves."""
+    import logging
+    from gateway.accesslog import BackgroundHandler
+    read_end, write_end = os.pipe()
+    blocked = os.fdopen(write_end, "w")
+    handler = BackgroundHandler(max_lines=50)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)                   # as keygate serve installs it, before the app
+    try:
+        async with gateway_under_test(config_with(upstream, "off"), redis_url,
+                                      monkeypatch) as g:
+            monkeypatch.setattr(sys, "stderr", blocked)
+            log = logging.getLogger("keygate.test")
+            for i in range(3000):              # ~600 KB: the pipe (64 KiB) and queue fill
+                log.warning("line %d %s", i, "x" * 180)
+            os.set_blocking(read_end, False)   # unblock the writer: it writes what it holds
+            out = bytearray()
+            deadline = time.monotonic() + 10
+            done = False
+            while not done and time.monotonic() < deadline:
+                done = not handler._queue.unfinished_tasks  # then one last read of the rest
+                with contextlib.suppress(BlockingIOError):
+                    while chunk := os.read(read_end, 1 << 16):
+                        out += chunk
+                await asyncio.sleep(0.01)
+            written = len(re.findall(rb"^line \d+ x+$", bytes(out), re.M))
+            dropped = 3000 - written
+            assert dropped > 1000, dropped
+            assert g.counter("keygate_log_lines_dropped_total") == dropped
+            async with g.admin.get("/metrics") as r:
+                scraped = await r.text()
+            assert f"\nkeygate_log_lines_dropped_total {float(dropped)}\n" in scraped
+            monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    finally:
+        root.removeHandler(handler)
+        blocked.close()
+        os.close(read_end)
+
+
+async def test_under_workers_every_scrape_carries_the_dropped_log_lines_counter(
+        tmp_path, redis_url):
+    """Under ``serve --workers N`` a scrape is answered by any one worker from prometheus-
+    client's shared files: the application log's drop counter is one of the series in them
+    (like the access log's), whichever worker answers."""
+    from prometheus_client.parser import text_string_to_metric_families
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url)
+    gw = Served(config, pport, aport, "--workers", "2")
+    try:
+        await gw.ready()
+        for _ in range(6):
+            async with ClientSession() as fresh:
+                async with fresh.get(gw.admin + "/metrics",
+                                     headers={"Connection": "close"}) as r:
+                    text = await r.text()
+            samples = {s.name: s.value for f in text_string_to_metric_families(text)
+                       for s in f.samples}
+            assert samples.get("keygate_log_lines_dropped_total") == 0.0
+            assert samples.get("keygate_access_log_dropped_total") == 0.0
+    finally:
+        gw.close()

@@ -207,17 +207,25 @@ async def test_a_plan_gone_from_the_config_falls_back_to_the_default_plan(redis_
 
 
 async def test_a_request_the_upstream_never_received_does_not_count(redis_url, monkeypatch):
+    """Connection refused: nothing reached the upstream, so the request is not counted in any
+    of the counters a forwarded request adds to: the workspace's month (and its quota, here 3),
+    the key's own month, and both daily histories."""
     from conftest import free_port
     config = make_config(f"http://127.0.0.1:{free_port()}")  # nothing listens there
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         await g.workspace("acme", plan="tiny")
-        token, _ = await g.key()
+        token, key = await g.key(monthly_requests=3)
         for _ in range(4):
             async with g.proxy.get("/people/1", headers=bearer(token)) as r:
                 assert r.status == 502
                 assert (await r.json())["error"]["code"] == "upstream_unavailable"
         _, usage = await g.admin_json("GET", "/workspaces/acme/usage")
         assert usage["used"] == 0
+        _, record = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+        assert record["used_this_month"] == 0
+        for path in ("/workspaces/acme", f"/workspaces/acme/keys/{key['id']}"):
+            _, daily = await g.admin_json("GET", path + "/usage/daily?days=1")
+            assert [day["requests"] for day in daily["items"]] == [0]
 
 
 async def test_a_refund_at_the_turn_of_the_month_goes_to_the_month_that_counted(

@@ -12,7 +12,7 @@ import time
 import pytest
 import redis
 
-from gateway.config import KeysConfig, StoreConfig
+from gateway.config import FailureLimits, KeysConfig, StoreConfig
 from gateway.tokens import checksum
 
 from harness import (Clock, bearer, eventually, gateway_under_test, make_config, redis_answers,
@@ -416,6 +416,34 @@ async def test_others_failures_do_not_lock_out_a_token_this_process_already_veri
         async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
             assert (r.status, (await r.json())["error"]["code"]) == (429, "too_many_failures")
 
+
+
+async def test_too_many_failures_retry_after_is_the_time_left_in_the_window(
+        redis_url, upstream, monkeypatch):
+    """The failure counters are a fixed window from the first failure (a TTL): the 429 said
+    ``Retry-After: <window_seconds>`` however little of the window was left, so a client doing
+    as told waited up to a whole window longer than it had to. It answers the seconds until
+    the counter resets, rounded up, and a request that waited them is verified again."""
+    url = str(upstream.make_url(""))
+    config = make_config(url)
+    config = make_config(url, keys=dataclasses.replace(
+        config.keys, failures=FailureLimits(per_ip=2, per_key=None, window_seconds=4)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        for _ in range(2):
+            async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+                assert r.status == 401
+        await asyncio.sleep(1.6)
+        async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (429, "too_many_failures")
+            retry_after = int(r.headers["Retry-After"])
+        assert 1 <= retry_after < 4, retry_after
+        await asyncio.sleep(retry_after)
+        async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (401, "invalid_key")
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
 
 # --- cost of the hot path ----------------------------------------------------------------------
 

@@ -162,3 +162,73 @@ async def test_the_failure_throttle_counts_an_ipv6_client_by_its_64_prefix(
         assert await wrong_key_from("2001:db8:1:2::b") == (429, "too_many_failures")
         assert await wrong_key_from("2001:db8:1:3::a") == (401, "invalid_key")   # another /64
         assert await wrong_key_from("198.51.100.7") == (401, "invalid_key")      # IPv4 as before
+
+
+# A client's address as upstreams read it besides X-Forwarded-For: nginx's real_ip_header,
+# CDNs' own names, frameworks' lists. Sent in other cases and the "_" spelling too.
+CLIENT_ADDRESS_SPOOFS = [("X-Real-IP", "6.6.6.1"), ("x-client-ip", "6.6.6.2"),
+                         ("X_Real_IP", "6.6.6.3"), ("True-Client-IP", "6.6.6.4"),
+                         ("X-Client-IP-Note", "6.6.6.5"), ("CF-CONNECTING-IP", "6.6.6.6"),
+                         ("Fastly-Client-IP", "6.6.6.7"), ("X-Cluster-Client-IP", "6.6.6.8"),
+                         ("X_Cluster_Client_IP", "6.6.6.9")]
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted-peer", "trusted-proxy"])
+async def test_client_address_headers_reach_the_upstream_only_from_a_trusted_proxy(
+        redis_url, monkeypatch, trusted):
+    """``X-Real-IP`` and its kin name the client to upstreams (nginx ``real_ip_header``, many
+    frameworks): from a peer keygate does not trust they are a forged address and never
+    reach the upstream; from a proxy in ``trusted_proxies`` they pass as it wrote them (not
+    the ``_`` spellings, which a proxy passes on from the client). Judged on the bytes the
+    upstream received."""
+    from test_edge_framing import RawUpstream
+    up = await RawUpstream().start()
+    try:
+        config = make_config(f"http://127.0.0.1:{up.port}")
+        if trusted:
+            config = dataclasses.replace(config, server=dataclasses.replace(
+                config.server, trusted_proxies=("127.0.0.1",)))
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace("acme")
+            token, _ = await g.key(scopes=["people:read"])
+            for path, credential in (("/people/1", [("Authorization", f"Bearer {token}")]),
+                                     ("/health", [])):   # a keyed route and a public one
+                async with g.proxy.get(path, headers=credential + CLIENT_ADDRESS_SPOOFS) as r:
+                    assert r.status == 200, await r.text()
+        assert len(up.requests) == 2 and not up.errors
+        for raw in up.raw:
+            for _, value in CLIENT_ADDRESS_SPOOFS:
+                if value == "6.6.6.5":   # a name that only starts like one: not ours
+                    assert value.encode() in raw
+                elif trusted and value in ("6.6.6.3", "6.6.6.9"):   # X_Real_IP, X_Cluster_...
+                    assert value.encode() not in raw
+                else:
+                    assert (value.encode() in raw) == trusted, (value, bytes(raw))
+        if trusted:   # as sent: names, case and values
+            for seen in up.requests:
+                assert seen.header(b"X-Real-IP") == [b"6.6.6.1"]
+                assert (b"x-client-ip", b"6.6.6.2") in seen.headers
+                assert (b"CF-CONNECTING-IP", b"6.6.6.6") in seen.headers
+                assert (b"True-Client-IP", b"6.6.6.4") in seen.headers
+    finally:
+        up.close()
+
+
+async def test_verify_only_never_answers_a_client_address_header(redis_url, upstream,
+                                                                 monkeypatch):
+    """Verify-only mode answers identity headers for the proxy in front to pass on: a
+    client's ``X-Real-IP`` and kin are never among them, whoever sent them."""
+    from harness import VERIFY, verify_config
+    config = verify_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read"])
+        async with g.proxy.get(VERIFY, headers=[("Authorization", f"Bearer {token}"),
+                                                ("X-Original-URI", "/people/1"),
+                                                *CLIENT_ADDRESS_SPOOFS]) as r:
+            assert r.status == 200
+            answered = "\n".join(f"{k}: {v}" for k, v in r.headers.items())
+        assert "X-Workspace-Id: acme" in answered
+        assert "6.6.6." not in answered
+        assert not {k.lower().replace("_", "-") for k, _ in CLIENT_ADDRESS_SPOOFS} & {
+            k.lower().replace("_", "-") for k in r.headers}

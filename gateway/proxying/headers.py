@@ -18,7 +18,10 @@ Request headers, in one pass over the client's headers:
   ``server.trusted_proxies`` (``gateway.trust``: the same decision the failure throttle
   makes); from a trusted peer they are kept and the peer is appended to ``X-Forwarded-For``
   (its ``X-Forwarded-Proto``/``-Host`` are kept when present), except their ``_`` spellings
-  (``X_Forwarded_For``): a proxy never writes those, it passes on the client's;
+  (``X_Forwarded_For``): a proxy never writes those, it passes on the client's. The other
+  headers upstreams read the client's address from (``CLIENT_ADDRESS``: ``X-Real-IP``,
+  ``True-Client-IP``, ``CF-Connecting-IP``, ...) follow the same rule, passed as sent from a
+  trusted peer: from anyone else they would be a forged address;
 - ``Host`` is the upstream's host (like nginx's default ``proxy_set_header Host $proxy_host``):
   the client's ``Host`` goes to ``X-Forwarded-Host``;
 - ``Expect`` is not forwarded (keygate answers ``100-continue`` itself), nor
@@ -76,8 +79,13 @@ _B64_RUN = re.compile(r"[A-Za-z0-9+/_-]+")
 
 _norm = header_key  # header names compared as a spoofer sees them
 
+# Headers upstreams take the client's address from besides X-Forwarded-For (nginx's
+# real_ip_header, CDNs', frameworks'): trusted only as a trusted proxy sends them (_norm names).
+CLIENT_ADDRESS = frozenset({"x-real-ip", "true-client-ip", "x-client-ip", "cf-connecting-ip",
+                            "fastly-client-ip", "x-cluster-client-ip"})
+
 # What passed_on does with a header of a name: pass it, drop it, or look at the peer
-# (X-Forwarded-*, Forwarded) or the value (Authorization).
+# (X-Forwarded-*, Forwarded, CLIENT_ADDRESS) or the value (Authorization).
 _PASS, _DROP, _FORWARDED, _AUTHZ = object(), object(), object(), object()
 _KINDS_MAX = 1024  # header names remembered (a client inventing names only refills it)
 _NAME_KEPT_MAX = 64  # longer names are not remembered: the memos stay under ~100 KB
@@ -135,7 +143,7 @@ class RequestHeaderRules:
             elif kind is _AUTHZ:
                 if not self._credential(value, principal):
                     out.append((name, value))
-            elif kind is _FORWARDED:  # the client's own X-Forwarded-* / Forwarded
+            elif kind is _FORWARDED:  # the client's own X-Forwarded-*, Forwarded, X-Real-IP...
                 if trusted is None:
                     trusted = self.trusted.is_trusted(peer)
                 if trusted:  # kept and extended: by the rules
@@ -185,7 +193,8 @@ class RequestHeaderRules:
         lname = _norm(name)
         if lname in self._drop:
             kind = _DROP
-        elif lname.startswith("x-forwarded-") or lname == "forwarded":
+        elif lname.startswith("x-forwarded-") or lname == "forwarded" or \
+                lname in CLIENT_ADDRESS:
             kind = _FORWARDED
         elif lname == "authorization":
             kind = _AUTHZ
@@ -213,7 +222,8 @@ class RequestHeaderRules:
             lname = _norm(name)
             if lname in drop or lname in named:
                 continue
-            if lname.startswith("x-forwarded-") or lname == "forwarded":
+            if lname.startswith("x-forwarded-") or lname == "forwarded" or \
+                    lname in CLIENT_ADDRESS:
                 # a trusted proxy vouches for the ones it writes: never an "_" spelling, which
                 # it passes on from the client and which gateway.trust does not read either
                 if not trusted or "_" in name:

@@ -23,6 +23,7 @@ from .scripts import Script, load
 
 AUTHORIZE = load("authorize")
 ADD_USAGE = load("add_usage")
+FAILURE_RESET = load("failure_reset")
 REFUND = load("refund")
 LEDGER_WRITE = load("ledger_write")
 READ_KEY = load("read_key")
@@ -220,6 +221,15 @@ class RequestStore:
         except Exception as exc:
             raise StoreError(f"store call failed: {describe(exc)}") from exc
         return int(reply[0] or 0), int(reply[1] or 0)
+
+    async def failure_resets_ms(self, ip: str | None, key_id: str | None) -> list[int]:
+        """Milliseconds until each named failure counter resets (its PTTL: -2 when it is
+        gone, -1 without a TTL), from this IP and against this key id; None skips one."""
+        counters = [k for k in (ip and fail_ip_key(ip), key_id and fail_key_key(key_id)) if k]
+        try:
+            return [int(await self._resp.run(FAILURE_RESET, (k,), ())) for k in counters]
+        except Exception as exc:
+            raise StoreError(f"store call failed: {describe(exc)}") from exc
 
     async def record_failure(self, ip: str, key_id: str, window_seconds: int) -> None:
         """Count one failed verification from ``ip`` and against ``key_id``; each count lives
