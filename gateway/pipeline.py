@@ -83,11 +83,13 @@ def _check_transfer_coding(values: list[str]) -> None:
 
 class Counted(NamedTuple):
     """Where a request was counted, so a refund takes it back from there: the month and UTC
-    day, and ``local``, its slot in this process's ledger when it was decided while the store
-    was down (fail-open)."""
+    day, ``local``, its slot in this process's ledger when it was decided while the store
+    was down (fail-open), and ``rate_member``, its entry in the key's rate log (a request
+    that never reached the upstream spends none of the rate either)."""
     month: Month
     day: str
     local: Slot | None = None
+    rate_member: str = ""
 
 
 class Forwarding(Protocol):
@@ -301,7 +303,6 @@ class Pipeline:
             refused = refusal(key, scopes, now=now, blocked=blocked)
             month = self.months.get(now)
             day = self.months.day(now)
-            counted = _new_tuple(Counted, (month, day, None))  # Counted(month, day), no __new__
             rate = key.rate
             try:
                 decision = await self.requests.authorize(
@@ -314,7 +315,8 @@ class Pipeline:
                     counter_ttl=month.counter_ttl(now), now_ms=int(now * 1000),
                     day=day, key_limit=key.key_limit)
             except StoreError as exc:
-                return key, {}, self._degraded(key, refused, count, counted, exc)
+                return key, {}, self._degraded(key, refused, count,
+                                               Counted(month, day), exc)
             if decision.outcome == "stale":
                 try:
                     fresh = await self.auth.refresh(key)
@@ -328,7 +330,9 @@ class Pipeline:
                 raise refused
             if self.ledger:
                 self.ledger.flush()
-            return key, self._decide(key, decision, month, now), counted
+            # Counted(month, day, None, member), without its Python-level __new__
+            return key, self._decide(key, decision, month, now), \
+                _new_tuple(Counted, (month, day, None, decision.rate_member))
         raise ServiceUnavailable("The key changed while this request was checked; retry.",
                                  headers={"Retry-After": "1"})
 
@@ -365,7 +369,8 @@ class Pipeline:
         month = counted.month
         try:
             await self.requests.refund(Slot(key.workspace, key.key_id, month.period,
-                                            counted.day), month.counter_ttl(now))
+                                            counted.day), month.counter_ttl(now),
+                                       counted.rate_member)
         except StoreError:
             log.warning("could not refund a request that never reached the upstream")
 
