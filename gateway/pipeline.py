@@ -120,6 +120,7 @@ class Pipeline:
         self._store_error_logged_at, self._store_errors_unlogged = -1e9, 0
         self.ledger = LocalLedger(requests, self.months, clock,  # fail-open counts
                                   retry_every=ledger_retry)
+        self._rate_take_backs: set[asyncio.Task] = set()  # see _counted_after_all
         self.reconfigure(config)
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
@@ -401,7 +402,10 @@ class Pipeline:
         if exc.counted_late is not None:  # Redis may have counted it all the same
             exc.counted_late.add_done_callback(functools.partial(
                 self._counted_after_all,
-                Slot(key.workspace, key.key_id, counted.month.period, counted.day)))
+                Slot(key.workspace, key.key_id, counted.month.period, counted.day),
+                # answered 503: the rate it spent in Redis goes back too (admitted here
+                # instead, fail-open, it is forwarded: the rate it spent stays spent)
+                "" if self.fail_open else exc.rate_member))
         if not self.fail_open:
             raise self.store_down(exc) from exc
         if self.metrics:
@@ -418,16 +422,30 @@ class Pipeline:
             self.metrics.degraded.inc()
         return counted
 
-    def _counted_after_all(self, slot: Slot, counted: asyncio.Future[bool]) -> None:
+    def _counted_after_all(self, slot: Slot, rate_member: str,
+                           counted: asyncio.Future[bool]) -> None:
         """The reply to a call given up on came late and says Redis counted the request
         (it ran the call in time, then stalled before replying): the request was answered
-        503 or counted in the ledger, so the ledger takes Redis's count back."""
+        503 or counted in the ledger, so the ledger takes Redis's count back; and a request
+        answered 503 gets back the rate it spent (``rate_member``, its rate-log entry)."""
         if not counted.cancelled() and counted.result():
             self.ledger.take_back(slot)
+            if rate_member and rate_member != "-":
+                task = asyncio.ensure_future(self._take_back_rate(slot, rate_member))
+                self._rate_take_backs.add(task)  # kept: a task nobody holds can be collected
+                task.add_done_callback(self._rate_take_backs.discard)
+
+    async def _take_back_rate(self, slot: Slot, rate_member: str) -> None:
+        try:
+            await self.requests.take_back_rate(slot, rate_member)
+        except StoreError:  # the entry leaves the rate window by itself within one period
+            log.info("could not take back the rate of a request answered 503")
 
     async def close(self) -> None:
         """At shutdown, after the listeners stopped: write what the ledger counted while the
         store was down."""
+        if self._rate_take_backs:
+            await asyncio.gather(*self._rate_take_backs, return_exceptions=True)
         await self.ledger.close()
 
     # --- small helpers ------------------------------------------------------------------------

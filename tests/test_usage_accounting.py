@@ -341,3 +341,98 @@ async def test_requests_that_never_reached_the_upstream_spend_none_of_the_keys_r
         assert got[0][2]["RateLimit"].startswith('"rate";r=2;')
         assert len(upstream.requests) == 3
         assert await numbers(g, "acme", key["id"]) == all_equal(3)
+
+
+# --- real processes ----------------------------------------------------------------------------
+
+async def test_two_served_replicas_with_two_workers_each_count_exactly(redis_url, tmp_path):
+    """Two ``keygate serve --workers 2`` processes on one Redis: a workspace quota of 61 and
+    a key's cap of 17 under 240 concurrent requests each; the upstream's own count is every
+    number keygate reports, at both replicas."""
+    from aiohttp import ClientSession
+    from served import Served, admin_json, write_config
+    received = []
+
+    async def handler(request):
+        received.append(request.headers["X-Api-Key-Id"])
+        return web.Response(text="ok")
+
+    async with serving(handler) as url:
+        replicas = []
+        try:
+            for name in ("a.yaml", "b.yaml"):
+                path, proxy, admin = write_config(tmp_path, redis_url=redis_url,
+                                                  upstream_url=url, name=name)
+                replicas.append(Served(path, proxy, admin, "--workers", "2"))
+            for r in replicas:
+                await r.ready()
+            a, b = replicas
+            async with ClientSession() as s:
+                assert (await admin_json(s, a.admin, "POST", "/workspaces",
+                                         {"id": "acme", "name": "Acme"}))[0] == 201
+                assert (await admin_json(s, a.admin, "PATCH", "/workspaces/acme",
+                                         {"limits": {"monthly_requests": 61}}))[0] == 200
+                tokens = {}
+                for name, fields in (("capped", {"monthly_requests": 17}), ("open", {})):
+                    status, body = await admin_json(
+                        s, a.admin, "POST", "/workspaces/acme/keys",
+                        {"name": name, "scopes": ["people:read"], **fields})
+                    assert status == 201, body
+                    tokens[name] = (body["token"], body["key"]["id"])
+                sem = asyncio.Semaphore(64)
+
+                async def one(base: str, token: str) -> tuple[int, str | None]:
+                    async with sem, s.get(base + "/people/1", headers=bearer(token)) as r:
+                        body = await r.read()
+                        return r.status, (json.loads(body)["error"]["code"]
+                                          if r.status != 200 else None)
+                capped = await asyncio.gather(*(one(r.proxy, tokens["capped"][0])
+                                                for _ in range(120) for r in replicas))
+                assert capped.count((200, None)) == 17
+                assert capped.count((429, "key_quota_exceeded")) == 240 - 17
+                rest = await asyncio.gather(*(one(r.proxy, tokens["open"][0])
+                                              for _ in range(120) for r in replicas))
+                assert rest.count((200, None)) == 61 - 17
+                assert rest.count((429, "quota_exceeded")) == 240 - 44
+                assert len(received) == 61
+                assert received.count(tokens["capped"][1]) == 17
+                for r in replicas:
+                    _, usage = await admin_json(s, r.admin, "GET", "/workspaces/acme/usage")
+                    assert (usage["used"], usage["remaining"]) == (61, 0)
+                    _, keys = await admin_json(s, r.admin, "GET", "/workspaces/acme/keys")
+                    assert sorted(k["used_this_month"] for k in keys["items"]) == [17, 44]
+                    _, days = await admin_json(s, r.admin, "GET",
+                                               "/workspaces/acme/usage/daily?days=1")
+                    assert days["items"][0]["requests"] == 61
+                    async with s.get(r.admin + "/metrics") as m:
+                        text = await m.text()
+                    assert 'keygate_workspace_month_requests{workspace="acme"} 61.0' in text
+        finally:
+            for r in replicas:
+                r.close()
+
+
+async def test_a_503_whose_late_reply_says_redis_counted_it_spends_no_rate(
+        upstream, redis_url, monkeypatch):
+    """Redis ran the call in time and stalled before replying: the gateway answered 503, and
+    takes the count back when the reply comes. The rate that call spent goes back too."""
+    from gateway.config import StoreConfig
+    from harness import HeldReplies, eventually
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="closed"))
+    async with HeldReplies(redis_url) as relay:
+        async with gateway_under_test(config, relay.url, monkeypatch, ledger_retry=0.05) as g:
+            await g.workspace("acme", plan="unlimited")
+            token, key = await g.key(rate_limit="2/m")
+            assert (await call(g, token))[:2] == (200, None)
+            relay.hold()  # Redis runs the next call, counts it and adds it to the rate log
+            assert (await call(g, token))[:2] == (503, "store_unavailable")
+            relay.release()
+
+            async def settled():
+                return not g.gw.pipeline.ledger and (await g.used()) == 1
+            assert await eventually(settled, timeout=3)
+            await asyncio.sleep(0.2)
+            got = [(await call(g, token))[:2] for _ in range(2)]
+            assert got == [(200, None), (429, "rate_limited")]
+            assert await numbers(g, "acme", key["id"]) == all_equal(2)

@@ -167,6 +167,7 @@ class RequestStore:
             late = getattr(exc, "late", None)  # the lean client's TimedOut
             if count and late is not None:
                 error.counted_late = _counted(late)
+                error.rate_member = member
             raise error from exc
         finally:
             if self.on_authorize is not None:
@@ -239,6 +240,11 @@ class RequestStore:
         key's rate log."""
         await self._run(REFUND, (rate_key(slot.workspace, slot.key_id), *slot.counters()),
                         (rate_member, ttl, ttl, DAILY_TTL, DAILY_TTL))
+
+    async def take_back_rate(self, slot: Slot, rate_member: str) -> None:
+        """Take ``rate_member`` out of the key's rate log, and nothing else: a request that was
+        counted after the gateway had given up on its call (answered 503) spent its rate."""
+        await self._run(REFUND, (rate_key(slot.workspace, slot.key_id),), (rate_member,))
 
     async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str) -> bool:
         """Add ``n`` requests counted locally while the store was down (fail-open; negative:
