@@ -436,3 +436,85 @@ async def test_a_503_whose_late_reply_says_redis_counted_it_spends_no_rate(
             got = [(await call(g, token))[:2] for _ in range(2)]
             assert got == [(200, None), (429, "rate_limited")]
             assert await numbers(g, "acme", key["id"]) == all_equal(2)
+
+
+async def test_a_keys_rate_is_exact_under_240_concurrent_requests_on_two_replicas(
+        redis_url, upstream, monkeypatch):
+    clock = Clock()  # one instant: the whole burst falls in one rate window
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as a, \
+            gateway_under_test(config, redis_url, monkeypatch, clock=clock) as b:
+        await a.workspace("acme")
+        token, key = await a.key(rate_limit="50/s")
+        results = await asyncio.gather(*(call(g, token) for _ in range(120) for g in (a, b)))
+        got = [(s, c) for s, c, _ in results]
+        assert got.count((200, None)) == 50
+        assert got.count((429, "rate_limited")) == 190
+        assert len(upstream.requests) == 50
+        assert await numbers(a, "acme", key["id"]) == all_equal(50)
+        rates = sorted(int(h["RateLimit"].split("r=")[1].split(";")[0])
+                       for s, _, h in results if s == 200)
+        assert rates == list(range(50))
+        clock.now += 1.0  # the window has passed: the whole rate again
+        got = [(await call(g, token))[0] for g in (a, b)]
+        assert got == [200, 200]
+
+
+async def test_a_quota_lowered_mid_load_refuses_every_request_sent_after_the_patch(
+        redis_url, upstream, monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as a, \
+            gateway_under_test(config, redis_url, monkeypatch) as b:
+        await a.workspace("acme")
+        token, key = await a.key()
+        loop = asyncio.get_running_loop()
+        sem = asyncio.Semaphore(16)
+        patched_at = [float("inf")]
+        log: list[tuple[float, int, str | None]] = []
+
+        async def one(g) -> None:
+            async with sem:
+                sent = loop.time()
+                status, code, _ = await call(g, token)
+                log.append((sent, status, code))
+
+        async def patch_when_busy() -> None:
+            while len(log) < 60:
+                await asyncio.sleep(0.001)
+            status, _ = await b.admin_json("PATCH", "/workspaces/acme",
+                                           {"limits": {"monthly_requests": 1}})
+            assert status == 200
+            patched_at[0] = loop.time()
+        await asyncio.gather(patch_when_busy(), *(one(g) for _ in range(120) for g in (a, b)))
+        after = [(s, c) for sent, s, c in log if sent > patched_at[0]]
+        assert after and all(x == (429, "quota_exceeded") for x in after)
+        admitted = sum(1 for _, s, _ in log if s == 200)
+        assert admitted == len(upstream.requests) >= 60
+        assert await numbers(a, "acme", key["id"]) == all_equal(admitted)
+        await a.admin_json("PATCH", "/workspaces/acme", {"limits": None})  # raised: at once
+        assert (await call(b, token))[0] == 200
+
+
+async def test_pipelined_requests_from_a_client_that_hangs_up_count_what_was_forwarded(
+        redis_url, monkeypatch):
+    seen = []
+
+    async def handler(request):
+        seen.append(request.path)
+        await asyncio.sleep(0.2)
+        return web.Response(text="ok")
+
+    async with serving(handler) as url:
+        async with gateway_under_test(make_config(url), redis_url, monkeypatch) as g:
+            await g.workspace("acme")
+            token, key = await g.key()
+            reader, writer = await g.raw_connection()
+            one = (b"GET /people/%d HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                   + token.encode() + b"\r\n\r\n")
+            writer.write(b"".join(one % i for i in range(3)))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.close()
+            await asyncio.sleep(1.0)
+            assert 1 <= len(seen) <= 3
+            assert await numbers(g, "acme", key["id"]) == all_equal(len(seen))
