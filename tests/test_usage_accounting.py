@@ -153,11 +153,19 @@ async def test_an_upstream_5xx_or_a_timeout_after_it_was_reached_is_counted(redi
 
 async def test_the_usage_and_key_endpoints_count_nothing(gut):
     await gut.workspace("acme", plan="tiny")
-    token, key = await gut.key(role="admin")
+    token, key = await gut.key(role="admin", rate_limit="2/m")
     for _ in range(5):
         assert (await call(gut, token, "/_keygate/v1/usage"))[0] == 200
         assert (await call(gut, token, "/_keygate/v1/keys"))[0] == 200
     assert await numbers(gut, "acme", key["id"]) == all_equal(0)
+    # nor spend the rate; and a key whose rate or month is used up still reads its usage
+    assert [(await call(gut, token))[:2] for _ in range(3)] == \
+        [(200, None)] * 2 + [(429, "rate_limited")]
+    async with gut.proxy.get("/_keygate/v1/usage", headers=bearer(token)) as r:
+        mine = await r.json()
+    assert r.status == 200 and (mine["used"], mine["remaining"]) == (2, 1)
+    assert mine["key"]["used_this_month"] == 2
+    assert await numbers(gut, "acme", key["id"]) == all_equal(2)
 
 
 # --- the numbers a customer sees agree -----------------------------------------------------------
