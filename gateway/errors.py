@@ -193,8 +193,10 @@ class StoreError(Exception):
     ``counted_late``: for a call that would have counted a request and was given up on
     while Redis may still have run it, a future that says whether it did (True: Redis
     counted the request after all), once its reply comes; cancelled if none ever does.
-    None when nothing more can be learnt."""
+    None when nothing more can be learnt. ``rate_member``: that call's entry in the key's rate
+    log, if it had a rate limit ("" otherwise), for taking back the rate it spent too."""
     counted_late: asyncio.Future[bool] | None = None
+    rate_member: str = ""
 
 
 def describe(exc: BaseException) -> str:

@@ -109,8 +109,8 @@ class TimedRequestStore(RequestStore):
         return self._timed("record_failure",
                            super().record_failure(ip, key_id, window_seconds))
 
-    def refund(self, slot, ttl: int):
-        return self._timed("refund", super().refund(slot, ttl))
+    def refund(self, slot, ttl: int, rate_member: str = ""):
+        return self._timed("refund", super().refund(slot, ttl, rate_member))
 
     def add_usage(self, slot, n: int, ttl: int, write_id: str):
         return self._timed("add_usage", super().add_usage(slot, n, ttl, write_id))

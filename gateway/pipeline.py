@@ -83,11 +83,13 @@ def _check_transfer_coding(values: list[str]) -> None:
 
 class Counted(NamedTuple):
     """Where a request was counted, so a refund takes it back from there: the month and UTC
-    day, and ``local``, its slot in this process's ledger when it was decided while the store
-    was down (fail-open)."""
+    day, ``local``, its slot in this process's ledger when it was decided while the store
+    was down (fail-open), and ``rate_member``, its entry in the key's rate log (a request
+    that never reached the upstream spends none of the rate either)."""
     month: Month
     day: str
     local: Slot | None = None
+    rate_member: str = ""
 
 
 class Forwarding(Protocol):
@@ -118,6 +120,7 @@ class Pipeline:
         self._store_error_logged_at, self._store_errors_unlogged = -1e9, 0
         self.ledger = LocalLedger(requests, self.months, clock,  # fail-open counts
                                   retry_every=ledger_retry)
+        self._rate_take_backs: set[asyncio.Task] = set()  # see _counted_after_all
         self.reconfigure(config)
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
@@ -301,7 +304,6 @@ class Pipeline:
             refused = refusal(key, scopes, now=now, blocked=blocked)
             month = self.months.get(now)
             day = self.months.day(now)
-            counted = _new_tuple(Counted, (month, day, None))  # Counted(month, day), no __new__
             rate = key.rate
             try:
                 decision = await self.requests.authorize(
@@ -314,7 +316,8 @@ class Pipeline:
                     counter_ttl=month.counter_ttl(now), now_ms=int(now * 1000),
                     day=day, key_limit=key.key_limit)
             except StoreError as exc:
-                return key, {}, self._degraded(key, refused, count, counted, exc)
+                return key, {}, self._degraded(key, refused, count,
+                                               Counted(month, day), exc)
             if decision.outcome == "stale":
                 try:
                     fresh = await self.auth.refresh(key)
@@ -328,7 +331,9 @@ class Pipeline:
                 raise refused
             if self.ledger:
                 self.ledger.flush()
-            return key, self._decide(key, decision, month, now), counted
+            # Counted(month, day, None, member), without its Python-level __new__
+            return key, self._decide(key, decision, month, now), \
+                _new_tuple(Counted, (month, day, None, decision.rate_member))
         raise ServiceUnavailable("The key changed while this request was checked; retry.",
                                  headers={"Retry-After": "1"})
 
@@ -365,7 +370,8 @@ class Pipeline:
         month = counted.month
         try:
             await self.requests.refund(Slot(key.workspace, key.key_id, month.period,
-                                            counted.day), month.counter_ttl(now))
+                                            counted.day), month.counter_ttl(now),
+                                       counted.rate_member)
         except StoreError:
             log.warning("could not refund a request that never reached the upstream")
 
@@ -396,7 +402,10 @@ class Pipeline:
         if exc.counted_late is not None:  # Redis may have counted it all the same
             exc.counted_late.add_done_callback(functools.partial(
                 self._counted_after_all,
-                Slot(key.workspace, key.key_id, counted.month.period, counted.day)))
+                Slot(key.workspace, key.key_id, counted.month.period, counted.day),
+                # answered 503: the rate it spent in Redis goes back too (admitted here
+                # instead, fail-open, it is forwarded: the rate it spent stays spent)
+                "" if self.fail_open else exc.rate_member))
         if not self.fail_open:
             raise self.store_down(exc) from exc
         if self.metrics:
@@ -413,16 +422,30 @@ class Pipeline:
             self.metrics.degraded.inc()
         return counted
 
-    def _counted_after_all(self, slot: Slot, counted: asyncio.Future[bool]) -> None:
+    def _counted_after_all(self, slot: Slot, rate_member: str,
+                           counted: asyncio.Future[bool]) -> None:
         """The reply to a call given up on came late and says Redis counted the request
         (it ran the call in time, then stalled before replying): the request was answered
-        503 or counted in the ledger, so the ledger takes Redis's count back."""
+        503 or counted in the ledger, so the ledger takes Redis's count back; and a request
+        answered 503 gets back the rate it spent (``rate_member``, its rate-log entry)."""
         if not counted.cancelled() and counted.result():
             self.ledger.take_back(slot)
+            if rate_member and rate_member != "-":
+                task = asyncio.ensure_future(self._take_back_rate(slot, rate_member))
+                self._rate_take_backs.add(task)  # kept: a task nobody holds can be collected
+                task.add_done_callback(self._rate_take_backs.discard)
+
+    async def _take_back_rate(self, slot: Slot, rate_member: str) -> None:
+        try:
+            await self.requests.take_back_rate(slot, rate_member)
+        except StoreError:  # the entry leaves the rate window by itself within one period
+            log.info("could not take back the rate of a request answered 503")
 
     async def close(self) -> None:
         """At shutdown, after the listeners stopped: write what the ledger counted while the
         store was down."""
+        if self._rate_take_backs:
+            await asyncio.gather(*self._rate_take_backs, return_exceptions=True)
         await self.ledger.close()
 
     # --- small helpers ------------------------------------------------------------------------

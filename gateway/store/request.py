@@ -68,6 +68,8 @@ class Decision(NamedTuple):
     retry_after_ms: int = 0   # rate: when one more request will be admitted
     window_reset_ms: int = 0  # rate: until the oldest admitted request leaves the window
     key_used: int = 0         # the key's own count this month (when it has a cap, or counted)
+    rate_member: str = ""     # this request's entry in the key's rate log ("" or "-": none),
+    # for a refund to take back the rate it spent
 
 
 _new_tuple = tuple.__new__
@@ -155,7 +157,8 @@ class RequestStore:
         # The four go as str: the lean client encodes four str in one unrolled format.
         offset = self._resp.clock_offset
         now = str(now_ms)
-        varying = (now, str(counter_ttl), self._member(now) if rate_limit else "-",
+        member = self._member(now) if rate_limit and count else "-"
+        varying = (now, str(counter_ttl), member,
                    str(int((started + offset + self.timeout * DEADLINE_SHARE) * 1e6))
                    if count and offset is not None else "0")
         try:
@@ -165,6 +168,7 @@ class RequestStore:
             late = getattr(exc, "late", None)  # the lean client's TimedOut
             if count and late is not None:
                 error.counted_late = _counted(late)
+                error.rate_member = member
             raise error from exc
         finally:
             if self.on_authorize is not None:
@@ -179,7 +183,7 @@ class RequestStore:
         try:
             # tuple.__new__: what Decision(...) does, without its Python-level __new__
             return _new_tuple(Decision, (_OUTCOMES[reply[0]], reply[1], reply[2], reply[4],
-                                         reply[3], reply[5]))
+                                         reply[3], reply[5], member))
         except (KeyError, IndexError, TypeError):
             raise StoreError("unexpected answer from the authorize script") from None
 
@@ -240,10 +244,17 @@ class RequestStore:
         except Exception as exc:
             raise StoreError(f"store call failed: {describe(exc)}") from exc
 
-    async def refund(self, slot: Slot, ttl: int) -> None:
+    async def refund(self, slot: Slot, ttl: int, rate_member: str = "") -> None:
         """Take back one counted request that never reached the upstream, from every counter
-        it was counted in."""
-        await self._run(REFUND, slot.counters(), (ttl, ttl, DAILY_TTL, DAILY_TTL))
+        it was counted in and, given its ``rate_member`` (``Decision.rate_member``), from the
+        key's rate log."""
+        await self._run(REFUND, (rate_key(slot.workspace, slot.key_id), *slot.counters()),
+                        (rate_member, ttl, ttl, DAILY_TTL, DAILY_TTL))
+
+    async def take_back_rate(self, slot: Slot, rate_member: str) -> None:
+        """Take ``rate_member`` out of the key's rate log, and nothing else: a request that was
+        counted after the gateway had given up on its call (answered 503) spent its rate."""
+        await self._run(REFUND, (rate_key(slot.workspace, slot.key_id),), (rate_member,))
 
     async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str) -> bool:
         """Add ``n`` requests counted locally while the store was down (fail-open; negative:
