@@ -17,8 +17,8 @@ from ..errors import StoreError, describe
 from ..usage import utc_day
 from .clients import ScriptClient, connect
 from .keyspace import (daily_key, fail_ip_key, fail_key_key, key_daily_key, key_index_key,
-                       key_key, key_usage_key, rate_key, ready_key, usage_key, write_key,
-                       ws_key, ws_roles_key)
+                       key_key, key_usage_key, once_key, rate_key, ready_key, usage_key,
+                       write_key, ws_key, ws_roles_key)
 from .scripts import Script, load
 
 AUTHORIZE = load("authorize")
@@ -39,6 +39,14 @@ DAILY_TTL = 100 * 86400  # day counters: the usage history reaches 90 days back
 # waits) and from what sat in a paused Redis's socket buffers (run as it wakes): an hour is far
 # beyond both. ~100 bytes per write, and writes happen only after the store failed.
 WRITE_ID_TTL = 3600
+# How long a counting authorize call's marker (kg:once:{ws}:<request-id>, Sentinel and
+# Cluster only) outlives the call: longer than redis-py can take to send the call again after
+# its connection died (reconnecting, asking the Sentinels or re-reading the slots: each bounded
+# by the store timeout, a few times over). ~100 bytes per counted request while it lives.
+def once_ttl_ms(timeout: float) -> int:
+    return int(1000 * (5 + 10 * timeout))
+
+
 # Keys whose authorize call (key names and, in the lean client, the command encoded up to the
 # per-request arguments) is kept ready: a lookup costs ~0.2 µs, building it ~3.5. Each key
 # kept costs ~1.3 KB: keeping every key of the day (up to 100,000) took ~130 MB for 100k keys
@@ -105,6 +113,10 @@ class RequestStore:
         # a socket_timeout in the URL wins (redis-py's semantics): the deadline the script is
         # given is a share of the timeout the client really keeps
         self.timeout = getattr(self._resp, "timeout", timeout)
+        # a client that may send a call again marks each counting call (see ``once_ttl_ms``)
+        self._resends = self._resp.resends
+        self._once_tag, self._once_seq = os.urandom(8).hex(), 0
+        self._once_ttl = once_ttl_ms(self.timeout)
 
     def _member(self, now_ms: str) -> str:
         self._seq += 1
@@ -159,7 +171,13 @@ class RequestStore:
                    str(int((started + offset + self.timeout * DEADLINE_SHARE) * 1e6))
                    if count and offset is not None else "0")
         try:
-            reply = await self._resp.run_prepared(prepared, varying)
+            if count and self._resends:
+                self._once_seq += 1
+                reply = await self._resp.run_prepared_once(
+                    prepared, varying, once_key(workspace, f"{self._once_tag}:{self._once_seq}"),
+                    self._once_ttl)
+            else:
+                reply = await self._resp.run_prepared(prepared, varying)
         except Exception as exc:  # connection lost, timeout, error reply: the store failed
             error = StoreError(f"store call failed: {describe(exc)}")
             late = getattr(exc, "late", None)  # the lean client's TimedOut
