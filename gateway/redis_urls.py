@@ -367,8 +367,10 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool) -> Any:
     # redis-py's default (10 retries with backoff) would hold a request for seconds against a
     # dead node. One immediate retry is what a failover needs: the first attempt fails on the
     # old master's dead connection, the retry reconnects via the Sentinels to the new one. A
+    # timeout is not retried (``_retry``: the command may have run; Retry's default errors
+    # include timeouts, and a refund that timed out ran twice when the master caught up). A
     # Sentinel that does not answer is not retried: the next one in the list is asked instead.
-    options["retry"] = Retry(NoBackoff(), 1)
+    options["retry"] = _retry()
     sentinel_options: dict[str, Any] = dict(socket_timeout=timeout,
                                             socket_connect_timeout=timeout,
                                             retry=Retry(NoBackoff(), 0),

@@ -469,3 +469,44 @@ async def test_a_workspace_whose_slot_is_moving_waits_for_it_within_the_store_ti
         received = len(upstream.requests) - before
         assert received == kinds[(200, None)]
         assert await gut.used(moving) == received + 3
+
+
+async def test_a_sentinel_master_that_answers_late_is_given_up_on_once_and_a_refund_runs_once(
+        sentinel_group) -> None:  # noqa: F811
+    """As on Cluster: a call to a Sentinel master that does not answer within the store timeout
+    is 503 and is not sent again - it may still run, and a refund run twice takes back a
+    request that was forwarded. The master is busy for 0.17 s (DEBUG SLEEP: a slow command, a
+    fork) with a 0.1 s store timeout. The Sentinel client's Retry(NoBackoff(), 1) retried
+    timeouts too (redis-py's default supported errors): the refund was sent again on a new
+    connection, answered 503 only after a second timeout, and both copies ran: every counter
+    went from 9 to 7."""
+    from gateway.store.request import Slot
+    slot = Slot("acme", "k1", "2026-01", "2026-01-15")
+    owner = redis.Redis(port=sentinel_group["master"], password=DATA_PW, socket_timeout=5)
+    sleeper = redis.Redis(port=sentinel_group["master"], password=DATA_PW, socket_timeout=5)
+    for counter in slot.counters():
+        owner.set(counter, 10, ex=3600)
+    store = RequestStore(sentinel_group["url"], timeout=0.1)
+    try:
+        await store.refund(slot, 3600)  # connected: the master is known
+        assert int(owner.get(slot.counters()[0])) == 9
+        sleeper.ping()
+        busy = asyncio.create_task(asyncio.to_thread(sleeper.execute_command,
+                                                     "DEBUG", "SLEEP", "0.17"))
+        await asyncio.sleep(0.02)
+        started = time.monotonic()
+        try:
+            await store.refund(slot, 3600)
+            failed = None
+        except StoreError as exc:
+            failed = exc
+        waited = time.monotonic() - started
+        await busy
+        await asyncio.sleep(0.2)  # whatever sat in the master's socket buffers has run
+        counters = [int(owner.get(c)) for c in slot.counters()]
+        assert counters in ([9] * 4, [8] * 4), (counters, failed, waited)
+        assert failed is not None and waited < 0.14, (failed, waited)
+    finally:
+        await store.close()
+        owner.close()
+        sleeper.close()
