@@ -10,6 +10,7 @@ import os
 import signal
 import time
 
+import pytest
 import redis
 
 from gateway.usage import utc_day
@@ -165,3 +166,56 @@ def test_a_counting_call_sent_again_answers_the_same_and_counts_nothing(redis_ur
         assert r.keys("kg:once:*") and len(r.keys("kg:once:*")) == 2
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+async def test_a_call_that_counted_but_answered_too_late_is_taken_back(
+        topology, request, upstream, monkeypatch) -> None:
+    """Redis runs a request's counting call in time, then is busy (DEBUG SLEEP: a slow command,
+    a fork) before its reply leaves: the store timeout passes, the request is answered 503
+    store_unavailable and is not forwarded - so its count is taken back (SPEC: a request whose
+    store call timed out and was answered 503 is not counted, or is taken back). The lean
+    client reads the late reply (counted_late); the topology clients could not, and the count
+    stayed (2 counted for 1 forwarded)."""
+    from gateway.config import StoreConfig
+    from test_topology_faults import _node, _owner
+    if topology == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        url = cluster["url"]
+        _, port = _owner(cluster["ports"], "kg:ws:{acme}")
+        busy_node = _node(port)
+    else:  # busy for less than the Sentinel's down-after (0.5 s): no failover
+        group = request.getfixturevalue("sentinel_group")
+        url = group["url"]
+        busy_node = redis.Redis(port=group["master"], password=DATA_PW, socket_timeout=5)
+    timeout, busy_for = (0.5, 0.8) if topology == "cluster" else (0.2, 0.4)
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=timeout))
+    async with gateway_under_test(config, url, monkeypatch) as gut:
+        await gut.workspace("acme", plan="unlimited")
+        token, _ = await gut.key("acme")
+        assert await _answer(gut, token) == (200, None)
+        assert await _counts(gut, "acme") == (1, 1)
+        busy_node.ping()
+        pid = int(busy_node.info("server")["process_id"])
+        forwarded = len(upstream.requests)
+        # the call and then DEBUG SLEEP wait in the node's socket buffers; it wakes and reads
+        # both in one turn: runs the call (well before its deadline), then is busy
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            answer = asyncio.create_task(_answer(gut, token))
+            await asyncio.sleep(0.05)
+            busy = asyncio.create_task(asyncio.to_thread(busy_node.execute_command,
+                                                         "DEBUG", "SLEEP", str(busy_for)))
+            await asyncio.sleep(0.03)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        try:
+            assert await answer == (503, "store_unavailable")
+            await busy
+        finally:
+            busy_node.close()
+        assert len(upstream.requests) == forwarded
+        deadline = time.monotonic() + 5
+        while await _counts(gut, "acme") != (1, 1) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert await _counts(gut, "acme") == (1, 1)
