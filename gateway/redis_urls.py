@@ -356,17 +356,21 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool) -> Any:
                                    **_given(username=target.username, password=target.password))
     if target.kind == "cluster":
         from redis.asyncio.cluster import ClusterNode
-        return _cluster_class()(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
-                                ssl=target.tls, max_connections=CLUSTER_NODE_CONNECTIONS,
-                                **options)
+        cluster = _cluster_class()(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
+                                   ssl=target.tls, max_connections=CLUSTER_NODE_CONNECTIONS,
+                                   **options)
+        cluster.try_again_for = timeout
+        return cluster
     from redis.asyncio.retry import Retry
     from redis.asyncio.sentinel import Sentinel
     from redis.backoff import NoBackoff
     # redis-py's default (10 retries with backoff) would hold a request for seconds against a
     # dead node. One immediate retry is what a failover needs: the first attempt fails on the
     # old master's dead connection, the retry reconnects via the Sentinels to the new one. A
+    # timeout is not retried (``_retry``: the command may have run; Retry's default errors
+    # include timeouts, and a refund that timed out ran twice when the master caught up). A
     # Sentinel that does not answer is not retried: the next one in the list is asked instead.
-    options["retry"] = Retry(NoBackoff(), 1)
+    options["retry"] = _retry()
     sentinel_options: dict[str, Any] = dict(socket_timeout=timeout,
                                             socket_connect_timeout=timeout,
                                             retry=Retry(NoBackoff(), 0),
@@ -411,6 +415,13 @@ def _cluster_class() -> Any:
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
     import asyncio
+    import time
+
+    from redis.exceptions import TryAgainError
+
+    class _TryAgain(Exception):
+        """TRYAGAIN, carried past redis-py's redirection loop (which re-raises other
+        exceptions as they are)."""
 
     class _RecentFirstNode(ClusterNode):
         __slots__ = ()
@@ -432,6 +443,16 @@ def _cluster_class() -> Any:
             finally:
                 self._free.extend(idle)
 
+        async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except TryAgainError as exc:
+                if not _IN_COMMAND.get():
+                    raise
+                # out of redis-py's redirection loop, which sends it again at most 16 times
+                # (~0.4 s): the client's own command waits for the slot (see _Cluster)
+                raise _TryAgain(str(exc)) from None
+
     def recent_first(node: Any) -> Any:
         if node is not None and type(node) is ClusterNode:
             node.__class__ = _RecentFirstNode
@@ -448,11 +469,28 @@ def _cluster_class() -> Any:
         ERRORS_ALLOW_RETRY = tuple(e for e in RedisCluster.ERRORS_ALLOW_RETRY
                                    if not issubclass(e, RedisTimeoutError))
 
+        # Seconds a command answered TRYAGAIN is sent again for (topology_client: the store
+        # timeout). TRYAGAIN is a multi-key command (every keygate script) in a slot being
+        # migrated whose keys are not all on one node; Redis did not run it. redis-py sends it
+        # again at most 16 times, 8 of them at once, ~0.4 s in all, then raises "TTL
+        # exhausted": a workspace got 503 for as long as a reshard of its slot took beyond
+        # that. It is now sent again every TRY_AGAIN_PAUSE until the slot is stable (MOVED/ASK
+        # then route it) or the store timeout has passed since the command was first sent.
+        try_again_for = 0.0
+        TRY_AGAIN_PAUSE = 0.05
+
         async def _execute_command(self, target_node: Any, *args: Any, **kwargs: Any) -> Any:
             token = _IN_COMMAND.set(True)
+            started = time.monotonic()
             try:
-                return await super()._execute_command(recent_first(target_node), *args,
-                                                      **kwargs)
+                while True:
+                    try:
+                        return await super()._execute_command(recent_first(target_node),
+                                                              *args, **kwargs)
+                    except _TryAgain as exc:
+                        if time.monotonic() + self.TRY_AGAIN_PAUSE > started + self.try_again_for:
+                            raise TryAgainError(str(exc)) from None
+                        await asyncio.sleep(self.TRY_AGAIN_PAUSE)
             finally:
                 _IN_COMMAND.reset(token)
 

@@ -405,3 +405,108 @@ async def test_sentinel_admin_writes_during_a_stalled_master_failover(
         states = {k["id"]: k for k in listing["items"]}
         for key_id in revoked:
             assert states[key_id].get("revoked_at"), key_id
+
+
+async def test_a_workspace_whose_slot_is_moving_waits_for_it_within_the_store_timeout(
+        redis_cluster, upstream, monkeypatch) -> None:  # noqa: F811
+    """A workspace's slot is migrated in two MIGRATE batches 0.6 s apart (a reshard in
+    progress) while 8 clients send its requests, with a 2 s store timeout. Meanwhile Redis
+    answers TRYAGAIN to its per-request script (a multi-key script in a migrating slot whose
+    keys are not all on one node - some of them never exist): the command did not run, so it
+    is sent again until the slot is stable, within the request's store timeout. Every request
+    is answered 200, and each is counted once. redis-py gave up after 16 tries (~0.4 s) and
+    the workspace was answered 503 store_unavailable for the rest of the migration."""
+    from gateway.config import StoreConfig
+    ports = redis_cluster["ports"]
+    spaces = _one_workspace_per_node(ports)
+    moving = spaces[0]
+    slot, source = _owner(ports, f"kg:ws:{{{moving}}}")
+    target = next(p for p in ports if p != source)
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
+    async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
+        tokens = await _three_keys_each(gut, [moving])
+        src, dst = _node(source), _node(target)
+        seen: list[tuple[float, tuple[int, str | None]]] = []
+        stop = asyncio.Event()
+
+        async def client(i: int) -> None:
+            while not stop.is_set():
+                answer = await _answer(gut, tokens[i % len(tokens)][1])
+                seen.append((time.monotonic(), answer))
+
+        before = len(upstream.requests)
+        clients = [asyncio.create_task(client(i)) for i in range(8)]
+        try:
+            await asyncio.sleep(0.2)
+            src_id, dst_id = src.cluster("MYID"), dst.cluster("MYID")
+            started = time.monotonic()
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+            half = len(keys) // 2
+            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000,
+                                "AUTH", CLUSTER_PW, "KEYS", *keys[:half])
+            await asyncio.sleep(0.6)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
+                src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000,
+                                    "AUTH", CLUSTER_PW, "KEYS", *keys)
+            for port in (target, source, *(p for p in ports if p not in (source, target))):
+                _node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+            moved = time.monotonic()
+            await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+            src.close()
+            dst.close()
+        answers = [a for _, a in seen]
+        kinds = {a: answers.count(a) for a in set(answers)}
+        refused = [t - started for t, a in seen if a != (200, None)]
+        assert set(kinds) == {(200, None)}, (
+            kinds, f"migration {moved - started:.2f} s; refused from "
+                   f"{min(refused, default=0):.2f} to {max(refused, default=0):.2f} s")
+        assert any(t > moved for t, _ in seen)
+        received = len(upstream.requests) - before
+        assert received == kinds[(200, None)]
+        assert await gut.used(moving) == received + 3
+
+
+async def test_a_sentinel_master_that_answers_late_is_given_up_on_once_and_a_refund_runs_once(
+        sentinel_group) -> None:  # noqa: F811
+    """As on Cluster: a call to a Sentinel master that does not answer within the store timeout
+    is 503 and is not sent again - it may still run, and a refund run twice takes back a
+    request that was forwarded. The master is busy for 0.17 s (DEBUG SLEEP: a slow command, a
+    fork) with a 0.1 s store timeout. The Sentinel client's Retry(NoBackoff(), 1) retried
+    timeouts too (redis-py's default supported errors): the refund was sent again on a new
+    connection, answered 503 only after a second timeout, and both copies ran: every counter
+    went from 9 to 7."""
+    from gateway.store.request import Slot
+    slot = Slot("acme", "k1", "2026-01", "2026-01-15")
+    owner = redis.Redis(port=sentinel_group["master"], password=DATA_PW, socket_timeout=5)
+    sleeper = redis.Redis(port=sentinel_group["master"], password=DATA_PW, socket_timeout=5)
+    for counter in slot.counters():
+        owner.set(counter, 10, ex=3600)
+    store = RequestStore(sentinel_group["url"], timeout=0.1)
+    try:
+        await store.refund(slot, 3600)  # connected: the master is known
+        assert int(owner.get(slot.counters()[0])) == 9
+        sleeper.ping()
+        busy = asyncio.create_task(asyncio.to_thread(sleeper.execute_command,
+                                                     "DEBUG", "SLEEP", "0.17"))
+        await asyncio.sleep(0.02)
+        started = time.monotonic()
+        try:
+            await store.refund(slot, 3600)
+            failed = None
+        except StoreError as exc:
+            failed = exc
+        waited = time.monotonic() - started
+        await busy
+        await asyncio.sleep(0.2)  # whatever sat in the master's socket buffers has run
+        counters = [int(owner.get(c)) for c in slot.counters()]
+        assert counters in ([9] * 4, [8] * 4), (counters, failed, waited)
+        assert failed is not None and waited < 0.14, (failed, waited)
+    finally:
+        await store.close()
+        owner.close()
+        sleeper.close()

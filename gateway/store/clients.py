@@ -31,6 +31,11 @@ class ScriptClient(Protocol):
     """What :class:`~gateway.store.request.RequestStore` needs from a Redis connection.
     Failures surface as the client's own exceptions; the caller maps them to StoreError."""
 
+    # True when a call whose connection died may be sent again (redis-py's retry): Redis may
+    # have run it before the connection died, so a call that counts carries a marker
+    # (``run_prepared_once``; lua/authorize.lua KEYS[8]) and a copy of it counts nothing.
+    resends: bool
+
     @property
     def clock_offset(self) -> float | None:
         """Redis's clock minus our ``time.monotonic()``, seconds; None while unknown."""
@@ -53,6 +58,10 @@ class ScriptClient(Protocol):
     async def run_prepared(self, prepared: Any, varying: tuple[Any, ...]) -> Any:
         """``run`` of a prepared call, ARGV = its ``fixed`` followed by ``varying``."""
 
+    # A client with ``resends`` also has
+    # async def run_prepared_once(self, prepared, varying, marker: str, ttl_ms: int) -> Any:
+    # ``run_prepared`` with ``marker`` appended to the keys and ``ttl_ms`` to the arguments.
+
     async def run_each_slot(self, script: Script, keys: Sequence[str], shared: tuple[Any, ...],
                             per_key: Sequence[Any]) -> None:
         """Run ``script`` over ``keys`` that may live in different slots, with ARGV =
@@ -72,7 +81,10 @@ def connect(url: str, timeout: float) -> ScriptClient:
 
 
 class LeanClient(RespClient):
-    """One standalone server: any keys go in one call, so no call needs splitting by slot."""
+    """One standalone server: any keys go in one call, so no call needs splitting by slot.
+    A call is never sent twice: a dead connection fails the calls in flight on it."""
+
+    resends = False
 
     def __init__(self, url: str, *, timeout: float) -> None:
         super().__init__(url, timeout=timeout)
@@ -133,6 +145,8 @@ class TopologyClient:
     """Sentinel or Cluster over redis-py. Cluster nodes keep NTP time, so one node's clock
     stands for all; the offset is measured in the background every ``OFFSET_MAX_AGE``."""
 
+    resends = True  # redis-py sends a command again on a fresh connection when one dies
+
     def __init__(self, url: str, *, timeout: float) -> None:
         from ..redis_urls import topology_client
         self.redis = topology_client(url, timeout=timeout, decode_responses=False)
@@ -175,6 +189,13 @@ class TopologyClient:
     async def run_prepared(self, prepared: Any, varying: tuple[Any, ...]) -> Any:
         script, keys, fixed = prepared
         return await self.run(script, keys, (*fixed, *varying))
+
+    async def run_prepared_once(self, prepared: Any, varying: tuple[Any, ...], marker: str,
+                                ttl_ms: int) -> Any:
+        """``run_prepared`` of a call that counts, with its marker key (in the call's slot)
+        and the marker's TTL as its last key and argument (lua/authorize.lua KEYS[8])."""
+        script, keys, fixed = prepared
+        return await self.run(script, (*keys, marker), (*fixed, *varying, ttl_ms))
 
     async def run_each_slot(self, script: Script, keys: Sequence[str], shared: tuple[Any, ...],
                             per_key: Sequence[Any]) -> None:

@@ -45,6 +45,11 @@ per-request script and every admin script touch a single slot.
                                           counted while the store was down) that has run, so
                                           a copy of it run again adds nothing (TTL: an hour,
                                           renewed by each copy)
+    kg:once:{ws}:<request-id>     STRING  Sentinel and Cluster only: the answer of a request's
+                                          authorize call that counted it ("used,rate_remaining,
+                                          reset_ms,0,key_used"), so a copy of the call sent
+                                          again after its connection died counts nothing
+                                          (TTL: request.ONCE_TTL, from the store timeout)
     kg:rate:{ws}:<id>             ZSET    the key's rate log: one member per request admitted
                                           in the last rate period, score = its time in ms
                                           (a sliding log; expires one period after the last)
@@ -119,6 +124,10 @@ def rate_key(ws: str, key_id: str) -> str:
 
 def write_key(ws: str, write_id: str) -> str:
     return f"kg:write:{{{ws}}}:{write_id}"
+
+
+def once_key(ws: str, request_id: str) -> str:
+    return f"kg:once:{{{ws}}}:{request_id}"
 
 
 def fail_ip_key(ip: str) -> str:

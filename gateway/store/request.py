@@ -17,8 +17,8 @@ from ..errors import StoreError, describe
 from ..usage import utc_day
 from .clients import ScriptClient, connect
 from .keyspace import (daily_key, fail_ip_key, fail_key_key, key_daily_key, key_index_key,
-                       key_key, key_usage_key, rate_key, ready_key, usage_key, write_key,
-                       ws_key, ws_roles_key)
+                       key_key, key_usage_key, once_key, rate_key, ready_key, usage_key,
+                       write_key, ws_key, ws_roles_key)
 from .scripts import Script, load
 
 AUTHORIZE = load("authorize")
@@ -39,6 +39,21 @@ DAILY_TTL = 100 * 86400  # day counters: the usage history reaches 90 days back
 # waits) and from what sat in a paused Redis's socket buffers (run as it wakes): an hour is far
 # beyond both. ~100 bytes per write, and writes happen only after the store failed.
 WRITE_ID_TTL = 3600
+# How long a counting authorize call's marker (kg:once:{ws}:<request-id>, Sentinel and
+# Cluster only) outlives the call: longer than redis-py can take to send the call again after
+# its connection died (reconnecting, asking the Sentinels or re-reading the slots: each bounded
+# by the store timeout, a few times over). ~100 bytes per counted request while it lives.
+def once_ttl_ms(timeout: float) -> int:
+    return int(1000 * (5 + 10 * timeout))
+
+
+# A counting call given up on (Sentinel, Cluster) is asked about (its marker) at once and, while
+# the store does not answer, again after these seconds; at most MAX_ASKING at a time (a store
+# that is down fails every request: beyond that they are not asked about, as before).
+MARKER_ASKS_AFTER = (0.5, 1.0, 2.0)
+MAX_ASKING = 1024
+
+
 # Keys whose authorize call (key names and, in the lean client, the command encoded up to the
 # per-request arguments) is kept ready: a lookup costs ~0.2 µs, building it ~3.5. Each key
 # kept costs ~1.3 KB: keeping every key of the day (up to 100,000) took ~130 MB for 100k keys
@@ -107,12 +122,19 @@ class RequestStore:
         # a socket_timeout in the URL wins (redis-py's semantics): the deadline the script is
         # given is a share of the timeout the client really keeps
         self.timeout = getattr(self._resp, "timeout", timeout)
+        # a client that may send a call again marks each counting call (see ``once_ttl_ms``)
+        self._resends = self._resp.resends
+        self._once_tag, self._once_seq = os.urandom(8).hex(), 0
+        self._once_ttl = once_ttl_ms(self.timeout)
+        self._asking: set[asyncio.Future] = set()  # _marked's questions under way
 
     def _member(self, now_ms: str) -> str:
         self._seq += 1
         return f"{now_ms}:{self._tag}:{self._seq}"
 
     async def close(self) -> None:
+        for task in list(self._asking):
+            task.cancel()
         await self._resp.close()
 
     async def ready(self) -> None:
@@ -161,13 +183,23 @@ class RequestStore:
         varying = (now, str(counter_ttl), member,
                    str(int((started + offset + self.timeout * DEADLINE_SHARE) * 1e6))
                    if count and offset is not None else "0")
+        marker = None
         try:
-            reply = await self._resp.run_prepared(prepared, varying)
+            if count and self._resends:
+                self._once_seq += 1
+                marker = once_key(workspace, f"{self._once_tag}:{self._once_seq}")
+                reply = await self._resp.run_prepared_once(prepared, varying, marker,
+                                                           self._once_ttl)
+            else:
+                reply = await self._resp.run_prepared(prepared, varying)
         except Exception as exc:  # connection lost, timeout, error reply: the store failed
             error = StoreError(f"store call failed: {describe(exc)}")
             late = getattr(exc, "late", None)  # the lean client's TimedOut
             if count and late is not None:
                 error.counted_late = _counted(late)
+                error.rate_member = member
+            elif marker is not None and len(self._asking) < MAX_ASKING:
+                error.counted_late = self._marked(marker)
                 error.rate_member = member
             raise error from exc
         finally:
@@ -186,6 +218,26 @@ class RequestStore:
                                          reply[3], reply[5], member))
         except (KeyError, IndexError, TypeError):
             raise StoreError("unexpected answer from the authorize script") from None
+
+    def _marked(self, marker: str) -> asyncio.Future[bool]:
+        """Whether a counting call given up on (Sentinel, Cluster) counted its request: its
+        marker is there. Asked at once, then ``MARKER_ASKS_AFTER`` later while the store does
+        not answer; cancelled if it never does. (A copy of the call still in Redis's buffers
+        runs after its deadline, which has passed: it counts nothing.)"""
+        async def ask() -> bool:
+            for pause in (0.0, *MARKER_ASKS_AFTER):
+                await asyncio.sleep(pause)
+                try:
+                    (value,) = await self._resp.get_each((marker,))
+                    return value is not None
+                except Exception:  # the store is still down: ask again
+                    continue
+            raise asyncio.CancelledError  # unknown: nothing taken back
+
+        task = asyncio.ensure_future(ask())
+        self._asking.add(task)
+        task.add_done_callback(self._asking.discard)
+        return task
 
     def _prepare(self, workspace: str, key_id: str, period: str, day: str,
                  fixed: tuple[Any, ...]) -> Any:

