@@ -292,7 +292,9 @@ class HeldReplies:
     back: Redis has run the commands, their answers wait. This is what a Redis that stalls
     between running a call and writing its reply does (stopped or paused there, a slow AOF
     write), which a signal cannot be timed to hit. ``url`` is the relay's; ``hold()`` keeps
-    the replies from then on, ``release()`` sends them, in order, and lets replies flow again."""
+    the replies from then on, ``release()`` sends them, in order, and lets replies flow again.
+    ``held_back`` counts the replies that arrived since ``hold()``: once it is above 0, a call
+    made after ``hold()`` has reached Redis and waits for its answer."""
 
     def __init__(self, redis_url: str) -> None:
         from urllib.parse import urlsplit
@@ -304,6 +306,7 @@ class HeldReplies:
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
         self.url = ""
+        self.held_back = 0
 
     async def __aenter__(self) -> "HeldReplies":
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
@@ -318,6 +321,7 @@ class HeldReplies:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def hold(self) -> None:
+        self.held_back = 0
         self._flowing.clear()
 
     def release(self) -> None:
@@ -329,7 +333,8 @@ class HeldReplies:
         async def pump(reader, writer, held: bool) -> None:
             try:
                 while data := await reader.read(65536):
-                    if held:
+                    if held and not self._flowing.is_set():
+                        self.held_back += 1
                         await self._flowing.wait()
                     writer.write(data)
                     await writer.drain()

@@ -95,7 +95,9 @@ async def held_across_reload(path: Path, redis_url: str, monkeypatch):
             relay.hold()
             async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
                 pending = asyncio.ensure_future(send(other))
-                await asyncio.sleep(0.2)  # checked, its authorize reply held back
+                # checked, its store reply held back (a fixed 0.2 s could end before the
+                # request reached the store on a loaded machine: the reload then came first)
+                assert await eventually(lambda: relay.held_back), "no store call was held"
                 write(path, new_doc)
                 status, _ = await reload(gw)
                 assert status == 200
@@ -517,7 +519,8 @@ async def test_a_request_in_flight_drops_the_credential_header_it_was_checked_wi
         relay.hold()
         async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
             pending = asyncio.ensure_future(other.get("/people/2", headers={"X-Api-Key": token}))
-            await asyncio.sleep(0.2)  # checked, its authorize reply held back
+            # checked, its authorize reply held back (not a fixed 0.2 s: see held_across_reload)
+            assert await eventually(lambda: relay.held_back), "no store call was held"
             write(path, config_doc(urls["a"], keys={
                 "argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1},
                 "headers": ["X-Other-Key"]}))
