@@ -319,8 +319,18 @@ async def test_two_workers_share_one_port_metrics_and_stop_together(tmp_path, sl
                                                       "Connection": "close"}) as r:
                             sent += 1
                             assert r.status == (404 if path == "/nope" else 200)
-            # each worker adds its requests to the shared files every FLUSH_EVERY seconds
-            await asyncio.sleep(FLUSH_EVERY * 3)
+            # each worker adds its requests to the shared files every FLUSH_EVERY seconds (and
+            # counts a request once its answer is written): wait until a scrape shows them all,
+            # rather than 3 flush periods, which a loaded machine can stretch past
+            deadline = time.monotonic() + 15
+            while True:
+                async with ClientSession(timeout=TIMEOUT) as fresh:
+                    async with fresh.get(gw.admin + "/metrics",
+                                         headers={"Connection": "close"}) as r:
+                        seen = requests_total(await r.text())
+                if seen >= sent or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(FLUSH_EVERY)
             for _ in range(6):  # any worker may answer; each sees the sum over all workers
                 async with ClientSession(timeout=TIMEOUT) as fresh:
                     async with fresh.get(gw.admin + "/metrics",
