@@ -244,13 +244,35 @@ class GatewayUnderTest:
         return body["used"]
 
     def logs(self, capfd) -> tuple[str, str]:
-        """stdout and stderr so far, with the buffered access log written out first."""
+        """stdout and stderr so far, with the access log written out first: the lines the
+        flusher already handed to the writer thread (waited for: a thread a loaded machine
+        has not yet run would otherwise leave them out), then those still buffered."""
         if self.gw.access_log is not None:
+            written_out()
             self.gw.access_log.flush_now()
         return capfd.readouterr()
 
     def counter(self, name: str, **labels: str) -> float:
         return self.gw.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def written_out(timeout: float = 10.0) -> None:
+    """Until the access-log writer thread has written every block handed to it so far: a
+    marker queued behind them (the thread takes blocks in order) says when."""
+    import threading
+
+    from gateway import accesslog
+
+    class Marker:  # stands in for the loop the thread tells that a block is written
+        def __init__(self) -> None:
+            self.written = threading.Event()
+
+        def call_soon_threadsafe(self, *_: Any) -> None:
+            self.written.set()
+
+    marker = Marker()
+    accesslog._writer().put((b"", marker, None))
+    assert marker.written.wait(timeout), "the access-log writer thread is stuck"
 
 
 class _ProxyTestServer(BaseTestServer):
