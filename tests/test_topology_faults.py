@@ -15,6 +15,7 @@ import redis
 
 from gateway.usage import utc_day
 
+from gateway.config import StoreConfig
 from gateway.errors import StoreError
 from gateway.store.request import RequestStore
 
@@ -151,7 +152,12 @@ async def test_sentinel_burst_then_failover_under_load_answers_right_and_counts_
     again once the replica is promoted (keygate not restarted), /readyz 200, an admin write
     lands on the new master, and the month's count equals the 200s answered (a graceful
     failover loses no write)."""
-    config = make_config(str(upstream.make_url("")))
+    # The store timeout a deployment has (2 s), not the harness's 0.5: 250 requests at once
+    # queue for the Sentinel client's 64 pooled connections, and each store call's deadline
+    # runs from when it is made. On a loaded 2-core machine the burst's last calls ran in
+    # Redis past a 0.4 s deadline (29 and 84 of 250 answered 503, three concurrent runs),
+    # which is the store timeout doing its job, not the pool failing a burst.
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
     async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
         await gut.workspace("acme", plan="unlimited")
         cached = [(await gut.key("acme"))[0] for _ in range(10)]
