@@ -244,13 +244,35 @@ class GatewayUnderTest:
         return body["used"]
 
     def logs(self, capfd) -> tuple[str, str]:
-        """stdout and stderr so far, with the buffered access log written out first."""
+        """stdout and stderr so far, with the access log written out first: the lines the
+        flusher already handed to the writer thread (waited for: a thread a loaded machine
+        has not yet run would otherwise leave them out), then those still buffered."""
         if self.gw.access_log is not None:
+            written_out()
             self.gw.access_log.flush_now()
         return capfd.readouterr()
 
     def counter(self, name: str, **labels: str) -> float:
         return self.gw.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def written_out(timeout: float = 10.0) -> None:
+    """Until the access-log writer thread has written every block handed to it so far: a
+    marker queued behind them (the thread takes blocks in order) says when."""
+    import threading
+
+    from gateway import accesslog
+
+    class Marker:  # stands in for the loop the thread tells that a block is written
+        def __init__(self) -> None:
+            self.written = threading.Event()
+
+        def call_soon_threadsafe(self, *_: Any) -> None:
+            self.written.set()
+
+    marker = Marker()
+    accesslog._writer().put((b"", marker, None))
+    assert marker.written.wait(timeout), "the access-log writer thread is stuck"
 
 
 class _ProxyTestServer(BaseTestServer):
@@ -292,7 +314,9 @@ class HeldReplies:
     back: Redis has run the commands, their answers wait. This is what a Redis that stalls
     between running a call and writing its reply does (stopped or paused there, a slow AOF
     write), which a signal cannot be timed to hit. ``url`` is the relay's; ``hold()`` keeps
-    the replies from then on, ``release()`` sends them, in order, and lets replies flow again."""
+    the replies from then on, ``release()`` sends them, in order, and lets replies flow again.
+    ``held_back`` counts the replies that arrived since ``hold()``: once it is above 0, a call
+    made after ``hold()`` has reached Redis and waits for its answer."""
 
     def __init__(self, redis_url: str) -> None:
         from urllib.parse import urlsplit
@@ -304,6 +328,7 @@ class HeldReplies:
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
         self.url = ""
+        self.held_back = 0
 
     async def __aenter__(self) -> "HeldReplies":
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
@@ -318,6 +343,7 @@ class HeldReplies:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def hold(self) -> None:
+        self.held_back = 0
         self._flowing.clear()
 
     def release(self) -> None:
@@ -329,7 +355,8 @@ class HeldReplies:
         async def pump(reader, writer, held: bool) -> None:
             try:
                 while data := await reader.read(65536):
-                    if held:
+                    if held and not self._flowing.is_set():
+                        self.held_back += 1
                         await self._flowing.wait()
                     writer.write(data)
                     await writer.drain()

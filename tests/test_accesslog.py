@@ -740,8 +740,14 @@ async def logged_after_the_client_left(redis_url, monkeypatch, capfd, head: str,
         await asyncio.sleep(0.1)
         writer.close()
         client_left.set()
-        await asyncio.sleep(0.6)
-        _, err = g.logs(capfd)
+        # the line is written when keygate is done with the request, which the upstream ends
+        # 0.2 s from here: wait for it (a fixed 0.6 s could end first on a loaded machine)
+        err, deadline = "", time.monotonic() + 10
+        while f'"request_id":"{request_id}"' not in err and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            err += g.logs(capfd)[1]
+        await asyncio.sleep(0.3)       # and no second line for it follows
+        err += g.logs(capfd)[1]
     return line_of(err, request_id), got
 
 

@@ -743,7 +743,10 @@ def test_an_expiry_typed_as_a_date_and_time_means_utc_as_the_form_says(page, gat
     try:
         page.sign_in(ADMIN_TOKEN)
         page.link("tyrell").click()
-        hint = page.driver.find_element(By.ID, "create-open")
+        # the workspace view shows its Create key button once the keys are in: waited for
+        # (clicked at once, it was still hidden on a loaded machine: "element not interactable")
+        hint = wait(page.driver, lambda d: next(
+            (b for b in d.find_elements(By.ID, "create-open") if b.is_displayed()), False))
         hint.click()
         assert "(UTC)" in page.driver.find_element(By.ID, "expires-hint").text
         page.button("Cancel").click()

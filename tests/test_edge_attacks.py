@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway.config import Route, ServerConfig, Timeouts, Upstream
 
-from harness import gateway_under_test, make_config
+from harness import eventually, gateway_under_test, make_config
 
 ROUTES = (Route("/public/**", "api", ("GET", "POST"), (), True),
           Route("/people/**", "api", ("GET", "POST"), ("people:read",)))
@@ -75,9 +75,14 @@ async def test_a_client_gone_mid_upload_is_not_counted(redis_url, upstream, monk
         writer.write(b"POST /people/x HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer "
                      + token.encode() + b"\r\nContent-Length: 100\r\n\r\n0123456789")
         await writer.drain()
-        await asyncio.sleep(0.3)
+        # admitted and counted, its body being forwarded (not a fixed 0.3 s: on a loaded
+        # machine the client could leave before the request was even counted)
+        async def used_is(n: int) -> bool:
+            return await g.used() == n
+        assert await eventually(lambda: used_is(1)), "the request was never admitted"
         writer.close()                       # the client goes away mid-upload
-        await asyncio.sleep(0.5)
+        # taken back once keygate sees the body cut short (not a fixed 0.5 s)
+        await eventually(lambda: used_is(0))
         assert upstream.requests == []       # the upstream never got a whole request
         assert await g.used() == 0, "a request the client abandoned mid-body was billed"
 

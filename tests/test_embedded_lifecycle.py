@@ -52,7 +52,15 @@ async def test_a_killed_embedded_server_is_restarted_with_its_data(tmp_path, ups
         await gw.ready()
         async with ClientSession(timeout=TIMEOUT) as s:
             token = await new_key(s, gw.admin)
-            await asyncio.sleep(1.5)        # everysec: the key is in the AOF
+            # the key is in the AOF: appendfsync everysec writes it there before the next
+            # event-loop turn, or up to 2 s later while a slow fsync is still running (a busy
+            # disk), so wait for it rather than a fixed 1.5 s
+            key_index = f"kg:keyid:{token[len('kg_live_'):-38]}".encode()
+            aof = Path(data_dir, "appendonly.aof")
+            deadline = time.monotonic() + 15
+            while key_index not in aof.read_bytes():
+                assert time.monotonic() < deadline, f"{key_index!r} never reached the AOF"
+                await asyncio.sleep(0.05)
             first = embedded_pid(data_dir)
             pids.append(first)
             os.kill(first, signal.SIGKILL)

@@ -812,10 +812,11 @@ async def production_like_port(front) -> tuple[int, web.ServerRunner]:
 @pytest.mark.parametrize("cancelling", [True, False])
 async def test_client_gone_before_the_upstream_answers_leaks_no_connection(
         aiohttp_server, make_front, cancelling: bool) -> None:
-    ended = asyncio.Event()
+    arrived, ended = asyncio.Event(), asyncio.Event()
     outcome: list[str] = []
 
     async def late_big(request: web.Request) -> web.StreamResponse:
+        arrived.set()
         resp = web.StreamResponse(headers={"Content-Length": str(32 * MB)})
         try:
             await asyncio.sleep(0.3)
@@ -839,7 +840,9 @@ async def test_client_gone_before_the_upstream_answers_leaks_no_connection(
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
         await writer.drain()
-        await asyncio.sleep(0.1)
+        # forwarded (not a fixed 0.1 s: a loop held up meanwhile could let the client go
+        # before keygate reached the upstream, which then never saw the request)
+        await asyncio.wait_for(arrived.wait(), 10)
         writer.close()                    # gone before the upstream's head
         await asyncio.wait_for(ended.wait(), 5)
         assert outcome == ["closed"]

@@ -18,7 +18,7 @@ from aiohttp import ClientSession, ClientTimeout, web
 
 from gateway.config import load_config
 from prometheus_client.parser import text_string_to_metric_families
-from harness import bearer, gateway_under_test, serving
+from harness import bearer, eventually, gateway_under_test, serving
 from served import ADMIN_TOKEN, TIMEOUT, Served, admin_json, children_of, new_key, write_config
 
 
@@ -45,21 +45,24 @@ def write(path: Path, doc: dict[str, Any]) -> None:
 @pytest.fixture
 async def upstreams():
     """Two real upstreams on loopback, ``a`` and ``b``; each answers which one it is, after
-    ``delay[name]`` seconds, and echoes the identity headers it received."""
+    ``delay[name]`` seconds, and echoes the identity headers it received. ``arrived[name]``
+    counts the requests that reached it."""
     delay = {"a": 0.0, "b": 0.0}
+    arrived = {"a": 0, "b": 0}
     urls = {}
     async with contextlib.AsyncExitStack() as stack:
         for name in ("a", "b"):
             async def handler(request: web.Request, name: str = name) -> web.Response:
+                arrived[name] += 1
                 await asyncio.sleep(delay[name])
                 return web.json_response({"upstream": name, "headers": dict(request.headers)})
             urls[name] = await stack.enter_async_context(serving(handler))
-        yield urls, delay
+        yield urls, delay, arrived
 
 
 @pytest.fixture
 async def reloadable(tmp_path, upstreams, redis_url, monkeypatch):
-    urls, _ = upstreams
+    urls, _, _ = upstreams
     path = tmp_path / "keygate.yaml"
     write(path, config_doc(urls["a"]))
     async with gateway_under_test(load_config(path), redis_url, monkeypatch,
@@ -92,7 +95,9 @@ async def held_across_reload(path: Path, redis_url: str, monkeypatch):
             relay.hold()
             async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
                 pending = asyncio.ensure_future(send(other))
-                await asyncio.sleep(0.2)  # checked, its authorize reply held back
+                # checked, its store reply held back (a fixed 0.2 s could end before the
+                # request reached the store on a loaded machine: the reload then came first)
+                assert await eventually(lambda: relay.held_back), "no store call was held"
                 write(path, new_doc)
                 status, _ = await reload(gw)
                 assert status == 200
@@ -108,7 +113,7 @@ async def held_across_reload(path: Path, redis_url: str, monkeypatch):
 async def test_routes_roles_plans_upstreams_and_identity_headers_swap_on_reload(
         reloadable, upstreams):
     gw, path = reloadable
-    urls, _ = upstreams
+    urls, _, _ = upstreams
     token, _ = await gw.key(role="reader")
     auth = {"Authorization": f"Bearer {token}"}
     async with gw.proxy.get("/people/1", headers=auth) as r:
@@ -192,7 +197,7 @@ async def test_new_argon2_parameters_hash_the_keys_created_after_the_reload(
     import redis as redis_sync
     from gateway.store import key_key
     gw, path = reloadable
-    urls, _ = upstreams
+    urls, _, _ = upstreams
     write(path, config_doc(urls["a"], keys={"argon2": {"time_cost": 2, "memory_cost": 16,
                                                        "parallelism": 1}}))
     status, result = await reload(gw)
@@ -206,7 +211,7 @@ async def test_new_argon2_parameters_hash_the_keys_created_after_the_reload(
 
 async def test_restart_only_settings_are_kept_and_named(reloadable, upstreams, caplog):
     gw, path = reloadable
-    urls, _ = upstreams
+    urls, _, _ = upstreams
     write(path, config_doc(urls["a"], server={"host": "127.0.0.1", "port": 18090,
                                               "max_body_bytes": 10},
                            store={"redis_url": "redis://127.0.0.1:1/0"}))
@@ -226,13 +231,15 @@ async def test_restart_only_settings_are_kept_and_named(reloadable, upstreams, c
 
 async def test_a_request_in_flight_finishes_on_the_old_config(reloadable, upstreams):
     gw, path = reloadable
-    urls, delay = upstreams
+    urls, delay, arrived = upstreams
     token, _ = await gw.key(role="reader")
     auth = {"Authorization": f"Bearer {token}"}
     delay["a"] = 1.0
     async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
         slow = asyncio.ensure_future(other.get("/people/1", headers=auth))
-        await asyncio.sleep(0.3)  # forwarded to a, waiting for its answer
+        # forwarded to a, waiting for its answer (a fixed 0.3 s could end before the request,
+        # a key's first, was verified and forwarded on a loaded machine: it then went to b)
+        assert await eventually(lambda: arrived["a"] == 1), "the request never reached a"
         write(path, config_doc(urls["b"]))
         status, _ = await reload(gw)
         assert status == 200
@@ -372,8 +379,13 @@ async def test_admin_reload_under_two_workers_reloads_both_once(tmp_path, slow_u
                                           "scopes": ["people:read"]}])
             status, body = await admin_json(s, gw.admin, "POST", "/reload")
             assert status == 200, body
+            # Both workers log their reload before the file is spoilt: the other worker reads
+            # the file when the supervisor's SIGHUP reaches it, and six fresh connections
+            # answering 200 could all have reached the worker that answered the call
+            # (SO_REUSEPORT picks by hash); the other one would then read the bogus file.
             deadline = time.monotonic() + 10
-            while not await answered_by_all(gw.proxy, "/more/x", token, 200, 6):
+            while (gw.stderr().count("config reloaded from") < 2
+                   or not await answered_by_all(gw.proxy, "/more/x", token, 200, 6)):
                 assert time.monotonic() < deadline, gw.stderr()
                 await asyncio.sleep(0.1)
             config.write_text(config.read_text() + "bogus: 1\n")
@@ -396,7 +408,7 @@ async def test_admin_reload_under_two_workers_reloads_both_once(tmp_path, slow_u
 
 async def test_the_pool_of_a_changed_upstream_is_closed_once_idle(reloadable, upstreams):
     gw, path = reloadable
-    urls, delay = upstreams
+    urls, delay, _ = upstreams
     token, _ = await gw.key(role="reader")
     auth = {"Authorization": f"Bearer {token}"}
     async with gw.proxy.get("/people/1", headers=auth) as r:
@@ -452,7 +464,7 @@ async def test_a_sighup_during_start_up_is_held_not_lost(tmp_path, slow_upstream
 async def test_tracing_and_identity_signature_need_a_restart(reloadable, upstreams,
                                                              monkeypatch):
     gw, path = reloadable
-    urls, _ = upstreams
+    urls, _, _ = upstreams
     monkeypatch.setenv("KG_TEST_SIGNING", "s" * 32)
     write(path, config_doc(urls["a"], identity_signature={"secret_env": "KG_TEST_SIGNING"}))
     status, result = await reload(gw)
@@ -469,7 +481,7 @@ async def test_a_key_in_the_path_is_never_logged_after_a_reload_changes_the_key_
     """keys.prefix is swapped on reload: the access log must mask keys of the new prefix in a
     path as it did those of the old one (a key in the path is forwarded, never logged)."""
     gw, path = reloadable
-    urls, _ = upstreams
+    urls, _, _ = upstreams
     doc = config_doc(urls["a"])
     doc["keys"] = {**doc["keys"], "prefix": "ab"}
     write(path, doc)
@@ -492,7 +504,7 @@ async def test_a_request_in_flight_drops_the_credential_header_it_was_checked_wi
     checked with: its key does not reach the upstream."""
     from harness import HeldReplies
 
-    urls, _ = upstreams
+    urls, _, _ = upstreams
     path = tmp_path / "keygate.yaml"
     write(path, config_doc(urls["a"], keys={
         "argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1},
@@ -507,7 +519,8 @@ async def test_a_request_in_flight_drops_the_credential_header_it_was_checked_wi
         relay.hold()
         async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
             pending = asyncio.ensure_future(other.get("/people/2", headers={"X-Api-Key": token}))
-            await asyncio.sleep(0.2)  # checked, its authorize reply held back
+            # checked, its authorize reply held back (not a fixed 0.2 s: see held_across_reload)
+            assert await eventually(lambda: relay.held_back), "no store call was held"
             write(path, config_doc(urls["a"], keys={
                 "argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1},
                 "headers": ["X-Other-Key"]}))
@@ -528,7 +541,7 @@ async def test_a_request_in_flight_keeps_the_body_limit_it_was_checked_with(
     checked with: it is forwarded, not refused with 413 after it was counted."""
     from harness import HeldReplies
 
-    urls, _ = upstreams
+    urls, _, _ = upstreams
     path = tmp_path / "keygate.yaml"
     routes = [{"path": "/people/**", "methods": ["GET", "POST"], "upstream": "api",
                "scopes": ["people:read"]}]
@@ -557,7 +570,7 @@ async def test_a_request_in_flight_to_a_moved_upstream_leaves_the_next_ones_on_t
     upstream's name alone: the reload took the old pool out of use, and the request in
     flight, asking for a pool for its (old) upstream, put a new one for the old URL back under
     that name, where every later request found it and went to the old upstream."""
-    urls, _ = upstreams
+    urls, _, _ = upstreams
     path = tmp_path / "keygate.yaml"
     write(path, config_doc(urls["a"]))
     async with held_across_reload(path, redis_url, monkeypatch) as (gw, token, across):
@@ -576,7 +589,7 @@ async def test_a_verify_call_in_flight_answers_with_the_identity_headers_it_was_
     """Verify-only mode, like a forwarded request: a call waiting for its store call when a
     reload renames an identity header answers under the config it was checked with (the
     proxy in front reads the names it was configured with, for the old config too)."""
-    urls, _ = upstreams
+    urls, _, _ = upstreams
     path = tmp_path / "keygate.yaml"
     write(path, config_doc(urls["a"]))
     async with held_across_reload(path, redis_url, monkeypatch) as (gw, token, across):
@@ -597,7 +610,7 @@ async def test_a_request_in_flight_is_allow_listed_by_the_client_address_it_was_
     per request. It was computed again after the key's verification, under whatever config a
     reload had put in place meanwhile: a client allowed by its forwarded address was refused
     403 ip_not_allowed because a reload stopped trusting the proxy it came through."""
-    urls, _ = upstreams
+    urls, _, _ = upstreams
     path = tmp_path / "keygate.yaml"
     server = {"host": "127.0.0.1", "port": 18080}
     write(path, config_doc(urls["a"], server={**server, "trusted_proxies": ["127.0.0.1/32"]}))

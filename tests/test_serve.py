@@ -319,8 +319,18 @@ async def test_two_workers_share_one_port_metrics_and_stop_together(tmp_path, sl
                                                       "Connection": "close"}) as r:
                             sent += 1
                             assert r.status == (404 if path == "/nope" else 200)
-            # each worker adds its requests to the shared files every FLUSH_EVERY seconds
-            await asyncio.sleep(FLUSH_EVERY * 3)
+            # each worker adds its requests to the shared files every FLUSH_EVERY seconds (and
+            # counts a request once its answer is written): wait until a scrape shows them all,
+            # rather than 3 flush periods, which a loaded machine can stretch past
+            deadline = time.monotonic() + 15
+            while True:
+                async with ClientSession(timeout=TIMEOUT) as fresh:
+                    async with fresh.get(gw.admin + "/metrics",
+                                         headers={"Connection": "close"}) as r:
+                        seen = requests_total(await r.text())
+                if seen >= sent or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(FLUSH_EVERY)
             for _ in range(6):  # any worker may answer; each sees the sum over all workers
                 async with ClientSession(timeout=TIMEOUT) as fresh:
                     async with fresh.get(gw.admin + "/metrics",
@@ -476,7 +486,7 @@ async def test_a_keys_own_cap_is_exact_across_two_serve_processes(tmp_path, slow
 async def test_counters_keep_their_expiry_when_a_gateway_is_killed_mid_run(tmp_path,
                                                                            slow_upstream,
                                                                            redis_url):
-    url, _ = slow_upstream
+    url, state = slow_upstream
     plan = {"monthly_requests": 100000, "max_keys": 5, "rate_limit": "1000/s"}
     cfg, proxy_port, admin_port = write_config(tmp_path, redis_url=redis_url, upstream_url=url,
                                                plan=plan)
@@ -493,7 +503,11 @@ async def test_counters_keep_their_expiry_when_a_gateway_is_killed_mid_run(tmp_p
                     async with s.get(served.proxy + "/people/1", headers=h) as r:
                         await r.read()
             calls = [asyncio.ensure_future(one(headers if i % 4 else bad)) for i in range(60)]
-            await asyncio.sleep(0.3)
+            # some counted and forwarded (not a fixed 0.3 s: on a loaded machine none might
+            # be yet, and the test then found no usage counter at all)
+            deadline = time.monotonic() + 10
+            while state["seen"] == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             served.proc.kill()  # SIGKILL with requests in flight
             await asyncio.gather(*calls)
         served.proc.wait(10)

@@ -544,16 +544,22 @@ async def test_forwarded_response_carries_monthly_ratelimit_fields(gut):
     assert re.fullmatch(r'"monthly";r=999;t=\d+', value), value
 
 
-async def test_rate_limited_429_has_retry_after_and_rate_policy(gut):
-    await gut.workspace("lim", plan="limited")   # 3/s
-    token, _ = await gut.key("lim")
-    auth = {"Authorization": f"Bearer {token}"}
-    statuses = []
-    for _ in range(4):
-        async with gut.proxy.get("/people", headers=auth) as r:
-            statuses.append(r.status)
-            last = r
-            body = await r.json()
+async def test_rate_limited_429_has_retry_after_and_rate_policy(redis_url, upstream,
+                                                                monkeypatch):
+    # on a clock that moves only when told: with the wall clock, four requests that a loaded
+    # machine spread over more than a second would find the first one out of the 1 s window
+    from harness import Clock, gateway_under_test, make_config
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch, clock=Clock()) as gut:
+        await gut.workspace("lim", plan="limited")   # 3/s
+        token, _ = await gut.key("lim")
+        auth = {"Authorization": f"Bearer {token}"}
+        statuses = []
+        for _ in range(4):
+            async with gut.proxy.get("/people", headers=auth) as r:
+                statuses.append(r.status)
+                last = r
+                body = await r.json()
     assert statuses[:3] == [200, 200, 200] and statuses[3] == 429
     assert body["error"]["code"] == "rate_limited"
     assert int(last.headers["Retry-After"]) >= 1

@@ -15,6 +15,7 @@ import redis
 
 from gateway.usage import utc_day
 
+from gateway.config import StoreConfig
 from gateway.errors import StoreError
 from gateway.store.request import RequestStore
 
@@ -151,7 +152,12 @@ async def test_sentinel_burst_then_failover_under_load_answers_right_and_counts_
     again once the replica is promoted (keygate not restarted), /readyz 200, an admin write
     lands on the new master, and the month's count equals the 200s answered (a graceful
     failover loses no write)."""
-    config = make_config(str(upstream.make_url("")))
+    # The store timeout a deployment has (2 s), not the harness's 0.5: 250 requests at once
+    # queue for the Sentinel client's 64 pooled connections, and each store call's deadline
+    # runs from when it is made. On a loaded 2-core machine the burst's last calls ran in
+    # Redis past a 0.4 s deadline (29 and 84 of 250 answered 503, three concurrent runs),
+    # which is the store timeout doing its job, not the pool failing a burst.
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
     async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
         await gut.workspace("acme", plan="unlimited")
         cached = [(await gut.key("acme"))[0] for _ in range(10)]
@@ -284,13 +290,18 @@ async def test_cluster_client_kill_under_load_is_reconnected_without_a_wrong_ans
     config = make_config(str(upstream.make_url("")))
     async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
         tokens = await _three_keys_each(gut, spaces)
+        def kill_every_client() -> None:
+            for port in ports:
+                n = _node(port)
+                n.client_kill_filter(_type="normal", skipme=True)
+                n.close()
+
         async with _Load(gut, tokens, 12) as load:
             for _ in range(5):
                 await asyncio.sleep(0.2)
-                for port in ports:
-                    n = _node(port)
-                    n.client_kill_filter(_type="normal", skipme=True)
-                    n.close()
+                # from a thread, as from another process: these blocking calls made on the
+                # loop would stall the gateway's own requests meanwhile
+                await asyncio.to_thread(kill_every_client)
             await asyncio.sleep(0.3)
         seen = load.seen
         kinds = {a: [x for _, x in seen].count(a) for a in {x for _, x in seen}}
@@ -313,22 +324,35 @@ async def test_a_slot_migration_under_load_leaves_other_workspaces_alone(
     moving = spaces[0]
     slot, source = _owner(ports, f"kg:ws:{{{moving}}}")
     target = next(p for p in ports if p != source)
-    config = make_config(str(upstream.make_url("")))
+    # The store timeout a deployment has (2 s), not the harness's 0.5: on a loaded machine
+    # (two of four concurrent full-suite runs) requests of every node's workspaces answered
+    # 503 at one instant, all after the same 0.44 s or 1.2 s - a stall of the whole store
+    # path (each CLUSTER SETSLOT NODE and the epoch it bumps make the nodes save nodes.conf
+    # with an fsync, on a busy disk; or this process starved of CPU), not the migration's
+    # routing failing other workspaces, which is what this test is about.
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
     async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
         tokens = await _three_keys_each(gut, spaces)
         src, dst = _node(source), _node(target)
+
+        def migrate() -> None:
+            src_id, dst_id = src.cluster("MYID"), dst.cluster("MYID")
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
+                src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000,
+                                    "AUTH", CLUSTER_PW, "KEYS", *keys)
+            for port in (target, source, *(p for p in ports if p not in (source, target))):
+                _node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
         try:
             async with _Load(gut, tokens, 18) as load:
                 await asyncio.sleep(0.3)
-                src_id, dst_id = src.cluster("MYID"), dst.cluster("MYID")
-                dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-                src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-                while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
-                    src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000,
-                                        "AUTH", CLUSTER_PW, "KEYS", *keys)
-                for port in (target, source,
-                             *(p for p in ports if p not in (source, target))):
-                    _node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                # from a thread, as an operator's tool in another process would: run on the
+                # loop, these blocking calls held the gateway's requests of every workspace
+                # meanwhile, and on a loaded machine some then reached Redis past their
+                # deadline (503s for workspaces nowhere near the slot)
+                await asyncio.to_thread(migrate)
                 await asyncio.sleep(1.0)
         finally:
             src.close()

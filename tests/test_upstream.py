@@ -11,7 +11,7 @@ from gateway.proxying.connection import (UpstreamConnectError, UpstreamProtocolE
                                          UpstreamTimeout)
 from gateway.proxying.upstream import UpstreamPool
 
-from harness import raw_upstream
+from harness import eventually, raw_upstream
 
 
 def head(method: str, target: str, host: str = "upstream") -> bytes:
@@ -253,7 +253,9 @@ async def test_unsolicited_bytes_on_an_idle_connection_close_it():
     pool = UpstreamPool(url)
     resp = await pool.request(head("GET", "/"), timeout=2)
     assert await read_all(resp) == b"ok"
-    await asyncio.sleep(0.3)
+    # the upstream sends the unsolicited bytes 0.1 s after its answer: wait until the pool
+    # has read them (a fixed 0.3 s can end first when the loop was held up meanwhile)
+    await eventually(lambda: pool.idle == [])
     assert pool.idle == []
     srv.close()
     await pool.close()
