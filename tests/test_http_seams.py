@@ -133,7 +133,8 @@ _NAMES = ["Host", "host", "Accept", "Authorization", "authorization", "X-Api-Key
           "X-Forwarded-For", "x_forwarded_for", "X-Forwarded-Proto", "X-Forwarded-Host",
           "X-Forwarded-Port", "Forwarded", "X-Workspace-Id", "X_Workspace_Id", "Keep-Alive",
           "TE", "Upgrade", "Content-Length", "Expect", "X-Request-Id", "traceparent",
-          "tracestate", "X-Keygate-Signature", "Cookie", "X-Custom", "x-custom"]
+          "tracestate", "X-Keygate-Signature", "Cookie", "X-Custom", "x-custom",
+          "X-Real-IP", "x_real_ip", "True-Client-IP", "Client-IP", "X-Forwarded"]
 
 
 @given(st.lists(st.tuples(st.sampled_from(_NAMES),
