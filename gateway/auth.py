@@ -35,6 +35,7 @@ from .argon2_pool import Argon2Pool, argon2_threads
 from .verify_queue import VerifyQueue
 
 MAX_CACHED_KEYS = 100_000
+FAILURE_RESETS_KEPT = 4096  # failure counters whose reset instant is remembered (~0.5 MB)
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -147,6 +148,10 @@ class Authenticator:
         self._per_key_limit = config.keys.failures.per_key
         self._running: dict[str, int] = {}  # client IP / key id → verifications running
         self._finished: dict[str, asyncio.Event] = {}  # set when one of them finishes
+        # failure counter ("ip <addr>" / "key <id>") -> time.monotonic() it resets, learnt
+        # refusing a request over its limit: the next refusals answer Retry-After from it
+        # instead of asking the store again (see _failures_reset_in). Bounded.
+        self._failure_resets: dict[str, float] = {}
         # token digest → verified key. One token can verify for a key id (the id, secret and
         # checksum are the token's body; the prefix is the config's, whose change clears
         # this), so the cache needs no index by key id.
@@ -296,11 +301,29 @@ class Authenticator:
         each is a fixed window from its first failure (lua/add_usage.lua), not a whole
         ``window_seconds`` from now. The window itself if that cannot be read."""
         window = self.config.keys.failures.window_seconds
-        try:
-            resets = await self.requests.failure_resets_ms(client_ip, key_id)
-        except StoreError:  # the counts were just read: refuse as before, with the window
-            return window
-        ms = max((window * 1000 if r == -1 else r for r in resets), default=0)
+        # A counter's reset is a fixed instant (its TTL, set at its first failure and never
+        # moved): once read it is remembered, so a flood of refused guesses costs the store
+        # one read per counter and window rather than one or two more per guess.
+        known, now = self._failure_resets, time.monotonic()
+        names = ("ip " + client_ip if client_ip is not None else None,
+                 "key " + key_id if key_id is not None else None)
+        at = [known.get(n, 0.0) if n is not None else None for n in names]
+        ask = [n is not None and a <= now for n, a in zip(names, at)]
+        if any(ask):
+            try:
+                resets = iter(await self.requests.failure_resets_ms(
+                    client_ip if ask[0] else None, key_id if ask[1] else None))
+            except StoreError:  # the counts were just read: refuse as before, with the window
+                return window
+            if len(known) >= FAILURE_RESETS_KEPT:
+                known.clear()
+            for i, asked in enumerate(ask):
+                if asked:
+                    ms = next(resets, -2)
+                    at[i] = now + (window if ms == -1 else max(ms, 0) / 1000)
+                    if ms != -2:  # a counter gone: its next window starts with a failure
+                        known[names[i]] = at[i]
+        ms = max((int((a - now) * 1000) for a in at if a is not None), default=0)
         return max(1, min(window, -(-ms // 1000)))
 
     async def _verify_counted(self, token: ParsedToken, digest: bytes,

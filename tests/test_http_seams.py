@@ -133,7 +133,8 @@ _NAMES = ["Host", "host", "Accept", "Authorization", "authorization", "X-Api-Key
           "X-Forwarded-For", "x_forwarded_for", "X-Forwarded-Proto", "X-Forwarded-Host",
           "X-Forwarded-Port", "Forwarded", "X-Workspace-Id", "X_Workspace_Id", "Keep-Alive",
           "TE", "Upgrade", "Content-Length", "Expect", "X-Request-Id", "traceparent",
-          "tracestate", "X-Keygate-Signature", "Cookie", "X-Custom", "x-custom"]
+          "tracestate", "X-Keygate-Signature", "Cookie", "X-Custom", "x-custom",
+          "X-Real-IP", "x_real_ip", "True-Client-IP", "Client-IP", "X-Forwarded"]
 
 
 @given(st.lists(st.tuples(st.sampled_from(_NAMES),
@@ -245,3 +246,27 @@ def test_ratelimit_fields_are_what_formatting_them_each_time_gives(calls):
                                  key_limit, key_used) == \
             _ratelimit_headers_by_rule(rate, remaining, reset_ms, monthly, used, month, now,
                                        key_limit, key_used)
+
+
+# Names upstream libraries read the client's address from besides the six nginx/CDN ones:
+# django-ipware (HTTP_CLIENT_IP, HTTP_X_FORWARDED, HTTP_FORWARDED_FOR), request-ip (npm:
+# x-forwarded, forwarded-for, do-connecting-ip, x-appengine-user-ip, cf-pseudo-ipv4), Java
+# stacks (Proxy-Client-IP, WL-Proxy-Client-IP), Fly.io, Akamai, X-Originating-IP.
+_MORE_CLIENT_ADDRESS = ["Client-IP", "X-Forwarded", "Forwarded-For", "X_Forwarded",
+                        "Proxy-Client-IP", "WL-Proxy-Client-IP", "X-Originating-IP",
+                        "X-Remote-IP", "X-Remote-Addr", "DO-Connecting-IP", "Fly-Client-IP",
+                        "X-AppEngine-User-IP", "CF-Connecting-IPv6", "CF-Pseudo-IPv4",
+                        "Akamai-Client-IP"]
+
+
+@given(st.sampled_from(_MORE_CLIENT_ADDRESS), st.booleans())
+def test_every_client_address_header_upstreams_read_is_dropped_from_an_untrusted_peer(
+        name, connection_names_one):
+    """A forged client address in any header name a common upstream library reads it from
+    never passes from a peer keygate does not trust (fast path and rule by rule)."""
+    rules = RequestHeaderRules(make_config("http://127.0.0.1:9"))
+    pairs = [("Host", "api.example"), (name, "6.6.6.6"), ("Accept", "a")]
+    if connection_names_one:
+        pairs.append(("Connection", "X-Other"))
+    out = rules.passed_on(CIMultiDictProxy(CIMultiDict(pairs)), "10.0.0.1", "http", None)
+    assert "6.6.6.6" not in [v for _, v in out], out

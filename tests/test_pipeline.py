@@ -445,6 +445,40 @@ async def test_too_many_failures_retry_after_is_the_time_left_in_the_window(
         async with g.proxy.get("/people/1", headers=bearer(token)) as r:
             assert r.status == 200
 
+async def test_a_flood_of_refused_guesses_asks_the_store_when_its_window_resets_once(
+        redis_url, upstream, monkeypatch):
+    """A 429 ``too_many_failures`` reads when the counters over their limit reset (one call
+    per counter: on a Cluster they live in different slots), after the counts. Asked for
+    every refused request, an attacker past the limit tripled the store calls each of its
+    guesses costs (and held a verification turn through them): the reset is a fixed instant,
+    so it is asked once per counter and window, and later refusals answer from it."""
+    from gateway.store.request import RequestStore
+    asked = []
+    real = RequestStore.failure_resets_ms
+
+    async def counting(self, ip, key_id):
+        asked.append((ip, key_id))
+        return await real(self, ip, key_id)
+    monkeypatch.setattr(RequestStore, "failure_resets_ms", counting)
+    url = str(upstream.make_url(""))
+    config = make_config(url)
+    config = make_config(url, keys=dataclasses.replace(
+        config.keys, failures=FailureLimits(per_ip=2, per_key=2, window_seconds=30)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        for _ in range(2):
+            async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+                assert r.status == 401
+        waits = []
+        for _ in range(20):  # over both limits: the IP's and the key id's
+            async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+                assert (r.status, (await r.json())["error"]["code"]) == (429, "too_many_failures")
+                waits.append(int(r.headers["Retry-After"]))
+        assert all(28 <= w <= 30 for w in waits), waits
+        assert len(asked) <= 2, asked  # at most once per counter (here: both in one call)
+
+
 # --- cost of the hot path ----------------------------------------------------------------------
 
 def monitor_commands(url: str, started: threading.Event, stop_marker: str, out: list[str]) -> None:

@@ -219,3 +219,36 @@ async def test_a_call_that_counted_but_answered_too_late_is_taken_back(
         while await _counts(gut, "acme") != (1, 1) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert await _counts(gut, "acme") == (1, 1)
+
+
+def test_a_refund_sent_again_takes_back_nothing(redis_url) -> None:
+    """The refund script with its marker (as the topology clients send it): the first copy
+    takes the request back from every counter and the rate log, a copy sent again after the
+    connection died takes back nothing; without a marker (the lean client) as before."""
+    from gateway.store.request import REFUND
+    r = redis.Redis.from_url(redis_url)
+    ws = "acme"
+    rate = f"kg:rate:{{{ws}}}:k1"
+    counters = [f"kg:usage:{{{ws}}}:2026-01", f"kg:kusage:{{{ws}}}:k1:2026-01",
+                f"kg:daily:{{{ws}}}:2026-01-15", f"kg:kdaily:{{{ws}}}:k1:2026-01-15"]
+    try:
+        for c in counters:
+            r.set(c, 5, ex=3600)
+        r.zadd(rate, {"m1": 1, "m2": 2})
+        r.script_load(REFUND.text)
+        marker = f"kg:once:{{{ws}}}:refund:1"
+
+        def refund(member: str, marker: str | None) -> None:
+            keys = [rate, *counters] + ([marker] if marker else [])
+            args = [member, 3600, 3600, 86400, 86400] + ([5000, "once"] if marker else [])
+            r.evalsha(REFUND.sha, len(keys), *keys, *args)
+
+        refund("m1", marker)
+        refund("m1", marker)  # sent again
+        assert [int(r.get(c)) for c in counters] == [4] * 4 and r.zrange(rate, 0, -1) == [b"m2"]
+        assert 0 < r.pttl(marker) <= 5000
+        refund("m2", None)  # the lean client's
+        assert [int(r.get(c)) for c in counters] == [3] * 4 and r.zcard(rate) == 0
+        assert all(0 < r.ttl(c) for c in counters)
+    finally:
+        r.close()

@@ -534,3 +534,55 @@ async def test_a_sentinel_master_that_answers_late_is_given_up_on_once_and_a_ref
         await store.close()
         owner.close()
         sleeper.close()
+
+
+async def test_a_sentinel_refund_whose_connection_died_after_it_ran_takes_back_one_request(
+        sentinel_group) -> None:  # noqa: F811
+    """The master runs a refund, then closes its connection before the reply leaves (CLIENT
+    KILL read in the same turn: what a failover, a proxy or a server-side kill does). redis-
+    py's retry sends the refund again on a new connection - as it did the authorize call
+    that now carries a marker - and the second copy ran too: every counter went from 10 to 8,
+    taking back a request that was forwarded (a quota overrun of one per retried refund)."""
+    from gateway.store.request import Slot
+    slot = Slot("acme", "k1", "2026-01", "2026-01-15")
+    owner = redis.Redis(port=sentinel_group["master"], password=DATA_PW, socket_timeout=5)
+    killer = redis.Redis(port=sentinel_group["master"], password=DATA_PW, socket_timeout=5)
+    for counter in slot.counters():
+        owner.set(counter, 11, ex=3600)
+    store = RequestStore(sentinel_group["url"], timeout=2.0)
+    try:
+        await store.refund(slot, 3600)  # connected: the master is known, a connection open
+        assert [int(owner.get(c)) for c in slot.counters()] == [10] * 4
+        killer.ping()
+        mine = {c["id"] for c in owner.client_list(_type="normal")} - {
+            str(owner.client_id()), str(killer.client_id())}
+        ids = [c["id"] for c in owner.client_list(_type="normal")
+               if c["id"] in mine and not c["name"].startswith("sentinel")
+               and c["cmd"] != "client|list"]
+        pid = int(owner.info("server")["process_id"])
+
+        def kill() -> None:
+            pipe = killer.pipeline(transaction=False)
+            for i in ids:
+                pipe.execute_command("CLIENT", "KILL", "ID", i)
+            pipe.execute(raise_on_error=False)
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            refund = asyncio.create_task(store.refund(slot, 3600))
+            await asyncio.sleep(0.05)
+            killing = asyncio.create_task(asyncio.to_thread(kill))
+            await asyncio.sleep(0.03)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await killing
+        try:
+            await refund
+        except StoreError:
+            pass  # given up on: it ran, or it did not
+        counters = [int(owner.get(c)) for c in slot.counters()]
+        assert counters in ([9] * 4, [10] * 4), counters
+    finally:
+        await store.close()
+        owner.close()
+        killer.close()

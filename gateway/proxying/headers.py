@@ -81,8 +81,17 @@ _norm = header_key  # header names compared as a spoofer sees them
 
 # Headers upstreams take the client's address from besides X-Forwarded-For (nginx's
 # real_ip_header, CDNs', frameworks'): trusted only as a trusted proxy sends them (_norm names).
+# Beyond nginx's and the CDNs' own: what common client-IP libraries read (django-ipware's
+# HTTP_CLIENT_IP, HTTP_X_FORWARDED, HTTP_FORWARDED_FOR; npm request-ip's x-forwarded,
+# forwarded-for, do-connecting-ip, x-appengine-user-ip, cf-pseudo-ipv4; Java stacks'
+# Proxy-Client-IP, WL-Proxy-Client-IP) and other platforms' (Fly, Akamai).
 CLIENT_ADDRESS = frozenset({"x-real-ip", "true-client-ip", "x-client-ip", "cf-connecting-ip",
-                            "fastly-client-ip", "x-cluster-client-ip"})
+                            "fastly-client-ip", "x-cluster-client-ip", "client-ip",
+                            "x-forwarded", "forwarded-for", "proxy-client-ip",
+                            "wl-proxy-client-ip", "x-originating-ip", "x-remote-ip",
+                            "x-remote-addr", "do-connecting-ip", "fly-client-ip",
+                            "x-appengine-user-ip", "cf-connecting-ipv6", "cf-pseudo-ipv4",
+                            "akamai-client-ip"})
 
 # What passed_on does with a header of a name: pass it, drop it, or look at the peer
 # (X-Forwarded-*, Forwarded, CLIENT_ADDRESS) or the value (Authorization).

@@ -48,8 +48,9 @@ per-request script and every admin script touch a single slot.
     kg:once:{ws}:<request-id>     STRING  Sentinel and Cluster only: the answer of a request's
                                           authorize call that counted it ("used,rate_remaining,
                                           reset_ms,0,key_used"), so a copy of the call sent
-                                          again after its connection died counts nothing
-                                          (TTL: request.ONCE_TTL, from the store timeout)
+                                          again after its connection died counts nothing;
+                                          for a refund, "1": a copy takes back nothing
+                                          (TTL: request.once_ttl_ms, from the store timeout)
     kg:rate:{ws}:<id>             ZSET    the key's rate log: one member per request admitted
                                           in the last rate period, score = its time in ms
                                           (a sliding log; expires one period after the last)

@@ -186,8 +186,7 @@ class RequestStore:
         marker = None
         try:
             if count and self._resends:
-                self._once_seq += 1
-                marker = once_key(workspace, f"{self._once_tag}:{self._once_seq}")
+                marker = self._marker(workspace)
                 reply = await self._resp.run_prepared_once(prepared, varying, marker,
                                                            self._once_ttl)
             else:
@@ -218,6 +217,11 @@ class RequestStore:
                                          reply[3], reply[5], member))
         except (KeyError, IndexError, TypeError):
             raise StoreError("unexpected answer from the authorize script") from None
+
+    def _marker(self, workspace: str) -> str:
+        """A new marker for one call that must run once (``once_ttl_ms``)."""
+        self._once_seq += 1
+        return once_key(workspace, f"{self._once_tag}:{self._once_seq}")
 
     def _marked(self, marker: str) -> asyncio.Future[bool]:
         """Whether a counting call given up on (Sentinel, Cluster) counted its request: its
@@ -300,8 +304,11 @@ class RequestStore:
         """Take back one counted request that never reached the upstream, from every counter
         it was counted in and, given its ``rate_member`` (``Decision.rate_member``), from the
         key's rate log."""
-        await self._run(REFUND, (rate_key(slot.workspace, slot.key_id), *slot.counters()),
-                        (rate_member, ttl, ttl, DAILY_TTL, DAILY_TTL))
+        keys: tuple[str, ...] = (rate_key(slot.workspace, slot.key_id), *slot.counters())
+        args: tuple[Any, ...] = (rate_member, ttl, ttl, DAILY_TTL, DAILY_TTL)
+        if self._resends:  # a copy sent again after its connection died takes back nothing
+            keys, args = (*keys, self._marker(slot.workspace)), (*args, self._once_ttl, "once")
+        await self._run(REFUND, keys, args)
 
     async def take_back_rate(self, slot: Slot, rate_member: str) -> None:
         """Take ``rate_member`` out of the key's rate log, and nothing else: a request that was

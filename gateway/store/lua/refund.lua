@@ -4,10 +4,21 @@
 -- KEYS[1] the key's rate log (kg:rate:{ws}:<id>)   ARGV[1] the request's member in it ("" or
 --         "-": it had no rate limit, nothing to remove)
 -- KEYS[2..n] the counters   ARGV[i] TTL of KEYS[i], seconds
+-- Sentinel and Cluster only (redis-py sends a call again when its connection dies, which it
+-- may do after Redis ran the call): ARGV[n + 1] is "once", KEYS[n] is then not a counter but
+-- this refund's marker (kg:once:{ws}:<id>) and ARGV[n] its TTL, ms. The first copy to run
+-- sets the marker and takes the request back; a copy that finds it does nothing.
 -- Returns the first counter's new value.
+local last = #KEYS
+if ARGV[last + 1] == 'once' then
+  if not redis.call('SET', KEYS[last], '1', 'NX', 'PX', ARGV[last]) then
+    return tonumber(redis.call('GET', KEYS[2]) or '0')  -- a copy: already taken back
+  end
+  last = last - 1
+end
 if ARGV[1] ~= '' and ARGV[1] ~= '-' then redis.call('ZREM', KEYS[1], ARGV[1]) end
 local n
-for i = 2, #KEYS do
+for i = 2, last do
   local m = redis.call('DECR', KEYS[i])
   if m < 0 then redis.call('SET', KEYS[i], 0, 'KEEPTTL') end
   if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ARGV[i]) end
