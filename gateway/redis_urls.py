@@ -458,6 +458,7 @@ def _cluster_class() -> Any:
             node.__class__ = _RecentFirstNode
         return node
 
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     class _Cluster(RedisCluster):
@@ -478,6 +479,38 @@ def _cluster_class() -> Any:
         # then route it) or the store timeout has passed since the command was first sent.
         try_again_for = 0.0
         TRY_AGAIN_PAUSE = 0.05
+
+        # Times the slots are read again when a connection is closed under the read.
+        INITIALIZE_ATTEMPTS = 3
+
+        async def initialize(self, additional_startup_nodes_info: Any = None,
+                             last_failed_node_name: Any = None) -> Any:
+            """redis-py 8.1.0's, with two changes. After a connection error, a command's
+            retry first reads the slots (CLUSTER SLOTS, COMMAND) again, and redis-py does that
+            before its retry loop's ``try``: a connection closed under that read (``CLIENT
+            KILL`` of every client, a node restarting) was the command's error, never retried,
+            and answered 503 on a healthy cluster. Such a read is now made again, up to
+            ``INITIALIZE_ATTEMPTS`` times. And a read that fails no longer closes every node's
+            connections, which other commands were using (they failed in turn)."""
+            if not self._initialize:
+                return self
+            if not self._lock:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                for attempt in range(self.INITIALIZE_ATTEMPTS):
+                    if not self._initialize:
+                        break
+                    try:
+                        await self.nodes_manager.initialize(
+                            additional_startup_nodes_info=additional_startup_nodes_info,
+                            last_failed_node_name=last_failed_node_name)
+                        await self.commands_parser.initialize(self.nodes_manager.default_node)
+                        self._initialize = False
+                    except RedisConnectionError:
+                        if attempt == self.INITIALIZE_ATTEMPTS - 1:
+                            raise
+                        await asyncio.sleep(0.01 * 2 ** attempt)
+            return self
 
         async def _execute_command(self, target_node: Any, *args: Any, **kwargs: Any) -> Any:
             token = _IN_COMMAND.set(True)
