@@ -30,6 +30,8 @@ password and master name are percent-decoded. Error messages never repeat a pass
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.exceptions import RedisError
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
@@ -345,11 +348,16 @@ def _given(**credentials: str | None) -> dict[str, str]:
     return {name: value for name, value in credentials.items() if value is not None}
 
 
-def topology_client(url: str, *, timeout: float, decode_responses: bool) -> Any:
+def topology_client(url: str, *, timeout: float, decode_responses: bool,
+                    confirm_writes: bool = False) -> Any:
     """A redis-py asyncio client for a Sentinel or Cluster URL: a ``Redis`` on the current
     master (Sentinel) or a ``RedisCluster``. It connects lazily (the first command) and is
     closed with ``await client.aclose()``, which for Sentinel also closes the connections to
-    the Sentinels. Raises ``ValueError`` on a bad URL."""
+    the Sentinels. Raises ``ValueError`` on a bad URL.
+
+    ``confirm_writes`` (the admin store's client): on Sentinel, the client can confirm that
+    the writes of an operation ran on the node the Sentinels name as the master
+    (``_ConfirmingSentinelMaster``); the per-request client does not (its class is unchanged)."""
     target = parse_topology_url(url)
     options: dict[str, Any] = dict(decode_responses=decode_responses, socket_timeout=timeout,
                                    socket_connect_timeout=timeout,
@@ -380,7 +388,9 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool) -> Any:
         sentinel_options["ssl"] = True
         options["ssl"] = True
     sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_options)
-    client = sentinel.master_for(target.service, redis_class=_SentinelMaster, db=target.db,
+    client = sentinel.master_for(target.service, db=target.db,
+                                 redis_class=_ConfirmingSentinelMaster if confirm_writes
+                                 else _SentinelMaster,
                                  connection_pool_class=_BlockingSentinelPool, **options)
     client._sentinel = sentinel
     return client
@@ -585,20 +595,27 @@ class _SentinelMaster(Redis):
                 master = await pool.get_master_address()
             except Exception:  # no Sentinel answers, or none knows a master: commands say so
                 continue
-            # No await from here to the gather: a connection is handed out synchronously, so none
-            # changes hands while this looks. (Comparing with the address the pool knew would
-            # miss a change a new connection learned first: redis-py then closes only the idle
-            # connections, and the busy ones went back to the pool still on the old master.)
-            stale = [c for c in pool._available_connections
-                     if c.is_connected and (c.host, c.port) != master]
-            if stale:
-                pool._available_connections[:] = [c for c in pool._available_connections
-                                                  if c not in stale]
-            for c in pool._in_use_connections:
-                if c.is_connected and (c.host, c.port) != master:
-                    c.mark_for_reconnect()  # closed as it is released
-            if stale:
-                await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
+            await self._move_off_all_but(master)
+
+    async def _move_off_all_but(self, master: tuple[str, int]) -> None:
+        """Drop the idle connections to any node but ``master``; close the busy ones as they
+        are released."""
+        import asyncio
+        pool = self.connection_pool
+        # No await from here to the gather: a connection is handed out synchronously, so none
+        # changes hands while this looks. (Comparing with the address the pool knew would
+        # miss a change a new connection learned first: redis-py then closes only the idle
+        # connections, and the busy ones went back to the pool still on the old master.)
+        stale = [c for c in pool._available_connections
+                 if c.is_connected and (c.host, c.port) != master]
+        if stale:
+            pool._available_connections[:] = [c for c in pool._available_connections
+                                              if c not in stale]
+        for c in pool._in_use_connections:
+            if c.is_connected and (c.host, c.port) != master:
+                c.mark_for_reconnect()  # closed as it is released
+        if stale:
+            await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         watch, self._watch = self._watch, None
@@ -611,3 +628,108 @@ class _SentinelMaster(Redis):
         finally:
             if self._sentinel is not None:
                 await self._sentinel.aclose()
+
+
+# The nodes (host, port) the commands of the admin operation under way ran on: a set while
+# ``_ConfirmingSentinelMaster.writes_confirmed`` runs in this task, else None.
+_RAN_ON: contextvars.ContextVar[set[tuple[str, int]] | None] = contextvars.ContextVar(
+    "keygate_admin_ran_on", default=None)
+
+
+class MasterNotConfirmed(RedisError):
+    """An operation's writes ran on a node the Sentinels do not (or not all) name as the master,
+    or no Sentinel answered: they may be thrown away with that node. The store answers 503
+    ("the change could not be confirmed")."""
+
+
+class _ConfirmingSentinelMaster(_SentinelMaster):
+    """The admin store's Sentinel client: an operation run in ``writes_confirmed()`` succeeds
+    only if, after its last command, the Sentinels still name the node its commands ran on as
+    the master.
+
+    The background check (``_SentinelMaster``) moves connections off a demoted master only up
+    to ``MASTER_CHECK_INTERVAL`` after the Sentinels promote another node, and a command already
+    in a stalled master's socket buffer runs there when it wakes, whatever the client does: the
+    old master takes it (it is demoted only seconds later) and answers OK, then its data is
+    thrown away. A key answered 201 was then unknown, a revocation answered 200 undone.
+
+    So the node each command ran on is recorded (redis-py's ``_send_command_parse_response``,
+    overridden: the one place the borrowed connection, so the node that answered, is known; a
+    command sent again after a connection error is recorded where it finally ran), and once the
+    operation is done every Sentinel is asked ``SENTINEL GET-MASTER-ADDR-BY-NAME`` and
+    ``SENTINEL MASTER``. Confirmed only if at least one Sentinel answers, every one that answers
+    names that one node, and none sees it down or is failing it over (``s_down``, ``o_down``,
+    ``failover_in_progress``: the leader of a failover goes on naming the old master until the
+    replica it promoted reports itself master, and a write may run on the old master meanwhile).
+
+    The race: the write runs on node N at t1, the Sentinels are asked at t2 > t1. A write that
+    ran on N after another node was promoted is refused, since from the promotion on the leading
+    Sentinel either shows the failover under way or names the new master (so would every other
+    Sentinel that answers once it has learnt the new configuration; one that has not, answering
+    alone while the others are unreachable, is what can still confirm wrongly). A write that ran
+    before the promotion is the replicas' business: lost if it had not reached the promoted
+    replica (``min-replicas-to-write``), refused though it holds if the promotion came between
+    t1 and t2 (503 says "could not be confirmed"; admin writes can be repeated). A refusal
+    because a Sentinel names another node moves the idle connections there at once."""
+
+    async def _send_command_parse_response(self, conn: Any, command_name: Any, *args: Any,
+                                           **options: Any) -> Any:
+        reply = await super()._send_command_parse_response(conn, command_name, *args, **options)
+        nodes = _RAN_ON.get()
+        if nodes is not None:
+            nodes.add((conn.host, int(conn.port)))
+        return reply
+
+    @contextlib.asynccontextmanager
+    async def writes_confirmed(self) -> Any:
+        """Run the block's commands, then raise ``MasterNotConfirmed`` unless the Sentinels
+        confirm the node they ran on as the master. Not confirmed when the block raises (the
+        operation failed anyway). Nested: the outer block confirms the inner one's commands."""
+        if _RAN_ON.get() is not None:
+            yield
+            return
+        nodes: set[tuple[str, int]] = set()
+        token = _RAN_ON.set(nodes)
+        try:
+            yield
+        finally:
+            _RAN_ON.reset(token)
+        await self.confirm_master(nodes)
+
+    async def confirm_master(self, nodes: set[tuple[str, int]]) -> None:
+        if not nodes:
+            return
+        if len(nodes) > 1:
+            raise MasterNotConfirmed(f"an operation's commands ran on {len(nodes)} nodes "
+                                     "(a failover while it ran)")
+        node = next(iter(nodes))
+        import asyncio
+
+        from redis.utils import str_if_bytes
+        service = self.connection_pool.service_name
+
+        async def ask(sentinel: Any) -> tuple[Any, Any]:
+            # GET-MASTER-ADDR-BY-NAME names the promoted node as soon as a failover has promoted
+            # it; MASTER's address changes only once the failover is over, and its flags tell
+            # a failover under way (the old master then still named by address)
+            return (await sentinel.sentinel_get_master_addr_by_name(service),
+                    await sentinel.sentinel_master(service))
+
+        answers = await asyncio.gather(*(ask(s) for s in self._sentinel.sentinels),
+                                       return_exceptions=True)
+        answers = [a for a in answers if isinstance(a, tuple) and a[0] and isinstance(a[1], dict)]
+        if not answers:
+            raise MasterNotConfirmed("no Sentinel answered which node is the master")
+        for addr, state in answers:
+            named = (str_if_bytes(addr[0]), int(addr[1]))
+            if named != node:
+                await self._move_off_all_but(named)  # the later writes go there at once
+                raise MasterNotConfirmed(f"the write ran on {node[0]}:{node[1]}, which a "
+                                         f"Sentinel no longer names as the master "
+                                         f"({named[0]}:{named[1]} is)")
+            flags = state.get("flags", "")
+            flags = set(flags.split(",")) if isinstance(flags, str) else set(flags)
+            if flags & {"s_down", "o_down", "failover_in_progress"}:
+                raise MasterNotConfirmed(f"the write ran on {node[0]}:{node[1]}, which a "
+                                         f"Sentinel sees down or is failing over "
+                                         f"({','.join(sorted(flags))})")

@@ -586,3 +586,121 @@ async def test_a_sentinel_refund_whose_connection_died_after_it_ran_takes_back_o
         await store.close()
         owner.close()
         killer.close()
+
+
+async def test_sentinel_admin_writes_that_ran_on_a_demoted_master_are_never_answered_done(
+        sentinel_group, upstream, monkeypatch) -> None:  # noqa: F811
+    """The master stalls with admin writes (key creates, revocations) queued on its connections;
+    the Sentinel promotes the replica; the old master wakes and runs them, and still takes the
+    writes sent on keygate's pooled connections to it until its background check moves them
+    (the check is held off here, so that window lasts the whole test instead of up to 0.5 s).
+    The old master's data is thrown away when the Sentinels demote it: so a create answered 201
+    must be on the node the Sentinel names as the master, and so must a revocation answered
+    200. The rest are 503 "could not be confirmed" (never 201/200 from the demoted node)."""
+    import gateway.redis_urls as redis_urls
+    monkeypatch.setattr(redis_urls, "MASTER_CHECK_INTERVAL", 3600.0)
+    # long enough for the writes queued on the stalled master to be answered once it wakes
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=10.0))
+    async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
+        await gut.workspace("acme", plan="unlimited")
+        victims = [(await gut.key("acme"))[1]["id"] for _ in range(6)]
+        # eight pooled connections to the master, idle
+        await asyncio.gather(*(gut.key("acme") for _ in range(8)))
+        pid = await asyncio.to_thread(_master_pid, sentinel_group)
+
+        async def create() -> tuple[str, int, Any]:
+            status, body = await gut.admin_json("POST", "/workspaces/acme/keys",
+                                                {"name": "f", "scopes": ["people:read"]})
+            return "create", status, body
+
+        async def revoke(key_id: str) -> tuple[str, int, Any]:
+            status, body = await gut.admin_json(
+                "POST", f"/workspaces/acme/keys/{key_id}/revoke")
+            return key_id, status, body
+
+        def promoted() -> None:
+            with redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW,
+                             decode_responses=True, socket_timeout=2) as s:
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline:
+                    if int(s.sentinel_get_master_addr_by_name(MASTER)[1]) == \
+                            sentinel_group["replica"]:
+                        return
+                    time.sleep(0.05)
+            raise AssertionError("the Sentinel did not promote the replica")
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # queued in the stalled master's socket buffers
+            queued = [asyncio.create_task(create()) for _ in range(3)] + \
+                [asyncio.create_task(revoke(k)) for k in victims[:3]]
+            await asyncio.sleep(0.3)
+            assert not any(t.done() for t in queued), [t.result() for t in queued if t.done()]
+            await asyncio.to_thread(promoted)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        answers = list(await asyncio.gather(*queued))
+        # sent after the promotion, on the pooled connections still leading to the old master
+        answers += await asyncio.gather(create(), create(), *(revoke(k) for k in victims[3:]))
+
+        def on_nodes() -> tuple[dict, set, set]:
+            old = redis.Redis(port=sentinel_group["master"], password=DATA_PW,
+                              decode_responses=True, socket_timeout=2)
+            new = redis.Redis(port=sentinel_group["replica"], password=DATA_PW,
+                              decode_responses=True, socket_timeout=2)
+            try:
+                role = old.execute_command("ROLE")[0]
+                keys_old = set(old.scan_iter("kg:key:{acme}:*"))
+                keys_new = set(new.scan_iter("kg:key:{acme}:*"))
+                state = {k: new.hgetall(k) for k in keys_new}
+                return {"old_role": role, "state": state}, keys_old, keys_new
+            finally:
+                old.close()
+                new.close()
+
+        seen, keys_old, keys_new = await asyncio.to_thread(on_nodes)
+        # the writes did run on the old master after the promotion (else this proves nothing)
+        assert seen["old_role"] == "master" and keys_old - keys_new, seen["old_role"]
+        kinds = [(what, status) for what, status, _ in answers]
+
+        def check(answers: list, state: dict) -> None:
+            for what, status, body in answers:
+                if status == 503:
+                    assert "could not be confirmed" in body["error"]["message"], body
+                    continue
+                if what == "create":
+                    assert status == 201, body
+                    k = f"kg:key:{{acme}}:{body['key']['id']}"
+                    assert k in state, ("answered 201, lost with the old master", kinds)
+                else:
+                    assert status == 200, body
+                    k = f"kg:key:{{acme}}:{what}"
+                    assert state[k].get("revoked_at"), \
+                        ("answered 200, undone with the old master", kinds)
+
+        check(answers, seen["state"])
+        # Refused, not broken: the admin connections left the old master with the refusal, so
+        # the same writes sent again are answered done and are on the new master.
+        def switched() -> None:  # the failover is over in the Sentinel's view
+            with redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW,
+                             decode_responses=True, socket_timeout=2) as s:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    state = s.sentinel_master(MASTER)
+                    if state["port"] == sentinel_group["replica"] and \
+                            "failover_in_progress" not in state["flags"]:
+                        return
+                    time.sleep(0.05)
+            raise AssertionError("the Sentinel's failover did not end")
+
+        await asyncio.to_thread(switched)
+
+        async def until_done(write: Any) -> tuple[str, int, Any]:
+            # the first may still run on the old master (refused: the connections then move)
+            answer = await write()
+            return answer if answer[1] != 503 else await write()
+
+        again = [await until_done(create), await until_done(lambda: revoke(victims[0])),
+                 await until_done(lambda: revoke(victims[-1]))]
+        assert [status for _, status, _ in again] == [201, 200, 200], again
+        check(again, (await asyncio.to_thread(on_nodes))[0]["state"])

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 from ..errors import Conflict, NotFound, StoreError, shown
 from ..models import KeyRecord, Workspace, rfc3339
 from ..usage import effective_plan, limits_json, month_period
-from .admin_base import AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, no_workspace, store_errors
+from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, confirmed_write, no_workspace,
+                         store_errors)
 from .admin_keys import KeyStore
 from .keyspace import (WORKSPACES, daily_key, key_daily_key, key_usage_key, usage_key,
                        ws_audit_key, ws_key, ws_roles_key)
@@ -45,6 +46,7 @@ class Store(KeyStore):
                 hashes = await pipe.execute()
         return [w for h in hashes if (w := workspace_from_hash(h)) is not None]
 
+    @confirmed_write
     async def create_workspace(self, ws: str | None, name: str, plan: str, *,
                                actor: str = OPERATOR) -> Workspace:
         """Create a workspace. ``ws`` None: a slug of ``name``, with a random suffix if taken.
@@ -70,6 +72,7 @@ class Store(KeyStore):
                 break
         raise Conflict(f"The workspace id '{shown_ws(base)}' is already taken.")
 
+    @confirmed_write
     async def update_workspace(self, ws: str, *, name: str | None = None,
                                plan: str | None = None, limits: Any = UNSET,
                                actor: str = OPERATOR) -> Workspace:
@@ -140,6 +143,7 @@ class Store(KeyStore):
         it fall back to the configured role of that name, or have no scopes."""
         await self._set_role(ws, "delete", name, None, actor)
 
+    @confirmed_write
     async def _set_role(self, ws: str, op: str, name: str, scopes: list[str] | None,
                         actor: str) -> None:
         if not WORKSPACE_ID_RE.fullmatch(ws):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
-from typing import Any, Callable, Iterator, Mapping, Self, Sequence
+from typing import Any, Awaitable, Callable, Iterator, Mapping, Self, Sequence, TypeVar
 
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -30,7 +31,8 @@ def _client(url: str, timeout: float) -> Any:
         raise StoreError("the store URL needs a scheme: redis://, rediss://, unix://, "
                          "redis+sentinel:// or redis+cluster://")
     if is_topology_url(url):  # redis+sentinel://, redis+cluster:// (see gateway.redis_urls)
-        return topology_client(url, timeout=timeout, decode_responses=True)
+        return topology_client(url, timeout=timeout, decode_responses=True,
+                               confirm_writes=True)
     return standalone_client(url, timeout=timeout, decode_responses=True)
 
 
@@ -56,6 +58,27 @@ def store_errors(what: str) -> Iterator[None]:
     except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
         # RedisClusterException: e.g. no seed node of a Cluster answers (not a RedisError)
         raise StoreError(f"store {what} failed: {describe(exc)}") from exc
+
+
+T = TypeVar("T")
+
+
+def confirmed_write(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """An admin write whose success is confirmed where the store can be wrong about it: on
+    Sentinel, the node every command of the operation ran on must still be the master the
+    Sentinels name once it is done (``gateway.redis_urls._ConfirmingSentinelMaster``), else
+    :class:`StoreError` (503: the change could not be confirmed). A write that ran on a demoted
+    master is thrown away with its data; it must not be answered as done. Standalone and
+    Cluster clients have nothing to confirm (Cluster: a demoted node answers MOVED)."""
+    @functools.wraps(method)
+    async def write(self: "StoreBase", *args: Any, **kwargs: Any) -> T:
+        confirming = getattr(self.redis, "writes_confirmed", None)
+        if confirming is None:
+            return await method(self, *args, **kwargs)
+        with store_errors("write confirmation"):
+            async with confirming():
+                return await method(self, *args, **kwargs)
+    return write
 
 
 class StoreBase:

@@ -10,8 +10,8 @@ from typing import Any, Sequence
 from ..errors import Conflict, StoreError, shown
 from ..models import KeyRecord, rfc3339, whole_second
 from ..tokens import ID_LEN, PREFIX_CHARS, make_token
-from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, no_key, no_workspace,
-                         revoked_key, store_errors)
+from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
+                         no_workspace, revoked_key, store_errors)
 from .keyspace import key_index_key, key_key, ws_active_key, ws_audit_key, ws_key, ws_keys_key
 from .records import (UNSET, WORKSPACE_ID_RE, NewKey, control_fields, epoch_field, hash_pairs,
                       key_from_hash, shown_ws)
@@ -115,6 +115,7 @@ class KeyStore(StoreBase):
             details["allowed_ips"] = list(record.allowed_ips)
         return details
 
+    @confirmed_write
     async def create_key(self, ws: str, *, name: str, environment: str,
                          description: str = "", role: str | None = None,
                          scopes: Sequence[str] = (), expires_at: float | None = None,
@@ -160,6 +161,7 @@ class KeyStore(StoreBase):
                                "revoke one first.", code="key_limit_reached")
         raise StoreError("could not find a free key id")
 
+    @confirmed_write
     async def rotate_key(self, ws: str, key_id: str, *, grace_seconds: int = 0,
                          actor: str = OPERATOR, max_expires_at: float | None = None,
                          expect_rev: int | None = None) -> tuple[KeyRecord, NewKey]:
@@ -230,6 +232,7 @@ class KeyStore(StoreBase):
                                "or revoke a key first.", code="key_limit_reached")
         raise StoreError("could not find a free key id")
 
+    @confirmed_write
     async def update_key(self, ws: str, key_id: str, *, name: Any = UNSET,
                          description: Any = UNSET, role: Any = UNSET, scopes: Any = UNSET,
                          expires_at: Any = UNSET, rate_limit: Any = UNSET,
@@ -288,6 +291,7 @@ class KeyStore(StoreBase):
             raise no_key(ws, key_id)
         return key
 
+    @confirmed_write
     async def revoke_key(self, ws: str, key_id: str, *, actor: str = OPERATOR) -> KeyRecord:
         """Revoke for good (idempotent: revoking again changes nothing and audits nothing)."""
         if not WORKSPACE_ID_RE.fullmatch(ws):
@@ -302,6 +306,7 @@ class KeyStore(StoreBase):
             raise no_key(ws, key_id)
         return key
 
+    @confirmed_write
     async def delete_key(self, ws: str, key_id: str, *, actor: str = OPERATOR) -> KeyRecord:
         """Remove a revoked or expired key for good (Conflict for an active key: revoke it
         first). Its audit entries stay; its token then reads as unknown (invalid_key)."""
