@@ -418,22 +418,32 @@ async def test_others_failures_do_not_lock_out_a_token_this_process_already_veri
 
 
 
+def failures_config(upstream, failures: FailureLimits):
+    """The test config with ``keys.failures`` set to ``failures``."""
+    config = make_config(str(upstream.make_url("")))
+    return dataclasses.replace(config, keys=dataclasses.replace(config.keys,
+                                                                failures=failures))
+
+
+async def key_failed_twice(g) -> str:
+    """A key of a new workspace whose token was then sent twice with a wrong secret (401)."""
+    await g.workspace("acme")
+    token, _ = await g.key()
+    for _ in range(2):
+        async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+            assert r.status == 401
+    return token
+
+
 async def test_too_many_failures_retry_after_is_the_time_left_in_the_window(
         redis_url, upstream, monkeypatch):
     """The failure counters are a fixed window from the first failure (a TTL): the 429 said
     ``Retry-After: <window_seconds>`` however little of the window was left, so a client doing
     as told waited up to a whole window longer than it had to. It answers the seconds until
     the counter resets, rounded up, and a request that waited them is verified again."""
-    url = str(upstream.make_url(""))
-    config = make_config(url)
-    config = make_config(url, keys=dataclasses.replace(
-        config.keys, failures=FailureLimits(per_ip=2, per_key=None, window_seconds=4)))
+    config = failures_config(upstream, FailureLimits(per_ip=2, per_key=None, window_seconds=4))
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
-        await g.workspace("acme")
-        token, _ = await g.key()
-        for _ in range(2):
-            async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
-                assert r.status == 401
+        token = await key_failed_twice(g)
         await asyncio.sleep(1.6)
         async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
             assert (r.status, (await r.json())["error"]["code"]) == (429, "too_many_failures")
@@ -444,6 +454,7 @@ async def test_too_many_failures_retry_after_is_the_time_left_in_the_window(
             assert (r.status, (await r.json())["error"]["code"]) == (401, "invalid_key")
         async with g.proxy.get("/people/1", headers=bearer(token)) as r:
             assert r.status == 200
+
 
 async def test_a_flood_of_refused_guesses_asks_the_store_when_its_window_resets_once(
         redis_url, upstream, monkeypatch):
@@ -460,16 +471,9 @@ async def test_a_flood_of_refused_guesses_asks_the_store_when_its_window_resets_
         asked.append((ip, key_id))
         return await real(self, ip, key_id)
     monkeypatch.setattr(RequestStore, "failure_resets_ms", counting)
-    url = str(upstream.make_url(""))
-    config = make_config(url)
-    config = make_config(url, keys=dataclasses.replace(
-        config.keys, failures=FailureLimits(per_ip=2, per_key=2, window_seconds=30)))
+    config = failures_config(upstream, FailureLimits(per_ip=2, per_key=2, window_seconds=30))
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
-        await g.workspace("acme")
-        token, _ = await g.key()
-        for _ in range(2):
-            async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
-                assert r.status == 401
+        token = await key_failed_twice(g)
         waits = []
         for _ in range(20):  # over both limits: the IP's and the key id's
             async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
