@@ -722,7 +722,7 @@ class _ConfirmingSentinelMaster(_SentinelMaster):
             raise MasterNotConfirmed("no Sentinel answered which node is the master")
         for addr, state in answers:
             named = (str_if_bytes(addr[0]), int(addr[1]))
-            if named != node:
+            if not await _same_node(named, node):
                 await self._move_off_all_but(named)  # the later writes go there at once
                 raise MasterNotConfirmed(f"the write ran on {node[0]}:{node[1]}, which a "
                                          f"Sentinel no longer names as the master "
@@ -733,3 +733,24 @@ class _ConfirmingSentinelMaster(_SentinelMaster):
                 raise MasterNotConfirmed(f"the write ran on {node[0]}:{node[1]}, which a "
                                          f"Sentinel sees down or is failing over "
                                          f"({','.join(sorted(flags))})")
+
+
+async def _same_node(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether two (host, port) name one node. Sentinels of one group may name the master in
+    different forms (one given its IP, another its hostname with ``announce-hostnames yes``,
+    until a failover makes them agree): the same port and a resolved address in common is the
+    same node. Resolved only when the forms differ (never for a different port)."""
+    if a == b:
+        return True
+    if a[1] != b[1]:
+        return False
+    import asyncio
+    import socket
+    loop = asyncio.get_running_loop()
+    try:
+        found = await asyncio.gather(*(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                                       for host, port in (a, b)))
+    except (OSError, UnicodeError):
+        return False
+    first, second = ({info[4][0] for info in infos} for infos in found)
+    return bool(first & second)

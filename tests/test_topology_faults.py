@@ -704,3 +704,45 @@ async def test_sentinel_admin_writes_that_ran_on_a_demoted_master_are_never_answ
                  await until_done(lambda: revoke(victims[-1]))]
         assert [status for _, status, _ in again] == [201, 200, 200], again
         check(again, (await asyncio.to_thread(on_nodes))[0]["state"])
+
+
+async def test_sentinel_admin_writes_are_confirmed_when_sentinels_name_the_master_by_ip_and_by_hostname(
+        tmp_path, upstream) -> None:  # noqa: F811
+    """A healthy group whose Sentinels name the one master in two forms: one was given its IP,
+    the other (``announce-hostnames yes``, as in a rolling move to hostnames) its hostname. Both
+    name the same node, so admin writes are confirmed, never 503 on a healthy store."""
+    from gateway.store import Store
+    from test_redis_topologies import DATA_PW, MASTER, SENTINEL_PW, Servers, _wait
+    from conftest import free_port
+    servers = Servers(tmp_path)
+    master, s_ip, s_host = free_port(), free_port(), free_port()
+    try:
+        servers.start("master", master, "--requirepass", DATA_PW, password=DATA_PW)
+        for name, port, host, extra in (("s-ip", s_ip, "127.0.0.1", ""),
+                                        ("s-host", s_host, "localhost",
+                                         "sentinel resolve-hostnames yes\n"
+                                         "sentinel announce-hostnames yes\n")):
+            conf = tmp_path / f"{name}.conf"
+            conf.write_text(extra +
+                            f"sentinel monitor {MASTER} {host} {master} 1\n"
+                            f"sentinel auth-pass {MASTER} {DATA_PW}\n"
+                            f"requirepass {SENTINEL_PW}\n")
+            servers.start(name, port, "--sentinel", conf=str(conf), password=SENTINEL_PW)
+        for port, host in ((s_ip, "127.0.0.1"), (s_host, "localhost")):
+            s = redis.Redis(port=port, password=SENTINEL_PW, decode_responses=True,
+                            socket_timeout=1)
+            assert _wait("the Sentinel to name the master",
+                         lambda: s.sentinel_get_master_addr_by_name(MASTER)) == (host, master)
+            s.close()
+        url = (f"redis+sentinel://:{DATA_PW}@127.0.0.1:{s_ip},127.0.0.1:{s_host}/{MASTER}/0"
+               f"?sentinel_password={SENTINEL_PW}")
+        store = await Store.connect(url, make_config(str(upstream.make_url(""))))
+        try:
+            ws = await store.create_workspace("acme", "Acme", "unlimited")
+            assert ws.id == "acme"
+            record = (await store.create_key("acme", name="k", environment="live")).key
+            assert (await store.revoke_key("acme", record.id)).revoked_at
+        finally:
+            await store.close()
+    finally:
+        servers.stop_all()
