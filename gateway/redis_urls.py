@@ -699,10 +699,11 @@ class _ConfirmingSentinelMaster(_SentinelMaster):
     async def confirm_master(self, nodes: set[tuple[str, int]]) -> None:
         if not nodes:
             return
-        if len(nodes) > 1:
-            raise MasterNotConfirmed(f"an operation's commands ran on {len(nodes)} nodes "
-                                     "(a failover while it ran)")
-        node = next(iter(nodes))
+        node, *others = sorted(nodes)
+        for other in others:  # one node named in two forms (IP, hostname) is one node
+            if not await _same_node(other, node):
+                raise MasterNotConfirmed(f"an operation's commands ran on {len(nodes)} nodes "
+                                         "(a failover while it ran)")
         import asyncio
 
         from redis.utils import str_if_bytes

@@ -742,6 +742,16 @@ async def test_sentinel_admin_writes_are_confirmed_when_sentinels_name_the_maste
             assert ws.id == "acme"
             record = (await store.create_key("acme", name="k", environment="live")).key
             assert (await store.revoke_key("acme", record.id)).revoked_at
+            # A connection made while the IP-naming Sentinel was not answering leads to the
+            # same node by its hostname: an operation whose commands ran on both ran on one node
+            client = store.redis
+            async with client.writes_confirmed():
+                await client.set("kg:probe", "1")
+                client._sentinel.sentinels.reverse()  # the hostname-naming one answers first
+                await client.connection_pool.disconnect()
+                await client.set("kg:probe", "2")
+            assert {c.host for c in client.connection_pool._available_connections} == \
+                {"localhost"}
         finally:
             await store.close()
     finally:
