@@ -756,3 +756,57 @@ async def test_sentinel_admin_writes_are_confirmed_when_sentinels_name_the_maste
             await store.close()
     finally:
         servers.stop_all()
+
+
+async def test_sentinel_admin_write_on_the_old_master_while_the_promotion_is_unannounced_is_refused(
+        sentinel_group, upstream, monkeypatch) -> None:  # noqa: F811
+    """The replica has taken SLAVEOF NO ONE (it is a master) but the Sentinel, which reads its
+    INFO once a second, still names the old master (failover under way). A write the old master
+    runs in that window is thrown away when it is demoted: the Sentinel naming it is no
+    confirmation, its failover flags must refuse it (never answered done and then lost)."""
+    import gateway.redis_urls as redis_urls
+    from gateway.store import Store
+    monkeypatch.setattr(redis_urls, "MASTER_CHECK_INTERVAL", 3600.0)
+    store = await Store.connect(sentinel_group["url"], make_config(
+        str(upstream.make_url("")), store=StoreConfig(timeout=10.0)))
+    try:
+        await store.create_workspace("acme", "Acme", "unlimited")
+        pid = await asyncio.to_thread(_master_pid, sentinel_group)
+
+        def promoted_unannounced() -> bool:
+            with redis.Redis(port=sentinel_group["replica"], password=DATA_PW,
+                             socket_timeout=2) as r, \
+                    redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW,
+                                decode_responses=True, socket_timeout=2) as s:
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline:
+                    if r.execute_command("ROLE")[0] == b"master":
+                        os.kill(pid, signal.SIGCONT)  # at once: within the Sentinel's second
+                        return int(s.sentinel_get_master_addr_by_name(MASTER)[1]) == \
+                            sentinel_group["master"]
+                    time.sleep(0.002)
+            raise AssertionError("the replica was not promoted")
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            writes = [asyncio.create_task(store.create_key("acme", name=f"k{i}",
+                                                           environment="live"))
+                      for i in range(4)]
+            await asyncio.sleep(0.2)
+            unannounced = await asyncio.to_thread(promoted_unannounced)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        done = await asyncio.gather(*writes, return_exceptions=True)
+        assert unannounced  # else the window this is about was missed
+        with redis.Redis(port=sentinel_group["replica"], password=DATA_PW,
+                         decode_responses=True, socket_timeout=2) as new:
+            for answer in done:
+                if isinstance(answer, StoreError):
+                    assert "could not be confirmed" in str(answer) or \
+                        "confirmation" in str(answer), answer
+                    continue
+                assert not isinstance(answer, BaseException), answer
+                assert new.exists(f"kg:key:{{acme}}:{answer.key.id}"), \
+                    ("answered done, lost with the old master", done)
+    finally:
+        await store.close()
