@@ -40,6 +40,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -713,8 +714,16 @@ class _ConfirmingSentinelMaster(_SentinelMaster):
             # GET-MASTER-ADDR-BY-NAME names the promoted node as soon as a failover has promoted
             # it; MASTER's address changes only once the failover is over, and its flags tell
             # a failover under way (the old master then still named by address)
-            return (await sentinel.sentinel_get_master_addr_by_name(service),
-                    await sentinel.sentinel_master(service))
+            try:
+                return (await sentinel.sentinel_get_master_addr_by_name(service),
+                        await sentinel.sentinel_master(service))
+            except RedisConnectionError:
+                # A pooled connection the Sentinel closed (CLIENT KILL, a restart, its idle
+                # timeout) fails its first command, and the Sentinel clients do not retry:
+                # asked once more, on a connection made again (a timeout is not a
+                # ConnectionError: a Sentinel that does not answer is not waited for twice)
+                return (await sentinel.sentinel_get_master_addr_by_name(service),
+                        await sentinel.sentinel_master(service))
 
         answers = await asyncio.gather(*(ask(s) for s in self._sentinel.sentinels),
                                        return_exceptions=True)

@@ -810,3 +810,21 @@ async def test_sentinel_admin_write_on_the_old_master_while_the_promotion_is_una
                     ("answered done, lost with the old master", done)
     finally:
         await store.close()
+
+
+async def test_sentinel_admin_write_after_the_sentinel_closed_keygates_connections_is_confirmed(
+        sentinel_group, upstream) -> None:  # noqa: F811
+    """The Sentinel closes keygate's connections to it (CLIENT KILL, a restart): the next admin
+    write's confirmation makes them again instead of answering 503 on a healthy group."""
+    from gateway.store import Store
+    store = await Store.connect(sentinel_group["url"], make_config(str(upstream.make_url(""))))
+    try:
+        await store.create_workspace("acme", "Acme", "unlimited")
+        for _ in range(3):
+            with redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW,
+                             socket_timeout=2) as s:
+                assert s.execute_command("CLIENT", "KILL", "TYPE", "normal") >= 1
+            await asyncio.sleep(0.05)  # the closes have reached keygate's sockets
+            assert (await store.create_key("acme", name="k", environment="live")).key.id
+    finally:
+        await store.close()
