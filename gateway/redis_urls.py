@@ -40,6 +40,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -699,10 +700,11 @@ class _ConfirmingSentinelMaster(_SentinelMaster):
     async def confirm_master(self, nodes: set[tuple[str, int]]) -> None:
         if not nodes:
             return
-        if len(nodes) > 1:
-            raise MasterNotConfirmed(f"an operation's commands ran on {len(nodes)} nodes "
-                                     "(a failover while it ran)")
-        node = next(iter(nodes))
+        node, *others = sorted(nodes)
+        for other in others:  # one node named in two forms (IP, hostname) is one node
+            if not await _same_node(other, node):
+                raise MasterNotConfirmed(f"an operation's commands ran on {len(nodes)} nodes "
+                                         "(a failover while it ran)")
         import asyncio
 
         from redis.utils import str_if_bytes
@@ -712,8 +714,16 @@ class _ConfirmingSentinelMaster(_SentinelMaster):
             # GET-MASTER-ADDR-BY-NAME names the promoted node as soon as a failover has promoted
             # it; MASTER's address changes only once the failover is over, and its flags tell
             # a failover under way (the old master then still named by address)
-            return (await sentinel.sentinel_get_master_addr_by_name(service),
-                    await sentinel.sentinel_master(service))
+            try:
+                return (await sentinel.sentinel_get_master_addr_by_name(service),
+                        await sentinel.sentinel_master(service))
+            except RedisConnectionError:
+                # A pooled connection the Sentinel closed (CLIENT KILL, a restart, its idle
+                # timeout) fails its first command, and the Sentinel clients do not retry:
+                # asked once more, on a connection made again (a timeout is not a
+                # ConnectionError: a Sentinel that does not answer is not waited for twice)
+                return (await sentinel.sentinel_get_master_addr_by_name(service),
+                        await sentinel.sentinel_master(service))
 
         answers = await asyncio.gather(*(ask(s) for s in self._sentinel.sentinels),
                                        return_exceptions=True)
@@ -722,7 +732,7 @@ class _ConfirmingSentinelMaster(_SentinelMaster):
             raise MasterNotConfirmed("no Sentinel answered which node is the master")
         for addr, state in answers:
             named = (str_if_bytes(addr[0]), int(addr[1]))
-            if named != node:
+            if not await _same_node(named, node):
                 await self._move_off_all_but(named)  # the later writes go there at once
                 raise MasterNotConfirmed(f"the write ran on {node[0]}:{node[1]}, which a "
                                          f"Sentinel no longer names as the master "
@@ -733,3 +743,24 @@ class _ConfirmingSentinelMaster(_SentinelMaster):
                 raise MasterNotConfirmed(f"the write ran on {node[0]}:{node[1]}, which a "
                                          f"Sentinel sees down or is failing over "
                                          f"({','.join(sorted(flags))})")
+
+
+async def _same_node(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether two (host, port) name one node. Sentinels of one group may name the master in
+    different forms (one given its IP, another its hostname with ``announce-hostnames yes``,
+    until a failover makes them agree): the same port and a resolved address in common is the
+    same node. Resolved only when the forms differ (never for a different port)."""
+    if a == b:
+        return True
+    if a[1] != b[1]:
+        return False
+    import asyncio
+    import socket
+    loop = asyncio.get_running_loop()
+    try:
+        found = await asyncio.gather(*(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                                       for host, port in (a, b)))
+    except (OSError, UnicodeError):
+        return False
+    first, second = ({info[4][0] for info in infos} for infos in found)
+    return bool(first & second)

@@ -704,3 +704,128 @@ async def test_sentinel_admin_writes_that_ran_on_a_demoted_master_are_never_answ
                  await until_done(lambda: revoke(victims[-1]))]
         assert [status for _, status, _ in again] == [201, 200, 200], again
         check(again, (await asyncio.to_thread(on_nodes))[0]["state"])
+
+
+async def test_sentinel_admin_writes_are_confirmed_when_sentinels_name_the_master_by_ip_and_by_hostname(
+        tmp_path, upstream) -> None:  # noqa: F811
+    """A healthy group whose Sentinels name the one master in two forms: one was given its IP,
+    the other (``announce-hostnames yes``, as in a rolling move to hostnames) its hostname. Both
+    name the same node, so admin writes are confirmed, never 503 on a healthy store."""
+    from gateway.store import Store
+    from test_redis_topologies import DATA_PW, MASTER, SENTINEL_PW, Servers, _wait
+    from conftest import free_port
+    servers = Servers(tmp_path)
+    master, s_ip, s_host = free_port(), free_port(), free_port()
+    try:
+        servers.start("master", master, "--requirepass", DATA_PW, password=DATA_PW)
+        for name, port, host, extra in (("s-ip", s_ip, "127.0.0.1", ""),
+                                        ("s-host", s_host, "localhost",
+                                         "sentinel resolve-hostnames yes\n"
+                                         "sentinel announce-hostnames yes\n")):
+            conf = tmp_path / f"{name}.conf"
+            conf.write_text(extra +
+                            f"sentinel monitor {MASTER} {host} {master} 1\n"
+                            f"sentinel auth-pass {MASTER} {DATA_PW}\n"
+                            f"requirepass {SENTINEL_PW}\n")
+            servers.start(name, port, "--sentinel", conf=str(conf), password=SENTINEL_PW)
+        for port, host in ((s_ip, "127.0.0.1"), (s_host, "localhost")):
+            s = redis.Redis(port=port, password=SENTINEL_PW, decode_responses=True,
+                            socket_timeout=1)
+            assert _wait("the Sentinel to name the master",
+                         lambda: s.sentinel_get_master_addr_by_name(MASTER)) == (host, master)
+            s.close()
+        url = (f"redis+sentinel://:{DATA_PW}@127.0.0.1:{s_ip},127.0.0.1:{s_host}/{MASTER}/0"
+               f"?sentinel_password={SENTINEL_PW}")
+        store = await Store.connect(url, make_config(str(upstream.make_url(""))))
+        try:
+            ws = await store.create_workspace("acme", "Acme", "unlimited")
+            assert ws.id == "acme"
+            record = (await store.create_key("acme", name="k", environment="live")).key
+            assert (await store.revoke_key("acme", record.id)).revoked_at
+            # A connection made while the IP-naming Sentinel was not answering leads to the
+            # same node by its hostname: an operation whose commands ran on both ran on one node
+            client = store.redis
+            async with client.writes_confirmed():
+                await client.set("kg:probe", "1")
+                client._sentinel.sentinels.reverse()  # the hostname-naming one answers first
+                await client.connection_pool.disconnect()
+                await client.set("kg:probe", "2")
+            assert {c.host for c in client.connection_pool._available_connections} == \
+                {"localhost"}
+        finally:
+            await store.close()
+    finally:
+        servers.stop_all()
+
+
+async def test_sentinel_admin_write_on_the_old_master_while_the_promotion_is_unannounced_is_refused(
+        sentinel_group, upstream, monkeypatch) -> None:  # noqa: F811
+    """The replica has taken SLAVEOF NO ONE (it is a master) but the Sentinel, which reads its
+    INFO once a second, still names the old master (failover under way). A write the old master
+    runs in that window is thrown away when it is demoted: the Sentinel naming it is no
+    confirmation, its failover flags must refuse it (never answered done and then lost)."""
+    import gateway.redis_urls as redis_urls
+    from gateway.store import Store
+    monkeypatch.setattr(redis_urls, "MASTER_CHECK_INTERVAL", 3600.0)
+    store = await Store.connect(sentinel_group["url"], make_config(
+        str(upstream.make_url("")), store=StoreConfig(timeout=10.0)))
+    try:
+        await store.create_workspace("acme", "Acme", "unlimited")
+        pid = await asyncio.to_thread(_master_pid, sentinel_group)
+
+        def promoted_unannounced() -> bool:
+            with redis.Redis(port=sentinel_group["replica"], password=DATA_PW,
+                             socket_timeout=2) as r, \
+                    redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW,
+                                decode_responses=True, socket_timeout=2) as s:
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline:
+                    if r.execute_command("ROLE")[0] == b"master":
+                        os.kill(pid, signal.SIGCONT)  # at once: within the Sentinel's second
+                        return int(s.sentinel_get_master_addr_by_name(MASTER)[1]) == \
+                            sentinel_group["master"]
+                    time.sleep(0.002)
+            raise AssertionError("the replica was not promoted")
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            writes = [asyncio.create_task(store.create_key("acme", name=f"k{i}",
+                                                           environment="live"))
+                      for i in range(4)]
+            await asyncio.sleep(0.2)
+            unannounced = await asyncio.to_thread(promoted_unannounced)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        done = await asyncio.gather(*writes, return_exceptions=True)
+        if not unannounced:  # the Sentinel read the replica's INFO first (a loaded machine)
+            pytest.skip("the Sentinel named the promoted replica before the old master woke")
+        with redis.Redis(port=sentinel_group["replica"], password=DATA_PW,
+                         decode_responses=True, socket_timeout=2) as new:
+            for answer in done:
+                if isinstance(answer, StoreError):
+                    assert "could not be confirmed" in str(answer) or \
+                        "confirmation" in str(answer), answer
+                    continue
+                assert not isinstance(answer, BaseException), answer
+                assert new.exists(f"kg:key:{{acme}}:{answer.key.id}"), \
+                    ("answered done, lost with the old master", done)
+    finally:
+        await store.close()
+
+
+async def test_sentinel_admin_write_after_the_sentinel_closed_keygates_connections_is_confirmed(
+        sentinel_group, upstream) -> None:  # noqa: F811
+    """The Sentinel closes keygate's connections to it (CLIENT KILL, a restart): the next admin
+    write's confirmation makes them again instead of answering 503 on a healthy group."""
+    from gateway.store import Store
+    store = await Store.connect(sentinel_group["url"], make_config(str(upstream.make_url(""))))
+    try:
+        await store.create_workspace("acme", "Acme", "unlimited")
+        for _ in range(3):
+            with redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW,
+                             socket_timeout=2) as s:
+                assert s.execute_command("CLIENT", "KILL", "TYPE", "normal") >= 1
+            await asyncio.sleep(0.05)  # the closes have reached keygate's sockets
+            assert (await store.create_key("acme", name="k", environment="live")).key.id
+    finally:
+        await store.close()
