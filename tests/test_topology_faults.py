@@ -659,8 +659,12 @@ async def test_sentinel_admin_writes_that_ran_on_a_demoted_master_are_never_answ
                 new.close()
 
         seen, keys_old, keys_new = await asyncio.to_thread(on_nodes)
-        # the writes did run on the old master after the promotion (else this proves nothing)
-        assert seen["old_role"] == "master" and keys_old - keys_new, seen["old_role"]
+        # the writes did run on the old master after the promotion (else this proves nothing).
+        # A precondition, not the claim: on a loaded machine the Sentinels can demote the old
+        # master (and it resyncs, dropping those keys) before this looks (2 of 13 runs).
+        if not (seen["old_role"] == "master" and keys_old - keys_new):
+            pytest.skip(f"the old master was demoted before it could be inspected "
+                        f"(role {seen['old_role']})")
         kinds = [(what, status) for what, status, _ in answers]
 
         def check(answers: list, state: dict) -> None:
