@@ -313,6 +313,16 @@ async def test_cluster_client_kill_under_load_is_reconnected_without_a_wrong_ans
             assert ok <= used, (ws, ok, used, kinds)
 
 
+
+def _a_slot_to_move(ports: list[int]) -> tuple[list[str], str, int, int, int]:
+    """One workspace per node; the first one's slot, the node holding it and another node to
+    move it to: (spaces, moving, slot, source, target)."""
+    spaces = _one_workspace_per_node(ports)
+    moving = spaces[0]
+    slot, source = _owner(ports, f"kg:ws:{{{moving}}}")
+    return spaces, moving, slot, source, next(p for p in ports if p != source)
+
+
 async def test_a_slot_migration_under_load_leaves_other_workspaces_alone(
         redis_cluster, upstream, monkeypatch) -> None:  # noqa: F811
     """One workspace's slot moves to another node (MIGRATING/IMPORTING, MIGRATE, SETSLOT NODE)
@@ -320,10 +330,7 @@ async def test_a_slot_migration_under_load_leaves_other_workspaces_alone(
     see 503 store_unavailable while its slot is unstable (TRYAGAIN); every other workspace
     answers 200 throughout, and the moved one 200 again once the routing updated."""
     ports = redis_cluster["ports"]
-    spaces = _one_workspace_per_node(ports)
-    moving = spaces[0]
-    slot, source = _owner(ports, f"kg:ws:{{{moving}}}")
-    target = next(p for p in ports if p != source)
+    spaces, moving, slot, source, target = _a_slot_to_move(ports)
     # The store timeout a deployment has (2 s), not the harness's 0.5: on a loaded machine
     # (two of four concurrent full-suite runs) requests of every node's workspaces answered
     # 503 at one instant, all after the same 0.44 s or 1.2 s - a stall of the whole store
@@ -442,10 +449,7 @@ async def test_a_workspace_whose_slot_is_moving_waits_for_it_within_the_store_ti
     the workspace was answered 503 store_unavailable for the rest of the migration."""
     from gateway.config import StoreConfig
     ports = redis_cluster["ports"]
-    spaces = _one_workspace_per_node(ports)
-    moving = spaces[0]
-    slot, source = _owner(ports, f"kg:ws:{{{moving}}}")
-    target = next(p for p in ports if p != source)
+    spaces, moving, slot, source, target = _a_slot_to_move(ports)
     config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
     async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
         tokens = await _three_keys_each(gut, [moving])
