@@ -8,6 +8,7 @@
      default 'embedded' store) instead of loopback TCP (the transport to a real Redis)
   w  as c, but `keygate serve --workers 2` (SO_REUSEPORT): not pinnable to one core, so it
      and the helpers share both cores for its runs; ratio w/c = what a second worker buys here
+  q  keygate, cached key, plan WITH a monthly quota (never reached), no rate limit
   l  keygate, cached key, plan WITH quota + rate limit (high enough never to 429)
   d  keygate, cold key path: keys.cache_ttl 0 and one distinct key per connection, so every
      request runs an argon2id verify
@@ -60,13 +61,14 @@ TARGET_NAMES = {
     "c": "keygate cached key",
     "u": "keygate cached, unix socket",
     "w": "keygate --workers 2, cached",
+    "q": "keygate cached, quota on",
     "l": "keygate cached, limits on",
     "p": "keygate public route (no key)",
     "d": "keygate cold key (argon2)",
     "e": "nginx auth_request+aiohttp",
     "v": "nginx auth_request+keygate verify",
 }
-ORDER = "abcupwledv"
+ORDER = "abcupwqledv"
 
 
 # ------------------------------------------------------------------ processes and placement
@@ -201,6 +203,8 @@ def keygate_config(path: Path, port: int, admin_port: int, redis_url: str, upstr
             "bench": {"monthly_requests": None, "max_keys": None, "rate_limit": None},
             # Limits that apply (counted, checked, headers sent) but never bite during a run.
             "limited": {"monthly_requests": 1_000_000_000, "max_keys": None, "rate_limit": "1000000/s"},
+            # The "quota on" row: a monthly quota (checked, RateLimit fields sent), no rate limit.
+            "quota": {"monthly_requests": 1_000_000_000, "max_keys": None, "rate_limit": None},
         },
         "default_plan": "bench",
         "upstreams": {"api": {"url": f"http://127.0.0.1:{upstream_port}", "timeout": 10}},
@@ -403,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (10)")
     ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each run (2)")
     ap.add_argument("--connections", default="8,64", help="comma list of connection counts (8,64)")
-    ap.add_argument("--targets", default="a,b,c,w,l,d,e", help="comma list from a,b,c,u,p,w,l,d,e,v")
+    ap.add_argument("--targets", default="a,b,c,w,l,d,e", help="comma list from a,b,c,u,p,w,q,l,d,e,v")
     ap.add_argument("--repeat", type=int, default=1, help="rounds, in rotated order; median reported")
     ap.add_argument("--loadgen", choices=("auto", "wrk", "lean", "aiohttp"), default="auto",
                     help="auto = wrk when on PATH, else the lean Python client (bench/load.py)")
@@ -513,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                         watch = {"server": t.server_pids,
                                  "helpers": [p for p in helpers if p not in t.server_pids]}
                         prof = workdir / f"profile-{key}-c{conns}-r{rep}.txt" \
-                            if a.profile and key in ("c", "u", "l") else None
+                            if a.profile and key in ("c", "u", "q", "l") else None
                         res = run_load(t, conns, a.duration, a.warmup, loadgen, watch, workdir, prof)
                         if prof is not None and prof.exists():
                             res["profile_top"] = profile_top(prof)
@@ -683,7 +687,7 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
     worker_pids: list[int] = []
     unix_url = f"unix://{sock}?db=0"
     for name, ttl in (("warm", 300.0), ("unix", 300.0), ("workers", 300.0), ("cold", 0.0)):
-        if name == "warm" and not any(t in wanted for t in "cplv"):
+        if name == "warm" and not any(t in wanted for t in "cpqlv"):
             continue
         if name == "unix" and "u" not in wanted:
             continue
@@ -729,6 +733,10 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
                 tok = make_key(admin_port, "bench", "bench", 1)[0]
                 out["c"] = Target("c", f"http://127.0.0.1:{port}{PATH}", [proc.pid], tok,
                                   note="keys.cache_ttl 300, plan without quota or rate limit, default JSON access log")
+            if "q" in wanted:
+                tok = make_key(admin_port, "bench-quota", "quota", 1)[0]
+                out["q"] = Target("q", f"http://127.0.0.1:{port}{PATH}", [proc.pid], tok,
+                                  note="as c, plan with monthly quota 1e9 (checked, never hit), no rate limit")
             if "l" in wanted:
                 tok = make_key(admin_port, "bench-limited", "limited", 1)[0]
                 out["l"] = Target("l", f"http://127.0.0.1:{port}{PATH}", [proc.pid], tok,
@@ -856,7 +864,7 @@ def summarize(runs: list[dict], conns_list: list[int]) -> dict:
             }
     ratios: dict[str, dict] = {}
     for conns in conns_list:
-        for num, den in (("c", "b"), ("u", "b"), ("c", "a"), ("c", "e"), ("p", "b"), ("w", "c"), ("d", "b"), ("l", "b"),
+        for num, den in (("c", "b"), ("u", "b"), ("c", "a"), ("c", "e"), ("p", "b"), ("w", "c"), ("d", "b"), ("q", "b"), ("l", "b"),
                          ("e", "b"), ("v", "e"), ("v", "c")):
             x, y = cells.get(f"{num}@{conns}"), cells.get(f"{den}@{conns}")
             if x and y and y["rps"]:
