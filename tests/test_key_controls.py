@@ -626,6 +626,32 @@ async def test_self_service_keys_follow_the_same_rules_within_their_scopes(gut):
     assert status == 201 and body["key"]["monthly_requests"] == 3
 
 
+async def test_a_workspace_admin_key_cannot_loosen_its_own_limits(gut):
+    await gut.workspace()
+    token, me = await gut.key(name="admin", scopes=["people:read", "keys:admin"],
+                              monthly_requests=100, rate_limit="2/s",
+                              allowed_ips=["127.0.0.0/8"])
+    path = f"/_keygate/v1/keys/{me['id']}"
+    for loosen in ({"monthly_requests": None}, {"monthly_requests": 101},
+                   {"rate_limit": None}, {"rate_limit": "3/s"},
+                   {"allowed_ips": None}, {"allowed_ips": ["0.0.0.0/0"]}):
+        for session, url in ((gut.proxy, path), (gut.admin, "/admin/v1/workspaces/acme/keys/"
+                                                             + me["id"])):
+            async with session.patch(url, json=loosen, headers=bearer(token)) as r:
+                assert r.status == 403, (loosen, await r.text())
+    _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{me['id']}")
+    assert (read["monthly_requests"], read["rate_limit"], read["allowed_ips"]) == \
+        (100, "2/s", ["127.0.0.0/8"])
+    # tightening itself is fine, and the operator may loosen it
+    async with gut.proxy.patch(path, json={"monthly_requests": 50, "rate_limit": "1/s",
+                                           "meta": {"team": "ops"}},
+                               headers=bearer(token)) as r:
+        assert r.status == 200
+    status, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{me['id']}",
+                                        {"monthly_requests": None, "allowed_ips": None})
+    assert status == 200 and body["monthly_requests"] is None
+
+
 # --- days, months and rotation ------------------------------------------------------------------
 
 async def test_days_and_the_keys_month_turn_over_at_midnight_utc(redis_url, upstream,
