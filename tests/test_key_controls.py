@@ -107,6 +107,10 @@ async def test_a_keys_rate_limit_can_be_changed_and_acts_at_once(gut):
     ({"allowed_ips": ["example.com"]}, "allowed_ips"),
     ({"allowed_ips": [" 10.0.0.1"]}, "allowed_ips"),
     ({"allowed_ips": [7]}, "allowed_ips"),
+    # a zone is one host's interface, and ipaddress keeps any text there: escapes, bidi marks
+    ({"allowed_ips": ["fe80::1%eth0/128"]}, "allowed_ips"),
+    ({"allowed_ips": ["fe80::1%\x1b[2J/128"]}, "allowed_ips"),
+    ({"allowed_ips": ["fe80::1%\u202e"]}, "allowed_ips"),
 ])
 async def test_bad_key_controls_are_400_naming_the_field(gut, fields, mention):
     await gut.workspace()

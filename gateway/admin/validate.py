@@ -251,8 +251,9 @@ def parse_allowed_ips(value: Any) -> tuple[str, ...] | None:
     networks: list[str] = []
     for item in value:
         try:
-            if not isinstance(item, str) or len(item) > 64 or item != item.strip():
-                raise ValueError
+            if not isinstance(item, str) or len(item) > 64 or item != item.strip() \
+                    or "%" in item:  # a zone ("fe80::1%eth0") names one host's interface,
+                raise ValueError     # and ipaddress keeps any text there, escapes included
             net = ipaddress.ip_network(item, strict=False)
             mapped = net.network_address.ipv4_mapped if net.version == 6 else None
             if mapped is not None and net.prefixlen >= 96:
