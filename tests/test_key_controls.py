@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import time
 
@@ -107,6 +108,8 @@ async def test_a_keys_rate_limit_can_be_changed_and_acts_at_once(gut):
     ({"allowed_ips": ["example.com"]}, "allowed_ips"),
     ({"allowed_ips": [" 10.0.0.1"]}, "allowed_ips"),
     ({"allowed_ips": [7]}, "allowed_ips"),
+    ({"meta": functools.reduce(lambda inner, _: {"a": inner}, range(32), {})}, "32 levels"),
+    ({"meta": {"a": functools.reduce(lambda inner, _: [inner], range(40), [])}}, "32 levels"),
     # a zone is one host's interface, and ipaddress keeps any text there: escapes, bidi marks
     ({"allowed_ips": ["fe80::1%eth0/128"]}, "allowed_ips"),
     ({"allowed_ips": ["fe80::1%\x1b[2J/128"]}, "allowed_ips"),
@@ -250,6 +253,22 @@ def strict_json(raw: bytes):
     def refuse(constant: str):
         raise ValueError(f"{constant} is not JSON")
     return json.loads(raw, parse_constant=refuse)
+
+
+async def test_meta_nested_as_deep_as_4_kib_allows_is_400_and_listings_still_answer(gut):
+    # 4 KiB of '[' nests ~938 deep: the request's reader took it, but a listing read back on a
+    # deeper call stack (self-service, on the proxy listener) answered 500 for every key
+    await gut.workspace()
+    token, _ = await gut.key(name="admin", scopes=["people:read", "keys:admin"])
+    for depth in (33, 500, 938):
+        body = ('{"name": "deep", "scopes": ["people:read"], "meta": {"a": '
+                + "[" * depth + "]" * depth + "}}")
+        async with gut.proxy.post("/_keygate/v1/keys", data=body, headers={
+                **bearer(token), "Content-Type": "application/json"}) as r:
+            assert r.status == 400, (depth, await r.text())
+            assert "32 levels" in (await r.json())["error"]["message"]
+    async with gut.proxy.get("/_keygate/v1/keys", headers=bearer(token)) as r:
+        assert r.status == 200 and len((await r.json())["items"]) == 1
 
 
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
