@@ -38,6 +38,7 @@ def add_commands(tree: CommandTree) -> SubCommands:
     p.add_argument("--description")
     p.add_argument("--rate-limit", metavar="N/s|N/m",
                    help="the key's own rate limit instead of the plan's")
+    key_controls.add_create_options(p)
 
     p = tree.command(keys, "list", "list a workspace's keys", cmd_keys_list)
     workspace_option(p)
@@ -93,7 +94,8 @@ def _access(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_keys_create(args: argparse.Namespace, client: AdminClient) -> int:
     body: dict[str, Any] = {"name": args.name, **_access(args),
                             **given(description=args.description), **(args.expires or {}),
-                            **given(environment=args.env, rate_limit=args.rate_limit)}
+                            **given(environment=args.env, rate_limit=args.rate_limit),
+                            **key_controls.create_body(args)}
     answer = client.request("POST", f"/workspaces/{seg(args.workspace)}/keys", body)
     print_new_token(answer, args, client, "created")
     return 0
