@@ -115,3 +115,14 @@ async def test_keys_create_sets_the_key_controls_in_the_create_call(admin_url, k
     run = await keygate("keys", "create", "--workspace", "acme", "--name", "x",
                         "--scope", "people:read", "--allow-ip", "not-an-address")
     assert run.code == 1 and "allowed_ips" in run.err
+
+
+async def test_keys_list_shows_a_disabled_key_as_disabled(admin_url, keygate):
+    await make_workspace(keygate)
+    off = (await make_key(keygate, "acme", "--scope", "people:read"))["key"]
+    on = (await make_key(keygate, "acme", "--scope", "people:read"))["key"]
+    run = await keygate("keys", "update", "--workspace", "acme", off["id"], "--disable")
+    assert run.code == 0, run.err
+    run = await keygate("keys", "list", "--workspace", "acme")
+    status = {line.split()[0]: line.split()[-1] for line in run.out.strip().splitlines()[1:]}
+    assert status == {off["id"]: "disabled", on["id"]: "active"}

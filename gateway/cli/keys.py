@@ -104,9 +104,17 @@ def cmd_keys_create(args: argparse.Namespace, client: AdminClient) -> int:
 def _keys_table(items: list[dict]) -> str:
     rows = [[cell(k.get("id")), cell(k.get("name")), _key_access(k),
              human_time(k.get("created_at")), human_time(k.get("last_used_at")),
-             human_time(k.get("expires_at")), cell(k.get("status"))] for k in items]
+             human_time(k.get("expires_at")), _status(k)] for k in items]
     return format_table(["ID", "NAME", "ROLE/SCOPES", "CREATED", "LAST USED", "EXPIRES",
                          "STATUS"], rows)
+
+
+def _status(key: dict) -> str:
+    """The status, with ``disabled`` for an active key whose requests are refused (the API's
+    status stays ``active``: disabling is not a revoke, and ``enabled`` says it)."""
+    if key.get("status") == "active" and key.get("enabled") is False:
+        return "disabled"
+    return cell(key.get("status"))
 
 
 def _key_access(key: dict) -> str:
