@@ -706,6 +706,27 @@ async def test_rotation_keeps_the_keys_controls(gut):
     assert (await call(gut, body["token"]))[:2] == (403, "ip_not_allowed")
 
 
+async def test_a_rotated_key_goes_on_from_its_months_count_not_a_fresh_cap(gut):
+    await gut.workspace()
+    token, key = await gut.key(name="admin", scopes=["people:read", "keys:admin"],
+                               monthly_requests=3)
+    assert [(await call(gut, token))[0] for _ in range(2)] == [200, 200]
+    # a workspace admin key rotating itself (or the operator rotating a leaked key) gets the
+    # same integration's cap, not another 3 requests
+    async with gut.proxy.post(f"/_keygate/v1/keys/{key['id']}/rotate", json={},
+                              headers=bearer(token)) as r:
+        assert r.status == 201
+        body = await r.json()
+    assert body["key"]["used_this_month"] == 2
+    new = body["token"]
+    assert [(await call(gut, new))[:2] for _ in range(2)] == [(200, None),
+                                                            (429, "key_quota_exceeded")]
+    status, body = await gut.admin_json("POST", f"/workspaces/acme/keys/{body['key']['id']}"
+                                                "/rotate", {"grace_seconds": 60})
+    assert status == 201 and body["key"]["used_this_month"] == 3
+    assert (await call(gut, body["token"]))[:2] == (429, "key_quota_exceeded")
+
+
 async def test_no_message_about_a_key_control_echoes_a_token(gut):
     await gut.workspace()
     token, key = await gut.key()
