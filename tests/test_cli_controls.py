@@ -95,3 +95,34 @@ async def test_workspaces_limits_shows_sets_and_resets(admin_url, keygate):
     assert run.json()["custom_limits"] == {}
     run = await keygate("workspaces", "limits", "ghost")
     assert run.code == 1 and "not_found" in run.err
+
+
+async def test_keys_create_sets_the_key_controls_in_the_create_call(admin_url, keygate):
+    # else a key meant to be capped or bound to addresses works unbound until an update
+    await make_workspace(keygate)
+    run = await keygate("keys", "create", "--workspace", "acme", "--name", "ci", "--json",
+                        "--scope", "people:read", "--monthly-requests", "500", "--disable",
+                        "--meta", '{"crm": "c-9"}', "--allow-ip", "10.0.0.0/8", "192.0.2.1")
+    assert run.code == 0, run.err
+    key = run.json()["key"]
+    assert (key["monthly_requests"], key["enabled"], key["meta"], key["allowed_ips"]) == \
+        (500, False, {"crm": "c-9"}, ["10.0.0.0/8", "192.0.2.1/32"])
+    run = await keygate("keys", "create", "--workspace", "acme", "--name", "plain", "--json",
+                        "--scope", "people:read")
+    key = run.json()["key"]
+    assert (key["monthly_requests"], key["enabled"], key["meta"], key["allowed_ips"]) == \
+        (None, True, {}, None)
+    run = await keygate("keys", "create", "--workspace", "acme", "--name", "x",
+                        "--scope", "people:read", "--allow-ip", "not-an-address")
+    assert run.code == 1 and "allowed_ips" in run.err
+
+
+async def test_keys_list_shows_a_disabled_key_as_disabled(admin_url, keygate):
+    await make_workspace(keygate)
+    off = (await make_key(keygate, "acme", "--scope", "people:read"))["key"]
+    on = (await make_key(keygate, "acme", "--scope", "people:read"))["key"]
+    run = await keygate("keys", "update", "--workspace", "acme", off["id"], "--disable")
+    assert run.code == 0, run.err
+    run = await keygate("keys", "list", "--workspace", "acme")
+    status = {line.split()[0]: line.split()[-1] for line in run.out.strip().splitlines()[1:]}
+    assert status == {off["id"]: "disabled", on["id"]: "active"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import time
 
@@ -107,6 +108,12 @@ async def test_a_keys_rate_limit_can_be_changed_and_acts_at_once(gut):
     ({"allowed_ips": ["example.com"]}, "allowed_ips"),
     ({"allowed_ips": [" 10.0.0.1"]}, "allowed_ips"),
     ({"allowed_ips": [7]}, "allowed_ips"),
+    ({"meta": functools.reduce(lambda inner, _: {"a": inner}, range(32), {})}, "32 levels"),
+    ({"meta": {"a": functools.reduce(lambda inner, _: [inner], range(40), [])}}, "32 levels"),
+    # a zone is one host's interface, and ipaddress keeps any text there: escapes, bidi marks
+    ({"allowed_ips": ["fe80::1%eth0/128"]}, "allowed_ips"),
+    ({"allowed_ips": ["fe80::1%\x1b[2J/128"]}, "allowed_ips"),
+    ({"allowed_ips": ["fe80::1%\u202e"]}, "allowed_ips"),
 ])
 async def test_bad_key_controls_are_400_naming_the_field(gut, fields, mention):
     await gut.workspace()
@@ -246,6 +253,22 @@ def strict_json(raw: bytes):
     def refuse(constant: str):
         raise ValueError(f"{constant} is not JSON")
     return json.loads(raw, parse_constant=refuse)
+
+
+async def test_meta_nested_as_deep_as_4_kib_allows_is_400_and_listings_still_answer(gut):
+    # 4 KiB of '[' nests ~938 deep: the request's reader took it, but a listing read back on a
+    # deeper call stack (self-service, on the proxy listener) answered 500 for every key
+    await gut.workspace()
+    token, _ = await gut.key(name="admin", scopes=["people:read", "keys:admin"])
+    for depth in (33, 500, 938):
+        body = ('{"name": "deep", "scopes": ["people:read"], "meta": {"a": '
+                + "[" * depth + "]" * depth + "}}")
+        async with gut.proxy.post("/_keygate/v1/keys", data=body, headers={
+                **bearer(token), "Content-Type": "application/json"}) as r:
+            assert r.status == 400, (depth, await r.text())
+            assert "32 levels" in (await r.json())["error"]["message"]
+    async with gut.proxy.get("/_keygate/v1/keys", headers=bearer(token)) as r:
+        assert r.status == 200 and len((await r.json())["items"]) == 1
 
 
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
@@ -626,6 +649,32 @@ async def test_self_service_keys_follow_the_same_rules_within_their_scopes(gut):
     assert status == 201 and body["key"]["monthly_requests"] == 3
 
 
+async def test_a_workspace_admin_key_cannot_loosen_its_own_limits(gut):
+    await gut.workspace()
+    token, me = await gut.key(name="admin", scopes=["people:read", "keys:admin"],
+                              monthly_requests=100, rate_limit="2/s",
+                              allowed_ips=["127.0.0.0/8"])
+    path = f"/_keygate/v1/keys/{me['id']}"
+    for loosen in ({"monthly_requests": None}, {"monthly_requests": 101},
+                   {"rate_limit": None}, {"rate_limit": "3/s"},
+                   {"allowed_ips": None}, {"allowed_ips": ["0.0.0.0/0"]}):
+        for session, url in ((gut.proxy, path), (gut.admin, "/admin/v1/workspaces/acme/keys/"
+                                                             + me["id"])):
+            async with session.patch(url, json=loosen, headers=bearer(token)) as r:
+                assert r.status == 403, (loosen, await r.text())
+    _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{me['id']}")
+    assert (read["monthly_requests"], read["rate_limit"], read["allowed_ips"]) == \
+        (100, "2/s", ["127.0.0.0/8"])
+    # tightening itself is fine, and the operator may loosen it
+    async with gut.proxy.patch(path, json={"monthly_requests": 50, "rate_limit": "1/s",
+                                           "meta": {"team": "ops"}},
+                               headers=bearer(token)) as r:
+        assert r.status == 200
+    status, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{me['id']}",
+                                        {"monthly_requests": None, "allowed_ips": None})
+    assert status == 200 and body["monthly_requests"] is None
+
+
 # --- days, months and rotation ------------------------------------------------------------------
 
 async def test_days_and_the_keys_month_turn_over_at_midnight_utc(redis_url, upstream,
@@ -655,6 +704,27 @@ async def test_rotation_keeps_the_keys_controls(gut):
     assert (new["monthly_requests"], new["allowed_ips"], new["meta"], new["rate_limit"],
             new["enabled"]) == (9, ["10.0.0.0/8"], {"a": 1}, "3/s", True)
     assert (await call(gut, body["token"]))[:2] == (403, "ip_not_allowed")
+
+
+async def test_a_rotated_key_goes_on_from_its_months_count_not_a_fresh_cap(gut):
+    await gut.workspace()
+    token, key = await gut.key(name="admin", scopes=["people:read", "keys:admin"],
+                               monthly_requests=3)
+    assert [(await call(gut, token))[0] for _ in range(2)] == [200, 200]
+    # a workspace admin key rotating itself (or the operator rotating a leaked key) gets the
+    # same integration's cap, not another 3 requests
+    async with gut.proxy.post(f"/_keygate/v1/keys/{key['id']}/rotate", json={},
+                              headers=bearer(token)) as r:
+        assert r.status == 201
+        body = await r.json()
+    assert body["key"]["used_this_month"] == 2
+    new = body["token"]
+    assert [(await call(gut, new))[:2] for _ in range(2)] == [(200, None),
+                                                            (429, "key_quota_exceeded")]
+    status, body = await gut.admin_json("POST", f"/workspaces/acme/keys/{body['key']['id']}"
+                                                "/rotate", {"grace_seconds": 60})
+    assert status == 201 and body["key"]["used_this_month"] == 3
+    assert (await call(gut, body["token"]))[:2] == (429, "key_quota_exceeded")
 
 
 async def test_no_message_about_a_key_control_echoes_a_token(gut):

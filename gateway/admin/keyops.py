@@ -139,7 +139,7 @@ class KeyOps:
                         target: KeyRecord | None = None) -> dict[str, Any]:
         """The key controls in ``data``, checked; self-service may tighten any key of its
         workspace but loosen (enable, lift a cap, widen the addresses, raise the rate) only
-        keys within its own scopes, and never past the plan's rate limit."""
+        keys within its own scopes other than itself, and never past the plan's rate limit."""
         controls: dict[str, Any] = {}
         if "rate_limit" in data:
             controls["rate_limit"] = parse_rate(data["rate_limit"])
@@ -156,6 +156,9 @@ class KeyOps:
         if controls.get("rate_limit") is not None:
             await self._rate_within_plan(controls["rate_limit"])
         if target is not None and _loosens(target, controls):
+            if target.id == self.actor:  # else the operator's limits on it bind nothing
+                raise Forbidden("A key cannot loosen its own limits (lift its cap, raise its "
+                                "rate, widen its addresses); the operator can.")
             self._within_limit(await self.store.effective_scopes(self.ws, target),
                                "loosen the limits of a key with")
         return controls

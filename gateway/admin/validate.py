@@ -23,6 +23,7 @@ MAX_SCOPE_LEN = 128
 MAX_ROLE_LEN = 64
 MAX_SECONDS = 100 * 365 * 86400   # expires_in / grace_seconds ceiling (a century)
 MAX_META_BYTES = 4096
+MAX_META_DEPTH = 32    # objects and lists within meta, itself included
 MAX_ALLOWED_IPS = 100
 MAX_MONTHLY = 10**15
 DAILY_DEFAULT, DAILY_MAX = 30, 90
@@ -224,9 +225,19 @@ def parse_enabled(value: Any) -> bool:
 
 
 def parse_meta(value: Any) -> str:
-    """A JSON object of at most 4 KiB (compact UTF-8 JSON), returned as that JSON text."""
+    """A JSON object of at most 4 KiB (compact UTF-8 JSON) nested at most MAX_META_DEPTH
+    deep, returned as that JSON text. 4 KiB of '[' nests ~900 deep, which the request's
+    reader could take but a deeper call stack could not write back: every listing holding the
+    key answered 500."""
     if not isinstance(value, dict):
         raise BadRequest("The field 'meta' must be a JSON object.")
+    level: list[Any] = [value]
+    for _ in range(MAX_META_DEPTH):  # breadth first: no recursion of our own
+        level = [child for parent in level
+                 for child in (parent.values() if isinstance(parent, dict) else parent)
+                 if isinstance(child, (dict, list))]
+    if level:
+        raise BadRequest(f"The field 'meta' is nested more than {MAX_META_DEPTH} levels deep.")
     try:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
         size = len(text.encode("utf-8"))
@@ -251,8 +262,9 @@ def parse_allowed_ips(value: Any) -> tuple[str, ...] | None:
     networks: list[str] = []
     for item in value:
         try:
-            if not isinstance(item, str) or len(item) > 64 or item != item.strip():
-                raise ValueError
+            if not isinstance(item, str) or len(item) > 64 or item != item.strip() \
+                    or "%" in item:  # a zone ("fe80::1%eth0") names one host's interface,
+                raise ValueError     # and ipaddress keeps any text there, escapes included
             net = ipaddress.ip_network(item, strict=False)
             mapped = net.network_address.ipv4_mapped if net.version == 6 else None
             if mapped is not None and net.prefixlen >= 96:

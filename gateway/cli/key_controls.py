@@ -53,6 +53,25 @@ def update_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def add_create_options(create: argparse.ArgumentParser) -> None:
+    """The key controls ``keys create`` sets in the create call itself (see
+    :func:`create_body`): a key meant to be capped or bound to addresses never works without
+    them, not even between a create and an update."""
+    create.add_argument("--monthly-requests", type=argtype(count_or_none, "N"), metavar="N",
+                        help="the key's own monthly cap on top of the workspace's quota")
+    create.add_argument("--disable", dest="enabled", action="store_const", const=False,
+                        help="create it disabled (401 disabled_key until enabled)")
+    create.add_argument("--meta", type=argtype(json_object, "JSON"), metavar="JSON",
+                        help="the key's metadata (a JSON object, at most 4 KiB)")
+    create.add_argument("--allow-ip", action="extend", nargs="+", metavar="CIDR",
+                        help="the only addresses the key may be used from (repeatable)")
+
+
+def create_body(args: argparse.Namespace) -> dict[str, Any]:
+    return given(monthly_requests=args.monthly_requests, enabled=args.enabled, meta=args.meta,
+                 allowed_ips=args.allow_ip)
+
+
 def add_list_options(key_list: argparse.ArgumentParser) -> None:
     """``keys list --unused 30d --sort last_used``."""
     key_list.add_argument("--unused", type=argtype(days, "DAYS"), metavar="Nd",

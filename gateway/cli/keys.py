@@ -38,6 +38,7 @@ def add_commands(tree: CommandTree) -> SubCommands:
     p.add_argument("--description")
     p.add_argument("--rate-limit", metavar="N/s|N/m",
                    help="the key's own rate limit instead of the plan's")
+    key_controls.add_create_options(p)
 
     p = tree.command(keys, "list", "list a workspace's keys", cmd_keys_list)
     workspace_option(p)
@@ -93,7 +94,8 @@ def _access(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_keys_create(args: argparse.Namespace, client: AdminClient) -> int:
     body: dict[str, Any] = {"name": args.name, **_access(args),
                             **given(description=args.description), **(args.expires or {}),
-                            **given(environment=args.env, rate_limit=args.rate_limit)}
+                            **given(environment=args.env, rate_limit=args.rate_limit),
+                            **key_controls.create_body(args)}
     answer = client.request("POST", f"/workspaces/{seg(args.workspace)}/keys", body)
     print_new_token(answer, args, client, "created")
     return 0
@@ -102,9 +104,17 @@ def cmd_keys_create(args: argparse.Namespace, client: AdminClient) -> int:
 def _keys_table(items: list[dict]) -> str:
     rows = [[cell(k.get("id")), cell(k.get("name")), _key_access(k),
              human_time(k.get("created_at")), human_time(k.get("last_used_at")),
-             human_time(k.get("expires_at")), cell(k.get("status"))] for k in items]
+             human_time(k.get("expires_at")), _status(k)] for k in items]
     return format_table(["ID", "NAME", "ROLE/SCOPES", "CREATED", "LAST USED", "EXPIRES",
                          "STATUS"], rows)
+
+
+def _status(key: dict) -> str:
+    """The status, with ``disabled`` for an active key whose requests are refused (the API's
+    status stays ``active``: disabling is not a revoke, and ``enabled`` says it)."""
+    if key.get("status") == "active" and key.get("enabled") is False:
+        return "disabled"
+    return cell(key.get("status"))
 
 
 def _key_access(key: dict) -> str:

@@ -12,7 +12,9 @@ from ..models import KeyRecord, rfc3339, whole_second
 from ..tokens import ID_LEN, PREFIX_CHARS, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
                          no_workspace, revoked_key, store_errors)
-from .keyspace import key_index_key, key_key, ws_active_key, ws_audit_key, ws_key, ws_keys_key
+from ..usage import month_period
+from .keyspace import (key_index_key, key_key, key_usage_key, ws_active_key, ws_audit_key, ws_key,
+                       ws_keys_key)
 from .records import (UNSET, WORKSPACE_ID_RE, NewKey, control_fields, epoch_field, hash_pairs,
                       key_from_hash, shown_ws)
 
@@ -166,7 +168,8 @@ class KeyStore(StoreBase):
                          actor: str = OPERATOR, max_expires_at: float | None = None,
                          expect_rev: int | None = None) -> tuple[KeyRecord, NewKey]:
         """Replace a key by a new one with the same name, description, environment, role or
-        scopes and rate limit (and, if the old key had an expiry, the same lifetime). The old
+        scopes, controls and this month's count so far (its own cap goes on where it was; and,
+        if the old key had an expiry, the same lifetime). The old
         key is revoked now (grace 0) or expires after the grace (never later than it already
         would). ``max_expires_at`` caps the new key's expiry (self-service: the acting key's).
         Returns (old key as now, new key). Conflict if the key is revoked.
@@ -199,9 +202,11 @@ class KeyStore(StoreBase):
                 monthly_requests=old.monthly_requests, enabled=old.enabled, meta=old.meta,
                 allowed_ips=old.allowed_ips)
             details = {"new_key": new_id, "grace_seconds": grace_seconds}
+            period, _ = month_period(now)
             reply = await self._run(
                 "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
-                            key_key(ws, new_id), ws_audit_key(ws), key_key(ws, key_id)),
+                            key_key(ws, new_id), ws_audit_key(ws), key_key(ws, key_id),
+                            key_usage_key(ws, key_id, period), key_usage_key(ws, new_id, period)),
                 (epoch_field(now), self._max_keys(workspace),
                  "+inf" if expires_at is None else epoch_field(expires_at), new_id,
                  self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,

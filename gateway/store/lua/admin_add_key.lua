@@ -11,6 +11,8 @@
 --
 -- KEYS[1] kg:ws:{ws}   KEYS[2] kg:ws:{ws}:keys   KEYS[3] kg:ws:{ws}:active
 -- KEYS[4] new key hash   KEYS[5] kg:ws:{ws}:audit   KEYS[6] old key hash (rotation only)
+-- KEYS[7], KEYS[8] the old and the new key's count this month (rotation only): the new key
+--         starts from the old one's, so a rotation never hands out a fresh monthly cap
 -- ARGV[1] now (epoch s)   ARGV[2] max active keys (-1 = unlimited)
 -- ARGV[3] the new key's expiry as a score ('+inf' = never)   ARGV[4] new key id
 -- ARGV[5] audit entry (JSON)   ARGV[6] audit stream cap
@@ -56,6 +58,9 @@ if rotating then
     end
   end
   redis.call('HINCRBY', KEYS[6], 'rev', 1)
+  local used = redis.call('GET', KEYS[7])
+  local ttl = redis.call('PTTL', KEYS[7])
+  if used and ttl > 0 then redis.call('SET', KEYS[8], used, 'PX', ttl) end
 end
 
 local fields = {}
