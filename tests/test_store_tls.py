@@ -290,7 +290,9 @@ async def test_serve_on_rediss_sentinel_with_a_private_ca(tmp_path, pki, relay, 
 
 async def test_serve_on_rediss_sentinel_with_the_wrong_ca_refuses_to_start(
         tmp_path, pki, tls_sentinel) -> None:
-    await _refuses_to_start(tmp_path, _sentinel_url(tls_sentinel, pki["other_ca"]))
+    line = await _refuses_to_start(tmp_path, _sentinel_url(tls_sentinel, pki["other_ca"]))
+    # redis-py does not say why no Sentinel answered; the line names the one that did not
+    assert f"Sentinel 127.0.0.1:{tls_sentinel['sentinel']}" in line and len(line) < 600, line
 
 
 async def test_serve_on_rediss_cluster_with_a_private_ca(tmp_path, pki, relay, tls_cluster,
@@ -301,7 +303,8 @@ async def test_serve_on_rediss_cluster_with_a_private_ca(tmp_path, pki, relay, t
 
 async def test_serve_on_rediss_cluster_with_the_wrong_ca_refuses_to_start(
         tmp_path, pki, tls_cluster) -> None:
-    await _refuses_to_start(tmp_path, _cluster_url(tls_cluster, pki["other_ca"]))
+    line = await _refuses_to_start(tmp_path, _cluster_url(tls_cluster, pki["other_ca"]))
+    assert "certificate verify failed" in line, line
 
 
 # --- the URL rules ------------------------------------------------------------------------------
@@ -333,10 +336,65 @@ def test_topology_tls_options_are_parsed_as_redis_py_parses_them(pki) -> None:
     ("rediss+sentinel://:{pw}@s1/m?ssl_ca_certs=/nonexistent/ca.pem", "ssl_ca_certs"),
     ("rediss://:{pw}@h:6379/0?ssl_ca_certs=/nonexistent/ca.pem", "ssl_ca_certs"),
     ("rediss+cluster://:{pw}@n1?ssl_cert_reqs=sometimes", "ssl_cert_reqs"),
-    ("rediss+cluster://:{pw}@n1?ssl_certfile={ca}", "certificate"),
+    ("rediss+cluster://:{pw}@n1?ssl_certfile={ca}", "client certificate"),
+    ("rediss+cluster://:{pw}@n1?ssl_certfile={cert}&ssl_keyfile={ca}", "client certificate"),
+    ("rediss+sentinel://:{pw}@s1/m?ssl_ca_certs={key}", "CA certificates"),
+    ("rediss+cluster://:{pw}@n1?ssl_min_version=1", "ssl_min_version"),
+    ("rediss+cluster://:{pw}@n1?ssl_check_hostname=maybe&ssl_bogus=1", "ssl_bogus"),
 ])
 def test_bad_tls_options_are_refused_at_load_without_the_password(url, says, pki) -> None:
-    url = url.format(pw=PW, ca=pki["ca"])
+    url = url.format(pw=PW, ca=pki["ca"], cert=pki["cert"], key=pki["key"])
     with pytest.raises(ValueError) as caught:
         check_store_url(url)
     assert says in str(caught.value) and PW not in str(caught.value), str(caught.value)
+
+
+def test_the_per_request_client_takes_every_tls_option_redis_py_takes(pki) -> None:
+    """The per-request RESP client's TLS context is the one redis-py builds from the same
+    options: ssl_min_version and ssl_ciphers count on both paths, and ssl_ca_certs adds the
+    private CA to the system's, as in redis-py."""
+    from gateway.store.resp import RespClient
+    client = RespClient(f"rediss://h:6380/0?ssl_ca_certs={pki['ca']}&ssl_min_version=772"
+                        "&ssl_ciphers=ECDHE+AESGCM")
+    ctx = client._ssl
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert {c["name"] for c in ctx.get_ciphers()} >= {"ECDHE-ECDSA-AES128-GCM-SHA256"}
+    assert any("keygate store test ca" in str(c.get("subject")) for c in ctx.get_ca_certs())
+    relaxed = RespClient("rediss://h:6380/0?ssl_cert_reqs=optional&ssl_check_hostname=false")
+    assert (relaxed._ssl.verify_mode, relaxed._ssl.check_hostname) == (ssl.CERT_OPTIONAL, False)
+
+
+async def test_topology_clients_give_the_tls_options_to_every_connection(pki) -> None:
+    from redis.asyncio.connection import SSLConnection
+
+    from gateway.redis_urls import topology_client
+    options = f"ssl_ca_certs={pki['ca']}&ssl_ca_path={pki['ca'].parent}&ssl_min_version=772"
+    cluster = topology_client(f"rediss+cluster://:{PW}@127.0.0.1:7000,127.0.0.1:7001?{options}",
+                              timeout=1, decode_responses=False)
+    try:
+        nodes = list(cluster.nodes_manager.startup_nodes.values())
+        assert len(nodes) == 2
+        for kwargs in [cluster.nodes_manager.connection_kwargs] + [n.connection_kwargs
+                                                                  for n in nodes]:
+            assert kwargs.get("connection_class", SSLConnection) is SSLConnection
+            assert (kwargs["ssl_ca_certs"], kwargs["ssl_ca_path"], kwargs["ssl_min_version"]) \
+                == (str(pki["ca"]), str(pki["ca"].parent), 772)
+        for node in nodes:  # the connection a node makes
+            assert node.connection_class is SSLConnection
+            connection = node.connection_class(**node.connection_kwargs)
+            assert connection.ssl_context.get().minimum_version == ssl.TLSVersion.TLSv1_3
+    finally:
+        await cluster.aclose()
+    master = topology_client(f"rediss+sentinel://:{PW}@127.0.0.1:26379/m?{options}",
+                             timeout=1, decode_responses=False)
+    try:
+        for sentinel in master._sentinel.sentinels:  # the Sentinels' own connections
+            kwargs = sentinel.connection_pool.connection_kwargs
+            assert (kwargs["ssl_ca_certs"], kwargs["ssl_min_version"]) == (str(pki["ca"]), 772)
+            assert issubclass(sentinel.connection_pool.connection_class, SSLConnection)
+        pool = master.connection_pool  # the data nodes'
+        assert issubclass(pool.connection_class, SSLConnection)
+        assert pool.connection_kwargs["ssl_ca_path"] == str(pki["ca"].parent)
+    finally:
+        await master.aclose()
