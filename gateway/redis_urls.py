@@ -21,8 +21,23 @@ connect with. The two topology forms:
     rest of the cluster is discovered). A path, if any, must be ``/`` or ``/0``: a cluster has
     database 0 only. ``user:pass@`` are the credentials of every cluster node.
 
-``rediss+sentinel://`` and ``rediss+cluster://`` are the same over TLS (for Sentinel: to the
-Sentinels and to the data nodes), verified against the system's CA store.
+``rediss+sentinel://`` and ``rediss+cluster://`` are the same over TLS: for Sentinel, to the
+Sentinels and to the data nodes; for Cluster, to the seeds and to every node discovered. They
+take the ``ssl_*`` query options a ``rediss://`` URL takes (``TLS_OPTIONS``: those of redis-py's
+``SSLConnection``, e.g. ``ssl_ca_certs`` for a private CA, ``ssl_certfile``/``ssl_keyfile``
+for a client certificate, ``ssl_cert_reqs``, ``ssl_check_hostname``, ``ssl_min_version``),
+converted as redis-py's own URL parser converts them and applied to every connection of the
+URL; Sentinel's two options may sit beside them. Without them a TLS URL verifies against the
+system's CAs, with the host name checked, as redis-py does.
+
+The TLS rules shared by every form: an ``ssl_*`` option on a plain URL (``redis://``,
+``unix://``, ``redis+…://``) is refused, since redis-py would fail on it at the first command
+(a plain connection takes no TLS options), as is an ``ssl_*`` name redis-py does not know; a
+topology URL that gives an option twice is refused (a ``rediss://`` URL, read by redis-py,
+takes the first). ``check_store_url`` builds the TLS context, so a CA or certificate file that
+is missing or unusable is a config problem, not a failure at the first store call.
+``tls_context`` is that context as redis-py builds it: the per-request client uses it too, so
+both store clients trust and verify alike.
 
 Hosts may be names, IPv4 addresses or bracketed IPv6 addresses (``[::1]:26379``). User,
 password and master name are percent-decoded. Error messages never repeat a password.
