@@ -63,6 +63,7 @@ class TLSRelay:
         self.listeners: list[socket.socket] = []
         self.tasks: set[asyncio.Task] = set()
         self.handshakes = 0  # TLS handshakes completed
+        self.handshakes_to: dict[int, int] = {}  # by the redis-server port forwarded to
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 
@@ -110,6 +111,7 @@ class TLSRelay:
             writers.append(asyncio.StreamWriter(transport, proto, reader, loop))
             if tls:
                 self.handshakes += 1
+                self.handshakes_to[target] = self.handshakes_to.get(target, 0) + 1
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
             writers.append(up_writer)
             await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writers[0]))
@@ -185,7 +187,8 @@ def tls_sentinel(tmp_path, relay) -> Iterator[dict]:
               lambda: "s_down" not in s.sentinel_master(MASTER)["flags"]
               and s.sentinel_master(MASTER)["role-reported"] == "master")
         s.close()
-        yield {"sentinel": relay.add(sentinel), "master": master, "master_relay": master_relay}
+        yield {"sentinel": relay.add(sentinel), "sentinel_port": sentinel, "master": master,
+               "master_relay": master_relay}
     finally:
         servers.stop_all()
 
@@ -285,7 +288,9 @@ async def test_serve_on_rediss_with_the_wrong_ca_refuses_to_start(tmp_path, pki,
 async def test_serve_on_rediss_sentinel_with_a_private_ca(tmp_path, pki, relay, tls_sentinel,
                                                           upstream) -> None:
     await _serves_a_created_key(tmp_path, _sentinel_url(tls_sentinel, pki["ca"]), upstream)
-    assert relay.handshakes >= 2  # the Sentinel and the master, both over TLS
+    # keygate asked the Sentinel and used the master it named, both over TLS
+    assert relay.handshakes_to.get(tls_sentinel["sentinel_port"], 0) >= 1, relay.handshakes_to
+    assert relay.handshakes_to.get(tls_sentinel["master"], 0) >= 1, relay.handshakes_to
 
 
 async def test_serve_on_rediss_sentinel_with_the_wrong_ca_refuses_to_start(
@@ -298,7 +303,7 @@ async def test_serve_on_rediss_sentinel_with_the_wrong_ca_refuses_to_start(
 async def test_serve_on_rediss_cluster_with_a_private_ca(tmp_path, pki, relay, tls_cluster,
                                                          upstream) -> None:
     await _serves_a_created_key(tmp_path, _cluster_url(tls_cluster, pki["ca"]), upstream)
-    assert relay.handshakes >= 2
+    assert relay.handshakes >= 2 and set(relay.handshakes_to) <= set(tls_cluster["ports"])
 
 
 async def test_serve_on_rediss_cluster_with_the_wrong_ca_refuses_to_start(
