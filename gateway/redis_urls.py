@@ -71,11 +71,9 @@ SENTINEL_PORT = 26379
 REDIS_PORT = 6379
 _SENTINEL_PARAMS = ("sentinel_username", "sentinel_password")
 # The TLS options of redis-py's TLS connection (``SSLConnection``): those a ``rediss://`` URL's
-# query may give, taken by the TLS topology forms too, with redis-py's defaults.
-TLS_DEFAULTS: dict[str, Any] = {
-    name: param.default for name, param in inspect.signature(SSLConnection.__init__).parameters.items()
-    if name.startswith("ssl_")}
-TLS_OPTIONS = tuple(TLS_DEFAULTS)
+# query may give, taken by the TLS topology forms too.
+TLS_OPTIONS = tuple(name for name in inspect.signature(SSLConnection.__init__).parameters
+                    if name.startswith("ssl_"))
 _TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
 
