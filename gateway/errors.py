@@ -205,6 +205,10 @@ def describe(exc: BaseException) -> str:
     in an error message; a ``password=`` fragment is masked all the same."""
     import re
     text = str(exc).replace("\n", " ").strip()
+    # redis-py's "No master found" lists each Sentinel as its client's whole repr (~1,500
+    # characters each), which pushed the cause out of the line: the Sentinel's address instead
+    text = re.sub(r"<redis\.[\w.]*Redis\(<.*?,host=([^,]*),port=(\d+),.*?\)>\)>\)>",
+                  r"Sentinel \1:\2", text)
     text = re.sub(r"(password=)[^&\s]+", r"\1***", text, flags=re.I)
     text = re.sub(r"(://[^:/@\s]*:)[^@\s]+@", r"\1***@", text)
     return f"{exc.__class__.__name__}: {text[:300]}" if text else exc.__class__.__name__

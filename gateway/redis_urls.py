@@ -21,8 +21,23 @@ connect with. The two topology forms:
     rest of the cluster is discovered). A path, if any, must be ``/`` or ``/0``: a cluster has
     database 0 only. ``user:pass@`` are the credentials of every cluster node.
 
-``rediss+sentinel://`` and ``rediss+cluster://`` are the same over TLS (for Sentinel: to the
-Sentinels and to the data nodes), verified against the system's CA store.
+``rediss+sentinel://`` and ``rediss+cluster://`` are the same over TLS: for Sentinel, to the
+Sentinels and to the data nodes; for Cluster, to the seeds and to every node discovered. They
+take the ``ssl_*`` query options a ``rediss://`` URL takes (``TLS_OPTIONS``: those of redis-py's
+``SSLConnection``, e.g. ``ssl_ca_certs`` for a private CA, ``ssl_certfile``/``ssl_keyfile``
+for a client certificate, ``ssl_cert_reqs``, ``ssl_check_hostname``, ``ssl_min_version``),
+converted as redis-py's own URL parser converts them and applied to every connection of the
+URL; Sentinel's two options may sit beside them. Without them a TLS URL verifies against the
+system's CAs, with the host name checked, as redis-py does.
+
+The TLS rules shared by every form: an ``ssl_*`` option on a plain URL (``redis://``,
+``unix://``, ``redis+…://``) is refused, since redis-py would fail on it at the first command
+(a plain connection takes no TLS options), as is an ``ssl_*`` name redis-py does not know; a
+topology URL that gives an option twice is refused (a ``rediss://`` URL, read by redis-py,
+takes the first). ``check_store_url`` builds the TLS context, so a CA or certificate file that
+is missing or unusable is a config problem, not a failure at the first store call.
+``tls_context`` is that context as redis-py builds it: the per-request client uses it too, so
+both store clients trust and verify alike.
 
 Hosts may be names, IPv4 addresses or bracketed IPv6 addresses (``[::1]:26379``). User,
 password and master name are percent-decoded. Error messages never repeat a password.
@@ -32,13 +47,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+from redis.asyncio.connection import (URL_QUERY_ARGUMENT_PARSERS, SSLConnection,
+                                      UnixDomainSocketConnection, parse_url)
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -52,6 +70,11 @@ STORE_SCHEMES = STANDALONE_SCHEMES + ("redis+cluster", "redis+sentinel")
 SENTINEL_PORT = 26379
 REDIS_PORT = 6379
 _SENTINEL_PARAMS = ("sentinel_username", "sentinel_password")
+# The TLS options of redis-py's TLS connection (``SSLConnection``): those a ``rediss://`` URL's
+# query may give, taken by the TLS topology forms too.
+TLS_OPTIONS = tuple(name for name in inspect.signature(SSLConnection.__init__).parameters
+                    if name.startswith("ssl_"))
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
 
 @dataclass(frozen=True)
@@ -66,6 +89,7 @@ class TopologyURL:
     db: int = 0
     sentinel_username: str | None = None
     sentinel_password: str | None = None
+    ssl: dict[str, Any] = field(default_factory=dict)  # TLS options, as redis-py parses them
 
     def __repr__(self) -> str:  # never print a password by accident
         return (f"TopologyURL({self.kind}, tls={self.tls}, nodes={self.nodes}, "
@@ -117,25 +141,32 @@ def parse_topology_url(url: str) -> TopologyURL:
         params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         raise ValueError(f"a {scheme}:// URL has a malformed query string") from None
-    allowed = _SENTINEL_PARAMS if sentinel else ()
+    tls = scheme.startswith("rediss")
+    allowed = (_SENTINEL_PARAMS if sentinel else ()) + (TLS_OPTIONS if tls else ())
     for name, values in params.items():
+        if name in TLS_OPTIONS and not tls:
+            raise ValueError(_plain_with_tls_options(scheme, name))
         if name not in allowed:
-            hint = (f"only {', '.join(allowed)} are understood" if allowed
+            hint = ("only sentinel_username, sentinel_password and the ssl_* options of "
+                    "rediss:// are understood" if sentinel and tls
+                    else f"only {', '.join(allowed)} are understood" if allowed
+                    else "only the ssl_* options of rediss:// are understood" if tls
                     else "it takes no query parameters")
             raise ValueError(f"a {scheme}:// URL has an unknown query parameter {name!r} "
                              f"({hint})")
         if len(values) > 1:
             raise ValueError(f"a {scheme}:// URL gives {name!r} more than once")
+    ssl_options = _parse_tls_options({name: values[0] for name, values in params.items()
+                                      if name in TLS_OPTIONS})
     segments = [unquote(s) for s in path.split("/")] if slash else []
     if segments and segments[-1] == "":
         segments.pop()  # a trailing slash
-    tls = scheme.startswith("rediss")
     kind = "sentinel" if sentinel else "cluster"
     if not sentinel:
         if segments not in ([], ["0"]):
             raise ValueError(f"a {scheme}:// URL takes no path (a cluster has database 0 "
                              "only)")
-        return TopologyURL(kind, tls, nodes, username, password)
+        return TopologyURL(kind, tls, nodes, username, password, ssl=ssl_options)
     if not segments or not segments[0]:
         raise ValueError(f"a {scheme}:// URL needs the master's name as its path, e.g. "
                          f"{scheme}://host:26379/mymaster")
@@ -150,7 +181,79 @@ def parse_topology_url(url: str) -> TopologyURL:
     first = {name: values[0] for name, values in params.items()}
     return TopologyURL(kind, tls, nodes, username, password, segments[0], db,
                        first.get("sentinel_username") or None,
-                       first.get("sentinel_password") or None)
+                       first.get("sentinel_password") or None, ssl_options)
+
+
+def _plain_with_tls_options(scheme: str, name: str) -> str:
+    tls_scheme = {"redis": "rediss", "redis+sentinel": "rediss+sentinel",
+                  "redis+cluster": "rediss+cluster"}.get(scheme)
+    use = f"use {tls_scheme}:// for TLS" if tls_scheme else "a unix socket has no TLS"
+    return (f"a {scheme}:// URL connects without TLS, so it cannot take {name!r} ({use}; "
+            "redis-py refuses ssl_* options on a plain connection)")
+
+
+def _parse_tls_options(given: dict[str, str]) -> dict[str, Any]:
+    """The ssl_* query options of a TLS URL, converted as redis-py's ``parse_url`` converts
+    them (``URL_QUERY_ARGUMENT_PARSERS``: ``ssl_check_hostname`` a boolean, ``ssl_min_version``
+    a number...). A blank value is no value, as in redis-py."""
+    options: dict[str, Any] = {}
+    for name, value in given.items():
+        if value == "":
+            continue
+        parser = URL_QUERY_ARGUMENT_PARSERS.get(name)
+        try:
+            options[name] = parser(value) if parser else value
+        except (TypeError, ValueError):
+            shown = "" if name.endswith("password") else f", got {value[:64]!r}"
+            raise ValueError(f"the URL's {name} is not a valid value{shown}") from None
+    return options
+
+
+def tls_context(options: dict[str, Any]) -> Any:
+    """The ``ssl.SSLContext`` redis-py's ``SSLConnection`` builds from these ssl_* options (its
+    own defaults for the rest: the certificate and the host name verified, the system's CAs and
+    ``ssl_ca_certs`` trusted), so the per-request client and redis-py verify alike; building it
+    is also the load-time check of the files the options name. Raises ``ValueError`` with a
+    sentence fit for a user (never ``ssl_password``)."""
+    import ssl
+
+    from redis.exceptions import RedisError as _RedisError
+    for name in _TLS_FILES:
+        path = options.get(name)
+        if path and not os.path.isfile(path):
+            raise ValueError(f"the URL's {name} names no readable file ({path})")
+    path = options.get("ssl_ca_path")
+    if path and not os.path.isdir(path):
+        raise ValueError(f"the URL's ssl_ca_path names no directory ({path})")
+    # the files first, each on its own, for a message that says which one is wrong
+    probe = ssl.create_default_context()
+    try:
+        if options.get("ssl_certfile") or options.get("ssl_keyfile"):
+            stage = "the TLS client certificate and key (ssl_certfile, ssl_keyfile)"
+            probe.load_cert_chain(options.get("ssl_certfile"), options.get("ssl_keyfile"),
+                                  options.get("ssl_password"))
+        if options.get("ssl_ca_certs") or options.get("ssl_ca_path") or \
+                options.get("ssl_ca_data"):
+            stage = "the CA certificates (ssl_ca_certs, ssl_ca_path, ssl_ca_data)"
+            probe.load_verify_locations(options.get("ssl_ca_certs"), options.get("ssl_ca_path"),
+                                        options.get("ssl_ca_data"))
+    except (OSError, ssl.SSLError, ValueError, TypeError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or \
+            exc.__class__.__name__
+        raise ValueError(f"cannot load {stage} the URL names: {reason}") from None
+    try:
+        connection = SSLConnection(**{n: v for n, v in options.items() if n in TLS_OPTIONS})
+    except _RedisError as exc:  # ssl_cert_reqs
+        raise ValueError(f"the URL's ssl_cert_reqs must be none, optional or required "
+                         f"({exc})") from None
+    try:
+        return connection.ssl_context.get()
+    except (OSError, ssl.SSLError, ValueError, TypeError) as exc:
+        files = ", ".join(n for n in (*_TLS_FILES, "ssl_ca_data", "ssl_ca_path", "ssl_ciphers",
+                                      "ssl_min_version") if options.get(n) is not None)
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        raise ValueError(f"cannot set up TLS with the URL's options"
+                         f"{f' ({files})' if files else ''}: {reason}") from None
 
 
 # How many connections one process opens to one Redis node at most. Past it, a store call
@@ -208,40 +311,14 @@ class StandaloneURL:
     def password(self) -> str | None:
         return self.options.get("password") or None
 
+    @property
+    def ssl_options(self) -> dict[str, Any]:
+        return {name: value for name, value in self.options.items() if name in TLS_OPTIONS}
+
     def ssl_context(self) -> Any:
-        """The TLS context of a ``rediss://`` URL, built from the same options redis-py's
-        ``SSLConnection`` takes (``ssl_ca_certs``, ``ssl_cert_reqs``, ``ssl_certfile``,
-        ``ssl_keyfile``, ``ssl_check_hostname``, ``ssl_ca_path``); None for plain URLs."""
-        if not self.tls:
-            return None
-        import ssl
-        o = self.options
-        try:
-            ctx = ssl.create_default_context(cafile=o.get("ssl_ca_certs"),
-                                             capath=o.get("ssl_ca_path"))
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"cannot load ssl_ca_certs: "
-                             f"{getattr(exc, 'strerror', None) or exc}") from None
-        reqs = o.get("ssl_cert_reqs", "required")
-        reqs = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
-                "required": ssl.CERT_REQUIRED}.get(str(reqs).lower(), reqs) \
-            if isinstance(reqs, str) else reqs
-        check = o.get("ssl_check_hostname")
-        if isinstance(check, str):
-            check = check.lower() in ("1", "true", "yes", "on")
-        if reqs == ssl.CERT_NONE:
-            ctx.check_hostname = False
-        elif check is not None:
-            ctx.check_hostname = bool(check)
-        ctx.verify_mode = reqs
-        try:
-            if o.get("ssl_certfile"):
-                ctx.load_cert_chain(o["ssl_certfile"], o.get("ssl_keyfile"),
-                                    o.get("ssl_password"))
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"cannot load the TLS client certificate: "
-                             f"{getattr(exc, 'strerror', None) or exc}") from None
-        return ctx
+        """The TLS context of a ``rediss://`` URL: the one redis-py's ``SSLConnection`` builds
+        from the same options (``tls_context``); None for plain URLs."""
+        return tls_context(self.ssl_options) if self.tls else None
 
     def __repr__(self) -> str:  # never print a password by accident
         return f"StandaloneURL({self.unix_path or f'{self.host}:{self.port}'}, db={self.db})"
@@ -261,6 +338,15 @@ def parse_standalone_url(url: str) -> StandaloneURL:
         if value is not None and not 0 < value < math.inf:  # nan compares false
             raise ValueError(f"the URL's {name} must be a number of seconds above 0, "
                              f"got {value!r}")
+    scheme = scheme_of(url)
+    for name in options:
+        if not name.startswith("ssl_"):
+            continue
+        if scheme != "rediss":
+            raise ValueError(_plain_with_tls_options(scheme, name))
+        if name not in TLS_OPTIONS:
+            raise ValueError(f"a rediss:// URL has an unknown TLS option {name!r} (redis-py's "
+                             f"TLS connection takes {', '.join(TLS_OPTIONS)})")
     return StandaloneURL(options)
 
 
@@ -269,7 +355,9 @@ def check_store_url(url: str) -> None:
     repeating a password). ``embedded`` is not a URL and is the caller's business."""
     scheme = scheme_of(url)
     if scheme in TOPOLOGY_SCHEMES:
-        parse_topology_url(url)
+        target = parse_topology_url(url)
+        if target.tls:
+            tls_context(target.ssl)  # the files it names are there and usable
         return
     if scheme not in STORE_SCHEMES:
         raise ValueError("must be 'embedded' or a URL with scheme "
@@ -292,7 +380,7 @@ def check_store_url(url: str) -> None:
         if db and not db.isdigit():
             raise ValueError(f"the path of a {scheme}:// URL is the database number (e.g. "
                              f"{scheme}://host:6379/0), got '{parts.path[:32]}'")
-    parse_standalone_url(url)
+    parse_standalone_url(url).ssl_context()  # for rediss://, the files it names are usable
 
 
 def standalone_client(url: str, *, timeout: float, decode_responses: bool) -> Redis:
@@ -365,9 +453,19 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool,
                                    **_given(username=target.username, password=target.password))
     if target.kind == "cluster":
         from redis.asyncio.cluster import ClusterNode
-        cluster = _cluster_class()(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
-                                   ssl=target.tls, max_connections=CLUSTER_NODE_CONNECTIONS,
-                                   **options)
+        cls = _cluster_class()
+        taken = inspect.signature(cls.__init__).parameters
+        tls = {name: value for name, value in target.ssl.items() if name in taken}
+        cluster = cls(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
+                      ssl=target.tls, max_connections=CLUSTER_NODE_CONNECTIONS, **tls, **options)
+        if rest := {name: value for name, value in target.ssl.items() if name not in taken}:
+            # TLS options RedisCluster does not take as arguments (ssl_ca_path, ssl_password in
+            # redis-py 8.1) but every node's SSLConnection does: given to the connection
+            # arguments of the seed nodes and of the nodes discovered later, as redis-py adds
+            # its own later connection arguments
+            cluster.nodes_manager.connection_kwargs.update(rest)
+            for node in cluster.nodes_manager.startup_nodes.values():
+                node.connection_kwargs.update(rest)
         cluster.try_again_for = timeout
         return cluster
     from redis.asyncio.retry import Retry
@@ -385,9 +483,9 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool,
                                             retry=Retry(NoBackoff(), 0),
                                             **_given(username=target.sentinel_username,
                                                      password=target.sentinel_password))
-    if target.tls:
-        sentinel_options["ssl"] = True
-        options["ssl"] = True
+    if target.tls:  # the same TLS options for the Sentinels and for the data nodes
+        sentinel_options.update(ssl=True, **target.ssl)
+        options.update(ssl=True, **target.ssl)
     sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_options)
     client = sentinel.master_for(target.service, db=target.db,
                                  redis_class=_ConfirmingSentinelMaster if confirm_writes
