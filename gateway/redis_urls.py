@@ -324,6 +324,26 @@ class StandaloneURL:
         return f"StandaloneURL({self.unix_path or f'{self.host}:{self.port}'}, db={self.db})"
 
 
+_STANDALONE_OPTIONS: frozenset[str] = frozenset()
+
+
+def _standalone_options() -> frozenset[str]:
+    """The names a standalone URL's query may give: redis-py's ``parse_url`` hands each one to
+    the connection pool, which passes what it does not take itself to the connection class
+    (an unknown one is a TypeError there). The pool's own (``max_connections``, ``timeout``),
+    the connection classes' arguments, and what ``parse_url`` itself yields."""
+    global _STANDALONE_OPTIONS
+    if not _STANDALONE_OPTIONS:
+        from redis.asyncio.connection import AbstractConnection, Connection
+        names = {"host", "port", "path", "db", "username", "password", "connection_class",
+                 "max_connections", "timeout", *URL_QUERY_ARGUMENT_PARSERS}
+        for cls in (AbstractConnection, Connection, UnixDomainSocketConnection):
+            names.update(n for n, p in inspect.signature(cls.__init__).parameters.items()
+                         if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self")
+        _STANDALONE_OPTIONS = frozenset(names)
+    return _STANDALONE_OPTIONS
+
+
 def parse_standalone_url(url: str) -> StandaloneURL:
     """Parse a standalone URL exactly as redis-py does. Raises ``ValueError`` (no password in
     the message) on a URL redis-py would refuse."""
@@ -341,6 +361,10 @@ def parse_standalone_url(url: str) -> StandaloneURL:
     scheme = scheme_of(url)
     for name in options:
         if not name.startswith("ssl_"):
+            if name not in _standalone_options():
+                raise ValueError(f"a {scheme}:// URL has an unknown query parameter {name!r} "
+                                 "(redis-py's connection would refuse it at the first "
+                                 "command)")
             continue
         if scheme != "rediss":
             raise ValueError(_plain_with_tls_options(scheme, name))

@@ -532,3 +532,30 @@ def test_admin_listener_cannot_share_the_proxy_port(tmp_path: Path) -> None:
     assert problems_of(tmp_path, "admin:\n  port: 8080\n") == [
         "config.yaml:2: admin.port: the admin listener cannot share port 8080 with the proxy "
         "listener"]
+
+
+@pytest.mark.parametrize("url, name", [
+    ("redis://127.0.0.1:6379/0?bogus=1", "bogus"),
+    ("redis://:pw@127.0.0.1/0?sokcet_timeout=1", "sokcet_timeout"),   # a typo of socket_timeout
+    ("unix:///run/redis.sock?db=0&client_nmae=kg", "client_nmae"),
+])
+def test_an_unknown_store_url_option_is_a_problem_naming_it(tmp_path: Path, url: str,
+                                                            name: str) -> None:
+    """redis-py hands every query option to its connection class, which raised TypeError at
+    the first admin call; `config check` said ok."""
+    problems = problems_of(tmp_path, f"store:\n  redis_url: '{url}'\n")
+    assert len(problems) == 1 and problems[0].startswith("config.yaml:2: store.redis_url: ")
+    assert f"unknown query parameter {name!r}" in problems[0] and "pw" not in problems[0]
+
+
+def test_store_url_options_redis_py_takes_are_no_problem() -> None:
+    """Every option accepted is one redis-py's connection takes (it builds one from the URL)."""
+    from redis.asyncio import Redis
+
+    from gateway.redis_urls import check_store_url
+    for url in ("redis://127.0.0.1:6379/0?socket_timeout=1&socket_connect_timeout=2"
+                "&client_name=kg&health_check_interval=5&socket_keepalive=true"
+                "&retry_on_timeout=no&max_connections=10",
+                "unix:///run/redis.sock?db=1&password=p&client_name=kg"):
+        check_store_url(url)
+        Redis.from_url(url).connection_pool.make_connection()
