@@ -771,6 +771,54 @@ async def test_an_unrestricted_workspace_admin_key_still_mints_admin_keys(gut):
         assert r.status == 201, await r.text()
 
 
+async def test_a_self_service_patch_is_refused_if_the_key_changed_after_it_was_judged(
+        gut, monkeypatch):
+    """The acting key narrows a key it lacks scopes for (any address -> 10.0.0.0/8: a
+    tightening, allowed); the operator narrows the same key further (10.1.0.0/16) between the
+    self-service read and its write. The write, judged against the old state, widened the
+    operator's allow-list back to 10.0.0.0/8. Now it is written only on the rev it was judged
+    on: 409 conflict, and the operator's narrowing stays."""
+    await gut.workspace()
+    token, me = await gut.key(name="admin", scopes=["people:read", "keys:admin"])
+    _, wide = await gut.key(name="wide", scopes=["people:read", "people:write"])
+    store = gut.gw.store
+    real_update = store.update_key
+    writes = []
+
+    async def operator_writes_first(ws, key_id, **fields):
+        if fields.get("actor") == me["id"] and not writes:
+            # the operator's change lands between the self-service read and its write
+            writes.append(await real_update(ws, key_id, allowed_ips=["10.1.0.0/16"]))
+        return await real_update(ws, key_id, **fields)
+
+    monkeypatch.setattr(store, "update_key", operator_writes_first)
+    for session, url in ((gut.proxy, f"/_keygate/v1/keys/{wide['id']}"),
+                         (gut.admin, f"/admin/v1/workspaces/acme/keys/{wide['id']}")):
+        writes.clear()
+        await gut.admin_json("PATCH", f"/workspaces/acme/keys/{wide['id']}",
+                             {"allowed_ips": None})
+        async with session.patch(url, json={"allowed_ips": ["10.0.0.0/8"]},
+                                 headers=bearer(token)) as r:
+            body = await r.json()
+            assert (r.status, body["error"]["code"]) == (409, "conflict"), body
+            assert "changed" in body["error"]["message"]
+        assert writes, "the hook never ran"
+        _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{wide['id']}")
+        assert read["allowed_ips"] == ["10.1.0.0/16"]
+        # judged again on the key as it is now, the same change is a loosening: 403
+        async with session.patch(url, json={"allowed_ips": ["10.0.0.0/8"]},
+                                 headers=bearer(token)) as r:
+            assert r.status == 403, await r.text()
+    monkeypatch.undo()
+    # with nothing in between, self-service and the operator PATCH as before
+    async with gut.proxy.patch(f"/_keygate/v1/keys/{wide['id']}", json={"name": "w2"},
+                               headers=bearer(token)) as r:
+        assert r.status == 200, await r.text()
+    status, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{wide['id']}",
+                                        {"allowed_ips": None})
+    assert status == 200 and body["allowed_ips"] is None
+
+
 # --- days, months and rotation ------------------------------------------------------------------
 
 async def test_days_and_the_keys_month_turn_over_at_midnight_utc(redis_url, upstream,

@@ -264,7 +264,9 @@ class KeyOps:
         if self.limit_scopes is not None:
             await self._admin_patch_no_looser(current, granted, changes)
         key = await self.store.update_key(self.ws, key_id, actor=self.actor,
-                                          **{f: changes.get(f, UNSET) for f in PATCH_FIELDS})
+                                          **{f: changes.get(f, UNSET) for f in PATCH_FIELDS},
+                                          expect_rev=None if self.limit_scopes is None
+                                          else current.rev)  # the rev the checks judged
         return await self.key_json(key)
 
     async def _admin_patch_no_looser(self, key: KeyRecord, granted: tuple[str, ...] | None,
