@@ -926,6 +926,65 @@ async def test_a_reloaded_scope_catalogue_applies_to_the_next_admin_call(tmp_pat
         assert listed["items"] == [{"name": "people:read", "description": "Read people"}]
 
 
+async def test_a_workspace_role_holding_a_scope_a_reloaded_catalogue_dropped(tmp_path, redis_url,
+                                                                           upstream,
+                                                                           monkeypatch):
+    """A catalogue reloaded in after a workspace role was defined: keys already bound to the
+    role act as keys holding the dropped scope explicitly do (the scope matches no route, the
+    others still work); binding a key to the role anew is a 400, as naming the scope
+    explicitly is (it used to be created), until the role is redefined within the catalogue."""
+    from gateway.config import load_config
+    from test_reload import config_doc, write
+    path = tmp_path / "keygate.yaml"
+    url = str(upstream.make_url(""))
+    write(path, config_doc(url))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                  config_path=str(path)) as g:
+        await g.workspace()
+        status, _ = await g.admin_json("PUT", "/workspaces/acme/roles/custom",
+                                       {"scopes": ["people:read", "people:raed"]})
+        assert status == 200
+        role_token, role_key = await g.key(name="by-role", role="custom")
+        scope_token, scope_key = await g.key(name="by-scopes",
+                                             scopes=["people:read", "people:raed"])
+        admin_token, _ = await g.key(name="admin", scopes=["people:read", "people:raed",
+                                                           "keys:admin"])
+        write(path, config_doc(url, scopes={"people:read": "Read people",
+                                            "keys:admin": "Manage keys"}))
+        status, body = await g.admin_json("POST", "/reload")
+        assert status == 200, body
+
+        # request time: the same for both, the dropped scope just matches no route
+        for token in (role_token, scope_token, admin_token):
+            assert (await call(g, token))[0] == 200
+        # the API: naming the dropped scope, directly or through the role, is a 400
+        for binding in ({"scopes": ["people:read", "people:raed"]}, {"role": "custom"}):
+            status, body = await g.admin_json("POST", "/workspaces/acme/keys",
+                                              {"name": "new", **binding})
+            assert (status, body["error"]["code"]) == (400, "bad_request"), (binding, body)
+            assert "people:raed" in body["error"]["message"]
+            status, body = await g.admin_json("PATCH", f"/workspaces/acme/keys/{role_key['id']}",
+                                              binding)
+            assert status == 400, (binding, body)
+            async with g.proxy.post("/_keygate/v1/keys", json={"name": "new", **binding},
+                                    headers=bearer(admin_token)) as r:
+                assert r.status == 400, (binding, await r.text())
+        # what does not re-bind stays open for both: renaming, rotating
+        for key in (role_key, scope_key):
+            status, _ = await g.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                           {"name": "renamed"})
+            assert status == 200
+        status, _ = await g.admin_json("POST", f"/workspaces/acme/keys/{role_key['id']}/rotate")
+        assert status == 201
+        # redefined within the catalogue, the role binds again
+        status, _ = await g.admin_json("PUT", "/workspaces/acme/roles/custom",
+                                       {"scopes": ["people:read"]})
+        assert status == 200
+        status, body = await g.admin_json("POST", "/workspaces/acme/keys",
+                                          {"name": "new", "role": "custom"})
+        assert status == 201, body
+
+
 async def test_verify_only_mode_applies_every_key_control(redis_url, upstream, monkeypatch):
     from harness import VERIFY, verify_config
     async with gateway_under_test(verify_config(str(upstream.make_url(""))), redis_url,

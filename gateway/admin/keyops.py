@@ -111,12 +111,26 @@ class KeyOps:
                 raise BadRequest(f"The field 'role' names an unknown role '{role}'; it is "
                                  f"neither a role of workspace '{self.ws}' nor a configured "
                                  "role.")
+            self._role_in_catalogue(role, granted)
             self._within_limit(granted)
             return role, (), granted
         scopes = parse_scopes(data.get("scopes", []))
         check_catalogue(scopes, self.config)
         self._within_limit(scopes)
         return None, scopes, scopes
+
+    def _role_in_catalogue(self, role: str, granted: tuple[str, ...]) -> None:
+        """A role defined before a reloaded scope catalogue dropped one of its scopes binds no
+        new key, as naming that scope explicitly would not (keys already bound to it keep
+        working: the dropped scope matches no route, as for keys holding it explicitly)."""
+        if self.config.scopes is None:
+            return
+        unknown = [s for s in granted if s != "ALL" and s not in self.config.scopes]
+        if unknown:
+            raise BadRequest(f"The field 'role' names role '{role}', which holds a scope that is "
+                             f"not in the scope catalogue: {shown(unknown[0])!r}; define the "
+                             f"role again within the catalogue (PUT /admin/v1/workspaces/"
+                             f"{self.ws}/roles/{role}) first.")
 
     def _within_limit(self, scopes: tuple[str, ...], verb: str = "grant") -> None:
         if self.limit_scopes is None or "ALL" in self.limit_scopes:
