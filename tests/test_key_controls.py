@@ -675,6 +675,150 @@ async def test_a_workspace_admin_key_cannot_loosen_its_own_limits(gut):
     assert status == 200 and body["monthly_requests"] is None
 
 
+async def test_a_restricted_workspace_admin_key_cannot_mint_a_less_restricted_admin_key(gut):
+    """A keys:admin key bound to the office network (and capped) created, re-scoped or rotated
+    keys holding keys:admin with no allow-list or cap, and managed the workspace's keys from
+    anywhere with them. A key that self-service gives keys:admin must be at least as
+    restricted as the acting key; ordinary keys stay free of the acting key's limits."""
+    await gut.workspace(plan="unlimited")
+    office = {"allowed_ips": ["127.0.0.0/8"], "monthly_requests": 100, "rate_limit": "2/s"}
+    token, me = await gut.key(name="office-admin", scopes=["people:read", "keys:admin"],
+                              **office)
+    status, _ = await gut.admin_json("PUT", "/workspaces/acme/roles/ws-admin",
+                                     {"scopes": ["keys:admin"]})
+    assert status == 200
+    h = bearer(token)
+
+    async def ss(method: str, path: str, body=None, via_admin_api: bool = False):
+        session, prefix = ((gut.admin, "/admin/v1/workspaces/acme/keys") if via_admin_api
+                           else (gut.proxy, "/_keygate/v1/keys"))
+        async with session.request(method, prefix + path, json=body, headers=h) as r:
+            return r.status, await r.json()
+
+    def looser(**change):
+        return {**office, **change}
+
+    # creating: an admin key looser in any limit is refused, on both listeners
+    for binding in ({"scopes": ["keys:admin"]}, {"role": "ws-admin"}):
+        for limits in ({}, looser(allowed_ips=None), looser(allowed_ips=["0.0.0.0/0"]),
+                       looser(allowed_ips=["127.0.0.0/8", "10.0.0.0/8"]),
+                       looser(monthly_requests=None), looser(monthly_requests=101),
+                       looser(rate_limit=None), looser(rate_limit="3/s")):
+            for via_admin_api in (False, True):
+                status, body = await ss("POST", "", {"name": "escape", **binding, **limits},
+                                        via_admin_api)
+                assert (status, body["error"]["code"]) == (403, "insufficient_scope"), \
+                    (binding, limits, body)
+                assert "keys:admin" in body["error"]["message"]
+    _, listed = await gut.admin_json("GET", "/workspaces/acme/keys")
+    assert [k["name"] for k in listed["items"]] == ["office-admin"]
+    # as restricted or more: fine
+    status, body = await ss("POST", "", {"name": "deputy", "scopes": ["keys:admin"],
+                                         "allowed_ips": ["127.0.0.1/32"], "monthly_requests": 50,
+                                         "rate_limit": "1/s"})
+    assert status == 201, body
+    deputy = body["key"]
+    status, body = await ss("POST", "", {"name": "twin", "role": "ws-admin", **office},
+                            via_admin_api=True)
+    assert status == 201, body
+    # an ordinary service key, used from the servers elsewhere, is none of the acting key's
+    # business: no allow-list, no cap
+    status, body = await ss("POST", "", {"name": "service", "scopes": ["people:read"]})
+    assert status == 201 and body["key"]["allowed_ips"] is None, body
+    service = body["key"]
+
+    # PATCH: giving keys:admin to an unrestricted key, or loosening an admin key, is refused
+    for change in ({"scopes": ["people:read", "keys:admin"]}, {"role": "ws-admin"}):
+        status, body = await ss("PATCH", f"/{service['id']}", change)
+        assert (status, body["error"]["code"]) == (403, "insufficient_scope"), (change, body)
+    status, body = await ss("PATCH", f"/{service['id']}", {"scopes": ["keys:admin"], **office})
+    assert status == 200 and body["scopes"] == ["keys:admin"], body
+    for loosen in ({"allowed_ips": None}, {"monthly_requests": None}, {"rate_limit": "5/s"}):
+        status, body = await ss("PATCH", f"/{deputy['id']}", loosen)
+        assert (status, body["error"]["code"]) == (403, "insufficient_scope"), (loosen, body)
+    status, body = await ss("PATCH", f"/{deputy['id']}", {"monthly_requests": 100})
+    assert status == 200, body  # looser than it was, no looser than the acting key
+    # an admin key the operator made unrestricted: the acting key may rename or tighten it,
+    # not loosen it nor rotate it (the rotation would hand over an unrestricted admin token)
+    _, free = await gut.key(name="free-admin", scopes=["keys:admin"], monthly_requests=10)
+    assert (await ss("PATCH", f"/{free['id']}", {"name": "renamed"}))[0] == 200
+    assert (await ss("PATCH", f"/{free['id']}", {"allowed_ips": ["127.0.0.0/8"]}))[0] == 200
+    status, body = await ss("PATCH", f"/{free['id']}", {"monthly_requests": 20})
+    assert (status, body["error"]["code"]) == (403, "insufficient_scope"), body
+    for via_admin_api in (False, True):
+        status, body = await ss("POST", f"/{free['id']}/rotate", via_admin_api=via_admin_api)
+        assert (status, body["error"]["code"]) == (403, "insufficient_scope"), body
+    _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{free['id']}")
+    assert read["status"] == "active"
+    status, body = await ss("POST", f"/{deputy['id']}/rotate")
+    assert status == 201 and body["key"]["allowed_ips"] == ["127.0.0.1/32"], body
+    status, body = await ss("POST", f"/{me['id']}/rotate", {"grace_seconds": 60})
+    assert status == 201, body  # itself: exactly as restricted
+
+    # the operator is never held to a key's limits
+    status, body = await gut.admin_json("POST", "/workspaces/acme/keys",
+                                        {"name": "root", "scopes": ["ALL"]})
+    assert status == 201, body
+    status, body = await gut.admin_json("POST", f"/workspaces/acme/keys/{free['id']}/rotate")
+    assert status == 201, body
+
+
+async def test_an_unrestricted_workspace_admin_key_still_mints_admin_keys(gut):
+    await gut.workspace()
+    token, _ = await gut.key(name="admin", scopes=["people:read", "keys:admin"])
+    async with gut.proxy.post("/_keygate/v1/keys", json={"name": "a2", "scopes": ["keys:admin"]},
+                              headers=bearer(token)) as r:
+        assert r.status == 201, await r.text()
+
+
+async def test_a_self_service_patch_is_refused_if_the_key_changed_after_it_was_judged(
+        gut, monkeypatch):
+    """The acting key narrows a key it lacks scopes for (any address -> 10.0.0.0/8: a
+    tightening, allowed); the operator narrows the same key further (10.1.0.0/16) between the
+    self-service read and its write. The write, judged against the old state, widened the
+    operator's allow-list back to 10.0.0.0/8. Now it is written only on the rev it was judged
+    on: 409 conflict, and the operator's narrowing stays."""
+    await gut.workspace()
+    token, me = await gut.key(name="admin", scopes=["people:read", "keys:admin"])
+    _, wide = await gut.key(name="wide", scopes=["people:read", "people:write"])
+    store = gut.gw.store
+    real_update = store.update_key
+    writes = []
+
+    async def operator_writes_first(ws, key_id, **fields):
+        if fields.get("actor") == me["id"] and not writes:
+            # the operator's change lands between the self-service read and its write
+            writes.append(await real_update(ws, key_id, allowed_ips=["10.1.0.0/16"]))
+        return await real_update(ws, key_id, **fields)
+
+    monkeypatch.setattr(store, "update_key", operator_writes_first)
+    for session, url in ((gut.proxy, f"/_keygate/v1/keys/{wide['id']}"),
+                         (gut.admin, f"/admin/v1/workspaces/acme/keys/{wide['id']}")):
+        writes.clear()
+        await gut.admin_json("PATCH", f"/workspaces/acme/keys/{wide['id']}",
+                             {"allowed_ips": None})
+        async with session.patch(url, json={"allowed_ips": ["10.0.0.0/8"]},
+                                 headers=bearer(token)) as r:
+            body = await r.json()
+            assert (r.status, body["error"]["code"]) == (409, "conflict"), body
+            assert "changed" in body["error"]["message"]
+        assert writes, "the hook never ran"
+        _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{wide['id']}")
+        assert read["allowed_ips"] == ["10.1.0.0/16"]
+        # judged again on the key as it is now, the same change is a loosening: 403
+        async with session.patch(url, json={"allowed_ips": ["10.0.0.0/8"]},
+                                 headers=bearer(token)) as r:
+            assert r.status == 403, await r.text()
+    monkeypatch.undo()
+    # with nothing in between, self-service and the operator PATCH as before
+    async with gut.proxy.patch(f"/_keygate/v1/keys/{wide['id']}", json={"name": "w2"},
+                               headers=bearer(token)) as r:
+        assert r.status == 200, await r.text()
+    status, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{wide['id']}",
+                                        {"allowed_ips": None})
+    assert status == 200 and body["allowed_ips"] is None
+
+
 # --- days, months and rotation ------------------------------------------------------------------
 
 async def test_days_and_the_keys_month_turn_over_at_midnight_utc(redis_url, upstream,
@@ -780,6 +924,65 @@ async def test_a_reloaded_scope_catalogue_applies_to_the_next_admin_call(tmp_pat
         assert status == 400
         _, listed = await g.admin_json("GET", "/scopes")
         assert listed["items"] == [{"name": "people:read", "description": "Read people"}]
+
+
+async def test_a_workspace_role_holding_a_scope_a_reloaded_catalogue_dropped(tmp_path, redis_url,
+                                                                           upstream,
+                                                                           monkeypatch):
+    """A catalogue reloaded in after a workspace role was defined: keys already bound to the
+    role act as keys holding the dropped scope explicitly do (the scope matches no route, the
+    others still work); binding a key to the role anew is a 400, as naming the scope
+    explicitly is (it used to be created), until the role is redefined within the catalogue."""
+    from gateway.config import load_config
+    from test_reload import config_doc, write
+    path = tmp_path / "keygate.yaml"
+    url = str(upstream.make_url(""))
+    write(path, config_doc(url))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                  config_path=str(path)) as g:
+        await g.workspace()
+        status, _ = await g.admin_json("PUT", "/workspaces/acme/roles/custom",
+                                       {"scopes": ["people:read", "people:raed"]})
+        assert status == 200
+        role_token, role_key = await g.key(name="by-role", role="custom")
+        scope_token, scope_key = await g.key(name="by-scopes",
+                                             scopes=["people:read", "people:raed"])
+        admin_token, _ = await g.key(name="admin", scopes=["people:read", "people:raed",
+                                                           "keys:admin"])
+        write(path, config_doc(url, scopes={"people:read": "Read people",
+                                            "keys:admin": "Manage keys"}))
+        status, body = await g.admin_json("POST", "/reload")
+        assert status == 200, body
+
+        # request time: the same for both, the dropped scope just matches no route
+        for token in (role_token, scope_token, admin_token):
+            assert (await call(g, token))[0] == 200
+        # the API: naming the dropped scope, directly or through the role, is a 400
+        for binding in ({"scopes": ["people:read", "people:raed"]}, {"role": "custom"}):
+            status, body = await g.admin_json("POST", "/workspaces/acme/keys",
+                                              {"name": "new", **binding})
+            assert (status, body["error"]["code"]) == (400, "bad_request"), (binding, body)
+            assert "people:raed" in body["error"]["message"]
+            status, body = await g.admin_json("PATCH", f"/workspaces/acme/keys/{role_key['id']}",
+                                              binding)
+            assert status == 400, (binding, body)
+            async with g.proxy.post("/_keygate/v1/keys", json={"name": "new", **binding},
+                                    headers=bearer(admin_token)) as r:
+                assert r.status == 400, (binding, await r.text())
+        # what does not re-bind stays open for both: renaming, rotating
+        for key in (role_key, scope_key):
+            status, _ = await g.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                           {"name": "renamed"})
+            assert status == 200
+        status, _ = await g.admin_json("POST", f"/workspaces/acme/keys/{role_key['id']}/rotate")
+        assert status == 201
+        # redefined within the catalogue, the role binds again
+        status, _ = await g.admin_json("PUT", "/workspaces/acme/roles/custom",
+                                       {"scopes": ["people:read"]})
+        assert status == 200
+        status, body = await g.admin_json("POST", "/workspaces/acme/keys",
+                                          {"name": "new", "role": "custom"})
+        assert status == 201, body
 
 
 async def test_verify_only_mode_applies_every_key_control(redis_url, upstream, monkeypatch):

@@ -2,8 +2,9 @@
 
 They differ only in who acts (:class:`Actor`): the operator, or a ``keys:admin`` key, which
 the audit records and which may never mint a key wider than itself (its effective scopes),
-longer-lived than itself, or above the plan's rate limit. Each operation returns the JSON body
-of its answer; the caller picks the status.
+longer-lived than itself, or above the plan's rate limit, nor a ``keys:admin`` key less
+restricted than itself (its allow-list, monthly cap and rate limit). Each operation returns the
+JSON body of its answer; the caller picks the status.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from .validate import (MAX_DESCRIPTION, MAX_NAME, check_catalogue, parse_allowed
                        parse_text, per_second)
 
 CONTROL_FIELDS = ("rate_limit", "monthly_requests", "enabled", "meta", "allowed_ips")
+LIMIT_FIELDS = ("allowed_ips", "monthly_requests", "rate_limit")
+"""The controls that bound where and how much a key may be used (None: no bound of its own)."""
+ADMIN_SCOPE = "keys:admin"
 CREATE_FIELDS = ("name", "description", "role", "scopes", "expires_at", "expires_in",
                  "environment") + CONTROL_FIELDS
 PATCH_FIELDS = ("name", "description", "role", "scopes", "expires_at") + CONTROL_FIELDS
@@ -55,6 +59,12 @@ class KeyOps:
     own expiry (None: it never expires) bounds every key it creates, rotates or re-dates, else
     a key given a day by the operator could make itself (or a copy) permanent; and it may not
     extend the life of a key that holds scopes it lacks itself.
+
+    A key that holds (or, by the call, comes to hold) ``keys:admin`` and that the workspace key
+    creates, rotates, re-binds to more scopes or loosens must be at least as restricted as the
+    acting key (:meth:`_admin_no_looser`): else a key the operator bound to the office network,
+    or capped, would mint an admin key without those limits and manage the workspace's keys
+    from anywhere with it. Keys without ``keys:admin`` are not held to the acting key's limits.
     """
 
     def __init__(self, store: Store, config: Config, ws: str,
@@ -87,8 +97,10 @@ class KeyOps:
             raise NotFound(f"Workspace '{self.ws}' has no key '{shown(key_id, 12)}'.")
         return key_id
 
-    async def _binding(self, data: Mapping[str, Any]) -> tuple[str | None, tuple[str, ...]]:
-        """(role, explicit scopes) from ``role`` / ``scopes``, checked against the limits."""
+    async def _binding(self, data: Mapping[str, Any]
+                       ) -> tuple[str | None, tuple[str, ...], tuple[str, ...]]:
+        """(role, explicit scopes, the scopes the binding grants now) from ``role`` /
+        ``scopes``, checked against the limits."""
         if "role" in data and "scopes" in data:
             raise BadRequest("Give either 'role' or 'scopes', not both: a key is bound to a "
                              "role or to explicit scopes.")
@@ -99,12 +111,26 @@ class KeyOps:
                 raise BadRequest(f"The field 'role' names an unknown role '{role}'; it is "
                                  f"neither a role of workspace '{self.ws}' nor a configured "
                                  "role.")
+            self._role_in_catalogue(role, granted)
             self._within_limit(granted)
-            return role, ()
+            return role, (), granted
         scopes = parse_scopes(data.get("scopes", []))
         check_catalogue(scopes, self.config)
         self._within_limit(scopes)
-        return None, scopes
+        return None, scopes, scopes
+
+    def _role_in_catalogue(self, role: str, granted: tuple[str, ...]) -> None:
+        """A role defined before a reloaded scope catalogue dropped one of its scopes binds no
+        new key, as naming that scope explicitly would not (keys already bound to it keep
+        working: the dropped scope matches no route, as for keys holding it explicitly)."""
+        if self.config.scopes is None:
+            return
+        unknown = [s for s in granted if s != "ALL" and s not in self.config.scopes]
+        if unknown:
+            raise BadRequest(f"The field 'role' names role '{role}', which holds a scope that is "
+                             f"not in the scope catalogue: {shown(unknown[0])!r}; define the "
+                             f"role again within the catalogue (PUT /admin/v1/workspaces/"
+                             f"{self.ws}/roles/{role}) first.")
 
     def _within_limit(self, scopes: tuple[str, ...], verb: str = "grant") -> None:
         if self.limit_scopes is None or "ALL" in self.limit_scopes:
@@ -113,6 +139,25 @@ class KeyOps:
         if wider:
             raise Forbidden(f"This key cannot {verb} scopes it does not hold itself: "
                             f"{', '.join(wider)}.")
+
+    async def _admin_no_looser(self, scopes: tuple[str, ...], limits: Mapping[str, Any],
+                               what: str) -> None:
+        """Self-service: a key that will hold ``keys:admin`` with ``scopes`` and the limits
+        ``limits`` (``LIMIT_FIELDS``, None: no bound) may be no less restricted than the acting
+        key: its addresses within the acting key's, its monthly cap and its rate no higher.
+        Where the acting key has no limit of its own, none is asked of the other key (the
+        plan's rate and the workspace's quota bind both)."""
+        if self.limit_scopes is None or not (ADMIN_SCOPE in scopes or "ALL" in scopes):
+            return
+        acting = await self.store.require_key(self.ws, self.actor)  # its limits as they are now
+        wider = _widened(acting, limits)
+        if wider:
+            bounds = "; ".join(f"{f} {_shown_limit(getattr(acting, f))}" for f in wider)
+            raise Forbidden(f"A workspace key cannot {what} a key holding '{ADMIN_SCOPE}' less "
+                            f"restricted than itself: that key's {', '.join(wider)} must be "
+                            f"within the acting key's ({bounds}). Keys without '{ADMIN_SCOPE}' "
+                            "are not held to the acting key's limits; the operator is not held "
+                            "to them.")
 
     async def list(self, query: Mapping[str, str]) -> dict[str, Any]:
         select_keys([], query, 0)  # a bad query is a 400 before any store call
@@ -185,7 +230,8 @@ class KeyOps:
             expires_at = self.limit_expires_at  # a new key inherits the acting key's expiry
         self._within_lifetime(expires_at)
         controls = await self._controls(data)
-        role, scopes = await self._binding(data)
+        role, scopes, granted = await self._binding(data)
+        await self._admin_no_looser(granted, {f: controls.get(f) for f in LIMIT_FIELDS}, "create")
         new = await self.store.create_key(
             self.ws, name=name, description=description, environment=environment, role=role,
             scopes=scopes, expires_at=expires_at, actor=self.actor, **controls)
@@ -218,8 +264,9 @@ class KeyOps:
         if "expires_at" in data:
             changes["expires_at"] = parse_expires_at(data["expires_at"], self.store.clock(),
                                                      nullable=True)
+        granted = None
         if "role" in data or "scopes" in data:
-            role, scopes = await self._binding(data)
+            role, scopes, granted = await self._binding(data)
             if role is not None:
                 changes["role"] = role
             else:
@@ -228,9 +275,28 @@ class KeyOps:
         changes.update(await self._controls(data, current))
         if "expires_at" in changes and self.limit_scopes is not None:
             await self._may_redate(current, changes["expires_at"])
+        if self.limit_scopes is not None:
+            await self._admin_patch_no_looser(current, granted, changes)
         key = await self.store.update_key(self.ws, key_id, actor=self.actor,
-                                          **{f: changes.get(f, UNSET) for f in PATCH_FIELDS})
+                                          **{f: changes.get(f, UNSET) for f in PATCH_FIELDS},
+                                          expect_rev=None if self.limit_scopes is None
+                                          else current.rev)  # the rev the checks judged
         return await self.key_json(key)
+
+    async def _admin_patch_no_looser(self, key: KeyRecord, granted: tuple[str, ...] | None,
+                                     changes: Mapping[str, Any]) -> None:
+        """Self-service: a PATCH that leaves ``key`` holding ``keys:admin`` and gives it a
+        scope it lacked or loosens its limits must leave it no less restricted than the acting
+        key. Renaming, re-dating and tightening a wider admin key (the operator's) stay open."""
+        widens = _widened(key, changes)
+        if granted is None and not widens:
+            return
+        held = await self.store.effective_scopes(self.ws, key)
+        gains = granted is not None and "ALL" not in held and any(s not in held for s in granted)
+        if not gains and not widens:
+            return
+        limits = {f: changes.get(f, getattr(key, f)) for f in LIMIT_FIELDS}
+        await self._admin_no_looser(held if granted is None else granted, limits, "leave")
 
     async def _may_redate(self, key: KeyRecord, expires_at: float | None) -> None:
         """Self-service: never past the acting key's own expiry; and a key holding scopes the
@@ -252,7 +318,12 @@ class KeyOps:
         grace = parse_seconds(data, "grace_seconds", 0) or 0
         key = await self.store.require_key(self.ws, self._key_id(key_id))
         if self.limit_scopes is not None:  # a rotation hands out a token with the key's scopes
-            self._within_limit(await self.store.effective_scopes(self.ws, key), "rotate a key with")
+            scopes = await self.store.effective_scopes(self.ws, key)
+            self._within_limit(scopes, "rotate a key with")
+            # ... and with its limits: an admin key looser than the acting key stays the
+            # operator's to rotate
+            await self._admin_no_looser(scopes, {f: getattr(key, f) for f in LIMIT_FIELDS},
+                                        "rotate")
         latest = self.limit_expires_at if self.limit_scopes is not None else None
         _old, new = await self.store.rotate_key(self.ws, key_id, grace_seconds=grace,
                                                 actor=self.actor, max_expires_at=latest,
@@ -265,21 +336,30 @@ def _loosens(key: KeyRecord, controls: Mapping[str, Any]) -> bool:
     """Whether ``controls`` would let ``key`` do more than it may now."""
     if controls.get("enabled") is True and not key.enabled:
         return True
+    return bool(_widened(key, controls))
+
+
+def _widened(key: KeyRecord, controls: Mapping[str, Any]) -> list[str]:
+    """The ``LIMIT_FIELDS`` in ``controls`` that are looser than ``key``'s: a cap lifted or
+    raised, a rate lifted or raised, an address outside the key's allow-list."""
+    wider = []
+    if "allowed_ips" in controls and key.allowed_ips is not None:
+        new = controls["allowed_ips"]
+        old = [ipaddress.ip_network(n) for n in key.allowed_ips]
+        if new is None or not all(
+                any(net.version == o.version and net.subnet_of(o) for o in old)
+                for net in map(ipaddress.ip_network, new)):
+            wider.append("allowed_ips")
     if "monthly_requests" in controls and key.monthly_requests is not None:
         cap = controls["monthly_requests"]
         if cap is None or cap > key.monthly_requests:
-            return True
+            wider.append("monthly_requests")
     if "rate_limit" in controls and key.rate_limit is not None:
         rate = controls["rate_limit"]
         if rate is None or per_second(rate) > per_second(key.rate_limit):
-            return True
-    if "allowed_ips" in controls and key.allowed_ips is not None:
-        new = controls["allowed_ips"]
-        if new is None:
-            return True
-        old = [ipaddress.ip_network(n) for n in key.allowed_ips]
-        for text in new:
-            net = ipaddress.ip_network(text)
-            if not any(net.version == o.version and net.subnet_of(o) for o in old):
-                return True
-    return False
+            wider.append("rate_limit")
+    return wider
+
+
+def _shown_limit(value: Any) -> str:
+    return ", ".join(value) if isinstance(value, tuple) else str(value)

@@ -242,12 +242,15 @@ class KeyStore(StoreBase):
                          description: Any = UNSET, role: Any = UNSET, scopes: Any = UNSET,
                          expires_at: Any = UNSET, rate_limit: Any = UNSET,
                          monthly_requests: Any = UNSET, enabled: Any = UNSET, meta: Any = UNSET,
-                         allowed_ips: Any = UNSET, actor: str = OPERATOR) -> KeyRecord:
+                         allowed_ips: Any = UNSET, actor: str = OPERATOR,
+                         expect_rev: int | None = None) -> KeyRecord:
         """Change the given fields (UNSET = leave as is). ``role`` binds the key to a role,
         ``scopes`` to explicit scopes (the other binding is cleared); ``expires_at`` None
         removes the expiry. Bumps the key's rev: every replica applies it on the next request.
         A new expiry for an expired key re-activates it: Conflict ``key_limit_reached`` if the
-        plan's cap is reached."""
+        plan's cap is reached. With ``expect_rev`` (the rev the caller judged the change on,
+        e.g. self-service's loosening checks), Conflict if the key changed since, and nothing
+        is written."""
         fields: list[str] = []
         details: dict[str, Any] = {}
         if name is not UNSET:
@@ -285,7 +288,10 @@ class KeyStore(StoreBase):
             "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws)),
             (key_id, score, epoch_field(now), max_keys,
              self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
-             *fields))
+             "" if expect_rev is None else expect_rev, *fields))
+        if reply == "stale":
+            raise Conflict(f"Key '{shown(key_id, 12)}' changed while this change to it was being "
+                           "checked; read it again and retry.")
         if reply == "limit":
             raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
                            f"'{shown_ws(ws)}' already has the {max_keys} active keys its plan "
