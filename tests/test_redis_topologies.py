@@ -273,25 +273,32 @@ def _cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+def start_cluster(servers: "Servers", ports: list[int], password: str,
+                  node_args=lambda port: ()) -> None:
+    """Password-protected masters on ``ports`` (``node_args(port)``: extra redis-server
+    arguments), slots split by ``redis-cli --cluster create``; returns once every node says ok."""
+    for port in ports:
+        servers.start(f"node{port}", port, "--cluster-enabled", "yes", "--cluster-config-file",
+                      f"nodes-{port}.conf", "--cluster-node-timeout", "2000",
+                      "--requirepass", password, "--masterauth", password, *node_args(port),
+                      password=password)
+    cli = str(Path(redis_server_binary()).with_name("redis-cli"))
+    subprocess.run([cli, "-a", password, "--no-auth-warning", "--cluster", "create",
+                    *[f"127.0.0.1:{p}" for p in ports], "--cluster-yes"],
+                   check=True, capture_output=True, timeout=30)
+    for port in ports:
+        node = redis.Redis(port=port, password=password, decode_responses=True)
+        _wait("the cluster to be ok", lambda: node.cluster("INFO")["cluster_state"] == "ok")
+        node.close()
+
+
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[dict]:
     """Three password-protected masters, slots split by ``redis-cli --cluster create``."""
     servers = Servers(tmp_path)
     ports = [_cluster_port() for _ in range(3)]
     try:
-        for i, port in enumerate(ports):
-            servers.start(f"node{i}", port, "--cluster-enabled", "yes", "--cluster-config-file",
-                          f"nodes-{port}.conf", "--cluster-node-timeout", "2000",
-                          "--requirepass", CLUSTER_PW, "--masterauth", CLUSTER_PW,
-                          password=CLUSTER_PW)
-        cli = str(Path(redis_server_binary()).with_name("redis-cli"))
-        subprocess.run([cli, "-a", CLUSTER_PW, "--no-auth-warning", "--cluster", "create",
-                        *[f"127.0.0.1:{p}" for p in ports], "--cluster-yes"],
-                       check=True, capture_output=True, timeout=30)
-        for port in ports:
-            node = redis.Redis(port=port, password=CLUSTER_PW, decode_responses=True)
-            _wait("the cluster to be ok", lambda: node.cluster("INFO")["cluster_state"] == "ok")
-            node.close()
+        start_cluster(servers, ports, CLUSTER_PW)
         seeds = ",".join(f"127.0.0.1:{p}" for p in ports[:2])
         yield {"ports": ports, "url": f"redis+cluster://:{CLUSTER_PW}@{seeds}"}
     finally:

@@ -13,7 +13,6 @@ import asyncio
 import shutil
 import socket
 import ssl
-import subprocess
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -24,10 +23,10 @@ from aiohttp import ClientSession
 
 from gateway.redis_urls import check_store_url, parse_topology_url
 
-from conftest import RedisServer, free_port, redis_server_binary
+from conftest import RedisServer, free_port
 from harness import openssl
 from served import TIMEOUT, Served, admin_json, new_key, write_config
-from test_redis_topologies import Servers, _cluster_port, _wait
+from test_redis_topologies import Servers, _cluster_port, _wait, start_cluster
 from test_tls_listeners import EC, issue
 
 PW = "tls-store-pw-5150"
@@ -201,22 +200,13 @@ def tls_cluster(tmp_path, relay) -> Iterator[dict]:
     ports = [_cluster_port() for _ in range(3)]
     relays = [free_port() for _ in ports]
     try:
-        for port, announced in zip(ports, relays):
-            relay.add(port, port=announced, plain_too=True)
-            servers.start(f"node{port}", port, "--cluster-enabled", "yes",
-                          "--cluster-config-file", f"nodes-{port}.conf",
-                          "--cluster-node-timeout", "2000",
-                          "--cluster-announce-port", str(announced),
-                          "--cluster-announce-bus-port", str(port + 10000),
-                          "--requirepass", PW, "--masterauth", PW, password=PW)
-        cli = str(Path(redis_server_binary()).with_name("redis-cli"))
-        subprocess.run([cli, "-a", PW, "--no-auth-warning", "--cluster", "create",
-                        *[f"127.0.0.1:{p}" for p in ports], "--cluster-yes"],
-                       check=True, capture_output=True, timeout=30)
+        announced = dict(zip(ports, relays))
         for port in ports:
-            node = redis.Redis(port=port, password=PW, decode_responses=True)
-            _wait("the cluster to be ok", lambda: node.cluster("INFO")["cluster_state"] == "ok")
-            node.close()
+            relay.add(port, port=announced[port], plain_too=True)
+        # each node announces its relay's port (keygate goes through it) and its own bus port
+        start_cluster(servers, ports, PW, lambda port: (
+            "--cluster-announce-port", str(announced[port]),
+            "--cluster-announce-bus-port", str(port + 10000)))
         yield {"ports": ports, "relays": relays}
     finally:
         servers.stop_all()
