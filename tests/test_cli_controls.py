@@ -95,3 +95,12 @@ async def test_workspaces_limits_shows_sets_and_resets(admin_url, keygate):
     assert run.json()["custom_limits"] == {}
     run = await keygate("workspaces", "limits", "ghost")
     assert run.code == 1 and "not_found" in run.err
+
+
+def test_keys_update_says_it_changes_the_key_controls_too(capsys):
+    """`keygate keys --help` summed up `update` as name, description, role/scopes or expiry
+    only, so a reader looking for how to disable a key or cap it did not find it there."""
+    assert main(["keys", "--help"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("update"))
+    for word in ("limits", "disable", "allowed IPs"):
+        assert word in line, line
