@@ -126,3 +126,12 @@ async def test_keys_list_shows_a_disabled_key_as_disabled(admin_url, keygate):
     run = await keygate("keys", "list", "--workspace", "acme")
     status = {line.split()[0]: line.split()[-1] for line in run.out.strip().splitlines()[1:]}
     assert status == {off["id"]: "disabled", on["id"]: "active"}
+
+
+def test_keys_update_says_it_changes_the_key_controls_too(capsys):
+    """`keygate keys --help` summed up `update` as name, description, role/scopes or expiry
+    only, so a reader looking for how to disable a key or cap it did not find it there."""
+    assert main(["keys", "--help"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("update"))
+    for word in ("limits", "disable", "allowed IPs"):
+        assert word in line, line

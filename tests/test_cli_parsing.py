@@ -79,3 +79,26 @@ def test_a_count_that_is_not_a_number_is_said_for_people(argv, capsys):
     err = capsys.readouterr().err
     assert "int()" not in err and "base 10" not in err, err
     assert f"'{argv[-1]}' is not a whole number" in err, err
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _leaf_parsers(sub, path + (name,))
+            return
+    yield path, parser
+
+
+def test_every_command_that_takes_a_workspace_takes_its_short_form_too():
+    """`keygate keys usage -w acme ID` and `keygate keys delete -w acme ID` work like every
+    other command's `-w` (they answered exit 2, "--workspace is required")."""
+    from gateway.cli.parser import build_parser
+    taking = {}
+    for path, leaf in _leaf_parsers(build_parser()):
+        for action in leaf._actions:
+            if "--workspace" in action.option_strings:
+                taking[" ".join(path)] = action.option_strings
+    assert {"keys usage", "keys delete", "keys list", "usage"} <= set(taking)
+    missing = sorted(cmd for cmd, flags in taking.items() if "-w" not in flags)
+    assert missing == [], missing

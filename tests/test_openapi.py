@@ -232,3 +232,23 @@ async def test_a_workspace_keys_ip_refusal_and_a_stalled_body_are_in_the_documen
     undescribed = [(m, p, s) for m, p, s in served
                    if s[1] not in documented_codes(doc, m, p, s[0])]
     assert not undescribed, undescribed
+
+
+@pytest.mark.parametrize("name", ["reader", "Read.Only", "r_1", "9", "_x", ".x", "-x", "a b",
+                                  "a" * 64, "a" * 65, ""])
+def test_the_documented_role_name_is_the_one_the_api_takes(name):
+    """The OpenAPI document's role-name pattern allowed a leading '_', '.' or '-', which the
+    admin API refuses with 400: a client generated from the document sent names it could not
+    have."""
+    from gateway.admin.openapi_schemas import ROLE_NAME
+    from gateway.admin.validate import parse_role_name
+    from gateway.errors import BadRequest
+
+    documented = (ROLE_NAME["minLength"] <= len(name) <= ROLE_NAME["maxLength"]
+                  and re.search(ROLE_NAME["pattern"], name) is not None)
+    try:
+        parse_role_name(name)
+        taken = True
+    except BadRequest:
+        taken = False
+    assert documented == taken, (name, ROLE_NAME)

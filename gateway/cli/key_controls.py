@@ -15,7 +15,7 @@ from typing import Any
 from .client import AdminClient, seg
 from .output import days_table, show
 from .parsing import (CommandTree, SubCommands, argtype, count_or_none, daily_options, days,
-                      given, json_object, rate_or_none)
+                      given, json_object, rate_or_none, workspace_option)
 
 
 # --- options of keys update / keys list ----------------------------------------------------------
@@ -94,13 +94,13 @@ def add_key_commands(tree: CommandTree, keys: SubCommands) -> None:
     """``keys usage`` and ``keys delete``."""
     usage = tree.command(keys, "usage", "a key's requests this month, or per day with --daily",
                          cmd_keys_usage, described=False)
-    usage.add_argument("--workspace", required=True, metavar="WS")
+    workspace_option(usage)
     usage.add_argument("id", metavar="ID")
     daily_options(usage)
 
     delete = tree.command(keys, "delete", "remove a revoked or expired key from listings",
                           cmd_keys_delete, described=False)
-    delete.add_argument("--workspace", required=True, metavar="WS")
+    workspace_option(delete)
     delete.add_argument("id", metavar="ID")
 
 

@@ -49,7 +49,7 @@ def add_commands(tree: CommandTree) -> SubCommands:
     workspace_option(p)
     p.add_argument("id", metavar="ID")
 
-    p = tree.command(keys, "update", "change a key's name, description, role/scopes or expiry",
+    p = tree.command(keys, "update", "change a key: role, expiry, limits, disable, allowed IPs...",
                      cmd_keys_update)
     workspace_option(p)
     p.add_argument("id", metavar="ID")
