@@ -399,6 +399,11 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool,
 
 _CLUSTER: Any = None
 _IN_COMMAND: Any = None  # a ContextVar: set while the cluster client runs a command
+# The instant (time.monotonic()) after which the command this task sends can no longer do its
+# work: the authorize script's deadline, for a counting call (``TopologyClient``). A command
+# answered TRYAGAIN is not sent again past it (a copy run then answers only "late").
+TRY_AGAIN_UNTIL: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "keygate_try_again_until", default=None)
 
 
 def _cluster_class() -> Any:
@@ -525,16 +530,21 @@ def _cluster_class() -> Any:
 
         async def _execute_command(self, target_node: Any, *args: Any, **kwargs: Any) -> Any:
             token = _IN_COMMAND.set(True)
-            started = time.monotonic()
+            until = time.monotonic() + self.try_again_for
+            deadline = TRY_AGAIN_UNTIL.get()
+            if deadline is not None and deadline < until:  # past it, a copy is only "late"
+                until = deadline
             try:
                 while True:
                     try:
                         return await super()._execute_command(recent_first(target_node),
                                                               *args, **kwargs)
                     except _TryAgain as exc:
-                        if time.monotonic() + self.TRY_AGAIN_PAUSE > started + self.try_again_for:
+                        if time.monotonic() + self.TRY_AGAIN_PAUSE > until:
                             raise TryAgainError(str(exc)) from None
                         await asyncio.sleep(self.TRY_AGAIN_PAUSE)
+                        if time.monotonic() >= until:  # the pause overran (a loaded machine)
+                            raise TryAgainError(str(exc)) from None
             finally:
                 _IN_COMMAND.reset(token)
 
