@@ -895,3 +895,56 @@ async def test_sentinel_admin_write_after_the_sentinel_closed_keygates_connectio
             assert (await store.create_key("acme", name="k", environment="live")).key.id
     finally:
         await store.close()
+
+
+async def test_sentinel_and_master_closing_keygates_connections_under_load_is_never_503(
+        sentinel_group, upstream, monkeypatch) -> None:  # noqa: F811
+    """Under load (8 clients, a few hundred requests of cached keys), keygate's connections are
+    closed ten times, 0.1 s apart, at the Sentinel and at the master at once (CLIENT KILL, as
+    a restart or an operator does). The group stays healthy, so every answer is 200 (SPEC:
+    connections the server closed are re-made without a wrong answer; a healthy store is never
+    reported unavailable). A master connection made again asks the Sentinels for the master,
+    and the Sentinel clients did not retry: the question went out on a pooled Sentinel
+    connection the Sentinel had just closed, failed, no Sentinel was left to ask
+    (MasterNotFoundError), and the request was answered 503 store_unavailable."""
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
+    async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
+        await gut.workspace("acme", plan="unlimited")
+        tokens = [("acme", (await gut.key("acme"))[0]) for _ in range(4)]
+        for _, token in tokens:
+            assert await _answer(gut, token) == (200, None)
+        master = redis.Redis(port=sentinel_group["master"], password=DATA_PW, socket_timeout=5)
+        sentinel = redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW,
+                               socket_timeout=5)
+        kills = [0, 0]  # connections closed at the Sentinel, at the master
+
+        def kill(node: redis.Redis, ids: list[str]) -> int:
+            pipe = node.pipeline(transaction=False)
+            for i in ids:
+                pipe.execute_command("CLIENT", "KILL", "ID", i)
+            return sum(1 for r in pipe.execute(raise_on_error=False) if r in (1, True))
+
+        def kill_round() -> None:
+            # keygate's connections as they are now (not the Sentinel's own links to the
+            # master, nor these clients'), at the Sentinel and then at the master
+            at_sentinel = [c["id"] for c in sentinel.client_list(_type="normal")
+                           if c["cmd"] != "client|list"]
+            at_master = [c["id"] for c in master.client_list(_type="normal")
+                         if not c["name"].startswith("sentinel") and c["cmd"] != "client|list"]
+            kills[0] += kill(sentinel, at_sentinel)
+            kills[1] += kill(master, at_master)
+
+        try:
+            async with _Load(gut, tokens, 8) as load:
+                for _ in range(10):
+                    await asyncio.sleep(0.1)
+                    await asyncio.to_thread(kill_round)  # from a thread, as another process
+                await asyncio.sleep(0.1)
+        finally:
+            master.close()
+            sentinel.close()
+        answers = [a for _, a in load.seen]
+        kinds = {a: answers.count(a) for a in set(answers)}
+        if not (kills[0] and kills[1]):
+            pytest.skip(f"no connection of keygate's was closed at both ({kills})")
+        assert set(kinds) == {(200, None)}, (kinds, kills)
