@@ -252,3 +252,76 @@ def test_a_refund_sent_again_takes_back_nothing(redis_url) -> None:
         assert all(0 < r.ttl(c) for c in counters)
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+async def test_a_failed_verification_whose_connection_died_after_it_ran_counts_once(
+        topology, request) -> None:
+    """The node runs a failed verification's count (``record_failure``), then closes the
+    connection before the reply leaves (CLIENT KILL read in the same turn of its event loop:
+    what a failover, a proxy or a server-side kill does). redis-py's retry sends the call
+    again on a new connection and the copy counted too: one failed verification counted
+    twice, so a client IP was locked out (429 too_many_failures) a failure early (SPEC: only
+    verifications that failed count)."""
+    from gateway.errors import StoreError
+    from gateway.store.keyspace import fail_ip_key
+    from gateway.store.request import RequestStore
+    from test_topology_faults import _node, _owner
+    ip, key_id = "203.0.113.7", "k" + os.urandom(6).hex()
+    if topology == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        url = cluster["url"]
+        _, port = _owner(cluster["ports"], fail_ip_key(ip))
+        owner, killer = _node(port), _node(port)
+    else:
+        group = request.getfixturevalue("sentinel_group")
+        url = group["url"]
+        owner = redis.Redis(port=group["master"], password=DATA_PW, socket_timeout=5)
+        killer = redis.Redis(port=group["master"], password=DATA_PW, socket_timeout=5)
+    store = RequestStore(url, timeout=2.0)
+    try:
+        # connected: the master (the slots) known, a connection open on the IP counter's node
+        await store.record_failure(ip, key_id, 60)
+        assert int(owner.get(fail_ip_key(ip))) == 1
+        killer.ping()
+        mine = {c["id"] for c in owner.client_list(_type="normal")} - {
+            str(owner.client_id()), str(killer.client_id())}
+        ids = [c["id"] for c in owner.client_list(_type="normal")
+               if c["id"] in mine and not c["name"].startswith("sentinel")
+               and c["cmd"] != "client|list"]
+        assert ids, "the store has no connection to the node to close"
+        pid = int(owner.info("server")["process_id"])
+
+        def kill() -> None:
+            pipe = killer.pipeline(transaction=False)
+            for i in ids:
+                pipe.execute_command("CLIENT", "KILL", "ID", i)
+            pipe.execute(raise_on_error=False)
+
+        # The call waits in the stopped node's socket buffer, CLIENT KILL is written after it;
+        # the node wakes and reads both in one turn: it runs the call, then closes the
+        # connection before it writes the reply.
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            failed = asyncio.create_task(store.record_failure(ip, key_id, 60))
+            await asyncio.sleep(0.05)
+            killing = asyncio.create_task(asyncio.to_thread(kill))
+            await asyncio.sleep(0.03)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await killing
+        try:
+            await failed
+        except StoreError:
+            pass  # given up on: it counted, or it did not
+        # the IP counter was counted in once: 2 (the call was sent before or after the kill,
+        # never run twice); the key id's counter, counted after it, 2 unless it was given up on
+        by_ip, by_key = await store.failure_counts(ip, key_id)
+        assert (by_ip, by_key) in ((2, 2), (2, 1)), (by_ip, by_key)
+        assert 0 < owner.ttl(fail_ip_key(ip)) <= 60
+        await store.record_failure(ip, key_id, 60)  # a plain failure afterwards counts one
+        assert await store.failure_counts(ip, key_id) == (3, by_key + 1)
+    finally:
+        await store.close()
+        owner.close()
+        killer.close()

@@ -499,6 +499,64 @@ async def test_a_workspace_whose_slot_is_moving_waits_for_it_within_the_store_ti
         assert await gut.used(moving) == received + 3
 
 
+async def test_a_counting_call_answered_tryagain_is_not_sent_again_past_its_deadline(
+        redis_cluster) -> None:  # noqa: F811
+    """A workspace's slot stays unstable (MIGRATING/IMPORTING, a reshard that does not end) so
+    the counting authorize call is answered TRYAGAIN every time. The script's deadline is 0.8
+    of the store timeout: a copy run after it answers only "late" (503 all the same), so
+    sending it again past the deadline is a wasted round trip on the node in trouble. The
+    retries stopped only at the store timeout: with a 2 s timeout, copies went on for the 0.4 s
+    past the deadline (each an ASK and a TRYAGAIN round trip), 4 in the last 0.2 s alone."""
+    ports = redis_cluster["ports"]
+    ws, key_id = "acme", "k" + os.urandom(6).hex()
+    slot, source = _owner(ports, f"kg:ws:{{{ws}}}")
+    target = next(p for p in ports if p != source)
+    src, dst = _node(source), _node(target)
+    timeout = 2.0
+    store = RequestStore(redis_cluster["url"], timeout=timeout)
+
+    def authorize() -> Any:
+        return store.authorize(workspace=ws, key_id=key_id, key_rev=1, ws_rev=1, count=True,
+                               rate_limit=0, rate_period_ms=0, monthly_limit=None,
+                               period="2026-01", counter_ttl=3600,
+                               now_ms=int(time.time() * 1000))
+
+    def tryagains() -> int:  # from either node (the new owner answers after ASK)
+        return sum(int(n.info("errorstats").get("errorstat_TRYAGAIN", {}).get("count", 0))
+                   for n in (src, dst))
+
+    try:
+        await authorize()  # connected, the slots known; the clock offset is measured meanwhile
+        deadline = time.monotonic() + 5
+        while store._resp.clock_offset is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert store._resp.clock_offset is not None
+        src_id, dst_id = src.cluster("MYID"), dst.cluster("MYID")
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        before = await asyncio.to_thread(tryagains)
+        started = time.monotonic()
+        call = asyncio.create_task(authorize())
+        # a little past the script's deadline: what reaches the node from now on is waste
+        await asyncio.sleep(started + timeout * 0.8 + 0.2 - time.monotonic())
+        at_deadline = await asyncio.to_thread(tryagains)
+        with pytest.raises(StoreError):
+            await call
+        waited = time.monotonic() - started
+        after = await asyncio.to_thread(tryagains)
+        if at_deadline == before:  # not one TRYAGAIN: the precondition did not happen
+            pytest.skip("the node never answered TRYAGAIN")
+        assert after == at_deadline, (
+            f"{after - at_deadline} copies answered TRYAGAIN after the deadline "
+            f"({at_deadline - before} before it); given up after {waited:.2f} s")
+    finally:
+        for node in (src, dst):
+            node.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+        await store.close()
+        src.close()
+        dst.close()
+
+
 async def test_a_sentinel_master_that_answers_late_is_given_up_on_once_and_a_refund_runs_once(
         sentinel_group) -> None:  # noqa: F811
     """As on Cluster: a call to a Sentinel master that does not answer within the store timeout
@@ -837,3 +895,56 @@ async def test_sentinel_admin_write_after_the_sentinel_closed_keygates_connectio
             assert (await store.create_key("acme", name="k", environment="live")).key.id
     finally:
         await store.close()
+
+
+async def test_sentinel_and_master_closing_keygates_connections_under_load_is_never_503(
+        sentinel_group, upstream, monkeypatch) -> None:  # noqa: F811
+    """Under load (8 clients, a few hundred requests of cached keys), keygate's connections are
+    closed ten times, 0.1 s apart, at the Sentinel and at the master at once (CLIENT KILL, as
+    a restart or an operator does). The group stays healthy, so every answer is 200 (SPEC:
+    connections the server closed are re-made without a wrong answer; a healthy store is never
+    reported unavailable). A master connection made again asks the Sentinels for the master,
+    and the Sentinel clients did not retry: the question went out on a pooled Sentinel
+    connection the Sentinel had just closed, failed, no Sentinel was left to ask
+    (MasterNotFoundError), and the request was answered 503 store_unavailable."""
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
+    async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
+        await gut.workspace("acme", plan="unlimited")
+        tokens = [("acme", (await gut.key("acme"))[0]) for _ in range(4)]
+        for _, token in tokens:
+            assert await _answer(gut, token) == (200, None)
+        master = redis.Redis(port=sentinel_group["master"], password=DATA_PW, socket_timeout=5)
+        sentinel = redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW,
+                               socket_timeout=5)
+        kills = [0, 0]  # connections closed at the Sentinel, at the master
+
+        def kill(node: redis.Redis, ids: list[str]) -> int:
+            pipe = node.pipeline(transaction=False)
+            for i in ids:
+                pipe.execute_command("CLIENT", "KILL", "ID", i)
+            return sum(1 for r in pipe.execute(raise_on_error=False) if r in (1, True))
+
+        def kill_round() -> None:
+            # keygate's connections as they are now (not the Sentinel's own links to the
+            # master, nor these clients'), at the Sentinel and then at the master
+            at_sentinel = [c["id"] for c in sentinel.client_list(_type="normal")
+                           if c["cmd"] != "client|list"]
+            at_master = [c["id"] for c in master.client_list(_type="normal")
+                         if not c["name"].startswith("sentinel") and c["cmd"] != "client|list"]
+            kills[0] += kill(sentinel, at_sentinel)
+            kills[1] += kill(master, at_master)
+
+        try:
+            async with _Load(gut, tokens, 8) as load:
+                for _ in range(10):
+                    await asyncio.sleep(0.1)
+                    await asyncio.to_thread(kill_round)  # from a thread, as another process
+                await asyncio.sleep(0.1)
+        finally:
+            master.close()
+            sentinel.close()
+        answers = [a for _, a in load.seen]
+        kinds = {a: answers.count(a) for a in set(answers)}
+        if not (kills[0] and kills[1]):
+            pytest.skip(f"no connection of keygate's was closed at both ({kills})")
+        assert set(kinds) == {(200, None)}, (kinds, kills)

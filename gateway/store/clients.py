@@ -148,8 +148,9 @@ class TopologyClient:
     resends = True  # redis-py sends a command again on a fresh connection when one dies
 
     def __init__(self, url: str, *, timeout: float) -> None:
-        from ..redis_urls import topology_client
+        from ..redis_urls import TRY_AGAIN_UNTIL, topology_client
         self.redis = topology_client(url, timeout=timeout, decode_responses=False)
+        self._try_again_until = TRY_AGAIN_UNTIL
         self._offset: float | None = None
         self._offset_at = -1e9
         self._measuring: asyncio.Future | None = None
@@ -193,9 +194,18 @@ class TopologyClient:
     async def run_prepared_once(self, prepared: Any, varying: tuple[Any, ...], marker: str,
                                 ttl_ms: int) -> Any:
         """``run_prepared`` of a call that counts, with its marker key (in the call's slot)
-        and the marker's TTL as its last key and argument (lua/authorize.lua KEYS[8])."""
+        and the marker's TTL as its last key and argument (lua/authorize.lua KEYS[8]).
+        Past the script's deadline (``varying[3]``, Redis's clock in µs; "0": none) a copy
+        can only answer "late": a Cluster does not send it again after TRYAGAIN then."""
         script, keys, fixed = prepared
-        return await self.run(script, (*keys, marker), (*fixed, *varying, ttl_ms))
+        deadline, offset = varying[3], self._offset
+        if deadline == "0" or offset is None:
+            return await self.run(script, (*keys, marker), (*fixed, *varying, ttl_ms))
+        token = self._try_again_until.set(int(deadline) / 1e6 - offset)
+        try:
+            return await self.run(script, (*keys, marker), (*fixed, *varying, ttl_ms))
+        finally:
+            self._try_again_until.reset(token)
 
     async def run_each_slot(self, script: Script, keys: Sequence[str], shared: tuple[Any, ...],
                             per_key: Sequence[Any]) -> None:

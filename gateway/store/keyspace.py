@@ -51,6 +51,10 @@ per-request script and every admin script touch a single slot.
                                           again after its connection died counts nothing;
                                           for a refund, "1": a copy takes back nothing
                                           (TTL: request.once_ttl_ms, from the store timeout)
+    kg:once:{kg:fail:...}:<id>    STRING  Sentinel and Cluster only: "1", a failed
+                                          verification's count has run (the counter's whole
+                                          name as the hash tag: the counter's slot), so a
+                                          copy sent again counts nothing (TTL: as above)
     kg:rate:{ws}:<id>             ZSET    the key's rate log: one member per request admitted
                                           in the last rate period, score = its time in ms
                                           (a sliding log; expires one period after the last)

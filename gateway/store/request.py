@@ -294,9 +294,22 @@ class RequestStore:
     async def record_failure(self, ip: str, key_id: str, window_seconds: int) -> None:
         """Count one failed verification from ``ip`` and against ``key_id``; each count lives
         ``window_seconds`` from its first failure."""
+        counters = (fail_ip_key(ip), fail_key_key(key_id))
         try:
-            await self._resp.run_each_slot(ADD_USAGE, (fail_ip_key(ip), fail_key_key(key_id)),
-                                           (1,), (window_seconds, window_seconds))
+            if self._resends:  # a copy sent again after its connection died adds nothing
+                for counter in counters:  # a marker in each counter's slot (lua/add_usage.lua):
+                    # its hash tag is the counter's name, which has no braces (an IP, a /64, a
+                    # base62 key id); one that had would be counted as before, unmarked
+                    if "{" in counter or "}" in counter:
+                        await self._resp.run(ADD_USAGE, (counter,), (1, window_seconds))
+                        continue
+                    self._once_seq += 1
+                    marker = once_key(counter, f"{self._once_tag}:{self._once_seq}")
+                    await self._resp.run(ADD_USAGE, (counter, marker),
+                                         (1, window_seconds, self._once_ttl, "once"))
+            else:
+                await self._resp.run_each_slot(ADD_USAGE, counters, (1,),
+                                               (window_seconds, window_seconds))
         except Exception as exc:
             raise StoreError(f"store call failed: {describe(exc)}") from exc
 
