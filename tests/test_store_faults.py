@@ -668,8 +668,8 @@ async def test_every_topology_s_pool_waits_for_a_connection_instead_of_raising()
     for a free connection (no timeout of their own); Cluster pools, which cannot wait, are
     far above any burst one process makes."""
     from redis.asyncio import BlockingConnectionPool
-    from gateway.redis_urls import (CLUSTER_NODE_CONNECTIONS, standalone_client,
-                                    topology_client)
+    from gateway.redis_topology import topology_client
+    from gateway.redis_urls import CLUSTER_NODE_CONNECTIONS, standalone_client
     for url in ("redis://127.0.0.1:1/0", "unix:///tmp/none.sock?db=1&password=x"):
         client = standalone_client(url, timeout=1, decode_responses=True)
         pool = client.connection_pool

@@ -363,7 +363,7 @@ def test_the_per_request_client_takes_every_tls_option_redis_py_takes(pki) -> No
 async def test_topology_clients_give_the_tls_options_to_every_connection(pki) -> None:
     from redis.asyncio.connection import SSLConnection
 
-    from gateway.redis_urls import topology_client
+    from gateway.redis_topology import topology_client
     options = f"ssl_ca_certs={pki['ca']}&ssl_ca_path={pki['ca'].parent}&ssl_min_version=772"
     cluster = topology_client(f"rediss+cluster://:{PW}@127.0.0.1:7000,127.0.0.1:7001?{options}",
                               timeout=1, decode_responses=False)

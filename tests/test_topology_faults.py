@@ -659,8 +659,8 @@ async def test_sentinel_admin_writes_that_ran_on_a_demoted_master_are_never_answ
     The old master's data is thrown away when the Sentinels demote it: so a create answered 201
     must be on the node the Sentinel names as the master, and so must a revocation answered
     200. The rest are 503 "could not be confirmed" (never 201/200 from the demoted node)."""
-    import gateway.redis_urls as redis_urls
-    monkeypatch.setattr(redis_urls, "MASTER_CHECK_INTERVAL", 3600.0)
+    import gateway.redis_topology as redis_topology
+    monkeypatch.setattr(redis_topology, "MASTER_CHECK_INTERVAL", 3600.0)
     # long enough for the writes queued on the stalled master to be answered once it wakes
     config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=10.0))
     async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
@@ -830,9 +830,9 @@ async def test_sentinel_admin_write_on_the_old_master_while_the_promotion_is_una
     INFO once a second, still names the old master (failover under way). A write the old master
     runs in that window is thrown away when it is demoted: the Sentinel naming it is no
     confirmation, its failover flags must refuse it (never answered done and then lost)."""
-    import gateway.redis_urls as redis_urls
+    import gateway.redis_topology as redis_topology
     from gateway.store import Store
-    monkeypatch.setattr(redis_urls, "MASTER_CHECK_INTERVAL", 3600.0)
+    monkeypatch.setattr(redis_topology, "MASTER_CHECK_INTERVAL", 3600.0)
     store = await Store.connect(sentinel_group["url"], make_config(
         str(upstream.make_url("")), store=StoreConfig(timeout=10.0)))
     try:

@@ -14,7 +14,8 @@ from redis.exceptions import RedisClusterException, RedisError
 from ..config import Config
 from ..errors import Conflict, NotFound, StoreError, describe, shown
 from ..models import Workspace, rfc3339
-from ..redis_urls import is_topology_url, standalone_client, topology_client
+from ..redis_topology import topology_client
+from ..redis_urls import is_topology_url, standalone_client
 from ..tokens import SecretHasher
 from ..usage import effective_plan
 from .keyspace import ws_key
@@ -66,7 +67,7 @@ T = TypeVar("T")
 def confirmed_write(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """An admin write whose success is confirmed where the store can be wrong about it: on
     Sentinel, the node every command of the operation ran on must still be the master the
-    Sentinels name once it is done (``gateway.redis_urls._ConfirmingSentinelMaster``), else
+    Sentinels name once it is done (``gateway.redis_topology._ConfirmingSentinelMaster``), else
     :class:`StoreError` (503: the change could not be confirmed). A write that ran on a demoted
     master is thrown away with its data; it must not be answered as done. Standalone and
     Cluster clients have nothing to confirm (Cluster: a demoted node answers MOVED)."""

@@ -148,7 +148,7 @@ class TopologyClient:
     resends = True  # redis-py sends a command again on a fresh connection when one dies
 
     def __init__(self, url: str, *, timeout: float) -> None:
-        from ..redis_urls import TRY_AGAIN_UNTIL, topology_client
+        from ..redis_topology import TRY_AGAIN_UNTIL, topology_client
         self.redis = topology_client(url, timeout=timeout, decode_responses=False)
         self._try_again_until = TRY_AGAIN_UNTIL
         self._offset: float | None = None

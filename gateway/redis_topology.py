@@ -1,0 +1,474 @@
+"""redis-py clients for the Redis topologies: Sentinel (``_SentinelMaster``, which follows a
+failover for pooled connections too, and ``_ConfirmingSentinelMaster``, the admin store's, which
+confirms that a write ran on the node the Sentinels name as the master) and Cluster
+(``_cluster_class``: connections handed out most recently released first, TRYAGAIN waited out
+within the store timeout, the slots re-read without closing connections in use).
+
+``topology_client`` builds one from a ``redis+sentinel://`` or ``redis+cluster://`` URL (the
+URL forms, their options and their checks are ``gateway.redis_urls``').
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from .redis_urls import (CLUSTER_NODE_CONNECTIONS, POOL_CONNECTIONS, _given, _retry,
+                         parse_topology_url)
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The Sentinel-following pool, waiting for a free connection instead of raising."""
+
+    def __init__(self, service_name: str, sentinel_manager: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("max_connections", POOL_CONNECTIONS)
+        kwargs["timeout"] = None
+        super().__init__(service_name, sentinel_manager, **kwargs)
+
+
+
+def topology_client(url: str, *, timeout: float, decode_responses: bool,
+                    confirm_writes: bool = False) -> Any:
+    """A redis-py asyncio client for a Sentinel or Cluster URL: a ``Redis`` on the current
+    master (Sentinel) or a ``RedisCluster``. It connects lazily (the first command) and is
+    closed with ``await client.aclose()``, which for Sentinel also closes the connections to
+    the Sentinels. Raises ``ValueError`` on a bad URL.
+
+    ``confirm_writes`` (the admin store's client): on Sentinel, the client can confirm that
+    the writes of an operation ran on the node the Sentinels name as the master
+    (``_ConfirmingSentinelMaster``); the per-request client does not (its class is unchanged)."""
+    target = parse_topology_url(url)
+    options: dict[str, Any] = dict(decode_responses=decode_responses, socket_timeout=timeout,
+                                   socket_connect_timeout=timeout,
+                                   **_given(username=target.username, password=target.password))
+    if target.kind == "cluster":
+        from redis.asyncio.cluster import ClusterNode
+        cls = _cluster_class()
+        taken = inspect.signature(cls.__init__).parameters
+        tls = {name: value for name, value in target.ssl.items() if name in taken}
+        cluster = cls(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
+                      ssl=target.tls, max_connections=CLUSTER_NODE_CONNECTIONS, **tls, **options)
+        if rest := {name: value for name, value in target.ssl.items() if name not in taken}:
+            # TLS options RedisCluster does not take as arguments (ssl_ca_path, ssl_password in
+            # redis-py 8.1) but every node's SSLConnection does: given to the connection
+            # arguments of the seed nodes and of the nodes discovered later, as redis-py adds
+            # its own later connection arguments
+            cluster.nodes_manager.connection_kwargs.update(rest)
+            for node in cluster.nodes_manager.startup_nodes.values():
+                node.connection_kwargs.update(rest)
+        cluster.try_again_for = timeout
+        return cluster
+    from redis.asyncio.sentinel import Sentinel
+    # redis-py's default (10 retries with backoff) would hold a request for seconds against a
+    # dead node. One immediate retry is what a failover needs: the first attempt fails on the
+    # old master's dead connection, the retry reconnects via the Sentinels to the new one. A
+    # timeout is not retried (``_retry``: the command may have run; Retry's default errors
+    # include timeouts, and a refund that timed out ran twice when the master caught up).
+    options["retry"] = _retry()
+    # The Sentinels' clients likewise: every master connection made asks them for the master,
+    # on a pooled connection the Sentinel may have closed (CLIENT KILL, a restart). Without a
+    # retry that question failed, the Sentinel counted as not answering and, none left, a new
+    # master connection raised MasterNotFoundError: 503 store_unavailable on a healthy group
+    # (9-16 of ~2000 requests with keygate's connections killed at the Sentinel and the master).
+    # A Sentinel that does not answer (a timeout) is still not retried: the next one is asked.
+    sentinel_options: dict[str, Any] = dict(socket_timeout=timeout,
+                                            socket_connect_timeout=timeout,
+                                            retry=_retry(),
+                                            **_given(username=target.sentinel_username,
+                                                     password=target.sentinel_password))
+    if target.tls:  # the same TLS options for the Sentinels and for the data nodes
+        sentinel_options.update(ssl=True, **target.ssl)
+        options.update(ssl=True, **target.ssl)
+    sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_options)
+    client = sentinel.master_for(target.service, db=target.db,
+                                 redis_class=_ConfirmingSentinelMaster if confirm_writes
+                                 else _SentinelMaster,
+                                 connection_pool_class=_BlockingSentinelPool, **options)
+    client._sentinel = sentinel
+    return client
+
+
+_CLUSTER: Any = None
+_IN_COMMAND: Any = None  # a ContextVar: set while the cluster client runs a command
+# The instant (time.monotonic()) after which the command this task sends can no longer do its
+# work: the authorize script's deadline, for a counting call (``TopologyClient``). A command
+# answered TRYAGAIN is not sent again past it (a copy run then answers only "late").
+TRY_AGAIN_UNTIL: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "keygate_try_again_until", default=None)
+
+
+def _cluster_class() -> Any:
+    """redis-py's ``RedisCluster``, with its nodes' connections handed out most recently
+    released first, and never while being closed.
+
+    An ASK redirection (a slot being migrated) is followed by sending ``ASKING`` and then the
+    command to the new owner, each through the node's pool; ``ASKING`` holds for the next
+    command *on its connection* only. redis-py's node pool hands out the connection released
+    longest ago, so with more than one idle connection (any load) the command went out on
+    another connection without ``ASKING``: the new owner answered MOVED back to the old one,
+    which answered ASK again, until redis-py gave up ("TTL exhausted") and a healthy cluster was
+    reported unavailable. Handing out the most recently released connection gives the command
+    the very connection ``ASKING`` was sent on (nothing runs in between: both are in one task,
+    with no await between the release and the next acquire). The nodes also take their idle
+    connections out of the free list while closing them (see ``disconnect_free_connections``).
+    Nodes are made by redis-py's NodesManager, so each node this client sends a command to is
+    given the subclass's behaviour as it is used (its layout is the same: the subclass adds no
+    slots)."""
+    global _CLUSTER, _IN_COMMAND
+    if _CLUSTER is not None:
+        return _CLUSTER
+    import contextvars
+    _IN_COMMAND = contextvars.ContextVar("keygate_cluster_command", default=False)
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    import asyncio
+    import time
+
+    from redis.exceptions import TryAgainError
+
+    class _TryAgain(Exception):
+        """TRYAGAIN, carried past redis-py's redirection loop (which re-raises other
+        exceptions as they are)."""
+
+    class _RecentFirstNode(ClusterNode):
+        __slots__ = ()
+
+        def acquire_connection(self) -> Any:
+            if self._free:
+                return self._free.pop()
+            return super().acquire_connection()
+
+        async def disconnect_free_connections(self) -> None:
+            # redis-py closes the idle connections (after one failed) while they stay in the
+            # free list: a command that took one meanwhile found its writer gone (AttributeError,
+            # not retried: a 503 from a healthy node). They leave the list while being closed,
+            # and come back to be reconnected on their next use.
+            idle = list(self._free)
+            self._free.clear()
+            try:
+                await asyncio.gather(*(c.disconnect() for c in idle), return_exceptions=True)
+            finally:
+                self._free.extend(idle)
+
+        async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except TryAgainError as exc:
+                if not _IN_COMMAND.get():
+                    raise
+                # out of redis-py's redirection loop, which sends it again at most 16 times
+                # (~0.4 s): the client's own command waits for the slot (see _Cluster)
+                raise _TryAgain(str(exc)) from None
+
+    def recent_first(node: Any) -> Any:
+        if node is not None and type(node) is ClusterNode:
+            node.__class__ = _RecentFirstNode
+        return node
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    class _Cluster(RedisCluster):
+        # A timeout is not retried (README: the command may have run). redis-py retries it
+        # (10 times by default, each after re-reading the slots): a node that stopped answering
+        # held a request for ~11 store timeouts before its 503, and every copy of a command that
+        # timed out ran when the node woke (a refund taken back several times). Connection
+        # errors, CLUSTERDOWN and an uncovered slot are still retried: a failover needs that.
+        ERRORS_ALLOW_RETRY = tuple(e for e in RedisCluster.ERRORS_ALLOW_RETRY
+                                   if not issubclass(e, RedisTimeoutError))
+
+        # Seconds a command answered TRYAGAIN is sent again for (topology_client: the store
+        # timeout). TRYAGAIN is a multi-key command (every keygate script) in a slot being
+        # migrated whose keys are not all on one node; Redis did not run it. redis-py sends it
+        # again at most 16 times, 8 of them at once, ~0.4 s in all, then raises "TTL
+        # exhausted": a workspace got 503 for as long as a reshard of its slot took beyond
+        # that. It is now sent again every TRY_AGAIN_PAUSE until the slot is stable (MOVED/ASK
+        # then route it) or the store timeout has passed since the command was first sent.
+        try_again_for = 0.0
+        TRY_AGAIN_PAUSE = 0.05
+
+        # Times the slots are read again when a connection is closed under the read.
+        INITIALIZE_ATTEMPTS = 3
+
+        async def initialize(self, additional_startup_nodes_info: Any = None,
+                             last_failed_node_name: Any = None) -> Any:
+            """redis-py 8.1.0's, with two changes. After a connection error, a command's
+            retry first reads the slots (CLUSTER SLOTS, COMMAND) again, and redis-py does that
+            before its retry loop's ``try``: a connection closed under that read (``CLIENT
+            KILL`` of every client, a node restarting) was the command's error, never retried,
+            and answered 503 on a healthy cluster. Such a read is now made again, up to
+            ``INITIALIZE_ATTEMPTS`` times. And a read that fails no longer closes every node's
+            connections, which other commands were using (they failed in turn)."""
+            if not self._initialize:
+                return self
+            if not self._lock:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                for attempt in range(self.INITIALIZE_ATTEMPTS):
+                    if not self._initialize:
+                        break
+                    try:
+                        await self.nodes_manager.initialize(
+                            additional_startup_nodes_info=additional_startup_nodes_info,
+                            last_failed_node_name=last_failed_node_name)
+                        await self.commands_parser.initialize(self.nodes_manager.default_node)
+                        self._initialize = False
+                    except RedisConnectionError:
+                        if attempt == self.INITIALIZE_ATTEMPTS - 1:
+                            raise
+                        await asyncio.sleep(0.01 * 2 ** attempt)
+            return self
+
+        async def _execute_command(self, target_node: Any, *args: Any, **kwargs: Any) -> Any:
+            token = _IN_COMMAND.set(True)
+            until = time.monotonic() + self.try_again_for
+            deadline = TRY_AGAIN_UNTIL.get()
+            if deadline is not None and deadline < until:  # past it, a copy is only "late"
+                until = deadline
+            try:
+                while True:
+                    try:
+                        return await super()._execute_command(recent_first(target_node),
+                                                              *args, **kwargs)
+                    except _TryAgain as exc:
+                        if time.monotonic() + self.TRY_AGAIN_PAUSE > until:
+                            raise TryAgainError(str(exc)) from None
+                        await asyncio.sleep(self.TRY_AGAIN_PAUSE)
+                        if time.monotonic() >= until:  # the pause overran (a loaded machine)
+                            raise TryAgainError(str(exc)) from None
+            finally:
+                _IN_COMMAND.reset(token)
+
+        async def aclose(self) -> None:
+            if not _IN_COMMAND.get():  # closing the client
+                await super().aclose()
+                return
+            # redis-py closes the whole client to have the slots read again (every fifth MOVED,
+            # CLUSTERDOWN, an uncovered slot): that cut every node's connections, in use ones
+            # too, and the commands other requests had in flight on healthy nodes failed
+            # (AttributeError, not retried: 503). The slots are read again all the same (before
+            # the next command), but connections are closed only when idle or as they are
+            # released, as redis-py itself does when the slots change.
+            self._initialize = True
+            for node in list(self.nodes_manager.nodes_cache.values()):
+                node = recent_first(node)
+                node.update_active_connections_for_reconnect()
+                await node.disconnect_free_connections()
+
+        def get_node(self, host: Any = None, port: Any = None,
+                     node_name: Any = None) -> Any:
+            # the ASK path looks its target up here
+            return recent_first(super().get_node(host, port, node_name))
+
+    _CLUSTER = _Cluster
+    return _CLUSTER
+
+
+# How often a Sentinel client asks the Sentinels which node is the master (one SENTINEL MASTERS
+# per client and interval, in the background: nothing per command).
+MASTER_CHECK_INTERVAL = 0.5
+
+
+class _SentinelMaster(Redis):
+    """The master of a Sentinel-monitored group; closing it also closes the Sentinel clients.
+
+    redis-py asks the Sentinels for the master only when it opens a connection. After a failover
+    the pooled connections still lead to the old master, and the old master takes writes until
+    the Sentinels demote it, seconds later (a stalled one: only once it wakes), when its data is
+    thrown away: keys created, revocations and counts made there were answered as done and then
+    lost. So the client asks the Sentinels every ``MASTER_CHECK_INTERVAL`` in the background;
+    idle connections to any other node are dropped and busy ones are closed as they are
+    released, so every later command goes to the new master."""
+    _sentinel: Any = None
+    _watch: Any = None
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if self._watch is None:
+            import asyncio
+            self._watch = asyncio.ensure_future(self._follow_master())
+        return await super().execute_command(*args, **options)
+
+    async def _follow_master(self) -> None:
+        import asyncio
+        pool = self.connection_pool
+        while True:
+            await asyncio.sleep(MASTER_CHECK_INTERVAL)
+            try:
+                master = await pool.get_master_address()
+            except Exception:  # no Sentinel answers, or none knows a master: commands say so
+                continue
+            await self._move_off_all_but(master)
+
+    async def _move_off_all_but(self, master: tuple[str, int]) -> None:
+        """Drop the idle connections to any node but ``master``; close the busy ones as they
+        are released."""
+        import asyncio
+        pool = self.connection_pool
+        # No await from here to the gather: a connection is handed out synchronously, so none
+        # changes hands while this looks. (Comparing with the address the pool knew would
+        # miss a change a new connection learned first: redis-py then closes only the idle
+        # connections, and the busy ones went back to the pool still on the old master.)
+        stale = [c for c in pool._available_connections
+                 if c.is_connected and (c.host, c.port) != master]
+        if stale:
+            pool._available_connections[:] = [c for c in pool._available_connections
+                                              if c not in stale]
+        for c in pool._in_use_connections:
+            if c.is_connected and (c.host, c.port) != master:
+                c.mark_for_reconnect()  # closed as it is released
+        if stale:
+            await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            import asyncio
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            if self._sentinel is not None:
+                await self._sentinel.aclose()
+
+
+# The nodes (host, port) the commands of the admin operation under way ran on: a set while
+# ``_ConfirmingSentinelMaster.writes_confirmed`` runs in this task, else None.
+_RAN_ON: contextvars.ContextVar[set[tuple[str, int]] | None] = contextvars.ContextVar(
+    "keygate_admin_ran_on", default=None)
+
+
+class MasterNotConfirmed(RedisError):
+    """An operation's writes ran on a node the Sentinels do not (or not all) name as the master,
+    or no Sentinel answered: they may be thrown away with that node. The store answers 503
+    ("the change could not be confirmed")."""
+
+
+class _ConfirmingSentinelMaster(_SentinelMaster):
+    """The admin store's Sentinel client: an operation run in ``writes_confirmed()`` succeeds
+    only if, after its last command, the Sentinels still name the node its commands ran on as
+    the master.
+
+    The background check (``_SentinelMaster``) moves connections off a demoted master only up
+    to ``MASTER_CHECK_INTERVAL`` after the Sentinels promote another node, and a command already
+    in a stalled master's socket buffer runs there when it wakes, whatever the client does: the
+    old master takes it (it is demoted only seconds later) and answers OK, then its data is
+    thrown away. A key answered 201 was then unknown, a revocation answered 200 undone.
+
+    So the node each command ran on is recorded (redis-py's ``_send_command_parse_response``,
+    overridden: the one place the borrowed connection, so the node that answered, is known; a
+    command sent again after a connection error is recorded where it finally ran), and once the
+    operation is done every Sentinel is asked ``SENTINEL GET-MASTER-ADDR-BY-NAME`` and
+    ``SENTINEL MASTER``. Confirmed only if at least one Sentinel answers, every one that answers
+    names that one node, and none sees it down or is failing it over (``s_down``, ``o_down``,
+    ``failover_in_progress``: the leader of a failover goes on naming the old master until the
+    replica it promoted reports itself master, and a write may run on the old master meanwhile).
+
+    The race: the write runs on node N at t1, the Sentinels are asked at t2 > t1. A write that
+    ran on N after another node was promoted is refused, since from the promotion on the leading
+    Sentinel either shows the failover under way or names the new master (so would every other
+    Sentinel that answers once it has learnt the new configuration; one that has not, answering
+    alone while the others are unreachable, is what can still confirm wrongly). A write that ran
+    before the promotion is the replicas' business: lost if it had not reached the promoted
+    replica (``min-replicas-to-write``), refused though it holds if the promotion came between
+    t1 and t2 (503 says "could not be confirmed"; admin writes can be repeated). A refusal
+    because a Sentinel names another node moves the idle connections there at once."""
+
+    async def _send_command_parse_response(self, conn: Any, command_name: Any, *args: Any,
+                                           **options: Any) -> Any:
+        reply = await super()._send_command_parse_response(conn, command_name, *args, **options)
+        nodes = _RAN_ON.get()
+        if nodes is not None:
+            nodes.add((conn.host, int(conn.port)))
+        return reply
+
+    @contextlib.asynccontextmanager
+    async def writes_confirmed(self) -> Any:
+        """Run the block's commands, then raise ``MasterNotConfirmed`` unless the Sentinels
+        confirm the node they ran on as the master. Not confirmed when the block raises (the
+        operation failed anyway). Nested: the outer block confirms the inner one's commands."""
+        if _RAN_ON.get() is not None:
+            yield
+            return
+        nodes: set[tuple[str, int]] = set()
+        token = _RAN_ON.set(nodes)
+        try:
+            yield
+        finally:
+            _RAN_ON.reset(token)
+        await self.confirm_master(nodes)
+
+    async def confirm_master(self, nodes: set[tuple[str, int]]) -> None:
+        if not nodes:
+            return
+        node, *others = sorted(nodes)
+        for other in others:  # one node named in two forms (IP, hostname) is one node
+            if not await _same_node(other, node):
+                raise MasterNotConfirmed(f"an operation's commands ran on {len(nodes)} nodes "
+                                         "(a failover while it ran)")
+        import asyncio
+
+        from redis.utils import str_if_bytes
+        service = self.connection_pool.service_name
+
+        async def ask(sentinel: Any) -> tuple[Any, Any]:
+            # GET-MASTER-ADDR-BY-NAME names the promoted node as soon as a failover has promoted
+            # it; MASTER's address changes only once the failover is over, and its flags tell
+            # a failover under way (the old master then still named by address)
+            try:
+                return (await sentinel.sentinel_get_master_addr_by_name(service),
+                        await sentinel.sentinel_master(service))
+            except RedisConnectionError:
+                # A pooled connection the Sentinel closed (CLIENT KILL, a restart, its idle
+                # timeout) fails its first command, and the Sentinel clients do not retry:
+                # asked once more, on a connection made again (a timeout is not a
+                # ConnectionError: a Sentinel that does not answer is not waited for twice)
+                return (await sentinel.sentinel_get_master_addr_by_name(service),
+                        await sentinel.sentinel_master(service))
+
+        answers = await asyncio.gather(*(ask(s) for s in self._sentinel.sentinels),
+                                       return_exceptions=True)
+        answers = [a for a in answers if isinstance(a, tuple) and a[0] and isinstance(a[1], dict)]
+        if not answers:
+            raise MasterNotConfirmed("no Sentinel answered which node is the master")
+        for addr, state in answers:
+            named = (str_if_bytes(addr[0]), int(addr[1]))
+            if not await _same_node(named, node):
+                await self._move_off_all_but(named)  # the later writes go there at once
+                raise MasterNotConfirmed(f"the write ran on {node[0]}:{node[1]}, which a "
+                                         f"Sentinel no longer names as the master "
+                                         f"({named[0]}:{named[1]} is)")
+            flags = state.get("flags", "")
+            flags = set(flags.split(",")) if isinstance(flags, str) else set(flags)
+            if flags & {"s_down", "o_down", "failover_in_progress"}:
+                raise MasterNotConfirmed(f"the write ran on {node[0]}:{node[1]}, which a "
+                                         f"Sentinel sees down or is failing over "
+                                         f"({','.join(sorted(flags))})")
+
+
+async def _same_node(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether two (host, port) name one node. Sentinels of one group may name the master in
+    different forms (one given its IP, another its hostname with ``announce-hostnames yes``,
+    until a failover makes them agree): the same port and a resolved address in common is the
+    same node. Resolved only when the forms differ (never for a different port)."""
+    if a == b:
+        return True
+    if a[1] != b[1]:
+        return False
+    import asyncio
+    import socket
+    loop = asyncio.get_running_loop()
+    try:
+        found = await asyncio.gather(*(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                                       for host, port in (a, b)))
+    except (OSError, UnicodeError):
+        return False
+    first, second = ({info[4][0] for info in infos} for infos in found)
+    return bool(first & second)
