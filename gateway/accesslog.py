@@ -345,7 +345,6 @@ _queue_lock = threading.Lock()
 def _writer() -> "queue.SimpleQueue":
     """The queue of the process's one access-log writer thread (started on first use, and
     again in a forked worker, where the parent's thread does not exist)."""
-    global _queue
     with _queue_lock:
         if _queue is None or _queue_pid != os.getpid():
             _start_writer()
