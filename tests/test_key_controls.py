@@ -1055,3 +1055,32 @@ async def test_self_service_compares_rates_over_both_windows_not_per_second(gut)
             assert r.status == 201, await r.text()
     _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{me['id']}")
     assert read["rate_limit"] == "1/s"
+
+
+async def test_a_restricted_admin_key_cannot_enable_a_less_restricted_admin_key(gut):
+    """Enabling is loosening (a disabled key can do nothing): an unrestricted admin key the
+    operator disabled was enabled again by a workspace admin bound to the office network."""
+    await gut.workspace(plan="unlimited")
+    token, _ = await gut.key(name="office-admin", scopes=["people:read", "keys:admin"],
+                             allowed_ips=["127.0.0.0/8"])
+    _, free = await gut.key(name="free-admin", scopes=["keys:admin"], enabled=False)
+    _, deputy = await gut.key(name="deputy", scopes=["keys:admin"], enabled=False,
+                              allowed_ips=["127.0.0.1/32"])
+    _, service = await gut.key(name="service", scopes=["people:read"], enabled=False)
+    for session, prefix in ((gut.proxy, "/_keygate/v1/keys"),
+                            (gut.admin, "/admin/v1/workspaces/acme/keys")):
+        async with session.patch(f"{prefix}/{free['id']}", json={"enabled": True},
+                                 headers=bearer(token)) as r:
+            assert r.status == 403, await r.text()
+            assert "keys:admin" in (await r.json())["error"]["message"]
+    _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{free['id']}")
+    assert read["enabled"] is False
+    # an admin key as restricted as the acting key, and a key without keys:admin: fine
+    for key in (deputy, service):
+        async with gut.proxy.patch(f"/_keygate/v1/keys/{key['id']}", json={"enabled": True},
+                                   headers=bearer(token)) as r:
+            assert r.status == 200, await r.text()
+    # the operator may
+    status, _ = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{free['id']}",
+                                     {"enabled": True})
+    assert status == 200

@@ -287,8 +287,9 @@ class KeyOps:
                                      changes: Mapping[str, Any]) -> None:
         """Self-service: a PATCH that leaves ``key`` holding ``keys:admin`` and gives it a
         scope it lacked or loosens its limits must leave it no less restricted than the acting
-        key. Renaming, re-dating and tightening a wider admin key (the operator's) stay open."""
-        widens = _widened(key, changes)
+        key. Renaming, re-dating and tightening a wider admin key (the operator's) stay open.
+        Enabling a disabled key loosens it too (as ``_loosens`` has it)."""
+        widens = _loosens(key, changes)
         if granted is None and not widens:
             return
         held = await self.store.effective_scopes(self.ws, key)
