@@ -320,24 +320,24 @@ class StandaloneURL:
         return f"StandaloneURL({self.unix_path or f'{self.host}:{self.port}'}, db={self.db})"
 
 
-_STANDALONE_OPTIONS: frozenset[str] = frozenset()
+_STANDALONE_OPTIONS: dict[bool, frozenset[str]] = {}
 
 
-def _standalone_options() -> frozenset[str]:
+def _standalone_options(unix: bool = False) -> frozenset[str]:
     """The names a standalone URL's query may give: redis-py's ``parse_url`` hands each one to
     the connection pool, which passes what it does not take itself to the connection class
-    (an unknown one is a TypeError there). The pool's own (``max_connections``, ``timeout``),
-    the connection classes' arguments, and what ``parse_url`` itself yields."""
-    global _STANDALONE_OPTIONS
-    if not _STANDALONE_OPTIONS:
+    (an unknown one is a TypeError there). The pool's own (``max_connections``, ``timeout``)
+    and the arguments of the URL's connection class: a socket's (``unix://``) takes no
+    ``host``, ``port`` or ``socket_keepalive``, a TCP one (``redis://``, ``rediss://``) no
+    ``path``."""
+    if unix not in _STANDALONE_OPTIONS:
         from redis.asyncio.connection import AbstractConnection, Connection
-        names = {"host", "port", "path", "db", "username", "password", "connection_class",
-                 "max_connections", "timeout", *URL_QUERY_ARGUMENT_PARSERS}
-        for cls in (AbstractConnection, Connection, UnixDomainSocketConnection):
+        names = {"connection_class", "max_connections", "timeout"}
+        for cls in (AbstractConnection, UnixDomainSocketConnection if unix else Connection):
             names.update(n for n, p in inspect.signature(cls.__init__).parameters.items()
                          if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self")
-        _STANDALONE_OPTIONS = frozenset(names)
-    return _STANDALONE_OPTIONS
+        _STANDALONE_OPTIONS[unix] = frozenset(names)
+    return _STANDALONE_OPTIONS[unix]
 
 
 def parse_standalone_url(url: str) -> StandaloneURL:
@@ -357,7 +357,7 @@ def parse_standalone_url(url: str) -> StandaloneURL:
     scheme = scheme_of(url)
     for name in options:
         if not name.startswith("ssl_"):
-            if name not in _standalone_options():
+            if name not in _standalone_options(scheme == "unix"):
                 raise ValueError(f"a {scheme}:// URL has an unknown query parameter {name!r} "
                                  "(redis-py's connection would refuse it at the first "
                                  "command)")

@@ -538,6 +538,12 @@ def test_admin_listener_cannot_share_the_proxy_port(tmp_path: Path) -> None:
     ("redis://127.0.0.1:6379/0?bogus=1", "bogus"),
     ("redis://:pw@127.0.0.1/0?sokcet_timeout=1", "sokcet_timeout"),   # a typo of socket_timeout
     ("unix:///run/redis.sock?db=0&client_nmae=kg", "client_nmae"),
+    # options only a TCP connection takes, on a socket (and the reverse): redis-py's socket
+    # connection refuses them with a TypeError at the first command, as it does a typo
+    ("unix:///run/redis.sock?socket_keepalive=true", "socket_keepalive"),
+    ("unix:///run/redis.sock?socket_type=1", "socket_type"),
+    ("unix:///run/redis.sock?host=10.0.0.1", "host"),
+    ("redis://127.0.0.1:6379/0?path=/run/redis.sock", "path"),
 ])
 def test_an_unknown_store_url_option_is_a_problem_naming_it(tmp_path: Path, url: str,
                                                             name: str) -> None:
@@ -559,3 +565,25 @@ def test_store_url_options_redis_py_takes_are_no_problem() -> None:
                 "unix:///run/redis.sock?db=1&password=p&client_name=kg"):
         check_store_url(url)
         Redis.from_url(url).connection_pool.make_connection()
+
+
+@pytest.mark.parametrize("base", ["redis://127.0.0.1:6379/0", "unix:///run/redis.sock"])
+def test_every_store_url_option_accepted_makes_a_redis_py_connection(base: str) -> None:
+    """No option passes `config check` that redis-py's connection then refuses (a TypeError
+    at every admin call), for a TCP URL and a socket one alike."""
+    from redis.asyncio import BlockingConnectionPool  # the pool keygate's client uses
+    from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
+
+    from gateway.redis_urls import check_store_url
+    values = {"socket_keepalive": "true", "retry_on_timeout": "no",
+              "ssl_check_hostname": "false", "legacy_responses": "false", "protocol": "2"}
+    accepted = 0
+    for name in URL_QUERY_ARGUMENT_PARSERS:
+        url = f"{base}?{name}={values.get(name, '5')}"
+        try:
+            check_store_url(url)
+        except ValueError:
+            continue
+        accepted += 1
+        BlockingConnectionPool.from_url(url).make_connection()
+    assert accepted >= 8

@@ -1030,3 +1030,57 @@ def test_the_openapi_document_describes_the_key_controls():
     assert "limits" in schemas["Usage"]["properties"]
     listed = {p["name"] for p in paths["/admin/v1/workspaces/{ws}/keys"]["get"]["parameters"]}
     assert listed == {"status", "unused_days", "sort", "limit", "cursor"}
+
+
+async def test_self_service_compares_rates_over_both_windows_not_per_second(gut):
+    """A sliding 60/m admits 60 requests in one second, a 1/s only one: 60/m is looser than
+    1/s though both are 1 per second. Compared per second only, a key capped at 1/s set itself
+    to 60/m (loosening its own limit) and minted an admin key bursting 60 a second."""
+    await gut.workspace(plan="unlimited")
+    token, me = await gut.key(name="admin", scopes=["people:read", "keys:admin"],
+                              rate_limit="1/s")
+    h = bearer(token)
+    for session, url in ((gut.proxy, f"/_keygate/v1/keys/{me['id']}"),
+                         (gut.admin, f"/admin/v1/workspaces/acme/keys/{me['id']}")):
+        async with session.patch(url, json={"rate_limit": "60/m"}, headers=h) as r:
+            assert r.status == 403, await r.text()
+    async with gut.proxy.post("/_keygate/v1/keys", json={
+            "name": "deputy", "scopes": ["keys:admin"], "rate_limit": "60/m"}, headers=h) as r:
+        assert r.status == 403, await r.text()
+    # no looser in any window: 1/m, 1/s (as it is), and 1/s under a 60/m key
+    for rate in ("1/m", "1/s"):
+        async with gut.proxy.post("/_keygate/v1/keys", json={
+                "name": "deputy", "scopes": ["keys:admin"], "rate_limit": rate},
+                headers=h) as r:
+            assert r.status == 201, await r.text()
+    _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{me['id']}")
+    assert read["rate_limit"] == "1/s"
+
+
+async def test_a_restricted_admin_key_cannot_enable_a_less_restricted_admin_key(gut):
+    """Enabling is loosening (a disabled key can do nothing): an unrestricted admin key the
+    operator disabled was enabled again by a workspace admin bound to the office network."""
+    await gut.workspace(plan="unlimited")
+    token, _ = await gut.key(name="office-admin", scopes=["people:read", "keys:admin"],
+                             allowed_ips=["127.0.0.0/8"])
+    _, free = await gut.key(name="free-admin", scopes=["keys:admin"], enabled=False)
+    _, deputy = await gut.key(name="deputy", scopes=["keys:admin"], enabled=False,
+                              allowed_ips=["127.0.0.1/32"])
+    _, service = await gut.key(name="service", scopes=["people:read"], enabled=False)
+    for session, prefix in ((gut.proxy, "/_keygate/v1/keys"),
+                            (gut.admin, "/admin/v1/workspaces/acme/keys")):
+        async with session.patch(f"{prefix}/{free['id']}", json={"enabled": True},
+                                 headers=bearer(token)) as r:
+            assert r.status == 403, await r.text()
+            assert "keys:admin" in (await r.json())["error"]["message"]
+    _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{free['id']}")
+    assert read["enabled"] is False
+    # an admin key as restricted as the acting key, and a key without keys:admin: fine
+    for key in (deputy, service):
+        async with gut.proxy.patch(f"/_keygate/v1/keys/{key['id']}", json={"enabled": True},
+                                   headers=bearer(token)) as r:
+            assert r.status == 200, await r.text()
+    # the operator may
+    status, _ = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{free['id']}",
+                                     {"enabled": True})
+    assert status == 200

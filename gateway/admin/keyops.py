@@ -23,7 +23,7 @@ from .listing import select_keys
 from .validate import (MAX_DESCRIPTION, MAX_NAME, check_catalogue, parse_allowed_ips,
                        parse_body, parse_days, parse_enabled, parse_expires_at, parse_meta,
                        parse_monthly, parse_rate, parse_role_name, parse_scopes, parse_seconds,
-                       parse_text, per_second)
+                       parse_text, per_second, rate_exceeds)
 
 CONTROL_FIELDS = ("rate_limit", "monthly_requests", "enabled", "meta", "allowed_ips")
 LIMIT_FIELDS = ("allowed_ips", "monthly_requests", "rate_limit")
@@ -242,7 +242,7 @@ class KeyOps:
         plan = effective_plan(self.config, workspace)  # the workspace's own limits included
         if plan.rate_limit is None:
             return
-        if per_second(rate_limit) > per_second(str(plan.rate_limit)):
+        if per_second(rate_limit) > per_second(str(plan.rate_limit)):  # on average
             raise Forbidden(f"The field 'rate_limit' may not exceed the plan's rate limit "
                             f"({plan.rate_limit}) for a key created by a workspace key.")
 
@@ -287,8 +287,9 @@ class KeyOps:
                                      changes: Mapping[str, Any]) -> None:
         """Self-service: a PATCH that leaves ``key`` holding ``keys:admin`` and gives it a
         scope it lacked or loosens its limits must leave it no less restricted than the acting
-        key. Renaming, re-dating and tightening a wider admin key (the operator's) stay open."""
-        widens = _widened(key, changes)
+        key. Renaming, re-dating and tightening a wider admin key (the operator's) stay open.
+        Enabling a disabled key loosens it too (as ``_loosens`` has it)."""
+        widens = _loosens(key, changes)
         if granted is None and not widens:
             return
         held = await self.store.effective_scopes(self.ws, key)
@@ -356,7 +357,7 @@ def _widened(key: KeyRecord, controls: Mapping[str, Any]) -> list[str]:
             wider.append("monthly_requests")
     if "rate_limit" in controls and key.rate_limit is not None:
         rate = controls["rate_limit"]
-        if rate is None or per_second(rate) > per_second(key.rate_limit):
+        if rate is None or rate_exceeds(rate, key.rate_limit):
             wider.append("rate_limit")
     return wider
 
