@@ -8,6 +8,7 @@ test's event loop would block the very server it talks to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import json
@@ -960,12 +961,22 @@ async def test_reload_through_the_cli_with_the_servers_own_config(tmp_path, redi
         gw.close()
 
 
-async def test_the_readmes_managing_keys_commands_work_against_the_example_config(
-        redis_url, keygate, monkeypatch):
-    """README's "Managing keys" block, line by line, against an admin API running
-    config.example.yaml (the config its "Serving" section starts): each command succeeds."""
+def _readme_commands(heading: str, at_least: int) -> list[str]:
+    """The ``keygate ...`` lines of README's sh block under ``### heading`` (comments cut)."""
     import re
-    import shlex
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(rf"### {heading}\n.*?```sh\n(.*?)```", readme, re.S).group(1)
+    lines = [line.split("#", 1)[0].strip() for line in block.splitlines()]
+    lines = [line for line in lines if line.startswith("keygate ")]
+    assert len(lines) >= at_least, block
+    return lines
+
+
+@contextlib.asynccontextmanager
+async def _admin_on_the_example_config(redis_url, monkeypatch):
+    """An admin API running config.example.yaml (the config README's "Serving" section
+    starts), with the CLI's environment pointed at it."""
     from pathlib import Path
 
     from aiohttp import web
@@ -974,22 +985,28 @@ async def test_the_readmes_managing_keys_commands_work_against_the_example_confi
     from gateway.config import load_config
     from gateway.store import Store
 
-    root = Path(__file__).resolve().parent.parent
-    readme = (root / "README.md").read_text()
-    block = re.search(r"### Managing keys\n+```sh\n(.*?)```", readme, re.S).group(1)
-    lines = [line.split("#", 1)[0].strip() for line in block.splitlines()]
-    lines = [line for line in lines if line.startswith("keygate ")]
-    assert len(lines) >= 8, block
-
     monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-    config = load_config(str(root / "config.example.yaml"))
+    config = load_config(str(Path(__file__).resolve().parent.parent / "config.example.yaml"))
     store = await Store.connect(redis_url, config)
     runner = web.AppRunner(admin.create_admin_app(config, store))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     monkeypatch.setenv("KEYGATE_ADMIN_URL", f"http://127.0.0.1:{runner.addresses[0][1]}")
-    key_id = None
     try:
+        yield
+    finally:
+        await runner.cleanup()
+        await store.close()
+
+
+async def test_the_readmes_managing_keys_commands_work_against_the_example_config(
+        redis_url, keygate, monkeypatch):
+    """README's "Managing keys" block, line by line, against an admin API running
+    config.example.yaml (the config its "Serving" section starts): each command succeeds."""
+    import shlex
+    lines = _readme_commands("Managing keys", 8)
+    key_id = None
+    async with _admin_on_the_example_config(redis_url, monkeypatch):
         for line in lines:
             argv = shlex.split(line)[1:]
             if "<id>" in argv:
@@ -999,10 +1016,6 @@ async def test_the_readmes_managing_keys_commands_work_against_the_example_confi
             if argv[:2] == ["keys", "create"]:
                 listing = await keygate("keys", "list", "--workspace", "acme", "--json")
                 key_id = listing.json()["items"][0]["id"]
-    finally:
-        await runner.cleanup()
-        await store.close()
-
 
 
 async def test_the_readmes_key_controls_commands_work_against_the_example_config(
@@ -1010,31 +1023,9 @@ async def test_the_readmes_key_controls_commands_work_against_the_example_config
     """README's "Key controls" block, line by line, against an admin API running
     config.example.yaml: each command succeeds as written (`[--daily --days 14]` taken with
     its options; the key is revoked before `keys delete`, which takes revoked keys only)."""
-    import re
     import shlex
-    from pathlib import Path
-
-    from aiohttp import web
-
-    from gateway import admin
-    from gateway.config import load_config
-    from gateway.store import Store
-
-    root = Path(__file__).resolve().parent.parent
-    readme = (root / "README.md").read_text()
-    block = re.search(r"### Key controls\n.*?```sh\n(.*?)```", readme, re.S).group(1)
-    lines = [line.split("#", 1)[0].strip() for line in block.splitlines()]
-    lines = [line for line in lines if line.startswith("keygate ")]
-    assert len(lines) >= 9, block
-
-    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-    config = load_config(str(root / "config.example.yaml"))
-    store = await Store.connect(redis_url, config)
-    runner = web.AppRunner(admin.create_admin_app(config, store))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    monkeypatch.setenv("KEYGATE_ADMIN_URL", f"http://127.0.0.1:{runner.addresses[0][1]}")
-    try:
+    lines = _readme_commands("Key controls", 9)
+    async with _admin_on_the_example_config(redis_url, monkeypatch):
         assert (await keygate("workspaces", "create", "acme", "--name", "Acme", "--plan",
                               "pro")).code == 0
         created = await keygate("keys", "create", "--workspace", "acme", "--name", "sync",
@@ -1048,6 +1039,3 @@ async def test_the_readmes_key_controls_commands_work_against_the_example_config
                                       "--yes")).code == 0
             run = await keygate(*argv)
             assert run.code == 0, (line, run.out, run.err)
-    finally:
-        await runner.cleanup()
-        await store.close()
