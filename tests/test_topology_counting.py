@@ -18,7 +18,7 @@ from gateway.usage import utc_day
 from harness import gateway_under_test, make_config
 from test_redis_topologies import (CLUSTER_PW, DATA_PW, redis_cluster,  # noqa: F401
                                    sentinel_group)
-from test_topology_faults import _answer
+from test_topology_faults import _answer, run_with_its_reply_lost
 
 REQUESTS = 400
 CLIENTS = 8
@@ -283,33 +283,8 @@ async def test_a_failed_verification_whose_connection_died_after_it_ran_counts_o
         # connected: the master (the slots) known, a connection open on the IP counter's node
         await store.record_failure(ip, key_id, 60)
         assert int(owner.get(fail_ip_key(ip))) == 1
-        killer.ping()
-        mine = {c["id"] for c in owner.client_list(_type="normal")} - {
-            str(owner.client_id()), str(killer.client_id())}
-        ids = [c["id"] for c in owner.client_list(_type="normal")
-               if c["id"] in mine and not c["name"].startswith("sentinel")
-               and c["cmd"] != "client|list"]
-        assert ids, "the store has no connection to the node to close"
-        pid = int(owner.info("server")["process_id"])
-
-        def kill() -> None:
-            pipe = killer.pipeline(transaction=False)
-            for i in ids:
-                pipe.execute_command("CLIENT", "KILL", "ID", i)
-            pipe.execute(raise_on_error=False)
-
-        # The call waits in the stopped node's socket buffer, CLIENT KILL is written after it;
-        # the node wakes and reads both in one turn: it runs the call, then closes the
-        # connection before it writes the reply.
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            failed = asyncio.create_task(store.record_failure(ip, key_id, 60))
-            await asyncio.sleep(0.05)
-            killing = asyncio.create_task(asyncio.to_thread(kill))
-            await asyncio.sleep(0.03)
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        await killing
+        failed = await run_with_its_reply_lost(owner, killer,
+                                               lambda: store.record_failure(ip, key_id, 60))
         try:
             await failed
         except StoreError:

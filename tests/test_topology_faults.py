@@ -598,6 +598,39 @@ async def test_a_sentinel_master_that_answers_late_is_given_up_on_once_and_a_ref
         sleeper.close()
 
 
+async def run_with_its_reply_lost(owner, killer, send):
+    """Run ``send()`` (a call of the store under test to ``owner``'s node) so that the node
+    runs it and then closes the connection before it writes the reply: the call waits in the
+    stopped node's socket buffer, a CLIENT KILL of the store's connections (from a thread, as
+    another process would send it) is written after it; the node wakes and reads both in one
+    turn. Returns the call's task."""
+    killer.ping()
+    mine = {c["id"] for c in owner.client_list(_type="normal")} - {
+        str(owner.client_id()), str(killer.client_id())}
+    ids = [c["id"] for c in owner.client_list(_type="normal")
+           if c["id"] in mine and not c["name"].startswith("sentinel")
+           and c["cmd"] != "client|list"]
+    assert ids, "the store has no connection to the node to close"
+    pid = int(owner.info("server")["process_id"])
+
+    def kill() -> None:
+        pipe = killer.pipeline(transaction=False)
+        for i in ids:
+            pipe.execute_command("CLIENT", "KILL", "ID", i)
+        pipe.execute(raise_on_error=False)
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        task = asyncio.create_task(send())
+        await asyncio.sleep(0.05)
+        killing = asyncio.create_task(asyncio.to_thread(kill))
+        await asyncio.sleep(0.03)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await killing
+    return task
+
+
 async def test_a_sentinel_refund_whose_connection_died_after_it_ran_takes_back_one_request(
         sentinel_group) -> None:  # noqa: F811
     """The master runs a refund, then closes its connection before the reply leaves (CLIENT
@@ -615,29 +648,7 @@ async def test_a_sentinel_refund_whose_connection_died_after_it_ran_takes_back_o
     try:
         await store.refund(slot, 3600)  # connected: the master is known, a connection open
         assert [int(owner.get(c)) for c in slot.counters()] == [10] * 4
-        killer.ping()
-        mine = {c["id"] for c in owner.client_list(_type="normal")} - {
-            str(owner.client_id()), str(killer.client_id())}
-        ids = [c["id"] for c in owner.client_list(_type="normal")
-               if c["id"] in mine and not c["name"].startswith("sentinel")
-               and c["cmd"] != "client|list"]
-        pid = int(owner.info("server")["process_id"])
-
-        def kill() -> None:
-            pipe = killer.pipeline(transaction=False)
-            for i in ids:
-                pipe.execute_command("CLIENT", "KILL", "ID", i)
-            pipe.execute(raise_on_error=False)
-
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            refund = asyncio.create_task(store.refund(slot, 3600))
-            await asyncio.sleep(0.05)
-            killing = asyncio.create_task(asyncio.to_thread(kill))
-            await asyncio.sleep(0.03)
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        await killing
+        refund = await run_with_its_reply_lost(owner, killer, lambda: store.refund(slot, 3600))
         try:
             await refund
         except StoreError:
