@@ -410,3 +410,68 @@ async def test_the_embedded_redis_restarted_under_load(tmp_path, counting_upstre
     finally:
         gw.close()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str], bytes]:
+    """One whole HTTP/1.1 response (Content-Length framed): status line, headers, body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (line.partition(":") for line in lines if line)}
+    body = await reader.readexactly(int(headers["content-length"]))
+    return status.encode(), headers, body
+
+
+async def _draining(tmp_path, redis_url, slow_upstream, *args: str):
+    """A ``keygate serve`` (``args``: e.g. --workers 2) with six idle keep-alive connections
+    and four requests in flight at a slow (3 s) upstream, just sent SIGTERM: (the process,
+    the idle connections, the busy ones)."""
+    from served import new_key
+    url, state = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport, *args)
+    await gw.ready()
+    async with ClientSession(timeout=TIMEOUT) as s:
+        token = await new_key(s, gw.admin)
+    request = (f"GET /people/1 HTTP/1.1\r\nHost: t\r\n"
+               f"Authorization: Bearer {token}\r\n\r\n").encode()
+    idle = []
+    for _ in range(6):  # kept alive after one answer each (spread over the workers)
+        reader, writer = await asyncio.open_connection("127.0.0.1", pport)
+        writer.write(request)
+        status, _, _ = await _response(reader)
+        assert status == b"HTTP/1.1 200 OK"
+        idle.append((reader, writer))
+    state["delay"] = 3.0
+    busy = []
+    for _ in range(4):
+        reader, writer = await asyncio.open_connection("127.0.0.1", pport)
+        writer.write(request)
+        busy.append((reader, writer))
+    assert await eventually(lambda: state["seen"] >= 6 + 4)
+    gw.proc.send_signal(signal.SIGTERM)
+    return gw, idle, busy
+
+
+async def test_sigterm_closes_idle_keep_alive_cleanly_and_answers_in_flight_with_close(
+        tmp_path, redis_url, slow_upstream):
+    """``serve --workers 2`` gets SIGTERM with keep-alive connections open and slow requests
+    in flight: idle keep-alive connections are closed cleanly (EOF, no reset); each request
+    in flight is answered whole and says ``Connection: close``, since its connection closes
+    right after: without it a load balancer reusing the connection sent its next request
+    into a closing socket (a reset, a 502 at the balancer for a POST it cannot resend)."""
+    gw, idle, busy = await _draining(tmp_path, redis_url, slow_upstream, "--workers", "2")
+    try:
+        for reader, writer in idle:
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # EOF, not a reset
+            writer.close()
+        for reader, writer in busy:
+            status, headers, body = await asyncio.wait_for(_response(reader), 10)
+            assert status == b"HTTP/1.1 200 OK" and b"/people/1" in body
+            assert headers.get("connection", "").lower() == "close", headers
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+        assert await asyncio.to_thread(gw.proc.wait, 20) == 0
+        assert "Traceback" not in gw.stderr()
+    finally:
+        gw.close()
