@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 
+from .admin.listener import READINESS
 from .app import ListenError, running_gateway, start_listeners, stop_listeners
 from .config import Config, load_config, servable_problems
 from .errors import ConfigError, StoreError
@@ -72,6 +73,7 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one held: now
             await stop.wait()
+            gw.admin_app[READINESS].stopping = True  # /readyz 503 from now, during the drain
             log.info("shutting down: finishing in-flight requests")
         finally:
             await stop_listeners(runners)

@@ -475,3 +475,32 @@ async def test_sigterm_closes_idle_keep_alive_cleanly_and_answers_in_flight_with
         assert "Traceback" not in gw.stderr()
     finally:
         gw.close()
+
+
+async def test_readyz_is_503_from_sigterm_on_while_requests_in_flight_drain(
+        tmp_path, redis_url, slow_upstream):
+    """The proxy listener stops accepting at SIGTERM and drains for up to 30 s: /readyz said
+    200 all that time (the store is reachable), so a balancer polling it kept sending new
+    connections to a replica refusing them. It answers 503 from the signal on."""
+    gw, idle, busy = await _draining(tmp_path, redis_url, slow_upstream)
+    try:
+        async def probe() -> bool:
+            try:
+                async with ClientSession(timeout=ClientTimeout(total=2)) as s:
+                    async with s.get(gw.admin + "/readyz",
+                                     headers={"Connection": "close"}) as r:
+                        return r.status == 503 and \
+                            (await r.json())["error"]["code"] == "shutting_down"
+            except OSError:
+                return False
+        # the slow requests are in flight for ~3 s more: the probe runs during the drain
+        assert await eventually(probe, timeout=2.5), "/readyz stayed 200 during the drain"
+        for reader, writer in busy:  # and the drain itself is unchanged: answered whole
+            status, _, _ = await asyncio.wait_for(_response(reader), 10)
+            assert status == b"HTTP/1.1 200 OK"
+            writer.close()
+        for _, writer in idle:
+            writer.close()
+        assert await asyncio.to_thread(gw.proc.wait, 20) == 0
+    finally:
+        gw.close()
