@@ -17,7 +17,7 @@ import pytest
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
 from harness import eventually, serving
-from served import Served, admin_json, write_config
+from served import ADMIN_TOKEN, Served, admin_json, write_config
 
 TIMEOUT = ClientTimeout(total=20)
 WORKSPACES = 6
@@ -540,3 +540,31 @@ async def test_sigterm_while_serve_is_starting_is_a_clean_stop(tmp_path, redis_u
             gw.close()
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_an_admin_request_left_open_cannot_hold_a_stop_past_the_grace_period(
+        tmp_path, redis_url):
+    """An admin call whose body stalls (a console on a bad network) when SIGTERM comes: the
+    admin listener's drain is bounded (ADMIN_SHUTDOWN_TIMEOUT), so ``serve`` exits 0 within
+    the time deploy/k8s's grace period budgets. It waited aiohttp's default 60 s (here, until
+    the body timeout ended the call), past the grace period: SIGKILL, and the usage counted
+    while Redis was down, written after it, was lost."""
+    from gateway.app import ADMIN_SHUTDOWN_TIMEOUT
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url)
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        reader, writer = await asyncio.open_connection("127.0.0.1", aport)
+        writer.write(f"POST /admin/v1/workspaces HTTP/1.1\r\nHost: t\r\n"
+                     f"Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 100\r\n\r\n{{\"id\": ".encode())
+        await writer.drain()
+        await asyncio.sleep(0.3)  # not an assertion's wait: the call is under way at the admin
+        started = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(gw.proc.wait, ADMIN_SHUTDOWN_TIMEOUT + 15)
+        assert code == 0
+        assert time.monotonic() - started < ADMIN_SHUTDOWN_TIMEOUT + 10
+        writer.close()
+    finally:
+        gw.close()
