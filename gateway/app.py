@@ -32,8 +32,11 @@ from .argon2_pool import release_freed_memory_every
 log = logging.getLogger("keygate")
 
 # Seconds a stop lets requests in flight finish, then writes what the fail-open ledger counted
-# (deploy/k8s/deployment.yaml's grace period covers both, after its preStop sleep).
+# (deploy/k8s/deployment.yaml's grace period covers all three, after its preStop sleep).
 SHUTDOWN_TIMEOUT = 30
+# Then seconds the admin listener lets its calls in flight finish (they are short: a stalled
+# one is cut off; aiohttp's default, 60 s, outlasted deploy/k8s's grace period on its own).
+ADMIN_SHUTDOWN_TIMEOUT = 5
 LEDGER_SHUTDOWN_TIMEOUT = 10
 
 
@@ -286,6 +289,7 @@ async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.Bas
     proxy_runner = web.ServerRunner(gw.proxy_server, handle_signals=False,
                                     shutdown_timeout=SHUTDOWN_TIMEOUT)
     admin_runner = AdminRunner(gw.admin_app, handle_signals=False, access_log=None,
+                               shutdown_timeout=ADMIN_SHUTDOWN_TIMEOUT,
                                header_timeout=config.server.timeouts.header,
                                write_timeout=config.server.timeouts.body,
                                keepalive_timeout=config.server.timeouts.idle)

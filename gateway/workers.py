@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 
+from .admin.listener import READINESS
 from .app import ListenError, running_gateway, start_listeners, stop_listeners
 from .config import Config, load_config, servable_problems
 from .errors import ConfigError, StoreError
@@ -31,6 +32,7 @@ async def _serve(config: Config, store_url: str, reuse_port: bool,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # held since serve(): now
     try:
         return await _serve_gateway(config, store_url, reuse_port, stop, config_path)
     except StoreError as exc:  # raised while opening the store clients: one line, no traceback
@@ -72,6 +74,7 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one held: now
             await stop.wait()
+            gw.admin_app[READINESS].stopping = True  # /readyz 503 from now, during the drain
             log.info("shutting down: finishing in-flight requests")
         finally:
             await stop_listeners(runners)
@@ -200,7 +203,10 @@ def _supervise(config: Config, store_url: str, workers: int,
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 _stop_with_supervisor(supervisor)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+                # SIGTERM stays held until _serve's loop handles it: one arriving while the
+                # worker starts is a clean stop once it has, not a death by the default action
+                # (which the supervisor took for a failed worker: exit 1)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
                 from prometheus_client import values
                 # This worker's pid, read once: by default every metric update calls
                 # os.getpid() (a system call) to notice a fork, and a worker never forks.
@@ -280,15 +286,18 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
     # before any thread starts, in this process and the workers it forks: the first line
     # logged starts the log writer's thread (accesslog.BackgroundHandler)
     one_malloc_arena()
+    # Until the event loop takes them over, a SIGHUP (a reload) must neither end the process
+    # nor be lost, and a SIGTERM (a pod deleted as it starts) must stop it cleanly once it has
+    # started rather than kill it halfway: both are held, in every thread started from here
+    # on (the log writer's, the embedded store's watcher) and in the workers, and delivered
+    # once a handler is in place (_serve; _supervise for the supervisor).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM})
     setup_logging(config)
     if not os.environ.get(config.admin.token_env, "").strip():
         # The admin API then refuses every call (it never runs open): say so once, at start,
         # rather than leave the operator to find out from the first 401.
         log.warning("the admin API refuses every call: the environment variable %s holding "
                     "the operator token is not set (or empty)", config.admin.token_env)
-    # Until the event loop takes it over, a SIGHUP (a reload) must neither end the process nor
-    # be lost: it is held (workers inherit the mask) and delivered once a handler is in place.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     from .store.embedded import EmbeddedError, resolve_store_url
     try:
         store_url, embedded = resolve_store_url(config)

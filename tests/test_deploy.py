@@ -264,16 +264,19 @@ def test_k8s_deployment_is_non_root_read_only_with_resources():
 def test_k8s_grace_period_outlasts_the_prestop_sleep_and_keygates_own_shutdown():
     """The kubelet's SIGKILL comes terminationGracePeriodSeconds after it starts the preStop
     hook, whose sleep counts against it. keygate then lets requests in flight finish for up
-    to SHUTDOWN_TIMEOUT s and writes usage counted while Redis was down for up to
+    to SHUTDOWN_TIMEOUT s, then admin calls in flight for up to ADMIN_SHUTDOWN_TIMEOUT s
+    (aiohttp's default, 60 s, was missing from the sum), writes usage counted while Redis
+    was down for up to
     LEDGER_SHUTDOWN_TIMEOUT s, and with tracing on sends its batched spans for up to
     SPAN_FLUSH_TIMEOUT s: a grace period shorter than all of it SIGKILLs requests the docs
     promise to finish (and their access-log lines) in every rolling update."""
-    from gateway.app import LEDGER_SHUTDOWN_TIMEOUT, SHUTDOWN_TIMEOUT
+    from gateway.app import ADMIN_SHUTDOWN_TIMEOUT, LEDGER_SHUTDOWN_TIMEOUT, SHUTDOWN_TIMEOUT
     from gateway.tracing import SPAN_FLUSH_TIMEOUT
     spec = k8s_objects()["Deployment/keygate"]["spec"]["template"]["spec"]
     command = gateway_container()["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
-    needed = int(command[1]) + SHUTDOWN_TIMEOUT + LEDGER_SHUTDOWN_TIMEOUT + SPAN_FLUSH_TIMEOUT
+    needed = int(command[1]) + SHUTDOWN_TIMEOUT + ADMIN_SHUTDOWN_TIMEOUT + \
+        LEDGER_SHUTDOWN_TIMEOUT + SPAN_FLUSH_TIMEOUT
     assert spec["terminationGracePeriodSeconds"] >= needed, needed
 
 

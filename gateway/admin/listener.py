@@ -32,6 +32,10 @@ class Readiness:
                  per_request_ready: Callable[[], Awaitable[None]] | None) -> None:
         self.store, self.per_request_ready = store, per_request_ready
         self.problem: str | None = None
+        # set by `keygate serve` at SIGTERM: the proxy listener no longer accepts and drains
+        # (up to 30 s) while this listener still answers, so a balancer polling /readyz must
+        # see the replica leave then, not when the admin listener closes after the drain
+        self.stopping = False
 
     async def check(self) -> str | None:
         """What is wrong now (None: ready)."""
@@ -101,6 +105,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if await request.app[READINESS].check() is None:
+    readiness = request.app[READINESS]
+    if readiness.stopping:
+        raise ServiceUnavailable("The gateway is shutting down.", code="shutting_down")
+    if await readiness.check() is None:
         return json_response({"status": "ok"})
     raise ServiceUnavailable("The key store is unreachable.")

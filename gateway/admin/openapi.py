@@ -42,8 +42,10 @@ def admin_paths() -> dict[str, Schema]:
     return {
         "/healthz": {"get": op("The process is up", ok(200, ref("Status"), "up"),
                                security=open_, tags=["probes"])},
-        "/readyz": {"get": op("The store is reachable", ok(200, ref("Status"), "ready"),
-                              err(503, "store_unavailable"), security=open_, tags=["probes"])},
+        "/readyz": {"get": op("The store is reachable and the gateway is not shutting down",
+                              ok(200, ref("Status"), "ready"),
+                              err(503, "store_unavailable", "shutting_down"), security=open_,
+                              tags=["probes"])},
         "/metrics": {"get": {
             "summary": "Prometheus metrics (text exposition format)", "security": open_,
             "tags": ["probes"],

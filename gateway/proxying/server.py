@@ -4,7 +4,8 @@ refuses, and the edge limits aiohttp lacks (a whole request head within
 
 aiohttp offers no public hook for either, so this module subclasses its ``RequestHandler`` and
 reads some of its private attributes (``_manager``, ``_loop``, ``_request_in_progress``,
-``_messages``, ``_request_count``, ``_connections``, ``_kwargs``). The proxy listener's
+``_messages``, ``_request_count``, ``_connections``, ``_kwargs``, ``_current_request`` and
+the request's ``_cache``). The proxy listener's
 handler also runs a copy of aiohttp's ``RequestHandler.start`` without its per-request task
 (``_InlineRequestHandler``), and with it the rest of that method's private state. They are used
 here and nowhere else, so an aiohttp upgrade that moves them breaks one module (and
@@ -367,6 +368,20 @@ class ProxyServer(web.Server):
             for handler in list(self._connections):
                 if handler.head_overdue(deadline):
                     handler.force_close()  # closes the transport
+
+    def pre_shutdown(self) -> None:
+        """The listener has stopped accepting; requests in flight finish, then every
+        connection closes. Their answers not yet begun say ``Connection: close`` (the
+        request's keep-alive wish, which the answer's header follows, is set to no): a client
+        or load balancer must not send its next request on a connection about to close
+        (RFC 9112 9.6). Without it they went out as keep-alive and the close that followed
+        reset whatever request was sent next on it. Runs once per stop, not per request."""
+        for handler in self._connections:
+            request = getattr(handler, "_current_request", None)
+            cache = getattr(request, "_cache", None)  # where BaseRequest.keep_alive is reified
+            if isinstance(cache, dict):
+                cache["keep_alive"] = False
+        super().pre_shutdown()
 
     async def shutdown(self, timeout: float | None = None) -> None:
         if self._sweeper is not None:

@@ -104,8 +104,11 @@ def redis_server_binary() -> Path:
     return binary
 
 
-def _pdeathsig_preexec() -> None:
-    """In the child, before exec: ask Linux to SIGTERM us when our parent thread dies."""
+def _child_preexec() -> None:
+    """In the child, before exec: unblock the signals ``keygate serve`` holds while it starts
+    (a blocked mask survives exec: the server would ignore SIGTERM, its PDEATHSIG included);
+    then ask Linux to SIGTERM us when our parent thread dies."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
     libc = _LIBC
     if libc is not None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -322,7 +325,7 @@ class EmbeddedRedis:
                     [str(binary), *self._command()], cwd=self.data_dir,
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
                     pass_fds=(running,), start_new_session=True,
-                    preexec_fn=_pdeathsig_preexec if _LIBC is not None else None)
+                    preexec_fn=_child_preexec)
             except BlockingIOError:
                 raise EmbeddedError(f"a redis-server is already running on "
                                     f"{str(self.data_dir)!r} (it holds {str(self.runfile)!r})"
