@@ -298,9 +298,12 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
         # rather than leave the operator to find out from the first 401.
         log.warning("the admin API refuses every call: the environment variable %s holding "
                     "the operator token is not set (or empty)", config.admin.token_env)
-    from .store.embedded import EmbeddedError, resolve_store_url
+    from .store.embedded import EmbeddedError, StoppedWhileStarting, resolve_store_url
     try:
         store_url, embedded = resolve_store_url(config)
+    except StoppedWhileStarting as exc:  # SIGTERM while the store was loading: a clean stop
+        log.info("%s", exc)
+        return 0
     except EmbeddedError as exc:
         print(f"keygate: {exc}", file=sys.stderr)
         return 1

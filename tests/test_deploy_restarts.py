@@ -543,6 +543,42 @@ async def test_sigterm_while_serve_is_starting_is_a_clean_stop(tmp_path, redis_u
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+async def test_sigterm_while_the_embedded_store_cannot_start_stops_at_once(tmp_path):
+    """SIGTERM while ``serve`` waits for its embedded redis-server (a large AOF loading, a
+    server that does not answer): serve holds SIGTERM until its event loop takes it, and that
+    wait may last as long as the AOF takes to load. The wait itself must give up on the
+    signal: exit 0 at once, the server it started stopped. Here the server is frozen
+    (SIGSTOP) as it starts; serve used to wait out the start timeout (10 s), then exit 1."""
+    import shutil
+    from pathlib import Path
+
+    from served import alive, embedded_pid, short_data_dir
+    data_dir = short_data_dir()
+    try:
+        config, pport, aport = write_config(tmp_path, data_dir=data_dir)
+        gw = Served(config, pport, aport)
+        try:
+            assert await eventually(lambda: Path(data_dir, "redis.pid").exists(), every=0.002), \
+                gw.stderr()
+            server = embedded_pid(data_dir)
+            os.kill(server, signal.SIGSTOP)
+            try:
+                gw.proc.send_signal(signal.SIGTERM)
+                started = time.monotonic()
+                code = await asyncio.to_thread(gw.proc.wait, 30)
+                took = time.monotonic() - started
+            finally:
+                if alive(server):
+                    os.kill(server, signal.SIGCONT)
+            assert code == 0 and took < 5, (code, took, gw.stderr())
+            assert "Traceback" not in gw.stderr()
+            assert await eventually(lambda: not alive(server), timeout=10), "server left running"
+        finally:
+            gw.close()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
 async def test_an_admin_request_left_open_cannot_hold_a_stop_past_the_grace_period(
         tmp_path, redis_url):
     """An admin call whose body stalls (a console on a bad network) when SIGTERM comes: the

