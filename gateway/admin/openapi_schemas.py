@@ -76,7 +76,8 @@ def schemas() -> dict[str, Schema]:
         "monthly_requests": {**COUNT_OR_NULL,
                              "description": "the key's own monthly cap; null: none"},
         "enabled": {"type": "boolean"},
-        "meta": {"type": "object", "description": "a JSON object of at most 4 KiB (compact UTF-8 JSON), nested at most 32 deep"},
+        "meta": {"type": "object", "description": "a JSON object of at most 4 KiB (compact "
+                                                  "UTF-8 JSON), nested at most 32 deep"},
         "allowed_ips": {"type": ["array", "null"], "items": {"type": "string"},
                         "minItems": 1, "maxItems": 100,
                         "description": "CIDRs (a bare address is a /32 or /128); null: any"},
