@@ -34,6 +34,34 @@ def parse_ip(text: str) -> Address | None:
     return ip.ipv4_mapped or ip
 
 
+def parse_hop(text: str) -> Address | None:
+    """The address of an ``X-Forwarded-For`` hop, which some proxies write with the client's
+    port: ``203.0.113.7:51234`` (Azure Application Gateway, IIS ARR) or ``[2001:db8::1]:443``
+    (RFC 7239's form). An unbracketed IPv6 address is all address (its last group is no
+    port); anything else that is not an address with an optional port is None."""
+    text = text.strip()
+    if text.startswith("["):
+        addr, bracket, port = text[1:].partition("]")
+        if not bracket or (port and not _is_port(port)):
+            return None
+        ip = parse_ip(addr)
+        return ip if ip is not None and ":" in addr else None
+    if text.count(":") == 1:
+        addr, _, port = text.partition(":")
+        if not _is_port(":" + port):
+            return None
+        ip = parse_ip(addr)
+        return ip if ip is not None and ip.version == 4 else None
+    return parse_ip(text)
+
+
+def _is_port(text: str) -> bool:
+    """``:N`` with N a TCP port (1-5 ASCII digits, at most 65535)."""
+    digits = text[1:]
+    return (text[:1] == ":" and 0 < len(digits) <= 5 and digits.isascii() and digits.isdigit()
+            and int(digits) <= 65535)
+
+
 def throttle_client(address: str) -> str:
     """Who the failed-verification throttle and the verification queue count an address as:
     an IPv4 address itself, an IPv6 address its /64 (a subscriber is handed a whole /64, and
@@ -77,7 +105,7 @@ class TrustedProxies:
             return peer
         hops = [h.strip() for h in ",".join(forwarded_for).split(",") if h.strip()]
         for hop in reversed(hops):
-            ip = parse_ip(hop)
+            ip = parse_hop(hop)
             if ip is None:  # not an address: our proxy did not write it; trust nothing left
                 return peer
             if not self._contains(ip):

@@ -26,6 +26,30 @@ def test_ipv4_mapped_peers_are_compared_as_ipv4():
     assert not TrustedProxies([]).is_trusted("127.0.0.1")
 
 
+@pytest.mark.parametrize("hop,want", [
+    ("198.51.100.1:51234", "198.51.100.1"),        # Azure Application Gateway, IIS ARR
+    ("[2001:db8::1]:443", "2001:db8::1"),
+    ("[2001:db8::1]", "2001:db8::1"),
+    ("[::ffff:198.51.100.1]:80", "198.51.100.1"),
+    ("198.51.100.1:99999", "10.0.0.5"),            # not a port: nothing proven
+    ("198.51.100.1:", "10.0.0.5"),
+    ("198.51.100.1:8o", "10.0.0.5"),
+    ("[2001:db8::1]x", "10.0.0.5"),
+    ("[198.51.100.1]:80", "10.0.0.5"),             # brackets are for IPv6
+    ("2001:db8::1:443", "2001:db8::1:443"),        # unbracketed IPv6: all of it is the address
+])
+def test_a_forwarded_hop_with_a_port_is_its_address(hop, want):
+    """Some proxies write the client's port into X-Forwarded-For (Azure Application Gateway:
+    ``203.0.113.7:51234``; RFC 7239 style ``[2001:db8::1]:443``). Such a hop read as no
+    address at all, so every client behind that proxy counted as the proxy: one shared failure
+    throttle (20 wrong guesses from anyone locked everyone out) and allow-lists that matched
+    the proxy, not the client."""
+    from gateway.trust import TrustedProxies
+    assert TrustedProxies(["10.0.0.0/8"]).client_address("10.0.0.5", [hop]) == want
+    assert TrustedProxies(["10.0.0.0/8"]).client_address(
+        "10.0.0.5", [f"{hop}, 10.0.0.7:8080"]) == want  # a port on a hop of ours, too
+
+
 @pytest.mark.parametrize("peer,xff,want", [
     ("203.0.113.9", ["198.51.100.1"], "203.0.113.9"),           # untrusted peer: XFF ignored
     ("10.0.0.5", ["198.51.100.1, 10.0.0.7"], "198.51.100.1"),   # nearest untrusted hop
