@@ -531,9 +531,12 @@ async def test_sigterm_while_serve_is_starting_is_a_clean_stop(tmp_path, redis_u
             assert await eventually(started, every=0.002), gw.stderr()
             if workers == 1:  # the server keygate started does not inherit the held signal
                 from served import embedded_pid  # (it would ignore SIGTERM, PDEATHSIG too)
-                status = Path(f"/proc/{embedded_pid(data_dir)}/status").read_text()
-                blocked = int(status.split("SigBlk:")[1].split()[0], 16)
-                assert not blocked & (1 << (signal.SIGTERM - 1)), status
+                status = Path(f"/proc/{embedded_pid(data_dir)}/status")
+
+                def takes_sigterm() -> bool:  # redis blocks every signal for a moment while
+                    blocked = int(status.read_text().split("SigBlk:")[1].split()[0], 16)
+                    return not blocked & (1 << (signal.SIGTERM - 1))  # it starts threads
+                assert await eventually(takes_sigterm, timeout=5), status.read_text()
             gw.proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(gw.proc.wait, 30) == 0, gw.stderr()
             assert "Traceback" not in gw.stderr()
