@@ -269,6 +269,8 @@ class EmbeddedRedis:
                     return None    # nothing there: stale pidfile/socket are redis's to replace
                 # A server of ours runs on this AOF, yet its socket and pidfile are gone:
                 # starting another would make two writers of one AOF.
+                if _stop_requested():
+                    raise StoppedWhileStarting("stopped while waiting for the embedded store")
                 if time.monotonic() > deadline:
                     raise EmbeddedError(
                         f"a redis-server is already running on {str(self.data_dir)!r} (it "
