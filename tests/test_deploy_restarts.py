@@ -608,3 +608,49 @@ async def test_an_admin_request_left_open_cannot_hold_a_stop_past_the_grace_peri
         writer.close()
     finally:
         gw.close()
+
+
+async def test_sigterm_while_serve_waits_for_the_store_lock_stops_at_once(tmp_path):
+    """SIGTERM while ``serve`` waits for its embedded store's lock (another keygate on the
+    same store.data_dir holds it while its own server loads an AOF, or it is frozen): serve
+    holds SIGTERM until its event loop takes it, and the lock wait (a blocking flock) never
+    looked at it: the stop waited for as long as the other process held the lock (forever
+    for a frozen one, then SIGKILL). It must exit 0 at once, with nothing started."""
+    import fcntl
+    import shutil
+    from pathlib import Path
+
+    from served import short_data_dir
+    data_dir = short_data_dir()
+    lock = os.open(Path(data_dir, "redis.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another keygate, starting its server
+        config, pport, aport = write_config(tmp_path, data_dir=data_dir)
+        gw = Served(config, pport, aport)
+        try:
+            def waiting_for_the_lock() -> bool:
+                fds = Path(f"/proc/{gw.proc.pid}/fd")
+                with_lock = False
+                for fd in list(fds.iterdir()) if fds.exists() else ():
+                    try:
+                        with_lock |= os.readlink(fd).endswith("/redis.lock")
+                    except OSError:
+                        pass
+                return with_lock
+            assert await eventually(waiting_for_the_lock, every=0.01), gw.stderr()
+            await asyncio.sleep(0.2)  # in the lock wait itself
+            gw.proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            try:
+                code = await asyncio.to_thread(gw.proc.wait, 10)
+            except Exception:
+                code = None
+            took = time.monotonic() - started
+            assert code == 0 and took < 5, (code, took, gw.stderr())
+            assert "Traceback" not in gw.stderr()
+            assert not Path(data_dir, "redis.pid").exists(), "a server was started"
+        finally:
+            gw.close()
+    finally:
+        os.close(lock)
+        shutil.rmtree(data_dir, ignore_errors=True)

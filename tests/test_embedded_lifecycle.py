@@ -359,3 +359,37 @@ async def test_a_server_that_cannot_be_restarted_is_said_once_and_retried_ever_l
     finally:
         gw.close()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_sigterm_while_a_start_waits_on_a_server_whose_socket_is_gone_stops_at_once(
+        tmp_path, monkeypatch):
+    """A running embedded server's socket and pidfile deleted, and ``serve`` started on its
+    data_dir: the start waits (START_TIMEOUT) for them to come back, then refuses. A SIGTERM
+    held meanwhile (serve holds it until its event loop takes it) must end that wait at once,
+    a clean stop, as it does every other wait of the start: it waited the whole timeout and
+    exited 1."""
+    import time
+
+    from gateway.store import embedded as module
+    from gateway.store.embedded import EmbeddedRedis, StoppedWhileStarting
+
+    monkeypatch.setattr(module, "START_TIMEOUT", 3.0)
+    data_dir = tmp_path / "d"
+    first = EmbeddedRedis(data_dir)
+    second = EmbeddedRedis(data_dir)
+    try:
+        first.start()
+        os.unlink(first.socket_path)
+        os.unlink(first.pidfile)
+        monkeypatch.setattr(module, "_stop_requested", lambda: True)
+        started = time.monotonic()
+        with pytest.raises(StoppedWhileStarting):
+            second.start()
+        assert time.monotonic() - started < 1, time.monotonic() - started
+        assert not second.owner
+    finally:
+        monkeypatch.setattr(module, "_stop_requested", lambda: False)
+        second.stop()
+        first.stop()
+        if first.pid and alive(first.pid):
+            os.kill(first.pid, signal.SIGKILL)

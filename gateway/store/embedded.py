@@ -173,7 +173,7 @@ class EmbeddedRedis:
         self._check_socket_path()
         binary = redis_server_binary()
         self._make_data_dir()
-        with self._locked():
+        with self._locked(stoppable=True):
             pid = self._running_pid()
             if pid is not None:
                 self.pid = pid
@@ -202,15 +202,28 @@ class EmbeddedRedis:
             raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r} is not writable")
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the data_dir's lock file: one process at a time starts or stops its server."""
+    def _locked(self, stoppable: bool = False) -> Iterator[None]:
+        """Hold the data_dir's lock file: one process at a time starts or stops its server.
+        ``stoppable`` (a start): the wait gives up on a held SIGTERM, as the start's own waits
+        do; another keygate may hold the lock for as long as its server's AOF takes to load."""
         try:
             fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise EmbeddedError(f"cannot open lock file {str(self.lockfile)!r}: "
                                 f"{exc.strerror or exc}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not stoppable:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if _stop_requested():
+                            raise StoppedWhileStarting(
+                                "stopped while waiting for the embedded store's lock") from None
+                        time.sleep(0.05)
             yield
         finally:
             os.close(fd)  # closing releases the lock
@@ -256,6 +269,8 @@ class EmbeddedRedis:
                     return None    # nothing there: stale pidfile/socket are redis's to replace
                 # A server of ours runs on this AOF, yet its socket and pidfile are gone:
                 # starting another would make two writers of one AOF.
+                if _stop_requested():
+                    raise StoppedWhileStarting("stopped while waiting for the embedded store")
                 if time.monotonic() > deadline:
                     raise EmbeddedError(
                         f"a redis-server is already running on {str(self.data_dir)!r} (it "
