@@ -5,6 +5,7 @@ Real ``keygate serve`` processes and the real bundled redis-server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -278,18 +279,11 @@ def test_stopping_after_its_server_died_leaves_the_new_servers_socket_alone(tmp_
         a.stop()
 
 
-def test_no_second_server_on_one_aof_when_the_socket_and_pidfile_are_gone(tmp_path,
-                                                                          monkeypatch):
-    """The socket and pidfile of a running embedded server deleted (a tmp cleaner, an operator
-    clearing "stale" files): the next start saw no socket, no pidfile, and launched a second
-    redis-server appending to the same appendonly.aof as the first - two writers, one file.
-    A start now finds the first still holding the data_dir and refuses, in one line."""
-    import redis
-
-    from gateway.store import embedded as module
-    from gateway.store.embedded import EmbeddedError, EmbeddedRedis
-
-    monkeypatch.setattr(module, "START_TIMEOUT", 1.0)
+@contextlib.contextmanager
+def _a_server_whose_socket_and_pidfile_are_gone(tmp_path: Path):
+    """A running embedded server on ``tmp_path/d`` whose socket and pidfile were deleted, and
+    a second ``EmbeddedRedis`` on the same data_dir: yields (first, second), stops both."""
+    from gateway.store.embedded import EmbeddedRedis
     data_dir = tmp_path / "d"
     first = EmbeddedRedis(data_dir)
     second = EmbeddedRedis(data_dir)
@@ -297,6 +291,26 @@ def test_no_second_server_on_one_aof_when_the_socket_and_pidfile_are_gone(tmp_pa
         first.start()
         os.unlink(first.socket_path)
         os.unlink(first.pidfile)
+        yield first, second
+    finally:
+        second.stop()
+        first.stop()
+        if first.pid and alive(first.pid):
+            os.kill(first.pid, signal.SIGKILL)
+
+
+def test_no_second_server_on_one_aof_when_the_socket_and_pidfile_are_gone(tmp_path,
+                                                                          monkeypatch):
+    """The socket and pidfile of a running embedded server deleted (a tmp cleaner, an operator
+    clearing "stale" files): the next start saw no socket, no pidfile, and launched a second
+    redis-server appending to the same appendonly.aof as the first - two writers, one file.
+    A start now finds the first still holding the data_dir and refuses, in one line."""
+    from gateway.store import embedded as module
+    from gateway.store.embedded import EmbeddedError
+
+    monkeypatch.setattr(module, "START_TIMEOUT", 1.0)
+    with _a_server_whose_socket_and_pidfile_are_gone(tmp_path) as (first, second):
+        data_dir = first.data_dir
         with pytest.raises(EmbeddedError) as caught:
             second.start()
         assert "already" in str(caught.value) and "\n" not in str(caught.value)
@@ -304,11 +318,6 @@ def test_no_second_server_on_one_aof_when_the_socket_and_pidfile_are_gone(tmp_pa
         writers = [pid for pid in os.listdir("/proc") if pid.isdigit()
                    and _has_open(int(pid), data_dir / "appendonly.aof")]
         assert writers == [str(first.pid)], writers
-    finally:
-        second.stop()
-        first.stop()
-        if first.pid and alive(first.pid):
-            os.kill(first.pid, signal.SIGKILL)
 
 
 def _has_open(pid: int, path: Path) -> bool:
@@ -371,25 +380,13 @@ def test_sigterm_while_a_start_waits_on_a_server_whose_socket_is_gone_stops_at_o
     import time
 
     from gateway.store import embedded as module
-    from gateway.store.embedded import EmbeddedRedis, StoppedWhileStarting
+    from gateway.store.embedded import StoppedWhileStarting
 
     monkeypatch.setattr(module, "START_TIMEOUT", 3.0)
-    data_dir = tmp_path / "d"
-    first = EmbeddedRedis(data_dir)
-    second = EmbeddedRedis(data_dir)
-    try:
-        first.start()
-        os.unlink(first.socket_path)
-        os.unlink(first.pidfile)
+    with _a_server_whose_socket_and_pidfile_are_gone(tmp_path) as (first, second):
         monkeypatch.setattr(module, "_stop_requested", lambda: True)
         started = time.monotonic()
         with pytest.raises(StoppedWhileStarting):
             second.start()
         assert time.monotonic() - started < 1, time.monotonic() - started
         assert not second.owner
-    finally:
-        monkeypatch.setattr(module, "_stop_requested", lambda: False)
-        second.stop()
-        first.stop()
-        if first.pid and alive(first.pid):
-            os.kill(first.pid, signal.SIGKILL)
