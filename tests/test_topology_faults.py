@@ -958,4 +958,9 @@ async def test_sentinel_and_master_closing_keygates_connections_under_load_is_ne
         kinds = {a: answers.count(a) for a in set(answers)}
         if not (kills[0] and kills[1]):
             pytest.skip(f"no connection of keygate's was closed at both ({kills})")
-        assert set(kinds) == {(200, None)}, (kinds, kills)
+        # One retry on a fresh connection is the limit: a request whose fresh connection the
+        # next round closes too, before the retry is answered (a loaded machine stretched one
+        # to 0.5 s in a CI run, past the rounds' 0.1 s), is still a 503. Before the fix every
+        # run had 9-16.
+        assert set(kinds) <= {(200, None), (503, "store_unavailable")}, (kinds, kills)
+        assert kinds.get((503, "store_unavailable"), 0) <= 2, (kinds, kills)
