@@ -24,11 +24,6 @@ from .resp import RespClient, RespError, _bulk, _bulk_str4, _encode, clock_offse
 from .scripts import Script
 
 OFFSET_MAX_AGE = 60.0  # seconds between clock-offset measurements on a topology
-# A TIME reading whose round trip took more than this share of the store timeout is not used
-# (the offset, taken at the reply's arrival, would be too small by about that much: every
-# deadline that early), and another is taken OFFSET_RETRY seconds later.
-OFFSET_MAX_RTT_SHARE = 0.25
-OFFSET_RETRY = 1.0
 HOT_HEADS = 1024  # encoded command heads kept (~0.4 KB each; see request.HOT_KEYS)
 
 
@@ -155,7 +150,6 @@ class TopologyClient:
     def __init__(self, url: str, *, timeout: float) -> None:
         from ..redis_topology import TRY_AGAIN_UNTIL, topology_client
         self.redis = topology_client(url, timeout=timeout, decode_responses=False)
-        self._max_rtt = timeout * OFFSET_MAX_RTT_SHARE
         self._try_again_until = TRY_AGAIN_UNTIL
         self._offset: float | None = None
         self._offset_at = -1e9
@@ -172,14 +166,8 @@ class TopologyClient:
 
     async def _measure_offset(self) -> None:
         try:
-            sent = time.monotonic()
-            reply = await self.redis.time()
-            arrived = time.monotonic()
-            if arrived - sent <= self._max_rtt:
-                self._offset = clock_offset(reply, arrived)
-                self._offset_at = arrived
-            else:  # a slow reading (a stall on either side): keep the last, ask again soon
-                self._offset_at = arrived - OFFSET_MAX_AGE + OFFSET_RETRY
+            self._offset = clock_offset(await self.redis.time(), time.monotonic())
+            self._offset_at = time.monotonic()
         except Exception:  # the store is down: keep the last offset, try again next call
             pass
         finally:
