@@ -115,7 +115,11 @@ async def test_sentinel_client_kill_under_load_counts_each_forwarded_request_onc
     clients send 400 requests: each is answered 200, forwarded once, and counted once in the
     workspace's month and day. An authorize call whose connection died after Redis ran it
     (its reply lost) was sent again by redis-py's retry and counted a second time."""
-    config = make_config(str(upstream.make_url("")))
+    from gateway.config import StoreConfig
+    # the production default store timeout: the tests' 0.5 s (a 0.4 s script deadline) was
+    # too short for a kill, a reconnect and a slot re-read on a loaded CI machine, where
+    # requests ~0.45 s long were rightly judged late (503)
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
     async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
         await _check(gut, upstream, [sentinel_group["master"]], DATA_PW)
 
@@ -123,7 +127,11 @@ async def test_sentinel_client_kill_under_load_counts_each_forwarded_request_onc
 async def test_cluster_client_kill_under_load_counts_each_forwarded_request_once(
         redis_cluster, upstream, monkeypatch) -> None:  # noqa: F811
     """As for Sentinel, on a Redis Cluster: every node's connections closed repeatedly."""
-    config = make_config(str(upstream.make_url("")))
+    from gateway.config import StoreConfig
+    # the production default store timeout: the tests' 0.5 s (a 0.4 s script deadline) was
+    # too short for a kill, a reconnect and a slot re-read on a loaded CI machine, where
+    # requests ~0.45 s long were rightly judged late (503)
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
     async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
         await _check(gut, upstream, redis_cluster["ports"], CLUSTER_PW)
 
