@@ -176,6 +176,41 @@ def test_a_counting_call_sent_again_answers_the_same_and_counts_nothing(redis_ur
         r.close()
 
 
+def _waiting_connections(port: int) -> int:
+    """How many of this process's connections to ``port`` on loopback have bytes the server
+    has not read yet (the gateway under test runs in this process; the Sentinels' and the
+    replicas' own traffic to the node is not counted)."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            ours.add(link[8:-1])
+    rows = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            rows.append((int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16),
+                         f[3], int(f[4].split(":")[1], 16), f[9]))
+    our_ports = {local for local, remote, _, _, inode in rows if remote == port and inode in ours}
+    return sum(1 for local, remote, state, rx_queue, _ in rows
+               if local == port and remote in our_ports and state == "01" and rx_queue > 0)
+
+
+async def _until_waiting(node: redis.Redis, count: int) -> None:
+    port = node.connection_pool.connection_kwargs["port"]
+    deadline = time.monotonic() + 5
+    while _waiting_connections(port) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} calls reached port {port}"
+        await asyncio.sleep(0.005)
+
+
 @pytest.mark.parametrize("topology", ["sentinel", "cluster"])
 async def test_a_call_that_counted_but_answered_too_late_is_taken_back(
         topology, request, upstream, monkeypatch) -> None:
@@ -207,20 +242,23 @@ async def test_a_call_that_counted_but_answered_too_late_is_taken_back(
         pid = int(busy_node.info("server")["process_id"])
         forwarded = len(upstream.requests)
         # the call and then DEBUG SLEEP wait in the node's socket buffers; it wakes and reads
-        # both in one turn: runs the call (well before its deadline), then is busy
+        # both in one turn: runs the call (well before its deadline), then is busy. Each is
+        # seen waiting in the kernel before the next step (a fixed pause was not always long
+        # enough on a loaded machine: DEBUG SLEEP arrived after the call's reply had left)
+        sleeper = busy_node.connection_pool.get_connection()
         os.kill(pid, signal.SIGSTOP)
         try:
             answer = asyncio.create_task(_answer(gut, token))
-            await asyncio.sleep(0.05)
-            busy = asyncio.create_task(asyncio.to_thread(busy_node.execute_command,
-                                                         "DEBUG", "SLEEP", str(busy_for)))
-            await asyncio.sleep(0.03)
+            await _until_waiting(busy_node, 1)
+            sleeper.send_command("DEBUG", "SLEEP", str(busy_for))
+            await _until_waiting(busy_node, 2)
         finally:
             os.kill(pid, signal.SIGCONT)
         try:
             assert await answer == (503, "store_unavailable")
-            await busy
+            assert await asyncio.to_thread(sleeper.read_response) == b"OK"
         finally:
+            busy_node.connection_pool.release(sleeper)
             busy_node.close()
         assert len(upstream.requests) == forwarded
         deadline = time.monotonic() + 5

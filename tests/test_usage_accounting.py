@@ -12,7 +12,7 @@ import redis
 from aiohttp import web
 
 from gateway.config import Upstream
-from harness import Clock, bearer, gateway_under_test, make_config, serving
+from harness import Clock, bearer, gateway_under_test, make_config, serving, tampered
 
 
 async def call(g, token: str, path: str = "/people/1", method: str = "GET",
@@ -102,7 +102,7 @@ async def test_refusals_before_forwarding_count_nowhere(redis_url, upstream, mon
             await call(g, token, "/nowhere"),                               # 404 no_route
             await call(g, narrow, "/people/1"),                             # 403 scope
             await call(g, token, "/people", "POST", data=b"x"),             # 403 scope
-            await call(g, token[:-1] + "A"),                                # 401
+            await call(g, tampered(token)),                                 # 401
             await call(g, token, "/people/1", "GET", data=b"x" * 101),      # 413 declared
         ]
 
