@@ -34,6 +34,7 @@ import time
 from typing import Callable, Mapping
 
 from aiohttp import web
+from multidict import istr
 from yarl import URL
 
 from ..config import Config, Upstream
@@ -52,6 +53,7 @@ from .server import continue_if_expected
 log = logging.getLogger("keygate.proxy")
 
 _NO_BODY_STATUS = frozenset({204, 304})
+_X_REQUEST_ID = istr("X-Request-Id")  # a str name is made an istr on every assignment
 
 PREFETCH = 64 * 1024  # request body bytes read before an upstream connection is taken
 
@@ -311,7 +313,7 @@ class Forwarder:
             keep_header_bytes(request.writer)
         for name, value in limit_headers.items():
             out[name] = value
-        out["X-Request-Id"] = request_id
+        out[_X_REQUEST_ID] = request_id
         status = resp.status
         if is_head or status in _NO_BODY_STATUS:
             resp.release()

@@ -227,10 +227,13 @@ class UpstreamPool:
         """The response head is due within ``timeout`` from now (else UpstreamTimeout)."""
         loop = conn.loop
         conn.head_due = loop.time() + timeout
-        if self._sweep is None or max(SWEEP_MIN, timeout / 4) < self._sweep_every:
+        every = timeout / 4  # not max(): 3.11 parses its arguments as keywords
+        if every < SWEEP_MIN:
+            every = SWEEP_MIN
+        if self._sweep is None or every < self._sweep_every:
             if self._sweep is not None:
                 self._sweep.cancel()
-            self._sweep_every = min(1.0, max(SWEEP_MIN, timeout / 4))
+            self._sweep_every = min(1.0, every)
             self._sweep = loop.call_later(self._sweep_every, self._sweep_heads, loop)
 
     def _sweep_heads(self, loop: asyncio.AbstractEventLoop) -> None:
