@@ -1,0 +1,102 @@
+"""Closing the store clients never hangs: each step of a shutdown is bounded, and what could
+not be closed in time is logged and left. Real redis-server processes (a Sentinel group),
+loopback only, every process stopped at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from redis.asyncio.connection import AbstractConnection
+
+from test_redis_topologies import sentinel_group  # noqa: F401 - the fixture
+
+
+def _close_as_the_sentinel_query_is_written(monkeypatch, sentinel_port: int, close) -> list:
+    """Start ``close()`` (as a task) from the step in which the next SENTINEL MASTERS query -
+    the master check ``_SentinelMaster`` makes every ``MASTER_CHECK_INTERVAL`` - has been
+    written to the Sentinel's socket, before the task that sent it resumes. Returns a list
+    that receives the close task.
+
+    That is when the close cancels the check: redis-py writes a command under
+    ``asyncio.wait_for`` (its socket timeout), and on Python < 3.12 ``wait_for`` swallows a
+    cancellation that arrives once the write it waits for is done (it returns the write's
+    result instead). The cancelled check then went on: its loop asks again every 0.5 s, and
+    the close waited for it to end, forever."""
+    closing: list[asyncio.Task] = []
+    write = AbstractConnection._send_packed_command
+
+    async def written_then_closed(conn, command) -> None:
+        await write(conn, command)
+        sent = b"".join(bytes(c) for c in command).upper()
+        if not closing and int(conn.port) == sentinel_port and b"MASTERS" in sent:
+            closing.append(asyncio.ensure_future(close()))
+
+    monkeypatch.setattr(AbstractConnection, "_send_packed_command", written_then_closed)
+    return closing
+
+
+async def _started(closing: list, within: float = 5.0) -> asyncio.Task:
+    deadline = time.monotonic() + within
+    while not closing:
+        assert time.monotonic() < deadline, "the master check never asked the Sentinel"
+        await asyncio.sleep(0.01)
+    return closing[0]
+
+
+async def test_the_request_store_closes_while_its_master_check_is_asking_the_sentinel(
+        sentinel_group, monkeypatch, caplog) -> None:  # noqa: F811
+    """The per-request store's Sentinel client is closed at the instant its background master
+    check has just written its question to the Sentinel (a gateway stopping at any moment hits
+    that instant now and then: one test run in ~100 hung in its teardown). The close ends
+    within its bound, and the check stops too."""
+    from gateway.store.request import RequestStore
+    store = RequestStore(sentinel_group["url"], timeout=2.0)
+    client = store._resp
+    await store.key_workspace("k-none")  # connected: the master check runs from now on
+    watch = client.redis._watch
+    while client._measuring is not None:  # the first clock reading (a TIME) is done
+        await asyncio.sleep(0.01)
+    closing = _close_as_the_sentinel_query_is_written(
+        monkeypatch, sentinel_group["sentinel"], store.close)
+    try:
+        close = await _started(closing)
+        started = time.monotonic()
+        done, _ = await asyncio.wait({close}, timeout=8)
+        assert close in done, "the request store's close did not end"
+        close.result()
+        assert time.monotonic() - started < 2
+        assert watch.done(), "the master check went on after the close"
+        assert not [r for r in caplog.records if "shutdown:" in r.getMessage()]
+    finally:
+        watch.cancel()
+        for task in closing:
+            await asyncio.wait({task}, timeout=5)
+
+
+async def test_the_admin_store_closes_while_its_master_check_is_asking_the_sentinel(
+        sentinel_group, monkeypatch, caplog) -> None:  # noqa: F811
+    """As for the per-request store, with the admin store's Sentinel client (the one that
+    confirms its writes on the master)."""
+    from gateway.store import Store
+    from harness import make_config
+    store = await Store.connect(sentinel_group["url"], make_config("http://127.0.0.1:9"))
+    assert await store.ping()  # connected: the master check runs from now on
+    watch = store.redis._watch
+    closing = _close_as_the_sentinel_query_is_written(
+        monkeypatch, sentinel_group["sentinel"], store.close)
+    try:
+        close = await _started(closing)
+        started = time.monotonic()
+        done, _ = await asyncio.wait({close}, timeout=12)
+        assert close in done, "the admin store's close did not end"
+        close.result()
+        assert time.monotonic() - started < 2
+        assert watch.done(), "the master check went on after the close"
+        assert not [r for r in caplog.records if "shutdown:" in r.getMessage()]
+    finally:
+        watch.cancel()
+        for task in closing:
+            await asyncio.wait({task}, timeout=5)
+
