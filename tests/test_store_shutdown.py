@@ -100,3 +100,42 @@ async def test_the_admin_store_closes_while_its_master_check_is_asking_the_senti
         for task in closing:
             await asyncio.wait({task}, timeout=5)
 
+
+async def test_stop_cancels_again_a_task_that_went_on_after_a_cancellation(caplog) -> None:
+    """``gateway.closing.stop`` on a task that goes on after its first cancellation (what a
+    swallowed one looks like): cancelled again, it ends; one that never ends is logged and
+    left after the bound."""
+    from gateway.closing import stop
+    rounds = []
+
+    async def goes_on_once() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            rounds.append("swallowed")
+        await asyncio.sleep(10)
+
+    task = asyncio.ensure_future(goes_on_once())
+    await asyncio.sleep(0)
+    assert await stop(task, 1.0, "a task") and task.cancelled() and rounds == ["swallowed"]
+
+    stubborn = [True]
+
+    async def never_ends() -> None:
+        while stubborn[0]:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+
+    task = asyncio.ensure_future(never_ends())
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    assert not await stop(task, 0.3, "a stubborn task")
+    assert 0.3 <= time.monotonic() - started < 1 and not task.done()
+    assert [r.getMessage() for r in caplog.records] == \
+        ["shutdown: a stubborn task did not stop within 0.3 s; left running"]
+    stubborn[0] = False  # the test ends it
+    task.cancel()
+    await asyncio.wait({task}, timeout=1)
+    assert task.done()
