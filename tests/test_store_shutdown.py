@@ -101,6 +101,40 @@ async def test_the_admin_store_closes_while_its_master_check_is_asking_the_senti
             await asyncio.wait({task}, timeout=5)
 
 
+async def test_a_store_close_that_does_not_end_is_logged_and_the_stop_goes_on(
+        redis_url, upstream, monkeypatch, caplog) -> None:
+    """A gateway's stop waits a bounded time for each store client to close: one that does
+    not end (whatever the cause) is logged, left, and the next is closed all the same."""
+    from gateway import app
+    from gateway.store import Store
+    from harness import gateway_under_test, make_config
+    monkeypatch.setattr(app, "STORE_CLOSE_TIMEOUT", 0.5)
+    never = asyncio.get_running_loop().create_future()
+
+    async def hangs(self) -> None:
+        await never
+
+    closed = []
+    close_admin = Store.close
+
+    async def admin_closed(self) -> None:
+        await close_admin(self)
+        closed.append(self)
+
+    config = make_config(str(upstream.make_url("")))
+    started = None
+    async with gateway_under_test(config, redis_url, monkeypatch) as gut:
+        await gut.workspace("acme")
+        monkeypatch.setattr(type(gut.gw.requests), "close", hangs)
+        monkeypatch.setattr(Store, "close", admin_closed)
+        started = time.monotonic()
+    assert time.monotonic() - started < 3
+    assert closed == [gut.gw.store]
+    assert [r.getMessage() for r in caplog.records if "shutdown:" in r.getMessage()] == \
+        ["shutdown: closing the per-request store did not end within 0.5 s; left unfinished"]
+    assert never.cancelled()  # the close left behind was cancelled, not left waiting
+
+
 async def test_stop_cancels_again_a_task_that_went_on_after_a_cancellation(caplog) -> None:
     """``gateway.closing.stop`` on a task that goes on after its first cancellation (what a
     swallowed one looks like): cancelled again, it ends; one that never ends is logged and
