@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
 from redis.asyncio.connection import AbstractConnection
 
 from test_redis_topologies import sentinel_group  # noqa: F401 - the fixture
