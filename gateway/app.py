@@ -19,6 +19,7 @@ from typing import AsyncIterator, Callable
 from aiohttp import web
 
 from .auth import Authenticator
+from .closing import CLOSE_STEP_TIMEOUT, bounded
 from .config import Config
 from .errors import StoreError
 from .store.request import RequestStore
@@ -38,6 +39,10 @@ SHUTDOWN_TIMEOUT = 30
 # one is cut off; aiohttp's default, 60 s, outlasted deploy/k8s's grace period on its own).
 ADMIN_SHUTDOWN_TIMEOUT = 5
 LEDGER_SHUTDOWN_TIMEOUT = 10
+# Then seconds each store client may take to close (its connections, its background tasks;
+# each of those steps is bounded too: gateway.closing): a close that hung held the stop for
+# ever (a cancelled Sentinel master check that went on).
+STORE_CLOSE_TIMEOUT = 5
 
 
 @dataclass
@@ -147,9 +152,12 @@ async def running_gateway(config: Config, store_url: str, *,
             flushing.cancel()
             await asyncio.gather(flushing, return_exceptions=True)
         try:
-            if pipeline is not None:  # bounded: a store that is still down must not hang a stop
-                await asyncio.wait_for(pipeline.close(), timeout=LEDGER_SHUTDOWN_TIMEOUT)
-        except (asyncio.TimeoutError, StoreError):
+            # bounded: a store that is still down must not hang a stop (not asyncio.wait_for,
+            # which can wait for ever: see gateway.closing)
+            if pipeline is not None and not await bounded(
+                    pipeline.close(), LEDGER_SHUTDOWN_TIMEOUT, None):
+                raise StoreError("the ledger's writes did not end in time")
+        except StoreError:
             log.warning("shutdown: requests counted while the store was down were not written")
         finally:
             if flushing is not None:  # after the shutdown's own store calls (the ledger's)
@@ -161,9 +169,10 @@ async def running_gateway(config: Config, store_url: str, *,
             auth.close()
             if pipeline is not None:
                 await pipeline.tracer.close()
-            await forwarder.close()
-            await requests.close()
-            await store.close()
+            # each bounded: one that does not end in time is logged, and the next is closed
+            await bounded(forwarder.close(), CLOSE_STEP_TIMEOUT, "closing the upstream pools")
+            await bounded(requests.close(), STORE_CLOSE_TIMEOUT, "closing the per-request store")
+            await bounded(store.close(), STORE_CLOSE_TIMEOUT, "closing the admin store")
 
 
 def _count_dropped_log_lines(count: Callable[[], None]) -> Callable[[], None]:

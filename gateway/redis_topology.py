@@ -298,7 +298,10 @@ class _SentinelMaster(Redis):
     async def _follow_master(self) -> None:
         import asyncio
         pool = self.connection_pool
-        while True:
+        # Until cancelled, or no longer the client's check: a cancellation that redis-py's
+        # ``asyncio.wait_for`` swallowed (``gateway.closing``) ends the loop at its next round
+        # all the same, since ``aclose`` has let go of it
+        while self._watch is asyncio.current_task():
             await asyncio.sleep(MASTER_CHECK_INTERVAL)
             try:
                 master = await pool.get_master_address()
@@ -327,16 +330,22 @@ class _SentinelMaster(Redis):
             await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        """Each step bounded (``gateway.closing``): a step that does not end in time is logged
+        and left, and the next one is taken. The master check was once waited for without a
+        bound, and a cancellation redis-py swallowed (it arrived as the check's question to the
+        Sentinel had just been written) kept it running: the close, and the gateway's stop,
+        hung for ever."""
+        from .closing import CLOSE_STEP_TIMEOUT, bounded, stop
         watch, self._watch = self._watch, None
         if watch is not None:
-            import asyncio
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
+            await stop(watch, CLOSE_STEP_TIMEOUT, "the Sentinel client's master check")
         try:
-            await super().aclose(close_connection_pool)
+            await bounded(super().aclose(close_connection_pool), CLOSE_STEP_TIMEOUT,
+                          "closing the connections to the Sentinel master")
         finally:
             if self._sentinel is not None:
-                await self._sentinel.aclose()
+                await bounded(self._sentinel.aclose(), CLOSE_STEP_TIMEOUT,
+                              "closing the connections to the Sentinels")
 
 
 # The nodes (host, port) the commands of the admin operation under way ran on: a set while

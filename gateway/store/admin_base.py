@@ -127,8 +127,11 @@ class StoreBase:
         return cls(client, config, clock=clock)
 
     async def close(self) -> None:
+        from ..closing import CLOSE_STEP_TIMEOUT, bounded
         with contextlib.suppress(RedisError, RedisClusterException, OSError):
-            await self.redis.aclose()
+            # bounded (gateway.closing): a close that does not end in time is logged and left
+            await bounded(self.redis.aclose(), 3 * CLOSE_STEP_TIMEOUT,
+                          "closing the admin store's Redis client")
 
     async def ping(self) -> bool:
         return await self.ping_problem() is None

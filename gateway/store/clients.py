@@ -216,7 +216,10 @@ class TopologyClient:
         return [await self.redis.get(key) for key in keys]
 
     async def close(self) -> None:
+        """Each step bounded (``gateway.closing``): one that does not end in time is logged and
+        left, and the next one is taken."""
+        from ..closing import CLOSE_STEP_TIMEOUT, bounded, stop
         if self._measuring is not None:
-            self._measuring.cancel()
-            await asyncio.wait((self._measuring,))
-        await self.redis.aclose()
+            await stop(self._measuring, CLOSE_STEP_TIMEOUT, "the Redis clock reading")
+        # a Sentinel client's close is three steps, each bounded (redis_topology)
+        await bounded(self.redis.aclose(), 3 * CLOSE_STEP_TIMEOUT, "closing the Redis client")

@@ -133,8 +133,14 @@ class RequestStore:
         return f"{now_ms}:{self._tag}:{self._seq}"
 
     async def close(self) -> None:
-        for task in list(self._asking):
+        """Bounded (``gateway.closing``): a question or a close step that does not end in
+        time is logged and left."""
+        from ..closing import CLOSE_STEP_TIMEOUT, stop
+        asking = list(self._asking)
+        for task in asking:
             task.cancel()
+        for task in asking:
+            await stop(task, CLOSE_STEP_TIMEOUT, "a question whether a call counted")
         await self._resp.close()
 
     async def ready(self) -> None:

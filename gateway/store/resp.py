@@ -467,9 +467,9 @@ class RespClient:
         """Close the connection (calls in flight get ``ConnectionError``) and stop the
         watchdog; a connection attempt in progress is abandoned. A later call reconnects."""
         task, self._connecting = self._connecting, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait((task,))
+        if task is not None and not task.done():  # bounded: see gateway.closing
+            from ..closing import CLOSE_STEP_TIMEOUT, stop
+            await stop(task, CLOSE_STEP_TIMEOUT, "a connection attempt to Redis")
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
