@@ -44,6 +44,25 @@ async def _started(closing: list, within: float = 5.0) -> asyncio.Task:
     return closing[0]
 
 
+async def _closes_in_time(closing: list, watch: asyncio.Task, caplog, which: str,
+                          wait: float) -> None:
+    """The close started as the check's question was written ends within 2 s (waited for up to
+    ``wait``), stops the master check, and logs nothing about a step left unfinished."""
+    try:
+        close = await _started(closing)
+        started = time.monotonic()
+        done, _ = await asyncio.wait({close}, timeout=wait)
+        assert close in done, f"{which} close did not end"
+        close.result()
+        assert time.monotonic() - started < 2
+        assert watch.done(), "the master check went on after the close"
+        assert not [r for r in caplog.records if "shutdown:" in r.getMessage()]
+    finally:
+        watch.cancel()
+        for task in closing:
+            await asyncio.wait({task}, timeout=5)
+
+
 async def test_the_request_store_closes_while_its_master_check_is_asking_the_sentinel(
         sentinel_group, monkeypatch, caplog) -> None:  # noqa: F811
     """The per-request store's Sentinel client is closed at the instant its background master
@@ -59,19 +78,7 @@ async def test_the_request_store_closes_while_its_master_check_is_asking_the_sen
         await asyncio.sleep(0.01)
     closing = _close_as_the_sentinel_query_is_written(
         monkeypatch, sentinel_group["sentinel"], store.close)
-    try:
-        close = await _started(closing)
-        started = time.monotonic()
-        done, _ = await asyncio.wait({close}, timeout=8)
-        assert close in done, "the request store's close did not end"
-        close.result()
-        assert time.monotonic() - started < 2
-        assert watch.done(), "the master check went on after the close"
-        assert not [r for r in caplog.records if "shutdown:" in r.getMessage()]
-    finally:
-        watch.cancel()
-        for task in closing:
-            await asyncio.wait({task}, timeout=5)
+    await _closes_in_time(closing, watch, caplog, "the request store's", wait=8)
 
 
 async def test_the_admin_store_closes_while_its_master_check_is_asking_the_sentinel(
@@ -85,19 +92,7 @@ async def test_the_admin_store_closes_while_its_master_check_is_asking_the_senti
     watch = store.redis._watch
     closing = _close_as_the_sentinel_query_is_written(
         monkeypatch, sentinel_group["sentinel"], store.close)
-    try:
-        close = await _started(closing)
-        started = time.monotonic()
-        done, _ = await asyncio.wait({close}, timeout=12)
-        assert close in done, "the admin store's close did not end"
-        close.result()
-        assert time.monotonic() - started < 2
-        assert watch.done(), "the master check went on after the close"
-        assert not [r for r in caplog.records if "shutdown:" in r.getMessage()]
-    finally:
-        watch.cancel()
-        for task in closing:
-            await asyncio.wait({task}, timeout=5)
+    await _closes_in_time(closing, watch, caplog, "the admin store's", wait=12)
 
 
 async def test_a_store_close_that_does_not_end_is_logged_and_the_stop_goes_on(
