@@ -53,7 +53,8 @@ class RequestSteps(Protocol):
     async def authenticate(self, token: str, client: str) -> CachedKey: ...
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
-                        client: str) -> tuple[CachedKey, dict[str, str], Counted]: ...
+                        client: str, peek: bool = False
+                        ) -> tuple[CachedKey, dict[str, str], Counted]: ...
 
     def store_down(self, cause: BaseException | None = None) -> errors.ServiceUnavailable: ...
 
@@ -116,6 +117,7 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     # read with the route: a reload while this call waits on the store must not rename the
     # identity headers it answers with (requests in flight finish on the old config)
     ident = steps.config.identity_headers
+    max_body = steps.config.server.max_body_bytes
     outcome.route, outcome.upstream = route.path, route.upstream
     if route.public:
         return web.Response(status=200)
@@ -125,9 +127,15 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     with trace.step("authenticate"):
         key = await steps.authenticate(token, client)
     outcome.workspace, outcome.key_id = key.workspace, key.key_id
+    # A declared body over the limit (Envoy's ext_authz with_request_body sends the original
+    # one) is refused as the proxy refuses it: after every other check, rate and quotas
+    # judged without spending them, and not counted.
+    too_large = (request.content_length or 0) > max_body
     with trace.step("authorise"):
-        key, limit_headers, _ = await steps.authorise(key, route.scopes, count=True,
-                                                      client=client)
+        key, limit_headers, _ = await steps.authorise(key, route.scopes, count=not too_large,
+                                                      client=client, peek=too_large)
+    if too_large:
+        raise errors.body_too_large(max_body)
     headers = dict(limit_headers)
     headers[ident.workspace] = key.workspace
     headers[ident.key_id] = key.key_id

@@ -4,6 +4,7 @@ it as a forwarded request would be counted, and forwards nothing."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -215,3 +216,34 @@ async def test_the_original_method_is_judged_as_sent(gw):
         assert status.split()[1] == b"400", (method, status)
         assert json.loads(body)["error"]["code"] == "bad_request"
     assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
+
+
+async def test_a_declared_body_over_the_limit_is_refused_as_the_proxy_refuses_it(
+        redis_url, upstream, monkeypatch):
+    """Envoy's ext_authz with ``with_request_body`` (path_prefix mode) sends keygate the
+    original body: a declared body over ``server.max_body_bytes`` is answered 413
+    ``body_too_large`` and counted nowhere, as the proxy answers it; it was answered 200 and
+    counted, so the front proxy forwarded a body keygate refuses."""
+    config = verify_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                    max_body_bytes=100))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme", plan="starter")
+        token, _ = await g.key(scopes=["people:read", "people:write"])
+        async with g.proxy.post("/people/1", headers=bearer(token), data=b"x" * 500) as r:
+            by_proxy = r.status, (await r.json())["error"]["code"]
+        async with g.proxy.post(VERIFY + "/people/1", headers=bearer(token),
+                                data=b"x" * 500) as r:
+            by_verify = r.status, (await r.json())["error"]["code"]
+            assert "X-Workspace-Id" not in r.headers
+        async with g.proxy.post(VERIFY, data=b"x" * 500, headers={
+                **bearer(token), "X-Forwarded-Method": "POST",
+                "X-Forwarded-Uri": "/people/1"}) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == by_verify
+        assert by_verify == by_proxy == (413, "body_too_large")
+        async with g.proxy.post(VERIFY + "/people/1", headers=bearer(token),
+                                data=b"x" * 100) as r:
+            assert r.status == 200  # at the limit: allowed
+        assert (await g.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 1
+        assert upstream.requests == []
+
