@@ -32,7 +32,8 @@ RESERVED = RESERVED_PATH  # keygate's own prefix: never forwarded, and no route 
 VERIFY = "/_keygate/v1/verify"
 USAGE = "/_keygate/v1/usage"
 KEYS = "/_keygate/v1/keys"
-_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]{1,32}")  # an RFC 9110 token, upper-cased
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]{1,32}")  # an RFC 9110 token, in capitals as
+# the proxy's HTTP parser takes it (it refuses 'get' with 400 bad_request)
 
 
 class RequestSteps(Protocol):
@@ -161,9 +162,11 @@ def original_request(request: web.BaseRequest, suffix: str) -> tuple[str, str]:
             # As sent: the HTTP parser already trimmed SP and HTAB around each value, and
             # str.strip() would also drop what is not whitespace to HTTP (a no-break space,
             # NEL), so path sanity would judge another URI than the proxy in front forwards.
-            # ASCII before upper(): 'poſt'.upper() is 'POST'.
+            # Not upper-cased either: methods are case-sensitive (RFC 9110 9.1), the proxy
+            # refuses 'get' (400), and an upstream may read it as another method than GET
+            # ('poſt'.upper() is even 'POST').
             method = methods[0] if methods else request.method
-            if not method.isascii() or not _METHOD.fullmatch(method := method.upper()):
+            if not _METHOD.fullmatch(method):
                 raise errors.BadRequest(f"{method_header} is not an HTTP method.",
                                         code="bad_request")
             return method, uri[0]

@@ -247,3 +247,29 @@ async def test_a_declared_body_over_the_limit_is_refused_as_the_proxy_refuses_it
         assert (await g.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 1
         assert upstream.requests == []
 
+
+
+@pytest.mark.parametrize("method", [b"get", b"Get", b"delete"])
+async def test_a_method_the_proxy_refuses_is_refused_not_upper_cased(gw, method):
+    """The proxy answers a lower-case method (``get /people/1``) 400 ``bad_request``: HTTP
+    methods are case-sensitive (RFC 9110 9.1), and an upstream may read ``get`` as another
+    method than ``GET``. Verify upper-cased the original method and answered 200 for it."""
+    token, _ = await gw.key(scopes=["people:read", "people:write"])
+    reader, writer = await gw.raw_connection()
+    try:
+        writer.write(method + b" /people/1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
+                     + token.encode() + b"\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    by_proxy = head.split()[1], json.loads(body)["error"]["code"]
+    for name, uri in ((b"X-Forwarded-Method", b"X-Forwarded-Uri"),
+                      (b"X-Original-Method", b"X-Original-URI")):
+        status, body = await _raw_verify(gw, b"Authorization: Bearer " + token.encode()
+                                         + b"\r\n" + uri + b": /people/1\r\n" + name + b": "
+                                         + method + b"\r\n")
+        assert (status.split()[1], json.loads(body)["error"]["code"]) == by_proxy \
+            == (b"400", "bad_request"), name
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
