@@ -58,3 +58,22 @@ def test_ingress_nginx_sets_the_original_request_headers_itself():
         f"{configmap['metadata']['namespace']}/{configmap['metadata']['name']}"
     assert notes["nginx.ingress.kubernetes.io/auth-response-headers"].split(",")[:4] == \
         list(IDENTITY)
+
+
+def test_envoy_hands_keygate_the_clients_address_for_the_failure_throttle():
+    """The failure throttle and the verification queue count failures per client IP, read
+    from ``X-Forwarded-For`` when the peer is in ``trusted_proxies``. Envoy's ext_authz HTTP
+    service sends only Host, Method, Path, Content-Length, Authorization and the
+    ``allowed_headers``: without ``x-forwarded-for`` there, keygate saw every client as
+    Envoy, and 20 wrong keys from anyone locked every client's cold keys out. Envoy appends
+    the client's address only with ``use_remote_address: true`` (otherwise a client's own
+    ``X-Forwarded-For`` would pass as sent and pick whose address is locked out)."""
+    text = text_of("envoy.yaml")
+    hcm = yaml.safe_load(text)["static_resources"]["listeners"][0]["filter_chains"][0][
+        "filters"][0]["typed_config"]
+    assert hcm.get("use_remote_address") is True
+    authz = hcm["http_filters"][1]["typed_config"]
+    sent = {p["exact"] for p in authz["http_service"]["authorization_request"]
+            ["allowed_headers"]["patterns"]}
+    assert "x-forwarded-for" in sent
+    assert "trusted_proxies" in text
