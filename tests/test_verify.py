@@ -273,3 +273,19 @@ async def test_a_method_the_proxy_refuses_is_refused_not_upper_cased(gw, method)
         assert (status.split()[1], json.loads(body)["error"]["code"]) == by_proxy \
             == (b"400", "bad_request"), name
     assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
+
+
+async def test_the_longest_path_the_proxy_takes_verifies_in_path_prefix_mode(gw):
+    """Envoy's path_prefix mode puts /_keygate/v1/verify before the original path: a path the
+    proxy accepts (at most 2048 bytes) was refused ``bad_path`` as over-long once the prefix
+    was counted in, and one byte over the limit must still be refused."""
+    from gateway.routes import MAX_PATH_BYTES
+    token, _ = await gw.key(scopes=["people:read"])
+    longest = "/people/" + "a" * (MAX_PATH_BYTES - len("/people/"))
+    for path, status in ((longest, 200), (longest + "a", 400)):
+        async with gw.proxy.get(path, headers=bearer(token)) as r:
+            by_proxy = r.status
+        async with gw.proxy.get(VERIFY + path, headers=bearer(token)) as r:
+            assert (r.status, by_proxy) == (status, status), await r.text()
+            if status == 400:
+                assert (await r.json())["error"]["code"] == "bad_path"
