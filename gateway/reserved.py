@@ -32,6 +32,7 @@ RESERVED = RESERVED_PATH  # keygate's own prefix: never forwarded, and no route 
 VERIFY = "/_keygate/v1/verify"
 USAGE = "/_keygate/v1/usage"
 KEYS = "/_keygate/v1/keys"
+_QUERY = re.compile(r"[\x21-\x7e]*")  # visible ASCII: what a request line's query can hold
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]{1,32}")  # an RFC 9110 token, in capitals as
 # the proxy's HTTP parser takes it (it refuses 'get' with 400 bad_request)
 
@@ -111,6 +112,11 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     if not raw_path.startswith("/"):
         raise errors.BadRequest("The original URI must be a path starting with '/'.",
                                 code="bad_path")
+    if raw_query and not _QUERY.fullmatch(raw_query):
+        # what the proxy's HTTP parser refuses in a request line (400 bad_request); the path
+        # is screened byte by byte below, the query is not
+        raise errors.BadRequest("The original URI's query holds a space, a control character "
+                                "or a non-ASCII byte; percent-encode it.", code="bad_request")
     steps.screen(raw_path, raw_query)
     if raw_path.startswith(RESERVED):
         raise no_route(method, raw_path)

@@ -289,3 +289,26 @@ async def test_the_longest_path_the_proxy_takes_verifies_in_path_prefix_mode(gw)
             assert (r.status, by_proxy) == (status, status), await r.text()
             if status == 400:
                 assert (await r.json())["error"]["code"] == "bad_path"
+
+
+@pytest.mark.parametrize("query", [b"a=\xff", b"a=\xc3\xa9", b"a=b c", b"a=\x7f"])
+async def test_a_query_the_proxy_refuses_is_refused(gw, query):
+    """The proxy's HTTP parser refuses a request line whose query holds a raw non-ASCII byte,
+    a space or DEL (400 ``bad_request``); nginx and Traefik pass such a URI on in
+    ``X-Forwarded-Uri``, and verify answered 200 (counted) for it because only the path is
+    screened byte by byte."""
+    token, _ = await gw.key(scopes=["people:read"])
+    reader, writer = await gw.raw_connection()
+    try:
+        writer.write(b"GET /people/1?" + query + b" HTTP/1.1\r\nHost: gw\r\nAuthorization: "
+                     b"Bearer " + token.encode() + b"\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        head, _, body = (await asyncio.wait_for(reader.read(), 5)).partition(b"\r\n\r\n")
+    finally:
+        writer.close()
+    if b" " not in query:  # a space ends the request target: the proxy reads another one
+        assert (head.split()[1], json.loads(body)["error"]["code"]) == (b"400", "bad_request")
+    status, body = await _raw_verify(gw, b"Authorization: Bearer " + token.encode()
+                                     + b"\r\nX-Forwarded-Uri: /people/1?" + query + b"\r\n")
+    assert (status.split()[1], json.loads(body)["error"]["code"]) == (b"400", "bad_request")
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
