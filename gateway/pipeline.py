@@ -51,6 +51,7 @@ CANONICAL_LEN = 256
 _new_tuple = tuple.__new__
 _AUTHORIZATION = hdrs.AUTHORIZATION  # istr: no case-folding per lookup
 _X_REQUEST_ID = istr("X-Request-Id")
+_VERIFY_UNDER = reserved.VERIFY + "/"
 
 
 class Outcome:
@@ -181,7 +182,14 @@ class Pipeline:
         if "Transfer-Encoding" in request.headers:
             _check_transfer_coding(request.headers.getall("Transfer-Encoding"))
         raw_path, _, raw_query = request.raw_path.partition("?")
-        self.screen(raw_path, raw_query)
+        if raw_path.startswith(_VERIFY_UNDER):
+            # Envoy's path_prefix mode: the original path follows the prefix, and verify
+            # screens it exactly as a forwarded request's path (its length limit included,
+            # which the prefix would otherwise eat into). With X-Forwarded-Uri or
+            # X-Original-URI it is never read.
+            self.screen("", raw_query)
+        else:
+            self.screen(raw_path, raw_query)
         if raw_path.startswith(reserved.RESERVED):
             return await reserved.answer(self, request, raw_path, outcome)
         route = self.routes.match(request.method, raw_path)
@@ -226,8 +234,9 @@ class Pipeline:
     # --- steps --------------------------------------------------------------------------------
 
     def screen(self, raw_path: str, raw_query: str) -> None:
-        """The first two rows of SPEC's table: a canonical path, and no key in the query."""
-        if raw_path not in self._canonical:  # a set lookup, not a regex, for a path seen
+        """The first two rows of SPEC's table: a canonical path, and no key in the query.
+        An empty ``raw_path``: the query only."""
+        if raw_path and raw_path not in self._canonical:  # a set lookup, not a regex, for a path seen
             check_path(raw_path)
             if len(raw_path) <= CANONICAL_LEN:
                 if len(self._canonical) >= CANONICAL_MAX:

@@ -32,7 +32,9 @@ RESERVED = RESERVED_PATH  # keygate's own prefix: never forwarded, and no route 
 VERIFY = "/_keygate/v1/verify"
 USAGE = "/_keygate/v1/usage"
 KEYS = "/_keygate/v1/keys"
-_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]{1,32}")  # an RFC 9110 token, upper-cased
+_QUERY = re.compile(r"[\x21-\x7e]*")  # visible ASCII: what a request line's query can hold
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]{1,32}")  # an RFC 9110 token, in capitals as
+# the proxy's HTTP parser takes it (it refuses 'get' with 400 bad_request)
 
 
 class RequestSteps(Protocol):
@@ -53,7 +55,8 @@ class RequestSteps(Protocol):
     async def authenticate(self, token: str, client: str) -> CachedKey: ...
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
-                        client: str) -> tuple[CachedKey, dict[str, str], Counted]: ...
+                        client: str, peek: bool = False
+                        ) -> tuple[CachedKey, dict[str, str], Counted]: ...
 
     def store_down(self, cause: BaseException | None = None) -> errors.ServiceUnavailable: ...
 
@@ -109,6 +112,11 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     if not raw_path.startswith("/"):
         raise errors.BadRequest("The original URI must be a path starting with '/'.",
                                 code="bad_path")
+    if raw_query and not _QUERY.fullmatch(raw_query):
+        # what the proxy's HTTP parser refuses in a request line (400 bad_request); the path
+        # is screened byte by byte below, the query is not
+        raise errors.BadRequest("The original URI's query holds a space, a control character "
+                                "or a non-ASCII byte; percent-encode it.", code="bad_request")
     steps.screen(raw_path, raw_query)
     if raw_path.startswith(RESERVED):
         raise no_route(method, raw_path)
@@ -116,6 +124,7 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     # read with the route: a reload while this call waits on the store must not rename the
     # identity headers it answers with (requests in flight finish on the old config)
     ident = steps.config.identity_headers
+    max_body = steps.config.server.max_body_bytes
     outcome.route, outcome.upstream = route.path, route.upstream
     if route.public:
         return web.Response(status=200)
@@ -125,9 +134,15 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     with trace.step("authenticate"):
         key = await steps.authenticate(token, client)
     outcome.workspace, outcome.key_id = key.workspace, key.key_id
+    # A declared body over the limit (Envoy's ext_authz with_request_body sends the original
+    # one) is refused as the proxy refuses it: after every other check, rate and quotas
+    # judged without spending them, and not counted.
+    too_large = (request.content_length or 0) > max_body
     with trace.step("authorise"):
-        key, limit_headers, _ = await steps.authorise(key, route.scopes, count=True,
-                                                      client=client)
+        key, limit_headers, _ = await steps.authorise(key, route.scopes, count=not too_large,
+                                                      client=client, peek=too_large)
+    if too_large:
+        raise errors.body_too_large(max_body)
     headers = dict(limit_headers)
     headers[ident.workspace] = key.workspace
     headers[ident.key_id] = key.key_id
@@ -153,9 +168,11 @@ def original_request(request: web.BaseRequest, suffix: str) -> tuple[str, str]:
             # As sent: the HTTP parser already trimmed SP and HTAB around each value, and
             # str.strip() would also drop what is not whitespace to HTTP (a no-break space,
             # NEL), so path sanity would judge another URI than the proxy in front forwards.
-            # ASCII before upper(): 'poſt'.upper() is 'POST'.
+            # Not upper-cased either: methods are case-sensitive (RFC 9110 9.1), the proxy
+            # refuses 'get' (400), and an upstream may read it as another method than GET
+            # ('poſt'.upper() is even 'POST').
             method = methods[0] if methods else request.method
-            if not method.isascii() or not _METHOD.fullmatch(method := method.upper()):
+            if not _METHOD.fullmatch(method):
                 raise errors.BadRequest(f"{method_header} is not an HTTP method.",
                                         code="bad_request")
             return method, uri[0]

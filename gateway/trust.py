@@ -5,8 +5,8 @@
 the failure throttle and IP allow-lists use is read through them (``gateway.pipeline``). Both
 ask this one object, so they can never disagree about a peer.
 
-A dual-stack listener sees IPv4 peers as ``::ffff:a.b.c.d``; they are compared as IPv4, since
-``trusted_proxies`` names IPv4 networks as such.
+A dual-stack listener sees IPv4 peers as ``::ffff:a.b.c.d``; they are compared as IPv4, and a
+``trusted_proxies`` entry written in that mapped form is taken as the IPv4 network it names.
 """
 
 from __future__ import annotations
@@ -74,9 +74,21 @@ def throttle_client(address: str) -> str:
     return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
 
 
+def as_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """The network ``text`` names; an IPv4-mapped one (``::ffff:10.0.0.5``,
+    ``::ffff:10.0.0.0/104``) as the IPv4 network it is, since addresses are compared as IPv4
+    (as a key's ``allowed_ips`` keep such an entry)."""
+    net = ipaddress.ip_network(text.strip(), strict=False)
+    if net.version == 6 and net.prefixlen >= 96:
+        mapped = net.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((int(mapped), net.prefixlen - 96))
+    return net
+
+
 class TrustedProxies:
     def __init__(self, networks: Iterable[str]) -> None:
-        self.networks = tuple(ipaddress.ip_network(n.strip(), strict=False) for n in networks)
+        self.networks = tuple(as_network(n) for n in networks)
         self._peers: dict[str, bool] = {}
 
     def __bool__(self) -> bool:

@@ -101,3 +101,62 @@ async def test_a_direct_caller_with_a_malformed_signature_gets_401_not_500(aioht
             async with direct.get(server.make_url("/people/1"),
                                   headers={"X-Keygate-Signature": value}) as r:
                 assert r.status == 401, (value, r.status)
+
+
+def node_block() -> str:
+    return re.search(r"```js\n(.*?)```", DOC.read_text(), re.DOTALL).group(1)
+
+
+async def test_the_nodejs_check_accepts_keygate_and_never_an_empty_secret(
+        redis_url, monkeypatch, tmp_path):
+    """The Node.js check, as written, in a real Node HTTP server behind a real keygate.
+    Its secret list ``"new,old,"`` (a comma left over from a rotation) held an empty secret,
+    which the check accepted: anyone could sign with the empty key. ``gateway.signature``
+    ignores blank entries; so must the Node.js check."""
+    import asyncio
+    import hashlib
+    import hmac
+    import shutil
+    import time
+
+    import pytest
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed")
+    script = tmp_path / "upstream.js"
+    script.write_text(node_block() + """
+const http = require("node:http");
+const server = http.createServer((req, res) => {
+  const ok = verifyKeygate(req, process.env.KEYGATE_SIGNING_SECRET);
+  res.writeHead(ok ? 200 : 401);
+  res.end(ok ? (req.headers["x-workspace-id"] ?? "public") : "refused");
+});
+server.listen(0, "127.0.0.1", () => console.log(server.address().port));
+""")
+    proc = await asyncio.create_subprocess_exec(
+        node, str(script), stdout=asyncio.subprocess.PIPE,
+        env={"KEYGATE_SIGNING_SECRET": "doc-secret,older-secret,", "PATH": "/usr/bin:/bin"})
+    try:
+        port = int(await asyncio.wait_for(proc.stdout.readline(), 10))
+        base = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("KEYGATE_SIGNING_SECRET", "doc-secret")
+        config = make_config(base, identity_signature=IdentitySignature(
+            "KEYGATE_SIGNING_SECRET"))
+        async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+            await gw.workspace("acme")
+            token, _ = await gw.key("acme")
+            async with gw.proxy.get("/people/1?x=%20y",
+                                    headers={"Authorization": f"Bearer {token}"}) as r:
+                assert (r.status, await r.text()) == (200, "acme")
+        t = str(int(time.time()))
+        forged = {"X-Request-Id": "r1", "X-Workspace-Id": "acme", "X-Api-Key-Id": "k",
+                  "X-Api-Scopes": "ALL", "X-Workspace-Plan": "p"}
+        message = "\n".join((t, "GET", "/people/1", *forged.values())).encode()
+        forged["X-Keygate-Signature"] = \
+            f"t={t},v1={hmac.new(b'', message, hashlib.sha256).hexdigest()}"
+        async with ClientSession() as direct:
+            async with direct.get(base + "/people/1", headers=forged) as r:
+                assert r.status == 401, await r.text()
+    finally:
+        proc.kill()
+        await proc.wait()

@@ -256,3 +256,38 @@ async def test_verify_only_never_answers_a_client_address_header(redis_url, upst
         assert "6.6.6." not in answered
         assert not {k.lower().replace("_", "-") for k, _ in CLIENT_ADDRESS_SPOOFS} & {
             k.lower().replace("_", "-") for k in r.headers}
+
+
+@pytest.mark.parametrize("listed", ["::ffff:127.0.0.1", "::ffff:127.0.0.0/104",
+                                    "::ffff:7f00:1"])
+async def test_a_proxy_listed_in_its_ipv4_mapped_form_is_trusted(redis_url, upstream,
+                                                                  monkeypatch, listed):
+    """``trusted_proxies: ["::ffff:127.0.0.1"]`` (the form a dual-stack listener's access log
+    shows a proxy's address in) names the proxy at 127.0.0.1. Peers are compared as IPv4 (as
+    a key's ``allowed_ips`` are, which keeps such an entry as the IPv4 network it names), so
+    the entry never matched: the proxy was not trusted, its X-Forwarded-For was replaced,
+    and the failure throttle counted every client behind it as the proxy (one client's
+    wrong guesses locked out all the others)."""
+    base = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(
+        base, server=dataclasses.replace(base.server, trusted_proxies=(listed,)),
+        keys=dataclasses.replace(base.keys, failures=FailureLimits(per_ip=2, per_key=None,
+                                                                   window_seconds=60)))
+    assert TrustedProxies([listed]).is_trusted("127.0.0.1")
+    assert TrustedProxies([listed]).client_address("127.0.0.1", ["198.51.100.1"]) == \
+        "198.51.100.1"
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read"])
+        bad = token[:-38] + "Z" * 32
+        bad += checksum(bad)
+        for _ in range(3):  # one client behind the proxy runs into the throttle...
+            async with g.proxy.get("/people/1", headers={
+                    "Authorization": f"Bearer {bad}", "X-Forwarded-For": "198.51.100.1"}) as r:
+                await r.read()
+        assert r.status == 429
+        async with g.proxy.get("/people/1", headers={   # ...another one does not
+                "Authorization": f"Bearer {token}", "X-Forwarded-For": "198.51.100.2"}) as r:
+            assert r.status == 200, await r.text()
+        xff = [v for k, v in upstream.requests[-1]["headers"] if k == "X-Forwarded-For"]
+        assert xff == ["198.51.100.2, 127.0.0.1"]

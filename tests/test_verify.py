@@ -4,6 +4,7 @@ it as a forwarded request would be counted, and forwards nothing."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -214,4 +215,100 @@ async def test_the_original_method_is_judged_as_sent(gw):
             b"\r\nX-Original-Method: " + method.encode() + b"\r\n")
         assert status.split()[1] == b"400", (method, status)
         assert json.loads(body)["error"]["code"] == "bad_request"
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
+
+
+async def test_a_declared_body_over_the_limit_is_refused_as_the_proxy_refuses_it(
+        redis_url, upstream, monkeypatch):
+    """Envoy's ext_authz with ``with_request_body`` (path_prefix mode) sends keygate the
+    original body: a declared body over ``server.max_body_bytes`` is answered 413
+    ``body_too_large`` and counted nowhere, as the proxy answers it; it was answered 200 and
+    counted, so the front proxy forwarded a body keygate refuses."""
+    config = verify_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                    max_body_bytes=100))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme", plan="starter")
+        token, _ = await g.key(scopes=["people:read", "people:write"])
+        async with g.proxy.post("/people/1", headers=bearer(token), data=b"x" * 500) as r:
+            by_proxy = r.status, (await r.json())["error"]["code"]
+        async with g.proxy.post(VERIFY + "/people/1", headers=bearer(token),
+                                data=b"x" * 500) as r:
+            by_verify = r.status, (await r.json())["error"]["code"]
+            assert "X-Workspace-Id" not in r.headers
+        async with g.proxy.post(VERIFY, data=b"x" * 500, headers={
+                **bearer(token), "X-Forwarded-Method": "POST",
+                "X-Forwarded-Uri": "/people/1"}) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == by_verify
+        assert by_verify == by_proxy == (413, "body_too_large")
+        async with g.proxy.post(VERIFY + "/people/1", headers=bearer(token),
+                                data=b"x" * 100) as r:
+            assert r.status == 200  # at the limit: allowed
+        assert (await g.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 1
+        assert upstream.requests == []
+
+
+
+@pytest.mark.parametrize("method", [b"get", b"Get", b"delete"])
+async def test_a_method_the_proxy_refuses_is_refused_not_upper_cased(gw, method):
+    """The proxy answers a lower-case method (``get /people/1``) 400 ``bad_request``: HTTP
+    methods are case-sensitive (RFC 9110 9.1), and an upstream may read ``get`` as another
+    method than ``GET``. Verify upper-cased the original method and answered 200 for it."""
+    token, _ = await gw.key(scopes=["people:read", "people:write"])
+    reader, writer = await gw.raw_connection()
+    try:
+        writer.write(method + b" /people/1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
+                     + token.encode() + b"\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    by_proxy = head.split()[1], json.loads(body)["error"]["code"]
+    for name, uri in ((b"X-Forwarded-Method", b"X-Forwarded-Uri"),
+                      (b"X-Original-Method", b"X-Original-URI")):
+        status, body = await _raw_verify(gw, b"Authorization: Bearer " + token.encode()
+                                         + b"\r\n" + uri + b": /people/1\r\n" + name + b": "
+                                         + method + b"\r\n")
+        assert (status.split()[1], json.loads(body)["error"]["code"]) == by_proxy \
+            == (b"400", "bad_request"), name
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
+
+
+async def test_the_longest_path_the_proxy_takes_verifies_in_path_prefix_mode(gw):
+    """Envoy's path_prefix mode puts /_keygate/v1/verify before the original path: a path the
+    proxy accepts (at most 2048 bytes) was refused ``bad_path`` as over-long once the prefix
+    was counted in, and one byte over the limit must still be refused."""
+    from gateway.routes import MAX_PATH_BYTES
+    token, _ = await gw.key(scopes=["people:read"])
+    longest = "/people/" + "a" * (MAX_PATH_BYTES - len("/people/"))
+    for path, status in ((longest, 200), (longest + "a", 400)):
+        async with gw.proxy.get(path, headers=bearer(token)) as r:
+            by_proxy = r.status
+        async with gw.proxy.get(VERIFY + path, headers=bearer(token)) as r:
+            assert (r.status, by_proxy) == (status, status), await r.text()
+            if status == 400:
+                assert (await r.json())["error"]["code"] == "bad_path"
+
+
+@pytest.mark.parametrize("query", [b"a=\xff", b"a=\xc3\xa9", b"a=b c", b"a=\x7f"])
+async def test_a_query_the_proxy_refuses_is_refused(gw, query):
+    """The proxy's HTTP parser refuses a request line whose query holds a raw non-ASCII byte,
+    a space or DEL (400 ``bad_request``); nginx and Traefik pass such a URI on in
+    ``X-Forwarded-Uri``, and verify answered 200 (counted) for it because only the path is
+    screened byte by byte."""
+    token, _ = await gw.key(scopes=["people:read"])
+    reader, writer = await gw.raw_connection()
+    try:
+        writer.write(b"GET /people/1?" + query + b" HTTP/1.1\r\nHost: gw\r\nAuthorization: "
+                     b"Bearer " + token.encode() + b"\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        head, _, body = (await asyncio.wait_for(reader.read(), 5)).partition(b"\r\n\r\n")
+    finally:
+        writer.close()
+    if b" " not in query:  # a space ends the request target: the proxy reads another one
+        assert (head.split()[1], json.loads(body)["error"]["code"]) == (b"400", "bad_request")
+    status, body = await _raw_verify(gw, b"Authorization: Bearer " + token.encode()
+                                     + b"\r\nX-Forwarded-Uri: /people/1?" + query + b"\r\n")
+    assert (status.split()[1], json.loads(body)["error"]["code"]) == (b"400", "bad_request")
     assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0

@@ -27,7 +27,21 @@ def test_traefik_labels_forward_auth_to_verify_and_copy_the_identity():
     chain = labels["traefik.http.routers.api.middlewares"].split(",")
     assert chain[0].startswith("keygate-clean") and chain[1].startswith("keygate@")
     cleaned = {k.rsplit(".", 1)[1] for k in labels if "keygate-clean.headers" in k}
-    assert cleaned == set(IDENTITY)
+    assert cleaned == set(IDENTITY) | {h.replace("-", "_") for h in IDENTITY}
+
+
+def test_traefik_drops_the_underscore_spellings_of_the_identity_headers():
+    """Traefik (Go) passes a client's ``X_Workspace_Id`` on as a header of its own, and many
+    upstreams (Rack, PHP, CGI-style ``HTTP_X_WORKSPACE_ID``) read it as ``X-Workspace-Id``:
+    on a public route, which keygate answers with no identity to copy, the client's copy was
+    the one the upstream read. keygate's own proxy removes those spellings, nginx drops them
+    (``underscores_in_headers off``) and the Envoy example drops them
+    (``headers_with_underscores_action``); the Traefik example did not."""
+    doc = yaml.safe_load(text_of("traefik-compose.yml"))
+    labels = dict(label.split("=", 1) for label in doc["services"]["api"]["labels"])
+    for name in IDENTITY:
+        assert labels[f"traefik.http.middlewares.keygate-clean.headers.customrequestheaders."
+                      f"{name.replace('-', '_')}"] == ""
 
 
 def test_envoy_ext_authz_uses_the_verify_prefix_and_fails_closed():
@@ -58,3 +72,22 @@ def test_ingress_nginx_sets_the_original_request_headers_itself():
         f"{configmap['metadata']['namespace']}/{configmap['metadata']['name']}"
     assert notes["nginx.ingress.kubernetes.io/auth-response-headers"].split(",")[:4] == \
         list(IDENTITY)
+
+
+def test_envoy_hands_keygate_the_clients_address_for_the_failure_throttle():
+    """The failure throttle and the verification queue count failures per client IP, read
+    from ``X-Forwarded-For`` when the peer is in ``trusted_proxies``. Envoy's ext_authz HTTP
+    service sends only Host, Method, Path, Content-Length, Authorization and the
+    ``allowed_headers``: without ``x-forwarded-for`` there, keygate saw every client as
+    Envoy, and 20 wrong keys from anyone locked every client's cold keys out. Envoy appends
+    the client's address only with ``use_remote_address: true`` (otherwise a client's own
+    ``X-Forwarded-For`` would pass as sent and pick whose address is locked out)."""
+    text = text_of("envoy.yaml")
+    hcm = yaml.safe_load(text)["static_resources"]["listeners"][0]["filter_chains"][0][
+        "filters"][0]["typed_config"]
+    assert hcm.get("use_remote_address") is True
+    authz = hcm["http_filters"][1]["typed_config"]
+    sent = {p["exact"] for p in authz["http_service"]["authorization_request"]
+            ["allowed_headers"]["patterns"]}
+    assert "x-forwarded-for" in sent
+    assert "trusted_proxies" in text
