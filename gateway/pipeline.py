@@ -236,7 +236,8 @@ class Pipeline:
     def screen(self, raw_path: str, raw_query: str) -> None:
         """The first two rows of SPEC's table: a canonical path, and no key in the query.
         An empty ``raw_path``: the query only."""
-        if raw_path and raw_path not in self._canonical:  # a set lookup, not a regex, for a path seen
+        # a set lookup, not a regex, for a path seen
+        if raw_path and raw_path not in self._canonical:
             check_path(raw_path)
             if len(raw_path) <= CANONICAL_LEN:
                 if len(self._canonical) >= CANONICAL_MAX:
