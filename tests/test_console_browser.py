@@ -736,6 +736,30 @@ def test_losing_access_mid_session_returns_to_sign_in(page, gateway):
     assert_signed_out(page, "second-admin", "Cyberdyne")
 
 
+def test_rotating_the_key_one_is_signed_in_with_shows_the_new_token_until_done(page, gateway):
+    """A workspace admin rotating its own key with no grace revokes the key the page signs its
+    calls with: the list's refresh then answers 401 and signs out. The new token (the only
+    way back in, shown once) must stay on screen until Done, not vanish with the session."""
+    new_workspace(gateway, "soylent", "Soylent")
+    admin_token, admin_key = gateway.key("soylent", name="self-rotor",
+                                         scopes=["keys:admin", "people:read"])
+    page.tokens_seen.append(admin_token)
+    page.allowed_errors.append("401")
+    page.sign_in(admin_token)
+    wait(page.driver, lambda d: "self-rotor" in page.rows())
+    page.button("Rotate", page.row("self-rotor")).click()
+    dialog = page.dialog()
+    assert "the key you are signed in with" in dialog.text  # said before, as Revoke says it
+    page.button("Rotate", dialog).click()
+    rotated = page.take_token()
+    assert gateway.proxy("/people", rotated)[0] == 200
+    assert gateway.proxy("/people", admin_token)[1]["error"]["code"] == "revoked_key"
+    assert_signed_out(page, "self-rotor", "Soylent")  # then signed out, as the old key is gone
+    page.sign_in(rotated)  # and the new token signs in
+    wait(page.driver, lambda d: "self-rotor" in page.rows())
+    page.button("Sign out").click()
+
+
 def test_an_expiry_typed_as_a_date_and_time_means_utc_as_the_form_says(page, gateway):
     new_workspace(gateway, "tyrell", "Tyrell")
     page.driver.execute_cdp_cmd("Emulation.setTimezoneOverride",
