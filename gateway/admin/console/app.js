@@ -539,6 +539,12 @@ function fillRoles(select, current) {
     options.push(el("option", {"value": role.name, "text": role.name,
                                "selected": role.name === current}));
   }
+  // A key's role the page did not list (defined after the page read the roles, or no longer
+  // defined) is still its role: without an option for it the field read "(none: use scopes)",
+  // and saving any other change re-bound the key to no scopes.
+  if (current && !session.roles.some((role) => role.name === current)) {
+    options.push(el("option", {"value": current, "text": current, "selected": true}));
+  }
   select.replaceChildren(...options);
   select.value = current || "";
 }
