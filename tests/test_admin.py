@@ -400,7 +400,10 @@ async def test_revoke_is_permanent_and_idempotent(admin):
     assert again["revoked_at"] == first["revoked_at"]
     await error(await admin.post("/admin/v1/workspaces/acme/keys/AAAAAAAAAAAA/revoke"), 404,
                 "not_found")
-    await error(await admin.post(url, json={"force": True}), 400, "bad_request", "force")
+    refused = await error(await admin.post(url, json={"force": True}), 400, "bad_request",
+                          "force")
+    # the message says the endpoint takes no fields (it read "this endpoint accepts: .")
+    assert refused["error"]["message"] == "Unknown field 'force'; this endpoint takes no fields."
 
 
 async def test_rotate_copies_settings_and_revokes_the_old_key_by_default(admin):
