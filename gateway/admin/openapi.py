@@ -34,9 +34,9 @@ from .openapi_schemas import (ADMIN_401, BAD_400, DAYS, JSON, KEY, NOT_FOUND_404
 
 def admin_paths() -> dict[str, Schema]:
     v1 = "/admin/v1/workspaces"
-    # unknown query parameter, auth, a declared body that stalls (any authenticated call's
-    # body is read before its handler runs), store
-    common = (BAD_400, ADMIN_401, TIMEOUT_408, STORE_503)
+    # unknown query parameter, auth, a declared body that stalls or is over aiohttp's 1 MiB
+    # (any authenticated call's body is read before its handler runs, a GET's too), store
+    common = (BAD_400, ADMIN_401, TIMEOUT_408, TOO_LARGE_413, STORE_503)
     with_body = (BAD_400, ADMIN_401, TIMEOUT_408, TOO_LARGE_413, STORE_503)
     open_ = []                                        # no authentication
     return {
