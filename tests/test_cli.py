@@ -634,6 +634,20 @@ async def test_keys_rotate_with_grace_keeps_the_old_key_for_a_while(admin_url, k
     assert abs(parse_rfc3339(listed[old_id]["expires_at"]) - (time.time() + 86400)) < 120
 
 
+async def test_keys_rotate_says_when_the_old_key_stops_working(admin_url, keygate):
+    """The grace never takes the old key past its own expiry: a key expiring in 1h rotated
+    with --grace 24h stops in 1h, yet the CLI said it "keeps working for 86400s"."""
+    await make_workspace(keygate, plan="pro")
+    old = (await make_key(keygate, "acme", "--role", "reader", "--expires", "1h"))["key"]
+    run = await keygate("keys", "rotate", "--workspace", "acme", old["id"], "--grace", "24h")
+    assert run.code == 0, run.err
+    shown = (await keygate("keys", "show", "--workspace", "acme", old["id"], "--json")).json()
+    assert shown["expires_at"] == old["expires_at"]  # not a day from now
+    from gateway.cli.output import human_time
+    assert f"keeps working until {human_time(old['expires_at'])}" in run.err, run.err
+    assert "86400" not in run.err
+
+
 async def test_keys_rotate_unknown_key_is_not_found(admin_url, keygate):
     await make_workspace(keygate)
     run = await keygate("keys", "rotate", "--workspace", "acme", "AAAAAAAAAAAA")
