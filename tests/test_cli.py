@@ -648,6 +648,25 @@ async def test_keys_rotate_says_when_the_old_key_stops_working(admin_url, keygat
     assert "86400" not in run.err
 
 
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+async def test_names_the_terminal_cannot_show_are_escaped_not_a_traceback(admin_url, keygate,
+                                                                         encoding):
+    """A workspace or key name outside the terminal's character set (a Latin-1 terminal, a
+    Windows console, PYTHONIOENCODING) ended `workspaces list` in a UnicodeEncodeError
+    traceback, exit 1; after a create, with the change made."""
+    assert (await keygate("workspaces", "create", "nihon", "--name", "日本 Ünïcode")).code == 0
+    environ = dict(os.environ, PYTHONIOENCODING=encoding, KEYGATE_ADMIN_URL=admin_url,
+                   KEYGATE_ADMIN_TOKEN=ADMIN_TOKEN)
+    for argv in (["workspaces", "list"], ["workspaces", "show", "nihon"],
+                 ["workspaces", "create", "other", "--name", "Ω"]):
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "gateway", *argv], capture_output=True,
+            timeout=60, env=environ)
+        assert b"Traceback" not in done.stderr, done.stderr
+        assert done.returncode == 0, done.stderr
+        assert b"nihon" in done.stdout or b"other" in done.stdout
+
+
 async def test_keys_rotate_unknown_key_is_not_found(admin_url, keygate):
     await make_workspace(keygate)
     run = await keygate("keys", "rotate", "--workspace", "acme", "AAAAAAAAAAAA")

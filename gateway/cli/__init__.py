@@ -29,6 +29,12 @@ __all__ = ["build_parser", "main", "parse_duration", "parse_expiry"]
 def main(argv: list[str] | None = None) -> int:
     """Run one ``keygate`` command; the exit code is returned (the console script exits
     with it)."""
+    for stream in (sys.stdout, sys.stderr):
+        # A name the terminal's encoding cannot show (a Latin-1 terminal, a Windows console)
+        # is written escaped, as stderr already does, instead of ending the command in a
+        # UnicodeEncodeError traceback after its API call was made.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
