@@ -667,6 +667,27 @@ async def test_names_the_terminal_cannot_show_are_escaped_not_a_traceback(admin_
         assert b"nihon" in done.stdout or b"other" in done.stdout
 
 
+async def test_output_closed_early_is_one_line_not_a_traceback(admin_url, keygate):
+    """`keygate keys list ... | head` with more output than the pipe holds: the reader has
+    gone when the CLI writes. That was a BrokenPipeError traceback (and a second one at exit,
+    "Exception ignored ... BrokenPipeError"); now one line on stderr and exit 1."""
+    await make_workspace(keygate)
+    environ = dict(os.environ, KEYGATE_ADMIN_URL=admin_url, KEYGATE_ADMIN_TOKEN=ADMIN_TOKEN)
+    for argv in (["workspaces", "list"], ["workspaces", "list", "--json"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before anything is written
+        try:
+            done = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "gateway", *argv], stdout=write_end,
+                stderr=subprocess.PIPE, timeout=60, env=environ)
+        finally:
+            os.close(write_end)
+        assert b"Traceback" not in done.stderr and b"Exception ignored" not in done.stderr, \
+            done.stderr
+        assert done.returncode == 1
+        assert done.stderr.decode().strip().startswith("keygate: ")
+
+
 async def test_keys_rotate_unknown_key_is_not_found(admin_url, keygate):
     await make_workspace(keygate)
     run = await keygate("keys", "rotate", "--workspace", "acme", "AAAAAAAAAAAA")
