@@ -102,7 +102,7 @@ def admin_paths() -> dict[str, Schema]:
                         tags=["keys"]),
             "delete": op("Delete a revoked or expired key (its audit entries stay)",
                          ok(200, ref("Key"), "the key as it was"), *common, NOT_FOUND_404,
-                         err(409, "conflict"), tags=["keys"]),
+                         err(409, "conflict"), body=obj({}), tags=["keys"]),
         },
         v1 + "/{ws}/keys/{key}/usage/daily": {
             "parameters": [WS, KEY],
@@ -151,7 +151,7 @@ def admin_paths() -> dict[str, Schema]:
                       body=ref("RolePut"), tags=["roles"]),
             "delete": op("Delete a workspace role (404 when the workspace does not define it)",
                          ok(200, ref("Role"), "the role as it was"), *common, NOT_FOUND_404,
-                         tags=["roles"]),
+                         body=obj({}), tags=["roles"]),
         },
         v1 + "/{ws}/audit": {
             "parameters": [WS],
