@@ -400,7 +400,28 @@ async def test_revoke_is_permanent_and_idempotent(admin):
     assert again["revoked_at"] == first["revoked_at"]
     await error(await admin.post("/admin/v1/workspaces/acme/keys/AAAAAAAAAAAA/revoke"), 404,
                 "not_found")
-    await error(await admin.post(url, json={"force": True}), 400, "bad_request", "force")
+    refused = await error(await admin.post(url, json={"force": True}), 400, "bad_request",
+                          "force")
+    # the message says the endpoint takes no fields (it read "this endpoint accepts: .")
+    assert refused["error"]["message"] == "Unknown field 'force'; this endpoint takes no fields."
+
+
+async def test_a_delete_with_unknown_fields_is_refused_and_changes_nothing(admin):
+    """Unknown JSON fields are a 400 on every endpoint (docs/api.md); a DELETE took any body
+    unread and deleted: a script's {"dry_run": true} removed the key or the role."""
+    await workspace(admin)
+    key = (await new_key(admin, role="reader"))["key"]
+    await ok(await admin.post(f"/admin/v1/workspaces/acme/keys/{key['id']}/revoke"))
+    await ok(await admin.put("/admin/v1/workspaces/acme/roles/ops", json={"scopes": ["a:b"]}))
+    for url in (f"/admin/v1/workspaces/acme/keys/{key['id']}",
+                "/admin/v1/workspaces/acme/roles/ops"):
+        await error(await admin.delete(url, json={"dry_run": True}), 400, "bad_request",
+                    "dry_run")
+    await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{key['id']}"))  # still there
+    roles = await ok(await admin.get("/admin/v1/workspaces/acme/roles"))
+    assert "ops" in [r["name"] for r in roles["items"]]
+    await ok(await admin.delete(f"/admin/v1/workspaces/acme/keys/{key['id']}"))  # no body: fine
+    await ok(await admin.delete("/admin/v1/workspaces/acme/roles/ops", json={}))
 
 
 async def test_rotate_copies_settings_and_revokes_the_old_key_by_default(admin):

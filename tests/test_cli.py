@@ -634,6 +634,60 @@ async def test_keys_rotate_with_grace_keeps_the_old_key_for_a_while(admin_url, k
     assert abs(parse_rfc3339(listed[old_id]["expires_at"]) - (time.time() + 86400)) < 120
 
 
+async def test_keys_rotate_says_when_the_old_key_stops_working(admin_url, keygate):
+    """The grace never takes the old key past its own expiry: a key expiring in 1h rotated
+    with --grace 24h stops in 1h, yet the CLI said it "keeps working for 86400s"."""
+    await make_workspace(keygate, plan="pro")
+    old = (await make_key(keygate, "acme", "--role", "reader", "--expires", "1h"))["key"]
+    run = await keygate("keys", "rotate", "--workspace", "acme", old["id"], "--grace", "24h")
+    assert run.code == 0, run.err
+    shown = (await keygate("keys", "show", "--workspace", "acme", old["id"], "--json")).json()
+    assert shown["expires_at"] == old["expires_at"]  # not a day from now
+    from gateway.cli.output import human_time
+    assert f"keeps working until {human_time(old['expires_at'])}" in run.err, run.err
+    assert "86400" not in run.err
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+async def test_names_the_terminal_cannot_show_are_escaped_not_a_traceback(admin_url, keygate,
+                                                                         encoding):
+    """A workspace or key name outside the terminal's character set (a Latin-1 terminal, a
+    Windows console, PYTHONIOENCODING) ended `workspaces list` in a UnicodeEncodeError
+    traceback, exit 1; after a create, with the change made."""
+    assert (await keygate("workspaces", "create", "nihon", "--name", "日本 Ünïcode")).code == 0
+    environ = dict(os.environ, PYTHONIOENCODING=encoding, KEYGATE_ADMIN_URL=admin_url,
+                   KEYGATE_ADMIN_TOKEN=ADMIN_TOKEN)
+    for argv in (["workspaces", "list"], ["workspaces", "show", "nihon"],
+                 ["workspaces", "create", "other", "--name", "Ω"]):
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "gateway", *argv], capture_output=True,
+            timeout=60, env=environ)
+        assert b"Traceback" not in done.stderr, done.stderr
+        assert done.returncode == 0, done.stderr
+        assert b"nihon" in done.stdout or b"other" in done.stdout
+
+
+async def test_output_closed_early_is_one_line_not_a_traceback(admin_url, keygate):
+    """`keygate keys list ... | head` with more output than the pipe holds: the reader has
+    gone when the CLI writes. That was a BrokenPipeError traceback (and a second one at exit,
+    "Exception ignored ... BrokenPipeError"); now one line on stderr and exit 1."""
+    await make_workspace(keygate)
+    environ = dict(os.environ, KEYGATE_ADMIN_URL=admin_url, KEYGATE_ADMIN_TOKEN=ADMIN_TOKEN)
+    for argv in (["workspaces", "list"], ["workspaces", "list", "--json"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before anything is written
+        try:
+            done = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "gateway", *argv], stdout=write_end,
+                stderr=subprocess.PIPE, timeout=60, env=environ)
+        finally:
+            os.close(write_end)
+        assert b"Traceback" not in done.stderr and b"Exception ignored" not in done.stderr, \
+            done.stderr
+        assert done.returncode == 1
+        assert done.stderr.decode().strip().startswith("keygate: ")
+
+
 async def test_keys_rotate_unknown_key_is_not_found(admin_url, keygate):
     await make_workspace(keygate)
     run = await keygate("keys", "rotate", "--workspace", "acme", "AAAAAAAAAAAA")

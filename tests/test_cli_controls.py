@@ -68,6 +68,22 @@ async def test_keys_update_usage_and_list_unused(admin_url, keygate):
     assert run.code == 0 and len(run.json()["items"]) == 2
 
 
+async def test_days_without_daily_gives_the_days_asked_for(admin_url, keygate):
+    """`--days 7` alone asked for seven days and silently got the month's one line (usage) or
+    the key's month count (keys usage): the option was taken, and dropped."""
+    await make_workspace(keygate)
+    key = (await make_key(keygate, "acme", "--scope", "people:read"))["key"]
+    run = await keygate("usage", "--workspace", "acme", "--days", "2")
+    assert run.code == 0, run.err
+    assert run.out.splitlines()[0].split() == ["DATE", "REQUESTS"]
+    assert len(run.out.splitlines()) == 3
+    run = await keygate("keys", "usage", "--workspace", "acme", key["id"], "--days", "3",
+                        "--json")
+    assert run.code == 0 and len(run.json()["items"]) == 3
+    run = await keygate("usage", "--workspace", "acme", "--daily", "--json")  # default 30
+    assert run.code == 0 and len(run.json()["items"]) == 30
+
+
 async def test_keys_delete_refuses_an_active_key(admin_url, keygate):
     await make_workspace(keygate)
     key = (await make_key(keygate, "acme", "--scope", "people:read"))["key"]

@@ -736,6 +736,60 @@ def test_losing_access_mid_session_returns_to_sign_in(page, gateway):
     assert_signed_out(page, "second-admin", "Cyberdyne")
 
 
+def test_rotating_the_key_one_is_signed_in_with_shows_the_new_token_until_done(page, gateway):
+    """A workspace admin rotating its own key with no grace revokes the key the page signs its
+    calls with: the list's refresh then answers 401 and signs out. The new token (the only
+    way back in, shown once) must stay on screen until Done, not vanish with the session."""
+    new_workspace(gateway, "soylent", "Soylent")
+    admin_token, admin_key = gateway.key("soylent", name="self-rotor",
+                                         scopes=["keys:admin", "people:read"])
+    page.tokens_seen.append(admin_token)
+    page.allowed_errors.append("401")
+    page.sign_in(admin_token)
+    wait(page.driver, lambda d: "self-rotor" in page.rows())
+    page.button("Rotate", page.row("self-rotor")).click()
+    dialog = page.dialog()
+    assert "the key you are signed in with" in dialog.text  # said before, as Revoke says it
+    page.button("Rotate", dialog).click()
+    rotated = page.take_token()
+    assert gateway.proxy("/people", rotated)[0] == 200
+    assert gateway.proxy("/people", admin_token)[1]["error"]["code"] == "revoked_key"
+    assert_signed_out(page, "self-rotor", "Soylent")  # then signed out, as the old key is gone
+    page.sign_in(rotated)  # and the new token signs in
+    wait(page.driver, lambda d: "self-rotor" in page.rows())
+    page.button("Sign out").click()
+
+
+def test_editing_the_expiry_keeps_a_role_the_page_has_not_listed(page, gateway):
+    """The page reads the workspace's roles when it opens the workspace. A key bound to a role
+    defined after that (by the CLI, meanwhile) must keep its role when only its expiry is
+    edited: the Role field showed no such role, read as a change to "(none: use scopes)", and
+    Save re-bound the key to no scopes at all."""
+    new_workspace(gateway, "massive", "Massive Dynamic")
+    gateway.key("massive", name="first", scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.link("massive").click()
+    wait(page.driver, lambda d: "first" in page.rows())
+    status, _ = gateway.admin("PUT", "/workspaces/massive/roles/auditor",
+                              {"scopes": ["people:read"]})
+    assert status == 200
+    gateway.key("massive", name="audit-bot", role="auditor")
+    page.create_key("second", scopes="people:read")  # the list is read again after it
+    page.take_token()
+    wait(page.driver, lambda d: "audit-bot" in page.rows())
+    page.button("Edit", page.row("audit-bot")).click()
+    dialog = page.dialog()
+    expires = page.field("Expires", dialog)
+    expires.clear()
+    expires.send_keys("2030-06-30")
+    page.button("Save", dialog).click()
+    page.no_dialog()
+    wait(page.driver, lambda d: "2030-06-30" in page.row("audit-bot").text)
+    [edited] = keys_named(gateway, "massive", "audit-bot")
+    assert edited["expires_at"] == "2030-06-30T00:00:00Z"
+    assert edited["role"] == "auditor" and edited["scopes"] == ["people:read"]
+
+
 def test_an_expiry_typed_as_a_date_and_time_means_utc_as_the_form_says(page, gateway):
     new_workspace(gateway, "tyrell", "Tyrell")
     page.driver.execute_cdp_cmd("Emulation.setTimezoneOverride",

@@ -141,6 +141,7 @@ async def put_role(call: Call) -> web.Response:
 
 
 async def delete_role(call: Call) -> web.Response:
+    parse_body(await call.body(), ())  # unknown fields are a 400 here too, before the delete
     ws, name = call.params["ws"], call.params["name"]
     scopes = (await call.store.workspace_roles(ws)).get(name, ())
     await call.store.delete_role(ws, name)
@@ -173,7 +174,9 @@ async def patch_key(call: Call) -> web.Response:
 
 
 async def delete_key(call: Call) -> web.Response:
-    return json_response(await (await call.keys()).delete(call.params["key"]))
+    ops = await call.keys()
+    parse_body(await call.body(), ())  # unknown fields are a 400 here too, before the delete
+    return json_response(await ops.delete(call.params["key"]))
 
 
 async def revoke_key(call: Call) -> web.Response:

@@ -34,9 +34,9 @@ from .openapi_schemas import (ADMIN_401, BAD_400, DAYS, JSON, KEY, NOT_FOUND_404
 
 def admin_paths() -> dict[str, Schema]:
     v1 = "/admin/v1/workspaces"
-    # unknown query parameter, auth, a declared body that stalls (any authenticated call's
-    # body is read before its handler runs), store
-    common = (BAD_400, ADMIN_401, TIMEOUT_408, STORE_503)
+    # unknown query parameter, auth, a declared body that stalls or is over aiohttp's 1 MiB
+    # (any authenticated call's body is read before its handler runs, a GET's too), store
+    common = (BAD_400, ADMIN_401, TIMEOUT_408, TOO_LARGE_413, STORE_503)
     with_body = (BAD_400, ADMIN_401, TIMEOUT_408, TOO_LARGE_413, STORE_503)
     open_ = []                                        # no authentication
     return {
@@ -102,7 +102,7 @@ def admin_paths() -> dict[str, Schema]:
                         tags=["keys"]),
             "delete": op("Delete a revoked or expired key (its audit entries stay)",
                          ok(200, ref("Key"), "the key as it was"), *common, NOT_FOUND_404,
-                         err(409, "conflict"), tags=["keys"]),
+                         err(409, "conflict"), body=obj({}), tags=["keys"]),
         },
         v1 + "/{ws}/keys/{key}/usage/daily": {
             "parameters": [WS, KEY],
@@ -151,7 +151,7 @@ def admin_paths() -> dict[str, Schema]:
                       body=ref("RolePut"), tags=["roles"]),
             "delete": op("Delete a workspace role (404 when the workspace does not define it)",
                          ok(200, ref("Role"), "the role as it was"), *common, NOT_FOUND_404,
-                         tags=["roles"]),
+                         body=obj({}), tags=["roles"]),
         },
         v1 + "/{ws}/audit": {
             "parameters": [WS],

@@ -114,7 +114,8 @@ def proxy_paths() -> dict[str, Schema]:
                          ok(200, ref("Key"), "the updated key"),
                          err(409, "conflict", "key_limit_reached"), body=ref("KeyPatch")),
             "delete": own("Delete a revoked or expired key of the workspace",
-                          ok(200, ref("Key"), "the key as it was"), err(409, "conflict")),
+                          ok(200, ref("Key"), "the key as it was"), err(409, "conflict"),
+                          body=obj({})),
         },
         base + "/{key}/usage/daily": {
             "servers": PROXY_SERVER, "parameters": key_path,

@@ -57,8 +57,8 @@ def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
         raise BadRequest("The request body must be a JSON object.")
     unknown = [f for f in data if f not in allowed]
     if unknown:
-        raise BadRequest(f"Unknown field '{shown(unknown[0])}'; this endpoint accepts: "
-                         f"{', '.join(allowed)}.")
+        takes = f"accepts: {', '.join(allowed)}" if allowed else "takes no fields"
+        raise BadRequest(f"Unknown field '{shown(unknown[0])}'; this endpoint {takes}.")
     return data
 
 

@@ -29,6 +29,12 @@ __all__ = ["build_parser", "main", "parse_duration", "parse_expiry"]
 def main(argv: list[str] | None = None) -> int:
     """Run one ``keygate`` command; the exit code is returned (the console script exits
     with it)."""
+    for stream in (sys.stdout, sys.stderr):
+        # A name the terminal's encoding cannot show (a Latin-1 terminal, a Windows console)
+        # is written escaped, as stderr already does, instead of ending the command in a
+        # UnicodeEncodeError traceback after its API call was made.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -63,3 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _output_closed()
+
+
+def _output_closed() -> int:
+    """stdout's reader went away (``keygate keys list | head``): one line, exit 1, instead of
+    a BrokenPipeError traceback and a second one when Python flushes stdout at exit."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the exit's flush goes nowhere, quietly
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (a test's capture)
+        pass
+    try:
+        print("keygate: the output was closed before all of it was written", file=sys.stderr)
+    except OSError:
+        pass
+    return 1

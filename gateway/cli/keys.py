@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from . import key_controls
-from .client import AdminClient, UsageError, seg
+from .client import AdminClient, CliError, UsageError, seg
 from .output import cell, fields, format_table, human_time, print_new_token, show
 from .parsing import (CommandTree, SubCommands, argtype, given, parse_duration, parse_expiry,
                       workspace_option)
@@ -191,8 +191,18 @@ def cmd_keys_rotate(args: argparse.Namespace, client: AdminClient) -> int:
     print_new_token(answer, args, client, f"rotated {args.id} into")
     if not args.json:
         if args.grace:
-            print(f"keygate: the old key {args.id} keeps working for {args.grace}s",
+            print(f"keygate: the old key {args.id} keeps working {_old_key_until(args, client)}",
                   file=sys.stderr)
         else:
             print(f"keygate: the old key {args.id} is revoked", file=sys.stderr)
     return 0
+
+
+def _old_key_until(args: argparse.Namespace, client: AdminClient) -> str:
+    """When the old key of a rotation with a grace stops: the grace never takes it past its
+    own expiry, so it is read back rather than assumed to be now + grace."""
+    try:
+        old = client.request("GET", _key_path(args))
+    except CliError:  # the new token is printed already: say what is known, fail nothing
+        return f"for at most {args.grace}s (never past its own expiry)"
+    return f"until {human_time(old.get('expires_at'))}"

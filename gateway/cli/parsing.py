@@ -173,8 +173,18 @@ def workspace_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", "-w", required=True, metavar="WS", help="workspace id")
 
 
+class _DaysAction(argparse.Action):
+    """``--days N`` asks for days: it implies ``--daily`` (alone it was taken and dropped,
+    and the month's one line answered a question about N days)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        setattr(namespace, self.dest, values)
+        namespace.daily = True
+
+
 def daily_options(p: argparse.ArgumentParser) -> None:
     """``--daily [--days N]`` of ``usage`` and ``keys usage``."""
     p.add_argument("--daily", action="store_true", help="one line per UTC day")
-    p.add_argument("--days", type=argtype(daily_days, "DAYS"), default=30,
-                   help="days with --daily (1-90, default 30)")
+    p.add_argument("--days", type=argtype(daily_days, "DAYS"), default=30, action=_DaysAction,
+                   help="one line per UTC day for the last N days (1-90, default 30); "
+                        "implies --daily")

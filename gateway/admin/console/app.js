@@ -178,7 +178,8 @@ function openDialog(title, build, {modal = false} = {}) {
     closing = true;
     dialog.close();
     dialog.remove();
-    if (opener && opener.isConnected) opener.focus();
+    if (session === null) $("token").focus();  // signed out meanwhile: back to sign-in
+    else if (opener && opener.isConnected) opener.focus();
     else if (openerRow) focusAgain(openerRow.dataset.keyId, opener.textContent);
   };
   build(dialog, close);
@@ -197,8 +198,12 @@ function openDialog(title, build, {modal = false} = {}) {
   return dialog;
 }
 
-function closeDialogs() {
+// `keepTokens`: a dialog showing a token just made stays (on a sign-out, it is the only copy
+// of a live key's token: rotating the key one is signed in with signs out the page, and the new
+// token is then the only way back in). Done removes it.
+function closeDialogs({keepTokens = false} = {}) {
   for (const dialog of document.querySelectorAll("dialog")) {
+    if (keepTokens && dialog.querySelector("[data-token]")) continue;
     dialog.close();
     dialog.remove();
   }
@@ -308,7 +313,7 @@ async function signIn(event) {
 
 function signOut() {
   session = null;
-  closeDialogs();
+  closeDialogs({keepTokens: true});
   for (const id of ["workspaces-view", "workspace-view", "sign-out"]) $(id).hidden = true;
   for (const id of ["who", "ws-title", "ws-plan", "usage-text", "keys-text"]) {
     $(id).textContent = "";
@@ -534,6 +539,12 @@ function fillRoles(select, current) {
     options.push(el("option", {"value": role.name, "text": role.name,
                                "selected": role.name === current}));
   }
+  // A key's role the page did not list (defined after the page read the roles, or no longer
+  // defined) is still its role: without an option for it the field read "(none: use scopes)",
+  // and saving any other change re-bound the key to no scopes.
+  if (current && !session.roles.some((role) => role.name === current)) {
+    options.push(el("option", {"value": current, "text": current, "selected": true}));
+  }
   select.replaceChildren(...options);
   select.value = current || "";
 }
@@ -642,6 +653,7 @@ function revokeKey(key) {
 }
 
 function rotateKey(key) {
+  const own = key.id === session.keyId;
   openDialog("Rotate key " + key.name, (dialog, close) => {
     const problem = errorBox();
     const grace = el("input", {"id": "rotate-grace", "value": "0", "autocomplete": "off",
@@ -664,6 +676,10 @@ function rotateKey(key) {
       el("p", {"text": "A new key with the same name, role or scopes and rate limit replaces " +
                        key.prefix + "…. The old key keeps working for the grace period " +
                        "(0 revokes it now)."}),
+      own ? el("p", {"class": "warning", "text": "This is the key you are signed in with: " +
+                                                 "when the old key stops working, this page " +
+                                                 "signs out; sign in again with the new token."})
+          : "",
       el("label", {"for": "rotate-grace", "text": "Grace"}), grace,
       el("p", {"id": "rotate-grace-hint", "class": "hint",
                "text": "0, or a duration such as 30m, 24h or 7d."}),
