@@ -22,7 +22,11 @@ from typing import Any, Mapping
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 RESERVED_PATH = "/_keygate/"  # keygate's own endpoints; no route may claim a path under it
 SCOPE_RE = re.compile(r"[A-Za-z0-9_.-]+(?::[A-Za-z0-9_.-]+)*")
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # plan, role and upstream names
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # plan and upstream names
+# Role names are slugs (SPEC), as workspace ids are
+ROLE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+ROLE_NAME_HINT = ("a slug: lowercase letters, digits and '-', starting with a letter or digit, "
+                  "at most 63 characters")
 
 
 def header_key(name: str) -> str:

@@ -550,6 +550,33 @@ async def test_role_errors(admin):
     await error(await admin.delete("/admin/v1/workspaces/acme/roles/none"), 404, "not_found")
 
 
+@pytest.mark.parametrize("name", ["Reader", "read_only", "read.only", "-r", "a" * 64])
+async def test_role_names_are_slugs(admin, name):
+    """SPEC: role names are slugs (lowercase letters, digits and '-', as a workspace id). The
+    API took upper case, '_' and '.', names a client following SPEC never expects back."""
+    await workspace(admin)
+    await error(await admin.put(f"/admin/v1/workspaces/acme/roles/{name}",
+                                json={"scopes": ["people:read"]}), 400, "bad_request", "name")
+    await error(await admin.post("/admin/v1/workspaces/acme/keys",
+                                 json={"name": "k", "role": name}), 400, "bad_request", "role")
+    put = await ok(await admin.put("/admin/v1/workspaces/acme/roles/read-only-2",
+                                   json={"scopes": ["people:read"]}))
+    assert put["name"] == "read-only-2"
+    await ok(await admin.put("/admin/v1/workspaces/acme/roles/" + "a" * 63, json={"scopes": []}))
+
+
+async def test_a_role_stored_before_names_were_slugs_can_still_be_deleted(admin):
+    """A workspace role an earlier version stored under a name that is not a slug is listed,
+    and can be deleted (only new names are held to the rule)."""
+    await workspace(admin)
+    await admin.store.put_role("acme", "Old_Role", ["people:read"])
+    body = await ok(await admin.get("/admin/v1/workspaces/acme/roles"))
+    assert {"name": "Old_Role", "scopes": ["people:read"], "source": "workspace"} in body["items"]
+    await ok(await admin.delete("/admin/v1/workspaces/acme/roles/Old_Role"))
+    body = await ok(await admin.get("/admin/v1/workspaces/acme/roles"))
+    assert "Old_Role" not in [r["name"] for r in body["items"]]
+
+
 async def test_audit_lists_changes_newest_first_without_secrets(admin):
     await workspace(admin)
     created = await new_key(admin, name="k")

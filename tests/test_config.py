@@ -273,6 +273,22 @@ def test_bad_role_scope(tmp_path: Path) -> None:
     ]
 
 
+def test_role_names_are_slugs(tmp_path: Path) -> None:
+    """SPEC: role names are slugs, in the config as in the admin API."""
+    assert problems_of(tmp_path, """
+        roles:
+          read_only: [people:read]
+          Writer: [people:write]
+          read-only: [people:read]
+    """) == [
+        "config.yaml:2: roles.read_only: 'read_only' is not a valid role name (a slug: "
+        "lowercase letters, digits and '-', starting with a letter or digit, at most 63 "
+        "characters)",
+        "config.yaml:3: roles.Writer: 'Writer' is not a valid role name (a slug: lowercase "
+        "letters, digits and '-', starting with a letter or digit, at most 63 characters)",
+    ]
+
+
 def test_bad_route_scope(tmp_path: Path) -> None:
     assert problems_of(tmp_path, with_upstream("""
         routes:

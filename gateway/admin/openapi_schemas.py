@@ -18,8 +18,8 @@ WORKSPACE_ID: Schema = {"type": "string", "pattern": r"^[a-z0-9][a-z0-9-]{0,62}$
 KEY_ID: Schema = {"type": "string", "pattern": r"^[0-9A-Za-z]{12}$"}
 SCOPE: Schema = {"type": "string", "maxLength": 128,
                  "pattern": r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)*$"}
-ROLE_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": 64,  # validate.parse_role_name
-                     "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"}
+ROLE_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": 63,  # validate.parse_role_name
+                     "pattern": r"^[a-z0-9][a-z0-9-]*$"}
 RATE_LIMIT: Schema = {"type": "string", "pattern": r"^\s*[0-9]+\s*/\s*[sm]\s*$",
                       "description": "`N/s` or `N/m`."}
 SINGLE_LINE = r"^[^\u0000-\u001f\u007f-\u009f]*$"

@@ -11,16 +11,16 @@ import json
 import re
 from typing import Any, Mapping
 
-from ..config import NAME_RE, SCOPE_RE, Config, parse_rate_limit
+from ..config import SCOPE_RE, Config, parse_rate_limit
 from ..errors import BadRequest, shown
-from ..models import LIMIT_FIELDS, parse_rfc3339, rfc3339, whole_second
+from ..models import (LIMIT_FIELDS, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
+                      whole_second)
 from ..store import WORKSPACE_ID_RE
 
 MAX_NAME = 200
 MAX_DESCRIPTION = 2000
 MAX_SCOPES = 100
 MAX_SCOPE_LEN = 128
-MAX_ROLE_LEN = 64
 MAX_SECONDS = 100 * 365 * 86400   # expires_in / grace_seconds ceiling (a century)
 MAX_META_BYTES = 4096
 MAX_META_DEPTH = 32    # objects and lists within meta, itself included
@@ -167,9 +167,8 @@ def check_catalogue(scopes: tuple[str, ...], config: Config, field: str = "scope
 
 
 def parse_role_name(value: Any, field: str = "role") -> str:
-    if not isinstance(value, str) or len(value) > MAX_ROLE_LEN or not NAME_RE.fullmatch(value):
-        raise BadRequest(f"The field '{field}' must be a role name (a letter or digit, then "
-                         f"letters, digits, '_', '.', '-'; at most {MAX_ROLE_LEN} characters).")
+    if not isinstance(value, str) or not ROLE_NAME_RE.fullmatch(value):
+        raise BadRequest(f"The field '{field}' must be a role name ({ROLE_NAME_HINT}).")
     return value
 
 

@@ -7,7 +7,8 @@ import os
 import re
 from typing import Any
 
-from ..models import NAME_RE, SCOPE_RE, Plan, header_key, parse_rate_limit
+from ..models import (NAME_RE, ROLE_NAME_HINT, ROLE_NAME_RE, SCOPE_RE, Plan, header_key,
+                      parse_rate_limit)
 from ..settings import (Argon2Config, FailureLimits, IdentityHeaders, IdentitySignature,
                         KeysConfig, VerifyQueueLimits)
 from .nodes import BAD, Node, child, describe_value, is_null, known, suggest
@@ -89,7 +90,7 @@ class AccessSections(SchemaReader):
         return tuple(values)
 
     def named(self, key_node: Node, path: str, name: str, what: str) -> None:
-        """Plan, role and upstream names share one syntax."""
+        """Plan and upstream names share one syntax (role names are slugs)."""
         if not NAME_RE.fullmatch(name):
             self.fail(key_node, path, f"'{name}' is not a valid {what} name {_NAME_HINT}")
 
@@ -173,7 +174,8 @@ class AccessSections(SchemaReader):
         roles: dict[str, tuple[str, ...]] = {}
         for name, key_node, value_node in self.mapping(node, "roles") or []:
             path = f"roles.{name}"
-            self.named(key_node, path, name, "role")
+            if not ROLE_NAME_RE.fullmatch(name):
+                self.fail(key_node, path, f"'{name}' is not a valid role name ({ROLE_NAME_HINT})")
             scopes = self.scopes(value_node, path)
             if scopes is not BAD:
                 roles[name] = scopes
