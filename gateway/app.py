@@ -218,7 +218,8 @@ def workspace_admin(pipeline: Pipeline):
         # ip_not_allowed), against the address the failure throttle saw
         client = pipeline.client_ip(request)
         key = await pipeline.authenticate(token, client)
-        key, _, _ = await pipeline.authorise(key, ("keys:admin",), count=False, client=client)
+        key, _, _ = await pipeline.authorise(key, ("keys:admin",), count=False, client=client,
+                                             stamp=True)  # a use: last_used_at, not usage
         return Actor(key.key_id, key.workspace, key.scopes, key.expires_at)
     return authenticate_key
 

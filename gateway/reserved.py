@@ -55,7 +55,7 @@ class RequestSteps(Protocol):
     async def authenticate(self, token: str, client: str) -> CachedKey: ...
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
-                        client: str, peek: bool = False
+                        client: str, peek: bool = False, stamp: bool = False
                         ) -> tuple[CachedKey, dict[str, str], Counted]: ...
 
     def store_down(self, cause: BaseException | None = None) -> errors.ServiceUnavailable: ...
@@ -99,7 +99,7 @@ async def _admit(steps: RequestSteps, request: web.BaseRequest, outcome: Outcome
     outcome.client = client = steps.client_ip(request)
     key = await steps.authenticate(steps.credential(request), client)
     outcome.workspace, outcome.key_id = key.workspace, key.key_id
-    key, _, _ = await steps.authorise(key, scopes, count=False, client=client)
+    key, _, _ = await steps.authorise(key, scopes, count=False, client=client, stamp=True)
     return key
 
 

@@ -313,3 +313,17 @@ async def test_a_workspace_admin_keys_ip_allow_list_holds_on_the_admin_api_too(g
                          {"allowed_ips": ["127.0.0.0/8"]})
     status, listing = await as_key(gut, token, "GET", "/workspaces/acme/keys")
     assert status == 200 and "from-elsewhere" not in [k["name"] for k in listing["items"]]
+
+
+async def test_a_workspace_admin_key_used_on_the_admin_api_is_stamped_last_used(gut):
+    """The console signs in with a keys:admin key and uses it only on the admin API: it
+    listed as never used, and `keys list --unused 90d` offered it for revocation. Its calls
+    now stamp last_used_at, and count no usage."""
+    status, body = await as_key(gut, gut.admin_token, "GET",
+                                f"/workspaces/acme/keys/{gut.admin_key['id']}")
+    assert status == 200
+    status, body = await as_key(gut, gut.admin_token, "GET", "/workspaces/acme/keys")
+    assert status == 200
+    status, body = await gut.admin_json("GET", f"/workspaces/acme/keys/{gut.admin_key['id']}")
+    assert status == 200 and body["last_used_at"] is not None
+    assert await gut.used("acme") == 0

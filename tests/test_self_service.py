@@ -270,3 +270,19 @@ async def test_an_oversized_body_is_413_not_500(env):
     assert (await resp.json())["error"]["code"] == "body_too_large"
     status, _ = await status_and_body(await env.call("GET", ""))
     assert status == 200
+
+
+async def test_a_key_used_only_for_self_service_is_stamped_last_used(env):
+    """A keys:admin key used only on /_keygate/v1/keys (the console, a script) listed as
+    never used, so `keys list --unused 90d` offered it for revocation while it was in daily
+    use. Its successful calls now stamp last_used_at; a refused call stamps nothing, and
+    no call is counted as usage."""
+    assert (await env.store.get_key("acme", env.admin.key.id)).last_used_at is None
+    status, _ = await status_and_body(await env.call("GET", ""))
+    assert status == 200
+    stamped = (await env.store.get_key("acme", env.admin.key.id)).last_used_at
+    assert stamped is not None
+    status, _ = await status_and_body(await env.call("GET", "", token=env.reader.token))
+    assert status == 403
+    assert (await env.store.get_key("acme", env.reader.key.id)).last_used_at is None
+    assert (await env.store.usage("acme"))["used"] == 0

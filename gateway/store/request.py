@@ -164,14 +164,15 @@ class RequestStore:
                         count: bool, rate_limit: int, rate_period_ms: int,
                         monthly_limit: int | None, period: str, counter_ttl: int,
                         now_ms: int, day: str = "", key_limit: int | None = None,
-                        peek: bool = False) -> Decision:
+                        peek: bool = False, stamp: bool = False) -> Decision:
         """``count``: admit and count the request; else, with ``peek``, judge the rate and
-        quotas as counting would but count nothing; else confirm the state only."""
+        quotas as counting would but count nothing; else confirm the state only, and with
+        ``stamp`` set the key's ``last_used_at`` when it is current."""
         started = time.monotonic()
         day = day or utc_day(now_ms / 1000)
         # What stays the same for every request of this key today is encoded once
         # (lua/authorize.lua ARGV[1..8]); a request adds its time, TTL, member and deadline.
-        mode = "count" if count else "peek" if peek else "check"
+        mode = "count" if count else "peek" if peek else "use" if stamp else "check"
         fixed = (key_rev, ws_rev, mode, rate_limit, rate_period_ms,
                  -1 if monthly_limit is None else monthly_limit,
                  -1 if key_limit is None else key_limit, DAILY_TTL)

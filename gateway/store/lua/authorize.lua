@@ -12,9 +12,10 @@
 -- KEYS[7] key's day counter     kg:kdaily:{ws}:<id>:<YYYY-MM-DD>
 -- ARGV[1..8] are the same for every request of a key in a day (the client encodes them once):
 -- ARGV[1] cached key rev   ARGV[2] cached workspace rev (missing rev = "0")
--- ARGV[3] mode: "count" (forward), "check" (state only, counts nothing) or "peek" (state,
---         rate and quotas judged as "count" would, nothing counted and no rate used: a
---         request refused after them, a body over max_body_bytes)
+-- ARGV[3] mode: "count" (forward), "check" (state only, counts nothing), "use" (as "check",
+--         and a current key's last_used_at is stamped: keygate's own endpoints) or "peek"
+--         (state, rate and quotas judged as "count" would, nothing counted and no rate used:
+--         a request refused after them, a body over max_body_bytes)
 -- ARGV[4] rate limit N (0 = none)   ARGV[5] rate period, ms
 -- ARGV[6] monthly limit (-1 = unlimited)   ARGV[7] the key's own monthly cap (-1 = none)
 -- ARGV[8] day counter TTL, s
@@ -63,7 +64,10 @@ end
 local key_cap = tonumber(ARGV[7])
 local key_used = 0
 if key_cap >= 0 then key_used = tonumber(redis.call('GET', KEYS[5]) or '0') end
-if ARGV[3] == 'check' then
+if ARGV[3] == 'check' or ARGV[3] == 'use' then
+  if ARGV[3] == 'use' then
+    redis.call('HSET', KEYS[1], 'last_used_at', string.format('%.3f', now / 1000))
+  end
   return {'ok', tonumber(redis.call('GET', KEYS[3]) or '0'), -1, 0, 0, key_used}
 end
 
