@@ -519,3 +519,34 @@ async def test_a_connection_stays_usable_after_a_chunked_body_without_trailers(e
         writer.close()
     assert [(r.target, r.body) for r in edge.up.requests] == \
         [(b"/public/%d" % i, b"abc") for i in range(3)]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_an_upstreams_trailers_never_become_response_headers(redis_url, monkeypatch,
+                                                                   method):
+    """keygate re-frames an upstream's chunked answer, so its trailer section is dropped; it
+    must never be merged into the header section the client gets (RFC 9110 6.5.1): a trailer
+    such as Set-Cookie or Content-Type would then act as a header the upstream never sent."""
+    from harness import raw_upstream as raw_answering
+
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: "
+                     b"chunked\r\n\r\n2\r\nok\r\n0\r\nSet-Cookie: session=forged\r\n"
+                     b"Content-Type: text/html\r\nX-Trailer: t\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+        writer.close()
+
+    server, url = await raw_answering(answer)
+    try:
+        config = make_config(url, routes=ROUTES)
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            answer_bytes = await exchange(g, request(method, "/public/t", []), wait=2.0)
+    finally:
+        server.close()
+    head, _, body = answer_bytes.partition(b"\r\n\r\n")
+    assert statuses(answer_bytes) == [200], answer_bytes
+    assert b"session=forged" not in head and b"X-Trailer" not in head, head
+    assert head.count(b"Content-Type") == 1 and b"Content-Type: text/plain" in head, head
+    assert body == (b"ok" if method == "GET" else b"")

@@ -99,6 +99,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.head_bytes = 0
         self.interim = False                         # parsing a 1xx (not the final answer)
+        self.in_trailers = False                     # past the final response's head
         self.head_due: float | None = None           # loop time the response head is due by
         self.out_of_step = False
         self.counted = False                         # holds one of the pool's connection slots
@@ -164,9 +165,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.out_of_step = True
             raise _OutOfStep()
         self.headers = []
+        self.in_trailers = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        # llhttp reports a chunked body's trailer fields here too, after the head: they are
+        # dropped (keygate re-frames the body), never merged into the headers passed back
+        # (RFC 9110 6.5.1), where a trailing Set-Cookie or Content-Type would act as a header
+        if not self.in_trailers:
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -176,6 +182,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.interim = True
             return
         self.status = status
+        self.in_trailers = True  # any field from here on is a trailer of this response
         self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it after the message
         # a loop, not any(<generator>): any() stopping early closes the generator, and its
         # GeneratorExit made a frame object and a traceback on every response
