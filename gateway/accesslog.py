@@ -19,40 +19,69 @@ import sys
 import threading
 import time
 from typing import Callable
+from urllib.parse import unquote
 
 from aiohttp import web
 
 from .config import Config
-from .routes import _token_re, query_has_token
-from .tokens import looks_like_token
+from .tokens import ID_LEN, SECRET_LEN
 
 _SEPARATORS = re.compile(r"([&;])")
+_KEY_LIKE: dict[str, re.Pattern[str]] = {}
+
+
+def _key_like(prefix: str) -> re.Pattern[str]:
+    """``<prefix>_<env>_`` then a key id and a secret's worth of base62 (and as much of a
+    checksum as follows): a key whether its checksum verifies or not. One cut short or
+    mistyped in its checksum still holds the secret whole, and the checksum is computed from
+    the rest, so the log masks it like a valid one."""
+    pattern = _KEY_LIKE.get(prefix)
+    if pattern is None:
+        least = ID_LEN + SECRET_LEN
+        pattern = _KEY_LIKE[prefix] = re.compile(
+            r"%s_[0-9A-Za-z-]+_[0-9A-Za-z]{%d,%d}" % (re.escape(prefix), least, least + 6))
+    return pattern
+
+
+def holds_key(text: str, prefix: str) -> bool:
+    """Whether ``text`` (a query, a part of one, a path) holds a key as ``_key_like`` reads one,
+    percent-decoded (``+`` as space) up to three times, as the pipeline's ``key_in_url`` check
+    (:func:`gateway.routes.query_has_token`) decodes: every query it refuses is masked too."""
+    pattern = _key_like(prefix)
+    for _ in range(4):
+        if prefix + "_" in text and pattern.search(text) is not None:
+            return True
+        if "%" not in text and "+" not in text:
+            return False
+        text = unquote(text.replace("+", " "), encoding="latin-1")
+    return False
 
 
 def mask_query(raw_query: str, prefix: str) -> str:
     """The query with every parameter that holds a key replaced by ``name=***``.
 
-    "Holds a key" is exactly what the pipeline refuses as ``key_in_url``
+    "Holds a key" covers what the pipeline refuses as ``key_in_url``
     (:func:`gateway.routes.query_has_token`): percent- or double-encoded, inside a larger
-    value, in a name, behind ``;`` separators. Parameters without a key are logged as sent."""
-    if not query_has_token(raw_query, prefix):
+    value, in a name, behind ``;`` separators; and a key whose checksum fails (it still holds
+    the secret). Parameters without a key are logged as sent."""
+    if not holds_key(raw_query, prefix):
         return raw_query
     parts = _SEPARATORS.split(raw_query)
     for i in range(0, len(parts), 2):
-        if query_has_token(parts[i], prefix):
+        if holds_key(parts[i], prefix):
             name = parts[i].partition("=")[0]
-            parts[i] = "***=***" if query_has_token(name, prefix) else f"{name}=***"
+            parts[i] = "***=***" if holds_key(name, prefix) else f"{name}=***"
     return "".join(parts)
 
 
 def mask_path(path: str, prefix: str) -> str:
     """The path with every key in it replaced by ``***`` (SPEC forwards keys in paths; the log
-    never holds one). A key hidden by percent-encoding withholds the whole path."""
+    never holds one), its checksum verified or not. A key hidden by percent-encoding withholds
+    the whole path."""
     if prefix + "_" not in path and "%" not in path:
         return path
-    path = _token_re(prefix).sub(
-        lambda m: "***" if looks_like_token(m.group(0), prefix) else m.group(0), path)
-    if "%" in path and query_has_token(path, prefix):
+    path = _key_like(prefix).sub("***", path)
+    if "%" in path and holds_key(path, prefix):
         return "/***"
     return path
 

@@ -350,3 +350,59 @@ async def test_a_non_idempotent_request_is_never_sent_twice_when_the_upstream_ha
                 assert status == 502
     finally:
         srv.close()
+
+
+# --- an upstream answering before the whole body arrived -----------------------------------------
+
+@pytest.mark.parametrize("answer_with, status", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"200"),
+    (b"not http\r\n\r\n", b"502"),                 # a malformed answer: 502
+])
+async def test_an_upstream_answering_before_the_body_ended_leaves_the_connection_usable(
+        redis_url, monkeypatch, caplog, answer_with, status):
+    """An upstream may answer before it has read the request body (an early 4xx, a 200 that
+    ignores the body). The request's body sender went on reading the client's body after the
+    answer, beside aiohttp's lingering read of the same stream: RuntimeError ("readany() called
+    while another coroutine is already waiting"), an ERROR with a traceback in the log for
+    every such request, and the connection reset under a client still uploading (which many
+    clients report as a failure instead of the answer they got)."""
+    import logging
+
+    from harness import raw_upstream
+
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer_with)
+        await writer.drain()
+        try:
+            while await reader.read(65536):
+                pass
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server, url = await raw_upstream(answer)
+    caplog.set_level(logging.ERROR)
+    try:
+        async with gateway_under_test(edge_config(url), redis_url, monkeypatch) as g:
+            reader, writer = await g.raw_connection()
+            try:
+                writer.write(b"POST /public/up HTTP/1.1\r\nHost: g\r\nContent-Length: 300000"
+                             b"\r\n\r\n" + b"a" * 100_000)
+                first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+                assert first.startswith(b"HTTP/1.1 " + status), first
+                length = int(first.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await asyncio.wait_for(reader.readexactly(length), 3)
+                await asyncio.sleep(0.3)
+                writer.write(b"b" * 200_000 + b"GET /public/next HTTP/1.1\r\nHost: g\r\n"
+                             b"Connection: close\r\n\r\n")
+                await writer.drain()
+                rest = await asyncio.wait_for(reader.read(65536), 3)
+            finally:
+                writer.close()
+    finally:
+        server.close()
+    # the rest of the body was read and dropped, and the next request answered like the first
+    assert rest.startswith(b"HTTP/1.1 " + status), rest
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], errors

@@ -147,6 +147,21 @@ async def exchange(g, payload: bytes, *, wait: float = 3.0) -> bytes:
     return bytes(out)
 
 
+async def exchange_in_turn(g, first: bytes, then: bytes, *, wait: float = 3.0) -> bytes:
+    """Send ``first``, wait for its whole answer (the test upstream's ``ok``), then send
+    ``then`` on the same connection; return everything that came back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", g.proxy_server.port)
+    try:
+        writer.write(first)
+        out = await asyncio.wait_for(reader.readuntil(b"ok"), wait)
+        writer.write(then)
+        while chunk := await asyncio.wait_for(reader.read(65536), wait):
+            out += chunk
+    finally:
+        writer.close()
+    return out
+
+
 def statuses(answer: bytes) -> list[int]:
     """The status codes of the responses in ``answer``, in order."""
     found: list[int] = []
@@ -387,9 +402,13 @@ async def test_property_one_request_upstream_per_allowed_request_with_its_exact_
         headers.append(("Content-Length", str(len(body))))
         wire = body
     payload = request("POST", target, headers, bytes(wire), close=not f["follow"])
-    if f["follow"]:
-        payload += request("GET", "/public/after", [])
-    answer = await exchange(edge, payload, wait=2.0)
+    after = request("GET", "/public/after", []) if f["follow"] else b""
+    if f["chunked"] and after:
+        # sent once the first answer is in: a request pipelined behind a chunked body is not
+        # served (test_a_trailer_never_reaches_the_upstream_as_a_header_of_the_next_request)
+        answer = await exchange_in_turn(edge, payload, after)
+    else:
+        answer = await exchange(edge, payload + after, wait=2.0)
     expected = [(target.encode(), body)] + ([(b"/public/after", b"")] if f["follow"] else [])
     assert statuses(answer) == [200] * len(expected), answer[:300]
     assert edge.up.errors == []
@@ -451,3 +470,83 @@ async def test_inflating_server_cannot_smuggle_past_the_writer(edge):
         assert edge.up.requests == []
     finally:
         await front.close()
+
+
+# --- trailers: a chunked body's trailer section never becomes a header of another request ----
+
+async def test_a_trailer_never_reaches_the_upstream_as_a_header_of_the_next_request(edge):
+    """aiohttp's C parser leaves the last trailer field of a chunked body pending and hands it
+    to the next request on the connection as its first header. Behind a load balancer that
+    pools client connections (and forwards trailers) that is one client's header in another
+    client's request; from any client it is a header no hop before keygate ever saw as one."""
+    chunked = (b"POST /public/x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"3\r\nabc\r\n0\r\nX-Smuggled: first\r\nX-Smuggled-Last: evil\r\n\r\n")
+    follow = b"GET /public/y HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+    # pipelined in the same write ...
+    answer = await exchange(edge, chunked + follow, wait=1.5)
+    assert b"Smuggled" not in b"".join(edge.up.raw)
+    assert statuses(answer) == [200] and b"Connection: close" in answer
+    assert [r.body for r in edge.up.requests if r.target == b"/public/x"] == [b"abc"]
+    # ... and sent once the first answer is in
+    edge.up.reset()
+    reader, writer = await edge.raw_connection()
+    try:
+        writer.write(chunked)
+        first = await asyncio.wait_for(reader.readuntil(b"ok"), 3)
+        assert statuses(first) == [200]
+        try:
+            writer.write(follow)
+            await writer.drain()
+            rest = await asyncio.wait_for(reader.read(65536), 3)
+        except ConnectionError:
+            rest = b""
+    finally:
+        writer.close()
+    assert b"Smuggled" not in b"".join(edge.up.raw)
+    assert statuses(rest) in ([], [200])  # closed after the trailer, or served without it
+    assert all(not r.header(b"X-Smuggled-Last") for r in edge.up.requests)
+
+
+async def test_a_connection_stays_usable_after_a_chunked_body_without_trailers(edge):
+    reader, writer = await edge.raw_connection()
+    try:
+        for i in range(3):
+            writer.write(b"POST /public/%d HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked"
+                         b"\r\n\r\n3;x=y\r\nabc\r\n0\r\n\r\n%s" % (i, b"\r\n" * i))
+            answer = await asyncio.wait_for(reader.readuntil(b"ok"), 3)
+            assert statuses(answer) == [200]
+    finally:
+        writer.close()
+    assert [(r.target, r.body) for r in edge.up.requests] == \
+        [(b"/public/%d" % i, b"abc") for i in range(3)]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_an_upstreams_trailers_never_become_response_headers(redis_url, monkeypatch,
+                                                                   method):
+    """keygate re-frames an upstream's chunked answer, so its trailer section is dropped; it
+    must never be merged into the header section the client gets (RFC 9110 6.5.1): a trailer
+    such as Set-Cookie or Content-Type would then act as a header the upstream never sent."""
+    from harness import raw_upstream as raw_answering
+
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: "
+                     b"chunked\r\n\r\n2\r\nok\r\n0\r\nSet-Cookie: session=forged\r\n"
+                     b"Content-Type: text/html\r\nX-Trailer: t\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+        writer.close()
+
+    server, url = await raw_answering(answer)
+    try:
+        config = make_config(url, routes=ROUTES)
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            answer_bytes = await exchange(g, request(method, "/public/t", []), wait=2.0)
+    finally:
+        server.close()
+    head, _, body = answer_bytes.partition(b"\r\n\r\n")
+    assert statuses(answer_bytes) == [200], answer_bytes
+    assert b"session=forged" not in head and b"X-Trailer" not in head, head
+    assert head.count(b"Content-Type") == 1 and b"Content-Type: text/plain" in head, head
+    assert body == (b"ok" if method == "GET" else b"")

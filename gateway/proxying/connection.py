@@ -99,9 +99,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.head_bytes = 0
         self.interim = False                         # parsing a 1xx (not the final answer)
+        self.in_trailers = False                     # past the final response's head
         self.head_due: float | None = None           # loop time the response head is due by
         self.out_of_step = False
         self.counted = False                         # holds one of the pool's connection slots
+        self.sender: asyncio.Future | None = None    # the task writing the request body
 
     # -- asyncio.Protocol --
     def connection_made(self, transport) -> None:
@@ -140,6 +142,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        self._stop_sender()
         self.pool.forget(self)
         if not self.complete and self.until_close and self.head is not None and self.head.done():
             self.complete, self.keep_alive = True, False
@@ -164,9 +167,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.out_of_step = True
             raise _OutOfStep()
         self.headers = []
+        self.in_trailers = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        # llhttp reports a chunked body's trailer fields here too, after the head: they are
+        # dropped (keygate re-frames the body), never merged into the headers passed back
+        # (RFC 9110 6.5.1), where a trailing Set-Cookie or Content-Type would act as a header
+        if not self.in_trailers:
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -176,6 +184,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.interim = True
             return
         self.status = status
+        self.in_trailers = True  # any field from here on is a trailer of this response
         self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it after the message
         # a loop, not any(<generator>): any() stopping early closes the generator, and its
         # GeneratorExit made a frame object and a traceback on every response
@@ -229,9 +238,20 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._stop_sender()
         if self.transport is not None:
             self.transport.abort()
         self.pool.forget(self)
+
+    def _stop_sender(self) -> None:
+        """Stop the request body's sender: nothing more can be written here. Left running,
+        it went on waiting for the client's next body bytes after the exchange had ended
+        (an upstream answering before the whole body came), beside aiohttp's own lingering
+        read of that stream once the answer was out: a RuntimeError for two readers, an
+        error in the log and the client's connection reset mid-upload."""
+        sender, self.sender = self.sender, None
+        if sender is not None and not sender.done() and sender is not asyncio.current_task():
+            sender.cancel()
 
 
 class UpstreamResponse:
@@ -245,6 +265,18 @@ class UpstreamResponse:
         self.headers = conn.headers
         self.keep_alive = conn.keep_alive and not conn.skip_body
         self._done = False
+        self._sender = conn.sender
+
+    async def settled(self) -> None:
+        """Once the answer is passed on: wait until the request body's sender has stopped
+        (cancelled when the exchange ended before the whole body was sent: an upstream that
+        answered early). Cancelled only, it would still be waiting for the client's next
+        body bytes when aiohttp starts reading the rest of that body to drop it."""
+        sender = self._sender
+        if sender is not None and not sender.done():
+            self.close()  # the request is incomplete upstream: never reused
+            sender.cancel()
+            await asyncio.wait((sender,))
 
     def body_if_complete(self) -> bytes | None:
         """The whole body when it has already arrived with the head (the common small case)."""

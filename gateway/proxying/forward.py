@@ -300,8 +300,11 @@ class Forwarder:
             raise BadGateway(f"The request to upstream '{upstream.name}' failed.") from None
         if self.on_upstream is not None:
             self.on_upstream(upstream.name, time.perf_counter() - started)
-        return await self._stream_back(request, resp, request_id, response_headers,
-                                       upstream, is_head, rules.body_timeout)
+        try:
+            return await self._stream_back(request, resp, request_id, response_headers,
+                                           upstream, is_head, rules.body_timeout)
+        finally:
+            await resp.settled()
 
     async def _stream_back(self, request: web.BaseRequest, resp: UpstreamResponse,
                            request_id: str, limit_headers: Mapping[str, str],

@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import re
 import uuid
 
 from aiohttp import web, web_protocol
@@ -31,6 +32,13 @@ log = logging.getLogger("keygate")
 
 
 _ERR_INFO = getattr(web_protocol, "_ErrInfo", None)  # what aiohttp queues for a parse error
+
+# The end of a chunked body without a trailer section: the last chunk (zeros, perhaps an
+# extension) and the empty line, as the last bytes a connection sent, but for empty lines the
+# parser skips before a next request line (a client's stray CRLF after a body). A trailer
+# field line can never match it (a field name holds no ';', and a line without ':' is refused).
+_TRAILERLESS_END = re.compile(rb"\r\n0+(?:;[^\r\n]*)?\r\n\r\n(?:\r\n)*\Z")
+_RECENT = 512  # the last bytes of a connection kept to judge that by
 
 
 class BodyFramingBroken(ConnectionResetError):
@@ -51,6 +59,8 @@ class _JsonErrorRequestHandler(RequestHandler):
     _head_since: float | None = None
     _last_payload = None  # the body stream of the newest request parsed on this connection
     _write_stall: asyncio.TimerHandle | None = None  # armed while the client takes no bytes
+    _chunked = None   # the body stream of a chunked request whose end is not judged yet
+    _recent = b""     # the connection's last _RECENT bytes
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -73,8 +83,12 @@ class _JsonErrorRequestHandler(RequestHandler):
             # the first bytes of the next request head (not the rest of a body that aiohttp
             # reads after a handler that did not read it)
             self._head_since = self._loop.time()
+        if data:
+            self._recent = data[-_RECENT:] if len(data) >= _RECENT else \
+                (self._recent + data)[-_RECENT:]
         seen, body = self._request_count, self._last_payload
         super().data_received(data)
+        new = self._request_count - seen
         if self._request_count != seen:
             self._head_since = None
             if self._messages:
@@ -85,6 +99,57 @@ class _JsonErrorRequestHandler(RequestHandler):
                     # body stream waiting, which then stalled until server.timeouts.body
                     # (a 408). The body fails at once instead (a 400, the connection closed).
                     body.set_exception(BodyFramingBroken("the request body's framing broke"))
+        if new or self._chunked is not None:
+            self._judge_chunked_ends(new)
+
+    def _judge_chunked_ends(self, new: int) -> None:
+        """Serve nothing parsed after a chunked body that may have ended with trailers.
+
+        aiohttp's C parser leaves the last field of a chunked body's trailer section pending
+        (only the next field line flushes one) and hands it to the next request parsed on
+        the connection as that request's first header: a request smuggled as trailers
+        reached the upstream as a header of the next request, which behind a load balancer
+        pooling client connections is another client's. The trailers themselves are never
+        forwarded (keygate re-frames the body), so a connection goes on after a chunked body
+        only when its end is known to hold none: its last chunk and the empty line were the
+        last bytes received, with nothing parsed behind them. Otherwise what was parsed
+        behind it is dropped and the connection closes once the chunked request is answered
+        (a client pipelining behind a chunked body sends the rest again, as RFC 9112 9.3.2
+        lets a server make it)."""
+        queued = self._messages
+        first = len(queued) - new
+        pending = self._chunked
+        for i in range(max(first, 0), len(queued)):
+            message, payload = queued[i]
+            if message.__class__ is _ERR_INFO:  # a parse error: answered 400, then closed
+                self._chunked = None
+                return
+            if pending is not None:  # parsed after a chunked body, maybe with its trailer
+                self._close_after_chunked(i)
+                return
+            if message.chunked:
+                pending = payload
+        self._chunked = None
+        if pending is None:
+            return
+        if not pending.is_eof():
+            self._chunked = pending  # judged once its end has been parsed
+        elif _TRAILERLESS_END.search(self._recent) is None:
+            self._close_after_chunked(len(queued))
+
+    def _close_after_chunked(self, keep: int) -> None:
+        queued = self._messages
+        while len(queued) > keep:
+            queued.pop()
+        for i, (message, payload) in enumerate(queued):  # answered with Connection: close
+            if message.__class__ is not _ERR_INFO:
+                queued[i] = (message._replace(should_close=True), payload)
+        self._chunked = None
+        request = self._current_request  # the chunked request, if under way: its answer
+        cache = getattr(request, "_cache", None)   # says Connection: close (see pre_shutdown)
+        if isinstance(cache, dict):
+            cache["keep_alive"] = False
+        self.close()  # nothing more is parsed; closed once the requests queued are answered
 
     def pause_writing(self) -> None:
         # The client stopped taking bytes (the transport's buffer is over its high-water

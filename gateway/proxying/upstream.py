@@ -91,6 +91,7 @@ class UpstreamPool:
             conn.transport.resume_reading()
         conn.chunks.clear()
         conn.buffered, conn.skip_body, conn.until_close = 0, False, False
+        conn.sender = None  # its body was all sent (else the connection is not taken back)
         conn.idle_since = conn.loop.time()
         self.idle.append(conn)
         self._wake_one()
@@ -210,14 +211,17 @@ class UpstreamPool:
             framing = (b"\r\nContent-Length: %d\r\n\r\n" % content_length
                        if content_length is not None else b"\r\nTransfer-Encoding: chunked\r\n\r\n")
             conn.transport.write(head + framing)
-            sender = asyncio.ensure_future(
+            sender = conn.sender = asyncio.ensure_future(
                 self._send_body(conn, waiter, body, content_length, sent, timeout))
         try:
             await waiter
-        except BaseException:
-            conn.close()
-            if sender is not None and not sender.done():
-                sender.cancel()
+        except BaseException as exc:
+            conn.close()  # which cancels the sender
+            if sender is not None and not sender.done() and \
+                    not isinstance(exc, asyncio.CancelledError):
+                # ended before the caller answers: else it would still be waiting for the
+                # client's next body bytes when aiohttp reads the rest of that body to drop it
+                await asyncio.wait((sender,))
             raise
         finally:
             conn.head_due = None
