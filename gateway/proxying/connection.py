@@ -267,6 +267,11 @@ class UpstreamResponse:
         self._done = False
         self._sender = conn.sender
 
+    def sending(self) -> bool:
+        """Whether the request body's sender still runs (then ``settled`` is to be awaited)."""
+        sender = self._sender
+        return sender is not None and not sender.done()
+
     async def settled(self) -> None:
         """Once the answer is passed on: wait until the request body's sender has stopped
         (cancelled when the exchange ended before the whole body was sent: an upstream that

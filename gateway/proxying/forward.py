@@ -304,7 +304,8 @@ class Forwarder:
             return await self._stream_back(request, resp, request_id, response_headers,
                                            upstream, is_head, rules.body_timeout)
         finally:
-            await resp.settled()
+            if resp.sending():  # a body still being sent (an upstream that answered early)
+                await resp.settled()
 
     async def _stream_back(self, request: web.BaseRequest, resp: UpstreamResponse,
                            request_id: str, limit_headers: Mapping[str, str],

@@ -38,7 +38,7 @@ _ERR_INFO = getattr(web_protocol, "_ErrInfo", None)  # what aiohttp queues for a
 # parser skips before a next request line (a client's stray CRLF after a body). A trailer
 # field line can never match it (a field name holds no ';', and a line without ':' is refused).
 _TRAILERLESS_END = re.compile(rb"\r\n0+(?:;[^\r\n]*)?\r\n\r\n(?:\r\n)*\Z")
-_RECENT = 512  # the last bytes of a connection kept to judge that by
+_RECENT = 512  # the last bytes of each of a connection's last two reads it is judged by
 
 
 class BodyFramingBroken(ConnectionResetError):
@@ -60,7 +60,8 @@ class _JsonErrorRequestHandler(RequestHandler):
     _last_payload = None  # the body stream of the newest request parsed on this connection
     _write_stall: asyncio.TimerHandle | None = None  # armed while the client takes no bytes
     _chunked = None   # the body stream of a chunked request whose end is not judged yet
-    _recent = b""     # the connection's last _RECENT bytes
+    _before = b""     # the connection's read before the latest
+    _latest = b""     # and its latest
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -83,13 +84,12 @@ class _JsonErrorRequestHandler(RequestHandler):
             # the first bytes of the next request head (not the rest of a body that aiohttp
             # reads after a handler that did not read it)
             self._head_since = self._loop.time()
-        if data:
-            self._recent = data[-_RECENT:] if len(data) >= _RECENT else \
-                (self._recent + data)[-_RECENT:]
+        if data:  # the last two reads, kept as they are (no copy per read): the end of a
+            self._before, self._latest = self._latest, data  # chunked body is judged by them
         seen, body = self._request_count, self._last_payload
         super().data_received(data)
-        new = self._request_count - seen
         if self._request_count != seen:
+            new = self._request_count - seen
             self._head_since = None
             if self._messages:
                 message, self._last_payload = self._messages[-1]
@@ -99,8 +99,12 @@ class _JsonErrorRequestHandler(RequestHandler):
                     # body stream waiting, which then stalled until server.timeouts.body
                     # (a 408). The body fails at once instead (a 400, the connection closed).
                     body.set_exception(BodyFramingBroken("the request body's framing broke"))
-        if new or self._chunked is not None:
+                elif new == 1 and self._chunked is None and message.__class__ is not _ERR_INFO \
+                        and not message.chunked:
+                    return  # the usual read: one request, not chunked, none pending
             self._judge_chunked_ends(new)
+        elif self._chunked is not None:
+            self._judge_chunked_ends(0)
 
     def _judge_chunked_ends(self, new: int) -> None:
         """Serve nothing parsed after a chunked body that may have ended with trailers.
@@ -134,7 +138,9 @@ class _JsonErrorRequestHandler(RequestHandler):
             return
         if not pending.is_eof():
             self._chunked = pending  # judged once its end has been parsed
-        elif _TRAILERLESS_END.search(self._recent) is None:
+        elif _TRAILERLESS_END.search(self._before[-_RECENT:] + self._latest[-_RECENT:]) is None:
+            # (an end split over more than the last two reads is not recognised: the
+            # connection is closed, as for one with trailers)
             self._close_after_chunked(len(queued))
 
     def _close_after_chunked(self, keep: int) -> None:
