@@ -246,6 +246,16 @@ class Console:
             self.field("Expires").send_keys(expires)
         self.button("Create").click()
 
+    def in_dialog(self, opener: str, row: str, label: str, value: str, submit: str) -> None:
+        """Open ``row``'s ``opener`` dialog, set its field ``label`` to ``value``, and press
+        ``submit``."""
+        self.button(opener, self.row(row)).click()
+        dialog = self.dialog()
+        field = self.field(label, dialog)
+        field.clear()
+        field.send_keys(value)
+        self.button(submit, dialog).click()
+
     def take_token(self, screenshot: str | None = None) -> str:
         """The token from the shown-once dialog: Copy, then Done; it is gone afterwards."""
         shown = wait(self.driver, lambda d: next(
@@ -368,12 +378,7 @@ def test_operator_manages_keys_from_workspace_list_to_revocation(page, gateway):
     page.screenshot("console-keys.png")
 
     # rotate with a grace: the new token works, the old one too until the grace ends
-    page.button("Rotate", page.row("partner-feed")).click()
-    dialog = page.dialog()
-    grace = page.field("Grace", dialog)
-    grace.clear()
-    grace.send_keys("1h")
-    page.button("Rotate", dialog).click()
+    page.in_dialog("Rotate", "partner-feed", "Grace", "1h", "Rotate")
     rotated = page.take_token()
     assert rotated != rotate_token
     assert gateway.proxy("/people", rotated)[0] == 200
@@ -706,16 +711,22 @@ def assert_signed_out(page: Console, *gone: str) -> None:
         assert text not in main, text
 
 
-def test_losing_access_mid_session_returns_to_sign_in(page, gateway):
-    new_workspace(gateway, "cyberdyne", "Cyberdyne")
-    admin_token, admin_key = gateway.key("cyberdyne", name="skynet-admin",
-                                         scopes=["keys:admin", "people:read"])
-    page.tokens_seen.append(admin_token)
+def signed_in_admin(page: Console, gateway, ws: str, name: str, key_name: str):
+    """A new workspace and a keys:admin key of it, signed in on ``page`` (a 401 in the
+    browser's console allowed: the tests that use it take that key's access away)."""
+    new_workspace(gateway, ws, name)
+    token, key = gateway.key(ws, name=key_name, scopes=["keys:admin", "people:read"])
+    page.tokens_seen.append(token)
     page.allowed_errors.append("401")
+    page.sign_in(token)
+    wait(page.driver, lambda d: key_name in page.rows())
+    return token, key
 
+
+def test_losing_access_mid_session_returns_to_sign_in(page, gateway):
     # the operator revokes the key while its holder is signed in: the next step signs out
-    page.sign_in(admin_token)
-    wait(page.driver, lambda d: "skynet-admin" in page.rows())
+    admin_token, admin_key = signed_in_admin(page, gateway, "cyberdyne", "Cyberdyne",
+                                             "skynet-admin")
     gateway.admin("POST", f"/workspaces/cyberdyne/keys/{admin_key['id']}/revoke")
     page.create_key("t-800", scopes="people:read")
     assert "This API key has been revoked." in page.alert_text()
@@ -740,13 +751,7 @@ def test_rotating_the_key_one_is_signed_in_with_shows_the_new_token_until_done(p
     """A workspace admin rotating its own key with no grace revokes the key the page signs its
     calls with: the list's refresh then answers 401 and signs out. The new token (the only
     way back in, shown once) must stay on screen until Done, not vanish with the session."""
-    new_workspace(gateway, "soylent", "Soylent")
-    admin_token, admin_key = gateway.key("soylent", name="self-rotor",
-                                         scopes=["keys:admin", "people:read"])
-    page.tokens_seen.append(admin_token)
-    page.allowed_errors.append("401")
-    page.sign_in(admin_token)
-    wait(page.driver, lambda d: "self-rotor" in page.rows())
+    admin_token, admin_key = signed_in_admin(page, gateway, "soylent", "Soylent", "self-rotor")
     page.button("Rotate", page.row("self-rotor")).click()
     dialog = page.dialog()
     assert "the key you are signed in with" in dialog.text  # said before, as Revoke says it
@@ -777,12 +782,7 @@ def test_editing_the_expiry_keeps_a_role_the_page_has_not_listed(page, gateway):
     page.create_key("second", scopes="people:read")  # the list is read again after it
     page.take_token()
     wait(page.driver, lambda d: "audit-bot" in page.rows())
-    page.button("Edit", page.row("audit-bot")).click()
-    dialog = page.dialog()
-    expires = page.field("Expires", dialog)
-    expires.clear()
-    expires.send_keys("2030-06-30")
-    page.button("Save", dialog).click()
+    page.in_dialog("Edit", "audit-bot", "Expires", "2030-06-30", "Save")
     page.no_dialog()
     wait(page.driver, lambda d: "2030-06-30" in page.row("audit-bot").text)
     [edited] = keys_named(gateway, "massive", "audit-bot")
