@@ -60,6 +60,136 @@ async def test_stalled_public_uploads_must_not_take_every_upstream_connection(
                 w.close()
 
 
+# --- trickling uploads (each past the 64 KiB prefetch) cannot take every upstream connection ----
+
+TRICKLE_PREFIX = 70 * 1024   # past forward.PREFETCH: the upload takes its connection, then drips
+TRICKLE_BYTES = 12           # then one byte (one chunk) every 0.3 s: ~3.6 s, never a 5 s stall
+
+
+async def trickling_upload(port: int, chunked: bool) -> tuple[int, str | None, float]:
+    """A raw client that sends a POST with 70 KiB of body at once, then one byte (a one-byte
+    chunk) every 0.3 s until its body is complete, reading the answer all the while; returns
+    (status, error code, seconds to the answer). Stops dripping once answered."""
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if chunked:
+        writer.write(b"POST /public/upload HTTP/1.1\r\nHost: g\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n"
+                     + b"%x\r\n" % TRICKLE_PREFIX + b"x" * TRICKLE_PREFIX + b"\r\n")
+    else:
+        writer.write(b"POST /public/upload HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n"
+                     % (TRICKLE_PREFIX + TRICKLE_BYTES) + b"x" * TRICKLE_PREFIX)
+
+    async def drip() -> None:
+        for _ in range(TRICKLE_BYTES):
+            await asyncio.sleep(0.3)
+            writer.write(b"1\r\ny\r\n" if chunked else b"y")
+        if chunked:
+            writer.write(b"0\r\n\r\n")
+
+    dripping = asyncio.ensure_future(drip())
+    try:
+        async with asyncio.timeout(15):
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")))
+            body = await reader.readexactly(length)
+        elapsed = time.monotonic() - started
+    finally:
+        dripping.cancel()
+        writer.close()
+    code = None if status == 200 else json.loads(body)["error"]["code"]
+    return status, code, elapsed
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_trickling_uploads_must_not_take_every_upstream_connection(
+        redis_url, upstream, monkeypatch, caplog, chunked):
+    """forward() reads PREFETCH (64 KiB) of a body before it takes an upstream connection, and
+    server.timeouts.body ends only a body that stalls completely: an upload that sends 70 KiB
+    and then a byte now and then holds one of upstreams.NAME.max_connections for as long as it
+    likes. max_connections of them (on a public route, no key needed) made every other request
+    wait for a connection and get 504. Uploads still streaming may hold only a share of the
+    connections; requests whose body is complete (a GET) always find one."""
+    import logging
+    caplog.set_level(logging.WARNING, logger="keygate.proxy")
+    config = edge_config(str(upstream.make_url("")), upstream_timeout=2.0, upstream_max=4)
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        port = g.proxy_server.port
+        uploads = [asyncio.ensure_future(trickling_upload(port, chunked)) for _ in range(6)]
+        try:
+            await asyncio.sleep(0.6)              # each has sent its 70 KiB and drips
+            started = time.monotonic()
+            async with g.proxy.get("/public/ok") as r:
+                status = r.status
+                code = None if status == 200 else (await r.json())["error"]["code"]
+            waited = time.monotonic() - started
+            assert (status, code) == (200, None) and waited < 1.5, (
+                f"a GET got {status} {code} after {waited:.1f}s: trickling uploads hold "
+                f"every upstream connection")
+            # a small POST (its whole body read before a connection is taken) is not held
+            # back by the uploads either
+            async with g.proxy.post("/public/small", data=b"z" * 1000) as r:
+                assert r.status == 200
+            assert time.monotonic() - started < 2.0
+            outcomes = await asyncio.gather(*uploads)
+        finally:
+            for u in uploads:
+                u.cancel()
+        # each upload either streamed to the end (200) or waited for a slot past the upstream
+        # timeout (SPEC: requests over max_connections wait, within the timeout: 504)
+        served = [o for o in outcomes if o[0] == 200]
+        refused = [o for o in outcomes if o[0] != 200]
+        assert all((s, c) == (504, "upstream_timeout") and 1.5 < t < 3.5
+                   for s, c, t in refused), outcomes
+        assert len(served) >= 2, outcomes
+        assert all(t > TRICKLE_BYTES * 0.3 - 0.5 for _, _, t in served), outcomes
+        pool = g.gw.pipeline.forwarder._pools["api"][0]
+        assert await eventually(lambda: pool.streaming == 0), "an upload slot was never freed"
+        whole = [r for r in upstream.requests if r["raw_path"] == "/public/upload"]
+        assert len(whole) == len(served)
+        assert all(r["body_len"] == TRICKLE_PREFIX + TRICKLE_BYTES for r in whole)
+        # said in the log and in keygate_upstream_errors_total (504 upstream_timeout)
+        waited = [r for r in caplog.records if "an upload waited" in r.getMessage()]
+        assert len(waited) == len(refused) and all(r.levelno == logging.WARNING for r in waited)
+        assert g.counter("keygate_upstream_errors_total", upstream="api",
+                         code="upstream_timeout") == len(refused)
+
+
+async def test_upload_slots_come_free_after_a_408_or_a_client_gone_mid_upload(
+        redis_url, upstream, monkeypatch):
+    """The uploads holding both upload slots (max_connections 4) end badly: one stalls into
+    SPEC's 408 request_timeout, the other's client goes away. Both slots come free: two more
+    trickling uploads then stream to the end."""
+    config = edge_config(str(upstream.make_url("")), upstream_timeout=3.0, upstream_max=4,
+                         timeouts=Timeouts(header=2.0, body=1.0, idle=10.0))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        pool = g.gw.pipeline.forwarder._pools["api"][0]
+        port = g.proxy_server.port
+        start = (b"POST /public/upload HTTP/1.1\r\nHost: g\r\nContent-Length: 200000\r\n\r\n"
+                 + b"x" * TRICKLE_PREFIX)
+        stalled_reader, stalled = await asyncio.open_connection("127.0.0.1", port)
+        gone_reader, gone = await asyncio.open_connection("127.0.0.1", port)
+        stalled.write(start)
+        gone.write(start)
+        try:
+            assert await eventually(lambda: pool.streaming == 2, timeout=3)
+            gone.close()                                   # the client vanishes mid-upload
+            async with asyncio.timeout(5):                 # the other stalls: 408 after 1 s
+                head = await stalled_reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408"), head
+            assert await eventually(lambda: pool.streaming == 0, timeout=3), \
+                "an upload slot was kept by a request that had ended"
+        finally:
+            stalled.close()
+            gone.close()
+        outcomes = await asyncio.gather(trickling_upload(port, False),
+                                        trickling_upload(port, True))
+        assert [o[:2] for o in outcomes] == [(200, None), (200, None)], outcomes
+        assert await eventually(lambda: pool.streaming == 0 and not pool._upload_waiters)
+
+
 # --- a client vanishing mid-upload is not billed -------------------------------------------------
 
 async def test_a_client_gone_mid_upload_is_not_counted(redis_url, upstream, monkeypatch):

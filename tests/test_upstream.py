@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from gateway.proxying.connection import (UpstreamConnectError, UpstreamProtocolError,
-                                         UpstreamTimeout)
+from gateway.proxying.connection import (UploadSlotsFull, UpstreamConnectError,
+                                         UpstreamProtocolError, UpstreamTimeout)
 from gateway.proxying.upstream import UpstreamPool
 
 from harness import eventually, raw_upstream
@@ -454,3 +454,133 @@ async def test_a_connection_being_opened_while_the_pool_closes_is_closed_after_i
     await asyncio.wait_for(closed.wait(), 2)  # the upstream saw its connection closed
     assert pool.idle == []
     srv.close()
+
+
+# --- uploads still streaming hold at most half the connections -----------------------------------
+
+class ClientGone(Exception):
+    pass
+
+
+class Trickle:
+    """A body source still streaming in: 1000 bytes at once, then nothing until ``end()`` (the
+    rest arrives) or ``fail(exc)`` (the client went away, or stalled into a 408)."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.rest = asyncio.get_running_loop().create_future()
+
+    async def __call__(self) -> bytes:
+        if not self.started:
+            self.started = True
+            return b"a" * 1000
+        return await self.rest
+
+    def end(self) -> None:
+        self.rest.set_result(b"")
+
+    def fail(self, exc: Exception) -> None:
+        self.rest.set_exception(exc)
+
+
+def upload(pool: UpstreamPool, source, path: str = "/echo/up", timeout: float = 2.0):
+    return asyncio.ensure_future(pool.request(head("POST", path), body=source,
+                                              content_length=None, timeout=timeout,
+                                              streaming=True))
+
+
+async def test_streaming_uploads_hold_at_most_half_the_connections_and_hand_slots_on(server):
+    """A client trickling its body holds its upstream connection for as long as it likes;
+    such uploads may hold at most half the pool (max_streaming), so requests whose body is
+    complete always find a connection. An upload over the share waits for a slot within
+    connect_timeout (UploadSlotsFull, an UpstreamUnreached: nothing was sent); a slot freed
+    goes to the longest waiter."""
+    pool = UpstreamPool(str(server.make_url("")), connect_timeout=0.5, max_connections=4)
+    assert pool.max_streaming == 2
+    first, second = Trickle(), Trickle()
+    held = [upload(pool, first), upload(pool, second)]
+    assert await eventually(lambda: pool.streaming == 2 and len(pool.active) == 2)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(UploadSlotsFull):
+        await pool.request(head("POST", "/echo/over"), body=Trickle(), content_length=None,
+                           streaming=True)
+    assert 0.45 < loop.time() - started < 1.0
+    assert pool.streaming == 2 and not pool._upload_waiters
+    # requests with a complete body use the connections the uploads cannot take
+    gets = await asyncio.gather(*(pool.request(head("GET", f"/echo/{i}")) for i in range(2)))
+    assert [g.status for g in gets] == [200, 200]
+    for g in gets:
+        await read_all(g)
+    parts = [b"p" * 100]
+
+    async def complete() -> bytes:
+        return parts.pop() if parts else b""
+    resp = await pool.request(head("POST", "/echo/whole"), body=complete, content_length=100)
+    assert len(await read_all(resp)) == 100
+    # a third upload waits; the first one's end hands it the slot
+    third = Trickle()
+    waiting = upload(pool, third)
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and len(pool._upload_waiters) == 1
+    first.end()
+    assert len(await read_all(await held[0])) == 1000
+    assert await eventually(lambda: len(pool.active) == 2 and not pool._upload_waiters)
+    assert pool.streaming == 2
+    second.fail(ClientGone())            # the client went away mid-upload: its slot is freed
+    with pytest.raises(ClientGone):
+        await held[1]
+    assert pool.streaming == 1
+    third.end()
+    assert len(await read_all(await waiting)) == 1000
+    assert pool.streaming == 0 and pool.opened <= 4
+    await pool.close()
+
+
+async def test_upload_slots_are_freed_when_cancelled_failed_or_answered_early():
+    """Whatever ends an upload (cancelled waiting for a slot or while sending, the upstream
+    hanging up mid-body, an upstream that answers before the whole body came), its upload
+    slot comes free: never leaked, or the pool would refuse every upload for good."""
+    async def answer(reader, writer):
+        line = await reader.readuntil(b"\r\n\r\n")
+        if b" /hang-up " in line:
+            writer.transport.abort()
+        elif b" /early " in line:   # answers without reading the body
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            try:
+                await reader.read()
+            except ConnectionError:
+                pass
+        else:
+            try:
+                await reader.read()  # never answers: the body never ends here
+            except ConnectionError:
+                pass
+    srv, url = await raw_upstream(answer)
+    pool = UpstreamPool(url, connect_timeout=2.0, max_connections=2)
+    assert pool.max_streaming == 1
+    holder = upload(pool, Trickle())
+    assert await eventually(lambda: pool.streaming == 1 and len(pool.active) == 1)
+    waiter = upload(pool, Trickle())
+    await asyncio.sleep(0.05)
+    waiter.cancel()                                   # cancelled waiting for a slot
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert pool.streaming == 1 and not pool._upload_waiters
+    holder.cancel()                                   # cancelled while sending its body
+    with pytest.raises(asyncio.CancelledError):
+        await holder
+    assert await eventually(lambda: pool.streaming == 0 and pool.opened == 0)
+    with pytest.raises(UpstreamProtocolError):        # the upstream hangs up mid-body
+        await upload(pool, Trickle(), "/hang-up")
+    assert pool.streaming == 0
+    early = Trickle()
+    resp = await upload(pool, early, "/early")        # answered while the body streams
+    assert resp.status == 200 and resp.sending()
+    assert pool.streaming == 1                        # still sending: still held
+    assert resp.body_if_complete() == b"ok"
+    await resp.settled()                              # the forward stops the sender
+    assert await eventually(lambda: pool.streaming == 0)
+    srv.close()
+    await pool.close()

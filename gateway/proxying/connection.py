@@ -51,6 +51,11 @@ class UpstreamUnreached(UpstreamTimeout):
     """Timed out before anything was sent: connecting, or waiting for a free connection."""
 
 
+class UploadSlotsFull(UpstreamUnreached):
+    """Timed out waiting for one of the connections uploads still streaming may hold: the
+    other uploads in flight hold all of them (``UpstreamPool.max_streaming``)."""
+
+
 class UpstreamProtocolError(Exception):
     """The upstream broke HTTP: malformed response, or closed mid-response."""
 
@@ -266,6 +271,11 @@ class UpstreamResponse:
         self.keep_alive = conn.keep_alive and not conn.skip_body
         self._done = False
         self._sender = conn.sender
+
+    @property
+    def sender(self) -> asyncio.Future | None:
+        """The task writing the request body (None for a request without one)."""
+        return self._sender
 
     def sending(self) -> bool:
         """Whether the request body's sender still runs (then ``settled`` is to be awaited)."""

@@ -43,8 +43,9 @@ from ..errors import (BadGateway, GatewayError, GatewayTimeout, RequestTimeout, 
 from ..models import Principal
 from ..signature import secrets_of, sign
 from ..tracing import Trace, Tracer
-from .connection import (BodyFramingError, UpstreamConnectError, UpstreamProtocolError,
-                         UpstreamResponse, UpstreamTimeout, UpstreamUnreached)
+from .connection import (BodyFramingError, UploadSlotsFull, UpstreamConnectError,
+                         UpstreamProtocolError, UpstreamResponse, UpstreamTimeout,
+                         UpstreamUnreached)
 from .headers import NotUtf8Headers, RequestHeaderRules, response_headers
 from .upstream import UpstreamPool
 from .response import WholeResponse, keep_header_bytes
@@ -62,8 +63,10 @@ class ClientBodyFailed(Exception):
     """The client's request body could not be read: the client went away mid-upload."""
 
 
-async def _prefetched(source, limit: int):
-    """``source`` with its first ``limit`` bytes (all of a smaller body) already read."""
+async def _prefetched(source, limit: int, at_eof: Callable[[], bool]):
+    """``source`` with its first ``limit`` bytes (all of a smaller body) already read, and
+    whether the whole body is here: read to its end, or all of it received (``at_eof``: the
+    client's whole body is buffered, so nothing the client does can slow the rest)."""
     chunks: list[bytes] = []
     size, ended = 0, False
     while size < limit:
@@ -74,12 +77,13 @@ async def _prefetched(source, limit: int):
         chunks.append(chunk)
         size += len(chunk)
     chunks.reverse()
+    complete = ended or at_eof()
 
     async def read() -> bytes:
         if chunks:
             return chunks.pop()
         return b"" if ended else await source()
-    return read
+    return read, complete
 
 
 def _trusting(upstream: Upstream) -> ssl.SSLContext | None:
@@ -270,20 +274,31 @@ class Forwarder:
         head = "\r\n".join(parts).encode("utf-8", "surrogateescape")
         is_head = request.method == "HEAD"
         started = time.perf_counter()
+        streaming = False
         try:
             if body is not None:
                 # no upstream connection is taken before the first PREFETCH bytes (all of a
-                # small body) are here: clients trickling bodies cannot hold the upstream's
-                # connections
-                body = await _prefetched(body, PREFETCH)
+                # small body) are here; a body not all here by then is streaming: it may
+                # trickle in for as long as the client likes (a byte now and then never stalls
+                # it for server.timeouts.body), so it takes one of the upstream's upload slots
+                # (half its connections) and cannot hold the connections the rest need
+                body, complete = await _prefetched(body, PREFETCH, request.content.is_eof)
+                streaming = not complete
             resp = await pool.request(head, body=body, content_length=length,
-                                      timeout=upstream.timeout, is_head=is_head)
+                                      timeout=upstream.timeout, is_head=is_head,
+                                      streaming=streaming)
         except GatewayError:  # the body source's own: 413, 408
             raise
         except ClientBodyFailed as exc:
             log.info("the client went away while sending its body to %s: %s", upstream.name,
                      exc)
             raise body_cut_short() from None  # not the upstream's failure: no 502
+        except UploadSlotsFull as exc:
+            log.warning("upstream %s: an upload waited %g s for a connection and was refused: "
+                        "%s", upstream.name, upstream.timeout, exc)
+            raise GatewayTimeout(f"No connection to the upstream '{upstream.name}' was free "
+                                 f"for an upload within {upstream.timeout:g} seconds.",
+                                 reached_upstream=False) from None
         except UpstreamTimeout as exc:
             raise GatewayTimeout(f"The upstream '{upstream.name}' did not answer within "
                                  f"{upstream.timeout:g} seconds.",

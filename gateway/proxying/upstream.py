@@ -16,6 +16,11 @@ proxy needs and nothing else:
   request body was completely sent;
 - timeouts: connect, and time to the response head counted from the end of the request body
   (an upstream that stops reading the request body for that long also times out);
+- uploads still streaming when they take a connection (their body not yet all received from
+  the client: it may trickle in for as long as the client likes) hold at most
+  ``max_streaming`` of the connections at once (half of ``max_connections``, at least one);
+  requests whose body is complete (none, or all of it already read) may use every one, so a
+  trickle of slow uploads can never leave the other requests without a connection;
 - a request that fails on a reused idle connection before any response byte (the upstream
   closed it meanwhile) is retried once when it had no body and a safe method (GET, HEAD,
   OPTIONS, TRACE); any other is not (the upstream may have acted on it, or its body was
@@ -32,7 +37,7 @@ import collections
 import ssl
 from urllib.parse import urlsplit
 
-from .connection import (BodyFramingError, BodySource, UpstreamConnectError,
+from .connection import (BodyFramingError, BodySource, UploadSlotsFull, UpstreamConnectError,
                          UpstreamConnection, UpstreamProtocolError, UpstreamResponse,
                          UpstreamTimeout, UpstreamUnreached)
 
@@ -55,7 +60,10 @@ class UpstreamPool:
         one trusting a private CA); by default the system's trust store.
 
         ``max_connections`` bounds the connections open to the upstream (in use, idle or being
-        made); a request over it waits for one, up to ``connect_timeout``."""
+        made); a request over it waits for one, up to ``connect_timeout``. Of those, requests
+        whose body is still streaming in from the client (``request(streaming=True)``) hold at
+        most ``max_streaming`` at once: half, at least one (all of them when
+        ``max_connections`` is 1)."""
         parts = urlsplit(url)
         self.tls = (ssl_context or ssl.create_default_context()) \
             if parts.scheme == "https" else None
@@ -70,6 +78,15 @@ class UpstreamPool:
         self.max_connections = max_connections
         self.opened = 0                                  # connections holding a slot
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        # Upload slots: a client trickling its body (a byte now and then never stalls it for
+        # server.timeouts.body) holds its connection as long as it likes; such requests hold
+        # at most max_streaming connections, so that requests with a complete body always
+        # find one. A slot is held from before the connection is taken until the body's sender
+        # stops (all sent, failed or cancelled); a slot freed with uploads waiting is handed to
+        # the longest waiter.
+        self.max_streaming = max(1, max_connections // 2)
+        self.streaming = 0                               # upload slots held
+        self._upload_waiters: collections.deque[asyncio.Future] = collections.deque()
         # The time-to-head timeouts: one sweep over the connections in use, a few times per
         # timeout, instead of a timer armed and cancelled for each request (uvloop's
         # call_later + cancel cost ~2 µs, a tenth of all the pool's own work per request).
@@ -115,9 +132,10 @@ class UpstreamPool:
                 waiter.set_result(None)
                 return
 
-    async def _checkout(self) -> tuple[UpstreamConnection, bool]:
-        """An idle connection (reused: True) or a new one, within ``max_connections``."""
-        deadline = None
+    async def _checkout(self, deadline: float | None = None) -> tuple[UpstreamConnection, bool]:
+        """An idle connection (reused: True) or a new one, within ``max_connections``; waiting
+        for one at most until ``deadline`` (loop time; by default ``connect_timeout`` from the
+        moment it starts waiting)."""
         while True:
             while self.idle:
                 conn = self.idle.pop()
@@ -178,9 +196,15 @@ class UpstreamPool:
 
     async def request(self, head: bytes, *, body: BodySource | None = None,
                       content_length: int | None = None, timeout: float = 30.0,
-                      is_head: bool = False) -> UpstreamResponse:
+                      is_head: bool = False, streaming: bool = False) -> UpstreamResponse:
         """Send ``head`` (request line + headers, without the final CRLF and without any
-        framing header) and the body; return once the response head has arrived."""
+        framing header) and the body; return once the response head has arrived.
+
+        ``streaming``: ``body`` is not all received yet (the client may still be sending it,
+        as slowly as it likes): the request takes one of the ``max_streaming`` upload slots
+        first, waiting for one within ``connect_timeout`` (``UploadSlotsFull``)."""
+        if streaming:
+            return await self._streamed(head, body, content_length, timeout, is_head)
         for attempt in (0, 1):
             conn, reused = await self._checkout()
             self.active.add(conn)
@@ -195,6 +219,68 @@ class UpstreamPool:
                     continue
                 raise
         raise UpstreamProtocolError("upstream closed the connection")
+
+    async def _streamed(self, head: bytes, body: BodySource, content_length: int | None,
+                        timeout: float, is_head: bool) -> UpstreamResponse:
+        """``request`` for a body still streaming in: within an upload slot, held until the
+        body's sender stops (all sent, the client or the upstream failed, or cancelled; an
+        exchange that fails has closed its connection). Never retried: the body is consumed."""
+        deadline = asyncio.get_running_loop().time() + self.connect_timeout
+        await self._upload_slot(deadline)
+        held = True
+
+        def release(_: object = None) -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._release_upload()
+        try:
+            conn, _ = await self._checkout(deadline)  # one wait: both within connect_timeout
+            self.active.add(conn)
+            resp = await self._exchange(conn, head, body, content_length, timeout, is_head)
+        except BaseException:
+            release()
+            raise
+        sender = resp.sender
+        if sender is None or sender.done():
+            release()
+        else:  # still sending (the upstream answered early): free once it stops
+            sender.add_done_callback(release)
+        return resp
+
+    async def _upload_slot(self, deadline: float) -> None:
+        """Take an upload slot, waiting for one until ``deadline`` (then ``UploadSlotsFull``)."""
+        if self.streaming < self.max_streaming:
+            self.streaming += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._upload_waiters.append(waiter)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter  # a slot is handed over: self.streaming already counts it
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release_upload()  # handed one as we gave up: pass it on
+            else:
+                try:
+                    self._upload_waiters.remove(waiter)
+                except ValueError:
+                    pass
+            if isinstance(exc, TimeoutError):
+                raise UploadSlotsFull(
+                    f"no upload slot free within {self.connect_timeout:g} s: uploads still "
+                    f"streaming hold {self.streaming} of the {self.max_connections} "
+                    f"connections (at most {self.max_streaming})") from None
+            raise
+
+    def _release_upload(self) -> None:
+        """An upload slot came free: to the longest waiter, else back to the pool."""
+        while self._upload_waiters:
+            waiter = self._upload_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.streaming -= 1
 
     async def _exchange(self, conn: UpstreamConnection, head: bytes, body: BodySource | None,
                         content_length: int | None, timeout: float,
@@ -325,8 +411,9 @@ class UpstreamPool:
             conn.close()
         self.idle.clear()
         self.active.clear()
-        for waiter in self._waiters:
+        for waiter in (*self._waiters, *self._upload_waiters):
             if not waiter.done():
                 waiter.set_exception(UpstreamConnectError("upstream pool closed"))
                 waiter.exception()
         self._waiters.clear()
+        self._upload_waiters.clear()
