@@ -635,3 +635,24 @@ def test_serve_sets_one_malloc_arena_before_any_thread_of_its_own_starts(tmp_pat
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          env=child_env, timeout=60)
     assert run.stdout.strip() == "[]", f"threads started before one_malloc_arena: {run}"
+
+
+def test_the_event_loop_is_uvloop_without_the_deprecated_process_wide_policy():
+    """``keygate serve`` and ``keygate demo`` run on uvloop through a loop factory. They called
+    ``uvloop.install()``, which sets asyncio's process-wide event loop policy: deprecated by
+    uvloop from Python 3.12 on (the Docker image's Python), so every start warned, and under
+    ``-W error`` (PYTHONWARNINGS=error) each worker died at start; asyncio deprecates the
+    policy itself from 3.14 on, for removal."""
+    import warnings
+
+    uvloop = pytest.importorskip("uvloop")
+    from gateway import workers
+
+    async def loop_type() -> type:
+        return type(asyncio.get_running_loop())
+
+    policy = asyncio.get_event_loop_policy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert issubclass(workers.run_event_loop(loop_type()), uvloop.Loop)
+    assert asyncio.get_event_loop_policy() is policy
