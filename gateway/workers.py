@@ -206,6 +206,11 @@ def _supervise(config: Config, store_url: str, workers: int,
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     supervisor = os.getpid()
+    # no thread may run at fork(): the log writer's, started by a line logged so far, ends
+    # (the next line starts another, in the supervisor and in each worker)
+    for handler in logging.getLogger().handlers:
+        if (end_writer := getattr(handler, "end_writer", None)) is not None:
+            end_writer()
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:
