@@ -122,7 +122,8 @@ class BackgroundHandler(logging.Handler):
         super().__init__()
         self.max_lines = max_lines
         self._pid = -1
-        self._queue: "queue.Queue[str] | None" = None
+        self._queue: "queue.Queue[str | None] | None" = None
+        self._writer: threading.Thread | None = None
         self._dropped = 0
         self.on_drop: Callable[[], None] | None = None  # told of each dropped line, any thread
         # guards _dropped between emit and the writer. Not the handler's own lock: that one
@@ -135,9 +136,28 @@ class BackgroundHandler(logging.Handler):
             self._pid, self._dropped = os.getpid(), 0
             self._drop_lock = threading.Lock()  # the parent's writer may have held it
             self._queue = q = queue.Queue(self.max_lines)
-            threading.Thread(target=self._run, args=(q,), name="keygate-log",
-                             daemon=True).start()
+            self._writer = threading.Thread(target=self._run, args=(q,), name="keygate-log",
+                                            daemon=True)
+            self._writer.start()
         return self._queue
+
+    def end_writer(self, timeout: float = 2.0) -> None:
+        """End the writer thread once it has written the lines queued (bounded); the next
+        line logged starts another. For a process about to fork (``keygate serve --workers``):
+        a thread running at ``fork()`` may hold a lock its copy in the child never releases
+        (Python 3.12+ warns of it), and the supervisor forks after its first lines (the
+        operator-token warning)."""
+        q, writer = self._queue, self._writer
+        if q is None or writer is None or self._pid != os.getpid():
+            return
+        try:
+            q.put(None, timeout=timeout)  # after the lines queued: the writer's last item
+        except queue.Full:
+            return
+        # the next line starts a new queue and writer: none is lost if this one is still
+        # stuck on stderr when the wait ends (it goes on to the end of its own queue)
+        self._pid, self._queue, self._writer = -1, None, None
+        writer.join(timeout)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -153,12 +173,17 @@ class BackgroundHandler(logging.Handler):
             if (on_drop := self.on_drop) is not None:
                 on_drop()
 
-    def _run(self, q: "queue.Queue[str]") -> None:
-        while True:
+    def _run(self, q: "queue.Queue[str | None]") -> None:
+        last = False
+        while not last:
             lines = [q.get()]
             with contextlib.suppress(queue.Empty):
                 while len(lines) < 1000:
                     lines.append(q.get_nowait())
+            if None in lines:  # end_writer(): nothing is queued after it
+                last = True
+                lines.remove(None)
+                q.task_done()
             with self._drop_lock:
                 dropped, self._dropped = self._dropped, 0
             if dropped:

@@ -256,10 +256,8 @@ def run_demo(data_dir: str = DEMO_DIR) -> int:
     import logging
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with contextlib.suppress(ImportError):
-        import uvloop
-        uvloop.install()
-    return asyncio.run(_run(os.path.abspath(data_dir)))
+    from .workers import run_event_loop
+    return run_event_loop(_run(os.path.abspath(data_dir)))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any, Coroutine, TypeVar
 
 from .admin.listener import READINESS
 from .app import ListenError, running_gateway, start_listeners, stop_listeners
@@ -24,6 +25,8 @@ from .store.request import RequestStore
 from .redis_urls import redact
 
 log = logging.getLogger("keygate")
+
+T = TypeVar("T")
 
 
 async def _serve(config: Config, store_url: str, reuse_port: bool,
@@ -94,14 +97,22 @@ def settle_heap() -> int:
     return gc.get_freeze_count()
 
 
-def _run_worker(config: Config, store_url: str, reuse_port: bool,
-                config_path: str | None = None) -> int:
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` on a uvloop event loop (asyncio's own where uvloop is not
+    installed: not Linux). Through a loop factory (``uvloop.run``), not ``uvloop.install()``:
+    that sets the process-wide event loop policy, which uvloop deprecates from Python 3.12 on
+    (a DeprecationWarning at every start on the Docker image's 3.12: an error under ``-W
+    error``) and asyncio from 3.14 on, for removal."""
     try:
         import uvloop
-        uvloop.install()
     except ImportError:  # not on Linux: the default loop is fine
-        pass
-    return asyncio.run(_serve(config, store_url, reuse_port, config_path))
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def _run_worker(config: Config, store_url: str, reuse_port: bool,
+                config_path: str | None = None) -> int:
+    return run_event_loop(_serve(config, store_url, reuse_port, config_path))
 
 
 def _preflight(config: Config, store_url: str) -> str | None:
@@ -195,6 +206,11 @@ def _supervise(config: Config, store_url: str, workers: int,
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     supervisor = os.getpid()
+    # no thread may run at fork(): the log writer's, started by a line logged so far, ends
+    # (the next line starts another, in the supervisor and in each worker)
+    for handler in logging.getLogger().handlers:
+        if (end_writer := getattr(handler, "end_writer", None)) is not None:
+            end_writer()
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:

@@ -959,6 +959,29 @@ def test_application_lines_queued_at_exit_are_written_while_logging_shutdown_flu
     assert len(written) == 5000 and took < 1.5, (len(written), took)
 
 
+
+def test_ending_the_application_log_writer_loses_no_line(capfd):
+    """``end_writer`` (the supervisor, before it forks its workers: no thread may run at
+    ``fork()``) writes every line queued, ends the writer's thread, and the next line starts
+    another: nothing is lost either side."""
+    import logging
+    from gateway.accesslog import BackgroundHandler
+    handler = BackgroundHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    record = logging.LogRecord("keygate", logging.WARNING, __file__, 1, "line %d", (0,), None)
+    for i in range(3000):
+        record.args = (i,)
+        handler.handle(record)
+    writer = handler._writer
+    handler.end_writer()
+    assert not writer.is_alive()
+    for i in range(3000, 3010):
+        record.args = (i,)
+        handler.handle(record)
+    handler.flush()
+    written = capfd.readouterr().err.splitlines()
+    assert written == [f"line {i}" for i in range(3010)]
+
 async def test_application_lines_dropped_on_a_blocked_stderr_are_counted_in_a_metric(
         redis_url, upstream, monkeypatch):
     """Application log lines past BackgroundHandler's bound were only reported in a log line,

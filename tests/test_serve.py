@@ -635,3 +635,49 @@ def test_serve_sets_one_malloc_arena_before_any_thread_of_its_own_starts(tmp_pat
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          env=child_env, timeout=60)
     assert run.stdout.strip() == "[]", f"threads started before one_malloc_arena: {run}"
+
+
+def test_the_event_loop_is_uvloop_without_the_deprecated_process_wide_policy():
+    """``keygate serve`` and ``keygate demo`` run on uvloop through a loop factory. They called
+    ``uvloop.install()``, which sets asyncio's process-wide event loop policy: deprecated by
+    uvloop from Python 3.12 on (the Docker image's Python), so every start warned, and under
+    ``-W error`` (PYTHONWARNINGS=error) each worker died at start; asyncio deprecates the
+    policy itself from 3.14 on, for removal."""
+    import warnings
+
+    uvloop = pytest.importorskip("uvloop")
+    from gateway import workers
+
+    async def loop_type() -> type:
+        return type(asyncio.get_running_loop())
+
+    policy = asyncio.get_event_loop_policy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert issubclass(workers.run_event_loop(loop_type()), uvloop.Loop)
+    assert asyncio.get_event_loop_policy() is policy
+
+
+def test_the_supervisor_forks_its_workers_with_no_other_thread_running(tmp_path, redis_url):
+    """``keygate serve --workers N`` forks with no thread but its own: a thread running at
+    ``fork()`` may hold a lock that its copy in the worker never releases (Python 3.12 and
+    later warn of it: "This process is multi-threaded, use of fork() may lead to deadlocks in
+    the child"). The log writer's thread, started by the first line logged (here the
+    operator-token warning, with the token unset), was still running. Run in a fresh
+    interpreter, ``os.fork`` replaced by a probe that lists the threads and stops."""
+    config, _, _ = write_config(tmp_path, redis_url=redis_url)
+    probe = (
+        "import os, sys, threading\n"
+        "from gateway import workers\n"
+        "def fork():\n"
+        "    print(sorted(t.name for t in threading.enumerate()\n"
+        "                 if t is not threading.main_thread()))\n"
+        "    sys.stdout.flush()\n"
+        "    os._exit(0)\n"
+        "os.fork = fork\n"
+        f"workers.serve({str(config)!r}, workers=2)\n")
+    child_env = {k: v for k, v in env().items() if k != "KEYGATE_ADMIN_TOKEN"}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=child_env, timeout=60)
+    assert run.stdout.strip() == "[]", f"threads running at fork(): {run}"
+    assert "KEYGATE_ADMIN_TOKEN" in run.stderr, run.stderr  # the line was logged, and written
