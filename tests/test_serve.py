@@ -622,18 +622,7 @@ def test_serve_sets_one_malloc_arena_before_any_thread_of_its_own_starts(tmp_pat
     operator-token warning just before it: with the token unset, that thread ran first.
     Run in a fresh interpreter: the test process may hold such a thread from other tests."""
     config, _, _ = write_config(tmp_path)
-    probe = (
-        "import sys, threading\n"
-        "from gateway import argon2_pool, workers\n"
-        "def record():\n"
-        "    print(sorted(t.name for t in threading.enumerate() if t.name == 'keygate-log'))\n"
-        "    sys.stdout.flush()\n"
-        "    raise SystemExit(0)\n"
-        "argon2_pool.one_malloc_arena = record\n"
-        f"workers.serve({str(config)!r})\n")
-    child_env = {k: v for k, v in env().items() if k != "KEYGATE_ADMIN_TOKEN"}
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         env=child_env, timeout=60)
+    run = _threads_when(config, "argon2_pool.one_malloc_arena", "t.name == 'keygate-log'")
     assert run.stdout.strip() == "[]", f"threads started before one_malloc_arena: {run}"
 
 
@@ -666,18 +655,25 @@ def test_the_supervisor_forks_its_workers_with_no_other_thread_running(tmp_path,
     operator-token warning, with the token unset), was still running. Run in a fresh
     interpreter, ``os.fork`` replaced by a probe that lists the threads and stops."""
     config, _, _ = write_config(tmp_path, redis_url=redis_url)
-    probe = (
-        "import os, sys, threading\n"
-        "from gateway import workers\n"
-        "def fork():\n"
-        "    print(sorted(t.name for t in threading.enumerate()\n"
-        "                 if t is not threading.main_thread()))\n"
-        "    sys.stdout.flush()\n"
-        "    os._exit(0)\n"
-        "os.fork = fork\n"
-        f"workers.serve({str(config)!r}, workers=2)\n")
-    child_env = {k: v for k, v in env().items() if k != "KEYGATE_ADMIN_TOKEN"}
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         env=child_env, timeout=60)
+    run = _threads_when(config, "os.fork", "t is not threading.main_thread()", ", workers=2")
     assert run.stdout.strip() == "[]", f"threads running at fork(): {run}"
     assert "KEYGATE_ADMIN_TOKEN" in run.stderr, run.stderr  # the line was logged, and written
+
+
+def _threads_when(config, call: str, which: str, serve_args: str = ""):
+    """``keygate serve`` of ``config`` in a fresh interpreter with KEYGATE_ADMIN_TOKEN unset
+    (so that serve logs its warning, which starts the log writer's thread), until it makes
+    ``call`` (replaced): prints the names of the threads running then that ``which`` (an
+    expression of ``t``) selects, and exits."""
+    probe = (
+        "import os, sys, threading\n"
+        "from gateway import argon2_pool, workers\n"
+        "def stop(*_):\n"
+        f"    print(sorted(t.name for t in threading.enumerate() if {which}))\n"
+        "    sys.stdout.flush()\n"
+        "    os._exit(0)\n"
+        f"{call} = stop\n"
+        f"workers.serve({str(config)!r}{serve_args})\n")
+    child_env = {k: v for k, v in env().items() if k != "KEYGATE_ADMIN_TOKEN"}
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=child_env, timeout=60)

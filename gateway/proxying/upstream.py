@@ -126,11 +126,7 @@ class UpstreamPool:
 
     def _wake_one(self) -> None:
         """A connection went idle or a slot came free: the longest waiter may take it."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+        _wake_first(self._waiters)
 
     async def _checkout(self, deadline: float | None = None) -> tuple[UpstreamConnection, bool]:
         """An idle connection (reused: True) or a new one, within ``max_connections``; waiting
@@ -275,12 +271,8 @@ class UpstreamPool:
 
     def _release_upload(self) -> None:
         """An upload slot came free: to the longest waiter, else back to the pool."""
-        while self._upload_waiters:
-            waiter = self._upload_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self.streaming -= 1
+        if not _wake_first(self._upload_waiters):
+            self.streaming -= 1
 
     async def _exchange(self, conn: UpstreamConnection, head: bytes, body: BodySource | None,
                         content_length: int | None, timeout: float,
@@ -417,3 +409,13 @@ class UpstreamPool:
                 waiter.exception()
         self._waiters.clear()
         self._upload_waiters.clear()
+
+
+def _wake_first(waiters: "collections.deque[asyncio.Future]") -> bool:
+    """Wake the longest of ``waiters`` still waiting (False: none is)."""
+    while waiters:
+        waiter = waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(None)
+            return True
+    return False
