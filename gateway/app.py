@@ -212,14 +212,22 @@ def workspace_admin(pipeline: Pipeline):
     """The admin API's check of a ``keys:admin`` key: the proxy pipeline's own steps
     (format, throttle, argon2 or the cache, then state and scope against the store)."""
     from .admin import Actor
+    from .admin.middleware import confine
+    from .errors import GatewayError
 
     async def authenticate_key(token: str, request: web.BaseRequest) -> Actor:
         # the key's IP allow-list holds here as on the proxy listener (SPEC: 403
         # ip_not_allowed), against the address the failure throttle saw
         client = pipeline.client_ip(request)
         key = await pipeline.authenticate(token, client)
+        try:  # a call out of the key's reach (refused by confine once it is admitted: 404
+            confine(request, Actor(key.key_id, key.workspace))  # or 403) is not a use
+        except GatewayError:
+            reached = False
+        else:
+            reached = True
         key, _, _ = await pipeline.authorise(key, ("keys:admin",), count=False, client=client,
-                                             stamp=True)  # a use: last_used_at, not usage
+                                             stamp=reached)  # a use: last_used_at, not usage
         return Actor(key.key_id, key.workspace, key.scopes, key.expires_at)
     return authenticate_key
 

@@ -327,3 +327,17 @@ async def test_a_workspace_admin_key_used_on_the_admin_api_is_stamped_last_used(
     status, body = await gut.admin_json("GET", f"/workspaces/acme/keys/{gut.admin_key['id']}")
     assert status == 200 and body["last_used_at"] is not None
     assert await gut.used("acme") == 0
+
+
+async def test_a_workspace_admin_keys_refused_admin_call_stamps_nothing(gut):
+    """Only a keys:admin key's allowed calls stamp last_used_at: one the admin API refuses as
+    out of its reach (another workspace: 404; an operator-only route: 403) is not a use."""
+    key_path = f"/workspaces/acme/keys/{gut.admin_key['id']}"
+    status, body = await gut.admin_json("GET", key_path)
+    assert status == 200 and body["last_used_at"] is None
+    status, _ = await as_key(gut, gut.admin_token, "GET", "/workspaces/acme/audit")
+    assert status == 403
+    status, _ = await as_key(gut, gut.admin_token, "GET", "/workspaces/other/keys")
+    assert status == 404
+    status, body = await gut.admin_json("GET", key_path)
+    assert status == 200 and body["last_used_at"] is None

@@ -550,3 +550,35 @@ async def test_an_upstreams_trailers_never_become_response_headers(redis_url, mo
     assert b"session=forged" not in head and b"X-Trailer" not in head, head
     assert head.count(b"Content-Type") == 1 and b"Content-Type: text/plain" in head, head
     assert body == (b"ok" if method == "GET" else b"")
+
+
+async def test_a_trailer_after_a_long_read_is_not_judged_an_end_without_trailers(edge):
+    """The end of a chunked body is judged on the connection's last bytes, which must be
+    contiguous: the tails of the last two reads joined are not, once the latest read is
+    longer than the tail kept of it. A last chunk ``0;e`` ending one read and a trailer
+    section of more than that tail in the next read joined as ``\\r\\n0;e`` + ``aaa…\\r\\n\\r\\n``,
+    which reads as an end without trailers: the connection went on, and the pending trailer
+    field became the first header of the next request."""
+    head = b"POST /public/x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0;e"
+    trailer = b"xt\r\nX-Smuggled-Last: v" + b"a" * 700 + b"\r\n\r\n"
+    follow = b"GET /public/y HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+    reader, writer = await edge.raw_connection()
+    try:
+        writer.write(head)
+        await writer.drain()
+        await asyncio.sleep(0.3)  # a read of its own
+        writer.write(trailer)
+        first = await asyncio.wait_for(reader.readuntil(b"ok"), 3)
+        assert statuses(first) == [200]
+        try:
+            writer.write(follow)
+            await writer.drain()
+            rest = await asyncio.wait_for(reader.read(65536), 3)
+        except ConnectionError:
+            rest = b""
+    finally:
+        writer.close()
+    assert statuses(rest) in ([], [200])
+    assert all(not r.header(b"X-Smuggled-Last") for r in edge.up.requests), \
+        [r.headers for r in edge.up.requests]
+    assert b"Smuggled" not in b"".join(edge.up.raw)

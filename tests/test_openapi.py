@@ -279,3 +279,30 @@ def test_the_documented_role_name_is_the_one_the_api_takes(name):
     except BadRequest:
         taken = False
     assert documented == taken, (name, ROLE_NAME)
+
+
+async def test_a_role_stored_under_an_old_name_fits_the_document(redis_url, upstream,
+                                                                  monkeypatch):
+    """A workspace role an earlier version stored under a name that is no slug (upper case,
+    '_', '.') is still listed and deletable, so the document must describe it: the Role
+    object's name and DELETE's path parameter took the slug pattern alone, and a client
+    checking answers against the document (or a generated one checking its arguments)
+    refused the listing and could not delete the role."""
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace("acme")
+        await g.gw.store.put_role("acme", "Read_Only.v1", ["people:read"])  # as stored before
+        async with g.admin.get("/admin/v1/openapi.json") as r:
+            doc = await r.json()
+        status, listing = await g.admin_json("GET", "/workspaces/acme/roles")
+        assert status == 200
+        role = doc["components"]["schemas"]["Role"]["properties"]["name"]
+        for item in listing["items"]:
+            assert len(item["name"]) <= role["maxLength"], item
+            assert re.search(role["pattern"], item["name"]), (item, role)
+        item = doc["paths"]["/admin/v1/workspaces/{ws}/roles/{name}"]
+        params = item.get("parameters", []) + item["delete"].get("parameters", [])
+        name = [p for p in params if p["name"] == "name"][0]["schema"]
+        assert re.search(name["pattern"], "Read_Only.v1"), name
+        status, _ = await g.admin_json("DELETE", "/workspaces/acme/roles/Read_Only.v1")
+        assert status == 200

@@ -26,6 +26,7 @@ from .api import WORKSPACE_ADMIN_ROUTES
 from .openapi_proxy import proxy_paths
 from .openapi_schemas import (ADMIN_401, BAD_400, DAYS, JSON, KEY, NOT_FOUND_404,
                               REQUEST_ID_HEADER, RETRY_AFTER, ROLE_NAME, STORE_503,
+                              STORED_ROLE_NAME,
                               TIMEOUT_408, TOO_LARGE_413, WS, Schema, err, list_params, obj, ok,
                               op, param, ref, schemas)
 
@@ -145,13 +146,16 @@ def admin_paths() -> dict[str, Schema]:
                       tags=["roles"]),
         },
         v1 + "/{ws}/roles/{name}": {
-            "parameters": [WS, param("name", "path", ROLE_NAME, "role name")],
+            "parameters": [WS],
             "put": op("Create or replace a workspace role",
                       ok(200, ref("Role"), "the role"), *with_body, NOT_FOUND_404,
-                      body=ref("RolePut"), tags=["roles"]),
+                      body=ref("RolePut"), tags=["roles"],
+                      params=[param("name", "path", ROLE_NAME, "role name (a slug)")]),
+            # an earlier version's role name (not a slug) is still deletable
             "delete": op("Delete a workspace role (404 when the workspace does not define it)",
                          ok(200, ref("Role"), "the role as it was"), *common, NOT_FOUND_404,
-                         body=obj({}), tags=["roles"]),
+                         body=obj({}), tags=["roles"],
+                         params=[param("name", "path", STORED_ROLE_NAME, "role name")]),
         },
         v1 + "/{ws}/audit": {
             "parameters": [WS],

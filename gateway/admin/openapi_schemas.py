@@ -20,6 +20,10 @@ SCOPE: Schema = {"type": "string", "maxLength": 128,
                  "pattern": r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)*$"}
 ROLE_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": 63,  # validate.parse_role_name
                      "pattern": r"^[a-z0-9][a-z0-9-]*$"}
+# A role name as stored and answered: a slug, or a name an earlier version took (a letter or
+# digit, then letters, digits, '_', '.', '-'; at most 64) - still listed, used and deletable
+STORED_ROLE_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": 64,
+                            "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"}
 RATE_LIMIT: Schema = {"type": "string", "pattern": r"^\s*[0-9]+\s*/\s*[sm]\s*$",
                       "description": "`N/s` or `N/m`."}
 SINGLE_LINE = r"^[^\u0000-\u001f\u007f-\u009f]*$"
@@ -136,7 +140,7 @@ def schemas() -> dict[str, Schema]:
                                  "description": "shown once; never retrievable again"}}),
         "Usage": usage,
         "SelfUsage": self_usage,
-        "Role": obj({"name": ROLE_NAME, "scopes": {"type": "array", "items": SCOPE},
+        "Role": obj({"name": STORED_ROLE_NAME, "scopes": {"type": "array", "items": SCOPE},
                      "source": {"enum": ["workspace", "config"]}}),
         "RoleList": items_of(ref("Role")),
         "RolePut": obj({"scopes": {"type": "array", "items": SCOPE, "maxItems": 100}}),

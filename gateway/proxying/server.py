@@ -138,10 +138,19 @@ class _JsonErrorRequestHandler(RequestHandler):
             return
         if not pending.is_eof():
             self._chunked = pending  # judged once its end has been parsed
-        elif _TRAILERLESS_END.search(self._before[-_RECENT:] + self._latest[-_RECENT:]) is None:
+        elif _TRAILERLESS_END.search(self._tail()) is None:
             # (an end split over more than the last two reads is not recognised: the
             # connection is closed, as for one with trailers)
             self._close_after_chunked(len(queued))
+
+    def _tail(self) -> bytes:
+        """The connection's last ``_RECENT`` bytes received (fewer when the last two reads
+        hold fewer), contiguous: the tails of both reads joined are not once the latest is
+        longer than ``_RECENT``, and could then read as an end without trailers."""
+        latest = self._latest
+        if len(latest) >= _RECENT:
+            return latest[-_RECENT:]
+        return self._before[len(latest) - _RECENT:] + latest
 
     def _close_after_chunked(self, keep: int) -> None:
         queued = self._messages
