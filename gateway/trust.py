@@ -77,7 +77,7 @@ def throttle_client(address: str) -> str:
 def as_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """The network ``text`` names; an IPv4-mapped one (``::ffff:10.0.0.5``,
     ``::ffff:10.0.0.0/104``) as the IPv4 network it is, since addresses are compared as IPv4
-    (as a key's ``allowed_ips`` keep such an entry)."""
+    (a key's ``allowed_ips`` are read the same way)."""
     net = ipaddress.ip_network(text.strip(), strict=False)
     if net.version == 6 and net.prefixlen >= 96:
         mapped = net.network_address.ipv4_mapped

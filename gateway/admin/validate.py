@@ -6,7 +6,6 @@ fix the request without reading the source. The store trusts what these return.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from typing import Any, Mapping
@@ -16,6 +15,7 @@ from ..errors import BadRequest, shown
 from ..models import (LIMIT_FIELDS, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
                       whole_second)
 from ..store import WORKSPACE_ID_RE
+from ..trust import as_network
 
 MAX_NAME = 200
 MAX_DESCRIPTION = 2000
@@ -274,12 +274,9 @@ def parse_allowed_ips(value: Any) -> tuple[str, ...] | None:
             if not isinstance(item, str) or len(item) > 64 or item != item.strip() \
                     or "%" in item:  # a zone ("fe80::1%eth0") names one host's interface,
                 raise ValueError     # and ipaddress keeps any text there, escapes included
-            net = ipaddress.ip_network(item, strict=False)
-            mapped = net.network_address.ipv4_mapped if net.version == 6 else None
-            if mapped is not None and net.prefixlen >= 96:
-                # ::ffff:a.b.c.d/n: clients are compared as IPv4 (as the failure throttle sees
-                # them), so the entry is kept as the IPv4 network it names
-                net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}", strict=False)
+            # ::ffff:a.b.c.d/n is kept as the IPv4 network it names: clients are compared as
+            # IPv4 (as the failure throttle and trusted_proxies see them)
+            net = as_network(item)
         except ValueError:
             raise BadRequest(f"The field 'allowed_ips' holds {shown(str(item))!r}, which is not "
                              "an IP address or CIDR like '203.0.113.0/24'.") from None
