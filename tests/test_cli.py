@@ -895,6 +895,22 @@ async def test_roles_set_list_and_delete(admin_url, keygate):
     assert {r["name"] for r in body["items"]} == {"reader"}
 
 
+async def test_roles_delete_of_a_role_keys_use_says_why_and_what_to_do(admin_url, keygate):
+    """The API refuses to delete a role keys still use (409); the CLI passes its message on:
+    exit 1, how many keys and what to do on stderr, the error body with --json."""
+    await make_workspace(keygate)
+    assert (await keygate("roles", "set", "--workspace", "acme", "auditor", "--scope",
+                          "audit:read")).code == 0
+    key_id = (await make_key(keygate, "acme", "--role", "auditor"))["key"]["id"]
+    run = await keygate("roles", "delete", "--workspace", "acme", "auditor")
+    assert run.code == 1 and run.out == ""
+    assert "(conflict)" in run.err and "1 key " in run.err and "re-role" in run.err
+    as_json = await keygate("roles", "delete", "--workspace", "acme", "auditor", "--json")
+    assert as_json.code == 1 and as_json.json()["error"]["code"] == "conflict"
+    assert (await keygate("keys", "update", "--workspace", "acme", key_id, "--role",
+                          "reader")).code == 0
+    assert (await keygate("roles", "delete", "--workspace", "acme", "auditor")).code == 0
+
 async def test_audit_lists_lifecycle_events_newest_first(admin_url, keygate):
     await make_workspace(keygate)
     key_id = (await make_key(keygate, "acme", "--role", "reader"))["key"]["id"]

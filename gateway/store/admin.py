@@ -19,8 +19,8 @@ from ..usage import effective_plan, limits_json, month_period
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, confirmed_write, no_workspace,
                          store_errors)
 from .admin_keys import KeyStore
-from .keyspace import (WORKSPACES, daily_key, key_daily_key, key_usage_key, usage_key,
-                       ws_audit_key, ws_key, ws_roles_key)
+from .keyspace import (WORKSPACES, daily_key, key_daily_key, key_key, key_usage_key, usage_key,
+                       ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
 from .records import (UNSET, WORKSPACE_ID_RE, epoch_field, hash_pairs, shown_ws, slug_from_name,
                       workspace_from_hash)
 
@@ -140,7 +140,11 @@ class Store(KeyStore):
 
     async def delete_role(self, ws: str, name: str, *, actor: str = OPERATOR) -> None:
         """Remove a workspace role (NotFound if the workspace does not define it). Keys bound to
-        it fall back to the configured role of that name, or have no scopes."""
+        it fall back to the configured role of that name. Without one, Conflict while any key
+        that is not revoked or expired (a disabled one too) is bound to it: it would be left
+        with no scopes. The count and the delete are one script, and binding a key to a
+        workspace role checks the role in the binding's script, so neither can slip past the
+        other."""
         await self._set_role(ws, "delete", name, None, actor)
 
     @confirmed_write
@@ -149,14 +153,23 @@ class Store(KeyStore):
         if not WORKSPACE_ID_RE.fullmatch(ws):
             raise no_workspace(ws)
         details = {"scopes": scopes} if scopes is not None else {}
+        now = self.clock()
         reply = await self._run(
-            "set_role", (ws_key(ws), ws_roles_key(ws), ws_audit_key(ws)),
+            "set_role", (ws_key(ws), ws_roles_key(ws), ws_audit_key(ws), ws_keys_key(ws)),
             (op, name, json.dumps(scopes or []),
-             self._audit_entry(self.clock(), actor, f"role.{op}", name, details), AUDIT_MAXLEN))
+             self._audit_entry(now, actor, f"role.{op}", name, details), AUDIT_MAXLEN,
+             epoch_field(now), "1" if name in self.config.roles else "0", key_key(ws, "")))
         if reply == "no_workspace":
             raise no_workspace(ws)
         if reply == "not_found":
             raise NotFound(f"Workspace '{shown_ws(ws)}' defines no role '{shown(name)}'.")
+        if isinstance(reply, list) and reply and reply[0] == "in_use":
+            count = int(reply[1])
+            keys = "1 key" if count == 1 else f"{count} keys"
+            raise Conflict(f"Role '{shown(name)}' of workspace '{shown_ws(ws)}' is still used by "
+                           f"{keys} (active or disabled), which would be left with no scopes; "
+                           "re-role them (PATCH the key's 'role' or 'scopes') or revoke them "
+                           "first.")
 
 
     # --- usage and audit ----------------------------------------------------------------------
