@@ -269,6 +269,50 @@ def test_config_check_defaults_to_keygate_config_env(tmp_path, capsys, monkeypat
     assert capsys.readouterr().out == f"ok: {path}\n"
 
 
+async def test_config_check_reports_a_plan_and_a_role_the_store_still_uses(tmp_path, redis_url,
+                                                                          capsys):
+    """A file that lacks a plan workspaces are on (they would fall back to default_plan) or a
+    configured role keys are bound to (they would have no scopes) passed `config check`; the
+    reload that followed changed limits and scopes without a word. Both are now problems,
+    asked of the file's store in one bounded call."""
+    import dataclasses
+
+    from gateway.config import Argon2Config, Config, Plan
+    from gateway.store import Store
+
+    config = Config(plans={"free": Plan("free"), "enterprise": Plan("enterprise")},
+                    default_plan="free", roles={"reader": ("people:read",)})
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, argon2=Argon2Config(1, 8, 1)))
+    store = await Store.connect(redis_url, config)
+    try:
+        await store.create_workspace("acme", "Acme", "enterprise")
+        await store.create_workspace("small", "Small", "free")
+        await store.create_key("acme", name="k", environment="live", role="reader")
+    finally:
+        await store.close()
+    path = tmp_path / "keygate.yaml"
+    path.write_text(f"store: {{redis_url: '{redis_url}'}}\n"
+                    "plans: {free: {}}\ndefault_plan: free\n" + GOOD_CONFIG)
+    code = await asyncio.to_thread(main, ["config", "check", str(path)])
+    assert code == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"{path}:2: plans: plan 'enterprise'" in err and "1 workspace (acme)" in err
+    assert f"{path}:1: roles: role 'reader'" in err and "1 key " in err
+    path.write_text(f"store: {{redis_url: '{redis_url}'}}\nplans: {{free: {{}}, enterprise: "
+                    "{}}\ndefault_plan: free\nroles: {reader: [people:read]}\n" + GOOD_CONFIG)
+    assert await asyncio.to_thread(main, ["config", "check", str(path)]) == 0
+
+
+def test_config_check_notes_a_store_it_cannot_ask_and_passes(tmp_path, capsys):
+    path = tmp_path / "keygate.yaml"
+    path.write_text("store: {redis_url: 'redis://127.0.0.1:1/0', timeout: 0.5}\n" + GOOD_CONFIG)
+    assert main(["config", "check", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"ok: {path}\n"
+    assert "note:" in err and "not checked" in err
+
 def test_python_dash_m_gateway_runs_the_cli(tmp_path):
     path = tmp_path / "keygate.yaml"
     path.write_text(GOOD_CONFIG)

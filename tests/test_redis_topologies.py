@@ -376,6 +376,11 @@ async def test_cluster_gateway_runs_every_store_operation_across_nodes(
         assert status == 200
         status, _ = await gut.admin_json("DELETE", f"/workspaces/{ws}/roles/ops")
         assert status == 200
+        # what a reload may not drop, read across every node's slots in pipelines
+        plans, roles = await gut.gw.store.config_names_in_use(None)
+        assert sorted(w for ids in plans.values() for w in ids) == spread
+        assert ws not in roles.get("reader", {})  # its key is bound to scopes now
+        assert set(roles["reader"]) == set(spread) - {ws}
         assert await _status(gut, tokens[ws]) == (403, "insufficient_scope")
         status, rotated = await gut.admin_json("POST",
                                                f"/workspaces/{ws}/keys/{key_id}/rotate", {})

@@ -11,7 +11,7 @@ import json
 import secrets
 import string
 from datetime import datetime, timedelta, timezone
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from ..errors import Conflict, NotFound, StoreError, shown
 from ..models import KeyRecord, Workspace, rfc3339
@@ -172,6 +172,61 @@ class Store(KeyStore):
                            "first.")
 
 
+    # --- what the config names that the store uses ---------------------------------------------
+
+    async def config_names_in_use(self, roles: Collection[str] | None = ()
+                                  ) -> tuple[dict[str, list[str]], dict[str, dict[str, int]]]:
+        """What a config may not drop: (plan -> ids of the workspaces on it, role -> {workspace
+        id: keys}) where the role counts the keys, not revoked or expired (disabled ones
+        included), bound to it in workspaces that do not define it themselves (they act with
+        the configured role's scopes). ``roles``: the role names to count (None: every one;
+        empty: none, and no key is read). Pipelined reads (the workspace set, each workspace's
+        plan, then the key hashes roles need), never one round trip per workspace; the caller
+        bounds the time (``gateway.config_in_use``)."""
+        count_roles = roles is None or bool(roles)
+        now = self.clock()
+        with store_errors("read"):
+            ids = sorted(await self.redis.smembers(WORKSPACES))
+            replies: list[Any] = []
+            if ids:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for ws in ids:
+                        pipe.hget(ws_key(ws), "plan")
+                        if count_roles:
+                            pipe.hkeys(ws_roles_key(ws))
+                            pipe.smembers(ws_keys_key(ws))
+                    replies = await pipe.execute()
+            step = 3 if count_roles else 1
+            plans: dict[str, list[str]] = {}
+            asked: list[tuple[str, frozenset[str]]] = []   # (ws, its own roles), per key read
+            key_ids: list[str] = []
+            for i, ws in enumerate(ids):
+                plan = replies[i * step]
+                if plan is None:  # named by the set, not created (see the key layout)
+                    continue
+                plans.setdefault(plan, []).append(ws)
+                if count_roles:
+                    own = frozenset(replies[i * step + 1])
+                    if roles is not None and own >= set(roles):
+                        continue  # it defines every role asked about: its keys never count
+                    for key_id in sorted(replies[i * step + 2]):
+                        asked.append((ws, own))
+                        key_ids.append(key_id)
+            bound: dict[str, dict[str, int]] = {}
+            if key_ids:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for (ws, _), key_id in zip(asked, key_ids):
+                        pipe.hmget(key_key(ws, key_id), ["role", "revoked_at", "expires_at"])
+                    fields = await pipe.execute()
+                for (ws, own), (role, revoked_at, expires_at) in zip(asked, fields):
+                    if not role or role in own or (roles is not None and role not in roles):
+                        continue
+                    if revoked_at or _expired(expires_at, now):
+                        continue
+                    per_ws = bound.setdefault(role, {})
+                    per_ws[ws] = per_ws.get(ws, 0) + 1
+        return plans, bound
+
     # --- usage and audit ----------------------------------------------------------------------
 
     async def usage(self, ws: str) -> dict:
@@ -259,3 +314,10 @@ class Store(KeyStore):
             except (KeyError, ValueError) as exc:
                 raise StoreError("the store holds a malformed audit entry") from exc
         return events
+
+
+def _expired(expires_at: str | None, now: float) -> bool:
+    try:
+        return bool(expires_at) and float(expires_at) <= now
+    except ValueError:  # not ours to judge here: counted as in use
+        return False
