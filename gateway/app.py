@@ -142,7 +142,12 @@ async def running_gateway(config: Config, store_url: str, *,
             logging.getLogger().setLevel(new.server.log_level.upper())
             gw.config = new
 
-        gw.reloader = Reloader(config, config_path, swap, metrics, clock=clock)
+        from .config_in_use import in_use_problems
+
+        async def in_use(new: Config, old: Config) -> list[str]:
+            return await in_use_problems(store, new, old)
+
+        gw.reloader = Reloader(config, config_path, swap, metrics, clock=clock, in_use=in_use)
         add_reload_route(admin_app, gw.reloader)
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # serve --workers N: another worker
             flushing = asyncio.ensure_future(_flush_metrics_every(metrics))  # may answer scrapes

@@ -21,12 +21,12 @@ import signal
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
 from .config import Config, TLSConfig, load_config, servable_problems
-from .errors import BadRequest, ConfigError, Conflict
+from .errors import BadRequest, ConfigError, Conflict, StoreError
 
 log = logging.getLogger("keygate")
 
@@ -80,13 +80,20 @@ def keep_restart_only(old: Config, new: Config) -> tuple[Config, tuple[str, ...]
 
 
 class Reloader:
-    """Owns one gateway's reloads. ``apply`` does the swap (built by ``gateway.app``)."""
+    """Owns one gateway's reloads. ``apply`` does the swap (built by ``gateway.app``).
+
+    ``in_use``: ``(new, old) -> problems``, what ``new`` drops that the store still uses (a
+    plan workspaces are on, a configured role keys are bound to; ``gateway.config_in_use``);
+    it raises ``StoreError`` when the store cannot say, and the reload then goes ahead with a
+    warning naming what was not checked."""
 
     def __init__(self, config: Config, path: str | None, apply: Callable[[Config], None],
-                 metrics=None, clock: Callable[[], float] = time.time) -> None:
+                 metrics=None, clock: Callable[[], float] = time.time,
+                 in_use: Callable[[Config, Config], Awaitable[list[str]]] | None = None) -> None:
         self.config = config
         self.path = path
         self.apply = apply
+        self.in_use = in_use
         self.metrics = metrics
         self.clock = clock
         self._lock = asyncio.Lock()
@@ -106,6 +113,8 @@ class Reloader:
                 # what serve refuses to start on (no routes: a file emptied by mistake or
                 # caught half-written) is no config to swap in either
                 if problems := servable_problems(new):
+                    raise ConfigError(problems)
+                if problems := await self._in_use(new):
                     raise ConfigError(problems)
             except ConfigError as exc:
                 for problem in exc.problems:
@@ -132,6 +141,17 @@ class Reloader:
             else:
                 log.info("config reloaded from %s", self.path)
             return ReloadResult(self.path, now, kept)
+
+    async def _in_use(self, new: Config) -> list[str]:
+        if self.in_use is None:
+            return []
+        try:
+            return await self.in_use(new, self.config)
+        except StoreError as exc:
+            from .config_in_use import not_checked
+            log.warning("reload: could not check %s (%s); reloading without that check",
+                        not_checked(new, self.config), exc)
+            return []
 
     async def on_signal(self) -> None:
         """SIGHUP: reload, log the outcome (a signal has nobody to answer)."""

@@ -269,6 +269,50 @@ def test_config_check_defaults_to_keygate_config_env(tmp_path, capsys, monkeypat
     assert capsys.readouterr().out == f"ok: {path}\n"
 
 
+async def test_config_check_reports_a_plan_and_a_role_the_store_still_uses(tmp_path, redis_url,
+                                                                          capsys):
+    """A file that lacks a plan workspaces are on (they would fall back to default_plan) or a
+    configured role keys are bound to (they would have no scopes) passed `config check`; the
+    reload that followed changed limits and scopes without a word. Both are now problems,
+    asked of the file's store in one bounded call."""
+    import dataclasses
+
+    from gateway.config import Argon2Config, Config, Plan
+    from gateway.store import Store
+
+    config = Config(plans={"free": Plan("free"), "enterprise": Plan("enterprise")},
+                    default_plan="free", roles={"reader": ("people:read",)})
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, argon2=Argon2Config(1, 8, 1)))
+    store = await Store.connect(redis_url, config)
+    try:
+        await store.create_workspace("acme", "Acme", "enterprise")
+        await store.create_workspace("small", "Small", "free")
+        await store.create_key("acme", name="k", environment="live", role="reader")
+    finally:
+        await store.close()
+    path = tmp_path / "keygate.yaml"
+    path.write_text(f"store: {{redis_url: '{redis_url}'}}\n"
+                    "plans: {free: {}}\ndefault_plan: free\n" + GOOD_CONFIG)
+    code = await asyncio.to_thread(main, ["config", "check", str(path)])
+    assert code == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"{path}:2: plans: plan 'enterprise'" in err and "1 workspace (acme)" in err
+    assert f"{path}:1: roles: role 'reader'" in err and "1 key " in err
+    path.write_text(f"store: {{redis_url: '{redis_url}'}}\nplans: {{free: {{}}, enterprise: "
+                    "{}}\ndefault_plan: free\nroles: {reader: [people:read]}\n" + GOOD_CONFIG)
+    assert await asyncio.to_thread(main, ["config", "check", str(path)]) == 0
+
+
+def test_config_check_notes_a_store_it_cannot_ask_and_passes(tmp_path, capsys):
+    path = tmp_path / "keygate.yaml"
+    path.write_text("store: {redis_url: 'redis://127.0.0.1:1/0', timeout: 0.5}\n" + GOOD_CONFIG)
+    assert main(["config", "check", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"ok: {path}\n"
+    assert "note:" in err and "not checked" in err
+
 def test_python_dash_m_gateway_runs_the_cli(tmp_path):
     path = tmp_path / "keygate.yaml"
     path.write_text(GOOD_CONFIG)
@@ -894,6 +938,22 @@ async def test_roles_set_list_and_delete(admin_url, keygate):
     body = (await keygate("roles", "list", "--workspace", "acme", "--json")).json()
     assert {r["name"] for r in body["items"]} == {"reader"}
 
+
+async def test_roles_delete_of_a_role_keys_use_says_why_and_what_to_do(admin_url, keygate):
+    """The API refuses to delete a role keys still use (409); the CLI passes its message on:
+    exit 1, how many keys and what to do on stderr, the error body with --json."""
+    await make_workspace(keygate)
+    assert (await keygate("roles", "set", "--workspace", "acme", "auditor", "--scope",
+                          "audit:read")).code == 0
+    key_id = (await make_key(keygate, "acme", "--role", "auditor"))["key"]["id"]
+    run = await keygate("roles", "delete", "--workspace", "acme", "auditor")
+    assert run.code == 1 and run.out == ""
+    assert "(conflict)" in run.err and "1 key " in run.err and "re-role" in run.err
+    as_json = await keygate("roles", "delete", "--workspace", "acme", "auditor", "--json")
+    assert as_json.code == 1 and as_json.json()["error"]["code"] == "conflict"
+    assert (await keygate("keys", "update", "--workspace", "acme", key_id, "--role",
+                          "reader")).code == 0
+    assert (await keygate("roles", "delete", "--workspace", "acme", "auditor")).code == 0
 
 async def test_audit_lists_lifecycle_events_newest_first(admin_url, keygate):
     await make_workspace(keygate)

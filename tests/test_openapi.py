@@ -306,3 +306,22 @@ async def test_a_role_stored_under_an_old_name_fits_the_document(redis_url, upst
         assert re.search(name["pattern"], "Read_Only.v1"), name
         status, _ = await g.admin_json("DELETE", "/workspaces/acme/roles/Read_Only.v1")
         assert status == 200
+
+
+async def test_refusing_to_delete_a_role_keys_use_is_in_the_document(redis_url, upstream,
+                                                                     monkeypatch):
+    """DELETE of a workspace role that keys still use answers 409 ``conflict`` (the keys would
+    be left with no scopes); the document described 404 for that call and no 409, so a client
+    generated from it could not expect the refusal."""
+    doc = document()
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace("acme")
+        status, _ = await g.admin_json("PUT", "/workspaces/acme/roles/ops",
+                                       {"scopes": ["people:read"]})
+        assert status == 200
+        await g.key("acme", role="ops")
+        status, body = await g.admin_json("DELETE", "/workspaces/acme/roles/ops")
+    assert (status, body["error"]["code"]) == (409, "conflict")
+    assert "conflict" in documented_codes(doc, "DELETE", "/admin/v1/workspaces/{ws}/roles/{name}",
+                                          409)

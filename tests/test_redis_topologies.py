@@ -362,9 +362,25 @@ async def test_cluster_gateway_runs_every_store_operation_across_nodes(
         assert await _status(gut, tokens[ws]) == (200, None)
         status, keys = await gut.admin_json("GET", f"/workspaces/{ws}/keys")
         key_id = keys["items"][0]["id"]
+        # a workspace-only role in use is not deleted (the script reads the slot's key hashes)
+        status, _ = await gut.admin_json("PUT", f"/workspaces/{ws}/roles/ops",
+                                         {"scopes": ["companies:read"]})
+        assert status == 200
+        status, _ = await gut.admin_json("PATCH", f"/workspaces/{ws}/keys/{key_id}",
+                                         {"role": "ops"})
+        assert status == 200
+        status, refused = await gut.admin_json("DELETE", f"/workspaces/{ws}/roles/ops")
+        assert (status, refused["error"]["code"]) == (409, "conflict"), refused
         status, _ = await gut.admin_json("PATCH", f"/workspaces/{ws}/keys/{key_id}",
                                          {"scopes": ["companies:read"]})
         assert status == 200
+        status, _ = await gut.admin_json("DELETE", f"/workspaces/{ws}/roles/ops")
+        assert status == 200
+        # what a reload may not drop, read across every node's slots in pipelines
+        plans, roles = await gut.gw.store.config_names_in_use(None)
+        assert sorted(w for ids in plans.values() for w in ids) == spread
+        assert ws not in roles.get("reader", {})  # its key is bound to scopes now
+        assert set(roles["reader"]) == set(spread) - {ws}
         assert await _status(gut, tokens[ws]) == (403, "insufficient_scope")
         status, rotated = await gut.admin_json("POST",
                                                f"/workspaces/{ws}/keys/{key_id}/rotate", {})

@@ -624,3 +624,107 @@ async def test_a_request_in_flight_is_allow_listed_by_the_client_address_it_was_
         # the next one comes from the proxy, now untrusted: its own address is not allowed
         async with gw.proxy.get("/people/2", headers=sent) as r:
             assert (r.status, (await r.json())["error"]["code"]) == (403, "ip_not_allowed")
+
+
+# --- a reload that drops a plan or a role still in use -------------------------------------------
+
+TWO_PLANS = {"starter": {"monthly_requests": 1000, "max_keys": 5},
+             "enterprise": {"monthly_requests": None, "max_keys": None}}
+
+
+async def test_a_reload_that_drops_a_plan_workspaces_are_on_is_refused(reloadable, upstreams,
+                                                                      caplog):
+    """A workspace whose plan the new file no longer has falls back to ``default_plan``
+    (``Config.plan_of``), while its object still names the old plan: an enterprise customer
+    renamed away in the file was silently capped at the starter quota and key count, and the
+    reload said ok. The reload is now refused, naming the plan and how many workspaces are on
+    it, and the config in force keeps serving."""
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    write(path, config_doc(urls["a"], plans=TWO_PLANS))
+    status, result = await reload(gw)
+    assert status == 200, result
+    for ws in ("big", "bigger"):
+        await gw.workspace(ws, plan="enterprise")
+    write(path, config_doc(urls["a"], plans={
+        "starter": TWO_PLANS["starter"], "enterprise-2024": TWO_PLANS["enterprise"]}))
+    with caplog.at_level(logging.WARNING, logger="keygate"):
+        status, body = await reload(gw)
+    assert status == 400, body
+    problems = body["error"]["problems"]
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{path}:"), problems
+    assert "plans: " in problems[0] and "'enterprise'" in problems[0]
+    assert "2 workspaces" in problems[0] and "big" in problems[0]
+    assert problems[0] in caplog.text
+    assert "the config in force is unchanged" in caplog.text
+    status, usage = await gw.admin_json("GET", "/workspaces/big/usage")
+    assert usage["limit"] is None and usage["limits"]["max_keys"] is None  # still enterprise
+    assert gw.counter("keygate_config_reloads_total", result="error") == 1
+    # a plan no workspace is on goes without a word; moving them first lets the rename through
+    for ws in ("big", "bigger"):
+        status, _ = await gw.admin_json("PATCH", f"/workspaces/{ws}", {"plan": "starter"})
+        assert status == 200
+    status, result = await reload(gw)
+    assert status == 200, result
+
+
+async def test_a_reload_that_drops_a_configured_role_keys_use_is_refused(reloadable, upstreams,
+                                                                        caplog):
+    """A key bound to a configured role the new file no longer has acts with no scopes (403
+    on every route), and the reload said ok. It is now refused, naming the role and how many
+    keys (not revoked or expired) use it. Keys of a workspace that defines the role itself
+    keep theirs, so they do not count."""
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    token, key = await gw.key(role="reader")
+    _, revoked = await gw.key(role="reader")
+    status, _ = await gw.admin_json("POST", f"/workspaces/acme/keys/{revoked['id']}/revoke")
+    assert status == 200
+    await gw.workspace("own")
+    status, _ = await gw.admin_json("PUT", "/workspaces/own/roles/reader",
+                                    {"scopes": ["people:read"]})
+    assert status == 200
+    own_token, _ = await gw.key("own", role="reader")
+    write(path, config_doc(urls["a"], roles={"viewer": ["people:read"]}))
+    with caplog.at_level(logging.WARNING, logger="keygate"):
+        status, body = await reload(gw)
+    assert status == 400, body
+    problems = body["error"]["problems"]
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{path}:") and "roles: " in problems[0]
+    assert "'reader'" in problems[0] and "1 key " in problems[0], problems
+    assert problems[0] in caplog.text
+    async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
+        assert r.status == 200
+    # re-roled, the role can go; the workspace's own 'reader' goes on
+    status, _ = await gw.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                    {"scopes": ["people:read"]})
+    assert status == 200
+    status, result = await reload(gw)
+    assert status == 200, result
+    for t in (token, own_token):
+        async with gw.proxy.get("/people/1", headers=bearer(t)) as r:
+            assert r.status == 200
+
+
+async def test_a_reload_goes_ahead_with_a_warning_when_the_store_cannot_say_what_is_in_use(
+        reloadable, upstreams, caplog, monkeypatch):
+    """The plans and roles in use live in the store; a store that is down must not block a
+    reload (that may be the very fix under way): it goes ahead, and the log says what was not
+    checked."""
+    from gateway.errors import StoreError
+    gw, path = reloadable
+    urls, _, _ = upstreams
+
+    async def down(*_args, **_kwargs):
+        raise StoreError("store read failed: ConnectionError: refused")
+
+    monkeypatch.setattr(gw.gw.store, "config_names_in_use", down)
+    write(path, config_doc(urls["a"], plans={"basic": {"monthly_requests": 10}},
+                           default_plan="basic", roles={}))
+    with caplog.at_level(logging.WARNING, logger="keygate"):
+        status, result = await reload(gw)
+    assert status == 200, result
+    assert "could not check" in caplog.text and "ConnectionError" in caplog.text
+    assert "'starter'" in caplog.text and "'reader'" in caplog.text

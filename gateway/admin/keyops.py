@@ -18,6 +18,7 @@ from ..errors import BadRequest, Forbidden, NotFound, shown
 from ..usage import effective_plan
 from ..models import KeyRecord, rfc3339, whole_second
 from ..store import OPERATOR, UNSET, Store, effective_scopes_of
+from ..store.admin_base import unknown_role
 from ..tokens import KEY_ID_RE
 from .listing import select_keys
 from .validate import (MAX_DESCRIPTION, MAX_NAME, check_catalogue, parse_allowed_ips,
@@ -108,9 +109,7 @@ class KeyOps:
             role = parse_role_name(data["role"])
             granted = await self.store.resolve_role(self.ws, role)
             if granted is None:
-                raise BadRequest(f"The field 'role' names an unknown role '{role}'; it is "
-                                 f"neither a role of workspace '{self.ws}' nor a configured "
-                                 "role.")
+                raise unknown_role(self.ws, role)
             self._role_in_catalogue(role, granted)
             self._within_limit(granted)
             return role, (), granted

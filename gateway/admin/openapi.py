@@ -152,9 +152,11 @@ def admin_paths() -> dict[str, Schema]:
                       body=ref("RolePut"), tags=["roles"],
                       params=[param("name", "path", ROLE_NAME, "role name (a slug)")]),
             # an earlier version's role name (not a slug) is still deletable
-            "delete": op("Delete a workspace role (404 when the workspace does not define it)",
+            "delete": op("Delete a workspace role (404 when the workspace does not define it; "
+                         "409 while keys not revoked or expired still use it and no configured "
+                         "role of its name takes over: re-role them first)",
                          ok(200, ref("Role"), "the role as it was"), *common, NOT_FOUND_404,
-                         body=obj({}), tags=["roles"],
+                         err(409, "conflict"), body=obj({}), tags=["roles"],
                          params=[param("name", "path", STORED_ROLE_NAME, "role name")]),
         },
         v1 + "/{ws}/audit": {

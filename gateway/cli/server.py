@@ -76,18 +76,55 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     if _missing_default_config(path, given):
         return 1
     try:
-        problems = servable_problems(load_config(path))
+        config = load_config(path)
+        problems = servable_problems(config)
     except ConfigError as exc:
         problems = exc.problems
     except OSError as exc:
         print(f"keygate: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    if not problems:  # a valid file: what it drops that the store still uses
+        problems, note = _in_use_problems(config)
+        if note:
+            print(f"keygate: note: {note}", file=sys.stderr)
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
         return 1
     print(f"ok: {path}")
     return 0
+
+
+def _in_use_problems(config) -> tuple[list[str], str | None]:
+    """(problems, note): the plans workspaces are on and the configured roles keys use that
+    the file lacks (``gateway.config_in_use``), asked of the file's store in a bounded call;
+    a store that cannot be reached (an embedded one that is not running is never started
+    here) is a note saying what was not checked, not a problem."""
+    import asyncio
+
+    from ..config_in_use import in_use_problems, not_checked
+    from ..errors import StoreError
+    from ..store import Store
+    unchecked = f"{not_checked(config, None)} were not checked against it"
+    url = config.store.redis_url
+    if url == "embedded":
+        from ..store.embedded import EmbeddedRedis
+        embedded = EmbeddedRedis(config.store.data_dir)
+        if not embedded.socket_path.exists():
+            return [], f"the embedded store in {embedded.data_dir} is not running; {unchecked}"
+        url = embedded.url
+
+    async def check() -> list[str]:
+        store = await Store.connect(url, config)
+        try:
+            return await in_use_problems(store, config)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(check()), None
+    except StoreError as exc:
+        return [], f"the store could not be asked ({exc}); {unchecked}"
 
 
 def cmd_reload(args: argparse.Namespace, client: AdminClient) -> int:

@@ -119,10 +119,16 @@ def servable_problems(config: Config) -> list[str]:
 def _routes_line(source: str) -> int:
     """The line of the file's top-level ``routes:`` (1 when it has none), for the problem's
     ``file:line: field: what``."""
+    return top_level_line(source, "routes")
+
+
+def top_level_line(source: str, key: str) -> int:
+    """The line of the file's top-level ``key:`` (1 when it has none), for a problem's
+    ``file:line: field: what``."""
     try:
         with open(source, encoding="utf-8-sig") as fh:
             for number, line in enumerate(fh, 1):
-                if line.startswith("routes:") or line.startswith("routes "):
+                if line.startswith(f"{key}:") or line.startswith(f"{key} "):
                     return number
     except (OSError, UnicodeDecodeError):
         pass

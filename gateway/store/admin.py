@@ -11,7 +11,7 @@ import json
 import secrets
 import string
 from datetime import datetime, timedelta, timezone
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from ..errors import Conflict, NotFound, StoreError, shown
 from ..models import KeyRecord, Workspace, rfc3339
@@ -19,8 +19,8 @@ from ..usage import effective_plan, limits_json, month_period
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, confirmed_write, no_workspace,
                          store_errors)
 from .admin_keys import KeyStore
-from .keyspace import (WORKSPACES, daily_key, key_daily_key, key_usage_key, usage_key,
-                       ws_audit_key, ws_key, ws_roles_key)
+from .keyspace import (WORKSPACES, daily_key, key_daily_key, key_key, key_usage_key, usage_key,
+                       ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
 from .records import (UNSET, WORKSPACE_ID_RE, epoch_field, hash_pairs, shown_ws, slug_from_name,
                       workspace_from_hash)
 
@@ -140,7 +140,11 @@ class Store(KeyStore):
 
     async def delete_role(self, ws: str, name: str, *, actor: str = OPERATOR) -> None:
         """Remove a workspace role (NotFound if the workspace does not define it). Keys bound to
-        it fall back to the configured role of that name, or have no scopes."""
+        it fall back to the configured role of that name. Without one, Conflict while any key
+        that is not revoked or expired (a disabled one too) is bound to it: it would be left
+        with no scopes. The count and the delete are one script, and binding a key to a
+        workspace role checks the role in the binding's script, so neither can slip past the
+        other."""
         await self._set_role(ws, "delete", name, None, actor)
 
     @confirmed_write
@@ -149,15 +153,79 @@ class Store(KeyStore):
         if not WORKSPACE_ID_RE.fullmatch(ws):
             raise no_workspace(ws)
         details = {"scopes": scopes} if scopes is not None else {}
+        now = self.clock()
         reply = await self._run(
-            "set_role", (ws_key(ws), ws_roles_key(ws), ws_audit_key(ws)),
+            "set_role", (ws_key(ws), ws_roles_key(ws), ws_audit_key(ws), ws_keys_key(ws)),
             (op, name, json.dumps(scopes or []),
-             self._audit_entry(self.clock(), actor, f"role.{op}", name, details), AUDIT_MAXLEN))
+             self._audit_entry(now, actor, f"role.{op}", name, details), AUDIT_MAXLEN,
+             epoch_field(now), "1" if name in self.config.roles else "0", key_key(ws, "")))
         if reply == "no_workspace":
             raise no_workspace(ws)
         if reply == "not_found":
             raise NotFound(f"Workspace '{shown_ws(ws)}' defines no role '{shown(name)}'.")
+        if isinstance(reply, list) and reply and reply[0] == "in_use":
+            count = int(reply[1])
+            keys = "1 key" if count == 1 else f"{count} keys"
+            raise Conflict(f"Role '{shown(name)}' of workspace '{shown_ws(ws)}' is still used by "
+                           f"{keys} (active or disabled), which would be left with no scopes; "
+                           "re-role them (PATCH the key's 'role' or 'scopes') or revoke them "
+                           "first.")
 
+
+    # --- what the config names that the store uses ---------------------------------------------
+
+    async def config_names_in_use(self, roles: Collection[str] | None = ()
+                                  ) -> tuple[dict[str, list[str]], dict[str, dict[str, int]]]:
+        """What a config may not drop: (plan -> ids of the workspaces on it, role -> {workspace
+        id: keys}) where the role counts the keys, not revoked or expired (disabled ones
+        included), bound to it in workspaces that do not define it themselves (they act with
+        the configured role's scopes). ``roles``: the role names to count (None: every one;
+        empty: none, and no key is read). Pipelined reads (the workspace set, each workspace's
+        plan, then the key hashes roles need), never one round trip per workspace; the caller
+        bounds the time (``gateway.config_in_use``)."""
+        count_roles = roles is None or bool(roles)
+        now = self.clock()
+        with store_errors("read"):
+            ids = sorted(await self.redis.smembers(WORKSPACES))
+            replies: list[Any] = []
+            if ids:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for ws in ids:
+                        pipe.hget(ws_key(ws), "plan")
+                        if count_roles:
+                            pipe.hkeys(ws_roles_key(ws))
+                            pipe.smembers(ws_keys_key(ws))
+                    replies = await pipe.execute()
+            step = 3 if count_roles else 1
+            plans: dict[str, list[str]] = {}
+            asked: list[tuple[str, frozenset[str]]] = []   # (ws, its own roles), per key read
+            key_ids: list[str] = []
+            for i, ws in enumerate(ids):
+                plan = replies[i * step]
+                if plan is None:  # named by the set, not created (see the key layout)
+                    continue
+                plans.setdefault(plan, []).append(ws)
+                if count_roles:
+                    own = frozenset(replies[i * step + 1])
+                    if roles is not None and own >= set(roles):
+                        continue  # it defines every role asked about: its keys never count
+                    for key_id in sorted(replies[i * step + 2]):
+                        asked.append((ws, own))
+                        key_ids.append(key_id)
+            bound: dict[str, dict[str, int]] = {}
+            if key_ids:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for (ws, _), key_id in zip(asked, key_ids):
+                        pipe.hmget(key_key(ws, key_id), ["role", "revoked_at", "expires_at"])
+                    fields = await pipe.execute()
+                for (ws, own), (role, revoked_at, expires_at) in zip(asked, fields):
+                    if not role or role in own or (roles is not None and role not in roles):
+                        continue
+                    if revoked_at or _expired(expires_at, now):
+                        continue
+                    per_ws = bound.setdefault(role, {})
+                    per_ws[ws] = per_ws.get(ws, 0) + 1
+        return plans, bound
 
     # --- usage and audit ----------------------------------------------------------------------
 
@@ -246,3 +314,10 @@ class Store(KeyStore):
             except (KeyError, ValueError) as exc:
                 raise StoreError("the store holds a malformed audit entry") from exc
         return events
+
+
+def _expired(expires_at: str | None, now: float) -> bool:
+    try:
+        return bool(expires_at) and float(expires_at) <= now
+    except ValueError:  # not ours to judge here: counted as in use
+        return False

@@ -12,8 +12,8 @@ from typing import Any, Awaitable, Callable, Iterator, Mapping, Self, Sequence, 
 from redis.exceptions import RedisClusterException, RedisError
 
 from ..config import Config
-from ..errors import Conflict, NotFound, StoreError, describe, shown
-from ..models import Workspace, rfc3339
+from ..errors import BadRequest, Conflict, NotFound, StoreError, describe, shown
+from ..models import ROLE_NAME_RE, Workspace, rfc3339
 from ..redis_topology import topology_client
 from ..redis_urls import is_topology_url, standalone_client
 from ..tokens import SecretHasher
@@ -43,6 +43,14 @@ def no_workspace(ws: str) -> NotFound:
 
 def no_key(ws: str, key_id: str) -> NotFound:
     return NotFound(f"Workspace '{shown_ws(ws)}' has no key '{shown(key_id, 12)}'.")
+
+
+def unknown_role(ws: str, role: str) -> BadRequest:
+    """A key bound to a role neither the workspace nor the config defines (the admin API's
+    check, and the binding scripts' own when a delete came in between)."""
+    named = role if ROLE_NAME_RE.fullmatch(role) else shown(role)  # a slug is never a token
+    return BadRequest(f"The field 'role' names an unknown role '{named}'; it is neither "
+                      f"a role of workspace '{shown_ws(ws)}' nor a configured role.")
 
 
 def revoked_key(key_id: str) -> Conflict:
@@ -169,6 +177,12 @@ class StoreBase:
         if workspace is None:
             raise no_workspace(ws)
         return workspace
+
+    def _bound_role(self, role: Any) -> str:
+        """The workspace role a binding to ``role`` needs to find in the store, for the
+        binding's script to check in its own step ('' when a configured role of that name
+        stands behind it, or there is no role)."""
+        return role if isinstance(role, str) and role and role not in self.config.roles else ""
 
     def _max_keys(self, workspace: Workspace) -> int:
         """The active-key cap in force for ``workspace`` (-1: none), as the scripts take it."""

@@ -11,10 +11,10 @@ from ..errors import Conflict, StoreError, shown
 from ..models import KeyRecord, rfc3339, whole_second
 from ..tokens import ID_LEN, PREFIX_CHARS, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
-                         no_workspace, revoked_key, store_errors)
+                         no_workspace, revoked_key, store_errors, unknown_role)
 from ..usage import month_period
 from .keyspace import (key_index_key, key_key, key_usage_key, ws_active_key, ws_audit_key, ws_key,
-                       ws_keys_key)
+                       ws_keys_key, ws_roles_key)
 from .records import (UNSET, WORKSPACE_ID_RE, NewKey, control_fields, epoch_field, hash_pairs,
                       key_from_hash, shown_ws)
 
@@ -142,17 +142,19 @@ class KeyStore(StoreBase):
             # must never lose its index entry (a stray entry is harmless, see the layout).
             reply = await self._run(
                 "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
-                            key_key(ws, key_id), ws_audit_key(ws)),
+                            key_key(ws, key_id), ws_audit_key(ws), ws_roles_key(ws)),
                 (epoch_field(now), self._max_keys(workspace),
                  "+inf" if expires_at is None else epoch_field(expires_at), key_id,
                  self._audit_entry(now, actor, "key.create", key_id,
                                    self._key_details(record)), AUDIT_MAXLEN,
-                 "", "", "", *fields), what="create key")
+                 "", "", "", self._bound_role(role), *fields), what="create key")
             if reply == "ok":
                 return NewKey(record, token)
             await self._release_id(key_id)
             if reply == "no_workspace":
                 raise no_workspace(ws)
+            if reply == "no_role":  # deleted since the caller checked it
+                raise unknown_role(ws, role or "")
             if reply == "limit":
                 # the cap, not a count: a lowered cap can leave more active keys than it
                 source = "the workspace's own limits" if any(
@@ -205,14 +207,17 @@ class KeyStore(StoreBase):
             period, _ = month_period(now)
             reply = await self._run(
                 "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
-                            key_key(ws, new_id), ws_audit_key(ws), key_key(ws, key_id),
-                            key_usage_key(ws, key_id, period), key_usage_key(ws, new_id, period)),
+                            key_key(ws, new_id), ws_audit_key(ws), ws_roles_key(ws),
+                            key_key(ws, key_id), key_usage_key(ws, key_id, period),
+                            key_usage_key(ws, new_id, period)),
                 (epoch_field(now), self._max_keys(workspace),
                  "+inf" if expires_at is None else epoch_field(expires_at), new_id,
                  self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,
                  key_id, "" if grace_seconds <= 0 else
                  epoch_field(whole_second(now + grace_seconds)),
-                 old.rev, *fields), what="rotate key")
+                 # a rotation copies the role as it is, never refused for it: rotating is how
+                 # a leaked key is replaced
+                 old.rev, "", *fields), what="rotate key")
             if reply == "ok":
                 return await self.require_key(ws, key_id), NewKey(record, token)
             await self._release_id(new_id)
@@ -285,10 +290,14 @@ class KeyStore(StoreBase):
             raise no_workspace(ws)
         now = self.clock()
         reply = await self._run(
-            "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws)),
+            "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws),
+                           ws_roles_key(ws)),
             (key_id, score, epoch_field(now), max_keys,
              self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
-             "" if expect_rev is None else expect_rev, *fields))
+             "" if expect_rev is None else expect_rev,
+             self._bound_role(role), *fields))
+        if reply == "no_role":  # deleted since the caller checked it
+            raise unknown_role(ws, role)
         if reply == "stale":
             raise Conflict(f"Key '{shown(key_id, 12)}' changed while this change to it was being "
                            "checked; read it again and retry.")

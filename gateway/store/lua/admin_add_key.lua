@@ -10,8 +10,9 @@
 -- key creates a key like any other, so the cap applies.
 --
 -- KEYS[1] kg:ws:{ws}   KEYS[2] kg:ws:{ws}:keys   KEYS[3] kg:ws:{ws}:active
--- KEYS[4] new key hash   KEYS[5] kg:ws:{ws}:audit   KEYS[6] old key hash (rotation only)
--- KEYS[7], KEYS[8] the old and the new key's count this month (rotation only): the new key
+-- KEYS[4] new key hash   KEYS[5] kg:ws:{ws}:audit   KEYS[6] kg:ws:{ws}:roles
+-- KEYS[7] old key hash (rotation only)
+-- KEYS[8], KEYS[9] the old and the new key's count this month (rotation only): the new key
 --         starts from the old one's, so a rotation never hands out a fresh monthly cap
 -- ARGV[1] now (epoch s)   ARGV[2] max active keys (-1 = unlimited)
 -- ARGV[3] the new key's expiry as a score ('+inf' = never)   ARGV[4] new key id
@@ -19,15 +20,20 @@
 -- ARGV[7] old key id ('' = create, not rotate)   ARGV[8] end of grace (epoch s; '' = revoke now)
 -- ARGV[9] the old key's rev the new key's fields were copied from (the copy is refused as
 --         'stale' if the key changed since: the caller re-reads and tries again)
--- ARGV[10..] new key's field, value pairs
--- Returns 'ok' | 'no_workspace' | 'collision' (new key id taken) | 'limit' (cap reached) and,
+-- ARGV[10] the workspace role the new key is bound to, when no configured role of that name
+--         stands behind it ('' = none): it must still exist, checked in this step, since a
+--         role delete refuses while keys use it (admin_set_role) and must see this key
+-- ARGV[11..] new key's field, value pairs
+-- Returns 'ok' | 'no_workspace' | 'no_role' (ARGV[10] is not defined) | 'collision' (new key
+-- id taken) | 'limit' (cap reached) and,
 -- rotating, 'not_found' | 'revoked' | 'stale' | 'grace_limit' (grace asked, workspace
 -- already over its cap).
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
+if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[6], ARGV[10]) == 0 then return 'no_role' end
 local rotating = ARGV[7] ~= ''
 local old_exp = nil
 if rotating then
-  local old = redis.call('HMGET', KEYS[6], 'id', 'revoked_at', 'expires_at', 'rev')
+  local old = redis.call('HMGET', KEYS[7], 'id', 'revoked_at', 'expires_at', 'rev')
   if not old[1] then return 'not_found' end
   if old[2] and old[2] ~= '' then return 'revoked' end
   if (old[4] or '0') ~= ARGV[9] then return 'stale' end
@@ -48,23 +54,23 @@ end
 
 if rotating then
   if ARGV[8] == '' then
-    redis.call('HSET', KEYS[6], 'revoked_at', ARGV[1])
+    redis.call('HSET', KEYS[7], 'revoked_at', ARGV[1])
     redis.call('ZREM', KEYS[3], ARGV[7])
   elseif replaces_active then
     local grace_end = tonumber(ARGV[8])
     if old_exp == nil or grace_end < old_exp then
-      redis.call('HSET', KEYS[6], 'expires_at', ARGV[8])
+      redis.call('HSET', KEYS[7], 'expires_at', ARGV[8])
       redis.call('ZADD', KEYS[3], ARGV[8], ARGV[7])
     end
   end
-  redis.call('HINCRBY', KEYS[6], 'rev', 1)
-  local used = redis.call('GET', KEYS[7])
-  local ttl = redis.call('PTTL', KEYS[7])
-  if used and ttl > 0 then redis.call('SET', KEYS[8], used, 'PX', ttl) end
+  redis.call('HINCRBY', KEYS[7], 'rev', 1)
+  local used = redis.call('GET', KEYS[8])
+  local ttl = redis.call('PTTL', KEYS[8])
+  if used and ttl > 0 then redis.call('SET', KEYS[9], used, 'PX', ttl) end
 end
 
 local fields = {}
-for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[4], unpack(fields))
 redis.call('HINCRBY', KEYS[4], 'rev', 1)
 redis.call('SADD', KEYS[2], ARGV[4])

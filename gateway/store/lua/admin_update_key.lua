@@ -2,15 +2,22 @@
 -- and audit it, in one step. Giving an expired key a new expiry makes it active again, so that
 -- counts against the plan's key cap like a create.
 -- KEYS[1] kg:key:{ws}:<id>   KEYS[2] kg:ws:{ws}:active   KEYS[3] kg:ws:{ws}:audit
+-- KEYS[4] kg:ws:{ws}:roles
 -- ARGV[1] key id   ARGV[2] new expiry score ('' = unchanged, '+inf' = never; never in the past)
 -- ARGV[3] now   ARGV[4] max active keys (-1 = unlimited)
 -- ARGV[5] audit entry (JSON)   ARGV[6] audit stream cap
 -- ARGV[7] the rev the change was judged on: if the key's rev is another, nothing is written
---         and 'stale' is returned ('' = write whatever the rev)   ARGV[8..] field, value pairs
--- Returns the key hash (HGETALL), nil when the key does not exist, 'limit' or 'stale'.
+--         and 'stale' is returned ('' = write whatever the rev)
+-- ARGV[8] the workspace role the key is being bound to, when no configured role of that name
+--         stands behind it ('' = none): it must still exist, checked in this step, since a
+--         role delete refuses while keys use it (admin_set_role) and must see this binding
+-- ARGV[9..] field, value pairs
+-- Returns the key hash (HGETALL), nil when the key does not exist, 'limit', 'stale' or
+-- 'no_role' (ARGV[8] is not defined; nothing written).
 local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at', 'rev')
 if not st[1] then return false end
 if ARGV[7] ~= '' and (st[3] or '0') ~= ARGV[7] then return 'stale' end
+if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[4], ARGV[8]) == 0 then return 'no_role' end
 local revoked = st[2] and st[2] ~= ''
 if ARGV[2] ~= '' and not revoked then
   local now = tonumber(ARGV[3])
@@ -22,9 +29,9 @@ if ARGV[2] ~= '' and not revoked then
   end
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 end
-if #ARGV >= 9 then
+if #ARGV >= 10 then
   local fields = {}
-  for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], unpack(fields))
 end
 redis.call('HINCRBY', KEYS[1], 'rev', 1)
