@@ -536,3 +536,86 @@ async def test_an_upstream_answering_before_the_body_ended_leaves_the_connection
     assert rest.startswith(b"HTTP/1.1 " + status), rest
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], errors
+
+
+# --- paths an upstream reads differently: '..;' behind %3B, NFKC compatibility forms -----------
+
+async def recording_upstream() -> tuple[asyncio.AbstractServer, str, bytearray]:
+    """A raw loopback upstream that keeps every byte it received and answers each request head
+    200 'ok'; returns (server, its URL, the bytes)."""
+    from harness import raw_upstream
+    received = bytearray()
+
+    async def answer(reader, writer):
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            received.extend(head)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    srv, url = await raw_upstream(answer)
+    return srv, url, received
+
+
+async def raw_get(g, target: bytes, headers: bytes = b"") -> tuple[int, bytes]:
+    """One GET of ``target`` exactly as given, on a fresh connection: (status, body)."""
+    reader, writer = await g.raw_connection()
+    writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: g\r\nConnection: close\r\n" + headers
+                 + b"\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+ATTACK_PATHS = [
+    b"/public/..%3B/admin/users",             # Tomcat/Spring '..;/', its ';' encoded
+    b"/public/..%3bjsessionid=x/admin/users",
+    b"/public/.%3B/..%3B/admin/users",
+    b"/%3Bx/admin/users",                     # a segment that is only a parameter: '//admin'
+    b"/public/%EF%BC%8E%EF%BC%8E/admin/users",  # FULLWIDTH FULL STOP x2: '..' under NFKC
+    b"/public/%E2%80%A5/admin/users",           # TWO DOT LEADER: '..' under NFKC
+    b"/public%EF%BC%8F..%EF%BC%8Fadmin/users",  # FULLWIDTH SOLIDUS: '/'
+    b"/public%EF%BC%BC..%EF%BC%BCadmin/users",  # FULLWIDTH REVERSE SOLIDUS: '\'
+    b"/public/..%EF%BC%9B/admin/users",         # FULLWIDTH SEMICOLON: '..;'
+]
+
+
+@pytest.mark.parametrize("path", ATTACK_PATHS, ids=lambda p: p.decode())
+async def test_a_path_a_normalising_upstream_reads_as_another_route_never_reaches_it(
+        redis_url, monkeypatch, path):
+    """A public catch-all in front of a scoped /admin/**: keygate matched '/public/..%3B/admin/
+    users' (and NFKC compatibility forms such as %EF%BC%8E, a fullwidth '.') on the raw path,
+    found the public route and forwarded it as sent; a server that decodes %3B, cuts the ';'
+    parameter off and resolves '..' (or NFKC-normalises the decoded path) then serves
+    /admin/users to a caller without a key. It is refused 400 bad_path and nothing reaches the
+    upstream."""
+    srv, url, received = await recording_upstream()
+    routes = (Route("/admin/**", "api", (), ("admin",)), Route("/**", "api", (), (), True))
+    config = dataclasses.replace(edge_config(url), routes=routes)
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            status, body = await raw_get(g, b"/admin/users")
+            assert status == 401  # the scoped route wants a key
+            status, body = await raw_get(g, path)
+            assert status == 400, body
+            error = json.loads(body)["error"]
+            assert error["code"] == "bad_path"
+            assert "admin" not in error["message"]  # never the path echoed back
+            # the forward-auth endpoint judges the same path the same way
+            status, body = await raw_get(g, b"/_keygate/v1/verify",
+                                         b"X-Forwarded-Method: GET\r\nX-Forwarded-Uri: " + path
+                                         + b"\r\n")
+            assert (status, json.loads(body)["error"]["code"]) == (400, "bad_path")
+            status, body = await raw_get(g, b"/_keygate/v1/verify" + path)
+            assert (status, json.loads(body)["error"]["code"]) == (400, "bad_path")
+            assert bytes(received) == b"", "the upstream received the request"
+            # an encoded ';' inside an id still passes, as sent
+            status, body = await raw_get(g, b"/public/ids/a%3Bb")
+            assert (status, body) == (200, b"ok")
+            assert bytes(received).startswith(b"GET /public/ids/a%3Bb HTTP/1.1\r\n")
+    finally:
+        srv.close()
