@@ -582,10 +582,11 @@ ATTACK_PATHS = [
     b"/public%EF%BC%8F..%EF%BC%8Fadmin/users",  # FULLWIDTH SOLIDUS: '/'
     b"/public%EF%BC%BC..%EF%BC%BCadmin/users",  # FULLWIDTH REVERSE SOLIDUS: '\'
     b"/public/..%EF%BC%9B/admin/users",         # FULLWIDTH SEMICOLON: '..;'
+    "/public/\uff0e\uff0e/admin/users".encode(),  # the same sent as raw UTF-8 bytes
 ]
 
 
-@pytest.mark.parametrize("path", ATTACK_PATHS, ids=lambda p: p.decode())
+@pytest.mark.parametrize("path", ATTACK_PATHS, ids=lambda p: p.decode("ascii", "replace"))
 async def test_a_path_a_normalising_upstream_reads_as_another_route_never_reaches_it(
         redis_url, monkeypatch, path):
     """A public catch-all in front of a scoped /admin/**: keygate matched '/public/..%3B/admin/
@@ -601,10 +602,13 @@ async def test_a_path_a_normalising_upstream_reads_as_another_route_never_reache
         async with gateway_under_test(config, redis_url, monkeypatch) as g:
             status, body = await raw_get(g, b"/admin/users")
             assert status == 401  # the scoped route wants a key
+            # raw non-ASCII never gets past aiohttp's request-line parser (400 bad_request);
+            # in X-Forwarded-Uri it reaches path sanity
+            line_codes = ("bad_path",) if path.isascii() else ("bad_path", "bad_request")
             status, body = await raw_get(g, path)
             assert status == 400, body
             error = json.loads(body)["error"]
-            assert error["code"] == "bad_path"
+            assert error["code"] in line_codes
             assert "admin" not in error["message"]  # never the path echoed back
             # the forward-auth endpoint judges the same path the same way
             status, body = await raw_get(g, b"/_keygate/v1/verify",
@@ -612,7 +616,7 @@ async def test_a_path_a_normalising_upstream_reads_as_another_route_never_reache
                                          + b"\r\n")
             assert (status, json.loads(body)["error"]["code"]) == (400, "bad_path")
             status, body = await raw_get(g, b"/_keygate/v1/verify" + path)
-            assert (status, json.loads(body)["error"]["code"]) == (400, "bad_path")
+            assert status == 400 and json.loads(body)["error"]["code"] in line_codes
             assert bytes(received) == b"", "the upstream received the request"
             # an encoded ';' inside an id still passes, as sent
             status, body = await raw_get(g, b"/public/ids/a%3Bb")
