@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from aiohttp import web
 
-from . import errors
+from . import errors, overrides
 from .auth import CachedKey
 from .config import Config
 from .errors import StoreError
@@ -126,7 +126,16 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     ident = steps.config.identity_headers
     max_body = steps.config.server.max_body_bytes
     outcome.route, outcome.upstream = route.path, route.upstream
-    if route.public:
+    public, scopes = route.public, route.scopes
+    # the original request's method-override headers (a forward-auth proxy passes the client's
+    # headers on) and its _method parameter: authorised as the methods they name too
+    if not request.headers.keys().isdisjoint(overrides.NAMES) or \
+            raw_query and overrides.may_name(raw_query):
+        named = overrides.requested(request.headers, raw_query)
+        if named:
+            public, scopes = overrides.authorised_as(steps.routes, route, method, raw_path,
+                                                     named, forwarding=False)
+    if public:
         return web.Response(status=200)
     token = steps.credential(request)
     outcome.client = client = steps.client_ip(request)
@@ -139,7 +148,7 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     # judged without spending them, and not counted.
     too_large = (request.content_length or 0) > max_body
     with trace.step("authorise"):
-        key, limit_headers, _ = await steps.authorise(key, route.scopes, count=not too_large,
+        key, limit_headers, _ = await steps.authorise(key, scopes, count=not too_large,
                                                       client=client, peek=too_large)
     if too_large:
         raise errors.body_too_large(max_body)

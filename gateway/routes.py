@@ -17,12 +17,21 @@ What ``check_path`` accepts (the raw request target before any decoding, query e
   double encoding (``%25`` followed by two hex digits, like ``%252e``).
 - Lower-case hex in a needed escape (``%c3%a9``) is accepted: it decodes to the same bytes as
   ``%C3%A9`` and cannot change which segment or route a path means.
-- An encoded ``;`` (``%3B``) is data inside a segment, not a segment parameter, and is accepted.
+- An encoded ``;`` (``%3B``) is data inside a segment, not a segment parameter, and is accepted,
+  except where a server that decodes it and cuts the parameter off (``..%3Bx`` read as
+  ``..;x``, then as ``..``: the ``..;/`` bypass, encoded) would read another path: a segment
+  that is ``.``, ``..`` or empty once everything from its first encoded ``;`` is cut off.
+- A percent-encoded character that Unicode compatibility normalisation (NFKC, as IIS/.NET and
+  some Python and Java stacks apply to the decoded path) turns into path syntax is refused:
+  ``/``, ``\\``, ``;`` or ``%`` (``%EF%BC%8F``, a fullwidth solidus), or a segment that
+  becomes ``.`` or ``..`` (``%EF%BC%8E%EF%BC%8E``, two fullwidth full stops; ``%E2%80%A5``, a
+  two dot leader), also once a ``;`` parameter is cut off.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Sequence
 from urllib.parse import unquote, unquote_to_bytes
@@ -90,9 +99,46 @@ def _check_escapes(path: str) -> None:
                 raise _bad("The request path is double-encoded "
                            f"({path[m.start():end + 2]}).")
     try:  # strict UTF-8: no overlong forms (%c0%ae is an overlong '.'), no surrogates
-        unquote_to_bytes(path).decode("utf-8")
+        decoded = unquote_to_bytes(path).decode("utf-8")
     except UnicodeDecodeError:
         raise _bad("The request path's percent-encoding is not valid UTF-8.") from None
+    # only an encoded ';' or non-ASCII can read differently to a server that does more than
+    # decode (an ordinary path pays two C-level scans)
+    if ";" in decoded or not decoded.isascii():
+        problem = decoded_problem(decoded)
+        if problem is not None:
+            raise _bad(f"The request path contains {problem}.")
+
+
+_SYNTAX = "/\\;%"  # what NFKC must not make of a compatibility character
+
+
+def decoded_problem(decoded: str) -> str | None:
+    """What a percent-decoded path (``/`` only between segments: ``%2F`` is refused before)
+    holds that a server cutting ``;`` parameters off or NFKC-normalising would read as path
+    syntax, as the end of a sentence naming no part of the path; None when nothing does."""
+    # is_normalized answers most non-ASCII paths (é, ü, CJK) without building a new string
+    same = decoded.isascii() or unicodedata.is_normalized("NFKC", decoded)
+    if same and ";" not in decoded:
+        return None
+    for seg in decoded.split("/"):
+        read = seg
+        if not same and not seg.isascii():
+            read = unicodedata.normalize("NFKC", seg)
+            if read != seg:
+                for ch in _SYNTAX:
+                    if read.count(ch) > seg.count(ch):
+                        return ("a percent-encoded character that Unicode compatibility "
+                                f"normalisation (NFKC) turns into '{ch}'")
+                if read in (".", ".."):
+                    return ("a segment that Unicode compatibility normalisation (NFKC) "
+                            f"turns into '{read}'")
+        if ";" in read:
+            head = read.partition(";")[0]
+            if head in ("", ".", ".."):
+                what = f"'{head}'" if head else "empty"
+                return f"a segment that is {what} once its encoded ';' parameter is cut off"
+    return None
 
 
 def _diagnose(path: str) -> str:
@@ -232,6 +278,14 @@ def glob_problem(glob: str) -> str | None:
             if byte in _UNRESERVED or byte in b"/\\%":
                 return (f"'{glob}' has '{escape.group(0)}'; requests with it are refused as "
                         "non-canonical, so it never matches")
+        if "%" in segment:
+            try:
+                problem = decoded_problem(unquote_to_bytes(segment).decode("utf-8"))
+            except UnicodeDecodeError:
+                problem = None
+            if problem is not None:
+                return (f"'{glob}' has {problem}; requests with it are refused, so it never "
+                        "matches")
     return None
 
 

@@ -5,6 +5,7 @@ should (and quietly), and no token or transfer coding slips through."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -536,3 +537,249 @@ async def test_an_upstream_answering_before_the_body_ended_leaves_the_connection
     assert rest.startswith(b"HTTP/1.1 " + status), rest
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], errors
+
+
+# --- paths an upstream reads differently: '..;' behind %3B, NFKC compatibility forms -----------
+
+async def recording_upstream() -> tuple[asyncio.AbstractServer, str, bytearray]:
+    """A raw loopback upstream that keeps every byte it received and answers each request head
+    200 'ok'; returns (server, its URL, the bytes)."""
+    from harness import raw_upstream
+    received = bytearray()
+
+    async def answer(reader, writer):
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            received.extend(head)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    srv, url = await raw_upstream(answer)
+    return srv, url, received
+
+
+async def raw_get(g, target: bytes, headers: bytes = b"") -> tuple[int, bytes]:
+    """One GET of ``target`` exactly as given, on a fresh connection: (status, body)."""
+    reader, writer = await g.raw_connection()
+    writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: g\r\nConnection: close\r\n" + headers
+                 + b"\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+ATTACK_PATHS = [
+    b"/public/..%3B/admin/users",             # Tomcat/Spring '..;/', its ';' encoded
+    b"/public/..%3bjsessionid=x/admin/users",
+    b"/public/.%3B/..%3B/admin/users",
+    b"/%3Bx/admin/users",                     # a segment that is only a parameter: '//admin'
+    b"/public/%EF%BC%8E%EF%BC%8E/admin/users",  # FULLWIDTH FULL STOP x2: '..' under NFKC
+    b"/public/%E2%80%A5/admin/users",           # TWO DOT LEADER: '..' under NFKC
+    b"/public%EF%BC%8F..%EF%BC%8Fadmin/users",  # FULLWIDTH SOLIDUS: '/'
+    b"/public%EF%BC%BC..%EF%BC%BCadmin/users",  # FULLWIDTH REVERSE SOLIDUS: '\'
+    b"/public/..%EF%BC%9B/admin/users",         # FULLWIDTH SEMICOLON: '..;'
+    "/public/\uff0e\uff0e/admin/users".encode(),  # the same sent as raw UTF-8 bytes
+]
+
+
+@pytest.mark.parametrize("path", ATTACK_PATHS, ids=lambda p: p.decode("ascii", "replace"))
+async def test_a_path_a_normalising_upstream_reads_as_another_route_never_reaches_it(
+        redis_url, monkeypatch, path):
+    """A public catch-all in front of a scoped /admin/**: keygate matched '/public/..%3B/admin/
+    users' (and NFKC compatibility forms such as %EF%BC%8E, a fullwidth '.') on the raw path,
+    found the public route and forwarded it as sent; a server that decodes %3B, cuts the ';'
+    parameter off and resolves '..' (or NFKC-normalises the decoded path) then serves
+    /admin/users to a caller without a key. It is refused 400 bad_path and nothing reaches the
+    upstream."""
+    srv, url, received = await recording_upstream()
+    routes = (Route("/admin/**", "api", (), ("admin",)), Route("/**", "api", (), (), True))
+    config = dataclasses.replace(edge_config(url), routes=routes)
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            status, body = await raw_get(g, b"/admin/users")
+            assert status == 401  # the scoped route wants a key
+            # raw non-ASCII never gets past aiohttp's request-line parser (400 bad_request);
+            # in X-Forwarded-Uri it reaches path sanity
+            line_codes = ("bad_path",) if path.isascii() else ("bad_path", "bad_request")
+            status, body = await raw_get(g, path)
+            assert status == 400, body
+            error = json.loads(body)["error"]
+            assert error["code"] in line_codes
+            assert "admin" not in error["message"]  # never the path echoed back
+            # the forward-auth endpoint judges the same path the same way
+            status, body = await raw_get(g, b"/_keygate/v1/verify",
+                                         b"X-Forwarded-Method: GET\r\nX-Forwarded-Uri: " + path
+                                         + b"\r\n")
+            assert (status, json.loads(body)["error"]["code"]) == (400, "bad_path")
+            status, body = await raw_get(g, b"/_keygate/v1/verify" + path)
+            assert status == 400 and json.loads(body)["error"]["code"] in line_codes
+            assert bytes(received) == b"", "the upstream received the request"
+            # an encoded ';' inside an id still passes, as sent
+            status, body = await raw_get(g, b"/public/ids/a%3Bb")
+            assert (status, body) == (200, b"ok")
+            assert bytes(received).startswith(b"GET /public/ids/a%3Bb HTTP/1.1\r\n")
+    finally:
+        srv.close()
+
+
+# --- method-override headers and _method: authorised as the method they name ------------------
+
+OVERRIDE_ROUTES = (
+    Route("/people/**", "api", ("GET",), ("people:read",)),
+    Route("/people/**", "api", ("DELETE",), ("people:write",)),
+    Route("/docs/**", "api", ("GET",), (), True),
+    Route("/docs/**", "api", ("DELETE",), ("docs:write",)),
+    Route("/orders/**", None, ("DELETE",), ("orders:write",)),   # verify-only
+    Route("/orders/**", "api", ("GET",), ("orders:read",)),
+)
+
+
+@contextlib.asynccontextmanager
+async def override_gateway(redis_url, monkeypatch):
+    """A gateway with OVERRIDE_ROUTES in front of a recording upstream, workspace acme made;
+    yields (gateway, the bytes the upstream received)."""
+    srv, url, received = await recording_upstream()
+    config = dataclasses.replace(edge_config(url), routes=OVERRIDE_ROUTES)
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace("acme")
+            yield g, received
+    finally:
+        srv.close()
+
+
+def key_header(token: str) -> bytes:
+    return b"Authorization: Bearer " + token.encode() + b"\r\n"
+
+
+@pytest.mark.parametrize("target, headers", [
+    (b"/people/1", b"X-HTTP-Method-Override: DELETE\r\n"),
+    (b"/people/1", b"x-http-method-override: delete\r\n"),
+    (b"/people/1", b"X-HTTP-Method: DELETE\r\n"),
+    (b"/people/1", b"X-Method-Override: DELETE\r\n"),
+    (b"/people/1", b"X_HTTP_Method_Override: DELETE\r\n"),    # CGI/WSGI read it as the same
+    (b"/people/1", b"X-HTTP_Method-Override: DELETE\r\n"),
+    (b"/people/1", b"x_method_override: DELETE\r\n"),
+    (b"/people/1", b"X-HTTP-Method-Override: GET\r\nX-HTTP-Method-Override: DELETE\r\n"),
+    (b"/people/1", b"X-HTTP-Method-Override: GET, DELETE\r\n"),
+    (b"/people/1", b"X-HTTP-Method: GET\r\nX-Method-Override: DELETE\r\n"),
+    (b"/people/1?_method=DELETE", b""),
+    (b"/people/1?a=1&_method=delete", b""),
+    (b"/people/1?_METHOD=DELETE", b""),
+    (b"/people/1?%5Fmethod=DELETE", b""),
+    (b"/people/1?_%6Dethod=DELETE", b""),
+    (b"/people/1?a=1;_method=DELETE", b""),
+    (b"/people/1?.method=DELETE", b""),                          # PHP reads '.' as '_'
+], ids=lambda v: v.decode().strip() or "-")
+async def test_a_method_override_is_authorised_as_the_method_it_names(
+        redis_url, monkeypatch, target, headers):
+    """A key scoped for GET /people/* sent GET /people/1 with X-HTTP-Method-Override: DELETE
+    (or ?_method=DELETE): keygate authorised a GET and forwarded the header as sent, and a
+    framework honouring it (Express method-override, Symfony, ASP.NET) performed a DELETE.
+    The key must also hold what the named method's route requires: 403, nothing upstream,
+    nothing counted."""
+    async with override_gateway(redis_url, monkeypatch) as (g, received):
+        token, _ = await g.key(scopes=["people:read"])
+        status, body = await raw_get(g, target, key_header(token) + headers)
+        assert status == 403, body
+        assert json.loads(body)["error"]["code"] == "insufficient_scope"
+        assert bytes(received) == b""
+        assert await g.used() == 0
+        # without the override the same key and path pass
+        status, body = await raw_get(g, b"/people/1", key_header(token))
+        assert (status, body) == (200, b"ok")
+
+
+async def test_a_key_holding_the_override_methods_scopes_passes_with_the_header_as_sent(
+        redis_url, monkeypatch):
+    async with override_gateway(redis_url, monkeypatch) as (g, received):
+        token, _ = await g.key(scopes=["people:read", "people:write"])
+        status, body = await raw_get(g, b"/people/1?_method=DELETE",
+                                     key_header(token) + b"X_HTTP_Method_Override: delete\r\n")
+        assert (status, body) == (200, b"ok")
+        head = bytes(received)
+        assert head.startswith(b"GET /people/1?_method=DELETE HTTP/1.1\r\n")
+        assert b"\r\nX_HTTP_Method_Override: delete\r\n" in head  # SPEC: passes as sent
+        assert await g.used() == 1  # counted once
+
+
+async def test_an_override_naming_a_method_without_a_route_is_no_route(redis_url, monkeypatch):
+    async with override_gateway(redis_url, monkeypatch) as (g, received):
+        token, _ = await g.key(scopes=["people:read", "people:write", "orders:read",
+                                       "orders:write"])
+        status, body = await raw_get(g, b"/people/1",
+                                     key_header(token) + b"X-HTTP-Method-Override: PATCH\r\n")
+        error = json.loads(body)["error"]
+        assert (status, error["code"]) == (404, "no_route")
+        assert "PATCH" in error["message"]
+        # a verify-only route is no route to forward to, whatever method names it
+        status, body = await raw_get(g, b"/orders/1",
+                                     key_header(token) + b"X-HTTP-Method-Override: DELETE\r\n")
+        assert (status, json.loads(body)["error"]["code"]) == (404, "no_route")
+        assert bytes(received) == b""
+
+
+@pytest.mark.parametrize("headers", [
+    b"X-HTTP-Method-Override: DEL ETE\r\n",
+    b"X-HTTP-Method-Override: DEL/ETE\r\n",
+    "X-HTTP-Method-Override: DELET\u00c9\r\n".encode(),
+    b"X-Method-Override: " + b"A" * 40 + b"\r\n",
+], ids=["space", "slash", "non-ascii", "long"])
+async def test_an_override_that_is_no_method_is_bad_request(redis_url, monkeypatch, headers):
+    async with override_gateway(redis_url, monkeypatch) as (g, received):
+        token, _ = await g.key(scopes=["people:read"])
+        status, body = await raw_get(g, b"/people/1", key_header(token) + headers)
+        assert (status, json.loads(body)["error"]["code"]) == (400, "bad_request"), body
+        status, body = await raw_get(g, b"/people/1?_method=DEL%20ETE", key_header(token))
+        assert (status, json.loads(body)["error"]["code"]) == (400, "bad_request"), body
+        assert bytes(received) == b""
+
+
+async def test_a_public_route_does_not_make_the_override_public(redis_url, monkeypatch):
+    async with override_gateway(redis_url, monkeypatch) as (g, received):
+        status, body = await raw_get(g, b"/docs/a")
+        assert (status, body) == (200, b"ok")
+        status, body = await raw_get(g, b"/docs/a", b"X-HTTP-Method-Override: DELETE\r\n")
+        assert (status, json.loads(body)["error"]["code"]) == (401, "missing_key")
+        status, body = await raw_get(g, b"/docs/a?_method=DELETE")
+        assert (status, json.loads(body)["error"]["code"]) == (401, "missing_key")
+        reader = await g.key(scopes=["people:read"])
+        status, body = await raw_get(g, b"/docs/a", key_header(reader[0])
+                                     + b"X-HTTP-Method-Override: DELETE\r\n")
+        assert (status, json.loads(body)["error"]["code"]) == (403, "insufficient_scope")
+        writer, _ = await g.key(scopes=["docs:write"])
+        status, body = await raw_get(g, b"/docs/a", key_header(writer)
+                                     + b"X-HTTP-Method-Override: DELETE\r\n")
+        assert (status, body) == (200, b"ok")
+        assert bytes(received).count(b"GET /docs/a HTTP/1.1\r\n") == 2
+
+
+async def test_verify_judges_a_method_override_as_the_proxy_does(redis_url, monkeypatch):
+    async with override_gateway(redis_url, monkeypatch) as (g, received):
+        token, _ = await g.key(scopes=["people:read", "orders:read"])
+        verify = b"/_keygate/v1/verify"
+        for target, headers in [
+                (verify, b"X-Forwarded-Method: GET\r\nX-Forwarded-Uri: /people/1\r\n"
+                         b"X-HTTP-Method-Override: DELETE\r\n"),
+                (verify, b"X-Forwarded-Method: GET\r\nX-Forwarded-Uri: /people/1?_method=DELETE"
+                         b"\r\n"),
+                (verify, b"X-Original-URI: /orders/1\r\nX_Method_Override: DELETE\r\n"),
+                (verify + b"/people/1", b"X-HTTP-Method: DELETE\r\n")]:
+            status, body = await raw_get(g, target, key_header(token) + headers)
+            assert (status, json.loads(body)["error"]["code"]) == (403, "insufficient_scope"), \
+                (target, headers)
+        status, body = await raw_get(g, verify, key_header(token) + b"X-Forwarded-Uri: "
+                                     b"/people/1\r\nX-HTTP-Method-Override: PATCH\r\n")
+        assert (status, json.loads(body)["error"]["code"]) == (404, "no_route")
+        status, body = await raw_get(g, verify, b"X-Forwarded-Uri: /docs/a\r\n"
+                                     b"X-HTTP-Method-Override: DELETE\r\n")
+        assert (status, json.loads(body)["error"]["code"]) == (401, "missing_key")
+        status, body = await raw_get(g, verify, key_header(token) + b"X-Forwarded-Uri: "
+                                     b"/people/1\r\nX-HTTP-Method-Override: GET\r\n")
+        assert (status, body) == (200, b"")
+        assert await g.used() == 1
+        assert bytes(received) == b""

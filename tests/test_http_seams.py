@@ -270,3 +270,56 @@ def test_every_client_address_header_upstreams_read_is_dropped_from_an_untrusted
         pairs.append(("Connection", "X-Other"))
     out = rules.passed_on(CIMultiDictProxy(CIMultiDict(pairs)), "10.0.0.1", "http", None)
     assert "6.6.6.6" not in [v for _, v in out], out
+
+
+# --- method overrides: the fast test never misses what the full reading finds ------------------
+
+from urllib.parse import quote  # noqa: E402
+
+from gateway import overrides  # noqa: E402
+from gateway.errors import BadRequest  # noqa: E402
+
+
+def _override_names():
+    """Header names in random case and with random '-'/'_', some of them override headers."""
+    base = st.sampled_from(list(overrides.HEADERS) + ["X-HTTP-Methods", "X-Method", "Accept"])
+    return st.builds(lambda name, flips: "".join(
+        (c.swapcase() if f & 1 else c) if c != "-" else ("_" if f & 2 else "-")
+        for c, f in zip(name, flips + [0] * len(name))), base, st.lists(st.integers(0, 3)))
+
+
+def _query_names():
+    """'_method' spelled as an upstream may decode it (case, percent-encoding, PHP's '.'),
+    and names that are not it."""
+    raw = st.sampled_from(["_method", "_METHOD", ".method", " _method", "method", "_methods",
+                           "x_method", "page", "_"])
+    return st.builds(lambda name, enc: quote(name, safe="") if enc == 1 else
+                     "".join("%%%02X" % ord(c) for c in name) if enc == 2 else name,
+                     raw, st.integers(0, 2))
+
+
+@given(st.lists(st.tuples(_override_names(), st.sampled_from(["DELETE", "get", "", "A B"])),
+                max_size=4),
+       st.lists(st.tuples(_query_names(), st.sampled_from(["DELETE", "put", "", "%20"])),
+                max_size=3), st.sampled_from(["&", ";"]))
+def test_the_override_fast_test_never_misses_what_requested_finds(pairs, params, sep):
+    """The pipeline reads overrides only when headers.keys().isdisjoint(NAMES) is False or
+    may_name(query) is True; for any header names (case, '_' spellings) and query parameter
+    names (case, percent-encoding, PHP mangling) requested() finds nothing otherwise, and it
+    finds an override sent under any spelling of the names."""
+    headers = CIMultiDictProxy(CIMultiDict(pairs))
+    query = sep.join(f"{n}={v}" for n, v in params)
+    suspect = not headers.keys().isdisjoint(overrides.NAMES) or \
+        bool(query) and overrides.may_name(query)
+    try:
+        named = overrides.requested(headers, query)
+    except BadRequest:
+        assert suspect
+        return
+    if not suspect:
+        assert named == ()
+    sent_header = any(n.replace("_", "-").lower() in
+                      {h.lower() for h in overrides.HEADERS} and v == "DELETE"
+                      for n, v in pairs)
+    if sent_header:
+        assert "DELETE" in named

@@ -8,6 +8,7 @@ from gateway.config import Route
 from gateway.errors import BadRequest, NotFound
 from gateway.routes import RouteTable, check_path, compile_glob, query_has_token
 from gateway.tokens import make_token
+from hypothesis import given, strategies as st
 
 # --- check_path ----------------------------------------------------------------------------------
 
@@ -30,6 +31,14 @@ GOOD_PATHS = [
     "/v1/users/@me:sub!$&'()*+,=",
     "/~user/file-name_1.txt",
     "/" + "a" * 2047,
+    # encoded ';' inside a segment that is more than a dot segment once the parameter is cut
+    "/ids/x%3By", "/a/...%3Bx", "/a/..x%3B", "/a/x..%3B..",
+    # NFKC changes these but into nothing that is path syntax
+    "/%E2%80%A6",                 # HORIZONTAL ELLIPSIS: '...', not a dot segment
+    "/%EF%BC%A1",                 # FULLWIDTH A
+    "/a/%C2%BD",                  # VULGAR FRACTION ONE HALF: '1\u20442' (fraction slash)
+    "/a%E2%88%95b",               # DIVISION SLASH: not '/' under NFKC
+    "/%E3%83%86%E3%82%B9%E3%83%88",
 ]
 
 BAD_PATHS = {
@@ -51,6 +60,17 @@ BAD_PATHS = {
     "non-ascii": ["/caf\u00e9", "/\u00ff", "/\udcc3\udca9", "/a\u2028"],
     "no-slash": ["", "a", "people", "*", "http://example.com/a"],
     "too-long": ["/" + "a" * 2048, "/a" * 1025],
+    # a dot segment behind an encoded ';' parameter (the '..;/' bypass of servers that decode
+    # %3B and cut the parameter off), and a segment that is nothing but such a parameter
+    "semicolon-enc": ["/public/..%3B/admin", "/public/..%3bjsessionid=x/admin", "/a/.%3B/b",
+                      "/a/..%3B", "/..%3Bx=1/a", "/a/.%3b", "/a/%3B/b", "/%3Bjsessionid=1/a"],
+    # compatibility forms that NFKC turns into path syntax
+    "nfkc": ["/a/%EF%BC%8E%EF%BC%8E/b", "/a/%EF%BC%8E/b", "/a/.%EF%BC%8E/b",
+             "/public/%ef%bc%8e%ef%bc%8e", "/a%EF%BC%8Fb", "/public/..%EF%BC%8Fadmin",
+             "/a%EF%BC%BCb", "/a%EF%B9%A8b", "/a/%E2%80%A5/b", "/%E2%80%A4%E2%80%A4/x",
+             "/a/%EF%B9%92%EF%B9%92/b", "/a/%EF%B8%B0/b", "/%E2%84%80", "/x/%E2%84%85",
+             "/a%EF%BC%9Bx/b", "/a%EF%B9%94", "/%EF%BC%852e%EF%BC%852e/x",
+             "/a/%EF%BC%8E%EF%BC%8E%3Bx/b", "/a/..%EF%BC%9B/b"],
     "other-chars": ["/a#b", "/a?b", "/a\"b", "/a<b", "/a>b", "/a{b}", "/a|b", "/a^b", "/a`b",
                     "/a[b]"],
 }
@@ -85,6 +105,12 @@ def test_non_canonical_paths_are_bad_path(path: str) -> None:
     ("/%61dmin", "percent-encoded 'a'"),
     ("/%zz", "malformed percent escape"),
     ("/caf\u00e9", "non-ASCII"),
+    ("/public/..%3B/admin", "'..' once its encoded ';' parameter"),
+    ("/a/.%3bx/b", "'.' once its encoded ';' parameter"),
+    ("/a/%3Bx/b", "empty once its encoded ';' parameter"),
+    ("/a/%EF%BC%8E%EF%BC%8E/b", "NFKC"),
+    ("/a%EF%BC%8Fb", "turns into '/'"),
+    ("/a%EF%BC%BCb", "turns into '\\'"),
     ("people", "must start with '/'"),
     ("/" + "a" * 3000, "longer than 2048"),
 ])
@@ -92,6 +118,29 @@ def test_bad_path_messages_say_what_is_wrong(path: str, words: str) -> None:
     with pytest.raises(BadRequest) as info:
         check_path(path)
     assert words in info.value.message
+
+
+_READ_AS_SYNTAX = st.sampled_from(["\uff0e", "\uff0f", "\uff3c", "\u2024", "\u2025", "\ufe52",
+                                   "\ufe68", "\u2100", "\uff1b", "\uff05", ";", ".", "x",
+                                   "\u00e9", "\uff21"])
+
+
+@given(st.lists(st.text(_READ_AS_SYNTAX, min_size=1, max_size=4), min_size=1, max_size=3))
+def test_a_path_accepted_reads_the_same_to_a_server_that_normalises_and_cuts_parameters(segs):
+    """Whatever a server that percent-decodes, NFKC-normalises and cuts ';' parameters off
+    makes of an accepted path, it is the same segments, none of them a dot segment."""
+    from urllib.parse import quote
+    import unicodedata
+    path = "/" + "/".join(quote(seg, safe="") for seg in segs)
+    try:
+        check_path(path)
+    except BadRequest as exc:
+        assert exc.code == "bad_path"
+        return
+    for seg in segs:
+        read = unicodedata.normalize("NFKC", seg)
+        assert "/" not in read and "\\" not in read, path
+        assert read.partition(";")[0] not in ("", ".", ".."), path
 
 
 def test_check_path_accepts_raw_bytes() -> None:
@@ -290,7 +339,6 @@ def test_empty_table() -> None:
     no_route(RouteTable([]), "GET", "/")
 
 
-from hypothesis import given, strategies as st  # noqa: E402
 
 _ROUTES = (Route("/people/**", "api", ("GET",), ("people:read",)),
            Route("/people", "api", ("POST",), ("people:write",)),
