@@ -663,6 +663,123 @@ async def test_a_role_deleted_while_a_key_is_being_bound_to_it_is_not_bound(admi
     assert read["role"] is None and read["scopes"] == ["a:b"]
 
 
+async def test_deleting_a_role_keys_still_use_is_a_conflict(admin):
+    """A workspace role with no configured role of its name behind it, deleted while keys are
+    bound to it, left those keys with no scopes (403 everywhere, and nothing said). The delete
+    is now a 409 that counts the keys still using it (a disabled key counts: enabling it brings
+    it back) and says to re-role them; revoked and expired keys do not hold it up."""
+    await workspace(admin)
+    await ok(await admin.put("/admin/v1/workspaces/acme/roles/ops",
+                             json={"scopes": ["ops:run"]}))
+    active = (await new_key(admin, name="a", role="ops"))["key"]
+    disabled = (await new_key(admin, name="d", role="ops"))["key"]
+    await ok(await admin.patch(f"/admin/v1/workspaces/acme/keys/{disabled['id']}",
+                               json={"enabled": False}))
+    revoked = (await new_key(admin, name="r", role="ops"))["key"]
+    await ok(await admin.post(f"/admin/v1/workspaces/acme/keys/{revoked['id']}/revoke"))
+    await new_key(admin, name="e", role="ops", expires_in=60)
+    admin.clock.now += 120  # the last one has expired
+    refused = await error(await admin.delete("/admin/v1/workspaces/acme/roles/ops"), 409,
+                          "conflict", "2 keys")
+    assert "re-role" in refused["error"]["message"]
+    roles = await ok(await admin.get("/admin/v1/workspaces/acme/roles"))
+    assert {"name": "ops", "scopes": ["ops:run"], "source": "workspace"} in roles["items"]
+    read = await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{active['id']}"))
+    assert read["scopes"] == ["ops:run"]
+    audit = await ok(await admin.get("/admin/v1/workspaces/acme/audit"))
+    assert "role.delete" not in [e["action"] for e in audit["items"]]
+    # re-role one, revoke the other: then the role goes
+    await ok(await admin.patch(f"/admin/v1/workspaces/acme/keys/{active['id']}",
+                               json={"role": "reader"}))
+    await error(await admin.delete("/admin/v1/workspaces/acme/roles/ops"), 409, "conflict",
+                "1 key ")
+    await ok(await admin.post(f"/admin/v1/workspaces/acme/keys/{disabled['id']}/revoke"))
+    await ok(await admin.delete("/admin/v1/workspaces/acme/roles/ops"))
+    roles = await ok(await admin.get("/admin/v1/workspaces/acme/roles"))
+    assert "ops" not in [r["name"] for r in roles["items"]]
+
+
+async def test_a_role_that_shadows_a_configured_one_can_be_deleted_while_in_use(admin):
+    """Keys of a deleted workspace role that shadows a configured role fall back to the
+    configured one (SPEC: same name shadows global), so they keep scopes: no conflict."""
+    await workspace(admin)
+    await ok(await admin.put("/admin/v1/workspaces/acme/roles/reader",
+                             json={"scopes": ["people:read", "notes:read"]}))
+    key = (await new_key(admin, role="reader"))["key"]
+    await ok(await admin.delete("/admin/v1/workspaces/acme/roles/reader"))
+    read = await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{key['id']}"))
+    assert read["scopes"] == ["people:read"]
+
+
+async def test_a_role_deleted_while_a_key_is_being_bound_to_it_is_not_bound(admin,
+                                                                           monkeypatch):
+    """The create and the PATCH check the role exists before their script runs; a delete
+    landing in between left a key bound to nothing (and the delete's own check had not seen
+    it). The scripts now check again in the same step as the write."""
+    await workspace(admin)
+    store = admin.store
+    await ok(await admin.put("/admin/v1/workspaces/acme/roles/ops",
+                             json={"scopes": ["ops:run"]}))
+    key = (await new_key(admin, name="k", scopes=["a:b"]))["key"]
+
+    new_token, update_key = store._new_token, store.update_key
+
+    async def delete_first_then_mint(*args, **kwargs):
+        await store.delete_role("acme", "ops")
+        return await new_token(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_new_token", delete_first_then_mint)
+    await error(await admin.post("/admin/v1/workspaces/acme/keys",
+                                 json={"name": "k2", "role": "ops"}), 400, "bad_request", "ops")
+    monkeypatch.setattr(store, "_new_token", new_token)
+    listed = await ok(await admin.get("/admin/v1/workspaces/acme/keys"))
+    assert [k["name"] for k in listed["items"]] == ["k"]
+
+    await ok(await admin.put("/admin/v1/workspaces/acme/roles/ops",
+                             json={"scopes": ["ops:run"]}))
+
+    async def delete_first_then_update(*args, **kwargs):
+        await store.delete_role("acme", "ops")
+        return await update_key(*args, **kwargs)
+
+    monkeypatch.setattr(store, "update_key", delete_first_then_update)
+    await error(await admin.patch(f"/admin/v1/workspaces/acme/keys/{key['id']}",
+                                  json={"role": "ops"}), 400, "bad_request", "ops")
+    read = await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{key['id']}"))
+    assert read["role"] is None and read["scopes"] == ["a:b"]
+
+
+async def test_an_expired_key_of_a_deleted_role_is_not_made_active_again_with_no_scopes(admin):
+    """An expired key does not hold up a role delete, but a new expiry makes it active again
+    (as enabling a disabled key does, and disabled keys do hold it up): the PATCH answered 200
+    and the key came back bound to a role nothing defines, with no scopes (403 on every
+    route). Re-dating it alone is now a 409 naming the role; re-dating it with a new role or
+    scopes in the same change goes through."""
+    from gateway.models import rfc3339
+    await workspace(admin)
+    await ok(await admin.put("/admin/v1/workspaces/acme/roles/ops",
+                             json={"scopes": ["ops:run"]}))
+    key = (await new_key(admin, name="e", role="ops", expires_in=60))["key"]
+    bound = (await new_key(admin, name="c", role="reader", expires_in=60))["key"]
+    admin.clock.now += 120  # both have expired: the role delete is not held up
+    await ok(await admin.delete("/admin/v1/workspaces/acme/roles/ops"))
+    later = rfc3339(admin.clock.now + 3600)
+    await error(await admin.patch(f"/admin/v1/workspaces/acme/keys/{key['id']}",
+                                  json={"expires_at": later}), 409, "conflict", "'ops'")
+    read = await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{key['id']}"))
+    assert read["status"] == "expired" and read["role"] == "ops"
+    await error(await admin.patch(f"/admin/v1/workspaces/acme/keys/{key['id']}",
+                                  json={"expires_at": None}), 409, "conflict", "'ops'")
+    # a configured role still stands behind the other one: it comes back with its scopes
+    read = await ok(await admin.patch(f"/admin/v1/workspaces/acme/keys/{bound['id']}",
+                                      json={"expires_at": later}))
+    assert read["status"] == "active" and read["scopes"] == ["people:read"]
+    # re-roled in the same change, it comes back with scopes
+    read = await ok(await admin.patch(f"/admin/v1/workspaces/acme/keys/{key['id']}",
+                                      json={"expires_at": later, "role": "reader"}))
+    assert read["status"] == "active" and read["scopes"] == ["people:read"]
+
+
 async def test_audit_lists_changes_newest_first_without_secrets(admin):
     await workspace(admin)
     created = await new_key(admin, name="k")

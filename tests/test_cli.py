@@ -313,6 +313,34 @@ def test_config_check_notes_a_store_it_cannot_ask_and_passes(tmp_path, capsys):
     assert out == f"ok: {path}\n"
     assert "note:" in err and "not checked" in err
 
+
+@pytest.mark.parametrize("why", ["unreadable", "name too long"])
+def test_config_check_notes_an_embedded_store_it_cannot_look_at_and_passes(tmp_path, capsys,
+                                                                          monkeypatch, why):
+    """`config check` looks for the embedded store's socket in store.data_dir, which keygate
+    creates mode 700 for the user that serves: checked by any other user (or with a path the
+    OS will not take), looking raised and the valid file got a traceback instead of `ok`. A
+    store it cannot look at is a note like one that is not running."""
+    import errno
+    import pathlib
+    data_dir = tmp_path / ("d" * 300 if why == "name too long" else "data")
+    if why == "unreadable":  # root reads any directory: the OS's answer to another user
+        exists = pathlib.Path.exists
+
+        def denied(self, *args, **kwargs):
+            if self.name == "redis.sock":
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return exists(self, *args, **kwargs)
+
+        monkeypatch.setattr(pathlib.Path, "exists", denied)
+    path = tmp_path / "keygate.yaml"
+    path.write_text(f"store: {{redis_url: embedded, data_dir: '{data_dir}'}}\n" + GOOD_CONFIG)
+    assert main(["config", "check", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"ok: {path}\n"
+    assert "note:" in err and "not checked" in err and "Traceback" not in err
+
+
 def test_python_dash_m_gateway_runs_the_cli(tmp_path):
     path = tmp_path / "keygate.yaml"
     path.write_text(GOOD_CONFIG)

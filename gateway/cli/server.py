@@ -110,7 +110,12 @@ def _in_use_problems(config) -> tuple[list[str], str | None]:
     if url == "embedded":
         from ..store.embedded import EmbeddedRedis
         embedded = EmbeddedRedis(config.store.data_dir)
-        if not embedded.socket_path.exists():
+        try:
+            running = embedded.socket_path.exists()
+        except OSError as exc:  # data_dir is mode 700 for the user that serves, or a bad path
+            return [], (f"cannot look for the embedded store in {embedded.data_dir} "
+                        f"({exc.strerror or exc}); {unchecked}")
+        if not running:
             return [], f"the embedded store in {embedded.data_dir} is not running; {unchecked}"
         url = embedded.url
 

@@ -295,9 +295,17 @@ class KeyStore(StoreBase):
             (key_id, score, epoch_field(now), max_keys,
              self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
              "" if expect_rev is None else expect_rev,
-             self._bound_role(role), *fields))
+             self._bound_role(role),
+             # a new expiry brings an expired key back: the role it keeps must still exist
+             json.dumps(dict.fromkeys(self.config.roles, True))
+             if score and role is UNSET and scopes is UNSET else "", *fields))
         if reply == "no_role":  # deleted since the caller checked it
             raise unknown_role(ws, role)
+        if isinstance(reply, list) and reply[:1] == ["unbound"]:
+            raise Conflict(f"Key '{shown(key_id, 12)}' has expired and is bound to role "
+                           f"'{shown(reply[1])}', which neither workspace '{shown_ws(ws)}' nor "
+                           "the config defines any more: a new expiry would make it active "
+                           "with no scopes. Give it a role or scopes in the same change.")
         if reply == "stale":
             raise Conflict(f"Key '{shown(key_id, 12)}' changed while this change to it was being "
                            "checked; read it again and retry.")

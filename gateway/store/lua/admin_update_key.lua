@@ -11,9 +11,14 @@
 -- ARGV[8] the workspace role the key is being bound to, when no configured role of that name
 --         stands behind it ('' = none): it must still exist, checked in this step, since a
 --         role delete refuses while keys use it (admin_set_role) and must see this binding
--- ARGV[9..] field, value pairs
--- Returns the key hash (HGETALL), nil when the key does not exist, 'limit', 'stale' or
--- 'no_role' (ARGV[8] is not defined; nothing written).
+-- ARGV[9] when the change gives a new expiry and leaves the binding as it is: the configured
+--         role names (JSON object, name -> true), else ''. A new expiry makes an expired key
+--         active again, and an expired key does not hold up a role delete (admin_set_role):
+--         brought back bound to a role neither the workspace nor the config defines, it would
+--         act with no scopes, so that is refused ({'unbound', role}; nothing written)
+-- ARGV[10..] field, value pairs
+-- Returns the key hash (HGETALL), nil when the key does not exist, 'limit', 'stale',
+-- 'no_role' (ARGV[8] is not defined; nothing written) or {'unbound', role} (see ARGV[9]).
 local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at', 'rev')
 if not st[1] then return false end
 if ARGV[7] ~= '' and (st[3] or '0') ~= ARGV[7] then return 'stale' end
@@ -23,15 +28,22 @@ if ARGV[2] ~= '' and not revoked then
   local now = tonumber(ARGV[3])
   local cur = redis.call('ZSCORE', KEYS[2], ARGV[1])
   local active = cur and (cur == 'inf' or tonumber(cur) > now)
+  if not active and ARGV[9] ~= '' then
+    local bound = redis.call('HGET', KEYS[1], 'role')
+    if bound and bound ~= '' and redis.call('HEXISTS', KEYS[4], bound) == 0
+        and not cjson.decode(ARGV[9])[bound] then
+      return {'unbound', bound}
+    end
+  end
   if not active and tonumber(ARGV[4]) >= 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
     if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 'limit' end
   end
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 end
-if #ARGV >= 10 then
+if #ARGV >= 11 then
   local fields = {}
-  for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], unpack(fields))
 end
 redis.call('HINCRBY', KEYS[1], 'rev', 1)
