@@ -780,6 +780,28 @@ async def test_an_expired_key_of_a_deleted_role_is_not_made_active_again_with_no
     assert read["status"] == "active" and read["scopes"] == ["people:read"]
 
 
+async def test_rotating_a_key_whose_role_is_gone_is_a_conflict_not_a_key_with_no_scopes(admin):
+    """Rotating an expired key whose workspace role was deleted since (an expired key does not
+    hold a role delete up) answered 201 with a new, active token bound to a role nothing
+    defines: a key with no scopes, 403 on every route, with nothing said. It is a 409 naming
+    the role, and nothing is made or revoked; re-roled first, it rotates."""
+    await workspace(admin)
+    await ok(await admin.put("/admin/v1/workspaces/acme/roles/ops",
+                             json={"scopes": ["ops:run"]}))
+    key = (await new_key(admin, name="e", role="ops", expires_in=60))["key"]
+    admin.clock.now += 120
+    await ok(await admin.delete("/admin/v1/workspaces/acme/roles/ops"))
+    before = await ok(await admin.get("/admin/v1/workspaces/acme/keys"))
+    await error(await admin.post(f"/admin/v1/workspaces/acme/keys/{key['id']}/rotate"),
+                409, "conflict", "'ops'")
+    assert await ok(await admin.get("/admin/v1/workspaces/acme/keys")) == before
+    await ok(await admin.patch(f"/admin/v1/workspaces/acme/keys/{key['id']}",
+                               json={"role": "reader"}))
+    rotated = await ok(await admin.post(f"/admin/v1/workspaces/acme/keys/{key['id']}/rotate"),
+                       201)
+    assert rotated["key"]["scopes"] == ["people:read"] and rotated["key"]["status"] == "active"
+
+
 async def test_audit_lists_changes_newest_first_without_secrets(admin):
     await workspace(admin)
     created = await new_key(admin, name="k")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..config import Config
-from ..errors import BadRequest, Forbidden, NotFound, shown
+from ..errors import BadRequest, Conflict, Forbidden, NotFound, shown
 from ..usage import effective_plan
 from ..models import KeyRecord, rfc3339, whole_second
 from ..store import OPERATOR, UNSET, Store, effective_scopes_of
@@ -317,6 +317,12 @@ class KeyOps:
         data = parse_body(raw, ROTATE_FIELDS)
         grace = parse_seconds(data, "grace_seconds", 0) or 0
         key = await self.store.require_key(self.ws, self._key_id(key_id))
+        if key.role and await self.store.resolve_role(self.ws, key.role) is None:
+            # an expired key outlives its role (it does not hold a delete up): its successor
+            # would be an active token with no scopes at all
+            raise Conflict(f"Key '{key.id}' is bound to role '{shown(key.role)}', which neither "
+                           f"workspace '{self.ws}' nor the config defines any more; re-role it "
+                           "(PATCH its 'role' or 'scopes') before rotating it.")
         if self.limit_scopes is not None:  # a rotation hands out a token with the key's scopes
             scopes = await self.store.effective_scopes(self.ws, key)
             self._within_limit(scopes, "rotate a key with")
