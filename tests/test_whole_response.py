@@ -13,9 +13,11 @@ from multidict import CIMultiDict
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.proxying.response import WholeResponse
+from gateway.proxying.response import SEND_AT_ONCE, WholeResponse
+from gateway.proxying.server import INLINE_START, ProxyServer
 
 _DATE = re.compile(rb"\r\nDate: [^\r]*")
+_REQUEST_ID = re.compile(rb"[0-9a-f]{32}")  # the proxy listener's own 500s (a handler raised)
 _NO_BODY = {204, 304}
 
 
@@ -51,10 +53,17 @@ class Served:
         return response
 
 
-@pytest.fixture
-async def served():
+@pytest.fixture(params=["aiohttp", "proxy"])
+async def served(request):
+    """aiohttp's own server, and the proxy listener's (whose connections write a usual
+    ``WholeResponse`` with ``send_at_once``, without ``prepare`` and ``write_eof``)."""
     s = Served()
-    server = web.Server(s.handle, access_log=None)
+    s.kind = request.param
+    if request.param == "proxy":
+        assert SEND_AT_ONCE and INLINE_START  # else this compares aiohttp with itself
+        server = ProxyServer(s.handle, access_log=None, inline=True)
+    else:
+        server = web.Server(s.handle, access_log=None)
     listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
     s.port = listener.sockets[0].getsockname()[1]
     yield s
@@ -87,7 +96,7 @@ async def exchange(port: int, case: dict) -> tuple[bytes, str]:
             nxt = await asyncio.wait_for(reader.read(7), 5)
         except ConnectionError:
             nxt = b""
-        return _DATE.sub(b"\r\nDate: -", answer), ("served" if nxt.startswith(b"HTTP/") else
+        return _REQUEST_ID.sub(b"-", _DATE.sub(b"\r\nDate: -", answer)), ("served" if nxt.startswith(b"HTTP/") else
                                                     "closed" if nxt == b"" else repr(nxt))
     finally:
         writer.close()
@@ -139,3 +148,19 @@ async def test_the_typical_answer_is_one_write_with_its_length(served):
                              b"X-Request-Id: r1\r\nContent-Length: 9\r\n")
     assert answer.endswith(b'\r\n\r\n{"id": 1}')
     assert after == "served"
+
+
+async def test_the_proxy_listener_writes_the_usual_answer_without_prepare(served, monkeypatch):
+    """On the proxy listener the usual answer is written by ``send_at_once``, not through
+    ``prepare`` and ``write_eof`` (aiohttp's own server still takes that way)."""
+    calls = []
+    real = WholeResponse.prepare
+
+    async def counted(self, request):
+        calls.append(request.path)
+        return await real(self, request)
+    monkeypatch.setattr(WholeResponse, "prepare", counted)
+    served.case, served.cls = TYPICAL, "of"
+    answer, after = await exchange(served.port, TYPICAL)
+    assert answer.endswith(b'\r\n\r\n{"id": 1}') and after == "served"
+    assert calls == ([] if served.kind == "proxy" else ["/case"])

@@ -23,15 +23,38 @@ aiohttp upgrade that moves them fails that test.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import re
 
 from aiohttp import hdrs, web
 from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
 from aiohttp.web_response import MAX_SYNC_CHUNK_SIZE, REASON_PHRASES
+from aiohttp.http_writer import StreamWriter, _serialize_headers
 from multidict import CIMultiDict
 
 _CONTENT_LENGTH, _CONTENT_TYPE = hdrs.CONTENT_LENGTH, hdrs.CONTENT_TYPE
+
+# What ``WholeResponse.send_at_once`` does in one step is what these do in aiohttp 3.14.5 (the
+# release it was read from); with any other code in them it does nothing and ``prepare`` and
+# ``write_eof`` run.
+_SEND_RELIES_ON = ((StreamWriter, ("write_headers", "write_eof", "_send_headers_with_payload",
+                                   "__init__")),
+                   (web.BaseRequest, ("_prepare_hook",)))
+_SEND_READ_FROM = "d4ec078451d1a9a3f33447400be2601237bb91a8dddd0a6185c88c6e1cadf174"
+
+
+def _send_digest() -> str:
+    try:
+        source = "".join(inspect.getsource(getattr(cls, name))
+                         for cls, names in _SEND_RELIES_ON for name in names)
+    except (OSError, TypeError):  # no source shipped: treat as unknown
+        return ""
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+SEND_AT_ONCE = _send_digest() == _SEND_READ_FROM
 _DATE, _SERVER, _CONNECTION = hdrs.DATE, hdrs.SERVER, hdrs.CONNECTION
 
 
@@ -95,17 +118,16 @@ class WholeResponse(web.Response):
         self._zlib_executor = None
         return self
 
-    async def prepare(self, request: web.BaseRequest):
-        if self._eof_sent:
-            return None
-        if self._payload_writer is not None:
-            return self._payload_writer
+    def _lean_head(self, request: web.BaseRequest) -> str | None:
+        """Set the headers as ``web.Response.prepare`` would and take the request's payload
+        writer; the status line. None, having changed nothing, for a response off the lean
+        path (``web.Response`` prepares it)."""
         body = self._body
         headers = self._headers
         if body.__class__ is not bytes or self._compression or self._chunked or \
                 self._cookies or _CONTENT_LENGTH in headers or \
                 must_be_empty_body(request.method, self._status):
-            return await super().prepare(request)
+            return None
         self._lean = True
         self._must_be_empty_body = False
         self._req = request
@@ -128,10 +150,59 @@ class WholeResponse(web.Response):
                     headers[_CONNECTION] = "keep-alive"
             elif version == HttpVersion11:
                 headers[_CONNECTION] = "close"
+        return f"HTTP/{version[0]}.{version[1]} {self._status} {self._reason}"
+
+    async def prepare(self, request: web.BaseRequest):
+        if self._eof_sent:
+            return None
+        if self._payload_writer is not None:
+            return self._payload_writer
+        status_line = self._lean_head(request)
+        if status_line is None:
+            return await super().prepare(request)
         await request._prepare_hook(self)
-        await writer.write_headers(
-            f"HTTP/{version[0]}.{version[1]} {self._status} {self._reason}", headers)
+        writer = self._payload_writer
+        await writer.write_headers(status_line, self._headers)
         return writer
+
+    def send_at_once(self, request: web.BaseRequest) -> bool:
+        """``prepare`` and ``write_eof`` in one synchronous step, without their six nested
+        coroutines (~2 µs of a proxied request), for a request of the proxy listener whose
+        writer and request are aiohttp's own: a plain ``BaseRequest`` (whose prepare hook does
+        nothing) and a ``StreamWriter`` with no callbacks and its own header serialiser
+        (``keep_header_bytes`` not set). Writes the status line, headers and body with one
+        write, as ``write_eof`` does, except the wait for the client to take them
+        (``drain``), which is the caller's (``gateway.proxying.server``). False, having done
+        nothing, for any other response, request or writer. Raises ``ConnectionError`` for a
+        client already gone, as ``write_eof`` does.
+
+        Relies on ``StreamWriter``'s ``_on_headers_sent``, ``_on_chunk_sent``,
+        ``on_body_write``, ``_headers_buf``, ``_headers_written``, ``_eof`` and
+        ``_send_headers_with_payload``; ``SEND_AT_ONCE`` says whether the installed aiohttp is
+        the release they were read from."""
+        if not SEND_AT_ONCE or self._eof_sent or self._payload_writer is not None or \
+                request.__class__ is not web.BaseRequest:
+            return False
+        writer = request._payload_writer
+        if writer.__class__ is not StreamWriter or writer._on_headers_sent is not None or \
+                writer._on_chunk_sent is not None or writer._compress is not None or \
+                writer.chunked or "write_headers" in writer.__dict__:
+            return False
+        status_line = self._lean_head(request)
+        if status_line is None:
+            return False
+        writer._headers_buf = _serialize_headers(status_line, self._headers)
+        writer._headers_written = False
+        body = self._body
+        writer._send_headers_with_payload(body, True)
+        if body and (notify := writer.on_body_write) is not None:
+            notify(len(body), writer.output_size)
+        writer._eof = True
+        self._eof_sent = True
+        self._req = None
+        self._body_length = writer.output_size
+        self._payload_writer = None
+        return True
 
     async def write_eof(self, data: bytes = b"") -> None:
         if not self._lean or self._eof_sent:

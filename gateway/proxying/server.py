@@ -27,6 +27,7 @@ from aiohttp.http_writer import StreamWriter
 from aiohttp.web_protocol import RequestHandler
 
 from ..errors import BadRequest, GatewayError, body_cut_short
+from .response import WholeResponse
 
 log = logging.getLogger("keygate")
 
@@ -247,6 +248,24 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
     but for a transport the handler closed (marked ``keygate:``): without the task's extra
     loop turn, ``connection_lost`` has not yet run for it when the handler returns;
     ``INLINE_START`` checks that the installed aiohttp still has that ``start()``."""
+
+    async def finish_response(self, request, resp, start_time):
+        """aiohttp's ``finish_response`` for every answer but the usual one: a
+        ``WholeResponse`` to a plain request, which ``WholeResponse.send_at_once`` prepares
+        and writes in one step (then the wait for the client to take it, as ``write_eof``
+        waits, and aiohttp's access log hook, as ``finish_response`` ends)."""
+        if resp.__class__ is WholeResponse and not self._upgraded:
+            request._finish()
+            try:
+                if resp.send_at_once(request):
+                    if self._paused and self.transport is not None:
+                        await self._drain_helper()
+                    self.log_access(request, resp, start_time)
+                    return resp, False
+            except ConnectionError:
+                self.log_access(request, resp, start_time)
+                return resp, True
+        return await super().finish_response(request, resp, start_time)
 
     async def start(self) -> None:
         loop = self._loop
