@@ -11,8 +11,8 @@ and its scopes are required as well (``insufficient_scope``); if any is not publ
 Read as an upstream might read them: header names in any case and with ``_`` for ``-``
 (``X_HTTP_Method_Override``, which CGI/WSGI-style servers read as the same header), every copy
 of a repeated header, every item of a comma list; the query parameter's name percent-decoded,
-in any case and with PHP's mangling (leading spaces dropped, ``.``, `` `` and ``[`` read as
-``_``), split on ``&`` and ``;``. A value that is not an HTTP method token is ``bad_request``.
+in any case and with PHP's mangling (cut at a NUL, leading spaces dropped, ``.``, `` `` and
+``[`` read as ``_``), split on ``&`` and ``;``. A value that is not an HTTP method token is ``bad_request``.
 
 A ``_method`` field in a form body (Rails, Laravel) cannot be judged without reading the body
 and is not: docs/security.md says so.
@@ -90,7 +90,10 @@ def _param_values(raw_query: str) -> list[str]:
     values = []
     for part in _SPLIT.split(raw_query):
         name, _, value = part.partition("=")
-        name = unquote_plus(name).lstrip(" ").translate(_PHP_NAME).lower()
+        # PHP reads a decoded name as a C string: '_method%00x' is '_method' (so does
+        # Symfony's HeaderUtils::parseQuery, which mimics it)
+        name = unquote_plus(name).partition("\0")[0]
+        name = name.lstrip(" ").translate(_PHP_NAME).lower()
         if name == PARAM:
             values.append(unquote_plus(value))
     return values
