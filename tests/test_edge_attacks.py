@@ -675,6 +675,8 @@ def key_header(token: str) -> bytes:
     (b"/people/1?a=1;_method=DELETE", b""),
     (b"/people/1?.method=DELETE", b""),                          # PHP reads '.' as '_'
     (b"/people/1?_method%00x=DELETE", b""),   # PHP (and Symfony) cut a name at its NUL
+    (b"/people/1?_method[]=DELETE", b""),     # an array named _method (PHP, qs, Rack); an
+    (b"/people/1?_method%5B0%5D=DELETE", b""),  # Express method-override getter takes val[0]
 ], ids=lambda v: v.decode().strip() or "-")
 async def test_a_method_override_is_authorised_as_the_method_it_names(
         redis_url, monkeypatch, target, headers):
