@@ -25,7 +25,9 @@ What ``check_path`` accepts (the raw request target before any decoding, query e
   some Python and Java stacks apply to the decoded path) turns into path syntax is refused:
   ``/``, ``\\``, ``;`` or ``%`` (``%EF%BC%8F``, a fullwidth solidus), or a segment that
   becomes ``.`` or ``..`` (``%EF%BC%8E%EF%BC%8E``, two fullwidth full stops; ``%E2%80%A5``, a
-  two dot leader), also once a ``;`` parameter is cut off.
+  two dot leader), also once a ``;`` parameter is cut off. Other characters NFKC changes
+  (fullwidth letters, ``™``) pass ``check_path``; ``RouteTable.match`` refuses them where the
+  path NFKC reads matches another route than the path as sent, or none (``/%EF%BD%81dmin``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Sequence
-from urllib.parse import unquote, unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 from .errors import BadRequest, NotFound, shown
 from .models import RESERVED_PATH, Route
@@ -139,6 +141,27 @@ def decoded_problem(decoded: str) -> str | None:
                 what = f"'{head}'" if head else "empty"
                 return f"a segment that is {what} once its encoded ';' parameter is cut off"
     return None
+
+
+_READ_SAFE = "-._~!$&'()*+,=:@"  # what a canonical segment holds unencoded
+
+
+def nfkc_reading(raw_path: str) -> str | None:
+    """The raw path an upstream that NFKC-normalises the decoded path reads, each segment NFKC
+    changes percent-encoded again (upper-case hex, as route globs are written); None when NFKC
+    changes nothing. For a path ``check_path`` accepted: NFKC makes no '/', '\\', ';', '%'
+    or dot segment of it."""
+    try:
+        decoded = unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError:
+        return None  # bad_path in check_path
+    if decoded.isascii() or unicodedata.is_normalized("NFKC", decoded):
+        return None
+    out = []
+    for raw, seg in zip(raw_path.split("/"), decoded.split("/")):
+        read = unicodedata.normalize("NFKC", seg)
+        out.append(raw if read == seg else quote(read, safe=_READ_SAFE))
+    return "/".join(out)
 
 
 def _diagnose(path: str) -> str:
@@ -326,13 +349,30 @@ class RouteTable:
         route = self._seen.get((method, raw_path))  # a hot endpoint: one dict lookup
         if route is not None:
             return route
+        route = self._find(method, raw_path)
+        if "%" in raw_path:
+            # an upstream that NFKC-normalises the decoded path reads '/%EF%BD%81dmin' (a
+            # fullwidth 'a') as '/admin': that reading must be this route too
+            reading = nfkc_reading(raw_path)
+            if reading is not None:
+                try:
+                    other = self._find(method, reading)
+                except NotFound:
+                    other = None
+                if other is not route:
+                    raise _bad("The request path contains a percent-encoded character that "
+                               "Unicode compatibility normalisation (NFKC) reads as another "
+                               "route's path.")
+        if len(raw_path) <= SEEN_PATH_LEN:
+            if len(self._seen) >= SEEN_MAX:
+                self._seen.clear()
+            self._seen[(method, raw_path)] = route
+        return route
+
+    def _find(self, method: str, raw_path: str) -> Route:
         end = raw_path.find("/", 1)
         first = raw_path[1:] if end < 0 else raw_path[1:end]
         for c in self._by_first.get(first, self._wild):
             if (c.methods is None or method in c.methods) and c.regex.fullmatch(raw_path):
-                if len(raw_path) <= SEEN_PATH_LEN:
-                    if len(self._seen) >= SEEN_MAX:
-                        self._seen.clear()
-                    self._seen[(method, raw_path)] = c.route
                 return c.route
         raise no_route(method, raw_path)

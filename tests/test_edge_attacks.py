@@ -583,6 +583,8 @@ ATTACK_PATHS = [
     b"/public%EF%BC%BC..%EF%BC%BCadmin/users",  # FULLWIDTH REVERSE SOLIDUS: '\'
     b"/public/..%EF%BC%9B/admin/users",         # FULLWIDTH SEMICOLON: '..;'
     "/public/\uff0e\uff0e/admin/users".encode(),  # the same sent as raw UTF-8 bytes
+    b"/%EF%BD%81dmin/users",                   # FULLWIDTH LATIN SMALL A: 'admin' under NFKC
+    b"/%EF%BD%81%EF%BD%84%EF%BD%8D%EF%BD%89%EF%BD%8E/users",  # all of 'admin' fullwidth
 ]
 
 
@@ -622,6 +624,12 @@ async def test_a_path_a_normalising_upstream_reads_as_another_route_never_reache
             status, body = await raw_get(g, b"/public/ids/a%3Bb")
             assert (status, body) == (200, b"ok")
             assert bytes(received).startswith(b"GET /public/ids/a%3Bb HTTP/1.1\r\n")
+            # characters NFKC changes pass where its reading is the same route: a fullwidth
+            # letter under the public route, a trade mark sign ('TM')
+            for ok_path in (b"/public/%EF%BD%81dmin", b"/public/Acme%E2%84%A2"):
+                status, body = await raw_get(g, ok_path)
+                assert (status, body) == (200, b"ok"), ok_path
+                assert b"GET " + ok_path + b" HTTP/1.1\r\n" in bytes(received)
     finally:
         srv.close()
 
