@@ -250,7 +250,7 @@ def compile_glob(path: str) -> re.Pattern[str]:
     ``*`` is exactly one non-empty segment, ``**`` (last segment only) is the rest: zero or
     more segments, so ``/people/**`` matches ``/people``, ``/people/`` and ``/people/a/b``.
     Other segments are literal and compared, case-sensitively, with the raw (still
-    percent-encoded) segment. A trailing slash is significant: ``/people`` does not match
+    percent-encoded) segment, except the hex digits of an escape (``%c3%a9`` is ``%C3%A9``). A trailing slash is significant: ``/people`` does not match
     ``/people/``."""
     if not path.startswith("/"):
         raise ValueError(f"route path {path!r} must start with '/'")
@@ -264,8 +264,25 @@ def compile_glob(path: str) -> re.Pattern[str]:
         elif seg == "*":
             parts.append("/[^/]+")
         else:
-            parts.append("/" + re.escape(seg))
+            parts.append("/" + _literal(seg))
     return re.compile("".join(parts) or "/")
+
+
+def _literal(seg: str) -> str:
+    """A literal glob segment as a regex: its escapes in either hex case (``%c3%a9`` and
+    ``%C3%A9`` are the same bytes, and check_path accepts both), the rest as written."""
+    out, pos = [], 0
+    for m in _ESCAPE.finditer(seg):
+        out.append(re.escape(seg[pos:m.start()]))
+        out.append("%" + "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c
+                                 for c in m.group(1)))
+        pos = m.end()
+    out.append(re.escape(seg[pos:]))
+    return "".join(out)
+
+
+def _upper_escapes(seg: str) -> str:
+    return _ESCAPE.sub(lambda m: m.group(0).upper(), seg) if "%" in seg else seg
 
 
 def glob_problem(glob: str) -> str | None:
@@ -334,7 +351,7 @@ class RouteTable:
                 methods = frozenset(names)
             compiled.append(_Compiled(i, route, methods, compile_glob(route.path)))
             first = route.path.split("/", 2)[1]
-            firsts.append(None if first in ("*", "**") else first)
+            firsts.append(None if first in ("*", "**") else _upper_escapes(first))
         self._wild = tuple(c for c, f in zip(compiled, firsts) if f is None)
         self._by_first: dict[str, tuple[_Compiled, ...]] = {}
         for key in {f for f in firsts if f is not None}:
@@ -372,6 +389,8 @@ class RouteTable:
     def _find(self, method: str, raw_path: str) -> Route:
         end = raw_path.find("/", 1)
         first = raw_path[1:] if end < 0 else raw_path[1:end]
+        if "%" in first:  # the index is keyed with upper-case hex, as the regexes match either
+            first = _upper_escapes(first)
         for c in self._by_first.get(first, self._wild):
             if (c.methods is None or method in c.methods) and c.regex.fullmatch(raw_path):
                 return c.route

@@ -634,6 +634,37 @@ async def test_a_path_a_normalising_upstream_reads_as_another_route_never_reache
         srv.close()
 
 
+@pytest.mark.parametrize("glob, sent", [
+    ("/caf%C3%A9/**", b"/caf%c3%a9/menu"),
+    ("/caf%C3%A9/**", b"/caf%C3%a9/menu"),
+    ("/caf%c3%a9/**", b"/caf%C3%A9/menu"),
+    ("/shop/caf%C3%A9", b"/shop/caf%c3%a9"),
+])
+async def test_a_route_glob_escape_matches_whatever_the_hex_case(redis_url, monkeypatch, glob,
+                                                                  sent):
+    """keygate accepts lower-case hex in a needed escape (it decodes to the same bytes), but
+    matched route globs on the raw path case-sensitively: with a scoped '/caf%C3%A9/**' and a
+    public catch-all, '/caf%c3%a9/menu' matched the catch-all and was forwarded without a key,
+    and the upstream, decoding it, served the scoped route. The glob's route answers it."""
+    srv, url, received = await recording_upstream()
+    routes = (Route("/shop/**", "api", (), (), True), Route(glob, "api", (), ("cafe",)),
+              Route("/**", "api", (), (), True))
+    if glob.startswith("/shop/"):
+        routes = routes[1:2] + routes[:1] + routes[2:]
+    config = dataclasses.replace(edge_config(url), routes=routes)
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            status, body = await raw_get(g, sent)
+            assert (status, json.loads(body)["error"]["code"]) == (401, "missing_key"), body
+            status, body = await raw_get(g, b"/_keygate/v1/verify",
+                                         b"X-Forwarded-Method: GET\r\nX-Forwarded-Uri: " + sent
+                                         + b"\r\n")
+            assert (status, json.loads(body)["error"]["code"]) == (401, "missing_key"), body
+            assert bytes(received) == b""
+    finally:
+        srv.close()
+
+
 # --- method-override headers and _method: authorised as the method they name ------------------
 
 OVERRIDE_ROUTES = (
