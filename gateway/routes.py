@@ -320,9 +320,16 @@ def glob_problem(glob: str) -> str | None:
                         "non-canonical, so it never matches")
         if "%" in segment:
             try:
-                problem = decoded_problem(unquote_to_bytes(segment).decode("utf-8"))
+                decoded = unquote_to_bytes(segment).decode("utf-8")
             except UnicodeDecodeError:
-                problem = None
+                decoded = None
+            problem = None if decoded is None else decoded_problem(decoded)
+            if problem is None and decoded is not None and \
+                    not unicodedata.is_normalized("NFKC", decoded):
+                # a request with it reads as another path under NFKC, which this glob's
+                # literal never is: RouteTable.match refuses it
+                problem = ("a percent-encoded character Unicode compatibility normalisation "
+                           "(NFKC) changes")
             if problem is not None:
                 return (f"'{glob}' has {problem}; requests with it are refused, so it never "
                         "matches")
