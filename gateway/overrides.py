@@ -11,8 +11,9 @@ and its scopes are required as well (``insufficient_scope``); if any is not publ
 Read as an upstream might read them: header names in any case and with ``_`` for ``-``
 (``X_HTTP_Method_Override``, which CGI/WSGI-style servers read as the same header), every copy
 of a repeated header, every item of a comma list; the query parameter's name percent-decoded,
-in any case and with PHP's mangling (leading spaces dropped, ``.``, `` `` and ``[`` read as
-``_``), split on ``&`` and ``;``. A value that is not an HTTP method token is ``bad_request``.
+in any case and with PHP's mangling (cut at a NUL, leading spaces dropped, ``.``, `` `` and
+an unclosed ``[`` read as ``_``; ``_method[]`` and ``_method[0]`` are arrays under the name),
+split on ``&`` and ``;``. A value that is not an HTTP method token is ``bad_request``.
 
 A ``_method`` field in a form body (Rails, Laravel) cannot be judged without reading the body
 and is not: docs/security.md says so.
@@ -90,7 +91,15 @@ def _param_values(raw_query: str) -> list[str]:
     values = []
     for part in _SPLIT.split(raw_query):
         name, _, value = part.partition("=")
-        name = unquote_plus(name).lstrip(" ").translate(_PHP_NAME).lower()
+        # PHP reads a decoded name as a C string: '_method%00x' is '_method' (so does
+        # Symfony's HeaderUtils::parseQuery, which mimics it)
+        name = unquote_plus(name).partition("\0")[0].lstrip(" ")
+        base, bracket, rest = name.partition("[")
+        if bracket and "]" in rest:
+            # '_method[]', '_method[0]': an array under '_method' to PHP, qs and Rack, whose
+            # first item Express's method-override takes (a '[' never closed is PHP's '_')
+            name = base
+        name = name.translate(_PHP_NAME).lower()
         if name == PARAM:
             values.append(unquote_plus(value))
     return values

@@ -25,7 +25,9 @@ What ``check_path`` accepts (the raw request target before any decoding, query e
   some Python and Java stacks apply to the decoded path) turns into path syntax is refused:
   ``/``, ``\\``, ``;`` or ``%`` (``%EF%BC%8F``, a fullwidth solidus), or a segment that
   becomes ``.`` or ``..`` (``%EF%BC%8E%EF%BC%8E``, two fullwidth full stops; ``%E2%80%A5``, a
-  two dot leader), also once a ``;`` parameter is cut off.
+  two dot leader), also once a ``;`` parameter is cut off. Other characters NFKC changes
+  (fullwidth letters, ``™``) pass ``check_path``; ``RouteTable.match`` refuses them where the
+  path NFKC reads matches another route than the path as sent, or none (``/%EF%BD%81dmin``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Sequence
-from urllib.parse import unquote, unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 from .errors import BadRequest, NotFound, shown
 from .models import RESERVED_PATH, Route
@@ -141,6 +143,27 @@ def decoded_problem(decoded: str) -> str | None:
     return None
 
 
+_READ_SAFE = "-._~!$&'()*+,=:@"  # what a canonical segment holds unencoded
+
+
+def nfkc_reading(raw_path: str) -> str | None:
+    """The raw path an upstream that NFKC-normalises the decoded path reads, each segment NFKC
+    changes percent-encoded again (upper-case hex, as route globs are written); None when NFKC
+    changes nothing. For a path ``check_path`` accepted: NFKC makes no '/', '\\', ';', '%'
+    or dot segment of it."""
+    try:
+        decoded = unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError:
+        return None  # bad_path in check_path
+    if decoded.isascii() or unicodedata.is_normalized("NFKC", decoded):
+        return None
+    out = []
+    for raw, seg in zip(raw_path.split("/"), decoded.split("/")):
+        read = unicodedata.normalize("NFKC", seg)
+        out.append(raw if read == seg else quote(read, safe=_READ_SAFE))
+    return "/".join(out)
+
+
 def _diagnose(path: str) -> str:
     """Why the fast match failed, as one clear sentence (the slow path: bad requests only)."""
     if not path.startswith("/"):
@@ -227,7 +250,7 @@ def compile_glob(path: str) -> re.Pattern[str]:
     ``*`` is exactly one non-empty segment, ``**`` (last segment only) is the rest: zero or
     more segments, so ``/people/**`` matches ``/people``, ``/people/`` and ``/people/a/b``.
     Other segments are literal and compared, case-sensitively, with the raw (still
-    percent-encoded) segment. A trailing slash is significant: ``/people`` does not match
+    percent-encoded) segment, except the hex digits of an escape (``%c3%a9`` is ``%C3%A9``). A trailing slash is significant: ``/people`` does not match
     ``/people/``."""
     if not path.startswith("/"):
         raise ValueError(f"route path {path!r} must start with '/'")
@@ -241,8 +264,25 @@ def compile_glob(path: str) -> re.Pattern[str]:
         elif seg == "*":
             parts.append("/[^/]+")
         else:
-            parts.append("/" + re.escape(seg))
+            parts.append("/" + _literal(seg))
     return re.compile("".join(parts) or "/")
+
+
+def _literal(seg: str) -> str:
+    """A literal glob segment as a regex: its escapes in either hex case (``%c3%a9`` and
+    ``%C3%A9`` are the same bytes, and check_path accepts both), the rest as written."""
+    out, pos = [], 0
+    for m in _ESCAPE.finditer(seg):
+        out.append(re.escape(seg[pos:m.start()]))
+        out.append("%" + "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c
+                                 for c in m.group(1)))
+        pos = m.end()
+    out.append(re.escape(seg[pos:]))
+    return "".join(out)
+
+
+def _upper_escapes(seg: str) -> str:
+    return _ESCAPE.sub(lambda m: m.group(0).upper(), seg) if "%" in seg else seg
 
 
 def glob_problem(glob: str) -> str | None:
@@ -280,9 +320,16 @@ def glob_problem(glob: str) -> str | None:
                         "non-canonical, so it never matches")
         if "%" in segment:
             try:
-                problem = decoded_problem(unquote_to_bytes(segment).decode("utf-8"))
+                decoded = unquote_to_bytes(segment).decode("utf-8")
             except UnicodeDecodeError:
-                problem = None
+                decoded = None
+            problem = None if decoded is None else decoded_problem(decoded)
+            if problem is None and decoded is not None and \
+                    not unicodedata.is_normalized("NFKC", decoded):
+                # a request with it reads as another path under NFKC, which this glob's
+                # literal never is: RouteTable.match refuses it
+                problem = ("a percent-encoded character Unicode compatibility normalisation "
+                           "(NFKC) changes")
             if problem is not None:
                 return (f"'{glob}' has {problem}; requests with it are refused, so it never "
                         "matches")
@@ -311,7 +358,7 @@ class RouteTable:
                 methods = frozenset(names)
             compiled.append(_Compiled(i, route, methods, compile_glob(route.path)))
             first = route.path.split("/", 2)[1]
-            firsts.append(None if first in ("*", "**") else first)
+            firsts.append(None if first in ("*", "**") else _upper_escapes(first))
         self._wild = tuple(c for c, f in zip(compiled, firsts) if f is None)
         self._by_first: dict[str, tuple[_Compiled, ...]] = {}
         for key in {f for f in firsts if f is not None}:
@@ -326,13 +373,32 @@ class RouteTable:
         route = self._seen.get((method, raw_path))  # a hot endpoint: one dict lookup
         if route is not None:
             return route
+        route = self._find(method, raw_path)
+        if "%" in raw_path:
+            # an upstream that NFKC-normalises the decoded path reads '/%EF%BD%81dmin' (a
+            # fullwidth 'a') as '/admin': that reading must be this route too
+            reading = nfkc_reading(raw_path)
+            if reading is not None:
+                try:
+                    other = self._find(method, reading)
+                except NotFound:
+                    other = None
+                if other is not route:
+                    raise _bad("The request path contains a percent-encoded character that "
+                               "Unicode compatibility normalisation (NFKC) reads as another "
+                               "route's path.")
+        if len(raw_path) <= SEEN_PATH_LEN:
+            if len(self._seen) >= SEEN_MAX:
+                self._seen.clear()
+            self._seen[(method, raw_path)] = route
+        return route
+
+    def _find(self, method: str, raw_path: str) -> Route:
         end = raw_path.find("/", 1)
         first = raw_path[1:] if end < 0 else raw_path[1:end]
+        if "%" in first:  # the index is keyed with upper-case hex, as the regexes match either
+            first = _upper_escapes(first)
         for c in self._by_first.get(first, self._wild):
             if (c.methods is None or method in c.methods) and c.regex.fullmatch(raw_path):
-                if len(raw_path) <= SEEN_PATH_LEN:
-                    if len(self._seen) >= SEEN_MAX:
-                        self._seen.clear()
-                    self._seen[(method, raw_path)] = c.route
                 return c.route
         raise no_route(method, raw_path)

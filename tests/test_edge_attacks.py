@@ -583,6 +583,8 @@ ATTACK_PATHS = [
     b"/public%EF%BC%BC..%EF%BC%BCadmin/users",  # FULLWIDTH REVERSE SOLIDUS: '\'
     b"/public/..%EF%BC%9B/admin/users",         # FULLWIDTH SEMICOLON: '..;'
     "/public/\uff0e\uff0e/admin/users".encode(),  # the same sent as raw UTF-8 bytes
+    b"/%EF%BD%81dmin/users",                   # FULLWIDTH LATIN SMALL A: 'admin' under NFKC
+    b"/%EF%BD%81%EF%BD%84%EF%BD%8D%EF%BD%89%EF%BD%8E/users",  # all of 'admin' fullwidth
 ]
 
 
@@ -622,6 +624,43 @@ async def test_a_path_a_normalising_upstream_reads_as_another_route_never_reache
             status, body = await raw_get(g, b"/public/ids/a%3Bb")
             assert (status, body) == (200, b"ok")
             assert bytes(received).startswith(b"GET /public/ids/a%3Bb HTTP/1.1\r\n")
+            # characters NFKC changes pass where its reading is the same route: a fullwidth
+            # letter under the public route, a trade mark sign ('TM')
+            for ok_path in (b"/public/%EF%BD%81dmin", b"/public/Acme%E2%84%A2"):
+                status, body = await raw_get(g, ok_path)
+                assert (status, body) == (200, b"ok"), ok_path
+                assert b"GET " + ok_path + b" HTTP/1.1\r\n" in bytes(received)
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("glob, sent", [
+    ("/caf%C3%A9/**", b"/caf%c3%a9/menu"),
+    ("/caf%C3%A9/**", b"/caf%C3%a9/menu"),
+    ("/caf%c3%a9/**", b"/caf%C3%A9/menu"),
+    ("/shop/caf%C3%A9", b"/shop/caf%c3%a9"),
+])
+async def test_a_route_glob_escape_matches_whatever_the_hex_case(redis_url, monkeypatch, glob,
+                                                                  sent):
+    """keygate accepts lower-case hex in a needed escape (it decodes to the same bytes), but
+    matched route globs on the raw path case-sensitively: with a scoped '/caf%C3%A9/**' and a
+    public catch-all, '/caf%c3%a9/menu' matched the catch-all and was forwarded without a key,
+    and the upstream, decoding it, served the scoped route. The glob's route answers it."""
+    srv, url, received = await recording_upstream()
+    routes = (Route("/shop/**", "api", (), (), True), Route(glob, "api", (), ("cafe",)),
+              Route("/**", "api", (), (), True))
+    if glob.startswith("/shop/"):
+        routes = routes[1:2] + routes[:1] + routes[2:]
+    config = dataclasses.replace(edge_config(url), routes=routes)
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            status, body = await raw_get(g, sent)
+            assert (status, json.loads(body)["error"]["code"]) == (401, "missing_key"), body
+            status, body = await raw_get(g, b"/_keygate/v1/verify",
+                                         b"X-Forwarded-Method: GET\r\nX-Forwarded-Uri: " + sent
+                                         + b"\r\n")
+            assert (status, json.loads(body)["error"]["code"]) == (401, "missing_key"), body
+            assert bytes(received) == b""
     finally:
         srv.close()
 
@@ -674,6 +713,9 @@ def key_header(token: str) -> bytes:
     (b"/people/1?_%6Dethod=DELETE", b""),
     (b"/people/1?a=1;_method=DELETE", b""),
     (b"/people/1?.method=DELETE", b""),                          # PHP reads '.' as '_'
+    (b"/people/1?_method%00x=DELETE", b""),   # PHP (and Symfony) cut a name at its NUL
+    (b"/people/1?_method[]=DELETE", b""),     # an array named _method (PHP, qs, Rack); an
+    (b"/people/1?_method%5B0%5D=DELETE", b""),  # Express method-override getter takes val[0]
 ], ids=lambda v: v.decode().strip() or "-")
 async def test_a_method_override_is_authorised_as_the_method_it_names(
         redis_url, monkeypatch, target, headers):
