@@ -66,22 +66,28 @@ TRICKLE_PREFIX = 70 * 1024   # past forward.PREFETCH: the upload takes its conne
 TRICKLE_BYTES = 12           # then one byte (one chunk) every 0.3 s: ~3.6 s, never a 5 s stall
 
 
-async def trickling_upload(port: int, chunked: bool) -> tuple[int, str | None, float]:
+async def trickling_upload(port: int, chunked: bool, *, source: str = "127.0.0.1",
+                           path: bytes = b"/public/upload", headers: bytes = b"",
+                           drips: int = TRICKLE_BYTES, answers: list | None = None
+                           ) -> tuple[int, str | None, float]:
     """A raw client that sends a POST with 70 KiB of body at once, then one byte (a one-byte
-    chunk) every 0.3 s until its body is complete, reading the answer all the while; returns
-    (status, error code, seconds to the answer). Stops dripping once answered."""
+    chunk) every 0.3 s until its body is complete (``drips`` bytes), reading the answer all the
+    while; returns (status, error code, seconds to the answer). Stops dripping once answered.
+    ``source``: the loopback address it connects from (one client address per tenant on a
+    public route); ``headers``: more header lines, each ending in CRLF; ``answers``: the
+    answer bodies (parsed JSON, or the raw bytes) are appended to it."""
     started = time.monotonic()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     if chunked:
-        writer.write(b"POST /public/upload HTTP/1.1\r\nHost: g\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n"
+        writer.write(b"POST %s HTTP/1.1\r\nHost: g\r\n%sTransfer-Encoding: chunked\r\n\r\n"
+                     % (path, headers)
                      + b"%x\r\n" % TRICKLE_PREFIX + b"x" * TRICKLE_PREFIX + b"\r\n")
     else:
-        writer.write(b"POST /public/upload HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n"
-                     % (TRICKLE_PREFIX + TRICKLE_BYTES) + b"x" * TRICKLE_PREFIX)
+        writer.write(b"POST %s HTTP/1.1\r\nHost: g\r\n%sContent-Length: %d\r\n\r\n"
+                     % (path, headers, TRICKLE_PREFIX + drips) + b"x" * TRICKLE_PREFIX)
 
     async def drip() -> None:
-        for _ in range(TRICKLE_BYTES):
+        for _ in range(drips):
             await asyncio.sleep(0.3)
             writer.write(b"1\r\ny\r\n" if chunked else b"y")
         if chunked:
@@ -100,6 +106,8 @@ async def trickling_upload(port: int, chunked: bool) -> tuple[int, str | None, f
         dripping.cancel()
         writer.close()
     code = None if status == 200 else json.loads(body)["error"]["code"]
+    if answers is not None:
+        answers.append(body if status == 200 else json.loads(body))
     return status, code, elapsed
 
 
@@ -117,7 +125,10 @@ async def test_trickling_uploads_must_not_take_every_upstream_connection(
     config = edge_config(str(upstream.make_url("")), upstream_timeout=2.0, upstream_max=4)
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         port = g.proxy_server.port
-        uploads = [asyncio.ensure_future(trickling_upload(port, chunked)) for _ in range(6)]
+        # from two client addresses: one address may hold only its share of the upload slots
+        uploads = [asyncio.ensure_future(trickling_upload(port, chunked,
+                                                          source=f"127.0.0.{1 + i % 2}"))
+                   for i in range(6)]
         try:
             await asyncio.sleep(0.6)              # each has sent its 70 KiB and drips
             started = time.monotonic()
@@ -169,8 +180,10 @@ async def test_upload_slots_come_free_after_a_408_or_a_client_gone_mid_upload(
         port = g.proxy_server.port
         start = (b"POST /public/upload HTTP/1.1\r\nHost: g\r\nContent-Length: 200000\r\n\r\n"
                  + b"x" * TRICKLE_PREFIX)
+        # two client addresses: one may hold only its share (one) of the two upload slots
         stalled_reader, stalled = await asyncio.open_connection("127.0.0.1", port)
-        gone_reader, gone = await asyncio.open_connection("127.0.0.1", port)
+        gone_reader, gone = await asyncio.open_connection("127.0.0.1", port,
+                                                          local_addr=("127.0.0.2", 0))
         stalled.write(start)
         gone.write(start)
         try:
@@ -185,7 +198,7 @@ async def test_upload_slots_come_free_after_a_408_or_a_client_gone_mid_upload(
             stalled.close()
             gone.close()
         outcomes = await asyncio.gather(trickling_upload(port, False),
-                                        trickling_upload(port, True))
+                                        trickling_upload(port, True, source="127.0.0.2"))
         assert [o[:2] for o in outcomes] == [(200, None), (200, None)], outcomes
         assert await eventually(lambda: pool.streaming == 0 and not pool._upload_waiters)
 
