@@ -595,6 +595,11 @@ async def test_one_owner_holds_at_most_its_share_of_the_upload_slots(server):
     half of the upload slots (``share``, at least one): its next upload waits for a slot of
     its own within connect_timeout, then UploadShareFull (an UploadSlotsFull: nothing was
     sent), while another owner's upload takes the free slot at once."""
+    async with asyncio.timeout(10):     # bounded: a slot wrongly handed over never ends
+        await _one_owner_over_its_share(server)
+
+
+async def _one_owner_over_its_share(server) -> None:
     pool = UpstreamPool(str(server.make_url("")), connect_timeout=0.5, max_connections=4)
     assert (pool.max_streaming, pool.share) == (2, 1)
     a_first = Trickle()
@@ -659,13 +664,11 @@ async def test_a_freed_upload_slot_goes_to_the_longest_waiter_allowed_to_take_it
     fresh = asyncio.ensure_future(slot(pool, "d", deadline))   # another owner: at once
     await asyncio.sleep(0)
     assert fresh.done() and pool._uploading == {"a": 1, "d": 1}
-    order = []
-    for waiter in (a2, a3, a4):
-        waiter.add_done_callback(lambda t: order.append(t))
-    for _ in range(3):
+    queue = [a2, a3, a4]
+    for n in (1, 2, 3):
         pool._release_upload("a")       # "a"'s slot goes to its own longest waiter
         await asyncio.sleep(0)
-    assert order == [a2, a3, a4] and a4.done()
+        assert [w for w in queue if w.done()] == queue[:n]
     assert pool.streaming == 2 and pool._uploading == {"a": 1, "d": 1}
     assert not pool._upload_waiters
     pool._release_upload("a")
