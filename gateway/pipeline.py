@@ -99,7 +99,8 @@ class Forwarding(Protocol):
     async def forward(self, request: web.BaseRequest, upstream: Upstream,
                       principal: Principal | None, request_id: str,
                       response_headers: Mapping[str, str], *,
-                      trace: Trace | None = None, rules=None) -> web.StreamResponse: ...
+                      trace: Trace | None = None, rules=None,
+                      client_of=None) -> web.StreamResponse: ...
 
     header_rules: Any  # the current RequestHeaderRules (headers, signing, body limits); a
     # request keeps the ones it began with
@@ -127,6 +128,12 @@ class Pipeline:
         self._rid_counter = 0
         self._canonical: set[str] = set()  # paths check_path accepted lately (CANONICAL_MAX)
         self.tracer = Tracer()  # gateway.otel.OtelTracer when tracing is configured
+        # Whose share of an upstream's upload slots an upload still streaming in takes: a
+        # keyed request's workspace (forward reads it from the key), a public route's client
+        # address, which forward asks this for only for such a body (the common request pays
+        # nothing for it, not even a bound method made per request; a reload of
+        # trusted_proxies meanwhile only moves that one upload to another address's share).
+        self._client_of = self.client_ip
 
     def reconfigure(self, config: Config) -> None:
         """Take ``config`` for the next request (a reload). Synchronous, so no request sees
@@ -213,7 +220,8 @@ class Pipeline:
         if public:
             with trace.step("forward"):
                 return await self.forwarder.forward(request, upstream, None, request_id, {},
-                                                    trace=trace, rules=rules)
+                                                    trace=trace, rules=rules,
+                                                    client_of=self._client_of)
         token = self.credential(request)
         # once, before any await: a reload of trusted_proxies must not change it mid-request
         outcome.client = client = self.client_ip(request)

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from gateway.config import Route, ServerConfig, Timeouts, Upstream
 
-from harness import eventually, gateway_under_test, make_config
+from harness import eventually, gateway_under_test, make_config, raw_upstream
 
 ROUTES = (Route("/public/**", "api", ("GET", "POST"), (), True),
           Route("/people/**", "api", ("GET", "POST"), ("people:read",)))
@@ -67,22 +67,28 @@ TRICKLE_PREFIX = 70 * 1024   # past forward.PREFETCH: the upload takes its conne
 TRICKLE_BYTES = 12           # then one byte (one chunk) every 0.3 s: ~3.6 s, never a 5 s stall
 
 
-async def trickling_upload(port: int, chunked: bool) -> tuple[int, str | None, float]:
+async def trickling_upload(port: int, chunked: bool, *, source: str = "127.0.0.1",
+                           path: bytes = b"/public/upload", headers: bytes = b"",
+                           drips: int = TRICKLE_BYTES, answers: list | None = None
+                           ) -> tuple[int, str | None, float]:
     """A raw client that sends a POST with 70 KiB of body at once, then one byte (a one-byte
-    chunk) every 0.3 s until its body is complete, reading the answer all the while; returns
-    (status, error code, seconds to the answer). Stops dripping once answered."""
+    chunk) every 0.3 s until its body is complete (``drips`` bytes), reading the answer all the
+    while; returns (status, error code, seconds to the answer). Stops dripping once answered.
+    ``source``: the loopback address it connects from (one client address per tenant on a
+    public route); ``headers``: more header lines, each ending in CRLF; ``answers``: the
+    answer bodies (parsed JSON, or the raw bytes) are appended to it."""
     started = time.monotonic()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     if chunked:
-        writer.write(b"POST /public/upload HTTP/1.1\r\nHost: g\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n"
+        writer.write(b"POST %s HTTP/1.1\r\nHost: g\r\n%sTransfer-Encoding: chunked\r\n\r\n"
+                     % (path, headers)
                      + b"%x\r\n" % TRICKLE_PREFIX + b"x" * TRICKLE_PREFIX + b"\r\n")
     else:
-        writer.write(b"POST /public/upload HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n"
-                     % (TRICKLE_PREFIX + TRICKLE_BYTES) + b"x" * TRICKLE_PREFIX)
+        writer.write(b"POST %s HTTP/1.1\r\nHost: g\r\n%sContent-Length: %d\r\n\r\n"
+                     % (path, headers, TRICKLE_PREFIX + drips) + b"x" * TRICKLE_PREFIX)
 
     async def drip() -> None:
-        for _ in range(TRICKLE_BYTES):
+        for _ in range(drips):
             await asyncio.sleep(0.3)
             writer.write(b"1\r\ny\r\n" if chunked else b"y")
         if chunked:
@@ -101,6 +107,8 @@ async def trickling_upload(port: int, chunked: bool) -> tuple[int, str | None, f
         dripping.cancel()
         writer.close()
     code = None if status == 200 else json.loads(body)["error"]["code"]
+    if answers is not None:
+        answers.append(body if status == 200 else json.loads(body))
     return status, code, elapsed
 
 
@@ -118,7 +126,10 @@ async def test_trickling_uploads_must_not_take_every_upstream_connection(
     config = edge_config(str(upstream.make_url("")), upstream_timeout=2.0, upstream_max=4)
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         port = g.proxy_server.port
-        uploads = [asyncio.ensure_future(trickling_upload(port, chunked)) for _ in range(6)]
+        # from two client addresses: one address may hold only its share of the upload slots
+        uploads = [asyncio.ensure_future(trickling_upload(port, chunked,
+                                                          source=f"127.0.0.{1 + i % 2}"))
+                   for i in range(6)]
         try:
             await asyncio.sleep(0.6)              # each has sent its 70 KiB and drips
             started = time.monotonic()
@@ -170,8 +181,10 @@ async def test_upload_slots_come_free_after_a_408_or_a_client_gone_mid_upload(
         port = g.proxy_server.port
         start = (b"POST /public/upload HTTP/1.1\r\nHost: g\r\nContent-Length: 200000\r\n\r\n"
                  + b"x" * TRICKLE_PREFIX)
+        # two client addresses: one may hold only its share (one) of the two upload slots
         stalled_reader, stalled = await asyncio.open_connection("127.0.0.1", port)
-        gone_reader, gone = await asyncio.open_connection("127.0.0.1", port)
+        gone_reader, gone = await asyncio.open_connection("127.0.0.1", port,
+                                                          local_addr=("127.0.0.2", 0))
         stalled.write(start)
         gone.write(start)
         try:
@@ -186,9 +199,142 @@ async def test_upload_slots_come_free_after_a_408_or_a_client_gone_mid_upload(
             stalled.close()
             gone.close()
         outcomes = await asyncio.gather(trickling_upload(port, False),
-                                        trickling_upload(port, True))
+                                        trickling_upload(port, True, source="127.0.0.2"))
         assert [o[:2] for o in outcomes] == [(200, None), (200, None)], outcomes
         assert await eventually(lambda: pool.streaming == 0 and not pool._upload_waiters)
+
+
+# --- one workspace (or one client address) holds at most its share of the upload slots ----------
+
+def recording_upstream():
+    """A raw loopback upstream's ``answer``, with what it received as raw bytes: ``heads``,
+    every request head that arrived; ``whole``, (path, body) of each request whose body
+    (Content-Length) arrived whole. Each is answered 200 ``ok``."""
+    heads: list[bytes] = []
+    whole: list[tuple[bytes, bytes]] = []
+
+    async def answer(reader, writer) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                heads.append(head)
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                body = await reader.readexactly(length)
+                whole.append((head.split(b" ", 2)[1], body))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+    return answer, heads, whole
+
+
+async def one_tenant_over_its_share(g, port: int, a: dict, b: dict, heads, whole):
+    """Tenant A's two slow uploads and then tenant B's (``a``, ``b``: trickling_upload's
+    keywords for each) through an upstream with max_connections 4: 2 upload slots, a share of
+    1. A's first holds its slot past the upstream timeout (2 s); A's second must wait for a
+    slot of A's own and get 504 upstream_timeout, while B's takes the free slot and streams
+    to the end, its body whole at the upstream. Returns A's refusal (the error object)."""
+    pool = g.gw.pipeline.forwarder._pools["api"][0]
+    assert pool.max_streaming == 2
+    a_answers: list = []
+    first = asyncio.ensure_future(trickling_upload(port, False, path=b"/people/a1", drips=14,
+                                                   **a))                 # ~4.2 s of drips
+    assert await eventually(lambda: pool.streaming == 1, timeout=3)
+    second = asyncio.ensure_future(trickling_upload(port, False, path=b"/people/a2", drips=14,
+                                                    answers=a_answers, **a))
+    assert await eventually(lambda: pool.streaming + len(pool._upload_waiters) == 2, timeout=3)
+    try:
+        b_status = await trickling_upload(port, False, path=b"/people/b", drips=4, **b)
+        assert b_status[:2] == (200, None) and b_status[2] < 2.5, (
+            f"tenant B's upload got {b_status}: tenant A holds every upload slot")
+        assert b"/people/b" in [path for path, _ in whole]
+        assert whole[[path for path, _ in whole].index(b"/people/b")][1] == \
+            b"x" * TRICKLE_PREFIX + b"y" * 4                        # B's body arrived whole
+        status, code, waited = await second
+        assert (status, code) == (504, "upstream_timeout") and 1.5 < waited < 3.5, \
+            (status, code, waited)
+        assert (await first)[:2] == (200, None)
+    finally:
+        first.cancel()
+        second.cancel()
+    # A's refused upload never reached the upstream; A's first arrived whole
+    assert not any(b" /people/a2 " in h for h in heads)
+    assert (b"/people/a1", b"x" * TRICKLE_PREFIX + b"y" * 14) in whole
+    assert await eventually(lambda: pool.streaming == 0 and not pool._upload_waiters
+                            and not pool._uploading), "an upload slot was never freed"
+    return a_answers[0]["error"]
+
+
+async def test_one_workspace_may_hold_at_most_its_share_of_the_upload_slots(
+        redis_url, monkeypatch, caplog):
+    """One workspace opening max_streaming slow uploads (a byte now and then, never a stall
+    of server.timeouts.body) made every other workspace's large uploads to that upstream wait
+    and get 504 for as long as it liked. A workspace holds at most half of the upload slots:
+    its next upload waits for one of its own and gets 504, another workspace's streams."""
+    import logging
+    caplog.set_level(logging.WARNING, logger="keygate.proxy")
+    answer, heads, whole = recording_upstream()
+    srv, url = await raw_upstream(answer)
+    try:
+        config = edge_config(url, upstream_timeout=2.0, upstream_max=4)
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            tokens = {}
+            for ws in ("ws-a", "ws-b"):
+                await g.workspace(ws)
+                tokens[ws], _ = await g.key(ws, scopes=["people:read"])
+
+            def auth(ws: str) -> dict:
+                return {"headers": b"Authorization: Bearer %s\r\n" % tokens[ws].encode()}
+            error = await one_tenant_over_its_share(g, g.proxy_server.port, auth("ws-a"),
+                                                    auth("ws-b"), heads, whole)
+            assert "workspace" in error["message"] and "share" in error["message"], error
+            assert "ws-b" not in error["message"] and tokens["ws-a"] not in error["message"]
+            warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                      and "share" in r.getMessage()]
+            assert len(warned) == 1 and "api" in warned[0] and "ws-a" in warned[0], warned
+            assert tokens["ws-a"] not in warned[0]
+            assert g.counter("keygate_upstream_errors_total", upstream="api",
+                             code="upstream_timeout") == 1
+            assert await g.used("ws-a") == 1 and await g.used("ws-b") == 1  # 504: not billed
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("by", ["peer", "forwarded"])
+async def test_one_client_address_may_hold_at_most_its_share_of_the_upload_slots_on_a_public_route(
+        redis_url, monkeypatch, caplog, by):
+    """On a public route the tenant is the client address (as the pipeline's client_ip gives
+    it: the peer, or behind a trusted proxy the X-Forwarded-For hop): one address holds at
+    most half of the upload slots."""
+    import logging
+    caplog.set_level(logging.WARNING, logger="keygate.proxy")
+    answer, heads, whole = recording_upstream()
+    srv, url = await raw_upstream(answer)
+    if by == "peer":
+        server = {}
+        a, b, a_ip = {"source": "127.0.0.1"}, {"source": "127.0.0.2"}, "127.0.0.1"
+        b_ip = "127.0.0.2"
+    else:               # all from the trusted proxy at 127.0.0.1, for two clients behind it
+        server = {"trusted_proxies": ("127.0.0.1/32",)}
+        a = {"headers": b"X-Forwarded-For: 203.0.113.7\r\n"}
+        b = {"headers": b"X-Forwarded-For: 203.0.113.8\r\n"}
+        a_ip, b_ip = "203.0.113.7", "203.0.113.8"
+    try:
+        config = edge_config(url, upstream_timeout=2.0, upstream_max=4, **server)
+        config = dataclasses.replace(config, routes=(
+            Route("/people/**", "api", ("POST",), (), True),))
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            error = await one_tenant_over_its_share(g, g.proxy_server.port, a, b, heads, whole)
+            assert "address" in error["message"] and "share" in error["message"], error
+            assert b_ip not in error["message"]
+            warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                      and "share" in r.getMessage()]
+            assert len(warned) == 1 and "api" in warned[0] and a_ip in warned[0], warned
+    finally:
+        srv.close()
 
 
 # --- a client vanishing mid-upload is not billed -------------------------------------------------

@@ -7,8 +7,9 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from gateway.proxying.connection import (UploadSlotsFull, UpstreamConnectError,
-                                         UpstreamProtocolError, UpstreamTimeout)
+from gateway.proxying.connection import (UploadShareFull, UploadSlotsFull,
+                                         UpstreamConnectError, UpstreamProtocolError,
+                                         UpstreamTimeout)
 from gateway.proxying.upstream import UpstreamPool
 
 from harness import eventually, raw_upstream
@@ -483,10 +484,11 @@ class Trickle:
         self.rest.set_exception(exc)
 
 
-def upload(pool: UpstreamPool, source, path: str = "/echo/up", timeout: float = 2.0):
+def upload(pool: UpstreamPool, source, path: str = "/echo/up", timeout: float = 2.0,
+           owner=None):
     return asyncio.ensure_future(pool.request(head("POST", path), body=source,
                                               content_length=None, timeout=timeout,
-                                              streaming=True))
+                                              streaming=True, owner=owner))
 
 
 async def test_streaming_uploads_hold_at_most_half_the_connections_and_hand_slots_on(server):
@@ -583,4 +585,142 @@ async def test_upload_slots_are_freed_when_cancelled_failed_or_answered_early():
     await resp.settled()                              # the forward stops the sender
     assert await eventually(lambda: pool.streaming == 0)
     srv.close()
+    await pool.close()
+
+
+# --- one workspace holds at most its share of the upload slots ----------------------------------
+
+async def test_one_owner_holds_at_most_its_share_of_the_upload_slots(server):
+    """An upload's owner (its workspace, or a public route's client address) may hold at most
+    half of the upload slots (``share``, at least one): its next upload waits for a slot of
+    its own within connect_timeout, then UploadShareFull (an UploadSlotsFull: nothing was
+    sent), while another owner's upload takes the free slot at once."""
+    async with asyncio.timeout(10):     # bounded: a slot wrongly handed over never ends
+        await _one_owner_over_its_share(server)
+
+
+async def _one_owner_over_its_share(server) -> None:
+    pool = UpstreamPool(str(server.make_url("")), connect_timeout=0.5, max_connections=4)
+    assert (pool.max_streaming, pool.share) == (2, 1)
+    a_first = Trickle()
+    held = upload(pool, a_first, owner="ws-a")
+    assert await eventually(lambda: pool.streaming == 1 and len(pool.active) == 1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    over = upload(pool, Trickle(), "/echo/a2", owner="ws-a")
+    await asyncio.sleep(0.05)
+    assert not over.done() and pool.streaming == 1         # waits, though a slot is free
+    b = Trickle()
+    other = upload(pool, b, "/echo/b", owner="ws-b")         # takes the free slot at once
+    assert await eventually(lambda: pool.streaming == 2 and len(pool.active) == 2, timeout=0.3)
+    assert pool._uploading == {"ws-a": 1, "ws-b": 1}
+    b.end()
+    assert len(await read_all(await other)) == 1000
+    with pytest.raises(UploadShareFull) as refused:
+        await over
+    assert isinstance(refused.value, UploadSlotsFull) and refused.value.owner == "ws-a"
+    assert 0.45 < loop.time() - started < 1.0
+    assert pool.streaming == 1 and pool._uploading == {"ws-a": 1}
+    assert not pool._upload_waiters
+    a_first.end()
+    assert len(await read_all(await held)) == 1000
+    assert pool.streaming == 0 and pool._uploading == {}
+    # max_streaming 1: the share is that one slot (no fairness is possible)
+    one = UpstreamPool(str(server.make_url("")), max_connections=3)
+    assert (one.max_streaming, one.share) == (1, 1)
+    big = UpstreamPool(str(server.make_url("")))
+    assert (big.max_streaming, big.share) == (50, 25)
+    await pool.close()
+
+
+async def slot(pool: UpstreamPool, owner, deadline: float):
+    """Take an upload slot for ``owner``; returns the owner, to tell who got one."""
+    await pool._upload_slot(deadline, owner)
+    return owner
+
+
+async def test_a_freed_upload_slot_goes_to_the_longest_waiter_allowed_to_take_it():
+    """Slots handed to waiters respect both bounds: a slot freed goes to the longest waiter
+    whose owner is under its share, skipping those whose owner holds its share; an owner's own
+    waiters take their turns in order (none starves while the others of its workspace keep
+    the slot)."""
+    pool = UpstreamPool("http://127.0.0.1:9", connect_timeout=5.0, max_connections=4)
+    deadline = asyncio.get_running_loop().time() + 5.0
+    await slot(pool, "a", deadline)
+    await slot(pool, "b", deadline)
+    a2 = asyncio.ensure_future(slot(pool, "a", deadline))
+    a3 = asyncio.ensure_future(slot(pool, "a", deadline))
+    c = asyncio.ensure_future(slot(pool, "c", deadline))
+    await asyncio.sleep(0)
+    assert len(pool._upload_waiters) == 3
+    pool._release_upload("b")           # a2 and a3 are the longest waiters, but "a" holds its
+    await asyncio.sleep(0)              # share: c takes it
+    assert c.done() and not a2.done() and not a3.done()
+    assert pool.streaming == 2 and pool._uploading == {"a": 1, "c": 1}
+    a4 = asyncio.ensure_future(slot(pool, "a", deadline))  # comes after a3: waits behind it
+    pool._release_upload("c")           # every waiter is "a"'s, at its share: none may take it
+    await asyncio.sleep(0)
+    assert pool.streaming == 1 and len(pool._upload_waiters) == 3
+    fresh = asyncio.ensure_future(slot(pool, "d", deadline))   # another owner: at once
+    await asyncio.sleep(0)
+    assert fresh.done() and pool._uploading == {"a": 1, "d": 1}
+    queue = [a2, a3, a4]
+    for n in (1, 2, 3):
+        pool._release_upload("a")       # "a"'s slot goes to its own longest waiter
+        await asyncio.sleep(0)
+        assert [w for w in queue if w.done()] == queue[:n]
+    assert pool.streaming == 2 and pool._uploading == {"a": 1, "d": 1}
+    assert not pool._upload_waiters
+    pool._release_upload("a")
+    pool._release_upload("d")
+    assert pool.streaming == 0 and pool._uploading == {}
+
+
+async def test_an_upload_slot_handed_to_a_waiter_cancelled_or_timed_out_is_passed_on():
+    """The hand-over race: a waiter handed a slot is cancelled (its client went away) or its
+    deadline passes before it runs. The slot it was handed goes to the next waiter allowed to
+    take it, never leaked; a waiter that gives up without one leaves the counts as they were."""
+    pool = UpstreamPool("http://127.0.0.1:9", connect_timeout=5.0, max_connections=4)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0
+    await slot(pool, "a", deadline)
+    await slot(pool, "b", deadline)
+    a2 = asyncio.ensure_future(slot(pool, "a", deadline))
+    c = asyncio.ensure_future(slot(pool, "c", deadline))
+    await asyncio.sleep(0)
+    pool._release_upload("a")           # handed to a2 ...
+    a2.cancel()                         # ... which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await a2
+    assert await c == "c"               # a2 passed the slot on
+    assert pool.streaming == 2 and pool._uploading == {"b": 1, "c": 1}
+    assert not pool._upload_waiters
+    # cancelled while waiting, never handed one: nothing changes
+    b2 = asyncio.ensure_future(slot(pool, "b", deadline))
+    await asyncio.sleep(0)
+    b2.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await b2
+    assert pool.streaming == 2 and pool._uploading == {"b": 1, "c": 1}
+    assert not pool._upload_waiters
+    # over its share until the deadline: UploadShareFull, the counts untouched
+    with pytest.raises(UploadShareFull):
+        await slot(pool, "b", loop.time() + 0.05)
+    assert pool.streaming == 2 and pool._uploading == {"b": 1, "c": 1}
+    # the deadline passes in the loop turn the slot is handed over (both timers due at once):
+    # the waiter gives up with the slot it was handed, which goes on to the next waiter
+    at = loop.time() + 0.05
+    late = asyncio.ensure_future(slot(pool, "c", at))
+    d = asyncio.ensure_future(slot(pool, "d", deadline))
+    await asyncio.sleep(0)
+    assert len(pool._upload_waiters) == 2
+    loop.call_at(at, pool._release_upload, "c")
+    with pytest.raises(UploadSlotsFull):
+        await late
+    assert await d == "d"
+    assert pool.streaming == 2 and pool._uploading == {"b": 1, "d": 1}
+    assert not pool._upload_waiters
+    pool._release_upload("b")
+    pool._release_upload("d")
+    assert pool.streaming == 0 and pool._uploading == {}
     await pool.close()

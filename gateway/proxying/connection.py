@@ -56,6 +56,15 @@ class UploadSlotsFull(UpstreamUnreached):
     other uploads in flight hold all of them (``UpstreamPool.max_streaming``)."""
 
 
+class UploadShareFull(UploadSlotsFull):
+    """Timed out waiting for an upload slot while the upload's owner (its workspace, or a
+    public route's client address) holds its share of them (``UpstreamPool.share``)."""
+
+    def __init__(self, message: str, owner: object, share: int) -> None:
+        super().__init__(message)
+        self.owner, self.share = owner, share
+
+
 class UpstreamProtocolError(Exception):
     """The upstream broke HTTP: malformed response, or closed mid-response."""
 

@@ -43,9 +43,9 @@ from ..errors import (BadGateway, GatewayError, GatewayTimeout, RequestTimeout, 
 from ..models import Principal
 from ..signature import secrets_of, sign
 from ..tracing import Trace, Tracer
-from .connection import (BodyFramingError, UploadSlotsFull, UpstreamConnectError,
-                         UpstreamProtocolError, UpstreamResponse, UpstreamTimeout,
-                         UpstreamUnreached)
+from .connection import (BodyFramingError, UploadShareFull, UploadSlotsFull,
+                         UpstreamConnectError, UpstreamProtocolError, UpstreamResponse,
+                         UpstreamTimeout, UpstreamUnreached)
 from .headers import NotUtf8Headers, RequestHeaderRules, response_headers
 from .upstream import UpstreamPool
 from .response import WholeResponse, keep_header_bytes
@@ -84,6 +84,15 @@ async def _prefetched(source, limit: int, at_eof: Callable[[], bool]):
             return chunks.pop()
         return b"" if ended else await source()
     return read, complete
+
+
+def _upload_owner(request: web.BaseRequest, principal: Principal | None,
+                  client_of: Callable[[web.BaseRequest], str] | None) -> object:
+    """Whose share of the upload slots an upload takes: its workspace (a str), or on a public
+    route its client address (a tuple: told apart from any workspace id); None: nobody's."""
+    if principal is not None:
+        return principal.workspace
+    return None if client_of is None else ("client", client_of(request))
 
 
 def _trusting(upstream: Upstream) -> ssl.SSLContext | None:
@@ -245,8 +254,16 @@ class Forwarder:
                       principal: Principal | None, request_id: str,
                       response_headers: Mapping[str, str], *,
                       trace: Trace | None = None,
-                      rules: RequestHeaderRules | None = None) -> web.StreamResponse:
+                      rules: RequestHeaderRules | None = None,
+                      client_of: Callable[[web.BaseRequest], str] | None = None
+                      ) -> web.StreamResponse:
         """Send ``request`` to ``upstream`` and stream its answer back.
+
+        A body still streaming in takes one of the upstream's upload slots, and at most its
+        owner's share of them (``UpstreamPool.share``): the owner is ``principal``'s workspace,
+        or with no principal (a public route) the client address ``client_of`` gives (the
+        pipeline's ``client_ip``). Both are read only for such a body: the request whose body
+        is complete, or absent, pays nothing for them. Without either, no share applies.
 
         Raises ``PayloadTooLarge`` (413), ``RequestTimeout`` (408), ``BadGateway`` (502) or
         ``GatewayTimeout`` (504) while no response has started (each says whether the upstream
@@ -284,15 +301,32 @@ class Forwarder:
                 # (half its connections) and cannot hold the connections the rest need
                 body, complete = await _prefetched(body, PREFETCH, request.content.is_eof)
                 streaming = not complete
-            resp = await pool.request(head, body=body, content_length=length,
-                                      timeout=upstream.timeout, is_head=is_head,
-                                      streaming=streaming)
+            if streaming:  # and at most its workspace's (or client address's) share of those
+                resp = await pool.request(head, body=body, content_length=length,
+                                          timeout=upstream.timeout, is_head=is_head,
+                                          streaming=True,
+                                          owner=_upload_owner(request, principal, client_of))
+            else:
+                resp = await pool.request(head, body=body, content_length=length,
+                                          timeout=upstream.timeout, is_head=is_head)
         except GatewayError:  # the body source's own: 413, 408
             raise
         except ClientBodyFailed as exc:
             log.info("the client went away while sending its body to %s: %s", upstream.name,
                      exc)
             raise body_cut_short() from None  # not the upstream's failure: no 502
+        except UploadShareFull as exc:
+            whose = f"client {exc.owner[1]}" if isinstance(exc.owner, tuple) else \
+                f"workspace {exc.owner}"
+            log.warning("upstream %s: an upload waited %g s for a connection and was refused: "
+                        "%s holds its share of the upload connections (%d of %d)",
+                        upstream.name, upstream.timeout, whose, exc.share, pool.max_streaming)
+            yours = "your client address" if isinstance(exc.owner, tuple) else "your workspace"
+            raise GatewayTimeout(f"No connection to the upstream '{upstream.name}' was free "
+                                 f"for an upload within {upstream.timeout:g} seconds: {yours} "
+                                 f"holds its share of the connections for uploads still "
+                                 f"streaming in ({exc.share} of {pool.max_streaming}).",
+                                 reached_upstream=False) from None
         except UploadSlotsFull as exc:
             log.warning("upstream %s: an upload waited %g s for a connection and was refused: "
                         "%s", upstream.name, upstream.timeout, exc)

@@ -20,7 +20,9 @@ proxy needs and nothing else:
   the client: it may trickle in for as long as the client likes) hold at most
   ``max_streaming`` of the connections at once (half of ``max_connections``, at least one);
   requests whose body is complete (none, or all of it already read) may use every one, so a
-  trickle of slow uploads can never leave the other requests without a connection;
+  trickle of slow uploads can never leave the other requests without a connection; and one
+  owner's uploads (a workspace, or a public route's client address) hold at most ``share`` of
+  those (half, at least one), so one tenant's slow uploads never take every upload slot;
 - a request that fails on a reused idle connection before any response byte (the upstream
   closed it meanwhile) is retried once when it had no body and a safe method (GET, HEAD,
   OPTIONS, TRACE); any other is not (the upstream may have acted on it, or its body was
@@ -37,9 +39,9 @@ import collections
 import ssl
 from urllib.parse import urlsplit
 
-from .connection import (BodyFramingError, BodySource, UploadSlotsFull, UpstreamConnectError,
-                         UpstreamConnection, UpstreamProtocolError, UpstreamResponse,
-                         UpstreamTimeout, UpstreamUnreached)
+from .connection import (BodyFramingError, BodySource, UploadShareFull, UploadSlotsFull,
+                         UpstreamConnectError, UpstreamConnection, UpstreamProtocolError,
+                         UpstreamResponse, UpstreamTimeout, UpstreamUnreached)
 
 MAX_IDLE = 256
 IDLE_TTL = 30.0   # seconds an idle connection is trusted (a middlebox may drop it silently)
@@ -63,7 +65,9 @@ class UpstreamPool:
         made); a request over it waits for one, up to ``connect_timeout``. Of those, requests
         whose body is still streaming in from the client (``request(streaming=True)``) hold at
         most ``max_streaming`` at once: half, at least one (all of them when
-        ``max_connections`` is 1)."""
+        ``max_connections`` is 1); and the uploads of one owner (``request(owner=...)``) at
+        most ``share`` of those: half, at least one (with ``max_streaming`` 1 that one slot:
+        no fairness is possible)."""
         parts = urlsplit(url)
         self.tls = (ssl_context or ssl.create_default_context()) \
             if parts.scheme == "https" else None
@@ -83,10 +87,18 @@ class UpstreamPool:
         # at most max_streaming connections, so that requests with a complete body always
         # find one. A slot is held from before the connection is taken until the body's sender
         # stops (all sent, failed or cancelled); a slot freed with uploads waiting is handed to
-        # the longest waiter.
+        # the longest waiter allowed to take it.
         self.max_streaming = max(1, max_connections // 2)
         self.streaming = 0                               # upload slots held
-        self._upload_waiters: collections.deque[asyncio.Future] = collections.deque()
+        # The fair share: one owner (a keyed request's workspace; on a public route, the
+        # client address) holds at most `share` upload slots, so that one tenant's trickling
+        # uploads cannot make every other tenant's wait and fail. An owner at its share waits
+        # (within the same deadline) for one of its own slots to come free; an upload without
+        # an owner (None) is bound by max_streaming alone.
+        self.share = max(1, self.max_streaming // 2)
+        self._uploading: dict[object, int] = {}          # upload slots held, by owner
+        self._upload_waiters: collections.deque[tuple[asyncio.Future, object]] = \
+            collections.deque()                          # (waiter, its owner), longest first
         # The time-to-head timeouts: one sweep over the connections in use, a few times per
         # timeout, instead of a timer armed and cancelled for each request (uvloop's
         # call_later + cancel cost ~2 µs, a tenth of all the pool's own work per request).
@@ -192,15 +204,19 @@ class UpstreamPool:
 
     async def request(self, head: bytes, *, body: BodySource | None = None,
                       content_length: int | None = None, timeout: float = 30.0,
-                      is_head: bool = False, streaming: bool = False) -> UpstreamResponse:
+                      is_head: bool = False, streaming: bool = False,
+                      owner: object = None) -> UpstreamResponse:
         """Send ``head`` (request line + headers, without the final CRLF and without any
         framing header) and the body; return once the response head has arrived.
 
         ``streaming``: ``body`` is not all received yet (the client may still be sending it,
         as slowly as it likes): the request takes one of the ``max_streaming`` upload slots
-        first, waiting for one within ``connect_timeout`` (``UploadSlotsFull``)."""
+        first, waiting for one within ``connect_timeout`` (``UploadSlotsFull``). ``owner``
+        (hashable: its workspace, say) holds at most ``share`` of them: over that, the upload
+        waits for one of its own to come free, within the same time (``UploadShareFull``).
+        Read only when ``streaming``."""
         if streaming:
-            return await self._streamed(head, body, content_length, timeout, is_head)
+            return await self._streamed(head, body, content_length, timeout, is_head, owner)
         for attempt in (0, 1):
             conn, reused = await self._checkout()
             self.active.add(conn)
@@ -217,19 +233,19 @@ class UpstreamPool:
         raise UpstreamProtocolError("upstream closed the connection")
 
     async def _streamed(self, head: bytes, body: BodySource, content_length: int | None,
-                        timeout: float, is_head: bool) -> UpstreamResponse:
+                        timeout: float, is_head: bool, owner: object) -> UpstreamResponse:
         """``request`` for a body still streaming in: within an upload slot, held until the
         body's sender stops (all sent, the client or the upstream failed, or cancelled; an
         exchange that fails has closed its connection). Never retried: the body is consumed."""
         deadline = asyncio.get_running_loop().time() + self.connect_timeout
-        await self._upload_slot(deadline)
+        await self._upload_slot(deadline, owner)
         held = True
 
         def release(_: object = None) -> None:
             nonlocal held
             if held:
                 held = False
-                self._release_upload()
+                self._release_upload(owner)
         try:
             conn, _ = await self._checkout(deadline)  # one wait: both within connect_timeout
             self.active.add(conn)
@@ -244,35 +260,74 @@ class UpstreamPool:
             sender.add_done_callback(release)
         return resp
 
-    async def _upload_slot(self, deadline: float) -> None:
-        """Take an upload slot, waiting for one until ``deadline`` (then ``UploadSlotsFull``)."""
-        if self.streaming < self.max_streaming:
-            self.streaming += 1
+    async def _upload_slot(self, deadline: float, owner: object = None) -> None:
+        """Take an upload slot for ``owner``, waiting for one it may take until ``deadline``
+        (then ``UploadShareFull`` when ``owner`` holds its share, else ``UploadSlotsFull``)."""
+        if self.streaming < self.max_streaming and (
+                owner is None or self._uploading.get(owner, 0) < self.share):
+            # no waiter could take this slot (one that could was handed it as it came free):
+            # taking it jumps no queue
+            self._take_upload(owner)
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._upload_waiters.append(waiter)
+        entry = (waiter, owner)
+        self._upload_waiters.append(entry)
         try:
             async with asyncio.timeout_at(deadline):
-                await waiter  # a slot is handed over: self.streaming already counts it
+                await waiter  # a slot is handed over: already counted, for owner
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self._release_upload()  # handed one as we gave up: pass it on
+                self._release_upload(owner)  # handed one as we gave up: pass it on
             else:
                 try:
-                    self._upload_waiters.remove(waiter)
+                    self._upload_waiters.remove(entry)
                 except ValueError:
                     pass
             if isinstance(exc, TimeoutError):
+                held = self._uploading.get(owner, 0) if owner is not None else 0
+                if held >= self.share:
+                    raise UploadShareFull(
+                        f"no upload slot of its own free within {self.connect_timeout:g} s: "
+                        f"its owner's uploads still streaming hold {held} of the "
+                        f"{self.max_streaming} upload slots (at most {self.share} each)",
+                        owner, self.share) from None
                 raise UploadSlotsFull(
                     f"no upload slot free within {self.connect_timeout:g} s: uploads still "
                     f"streaming hold {self.streaming} of the {self.max_connections} "
                     f"connections (at most {self.max_streaming})") from None
             raise
 
-    def _release_upload(self) -> None:
-        """An upload slot came free: to the longest waiter, else back to the pool."""
-        if not _wake_first(self._upload_waiters):
-            self.streaming -= 1
+    def _take_upload(self, owner: object) -> None:
+        self.streaming += 1
+        if owner is not None:
+            self._uploading[owner] = self._uploading.get(owner, 0) + 1
+
+    def _release_upload(self, owner: object = None) -> None:
+        """``owner``'s upload slot came free: to the longest waiter allowed to take it (under
+        both bounds: ``max_streaming``, and its owner's ``share``), else back to the pool.
+
+        Only a slot coming free lets a waiter take one, and it is handed over at once: so no
+        waiter may ever take a slot while it is free, and an upload that finds one free
+        takes it without passing anyone."""
+        self.streaming -= 1
+        if owner is not None:
+            left = self._uploading[owner] - 1
+            if left:
+                self._uploading[owner] = left
+            else:
+                del self._uploading[owner]
+        waiters = self._upload_waiters
+        if not waiters:
+            return
+        uploading, share = self._uploading, self.share
+        for i, (waiter, their) in enumerate(waiters):
+            if waiter.done():  # cancelled, not yet out of the queue
+                continue
+            if their is None or uploading.get(their, 0) < share:
+                del waiters[i]
+                self._take_upload(their)
+                waiter.set_result(None)
+                return
 
     async def _exchange(self, conn: UpstreamConnection, head: bytes, body: BodySource | None,
                         content_length: int | None, timeout: float,
@@ -403,7 +458,7 @@ class UpstreamPool:
             conn.close()
         self.idle.clear()
         self.active.clear()
-        for waiter in (*self._waiters, *self._upload_waiters):
+        for waiter in (*self._waiters, *(w for w, _ in self._upload_waiters)):
             if not waiter.done():
                 waiter.set_exception(UpstreamConnectError("upstream pool closed"))
                 waiter.exception()
