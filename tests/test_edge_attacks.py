@@ -206,7 +206,7 @@ async def test_upload_slots_come_free_after_a_408_or_a_client_gone_mid_upload(
 
 # --- one workspace (or one client address) holds at most its share of the upload slots ----------
 
-def recording_upstream():
+def share_recording_upstream():
     """A raw loopback upstream's ``answer``, with what it received as raw bytes: ``heads``,
     every request head that arrived; ``whole``, (path, body) of each request whose body
     (Content-Length) arrived whole. Each is answered 200 ``ok``."""
@@ -276,7 +276,7 @@ async def test_one_workspace_may_hold_at_most_its_share_of_the_upload_slots(
     its next upload waits for one of its own and gets 504, another workspace's streams."""
     import logging
     caplog.set_level(logging.WARNING, logger="keygate.proxy")
-    answer, heads, whole = recording_upstream()
+    answer, heads, whole = share_recording_upstream()
     srv, url = await raw_upstream(answer)
     try:
         config = edge_config(url, upstream_timeout=2.0, upstream_max=4)
@@ -311,7 +311,7 @@ async def test_one_client_address_may_hold_at_most_its_share_of_the_upload_slots
     most half of the upload slots."""
     import logging
     caplog.set_level(logging.WARNING, logger="keygate.proxy")
-    answer, heads, whole = recording_upstream()
+    answer, heads, whole = share_recording_upstream()
     srv, url = await raw_upstream(answer)
     if by == "peer":
         server = {}
