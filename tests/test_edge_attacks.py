@@ -231,12 +231,14 @@ def share_recording_upstream():
     return answer, heads, whole
 
 
-async def one_tenant_over_its_share(g, port: int, a: dict, b: dict, heads, whole):
+async def one_tenant_over_its_share(g, port: int, a: dict, b: dict, heads, whole,
+                                    a2: dict | None = None):
     """Tenant A's two slow uploads and then tenant B's (``a``, ``b``: trickling_upload's
     keywords for each) through an upstream with max_connections 4: 2 upload slots, a share of
     1. A's first holds its slot past the upstream timeout (2 s); A's second must wait for a
     slot of A's own and get 504 upstream_timeout, while B's takes the free slot and streams
-    to the end, its body whole at the upstream. Returns A's refusal (the error object)."""
+    to the end, its body whole at the upstream. Returns A's refusal (the error object).
+    ``a2``: A's second upload's keywords, when they differ from its first's."""
     pool = g.gw.pipeline.forwarder._pools["api"][0]
     assert pool.max_streaming == 2
     a_answers: list = []
@@ -244,7 +246,7 @@ async def one_tenant_over_its_share(g, port: int, a: dict, b: dict, heads, whole
                                                    **a))                 # ~4.2 s of drips
     assert await eventually(lambda: pool.streaming == 1, timeout=3)
     second = asyncio.ensure_future(trickling_upload(port, False, path=b"/people/a2", drips=14,
-                                                    answers=a_answers, **a))
+                                                    answers=a_answers, **(a2 or a)))
     assert await eventually(lambda: pool.streaming + len(pool._upload_waiters) == 2, timeout=3)
     try:
         b_status = await trickling_upload(port, False, path=b"/people/b", drips=4, **b)
@@ -303,12 +305,14 @@ async def test_one_workspace_may_hold_at_most_its_share_of_the_upload_slots(
         srv.close()
 
 
-@pytest.mark.parametrize("by", ["peer", "forwarded"])
+@pytest.mark.parametrize("by", ["peer", "forwarded", "forwarded-ipv6-64"])
 async def test_one_client_address_may_hold_at_most_its_share_of_the_upload_slots_on_a_public_route(
         redis_url, monkeypatch, caplog, by):
     """On a public route the tenant is the client address (as the pipeline's client_ip gives
     it: the peer, or behind a trusted proxy the X-Forwarded-For hop): one address holds at
-    most half of the upload slots."""
+    most half of the upload slots. An IPv6 address counts as its /64, as the failure
+    throttle counts it (trust.throttle_client): a subscriber is handed a whole /64, and
+    one upload from each of its addresses must not take every slot."""
     import logging
     caplog.set_level(logging.WARNING, logger="keygate.proxy")
     answer, heads, whole = share_recording_upstream()
@@ -322,12 +326,19 @@ async def test_one_client_address_may_hold_at_most_its_share_of_the_upload_slots
         a = {"headers": b"X-Forwarded-For: 203.0.113.7\r\n"}
         b = {"headers": b"X-Forwarded-For: 203.0.113.8\r\n"}
         a_ip, b_ip = "203.0.113.7", "203.0.113.8"
+    a2 = None
+    if by == "forwarded-ipv6-64":  # A's two uploads from two addresses of one /64
+        a = {"headers": b"X-Forwarded-For: 2001:db8:1:2::7\r\n"}
+        a2 = {"headers": b"X-Forwarded-For: 2001:db8:1:2:aaaa::8\r\n"}
+        b = {"headers": b"X-Forwarded-For: 2001:db8:1:3::7\r\n"}
+        a_ip, b_ip = "2001:db8:1:2::/64", "2001:db8:1:3:"
     try:
         config = edge_config(url, upstream_timeout=2.0, upstream_max=4, **server)
         config = dataclasses.replace(config, routes=(
             Route("/people/**", "api", ("POST",), (), True),))
         async with gateway_under_test(config, redis_url, monkeypatch) as g:
-            error = await one_tenant_over_its_share(g, g.proxy_server.port, a, b, heads, whole)
+            error = await one_tenant_over_its_share(g, g.proxy_server.port, a, b, heads, whole,
+                                                    a2)
             assert "address" in error["message"] and "share" in error["message"], error
             assert b_ip not in error["message"]
             warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING

@@ -13,6 +13,9 @@ from multidict import CIMultiDict
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from aiohttp.http_writer import StreamWriter
+
+from gateway.proxying import response as response_module
 from gateway.proxying.response import SEND_AT_ONCE, WholeResponse
 from gateway.proxying.server import INLINE_START, ProxyServer
 
@@ -164,3 +167,22 @@ async def test_the_proxy_listener_writes_the_usual_answer_without_prepare(served
     answer, after = await exchange(served.port, TYPICAL)
     assert answer.endswith(b'\r\n\r\n{"id": 1}') and after == "served"
     assert calls == ([] if served.kind == "proxy" else ["/case"])
+
+
+@pytest.mark.parametrize("cls, name", [(web.StreamResponse, "write_eof"),
+                                       (web.Response, "write_eof"),
+                                       (StreamWriter, "drain")],
+                         ids=["StreamResponse.write_eof", "Response.write_eof",
+                              "StreamWriter.drain"])
+def test_send_at_once_is_off_when_aiohttp_changes_what_it_stands_for(monkeypatch, cls, name):
+    """``send_at_once`` does in one step what ``Response.write_eof`` and
+    ``StreamResponse.write_eof`` do (the body written, ``_eof_sent``, ``_body_length``, the
+    writer let go) and what ``StreamWriter.drain`` does (the wait for a paused transport):
+    another aiohttp release with other code in any of them must turn it off, as one with
+    another ``StreamWriter.write_eof`` does."""
+    real = getattr(cls, name)
+
+    async def another_release(self, *args, **kwargs):  # the same, but other code
+        return await real(self, *args, **kwargs)
+    monkeypatch.setattr(cls, name, another_release)
+    assert response_module._send_digest() != response_module._SEND_READ_FROM

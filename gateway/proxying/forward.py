@@ -43,6 +43,7 @@ from ..errors import (BadGateway, GatewayError, GatewayTimeout, RequestTimeout, 
 from ..models import Principal
 from ..signature import secrets_of, sign
 from ..tracing import Trace, Tracer
+from ..trust import throttle_client
 from .connection import (BodyFramingError, UploadShareFull, UploadSlotsFull,
                          UpstreamConnectError, UpstreamProtocolError, UpstreamResponse,
                          UpstreamTimeout, UpstreamUnreached)
@@ -89,10 +90,13 @@ async def _prefetched(source, limit: int, at_eof: Callable[[], bool]):
 def _upload_owner(request: web.BaseRequest, principal: Principal | None,
                   client_of: Callable[[web.BaseRequest], str] | None) -> object:
     """Whose share of the upload slots an upload takes: its workspace (a str), or on a public
-    route its client address (a tuple: told apart from any workspace id); None: nobody's."""
+    route its client address (a tuple: told apart from any workspace id); None: nobody's.
+    An IPv6 address is its /64, as the failure throttle counts it (``throttle_client``): a
+    subscriber is handed a whole /64, and one upload from each of its addresses would
+    otherwise take every slot."""
     if principal is not None:
         return principal.workspace
-    return None if client_of is None else ("client", client_of(request))
+    return None if client_of is None else ("client", throttle_client(client_of(request)))
 
 
 def _trusting(upstream: Upstream) -> ssl.SSLContext | None:

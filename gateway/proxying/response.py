@@ -38,11 +38,15 @@ _CONTENT_LENGTH, _CONTENT_TYPE = hdrs.CONTENT_LENGTH, hdrs.CONTENT_TYPE
 
 # What ``WholeResponse.send_at_once`` does in one step is what these do in aiohttp 3.14.5 (the
 # release it was read from); with any other code in them it does nothing and ``prepare`` and
-# ``write_eof`` run.
+# ``write_eof`` run. Its write_eof half stands for the response's write_eof (web.Response's,
+# then StreamResponse's bookkeeping) and the writer's, drain included (its wait for a paused
+# transport is a copy of StreamWriter.drain's).
 _SEND_RELIES_ON = ((StreamWriter, ("write_headers", "write_eof", "_send_headers_with_payload",
-                                   "__init__")),
+                                   "__init__", "drain")),
+                   (web.Response, ("write_eof",)),
+                   (web.StreamResponse, ("write_eof",)),
                    (web.BaseRequest, ("_prepare_hook",)))
-_SEND_READ_FROM = "d4ec078451d1a9a3f33447400be2601237bb91a8dddd0a6185c88c6e1cadf174"
+_SEND_READ_FROM = "a26bc4a2130f4368ff66713926e5b2761360f801d9465383ff76982165dc4d31"
 
 
 def _send_digest() -> str:
