@@ -351,6 +351,12 @@ def glob_problem(glob: str) -> str | None:
     return None
 
 
+def case_twin(glob: str, other: str) -> bool:
+    """Whether two route globs differ only by the case of letters (an escape's hex digits
+    aside, which match in either case)."""
+    return glob.lower() == other.lower() and _upper_escapes(glob) != _upper_escapes(other)
+
+
 SEEN_MAX = 4096      # (method, path) pairs whose route is remembered
 SEEN_PATH_LEN = 256  # longer paths are matched each time, not remembered
 
