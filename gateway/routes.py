@@ -28,13 +28,19 @@ What ``check_path`` accepts (the raw request target before any decoding, query e
   two dot leader), also once a ``;`` parameter is cut off. Other characters NFKC changes
   (fullwidth letters, ``™``) pass ``check_path``; ``RouteTable.match`` refuses them where the
   path NFKC reads matches another route than the path as sent, or none (``/%EF%BD%81dmin``).
+
+Route globs are case-sensitive, but many upstreams match paths case-insensitively (IIS/ASP.NET,
+Windows file servers, some Spring and Express configurations), so ``RouteTable.match`` also
+refuses a path that, compared case-insensitively (ASCII letters), matches another route than
+the first it matches as sent: ``/ADMIN/users`` in front of a public ``/**`` with a scoped
+``/admin/**`` before it (and so a path whose NFKC reading does, ``/%EF%BC%A1dmin``).
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 from urllib.parse import quote, unquote, unquote_to_bytes
 
@@ -236,13 +242,22 @@ def query_has_token(raw_query: str, prefix: str) -> bool:
 
 # --- route matching ------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Compiled:
     index: int
     route: Route
     methods: frozenset[str] | None     # None = any method
     regex: re.Pattern[str]
-
+    # Earlier routes a path matching this one could match case-insensitively instead (see
+    # RouteTable.match), as what the lower-cased path is compared with: the methods of those
+    # whose glob has no '*', by that glob lower-cased; (methods, regex of the lower-cased glob)
+    # of the others, and all those regexes in one (a path that matches none pays one call).
+    # And when to look: 0 never (no rival), 1 when the path has an upper-case letter (every
+    # rival's glob is lower-case), 2 always (a rival's glob has an upper-case letter).
+    rival_paths: dict[str, tuple[frozenset[str] | None, ...]] = field(default_factory=dict)
+    rival_globs: tuple[tuple[frozenset[str] | None, re.Pattern[str]], ...] = ()
+    rival_any: re.Pattern[str] | None = None
+    case_check: int = 0
 
 def compile_glob(path: str) -> re.Pattern[str]:
     """A route glob as a regex over the raw path.
@@ -336,6 +351,12 @@ def glob_problem(glob: str) -> str | None:
     return None
 
 
+def case_twin(glob: str, other: str) -> bool:
+    """Whether two route globs differ only by the case of letters (an escape's hex digits
+    aside, which match in either case)."""
+    return glob.lower() == other.lower() and _upper_escapes(glob) != _upper_escapes(other)
+
+
 SEEN_MAX = 4096      # (method, path) pairs whose route is remembered
 SEEN_PATH_LEN = 256  # longer paths are matched each time, not remembered
 
@@ -344,7 +365,9 @@ class RouteTable:
     """Routes in file order; ``match`` returns the first whose methods and glob fit.
 
     Routes are indexed by their first literal segment, so a request only tries the routes that
-    could match its first segment (plus the ones starting with a glob), in file order."""
+    could match its first segment (plus the ones starting with a glob), in file order.
+    Which earlier routes a path matching a route could match case-insensitively instead is
+    worked out here too (``_find_rivals``), so ``match`` checks only those."""
 
     def __init__(self, routes: Sequence[Route]) -> None:
         compiled: list[_Compiled] = []
@@ -359,6 +382,7 @@ class RouteTable:
             compiled.append(_Compiled(i, route, methods, compile_glob(route.path)))
             first = route.path.split("/", 2)[1]
             firsts.append(None if first in ("*", "**") else _upper_escapes(first))
+        _find_rivals(compiled)
         self._wild = tuple(c for c, f in zip(compiled, firsts) if f is None)
         self._by_first: dict[str, tuple[_Compiled, ...]] = {}
         for key in {f for f in firsts if f is not None}:
@@ -373,32 +397,120 @@ class RouteTable:
         route = self._seen.get((method, raw_path))  # a hot endpoint: one dict lookup
         if route is not None:
             return route
-        route = self._find(method, raw_path)
+        found = self._find(method, raw_path)
+        # a case-insensitive upstream (IIS/ASP.NET, Windows file servers, some Spring and
+        # Express configs) reads '/ADMIN/users' as '/admin/users': behind a public catch-all
+        # that must not be the catch-all's. Only routes with a rival pay, and a path without an
+        # upper-case letter only a lower() when no rival's glob has one.
+        if found.case_check:
+            lower = raw_path.lower()
+            if (found.case_check == 2 or lower != raw_path) and \
+                    _case_rival(found, method, lower):
+                raise _bad("The request path, compared case-insensitively (as many upstreams "
+                           "compare paths), matches another route than as sent; send it in "
+                           "the case the route is written in.")
         if "%" in raw_path:
             # an upstream that NFKC-normalises the decoded path reads '/%EF%BD%81dmin' (a
-            # fullwidth 'a') as '/admin': that reading must be this route too
+            # fullwidth 'a') as '/admin': that reading must be this route too, also compared
+            # case-insensitively ('/%EF%BC%A1dmin', a fullwidth 'A', reads '/Admin')
             reading = nfkc_reading(raw_path)
             if reading is not None:
                 try:
                     other = self._find(method, reading)
                 except NotFound:
                     other = None
-                if other is not route:
+                if other is not found or \
+                        found.case_check and _case_rival(found, method, reading.lower()):
                     raise _bad("The request path contains a percent-encoded character that "
                                "Unicode compatibility normalisation (NFKC) reads as another "
                                "route's path.")
+        route = found.route
         if len(raw_path) <= SEEN_PATH_LEN:
             if len(self._seen) >= SEEN_MAX:
                 self._seen.clear()
             self._seen[(method, raw_path)] = route
         return route
 
-    def _find(self, method: str, raw_path: str) -> Route:
+    def _find(self, method: str, raw_path: str) -> _Compiled:
         end = raw_path.find("/", 1)
         first = raw_path[1:] if end < 0 else raw_path[1:end]
         if "%" in first:  # the index is keyed with upper-case hex, as the regexes match either
             first = _upper_escapes(first)
         for c in self._by_first.get(first, self._wild):
             if (c.methods is None or method in c.methods) and c.regex.fullmatch(raw_path):
-                return c.route
+                return c
         raise no_route(method, raw_path)
+
+
+def _case_rival(found: _Compiled, method: str, lower: str) -> bool:
+    """Whether a route before ``found`` (which matches the path as sent) matches the path
+    compared case-insensitively, ``lower`` being the path lower-cased: the route a
+    case-insensitive upstream would serve instead."""
+    for methods in found.rival_paths.get(lower, ()):
+        if methods is None or method in methods:
+            return True
+    if found.rival_any is not None and found.rival_any.fullmatch(lower):
+        for methods, regex in found.rival_globs:
+            if (methods is None or method in methods) and regex.fullmatch(lower):
+                return True
+    return False
+
+
+_LETTER = re.compile(r"[A-Za-z]")
+_UPPER = re.compile(r"[A-Z]")
+
+
+def _literal_text(path: str) -> str:
+    """A glob's literal segments without their escapes (whose hex matches in either case)."""
+    return _ESCAPE.sub("", "/".join(s for s in path.split("/") if s not in ("*", "**")))
+
+
+def _may_share(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether one path can match both globs (as segment lists), literal segments compared
+    case-insensitively. Errs towards True: it only decides what is checked."""
+    for x, y in zip(a, b):
+        if x == "**" or y == "**":
+            return True
+        if x == "*" or y == "*":
+            if x == "" or y == "":   # '*' is a non-empty segment, '' a trailing slash
+                return False
+            continue
+        if x.lower() != y.lower():
+            return False
+    if len(a) == len(b):
+        return True
+    longer = a if len(a) > len(b) else b
+    return longer[min(len(a), len(b))] == "**"
+
+
+def _find_rivals(compiled: Sequence[_Compiled]) -> None:
+    """For each route, the earlier routes a path it matches could match case-insensitively:
+    ones whose glob has a letter (else case changes nothing), takes one of its methods, and
+    shares a path with its glob, literals compared case-insensitively. At load, once."""
+    segments = [c.route.path.split("/")[1:] for c in compiled]
+    lettered = [_LETTER.search(_literal_text(c.route.path)) is not None for c in compiled]
+    folded: dict[int, re.Pattern[str]] = {}  # a rival's lower-cased glob, compiled once
+    for i, c in enumerate(compiled):
+        rivals = [j for j in compiled[:i]
+                  if lettered[j.index]
+                  and (c.methods is None or j.methods is None or c.methods & j.methods)
+                  and _may_share(segments[i], segments[j.index])]
+        if not rivals:
+            continue
+        paths: dict[str, list[frozenset[str] | None]] = {}
+        globs: list[tuple[frozenset[str] | None, re.Pattern[str]]] = []
+        for j in rivals:
+            lower = j.route.path.lower()
+            if not any(seg in ("*", "**") for seg in segments[j.index]):
+                paths.setdefault(lower, []).append(j.methods)
+            else:
+                if j.index not in folded:
+                    folded[j.index] = compile_glob(lower)
+                globs.append((j.methods, folded[j.index]))
+        c.rival_paths = {k: tuple(v) for k, v in paths.items()}
+        c.rival_globs = tuple(globs)
+        if globs:
+            patterns = dict.fromkeys(regex.pattern for _, regex in globs)
+            c.rival_any = re.compile("|".join(f"(?:{p})" for p in patterns))
+        upper = any(_UPPER.search(_literal_text(j.route.path)) for j in rivals)
+        c.case_check = 2 if upper else 1

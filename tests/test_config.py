@@ -316,6 +316,42 @@ def test_bad_route_glob(tmp_path: Path, glob: str, message: str) -> None:
                        ) == [f"config.yaml:4: routes[0].path: {message}"]
 
 
+def test_globs_that_differ_only_by_case_are_a_problem_where_their_methods_meet(
+        tmp_path: Path) -> None:
+    """Route globs are case-sensitive, but a path another route matches case-insensitively is
+    refused (bad_path, for case-insensitive upstreams): the later of '/admin/**' and
+    '/Admin/**' would be refused for every request a method of both makes, so it never
+    matches. Reported at load rather than as 400s in production."""
+    assert problems_of(tmp_path, with_upstream("""
+        routes:
+          - {path: /admin/**, upstream: crm, scopes: [admin]}
+          - {path: /people/*, upstream: crm}
+          - {path: /Admin/**, upstream: crm, public: true}
+          - {path: /caf%c3%a9/x, upstream: crm}
+          - {path: /CAF%C3%A9/x, upstream: crm, methods: [HEAD]}
+    """)) == [
+        "config.yaml:6: routes[2].path: '/Admin/**' differs from routes[0].path '/admin/**' "
+        "only by case; a path another route matches case-insensitively is refused "
+        "(bad_path), so for the methods both take it never matches (write them in one "
+        "case, or give them methods that do not overlap)",
+        "config.yaml:8: routes[4].path: '/CAF%C3%A9/x' differs from routes[3].path "
+        "'/caf%c3%a9/x' only by case; a path another route matches case-insensitively is "
+        "refused (bad_path), so for the methods both take it never matches (write them in "
+        "one case, or give them methods that do not overlap)"]
+    # the same glob twice (as before), an escape's hex case only, or methods that do not meet
+    config = load_config(write(tmp_path, with_upstream("""
+        routes:
+          - {path: /admin/**, upstream: crm, methods: [GET]}
+          - {path: /Admin/**, upstream: crm, methods: [POST, DELETE]}
+          - {path: /admin/**, upstream: crm, methods: [GET, PUT]}
+          - {path: /caf%C3%A9, upstream: crm}
+          - {path: /caf%c3%a9, upstream: crm}
+          - {path: /People, upstream: crm, methods: [HEAD]}
+          - {path: /people, upstream: crm, methods: [POST]}
+    """)))
+    assert len(config.routes) == 7
+
+
 def test_route_methods_are_upper_cased_http_methods(tmp_path: Path) -> None:
     path = write(tmp_path, UPSTREAM + "routes:\n  - {path: /x/*, upstream: crm, "
                                       "methods: [get, Post, GET]}\n")

@@ -742,6 +742,10 @@ ATTACK_PATHS = [
     "/public/\uff0e\uff0e/admin/users".encode(),  # the same sent as raw UTF-8 bytes
     b"/%EF%BD%81dmin/users",                   # FULLWIDTH LATIN SMALL A: 'admin' under NFKC
     b"/%EF%BD%81%EF%BD%84%EF%BD%8D%EF%BD%89%EF%BD%8E/users",  # all of 'admin' fullwidth
+    b"/ADMIN/users",                          # a case-insensitive upstream (IIS, ASP.NET)
+    b"/Admin/users",
+    b"/aDMIN",
+    b"/%EF%BC%A1dmin/users",                   # FULLWIDTH CAPITAL A: 'Admin' under NFKC
 ]
 
 
@@ -768,7 +772,7 @@ async def test_a_path_a_normalising_upstream_reads_as_another_route_never_reache
             assert status == 400, body
             error = json.loads(body)["error"]
             assert error["code"] in line_codes
-            assert "admin" not in error["message"]  # never the path echoed back
+            assert "admin" not in error["message"].lower()  # never the path echoed back
             # the forward-auth endpoint judges the same path the same way
             status, body = await raw_get(g, b"/_keygate/v1/verify",
                                          b"X-Forwarded-Method: GET\r\nX-Forwarded-Uri: " + path
@@ -783,10 +787,44 @@ async def test_a_path_a_normalising_upstream_reads_as_another_route_never_reache
             assert bytes(received).startswith(b"GET /public/ids/a%3Bb HTTP/1.1\r\n")
             # characters NFKC changes pass where its reading is the same route: a fullwidth
             # letter under the public route, a trade mark sign ('TM')
-            for ok_path in (b"/public/%EF%BD%81dmin", b"/public/Acme%E2%84%A2"):
+            # nor does a path whose case-insensitive reading is the same route
+            for ok_path in (b"/public/%EF%BD%81dmin", b"/public/Acme%E2%84%A2",
+                            b"/public/ADMIN", b"/Public/AbC123"):
                 status, body = await raw_get(g, ok_path)
                 assert (status, body) == (200, b"ok"), ok_path
                 assert b"GET " + ok_path + b" HTTP/1.1\r\n" in bytes(received)
+    finally:
+        srv.close()
+
+
+async def test_a_method_override_whose_case_insensitive_reading_is_another_route(
+        redis_url, monkeypatch):
+    """The override's method is matched as the request's is: with a scoped DELETE-only
+    /admin/** and a public catch-all, 'GET /ADMIN/x' is the catch-all's (no admin route takes
+    GET) and passes, but naming DELETE makes a case-insensitive upstream run DELETE /admin/x
+    without a key: 400 bad_path, at the proxy and at verify (X-Original-URI), nothing sent."""
+    srv, url, received = await recording_upstream()
+    routes = (Route("/admin/**", "api", ("DELETE",), ("admin",)),
+              Route("/**", "api", (), (), True))
+    config = dataclasses.replace(edge_config(url), routes=routes)
+    verify = b"/_keygate/v1/verify"
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            for target, headers in [
+                    (b"/ADMIN/x", b"X-HTTP-Method-Override: DELETE\r\n"),
+                    (b"/ADMIN/x?_method=DELETE", b""),
+                    (verify, b"X-Original-URI: /ADMIN/x\r\nX-Original-Method: DELETE\r\n"),
+                    (verify, b"X-Original-URI: /Admin/x\r\nX-Method-Override: DELETE\r\n"),
+                    (verify + b"/ADMIN/x", b"X-HTTP-Method: DELETE\r\n")]:
+                status, body = await raw_get(g, target, headers)
+                assert status == 400, (target, headers, body)
+                error = json.loads(body)["error"]
+                assert error["code"] == "bad_path" and "admin" not in error["message"].lower()
+            assert bytes(received) == b"", "the upstream received the request"
+            status, body = await raw_get(g, b"/ADMIN/x")
+            assert (status, body) == (200, b"ok")
+            status, _ = await raw_get(g, verify, b"X-Original-URI: /ADMIN/x\r\n")
+            assert status == 200
     finally:
         srv.close()
 

@@ -8,7 +8,7 @@ from gateway.config import Route
 from gateway.errors import BadRequest, NotFound
 from gateway.routes import RouteTable, check_path, compile_glob, query_has_token
 from gateway.tokens import make_token
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 # --- check_path ----------------------------------------------------------------------------------
 
@@ -366,3 +366,151 @@ def test_a_remembered_match_is_the_match(requests):
                 remembering.match(method, path)
         else:
             assert remembering.match(method, path) is expected
+
+
+# --- a path whose case-insensitive reading is another route --------------------------------------
+# Many upstreams match paths case-insensitively (IIS/ASP.NET, Windows file servers, some Spring
+# and Express configs): behind a public catch-all, '/ADMIN/users' matched the catch-all here and
+# the upstream served the scoped /admin/users without a key.
+
+def _bad_path(t: RouteTable, method: str, path: str) -> BadRequest:
+    with pytest.raises(BadRequest) as info:
+        t.match(method, path)
+    assert info.value.code == "bad_path" and info.value.status == 400
+    assert path.strip("/").split("/")[0].lower() not in info.value.message.lower()  # no echo
+    return info.value
+
+
+ADMIN, PUBLIC = r("/admin/**"), r("/**", public=True)
+
+
+@pytest.mark.parametrize("path", ["/ADMIN/users", "/Admin/users", "/aDmin/users", "/ADMIN",
+                                  "/Admin/", "/ADMIN/USERS/1"])
+def test_a_path_another_route_matches_case_insensitively_is_bad_path(path: str) -> None:
+    error = _bad_path(table(ADMIN, PUBLIC), "GET", path)
+    assert "case-insensitive" in error.message
+
+
+@pytest.mark.parametrize("routes, path, expected", [
+    ((ADMIN, PUBLIC), "/admin/USERS", 0),              # the same route either way
+    ((ADMIN, PUBLIC), "/public/ADMIN", 1),
+    ((ADMIN, PUBLIC), "/Administrator", 1),            # no route but the catch-all folds to it
+    ((r("/files/*"),), "/files/AbC123", 0),
+    ((PUBLIC, ADMIN), "/ADMIN/users", 0),              # the catch-all comes first either way
+    ((r("/people/*"), PUBLIC), "/people/AbC", 0),
+    ((r("/people/me"), r("/people/*")), "/people/Me2", 1),
+])
+def test_a_path_whose_case_insensitive_reading_is_the_same_route_passes(routes, path,
+                                                                        expected) -> None:
+    assert table(*routes).match("GET", path) is routes[expected]
+
+
+def test_a_later_glob_that_folds_onto_an_earlier_literal_is_bad_path() -> None:
+    me, one = r("/people/me", "GET"), r("/people/*")
+    t = table(me, one)
+    _bad_path(t, "GET", "/people/ME")                  # a case-insensitive upstream: /people/me
+    assert t.match("POST", "/people/ME") is one        # the /people/me route takes no POST
+    assert t.match("GET", "/people/Me2") is one
+
+
+def test_no_route_as_sent_stays_no_route() -> None:
+    no_route(table(ADMIN), "GET", "/ADMIN/users")
+    no_route(table(r("/people/me")), "GET", "/people/ME")
+
+
+def test_an_upper_case_glob_is_another_route_to_a_lower_case_path() -> None:
+    admin = r("/Admin/**")
+    t = table(admin, PUBLIC)
+    assert t.match("GET", "/Admin/users") is admin
+    _bad_path(t, "GET", "/admin/users")
+    _bad_path(t, "GET", "/ADMIN/users")
+    assert t.match("GET", "/public/x") is PUBLIC
+
+
+def test_case_insensitive_readings_only_count_routes_for_the_method() -> None:
+    delete, get = r("/admin/**", "DELETE"), r("/reports/**", "GET")
+    t = table(delete, get, PUBLIC)
+    assert t.match("GET", "/ADMIN/x") is PUBLIC        # the admin route takes no GET
+    _bad_path(t, "DELETE", "/ADMIN/x")
+    _bad_path(t, "HEAD", "/Reports/1")                 # GET routes answer HEAD too
+    assert t.match("POST", "/Reports/1") is PUBLIC
+
+
+def test_case_insensitive_readings_of_escapes_and_of_nfkc_readings() -> None:
+    cafe = r("/caf%C3%A9/**")
+    t = table(cafe, PUBLIC)
+    assert t.match("GET", "/caf%c3%a9/menu") is cafe   # hex case was never a difference
+    _bad_path(t, "GET", "/CAF%C3%A9/menu")
+    # FULLWIDTH LATIN CAPITAL A: NFKC reads '/Admin/users', which a case-insensitive
+    # upstream serves as /admin/users
+    t = table(ADMIN, PUBLIC)
+    _bad_path(t, "GET", "/%EF%BC%A1dmin/users")
+    assert t.match("GET", "/public/%EF%BC%A1dmin") is PUBLIC
+
+
+def test_a_refused_path_is_refused_every_time_and_an_accepted_one_remembered() -> None:
+    t = table(ADMIN, PUBLIC)
+    for _ in range(3):
+        _bad_path(t, "GET", "/ADMIN/users")
+        assert t.match("GET", "/admin/users") is ADMIN
+        assert t.match("GET", "/people/AbC") is PUBLIC
+
+
+_CASE_GLOBS = ["/admin/**", "/Admin/x", "/people/*", "/people/me", "/*/stats", "/**",
+               "/files/*", "/caf%C3%A9/**", "/a/B/*", "/", "/People/"]
+_CASE_FIRST = ["admin", "Admin", "ADMIN", "people", "People", "files", "FILES", "caf%C3%A9",
+               "CAF%c3%a9", "a", "A", "x"]
+_CASE_WORDS = ["me", "ME", "Me", "stats", "Stats", "x", "X", "b", "B", "1", "AbC123", "users"]
+
+
+def _first(routes, method: str, path: str, fold: bool):
+    """The first route whose methods and glob fit, the glob compared case-insensitively
+    (ASCII) when ``fold``: the reference the table must agree with."""
+    import re
+    for route in routes:
+        methods = {m for m in route.methods} | ({"HEAD"} if "GET" in route.methods else set())
+        regex = compile_glob(route.path)
+        if fold:
+            regex = re.compile(regex.pattern, re.IGNORECASE | re.ASCII)
+        if (not route.methods or method in methods) and regex.fullmatch(path):
+            return route
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_CASE_GLOBS),
+                          st.sampled_from([(), (), ("GET",), ("POST",), ("GET", "DELETE")])),
+                min_size=1, max_size=6),
+       st.sampled_from([None, "/**", "/*/**", "/*"]),
+       st.lists(st.tuples(st.sampled_from(["GET", "HEAD", "POST", "DELETE"]),
+                          st.lists(st.sampled_from(_CASE_FIRST), max_size=1),
+                          st.lists(st.sampled_from(_CASE_WORDS), max_size=2),
+                          st.booleans()), min_size=1, max_size=10))
+def test_refused_exactly_when_the_case_insensitive_first_match_is_another_route(globs, last,
+                                                                                 requests):
+    """Against a reference (the first route whose glob fits, compared with and without ASCII
+    case): refused exactly when the two differ, and never when the path's lower-cased form
+    matches the route it matches as sent (all globs lower-case)."""
+    globs = globs + ([(last, ())] if last else [])
+    routes = [Route(path=g, upstream="api", methods=m) for g, m in globs]
+    t = RouteTable(routes)
+    for method, first, rest, slash in requests:
+        words = first + rest
+        path = "/" + "/".join(words) + ("/" if slash and words else "")
+        sent, folded = _first(routes, method, path, False), _first(routes, method, path, True)
+        if sent is None:
+            with pytest.raises(NotFound):
+                t.match(method, path)
+        elif folded is not sent:
+            _bad_path_any(t, method, path)
+        else:
+            assert t.match(method, path) is sent
+        lower = _first(routes, method, path.lower(), False)
+        if sent is not None and lower is sent and all(g == g.lower() for g, _ in globs):
+            assert t.match(method, path) is sent    # its lower-cased form is the same route
+
+
+def _bad_path_any(t: RouteTable, method: str, path: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        t.match(method, path)
+    assert info.value.code == "bad_path"

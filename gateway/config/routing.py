@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from ..models import HTTP_METHODS, Route, Upstream
-from ..routes import glob_problem
+from ..routes import case_twin, glob_problem
 from .access import AccessSections
 from .nodes import BAD, Node, child, is_null, known, suggest
 
@@ -104,8 +104,29 @@ class RoutingSections(AccessSections):
             if route.public and route.scopes:
                 self.fail(child(item, "scopes"), f"routes[{i}].scopes",
                           "a public route cannot require scopes (no key is checked)")
+            self.case_twins(item, i, route, routes)
             routes.append(route)
         return tuple(routes)
+
+    def case_twins(self, item: Node, i: int, route: Route, earlier: list[Route]) -> None:
+        """A glob that differs from an earlier one only by case never matches for the methods
+        both take: a path another route matches case-insensitively is refused (bad_path), as
+        many upstreams compare paths case-insensitively."""
+        def methods(r: Route) -> set[str] | None:
+            names = set(r.methods)
+            return None if not names else names | {"HEAD"} if "GET" in names else names
+        mine = methods(route)
+        for k, other in enumerate(earlier):
+            theirs = methods(other)
+            if case_twin(route.path, other.path) and \
+                    (mine is None or theirs is None or mine & theirs):
+                self.fail(child(item, "path"), f"routes[{i}].path",
+                          f"'{route.path}' differs from routes[{k}].path '{other.path}' only "
+                          "by case; a path another route matches case-insensitively is "
+                          "refused (bad_path), so for the methods both take it never matches "
+                          "(write them in one case, or give them methods that do not "
+                          "overlap)")
+                return
 
     def route_path(self, node: Node, path: str) -> Any:
         text = self.string(node, path)
