@@ -354,6 +354,70 @@ def case_twin(glob: str, other: str) -> bool:
     return glob.lower() == other.lower() and _upper_escapes(glob) != _upper_escapes(other)
 
 
+
+
+def case_shadow(glob: str, earlier: str) -> bool:
+    """Whether every path ``glob`` matches, ``earlier`` matches compared case-insensitively
+    (ASCII letters) though not as sent: ``RouteTable.match`` refuses each of them, with
+    ``earlier`` before ``glob``. ``case_twin`` is the case of equal globs."""
+    return _covers(earlier.lower(), glob.lower()) and \
+        not _covers(_upper_escapes(earlier), _upper_escapes(glob))
+
+
+def _covers(wide: str, narrow: str) -> bool:
+    """Whether glob ``wide`` matches every path glob ``narrow`` matches (escapes compared as
+    written: pass both with their hex in one case)."""
+    a, b = wide.split("/")[1:], narrow.split("/")[1:]
+    for i, seg in enumerate(a):
+        if seg == "**":
+            return True
+        if i >= len(b) or b[i] == "**":
+            return False
+        if seg == "*":
+            if b[i] == "":  # '*' is a non-empty segment, '' a trailing slash
+                return False
+        elif seg != b[i]:
+            return False
+    return len(a) == len(b)
+
+
+class FoldedGlobs:
+    """Globs by their lower-cased segments (a trie), for the config's load-time check: which
+    of them could cover a glob case-insensitively (``case_shadow``), without comparing it
+    with each. Only globs with a letter are worth adding: for the others case changes
+    nothing."""
+
+    def __init__(self) -> None:
+        self._root: dict = {}
+
+    def add(self, index: int, glob: str) -> None:
+        node = self._root
+        for seg in glob.lower().split("/")[1:]:
+            node = node.setdefault(seg, {})
+        node.setdefault(None, []).append(index)  # None: the globs ending here
+
+    def covering(self, glob: str) -> list[int]:
+        """The indexes of the globs that, lower-cased, match every path ``glob`` lower-cased
+        matches: a superset of those ``case_shadow`` holds for."""
+        segs = glob.lower().split("/")[1:]
+        found: list[int] = []
+        stack = [(self._root, 0)]
+        while stack:
+            node, i = stack.pop()
+            if "**" in node:
+                found += node["**"].get(None, ())
+            if i == len(segs):
+                found += node.get(None, ())
+                continue
+            seg = segs[i]
+            if seg == "**":
+                continue
+            if seg in node and seg != "*":
+                stack.append((node[seg], i + 1))
+            if "*" in node and seg != "":
+                stack.append((node["*"], i + 1))
+        return sorted(found)
+
 SEEN_MAX = 4096      # (method, path) pairs whose route is remembered
 SEEN_PATH_LEN = 256  # longer paths are matched each time, not remembered
 

@@ -353,6 +353,41 @@ def test_globs_that_differ_only_by_case_are_a_problem_where_their_methods_meet(
 
 
 
+
+def test_a_glob_an_earlier_one_covers_case_insensitively_is_a_problem_too(
+        tmp_path: Path) -> None:
+    """Not only a twin: every path '/reports/public/*' matches, '/Reports/**' (earlier)
+    matches case-insensitively, so each is refused bad_path and the later route never matches
+    for the methods both take. It loaded, and answered 400 to all its traffic."""
+    assert problems_of(tmp_path, with_upstream("""
+        routes:
+          - {path: /Reports/**, upstream: crm, methods: [GET], scopes: [reports:read]}
+          - {path: /reports/public/*, upstream: crm, public: true}
+          - {path: /*/Stats, upstream: crm}
+          - {path: /*/stats, upstream: crm, methods: [POST]}
+    """)) == [
+        "config.yaml:5: routes[1].path: every path '/reports/public/*' matches, routes[0].path "
+        "'/Reports/**' matches case-insensitively; a path another route matches "
+        "case-insensitively is refused (bad_path), so for the methods both take it never "
+        "matches (write them in one case, or give them methods that do not overlap)",
+        "config.yaml:7: routes[3].path: '/*/stats' differs from routes[2].path '/*/Stats' "
+        "only by case; a path another route matches case-insensitively is refused "
+        "(bad_path), so for the methods both take it never matches (write them in one case, "
+        "or give them methods that do not overlap)"]
+    # partly covered (/reports/a/b is still its), covered as written (plain shadowing, as
+    # before), or no method in common: these load
+    config = load_config(write(tmp_path, with_upstream("""
+        routes:
+          - {path: /Reports/*, upstream: crm}
+          - {path: /reports/**, upstream: crm}
+          - {path: /Admin/**, upstream: crm}
+          - {path: /Admin/x, upstream: crm}
+          - {path: /People/**, upstream: crm, methods: [POST]}
+          - {path: /people/*, upstream: crm, methods: [GET]}
+          - {path: /**, upstream: crm, public: true}
+    """)))
+    assert len(config.routes) == 7
+
 def test_globs_are_compared_for_case_once_each_not_pairwise(tmp_path: Path,
                                                             monkeypatch) -> None:
     """Each route was compared with every earlier one (2000 routes: 2 million comparisons,
