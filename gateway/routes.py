@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 from urllib.parse import quote, unquote, unquote_to_bytes
 
@@ -248,15 +248,12 @@ class _Compiled:
     route: Route
     methods: frozenset[str] | None     # None = any method
     regex: re.Pattern[str]
-    # Earlier routes a path matching this one could match case-insensitively instead (see
-    # RouteTable.match), as what the lower-cased path is compared with: the methods of those
-    # whose glob has no '*', by that glob lower-cased; (methods, regex of the lower-cased glob)
-    # of the others, and all those regexes in one (a path that matches none pays one call).
-    # And when to look: 0 never (no rival), 1 when the path has an upper-case letter (every
-    # rival's glob is lower-case), 2 always (a rival's glob has an upper-case letter).
-    rival_paths: dict[str, tuple[frozenset[str] | None, ...]] = field(default_factory=dict)
-    rival_globs: tuple[tuple[frozenset[str] | None, re.Pattern[str]], ...] = ()
-    rival_any: re.Pattern[str] | None = None
+    # The glob lower-cased, as a regex over the lower-cased path (None when its literals have no
+    # letter: case changes nothing then). And when RouteTable.match looks for an earlier route
+    # matching the path case-insensitively: 0 never (no earlier route with a letter could share
+    # its first segment), 1 when the path has an upper-case letter (every such route's glob is
+    # lower-case), 2 always (one's glob has an upper-case letter).
+    folded: re.Pattern[str] | None = None
     case_check: int = 0
 
 def compile_glob(path: str) -> re.Pattern[str]:
@@ -357,6 +354,70 @@ def case_twin(glob: str, other: str) -> bool:
     return glob.lower() == other.lower() and _upper_escapes(glob) != _upper_escapes(other)
 
 
+
+
+def case_shadow(glob: str, earlier: str) -> bool:
+    """Whether every path ``glob`` matches, ``earlier`` matches compared case-insensitively
+    (ASCII letters) though not as sent: ``RouteTable.match`` refuses each of them, with
+    ``earlier`` before ``glob``. ``case_twin`` is the case of equal globs."""
+    return _covers(earlier.lower(), glob.lower()) and \
+        not _covers(_upper_escapes(earlier), _upper_escapes(glob))
+
+
+def _covers(wide: str, narrow: str) -> bool:
+    """Whether glob ``wide`` matches every path glob ``narrow`` matches (escapes compared as
+    written: pass both with their hex in one case)."""
+    a, b = wide.split("/")[1:], narrow.split("/")[1:]
+    for i, seg in enumerate(a):
+        if seg == "**":
+            return True
+        if i >= len(b) or b[i] == "**":
+            return False
+        if seg == "*":
+            if b[i] == "":  # '*' is a non-empty segment, '' a trailing slash
+                return False
+        elif seg != b[i]:
+            return False
+    return len(a) == len(b)
+
+
+class FoldedGlobs:
+    """Globs by their lower-cased segments (a trie), for the config's load-time check: which
+    of them could cover a glob case-insensitively (``case_shadow``), without comparing it
+    with each. Only globs with a letter are worth adding: for the others case changes
+    nothing."""
+
+    def __init__(self) -> None:
+        self._root: dict = {}
+
+    def add(self, index: int, glob: str) -> None:
+        node = self._root
+        for seg in glob.lower().split("/")[1:]:
+            node = node.setdefault(seg, {})
+        node.setdefault(None, []).append(index)  # None: the globs ending here
+
+    def covering(self, glob: str) -> list[int]:
+        """The indexes of the globs that, lower-cased, match every path ``glob`` lower-cased
+        matches: a superset of those ``case_shadow`` holds for."""
+        segs = glob.lower().split("/")[1:]
+        found: list[int] = []
+        stack = [(self._root, 0)]
+        while stack:
+            node, i = stack.pop()
+            if "**" in node:
+                found += node["**"].get(None, ())
+            if i == len(segs):
+                found += node.get(None, ())
+                continue
+            seg = segs[i]
+            if seg == "**":
+                continue
+            if seg in node and seg != "*":
+                stack.append((node[seg], i + 1))
+            if "*" in node and seg != "":
+                stack.append((node["*"], i + 1))
+        return sorted(found)
+
 SEEN_MAX = 4096      # (method, path) pairs whose route is remembered
 SEEN_PATH_LEN = 256  # longer paths are matched each time, not remembered
 
@@ -366,8 +427,8 @@ class RouteTable:
 
     Routes are indexed by their first literal segment, so a request only tries the routes that
     could match its first segment (plus the ones starting with a glob), in file order.
-    Which earlier routes a path matching a route could match case-insensitively instead is
-    worked out here too (``_find_rivals``), so ``match`` checks only those."""
+    The routes with a letter in their glob are indexed the same way by their lower-cased first
+    segment (``_fold``), so a path's case-insensitive reading tries only those."""
 
     def __init__(self, routes: Sequence[Route]) -> None:
         compiled: list[_Compiled] = []
@@ -382,7 +443,7 @@ class RouteTable:
             compiled.append(_Compiled(i, route, methods, compile_glob(route.path)))
             first = route.path.split("/", 2)[1]
             firsts.append(None if first in ("*", "**") else _upper_escapes(first))
-        _find_rivals(compiled)
+        self._ci_literal, self._ci_wild, self._ci_by_first = _fold(compiled)
         self._wild = tuple(c for c, f in zip(compiled, firsts) if f is None)
         self._by_first: dict[str, tuple[_Compiled, ...]] = {}
         for key in {f for f in firsts if f is not None}:
@@ -405,7 +466,7 @@ class RouteTable:
         if found.case_check:
             lower = raw_path.lower()
             if (found.case_check == 2 or lower != raw_path) and \
-                    _case_rival(found, method, lower):
+                    self._case_rival(found, method, lower):
                 raise _bad("The request path, compared case-insensitively (as many upstreams "
                            "compare paths), matches another route than as sent; send it in "
                            "the case the route is written in.")
@@ -420,7 +481,7 @@ class RouteTable:
                 except NotFound:
                     other = None
                 if other is not found or \
-                        found.case_check and _case_rival(found, method, reading.lower()):
+                        found.case_check and self._case_rival(found, method, reading.lower()):
                     raise _bad("The request path contains a percent-encoded character that "
                                "Unicode compatibility normalisation (NFKC) reads as another "
                                "route's path.")
@@ -441,19 +502,24 @@ class RouteTable:
                 return c
         raise no_route(method, raw_path)
 
-
-def _case_rival(found: _Compiled, method: str, lower: str) -> bool:
-    """Whether a route before ``found`` (which matches the path as sent) matches the path
-    compared case-insensitively, ``lower`` being the path lower-cased: the route a
-    case-insensitive upstream would serve instead."""
-    for methods in found.rival_paths.get(lower, ()):
-        if methods is None or method in methods:
-            return True
-    if found.rival_any is not None and found.rival_any.fullmatch(lower):
-        for methods, regex in found.rival_globs:
-            if (methods is None or method in methods) and regex.fullmatch(lower):
+    def _case_rival(self, found: _Compiled, method: str, lower: str) -> bool:
+        """Whether a route before ``found`` (which matches the path as sent) matches the path
+        compared case-insensitively, ``lower`` being the path lower-cased: the route a
+        case-insensitive upstream would serve instead. Only routes with a letter in their
+        glob can (for the others case changes nothing), tried as ``_find`` tries routes."""
+        for c in self._ci_literal.get(lower, ()):
+            if c.index >= found.index:
+                break
+            if c.methods is None or method in c.methods:
                 return True
-    return False
+        end = lower.find("/", 1)
+        first = lower[1:] if end < 0 else lower[1:end]
+        for c in self._ci_by_first.get(first, self._ci_wild):
+            if c.index >= found.index:
+                break
+            if (c.methods is None or method in c.methods) and c.folded.fullmatch(lower):
+                return True
+        return False
 
 
 _LETTER = re.compile(r"[A-Za-z]")
@@ -465,52 +531,49 @@ def _literal_text(path: str) -> str:
     return _ESCAPE.sub("", "/".join(s for s in path.split("/") if s not in ("*", "**")))
 
 
-def _may_share(a: Sequence[str], b: Sequence[str]) -> bool:
-    """Whether one path can match both globs (as segment lists), literal segments compared
-    case-insensitively. Errs towards True: it only decides what is checked."""
-    for x, y in zip(a, b):
-        if x == "**" or y == "**":
-            return True
-        if x == "*" or y == "*":
-            if x == "" or y == "":   # '*' is a non-empty segment, '' a trailing slash
-                return False
+def _fold(compiled: Sequence[_Compiled]) -> tuple[dict[str, tuple[_Compiled, ...]],
+                                                  tuple[_Compiled, ...],
+                                                  dict[str, tuple[_Compiled, ...]]]:
+    """The routes whose glob has a letter, for ``RouteTable._case_rival``: those without a
+    '*' by their glob lower-cased, the others indexed as ``RouteTable`` indexes all routes but
+    by their lower-cased first segment; and each route's ``folded`` and ``case_check``.
+    Linear in the routes (a regex each at most): a table is built in the event loop on every
+    reload, and comparing each route with every earlier one took seconds for 2000."""
+    literal: dict[str, list[_Compiled]] = {}
+    wild: list[_Compiled] = []
+    by_first: dict[str, list[_Compiled]] = {}
+    # (any lettered route so far, any with an upper-case letter) among the wild-first ones,
+    # per lower-cased first segment, and over all of them
+    wild_seen = [False, False]
+    first_seen: dict[str, list[bool]] = {}
+    all_seen = [False, False]
+    for c in compiled:
+        first = c.route.path.split("/", 2)[1].lower()
+        is_wild = first in ("*", "**")
+        if is_wild:
+            lettered, upper = all_seen
+        else:
+            mine = first_seen.get(first, (False, False))
+            lettered, upper = wild_seen[0] or mine[0], wild_seen[1] or mine[1]
+        c.case_check = 0 if not lettered else 2 if upper else 1
+        text = _literal_text(c.route.path)
+        if _LETTER.search(text) is None:
             continue
-        if x.lower() != y.lower():
-            return False
-    if len(a) == len(b):
-        return True
-    longer = a if len(a) > len(b) else b
-    return longer[min(len(a), len(b))] == "**"
-
-
-def _find_rivals(compiled: Sequence[_Compiled]) -> None:
-    """For each route, the earlier routes a path it matches could match case-insensitively:
-    ones whose glob has a letter (else case changes nothing), takes one of its methods, and
-    shares a path with its glob, literals compared case-insensitively. At load, once."""
-    segments = [c.route.path.split("/")[1:] for c in compiled]
-    lettered = [_LETTER.search(_literal_text(c.route.path)) is not None for c in compiled]
-    folded: dict[int, re.Pattern[str]] = {}  # a rival's lower-cased glob, compiled once
-    for i, c in enumerate(compiled):
-        rivals = [j for j in compiled[:i]
-                  if lettered[j.index]
-                  and (c.methods is None or j.methods is None or c.methods & j.methods)
-                  and _may_share(segments[i], segments[j.index])]
-        if not rivals:
+        has_upper = _UPPER.search(text) is not None
+        for seen in (all_seen,
+                     wild_seen if is_wild else first_seen.setdefault(first, [False, False])):
+            seen[0] = True
+            seen[1] = seen[1] or has_upper
+        if "*" not in c.route.path:
+            # matched as written, escapes aside: lower-cased, a lower-cased path is it
+            literal.setdefault(c.route.path.lower(), []).append(c)
             continue
-        paths: dict[str, list[frozenset[str] | None]] = {}
-        globs: list[tuple[frozenset[str] | None, re.Pattern[str]]] = []
-        for j in rivals:
-            lower = j.route.path.lower()
-            if not any(seg in ("*", "**") for seg in segments[j.index]):
-                paths.setdefault(lower, []).append(j.methods)
-            else:
-                if j.index not in folded:
-                    folded[j.index] = compile_glob(lower)
-                globs.append((j.methods, folded[j.index]))
-        c.rival_paths = {k: tuple(v) for k, v in paths.items()}
-        c.rival_globs = tuple(globs)
-        if globs:
-            patterns = dict.fromkeys(regex.pattern for _, regex in globs)
-            c.rival_any = re.compile("|".join(f"(?:{p})" for p in patterns))
-        upper = any(_UPPER.search(_literal_text(j.route.path)) for j in rivals)
-        c.case_check = 2 if upper else 1
+        c.folded = compile_glob(c.route.path.lower())
+        if is_wild:
+            wild.append(c)
+            for bucket in by_first.values():
+                bucket.append(c)
+        else:
+            by_first.setdefault(first, list(wild)).append(c)
+    return ({k: tuple(v) for k, v in literal.items()}, tuple(wild),
+            {k: tuple(v) for k, v in by_first.items()})

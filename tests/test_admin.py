@@ -716,6 +716,30 @@ async def test_rotating_a_key_whose_role_is_gone_is_a_conflict_not_a_key_with_no
     assert rotated["key"]["scopes"] == ["people:read"] and rotated["key"]["status"] == "active"
 
 
+
+async def test_a_role_deleted_while_its_expired_key_is_rotated_is_a_conflict(admin):
+    """The role is checked in the rotation's own step, as a create checks it: the 409 above
+    was decided on a read before the rotation, and a DELETE in between (an expired key does
+    not hold it up) still made an active token bound to a role nothing defines."""
+    await workspace(admin)
+    await ok(await admin.put("/admin/v1/workspaces/acme/roles/ops",
+                             json={"scopes": ["ops:run"]}))
+    key = (await new_key(admin, name="e", role="ops", expires_in=60))["key"]
+    admin.clock.now += 120
+    store, resolve = admin.store, admin.store.resolve_role
+
+    async def resolve_then_deleted(ws, role):
+        scopes = await resolve(ws, role)
+        store.resolve_role = resolve
+        await store.delete_role(ws, role)  # another admin, meanwhile
+        return scopes
+    store.resolve_role = resolve_then_deleted
+    before = await ok(await admin.get("/admin/v1/workspaces/acme/keys"))
+    await error(await admin.post(f"/admin/v1/workspaces/acme/keys/{key['id']}/rotate"),
+                409, "conflict", "'ops'")
+    after = await ok(await admin.get("/admin/v1/workspaces/acme/keys"))
+    assert [k["id"] for k in after["items"]] == [k["id"] for k in before["items"]]
+
 async def test_audit_lists_changes_newest_first_without_secrets(admin):
     await workspace(admin)
     created = await new_key(admin, name="k")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 from typing import Any, Mapping
 from urllib.parse import urlsplit
@@ -9,12 +10,17 @@ from urllib.parse import urlsplit
 import yaml
 
 from ..models import HTTP_METHODS, Route, Upstream
-from ..routes import case_twin, glob_problem
+from ..routes import FoldedGlobs, case_shadow, case_twin, glob_problem
 from .access import AccessSections
 from .nodes import BAD, Node, child, is_null, known, suggest
 
 # A route's keys in the order SPEC and the docs name them (and "allowed: ..." hints list them).
 ROUTE_KEYS = ("path", "methods", "upstream", "scopes", "public")
+
+
+# a letter outside the escapes: only such a glob reads otherwise compared case-insensitively
+_LETTER = re.compile(r"[A-Za-z]")
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 
 
 class RoutingSections(AccessSections):
@@ -96,6 +102,7 @@ class RoutingSections(AccessSections):
         readers = {"path": self.route_path, "methods": self.methods, "upstream": upstream,
                    "scopes": self.scopes, "public": self.boolean}
         routes: list[Route] = []
+        folded = FoldedGlobs()  # the globs so far with a letter, lower-cased
         for i, item in enumerate(self.sequence(node, "routes") or []):
             # no upstream: a verify-only route (answered by /_keygate/v1/verify, never forwarded)
             route = self.section(item, f"routes[{i}]", Route, readers,
@@ -104,29 +111,44 @@ class RoutingSections(AccessSections):
             if route.public and route.scopes:
                 self.fail(child(item, "scopes"), f"routes[{i}].scopes",
                           "a public route cannot require scopes (no key is checked)")
-            self.case_twins(item, i, route, routes)
+            self.case_twins(item, i, route, routes, folded)
             routes.append(route)
         return tuple(routes)
 
-    def case_twins(self, item: Node, i: int, route: Route, earlier: list[Route]) -> None:
+    def case_twins(self, item: Node, i: int, route: Route, earlier: list[Route],
+                   folded: FoldedGlobs) -> None:
         """A glob that differs from an earlier one only by case never matches for the methods
         both take: a path another route matches case-insensitively is refused (bad_path), as
-        many upstreams compare paths case-insensitively."""
+        many upstreams compare paths case-insensitively. Nor does one every path of which an
+        earlier glob matches case-insensitively ('/reports/public/*' after '/Reports/**').
+        ``folded``: the earlier globs with a letter, to which this one is added; only those
+        it yields are compared (comparing every pair made 2000 routes load 0.7 s slower)."""
         def methods(r: Route) -> set[str] | None:
             names = set(r.methods)
             return None if not names else names | {"HEAD"} if "GET" in names else names
+        if not isinstance(route.path, str):
+            return
         mine = methods(route)
-        for k, other in enumerate(earlier):
+        why = ("a path another route matches case-insensitively is refused (bad_path), so "
+               "for the methods both take it never matches (write them in one case, or give "
+               "them methods that do not overlap)")
+        for k in folded.covering(route.path):
+            other = earlier[k]
             theirs = methods(other)
-            if case_twin(route.path, other.path) and \
-                    (mine is None or theirs is None or mine & theirs):
+            if mine is not None and theirs is not None and not mine & theirs:
+                continue
+            if case_twin(route.path, other.path):
                 self.fail(child(item, "path"), f"routes[{i}].path",
                           f"'{route.path}' differs from routes[{k}].path '{other.path}' only "
-                          "by case; a path another route matches case-insensitively is "
-                          "refused (bad_path), so for the methods both take it never matches "
-                          "(write them in one case, or give them methods that do not "
-                          "overlap)")
-                return
+                          f"by case; {why}")
+                break
+            if case_shadow(route.path, other.path):
+                self.fail(child(item, "path"), f"routes[{i}].path",
+                          f"every path '{route.path}' matches, routes[{k}].path "
+                          f"'{other.path}' matches case-insensitively; {why}")
+                break
+        if _LETTER.search(_ESCAPE.sub("", route.path)):
+            folded.add(i, route.path)
 
     def route_path(self, node: Node, path: str) -> Any:
         text = self.string(node, path)

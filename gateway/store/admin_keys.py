@@ -215,9 +215,11 @@ class KeyStore(StoreBase):
                  self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,
                  key_id, "" if grace_seconds <= 0 else
                  epoch_field(whole_second(now + grace_seconds)),
-                 # a rotation copies the role as it is, never refused for it: rotating is how
-                 # a leaked key is replaced
-                 old.rev, "", *fields), what="rotate key")
+                 # the role the copy is bound to must still exist, checked in this step as a
+                 # create checks it: an expired key does not hold a role delete up, so one
+                 # between the caller's check and here made an active key with no scopes (an
+                 # active key does hold it up: rotating a leaked key is never refused for it)
+                 old.rev, self._bound_role(old.role), *fields), what="rotate key")
             if reply == "ok":
                 return await self.require_key(ws, key_id), NewKey(record, token)
             await self._release_id(new_id)
@@ -227,6 +229,11 @@ class KeyStore(StoreBase):
                 raise no_key(ws, key_id)
             if reply == "revoked":
                 raise revoked_key(key_id)
+            if reply == "no_role":
+                raise Conflict(f"Key '{shown(key_id, 12)}' is bound to role "
+                               f"'{shown(old.role or '')}', which neither workspace "
+                               f"'{shown_ws(ws)}' nor the config defines any more; re-role it "
+                               "(PATCH its 'role' or 'scopes') before rotating it.")
             if reply in ("stale", "collision"):
                 old = await self.require_key(ws, key_id)
                 continue
