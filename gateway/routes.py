@@ -256,14 +256,15 @@ class _Compiled:
     folded: re.Pattern[str] | None = None
     case_check: int = 0
 
+
 def compile_glob(path: str) -> re.Pattern[str]:
     """A route glob as a regex over the raw path.
 
     ``*`` is exactly one non-empty segment, ``**`` (last segment only) is the rest: zero or
     more segments, so ``/people/**`` matches ``/people``, ``/people/`` and ``/people/a/b``.
     Other segments are literal and compared, case-sensitively, with the raw (still
-    percent-encoded) segment, except the hex digits of an escape (``%c3%a9`` is ``%C3%A9``). A trailing slash is significant: ``/people`` does not match
-    ``/people/``."""
+    percent-encoded) segment, except the hex digits of an escape (``%c3%a9`` is ``%C3%A9``).
+    A trailing slash is significant: ``/people`` does not match ``/people/``."""
     if not path.startswith("/"):
         raise ValueError(f"route path {path!r} must start with '/'")
     segments = path.split("/")[1:]
@@ -354,8 +355,6 @@ def case_twin(glob: str, other: str) -> bool:
     return glob.lower() == other.lower() and _upper_escapes(glob) != _upper_escapes(other)
 
 
-
-
 def case_shadow(glob: str, earlier: str) -> bool:
     """Whether every path ``glob`` matches, ``earlier`` matches compared case-insensitively
     (ASCII letters) though not as sent: ``RouteTable.match`` refuses each of them, with
@@ -417,6 +416,7 @@ class FoldedGlobs:
             if "*" in node and seg != "":
                 stack.append((node["*"], i + 1))
         return sorted(found)
+
 
 SEEN_MAX = 4096      # (method, path) pairs whose route is remembered
 SEEN_PATH_LEN = 256  # longer paths are matched each time, not remembered
