@@ -91,3 +91,20 @@ def test_envoy_hands_keygate_the_clients_address_for_the_failure_throttle():
             ["allowed_headers"]["patterns"]}
     assert "x-forwarded-for" in sent
     assert "trusted_proxies" in text
+
+
+def test_envoy_hands_keygate_the_method_override_headers():
+    """keygate authorises a request that names another method (X-HTTP-Method-Override & co.)
+    as that method too, in verify mode as in the proxy. Envoy's ext_authz HTTP service sends
+    keygate only the ``allowed_headers`` (and Host, Method, Path, Content-Length,
+    Authorization) but forwards every header to the API: without the override headers in
+    ``allowed_headers``, keygate judged a plain GET and the API performed the DELETE the
+    header named. Envoy lower-cases header names, and this example drops '_' spellings."""
+    from gateway.overrides import HEADERS
+    hcm = yaml.safe_load(text_of("envoy.yaml"))["static_resources"]["listeners"][0][
+        "filter_chains"][0]["filters"][0]["typed_config"]
+    sent = {p["exact"] for p in hcm["http_filters"][1]["typed_config"]["http_service"]
+            ["authorization_request"]["allowed_headers"]["patterns"]}
+    assert {h.lower() for h in HEADERS} <= sent
+    assert hcm["common_http_protocol_options"]["headers_with_underscores_action"] == \
+        "DROP_HEADER"
