@@ -1,5 +1,6 @@
 """bench/run.py's check of ``--workers 2`` (target w), on synthetic prometheus-client
-multiprocess files: no server, no timing (the benchmarks themselves are never tests)."""
+multiprocess files, and bench/faults.py's verdict on a row: no server, no timing (the
+benchmarks themselves are never tests)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,18 @@ def test_ratios_also_pair_the_rounds_so_a_noisy_round_shows():
     cb = run.summarize(runs, [8])["ratios"]["c/b@8"]
     assert cb["throughput_rounds"] == [0.8, 1.02, 1.02]
     assert cb["throughput_round_median"] == 1.02
+
+
+def test_the_fault_harness_allows_only_the_counts_a_killed_primary_can_take_with_it():
+    """Redis replicates asynchronously: a count a Cluster primary answered just before SIGKILL
+    may never reach the replica promoted in its place. The harness allows that many lost
+    counts (the 200s answered in the replication window before the kill) and no more; every
+    other scenario allows none."""
+    import faults
+    row = faults.Row("Cluster primary killed, replica promoted", counts_lost=1, counts_in_flight=2)
+    assert row.failures() == []
+    row.counts_lost = 3
+    assert row.failures() == ["counts lost: 3 (more than the 2 answered in the replication "
+                              "window before the kill)"]
+    assert faults.Row("SIGSTOP", counts_lost=1).failures() == ["counts lost: 1"]
+    assert faults.Row("SIGSTOP", counts_lost=0).failures() == []

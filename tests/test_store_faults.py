@@ -595,7 +595,9 @@ def test_the_fault_harness_runs_a_cluster_failover(tmp_path):
     """bench/faults.py, scenario cluster, small load: a Cluster of three primaries and three
     replicas, the workspace's primary killed under load, its replica promoted. The harness
     exits 1 on any answer other than 200/503, a 200 decided while the slot had no primary, a
-    first 200 more than 2 s after the promotion, or anything lost."""
+    first 200 more than 2 s after the promotion, a key or revocation lost, or a count lost
+    beyond those the killed primary answered just before the kill (Redis replicates
+    asynchronously: such a count may never reach the replica; 1 in ~4 runs lost one)."""
     from pathlib import Path
     import sys
     harness = Path(__file__).resolve().parent.parent / "bench" / "faults.py"
