@@ -740,6 +740,7 @@ async def test_a_role_deleted_while_its_expired_key_is_rotated_is_a_conflict(adm
     after = await ok(await admin.get("/admin/v1/workspaces/acme/keys"))
     assert [k["id"] for k in after["items"]] == [k["id"] for k in before["items"]]
 
+
 async def test_audit_lists_changes_newest_first_without_secrets(admin):
     await workspace(admin)
     created = await new_key(admin, name="k")

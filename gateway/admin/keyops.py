@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..config import Config
-from ..errors import BadRequest, Conflict, Forbidden, NotFound, shown
+from ..errors import BadRequest, Forbidden, NotFound, shown
 from ..usage import effective_plan
 from ..models import KeyRecord, rfc3339, whole_second
 from ..store import OPERATOR, UNSET, Store, effective_scopes_of
-from ..store.admin_base import unknown_role
+from ..store.admin_base import role_gone, unknown_role
 from ..tokens import KEY_ID_RE
 from .listing import select_keys
 from .validate import (MAX_DESCRIPTION, MAX_NAME, check_catalogue, parse_allowed_ips,
@@ -320,9 +320,7 @@ class KeyOps:
         if key.role and await self.store.resolve_role(self.ws, key.role) is None:
             # an expired key outlives its role (it does not hold a delete up): its successor
             # would be an active token with no scopes at all
-            raise Conflict(f"Key '{key.id}' is bound to role '{shown(key.role)}', which neither "
-                           f"workspace '{self.ws}' nor the config defines any more; re-role it "
-                           "(PATCH its 'role' or 'scopes') before rotating it.")
+            raise role_gone(self.ws, key.id, key.role)
         if self.limit_scopes is not None:  # a rotation hands out a token with the key's scopes
             scopes = await self.store.effective_scopes(self.ws, key)
             self._within_limit(scopes, "rotate a key with")

@@ -53,6 +53,14 @@ def unknown_role(ws: str, role: str) -> BadRequest:
                       f"a role of workspace '{shown_ws(ws)}' nor a configured role.")
 
 
+def role_gone(ws: str, key_id: str, role: str) -> Conflict:
+    """Rotating a key bound to a role nothing defines any more (an expired key outlives its
+    role: it does not hold a delete up): its successor would be an active key with no scopes."""
+    return Conflict(f"Key '{shown(key_id, 12)}' is bound to role '{shown(role)}', which neither "
+                    f"workspace '{shown_ws(ws)}' nor the config defines any more; re-role it "
+                    "(PATCH its 'role' or 'scopes') before rotating it.")
+
+
 def revoked_key(key_id: str) -> Conflict:
     return Conflict(f"Key '{shown(key_id, 12)}' is revoked; a revoked key cannot be rotated.")
 

@@ -11,7 +11,7 @@ from ..errors import Conflict, StoreError, shown
 from ..models import KeyRecord, rfc3339, whole_second
 from ..tokens import ID_LEN, PREFIX_CHARS, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
-                         no_workspace, revoked_key, store_errors, unknown_role)
+                         no_workspace, revoked_key, role_gone, store_errors, unknown_role)
 from ..usage import month_period
 from .keyspace import (key_index_key, key_key, key_usage_key, ws_active_key, ws_audit_key, ws_key,
                        ws_keys_key, ws_roles_key)
@@ -230,10 +230,7 @@ class KeyStore(StoreBase):
             if reply == "revoked":
                 raise revoked_key(key_id)
             if reply == "no_role":
-                raise Conflict(f"Key '{shown(key_id, 12)}' is bound to role "
-                               f"'{shown(old.role or '')}', which neither workspace "
-                               f"'{shown_ws(ws)}' nor the config defines any more; re-role it "
-                               "(PATCH its 'role' or 'scopes') before rotating it.")
+                raise role_gone(ws, key_id, old.role or "")
             if reply in ("stale", "collision"):
                 old = await self.require_key(ws, key_id)
                 continue
