@@ -5,8 +5,10 @@ Frameworks that honour ``X-HTTP-Method-Override``, ``X-HTTP-Method`` or ``X-Meth
 (Symfony and Laravel, Express with a query getter), perform the method named there instead of
 the one on the request line. keygate forwards these as sent (SPEC: other headers and the query
 pass unchanged), so it authorises the request as each method named too: the route for that
-method and the same path must exist (``no_route``), be one it forwards to (not verify-only),
-and its scopes are required as well (``insufficient_scope``); if any is not public, a key is.
+method and the same path must exist (``no_route``), be one it forwards to (not verify-only)
+and forward to the same upstream as the request's own route (the upstream that performs the
+named method is the one the request reaches), and its scopes are required as well
+(``insufficient_scope``); if any is not public, a key is.
 
 Read as an upstream might read them: header names in any case and with ``_`` for ``-``
 (``X_HTTP_Method_Override``, which CGI/WSGI-style servers read as the same header), every copy
@@ -120,12 +122,16 @@ def authorised_as(routes: RouteTable, route: Route, method: str, raw_path: str,
             raise _named(exc) from None
         if forwarding and also.upstream is None:
             raise _named(no_route(other, raw_path))
+        if forwarding and also.upstream != route.upstream:
+            # the request goes to its own route's upstream, which would perform a method no
+            # route sends there: the scopes judged would be another upstream's
+            raise _named(no_route(other, raw_path), also=f" on upstream {route.upstream!r}")
         if not also.public:
             public = False
             scopes += also.scopes
     return public, tuple(dict.fromkeys(scopes))
 
 
-def _named(exc: NotFound) -> NotFound:
-    return NotFound(exc.message[:-1] + " (the method a method-override header or the "
+def _named(exc: NotFound, also: str = "") -> NotFound:
+    return NotFound(exc.message[:-1] + also + " (the method a method-override header or the "
                     f"{PARAM} query parameter names).", code="no_route")

@@ -960,6 +960,41 @@ async def test_an_override_naming_a_method_without_a_route_is_no_route(redis_url
         assert bytes(received) == b""
 
 
+async def test_an_override_whose_route_forwards_to_another_upstream_is_no_route(
+        redis_url, monkeypatch):
+    """GET /files/* goes to the `api` upstream, DELETE /files/* to `archive`. A key holding
+    both scopes sent GET /files/1 with X-HTTP-Method-Override: DELETE: keygate forwarded it
+    to `api` (the GET route's upstream), whose framework performed a DELETE that no route
+    sends there: the key's scopes were judged for the archive's DELETE, not for this one.
+    The request is no route for the method it names (on this upstream): 404, nothing sent."""
+    srv, url, received = await recording_upstream()
+    other, other_url, other_received = await recording_upstream()
+    routes = (Route("/files/**", "api", ("GET",), ("files:read",)),
+              Route("/files/**", "archive", ("DELETE",), ("files:write",)))
+    config = dataclasses.replace(edge_config(url), routes=routes)
+    config = dataclasses.replace(config, upstreams={
+        **config.upstreams, "archive": Upstream("archive", other_url, 2.0)})
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace("acme")
+            token, _ = await g.key(scopes=["files:read", "files:write"])
+            for target, headers in [(b"/files/1", b"X-HTTP-Method-Override: DELETE\r\n"),
+                                    (b"/files/1?_method=DELETE", b"")]:
+                status, body = await raw_get(g, target, key_header(token) + headers)
+                error = json.loads(body)["error"]
+                assert (status, error["code"]) == (404, "no_route"), body
+                assert "DELETE" in error["message"] and "upstream" in error["message"]
+            assert bytes(received) == b"" and bytes(other_received) == b""
+            assert await g.used() == 0
+            # naming its own method, or one routed to the same upstream, still passes
+            status, body = await raw_get(g, b"/files/1", key_header(token)
+                                         + b"X-HTTP-Method-Override: GET\r\n")
+            assert (status, body) == (200, b"ok")
+    finally:
+        srv.close()
+        other.close()
+
+
 @pytest.mark.parametrize("headers", [
     b"X-HTTP-Method-Override: DEL ETE\r\n",
     b"X-HTTP-Method-Override: DEL/ETE\r\n",
