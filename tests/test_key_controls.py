@@ -5,6 +5,7 @@ usage, the scope catalogue, and finding (and deleting) keys."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import functools
 import json
@@ -564,6 +565,19 @@ async def test_listing_refuses_bad_parameters(gut, query):
     await gut.workspace()
     status, body = await gut.admin_json("GET", f"/workspaces/acme/keys?{query}")
     assert status == 400 and body["error"]["code"] == "bad_request"
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
+async def test_a_forged_cursor_with_a_number_json_cannot_hold_is_400(gut, value):
+    """A cursor is base64 JSON; Python's reader takes NaN and Infinity, and a NaN cursor
+    compared below every key: a forged cursor answered 200 with an empty page, as if the
+    listing had ended, instead of 400."""
+    await gut.workspace()
+    await gut.key(name="k")
+    raw = f'["created",{value},"x"]'.encode()
+    cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    status, body = await gut.admin_json("GET", f"/workspaces/acme/keys?limit=1&cursor={cursor}")
+    assert status == 400 and body["error"]["code"] == "bad_request", body
 
 
 async def test_a_cursor_belongs_to_its_sort(gut):

@@ -41,16 +41,21 @@ def _finite(text: str) -> float:
     return value
 
 
-def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """A JSON object whose fields are all in ``allowed`` (an empty body is ``{}``).
+def strict_json(raw: bytes | str) -> Any:
+    """JSON as RFC 8259 has it: Python's reader also takes NaN, Infinity and numbers that
+    overflow to infinity, which ``meta`` would store and every later answer would carry as bare
+    ``NaN`` (not JSON: the console and jq could no longer read the listing). ValueError (or
+    RecursionError) for anything else."""
+    return json.loads(raw, parse_constant=_not_json, parse_float=_finite)
 
-    Strict RFC 8259: Python's reader also takes NaN, Infinity and numbers that overflow to
-    infinity, which ``meta`` would store and every later answer would carry as bare ``NaN``
-    (not JSON: the console and jq could no longer read the listing)."""
+
+def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """A JSON object whose fields are all in ``allowed`` (an empty body is ``{}``), read by
+    :func:`strict_json`."""
     if not raw.strip():
         return {}
     try:
-        data = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+        data = strict_json(raw)
     except (ValueError, RecursionError):
         raise BadRequest("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
