@@ -116,8 +116,19 @@ def rfc3339(epoch: float | None) -> str | None:
     return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})",
+                      re.ASCII)
+"""RFC 3339's date-time (a space for the ``T`` too, as its section 5.6 allows): the shape, the
+calendar is ``fromisoformat``'s to check."""
+
+
 def parse_rfc3339(text: str) -> float:
-    """RFC 3339 / ISO 8601 with a zone (``Z`` or offset) → epoch seconds. ValueError otherwise."""
+    """RFC 3339 with a zone (``Z`` or offset) → epoch seconds. ValueError otherwise: also for the
+    other ISO 8601 forms ``fromisoformat`` reads (week dates, basic format, hours only, ``,``
+    fractions, ``+0100`` and seconds in offsets), which the OpenAPI document's ``date-time``
+    refuses."""
+    if not _RFC3339.fullmatch(text):
+        raise ValueError("not an RFC 3339 date-time, e.g. 2027-01-31T00:00:00Z")
     dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     if dt.tzinfo is None:
         raise ValueError("timestamp needs a time zone, e.g. 2027-01-31T00:00:00Z")

@@ -13,7 +13,7 @@ import json
 import time
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientSession, web
 
 from gateway.config import Route, ServerConfig, Timeouts, Upstream
 
@@ -474,6 +474,50 @@ async def test_a_chunked_body_framed_wrongly_mid_body_is_400_at_once_on_the_admi
     assert took < 2, took
     assert closed and b"\r\n\r\n" not in rest, rest  # one answer, then closed
     assert json.loads(rest)["error"]["code"] == "bad_request", rest
+
+
+async def test_a_content_encoded_body_to_the_admin_api_is_400_never_500_or_a_traceback(
+        redis_url, upstream, monkeypatch, caplog):
+    """The admin listener (AdminRunner, as ``keygate serve`` runs it) let aiohttp decode
+    gzip/deflate request bodies: a body that did not decode was a 500 ``internal_error`` with
+    two tracebacks in the log, and one sent without a token still logged aiohttp's
+    "Unhandled exception" traceback (anyone reaching the listener could fill the log with
+    them); br and zstd were "not valid HTTP/1.1". The admin API takes JSON as sent, as the
+    self-service endpoints on the proxy listener do: any Content-Encoding is a 400."""
+    import gzip
+    import logging
+
+    from gateway.proxying.server import AdminRunner
+    from harness import ADMIN_TOKEN
+    caplog.set_level(logging.WARNING)
+    async with gateway_under_test(edge_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        runner = AdminRunner(g.gw.admin_app, handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/admin/v1/workspaces"
+        answers = []
+        try:
+            async with ClientSession() as s:
+                for coding, body in (("gzip", b'{"id": "acme", "name": "A"}'),
+                                     ("deflate", b"not deflated"),
+                                     ("gzip", gzip.compress(b'{"id": "acme", "name": "A"}')),
+                                     ("br", b"x"), ("zstd", b"x"), ("x-unknown", b"{}")):
+                    for auth in (bearer(ADMIN_TOKEN), {}):
+                        async with s.post(url, data=body, headers={
+                                **auth, "Content-Type": "application/json",
+                                "Content-Encoding": coding}) as r:
+                            answers.append((coding, bool(auth), r.status,
+                                            (await r.json())["error"]["code"]))
+                async with s.get(url, headers=bearer(ADMIN_TOKEN)) as r:
+                    assert (await r.json())["items"] == []  # nothing was made
+        finally:
+            await runner.cleanup()
+    assert [a for a in answers if a[2:] != ((400, "bad_request") if a[1]
+                                            else (401, "unauthorized"))] == []
+    assert [(r.name, r.getMessage()) for r in caplog.records
+            if r.levelno >= logging.ERROR] == []
 
 
 # --- a client that stops reading its answers ---------------------------------------------------

@@ -5,6 +5,7 @@ usage, the scope catalogue, and finding (and deleting) keys."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import functools
 import json
@@ -566,6 +567,19 @@ async def test_listing_refuses_bad_parameters(gut, query):
     assert status == 400 and body["error"]["code"] == "bad_request"
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
+async def test_a_forged_cursor_with_a_number_json_cannot_hold_is_400(gut, value):
+    """A cursor is base64 JSON; Python's reader takes NaN and Infinity, and a NaN cursor
+    compared below every key: a forged cursor answered 200 with an empty page, as if the
+    listing had ended, instead of 400."""
+    await gut.workspace()
+    await gut.key(name="k")
+    raw = f'["created",{value},"x"]'.encode()
+    cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    status, body = await gut.admin_json("GET", f"/workspaces/acme/keys?limit=1&cursor={cursor}")
+    assert status == 400 and body["error"]["code"] == "bad_request", body
+
+
 async def test_a_cursor_belongs_to_its_sort(gut):
     await gut.workspace("acme", plan="unlimited")
     for i in range(3):
@@ -901,6 +915,46 @@ async def test_concurrent_limit_changes_of_different_fields_both_stay(gut):
     assert all(status == 200 for status, _ in results)
     _, ws = await gut.admin_json("GET", "/workspaces/acme")
     assert set(ws["custom_limits"]) == {"monthly_requests", "max_keys"}
+
+
+async def test_creates_waiting_their_turn_to_hash_obey_a_cap_lowered_meanwhile(gut, redis_url):
+    """A create read the workspace's cap, then waited its turn to hash the secret (one at a
+    time), then ran the script with the cap it had read: creates queued behind others (a
+    workspace admin sending many at once) while the operator lowered ``max_keys`` all went
+    through, leaving the workspace far over its new cap."""
+    await gut.workspace("acme", plan="unlimited")
+    store = gut.gw.store
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        async with store._hashing:  # the hash queue is busy: every create waits there
+            creates = [asyncio.create_task(gut.admin_json(
+                "POST", "/workspaces/acme/keys", {"name": f"k{i}", "scopes": []}))
+                for i in range(6)]
+            # each has read the workspace and reserved its key id, and waits to hash
+            assert await eventually(lambda: len(r.keys("kg:keyid:*")) == 6)
+            status, _ = await gut.admin_json("PATCH", "/workspaces/acme",
+                                             {"limits": {"max_keys": 2}})
+            assert status == 200
+        results = await asyncio.gather(*creates)
+    finally:
+        r.close()
+    assert sorted(status for status, _ in results) == [201] * 2 + [409] * 4
+    _, listing = await gut.admin_json("GET", "/workspaces/acme/keys?status=active")
+    assert len(listing["items"]) == 2
+    # a rotation with a grace, likewise: at the cap it may go one over; not once it is lowered
+    key_id = listing["items"][0]["id"]
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        async with store._hashing:
+            rotation = asyncio.create_task(gut.admin_json(
+                "POST", f"/workspaces/acme/keys/{key_id}/rotate", {"grace_seconds": 60}))
+            assert await eventually(lambda: len(r.keys("kg:keyid:*")) == 3)  # its new key id
+            assert (await gut.admin_json("PATCH", "/workspaces/acme",
+                                         {"limits": {"max_keys": 1}}))[0] == 200
+    finally:
+        r.close()
+    status, body = await rotation
+    assert (status, body["error"]["code"]) == (409, "key_limit_reached"), body
 
 
 async def test_a_reloaded_scope_catalogue_applies_to_the_next_admin_call(tmp_path, redis_url,

@@ -189,6 +189,20 @@ async def test_validation_errors_and_unknown_paths(env):
 
 
 
+async def test_head_takes_what_get_takes_and_allow_says_so(env):
+    """HEAD on a key endpoint that takes GET answered 405, though the admin listener serves
+    the same table rows HEAD and /_keygate/v1/usage takes it too: a monitor or a client
+    checking an endpoint with HEAD was refused here only."""
+    for path in ("", f"/{env.reader.key.id}", f"/{env.reader.key.id}/usage/daily"):
+        resp = await env.call("HEAD", path)
+        assert resp.status == 200, (path, resp.status)
+        assert await resp.read() == b""
+    resp = await env.call("PUT", "")
+    assert resp.status == 405 and resp.headers["Allow"] == "GET, HEAD, POST"
+    resp = await env.call("GET", f"/{env.reader.key.id}/revoke")
+    assert resp.status == 405 and resp.headers["Allow"] == "POST"
+
+
 async def test_re_roling_or_editing_a_role_takes_effect_on_the_next_request(env):
     assert (await env.call("GET", "")).status == 200
     await env.store.put_role("acme", "keyadmin", ["people:read"])  # the role loses keys:admin

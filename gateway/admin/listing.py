@@ -9,7 +9,7 @@ from typing import Mapping
 from ..errors import BadRequest
 from ..models import KeyRecord
 from ..store import STATUSES
-from .validate import query_int
+from .validate import query_int, strict_json
 
 LIST_PARAMS = ("status", "unused_days", "sort", "limit", "cursor")
 LIST_MAX = 1000
@@ -62,7 +62,7 @@ def _after(text: str, sort: str) -> tuple:
     """The sort key a ``cursor`` continues after (400 if it is not one of ours for ``sort``)."""
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        data = json.loads(raw)
+        data = strict_json(raw)  # a NaN sort key compares below every key: an empty page
         if not (isinstance(data, list) and len(data) == 3 and data[0] == sort
                 and isinstance(data[2], str)
                 and isinstance(data[1], str if sort == "name" else (int, float))

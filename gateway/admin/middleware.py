@@ -23,9 +23,9 @@ from aiohttp import web
 from ..accesslog import mask_target
 from ..config import Config
 from ..proxying.server import answer_and_close
-from ..errors import (Forbidden, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge,
-                      RequestTimeout, ServiceUnavailable, StoreError, Unauthorized, body_cut_short,
-                      shown)
+from ..errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
+                      PayloadTooLarge, RequestTimeout, ServiceUnavailable, StoreError,
+                      Unauthorized, body_cut_short, shown)
 from ..store import WORKSPACE_ID_RE
 from ..tokens import adoptable_request_id
 from .api import QUERY_PARAMS, WORKSPACE_ADMIN_ROUTES
@@ -165,7 +165,15 @@ async def read_whole_body(request: web.BaseRequest, within: float) -> bytes:
     """A declared body (small JSON, at most aiohttp's 1 MiB), read whole: it must all be here
     within ``within`` (``server.timeouts.body``), else 408 ``request_timeout``, as a stalled
     body is on the way to an upstream. Read once, it is kept: a later ``read()`` or ``json()``
-    takes it from memory."""
+    takes it from memory.
+
+    A body with a ``Content-Encoding`` is a 400: JSON is taken as sent (the listeners do not
+    decode bodies), so a compressed one would only read as "not valid JSON"; this says why."""
+    codings = [c.strip().lower() for value in request.headers.getall("Content-Encoding", ())
+               for c in value.split(",") if c.strip()]
+    if any(c != "identity" for c in codings):
+        raise BadRequest("The request body has a Content-Encoding; send the JSON uncompressed, "
+                         "without one.")
     try:
         async with asyncio.timeout(within):
             return await request.read()

@@ -45,7 +45,7 @@ def _match(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
 async def handle_self_service(request: web.BaseRequest, principal: Principal, store: Store,
                        config: Config) -> web.Response:
     """One ``/_keygate/v1/keys...`` call: 404 for a path the table does not have, 405 (with
-    ``Allow``) for a method it does not take there, 400 for a query parameter it does not take,
+    ``Allow``) for a method it does not take there (HEAD is GET without the body), 400 for a query parameter it does not take,
     else the table's handler, acting as the key."""
     path = request.rel_url.raw_path
     rest = path[len(SELF_SERVICE_PREFIX):] if path.startswith(SELF_SERVICE_PREFIX) else None
@@ -57,12 +57,14 @@ async def handle_self_service(request: web.BaseRequest, principal: Principal, st
     if not routes:
         raise NotFound("No such endpoint.")
     acting = await store.require_key(principal.workspace, principal.key_id)
-    chosen = next(((e, params) for e, params in routes if e.method == request.method), None)
+    method = "GET" if request.method == "HEAD" else request.method  # as the admin listener
+    chosen = next(((e, params) for e, params in routes if e.method == method), None)
     check_query(request.query, chosen[0].query if chosen else ())
     if chosen is None:
         methods = [e.method for e, _ in routes]
+        allow = [m for e in methods for m in (("GET", "HEAD") if e == "GET" else (e,))]
         raise MethodNotAllowed(f"Use {' or '.join(methods)} here.",
-                               headers={"Allow": ", ".join(methods)})
+                               headers={"Allow": ", ".join(allow)})
 
     async def body() -> bytes:
         if request.body_exists:  # else the wait below is a 408 for a body never asked for

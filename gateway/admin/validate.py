@@ -41,16 +41,43 @@ def _finite(text: str) -> float:
     return value
 
 
-def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """A JSON object whose fields are all in ``allowed`` (an empty body is ``{}``).
+class RepeatedName(ValueError):
+    """A JSON object that gives one name twice."""
 
-    Strict RFC 8259: Python's reader also takes NaN, Infinity and numbers that overflow to
-    infinity, which ``meta`` would store and every later answer would carry as bare ``NaN``
-    (not JSON: the console and jq could no longer read the listing)."""
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name!r} is given more than once")
+        self.name = name
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        raise RepeatedName(next(n for n, _ in pairs if n in seen or seen.add(n)))
+    return data
+
+
+def strict_json(raw: bytes | str) -> Any:
+    """JSON as RFC 8259 has it: Python's reader also takes NaN, Infinity and numbers that
+    overflow to infinity, which ``meta`` would store and every later answer would carry as bare
+    ``NaN`` (not JSON: the console and jq could no longer read the listing). And no name twice
+    in one object (:class:`RepeatedName`): Python keeps the last, other readers the first, so
+    a log, a proxy in front or a reviewer could read ``scopes`` as one list while the key got
+    the other. ValueError (or RecursionError) for anything else."""
+    return json.loads(raw, parse_constant=_not_json, parse_float=_finite,
+                      object_pairs_hook=_unique)
+
+
+def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """A JSON object whose fields are all in ``allowed`` (an empty body is ``{}``), read by
+    :func:`strict_json`."""
     if not raw.strip():
         return {}
     try:
-        data = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+        data = strict_json(raw)
+    except RepeatedName as exc:
+        raise BadRequest(f"The request body gives '{shown(exc.name)}' more than once in one "
+                         "object; give each field once.") from None
     except (ValueError, RecursionError):
         raise BadRequest("The request body is not valid JSON.") from None
     if not isinstance(data, dict):

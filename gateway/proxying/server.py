@@ -535,6 +535,10 @@ class AdminRunner(web.AppRunner):
 
     def __init__(self, app: web.Application, *, header_timeout: float | None = None,
                  write_timeout: float | None = None, **kwargs) -> None:
+        # bodies as sent, as on the proxy listener: aiohttp's decoding of gzip/deflate failed
+        # outside any handler (a traceback in the log per request, token or not), and the
+        # admin API refuses a Content-Encoding anyway (middleware.read_whole_body)
+        kwargs.setdefault("auto_decompress", False)
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
         self._write_timeout = write_timeout

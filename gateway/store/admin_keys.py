@@ -140,14 +140,21 @@ class KeyStore(StoreBase):
                 allowed_ips=allowed_ips)
             # No release of the id on a store error: the script may have run, and a key
             # must never lose its index entry (a stray entry is harmless, see the layout).
-            reply = await self._run(
-                "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
-                            key_key(ws, key_id), ws_audit_key(ws), ws_roles_key(ws)),
-                (epoch_field(now), self._max_keys(workspace),
-                 "+inf" if expires_at is None else epoch_field(expires_at), key_id,
-                 self._audit_entry(now, actor, "key.create", key_id,
-                                   self._key_details(record)), AUDIT_MAXLEN,
-                 "", "", "", self._bound_role(role), *fields), what="create key")
+            for _ in range(ID_ATTEMPTS):
+                reply = await self._run(
+                    "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
+                                key_key(ws, key_id), ws_audit_key(ws), ws_roles_key(ws)),
+                    (epoch_field(now), self._max_keys(workspace),
+                     "+inf" if expires_at is None else epoch_field(expires_at), key_id,
+                     self._audit_entry(now, actor, "key.create", key_id,
+                                       self._key_details(record)), AUDIT_MAXLEN,
+                     "", "", "", self._bound_role(role), workspace.rev, *fields),
+                    what="create key")
+                if reply != "stale_ws":
+                    break
+                # the workspace changed while this create waited its turn to hash: its cap
+                # as it is now (the hash stays good)
+                workspace = await self.require_workspace(ws)
             if reply == "ok":
                 return NewKey(record, token)
             await self._release_id(key_id)
@@ -219,7 +226,8 @@ class KeyStore(StoreBase):
                  # create checks it: an expired key does not hold a role delete up, so one
                  # between the caller's check and here made an active key with no scopes (an
                  # active key does hold it up: rotating a leaked key is never refused for it)
-                 old.rev, self._bound_role(old.role), *fields), what="rotate key")
+                 old.rev, self._bound_role(old.role), workspace.rev, *fields),
+                what="rotate key")
             if reply == "ok":
                 return await self.require_key(ws, key_id), NewKey(record, token)
             await self._release_id(new_id)
@@ -233,6 +241,9 @@ class KeyStore(StoreBase):
                 raise role_gone(ws, key_id, old.role or "")
             if reply in ("stale", "collision"):
                 old = await self.require_key(ws, key_id)
+                continue
+            if reply == "stale_ws":  # its cap may have changed: read it again
+                workspace = await self.require_workspace(ws)
                 continue
             if reply == "limit":
                 raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "

@@ -23,12 +23,16 @@
 -- ARGV[10] the workspace role the new key is bound to, when no configured role of that name
 --         stands behind it ('' = none): it must still exist, checked in this step, since a
 --         role delete refuses while keys use it (admin_set_role) and must see this key
--- ARGV[11..] new key's field, value pairs
--- Returns 'ok' | 'no_workspace' | 'no_role' (ARGV[10] is not defined) | 'collision' (new key
--- id taken) | 'limit' (cap reached) and,
+-- ARGV[11] the workspace's rev ARGV[2] was read at: the cap may have changed since (a create
+--         waits its turn to hash between the read and here), so a change is 'stale_ws' and
+--         the caller reads the cap again
+-- ARGV[12..] new key's field, value pairs
+-- Returns 'ok' | 'no_workspace' | 'stale_ws' | 'no_role' (ARGV[10] is not defined) |
+-- 'collision' (new key id taken) | 'limit' (cap reached) and,
 -- rotating, 'not_found' | 'revoked' | 'stale' | 'grace_limit' (grace asked, workspace
 -- already over its cap).
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
+if (redis.call('HGET', KEYS[1], 'rev') or '0') ~= ARGV[11] then return 'stale_ws' end
 if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[6], ARGV[10]) == 0 then return 'no_role' end
 local rotating = ARGV[7] ~= ''
 local old_exp = nil
@@ -70,7 +74,7 @@ if rotating then
 end
 
 local fields = {}
-for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[4], unpack(fields))
 redis.call('HINCRBY', KEYS[4], 'rev', 1)
 redis.call('SADD', KEYS[2], ARGV[4])
