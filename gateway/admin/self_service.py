@@ -45,8 +45,8 @@ def _match(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
 async def handle_self_service(request: web.BaseRequest, principal: Principal, store: Store,
                        config: Config) -> web.Response:
     """One ``/_keygate/v1/keys...`` call: 404 for a path the table does not have, 405 (with
-    ``Allow``) for a method it does not take there (HEAD is GET without the body), 400 for a query parameter it does not take,
-    else the table's handler, acting as the key."""
+    ``Allow``) for a method it does not take there (HEAD is GET without the body), 400 for a
+    query parameter it does not take, else the table's handler, acting as the key."""
     path = request.rel_url.raw_path
     rest = path[len(SELF_SERVICE_PREFIX):] if path.startswith(SELF_SERVICE_PREFIX) else None
     if rest is None or (rest and not rest.startswith("/")):
