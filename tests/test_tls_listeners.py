@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import select
 import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -91,6 +95,58 @@ def test_unreadable_or_garbage_files_are_problems_not_tracebacks(tmp_path, pki, 
     assert problem.startswith(("config.yaml:2: admin.tls", "config.yaml:3: admin.tls",
                                "config.yaml:4: admin.tls")), problem
     assert "Traceback" not in problem
+
+
+def encrypted_key(tmp_path: Path, pki) -> Path:
+    """The first certificate's key, encrypted with a pass phrase."""
+    key = tmp_path / "encrypted.key"
+    openssl("pkey", "-in", str(pki["key"]), "-aes256", "-passout", "pass:renewal",
+            "-out", str(key))
+    return key
+
+
+def test_an_encrypted_key_is_a_problem_not_a_pass_phrase_prompt(tmp_path, pki):
+    """A key encrypted with a pass phrase: OpenSSL's own prompt asked for it on the terminal,
+    so ``keygate config check`` (and serve, and every reload: in the event loop) waited there
+    for ever; without a terminal the problem read 'cannot load the certificate: [Errno 22]
+    Invalid argument', naming neither the key nor what is wrong with it."""
+    path = tmp_path / "config.yaml"
+    path.write_text(f"server:\n  tls:\n    cert_file: {pki['cert']}\n"
+                    f"    key_file: {encrypted_key(tmp_path, pki)}\n"
+                    "upstreams: {api: {url: 'http://127.0.0.1:9'}}\n"
+                    "routes: [{path: /x, upstream: api}]\n")
+    [problem] = problems(path)
+    assert problem.startswith("config.yaml:4: server.tls.key_file: "), problem
+    assert "encrypted" in problem
+    # at a terminal (a pseudo-terminal this check is the session of): answered, not prompted
+    master, terminal = os.openpty()
+    child = ("import os, sys\n"
+             "os.close(os.open(sys.argv[1], os.O_RDWR))\n"  # a session leader opening a tty
+             "sys.argv = ['keygate'] + sys.argv[2:]\n"     # makes it its terminal
+             "from gateway.cli import main\n"
+             "sys.exit(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", child, os.ttyname(terminal), "config",
+                             "check", str(path)], start_new_session=True, stdin=terminal,
+                            stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    try:
+        assert proc.wait(20) == 1
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail("keygate config check waited at a pass phrase prompt")
+    finally:
+        shown = b""
+        while select.select([master], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+        os.close(master)
+    assert b"pass phrase:" not in shown and b"server.tls.key_file" in shown, shown
 
 
 def client_context(pki) -> ssl.SSLContext:
