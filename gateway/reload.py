@@ -204,7 +204,7 @@ class ListenerTLS:
         from .config import server_context
         try:
             return server_context(tls.cert_file, tls.key_file)
-        except (ssl.SSLError, OSError) as exc:
+        except (ssl.SSLError, OSError, ValueError) as exc:  # ValueError: now encrypted
             raise ConfigError([f"{source}:1: {where}: cannot load {tls.cert_file} / "
                                f"{tls.key_file}: {exc}"]) from exc
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import select
 import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -93,6 +97,58 @@ def test_unreadable_or_garbage_files_are_problems_not_tracebacks(tmp_path, pki, 
     assert "Traceback" not in problem
 
 
+def encrypted_key(tmp_path: Path, pki) -> Path:
+    """The first certificate's key, encrypted with a pass phrase."""
+    key = tmp_path / "encrypted.key"
+    openssl("pkey", "-in", str(pki["key"]), "-aes256", "-passout", "pass:renewal",
+            "-out", str(key))
+    return key
+
+
+def test_an_encrypted_key_is_a_problem_not_a_pass_phrase_prompt(tmp_path, pki):
+    """A key encrypted with a pass phrase: OpenSSL's own prompt asked for it on the terminal,
+    so ``keygate config check`` (and serve, and every reload: in the event loop) waited there
+    for ever; without a terminal the problem read 'cannot load the certificate: [Errno 22]
+    Invalid argument', naming neither the key nor what is wrong with it."""
+    path = tmp_path / "config.yaml"
+    path.write_text(f"server:\n  tls:\n    cert_file: {pki['cert']}\n"
+                    f"    key_file: {encrypted_key(tmp_path, pki)}\n"
+                    "upstreams: {api: {url: 'http://127.0.0.1:9'}}\n"
+                    "routes: [{path: /x, upstream: api}]\n")
+    [problem] = problems(path)
+    assert problem.startswith("config.yaml:4: server.tls.key_file: "), problem
+    assert "encrypted" in problem
+    # at a terminal (a pseudo-terminal this check is the session of): answered, not prompted
+    master, terminal = os.openpty()
+    child = ("import os, sys\n"
+             "os.close(os.open(sys.argv[1], os.O_RDWR))\n"  # a session leader opening a tty
+             "sys.argv = ['keygate'] + sys.argv[2:]\n"     # makes it its terminal
+             "from gateway.cli import main\n"
+             "sys.exit(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", child, os.ttyname(terminal), "config",
+                             "check", str(path)], start_new_session=True, stdin=terminal,
+                            stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    try:
+        assert proc.wait(20) == 1
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail("keygate config check waited at a pass phrase prompt")
+    finally:
+        shown = b""
+        while select.select([master], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+        os.close(master)
+    assert b"pass phrase:" not in shown and b"server.tls.key_file" in shown, shown
+
+
 def client_context(pki) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(pki["ca"]))
 
@@ -160,14 +216,22 @@ async def test_plain_http_and_old_tls_are_refused_on_an_https_listener(https_gat
         with pytest.raises(aiohttp.ClientError):
             async with s.get(f"http://127.0.0.1:{proxy_port}/people/1") as r:
                 await r.read()
-    old = client_context(pki)
-    with warnings.catch_warnings():  # TLS 1.1 is deprecated: that is the point
-        warnings.simplefilter("ignore", DeprecationWarning)
-        old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
-        old.maximum_version = ssl.TLSVersion.TLSv1_1
-    with socket.create_connection(("127.0.0.1", proxy_port), timeout=5) as raw:
-        with pytest.raises((ssl.SSLError, ConnectionError)):
-            old.wrap_socket(raw, server_hostname="localhost").close()
+    for version in ("TLSv1", "TLSv1_1"):
+        old = client_context(pki)
+        with warnings.catch_warnings():  # TLS 1.0 and 1.1 are deprecated: that is the point
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            old.maximum_version = getattr(ssl.TLSVersion, version)
+        # the client's own OpenSSL refuses to offer them at its default security level (it
+        # failed before sending a ClientHello, whatever the listener took): the server must
+        # be the one that says no
+        old.set_ciphers("DEFAULT:@SECLEVEL=0")
+
+        def handshake() -> None:  # off the event loop: the listener runs on it
+            with socket.create_connection(("127.0.0.1", proxy_port), timeout=5) as raw:
+                old.wrap_socket(raw, server_hostname="localhost").close()
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # an alert, or the socket closed
+            await asyncio.get_running_loop().run_in_executor(None, handshake)
 
 
 async def test_reload_swaps_the_certificate_for_new_connections_only(https_gateway, pki):

@@ -19,12 +19,24 @@ SERVICE_NAME_RE = re.compile(r"\S.{0,127}")
 _OTEL_MODULES = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
 
 
+class EncryptedKey(ValueError):
+    """The private key is encrypted with a pass phrase, which keygate has no setting for."""
+
+
+def _no_pass_phrase() -> bytes:
+    # Without a password argument OpenSSL prompts on the terminal for one: `config check`,
+    # `serve` and every reload (the listener's context is built in the event loop) would wait
+    # there for ever.
+    raise EncryptedKey("the private key is encrypted with a pass phrase")
+
+
 def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     """The TLS context of an HTTPS listener: the ``ssl`` module's server defaults, TLS 1.2 at
-    least. Raises ``ssl.SSLError`` / ``OSError`` when the files are not a matching pair."""
+    least. Raises ``ssl.SSLError`` / ``OSError`` when the files are not a matching pair,
+    ``EncryptedKey`` when the key needs a pass phrase."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert_file, key_file)
+    context.load_cert_chain(cert_file, key_file, password=_no_pass_phrase)
     return context
 
 
@@ -93,6 +105,10 @@ class ServiceSections(SchemaReader):
                                  f"'{files['cert_file']}'")
             return self.fail(node, path, f"'{files['cert_file']}' and '{files['key_file']}' are "
                                          f"not a PEM certificate and its private key ({reason})")
+        except EncryptedKey:
+            return self.fail(given["key_file"], f"{path}.key_file",
+                             f"'{files['key_file']}' is encrypted with a pass phrase; keygate "
+                             "reads an unencrypted PEM key (openssl pkey -in KEY -out NEW)")
         except (OSError, ValueError) as exc:
             return self.fail(node, path, f"cannot load the certificate: {exc}")
         return TLSConfig(files["cert_file"], files["key_file"])
