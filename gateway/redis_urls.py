@@ -205,6 +205,16 @@ def _parse_tls_options(given: dict[str, str]) -> dict[str, Any]:
     return options
 
 
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_pass_phrase() -> bytes:
+    # Without a password OpenSSL asks for one on the terminal: config check and serve would
+    # wait at that prompt for ever (and redis-py would ask again at its first connection).
+    raise _EncryptedKey
+
+
 def tls_context(options: dict[str, Any]) -> Any:
     """The ``ssl.SSLContext`` redis-py's ``SSLConnection`` builds from these ssl_* options (its
     own defaults for the rest: the certificate and the host name verified, the system's CAs and
@@ -226,13 +236,17 @@ def tls_context(options: dict[str, Any]) -> Any:
     try:
         if options.get("ssl_certfile") or options.get("ssl_keyfile"):
             stage = "the TLS client certificate and key (ssl_certfile, ssl_keyfile)"
+            password = options.get("ssl_password")
             probe.load_cert_chain(options.get("ssl_certfile"), options.get("ssl_keyfile"),
-                                  options.get("ssl_password"))
+                                  _no_pass_phrase if password is None else password)
         if options.get("ssl_ca_certs") or options.get("ssl_ca_path") or \
                 options.get("ssl_ca_data"):
             stage = "the CA certificates (ssl_ca_certs, ssl_ca_path, ssl_ca_data)"
             probe.load_verify_locations(options.get("ssl_ca_certs"), options.get("ssl_ca_path"),
                                         options.get("ssl_ca_data"))
+    except _EncryptedKey:
+        raise ValueError("the URL's ssl_keyfile is encrypted with a pass phrase: give it as "
+                         "ssl_password (or name an unencrypted key)") from None
     except (OSError, ssl.SSLError, ValueError, TypeError) as exc:
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or \
             exc.__class__.__name__

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import select
 import subprocess
+import sys
 from datetime import datetime, timezone
 from typing import Any
 
@@ -166,6 +169,39 @@ def openssl(*args: str) -> None:
     done = subprocess.run(["openssl", *args], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"openssl could not make the test PKI: {done.stderr[-200:]!r}")
+
+
+def keygate_at_a_terminal(*args: str, timeout: float = 20) -> tuple[int | None, bytes]:
+    """Run ``keygate ARGS`` as a session leader whose controlling terminal is a fresh
+    pseudo-terminal (where OpenSSL's pass-phrase prompt would ask): (exit code, None if it was
+    still waiting after ``timeout`` s and was killed; all it showed on the terminal)."""
+    master, terminal = os.openpty()
+    child = ("import os, sys\n"
+             "os.close(os.open(sys.argv[1], os.O_RDWR))\n"  # a session leader opening a tty
+             "sys.argv = ['keygate'] + sys.argv[2:]\n"     # makes it its terminal
+             "from gateway.cli import main\n"
+             "sys.exit(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", child, os.ttyname(terminal), *args],
+                            start_new_session=True, stdin=terminal, stdout=terminal,
+                            stderr=terminal)
+    os.close(terminal)
+    try:
+        code: int | None = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        code = None
+    shown = b""
+    while select.select([master], [], [], 0.2)[0]:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    return code, shown
 
 
 def make_config(upstream_url: str, **overrides: Any) -> Config:

@@ -24,10 +24,10 @@ from aiohttp import ClientSession
 from gateway.redis_urls import check_store_url, parse_topology_url
 
 from conftest import RedisServer, free_port
-from harness import openssl
+from harness import keygate_at_a_terminal, openssl
 from served import TIMEOUT, Served, admin_json, new_key, write_config
 from test_redis_topologies import Servers, _cluster_port, _wait, start_cluster
-from test_tls_listeners import EC, issue
+from test_tls_listeners import EC, encrypted_key, issue
 
 PW = "tls-store-pw-5150"
 SENTINEL_PW = "tls-sentinel-pw-0042"
@@ -342,6 +342,31 @@ def test_bad_tls_options_are_refused_at_load_without_the_password(url, says, pki
     with pytest.raises(ValueError) as caught:
         check_store_url(url)
     assert says in str(caught.value) and PW not in str(caught.value), str(caught.value)
+
+
+def test_an_encrypted_client_key_without_ssl_password_is_a_problem_not_a_prompt(
+        tmp_path, pki) -> None:
+    """``ssl_keyfile`` encrypted with a pass phrase and no ``ssl_password`` in the URL: the
+    load-time check let OpenSSL prompt for the pass phrase on the terminal, so ``keygate config
+    check`` (and serve) waited there for ever. It is a config problem that says what to add;
+    with the right ``ssl_password`` the same files are taken."""
+    key = encrypted_key(tmp_path, {"key": pki["key"]})  # pass phrase 'renewal'
+    base = f"rediss://:{PW}@127.0.0.1:6379/0?ssl_ca_certs={pki['ca']}" \
+           f"&ssl_certfile={pki['cert']}&ssl_keyfile={key}"
+    with pytest.raises(ValueError) as caught:
+        check_store_url(base)
+    assert "encrypted" in str(caught.value) and "ssl_password" in str(caught.value), caught.value
+    check_store_url(base + "&ssl_password=renewal")
+    with pytest.raises(ValueError) as caught:
+        check_store_url(base + "&ssl_password=wrong")
+    assert "wrong" not in str(caught.value) and PW not in str(caught.value)
+    path = tmp_path / "config.yaml"
+    path.write_text(f"store: {{redis_url: '{base}'}}\n"
+                    "upstreams: {api: {url: 'http://127.0.0.1:9'}}\n"
+                    "routes: [{path: /x, upstream: api}]\n")
+    code, shown = keygate_at_a_terminal("config", "check", str(path))
+    assert code == 1, f"keygate config check waited at a pass phrase prompt: {shown!r}"
+    assert b"Enter PEM pass phrase" not in shown and b"ssl_password" in shown, shown
 
 
 def test_the_per_request_client_takes_every_tls_option_redis_py_takes(pki) -> None:

@@ -4,14 +4,9 @@ on reload. Certificates come from a throwaway CA made with the openssl CLI (skip
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import os
-import select
 import shutil
 import socket
 import ssl
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,7 +16,7 @@ import pytest
 from conftest import free_port
 from gateway.app import running_gateway, start_listeners, stop_listeners
 from gateway.config import load_config
-from harness import ADMIN_TOKEN, openssl
+from harness import ADMIN_TOKEN, keygate_at_a_terminal, openssl
 
 EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
 
@@ -119,34 +114,9 @@ def test_an_encrypted_key_is_a_problem_not_a_pass_phrase_prompt(tmp_path, pki):
     assert problem.startswith("config.yaml:4: server.tls.key_file: "), problem
     assert "encrypted" in problem
     # at a terminal (a pseudo-terminal this check is the session of): answered, not prompted
-    master, terminal = os.openpty()
-    child = ("import os, sys\n"
-             "os.close(os.open(sys.argv[1], os.O_RDWR))\n"  # a session leader opening a tty
-             "sys.argv = ['keygate'] + sys.argv[2:]\n"     # makes it its terminal
-             "from gateway.cli import main\n"
-             "sys.exit(main())\n")
-    proc = subprocess.Popen([sys.executable, "-c", child, os.ttyname(terminal), "config",
-                             "check", str(path)], start_new_session=True, stdin=terminal,
-                            stdout=terminal, stderr=terminal)
-    os.close(terminal)
-    try:
-        assert proc.wait(20) == 1
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail("keygate config check waited at a pass phrase prompt")
-    finally:
-        shown = b""
-        while select.select([master], [], [], 0.2)[0]:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            shown += chunk
-        os.close(master)
-    assert b"pass phrase:" not in shown and b"server.tls.key_file" in shown, shown
+    code, shown = keygate_at_a_terminal("config", "check", str(path))
+    assert code == 1, f"keygate config check waited at a pass phrase prompt: {shown!r}"
+    assert b"Enter PEM pass phrase" not in shown and b"server.tls.key_file" in shown, shown
 
 
 def client_context(pki) -> ssl.SSLContext:
