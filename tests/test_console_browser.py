@@ -913,3 +913,20 @@ def test_keyboard_focus_survives_the_list_being_redrawn(page, gateway):
     page.no_dialog()
     wait(page.driver, lambda d: "revoked" in page.row("homelander").text)
     assert focused() != "body"
+
+
+def test_least_recently_used_first_puts_never_used_keys_first(page, gateway):
+    # a key never used is the least recently used of all, as the API's sort=last_used and
+    # `keygate keys list --sort last_used` order it: the keys nothing relies on lead the list
+    new_workspace(gateway, "oceanic", "Oceanic")
+    used_token, _ = gateway.key("oceanic", name="used", scopes=["people:read"])
+    gateway.key("oceanic", name="never", scopes=["people:read"])
+    status, body = gateway.proxy("/people", used_token)
+    assert status == 200, body
+    page.sign_in(ADMIN_TOKEN)
+    page.link("oceanic").click()
+    page.row("never")
+    Select(page.field("Sort by")).select_by_visible_text("Least recently used first")
+    wait(page.driver, lambda d: page.rows() == ["never", "used"])
+    Select(page.field("Sort by")).select_by_visible_text("Recently used first")
+    wait(page.driver, lambda d: page.rows() == ["used", "never"])
