@@ -811,4 +811,11 @@ $("filter-status").addEventListener("change", renderKeys);
 $("filter-unused").addEventListener("input", renderKeys);
 $("sort").addEventListener("change", sortBy);
 $("ws-title").setAttribute("tabindex", "-1");
+// Leaving the page signs out, as reloading it does: the browser may keep a page it leaves in
+// its back/forward cache, script state included, and Back would then bring back the session
+// (token and all) and any shown-once token to whoever is at the screen next.
+window.addEventListener("pagehide", () => {
+  closeDialogs();
+  signOut();
+});
 document.documentElement.dataset.ready = "true";
