@@ -249,6 +249,21 @@ def test_k8s_probes_hit_readyz_and_healthz_on_the_admin_port():
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
 
 
+def test_turning_on_admin_tls_says_what_must_switch_to_https():
+    """With admin.tls the admin listener speaks HTTPS only: the kubelet's probes, the
+    Prometheus scrapes and the image's HEALTHCHECK, all plain http by default, would then fail
+    (pods never ready, restarted by the liveness probe, no metrics). The config's admin.tls
+    line is where someone turns it on, so it names all of them."""
+    config = (DEPLOY / "config.yaml").read_text()
+    lines = config.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("# tls:")
+              and lines[i - 1].strip().startswith("token_env:"))
+    note = " ".join(line.strip().lstrip("#") for line in lines[at:at + 6]
+                    if line.strip().startswith("#"))
+    for needed in ("scheme: HTTPS", "servicemonitor", "prometheus.yml", "HEALTHCHECK"):
+        assert needed.lower() in note.lower(), needed
+
+
 def test_k8s_deployment_is_non_root_read_only_with_resources():
     deployment = k8s_objects()["Deployment/keygate"]
     assert deployment["spec"]["replicas"] == 2
