@@ -913,3 +913,40 @@ def test_keyboard_focus_survives_the_list_being_redrawn(page, gateway):
     page.no_dialog()
     wait(page.driver, lambda d: "revoked" in page.row("homelander").text)
     assert focused() != "body"
+
+
+def test_least_recently_used_first_puts_never_used_keys_first(page, gateway):
+    # a key never used is the least recently used of all, as the API's sort=last_used and
+    # `keygate keys list --sort last_used` order it: the keys nothing relies on lead the list
+    new_workspace(gateway, "oceanic", "Oceanic")
+    used_token, _ = gateway.key("oceanic", name="used", scopes=["people:read"])
+    gateway.key("oceanic", name="never", scopes=["people:read"])
+    status, body = gateway.proxy("/people", used_token)
+    assert status == 200, body
+    page.sign_in(ADMIN_TOKEN)
+    page.link("oceanic").click()
+    page.row("never")
+    Select(page.field("Sort by")).select_by_visible_text("Least recently used first")
+    wait(page.driver, lambda d: page.rows() == ["never", "used"])
+    Select(page.field("Sort by")).select_by_visible_text("Recently used first")
+    wait(page.driver, lambda d: page.rows() == ["used", "never"])
+
+
+def test_leaving_the_page_signs_out_so_back_does_not_bring_the_session_back(page, gateway):
+    # The browser keeps a page it leaves in its back/forward cache, script state and all:
+    # Back then showed the workspace signed in as the operator (token in memory, working), and
+    # a shown-once token still on screen, to whoever came to the screen next.
+    new_workspace(gateway, "ajira", "Ajira")
+    page.sign_in(ADMIN_TOKEN)
+    page.link("ajira").click()
+    page.create_key("flight-316", scopes="people:read")
+    shown = wait(page.driver, lambda d: d.find_elements(By.CSS_SELECTOR, "[data-token]"))
+    page.tokens_seen.append(shown[0].text.strip())
+    page.driver.get("data:text/html,<p>elsewhere</p>")
+    page.driver.back()
+    wait(page.driver, lambda d: d.current_url.startswith(gateway.admin_url + "/console/"))
+    wait(page.driver, lambda d: page.field("Token").is_displayed())
+    assert page.driver.find_element(By.ID, "who").text == ""
+    assert not page.driver.find_element(By.ID, "workspace-view").is_displayed()
+    assert not page.driver.find_elements(By.CSS_SELECTOR, "[data-token], dialog")
+    assert page.tokens_seen[-1] not in page.driver.page_source

@@ -249,6 +249,21 @@ def test_k8s_probes_hit_readyz_and_healthz_on_the_admin_port():
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
 
 
+def test_turning_on_admin_tls_says_what_must_switch_to_https():
+    """With admin.tls the admin listener speaks HTTPS only: the kubelet's probes, the
+    Prometheus scrapes and the image's HEALTHCHECK, all plain http by default, would then fail
+    (pods never ready, restarted by the liveness probe, no metrics). The config's admin.tls
+    line is where someone turns it on, so it names all of them."""
+    config = (DEPLOY / "config.yaml").read_text()
+    lines = config.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("# tls:")
+              and lines[i - 1].strip().startswith("token_env:"))
+    note = " ".join(line.strip().lstrip("#") for line in lines[at:at + 6]
+                    if line.strip().startswith("#"))
+    for needed in ("scheme: HTTPS", "servicemonitor", "prometheus.yml", "HEALTHCHECK"):
+        assert needed.lower() in note.lower(), needed
+
+
 def test_k8s_deployment_is_non_root_read_only_with_resources():
     deployment = k8s_objects()["Deployment/keygate"]
     assert deployment["spec"]["replicas"] == 2
@@ -287,7 +302,10 @@ def test_k8s_admin_token_comes_from_the_secret_and_config_from_the_configmap():
     ref = env[TOKEN_ENV]["valueFrom"]["secretKeyRef"]
     secret = objects[f"Secret/{ref['name']}"]
     assert ref["key"] in secret["stringData"]
-    assert "CHANGE-ME" in secret["stringData"][ref["key"]], "the committed token is a placeholder"
+    # applied as is, the Secret must grant nothing: an empty operator token closes the admin API
+    # (every call 401, a warning at start), where a placeholder text would be a working operator
+    # token that anyone who has read this repository knows
+    assert secret["stringData"][ref["key"]] == "", "the committed operator token must be empty"
     (config_volume,) = [v for v in objects["Deployment/keygate"]["spec"]["template"]["spec"]
                         ["volumes"] if "configMap" in v]
     mount = next(m for m in container["volumeMounts"] if m["name"] == config_volume["name"])

@@ -80,3 +80,24 @@ def test_the_security_model_names_the_digest_the_key_cache_is_keyed_by():
         named.group(1), named.group(1).lower())
     token = "kg_live_" + "A" * 50
     assert hashlib.new(algorithm, token.encode()).digest() == token_digest(token), named.group(0)
+
+
+def test_every_table_row_in_the_docs_belongs_to_a_table():
+    """A `| ... |` line renders as a table row only under a header and its `|---|` line, with
+    no other line between the rows: a paragraph written into the middle of a table turns the
+    rows after it into a line of literal pipes (the proxy's `internal_error` row did)."""
+    stray = []
+    for page in MARKDOWN:
+        lines = page.read_text().splitlines()
+        in_fence = False
+        for number, line in enumerate(lines, 1):
+            if line.lstrip().startswith("```"):
+                in_fence = not in_fence
+            if in_fence or not line.startswith("|"):
+                continue
+            previous = lines[number - 2] if number > 1 else ""
+            following = lines[number] if number < len(lines) else ""
+            header = re.match(r"\|\s*:?-+", following) is not None
+            if not (header or previous.startswith("|")):
+                stray.append(f"{page.name}:{number}: {line[:60]}")
+    assert stray == []

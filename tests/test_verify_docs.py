@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.config import IdentityHeaders
+from gateway.config import IdentityHeaders, KeysConfig
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "verify"
 IDENTITY = IdentityHeaders().names()
@@ -72,6 +72,22 @@ def test_ingress_nginx_sets_the_original_request_headers_itself():
         f"{configmap['metadata']['namespace']}/{configmap['metadata']['name']}"
     assert notes["nginx.ingress.kubernetes.io/auth-response-headers"].split(",")[:4] == \
         list(IDENTITY)
+
+
+def test_ingress_nginx_shows_how_to_keep_the_key_from_the_api():
+    """nginx.conf, Traefik and Envoy remove the credential headers before the request reaches
+    the API; ingress-nginx has no annotation for that but a configuration snippet (refused by
+    controllers that do not allow snippets, the default), so the example carries one, commented,
+    covering every header keygate reads a key from, and says the API gets the key without it."""
+    text = text_of("ingress-nginx.yaml")
+    snippet = [line.strip().lstrip("#").strip() for line in text.splitlines()
+               if "proxy_set_header" in line]
+    cleared = {line.split()[1].lower() for line in snippet if line.endswith('"";')}
+    assert {"authorization"} | {h.lower() for h in KeysConfig().headers} <= cleared
+    assert "configuration-snippet" in text
+    table = (DOCS.parent / "deployment-modes.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| `ingress-nginx.yaml`"))
+    assert "configuration-snippet" in row
 
 
 def test_envoy_hands_keygate_the_clients_address_for_the_failure_throttle():

@@ -443,7 +443,12 @@ function visibleKeys() {
   return keys.slice().sort((a, b) => {
     const x = a[field], y = b[field];
     if (x === y) return a.name.localeCompare(b.name);
-    if (x === null) return 1;   // never used / never expires: last, whichever the direction
+    // never used is the least recent use of all (as the API's sort=last_used has it): first
+    // from the least recently used on, last from the most recently used on
+    if (field === "last_used_at" && (x === null || y === null)) {
+      return (x === null ? -1 : 1) * order;
+    }
+    if (x === null) return 1;   // never expires: last, whichever the direction
     if (y === null) return -1;
     return (field === "name" ? x.localeCompare(y) : x < y ? -1 : 1) * order;
   });
@@ -806,4 +811,11 @@ $("filter-status").addEventListener("change", renderKeys);
 $("filter-unused").addEventListener("input", renderKeys);
 $("sort").addEventListener("change", sortBy);
 $("ws-title").setAttribute("tabindex", "-1");
+// Leaving the page signs out, as reloading it does: the browser may keep a page it leaves in
+// its back/forward cache, script state included, and Back would then bring back the session
+// (token and all) and any shown-once token to whoever is at the screen next.
+window.addEventListener("pagehide", () => {
+  closeDialogs();
+  signOut();
+});
 document.documentElement.dataset.ready = "true";
