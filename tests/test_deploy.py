@@ -10,6 +10,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -409,7 +410,9 @@ def run(cmd: list[str], cwd_override: Path | None = None,
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
+    """A tool on PATH, or one the test extra installs beside this interpreter (hadolint,
+    kubernetes-validate: the suite may run without the venv's bin on PATH)."""
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if path is None:
         pytest.skip(f"{name} is not installed")
     return path
