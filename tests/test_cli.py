@@ -75,6 +75,11 @@ def test_keys_create_needs_a_role_or_scopes(capsys):
     ["keys", "list"],                                            # --workspace missing
     ["keys", "list", "--workspace", "acme", "--status", "gone"],
     ["keys", "create", "--workspace", "a", "--name", "n", "--role", "r", "--expires", "soon"],
+    # ISO 8601 forms that are not RFC 3339, which the admin API refuses: a week date, the
+    # basic format, hours only, a ',' fraction, an offset without ':'
+    *(["keys", "create", "--workspace", "a", "--name", "n", "--role", "r", "--expires", when]
+      for when in ("2027-W01-1T00:00:00Z", "20270131T000000Z", "2027-01-31T12Z",
+                   "2027-01-31T12:00:00,5Z", "2027-01-31T12:00:00+0100")),
     ["keys", "rotate", "--workspace", "a", "k1", "--grace", "1 day"],
     ["workspaces", "create", "acme"],                            # --name missing
     ["workspaces", "set-plan", "acme"],                          # plan missing

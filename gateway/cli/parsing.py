@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from datetime import date, datetime, timezone
+from datetime import date
 from typing import Any, Callable
+
+from ..models import parse_rfc3339, rfc3339
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -49,13 +51,14 @@ def parse_expiry(text: str) -> dict[str, Any]:
             raise ValueError(f"'{text}' is not a valid date") from None
         return {"expires_at": f"{day.isoformat()}T00:00:00Z"}
     try:
-        moment = datetime.fromisoformat(re.sub(r"[zZ]$", "+00:00", text))
+        moment = parse_rfc3339(text)  # the admin API's own reading: RFC 3339 only
     except ValueError:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?", text):
+            raise ValueError(f"'{text}' has no time zone; add Z or an offset like +02:00") \
+                from None
         raise ValueError(f"'{text}' is neither a duration (30d, 24h, 90m, 3600s) nor an "
                          "RFC 3339 date (2027-01-31) or datetime (2027-01-31T12:00:00Z)") from None
-    if moment.tzinfo is None:
-        raise ValueError(f"'{text}' has no time zone; add Z or an offset like +02:00")
-    return {"expires_at": moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    return {"expires_at": rfc3339(moment)}
 
 
 def seconds(text: str) -> float:
