@@ -158,7 +158,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self._stop_sender()
         self.pool.forget(self)
-        if not self.complete and self.until_close and self.head is not None and self.head.done():
+        if not self.complete and self.until_close and exc is None and \
+                self.head is not None and self.head.done():
+            # a body read to close ends at a clean close only: a reset (exc) cut it short
             self.complete, self.keep_alive = True, False
             self._wake()
         elif not self.complete:
