@@ -614,6 +614,33 @@ async def test_close_delimited_body_cut_by_a_reset_is_not_a_complete_response(ra
     assert b"part-of-" in body and not body.endswith(b"0\r\n\r\n"), body
 
 
+async def test_an_early_answer_then_a_reset_reaches_the_client(raw_front) -> None:
+    """An upstream may refuse an upload at its head (413, 401) and hang up without reading
+    the body; the unread bytes make its kernel reset the connection. keygate, still writing
+    the body, had its next write fail on the reset, and the transport closed at once without
+    reading the answer already received: the client got 502 upstream_unavailable instead of
+    the upstream's 413, every time."""
+    async def refuse(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n"
+                     b"Connection: close\r\n\r\ntoo big!")
+        await writer.drain()
+        writer.close()  # the body unread: a reset
+
+    front = await raw_front(refuse)
+    body = b"x" * 4 * MB
+    reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+    try:
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        got = await asyncio.wait_for(reader.readexactly(8), 10)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 413 "), head
+    assert got == b"too big!" and b"X-Request-Id: rid-1\r\n" in head, (head, got)
+
+
 @pytest.mark.parametrize("status", [299, 420, 499, 599])
 async def test_unregistered_status_codes_pass(raw_front, status: int) -> None:
     async def answer(reader, writer):
