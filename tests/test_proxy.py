@@ -6,6 +6,8 @@ import asyncio
 import base64
 import dataclasses
 import json
+import socket
+import struct
 
 import aiohttp
 import pytest
@@ -580,6 +582,63 @@ async def test_close_delimited_upstream_body(raw_front) -> None:
     front = await raw_front(old)
     resp, body = await send(front, "GET", "/x")
     assert resp.status == 200 and body == b"until-eof"
+
+
+async def test_close_delimited_body_cut_by_a_reset_is_not_a_complete_response(raw_front) -> None:
+    """A body that ends when the upstream closes ends only at a clean close (FIN): a reset
+    (RST) mid-body is a failure. keygate took the reset as the body's end and finished the
+    re-chunked answer with its last chunk, so the client got a cut body as a complete 200."""
+    async def reset(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart-of-")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                   struct.pack("ii", 1, 0))
+        writer.transport.abort()  # SO_LINGER 0: the close is a reset
+
+    front = await raw_front(reset)
+    reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = bytearray()
+    try:
+        async with asyncio.timeout(3):  # a complete answer leaves the connection open
+            while chunk := await reader.read(65536):
+                got += chunk
+    except (ConnectionError, TimeoutError):
+        pass
+    finally:
+        writer.close()
+    head, _, body = bytes(got).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding: chunked" in head, got
+    assert b"part-of-" in body and not body.endswith(b"0\r\n\r\n"), body
+
+
+async def test_an_early_answer_then_a_reset_reaches_the_client(raw_front) -> None:
+    """An upstream may refuse an upload at its head (413, 401) and hang up without reading
+    the body; the unread bytes make its kernel reset the connection. keygate, still writing
+    the body, had its next write fail on the reset, and the transport closed at once without
+    reading the answer already received: the client got 502 upstream_unavailable instead of
+    the upstream's 413, every time."""
+    async def refuse(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n"
+                     b"Connection: close\r\n\r\ntoo big!")
+        await writer.drain()
+        writer.close()  # the body unread: a reset
+
+    front = await raw_front(refuse)
+    body = b"x" * 4 * MB
+    reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+    try:
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        got = await asyncio.wait_for(reader.readexactly(8), 10)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 413 "), head
+    assert got == b"too big!" and b"X-Request-Id: rid-1\r\n" in head, (head, got)
 
 
 @pytest.mark.parametrize("status", [299, 420, 499, 599])

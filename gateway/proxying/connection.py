@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import socket
 from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import httptools
@@ -158,7 +160,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self._stop_sender()
         self.pool.forget(self)
-        if not self.complete and self.until_close and self.head is not None and self.head.done():
+        if exc is not None and not self.complete and self.head is not None:
+            self._read_what_came()
+        if not self.complete and self.until_close and exc is None and \
+                self.head is not None and self.head.done():
+            # a body read to close ends at a clean close only: a reset (exc) cut it short
             self.complete, self.keep_alive = True, False
             self._wake()
         elif not self.complete:
@@ -166,6 +172,33 @@ class UpstreamConnection(asyncio.Protocol):
         if self.write_ok is not None and not self.write_ok.done():
             self.write_ok.set_exception(UpstreamProtocolError("upstream closed the connection"))
             self.write_ok.exception()  # marked retrieved: the sender may not be waiting on it
+
+    def _read_what_came(self) -> None:
+        """Parse what the upstream sent before the error that closed the connection: an
+        upstream answering early (a 413 at the head of an upload) and hanging up without
+        reading the body makes its kernel reset the connection; the next write of the body
+        fails on that reset, and the transport closes at once without reading the answer
+        already received. The socket is still open while ``connection_lost`` runs: its
+        unread bytes are read here (a plain TCP socket only: a TLS one holds records the
+        transport would have to decrypt), and parsed as if they had come before the error."""
+        transport = self.transport
+        if transport is None or transport.get_extra_info("sslcontext") is not None:
+            return
+        sock = transport.get_extra_info("socket")
+        try:
+            peer = socket.socket(fileno=os.dup(sock.fileno()))
+        except (AttributeError, OSError, ValueError):  # no socket, or already closed
+            return
+        with peer:
+            peer.setblocking(False)
+            while not self.complete and self.error is None:
+                try:
+                    data = peer.recv(65536)
+                except OSError:  # nothing more (EAGAIN), or the reset itself
+                    return
+                if not data:
+                    return
+                self.data_received(data)
 
     def pause_writing(self) -> None:
         self.write_ok = self.loop.create_future()
