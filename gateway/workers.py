@@ -242,7 +242,11 @@ def _supervise(config: Config, store_url: str, workers: int,
         children.append(pid)
 
     def reload_all(signum, _frame) -> None:
-        log.info("SIGHUP: asking %d workers to reload", len(children))
+        # Nothing here may take a lock: a SIGHUP arriving while this handler runs runs it
+        # again, nested, in the same thread. It logged a line: the nested call waited for the
+        # log queue's lock the outer one held (the supervisor hung, its workers unreaped and
+        # SIGTERM unable to stop it) or found the queue half made (it died). Each worker logs
+        # the reload it is asked for.
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGHUP)

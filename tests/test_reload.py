@@ -728,3 +728,39 @@ async def test_a_reload_goes_ahead_with_a_warning_when_the_store_cannot_say_what
     assert status == 200, result
     assert "could not check" in caplog.text and "ConnectionError" in caplog.text
     assert "'starter'" in caplog.text and "'reader'" in caplog.text
+
+
+async def test_a_sighup_storm_leaves_the_supervisor_serving_and_stoppable(tmp_path,
+                                                                          slow_upstream,
+                                                                          redis_url):
+    """``serve --workers 2`` sent SIGHUP as fast as it can be sent: a SIGHUP arriving while the
+    supervisor still handles the one before must neither deadlock it (it then never reaped its
+    workers, and SIGTERM could not stop it) nor end it; afterwards it serves, reloads and
+    stops with exit 0."""
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", "2")
+    try:
+        await gw.ready()
+
+        def storm(seconds: float) -> None:
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                gw.proc.send_signal(signal.SIGHUP)
+        await asyncio.to_thread(storm, 1.0)
+        await asyncio.sleep(0.5)
+        assert gw.proc.poll() is None, gw.stderr()[-3000:]
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+            edit_routes(config, [PEOPLE, {"path": "/after/**", "upstream": "api",
+                                          "scopes": ["people:read"]}])
+            gw.proc.send_signal(signal.SIGHUP)
+            assert await eventually(lambda: answered_by_all(gw.proxy, "/after/x", token, 200),
+                                    timeout=10, every=0.2), gw.stderr()[-3000:]
+        gw.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(lambda: gw.proc.wait(15))
+        log = gw.stderr()
+        assert code == 0, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        gw.close()
