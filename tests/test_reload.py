@@ -811,3 +811,23 @@ async def test_a_sighup_storm_leaves_the_supervisor_serving_and_stoppable(tmp_pa
         assert "Traceback" not in log, log[-3000:]
     finally:
         gw.close()
+
+
+async def test_sighups_that_arrive_while_one_waits_its_turn_are_one_reload(reloadable, upstreams):
+    """A reload reads the file when its turn comes: SIGHUPs that arrive while one already waits
+    for its turn are answered by it. A burst (a file watcher firing on every write) used to
+    queue one whole reload per signal, each re-reading the file and making every cached key
+    re-derive its limits on its next request; thousands a second under a storm."""
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    reloader = gw.gw.reloader
+    write(path, config_doc(urls["b"]))
+    await asyncio.gather(*(reloader.on_signal() for _ in range(100)))
+    # one running from the first signal, one for the 99 that came while it ran
+    assert gw.counter("keygate_config_reloads_total", result="ok") == 2
+    token, _ = await gw.key(role="reader")
+    async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
+        assert (await r.json())["upstream"] == "b"
+    write(path, config_doc(urls["a"]))  # a SIGHUP after the burst is a reload of its own
+    await reloader.on_signal()
+    assert gw.counter("keygate_config_reloads_total", result="ok") == 3
