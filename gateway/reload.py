@@ -13,6 +13,7 @@ connections keep theirs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,7 +22,7 @@ import signal
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -98,12 +99,14 @@ class Reloader:
         self.clock = clock
         self._lock = asyncio.Lock()
         self._echo = 0  # SIGHUPs we caused ourselves (a worker asking its siblings to reload)
+        self._hup_waiting = False  # a SIGHUP's reload waits for its turn (it answers the next)
         if metrics is not None:
             metrics.config_reloaded_at.set(clock())
 
-    async def reload(self) -> ReloadResult:
-        """Re-read the file and swap it in. Raises ``ConfigError`` (nothing changed)."""
-        async with self._lock:
+    async def reload(self, *, signalled: bool = False) -> ReloadResult:
+        """Re-read the file and swap it in. Raises ``ConfigError`` (nothing changed).
+        ``signalled``: for a SIGHUP (see ``on_signal``)."""
+        async with self._turn(signalled):
             if self.path is None:
                 raise ConfigError(["this gateway was started without a config file; "
                                    "there is nothing to reload"])
@@ -142,6 +145,20 @@ class Reloader:
                 log.info("config reloaded from %s", self.path)
             return ReloadResult(self.path, now, kept)
 
+    @contextlib.asynccontextmanager
+    async def _turn(self, signalled: bool) -> AsyncIterator[None]:
+        """One reload at a time. A SIGHUP's reload, once its turn comes (or it is cancelled
+        waiting), no longer answers the SIGHUPs after it: the file is read from here on."""
+        try:
+            await self._lock.acquire()
+        finally:
+            if signalled:
+                self._hup_waiting = False
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     async def _in_use(self, new: Config) -> list[str]:
         if self.in_use is None:
             return []
@@ -158,9 +175,12 @@ class Reloader:
         if self._echo:
             self._echo -= 1
             return
+        if self._hup_waiting:  # that reload reads the file after this SIGHUP: it answers both
+            return
+        self._hup_waiting = True
         log.info("SIGHUP: reloading %s", self.path)
         try:
-            await self.reload()
+            await self.reload(signalled=True)
         except ConfigError:
             pass  # logged line by line by reload()
 

@@ -70,6 +70,8 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
             reloads: set[asyncio.Task] = set()
 
             def hangup() -> None:
+                if stop.is_set():  # stopping: a reload would only race the shutdown
+                    return
                 task = asyncio.ensure_future(gw.reloader.on_signal())
                 reloads.add(task)
                 task.add_done_callback(reloads.discard)
@@ -77,11 +79,29 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one held: now
             await stop.wait()
+            ignore_hangups()
             gw.admin_app[READINESS].stopping = True  # /readyz 503 from now, during the drain
             log.info("shutting down: finishing in-flight requests")
         finally:
             await stop_listeners(runners)
     return 0
+
+
+def ignore_hangups() -> None:
+    """From the stop on, SIGHUP is ignored for the rest of the process's life. Left to the
+    event loop, it went back to its default action (end the process) when the loop closed, so
+    a SIGHUP in the last moments of a clean stop (a reload storm, a config tool's HUP as the
+    pod is deleted) ended ``serve`` by a signal instead of exit 0, and one handled after the
+    loop's executor had shut down logged a traceback. Held in this thread while the loop's
+    handler is taken off (which sets the default action) and the ignoring put in."""
+    loop = asyncio.get_running_loop()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        loop.remove_signal_handler(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
 
 def settle_heap() -> int:
@@ -195,6 +215,9 @@ def _supervise(config: Config, store_url: str, workers: int,
     children: list[int] = []
 
     def forward(signum, _frame) -> None:
+        # stopping: a SIGHUP from now on neither reaches the stopping workers nor, once the
+        # handler below is gone at exit, ends the supervisor (exit 0, not death by signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGTERM)
@@ -242,7 +265,11 @@ def _supervise(config: Config, store_url: str, workers: int,
         children.append(pid)
 
     def reload_all(signum, _frame) -> None:
-        log.info("SIGHUP: asking %d workers to reload", len(children))
+        # Nothing here may take a lock: a SIGHUP arriving while this handler runs runs it
+        # again, nested, in the same thread. It logged a line: the nested call waited for the
+        # log queue's lock the outer one held (the supervisor hung, its workers unreaped and
+        # SIGTERM unable to stop it) or found the queue half made (it died). Each worker logs
+        # the reload it is asked for.
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGHUP)

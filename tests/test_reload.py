@@ -728,3 +728,106 @@ async def test_a_reload_goes_ahead_with_a_warning_when_the_store_cannot_say_what
     assert status == 200, result
     assert "could not check" in caplog.text and "ConnectionError" in caplog.text
     assert "'starter'" in caplog.text and "'reader'" in caplog.text
+
+
+def hangups_until_exit(proc, storm: int, stop_after: int) -> int:
+    """A reload storm: ``storm`` SIGHUPs as fast as they can be sent, SIGTERM after the
+    ``stop_after``-th, and SIGHUPs on (every millisecond) until the process exits; its exit
+    code (None if it had not exited within 15 s of the SIGTERM)."""
+    for n in range(storm):
+        proc.send_signal(signal.SIGHUP)
+        if n == stop_after:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while proc.poll() is None and time.monotonic() < deadline:
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.001)
+    return proc.poll()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_sighup_storm_across_a_sigterm_is_a_clean_stop(tmp_path, slow_upstream,
+                                                               redis_url, workers):
+    """Reloads asked over and over (a config-management loop, several tools each sending
+    SIGHUP) while the process is told to stop: the requests in flight are answered, the
+    process exits 0, and nothing in its log is a traceback. A SIGHUP is never the process's
+    death: not while the supervisor is still forwarding the previous one, nor once the
+    gateway has begun to stop."""
+    url, state = slow_upstream
+    state["delay"] = 1.0
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", workers)
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+
+            async def one(i: int) -> int:
+                async with s.get(f"{gw.proxy}/people/{i}", headers=bearer(token)) as r:
+                    await r.read()
+                    return r.status
+            in_flight = [asyncio.ensure_future(one(i)) for i in range(20)]
+            assert await eventually(lambda: state["seen"] >= 20)
+            code = await asyncio.to_thread(hangups_until_exit, gw.proc, 2000, 1000)
+            assert await asyncio.gather(*in_flight) == [200] * 20
+        log = gw.stderr()
+        assert code == 0, log[-3000:]
+        assert "Traceback" not in log and "never retrieved" not in log, log[-3000:]
+    finally:
+        gw.close()
+
+
+async def test_a_sighup_storm_leaves_the_supervisor_serving_and_stoppable(tmp_path,
+                                                                          slow_upstream,
+                                                                          redis_url):
+    """``serve --workers 2`` sent SIGHUP as fast as it can be sent: a SIGHUP arriving while the
+    supervisor still handles the one before must neither deadlock it (it then never reaped its
+    workers, and SIGTERM could not stop it) nor end it; afterwards it serves, reloads and
+    stops with exit 0."""
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", "2")
+    try:
+        await gw.ready()
+
+        def storm(seconds: float) -> None:
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                gw.proc.send_signal(signal.SIGHUP)
+        await asyncio.to_thread(storm, 1.0)
+        await asyncio.sleep(0.5)
+        assert gw.proc.poll() is None, gw.stderr()[-3000:]
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+            edit_routes(config, [PEOPLE, {"path": "/after/**", "upstream": "api",
+                                          "scopes": ["people:read"]}])
+            gw.proc.send_signal(signal.SIGHUP)
+            assert await eventually(lambda: answered_by_all(gw.proxy, "/after/x", token, 200),
+                                    timeout=10, every=0.2), gw.stderr()[-3000:]
+        gw.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(lambda: gw.proc.wait(15))
+        log = gw.stderr()
+        assert code == 0, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        gw.close()
+
+
+async def test_sighups_that_arrive_while_one_waits_its_turn_are_one_reload(reloadable, upstreams):
+    """A reload reads the file when its turn comes: SIGHUPs that arrive while one already waits
+    for its turn are answered by it. A burst (a file watcher firing on every write) used to
+    queue one whole reload per signal, each re-reading the file and making every cached key
+    re-derive its limits on its next request; thousands a second under a storm."""
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    reloader = gw.gw.reloader
+    write(path, config_doc(urls["b"]))
+    await asyncio.gather(*(reloader.on_signal() for _ in range(100)))
+    # one running from the first signal, one for the 99 that came while it ran
+    assert gw.counter("keygate_config_reloads_total", result="ok") == 2
+    token, _ = await gw.key(role="reader")
+    async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
+        assert (await r.json())["upstream"] == "b"
+    write(path, config_doc(urls["a"]))  # a SIGHUP after the burst is a reload of its own
+    await reloader.on_signal()
+    assert gw.counter("keygate_config_reloads_total", result="ok") == 3
