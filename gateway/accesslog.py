@@ -133,12 +133,16 @@ class BackgroundHandler(logging.Handler):
 
     def _lines(self) -> "queue.Queue[str]":
         if self._pid != os.getpid():  # first use, or a forked worker: no writer thread yet
-            self._pid, self._dropped = os.getpid(), 0
+            self._dropped = 0
             self._drop_lock = threading.Lock()  # the parent's writer may have held it
-            self._queue = q = queue.Queue(self.max_lines)
-            self._writer = threading.Thread(target=self._run, args=(q,), name="keygate-log",
-                                            daemon=True)
-            self._writer.start()
+            q = queue.Queue(self.max_lines)
+            writer = threading.Thread(target=self._run, args=(q,), name="keygate-log",
+                                      daemon=True)
+            writer.start()
+            # the pid last: another thread logging its first line meanwhile makes a queue of
+            # its own (written by its own writer) rather than taking one not made yet
+            self._queue, self._writer, self._pid = q, writer, os.getpid()
+            return q
         return self._queue
 
     def end_writer(self, timeout: float = 2.0) -> None:
