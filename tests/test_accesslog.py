@@ -21,7 +21,7 @@ from aiohttp import ClientSession, ClientTimeout
 from hypothesis import given, strategies as st
 
 from gateway.accesslog import _js, mask_query
-from gateway.config import Route, ServerConfig, Timeouts
+from gateway.config import Route, Timeouts
 from gateway.tokens import make_token
 
 from harness import (VERIFY, bearer, closed_within, gateway_under_test, make_config,

@@ -695,8 +695,6 @@ async def test_a_worker_s_last_store_calls_reach_the_shared_metrics_before_it_ex
     flushed; the last flush at shutdown must come after the shutdown's own store calls (the
     write-back of requests counted while the store was down), or the workers still running
     never show them."""
-    import redis as sync_redis
-
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # as a worker runs
     config = make_config(str(upstream.make_url("")),
                          store=StoreConfig(timeout=0.3, on_store_error="open"))
