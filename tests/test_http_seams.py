@@ -20,7 +20,7 @@ from gateway.usage import MonthCache, ratelimit_headers
 from gateway.models import KeyRecord, Principal, RateLimit, Workspace
 from gateway.proxying.headers import RequestHeaderRules, response_headers
 from gateway.tokens import make_token
-from harness import eventually, make_config
+from harness import make_config
 
 TOKEN, _ = make_token("kg", "live")
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from aiohttp import ClientSession
 
 from gateway.admin.openapi import document
 

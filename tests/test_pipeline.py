@@ -12,7 +12,7 @@ import time
 import pytest
 import redis
 
-from gateway.config import FailureLimits, KeysConfig, StoreConfig
+from gateway.config import FailureLimits, StoreConfig
 from gateway.tokens import checksum
 
 from harness import (Clock, bearer, eventually, gateway_under_test, make_config, redis_answers,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -14,12 +13,12 @@ from typing import Any
 
 import pytest
 import yaml
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientSession, web
 
 from gateway.config import load_config
 from prometheus_client.parser import text_string_to_metric_families
 from harness import bearer, eventually, gateway_under_test, serving
-from served import ADMIN_TOKEN, TIMEOUT, Served, admin_json, children_of, new_key, write_config
+from served import TIMEOUT, Served, admin_json, children_of, new_key, write_config
 
 
 def config_doc(upstream_url: str, **changes: Any) -> dict[str, Any]:
@@ -539,7 +538,6 @@ async def test_a_request_in_flight_keeps_the_body_limit_it_was_checked_with(
     """A request with a 5,000-byte body, allowed under max_body_bytes 10,000 and waiting for
     its store call when a reload lowers the limit to 1,000, finishes on the config it was
     checked with: it is forwarded, not refused with 413 after it was counted."""
-    from harness import HeldReplies
 
     urls, _, _ = upstreams
     path = tmp_path / "keygate.yaml"

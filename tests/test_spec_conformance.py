@@ -9,7 +9,6 @@ body, status code), the assertion is exact.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import json
 import re
@@ -18,7 +17,6 @@ import zlib
 from datetime import datetime, timezone
 
 import pytest
-import redis
 
 from gateway.cli import main
 from gateway.config import load_config

@@ -247,7 +247,6 @@ async def test_usage_reads_the_month_counter(store, raw, clock):
     clock.now = T0 + 40 * 86400  # 2026-02-10
     period, _ = month_period(clock.now)
     raw.set(usage_key("acme", period), 250)
-    small = store.config.plans["small"]
     assert await store.usage("acme") == {
         "workspace": "acme", "plan": "small", "period": "2026-02", "used": 250,
         "limit": 1000, "remaining": 750, "resets_at": "2026-03-01T00:00:00Z",

@@ -3,7 +3,6 @@ upstream and the client address the failure throttle counts by."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import secrets
@@ -12,7 +11,7 @@ import socket
 import pytest
 from aiohttp import ClientSession, web
 
-from gateway.config import FailureLimits, KeysConfig, ServerConfig
+from gateway.config import FailureLimits, ServerConfig
 from gateway.tokens import checksum
 from gateway.trust import TrustedProxies
 

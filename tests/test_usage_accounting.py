@@ -8,7 +8,6 @@ import asyncio
 import json
 
 import pytest
-import redis
 from aiohttp import web
 
 from gateway.config import Upstream
