@@ -1111,6 +1111,32 @@ async def test_self_service_compares_rates_over_both_windows_not_per_second(gut)
     assert read["rate_limit"] == "1/s"
 
 
+async def test_a_workspace_key_cannot_set_a_rate_that_bursts_past_the_plans(gut):
+    """The plan's rate binds a key a workspace key sets up, in both windows: on a 3/s plan a
+    keys:admin key set its own key, or a new one, to 180/m (3 a second on average, so it
+    passed a per-second check) and then sent 180 requests in one second."""
+    await gut.workspace(plan="limited")  # 3/s
+    token, me = await gut.key(name="admin", scopes=["people:read", "keys:admin"])
+    _, other = await gut.key(name="service", scopes=["people:read"])
+    h = bearer(token)
+    for session, prefix in ((gut.proxy, "/_keygate/v1/keys"),
+                            (gut.admin, "/admin/v1/workspaces/acme/keys")):
+        for key in (me, other):
+            async with session.patch(f"{prefix}/{key['id']}", json={"rate_limit": "180/m"},
+                                     headers=h) as r:
+                assert r.status == 403, await r.text()
+        async with session.post(prefix, json={"name": "burst", "scopes": ["people:read"],
+                                              "rate_limit": "180/m"}, headers=h) as r:
+            assert r.status == 403, await r.text()
+    assert sorted(await statuses(gut, token, 4)) == [(200, None)] * 3 + [
+        (429, "rate_limited")]  # still the plan's 3/s
+    # within the plan in every window: fine (1/s, 3/s, 2/m)
+    for rate in ("1/s", "3/s", "2/m"):
+        async with gut.proxy.post("/_keygate/v1/keys", json={
+                "name": "ok", "scopes": ["people:read"], "rate_limit": rate}, headers=h) as r:
+            assert r.status == 201, await r.text()
+
+
 async def test_a_restricted_admin_key_cannot_enable_a_less_restricted_admin_key(gut):
     """Enabling is loosening (a disabled key can do nothing): an unrestricted admin key the
     operator disabled was enabled again by a workspace admin bound to the office network."""
