@@ -885,6 +885,36 @@ async def test_a_rotated_key_goes_on_from_its_months_count_not_a_fresh_cap(gut):
     assert (await call(gut, body["token"]))[:2] == (429, "key_quota_exceeded")
 
 
+async def test_a_rotated_key_goes_on_in_its_rate_window_not_a_fresh_one(redis_url, upstream,
+                                                                         monkeypatch):
+    """A key at its rate limit that rotates itself gets no fresh window: a workspace admin key
+    held to 3/m rotated whenever it was refused and sent 3 more each time, in the same
+    minute, as often as it liked."""
+    clock = Clock()  # the same instant until moved: one window
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as g:
+        await g.workspace(plan="unlimited")
+        token, key = await g.key(name="admin", scopes=["people:read", "keys:admin"],
+                                 rate_limit="3/m")
+        assert [(await call(g, token))[:2] for _ in range(4)] == \
+            [(200, None)] * 3 + [(429, "rate_limited")]
+        async with g.proxy.post(f"/_keygate/v1/keys/{key['id']}/rotate", json={},
+                                headers=bearer(token)) as r:
+            assert r.status == 201
+            body = await r.json()
+        assert (await call(g, body["token"]))[:2] == (429, "rate_limited")
+        status, body = await g.admin_json("POST", f"/workspaces/acme/keys/{body['key']['id']}"
+                                                  "/rotate", {"grace_seconds": 60})
+        assert status == 201
+        assert (await call(g, body["token"]))[:2] == (429, "rate_limited")
+        clock.now += 60  # the window moves on for the new key as for the old
+        assert [(await call(g, body["token"]))[:2] for _ in range(4)] == \
+            [(200, None)] * 3 + [(429, "rate_limited")]
+        assert len(upstream.requests) == 6
+        r = redis.Redis.from_url(redis_url)
+        assert all(r.pttl(k) > 0 for k in r.scan_iter("kg:rate:*"))
+
+
 async def test_no_message_about_a_key_control_echoes_a_token(gut):
     await gut.workspace()
     token, key = await gut.key()
