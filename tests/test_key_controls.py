@@ -885,6 +885,36 @@ async def test_a_rotated_key_goes_on_from_its_months_count_not_a_fresh_cap(gut):
     assert (await call(gut, body["token"]))[:2] == (429, "key_quota_exceeded")
 
 
+async def test_a_rotated_key_goes_on_in_its_rate_window_not_a_fresh_one(redis_url, upstream,
+                                                                         monkeypatch):
+    """A key at its rate limit that rotates itself gets no fresh window: a workspace admin key
+    held to 3/m rotated whenever it was refused and sent 3 more each time, in the same
+    minute, as often as it liked."""
+    clock = Clock()  # the same instant until moved: one window
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as g:
+        await g.workspace(plan="unlimited")
+        token, key = await g.key(name="admin", scopes=["people:read", "keys:admin"],
+                                 rate_limit="3/m")
+        assert [(await call(g, token))[:2] for _ in range(4)] == \
+            [(200, None)] * 3 + [(429, "rate_limited")]
+        async with g.proxy.post(f"/_keygate/v1/keys/{key['id']}/rotate", json={},
+                                headers=bearer(token)) as r:
+            assert r.status == 201
+            body = await r.json()
+        assert (await call(g, body["token"]))[:2] == (429, "rate_limited")
+        status, body = await g.admin_json("POST", f"/workspaces/acme/keys/{body['key']['id']}"
+                                                  "/rotate", {"grace_seconds": 60})
+        assert status == 201
+        assert (await call(g, body["token"]))[:2] == (429, "rate_limited")
+        clock.now += 60  # the window moves on for the new key as for the old
+        assert [(await call(g, body["token"]))[:2] for _ in range(4)] == \
+            [(200, None)] * 3 + [(429, "rate_limited")]
+        assert len(upstream.requests) == 6
+        r = redis.Redis.from_url(redis_url)
+        assert all(r.pttl(k) > 0 for k in r.scan_iter("kg:rate:*"))
+
+
 async def test_no_message_about_a_key_control_echoes_a_token(gut):
     await gut.workspace()
     token, key = await gut.key()
@@ -1109,6 +1139,32 @@ async def test_self_service_compares_rates_over_both_windows_not_per_second(gut)
             assert r.status == 201, await r.text()
     _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{me['id']}")
     assert read["rate_limit"] == "1/s"
+
+
+async def test_a_workspace_key_cannot_set_a_rate_that_bursts_past_the_plans(gut):
+    """The plan's rate binds a key a workspace key sets up, in both windows: on a 3/s plan a
+    keys:admin key set its own key, or a new one, to 180/m (3 a second on average, so it
+    passed a per-second check) and then sent 180 requests in one second."""
+    await gut.workspace(plan="limited")  # 3/s
+    token, me = await gut.key(name="admin", scopes=["people:read", "keys:admin"])
+    _, other = await gut.key(name="service", scopes=["people:read"])
+    h = bearer(token)
+    for session, prefix in ((gut.proxy, "/_keygate/v1/keys"),
+                            (gut.admin, "/admin/v1/workspaces/acme/keys")):
+        for key in (me, other):
+            async with session.patch(f"{prefix}/{key['id']}", json={"rate_limit": "180/m"},
+                                     headers=h) as r:
+                assert r.status == 403, await r.text()
+        async with session.post(prefix, json={"name": "burst", "scopes": ["people:read"],
+                                              "rate_limit": "180/m"}, headers=h) as r:
+            assert r.status == 403, await r.text()
+    assert sorted(await statuses(gut, token, 4)) == [(200, None)] * 3 + [
+        (429, "rate_limited")]  # still the plan's 3/s
+    # within the plan in every window: fine (1/s, 3/s, 2/m)
+    for rate in ("1/s", "3/s", "2/m"):
+        async with gut.proxy.post("/_keygate/v1/keys", json={
+                "name": "ok", "scopes": ["people:read"], "rate_limit": rate}, headers=h) as r:
+            assert r.status == 201, await r.text()
 
 
 async def test_a_restricted_admin_key_cannot_enable_a_less_restricted_admin_key(gut):

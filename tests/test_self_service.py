@@ -139,8 +139,12 @@ async def test_cannot_raise_the_rate_limit_above_the_plan(env):
     status, body = await status_and_body(await env.call(
         "POST", "", json={"name": "fast", "rate_limit": "11/s"}))
     assert (status, body["error"]["code"]) == (403, "insufficient_scope")
+    # 60/m is 1 a second on average, but admits 60 in one second: more than the plan's 10
+    status, body = await status_and_body(await env.call(
+        "POST", "", json={"name": "bursty", "rate_limit": "60/m"}))
+    assert (status, body["error"]["code"]) == (403, "insufficient_scope")
     status, _ = await status_and_body(await env.call(
-        "POST", "", json={"name": "slow", "rate_limit": "60/m"}))
+        "POST", "", json={"name": "slow", "rate_limit": "10/m"}))
     assert status == 201
 
 

@@ -228,12 +228,6 @@ def parse_rate(value: Any) -> str | None:
         raise BadRequest(f"The field 'rate_limit' is invalid: {exc}.") from None
 
 
-def per_second(rate: str) -> float:
-    """A rate limit as requests per second on average, so '60/m' and '1/s' compare equal."""
-    limit = parse_rate_limit(rate)
-    return limit.requests / limit.period_seconds
-
-
 def rate_exceeds(rate: str, bound: str) -> bool:
     """Whether the rate limit ``rate`` admits more requests than ``bound`` in some window.
     Both are sliding logs, so N/m admits all N within one second: ``rate`` is looser if it

@@ -13,8 +13,8 @@ from ..tokens import ID_LEN, PREFIX_CHARS, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
                          no_workspace, revoked_key, role_gone, store_errors, unknown_role)
 from ..usage import month_period
-from .keyspace import (key_index_key, key_key, key_usage_key, ws_active_key, ws_audit_key, ws_key,
-                       ws_keys_key, ws_roles_key)
+from .keyspace import (key_index_key, key_key, key_usage_key, rate_key, ws_active_key,
+                       ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
 from .records import (UNSET, WORKSPACE_ID_RE, NewKey, control_fields, epoch_field, hash_pairs,
                       key_from_hash, shown_ws)
 
@@ -216,7 +216,8 @@ class KeyStore(StoreBase):
                 "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
                             key_key(ws, new_id), ws_audit_key(ws), ws_roles_key(ws),
                             key_key(ws, key_id), key_usage_key(ws, key_id, period),
-                            key_usage_key(ws, new_id, period)),
+                            key_usage_key(ws, new_id, period), rate_key(ws, key_id),
+                            rate_key(ws, new_id)),
                 (epoch_field(now), self._max_keys(workspace),
                  "+inf" if expires_at is None else epoch_field(expires_at), new_id,
                  self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,

@@ -14,6 +14,8 @@
 -- KEYS[7] old key hash (rotation only)
 -- KEYS[8], KEYS[9] the old and the new key's count this month (rotation only): the new key
 --         starts from the old one's, so a rotation never hands out a fresh monthly cap
+-- KEYS[10], KEYS[11] the old and the new key's rate log (rotation only): likewise the new key
+--         goes on in the old one's rate window, never a fresh one
 -- ARGV[1] now (epoch s)   ARGV[2] max active keys (-1 = unlimited)
 -- ARGV[3] the new key's expiry as a score ('+inf' = never)   ARGV[4] new key id
 -- ARGV[5] audit entry (JSON)   ARGV[6] audit stream cap
@@ -71,6 +73,11 @@ if rotating then
   local used = redis.call('GET', KEYS[8])
   local ttl = redis.call('PTTL', KEYS[8])
   if used and ttl > 0 then redis.call('SET', KEYS[9], used, 'PX', ttl) end
+  ttl = redis.call('PTTL', KEYS[10])
+  if ttl > 0 then
+    redis.call('ZUNIONSTORE', KEYS[11], 1, KEYS[10])
+    redis.call('PEXPIRE', KEYS[11], ttl)
+  end
 end
 
 local fields = {}
