@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, TypeVar
 
 from .admin.listener import READINESS
 from .app import ListenError, running_gateway, start_listeners, stop_listeners
@@ -76,8 +76,7 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
                 reloads.add(task)
                 task.add_done_callback(reloads.discard)
 
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one held: now
+            listen_for_hangups(hangup)
             await stop.wait()
             ignore_hangups()
             gw.admin_app[READINESS].stopping = True  # /readyz 503 from now, during the drain
@@ -87,21 +86,36 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
     return 0
 
 
-def ignore_hangups() -> None:
-    """From the stop on, SIGHUP is ignored for the rest of the process's life. Left to the
-    event loop, it went back to its default action (end the process) when the loop closed, so
-    a SIGHUP in the last moments of a clean stop (a reload storm, a config tool's HUP as the
-    pod is deleted) ended ``serve`` by a signal instead of exit 0, and one handled after the
-    loop's executor had shut down logged a traceback. Held in this thread while the loop's
-    handler is taken off (which sets the default action) and the ignoring put in."""
+def listen_for_hangups(hangup: Callable[[], None]) -> None:
+    """From now on, each SIGHUP calls ``hangup`` in the event loop (a SIGHUP held since start-up
+    included), until ``ignore_hangups``.
+
+    A handler of the process's own, not the loop's (``add_signal_handler``): taking the loop's
+    off, or the loop closing, puts back the default action (end the process), and the
+    ignoring put in after it came a moment too late whenever another thread took a SIGHUP
+    meanwhile (the kernel hands one to any thread not holding it: the executor's threads, for
+    a reload or a key's hash). Holding it in this thread did not keep it from them.
+    The loop still wakes for it: its signal handlers for SIGTERM/SIGINT (``_serve``) have the
+    interpreter write each signal's number to the loop's wake-up descriptor."""
     loop = asyncio.get_running_loop()
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-    try:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        loop.remove_signal_handler(signal.SIGHUP)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+
+    def on_sighup(_signum, _frame) -> None:
+        try:
+            loop.call_soon_threadsafe(hangup)
+        except RuntimeError:  # the loop has closed: there is nothing to reload
+            pass
+
+    signal.signal(signal.SIGHUP, on_sighup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one held: now
+
+
+def ignore_hangups() -> None:
+    """From the stop on, SIGHUP is ignored for the rest of the process's life: a SIGHUP in the
+    last moments of a clean stop (a reload storm, a config tool's HUP as the pod is deleted)
+    neither ends ``serve`` by a signal instead of exit 0 nor starts a reload after the loop's
+    executor has shut down (a traceback in the log). One step: SIGHUP never has its default
+    action from start-up on (held until ``listen_for_hangups``)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def settle_heap() -> int:

@@ -829,3 +829,68 @@ async def test_sighups_that_arrive_while_one_waits_its_turn_are_one_reload(reloa
     write(path, config_doc(urls["a"]))  # a SIGHUP after the burst is a reload of its own
     await reloader.on_signal()
     assert gw.counter("keygate_config_reloads_total", result="ok") == 3
+
+
+_HANGUP_WINDOW = r'''
+import asyncio, os, signal, sys, threading, time
+from gateway import workers
+
+if sys.argv[1] == "uvloop":
+    import uvloop
+    Base = uvloop.Loop
+else:
+    Base = asyncio.SelectorEventLoop
+
+
+class Loop(Base):
+    def remove_signal_handler(self, sig):
+        removed = super().remove_signal_handler(sig)
+        if sig == signal.SIGHUP:  # the loop has just put back the default action (end)
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.2)
+        return removed
+
+
+async def main():
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)  # as _serve has it
+    hups = []
+    workers.listen_for_hangups(lambda: hups.append(1))
+    # a thread started from here on, as the executor's for a reload or a key's hash are:
+    # SIGHUP is not held in it
+    await loop.run_in_executor(None, time.sleep, 0)
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGHUP)).start()  # the loop idle
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if hups:
+            break
+    assert hups == [1], hups
+    workers.ignore_hangups()
+    os.kill(os.getpid(), signal.SIGHUP)
+    await asyncio.sleep(0.1)
+    assert hups == [1], hups
+
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # as serve() has it
+with asyncio.Runner(loop_factory=Loop) as runner:
+    runner.run(main())
+os.kill(os.getpid(), signal.SIGHUP)
+time.sleep(0.1)
+print("exited cleanly")
+'''
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_no_sighup_ends_a_stopping_worker_whichever_thread_takes_it(loop):
+    """From the stop on, SIGHUP is ignored. The event loop's handler was taken off for that,
+    which puts back the default action (end the process) for a moment before the ignoring
+    goes in; SIGHUP was held in the loop's thread meanwhile, but the kernel hands a signal held
+    there to any other thread that takes it (the executor's threads for a reload, for a
+    key's hash): a SIGHUP in that moment ended the worker by signal 1, not exit 0."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _HANGUP_WINDOW, loop], capture_output=True,
+                          timeout=30)
+    assert (done.returncode, done.stdout) == (0, b"exited cleanly\n"), done.stderr[-2000:]
