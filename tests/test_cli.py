@@ -80,6 +80,10 @@ def test_keys_create_needs_a_role_or_scopes(capsys):
     *(["keys", "create", "--workspace", "a", "--name", "n", "--role", "r", "--expires", when]
       for when in ("2027-W01-1T00:00:00Z", "20270131T000000Z", "2027-01-31T12Z",
                    "2027-01-31T12:00:00,5Z", "2027-01-31T12:00:00+0100")),
+    # --meta as the admin API reads it: no name twice (Python keeps the last, other readers
+    # the first), no NaN or Infinity (not JSON: the API refuses it as "not valid JSON")
+    *(["keys", "create", "--workspace", "a", "--name", "n", "--role", "r", "--meta", meta]
+      for meta in ('{"tier": "gold", "tier": "free"}', '{"score": NaN}', '{"n": 1e999}')),
     ["keys", "rotate", "--workspace", "a", "k1", "--grace", "1 day"],
     ["workspaces", "create", "acme"],                            # --name missing
     ["workspaces", "set-plan", "acme"],                          # plan missing

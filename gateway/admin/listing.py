@@ -9,7 +9,8 @@ from typing import Mapping
 from ..errors import BadRequest
 from ..models import KeyRecord
 from ..store import STATUSES
-from .validate import query_int, strict_json
+from ..strictjson import strict_json
+from .validate import query_int
 
 LIST_PARAMS = ("status", "unused_days", "sort", "limit", "cursor")
 LIST_MAX = 1000

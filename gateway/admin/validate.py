@@ -15,6 +15,7 @@ from ..errors import BadRequest, shown
 from ..models import (LIMIT_FIELDS, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
                       whole_second)
 from ..store import WORKSPACE_ID_RE
+from ..strictjson import RepeatedName, strict_json
 from ..trust import as_network
 
 MAX_NAME = 200
@@ -28,44 +29,6 @@ MAX_ALLOWED_IPS = 100
 MAX_MONTHLY = 10**15
 DAILY_DEFAULT, DAILY_MAX = 30, 90
 AUDIT_DEFAULT, AUDIT_MAX = 100, 1000
-
-
-def _not_json(text: str) -> float:
-    raise ValueError(f"{text} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):  # 1e999: no JSON can carry it back out
-        raise ValueError(f"{text} is out of range")
-    return value
-
-
-class RepeatedName(ValueError):
-    """A JSON object that gives one name twice."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"{name!r} is given more than once")
-        self.name = name
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    data = dict(pairs)
-    if len(data) != len(pairs):
-        seen: set[str] = set()
-        raise RepeatedName(next(n for n, _ in pairs if n in seen or seen.add(n)))
-    return data
-
-
-def strict_json(raw: bytes | str) -> Any:
-    """JSON as RFC 8259 has it: Python's reader also takes NaN, Infinity and numbers that
-    overflow to infinity, which ``meta`` would store and every later answer would carry as bare
-    ``NaN`` (not JSON: the console and jq could no longer read the listing). And no name twice
-    in one object (:class:`RepeatedName`): Python keeps the last, other readers the first, so
-    a log, a proxy in front or a reviewer could read ``scopes`` as one list while the key got
-    the other. ValueError (or RecursionError) for anything else."""
-    return json.loads(raw, parse_constant=_not_json, parse_float=_finite,
-                      object_pairs_hook=_unique)
 
 
 def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:

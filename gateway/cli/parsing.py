@@ -7,12 +7,12 @@ commands to.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from datetime import date
 from typing import Any, Callable
 
 from ..models import parse_rfc3339, rfc3339
+from ..strictjson import RepeatedName, strict_json
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -99,8 +99,11 @@ def rate_or_none(text: str) -> str | None:
 def json_object(text: str) -> dict:
     """``--meta '{"customer": "c-42"}'``."""
     try:
-        value = json.loads(text)
-    except ValueError:
+        value = strict_json(text)  # as the admin API reads it
+    except RepeatedName as exc:
+        raise ValueError(f"--meta gives {exc.name!r} more than once; give each name once") \
+            from None
+    except (ValueError, RecursionError):
         raise ValueError("--meta must be a JSON object, e.g. "
                          "'{\"customer\": \"c-42\"}'") from None
     if not isinstance(value, dict):

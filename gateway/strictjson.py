@@ -1,0 +1,45 @@
+"""JSON as RFC 8259 has it, for what keygate reads from people (the admin API's bodies, its own
+list cursors, the CLI's ``--meta``). No imports beyond the standard library: the CLI uses it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def _not_json(text: str) -> float:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e999: no JSON can carry it back out
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+class RepeatedName(ValueError):
+    """A JSON object that gives one name twice."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name!r} is given more than once")
+        self.name = name
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        raise RepeatedName(next(n for n, _ in pairs if n in seen or seen.add(n)))
+    return data
+
+
+def strict_json(raw: bytes | str) -> Any:
+    """JSON as RFC 8259 has it: Python's reader also takes NaN, Infinity and numbers that
+    overflow to infinity, which ``meta`` would store and every later answer would carry as bare
+    ``NaN`` (not JSON: the console and jq could no longer read the listing). And no name twice
+    in one object (:class:`RepeatedName`): Python keeps the last, other readers the first, so
+    a log, a proxy in front or a reviewer could read ``scopes`` as one list while the key got
+    the other. ValueError (or RecursionError) for anything else."""
+    return json.loads(raw, parse_constant=_not_json, parse_float=_finite,
+                      object_pairs_hook=_unique)
