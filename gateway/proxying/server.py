@@ -81,6 +81,18 @@ class _JsonErrorRequestHandler(RequestHandler):
             server.sweep_heads()
 
     def data_received(self, data: bytes) -> None:
+        if (self._close or self._force_close) and self._rest_of_a_body_at_stop():
+            # aiohttp drops every byte a closing connection receives, and a stopping server
+            # (SIGTERM) closes them all: the rest of the body of a request in flight must
+            # still come in, or that request stalls until the drain ends and is cut off
+            closing = self._close, self._force_close
+            self._close = self._force_close = False
+            try:
+                self.data_received(data)
+            finally:
+                self._close = closing[0] or self._close
+                self._force_close = closing[1] or self._force_close
+            return
         if data and self._head_since is None and not self._request_in_progress \
                 and not self._messages \
                 and (self._last_payload is None or self._last_payload.is_eof()):
@@ -108,6 +120,11 @@ class _JsonErrorRequestHandler(RequestHandler):
             self._judge_chunked_ends(new)
         elif self._chunked is not None:
             self._judge_chunked_ends(0)
+
+    def _rest_of_a_body_at_stop(self) -> bool:
+        body = self._last_payload
+        return getattr(self._manager, "stopping", False) and self._request_in_progress \
+            and body is not None and not body.is_eof() and self.transport is not None
 
     def _judge_chunked_ends(self, new: int) -> None:
         """Serve nothing parsed after a chunked body that may have ended with trailers.
@@ -486,6 +503,7 @@ class ProxyServer(web.Server):
         self.write_timeout = write_timeout
         self.max_connections = max_connections
         self.refused_connections = 0
+        self.stopping = False  # from pre_shutdown on: bodies in flight are still read
         self._sweeper: asyncio.Task | None = None
 
     def sweep_heads(self) -> None:
@@ -512,6 +530,7 @@ class ProxyServer(web.Server):
         or load balancer must not send its next request on a connection about to close
         (RFC 9112 9.6). Without it they went out as keep-alive and the close that followed
         reset whatever request was sent next on it. Runs once per stop, not per request."""
+        self.stopping = True
         for handler in self._connections:
             request = getattr(handler, "_current_request", None)
             cache = getattr(request, "_cache", None)  # where BaseRequest.keep_alive is reified
