@@ -228,11 +228,28 @@ class _JsonErrorRequestHandler(RequestHandler):
             self.log_exception("error handling request", exc_info=exc)
             error = GatewayError("Internal error.")
         else:  # the client's fault: no traceback in the log, no parser detail on the wire
-            log.debug("refused a malformed request from %s: %s", request.remote, exc)
+            log.debug("refused a malformed request from %s: %s", request.remote,
+                      _parser_reason(exc))
             error = BadRequest("The request is not valid HTTP/1.1.", status=status)
         response = error.response(uuid.uuid4().hex)
         response.force_close()
         return response
+
+
+# Where the reason in a parser's message ends and its quote of the bytes refused begins: the
+# C parser's "Invalid header value char:\n\n  b'Authorization: Bearer ...'", the Python
+# parser's "Bad status line 'GET ...'". Those bytes may hold a token.
+_QUOTED = re.compile(r""":\s*\n|:?\s*b?['"]""")
+
+
+def _parser_reason(exc: BaseException | None) -> str:
+    """Why aiohttp's HTTP parser refused a request, fit for a log: its reason, never the bytes
+    it quotes (a header line or request line with a token or the operator token in it)."""
+    if exc is None:
+        return "-"
+    message = str(getattr(exc, "message", "") or "").strip()
+    reason = _QUOTED.split(message, 1)[0].strip()
+    return f"{exc.__class__.__name__}: {reason}" if reason else exc.__class__.__name__
 
 
 # The aiohttp code _InlineRequestHandler.start was copied from (start) and relies on the
