@@ -113,8 +113,9 @@ class BackgroundHandler(logging.Handler):
     """Application log lines on stderr, written by a thread of their own, as the access log's
     are: a record is formatted where it is logged and queued (at most ``max_lines``); a stderr
     that is slow or full (a pipe nobody reads) holds only that thread, never the event loop.
-    Lines past the bound are dropped, counted (``on_drop``, the gateway's metric) and said so,
-    in one line, once stderr takes lines again.
+    Lines past the bound, and lines stderr refused (closed, a full disk), are dropped, counted
+    (``on_drop``, the gateway's metric) and said so, in one line, once stderr takes lines
+    again.
     ``flush`` (``logging.shutdown`` at exit, a worker before it exits) waits, bounded, for the
     queue to be written."""
 
@@ -193,12 +194,19 @@ class BackgroundHandler(logging.Handler):
             if dropped:
                 lines.append(f"{dropped} log lines were dropped: stderr did not keep up\n")
             try:
-                _write_block(_encode(lines))
+                lost = _write_block(_encode(lines))
             except Exception:  # stderr itself failed: nowhere left to say it
-                pass
+                lost = len(lines)
             finally:
                 for _ in range(len(lines) - (1 if dropped else 0)):
                     q.task_done()
+            if lost:  # the last lines of the block (the notice of drops, if any, among them)
+                lost = _records_lost(lines, lost) - (1 if dropped else 0)
+                with self._drop_lock:  # said in the notice once stderr takes lines again
+                    self._dropped += dropped + lost
+                if lost and (on_drop := self.on_drop) is not None:
+                    for _ in range(lost):
+                        on_drop()
 
     def flush(self, timeout: float = 2.0) -> None:
         q = self._queue
@@ -207,6 +215,18 @@ class BackgroundHandler(logging.Handler):
         deadline = time.monotonic() + timeout
         while q.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+def _records_lost(records: list[str], lines: int) -> int:
+    """How many of ``records`` (the last ones) hold the last ``lines`` lines: a record with a
+    traceback spans several."""
+    gone = 0
+    for record in reversed(records):
+        if lines <= 0:
+            break
+        lines -= record.count("\n")
+        gone += 1
+    return gone
 
 
 def mask_target(raw_path: str, prefix: str) -> str:
@@ -249,8 +269,9 @@ class AccessLog:
     so a clean stop loses no line). A slow or blocked stderr therefore never stalls requests:
     while the writer is stuck, lines gather up to ``max_buffer`` bytes and past that are
     dropped and counted (``dropped``; ``keygate_access_log_dropped_total``), never an unbounded
-    buffer. Writes go out in whole lines of at most PIPE_BUF bytes, so lines of several
-    workers sharing one stderr pipe never interleave mid-line."""
+    buffer. Lines a failing stderr refuses (closed: EPIPE; a full disk) are counted likewise.
+    Writes go out in whole lines of at most PIPE_BUF bytes, so lines of several workers
+    sharing one stderr pipe never interleave mid-line."""
 
     def __init__(self, config: Config, *, interval: float = 0.1,
                  max_buffer: int = 4 * 1024 * 1024, on_drop=None) -> None:
@@ -326,14 +347,18 @@ class AccessLog:
                     f'"bytes_in":{request.content_length or 0},"bytes_out":{bytes_out},'
                     f'"client":{js_client},"trace_id":{_js(trace_id)}}}\n')
         if self._size + len(line) > self.max_buffer:
-            self.dropped += 1
-            if self.on_drop is not None:
-                self.on_drop()
+            self._drop(1)
             return
         self._lines.append(line)
         self._size += len(line)
         if self._task is None:  # not started (a test driving the pipeline directly)
             self._start()
+
+    def _drop(self, lines: int) -> None:
+        self.dropped += lines
+        if self.on_drop is not None:
+            for _ in range(lines):
+                self.on_drop()
 
     def _remember(self, key, formatted: str) -> str:
         if len(self._seen) >= SEEN_MAX:
@@ -366,12 +391,20 @@ class AccessLog:
         lines, self._lines, self._size = self._lines, [], 0
         loop = asyncio.get_running_loop()
         done = loop.create_future()
+        done.add_done_callback(self._count_lost)
         _writer().put((_encode(lines), loop, done))
         return done
+
+    def _count_lost(self, done: asyncio.Future) -> None:
+        """The lines of a handed-over block that stderr refused, counted as dropped."""
+        if not done.cancelled() and (lost := done.result()):
+            self._drop(lost)
+
     def flush_now(self) -> None:
         """Write what is buffered, from this thread (tests, and the last words at shutdown)."""
         lines, self._lines, self._size = self._lines, [], 0
-        _write_block(_encode(lines))
+        if lost := _write_block(_encode(lines)):
+            self._drop(lost)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop the flusher and write every line still buffered (bounded by ``timeout``)."""
@@ -386,9 +419,9 @@ class AccessLog:
             await asyncio.wait(pending, timeout=timeout)
 
 
-def _settle(future: asyncio.Future) -> None:
+def _settle(future: asyncio.Future, lost: int) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(lost)
 
 
 def _encode(lines: list[str]) -> bytes:
@@ -417,32 +450,36 @@ def _start_writer() -> None:
     def run() -> None:
         while True:
             block, loop, done = q.get()
+            lost = 0
             try:
-                _write_block(block)
+                lost = _write_block(block)
             except Exception:  # nowhere left to say it (stderr itself failed); the thread
-                pass           # must live on, or every later batch waits for it forever
+                lost = block.count(b"\n")  # must live on, or every later batch waits for it
             finally:
                 with contextlib.suppress(RuntimeError):  # the loop may be closed by then
-                    loop.call_soon_threadsafe(_settle, done)
+                    loop.call_soon_threadsafe(_settle, done, lost)
 
     threading.Thread(target=run, name="keygate-access-log", daemon=True).start()
 
 
-def _write_block(block: bytes) -> None:
+def _write_block(block: bytes) -> int:
     """Whole lines to stderr (whatever it is now): to a pipe or socket, which other workers
     may share, in writes of at most PIPE_BUF bytes cut at line ends (never interleaved
-    mid-line); to a file or terminal, in one write."""
+    mid-line); to a file or terminal, in one write. Returns how many lines stderr refused
+    (closed, or a full disk): 0 when all were written."""
     if not block:
-        return
+        return 0
     try:
         fd = sys.stderr.fileno()
         mode = os.fstat(fd).st_mode
     except (AttributeError, OSError, ValueError):  # stderr replaced by an object with no fd
-        sys.stderr.write(block.decode("utf-8", "surrogateescape"))
-        return
+        try:
+            sys.stderr.write(block.decode("utf-8", "surrogateescape"))
+        except Exception:  # none at all (None), or closed
+            return block.count(b"\n")
+        return 0
     if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) or len(block) <= _PIPE_BUF:
-        _write_all(fd, block)
-        return
+        return block.count(b"\n", len(block) - _write_all(fd, block))
     start, end = 0, len(block)
     while start < end:
         stop = start + _PIPE_BUF
@@ -450,11 +487,14 @@ def _write_block(block: bytes) -> None:
             cut = block.rfind(b"\n", start, stop)
             # a single line longer than PIPE_BUF goes out whole (it cannot be atomic anyway)
             stop = cut + 1 if cut >= start else block.find(b"\n", stop) + 1 or end
-        _write_all(fd, block[start:stop])
+        if left := _write_all(fd, block[start:stop]):
+            return block.count(b"\n", stop - left)  # that line, and every one after it
         start = stop
+    return 0
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes) -> int:
+    """Write ``data`` to ``fd``; returns how many of its bytes were not written (0: all)."""
     view = memoryview(data)
     while view:
         try:
@@ -462,6 +502,7 @@ def _write_all(fd: int, data: bytes) -> None:
         except BlockingIOError:
             time.sleep(0.01)
             continue
-        except OSError:   # stderr closed: nothing more can be said
-            return
+        except OSError:   # stderr closed, or its disk full: nothing more can be said
+            return len(view)
         view = view[written:]
+    return 0

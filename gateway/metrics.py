@@ -74,10 +74,12 @@ class Metrics:
                                 "(on_store_error: open).", registry=r)
         self.access_log_dropped = Counter("keygate_access_log_dropped_total",
                                           "Access-log lines dropped because stderr could not "
-                                          "keep up (the buffer was full).", registry=r)
+                                          "keep up (the buffer was full) or refused them.",
+                                          registry=r)
         self.log_lines_dropped = Counter("keygate_log_lines_dropped_total",
                                          "Application log lines dropped because stderr could "
-                                         "not keep up (the queue was full).", registry=r)
+                                         "not keep up (the queue was full) or refused them.",
+                                         registry=r)
         # read from the store at each scrape and served as read (never kept in prometheus-
         # client's per-worker files under --workers, where a workspace's limit that went away
         # would outlive its clear())

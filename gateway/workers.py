@@ -329,6 +329,17 @@ def setup_logging(config: Config) -> None:
     root.setLevel(config.server.log_level.upper())
 
 
+def _own_metrics_files() -> None:
+    """``PROMETHEUS_MULTIPROC_DIR`` is keygate's own: ``_supervise`` sets it for its workers.
+    One inherited from the environment (other Python services' convention) made a single
+    process keep its metrics in files there (prometheus-client reads it at import): a missing
+    directory stopped the start with a traceback, an existing one summed every earlier run's
+    values into this one's."""
+    if os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None) is not None:
+        from prometheus_client import values
+        values.ValueClass = values.MutexValue
+
+
 def serve(config_path: str | None, workers: int | None = None) -> int:
     """``keygate serve``: exit code 0 after a clean stop, 1 when it cannot start."""
     try:
@@ -339,6 +350,7 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
+    _own_metrics_files()
     from .argon2_pool import one_malloc_arena
     # before any thread starts, in this process and the workers it forks: the first line
     # logged starts the log writer's thread (accesslog.BackgroundHandler)

@@ -83,14 +83,16 @@ def alive(pid: int) -> bool:
 class Served:
     """One ``keygate serve`` process."""
 
-    def __init__(self, config: Path, proxy_port: int, admin_port: int, *args: str) -> None:
+    def __init__(self, config: Path, proxy_port: int, admin_port: int, *args: str,
+                 environ: dict[str, str] | None = None) -> None:
+        """``environ``: variables set on top of ``env()``."""
         self.config, self.proxy_port, self.admin_port = config, proxy_port, admin_port
         self.stderr_path = config.with_suffix(f".{time.monotonic_ns()}.stderr")
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config), *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
-            env=env(), cwd=str(config.parent))
+            env={**env(), **(environ or {})}, cwd=str(config.parent))
 
     @property
     def proxy(self) -> str:

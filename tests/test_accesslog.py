@@ -24,8 +24,8 @@ from gateway.accesslog import _js, mask_query
 from gateway.config import Route, Timeouts
 from gateway.tokens import make_token
 
-from harness import (VERIFY, bearer, closed_within, gateway_under_test, make_config,
-                     raw_upstream, verify_config)
+from harness import (VERIFY, bearer, closed_within, eventually, gateway_under_test,
+                     make_config, raw_upstream, verify_config)
 from served import ADMIN_TOKEN as ADMIN_TOKEN_OF_SERVE, Served, new_key, write_config
 
 TOKEN, _ = make_token("kg", "live")
@@ -231,6 +231,45 @@ async def test_a_blocked_stderr_never_stalls_requests_and_drops_are_counted(
         blocked.close()
         os.close(read_end)
 
+
+
+async def test_lines_a_failing_stderr_loses_are_counted_as_dropped(redis_url, upstream,
+                                                                    monkeypatch):
+    """A stderr that refuses writes (its reader gone: EPIPE; a file on a full disk: ENOSPC)
+    lost every access and application line without a trace: requests went on, as they must,
+    but ``keygate_access_log_dropped_total`` and ``keygate_log_lines_dropped_total`` stayed
+    at 0, so neither the dashboard nor the KeygateLogLinesDropped alert told the operator the
+    log had stopped. Lines that could not be written are counted as dropped."""
+    import logging
+    from gateway.accesslog import BackgroundHandler
+    read_end, write_end = os.pipe()
+    os.close(read_end)                         # nobody will ever read: writes fail with EPIPE
+    gone = os.fdopen(write_end, "w")
+    handler = BackgroundHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)                   # as keygate serve installs it, before the app
+    try:
+        async with gateway_under_test(config_with(upstream, "json"), redis_url,
+                                      monkeypatch) as g:
+            monkeypatch.setattr(sys, "stderr", gone)
+            for _ in range(20):
+                async with g.proxy.get("/health") as r:
+                    assert r.status == 200
+            for i in range(7):
+                logging.getLogger("keygate.test").warning("line %d", i)
+            assert await eventually(lambda: g.gw.access_log.dropped == 20), \
+                g.gw.access_log.dropped
+            assert g.counter("keygate_access_log_dropped_total") == 20
+            assert await eventually(
+                lambda: g.counter("keygate_log_lines_dropped_total") == 7), \
+                g.counter("keygate_log_lines_dropped_total")
+            async with g.proxy.get("/health") as r:  # requests go on all the same
+                assert r.status == 200
+            monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    finally:
+        root.removeHandler(handler)
+        gone.close()
 
 def serve_into_a_pipe(config: Path) -> tuple[subprocess.Popen, int]:
     """``keygate serve`` whose stderr is a pipe: (the process, the pipe's read end, which the

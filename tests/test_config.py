@@ -571,6 +571,28 @@ def test_env_reference_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config.admin.token_env == "KG_ADMIN_TOKEN"
 
 
+def test_a_secret_given_where_its_variable_name_belongs_is_never_echoed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``admin.token_env`` and ``identity_signature.secret_env`` name the variable that holds
+    a secret; ``${KEYGATE_ADMIN_TOKEN}`` there (the file's other values take ${...}) puts the
+    secret itself in the field, and the problem quoted it: the operator token or the signing
+    secret went to ``config check``'s output, to the log of a reload and to the reload's 400
+    answer. The problem says what the field wants without repeating the value."""
+    monkeypatch.setenv("KG_TEST_SECRET", "s3cret-VALUE/with+chars=")
+    problems = problems_of(tmp_path, with_upstream("""
+        admin:
+          token_env: ${KG_TEST_SECRET}
+        identity_signature:
+          secret_env: ${KG_TEST_SECRET}
+        routes:
+          - {path: /x, upstream: crm, public: true}
+    """))
+    wants = ("must be the name of the environment variable that holds the secret (letters, "
+             "digits and _), not the secret itself")
+    assert problems == [f"config.yaml:4: admin.token_env: {wants}",
+                        f"config.yaml:6: identity_signature.secret_env: {wants}"]
+    assert not any("s3cret" in p for p in problems)
+
 def test_expanded_value_is_still_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                            ) -> None:
     monkeypatch.setenv("KG_TEST_PORT", "http")

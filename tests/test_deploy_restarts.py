@@ -478,6 +478,41 @@ async def test_sigterm_closes_idle_keep_alive_cleanly_and_answers_in_flight_with
         gw.close()
 
 
+async def test_sigterm_lets_a_request_whose_body_is_still_arriving_finish(tmp_path, redis_url,
+                                                                          upstream):
+    """A request in flight at SIGTERM finishes, also one whose body is still arriving: once
+    its server stopped, aiohttp threw away every byte a connection received (its
+    ``data_received`` returns at once after ``close()``), the rest of that body included.
+    An upload under way at a rolling restart waited for the 30 s drain to end and was then cut
+    off with no answer, no access-log line and no count."""
+    import json
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")),
+                                        access_log="json")
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        reader, writer = await asyncio.open_connection("127.0.0.1", pport)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n01234")
+        await writer.drain()
+        await asyncio.sleep(0.3)  # its handler waits for the rest of the body
+        gw.proc.send_signal(signal.SIGTERM)
+        assert await eventually(lambda: "shutting down" in gw.stderr())
+        await asyncio.sleep(0.2)  # the listener's stop has reached the connection
+        writer.write(b"56789")
+        await writer.drain()
+        status, headers, body = await asyncio.wait_for(_response(reader), 10)
+        assert status == b"HTTP/1.1 200 OK", (status, body)
+        assert json.loads(body)["body_len"] == 10
+        assert headers.get("connection", "").lower() == "close", headers
+        writer.close()
+        assert await asyncio.to_thread(gw.proc.wait, 20) == 0
+        lines = [json.loads(line) for line in gw.stderr().splitlines()
+                 if line.startswith("{") and '"/health"' in line]
+        assert [(e["status"], e["bytes_in"]) for e in lines] == [(200, 10)], lines
+    finally:
+        gw.close()
+
 async def test_readyz_is_503_from_sigterm_on_while_requests_in_flight_drain(
         tmp_path, redis_url, slow_upstream):
     """The proxy listener stops accepting at SIGTERM and drains for up to 30 s: /readyz said

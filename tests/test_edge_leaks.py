@@ -127,3 +127,53 @@ async def test_a_key_with_a_broken_checksum_in_the_url_never_reaches_the_log(gut
     _, err = gut.logs(capfd)
     assert "request_id" in err  # the line was written
     assert SECRET not in err
+
+
+@pytest.mark.parametrize("request_head", [
+    f"GET /health HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\x01\r\n\r\n",
+    f"GET /health/{TOKEN}\x01 HTTP/1.1\r\nHost: t\r\n\r\n",
+    f"GET /health HTTP/1.1\r\nHost: t\r\nX-Api-Key {TOKEN}\r\n\r\n",
+], ids=["header-value", "path", "header-name"])
+async def test_a_request_the_parser_refuses_is_logged_without_the_bytes_it_quotes(
+        gut, caplog, request_head):
+    """aiohttp's HTTP parser quotes the bytes it refused in its message (the whole header line
+    or request line), and keygate logged that message at debug level: with
+    ``server.log_level: debug`` a token or the operator token sent in a malformed header or
+    path was written to the log, which never holds one at any level. The log keeps the
+    parser's reason only."""
+    import asyncio
+    import logging
+    caplog.set_level(logging.DEBUG)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gut.proxy_server.port)
+    writer.write(request_head.encode("latin-1"))
+    head = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.0 400 ") or head.startswith(b"HTTP/1.1 400 "), head
+    refused = [r.getMessage() for r in caplog.records if "malformed request" in r.getMessage()]
+    assert refused, "the refusal is logged"
+    for secret in (TOKEN, BODY, SECRET):
+        assert secret not in caplog.text
+        assert not any(secret in message for message in refused)
+
+
+async def test_the_admin_listener_logs_a_refused_request_without_the_operator_token(
+        tmp_path, redis_url):
+    """The same for the admin listener of ``keygate serve`` at ``log_level: debug``: an
+    operator token in a header line the parser refused was written to the log whole."""
+    import asyncio
+    from served import ADMIN_TOKEN, Served, write_config
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, log_level="debug")
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        reader, writer = await asyncio.open_connection("127.0.0.1", aport)
+        writer.write(f"GET /admin/v1/workspaces HTTP/1.1\r\nHost: t\r\n"
+                     f"Authorization: Bearer {ADMIN_TOKEN}\x01\r\n\r\n".encode())
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.0 400 ")
+        writer.close()
+        assert gw.terminate() == 0
+        err = gw.stderr()
+        assert "refused a malformed request" in err
+        assert ADMIN_TOKEN not in err
+    finally:
+        gw.close()

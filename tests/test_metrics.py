@@ -403,3 +403,35 @@ async def test_under_workers_a_quota_that_went_away_leaves_the_limit_gauge(tmp_p
             assert await limits() == [set()] * 6
     finally:
         gw.close()
+
+
+async def test_a_prometheus_multiproc_dir_in_the_environment_is_ignored(tmp_path, upstream,
+                                                                       redis_url):
+    """``PROMETHEUS_MULTIPROC_DIR`` is keygate's own business (``serve --workers`` sets it for
+    its workers). One inherited from the environment (a convention of other Python services)
+    made a single ``serve`` keep its metrics in files there: a directory that did not exist
+    stopped it at start with a traceback, and one that did summed every earlier run's values
+    into the new process's (``keygate_build_info`` of the old version included)."""
+    from aiohttp import ClientSession
+    from served import Served, write_config
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")))
+    kept = tmp_path / "multiproc"
+    kept.mkdir()
+    for directory in (tmp_path / "missing", kept, kept):
+        gw = Served(config, pport, aport, environ={"PROMETHEUS_MULTIPROC_DIR": str(directory)})
+        try:
+            await gw.ready()
+            async with ClientSession() as s:
+                for _ in range(3):
+                    async with s.get(gw.proxy + "/health") as r:
+                        assert r.status == 200
+                async with s.get(gw.admin + "/metrics") as r:
+                    text = await r.text()
+            counts = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                      if s.name == "keygate_requests_total" and s.labels["route"] == "/health"]
+            assert counts == [3.0], (directory, counts)
+            assert gw.terminate() == 0
+        finally:
+            gw.close()
+    assert not list(kept.iterdir())

@@ -46,8 +46,15 @@ class SchemaReader(NodeReader):
         return self.string(node, path)
 
     def env_name(self, node: Node, path: str) -> Any:
-        """The name of an environment variable (that holds a secret the file should not)."""
-        return self.string(node, path, pattern=ENV_NAME_RE, what="an environment variable name")
+        """The name of an environment variable (that holds a secret the file should not). A
+        value that is not a name is never repeated: it is most likely the secret itself
+        (``${KEYGATE_ADMIN_TOKEN}`` written where the variable's name belongs), and problems go
+        to the terminal, the log and a reload's answer."""
+        value = self.string(node, path)
+        if value is BAD or ENV_NAME_RE.fullmatch(value):
+            return value
+        return self.fail(node, path, "must be the name of the environment variable that holds "
+                                     "the secret (letters, digits and _), not the secret itself")
 
     def integer(self, node: Node, path: str, *, minimum: int | None = None,
                 maximum: int | None = None, nullable: bool = False) -> Any:

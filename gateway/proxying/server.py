@@ -81,6 +81,18 @@ class _JsonErrorRequestHandler(RequestHandler):
             server.sweep_heads()
 
     def data_received(self, data: bytes) -> None:
+        if (self._close or self._force_close) and self._rest_of_a_body_at_stop():
+            # aiohttp drops every byte a closing connection receives, and a stopping server
+            # (SIGTERM) closes them all: the rest of the body of a request in flight must
+            # still come in, or that request stalls until the drain ends and is cut off
+            closing = self._close, self._force_close
+            self._close = self._force_close = False
+            try:
+                self.data_received(data)
+            finally:
+                self._close = closing[0] or self._close
+                self._force_close = closing[1] or self._force_close
+            return
         if data and self._head_since is None and not self._request_in_progress \
                 and not self._messages \
                 and (self._last_payload is None or self._last_payload.is_eof()):
@@ -108,6 +120,11 @@ class _JsonErrorRequestHandler(RequestHandler):
             self._judge_chunked_ends(new)
         elif self._chunked is not None:
             self._judge_chunked_ends(0)
+
+    def _rest_of_a_body_at_stop(self) -> bool:
+        body = self._last_payload
+        return getattr(self._manager, "stopping", False) and self._request_in_progress \
+            and body is not None and not body.is_eof() and self.transport is not None
 
     def _judge_chunked_ends(self, new: int) -> None:
         """Serve nothing parsed after a chunked body that may have ended with trailers.
@@ -211,11 +228,28 @@ class _JsonErrorRequestHandler(RequestHandler):
             self.log_exception("error handling request", exc_info=exc)
             error = GatewayError("Internal error.")
         else:  # the client's fault: no traceback in the log, no parser detail on the wire
-            log.debug("refused a malformed request from %s: %s", request.remote, exc)
+            log.debug("refused a malformed request from %s: %s", request.remote,
+                      _parser_reason(exc))
             error = BadRequest("The request is not valid HTTP/1.1.", status=status)
         response = error.response(uuid.uuid4().hex)
         response.force_close()
         return response
+
+
+# Where the reason in a parser's message ends and its quote of the bytes refused begins: the
+# C parser's "Invalid header value char:\n\n  b'Authorization: Bearer ...'", the Python
+# parser's "Bad status line 'GET ...'". Those bytes may hold a token.
+_QUOTED = re.compile(r""":\s*\n|:?\s*b?['"]""")
+
+
+def _parser_reason(exc: BaseException | None) -> str:
+    """Why aiohttp's HTTP parser refused a request, fit for a log: its reason, never the bytes
+    it quotes (a header line or request line with a token or the operator token in it)."""
+    if exc is None:
+        return "-"
+    message = str(getattr(exc, "message", "") or "").strip()
+    reason = _QUOTED.split(message, 1)[0].strip()
+    return f"{exc.__class__.__name__}: {reason}" if reason else exc.__class__.__name__
 
 
 # The aiohttp code _InlineRequestHandler.start was copied from (start) and relies on the
@@ -486,6 +520,7 @@ class ProxyServer(web.Server):
         self.write_timeout = write_timeout
         self.max_connections = max_connections
         self.refused_connections = 0
+        self.stopping = False  # from pre_shutdown on: bodies in flight are still read
         self._sweeper: asyncio.Task | None = None
 
     def sweep_heads(self) -> None:
@@ -512,6 +547,7 @@ class ProxyServer(web.Server):
         or load balancer must not send its next request on a connection about to close
         (RFC 9112 9.6). Without it they went out as keep-alive and the close that followed
         reset whatever request was sent next on it. Runs once per stop, not per request."""
+        self.stopping = True
         for handler in self._connections:
             request = getattr(handler, "_current_request", None)
             cache = getattr(request, "_cache", None)  # where BaseRequest.keep_alive is reified
