@@ -515,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
                             os.sched_setaffinity(0, all_cores)
                     try:
                         watch = {"server": t.server_pids,
-                                 "helpers": [p for p in helpers if p not in t.server_pids]}
+                                 "helpers": [p for p in helpers if p not in t.server_pids],
+                                 "store": [redis_pid] if redis_pid else []}
                         prof = workdir / f"profile-{key}-c{conns}-r{rep}.txt" \
                             if a.profile and key in ("c", "u", "q", "l") else None
                         res = run_load(t, conns, a.duration, a.warmup, loadgen, watch, workdir, prof)
@@ -801,6 +802,9 @@ def derive(res: dict, server_core: set[int] | None, spread: bool = False) -> Non
     n = max(1, res["requests"])
     cpu = res.get("cpu_s", {})
     res["server_cpu_us_per_req"] = round(1e6 * cpu.get("server", 0.0) / n, 1)
+    # what a request costs the one Redis every keygate replica shares (its capacity figure);
+    # only keygate's targets call it
+    res["store_cpu_us_per_req"] = round(1e6 * cpu.get("store", 0.0) / n, 1)
     res["server_core_busy"] = round(cpu.get("server", 0.0) / res["seconds"], 2)
     res["helper_core_busy"] = round((cpu.get("helpers", 0.0) + res.get("loadgen_cpu_s", 0.0)) / res["seconds"], 2)
     if spread:
@@ -860,7 +864,8 @@ def summarize(runs: list[dict], conns_list: list[int]) -> dict:
                 "target": key, "connections": conns, "rounds": len(rs),
                 **{m: statistics.median([r[m] for r in rs if r.get(m) is not None] or [0])
                    for m in ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_req", "server_core_busy",
-                             "helper_core_busy", "other_on_server_core", "errors_total")},
+                             "helper_core_busy", "other_on_server_core", "errors_total",
+                             "store_cpu_us_per_req")},
             }
     ratios: dict[str, dict] = {}
     for conns in conns_list:
@@ -880,6 +885,11 @@ def summarize(runs: list[dict], conns_list: list[int]) -> dict:
         extra["p99_c_minus_b_at_8_ms"] = round(c8["p99_ms"] - b8["p99_ms"], 3)
         extra["p50_c_minus_b_at_8_ms"] = round(c8["p50_ms"] - b8["p50_ms"], 3)
     return {"cells": cells, "ratios": ratios, **extra}
+
+
+# the targets whose every request makes one store call (d's cold path reads more; p's public
+# route makes none)
+STORE_TARGETS = ("c", "u", "q", "l", "w", "v")
 
 
 def print_table(summary: dict, conns_list: list[int], placement: str, loadgen: str,
@@ -913,6 +923,14 @@ def print_table(summary: dict, conns_list: list[int], placement: str, loadgen: s
                 rounds = (f"  per round {' '.join(f'{x:.2f}' for x in r['throughput_rounds'])}"
                           f" (median {r['throughput_round_median']:.3g})")
             print(f"  {name:<10} throughput {r['throughput']:<6.3g}  cpu/req {cpu}{rounds}")
+    store = [(k, c) for k, c in summary["cells"].items()
+             if c["target"] in STORE_TARGETS and c.get("store_cpu_us_per_req")]
+    if store:
+        print("\nstore: redis-server CPU per request (Redis is one core, shared by every keygate "
+              "replica: 1e6 / this = the requests a second one Redis core can take)")
+        for k, c in store:
+            us = c["store_cpu_us_per_req"]
+            print(f"  {k:<8} {us:>6.1f} us/req  -> ~{1e6 / us:,.0f} req/s per Redis core")
     if "p99_c_minus_b_at_8_ms" in summary:
         print(f"\np99 c - b at 8 connections: {summary['p99_c_minus_b_at_8_ms']:+.3f} ms "
               f"(p50: {summary['p50_c_minus_b_at_8_ms']:+.3f} ms)")

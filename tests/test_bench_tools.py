@@ -72,6 +72,24 @@ def test_ratios_also_pair_the_rounds_so_a_noisy_round_shows():
     assert cb["throughput_round_median"] == 1.02
 
 
+def test_the_store_cost_of_a_request_is_reported_for_the_targets_that_call_it(capsys):
+    """Redis's CPU per request, from the redis-server process's CPU over the window: the
+    capacity figure of the one store every replica shares. Printed for keygate's targets, not
+    for the upstream or the bare proxy (which never call it)."""
+    def measured(target: str, store_s: float) -> dict:
+        res = {"target": target, "connections": 8, "round": 0, "requests": 20000, "ok": 20000,
+               "rps": 10000.0, "p50_ms": 1.0, "p99_ms": 2.0, "seconds": 2.0,
+               "cpu_s": {"server": 2.0, "helpers": 1.0, "store": store_s}}
+        run.derive(res, None)
+        return res
+    runs = [measured("b", 0.0), measured("c", 0.5), measured("l", 0.8)]
+    assert [r["store_cpu_us_per_req"] for r in runs] == [0.0, 25.0, 40.0]
+    run.print_table(run.summarize(runs, [8]), [8], "-", "wrk", None, {})
+    out = capsys.readouterr().out.split("store: ", 1)[1]
+    assert "c@8" in out and "25.0 us/req" in out and "~40,000 req/s per Redis core" in out
+    assert "l@8" in out and "40.0 us/req" in out and "b@8" not in out
+
+
 def test_the_fault_harness_allows_only_the_counts_a_killed_primary_can_take_with_it():
     """Redis replicates asynchronously: a count a Cluster primary answered just before SIGKILL
     may never reach the replica promoted in its place. The harness allows that many lost
