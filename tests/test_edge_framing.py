@@ -114,7 +114,8 @@ async def raw_upstream():
 
 
 ROUTES = (Route("/public/**", "api", ("POST", "PUT", "GET"), (), True),
-          Route("/people/**", "api", ("GET", "POST"), ("people:read",)))
+          Route("/people/**", "api", ("GET", "POST"), ("people:read",)),
+          Route("/any/**", "api", (), (), True))   # every method, CONNECT included
 
 
 @pytest.fixture
@@ -332,6 +333,30 @@ async def test_chunk_extensions_are_not_forwarded_as_data(edge):
     answer = await exchange(edge, payload)
     assert statuses(answer) == [200]
     assert_forwarded_exactly(edge, b"abcde")
+
+
+# --- CONNECT: no tunnel, and nothing after its head read as a request ------------------------
+
+@pytest.mark.parametrize("target", ["/any/x", "/public/x", "/people/x"])
+@pytest.mark.parametrize("framing", ["content-length", "none"])
+async def test_a_connect_request_is_refused_and_nothing_after_it_is_read(edge, target,
+                                                                          framing):
+    """aiohttp's parser takes a CONNECT's head as the end of the request (whatever its
+    Content-Length says: the rest is tunnel data) and, once it is answered, parses those bytes
+    as the next request: a body sent with CONNECT was judged, and on a public route forwarded,
+    as a request of its own. A front proxy that frames the body by its Content-Length and
+    pools client connections then has the next client's request appended to the attacker's
+    (the 0.CL desync). On a route open to every method the CONNECT itself was sent upstream
+    declaring a body that never followed, and answered 502. keygate tunnels nothing: 501,
+    closed, nothing upstream."""
+    smuggled = b"GET /public/smuggled HTTP/1.1\r\nHost: g\r\nX-Workspace-Id: acme\r\n\r\n"
+    head = f"CONNECT {target} HTTP/1.1\r\nHost: g\r\n".encode()
+    if framing == "content-length":
+        head += b"Content-Length: %d\r\n" % len(smuggled)
+    answer = await exchange(edge, head + b"\r\n" + smuggled, wait=1.5)
+    assert statuses(answer) == [501], answer[:300]
+    assert b'"code": "not_implemented"' in answer
+    assert edge.up.raw == [] and edge.up.requests == []
 
 
 # --- pipelining: a refused request never lets the next one ride along -----------------------
