@@ -359,6 +359,34 @@ async def test_a_connect_request_is_refused_and_nothing_after_it_is_read(edge, t
     assert edge.up.raw == [] and edge.up.requests == []
 
 
+# --- Host: a client's is passed on as X-Forwarded-Host only when it is a host ---------------
+
+@pytest.mark.parametrize("host", [b"good.example:@evil.example", b"user:pw@evil.example",
+                                  b"good.example@evil.example", b"evil.example/path",
+                                  b"evil.example?x", b"evil.example#x", b"good example",
+                                  b"[::1", b"evil.example:80x", b"a\\b"])
+async def test_a_host_header_that_is_not_a_host_is_refused_not_passed_on(edge, host):
+    """RFC 9112 3.2: a Host with an invalid value is a 400. keygate passed the client's Host
+    on as X-Forwarded-Host, which upstreams build absolute URLs from (password-reset links,
+    redirects): 'good.example:@evil.example' passes a check that takes the host before the ':'
+    and makes a link to evil.example."""
+    payload = (b"GET /public/x HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+    answer = await exchange(edge, payload)
+    assert statuses(answer) == [400], answer[:300]
+    assert b'"code": "bad_request"' in answer
+    assert edge.up.raw == []
+
+
+@pytest.mark.parametrize("host", [b"gateway.example", b"gateway.example:8080", b"127.0.0.1:80",
+                                  b"[::1]:8080", b"[fe80::1%25eth0]", b"xn--bcher-kva.example",
+                                  b"a_b.example", b"Gateway.Example", b""])
+async def test_a_host_header_that_is_a_host_is_passed_on_as_sent(edge, host):
+    payload = (b"GET /public/x HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+    answer = await exchange(edge, payload)
+    assert statuses(answer) == [200], answer[:300]
+    assert assert_forwarded_exactly(edge, b"").header(b"X-Forwarded-Host") == [host]
+
+
 # --- pipelining: a refused request never lets the next one ride along -----------------------
 
 async def test_pipelined_keyless_requests_are_each_judged_alone(edge):
