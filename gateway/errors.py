@@ -12,7 +12,8 @@
     ├── PayloadTooLarge (413)         body_too_large
     ├── TooManyRequests (429)         too_many_failures, rate_limited, quota_exceeded,
     │                                 key_quota_exceeded
-    ├── NotImplemented_ (501)         not_implemented (a transfer coding other than chunked)
+    ├── NotImplemented_ (501)         not_implemented (a transfer coding other than chunked;
+    │                                 the CONNECT method)
     ├── BadGateway (502)              upstream_unavailable
     ├── ServiceUnavailable (503)      store_unavailable, overloaded (gateway.verify_queue)
     └── GatewayTimeout (504)          upstream_timeout
@@ -120,7 +121,7 @@ class TooManyRequests(GatewayError, status=429, code="rate_limited"):
 
 
 class NotImplemented_(GatewayError, status=501, code="not_implemented"):
-    """A transfer coding other than ``chunked``."""
+    """A transfer coding other than ``chunked``; the CONNECT method (no tunnels)."""
 
 
 class BadGateway(GatewayError, status=502, code="upstream_unavailable",

@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import os
+import re
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
@@ -52,6 +53,10 @@ _new_tuple = tuple.__new__
 _AUTHORIZATION = hdrs.AUTHORIZATION  # istr: no case-folding per lookup
 _X_REQUEST_ID = istr("X-Request-Id")
 _VERIFY_UNDER = reserved.VERIFY + "/"
+_HOST = hdrs.HOST
+# RFC 9112 3.2's Host: uri-host [":" port], uri-host an IP literal or a reg-name (RFC 3986 3.2.2)
+_HOST_VALUE = re.compile(r"(?:\[[0-9A-Za-z._~!$&'()*+,;=:%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)"
+                         r"(?::[0-9]*)?")
 
 
 class Outcome:
@@ -127,6 +132,7 @@ class Pipeline:
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
         self._canonical: set[str] = set()  # paths check_path accepted lately (CANONICAL_MAX)
+        self._hosts: set[str] = set()  # Host values accepted lately (as many)
         self.tracer = Tracer()  # gateway.otel.OtelTracer when tracing is configured
         # Whose share of an upstream's upload slots an upload still streaming in takes: a
         # keyed request's workspace (forward reads it from the key), a public route's client
@@ -188,6 +194,14 @@ class Pipeline:
                        outcome: Outcome) -> web.StreamResponse:
         if "Transfer-Encoding" in request.headers:
             _check_transfer_coding(request.headers.getall("Transfer-Encoding"))
+        if request.method == "CONNECT":
+            # aiohttp's parser ends a CONNECT at its head (what follows is tunnel data, its
+            # Content-Length unread) and, once it is answered, parses those bytes as the next
+            # request; keygate opens no tunnels: 501, which closes the connection unread
+            raise errors.NotImplemented_("CONNECT is not supported: keygate opens no tunnels.")
+        host = request.headers.get(_HOST)
+        if host is not None and host not in self._hosts:
+            self.check_host(host)
         raw_path, _, raw_query = request.raw_path.partition("?")
         if raw_path.startswith(_VERIFY_UNDER):
             # Envoy's path_prefix mode: the original path follows the prefix, and verify
@@ -249,6 +263,17 @@ class Pipeline:
             raise
 
     # --- steps --------------------------------------------------------------------------------
+
+    def check_host(self, host: str) -> None:
+        """RFC 9112 3.2: a ``Host`` that is not a host is a 400. It goes upstream as
+        ``X-Forwarded-Host``, which upstreams build absolute URLs from: userinfo
+        (``good.example:@evil.example``), a path or a space in it is an attacker's."""
+        if _HOST_VALUE.fullmatch(host) is None:
+            raise errors.BadRequest("The Host header is not a valid host[:port].")
+        if len(host) <= CANONICAL_LEN:
+            if len(self._hosts) >= CANONICAL_MAX:
+                self._hosts.clear()
+            self._hosts.add(host)
 
     def screen(self, raw_path: str, raw_query: str) -> None:
         """The first two rows of SPEC's table: a canonical path, and no key in the query.

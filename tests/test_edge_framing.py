@@ -114,7 +114,8 @@ async def raw_upstream():
 
 
 ROUTES = (Route("/public/**", "api", ("POST", "PUT", "GET"), (), True),
-          Route("/people/**", "api", ("GET", "POST"), ("people:read",)))
+          Route("/people/**", "api", ("GET", "POST"), ("people:read",)),
+          Route("/any/**", "api", (), (), True))   # every method, CONNECT included
 
 
 @pytest.fixture
@@ -332,6 +333,58 @@ async def test_chunk_extensions_are_not_forwarded_as_data(edge):
     answer = await exchange(edge, payload)
     assert statuses(answer) == [200]
     assert_forwarded_exactly(edge, b"abcde")
+
+
+# --- CONNECT: no tunnel, and nothing after its head read as a request ------------------------
+
+@pytest.mark.parametrize("target", ["/any/x", "/public/x", "/people/x"])
+@pytest.mark.parametrize("framing", ["content-length", "none"])
+async def test_a_connect_request_is_refused_and_nothing_after_it_is_read(edge, target,
+                                                                          framing):
+    """aiohttp's parser takes a CONNECT's head as the end of the request (whatever its
+    Content-Length says: the rest is tunnel data) and, once it is answered, parses those bytes
+    as the next request: a body sent with CONNECT was judged, and on a public route forwarded,
+    as a request of its own. A front proxy that frames the body by its Content-Length and
+    pools client connections then has the next client's request appended to the attacker's
+    (the 0.CL desync). On a route open to every method the CONNECT itself was sent upstream
+    declaring a body that never followed, and answered 502. keygate tunnels nothing: 501,
+    closed, nothing upstream."""
+    smuggled = b"GET /public/smuggled HTTP/1.1\r\nHost: g\r\nX-Workspace-Id: acme\r\n\r\n"
+    head = f"CONNECT {target} HTTP/1.1\r\nHost: g\r\n".encode()
+    if framing == "content-length":
+        head += b"Content-Length: %d\r\n" % len(smuggled)
+    answer = await exchange(edge, head + b"\r\n" + smuggled, wait=1.5)
+    assert statuses(answer) == [501], answer[:300]
+    assert b'"code": "not_implemented"' in answer
+    assert edge.up.raw == [] and edge.up.requests == []
+
+
+# --- Host: a client's is passed on as X-Forwarded-Host only when it is a host ---------------
+
+@pytest.mark.parametrize("host", [b"good.example:@evil.example", b"user:pw@evil.example",
+                                  b"good.example@evil.example", b"evil.example/path",
+                                  b"evil.example?x", b"evil.example#x", b"good example",
+                                  b"[::1", b"evil.example:80x", b"a\\b"])
+async def test_a_host_header_that_is_not_a_host_is_refused_not_passed_on(edge, host):
+    """RFC 9112 3.2: a Host with an invalid value is a 400. keygate passed the client's Host
+    on as X-Forwarded-Host, which upstreams build absolute URLs from (password-reset links,
+    redirects): 'good.example:@evil.example' passes a check that takes the host before the ':'
+    and makes a link to evil.example."""
+    payload = (b"GET /public/x HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+    answer = await exchange(edge, payload)
+    assert statuses(answer) == [400], answer[:300]
+    assert b'"code": "bad_request"' in answer
+    assert edge.up.raw == []
+
+
+@pytest.mark.parametrize("host", [b"gateway.example", b"gateway.example:8080", b"127.0.0.1:80",
+                                  b"[::1]:8080", b"[fe80::1%25eth0]", b"xn--bcher-kva.example",
+                                  b"a_b.example", b"Gateway.Example", b""])
+async def test_a_host_header_that_is_a_host_is_passed_on_as_sent(edge, host):
+    payload = (b"GET /public/x HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+    answer = await exchange(edge, payload)
+    assert statuses(answer) == [200], answer[:300]
+    assert assert_forwarded_exactly(edge, b"").header(b"X-Forwarded-Host") == [host]
 
 
 # --- pipelining: a refused request never lets the next one ride along -----------------------
