@@ -520,6 +520,34 @@ async def test_a_content_encoded_body_to_the_admin_api_is_400_never_500_or_a_tra
             if r.levelno >= logging.ERROR] == []
 
 
+async def test_a_connect_to_the_admin_listener_is_refused_and_nothing_after_it_is_read(
+        redis_url, upstream, monkeypatch):
+    """aiohttp's parser ends a CONNECT at its head and, once it is answered, reads the bytes
+    after it (the body its Content-Length declared) as the next request: on the admin
+    listener that body was served as a request of its own. 501, and the connection closes."""
+    from gateway.proxying.server import AdminRunner
+    async with gateway_under_test(edge_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        runner = AdminRunner(g.gw.admin_app, handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            smuggled = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+            for target in (b"/admin/v1/workspaces", b"127.0.0.1:443", b"/healthz"):
+                reader, writer = await asyncio.open_connection("127.0.0.1",
+                                                               runner.addresses[0][1])
+                writer.write(b"CONNECT " + target + b" HTTP/1.1\r\nHost: a\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+                answer = await asyncio.wait_for(reader.read(), 5)  # the whole: it closes
+                writer.close()
+                assert answer.startswith(b"HTTP/1.1 501 "), (target, answer[:200])
+                assert answer.count(b"HTTP/1.1 ") == 1, (target, answer)
+                assert b'"not_implemented"' in answer
+        finally:
+            await runner.cleanup()
+
+
 # --- a client that stops reading its answers ---------------------------------------------------
 
 async def _stop_reading(g, request: bytes, times: int):

@@ -24,7 +24,7 @@ from ..accesslog import mask_target
 from ..config import Config
 from ..proxying.server import answer_and_close
 from ..errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
-                      PayloadTooLarge, RequestTimeout, ServiceUnavailable, StoreError,
+                      NotImplemented_, PayloadTooLarge, RequestTimeout, ServiceUnavailable, StoreError,
                       Unauthorized, body_cut_short, shown)
 from ..store import WORKSPACE_ID_RE
 from ..tokens import adoptable_request_id
@@ -203,6 +203,11 @@ def error_middleware(config: Config, *, authenticate: bool = True,
         rid = request_id_of(request)
         started, actor = time.perf_counter(), "-"
         try:
+            if request.method == "CONNECT":
+                # aiohttp's parser ends a CONNECT at its head and, once it is answered, reads
+                # what follows (the body it declared) as the next request: refused, and the
+                # connection closed unread (below)
+                raise NotImplemented_("CONNECT is not supported: keygate opens no tunnels.")
             if authenticate and request.path.startswith("/admin/") \
                     and request.path not in UNAUTHENTICATED:
                 caller = await identify(request, config, expected, authenticate_key)
@@ -239,7 +244,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                            config.keys.prefix,
                            client_address(request) if client_address else request.remote,
                            operator_token=expected)
-        if response.status == 408:  # the rest of that body is not worth waiting for
+        if response.status in (408, 501):  # the rest is not worth waiting for, or not ours
             response.force_close()
             await answer_and_close(request, response)
         return response
