@@ -648,6 +648,22 @@ def test_anchors_and_merge_keys_with_x_extension_keys(tmp_path: Path) -> None:
     assert config.upstreams["crm"].url == "http://127.0.0.1:9000"
 
 
+@pytest.mark.parametrize("text, line", [
+    ("server: " + "[" * 5000 + "]" * 5000 + "\n", 1),
+    ("server:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 2000)), 101),
+    ("x-a0: &a0 {port: 1}\n" + "".join(f"x-a{i}: &a{i} {{<<: *a{i - 1}}}\n"
+                                       for i in range(1, 1500)) + "server: *a1499\n", 1),
+])
+def test_nesting_too_deep_is_one_problem_not_a_traceback(tmp_path: Path, text: str,
+                                                         line: int) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}:{line}: top level: nested too deeply (more "
+                                   "than 100 levels of mappings, lists or merge keys)"]
+
+
 def test_wrong_shapes_are_problems_not_crashes(tmp_path: Path) -> None:
     assert problems_of(tmp_path, """
         plans: [starter, pro]
