@@ -648,6 +648,41 @@ def test_anchors_and_merge_keys_with_x_extension_keys(tmp_path: Path) -> None:
     assert config.upstreams["crm"].url == "http://127.0.0.1:9000"
 
 
+def test_an_anchored_mapping_with_a_merge_key_reads_the_same_each_time_it_is_used(
+        tmp_path: Path) -> None:
+    # the second use of 'pro' once read the keys merged in at its first use as keys given
+    # twice, and refused a valid file with "duplicate key (first given on line 1)"
+    config = load_config(write(tmp_path, """
+        x-small: &small {monthly_requests: 1000, max_keys: 5}
+        plans:
+          pro: &pro
+            <<: *small
+            monthly_requests: 5000
+          pro-annual: *pro
+    """))
+    assert config.plans["pro"].monthly_requests == 5000
+    assert config.plans["pro-annual"].monthly_requests == 5000
+    assert config.plans["pro-annual"].max_keys == 5
+
+
+def test_of_the_mappings_a_merge_key_lists_the_earlier_wins_as_yaml_has_it(
+        tmp_path: Path) -> None:
+    # YAML's merge key: "keys in mapping nodes earlier in the sequence override keys
+    # specified in later mapping nodes" (yaml.safe_load agrees); the later one used to win
+    config = load_config(write(tmp_path, """
+        x-big: &big {monthly_requests: 100000, max_keys: 50}
+        x-small: &small {monthly_requests: 1000, max_keys: 5, rate_limit: 5/s}
+        plans:
+          pro: {<<: [*big, *small]}
+          trial: {<<: [*small, *big], max_keys: 1}
+    """))
+    assert config.plans["pro"].monthly_requests == 100000
+    assert config.plans["pro"].max_keys == 50
+    assert config.plans["pro"].rate_limit == RateLimit(5, 1)
+    assert config.plans["trial"].monthly_requests == 1000
+    assert config.plans["trial"].max_keys == 1
+
+
 @pytest.mark.parametrize("text, line", [
     ("server: " + "[" * 5000 + "]" * 5000 + "\n", 1),
     ("server:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 2000)), 101),

@@ -21,6 +21,7 @@ ENV_REF_RE = re.compile(r"\$\$|\$\{([^}]*)\}")
 ENV_BODY_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)(.*))?", re.DOTALL)
 
 NULL_TAG = "tag:yaml.org,2002:null"
+MERGE_TAG = "tag:yaml.org,2002:merge"
 _TAG_NAMES = {
     "tag:yaml.org,2002:str": "a string",
     "tag:yaml.org,2002:int": "an integer",
@@ -30,6 +31,14 @@ _TAG_NAMES = {
     "tag:yaml.org,2002:timestamp": "a date",
     "tag:yaml.org,2002:binary": "binary data",
 }
+
+
+class _BadMerge(ValueError):
+    """A merge key whose value cannot be merged (at ``node``)."""
+
+    def __init__(self, node: Node, message: str) -> None:
+        super().__init__(message)
+        self.node = node
 
 
 class _Bad:
@@ -90,6 +99,7 @@ class NodeReader:
         self.source = source
         self.problems: list[tuple[int, int, str]] = []
         self._constructor = yaml.constructor.SafeConstructor()
+        self._flattened: dict[int, dict[str, tuple[Node, Node]]] = {}  # see _all_keys
         self._resolver = yaml.resolver.Resolver()
 
     # --- bookkeeping --------------------------------------------------------------------------
@@ -175,19 +185,17 @@ class NodeReader:
         if not isinstance(node, yaml.MappingNode):
             self.fail(node, path, f"expected a mapping, got {self.describe(node)}")
             return None
-        explicit = [(k, v) for k, v in node.value if k.tag != "tag:yaml.org,2002:merge"]
+        explicit = [(k, v) for k, v in node.value if k.tag != MERGE_TAG]
         try:
-            # YAML merge keys (``<<: *defaults``): flatten_mapping puts the merged pairs first.
-            self._constructor.flatten_mapping(node)
-        except yaml.YAMLError as exc:
-            self.fail(node, path, f"bad merge key: {getattr(exc, 'problem', exc)}")
+            merged = self._merged(node, set())
+        except _BadMerge as exc:
+            self.fail(exc.node, path, f"bad merge key: {exc}")
             return None
-        merged = node.value[:len(node.value) - len(explicit)]
         explicit_keys = {k.value for k, _ in explicit if isinstance(k, yaml.ScalarNode)}
         entries: dict[str, tuple[str, Node, Node]] = {}
-        for key_node, value_node in merged:  # later merges win; explicit keys win over all
-            if isinstance(key_node, yaml.ScalarNode) and key_node.value not in explicit_keys:
-                entries[key_node.value] = (key_node.value, key_node, value_node)
+        for key, (key_node, value_node) in merged.items():  # explicit keys win over merged
+            if key not in explicit_keys:
+                entries[key] = (key, key_node, value_node)
         seen: dict[str, Node] = {}
         for key_node, value_node in explicit:
             sub = f"{path}.{key_node.value}" if path else str(key_node.value)
@@ -213,6 +221,46 @@ class NodeReader:
                 continue
             result.append((key, key_node, value_node))
         return result
+
+    def _merged(self, node: Node, active: set[int]) -> dict[str, tuple[Node, Node]]:
+        """The keys YAML merge keys (``<<: *defaults``, ``<<: [*a, *b]``) bring into the
+        mapping ``node``: of the mappings listed, an earlier one's key wins (YAML's rule). The
+        tree is not changed (an anchored mapping reads the same at each of its uses), and each
+        mapping is flattened once (``<<`` chains cost what their anchors do, not more)."""
+        merged: dict[str, tuple[Node, Node]] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag != MERGE_TAG:
+                continue
+            if isinstance(value_node, yaml.MappingNode):
+                sources = [value_node]
+            elif isinstance(value_node, yaml.SequenceNode):
+                sources = value_node.value
+            else:
+                raise _BadMerge(value_node, "expected a mapping or list of mappings for "
+                                            f"merging, but found {self.describe(value_node)}")
+            for source in sources:
+                if not isinstance(source, yaml.MappingNode):
+                    raise _BadMerge(source, "expected a mapping for merging, but found "
+                                            f"{self.describe(source)}")
+                for key, pair in self._all_keys(source, active).items():
+                    merged.setdefault(key, pair)
+        return merged
+
+    def _all_keys(self, node: Node, active: set[int]) -> dict[str, tuple[Node, Node]]:
+        """Every key of a mapping merged into another: its own (the last of a key given twice,
+        as YAML readers take it), then those it merges in itself."""
+        done = self._flattened.get(id(node))
+        if done is not None:
+            return done
+        if id(node) in active:
+            raise _BadMerge(node, "a mapping merges itself")
+        active.add(id(node))
+        own = {k.value: (k, v) for k, v in node.value
+               if k.tag != MERGE_TAG and isinstance(k, yaml.ScalarNode)}
+        keys = {**own, **{k: p for k, p in self._merged(node, active).items() if k not in own}}
+        active.discard(id(node))
+        self._flattened[id(node)] = keys
+        return keys
 
     def sequence(self, node: Node, path: str) -> list[Node] | None:
         if not isinstance(node, yaml.SequenceNode):
