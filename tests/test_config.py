@@ -699,6 +699,37 @@ def test_nesting_too_deep_is_one_problem_not_a_traceback(tmp_path: Path, text: s
                                    "than 100 levels of mappings, lists or merge keys)"]
 
 
+def test_a_tag_other_than_yamls_own_is_one_line_problem_and_never_read(tmp_path: Path) -> None:
+    # a python tag on a value was a three-line problem (PyYAML's message, with the file's line
+    # quoted under it); on a section it was ignored without a word
+    problems = problems_of(tmp_path, """
+        server:
+          host: !!python/name:os.system
+          port: !!int "8080"
+        admin: !!python/object:gateway.settings.AdminConfig {port: 9000}
+        routes: !!omap [{path: /x}]
+        keys:
+          prefix: !secret kg
+          headers: !!binary "not base64 !"
+        store:
+          data_dir: !!binary "not base64 !"
+    """)
+    assert problems[:-1] == [
+        "config.yaml:2: server.host: the tag '!!python/name:os.system' is not allowed "
+        "(keygate reads plain YAML values)",
+        "config.yaml:4: admin: the tag '!!python/object:gateway.settings.AdminConfig' is not "
+        "allowed (keygate reads plain YAML values)",
+        "config.yaml:5: routes: the tag '!!omap' is not allowed (keygate reads plain YAML "
+        "values)",
+        "config.yaml:7: keys.prefix: the tag '!secret' is not allowed (keygate reads plain "
+        "YAML values)",
+        "config.yaml:8: keys.headers: expected a list, got binary data",
+    ]
+    assert problems[-1].startswith("config.yaml:10: store.data_dir: cannot read this value: "
+                                   "failed to decode base64 data: ")
+    assert all("\n" not in p for p in problems)
+
+
 def test_wrong_shapes_are_problems_not_crashes(tmp_path: Path) -> None:
     assert problems_of(tmp_path, """
         plans: [starter, pro]

@@ -20,7 +20,10 @@ Node = yaml.Node
 ENV_REF_RE = re.compile(r"\$\$|\$\{([^}]*)\}")
 ENV_BODY_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)(.*))?", re.DOTALL)
 
+YAML_TAG_PREFIX = "tag:yaml.org,2002:"
 NULL_TAG = "tag:yaml.org,2002:null"
+MAP_TAG = "tag:yaml.org,2002:map"
+SEQ_TAG = "tag:yaml.org,2002:seq"
 MERGE_TAG = "tag:yaml.org,2002:merge"
 _TAG_NAMES = {
     "tag:yaml.org,2002:str": "a string",
@@ -128,6 +131,8 @@ class NodeReader:
         """The Python value of a scalar node, after ``${ENV}`` expansion."""
         if not isinstance(node, yaml.ScalarNode):
             return self.fail(node, path, f"expected a single value, got {self.describe(node)}")
+        if node.tag not in _TAG_NAMES:
+            return self.foreign_tag(node, path)
         if "$" in node.value and node.tag == "tag:yaml.org,2002:str":
             expanded = self.expand(node, path)
             if expanded is BAD:
@@ -141,7 +146,18 @@ class NodeReader:
         try:
             return self._constructor.construct_object(node)
         except (yaml.YAMLError, ValueError, TypeError) as exc:
-            return self.fail(node, path, f"cannot read this value: {exc}")
+            # PyYAML's own message quotes the file's line under it: the first line says it
+            what = getattr(exc, "problem", None) or str(exc)
+            return self.fail(node, path, f"cannot read this value: {what.splitlines()[0]}")
+
+    def foreign_tag(self, node: Node, path: str) -> Any:
+        """A tag YAML's plain types do not have (``!!python/object``, ``!!omap``, ``!custom``):
+        never constructed, and a problem rather than ignored."""
+        tag = node.tag
+        if tag.startswith(YAML_TAG_PREFIX):
+            tag = "!!" + tag[len(YAML_TAG_PREFIX):]
+        return self.fail(node, path, f"the tag '{tag}' is not allowed (keygate reads plain "
+                                     "YAML values)")
 
     def expand(self, node: Node, path: str) -> Any:
         """``${VAR}``, ``${VAR:-default}`` (unset or empty), ``${VAR-default}``, ``$$`` = ``$``."""
@@ -184,6 +200,9 @@ class NodeReader:
             return []
         if not isinstance(node, yaml.MappingNode):
             self.fail(node, path, f"expected a mapping, got {self.describe(node)}")
+            return None
+        if node.tag != MAP_TAG:
+            self.foreign_tag(node, path)
             return None
         explicit = [(k, v) for k, v in node.value if k.tag != MERGE_TAG]
         try:
@@ -265,5 +284,8 @@ class NodeReader:
     def sequence(self, node: Node, path: str) -> list[Node] | None:
         if not isinstance(node, yaml.SequenceNode):
             self.fail(node, path, f"expected a list, got {self.describe(node)}")
+            return None
+        if node.tag != SEQ_TAG:
+            self.foreign_tag(node, path)
             return None
         return list(node.value)
