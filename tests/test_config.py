@@ -440,6 +440,41 @@ def test_upstream_url_must_be_http_with_a_host(tmp_path: Path) -> None:
     ]
 
 
+def test_upstream_url_is_refused_at_load_where_it_could_not_be_forwarded_to(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # each was accepted: the user:password was dropped without a word (the upstream saw no
+    # credentials) and echoed in every other problem with the URL; '[::1]x' made the gateway
+    # fail to start with a traceback after 'config check' said ok; a host with a space, or
+    # port 0, answered every request 502
+    monkeypatch.setenv("CRM_PASSWORD", "hunter2-not-for-logs")
+    problems = problems_of(tmp_path, """
+        upstreams:
+          crm: {url: "https://svc:${CRM_PASSWORD}@crm.internal"}
+          billing: "http://svc:${CRM_PASSWORD}@billing.internal/?v=1"
+          files: "ftp://svc:${CRM_PASSWORD}@files.internal/"
+          old: "http://svc:${CRM_PASSWORD}@[::1/"
+          v6: "http://[::1]x/"
+          spaced: "http://crm internal/"
+          zero: "http://crm.internal:0/"
+          ok6: "http://[::1]:9000/base"
+          idn: "http://éx.example/"
+    """)
+    assert problems == [
+        "config.yaml:2: upstreams.crm.url: must not carry a user name or password "
+        "(user:password@ before the host): keygate sends none to an upstream",
+        "config.yaml:3: upstreams.billing: must not carry a user name or password "
+        "(user:password@ before the host): keygate sends none to an upstream",
+        "config.yaml:4: upstreams.files: 'ftp://***@files.internal/' must be an http:// or "
+        "https:// URL with a host, e.g. http://127.0.0.1:9000",
+        "config.yaml:5: upstreams.old: 'http://***@[::1/' is not a valid URL (bad host or port)",
+        "config.yaml:6: upstreams.v6: 'http://[::1]x/' is not a valid URL (bad host or port)",
+        "config.yaml:7: upstreams.spaced: 'http://crm internal/' is not a valid URL (bad host "
+        "or port)",
+        "config.yaml:8: upstreams.zero: 'http://crm.internal:0/' is not a valid URL (bad host "
+        "or port)",
+    ]
+
+
 # A CA certificate (public part only) for the ca_file checks that need a valid PEM bundle.
 TEST_CA_PEM = """\
 -----BEGIN CERTIFICATE-----
