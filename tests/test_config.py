@@ -116,6 +116,18 @@ def test_out_of_range_values(tmp_path: Path) -> None:
     ]
 
 
+def test_a_failure_window_the_store_cannot_expire_is_refused(tmp_path: Path) -> None:
+    # Redis refuses an EXPIRE this long ('invalid expire time'): every failed verification
+    # answered 503 store_unavailable instead of 401, and no failure was ever counted
+    assert problems_of(tmp_path, """
+        keys:
+          failures: {window_seconds: 100000000000000000000}
+    """) == ["config.yaml:2: keys.failures.window_seconds: must be between 1 and 3153600000, "
+             "got 100000000000000000000"]
+    path = write(tmp_path, "keys:\n  failures: {window_seconds: 3153600000}\n")
+    assert load_config(path).keys.failures.window_seconds == 100 * 365 * 86400
+
+
 def test_redis_url_problems_never_echo_the_password(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, "store:\n  redis_url: 'redis://:s3cret@:notaport/0'\n")
     assert len(problems) == 1 and "s3cret" not in problems[0]

@@ -123,6 +123,8 @@ CASES = [
     ("keys.environments", ["live", "live"], False), ("keys.headers", ["X-Key"], True),
     ("keys.headers", ["bad header"], False), ("keys.argon2.time_cost", 0, False),
     ("keys.cache_ttl", -1, False), ("keys.failures.per_ip", 0, False),
+    ("keys.failures.window_seconds", 3153600000, True),
+    ("keys.failures.window_seconds", 3153600001, False),
     ("keys.failures.per_key", None, True), ("keys.verify_queue.total", 0, False),
     ("plans.p.monthly_requests", None, True), ("plans.p.monthly_requests", -1, False),
     ("plans.p.rate_limit", "5/s", True), ("plans.p.rate_limit", "300/m", True),
