@@ -128,6 +128,43 @@ def test_a_failure_window_the_store_cannot_expire_is_refused(tmp_path: Path) -> 
     assert load_config(path).keys.failures.window_seconds == 100 * 365 * 86400
 
 
+def test_numbers_yaml_versions_read_differently_are_problems_not_guesses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # YAML 1.1 (PyYAML) reads 0777 as octal 511 and 1:30 as 90 (base 60); YAML 1.2 (most
+    # editors, yq, the schema's validators) reads 777 and the text '1:30': they loaded silently
+    monkeypatch.setenv("ADMIN_PORT", "09000")
+    assert problems_of(tmp_path, """
+        server:
+          port: 0777
+          timeouts: {header: 1:30, body: -0:30.5}
+        admin:
+          port: ${ADMIN_PORT}
+        keys:
+          prefix: 0123
+        plans:
+          p: {monthly_requests: 1:00:00}
+    """) == [
+        "config.yaml:2: server.port: '0777' is octal (511) in YAML 1.1 but 777 in YAML 1.2; "
+        "write it without the leading 0 (quote it for text)",
+        "config.yaml:3: server.timeouts.header: '1:30' is base 60 (90) in YAML 1.1 but text "
+        "in YAML 1.2; write 90 (quote it for text)",
+        "config.yaml:3: server.timeouts.body: '-0:30.5' is base 60 (-30.5) in YAML 1.1 but "
+        "text in YAML 1.2; write -30.5 (quote it for text)",
+        "config.yaml:5: admin.port: expected an integer, got a string ('09000')",
+        "config.yaml:7: keys.prefix: '0123' is octal (83) in YAML 1.1 but 123 in YAML 1.2; "
+        "write it without the leading 0 (quote it for text)",
+        "config.yaml:9: plans.p.monthly_requests: '1:00:00' is base 60 (3600) in YAML 1.1 but "
+        "text in YAML 1.2; write 3600 (quote it for text)",
+    ]
+    config = load_config(write(tmp_path, """
+        server: {port: 0x1F90, timeouts: {header: 0.5}}
+        admin: {port: 9_001}
+        keys: {prefix: "0123"}
+    """))
+    assert (config.server.port, config.admin.port, config.keys.prefix) == (8080, 9001, "0123")
+    assert config.server.timeouts.header == 0.5
+
+
 def test_redis_url_problems_never_echo_the_password(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, "store:\n  redis_url: 'redis://:s3cret@:notaport/0'\n")
     assert len(problems) == 1 and "s3cret" not in problems[0]

@@ -23,6 +23,8 @@ ENV_BODY_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)(.*))?", re.DOTALL)
 YAML_TAG_PREFIX = "tag:yaml.org,2002:"
 NULL_TAG = "tag:yaml.org,2002:null"
 MAP_TAG = "tag:yaml.org,2002:map"
+INT_TAG = "tag:yaml.org,2002:int"
+FLOAT_TAG = "tag:yaml.org,2002:float"
 SEQ_TAG = "tag:yaml.org,2002:seq"
 MERGE_TAG = "tag:yaml.org,2002:merge"
 _TAG_NAMES = {
@@ -52,6 +54,22 @@ class _Bad:
 
 
 BAD: Any = _Bad()
+
+
+def _yaml11_only(text: str, value: Any) -> str:
+    """Why a plain number YAML 1.1 (PyYAML) reads one way and YAML 1.2 (editors, yq, the
+    JSON schema's validators) another must not be guessed at: octal ``0777``, base 60
+    ``1:30``. Empty for any other number."""
+    digits = text.lstrip("+-").replace("_", "")
+    if ":" in digits:
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        return (f"'{text}' is base 60 ({shown}) in YAML 1.1 but text in YAML 1.2; write "
+                f"{shown} (quote it for text)")
+    if len(digits) > 1 and digits.startswith("0") and digits.isdigit():
+        decimal = int(text.replace("_", ""))
+        return (f"'{text}' is octal ({value}) in YAML 1.1 but {decimal} in YAML 1.2; write it "
+                "without the leading 0 (quote it for text)")
+    return ""
 
 
 def suggest(word: str, choices: Any) -> str:
@@ -144,11 +162,16 @@ class NodeReader:
                        if node.style is None else node.tag)
                 node = yaml.ScalarNode(tag, expanded, node.start_mark, node.end_mark, node.style)
         try:
-            return self._constructor.construct_object(node)
+            value = self._constructor.construct_object(node)
         except (yaml.YAMLError, ValueError, TypeError) as exc:
             # PyYAML's own message quotes the file's line under it: the first line says it
             what = getattr(exc, "problem", None) or str(exc)
             return self.fail(node, path, f"cannot read this value: {what.splitlines()[0]}")
+        if node.tag in (INT_TAG, FLOAT_TAG) and node.style is None:
+            ambiguous = _yaml11_only(node.value, value)
+            if ambiguous:
+                return self.fail(node, path, ambiguous)
+        return value
 
     def foreign_tag(self, node: Node, path: str) -> Any:
         """A tag YAML's plain types do not have (``!!python/object``, ``!!omap``, ``!custom``):
