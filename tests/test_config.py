@@ -655,6 +655,25 @@ def test_env_reference_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config.admin.token_env == "KG_ADMIN_TOKEN"
 
 
+def test_a_reference_in_a_fallback_is_a_problem_not_a_stray_brace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # '${A:-${B}}' was read as '${A:-${B}' then '}': with A set, its value and a stray '}'
+    # (host 'crm.internal}'); with A unset, the text '${B}' itself
+    monkeypatch.setenv("KG_TEST_HOST", "crm.internal")
+    monkeypatch.delenv("KG_TEST_UNSET", raising=False)
+    assert problems_of(tmp_path, """
+        server:
+          host: ${KG_TEST_HOST:-${KG_TEST_FALLBACK}}
+        store:
+          data_dir: /data/${KG_TEST_UNSET-${HOME}}/kg
+    """) == [
+        "config.yaml:2: server.host: bad environment reference '${KG_TEST_HOST:-${...' (a "
+        "fallback cannot hold another ${...}; use ${NAME} or ${NAME:-default})",
+        "config.yaml:4: store.data_dir: bad environment reference '${KG_TEST_UNSET-${...' (a "
+        "fallback cannot hold another ${...}; use ${NAME} or ${NAME:-default})",
+    ]
+
+
 def test_a_secret_given_where_its_variable_name_belongs_is_never_echoed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``admin.token_env`` and ``identity_signature.secret_env`` name the variable that holds

@@ -197,6 +197,12 @@ class NodeReader:
                                       "(use ${NAME} or ${NAME:-default})")
                 return ""
             name, operator, default = body.groups()
+            if default is not None and "${" in default:  # '${A:-${B}}' ends at the first '}'
+                failed = True
+                self.fail(node, path, f"bad environment reference '${{{name}{operator}${{...' "
+                                      "(a fallback cannot hold another ${...}; use ${NAME} or "
+                                      "${NAME:-default})")
+                return ""
             value = os.environ.get(name)
             if operator == ":-" and not value:
                 return default
