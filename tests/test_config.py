@@ -786,6 +786,20 @@ def test_of_the_mappings_a_merge_key_lists_the_earlier_wins_as_yaml_has_it(
     assert config.plans["trial"].max_keys == 1
 
 
+def test_a_key_given_twice_in_a_mapping_only_merged_is_a_problem(tmp_path: Path) -> None:
+    # an x- anchor is never read as a section itself: its duplicate went unnoticed, the last
+    # one winning without a word
+    assert problems_of(tmp_path, """
+        x-defaults: &defaults
+          monthly_requests: 1000
+          max_keys: 5
+          monthly_requests: 10
+        plans:
+          starter: {<<: *defaults}
+    """) == ["config.yaml:4: plans.starter: bad merge key: 'monthly_requests' is given twice "
+             "in a merged mapping (first on line 2)"]
+
+
 @pytest.mark.parametrize("text, line", [
     ("server: " + "[" * 5000 + "]" * 5000 + "\n", 1),
     ("server:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 2000)), 101),

@@ -295,16 +295,23 @@ class NodeReader:
         return merged
 
     def _all_keys(self, node: Node, active: set[int]) -> dict[str, tuple[Node, Node]]:
-        """Every key of a mapping merged into another: its own (the last of a key given twice,
-        as YAML readers take it), then those it merges in itself."""
+        """Every key of a mapping merged into another: its own (a key given twice is a
+        problem, as in any mapping read), then those it merges in itself."""
         done = self._flattened.get(id(node))
         if done is not None:
             return done
         if id(node) in active:
             raise _BadMerge(node, "a mapping merges itself")
         active.add(id(node))
-        own = {k.value: (k, v) for k, v in node.value
-               if k.tag != MERGE_TAG and isinstance(k, yaml.ScalarNode)}
+        own: dict[str, tuple[Node, Node]] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            first = own.get(key_node.value)
+            if first is not None:  # read nowhere else when it sits under an x- key
+                raise _BadMerge(key_node, f"'{key_node.value}' is given twice in a merged "
+                                          f"mapping (first on line {first[0].start_mark.line + 1})")
+            own[key_node.value] = (key_node, value_node)
         keys = {**own, **{k: p for k, p in self._merged(node, active).items() if k not in own}}
         active.discard(id(node))
         self._flattened[id(node)] = keys
