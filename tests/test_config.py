@@ -207,6 +207,26 @@ def test_duplicate_key_is_an_error(tmp_path: Path) -> None:
         "config.yaml:3: server.port: duplicate key (first given on line 2)"]
 
 
+def test_control_characters_from_the_file_are_escaped_in_problems(tmp_path: Path) -> None:
+    # a newline in a key or value split its problem over lines (a templated file could forge
+    # a problem line of its own in the log); an ESC reached the terminal
+    problems = problems_of(tmp_path, r"""
+        server:
+          "port\nconfig.yaml:9: server.port: forged": 1
+          log_level: "loud\e[31m"
+        default_plan: "x\u2028y"
+    """)
+    assert problems == [
+        "config.yaml:2: server.port\\nconfig.yaml:9: server.port: forged: unknown key "
+        "'port\\nconfig.yaml:9: server.port: forged' (allowed: host, port, workers, "
+        "max_body_bytes, trusted_proxies, log_level, access_log, metrics_workspace_labels, "
+        "timeouts, max_connections, tls)",
+        "config.yaml:3: server.log_level: must be one of debug, info, warning, error, got "
+        "'loud\\x1b[31m'",
+        "config.yaml:4: default_plan: unknown plan 'x\\u2028y' (known: default)",
+    ]
+
+
 def test_all_problems_are_reported_at_once_in_line_order(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, """
         default_plan: gold

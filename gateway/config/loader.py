@@ -15,7 +15,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..settings import Config
-from .nodes import Node, child
+from .nodes import Node, child, one_line
 from .routing import RoutingSections
 from .service import ServiceSections
 
@@ -89,9 +89,9 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         line = f"{mark.line + 1}" if mark is not None else "1"
         what = exc.problem or exc.context or "invalid YAML"
         col = f" (column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError([f"{source}:{line}: invalid YAML: {what}{col}"]) from None
+        raise ConfigError([one_line(f"{source}:{line}: invalid YAML: {what}{col}")]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}:1: invalid YAML: {exc}"]) from None
+        raise ConfigError([one_line(f"{source}:1: invalid YAML: {exc}")]) from None
     reader = Reader(source)
     try:
         config = reader.config(root)

@@ -56,6 +56,16 @@ class _Bad:
 BAD: Any = _Bad()
 
 
+def one_line(text: str) -> str:
+    """A problem as one printable line: the keys and values it quotes from the file have their
+    control characters (a newline, an ESC, U+2028) escaped, so that no file can split its
+    problem in two, forge one of its own in the log, or reach the terminal's escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def _yaml11_only(text: str, value: Any) -> str:
     """Why a plain number YAML 1.1 (PyYAML) reads one way and YAML 1.2 (editors, yq, the
     JSON schema's validators) another must not be guessed at: octal ``0777``, base 60
@@ -127,8 +137,8 @@ class NodeReader:
 
     def fail(self, node: Node | None, path: str, message: str) -> Any:
         line = node.start_mark.line + 1 if node is not None else 1
-        self.problems.append((line, len(self.problems),
-                              f"{self.source}:{line}: {path or 'top level'}: {message}"))
+        self.problems.append((line, len(self.problems), one_line(
+            f"{self.source}:{line}: {path or 'top level'}: {message}")))
         return BAD
 
     def sorted_problems(self) -> list[str]:
