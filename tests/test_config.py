@@ -116,6 +116,55 @@ def test_out_of_range_values(tmp_path: Path) -> None:
     ]
 
 
+def test_a_failure_window_the_store_cannot_expire_is_refused(tmp_path: Path) -> None:
+    # Redis refuses an EXPIRE this long ('invalid expire time'): every failed verification
+    # answered 503 store_unavailable instead of 401, and no failure was ever counted
+    assert problems_of(tmp_path, """
+        keys:
+          failures: {window_seconds: 100000000000000000000}
+    """) == ["config.yaml:2: keys.failures.window_seconds: must be between 1 and 3153600000, "
+             "got 100000000000000000000"]
+    path = write(tmp_path, "keys:\n  failures: {window_seconds: 3153600000}\n")
+    assert load_config(path).keys.failures.window_seconds == 100 * 365 * 86400
+
+
+def test_numbers_yaml_versions_read_differently_are_problems_not_guesses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # YAML 1.1 (PyYAML) reads 0777 as octal 511 and 1:30 as 90 (base 60); YAML 1.2 (most
+    # editors, yq, the schema's validators) reads 777 and the text '1:30': they loaded silently
+    monkeypatch.setenv("ADMIN_PORT", "09000")
+    assert problems_of(tmp_path, """
+        server:
+          port: 0777
+          timeouts: {header: 1:30, body: -0:30.5}
+        admin:
+          port: ${ADMIN_PORT}
+        keys:
+          prefix: 0123
+        plans:
+          p: {monthly_requests: 1:00:00}
+    """) == [
+        "config.yaml:2: server.port: '0777' is octal (511) in YAML 1.1 but 777 in YAML 1.2; "
+        "write it without the leading 0 (quote it for text)",
+        "config.yaml:3: server.timeouts.header: '1:30' is base 60 (90) in YAML 1.1 but text "
+        "in YAML 1.2; write 90 (quote it for text)",
+        "config.yaml:3: server.timeouts.body: '-0:30.5' is base 60 (-30.5) in YAML 1.1 but "
+        "text in YAML 1.2; write -30.5 (quote it for text)",
+        "config.yaml:5: admin.port: expected an integer, got a string ('09000')",
+        "config.yaml:7: keys.prefix: '0123' is octal (83) in YAML 1.1 but 123 in YAML 1.2; "
+        "write it without the leading 0 (quote it for text)",
+        "config.yaml:9: plans.p.monthly_requests: '1:00:00' is base 60 (3600) in YAML 1.1 but "
+        "text in YAML 1.2; write 3600 (quote it for text)",
+    ]
+    config = load_config(write(tmp_path, """
+        server: {port: 0x1F90, timeouts: {header: 0.5}}
+        admin: {port: 9_001}
+        keys: {prefix: "0123"}
+    """))
+    assert (config.server.port, config.admin.port, config.keys.prefix) == (8080, 9001, "0123")
+    assert config.server.timeouts.header == 0.5
+
+
 def test_redis_url_problems_never_echo_the_password(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, "store:\n  redis_url: 'redis://:s3cret@:notaport/0'\n")
     assert len(problems) == 1 and "s3cret" not in problems[0]
@@ -156,6 +205,26 @@ def test_unknown_route_key_lists_the_route_keys_in_their_documented_order(tmp_pa
 def test_duplicate_key_is_an_error(tmp_path: Path) -> None:
     assert problems_of(tmp_path, "server:\n  port: 1\n  port: 2\n") == [
         "config.yaml:3: server.port: duplicate key (first given on line 2)"]
+
+
+def test_control_characters_from_the_file_are_escaped_in_problems(tmp_path: Path) -> None:
+    # a newline in a key or value split its problem over lines (a templated file could forge
+    # a problem line of its own in the log); an ESC reached the terminal
+    problems = problems_of(tmp_path, r"""
+        server:
+          "port\nconfig.yaml:9: server.port: forged": 1
+          log_level: "loud\e[31m"
+        default_plan: "x\u2028y"
+    """)
+    assert problems == [
+        "config.yaml:2: server.port\\nconfig.yaml:9: server.port: forged: unknown key "
+        "'port\\nconfig.yaml:9: server.port: forged' (allowed: host, port, workers, "
+        "max_body_bytes, trusted_proxies, log_level, access_log, metrics_workspace_labels, "
+        "timeouts, max_connections, tls)",
+        "config.yaml:3: server.log_level: must be one of debug, info, warning, error, got "
+        "'loud\\x1b[31m'",
+        "config.yaml:4: default_plan: unknown plan 'x\\u2028y' (known: default)",
+    ]
 
 
 def test_all_problems_are_reported_at_once_in_line_order(tmp_path: Path) -> None:
@@ -440,6 +509,41 @@ def test_upstream_url_must_be_http_with_a_host(tmp_path: Path) -> None:
     ]
 
 
+def test_upstream_url_is_refused_at_load_where_it_could_not_be_forwarded_to(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # each was accepted: the user:password was dropped without a word (the upstream saw no
+    # credentials) and echoed in every other problem with the URL; '[::1]x' made the gateway
+    # fail to start with a traceback after 'config check' said ok; a host with a space, or
+    # port 0, answered every request 502
+    monkeypatch.setenv("CRM_PASSWORD", "hunter2-not-for-logs")
+    problems = problems_of(tmp_path, """
+        upstreams:
+          crm: {url: "https://svc:${CRM_PASSWORD}@crm.internal"}
+          billing: "http://svc:${CRM_PASSWORD}@billing.internal/?v=1"
+          files: "ftp://svc:${CRM_PASSWORD}@files.internal/"
+          old: "http://svc:${CRM_PASSWORD}@[::1/"
+          v6: "http://[::1]x/"
+          spaced: "http://crm internal/"
+          zero: "http://crm.internal:0/"
+          ok6: "http://[::1]:9000/base"
+          idn: "http://éx.example/"
+    """)
+    assert problems == [
+        "config.yaml:2: upstreams.crm.url: must not carry a user name or password "
+        "(user:password@ before the host): keygate sends none to an upstream",
+        "config.yaml:3: upstreams.billing: must not carry a user name or password "
+        "(user:password@ before the host): keygate sends none to an upstream",
+        "config.yaml:4: upstreams.files: 'ftp://***@files.internal/' must be an http:// or "
+        "https:// URL with a host, e.g. http://127.0.0.1:9000",
+        "config.yaml:5: upstreams.old: 'http://***@[::1/' is not a valid URL (bad host or port)",
+        "config.yaml:6: upstreams.v6: 'http://[::1]x/' is not a valid URL (bad host or port)",
+        "config.yaml:7: upstreams.spaced: 'http://crm internal/' is not a valid URL (bad host "
+        "or port)",
+        "config.yaml:8: upstreams.zero: 'http://crm.internal:0/' is not a valid URL (bad host "
+        "or port)",
+    ]
+
+
 # A CA certificate (public part only) for the ca_file checks that need a valid PEM bundle.
 TEST_CA_PEM = """\
 -----BEGIN CERTIFICATE-----
@@ -571,6 +675,25 @@ def test_env_reference_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config.admin.token_env == "KG_ADMIN_TOKEN"
 
 
+def test_a_reference_in_a_fallback_is_a_problem_not_a_stray_brace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # '${A:-${B}}' was read as '${A:-${B}' then '}': with A set, its value and a stray '}'
+    # (host 'crm.internal}'); with A unset, the text '${B}' itself
+    monkeypatch.setenv("KG_TEST_HOST", "crm.internal")
+    monkeypatch.delenv("KG_TEST_UNSET", raising=False)
+    assert problems_of(tmp_path, """
+        server:
+          host: ${KG_TEST_HOST:-${KG_TEST_FALLBACK}}
+        store:
+          data_dir: /data/${KG_TEST_UNSET-${HOME}}/kg
+    """) == [
+        "config.yaml:2: server.host: bad environment reference '${KG_TEST_HOST:-${...' (a "
+        "fallback cannot hold another ${...}; use ${NAME} or ${NAME:-default})",
+        "config.yaml:4: store.data_dir: bad environment reference '${KG_TEST_UNSET-${...' (a "
+        "fallback cannot hold another ${...}; use ${NAME} or ${NAME:-default})",
+    ]
+
+
 def test_a_secret_given_where_its_variable_name_belongs_is_never_echoed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``admin.token_env`` and ``identity_signature.secret_env`` name the variable that holds
@@ -646,6 +769,102 @@ def test_anchors_and_merge_keys_with_x_extension_keys(tmp_path: Path) -> None:
     assert config.plans["trial"].monthly_requests == 1000
     assert config.plans["starter"].rate_limit == RateLimit(5, 1)
     assert config.upstreams["crm"].url == "http://127.0.0.1:9000"
+
+
+def test_an_anchored_mapping_with_a_merge_key_reads_the_same_each_time_it_is_used(
+        tmp_path: Path) -> None:
+    # the second use of 'pro' once read the keys merged in at its first use as keys given
+    # twice, and refused a valid file with "duplicate key (first given on line 1)"
+    config = load_config(write(tmp_path, """
+        x-small: &small {monthly_requests: 1000, max_keys: 5}
+        plans:
+          pro: &pro
+            <<: *small
+            monthly_requests: 5000
+          pro-annual: *pro
+    """))
+    assert config.plans["pro"].monthly_requests == 5000
+    assert config.plans["pro-annual"].monthly_requests == 5000
+    assert config.plans["pro-annual"].max_keys == 5
+
+
+def test_of_the_mappings_a_merge_key_lists_the_earlier_wins_as_yaml_has_it(
+        tmp_path: Path) -> None:
+    # YAML's merge key: "keys in mapping nodes earlier in the sequence override keys
+    # specified in later mapping nodes" (yaml.safe_load agrees); the later one used to win
+    config = load_config(write(tmp_path, """
+        x-big: &big {monthly_requests: 100000, max_keys: 50}
+        x-small: &small {monthly_requests: 1000, max_keys: 5, rate_limit: 5/s}
+        plans:
+          pro: {<<: [*big, *small]}
+          trial: {<<: [*small, *big], max_keys: 1}
+    """))
+    assert config.plans["pro"].monthly_requests == 100000
+    assert config.plans["pro"].max_keys == 50
+    assert config.plans["pro"].rate_limit == RateLimit(5, 1)
+    assert config.plans["trial"].monthly_requests == 1000
+    assert config.plans["trial"].max_keys == 1
+
+
+def test_a_key_given_twice_in_a_mapping_only_merged_is_a_problem(tmp_path: Path) -> None:
+    # an x- anchor is never read as a section itself: its duplicate went unnoticed, the last
+    # one winning without a word
+    assert problems_of(tmp_path, """
+        x-defaults: &defaults
+          monthly_requests: 1000
+          max_keys: 5
+          monthly_requests: 10
+        plans:
+          starter: {<<: *defaults}
+    """) == ["config.yaml:4: plans.starter: bad merge key: 'monthly_requests' is given twice "
+             "in a merged mapping (first on line 2)"]
+
+
+@pytest.mark.parametrize("text, line", [
+    ("server: " + "[" * 5000 + "]" * 5000 + "\n", 1),
+    ("server:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 2000)), 101),
+    ("x-a0: &a0 {port: 1}\n" + "".join(f"x-a{i}: &a{i} {{<<: *a{i - 1}}}\n"
+                                       for i in range(1, 1500)) + "server: *a1499\n", 1),
+])
+def test_nesting_too_deep_is_one_problem_not_a_traceback(tmp_path: Path, text: str,
+                                                         line: int) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}:{line}: top level: nested too deeply (more "
+                                   "than 100 levels of mappings, lists or merge keys)"]
+
+
+def test_a_tag_other_than_yamls_own_is_one_line_problem_and_never_read(tmp_path: Path) -> None:
+    # a python tag on a value was a three-line problem (PyYAML's message, with the file's line
+    # quoted under it); on a section it was ignored without a word
+    problems = problems_of(tmp_path, """
+        server:
+          host: !!python/name:os.system
+          port: !!int "8080"
+        admin: !!python/object:gateway.settings.AdminConfig {port: 9000}
+        routes: !!omap [{path: /x}]
+        keys:
+          prefix: !secret kg
+          headers: !!binary "not base64 !"
+        store:
+          data_dir: !!binary "not base64 !"
+    """)
+    assert problems[:-1] == [
+        "config.yaml:2: server.host: the tag '!!python/name:os.system' is not allowed "
+        "(keygate reads plain YAML values)",
+        "config.yaml:4: admin: the tag '!!python/object:gateway.settings.AdminConfig' is not "
+        "allowed (keygate reads plain YAML values)",
+        "config.yaml:5: routes: the tag '!!omap' is not allowed (keygate reads plain YAML "
+        "values)",
+        "config.yaml:7: keys.prefix: the tag '!secret' is not allowed (keygate reads plain "
+        "YAML values)",
+        "config.yaml:8: keys.headers: expected a list, got binary data",
+    ]
+    assert problems[-1].startswith("config.yaml:10: store.data_dir: cannot read this value: "
+                                   "failed to decode base64 data: ")
+    assert all("\n" not in p for p in problems)
 
 
 def test_wrong_shapes_are_problems_not_crashes(tmp_path: Path) -> None:

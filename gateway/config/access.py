@@ -24,6 +24,7 @@ RESERVED_HEADERS = frozenset({
     "content-type", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
     "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded",
 })
+MAX_WINDOW_SECONDS = 100 * 365 * 86400  # keys.failures.window_seconds
 _NAME_HINT = "(a letter or digit, then letters, digits, _ . -)"
 
 
@@ -50,7 +51,10 @@ class AccessSections(SchemaReader):
             "failures": lambda n, p: self.section(n, p, FailureLimits, {
                 "per_ip": at_least_1,
                 "per_key": lambda n2, p2: self.integer(n2, p2, minimum=1, nullable=True),
-                "window_seconds": at_least_1,
+                # a century at most: Redis refuses an expiry past ~2^63 ms ('invalid expire
+                # time'), which made every failed verification a 503
+                "window_seconds": lambda n2, p2: self.integer(n2, p2, minimum=1,
+                                                              maximum=MAX_WINDOW_SECONDS),
             }),
             "verify_queue": lambda n, p: self.section(n, p, VerifyQueueLimits, {
                 "per_ip": at_least_1, "total": at_least_1}),

@@ -15,7 +15,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..settings import Config
-from .nodes import Node, child
+from .nodes import Node, child, one_line
 from .routing import RoutingSections
 from .service import ServiceSections
 
@@ -23,6 +23,7 @@ TOP_LEVEL_KEYS = ("server", "admin", "store", "keys", "plans", "default_plan", "
                   "upstreams", "routes", "identity_headers", "identity_signature", "tracing",
                   "scopes")
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+MAX_DEPTH = 100  # nesting a problem names; the YAML reader itself gives up a few hundred deep
 
 
 class Reader(ServiceSections, RoutingSections):
@@ -81,19 +82,44 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
                            f"(bad byte at offset {exc.start})"]) from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise ConfigError([_too_deep(source, text)]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f"{mark.line + 1}" if mark is not None else "1"
         what = exc.problem or exc.context or "invalid YAML"
         col = f" (column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError([f"{source}:{line}: invalid YAML: {what}{col}"]) from None
+        raise ConfigError([one_line(f"{source}:{line}: invalid YAML: {what}{col}")]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}:1: invalid YAML: {exc}"]) from None
+        raise ConfigError([one_line(f"{source}:1: invalid YAML: {exc}")]) from None
     reader = Reader(source)
-    config = reader.config(root)
+    try:
+        config = reader.config(root)
+    except RecursionError:  # merge keys chained through more anchors than Python recurses
+        raise ConfigError([_too_deep(source, text)]) from None
     if reader.problems:
         raise ConfigError(reader.sorted_problems())
     return config
+
+
+def _too_deep(source: str, text: str) -> str:
+    """The problem of a file nested deeper than the YAML reader (which recurses) can follow:
+    at the line where its nesting first passes ``MAX_DEPTH``, found by the parser's events
+    (which do not recurse); line 1 for a chain of merge keys. Only read on this error path."""
+    line, depth = 1, 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    line = event.start_mark.line + 1
+                    break
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError:
+        pass
+    return (f"{source}:{line}: top level: nested too deeply (more than {MAX_DEPTH} levels of "
+            "mappings, lists or merge keys)")
 
 
 def check_config(path: str | os.PathLike[str] | None) -> list[str]:

@@ -20,7 +20,13 @@ Node = yaml.Node
 ENV_REF_RE = re.compile(r"\$\$|\$\{([^}]*)\}")
 ENV_BODY_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)(.*))?", re.DOTALL)
 
+YAML_TAG_PREFIX = "tag:yaml.org,2002:"
 NULL_TAG = "tag:yaml.org,2002:null"
+MAP_TAG = "tag:yaml.org,2002:map"
+INT_TAG = "tag:yaml.org,2002:int"
+FLOAT_TAG = "tag:yaml.org,2002:float"
+SEQ_TAG = "tag:yaml.org,2002:seq"
+MERGE_TAG = "tag:yaml.org,2002:merge"
 _TAG_NAMES = {
     "tag:yaml.org,2002:str": "a string",
     "tag:yaml.org,2002:int": "an integer",
@@ -32,6 +38,14 @@ _TAG_NAMES = {
 }
 
 
+class _BadMerge(ValueError):
+    """A merge key whose value cannot be merged (at ``node``)."""
+
+    def __init__(self, node: Node, message: str) -> None:
+        super().__init__(message)
+        self.node = node
+
+
 class _Bad:
     """Marks a value that failed validation (its problem is already recorded)."""
 
@@ -40,6 +54,32 @@ class _Bad:
 
 
 BAD: Any = _Bad()
+
+
+def one_line(text: str) -> str:
+    """A problem as one printable line: the keys and values it quotes from the file have their
+    control characters (a newline, an ESC, U+2028) escaped, so that no file can split its
+    problem in two, forge one of its own in the log, or reach the terminal's escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def _yaml11_only(text: str, value: Any) -> str:
+    """Why a plain number YAML 1.1 (PyYAML) reads one way and YAML 1.2 (editors, yq, the
+    JSON schema's validators) another must not be guessed at: octal ``0777``, base 60
+    ``1:30``. Empty for any other number."""
+    digits = text.lstrip("+-").replace("_", "")
+    if ":" in digits:
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        return (f"'{text}' is base 60 ({shown}) in YAML 1.1 but text in YAML 1.2; write "
+                f"{shown} (quote it for text)")
+    if len(digits) > 1 and digits.startswith("0") and digits.isdigit():
+        decimal = int(text.replace("_", ""))
+        return (f"'{text}' is octal ({value}) in YAML 1.1 but {decimal} in YAML 1.2; write it "
+                "without the leading 0 (quote it for text)")
+    return ""
 
 
 def suggest(word: str, choices: Any) -> str:
@@ -90,14 +130,15 @@ class NodeReader:
         self.source = source
         self.problems: list[tuple[int, int, str]] = []
         self._constructor = yaml.constructor.SafeConstructor()
+        self._flattened: dict[int, dict[str, tuple[Node, Node]]] = {}  # see _all_keys
         self._resolver = yaml.resolver.Resolver()
 
     # --- bookkeeping --------------------------------------------------------------------------
 
     def fail(self, node: Node | None, path: str, message: str) -> Any:
         line = node.start_mark.line + 1 if node is not None else 1
-        self.problems.append((line, len(self.problems),
-                              f"{self.source}:{line}: {path or 'top level'}: {message}"))
+        self.problems.append((line, len(self.problems), one_line(
+            f"{self.source}:{line}: {path or 'top level'}: {message}")))
         return BAD
 
     def sorted_problems(self) -> list[str]:
@@ -118,6 +159,8 @@ class NodeReader:
         """The Python value of a scalar node, after ``${ENV}`` expansion."""
         if not isinstance(node, yaml.ScalarNode):
             return self.fail(node, path, f"expected a single value, got {self.describe(node)}")
+        if node.tag not in _TAG_NAMES:
+            return self.foreign_tag(node, path)
         if "$" in node.value and node.tag == "tag:yaml.org,2002:str":
             expanded = self.expand(node, path)
             if expanded is BAD:
@@ -129,9 +172,25 @@ class NodeReader:
                        if node.style is None else node.tag)
                 node = yaml.ScalarNode(tag, expanded, node.start_mark, node.end_mark, node.style)
         try:
-            return self._constructor.construct_object(node)
+            value = self._constructor.construct_object(node)
         except (yaml.YAMLError, ValueError, TypeError) as exc:
-            return self.fail(node, path, f"cannot read this value: {exc}")
+            # PyYAML's own message quotes the file's line under it: the first line says it
+            what = getattr(exc, "problem", None) or str(exc)
+            return self.fail(node, path, f"cannot read this value: {what.splitlines()[0]}")
+        if node.tag in (INT_TAG, FLOAT_TAG) and node.style is None:
+            ambiguous = _yaml11_only(node.value, value)
+            if ambiguous:
+                return self.fail(node, path, ambiguous)
+        return value
+
+    def foreign_tag(self, node: Node, path: str) -> Any:
+        """A tag YAML's plain types do not have (``!!python/object``, ``!!omap``, ``!custom``):
+        never constructed, and a problem rather than ignored."""
+        tag = node.tag
+        if tag.startswith(YAML_TAG_PREFIX):
+            tag = "!!" + tag[len(YAML_TAG_PREFIX):]
+        return self.fail(node, path, f"the tag '{tag}' is not allowed (keygate reads plain "
+                                     "YAML values)")
 
     def expand(self, node: Node, path: str) -> Any:
         """``${VAR}``, ``${VAR:-default}`` (unset or empty), ``${VAR-default}``, ``$$`` = ``$``."""
@@ -148,6 +207,12 @@ class NodeReader:
                                       "(use ${NAME} or ${NAME:-default})")
                 return ""
             name, operator, default = body.groups()
+            if default is not None and "${" in default:  # '${A:-${B}}' ends at the first '}'
+                failed = True
+                self.fail(node, path, f"bad environment reference '${{{name}{operator}${{...' "
+                                      "(a fallback cannot hold another ${...}; use ${NAME} or "
+                                      "${NAME:-default})")
+                return ""
             value = os.environ.get(name)
             if operator == ":-" and not value:
                 return default
@@ -175,19 +240,20 @@ class NodeReader:
         if not isinstance(node, yaml.MappingNode):
             self.fail(node, path, f"expected a mapping, got {self.describe(node)}")
             return None
-        explicit = [(k, v) for k, v in node.value if k.tag != "tag:yaml.org,2002:merge"]
-        try:
-            # YAML merge keys (``<<: *defaults``): flatten_mapping puts the merged pairs first.
-            self._constructor.flatten_mapping(node)
-        except yaml.YAMLError as exc:
-            self.fail(node, path, f"bad merge key: {getattr(exc, 'problem', exc)}")
+        if node.tag != MAP_TAG:
+            self.foreign_tag(node, path)
             return None
-        merged = node.value[:len(node.value) - len(explicit)]
+        explicit = [(k, v) for k, v in node.value if k.tag != MERGE_TAG]
+        try:
+            merged = self._merged(node, set())
+        except _BadMerge as exc:
+            self.fail(exc.node, path, f"bad merge key: {exc}")
+            return None
         explicit_keys = {k.value for k, _ in explicit if isinstance(k, yaml.ScalarNode)}
         entries: dict[str, tuple[str, Node, Node]] = {}
-        for key_node, value_node in merged:  # later merges win; explicit keys win over all
-            if isinstance(key_node, yaml.ScalarNode) and key_node.value not in explicit_keys:
-                entries[key_node.value] = (key_node.value, key_node, value_node)
+        for key, (key_node, value_node) in merged.items():  # explicit keys win over merged
+            if key not in explicit_keys:
+                entries[key] = (key, key_node, value_node)
         seen: dict[str, Node] = {}
         for key_node, value_node in explicit:
             sub = f"{path}.{key_node.value}" if path else str(key_node.value)
@@ -214,8 +280,58 @@ class NodeReader:
             result.append((key, key_node, value_node))
         return result
 
+    def _merged(self, node: Node, active: set[int]) -> dict[str, tuple[Node, Node]]:
+        """The keys YAML merge keys (``<<: *defaults``, ``<<: [*a, *b]``) bring into the
+        mapping ``node``: of the mappings listed, an earlier one's key wins (YAML's rule). The
+        tree is not changed (an anchored mapping reads the same at each of its uses), and each
+        mapping is flattened once (``<<`` chains cost what their anchors do, not more)."""
+        merged: dict[str, tuple[Node, Node]] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag != MERGE_TAG:
+                continue
+            if isinstance(value_node, yaml.MappingNode):
+                sources = [value_node]
+            elif isinstance(value_node, yaml.SequenceNode):
+                sources = value_node.value
+            else:
+                raise _BadMerge(value_node, "expected a mapping or list of mappings for "
+                                            f"merging, but found {self.describe(value_node)}")
+            for source in sources:
+                if not isinstance(source, yaml.MappingNode):
+                    raise _BadMerge(source, "expected a mapping for merging, but found "
+                                            f"{self.describe(source)}")
+                for key, pair in self._all_keys(source, active).items():
+                    merged.setdefault(key, pair)
+        return merged
+
+    def _all_keys(self, node: Node, active: set[int]) -> dict[str, tuple[Node, Node]]:
+        """Every key of a mapping merged into another: its own (a key given twice is a
+        problem, as in any mapping read), then those it merges in itself."""
+        done = self._flattened.get(id(node))
+        if done is not None:
+            return done
+        if id(node) in active:
+            raise _BadMerge(node, "a mapping merges itself")
+        active.add(id(node))
+        own: dict[str, tuple[Node, Node]] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            first = own.get(key_node.value)
+            if first is not None:  # read nowhere else when it sits under an x- key
+                raise _BadMerge(key_node, f"'{key_node.value}' is given twice in a merged "
+                                          f"mapping (first on line {first[0].start_mark.line + 1})")
+            own[key_node.value] = (key_node, value_node)
+        keys = {**own, **{k: p for k, p in self._merged(node, active).items() if k not in own}}
+        active.discard(id(node))
+        self._flattened[id(node)] = keys
+        return keys
+
     def sequence(self, node: Node, path: str) -> list[Node] | None:
         if not isinstance(node, yaml.SequenceNode):
             self.fail(node, path, f"expected a list, got {self.describe(node)}")
+            return None
+        if node.tag != SEQ_TAG:
+            self.foreign_tag(node, path)
             return None
         return list(node.value)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import ssl
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 import yaml
+from yarl import URL
 
 from ..models import HTTP_METHODS, Route, Upstream
 from ..routes import FoldedGlobs, case_shadow, case_twin, glob_problem
@@ -21,6 +23,32 @@ ROUTE_KEYS = ("path", "methods", "upstream", "scopes", "public")
 # a letter outside the escapes: only such a glob reads otherwise compared case-insensitively
 _LETTER = re.compile(r"[A-Za-z]")
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9._~-]+")  # after IDNA encoding, as yarl gives it
+
+
+def _valid_host(host: str) -> bool:
+    """A host name or an IP literal (an IPv6 one with its zone, ``fe80::1%25eth0``)."""
+    if ":" in host:
+        try:
+            ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        return True
+    return bool(_HOST_NAME.fullmatch(host))
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` as a problem may show it: ``user:password@`` becomes ``***@``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc = rest[:end]
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return f"{scheme}://{netloc}{rest[end:]}"
 
 
 class RoutingSections(AccessSections):
@@ -76,16 +104,24 @@ class RoutingSections(AccessSections):
         url = self.string(node, path)
         if url is BAD:
             return BAD
+        shown = _without_userinfo(url)  # a password (often from ${ENV}) is never repeated
         try:
             parts = urlsplit(url)
-            parts.port  # noqa: B018 - raises on a bad port
+            port = parts.port  # raises on a bad port
+            forwarded = URL(url)  # as the forwarder reads it
         except ValueError:
-            return self.fail(node, path, f"'{url}' is not a valid URL (bad host or port)")
+            return self.fail(node, path, f"'{shown}' is not a valid URL (bad host or port)")
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            return self.fail(node, path, f"'{url}' must be an http:// or https:// URL with a "
+            return self.fail(node, path, f"'{shown}' must be an http:// or https:// URL with a "
                                          "host, e.g. http://127.0.0.1:9000")
+        if "@" in parts.netloc:  # the forwarder connects to the origin, which has none
+            return self.fail(node, path, "must not carry a user name or password "
+                                         "(user:password@ before the host): keygate sends "
+                                         "none to an upstream")
+        if port == 0 or not _valid_host(forwarded.raw_host or ""):
+            return self.fail(node, path, f"'{shown}' is not a valid URL (bad host or port)")
         if parts.query or parts.fragment or url.endswith(("?", "#")):
-            return self.fail(node, path, f"'{url}' must not have a query or fragment")
+            return self.fail(node, path, f"'{shown}' must not have a query or fragment")
         return url
 
     def routes(self, node: Node | None, upstreams: Mapping[str, Upstream]) -> tuple[Route, ...]:
