@@ -128,6 +128,29 @@ def test_a_failure_window_the_store_cannot_expire_is_refused(tmp_path: Path) -> 
     assert load_config(path).keys.failures.window_seconds == 100 * 365 * 86400
 
 
+def test_a_timeout_beyond_a_day_is_refused(tmp_path: Path) -> None:
+    # Seconds that no timer or store expiry can hold: with store.timeout 1e300 every counting
+    # call on Sentinel or Cluster carried a marker TTL of 1e304 ms, which Redis refuses, so
+    # every keyed request answered 503. A day is beyond any sane wait for a head, a body, an
+    # idle connection, an upstream or the store.
+    assert problems_of(tmp_path, """
+        server:
+          timeouts: {header: 86401, body: 1.0e+300, idle: 86400}
+        store:
+          timeout: 1.0e+300
+        upstreams:
+          api: {url: "http://127.0.0.1:9", timeout: 100000}
+        routes:
+          - {path: /x, upstream: api}
+    """) == [
+        "config.yaml:2: server.timeouts.header: must be at most 86400 (a day), got 86401",
+        "config.yaml:2: server.timeouts.body: must be at most 86400 (a day), got 1e+300",
+        "config.yaml:4: store.timeout: must be at most 86400 (a day), got 1e+300",
+        "config.yaml:6: upstreams.api.timeout: must be at most 86400 (a day), got 100000"]
+    path = write(tmp_path, "server:\n  timeouts: {idle: 86400}\n")
+    assert load_config(path).server.timeouts.idle == 86400
+
+
 def test_numbers_yaml_versions_read_differently_are_problems_not_guesses(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # YAML 1.1 (PyYAML) reads 0777 as octal 511 and 1:30 as 90 (base 60); YAML 1.2 (most

@@ -17,6 +17,9 @@ from .nodes import BAD, Node, NodeReader, describe_value, suggest
 
 FieldReader = Callable[[Node, str], Any]
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The longest timeout taken: seconds beyond it no timer or store expiry needs to hold (the
+# store's marker TTLs are ten times its timeout, and Redis refuses an expiry past ~2^63 ms)
+MAX_TIMEOUT = 86400
 
 
 class SchemaReader(NodeReader):
@@ -80,7 +83,7 @@ class SchemaReader(NodeReader):
         return value
 
     def number(self, node: Node, path: str, *, minimum: float | None = None,
-               positive: bool = False) -> Any:
+               positive: bool = False, maximum: float | None = None) -> Any:
         """A finite number of seconds, as a float."""
         value = self.scalar(node, path)
         if value is BAD:
@@ -94,10 +97,14 @@ class SchemaReader(NodeReader):
             return self.fail(node, path, f"must be greater than 0, got {value}")
         if minimum is not None and value < minimum:
             return self.fail(node, path, f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            day = " (a day)" if maximum == MAX_TIMEOUT else ""
+            return self.fail(node, path, f"must be at most {maximum:g}{day}, got {value:g}")
         return float(value)
 
     def seconds(self, node: Node, path: str) -> Any:
-        return self.number(node, path, positive=True)
+        """A timeout: above 0, at most a day (MAX_TIMEOUT)."""
+        return self.number(node, path, positive=True, maximum=MAX_TIMEOUT)
 
     def ratio(self, node: Node, path: str) -> Any:
         """A number from 0 to 1, as a float."""
