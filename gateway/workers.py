@@ -305,12 +305,28 @@ def _supervise(config: Config, store_url: str, workers: int,
         except InterruptedError:
             continue
         remaining.discard(pid)
-        if os.waitstatus_to_exitcode(code) != 0:
+        if (exit_code := os.waitstatus_to_exitcode(code)) != 0:
             status = 1  # a worker died (even the last one): the exit code must say so
+            # and the log says which and of what (a SIGKILL, the OOM killer, leaves no line
+            # of its own: the others' "shutting down" was all an operator saw)
+            log.error("worker (pid %d) %s%s", pid, _death(exit_code),
+                      "; stopping the other workers" if remaining else "")
             if remaining:  # take the rest down so the supervisor above restarts us
                 forward(signal.SIGTERM, None)
     shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
+
+
+def _death(exit_code: int) -> str:
+    """How a worker ended, from ``os.waitstatus_to_exitcode``: "was killed by signal 9
+    (SIGKILL)" or "exited with status 1"."""
+    if exit_code < 0:
+        try:
+            name = signal.Signals(-exit_code).name
+        except ValueError:
+            return f"was killed by signal {-exit_code}"
+        return f"was killed by signal {-exit_code} ({name})"
+    return f"exited with status {exit_code}"
 
 
 def setup_logging(config: Config) -> None:

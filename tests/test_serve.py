@@ -388,6 +388,35 @@ def test_a_worker_that_fails_says_why_and_the_supervisor_exits_1(tmp_path):
     assert "RuntimeError: worker start-up failed: boom" in done.stderr, done.stderr
 
 
+async def test_a_worker_killed_outright_is_named_in_the_supervisors_log(tmp_path, upstream,
+                                                                        redis_url):
+    """One worker of `serve --workers 2` SIGKILLed (the OOM killer, `kill -9`): the supervisor
+    stops the other one and exits 1, so the process manager restarts it. It used to do so
+    without a word: the log ended on "shutting down: finishing in-flight requests" and the
+    operator had no way to tell that a worker had died, which one, or of what."""
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")))
+    gw = Served(config, pport, aport, "--workers", "2")
+    workers: set[int] = set()
+    try:
+        await gw.ready()
+        deadline = time.monotonic() + 10
+        while len(workers := children_of(gw.proc.pid)) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        assert await asyncio.to_thread(gw.proc.wait, 15) == 1
+        err = gw.stderr()
+        assert f"worker (pid {victim}) was killed by signal 9 (SIGKILL)" in err, err
+        assert "stopping the other workers" in err, err
+        assert "Traceback" not in err
+    finally:
+        gw.close()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_the_last_worker_failing_is_still_a_failed_exit(tmp_path):
     import subprocess
     import sys
