@@ -35,7 +35,8 @@ async def _serve(config: Config, store_url: str, reuse_port: bool,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # held since serve(): now
+    # held since serve() (SIGTERM) or the fork (a worker's SIGINT): delivered now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         return await _serve_gateway(config, store_url, reuse_port, stop, config_path)
     except StoreError as exc:  # raised while opening the store clients: one line, no traceback
@@ -256,10 +257,11 @@ def _supervise(config: Config, store_url: str, workers: int,
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 _stop_with_supervisor(supervisor)
-                # SIGTERM stays held until _serve's loop handles it: one arriving while the
-                # worker starts is a clean stop once it has, not a death by the default action
-                # (which the supervisor took for a failed worker: exit 1)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+                # SIGTERM and SIGINT stay held until _serve's loop handles them: one arriving
+                # while the worker starts (Ctrl-C reaches every worker of the terminal's
+                # process group at once) is a clean stop once it has, not a death by the
+                # default action or a KeyboardInterrupt traceback (which the supervisor took
+                # for a failed worker: exit 1)
                 from prometheus_client import values
                 # This worker's pid, read once: by default every metric update calls
                 # os.getpid() (a system call) to notice a fork, and a worker never forks.
