@@ -249,8 +249,16 @@ def _supervise(config: Config, store_url: str, workers: int,
     for handler in logging.getLogger().handlers:
         if (end_writer := getattr(handler, "end_writer", None)) is not None:
             end_writer()
+    unforked = False
     for _ in range(workers):
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN (a container's pids limit), ENOMEM: one line, no
+            print(f"keygate: cannot start worker {len(children) + 1} of {workers}: "
+                  f"{exc.strerror or exc}; stopping the other workers", file=sys.stderr)
+            unforked = True     # traceback; those forked are stopped and waited for below
+            forward(signal.SIGTERM, None)
+            break
         if pid == 0:
             code = 1
             try:
@@ -290,11 +298,12 @@ def _supervise(config: Config, store_url: str, workers: int,
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGHUP)
 
-    signal.signal(signal.SIGHUP, reload_all)  # after forking: workers have their own
+    if not unforked:  # (stopping: forward ignores SIGHUP from then on)
+        signal.signal(signal.SIGHUP, reload_all)  # after forking: workers have their own
     signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals | {signal.SIGHUP})
     if embedded is not None:  # after forking: a thread and fork() do not mix
         embedded.watch()
-    status = 0
+    status = 1 if unforked else 0
     remaining = set(children)
     while remaining:
         try:
