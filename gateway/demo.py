@@ -251,6 +251,19 @@ async def _run(data_dir: str) -> int:
               f"{os.path.dirname(data_dir)}", file=sys.stderr)
         return 1
 
+    # Nor does the store's own message for a folder it cannot make or write to fit the demo
+    # (run from a read-only or someone else's directory, or with a file of that name there).
+    try:
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        problem = None if os.access(data_dir, os.W_OK | os.X_OK) else "not writable"
+    except OSError as exc:
+        problem = exc.strerror or str(exc)
+    if problem is not None:
+        print(f"keygate: the demo keeps its store in {data_dir}, which cannot be made or "
+              f"written to ({problem}): run keygate demo from another directory, one you "
+              "can write to", file=sys.stderr)
+        return 1
+
     # The admin API reads its operator token from the variable admin.token_env names
     # (KEYGATE_ADMIN_TOKEN): setting it here is how a generated token reaches it.
     generated = not os.environ.get("KEYGATE_ADMIN_TOKEN")

@@ -306,3 +306,28 @@ async def test_a_second_demo_in_the_same_directory_leaves_the_first_ones_keys_wo
             os.kill(redis_pid, signal.SIGKILL)
         stderr.close()
         shutil.rmtree(cwd, ignore_errors=True)
+
+
+async def test_a_demo_that_cannot_make_its_store_folder_says_what_to_do():
+    """The demo keeps its store in ./.keygate-demo. Run from a folder where that cannot be made
+    (read-only, not the user's, or a file of that name there), it said "cannot create
+    store.data_dir ...": a setting the demo has no config for. It now names the folder and
+    says to run the demo from another directory."""
+    import subprocess
+
+    cwd = tempfile.mkdtemp(prefix="kgf-", dir="/tmp")
+    Path(cwd, ".keygate-demo").write_text("not a folder")  # read-only needs no root to test
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KEYGATE_ADMIN_TOKEN", "PROMETHEUS_MULTIPROC_DIR")}
+    try:
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "gateway", "demo"], cwd=cwd, env=env,
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1, result
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "store.data_dir" not in lines[0], lines[0]
+        assert str(Path(cwd, ".keygate-demo")) in lines[0], lines[0]
+        assert "run keygate demo from another directory" in lines[0], lines[0]
+    finally:
+        shutil.rmtree(cwd, ignore_errors=True)
