@@ -30,11 +30,17 @@ T = TypeVar("T")
 
 
 async def _serve(config: Config, store_url: str, reuse_port: bool,
-                 config_path: str | None = None) -> int:
+                 config_path: str | None = None, embedded=None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        stop.set()
+        if embedded is not None:  # its server stopping too (a SIGTERM to the whole service,
+            embedded.quiesce()    # systemd's way) is no crash to restart it from
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
     # held since serve() (SIGTERM) or the fork (a worker's SIGINT): delivered now
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
@@ -146,8 +152,8 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
 
 
 def _run_worker(config: Config, store_url: str, reuse_port: bool,
-                config_path: str | None = None) -> int:
-    return run_event_loop(_serve(config, store_url, reuse_port, config_path))
+                config_path: str | None = None, embedded=None) -> int:
+    return run_event_loop(_serve(config, store_url, reuse_port, config_path, embedded))
 
 
 def _preflight(config: Config, store_url: str) -> str | None:
@@ -233,6 +239,8 @@ def _supervise(config: Config, store_url: str, workers: int,
         # stopping: a SIGHUP from now on neither reaches the stopping workers nor, once the
         # handler below is gone at exit, ends the supervisor (exit 0, not death by signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if embedded is not None:  # nor is the embedded server stopping too a crash
+            embedded.quiesce()
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGTERM)
@@ -409,7 +417,8 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
             return _supervise(config, store_url, workers, config_path, embedded)
         if embedded is not None:
             embedded.watch()  # restarts the server if it dies while we run
-        return _run_worker(config, store_url, reuse_port=False, config_path=config_path)
+        return _run_worker(config, store_url, reuse_port=False, config_path=config_path,
+                           embedded=embedded)
     finally:
         if embedded is not None:
             embedded.stop()
