@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import secrets
 import shlex
@@ -24,6 +25,8 @@ from .config import (AdminConfig, Config, Plan, RateLimit, Route, ServerConfig, 
                      Upstream)
 
 DEMO_DIR = ".keygate-demo"
+RUNS_LOCK = "demo.lock"             # in DEMO_DIR: held shared by every running demo
+PROVISION_LOCK = "demo-keys.lock"   # in DEMO_DIR: one run at a time makes its keys
 WORKSPACE = "demo"
 
 PEOPLE = {1: {"id": 1, "name": "Ada Lovelace", "email": "ada@example.com", "company_id": 1},
@@ -116,25 +119,69 @@ async def _admin(session: ClientSession, method: str, path: str, body: dict | No
         return r.status, await r.json()
 
 
-async def _provision(admin_url: str, token: str) -> dict[str, str]:
-    """The demo workspace and two fresh keys (earlier demo keys are revoked)."""
+def _error(body: object) -> str:
+    """The admin API's error message out of its JSON body (the body itself if it has none)."""
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("message") or body["error"])
+    return str(body)
+
+
+async def _provision(admin_url: str, token: str, revoke_earlier: bool) -> dict[str, str]:
+    """The demo workspace and two fresh keys; ``revoke_earlier``: the active demo keys, those
+    of earlier runs, are revoked first (never while another run is using its own)."""
     headers = {"Authorization": f"Bearer {token}"}
     async with ClientSession(admin_url, headers=headers) as s:
         status, body = await _admin(s, "POST", "/admin/v1/workspaces",
                                     {"id": WORKSPACE, "name": "Demo Inc", "plan": "starter"})
         if status not in (201, 409):
-            raise RuntimeError(f"could not create the demo workspace: {body}")
-        _, listing = await _admin(s, "GET", f"/admin/v1/workspaces/{WORKSPACE}/keys?status=active")
-        for key in listing.get("items", []):
-            await _admin(s, "POST", f"/admin/v1/workspaces/{WORKSPACE}/keys/{key['id']}/revoke")
+            raise RuntimeError(f"could not create the demo workspace: {_error(body)}")
+        if revoke_earlier:
+            _, listing = await _admin(s, "GET",
+                                      f"/admin/v1/workspaces/{WORKSPACE}/keys?status=active")
+            for key in listing.get("items", []):
+                await _admin(s, "POST",
+                             f"/admin/v1/workspaces/{WORKSPACE}/keys/{key['id']}/revoke")
         tokens = {}
         for name, role in (("read-only", "reader"), ("read-write", "editor")):
             status, body = await _admin(s, "POST", f"/admin/v1/workspaces/{WORKSPACE}/keys",
                                         {"name": name, "role": role})
             if status != 201:
-                raise RuntimeError(f"could not create the demo key {name}: {body}")
+                raise RuntimeError(f"could not create the demo key {name}: {_error(body)}")
             tokens[name] = body["token"]
         return tokens
+
+
+def _lock(path: str, how: int) -> int:
+    """``path`` opened and flock'ed ``how``; closing the descriptor releases it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, how)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _join_runs(data_dir: str) -> tuple[int, int, bool]:
+    """Count this run among the demos using ``data_dir``: (the provisioning lock, to release
+    once its keys are made; the run lock, held until it stops; whether it is the only run).
+
+    Each run holds RUNS_LOCK shared for its whole life; a run that can take it exclusive
+    finds no other, so the active demo keys are earlier runs' and may be revoked. Runs
+    provision one at a time (PROVISION_LOCK), so none starts between that check and the
+    shared lock that counts it, nor makes keys while another revokes."""
+    provisioning = _lock(os.path.join(data_dir, PROVISION_LOCK), fcntl.LOCK_EX)
+    try:
+        runs = os.path.join(data_dir, RUNS_LOCK)
+        try:
+            os.close(_lock(runs, fcntl.LOCK_EX | fcntl.LOCK_NB))
+            alone = True
+        except BlockingIOError:
+            alone = False
+        return provisioning, _lock(runs, fcntl.LOCK_SH), alone
+    except BaseException:
+        os.close(provisioning)
+        raise
 
 
 def _cli() -> str:
@@ -204,6 +251,19 @@ async def _run(data_dir: str) -> int:
               f"{os.path.dirname(data_dir)}", file=sys.stderr)
         return 1
 
+    # Nor does the store's own message for a folder it cannot make or write to fit the demo
+    # (run from a read-only or someone else's directory, or with a file of that name there).
+    try:
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        problem = None if os.access(data_dir, os.W_OK | os.X_OK) else "not writable"
+    except OSError as exc:
+        problem = exc.strerror or str(exc)
+    if problem is not None:
+        print(f"keygate: the demo keeps its store in {data_dir}, which cannot be made or "
+              f"written to ({problem}): run keygate demo from another directory, one you "
+              "can write to", file=sys.stderr)
+        return 1
+
     # The admin API reads its operator token from the variable admin.token_env names
     # (KEYGATE_ADMIN_TOKEN): setting it here is how a generated token reaches it.
     generated = not os.environ.get("KEYGATE_ADMIN_TOKEN")
@@ -230,6 +290,7 @@ async def _run(data_dir: str) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    run_locks: list[int] = []  # this run's place among the demos on data_dir (_join_runs)
     try:
         async with running_gateway(config, store_url) as gw:
             try:
@@ -240,13 +301,29 @@ async def _run(data_dir: str) -> int:
             try:
                 proxy = f"http://127.0.0.1:{config.server.port}"
                 admin = f"http://127.0.0.1:{config.admin.port}"
-                tokens = await _provision(admin, admin_token)
+                try:
+                    provisioning, run_lock, alone = await asyncio.to_thread(_join_runs,
+                                                                            data_dir)
+                except OSError as exc:  # a lock file there of another user's
+                    print(f"keygate: cannot use {exc.filename or data_dir}: "
+                          f"{exc.strerror or exc}", file=sys.stderr)
+                    return 1
+                run_locks.append(run_lock)
+                try:
+                    tokens = await _provision(admin, admin_token, revoke_earlier=alone)
+                except RuntimeError as exc:  # the key limit, with other demos running
+                    print(f"keygate: {exc}", file=sys.stderr)
+                    return 1
+                finally:
+                    os.close(provisioning)
                 print(_banner(proxy, admin, admin_token, tokens, generated), flush=True)
                 await stop.wait()
                 print("\nstopping keygate demo", file=sys.stderr)
             finally:
                 await stop_listeners(runners)
     finally:
+        for fd in run_locks:
+            os.close(fd)
         await upstream_runner.cleanup()
         await asyncio.to_thread(embedded.stop)
     return 0

@@ -30,12 +30,19 @@ T = TypeVar("T")
 
 
 async def _serve(config: Config, store_url: str, reuse_port: bool,
-                 config_path: str | None = None) -> int:
+                 config_path: str | None = None, embedded=None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        stop.set()
+        if embedded is not None:  # its server stopping too (a SIGTERM to the whole service,
+            embedded.quiesce()    # systemd's way) is no crash to restart it from
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # held since serve(): now
+        loop.add_signal_handler(sig, stopping)
+    # held since serve() (SIGTERM) or the fork (a worker's SIGINT): delivered now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         return await _serve_gateway(config, store_url, reuse_port, stop, config_path)
     except StoreError as exc:  # raised while opening the store clients: one line, no traceback
@@ -145,8 +152,8 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
 
 
 def _run_worker(config: Config, store_url: str, reuse_port: bool,
-                config_path: str | None = None) -> int:
-    return run_event_loop(_serve(config, store_url, reuse_port, config_path))
+                config_path: str | None = None, embedded=None) -> int:
+    return run_event_loop(_serve(config, store_url, reuse_port, config_path, embedded))
 
 
 def _preflight(config: Config, store_url: str) -> str | None:
@@ -232,6 +239,8 @@ def _supervise(config: Config, store_url: str, workers: int,
         # stopping: a SIGHUP from now on neither reaches the stopping workers nor, once the
         # handler below is gone at exit, ends the supervisor (exit 0, not death by signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if embedded is not None:  # nor is the embedded server stopping too a crash
+            embedded.quiesce()
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGTERM)
@@ -248,18 +257,27 @@ def _supervise(config: Config, store_url: str, workers: int,
     for handler in logging.getLogger().handlers:
         if (end_writer := getattr(handler, "end_writer", None)) is not None:
             end_writer()
+    unforked = False
     for _ in range(workers):
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN (a container's pids limit), ENOMEM: one line, no
+            print(f"keygate: cannot start worker {len(children) + 1} of {workers}: "
+                  f"{exc.strerror or exc}; stopping the other workers", file=sys.stderr)
+            unforked = True     # traceback; those forked are stopped and waited for below
+            forward(signal.SIGTERM, None)
+            break
         if pid == 0:
             code = 1
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 _stop_with_supervisor(supervisor)
-                # SIGTERM stays held until _serve's loop handles it: one arriving while the
-                # worker starts is a clean stop once it has, not a death by the default action
-                # (which the supervisor took for a failed worker: exit 1)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+                # SIGTERM and SIGINT stay held until _serve's loop handles them: one arriving
+                # while the worker starts (Ctrl-C reaches every worker of the terminal's
+                # process group at once) is a clean stop once it has, not a death by the
+                # default action or a KeyboardInterrupt traceback (which the supervisor took
+                # for a failed worker: exit 1)
                 from prometheus_client import values
                 # This worker's pid, read once: by default every metric update calls
                 # os.getpid() (a system call) to notice a fork, and a worker never forks.
@@ -288,11 +306,12 @@ def _supervise(config: Config, store_url: str, workers: int,
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGHUP)
 
-    signal.signal(signal.SIGHUP, reload_all)  # after forking: workers have their own
+    if not unforked:  # (stopping: forward ignores SIGHUP from then on)
+        signal.signal(signal.SIGHUP, reload_all)  # after forking: workers have their own
     signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals | {signal.SIGHUP})
     if embedded is not None:  # after forking: a thread and fork() do not mix
         embedded.watch()
-    status = 0
+    status = 1 if unforked else 0
     remaining = set(children)
     while remaining:
         try:
@@ -305,12 +324,28 @@ def _supervise(config: Config, store_url: str, workers: int,
         except InterruptedError:
             continue
         remaining.discard(pid)
-        if os.waitstatus_to_exitcode(code) != 0:
+        if (exit_code := os.waitstatus_to_exitcode(code)) != 0:
             status = 1  # a worker died (even the last one): the exit code must say so
+            # and the log says which and of what (a SIGKILL, the OOM killer, leaves no line
+            # of its own: the others' "shutting down" was all an operator saw)
+            log.error("worker (pid %d) %s%s", pid, _death(exit_code),
+                      "; stopping the other workers" if remaining else "")
             if remaining:  # take the rest down so the supervisor above restarts us
                 forward(signal.SIGTERM, None)
     shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
+
+
+def _death(exit_code: int) -> str:
+    """How a worker ended, from ``os.waitstatus_to_exitcode``: "was killed by signal 9
+    (SIGKILL)" or "exited with status 1"."""
+    if exit_code < 0:
+        try:
+            name = signal.Signals(-exit_code).name
+        except ValueError:
+            return f"was killed by signal {-exit_code}"
+        return f"was killed by signal {-exit_code} ({name})"
+    return f"exited with status {exit_code}"
 
 
 def setup_logging(config: Config) -> None:
@@ -382,7 +417,8 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
             return _supervise(config, store_url, workers, config_path, embedded)
         if embedded is not None:
             embedded.watch()  # restarts the server if it dies while we run
-        return _run_worker(config, store_url, reuse_port=False, config_path=config_path)
+        return _run_worker(config, store_url, reuse_port=False, config_path=config_path,
+                           embedded=embedded)
     finally:
         if embedded is not None:
             embedded.stop()

@@ -81,6 +81,16 @@ def test_a_count_that_is_not_a_number_is_said_for_people(argv, capsys):
     assert f"'{argv[-1]}' is not a whole number" in err, err
 
 
+def test_serve_refuses_more_workers_than_the_config_allows(capsys, tmp_path, monkeypatch):
+    """`server.workers` is 1 to 1024 in the config; `--workers`, which overrides it, took any
+    number: a slip (`--workers 100000`) forked processes until the host ran out of memory."""
+    from gateway.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--workers", "1025"]) == 2
+    err = capsys.readouterr().err
+    assert "1024" in err and "Traceback" not in err, err
+
+
 def _leaf_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

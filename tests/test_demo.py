@@ -4,6 +4,7 @@ curl lines do what the banner says, Ctrl-C stops everything (its redis-server in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -243,3 +244,90 @@ async def test_a_demo_run_from_a_deep_directory_says_what_to_do():
         assert "shorter path" in lines[0] and str(deep) in lines[0], lines[0]
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_a_second_demo_in_the_same_directory_leaves_the_first_ones_keys_working():
+    """`keygate demo` in a second terminal while the first still runs, in the same directory:
+    the second shares the first's store (and takes other ports). It used to revoke every
+    active demo key on start, the first demo's included, so the keys the first terminal
+    printed answered 401 revoked_key from then on. A run revokes only the keys of runs that
+    have ended."""
+    cwd = tempfile.mkdtemp(prefix="kg2-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KEYGATE_ADMIN_TOKEN", "PROMETHEUS_MULTIPROC_DIR")}
+    procs: list[asyncio.subprocess.Process] = []
+    stderr = open(Path(cwd, "stderr.txt"), "wb")
+    redis_pid = None
+
+    async def demo() -> tuple[str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "demo", cwd=cwd, env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=stderr)
+        procs.append(proc)
+        banner = await read_banner(proc)
+        proxy = re.search(r"^\s*proxy\s+(http://127\.0\.0\.1:\d+)", banner, re.M).group(1)
+        return proxy, re.search(r"\bRO=(kg_live_[0-9A-Za-z]{50})\b", banner).group(1)
+
+    try:
+        first = await demo()
+        redis_pid = int(Path(cwd, ".keygate-demo", "redis.pid").read_text().strip())
+        second = await demo()
+        assert first[0] != second[0]
+        async with ClientSession(timeout=ClientTimeout(total=15)) as s:
+            for proxy, ro in (first, second):
+                async with s.get(proxy + "/people/1",
+                                 headers={"Authorization": f"Bearer {ro}"}) as r:
+                    assert r.status == 200, (proxy, await r.text())
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
+        # a third run, after both ended, starts from two active keys again: theirs are revoked
+        third = await demo()
+        async with ClientSession(timeout=ClientTimeout(total=15)) as s:
+            async with s.get(third[0] + "/people/1",
+                             headers={"Authorization": f"Bearer {first[1]}"}) as r:
+                assert r.status == 401
+                assert (await r.json())["error"]["code"] == "revoked_key"
+            async with s.get(third[0] + "/people/1",
+                             headers={"Authorization": f"Bearer {third[1]}"}) as r:
+                assert r.status == 200
+        procs[-1].send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(procs[-1].wait(), 15) == 0
+        assert "Traceback" not in Path(cwd, "stderr.txt").read_text(errors="replace")
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        for pidfile in [Path(cwd, ".keygate-demo", "redis.pid")]:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+        if redis_pid is not None and alive(redis_pid):
+            os.kill(redis_pid, signal.SIGKILL)
+        stderr.close()
+        shutil.rmtree(cwd, ignore_errors=True)
+
+
+async def test_a_demo_that_cannot_make_its_store_folder_says_what_to_do():
+    """The demo keeps its store in ./.keygate-demo. Run from a folder where that cannot be made
+    (read-only, not the user's, or a file of that name there), it said "cannot create
+    store.data_dir ...": a setting the demo has no config for. It now names the folder and
+    says to run the demo from another directory."""
+    import subprocess
+
+    cwd = tempfile.mkdtemp(prefix="kgf-", dir="/tmp")
+    Path(cwd, ".keygate-demo").write_text("not a folder")  # read-only needs no root to test
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KEYGATE_ADMIN_TOKEN", "PROMETHEUS_MULTIPROC_DIR")}
+    try:
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "gateway", "demo"], cwd=cwd, env=env,
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1, result
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "store.data_dir" not in lines[0], lines[0]
+        assert str(Path(cwd, ".keygate-demo")) in lines[0], lines[0]
+        assert "run keygate demo from another directory" in lines[0], lines[0]
+    finally:
+        shutil.rmtree(cwd, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import signal
 import time
@@ -579,6 +580,30 @@ async def test_sigterm_while_serve_is_starting_is_a_clean_stop(tmp_path, redis_u
             gw.close()
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_ctrl_c_while_the_workers_are_starting_is_a_clean_stop(tmp_path, redis_url):
+    """Ctrl-C at the terminal while `serve --workers 2` starts: the terminal sends SIGINT to
+    the supervisor and to every worker at once. A worker just forked took it as Python's
+    KeyboardInterrupt before its event loop had a handler for it: a traceback per worker, and
+    the supervisor, seeing them fail, exited 1. SIGINT now waits, as SIGTERM does, for the
+    worker's loop to take it: a clean stop, exit 0."""
+    from served import children_of
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url)
+    gw = Served(config, pport, aport, "--workers", "2")
+    workers: set[int] = set()
+    try:
+        assert await eventually(lambda: len(children_of(gw.proc.pid)) >= 2, every=0.001)
+        workers = children_of(gw.proc.pid)
+        for pid in (gw.proc.pid, *workers):  # the foreground process group, as a tty does
+            os.kill(pid, signal.SIGINT)
+        assert await asyncio.to_thread(gw.proc.wait, 30) == 0, gw.stderr()
+        assert "Traceback" not in gw.stderr() and "KeyboardInterrupt" not in gw.stderr()
+    finally:
+        gw.close()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 async def test_sigterm_while_the_embedded_store_cannot_start_stops_at_once(tmp_path):

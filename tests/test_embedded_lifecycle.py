@@ -16,7 +16,7 @@ from aiohttp import ClientSession
 
 from pathlib import Path
 
-from served import (TIMEOUT, Served, alive, embedded_pid, new_key, short_data_dir,
+from served import (TIMEOUT, Served, alive, children_of, embedded_pid, new_key, short_data_dir,
                     write_config)
 
 
@@ -390,3 +390,51 @@ def test_sigterm_while_a_start_waits_on_a_server_whose_socket_is_gone_stops_at_o
             second.start()
         assert time.monotonic() - started < 1, time.monotonic() - started
         assert not second.owner
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_stop_that_sigterms_the_whole_service_does_not_restart_the_server(
+        tmp_path, slow_upstream, workers):
+    """`systemctl stop` (KillMode=control-group, the default) sends SIGTERM to every process
+    of the service at once: keygate, its workers and the embedded redis-server, which exits
+    at once while keygate drains its requests in flight. keygate took that for a crash: an
+    ERROR line ("exited (status 0) ...; starting it again") at every routine stop, and a new
+    server started (its whole AOF loaded) only to be stopped again. Once keygate is stopping
+    nothing is restarted."""
+    url, state = slow_upstream
+    data_dir = short_data_dir()
+    config, pport, aport = write_config(tmp_path, data_dir=data_dir, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", str(workers))
+    pids: set[int] = set()
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+            state["delay"] = 2.5  # longer than the watcher's check interval
+
+            async def in_flight() -> int:
+                async with s.get(gw.proxy + "/people/1",
+                                 headers={"Authorization": f"Bearer {token}"}) as r:
+                    await r.read()
+                    return r.status
+
+            request = asyncio.ensure_future(in_flight())
+            while state["seen"] == 0:
+                await asyncio.sleep(0.01)
+            server = embedded_pid(data_dir)
+            pids = {gw.proc.pid, server, *children_of(gw.proc.pid)}
+            for pid in pids:  # the service's cgroup, all at once
+                os.kill(pid, signal.SIGTERM)
+            assert await request == 200
+        assert await asyncio.to_thread(gw.proc.wait, 20) == 0
+        err = gw.stderr()
+        assert "starting it again" not in err and " ERROR " not in err, err
+        assert not Path(data_dir, "redis.pid").exists()  # no server started since
+    finally:
+        gw.close()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError):
+            _reap(embedded_pid(data_dir))
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -388,6 +388,76 @@ def test_a_worker_that_fails_says_why_and_the_supervisor_exits_1(tmp_path):
     assert "RuntimeError: worker start-up failed: boom" in done.stderr, done.stderr
 
 
+async def test_a_worker_killed_outright_is_named_in_the_supervisors_log(tmp_path, upstream,
+                                                                        redis_url):
+    """One worker of `serve --workers 2` SIGKILLed (the OOM killer, `kill -9`): the supervisor
+    stops the other one and exits 1, so the process manager restarts it. It used to do so
+    without a word: the log ended on "shutting down: finishing in-flight requests" and the
+    operator had no way to tell that a worker had died, which one, or of what."""
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")))
+    gw = Served(config, pport, aport, "--workers", "2")
+    workers: set[int] = set()
+    try:
+        await gw.ready()
+        deadline = time.monotonic() + 10
+        while len(workers := children_of(gw.proc.pid)) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        assert await asyncio.to_thread(gw.proc.wait, 15) == 1
+        err = gw.stderr()
+        assert f"worker (pid {victim}) was killed by signal 9 (SIGKILL)" in err, err
+        assert "stopping the other workers" in err, err
+        assert "Traceback" not in err
+    finally:
+        gw.close()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_that_cannot_be_forked_is_one_line_and_the_others_stop(tmp_path):
+    """`serve --workers N` where the system refuses a fork (a container's pids limit, ENOMEM):
+    os.fork's BlockingIOError went up as a traceback, leaving the workers already forked to
+    their death signal and the metrics directory behind. It is now one line naming the worker
+    and the reason; the workers already forked are stopped and waited for; exit 1."""
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import errno, os, signal, sys\n"
+        "sys.path.insert(0, %r)\n"
+        "import gateway.workers as app\n"
+        "from harness import make_config\n"
+        "app._preflight = lambda config, url: None\n"
+        "real_fork, forked = os.fork, []\n"
+        "def fork():\n"
+        "    if forked:  # the second fork is refused, as a pids limit refuses it\n"
+        "        raise BlockingIOError(errno.EAGAIN, 'Resource temporarily unavailable')\n"
+        "    pid = real_fork()\n"
+        "    if pid:\n"
+        "        forked.append(pid)\n"
+        "    return pid\n"
+        "os.fork = fork\n"
+        "def worker(*args, **kwargs):  # serves until SIGTERM (held, as a real worker holds it)\n"
+        "    signal.sigwait({signal.SIGTERM})\n"
+        "    return 0\n"
+        "app._run_worker = worker\n"
+        "code = app._supervise(make_config('http://127.0.0.1:9'), 'redis://127.0.0.1:9', 3)\n"
+        "print(*forked)\n"
+        "sys.exit(code)\n"
+        % str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert ("cannot start worker 2 of 3: Resource temporarily unavailable; stopping the "
+            "other workers") in done.stderr, done.stderr
+    forked = [int(pid) for pid in done.stdout.split()]
+    assert len(forked) == 1 and not alive(forked[0])  # waited for, not left to its signal
+
+
 def test_the_last_worker_failing_is_still_a_failed_exit(tmp_path):
     import subprocess
     import sys

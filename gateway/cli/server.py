@@ -17,12 +17,21 @@ from .parsing import CommandTree, argtype, positive_int
 DEFAULT_CONFIG = "config.yaml"
 
 
+def worker_count(text: str) -> int:
+    """``--workers``: the range ``server.workers`` has in the config."""
+    from ..config.service import MAX_WORKERS
+    value = positive_int(text)
+    if value > MAX_WORKERS:
+        raise ValueError(f"must be {MAX_WORKERS} or fewer, as server.workers")
+    return value
+
+
 def add_local_commands(tree: CommandTree) -> None:
     serve = tree.command(None, "serve", "run the gateway (proxy and admin listeners)",
                          cmd_serve, local=True)
     serve.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                        help=f"config file (default: $KEYGATE_CONFIG, else ./{DEFAULT_CONFIG})")
-    serve.add_argument("--workers", type=argtype(positive_int, "N"),
+    serve.add_argument("--workers", type=argtype(worker_count, "N"),
                        help="worker processes (default: server.workers from the config)")
 
     tree.command(None, "demo", "try keygate: embedded store, sample upstream, two keys",

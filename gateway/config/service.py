@@ -16,6 +16,7 @@ from .nodes import BAD, Node, is_null
 from .schema import SchemaReader
 
 SERVICE_NAME_RE = re.compile(r"\S.{0,127}")
+MAX_WORKERS = 1024  # server.workers, and serve --workers which overrides it
 _OTEL_MODULES = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
 
 
@@ -50,7 +51,7 @@ class ServiceSections(SchemaReader):
         return self.section(node, "server", ServerConfig, {
             "host": self.text,
             "port": self.port,
-            "workers": lambda n, p: self.integer(n, p, minimum=1, maximum=1024),
+            "workers": lambda n, p: self.integer(n, p, minimum=1, maximum=MAX_WORKERS),
             "max_body_bytes": lambda n, p: self.integer(n, p, minimum=1),
             "trusted_proxies": self.trusted_proxies,
             "log_level": lambda n, p: self.string(

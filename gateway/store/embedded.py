@@ -33,8 +33,10 @@ While keygate runs, ``watch`` keeps the server running: a thread checks it every
 ``WATCH_INTERVAL`` seconds and, when it has exited (SIGKILL, the OOM killer) or, for a process
 that reused another's server, no longer answers (that process stopped it), starts it again from
 its AOF under the lock, logging the outage once and the recovery once. Meanwhile requests get
-503 ``store_unavailable`` as for any store outage. (The thread that restarted the server is the
-one its death signal is tied to; it lives until ``stop``.)
+503 ``store_unavailable`` as for any store outage. From the moment keygate begins to stop
+(``quiesce``) it restarts nothing: a SIGTERM to the whole service stops the server too. (The
+thread that restarted the server is the one its death signal is tied to; it lives until
+``stop``.)
 
 Unix socket paths are limited (``sun_path``: 108 bytes on Linux, 104 on macOS, and redis 6.2
 silently truncates a longer one), so a ``data_dir`` whose socket path would exceed
@@ -152,6 +154,7 @@ class EmbeddedRedis:
         self._proc: subprocess.Popen[bytes] | None = None   # set only if we started it
         self._mutex = threading.Lock()      # the watcher's check-and-restart against stop()
         self._stopping = threading.Event()
+        self._quiet = False                 # keygate is stopping: restart nothing (quiesce)
         self._watcher: threading.Thread | None = None
 
     @property
@@ -414,9 +417,19 @@ class EmbeddedRedis:
         if self._watcher is not None:
             return
         self._stopping.clear()      # watched again after a stop()
+        self._quiet = False
         self._watcher = threading.Thread(target=self._watch, args=(interval,),
                                          name="keygate-store-watch", daemon=True)
         self._watcher.start()
+
+    def quiesce(self) -> None:
+        """keygate has begun to stop (SIGTERM): from now on the watcher restarts nothing. A
+        SIGTERM to the whole service (systemd's default ``KillMode=control-group``) stops the
+        server too while keygate drains its requests; that is no crash, to log as an error
+        and start a server for (its AOF loaded) only to stop it again. Only sets a flag: safe
+        from a signal handler. The watcher goes on running (ending its thread would stop a
+        server it started: PDEATHSIG) until ``stop``."""
+        self._quiet = True
 
     def _watch(self, interval: float) -> None:
         down = False
@@ -427,6 +440,8 @@ class EmbeddedRedis:
             with self._mutex:
                 if self._stopping.is_set():
                     return
+                if self._quiet:
+                    continue
                 gone = self._gone()
                 if gone is None:
                     if down:
