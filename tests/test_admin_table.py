@@ -87,11 +87,11 @@ async def test_a_path_not_in_the_table_is_404_before_any_store_call(admin_key, r
     assert [s for s, _, _ in unknown] == [404] * len(NOT_IN_THE_TABLE), unknown
 
 
-@pytest.mark.parametrize("method, path, allow", [
-    ("PUT", "", "GET, POST"),
-    ("HEAD", "/{id}", "GET, PATCH, DELETE"),
+@pytest.mark.parametrize("method, path, allow", [  # HEAD is GET without the body
+    ("PUT", "", "GET, HEAD, POST"),
+    ("PUT", "/{id}", "GET, HEAD, PATCH, DELETE"),
     ("GET", "/{id}/revoke", "POST"),
-    ("POST", "/{id}/usage/daily", "GET"),
+    ("POST", "/{id}/usage/daily", "GET, HEAD"),
 ])
 async def test_a_method_the_table_has_not_there_is_405_with_the_rows_methods(
         admin_key, method, path, allow):
