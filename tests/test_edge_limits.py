@@ -476,6 +476,22 @@ async def test_a_chunked_body_framed_wrongly_mid_body_is_400_at_once_on_the_admi
     assert json.loads(rest)["error"]["code"] == "bad_request", rest
 
 
+@contextlib.asynccontextmanager
+async def admin_listener(redis_url, upstream, monkeypatch):
+    """The admin listener as ``keygate serve`` runs it (AdminRunner) for a gateway on
+    edge_config, on a free loopback port: yields that port."""
+    from gateway.proxying.server import AdminRunner
+    async with gateway_under_test(edge_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        runner = AdminRunner(g.gw.admin_app, handle_signals=False, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            yield runner.addresses[0][1]
+        finally:
+            await runner.cleanup()
+
+
 async def test_a_content_encoded_body_to_the_admin_api_is_400_never_500_or_a_traceback(
         redis_url, upstream, monkeypatch, caplog):
     """The admin listener (AdminRunner, as ``keygate serve`` runs it) let aiohttp decode
@@ -487,33 +503,24 @@ async def test_a_content_encoded_body_to_the_admin_api_is_400_never_500_or_a_tra
     import gzip
     import logging
 
-    from gateway.proxying.server import AdminRunner
     from harness import ADMIN_TOKEN
     caplog.set_level(logging.WARNING)
-    async with gateway_under_test(edge_config(str(upstream.make_url(""))), redis_url,
-                                  monkeypatch) as g:
-        runner = AdminRunner(g.gw.admin_app, handle_signals=False, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/admin/v1/workspaces"
+    async with admin_listener(redis_url, upstream, monkeypatch) as port:
+        url = f"http://127.0.0.1:{port}/admin/v1/workspaces"
         answers = []
-        try:
-            async with ClientSession() as s:
-                for coding, body in (("gzip", b'{"id": "acme", "name": "A"}'),
-                                     ("deflate", b"not deflated"),
-                                     ("gzip", gzip.compress(b'{"id": "acme", "name": "A"}')),
-                                     ("br", b"x"), ("zstd", b"x"), ("x-unknown", b"{}")):
-                    for auth in (bearer(ADMIN_TOKEN), {}):
-                        async with s.post(url, data=body, headers={
-                                **auth, "Content-Type": "application/json",
-                                "Content-Encoding": coding}) as r:
-                            answers.append((coding, bool(auth), r.status,
-                                            (await r.json())["error"]["code"]))
-                async with s.get(url, headers=bearer(ADMIN_TOKEN)) as r:
-                    assert (await r.json())["items"] == []  # nothing was made
-        finally:
-            await runner.cleanup()
+        async with ClientSession() as s:
+            for coding, body in (("gzip", b'{"id": "acme", "name": "A"}'),
+                                 ("deflate", b"not deflated"),
+                                 ("gzip", gzip.compress(b'{"id": "acme", "name": "A"}')),
+                                 ("br", b"x"), ("zstd", b"x"), ("x-unknown", b"{}")):
+                for auth in (bearer(ADMIN_TOKEN), {}):
+                    async with s.post(url, data=body, headers={
+                            **auth, "Content-Type": "application/json",
+                            "Content-Encoding": coding}) as r:
+                        answers.append((coding, bool(auth), r.status,
+                                        (await r.json())["error"]["code"]))
+            async with s.get(url, headers=bearer(ADMIN_TOKEN)) as r:
+                assert (await r.json())["items"] == []  # nothing was made
     assert [a for a in answers if a[2:] != ((400, "bad_request") if a[1]
                                             else (401, "unauthorized"))] == []
     assert [(r.name, r.getMessage()) for r in caplog.records
@@ -525,27 +532,17 @@ async def test_a_connect_to_the_admin_listener_is_refused_and_nothing_after_it_i
     """aiohttp's parser ends a CONNECT at its head and, once it is answered, reads the bytes
     after it (the body its Content-Length declared) as the next request: on the admin
     listener that body was served as a request of its own. 501, and the connection closes."""
-    from gateway.proxying.server import AdminRunner
-    async with gateway_under_test(edge_config(str(upstream.make_url(""))), redis_url,
-                                  monkeypatch) as g:
-        runner = AdminRunner(g.gw.admin_app, handle_signals=False, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        try:
-            smuggled = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
-            for target in (b"/admin/v1/workspaces", b"127.0.0.1:443", b"/healthz"):
-                reader, writer = await asyncio.open_connection("127.0.0.1",
-                                                               runner.addresses[0][1])
-                writer.write(b"CONNECT " + target + b" HTTP/1.1\r\nHost: a\r\n"
-                             b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
-                answer = await asyncio.wait_for(reader.read(), 5)  # the whole: it closes
-                writer.close()
-                assert answer.startswith(b"HTTP/1.1 501 "), (target, answer[:200])
-                assert answer.count(b"HTTP/1.1 ") == 1, (target, answer)
-                assert b'"not_implemented"' in answer
-        finally:
-            await runner.cleanup()
+    async with admin_listener(redis_url, upstream, monkeypatch) as port:
+        smuggled = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+        for target in (b"/admin/v1/workspaces", b"127.0.0.1:443", b"/healthz"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"CONNECT " + target + b" HTTP/1.1\r\nHost: a\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+            answer = await asyncio.wait_for(reader.read(), 5)  # the whole: it closes
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 501 "), (target, answer[:200])
+            assert answer.count(b"HTTP/1.1 ") == 1, (target, answer)
+            assert b'"not_implemented"' in answer
 
 
 # --- a client that stops reading its answers ---------------------------------------------------
