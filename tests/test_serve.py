@@ -296,6 +296,15 @@ def requests_total(text: str) -> float:
     return total
 
 
+async def two_workers(gw: Served) -> set[int]:
+    """The pids of a ``serve --workers 2``'s two workers, once both are forked (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while len(workers := children_of(gw.proc.pid)) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert len(workers) == 2, workers
+    return workers
+
+
 async def test_two_workers_share_one_port_metrics_and_stop_together(tmp_path, slow_upstream,
                                                                      redis_url):
     url, _ = slow_upstream
@@ -304,10 +313,7 @@ async def test_two_workers_share_one_port_metrics_and_stop_together(tmp_path, sl
     workers: set[int] = set()
     try:
         await gw.ready()
-        deadline = time.monotonic() + 10
-        while len(workers := children_of(gw.proc.pid)) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert len(workers) == 2, workers
+        workers = await two_workers(gw)
         sent = 0
         async with ClientSession(timeout=TIMEOUT) as s:
             token = await new_key(s, gw.admin)
@@ -400,9 +406,7 @@ async def test_a_worker_killed_outright_is_named_in_the_supervisors_log(tmp_path
     workers: set[int] = set()
     try:
         await gw.ready()
-        deadline = time.monotonic() + 10
-        while len(workers := children_of(gw.proc.pid)) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        workers = await two_workers(gw)
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
         assert await asyncio.to_thread(gw.proc.wait, 15) == 1
