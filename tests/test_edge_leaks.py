@@ -133,7 +133,14 @@ async def test_a_key_with_a_broken_checksum_in_the_url_never_reaches_the_log(gut
     f"GET /health HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\x01\r\n\r\n",
     f"GET /health/{TOKEN}\x01 HTTP/1.1\r\nHost: t\r\n\r\n",
     f"GET /health HTTP/1.1\r\nHost: t\r\nX-Api-Key {TOKEN}\r\n\r\n",
-], ids=["header-value", "path", "header-name"])
+    # a target without its leading '/' (a client joining URLs by hand): the parser's
+    # InvalidURLError is the target itself, unquoted
+    f"GET health?api_key={TOKEN} HTTP/1.1\r\nHost: t\r\n\r\n",
+    # an absolute-form target without a host: its InvalidURLError is the target, unquoted
+    f"GET http:///health?api_key={TOKEN} HTTP/1.1\r\nHost: t\r\n\r\n",
+    f"CONNECT {TOKEN}@ HTTP/1.1\r\nHost: t\r\n\r\n",
+], ids=["header-value", "path", "header-name", "relative-target", "absolute-no-host",
+        "connect-target"])
 async def test_a_request_the_parser_refuses_is_logged_without_the_bytes_it_quotes(
         gut, caplog, request_head):
     """aiohttp's HTTP parser quotes the bytes it refused in its message (the whole header line

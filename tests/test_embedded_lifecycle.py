@@ -438,3 +438,51 @@ async def test_a_stop_that_sigterms_the_whole_service_does_not_restart_the_serve
         with contextlib.suppress(OSError, ValueError):
             _reap(embedded_pid(data_dir))
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_a_service_wide_stop_while_workers_start_does_not_restart_the_server(tmp_path):
+    """The same stop arriving while ``serve --workers`` forks its workers: the supervisor holds
+    SIGTERM until every worker exists, and its handler then marked the store as stopping
+    before the watcher was started, which cleared that mark: the redis-server the same
+    SIGTERM had stopped was taken for a crash (an ERROR line) and started again (its AOF
+    loaded) while the workers drained, only to be stopped again."""
+    import subprocess
+    import sys
+    data_dir = short_data_dir()
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "sys.path.insert(0, %r)\n"
+        "import gateway.workers as app\n"
+        "from gateway.store.embedded import EmbeddedRedis\n"
+        "from harness import make_config\n"
+        "app._preflight = lambda config, url: None\n"
+        "def worker(*args, **kwargs):  # drains for longer than the watcher's interval\n"
+        "    signal.sigwait({signal.SIGTERM})\n"
+        "    time.sleep(2.5)\n"
+        "    return 0\n"
+        "app._run_worker = worker\n"
+        "embedded = EmbeddedRedis(%r)\n"
+        "url = embedded.start()\n"
+        "server = embedded.pid\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+        "os.kill(server, signal.SIGTERM)  # the service's cgroup, all at once\n"
+        "os.kill(os.getpid(), signal.SIGTERM)  # pending: delivered once the workers exist\n"
+        "while embedded._gone() is None:\n"
+        "    time.sleep(0.05)\n"
+        "try:\n"
+        "    code = app._supervise(make_config('http://127.0.0.1:9'), url, 1, None, embedded)\n"
+        "finally:\n"
+        "    restarted = embedded.pid != server\n"
+        "    embedded.stop()\n"
+        "print('restarted' if restarted else 'not restarted')\n"
+        "sys.exit(code)\n"
+        % (str(Path(__file__).parent), data_dir))
+    try:
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["not", "restarted"], done.stderr
+        assert "starting it again" not in done.stderr, done.stderr
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -24,6 +24,7 @@ import warnings
 
 from aiohttp import web, web_protocol
 from aiohttp.helpers import ceil_timeout
+from aiohttp.http_exceptions import InvalidURLError
 from aiohttp.http_writer import StreamWriter
 from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestHandler
@@ -247,6 +248,8 @@ def _parser_reason(exc: BaseException | None) -> str:
     it quotes (a header line or request line with a token or the operator token in it)."""
     if exc is None:
         return "-"
+    if isinstance(exc, InvalidURLError):  # its message is the request target itself, unquoted
+        return exc.__class__.__name__     # (an absolute-form one with a key in its query)
     message = str(getattr(exc, "message", "") or "").strip()
     reason = _QUOTED.split(message, 1)[0].strip()
     return f"{exc.__class__.__name__}: {reason}" if reason else exc.__class__.__name__

@@ -417,7 +417,8 @@ class EmbeddedRedis:
         if self._watcher is not None:
             return
         self._stopping.clear()      # watched again after a stop()
-        self._quiet = False
+        # (a quiesce that came first stands: a stop signal held while workers were forked
+        # is handled before the watcher starts)
         self._watcher = threading.Thread(target=self._watch, args=(interval,),
                                          name="keygate-store-watch", daemon=True)
         self._watcher.start()
@@ -503,6 +504,7 @@ class EmbeddedRedis:
             watcher, self._watcher = self._watcher, None
             if watcher is not None:
                 watcher.join(STOP_TIMEOUT)
+            self._quiet = False     # a later start() and watch() begin afresh
 
     def _stop(self, proc: subprocess.Popen[bytes] | None) -> None:
         if proc is None:
