@@ -377,6 +377,17 @@ async def test_a_host_header_that_is_not_a_host_is_refused_not_passed_on(edge, h
     assert edge.up.raw == []
 
 
+async def test_an_http11_request_without_a_host_is_refused(edge):
+    """RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request that lacks Host (the
+    parser refuses it before keygate sees it); an HTTP/1.0 one has none to send."""
+    answer = await exchange(edge, b"GET /public/x HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert statuses(answer) == [400], answer[:300]
+    assert b'"code": "bad_request"' in answer
+    assert edge.up.raw == []
+    answer = await exchange(edge, b"GET /public/x HTTP/1.0\r\n\r\n")
+    assert statuses(answer) == [200], answer[:300]
+
+
 @pytest.mark.parametrize("host", [b"gateway.example", b"gateway.example:8080", b"127.0.0.1:80",
                                   b"[::1]:8080", b"[fe80::1%25eth0]", b"xn--bcher-kva.example",
                                   b"a_b.example", b"Gateway.Example", b""])
