@@ -489,6 +489,28 @@ async def test_rotate_rejects_bad_grace(admin, grace):
                 "grace_seconds")
 
 
+async def test_a_whole_number_written_with_a_fraction_is_taken_as_the_document_says(admin):
+    """The OpenAPI document (JSON Schema 2020-12) types these fields ``integer``, which 60.0
+    is; the API refused it ("must be an integer number of seconds"), so a client that wrote
+    ``hours * 3600.0`` was refused a request the document says is valid. 1.5 stays a 400."""
+    await workspace(admin)
+    key = (await new_key(admin, expires_in=3600.0, monthly_requests=10.0))["key"]
+    assert key["expires_at"] == "2026-01-01T01:00:00Z" and key["monthly_requests"] == 10
+    body = await ok(await admin.post(f"/admin/v1/workspaces/acme/keys/{key['id']}/rotate",
+                                     json={"grace_seconds": 60.0}), 201)
+    previous = await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{key['id']}"))
+    assert previous["expires_at"] == "2026-01-01T00:01:00Z"
+    assert body["key"]["monthly_requests"] == 10
+    patched = await ok(await admin.patch("/admin/v1/workspaces/acme",
+                                         json={"limits": {"max_keys": 4.0}}))
+    assert patched["limits"]["max_keys"] == 4 and type(patched["limits"]["max_keys"]) is int
+    for path, fields in ((f"/keys/{key['id']}/rotate", {"grace_seconds": 60.5}),
+                         ("/keys", {"name": "k", "expires_in": 1e300}),
+                         ("/keys", {"name": "k", "monthly_requests": -0.5})):
+        await error(await admin.post("/admin/v1/workspaces/acme" + path, json=fields), 400,
+                    "bad_request", next(iter(fields.keys() - {"name"})))
+
+
 async def test_rotate_unknown_key_is_404(admin):
     await workspace(admin)
     await error(await admin.post("/admin/v1/workspaces/acme/keys/AAAAAAAAAAAA/rotate"), 404,

@@ -207,6 +207,23 @@ async def test_head_takes_what_get_takes_and_allow_says_so(env):
     assert resp.status == 405 and resp.headers["Allow"] == "POST"
 
 
+async def test_a_method_the_path_does_not_take_is_405_whatever_the_query(env):
+    """A method a key path does not take, sent with a query, was 400 "unknown query parameter"
+    (``DELETE .../usage/daily?days=7``: told that ``days``, a parameter of that very path, is
+    unknown) where the admin listener answers the same call 405 with ``Allow``."""
+    key = env.reader.key.id
+    for method, path, allow in (("DELETE", f"/{key}/usage/daily?days=7", "GET, HEAD"),
+                                ("PUT", f"/{key}?status=active", "GET, HEAD, PATCH, DELETE"),
+                                ("GET", f"/{key}/rotate?grace_seconds=1", "POST")):
+        resp = await env.call(method, path)
+        status, body = await status_and_body(resp)
+        assert (status, body["error"]["code"]) == (405, "method_not_allowed"), (method, path, body)
+        assert resp.headers["Allow"] == allow
+    # a method the path takes still refuses a query parameter it does not
+    status, body = await status_and_body(await env.call("GET", f"/{key}?days=7"))
+    assert (status, body["error"]["code"]) == (400, "bad_request")
+
+
 async def test_re_roling_or_editing_a_role_takes_effect_on_the_next_request(env):
     assert (await env.call("GET", "")).status == 200
     await env.store.put_role("acme", "keyadmin", ["people:read"])  # the role loses keys:admin

@@ -219,7 +219,24 @@ def with_operation_ids(paths: dict[str, Schema]) -> dict[str, Schema]:
     return paths
 
 
+def with_bodies_required(paths: dict[str, Schema], components: dict[str, Schema]
+                         ) -> dict[str, Schema]:
+    """A request body is required when its schema requires a field or at least one (the API
+    answers a call sent without one 400); otherwise it may be left out (``{}``)."""
+    for item in paths.values():
+        for method, operation in item.items():
+            if not isinstance(operation, dict) or "requestBody" not in operation:
+                continue
+            schema = operation["requestBody"]["content"][JSON]["schema"]
+            if "$ref" in schema:
+                schema = components[schema["$ref"].rsplit("/", 1)[-1]]
+            operation["requestBody"]["required"] = bool(schema.get("required")) \
+                or schema.get("minProperties", 0) > 0
+    return paths
+
+
 def document() -> Schema:
+    components = schemas()
     return {
         "openapi": "3.1.0",
         "info": {
@@ -236,9 +253,10 @@ def document() -> Schema:
         "servers": [{"url": "/", "description": "the admin listener (default "
                                                 "127.0.0.1:8081)"}],
         "security": [{"operatorToken": []}],
-        "paths": with_operation_ids(workspace_admin_access({**admin_paths(), **proxy_paths()})),
+        "paths": with_bodies_required(with_operation_ids(workspace_admin_access(
+            {**admin_paths(), **proxy_paths()})), components),
         "components": {
-            "schemas": schemas(),
+            "schemas": components,
             "headers": {"X-Request-Id": {
                 "description": "the client's if it is a sane token, else generated",
                 "required": True, "schema": {"type": "string", "minLength": 1}}},

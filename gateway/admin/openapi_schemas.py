@@ -233,6 +233,7 @@ def op(summary: str, success: tuple[str, Schema], *errors: tuple[str, Schema],
     if params:
         operation["parameters"] = params
     if body is not None:
+        # required or not: openapi.with_bodies_required, from the schema
         operation["requestBody"] = {"required": False, "content": {JSON: {"schema": body}}}
     if security is not None:
         operation["security"] = security

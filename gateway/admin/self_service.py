@@ -59,12 +59,12 @@ async def handle_self_service(request: web.BaseRequest, principal: Principal, st
     acting = await store.require_key(principal.workspace, principal.key_id)
     method = "GET" if request.method == "HEAD" else request.method  # as the admin listener
     chosen = next(((e, params) for e, params in routes if e.method == method), None)
-    check_query(request.query, chosen[0].query if chosen else ())
-    if chosen is None:
+    if chosen is None:  # before the query: as the admin listener's router, 405 comes first
         methods = [e.method for e, _ in routes]
         allow = [m for e in methods for m in (("GET", "HEAD") if e == "GET" else (e,))]
         raise MethodNotAllowed(f"Use {' or '.join(methods)} here.",
                                headers={"Allow": ", ".join(allow)})
+    check_query(request.query, chosen[0].query)
 
     async def body() -> bytes:
         if request.body_exists:  # else the wait below is a 408 for a body never asked for

@@ -99,12 +99,22 @@ def parse_text(data: Mapping[str, Any], field: str, max_len: int, *, required: b
     return value
 
 
+def whole_number(value: Any) -> int | None:
+    """``value`` as an int when it is a JSON integer, as JSON Schema has it (``60`` or
+    ``60.0``: the OpenAPI document's ``integer``), else None (``1.5``, ``true``, ``"60"``)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):  # finite: strict_json refuses NaN and 1e999
+        return int(value) if value.is_integer() else None
+    return value if isinstance(value, int) else None
+
+
 def parse_seconds(data: Mapping[str, Any], field: str, minimum: int) -> int | None:
     """A whole number of seconds from ``minimum`` to a century; None when absent."""
     if field not in data:
         return None
-    value = data[field]
-    if isinstance(value, bool) or not isinstance(value, int):
+    value = whole_number(data[field])
+    if value is None:
         raise BadRequest(f"The field '{field}' must be an integer number of seconds.")
     if not minimum <= value <= MAX_SECONDS:
         raise BadRequest(f"The field '{field}' must be between {minimum} and {MAX_SECONDS}.")
@@ -205,7 +215,8 @@ def parse_monthly(value: Any, field: str = "monthly_requests") -> int | None:
     """A monthly request cap: a whole number ≥ 0, or null (none of its own)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_MONTHLY:
+    value = whole_number(value)
+    if value is None or not 0 <= value <= MAX_MONTHLY:
         raise BadRequest(f"The field '{field}' must be a whole number from 0 to "
                          f"{MAX_MONTHLY}, or null (no limit of its own).")
     return value
