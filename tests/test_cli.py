@@ -1112,6 +1112,40 @@ async def test_reload_through_the_cli_with_the_servers_own_config(tmp_path, redi
         gw.close()
 
 
+async def test_reload_after_an_edit_of_the_admin_listener_needs_the_running_url(
+        tmp_path, redis_url, keygate, monkeypatch):
+    """docs/operations.md's reload step, `keygate reload --config FILE`, takes the admin URL
+    from the edited file. An edit that moves the admin listener (a restart setting) sent the
+    CLI to the new port, where nothing listens yet: the documented step failed and the guide
+    did not say what to do. The guide now says to name the running listener with
+    --admin-url, which reloads and names admin.port as needing a restart."""
+    import yaml
+    from pathlib import Path
+
+    from conftest import free_port
+    from served import ADMIN_TOKEN as SERVE_TOKEN, Served, write_config
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url)
+    monkeypatch.delenv("KEYGATE_ADMIN_URL", raising=False)
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", SERVE_TOKEN)
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        doc = yaml.safe_load(config.read_text())
+        doc["admin"]["port"] = free_port()
+        config.write_text(yaml.safe_dump(doc))
+        run = await keygate("reload", "--config", str(config))
+        assert run.code == 1 and "cannot reach the admin API" in run.err
+        run = await keygate("reload", "--admin-url", gw.admin, "--json")
+        assert run.code == 0, run.err
+        assert run.json()["restart_required"] == ["admin.port"]
+    finally:
+        assert gw.terminate() == 0
+        gw.close()
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    section = " ".join(guide.split("## Changing the config", 1)[1].split("\n## ", 1)[0].split())
+    assert "--admin-url" in section, section
+
+
 def _readme_commands(heading: str, at_least: int, page: str = "README.md") -> list[str]:
     """The ``keygate ...`` lines of a page's sh block under ``## heading`` or ``### heading``
     (comments cut)."""
