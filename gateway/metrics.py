@@ -229,8 +229,9 @@ class UsageCollector:
                                  "Requests counted this calendar month (UTC), per workspace; "
                                  "read from the store at scrape time.", labels=["workspace"])
         limit = GaugeMetricFamily("keygate_workspace_month_limit",
-                                  "The workspace plan's monthly request quota (absent when "
-                                  "unlimited); read at scrape time.", labels=["workspace"])
+                                  "The monthly request quota in force, per workspace: its own "
+                                  "limits override, else its plan's (absent when unlimited); "
+                                  "read at scrape time.", labels=["workspace"])
         for workspace, requests, most in usages:
             used.add_metric([workspace], requests)
             if most is not None:

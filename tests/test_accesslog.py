@@ -365,6 +365,11 @@ async def test_admin_calls_are_logged_without_tokens(redis_url, upstream, monkey
         ("GET", "/admin/v1/workspaces/acme/keys/***", 404, "operator"),
         ("GET", "/admin/v1/workspaces", 401, "-"),
     ]
+    # operations.md: the line names the client address. Only the JSON line had it (a field
+    # of its own): with access_log text or off the message is the whole line, and it ended
+    # at the actor, so a text log could not say where a refused or leaked token came from.
+    assert [r.getMessage().rsplit(" ", 1)[1] for r in records] == ["127.0.0.1"] * 4
+    assert records[3].getMessage() == "admin GET /admin/v1/workspaces 401 - 127.0.0.1"
     text = caplog.text + "".join(str(r.__dict__) for r in records)
     for secret in (token, ADMIN_TOKEN, "wrong-operator-token"):
         assert secret not in text

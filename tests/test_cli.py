@@ -1112,12 +1112,47 @@ async def test_reload_through_the_cli_with_the_servers_own_config(tmp_path, redi
         gw.close()
 
 
-def _readme_commands(heading: str, at_least: int) -> list[str]:
-    """The ``keygate ...`` lines of README's sh block under ``### heading`` (comments cut)."""
+async def test_reload_after_an_edit_of_the_admin_listener_needs_the_running_url(
+        tmp_path, redis_url, keygate, monkeypatch):
+    """docs/operations.md's reload step, `keygate reload --config FILE`, takes the admin URL
+    from the edited file. An edit that moves the admin listener (a restart setting) sent the
+    CLI to the new port, where nothing listens yet: the documented step failed and the guide
+    did not say what to do. The guide now says to name the running listener with
+    --admin-url, which reloads and names admin.port as needing a restart."""
+    import yaml
+    from pathlib import Path
+
+    from conftest import free_port
+    from served import ADMIN_TOKEN as SERVE_TOKEN, Served, write_config
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url)
+    monkeypatch.delenv("KEYGATE_ADMIN_URL", raising=False)
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", SERVE_TOKEN)
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        doc = yaml.safe_load(config.read_text())
+        doc["admin"]["port"] = free_port()
+        config.write_text(yaml.safe_dump(doc))
+        run = await keygate("reload", "--config", str(config))
+        assert run.code == 1 and "cannot reach the admin API" in run.err
+        run = await keygate("reload", "--admin-url", gw.admin, "--json")
+        assert run.code == 0, run.err
+        assert run.json()["restart_required"] == ["admin.port"]
+    finally:
+        assert gw.terminate() == 0
+        gw.close()
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    section = " ".join(guide.split("## Changing the config", 1)[1].split("\n## ", 1)[0].split())
+    assert "--admin-url" in section, section
+
+
+def _readme_commands(heading: str, at_least: int, page: str = "README.md") -> list[str]:
+    """The ``keygate ...`` lines of a page's sh block under ``## heading`` or ``### heading``
+    (comments cut)."""
     import re
     from pathlib import Path
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = re.search(rf"### {heading}\n.*?```sh\n(.*?)```", readme, re.S).group(1)
+    readme = (Path(__file__).resolve().parent.parent / page).read_text()
+    block = re.search(rf"##+ {heading}\n.*?```sh\n(.*?)```", readme, re.S).group(1)
     lines = [line.split("#", 1)[0].strip() for line in block.splitlines()]
     lines = [line for line in lines if line.startswith("keygate ")]
     assert len(lines) >= at_least, block
@@ -1190,3 +1225,24 @@ async def test_the_readmes_key_controls_commands_work_against_the_example_config
                                       "--yes")).code == 0
             run = await keygate(*argv)
             assert run.code == 0, (line, run.out, run.err)
+
+
+async def test_the_operations_guides_leaked_key_commands_end_the_key(
+        redis_url, keygate, monkeypatch):
+    """docs/operations.md's "A leaked key or operator token" block, line by line: each command
+    succeeds as written, and afterwards the key is revoked and its owner has a new one."""
+    import shlex
+    lines = _readme_commands("A leaked key or operator token", 4, page="docs/operations.md")
+    async with _admin_on_the_example_config(redis_url, monkeypatch):
+        assert (await keygate("workspaces", "create", "acme", "--name", "Acme")).code == 0
+        created = await keygate("keys", "create", "--workspace", "acme", "--name", "sync",
+                                "--role", "reader", "--json")
+        key_id = created.json()["key"]["id"]
+        for line in lines:
+            argv = [key_id if arg == "<id>" else arg for arg in shlex.split(line)[1:]]
+            run = await keygate(*argv)
+            assert run.code == 0, (line, run.out, run.err)
+        listing = (await keygate("keys", "list", "--workspace", "acme", "--json")).json()
+        status = {k["id"]: k["status"] for k in listing["items"]}
+        assert status.pop(key_id) == "revoked"
+        assert list(status.values()) == ["active"]      # the rotated-in replacement

@@ -16,7 +16,8 @@ from aiohttp import ClientSession
 
 from pathlib import Path
 
-from served import (TIMEOUT, Served, alive, children_of, embedded_pid, new_key, short_data_dir,
+from served import (TIMEOUT, Served, admin_json, alive, children_of, embedded_pid, new_key,
+                    short_data_dir,
                     write_config)
 
 
@@ -157,6 +158,61 @@ def test_a_data_dir_copied_from_a_running_one_starts_its_own_server(tmp_path):
     finally:
         copy.stop()
         original.stop()
+
+
+async def test_a_restored_backup_takes_back_revocations_and_the_admin_log_names_them(
+        tmp_path, upstream):
+    """docs/operations.md's backup and restore, as an operator runs it: copy ``data_dir``
+    while serving, revoke a key, stop, put the copy back, start. The revocation is taken back
+    (the key answers 200 again), and so is its audit entry: the audit stream lives in the
+    store that was restored. The guide told the operator to find such keys in "the audit log
+    of the live system", which after the restore no longer has them; the admin log line of
+    the revoke, on the old process's stderr, does."""
+    url = str(upstream.make_url(""))
+    data_dir = short_data_dir()
+    backup = data_dir + ".backup"
+    config, pport, aport = write_config(tmp_path, data_dir=data_dir, upstream_url=url)
+    first = Served(config, pport, aport)
+    second = None
+    try:
+        await first.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, first.admin)
+            key_id = token[len("kg_live_"):-38]
+            bearer = {"Authorization": f"Bearer {token}"}
+            aof = Path(data_dir, "appendonly.aof")
+            deadline = time.monotonic() + 10
+            while f"kg:keyid:{key_id}".encode() not in aof.read_bytes():
+                assert time.monotonic() < deadline, "the key never reached the AOF"
+                await asyncio.sleep(0.05)
+            shutil.copytree(data_dir, backup, ignore=shutil.ignore_patterns("redis.sock"))
+            status, body = await admin_json(s, first.admin, "POST",
+                                            f"/workspaces/acme/keys/{key_id}/revoke")
+            assert status == 200, body
+            async with s.get(first.proxy + "/people/1", headers=bearer) as r:
+                assert r.status == 401
+            assert first.terminate() == 0
+            shutil.rmtree(data_dir)
+            shutil.copytree(backup, data_dir)
+            second = Served(config, pport, aport)
+            await second.ready()
+            async with s.get(second.proxy + "/people/1", headers=bearer) as r:
+                assert r.status == 200, await r.text()       # the revocation is gone
+            status, body = await admin_json(s, second.admin, "GET", "/workspaces/acme/audit")
+            assert status == 200 and body["items"]
+            assert "key.revoke" not in {e["action"] for e in body["items"]}
+        assert f"admin POST /admin/v1/workspaces/acme/keys/{key_id}/revoke 200" in first.stderr()
+        guide = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+        restore = " ".join(guide.split("## Backup and restore", 1)[1].split("\n## ", 1)[0].split())
+        assert "audit log of the live system" not in restore
+        assert "admin POST /admin/v1/workspaces/WS/keys/ID/revoke" in restore
+    finally:
+        first.close()
+        if second is not None:
+            assert second.terminate() == 0
+            second.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 def test_a_corrupt_aof_is_one_line_with_a_repair_command_that_works(tmp_path):

@@ -178,6 +178,11 @@ async def test_workspace_limit_metrics_agree_with_the_usage_endpoint(gut):
     async with gut.admin.get("/metrics") as r:
         text = await r.text()
     assert 'keygate_workspace_month_limit{workspace="acme"} 77.0' in text
+    # and its HELP (what an operator reading /metrics goes by) says so: it claimed the plan's
+    help_line = next(line for line in text.splitlines()
+                     if line.startswith("# HELP keygate_workspace_month_limit "))
+    assert "override" in help_line and "plan's" in help_line, help_line
+    assert "workspace plan's monthly" not in help_line, help_line
 
 
 # --- disable without revoking ------------------------------------------------------------------
