@@ -256,8 +256,9 @@ def log_admin_call(request: web.Request, status: int, rid: str, actor: str,
                    elapsed: float, prefix: str, client: str | None,
                    operator_token: str = "") -> None:
     """One line per admin API call: who (``operator``, or ``-`` when the token was refused),
-    what, the answer, from where (in the message too: a text log has nothing else). Never a header value, so never a token; keys and the operator token in
-    the target are masked (:func:`loggable_target`)."""
+    what, the answer, from where (in the message too: a text log has nothing else). Never a
+    header value, so never a token; keys and the operator token in the target are masked
+    (:func:`loggable_target`)."""
     target = loggable_target(request.raw_path, prefix, operator_token)
     log.info("admin %s %s %d %s %s", request.method, target, status, actor, client or "-",
              extra={"request_id": rid, "method": request.method, "path": target,
