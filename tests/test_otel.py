@@ -263,3 +263,52 @@ async def test_a_token_pasted_into_user_agent_or_tracestate_is_never_exported(
     assert b"vendor=abc" in blob or b"abc" in blob  # the rest of the trace state is kept
     for secret in (token, token.split("_")[-1][12:44]):
         assert secret.encode() not in blob
+
+
+async def test_a_collector_that_stays_down_is_logged_once_not_per_batch(
+        upstream, redis_url, monkeypatch, caplog):
+    """The exporter logged a warning and an error for every batch it could not send: with the
+    collector down, about one line a second for as long as it stayed down (at low traffic,
+    lines for every request). Now: the first failure, one keygate line, and one when it is
+    back, with the count of the spans lost in between."""
+    import asyncio
+    import logging
+
+    from conftest import free_port
+    port = free_port()
+    config = make_config(str(upstream.make_url("")), tracing=TracingConfig(
+        f"http://127.0.0.1:{port}"))
+    caplog.set_level(logging.INFO)
+    got: list[bytes] = []
+
+    async def export(request: web.Request) -> web.Response:
+        got.append(await request.read())
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", export)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+            for _ in range(8):  # a batch every second, each one refused
+                async with gw.proxy.get("/health") as r:
+                    assert r.status == 200
+                await asyncio.sleep(0.5)
+            otel = [r for r in caplog.records if r.name.startswith("opentelemetry")]
+            ours = [r for r in caplog.records if r.name == "keygate.tracing"]
+            assert len(otel) <= 3, [r.getMessage() for r in otel]  # the first batch's only
+            assert len(ours) == 1 and ours[0].levelno == logging.WARNING
+            assert f"127.0.0.1:{port}" in ours[0].getMessage()
+            await web.TCPSite(runner, "127.0.0.1", port).start()  # the collector is back
+            async with gw.proxy.get("/health") as r:
+                assert r.status == 200
+            for _ in range(50):
+                if got:
+                    break
+                await asyncio.sleep(0.1)
+            assert got
+            back = [r for r in caplog.records if r.name == "keygate.tracing"][1:]
+            assert len(back) == 1 and "dropped" in back[0].getMessage()
+    finally:
+        await runner.cleanup()
