@@ -26,11 +26,14 @@ The SDK's own tracer provider is kept here, never installed as the process's glo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from .closing import bounded
 from .config import TracingConfig
 from .models import HTTP_METHODS
 from .tracing import SPAN_FLUSH_TIMEOUT, Trace, Tracer, incoming
@@ -203,12 +206,26 @@ class OtelTracer(Tracer):
         return trace
 
     async def close(self) -> None:
-        """Send what is batched (bounded: a dead collector must not hold up a stop)."""
+        """Send what is batched (bounded: a dead collector must not hold up a stop).
+
+        The SDK's shutdown runs in a daemon thread of its own, not the loop's executor:
+        ``asyncio.run`` joins that executor's threads before the process exits, so a shutdown
+        still waiting on the collector past the bound (the SDK waits up to 30 s, and an export
+        whose answer trickles in has no end) kept the process alive all the same."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def shut_down() -> None:
+            try:
+                self.provider.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_set_done, done)
+
+        threading.Thread(target=shut_down, name="keygate-span-flush", daemon=True).start()
         try:
-            await asyncio.wait_for(asyncio.to_thread(self.provider.shutdown),
-                                   timeout=SPAN_FLUSH_TIMEOUT)
-        except asyncio.TimeoutError:
-            log.warning("tracing: spans still queued at shutdown were not exported")
+            if not await bounded(done, SPAN_FLUSH_TIMEOUT, None):
+                log.warning("tracing: spans still queued at shutdown were not exported")
         finally:
             self.exporter.unmute()
 
@@ -257,6 +274,11 @@ class _Reported:
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self.exporter.force_flush(timeout_millis)
+
+
+def _set_done(done: asyncio.Future) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 def _trace_state(values: tuple[str, ...], mask: Any) -> TraceState:

@@ -312,3 +312,44 @@ async def test_a_collector_that_stays_down_is_logged_once_not_per_batch(
             assert len(back) == 1 and "dropped" in back[0].getMessage()
     finally:
         await runner.cleanup()
+
+
+async def test_a_collector_that_never_finishes_its_answer_holds_up_no_stop(
+        upstream, redis_url, monkeypatch):
+    """The stop's wait for the spans was bounded (``SPAN_FLUSH_TIMEOUT``), but the SDK's
+    shutdown went on in the event loop's default executor, which ``asyncio.run`` joins before
+    the process exits: a collector that answers a byte at a time (each read within the
+    exporter's timeout) kept a SIGTERM'd keygate alive past the bound, up to the SDK's own 30 s
+    and more. What a stop leaves running now holds up no exit."""
+    import asyncio
+    import time
+
+    import gateway.otel
+
+    async def trickle(reader, writer):
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        try:
+            for _ in range(200):
+                await asyncio.sleep(0.5)
+                writer.write(b"X")
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+
+    collector = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = collector.sockets[0].getsockname()[1]
+    monkeypatch.setattr(gateway.otel, "SPAN_FLUSH_TIMEOUT", 2)
+    config = make_config(str(upstream.make_url("")), tracing=TracingConfig(
+        f"http://127.0.0.1:{port}"))
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+            async with gw.proxy.get("/health") as r:
+                assert r.status == 200
+            await asyncio.sleep(1.5)  # the batch is on its way, its answer never ends
+            started = time.monotonic()
+        assert time.monotonic() - started < 4
+        # what asyncio.run does before the process exits
+        await asyncio.wait_for(asyncio.get_running_loop().shutdown_default_executor(), 3)
+    finally:
+        collector.close()
