@@ -15,7 +15,8 @@ recorded.
 
 Sampling: a caller's sampled flag is followed (parent-based); a trace keygate starts is kept
 with probability ``sample_ratio``. Spans are batched and sent from the SDK's own thread, so
-the event loop never waits for the collector; when the collector is down, spans are dropped.
+the event loop never waits for the collector; when the collector is down, spans are dropped,
+logged once when the sending fails and once when it works again (with the count lost between).
 The exporter reads the standard ``OTEL_EXPORTER_OTLP_*`` variables for anything else (headers,
 certificates, compression).
 
@@ -25,11 +26,14 @@ The SDK's own tracer provider is kept here, never installed as the process's glo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from .closing import bounded
 from .config import TracingConfig
 from .models import HTTP_METHODS
 from .tracing import SPAN_FLUSH_TIMEOUT, Trace, Tracer, incoming
@@ -39,7 +43,7 @@ try:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
     from opentelemetry.trace import (NonRecordingSpan, SpanContext, SpanKind, Status,
                                      StatusCode, TraceFlags, TraceState)
@@ -154,8 +158,9 @@ class OtelTracer(Tracer):
             resource=Resource.create({"service.name": config.service_name,
                                       "service.version": __version__}),
             shutdown_on_exit=False)
-        exporter = exporter or OTLPSpanExporter(endpoint=traces_url(config.otlp_endpoint),
-                                                timeout=3)
+        url = traces_url(config.otlp_endpoint)
+        exporter = _Reported(exporter or OTLPSpanExporter(endpoint=url, timeout=3), url)
+        self.exporter = exporter
         self.provider.add_span_processor(BatchSpanProcessor(exporter,
                                                             schedule_delay_millis=1000))
         self.tracer = self.provider.get_tracer("keygate", __version__)
@@ -201,12 +206,79 @@ class OtelTracer(Tracer):
         return trace
 
     async def close(self) -> None:
-        """Send what is batched (bounded: a dead collector must not hold up a stop)."""
+        """Send what is batched (bounded: a dead collector must not hold up a stop).
+
+        The SDK's shutdown runs in a daemon thread of its own, not the loop's executor:
+        ``asyncio.run`` joins that executor's threads before the process exits, so a shutdown
+        still waiting on the collector past the bound (the SDK waits up to 30 s, and an export
+        whose answer trickles in has no end) kept the process alive all the same."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def shut_down() -> None:
+            try:
+                self.provider.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_set_done, done)
+
+        threading.Thread(target=shut_down, name="keygate-span-flush", daemon=True).start()
         try:
-            await asyncio.wait_for(asyncio.to_thread(self.provider.shutdown),
-                                   timeout=SPAN_FLUSH_TIMEOUT)
-        except asyncio.TimeoutError:
-            log.warning("tracing: spans still queued at shutdown were not exported")
+            if not await bounded(done, SPAN_FLUSH_TIMEOUT, None):
+                log.warning("tracing: spans still queued at shutdown were not exported")
+        finally:
+            self.exporter.unmute()
+
+
+# the logger the OTLP/HTTP span exporter reports each failed batch on (two or three lines)
+_EXPORTER_LOG = logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+
+
+class _Reported:
+    """The span exporter, its failures logged once per outage rather than per batch: the
+    exporter's own lines for the first failed batch (they say why), one line of keygate's,
+    then nothing until a batch goes through again, which is logged with the count of spans
+    dropped in between. Without this a collector that is down filled the log with a warning
+    and an error a second, for as long as it stayed down."""
+
+    def __init__(self, exporter: Any, url: str) -> None:
+        self.exporter, self.url = exporter, url
+        self.dropped = 0
+        self.failing = False
+        _EXPORTER_LOG.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.failing
+
+    def unmute(self) -> None:
+        _EXPORTER_LOG.removeFilter(self)
+
+    def export(self, spans: Any) -> Any:
+        result = self.exporter.export(spans)
+        if result is SpanExportResult.SUCCESS:
+            if self.failing:
+                self.failing = False
+                log.warning("tracing: the collector at %s takes spans again; %d spans were "
+                            "dropped while it did not", self.url, self.dropped)
+                self.dropped = 0
+        else:
+            self.dropped += len(spans)
+            if not self.failing:
+                self.failing = True
+                log.warning("tracing: spans could not be sent to %s; they are dropped until "
+                            "it takes them again (logged once)", self.url)
+        return result
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
+
+
+def _set_done(done: asyncio.Future) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 def _trace_state(values: tuple[str, ...], mask: Any) -> TraceState:

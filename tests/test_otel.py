@@ -263,3 +263,93 @@ async def test_a_token_pasted_into_user_agent_or_tracestate_is_never_exported(
     assert b"vendor=abc" in blob or b"abc" in blob  # the rest of the trace state is kept
     for secret in (token, token.split("_")[-1][12:44]):
         assert secret.encode() not in blob
+
+
+async def test_a_collector_that_stays_down_is_logged_once_not_per_batch(
+        upstream, redis_url, monkeypatch, caplog):
+    """The exporter logged a warning and an error for every batch it could not send: with the
+    collector down, about one line a second for as long as it stayed down (at low traffic,
+    lines for every request). Now: the first failure, one keygate line, and one when it is
+    back, with the count of the spans lost in between."""
+    import asyncio
+    import logging
+
+    from conftest import free_port
+    port = free_port()
+    config = make_config(str(upstream.make_url("")), tracing=TracingConfig(
+        f"http://127.0.0.1:{port}"))
+    caplog.set_level(logging.INFO)
+    got: list[bytes] = []
+
+    async def export(request: web.Request) -> web.Response:
+        got.append(await request.read())
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", export)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+            for _ in range(8):  # a batch every second, each one refused
+                async with gw.proxy.get("/health") as r:
+                    assert r.status == 200
+                await asyncio.sleep(0.5)
+            otel = [r for r in caplog.records if r.name.startswith("opentelemetry")]
+            ours = [r for r in caplog.records if r.name == "keygate.tracing"]
+            assert len(otel) <= 3, [r.getMessage() for r in otel]  # the first batch's only
+            assert len(ours) == 1 and ours[0].levelno == logging.WARNING
+            assert f"127.0.0.1:{port}" in ours[0].getMessage()
+            await web.TCPSite(runner, "127.0.0.1", port).start()  # the collector is back
+            async with gw.proxy.get("/health") as r:
+                assert r.status == 200
+            for _ in range(50):
+                if got:
+                    break
+                await asyncio.sleep(0.1)
+            assert got
+            back = [r for r in caplog.records if r.name == "keygate.tracing"][1:]
+            assert len(back) == 1 and "dropped" in back[0].getMessage()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_collector_that_never_finishes_its_answer_holds_up_no_stop(
+        upstream, redis_url, monkeypatch):
+    """The stop's wait for the spans was bounded (``SPAN_FLUSH_TIMEOUT``), but the SDK's
+    shutdown went on in the event loop's default executor, which ``asyncio.run`` joins before
+    the process exits: a collector that answers a byte at a time (each read within the
+    exporter's timeout) kept a SIGTERM'd keygate alive past the bound, up to the SDK's own 30 s
+    and more. What a stop leaves running now holds up no exit."""
+    import asyncio
+    import time
+
+    import gateway.otel
+
+    async def trickle(reader, writer):
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        try:
+            for _ in range(200):
+                await asyncio.sleep(0.5)
+                writer.write(b"X")
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+
+    collector = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = collector.sockets[0].getsockname()[1]
+    monkeypatch.setattr(gateway.otel, "SPAN_FLUSH_TIMEOUT", 2)
+    config = make_config(str(upstream.make_url("")), tracing=TracingConfig(
+        f"http://127.0.0.1:{port}"))
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+            async with gw.proxy.get("/health") as r:
+                assert r.status == 200
+            await asyncio.sleep(1.5)  # the batch is on its way, its answer never ends
+            started = time.monotonic()
+        assert time.monotonic() - started < 4
+        # what asyncio.run does before the process exits
+        await asyncio.wait_for(asyncio.get_running_loop().shutdown_default_executor(), 3)
+    finally:
+        collector.close()
