@@ -721,6 +721,18 @@ function rotateKey(key) {
 
 async function toggleKey(key) {
   const enable = key.enabled === false;
+  if (!enable && key.id === session.keyId) {
+    // the page signs out at once and the key cannot enable itself again: ask, as Revoke does
+    confirmDialog(
+      "Disable key " + key.name + "?", "Disable",
+      () => api("PATCH", keyPath(key), {enabled: false}), "Key " + key.name + " disabled.",
+      el("p", {"text": "Requests with " + key.prefix + "… are refused until the key is " +
+                       "enabled again."}),
+      el("p", {"class": "warning", "text": "This is the key you are signed in with: this page " +
+                                           "loses access too, and this key cannot enable " +
+                                           "itself again."}));
+    return;
+  }
   try {
     await api("PATCH", keyPath(key), {enabled: enable});
   } catch (err) {
