@@ -747,6 +747,43 @@ def test_losing_access_mid_session_returns_to_sign_in(page, gateway):
     assert_signed_out(page, "second-admin", "Cyberdyne")
 
 
+def test_a_key_that_loses_keys_admin_mid_session_is_signed_out(page, gateway):
+    """The operator re-binds a signed-in workspace admin's key to scopes without keys:admin:
+    every call of the page is then refused (403). The page stayed signed in, the workspace's
+    keys still on screen for someone no longer allowed to see them, each step failing."""
+    _, admin_key = signed_in_admin(page, gateway, "aperture", "Aperture", "glados")
+    page.allowed_errors.append("403")
+    status, body = gateway.admin("PATCH", f"/workspaces/aperture/keys/{admin_key['id']}",
+                                 {"scopes": ["people:read"]})
+    assert status == 200, body
+    page.create_key("wheatley", scopes="people:read")
+    problem = page.alert_text()
+    assert problem.startswith("Signed out: ") and "keys:admin" in problem, problem
+    assert "request id" in problem
+    assert_signed_out(page, "glados", "Aperture")
+    assert keys_named(gateway, "aperture", "wheatley") == []
+
+
+def test_disabling_the_key_one_is_signed_in_with_asks_first(page, gateway):
+    """Disable on one's own row signs the page out, and a workspace key cannot enable itself
+    again: one click locked the person out with no word, where Revoke and Rotate say "the key
+    you are signed in with" first."""
+    _, admin_key = signed_in_admin(page, gateway, "wonka", "Wonka", "oompa")
+    if "enabled" not in admin_key:
+        pytest.skip("this build's API has no key controls")
+    page.button("Disable", page.row("oompa")).click()
+    dialog = page.dialog()
+    assert "the key you are signed in with" in dialog.text
+    page.button("Cancel", dialog).click()
+    page.no_dialog()
+    assert keys_named(gateway, "wonka", "oompa")[0]["enabled"] is True
+    page.button("Disable", page.row("oompa")).click()
+    page.button("Disable", page.dialog()).click()
+    assert "This API key is disabled." in page.alert_text()
+    assert_signed_out(page, "oompa", "Wonka")
+    assert keys_named(gateway, "wonka", "oompa")[0]["enabled"] is False
+
+
 def test_rotating_the_key_one_is_signed_in_with_shows_the_new_token_until_done(page, gateway):
     """A workspace admin rotating its own key with no grace revokes the key the page signs its
     calls with: the list's refresh then answers 401 and signs out. The new token (the only
@@ -950,3 +987,5 @@ def test_leaving_the_page_signs_out_so_back_does_not_bring_the_session_back(page
     assert not page.driver.find_element(By.ID, "workspace-view").is_displayed()
     assert not page.driver.find_elements(By.CSS_SELECTOR, "[data-token], dialog")
     assert page.tokens_seen[-1] not in page.driver.page_source
+
+

@@ -64,9 +64,33 @@ async function api(method, path, body) {
       showAlert(describe(signedOut));
       throw signedOut;
     }
+    if (response.status === 403 && mine.signedIn && !mine.operator && path !== "/workspaces" &&
+        await lostAdmin(mine)) {
+      // the key no longer holds keys:admin (re-bound meanwhile): every call is refused now, and
+      // the workspace's keys on screen are no longer this person's to see
+      const signedOut = new ApiError(403, failure.code, "Signed out: " + failure.message,
+                                     failure.requestId);
+      signOut();
+      showAlert(describe(signedOut));
+      throw signedOut;
+    }
     throw failure;
   }
   return data;
+}
+
+// Whether a workspace admin's key has lost its access (a 403 may also mean only "not this
+// step", such as granting a scope the key lacks): the call the page signs in with answers it.
+async function lostAdmin(mine) {
+  try {
+    const check = await fetch(API + "/workspaces", {
+      method: "GET",
+      headers: {"Authorization": "Bearer " + mine.token, "Accept": "application/json"},
+      cache: "no-store", credentials: "omit", redirect: "error", referrerPolicy: "no-referrer"});
+    return session === mine && (check.status === 401 || check.status === 403);
+  } catch (err) {
+    return false;  // unreachable: not a sign that access is gone
+  }
 }
 
 function describe(err) {
@@ -697,6 +721,18 @@ function rotateKey(key) {
 
 async function toggleKey(key) {
   const enable = key.enabled === false;
+  if (!enable && key.id === session.keyId) {
+    // the page signs out at once and the key cannot enable itself again: ask, as Revoke does
+    confirmDialog(
+      "Disable key " + key.name + "?", "Disable",
+      () => api("PATCH", keyPath(key), {enabled: false}), "Key " + key.name + " disabled.",
+      el("p", {"text": "Requests with " + key.prefix + "… are refused until the key is " +
+                       "enabled again."}),
+      el("p", {"class": "warning", "text": "This is the key you are signed in with: this page " +
+                                           "loses access too, and this key cannot enable " +
+                                           "itself again."}));
+    return;
+  }
   try {
     await api("PATCH", keyPath(key), {enabled: enable});
   } catch (err) {
