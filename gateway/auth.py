@@ -214,7 +214,15 @@ class Authenticator:
                                                       verified_before=entry is not None))
             self._inflight[digest] = task
             task.add_done_callback(lambda t: self._verified(digest, t))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except StoreError:
+            # on_store_error: open lets keys verified in this process through while the store
+            # is down: this token verified here (only its cache_ttl ran out), and the key's
+            # hash never changes, so it still would; the pipeline decides from its cached state
+            if entry is not None and self.config.store.on_store_error == "open":
+                return entry
+            raise
 
     def parse(self, raw_token: str) -> ParsedToken:
         """The token's parts: shape, prefix, checksum and environment checked (401

@@ -41,6 +41,12 @@ RELOADABLE = {
 # Whole sections built once at start (the OTLP exporter; the signing secret, read from the
 # environment, which a running process cannot see change): kept until a restart.
 RESTART_ONLY_SECTIONS = ("identity_signature", "tracing")
+# Under ``serve --workers N`` the worker that answers ``POST /admin/v1/reload`` has the others
+# reload too, and answers once they have (at most this many seconds): each worker writes
+# ``reload-<pid>`` (when its last reload began reading the file, time.monotonic(), the same
+# clock in every process of a host) in the directory the supervisor made for its workers.
+SIBLINGS_WAIT = 10.0
+MARK_PREFIX = "reload-"
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,8 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._echo = 0  # SIGHUPs we caused ourselves (a worker asking its siblings to reload)
         self._hup_waiting = False  # a SIGHUP's reload waits for its turn (it answers the next)
+        self._marks = _shared_dir()  # serve --workers: where each worker says it reloaded
+        self._mark(time.monotonic())  # a worker that has not reloaded yet is named there too
         if metrics is not None:
             metrics.config_reloaded_at.set(clock())
 
@@ -154,9 +162,11 @@ class Reloader:
         finally:
             if signalled:
                 self._hup_waiting = False
+        started = time.monotonic()
         try:
             yield
         finally:
+            self._mark(started)  # done or refused: a sibling waiting on this worker goes on
             self._lock.release()
 
     async def _in_use(self, new: Config) -> list[str]:
@@ -184,16 +194,53 @@ class Reloader:
         except ConfigError:
             pass  # logged line by line by reload()
 
-    def tell_siblings(self) -> None:
+    def tell_siblings(self) -> float | None:
         """Under ``serve --workers N``, after a reload asked over the admin API of this worker:
-        have the supervisor pass SIGHUP to every worker (this one skips its own echo)."""
+        have the supervisor pass SIGHUP to every worker (this one skips its own echo). Returns
+        when it asked (time.monotonic()), None if it did not."""
         supervisor = os.environ.get("KEYGATE_SUPERVISOR_PID")
         if supervisor and supervisor.isdigit() and int(supervisor) == os.getppid():
             self._echo += 1
+            asked = time.monotonic()
             try:
                 os.kill(int(supervisor), signal.SIGHUP)
             except OSError:
                 self._echo -= 1
+                return None
+            return asked
+        return None
+
+    async def siblings_reloaded(self, asked: float, timeout: float = SIBLINGS_WAIT) -> None:
+        """Until every other worker still running has reloaded from the file since ``asked``
+        (or refused it), so a request the API's caller sends next sees the new config
+        whichever worker takes it; at most ``timeout`` seconds (then a warning)."""
+        if self._marks is None:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            behind = [pid for pid, at in _marks(self._marks)
+                      if pid != os.getpid() and at < asked and _running(pid)]
+            if not behind:
+                return
+            if time.monotonic() >= deadline:
+                log.warning("reload: workers %s had not re-read the config %.0f s after the "
+                            "reload call; answering it all the same",
+                            ", ".join(map(str, behind)), timeout)
+                return
+            await asyncio.sleep(0.005)
+
+    def _mark(self, started: float) -> None:
+        """Say, for the worker asking (``siblings_reloaded``), that this one's latest reload
+        began reading the file at ``started``."""
+        if self._marks is None:
+            return
+        path = os.path.join(self._marks, f"{MARK_PREFIX}{os.getpid()}")
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(repr(started))
+            os.replace(path + ".tmp", path)
+        except OSError as exc:
+            log.warning("reload: cannot write %s: %s", path, exc)
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -257,7 +304,47 @@ def add_reload_route(app: web.Application, reloader: Reloader) -> None:
             result = await reloader.reload()
         except ConfigError as exc:
             raise ConfigRejected(list(exc.problems)) from None
-        reloader.tell_siblings()
+        asked = reloader.tell_siblings()
+        if asked is not None:
+            await reloader.siblings_reloaded(asked)
         return web.json_response(result.to_json())
 
     app.router.add_post("/admin/v1/reload", reload)
+
+
+def _shared_dir() -> str | None:
+    """The directory every worker of this ``serve --workers N`` can write (the one the
+    supervisor made for their metrics), None in a process of its own."""
+    supervisor = os.environ.get("KEYGATE_SUPERVISOR_PID")
+    if not (supervisor and supervisor.isdigit() and int(supervisor) == os.getppid()):
+        return None
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def _marks(directory: str) -> list[tuple[int, float]]:
+    """(pid, when its latest reload began) of each worker that wrote a mark."""
+    found = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return found
+    for name in names:
+        pid = name[len(MARK_PREFIX):]
+        if not (name.startswith(MARK_PREFIX) and pid.isdigit()):
+            continue
+        try:
+            with open(os.path.join(directory, name)) as f:
+                found.append((int(pid), float(f.read())))
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or caught being replaced: read again at the next poll
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession, TCPConnector, web
 
 from gateway.config import load_config
 from prometheus_client.parser import text_string_to_metric_families
@@ -400,6 +400,50 @@ async def test_admin_reload_under_two_workers_reloads_both_once(tmp_path, slow_u
             await asyncio.sleep(0.5)  # and no third reload follows (the caller's echo is skipped)
             assert await reload_counts(s, gw.admin) == {"ok": 2, "error": 1}  # once per worker
         assert gw.stderr().count("config reloaded from") == 2
+        assert await asyncio.to_thread(gw.terminate) == 0
+    finally:
+        gw.close()
+
+
+async def test_the_request_after_an_admin_reload_under_two_workers_sees_the_new_config_at_both(
+        tmp_path, slow_upstream, redis_url):
+    """SPEC: the next request sees the reloaded config, and a role edit acts on the very next
+    request. Under ``--workers 2`` the call answered as soon as the worker it reached had
+    reloaded; the other one got the supervisor's SIGHUP and re-read the file a little later, so
+    the caller's next request, taken there, still had the role's old scopes."""
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    doc = yaml.safe_load(config.read_text())
+    doc["roles"] = {"reader": ["people:read"]}
+    config.write_text(yaml.safe_dump(doc))
+    gw = Served(config, pport, aport, "--workers", "2")
+    try:
+        await gw.ready()
+        deadline = time.monotonic() + 10
+        while len(children_of(gw.proc.pid)) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        async with ClientSession(timeout=TIMEOUT) as s, ClientSession(
+                timeout=TIMEOUT, connector=TCPConnector(force_close=True)) as fresh:
+            await admin_json(s, gw.admin, "POST", "/workspaces", {"id": "acme", "name": "Acme"})
+            status, body = await admin_json(s, gw.admin, "POST", "/workspaces/acme/keys",
+                                            {"name": "it", "role": "reader"})
+            assert status == 201, body
+            token = body["token"]
+            assert await answered_by_all(gw.proxy, "/people/1", token, 200, 6)
+            for trial in range(10):
+                doc["roles"] = {"reader": ["companies:read"] if trial % 2 == 0
+                                else ["people:read"]}
+                config.write_text(yaml.safe_dump(doc))
+                status, body = await admin_json(s, gw.admin, "POST", "/reload")
+                assert status == 200, body
+                want = 403 if trial % 2 == 0 else 200
+                # at once, each on a new connection (SO_REUSEPORT spreads them over both)
+                got = []
+                for _ in range(8):
+                    async with fresh.get(gw.proxy + "/people/1",
+                                         headers={"Authorization": f"Bearer {token}"}) as r:
+                        got.append(r.status)
+                assert got == [want] * 8, (trial, got)
         assert await asyncio.to_thread(gw.terminate) == 0
     finally:
         gw.close()

@@ -76,6 +76,28 @@ async def test_a_key_cached_as_revoked_is_503_while_the_store_is_down_never_401(
             own_redis.start()
         assert await call(g, token) == (401, "invalid_key")
 
+async def test_a_change_made_after_the_store_is_restored_from_a_backup_acts_where_it_was_cached(
+        own_redis, upstream, monkeypatch):
+    """Redis restored from a backup (a snapshot, then a restart on it) loses the changes made
+    after the snapshot, revs included. The next change wrote the rev a replica had cached for
+    a lost one: the replica took its cache as current and admitted a key revoked after the
+    restore, until ``cache_ttl`` ran out."""
+    import redis
+    async with replicas(own_redis.url, upstream, monkeypatch) as (a, b):
+        token, key = await a.key(scopes=["people:read", "companies:read"])
+        kid = f"/workspaces/acme/keys/{key['id']}"
+        redis.Redis.from_url(own_redis.url).save()  # the backup
+        status, _ = await a.admin_json("PATCH", kid, {"scopes": ["people:read"]})
+        assert status == 200
+        await cached_at((a, b), token)  # cached as the patched key
+        own_redis.stop()
+        own_redis.start()  # restored: the patch is lost
+        status, _ = await a.admin_json("POST", f"{kid}/revoke")
+        assert status == 200
+        for g in (a, b):
+            assert await call(g, token) == (401, "revoked_key")
+
+
 # --- every change made at one replica, seen at the next request at another ------------------
 
 async def test_each_key_workspace_and_role_change_at_one_replica_acts_at_the_next_request_at_another(

@@ -17,7 +17,7 @@ from gateway.config import StoreConfig
 from aiohttp import ClientSession, TCPConnector
 
 from harness import (ADMIN_TOKEN, bearer, eventually, gateway_under_test, get_all, make_config,
-                     redis_answers)
+                     redis_answers, wrong_secret)
 from conftest import redis_server_binary, free_port
 
 
@@ -432,6 +432,32 @@ async def three_requests_counted_while_the_store_is_paused(g, redis_url: str) ->
     assert (await get_all(g, token, 1))[0][0] == 200
     sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1200")
     assert [s for s, _ in await get_all(g, token, 3)] == [200, 200, 200]
+
+
+async def test_fail_open_keeps_a_key_whose_verification_outlived_cache_ttl_during_the_outage(
+        own_redis, upstream, monkeypatch):
+    """on_store_error: open lets keys already verified in this process through. A key whose
+    ``keys.cache_ttl`` ran out while Redis was down needed the store to verify again and got
+    503, so every key dropped out of fail-open within ``cache_ttl`` (300 s) of an outage."""
+    import dataclasses
+    from gateway.config import StoreConfig
+
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    config = dataclasses.replace(config, keys=dataclasses.replace(config.keys, cache_ttl=0.5))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        assert (await get_all(g, token, 1))[0][0] == 200
+        own_redis.stop()
+        try:
+            await asyncio.sleep(0.6)  # the verification's cache_ttl runs out, Redis still down
+            assert [s for s, _ in await get_all(g, token, 2)] == [200, 200]
+            async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+                assert r.status == 503  # never verified here: not let through
+        finally:
+            own_redis.start()
+        assert g.counter("keygate_degraded_decisions_total") == 2
 
 
 async def test_requests_counted_locally_while_the_store_was_down_survive_a_shutdown(

@@ -29,6 +29,9 @@ per-request script and every admin script touch a single slot.
                                           own cap, "" = none), enabled ("0" = disabled),
                                           meta (JSON object), allowed_ips (JSON list, "" = any),
                                           rev (bumped on every change)
+                                          (a bumped rev is Redis's TIME in µs, or +1 when that
+                                          is not above it: a restore or failover that takes
+                                          revs back never hands a cached one out again)
     kg:keyid:<id>                 STRING  workspace id of key <id> (global index, own slot;
                                           read only on a key's first request in a process).
                                           Written (SET NX, which also catches id collisions)

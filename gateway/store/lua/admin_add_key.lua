@@ -33,6 +33,20 @@
 -- 'collision' (new key id taken) | 'limit' (cap reached) and,
 -- rotating, 'not_found' | 'revoked' | 'stale' | 'grace_limit' (grace asked, workspace
 -- already over its cap).
+-- A new rev: Redis's clock in microseconds, or one more than the rev when that is not above it.
+-- Never a value a replica may have cached: a backup restored, or a failover to a replica that
+-- missed the last writes, takes revs back, and a counter would then hand out again the rev of
+-- a lost change (a replica would take its cached state as current: a revoke unseen).
+local function new_rev(hash)
+  local t = redis.call('TIME')
+  local stamp = t[1] .. string.format('%06d', tonumber(t[2]))
+  local cur = tonumber(redis.call('HGET', hash, 'rev') or '0')
+  if cur and cur >= tonumber(stamp) then
+    redis.call('HINCRBY', hash, 'rev', 1)
+  else
+    redis.call('HSET', hash, 'rev', stamp)
+  end
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
 if (redis.call('HGET', KEYS[1], 'rev') or '0') ~= ARGV[11] then return 'stale_ws' end
 if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[6], ARGV[10]) == 0 then return 'no_role' end
@@ -69,7 +83,7 @@ if rotating then
       redis.call('ZADD', KEYS[3], ARGV[8], ARGV[7])
     end
   end
-  redis.call('HINCRBY', KEYS[7], 'rev', 1)
+  new_rev(KEYS[7])
   local used = redis.call('GET', KEYS[8])
   local ttl = redis.call('PTTL', KEYS[8])
   if used and ttl > 0 then redis.call('SET', KEYS[9], used, 'PX', ttl) end

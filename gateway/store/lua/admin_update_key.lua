@@ -19,6 +19,20 @@
 -- ARGV[10..] field, value pairs
 -- Returns the key hash (HGETALL), nil when the key does not exist, 'limit', 'stale',
 -- 'no_role' (ARGV[8] is not defined; nothing written) or {'unbound', role} (see ARGV[9]).
+-- A new rev: Redis's clock in microseconds, or one more than the rev when that is not above it.
+-- Never a value a replica may have cached: a backup restored, or a failover to a replica that
+-- missed the last writes, takes revs back, and a counter would then hand out again the rev of
+-- a lost change (a replica would take its cached state as current: a revoke unseen).
+local function new_rev(hash)
+  local t = redis.call('TIME')
+  local stamp = t[1] .. string.format('%06d', tonumber(t[2]))
+  local cur = tonumber(redis.call('HGET', hash, 'rev') or '0')
+  if cur and cur >= tonumber(stamp) then
+    redis.call('HINCRBY', hash, 'rev', 1)
+  else
+    redis.call('HSET', hash, 'rev', stamp)
+  end
+end
 local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at', 'rev')
 if not st[1] then return false end
 if ARGV[7] ~= '' and (st[3] or '0') ~= ARGV[7] then return 'stale' end
@@ -46,6 +60,6 @@ if #ARGV >= 11 then
   for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], unpack(fields))
 end
-redis.call('HINCRBY', KEYS[1], 'rev', 1)
+new_rev(KEYS[1])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
 return redis.call('HGETALL', KEYS[1])

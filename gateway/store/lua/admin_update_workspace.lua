@@ -6,6 +6,20 @@
 --         into the stored overrides (its nulls stay: null = unlimited)
 -- ARGV[4..] field, value pairs
 -- Returns the workspace hash (HGETALL), or nil when it does not exist.
+-- A new rev: Redis's clock in microseconds, or one more than the rev when that is not above it.
+-- Never a value a replica may have cached: a backup restored, or a failover to a replica that
+-- missed the last writes, takes revs back, and a counter would then hand out again the rev of
+-- a lost change (a replica would take its cached state as current: a revoke unseen).
+local function new_rev(hash)
+  local t = redis.call('TIME')
+  local stamp = t[1] .. string.format('%06d', tonumber(t[2]))
+  local cur = tonumber(redis.call('HGET', hash, 'rev') or '0')
+  if cur and cur >= tonumber(stamp) then
+    redis.call('HINCRBY', hash, 'rev', 1)
+  else
+    redis.call('HSET', hash, 'rev', stamp)
+  end
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if #ARGV >= 5 then
   local fields = {}
@@ -21,6 +35,6 @@ elseif ARGV[3] ~= '' then
   for name, value in pairs(cjson.decode(ARGV[3])) do merged[name] = value end
   redis.call('HSET', KEYS[1], 'limits', cjson.encode(merged))
 end
-redis.call('HINCRBY', KEYS[1], 'rev', 1)
+new_rev(KEYS[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
 return redis.call('HGETALL', KEYS[1])
