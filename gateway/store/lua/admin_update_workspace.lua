@@ -19,7 +19,19 @@ elseif ARGV[3] ~= '' then
   local merged = {}
   if cur and cur ~= '' then merged = cjson.decode(cur) end
   for name, value in pairs(cjson.decode(ARGV[3])) do merged[name] = value end
-  redis.call('HSET', KEYS[1], 'limits', cjson.encode(merged))
+  -- not cjson.encode(merged): it writes numbers with 14 significant digits (123456789012345
+  -- became 1.2345678901234e+14); whole numbers are written whole (decoded exactly: < 2^53)
+  local parts = {}
+  for name, value in pairs(merged) do
+    local text
+    if type(value) == 'number' and value == math.floor(value) and math.abs(value) < 2^53 then
+      text = string.format('%d', value)
+    else
+      text = cjson.encode(value)
+    end
+    parts[#parts + 1] = cjson.encode(name) .. ':' .. text
+  end
+  redis.call('HSET', KEYS[1], 'limits', '{' .. table.concat(parts, ',') .. '}')
 end
 redis.call('HINCRBY', KEYS[1], 'rev', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
