@@ -346,3 +346,34 @@ async def test_rotate_copies_the_key_as_it_is_when_the_script_runs(redis_url, ra
         assert (await s.get_key("acme", other.key.id)).revoked_at is None
     finally:
         await s.close()
+
+
+async def test_reviving_an_expired_key_meets_the_cap_as_it_is_when_the_script_runs(redis_url,
+                                                                                   raw):
+    """A new expiry for an expired key makes it active again, so it meets the key cap: the cap
+    was read, then the script ran with it. An operator lowering ``max_keys`` in between was
+    not seen, and the key came back over the new cap (creates and rotations check it)."""
+    now = {"t": T0, "armed": False}
+
+    def clock() -> float:
+        if now["armed"]:  # runs after the workspace read, before the script
+            now["armed"] = False
+            raw.hset(ws_key("acme"), "limits", '{"max_keys":1}')
+            raw.hincrby(ws_key("acme"), "rev", 1)
+        return now["t"]
+
+    s = await Store.connect(redis_url, cheap_config(), clock=clock)
+    try:
+        await s.create_workspace("acme", "ACME", "default")
+        old = await s.create_key("acme", name="a", environment="live", expires_at=T0 + 10)
+        await s.create_key("acme", name="b", environment="live")
+        now["t"] = T0 + 20
+        now["armed"] = True
+        with pytest.raises(Conflict) as info:
+            await s.update_key("acme", old.key.id, expires_at=T0 + 1000)
+        assert info.value.code == "key_limit_reached"
+        assert (await s.get_key("acme", old.key.id)).expires_at == T0 + 10
+        assert [k.id for k in await s.list_keys("acme", "active")] != [old.key.id]
+        assert len(await s.list_keys("acme", "active")) == 1
+    finally:
+        await s.close()

@@ -335,22 +335,29 @@ class KeyStore(StoreBase):
             fields += ["expires_at", epoch_field(expires_at)]
             details["expires_at"] = rfc3339(expires_at)
             score = "+inf" if expires_at is None else epoch_field(expires_at)
-        max_keys = -1
-        if score:
-            max_keys = self._max_keys(await self.require_workspace(ws))
-        elif not WORKSPACE_ID_RE.fullmatch(ws):
+        if not WORKSPACE_ID_RE.fullmatch(ws):
             raise no_workspace(ws)
-        now = self.clock()
-        reply = await self._run(
-            "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws),
-                           ws_roles_key(ws)),
-            (key_id, score, epoch_field(now), max_keys,
-             self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
-             "" if expect_rev is None else expect_rev,
-             self._bound_role(role),
-             # a new expiry brings an expired key back: the role it keeps must still exist
-             json.dumps(dict.fromkeys(self.config.roles, True))
-             if score and role is UNSET and scopes is UNSET else "", *fields))
+        max_keys, cap_basis = -1, ""
+        for _ in range(ID_ATTEMPTS):
+            if score:
+                workspace, cap_basis = await self._capped_workspace(ws)
+                max_keys = self._max_keys(workspace)
+            now = self.clock()
+            reply = await self._run(
+                "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws),
+                               ws_roles_key(ws), ws_key(ws)),
+                (key_id, score, epoch_field(now), max_keys,
+                 self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
+                 "" if expect_rev is None else expect_rev,
+                 self._bound_role(role),
+                 # a new expiry brings an expired key back: the role it keeps must still exist
+                 json.dumps(dict.fromkeys(self.config.roles, True))
+                 if score and role is UNSET and scopes is UNSET else "", cap_basis, *fields))
+            if reply != "stale_ws":  # else the cap changed since it was read: read it again
+                break
+        if reply == "stale_ws":
+            raise Conflict(f"The key cap of workspace '{shown_ws(ws)}' changed while this "
+                           "change was being made; retry.")
         if reply == "no_role":  # deleted since the caller checked it
             raise unknown_role(ws, role)
         if isinstance(reply, list) and reply[:1] == ["unbound"]:
