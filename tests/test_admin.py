@@ -906,6 +906,61 @@ async def test_a_repeated_query_parameter_is_400_not_its_first_value(admin, quer
     assert query.split("=")[0] in body["error"]["message"]
 
 
+async def test_the_same_rotation_sent_20_times_at_once_is_never_a_503(admin):
+    """Each rotation copies the key as it read it; one that finds the key changed since (by
+    another rotation) tries again. Every try hashed a new secret behind the others and gave up
+    after 8: 9 of 20 concurrent rotations with a grace answered 503 store_unavailable from a
+    healthy store. Without a grace exactly one rotates; with one each is a rotation of a key
+    still active (as sent one after another), and the old key ends at the grace's end."""
+    await workspace(admin)
+    old = (await new_key(admin))["key"]
+    path = f"/admin/v1/workspaces/acme/keys/{old['id']}"
+    for grace in (60, 0):
+        if grace == 0:
+            old = (await new_key(admin, name="again"))["key"]
+            path = f"/admin/v1/workspaces/acme/keys/{old['id']}"
+        resps = await asyncio.gather(*[admin.post(path + "/rotate", json={"grace_seconds": grace})
+                                       for _ in range(20)])
+        statuses = sorted(r.status for r in resps)
+        assert statuses == ([201] * 20 if grace else [201] + [409] * 19), statuses
+        now = await ok(await admin.get(path))
+        if grace:
+            assert (now["status"], now["expires_at"]) == ("active", "2026-01-01T00:01:00Z")
+        else:
+            assert now["status"] == "revoked"
+    audit = await ok(await admin.get("/admin/v1/workspaces/acme/audit?limit=1000"))
+    assert [e["action"] for e in audit["items"]].count("key.rotate") == 21
+
+
+async def test_role_changes_meanwhile_never_make_a_rotation_a_503(admin):
+    """A role PUT bumps the workspace's rev (cached authorisations re-read it), and rotations
+    and creates took any rev change for a change of the key cap: they read the workspace
+    again, hashed again, and after 8 such tries answered 503 store_unavailable, though only
+    the plan or the workspace's own limits set the cap."""
+    await workspace(admin, plan="small")
+    key = (await new_key(admin))["key"]
+    done = asyncio.Event()
+
+    async def churn() -> None:
+        i = 0
+        while not done.is_set():
+            i += 1
+            await ok(await admin.put(f"/admin/v1/workspaces/acme/roles/r{i % 3}",
+                                     json={"scopes": ["people:read"]}))
+
+    churners = [asyncio.create_task(churn()) for _ in range(2)]
+    try:
+        for _ in range(3):
+            body = await ok(await admin.post(f"/admin/v1/workspaces/acme/keys/{key['id']}/rotate",
+                                             json={"grace_seconds": 0}), 201)
+            key = body["key"]
+        body = await ok(await admin.post("/admin/v1/workspaces/acme/keys",
+                                         json={"name": "more"}), 201)
+    finally:
+        done.set()
+        await asyncio.gather(*churners)
+
+
 async def test_rotating_with_grace_cannot_grow_a_workspace_past_its_cap(admin):
     """Rotating with a grace keeps the old key active: without a check, rotating the newest key
     again and again minted any number of active keys on a plan with max_keys=3."""

@@ -952,6 +952,27 @@ async def test_concurrent_limit_changes_of_different_fields_both_stay(gut):
     assert set(ws["custom_limits"]) == {"monthly_requests", "max_keys"}
 
 
+async def test_large_limits_keep_every_digit_through_the_merge(gut):
+    """The limits are merged in the store's script (so concurrent changes of different fields
+    both stay), and its JSON encoder writes numbers with 14 significant digits: a cap of
+    123456789012345 (15 digits, within the 10**15 the API takes) was stored as
+    1.2345678901234e+14, and shown, and enforced, as 123456789012340.0 from then on."""
+    await gut.workspace()
+    big, top = 123456789012345, 10**15
+    status, _ = await gut.admin_json("PATCH", "/workspaces/acme",
+                                     {"limits": {"monthly_requests": big}})
+    assert status == 200
+    status, ws = await gut.admin_json("PATCH", "/workspaces/acme", {"limits": {"max_keys": top}})
+    assert status == 200
+    async with gut.admin.get("/admin/v1/workspaces/acme") as r:
+        text = await r.text()
+    assert json.loads(text)["custom_limits"] == ws["custom_limits"] == {
+        "monthly_requests": big, "max_keys": top}
+    assert f'"monthly_requests": {big},' in text and f'"max_keys": {top}' in text
+    _, usage = await gut.admin_json("GET", "/workspaces/acme/usage")
+    assert (usage["limit"], usage["remaining"]) == (big, big)
+
+
 async def test_creates_waiting_their_turn_to_hash_obey_a_cap_lowered_meanwhile(gut, redis_url):
     """A create read the workspace's cap, then waited its turn to hash the secret (one at a
     time), then ran the script with the cap it had read: creates queued behind others (a

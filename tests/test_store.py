@@ -346,3 +346,173 @@ async def test_rotate_copies_the_key_as_it_is_when_the_script_runs(redis_url, ra
         assert (await s.get_key("acme", other.key.id)).revoked_at is None
     finally:
         await s.close()
+
+
+async def test_reviving_an_expired_key_meets_the_cap_as_it_is_when_the_script_runs(redis_url,
+                                                                                   raw):
+    """A new expiry for an expired key makes it active again, so it meets the key cap: the cap
+    was read, then the script ran with it. An operator lowering ``max_keys`` in between was
+    not seen, and the key came back over the new cap (creates and rotations check it)."""
+    now = {"t": T0, "armed": False}
+
+    def clock() -> float:
+        if now["armed"]:  # runs after the workspace read, before the script
+            now["armed"] = False
+            raw.hset(ws_key("acme"), "limits", '{"max_keys":1}')
+            raw.hincrby(ws_key("acme"), "rev", 1)
+        return now["t"]
+
+    s = await Store.connect(redis_url, cheap_config(), clock=clock)
+    try:
+        await s.create_workspace("acme", "ACME", "default")
+        old = await s.create_key("acme", name="a", environment="live", expires_at=T0 + 10)
+        await s.create_key("acme", name="b", environment="live")
+        now["t"] = T0 + 20
+        now["armed"] = True
+        with pytest.raises(Conflict) as info:
+            await s.update_key("acme", old.key.id, expires_at=T0 + 1000)
+        assert info.value.code == "key_limit_reached"
+        assert (await s.get_key("acme", old.key.id)).expires_at == T0 + 10
+        assert [k.id for k in await s.list_keys("acme", "active")] != [old.key.id]
+        assert len(await s.list_keys("acme", "active")) == 1
+    finally:
+        await s.close()
+
+
+def test_key_lifecycles_keep_their_invariants(redis_url):
+    """Random sequences of creates, rotations (with and without a grace), revokes, new
+    expiries, deletes, cap changes and the passing of time, against a model: each key's
+    revoked_at and expires_at are what the rules say (revoked stays revoked, with its first
+    revoked_at; a grace never lengthens a life), the active set is the model's, a key is only
+    made active under the cap in force (a rotation with a grace: one over it), and there is
+    exactly one audit entry per change (none for a refusal or a repeated revoke)."""
+    from hypothesis import HealthCheck, settings, strategies as st
+    from hypothesis.stateful import (RuleBasedStateMachine, invariant, rule,
+                                     run_state_machine_as_test)
+
+    class Lifecycles(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            with redis.Redis.from_url(redis_url) as client:
+                client.flushdb()
+            self.loop = asyncio.new_event_loop()
+            self.now = T0
+            self.store = self.run(Store.connect(redis_url, cheap_config(),
+                                                clock=lambda: self.now))
+            self.run(self.store.create_workspace("acme", "ACME", "default"))
+            self.keys: dict[str, dict] = {}   # in creation order: revoked_at, expires_at
+            self.cap: int | None = None
+            self.audited = 1                  # workspace.create
+
+        def run(self, coro):
+            return self.loop.run_until_complete(coro)
+
+        def teardown(self) -> None:
+            self.run(self.store.close())
+            self.loop.close()
+
+        def active(self) -> list[str]:
+            return [k for k, v in self.keys.items() if v["revoked_at"] is None
+                    and (v["expires_at"] is None or v["expires_at"] > self.now)]
+
+        def at_cap(self, over: int = 0) -> bool:
+            return self.cap is not None and len(self.active()) >= self.cap + over
+
+        def pick(self, data) -> str | None:
+            return data.draw(st.sampled_from(list(self.keys))) if self.keys else None
+
+        @rule(life=st.sampled_from([None, 5, 50]))
+        def create(self, life):
+            full = self.at_cap()
+            try:
+                new = self.run(self.store.create_key(
+                    "acme", name="k", environment="live",
+                    expires_at=None if life is None else self.now + life))
+            except Conflict as exc:
+                assert full and exc.code == "key_limit_reached"
+                return
+            assert not full
+            self.keys[new.key.id] = {"revoked_at": None, "expires_at": new.key.expires_at}
+            self.audited += 1
+
+        @rule(data=st.data())
+        def revoke(self, data):
+            if (k := self.pick(data)) is None:
+                return
+            key = self.run(self.store.revoke_key("acme", k))
+            if self.keys[k]["revoked_at"] is None:
+                self.keys[k]["revoked_at"] = self.now
+                self.audited += 1
+            assert key.revoked_at == self.keys[k]["revoked_at"]
+
+        @rule(data=st.data(), grace=st.sampled_from([0, 3, 30]))
+        def rotate(self, data, grace):
+            if (k := self.pick(data)) is None:
+                return
+            v, active = self.keys[k], k in self.active()
+            refused = v["revoked_at"] is not None or (
+                not active and self.at_cap()) or (active and grace and self.at_cap(over=1))
+            try:
+                old, new = self.run(self.store.rotate_key("acme", k, grace_seconds=grace))
+            except Conflict:
+                assert refused
+                return
+            assert not refused
+            if grace == 0:
+                v["revoked_at"] = self.now
+            elif active and (v["expires_at"] is None or self.now + grace < v["expires_at"]):
+                v["expires_at"] = self.now + grace
+            assert (old.revoked_at, old.expires_at) == (v["revoked_at"], v["expires_at"])
+            self.keys[new.key.id] = {"revoked_at": None, "expires_at": new.key.expires_at}
+            self.audited += 1
+
+        @rule(data=st.data(), life=st.sampled_from([None, 20, 200]))
+        def new_expiry(self, data, life):
+            if (k := self.pick(data)) is None:
+                return
+            v = self.keys[k]
+            refused = v["revoked_at"] is None and k not in self.active() and self.at_cap()
+            expires_at = None if life is None else self.now + life
+            try:
+                self.run(self.store.update_key("acme", k, expires_at=expires_at))
+            except Conflict:
+                assert refused
+                return
+            assert not refused
+            v["expires_at"] = expires_at
+            self.audited += 1
+
+        @rule(data=st.data())
+        def delete(self, data):
+            if (k := self.pick(data)) is None:
+                return
+            try:
+                self.run(self.store.delete_key("acme", k))
+            except Conflict:
+                assert k in self.active()
+                return
+            assert k not in self.active()
+            del self.keys[k]
+            self.audited += 1
+
+        @rule(cap=st.sampled_from([None, 1, 2, 4]))
+        def set_cap(self, cap):
+            self.run(self.store.update_workspace("acme", limits={"max_keys": cap}))
+            self.cap = cap
+            self.audited += 1
+
+        @rule(seconds=st.sampled_from([1, 4, 25]))
+        def time_passes(self, seconds):
+            self.now += seconds
+
+        @invariant()
+        def the_store_agrees(self):
+            keys = self.run(self.store.list_keys("acme"))
+            assert {k.id: (k.revoked_at, k.expires_at) for k in keys} == {
+                k: (v["revoked_at"], v["expires_at"]) for k, v in self.keys.items()}
+            assert {k.id for k in keys if k.status(self.now) == "active"} == set(self.active())
+            assert len(self.run(self.store.audit("acme", 10_000))) == self.audited
+
+    run_state_machine_as_test(Lifecycles, settings=settings(
+        max_examples=100, stateful_step_count=30, deadline=None, derandomize=True,
+        database=None, suppress_health_check=list(HealthCheck)))

@@ -8,7 +8,7 @@ import json
 from typing import Any, Sequence
 
 from ..errors import Conflict, StoreError, shown
-from ..models import KeyRecord, rfc3339, whole_second
+from ..models import KeyRecord, Workspace, rfc3339, whole_second
 from ..tokens import ID_LEN, PREFIX_CHARS, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
                          no_workspace, revoked_key, role_gone, store_errors, unknown_role)
@@ -16,7 +16,18 @@ from ..usage import month_period
 from .keyspace import (key_index_key, key_key, key_usage_key, rate_key, ws_active_key,
                        ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
 from .records import (UNSET, WORKSPACE_ID_RE, NewKey, control_fields, epoch_field, hash_pairs,
-                      key_from_hash, shown_ws)
+                      key_from_hash, shown_ws, workspace_from_hash)
+
+
+ROTATE_ATTEMPTS = 64
+"""Tries of a rotation that finds the key changed since it read it (each try: a read and the
+script; the new key's id and hash are kept): concurrent rotations of one key each find it
+changed once per rotation that came first."""
+
+
+def changed_meanwhile(key_id: str) -> Conflict:
+    return Conflict(f"Key '{shown(key_id, 12)}' changed while it was being rotated; read it "
+                    "again and retry.")
 
 
 class KeyStore(StoreBase):
@@ -39,6 +50,18 @@ class KeyStore(StoreBase):
         if key is None:
             raise no_key(ws, key_id)
         return key
+
+    async def _capped_workspace(self, ws: str) -> tuple[Workspace, str]:
+        """The workspace (NotFound if none), and what its key cap is worked out from as stored
+        (its plan and own limits), for ``admin_add_key`` to check they are still the same."""
+        if not WORKSPACE_ID_RE.fullmatch(ws):
+            raise no_workspace(ws)
+        with store_errors("read"):
+            h = await self.redis.hgetall(ws_key(ws))
+        workspace = workspace_from_hash(h)
+        if workspace is None:
+            raise no_workspace(ws)
+        return workspace, f"{h.get('plan', '')}\n{h.get('limits', '')}"
 
     async def list_keys(self, ws: str, status: str | None = None) -> list[KeyRecord]:
         """The workspace's keys, oldest first; ``status`` filters (active|expired|revoked)."""
@@ -128,7 +151,7 @@ class KeyStore(StoreBase):
         """Create a key bound to ``role`` (if given) or to ``scopes``. Raises NotFound (no such
         workspace) or Conflict ``key_limit_reached`` (the plan's active-key cap is reached;
         checked and applied in one script, so concurrent creates cannot overshoot)."""
-        workspace = await self.require_workspace(ws)
+        workspace, cap_basis = await self._capped_workspace(ws)
         for _ in range(ID_ATTEMPTS):
             key_id, token, hashed = await self._new_token(ws, environment)
             now = self.clock()
@@ -148,13 +171,13 @@ class KeyStore(StoreBase):
                      "+inf" if expires_at is None else epoch_field(expires_at), key_id,
                      self._audit_entry(now, actor, "key.create", key_id,
                                        self._key_details(record)), AUDIT_MAXLEN,
-                     "", "", "", self._bound_role(role), workspace.rev, *fields),
+                     "", "", "", self._bound_role(role), cap_basis, *fields),
                     what="create key")
                 if reply != "stale_ws":
                     break
-                # the workspace changed while this create waited its turn to hash: its cap
-                # as it is now (the hash stays good)
-                workspace = await self.require_workspace(ws)
+                # the workspace's cap changed while this create waited its turn to hash: its
+                # cap as it is now (the hash stays good)
+                workspace, cap_basis = await self._capped_workspace(ws)
             if reply == "ok":
                 return NewKey(record, token)
             await self._release_id(key_id)
@@ -187,75 +210,88 @@ class KeyStore(StoreBase):
         the read here and the script (its rev moved), the rotation is retried from a fresh read
         -- or, with ``expect_rev`` (the rev the caller checked, e.g. self-service's scope check),
         refused with Conflict."""
-        workspace = await self.require_workspace(ws)
+        workspace, cap_basis = await self._capped_workspace(ws)
         old = await self.require_key(ws, key_id)
-        for _ in range(ID_ATTEMPTS):
-            if old.revoked_at is not None:
-                raise revoked_key(key_id)
-            if expect_rev is not None and old.rev != expect_rev:
-                raise Conflict(f"Key '{shown(key_id, 12)}' changed while it was being rotated; "
-                               "read it again and retry.")
-            new_id, token, hashed = await self._new_token(ws, old.environment)
-            now = self.clock()
-            expires_at = None
-            if old.expires_at is not None:  # the same lifetime as shown, to the second:
-                # rotating again and again never shortens it by the fraction it was made in
-                lifetime = whole_second(old.expires_at) - whole_second(old.created_at)
-                expires_at = whole_second(now + max(1.0, lifetime))
-            if max_expires_at is not None:
-                expires_at = min(max_expires_at, expires_at or max_expires_at)
-            record, fields = self._key_fields(
-                key_id=new_id, ws=ws, token=token, hashed=hashed, name=old.name,
-                description=old.description, environment=old.environment, role=old.role,
-                scopes=old.scopes, expires_at=expires_at, rate_limit=old.rate_limit, now=now,
-                monthly_requests=old.monthly_requests, enabled=old.enabled, meta=old.meta,
-                allowed_ips=old.allowed_ips)
-            details = {"new_key": new_id, "grace_seconds": grace_seconds}
-            period, _ = month_period(now)
-            reply = await self._run(
-                "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
-                            key_key(ws, new_id), ws_audit_key(ws), ws_roles_key(ws),
-                            key_key(ws, key_id), key_usage_key(ws, key_id, period),
-                            key_usage_key(ws, new_id, period), rate_key(ws, key_id),
-                            rate_key(ws, new_id)),
-                (epoch_field(now), self._max_keys(workspace),
-                 "+inf" if expires_at is None else epoch_field(expires_at), new_id,
-                 self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,
-                 key_id, "" if grace_seconds <= 0 else
-                 epoch_field(whole_second(now + grace_seconds)),
-                 # the role the copy is bound to must still exist, checked in this step as a
-                 # create checks it: an expired key does not hold a role delete up, so one
-                 # between the caller's check and here made an active key with no scopes (an
-                 # active key does hold it up: rotating a leaked key is never refused for it)
-                 old.rev, self._bound_role(old.role), workspace.rev, *fields),
-                what="rotate key")
-            if reply == "ok":
-                return await self.require_key(ws, key_id), NewKey(record, token)
-            await self._release_id(new_id)
-            if reply == "no_workspace":
-                raise no_workspace(ws)
-            if reply == "not_found":
-                raise no_key(ws, key_id)
-            if reply == "revoked":
-                raise revoked_key(key_id)
-            if reply == "no_role":
-                raise role_gone(ws, key_id, old.role or "")
-            if reply in ("stale", "collision"):
-                old = await self.require_key(ws, key_id)
-                continue
-            if reply == "stale_ws":  # its cap may have changed: read it again
-                workspace = await self.require_workspace(ws)
-                continue
-            if reply == "limit":
-                raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
-                               f"'{shown_ws(ws)}' already has the {self._max_keys(workspace)} "
-                               "active keys its plan allows.",
-                               code="key_limit_reached")
-            if reply == "grace_limit":
-                raise Conflict(f"Workspace '{shown_ws(ws)}' is already over the "
-                               f"{self._max_keys(workspace)} active keys its plan allows (a "
-                               "rotation's grace period is running); rotate without a grace, "
-                               "or revoke a key first.", code="key_limit_reached")
+        new_id = token = hashed = None
+        reply = None
+        try:
+            for _ in range(ROTATE_ATTEMPTS):
+                if old.revoked_at is not None:
+                    raise revoked_key(key_id)
+                if expect_rev is not None and old.rev != expect_rev:
+                    raise changed_meanwhile(key_id)
+                if new_id is None:  # one id and one hash for every try (hashes wait in turn)
+                    new_id, token, hashed = await self._new_token(ws, old.environment)
+                now = self.clock()
+                expires_at = None
+                if old.expires_at is not None:  # the same lifetime as shown, to the second:
+                    # rotating again and again never shortens it by the fraction it was made in
+                    lifetime = whole_second(old.expires_at) - whole_second(old.created_at)
+                    expires_at = whole_second(now + max(1.0, lifetime))
+                if max_expires_at is not None:
+                    expires_at = min(max_expires_at, expires_at or max_expires_at)
+                record, fields = self._key_fields(
+                    key_id=new_id, ws=ws, token=token, hashed=hashed, name=old.name,
+                    description=old.description, environment=old.environment, role=old.role,
+                    scopes=old.scopes, expires_at=expires_at, rate_limit=old.rate_limit,
+                    now=now, monthly_requests=old.monthly_requests, enabled=old.enabled,
+                    meta=old.meta, allowed_ips=old.allowed_ips)
+                details = {"new_key": new_id, "grace_seconds": grace_seconds}
+                period, _ = month_period(now)
+                reply = None  # the script may run and its answer be lost: then nothing released
+                reply = await self._run(
+                    "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
+                                key_key(ws, new_id), ws_audit_key(ws), ws_roles_key(ws),
+                                key_key(ws, key_id), key_usage_key(ws, key_id, period),
+                                key_usage_key(ws, new_id, period), rate_key(ws, key_id),
+                                rate_key(ws, new_id)),
+                    (epoch_field(now), self._max_keys(workspace),
+                     "+inf" if expires_at is None else epoch_field(expires_at), new_id,
+                     self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,
+                     key_id, "" if grace_seconds <= 0 else
+                     epoch_field(whole_second(now + grace_seconds)),
+                     # the role the copy is bound to must still exist, checked in this step as
+                     # a create checks it: an expired key does not hold a role delete up, so one
+                     # between the caller's check and here made an active key with no scopes
+                     # (an active key does hold it up: rotating a leaked key is never refused
+                     # for it)
+                     old.rev, self._bound_role(old.role), cap_basis, *fields),
+                    what="rotate key")
+                if reply == "ok":
+                    new_id = None  # the new key's now
+                    return await self.require_key(ws, key_id), NewKey(record, token)
+                if reply == "no_workspace":
+                    raise no_workspace(ws)
+                if reply == "not_found":
+                    raise no_key(ws, key_id)
+                if reply == "revoked":
+                    raise revoked_key(key_id)
+                if reply == "no_role":
+                    raise role_gone(ws, key_id, old.role or "")
+                if reply == "limit":
+                    raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
+                                   f"'{shown_ws(ws)}' already has the "
+                                   f"{self._max_keys(workspace)} active keys its plan allows.",
+                                   code="key_limit_reached")
+                if reply == "grace_limit":
+                    raise Conflict(f"Workspace '{shown_ws(ws)}' is already over the "
+                                   f"{self._max_keys(workspace)} active keys its plan allows "
+                                   "(a rotation's grace period is running); rotate without a "
+                                   "grace, or revoke a key first.", code="key_limit_reached")
+                if reply == "collision":  # the new id is taken after all: another one
+                    await self._release_id(new_id)
+                    new_id = None
+                elif reply == "stale":  # another change (or rotation) of the key came first
+                    old = await self.require_key(ws, key_id)
+                elif reply == "stale_ws":  # its cap may have changed: read it again
+                    workspace, cap_basis = await self._capped_workspace(ws)
+        finally:
+            # a key must never lose its index entry: released only when the script answered
+            # that it added no key (a stray entry is harmless, see the layout)
+            if new_id is not None and reply is not None:
+                await self._release_id(new_id)
+        if reply == "stale":  # changed under it every time: a conflict, never a 503
+            raise changed_meanwhile(key_id)
         raise StoreError("could not find a free key id")
 
     @confirmed_write
@@ -299,22 +335,29 @@ class KeyStore(StoreBase):
             fields += ["expires_at", epoch_field(expires_at)]
             details["expires_at"] = rfc3339(expires_at)
             score = "+inf" if expires_at is None else epoch_field(expires_at)
-        max_keys = -1
-        if score:
-            max_keys = self._max_keys(await self.require_workspace(ws))
-        elif not WORKSPACE_ID_RE.fullmatch(ws):
+        if not WORKSPACE_ID_RE.fullmatch(ws):
             raise no_workspace(ws)
-        now = self.clock()
-        reply = await self._run(
-            "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws),
-                           ws_roles_key(ws)),
-            (key_id, score, epoch_field(now), max_keys,
-             self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
-             "" if expect_rev is None else expect_rev,
-             self._bound_role(role),
-             # a new expiry brings an expired key back: the role it keeps must still exist
-             json.dumps(dict.fromkeys(self.config.roles, True))
-             if score and role is UNSET and scopes is UNSET else "", *fields))
+        max_keys, cap_basis = -1, ""
+        for _ in range(ID_ATTEMPTS):
+            if score:
+                workspace, cap_basis = await self._capped_workspace(ws)
+                max_keys = self._max_keys(workspace)
+            now = self.clock()
+            reply = await self._run(
+                "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws),
+                               ws_roles_key(ws), ws_key(ws)),
+                (key_id, score, epoch_field(now), max_keys,
+                 self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
+                 "" if expect_rev is None else expect_rev,
+                 self._bound_role(role),
+                 # a new expiry brings an expired key back: the role it keeps must still exist
+                 json.dumps(dict.fromkeys(self.config.roles, True))
+                 if score and role is UNSET and scopes is UNSET else "", cap_basis, *fields))
+            if reply != "stale_ws":  # else the cap changed since it was read: read it again
+                break
+        if reply == "stale_ws":
+            raise Conflict(f"The key cap of workspace '{shown_ws(ws)}' changed while this "
+                           "change was being made; retry.")
         if reply == "no_role":  # deleted since the caller checked it
             raise unknown_role(ws, role)
         if isinstance(reply, list) and reply[:1] == ["unbound"]:

@@ -25,30 +25,20 @@
 -- ARGV[10] the workspace role the new key is bound to, when no configured role of that name
 --         stands behind it ('' = none): it must still exist, checked in this step, since a
 --         role delete refuses while keys use it (admin_set_role) and must see this key
--- ARGV[11] the workspace's rev ARGV[2] was read at: the cap may have changed since (a create
---         waits its turn to hash between the read and here), so a change is 'stale_ws' and
---         the caller reads the cap again
+-- ARGV[11] the workspace's plan and own limits ARGV[2] was worked out from, as stored, joined
+--         by a newline: the cap may have changed since (a create waits its turn to hash
+--         between the read and here), so a change of either is 'stale_ws' and the caller reads
+--         the cap again. Not the workspace's rev: a role PUT bumps that and changes no cap, and
+--         creates and rotations made stale by role changes gave up (503) under a stream of them
 -- ARGV[12..] new key's field, value pairs
 -- Returns 'ok' | 'no_workspace' | 'stale_ws' | 'no_role' (ARGV[10] is not defined) |
 -- 'collision' (new key id taken) | 'limit' (cap reached) and,
 -- rotating, 'not_found' | 'revoked' | 'stale' | 'grace_limit' (grace asked, workspace
 -- already over its cap).
--- A new rev: Redis's clock in microseconds, or one more than the rev when that is not above it.
--- Never a value a replica may have cached: a backup restored, or a failover to a replica that
--- missed the last writes, takes revs back, and a counter would then hand out again the rev of
--- a lost change (a replica would take its cached state as current: a revoke unseen).
-local function new_rev(hash)
-  local t = redis.call('TIME')
-  local stamp = t[1] .. string.format('%06d', tonumber(t[2]))
-  local cur = tonumber(redis.call('HGET', hash, 'rev') or '0')
-  if cur and cur >= tonumber(stamp) then
-    redis.call('HINCRBY', hash, 'rev', 1)
-  else
-    redis.call('HSET', hash, 'rev', stamp)
-  end
-end
+-- include: _new_rev.lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
-if (redis.call('HGET', KEYS[1], 'rev') or '0') ~= ARGV[11] then return 'stale_ws' end
+local basis = redis.call('HMGET', KEYS[1], 'plan', 'limits')
+if (basis[1] or '') .. '\n' .. (basis[2] or '') ~= ARGV[11] then return 'stale_ws' end
 if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[6], ARGV[10]) == 0 then return 'no_role' end
 local rotating = ARGV[7] ~= ''
 local old_exp = nil
@@ -97,7 +87,7 @@ end
 local fields = {}
 for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[4], unpack(fields))
-redis.call('HINCRBY', KEYS[4], 'rev', 1)
+new_rev(KEYS[4])
 redis.call('SADD', KEYS[2], ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])

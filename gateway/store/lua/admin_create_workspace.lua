@@ -2,10 +2,11 @@
 -- KEYS[1] kg:ws:{ws}   KEYS[2] kg:ws:{ws}:audit
 -- ARGV[1] audit entry (JSON)   ARGV[2] audit stream cap   ARGV[3..] field, value pairs
 -- Returns 1 when created, 0 when the id is taken.
+-- include: _new_rev.lua
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local fields = {}
 for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('HINCRBY', KEYS[1], 'rev', 1)
+new_rev(KEYS[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
 return 1

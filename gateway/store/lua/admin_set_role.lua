@@ -14,20 +14,7 @@
 -- ARGV[8] the key hash name up to the key id ('kg:key:{ws}:'; delete only)
 -- Returns 'ok' | 'no_workspace' | 'not_found' (delete of a role the workspace does not have)
 -- | {'in_use', n} (delete refused: n keys still use the role; nothing written).
--- A new rev: Redis's clock in microseconds, or one more than the rev when that is not above it.
--- Never a value a replica may have cached: a backup restored, or a failover to a replica that
--- missed the last writes, takes revs back, and a counter would then hand out again the rev of
--- a lost change (a replica would take its cached state as current: a revoke unseen).
-local function new_rev(hash)
-  local t = redis.call('TIME')
-  local stamp = t[1] .. string.format('%06d', tonumber(t[2]))
-  local cur = tonumber(redis.call('HGET', hash, 'rev') or '0')
-  if cur and cur >= tonumber(stamp) then
-    redis.call('HINCRBY', hash, 'rev', 1)
-  else
-    redis.call('HSET', hash, 'rev', stamp)
-  end
-end
+-- include: _new_rev.lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
 if ARGV[1] == 'put' then
   redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])

@@ -2,7 +2,7 @@
 -- and audit it, in one step. Giving an expired key a new expiry makes it active again, so that
 -- counts against the plan's key cap like a create.
 -- KEYS[1] kg:key:{ws}:<id>   KEYS[2] kg:ws:{ws}:active   KEYS[3] kg:ws:{ws}:audit
--- KEYS[4] kg:ws:{ws}:roles
+-- KEYS[4] kg:ws:{ws}:roles   KEYS[5] kg:ws:{ws}
 -- ARGV[1] key id   ARGV[2] new expiry score ('' = unchanged, '+inf' = never; never in the past)
 -- ARGV[3] now   ARGV[4] max active keys (-1 = unlimited)
 -- ARGV[5] audit entry (JSON)   ARGV[6] audit stream cap
@@ -16,23 +16,15 @@
 --         active again, and an expired key does not hold up a role delete (admin_set_role):
 --         brought back bound to a role neither the workspace nor the config defines, it would
 --         act with no scopes, so that is refused ({'unbound', role}; nothing written)
--- ARGV[10..] field, value pairs
+-- ARGV[10] when ARGV[2] is given: the workspace's plan and own limits ARGV[4] was worked out
+--         from, as stored, joined by a newline (as admin_add_key's ARGV[11]); a key brought
+--         back meets the cap as it is now, so a change of either is 'stale_ws' (nothing
+--         written; the caller reads the cap again)
+-- ARGV[11..] field, value pairs
 -- Returns the key hash (HGETALL), nil when the key does not exist, 'limit', 'stale',
--- 'no_role' (ARGV[8] is not defined; nothing written) or {'unbound', role} (see ARGV[9]).
--- A new rev: Redis's clock in microseconds, or one more than the rev when that is not above it.
--- Never a value a replica may have cached: a backup restored, or a failover to a replica that
--- missed the last writes, takes revs back, and a counter would then hand out again the rev of
--- a lost change (a replica would take its cached state as current: a revoke unseen).
-local function new_rev(hash)
-  local t = redis.call('TIME')
-  local stamp = t[1] .. string.format('%06d', tonumber(t[2]))
-  local cur = tonumber(redis.call('HGET', hash, 'rev') or '0')
-  if cur and cur >= tonumber(stamp) then
-    redis.call('HINCRBY', hash, 'rev', 1)
-  else
-    redis.call('HSET', hash, 'rev', stamp)
-  end
-end
+-- 'stale_ws', 'no_role' (ARGV[8] is not defined; nothing written) or {'unbound', role} (see
+-- ARGV[9]).
+-- include: _new_rev.lua
 local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at', 'rev')
 if not st[1] then return false end
 if ARGV[7] ~= '' and (st[3] or '0') ~= ARGV[7] then return 'stale' end
@@ -49,15 +41,19 @@ if ARGV[2] ~= '' and not revoked then
       return {'unbound', bound}
     end
   end
+  if not active then
+    local basis = redis.call('HMGET', KEYS[5], 'plan', 'limits')
+    if (basis[1] or '') .. '\n' .. (basis[2] or '') ~= ARGV[10] then return 'stale_ws' end
+  end
   if not active and tonumber(ARGV[4]) >= 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
     if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 'limit' end
   end
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 end
-if #ARGV >= 11 then
+if #ARGV >= 12 then
   local fields = {}
-  for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], unpack(fields))
 end
 new_rev(KEYS[1])

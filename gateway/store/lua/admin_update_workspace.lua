@@ -6,20 +6,7 @@
 --         into the stored overrides (its nulls stay: null = unlimited)
 -- ARGV[4..] field, value pairs
 -- Returns the workspace hash (HGETALL), or nil when it does not exist.
--- A new rev: Redis's clock in microseconds, or one more than the rev when that is not above it.
--- Never a value a replica may have cached: a backup restored, or a failover to a replica that
--- missed the last writes, takes revs back, and a counter would then hand out again the rev of
--- a lost change (a replica would take its cached state as current: a revoke unseen).
-local function new_rev(hash)
-  local t = redis.call('TIME')
-  local stamp = t[1] .. string.format('%06d', tonumber(t[2]))
-  local cur = tonumber(redis.call('HGET', hash, 'rev') or '0')
-  if cur and cur >= tonumber(stamp) then
-    redis.call('HINCRBY', hash, 'rev', 1)
-  else
-    redis.call('HSET', hash, 'rev', stamp)
-  end
-end
+-- include: _new_rev.lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if #ARGV >= 5 then
   local fields = {}
@@ -33,7 +20,19 @@ elseif ARGV[3] ~= '' then
   local merged = {}
   if cur and cur ~= '' then merged = cjson.decode(cur) end
   for name, value in pairs(cjson.decode(ARGV[3])) do merged[name] = value end
-  redis.call('HSET', KEYS[1], 'limits', cjson.encode(merged))
+  -- not cjson.encode(merged): it writes numbers with 14 significant digits (123456789012345
+  -- became 1.2345678901234e+14); whole numbers are written whole (decoded exactly: < 2^53)
+  local parts = {}
+  for name, value in pairs(merged) do
+    local text
+    if type(value) == 'number' and value == math.floor(value) and math.abs(value) < 2^53 then
+      text = string.format('%d', value)
+    else
+      text = cjson.encode(value)
+    end
+    parts[#parts + 1] = cjson.encode(name) .. ':' .. text
+  end
+  redis.call('HSET', KEYS[1], 'limits', '{' .. table.concat(parts, ',') .. '}')
 end
 new_rev(KEYS[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
