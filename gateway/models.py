@@ -51,6 +51,31 @@ class RateLimit:
     def __str__(self) -> str:
         return f"{self.requests}/{'s' if self.period_seconds == 1 else 'm'}"
 
+    def exceeds(self, bound: RateLimit) -> bool:
+        """Whether this admits more requests than ``bound`` in some window. Both are sliding
+        logs, so N/m admits all N within one second: this is looser if it admits more per
+        second on average or more in one of its own periods (60/m is looser than 1/s: a burst
+        of 60; 1/s is no looser than 60/m)."""
+        return (self.requests * bound.period_seconds > bound.requests * self.period_seconds
+                or self.requests > bound.requests)
+
+    def within(self, bound: RateLimit) -> RateLimit:
+        """The rate in force for a key whose own rate is this under ``bound`` (its workspace's):
+        whichever of the two admits no more than the other in every window. When neither does
+        (a per-second and a per-minute rate that cross, e.g. 10/s and 120/m: 120 in one second
+        against 600 a minute), the rate within both that admits the most a minute: bound's
+        per-minute count spread over its seconds (120/m: 2/s), or, when that is under one a
+        second, the per-second count once a minute (10/s under 30/m: 10/m)."""
+        if not self.exceeds(bound):
+            return self
+        if not bound.exceeds(self):
+            return bound
+        per_second, per_minute = (self, bound) if self.period_seconds == 1 else (bound, self)
+        spread = per_minute.requests // 60
+        if spread * 60 >= per_second.requests:
+            return RateLimit(spread, 1)
+        return RateLimit(per_second.requests, 60)
+
 
 def parse_rate_limit(text: str) -> RateLimit:
     """``"5/s"`` → ``RateLimit(5, 1)``; ``"100/m"`` → ``RateLimit(100, 60)``.

@@ -105,11 +105,16 @@ def limits_json(plan: Plan) -> dict:
 
 
 def key_rate_limit(config: Config, plan: Plan | None, key_rate: str | None) -> RateLimit | None:
-    """The key's own rate limit wins over its plan's."""
+    """The rate limit in force for a key: its own, held within its workspace's (``plan``, the
+    workspace's own limits included) in both windows (``RateLimit.within``), or the
+    workspace's when it has none. A key given a big rate under a big plan never keeps it past
+    a downgrade: the cached key is derived again when the workspace changes (its rev)."""
+    bound = plan.rate_limit if plan else None
     if key_rate:
         from .config import parse_rate_limit
-        return parse_rate_limit(key_rate)
-    return plan.rate_limit if plan else None
+        own = parse_rate_limit(key_rate)
+        return own if bound is None else own.within(bound)
+    return bound
 
 
 # RateLimit-Policy values by (rate N, rate period, monthly limit, key cap, month's period: a

@@ -164,6 +164,55 @@ async def test_workspace_limits_override_the_plan_and_act_at_once(gut):
     assert audit["items"][0]["details"] == {"limits": None}
 
 
+async def test_a_keys_own_rate_never_exceeds_the_workspaces_rate_in_force(redis_url, upstream,
+                                                                           monkeypatch):
+    """An operator who moves a customer to a smaller plan (or lowers its own rate limit) holds
+    every key to it on the next request at every replica, however big a rate the key was given
+    under the bigger plan: a key set to 10/s on a 1000/s plan kept 10/s on a 3/s plan. The
+    tighter of the two rules, compared in both windows; the key object keeps the key's own."""
+    clock = Clock()  # one window until moved
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as a, \
+            gateway_under_test(config, redis_url, monkeypatch, clock=clock) as b:
+        await a.workspace(plan="metered")  # 1000/s
+        token, key = await a.key(rate_limit="10/s")
+        for g in (a, b):  # cached at both replicas
+            status, _, headers = await call(g, token)
+            assert status == 200 and '"rate";q=10;w=1' in headers["RateLimit-Policy"]
+
+        async def judged(g, n: int) -> tuple[list, str]:
+            clock.now += 61  # a fresh window
+            got = [await call(g, token) for _ in range(n)]
+            return [s for s, _, _ in got], got[0][2]["RateLimit-Policy"]
+
+        await a.admin_json("PATCH", "/workspaces/acme", {"plan": "limited"})  # 3/s
+        for g in (a, b):
+            got, policy = await judged(g, 5)
+            assert got == [200] * 3 + [429] * 2 and '"rate";q=3;w=1' in policy
+        _, read = await a.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+        assert read["rate_limit"] == "10/s"  # its own setting, as set
+        # a workspace override lowers it the same way; 1/m is tighter than 10/s in both windows
+        await a.admin_json("PATCH", "/workspaces/acme", {"limits": {"rate_limit": "1/m"}})
+        got, policy = await judged(b, 3)
+        assert got == [200, 429, 429] and '"rate";q=1;w=60' in policy
+        # 120/m against 10/s: neither is within the other (120 in one second; 600 a minute).
+        # In force: 2/s, within both in every window
+        await a.admin_json("PATCH", "/workspaces/acme", {"limits": {"rate_limit": "120/m"}})
+        got, policy = await judged(b, 4)
+        assert got == [200, 200, 429, 429] and '"rate";q=2;w=1' in policy
+        # the override dropped: the plan's 3/s again; a bigger plan: the key's own 10/s
+        await a.admin_json("PATCH", "/workspaces/acme", {"limits": None})
+        got, policy = await judged(a, 4)
+        assert got == [200] * 3 + [429] and '"rate";q=3;w=1' in policy
+        await a.admin_json("PATCH", "/workspaces/acme", {"plan": "metered"})
+        got, policy = await judged(b, 11)
+        assert got == [200] * 10 + [429] and '"rate";q=10;w=1' in policy
+        # a key's own rate tighter than the plan's stays the key's
+        await a.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}", {"rate_limit": "2/s"})
+        got, policy = await judged(a, 3)
+        assert got == [200, 200, 429] and '"rate";q=2;w=1' in policy
+
+
 @pytest.mark.parametrize("limits", [{"monthly": 5}, {"monthly_requests": -1}, [],
                                     {"rate_limit": "fast"}, {"max_keys": 1.5}, "unlimited"])
 async def test_bad_workspace_limits_are_400(gut, limits):
