@@ -205,6 +205,16 @@ class KeyRecord:
     enabled: bool = True                     # False: refused (disabled_key) until enabled
     meta: str = "{}"                         # JSON object, as stored (never forwarded)
     allowed_ips: tuple[str, ...] | None = None   # CIDRs the key may be used from (None: any)
+    # the key whose rate log and own month count this key's requests go to (None: its own).
+    # A rotation's new key takes the old key's (its budget's, after an earlier rotation), so
+    # the keys of one integration share one rate and one cap, during a grace too; set once at
+    # creation, never changed, never shown
+    budget: str | None = None
+
+    @property
+    def budget_id(self) -> str:
+        """The key id its rate log and own month count are kept under."""
+        return self.budget or self.id
 
     def status(self, now: float | None = None) -> str:
         now = time.time() if now is None else now

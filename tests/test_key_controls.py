@@ -488,11 +488,17 @@ async def test_a_request_the_upstream_never_received_is_taken_off_every_counter(
     config = make_config(f"http://127.0.0.1:{free_port()}")  # nothing listens there
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         await g.workspace()
-        token, key = await g.key(monthly_requests=2)
+        token, key = await g.key(monthly_requests=2, rate_limit="2/m")
         for _ in range(3):  # never capped: nothing was forwarded
             assert (await call(g, token))[:2] == (502, "upstream_unavailable")
-        _, read = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
-        assert read["used_this_month"] == 0
+        # a rotated key's requests are taken back from the budget it shares with the old key
+        _, body = await g.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/rotate",
+                                     {"grace_seconds": 60})
+        for t in (body["token"], token, body["token"]):
+            assert (await call(g, t))[:2] == (502, "upstream_unavailable")
+        for key_id in (key["id"], body["key"]["id"]):
+            _, read = await g.admin_json("GET", f"/workspaces/acme/keys/{key_id}")
+            assert read["used_this_month"] == 0
         _, days = await g.admin_json("GET", "/workspaces/acme/usage/daily?days=1")
         assert days["items"][0]["requests"] == 0
         r = redis.Redis.from_url(redis_url)
@@ -506,7 +512,11 @@ async def test_fail_open_counts_reach_the_keys_and_days_counters(redis_url, upst
                          store=StoreConfig(timeout=0.3, on_store_error="open"))
     async with gateway_under_test(config, redis_url, monkeypatch, ledger_retry=0.05) as g:
         await g.workspace()
-        token, key = await g.key()
+        _, old = await g.key()
+        # a rotated key: its counts go where the old key's do (they share one month count)
+        _, body = await g.admin_json("POST", f"/workspaces/acme/keys/{old['id']}/rotate",
+                                     {"grace_seconds": 60})
+        token, key = body["token"], body["key"]
         assert (await call(g, token))[0] == 200
         redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1500")
         for _ in range(2):
@@ -516,8 +526,9 @@ async def test_fail_open_counts_reach_the_keys_and_days_counters(redis_url, upst
             status, read = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
             return status == 200 and read["used_this_month"] >= 3
         await eventually(key_read)
-        _, read = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
-        assert read["used_this_month"] == 3
+        for key_id in (key["id"], old["id"]):
+            _, read = await g.admin_json("GET", f"/workspaces/acme/keys/{key_id}")
+            assert read["used_this_month"] == 3
         _, days = await g.admin_json("GET", "/workspaces/acme/usage/daily?days=1")
         assert days["items"][0]["requests"] == 3
 
@@ -967,6 +978,47 @@ async def test_a_rotated_key_goes_on_in_its_rate_window_not_a_fresh_one(redis_ur
         assert len(upstream.requests) == 6
         r = redis.Redis.from_url(redis_url)
         assert all(r.pttl(k) > 0 for k in r.scan_iter("kg:rate:*"))
+
+
+async def test_keys_in_a_rotations_grace_share_one_rate_and_one_monthly_cap(redis_url, upstream,
+                                                                           monkeypatch):
+    """During a grace the old and the new key are one integration: a client holding both got
+    the full rate limit on each (twice the rate for the whole grace) and the key's own
+    monthly cap twice over (each key counted on its own from the count at the rotation)."""
+    clock = Clock()  # one window until moved
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as a, \
+            gateway_under_test(config, redis_url, monkeypatch, clock=clock) as b:
+        await a.workspace(plan="unlimited")
+        old, key = await a.key(rate_limit="4/m", monthly_requests=6)
+        assert (await call(a, old))[0] == 200
+        status, body = await a.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/rotate",
+                                          {"grace_seconds": 3600})
+        assert status == 201
+        new, new_id = body["token"], body["key"]["id"]
+        got = [(await call(g, t))[:2] for g, t in ((a, old), (b, new), (b, old), (a, new),
+                                                    (b, old), (a, new))]
+        assert got == [(200, None)] * 3 + [(429, "rate_limited")] * 3  # 4 a minute in all
+        clock.now += 61
+        got = [(await call(g, t))[:2] for g, t in ((b, new), (a, old), (a, new), (b, old))]
+        assert got == [(200, None)] * 2 + [(429, "key_quota_exceeded")] * 2  # 6 a month in all
+        assert len(upstream.requests) == 6
+        for key_id in (key["id"], new_id):
+            _, read = await a.admin_json("GET", f"/workspaces/acme/keys/{key_id}")
+            assert read["used_this_month"] == 6
+        # each key's day history is its own requests
+        for key_id, requests in ((key["id"], 4), (new_id, 2)):
+            _, days = await a.admin_json("GET",
+                                         f"/workspaces/acme/keys/{key_id}/usage/daily?days=1")
+            assert days["items"][0]["requests"] == requests
+        # a rotation of the new key within the grace: all three share it
+        await a.admin_json("PATCH", f"/workspaces/acme/keys/{new_id}", {"monthly_requests": 7})
+        status, body = await a.admin_json("POST", f"/workspaces/acme/keys/{new_id}/rotate",
+                                          {"grace_seconds": 60})
+        assert status == 201 and body["key"]["used_this_month"] == 6
+        got = [(await call(g, t))[:2] for g, t in ((b, body["token"]), (a, old), (a, new))]
+        assert got == [(200, None)] + [(429, "key_quota_exceeded")] * 2
+        assert len(upstream.requests) == 7
 
 
 async def test_no_message_about_a_key_control_echoes_a_token(gut):

@@ -12,8 +12,7 @@ from ..models import KeyRecord, rfc3339, whole_second
 from ..tokens import ID_LEN, PREFIX_CHARS, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
                          no_workspace, revoked_key, role_gone, store_errors, unknown_role)
-from ..usage import month_period
-from .keyspace import (key_index_key, key_key, key_usage_key, rate_key, ws_active_key,
+from .keyspace import (key_index_key, key_key, ws_active_key,
                        ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
 from .records import (UNSET, WORKSPACE_ID_RE, NewKey, control_fields, epoch_field, hash_pairs,
                       key_from_hash, shown_ws)
@@ -83,8 +82,8 @@ class KeyStore(StoreBase):
                     description: str, environment: str, role: str | None,
                     scopes: Sequence[str], expires_at: float | None, rate_limit: str | None,
                     now: float, monthly_requests: int | None = None, enabled: bool = True,
-                    meta: str = "{}", allowed_ips: Sequence[str] | None = None
-                    ) -> tuple[KeyRecord, list[str]]:
+                    meta: str = "{}", allowed_ips: Sequence[str] | None = None,
+                    budget: str | None = None) -> tuple[KeyRecord, list[str]]:
         # The public prefix never reaches into the secret, whatever the configured prefix/env.
         head = len(self.config.keys.prefix) + len(environment) + 2
         record = KeyRecord(
@@ -93,7 +92,7 @@ class KeyStore(StoreBase):
             hash=hashed, prefix=token[:min(PREFIX_CHARS, head + ID_LEN)], created_at=now,
             expires_at=expires_at, revoked_at=None, last_used_at=None, rate_limit=rate_limit,
             rev=1, monthly_requests=monthly_requests, enabled=enabled, meta=meta,
-            allowed_ips=None if allowed_ips is None else tuple(allowed_ips))
+            allowed_ips=None if allowed_ips is None else tuple(allowed_ips), budget=budget)
         fields = ["id", key_id, "workspace", ws, "name", name, "description", description,
                   "environment", environment, "role", role or "",
                   "scopes", json.dumps(list(record.scopes)), "hash", hashed,
@@ -102,6 +101,8 @@ class KeyStore(StoreBase):
                   "rate_limit", rate_limit or "", *control_fields(
                       monthly_requests=monthly_requests, enabled=enabled, meta=meta,
                       allowed_ips=allowed_ips)]
+        if budget is not None:
+            fields += ["budget", budget]
         return record, fields
 
     @staticmethod
@@ -177,8 +178,9 @@ class KeyStore(StoreBase):
                          actor: str = OPERATOR, max_expires_at: float | None = None,
                          expect_rev: int | None = None) -> tuple[KeyRecord, NewKey]:
         """Replace a key by a new one with the same name, description, environment, role or
-        scopes, controls and this month's count so far (its own cap goes on where it was; and,
-        if the old key had an expiry, the same lifetime). The old
+        scopes and controls, sharing the old key's rate log and month count (``budget``: its
+        own cap goes on where it was, its rate in the same window, and during a grace the two
+        keys spend one budget; and, if the old key had an expiry, the same lifetime). The old
         key is revoked now (grace 0) or expires after the grace (never later than it already
         would). ``max_expires_at`` caps the new key's expiry (self-service: the acting key's).
         Returns (old key as now, new key). Conflict if the key is revoked.
@@ -209,15 +211,16 @@ class KeyStore(StoreBase):
                 description=old.description, environment=old.environment, role=old.role,
                 scopes=old.scopes, expires_at=expires_at, rate_limit=old.rate_limit, now=now,
                 monthly_requests=old.monthly_requests, enabled=old.enabled, meta=old.meta,
-                allowed_ips=old.allowed_ips)
+                allowed_ips=old.allowed_ips,
+                # one integration, one budget: the new key's requests go on in the old key's
+                # rate log and month count (its own cap goes on where it was, no fresh
+                # burst), and during a grace both keys spend the one budget
+                budget=old.budget_id)
             details = {"new_key": new_id, "grace_seconds": grace_seconds}
-            period, _ = month_period(now)
             reply = await self._run(
                 "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
                             key_key(ws, new_id), ws_audit_key(ws), ws_roles_key(ws),
-                            key_key(ws, key_id), key_usage_key(ws, key_id, period),
-                            key_usage_key(ws, new_id, period), rate_key(ws, key_id),
-                            rate_key(ws, new_id)),
+                            key_key(ws, key_id)),
                 (epoch_field(now), self._max_keys(workspace),
                  "+inf" if expires_at is None else epoch_field(expires_at), new_id,
                  self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,

@@ -91,16 +91,18 @@ _new_tuple = tuple.__new__
 
 
 class Slot(NamedTuple):
-    """Where one request is counted: its workspace and key, the month and the UTC day."""
+    """Where one request is counted: its workspace and key, the month and the UTC day, and the
+    key id its rate log and own month count go under (``KeyRecord.budget``; "": its own)."""
     workspace: str
     key_id: str
     period: str   # YYYY-MM
     day: str      # YYYY-MM-DD
+    budget: str = ""
 
     def counters(self) -> tuple[str, str, str, str]:
         """The four counters a forwarded request adds one to."""
         return (usage_key(self.workspace, self.period),
-                key_usage_key(self.workspace, self.key_id, self.period),
+                key_usage_key(self.workspace, self.budget or self.key_id, self.period),
                 daily_key(self.workspace, self.day),
                 key_daily_key(self.workspace, self.key_id, self.day))
 
@@ -164,10 +166,12 @@ class RequestStore:
                         count: bool, rate_limit: int, rate_period_ms: int,
                         monthly_limit: int | None, period: str, counter_ttl: int,
                         now_ms: int, day: str = "", key_limit: int | None = None,
-                        peek: bool = False, stamp: bool = False) -> Decision:
+                        peek: bool = False, stamp: bool = False, budget: str = "") -> Decision:
         """``count``: admit and count the request; else, with ``peek``, judge the rate and
         quotas as counting would but count nothing; else confirm the state only, and with
-        ``stamp`` set the key's ``last_used_at`` when it is current."""
+        ``stamp`` set the key's ``last_used_at`` when it is current. ``budget``: the key id
+        its rate log and own month count go under ("": ``key_id``; it never changes for a
+        key id, so the call prepared for the key id stays right)."""
         started = time.monotonic()
         day = day or utc_day(now_ms / 1000)
         # What stays the same for every request of this key today is encoded once
@@ -178,7 +182,7 @@ class RequestStore:
                  -1 if key_limit is None else key_limit, DAILY_TTL)
         prepared = self._prepared.get((workspace, key_id, period, day, fixed))
         if prepared is None:
-            prepared = self._prepare(workspace, key_id, period, day, fixed)
+            prepared = self._prepare(workspace, key_id, period, day, fixed, budget or key_id)
         # ARGV[11], the rate log's member, is read only under a rate limit: "-" without one
         # saves formatting a unique string per request. The deadline is the latest instant, in
         # Redis's clock (µs), at which the script may still count this request ("0", none,
@@ -251,9 +255,9 @@ class RequestStore:
         return task
 
     def _prepare(self, workspace: str, key_id: str, period: str, day: str,
-                 fixed: tuple[Any, ...]) -> Any:
+                 fixed: tuple[Any, ...], budget: str) -> Any:
         keys = (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
-                rate_key(workspace, key_id), key_usage_key(workspace, key_id, period),
+                rate_key(workspace, budget), key_usage_key(workspace, budget, period),
                 daily_key(workspace, day), key_daily_key(workspace, key_id, day))
         prepared = self._resp.prepare(AUTHORIZE, keys, fixed, 4)
         if len(self._prepared) >= HOT_KEYS:
@@ -324,7 +328,8 @@ class RequestStore:
         """Take back one counted request that never reached the upstream, from every counter
         it was counted in and, given its ``rate_member`` (``Decision.rate_member``), from the
         key's rate log."""
-        keys: tuple[str, ...] = (rate_key(slot.workspace, slot.key_id), *slot.counters())
+        keys: tuple[str, ...] = (rate_key(slot.workspace, slot.budget or slot.key_id),
+                                 *slot.counters())
         args: tuple[Any, ...] = (rate_member, ttl, ttl, DAILY_TTL, DAILY_TTL)
         if self._resends:  # a copy sent again after its connection died takes back nothing
             keys, args = (*keys, self._marker(slot.workspace)), (*args, self._once_ttl, "once")
@@ -333,7 +338,8 @@ class RequestStore:
     async def take_back_rate(self, slot: Slot, rate_member: str) -> None:
         """Take ``rate_member`` out of the key's rate log, and nothing else: a request that was
         counted after the gateway had given up on its call (answered 503) spent its rate."""
-        await self._run(REFUND, (rate_key(slot.workspace, slot.key_id),), (rate_member,))
+        await self._run(REFUND, (rate_key(slot.workspace, slot.budget or slot.key_id),),
+                        (rate_member,))
 
     async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str) -> bool:
         """Add ``n`` requests counted locally while the store was down (fail-open; negative:
