@@ -1093,6 +1093,59 @@ async def test_creates_waiting_their_turn_to_hash_obey_a_cap_lowered_meanwhile(g
     assert (status, body["error"]["code"]) == (409, "key_limit_reached"), body
 
 
+async def test_a_write_that_meets_a_workspace_edited_again_and_again_hashes_once(
+        gut, redis_url, monkeypatch):
+    """A rotation (or a create) whose workspace is edited between its read and its write is
+    written again, and is refused once that happens time after time. It hashed the new secret
+    again for every try (argon2, one at a time for the whole process) and, out of tries,
+    answered 503 store_unavailable for a healthy store, logging 'could not find a free key
+    id'. Now: one hash however often the write is tried, and a 409 conflict that says the
+    workspace kept changing and nothing was written."""
+    await gut.workspace("acme", plan="unlimited")
+    _, key = await gut.key()
+    store = gut.gw.store
+    hashes, edits = [], []
+    real_hash, real_run = store.hasher.hash, store._run
+
+    def counting_hash(secret):
+        hashes.append(1)
+        return real_hash(secret)
+
+    async def edited_first(name, keys, args, **kw):
+        if name == "add_key" and len(edits) < edit_times:  # the operator edits it meanwhile
+            edits.append(await gut.admin_json("PATCH", "/workspaces/acme",
+                                              {"name": f"Acme {len(edits)}"}))
+        return await real_run(name, keys, args, **kw)
+
+    monkeypatch.setattr(store.hasher, "hash", counting_hash)
+    monkeypatch.setattr(store, "_run", edited_first)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    ids_before = set(r.keys("kg:keyid:*"))
+    # edited a few times in a row: written on a later try, hashed once
+    edit_times = 3
+    status, body = await gut.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/rotate", {})
+    assert status == 201, body
+    assert (len(hashes), len(edits)) == (1, 3)
+    assert (await call(gut, body["token"]))[0] == 200
+    key = body["key"]
+    # edited before every try: refused, saying so, nothing written, the reserved id freed
+    for path in (f"/workspaces/acme/keys/{key['id']}/rotate", "/workspaces/acme/keys"):
+        hashes.clear(), edits.clear()
+        edit_times = 100
+        ids_before = set(r.keys("kg:keyid:*"))
+        status, body = await gut.admin_json("POST", path, {"name": "k", "scopes": []}
+                                            if path.endswith("/keys") else {})
+        assert (status, body["error"]["code"]) == (409, "conflict"), body
+        message = body["error"]["message"]
+        assert "workspace 'acme' changed" in message.lower() and "retry" in message.lower()
+        assert "free key id" not in message
+        assert len(hashes) == 1 and len(edits) > 1
+        assert set(r.keys("kg:keyid:*")) == ids_before
+    r.close()
+    _, listing = await gut.admin_json("GET", "/workspaces/acme/keys?status=active")
+    assert [k["id"] for k in listing["items"]] == [key["id"]]
+
+
 async def test_a_reloaded_scope_catalogue_applies_to_the_next_admin_call(tmp_path, redis_url,
                                                                         upstream, monkeypatch):
     from gateway.config import load_config

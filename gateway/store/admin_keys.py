@@ -171,6 +171,9 @@ class KeyStore(StoreBase):
                 raise Conflict(f"Workspace '{shown_ws(ws)}' is at its cap of "
                                f"{self._max_keys(workspace)} active keys (set by {source}); "
                                "revoke one first.", code="key_limit_reached")
+            if reply == "stale_ws":  # out of tries with this hash: not a reason for another
+                raise self._kept_changing(ws, reply, "a key was being created in it",
+                                          "no key was created")
         raise StoreError("could not find a free key id")
 
     @confirmed_write
@@ -191,75 +194,105 @@ class KeyStore(StoreBase):
         refused with Conflict."""
         workspace = await self.require_workspace(ws)
         old = await self.require_key(ws, key_id)
-        for _ in range(ID_ATTEMPTS):
-            if old.revoked_at is not None:
-                raise revoked_key(key_id)
-            if expect_rev is not None and old.rev != expect_rev:
-                raise Conflict(f"Key '{shown(key_id, 12)}' changed while it was being rotated; "
-                               "read it again and retry.")
-            new_id, token, hashed = await self._new_token(ws, old.environment)
-            now = self.clock()
-            expires_at = None
-            if old.expires_at is not None:  # the same lifetime as shown, to the second:
-                # rotating again and again never shortens it by the fraction it was made in
-                lifetime = whole_second(old.expires_at) - whole_second(old.created_at)
-                expires_at = whole_second(now + max(1.0, lifetime))
-            if max_expires_at is not None:
-                expires_at = min(max_expires_at, expires_at or max_expires_at)
-            record, fields = self._key_fields(
-                key_id=new_id, ws=ws, token=token, hashed=hashed, name=old.name,
-                description=old.description, environment=old.environment, role=old.role,
-                scopes=old.scopes, expires_at=expires_at, rate_limit=old.rate_limit, now=now,
-                monthly_requests=old.monthly_requests, enabled=old.enabled, meta=old.meta,
-                allowed_ips=old.allowed_ips,
-                # one integration, one budget: the new key's requests go on in the old key's
-                # rate log and month count (its own cap goes on where it was, no fresh
-                # burst), and during a grace both keys spend the one budget
-                budget=old.budget_id)
-            details = {"new_key": new_id, "grace_seconds": grace_seconds}
-            reply = await self._run(
-                "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
-                            key_key(ws, new_id), ws_audit_key(ws), ws_roles_key(ws),
-                            key_key(ws, key_id)),
-                (epoch_field(now), self._max_keys(workspace),
-                 "+inf" if expires_at is None else epoch_field(expires_at), new_id,
-                 self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,
-                 key_id, "" if grace_seconds <= 0 else
-                 epoch_field(whole_second(now + grace_seconds)),
-                 # the role the copy is bound to must still exist, checked in this step as a
-                 # create checks it: an expired key does not hold a role delete up, so one
-                 # between the caller's check and here made an active key with no scopes (an
-                 # active key does hold it up: rotating a leaked key is never refused for it)
-                 old.rev, self._bound_role(old.role), workspace.rev, *fields),
-                what="rotate key")
-            if reply == "ok":
-                return await self.require_key(ws, key_id), NewKey(record, token)
-            await self._release_id(new_id)
-            if reply == "no_workspace":
-                raise no_workspace(ws)
-            if reply == "not_found":
-                raise no_key(ws, key_id)
-            if reply == "revoked":
-                raise revoked_key(key_id)
-            if reply == "no_role":
-                raise role_gone(ws, key_id, old.role or "")
-            if reply in ("stale", "collision"):
-                old = await self.require_key(ws, key_id)
-                continue
-            if reply == "stale_ws":  # its cap may have changed: read it again
-                workspace = await self.require_workspace(ws)
-                continue
-            if reply == "limit":
-                raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
-                               f"'{shown_ws(ws)}' already has the {self._max_keys(workspace)} "
-                               "active keys its plan allows.",
-                               code="key_limit_reached")
-            if reply == "grace_limit":
-                raise Conflict(f"Workspace '{shown_ws(ws)}' is already over the "
-                               f"{self._max_keys(workspace)} active keys its plan allows (a "
-                               "rotation's grace period is running); rotate without a grace, "
-                               "or revoke a key first.", code="key_limit_reached")
-        raise StoreError("could not find a free key id")
+        # The new key id and the hash of its secret are made once, then written as often as
+        # the write meets a key or workspace changed since they were read: a retry re-reads
+        # those, not the argon2 hash (which takes its turn with every other hash here).
+        reserved: tuple[str, str, str] | None = None
+        reply = None
+        try:
+            for _ in range(ID_ATTEMPTS):
+                if old.revoked_at is not None:
+                    raise revoked_key(key_id)
+                if expect_rev is not None and old.rev != expect_rev:
+                    raise Conflict(f"Key '{shown(key_id, 12)}' changed while it was being "
+                                   "rotated; read it again and retry.")
+                if reserved is None:
+                    reserved = await self._new_token(ws, old.environment)
+                new_id, token, hashed = reserved
+                now = self.clock()
+                expires_at = None
+                if old.expires_at is not None:  # the same lifetime as shown, to the second:
+                    # rotating again and again never shortens it by the fraction it was made in
+                    lifetime = whole_second(old.expires_at) - whole_second(old.created_at)
+                    expires_at = whole_second(now + max(1.0, lifetime))
+                if max_expires_at is not None:
+                    expires_at = min(max_expires_at, expires_at or max_expires_at)
+                record, fields = self._key_fields(
+                    key_id=new_id, ws=ws, token=token, hashed=hashed, name=old.name,
+                    description=old.description, environment=old.environment, role=old.role,
+                    scopes=old.scopes, expires_at=expires_at, rate_limit=old.rate_limit,
+                    now=now, monthly_requests=old.monthly_requests, enabled=old.enabled,
+                    meta=old.meta, allowed_ips=old.allowed_ips,
+                    # one integration, one budget: the new key's requests go on in the old
+                    # key's rate log and month count (its own cap goes on where it was, no
+                    # fresh burst), and during a grace both keys spend the one budget
+                    budget=old.budget_id)
+                details = {"new_key": new_id, "grace_seconds": grace_seconds}
+                # No release of the id on a store error here: the script may have run, and a
+                # key must never lose its index entry (a stray entry is harmless).
+                written, reserved = reserved, None
+                reply = await self._run(
+                    "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
+                                key_key(ws, new_id), ws_audit_key(ws), ws_roles_key(ws),
+                                key_key(ws, key_id)),
+                    (epoch_field(now), self._max_keys(workspace),
+                     "+inf" if expires_at is None else epoch_field(expires_at), new_id,
+                     self._audit_entry(now, actor, "key.rotate", key_id, details),
+                     AUDIT_MAXLEN, key_id, "" if grace_seconds <= 0 else
+                     epoch_field(whole_second(now + grace_seconds)),
+                     # the role the copy is bound to must still exist, checked in this step
+                     # as a create checks it: an expired key does not hold a role delete up,
+                     # so one between the caller's check and here made an active key with no
+                     # scopes (an active key does hold it up: rotating a leaked key is never
+                     # refused for it)
+                     old.rev, self._bound_role(old.role), workspace.rev, *fields),
+                    what="rotate key")
+                if reply == "ok":
+                    return await self.require_key(ws, key_id), NewKey(record, token)
+                if reply in ("stale", "stale_ws"):
+                    reserved = written  # nothing written: the same id and hash, next try
+                else:  # refused, nothing written ('collision': another id, hashed anew)
+                    await self._release_id(new_id)
+                if reply == "no_workspace":
+                    raise no_workspace(ws)
+                if reply == "not_found":
+                    raise no_key(ws, key_id)
+                if reply == "revoked":
+                    raise revoked_key(key_id)
+                if reply == "no_role":
+                    raise role_gone(ws, key_id, old.role or "")
+                if reply in ("stale", "collision"):
+                    old = await self.require_key(ws, key_id)
+                    continue
+                if reply == "stale_ws":  # its cap may have changed: read it again
+                    workspace = await self.require_workspace(ws)
+                    continue
+                if reply == "limit":
+                    raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
+                                   f"'{shown_ws(ws)}' already has the "
+                                   f"{self._max_keys(workspace)} active keys its plan allows.",
+                                   code="key_limit_reached")
+                if reply == "grace_limit":
+                    raise Conflict(f"Workspace '{shown_ws(ws)}' is already over the "
+                                   f"{self._max_keys(workspace)} active keys its plan allows "
+                                   "(a rotation's grace period is running); rotate without a "
+                                   "grace, or revoke a key first.", code="key_limit_reached")
+                raise StoreError(f"unexpected answer from the rotate script: {reply!r}")
+        finally:
+            if reserved is not None:  # reserved and not written (refused, or a read failed)
+                await self._release_id(reserved[0])
+        raise self._kept_changing(ws, reply, f"key '{shown(key_id, 12)}' was being rotated",
+                                  "nothing was changed")
+
+    @staticmethod
+    def _kept_changing(ws: str, reply: str | None, doing: str, outcome: str) -> Exception:
+        """Out of tries, each refused because what it was judged on changed (``reply``
+        'stale_ws': the workspace, 'stale': the key) or its new id was taken ('collision')."""
+        if reply == "collision":
+            return StoreError("could not find a free key id")
+        what = f"Workspace '{shown_ws(ws)}'" if reply == "stale_ws" else "The key"
+        return Conflict(f"{what} changed {ID_ATTEMPTS} times in a row while {doing}, each time "
+                        f"between this call's read of it and its write; {outcome}. Retry.")
 
     @confirmed_write
     async def update_key(self, ws: str, key_id: str, *, name: Any = UNSET,
