@@ -44,12 +44,16 @@ MAX_RATE = 10**9
 
 @dataclass(frozen=True)
 class RateLimit:
-    """``N/s`` or ``N/m``: ``requests`` per ``period_seconds``."""
+    """``N/s`` or ``N/m``: ``requests`` per ``period_seconds``; ``burst``, only ever made by
+    ``within``: at most that many in any one second besides (an ``N/m`` rate and a ``B/s``
+    one in force together)."""
     requests: int
     period_seconds: int  # 1 or 60
+    burst: int = 0       # per second, on top of a per-minute rate (0: none)
 
     def __str__(self) -> str:
-        return f"{self.requests}/{'s' if self.period_seconds == 1 else 'm'}"
+        text = f"{self.requests}/{'s' if self.period_seconds == 1 else 'm'}"
+        return f"{text} and {self.burst}/s" if self.burst else text
 
     def exceeds(self, bound: RateLimit) -> bool:
         """Whether this admits more requests than ``bound`` in some window. Both are sliding
@@ -60,21 +64,17 @@ class RateLimit:
                 or self.requests > bound.requests)
 
     def within(self, bound: RateLimit) -> RateLimit:
-        """The rate in force for a key whose own rate is this under ``bound`` (its workspace's):
-        whichever of the two admits no more than the other in every window. When neither does
-        (a per-second and a per-minute rate that cross, e.g. 10/s and 120/m: 120 in one second
-        against 600 a minute), the rate within both that admits the most a minute: bound's
-        per-minute count spread over its seconds (120/m: 2/s), or, when that is under one a
-        second, the per-second count once a minute (10/s under 30/m: 10/m)."""
+        """The rate in force for a key whose own rate is this under ``bound`` (its workspace's,
+        both parsed ``N/s`` or ``N/m``): whichever of the two admits no more than the other in
+        every window. When neither does (a per-second and a per-minute rate that cross, e.g.
+        10/s and 120/m: 600 a minute against 120 in one second), both at once: the per-minute
+        rate with the per-second one as its ``burst`` (120/m and at most 10 in any second)."""
         if not self.exceeds(bound):
             return self
         if not bound.exceeds(self):
             return bound
         per_second, per_minute = (self, bound) if self.period_seconds == 1 else (bound, self)
-        spread = per_minute.requests // 60
-        if spread * 60 >= per_second.requests:
-            return RateLimit(spread, 1)
-        return RateLimit(per_second.requests, 60)
+        return RateLimit(per_minute.requests, 60, per_second.requests)
 
 
 def parse_rate_limit(text: str) -> RateLimit:

@@ -368,7 +368,8 @@ class Pipeline:
                     rate_period_ms=rate.period_seconds * 1000 if rate else 1000,
                     monthly_limit=key.monthly_limit, period=month.period,
                     counter_ttl=month.counter_ttl(now), now_ms=int(now * 1000),
-                    day=day, key_limit=key.key_limit, budget=key.budget)
+                    day=day, key_limit=key.key_limit, budget=key.budget,
+                    rate_burst=rate.burst if rate else 0)
             except StoreError as exc:
                 return key, {}, self._degraded(key, refused, count,
                                                Counted(month, day), exc)

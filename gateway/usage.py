@@ -138,7 +138,8 @@ def ratelimit_headers(rate: RateLimit | None, rate_remaining: int, rate_reset_ms
             return {}
         memo = (0, 0, monthly_limit, key_limit, month.period)
     else:
-        memo = (rate.requests, rate.period_seconds, monthly_limit, key_limit, month.period)
+        memo = (rate.requests, rate.period_seconds, monthly_limit, key_limit, month.period,
+                rate.burst)
     policy = _POLICIES.get(memo)
     if policy is None:
         policy = _policy(rate, monthly_limit, key_limit, month)
@@ -165,6 +166,9 @@ def _policy(rate: RateLimit | None, monthly_limit: int | None, key_limit: int | 
     policies = []
     if rate is not None:
         policies.append(f'"rate";q={rate.requests};w={rate.period_seconds}')
+        if rate.burst:  # a per-minute rate with a cap per second besides ("rate"'s r= counts
+            # what is left before either is full)
+            policies.append(f'"rate-burst";q={rate.burst};w=1')
     if monthly_limit is not None:
         policies.append(f'"monthly";q={monthly_limit};w={month.seconds}')
     if key_limit is not None:

@@ -195,11 +195,20 @@ async def test_a_keys_own_rate_never_exceeds_the_workspaces_rate_in_force(redis_
         await a.admin_json("PATCH", "/workspaces/acme", {"limits": {"rate_limit": "1/m"}})
         got, policy = await judged(b, 3)
         assert got == [200, 429, 429] and '"rate";q=1;w=60' in policy
-        # 120/m against 10/s: neither is within the other (120 in one second; 600 a minute).
-        # In force: 2/s, within both in every window
-        await a.admin_json("PATCH", "/workspaces/acme", {"limits": {"rate_limit": "120/m"}})
-        got, policy = await judged(b, 4)
-        assert got == [200, 200, 429, 429] and '"rate";q=2;w=1' in policy
+        # 15/m against 10/s: neither is within the other (15 in one second; 600 a minute).
+        # Both are in force: at most 10 in any second and 15 in any minute
+        await a.admin_json("PATCH", "/workspaces/acme", {"limits": {"rate_limit": "15/m"}})
+        got, policy = await judged(b, 12)
+        assert got == [200] * 10 + [429] * 2
+        assert '"rate";q=15;w=60, "rate-burst";q=10;w=1' in policy
+        status, _, headers = await call(b, token)
+        assert (status, headers["Retry-After"]) == (429, "1")  # the second's cap: 1 s
+        assert headers["RateLimit"].startswith('"rate";r=0;t=1')
+        clock.now += 1.5
+        got = [(await call(a, token))[0] for _ in range(7)]
+        assert got == [200] * 5 + [429] * 2  # the minute's 15
+        status, _, headers = await call(b, token)
+        assert status == 429 and int(headers["Retry-After"]) > 50
         # the override dropped: the plan's 3/s again; a bigger plan: the key's own 10/s
         await a.admin_json("PATCH", "/workspaces/acme", {"limits": None})
         got, policy = await judged(a, 4)

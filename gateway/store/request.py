@@ -28,7 +28,7 @@ REFUND = load("refund")
 LEDGER_WRITE = load("ledger_write")
 READ_KEY = load("read_key")
 READY = load("ready")
-# The script's deadline (lua/authorize.lua ARGV[12]) is this share of the store timeout after
+# The script's deadline (lua/authorize.lua ARGV[13]) is this share of the store timeout after
 # the call is made: a reply to a call that ran before it reaches us before we give up on it,
 # unless Redis stalled between running the call and replying; that reply comes late, and a
 # request it counted is taken back then (StoreError.counted_late).
@@ -166,24 +166,26 @@ class RequestStore:
                         count: bool, rate_limit: int, rate_period_ms: int,
                         monthly_limit: int | None, period: str, counter_ttl: int,
                         now_ms: int, day: str = "", key_limit: int | None = None,
-                        peek: bool = False, stamp: bool = False, budget: str = "") -> Decision:
+                        peek: bool = False, stamp: bool = False, budget: str = "",
+                        rate_burst: int = 0) -> Decision:
         """``count``: admit and count the request; else, with ``peek``, judge the rate and
         quotas as counting would but count nothing; else confirm the state only, and with
         ``stamp`` set the key's ``last_used_at`` when it is current. ``budget``: the key id
         its rate log and own month count go under ("": ``key_id``; it never changes for a
-        key id, so the call prepared for the key id stays right)."""
+        key id, so the call prepared for the key id stays right). ``rate_burst``: a cap per
+        second on top of a per-minute ``rate_limit`` (0: none; ``RateLimit.burst``)."""
         started = time.monotonic()
         day = day or utc_day(now_ms / 1000)
         # What stays the same for every request of this key today is encoded once
-        # (lua/authorize.lua ARGV[1..8]); a request adds its time, TTL, member and deadline.
+        # (lua/authorize.lua ARGV[1..9]); a request adds its time, TTL, member and deadline.
         mode = "count" if count else "peek" if peek else "use" if stamp else "check"
         fixed = (key_rev, ws_rev, mode, rate_limit, rate_period_ms,
                  -1 if monthly_limit is None else monthly_limit,
-                 -1 if key_limit is None else key_limit, DAILY_TTL)
+                 -1 if key_limit is None else key_limit, DAILY_TTL, rate_burst)
         prepared = self._prepared.get((workspace, key_id, period, day, fixed))
         if prepared is None:
             prepared = self._prepare(workspace, key_id, period, day, fixed, budget or key_id)
-        # ARGV[11], the rate log's member, is read only under a rate limit: "-" without one
+        # ARGV[12], the rate log's member, is read only under a rate limit: "-" without one
         # saves formatting a unique string per request. The deadline is the latest instant, in
         # Redis's clock (µs), at which the script may still count this request ("0", none,
         # while the clocks' offset is unknown or for a check).
