@@ -52,7 +52,7 @@ class CachedKey:
 
     __slots__ = ("key_id", "scopes", "expires_at", "revoked_at", "enabled", "rev",
                  "monthly_requests", "workspace_record", "limits", "rate", "secret_digest",
-                 "verified_until", "generation", "networks")
+                 "verified_until", "generation", "networks", "budget")
 
     def __init__(self, key: KeyRecord, workspace: Workspace, principal: Principal,
                  limits: Plan | None, rate: RateLimit | None, secret_digest: bytes,
@@ -75,6 +75,7 @@ class CachedKey:
         self.verified_until = verified_until  # time.monotonic() deadline of the verification
         self.generation = generation  # the config it was derived with (plan, rate, role scopes)
         self.networks = networks      # the key's allowed_ips (None: any address)
+        self.budget = key.budget_id   # the key id its rate log and own month count go under
 
     @property
     def id(self) -> str:

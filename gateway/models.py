@@ -44,12 +44,37 @@ MAX_RATE = 10**9
 
 @dataclass(frozen=True)
 class RateLimit:
-    """``N/s`` or ``N/m``: ``requests`` per ``period_seconds``."""
+    """``N/s`` or ``N/m``: ``requests`` per ``period_seconds``; ``burst``, only ever made by
+    ``within``: at most that many in any one second besides (an ``N/m`` rate and a ``B/s``
+    one in force together)."""
     requests: int
     period_seconds: int  # 1 or 60
+    burst: int = 0       # per second, on top of a per-minute rate (0: none)
 
     def __str__(self) -> str:
-        return f"{self.requests}/{'s' if self.period_seconds == 1 else 'm'}"
+        text = f"{self.requests}/{'s' if self.period_seconds == 1 else 'm'}"
+        return f"{text} and {self.burst}/s" if self.burst else text
+
+    def exceeds(self, bound: RateLimit) -> bool:
+        """Whether this admits more requests than ``bound`` in some window. Both are sliding
+        logs, so N/m admits all N within one second: this is looser if it admits more per
+        second on average or more in one of its own periods (60/m is looser than 1/s: a burst
+        of 60; 1/s is no looser than 60/m)."""
+        return (self.requests * bound.period_seconds > bound.requests * self.period_seconds
+                or self.requests > bound.requests)
+
+    def within(self, bound: RateLimit) -> RateLimit:
+        """The rate in force for a key whose own rate is this under ``bound`` (its workspace's,
+        both parsed ``N/s`` or ``N/m``): whichever of the two admits no more than the other in
+        every window. When neither does (a per-second and a per-minute rate that cross, e.g.
+        10/s and 120/m: 600 a minute against 120 in one second), both at once: the per-minute
+        rate with the per-second one as its ``burst`` (120/m and at most 10 in any second)."""
+        if not self.exceeds(bound):
+            return self
+        if not bound.exceeds(self):
+            return bound
+        per_second, per_minute = (self, bound) if self.period_seconds == 1 else (bound, self)
+        return RateLimit(per_minute.requests, 60, per_second.requests)
 
 
 def parse_rate_limit(text: str) -> RateLimit:
@@ -180,6 +205,16 @@ class KeyRecord:
     enabled: bool = True                     # False: refused (disabled_key) until enabled
     meta: str = "{}"                         # JSON object, as stored (never forwarded)
     allowed_ips: tuple[str, ...] | None = None   # CIDRs the key may be used from (None: any)
+    # the key whose rate log and own month count this key's requests go to (None: its own).
+    # A rotation's new key takes the old key's (its budget's, after an earlier rotation), so
+    # the keys of one integration share one rate and one cap, during a grace too; set once at
+    # creation, never changed, never shown
+    budget: str | None = None
+
+    @property
+    def budget_id(self) -> str:
+        """The key id its rate log and own month count are kept under."""
+        return self.budget or self.id
 
     def status(self, now: float | None = None) -> str:
         now = time.time() if now is None else now

@@ -368,7 +368,8 @@ class Pipeline:
                     rate_period_ms=rate.period_seconds * 1000 if rate else 1000,
                     monthly_limit=key.monthly_limit, period=month.period,
                     counter_ttl=month.counter_ttl(now), now_ms=int(now * 1000),
-                    day=day, key_limit=key.key_limit)
+                    day=day, key_limit=key.key_limit, budget=key.budget,
+                    rate_burst=rate.burst if rate else 0)
             except StoreError as exc:
                 return key, {}, self._degraded(key, refused, count,
                                                Counted(month, day), exc)
@@ -424,7 +425,7 @@ class Pipeline:
         month = counted.month
         try:
             await self.requests.refund(Slot(key.workspace, key.key_id, month.period,
-                                            counted.day), month.counter_ttl(now),
+                                            counted.day, key.budget), month.counter_ttl(now),
                                        counted.rate_member)
         except StoreError:
             log.warning("could not refund a request that never reached the upstream")
@@ -456,7 +457,7 @@ class Pipeline:
         if exc.counted_late is not None:  # Redis may have counted it all the same
             exc.counted_late.add_done_callback(functools.partial(
                 self._counted_after_all,
-                Slot(key.workspace, key.key_id, counted.month.period, counted.day),
+                Slot(key.workspace, key.key_id, counted.month.period, counted.day, key.budget),
                 # answered 503: the rate it spent in Redis goes back too (admitted here
                 # instead, fail-open, it is forwarded: the rate it spent stays spent)
                 "" if self.fail_open else exc.rate_member))
@@ -469,7 +470,8 @@ class Pipeline:
             raise refused
         if count:
             now = self.clock()
-            slot = Slot(key.workspace, key.key_id, self.months.get(now).period, utc_day(now))
+            slot = Slot(key.workspace, key.key_id, self.months.get(now).period, utc_day(now),
+                        key.budget)
             self.ledger.add(slot)
             counted = counted._replace(local=slot)
         if self.metrics:

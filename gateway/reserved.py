@@ -76,7 +76,7 @@ async def answer(steps: RequestSteps, request: web.BaseRequest, raw_path: str,
         try:
             usage = await store.usage(key.workspace)
             current = await store.get_key(key.workspace, key.key_id)
-            used, = await store.keys_used_this_month(key.workspace, [key.key_id])
+            used, = await store.keys_used_this_month(key.workspace, [key.budget])
         except StoreError as exc:
             raise steps.store_down(exc) from exc
         if current is None:  # deleted since it was admitted (the cache keeps no key object)

@@ -105,11 +105,16 @@ def limits_json(plan: Plan) -> dict:
 
 
 def key_rate_limit(config: Config, plan: Plan | None, key_rate: str | None) -> RateLimit | None:
-    """The key's own rate limit wins over its plan's."""
+    """The rate limit in force for a key: its own, held within its workspace's (``plan``, the
+    workspace's own limits included) in both windows (``RateLimit.within``), or the
+    workspace's when it has none. A key given a big rate under a big plan never keeps it past
+    a downgrade: the cached key is derived again when the workspace changes (its rev)."""
+    bound = plan.rate_limit if plan else None
     if key_rate:
         from .config import parse_rate_limit
-        return parse_rate_limit(key_rate)
-    return plan.rate_limit if plan else None
+        own = parse_rate_limit(key_rate)
+        return own if bound is None else own.within(bound)
+    return bound
 
 
 # RateLimit-Policy values by (rate N, rate period, monthly limit, key cap, month's period: a
@@ -133,7 +138,8 @@ def ratelimit_headers(rate: RateLimit | None, rate_remaining: int, rate_reset_ms
             return {}
         memo = (0, 0, monthly_limit, key_limit, month.period)
     else:
-        memo = (rate.requests, rate.period_seconds, monthly_limit, key_limit, month.period)
+        memo = (rate.requests, rate.period_seconds, monthly_limit, key_limit, month.period,
+                rate.burst)
     policy = _POLICIES.get(memo)
     if policy is None:
         policy = _policy(rate, monthly_limit, key_limit, month)
@@ -160,6 +166,9 @@ def _policy(rate: RateLimit | None, monthly_limit: int | None, key_limit: int | 
     policies = []
     if rate is not None:
         policies.append(f'"rate";q={rate.requests};w={rate.period_seconds}')
+        if rate.burst:  # a per-minute rate with a cap per second besides ("rate"'s r= counts
+            # what is left before either is full)
+            policies.append(f'"rate-burst";q={rate.burst};w=1')
     if monthly_limit is not None:
         policies.append(f'"monthly";q={monthly_limit};w={month.seconds}')
     if key_limit is not None:

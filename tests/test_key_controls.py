@@ -164,6 +164,64 @@ async def test_workspace_limits_override_the_plan_and_act_at_once(gut):
     assert audit["items"][0]["details"] == {"limits": None}
 
 
+async def test_a_keys_own_rate_never_exceeds_the_workspaces_rate_in_force(redis_url, upstream,
+                                                                           monkeypatch):
+    """An operator who moves a customer to a smaller plan (or lowers its own rate limit) holds
+    every key to it on the next request at every replica, however big a rate the key was given
+    under the bigger plan: a key set to 10/s on a 1000/s plan kept 10/s on a 3/s plan. The
+    tighter of the two rules, compared in both windows; the key object keeps the key's own."""
+    clock = Clock()  # one window until moved
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as a, \
+            gateway_under_test(config, redis_url, monkeypatch, clock=clock) as b:
+        await a.workspace(plan="metered")  # 1000/s
+        token, key = await a.key(rate_limit="10/s")
+        for g in (a, b):  # cached at both replicas
+            status, _, headers = await call(g, token)
+            assert status == 200 and '"rate";q=10;w=1' in headers["RateLimit-Policy"]
+
+        async def judged(g, n: int) -> tuple[list, str]:
+            clock.now += 61  # a fresh window
+            got = [await call(g, token) for _ in range(n)]
+            return [s for s, _, _ in got], got[0][2]["RateLimit-Policy"]
+
+        await a.admin_json("PATCH", "/workspaces/acme", {"plan": "limited"})  # 3/s
+        for g in (a, b):
+            got, policy = await judged(g, 5)
+            assert got == [200] * 3 + [429] * 2 and '"rate";q=3;w=1' in policy
+        _, read = await a.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+        assert read["rate_limit"] == "10/s"  # its own setting, as set
+        # a workspace override lowers it the same way; 1/m is tighter than 10/s in both windows
+        await a.admin_json("PATCH", "/workspaces/acme", {"limits": {"rate_limit": "1/m"}})
+        got, policy = await judged(b, 3)
+        assert got == [200, 429, 429] and '"rate";q=1;w=60' in policy
+        # 15/m against 10/s: neither is within the other (15 in one second; 600 a minute).
+        # Both are in force: at most 10 in any second and 15 in any minute
+        await a.admin_json("PATCH", "/workspaces/acme", {"limits": {"rate_limit": "15/m"}})
+        got, policy = await judged(b, 12)
+        assert got == [200] * 10 + [429] * 2
+        assert '"rate";q=15;w=60, "rate-burst";q=10;w=1' in policy
+        status, _, headers = await call(b, token)
+        assert (status, headers["Retry-After"]) == (429, "1")  # the second's cap: 1 s
+        assert headers["RateLimit"].startswith('"rate";r=0;t=1')
+        clock.now += 1.5
+        got = [(await call(a, token))[0] for _ in range(7)]
+        assert got == [200] * 5 + [429] * 2  # the minute's 15
+        status, _, headers = await call(b, token)
+        assert status == 429 and int(headers["Retry-After"]) > 50
+        # the override dropped: the plan's 3/s again; a bigger plan: the key's own 10/s
+        await a.admin_json("PATCH", "/workspaces/acme", {"limits": None})
+        got, policy = await judged(a, 4)
+        assert got == [200] * 3 + [429] and '"rate";q=3;w=1' in policy
+        await a.admin_json("PATCH", "/workspaces/acme", {"plan": "metered"})
+        got, policy = await judged(b, 11)
+        assert got == [200] * 10 + [429] and '"rate";q=10;w=1' in policy
+        # a key's own rate tighter than the plan's stays the key's
+        await a.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}", {"rate_limit": "2/s"})
+        got, policy = await judged(a, 3)
+        assert got == [200, 200, 429] and '"rate";q=2;w=1' in policy
+
+
 @pytest.mark.parametrize("limits", [{"monthly": 5}, {"monthly_requests": -1}, [],
                                     {"rate_limit": "fast"}, {"max_keys": 1.5}, "unlimited"])
 async def test_bad_workspace_limits_are_400(gut, limits):
@@ -439,11 +497,17 @@ async def test_a_request_the_upstream_never_received_is_taken_off_every_counter(
     config = make_config(f"http://127.0.0.1:{free_port()}")  # nothing listens there
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         await g.workspace()
-        token, key = await g.key(monthly_requests=2)
+        token, key = await g.key(monthly_requests=2, rate_limit="2/m")
         for _ in range(3):  # never capped: nothing was forwarded
             assert (await call(g, token))[:2] == (502, "upstream_unavailable")
-        _, read = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
-        assert read["used_this_month"] == 0
+        # a rotated key's requests are taken back from the budget it shares with the old key
+        _, body = await g.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/rotate",
+                                     {"grace_seconds": 60})
+        for t in (body["token"], token, body["token"]):
+            assert (await call(g, t))[:2] == (502, "upstream_unavailable")
+        for key_id in (key["id"], body["key"]["id"]):
+            _, read = await g.admin_json("GET", f"/workspaces/acme/keys/{key_id}")
+            assert read["used_this_month"] == 0
         _, days = await g.admin_json("GET", "/workspaces/acme/usage/daily?days=1")
         assert days["items"][0]["requests"] == 0
         r = redis.Redis.from_url(redis_url)
@@ -457,7 +521,11 @@ async def test_fail_open_counts_reach_the_keys_and_days_counters(redis_url, upst
                          store=StoreConfig(timeout=0.3, on_store_error="open"))
     async with gateway_under_test(config, redis_url, monkeypatch, ledger_retry=0.05) as g:
         await g.workspace()
-        token, key = await g.key()
+        _, old = await g.key()
+        # a rotated key: its counts go where the old key's do (they share one month count)
+        _, body = await g.admin_json("POST", f"/workspaces/acme/keys/{old['id']}/rotate",
+                                     {"grace_seconds": 60})
+        token, key = body["token"], body["key"]
         assert (await call(g, token))[0] == 200
         redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1500")
         for _ in range(2):
@@ -467,8 +535,9 @@ async def test_fail_open_counts_reach_the_keys_and_days_counters(redis_url, upst
             status, read = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
             return status == 200 and read["used_this_month"] >= 3
         await eventually(key_read)
-        _, read = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
-        assert read["used_this_month"] == 3
+        for key_id in (key["id"], old["id"]):
+            _, read = await g.admin_json("GET", f"/workspaces/acme/keys/{key_id}")
+            assert read["used_this_month"] == 3
         _, days = await g.admin_json("GET", "/workspaces/acme/usage/daily?days=1")
         assert days["items"][0]["requests"] == 3
 
@@ -920,6 +989,47 @@ async def test_a_rotated_key_goes_on_in_its_rate_window_not_a_fresh_one(redis_ur
         assert all(r.pttl(k) > 0 for k in r.scan_iter("kg:rate:*"))
 
 
+async def test_keys_in_a_rotations_grace_share_one_rate_and_one_monthly_cap(redis_url, upstream,
+                                                                           monkeypatch):
+    """During a grace the old and the new key are one integration: a client holding both got
+    the full rate limit on each (twice the rate for the whole grace) and the key's own
+    monthly cap twice over (each key counted on its own from the count at the rotation)."""
+    clock = Clock()  # one window until moved
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as a, \
+            gateway_under_test(config, redis_url, monkeypatch, clock=clock) as b:
+        await a.workspace(plan="unlimited")
+        old, key = await a.key(rate_limit="4/m", monthly_requests=6)
+        assert (await call(a, old))[0] == 200
+        status, body = await a.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/rotate",
+                                          {"grace_seconds": 3600})
+        assert status == 201
+        new, new_id = body["token"], body["key"]["id"]
+        got = [(await call(g, t))[:2] for g, t in ((a, old), (b, new), (b, old), (a, new),
+                                                    (b, old), (a, new))]
+        assert got == [(200, None)] * 3 + [(429, "rate_limited")] * 3  # 4 a minute in all
+        clock.now += 61
+        got = [(await call(g, t))[:2] for g, t in ((b, new), (a, old), (a, new), (b, old))]
+        assert got == [(200, None)] * 2 + [(429, "key_quota_exceeded")] * 2  # 6 a month in all
+        assert len(upstream.requests) == 6
+        for key_id in (key["id"], new_id):
+            _, read = await a.admin_json("GET", f"/workspaces/acme/keys/{key_id}")
+            assert read["used_this_month"] == 6
+        # each key's day history is its own requests
+        for key_id, requests in ((key["id"], 4), (new_id, 2)):
+            _, days = await a.admin_json("GET",
+                                         f"/workspaces/acme/keys/{key_id}/usage/daily?days=1")
+            assert days["items"][0]["requests"] == requests
+        # a rotation of the new key within the grace: all three share it
+        await a.admin_json("PATCH", f"/workspaces/acme/keys/{new_id}", {"monthly_requests": 7})
+        status, body = await a.admin_json("POST", f"/workspaces/acme/keys/{new_id}/rotate",
+                                          {"grace_seconds": 60})
+        assert status == 201 and body["key"]["used_this_month"] == 6
+        got = [(await call(g, t))[:2] for g, t in ((b, body["token"]), (a, old), (a, new))]
+        assert got == [(200, None)] + [(429, "key_quota_exceeded")] * 2
+        assert len(upstream.requests) == 7
+
+
 async def test_no_message_about_a_key_control_echoes_a_token(gut):
     await gut.workspace()
     token, key = await gut.key()
@@ -1011,6 +1121,59 @@ async def test_creates_waiting_their_turn_to_hash_obey_a_cap_lowered_meanwhile(g
         r.close()
     status, body = await rotation
     assert (status, body["error"]["code"]) == (409, "key_limit_reached"), body
+
+
+async def test_a_write_that_meets_a_workspace_edited_again_and_again_hashes_once(
+        gut, redis_url, monkeypatch):
+    """A rotation (or a create) whose workspace is edited between its read and its write is
+    written again, and is refused once that happens time after time. It hashed the new secret
+    again for every try (argon2, one at a time for the whole process) and, out of tries,
+    answered 503 store_unavailable for a healthy store, logging 'could not find a free key
+    id'. Now: one hash however often the write is tried, and a 409 conflict that says the
+    workspace kept changing and nothing was written."""
+    await gut.workspace("acme", plan="unlimited")
+    _, key = await gut.key()
+    store = gut.gw.store
+    hashes, edits = [], []
+    real_hash, real_run = store.hasher.hash, store._run
+
+    def counting_hash(secret):
+        hashes.append(1)
+        return real_hash(secret)
+
+    async def edited_first(name, keys, args, **kw):
+        if name == "add_key" and len(edits) < edit_times:  # the operator edits it meanwhile
+            edits.append(await gut.admin_json(  # its cap, which the write is judged on
+                "PATCH", "/workspaces/acme", {"limits": {"max_keys": 1000 + len(edits)}}))
+        return await real_run(name, keys, args, **kw)
+
+    monkeypatch.setattr(store.hasher, "hash", counting_hash)
+    monkeypatch.setattr(store, "_run", edited_first)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    ids_before = set(r.keys("kg:keyid:*"))
+    # edited a few times in a row: written on a later try, hashed once
+    edit_times = 3
+    status, body = await gut.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/rotate", {})
+    assert status == 201, body
+    assert (len(hashes), len(edits)) == (1, 3)
+    assert (await call(gut, body["token"]))[0] == 200
+    key = body["key"]
+    # edited before every try: refused, saying so, nothing written, the reserved id freed
+    for path in (f"/workspaces/acme/keys/{key['id']}/rotate", "/workspaces/acme/keys"):
+        hashes.clear(), edits.clear()
+        edit_times = 100
+        ids_before = set(r.keys("kg:keyid:*"))
+        status, body = await gut.admin_json("POST", path, {"name": "k", "scopes": []}
+                                            if path.endswith("/keys") else {})
+        assert (status, body["error"]["code"]) == (409, "conflict"), body
+        message = body["error"]["message"]
+        assert "workspace 'acme' changed" in message.lower() and "retry" in message.lower()
+        assert "free key id" not in message
+        assert len(hashes) == 1 and len(edits) > 1
+        assert set(r.keys("kg:keyid:*")) == ids_before
+    r.close()
+    _, listing = await gut.admin_json("GET", "/workspaces/acme/keys?status=active")
+    assert [k["id"] for k in listing["items"]] == [key["id"]]
 
 
 async def test_a_reloaded_scope_catalogue_applies_to_the_next_admin_call(tmp_path, redis_url,

@@ -137,6 +137,39 @@ async def test_rate_limit_admits_n_per_window_and_says_when_to_retry(redis_url):
     await store.close()
 
 
+async def test_a_per_minute_rate_with_a_cap_per_second_holds_both_windows(redis_url):
+    """A key's own rate and its workspace's that neither is within the other (5/m and 2/s)
+    are both in force: at most 2 in any second, 5 in any minute; r counts what is left
+    before either is full, and a refusal says when its own window frees one."""
+    seed(redis_url)
+    store = RequestStore(redis_url)
+    t0 = NOW_MS - NOW_MS % 1000
+
+    async def at(ms: int, **kw):
+        return await authorize(store, **{"rate_limit": 5, "rate_period_ms": 60000,
+                                         "rate_burst": 2, "now_ms": t0 + ms, **kw})
+
+    got = [await at(i) for i in range(3)]
+    assert [(d.outcome, d.rate_remaining) for d in got] == [("ok", 1), ("ok", 0), ("rate", 0)]
+    assert got[2].retry_after_ms == 998  # the first of this second leaves it then
+    assert got[1].window_reset_ms == 999
+    peeked = await at(500, count=False, peek=True)
+    assert (peeked.outcome, peeked.rate_remaining) == ("rate", 0)
+    got = [await at(1001 + i) for i in range(3)]  # a second after the first two
+    assert [(d.outcome, d.rate_remaining) for d in got] == [("ok", 1), ("ok", 0), ("rate", 0)]
+    d = await at(2002)
+    assert (d.outcome, d.rate_remaining, d.window_reset_ms) == ("ok", 0, 57998)  # 5th
+    d = await at(3000)
+    assert d.outcome == "rate" and d.retry_after_ms == 57000  # the minute's 5 are used
+    assert (await at(60000)).outcome == "ok"  # the first left the minute
+    # without a cap per second: 5 at once, as before
+    r = redis.Redis.from_url(redis_url)
+    r.delete(*r.keys("kg:rate:*"))
+    got = [await at(200000 + i, rate_burst=0) for i in range(6)]
+    assert [d.outcome for d in got] == ["ok"] * 5 + ["rate"]
+    await store.close()
+
+
 async def test_store_down_is_a_store_error(own_redis):
     seed(own_redis.url)
     store = RequestStore(own_redis.url, timeout=0.5)

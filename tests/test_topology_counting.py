@@ -151,8 +151,8 @@ def test_a_counting_call_sent_again_answers_the_same_and_counts_nothing(redis_ur
     r.hset(keys[0], mapping={"id": key, "rev": 1})
     r.hset(keys[1], mapping={"id": ws, "rev": 1})
     now = int(time.time() * 1000)
-    # rate limit 5 a minute, quota 100, the key's own cap 50
-    fixed = (1, 1, "count", 5, 60000, 100, 50, 86400)
+    # rate limit 5 a minute (no cap per second besides), quota 100, the key's own cap 50
+    fixed = (1, 1, "count", 5, 60000, 100, 50, 86400, 0)
 
     def call(member: str, marker: str | None) -> list:
         extra_keys, extra_args = ([marker], [once_ttl_ms(2.0)]) if marker else ([], [])

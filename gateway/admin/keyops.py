@@ -89,7 +89,7 @@ class KeyOps:
         if roles is None:
             roles = await self.store.workspace_roles(self.ws)
         if used is None:
-            used, = await self.store.keys_used_this_month(self.ws, [key.id])
+            used, = await self.store.keys_used_this_month(self.ws, [key.budget_id])
         return key.to_json(effective_scopes_of(key, roles, self.config.roles),
                            self.store.clock(), used)
 
@@ -163,7 +163,7 @@ class KeyOps:
         keys, next_cursor = select_keys(await self.store.list_keys(self.ws), query,
                                         self.store.clock())
         roles = await self.store.workspace_roles(self.ws)
-        used = await self.store.keys_used_this_month(self.ws, [k.id for k in keys])
+        used = await self.store.keys_used_this_month(self.ws, [k.budget_id for k in keys])
         body: dict[str, Any] = {"items": [await self.key_json(k, roles, n)
                                           for k, n in zip(keys, used)]}
         if next_cursor is not None:

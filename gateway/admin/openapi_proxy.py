@@ -105,7 +105,7 @@ def proxy_paths() -> dict[str, Schema]:
                        params=list_params()),
             "post": own("Create a key within the calling key's own scopes",
                         ok(201, ref("NewKey"), "the key and its token"),
-                        err(409, "key_limit_reached"), body=ref("KeyCreate")),
+                        err(409, "conflict", "key_limit_reached"), body=ref("KeyCreate")),
         },
         base + "/{key}": {
             "servers": PROXY_SERVER, "parameters": key_path,

@@ -202,13 +202,9 @@ def parse_rate(value: Any) -> str | None:
 
 
 def rate_exceeds(rate: str, bound: str) -> bool:
-    """Whether the rate limit ``rate`` admits more requests than ``bound`` in some window.
-    Both are sliding logs, so N/m admits all N within one second: ``rate`` is looser if it
-    admits more per second on average or more in one of its own periods (60/m is looser than
-    1/s: a burst of 60; 1/s is no looser than 60/m)."""
-    new, old = parse_rate_limit(rate), parse_rate_limit(bound)
-    return (new.requests * old.period_seconds > old.requests * new.period_seconds
-            or new.requests > old.requests)
+    """Whether the rate limit ``rate`` admits more requests than ``bound`` in some window
+    (``RateLimit.exceeds``)."""
+    return parse_rate_limit(rate).exceeds(parse_rate_limit(bound))
 
 
 def parse_monthly(value: Any, field: str = "monthly_requests") -> int | None:

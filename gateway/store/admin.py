@@ -251,7 +251,8 @@ class Store(KeyStore):
         return workspace.to_json(limits_json(effective_plan(self.config, workspace)))
 
     async def keys_used_this_month(self, ws: str, key_ids: Sequence[str]) -> list[int]:
-        """Each key's own count for the clock's current month (one MGET; one slot)."""
+        """Each key's own count for the clock's current month (one MGET; one slot). Give each
+        key's ``budget_id``: a rotated key counts under the key it replaced."""
         if not key_ids:
             return []
         period, _ = month_period(self.clock())

@@ -12,8 +12,7 @@ from ..models import KeyRecord, Workspace, rfc3339, whole_second
 from ..tokens import ID_LEN, PREFIX_CHARS, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
                          no_workspace, revoked_key, role_gone, store_errors, unknown_role)
-from ..usage import month_period
-from .keyspace import (key_index_key, key_key, key_usage_key, rate_key, ws_active_key,
+from .keyspace import (key_index_key, key_key, ws_active_key,
                        ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
 from .records import (UNSET, WORKSPACE_ID_RE, NewKey, control_fields, epoch_field, hash_pairs,
                       key_from_hash, shown_ws, workspace_from_hash)
@@ -106,8 +105,8 @@ class KeyStore(StoreBase):
                     description: str, environment: str, role: str | None,
                     scopes: Sequence[str], expires_at: float | None, rate_limit: str | None,
                     now: float, monthly_requests: int | None = None, enabled: bool = True,
-                    meta: str = "{}", allowed_ips: Sequence[str] | None = None
-                    ) -> tuple[KeyRecord, list[str]]:
+                    meta: str = "{}", allowed_ips: Sequence[str] | None = None,
+                    budget: str | None = None) -> tuple[KeyRecord, list[str]]:
         # The public prefix never reaches into the secret, whatever the configured prefix/env.
         head = len(self.config.keys.prefix) + len(environment) + 2
         record = KeyRecord(
@@ -116,7 +115,7 @@ class KeyStore(StoreBase):
             hash=hashed, prefix=token[:min(PREFIX_CHARS, head + ID_LEN)], created_at=now,
             expires_at=expires_at, revoked_at=None, last_used_at=None, rate_limit=rate_limit,
             rev=1, monthly_requests=monthly_requests, enabled=enabled, meta=meta,
-            allowed_ips=None if allowed_ips is None else tuple(allowed_ips))
+            allowed_ips=None if allowed_ips is None else tuple(allowed_ips), budget=budget)
         fields = ["id", key_id, "workspace", ws, "name", name, "description", description,
                   "environment", environment, "role", role or "",
                   "scopes", json.dumps(list(record.scopes)), "hash", hashed,
@@ -125,6 +124,8 @@ class KeyStore(StoreBase):
                   "rate_limit", rate_limit or "", *control_fields(
                       monthly_requests=monthly_requests, enabled=enabled, meta=meta,
                       allowed_ips=allowed_ips)]
+        if budget is not None:
+            fields += ["budget", budget]
         return record, fields
 
     @staticmethod
@@ -193,6 +194,9 @@ class KeyStore(StoreBase):
                 raise Conflict(f"Workspace '{shown_ws(ws)}' is at its cap of "
                                f"{self._max_keys(workspace)} active keys (set by {source}); "
                                "revoke one first.", code="key_limit_reached")
+            if reply == "stale_ws":  # out of tries with this hash: not a reason for another
+                raise self._kept_changing(ws, reply, "a key was being created in it",
+                                          "no key was created")
         raise StoreError("could not find a free key id")
 
     @confirmed_write
@@ -200,8 +204,9 @@ class KeyStore(StoreBase):
                          actor: str = OPERATOR, max_expires_at: float | None = None,
                          expect_rev: int | None = None) -> tuple[KeyRecord, NewKey]:
         """Replace a key by a new one with the same name, description, environment, role or
-        scopes, controls and this month's count so far (its own cap goes on where it was; and,
-        if the old key had an expiry, the same lifetime). The old
+        scopes and controls, sharing the old key's rate log and month count (``budget``: its
+        own cap goes on where it was, its rate in the same window, and during a grace the two
+        keys spend one budget; and, if the old key had an expiry, the same lifetime). The old
         key is revoked now (grace 0) or expires after the grace (never later than it already
         would). ``max_expires_at`` caps the new key's expiry (self-service: the acting key's).
         Returns (old key as now, new key). Conflict if the key is revoked.
@@ -212,6 +217,9 @@ class KeyStore(StoreBase):
         refused with Conflict."""
         workspace, cap_basis = await self._capped_workspace(ws)
         old = await self.require_key(ws, key_id)
+        # The new key id and the hash of its secret are made once, then written as often as
+        # the write meets a key or workspace changed since they were read: a retry re-reads
+        # those, not the argon2 hash (which takes its turn with every other hash here).
         new_id = token = hashed = None
         reply = None
         try:
@@ -235,16 +243,17 @@ class KeyStore(StoreBase):
                     description=old.description, environment=old.environment, role=old.role,
                     scopes=old.scopes, expires_at=expires_at, rate_limit=old.rate_limit,
                     now=now, monthly_requests=old.monthly_requests, enabled=old.enabled,
-                    meta=old.meta, allowed_ips=old.allowed_ips)
+                    meta=old.meta, allowed_ips=old.allowed_ips,
+                    # one integration, one budget: the new key's requests go on in the old
+                    # key's rate log and month count (its own cap goes on where it was, no
+                    # fresh burst), and during a grace both keys spend the one budget
+                    budget=old.budget_id)
                 details = {"new_key": new_id, "grace_seconds": grace_seconds}
-                period, _ = month_period(now)
                 reply = None  # the script may run and its answer be lost: then nothing released
                 reply = await self._run(
                     "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
                                 key_key(ws, new_id), ws_audit_key(ws), ws_roles_key(ws),
-                                key_key(ws, key_id), key_usage_key(ws, key_id, period),
-                                key_usage_key(ws, new_id, period), rate_key(ws, key_id),
-                                rate_key(ws, new_id)),
+                                key_key(ws, key_id)),
                     (epoch_field(now), self._max_keys(workspace),
                      "+inf" if expires_at is None else epoch_field(expires_at), new_id,
                      self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,
@@ -285,6 +294,8 @@ class KeyStore(StoreBase):
                     old = await self.require_key(ws, key_id)
                 elif reply == "stale_ws":  # its cap may have changed: read it again
                     workspace, cap_basis = await self._capped_workspace(ws)
+                else:
+                    raise StoreError(f"unexpected answer from the rotate script: {reply!r}")
         finally:
             # a key must never lose its index entry: released only when the script answered
             # that it added no key (a stray entry is harmless, see the layout)
@@ -292,7 +303,19 @@ class KeyStore(StoreBase):
                 await self._release_id(new_id)
         if reply == "stale":  # changed under it every time: a conflict, never a 503
             raise changed_meanwhile(key_id)
-        raise StoreError("could not find a free key id")
+        raise self._kept_changing(ws, reply, f"key '{shown(key_id, 12)}' was being rotated",
+                                  "nothing was changed", ROTATE_ATTEMPTS)
+
+    @staticmethod
+    def _kept_changing(ws: str, reply: str | None, doing: str, outcome: str,
+                       attempts: int = ID_ATTEMPTS) -> Exception:
+        """Out of tries, each refused because what it was judged on changed (``reply``
+        'stale_ws': the workspace, 'stale': the key) or its new id was taken ('collision')."""
+        if reply == "collision":
+            return StoreError("could not find a free key id")
+        what = f"Workspace '{shown_ws(ws)}'" if reply == "stale_ws" else "The key"
+        return Conflict(f"{what} changed {attempts} times in a row while {doing}, each time "
+                        f"between this call's read of it and its write; {outcome}. Retry.")
 
     @confirmed_write
     async def update_key(self, ws: str, key_id: str, *, name: Any = UNSET,

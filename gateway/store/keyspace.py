@@ -28,6 +28,8 @@ per-request script and every admin script touch a single slot.
                                           rate_limit ("" = plan's), monthly_requests (the key's
                                           own cap, "" = none), enabled ("0" = disabled),
                                           meta (JSON object), allowed_ips (JSON list, "" = any),
+                                          budget (a rotation's new key: the key id whose
+                                          kg:rate and kg:kusage it uses; absent = its own),
                                           rev (bumped on every change)
                                           (a bumped rev is Redis's TIME in µs, or +1 when that
                                           is not above it: a restore or failover that takes
@@ -40,7 +42,8 @@ per-request script and every admin script touch a single slot.
                                           index; a crash in between leaves at worst an index
                                           entry pointing at no key, which reads as unknown.
     kg:usage:{ws}:<YYYY-MM>       STRING  requests forwarded this month (always has a TTL)
-    kg:kusage:{ws}:<id>:<YYYY-MM> STRING  the key's requests forwarded this month (TTL)
+    kg:kusage:{ws}:<id>:<YYYY-MM> STRING  the key's requests forwarded this month (TTL); <id>
+                                          is the key's budget (shared by rotated keys)
     kg:daily:{ws}:<YYYY-MM-DD>    STRING  requests forwarded that UTC day (TTL: 100 days)
     kg:kdaily:{ws}:<id>:<YYYY-MM-DD>
                                   STRING  the key's requests forwarded that UTC day (TTL)
@@ -58,7 +61,8 @@ per-request script and every admin script touch a single slot.
                                           verification's count has run (the counter's whole
                                           name as the hash tag: the counter's slot), so a
                                           copy sent again counts nothing (TTL: as above)
-    kg:rate:{ws}:<id>             ZSET    the key's rate log: one member per request admitted
+    kg:rate:{ws}:<id>             ZSET    the key's rate log (<id>: its budget, as above): one
+                                          member per request admitted
                                           in the last rate period, score = its time in ms
                                           (a sliding log; expires one period after the last)
     kg:fail:ip:<ip>               STRING  failed verifications in the window (TTL)

@@ -73,7 +73,8 @@ def key_from_hash(h: Mapping[str, str]) -> KeyRecord | None:
             rate_limit=h.get("rate_limit") or None, rev=int(h.get("rev") or 0),
             monthly_requests=int(h["monthly_requests"]) if h.get("monthly_requests") else None,
             enabled=h.get("enabled", "1") != "0", meta=h.get("meta") or "{}",
-            allowed_ips=tuple(json.loads(h["allowed_ips"])) if h.get("allowed_ips") else None)
+            allowed_ips=tuple(json.loads(h["allowed_ips"])) if h.get("allowed_ips") else None,
+            budget=h.get("budget") or None)
     except (KeyError, ValueError, TypeError) as exc:
         raise StoreError(f"the store holds a malformed key record ({h.get('id')!r})") from exc
 

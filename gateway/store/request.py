@@ -28,7 +28,7 @@ REFUND = load("refund")
 LEDGER_WRITE = load("ledger_write")
 READ_KEY = load("read_key")
 READY = load("ready")
-# The script's deadline (lua/authorize.lua ARGV[12]) is this share of the store timeout after
+# The script's deadline (lua/authorize.lua ARGV[13]) is this share of the store timeout after
 # the call is made: a reply to a call that ran before it reaches us before we give up on it,
 # unless Redis stalled between running the call and replying; that reply comes late, and a
 # request it counted is taken back then (StoreError.counted_late).
@@ -91,16 +91,18 @@ _new_tuple = tuple.__new__
 
 
 class Slot(NamedTuple):
-    """Where one request is counted: its workspace and key, the month and the UTC day."""
+    """Where one request is counted: its workspace and key, the month and the UTC day, and the
+    key id its rate log and own month count go under (``KeyRecord.budget``; "": its own)."""
     workspace: str
     key_id: str
     period: str   # YYYY-MM
     day: str      # YYYY-MM-DD
+    budget: str = ""
 
     def counters(self) -> tuple[str, str, str, str]:
         """The four counters a forwarded request adds one to."""
         return (usage_key(self.workspace, self.period),
-                key_usage_key(self.workspace, self.key_id, self.period),
+                key_usage_key(self.workspace, self.budget or self.key_id, self.period),
                 daily_key(self.workspace, self.day),
                 key_daily_key(self.workspace, self.key_id, self.day))
 
@@ -164,22 +166,26 @@ class RequestStore:
                         count: bool, rate_limit: int, rate_period_ms: int,
                         monthly_limit: int | None, period: str, counter_ttl: int,
                         now_ms: int, day: str = "", key_limit: int | None = None,
-                        peek: bool = False, stamp: bool = False) -> Decision:
+                        peek: bool = False, stamp: bool = False, budget: str = "",
+                        rate_burst: int = 0) -> Decision:
         """``count``: admit and count the request; else, with ``peek``, judge the rate and
         quotas as counting would but count nothing; else confirm the state only, and with
-        ``stamp`` set the key's ``last_used_at`` when it is current."""
+        ``stamp`` set the key's ``last_used_at`` when it is current. ``budget``: the key id
+        its rate log and own month count go under ("": ``key_id``; it never changes for a
+        key id, so the call prepared for the key id stays right). ``rate_burst``: a cap per
+        second on top of a per-minute ``rate_limit`` (0: none; ``RateLimit.burst``)."""
         started = time.monotonic()
         day = day or utc_day(now_ms / 1000)
         # What stays the same for every request of this key today is encoded once
-        # (lua/authorize.lua ARGV[1..8]); a request adds its time, TTL, member and deadline.
+        # (lua/authorize.lua ARGV[1..9]); a request adds its time, TTL, member and deadline.
         mode = "count" if count else "peek" if peek else "use" if stamp else "check"
         fixed = (key_rev, ws_rev, mode, rate_limit, rate_period_ms,
                  -1 if monthly_limit is None else monthly_limit,
-                 -1 if key_limit is None else key_limit, DAILY_TTL)
+                 -1 if key_limit is None else key_limit, DAILY_TTL, rate_burst)
         prepared = self._prepared.get((workspace, key_id, period, day, fixed))
         if prepared is None:
-            prepared = self._prepare(workspace, key_id, period, day, fixed)
-        # ARGV[11], the rate log's member, is read only under a rate limit: "-" without one
+            prepared = self._prepare(workspace, key_id, period, day, fixed, budget or key_id)
+        # ARGV[12], the rate log's member, is read only under a rate limit: "-" without one
         # saves formatting a unique string per request. The deadline is the latest instant, in
         # Redis's clock (µs), at which the script may still count this request ("0", none,
         # while the clocks' offset is unknown or for a check).
@@ -251,9 +257,9 @@ class RequestStore:
         return task
 
     def _prepare(self, workspace: str, key_id: str, period: str, day: str,
-                 fixed: tuple[Any, ...]) -> Any:
+                 fixed: tuple[Any, ...], budget: str) -> Any:
         keys = (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
-                rate_key(workspace, key_id), key_usage_key(workspace, key_id, period),
+                rate_key(workspace, budget), key_usage_key(workspace, budget, period),
                 daily_key(workspace, day), key_daily_key(workspace, key_id, day))
         prepared = self._resp.prepare(AUTHORIZE, keys, fixed, 4)
         if len(self._prepared) >= HOT_KEYS:
@@ -324,7 +330,8 @@ class RequestStore:
         """Take back one counted request that never reached the upstream, from every counter
         it was counted in and, given its ``rate_member`` (``Decision.rate_member``), from the
         key's rate log."""
-        keys: tuple[str, ...] = (rate_key(slot.workspace, slot.key_id), *slot.counters())
+        keys: tuple[str, ...] = (rate_key(slot.workspace, slot.budget or slot.key_id),
+                                 *slot.counters())
         args: tuple[Any, ...] = (rate_member, ttl, ttl, DAILY_TTL, DAILY_TTL)
         if self._resends:  # a copy sent again after its connection died takes back nothing
             keys, args = (*keys, self._marker(slot.workspace)), (*args, self._once_ttl, "once")
@@ -333,7 +340,8 @@ class RequestStore:
     async def take_back_rate(self, slot: Slot, rate_member: str) -> None:
         """Take ``rate_member`` out of the key's rate log, and nothing else: a request that was
         counted after the gateway had given up on its call (answered 503) spent its rate."""
-        await self._run(REFUND, (rate_key(slot.workspace, slot.key_id),), (rate_member,))
+        await self._run(REFUND, (rate_key(slot.workspace, slot.budget or slot.key_id),),
+                        (rate_member,))
 
     async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str) -> bool:
         """Add ``n`` requests counted locally while the store was down (fail-open; negative:

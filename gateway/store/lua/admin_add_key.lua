@@ -12,10 +12,9 @@
 -- KEYS[1] kg:ws:{ws}   KEYS[2] kg:ws:{ws}:keys   KEYS[3] kg:ws:{ws}:active
 -- KEYS[4] new key hash   KEYS[5] kg:ws:{ws}:audit   KEYS[6] kg:ws:{ws}:roles
 -- KEYS[7] old key hash (rotation only)
--- KEYS[8], KEYS[9] the old and the new key's count this month (rotation only): the new key
---         starts from the old one's, so a rotation never hands out a fresh monthly cap
--- KEYS[10], KEYS[11] the old and the new key's rate log (rotation only): likewise the new key
---         goes on in the old one's rate window, never a fresh one
+-- A rotation's new key shares the old key's rate log and month count (its field 'budget', in
+-- the field pairs): it goes on in the old key's rate window and from its count, never a fresh
+-- one, and during a grace the two keys spend one budget.
 -- ARGV[1] now (epoch s)   ARGV[2] max active keys (-1 = unlimited)
 -- ARGV[3] the new key's expiry as a score ('+inf' = never)   ARGV[4] new key id
 -- ARGV[5] audit entry (JSON)   ARGV[6] audit stream cap
@@ -74,14 +73,6 @@ if rotating then
     end
   end
   new_rev(KEYS[7])
-  local used = redis.call('GET', KEYS[8])
-  local ttl = redis.call('PTTL', KEYS[8])
-  if used and ttl > 0 then redis.call('SET', KEYS[9], used, 'PX', ttl) end
-  ttl = redis.call('PTTL', KEYS[10])
-  if ttl > 0 then
-    redis.call('ZUNIONSTORE', KEYS[11], 1, KEYS[10])
-    redis.call('PEXPIRE', KEYS[11], ttl)
-  end
 end
 
 local fields = {}

@@ -10,7 +10,7 @@
 -- KEYS[5] key's month counter   kg:kusage:{ws}:<id>:<YYYY-MM>
 -- KEYS[6] workspace day counter kg:daily:{ws}:<YYYY-MM-DD>
 -- KEYS[7] key's day counter     kg:kdaily:{ws}:<id>:<YYYY-MM-DD>
--- ARGV[1..8] are the same for every request of a key in a day (the client encodes them once):
+-- ARGV[1..9] are the same for every request of a key in a day (the client encodes them once):
 -- ARGV[1] cached key rev   ARGV[2] cached workspace rev (missing rev = "0")
 -- ARGV[3] mode: "count" (forward), "check" (state only, counts nothing), "use" (as "check",
 --         and a current key's last_used_at is stamped: keygate's own endpoints) or "peek"
@@ -19,16 +19,19 @@
 -- ARGV[4] rate limit N (0 = none)   ARGV[5] rate period, ms
 -- ARGV[6] monthly limit (-1 = unlimited)   ARGV[7] the key's own monthly cap (-1 = none)
 -- ARGV[8] day counter TTL, s
--- ARGV[9..12] change with every request:
--- ARGV[9] now, ms   ARGV[10] month counter TTL, s
--- ARGV[11] a member unique to this request (for the rate log)
--- ARGV[12] deadline in Redis's own clock (TIME), microseconds; "0" = none. Set a little
+-- ARGV[9] a cap per second on top of a per-minute rate (0 = none): the key's own rate and its
+--         workspace's when neither is within the other (see RateLimit.within), e.g. 50/m
+--         under a 2/s plan is at most 50 a minute and at most 2 in any one second
+-- ARGV[10..13] change with every request:
+-- ARGV[10] now, ms   ARGV[11] month counter TTL, s
+-- ARGV[12] a member unique to this request (for the rate log)
+-- ARGV[13] deadline in Redis's own clock (TIME), microseconds; "0" = none. Set a little
 --          before the client gives up on the reply: a call that runs later than that (Redis
 --          was paused, or the command sat in a socket buffer) has been answered 503 already,
 --          so it counts nothing.
 -- Sentinel and Cluster only (redis-py sends a call again when its connection dies, which it
 -- may do after Redis ran the call): a call in mode "count" also has
--- KEYS[8] this request's marker  kg:once:{ws}:<request-id>   ARGV[13] its TTL, ms
+-- KEYS[8] this request's marker  kg:once:{ws}:<request-id>   ARGV[14] its TTL, ms
 -- A call that counts sets the marker to its answer; a copy of the call that finds it answers
 -- the same without doing anything, so a request is counted once however often it is sent.
 --
@@ -54,10 +57,10 @@ local w = redis.call('HMGET', KEYS[2], 'rev', 'id')
 if not k[2] or not w[2] or (k[1] or '0') ~= ARGV[1] or (w[1] or '0') ~= ARGV[2] then
   return {'stale', 0, 0, 0, 0, 0}
 end
-local now = tonumber(ARGV[9])
-if ARGV[3] == 'count' and ARGV[12] ~= '0' then
+local now = tonumber(ARGV[10])
+if ARGV[3] == 'count' and ARGV[13] ~= '0' then
   local t = redis.call('TIME')
-  if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[12]) then
+  if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[13]) then
     return {'late'}
   end
 end
@@ -73,9 +76,11 @@ end
 
 -- Per-key rate limit as a sliding log: a sorted set of the admitted requests' times in the
 -- last `period`. Exact (never more than N in any window of `period`), and bursts up to N are
--- fine; memory is N entries per active key.
+-- fine; memory is N entries per active key. With a cap per second besides (ARGV[9]), the same
+-- log's last second holds at most that many too.
 local limit, period = tonumber(ARGV[4]), tonumber(ARGV[5])
 local rate_remaining, reset_ms, n = -1, 0, 0
+local left, burst, b = -1, 0, 0  -- left: admitted before either window is full
 if limit > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - period)
   n = redis.call('ZCARD', KEYS[4])
@@ -84,7 +89,18 @@ if limit > 0 then
     local retry = tonumber(oldest[2]) + period - now
     return {'rate', tonumber(redis.call('GET', KEYS[3]) or '0'), 0, retry, retry, key_used}
   end
-  rate_remaining = limit - n - 1
+  left = limit - n
+  burst = tonumber(ARGV[9])
+  if burst > 0 then
+    b = redis.call('ZCOUNT', KEYS[4], string.format('(%d', now - 1000), '+inf')
+    if b >= burst then  -- until the oldest of the last second's leaves it
+      local first = redis.call('ZRANGE', KEYS[4], n - b, n - b, 'WITHSCORES')
+      local retry = tonumber(first[2]) + 1000 - now
+      return {'rate', tonumber(redis.call('GET', KEYS[3]) or '0'), 0, retry, retry, key_used}
+    end
+    if burst - b < left then left = burst - b else burst = 0 end  -- burst > 0: it binds
+  end
+  rate_remaining = left - 1
 end
 
 local quota = tonumber(ARGV[6])
@@ -97,32 +113,38 @@ elseif key_cap >= 0 and key_used >= key_cap then
 end
 if refused then
   -- refused: nothing counted, no rate consumed (so the rate has one more left than if admitted)
-  if n > 0 then
+  if b > 0 and burst > 0 then
+    reset_ms = tonumber(redis.call('ZRANGE', KEYS[4], n - b, n - b, 'WITHSCORES')[2]) + 1000 - now
+  elseif n > 0 then
     reset_ms = tonumber(redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')[2]) + period - now
   end
-  return {refused, used, limit > 0 and limit - n or -1, reset_ms, 0, key_used}
+  return {refused, used, left, reset_ms, 0, key_used}
 end
 if ARGV[3] == 'peek' then
-  return {'ok', used, limit > 0 and limit - n or -1, 0, 0, key_used}
+  return {'ok', used, left, 0, 0, key_used}
 end
 if limit > 0 then
-  redis.call('ZADD', KEYS[4], now, ARGV[11])
+  redis.call('ZADD', KEYS[4], now, ARGV[12])
   redis.call('PEXPIRE', KEYS[4], period)
-  reset_ms = tonumber(redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')[2]) + period - now
+  if burst > 0 then  -- the cap per second binds: its window resets first
+    reset_ms = tonumber(redis.call('ZRANGE', KEYS[4], n - b, n - b, 'WITHSCORES')[2]) + 1000 - now
+  else
+    reset_ms = tonumber(redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')[2]) + period - now
+  end
 end
 used = redis.call('INCR', KEYS[3])
 if used == 1 or redis.call('TTL', KEYS[3]) < 0 then
-  redis.call('EXPIRE', KEYS[3], ARGV[10])
+  redis.call('EXPIRE', KEYS[3], ARGV[11])
 end
 -- The key's month and both days: every writer of these counters sets the TTL in the script
 -- that creates them, so a first count (1) is the only moment one can lack it.
 key_used = redis.call('INCR', KEYS[5])
-if key_used == 1 then redis.call('EXPIRE', KEYS[5], ARGV[10]) end
+if key_used == 1 then redis.call('EXPIRE', KEYS[5], ARGV[11]) end
 if redis.call('INCR', KEYS[6]) == 1 then redis.call('EXPIRE', KEYS[6], ARGV[8]) end
 if redis.call('INCR', KEYS[7]) == 1 then redis.call('EXPIRE', KEYS[7], ARGV[8]) end
 redis.call('HSET', KEYS[1], 'last_used_at', string.format('%.3f', now / 1000))
 if KEYS[8] then
   redis.call('SET', KEYS[8], string.format('%d,%d,%d,0,%d', used, rate_remaining, reset_ms,
-                                           key_used), 'PX', ARGV[13])
+                                           key_used), 'PX', ARGV[14])
 end
 return {'ok', used, rate_remaining, reset_ms, 0, key_used}
