@@ -234,8 +234,10 @@ def _supervise(config: Config, store_url: str, workers: int,
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ["KEYGATE_SUPERVISOR_PID"] = str(os.getpid())  # a worker asks it to reload all
     children: list[int] = []
+    stopping: list[bool] = []  # non-empty once the supervisor has asked the workers to stop
 
     def forward(signum, _frame) -> None:
+        stopping.append(True)
         # stopping: a SIGHUP from now on neither reaches the stopping workers nor, once the
         # handler below is gone at exit, ends the supervisor (exit 0, not death by signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -324,10 +326,13 @@ def _supervise(config: Config, store_url: str, workers: int,
         except InterruptedError:
             continue
         remaining.discard(pid)
-        if (exit_code := os.waitstatus_to_exitcode(code)) != 0:
+        exit_code = os.waitstatus_to_exitcode(code)
+        if exit_code != 0 or not _asked_to_stop(stopping):
             status = 1  # a worker died (even the last one): the exit code must say so
             # and the log says which and of what (a SIGKILL, the OOM killer, leaves no line
-            # of its own: the others' "shutting down" was all an operator saw)
+            # of its own: the others' "shutting down" was all an operator saw). A clean stop
+            # the supervisor did not ask for (`kill PID` of one worker) is one too: reaped
+            # without a word, it left one worker fewer for good.
             log.error("worker (pid %d) %s%s", pid, _death(exit_code),
                       "; stopping the other workers" if remaining else "")
             if remaining:  # take the rest down so the supervisor above restarts us
@@ -336,9 +341,21 @@ def _supervise(config: Config, store_url: str, workers: int,
     return status
 
 
+def _asked_to_stop(stopping: list[bool]) -> bool:
+    """Whether the supervisor has asked its workers to stop. A function of its own: entering it
+    runs the Python-level handler of a stop signal that reached the supervisor before the
+    worker's exit was reaped (a Ctrl-C reaches the whole process group in one system call), so
+    the worker's clean stop is not taken for one nobody asked for."""
+    return bool(stopping)
+
+
 def _death(exit_code: int) -> str:
     """How a worker ended, from ``os.waitstatus_to_exitcode``: "was killed by signal 9
-    (SIGKILL)" or "exited with status 1"."""
+    (SIGKILL)", "exited with status 1", or for a clean stop (a worker exits 0 only after a
+    SIGTERM or SIGINT) that the supervisor did not ask for, which says so."""
+    if exit_code == 0:
+        return ("stopped without the supervisor asking (a SIGTERM or SIGINT sent to it "
+                "alone)")
     if exit_code < 0:
         try:
             name = signal.Signals(-exit_code).name

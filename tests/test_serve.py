@@ -421,6 +421,34 @@ async def test_a_worker_killed_outright_is_named_in_the_supervisors_log(tmp_path
                 os.kill(pid, signal.SIGKILL)
 
 
+async def test_a_worker_stopped_from_outside_is_named_in_the_supervisors_log(tmp_path, upstream,
+                                                                           redis_url):
+    """One worker of `serve --workers 2` sent SIGTERM on its own (an operator's `kill PID`, a
+    tool that signals the wrong pid): it stops cleanly, exit 0, and the supervisor used to
+    reap it without a word, serving on with one worker fewer for ever. A worker the supervisor
+    did not ask to stop is now treated as one that died: named with how it ended, the others
+    stopped, exit 1 for the process manager to restart the whole."""
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")))
+    gw = Served(config, pport, aport, "--workers", "2")
+    workers: set[int] = set()
+    try:
+        await gw.ready()
+        workers = await two_workers(gw)
+        victim = min(workers)
+        os.kill(victim, signal.SIGTERM)
+        assert await asyncio.to_thread(gw.proc.wait, 15) == 1
+        err = gw.stderr()
+        assert (f"worker (pid {victim}) stopped without the supervisor asking (a SIGTERM or "
+                "SIGINT sent to it alone); stopping the other workers") in err, err
+        assert "Traceback" not in err
+    finally:
+        gw.close()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_a_worker_that_cannot_be_forked_is_one_line_and_the_others_stop(tmp_path):
     """`serve --workers N` where the system refuses a fork (a container's pids limit, ENOMEM):
     os.fork's BlockingIOError went up as a traceback, leaving the workers already forked to
