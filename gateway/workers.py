@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Any, Callable, Coroutine, TypeVar
@@ -202,6 +203,63 @@ def _preflight(config: Config, store_url: str) -> str | None:
     return None
 
 
+METRICS_DIR_PREFIX = "keygate-metrics-"
+METRICS_DIR_RE = re.compile(r"keygate-metrics-[a-z0-9_]{8}")  # tempfile.mkdtemp's names
+METRICS_LOCK = "supervisor.lock"  # not *.db: prometheus-client reads only those
+
+
+def hold_metrics_dir(directory: str) -> None:
+    """Mark ``directory`` as in use for as long as this supervisor or any of its workers lives:
+    an exclusive flock on a file in it, taken before the file has its name (a supervisor
+    looking for stale directories never finds it unheld). The descriptor is inherited by the
+    workers (fork) and by no program (close-on-exec); the kernel lets go of the lock when the
+    last of them ends, however it ends."""
+    import fcntl
+    held = os.path.join(directory, f".{METRICS_LOCK}")
+    fd = os.open(held, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.rename(held, os.path.join(directory, METRICS_LOCK))  # the descriptor stays open
+
+
+def remove_stale_metrics_dirs() -> None:
+    """Remove the metrics directories of supervisors that are gone. A supervisor killed
+    outright (SIGKILL, the OOM killer) never removes its own; one left each time fills the
+    temporary directory for good. Only directories of ``hold_metrics_dir``'s kind: named as
+    keygate names them, this user's, not a symbolic link, with a lock file nobody holds (its
+    supervisor and workers are all gone: not a test of a pid, which another process may have
+    taken since, or which a supervisor in another pid namespace sharing /tmp has too).
+    Directories of keygate versions without the lock file are left alone."""
+    import fcntl
+    import shutil
+    import stat
+    import tempfile
+    base = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(base) if METRICS_DIR_RE.fullmatch(n)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(base, name)
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            fd = os.open(os.path.join(path, METRICS_LOCK),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its supervisor or a worker of it is alive
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
 def _stop_with_supervisor(supervisor: int) -> None:
     """Have the kernel send this worker SIGTERM when the supervisor dies, however it dies
     (SIGKILL, the OOM killer): an orphaned worker would go on holding the listening ports
@@ -230,7 +288,9 @@ def _supervise(config: Config, store_url: str, workers: int,
         return 1
     # Metrics aggregate across workers through prometheus-client's multiprocess mode: each
     # worker writes its samples to files in this directory; /metrics on any worker sums them.
-    metrics_dir = tempfile.mkdtemp(prefix="keygate-metrics-")
+    remove_stale_metrics_dirs()
+    metrics_dir = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX)
+    hold_metrics_dir(metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ["KEYGATE_SUPERVISOR_PID"] = str(os.getpid())  # a worker asks it to reload all
     children: list[int] = []

@@ -715,6 +715,56 @@ async def test_workers_do_not_outlive_a_supervisor_killed_outright(tmp_path, ups
                 os.kill(pid, signal.SIGKILL)
 
 
+async def test_a_supervisor_killed_outright_leaves_no_metrics_directory_for_good(
+        tmp_path, upstream, redis_url):
+    """`serve --workers 2` keeps its workers' metrics files in a temporary directory
+    (keygate-metrics-*) it removes when it stops; SIGKILLed (the OOM killer), it left that
+    directory behind, one more each time. The next supervisor removes those whose supervisor
+    is gone, and only those: its own kind, its own user's, not one a live supervisor holds."""
+    import fcntl
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    environ = {"TMPDIR": str(temp)}
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")))
+    live = temp / "keygate-metrics-livelive"  # as a running supervisor holds its own
+    live.mkdir()
+    (live / "supervisor.lock").write_text("1\n")
+    holder = os.open(live / "supervisor.lock", os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    other = temp / "keygate-metricsx-notours"  # not the pattern
+    other.mkdir()
+    workers: set[int] = set()
+    first = Served(config, pport, aport, "--workers", "2", environ=environ)
+    try:
+        await first.ready()
+        workers = await two_workers(first)
+        [stale] = set(temp.glob("keygate-metrics-*")) - {live}
+        first.proc.kill()
+        first.proc.wait(10)
+        deadline = time.monotonic() + 15
+        while any(map(alive, workers)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not any(map(alive, workers)), "workers outlived their supervisor"
+        assert stale.is_dir()  # what a SIGKILL leaves
+        second = Served(config, pport, aport, "--workers", "2", environ=environ)
+        try:
+            await second.ready()
+            assert not stale.exists(), "the dead supervisor's metrics directory is still there"
+            assert live.is_dir() and other.is_dir()
+            [own] = set(temp.glob("keygate-metrics-*")) - {live}
+            assert await asyncio.to_thread(second.terminate) == 0
+            assert not own.exists()
+        finally:
+            second.close()
+    finally:
+        os.close(holder)
+        first.close()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_serve_sets_one_malloc_arena_before_any_thread_of_its_own_starts(tmp_path):
     """``one_malloc_arena`` must run before any thread starts (argon2_pool's docstring: a
     thread that has allocated keeps its own glibc arena, and the process and every worker it
