@@ -626,7 +626,7 @@ def test_upstream_ca_file_problems(tmp_path: Path) -> None:
         "config.yaml:5: upstreams.d.ca_file: only applies to an https:// url, and this "
         "upstream's url is http:// (use https:// or remove ca_file)",
         "config.yaml:6: upstreams.e.ca_file: expected a string, got an integer (5)",
-        "config.yaml:7: upstreams.f.ca_file: cannot read 'dir': Is a directory",
+        "config.yaml:7: upstreams.f.ca_file: 'dir' is not a regular file (a directory)",
     ]
 
 

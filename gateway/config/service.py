@@ -86,12 +86,7 @@ class ServiceSections(SchemaReader):
             file_name = self.string(given[name], f"{path}.{name}")
             if file_name is BAD:
                 continue
-            try:
-                with open(file_name, "rb") as fh:
-                    fh.read(1)
-            except OSError as exc:
-                self.fail(given[name], f"{path}.{name}",
-                          f"cannot read '{file_name}': {exc.strerror or exc}")
+            if not self.readable_file(given[name], f"{path}.{name}", file_name):
                 continue
             files[name] = file_name
         if len(files) != 2:
