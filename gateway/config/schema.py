@@ -97,6 +97,8 @@ class SchemaReader(NodeReader):
             return BAD
         if value is None and nullable:
             return None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 60.0: an integer to JSON Schema (the published schema's type)
         if isinstance(value, bool) or not isinstance(value, int):
             extra = " or null (unlimited)" if nullable else ""
             return self.fail(node, path, f"expected an integer{extra}, got "
