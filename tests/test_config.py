@@ -189,6 +189,19 @@ def test_numbers_yaml_versions_read_differently_are_problems_not_guesses(
     assert config.server.timeouts.header == 0.5
 
 
+def test_a_number_with_thousands_of_digits_is_too_large_in_keygate_words(tmp_path: Path
+                                                                          ) -> None:
+    """Past Python's limit on digits (4300), int() raises with its own hint ("use
+    sys.set_int_max_str_digits() to increase the limit"), which the problems passed on."""
+    huge = "9" * 5000
+    assert problems_of(tmp_path, f"server:\n  port: {huge}\n"
+                                 f"plans:\n  p: {{rate_limit: '{huge}/s'}}\n") == [
+        "config.yaml:2: server.port: cannot read this value: a number of more than 4300 digits "
+        "is too large",
+        "config.yaml:4: plans.p.rate_limit: a rate limit needs between 1 and 1000000000 "
+        "requests, got a number of 5000 digits"]
+
+
 def test_redis_url_problems_never_echo_the_password(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, "store:\n  redis_url: 'redis://:s3cret@:notaport/0'\n")
     assert len(problems) == 1 and "s3cret" not in problems[0]

@@ -202,6 +202,8 @@ class NodeReader:
         except (yaml.YAMLError, ValueError, TypeError) as exc:
             # PyYAML's own message quotes the file's line under it: the first line says it
             what = getattr(exc, "problem", None) or str(exc)
+            if node.tag == INT_TAG and sum(c.isdigit() for c in node.value) > 4300:
+                what = "a number of more than 4300 digits is too large"  # not Python's words
             return self.fail(original, path, f"cannot read this value: {what.splitlines()[0]}")
         if taken and not isinstance(value, str):  # as messages show it: 0x1F90 is 8080
             self._from_env[id(original)][1].append(str(value))
