@@ -668,6 +668,25 @@ def test_identity_headers_must_be_distinct(tmp_path: Path) -> None:
              "identity_headers.workspace"]
 
 
+def test_a_listener_host_with_spaces_or_control_characters_is_a_problem(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host no listener can bind (`127.0.0.1\\n...`, often an env file's stray newline or
+    carriage return): config check said ok, then serve failed on it with a message the
+    newline split in two (a forged line in the log)."""
+    monkeypatch.setenv("KG_TEST_HOST", "127.0.0.1\r")
+    assert problems_of(tmp_path, with_upstream("""
+        server:
+          host: ${KG_TEST_HOST}
+        admin:
+          host: "local host"
+        routes:
+          - {path: /x, upstream: crm}
+    """)) == [
+        "config.yaml:4: server.host: the value from ${KG_TEST_HOST} is invalid",
+        "config.yaml:6: admin.host: 'local host' is not a host name or IP address (it has a "
+        "space or control character)"]
+
+
 def test_trusted_proxies_are_ips_or_networks(tmp_path: Path) -> None:
     assert problems_of(tmp_path, "server:\n  trusted_proxies: [10.0.0.0/8, '::1', lb.local]\n"
                        ) == ["config.yaml:2: server.trusted_proxies[2]: 'lb.local' is not an "

@@ -141,6 +141,8 @@ CASES = [
     ("routes.0.public", True, True), ("identity_headers.workspace", "X-Tenant", True),
     ("identity_headers.workspace", "bad header", False),
     ("server.port", "${PORT:-8080}", True),
+    ("server.host", "local host", False), ("admin.host", "127.0.0.1\r", False),
+    ("admin.host", "::1", True),
 ]
 
 
