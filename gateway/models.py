@@ -36,6 +36,23 @@ def header_key(name: str) -> str:
     return name.replace("_", "-") if "_" in name else name
 
 
+class TooManyDigits(ValueError):
+    """A number of more digits than Python reads (``sys.get_int_max_str_digits()``, 4300)."""
+
+
+def whole_number(text: str) -> int:
+    """``int(text)``, raising ``TooManyDigits`` in keygate's words for a number past Python's
+    limit on digits: int()'s own message told the user to "use sys.set_int_max_str_digits()
+    to increase the limit". Any other ValueError is int()'s."""
+    try:
+        return int(text)
+    except ValueError:
+        digits = sum(c.isdigit() for c in text)
+        if digits > 4300 and re.fullmatch(r"\s*[+-]?[0-9_]+\s*", text):
+            raise TooManyDigits(f"a number of {digits} digits is too large") from None
+        raise
+
+
 # --- rate limits and plans ------------------------------------------------------------------------
 
 RATE_LIMIT_RE = re.compile(r"\s*([0-9]+)\s*/\s*([sm])\s*")
@@ -87,6 +104,10 @@ def parse_rate_limit(text: str) -> RateLimit:
     if match is None:
         raise ValueError(f"a rate limit looks like '5/s' or '300/m' (requests per second or "
                          f"per minute), got {text!r}")
+    digits = match.group(1).lstrip("0")
+    if len(digits) > len(str(MAX_RATE)):  # before int(): past 4300 digits it raises, in
+        raise ValueError(f"a rate limit needs between 1 and {MAX_RATE} requests, got a "  # its
+                         f"number of {len(digits)} digits")  # own words (set_int_max_str...)
     requests = int(match.group(1))
     if not 1 <= requests <= MAX_RATE:
         raise ValueError(f"a rate limit needs between 1 and {MAX_RATE} requests, got {text!r}")

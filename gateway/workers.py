@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Any, Callable, Coroutine, TypeVar
@@ -202,6 +203,63 @@ def _preflight(config: Config, store_url: str) -> str | None:
     return None
 
 
+METRICS_DIR_PREFIX = "keygate-metrics-"
+METRICS_DIR_RE = re.compile(r"keygate-metrics-[a-z0-9_]{8}")  # tempfile.mkdtemp's names
+METRICS_LOCK = "supervisor.lock"  # not *.db: prometheus-client reads only those
+
+
+def hold_metrics_dir(directory: str) -> None:
+    """Mark ``directory`` as in use for as long as this supervisor or any of its workers lives:
+    an exclusive flock on a file in it, taken before the file has its name (a supervisor
+    looking for stale directories never finds it unheld). The descriptor is inherited by the
+    workers (fork) and by no program (close-on-exec); the kernel lets go of the lock when the
+    last of them ends, however it ends."""
+    import fcntl
+    held = os.path.join(directory, f".{METRICS_LOCK}")
+    fd = os.open(held, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.rename(held, os.path.join(directory, METRICS_LOCK))  # the descriptor stays open
+
+
+def remove_stale_metrics_dirs() -> None:
+    """Remove the metrics directories of supervisors that are gone. A supervisor killed
+    outright (SIGKILL, the OOM killer) never removes its own; one left each time fills the
+    temporary directory for good. Only directories of ``hold_metrics_dir``'s kind: named as
+    keygate names them, this user's, not a symbolic link, with a lock file nobody holds (its
+    supervisor and workers are all gone: not a test of a pid, which another process may have
+    taken since, or which a supervisor in another pid namespace sharing /tmp has too).
+    Directories of keygate versions without the lock file are left alone."""
+    import fcntl
+    import shutil
+    import stat
+    import tempfile
+    base = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(base) if METRICS_DIR_RE.fullmatch(n)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(base, name)
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            fd = os.open(os.path.join(path, METRICS_LOCK),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its supervisor or a worker of it is alive
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
 def _stop_with_supervisor(supervisor: int) -> None:
     """Have the kernel send this worker SIGTERM when the supervisor dies, however it dies
     (SIGKILL, the OOM killer): an orphaned worker would go on holding the listening ports
@@ -230,12 +288,16 @@ def _supervise(config: Config, store_url: str, workers: int,
         return 1
     # Metrics aggregate across workers through prometheus-client's multiprocess mode: each
     # worker writes its samples to files in this directory; /metrics on any worker sums them.
-    metrics_dir = tempfile.mkdtemp(prefix="keygate-metrics-")
+    remove_stale_metrics_dirs()
+    metrics_dir = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX)
+    hold_metrics_dir(metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ["KEYGATE_SUPERVISOR_PID"] = str(os.getpid())  # a worker asks it to reload all
     children: list[int] = []
+    stopping: list[bool] = []  # non-empty once the supervisor has asked the workers to stop
 
     def forward(signum, _frame) -> None:
+        stopping.append(True)
         # stopping: a SIGHUP from now on neither reaches the stopping workers nor, once the
         # handler below is gone at exit, ends the supervisor (exit 0, not death by signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -324,10 +386,13 @@ def _supervise(config: Config, store_url: str, workers: int,
         except InterruptedError:
             continue
         remaining.discard(pid)
-        if (exit_code := os.waitstatus_to_exitcode(code)) != 0:
+        exit_code = os.waitstatus_to_exitcode(code)
+        if exit_code != 0 or not _asked_to_stop(stopping):
             status = 1  # a worker died (even the last one): the exit code must say so
             # and the log says which and of what (a SIGKILL, the OOM killer, leaves no line
-            # of its own: the others' "shutting down" was all an operator saw)
+            # of its own: the others' "shutting down" was all an operator saw). A clean stop
+            # the supervisor did not ask for (`kill PID` of one worker) is one too: reaped
+            # without a word, it left one worker fewer for good.
             log.error("worker (pid %d) %s%s", pid, _death(exit_code),
                       "; stopping the other workers" if remaining else "")
             if remaining:  # take the rest down so the supervisor above restarts us
@@ -336,9 +401,21 @@ def _supervise(config: Config, store_url: str, workers: int,
     return status
 
 
+def _asked_to_stop(stopping: list[bool]) -> bool:
+    """Whether the supervisor has asked its workers to stop. A function of its own: entering it
+    runs the Python-level handler of a stop signal that reached the supervisor before the
+    worker's exit was reaped (a Ctrl-C reaches the whole process group in one system call), so
+    the worker's clean stop is not taken for one nobody asked for."""
+    return bool(stopping)
+
+
 def _death(exit_code: int) -> str:
     """How a worker ended, from ``os.waitstatus_to_exitcode``: "was killed by signal 9
-    (SIGKILL)" or "exited with status 1"."""
+    (SIGKILL)", "exited with status 1", or for a clean stop (a worker exits 0 only after a
+    SIGTERM or SIGINT) that the supervisor did not ask for, which says so."""
+    if exit_code == 0:
+        return ("stopped without the supervisor asking (a SIGTERM or SIGINT sent to it "
+                "alone)")
     if exit_code < 0:
         try:
             name = signal.Signals(-exit_code).name

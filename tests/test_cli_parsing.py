@@ -81,6 +81,30 @@ def test_a_count_that_is_not_a_number_is_said_for_people(argv, capsys):
     assert f"'{argv[-1]}' is not a whole number" in err, err
 
 
+HUGE = "9" * 5000  # past Python's 4300-digit limit on reading an int
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--workers", HUGE], ["audit", "--workspace", "acme", "--limit", HUGE],
+    ["keys", "create", "--workspace", "acme", "--name", "n", "--scope", "a:b",
+     "--expires", f"{HUGE}d"],
+    ["keys", "rotate", "--workspace", "acme", "--grace", f"{HUGE}s", "k"],
+    ["keys", "list", "--workspace", "acme", "--unused", f"{HUGE}d"],
+    ["usage", "--workspace", "acme", "--days", HUGE],
+    ["keys", "create", "--workspace", "acme", "--name", "n", "--scope", "a:b",
+     "--monthly-requests", HUGE]], ids=lambda argv: " ".join(argv[:2]) + " " + argv[-2][:12])
+def test_a_number_with_thousands_of_digits_is_too_large_in_keygate_words(argv, capsys):
+    """A number past Python's limit on digits (4300) took Python's own hint to the user:
+    "Exceeds the limit (4300 digits) for integer string conversion ... use
+    sys.set_int_max_str_digits() to increase the limit" (or called it not a whole number and
+    printed all its digits back). It is bad usage that says the number is too large."""
+    from gateway.cli import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "set_int_max_str_digits" not in err and "Exceeds the limit" not in err, err[-300:]
+    assert "too large" in err and "9" * 100 not in err, err[-300:]
+
+
 def test_serve_refuses_more_workers_than_the_config_allows(capsys, tmp_path, monkeypatch):
     """`server.workers` is 1 to 1024 in the config; `--workers`, which overrides it, took any
     number: a slip (`--workers 100000`) forked processes until the host ran out of memory."""

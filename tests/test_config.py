@@ -173,7 +173,8 @@ def test_numbers_yaml_versions_read_differently_are_problems_not_guesses(
         "in YAML 1.2; write 90 (quote it for text)",
         "config.yaml:3: server.timeouts.body: '-0:30.5' is base 60 (-30.5) in YAML 1.1 but "
         "text in YAML 1.2; write -30.5 (quote it for text)",
-        "config.yaml:5: admin.port: expected an integer, got a string ('09000')",
+        "config.yaml:5: admin.port: the value from ${ADMIN_PORT} is invalid: expected an "
+        "integer",  # the value itself is not repeated: one from the environment may be secret
         "config.yaml:7: keys.prefix: '0123' is octal (83) in YAML 1.1 but 123 in YAML 1.2; "
         "write it without the leading 0 (quote it for text)",
         "config.yaml:9: plans.p.monthly_requests: '1:00:00' is base 60 (3600) in YAML 1.1 but "
@@ -186,6 +187,19 @@ def test_numbers_yaml_versions_read_differently_are_problems_not_guesses(
     """))
     assert (config.server.port, config.admin.port, config.keys.prefix) == (8080, 9001, "0123")
     assert config.server.timeouts.header == 0.5
+
+
+def test_a_number_with_thousands_of_digits_is_too_large_in_keygate_words(tmp_path: Path
+                                                                          ) -> None:
+    """Past Python's limit on digits (4300), int() raises with its own hint ("use
+    sys.set_int_max_str_digits() to increase the limit"), which the problems passed on."""
+    huge = "9" * 5000
+    assert problems_of(tmp_path, f"server:\n  port: {huge}\n"
+                                 f"plans:\n  p: {{rate_limit: '{huge}/s'}}\n") == [
+        "config.yaml:2: server.port: cannot read this value: a number of more than 4300 digits "
+        "is too large",
+        "config.yaml:4: plans.p.rate_limit: a rate limit needs between 1 and 1000000000 "
+        "requests, got a number of 5000 digits"]
 
 
 def test_redis_url_problems_never_echo_the_password(tmp_path: Path) -> None:
@@ -552,13 +566,14 @@ def test_upstream_url_is_refused_at_load_where_it_could_not_be_forwarded_to(
           idn: "http://éx.example/"
     """)
     assert problems == [
-        "config.yaml:2: upstreams.crm.url: must not carry a user name or password "
+        "config.yaml:2: upstreams.crm.url: the value from ${CRM_PASSWORD} is invalid: must "
+        "not carry a user name or password "
         "(user:password@ before the host): keygate sends none to an upstream",
-        "config.yaml:3: upstreams.billing: must not carry a user name or password "
+        "config.yaml:3: upstreams.billing: the value from ${CRM_PASSWORD} is invalid: must "
+        "not carry a user name or password "
         "(user:password@ before the host): keygate sends none to an upstream",
-        "config.yaml:4: upstreams.files: 'ftp://***@files.internal/' must be an http:// or "
-        "https:// URL with a host, e.g. http://127.0.0.1:9000",
-        "config.yaml:5: upstreams.old: 'http://***@[::1/' is not a valid URL (bad host or port)",
+        "config.yaml:4: upstreams.files: the value from ${CRM_PASSWORD} is invalid",
+        "config.yaml:5: upstreams.old: the value from ${CRM_PASSWORD} is invalid",
         "config.yaml:6: upstreams.v6: 'http://[::1]x/' is not a valid URL (bad host or port)",
         "config.yaml:7: upstreams.spaced: 'http://crm internal/' is not a valid URL (bad host "
         "or port)",
@@ -624,7 +639,7 @@ def test_upstream_ca_file_problems(tmp_path: Path) -> None:
         "config.yaml:5: upstreams.d.ca_file: only applies to an https:// url, and this "
         "upstream's url is http:// (use https:// or remove ca_file)",
         "config.yaml:6: upstreams.e.ca_file: expected a string, got an integer (5)",
-        "config.yaml:7: upstreams.f.ca_file: cannot read 'dir': Is a directory",
+        "config.yaml:7: upstreams.f.ca_file: 'dir' is not a regular file (a directory)",
     ]
 
 
@@ -651,6 +666,25 @@ def test_identity_headers_must_be_distinct(tmp_path: Path) -> None:
           plan: x_tenant
     """) == ["config.yaml:3: identity_headers.plan: 'x_tenant' is already used for "
              "identity_headers.workspace"]
+
+
+def test_a_listener_host_with_spaces_or_control_characters_is_a_problem(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host no listener can bind (`127.0.0.1\\n...`, often an env file's stray newline or
+    carriage return): config check said ok, then serve failed on it with a message the
+    newline split in two (a forged line in the log)."""
+    monkeypatch.setenv("KG_TEST_HOST", "127.0.0.1\r")
+    assert problems_of(tmp_path, with_upstream("""
+        server:
+          host: ${KG_TEST_HOST}
+        admin:
+          host: "local host"
+        routes:
+          - {path: /x, upstream: crm}
+    """)) == [
+        "config.yaml:4: server.host: the value from ${KG_TEST_HOST} is invalid",
+        "config.yaml:6: admin.host: 'local host' is not a host name or IP address (it has a "
+        "space or control character)"]
 
 
 def test_trusted_proxies_are_ips_or_networks(tmp_path: Path) -> None:
@@ -681,6 +715,56 @@ def test_env_reference_to_an_unset_variable_names_it(tmp_path: Path,
     assert problems_of(tmp_path, "upstreams:\n  crm:\n    url: ${KG_TEST_UNSET}\n") == [
         "config.yaml:3: upstreams.crm.url: environment variable KG_TEST_UNSET is not set "
         "(set it, or write ${KG_TEST_UNSET:-default})"]
+
+
+def test_a_bad_value_from_the_environment_is_never_repeated(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A value that came from ``${NAME}`` may be a secret (``port: ${ADMIN_TOKEN}``, a variable
+    mixed up): problems go to the terminal, the log and a reload's answer, and used to quote
+    up to 40 characters of it. They name the field and the variable instead, and keep the
+    reason when it does not hold the value."""
+    from gateway.cli import main
+    secret = "tok-Zq8v2LxA9pK3mW7rT1yB6nC4dF0hJ5sG"
+    monkeypatch.setenv("KG_TEST_SECRET", secret)
+    monkeypatch.setenv("KG_TEST_PORT", "0x1F90")  # 8080, the proxy's port: a cross-field one
+    monkeypatch.setenv("KG_TEST_OCTAL", "0777")
+    path = write(tmp_path, with_upstream("""
+        server:
+          port: ${KG_TEST_SECRET}
+          log_level: ${KG_TEST_SECRET}
+          workers: ${KG_TEST_OCTAL}
+          trusted_proxies: ["${KG_TEST_SECRET}"]
+          timeouts:
+            idle: x${KG_TEST_SECRET}
+        admin:
+          port: ${KG_TEST_PORT}
+        routes:
+          - {path: /x, upstream: "${KG_TEST_SECRET}"}
+    """))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    problems = [p.replace(str(tmp_path) + "/", "") for p in info.value.problems]
+    assert problems == [
+        "config.yaml:4: server.port: the value from ${KG_TEST_SECRET} is invalid: expected "
+        "an integer",
+        "config.yaml:5: server.log_level: the value from ${KG_TEST_SECRET} is invalid: must "
+        "be one of debug, info, warning, error",
+        "config.yaml:6: server.workers: the value from ${KG_TEST_OCTAL} is invalid",
+        "config.yaml:7: server.trusted_proxies[0]: the value from ${KG_TEST_SECRET} is "
+        "invalid",
+        "config.yaml:9: server.timeouts.idle: the value from ${KG_TEST_SECRET} is invalid: "
+        "expected a number of seconds",
+        "config.yaml:11: admin.port: the value from ${KG_TEST_PORT} is invalid: the admin "
+        "listener cannot share port ${KG_TEST_PORT} with the proxy listener",
+        "config.yaml:13: routes[0].upstream: the value from ${KG_TEST_SECRET} is invalid",
+    ]
+    for argv in (["config", "check", str(path)], ["serve", "--config", str(path)]):
+        assert main(argv) == 1
+        out = capsys.readouterr()
+        shown = out.out + out.err
+        assert "KG_TEST_SECRET" in shown
+        assert not any(secret[i:i + 6] in shown for i in range(len(secret) - 5)), shown
+        assert "0777" not in shown and "511" not in shown and "8080" not in shown
 
 
 def test_env_reference_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -735,15 +819,17 @@ def test_a_secret_given_where_its_variable_name_belongs_is_never_echoed(
     """))
     wants = ("must be the name of the environment variable that holds the secret (letters, "
              "digits and _), not the secret itself")
-    assert problems == [f"config.yaml:4: admin.token_env: {wants}",
-                        f"config.yaml:6: identity_signature.secret_env: {wants}"]
+    given = "the value from ${KG_TEST_SECRET} is invalid"
+    assert problems == [f"config.yaml:4: admin.token_env: {given}: {wants}",
+                        f"config.yaml:6: identity_signature.secret_env: {given}: {wants}"]
     assert not any("s3cret" in p for p in problems)
 
 def test_expanded_value_is_still_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                            ) -> None:
     monkeypatch.setenv("KG_TEST_PORT", "http")
     assert problems_of(tmp_path, "server:\n  port: ${KG_TEST_PORT}\n") == [
-        "config.yaml:2: server.port: expected an integer, got a string ('http')"]
+        "config.yaml:2: server.port: the value from ${KG_TEST_PORT} is invalid: expected an "
+        "integer"]
 
 
 # --- the shipped example ---------------------------------------------------------------------

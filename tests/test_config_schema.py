@@ -141,6 +141,8 @@ CASES = [
     ("routes.0.public", True, True), ("identity_headers.workspace", "X-Tenant", True),
     ("identity_headers.workspace", "bad header", False),
     ("server.port", "${PORT:-8080}", True),
+    ("server.host", "local host", False), ("admin.host", "127.0.0.1\r", False),
+    ("admin.host", "::1", True),
 ]
 
 
@@ -152,3 +154,40 @@ def test_schema_and_loader_agree_on_values(path, value, valid, tmp_path, monkeyp
     accepted, problems = loader_accepts(doc, tmp_path)
     assert accepted is valid, problems
     assert VALIDATOR.is_valid(doc) is valid
+
+
+def integer_fields(node: object = SCHEMA, path: tuple[str, ...] = ()) -> list[tuple[str, int]]:
+    """(config path, least value) of every field the schema types ``integer``."""
+    found: list[tuple[str, int]] = []
+    if isinstance(node, dict):
+        kind = node.get("type")
+        if kind == "integer" or (isinstance(kind, list) and "integer" in kind):
+            found.append((".".join(path), node.get("minimum", 1)))
+        for key, value in node.items():
+            if key == "properties":
+                for name, sub in value.items():
+                    found += integer_fields(sub, path + (name,))
+            elif key == "additionalProperties" and isinstance(value, dict):
+                name = "p" if path == ("plans",) else "crm"
+                found += integer_fields(value, path + (name,))
+            elif key == "anyOf":
+                for alt in value:
+                    found += integer_fields(alt, path)
+    return found
+
+
+@pytest.mark.parametrize("path, least", integer_fields(), ids=lambda v: str(v))
+def test_a_whole_number_written_with_a_fraction_is_what_the_schema_says(path, least, tmp_path):
+    """JSON Schema's ``integer`` (the schema's, and the admin API's since it takes 60.0 where
+    its document says integer) includes 60.0, which the loader refused: an editor validating
+    against the schema passed a file `config check` then failed. 60.5 is refused by both."""
+    assert loader_accepts(with_(path, least), tmp_path)[0]  # the field, in a valid document
+    for value, valid in ((float(least), True), (least + 0.5, False)):
+        doc = with_(path, value)
+        assert VALIDATOR.is_valid(doc) is valid
+        accepted, problems = loader_accepts(doc, tmp_path)
+        assert accepted is valid, (value, problems)
+        if valid:  # read as the integer itself
+            as_float = load_config(tmp_path / "probe.yaml")
+            loader_accepts(with_(path, least), tmp_path)
+            assert as_float == load_config(tmp_path / "probe.yaml")

@@ -79,6 +79,44 @@ def test_url_is_a_unix_socket_in_data_dir_and_no_tcp_port(started, data_dir):
     assert stat.S_IMODE(os.stat(data_dir / "redis.sock").st_mode) == 0o700
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_the_data_is_readable_by_its_owner_only(started, data_dir, existing, caplog):
+    """The AOF holds every key's hash and the workspaces' data. redis-server wrote it (and
+    keygate its log) with the process's umask, 0644 as a rule: readable by every user where
+    data_dir was made by someone else with 0755 (a volume, a package's postinst). Files are
+    now 0600 and keygate's directories 0700; a data_dir others may read is warned about."""
+    old = os.umask(0o022)
+    try:
+        if existing:
+            data_dir.mkdir(mode=0o755)
+            os.chmod(data_dir, 0o755)
+            (data_dir / "redis.log").write_text("an earlier version's log, written 0644\n")
+            os.chmod(data_dir / "redis.log", 0o644)
+        url = started().start()
+        with client(url) as c:
+            c.set("kg:test", "kept")
+            c.execute_command("BGREWRITEAOF")
+            deadline = time.monotonic() + 10
+            while c.info("persistence")["aof_rewrite_in_progress"] and \
+                    time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.lstat().st_mode) for p in data_dir.rglob("*")
+             if not p.is_socket()}
+    assert "appendonly.aof" in modes and "redis.log" in modes, modes
+    assert {name: mode for name, mode in modes.items() if mode & 0o077} == {}, modes
+    warned = [r.getMessage() for r in caplog.records if "readable by other users" in
+              r.getMessage()]
+    if existing:
+        assert stat.S_IMODE(data_dir.stat().st_mode) == 0o755  # the operator's: not changed
+        assert warned == [f"store.data_dir {str(data_dir)!r} is readable by other users "
+                          "(mode 0755): the embedded store's files hold key hashes and "
+                          f"workspace data; chmod 700 {str(data_dir)!r}"]
+    else:
+        assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700 and warned == []
+
+
 def test_second_instance_reuses_the_running_server_and_its_stop_leaves_it_running(
         started, data_dir):
     owner = started()

@@ -189,6 +189,34 @@ async def test_a_file_emptied_by_mistake_is_refused_like_config_check_refuses_it
     assert gw.counter("keygate_config_reloads_total", result="ok") == 0
 
 
+async def test_a_config_path_that_became_a_fifo_or_a_device_is_refused_at_once(
+        reloadable, tmp_path):
+    """The config path replaced by a symbolic link to a FIFO (or a FIFO itself): the reload's
+    read waited for a writer for ever, holding the reload lock (every later reload, SIGHUP or
+    POST, waited behind it) and an executor thread the stop then waited for. To /dev/zero:
+    the read took memory until the host ran out. Each is a reload refused at once."""
+    import os
+    gw, path = reloadable
+    good = path.read_text()
+    fifo = tmp_path / "config.pipe"
+    os.mkfifo(fifo)
+    try:
+        for target in (fifo, Path("/dev/zero")):
+            path.unlink()
+            path.symlink_to(target)
+            status, body = await asyncio.wait_for(reload(gw), 10)
+            assert status == 400, body
+            [problem] = body["error"]["problems"]
+            assert problem.startswith(f"cannot read {path}: "), problem
+        path.unlink()
+        path.write_text(good)
+        status, body = await asyncio.wait_for(reload(gw), 10)
+        assert status == 200, body
+    finally:  # a reader still waiting on the FIFO gets its end of file
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
 async def test_new_argon2_parameters_hash_the_keys_created_after_the_reload(
         reloadable, upstreams, redis_url):
     """keys.argon2 is a key setting, reloaded without a restart and not named as needing one:

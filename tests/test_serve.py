@@ -421,6 +421,34 @@ async def test_a_worker_killed_outright_is_named_in_the_supervisors_log(tmp_path
                 os.kill(pid, signal.SIGKILL)
 
 
+async def test_a_worker_stopped_from_outside_is_named_in_the_supervisors_log(tmp_path, upstream,
+                                                                           redis_url):
+    """One worker of `serve --workers 2` sent SIGTERM on its own (an operator's `kill PID`, a
+    tool that signals the wrong pid): it stops cleanly, exit 0, and the supervisor used to
+    reap it without a word, serving on with one worker fewer for ever. A worker the supervisor
+    did not ask to stop is now treated as one that died: named with how it ended, the others
+    stopped, exit 1 for the process manager to restart the whole."""
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")))
+    gw = Served(config, pport, aport, "--workers", "2")
+    workers: set[int] = set()
+    try:
+        await gw.ready()
+        workers = await two_workers(gw)
+        victim = min(workers)
+        os.kill(victim, signal.SIGTERM)
+        assert await asyncio.to_thread(gw.proc.wait, 15) == 1
+        err = gw.stderr()
+        assert (f"worker (pid {victim}) stopped without the supervisor asking (a SIGTERM or "
+                "SIGINT sent to it alone); stopping the other workers") in err, err
+        assert "Traceback" not in err
+    finally:
+        gw.close()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_a_worker_that_cannot_be_forked_is_one_line_and_the_others_stop(tmp_path):
     """`serve --workers N` where the system refuses a fork (a container's pids limit, ENOMEM):
     os.fork's BlockingIOError went up as a traceback, leaving the workers already forked to
@@ -683,6 +711,56 @@ async def test_workers_do_not_outlive_a_supervisor_killed_outright(tmp_path, ups
     finally:
         gw.close()
         for pid in workers:  # never leave them behind, whatever the outcome
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_supervisor_killed_outright_leaves_no_metrics_directory_for_good(
+        tmp_path, upstream, redis_url):
+    """`serve --workers 2` keeps its workers' metrics files in a temporary directory
+    (keygate-metrics-*) it removes when it stops; SIGKILLed (the OOM killer), it left that
+    directory behind, one more each time. The next supervisor removes those whose supervisor
+    is gone, and only those: its own kind, its own user's, not one a live supervisor holds."""
+    import fcntl
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    environ = {"TMPDIR": str(temp)}
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")))
+    live = temp / "keygate-metrics-livelive"  # as a running supervisor holds its own
+    live.mkdir()
+    (live / "supervisor.lock").write_text("1\n")
+    holder = os.open(live / "supervisor.lock", os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    other = temp / "keygate-metricsx-notours"  # not the pattern
+    other.mkdir()
+    workers: set[int] = set()
+    first = Served(config, pport, aport, "--workers", "2", environ=environ)
+    try:
+        await first.ready()
+        workers = await two_workers(first)
+        [stale] = set(temp.glob("keygate-metrics-*")) - {live}
+        first.proc.kill()
+        first.proc.wait(10)
+        deadline = time.monotonic() + 15
+        while any(map(alive, workers)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not any(map(alive, workers)), "workers outlived their supervisor"
+        assert stale.is_dir()  # what a SIGKILL leaves
+        second = Served(config, pport, aport, "--workers", "2", environ=environ)
+        try:
+            await second.ready()
+            assert not stale.exists(), "the dead supervisor's metrics directory is still there"
+            assert live.is_dir() and other.is_dir()
+            [own] = set(temp.glob("keygate-metrics-*")) - {live}
+            assert await asyncio.to_thread(second.terminate) == 0
+            assert not own.exists()
+        finally:
+            second.close()
+    finally:
+        os.close(holder)
+        first.close()
+        for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 

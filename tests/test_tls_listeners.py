@@ -4,6 +4,7 @@ on reload. Certificates come from a throwaway CA made with the openssl CLI (skip
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import ssl
@@ -90,6 +91,38 @@ def test_unreadable_or_garbage_files_are_problems_not_tracebacks(tmp_path, pki, 
     assert problem.startswith(("config.yaml:2: admin.tls", "config.yaml:3: admin.tls",
                                "config.yaml:4: admin.tls")), problem
     assert "Traceback" not in problem
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_file_that_is_not_a_regular_file_is_a_problem_not_a_hang(tmp_path, pki, kind):
+    """A FIFO (or a device, /dev/zero) named as a TLS file: opening a FIFO waits for a writer
+    and OpenSSL reads /dev/zero for ever, so `config check`, serve and every reload hung.
+    Each is a problem naming its field, at once. The store URL's ssl_* files included."""
+    import subprocess
+    import sys
+    if kind == "fifo":
+        special = tmp_path / "cert.pipe"
+        os.mkfifo(special)
+    else:
+        special = Path("/dev/zero")
+    path = tmp_path / "config.yaml"
+    path.write_text(f"server:\n  tls: {{cert_file: {special}, key_file: {pki['key']}}}\n"
+                    f"admin:\n  tls: {{cert_file: {pki['cert']}, key_file: {special}}}\n"
+                    f"store:\n  redis_url: 'rediss://127.0.0.1:6379/0?ssl_ca_certs={special}'\n"
+                    f"upstreams: {{api: {{url: 'https://127.0.0.1:9', ca_file: {special}}}}}\n"
+                    "routes: [{path: /x, upstream: api}]\n")
+    try:
+        done = subprocess.run([sys.executable, "-m", "gateway", "config", "check", str(path)],
+                              capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"config check hung on a {kind} named as a TLS file") from None
+    assert done.returncode == 1, done
+    lines = done.stdout.splitlines() + done.stderr.splitlines()
+    for field in ("server.tls.cert_file", "admin.tls.key_file", "store.redis_url",
+                  "upstreams.api.ca_file"):
+        assert any(f": {field}: " in line for line in lines), (field, lines)
+    assert "not a regular file" in done.stdout + done.stderr or kind == "device", lines
+    assert "Traceback" not in done.stderr
 
 
 def encrypted_key(tmp_path: Path, pki) -> Path:

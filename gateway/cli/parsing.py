@@ -11,7 +11,7 @@ import re
 from datetime import date
 from typing import Any, Callable
 
-from ..models import parse_rfc3339, rfc3339
+from ..models import TooManyDigits, parse_rfc3339, rfc3339, whole_number
 from ..strictjson import RepeatedName, strict_json
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
@@ -32,7 +32,7 @@ def parse_duration(text: str) -> int:
     match = _DURATION.match(text)
     if not match:
         raise ValueError(f"'{text}' is not a duration; use e.g. 30d, 24h, 90m or 3600s")
-    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return whole_number(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 def parse_expiry(text: str) -> dict[str, Any]:
@@ -75,7 +75,9 @@ def seconds(text: str) -> float:
 
 def positive_int(text: str) -> int:
     try:
-        value = int(text)
+        value = whole_number(text)
+    except TooManyDigits:
+        raise
     except ValueError:  # int()'s own message is Python's: "invalid literal for int() ..."
         raise ValueError(f"{text!r} is not a whole number") from None
     if value < 1:
@@ -89,7 +91,7 @@ def count_or_none(text: str) -> int | None:
         return None
     if not text.strip().isascii() or not text.strip().isdigit():
         raise ValueError(f"'{text}' is not a whole number (or 'none')")
-    return int(text)
+    return whole_number(text)
 
 
 def rate_or_none(text: str) -> str | None:
@@ -116,12 +118,13 @@ def days(text: str) -> int:
     body = text.strip().lower().removesuffix("d")
     if not body.isascii() or not body.isdigit():
         raise ValueError(f"'{text}' is not a number of days like 30d")
-    return int(body)
+    return whole_number(body)
 
 
 def daily_days(text: str) -> int:
     """``--days N`` of ``--daily``: 1 to 90, as the API takes it (else bad usage, exit 2)."""
-    if not text.strip().isascii() or not text.strip().isdigit() or not 1 <= int(text) <= 90:
+    if not text.strip().isascii() or not text.strip().isdigit() or \
+            not 1 <= whole_number(text) <= 90:
         raise ValueError(f"'{text}' is not a number of days from 1 to 90")
     return int(text)
 

@@ -9,7 +9,9 @@ shows them all.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
 import yaml
 
@@ -71,8 +73,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         return Config()
     source = os.fspath(path)
     try:
-        with open(source, "rb") as fh:
-            raw = fh.read()
+        raw = _read(source)
     except OSError as exc:
         raise ConfigError([f"cannot read {source}: {exc.strerror or exc}"]) from None
     try:
@@ -100,6 +101,59 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     if reader.problems:
         raise ConfigError(reader.sorted_problems())
     return config
+
+
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+PIPE_WAIT = 10.0  # seconds a pipe's writer has to write the whole file
+
+
+def _read(source: str) -> bytes:
+    """The file's bytes, at most ``MAX_CONFIG_BYTES``, without waiting for ever: a regular
+    file, or a pipe something writes the file into (``config check <(envsubst < t.yaml)``),
+    given ``PIPE_WAIT`` seconds. A FIFO nothing writes to made the open wait for a writer (a
+    reload then held its lock, and an executor thread the stop waited for, for good), and a
+    device (a path turned into a link to /dev/zero) was read until memory ran out.
+    Raises ``OSError`` whose ``strerror`` says what is wrong."""
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb", buffering=0, closefd=True) as fh:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if stat.S_ISREG(mode):
+            os.set_blocking(fd, True)
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        elif stat.S_ISFIFO(mode):
+            raw = _read_pipe(fd)
+        else:
+            raise OSError(errno.EINVAL, "not a regular file (a device)")
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB, "
+                                   "which no config file is")
+    return raw
+
+
+def _read_pipe(fd: int) -> bytes:
+    import select
+    import time
+    chunks: list[bytes] = []
+    size = 0
+    deadline = time.monotonic() + PIPE_WAIT
+    while size <= MAX_CONFIG_BYTES:
+        try:  # no writer (none yet, or none any more): the end of the file, at once
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:  # a writer that has not written yet
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise OSError(errno.ETIMEDOUT, f"a pipe whose writer did not finish within "
+                                               f"{PIPE_WAIT:g} s") from None
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if not chunks:
+        raise OSError(errno.ENODATA, "a FIFO nothing wrote to")
+    return b"".join(chunks)
 
 
 def _too_deep(source: str, text: str) -> str:
@@ -152,6 +206,8 @@ def top_level_line(source: str, key: str) -> int:
     """The line of the file's top-level ``key:`` (1 when it has none), for a problem's
     ``file:line: field: what``."""
     try:
+        if not os.path.isfile(source):  # a pipe read once is not read again (nor waited on)
+            return 1
         with open(source, encoding="utf-8-sig") as fh:
             for number, line in enumerate(fh, 1):
                 if line.startswith(f"{key}:") or line.startswith(f"{key} "):

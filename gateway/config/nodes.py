@@ -82,6 +82,22 @@ def _yaml11_only(text: str, value: Any) -> str:
     return ""
 
 
+def _env_problem(message: str, names: list[str], texts: list[str]) -> str:
+    """A problem with a value that came from the environment, without that value: "the value
+    from ${NAME} is invalid", then the reason when it can be told without it. The readers'
+    messages put the value after ", got ..." (dropped here); what remains has each of the
+    variables' texts replaced by its reference, and is dropped when it still quotes something
+    (``'0777' is octal (511)``: a form of the value no replacement finds)."""
+    refs = " and ".join(f"${{{name}}}" for name in dict.fromkeys(names))
+    reason = message.split(", got ", 1)[0]
+    for text in sorted((t for t in texts if t), key=len, reverse=True):  # whole words only:
+        reason = re.sub(rf"(?<!\w){re.escape(text)}(?!\w)", refs, reason)  # 0 is not in 1024
+    # anything left of a value long enough to be a secret, or quoted: no reason at all
+    if "'" in reason or any(len(t) >= 4 and t in reason for t in texts):
+        return f"the value from {refs} is invalid"
+    return f"the value from {refs} is invalid: {reason}"
+
+
 def suggest(word: str, choices: Any) -> str:
     """`` (did you mean 'x'?)`` for the closest choice, or nothing."""
     close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
@@ -132,11 +148,16 @@ class NodeReader:
         self._constructor = yaml.constructor.SafeConstructor()
         self._flattened: dict[int, dict[str, tuple[Node, Node]]] = {}  # see _all_keys
         self._resolver = yaml.resolver.Resolver()
+        # id of a scalar node whose value came (in part) from the environment -> the names of
+        # the variables and the texts that are theirs (see _env_problem)
+        self._from_env: dict[int, tuple[list[str], list[str]]] = {}
 
     # --- bookkeeping --------------------------------------------------------------------------
 
     def fail(self, node: Node | None, path: str, message: str) -> Any:
         line = node.start_mark.line + 1 if node is not None else 1
+        if node is not None and (env := self._from_env.get(id(node))) is not None:
+            message = _env_problem(message, *env)
         self.problems.append((line, len(self.problems), one_line(
             f"{self.source}:{line}: {path or 'top level'}: {message}")))
         return BAD
@@ -161,10 +182,15 @@ class NodeReader:
             return self.fail(node, path, f"expected a single value, got {self.describe(node)}")
         if node.tag not in _TAG_NAMES:
             return self.foreign_tag(node, path)
+        original = node
+        taken: list[tuple[str, str]] = []
         if "$" in node.value and node.tag == "tag:yaml.org,2002:str":
-            expanded = self.expand(node, path)
+            expanded = self.expand(node, path, taken)
             if expanded is BAD:
                 return BAD
+            if taken:  # a problem with this value must not repeat it: it may be a secret
+                self._from_env[id(original)] = ([name for name, _ in taken],
+                                                 [expanded, *(text for _, text in taken)])
             if expanded != node.value:
                 # An unquoted ``port: ${PORT}`` should become an int, as if the value had been
                 # written there; a quoted one stays a string.
@@ -176,11 +202,15 @@ class NodeReader:
         except (yaml.YAMLError, ValueError, TypeError) as exc:
             # PyYAML's own message quotes the file's line under it: the first line says it
             what = getattr(exc, "problem", None) or str(exc)
-            return self.fail(node, path, f"cannot read this value: {what.splitlines()[0]}")
+            if node.tag == INT_TAG and sum(c.isdigit() for c in node.value) > 4300:
+                what = "a number of more than 4300 digits is too large"  # not Python's words
+            return self.fail(original, path, f"cannot read this value: {what.splitlines()[0]}")
+        if taken and not isinstance(value, str):  # as messages show it: 0x1F90 is 8080
+            self._from_env[id(original)][1].append(str(value))
         if node.tag in (INT_TAG, FLOAT_TAG) and node.style is None:
             ambiguous = _yaml11_only(node.value, value)
             if ambiguous:
-                return self.fail(node, path, ambiguous)
+                return self.fail(original, path, ambiguous)
         return value
 
     def foreign_tag(self, node: Node, path: str) -> Any:
@@ -192,8 +222,9 @@ class NodeReader:
         return self.fail(node, path, f"the tag '{tag}' is not allowed (keygate reads plain "
                                      "YAML values)")
 
-    def expand(self, node: Node, path: str) -> Any:
-        """``${VAR}``, ``${VAR:-default}`` (unset or empty), ``${VAR-default}``, ``$$`` = ``$``."""
+    def expand(self, node: Node, path: str, taken: list[tuple[str, str]] | None = None) -> Any:
+        """``${VAR}``, ``${VAR:-default}`` (unset or empty), ``${VAR-default}``, ``$$`` = ``$``.
+        ``taken``: (name, value) of each variable whose value was put in is added to it."""
         failed = False
 
         def substitute(match: re.Match[str]) -> str:
@@ -223,6 +254,8 @@ class NodeReader:
                 self.fail(node, path, f"environment variable {name} is not set "
                                       f"(set it, or write ${{{name}:-default}})")
                 return ""
+            if taken is not None and value:
+                taken.append((name, value))
             return value
 
         result = ENV_REF_RE.sub(substitute, node.value)

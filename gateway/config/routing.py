@@ -85,11 +85,8 @@ class RoutingSections(AccessSections):
         name = self.string(node, path, nullable=True)
         if name is BAD or name is None:
             return name
-        try:
-            with open(name, "rb"):
-                pass
-        except OSError as exc:
-            return self.fail(node, path, f"cannot read '{name}': {exc.strerror or exc}")
+        if not self.readable_file(node, path, name):
+            return BAD
         try:
             ssl.create_default_context(cafile=name)
         except (ssl.SSLError, OSError, ValueError) as exc:

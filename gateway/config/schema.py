@@ -10,7 +10,9 @@ not a key of the file; its value comes from elsewhere (``fixed``).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import stat
 from typing import Any, Callable, Mapping, Sequence
 
 from .nodes import BAD, Node, NodeReader, describe_value, suggest
@@ -20,6 +22,15 @@ ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The longest timeout taken: seconds beyond it no timer or store expiry needs to hold (the
 # store's marker TTLs are ten times its timeout, and Redis refuses an expiry past ~2^63 ms)
 MAX_TIMEOUT = 86400
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a file"
 
 
 class SchemaReader(NodeReader):
@@ -48,6 +59,26 @@ class SchemaReader(NodeReader):
     def text(self, node: Node, path: str) -> Any:
         return self.string(node, path)
 
+    def readable_file(self, node: Node, path: str, name: str) -> bool:
+        """Whether ``name`` is a regular file this process can open, else a problem. Only a
+        regular file: a FIFO named here made the open wait for a writer, and a device
+        (/dev/zero) had OpenSSL read it for ever; config check, serve and reloads hung."""
+        try:
+            info = os.stat(name)
+            if not stat.S_ISREG(info.st_mode):
+                self.fail(node, path, f"'{name}' is not a regular file "
+                                      f"({_file_kind(info.st_mode)})")
+                return False
+            # O_NONBLOCK: should a FIFO take its place since, the open does not wait
+            with open(os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    self.fail(node, path, f"'{name}' is not a regular file")
+                    return False
+        except OSError as exc:
+            self.fail(node, path, f"cannot read '{name}': {exc.strerror or exc}")
+            return False
+        return True
+
     def env_name(self, node: Node, path: str) -> Any:
         """The name of an environment variable (that holds a secret the file should not). A
         value that is not a name is never repeated: it is most likely the secret itself
@@ -66,6 +97,8 @@ class SchemaReader(NodeReader):
             return BAD
         if value is None and nullable:
             return None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 60.0: an integer to JSON Schema (the published schema's type)
         if isinstance(value, bool) or not isinstance(value, int):
             extra = " or null (unlimited)" if nullable else ""
             return self.fail(node, path, f"expected an integer{extra}, got "

@@ -44,12 +44,21 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 class ServiceSections(SchemaReader):
     """Listeners, the store and span export."""
 
+    def host(self, node: Node, path: str) -> Any:
+        """A listener's address: no name or address has a space or a control character (a
+        stray newline or carriage return from an env file), which binding fails on at start."""
+        value = self.string(node, path)
+        if value is BAD or value.isprintable() and not any(c.isspace() for c in value):
+            return value
+        return self.fail(node, path, f"'{value}' is not a host name or IP address (it has a "
+                                     "space or control character)")
+
     def port(self, node: Node, path: str) -> Any:
         return self.integer(node, path, minimum=1, maximum=65535)
 
     def server(self, node: Node | None) -> ServerConfig:
         return self.section(node, "server", ServerConfig, {
-            "host": self.text,
+            "host": self.host,
             "port": self.port,
             "workers": lambda n, p: self.integer(n, p, minimum=1, maximum=MAX_WORKERS),
             "max_body_bytes": lambda n, p: self.integer(n, p, minimum=1),
@@ -66,7 +75,7 @@ class ServiceSections(SchemaReader):
 
     def admin(self, node: Node | None) -> AdminConfig:
         return self.section(node, "admin", AdminConfig, {
-            "host": self.text, "port": self.port, "token_env": self.env_name, "tls": self.tls})
+            "host": self.host, "port": self.port, "token_env": self.env_name, "tls": self.tls})
 
     def tls(self, node: Node, path: str) -> Any:
         """``{cert_file, key_file}``, both read and matched now: a renewal that left a key
@@ -86,12 +95,7 @@ class ServiceSections(SchemaReader):
             file_name = self.string(given[name], f"{path}.{name}")
             if file_name is BAD:
                 continue
-            try:
-                with open(file_name, "rb") as fh:
-                    fh.read(1)
-            except OSError as exc:
-                self.fail(given[name], f"{path}.{name}",
-                          f"cannot read '{file_name}': {exc.strerror or exc}")
+            if not self.readable_file(given[name], f"{path}.{name}", file_name):
                 continue
             files[name] = file_name
         if len(files) != 2:

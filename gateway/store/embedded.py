@@ -54,6 +54,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -74,6 +75,7 @@ PIDFILE_NAME = "redis.pid"
 LOCKFILE_NAME = "redis.lock"
 LOGFILE_NAME = "redis.log"
 RUNFILE_NAME = "redis.running"  # flock'ed by the server for its whole life (an inherited fd)
+AOF_NAME = "appendonly.aof"
 MAX_SOCKET_PATH = 103          # bytes, without the NUL: fits macOS (104) and Linux (108)
 START_TIMEOUT = 10.0           # seconds for a new server to answer PING (LOADING resets it)
 STOP_TIMEOUT = 10.0            # seconds for SHUTDOWN before SIGTERM, then SIGKILL
@@ -123,6 +125,7 @@ def _child_preexec() -> None:
     (a blocked mask survives exec: the server would ignore SIGTERM, its PDEATHSIG included);
     then ask Linux to SIGTERM us when our parent thread dies."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
+    os.umask(0o077)  # its AOF (key hashes, workspace data) and pidfile: the owner's only
     libc = _LIBC
     if libc is not None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -203,6 +206,26 @@ class EmbeddedRedis:
             raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r} is not a directory")
         if not os.access(self.data_dir, os.W_OK | os.X_OK):
             raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r} is not writable")
+        self._keep_private()
+
+    def _keep_private(self) -> None:
+        """The AOF holds every key's hash and the workspaces' data. The server writes its files
+        with umask 077 (``_child_preexec``); files of an earlier version, written 0644, are
+        made the owner's only; a data_dir others may read (made by someone else: a volume, a
+        package) is warned about, not changed (it may be shared on purpose, or not ours)."""
+        for name in (AOF_NAME, LOGFILE_NAME, PIDFILE_NAME):
+            path = self.data_dir / name
+            with contextlib.suppress(OSError):
+                info = path.lstat()
+                if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() \
+                        and info.st_mode & 0o077:
+                    os.chmod(path, 0o600)
+        with contextlib.suppress(OSError):
+            mode = stat.S_IMODE(self.data_dir.stat().st_mode)
+            if mode & 0o066:  # others may list or write it; entering it reads no 0600 file
+                log.warning("store.data_dir %r is readable by other users (mode %04o): the "
+                            "embedded store's files hold key hashes and workspace data; "
+                            "chmod 700 %r", str(self.data_dir), mode, str(self.data_dir))
 
     @contextlib.contextmanager
     def _locked(self, stoppable: bool = False) -> Iterator[None]:
@@ -328,7 +351,7 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--appendonly", "yes",
             "--appendfsync", "everysec",
-            "--appendfilename", "appendonly.aof",
+            "--appendfilename", AOF_NAME,
             "--save", "",                                # AOF only, no RDB snapshots
         ]
 
@@ -338,7 +361,8 @@ class EmbeddedRedis:
         except OSError:
             log_start = 0
         try:
-            log: IO[bytes] = open(self.logfile, "ab")
+            log: IO[bytes] = open(os.open(self.logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                          | os.O_CLOEXEC, 0o600), "ab")
         except OSError as exc:
             raise EmbeddedError(f"cannot write {str(self.logfile)!r}: "
                                 f"{exc.strerror or exc}") from None
