@@ -67,6 +67,8 @@ async def running_gateway(config: Config, store_url: str, *,
                           config_path: str | None = None) -> AsyncIterator[Gateway]:
     """Every resource of one gateway process, opened in order and closed in reverse.
 
+    ``clock``: the wall clock (a test's own, to move time); every time decision takes it
+    plus its skew to Redis's clock (``RequestStore.redis_clock``).
     ``ledger_retry``: seconds between attempts to write fail-open counts back to the store.
     ``config_path``: the file ``config`` came from, re-read on reload (SIGHUP, or
     ``POST /admin/v1/reload``)."""
@@ -86,6 +88,10 @@ async def running_gateway(config: Config, store_url: str, *,
     except ValueError as exc:  # e.g. a database number that is not a number
         await store.close()
         raise StoreError(f"bad store URL: {exc}") from exc
+    # One clock for every replica: Redis's (the host's, or the test's, corrected by the skew
+    # to Redis's TIME). The reloader's metric keeps the host's own.
+    host_clock, clock = clock, requests.redis_clock(clock)
+    store.clock = clock
     forwarder = Forwarder(config)
     forwarder.on_upstream = metrics.observe_upstream
     auth = Authenticator(config, store, requests, metrics, clock=clock)
@@ -147,7 +153,8 @@ async def running_gateway(config: Config, store_url: str, *,
         async def in_use(new: Config, old: Config) -> list[str]:
             return await in_use_problems(store, new, old)
 
-        gw.reloader = Reloader(config, config_path, swap, metrics, clock=clock, in_use=in_use)
+        gw.reloader = Reloader(config, config_path, swap, metrics, clock=host_clock,
+                               in_use=in_use)
         add_reload_route(admin_app, gw.reloader)
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # serve --workers N: another worker
             flushing = asyncio.ensure_future(_flush_metrics_every(metrics))  # may answer scrapes

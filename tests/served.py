@@ -61,6 +61,14 @@ def env() -> dict[str, str]:
     return e
 
 
+def skewed_clock(seconds: float) -> dict[str, str]:
+    """``Served``'s ``environ`` for a process whose wall clock reads ``seconds`` off (a host
+    whose clock is wrong): see tests/clock_skew/sitecustomize.py."""
+    path = [str(Path(__file__).parent / "clock_skew"), os.environ.get("PYTHONPATH", "")]
+    return {"PYTHONPATH": os.pathsep.join(p for p in path if p),
+            "KEYGATE_TEST_CLOCK_SKEW": str(seconds)}
+
+
 def children_of(pid: int) -> set[int]:
     """Direct children of a process (Linux /proc)."""
     found: set[int] = set()

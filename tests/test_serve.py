@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from gateway.metrics import FLUSH_EVERY
 from conftest import free_port
 from harness import drips_until_closed
 from served import (TIMEOUT, Served, admin_json, alive, children_of, embedded_pid, env, new_key,
-                    short_data_dir, write_config)
+                    short_data_dir, skewed_clock, write_config)
 
 
 # --- start, answer, restart, stop -------------------------------------------------------------
@@ -579,6 +580,68 @@ async def test_a_keys_own_cap_is_exact_across_two_serve_processes(tmp_path, slow
         assert sorted(set(r for r in results if r[0] != 200)) == \
             [(429, "key_quota_exceeded")], results
         assert key["used_this_month"] == cap
+        assert a.terminate() == 0 and b.terminate() == 0
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_two_serve_processes_whose_clocks_are_90s_apart_agree_on_rate_expiry_and_use(
+        tmp_path, slow_upstream, redis_url):
+    """Replicas share one rate log, one expiry and one last_used_at: each took "now" from its
+    own clock, so with B's 90 s behind A's a 2/m key was admitted 4 times at once (A read B's
+    entries as older than the window) and B then refused it with a Retry-After of 150 s; B
+    admitted a key past its expires_at, and stamped its last use (and a key it made) 90 s in
+    the past."""
+    url, _ = slow_upstream
+    a_cfg, a_p, a_a = write_config(tmp_path, redis_url=redis_url, upstream_url=url,
+                                   name="a.yaml")
+    b_cfg, b_p, b_a = write_config(tmp_path, redis_url=redis_url, upstream_url=url,
+                                   name="b.yaml")
+    a = Served(a_cfg, a_p, a_a)
+    b = Served(b_cfg, b_p, b_a, environ=skewed_clock(-90))
+    try:
+        await asyncio.gather(a.ready(), b.ready())
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, a.admin)
+            _, keys = await admin_json(s, a.admin, "GET", "/workspaces/acme/keys")
+            key_id = keys["items"][0]["id"]
+            status, _ = await admin_json(s, a.admin, "PATCH", f"/workspaces/acme/keys/{key_id}",
+                                         {"rate_limit": "2/m"})
+            assert status == 200
+
+            async def one(base: str, bearer: str = token) -> tuple[int, str | None, int]:
+                async with s.get(base + "/people/1",
+                                 headers={"Authorization": f"Bearer {bearer}"}) as r:
+                    body = await r.json()
+                    return (r.status, (body.get("error") or {}).get("code"),
+                            int(r.headers.get("Retry-After", 0)))
+
+            assert [await one(b.proxy) for _ in range(2)] == [(200, None, 0)] * 2
+            refused = [await one(a.proxy), await one(a.proxy), await one(b.proxy)]
+            assert [r[:2] for r in refused] == [(429, "rate_limited")] * 3, refused
+            assert all(0 < r[2] <= 60 for r in refused), refused
+            _, key = await admin_json(s, a.admin, "GET", f"/workspaces/acme/keys/{key_id}")
+            used = datetime.fromisoformat(key["last_used_at"]).timestamp()
+            assert abs(used - time.time()) < 10, key["last_used_at"]
+
+            # a second key, made at B (its created_at on the shared clock too) and set at A to
+            # expire 2 s from now: past that B refuses it as A does
+            status, body = await admin_json(s, b.admin, "POST", "/workspaces/acme/keys",
+                                            {"name": "brief", "scopes": ["people:read"]})
+            assert status == 201, body
+            made = datetime.fromisoformat(body["key"]["created_at"]).timestamp()
+            assert abs(made - time.time()) < 10, body["key"]["created_at"]
+            brief, brief_id = body["token"], body["key"]["id"]
+            assert (await one(b.proxy, brief))[0] == 200  # verified and cached at B
+            ends = int(time.time()) + 2
+            status, body = await admin_json(
+                s, a.admin, "PATCH", f"/workspaces/acme/keys/{brief_id}",
+                {"expires_at": datetime.fromtimestamp(ends, timezone.utc).isoformat()})
+            assert status == 200, body
+            await asyncio.sleep(ends + 0.5 - time.time())
+            assert [(await one(g, brief))[:2] for g in (a.proxy, b.proxy)] == \
+                [(401, "expired_key")] * 2
         assert a.terminate() == 0 and b.terminate() == 0
     finally:
         a.close()

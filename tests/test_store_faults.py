@@ -760,6 +760,24 @@ async def test_a_clock_offset_measured_across_a_pause_is_never_too_large(own_red
         await client.close()
 
 
+async def test_the_skew_to_redis_s_clock_is_read_again_every_minute(own_redis, monkeypatch):
+    """A request's "now" is this host's clock plus its skew to Redis's (TIME), read at each
+    connect: a host clock stepped or drifting afterwards would skew every replica's time
+    decisions again for as long as the connection lives. The watchdog reads it again every
+    CLOCK_MAX_AGE s (here made 0.2 s), with no command per request."""
+    from gateway.store import resp as resp_module
+    monkeypatch.setattr(resp_module, "CLOCK_MAX_AGE", 0.2)
+    client = resp_module.RespClient(own_redis.url, timeout=0.2)
+    try:
+        await client.call("PING")
+        await eventually(lambda: client.clock_offset is not None)
+        assert client.clock_skew == 0.0  # a Redis on this host: its clock and ours agree
+        client.clock_skew = 90.0  # as this host's clock reads once it has stepped 90 s back
+        assert await eventually(lambda: client.clock_skew == 0.0, timeout=5)
+    finally:
+        await client.close()
+
+
 async def test_a_ledger_write_that_timed_out_on_a_stopped_redis_counts_once(
         upstream, own_redis, monkeypatch):
     """A write of the fail-open ledger that times out on a stopped Redis still sits in

@@ -9,7 +9,8 @@ implementation per kind of deployment.
 
 Both run the scripts of ``gateway/store/lua/`` by digest and send the text only when the
 server does not have it yet (a fresh or newly promoted server), and both know Redis's clock
-relative to ours, for the authorize script's deadline.
+relative to ours: for the authorize script's deadline, and as the one clock of every replica's
+time decisions (``RequestStore.redis_clock``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any, Protocol, Sequence
 
 from redis.exceptions import NoScriptError
 
-from .resp import RespClient, RespError, _bulk, _bulk_str4, _encode, clock_offset
+from .resp import (CLOCK_READING_MAX_RTT, RespClient, RespError, _bulk, _bulk_str4, _encode,
+                   clock_offset, clock_skew)
 from .scripts import Script
 
 OFFSET_MAX_AGE = 60.0  # seconds between clock-offset measurements on a topology
@@ -40,8 +42,13 @@ class ScriptClient(Protocol):
     def clock_offset(self) -> float | None:
         """Redis's clock minus our ``time.monotonic()``, seconds; None while unknown."""
 
+    # Redis's wall clock minus ours (``time.time()``), seconds (``resp.clock_skew``): 0.0
+    # while unknown, and when they agree to within the reading's round trip. Read per
+    # request: a plain attribute.
+    clock_skew: float
+
     def measure_clock(self) -> None:
-        """Measure the offset again soon (a clock stepped since it was measured)."""
+        """Measure the offset (and the skew) again soon (a clock stepped since)."""
 
     async def script_load(self, script: Script) -> str:
         """Load ``script`` on the server; the digest Redis answers with."""
@@ -143,7 +150,8 @@ class LeanClient(RespClient):
 
 class TopologyClient:
     """Sentinel or Cluster over redis-py. Cluster nodes keep NTP time, so one node's clock
-    stands for all; the offset is measured in the background every ``OFFSET_MAX_AGE``."""
+    stands for all; the offset and skew are measured in the background every
+    ``OFFSET_MAX_AGE``."""
 
     resends = True  # redis-py sends a command again on a fresh connection when one dies
 
@@ -154,6 +162,8 @@ class TopologyClient:
         self._offset: float | None = None
         self._offset_at = -1e9
         self._measuring: asyncio.Future | None = None
+        self.clock_skew = 0.0
+        self._skew_known = False
 
     @property
     def clock_offset(self) -> float | None:
@@ -166,8 +176,14 @@ class TopologyClient:
 
     async def _measure_offset(self) -> None:
         try:
-            self._offset = clock_offset(await self.redis.time(), time.monotonic())
+            sent = time.time()
+            reply = await self.redis.time()
+            arrived = time.time()
+            self._offset = clock_offset(reply, time.monotonic())
             self._offset_at = time.monotonic()
+            if arrived - sent <= CLOCK_READING_MAX_RTT or not self._skew_known:
+                self.clock_skew = clock_skew(reply, sent, arrived)
+                self._skew_known = True
         except Exception:  # the store is down: keep the last offset, try again next call
             pass
         finally:

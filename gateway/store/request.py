@@ -130,6 +130,19 @@ class RequestStore:
         self._once_ttl = once_ttl_ms(self.timeout)
         self._asking: set[asyncio.Future] = set()  # _marked's questions under way
 
+    def redis_clock(self, clock: Callable[[], float]) -> Callable[[], float]:
+        """``clock`` (this host's wall clock, or a test's) moved onto Redis's: plus the skew
+        the connection measured between ``time.time()`` and Redis's TIME
+        (``resp.clock_skew``; 0.0 while unknown, and where the two agree). Every replica's
+        time decisions (a key's expiry and grace, the rate log, the month and day a request
+        counts in, last_used_at, the admin API's timestamps) then agree to within a store
+        round trip, whatever the replicas' own clocks say. ~40 ns a call more than ``clock``."""
+        resp = self._resp
+
+        def now() -> float:
+            return clock() + resp.clock_skew
+        return now
+
     def _member(self, now_ms: str) -> str:
         self._seq += 1
         return f"{now_ms}:{self._tag}:{self._seq}"
@@ -151,6 +164,7 @@ class RequestStore:
         trip), checks Redis answers with its digest, and that a script may write there (the
         per-request script counts). A wrong password, a missing ACL permission, an
         unreachable server, a read-only replica or a full Redis all fail here."""
+        self._resp.clock_offset  # a client that measures its clocks lazily starts now
         try:
             sha = await self._resp.script_load(AUTHORIZE)
             if sha == AUTHORIZE.sha:

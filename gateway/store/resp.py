@@ -72,6 +72,35 @@ def clock_offset(time_reply: Any, arrived: float) -> float:
     return int(seconds) + int(micros) / 1e6 - arrived
 
 
+# Every this many seconds a connection reads Redis's clock again (TIME, from the watchdog's
+# timer: nothing per request), so a host's wall clock stepped or drifting since the last
+# reading is followed within a minute.
+CLOCK_MAX_AGE = 60.0
+# A TIME reading whose round trip took longer than this (Redis or the network stalled) pins
+# Redis's clock down too loosely: a known skew is kept instead.
+CLOCK_READING_MAX_RTT = 0.5
+# Clocks that agree this closely (beyond the reading's own round trip) count as agreeing:
+# TIME has µs resolution, and keygate's finest time decision is the rate log's ms.
+CLOCK_TOLERANCE = 0.001
+
+
+def clock_skew(time_reply: Any, sent: float, arrived: float) -> float:
+    """Redis's wall clock minus ours (``time.time()``), seconds, from a TIME reply to a
+    command sent at ``sent`` that reached us at ``arrived`` (both ``time.time()``).
+
+    Redis read its clock at some instant in between, so the skew is known only to within
+    that round trip: 0.0 when no skew shows beyond it (plus ``CLOCK_TOLERANCE``), as for a
+    Redis on this host, so that a replica whose clock is right keeps it exactly, and a test
+    that injects its own clock keeps it; else the middle of the round trip, half of it off
+    at most. Added to the wall clock, this is the "now" of a request's time decisions
+    (expiry, the rate log, the month and day, last_used_at): one clock for every replica."""
+    seconds, micros = time_reply
+    redis = int(seconds) + int(micros) / 1e6
+    if redis - arrived - CLOCK_TOLERANCE <= 0.0 <= redis - sent + CLOCK_TOLERANCE:
+        return 0.0
+    return redis - (sent + arrived) / 2
+
+
 def _encode(args: tuple[Any, ...]) -> bytes:
     """RESP array of bulk strings."""
     return b"*%d\r\n%s" % (len(args), _bulk(args))
@@ -251,6 +280,11 @@ class RespClient:
         # Redis's clock minus our time.monotonic(), seconds, measured at each connect (None:
         # not yet known).
         self.clock_offset: float | None = None
+        # Redis's wall clock minus ours (``clock_skew``), measured with the offset and every
+        # CLOCK_MAX_AGE s after; 0.0 until known.
+        self.clock_skew = 0.0
+        self._skew_known = False
+        self._clock_asked_at = -math.inf  # monotonic: when the watchdog last asked
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -295,8 +329,9 @@ class RespClient:
             # is known one round trip later.
             fut = loop.create_future()
             proto.sent(fut)
+            sent = time.time()
             proto.transport.write(_encode(("TIME",)))
-            fut.add_done_callback(self._clock_read)
+            fut.add_done_callback(lambda fut: self._clock_read(fut, sent))
         except BaseException:  # refused, stuck, lost, or close() cancelled us: never leak it
             proto.abort(ConnectionError("connection to Redis not set up"))
             raise
@@ -305,15 +340,22 @@ class RespClient:
         return proto
 
     def measure_clock(self) -> None:
-        """Measure ``clock_offset`` again (one TIME call, not awaited): after a clock step."""
-        self.call("TIME").add_done_callback(self._clock_read)
+        """Measure ``clock_offset`` and ``clock_skew`` again (one TIME call, not awaited):
+        after a clock step, and every CLOCK_MAX_AGE s."""
+        sent = time.time()
+        self.call("TIME").add_done_callback(lambda fut: self._clock_read(fut, sent))
 
-    def _clock_read(self, fut: asyncio.Future) -> None:
-        """``clock_offset`` from a TIME reply (:func:`clock_offset`)."""
+    def _clock_read(self, fut: asyncio.Future, sent: float) -> None:
+        """``clock_offset`` and ``clock_skew`` from a TIME reply sent at ``sent``
+        (``time.time()``): :func:`clock_offset`, :func:`clock_skew`."""
         if fut.cancelled() or fut.exception() is not None:
             return  # lost with the connection, or TIME refused (an ACL): keep what we had
+        arrived = time.time()
         try:
             self.clock_offset = clock_offset(fut.result(), time.monotonic())
+            if arrived - sent <= CLOCK_READING_MAX_RTT or not self._skew_known:
+                self.clock_skew = clock_skew(fut.result(), sent, arrived)
+                self._skew_known = True
         except (TypeError, ValueError):
             pass
 
@@ -343,6 +385,10 @@ class RespClient:
                     loop.call_soon(loop.call_soon, confirm, proto, fut)
             if self._retired:
                 self._sweep_retired(now)
+            if proto is not None and now - self._clock_asked_at > CLOCK_MAX_AGE:
+                if self._clock_asked_at != -math.inf:  # (the connection read it just now)
+                    self.measure_clock()
+                self._clock_asked_at = now
             self._watchdog = loop.call_later(self.timeout / 4, check)
 
         def confirm(proto: _Protocol, fut: asyncio.Future) -> None:
