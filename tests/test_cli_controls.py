@@ -151,3 +151,31 @@ def test_keys_update_says_it_changes_the_key_controls_too(capsys):
     line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("update"))
     for word in ("limits", "disable", "allowed IPs"):
         assert word in line, line
+
+
+async def test_a_key_rate_over_the_workspaces_says_what_is_in_force(admin_url, keygate):
+    """The API takes a key's own rate above its workspace's rate in force and answers the key
+    object with the rate as given (the key's own setting), while the gateway holds the key to
+    the workspace's: an operator who asked for 10/s under a 3/s override was told nothing and
+    saw 10/s. The CLI now says on stderr what is in force; stdout (--json: the body as is) is
+    unchanged, and a rate within the workspace's says nothing."""
+    await make_workspace(keygate)
+    assert (await keygate("workspaces", "limits", "acme", "--rate-limit", "3/s")).code == 0
+    run = await keygate("keys", "create", "--workspace", "acme", "--name", "fast", "--json",
+                        "--scope", "people:read", "--rate-limit", "10/s")
+    assert run.code == 0, run.err
+    key = run.json()["key"]
+    assert key["rate_limit"] == "10/s"  # the key's own setting, as SPEC has it
+    note = [line for line in run.err.splitlines() if "rate" in line]
+    assert len(note) == 1 and "10/s" in note[0] and "acme" in note[0], run.err
+    assert "held to 3/s" in note[0] and "workspaces limits acme --rate-limit" in note[0]
+    run = await keygate("keys", "update", "--workspace", "acme", key["id"], "--rate-limit", "50/m")
+    assert run.code == 0, run.err
+    assert "50/m" in run.out  # the key's fields as before
+    assert "held to 50/m and 3/s" in run.err, run.err  # crossing: both hold
+    for argv in (["--rate-limit", "2/s"], ["--rate-limit", "none"], ["--name", "slow"]):
+        run = await keygate("keys", "update", "--workspace", "acme", key["id"], *argv)
+        assert run.code == 0 and run.err == "", (argv, run.err)
+    assert (await keygate("workspaces", "limits", "acme", "--rate-limit", "none")).code == 0
+    run = await keygate("keys", "update", "--workspace", "acme", key["id"], "--rate-limit", "9/s")
+    assert run.code == 0 and run.err == "", run.err  # no workspace rate: nothing to say

@@ -69,6 +69,17 @@ def test_every_self_service_endpoint_is_documented():
         assert (method, path) in ops
 
 
+def test_a_keys_rate_limit_is_described_as_held_within_its_workspaces():
+    """The key's `rate_limit` had no description (the object) or only its pattern (create,
+    update), so a client generated from the document read it as the key's rate; the gateway
+    holds it within the workspace's rate in force."""
+    schemas = document()["components"]["schemas"]
+    for name in ("Key", "KeyCreate", "KeyPatch"):
+        text = schemas[name]["properties"]["rate_limit"].get("description", "")
+        assert "held within its workspace's rate" in text and "both windows" in text, name
+    assert "held within" in schemas["Limits"]["properties"]["rate_limit"]["description"]
+
+
 def test_every_schema_reference_resolves():
     doc = document()
     text = repr(doc)

@@ -29,6 +29,10 @@ RATE_LIMIT: Schema = {"type": "string", "pattern": r"^\s*[0-9]+\s*/\s*[sm]\s*$",
 SINGLE_LINE = r"^[^\u0000-\u001f\u007f-\u009f]*$"
 COUNT_OR_NULL: Schema = {"type": ["integer", "null"], "minimum": 0, "maximum": 10**15}
 NULLABLE_RATE: Schema = {"type": ["string", "null"], "pattern": RATE_LIMIT["pattern"]}
+KEY_RATE = ("the key's own rate limit, `N/s` or `N/m`, as set; null: none of its own. In "
+            "force it is held within its workspace's rate (`limits.rate_limit`: the plan's or "
+            "the workspace's override), compared in both windows; when the two cross, both "
+            "hold. The RateLimit headers show the rate in force.")
 DAYS = {"type": "integer", "minimum": 1, "maximum": 90}
 
 
@@ -57,7 +61,7 @@ def schemas() -> dict[str, Schema]:
         "prefix": {"type": "string", "description": "the token up to the key id"},
         "created_at": TIMESTAMP, "expires_at": NULLABLE_TIMESTAMP,
         "last_used_at": NULLABLE_TIMESTAMP, "revoked_at": NULLABLE_TIMESTAMP,
-        "rate_limit": {"type": ["string", "null"]},
+        "rate_limit": {"type": ["string", "null"], "description": KEY_RATE},
         "status": {"enum": ["active", "expired", "revoked"]},
         "monthly_requests": {"type": ["integer", "null"], "minimum": 0,
                              "description": "the key's own monthly cap; null: none"},
@@ -68,7 +72,9 @@ def schemas() -> dict[str, Schema]:
                         "description": "CIDRs the key may be used from; null: any"},
     })
     limit_values = {"monthly_requests": COUNT_OR_NULL, "max_keys": COUNT_OR_NULL,
-                    "rate_limit": NULLABLE_RATE}
+                    "rate_limit": {**NULLABLE_RATE,
+                                   "description": "each key's rate; a key's own "
+                                                  "`rate_limit` is held within it"}}
     limits = obj(dict(limit_values), description="the limits in force (null: unlimited)")
     limits_patch = obj({}, dict(limit_values),
                        description="limits overriding the plan's for this workspace (null: "
@@ -76,7 +82,7 @@ def schemas() -> dict[str, Schema]:
                                    "plan's; `limits: null` drops every override")
     limits_patch["type"] = ["object", "null"]
     controls = {
-        "rate_limit": NULLABLE_RATE,
+        "rate_limit": {**NULLABLE_RATE, "description": KEY_RATE},
         "monthly_requests": {**COUNT_OR_NULL,
                              "description": "the key's own monthly cap; null: none"},
         "enabled": {"type": "boolean"},

@@ -12,7 +12,8 @@ import argparse
 import sys
 from typing import Any
 
-from .client import AdminClient, seg
+from ..models import parse_rate_limit
+from .client import AdminClient, CliError, seg
 from .output import days_table, show
 from .parsing import (CommandTree, SubCommands, argtype, count_or_none, daily_options, days,
                       given, json_object, rate_or_none, workspace_option)
@@ -27,7 +28,8 @@ def add_update_options(update: argparse.ArgumentParser) -> None:
                         help="the key's own monthly cap (none: only the workspace's quota)")
     update.add_argument("--rate-limit", type=argtype(rate_or_none, "RATE"),
                         metavar="N/s|N/m|none", default=argparse.SUPPRESS,
-                        help="the key's own rate limit (none: the plan's)")
+                        help="the key's own rate limit, held within its workspace's (plan or "
+                             "override); none: the workspace's alone")
     enabled = update.add_mutually_exclusive_group()
     enabled.add_argument("--enable", dest="enabled", action="store_const", const=True,
                          help="let a disabled key work again")
@@ -72,6 +74,30 @@ def create_body(args: argparse.Namespace) -> dict[str, Any]:
                  allowed_ips=args.allow_ip)
 
 
+def note_rate_in_force(client: AdminClient, workspace: str, key: dict) -> None:
+    """After a create or update that gave the key a rate of its own: a note on stderr when
+    the workspace's rate in force (its plan's, or its own ``limits``) holds the key to less.
+    The API takes such a rate and answers it unchanged (the key's own setting, kept for a
+    later upgrade), so the answer alone does not tell. Called once the answer is printed
+    (``--json`` stays the body as is); a failed look-up says nothing: the change was made."""
+    own = key.get("rate_limit") if isinstance(key, dict) else None
+    if not own:
+        return
+    try:
+        workspace_json = client.request("GET", f"/workspaces/{seg(workspace)}")
+        bound = ((workspace_json or {}).get("limits") or {}).get("rate_limit")
+        if not bound:
+            return
+        own_rate, bound_rate = parse_rate_limit(own), parse_rate_limit(bound)
+    except (CliError, ValueError, AttributeError):
+        return
+    if own_rate.exceeds(bound_rate):
+        print(f"keygate: note: the key's rate_limit {own} is not within workspace "
+              f"{workspace}'s {bound}: the key is held to {own_rate.within(bound_rate)} (to "
+              f"give it more: keygate workspaces limits {workspace} --rate-limit RATE)",
+              file=sys.stderr)
+
+
 def add_list_options(key_list: argparse.ArgumentParser) -> None:
     """``keys list --unused 30d --sort last_used``."""
     key_list.add_argument("--unused", type=argtype(days, "DAYS"), metavar="Nd",
@@ -113,7 +139,8 @@ def add_workspace_commands(tree: CommandTree, workspaces: SubCommands) -> None:
     limits.add_argument("id", metavar="ID")
     for flag, kind, what in (("--monthly-requests", count_or_none, "requests a month"),
                              ("--max-keys", count_or_none, "active keys"),
-                             ("--rate-limit", rate_or_none, "per-key rate, N/s or N/m")):
+                             ("--rate-limit", rate_or_none,
+                              "per-key rate, N/s or N/m, that holds a key's own")):
         limits.add_argument(flag, type=argtype(kind, "VALUE"), metavar="VALUE|none",
                             default=argparse.SUPPRESS,
                             help=f"override the plan's {what} (none: unlimited)")

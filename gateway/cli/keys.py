@@ -37,7 +37,8 @@ def add_commands(tree: CommandTree) -> SubCommands:
     p.add_argument("--env", help="token environment, e.g. test (default: live)")
     p.add_argument("--description")
     p.add_argument("--rate-limit", metavar="N/s|N/m",
-                   help="the key's own rate limit instead of the plan's")
+                   help="the key's own rate limit, held within its workspace's (plan or "
+                        "override)")
     key_controls.add_create_options(p)
 
     p = tree.command(keys, "list", "list a workspace's keys", cmd_keys_list)
@@ -98,6 +99,8 @@ def cmd_keys_create(args: argparse.Namespace, client: AdminClient) -> int:
                             **key_controls.create_body(args)}
     answer = client.request("POST", f"/workspaces/{seg(args.workspace)}/keys", body)
     print_new_token(answer, args, client, "created")
+    if args.rate_limit is not None:
+        key_controls.note_rate_in_force(client, args.workspace, answer.get("key"))
     return 0
 
 
@@ -155,7 +158,10 @@ def cmd_keys_update(args: argparse.Namespace, client: AdminClient) -> int:
                          "--role, --scope, --expires, --no-expiry, --monthly-requests, "
                          "--rate-limit, --enable, --disable, --meta, --allow-ip, --any-ip")
     key = client.request("PATCH", _key_path(args), body)
-    return show(args, client, lambda: fields(key, KEY_FIELDS))
+    code = show(args, client, lambda: fields(key, KEY_FIELDS))
+    if body.get("rate_limit") is not None:
+        key_controls.note_rate_in_force(client, args.workspace, key)
+    return code
 
 
 def _confirm(question: str) -> bool | None:

@@ -768,6 +768,8 @@ function editKey(key) {
     const controls = hasControls(key);
     const capText = controls && key.monthly_requests !== null ? String(key.monthly_requests) : "";
     const rateText = key.rate_limit || "";
+    const wsRate = ((session.usage && session.usage.limits) || session.workspace.limits ||
+                    {}).rate_limit;
     const cap = el("input", {"id": "edit-cap", "value": capText, "inputmode": "numeric",
                              "autocomplete": "off", "aria-describedby": "edit-cap-hint"});
     const rate = el("input", {"id": "edit-rate", "value": rateText, "autocomplete": "off",
@@ -829,7 +831,8 @@ function editKey(key) {
            el("label", {"for": "edit-rate", "text": "Rate limit"}), rate,
            el("p", {"id": "edit-cap-hint", "class": "hint span",
                     "text": "This key's own limits, such as 10000 requests a month and 10/s " +
-                            "or 600/m; empty for the plan's."})] : [])),
+                            "or 600/m; empty for none of its own. Its rate is held within the " +
+                            "workspace's" + (wsRate ? " (" + wsRate + ")." : ".")})] : [])),
       problem,
       el("div", {"class": "actions"},
          el("button", {"type": "submit", "class": "primary", "text": "Save"}),
