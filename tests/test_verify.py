@@ -10,6 +10,7 @@ import json
 import pytest
 from yarl import URL
 
+from gateway.config import Route
 from harness import VERIFY, bearer, gateway_under_test, verify_config
 
 
@@ -312,3 +313,38 @@ async def test_a_query_the_proxy_refuses_is_refused(gw, query):
                                      + b"\r\nX-Forwarded-Uri: /people/1?" + query + b"\r\n")
     assert (status.split()[1], json.loads(body)["error"]["code"]) == (b"400", "bad_request")
     assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
+
+
+async def test_a_trailing_slash_cannot_take_a_path_to_a_weaker_route(redis_url, upstream,
+                                                                     monkeypatch):
+    """Most upstream routers read '/people/1/' as '/people/1' (Express and Spring MVC 5 by
+    default). With DELETE on '/people/*' needing people:delete and '/people/**' taking every
+    write under people:write, a key without people:delete had 'DELETE /people/1/' verified
+    (counted, 200) under '/people/**', and the upstream behind the edge deleted person 1. It is
+    refused 400 ``bad_path`` and not counted, by verify and by the proxy alike."""
+    config = verify_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, routes=(
+        Route("/people/*", "api", ("DELETE",), ("people:delete",)),
+        Route("/people/**", "api", ("POST", "PUT", "DELETE"), ("people:write",)),
+    ))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme", plan="starter")
+        token, _ = await g.key(scopes=["people:write"])
+        for uri in ("/people/1/", "/people/1/?x=1"):
+            async with g.proxy.get(VERIFY, headers={**bearer(token), "X-Forwarded-Method":
+                                                    "DELETE", "X-Forwarded-Uri": uri}) as r:
+                assert r.status == 400, uri
+                assert (await r.json())["error"]["code"] == "bad_path"
+                assert "X-Workspace-Id" not in r.headers
+        async with g.proxy.delete(VERIFY + "/people/1/", headers=bearer(token)) as r:
+            assert r.status == 400  # Envoy's path_prefix mode
+        async with g.proxy.get(VERIFY, headers={**bearer(token), "X-Forwarded-Method":
+                                                "DELETE", "X-Forwarded-Uri": "/people/1"}) as r:
+            assert r.status == 403  # the route the upstream serves: people:delete
+        async with g.proxy.get(VERIFY, headers={**bearer(token), "X-Forwarded-Method":
+                                                "DELETE", "X-Forwarded-Uri": "/people/1/x/"}) as r:
+            assert r.status == 200  # '/people/1/x' is '/people/**' too
+        async with g.proxy.delete("/people/1/", headers=bearer(token)) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (400, "bad_path")
+        assert upstream.requests == []
+        assert (await g.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 1
