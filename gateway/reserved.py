@@ -180,7 +180,14 @@ def original_request(request: web.BaseRequest, suffix: str) -> tuple[str, str]:
             # Not upper-cased either: methods are case-sensitive (RFC 9110 9.1), the proxy
             # refuses 'get' (400), and an upstream may read it as another method than GET
             # ('poſt'.upper() is even 'POST').
-            method = methods[0] if methods else request.method
+            if not methods:
+                # Not the call's own method: nginx's auth_request subrequest is always a GET
+                # (nginx's own example sets X-Original-URI alone), so every POST or DELETE
+                # would be judged as a GET. Refused, so the missing header shows at once.
+                raise errors.BadRequest(f"{uri_header} was sent without {method_header}; the "
+                                        "proxy in front must send the original method too.",
+                                        code="bad_request")
+            method = methods[0]
             if not _METHOD.fullmatch(method):
                 raise errors.BadRequest(f"{method_header} is not an HTTP method.",
                                         code="bad_request")
