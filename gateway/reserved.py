@@ -192,6 +192,12 @@ def original_request(request: web.BaseRequest, suffix: str) -> tuple[str, str]:
                 raise errors.BadRequest(f"{method_header} is not an HTTP method.",
                                         code="bad_request")
             return method, uri[0]
+    if not suffix:
+        # Envoy's path_prefix mode always sends a path after the prefix ('/' for '/'): a bare
+        # call is a proxy that named no original request; judging it as '/' would let every
+        # request through where '/' is public
+        raise errors.BadRequest("The original request was not given: send X-Forwarded-Method "
+                                "and X-Forwarded-Uri, or the original path after "
+                                f"{VERIFY}.", code="bad_request")
     _, _, query = request.raw_path.partition("?")
-    path = suffix or "/"
-    return request.method, f"{path}?{query}" if query else path
+    return request.method, f"{suffix}?{query}" if query else suffix

@@ -374,3 +374,29 @@ async def test_an_original_uri_without_its_method_is_refused(gw, upstream, uri_h
                                              "X-Original-Method": "GET"}) as r:
         assert r.status == 400
     assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
+
+
+async def test_a_call_that_names_no_original_request_is_refused(redis_url, upstream,
+                                                                monkeypatch):
+    """A bare ``/_keygate/v1/verify`` with neither header pair (a proxy set up without them:
+    nginx's auth subrequest then asks about nothing) was judged as ``GET /``: with a public
+    ``/`` route, every request the proxy asked about was allowed. Envoy's path_prefix mode
+    always sends a path after the prefix (``/_keygate/v1/verify/`` for ``/``), so nothing
+    legitimate is bare: 400 ``bad_request``, counted nowhere."""
+    config = verify_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, routes=(Route("/", "api", ("GET",), (), True),)
+                                 + config.routes)
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read"])
+        for target in (VERIFY, VERIFY + "?page=2"):
+            async with g.proxy.get(target, headers=bearer(token)) as r:
+                assert r.status == 400, target
+                error = (await r.json())["error"]
+                assert error["code"] == "bad_request" and "X-Forwarded-Uri" in error["message"]
+        async with g.proxy.get(VERIFY + "/") as r:
+            assert r.status == 200  # Envoy asking about GET /: the public route
+        async with g.proxy.get(VERIFY + "/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        assert upstream.requests == []
+        assert (await g.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 1

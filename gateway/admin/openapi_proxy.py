@@ -76,7 +76,8 @@ def proxy_paths() -> dict[str, Schema]:
                 "description": "Any method is taken; the original request comes from the "
                                "X-Forwarded-* headers, else X-Original-*, else this request's "
                                "own method and the path after /_keygate/v1/verify. A URI "
-                               "header without its method header is a 400 bad_request.",
+                               "header without its method header, or a bare call naming no "
+                               "original request, is a 400 bad_request.",
                 "responses": {"200": {"description": "allowed: the identity and RateLimit "
                                                      "fields as headers, no body",
                                       "headers": REQUEST_ID_HEADER},
