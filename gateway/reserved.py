@@ -108,6 +108,8 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     """``/_keygate/v1/verify``. Allowed: 200 with the identity and RateLimit fields as
     headers; refused: the error the proxy would answer."""
     method, target = original_request(request, suffix)
+    if method == "CONNECT":  # as the proxy answers it, on any route
+        raise errors.NotImplemented_("CONNECT is not supported: keygate opens no tunnels.")
     raw_path, _, raw_query = target.partition("?")
     if not raw_path.startswith("/"):
         raise errors.BadRequest("The original URI must be a path starting with '/'.",

@@ -400,3 +400,21 @@ async def test_a_call_that_names_no_original_request_is_refused(redis_url, upstr
             assert r.status == 200
         assert upstream.requests == []
         assert (await g.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 1
+
+
+async def test_an_original_connect_is_refused_as_the_proxy_refuses_it(gw, upstream):
+    """The proxy answers CONNECT 501 ``not_implemented`` on any route (keygate opens no
+    tunnels); verify answered 200 for it on a route taking every method (``/companies/**``),
+    so a front proxy that tunnels would have opened one on keygate's say-so."""
+    token, _ = await gw.key(scopes=["companies:read"])
+    reader, writer = await gw.raw_connection()
+    writer.write(b"CONNECT /companies/1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
+                 + token.encode() + b"\r\nConnection: close\r\n\r\n")
+    by_proxy = int((await asyncio.wait_for(reader.read(), 5)).split()[1])
+    writer.close()
+    async with gw.proxy.get(VERIFY, headers={**bearer(token), "X-Forwarded-Method": "CONNECT",
+                                             "X-Forwarded-Uri": "/companies/1"}) as r:
+        assert (r.status, by_proxy) == (501, 501)
+        assert (await r.json())["error"]["code"] == "not_implemented"
+        assert "X-Workspace-Id" not in r.headers
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0

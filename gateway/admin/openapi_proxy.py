@@ -71,6 +71,7 @@ def proxy_paths() -> dict[str, Schema]:
     def verify(summary: str) -> Schema:
         errors = dict(proxy_errors(scope=True, body=False))
         errors["404"] = err(404, "no_route")[1]
+        errors["501"] = err(501, "not_implemented")[1]  # an original CONNECT
         return {"summary": summary, "security": API_KEY_SECURITY, "tags": ["verify"],
                 "parameters": verify_params,
                 "description": "Any method is taken; the original request comes from the "
