@@ -108,6 +108,8 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     """``/_keygate/v1/verify``. Allowed: 200 with the identity and RateLimit fields as
     headers; refused: the error the proxy would answer."""
     method, target = original_request(request, suffix)
+    if method == "CONNECT":  # as the proxy answers it, on any route
+        raise errors.NotImplemented_("CONNECT is not supported: keygate opens no tunnels.")
     raw_path, _, raw_query = target.partition("?")
     if not raw_path.startswith("/"):
         raise errors.BadRequest("The original URI must be a path starting with '/'.",
@@ -180,11 +182,24 @@ def original_request(request: web.BaseRequest, suffix: str) -> tuple[str, str]:
             # Not upper-cased either: methods are case-sensitive (RFC 9110 9.1), the proxy
             # refuses 'get' (400), and an upstream may read it as another method than GET
             # ('poſt'.upper() is even 'POST').
-            method = methods[0] if methods else request.method
+            if not methods:
+                # Not the call's own method: nginx's auth_request subrequest is always a GET
+                # (nginx's own example sets X-Original-URI alone), so every POST or DELETE
+                # would be judged as a GET. Refused, so the missing header shows at once.
+                raise errors.BadRequest(f"{uri_header} was sent without {method_header}; the "
+                                        "proxy in front must send the original method too.",
+                                        code="bad_request")
+            method = methods[0]
             if not _METHOD.fullmatch(method):
                 raise errors.BadRequest(f"{method_header} is not an HTTP method.",
                                         code="bad_request")
             return method, uri[0]
+    if not suffix:
+        # Envoy's path_prefix mode always sends a path after the prefix ('/' for '/'): a bare
+        # call is a proxy that named no original request; judging it as '/' would let every
+        # request through where '/' is public
+        raise errors.BadRequest("The original request was not given: send X-Forwarded-Method "
+                                "and X-Forwarded-Uri, or the original path after "
+                                f"{VERIFY}.", code="bad_request")
     _, _, query = request.raw_path.partition("?")
-    path = suffix or "/"
-    return request.method, f"{path}?{query}" if query else path
+    return request.method, f"{suffix}?{query}" if query else suffix

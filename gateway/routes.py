@@ -34,6 +34,11 @@ Windows file servers, some Spring and Express configurations), so ``RouteTable.m
 refuses a path that, compared case-insensitively (ASCII letters), matches another route than
 the first it matches as sent: ``/ADMIN/users`` in front of a public ``/**`` with a scoped
 ``/admin/**`` before it (and so a path whose NFKC reading does, ``/%EF%BC%A1dmin``).
+
+Likewise, most upstream routers read ``/people/1/`` as ``/people/1``, so ``RouteTable.match``
+refuses a path with a trailing slash whose reading without it matches another route (or an
+earlier one case-insensitively): ``DELETE /people/1/`` matching a ``/people/**`` write route
+while ``/people/*`` holds the stricter DELETE.
 """
 
 from __future__ import annotations
@@ -470,6 +475,20 @@ class RouteTable:
                 raise _bad("The request path, compared case-insensitively (as many upstreams "
                            "compare paths), matches another route than as sent; send it in "
                            "the case the route is written in.")
+        if raw_path[-1:] == "/" and len(raw_path) > 1:
+            # most upstream routers read '/people/1/' as '/people/1' (Express and Spring MVC 5
+            # by default, Flask's strict_slashes=False): that reading must be this route too,
+            # also compared case-insensitively. Only paths with a trailing slash pay for it.
+            bare = raw_path[:-1]
+            try:
+                other = self._find(method, bare)
+            except NotFound:
+                other = None
+            if other is not None and other is not found or \
+                    found.case_check and self._case_rival(found, method, bare.lower()):
+                raise _bad("The request path, read without its trailing slash (as many "
+                           "upstreams read it), matches another route than as sent; send it "
+                           "without the trailing slash.")
         if "%" in raw_path:
             # an upstream that NFKC-normalises the decoded path reads '/%EF%BD%81dmin' (a
             # fullwidth 'a') as '/admin': that reading must be this route too, also compared

@@ -677,6 +677,7 @@ async def test_bytes_out_of_the_reserved_endpoints(redis_url, upstream, monkeypa
             assert r.status == 200
             assert await r.read() == b""
         async with g.proxy.get(VERIFY, headers={**bearer(token), "X-Request-Id": "rid-verify",
+                                                "X-Original-Method": "GET",
                                                 "X-Original-URI": "/people/1"}) as r:
             assert r.status == 200
             verified = await r.read()

@@ -814,7 +814,8 @@ async def test_a_method_override_whose_case_insensitive_reading_is_another_route
                     (b"/ADMIN/x", b"X-HTTP-Method-Override: DELETE\r\n"),
                     (b"/ADMIN/x?_method=DELETE", b""),
                     (verify, b"X-Original-URI: /ADMIN/x\r\nX-Original-Method: DELETE\r\n"),
-                    (verify, b"X-Original-URI: /Admin/x\r\nX-Method-Override: DELETE\r\n"),
+                    (verify, b"X-Original-URI: /Admin/x\r\nX-Original-Method: GET\r\n"
+                             b"X-Method-Override: DELETE\r\n"),
                     (verify + b"/ADMIN/x", b"X-HTTP-Method: DELETE\r\n")]:
                 status, body = await raw_get(g, target, headers)
                 assert status == 400, (target, headers, body)
@@ -823,7 +824,8 @@ async def test_a_method_override_whose_case_insensitive_reading_is_another_route
             assert bytes(received) == b"", "the upstream received the request"
             status, body = await raw_get(g, b"/ADMIN/x")
             assert (status, body) == (200, b"ok")
-            status, _ = await raw_get(g, verify, b"X-Original-URI: /ADMIN/x\r\n")
+            status, _ = await raw_get(g, verify, b"X-Original-URI: /ADMIN/x\r\n"
+                                      b"X-Original-Method: GET\r\n")
             assert status == 200
     finally:
         srv.close()
@@ -1039,19 +1041,23 @@ async def test_verify_judges_a_method_override_as_the_proxy_does(redis_url, monk
                          b"X-HTTP-Method-Override: DELETE\r\n"),
                 (verify, b"X-Forwarded-Method: GET\r\nX-Forwarded-Uri: /people/1?_method=DELETE"
                          b"\r\n"),
-                (verify, b"X-Original-URI: /orders/1\r\nX_Method_Override: DELETE\r\n"),
+                (verify, b"X-Original-URI: /orders/1\r\nX-Original-Method: GET\r\n"
+                         b"X_Method_Override: DELETE\r\n"),
                 (verify + b"/people/1", b"X-HTTP-Method: DELETE\r\n")]:
             status, body = await raw_get(g, target, key_header(token) + headers)
             assert (status, json.loads(body)["error"]["code"]) == (403, "insufficient_scope"), \
                 (target, headers)
         status, body = await raw_get(g, verify, key_header(token) + b"X-Forwarded-Uri: "
-                                     b"/people/1\r\nX-HTTP-Method-Override: PATCH\r\n")
+                                     b"/people/1\r\nX-Forwarded-Method: GET\r\n"
+                                     b"X-HTTP-Method-Override: PATCH\r\n")
         assert (status, json.loads(body)["error"]["code"]) == (404, "no_route")
         status, body = await raw_get(g, verify, b"X-Forwarded-Uri: /docs/a\r\n"
+                                     b"X-Forwarded-Method: GET\r\n"
                                      b"X-HTTP-Method-Override: DELETE\r\n")
         assert (status, json.loads(body)["error"]["code"]) == (401, "missing_key")
         status, body = await raw_get(g, verify, key_header(token) + b"X-Forwarded-Uri: "
-                                     b"/people/1\r\nX-HTTP-Method-Override: GET\r\n")
+                                     b"/people/1\r\nX-Forwarded-Method: GET\r\n"
+                                     b"X-HTTP-Method-Override: GET\r\n")
         assert (status, body) == (200, b"")
         assert await g.used() == 1
         assert bytes(received) == b""

@@ -24,10 +24,12 @@ NGINX = shutil.which("nginx") or next(
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
 
 
-def nginx_config(tmp: Path, port: int, keygate: str, api: str) -> Path:
+def nginx_config(tmp: Path, port: int, keygate: str, api: str,
+                 edits: tuple[tuple[str, str], ...] = ()) -> Path:
+    """The shipped snippet with our addresses, and ``edits`` (shipped text, ours) applied."""
     snippet = SNIPPET.read_text()
     for shipped, ours in (("127.0.0.1:8080", keygate), ("127.0.0.1:9000", api),
-                          ("listen 8000;", f"listen 127.0.0.1:{port};")):
+                          ("listen 8000;", f"listen 127.0.0.1:{port};")) + edits:
         assert shipped in snippet
         snippet = snippet.replace(shipped, ours)
     (tmp / "keygate.conf").write_text(snippet)
@@ -55,8 +57,9 @@ http {{
 
 
 @pytest.fixture
-async def stack(tmp_path, upstream, own_redis, monkeypatch):
-    """nginx → (auth_request) keygate; nginx → upstream. Yields (gw, nginx base URL)."""
+async def stack(request, tmp_path, upstream, own_redis, monkeypatch):
+    """nginx → (auth_request) keygate; nginx → upstream. Yields (gw, nginx base URL).
+    Parametrised indirectly, its param is ``nginx_config``'s ``edits``."""
     config = make_config("http://127.0.0.1:9", store=dataclasses.replace(
         make_config("http://x").store, timeout=0.5))
     config = dataclasses.replace(config, upstreams={}, routes=(
@@ -67,7 +70,7 @@ async def stack(tmp_path, upstream, own_redis, monkeypatch):
     async with gateway_under_test(config, own_redis.url, monkeypatch) as gw:
         port = free_port()
         conf = nginx_config(tmp_path, port, f"127.0.0.1:{gw.proxy_server.port}",
-                            f"127.0.0.1:{upstream.port}")
+                            f"127.0.0.1:{upstream.port}", getattr(request, "param", ()))
         check = subprocess.run([NGINX, "-t", "-c", str(conf), "-p", str(tmp_path)],
                                capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
@@ -203,3 +206,27 @@ async def test_keygate_down_fails_closed(tmp_path, upstream):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# nginx's own auth_request example sets X-Original-URI and nothing else; its auth subrequest is
+# always a GET, whatever the client's method
+NGINX_DOCS_STYLE = (("        proxy_set_header X-Forwarded-Method $request_method;\n", ""),
+                    ("        proxy_set_header X-Forwarded-Uri    $request_uri;\n", ""),
+                    ("        proxy_set_header X-Original-Method  $request_method;\n", ""))
+
+
+@pytest.mark.parametrize("stack", [NGINX_DOCS_STYLE], indirect=True)
+async def test_an_original_uri_without_its_method_fails_closed(stack, upstream):
+    """An nginx that sets X-Original-URI but not X-Original-Method (nginx's own auth_request
+    example) asked keygate about its subrequest's method, always GET: a key holding only
+    people:read had POST /people/1 allowed and forwarded. Every request is refused instead
+    (400), so the missing header shows at once, and nothing reaches the API."""
+    gw, base = stack
+    await gw.workspace("acme")
+    token, _ = await gw.key(scopes=["people:read"])
+    for method in ("POST", "GET"):
+        status, _, body = await get(base + "/people/1", method=method,
+                                    headers={"Authorization": f"Bearer {token}"})
+        assert status == 400, (method, body)
+    assert upstream.requests == []
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0

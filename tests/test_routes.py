@@ -456,6 +456,45 @@ def test_a_refused_path_is_refused_every_time_and_an_accepted_one_remembered() -
         assert t.match("GET", "/people/AbC") is PUBLIC
 
 
+# --- a path whose reading without its trailing slash is another route ---------------------------
+# Most upstream routers take '/people/1/' for '/people/1' (Express and Spring MVC 5 by default,
+# Django's APPEND_SLASH the other way round, Flask's strict_slashes=False): with DELETE on
+# '/people/*' scoped people:delete and '/people/**' taking every write under people:write, a key
+# without people:delete sent 'DELETE /people/1/', matched '/people/**' here, and the upstream
+# deleted person 1.
+
+@pytest.mark.parametrize("path", ["/people/1/", "/people/ME/"])
+def test_a_path_another_route_matches_without_its_trailing_slash_is_bad_path(path) -> None:
+    delete, write = r("/people/*", "DELETE"), r("/people/**", "POST", "PUT", "DELETE")
+    t = table(r("/people/me", "DELETE"), delete, write)
+    for _ in range(2):  # refused every time, not remembered as the route it matched
+        error = _bad_path(t, "DELETE", path)
+        assert "trailing slash" in error.message
+    assert t.match("DELETE", "/people/1") is delete
+    assert t.match("DELETE", "/people/1/x") is write
+    admin = r("/admin", "GET")
+    t = table(admin, PUBLIC)
+    _bad_path(t, "GET", "/admin/")
+    _bad_path(t, "GET", "/ADMIN/")                     # and read case-insensitively too
+    assert t.match("GET", "/admin") is admin
+
+
+@pytest.mark.parametrize("routes, path, expected", [
+    ((ADMIN, PUBLIC), "/admin/", 0),                   # '/admin/**' is '/admin' too
+    ((r("/people/*"), r("/people/**", "POST")), "/people/1/", None),  # GET: no route as sent
+    ((r("/people/*", "DELETE"), r("/people/**")), "/people/1/", 1),   # GET: not the DELETE one
+    ((r("/docs/"),), "/docs/", 0),                     # nothing matches '/docs'
+    ((r("/"), PUBLIC), "/", 0),                        # the root has no slash to drop
+])
+def test_a_path_whose_reading_without_its_trailing_slash_is_the_same_route_passes(
+        routes, path, expected) -> None:
+    if expected is None:
+        with pytest.raises(NotFound):
+            table(*routes).match("GET", path)
+    else:
+        assert table(*routes).match("GET", path) is routes[expected]
+
+
 _CASE_GLOBS = ["/admin/**", "/Admin/x", "/people/*", "/people/me", "/*/stats", "/**",
                "/files/*", "/caf%C3%A9/**", "/a/B/*", "/", "/People/"]
 _CASE_FIRST = ["admin", "Admin", "ADMIN", "people", "People", "files", "FILES", "caf%C3%A9",
@@ -498,15 +537,23 @@ def test_refused_exactly_when_the_case_insensitive_first_match_is_another_route(
         words = first + rest
         path = "/" + "/".join(words) + ("/" if slash and words else "")
         sent, folded = _first(routes, method, path, False), _first(routes, method, path, True)
+        # without its trailing slash, as sent and compared case-insensitively
+        bare = path[:-1] if len(path) > 1 and path.endswith("/") else None
+        bare_sent = bare and _first(routes, method, bare, False)
+        bare_folded = bare and _first(routes, method, bare, True)
+        at = [id(route) for route in routes].index
+        slash_rival = sent is not None and (bare_sent not in (None, sent) or bool(
+            bare_folded and at(id(bare_folded)) < at(id(sent))))
         if sent is None:
             with pytest.raises(NotFound):
                 t.match(method, path)
-        elif folded is not sent:
+        elif folded is not sent or slash_rival:
             _bad_path_any(t, method, path)
         else:
             assert t.match(method, path) is sent
         lower = _first(routes, method, path.lower(), False)
-        if sent is not None and lower is sent and all(g == g.lower() for g, _ in globs):
+        if sent is not None and lower is sent and not slash_rival and \
+                all(g == g.lower() for g, _ in globs):
             assert t.match(method, path) is sent    # its lower-cased form is the same route
 
 

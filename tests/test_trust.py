@@ -248,6 +248,7 @@ async def test_verify_only_never_answers_a_client_address_header(redis_url, upst
         token, _ = await g.key(scopes=["people:read"])
         async with g.proxy.get(VERIFY, headers=[("Authorization", f"Bearer {token}"),
                                                 ("X-Original-URI", "/people/1"),
+                                                ("X-Original-Method", "GET"),
                                                 *CLIENT_ADDRESS_SPOOFS]) as r:
             assert r.status == 200
             answered = "\n".join(f"{k}: {v}" for k, v in r.headers.items())

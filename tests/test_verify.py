@@ -10,6 +10,7 @@ import json
 import pytest
 from yarl import URL
 
+from gateway.config import Route
 from harness import VERIFY, bearer, gateway_under_test, verify_config
 
 
@@ -81,7 +82,8 @@ async def test_refusals_carry_the_proxy_status_and_json(gw, headers, code, statu
 
 async def test_a_key_in_the_original_query_is_refused_and_not_counted(gw):
     token, _ = await gw.key(scopes=["people:read"])
-    h = {**bearer(token), "X-Original-URI": f"/people/1?api_key={token}"}
+    h = {**bearer(token), "X-Original-Method": "GET",
+         "X-Original-URI": f"/people/1?api_key={token}"}
     async with gw.proxy.get(VERIFY, headers=h) as r:
         assert r.status == 400
         body = await r.text()
@@ -134,7 +136,7 @@ async def test_a_repeated_original_uri_or_a_bad_method_is_refused(gw):
 
 async def test_verify_only_routes_verify_but_never_forward(gw, upstream):
     token, _ = await gw.key(scopes=["orders:read"])
-    async with gw.proxy.get(VERIFY, headers={**bearer(token),
+    async with gw.proxy.get(VERIFY, headers={**bearer(token), "X-Original-Method": "GET",
                                              "X-Original-URI": "/orders/9"}) as r:
         assert r.status == 200
         assert r.headers["X-Api-Scopes"] == "orders:read"
@@ -147,6 +149,7 @@ async def test_verify_only_routes_verify_but_never_forward(gw, upstream):
 
 async def test_a_public_route_verifies_without_a_key_and_sets_no_identity(gw):
     async with gw.proxy.get(VERIFY, headers={"X-Original-URI": "/open/x",
+                                             "X-Original-Method": "GET",
                                              "X-Workspace-Id": "evil"}) as r:
         assert r.status == 200
         assert "X-Workspace-Id" not in r.headers
@@ -155,7 +158,7 @@ async def test_a_public_route_verifies_without_a_key_and_sets_no_identity(gw):
 async def test_a_burst_of_verifications_counts_each_once(gw):
     await gw.admin_json("PATCH", "/workspaces/acme", {"plan": "starter"})  # 1000 a month
     token, _ = await gw.key(scopes=["people:read"])
-    h = {**bearer(token), "X-Original-URI": "/people/1"}
+    h = {**bearer(token), "X-Original-Method": "GET", "X-Original-URI": "/people/1"}
 
     async def one() -> int:
         async with gw.proxy.get(VERIFY, headers=h) as r:
@@ -168,7 +171,8 @@ async def test_a_burst_of_verifications_counts_each_once(gw):
 
 async def test_verify_requests_are_observed_under_the_original_route(gw):
     token, _ = await gw.key(scopes=["people:read"])
-    async with gw.proxy.get(VERIFY, headers={**bearer(token), "X-Original-URI": "/people/1"}):
+    async with gw.proxy.get(VERIFY, headers={**bearer(token), "X-Original-Method": "GET",
+                                             "X-Original-URI": "/people/1"}):
         pass
     assert gw.counter("keygate_requests_total", route="/people/**", method="GET",
                       status_class="2xx") == 1
@@ -198,8 +202,9 @@ async def test_the_original_uri_is_judged_as_sent_not_trimmed(gw, name, uri):
     around a field value). The proxy itself refuses such a request line, so verify must not
     answer 200 for it, let alone for a public route (/open/**) without a key."""
     token, _ = await gw.key(scopes=["people:read"])
+    method = name.replace(b"URI", b"Method").replace(b"Uri", b"Method")
     status, body = await _raw_verify(gw, b"Authorization: Bearer " + token.encode() + b"\r\n"
-                                     + name + b": " + uri + b"\r\n")
+                                     + name + b": " + uri + b"\r\n" + method + b": GET\r\n")
     assert status.split()[1] == b"400", status
     assert json.loads(body)["error"]["code"] == "bad_path"
     assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
@@ -311,4 +316,105 @@ async def test_a_query_the_proxy_refuses_is_refused(gw, query):
     status, body = await _raw_verify(gw, b"Authorization: Bearer " + token.encode()
                                      + b"\r\nX-Forwarded-Uri: /people/1?" + query + b"\r\n")
     assert (status.split()[1], json.loads(body)["error"]["code"]) == (b"400", "bad_request")
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
+
+
+async def test_a_trailing_slash_cannot_take_a_path_to_a_weaker_route(redis_url, upstream,
+                                                                     monkeypatch):
+    """Most upstream routers read '/people/1/' as '/people/1' (Express and Spring MVC 5 by
+    default). With DELETE on '/people/*' needing people:delete and '/people/**' taking every
+    write under people:write, a key without people:delete had 'DELETE /people/1/' verified
+    (counted, 200) under '/people/**', and the upstream behind the edge deleted person 1. It is
+    refused 400 ``bad_path`` and not counted, by verify and by the proxy alike."""
+    config = verify_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, routes=(
+        Route("/people/*", "api", ("DELETE",), ("people:delete",)),
+        Route("/people/**", "api", ("POST", "PUT", "DELETE"), ("people:write",)),
+    ))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme", plan="starter")
+        token, _ = await g.key(scopes=["people:write"])
+        for uri in ("/people/1/", "/people/1/?x=1"):
+            async with g.proxy.get(VERIFY, headers={**bearer(token), "X-Forwarded-Method":
+                                                    "DELETE", "X-Forwarded-Uri": uri}) as r:
+                assert r.status == 400, uri
+                assert (await r.json())["error"]["code"] == "bad_path"
+                assert "X-Workspace-Id" not in r.headers
+        async with g.proxy.delete(VERIFY + "/people/1/", headers=bearer(token)) as r:
+            assert r.status == 400  # Envoy's path_prefix mode
+        async with g.proxy.get(VERIFY, headers={**bearer(token), "X-Forwarded-Method":
+                                                "DELETE", "X-Forwarded-Uri": "/people/1"}) as r:
+            assert r.status == 403  # the route the upstream serves: people:delete
+        async with g.proxy.get(VERIFY, headers={**bearer(token), "X-Forwarded-Method":
+                                                "DELETE", "X-Forwarded-Uri": "/people/1/x/"}) as r:
+            assert r.status == 200  # '/people/1/x' is '/people/**' too
+        async with g.proxy.delete("/people/1/", headers=bearer(token)) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (400, "bad_path")
+        assert upstream.requests == []
+        assert (await g.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 1
+
+
+@pytest.mark.parametrize("uri_header, method_header", [
+    ("X-Original-URI", "X-Original-Method"), ("X-Forwarded-Uri", "X-Forwarded-Method")])
+async def test_an_original_uri_without_its_method_is_refused(gw, upstream, uri_header,
+                                                              method_header):
+    """nginx's auth_request subrequest is always a GET, and nginx's own example sets
+    X-Original-URI alone: keygate judged every original request as the call's own method, so
+    a POST was allowed for a key holding only people:read. A URI header without its method
+    header is a 400 naming the missing one, counted nowhere."""
+    token, _ = await gw.key(scopes=["people:read"])
+    for call in (gw.proxy.get, gw.proxy.post):
+        async with call(VERIFY, headers={**bearer(token), uri_header: "/people/1"}) as r:
+            assert r.status == 400
+            error = (await r.json())["error"]
+            assert error["code"] == "bad_request" and method_header in error["message"]
+            assert "X-Workspace-Id" not in r.headers
+    # the other pair's method is no stand-in: a client may have sent it
+    async with gw.proxy.get(VERIFY, headers={**bearer(token), "X-Forwarded-Uri": "/people/1",
+                                             "X-Original-Method": "GET"}) as r:
+        assert r.status == 400
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
+
+
+async def test_a_call_that_names_no_original_request_is_refused(redis_url, upstream,
+                                                                monkeypatch):
+    """A bare ``/_keygate/v1/verify`` with neither header pair (a proxy set up without them:
+    nginx's auth subrequest then asks about nothing) was judged as ``GET /``: with a public
+    ``/`` route, every request the proxy asked about was allowed. Envoy's path_prefix mode
+    always sends a path after the prefix (``/_keygate/v1/verify/`` for ``/``), so nothing
+    legitimate is bare: 400 ``bad_request``, counted nowhere."""
+    config = verify_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, routes=(Route("/", "api", ("GET",), (), True),)
+                                 + config.routes)
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read"])
+        for target in (VERIFY, VERIFY + "?page=2"):
+            async with g.proxy.get(target, headers=bearer(token)) as r:
+                assert r.status == 400, target
+                error = (await r.json())["error"]
+                assert error["code"] == "bad_request" and "X-Forwarded-Uri" in error["message"]
+        async with g.proxy.get(VERIFY + "/") as r:
+            assert r.status == 200  # Envoy asking about GET /: the public route
+        async with g.proxy.get(VERIFY + "/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        assert upstream.requests == []
+        assert (await g.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 1
+
+
+async def test_an_original_connect_is_refused_as_the_proxy_refuses_it(gw, upstream):
+    """The proxy answers CONNECT 501 ``not_implemented`` on any route (keygate opens no
+    tunnels); verify answered 200 for it on a route taking every method (``/companies/**``),
+    so a front proxy that tunnels would have opened one on keygate's say-so."""
+    token, _ = await gw.key(scopes=["companies:read"])
+    reader, writer = await gw.raw_connection()
+    writer.write(b"CONNECT /companies/1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
+                 + token.encode() + b"\r\nConnection: close\r\n\r\n")
+    by_proxy = int((await asyncio.wait_for(reader.read(), 5)).split()[1])
+    writer.close()
+    async with gw.proxy.get(VERIFY, headers={**bearer(token), "X-Forwarded-Method": "CONNECT",
+                                             "X-Forwarded-Uri": "/companies/1"}) as r:
+        assert (r.status, by_proxy) == (501, 501)
+        assert (await r.json())["error"]["code"] == "not_implemented"
+        assert "X-Workspace-Id" not in r.headers
     assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0

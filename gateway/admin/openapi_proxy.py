@@ -71,11 +71,14 @@ def proxy_paths() -> dict[str, Schema]:
     def verify(summary: str) -> Schema:
         errors = dict(proxy_errors(scope=True, body=False))
         errors["404"] = err(404, "no_route")[1]
+        errors["501"] = err(501, "not_implemented")[1]  # an original CONNECT
         return {"summary": summary, "security": API_KEY_SECURITY, "tags": ["verify"],
                 "parameters": verify_params,
                 "description": "Any method is taken; the original request comes from the "
                                "X-Forwarded-* headers, else X-Original-*, else this request's "
-                               "own method and the path after /_keygate/v1/verify.",
+                               "own method and the path after /_keygate/v1/verify. A URI "
+                               "header without its method header, or a bare call naming no "
+                               "original request, is a 400 bad_request.",
                 "responses": {"200": {"description": "allowed: the identity and RateLimit "
                                                      "fields as headers, no body",
                                       "headers": REQUEST_ID_HEADER},
