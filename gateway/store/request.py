@@ -281,13 +281,15 @@ class RequestStore:
         return StoredKey(_fields(key), _fields(workspace),
                          role.decode() if isinstance(role, bytes) else None)
 
-    async def failure_counts(self, ip: str, key_id: str) -> tuple[int, int]:
-        """Failed verifications in the current window: (from this IP, against this key id)."""
+    async def failure_counts(self, ip: str, key_id: str | None) -> tuple[int, int]:
+        """Failed verifications in the current window: (from this IP, against this key id;
+        0 when ``key_id`` is None, the per-key limit being off)."""
+        counters = (fail_ip_key(ip),) if key_id is None else (fail_ip_key(ip), fail_key_key(key_id))
         try:
-            reply = await self._resp.get_each((fail_ip_key(ip), fail_key_key(key_id)))
+            reply = await self._resp.get_each(counters)
         except Exception as exc:
             raise StoreError(f"store call failed: {describe(exc)}") from exc
-        return int(reply[0] or 0), int(reply[1] or 0)
+        return int(reply[0] or 0), int(reply[1] or 0) if key_id is not None else 0
 
     async def failure_resets_ms(self, ip: str | None, key_id: str | None) -> list[int]:
         """Milliseconds until each named failure counter resets (its PTTL: -2 when it is
@@ -298,10 +300,11 @@ class RequestStore:
         except Exception as exc:
             raise StoreError(f"store call failed: {describe(exc)}") from exc
 
-    async def record_failure(self, ip: str, key_id: str, window_seconds: int) -> None:
-        """Count one failed verification from ``ip`` and against ``key_id``; each count lives
-        ``window_seconds`` from its first failure."""
-        counters = (fail_ip_key(ip), fail_key_key(key_id))
+    async def record_failure(self, ip: str, key_id: str | None, window_seconds: int) -> None:
+        """Count one failed verification from ``ip`` and against ``key_id`` (None: not per key,
+        the per-key limit being off); each count lives ``window_seconds`` from its first
+        failure."""
+        counters = (fail_ip_key(ip),) if key_id is None else (fail_ip_key(ip), fail_key_key(key_id))
         try:
             if self._resends:  # a copy sent again after its connection died adds nothing
                 for counter in counters:  # a marker in each counter's slot (lua/add_usage.lua):
@@ -316,7 +319,7 @@ class RequestStore:
                                          (1, window_seconds, self._once_ttl, "once"))
             else:
                 await self._resp.run_each_slot(ADD_USAGE, counters, (1,),
-                                               (window_seconds, window_seconds))
+                                               (window_seconds,) * len(counters))
         except Exception as exc:
             raise StoreError(f"store call failed: {describe(exc)}") from exc
 
