@@ -17,7 +17,7 @@ from ..errors import StoreError, describe
 from ..usage import utc_day
 from .clients import ScriptClient, connect
 from .keyspace import (daily_key, fail_ip_key, fail_key_key, key_daily_key, key_index_key,
-                       key_key, key_usage_key, once_key, rate_key, ready_key, usage_key,
+                       key_key, key_usage_key, once_key, own_calls_rate_key, rate_key, ready_key, usage_key,
                        write_key, ws_key, ws_roles_key)
 from .scripts import Script, load
 
@@ -33,6 +33,10 @@ READY = load("ready")
 # unless Redis stalled between running the call and replying; that reply comes late, and a
 # request it counted is taken back then (StoreError.counted_late).
 DEADLINE_SHARE = 0.8
+# A key's calls to keygate's own /_keygate/ endpoints (usage, self-service key management,
+# whose listing reads the workspace's keys): at most this many (calls, per ms), whatever the
+# key's rate limit, in a log of their own (kg:rate:{ws}:<id>:own). They count in no usage.
+OWN_CALLS_RATE = (20, 1000)
 DAILY_TTL = 100 * 86400  # day counters: the usage history reaches 90 days back
 # How long Redis remembers that a ledger write ran (lua/ledger_write.lua), renewed by every
 # copy of it that arrives. Copies come from the ledger's retries (every second or so while it
@@ -164,15 +168,24 @@ class RequestStore:
                         count: bool, rate_limit: int, rate_period_ms: int,
                         monthly_limit: int | None, period: str, counter_ttl: int,
                         now_ms: int, day: str = "", key_limit: int | None = None,
-                        peek: bool = False, stamp: bool = False) -> Decision:
+                        peek: bool = False, stamp: bool = False,
+                        spend: bool = False) -> Decision:
         """``count``: admit and count the request; else, with ``peek``, judge the rate and
-        quotas as counting would but count nothing; else confirm the state only, and with
-        ``stamp`` set the key's ``last_used_at`` when it is current."""
+        quotas as counting would but count nothing; else, with ``spend`` (keygate's own
+        endpoints), admit the call within ``OWN_CALLS_RATE`` (the key's calls of this kind,
+        in a log of their own: its rate limit is left to its requests) and stamp
+        ``last_used_at``, judging no quota and counting nothing; else confirm the state
+        only, and with ``stamp`` set the key's ``last_used_at`` when it is current."""
         started = time.monotonic()
         day = day or utc_day(now_ms / 1000)
         # What stays the same for every request of this key today is encoded once
         # (lua/authorize.lua ARGV[1..8]); a request adds its time, TTL, member and deadline.
-        mode = "count" if count else "peek" if peek else "use" if stamp else "check"
+        if count:
+            mode = "count"
+        else:
+            mode = "peek" if peek else "spend" if spend else "use" if stamp else "check"
+            if spend:  # keygate's own endpoints: their own log and bound
+                rate_limit, rate_period_ms = OWN_CALLS_RATE
         fixed = (key_rev, ws_rev, mode, rate_limit, rate_period_ms,
                  -1 if monthly_limit is None else monthly_limit,
                  -1 if key_limit is None else key_limit, DAILY_TTL)
@@ -186,7 +199,7 @@ class RequestStore:
         # The four go as str: the lean client encodes four str in one unrolled format.
         offset = self._resp.clock_offset
         now = str(now_ms)
-        member = self._member(now) if rate_limit and count else "-"
+        member = self._member(now) if rate_limit and (count or spend) else "-"
         varying = (now, str(counter_ttl), member,
                    str(int((started + offset + self.timeout * DEADLINE_SHARE) * 1e6))
                    if count and offset is not None else "0")
@@ -252,8 +265,9 @@ class RequestStore:
 
     def _prepare(self, workspace: str, key_id: str, period: str, day: str,
                  fixed: tuple[Any, ...]) -> Any:
+        rate = own_calls_rate_key if fixed[2] == "spend" else rate_key  # fixed[2]: the mode
         keys = (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
-                rate_key(workspace, key_id), key_usage_key(workspace, key_id, period),
+                rate(workspace, key_id), key_usage_key(workspace, key_id, period),
                 daily_key(workspace, day), key_daily_key(workspace, key_id, day))
         prepared = self._resp.prepare(AUTHORIZE, keys, fixed, 4)
         if len(self._prepared) >= HOT_KEYS:
