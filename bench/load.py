@@ -85,7 +85,6 @@ class Window:
             self.errors[kind] += 1
 
     async def run(self) -> dict:
-        loop = asyncio.get_running_loop()
         await asyncio.sleep(self.warmup)
         cpu0, watch0, cores0 = own_cpu_seconds(), [proc_cpu_seconds(p) for p in self.watch], core_times()
         t0 = time.perf_counter()

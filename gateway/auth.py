@@ -290,7 +290,8 @@ class Authenticator:
         limits = self.config.keys.failures
         per_key = self._per_key_limit
         while True:
-            by_ip, by_key = await self.requests.failure_counts(client_ip, key_id)
+            by_ip, by_key = await self.requests.failure_counts(client_ip,
+                                                               key_id if per_key else None)
             over_ip, over_key = by_ip >= limits.per_ip, bool(per_key and by_key >= per_key)
             if over_ip or over_key:
                 wait = await self._failures_reset_in(client_ip if over_ip else None,
@@ -349,7 +350,8 @@ class Authenticator:
                 self.metrics.argon2.labels("ok" if ok else "fail").inc()
         if not ok:
             self.cache.pop(digest, None)  # an entry past its TTL: no longer a token that verified
-            await self.requests.record_failure(client_ip, token.key_id, limits.window_seconds)
+            await self.requests.record_failure(  # per key id only when that limit is on
+                client_ip, token.key_id if self._per_key_limit else None, limits.window_seconds)
             raise invalid_token("invalid_key", "The API key is not valid.")
         entry = self._entry_for(key, workspace, role, digest,
                                 time.monotonic() + self.config.keys.cache_ttl, generation)

@@ -93,7 +93,7 @@ class TimedRequestStore(RequestStore):
         finally:
             self._observe[call](time.perf_counter() - started)
 
-    def failure_counts(self, ip: str, key_id: str):
+    def failure_counts(self, ip: str, key_id: str | None):
         return self._timed("failure_counts", super().failure_counts(ip, key_id))
 
     def failure_resets_ms(self, ip: str | None, key_id: str | None):
@@ -105,7 +105,7 @@ class TimedRequestStore(RequestStore):
     def read_key(self, ws: str, key_id: str):
         return self._timed("read_key", super().read_key(ws, key_id))
 
-    def record_failure(self, ip: str, key_id: str, window_seconds: int):
+    def record_failure(self, ip: str, key_id: str | None, window_seconds: int):
         return self._timed("record_failure",
                            super().record_failure(ip, key_id, window_seconds))
 

@@ -335,15 +335,16 @@ class Pipeline:
             raise self.store_down(exc) from exc
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
-                        client: str, peek: bool = False, stamp: bool = False
-                        ) -> tuple[CachedKey, dict[str, str], Counted]:
+                        client: str, peek: bool = False, stamp: bool = False,
+                        spend: bool = False) -> tuple[CachedKey, dict[str, str], Counted]:
         """State (revoked/expired/disabled, the key's IP allow-list), scopes, then rate and
         quotas in one round trip. Returns the key as confirmed, the RateLimit fields, and the
         month and day the request was counted in. ``client`` is the address the key's IP
         allow-list is checked against: the one ``authenticate`` was given. Not ``count``:
         nothing is counted, and rate and quotas are judged only with ``peek`` (a request
         refused after them), else not at all (keygate's own endpoints: with ``stamp`` an
-        allowed one stamps the key's last use, as a counted request does).
+        allowed one stamps the key's last use, as a counted request does; with ``spend`` it
+        also takes one from the key's rate limit, 429 ``rate_limited`` over it).
 
         Decisions read from the cache are confirmed against the store's revision before they
         are answered, so a widened scope, an extended expiry or a key enabled again acts on the
@@ -363,7 +364,7 @@ class Pipeline:
                     workspace=key.workspace, key_id=key.key_id, key_rev=key.rev,
                     ws_rev=key.workspace_record.rev,
                     count=count and refused is None, peek=peek and refused is None,
-                    stamp=stamp and refused is None,
+                    stamp=stamp and refused is None, spend=spend and refused is None,
                     rate_limit=rate.requests if rate else 0,
                     rate_period_ms=rate.period_seconds * 1000 if rate else 1000,
                     monthly_limit=key.monthly_limit, period=month.period,

@@ -24,6 +24,7 @@ from .config import Config
 from .errors import StoreError
 from .models import RESERVED_PATH
 from .routes import RouteTable, no_route
+from .store.request import OWN_CALLS_RATE
 
 if TYPE_CHECKING:
     from .pipeline import Counted, Outcome
@@ -55,8 +56,8 @@ class RequestSteps(Protocol):
     async def authenticate(self, token: str, client: str) -> CachedKey: ...
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
-                        client: str, peek: bool = False, stamp: bool = False
-                        ) -> tuple[CachedKey, dict[str, str], Counted]: ...
+                        client: str, peek: bool = False, stamp: bool = False,
+                        spend: bool = False) -> tuple[CachedKey, dict[str, str], Counted]: ...
 
     def store_down(self, cause: BaseException | None = None) -> errors.ServiceUnavailable: ...
 
@@ -95,11 +96,22 @@ async def answer(steps: RequestSteps, request: web.BaseRequest, raw_path: str,
 
 async def _admit(steps: RequestSteps, request: web.BaseRequest, outcome: Outcome,
                  scopes: tuple[str, ...]) -> CachedKey:
-    """The caller's key, authenticated and authorised for ``scopes`` (not counted)."""
+    """The caller's key, authenticated and authorised for ``scopes``: counted in no usage
+    and leaving the key's rate limit to its requests, but within ``OWN_CALLS_RATE`` (429
+    ``rate_limited`` over it), so no key can call these (the key listing reads the
+    workspace's keys) as fast as it likes."""
     outcome.client = client = steps.client_ip(request)
     key = await steps.authenticate(steps.credential(request), client)
     outcome.workspace, outcome.key_id = key.workspace, key.key_id
-    key, _, _ = await steps.authorise(key, scopes, count=False, client=client, stamp=True)
+    try:
+        key, _, _ = await steps.authorise(key, scopes, count=False, client=client, stamp=True,
+                                          spend=True)
+    except errors.TooManyRequests as exc:  # over OWN_CALLS_RATE, not the key's own rate
+        calls, _ = OWN_CALLS_RATE  # per 1000 ms
+        raise errors.TooManyRequests(
+            f"At most {calls} calls a second to keygate's own endpoints with one key; wait "
+            "before calling again.", code="rate_limited",
+            headers={"Retry-After": exc.headers.get("Retry-After", "1")}) from None
     return key
 
 

@@ -17,6 +17,7 @@ from gateway.store.keyspace import write_key
 from gateway.store.request import WRITE_ID_TTL, RequestStore, Slot
 from gateway.ledger import LocalLedger
 from gateway.usage import MonthCache, ratelimit_headers
+from gateway.config import IdentityHeaders, IdentitySignature
 from gateway.models import KeyRecord, Principal, RateLimit, Workspace
 from gateway.proxying.headers import RequestHeaderRules, response_headers
 from gateway.tokens import make_token
@@ -163,9 +164,10 @@ def test_the_header_rules_fast_path_passes_on_what_the_rules_do(pairs, peer, key
 from gateway.proxying.headers import _HOP_BY_HOP_BYTES as HOP_BY_HOP_BYTES  # noqa: E402
 
 
-def response_headers_by_rule(raw):
+def response_headers_by_rule(raw, own: frozenset[bytes] = frozenset()):
     """What response_headers did before it remembered names (judging every name afresh):
-    the reference the remembering one is tested against."""
+    the reference the remembering one is tested against. ``own``: keygate's identity and
+    signature header names (lower case, ``-`` spelling), dropped too."""
     named: set[bytes] | None = None
     kept: list[tuple[bytes, bytes]] = []
     for raw_name, raw_value in raw:
@@ -174,6 +176,8 @@ def response_headers_by_rule(raw):
             if lname == b"connection":
                 named = named or set()
                 named.update(t.strip().lower() for t in raw_value.split(b",") if t.strip())
+            continue
+        if lname.replace(b"_", b"-") in own:
             continue
         kept.append((raw_name, raw_value))
     out: CIMultiDict = CIMultiDict()
@@ -186,7 +190,9 @@ def response_headers_by_rule(raw):
 
 _RESPONSE_NAMES = [b"Content-Type", b"content-type", b"Set-Cookie", b"X-Secret", b"x-secret",
                    b"Connection", b"connection", b"Keep-Alive", b"Transfer-Encoding",
-                   b"Upgrade", b"Proxy-Authenticate", b"Date", b"Server", b"X-\xe9"]
+                   b"Upgrade", b"Proxy-Authenticate", b"Date", b"Server", b"X-\xe9",
+                   b"X-Workspace-Id", b"x_workspace_id", b"X-Tenant", b"X_TENANT", b"X-Sig",
+                   b"X-Keygate-Signature", b"x-api-scopes"]
 
 
 @given(st.lists(st.tuples(st.sampled_from(_RESPONSE_NAMES),
@@ -195,11 +201,25 @@ _RESPONSE_NAMES = [b"Content-Type", b"content-type", b"Set-Cookie", b"X-Secret",
                 max_size=10))
 def test_response_headers_fast_path_passes_back_what_the_rules_do(raw):
     """response_headers remembers each upstream header name; for any mix (case, hop-by-hop,
-    Connection naming other headers, non-UTF-8 bytes) it passes back what judging every
-    name afresh does, the first time and from memory."""
+    Connection naming other headers, non-UTF-8 bytes, keygate's identity and signature
+    headers under default and configured names) it passes back what judging every name
+    afresh does, the first time and from memory."""
+    defaults = frozenset({b"x-workspace-id", b"x-api-key-id", b"x-api-scopes",
+                          b"x-workspace-plan", b"x-keygate-signature"})
     for _ in range(2):
         assert list(response_headers(raw).items()) == \
             list(response_headers_by_rule(raw).items())
+        assert list(response_headers(raw, RESPONSE_RULES[0]).items()) == \
+            list(response_headers_by_rule(raw, defaults).items())
+        assert list(response_headers(raw, RESPONSE_RULES[1]).items()) == \
+            list(response_headers_by_rule(raw, defaults - {b"x-workspace-id"}
+                                          | {b"x-tenant", b"x-sig"}).items())
+
+
+_CONFIG = make_config("http://127.0.0.1:9")
+RESPONSE_RULES = (RequestHeaderRules(_CONFIG), RequestHeaderRules(dataclasses.replace(
+    _CONFIG, identity_headers=IdentityHeaders(workspace="X-Tenant"),
+    identity_signature=IdentitySignature("SIG", header="X-Sig"))))  # remembered across examples
 
 
 # --- RateLimit fields: the policy is formatted once per key and month ---------------------------

@@ -483,6 +483,22 @@ async def test_a_flood_of_refused_guesses_asks_the_store_when_its_window_resets_
         assert len(asked) <= 2, asked  # at most once per counter (here: both in one call)
 
 
+async def test_with_per_key_off_no_per_key_failure_counter_is_written(
+        redis_url, upstream, monkeypatch):
+    """``keys.failures.per_key`` off (the default): failed verifications were still counted
+    per key id in Redis, one ``kg:fail:key:*`` counter per key id an attacker guessed at,
+    written (and read back) for a limit that is not there. Off writes nothing per key."""
+    config = failures_config(upstream, FailureLimits(per_ip=5, per_key=None, window_seconds=30))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await key_failed_twice(g)
+        client = redis.Redis.from_url(redis_url)
+        try:
+            assert client.keys("kg:fail:ip:*")  # the per-IP throttle still counts
+            assert client.keys("kg:fail:key:*") == []
+        finally:
+            client.close()
+
+
 # --- cost of the hot path ----------------------------------------------------------------------
 
 def monitor_commands(url: str, started: threading.Event, stop_marker: str, out: list[str]) -> None:

@@ -503,6 +503,41 @@ async def test_response_headers_repeats_kept_hop_by_hop_dropped(aiohttp_server,
     assert resp.headers["Content-Encoding"] == "identity"
 
 
+@pytest.mark.parametrize("size", [2, 4 * MB])  # answered whole, and streamed
+async def test_identity_and_signature_headers_an_upstream_echoes_never_reach_the_client(
+        aiohttp_server, make_front, size) -> None:
+    """An upstream that echoes its request headers (a debug endpoint, a framework's echo of
+    X-* headers) handed the client the identity keygate injected (workspace, key id, scopes,
+    plan) and the signature header: keygate's to the upstream, never the client's. They are
+    dropped from every response, whatever their case or ``_`` spelling; the rest passes."""
+    async def echo(request):
+        resp = web.StreamResponse(headers={"X-Echo": "kept"})
+        for name, value in request.headers.items():
+            if name.lower().startswith("x-") and name.lower() != "x-request-id":
+                resp.headers.add(name, value)
+        resp.headers.add("x_workspace_id", "acme")
+        resp.headers.add("X-API-SCOPES", "people:read")
+        resp.headers.add("X-Keygate-Signature", "v1=forged")
+        resp.content_length = size
+        await resp.prepare(request)
+        await resp.write(b"x" * size)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/people/1", echo)
+    up = await aiohttp_server(app)
+    front = await make_front(up_url(up))
+    raw = await raw_exchange(front, b"GET /people/1 HTTP/1.1\r\nHost: x\r\n"
+                                    b"Connection: close\r\n\r\n", until_closed=True)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and len(body) == size, head
+    lines = head.lower().split(b"\r\n")
+    assert b"x-echo: kept" in lines and b"x-request-id: rid-1" in lines, head
+    for name in (b"x-workspace-id", b"x_workspace_id", b"x-api-key-id", b"x-api-scopes",
+                 b"x-workspace-plan", b"x-keygate-signature", b"acme", b"abc123def456"):
+        assert name not in head.lower(), head
+
+
 async def test_head_204_304_and_statuses(aiohttp_server, make_front) -> None:
     async def h(request):
         code = int(request.match_info["code"])
@@ -740,12 +775,14 @@ async def test_on_upstream_hook_reports_header_latency(upstream, make_front) -> 
 
 # --- request smuggling shapes: refused by the server's parser ------------------------------------
 
-async def raw_exchange(front, payload: bytes) -> bytes:
+async def raw_exchange(front, payload: bytes, until_closed: bool = False) -> bytes:
+    """What the front answers ``payload``: its first read, or ``until_closed`` all of it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
     try:
         writer.write(payload)
         await writer.drain()
-        return await asyncio.wait_for(reader.read(65536), 5)
+        read = reader.read(-1) if until_closed else reader.read(65536)
+        return await asyncio.wait_for(read, 5)
     finally:
         writer.close()
 

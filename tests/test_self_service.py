@@ -3,6 +3,7 @@ pipeline (token parsing, argon2 verification, revision checks) against a real re
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import pytest
@@ -321,3 +322,32 @@ async def test_a_key_used_only_for_self_service_is_stamped_last_used(env):
     assert status == 403
     assert (await env.store.get_key("acme", env.reader.key.id)).last_used_at is None
     assert (await env.store.usage("acme"))["used"] == 0
+
+
+async def test_self_service_calls_are_bounded_per_key_and_count_no_usage(env):
+    """/_keygate/ calls admitted a key without any bound: a key could call the costly key
+    listing (it reads the workspace's keys) or the usage endpoint as fast as it liked. A
+    key's calls there are now bounded (20 a second, in a log of their own: the key's rate
+    limit is left to its requests, and a key over it still reads its usage) and are still
+    counted in no usage."""
+    admin = await env.store.create_key("acme", name="slow-admin", environment="live",
+                                       role="keyadmin", rate_limit="3/m")
+    headers = {"Authorization": f"Bearer {admin.token}"}
+    assert (await env.client.get("/_keygate/v1/usage", headers=headers)).status == 200
+
+    async def one(path: str):
+        resp = await env.client.get(path, headers=headers)
+        return resp.status, (await resp.json()), resp.headers
+
+    got = await asyncio.gather(*(one("/_keygate/v1/keys" if i % 2 else "/_keygate/v1/usage")
+                                 for i in range(30)))
+    statuses = [s for s, _, _ in got]
+    assert statuses.count(200) >= 19, statuses  # 20 a second, the key's 3/m not spent
+    refused = [(b, h) for s, b, h in got if s == 429]
+    assert refused, statuses
+    for body, h in refused:
+        assert body["error"]["code"] == "rate_limited", body
+        assert h["Retry-After"] == "1" and "RateLimit" not in h
+    assert (await env.store.usage("acme"))["used"] == 0
+    resp = await env.call("GET", "")  # another key's calls are bounded on their own
+    assert resp.status == 200

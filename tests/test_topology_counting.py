@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -54,22 +55,31 @@ async def _kill_while_loaded(gut, upstream, ports: list[int], password: str,
             pipe.execute_command("CLIENT", "KILL", "ID", i)
         pipe.execute(raise_on_error=False)  # some may be gone meanwhile
 
-    async def killer() -> None:
+    def stop_kill_resume(node: redis.Redis, pid: int, ids: list[str]) -> None:
         # The node stops for a moment (SIGSTOP) while requests are in flight, so their calls
         # wait in its socket buffers; CLIENT KILL of the gateway's connections is written
         # after them; the node wakes (SIGCONT) and reads both in one turn of its event loop:
         # it runs the calls, then kills their connections before it writes a reply.
+        # All in one thread, off the event loop: resumed from the loop, the node stayed
+        # stopped for as long as the loop (busy with the gateway and its 8 clients) took to
+        # come back to this task, and on a loaded machine that passed the Sentinel's
+        # down-after-milliseconds (500: a failover) or the store's deadline (503s).
+        sender = threading.Thread(target=kill, args=(node, ids))
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.02)
+            sender.start()
+            time.sleep(0.01)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        if sender.ident is not None:
+            sender.join()
+
+    async def killer() -> None:
         while not done.is_set():
             for k, pid in zip(killers, pids):
                 ids = await asyncio.to_thread(gateway_connections, k)
-                os.kill(pid, signal.SIGSTOP)
-                try:
-                    await asyncio.sleep(0.02)
-                    sent = asyncio.create_task(asyncio.to_thread(kill, k, ids))
-                    await asyncio.sleep(0.01)
-                finally:
-                    os.kill(pid, signal.SIGCONT)
-                await sent
+                await asyncio.to_thread(stop_kill_resume, k, pid, ids)
             await asyncio.sleep(KILL_EVERY)
 
     before = len(upstream.requests)

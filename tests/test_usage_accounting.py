@@ -153,7 +153,7 @@ async def test_an_upstream_5xx_or_a_timeout_after_it_was_reached_is_counted(redi
 async def test_the_usage_and_key_endpoints_count_nothing(gut):
     await gut.workspace("acme", plan="tiny")
     token, key = await gut.key(role="admin", rate_limit="2/m")
-    for _ in range(5):
+    for _ in range(4):  # 9 calls in all here: within the 10 a second these take (reserved.py)
         assert (await call(gut, token, "/_keygate/v1/usage"))[0] == 200
         assert (await call(gut, token, "/_keygate/v1/keys"))[0] == 200
     assert await numbers(gut, "acme", key["id"]) == all_equal(0)

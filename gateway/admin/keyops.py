@@ -160,8 +160,11 @@ class KeyOps:
 
     async def list(self, query: Mapping[str, str]) -> dict[str, Any]:
         select_keys([], query, 0)  # a bad query is a 400 before any store call
-        keys, next_cursor = select_keys(await self.store.list_keys(self.ws), query,
+        # the page chosen by what ordering and filtering need of each key, then the page's
+        # records only (a workspace may hold many thousands of keys)
+        page, next_cursor = select_keys(await self.store.list_key_summaries(self.ws), query,
                                         self.store.clock())
+        keys = await self.store.get_keys(self.ws, [k.id for k in page])
         roles = await self.store.workspace_roles(self.ws)
         used = await self.store.keys_used_this_month(self.ws, [k.budget_id for k in keys])
         body: dict[str, Any] = {"items": [await self.key_json(k, roles, n)

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Mapping
+from typing import Mapping, TypeVar
 
 from ..errors import BadRequest
 from ..models import KeyRecord
 from ..store import STATUSES
+from ..store.records import KeySummary
 from ..strictjson import strict_json
 from .validate import query_int
 
 LIST_PARAMS = ("status", "unused_days", "sort", "limit", "cursor")
 LIST_MAX = 1000
 SORTS = ("created", "last_used", "name")
+K = TypeVar("K", KeyRecord, KeySummary)
 
 
-def select_keys(keys: list[KeyRecord], query: Mapping[str, str],
-                now: float) -> tuple[list[KeyRecord], str | None]:
-    """A listing's page: ``status``, ``unused_days`` (never used, or last used more than N days
+def select_keys(keys: list[K], query: Mapping[str, str],
+                now: float) -> tuple[list[K], str | None]:
+    """A listing's page (of ``KeyRecord``s, or the ``KeySummary``s a listing reads first):
+    ``status``, ``unused_days`` (never used, or last used more than N days
     ago), ``sort`` (created|last_used|name, ascending), ``limit`` and ``cursor`` (keyset: the
     page continues after the last key of the previous one, so keys created or deleted between
     pages neither repeat nor vanish). Returns (page, next cursor or None)."""
@@ -46,7 +49,7 @@ def select_keys(keys: list[KeyRecord], query: Mapping[str, str],
     return page, _cursor(sort, _sort_key(page[-1], sort))
 
 
-def _sort_key(key: KeyRecord, sort: str) -> tuple:
+def _sort_key(key: KeyRecord | KeySummary, sort: str) -> tuple:
     if sort == "name":
         return (key.name, key.id)
     if sort == "last_used":  # least recently used first; never used before all

@@ -355,7 +355,7 @@ class Forwarder:
             self.on_upstream(upstream.name, time.perf_counter() - started)
         try:
             return await self._stream_back(request, resp, request_id, response_headers,
-                                           upstream, is_head, rules.body_timeout)
+                                           upstream, is_head, rules)
         finally:
             if resp.sending():  # a body still being sent (an upstream that answered early)
                 await resp.settled()
@@ -363,9 +363,12 @@ class Forwarder:
     async def _stream_back(self, request: web.BaseRequest, resp: UpstreamResponse,
                            request_id: str, limit_headers: Mapping[str, str],
                            upstream: Upstream, is_head: bool,
-                           stall: float) -> web.StreamResponse:
-        """``stall``: seconds a client may stop reading the answer (``server.timeouts.body``)."""
-        out = response_headers(resp.headers)
+                           rules: RequestHeaderRules) -> web.StreamResponse:
+        """``rules``: the config's header rules (keygate's identity and signature headers are
+        not passed back) and ``body_timeout``, the seconds a client may stop reading the
+        answer (``server.timeouts.body``)."""
+        out = response_headers(resp.headers, rules)
+        stall = rules.body_timeout
         if out.__class__ is NotUtf8Headers:  # written byte for byte, not by aiohttp's writer
             keep_header_bytes(request.writer)
         for name, value in limit_headers.items():

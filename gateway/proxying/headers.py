@@ -33,8 +33,10 @@ Request headers, in one pass over the client's headers:
 Identity headers carry store data: a value with a control character is refused rather than
 allowed to split the upstream request head.
 
-Response headers: hop-by-hop and ``Connection``-named ones are dropped, the rest pass (repeats
-such as ``Set-Cookie`` included).
+Response headers: hop-by-hop and ``Connection``-named ones are dropped, and so are keygate's
+identity headers and signature header (configured names and the default one, any case, the
+``_`` spelling too) that an upstream echoes back: those are keygate's word to the upstream,
+never the client's. The rest pass (repeats such as ``Set-Cookie`` included).
 """
 
 from __future__ import annotations
@@ -124,6 +126,12 @@ class RequestHeaderRules:
         # the default name too: an upstream still checking it must never read a client's copy
         always.update((_norm(self.sign_header), _norm(SIGNATURE_HEADER)))
         self._drop = frozenset(always)
+        # Dropped from every response (normalised with _norm, as bytes): what keygate sends
+        # the upstream about the caller, should the upstream echo it back. Response header
+        # names as the upstream sent them -> as passed on (None: dropped), for this config.
+        self.response_drop = frozenset(_norm(n).encode("latin-1") for n in (
+            *self.identity, self.sign_header, SIGNATURE_HEADER))
+        self.response_names: dict[bytes, str | None] = {}
         self.trusted = TrustedProxies(config.server.trusted_proxies)
         self._prefix = config.keys.prefix
         self._kinds: dict[str, object] = {}  # header name as sent -> _PASS, _DROP, ...
@@ -281,18 +289,20 @@ class NotUtf8Headers(CIMultiDict):
     must be written by ``gateway.proxying.response.raw_header_block`` to keep those bytes."""
 
 
-def response_headers(raw: Sequence[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+def response_headers(raw: Sequence[tuple[bytes, bytes]],
+                     rules: RequestHeaderRules | None = None) -> CIMultiDict[str]:
     """The upstream's response headers (as parsed) that go back to the client; a
-    ``NotUtf8Headers`` when a value is not UTF-8."""
-    names = _response_names
+    ``NotUtf8Headers`` when a value is not UTF-8. With ``rules``, keygate's identity and
+    signature headers of that config are dropped too."""
+    names = _response_names if rules is None else rules.response_names
     out: CIMultiDict[str] = CIMultiDict()
     named: set[bytes] | None = None
     not_utf8 = False
     for raw_name, raw_value in raw:
         name = names.get(raw_name, _UNSEEN)
         if name is _UNSEEN:
-            name = _response_name(raw_name)
-        if name is None:  # hop-by-hop
+            name = _response_name(raw_name, rules)
+        if name is None:  # hop-by-hop, or keygate's own
             if raw_name.lower() == b"connection":
                 named = named or set()
                 named.update(t.strip().lower() for t in raw_value.split(b",") if t.strip())
@@ -317,10 +327,14 @@ _RESPONSE_NAMES_MAX = 1024
 _UNSEEN = object()
 
 
-def _response_name(raw_name: bytes) -> str | None:
-    name = None if raw_name.lower() in _HOP_BY_HOP_BYTES else raw_name.decode("latin-1")
+def _response_name(raw_name: bytes, rules: RequestHeaderRules | None) -> str | None:
+    lname = raw_name.lower()
+    dropped = lname in _HOP_BY_HOP_BYTES or rules is not None and \
+        lname.replace(b"_", b"-") in rules.response_drop
+    name = None if dropped else raw_name.decode("latin-1")
     if len(raw_name) <= _NAME_KEPT_MAX:
-        if len(_response_names) >= _RESPONSE_NAMES_MAX:
-            _response_names.clear()
-        _response_names[raw_name] = name
+        names = _response_names if rules is None else rules.response_names
+        if len(names) >= _RESPONSE_NAMES_MAX:
+            names.clear()
+        names[raw_name] = name
     return name

@@ -116,7 +116,8 @@ class StoreBase:
         self._hashing = asyncio.Semaphore(1)
         self._scripts = {name: client.register_script(load(f"admin_{name}").text)
                          for name in ("create_workspace", "update_workspace", "add_key",
-                                      "update_key", "revoke_key", "set_role", "delete_key")}
+                                      "update_key", "revoke_key", "set_role", "delete_key",
+                                      "list_keys")}
 
     @property
     def config(self) -> Config:

@@ -14,8 +14,8 @@ from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirm
                          no_workspace, revoked_key, role_gone, store_errors, unknown_role)
 from .keyspace import (key_index_key, key_key, ws_active_key,
                        ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
-from .records import (UNSET, WORKSPACE_ID_RE, NewKey, control_fields, epoch_field, hash_pairs,
-                      key_from_hash, shown_ws, workspace_from_hash)
+from .records import (UNSET, WORKSPACE_ID_RE, KeySummary, NewKey, control_fields, epoch_field,
+                      hash_pairs, key_from_hash, key_summaries, shown_ws, workspace_from_hash)
 
 
 ROTATE_ATTEMPTS = 64
@@ -77,6 +77,25 @@ class KeyStore(StoreBase):
         if status is not None:
             keys = [k for k in keys if k.status(now) == status]
         return sorted(keys, key=lambda k: (k.created_at, k.id))
+
+    async def list_key_summaries(self, ws: str) -> list[KeySummary]:
+        """What a listing orders and filters by, of each of the workspace's keys (in no order),
+        in one call: a listing page then reads the records of its own keys only
+        (``get_keys``), not every key of the workspace."""
+        return key_summaries(await self._run("list_keys", (ws_keys_key(ws),),
+                                             (key_key(ws, ""),), what="read"))
+
+    async def get_keys(self, ws: str, key_ids: Sequence[str]) -> list[KeyRecord]:
+        """The keys ``key_ids`` in that order, in one round trip; one deleted meanwhile is
+        left out."""
+        if not key_ids:
+            return []
+        with store_errors("read"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key_id in key_ids:
+                    pipe.hgetall(key_key(ws, key_id))
+                hashes = await pipe.execute()
+        return [k for h in hashes if (k := key_from_hash(h)) is not None]
 
 
     async def _new_token(self, ws: str, environment: str) -> tuple[str, str, str]:

@@ -65,6 +65,8 @@ per-request script and every admin script touch a single slot.
                                           member per request admitted
                                           in the last rate period, score = its time in ms
                                           (a sliding log; expires one period after the last)
+    kg:rate:{ws}:<id>:own         ZSET    the same for the key's calls to keygate's own
+                                          /_keygate/ endpoints (OWN_CALLS_RATE)
     kg:fail:ip:<ip>               STRING  failed verifications in the window (TTL)
     kg:fail:key:<id>              STRING  failed verifications in the window (TTL)
     kg:ready                      STRING  "1", written by each readiness check of the
@@ -132,6 +134,10 @@ def key_daily_key(ws: str, key_id: str, day: str) -> str:
 
 def rate_key(ws: str, key_id: str) -> str:
     return f"kg:rate:{{{ws}}}:{key_id}"
+
+
+def own_calls_rate_key(ws: str, key_id: str) -> str:
+    return f"kg:rate:{{{ws}}}:{key_id}:own"
 
 
 def write_key(ws: str, write_id: str) -> str:

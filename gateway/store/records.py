@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from ..errors import StoreError, shown
 from ..models import LIMIT_FIELDS, KeyRecord, Workspace
@@ -77,6 +77,30 @@ def key_from_hash(h: Mapping[str, str]) -> KeyRecord | None:
             budget=h.get("budget") or None)
     except (KeyError, ValueError, TypeError) as exc:
         raise StoreError(f"the store holds a malformed key record ({h.get('id')!r})") from exc
+
+
+class KeySummary(NamedTuple):
+    """What a key listing orders and filters by (``gateway.admin.listing``), as
+    ``lua/admin_list_keys.lua`` reads it: a listing judges every key of the workspace by
+    this, and reads whole records only for its page."""
+    id: str
+    name: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    last_used_at: float | None
+
+    status = KeyRecord.status  # the same rule: revoked_at, then expires_at
+
+
+def key_summaries(raw: str | bytes) -> list[KeySummary]:
+    """``lua/admin_list_keys.lua``'s answer."""
+    try:
+        return [KeySummary(key_id, name, float(created), _opt_float(expires),
+                           _opt_float(revoked), _opt_float(used))
+                for key_id, name, created, expires, revoked, used in json.loads(raw)]
+    except (ValueError, TypeError) as exc:
+        raise StoreError("the store holds a malformed key record") from exc
 
 
 def workspace_from_hash(h: Mapping[str, str]) -> Workspace | None:

@@ -17,7 +17,7 @@ from ..errors import StoreError, describe
 from ..usage import utc_day
 from .clients import ScriptClient, connect
 from .keyspace import (daily_key, fail_ip_key, fail_key_key, key_daily_key, key_index_key,
-                       key_key, key_usage_key, once_key, rate_key, ready_key, usage_key,
+                       key_key, key_usage_key, once_key, own_calls_rate_key, rate_key, ready_key, usage_key,
                        write_key, ws_key, ws_roles_key)
 from .scripts import Script, load
 
@@ -33,6 +33,10 @@ READY = load("ready")
 # unless Redis stalled between running the call and replying; that reply comes late, and a
 # request it counted is taken back then (StoreError.counted_late).
 DEADLINE_SHARE = 0.8
+# A key's calls to keygate's own /_keygate/ endpoints (usage, self-service key management,
+# whose listing reads the workspace's keys): at most this many (calls, per ms), whatever the
+# key's rate limit, in a log of their own (kg:rate:{ws}:<id>:own). They count in no usage.
+OWN_CALLS_RATE = (20, 1000)
 DAILY_TTL = 100 * 86400  # day counters: the usage history reaches 90 days back
 # How long Redis remembers that a ledger write ran (lua/ledger_write.lua), renewed by every
 # copy of it that arrives. Copies come from the ledger's retries (every second or so while it
@@ -181,18 +185,28 @@ class RequestStore:
                         monthly_limit: int | None, period: str, counter_ttl: int,
                         now_ms: int, day: str = "", key_limit: int | None = None,
                         peek: bool = False, stamp: bool = False, budget: str = "",
-                        rate_burst: int = 0) -> Decision:
+                        rate_burst: int = 0, spend: bool = False) -> Decision:
         """``count``: admit and count the request; else, with ``peek``, judge the rate and
-        quotas as counting would but count nothing; else confirm the state only, and with
-        ``stamp`` set the key's ``last_used_at`` when it is current. ``budget``: the key id
-        its rate log and own month count go under ("": ``key_id``; it never changes for a
-        key id, so the call prepared for the key id stays right). ``rate_burst``: a cap per
-        second on top of a per-minute ``rate_limit`` (0: none; ``RateLimit.burst``)."""
+        quotas as counting would but count nothing; else, with ``spend`` (keygate's own
+        endpoints), admit the call within ``OWN_CALLS_RATE`` (the key's calls of this kind,
+        in a log of their own: its rate limit is left to its requests) and stamp
+        ``last_used_at``, judging no quota and counting nothing; else confirm the state
+        only, and with ``stamp`` set the key's ``last_used_at`` when it is current.
+        ``budget``: the key id its rate log and own month count go under ("": ``key_id``; it
+        never changes for a key id, so the call prepared for the key id stays right).
+        ``rate_burst``: a cap per second on top of a per-minute ``rate_limit`` (0: none;
+        ``RateLimit.burst``)."""
         started = time.monotonic()
         day = day or utc_day(now_ms / 1000)
         # What stays the same for every request of this key today is encoded once
         # (lua/authorize.lua ARGV[1..9]); a request adds its time, TTL, member and deadline.
-        mode = "count" if count else "peek" if peek else "use" if stamp else "check"
+        if count:
+            mode = "count"
+        else:
+            mode = "peek" if peek else "spend" if spend else "use" if stamp else "check"
+            if spend:  # keygate's own endpoints: their own log and bound
+                rate_limit, rate_period_ms = OWN_CALLS_RATE
+                rate_burst = 0
         fixed = (key_rev, ws_rev, mode, rate_limit, rate_period_ms,
                  -1 if monthly_limit is None else monthly_limit,
                  -1 if key_limit is None else key_limit, DAILY_TTL, rate_burst)
@@ -206,7 +220,7 @@ class RequestStore:
         # The four go as str: the lean client encodes four str in one unrolled format.
         offset = self._resp.clock_offset
         now = str(now_ms)
-        member = self._member(now) if rate_limit and count else "-"
+        member = self._member(now) if rate_limit and (count or spend) else "-"
         varying = (now, str(counter_ttl), member,
                    str(int((started + offset + self.timeout * DEADLINE_SHARE) * 1e6))
                    if count and offset is not None else "0")
@@ -272,8 +286,10 @@ class RequestStore:
 
     def _prepare(self, workspace: str, key_id: str, period: str, day: str,
                  fixed: tuple[Any, ...], budget: str) -> Any:
+        spend = fixed[2] == "spend"  # fixed[2]: the mode; spend: the key's own calls' log
         keys = (key_key(workspace, key_id), ws_key(workspace), usage_key(workspace, period),
-                rate_key(workspace, budget), key_usage_key(workspace, budget, period),
+                own_calls_rate_key(workspace, key_id) if spend else rate_key(workspace, budget),
+                key_usage_key(workspace, budget, period),
                 daily_key(workspace, day), key_daily_key(workspace, key_id, day))
         prepared = self._resp.prepare(AUTHORIZE, keys, fixed, 4)
         if len(self._prepared) >= HOT_KEYS:
@@ -301,13 +317,15 @@ class RequestStore:
         return StoredKey(_fields(key), _fields(workspace),
                          role.decode() if isinstance(role, bytes) else None)
 
-    async def failure_counts(self, ip: str, key_id: str) -> tuple[int, int]:
-        """Failed verifications in the current window: (from this IP, against this key id)."""
+    async def failure_counts(self, ip: str, key_id: str | None) -> tuple[int, int]:
+        """Failed verifications in the current window: (from this IP, against this key id;
+        0 when ``key_id`` is None, the per-key limit being off)."""
+        counters = (fail_ip_key(ip),) if key_id is None else (fail_ip_key(ip), fail_key_key(key_id))
         try:
-            reply = await self._resp.get_each((fail_ip_key(ip), fail_key_key(key_id)))
+            reply = await self._resp.get_each(counters)
         except Exception as exc:
             raise StoreError(f"store call failed: {describe(exc)}") from exc
-        return int(reply[0] or 0), int(reply[1] or 0)
+        return int(reply[0] or 0), int(reply[1] or 0) if key_id is not None else 0
 
     async def failure_resets_ms(self, ip: str | None, key_id: str | None) -> list[int]:
         """Milliseconds until each named failure counter resets (its PTTL: -2 when it is
@@ -318,10 +336,11 @@ class RequestStore:
         except Exception as exc:
             raise StoreError(f"store call failed: {describe(exc)}") from exc
 
-    async def record_failure(self, ip: str, key_id: str, window_seconds: int) -> None:
-        """Count one failed verification from ``ip`` and against ``key_id``; each count lives
-        ``window_seconds`` from its first failure."""
-        counters = (fail_ip_key(ip), fail_key_key(key_id))
+    async def record_failure(self, ip: str, key_id: str | None, window_seconds: int) -> None:
+        """Count one failed verification from ``ip`` and against ``key_id`` (None: not per key,
+        the per-key limit being off); each count lives ``window_seconds`` from its first
+        failure."""
+        counters = (fail_ip_key(ip),) if key_id is None else (fail_ip_key(ip), fail_key_key(key_id))
         try:
             if self._resends:  # a copy sent again after its connection died adds nothing
                 for counter in counters:  # a marker in each counter's slot (lua/add_usage.lua):
@@ -336,7 +355,7 @@ class RequestStore:
                                          (1, window_seconds, self._once_ttl, "once"))
             else:
                 await self._resp.run_each_slot(ADD_USAGE, counters, (1,),
-                                               (window_seconds, window_seconds))
+                                               (window_seconds,) * len(counters))
         except Exception as exc:
             raise StoreError(f"store call failed: {describe(exc)}") from exc
 

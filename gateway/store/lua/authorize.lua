@@ -6,14 +6,18 @@
 -- KEYS[1] key hash      kg:key:{ws}:<id>
 -- KEYS[2] workspace     kg:ws:{ws}
 -- KEYS[3] month counter kg:usage:{ws}:<YYYY-MM>
--- KEYS[4] rate log      kg:rate:{ws}:<id>  (sorted set of admitted request times, ms)
+-- KEYS[4] rate log      kg:rate:{ws}:<id>  (sorted set of admitted request times, ms;
+--                       mode "spend": kg:rate:{ws}:<id>:own, the key's /_keygate/ calls)
 -- KEYS[5] key's month counter   kg:kusage:{ws}:<id>:<YYYY-MM>
 -- KEYS[6] workspace day counter kg:daily:{ws}:<YYYY-MM-DD>
 -- KEYS[7] key's day counter     kg:kdaily:{ws}:<id>:<YYYY-MM-DD>
 -- ARGV[1..9] are the same for every request of a key in a day (the client encodes them once):
 -- ARGV[1] cached key rev   ARGV[2] cached workspace rev (missing rev = "0")
 -- ARGV[3] mode: "count" (forward), "check" (state only, counts nothing), "use" (as "check",
---         and a current key's last_used_at is stamped: keygate's own endpoints) or "peek"
+--         and a current key's last_used_at is stamped: the admin listener's key calls),
+--         "spend" (as "use", within the rate limit ARGV[4..5] over KEYS[4], one taken from
+--         it, no quota judged nor anything counted: the proxy listener's /_keygate/
+--         endpoints, whose calls have a log and a bound of their own) or "peek"
 --         (state, rate and quotas judged as "count" would, nothing counted and no rate used:
 --         a request refused after them, a body over max_body_bytes)
 -- ARGV[4] rate limit N (0 = none)   ARGV[5] rate period, ms
@@ -101,6 +105,14 @@ if limit > 0 then
     if burst - b < left then left = burst - b else burst = 0 end  -- burst > 0: it binds
   end
   rate_remaining = left - 1
+end
+if ARGV[3] == 'spend' then
+  if limit > 0 then
+    redis.call('ZADD', KEYS[4], now, ARGV[12])
+    redis.call('PEXPIRE', KEYS[4], period)
+  end
+  redis.call('HSET', KEYS[1], 'last_used_at', string.format('%.3f', now / 1000))
+  return {'ok', tonumber(redis.call('GET', KEYS[3]) or '0'), -1, 0, 0, key_used}
 end
 
 local quota = tonumber(ARGV[6])
