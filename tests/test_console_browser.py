@@ -654,13 +654,13 @@ def test_key_controls_disable_enable_cap_and_delete(page, gateway):
 def test_the_edit_form_says_a_keys_rate_is_held_within_the_workspaces(page, gateway):
     """The form said a key's rate was its own ("empty for the plan's"), while the gateway holds
     it within the workspace's rate in force: a key shown at 10/s under a 3/s override gets 3/s."""
-    new_workspace(gateway, "wayne", "Wayne")
-    status, body = gateway.admin("PATCH", "/workspaces/wayne", {"limits": {"rate_limit": "3/s"}})
+    new_workspace(gateway, "lexcorp", "LexCorp")
+    status, body = gateway.admin("PATCH", "/workspaces/lexcorp", {"limits": {"rate_limit": "3/s"}})
     assert status == 200, body
-    token, key = gateway.key("wayne", name="alfred", scopes=["people:read"], rate_limit="10/s")
+    token, key = gateway.key("lexcorp", name="alfred", scopes=["people:read"], rate_limit="10/s")
     page.tokens_seen.append(token)
     page.sign_in(ADMIN_TOKEN)
-    page.link("wayne").click()
+    page.link("lexcorp").click()
     page.button("Edit", page.row("alfred")).click()
     dialog = page.dialog()
     assert page.field("Rate limit", dialog).get_attribute("value") == "10/s"
