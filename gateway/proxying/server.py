@@ -64,8 +64,8 @@ class _JsonErrorRequestHandler(RequestHandler):
     _last_payload = None  # the body stream of the newest request parsed on this connection
     _write_stall: asyncio.TimerHandle | None = None  # armed while the client takes no bytes
     _chunked = None   # the body stream of a chunked request whose end is not judged yet
-    _before = b""     # the connection's read before the latest
-    _latest = b""     # and its latest
+    _before = b""     # the connection's read before the latest (its last _RECENT bytes)
+    _latest = b""     # and its latest (likewise)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -100,8 +100,11 @@ class _JsonErrorRequestHandler(RequestHandler):
             # the first bytes of the next request head (not the rest of a body that aiohttp
             # reads after a handler that did not read it)
             self._head_since = self._loop.time()
-        if data:  # the last two reads, kept as they are (no copy per read): the end of a
-            self._before, self._latest = self._latest, data  # chunked body is judged by them
+        if data:  # the tails of the last two reads: the end of a chunked body is judged by
+            # them. A read is kept whole only when it is short (no copy for a usual request
+            # head): a long one (up to 256 KiB) kept whole stayed with an idle connection
+            self._before = self._latest
+            self._latest = data if len(data) <= _RECENT else data[-_RECENT:]
         seen, body = self._request_count, self._last_payload
         super().data_received(data)
         if self._request_count != seen:
