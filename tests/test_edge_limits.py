@@ -19,7 +19,7 @@ from aiohttp import ClientSession, web
 from gateway.config import Route, ServerConfig, Timeouts, Upstream
 
 from harness import (bearer, closed_within, drips_until_closed, gateway_under_test, make_config,
-                     raw_upstream)
+                     raw_upstream, serving)
 
 ROUTES = (Route("/public/**", "api", ("GET", "POST"), (), True),
           Route("/people/**", "api", ("GET", "POST"), ("people:read",)))
@@ -267,6 +267,46 @@ async def test_heads_over_32_kib_are_refused_however_they_arrive_and_heads_under
         with pytest.raises(TimeoutError):  # and nothing after it
             await asyncio.wait_for(reader.read(1), 0.5)
         writer.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+async def test_requests_pipelined_behind_a_slow_one_hold_at_most_32_kib_of_heads(
+        redis_url, monkeypatch):
+    """Pipelined requests wait parsed in aiohttp's queue, up to 32 of them: 32 heads of
+    31 KiB behind a slow request held ~2.2 MB per connection until it was answered. Past
+    32 KiB of queued heads they are dropped, and the request under way is answered with
+    Connection: close (the client sends the rest again)."""
+    release = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.path == "/public/slow":
+            await release.wait()
+        return web.Response(text="ok")
+
+    async with serving(answer) as url:
+        config = edge_config(url, timeouts=Timeouts(header=30, body=30, idle=30))
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            pipelined = b"GET /public/x HTTP/1.1\r\nHost: g\r\n" + _fields(31 * 1024) + b"\r\n"
+            before = _rss()
+            conns = []
+            for _ in range(50):
+                reader, writer = await g.raw_connection()
+                writer.write(b"GET /public/slow HTTP/1.1\r\nHost: g\r\n\r\n" + pipelined * 32)
+                conns.append((reader, writer))
+            await asyncio.sleep(1.0)
+            grown = _rss() - before
+            release.set()
+            closed, answers = await closed_within(conns[0][0], 5.0)
+            for _, writer in conns:
+                writer.close()
+            assert grown < 25 * 2 ** 20, f"50 pipelining clients held {grown / 2 ** 20:.0f} MB"
+            assert closed
+            assert answers.count(b"HTTP/1.1 200 OK") == 1, answers[:300]  # the slow one,
+            assert b"Connection: close" in answers                # closing the connection
+            reader, writer = await g.raw_connection()  # small pipelined requests: all answered
+            writer.write(b"GET /public/x HTTP/1.1\r\nHost: g\r\n\r\n" * 20)
+            assert [(await _answer(reader))[0] for _ in range(20)] == [200] * 20
+            writer.close()
 
 
 async def test_upstream_connections_are_bounded_and_requests_over_the_bound_wait(

@@ -57,6 +57,13 @@ class HeadTooLarge(Exception):
     message = f"The request head (request line and header fields) is over {HEAD_MAX // 1024} KiB."
 
 
+def _head_size(message) -> int:
+    """The bytes of a parsed request head as sent, but for optional blanks (the request line,
+    each ``Name: value`` line, the empty line)."""
+    return len(message.method) + len(message.path) + 14 + sum(
+        len(name) + len(value) + 4 for name, value in message.raw_headers)
+
+
 class BodyFramingBroken(ConnectionResetError):
     """The in-flight request's body can never be read whole: a ``ConnectionError`` like a
     client gone mid-body, which every reader of a body already answers with
@@ -130,6 +137,8 @@ class _JsonErrorRequestHandler(RequestHandler):
             else:  # a long read, the end of a long head, or bytes after a head or a body
                 self._judge_heads(len(data), new, body.total_bytes - fed if in_body else 0,
                                   in_body and body is self._chunked)
+            if len(self._messages) > 1:  # pipelined behind a request not yet answered
+                self._bound_pipelined()
             if self._messages:
                 message, self._last_payload = self._messages[-1]
                 if message.__class__ is _ERR_INFO and body is not None and not body.is_eof():
@@ -173,10 +182,7 @@ class _JsonErrorRequestHandler(RequestHandler):
             if message.__class__ is _ERR_INFO:
                 continue
             chunked = chunked or message.chunked
-            # as sent, but for optional blanks ("Name: value\r\n", the request line, the
-            # empty line)
-            size = len(message.method) + len(message.path) + 14 + sum(
-                len(name) + len(value) + 4 for name, value in message.raw_headers)
+            size = _head_size(message)
             if size > HEAD_MAX:
                 self._refuse_head(i)
                 refused = True
@@ -184,6 +190,20 @@ class _JsonErrorRequestHandler(RequestHandler):
         self._head_bytes = 0
         if not (refused or chunked) and queued and queued[-1][1].is_eof():  # a next head
             self._count_head(max(received - consumed, 0))
+
+    def _bound_pipelined(self) -> None:
+        """Requests a client pipelines wait parsed, heads and all, in aiohttp's queue (up to
+        32 of them, each up to ``HEAD_MAX``: a MB per connection until the first is answered).
+        Once their heads take more than ``HEAD_MAX`` in all, they are dropped but for the next
+        to answer (none when one is under way), which is answered with ``Connection: close``;
+        the client sends the rest again (RFC 9112 9.3.2 lets a server make it)."""
+        total = 0
+        for message, _ in self._messages:
+            if message.__class__ is not _ERR_INFO:
+                total += _head_size(message)
+                if total > HEAD_MAX:
+                    self._close_after_chunked(0 if self._request_in_progress else 1)
+                    return
 
     def _refuse_head(self, index: int | None) -> None:
         """Answer a head over ``HEAD_MAX`` (queued at ``index``, or still coming in) with 400,
