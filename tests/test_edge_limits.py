@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import time
 
 import pytest
@@ -18,7 +19,7 @@ from aiohttp import ClientSession, web
 from gateway.config import Route, ServerConfig, Timeouts, Upstream
 
 from harness import (bearer, closed_within, drips_until_closed, gateway_under_test, make_config,
-                     raw_upstream)
+                     raw_upstream, serving)
 
 ROUTES = (Route("/public/**", "api", ("GET", "POST"), (), True),
           Route("/people/**", "api", ("GET", "POST"), ("people:read",)))
@@ -129,6 +130,183 @@ async def test_client_connections_over_max_connections_are_refused_and_the_rest_
             assert r.status == 200
         for _, w in idle[2:]:
             w.close()
+
+
+def _rss() -> int:
+    """This process's resident memory, bytes, once what is freed went back to the system."""
+    import gc
+    from gateway.argon2_pool import release_freed_memory
+    gc.collect()
+    release_freed_memory()
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+async def test_idle_connections_after_an_upload_do_not_each_keep_their_last_reads(
+        redis_url, upstream, monkeypatch):
+    """Each connection kept its last two socket reads whole (for judging a chunked body's
+    end, which needs their last 512 bytes) for as long as it lived: after an upload, up to
+    2 x 256 KiB per idle keep-alive connection. 10,000 such connections (the default
+    server.max_connections) held gigabytes; 100 here held ~50 MB."""
+    config = edge_config(str(upstream.make_url("")), timeouts=Timeouts(header=30, body=30,
+                                                                       idle=30))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        body = b"a" * 1_000_000
+        head = b"POST /no/route HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n" % len(body)
+        before = _rss()
+        held = []
+        for _ in range(100):
+            reader, writer = await g.raw_connection()
+            writer.write(head + body)
+            await writer.drain()
+            answer = await reader.readuntil(b"\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 404"), answer[:100]
+            held.append(writer)
+        await asyncio.sleep(0.2)
+        grown = _rss() - before
+        for writer in held:
+            writer.close()
+        assert grown < 15 * 2 ** 20, f"100 idle connections cost {grown / 2 ** 20:.0f} MB"
+
+
+def _fields(total: int, each: int = 1000) -> bytes:
+    """Header fields of ``total`` bytes at most, ``each`` bytes a line."""
+    line = lambda i: b"X-Pad-%04d: " % i + b"p" * (each - 16) + b"\r\n"  # noqa: E731
+    return b"".join(line(i) for i in range(total // each))
+
+
+async def _answer(reader) -> tuple[int, dict]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    body = await asyncio.wait_for(reader.readexactly(length), 5)
+    return int(head.split(b" ")[1]), json.loads(body) if body.startswith(b"{") else {}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+async def test_a_request_head_over_32_kib_is_refused_at_once_and_never_held(
+        redis_url, upstream, monkeypatch):
+    """aiohttp bounds a head only at 128 fields of 8 KiB: a client could send ~1 MiB of
+    header fields, never end the head, and hold it (~2.4 MB parsed) until the header
+    timeout, on each of server.max_connections connections. A head over 32 KiB is refused
+    (400 bad_request) as soon as it is over, and the connection closed."""
+    config = edge_config(str(upstream.make_url("")), timeouts=Timeouts(header=30, body=30,
+                                                                       idle=30))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        before = _rss()
+        held = []
+        for _ in range(50):
+            reader, writer = await g.raw_connection()
+            writer.write(b"GET /public/x HTTP/1.1\r\nHost: g\r\n" + _fields(120 * 8000, 8000))
+            await writer.drain()
+            held.append((reader, writer))
+        await asyncio.sleep(0.5)
+        grown = _rss() - before
+        for _, w in held:
+            w.close()
+        assert grown < 20 * 2 ** 20, f"50 unfinished heads held {grown / 2 ** 20:.0f} MB"
+        reader, writer = await g.raw_connection()  # 34 KiB, no end: answered at once
+        writer.write(b"GET /public/x HTTP/1.1\r\nHost: g\r\n" + _fields(34 * 1024))
+        closed, answer = await closed_within(reader, 3.0)
+        writer.close()
+        assert closed and b" 400 " in answer.partition(b"\r\n")[0], answer[:100]
+        body = json.loads(answer.partition(b"\r\n\r\n")[2])
+        assert body["error"]["code"] == "bad_request"
+        assert "32 KiB" in body["error"]["message"]
+        assert upstream.requests == []
+
+
+async def test_heads_over_32_kib_are_refused_however_they_arrive_and_heads_under_it_served(
+        redis_url, upstream, monkeypatch):
+    config = edge_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        start = b"GET /public/x HTTP/1.1\r\nHost: g\r\n"
+        under, over = _fields(31 * 1024), _fields(34 * 1024)
+
+        async def sent(*pieces: bytes, requests: int = 1) -> list[tuple[int, dict]]:
+            reader, writer = await g.raw_connection()
+            answers = []
+            try:
+                for piece in pieces:
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                while len(answers) < requests:
+                    answers.append(await _answer(reader))
+                    if answers[-1][0] == 400:
+                        break
+            finally:
+                writer.close()
+            return answers
+
+        # whole, in one write: served under the bound, refused over it
+        assert [s for s, _ in await sent(start + under + b"\r\n")] == [200]
+        [(status, body)] = await sent(start + over + b"\r\n")
+        assert status == 400 and body["error"]["code"] == "bad_request"
+        # a field at a time
+        lines = (start + under + b"\r\n").split(b"\r\n")
+        assert [s for s, _ in await sent(*(line + b"\r\n" for line in lines[:-1]))] == [200]
+        lines = (start + over).split(b"\r\n")  # and no end: refused once over, not at its end
+        [(status, _)] = await sent(*(line + b"\r\n" for line in lines[:-1]))
+        assert status == 400
+        # a body is no part of a head: a 1 MB upload in one write, and a head that follows it
+        upload = b"POST /public/x HTTP/1.1\r\nHost: g\r\nContent-Length: 1000000\r\n\r\n"
+        assert [s for s, _ in await sent(upload + b"u" * 1_000_000 + start + under[:20000],
+                                         under[20000:] + b"\r\n", requests=2)] == [200, 200]
+        # behind a small request in the same write: a long head is still counted
+        assert [s for s, _ in await sent(start + b"\r\n" + start + over[:30000],
+                                         over[30000:] + b"\r\n", requests=2)] == [200, 400]
+        assert [s for s, _ in await sent(start + b"\r\n" + start + under + b"\r\n",
+                                         requests=2)] == [200, 200]
+        # nor is a chunked body's framing: 48 KB of it in one write, answered once
+        reader, writer = await g.raw_connection()
+        writer.write(b"POST /public/x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"1\r\nc\r\n" * 8000 + b"0\r\n\r\n")
+        assert (await _answer(reader))[0] == 200
+        with pytest.raises(TimeoutError):  # and nothing after it
+            await asyncio.wait_for(reader.read(1), 0.5)
+        writer.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+async def test_requests_pipelined_behind_a_slow_one_hold_at_most_32_kib_of_heads(
+        redis_url, monkeypatch):
+    """Pipelined requests wait parsed in aiohttp's queue, up to 32 of them: 32 heads of
+    31 KiB behind a slow request held ~2.2 MB per connection until it was answered. Past
+    32 KiB of queued heads they are dropped, and the request under way is answered with
+    Connection: close (the client sends the rest again)."""
+    release = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.path == "/public/slow":
+            await release.wait()
+        return web.Response(text="ok")
+
+    async with serving(answer) as url:
+        config = edge_config(url, timeouts=Timeouts(header=30, body=30, idle=30))
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            pipelined = b"GET /public/x HTTP/1.1\r\nHost: g\r\n" + _fields(31 * 1024) + b"\r\n"
+            before = _rss()
+            conns = []
+            for _ in range(50):
+                reader, writer = await g.raw_connection()
+                writer.write(b"GET /public/slow HTTP/1.1\r\nHost: g\r\n\r\n" + pipelined * 32)
+                conns.append((reader, writer))
+            await asyncio.sleep(1.0)
+            grown = _rss() - before
+            release.set()
+            closed, answers = await closed_within(conns[0][0], 5.0)
+            for _, writer in conns:
+                writer.close()
+            assert grown < 25 * 2 ** 20, f"50 pipelining clients held {grown / 2 ** 20:.0f} MB"
+            assert closed
+            assert answers.count(b"HTTP/1.1 200 OK") == 1, answers[:300]  # the slow one,
+            assert b"Connection: close" in answers                # closing the connection
+            reader, writer = await g.raw_connection()  # small pipelined requests: all answered
+            writer.write(b"GET /public/x HTTP/1.1\r\nHost: g\r\n\r\n" * 20)
+            assert [(await _answer(reader))[0] for _ in range(20)] == [200] * 20
+            writer.close()
 
 
 async def test_upstream_connections_are_bounded_and_requests_over_the_bound_wait(

@@ -26,6 +26,7 @@ from aiohttp import web, web_protocol
 from aiohttp.helpers import ceil_timeout
 from aiohttp.http_exceptions import InvalidURLError
 from aiohttp.http_writer import StreamWriter
+from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestHandler
 
@@ -43,6 +44,24 @@ _ERR_INFO = getattr(web_protocol, "_ErrInfo", None)  # what aiohttp queues for a
 # field line can never match it (a field name holds no ';', and a line without ':' is refused).
 _TRAILERLESS_END = re.compile(rb"\r\n0+(?:;[^\r\n]*)?\r\n\r\n(?:\r\n)*\Z")
 _RECENT = 512  # the last bytes of each of a connection's last two reads it is judged by
+# The largest request head (request line and header fields) taken, in bytes: nginx's default
+# (4 x 8 KiB). aiohttp alone bounds a head only at 128 fields of 8 KiB (~1 MiB, ~2.4 MB of
+# memory once parsed), which server.max_connections clients could each hold until
+# server.timeouts.header: tens of GB.
+HEAD_MAX = 32 * 1024
+
+
+class HeadTooLarge(Exception):
+    """A request head over ``HEAD_MAX``: answered 400 ``bad_request``, then closed."""
+
+    message = f"The request head (request line and header fields) is over {HEAD_MAX // 1024} KiB."
+
+
+def _head_size(message) -> int:
+    """The bytes of a parsed request head as sent, but for optional blanks (the request line,
+    each ``Name: value`` line, the empty line)."""
+    return len(message.method) + len(message.path) + 14 + sum(
+        len(name) + len(value) + 4 for name, value in message.raw_headers)
 
 
 class BodyFramingBroken(ConnectionResetError):
@@ -64,8 +83,9 @@ class _JsonErrorRequestHandler(RequestHandler):
     _last_payload = None  # the body stream of the newest request parsed on this connection
     _write_stall: asyncio.TimerHandle | None = None  # armed while the client takes no bytes
     _chunked = None   # the body stream of a chunked request whose end is not judged yet
-    _before = b""     # the connection's read before the latest
-    _latest = b""     # and its latest
+    _before = b""     # the connection's read before the latest (its last _RECENT bytes)
+    _latest = b""     # and its latest (likewise)
+    _head_bytes = 0   # bytes received of the request head under way (see _count_head)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -100,13 +120,25 @@ class _JsonErrorRequestHandler(RequestHandler):
             # the first bytes of the next request head (not the rest of a body that aiohttp
             # reads after a handler that did not read it)
             self._head_since = self._loop.time()
-        if data:  # the last two reads, kept as they are (no copy per read): the end of a
-            self._before, self._latest = self._latest, data  # chunked body is judged by them
+        if data:  # the tails of the last two reads: the end of a chunked body is judged by
+            # them. A read is kept whole only when it is short (no copy for a usual request
+            # head): a long one (up to 256 KiB) kept whole stayed with an idle connection
+            self._before = self._latest
+            self._latest = data if len(data) <= _RECENT else data[-_RECENT:]
         seen, body = self._request_count, self._last_payload
+        in_body = body is not None and not body.is_eof()
+        fed = body.total_bytes if in_body else 0
         super().data_received(data)
         if self._request_count != seen:
             new = self._request_count - seen
             self._head_since = None
+            if self._head_bytes + len(data) <= HEAD_MAX and data[-4:] == b"\r\n\r\n":
+                self._head_bytes = 0  # the usual read: a head, whole, ending the read
+            else:  # a long read, the end of a long head, or bytes after a head or a body
+                self._judge_heads(len(data), new, body.total_bytes - fed if in_body else 0,
+                                  in_body and body is self._chunked)
+            if len(self._messages) > 1:  # pipelined behind a request not yet answered
+                self._bound_pipelined()
             if self._messages:
                 message, self._last_payload = self._messages[-1]
                 if message.__class__ is _ERR_INFO and body is not None and not body.is_eof():
@@ -119,8 +151,75 @@ class _JsonErrorRequestHandler(RequestHandler):
                         and not message.chunked:
                     return  # the usual read: one request, not chunked, none pending
             self._judge_chunked_ends(new)
-        elif self._chunked is not None:
+            return
+        if body is None or (body.is_eof() and body is not self._chunked):
+            # (part of) a head: its bytes, less a body's end (after a chunked body, whose
+            # framing total_bytes leaves out, _judge_chunked_ends closes on anything)
+            self._count_head(len(data) - (body.total_bytes - fed if in_body else 0))
+        if self._chunked is not None:
             self._judge_chunked_ends(0)
+
+    def _count_head(self, received: int) -> None:
+        """``received`` more bytes of a request head not yet whole: past ``HEAD_MAX`` the
+        request is refused and nothing more is parsed, so the parser never holds more."""
+        if self._close or self._force_close:
+            return
+        self._head_bytes += received
+        if self._head_bytes > HEAD_MAX:
+            self._refuse_head(None)
+
+    def _judge_heads(self, received: int, new: int, body_end: int, chunked: bool) -> None:
+        """A read of ``received`` bytes that completed ``new`` requests (``body_end`` of them
+        were the rest of an earlier request's body, ``chunked`` or not), but not the usual
+        way: each new head over ``HEAD_MAX`` is refused, and what follows them and their
+        bodies in the read counts towards the next head (a client may pipeline). Not after a
+        chunked body (its framing is no part of ``total_bytes``): ``_judge_chunked_ends``
+        drops whatever follows one."""
+        queued = self._messages
+        consumed, refused = body_end, False
+        for i in range(max(len(queued) - new, 0), len(queued)):
+            message, payload = queued[i]
+            if message.__class__ is _ERR_INFO:
+                continue
+            chunked = chunked or message.chunked
+            size = _head_size(message)
+            if size > HEAD_MAX:
+                self._refuse_head(i)
+                refused = True
+            consumed += size + payload.total_bytes
+        self._head_bytes = 0
+        if not (refused or chunked) and queued and queued[-1][1].is_eof():  # a next head
+            self._count_head(max(received - consumed, 0))
+
+    def _bound_pipelined(self) -> None:
+        """Requests a client pipelines wait parsed, heads and all, in aiohttp's queue (up to
+        32 of them, each up to ``HEAD_MAX``: a MB per connection until the first is answered).
+        Once their heads take more than ``HEAD_MAX`` in all, they are dropped but for the next
+        to answer (none when one is under way), which is answered with ``Connection: close``;
+        the client sends the rest again (RFC 9112 9.3.2 lets a server make it)."""
+        total = 0
+        for message, _ in self._messages:
+            if message.__class__ is not _ERR_INFO:
+                total += _head_size(message)
+                if total > HEAD_MAX:
+                    self._close_after_chunked(0 if self._request_in_progress else 1)
+                    return
+
+    def _refuse_head(self, index: int | None) -> None:
+        """Answer a head over ``HEAD_MAX`` (queued at ``index``, or still coming in) with 400,
+        in its turn, and parse nothing after it; the connection closes once it is answered."""
+        exc = HeadTooLarge()
+        refusal = (_ERR_INFO(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)
+        if index is None:
+            self._request_count += 1
+            self._messages.append(refusal)
+        else:
+            self._messages[index] = refusal
+        self._last_payload = EMPTY_PAYLOAD
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self.close()  # aiohttp parses nothing more; the answers queued still go out
 
     def _rest_of_a_body_at_stop(self) -> bool:
         body = self._last_payload
@@ -228,6 +327,8 @@ class _JsonErrorRequestHandler(RequestHandler):
         if status >= 500:
             self.log_exception("error handling request", exc_info=exc)
             error = GatewayError("Internal error.")
+        elif isinstance(exc, HeadTooLarge):
+            error = BadRequest(exc.message, status=status)
         else:  # the client's fault: no traceback in the log, no parser detail on the wire
             log.debug("refused a malformed request from %s: %s", request.remote,
                       _parser_reason(exc))
