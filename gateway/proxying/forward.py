@@ -38,6 +38,7 @@ from multidict import istr
 from yarl import URL
 
 from ..config import Config, Upstream
+from ..cors import ORIGIN, CorsPolicy
 from ..errors import (BadGateway, GatewayError, GatewayTimeout, RequestTimeout, body_cut_short,
                       body_too_large)
 from ..models import Principal
@@ -355,7 +356,7 @@ class Forwarder:
             self.on_upstream(upstream.name, time.perf_counter() - started)
         try:
             return await self._stream_back(request, resp, request_id, response_headers,
-                                           upstream, is_head, rules.body_timeout)
+                                           upstream, is_head, rules.body_timeout, rules.cors)
         finally:
             if resp.sending():  # a body still being sent (an upstream that answered early)
                 await resp.settled()
@@ -363,14 +364,17 @@ class Forwarder:
     async def _stream_back(self, request: web.BaseRequest, resp: UpstreamResponse,
                            request_id: str, limit_headers: Mapping[str, str],
                            upstream: Upstream, is_head: bool,
-                           stall: float) -> web.StreamResponse:
-        """``stall``: seconds a client may stop reading the answer (``server.timeouts.body``)."""
+                           stall: float, cors: CorsPolicy | None) -> web.StreamResponse:
+        """``stall``: seconds a client may stop reading the answer (``server.timeouts.body``);
+        ``cors``: the policy the answer's ``Access-Control-*`` headers follow, if any."""
         out = response_headers(resp.headers)
         if out.__class__ is NotUtf8Headers:  # written byte for byte, not by aiohttp's writer
             keep_header_bytes(request.writer)
         for name, value in limit_headers.items():
             out[name] = value
         out[_X_REQUEST_ID] = request_id
+        if cors is not None:
+            cors.label_forwarded(out, request.headers.get(ORIGIN))
         status = resp.status
         if is_head or status in _NO_BODY_STATUS:
             resp.release()
