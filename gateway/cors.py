@@ -13,8 +13,9 @@ top-level ``cors`` section; without it nothing here runs and keygate adds no COR
   ``*``), ``Access-Control-Expose-Headers`` (the RateLimit fields, ``Retry-After``,
   ``X-Request-Id``, ``expose_headers``) and, with ``allow_credentials``,
   ``Access-Control-Allow-Credentials: true``.
-- keygate owns the ``Access-Control-*`` headers: an upstream's are removed from forwarded
-  answers, so what a browser may do is what this config says, for every route alike.
+- keygate owns the ``Access-Control-*`` headers browsers read (``RESPONSE_NAMES``): an
+  upstream's are removed from forwarded answers, so what a browser may do is what this config
+  says, for every route alike.
 
 Origins are compared as browsers serialise them (the config reader normalises the list the
 same way); ``null`` is never allowed.
@@ -41,7 +42,11 @@ _VARY = istr("Vary")
 _ALLOW_ORIGIN = istr("Access-Control-Allow-Origin")
 _ALLOW_CREDENTIALS = istr("Access-Control-Allow-Credentials")
 _EXPOSE = istr("Access-Control-Expose-Headers")
-_PREFIX = "access-control-"
+# every Access-Control-* response header a browser reads (Fetch; Private Network Access): an
+# upstream's are dropped, looked up by name (no walk of the answer's headers)
+RESPONSE_NAMES = tuple(istr("Access-Control-" + n) for n in (
+    "Allow-Origin", "Allow-Credentials", "Allow-Methods", "Allow-Headers", "Max-Age",
+    "Expose-Headers", "Allow-Private-Network"))
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")  # an RFC 9110 token
 # what a browser sends as an Origin (scheme://host[:port], host IDNA-encoded): echoed for
 # allow_origins '*' only when it has this shape
@@ -93,8 +98,9 @@ class CorsPolicy:
 
     def label_forwarded(self, headers: CIMultiDict[str], origin: str | None) -> None:
         """``label`` for an upstream's answer, whose own ``Access-Control-*`` are dropped."""
-        for name in [n for n in headers.keys() if n[:15].lower() == _PREFIX]:
-            headers.popall(name, None)
+        if not headers.keys().isdisjoint(RESPONSE_NAMES):
+            for name in RESPONSE_NAMES:
+                headers.popall(name, None)
         self.label(headers, origin)
 
     # --- preflights ---------------------------------------------------------------------------
