@@ -7,7 +7,8 @@ Each step returns a value or raises one named ``GatewayError``; ``handle`` is th
 that turns errors into SPEC's JSON responses. Whether a key is admitted (expired → revoked →
 disabled → address → scope) is ``gateway.access.refusal``; requests counted while the store is
 down are ``gateway.ledger``; keygate's own ``/_keygate/`` endpoints are ``gateway.reserved``,
-built from these same steps.
+built from these same steps. With a ``cors`` section, ``gateway.cors`` answers preflights
+after the path checks and labels every answer; without one it costs an ``is None`` check.
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ async def test_a_preflight_names_the_requested_method_first(gw):
     {"Origin": APP + "/", "Access-Control-Request-Method": "GET"},     # not as browsers send it
     {"Origin": APP, "Access-Control-Request-Method": "PATCH"},         # no route serves it
     {"Origin": APP, "Access-Control-Request-Method": "get"},           # methods are case-sensitive
-    {"Origin": APP},                                                  # no preflight: a plain OPTIONS
+    {"Origin": APP},                                                  # a plain OPTIONS
 ], ids=["other-origin", "null", "slash", "unserved-method", "lower-case", "plain-options"])
 async def test_anything_but_an_allowed_preflight_is_handled_as_before(gw, headers):
     status, got, body = await raw(gw, request("OPTIONS", "/people/1", **headers))
