@@ -7,7 +7,8 @@ Each step returns a value or raises one named ``GatewayError``; ``handle`` is th
 that turns errors into SPEC's JSON responses. Whether a key is admitted (expired → revoked →
 disabled → address → scope) is ``gateway.access.refusal``; requests counted while the store is
 down are ``gateway.ledger``; keygate's own ``/_keygate/`` endpoints are ``gateway.reserved``,
-built from these same steps.
+built from these same steps. With a ``cors`` section, ``gateway.cors`` answers preflights
+after the path checks and labels every answer; without one it costs an ``is None`` check.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from . import errors, overrides, reserved
 from .access import refusal
 from .auth import Authenticator, CachedKey
 from .config import Config, Upstream
+from .cors import ORIGIN, CorsPolicy
 from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
 from .proxying.server import answer_and_close
 from .store.request import Decision, RequestStore, Slot
@@ -152,6 +154,7 @@ class Pipeline:
             h.lower() for h in config.keys.headers if h.lower() != "authorization"))  # per call
         self.trusted = TrustedProxies(config.server.trusted_proxies)
         self._any_trusted = bool(self.trusted)
+        self.cors = None if config.cors is None else CorsPolicy(config.cors, config.keys.headers)
 
     # --- the one handler ----------------------------------------------------------------------
 
@@ -171,6 +174,8 @@ class Pipeline:
             except GatewayError as exc:
                 outcome.code = exc.code
                 response = exc.response(request_id)
+                if self.cors is not None:
+                    self.cors.label(response.headers, request.headers.get(ORIGIN))
                 if exc.status in (408, 413, 501) or exc.__class__ is errors.BodyCutShort \
                         or _held_back_its_body(request):
                     # the rest of that body is not worth reading, or will never come, or may
@@ -182,6 +187,8 @@ class Pipeline:
                 log.exception("unhandled error in request %s", request_id)
                 outcome.code = "internal_error"
                 response = GatewayError("Internal error.").response(request_id)
+                if self.cors is not None:
+                    self.cors.label(response.headers, request.headers.get(ORIGIN))
             if not response.prepared and "X-Request-Id" not in response.headers:
                 response.headers["X-Request-Id"] = request_id  # keygate's own /_keygate/ answers
             self.observe(request, response, outcome, request_id, started)
@@ -211,8 +218,17 @@ class Pipeline:
             self.screen("", raw_query)
         else:
             self.screen(raw_path, raw_query)
+        cors = self.cors
+        if cors is not None and request.method == "OPTIONS":  # a preflight keygate answers?
+            preflight = cors.preflight(request, raw_path, self.routes)
+            if preflight is not None:
+                response, outcome.route = preflight
+                return response
         if raw_path.startswith(reserved.RESERVED):
-            return await reserved.answer(self, request, raw_path, outcome)
+            response = await reserved.answer(self, request, raw_path, outcome)
+            if cors is not None and not response.prepared:
+                cors.label(response.headers, request.headers.get(ORIGIN))
+            return response
         route = self.routes.match(request.method, raw_path)
         outcome.route, outcome.upstream = route.path, route.upstream
         if route.upstream is None:  # a verify-only route: /_keygate/v1/verify answers it

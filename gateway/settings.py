@@ -125,6 +125,18 @@ class TracingConfig:
 
 
 @dataclass(frozen=True)
+class CorsConfig:
+    """``cors``: answer browsers' CORS preflights and label responses for allowed origins
+    (gateway/cors.py). Absent: keygate does nothing CORS-specific."""
+    allow_origins: tuple[str, ...] | str       # "*", or origins as browsers send them
+    allow_headers: tuple[str, ...] = ()        # besides Authorization, keys.headers,
+                                               # Content-Type and X-Request-Id
+    expose_headers: tuple[str, ...] = ()       # besides RateLimit*, Retry-After, X-Request-Id
+    max_age: int = 600                         # seconds a browser may cache a preflight
+    allow_credentials: bool = False            # cookies / HTTP auth; never with "*"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -138,6 +150,7 @@ class Config:
     identity_headers: IdentityHeaders = field(default_factory=IdentityHeaders)
     identity_signature: IdentitySignature | None = None
     tracing: TracingConfig | None = None
+    cors: CorsConfig | None = None             # None: no CORS handling at all
     source: str = "<defaults>"                 # the file it came from, for messages
     # the scope catalogue (NAME: description); when given, keys, roles and routes may name
     # only these scopes (and ALL). None: any well-formed scope.

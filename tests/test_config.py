@@ -668,6 +668,77 @@ def test_identity_headers_must_be_distinct(tmp_path: Path) -> None:
              "identity_headers.workspace"]
 
 
+def test_cors_problems_name_the_field(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, """
+        cors:
+          allow_origins:
+            - https://app.example/
+            - "null"
+            - https://*.example.com
+            - app.example
+            - https://user@app.example
+            - https://app.example:99999
+            - HTTPS://App.Example:443
+            - https://app.example
+          allow_headers: [Idempotency-Key, "*", "bad header"]
+          expose_headers: [X-Total, x-total]
+          max_age: 100000
+          allow_credentials: "yes"
+    """) == [
+        "config.yaml:3: cors.allow_origins[0]: 'https://app.example/': an origin has no path; "
+        "write it without the trailing '/'",
+        "config.yaml:4: cors.allow_origins[1]: 'null' is the origin of sandboxed frames and "
+        "file: pages, which any site can produce; it cannot be allowed",
+        "config.yaml:5: cors.allow_origins[2]: 'https://*.example.com': wildcards are not "
+        "supported; list each origin",
+        "config.yaml:6: cors.allow_origins[3]: 'app.example' is not an origin "
+        "(scheme://host[:port])",
+        "config.yaml:7: cors.allow_origins[4]: 'https://user@app.example' is not an origin "
+        "(scheme://host[:port], no path, query or user)",
+        "config.yaml:8: cors.allow_origins[5]: 'https://app.example:99999' has an invalid port",
+        "config.yaml:10: cors.allow_origins[7]: 'https://app.example' is listed twice",
+        "config.yaml:11: cors.allow_headers[1]: list header names: '*' is not supported (it "
+        "never covers Authorization, and means nothing with credentials)",
+        "config.yaml:11: cors.allow_headers[2]: 'bad header' is not a valid HTTP header name",
+        "config.yaml:12: cors.expose_headers: lists the same header twice",
+        "config.yaml:13: cors.max_age: must be between 0 and 86400, got 100000",
+        "config.yaml:14: cors.allow_credentials: expected true or false, got a string ('yes')",
+    ]
+
+
+def test_cors_refuses_credentials_for_any_origin_and_needs_origins(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, """
+        cors:
+          allow_origins: "*"
+          allow_credentials: true
+    """) == ["config.yaml:3: cors.allow_credentials: cannot be true with allow_origins: '*' "
+             "(browsers refuse credentials for any origin); list the origins instead"]
+    assert problems_of(tmp_path, """
+        cors: {max_age: 5}
+    """) == ["config.yaml:1: cors.allow_origins: required ('*' or a list of origins such as "
+             "https://app.example)"]
+    assert problems_of(tmp_path, """
+        cors: {allow_origins: https://app.example}
+    """) == ["config.yaml:1: cors.allow_origins: expected '*' or a list of origins, got "
+             "'https://app.example' (write a single origin as a one-item list)"]
+    assert problems_of(tmp_path, """
+        cors: {allow_origins: []}
+    """) == ["config.yaml:1: cors.allow_origins: list at least one origin (or leave cors out)"]
+
+
+def test_cors_origins_are_kept_as_browsers_send_them(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, with_upstream("""
+        routes: [{path: /x, upstream: crm}]
+        cors:
+          allow_origins: ["HTTPS://App.Example:443", "http://localhost:3000",
+                          "http://[::1]:80", "capacitor://localhost"]
+    """)))
+    assert config.cors.allow_origins == ("https://app.example", "http://localhost:3000",
+                                         "http://[::1]", "capacitor://localhost")
+    assert (config.cors.max_age, config.cors.allow_credentials) == (600, False)
+    assert load_config(write(tmp_path, UPSTREAM)).cors is None
+
+
 def test_a_listener_host_with_spaces_or_control_characters_is_a_problem(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A host no listener can bind (`127.0.0.1\\n...`, often an env file's stray newline or

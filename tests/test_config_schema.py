@@ -23,7 +23,8 @@ VALIDATOR = jsonschema_rs.Draft202012Validator(SCHEMA)
 
 BASE = {"upstreams": {"crm": {"url": "http://127.0.0.1:9"}},
         "routes": [{"path": "/x", "upstream": "crm"}],
-        "plans": {"p": {"monthly_requests": 1}}}
+        "plans": {"p": {"monthly_requests": 1}},
+        "cors": {"allow_origins": ["https://app.example"]}}
 
 
 def loader_accepts(doc: object, tmp_path: Path) -> tuple[bool, list[str]]:
@@ -60,6 +61,7 @@ OBJECTS = [
     (["upstreams", "crm"], ["upstreams", "*"]), (["routes", 0], ["routes", "[]"]),
     (["identity_headers"], ["identity_headers"]),
     (["identity_signature"], ["identity_signature"]), (["tracing"], ["tracing"]),
+    (["cors"], ["cors"]),
 ]
 
 
@@ -143,6 +145,16 @@ CASES = [
     ("server.port", "${PORT:-8080}", True),
     ("server.host", "local host", False), ("admin.host", "127.0.0.1\r", False),
     ("admin.host", "::1", True),
+    ("cors.allow_origins", "*", True), ("cors.allow_origins", [], False),
+    ("cors.allow_origins", "https://app.example", False),
+    ("cors.allow_origins", ["http://localhost:3000", "capacitor://localhost"], True),
+    ("cors.allow_origins", ["https://app.example/"], False),
+    ("cors.allow_origins", ["null"], False), ("cors.allow_origins", ["https://*.a.com"], False),
+    ("cors.allow_headers", ["Idempotency-Key"], True), ("cors.allow_headers", ["*"], False),
+    ("cors.expose_headers", ["bad header"], False), ("cors.max_age", -1, False),
+    ("cors.max_age", 86401, False), ("cors.allow_credentials", "yes", False),
+    ("cors", None, True), ("cors", {"allow_origins": "*", "allow_credentials": True}, False),
+    ("cors", {"allow_origins": ["https://a.example"], "allow_credentials": True}, True),
 ]
 
 

@@ -52,8 +52,9 @@ WAIT = 20  # seconds: generous, the machine is shared
 # --- a whole gateway on its own event loop thread (selenium blocks the test's thread) ---------
 
 class ThreadedGateway:
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, **changes: Any) -> None:
         self.redis_url = redis_url
+        self.changes = changes  # to the test config (make_config's keywords)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
                                        name="console-gateway")
@@ -78,7 +79,7 @@ class ThreadedGateway:
         self._stack.push_async_callback(runner.cleanup)
         upstream_port = free_port()
         await web.TCPSite(runner, "127.0.0.1", upstream_port).start()
-        base = make_config(f"http://127.0.0.1:{upstream_port}")
+        base = make_config(f"http://127.0.0.1:{upstream_port}", **self.changes)
         config = dataclasses.replace(
             base, server=dataclasses.replace(base.server, port=free_port(), access_log="off"),
             admin=dataclasses.replace(base.admin, host="127.0.0.1", port=free_port()))
@@ -121,11 +122,11 @@ class ThreadedGateway:
         return body["token"], body["key"]
 
 
-def start_gateway(redis_url: str) -> ThreadedGateway:
+def start_gateway(redis_url: str, **changes: Any) -> ThreadedGateway:
     previous = os.environ.get("KEYGATE_ADMIN_TOKEN")
     os.environ["KEYGATE_ADMIN_TOKEN"] = ADMIN_TOKEN  # read when the admin app is made
     try:
-        return ThreadedGateway(redis_url).start()
+        return ThreadedGateway(redis_url, **changes).start()
     finally:
         if previous is None:
             del os.environ["KEYGATE_ADMIN_TOKEN"]
@@ -1008,3 +1009,72 @@ def test_leaving_the_page_signs_out_so_back_does_not_bring_the_session_back(page
     assert page.tokens_seen[-1] not in page.driver.page_source
 
 
+# --- a browser app on another origin calling the API through keygate (CORS) -------------------
+
+@contextlib.contextmanager
+def page_origin():
+    """A plain page served on its own loopback origin (``http://127.0.0.1:<port>``)."""
+    import http.server
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!doctype html><title>app</title><p>an app"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+FETCH = """
+const [url, token, done] = arguments;
+fetch(url, {headers: {"Authorization": "Bearer " + token, "Content-Type": "application/json"}})
+  .then(async r => done({status: r.status, body: await r.json(),
+                         retryAfter: r.headers.get("Retry-After"),
+                         rateLimit: r.headers.get("RateLimit"),
+                         requestId: r.headers.get("X-Request-Id")}))
+  .catch(e => done({failed: String(e)}));
+"""
+
+
+def test_a_page_on_another_origin_reads_answers_through_keygate(browser, redis_server_url):
+    """The page's fetch carries the key in Authorization (and a JSON Content-Type), so the
+    browser sends a preflight first: keygate answers it without a key. The page then reads a
+    200 and a 429's JSON and its Retry-After; a page on an origin not listed cannot read
+    anything (the browser refuses before its code sees a status)."""
+    from gateway.settings import CorsConfig
+    with page_origin() as app, page_origin() as other:
+        gw = start_gateway(redis_server_url, cors=CorsConfig((app,)))
+        try:
+            new_workspace(gw, "vandelay", "Vandelay")
+            token, _ = gw.key("vandelay", name="spa", scopes=["people:read"], rate_limit="1/m")
+            browser.set_script_timeout(WAIT)
+            browser.get(app + "/")
+            first = browser.execute_async_script(FETCH, gw.proxy_url + "/people/1", token)
+            assert first["status"] == 200, first
+            assert first["body"] == {"path": "/people/1", "workspace": "vandelay"}
+            assert first["rateLimit"] and first["requestId"]
+            second = browser.execute_async_script(FETCH, gw.proxy_url + "/people/1", token)
+            assert second["status"] == 429, second
+            assert second["body"]["error"]["code"] == "rate_limited"
+            assert int(second["retryAfter"]) >= 1 and second["requestId"]
+            usage = browser.execute_async_script(FETCH, gw.proxy_url + "/_keygate/v1/usage",
+                                                 token)
+            assert usage["status"] == 200 and usage["body"]["used"] == 1, usage
+
+            browser.get(other + "/")
+            refused = browser.execute_async_script(FETCH, gw.proxy_url + "/people/1", token)
+            assert refused == {"failed": "TypeError: Failed to fetch"}
+            assert gw.admin("GET", "/workspaces/vandelay/usage")[1]["used"] == 1  # never sent
+        finally:
+            gw.stop()

@@ -143,6 +143,24 @@ async def test_routes_roles_plans_upstreams_and_identity_headers_swap_on_reload(
             "source": "config"} in roles["items"]
 
 
+async def test_cors_is_turned_on_changed_and_off_by_a_reload(reloadable, upstreams):
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "GET"}
+
+    async def answers() -> tuple[int, str | None]:
+        async with gw.proxy.options("/people/1", headers=preflight) as r:
+            return r.status, r.headers.get("Access-Control-Allow-Origin")
+    assert await answers() == (404, None)
+    for allowed, expected in ((["https://app.example"], (204, "https://app.example")),
+                              (["https://other.example"], (404, None)), (None, (404, None))):
+        write(path, config_doc(urls["a"], **({} if allowed is None else
+                                             {"cors": {"allow_origins": allowed}})))
+        status, result = await reload(gw)
+        assert status == 200 and result["restart_required"] == [], result
+        assert await answers() == expected, allowed
+
+
 async def test_an_invalid_file_changes_nothing_and_answers_400_with_every_problem(
         reloadable, upstreams, caplog):
     gw, path = reloadable

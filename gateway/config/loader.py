@@ -18,17 +18,18 @@ import yaml
 from ..errors import ConfigError
 from ..settings import Config
 from .nodes import Node, child, one_line
+from .cors import CorsSections
 from .routing import RoutingSections
 from .service import ServiceSections
 
 TOP_LEVEL_KEYS = ("server", "admin", "store", "keys", "plans", "default_plan", "roles",
                   "upstreams", "routes", "identity_headers", "identity_signature", "tracing",
-                  "scopes")
+                  "scopes", "cors")
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 MAX_DEPTH = 100  # nesting a problem names; the YAML reader itself gives up a few hundred deep
 
 
-class Reader(ServiceSections, RoutingSections):
+class Reader(ServiceSections, RoutingSections, CorsSections):
     """Turns a composed node tree into a ``Config``, recording problems as it goes."""
 
     def config(self, root: Node | None) -> Config:
@@ -51,6 +52,7 @@ class Reader(ServiceSections, RoutingSections):
         identity = self.identity_headers(value("identity_headers"), keys)
         signature = self.identity_signature(value("identity_signature"), keys, identity)
         tracing = self.tracing(value("tracing"))
+        cors = self.cors(value("cors"))
         if server.port == admin.port and (server.host == admin.host
                                           or server.host in _WILDCARD_HOSTS
                                           or admin.host in _WILDCARD_HOSTS):
@@ -60,7 +62,8 @@ class Reader(ServiceSections, RoutingSections):
         return Config(server=server, admin=admin, store=store, keys=keys, plans=plans,
                       default_plan=default_plan, roles=roles, upstreams=upstreams,
                       routes=routes, identity_headers=identity, identity_signature=signature,
-                      tracing=tracing, source=self.source, scopes=self.catalogue)
+                      tracing=tracing, source=self.source, scopes=self.catalogue,
+                      cors=cors)
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

@@ -38,6 +38,7 @@ from multidict import istr
 from yarl import URL
 
 from ..config import Config, Upstream
+from ..cors import ORIGIN
 from ..errors import (BadGateway, GatewayError, GatewayTimeout, RequestTimeout, body_cut_short,
                       body_too_large)
 from ..models import Principal
@@ -365,15 +366,18 @@ class Forwarder:
                            upstream: Upstream, is_head: bool,
                            rules: RequestHeaderRules) -> web.StreamResponse:
         """``rules``: the config's header rules (keygate's identity and signature headers are
-        not passed back) and ``body_timeout``, the seconds a client may stop reading the
+        not passed back; ``cors``, the policy the answer's ``Access-Control-*`` headers
+        follow, if any) and ``body_timeout``, the seconds a client may stop reading the
         answer (``server.timeouts.body``)."""
         out = response_headers(resp.headers, rules)
-        stall = rules.body_timeout
+        stall, cors = rules.body_timeout, rules.cors
         if out.__class__ is NotUtf8Headers:  # written byte for byte, not by aiohttp's writer
             keep_header_bytes(request.writer)
         for name, value in limit_headers.items():
             out[name] = value
         out[_X_REQUEST_ID] = request_id
+        if cors is not None:
+            cors.label_forwarded(out, request.headers.get(ORIGIN))
         status = resp.status
         if is_head or status in _NO_BODY_STATUS:
             resp.release()

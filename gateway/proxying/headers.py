@@ -49,6 +49,7 @@ from typing import Sequence
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from ..config import Config
+from ..cors import CorsPolicy
 from ..models import Principal, header_key
 from ..signature import DEFAULT_HEADER as SIGNATURE_HEADER
 from ..routes import query_has_token
@@ -113,6 +114,8 @@ class RequestHeaderRules:
         signing = config.identity_signature
         self.sign_header = signing.header if signing else SIGNATURE_HEADER
         self.sign_secret: bytes | None = None  # set by the Forwarder that reads the secret
+        # the CORS labels its answer gets (gateway.cors): None, the common case, costs a check
+        self.cors = None if config.cors is None else CorsPolicy(config.cors, config.keys.headers)
         # the body limits a request is forwarded under, with its header rules: a request in
         # flight through a reload keeps the ones it was checked with
         self.max_body = config.server.max_body_bytes

@@ -1,0 +1,280 @@
+"""CORS on the proxy listener (the top-level ``cors`` section), for browser apps calling an
+API through keygate with a key: preflights answered by keygate (never authenticated, counted
+or forwarded), and every answer, keygate's own errors included, labelled for an allowed
+origin so browser code can read a 429's JSON. Without ``cors`` nothing changes.
+
+Real gateway, real redis-server, a real upstream on loopback that sets CORS headers of its
+own; heads are read as raw bytes off the client's socket where their exact form matters.
+The browser's side of it is ``test_console_browser.py``'s
+``test_a_page_on_another_origin_reads_answers_through_keygate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp import web
+
+from gateway.config import Route
+from gateway.settings import CorsConfig
+
+from harness import gateway_under_test, make_config, serving
+
+APP = "https://app.example"
+EVIL = "https://evil.example"
+PREFLIGHT = {"Origin": APP, "Access-Control-Request-Method": "GET",
+             "Access-Control-Request-Headers": "authorization"}
+
+
+async def _upstream(request: web.Request, seen: list[tuple[str, str]]) -> web.StreamResponse:
+    """Answers as an upstream with CORS opinions of its own would; ``seen``: what reached it."""
+    seen.append((request.method, request.path))
+    own = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "GET, DELETE",
+           "access-control-max-age": "99999", "Vary": "Accept-Encoding", "X-Upstream": "yes"}
+    if request.path.endswith("/streamed"):  # no Content-Length: streamed back chunk by chunk
+        response = web.StreamResponse(headers=own)
+        await response.prepare(request)
+        await response.write(b'{"streamed": ')
+        await response.write(b"true}")
+        await response.write_eof()
+        return response
+    if request.path.endswith("/empty"):
+        return web.Response(status=204, headers=own)
+    return web.json_response({"method": request.method}, headers=own)
+
+
+@pytest.fixture
+async def upstream_url():
+    seen: list[tuple[str, str]] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _upstream(request, seen)
+    async with serving(handler) as url:
+        yield url, seen
+
+
+ROUTES = (Route("/health", "api", ("GET",), (), True),
+          Route("/people/**", "api", ("GET",), ("people:read",)),
+          Route("/people/**", "api", ("POST", "DELETE"), ("people:write",)),
+          Route("/options/**", "api", ("GET", "OPTIONS"), ("people:read",)))
+
+
+def cors_config(url: str, **cors) -> object:
+    cors.setdefault("allow_origins", (APP,))
+    return make_config(url, routes=ROUTES, cors=CorsConfig(**cors))
+
+
+@pytest.fixture
+async def gw(upstream_url, redis_url, monkeypatch):
+    url, seen = upstream_url
+    async with gateway_under_test(cors_config(url, expose_headers=("X-Upstream",),
+                                              allow_headers=("Idempotency-Key",)),
+                                  redis_url, monkeypatch) as g:
+        g.seen = seen
+        await g.workspace("acme", plan="limited")  # 3 requests a second
+        yield g
+
+
+async def raw(g, request: bytes) -> tuple[bytes, dict[bytes, list[bytes]], bytes]:
+    """(status line, headers by lower-cased name, body) of one request on a fresh socket."""
+    reader, writer = await g.raw_connection()
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        lines = head[:-4].split(b"\r\n")
+        headers: dict[bytes, list[bytes]] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers.setdefault(name.strip().lower(), []).append(value.strip())
+        length = int(headers.get(b"content-length", [b"0"])[0])
+        if request.startswith(b"HEAD "):
+            length = 0
+        body = await asyncio.wait_for(reader.readexactly(length), 10) if length else b""
+        return lines[0], headers, body
+    finally:
+        writer.close()
+
+
+def request(method: str, path: str, **headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: gw.example", "Connection: close"]
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def cors_headers(headers: dict[bytes, list[bytes]]) -> dict[bytes, list[bytes]]:
+    return {k: v for k, v in headers.items() if k.startswith(b"access-control-")}
+
+
+# --- without the section: exactly as before -----------------------------------------------------
+
+async def test_without_cors_nothing_is_answered_or_labelled(upstream_url, redis_url,
+                                                             monkeypatch):
+    url, seen = upstream_url
+    async with gateway_under_test(make_config(url, routes=ROUTES), redis_url, monkeypatch) as g:
+        status, headers, body = await raw(g, request("OPTIONS", "/people/1", **{
+            "Origin": APP, "Access-Control-Request-Method": "GET"}))
+        assert status == b"HTTP/1.1 404 Not Found" and b'"no_route"' in body
+        assert cors_headers(headers) == {} and b"vary" not in headers
+        status, headers, _ = await raw(g, request("GET", "/health", Origin=APP))
+        assert status == b"HTTP/1.1 200 OK"
+        # the upstream's own CORS headers pass untouched, as any other header
+        assert headers[b"access-control-allow-origin"] == [b"*"]
+        assert headers[b"vary"] == [b"Accept-Encoding"]
+
+
+# --- preflights -----------------------------------------------------------------------------
+
+async def test_a_preflight_from_an_allowed_origin_is_answered_by_keygate(gw):
+    status, headers, body = await raw(gw, request("OPTIONS", "/people/1", **PREFLIGHT))
+    assert status == b"HTTP/1.1 204 No Content" and body == b""
+    assert cors_headers(headers) == {
+        b"access-control-allow-origin": [APP.encode()],
+        b"access-control-allow-methods": [b"GET, HEAD, POST, DELETE"],
+        b"access-control-allow-headers": [b"Authorization, X-Api-Key, Content-Type, "
+                                          b"X-Request-Id, Idempotency-Key"],
+        b"access-control-max-age": [b"600"]}
+    assert headers[b"vary"] == [b"Origin"] and headers[b"x-request-id"]
+    # no key was asked for, nothing reached the upstream, nothing was counted
+    assert gw.seen == [] and await gw.used() == 0
+
+
+async def test_a_preflight_names_the_requested_method_first(gw):
+    _, headers, _ = await raw(gw, request("OPTIONS", "/people/1", **{
+        **PREFLIGHT, "Access-Control-Request-Method": "DELETE"}))
+    assert headers[b"access-control-allow-methods"] == [b"DELETE, GET, HEAD, POST"]
+
+
+@pytest.mark.parametrize("headers", [
+    {"Origin": EVIL, "Access-Control-Request-Method": "GET"},         # not an allowed origin
+    {"Origin": "null", "Access-Control-Request-Method": "GET"},        # never allowed
+    {"Origin": APP + "/", "Access-Control-Request-Method": "GET"},     # not as browsers send it
+    {"Origin": APP, "Access-Control-Request-Method": "PATCH"},         # no route serves it
+    {"Origin": APP, "Access-Control-Request-Method": "get"},           # methods are case-sensitive
+    {"Origin": APP},                                                  # a plain OPTIONS
+], ids=["other-origin", "null", "slash", "unserved-method", "lower-case", "plain-options"])
+async def test_anything_but_an_allowed_preflight_is_handled_as_before(gw, headers):
+    status, got, body = await raw(gw, request("OPTIONS", "/people/1", **headers))
+    assert status == b"HTTP/1.1 404 Not Found" and b'"no_route"' in body
+    assert b"access-control-allow-methods" not in got and gw.seen == []
+
+
+async def test_a_route_listing_options_still_forwards_options_that_are_not_preflights(gw):
+    token, _ = await gw.key(scopes=["people:read"])
+    status, headers, _ = await raw(gw, request("OPTIONS", "/options/1", Origin=APP,
+                                               Authorization=f"Bearer {token}"))
+    assert status == b"HTTP/1.1 200 OK" and gw.seen == [("OPTIONS", "/options/1")]
+    assert headers[b"access-control-allow-origin"] == [APP.encode()]
+    assert b"access-control-allow-methods" not in headers  # the upstream's was dropped
+    # a preflight for it (OPTIONS itself requested) is keygate's, without a key
+    status, headers, _ = await raw(gw, request("OPTIONS", "/options/1", **{
+        "Origin": APP, "Access-Control-Request-Method": "OPTIONS"}))
+    assert status == b"HTTP/1.1 204 No Content"
+    assert headers[b"access-control-allow-methods"] == [b"OPTIONS, GET, HEAD"]
+    assert len(gw.seen) == 1
+
+
+async def test_preflights_for_keygates_own_endpoints(gw):
+    _, headers, _ = await raw(gw, request("OPTIONS", "/_keygate/v1/usage", **PREFLIGHT))
+    assert headers[b"access-control-allow-methods"] == [b"GET, HEAD"]
+    _, headers, _ = await raw(gw, request("OPTIONS", "/_keygate/v1/keys/abc/revoke", **{
+        **PREFLIGHT, "Access-Control-Request-Method": "POST"}))
+    assert headers[b"access-control-allow-methods"] == [b"POST"]
+    status, headers, _ = await raw(gw, request("OPTIONS", "/_keygate/v1/verify", **PREFLIGHT))
+    assert b"access-control-allow-methods" not in headers  # verify is the front proxy's call
+
+
+async def test_a_bad_path_is_refused_before_any_preflight(gw):
+    status, headers, body = await raw(gw, request("OPTIONS", "/people/../admin", **PREFLIGHT))
+    assert status == b"HTTP/1.1 400 Bad Request" and b'"bad_path"' in body
+    assert headers[b"access-control-allow-origin"] == [APP.encode()]  # readable, as any error
+
+
+# --- actual answers ---------------------------------------------------------------------------
+
+EXPOSED = [b"RateLimit, RateLimit-Policy, Retry-After, X-Request-Id, X-Upstream"]
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/people/1"),            # a whole body
+    ("GET", "/people/streamed"),     # streamed back
+    ("HEAD", "/people/1"),           # no body
+    ("GET", "/people/empty"),        # 204
+])
+async def test_a_forwarded_answer_carries_keygates_cors_headers_not_the_upstreams(
+        gw, method, path):
+    token, _ = await gw.key(scopes=["people:read"])
+    status, headers, _ = await raw(gw, request(method, path, Origin=APP,
+                                               Authorization=f"Bearer {token}"))
+    assert status in (b"HTTP/1.1 200 OK", b"HTTP/1.1 204 No Content"), status
+    assert cors_headers(headers) == {b"access-control-allow-origin": [APP.encode()],
+                                     b"access-control-expose-headers": EXPOSED}
+    assert headers[b"vary"] == [b"Accept-Encoding", b"Origin"]
+    assert headers[b"x-upstream"] == [b"yes"] and b"ratelimit" in headers
+
+
+async def test_an_answer_for_another_origin_or_none_carries_no_cors_header_but_vary(gw):
+    for extra in ({"Origin": EVIL}, {}):
+        status, headers, _ = await raw(gw, request("GET", "/health", **extra))
+        assert status == b"HTTP/1.1 200 OK"
+        assert cors_headers(headers) == {}
+        assert headers[b"vary"] == [b"Accept-Encoding", b"Origin"]
+
+
+async def test_keygates_own_refusals_are_readable_by_an_allowed_origin(gw):
+    token, _ = await gw.key(scopes=["people:read"])
+    status, headers, body = await raw(gw, request("GET", "/people/1", Origin=APP))
+    assert status == b"HTTP/1.1 401 Unauthorized" and b'"missing_key"' in body
+    assert headers[b"access-control-allow-origin"] == [APP.encode()]
+    assert headers[b"access-control-expose-headers"] == EXPOSED
+    assert headers[b"vary"] == [b"Origin"]
+    status, headers, body = await raw(gw, request("DELETE", "/people/1", Origin=APP,
+                                                  Authorization=f"Bearer {token}"))
+    assert status == b"HTTP/1.1 403 Forbidden" and b'"insufficient_scope"' in body
+    assert headers[b"access-control-allow-origin"] == [APP.encode()]
+    statuses = []
+    for _ in range(5):  # the plan allows 3 a second
+        status, headers, body = await raw(gw, request("GET", "/people/1", Origin=APP,
+                                                      Authorization=f"Bearer {token}"))
+        statuses.append(status)
+    assert statuses[-1] == b"HTTP/1.1 429 Too Many Requests" and b'"rate_limited"' in body
+    assert headers[b"access-control-allow-origin"] == [APP.encode()]
+    assert headers[b"retry-after"] and headers[b"ratelimit"]
+    # a key in the URL is refused as before, and the page is told why
+    status, headers, body = await raw(gw, request("GET", f"/people/1?key={token}", Origin=APP))
+    assert status == b"HTTP/1.1 400 Bad Request" and b'"key_in_url"' in body
+    assert token.encode() not in body and headers[b"access-control-allow-origin"]
+
+
+async def test_keygates_own_endpoints_are_labelled(gw):
+    token, _ = await gw.key(scopes=["people:read"])
+    status, headers, body = await raw(gw, request("GET", "/_keygate/v1/usage", Origin=APP,
+                                                  Authorization=f"Bearer {token}"))
+    assert status == b"HTTP/1.1 200 OK" and b'"workspace": "acme"' in body
+    assert headers[b"access-control-allow-origin"] == [APP.encode()]
+    assert headers[b"vary"] == [b"Origin"]
+
+
+async def test_credentials_are_allowed_only_when_configured(upstream_url, redis_url,
+                                                            monkeypatch):
+    url, _ = upstream_url
+    async with gateway_under_test(cors_config(url, allow_credentials=True, max_age=0),
+                                  redis_url, monkeypatch) as g:
+        _, headers, _ = await raw(g, request("OPTIONS", "/health", **PREFLIGHT))
+        assert headers[b"access-control-allow-credentials"] == [b"true"]
+        assert headers[b"access-control-max-age"] == [b"0"]
+        _, headers, _ = await raw(g, request("GET", "/health", Origin=APP))
+        assert headers[b"access-control-allow-origin"] == [APP.encode()]
+        assert headers[b"access-control-allow-credentials"] == [b"true"]
+
+
+async def test_any_origin_echoes_a_well_formed_origin_never_a_star(upstream_url, redis_url,
+                                                                 monkeypatch):
+    url, _ = upstream_url
+    async with gateway_under_test(cors_config(url, allow_origins="*"), redis_url,
+                                  monkeypatch) as g:
+        _, headers, _ = await raw(g, request("GET", "/health", Origin=EVIL))
+        assert headers[b"access-control-allow-origin"] == [EVIL.encode()]
+        for odd in ("null", "https://a.example/x", "https://a.example, https://b.example"):
+            _, headers, _ = await raw(g, request("GET", "/health", Origin=odd))
+            assert cors_headers(headers) == {}, odd
