@@ -30,6 +30,7 @@ from .auth import Authenticator, CachedKey
 from .config import Config, Upstream
 from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
 from .proxying.server import answer_and_close
+from .proxying.tunnel import websocket_handshake
 from .store.request import Decision, RequestStore, Slot
 from .ledger import RETRY_EVERY, LocalLedger
 from .usage import Month, MonthCache, ratelimit_headers, utc_day
@@ -106,6 +107,12 @@ class Forwarding(Protocol):
                       response_headers: Mapping[str, str], *,
                       trace: Trace | None = None, rules=None,
                       client_of=None) -> web.StreamResponse: ...
+
+    async def tunnel(self, request: web.BaseRequest, upstream: Upstream,
+                     principal: Principal | None, request_id: str,
+                     response_headers: Mapping[str, str], *,
+                     trace: Trace | None = None, rules=None,
+                     client_of=None) -> web.StreamResponse: ...
 
     header_rules: Any  # the current RequestHeaderRules (headers, signing, body limits); a
     # request keeps the ones it began with
@@ -227,15 +234,17 @@ class Pipeline:
                 public, scopes = overrides.authorised_as(self.routes, route, request.method,
                                                          raw_path, named, forwarding=True)
         upstream = self.config.upstreams[route.upstream]
+        forward = self.forwarder.forward
+        if route.websocket and websocket_handshake(request) is not None:
+            forward = self.forwarder.tunnel  # the same steps, then a tunnel once switched
         # the header rules the key is read under: a reload while this request waits on the
         # store must not forward, say, a credential header that was a credential when read
         rules = self.forwarder.header_rules
         trace = outcome.trace
         if public:
             with trace.step("forward"):
-                return await self.forwarder.forward(request, upstream, None, request_id, {},
-                                                    trace=trace, rules=rules,
-                                                    client_of=self._client_of)
+                return await forward(request, upstream, None, request_id, {}, trace=trace,
+                                     rules=rules, client_of=self._client_of)
         token = self.credential(request)
         # once, before any await: a reload of trusted_proxies must not change it mid-request
         outcome.client = client = self.client_ip(request)
@@ -254,9 +263,8 @@ class Pipeline:
             raise errors.body_too_large(rules.max_body)
         try:
             with trace.step("forward"):
-                return await self.forwarder.forward(request, upstream, key,
-                                                    request_id, limit_headers, trace=trace,
-                                                    rules=rules)
+                return await forward(request, upstream, key, request_id, limit_headers,
+                                     trace=trace, rules=rules)
         except GatewayError as exc:
             if not exc.reached_upstream:  # refused here, or never sent: it does not count
                 await self.refund(key, counted)
@@ -525,8 +533,12 @@ class Pipeline:
         m = self.metrics
         route = outcome.route or "(none)"
         if m is not None:
+            # a WebSocket's 101 is observed when it was answered, not when its tunnel ended:
+            # a tunnel's hours would make the route's latency histogram meaningless
             m.observe_request(route, request.method, response.status,
-                              outcome.workspace if m.workspace_labels else None, elapsed)
+                              outcome.workspace if m.workspace_labels else None,
+                              elapsed if response.status != 101 else
+                              response.switched_at - started)
             if outcome.code is not None and response.status in (401, 403, 429) or \
                     outcome.code in ("ambiguous_key", "key_in_url"):
                 m.auth_failures.labels(outcome.code).inc()
