@@ -30,7 +30,7 @@ from .auth import Authenticator, CachedKey
 from .config import Config, Upstream
 from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
 from .proxying.server import answer_and_close
-from .proxying.tunnel import websocket_handshake
+from .proxying.tunnel import TunnelWatch, websocket_handshake
 from .store.request import Decision, RequestStore, Slot
 from .ledger import RETRY_EVERY, LocalLedger
 from .usage import Month, MonthCache, ratelimit_headers, utc_day
@@ -112,7 +112,8 @@ class Forwarding(Protocol):
                      principal: Principal | None, request_id: str,
                      response_headers: Mapping[str, str], *,
                      trace: Trace | None = None, rules=None,
-                     client_of=None) -> web.StreamResponse: ...
+                     client_of=None, watch=None) -> web.StreamResponse: ...
+    # forward for a WebSocket handshake: the tunnel, run until it ends (watch is handed it)
 
     header_rules: Any  # the current RequestHeaderRules (headers, signing, body limits); a
     # request keeps the ones it began with
@@ -135,6 +136,7 @@ class Pipeline:
         self.ledger = LocalLedger(requests, self.months, clock,  # fail-open counts
                                   retry_every=ledger_retry)
         self._rate_take_backs: set[asyncio.Task] = set()  # see _counted_after_all
+        self.tunnels = TunnelWatch(self._still_allowed)  # open WebSocket tunnels' keys
         self.reconfigure(config)
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
@@ -234,15 +236,15 @@ class Pipeline:
                 public, scopes = overrides.authorised_as(self.routes, route, request.method,
                                                          raw_path, named, forwarding=True)
         upstream = self.config.upstreams[route.upstream]
-        forward = self.forwarder.forward
-        if route.websocket and websocket_handshake(request) is not None:
-            forward = self.forwarder.tunnel  # the same steps, then a tunnel once switched
+        # a WebSocket handshake on a route that tunnels them: the same steps, then a tunnel
+        tunnel = route.websocket and websocket_handshake(request) is not None
         # the header rules the key is read under: a reload while this request waits on the
         # store must not forward, say, a credential header that was a credential when read
         rules = self.forwarder.header_rules
         trace = outcome.trace
         if public:
             with trace.step("forward"):
+                forward = self.forwarder.tunnel if tunnel else self.forwarder.forward
                 return await forward(request, upstream, None, request_id, {}, trace=trace,
                                      rules=rules, client_of=self._client_of)
         token = self.credential(request)
@@ -263,8 +265,12 @@ class Pipeline:
             raise errors.body_too_large(rules.max_body)
         try:
             with trace.step("forward"):
-                return await forward(request, upstream, key, request_id, limit_headers,
-                                     trace=trace, rules=rules)
+                if tunnel:  # closed once the key no longer allows it (TunnelWatch)
+                    return await self.forwarder.tunnel(
+                        request, upstream, key, request_id, limit_headers, trace=trace,
+                        rules=rules, watch=self.tunnels.watch(key, scopes, client))
+                return await self.forwarder.forward(request, upstream, key, request_id,
+                                                    limit_headers, trace=trace, rules=rules)
         except GatewayError as exc:
             if not exc.reached_upstream:  # refused here, or never sent: it does not count
                 await self.refund(key, counted)
@@ -438,6 +444,17 @@ class Pipeline:
         except StoreError:
             log.warning("could not refund a request that never reached the upstream")
 
+    async def _still_allowed(self, key: CachedKey, scopes: tuple[str, ...],
+                             client: str) -> CachedKey | None:
+        """Whether ``key`` still allows a tunnel opened on a route needing ``scopes`` from
+        ``client``: the key as confirmed now, or None when it would be refused (401, 403). A
+        store that cannot answer leaves the tunnel open: the key as it was."""
+        try:
+            key, _, _ = await self.authorise(key, scopes, count=False, client=client)
+        except GatewayError as exc:
+            return None if exc.status in (401, 403) else key
+        return key
+
     # --- store down ---------------------------------------------------------------------------
 
     def store_down(self, cause: BaseException | None = None) -> ServiceUnavailable:
@@ -508,6 +525,7 @@ class Pipeline:
     async def close(self) -> None:
         """At shutdown, after the listeners stopped: write what the ledger counted while the
         store was down."""
+        await self.tunnels.close()
         if self._rate_take_backs:
             await asyncio.gather(*self._rate_take_backs, return_exceptions=True)
         await self.ledger.close()

@@ -420,3 +420,32 @@ async def test_backpressure_both_ways_bounds_what_keygate_buffers(redis_url, mon
             writer.transport.abort()
     finally:
         srv.close()
+
+
+# --- a key revoked or disabled while its tunnel is open ----------------------------------------
+
+@pytest.mark.parametrize("change", ["revoke", "disable", "rescope"])
+async def test_a_tunnel_closes_soon_after_its_key_stops_allowing_it(redis_url, monkeypatch,
+                                                                   change):
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url) as g:
+        g.gw.pipeline.tunnels.every = 0.3
+        token, key = await g.key()
+        other, _ = await g.key(name="other")
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws, \
+                    client.ws_connect(ws_url(g, "/ws/y"), headers=bearer(other)) as kept:
+                await ws.send_str("a")
+                assert (await ws.receive(timeout=5)).data == "echo:a"
+                path = f"/workspaces/acme/keys/{key['id']}"
+                status, body = (await g.admin_json("POST", path + "/revoke") if change == "revoke"
+                                else await g.admin_json("PATCH", path, {"enabled": False})
+                                if change == "disable" else
+                                await g.admin_json("PATCH", path, {"scopes": ["x:y"]}))
+                assert status == 200, body
+                started = time.monotonic()
+                msg = await ws.receive(timeout=5)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)
+                assert time.monotonic() - started < 3
+                await kept.send_str("still")  # another key's tunnel stays open
+                assert (await kept.receive(timeout=5)).data == "echo:still"

@@ -366,11 +366,12 @@ class Forwarder:
                      principal: Principal | None, request_id: str,
                      response_headers: Mapping[str, str], *, trace: Trace | None = None,
                      rules: RequestHeaderRules | None = None,
-                     client_of: Callable[[web.BaseRequest], str] | None = None
-                     ) -> web.StreamResponse:
+                     client_of: Callable[[web.BaseRequest], str] | None = None,
+                     watch=None) -> web.StreamResponse:
         """``forward`` for a WebSocket handshake: see ``gateway.proxying.tunnel``."""
-        return await run_tunnel(self, request, upstream, principal, request_id, response_headers,
-                            trace=trace, rules=rules, client_of=client_of)
+        return await run_tunnel(self, request, upstream, principal, request_id,
+                                response_headers, trace=trace, rules=rules,
+                                client_of=client_of, watch=watch)
 
     async def _stream_back(self, request: web.BaseRequest, resp: UpstreamResponse,
                            request_id: str, limit_headers: Mapping[str, str],

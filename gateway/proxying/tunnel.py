@@ -32,7 +32,7 @@ import binascii
 import hashlib
 import logging
 import time
-from typing import Mapping
+from typing import Awaitable, Callable, Mapping
 
 from aiohttp import hdrs, web
 from multidict import istr
@@ -45,6 +45,8 @@ from .response import keep_header_bytes
 from .server import close_after, take_over, upgrade_pending
 
 log = logging.getLogger("keygate.proxy")
+
+RECHECK_EVERY = 10.0  # seconds between checks that an open tunnel's key still allows it
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
 _KEY = istr("Sec-WebSocket-Key")
@@ -108,9 +110,11 @@ class TunnelResponse(web.StreamResponse):
 
 async def tunnel(forwarder, request: web.BaseRequest, upstream, principal, request_id: str,
                  limit_headers: Mapping[str, str], *, trace=None, rules=None,
-                 client_of=None) -> web.StreamResponse:
+                 client_of=None, watch: Callable[[Tunnel], None] | None = None
+                 ) -> web.StreamResponse:
     """``Forwarder.forward`` for a WebSocket handshake (``websocket_handshake`` said so): the
-    upstream's answer, and when it switched, the tunnel, run until it ends."""
+    upstream's answer, and when it switched, the tunnel, run until it ends. ``watch`` is
+    handed the tunnel once it is open (``TunnelWatch.watch``)."""
     if rules is None:
         rules = forwarder.header_rules
     key = request.headers[_KEY].strip()
@@ -164,6 +168,8 @@ async def tunnel(forwarder, request: web.BaseRequest, upstream, principal, reque
             relay.end()
         else:
             relay.start()
+            if watch is not None and not relay.done.done():
+                watch(relay)
         response.switched_at = time.perf_counter()
         await relay.done
     finally:
@@ -296,3 +302,64 @@ class _ClientFeed:
 
     def feed_eof(self) -> None:
         self.tunnel.end()
+
+
+class TunnelWatch:
+    """The open tunnels of keyed handshakes, and the check that closes them once their key no
+    longer allows them (revoked, expired, disabled, re-scoped, its address no longer allowed):
+    every ``every`` seconds, one store round trip per key, route scopes and client address
+    with tunnels open (``still_allowed``: the pipeline's state check, counting nothing). A
+    store that cannot answer leaves them open (the next check decides)."""
+
+    def __init__(self, still_allowed: Callable[[object, tuple[str, ...], str],
+                                               Awaitable[object | None]],
+                 every: float = RECHECK_EVERY) -> None:
+        self.still_allowed = still_allowed  # the key as confirmed, or None: refused now
+        self.every = every
+        self._open: dict[tuple, list] = {}  # (key id, scopes, client) → [key, {tunnels}]
+        self._task: asyncio.Task | None = None
+
+    def watch(self, key, scopes: tuple[str, ...], client: str) -> Callable[[Tunnel], None]:
+        group = (key.key_id, scopes, client)
+
+        def opened(relay: Tunnel) -> None:
+            entry = self._open.get(group)
+            if entry is None:
+                entry = self._open[group] = [key, set()]
+            entry[1].add(relay)
+            relay.done.add_done_callback(lambda _: self._closed(group, relay))
+            if self._task is None or self._task.done():
+                self._task = asyncio.ensure_future(self._run())
+        return opened
+
+    def _closed(self, group: tuple, relay: Tunnel) -> None:
+        entry = self._open.get(group)
+        if entry is not None:
+            entry[1].discard(relay)
+            if not entry[1]:
+                del self._open[group]
+
+    async def _run(self) -> None:
+        while self._open:
+            await asyncio.sleep(self.every)
+            for group, entry in list(self._open.items()):
+                if not entry[1]:
+                    continue
+                try:
+                    key = await self.still_allowed(entry[0], group[1], group[2])
+                except Exception:  # a bug: logged, never the end of the watch
+                    log.exception("checking the key of open WebSocket tunnels failed")
+                    continue
+                if key is None:
+                    log.info("closed %d WebSocket tunnel(s) of key %s: the key no longer "
+                             "allows them", len(entry[1]), group[0])
+                    for relay in list(entry[1]):
+                        relay.end()
+                else:
+                    entry[0] = key
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
