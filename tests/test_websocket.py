@@ -449,3 +449,32 @@ async def test_a_tunnel_closes_soon_after_its_key_stops_allowing_it(redis_url, m
                 assert time.monotonic() - started < 3
                 await kept.send_str("still")  # another key's tunnel stays open
                 assert (await kept.receive(timeout=5)).data == "echo:still"
+
+
+async def test_an_open_tunnel_holds_its_place_under_server_max_connections(redis_url,
+                                                                         monkeypatch):
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  max_connections=1) as g:
+        token, _ = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws:
+                reader, writer = await g.raw_connection()
+                closed, _ = await closed_within(reader, 2.0)
+                writer.close()
+                assert closed  # over the bound while the tunnel is open
+                await ws.send_str("on")
+                assert (await ws.receive(timeout=5)).data == "echo:on"
+
+
+async def test_stopping_the_gateway_closes_open_tunnels_at_once(redis_url, monkeypatch):
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url) as g:
+        token, _ = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws:
+                started = time.monotonic()
+                stopping = asyncio.ensure_future(g.proxy_server.close())
+                msg = await ws.receive(timeout=5)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)
+                await asyncio.wait_for(stopping, 5)
+                assert time.monotonic() - started < 3
