@@ -551,13 +551,13 @@ class Pipeline:
         m = self.metrics
         route = outcome.route or "(none)"
         if m is not None:
+            status = response.status  # a property: read once
             # a WebSocket's 101 is observed when it was answered, not when its tunnel ended:
             # a tunnel's hours would make the route's latency histogram meaningless
-            m.observe_request(route, request.method, response.status,
+            m.observe_request(route, request.method, status,
                               outcome.workspace if m.workspace_labels else None,
-                              elapsed if response.status != 101 else
-                              response.switched_at - started)
-            if outcome.code is not None and response.status in (401, 403, 429) or \
+                              elapsed if status != 101 else response.switched_at - started)
+            if outcome.code is not None and status in (401, 403, 429) or \
                     outcome.code in ("ambiguous_key", "key_in_url"):
                 m.auth_failures.labels(outcome.code).inc()
             elif outcome.code in ("upstream_unavailable", "upstream_timeout"):
