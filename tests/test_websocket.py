@@ -23,6 +23,7 @@ from gateway.config import Route, ServerConfig, Timeouts, Upstream
 from harness import (bearer, closed_within, eventually, gateway_under_test, make_config,
                      raw_upstream, serving)
 from test_accesslog import json_lines
+from test_upstream import self_signed  # noqa: F401  (a fixture)
 
 WS_ROUTES = (Route("/ws/**", "api", ("GET",), ("people:read",), websocket=True),
              Route("/open/**", "api", ("GET",), (), True, websocket=True),
@@ -478,3 +479,37 @@ async def test_stopping_the_gateway_closes_open_tunnels_at_once(redis_url, monke
                                     aiohttp.WSMsgType.ERROR)
                 await asyncio.wait_for(stopping, 5)
                 assert time.monotonic() - started < 3
+
+
+async def test_a_tunnel_to_an_https_upstream(redis_url, monkeypatch, self_signed):
+    import ssl
+    cert, key_file = self_signed
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key_file)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_bytes(msg.data)
+        return ws
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx).start()
+        url = f"https://127.0.0.1:{runner.addresses[0][1]}"
+        config = ws_config(url)
+        config = dataclasses.replace(config, upstreams={
+            "api": Upstream("api", url, 2.0, ca_file=str(cert))})
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace()
+            token, _ = await g.key()
+            async with aiohttp.ClientSession() as client:
+                async with client.ws_connect(ws_url(g, "/ws/tls"), headers=bearer(token)) as ws:
+                    payload = os.urandom(3 * 1024 * 1024)
+                    await ws.send_bytes(payload)
+                    assert (await ws.receive(timeout=10)).data == payload
+    finally:
+        await runner.cleanup()

@@ -252,19 +252,22 @@ class Tunnel:
         connection's slot. Idempotent."""
         if self.done.done():
             return
+        self.done.set_result(None)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.client is not None:
-            self.client.close()
-        upstream = self.upstream
-        upstream.close()
-        if upstream.get_write_buffer_size():  # an upstream that never reads the rest
-            self.loop.call_later(self.idle, upstream.abort)
         conn = self.conn
         conn.closed = True
         conn.pool.forget(conn)
-        self.done.set_result(None)
+        if self.client is not None:
+            self.client.close()
+        upstream = self.upstream
+        if not upstream.is_closing():
+            # an upstream that never reads what is still buffered for it is cut off later
+            pending = upstream.get_write_buffer_size()
+            upstream.close()
+            if pending:
+                self.loop.call_later(self.idle, upstream.abort)
 
 
 class _UpstreamSide(asyncio.Protocol):
