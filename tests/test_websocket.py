@@ -513,3 +513,39 @@ async def test_a_tunnel_to_an_https_upstream(redis_url, monkeypatch, self_signed
                     assert (await ws.receive(timeout=10)).data == payload
     finally:
         await runner.cleanup()
+
+
+async def test_a_handshake_without_a_valid_key_is_a_400(redis_url, monkeypatch):
+    async with ws_upstream() as (url, seen), gateway(redis_url, monkeypatch, url) as g:
+        token, _ = await g.key()
+        for key in (b"short", b"not base64 at all!!!!!!!"):
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token, key=key))
+            head = await read_head(reader)
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 400 "), head
+        assert seen == [] and await g.used() == 0
+
+
+async def test_a_rate_limited_handshake_is_a_429_and_opens_nothing(redis_url, monkeypatch):
+    async with ws_upstream() as (url, seen), gateway(redis_url, monkeypatch, url) as g:
+        token, _ = await g.key(rate_limit="1/m")
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)):
+                pass
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token))
+        assert refused.value.status == 429 and "Retry-After" in refused.value.headers
+        assert len(seen) == 1 and await g.used() == 1
+
+
+async def test_a_handshake_to_an_unreachable_upstream_is_a_502_and_not_counted(redis_url,
+                                                                              monkeypatch):
+    from conftest import free_port
+    async with gateway(redis_url, monkeypatch, f"http://127.0.0.1:{free_port()}") as g:
+        token, _ = await g.key()
+        async with aiohttp.ClientSession() as client:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token))
+        assert refused.value.status == 502
+        assert await g.used() == 0
