@@ -392,7 +392,7 @@ async def test_one_access_line_when_the_tunnel_ends(redis_url, monkeypatch, capf
 async def test_backpressure_both_ways_bounds_what_keygate_buffers(redis_url, monkeypatch):
     """An upstream flooding a client that does not read (and a client flooding an upstream
     that does not read): keygate stops reading the sender instead of buffering it all."""
-    big = 64 * 1024 * 1024
+    big = 32 * 1024 * 1024
     state: dict = {}
 
     async def flood(reader, writer):
