@@ -336,15 +336,18 @@ class AccessLog:
                 bytes_out = 0
             else:
                 bytes_out = len(response.body or b"")
+            status = response.status  # a property: read once
+            # a WebSocket tunnel's (101): the bytes relayed each way while it was open
+            bytes_in = request.content_length or 0 if status != 101 else response.bytes_in
             client = outcome.client or request.remote  # through server.trusted_proxies
             js_method = seen.get(method) or self._remember(method, _js(method))
             js_client = seen.get(client) or self._remember(client, _js(client))
             # the duration as a fixed 3 decimals: repr of a round()ed float took a fifth of
             # the line's time (two float-to-string conversions and one back)
             line = (f'{{"time":"{self._stamp}","request_id":{_escape(request_id)},'
-                    f'"method":{js_method},"path":{_escape(path)},"status":{response.status},'
+                    f'"method":{js_method},"path":{_escape(path)},"status":{status},'
                     f'"duration_ms":{elapsed * 1000:.3f},{middle},'
-                    f'"bytes_in":{request.content_length or 0},"bytes_out":{bytes_out},'
+                    f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
                     f'"client":{js_client},"trace_id":{_js(trace_id)}}}\n')
         if self._size + len(line) > self.max_buffer:
             self._drop(1)

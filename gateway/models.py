@@ -146,6 +146,7 @@ class Route:
     methods: tuple[str, ...] = ()              # () = any method
     scopes: tuple[str, ...] = ()               # all required
     public: bool = False
+    websocket: bool = False                    # a GET asking Upgrade: websocket is tunnelled
 
 
 # --- what the store holds -------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from .config import Config, Upstream
 from .cors import ORIGIN, CorsPolicy
 from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
 from .proxying.server import answer_and_close
+from .proxying.tunnel import TunnelWatch, websocket_handshake
 from .store.request import Decision, RequestStore, Slot
 from .ledger import RETRY_EVERY, LocalLedger
 from .usage import Month, MonthCache, ratelimit_headers, utc_day
@@ -109,6 +110,13 @@ class Forwarding(Protocol):
                       trace: Trace | None = None, rules=None,
                       client_of=None) -> web.StreamResponse: ...
 
+    async def tunnel(self, request: web.BaseRequest, upstream: Upstream,
+                     principal: Principal | None, request_id: str,
+                     response_headers: Mapping[str, str], *,
+                     trace: Trace | None = None, rules=None,
+                     client_of=None, watch=None) -> web.StreamResponse: ...
+    # forward for a WebSocket handshake: the tunnel, run until it ends (watch is handed it)
+
     header_rules: Any  # the current RequestHeaderRules (headers, signing, body limits); a
     # request keeps the ones it began with
 
@@ -130,6 +138,7 @@ class Pipeline:
         self.ledger = LocalLedger(requests, self.months, clock,  # fail-open counts
                                   retry_every=ledger_retry)
         self._rate_take_backs: set[asyncio.Task] = set()  # see _counted_after_all
+        self.tunnels = TunnelWatch(self._still_allowed)  # open WebSocket tunnels' keys
         self.reconfigure(config)
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
@@ -243,15 +252,17 @@ class Pipeline:
                 public, scopes = overrides.authorised_as(self.routes, route, request.method,
                                                          raw_path, named, forwarding=True)
         upstream = self.config.upstreams[route.upstream]
+        # a WebSocket handshake on a route that tunnels them: the same steps, then a tunnel
+        tunnel = route.websocket and websocket_handshake(request) is not None
         # the header rules the key is read under: a reload while this request waits on the
         # store must not forward, say, a credential header that was a credential when read
         rules = self.forwarder.header_rules
         trace = outcome.trace
         if public:
             with trace.step("forward"):
-                return await self.forwarder.forward(request, upstream, None, request_id, {},
-                                                    trace=trace, rules=rules,
-                                                    client_of=self._client_of)
+                forward = self.forwarder.tunnel if tunnel else self.forwarder.forward
+                return await forward(request, upstream, None, request_id, {}, trace=trace,
+                                     rules=rules, client_of=self._client_of)
         token = self.credential(request)
         # once, before any await: a reload of trusted_proxies must not change it mid-request
         outcome.client = client = self.client_ip(request)
@@ -270,9 +281,12 @@ class Pipeline:
             raise errors.body_too_large(rules.max_body)
         try:
             with trace.step("forward"):
-                return await self.forwarder.forward(request, upstream, key,
-                                                    request_id, limit_headers, trace=trace,
-                                                    rules=rules)
+                if tunnel:  # closed once the key no longer allows it (TunnelWatch)
+                    return await self.forwarder.tunnel(
+                        request, upstream, key, request_id, limit_headers, trace=trace,
+                        rules=rules, watch=self.tunnels.watch(key, scopes, client))
+                return await self.forwarder.forward(request, upstream, key, request_id,
+                                                    limit_headers, trace=trace, rules=rules)
         except GatewayError as exc:
             if not exc.reached_upstream:  # refused here, or never sent: it does not count
                 await self.refund(key, counted)
@@ -447,6 +461,17 @@ class Pipeline:
         except StoreError:
             log.warning("could not refund a request that never reached the upstream")
 
+    async def _still_allowed(self, key: CachedKey, scopes: tuple[str, ...],
+                             client: str) -> CachedKey | None:
+        """Whether ``key`` still allows a tunnel opened on a route needing ``scopes`` from
+        ``client``: the key as confirmed now, or None when it would be refused (401, 403). A
+        store that cannot answer leaves the tunnel open: the key as it was."""
+        try:
+            key, _, _ = await self.authorise(key, scopes, count=False, client=client)
+        except GatewayError as exc:
+            return None if exc.status in (401, 403) else key
+        return key
+
     # --- store down ---------------------------------------------------------------------------
 
     def store_down(self, cause: BaseException | None = None) -> ServiceUnavailable:
@@ -517,6 +542,7 @@ class Pipeline:
     async def close(self) -> None:
         """At shutdown, after the listeners stopped: write what the ledger counted while the
         store was down."""
+        await self.tunnels.close()
         if self._rate_take_backs:
             await asyncio.gather(*self._rate_take_backs, return_exceptions=True)
         await self.ledger.close()
@@ -542,9 +568,13 @@ class Pipeline:
         m = self.metrics
         route = outcome.route or "(none)"
         if m is not None:
-            m.observe_request(route, request.method, response.status,
-                              outcome.workspace if m.workspace_labels else None, elapsed)
-            if outcome.code is not None and response.status in (401, 403, 429) or \
+            status = response.status  # a property: read once
+            # a WebSocket's 101 is observed when it was answered, not when its tunnel ended:
+            # a tunnel's hours would make the route's latency histogram meaningless
+            m.observe_request(route, request.method, status,
+                              outcome.workspace if m.workspace_labels else None,
+                              elapsed if status != 101 else response.switched_at - started)
+            if outcome.code is not None and status in (401, 403, 429) or \
                     outcome.code in ("ambiguous_key", "key_in_url"):
                 m.auth_failures.labels(outcome.code).inc()
             elif outcome.code in ("upstream_unavailable", "upstream_timeout"):

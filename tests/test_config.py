@@ -236,7 +236,7 @@ def test_unknown_route_key_lists_the_route_keys_in_their_documented_order(tmp_pa
             upstream: crm
             zzz: 1
     """)) == ["config.yaml:6: routes[0].zzz: unknown key 'zzz' "
-              "(allowed: path, methods, upstream, scopes, public)"]
+              "(allowed: path, methods, upstream, scopes, public, websocket)"]
 
 
 def test_duplicate_key_is_an_error(tmp_path: Path) -> None:
@@ -532,6 +532,21 @@ def test_public_route_cannot_require_scopes(tmp_path: Path) -> None:
                                             "public: true, scopes: [a:b]}\n") == [
         "config.yaml:4: routes[0].scopes: a public route cannot require scopes "
         "(no key is checked)"]
+
+
+def test_a_websocket_route_is_read_and_must_be_able_to_tunnel(tmp_path: Path) -> None:
+    path = write(tmp_path, UPSTREAM + "routes:\n  - {path: /ws/*, upstream: crm, "
+                                      "websocket: true}\n")
+    assert load_config(path).routes == (Route("/ws/*", "crm", websocket=True),)
+    assert problems_of(tmp_path, UPSTREAM + "routes:\n"
+                       "  - {path: /a, upstream: crm, methods: [POST], websocket: true}\n"
+                       "  - {path: /b, websocket: true}\n"
+                       "  - {path: /c, upstream: crm, websocket: 'yes'}\n") == [
+        "config.yaml:4: routes[0].websocket: a WebSocket handshake is a GET, which this "
+        "route's methods leave out (add GET to methods)",
+        "config.yaml:5: routes[1].websocket: a route without an upstream tunnels nothing "
+        "(add upstream)",
+        "config.yaml:6: routes[2].websocket: expected true or false, got a string ('yes')"]
 
 
 def test_upstream_url_must_be_http_with_a_host(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from .access import AccessSections
 from .nodes import BAD, Node, child, is_null, known, suggest
 
 # A route's keys in the order SPEC and the docs name them (and "allowed: ..." hints list them).
-ROUTE_KEYS = ("path", "methods", "upstream", "scopes", "public")
+ROUTE_KEYS = ("path", "methods", "upstream", "scopes", "public", "websocket")
 
 
 # a letter outside the escapes: only such a glob reads otherwise compared case-insensitively
@@ -133,7 +133,7 @@ class RoutingSections(AccessSections):
             return name
 
         readers = {"path": self.route_path, "methods": self.methods, "upstream": upstream,
-                   "scopes": self.scopes, "public": self.boolean}
+                   "scopes": self.scopes, "public": self.boolean, "websocket": self.boolean}
         routes: list[Route] = []
         folded = FoldedGlobs()  # the globs so far with a letter, lower-cased
         for i, item in enumerate(self.sequence(node, "routes") or []):
@@ -144,6 +144,14 @@ class RoutingSections(AccessSections):
             if route.public and route.scopes:
                 self.fail(child(item, "scopes"), f"routes[{i}].scopes",
                           "a public route cannot require scopes (no key is checked)")
+            if route.websocket is True:
+                if route.upstream is None:
+                    self.fail(child(item, "websocket"), f"routes[{i}].websocket",
+                              "a route without an upstream tunnels nothing (add upstream)")
+                elif route.methods and "GET" not in route.methods:
+                    self.fail(child(item, "websocket"), f"routes[{i}].websocket",
+                              "a WebSocket handshake is a GET, which this route's methods "
+                              "leave out (add GET to methods)")
             self.case_twins(item, i, route, routes, folded)
             routes.append(route)
         return tuple(routes)

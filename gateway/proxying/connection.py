@@ -120,6 +120,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.out_of_step = False
         self.counted = False                         # holds one of the pool's connection slots
         self.sender: asyncio.Future | None = None    # the task writing the request body
+        # a WebSocket handshake (UpstreamPool.upgrade): a 101 is its final answer, and the
+        # bytes after that head (``tunnel_tail``) are the tunnel's first
+        self.upgrade_wanted = False
+        self.tunnel_tail = b""
 
     # -- asyncio.Protocol --
     def connection_made(self, transport) -> None:
@@ -144,8 +148,15 @@ class UpstreamConnection(asyncio.Protocol):
                 return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamProtocolError("upstream switched protocols"))
+        except httptools.HttpParserUpgrade as exc:
+            if self.upgrade_wanted and self.status == 101:
+                # the tunnel's first bytes, if any came with the head; nothing more is read
+                # until the tunnel takes the transport over (gateway.proxying.tunnel)
+                self.tunnel_tail = data[exc.args[0]:] if exc.args else b""
+                if self.transport is not None:
+                    self.transport.pause_reading()
+            else:  # a 101 nobody asked for: its bytes are never read as HTTP
+                self._fail(UpstreamProtocolError("upstream switched protocols"))
         except Exception as exc:  # HttpParserError, or a callback's (wrapped or not)
             if self.out_of_step:  # a second message in the same read: drop it, keep ours
                 self.close()
@@ -226,6 +237,12 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if status < 200:
+            if status == 101 and self.upgrade_wanted:  # the handshake's answer: final
+                self.status, self.keep_alive, self.until_close = 101, False, False
+                self.complete = True  # no body: what follows the head is the tunnel's
+                if self.head is not None and not self.head.done():
+                    self.head.set_result(None)
+                return
             # 100 Continue, 102, 103 Early Hints: llhttp reports each as a message without a
             # body; the final answer follows on the same connection (101 raises Upgrade)
             self.interim = True

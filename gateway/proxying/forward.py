@@ -16,7 +16,8 @@ Continue`` goes to the client only once the request is allowed and about to stre
 Response headers get the pipeline's ``RateLimit`` fields and ``X-Request-Id``. Bodies are never
 decompressed or buffered whole.
 
-WebSocket/``Upgrade`` is not proxied (``Upgrade`` is hop-by-hop and dropped).
+``Upgrade`` is hop-by-hop and dropped, except on a route with ``websocket: true``, where a
+WebSocket handshake goes through ``tunnel`` instead (``gateway.proxying.tunnel``).
 
 The pool is keygate's own client (httptools parsing over a plain ``asyncio.Protocol``: 3-5x
 less CPU per request than aiohttp's ClientSession, as measured with the probes behind
@@ -52,6 +53,7 @@ from .headers import NotUtf8Headers, RequestHeaderRules, response_headers
 from .upstream import UpstreamPool
 from .response import WholeResponse, keep_header_bytes
 from .server import continue_if_expected
+from .tunnel import tunnel as run_tunnel
 
 log = logging.getLogger("keygate.proxy")
 
@@ -360,6 +362,17 @@ class Forwarder:
         finally:
             if resp.sending():  # a body still being sent (an upstream that answered early)
                 await resp.settled()
+
+    async def tunnel(self, request: web.BaseRequest, upstream: Upstream,
+                     principal: Principal | None, request_id: str,
+                     response_headers: Mapping[str, str], *, trace: Trace | None = None,
+                     rules: RequestHeaderRules | None = None,
+                     client_of: Callable[[web.BaseRequest], str] | None = None,
+                     watch=None) -> web.StreamResponse:
+        """``forward`` for a WebSocket handshake: see ``gateway.proxying.tunnel``."""
+        return await run_tunnel(self, request, upstream, principal, request_id,
+                                response_headers, trace=trace, rules=rules,
+                                client_of=client_of, watch=watch)
 
     async def _stream_back(self, request: web.BaseRequest, resp: UpstreamResponse,
                            request_id: str, limit_headers: Mapping[str, str],

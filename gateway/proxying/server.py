@@ -4,8 +4,9 @@ refuses, and the edge limits aiohttp lacks (a whole request head within
 
 aiohttp offers no public hook for either, so this module subclasses its ``RequestHandler`` and
 reads some of its private attributes (``_manager``, ``_loop``, ``_request_in_progress``,
-``_messages``, ``_request_count``, ``_connections``, ``_kwargs``, ``_current_request`` and
-the request's ``_cache``). The proxy listener's
+``_messages``, ``_request_count``, ``_connections``, ``_kwargs``, ``_current_request``,
+``_upgraded``, ``_payload_parser`` and the request's ``_cache``; a WebSocket tunnel takes a
+connection over with ``set_parser``, aiohttp's own seat for a WebSocket reader). The proxy listener's
 handler also runs a copy of aiohttp's ``RequestHandler.start`` without its per-request task
 (``_InlineRequestHandler``), and with it the rest of that method's private state. They are used
 here and nowhere else, so an aiohttp upgrade that moves them breaks one module (and
@@ -86,6 +87,7 @@ class _JsonErrorRequestHandler(RequestHandler):
     _before = b""     # the connection's read before the latest (its last _RECENT bytes)
     _latest = b""     # and its latest (likewise)
     _head_bytes = 0   # bytes received of the request head under way (see _count_head)
+    _tunnel = None    # the WebSocket tunnel this connection became (gateway.proxying.tunnel)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -102,6 +104,9 @@ class _JsonErrorRequestHandler(RequestHandler):
             server.sweep_heads()
 
     def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:  # a WebSocket tunnel's bytes (aiohttp hands them to it):
+            super().data_received(data)  # no request head, body or timeout to judge any more
+            return
         if (self._close or self._force_close) and self._rest_of_a_body_at_stop():
             # aiohttp drops every byte a closing connection receives, and a stopping server
             # (SIGTERM) closes them all: the rest of the body of a request in flight must
@@ -297,12 +302,16 @@ class _JsonErrorRequestHandler(RequestHandler):
         timeout = getattr(self._manager, "write_timeout", None)
         if timeout and self._write_stall is None:
             self._write_stall = self._loop.call_later(timeout, self._reader_stalled)
+        if self._tunnel is not None:  # the upstream waits until the client takes these
+            self._tunnel.client_paused()
 
     def resume_writing(self) -> None:
         super().resume_writing()
         if self._write_stall is not None:
             self._write_stall.cancel()
             self._write_stall = None
+        if self._tunnel is not None:
+            self._tunnel.client_resumed()
 
     def _reader_stalled(self) -> None:
         self._write_stall = None
@@ -576,6 +585,32 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
                 self.transport.close()
 
 
+def upgrade_pending(request: web.BaseRequest) -> bool:
+    """Whether aiohttp's parser read ``request`` as an upgrade too: it then parses nothing
+    more on the connection, and keeps what follows the head aside (until the request is
+    answered: then it parses it as the next request, unless the connection was taken over)."""
+    protocol = request.protocol
+    return getattr(protocol, "_upgraded", False) is True and not protocol._messages \
+        and protocol._payload_parser is None
+
+
+def close_after(request: web.BaseRequest) -> None:
+    """The answer to ``request`` closes its connection (``Connection: close``)."""
+    cache = getattr(request, "_cache", None)  # where BaseRequest.keep_alive is reified
+    if isinstance(cache, dict):
+        cache["keep_alive"] = False
+
+
+def take_over(request: web.BaseRequest, feed, tunnel) -> None:
+    """Hand the rest of ``request``'s connection to a WebSocket tunnel: the bytes already
+    received behind its head, then every read, go to ``feed.feed_data`` (aiohttp's seat for
+    a WebSocket reader), its end to ``feed.feed_eof``; the connection's write backpressure to
+    ``tunnel.client_paused``/``client_resumed``."""
+    protocol = request.protocol
+    protocol._tunnel = tunnel
+    protocol.set_parser(feed)
+
+
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -652,7 +687,10 @@ class ProxyServer(web.Server):
         (RFC 9112 9.6). Without it they went out as keep-alive and the close that followed
         reset whatever request was sent next on it. Runs once per stop, not per request."""
         self.stopping = True
-        for handler in self._connections:
+        for handler in list(self._connections):
+            tunnel = getattr(handler, "_tunnel", None)
+            if tunnel is not None:  # open for as long as its users like: closed now, so
+                tunnel.end()         # they reconnect to a replica that is not stopping
             request = getattr(handler, "_current_request", None)
             cache = getattr(request, "_cache", None)  # where BaseRequest.keep_alive is reified
             if isinstance(cache, dict):

@@ -232,6 +232,27 @@ class UpstreamPool:
                 raise
         raise UpstreamProtocolError("upstream closed the connection")
 
+    async def upgrade(self, head: bytes, *, timeout: float = 30.0) -> UpstreamResponse:
+        """Send a WebSocket handshake ``head`` (no body) and return once the response head has
+        arrived. A ``101`` is final here (``request`` fails on one): its connection is the
+        caller's to tunnel over (``gateway.proxying.tunnel``), still holding its slot of
+        ``max_connections`` until it closes. Any other answer is an ordinary response whose
+        connection is closed after it, never reused (the upstream may have read the handshake
+        otherwise than keygate did)."""
+        for attempt in (0, 1):
+            conn, reused = await self._checkout()
+            self.active.add(conn)
+            conn.upgrade_wanted = True
+            try:
+                resp = await self._exchange(conn, head, None, None, timeout, False)
+            except UpstreamProtocolError:
+                if attempt == 0 and reused and not conn.got_bytes:  # a GET: sent again
+                    continue
+                raise
+            resp.keep_alive = False
+            return resp
+        raise UpstreamProtocolError("upstream closed the connection")
+
     async def _streamed(self, head: bytes, body: BodySource, content_length: int | None,
                         timeout: float, is_head: bool, owner: object) -> UpstreamResponse:
         """``request`` for a body still streaming in: within an upload slot, held until the

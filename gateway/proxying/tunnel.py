@@ -1,0 +1,368 @@
+"""WebSocket tunnels: a route with ``websocket: true`` lets a WebSocket handshake (RFC 6455
+4.1) through, and once the upstream has switched protocols, relays bytes both ways unparsed.
+
+The handshake is a request like any other up to the forwarding step (the pipeline checks key,
+scopes, address, rate and quotas, and counts it once); it is then sent upstream with the
+identity headers as ``Forwarder.request_headers`` builds them for any request, and keygate's
+own ``Connection: Upgrade`` and ``Upgrade: websocket`` (the client's hop-by-hop headers, and
+whatever its ``Connection`` named, are dropped as always).
+
+Only a ``101`` whose ``Upgrade`` is ``websocket`` and whose ``Sec-WebSocket-Accept`` answers the
+client's key switches: a ``101`` that is not that is a 502 (an upstream that did not really
+switch would otherwise read the client's next bytes as HTTP requests of its own, checked by
+nobody); any other status is relayed as an ordinary response, and the connection it came on is
+closed after it. The bytes a client sends behind its handshake wait in aiohttp's buffer until
+the 101: never written to an upstream that has not switched (declined, aiohttp parses them as
+the client's next request, checked like any other).
+
+Once switched: bytes go both ways as they come, with backpressure (a side whose transport is
+over its high-water mark stops the other side's reads until it drains); the tunnel ends when
+either side closes, or after ``server.timeouts.idle`` seconds without a byte either way, or at
+shutdown. While open it holds its client connection (``server.max_connections``) and its
+upstream connection (``upstreams.NAME.max_connections``). When it ends, the pipeline writes
+the request's one access-log line: status 101, the tunnel's whole duration, ``bytes_in`` and
+``bytes_out`` counting what was relayed each way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import logging
+import time
+from typing import Awaitable, Callable, Mapping
+
+from aiohttp import hdrs, web
+from multidict import istr
+
+from ..errors import BadGateway, BadRequest, GatewayTimeout
+from .connection import (UpstreamConnection, UpstreamConnectError, UpstreamProtocolError,
+                         UpstreamResponse, UpstreamTimeout, UpstreamUnreached)
+from .headers import NotUtf8Headers, response_headers
+from .response import keep_header_bytes
+from .server import close_after, take_over, upgrade_pending
+
+log = logging.getLogger("keygate.proxy")
+
+RECHECK_EVERY = 10.0  # seconds between checks that an open tunnel's key still allows it
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
+_KEY = istr("Sec-WebSocket-Key")
+_UPGRADE, _CONNECTION = hdrs.UPGRADE, hdrs.CONNECTION
+_X_REQUEST_ID = istr("X-Request-Id")
+
+
+def websocket_handshake(request: web.BaseRequest) -> str | None:
+    """The ``Sec-WebSocket-Key`` of a request that asks to become a WebSocket: ``GET`` over
+    HTTP/1.1 with one ``Upgrade: websocket`` and ``Connection`` naming ``upgrade``, as aiohttp's
+    parser read it too. None: not such a request (it is forwarded as any other, ``Upgrade``
+    dropped: ``h2c`` and every other protocol included). Raises ``BadRequest`` for a handshake
+    keygate does not forward: one with a body, or without a valid key."""
+    headers = request.headers
+    upgrade = headers.getall(_UPGRADE, ())
+    if len(upgrade) != 1 or upgrade[0].strip().lower() != "websocket" or \
+            request.method != "GET" or request.version != (1, 1):
+        return None
+    if not any(token.strip().lower() == "upgrade"
+               for value in headers.getall(_CONNECTION, ()) for token in value.split(",")):
+        return None
+    if hdrs.TRANSFER_ENCODING in headers or request.content_length:
+        close_after(request)  # its body is not read: nothing behind it is read as a request
+        raise BadRequest("A WebSocket handshake carries no body.")
+    keys = headers.getall(_KEY, ())
+    try:
+        valid = len(keys) == 1 and len(base64.b64decode(keys[0].strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid = False
+    if not valid:
+        raise BadRequest("A WebSocket handshake needs one Sec-WebSocket-Key: 16 bytes, "
+                         "base64-encoded.")
+    if not upgrade_pending(request):  # aiohttp read it otherwise: an ordinary request
+        return None
+    return keys[0].strip()
+
+
+def _accept(key: str) -> bytes:
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest())
+
+
+def _switched(resp: UpstreamResponse, key: str) -> bool:
+    """Whether the upstream's 101 is a WebSocket's (RFC 6455 4.2.2): ``Upgrade: websocket``
+    and the ``Sec-WebSocket-Accept`` of the client's key."""
+    upgrade = [v for n, v in resp.headers if n.lower() == b"upgrade"]
+    accept = [v for n, v in resp.headers if n.lower() == b"sec-websocket-accept"]
+    return [a.strip() for a in accept] == [_accept(key)] and \
+        [u.strip().lower() for u in upgrade] == [b"websocket"]
+
+
+class TunnelResponse(web.StreamResponse):
+    """The client's ``101``. Its end is the tunnel's: nothing is written after the head
+    (aiohttp's ``write_eof`` would frame an empty body), and the connection is never reused."""
+
+    bytes_in = 0  # relayed from the client (its access-log ``bytes_in``)
+    switched_at = 0.0  # time.perf_counter() when the 101 went out (the metrics' duration)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+async def tunnel(forwarder, request: web.BaseRequest, upstream, principal, request_id: str,
+                 limit_headers: Mapping[str, str], *, trace=None, rules=None,
+                 client_of=None, watch: Callable[[Tunnel], None] | None = None
+                 ) -> web.StreamResponse:
+    """``Forwarder.forward`` for a WebSocket handshake (``websocket_handshake`` said so): the
+    upstream's answer, and when it switched, the tunnel, run until it ends. ``watch`` is
+    handed the tunnel once it is open (``TunnelWatch.watch``)."""
+    if rules is None:
+        rules = forwarder.header_rules
+    key = request.headers[_KEY].strip()
+    pool, base, host = forwarder._pool(upstream)
+    target = base + request.raw_path
+    headers = forwarder.request_headers(request, principal, request_id, target=target,
+                                        trace=trace, rules=rules)
+    parts = [f"GET {target} HTTP/1.1\r\nHost: {host}"]
+    for name, value in headers:
+        parts.append(f"{name}: {value}")
+    parts.append("Connection: Upgrade\r\nUpgrade: websocket")
+    head = "\r\n".join(parts).encode("utf-8", "surrogateescape")
+    started = time.perf_counter()
+    try:
+        resp = await pool.upgrade(head, timeout=upstream.timeout)
+    except UpstreamTimeout as exc:
+        raise GatewayTimeout(f"The upstream '{upstream.name}' did not answer within "
+                             f"{upstream.timeout:g} seconds.",
+                             reached_upstream=not isinstance(exc, UpstreamUnreached)) from None
+    except (UpstreamConnectError, UpstreamProtocolError, OSError, ValueError) as exc:
+        log.warning("upstream %s failed: %s: %s", upstream.name, type(exc).__name__, exc)
+        raise BadGateway(f"The upstream '{upstream.name}' is unavailable.",
+                         reached_upstream=not isinstance(exc, UpstreamConnectError)) from None
+    if forwarder.on_upstream is not None:
+        forwarder.on_upstream(upstream.name, time.perf_counter() - started)
+    if resp.status != 101:  # declined: an ordinary answer (its connection closed after it)
+        return await forwarder._stream_back(request, resp, request_id, limit_headers, upstream,
+                                            False, rules)
+    conn = resp._conn
+    if conn.error is not None or not _switched(resp, key):
+        resp.close()
+        log.warning("upstream %s answered a WebSocket handshake with a 101 that does not "
+                    "switch to WebSocket (Upgrade or Sec-WebSocket-Accept wrong)", upstream.name)
+        raise BadGateway(f"The upstream '{upstream.name}' answered the WebSocket handshake "
+                         f"wrongly.")
+    out = response_headers(resp.headers)
+    if out.__class__ is NotUtf8Headers:
+        keep_header_bytes(request.writer)
+    for name, value in limit_headers.items():
+        out[name] = value
+    out[_X_REQUEST_ID] = request_id
+    out[_CONNECTION] = "Upgrade"
+    out[_UPGRADE] = "websocket"
+    response = TunnelResponse(status=101, headers=out)
+    response.force_close()
+    relay = Tunnel(request, conn, forwarder.config.server.timeouts.idle)
+    try:
+        try:
+            await response.prepare(request)
+        except ConnectionError:  # the client left meanwhile
+            relay.end()
+        else:
+            relay.start()
+            if watch is not None and not relay.done.done():
+                watch(relay)
+        response.switched_at = time.perf_counter()
+        await relay.done
+    finally:
+        relay.end()
+        response.body_bytes_sent = relay.bytes_out
+        response.bytes_in = relay.bytes_in
+    return response
+
+
+class Tunnel:
+    """Bytes both ways between a client connection (aiohttp's, taken over through
+    ``gateway.proxying.server.take_over``) and an upstream connection that switched."""
+
+    def __init__(self, request: web.BaseRequest, conn: UpstreamConnection, idle: float) -> None:
+        self.request = request
+        self.conn = conn
+        self.loop = conn.loop
+        self.client = request.transport
+        self.upstream = conn.transport
+        self.idle = idle
+        self.bytes_in = self.bytes_out = 0
+        self.last = self.loop.time()
+        self.done: asyncio.Future = self.loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self.upstream.set_protocol(_UpstreamSide(self))
+        tail, self.conn.tunnel_tail = self.conn.tunnel_tail, b""
+        if tail:
+            self.to_client(tail)
+        if self.conn.closed or self.client is None or self.client.is_closing():
+            self.end()  # one side went away before the tunnel was up (its tail delivered)
+            return
+        take_over(self.request, _ClientFeed(self), self)  # the client's early bytes go now
+        self.upstream.resume_reading()
+        self._timer = self.loop.call_at(self.last + self.idle, self._idle_check)
+
+    # -- relaying --
+    def to_client(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.last = self.loop.time()
+        self.client.write(data)
+
+    def to_upstream(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        self.bytes_in += len(data)
+        self.last = self.loop.time()
+        self.upstream.write(data)
+
+    # backpressure: the side that cannot take more stops the other side's reads
+    def client_paused(self) -> None:
+        self.upstream.pause_reading()
+
+    def client_resumed(self) -> None:
+        if not self.done.done():
+            self.upstream.resume_reading()
+
+    def upstream_paused(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading()
+
+    def upstream_resumed(self) -> None:
+        if self.client is not None and not self.done.done():
+            self.client.resume_reading()
+
+    # -- the end --
+    def _idle_check(self) -> None:
+        self._timer = None
+        if self.done.done():
+            return
+        if self.loop.time() - self.last >= self.idle:
+            log.info("a WebSocket tunnel was idle for %g s; closed", self.idle)
+            self.end()
+        else:
+            self._timer = self.loop.call_at(self.last + self.idle, self._idle_check)
+
+    def end(self) -> None:
+        """Close both sides (what either has buffered is still written) and free the upstream
+        connection's slot. Idempotent."""
+        if self.done.done():
+            return
+        self.done.set_result(None)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        conn = self.conn
+        conn.closed = True
+        conn.pool.forget(conn)
+        if self.client is not None:
+            self.client.close()
+        upstream = self.upstream
+        if not upstream.is_closing():
+            # an upstream that never reads what is still buffered for it is cut off later
+            pending = upstream.get_write_buffer_size()
+            upstream.close()
+            if pending:
+                self.loop.call_later(self.idle, upstream.abort)
+
+
+class _UpstreamSide(asyncio.Protocol):
+    """The upstream connection's protocol once it switched (it was the pool's parser)."""
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+
+    def data_received(self, data: bytes) -> None:
+        self.tunnel.to_client(data)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes: connection_lost ends the tunnel
+
+    def connection_lost(self, exc) -> None:
+        self.tunnel.end()
+
+    def pause_writing(self) -> None:
+        self.tunnel.upstream_paused()
+
+    def resume_writing(self) -> None:
+        self.tunnel.upstream_resumed()
+
+
+class _ClientFeed:
+    """Seated where aiohttp feeds a WebSocket's frames (``RequestHandler.set_parser``): what
+    the client sends goes upstream as is."""
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self.tunnel.to_upstream(data)
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self.tunnel.end()
+
+
+class TunnelWatch:
+    """The open tunnels of keyed handshakes, and the check that closes them once their key no
+    longer allows them (revoked, expired, disabled, re-scoped, its address no longer allowed):
+    every ``every`` seconds, one store round trip per key, route scopes and client address
+    with tunnels open (``still_allowed``: the pipeline's state check, counting nothing). A
+    store that cannot answer leaves them open (the next check decides)."""
+
+    def __init__(self, still_allowed: Callable[[object, tuple[str, ...], str],
+                                               Awaitable[object | None]],
+                 every: float = RECHECK_EVERY) -> None:
+        self.still_allowed = still_allowed  # the key as confirmed, or None: refused now
+        self.every = every
+        self._open: dict[tuple, list] = {}  # (key id, scopes, client) → [key, {tunnels}]
+        self._task: asyncio.Task | None = None
+
+    def watch(self, key, scopes: tuple[str, ...], client: str) -> Callable[[Tunnel], None]:
+        group = (key.key_id, scopes, client)
+
+        def opened(relay: Tunnel) -> None:
+            entry = self._open.get(group)
+            if entry is None:
+                entry = self._open[group] = [key, set()]
+            entry[1].add(relay)
+            relay.done.add_done_callback(lambda _: self._closed(group, relay))
+            if self._task is None or self._task.done():
+                self._task = asyncio.ensure_future(self._run())
+        return opened
+
+    def _closed(self, group: tuple, relay: Tunnel) -> None:
+        entry = self._open.get(group)
+        if entry is not None:
+            entry[1].discard(relay)
+            if not entry[1]:
+                del self._open[group]
+
+    async def _run(self) -> None:
+        while self._open:
+            await asyncio.sleep(self.every)
+            for group, entry in list(self._open.items()):
+                if not entry[1]:
+                    continue
+                try:
+                    key = await self.still_allowed(entry[0], group[1], group[2])
+                except Exception:  # a bug: logged, never the end of the watch
+                    log.exception("checking the key of open WebSocket tunnels failed")
+                    continue
+                if key is None:
+                    log.info("closed %d WebSocket tunnel(s) of key %s: the key no longer "
+                             "allows them", len(entry[1]), group[0])
+                    for relay in list(entry[1]):
+                        relay.end()
+                else:
+                    entry[0] = key
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

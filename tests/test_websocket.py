@@ -1,0 +1,551 @@
+"""WebSocket through keygate (a route with ``websocket: true``): the handshake is a request
+like any other (key, scopes, limits, counting, identity headers), then bytes are relayed both
+ways until either side closes. Real aiohttp WebSocket upstream and client on loopback, raw
+sockets where the exact bytes matter, a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.config import Route, ServerConfig, Timeouts, Upstream
+
+from harness import (bearer, closed_within, eventually, gateway_under_test, make_config,
+                     raw_upstream, serving)
+from test_accesslog import json_lines
+from test_upstream import self_signed  # noqa: F401  (a fixture)
+
+WS_ROUTES = (Route("/ws/**", "api", ("GET",), ("people:read",), websocket=True),
+             Route("/open/**", "api", ("GET",), (), True, websocket=True),
+             Route("/people/**", "api", ("GET",), ("people:read",)),
+             Route("/health", "api", ("GET",), (), True))
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def ws_config(upstream_url: str, *, idle: float = 10.0, upstream_timeout: float = 2.0,
+              upstream_max: int = 100, **server):
+    config = make_config(upstream_url, routes=WS_ROUTES, server=ServerConfig(
+        host="127.0.0.1", access_log="json", timeouts=Timeouts(header=5.0, body=5.0, idle=idle),
+        **server))
+    return dataclasses.replace(config, upstreams={
+        "api": Upstream("api", upstream_url, upstream_timeout, max_connections=upstream_max)})
+
+
+def accept_for(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key + GUID).digest())
+
+
+@contextlib.asynccontextmanager
+async def ws_upstream():
+    """A real aiohttp WebSocket echo server: ``/ws/...`` and ``/open/...`` upgrade, anything
+    else answers JSON; ``seen`` holds each request's headers."""
+    seen: list[list[tuple[str, str]]] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append(list(request.headers.items()))
+        if request.path.startswith(("/ws/", "/open/")) and \
+                request.headers.get("Upgrade", "").lower() == "websocket":
+            ws = web.WebSocketResponse(protocols=("chat",))
+            await ws.prepare(request)
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    if msg.data == "who":
+                        await ws.send_str(json.dumps(
+                            {k: v for k, v in seen[-1] if k.lower().startswith("x-")}))
+                    else:
+                        await ws.send_str("echo:" + msg.data)
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    await ws.send_bytes(msg.data)
+            return ws
+        return web.json_response({"path": request.path})
+
+    async with serving(handler) as url:
+        yield url, seen
+
+
+@contextlib.asynccontextmanager
+async def gateway(redis_url, monkeypatch, upstream_url: str, **kw):
+    async with gateway_under_test(ws_config(upstream_url, **kw), redis_url, monkeypatch) as g:
+        await g.workspace()
+        yield g
+
+
+def ws_url(g, path: str) -> str:
+    return str(g.proxy_server.make_url(path)).replace("http://", "ws://")
+
+
+def handshake(path: str, token: str | None = None, extra: bytes = b"",
+              key: bytes = b"dGhlIHNhbXBsZSBub25jZQ==") -> bytes:
+    auth = b"Authorization: Bearer %s\r\n" % token.encode() if token else b""
+    return (b"GET %s HTTP/1.1\r\nHost: g\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s%s\r\n"
+            % (path.encode(), key, auth, extra))
+
+
+async def read_head(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+
+
+# --- the tunnel ----------------------------------------------------------------------------------
+
+async def test_a_websocket_client_talks_to_the_upstream_through_keygate(redis_url, monkeypatch):
+    async with ws_upstream() as (url, seen), gateway(redis_url, monkeypatch, url) as g:
+        token, key = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/chat"), headers=bearer(token),
+                                         protocols=("chat",)) as ws:
+                assert ws.protocol == "chat"
+                await ws.send_str("hello")
+                assert (await ws.receive(timeout=5)).data == "echo:hello"
+                await ws.send_bytes(os.urandom(200_000) + b"end")
+                got = await ws.receive(timeout=5)
+                assert got.type == aiohttp.WSMsgType.BINARY and got.data.endswith(b"end")
+                await ws.send_str("who")
+                identity = json.loads((await ws.receive(timeout=5)).data)
+        assert identity["X-Workspace-Id"] == "acme"
+        assert identity["X-Api-Key-Id"] == key["id"]
+        assert identity["X-Api-Scopes"] == "people:read"
+        headers = dict((k.lower(), v) for k, v in seen[-1])
+        assert "authorization" not in headers
+        assert headers["connection"] == "Upgrade" and headers["upgrade"] == "websocket"
+        assert await g.used() == 1  # the handshake is one request, whatever flowed after
+
+
+async def test_a_handshake_without_a_key_gets_the_usual_json_401(redis_url, monkeypatch):
+    async with ws_upstream() as (url, seen), gateway(redis_url, monkeypatch, url) as g:
+        async with aiohttp.ClientSession() as client:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect(ws_url(g, "/ws/chat"))
+        assert refused.value.status == 401
+        reader, writer = await g.raw_connection()
+        writer.write(handshake("/ws/chat"))
+        _, got = await closed_within(reader, 0.5)
+        writer.close()
+        assert got.startswith(b"HTTP/1.1 401 ")
+        assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "missing_key"
+        assert seen == []
+
+
+async def test_a_handshake_without_the_scope_is_403_and_not_counted(redis_url, monkeypatch):
+    async with ws_upstream() as (url, seen), gateway(redis_url, monkeypatch, url) as g:
+        token, _ = await g.key(scopes=["companies:read"])
+        async with aiohttp.ClientSession() as client:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect(ws_url(g, "/ws/chat"), headers=bearer(token))
+        assert refused.value.status == 403
+        assert seen == [] and await g.used() == 0
+
+
+async def test_client_copies_of_identity_and_hop_headers_are_not_tunnelled(redis_url,
+                                                                         monkeypatch):
+    async with ws_upstream() as (url, seen), gateway(redis_url, monkeypatch, url) as g:
+        token, _ = await g.key()
+        reader, writer = await g.raw_connection()
+        writer.write(handshake("/ws/x", token).replace(
+            b"Connection: Upgrade", b"Connection: Upgrade, X-Secret, Keep-Alive") [:-2] +
+            b"X-Workspace-Id: evil\r\nX-Secret: s\r\nKeep-Alive: 5\r\n\r\n")
+        head = await read_head(reader)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert b"\r\nConnection: Upgrade\r\n" in head and b"\r\nUpgrade: websocket\r\n" in head
+        assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
+        sent = dict((k.lower(), v) for k, v in seen[-1])
+        assert sent["x-workspace-id"] == "acme"
+        assert "x-secret" not in sent and "keep-alive" not in sent
+        assert sent["connection"] == "Upgrade"
+
+
+async def test_a_public_websocket_route_needs_no_key(redis_url, monkeypatch):
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url) as g:
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/open/feed")) as ws:
+                await ws.send_str("hi")
+                assert (await ws.receive(timeout=5)).data == "echo:hi"
+
+
+# --- not opted in, or not a WebSocket: nothing changes ---------------------------------------
+
+async def test_upgrade_is_dropped_on_a_route_that_did_not_opt_in(redis_url, monkeypatch):
+    async with ws_upstream() as (url, seen), gateway(redis_url, monkeypatch, url) as g:
+        token, _ = await g.key()
+        async with aiohttp.ClientSession() as client:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect(ws_url(g, "/people/chat"), headers=bearer(token))
+        assert refused.value.status == 200  # the upstream's JSON: no upgrade asked of it
+        sent = {k.lower() for k, _ in seen[-1]}
+        assert "upgrade" not in sent
+
+
+async def test_an_h2c_upgrade_on_a_websocket_route_is_never_tunnelled(redis_url, monkeypatch):
+    async with ws_upstream() as (url, seen), gateway(redis_url, monkeypatch, url) as g:
+        token, _ = await g.key()
+        reader, writer = await g.raw_connection()
+        writer.write(b"GET /ws/x HTTP/1.1\r\nHost: g\r\nUpgrade: h2c\r\nConnection: Upgrade, "
+                     b"HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+                     b"Authorization: Bearer %s\r\n\r\n" % token.encode())
+        head = await read_head(reader)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 200 ")
+        sent = {k.lower() for k, _ in seen[-1]}
+        assert not {"upgrade", "http2-settings"} & sent
+
+
+# --- smuggling and protocol abuse --------------------------------------------------------------
+
+async def test_bytes_sent_before_the_101_never_reach_an_upstream_that_declined(redis_url,
+                                                                              monkeypatch):
+    """A pipelined request behind the handshake: the upstream declines the upgrade, and the
+    bytes behind are read by keygate as the client's next request (checked like any other),
+    never written to the upstream connection as a request of their own."""
+    received: list[bytes] = []
+
+    async def declining(reader, writer):
+        data = b""
+        with contextlib.suppress(Exception):
+            data = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 2\r\n\r\nno")
+            await writer.drain()
+            data += await asyncio.wait_for(reader.read(65536), 1.0)
+        received.append(data)
+        writer.close()
+
+    srv, url = await raw_upstream(declining)
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token) +
+                         b"GET /people/admin HTTP/1.1\r\nHost: g\r\n\r\n")
+            _, got = await closed_within(reader, 3.0)
+            writer.close()
+            await eventually(lambda: received)
+    finally:
+        srv.close()
+    assert got.startswith(b"HTTP/1.1 426 ")
+    assert b"HTTP/1.1 401 " in got and b'"missing_key"' in got  # the second, checked alone
+    assert received[0].count(b"HTTP/1.1\r\n") == 1 and b"/people/admin" not in received[0]
+
+
+async def test_bytes_sent_before_the_101_reach_the_upstream_only_after_it(redis_url,
+                                                                          monkeypatch):
+    events: list[tuple[str, bytes]] = []
+
+    async def slow_accept(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.3)  # anything sent early would have arrived by now
+        early = b""
+        with contextlib.suppress(asyncio.TimeoutError):
+            early = await asyncio.wait_for(reader.read(65536), 0.2)
+        events.append(("before 101", early))
+        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")][0]
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+        events.append(("after 101", await asyncio.wait_for(reader.read(65536), 2)))
+        writer.close()
+
+    srv, url = await raw_upstream(slow_accept)
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token) + b"GET /people/admin HTTP/1.1\r\n\r\n")
+            head = await read_head(reader)
+            await eventually(lambda: len(events) == 2)
+            writer.close()
+    finally:
+        srv.close()
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert events == [("before 101", b""),
+                      ("after 101", b"GET /people/admin HTTP/1.1\r\n\r\n")]
+
+
+async def raw_answering(answer: bytes):
+    async def serve(reader, writer):
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(answer)
+            await writer.drain()
+            await asyncio.sleep(1)
+        writer.close()
+    return await raw_upstream(serve)
+
+
+@pytest.mark.parametrize("path", ["/people/x", "/ws/x"])
+async def test_an_upstream_101_to_a_request_that_did_not_ask_is_a_502(redis_url, monkeypatch,
+                                                                      path):
+    srv, url = await raw_answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                   b"Connection: Upgrade\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n")
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            async with g.proxy.get(path, headers=bearer(token)) as r:
+                assert r.status == 502
+                assert (await r.json())["error"]["code"] == "upstream_unavailable"
+    finally:
+        srv.close()
+
+
+async def test_an_upstream_101_with_a_wrong_accept_is_a_502(redis_url, monkeypatch):
+    srv, url = await raw_answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                   b"Connection: Upgrade\r\nSec-WebSocket-Accept: bm9wZQ==\r\n"
+                                   b"\r\n")
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token))
+            _, got = await closed_within(reader, 3.0)
+            writer.close()
+            assert got.startswith(b"HTTP/1.1 502 ")
+            assert await g.used() == 1  # it reached the upstream: counted, like any 502 then
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n"])
+async def test_a_handshake_with_a_body_is_refused(redis_url, monkeypatch, framing):
+    async with ws_upstream() as (url, seen), gateway(redis_url, monkeypatch, url) as g:
+        token, _ = await g.key()
+        reader, writer = await g.raw_connection()
+        body = b"hello" if framing.startswith(b"Content") else b"5\r\nhello\r\n0\r\n\r\n"
+        writer.write(handshake("/ws/x", token, framing) + body)
+        _, got = await closed_within(reader, 3.0)
+        writer.close()
+        assert got.startswith(b"HTTP/1.1 400 ")
+        assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"
+        assert seen == [] and await g.used() == 0
+
+
+# --- lifetime, limits, log ---------------------------------------------------------------------
+
+async def test_an_idle_tunnel_is_closed_after_the_idle_timeout(redis_url, monkeypatch):
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url, idle=0.6) as g:
+        token, _ = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token),
+                                         autoping=False, heartbeat=None) as ws:
+                for _ in range(4):  # traffic keeps it open past the timeout
+                    await asyncio.sleep(0.3)
+                    await ws.send_str("x")
+                    assert (await ws.receive(timeout=2)).data == "echo:x"
+                started = time.monotonic()
+                msg = await ws.receive(timeout=5)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)
+                assert 0.4 < time.monotonic() - started < 3
+
+
+async def test_an_open_tunnel_holds_one_of_the_upstreams_connections(redis_url, monkeypatch):
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url, upstream_max=1,
+                                                  upstream_timeout=0.5) as g:
+        token, _ = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws:
+                async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                    assert r.status == 504  # waited for the one connection, held by the tunnel
+                await ws.send_str("still")
+                assert (await ws.receive(timeout=5)).data == "echo:still"
+        async def answered() -> bool:
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                return r.status == 200
+        await eventually(answered)
+
+
+async def test_one_access_line_when_the_tunnel_ends(redis_url, monkeypatch, capfd):
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url) as g:
+        token, key = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/log"), headers=bearer(token)) as ws:
+                await asyncio.sleep(0.2)
+                await ws.send_bytes(b"a" * 1000)
+                await ws.receive(timeout=5)
+                assert [e for e in json_lines(g.logs(capfd)[1]) if e["path"] == "/ws/log"] == []
+        await asyncio.sleep(0.2)
+
+        def line():
+            found = [e for e in json_lines(g.logs(capfd)[1]) if e["path"] == "/ws/log"]
+            return found or None
+        (entry,) = await eventually(line)
+        assert entry["status"] == 101 and entry["key_id"] == key["id"]
+        assert entry["duration_ms"] >= 200
+        assert entry["bytes_in"] >= 1000 and entry["bytes_out"] >= 1000
+        g.metrics.flush()
+        assert g.counter("keygate_requests_total", route="/ws/**", method="GET",
+                         status_class="1xx") == 1
+        # the latency histogram has the handshake's time, not the tunnel's life
+        assert g.counter("keygate_request_duration_seconds_count", route="/ws/**") == 1
+        assert g.counter("keygate_request_duration_seconds_sum", route="/ws/**") < 0.2
+
+
+async def test_backpressure_both_ways_bounds_what_keygate_buffers(redis_url, monkeypatch):
+    """An upstream flooding a client that does not read (and a client flooding an upstream
+    that does not read): keygate stops reading the sender instead of buffering it all."""
+    big = 32 * 1024 * 1024
+    state: dict = {}
+
+    async def flood(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")][0]
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+        writer.write(b"\x00" * big)  # never read by the client
+        state["upstream_writer"] = writer
+        await asyncio.sleep(10)  # never reads what the client sends
+        writer.close()
+
+    srv, url = await raw_upstream(flood)
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token))
+            await read_head(reader)
+            writer.write(b"\x01" * big)
+            await asyncio.sleep(1.0)
+            # most of each flood is still with its sender: keygate paused reading it
+            assert state["upstream_writer"].transport.get_write_buffer_size() > big // 2
+            assert writer.transport.get_write_buffer_size() > big // 2
+            writer.transport.abort()
+    finally:
+        srv.close()
+
+
+# --- a key revoked or disabled while its tunnel is open ----------------------------------------
+
+@pytest.mark.parametrize("change", ["revoke", "disable", "rescope"])
+async def test_a_tunnel_closes_soon_after_its_key_stops_allowing_it(redis_url, monkeypatch,
+                                                                   change):
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url) as g:
+        g.gw.pipeline.tunnels.every = 0.3
+        token, key = await g.key()
+        other, _ = await g.key(name="other")
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws, \
+                    client.ws_connect(ws_url(g, "/ws/y"), headers=bearer(other)) as kept:
+                await ws.send_str("a")
+                assert (await ws.receive(timeout=5)).data == "echo:a"
+                path = f"/workspaces/acme/keys/{key['id']}"
+                status, body = (await g.admin_json("POST", path + "/revoke") if change == "revoke"
+                                else await g.admin_json("PATCH", path, {"enabled": False})
+                                if change == "disable" else
+                                await g.admin_json("PATCH", path, {"scopes": ["x:y"]}))
+                assert status == 200, body
+                started = time.monotonic()
+                msg = await ws.receive(timeout=5)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)
+                assert time.monotonic() - started < 3
+                await kept.send_str("still")  # another key's tunnel stays open
+                assert (await kept.receive(timeout=5)).data == "echo:still"
+
+
+async def test_an_open_tunnel_holds_its_place_under_server_max_connections(redis_url,
+                                                                         monkeypatch):
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  max_connections=1) as g:
+        token, _ = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws:
+                reader, writer = await g.raw_connection()
+                closed, _ = await closed_within(reader, 2.0)
+                writer.close()
+                assert closed  # over the bound while the tunnel is open
+                await ws.send_str("on")
+                assert (await ws.receive(timeout=5)).data == "echo:on"
+
+
+async def test_stopping_the_gateway_closes_open_tunnels_at_once(redis_url, monkeypatch):
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url) as g:
+        token, _ = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws:
+                started = time.monotonic()
+                stopping = asyncio.ensure_future(g.proxy_server.close())
+                msg = await ws.receive(timeout=5)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)
+                await asyncio.wait_for(stopping, 5)
+                assert time.monotonic() - started < 3
+
+
+async def test_a_tunnel_to_an_https_upstream(redis_url, monkeypatch, self_signed):
+    import ssl
+    cert, key_file = self_signed
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key_file)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_bytes(msg.data)
+        return ws
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx).start()
+        url = f"https://127.0.0.1:{runner.addresses[0][1]}"
+        config = ws_config(url)
+        config = dataclasses.replace(config, upstreams={
+            "api": Upstream("api", url, 2.0, ca_file=str(cert))})
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace()
+            token, _ = await g.key()
+            async with aiohttp.ClientSession() as client:
+                async with client.ws_connect(ws_url(g, "/ws/tls"), headers=bearer(token)) as ws:
+                    payload = os.urandom(3 * 1024 * 1024)
+                    await ws.send_bytes(payload)
+                    assert (await ws.receive(timeout=10)).data == payload
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_handshake_without_a_valid_key_is_a_400(redis_url, monkeypatch):
+    async with ws_upstream() as (url, seen), gateway(redis_url, monkeypatch, url) as g:
+        token, _ = await g.key()
+        for key in (b"short", b"not base64 at all!!!!!!!"):
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token, key=key))
+            head = await read_head(reader)
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 400 "), head
+        assert seen == [] and await g.used() == 0
+
+
+async def test_a_rate_limited_handshake_is_a_429_and_opens_nothing(redis_url, monkeypatch):
+    async with ws_upstream() as (url, seen), gateway(redis_url, monkeypatch, url) as g:
+        token, _ = await g.key(rate_limit="1/m")
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)):
+                pass
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token))
+        assert refused.value.status == 429 and "Retry-After" in refused.value.headers
+        assert len(seen) == 1 and await g.used() == 1
+
+
+async def test_a_handshake_to_an_unreachable_upstream_is_a_502_and_not_counted(redis_url,
+                                                                              monkeypatch):
+    from conftest import free_port
+    async with gateway(redis_url, monkeypatch, f"http://127.0.0.1:{free_port()}") as g:
+        token, _ = await g.key()
+        async with aiohttp.ClientSession() as client:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token))
+        assert refused.value.status == 502
+        assert await g.used() == 0
