@@ -4,7 +4,11 @@ list cursors, the CLI's ``--meta``). No imports beyond the standard library: the
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_BRACKET = re.compile(rb"[\[\]{}]")
 
 
 def _not_json(text: str) -> float:
@@ -34,12 +38,40 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return data
 
 
-def strict_json(raw: bytes | str) -> Any:
+class TooDeep(ValueError):
+    """JSON nested deeper than the reader was asked to take."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"nested more than {limit} levels deep")
+        self.limit = limit
+
+
+def nesting(raw: bytes) -> int:
+    """How deep the arrays and objects of ``raw`` nest (strings skipped), without recursion:
+    Python's reader nests by recursing, so how deep it can go depends on how deep the stack
+    already is where it runs, and past that it fails as if the text were not JSON."""
+    depth = deepest = 0
+    for m in _BRACKET.finditer(_STRING.sub(b'""', raw)):
+        if m.group() in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def strict_json(raw: bytes | str, max_depth: int | None = None) -> Any:
     """JSON as RFC 8259 has it: Python's reader also takes NaN, Infinity and numbers that
     overflow to infinity, which ``meta`` would store and every later answer would carry as bare
     ``NaN`` (not JSON: the console and jq could no longer read the listing). And no name twice
     in one object (:class:`RepeatedName`): Python keeps the last, other readers the first, so
     a log, a proxy in front or a reviewer could read ``scopes`` as one list while the key got
-    the other. ValueError (or RecursionError) for anything else."""
+    the other. With ``max_depth``, :class:`TooDeep` for arrays and objects nested deeper, so
+    the answer never depends on the caller's stack. ValueError (or RecursionError) for anything
+    else."""
+    if max_depth is not None:
+        data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+        if nesting(data) > max_depth:
+            raise TooDeep(max_depth)
     return json.loads(raw, parse_constant=_not_json, parse_float=_finite,
                       object_pairs_hook=_unique)

@@ -319,6 +319,28 @@ def strict_json(raw: bytes):
     return json.loads(raw, parse_constant=refuse)
 
 
+def test_a_deeply_nested_body_gets_the_same_answer_however_deep_the_stack_it_is_read_on():
+    """Python's JSON reader nests by recursing: a body nested ~900 deep was 'not valid JSON'
+    when read on a deep stack (a test runner's worker) and 'nested more than 32 levels'
+    otherwise. Its depth is now judged before it is read."""
+    from gateway.admin.validate import parse_body
+    from gateway.errors import BadRequest
+    body = b'{"name": "deep", "meta": {"a": ' + b"[" * 900 + b"]" * 900 + b"}}"
+
+    def answer(depth: int) -> str:
+        if depth:
+            return answer(depth - 1)
+        with pytest.raises(BadRequest) as caught:
+            parse_body(body, ("name", "meta"))
+        return str(caught.value)
+
+    shallow, deep = answer(0), answer(900)
+    assert shallow == deep and "32 levels" in shallow
+    # as deep as meta may be, and a string holding brackets, still read
+    ok = b'{"meta": ' + b'{"a": ' * 31 + b'"[[[{{"' + b"}" * 31 + b"}"
+    assert parse_body(ok, ("meta",))["meta"]
+
+
 async def test_meta_nested_as_deep_as_4_kib_allows_is_400_and_listings_still_answer(gut):
     # 4 KiB of '[' nests ~938 deep: the request's reader took it, but a listing read back on a
     # deeper call stack (self-service, on the proxy listener) answered 500 for every key

@@ -15,7 +15,7 @@ from ..errors import BadRequest, shown
 from ..models import (LIMIT_FIELDS, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
                       whole_second)
 from ..store import WORKSPACE_ID_RE
-from ..strictjson import RepeatedName, strict_json
+from ..strictjson import RepeatedName, TooDeep, strict_json
 from ..trust import as_network
 
 MAX_NAME = 200
@@ -37,7 +37,10 @@ def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        data = strict_json(raw)
+        data = strict_json(raw, max_depth=MAX_META_DEPTH + 1)  # a body holding meta: +1
+    except TooDeep:
+        raise BadRequest(f"The request body's JSON is nested more than {MAX_META_DEPTH} "
+                         "levels deep (the most a field such as 'meta' may hold).") from None
     except RepeatedName as exc:
         raise BadRequest(f"The request body gives '{shown(exc.name)}' more than once in one "
                          "object; give each field once.") from None
