@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -50,6 +51,17 @@ STANDARD_METRICS = {
     "process_open_fds": "gauge",
     "python_info": "gauge",
 }
+
+
+_TOKEN_IN_ID = re.compile(r"[A-Za-z0-9]{20,}")  # a token, a secret or a piece of one
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    """Test ids never carry a token made at import (a new one each run): the same ids in
+    every process that collects the suite (pytest -n), and none in a log."""
+    if isinstance(val, str) and _TOKEN_IN_ID.search(val):
+        return _TOKEN_IN_ID.sub(lambda m: f"<{len(m.group(0))}>", val)
+    return None
 
 
 def pytest_collection_finish(session) -> None:
