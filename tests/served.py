@@ -147,6 +147,14 @@ def embedded_pid(data_dir: str) -> int:
     return int(Path(data_dir, "redis.pid").read_text().strip())
 
 
+def embedded_started(data_dir: str) -> bool:
+    """The embedded redis-server has written its pid (it creates the file, then writes it)."""
+    try:
+        return Path(data_dir, "redis.pid").read_text().strip() != ""
+    except OSError:
+        return False
+
+
 async def admin_json(s: ClientSession, base: str, method: str, path: str,
                      body: Any = None) -> tuple[int, Any]:
     async with s.request(method, base + "/admin/v1" + path, json=body,

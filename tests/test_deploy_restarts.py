@@ -18,7 +18,7 @@ import pytest
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
 from harness import eventually, serving
-from served import ADMIN_TOKEN, Served, admin_json, write_config
+from served import ADMIN_TOKEN, Served, admin_json, embedded_started, write_config
 
 TIMEOUT = ClientTimeout(total=20)
 WORKSPACES = 6
@@ -558,7 +558,7 @@ async def test_sigterm_while_serve_is_starting_is_a_clean_stop(tmp_path, redis_u
         if workers == 1:  # the embedded store: its pid file says serve is past its own start
             config, pport, aport = write_config(tmp_path, data_dir=data_dir)
             gw = Served(config, pport, aport)
-            started = lambda: Path(data_dir, "redis.pid").exists()  # noqa: E731
+            started = lambda: embedded_started(data_dir)  # noqa: E731
         else:  # the workers are forked and starting
             config, pport, aport = write_config(tmp_path, redis_url=redis_url)
             gw = Served(config, pport, aport, "--workers", "2")
@@ -613,7 +613,6 @@ async def test_sigterm_while_the_embedded_store_cannot_start_stops_at_once(tmp_p
     signal: exit 0 at once, the server it started stopped. Here the server is frozen
     (SIGSTOP) as it starts; serve used to wait out the start timeout (10 s), then exit 1."""
     import shutil
-    from pathlib import Path
 
     from served import alive, embedded_pid, short_data_dir
     data_dir = short_data_dir()
@@ -621,7 +620,7 @@ async def test_sigterm_while_the_embedded_store_cannot_start_stops_at_once(tmp_p
         config, pport, aport = write_config(tmp_path, data_dir=data_dir)
         gw = Served(config, pport, aport)
         try:
-            assert await eventually(lambda: Path(data_dir, "redis.pid").exists(), every=0.002), \
+            assert await eventually(lambda: embedded_started(data_dir), every=0.002), \
                 gw.stderr()
             server = embedded_pid(data_dir)
             os.kill(server, signal.SIGSTOP)
