@@ -76,6 +76,12 @@ def pytest_collection_finish(session) -> None:
 _HANDED_OUT: set[int] = set()
 
 
+# Under pytest -n N, worker gwI hands out only ports p with p % N == I: the kernel may offer
+# two workers the same free port, one of which would find it taken when it binds.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % _WORKERS
+
+
 def free_port() -> int:
     """A loopback port nothing listens on, never one this test run handed out before: the
     kernel may offer the same free port twice in a row, and a test that asked for a proxy and
@@ -84,7 +90,7 @@ def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
+        if port not in _HANDED_OUT and port % _WORKERS == _WORKER:
             _HANDED_OUT.add(port)
             return port
 
@@ -130,6 +136,9 @@ class RedisServer:
 def redis_server_url() -> Iterator[str]:
     """The session's Redis: KEYGATE_TEST_REDIS_URL, or a redis-server started for the run."""
     if url := os.environ.get("KEYGATE_TEST_REDIS_URL"):
+        if _WORKERS > 1:  # pytest -n N: each worker flushes a database of its own
+            from urllib.parse import urlsplit, urlunsplit
+            url = urlunsplit(urlsplit(url)._replace(path=f"/{_WORKER}"))
         yield url
         return
     d = tempfile.mkdtemp(prefix="keygate-test-redis-")
