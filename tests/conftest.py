@@ -76,8 +76,9 @@ def pytest_collection_finish(session) -> None:
 _HANDED_OUT: set[int] = set()
 
 
-# Under pytest -n N, worker gwI hands out only ports p with p % N == I: the kernel may offer
-# two workers the same free port, one of which would find it taken when it binds.
+# Under pytest -n N, worker gwI hands out only ports p with (p // 2) % N == I: the kernel may
+# offer two workers the same free port, one of which would find it taken when it binds.
+# (p // 2: Linux hands out ports of one parity to bind(0), the other to connect().)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % _WORKERS
 
@@ -90,7 +91,7 @@ def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port not in _HANDED_OUT and port % _WORKERS == _WORKER:
+        if port not in _HANDED_OUT and (port // 2) % _WORKERS == _WORKER:
             _HANDED_OUT.add(port)
             return port
 
