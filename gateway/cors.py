@@ -30,7 +30,7 @@ from aiohttp import web
 from multidict import CIMultiDict, istr
 
 from .errors import GatewayError
-from .reserved import KEYS, USAGE
+from .reserved import KEYS, RESERVED, USAGE
 
 if TYPE_CHECKING:
     from .routes import RouteTable
@@ -142,6 +142,8 @@ class CorsPolicy:
         if raw_path == KEYS or raw_path.startswith(KEYS + "/"):
             served = _self_service_methods(raw_path[len(KEYS):])
             return (KEYS, served) if method in served else None
+        if raw_path.startswith(RESERVED):  # never a route's, though a glob like '/**' matches
+            return None                    # it (verify is the front proxy's to preflight)
         route = _forwarding_route(routes, method, raw_path)
         if route is None:
             return None
