@@ -30,7 +30,7 @@ from aiohttp import web
 from multidict import CIMultiDict, istr
 
 from .errors import GatewayError
-from .reserved import KEYS, USAGE
+from .reserved import KEYS, RESERVED, USAGE
 
 if TYPE_CHECKING:
     from .routes import RouteTable
@@ -50,7 +50,7 @@ RESPONSE_NAMES = tuple(istr("Access-Control-" + n) for n in (
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")  # an RFC 9110 token
 # what a browser sends as an Origin (scheme://host[:port], host IDNA-encoded): echoed for
 # allow_origins '*' only when it has this shape
-_ORIGIN_SHAPE = re.compile(r"[a-z][a-z0-9+.-]*://(?:[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
+_ORIGIN_SHAPE = re.compile(r"[a-z][a-z0-9+.-]*://(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
 ALWAYS_ALLOWED = ("Authorization", "Content-Type", "X-Request-Id")
 ALWAYS_EXPOSED = ("RateLimit", "RateLimit-Policy", "Retry-After", "X-Request-Id")
 
@@ -142,6 +142,8 @@ class CorsPolicy:
         if raw_path == KEYS or raw_path.startswith(KEYS + "/"):
             served = _self_service_methods(raw_path[len(KEYS):])
             return (KEYS, served) if method in served else None
+        if raw_path.startswith(RESERVED):  # never a route's, though a glob like '/**' matches
+            return None                    # it (verify is the front proxy's to preflight)
         route = _forwarding_route(routes, method, raw_path)
         if route is None:
             return None

@@ -746,10 +746,13 @@ def test_cors_origins_are_kept_as_browsers_send_them(tmp_path: Path) -> None:
         routes: [{path: /x, upstream: crm}]
         cors:
           allow_origins: ["HTTPS://App.Example:443", "http://localhost:3000",
-                          "http://[::1]:80", "capacitor://localhost"]
+                          "http://[::1]:80", "capacitor://localhost",
+                          "http://Web_App:3000"]
     """)))
+    # a name with '_' (a Compose service, say) is one browsers send as is
     assert config.cors.allow_origins == ("https://app.example", "http://localhost:3000",
-                                         "http://[::1]", "capacitor://localhost")
+                                         "http://[::1]", "capacitor://localhost",
+                                         "http://web_app:3000")
     assert (config.cors.max_age, config.cors.allow_credentials) == (600, False)
     assert load_config(write(tmp_path, UPSTREAM)).cors is None
 

@@ -273,8 +273,32 @@ async def test_any_origin_echoes_a_well_formed_origin_never_a_star(upstream_url,
     url, _ = upstream_url
     async with gateway_under_test(cors_config(url, allow_origins="*"), redis_url,
                                   monkeypatch) as g:
-        _, headers, _ = await raw(g, request("GET", "/health", Origin=EVIL))
-        assert headers[b"access-control-allow-origin"] == [EVIL.encode()]
+        for origin in (EVIL, "http://web_app:3000"):  # '_': Chromium sends such names as is
+            _, headers, _ = await raw(g, request("GET", "/health", Origin=origin))
+            assert headers[b"access-control-allow-origin"] == [origin.encode()]
         for odd in ("null", "https://a.example/x", "https://a.example, https://b.example"):
             _, headers, _ = await raw(g, request("GET", "/health", Origin=odd))
             assert cors_headers(headers) == {}, odd
+
+
+async def test_a_catch_all_route_does_not_answer_preflights_under_keygates_prefix(
+        upstream_url, redis_url, monkeypatch):
+    # '/**' matches '/_keygate/...' too, but no route ever serves that prefix: a preflight
+    # there must not be answered as the catch-all's (a 204 from verify reads as "allowed" to
+    # a front proxy, which then forwards that OPTIONS without a key)
+    url, seen = upstream_url
+    config = make_config(url, routes=ROUTES + (Route("/**", "api", ("GET", "POST"), ()),),
+                         cors=CorsConfig(allow_origins=(APP,)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        for path in ("/_keygate/v1/verify", "/_keygate/v1/verify/people/1",
+                     "/_keygate/v1/other"):
+            status, headers, _ = await raw(g, request("OPTIONS", path, **PREFLIGHT))
+            assert status != b"HTTP/1.1 204 No Content", path
+            assert b"access-control-allow-methods" not in headers, path
+        # keygate's own endpoints still are, and a path outside the prefix is the catch-all's
+        _, headers, _ = await raw(g, request("OPTIONS", "/_keygate/v1/usage", **PREFLIGHT))
+        assert headers[b"access-control-allow-methods"] == [b"GET, HEAD"]
+        status, headers, _ = await raw(g, request("OPTIONS", "/other", **PREFLIGHT))
+        assert status == b"HTTP/1.1 204 No Content"
+        assert headers[b"access-control-allow-methods"] == [b"GET, HEAD, POST"]
+        assert seen == []

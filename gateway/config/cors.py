@@ -15,8 +15,8 @@ from .schema import SchemaReader
 
 MAX_AGE = 86400  # Firefox's cap on a cached preflight; Chromium's is 7200
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
-_HOST = re.compile(r"[a-z0-9.-]+|\[[0-9a-f:.]+\]")  # a name (IDNA-encoded, as browsers send
-# it) or an IPv6 literal; no userinfo, no path
+_HOST = re.compile(r"[a-z0-9_.-]+|\[[0-9a-f:.]+\]")  # a name (IDNA-encoded, as browsers send
+# it; '_' too, which browsers take in a name) or an IPv6 literal; no userinfo, no path
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
