@@ -28,7 +28,7 @@ from gateway.store.request import Slot
 from gateway.tokens import make_token
 
 from conftest import free_port, redis_server_binary
-from harness import bearer, gateway_under_test, make_config
+from harness import bearer, eventually, gateway_under_test, make_config
 
 DATA_PW = "data-pw-0123"          # the data nodes' requirepass
 SENTINEL_PW = "sentinel-pw-4567"  # the Sentinel's own requirepass
@@ -239,6 +239,39 @@ async def test_sentinel_gateway_serves_follows_failover_and_revokes(
         n = redis.Redis(port=sentinel_group["replica"], password=DATA_PW)
         assert n.hget(f"kg:key:{{acme}}:{key['id']}", "revoked_at")
         n.close()
+
+
+async def test_a_sentinel_clients_loose_first_skew_reading_is_read_again_soon(
+        sentinel_group, monkeypatch) -> None:
+    """As for a standalone connection (test_store_faults): the first TIME reading is used
+    whatever its round trip; one stretched by a 1 s stall of the loop read this host's clock,
+    0.9 s behind Redis's, as right, and was kept for a minute. It is taken again soon."""
+    import types
+    from gateway.store import clients
+    behind = 0.9
+    monkeypatch.setattr(clients, "time", types.SimpleNamespace(
+        time=lambda: time.time() - behind, monotonic=time.monotonic))
+    client = clients.TopologyClient(sentinel_group["url"], timeout=2.0)
+    read_time, stalls = client.redis.time, [1]
+
+    async def stalled_once():  # the reply is in; the loop stalls before it is read
+        reply = await read_time()
+        if stalls:
+            time.sleep(stalls.pop())
+        return reply
+    client.redis.time = stalled_once
+    try:
+        async def offset_known():
+            return client.clock_offset is not None  # reading it starts a measurement
+        assert await eventually(offset_known)
+        assert client.clock_skew == 0.0  # the loose reading: no skew beyond its round trip
+
+        async def skew_right():
+            client.clock_offset  # noqa: B018  (as every request reads it)
+            return abs(client.clock_skew - behind) < 0.05
+        assert await eventually(skew_right, timeout=4), client.clock_skew
+    finally:
+        await client.close()
 
 
 async def test_sentinel_down_is_503_and_not_ready(upstream, monkeypatch) -> None:

@@ -781,6 +781,34 @@ async def test_the_skew_to_redis_s_clock_is_read_again_every_minute(own_redis, m
         await client.close()
 
 
+async def test_a_first_skew_reading_across_a_stall_is_read_again_soon(own_redis, monkeypatch):
+    """A connection's first reading of Redis's clock is used whatever its round trip, and a
+    round trip is all it pins the skew down to: this host's clock 0.9 s behind Redis's, a
+    1 s stall of the loop between TIME and its reply read as "no skew" (0.9 s wrong). Kept
+    until the next reading a minute later, every time decision of this replica was 0.9 s off
+    the others' (a 1/s rate let through up to ~2 in a second). A reading that loose is taken
+    again within a couple of seconds."""
+    import types
+    from gateway.store import resp as resp_module
+    behind = 0.9  # this host's wall clock against Redis's (on this host: the same clock)
+    monkeypatch.setattr(resp_module, "time", types.SimpleNamespace(
+        time=lambda: time.time() - behind, monotonic=time.monotonic))
+    client = resp_module.RespClient(own_redis.url, timeout=0.4)
+    connected = client._connected
+
+    def stalled(task):  # the loop stalls after TIME is sent, before its reply is read
+        time.sleep(1.0)
+        connected(task)
+    client._connected = stalled
+    try:
+        await client.call("PING")
+        await eventually(lambda: client.clock_offset is not None)
+        assert await eventually(lambda: abs(client.clock_skew - behind) < 0.05, timeout=4), \
+            client.clock_skew
+    finally:
+        await client.close()
+
+
 async def test_a_ledger_write_that_timed_out_on_a_stopped_redis_counts_once(
         upstream, own_redis, monkeypatch):
     """A write of the fail-open ledger that times out on a stopped Redis still sits in

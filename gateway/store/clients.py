@@ -21,8 +21,8 @@ from typing import Any, Protocol, Sequence
 
 from redis.exceptions import NoScriptError
 
-from .resp import (CLOCK_READING_MAX_RTT, RespClient, RespError, _bulk, _bulk_str4, _encode,
-                   clock_offset, clock_skew)
+from .resp import (CLOCK_READ_AGAIN_AFTER, CLOCK_READING_MAX_RTT, RespClient, RespError, _bulk,
+                   _bulk_str4, _encode, clock_offset, clock_skew)
 from .scripts import Script
 
 OFFSET_MAX_AGE = 60.0  # seconds between clock-offset measurements on a topology
@@ -184,6 +184,8 @@ class TopologyClient:
             if arrived - sent <= CLOCK_READING_MAX_RTT or not self._skew_known:
                 self.clock_skew = clock_skew(reply, sent, arrived)
                 self._skew_known = True
+            if arrived - sent > CLOCK_READING_MAX_RTT:  # too loose: read again soon
+                self._offset_at = time.monotonic() - OFFSET_MAX_AGE + CLOCK_READ_AGAIN_AFTER
         except Exception:  # the store is down: keep the last offset, try again next call
             pass
         finally:

@@ -76,9 +76,12 @@ def clock_offset(time_reply: Any, arrived: float) -> float:
 # timer: nothing per request), so a host's wall clock stepped or drifting since the last
 # reading is followed within a minute.
 CLOCK_MAX_AGE = 60.0
-# A TIME reading whose round trip took longer than this (Redis or the network stalled) pins
-# Redis's clock down too loosely: a known skew is kept instead.
+# A TIME reading whose round trip took longer than this (Redis, the network or this loop
+# stalled) pins Redis's clock down too loosely: a known skew is kept instead (the first one
+# is used, being all there is), and the clock is read again CLOCK_READ_AGAIN_AFTER s later,
+# not a minute later.
 CLOCK_READING_MAX_RTT = 0.5
+CLOCK_READ_AGAIN_AFTER = 1.0
 # Clocks that agree this closely (beyond the reading's own round trip) count as agreeing:
 # TIME has µs resolution, and keygate's finest time decision is the rate log's ms.
 CLOCK_TOLERANCE = 0.001
@@ -356,6 +359,9 @@ class RespClient:
             if arrived - sent <= CLOCK_READING_MAX_RTT or not self._skew_known:
                 self.clock_skew = clock_skew(fut.result(), sent, arrived)
                 self._skew_known = True
+            if arrived - sent > CLOCK_READING_MAX_RTT:  # too loose: the watchdog reads again
+                self._clock_asked_at = (time.monotonic() - CLOCK_MAX_AGE
+                                        + CLOCK_READ_AGAIN_AFTER)
         except (TypeError, ValueError):
             pass
 
