@@ -196,8 +196,9 @@ class _JsonErrorRequestHandler(RequestHandler):
             chunked = chunked or message.chunked
             size = _head_size(message)
             if size > HEAD_MAX:
-                self._refuse_head(i)
+                self._refuse_head(i)  # (drops what is queued behind it)
                 refused = True
+                break
             consumed += size + payload.total_bytes
         self._head_bytes = 0
         if not (refused or chunked) and queued and queued[-1][1].is_eof():  # a next head
@@ -218,8 +219,8 @@ class _JsonErrorRequestHandler(RequestHandler):
                     return
 
     def _refuse_head(self, index: int | None) -> None:
-        """Answer a head over ``HEAD_MAX`` (queued at ``index``, or still coming in) with 400,
-        in its turn, and parse nothing after it; the connection closes once it is answered."""
+        """Refuse a head over ``HEAD_MAX`` (queued at ``index``, or still coming in) with 400
+        and parse nothing after it; the connection closes after the next answer."""
         exc = HeadTooLarge()
         refusal = (_ERR_INFO(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)
         if index is None:
@@ -231,7 +232,10 @@ class _JsonErrorRequestHandler(RequestHandler):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        self.close()  # aiohttp parses nothing more; the answers queued still go out
+        # aiohttp parses nothing more, and answers only the request under way or else the
+        # next queued: that answer says Connection: close (the refusal itself when it is
+        # next), and a pipelining client sends what it queued behind again
+        self._close_after_chunked(0 if self._request_in_progress else 1)
 
     def _rest_of_a_body_at_stop(self) -> bool:
         body = self._last_payload
