@@ -269,6 +269,58 @@ async def test_heads_over_32_kib_are_refused_however_they_arrive_and_heads_under
         writer.close()
 
 
+async def test_a_head_begun_in_the_read_that_ends_a_long_one_is_counted_from_its_start(
+        redis_url, upstream, monkeypatch):
+    """A read that ends a head begun in earlier reads and begins the next: the next head's
+    bytes in it were counted less the first head's earlier part, so a head grew to ~62 KiB
+    unrefused and was held until the header timeout."""
+    config = edge_config(str(upstream.make_url("")), timeouts=Timeouts(header=30, body=30,
+                                                                       idle=30))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        start = b"GET /public/x HTTP/1.1\r\nHost: g\r\n"
+        first = start + _fields(30 * 1024) + b"\r\n"
+        reader, writer = await g.raw_connection()
+        writer.write(first[:-10])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(first[-10:] + start + _fields(20 * 1024))  # 20 KiB of the next head
+        assert (await _answer(reader))[0] == 200
+        writer.write(_fields(13 * 1024))                        # and 13 KiB more: 33 KiB
+        closed, answer = await closed_within(reader, 3.0)
+        writer.close()
+        assert closed, "a head of 33 KiB under way was held"
+        assert b" 400 " in answer.partition(b"\r\n")[0], answer[:100]
+        assert len(upstream.requests) == 1
+
+
+async def test_a_head_over_32_kib_pipelined_behind_a_request_under_way_closes_after_its_answer(
+        redis_url, monkeypatch):
+    """Once a connection closes, aiohttp answers only the request under way: the 400 queued
+    behind it never went out, and the answer before the close said keep-alive. That answer
+    now says Connection: close, so the client knows to send the rest again."""
+    release = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.path == "/public/slow":
+            await release.wait()
+        return web.Response(text="ok")
+
+    async with serving(answer) as url:
+        config = edge_config(url, timeouts=Timeouts(header=30, body=30, idle=30))
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            reader, writer = await g.raw_connection()
+            writer.write(b"GET /public/slow HTTP/1.1\r\nHost: g\r\n\r\n"
+                         b"GET /public/x HTTP/1.1\r\nHost: g\r\n" + _fields(34 * 1024))
+            await writer.drain()
+            await asyncio.sleep(0.3)
+            release.set()
+            closed, answers = await closed_within(reader, 5.0)
+            writer.close()
+            assert closed
+            head = answers.partition(b"\r\n\r\n")[0]
+            assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in head, head
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
 async def test_requests_pipelined_behind_a_slow_one_hold_at_most_32_kib_of_heads(
         redis_url, monkeypatch):

@@ -87,6 +87,7 @@ class _JsonErrorRequestHandler(RequestHandler):
     _before = b""     # the connection's read before the latest (its last _RECENT bytes)
     _latest = b""     # and its latest (likewise)
     _head_bytes = 0   # bytes received of the request head under way (see _count_head)
+    _head_from = 0    # the connection's request count when that head began
     _tunnel = None    # the WebSocket tunnel this connection became (gateway.proxying.tunnel)
 
     def connection_made(self, transport) -> None:
@@ -169,6 +170,9 @@ class _JsonErrorRequestHandler(RequestHandler):
         request is refused and nothing more is parsed, so the parser never holds more."""
         if self._close or self._force_close:
             return
+        if self._head_from != self._request_count:  # the first bytes of a next head
+            self._head_from = self._request_count
+            self._head_bytes = 0
         self._head_bytes += received
         if self._head_bytes > HEAD_MAX:
             self._refuse_head(None)
@@ -181,7 +185,10 @@ class _JsonErrorRequestHandler(RequestHandler):
         chunked body (its framing is no part of ``total_bytes``): ``_judge_chunked_ends``
         drops whatever follows one."""
         queued = self._messages
-        consumed, refused = body_end, False
+        # the first head's bytes received in earlier reads are counted already (not when
+        # requests were parsed outside data_received since: a declined upgrade's tail)
+        earlier = self._head_bytes if self._head_from == self._request_count - new else 0
+        consumed, refused = body_end - earlier, False
         for i in range(max(len(queued) - new, 0), len(queued)):
             message, payload = queued[i]
             if message.__class__ is _ERR_INFO:
@@ -189,12 +196,13 @@ class _JsonErrorRequestHandler(RequestHandler):
             chunked = chunked or message.chunked
             size = _head_size(message)
             if size > HEAD_MAX:
-                self._refuse_head(i)
+                self._refuse_head(i)  # (drops what is queued behind it)
                 refused = True
+                break
             consumed += size + payload.total_bytes
         self._head_bytes = 0
         if not (refused or chunked) and queued and queued[-1][1].is_eof():  # a next head
-            self._count_head(max(received - consumed, 0))
+            self._count_head(max(received - max(consumed, 0), 0))
 
     def _bound_pipelined(self) -> None:
         """Requests a client pipelines wait parsed, heads and all, in aiohttp's queue (up to
@@ -211,8 +219,8 @@ class _JsonErrorRequestHandler(RequestHandler):
                     return
 
     def _refuse_head(self, index: int | None) -> None:
-        """Answer a head over ``HEAD_MAX`` (queued at ``index``, or still coming in) with 400,
-        in its turn, and parse nothing after it; the connection closes once it is answered."""
+        """Refuse a head over ``HEAD_MAX`` (queued at ``index``, or still coming in) with 400
+        and parse nothing after it; the connection closes after the next answer."""
         exc = HeadTooLarge()
         refusal = (_ERR_INFO(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)
         if index is None:
@@ -224,7 +232,10 @@ class _JsonErrorRequestHandler(RequestHandler):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        self.close()  # aiohttp parses nothing more; the answers queued still go out
+        # aiohttp parses nothing more, and answers only the request under way or else the
+        # next queued: that answer says Connection: close (the refusal itself when it is
+        # next), and a pipelining client sends what it queued behind again
+        self._close_after_chunked(0 if self._request_in_progress else 1)
 
     def _rest_of_a_body_at_stop(self) -> bool:
         body = self._last_payload
