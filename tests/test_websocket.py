@@ -271,6 +271,66 @@ async def test_bytes_sent_before_the_101_reach_the_upstream_only_after_it(redis_
                       ("after 101", b"GET /people/admin HTTP/1.1\r\n\r\n")]
 
 
+async def test_more_than_a_head_sent_before_the_101_and_after_it_all_reach_the_upstream(
+        redis_url, monkeypatch):
+    """A client that streams its first frames without waiting for the 101: more than a
+    request head's bound (32 KiB) of them, held while the upstream decides, must not be taken
+    for an oversized next request (which left a tunnel deaf to everything sent after)."""
+    early, late = b"\x01" * 40_000, b"\x02" * 200
+    received: list[bytes] = []
+
+    async def slow_accept(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.3)
+        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")][0]
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+        data = b""
+        with contextlib.suppress(asyncio.TimeoutError):
+            while len(data) < len(early + late):
+                more = await asyncio.wait_for(reader.read(65536), 2)
+                if not more:
+                    break
+                data += more
+        received.append(data)
+        writer.close()
+
+    srv, url = await raw_upstream(slow_accept)
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token))
+            await asyncio.sleep(0.05)
+            writer.write(early)
+            head = await read_head(reader)
+            writer.write(late)
+            await eventually(lambda: received)
+            writer.close()
+    finally:
+        srv.close()
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert received == [early + late]
+
+
+async def test_a_head_over_the_bound_behind_a_declined_handshake_is_still_refused(
+        redis_url, monkeypatch):
+    srv, url = await raw_answering(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token) + b"GET /health HTTP/1.1\r\nHost: g\r\n" +
+                         b"X-Pad: %s\r\n" % (b"p" * 8000) * 5 + b"\r\n")
+            _, got = await closed_within(reader, 3.0)
+            writer.close()
+    finally:
+        srv.close()
+    # the declined answer, then the connection closes: the 40 KB head is never parsed
+    assert got.startswith(b"HTTP/1.1 426 ") and got.count(b"HTTP/1.1 ") == 1, got
+
+
 async def raw_answering(answer: bytes):
     async def serve(reader, writer):
         with contextlib.suppress(Exception):
