@@ -541,6 +541,38 @@ async def test_stopping_the_gateway_closes_open_tunnels_at_once(redis_url, monke
                 assert time.monotonic() - started < 3
 
 
+async def test_a_handshake_answered_while_the_gateway_stops_opens_no_tunnel(redis_url,
+                                                                            monkeypatch):
+    """The upstream's 101 arrives after the stop began (the open tunnels were closed then):
+    that tunnel closes at once too, instead of holding the stop until its idle timeout."""
+    async def slow_accept(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.5)
+        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")][0]
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+        with contextlib.suppress(Exception):
+            while await asyncio.wait_for(reader.read(65536), 20):
+                pass
+        writer.close()
+
+    srv, url = await raw_upstream(slow_accept)
+    try:
+        async with gateway(redis_url, monkeypatch, url, idle=20.0) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token))
+            await asyncio.sleep(0.1)  # the handshake waits for the upstream's answer
+            started = time.monotonic()
+            stopping = asyncio.ensure_future(g.proxy_server.close())
+            closed, _ = await closed_within(reader, 5.0)
+            assert closed and time.monotonic() - started < 3
+            await asyncio.wait_for(stopping, 5)
+    finally:
+        srv.close()
+
+
 async def test_a_tunnel_to_an_https_upstream(redis_url, monkeypatch, self_signed):
     import ssl
     cert, key_file = self_signed

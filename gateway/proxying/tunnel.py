@@ -200,8 +200,11 @@ class Tunnel:
         tail, self.conn.tunnel_tail = self.conn.tunnel_tail, b""
         if tail:
             self.to_client(tail)
-        if self.conn.closed or self.client is None or self.client.is_closing():
-            self.end()  # one side went away before the tunnel was up (its tail delivered)
+        if self.conn.closed or self.client is None or self.client.is_closing() or \
+                getattr(self.request.protocol._manager, "stopping", False):
+            # one side went away before the tunnel was up (its tail delivered), or the
+            # gateway is stopping (ProxyServer.pre_shutdown closed the tunnels open then)
+            self.end()
             return
         take_over(self.request, _ClientFeed(self), self)  # the client's early bytes go now
         self.upstream.resume_reading()
