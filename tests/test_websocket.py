@@ -26,6 +26,7 @@ from test_accesslog import json_lines
 from test_upstream import self_signed  # noqa: F401  (a fixture)
 
 WS_ROUTES = (Route("/ws/**", "api", ("GET",), ("people:read",), websocket=True),
+             Route("/people-ws/**", "api", ("GET",), ("people:read",), websocket=True),
              Route("/open/**", "api", ("GET",), (), True, websocket=True),
              Route("/people/**", "api", ("GET",), ("people:read",)),
              Route("/health", "api", ("GET",), (), True))
@@ -54,7 +55,7 @@ async def ws_upstream():
 
     async def handler(request: web.Request) -> web.StreamResponse:
         seen.append(list(request.headers.items()))
-        if request.path.startswith(("/ws/", "/open/")) and \
+        if request.path.startswith(("/ws/", "/open/", "/people-ws/")) and \
                 request.headers.get("Upgrade", "").lower() == "websocket":
             ws = web.WebSocketResponse(protocols=("chat",))
             await ws.prepare(request)
@@ -509,6 +510,35 @@ async def test_a_tunnel_closes_soon_after_its_key_stops_allowing_it(redis_url, m
                                     aiohttp.WSMsgType.ERROR)
                 assert time.monotonic() - started < 3
                 await kept.send_str("still")  # another key's tunnel stays open
+                assert (await kept.receive(timeout=5)).data == "echo:still"
+
+
+@pytest.mark.parametrize("path,changed", [
+    ("/ws/x", Route("/ws/**", "api", ("GET",), ("people:write",), websocket=True)),
+    ("/ws/x", Route("/ws/**", "api", ("GET",), ("people:read",))),
+    ("/open/x", Route("/open/**", "api", ("GET",), ("people:read",), websocket=True)),
+])
+async def test_a_tunnel_closes_soon_after_a_reload_changes_its_route(redis_url, monkeypatch,
+                                                                    path, changed):
+    """A reload that tightens a route (more scopes, no more WebSocket, no longer public)
+    acts on the tunnels open on it as on the next request: they close at the next check."""
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url) as g:
+        g.gw.pipeline.tunnels.every = 0.3
+        token, _ = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, path), headers=bearer(token)) as ws, \
+                    client.ws_connect(ws_url(g, "/people-ws/y"), headers=bearer(token)) as kept:
+                await ws.send_str("a")
+                assert (await ws.receive(timeout=5)).data == "echo:a"
+                config = g.gw.config
+                g.gw.reloader.apply(dataclasses.replace(config, routes=tuple(
+                    changed if r.path == changed.path else r for r in config.routes)))
+                started = time.monotonic()
+                msg = await ws.receive(timeout=5)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)
+                assert time.monotonic() - started < 3
+                await kept.send_str("still")  # a tunnel on a route the reload left alone
                 assert (await kept.receive(timeout=5)).data == "echo:still"
 
 
