@@ -36,7 +36,7 @@ from .proxying.tunnel import TunnelWatch, websocket_handshake
 from .store.request import Decision, RequestStore, Slot
 from .ledger import RETRY_EVERY, LocalLedger
 from .usage import Month, MonthCache, ratelimit_headers, utc_day
-from .models import Principal, rfc3339
+from .models import Principal, Route, rfc3339
 from .routes import RouteTable, check_path, no_route, query_has_token
 from .tokens import adoptable_request_id
 from .tracing import Trace, Tracer
@@ -138,7 +138,7 @@ class Pipeline:
         self.ledger = LocalLedger(requests, self.months, clock,  # fail-open counts
                                   retry_every=ledger_retry)
         self._rate_take_backs: set[asyncio.Task] = set()  # see _counted_after_all
-        self.tunnels = TunnelWatch(self._still_allowed)  # open WebSocket tunnels' keys
+        self.tunnels = TunnelWatch(self._still_allowed, self._route_now)  # open WebSockets
         self.reconfigure(config)
         self._rid_prefix = os.urandom(4).hex()
         self._rid_counter = 0
@@ -260,9 +260,14 @@ class Pipeline:
         trace = outcome.trace
         if public:
             with trace.step("forward"):
-                forward = self.forwarder.tunnel if tunnel else self.forwarder.forward
-                return await forward(request, upstream, None, request_id, {}, trace=trace,
-                                     rules=rules, client_of=self._client_of)
+                if tunnel:  # closed once a reload changes its route (TunnelWatch)
+                    return await self.forwarder.tunnel(
+                        request, upstream, None, request_id, {}, trace=trace, rules=rules,
+                        client_of=self._client_of,
+                        watch=self.tunnels.watch(None, scopes, "", raw_path, route))
+                return await self.forwarder.forward(request, upstream, None, request_id, {},
+                                                    trace=trace, rules=rules,
+                                                    client_of=self._client_of)
         token = self.credential(request)
         # once, before any await: a reload of trusted_proxies must not change it mid-request
         outcome.client = client = self.client_ip(request)
@@ -284,7 +289,8 @@ class Pipeline:
                 if tunnel:  # closed once the key no longer allows it (TunnelWatch)
                     return await self.forwarder.tunnel(
                         request, upstream, key, request_id, limit_headers, trace=trace,
-                        rules=rules, watch=self.tunnels.watch(key, scopes, client))
+                        rules=rules, watch=self.tunnels.watch(key, scopes, client, raw_path,
+                                                              route))
                 return await self.forwarder.forward(request, upstream, key, request_id,
                                                     limit_headers, trace=trace, rules=rules)
         except GatewayError as exc:
@@ -471,6 +477,14 @@ class Pipeline:
         except GatewayError as exc:
             return None if exc.status in (401, 403) else key
         return key
+
+    def _route_now(self, raw_path: str) -> Route | None:
+        """The route a WebSocket handshake on ``raw_path`` matches under the config now (None:
+        none, it would be refused): an open tunnel whose route a reload changed is closed."""
+        try:
+            return self.routes.match("GET", raw_path)
+        except GatewayError:
+            return None
 
     # --- store down ---------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from test_accesslog import json_lines
 from test_upstream import self_signed  # noqa: F401  (a fixture)
 
 WS_ROUTES = (Route("/ws/**", "api", ("GET",), ("people:read",), websocket=True),
+             Route("/people-ws/**", "api", ("GET",), ("people:read",), websocket=True),
              Route("/open/**", "api", ("GET",), (), True, websocket=True),
              Route("/people/**", "api", ("GET",), ("people:read",)),
              Route("/health", "api", ("GET",), (), True))
@@ -54,7 +55,7 @@ async def ws_upstream():
 
     async def handler(request: web.Request) -> web.StreamResponse:
         seen.append(list(request.headers.items()))
-        if request.path.startswith(("/ws/", "/open/")) and \
+        if request.path.startswith(("/ws/", "/open/", "/people-ws/")) and \
                 request.headers.get("Upgrade", "").lower() == "websocket":
             ws = web.WebSocketResponse(protocols=("chat",))
             await ws.prepare(request)
@@ -271,6 +272,66 @@ async def test_bytes_sent_before_the_101_reach_the_upstream_only_after_it(redis_
                       ("after 101", b"GET /people/admin HTTP/1.1\r\n\r\n")]
 
 
+async def test_more_than_a_head_sent_before_the_101_and_after_it_all_reach_the_upstream(
+        redis_url, monkeypatch):
+    """A client that streams its first frames without waiting for the 101: more than a
+    request head's bound (32 KiB) of them, held while the upstream decides, must not be taken
+    for an oversized next request (which left a tunnel deaf to everything sent after)."""
+    early, late = b"\x01" * 40_000, b"\x02" * 200
+    received: list[bytes] = []
+
+    async def slow_accept(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.3)
+        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")][0]
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+        data = b""
+        with contextlib.suppress(asyncio.TimeoutError):
+            while len(data) < len(early + late):
+                more = await asyncio.wait_for(reader.read(65536), 2)
+                if not more:
+                    break
+                data += more
+        received.append(data)
+        writer.close()
+
+    srv, url = await raw_upstream(slow_accept)
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token))
+            await asyncio.sleep(0.05)
+            writer.write(early)
+            head = await read_head(reader)
+            writer.write(late)
+            await eventually(lambda: received)
+            writer.close()
+    finally:
+        srv.close()
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert received == [early + late]
+
+
+async def test_a_head_over_the_bound_behind_a_declined_handshake_is_still_refused(
+        redis_url, monkeypatch):
+    srv, url = await raw_answering(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token) + b"GET /health HTTP/1.1\r\nHost: g\r\n" +
+                         b"X-Pad: %s\r\n" % (b"p" * 8000) * 5 + b"\r\n")
+            _, got = await closed_within(reader, 3.0)
+            writer.close()
+    finally:
+        srv.close()
+    # the declined answer, then the connection closes: the 40 KB head is never parsed
+    assert got.startswith(b"HTTP/1.1 426 ") and got.count(b"HTTP/1.1 ") == 1, got
+
+
 async def raw_answering(answer: bytes):
     async def serve(reader, writer):
         with contextlib.suppress(Exception):
@@ -452,6 +513,35 @@ async def test_a_tunnel_closes_soon_after_its_key_stops_allowing_it(redis_url, m
                 assert (await kept.receive(timeout=5)).data == "echo:still"
 
 
+@pytest.mark.parametrize("path,changed", [
+    ("/ws/x", Route("/ws/**", "api", ("GET",), ("people:write",), websocket=True)),
+    ("/ws/x", Route("/ws/**", "api", ("GET",), ("people:read",))),
+    ("/open/x", Route("/open/**", "api", ("GET",), ("people:read",), websocket=True)),
+])
+async def test_a_tunnel_closes_soon_after_a_reload_changes_its_route(redis_url, monkeypatch,
+                                                                    path, changed):
+    """A reload that tightens a route (more scopes, no more WebSocket, no longer public)
+    acts on the tunnels open on it as on the next request: they close at the next check."""
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url) as g:
+        g.gw.pipeline.tunnels.every = 0.3
+        token, _ = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, path), headers=bearer(token)) as ws, \
+                    client.ws_connect(ws_url(g, "/people-ws/y"), headers=bearer(token)) as kept:
+                await ws.send_str("a")
+                assert (await ws.receive(timeout=5)).data == "echo:a"
+                config = g.gw.config
+                g.gw.reloader.apply(dataclasses.replace(config, routes=tuple(
+                    changed if r.path == changed.path else r for r in config.routes)))
+                started = time.monotonic()
+                msg = await ws.receive(timeout=5)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)
+                assert time.monotonic() - started < 3
+                await kept.send_str("still")  # a tunnel on a route the reload left alone
+                assert (await kept.receive(timeout=5)).data == "echo:still"
+
+
 async def test_an_open_tunnel_holds_its_place_under_server_max_connections(redis_url,
                                                                          monkeypatch):
     async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
@@ -479,6 +569,38 @@ async def test_stopping_the_gateway_closes_open_tunnels_at_once(redis_url, monke
                                     aiohttp.WSMsgType.ERROR)
                 await asyncio.wait_for(stopping, 5)
                 assert time.monotonic() - started < 3
+
+
+async def test_a_handshake_answered_while_the_gateway_stops_opens_no_tunnel(redis_url,
+                                                                            monkeypatch):
+    """The upstream's 101 arrives after the stop began (the open tunnels were closed then):
+    that tunnel closes at once too, instead of holding the stop until its idle timeout."""
+    async def slow_accept(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.5)
+        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")][0]
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+        with contextlib.suppress(Exception):
+            while await asyncio.wait_for(reader.read(65536), 20):
+                pass
+        writer.close()
+
+    srv, url = await raw_upstream(slow_accept)
+    try:
+        async with gateway(redis_url, monkeypatch, url, idle=20.0) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token))
+            await asyncio.sleep(0.1)  # the handshake waits for the upstream's answer
+            started = time.monotonic()
+            stopping = asyncio.ensure_future(g.proxy_server.close())
+            closed, _ = await closed_within(reader, 5.0)
+            assert closed and time.monotonic() - started < 3
+            await asyncio.wait_for(stopping, 5)
+    finally:
+        srv.close()
 
 
 async def test_a_tunnel_to_an_https_upstream(redis_url, monkeypatch, self_signed):

@@ -175,7 +175,23 @@ class _JsonErrorRequestHandler(RequestHandler):
             self._head_bytes = 0
         self._head_bytes += received
         if self._head_bytes > HEAD_MAX:
+            if self._upgraded and self._payload_parser is None:
+                # behind a WebSocket handshake not yet answered, held by aiohttp unparsed (its
+                # read_bufsize bounds them): a tunnel's first bytes, or, if the upgrade is
+                # declined, the next head, which is then never parsed (_finish_upgrade)
+                self.finish_response = self._finish_upgrade
+                return
             self._refuse_head(None)
+
+    async def _finish_upgrade(self, request, resp, start_time):
+        """``finish_response`` for a handshake with more than ``HEAD_MAX`` behind it: if no
+        tunnel took those bytes, they are dropped and the connection closes after the answer."""
+        del self.finish_response
+        if self._upgraded and self._payload_parser is None:
+            self._message_tail = b""
+            close_after(request)
+            self.close()
+        return await super().finish_response(request, resp, start_time)
 
     def _judge_heads(self, received: int, new: int, body_end: int, chunked: bool) -> None:
         """A read of ``received`` bytes that completed ``new`` requests (``body_end`` of them

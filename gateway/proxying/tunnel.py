@@ -200,8 +200,11 @@ class Tunnel:
         tail, self.conn.tunnel_tail = self.conn.tunnel_tail, b""
         if tail:
             self.to_client(tail)
-        if self.conn.closed or self.client is None or self.client.is_closing():
-            self.end()  # one side went away before the tunnel was up (its tail delivered)
+        if self.conn.closed or self.client is None or self.client.is_closing() or \
+                getattr(self.request.protocol._manager, "stopping", False):
+            # one side went away before the tunnel was up (its tail delivered), or the
+            # gateway is stopping (ProxyServer.pre_shutdown closed the tunnels open then)
+            self.end()
             return
         take_over(self.request, _ClientFeed(self), self)  # the client's early bytes go now
         self.upstream.resume_reading()
@@ -308,28 +311,34 @@ class _ClientFeed:
 
 
 class TunnelWatch:
-    """The open tunnels of keyed handshakes, and the check that closes them once their key no
-    longer allows them (revoked, expired, disabled, re-scoped, its address no longer allowed):
-    every ``every`` seconds, one store round trip per key, route scopes and client address
-    with tunnels open (``still_allowed``: the pipeline's state check, counting nothing). A
-    store that cannot answer leaves them open (the next check decides)."""
+    """The open tunnels, and the check that closes them once they would no longer be let
+    through: every ``every`` seconds, each tunnel's route as the config reads now
+    (``route_now``: a reload that changed or removed it closes the tunnel), then, for keyed
+    handshakes, one store round trip per key, route scopes and client address with tunnels
+    open (``still_allowed``: the pipeline's state check, counting nothing): a key revoked,
+    expired, disabled, re-scoped or whose address is no longer allowed closes them. A store
+    that cannot answer leaves them open (the next check decides)."""
 
     def __init__(self, still_allowed: Callable[[object, tuple[str, ...], str],
                                                Awaitable[object | None]],
+                 route_now: Callable[[str], object] = lambda raw_path: None,
                  every: float = RECHECK_EVERY) -> None:
         self.still_allowed = still_allowed  # the key as confirmed, or None: refused now
+        self.route_now = route_now  # the route a handshake on this path matches now, or None
         self.every = every
-        self._open: dict[tuple, list] = {}  # (key id, scopes, client) → [key, {tunnels}]
+        # (key id, scopes, client) → [key, {tunnel: (raw path, route)}]; key None: public
+        self._open: dict[tuple, list] = {}
         self._task: asyncio.Task | None = None
 
-    def watch(self, key, scopes: tuple[str, ...], client: str) -> Callable[[Tunnel], None]:
-        group = (key.key_id, scopes, client)
+    def watch(self, key, scopes: tuple[str, ...], client: str, raw_path: str,
+              route) -> Callable[[Tunnel], None]:
+        group = (None if key is None else key.key_id, scopes, client)
 
         def opened(relay: Tunnel) -> None:
             entry = self._open.get(group)
             if entry is None:
-                entry = self._open[group] = [key, set()]
-            entry[1].add(relay)
+                entry = self._open[group] = [key, {}]
+            entry[1][relay] = (raw_path, route)
             relay.done.add_done_callback(lambda _: self._closed(group, relay))
             if self._task is None or self._task.done():
                 self._task = asyncio.ensure_future(self._run())
@@ -338,7 +347,7 @@ class TunnelWatch:
     def _closed(self, group: tuple, relay: Tunnel) -> None:
         entry = self._open.get(group)
         if entry is not None:
-            entry[1].discard(relay)
+            entry[1].pop(relay, None)
             if not entry[1]:
                 del self._open[group]
 
@@ -346,7 +355,12 @@ class TunnelWatch:
         while self._open:
             await asyncio.sleep(self.every)
             for group, entry in list(self._open.items()):
-                if not entry[1]:
+                for relay, (raw_path, route) in list(entry[1].items()):
+                    if self.route_now(raw_path) != route:
+                        log.info("closed a WebSocket tunnel on %s: a reload changed its route",
+                                 route.path)
+                        relay.end()
+                if not entry[1] or entry[0] is None:
                     continue
                 try:
                     key = await self.still_allowed(entry[0], group[1], group[2])
