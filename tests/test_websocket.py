@@ -375,6 +375,29 @@ async def test_an_upstream_101_with_a_wrong_accept_is_a_502(redis_url, monkeypat
         srv.close()
 
 
+async def test_identity_headers_an_upstream_echoes_in_its_101_never_reach_the_client(
+        redis_url, monkeypatch):
+    """An upstream that echoes its request headers in the 101 (as in any answer: keygate drops
+    them there) handed the client the identity headers and the signature through a tunnel."""
+    key = b"dGhlIHNhbXBsZSBub25jZQ=="
+    srv, url = await raw_answering(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_for(key) + b"\r\nX-Workspace-Id: acme\r\n"
+        b"x_api_key_id: k1\r\nX-Keygate-Signature: t=1,v1=ab\r\nX-Kept: yes\r\n\r\n")
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token, key=key))
+            head = (await read_head(reader)).lower()
+            writer.close()
+            assert head.startswith(b"http/1.1 101 ") and b"x-kept: yes" in head, head
+            for name in (b"x-workspace-id", b"x_api_key_id", b"x-keygate-signature"):
+                assert name not in head, head
+    finally:
+        srv.close()
+
+
 @pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n"])
 async def test_a_handshake_with_a_body_is_refused(redis_url, monkeypatch, framing):
     async with ws_upstream() as (url, seen), gateway(redis_url, monkeypatch, url) as g:

@@ -150,7 +150,7 @@ async def tunnel(forwarder, request: web.BaseRequest, upstream, principal, reque
                     "switch to WebSocket (Upgrade or Sec-WebSocket-Accept wrong)", upstream.name)
         raise BadGateway(f"The upstream '{upstream.name}' answered the WebSocket handshake "
                          f"wrongly.")
-    out = response_headers(resp.headers)
+    out = response_headers(resp.headers, rules)
     if out.__class__ is NotUtf8Headers:
         keep_header_bytes(request.writer)
     for name, value in limit_headers.items():
