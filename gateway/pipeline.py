@@ -114,7 +114,7 @@ class Forwarding(Protocol):
                      principal: Principal | None, request_id: str,
                      response_headers: Mapping[str, str], *,
                      trace: Trace | None = None, rules=None,
-                     client_of=None, watch=None) -> web.StreamResponse: ...
+                     watch=None) -> web.StreamResponse: ...
     # forward for a WebSocket handshake: the tunnel, run until it ends (watch is handed it)
 
     header_rules: Any  # the current RequestHeaderRules (headers, signing, body limits); a
@@ -263,7 +263,6 @@ class Pipeline:
                 if tunnel:  # closed once a reload changes its route (TunnelWatch)
                     return await self.forwarder.tunnel(
                         request, upstream, None, request_id, {}, trace=trace, rules=rules,
-                        client_of=self._client_of,
                         watch=self.tunnels.watch(None, scopes, "", raw_path, route))
                 return await self.forwarder.forward(request, upstream, None, request_id, {},
                                                     trace=trace, rules=rules,

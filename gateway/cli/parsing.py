@@ -123,10 +123,10 @@ def days(text: str) -> int:
 
 def daily_days(text: str) -> int:
     """``--days N`` of ``--daily``: 1 to 90, as the API takes it (else bad usage, exit 2)."""
-    if not text.strip().isascii() or not text.strip().isdigit() or \
-            not 1 <= whole_number(text) <= 90:
+    days = whole_number(text) if text.strip().isascii() and text.strip().isdigit() else 0
+    if not 1 <= days <= 90:
         raise ValueError(f"'{text}' is not a number of days from 1 to 90")
-    return int(text)
+    return days
 
 
 def argtype(fn: Callable[[str], Any], name: str) -> Callable[[str], Any]:

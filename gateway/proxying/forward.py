@@ -367,12 +367,11 @@ class Forwarder:
                      principal: Principal | None, request_id: str,
                      response_headers: Mapping[str, str], *, trace: Trace | None = None,
                      rules: RequestHeaderRules | None = None,
-                     client_of: Callable[[web.BaseRequest], str] | None = None,
                      watch=None) -> web.StreamResponse:
-        """``forward`` for a WebSocket handshake: see ``gateway.proxying.tunnel``."""
+        """``forward`` for a WebSocket handshake (no body: no upload share to judge): see
+        ``gateway.proxying.tunnel``."""
         return await run_tunnel(self, request, upstream, principal, request_id,
-                                response_headers, trace=trace, rules=rules,
-                                client_of=client_of, watch=watch)
+                                response_headers, trace=trace, rules=rules, watch=watch)
 
     async def _stream_back(self, request: web.BaseRequest, resp: UpstreamResponse,
                            request_id: str, limit_headers: Mapping[str, str],

@@ -138,7 +138,7 @@ class _JsonErrorRequestHandler(RequestHandler):
         if self._request_count != seen:
             new = self._request_count - seen
             self._head_since = None
-            if self._head_bytes + len(data) <= HEAD_MAX and data[-4:] == b"\r\n\r\n":
+            if self._head_bytes + len(data) <= HEAD_MAX and data.endswith(b"\r\n\r\n"):
                 self._head_bytes = 0  # the usual read: a head, whole, ending the read
             else:  # a long read, the end of a long head, or bytes after a head or a body
                 self._judge_heads(len(data), new, body.total_bytes - fed if in_body else 0,
@@ -312,10 +312,8 @@ class _JsonErrorRequestHandler(RequestHandler):
             if message.__class__ is not _ERR_INFO:
                 queued[i] = (message._replace(should_close=True), payload)
         self._chunked = None
-        request = self._current_request  # the chunked request, if under way: its answer
-        cache = getattr(request, "_cache", None)   # says Connection: close (see pre_shutdown)
-        if isinstance(cache, dict):
-            cache["keep_alive"] = False
+        # the chunked request, if under way: its answer says Connection: close
+        close_after(self._current_request)
         self.close()  # nothing more is parsed; closed once the requests queued are answered
 
     def pause_writing(self) -> None:
@@ -621,8 +619,8 @@ def upgrade_pending(request: web.BaseRequest) -> bool:
         and protocol._payload_parser is None
 
 
-def close_after(request: web.BaseRequest) -> None:
-    """The answer to ``request`` closes its connection (``Connection: close``)."""
+def close_after(request: web.BaseRequest | None) -> None:
+    """The answer to ``request`` (if any) closes its connection (``Connection: close``)."""
     cache = getattr(request, "_cache", None)  # where BaseRequest.keep_alive is reified
     if isinstance(cache, dict):
         cache["keep_alive"] = False
@@ -718,10 +716,7 @@ class ProxyServer(web.Server):
             tunnel = getattr(handler, "_tunnel", None)
             if tunnel is not None:  # open for as long as its users like: closed now, so
                 tunnel.end()         # they reconnect to a replica that is not stopping
-            request = getattr(handler, "_current_request", None)
-            cache = getattr(request, "_cache", None)  # where BaseRequest.keep_alive is reified
-            if isinstance(cache, dict):
-                cache["keep_alive"] = False
+            close_after(getattr(handler, "_current_request", None))
         super().pre_shutdown()
 
     async def shutdown(self, timeout: float | None = None) -> None:

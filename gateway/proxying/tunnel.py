@@ -110,7 +110,7 @@ class TunnelResponse(web.StreamResponse):
 
 async def tunnel(forwarder, request: web.BaseRequest, upstream, principal, request_id: str,
                  limit_headers: Mapping[str, str], *, trace=None, rules=None,
-                 client_of=None, watch: Callable[[Tunnel], None] | None = None
+                 watch: Callable[[Tunnel], None] | None = None
                  ) -> web.StreamResponse:
     """``Forwarder.forward`` for a WebSocket handshake (``websocket_handshake`` said so): the
     upstream's answer, and when it switched, the tunnel, run until it ends. ``watch`` is
@@ -321,7 +321,7 @@ class TunnelWatch:
 
     def __init__(self, still_allowed: Callable[[object, tuple[str, ...], str],
                                                Awaitable[object | None]],
-                 route_now: Callable[[str], object] = lambda raw_path: None,
+                 route_now: Callable[[str], object],
                  every: float = RECHECK_EVERY) -> None:
         self.still_allowed = still_allowed  # the key as confirmed, or None: refused now
         self.route_now = route_now  # the route a handshake on this path matches now, or None

@@ -397,9 +397,9 @@ class KeyStore(StoreBase):
                  if score and role is UNSET and scopes is UNSET else "", cap_basis, *fields))
             if reply != "stale_ws":  # else the cap changed since it was read: read it again
                 break
-        if reply == "stale_ws":
-            raise Conflict(f"The key cap of workspace '{shown_ws(ws)}' changed while this "
-                           "change was being made; retry.")
+        if reply == "stale_ws":  # its cap changed under it every time
+            raise self._kept_changing(ws, reply, f"key '{shown(key_id, 12)}' was being changed",
+                                      "nothing was changed")
         if reply == "no_role":  # deleted since the caller checked it
             raise unknown_role(ws, role)
         if isinstance(reply, list) and reply[:1] == ["unbound"]:

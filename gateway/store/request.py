@@ -216,7 +216,7 @@ class RequestStore:
         # ARGV[12], the rate log's member, is read only under a rate limit: "-" without one
         # saves formatting a unique string per request. The deadline is the latest instant, in
         # Redis's clock (µs), at which the script may still count this request ("0", none,
-        # while the clocks' offset is unknown or for a check).
+        # while the clocks' offset is unknown or in any mode but "count").
         # The four go as str: the lean client encodes four str in one unrolled format.
         offset = self._resp.clock_offset
         now = str(now_ms)

@@ -43,8 +43,11 @@
 -- {outcome, month_used, rate_remaining, reset_ms, retry_ms, key_used} with outcome
 --   "stale"      the key or workspace changed (or is gone): the caller re-reads it and decides
 --                again (the other fields are 0)
---   "ok"         admitted and counted (mode "count"), or the state is current (mode "check")
---   "rate"       per-key rate limit: retry_ms until one more is admitted
+--   "ok"         admitted and counted (mode "count"), admitted within the own-calls log (mode
+--                "spend"), judged admissible (mode "peek"), or the state is current ("check",
+--                "use")
+--   "rate"       the rate log KEYS[4] is full (the key's rate limit, its per-second cap ARGV[9],
+--                or in mode "spend" its own calls' bound): retry_ms until one more is admitted
 --   "quota"      the workspace's month is used up (nothing counted, no rate used)
 --   "key_quota"  the key's own monthly cap is used up (nothing counted, no rate used)
 -- rate_remaining is -1 when no rate limit applies.
