@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import time
 
 import pytest
@@ -18,8 +19,8 @@ from aiohttp import ClientSession, web
 
 from gateway.config import Route, ServerConfig, Timeouts, Upstream
 
-from harness import (bearer, closed_within, drips_until_closed, gateway_under_test, make_config,
-                     raw_upstream, serving)
+from harness import (bearer, closed_within, drips_until_closed, eventually, gateway_under_test,
+                     make_config, raw_upstream, serving)
 
 ROUTES = (Route("/public/**", "api", ("GET", "POST"), (), True),
           Route("/people/**", "api", ("GET", "POST"), ("people:read",)))
@@ -707,17 +708,17 @@ async def test_a_chunked_body_framed_wrongly_mid_body_is_400_at_once_on_the_admi
 
 
 @contextlib.asynccontextmanager
-async def admin_listener(redis_url, upstream, monkeypatch):
-    """The admin listener as ``keygate serve`` runs it (AdminRunner) for a gateway on
-    edge_config, on a free loopback port: yields that port."""
+async def admin_listener(redis_url, upstream, monkeypatch, **runner):
+    """The admin listener as ``keygate serve`` runs it (AdminRunner, with ``runner`` too) for
+    a gateway on edge_config, on a free loopback port: yields the runner."""
     from gateway.proxying.server import AdminRunner
     async with gateway_under_test(edge_config(str(upstream.make_url(""))), redis_url,
                                   monkeypatch) as g:
-        runner = AdminRunner(g.gw.admin_app, handle_signals=False, access_log=None)
+        runner = AdminRunner(g.gw.admin_app, handle_signals=False, access_log=None, **runner)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         try:
-            yield runner.addresses[0][1]
+            yield runner
         finally:
             await runner.cleanup()
 
@@ -735,7 +736,8 @@ async def test_a_content_encoded_body_to_the_admin_api_is_400_never_500_or_a_tra
 
     from harness import ADMIN_TOKEN
     caplog.set_level(logging.WARNING)
-    async with admin_listener(redis_url, upstream, monkeypatch) as port:
+    async with admin_listener(redis_url, upstream, monkeypatch) as runner:
+        port = runner.addresses[0][1]
         url = f"http://127.0.0.1:{port}/admin/v1/workspaces"
         answers = []
         async with ClientSession() as s:
@@ -762,7 +764,8 @@ async def test_a_connect_to_the_admin_listener_is_refused_and_nothing_after_it_i
     """aiohttp's parser ends a CONNECT at its head and, once it is answered, reads the bytes
     after it (the body its Content-Length declared) as the next request: on the admin
     listener that body was served as a request of its own. 501, and the connection closes."""
-    async with admin_listener(redis_url, upstream, monkeypatch) as port:
+    async with admin_listener(redis_url, upstream, monkeypatch) as runner:
+        port = runner.addresses[0][1]
         smuggled = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
         for target in (b"/admin/v1/workspaces", b"127.0.0.1:443", b"/healthz"):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -812,3 +815,125 @@ async def test_clients_that_stop_reading_keygates_own_answers_are_cut_off_and_fr
         finally:
             for w in stuck:
                 w.close()
+
+
+
+async def _pipeline_until_a_tail_is_stuck(port: int, server, request: bytes):
+    """A raw client with a tiny receive buffer that never reads: it sends ``request`` again
+    and again, each once the last was answered, until the kernel buffers are full and an
+    answer's tail is left in the buffer of keygate's ``server`` on ``port``, under its 64 KiB
+    high-water mark (so no write is paused). Returns (socket, requests sent)."""
+    import socket
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    assert await eventually(lambda: server.connections, 5)
+    [handler] = server.connections
+    counted = server.requests_count
+    for sent in range(1, 5000):
+        await loop.sock_sendall(sock, request)
+        assert await eventually(lambda: server.requests_count - counted == sent
+                                and handler.transport is not None
+                                and not handler._request_in_progress, 5)
+        assert not handler._paused
+        if handler.transport.get_write_buffer_size() > 0:
+            return sock, sent
+    raise AssertionError("the kernel buffers never filled")
+
+
+async def _cut_short(sock, sent: int) -> bool:
+    """Whether the client on ``sock`` (which read nothing) gets less than its ``sent`` answers
+    whole before its connection ends (within 5 s, or this fails)."""
+    got = bytearray()
+    try:
+        async with asyncio.timeout(5):
+            while chunk := await asyncio.get_running_loop().sock_recv(sock, 65536):
+                got += chunk
+    except ConnectionError:
+        pass
+    end = got.rfind(b"\r\n\r\n")  # of the last head received (no body here holds one)
+    length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)",
+                           got[got.rfind(b"HTTP/1.1 ", 0, end):end])[1])
+    return got.count(b"HTTP/1.1 200 OK\r\n") < sent or len(got) - end - 4 < length
+
+
+@pytest.mark.parametrize("connection", ["keep-alive", "close"])
+async def test_a_client_that_stops_reading_near_the_end_of_its_answers_frees_its_slot(
+        redis_url, monkeypatch, connection):
+    """A client that stopped reading with the kernel buffers full and less than the 64 KiB
+    high-water mark left in keygate's own buffer was never timed out: the write-stall timer
+    runs only while that buffer is over its high-water mark. The connection's close (idle
+    timeout, Connection: close) then waited for the tail to be taken for ever, holding its
+    place under server.max_connections: a few such clients shut everyone out. A tail not
+    taken within server.timeouts.body of the close has its connection aborted."""
+    answer_body = b"x" * (16 << 10)
+    served = []
+
+    async def answer(request: web.Request) -> web.Response:
+        served.append(request.path)
+        return web.Response(body=answer_body, content_type="application/octet-stream")
+
+    async with serving(answer) as url:
+        config = edge_config(url, max_connections=1)
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            sock, sent = await _pipeline_until_a_tail_is_stuck(
+                g.proxy_server.port, g.gw.proxy_server,
+                b"GET /public/big HTTP/1.1\r\nHost: g\r\n\r\n")
+            try:
+                if connection == "close":  # one more, answered, then the connection closes
+                    await asyncio.get_running_loop().sock_sendall(sock, b"GET /public/big "
+                        b"HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")
+                    sent += 1
+                # closed at once (close) or after idle (2 s); then aborted after body (1 s)
+                gone = await eventually(lambda: not g.gw.proxy_server.connections, 6.0)
+                assert gone, "a client that stopped reading near its answers' end holds " \
+                             "its connection slot for ever"
+                assert len(served) == sent
+                async with g.proxy.get("/public/ok") as r:
+                    assert r.status == 200
+                    assert await r.read() == answer_body
+                assert await _cut_short(sock, sent)
+            finally:
+                sock.close()
+
+
+async def test_a_client_that_stops_reading_near_the_end_of_its_answers_is_cut_off_at_a_stop(
+        redis_url, upstream, monkeypatch):
+    """Stopping the listener closes every connection and forgets them: one whose client had
+    stopped reading near the end of its answers stayed open (its socket held) for as long as
+    the process ran, as keygate embedded in an application does after a stop."""
+    async with gateway_under_test(edge_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        sock, sent = await _pipeline_until_a_tail_is_stuck(
+            g.proxy_server.port, g.gw.proxy_server,
+            b"GET /public/x HTTP/1.1\r\nHost: g\r\nX-Pad: %s\r\n\r\n" % (b"p" * 8000))
+        try:
+            await g.proxy_server.close()  # the listener stops
+            await asyncio.sleep(2.0)  # past server.timeouts.body (1 s), the client not reading
+            assert await _cut_short(sock, sent), "kept open past server.timeouts.body"
+        finally:
+            sock.close()
+
+
+async def test_a_client_that_stops_reading_near_the_end_of_admin_answers_frees_its_slot(
+        redis_url, upstream, monkeypatch):
+    """The admin listener (aiohttp's own start()) closes an idle connection the same way, and
+    its close waited for ever on a client that stopped reading near the end too."""
+    async with admin_listener(redis_url, upstream, monkeypatch, header_timeout=1.0,
+                              write_timeout=1.0, keepalive_timeout=2.0) as runner:
+        port, server = runner.addresses[0][1], runner.server
+        async with ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert r.status == 200
+                assert len(await r.read()) < 64 * 1024  # a tail of one is under 64 KiB
+        sock, sent = await _pipeline_until_a_tail_is_stuck(
+            port, server, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
+        try:
+            gone = await eventually(lambda: not server.connections, 6.0)  # idle, then body
+            assert gone, "a client that stopped reading near its answers' end keeps its " \
+                         "admin connection for ever"
+            assert await _cut_short(sock, sent)
+        finally:
+            sock.close()

@@ -507,6 +507,58 @@ async def test_backpressure_both_ways_bounds_what_keygate_buffers(redis_url, mon
         srv.close()
 
 
+
+async def test_a_client_that_stops_reading_when_its_tunnel_ends_is_cut_off(redis_url,
+                                                                           monkeypatch):
+    """A tunnel's end closes the client's connection after what keygate still has for it is
+    written: a client that stopped reading with the kernel's buffers full and less than the
+    64 KiB high-water mark left in keygate's (no write paused, so no write-stall timer) kept
+    that connection, and its place under server.max_connections, for ever."""
+    import socket
+    state: dict = {}
+
+    async def answer(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")][0]
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+        state["upstream"] = writer
+        await asyncio.sleep(30)
+
+    srv, url = await raw_upstream(answer)
+    loop = asyncio.get_running_loop()
+    try:
+        async with gateway(redis_url, monkeypatch, url, max_connections=1) as g:
+            token, _ = await g.key()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", g.proxy_server.port))
+            try:
+                await loop.sock_sendall(sock, handshake("/ws/x", token))
+                got = b""
+                while b"\r\n\r\n" not in got:
+                    got += await asyncio.wait_for(loop.sock_recv(sock, 1024), 5)
+                assert got.startswith(b"HTTP/1.1 101")
+                [handler] = g.gw.proxy_server.connections
+                for _ in range(2000):  # the client reads no more: fill the kernel's buffers
+                    state["upstream"].write(b"\x00" * 16384)
+                    await asyncio.sleep(0.02)
+                    assert not handler._paused
+                    if handler.transport.get_write_buffer_size() > 0:
+                        break
+                else:
+                    raise AssertionError("the kernel's buffers never filled")
+                state["upstream"].close()  # the tunnel ends: keygate closes the client's side
+                gone = await eventually(lambda: not g.gw.proxy_server.connections, 9.0)
+                assert gone, "a client that stopped reading keeps its connection for ever"
+            finally:
+                sock.close()
+    finally:
+        srv.close()
+
+
 # --- a key revoked or disabled while its tunnel is open ----------------------------------------
 
 @pytest.mark.parametrize("change", ["revoke", "disable", "rescope"])

@@ -89,9 +89,12 @@ class _JsonErrorRequestHandler(RequestHandler):
     _head_bytes = 0   # bytes received of the request head under way (see _count_head)
     _head_from = 0    # the connection's request count when that head began
     _tunnel = None    # the WebSocket tunnel this connection became (gateway.proxying.tunnel)
+    _kept = None      # the connection's transport, kept past force_close (it drops .transport)
+    _unflushed_since: float | None = None  # when the sweep first saw it closed, bytes unsent
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self._kept = transport
         server = self._manager
         limit = getattr(server, "max_connections", None)
         if limit is not None and len(server.connections) > limit:
@@ -349,7 +352,24 @@ class _JsonErrorRequestHandler(RequestHandler):
         if self._write_stall is not None:
             self._write_stall.cancel()
             self._write_stall = None
+        self._kept = None
         super().connection_lost(exc)
+
+    def flush_overdue(self, now: float, timeout: float) -> bool:
+        """The connection was closed with bytes of an answer still in its buffer, and the
+        client has not taken them for ``timeout`` seconds (since a sweep first saw it so).
+
+        ``transport.close()`` waits for its buffer to be written, with no end: the write stall
+        timer runs only while that buffer is over its high-water mark (64 KiB), so a client
+        that stopped reading with less left there (the kernel's buffers full) kept a closed
+        connection, and its place under ``server.max_connections``, for ever."""
+        transport = self._kept
+        if transport is None or not transport.is_closing() \
+                or not transport.get_write_buffer_size():
+            return False
+        if self._unflushed_since is None:
+            self._unflushed_since = now
+        return now - self._unflushed_since >= timeout
 
     def head_overdue(self, deadline: float) -> bool:
         """No whole request head since before ``deadline`` (a slow-loris, a stalled client)."""
@@ -690,19 +710,25 @@ class ProxyServer(web.Server):
     def sweep_heads(self) -> None:
         """Make sure the header-timeout sweep runs while there are connections. One task per
         server checks every connection a few times per timeout, instead of a timer armed and
-        cancelled for every request."""
+        cancelled for every request. It also aborts a closed connection whose client has not
+        taken the rest of its answer within ``write_timeout`` (``flush_overdue``)."""
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = self._loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        timeout = self.header_timeout
+        timeout, flush = self.header_timeout, self.write_timeout
         every = min(1.0, timeout / 4)
         while self._connections:
             await asyncio.sleep(every)
-            deadline = self._loop.time() - timeout
+            now = self._loop.time()
+            deadline = now - timeout
             for handler in list(self._connections):
                 if handler.head_overdue(deadline):
                     handler.force_close()  # closes the transport
+                elif flush and handler.flush_overdue(now, flush):
+                    log.info("a client did not take the rest of its answer within %g s of "
+                             "its connection's close; cut off", flush)
+                    handler._kept.abort()  # connection_lost frees its place
 
     def pre_shutdown(self) -> None:
         """The listener has stopped accepting; requests in flight finish, then every
@@ -722,7 +748,14 @@ class ProxyServer(web.Server):
     async def shutdown(self, timeout: float | None = None) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        handlers = list(self._connections)
         await super().shutdown(timeout)
+        if self.write_timeout:  # every connection is closed now, and forgotten: one whose
+            # client does not take what it still holds is cut off as the sweep would have
+            for handler in handlers:
+                transport = getattr(handler, "_kept", None)
+                if transport is not None and transport.get_write_buffer_size():
+                    self._loop.call_later(self.write_timeout, transport.abort)
 
     def __call__(self) -> RequestHandler:
         return self._handler_class(self, loop=self._loop, **self._kwargs)
