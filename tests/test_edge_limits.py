@@ -171,6 +171,23 @@ async def test_idle_connections_after_an_upload_do_not_each_keep_their_last_read
         assert grown < 15 * 2 ** 20, f"100 idle connections cost {grown / 2 ** 20:.0f} MB"
 
 
+@contextlib.asynccontextmanager
+async def behind_a_slow_request(redis_url, monkeypatch):
+    """A gateway before an upstream whose ``/public/slow`` answers once ``release`` is set
+    (every other path at once): requests pipelined behind a slow one wait in the queue."""
+    release = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.path == "/public/slow":
+            await release.wait()
+        return web.Response(text="ok")
+
+    async with serving(answer) as url:
+        config = edge_config(url, timeouts=Timeouts(header=30, body=30, idle=30))
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            yield g, release
+
+
 def _fields(total: int, each: int = 1000) -> bytes:
     """Header fields of ``total`` bytes at most, ``each`` bytes a line."""
     line = lambda i: b"X-Pad-%04d: " % i + b"p" * (each - 16) + b"\r\n"  # noqa: E731
@@ -299,27 +316,18 @@ async def test_a_head_over_32_kib_pipelined_behind_a_request_under_way_closes_af
     """Once a connection closes, aiohttp answers only the request under way: the 400 queued
     behind it never went out, and the answer before the close said keep-alive. That answer
     now says Connection: close, so the client knows to send the rest again."""
-    release = asyncio.Event()
-
-    async def answer(request: web.Request) -> web.Response:
-        if request.path == "/public/slow":
-            await release.wait()
-        return web.Response(text="ok")
-
-    async with serving(answer) as url:
-        config = edge_config(url, timeouts=Timeouts(header=30, body=30, idle=30))
-        async with gateway_under_test(config, redis_url, monkeypatch) as g:
-            reader, writer = await g.raw_connection()
-            writer.write(b"GET /public/slow HTTP/1.1\r\nHost: g\r\n\r\n"
-                         b"GET /public/x HTTP/1.1\r\nHost: g\r\n" + _fields(34 * 1024))
-            await writer.drain()
-            await asyncio.sleep(0.3)
-            release.set()
-            closed, answers = await closed_within(reader, 5.0)
-            writer.close()
-            assert closed
-            head = answers.partition(b"\r\n\r\n")[0]
-            assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in head, head
+    async with behind_a_slow_request(redis_url, monkeypatch) as (g, release):
+        reader, writer = await g.raw_connection()
+        writer.write(b"GET /public/slow HTTP/1.1\r\nHost: g\r\n\r\n"
+                     b"GET /public/x HTTP/1.1\r\nHost: g\r\n" + _fields(34 * 1024))
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        release.set()
+        closed, answers = await closed_within(reader, 5.0)
+        writer.close()
+        assert closed
+        head = answers.partition(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in head, head
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
@@ -329,37 +337,28 @@ async def test_requests_pipelined_behind_a_slow_one_hold_at_most_32_kib_of_heads
     31 KiB behind a slow request held ~2.2 MB per connection until it was answered. Past
     32 KiB of queued heads they are dropped, and the request under way is answered with
     Connection: close (the client sends the rest again)."""
-    release = asyncio.Event()
-
-    async def answer(request: web.Request) -> web.Response:
-        if request.path == "/public/slow":
-            await release.wait()
-        return web.Response(text="ok")
-
-    async with serving(answer) as url:
-        config = edge_config(url, timeouts=Timeouts(header=30, body=30, idle=30))
-        async with gateway_under_test(config, redis_url, monkeypatch) as g:
-            pipelined = b"GET /public/x HTTP/1.1\r\nHost: g\r\n" + _fields(31 * 1024) + b"\r\n"
-            before = _rss()
-            conns = []
-            for _ in range(50):
-                reader, writer = await g.raw_connection()
-                writer.write(b"GET /public/slow HTTP/1.1\r\nHost: g\r\n\r\n" + pipelined * 32)
-                conns.append((reader, writer))
-            await asyncio.sleep(1.0)
-            grown = _rss() - before
-            release.set()
-            closed, answers = await closed_within(conns[0][0], 5.0)
-            for _, writer in conns:
-                writer.close()
-            assert grown < 25 * 2 ** 20, f"50 pipelining clients held {grown / 2 ** 20:.0f} MB"
-            assert closed
-            assert answers.count(b"HTTP/1.1 200 OK") == 1, answers[:300]  # the slow one,
-            assert b"Connection: close" in answers                # closing the connection
-            reader, writer = await g.raw_connection()  # small pipelined requests: all answered
-            writer.write(b"GET /public/x HTTP/1.1\r\nHost: g\r\n\r\n" * 20)
-            assert [(await _answer(reader))[0] for _ in range(20)] == [200] * 20
+    async with behind_a_slow_request(redis_url, monkeypatch) as (g, release):
+        pipelined = b"GET /public/x HTTP/1.1\r\nHost: g\r\n" + _fields(31 * 1024) + b"\r\n"
+        before = _rss()
+        conns = []
+        for _ in range(50):
+            reader, writer = await g.raw_connection()
+            writer.write(b"GET /public/slow HTTP/1.1\r\nHost: g\r\n\r\n" + pipelined * 32)
+            conns.append((reader, writer))
+        await asyncio.sleep(1.0)
+        grown = _rss() - before
+        release.set()
+        closed, answers = await closed_within(conns[0][0], 5.0)
+        for _, writer in conns:
             writer.close()
+        assert grown < 25 * 2 ** 20, f"50 pipelining clients held {grown / 2 ** 20:.0f} MB"
+        assert closed
+        assert answers.count(b"HTTP/1.1 200 OK") == 1, answers[:300]  # the slow one,
+        assert b"Connection: close" in answers                # closing the connection
+        reader, writer = await g.raw_connection()  # small pipelined requests: all answered
+        writer.write(b"GET /public/x HTTP/1.1\r\nHost: g\r\n\r\n" * 20)
+        assert [(await _answer(reader))[0] for _ in range(20)] == [200] * 20
+        writer.close()
 
 
 async def test_upstream_connections_are_bounded_and_requests_over_the_bound_wait(
