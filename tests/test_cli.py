@@ -137,6 +137,26 @@ def test_every_command_answers_help(path, flag, capsys):
     assert err == ""
 
 
+@pytest.mark.parametrize("path", every_command(), ids=lambda p: " ".join(p) or "keygate")
+def test_every_commands_help_says_what_it_does_and_what_each_argument_is(path):
+    """`keygate keys usage --help`, `keys delete --help` and `workspaces limits --help` printed
+    a usage line and no sentence saying what the command does, and arguments such as `ID`,
+    `--name`, `--status` or `--sort` were listed with no word about them: an operator had to
+    guess or read docs/cli.md. Every command's --help now opens with what it does, and every
+    argument says what it is."""
+    import argparse
+    from gateway.cli import build_parser
+    parser = build_parser()
+    for name in path:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    assert parser.description, f"keygate {' '.join(path)} --help says nothing of what it does"
+    bare = [action.option_strings or [action.metavar or action.dest]
+            for action in parser._actions
+            if not isinstance(action, argparse._SubParsersAction) and not action.help]
+    assert bare == [], f"keygate {' '.join(path)} --help: arguments without a word: {bare}"
+
+
 def test_help_as_a_subprocess_has_no_traceback():
     done = subprocess.run([sys.executable, "-m", "gateway", "keys", "create", "--help"],
                           capture_output=True, text=True, timeout=60)
