@@ -526,6 +526,21 @@ async def test_wrong_admin_token_is_unauthorized_and_never_printed(admin_url, ke
     assert "wrong-token-abcdef" not in run.err + run.out
 
 
+async def test_a_wrong_admin_token_says_where_the_token_came_from(admin_url, keygate,
+                                                                  monkeypatch):
+    """A stale or mistyped KEYGATE_ADMIN_TOKEN got "The operator token is not valid." and
+    nothing else: not which variable the token was read from, nor what to put there. The
+    CLI now says both, naming the admin URL it asked (never the token)."""
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "wrong-token-abcdef")
+    run = await keygate("workspaces", "list")
+    assert run.code == 1
+    hint = run.err.splitlines()[-1]
+    assert "KEYGATE_ADMIN_TOKEN" in hint and os.environ["KEYGATE_ADMIN_URL"] in hint, run.err
+    assert "wrong-token-abcdef" not in run.err + run.out
+    run = await keygate("workspaces", "list", "--json")
+    assert run.code == 1 and run.json()["error"]["code"] == "unauthorized"
+
+
 async def test_missing_admin_token_hints_at_the_variable(admin_url, keygate, monkeypatch):
     monkeypatch.delenv("KEYGATE_ADMIN_TOKEN")
     run = await keygate("workspaces", "list")

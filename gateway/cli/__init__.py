@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"keygate: {exc}", file=sys.stderr)
         if exc.status == 401 and not token:
             print("keygate: set KEYGATE_ADMIN_TOKEN to the operator token", file=sys.stderr)
+        elif exc.status == 401 and exc.invalid_token and exc.code == "unauthorized":
+            source = ("the variable admin.token_env names in " + args.config + ", else "
+                      if getattr(args, "config", None) else "")
+            print(f"keygate: the token from {source}KEYGATE_ADMIN_TOKEN is not the operator "
+                  f"token of the gateway at {url}: set it to the value that gateway was "
+                  "started with", file=sys.stderr)
         return 1
     except CliError as exc:
         print(f"keygate: {exc}", file=sys.stderr)

@@ -33,6 +33,7 @@ class ApiError(CliError):
     def __init__(self, status: int, code: str, message: str, body: bytes = b"") -> None:
         super().__init__(f"{message} ({code})")
         self.status, self.code, self.message, self.body = status, code, message, body
+        self.invalid_token = False   # 401 for a token sent that is not the one expected
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -75,7 +76,10 @@ class AdminClient:
             with self._opener.open(req, timeout=self.timeout) as resp:
                 return self._decode(resp.status, resp.read())
         except urllib.error.HTTPError as exc:
-            raise self._api_error(exc.code, exc.read()) from None
+            error = self._api_error(exc.code, exc.read())
+            error.invalid_token = 'error="invalid_token"' in exc.headers.get(
+                "WWW-Authenticate", "")
+            raise error from None
         except (TimeoutError, socket.timeout):
             raise CliError(f"the admin API at {self.base_url} did not answer within "
                            f"{self.timeout:g}s") from None
