@@ -376,3 +376,61 @@ async def test_refusing_to_delete_a_role_keys_use_is_in_the_document(redis_url, 
     assert (status, body["error"]["code"]) == (409, "conflict")
     assert "conflict" in documented_codes(doc, "DELETE", "/admin/v1/workspaces/{ws}/roles/{name}",
                                           409)
+
+
+# --- docs/api.md, the short version, against the document -----------------------------------------
+
+API_MD = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+SERVED_ROOTS = ("/admin/", "/_keygate/", "/healthz", "/readyz", "/metrics")
+
+
+def api_md_operations() -> set[tuple[str, str, bool]]:
+    """(method or "*", path, covers the paths below it) for every `METHOD /path` of
+    docs/api.md; in its admin section a path is under /admin/v1, `PATCH …` is the path before,
+    and `/x…` or `/x[/<...>]` stand for the paths below /x too."""
+    found = set()
+    for section in re.split(r"\n(?=## )", API_MD):
+        prefix = "/admin/v1" if section.startswith("## Admin listener") else ""
+        last = ("", False)
+        for span in re.findall(r"`([^`\n]*)`", section):
+            match = re.fullmatch(r"((?:[A-Z]+/)*[A-Z]+ )?(/[^ ]*|…)", span)
+            if not match:
+                continue
+            methods, path = (match.group(1) or "*").strip(), match.group(2)
+            if path == "…":
+                path, below = last
+            else:
+                below = path.endswith("…") or "[/" in path
+                path = re.split(r"[\[?…]", path)[0]
+                if not path.startswith((*SERVED_ROOTS, "/console/")):
+                    path = prefix + path
+            last = (path, below)
+            found |= {(method, path, below) for method in methods.split("/")}
+    return found
+
+
+def test_the_api_overview_names_every_operation_of_the_document_and_no_other():
+    """docs/api.md is the short version of the document: each operation the document
+    describes is named there, and each `METHOD /path` it names is in the document."""
+    served = {(method.upper(), path.replace("{key}", "{id}"))
+              for method, path in documented_operations(document())}
+    named = api_md_operations()
+
+    def covered(method: str, path: str) -> bool:
+        return any(m in ("*", method) and (p == path or below and path.startswith(p))
+                   for m, p, below in named)
+    assert sorted(op for op in served if not covered(*op)) == [], "missing from docs/api.md"
+    extra = sorted((m, p) for m, p, below in named if m != "*" and not below
+                   and p.startswith(SERVED_ROOTS) and (m, p) not in served)
+    assert extra == [], "in docs/api.md, not in the document"
+
+
+@pytest.mark.parametrize("name, schema", [("Key object", "Key"),
+                                          ("Workspace object", "Workspace"),
+                                          ("Usage object", "Usage")])
+def test_the_api_overview_lists_every_field_of_the_objects(name, schema):
+    paragraph = API_MD.split(f"**{name}:**", 1)[1].split("**", 1)[0]
+    listed = {field.strip() for span in re.findall(r"`([^`]*)`", paragraph)
+              for field in span.split(",")}
+    fields = set(document()["components"]["schemas"][schema]["properties"])
+    assert sorted(fields - listed) == []
