@@ -342,3 +342,51 @@ def test_every_yaml_example_in_the_docs_is_accepted(where, text, tmp_path, monke
     except ConfigError as exc:
         pytest.fail(f"{where}: {exc.problems}")
     assert [e.message for e in VALIDATOR.iter_errors(yaml.safe_load(text))] == [], where
+
+
+def reference_defaults() -> list[tuple[str, str]]:
+    """(key path, the reference's default cell) for every table row that has a default."""
+    found = []
+    for section in re.split(r"\n(?=## )", REFERENCE)[1:]:
+        named = re.findall(r"`([a-z_]+)`", section.splitlines()[0])
+        prefix = {"upstreams": "upstreams.NAME"}.get(named[0], named[0])
+        header: list[str] = []
+        for line in section.splitlines():
+            cells = [c.strip() for c in line.replace("\\|", "¦").strip("|").split("|")]
+            if line.startswith("| key |"):
+                header = cells
+            elif "default" in header and line.startswith("| `"):
+                for key in re.findall(r"`([a-zA-Z0-9_.]+)`", cells[0]):
+                    path = key if key.split(".")[0] in named else f"{prefix}.{key}"
+                    found.append((path, cells[header.index("default")]))
+    return found
+
+
+def test_the_configuration_reference_gives_the_defaults_the_loader_uses(tmp_path, monkeypatch):
+    """Each `default` cell of docs/configuration.md is the value the loader gives a key the
+    file leaves out (`none`/`null` for None, a YAML list for a tuple)."""
+    monkeypatch.setenv("KG_PROBE_SECRET", "s" * 32)
+    doc = {**copy.deepcopy(BASE), "plans": {"p": {}},
+           "identity_signature": {"secret_env": "KG_PROBE_SECRET"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    config = load_config(tmp_path / "c.yaml")
+    wrong, compared = [], 0
+    for path, cell in reference_defaults():
+        if not re.fullmatch(r"`[^`]*`|none|null", cell):
+            continue   # required, "any", "the first plan": said in words
+        node: object = config
+        for part in path.split("."):
+            if node is None:
+                break
+            node = (next(iter(node.values())) if isinstance(node, dict) else node) \
+                if part == "NAME" else (node[0] if isinstance(node, tuple) else node)
+            node = node if part == "NAME" else getattr(node, part)
+        else:
+            expected = None if cell in ("none", "null") else yaml.safe_load(cell.strip("`"))
+            if isinstance(expected, list):
+                expected = tuple(expected)
+            compared += 1
+            if node != expected:
+                wrong.append((path, cell, node))
+    assert compared > 40
+    assert wrong == []
