@@ -541,6 +541,26 @@ async def test_a_wrong_admin_token_says_where_the_token_came_from(admin_url, key
     assert run.code == 1 and run.json()["error"]["code"] == "unauthorized"
 
 
+async def test_the_proxy_listener_given_as_the_admin_url_is_named_as_such(redis_url, upstream,
+                                                                          keygate, monkeypatch):
+    """KEYGATE_ADMIN_URL pointed at the proxy listener (8080 for 8081, an easy slip) got
+    "No route matches GET /admin/v1/workspaces. (no_route)": true of the proxy, and no help to
+    someone who does not know which listener they reached. The admin listener never answers
+    ``no_route``; the CLI now says the URL is the proxy listener and where the admin API is."""
+    from harness import ADMIN_TOKEN, gateway_under_test, make_config
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        proxy = str(g.proxy_server.make_url("")).rstrip("/")
+        run = await keygate("--admin-url", proxy, "workspaces", "list")
+        assert run.code == 1 and "(no_route)" in run.err
+        hint = run.err.splitlines()[-1]
+        assert proxy in hint and "proxy listener" in hint and "admin.port" in hint, run.err
+        run = await keygate("--admin-url", proxy, "workspaces", "list", "--json")
+        assert run.code == 1 and run.json()["error"]["code"] == "no_route"
+    assert upstream.requests == []
+
+
 async def test_missing_admin_token_hints_at_the_variable(admin_url, keygate, monkeypatch):
     monkeypatch.delenv("KEYGATE_ADMIN_TOKEN")
     run = await keygate("workspaces", "list")
