@@ -174,6 +174,8 @@ def test_unreachable_admin_api_is_one_line_and_exit_1(capsys, monkeypatch):
     assert err.startswith(f"keygate: cannot reach the admin API at http://127.0.0.1:{port}: ")
     assert err.count("\n") == 1
     assert ADMIN_TOKEN not in err
+    # and what to do: nothing said whether to start something or point elsewhere
+    assert "keygate serve" in err and "--admin-url" in err and "KEYGATE_ADMIN_URL" in err, err
 
 
 @pytest.mark.parametrize("argv, env, names", [
