@@ -111,3 +111,14 @@ def test_every_table_row_in_the_docs_belongs_to_a_table():
             if not (header or previous.startswith("|")):
                 stray.append(f"{page.name}:{number}: {line[:60]}")
     assert stray == []
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    """README's "Test it" says its block is exactly what `.ci/run` runs; an edit to one of
+    them alone would make the README's way of testing differ from what CI proves."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Test it\n+```sh\n(.*?)```", readme, re.S).group(1)
+    script = (ROOT / ".ci" / "run").read_text()
+    commands = [line for line in script.splitlines()
+                if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert commands == block.strip().splitlines()
