@@ -137,6 +137,26 @@ def test_every_command_answers_help(path, flag, capsys):
     assert err == ""
 
 
+@pytest.mark.parametrize("path", every_command(), ids=lambda p: " ".join(p) or "keygate")
+def test_every_commands_help_says_what_it_does_and_what_each_argument_is(path):
+    """`keygate keys usage --help`, `keys delete --help` and `workspaces limits --help` printed
+    a usage line and no sentence saying what the command does, and arguments such as `ID`,
+    `--name`, `--status` or `--sort` were listed with no word about them: an operator had to
+    guess or read docs/cli.md. Every command's --help now opens with what it does, and every
+    argument says what it is."""
+    import argparse
+    from gateway.cli import build_parser
+    parser = build_parser()
+    for name in path:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    assert parser.description, f"keygate {' '.join(path)} --help says nothing of what it does"
+    bare = [action.option_strings or [action.metavar or action.dest]
+            for action in parser._actions
+            if not isinstance(action, argparse._SubParsersAction) and not action.help]
+    assert bare == [], f"keygate {' '.join(path)} --help: arguments without a word: {bare}"
+
+
 def test_help_as_a_subprocess_has_no_traceback():
     done = subprocess.run([sys.executable, "-m", "gateway", "keys", "create", "--help"],
                           capture_output=True, text=True, timeout=60)
@@ -154,6 +174,8 @@ def test_unreachable_admin_api_is_one_line_and_exit_1(capsys, monkeypatch):
     assert err.startswith(f"keygate: cannot reach the admin API at http://127.0.0.1:{port}: ")
     assert err.count("\n") == 1
     assert ADMIN_TOKEN not in err
+    # and what to do: nothing said whether to start something or point elsewhere
+    assert "keygate serve" in err and "--admin-url" in err and "KEYGATE_ADMIN_URL" in err, err
 
 
 @pytest.mark.parametrize("argv, env, names", [
@@ -504,6 +526,41 @@ async def test_wrong_admin_token_is_unauthorized_and_never_printed(admin_url, ke
     assert run.code == 1
     assert "(unauthorized)" in run.err
     assert "wrong-token-abcdef" not in run.err + run.out
+
+
+async def test_a_wrong_admin_token_says_where_the_token_came_from(admin_url, keygate,
+                                                                  monkeypatch):
+    """A stale or mistyped KEYGATE_ADMIN_TOKEN got "The operator token is not valid." and
+    nothing else: not which variable the token was read from, nor what to put there. The
+    CLI now says both, naming the admin URL it asked (never the token)."""
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "wrong-token-abcdef")
+    run = await keygate("workspaces", "list")
+    assert run.code == 1
+    hint = run.err.splitlines()[-1]
+    assert "KEYGATE_ADMIN_TOKEN" in hint and os.environ["KEYGATE_ADMIN_URL"] in hint, run.err
+    assert "wrong-token-abcdef" not in run.err + run.out
+    run = await keygate("workspaces", "list", "--json")
+    assert run.code == 1 and run.json()["error"]["code"] == "unauthorized"
+
+
+async def test_the_proxy_listener_given_as_the_admin_url_is_named_as_such(redis_url, upstream,
+                                                                          keygate, monkeypatch):
+    """KEYGATE_ADMIN_URL pointed at the proxy listener (8080 for 8081, an easy slip) got
+    "No route matches GET /admin/v1/workspaces. (no_route)": true of the proxy, and no help to
+    someone who does not know which listener they reached. The admin listener never answers
+    ``no_route``; the CLI now says the URL is the proxy listener and where the admin API is."""
+    from harness import ADMIN_TOKEN, gateway_under_test, make_config
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        proxy = str(g.proxy_server.make_url("")).rstrip("/")
+        run = await keygate("--admin-url", proxy, "workspaces", "list")
+        assert run.code == 1 and "(no_route)" in run.err
+        hint = run.err.splitlines()[-1]
+        assert proxy in hint and "proxy listener" in hint and "admin.port" in hint, run.err
+        run = await keygate("--admin-url", proxy, "workspaces", "list", "--json")
+        assert run.code == 1 and run.json()["error"]["code"] == "no_route"
+    assert upstream.requests == []
 
 
 async def test_missing_admin_token_hints_at_the_variable(admin_url, keygate, monkeypatch):

@@ -1,6 +1,8 @@
 """docs/config.schema.json (the JSON Schema editors use for the config file) and the loader
 (gateway.config) agree: on which keys exist at every level, on the example configs, and on a
-table of good and bad values. A key added to the loader without the schema fails here."""
+table of good and bad values. A key added to the loader without the schema fails here, and so
+does one missing from docs/configuration.md's tables, or a ```yaml example in the README or
+docs/ that the loader refuses."""
 
 from __future__ import annotations
 
@@ -204,3 +206,187 @@ def test_a_whole_number_written_with_a_fraction_is_what_the_schema_says(path, le
             as_float = load_config(tmp_path / "probe.yaml")
             loader_accepts(with_(path, least), tmp_path)
             assert as_float == load_config(tmp_path / "probe.yaml")
+
+
+# --- docs/configuration.md: the reference names every key the loader takes, and no other ------
+
+REFERENCE = (ROOT / "docs" / "configuration.md").read_text()
+
+
+def loader_keys(where: list) -> set[str]:
+    """The keys the loader allows at ``where`` (its "allowed:" list for an unknown key)."""
+    doc = copy.deepcopy(BASE)
+    node = doc
+    for part in where:
+        node = node[part] if isinstance(node, list) else node.setdefault(part, {})
+    node["zzzzzzzz"] = 1
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        try:
+            load_config(path)
+        except ConfigError as exc:
+            (problem,) = [p for p in exc.problems if "zzzzzzzz" in p]
+    return set(re.search(r"\(allowed: ([^)]*)\)", problem).group(1).split(", "))
+
+
+def code_key_paths() -> set[str]:
+    """Every key path the loader accepts, written as the reference writes it (``plans.NAME.x``,
+    ``upstreams.NAME.x``, ``routes.x``); below the top level, objects that only group other
+    keys (``server.timeouts``) are left out: their keys have the rows."""
+    names = {("plans", "p"): "plans.NAME", ("upstreams", "crm"): "upstreams.NAME",
+             ("routes", 0): "routes"}
+    levels = {tuple(where): names.get(tuple(where), ".".join(map(str, where)))
+              for where, _ in OBJECTS}
+    found = set()
+    for where, prefix in levels.items():
+        for key in loader_keys(list(where)):
+            path = f"{prefix}.{key}" if prefix else key
+            if not where or (*where, key) not in levels:  # not a key that only groups others
+                found.add(path)
+    return found
+
+
+def reference_key_paths() -> set[str]:
+    """The key paths docs/configuration.md documents: each section's `## `name`` heading and
+    the backticked names in the first column of its tables (relative to the section, unless
+    they already start with a top-level key)."""
+    found = set()
+    for section in re.split(r"\n(?=## )", REFERENCE)[1:]:
+        heading = section.splitlines()[0]
+        named = re.findall(r"`([a-z_]+)`", heading)
+        found |= set(named)
+        prefix = {"upstreams": "upstreams.NAME"}.get(named[0], named[0])
+        for row in re.findall(r"^\| *(`[^|]*)\|", section, re.M):
+            for key in re.findall(r"`([a-zA-Z0-9_.]+)`", row):
+                top = key.split(".", 1)[0]
+                found.add(key if top in named else f"{prefix}.{key}")
+    return found
+
+
+def test_the_configuration_reference_names_every_key_the_loader_takes_and_no_other():
+    """docs/configuration.md is the reference an operator writes a config from: every key the
+    loader accepts has a row (or, for a top-level key, a section) there, and every row names a
+    key the loader accepts."""
+    code, documented = code_key_paths(), reference_key_paths()
+    assert sorted(code - documented) == [], "accepted but not in docs/configuration.md"
+    assert sorted(documented - code) == [], "in docs/configuration.md but refused by the loader"
+
+
+def test_every_object_of_the_schema_is_compared_with_the_loader():
+    """OBJECTS above must reach every mapping of the schema with fixed keys, or a level could
+    drift from the loader unseen."""
+    def walk(node: dict, path: tuple) -> set[tuple]:
+        found = set()
+        if "properties" in node:
+            found.add(path)
+            for key, sub in node["properties"].items():
+                found |= walk(sub, (*path, key))
+        extra = node.get("additionalProperties")
+        if isinstance(extra, dict):
+            found |= walk(extra, (*path, "*"))
+        if isinstance(node.get("items"), dict):
+            found |= walk(node["items"], (*path, "[]"))
+        for alt in node.get("anyOf", []) + node.get("oneOf", []):
+            found |= walk(alt, path)
+        return found
+    assert walk(SCHEMA, ()) <= {tuple(schema_path) for _, schema_path in OBJECTS}
+
+
+# --- every YAML example in the README and docs/ is a config keygate accepts -------------------
+
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def yaml_examples() -> list[tuple[str, str]]:
+    found = []
+    for page in DOC_PAGES:
+        text = page.read_text()
+        for block in re.finditer(r"^```ya?ml\n(.*?)^```", text, re.S | re.M):
+            line = text[:block.start()].count("\n") + 1
+            found.append((f"{page.relative_to(ROOT)}:{line}", block.group(1)))
+    return found
+
+
+@pytest.mark.parametrize("where, text", yaml_examples(),
+                         ids=[where for where, _ in yaml_examples()])
+def test_every_yaml_example_in_the_docs_is_accepted(where, text, tmp_path, monkeypatch):
+    """A snippet an operator pastes into the config must load: each ```yaml block of the README
+    and docs/, laid over a minimal config (its `routes` replace the minimal one's, its
+    `upstreams` join it), passes `keygate config check` and the JSON schema. Certificate paths
+    are pointed at a real pair; secrets a snippet names by variable are set."""
+    from harness import openssl
+    fragment = yaml.safe_load(text)
+    assert isinstance(fragment, dict), where
+    doc = {key: copy.deepcopy(value) for key, value in BASE.items() if key != "cors"}
+    for key, value in fragment.items():
+        if key == "upstreams":
+            doc["upstreams"].update(value)
+        else:
+            doc[key] = value
+    text = yaml.safe_dump(doc)
+    pems = set(re.findall(r"(/[\w./-]+\.pem)", text))
+    if pems:
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"))
+    for path in pems:
+        pair = "key.pem" if "key" in Path(path).name else "cert.pem"
+        text = text.replace(path, str(tmp_path / pair))
+    for name in re.findall(r"secret_env: ([A-Z_][A-Z0-9_]*)", text):
+        monkeypatch.setenv(name, "s" * 32)
+    (tmp_path / "config.yaml").write_text(text)
+    try:
+        load_config(tmp_path / "config.yaml")
+    except ConfigError as exc:
+        pytest.fail(f"{where}: {exc.problems}")
+    assert [e.message for e in VALIDATOR.iter_errors(yaml.safe_load(text))] == [], where
+
+
+def reference_defaults() -> list[tuple[str, str]]:
+    """(key path, the reference's default cell) for every table row that has a default."""
+    found = []
+    for section in re.split(r"\n(?=## )", REFERENCE)[1:]:
+        named = re.findall(r"`([a-z_]+)`", section.splitlines()[0])
+        prefix = {"upstreams": "upstreams.NAME"}.get(named[0], named[0])
+        header: list[str] = []
+        for line in section.splitlines():
+            cells = [c.strip() for c in line.replace("\\|", "¦").strip("|").split("|")]
+            if line.startswith("| key |"):
+                header = cells
+            elif "default" in header and line.startswith("| `"):
+                for key in re.findall(r"`([a-zA-Z0-9_.]+)`", cells[0]):
+                    path = key if key.split(".")[0] in named else f"{prefix}.{key}"
+                    found.append((path, cells[header.index("default")]))
+    return found
+
+
+def test_the_configuration_reference_gives_the_defaults_the_loader_uses(tmp_path, monkeypatch):
+    """Each `default` cell of docs/configuration.md is the value the loader gives a key the
+    file leaves out (`none`/`null` for None, a YAML list for a tuple)."""
+    monkeypatch.setenv("KG_PROBE_SECRET", "s" * 32)
+    doc = {**copy.deepcopy(BASE), "plans": {"p": {}},
+           "identity_signature": {"secret_env": "KG_PROBE_SECRET"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    config = load_config(tmp_path / "c.yaml")
+    wrong, compared = [], 0
+    for path, cell in reference_defaults():
+        if not re.fullmatch(r"`[^`]*`|none|null", cell):
+            continue   # required, "any", "the first plan": said in words
+        node: object = config
+        for part in path.split("."):
+            if node is None:
+                break
+            node = (next(iter(node.values())) if isinstance(node, dict) else node) \
+                if part == "NAME" else (node[0] if isinstance(node, tuple) else node)
+            node = node if part == "NAME" else getattr(node, part)
+        else:
+            expected = None if cell in ("none", "null") else yaml.safe_load(cell.strip("`"))
+            if isinstance(expected, list):
+                expected = tuple(expected)
+            compared += 1
+            if node != expected:
+                wrong.append((path, cell, node))
+    assert compared > 40
+    assert wrong == []

@@ -216,13 +216,49 @@ def test_every_error_code_the_api_answers_is_in_the_error_table():
     import gateway.errors as errors
     codes |= {cls.code for cls in vars(errors).values()
               if isinstance(cls, type) and issubclass(cls, errors.GatewayError)}
-    # the proxy's codes, raised by name across the pipeline
+    # the proxy's codes, raised by name across the pipeline (subpackages included: the
+    # admin listener's shutting_down, the store's key_limit_reached)
     source = "\n".join(p.read_text() for p in
-                       (Path(errors.__file__).parent).glob("*.py"))
+                       (Path(errors.__file__).parent).rglob("*.py"))
     codes |= set(re.findall(r'code="([a-z_]+)"', source))
     assert codes
     missing = sorted(c for c in codes if f"`{c}`" not in table)
     assert not missing, missing
+
+
+def raised_statuses_and_codes() -> set[tuple[int, str]]:
+    """(status, code) of every error class and of every ``SomeError(..., code="x")`` made in
+    gateway/ with a literal code (a status set elsewhere, such as aiohttp's, is left out)."""
+    import ast
+
+    import gateway.errors as errors
+    classes = {c.__name__: c for c in vars(errors).values()
+               if isinstance(c, type) and issubclass(c, errors.GatewayError)}
+    found = {(c.status, c.code) for c in classes.values()}
+    for path in Path(errors.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = getattr(node, "func", None)
+            name = getattr(name, "id", None) or getattr(name, "attr", None)
+            if not isinstance(node, ast.Call) or name not in classes:
+                continue
+            given = {k.arg: k.value for k in node.keywords}
+            code, status = given.get("code"), given.get("status")
+            if (code is None or isinstance(code, ast.Constant)) and status is None:
+                found.add((classes[name].status,
+                           classes[name].code if code is None else code.value))
+    return found
+
+
+def test_the_error_table_gives_each_code_the_status_it_is_answered_with():
+    """docs/errors.md's rows are `| status | `code` | ...`: a code answered with one status
+    and documented with another sends a client's retry logic the wrong way."""
+    table = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text()
+    rows = {(int(status), code)
+            for status, code in re.findall(r"^\| (\d{3}) \| `([a-z_]+)` \|", table, re.M)}
+    documented = {code for _, code in rows}
+    raised = raised_statuses_and_codes()
+    assert len(raised) > 20
+    assert sorted(r for r in raised if r[1] in documented and r not in rows) == []
 
 
 # --- answers the gateway gives that the document must hold ---------------------------------------
@@ -376,3 +412,61 @@ async def test_refusing_to_delete_a_role_keys_use_is_in_the_document(redis_url, 
     assert (status, body["error"]["code"]) == (409, "conflict")
     assert "conflict" in documented_codes(doc, "DELETE", "/admin/v1/workspaces/{ws}/roles/{name}",
                                           409)
+
+
+# --- docs/api.md, the short version, against the document -----------------------------------------
+
+API_MD = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+SERVED_ROOTS = ("/admin/", "/_keygate/", "/healthz", "/readyz", "/metrics")
+
+
+def api_md_operations() -> set[tuple[str, str, bool]]:
+    """(method or "*", path, covers the paths below it) for every `METHOD /path` of
+    docs/api.md; in its admin section a path is under /admin/v1, `PATCH …` is the path before,
+    and `/x…` or `/x[/<...>]` stand for the paths below /x too."""
+    found = set()
+    for section in re.split(r"\n(?=## )", API_MD):
+        prefix = "/admin/v1" if section.startswith("## Admin listener") else ""
+        last = ("", False)
+        for span in re.findall(r"`([^`\n]*)`", section):
+            match = re.fullmatch(r"((?:[A-Z]+/)*[A-Z]+ )?(/[^ ]*|…)", span)
+            if not match:
+                continue
+            methods, path = (match.group(1) or "*").strip(), match.group(2)
+            if path == "…":
+                path, below = last
+            else:
+                below = path.endswith("…") or "[/" in path
+                path = re.split(r"[\[?…]", path)[0]
+                if not path.startswith((*SERVED_ROOTS, "/console/")):
+                    path = prefix + path
+            last = (path, below)
+            found |= {(method, path, below) for method in methods.split("/")}
+    return found
+
+
+def test_the_api_overview_names_every_operation_of_the_document_and_no_other():
+    """docs/api.md is the short version of the document: each operation the document
+    describes is named there, and each `METHOD /path` it names is in the document."""
+    served = {(method.upper(), path.replace("{key}", "{id}"))
+              for method, path in documented_operations(document())}
+    named = api_md_operations()
+
+    def covered(method: str, path: str) -> bool:
+        return any(m in ("*", method) and (p == path or below and path.startswith(p))
+                   for m, p, below in named)
+    assert sorted(op for op in served if not covered(*op)) == [], "missing from docs/api.md"
+    extra = sorted((m, p) for m, p, below in named if m != "*" and not below
+                   and p.startswith(SERVED_ROOTS) and (m, p) not in served)
+    assert extra == [], "in docs/api.md, not in the document"
+
+
+@pytest.mark.parametrize("name, schema", [("Key object", "Key"),
+                                          ("Workspace object", "Workspace"),
+                                          ("Usage object", "Usage")])
+def test_the_api_overview_lists_every_field_of_the_objects(name, schema):
+    paragraph = API_MD.split(f"**{name}:**", 1)[1].split("**", 1)[0]
+    listed = {field.strip() for span in re.findall(r"`([^`]*)`", paragraph)
+              for field in span.split(",")}
+    fields = set(document()["components"]["schemas"][schema]["properties"])
+    assert sorted(fields - listed) == []

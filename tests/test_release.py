@@ -37,8 +37,15 @@ def test_the_licence_is_the_apache_2_text():
     assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
 
 
-MARKDOWN = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+MARKDOWN = [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "bench" / "README.md",
+            *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchors(page: Path) -> set[str]:
+    """The fragments a renderer (GitHub's) makes of a page's headings."""
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
 
 
 def test_readme_and_docs_link_only_inside_the_repository():
@@ -51,6 +58,9 @@ def test_readme_and_docs_link_only_inside_the_repository():
             resolved = (page.parent / path).resolve()
             assert resolved.is_relative_to(ROOT), f"{page.name} links outside: {target}"
             assert resolved.exists(), f"{page.name} links to a missing file: {target}"
+            if "#" in target and resolved.suffix == ".md":
+                assert target.split("#", 1)[1] in anchors(resolved), \
+                    f"{page.name} links to a missing heading: {target}"
 
 
 def test_readme_links_to_every_page_of_the_docs():
@@ -101,3 +111,14 @@ def test_every_table_row_in_the_docs_belongs_to_a_table():
             if not (header or previous.startswith("|")):
                 stray.append(f"{page.name}:{number}: {line[:60]}")
     assert stray == []
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    """README's "Test it" says its block is exactly what `.ci/run` runs; an edit to one of
+    them alone would make the README's way of testing differ from what CI proves."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Test it\n+```sh\n(.*?)```", readme, re.S).group(1)
+    script = (ROOT / ".ci" / "run").read_text()
+    commands = [line for line in script.splitlines()
+                if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert commands == block.strip().splitlines()

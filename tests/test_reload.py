@@ -990,3 +990,29 @@ def test_no_sighup_ends_a_stopping_worker_whichever_thread_takes_it(loop):
     done = subprocess.run([sys.executable, "-c", _HANGUP_WINDOW, loop], capture_output=True,
                           timeout=30)
     assert (done.returncode, done.stdout) == (0, b"exited cleanly\n"), done.stderr[-2000:]
+
+
+def test_the_configuration_reference_says_which_settings_reload_as_the_code_does():
+    """docs/configuration.md's "Reloading" paragraph names the `server` and `admin` settings a
+    reload swaps and those that keep their value until a restart; gateway.reload decides it.
+    A setting moved from one list to the other in the code alone would tell an operator a
+    change took effect when it did not (or to restart for nothing)."""
+    import dataclasses
+
+    from gateway.config import AdminConfig, ServerConfig
+    from gateway.reload import RELOADABLE, RESTART_ONLY_SECTIONS
+    text = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    paragraph = " ".join(text.split("**Reloading.**", 1)[1].split("\n\n", 1)[0].split())
+    reloads, restart = paragraph.split("Everything else", 1)
+    by_words = {"host": "listener addresses", "port": "listener addresses",
+                "tls": "TLS", "workers": "`workers`"}
+    for section, fields in (("server", dataclasses.fields(ServerConfig)),
+                            ("admin", dataclasses.fields(AdminConfig))):
+        for f in fields:
+            named = by_words.get(f.name, f"`{section}.{f.name}`")
+            where = reloads if f.name in RELOADABLE[section] else restart
+            assert named in where, (f"{section}.{f.name}", "reloads" if where is reloads
+                                    else "needs a restart")
+    assert "the whole store" in restart and RELOADABLE["store"] == ()
+    for section in RESTART_ONLY_SECTIONS:
+        assert f"`{section}`" in restart, section

@@ -62,6 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"keygate: {exc}", file=sys.stderr)
         if exc.status == 401 and not token:
             print("keygate: set KEYGATE_ADMIN_TOKEN to the operator token", file=sys.stderr)
+        elif exc.code == "no_route":  # answered by a proxy listener only, never the admin API
+            print(f"keygate: {url} is a keygate proxy listener; the admin API is on the admin "
+                  "listener (admin.port, default 8081): pass --admin-url or set "
+                  "KEYGATE_ADMIN_URL to it", file=sys.stderr)
+        elif exc.status == 401 and exc.invalid_token and exc.code == "unauthorized":
+            source = ("the variable admin.token_env names in " + args.config + ", else "
+                      if getattr(args, "config", None) else "")
+            print(f"keygate: the token from {source}KEYGATE_ADMIN_TOKEN is not the operator "
+                  f"token of the gateway at {url}: set it to the value that gateway was "
+                  "started with", file=sys.stderr)
         return 1
     except CliError as exc:
         print(f"keygate: {exc}", file=sys.stderr)

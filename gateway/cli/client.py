@@ -26,6 +26,12 @@ class UsageError(Exception):
     """Bad usage found after parsing: exit 2 with this message."""
 
 
+# What to do when nothing answers: the URL came from --admin-url, --config,
+# KEYGATE_ADMIN_URL or the default, and the gateway may simply not be running.
+_UNREACHABLE = (" (is keygate serve running there? Name its admin listener with --admin-url, "
+                "--config or KEYGATE_ADMIN_URL)")
+
+
 class ApiError(CliError):
     """The admin API answered an error; ``body`` is its JSON body as received (``--json``
     prints it on stdout)."""
@@ -33,6 +39,7 @@ class ApiError(CliError):
     def __init__(self, status: int, code: str, message: str, body: bytes = b"") -> None:
         super().__init__(f"{message} ({code})")
         self.status, self.code, self.message, self.body = status, code, message, body
+        self.invalid_token = False   # 401 for a token sent that is not the one expected
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -75,7 +82,10 @@ class AdminClient:
             with self._opener.open(req, timeout=self.timeout) as resp:
                 return self._decode(resp.status, resp.read())
         except urllib.error.HTTPError as exc:
-            raise self._api_error(exc.code, exc.read()) from None
+            error = self._api_error(exc.code, exc.read())
+            error.invalid_token = 'error="invalid_token"' in exc.headers.get(
+                "WWW-Authenticate", "")
+            raise error from None
         except (TimeoutError, socket.timeout):
             raise CliError(f"the admin API at {self.base_url} did not answer within "
                            f"{self.timeout:g}s") from None
@@ -84,9 +94,11 @@ class AdminClient:
             if isinstance(reason, (TimeoutError, socket.timeout)):
                 raise CliError(f"the admin API at {self.base_url} did not answer within "
                                f"{self.timeout:g}s") from None
-            raise CliError(f"cannot reach the admin API at {self.base_url}: {reason}") from None
+            raise CliError(f"cannot reach the admin API at {self.base_url}: {reason}"
+                           f"{_UNREACHABLE}") from None
         except (ConnectionError, OSError) as exc:
-            raise CliError(f"cannot reach the admin API at {self.base_url}: {exc}") from None
+            raise CliError(f"cannot reach the admin API at {self.base_url}: {exc}"
+                           f"{_UNREACHABLE}") from None
 
     def _decode(self, status: int, raw: bytes) -> Any:
         self.last_body = raw

@@ -102,7 +102,8 @@ def add_list_options(key_list: argparse.ArgumentParser) -> None:
     """``keys list --unused 30d --sort last_used``."""
     key_list.add_argument("--unused", type=argtype(days, "DAYS"), metavar="Nd",
                           help="only keys never used or last used more than N days ago")
-    key_list.add_argument("--sort", choices=("created", "last_used", "name"))
+    key_list.add_argument("--sort", choices=("created", "last_used", "name"),
+                          help="order of the listing (default: created)")
 
 
 def list_query(args: argparse.Namespace) -> dict[str, str]:
@@ -119,15 +120,15 @@ def list_query(args: argparse.Namespace) -> dict[str, str]:
 def add_key_commands(tree: CommandTree, keys: SubCommands) -> None:
     """``keys usage`` and ``keys delete``."""
     usage = tree.command(keys, "usage", "a key's requests this month, or per day with --daily",
-                         cmd_keys_usage, described=False)
+                         cmd_keys_usage)
     workspace_option(usage)
-    usage.add_argument("id", metavar="ID")
+    usage.add_argument("id", metavar="ID", help="key id, as keys list shows it")
     daily_options(usage)
 
     delete = tree.command(keys, "delete", "remove a revoked or expired key from listings",
-                          cmd_keys_delete, described=False)
+                          cmd_keys_delete)
     workspace_option(delete)
-    delete.add_argument("id", metavar="ID")
+    delete.add_argument("id", metavar="ID", help="key id, as keys list shows it")
 
 
 def add_workspace_commands(tree: CommandTree, workspaces: SubCommands) -> None:
@@ -135,8 +136,8 @@ def add_workspace_commands(tree: CommandTree, workspaces: SubCommands) -> None:
     [--rate-limit R|none] [--reset]``: without options, shows the limits in force."""
     limits = tree.command(workspaces, "limits",
                           "show or override a workspace's plan limits (a custom deal)",
-                          cmd_workspaces_limits, described=False)
-    limits.add_argument("id", metavar="ID")
+                          cmd_workspaces_limits)
+    limits.add_argument("id", metavar="ID", help="workspace id")
     for flag, kind, what in (("--monthly-requests", count_or_none, "requests a month"),
                              ("--max-keys", count_or_none, "active keys"),
                              ("--rate-limit", rate_or_none,

@@ -27,7 +27,7 @@ def add_commands(tree: CommandTree) -> SubCommands:
     keys = tree.group("keys", "manage API keys")
     p = tree.command(keys, "create", "create a key; prints its token once", cmd_keys_create)
     workspace_option(p)
-    p.add_argument("--name", required=True)
+    p.add_argument("--name", required=True, help="the key's name, e.g. the integration using it")
     access = p.add_mutually_exclusive_group(required=True)
     access.add_argument("--role", help="bind the key to a role")
     access.add_argument("--scope", action="extend", nargs="+", metavar="S",
@@ -35,7 +35,7 @@ def add_commands(tree: CommandTree) -> SubCommands:
     p.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"),
                    help="30d, 24h, 90m, 3600s, or a date/datetime like 2027-01-31")
     p.add_argument("--env", help="token environment, e.g. test (default: live)")
-    p.add_argument("--description")
+    p.add_argument("--description", help="free text shown with the key")
     p.add_argument("--rate-limit", metavar="N/s|N/m",
                    help="the key's own rate limit, held within its workspace's (plan or "
                         "override)")
@@ -43,19 +43,20 @@ def add_commands(tree: CommandTree) -> SubCommands:
 
     p = tree.command(keys, "list", "list a workspace's keys", cmd_keys_list)
     workspace_option(p)
-    p.add_argument("--status", choices=("active", "expired", "revoked"))
+    p.add_argument("--status", choices=("active", "expired", "revoked"),
+                   help="only keys with this status")
     key_controls.add_list_options(p)
 
     p = tree.command(keys, "show", "show one key (never its token)", cmd_keys_show)
     workspace_option(p)
-    p.add_argument("id", metavar="ID")
+    p.add_argument("id", metavar="ID", help="key id, as keys list shows it")
 
     p = tree.command(keys, "update", "change a key: role, expiry, limits, disable, allowed IPs...",
                      cmd_keys_update)
     workspace_option(p)
-    p.add_argument("id", metavar="ID")
-    p.add_argument("--name")
-    p.add_argument("--description")
+    p.add_argument("id", metavar="ID", help="key id, as keys list shows it")
+    p.add_argument("--name", help="new name")
+    p.add_argument("--description", help="new description")
     access = p.add_mutually_exclusive_group()
     access.add_argument("--role", help="re-bind the key to a role (takes effect at once)")
     access.add_argument("--scope", action="extend", nargs="+", metavar="S",
@@ -68,12 +69,12 @@ def add_commands(tree: CommandTree) -> SubCommands:
 
     p = tree.command(keys, "revoke", "revoke a key (permanent)", cmd_keys_revoke)
     workspace_option(p)
-    p.add_argument("id", metavar="ID")
+    p.add_argument("id", metavar="ID", help="key id, as keys list shows it")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask to confirm")
 
     p = tree.command(keys, "rotate", "replace a key; prints the new token once", cmd_keys_rotate)
     workspace_option(p)
-    p.add_argument("id", metavar="ID")
+    p.add_argument("id", metavar="ID", help="key id, as keys list shows it")
     p.add_argument("--grace", type=argtype(parse_duration, "DURATION"),
                    help="how long the old key keeps working, e.g. 24h (default 0: revoked now)")
     return keys

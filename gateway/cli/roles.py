@@ -15,12 +15,12 @@ def add_commands(tree: CommandTree) -> None:
     workspace_option(p)
     p = tree.command(roles, "set", "create or replace a workspace role", cmd_roles_set)
     workspace_option(p)
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="role name (a slug)")
     p.add_argument("--scope", action="extend", nargs="+", metavar="S", required=True,
                    help="the role's scopes (repeatable)")
     p = tree.command(roles, "delete", "delete a workspace role", cmd_roles_delete)
     workspace_option(p)
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="role name (a slug)")
 
 
 def _role_path(args: argparse.Namespace) -> str:

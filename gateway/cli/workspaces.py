@@ -22,15 +22,15 @@ def add_commands(tree: CommandTree) -> SubCommands:
     p.add_argument("--plan", help="plan name (default: the config's default_plan)")
     tree.command(workspaces, "list", "list workspaces", cmd_workspaces_list)
     p = tree.command(workspaces, "show", "show one workspace", cmd_workspaces_show)
-    p.add_argument("id", metavar="ID")
+    p.add_argument("id", metavar="ID", help="workspace id")
     p = tree.command(workspaces, "set-plan", "change a workspace's plan",
                      cmd_workspaces_set_plan)
-    p.add_argument("id", metavar="ID")
-    p.add_argument("plan", metavar="PLAN")
+    p.add_argument("id", metavar="ID", help="workspace id")
+    p.add_argument("plan", metavar="PLAN", help="a plan name from the config's plans")
     p = tree.command(workspaces, "rename", "change a workspace's display name",
                      cmd_workspaces_rename)
-    p.add_argument("id", metavar="ID")
-    p.add_argument("--name", required=True)
+    p.add_argument("id", metavar="ID", help="workspace id")
+    p.add_argument("--name", required=True, help="the new display name")
     return workspaces
 
 

@@ -25,7 +25,7 @@ import warnings
 
 from aiohttp import web, web_protocol
 from aiohttp.helpers import ceil_timeout
-from aiohttp.http_exceptions import InvalidURLError
+from aiohttp.http_exceptions import InvalidURLError, LineTooLong
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_exceptions import HTTPException
@@ -383,6 +383,10 @@ class _JsonErrorRequestHandler(RequestHandler):
             error = GatewayError("Internal error.")
         elif isinstance(exc, HeadTooLarge):
             error = BadRequest(exc.message, status=status)
+        elif isinstance(exc, LineTooLong):  # aiohttp's 8 KiB bound on one line of the head
+            error = BadRequest("The request line or a header field is over 8 KiB; send a "
+                               "shorter URL or query string, or smaller headers (a large "
+                               "cookie).", status=status)
         else:  # the client's fault: no traceback in the log, no parser detail on the wire
             log.debug("refused a malformed request from %s: %s", request.remote,
                       _parser_reason(exc))
