@@ -114,7 +114,9 @@ class RequestHeaderRules:
         signing = config.identity_signature
         self.sign_header = signing.header if signing else SIGNATURE_HEADER
         self.sign_secret: bytes | None = None  # set by the Forwarder that reads the secret
-        # the CORS labels its answer gets (gateway.cors): None, the common case, costs a check
+        # the config's one CORS policy (gateway.cors): forward labels the upstream's answers
+        # with it, the pipeline keygate's own and answers preflights; None, the common case,
+        # costs a check
         self.cors = None if config.cors is None else CorsPolicy(config.cors, config.keys.headers)
         # the body limits a request is forwarded under, with its header rules: a request in
         # flight through a reload keeps the ones it was checked with
