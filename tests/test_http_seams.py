@@ -113,7 +113,8 @@ def test_request_header_rules_drop_hop_by_hop_named_identity_and_untrusted_forwa
 def test_response_headers_drop_hop_by_hop_and_connection_named_ones() -> None:
     out = response_headers([(b"Connection", b"close, X-Secret"), (b"X-Secret", b"s"),
                             (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"),
-                            (b"Keep-Alive", b"timeout=5")])
+                            (b"Keep-Alive", b"timeout=5")],
+                           RequestHeaderRules(make_config("http://127.0.0.1:9")))
     assert list(out.items()) == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
 
 
@@ -207,8 +208,6 @@ def test_response_headers_fast_path_passes_back_what_the_rules_do(raw):
     defaults = frozenset({b"x-workspace-id", b"x-api-key-id", b"x-api-scopes",
                           b"x-workspace-plan", b"x-keygate-signature"})
     for _ in range(2):
-        assert list(response_headers(raw).items()) == \
-            list(response_headers_by_rule(raw).items())
         assert list(response_headers(raw, RESPONSE_RULES[0]).items()) == \
             list(response_headers_by_rule(raw, defaults).items())
         assert list(response_headers(raw, RESPONSE_RULES[1]).items()) == \
