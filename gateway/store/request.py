@@ -190,7 +190,8 @@ class RequestStore:
         quotas as counting would but count nothing; else, with ``spend`` (keygate's own
         endpoints), admit the call within ``OWN_CALLS_RATE`` (the key's calls of this kind,
         in a log of their own: its rate limit is left to its requests) and stamp
-        ``last_used_at``, judging no quota and counting nothing; else confirm the state
+        ``last_used_at``, judging no quota, reading no counter (``month_used`` and
+        ``key_used`` are 0) and counting nothing; else confirm the state
         only, and with ``stamp`` set the key's ``last_used_at`` when it is current.
         ``budget``: the key id its rate log and own month count go under ("": ``key_id``; it
         never changes for a key id, so the call prepared for the key id stays right).
