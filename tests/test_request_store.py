@@ -34,6 +34,7 @@ async def authorize(store: RequestStore, **kw):
                 rate_limit=0, rate_period_ms=1000, monthly_limit=None, period="2026-11",
                 counter_ttl=3600, now_ms=NOW_MS)
     args.update(kw)
+    args.setdefault("budget", args["key_id"])
     return await store.authorize(**args)
 
 

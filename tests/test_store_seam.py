@@ -89,11 +89,11 @@ async def test_request_store_speaks_only_through_the_seam(redis_url):
         d = await store.authorize(workspace="acme", key_id="k1", key_rev=1, ws_rev=1,
                                   count=False, rate_limit=0, rate_period_ms=1000,
                                   monthly_limit=None, period="2026-11", counter_ttl=60,
-                                  now_ms=1_795_000_000_000)
+                                  now_ms=1_795_000_000_000, budget="k1")
         assert await store.failure_counts("10.0.0.1", "k1") == (0, 0)
         await store.record_failure("10.0.0.1", "k1", 300)
         assert await store.failure_counts("10.0.0.1", "k1") == (1, 1)
-        slot = Slot("acme", "k1", "2026-11", "2026-11-18")
+        slot = Slot("acme", "k1", "2026-11", "2026-11-18", "k1")
         await store.refund(slot, 60)
         assert await store.add_usage(slot, 4, 60, "w-1")
         assert not await store.add_usage(slot, 4, 60, "w-1")  # a copy: counts nothing again
