@@ -68,7 +68,7 @@ async def run(url: str, calls: int, concurrency: int, rate: bool) -> dict:
     args = dict(workspace="bench", key_id="k1", key_rev=1, ws_rev=1, count=True,
                 rate_limit=10**9 if rate else 0, rate_period_ms=1000,
                 monthly_limit=10**12, period=time.strftime("%Y-%m", time.gmtime()),
-                counter_ttl=3600, now_ms=now_ms, key_limit=10**12,
+                counter_ttl=3600, now_ms=now_ms, key_limit=10**12, budget="k1",
                 day=time.strftime("%Y-%m-%d", time.gmtime()))
     args = {k: v for k, v in args.items() if k in accepted}
     for _ in range(200):  # warm: script loaded, connection up

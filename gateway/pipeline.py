@@ -29,7 +29,7 @@ from . import errors, overrides, reserved
 from .access import refusal
 from .auth import Authenticator, CachedKey
 from .config import Config, Upstream
-from .cors import ORIGIN, CorsPolicy
+from .cors import ORIGIN
 from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
 from .proxying.server import answer_and_close
 from .proxying.tunnel import TunnelWatch, websocket_handshake
@@ -117,8 +117,8 @@ class Forwarding(Protocol):
                      watch=None) -> web.StreamResponse: ...
     # forward for a WebSocket handshake: the tunnel, run until it ends (watch is handed it)
 
-    header_rules: Any  # the current RequestHeaderRules (headers, signing, body limits); a
-    # request keeps the ones it began with
+    header_rules: Any  # the current RequestHeaderRules (headers, signing, body limits, the
+    # config's CORS policy); a request keeps the ones it began with
 
 
 class Pipeline:
@@ -163,7 +163,6 @@ class Pipeline:
             h.lower() for h in config.keys.headers if h.lower() != "authorization"))  # per call
         self.trusted = TrustedProxies(config.server.trusted_proxies)
         self._any_trusted = bool(self.trusted)
-        self.cors = None if config.cors is None else CorsPolicy(config.cors, config.keys.headers)
 
     # --- the one handler ----------------------------------------------------------------------
 
@@ -183,8 +182,9 @@ class Pipeline:
             except GatewayError as exc:
                 outcome.code = exc.code
                 response = exc.response(request_id)
-                if self.cors is not None:
-                    self.cors.label(response.headers, request.headers.get(ORIGIN))
+                cors = self.forwarder.header_rules.cors  # the config's one policy, if any
+                if cors is not None:
+                    cors.label(response.headers, request.headers.get(ORIGIN))
                 if exc.status in (408, 413, 501) or exc.__class__ is errors.BodyCutShort \
                         or _held_back_its_body(request):
                     # the rest of that body is not worth reading, or will never come, or may
@@ -196,8 +196,9 @@ class Pipeline:
                 log.exception("unhandled error in request %s", request_id)
                 outcome.code = "internal_error"
                 response = GatewayError("Internal error.").response(request_id)
-                if self.cors is not None:
-                    self.cors.label(response.headers, request.headers.get(ORIGIN))
+                cors = self.forwarder.header_rules.cors
+                if cors is not None:
+                    cors.label(response.headers, request.headers.get(ORIGIN))
             if not response.prepared and "X-Request-Id" not in response.headers:
                 response.headers["X-Request-Id"] = request_id  # keygate's own /_keygate/ answers
             self.observe(request, response, outcome, request_id, started)
@@ -227,7 +228,11 @@ class Pipeline:
             self.screen("", raw_query)
         else:
             self.screen(raw_path, raw_query)
-        cors = self.cors
+        # the header rules the key is read under: a reload while this request waits on the
+        # store must not forward, say, a credential header that was a credential when read;
+        # with them, the config's CORS policy (None: no cors section)
+        rules = self.forwarder.header_rules
+        cors = rules.cors
         if cors is not None and request.method == "OPTIONS":  # a preflight keygate answers?
             preflight = cors.preflight(request, raw_path, self.routes)
             if preflight is not None:
@@ -254,9 +259,6 @@ class Pipeline:
         upstream = self.config.upstreams[route.upstream]
         # a WebSocket handshake on a route that tunnels them: the same steps, then a tunnel
         tunnel = route.websocket and websocket_handshake(request) is not None
-        # the header rules the key is read under: a reload while this request waits on the
-        # store must not forward, say, a credential header that was a credential when read
-        rules = self.forwarder.header_rules
         trace = outcome.trace
         if public:
             with trace.step("forward"):

@@ -302,3 +302,28 @@ async def test_a_catch_all_route_does_not_answer_preflights_under_keygates_prefi
         assert status == b"HTTP/1.1 204 No Content"
         assert headers[b"access-control-allow-methods"] == [b"GET, HEAD, POST"]
         assert seen == []
+
+
+async def test_a_reload_moves_preflights_refusals_and_forwarded_answers_together(
+        upstream_url, redis_url, monkeypatch):
+    """One policy per config: a reload that turns ``cors`` on, or changes its origins, is
+    followed alike by keygate's preflights, its own refusals and the upstream's answers."""
+    url, _ = upstream_url
+    async with gateway_under_test(make_config(url, routes=ROUTES), redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read"])
+
+        async def allowed_origin(origin: str) -> list[list[bytes] | None]:
+            answers = [await raw(g, request("OPTIONS", "/people/1", Origin=origin, **{
+                           "Access-Control-Request-Method": "GET"})),
+                       await raw(g, request("GET", "/people/1", Origin=origin)),  # 401
+                       await raw(g, request("GET", "/people/1", Origin=origin,
+                                            Authorization=f"Bearer {token}"))]
+            return [headers.get(b"access-control-allow-origin") for _, headers, _ in answers]
+
+        assert await allowed_origin(APP) == [None, None, [b"*"]]  # the upstream's own
+        g.gw.reloader.apply(cors_config(url))
+        assert await allowed_origin(APP) == [[APP.encode()]] * 3
+        g.gw.reloader.apply(cors_config(url, allow_origins=(EVIL,)))
+        assert await allowed_origin(APP) == [None, None, None]
+        assert await allowed_origin(EVIL) == [[EVIL.encode()]] * 3

@@ -463,7 +463,7 @@ async def test_cluster_gateway_runs_every_store_operation_across_nodes(
         assert status == 200
 
         # a fail-open ledger write: its id and the counters in one slot, counted once
-        slot = Slot(ws, "kx", "2026-01", "2026-01-15")
+        slot = Slot(ws, "kx", "2026-01", "2026-01-15", "kx")
         assert await gut.gw.requests.add_usage(slot, 2, 60, "w-1")
         assert not await gut.gw.requests.add_usage(slot, 2, 60, "w-1")
         owner = redis.Redis(port=_owner_port(ports, slot.counters()[0]), password=CLUSTER_PW)

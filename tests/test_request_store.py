@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from gateway.errors import StoreError
-from gateway.store.request import RequestStore
+from gateway.store.request import OWN_CALLS_RATE, RequestStore
 from gateway.store.resp import RespClient, RespError
 from gateway.store import key_key, usage_key, ws_key
 from harness import eventually
@@ -34,6 +34,7 @@ async def authorize(store: RequestStore, **kw):
                 rate_limit=0, rate_period_ms=1000, monthly_limit=None, period="2026-11",
                 counter_ttl=3600, now_ms=NOW_MS)
     args.update(kw)
+    args.setdefault("budget", args["key_id"])
     return await store.authorize(**args)
 
 
@@ -599,3 +600,24 @@ async def test_url_timeouts_and_client_name_hold_on_the_per_request_path_too(own
     finally:
         await store.close()
         await admin.aclose()
+
+
+async def test_a_call_to_keygates_own_endpoints_reads_no_counter(own_redis):
+    """Mode "spend" (a key's /_keygate/ calls, within OWN_CALLS_RATE) judges no quota and
+    answers no RateLimit fields: its script reads neither the month counter nor the key's,
+    admitted or over the bound."""
+    seed(own_redis.url)
+    r = redis.Redis.from_url(own_redis.url)
+    store = RequestStore(own_redis.url)
+    try:
+        r.config_resetstat()
+        for _ in range(OWN_CALLS_RATE[0] + 1):
+            d = await authorize(store, count=False, spend=True, monthly_limit=1000,
+                                key_limit=100, rate_limit=5)
+        assert d.outcome == "rate" and d.retry_after_ms > 0
+        stats = r.info("commandstats")
+        assert stats["cmdstat_zadd"]["calls"] == OWN_CALLS_RATE[0]
+        assert "cmdstat_get" not in stats, stats.get("cmdstat_get")
+    finally:
+        await store.close()
+        r.close()

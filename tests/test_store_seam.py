@@ -89,11 +89,11 @@ async def test_request_store_speaks_only_through_the_seam(redis_url):
         d = await store.authorize(workspace="acme", key_id="k1", key_rev=1, ws_rev=1,
                                   count=False, rate_limit=0, rate_period_ms=1000,
                                   monthly_limit=None, period="2026-11", counter_ttl=60,
-                                  now_ms=1_795_000_000_000)
+                                  now_ms=1_795_000_000_000, budget="k1")
         assert await store.failure_counts("10.0.0.1", "k1") == (0, 0)
         await store.record_failure("10.0.0.1", "k1", 300)
         assert await store.failure_counts("10.0.0.1", "k1") == (1, 1)
-        slot = Slot("acme", "k1", "2026-11", "2026-11-18")
+        slot = Slot("acme", "k1", "2026-11", "2026-11-18", "k1")
         await store.refund(slot, 60)
         assert await store.add_usage(slot, 4, 60, "w-1")
         assert not await store.add_usage(slot, 4, 60, "w-1")  # a copy: counts nothing again
@@ -145,3 +145,29 @@ def test_every_script_is_a_file_in_store_lua():
     inline = [str(p.relative_to(package)) for p in package.rglob("*.py")
               if re.search(r"redis\.call\(", p.read_text())]
     assert inline == []
+
+
+def test_both_scripts_meeting_the_key_cap_refuse_a_changed_plan_or_limits(redis_url):
+    """admin_add_key and admin_update_key (a key brought back) take the cap with the plan and
+    limits it was worked out from (lua/_cap_basis.lua): either changed since is 'stale_ws',
+    nothing written."""
+    from gateway.store.scripts import load
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.hset("kg:ws:{acme}", mapping={"id": "acme", "plan": "pro", "limits": '{"max_keys": 5}'})
+    r.hset("kg:key:{acme}:k1", mapping={"id": "k1", "rev": "1"})  # expired: not in :active
+    stored, changed = 'pro\n{"max_keys": 5}', 'pro\n{"max_keys": 9}'
+    add = load("admin_add_key").text
+    add_keys = ("kg:ws:{acme}", "kg:ws:{acme}:keys", "kg:ws:{acme}:active",
+                "kg:key:{acme}:k2", "kg:ws:{acme}:audit", "kg:ws:{acme}:roles")
+    update = load("admin_update_key").text
+    update_keys = ("kg:key:{acme}:k1", "kg:ws:{acme}:active", "kg:ws:{acme}:audit",
+                   "kg:ws:{acme}:roles", "kg:ws:{acme}")
+    for basis, answer in ((changed, "stale_ws"), (stored, "ok")):
+        assert r.eval(add, len(add_keys), *add_keys, 1000, 5, "+inf", "k2", "{}", 100, "",
+                      "", "", "", basis, "id", "k2") == answer
+    assert r.eval(update, len(update_keys), *update_keys, "k1", "+inf", 1000, 5, "{}", 100,
+                  "", "", "", changed) == "stale_ws"
+    assert r.zscore("kg:ws:{acme}:active", "k1") is None  # nothing written
+    reply = r.eval(update, len(update_keys), *update_keys, "k1", "+inf", 1000, 5, "{}", 100,
+                   "", "", "", stored)
+    assert "k1" in reply and r.zscore("kg:ws:{acme}:active", "k1") == float("inf")

@@ -89,7 +89,7 @@ async def test_a_paused_cluster_node_is_given_up_on_once_and_a_refund_is_not_rep
     every copy ran when the node woke."""
     ports = redis_cluster["ports"]
     from gateway.store.request import Slot
-    slot = Slot("acme", "k1", "2026-01", "2026-01-15")
+    slot = Slot("acme", "k1", "2026-01", "2026-01-15", "k1")
     _, port = _owner(ports, slot.counters()[0])
     owner = _node(port)
     for counter in slot.counters():
@@ -522,7 +522,7 @@ async def test_a_counting_call_answered_tryagain_is_not_sent_again_past_its_dead
         return store.authorize(workspace=ws, key_id=key_id, key_rev=1, ws_rev=1, count=True,
                                rate_limit=0, rate_period_ms=0, monthly_limit=None,
                                period="2026-01", counter_ttl=3600,
-                               now_ms=int(time.time() * 1000))
+                               now_ms=int(time.time() * 1000), budget=key_id)
 
     def tryagains() -> int:  # from either node (the new owner answers after ASK)
         return sum(int(n.info("errorstats").get("errorstat_TRYAGAIN", {}).get("count", 0))
@@ -570,7 +570,7 @@ async def test_a_sentinel_master_that_answers_late_is_given_up_on_once_and_a_ref
     connection, answered 503 only after a second timeout, and both copies ran: every counter
     went from 9 to 7."""
     from gateway.store.request import Slot
-    slot = Slot("acme", "k1", "2026-01", "2026-01-15")
+    slot = Slot("acme", "k1", "2026-01", "2026-01-15", "k1")
     owner = redis.Redis(port=sentinel_group["master"], password=DATA_PW, socket_timeout=5)
     sleeper = redis.Redis(port=sentinel_group["master"], password=DATA_PW, socket_timeout=5)
     for counter in slot.counters():
@@ -642,7 +642,7 @@ async def test_a_sentinel_refund_whose_connection_died_after_it_ran_takes_back_o
     that now carries a marker - and the second copy ran too: every counter went from 10 to 8,
     taking back a request that was forwarded (a quota overrun of one per retried refund)."""
     from gateway.store.request import Slot
-    slot = Slot("acme", "k1", "2026-01", "2026-01-15")
+    slot = Slot("acme", "k1", "2026-01", "2026-01-15", "k1")
     owner = redis.Redis(port=sentinel_group["master"], password=DATA_PW, socket_timeout=5)
     killer = redis.Redis(port=sentinel_group["master"], password=DATA_PW, socket_timeout=5)
     for counter in slot.counters():

@@ -746,3 +746,28 @@ async def test_a_handshake_to_an_unreachable_upstream_is_a_502_and_not_counted(r
                 await client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token))
         assert refused.value.status == 502
         assert await g.used() == 0
+
+
+async def test_a_handshake_an_upstream_never_answers_is_a_504_and_counted(redis_url,
+                                                                          monkeypatch):
+    """As ``forward`` answers it: the upstream got the handshake, so it counts."""
+    heads: list[bytes] = []
+
+    async def serve(reader, writer):
+        with contextlib.suppress(Exception):
+            heads.append(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5))
+            await asyncio.sleep(3)
+        writer.close()
+    srv, url = await raw_upstream(serve)
+    try:
+        async with gateway(redis_url, monkeypatch, url, upstream_timeout=0.5) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token))
+            _, got = await closed_within(reader, 3.0)
+            writer.close()
+            assert got.startswith(b"HTTP/1.1 504 ") and b'"upstream_timeout"' in got, got
+            assert b"\r\nUpgrade: websocket\r\n" in heads[0]  # the tunnel's handshake
+            assert await g.used() == 1
+    finally:
+        srv.close()

@@ -198,16 +198,18 @@ class Forwarder:
 
     # --- the request -------------------------------------------------------------------------
 
-    def request_headers(self, request: web.BaseRequest, principal: Principal | None,
-                        request_id: str, *, target: str | None = None,
-                        trace: Trace | None = None,
-                        rules: RequestHeaderRules | None = None) -> list[tuple[str, str]]:
-        """The headers to send upstream (the client's as ``gateway.proxying.headers`` passes
-        them on, then keygate's own), without ``Content-Length``: the upstream writer frames the
-        body itself. ``target`` is the request line's path and query as sent upstream (what the
-        signature covers); ``trace`` the request's trace context (read from the request when
-        not given); ``rules`` the header rules the request was checked under (the current
-        ones when not given: a reload must not change them for a request in flight)."""
+    def request_head(self, request: web.BaseRequest, principal: Principal | None,
+                     request_id: str, target: str, host: str, *, trace: Trace | None = None,
+                     rules: RequestHeaderRules | None = None, last: str | None = None) -> bytes:
+        """The request head to send upstream, for ``forward`` and the WebSocket tunnel alike:
+        the request line (the client's method, ``target``: the path and query as sent
+        upstream, what the signature covers), ``Host: host``, the client's headers as
+        ``gateway.proxying.headers`` passes them on, then keygate's own, then ``last`` (lines
+        of the caller's, if any), without the blank line that ends it. No ``Content-Length``
+        of the client's: the upstream writer frames the body itself. ``trace`` is the
+        request's trace context (read from the request when not given); ``rules`` the header
+        rules the request was checked under (the current ones when not given: a reload must
+        not change them for a request in flight)."""
         if rules is None:
             rules = self.header_rules
         out = rules.passed_on(request.headers, request.remote, request.scheme, principal)
@@ -222,9 +224,29 @@ class Forwarder:
             out.extend(zip(rules.identity, values))
         if rules.sign_secret is not None:
             out.append((rules.sign_header, sign(
-                rules.sign_secret, request.method,
-                request.raw_path if target is None else target, request_id, *values)))
-        return out
+                rules.sign_secret, request.method, target, request_id, *values)))
+        parts = [f"{request.method} {target} HTTP/1.1\r\nHost: {host}"]
+        for name, value in out:
+            parts.append(f"{name}: {value}")
+        if last is not None:
+            parts.append(last)
+        return "\r\n".join(parts).encode("utf-8", "surrogateescape")
+
+    @staticmethod
+    def upstream_failed(exc: Exception, upstream: Upstream) -> GatewayError:
+        """What a failure to get ``upstream``'s answer (its head: nothing was sent back yet)
+        is answered: 504 ``upstream_timeout`` for an ``UpstreamTimeout``, else 502
+        ``upstream_unavailable`` (logged), each saying whether the upstream may have received
+        the request (not when it timed out unreached, could not be connected to, or was sent a
+        body that did not match its framing). For ``forward`` and the WebSocket tunnel."""
+        if isinstance(exc, UpstreamTimeout):
+            return GatewayTimeout(f"The upstream '{upstream.name}' did not answer within "
+                                  f"{upstream.timeout:g} seconds.",
+                                  reached_upstream=not isinstance(exc, UpstreamUnreached))
+        log.warning("upstream %s failed: %s: %s", upstream.name, type(exc).__name__, exc)
+        return BadGateway(f"The upstream '{upstream.name}' is unavailable.",
+                          reached_upstream=not isinstance(
+                              exc, (UpstreamConnectError, BodyFramingError)))
 
     def _body_source(self, content, length: int | None, rules: RequestHeaderRules):
         """The request body as the upstream writer's chunk source.
@@ -287,15 +309,11 @@ class Forwarder:
                 raise body_too_large(rules.max_body)
             body = self._body_source(request.content, length, rules)
             await continue_if_expected(request)  # a client gone meanwhile: body_cut_short
-        target = base + request.raw_path
-        headers = self.request_headers(request, principal, request_id, target=target,
-                                       trace=trace, rules=rules)
-        parts = [f"{request.method} {target} HTTP/1.1\r\nHost: {host}"]
-        for name, value in headers:
-            parts.append(f"{name}: {value}")
-        if body is None and request.content_length == 0:
-            parts.append("Content-Length: 0")  # as sent: a POST without it may get a 411
-        head = "\r\n".join(parts).encode("utf-8", "surrogateescape")
+        head = self.request_head(request, principal, request_id, base + request.raw_path, host,
+                                 trace=trace, rules=rules,
+                                 # as sent: a POST without it may get a 411
+                                 last="Content-Length: 0" if body is None
+                                 and request.content_length == 0 else None)
         is_head = request.method == "HEAD"
         started = time.perf_counter()
         streaming = False
@@ -340,16 +358,9 @@ class Forwarder:
             raise GatewayTimeout(f"No connection to the upstream '{upstream.name}' was free "
                                  f"for an upload within {upstream.timeout:g} seconds.",
                                  reached_upstream=False) from None
-        except UpstreamTimeout as exc:
-            raise GatewayTimeout(f"The upstream '{upstream.name}' did not answer within "
-                                 f"{upstream.timeout:g} seconds.",
-                                 reached_upstream=not isinstance(exc, UpstreamUnreached)) \
-                from None
-        except (UpstreamConnectError, UpstreamProtocolError, OSError, ValueError) as exc:
-            log.warning("upstream %s failed: %s: %s", upstream.name, type(exc).__name__, exc)
-            raise BadGateway(f"The upstream '{upstream.name}' is unavailable.",
-                             reached_upstream=not isinstance(
-                                 exc, (UpstreamConnectError, BodyFramingError))) from None
+        except (UpstreamTimeout, UpstreamConnectError, UpstreamProtocolError, OSError,
+                ValueError) as exc:
+            raise self.upstream_failed(exc, upstream) from None
         except Exception as exc:
             log.warning("forwarding to %s failed: %s: %s", upstream.name, type(exc).__name__,
                         exc)

@@ -114,7 +114,9 @@ class RequestHeaderRules:
         signing = config.identity_signature
         self.sign_header = signing.header if signing else SIGNATURE_HEADER
         self.sign_secret: bytes | None = None  # set by the Forwarder that reads the secret
-        # the CORS labels its answer gets (gateway.cors): None, the common case, costs a check
+        # the config's one CORS policy (gateway.cors): forward labels the upstream's answers
+        # with it, the pipeline keygate's own and answers preflights; None, the common case,
+        # costs a check
         self.cors = None if config.cors is None else CorsPolicy(config.cors, config.keys.headers)
         # the body limits a request is forwarded under, with its header rules: a request in
         # flight through a reload keeps the ones it was checked with
@@ -293,11 +295,11 @@ class NotUtf8Headers(CIMultiDict):
 
 
 def response_headers(raw: Sequence[tuple[bytes, bytes]],
-                     rules: RequestHeaderRules | None = None) -> CIMultiDict[str]:
-    """The upstream's response headers (as parsed) that go back to the client; a
-    ``NotUtf8Headers`` when a value is not UTF-8. With ``rules``, keygate's identity and
-    signature headers of that config are dropped too."""
-    names = _response_names if rules is None else rules.response_names
+                     rules: RequestHeaderRules) -> CIMultiDict[str]:
+    """The upstream's response headers (as parsed) that go back to the client, keygate's
+    identity and signature headers of ``rules``' config dropped too; a ``NotUtf8Headers``
+    when a value is not UTF-8."""
+    names = rules.response_names
     out: CIMultiDict[str] = CIMultiDict()
     named: set[bytes] | None = None
     not_utf8 = False
@@ -324,19 +326,16 @@ def response_headers(raw: Sequence[tuple[bytes, bytes]],
     return out
 
 
-# Response header names as the upstream sent them -> as passed on (None: hop-by-hop, dropped).
-_response_names: dict[bytes, str | None] = {}
-_RESPONSE_NAMES_MAX = 1024
+_RESPONSE_NAMES_MAX = 1024  # response header names remembered per config (response_names)
 _UNSEEN = object()
 
 
-def _response_name(raw_name: bytes, rules: RequestHeaderRules | None) -> str | None:
+def _response_name(raw_name: bytes, rules: RequestHeaderRules) -> str | None:
     lname = raw_name.lower()
-    dropped = lname in _HOP_BY_HOP_BYTES or rules is not None and \
-        lname.replace(b"_", b"-") in rules.response_drop
+    dropped = lname in _HOP_BY_HOP_BYTES or lname.replace(b"_", b"-") in rules.response_drop
     name = None if dropped else raw_name.decode("latin-1")
     if len(raw_name) <= _NAME_KEPT_MAX:
-        names = _response_names if rules is None else rules.response_names
+        names = rules.response_names
         if len(names) >= _RESPONSE_NAMES_MAX:
             names.clear()
         names[raw_name] = name

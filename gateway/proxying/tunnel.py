@@ -3,7 +3,7 @@
 
 The handshake is a request like any other up to the forwarding step (the pipeline checks key,
 scopes, address, rate and quotas, and counts it once); it is then sent upstream with the
-identity headers as ``Forwarder.request_headers`` builds them for any request, and keygate's
+identity headers as ``Forwarder.request_head`` builds them for any request, and keygate's
 own ``Connection: Upgrade`` and ``Upgrade: websocket`` (the client's hop-by-hop headers, and
 whatever its ``Connection`` named, are dropped as always).
 
@@ -37,9 +37,9 @@ from typing import Awaitable, Callable, Mapping
 from aiohttp import hdrs, web
 from multidict import istr
 
-from ..errors import BadGateway, BadRequest, GatewayTimeout
+from ..errors import BadGateway, BadRequest
 from .connection import (UpstreamConnection, UpstreamConnectError, UpstreamProtocolError,
-                         UpstreamResponse, UpstreamTimeout, UpstreamUnreached)
+                         UpstreamResponse, UpstreamTimeout)
 from .headers import NotUtf8Headers, response_headers
 from .response import keep_header_bytes
 from .server import close_after, take_over, upgrade_pending
@@ -119,25 +119,15 @@ async def tunnel(forwarder, request: web.BaseRequest, upstream, principal, reque
         rules = forwarder.header_rules
     key = request.headers[_KEY].strip()
     pool, base, host = forwarder._pool(upstream)
-    target = base + request.raw_path
-    headers = forwarder.request_headers(request, principal, request_id, target=target,
-                                        trace=trace, rules=rules)
-    parts = [f"GET {target} HTTP/1.1\r\nHost: {host}"]
-    for name, value in headers:
-        parts.append(f"{name}: {value}")
-    parts.append("Connection: Upgrade\r\nUpgrade: websocket")
-    head = "\r\n".join(parts).encode("utf-8", "surrogateescape")
+    head = forwarder.request_head(request, principal, request_id, base + request.raw_path,
+                                  host, trace=trace, rules=rules,
+                                  last="Connection: Upgrade\r\nUpgrade: websocket")
     started = time.perf_counter()
     try:
         resp = await pool.upgrade(head, timeout=upstream.timeout)
-    except UpstreamTimeout as exc:
-        raise GatewayTimeout(f"The upstream '{upstream.name}' did not answer within "
-                             f"{upstream.timeout:g} seconds.",
-                             reached_upstream=not isinstance(exc, UpstreamUnreached)) from None
-    except (UpstreamConnectError, UpstreamProtocolError, OSError, ValueError) as exc:
-        log.warning("upstream %s failed: %s: %s", upstream.name, type(exc).__name__, exc)
-        raise BadGateway(f"The upstream '{upstream.name}' is unavailable.",
-                         reached_upstream=not isinstance(exc, UpstreamConnectError)) from None
+    except (UpstreamTimeout, UpstreamConnectError, UpstreamProtocolError, OSError,
+            ValueError) as exc:
+        raise forwarder.upstream_failed(exc, upstream) from None
     if forwarder.on_upstream is not None:
         forwarder.on_upstream(upstream.name, time.perf_counter() - started)
     if resp.status != 101:  # declined: an ordinary answer (its connection closed after it)

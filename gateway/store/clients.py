@@ -21,8 +21,8 @@ from typing import Any, Protocol, Sequence
 
 from redis.exceptions import NoScriptError
 
-from .resp import (CLOCK_READ_AGAIN_AFTER, CLOCK_READING_MAX_RTT, RespClient, RespError, _bulk,
-                   _bulk_str4, _encode, clock_offset, clock_skew)
+from .resp import (CLOCK_READ_AGAIN_AFTER, ClockSkew, RespClient, RespError, _bulk, _bulk_str4,
+                   _encode, clock_offset)
 from .scripts import Script
 
 OFFSET_MAX_AGE = 60.0  # seconds between clock-offset measurements on a topology
@@ -148,7 +148,7 @@ class LeanClient(RespClient):
         return await self.call("MGET", *keys)
 
 
-class TopologyClient:
+class TopologyClient(ClockSkew):
     """Sentinel or Cluster over redis-py. Cluster nodes keep NTP time, so one node's clock
     stands for all; the offset and skew are measured in the background every
     ``OFFSET_MAX_AGE``."""
@@ -162,8 +162,6 @@ class TopologyClient:
         self._offset: float | None = None
         self._offset_at = -1e9
         self._measuring: asyncio.Future | None = None
-        self.clock_skew = 0.0
-        self._skew_known = False
 
     @property
     def clock_offset(self) -> float | None:
@@ -181,10 +179,7 @@ class TopologyClient:
             arrived = time.time()
             self._offset = clock_offset(reply, time.monotonic())
             self._offset_at = time.monotonic()
-            if arrived - sent <= CLOCK_READING_MAX_RTT or not self._skew_known:
-                self.clock_skew = clock_skew(reply, sent, arrived)
-                self._skew_known = True
-            if arrived - sent > CLOCK_READING_MAX_RTT:  # too loose: read again soon
+            if self._take_skew(reply, sent, arrived):  # too loose: read again soon
                 self._offset_at = time.monotonic() - OFFSET_MAX_AGE + CLOCK_READ_AGAIN_AFTER
         except Exception:  # the store is down: keep the last offset, try again next call
             pass

@@ -96,17 +96,18 @@ _new_tuple = tuple.__new__
 
 class Slot(NamedTuple):
     """Where one request is counted: its workspace and key, the month and the UTC day, and the
-    key id its rate log and own month count go under (``KeyRecord.budget``; "": its own)."""
+    key id its rate log and own month count go under (``KeyRecord.budget_id``: its own id, or
+    the id of the key a rotation replaced)."""
     workspace: str
     key_id: str
     period: str   # YYYY-MM
     day: str      # YYYY-MM-DD
-    budget: str = ""
+    budget: str
 
     def counters(self) -> tuple[str, str, str, str]:
         """The four counters a forwarded request adds one to."""
         return (usage_key(self.workspace, self.period),
-                key_usage_key(self.workspace, self.budget or self.key_id, self.period),
+                key_usage_key(self.workspace, self.budget, self.period),
                 daily_key(self.workspace, self.day),
                 key_daily_key(self.workspace, self.key_id, self.day))
 
@@ -183,17 +184,19 @@ class RequestStore:
     async def authorize(self, *, workspace: str, key_id: str, key_rev: int, ws_rev: int,
                         count: bool, rate_limit: int, rate_period_ms: int,
                         monthly_limit: int | None, period: str, counter_ttl: int,
-                        now_ms: int, day: str = "", key_limit: int | None = None,
-                        peek: bool = False, stamp: bool = False, budget: str = "",
+                        now_ms: int, budget: str, day: str = "",
+                        key_limit: int | None = None, peek: bool = False, stamp: bool = False,
                         rate_burst: int = 0, spend: bool = False) -> Decision:
         """``count``: admit and count the request; else, with ``peek``, judge the rate and
         quotas as counting would but count nothing; else, with ``spend`` (keygate's own
         endpoints), admit the call within ``OWN_CALLS_RATE`` (the key's calls of this kind,
         in a log of their own: its rate limit is left to its requests) and stamp
-        ``last_used_at``, judging no quota and counting nothing; else confirm the state
+        ``last_used_at``, judging no quota, reading no counter (``month_used`` and
+        ``key_used`` are 0) and counting nothing; else confirm the state
         only, and with ``stamp`` set the key's ``last_used_at`` when it is current.
-        ``budget``: the key id its rate log and own month count go under ("": ``key_id``; it
-        never changes for a key id, so the call prepared for the key id stays right).
+        ``budget``: the key id its rate log and own month count go under
+        (``KeyRecord.budget_id``; it never changes for a key id, so the call prepared for the
+        key id stays right).
         ``rate_burst``: a cap per second on top of a per-minute ``rate_limit`` (0: none;
         ``RateLimit.burst``)."""
         started = time.monotonic()
@@ -212,7 +215,7 @@ class RequestStore:
                  -1 if key_limit is None else key_limit, DAILY_TTL, rate_burst)
         prepared = self._prepared.get((workspace, key_id, period, day, fixed))
         if prepared is None:
-            prepared = self._prepare(workspace, key_id, period, day, fixed, budget or key_id)
+            prepared = self._prepare(workspace, key_id, period, day, fixed, budget)
         # ARGV[12], the rate log's member, is read only under a rate limit: "-" without one
         # saves formatting a unique string per request. The deadline is the latest instant, in
         # Redis's clock (µs), at which the script may still count this request ("0", none,
@@ -363,7 +366,7 @@ class RequestStore:
         """Take back one counted request that never reached the upstream, from every counter
         it was counted in and, given its ``rate_member`` (``Decision.rate_member``), from the
         key's rate log."""
-        keys: tuple[str, ...] = (rate_key(slot.workspace, slot.budget or slot.key_id),
+        keys: tuple[str, ...] = (rate_key(slot.workspace, slot.budget),
                                  *slot.counters())
         args: tuple[Any, ...] = (rate_member, ttl, ttl, DAILY_TTL, DAILY_TTL)
         if self._resends:  # a copy sent again after its connection died takes back nothing
@@ -373,7 +376,7 @@ class RequestStore:
     async def take_back_rate(self, slot: Slot, rate_member: str) -> None:
         """Take ``rate_member`` out of the key's rate log, and nothing else: a request that was
         counted after the gateway had given up on its call (answered 503) spent its rate."""
-        await self._run(REFUND, (rate_key(slot.workspace, slot.budget or slot.key_id),),
+        await self._run(REFUND, (rate_key(slot.workspace, slot.budget),),
                         (rate_member,))
 
     async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str) -> bool:

@@ -259,7 +259,26 @@ class _Protocol(asyncio.Protocol):
         self.waiting.append((fut, [time.monotonic()]))
 
 
-class RespClient:
+class ClockSkew:
+    """``clock_skew``: Redis's wall clock minus ours, as both store clients keep it from their
+    TIME readings (:meth:`_take_skew`). 0.0 until the first reading."""
+
+    clock_skew = 0.0
+    _skew_known = False
+
+    def _take_skew(self, time_reply: Any, sent: float, arrived: float) -> bool:
+        """Take the skew a TIME reply sent at ``sent`` and heard at ``arrived`` (both
+        ``time.time()``) shows (:func:`clock_skew`), unless its round trip was over
+        ``CLOCK_READING_MAX_RTT`` and a skew is known already. True when the reading was that
+        loose: the caller reads the clock again ``CLOCK_READ_AGAIN_AFTER`` s later."""
+        loose = arrived - sent > CLOCK_READING_MAX_RTT
+        if not loose or not self._skew_known:
+            self.clock_skew = clock_skew(time_reply, sent, arrived)
+            self._skew_known = True
+        return loose
+
+
+class RespClient(ClockSkew):
     """One pipelined connection to a standalone Redis (``redis://``, ``rediss://``, ``unix://``)."""
 
     def __init__(self, url: str, *, timeout: float = 2.0, connect_timeout: float = 2.0,
@@ -283,10 +302,7 @@ class RespClient:
         # Redis's clock minus our time.monotonic(), seconds, measured at each connect (None:
         # not yet known).
         self.clock_offset: float | None = None
-        # Redis's wall clock minus ours (``clock_skew``), measured with the offset and every
-        # CLOCK_MAX_AGE s after; 0.0 until known.
-        self.clock_skew = 0.0
-        self._skew_known = False
+        # clock_skew (ClockSkew) is measured with the offset and every CLOCK_MAX_AGE s after
         self._clock_asked_at = -math.inf  # monotonic: when the watchdog last asked
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
@@ -356,10 +372,7 @@ class RespClient:
         arrived = time.time()
         try:
             self.clock_offset = clock_offset(fut.result(), time.monotonic())
-            if arrived - sent <= CLOCK_READING_MAX_RTT or not self._skew_known:
-                self.clock_skew = clock_skew(fut.result(), sent, arrived)
-                self._skew_known = True
-            if arrived - sent > CLOCK_READING_MAX_RTT:  # too loose: the watchdog reads again
+            if self._take_skew(fut.result(), sent, arrived):  # too loose: read again soon
                 self._clock_asked_at = (time.monotonic() - CLOCK_MAX_AGE
                                         + CLOCK_READ_AGAIN_AFTER)
         except (TypeError, ValueError):

@@ -24,20 +24,18 @@
 -- ARGV[10] the workspace role the new key is bound to, when no configured role of that name
 --         stands behind it ('' = none): it must still exist, checked in this step, since a
 --         role delete refuses while keys use it (admin_set_role) and must see this key
--- ARGV[11] the workspace's plan and own limits ARGV[2] was worked out from, as stored, joined
---         by a newline: the cap may have changed since (a create waits its turn to hash
---         between the read and here), so a change of either is 'stale_ws' and the caller reads
---         the cap again. Not the workspace's rev: a role PUT bumps that and changes no cap, and
---         creates and rotations made stale by role changes gave up (503) under a stream of them
+-- ARGV[11] the workspace's plan and own limits ARGV[2] was worked out from (_cap_basis.lua):
+--         a change of either is 'stale_ws'. Not the workspace's rev: creates and rotations
+--         made stale by role changes gave up (503) under a stream of them
 -- ARGV[12..] new key's field, value pairs
 -- Returns 'ok' | 'no_workspace' | 'stale_ws' | 'no_role' (ARGV[10] is not defined) |
 -- 'collision' (new key id taken) | 'limit' (cap reached) and,
 -- rotating, 'not_found' | 'revoked' | 'stale' | 'grace_limit' (grace asked, workspace
 -- already over its cap).
 -- include: _new_rev.lua
+-- include: _cap_basis.lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
-local basis = redis.call('HMGET', KEYS[1], 'plan', 'limits')
-if (basis[1] or '') .. '\n' .. (basis[2] or '') ~= ARGV[11] then return 'stale_ws' end
+if cap_basis_changed(KEYS[1], ARGV[11]) then return 'stale_ws' end
 if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[6], ARGV[10]) == 0 then return 'no_role' end
 local rotating = ARGV[7] ~= ''
 local old_exp = nil

@@ -17,14 +17,14 @@
 --         brought back bound to a role neither the workspace nor the config defines, it would
 --         act with no scopes, so that is refused ({'unbound', role}; nothing written)
 -- ARGV[10] when ARGV[2] is given: the workspace's plan and own limits ARGV[4] was worked out
---         from, as stored, joined by a newline (as admin_add_key's ARGV[11]); a key brought
---         back meets the cap as it is now, so a change of either is 'stale_ws' (nothing
---         written; the caller reads the cap again)
+--         from (_cap_basis.lua); a key brought back meets the cap as it is now, so a change of
+--         either is 'stale_ws' (nothing written)
 -- ARGV[11..] field, value pairs
 -- Returns the key hash (HGETALL), nil when the key does not exist, 'limit', 'stale',
 -- 'stale_ws', 'no_role' (ARGV[8] is not defined; nothing written) or {'unbound', role} (see
 -- ARGV[9]).
 -- include: _new_rev.lua
+-- include: _cap_basis.lua
 local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at', 'rev')
 if not st[1] then return false end
 if ARGV[7] ~= '' and (st[3] or '0') ~= ARGV[7] then return 'stale' end
@@ -41,10 +41,7 @@ if ARGV[2] ~= '' and not revoked then
       return {'unbound', bound}
     end
   end
-  if not active then
-    local basis = redis.call('HMGET', KEYS[5], 'plan', 'limits')
-    if (basis[1] or '') .. '\n' .. (basis[2] or '') ~= ARGV[10] then return 'stale_ws' end
-  end
+  if not active and cap_basis_changed(KEYS[5], ARGV[10]) then return 'stale_ws' end
   if not active and tonumber(ARGV[4]) >= 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
     if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 'limit' end

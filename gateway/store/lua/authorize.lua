@@ -50,7 +50,8 @@
 --                or in mode "spend" its own calls' bound): retry_ms until one more is admitted
 --   "quota"      the workspace's month is used up (nothing counted, no rate used)
 --   "key_quota"  the key's own monthly cap is used up (nothing counted, no rate used)
--- rate_remaining is -1 when no rate limit applies.
+-- rate_remaining is -1 when no rate limit applies. Mode "spend" reads no counter: month_used
+-- and key_used are 0 (keygate's own endpoints judge no quota and answer no RateLimit fields).
 if KEYS[8] then
   local done = redis.call('GET', KEYS[8])
   if done then
@@ -71,9 +72,10 @@ if ARGV[3] == 'count' and ARGV[13] ~= '0' then
     return {'late'}
   end
 end
+local spend = ARGV[3] == 'spend'  -- reads no counter (see "Returns")
 local key_cap = tonumber(ARGV[7])
 local key_used = 0
-if key_cap >= 0 then key_used = tonumber(redis.call('GET', KEYS[5]) or '0') end
+if key_cap >= 0 and not spend then key_used = tonumber(redis.call('GET', KEYS[5]) or '0') end
 if ARGV[3] == 'check' or ARGV[3] == 'use' then
   if ARGV[3] == 'use' then
     redis.call('HSET', KEYS[1], 'last_used_at', string.format('%.3f', now / 1000))
@@ -94,7 +96,8 @@ if limit > 0 then
   if n >= limit then
     local oldest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
     local retry = tonumber(oldest[2]) + period - now
-    return {'rate', tonumber(redis.call('GET', KEYS[3]) or '0'), 0, retry, retry, key_used}
+    return {'rate', spend and 0 or tonumber(redis.call('GET', KEYS[3]) or '0'), 0, retry,
+            retry, key_used}
   end
   left = limit - n
   burst = tonumber(ARGV[9])
@@ -103,19 +106,20 @@ if limit > 0 then
     if b >= burst then  -- until the oldest of the last second's leaves it
       local first = redis.call('ZRANGE', KEYS[4], n - b, n - b, 'WITHSCORES')
       local retry = tonumber(first[2]) + 1000 - now
-      return {'rate', tonumber(redis.call('GET', KEYS[3]) or '0'), 0, retry, retry, key_used}
+      return {'rate', spend and 0 or tonumber(redis.call('GET', KEYS[3]) or '0'), 0, retry,
+              retry, key_used}
     end
     if burst - b < left then left = burst - b else burst = 0 end  -- burst > 0: it binds
   end
   rate_remaining = left - 1
 end
-if ARGV[3] == 'spend' then
+if spend then
   if limit > 0 then
     redis.call('ZADD', KEYS[4], now, ARGV[12])
     redis.call('PEXPIRE', KEYS[4], period)
   end
   redis.call('HSET', KEYS[1], 'last_used_at', string.format('%.3f', now / 1000))
-  return {'ok', tonumber(redis.call('GET', KEYS[3]) or '0'), -1, 0, 0, key_used}
+  return {'ok', 0, -1, 0, 0, 0}
 end
 
 local quota = tonumber(ARGV[6])
