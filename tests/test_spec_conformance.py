@@ -312,6 +312,22 @@ async def test_proxy_usage_endpoint_answers_usage_plus_key_and_counts_nothing(gu
     assert_error(status, body, h, 401, "missing_key")
 
 
+async def test_proxy_usage_endpoint_refuses_unknown_query_parameters_as_the_admin_api_does(gut):
+    """SPEC: unknown query parameters are a 400 ``bad_request`` (the admin usage endpoint and
+    the ``/_keygate/v1/keys`` endpoints refuse them); ``/_keygate/v1/usage?period=2026-01``
+    answered this month's usage as if the parameter had been read."""
+    await gut.workspace()
+    token, _ = await gut.key()
+    auth = {"Authorization": f"Bearer {token}"}
+    for query in ("?period=2026-01", "?x=1", "?workspace=other"):
+        status, body, h = await call(gut.proxy, "GET", "/_keygate/v1/usage" + query, headers=auth)
+        assert_error(status, body, h, 400, "bad_request")
+        assert query[1:].split("=")[0] in body["error"]["message"]
+    status, body, h = await call(gut.proxy, "GET", "/_keygate/v1/usage?x=1")
+    assert_error(status, body, h, 401, "missing_key")  # the key is still asked for first
+    assert gut.upstream.requests == []
+
+
 async def test_proxy_reserved_endpoints_carry_x_request_id(gut):
     await gut.workspace()
     token, _ = await gut.key(role="admin")
