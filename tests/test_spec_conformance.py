@@ -617,3 +617,99 @@ async def test_admin_listener_answers_unparseable_requests_with_the_json_error_b
     assert head.split(b"\r\n")[0].split(b" ")[1] == b"400"
     assert b"x-request-id" in head.lower()
     assert json.loads(body)["error"]["code"] == "bad_request"
+
+
+# --- failed-verification throttle ----------------------------------------------------------------
+
+async def test_only_failed_verifications_count_toward_the_per_ip_throttle(redis_url, upstream,
+                                                                          monkeypatch):
+    """SPEC: only verifications that *failed* count. A key whose secret verified and is then
+    refused (revoked, disabled, from an address it may not use, lacking a scope) and a token
+    refused for its format (no verification ran) leave the client's address alone."""
+    import dataclasses
+    from gateway.config import FailureLimits
+    from harness import gateway_under_test, make_config
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, failures=FailureLimits(per_ip=3, per_key=None, window_seconds=60),
+        cache_ttl=0.0))  # every request verifies its secret again
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        revoked, key = await g.key(name="revoked")
+        await g.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+        disabled, key = await g.key(name="disabled")
+        await g.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}", {"enabled": False})
+        elsewhere, _ = await g.key(name="elsewhere", allowed_ips=["10.0.0.0/8"])
+        narrow, _ = await g.key(name="narrow", scopes=["companies:read"])
+        refusals = {revoked: "revoked_key", disabled: "disabled_key",
+                    elsewhere: "ip_not_allowed", narrow: "insufficient_scope",
+                    tampered(narrow): "malformed_key"}
+        for token, code in refusals.items():
+            for _ in range(4):  # past per_ip each
+                status, body, h = await call(g.proxy, "GET", "/people/1",
+                                             headers={"Authorization": f"Bearer {token}"})
+                assert body["error"]["code"] == code
+        good, _ = await g.key(name="good")
+        status, _, _ = await call(g.proxy, "GET", "/people/1",
+                                  headers={"Authorization": f"Bearer {good}"})
+        assert status == 200
+
+
+# --- verify-only routes --------------------------------------------------------------------------
+
+async def test_a_verify_only_route_is_no_route_on_the_forwarding_path_before_any_key_check(
+        redis_url, upstream, monkeypatch):
+    """SPEC: a route without ``upstream`` answers 404 ``no_route`` on the forwarding path;
+    route match comes before the credential, so with or without a key, public or not, and
+    even when a later forwarding route matches the same path (first match in file order)."""
+    import dataclasses
+    from gateway.config import Route
+    from harness import gateway_under_test, verify_config
+    config = verify_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, routes=config.routes + (
+        Route("/orders/**", "api", ("GET",), ()),))  # shadowed by the verify-only one
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["orders:read"])
+        for path, headers in (("/orders/9", {}), ("/orders/9", {"Authorization": "Bearer x"}),
+                              ("/orders/9", {"Authorization": f"Bearer {token}"}),
+                              ("/open/x", {})):
+            status, body, h = await call(g.proxy, "GET", path, headers=headers)
+            assert_error(status, body, h, 404, "no_route")
+        status, _, _ = await call(g.proxy, "GET", "/_keygate/v1/verify/orders/9",
+                                  headers={"Authorization": f"Bearer {token}"})
+        assert status == 200
+        assert upstream.requests == []
+
+
+# --- finding keys --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sort", ["name", "created"])
+async def test_a_cursor_listing_neither_repeats_nor_drops_keys_created_or_deleted_meanwhile(
+        gut, sort):
+    """SPEC: ``limit=`` and ``cursor=`` page a listing. Keys created and deleted between pages
+    (names sorting before and after the cursor) make no key that was there all along appear
+    twice or not at all."""
+    await gut.workspace("acme", plan="unlimited")
+    made = [(await gut.key(name=name))[1] for name in ("m1", "m2", "m3", "m4", "m5", "m6")]
+    await gut.admin_json("POST", f"/workspaces/acme/keys/{made[3]['id']}/revoke")
+    seen, cursor, page = [], None, 0
+    while True:
+        path = f"/admin/v1/workspaces/acme/keys?sort={sort}&limit=2" + (
+            f"&cursor={cursor}" if cursor else "")
+        status, body, _ = await call(gut.admin, "GET", path)
+        assert status == 200 and len(body["items"]) <= 2
+        seen += [k["name"] for k in body["items"]]
+        page += 1
+        if page == 1:
+            await gut.key(name="a0")
+            await gut.key(name="z9")
+            status, _, _ = await call(gut.admin, "DELETE",
+                                      f"/admin/v1/workspaces/acme/keys/{made[3]['id']}")
+            assert status == 200
+        cursor = body.get("next_cursor")
+        if cursor is None:
+            break
+    always = ["m1", "m2", "m3", "m5", "m6"]
+    assert [n for n in seen if n in always] == always
+    assert "m4" not in seen[2:] and len(seen) == len(set(seen))
