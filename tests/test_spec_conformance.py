@@ -713,3 +713,46 @@ async def test_a_cursor_listing_neither_repeats_nor_drops_keys_created_or_delete
     always = ["m1", "m2", "m3", "m5", "m6"]
     assert [n for n in seen if n in always] == always
     assert "m4" not in seen[2:] and len(seen) == len(set(seen))
+
+
+# --- key state disclosed only after the secret verified ------------------------------------------
+
+async def test_disabled_expired_revoked_and_ip_refusals_are_only_told_to_the_right_secret(
+        redis_url, upstream, monkeypatch):
+    """SPEC: expired/revoked are only disclosed once the secret has verified; ``disabled_key``
+    and ``ip_not_allowed`` come after the secret verified. A well-formed token with the key's
+    public id and another secret (a valid checksum: not ``malformed_key``) is ``invalid_key``
+    for each, also once the right token was verified and cached in this process."""
+    from harness import Clock, gateway_under_test, make_config, wrong_secret
+    import time
+    clock = Clock(time.time())
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as g:
+        await g.workspace("acme")
+        made = {name: await g.key(name=name, expires_in=60) for name in
+                ("disabled", "revoked", "expired", "elsewhere")}
+        for token, _ in made.values():  # each verified and cached
+            status, _, _ = await call(g.proxy, "GET", "/people/1",
+                                      headers={"Authorization": f"Bearer {token}"})
+            assert status == 200
+        ids = {name: key["id"] for name, (_, key) in made.items()}
+        await g.admin_json("PATCH", f"/workspaces/acme/keys/{ids['disabled']}",
+                           {"enabled": False})
+        await g.admin_json("POST", f"/workspaces/acme/keys/{ids['revoked']}/revoke")
+        await g.admin_json("PATCH", f"/workspaces/acme/keys/{ids['elsewhere']}",
+                           {"allowed_ips": ["10.0.0.0/8"]})
+        clock.now += 120  # 'expired' (and every other) is past its expires_at now...
+        for name in ("disabled", "revoked", "elsewhere"):  # ...so give those back time
+            await g.admin_json("PATCH", f"/workspaces/acme/keys/{ids[name]}",
+                               {"expires_at": "2099-01-01T00:00:00Z"})
+        told = {"disabled": (401, "disabled_key"), "revoked": (401, "revoked_key"),
+                "expired": (401, "expired_key"), "elsewhere": (403, "ip_not_allowed")}
+        for name, (token, _) in made.items():
+            status, body, h = await call(g.proxy, "GET", "/people/1",
+                                         headers={"Authorization": f"Bearer {token}"})
+            assert (status, body["error"]["code"]) == told[name]
+            guess = wrong_secret(token)
+            status, body, h = await call(g.proxy, "GET", "/people/1",
+                                         headers={"Authorization": f"Bearer {guess}"})
+            assert_error(status, body, h, 401, "invalid_key")
+            assert h["WWW-Authenticate"] == 'Bearer realm="keygate", error="invalid_token"'
