@@ -1145,6 +1145,18 @@ async def test_no_message_about_a_key_control_echoes_a_token(gut):
     token, key = await gut.key()
     for method, path, body in (
             ("PATCH", f"/workspaces/acme/keys/{key['id']}", {"allowed_ips": [token]}),
+            ("PATCH", f"/workspaces/acme/keys/{key['id']}", {"rate_limit": token}),
+            ("POST", "/workspaces/acme/keys", {"name": "n", "scopes": ["a"],
+                                               "rate_limit": token}),
+            ("POST", "/workspaces/acme/keys", {"name": "n", "scopes": ["a"],
+                                               "rate_limit": f"{token}/s"}),
+            ("PATCH", f"/workspaces/acme/keys/{key['id']}", {"monthly_requests": token}),
+            ("PATCH", f"/workspaces/acme/keys/{key['id']}", {"enabled": token}),
+            ("PATCH", f"/workspaces/acme/keys/{key['id']}", {"meta": token}),
+            ("PATCH", f"/workspaces/acme/keys/{key['id']}", {"expires_at": token}),
+            ("PATCH", "/workspaces/acme", {"limits": {"rate_limit": token}}),
+            ("PATCH", "/workspaces/acme", {"limits": {"max_keys": token}}),
+            ("PATCH", "/workspaces/acme", {"plan": token}),
             ("PATCH", "/workspaces/acme", {"limits": {token: 1}}),
             ("DELETE", f"/workspaces/acme/keys/{token}", None),
             ("GET", f"/workspaces/acme/keys/{token}/usage/daily", None)):
