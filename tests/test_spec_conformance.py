@@ -548,6 +548,24 @@ async def test_proxy_error_table_codes_and_rfc6750_challenges(gut, upstream):
                for r in upstream.requests)
 
 
+@pytest.mark.parametrize("length", [3000, 9000, 20000])
+async def test_an_over_long_path_is_bad_path_however_long(gut, length):
+    """SPEC: an over-long path is 400 ``bad_path``. One past the HTTP parser's 8 KiB request
+    line was ``bad_request`` ("not valid HTTP/1.1") instead, and its connection closed."""
+    await gut.workspace()
+    token, _ = await gut.key()
+    reader, writer = await gut.raw_connection()
+    path = "/people/" + "a" * length
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {token}\r\n"
+                 "Connection: close\r\n\r\n".encode())
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert json.loads(body)["error"]["code"] == "bad_path"
+    assert gut.upstream.requests == [] and await gut.used() == 0
+
+
 async def test_forwarded_response_carries_monthly_ratelimit_fields(gut):
     await gut.workspace()
     token, _ = await gut.key()
