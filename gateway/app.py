@@ -26,7 +26,7 @@ from .store.request import RequestStore
 from .metrics import FLUSH_EVERY, Metrics
 from .ledger import RETRY_EVERY
 from .pipeline import Pipeline
-from .proxying.server import AdminRunner, ProxyServer
+from .proxying.server import HEAD_MAX, AdminRunner, ProxyServer
 from .reload import ListenerTLS, Reloader, add_reload_route
 from .argon2_pool import release_freed_memory_every
 
@@ -120,7 +120,10 @@ async def running_gateway(config: Config, store_url: str, *,
         # Bodies are forwarded byte for byte as sent: a Content-Encoding body is never inflated
         # (an inflated body no longer matches the framing the client declared).
         timeouts = config.server.timeouts
-        proxy_server = ProxyServer(pipeline.handle, access_log=None,
+        # max_line_size: a request line is bounded by the head's bound alone, so a path past
+        # the parser's own 8 KiB is refused by path sanity (400 bad_path), as any over-long
+        # path is, not as unreadable HTTP
+        proxy_server = ProxyServer(pipeline.handle, access_log=None, max_line_size=HEAD_MAX,
                                    auto_decompress=False, keepalive_timeout=timeouts.idle,
                                    header_timeout=timeouts.header,
                                    write_timeout=timeouts.body,

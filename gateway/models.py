@@ -102,8 +102,10 @@ def parse_rate_limit(text: str) -> RateLimit:
     """
     match = RATE_LIMIT_RE.fullmatch(text) if isinstance(text, str) else None
     if match is None:
+        # quoted as errors.shown does: a key pasted here is not echoed back
+        got = text if not isinstance(text, str) or len(text) <= 31 else text[:12] + "…"
         raise ValueError(f"a rate limit looks like '5/s' or '300/m' (requests per second or "
-                         f"per minute), got {text!r}")
+                         f"per minute), got {got!r}")
     digits = match.group(1).lstrip("0")
     if len(digits) > len(str(MAX_RATE)):  # before int(): past 4300 digits it raises, in
         raise ValueError(f"a rate limit needs between 1 and {MAX_RATE} requests, got a "  # its

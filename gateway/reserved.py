@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from aiohttp import web
 
 from . import errors, overrides
+from .admin.validate import check_query
 from .auth import CachedKey
 from .config import Config
 from .errors import StoreError
@@ -73,6 +74,7 @@ async def answer(steps: RequestSteps, request: web.BaseRequest, raw_path: str,
             raise errors.MethodNotAllowed("Use GET for the usage endpoint.",
                                           headers={"Allow": "GET, HEAD"})
         key = await _admit(steps, request, outcome, ())
+        check_query(request.query)  # as the admin API's usage endpoint: it takes none
         store = steps.store
         try:
             usage = await store.usage(key.workspace)

@@ -495,3 +495,21 @@ def test_serve_preflight_accepts_a_live_sentinel_and_names_a_dead_one(sentinel_g
     problem = _preflight(config, dead)
     assert problem is not None and problem.startswith("cannot reach the store at ")
     assert DATA_PW not in problem
+
+
+def test_serve_preflight_names_refused_sentinel_or_data_credentials_in_one_line(
+        sentinel_group) -> None:
+    """SPEC: a store that refuses the credentials is a start-up error (one line, no password
+    in it): the data nodes' password and the Sentinels' own, each wrong in turn."""
+    config = make_config("http://127.0.0.1:9")
+    config = dataclasses.replace(
+        config, server=dataclasses.replace(config.server, port=free_port()),
+        admin=dataclasses.replace(config.admin, port=free_port()))
+    sentinel = sentinel_group["sentinel"]
+    for data_pw, sentinel_pw in (("wrong-data-pw", SENTINEL_PW), (DATA_PW, "wrong-sentinel-pw")):
+        url = (f"redis+sentinel://:{data_pw}@127.0.0.1:{sentinel}/{MASTER}/0"
+               f"?sentinel_password={sentinel_pw}")
+        problem = _preflight(config, url)
+        assert problem is not None and problem.startswith("cannot reach the store at ")
+        assert "\n" not in problem and "Authentication" in problem, problem
+        assert data_pw not in problem and sentinel_pw not in problem

@@ -312,6 +312,22 @@ async def test_proxy_usage_endpoint_answers_usage_plus_key_and_counts_nothing(gu
     assert_error(status, body, h, 401, "missing_key")
 
 
+async def test_proxy_usage_endpoint_refuses_unknown_query_parameters_as_the_admin_api_does(gut):
+    """SPEC: unknown query parameters are a 400 ``bad_request`` (the admin usage endpoint and
+    the ``/_keygate/v1/keys`` endpoints refuse them); ``/_keygate/v1/usage?period=2026-01``
+    answered this month's usage as if the parameter had been read."""
+    await gut.workspace()
+    token, _ = await gut.key()
+    auth = {"Authorization": f"Bearer {token}"}
+    for query in ("?period=2026-01", "?x=1", "?workspace=other"):
+        status, body, h = await call(gut.proxy, "GET", "/_keygate/v1/usage" + query, headers=auth)
+        assert_error(status, body, h, 400, "bad_request")
+        assert query[1:].split("=")[0] in body["error"]["message"]
+    status, body, h = await call(gut.proxy, "GET", "/_keygate/v1/usage?x=1")
+    assert_error(status, body, h, 401, "missing_key")  # the key is still asked for first
+    assert gut.upstream.requests == []
+
+
 async def test_proxy_reserved_endpoints_carry_x_request_id(gut):
     await gut.workspace()
     token, _ = await gut.key(role="admin")
@@ -532,6 +548,24 @@ async def test_proxy_error_table_codes_and_rfc6750_challenges(gut, upstream):
                for r in upstream.requests)
 
 
+@pytest.mark.parametrize("length", [3000, 9000, 20000])
+async def test_an_over_long_path_is_bad_path_however_long(gut, length):
+    """SPEC: an over-long path is 400 ``bad_path``. One past the HTTP parser's 8 KiB request
+    line was ``bad_request`` ("not valid HTTP/1.1") instead, and its connection closed."""
+    await gut.workspace()
+    token, _ = await gut.key()
+    reader, writer = await gut.raw_connection()
+    path = "/people/" + "a" * length
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {token}\r\n"
+                 "Connection: close\r\n\r\n".encode())
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert json.loads(body)["error"]["code"] == "bad_path"
+    assert gut.upstream.requests == [] and await gut.used() == 0
+
+
 async def test_forwarded_response_carries_monthly_ratelimit_fields(gut):
     await gut.workspace()
     token, _ = await gut.key()
@@ -601,3 +635,142 @@ async def test_admin_listener_answers_unparseable_requests_with_the_json_error_b
     assert head.split(b"\r\n")[0].split(b" ")[1] == b"400"
     assert b"x-request-id" in head.lower()
     assert json.loads(body)["error"]["code"] == "bad_request"
+
+
+# --- failed-verification throttle ----------------------------------------------------------------
+
+async def test_only_failed_verifications_count_toward_the_per_ip_throttle(redis_url, upstream,
+                                                                          monkeypatch):
+    """SPEC: only verifications that *failed* count. A key whose secret verified and is then
+    refused (revoked, disabled, from an address it may not use, lacking a scope) and a token
+    refused for its format (no verification ran) leave the client's address alone."""
+    import dataclasses
+    from gateway.config import FailureLimits
+    from harness import gateway_under_test, make_config
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, failures=FailureLimits(per_ip=3, per_key=None, window_seconds=60),
+        cache_ttl=0.0))  # every request verifies its secret again
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        revoked, key = await g.key(name="revoked")
+        await g.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+        disabled, key = await g.key(name="disabled")
+        await g.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}", {"enabled": False})
+        elsewhere, _ = await g.key(name="elsewhere", allowed_ips=["10.0.0.0/8"])
+        narrow, _ = await g.key(name="narrow", scopes=["companies:read"])
+        refusals = {revoked: "revoked_key", disabled: "disabled_key",
+                    elsewhere: "ip_not_allowed", narrow: "insufficient_scope",
+                    tampered(narrow): "malformed_key"}
+        for token, code in refusals.items():
+            for _ in range(4):  # past per_ip each
+                status, body, h = await call(g.proxy, "GET", "/people/1",
+                                             headers={"Authorization": f"Bearer {token}"})
+                assert body["error"]["code"] == code
+        good, _ = await g.key(name="good")
+        status, _, _ = await call(g.proxy, "GET", "/people/1",
+                                  headers={"Authorization": f"Bearer {good}"})
+        assert status == 200
+
+
+# --- verify-only routes --------------------------------------------------------------------------
+
+async def test_a_verify_only_route_is_no_route_on_the_forwarding_path_before_any_key_check(
+        redis_url, upstream, monkeypatch):
+    """SPEC: a route without ``upstream`` answers 404 ``no_route`` on the forwarding path;
+    route match comes before the credential, so with or without a key, public or not, and
+    even when a later forwarding route matches the same path (first match in file order)."""
+    import dataclasses
+    from gateway.config import Route
+    from harness import gateway_under_test, verify_config
+    config = verify_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, routes=config.routes + (
+        Route("/orders/**", "api", ("GET",), ()),))  # shadowed by the verify-only one
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["orders:read"])
+        for path, headers in (("/orders/9", {}), ("/orders/9", {"Authorization": "Bearer x"}),
+                              ("/orders/9", {"Authorization": f"Bearer {token}"}),
+                              ("/open/x", {})):
+            status, body, h = await call(g.proxy, "GET", path, headers=headers)
+            assert_error(status, body, h, 404, "no_route")
+        status, _, _ = await call(g.proxy, "GET", "/_keygate/v1/verify/orders/9",
+                                  headers={"Authorization": f"Bearer {token}"})
+        assert status == 200
+        assert upstream.requests == []
+
+
+# --- finding keys --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sort", ["name", "created"])
+async def test_a_cursor_listing_neither_repeats_nor_drops_keys_created_or_deleted_meanwhile(
+        gut, sort):
+    """SPEC: ``limit=`` and ``cursor=`` page a listing. Keys created and deleted between pages
+    (names sorting before and after the cursor) make no key that was there all along appear
+    twice or not at all."""
+    await gut.workspace("acme", plan="unlimited")
+    made = [(await gut.key(name=name))[1] for name in ("m1", "m2", "m3", "m4", "m5", "m6")]
+    await gut.admin_json("POST", f"/workspaces/acme/keys/{made[3]['id']}/revoke")
+    seen, cursor, page = [], None, 0
+    while True:
+        path = f"/admin/v1/workspaces/acme/keys?sort={sort}&limit=2" + (
+            f"&cursor={cursor}" if cursor else "")
+        status, body, _ = await call(gut.admin, "GET", path)
+        assert status == 200 and len(body["items"]) <= 2
+        seen += [k["name"] for k in body["items"]]
+        page += 1
+        if page == 1:
+            await gut.key(name="a0")
+            await gut.key(name="z9")
+            status, _, _ = await call(gut.admin, "DELETE",
+                                      f"/admin/v1/workspaces/acme/keys/{made[3]['id']}")
+            assert status == 200
+        cursor = body.get("next_cursor")
+        if cursor is None:
+            break
+    always = ["m1", "m2", "m3", "m5", "m6"]
+    assert [n for n in seen if n in always] == always
+    assert "m4" not in seen[2:] and len(seen) == len(set(seen))
+
+
+# --- key state disclosed only after the secret verified ------------------------------------------
+
+async def test_disabled_expired_revoked_and_ip_refusals_are_only_told_to_the_right_secret(
+        redis_url, upstream, monkeypatch):
+    """SPEC: expired/revoked are only disclosed once the secret has verified; ``disabled_key``
+    and ``ip_not_allowed`` come after the secret verified. A well-formed token with the key's
+    public id and another secret (a valid checksum: not ``malformed_key``) is ``invalid_key``
+    for each, also once the right token was verified and cached in this process."""
+    from harness import Clock, gateway_under_test, make_config, wrong_secret
+    import time
+    clock = Clock(time.time())
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as g:
+        await g.workspace("acme")
+        made = {name: await g.key(name=name, expires_in=60) for name in
+                ("disabled", "revoked", "expired", "elsewhere")}
+        for token, _ in made.values():  # each verified and cached
+            status, _, _ = await call(g.proxy, "GET", "/people/1",
+                                      headers={"Authorization": f"Bearer {token}"})
+            assert status == 200
+        ids = {name: key["id"] for name, (_, key) in made.items()}
+        await g.admin_json("PATCH", f"/workspaces/acme/keys/{ids['disabled']}",
+                           {"enabled": False})
+        await g.admin_json("POST", f"/workspaces/acme/keys/{ids['revoked']}/revoke")
+        await g.admin_json("PATCH", f"/workspaces/acme/keys/{ids['elsewhere']}",
+                           {"allowed_ips": ["10.0.0.0/8"]})
+        clock.now += 120  # 'expired' (and every other) is past its expires_at now...
+        for name in ("disabled", "revoked", "elsewhere"):  # ...so give those back time
+            await g.admin_json("PATCH", f"/workspaces/acme/keys/{ids[name]}",
+                               {"expires_at": "2099-01-01T00:00:00Z"})
+        told = {"disabled": (401, "disabled_key"), "revoked": (401, "revoked_key"),
+                "expired": (401, "expired_key"), "elsewhere": (403, "ip_not_allowed")}
+        for name, (token, _) in made.items():
+            status, body, h = await call(g.proxy, "GET", "/people/1",
+                                         headers={"Authorization": f"Bearer {token}"})
+            assert (status, body["error"]["code"]) == told[name]
+            guess = wrong_secret(token)
+            status, body, h = await call(g.proxy, "GET", "/people/1",
+                                         headers={"Authorization": f"Bearer {guess}"})
+            assert_error(status, body, h, 401, "invalid_key")
+            assert h["WWW-Authenticate"] == 'Bearer realm="keygate", error="invalid_token"'

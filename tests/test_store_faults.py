@@ -188,6 +188,84 @@ async def test_serve_refuses_to_start_on_a_wrong_password_in_one_line(unix_redis
         "invalid" in lines[0].lower(), lines
 
 
+@pytest.fixture
+def tcp_redis(tmp_path):
+    """A redis-server on a loopback port that wants the password PASSWORD for ``default`` and
+    has an ACL user ``app`` with the password ``app-pw``: (port, stop)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", PASSWORD],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with redis.Redis(port=port, password=PASSWORD) as probe:
+                probe.execute_command("ACL", "SETUSER", "app", "on", ">app-pw", "~*", "&*",
+                                      "+@all")
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    yield port
+    proc.terminate()
+    proc.wait(10)
+
+
+WRONG = "Wr0ng-pw-XYZ"
+
+
+@pytest.mark.parametrize("form", [
+    "redis://:{pw}@127.0.0.1:{port}/0",
+    "redis://app:{pw}@127.0.0.1:{port}/0",
+    "redis://127.0.0.1:{port}/0?password={pw}",
+    "redis://127.0.0.1:{port}/0?username=app&password={pw}",
+    "redis+cluster://app:{pw}@127.0.0.1:{port}",
+])
+async def test_serve_refuses_wrong_credentials_of_every_tcp_url_form_in_one_line(
+        tcp_redis, tmp_path, form):
+    """SPEC: a store that refuses the credentials is a start-up error, one line, no password
+    in it, whichever URL form carries them (only the unix:// form was checked)."""
+    import sys
+    url = form.format(pw=WRONG, port=tcp_redis)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"store: {{redis_url: '{url}'}}\n"
+                   f"server: {{port: {free_port()}}}\nadmin: {{port: {free_port()}}}\n"
+                   "upstreams: {api: {url: 'http://127.0.0.1:9'}}\n"
+                   "routes: [{path: '/x', upstream: api}]\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(cfg),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "KEYGATE_ADMIN_TOKEN": "x" * 32})
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and WRONG not in lines[0] and WRONG not in out.decode(), lines
+    assert "store" in lines[0] and "invalid username-password" in lines[0], lines
+
+
+async def test_a_user_password_and_db_in_a_redis_url_query_hold_on_every_path(
+        upstream, tcp_redis, monkeypatch):
+    """redis-py reads ``?username=&password=&db=`` from a redis:// query: the admin path, the
+    per-request path and /readyz all use them (the per-request client has a parser of its own
+    to keep in step)."""
+    url = f"redis://127.0.0.1:{tcp_redis}?db=3&username=app&password=app-pw"
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, url, monkeypatch) as g:
+        async with g.admin.get("/readyz") as r:
+            assert r.status == 200
+        await g.workspace("tcp")
+        token, _ = await g.key("tcp")
+        async with g.proxy.get("/people", headers=bearer(token)) as r:
+            assert r.status == 200, await r.text()
+        assert await g.used("tcp") == 1
+    with redis.Redis(port=tcp_redis, password=PASSWORD, db=3) as check:
+        assert check.exists("kg:ws:{tcp}")
+    with redis.Redis(port=tcp_redis, password=PASSWORD) as check:
+        assert check.dbsize() == 0  # nothing in db 0
+
+
 def test_rediss_options_reach_the_per_request_client(tmp_path):
     from gateway.store.resp import RespClient
     import ssl

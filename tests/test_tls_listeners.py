@@ -4,6 +4,7 @@ on reload. Certificates come from a throwaway CA made with the openssl CLI (skip
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -311,3 +312,57 @@ async def test_a_connection_that_never_finishes_its_tls_handshake_is_closed_at_t
             assert max(took) < 5.0, f"closed after {took} s; the header timeout is 1 s"
         finally:
             await stop_listeners(runners)
+
+
+async def cli_with_config(capsys, monkeypatch, *argv: str) -> tuple[int, str, str]:
+    """``keygate ARGV`` (in a thread: the listeners run on this loop), its admin URL and token
+    from nowhere but the ``--config`` file."""
+    from gateway.cli import main
+    monkeypatch.delenv("KEYGATE_ADMIN_URL", raising=False)
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_the_cli_with_config_reaches_an_https_admin_listener_on_its_own_certificate(
+        https_gateway, capsys, monkeypatch):
+    """SPEC: the admin URL and token come from the config's admin section with --config. With
+    ``admin.tls`` the CLI made the https URL, then refused the listener's certificate (a
+    private CA's, or a self-signed one: the usual for a private listener) against the system
+    CAs, so no `keygate --config FILE` command ever worked there. It trusts the certificate
+    the config names, the one the listener serves."""
+    _, _, cert, _ = https_gateway
+    path = cert.parent / "config.yaml"
+    code, out, err = await cli_with_config(capsys, monkeypatch, "--config", str(path),
+                                           "workspaces", "create", "acme", "--name", "Acme")
+    assert code == 0, err
+    code, out, err = await cli_with_config(capsys, monkeypatch, "workspaces", "list",
+                                           "--config", str(path), "--json")
+    assert code == 0, err
+    assert [w["id"] for w in json.loads(out)["items"]] == ["acme"]
+
+
+async def test_the_cli_with_config_trusts_only_that_certificate_not_its_ca(
+        https_gateway, pki, capsys, monkeypatch):
+    """The certificate the config names is the one trusted, not whatever its CA signed: a
+    listener serving another certificate (here one the same CA issued for the same names) is
+    refused before the operator token is sent, and the message says which file was expected."""
+    gw, (_, admin_port), cert, key = https_gateway
+    path = cert.parent / "config.yaml"
+    other = cert.parent / "other.yaml"
+    other.write_text(path.read_text().replace(str(cert), str(pki["cert2"]))
+                     .replace(str(key), str(pki["key2"])))
+    code, out, err = await cli_with_config(capsys, monkeypatch, "--config", str(other),
+                                           "workspaces", "list")
+    assert code == 1 and out == ""
+    assert "admin.tls.cert_file" in err and str(pki["cert2"]) in err, err
+    assert ADMIN_TOKEN not in err
+    # a renewal written as a full chain, not yet reloaded: the listener's certificate is
+    # vouched for by the chain in the file, under the name the CLI reaches it by
+    fullchain = cert.parent / "fullchain.pem"
+    fullchain.write_text(pki["cert2"].read_text() + pki["ca"].read_text())
+    other.write_text(other.read_text().replace(str(pki["cert2"]), str(fullchain)))
+    code, out, err = await cli_with_config(capsys, monkeypatch, "--config", str(other),
+                                           "workspaces", "list")
+    assert code == 0, err

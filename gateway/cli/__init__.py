@@ -44,14 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "local", False):
             return int(args.handler(args) or 0)
-        url, token = connection(args)
+        url, token, cert_file = connection(args)
         try:
             url = admin_url(url)  # --admin-url is checked by argparse; the others here
         except ValueError as exc:
             parser.print_usage(sys.stderr)
             print(f"keygate: error: KEYGATE_ADMIN_URL: {exc}", file=sys.stderr)
             return 2
-        client = AdminClient(url, token, args.timeout)
+        client = AdminClient(url, token, args.timeout, cert_file)
         return int(args.handler(args, client) or 0)
     except UsageError as exc:
         print(f"keygate: error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -42,23 +43,72 @@ class ApiError(CliError):
         self.invalid_token = False   # 401 for a token sent that is not the one expected
 
 
+class _CertificateRefused(Exception):
+    """The listener's certificate was refused in the TLS handshake (nothing was sent)."""
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001
         raise CliError(f"the admin API answered with a redirect to {newurl}; refusing to follow "
                        "it with the operator token")
 
 
-class AdminClient:
-    """Blocking JSON client for ``/admin/v1``; raises ``ApiError`` / ``CliError``."""
+_PEM_END = "-----END CERTIFICATE-----"
 
-    def __init__(self, base_url: str, token: str | None, timeout: float = DEFAULT_TIMEOUT) -> None:
+
+def listener_contexts(cert_file: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """The TLS contexts for an admin listener whose ``admin.tls.cert_file`` the CLI read from
+    ``--config``: (the certificate in that file, pinned: trusted as it is, whatever its name or
+    issuer, as the listener serving it is the one the file configures; the system's CAs and
+    the file's whole chain, the name checked as usual). The second is for a listener still
+    serving the certificate a renewal replaced in the file (until keygate reloads)."""
+    try:
+        with open(cert_file, encoding="ascii") as fh:
+            pem = fh.read()
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read admin.tls.cert_file ({cert_file}): "
+                       f"{getattr(exc, 'strerror', None) or exc}") from None
+    end = pem.find(_PEM_END)
+    if end < 0:
+        raise CliError(f"admin.tls.cert_file ({cert_file}) holds no PEM certificate")
+    pinned = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    pinned.check_hostname = False  # the exact certificate is trusted, not a name
+    pinned.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # ...even one no CA of ours signed
+    chain = ssl.create_default_context()
+    chain.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    try:
+        pinned.load_verify_locations(cadata=pem[:end + len(_PEM_END)])
+        chain.load_verify_locations(cadata=pem)
+    except ssl.SSLError as exc:
+        raise CliError(f"admin.tls.cert_file ({cert_file}) holds no usable certificate: "
+                       f"{exc.reason or exc}") from None
+    return pinned, chain
+
+
+class AdminClient:
+    """Blocking JSON client for ``/admin/v1``; raises ``ApiError`` / ``CliError``.
+
+    ``cert_file``: the ``admin.tls.cert_file`` of the config the URL came from (``--config``),
+    whose certificate the listener is trusted with (``listener_contexts``)."""
+
+    def __init__(self, base_url: str, token: str | None, timeout: float = DEFAULT_TIMEOUT,
+                 cert_file: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         # A token file saved with CRLF leaves '\r' in "$(cat file)": surrounding blanks are
         # never part of a token. (The server strips them too.)
         self._token = token.strip() if token else token
         self.timeout = timeout
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+        self._cert_file = cert_file
+        self._openers = [self._opener_for(context) for context in (
+            listener_contexts(cert_file) if cert_file else (None,))]
         self.last_body = b""   # the raw JSON of the last successful answer (for --json)
+
+    @staticmethod
+    def _opener_for(context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
+        handlers: list[Any] = [urllib.request.ProxyHandler({}), _NoRedirect()]
+        if context is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        return urllib.request.build_opener(*handlers)
 
     def request(self, method: str, path: str, body: dict | None = None,
                 query: dict[str, str] | None = None) -> Any:
@@ -77,9 +127,22 @@ class AdminClient:
                 raise CliError("KEYGATE_ADMIN_TOKEN holds characters that cannot be sent in an "
                                "HTTP header (line breaks, control or non-ASCII characters)")
             headers["Authorization"] = f"Bearer {self._token}"
-        req = urllib.request.Request(url, data=data, headers=headers, method=method)
+        for opener in self._openers:
+            req = urllib.request.Request(url, data=data, headers=headers, method=method)
+            try:
+                return self._send(opener, req)
+            except _CertificateRefused:
+                continue  # refused in the handshake, nothing sent: the next context may try
+        # (only with cert_file: one context alone raises no _CertificateRefused)
+        raise CliError(f"the admin API at {self.base_url} does not serve the certificate "
+                       f"admin.tls.cert_file names ({self._cert_file}), nor one the system's "
+                       "CAs or that file's chain vouch for under its name; if the file was "
+                       "renewed, reload keygate (SIGHUP) first, or name the listener with "
+                       "--admin-url")
+
+    def _send(self, opener: urllib.request.OpenerDirector, req: urllib.request.Request) -> Any:
         try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
+            with opener.open(req, timeout=self.timeout) as resp:
                 return self._decode(resp.status, resp.read())
         except urllib.error.HTTPError as exc:
             error = self._api_error(exc.code, exc.read())
@@ -94,6 +157,8 @@ class AdminClient:
             if isinstance(reason, (TimeoutError, socket.timeout)):
                 raise CliError(f"the admin API at {self.base_url} did not answer within "
                                f"{self.timeout:g}s") from None
+            if isinstance(reason, ssl.SSLCertVerificationError) and len(self._openers) > 1:
+                raise _CertificateRefused from None
             raise CliError(f"cannot reach the admin API at {self.base_url}: {reason}"
                            f"{_UNREACHABLE}") from None
         except (ConnectionError, OSError) as exc:

@@ -34,21 +34,25 @@ def admin_url(text: str) -> str:
     return text
 
 
-def connection(args: argparse.Namespace) -> tuple[str, str | None]:
-    """(admin URL, token): --admin-url, then --config, then the environment, then the
-    default; the token from the config's token_env when --config is given."""
-    url, token = None, None
+def connection(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
+    """(admin URL, token, certificate file): --admin-url, then --config, then the
+    environment, then the default; the token from the config's token_env when --config is
+    given; the config's ``admin.tls.cert_file`` when the URL is the config's (the listener
+    serving it is trusted with it, ``client.listener_contexts``), else None."""
+    url = token = cert_file = None
     if getattr(args, "config", None):
-        url, token = admin_from_config(args.config)
+        url, token, cert_file = admin_from_config(args.config)
     token = token or os.environ.get("KEYGATE_ADMIN_TOKEN")
-    url = args.admin_url or url or os.environ.get("KEYGATE_ADMIN_URL") or DEFAULT_ADMIN_URL
-    return url, token
+    if args.admin_url:
+        url, cert_file = args.admin_url, None
+    url = url or os.environ.get("KEYGATE_ADMIN_URL") or DEFAULT_ADMIN_URL
+    return url, token, cert_file
 
 
-def admin_from_config(path: str) -> tuple[str, str | None]:
-    """(admin URL, operator token) for the gateway a config file describes: its admin
-    listener's address (a wildcard host is reached on loopback) and the token from the
-    variable its ``admin.token_env`` names."""
+def admin_from_config(path: str) -> tuple[str, str | None, str | None]:
+    """(admin URL, operator token, certificate file) for the gateway a config file describes:
+    its admin listener's address (a wildcard host is reached on loopback), the token from the
+    variable its ``admin.token_env`` names, and with ``admin.tls`` its certificate file."""
     from ..config import load_config
     from ..errors import ConfigError
     try:
@@ -60,8 +64,9 @@ def admin_from_config(path: str) -> tuple[str, str | None]:
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(admin.host, admin.host)
     if ":" in host:
         host = f"[{host}]"
-    scheme = "https" if getattr(admin, "tls", None) else "http"
-    return f"{scheme}://{host}:{admin.port}", os.environ.get(admin.token_env)
+    tls = getattr(admin, "tls", None)
+    return (f"{'https' if tls else 'http'}://{host}:{admin.port}",
+            os.environ.get(admin.token_env), tls.cert_file if tls else None)
 
 
 def _admin_section(path: str, original: Exception) -> Any:
