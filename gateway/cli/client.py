@@ -8,6 +8,7 @@ refused, because either would hand the operator token to a host the user did not
 
 from __future__ import annotations
 
+import email.utils
 import json
 import socket
 import urllib.error
@@ -52,6 +53,9 @@ class AdminClient:
         self.timeout = timeout
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
         self.last_body = b""   # the raw JSON of the last successful answer (for --json)
+        # the admin API's clock as its last answer's Date read it (Unix seconds; None if
+        # it sent none): a deadline "N from now" is counted from it, not from this machine's
+        self.server_time: float | None = None
 
     def request(self, method: str, path: str, body: dict | None = None,
                 query: dict[str, str] | None = None) -> Any:
@@ -73,6 +77,7 @@ class AdminClient:
         req = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
+                self.server_time = _http_date(resp.headers.get("Date"))
                 return self._decode(resp.status, resp.read())
         except urllib.error.HTTPError as exc:
             raise self._api_error(exc.code, exc.read()) from None
@@ -103,6 +108,16 @@ class AdminClient:
         except (ValueError, KeyError, TypeError):
             return ApiError(status, f"http_{status}",
                             f"the admin API at {self.base_url} answered HTTP {status}")
+
+
+def _http_date(value: str | None) -> float | None:
+    """A ``Date`` header's instant (Unix seconds), or None if absent or not a date."""
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def seg(value: str) -> str:
