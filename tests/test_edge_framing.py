@@ -644,3 +644,25 @@ async def test_a_trailer_after_a_long_read_is_not_judged_an_end_without_trailers
     assert all(not r.header(b"X-Smuggled-Last") for r in edge.up.requests), \
         [r.headers for r in edge.up.requests]
     assert b"Smuggled" not in b"".join(edge.up.raw)
+
+
+# --- paths an upstream reads as another route -------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/admin./users", "/admin%20/users", "/admin.json", "/admin/...",
+                                  "/admin/%E2%80%A6"])
+async def test_a_path_windows_or_a_format_suffix_reads_as_a_scoped_route_never_goes_upstream(
+        redis_url, raw_upstream, monkeypatch, path):
+    """IIS and Windows strip a segment's trailing dots and spaces; Rails (and Spring MVC before
+    5.3) take '/admin.json' for '/admin'. In front of such an upstream, with '/admin/**'
+    scoped and a public catch-all, these reached the admin endpoint with no key."""
+    routes = (Route("/admin/**", "api", ("GET",), ("admin:read",)),
+              Route("/**", "api", (), (), True))
+    config = make_config(f"http://127.0.0.1:{raw_upstream.port}", routes=routes)
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        answer = await exchange(g, request("GET", path, []))
+        assert statuses(answer) == [400], answer[:200]
+        assert b'"bad_path"' in answer
+        async with g.proxy.get("/people.json") as r:  # its own route either way: forwarded
+            assert r.status == 200
+    assert [s.target for s in raw_upstream.requests] == [b"/people.json"]
+    assert raw_upstream.errors == []
