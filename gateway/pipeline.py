@@ -463,8 +463,16 @@ class Pipeline:
             await self.requests.refund(Slot(key.workspace, key.key_id, month.period,
                                             counted.day, key.budget), month.counter_ttl(now),
                                        counted.rate_member)
-        except StoreError:
-            log.warning("could not refund a request that never reached the upstream")
+        except StoreError as exc:
+            # the request stays counted: one too many in the key's and the workspace's month
+            # (its rate entry leaves the window by itself). Not retried: a call the store timed
+            # out on may have run all the same, and a second one would take back two. Counted
+            # as the store failure it is, and named, so an operator can correct the usage.
+            if self.metrics:
+                self.metrics.store_errors.inc()
+            log.warning("could not take back a request of key %s (workspace %s) that never "
+                        "reached the upstream: it stays counted in %s (%s)", key.key_id,
+                        key.workspace, month.period, exc)
 
     async def _still_allowed(self, key: CachedKey, scopes: tuple[str, ...],
                              client: str) -> CachedKey | None:

@@ -975,3 +975,38 @@ async def test_a_client_gone_before_its_100_continue_on_a_key_endpoint_is_not_a_
     assert [(line["status"], line["error"]) for line in lines
             if line["method"] == "POST"] == [(400, "bad_request")], err
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+async def test_a_refund_the_store_fails_is_logged_with_its_key_and_counted(own_redis, upstream,
+                                                                           monkeypatch, caplog):
+    """A request counted, then refused by keygate (here 413: a chunked body past
+    max_body_bytes) is taken back; when the store fails exactly then, the request stays
+    counted against the workspace. That was one anonymous log line ("could not refund a
+    request..."): no key, no workspace, no metric. Now the line names both and the month it
+    stays counted in, and keygate_store_errors_total counts it."""
+    import logging
+    from gateway.config import ServerConfig
+    config = make_config(str(upstream.make_url("")),
+                         server=ServerConfig(host="127.0.0.1", max_body_bytes=1000))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace()
+        token, key = await g.key(role="editor")
+        reader, writer = await g.raw_connection()
+        writer.write(f"POST /people HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                     f"Transfer-Encoding: chunked\r\n\r\n10\r\n{'a' * 16}\r\n".encode())
+        await writer.drain()
+        # authorised and counted, its body awaited
+        assert await eventually(lambda: g.counter("keygate_argon2_verifications_total",
+                                                  result="ok") == 1)
+        await asyncio.sleep(0.3)
+        errors_before = g.counter("keygate_store_errors_total")
+        own_redis.stop()
+        with caplog.at_level(logging.WARNING, logger="keygate.proxy"):
+            writer.write(b"800\r\n" + b"a" * 0x800 + b"\r\n")
+            answer = await asyncio.wait_for(reader.read(65536), 10)
+            assert answer.startswith(b"HTTP/1.1 413 "), answer[:100]
+            writer.close()
+            lines = await eventually(lambda: [r.getMessage() for r in caplog.records
+                                              if "take back" in r.getMessage()])
+        assert lines and key["id"] in lines[0] and "acme" in lines[0], caplog.text
+        assert g.counter("keygate_store_errors_total") == errors_before + 1
