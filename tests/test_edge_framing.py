@@ -44,6 +44,7 @@ class RawUpstream:
     requests: list[Seen] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     port: int = 0
+    ended: int = 0  # connections whose handler is done (the gateway closed them, or it did)
 
     async def start(self) -> "RawUpstream":
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -101,6 +102,7 @@ class RawUpstream:
             pass
         finally:
             writer.close()
+            self.ended += 1
 
     def close(self) -> None:
         self.server.close()
