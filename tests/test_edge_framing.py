@@ -323,10 +323,31 @@ async def test_framing_tricks_are_refused_or_forwarded_exactly_once(edge, case):
     assert b"PWNED" not in b"".join(edge.up.raw)
     if codes[:1] == [400]:
         assert edge.up.requests == []
+        assert not any(edge.up.raw), "a refused request's head or body went upstream"
     else:
         assert codes[:1] == [200], answer[:200]
         assert len(edge.up.requests) == 1
         assert edge.up.requests[0].body == b"abc"
+
+
+@pytest.mark.parametrize("chunk", [b"zz\r\nabc\r\n0\r\n\r\n", b"3\r\nabc\r\nzz\r\n0\r\n\r\n",
+                                   b"3;\x01\r\nabc\r\n0\r\n\r\n", b"3 \r\nabc\r\n0\r\n\r\n"])
+@pytest.mark.parametrize("keyed", [False, True])
+async def test_a_bad_chunk_size_line_in_the_heads_read_is_a_json_400_and_nothing_goes_upstream(
+        edge, chunk, keyed):
+    """A chunked request whose body breaks its framing in the very read that brought its
+    head (and a request smuggled behind it): aiohttp's parser fails the whole read, so the
+    request is never handled: one JSON 400, the connection closed, not a byte upstream, and
+    nothing counted."""
+    path = "/people/x" if keyed else "/public/x"
+    headers = [("Transfer-Encoding", "chunked")]
+    if keyed:
+        headers.append(("Authorization", f"Bearer {edge.token}"))
+    answer = await exchange(edge, request("POST", path, headers, chunk, close=False) + SMUGGLED)
+    assert statuses(answer) == [400], answer[:200]
+    assert b'"code": "bad_request"' in answer
+    assert not any(edge.up.raw) and edge.up.errors == []
+    assert await edge.used() == 0
 
 
 async def test_chunk_extensions_are_not_forwarded_as_data(edge):
