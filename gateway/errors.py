@@ -195,9 +195,12 @@ class StoreError(Exception):
     while Redis may still have run it, a future that says whether it did (True: Redis
     counted the request after all), once its reply comes; cancelled if none ever does.
     None when nothing more can be learnt. ``rate_member``: that call's entry in the key's rate
-    log, if it had a rate limit ("" otherwise), for taking back the rate it spent too."""
+    log, if it had a rate limit ("" otherwise), for taking back the rate it spent too.
+    ``unsent``: the call never reached the store (no connection could be made), so it ran
+    nothing there."""
     counted_late: asyncio.Future[bool] | None = None
     rate_member: str = ""
+    unsent: bool = False
 
 
 def describe(exc: BaseException) -> str:

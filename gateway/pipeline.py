@@ -461,12 +461,27 @@ class Pipeline:
             self.ledger.take_back(counted.local)
             return
         month = counted.month
+        slot = Slot(key.workspace, key.key_id, month.period, counted.day, key.budget)
         try:
-            await self.requests.refund(Slot(key.workspace, key.key_id, month.period,
-                                            counted.day, key.budget), month.counter_ttl(now),
-                                       counted.rate_member)
-        except StoreError:
-            log.warning("could not refund a request that never reached the upstream")
+            await self.requests.refund(slot, month.counter_ttl(now), counted.rate_member)
+        except StoreError as exc:
+            if self.metrics:
+                self.metrics.store_errors.inc()
+            if exc.unsent:
+                # it never reached Redis (no connection): the ledger writes the take-back once
+                # the store answers again, exactly once (its rate entry leaves the window by
+                # itself)
+                self.ledger.take_back(slot)
+                log.info("a request of key %s (workspace %s) that never reached the upstream "
+                         "is taken back once the store answers again (%s)", key.key_id,
+                         key.workspace, exc)
+                return
+            # It may have run (Redis stalled after running it): sent again, it could take back
+            # two. The request may stay counted, one too many in the key's and workspace's
+            # month: named, so that an operator can correct the usage.
+            log.warning("could not take back a request of key %s (workspace %s) that never "
+                        "reached the upstream: it may stay counted in %s (%s)", key.key_id,
+                        key.workspace, month.period, exc)
 
     async def _still_allowed(self, key: CachedKey, scopes: tuple[str, ...],
                              client: str) -> CachedKey | None:

@@ -10,7 +10,9 @@ What ``check_path`` accepts (the raw request target before any decoding, query e
 - characters RFC 3986 allows in a path (``pchar`` and ``/``) except ``;``: unreserved letters,
   digits and ``-._~``, the sub-delimiters ``!$&'()*+,=``, ``:``, ``@`` and percent escapes;
 - no empty segment (``//``) except one trailing slash (``/people/`` is fine);
-- no ``.`` or ``..`` segment (percent-encoded dots are refused as encoded unreserved anyway);
+- no segment of dots only: ``.``, ``..``, nor ``...`` and longer, which Windows and IIS read
+  as an empty segment once they strip a segment's trailing dots (percent-encoded dots are
+  refused as encoded unreserved anyway);
 - percent escapes must be well-formed (``%`` + two hex digits) and must be needed: an escape of
   an unreserved character (``%41``, ``%2e``, ``%7E``) is not canonical; ``%2F`` and ``%5C``
   (encoded ``/`` and ``\\``), ``%00`` and other encoded control characters are refused, as is
@@ -39,6 +41,13 @@ Likewise, most upstream routers read ``/people/1/`` as ``/people/1``, so ``Route
 refuses a path with a trailing slash whose reading without it matches another route (or an
 earlier one case-insensitively): ``DELETE /people/1/`` matching a ``/people/**`` write route
 while ``/people/*`` holds the stricter DELETE.
+
+And a path with a dot at the end of a segment or in its last segment is read two more ways:
+with every segment's trailing dots and spaces stripped (Windows, IIS: ``/admin./users`` and
+``/admin%20/users`` are ``/admin/users``), and with its last segment cut at its first dot (a format suffix: Rails'
+``(.:format)``, Spring MVC's suffix pattern matching before 5.3: ``/admin.json`` is
+``/admin``). A reading that matches another route is refused, unless the route matched as sent
+names the dotted segment literally (``/users.csv`` beside ``/users``).
 """
 
 from __future__ import annotations
@@ -57,7 +66,7 @@ MAX_PATH_BYTES = 2048
 
 _PCHAR = r"A-Za-z0-9\-._~!$&'()*+,=:@"
 # The common case in one C-level match: canonical segments, escapes merely well-formed.
-_FAST = re.compile(r"(?:/(?!\.\.?(?:/|\Z))(?:[%s]|%%[0-9A-Fa-f]{2})+)*/?" % _PCHAR)
+_FAST = re.compile(r"(?:/(?!\.+(?:/|\Z))(?:[%s]|%%[0-9A-Fa-f]{2})+)*/?" % _PCHAR)
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _HEX = frozenset("0123456789abcdefABCDEF")
 _BAD_CHAR = re.compile(r"[^%s/%%]" % _PCHAR)
@@ -143,15 +152,32 @@ def decoded_problem(decoded: str) -> str | None:
                     if read.count(ch) > seg.count(ch):
                         return ("a percent-encoded character that Unicode compatibility "
                                 f"normalisation (NFKC) turns into '{ch}'")
-                if read in (".", ".."):
+                if _dots_only(read):
                     return ("a segment that Unicode compatibility normalisation (NFKC) "
                             f"turns into '{read}'")
         if ";" in read:
             head = read.partition(";")[0]
-            if head in ("", ".", ".."):
+            if head == "" or _dots_only(head):
                 what = f"'{head}'" if head else "empty"
                 return f"a segment that is {what} once its encoded ';' parameter is cut off"
     return None
+
+
+def _windows_segment(segment: str) -> str:
+    """A segment as Windows and IIS read it: its trailing dots and spaces stripped."""
+    while True:
+        bare = segment.rstrip(".")
+        if bare[-3:] == "%20":
+            bare = bare[:-3]
+        if bare == segment:
+            return bare
+        segment = bare
+
+
+def _dots_only(segment: str) -> bool:
+    """``.``, ``..``, ``...``: a segment of dots only (Windows strips trailing dots, so from
+    three on it reads as an empty segment there)."""
+    return segment != "" and segment.strip(".") == ""
 
 
 _READ_SAFE = "-._~!$&'()*+,=:@"  # what a canonical segment holds unencoded
@@ -204,6 +230,8 @@ def _diagnose(path: str) -> str:
             return "The request path contains an empty segment ('//')."
         if seg in (".", ".."):
             return f"The request path contains a '{seg}' segment."
+        if _dots_only(seg):
+            return "The request path contains a segment of dots only."
     return "The request path is not canonical."
 
 
@@ -322,7 +350,7 @@ def glob_problem(glob: str) -> str | None:
         last = index == len(segments) - 1
         if segment == "" and not last:
             return f"'{glob}' has an empty segment (//)"
-        if segment in (".", ".."):
+        if _dots_only(segment):
             return (f"'{glob}' has a '{segment}' segment; requests with dot-segments are "
                     "refused, so it never matches")
         if "*" in segment and segment not in ("*", "**"):
@@ -489,6 +517,12 @@ class RouteTable:
                 raise _bad("The request path, read without its trailing slash (as many "
                            "upstreams read it), matches another route than as sent; send it "
                            "without the trailing slash.")
+        if ("." in raw_path or "%20" in raw_path) and \
+                self._dotted_rival(found, method, raw_path):
+            raise _bad("The request path, read without a segment's trailing dots or spaces "
+                       "(as Windows and IIS read it) or without its last segment's dot suffix (a format, "
+                       "as Rails and older Spring MVC read it), matches another route than as "
+                       "sent; send the path the route is written for.")
         if "%" in raw_path:
             # an upstream that NFKC-normalises the decoded path reads '/%EF%BD%81dmin' (a
             # fullwidth 'a') as '/admin': that reading must be this route too, also compared
@@ -510,6 +544,39 @@ class RouteTable:
                 self._seen.clear()
             self._seen[(method, raw_path)] = route
         return route
+
+    def _dotted_rival(self, found: _Compiled, method: str, raw_path: str) -> bool:
+        """Whether a reading of the dotted ``raw_path`` an upstream may serve instead matches
+        another route than ``found`` (or an earlier one case-insensitively): each segment's
+        trailing dots and spaces stripped (Windows, IIS), or the last segment cut at its first dot (a
+        format suffix: Rails, Spring MVC's suffix patterns). Not when ``found`` names the
+        dotted segment literally (a route written for ``/users.csv``)."""
+        segments = raw_path.split("/")
+        at = len(segments) - 1 if segments[-1] or len(segments) < 3 else len(segments) - 2
+        readings = []
+        if raw_path.endswith(".") or "./" in raw_path or "%20" in raw_path:
+            readings.append("/".join(_windows_segment(seg) for seg in segments))
+        name, dot, _ = segments[at].partition(".")
+        if dot and name:
+            cut = segments[:]
+            cut[at] = name
+            readings.append("/".join(cut))
+        if not readings:
+            return False
+        glob = found.route.path.split("/")
+        if len(glob) == len(segments) and glob[at] == segments[at]:
+            return False  # the route names the dotted last segment as sent
+        for reading in readings:
+            if reading == raw_path:
+                continue
+            try:
+                other = self._find(method, reading)
+            except NotFound:
+                other = None
+            if other is not None and other is not found or \
+                    found.case_check and self._case_rival(found, method, reading.lower()):
+                return True
+        return False
 
     def _find(self, method: str, raw_path: str) -> _Compiled:
         end = raw_path.find("/", 1)

@@ -1010,6 +1010,30 @@ async def test_keys_update_rebinds_renames_and_dates_a_key(admin_url, keygate):
     assert relative["expires_at"] is not None
 
 
+async def test_keys_update_expires_duration_counts_from_the_servers_clock(admin_url, keygate):
+    """``keys update --expires 30d`` re-dated the key 30 days from the CLI machine's own
+    clock (PATCH takes ``expires_at`` only): a laptop whose clock was 10 days behind set the
+    key to expire 10 days early. It now counts from the admin API's clock (``keys create``
+    sends ``expires_in``, which the API counts itself). The CLI runs as its own process here,
+    with a wall clock 10 days behind (tests/clock_skew)."""
+    import time
+    from gateway.models import parse_rfc3339
+    from served import skewed_clock
+    await make_workspace(keygate)
+    key_id = (await make_key(keygate, "acme", "--role", "reader"))["key"]["id"]
+    env = {**os.environ, **skewed_clock(-10 * 86400)}
+    for argv in (["keys", "update", "--workspace", "acme", key_id, "--expires", "30d"],
+                 ["keys", "create", "--workspace", "acme", "--name", "skewed", "--role",
+                  "reader", "--expires", "30d"]):
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "gateway", *argv, "--json"],
+            env=env, capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        expires_at = parse_rfc3339(answer.get("key", answer)["expires_at"])
+        assert abs(expires_at - (time.time() + 30 * 86400)) < 120, (argv, answer)
+
+
 async def test_keys_update_with_nothing_to_change_is_bad_usage(admin_url, keygate):
     run = await keygate("keys", "update", "--workspace", "acme", "AAAAAAAAAAAA")
     assert run.code == 2

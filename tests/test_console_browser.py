@@ -847,6 +847,42 @@ def test_editing_the_expiry_keeps_a_role_the_page_has_not_listed(page, gateway):
     assert edited["role"] == "auditor" and edited["scopes"] == ["people:read"]
 
 
+def test_an_expiry_edited_as_a_duration_counts_from_the_servers_clock(browser, gateway):
+    """The edit form turned "30d" into an instant with the browser's own clock (PATCH takes
+    ``expires_at`` only): on a laptop whose clock was 10 days behind, the key was re-dated to
+    expire 10 days early. It now counts from the admin API's clock, as the ``Date`` of its
+    answers reads it (creating a key sends ``expires_in``, which the API counts itself). The
+    browser's ``Date.now`` reads 10 days behind here, from before the page's own script runs."""
+    import time
+    from gateway.models import parse_rfc3339
+    behind = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": (
+        "(() => { const real = Date.now; Date.now = () => real() - 10 * 86400000; })();")})
+    try:
+        browser.get("about:blank")
+        browser.get_log("browser")
+        browser.get(gateway.admin_url + "/console/")
+        wait(browser, lambda d: d.execute_script(
+            "return document.documentElement.dataset.ready"))
+        assert browser.execute_script("return Date.now()") < time.time() * 1000 - 9 * 86400000
+        page = Console(browser, gateway)
+        new_workspace(gateway, "laptop", "Laptop Corp")
+        gateway.key("laptop", name="skewed", scopes=["people:read"])
+        page.sign_in(ADMIN_TOKEN)
+        page.link("laptop").click()
+        wait(browser, lambda d: "skewed" in page.rows())
+        page.in_dialog("Edit", "skewed", "Expires", "30d", "Save")
+        page.no_dialog()
+        [edited] = keys_named(gateway, "laptop", "skewed")
+        assert edited["expires_at"] is not None
+        assert abs(parse_rfc3339(edited["expires_at"]) - (time.time() + 30 * 86400)) < 300, \
+            edited["expires_at"]
+        page.assert_nothing_kept()
+        page.assert_no_console_errors()
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
+                                {"identifier": behind["identifier"]})
+
+
 def test_an_expiry_typed_as_a_date_and_time_means_utc_as_the_form_says(page, gateway):
     new_workspace(gateway, "tyrell", "Tyrell")
     page.driver.execute_cdp_cmd("Emulation.setTimezoneOverride",

@@ -44,6 +44,7 @@ class RawUpstream:
     requests: list[Seen] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     port: int = 0
+    ended: int = 0  # connections whose handler is done (the gateway closed them, or it did)
 
     async def start(self) -> "RawUpstream":
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -101,6 +102,7 @@ class RawUpstream:
             pass
         finally:
             writer.close()
+            self.ended += 1
 
     def close(self) -> None:
         self.server.close()
@@ -321,10 +323,31 @@ async def test_framing_tricks_are_refused_or_forwarded_exactly_once(edge, case):
     assert b"PWNED" not in b"".join(edge.up.raw)
     if codes[:1] == [400]:
         assert edge.up.requests == []
+        assert not any(edge.up.raw), "a refused request's head or body went upstream"
     else:
         assert codes[:1] == [200], answer[:200]
         assert len(edge.up.requests) == 1
         assert edge.up.requests[0].body == b"abc"
+
+
+@pytest.mark.parametrize("chunk", [b"zz\r\nabc\r\n0\r\n\r\n", b"3\r\nabc\r\nzz\r\n0\r\n\r\n",
+                                   b"3;\x01\r\nabc\r\n0\r\n\r\n", b"3 \r\nabc\r\n0\r\n\r\n"])
+@pytest.mark.parametrize("keyed", [False, True])
+async def test_a_bad_chunk_size_line_in_the_heads_read_is_a_json_400_and_nothing_goes_upstream(
+        edge, chunk, keyed):
+    """A chunked request whose body breaks its framing in the very read that brought its
+    head (and a request smuggled behind it): aiohttp's parser fails the whole read, so the
+    request is never handled: one JSON 400, the connection closed, not a byte upstream, and
+    nothing counted."""
+    path = "/people/x" if keyed else "/public/x"
+    headers = [("Transfer-Encoding", "chunked")]
+    if keyed:
+        headers.append(("Authorization", f"Bearer {edge.token}"))
+    answer = await exchange(edge, request("POST", path, headers, chunk, close=False) + SMUGGLED)
+    assert statuses(answer) == [400], answer[:200]
+    assert b'"code": "bad_request"' in answer
+    assert not any(edge.up.raw) and edge.up.errors == []
+    assert await edge.used() == 0
 
 
 async def test_chunk_extensions_are_not_forwarded_as_data(edge):
@@ -644,3 +667,25 @@ async def test_a_trailer_after_a_long_read_is_not_judged_an_end_without_trailers
     assert all(not r.header(b"X-Smuggled-Last") for r in edge.up.requests), \
         [r.headers for r in edge.up.requests]
     assert b"Smuggled" not in b"".join(edge.up.raw)
+
+
+# --- paths an upstream reads as another route -------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/admin./users", "/admin%20/users", "/admin.json", "/admin/...",
+                                  "/admin/%E2%80%A6"])
+async def test_a_path_windows_or_a_format_suffix_reads_as_a_scoped_route_never_goes_upstream(
+        redis_url, raw_upstream, monkeypatch, path):
+    """IIS and Windows strip a segment's trailing dots and spaces; Rails (and Spring MVC before
+    5.3) take '/admin.json' for '/admin'. In front of such an upstream, with '/admin/**'
+    scoped and a public catch-all, these reached the admin endpoint with no key."""
+    routes = (Route("/admin/**", "api", ("GET",), ("admin:read",)),
+              Route("/**", "api", (), (), True))
+    config = make_config(f"http://127.0.0.1:{raw_upstream.port}", routes=routes)
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        answer = await exchange(g, request("GET", path, []))
+        assert statuses(answer) == [400], answer[:200]
+        assert b'"bad_path"' in answer
+        async with g.proxy.get("/people.json") as r:  # its own route either way: forwarded
+            assert r.status == 200
+    assert [s.target for s in raw_upstream.requests] == [b"/people.json"]
+    assert raw_upstream.errors == []

@@ -546,6 +546,29 @@ async def test_cached_key_costs_one_round_trip_and_no_argon2(gut, redis_url):
     assert days["items"][0]["requests"] == 6  # counted in that one round trip
 
 
+async def test_a_stream_of_new_keys_does_not_push_a_key_in_use_out_of_the_cache(gut):
+    """The cache is bounded (100k keys a process). When it was full, the entry verified
+    longest ago was dropped whatever its use: a client or an attacker verifying more new keys
+    within ``keys.cache_ttl`` than the cache holds (valid throwaway keys: create, use once,
+    revoke; or just many keys) made every key in steady use pay argon2 again, behind the
+    stream in the verify queue. A key used since the cache last made room is kept."""
+    await gut.workspace("many", plan="unlimited")
+    auth = gut.gw.pipeline.auth
+    auth.capacity = 10
+    hot, _ = await gut.key("many", name="hot")
+    throwaway = [(await gut.key("many", name=f"once-{i}"))[0] for i in range(30)]
+    async with gut.proxy.get("/people/1", headers=bearer(hot)) as r:
+        assert r.status == 200
+    for token in throwaway:
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        async with gut.proxy.get("/people/1", headers=bearer(hot)) as r:
+            assert r.status == 200
+    assert len(auth.cache) <= 10
+    # one verification each: the hot key's first request and each throwaway key's
+    assert gut.counter("keygate_argon2_verifications_total", result="ok") == 31
+
+
 # --- store down --------------------------------------------------------------------------------
 
 async def test_store_down_is_503_never_401(own_redis, upstream, monkeypatch):

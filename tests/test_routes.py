@@ -6,7 +6,7 @@ import pytest
 
 from gateway.config import Route
 from gateway.errors import BadRequest, NotFound
-from gateway.routes import RouteTable, check_path, compile_glob, query_has_token
+from gateway.routes import RouteTable, check_path, compile_glob, glob_problem, query_has_token
 from gateway.tokens import make_token
 from hypothesis import given, settings, strategies as st
 
@@ -26,15 +26,13 @@ GOOD_PATHS = [
     "/a%25zz",                    # '%25' not followed by two hex digits
     "/a%3F%23",                   # encoded '?' and '#'
     "/.well-known/openid-configuration",
-    "/...",
     "/a..b/.c/d.",
     "/v1/users/@me:sub!$&'()*+,=",
     "/~user/file-name_1.txt",
     "/" + "a" * 2047,
     # encoded ';' inside a segment that is more than a dot segment once the parameter is cut
-    "/ids/x%3By", "/a/...%3Bx", "/a/..x%3B", "/a/x..%3B..",
+    "/ids/x%3By", "/a/..x%3B", "/a/x..%3B..",
     # NFKC changes these but into nothing that is path syntax
-    "/%E2%80%A6",                 # HORIZONTAL ELLIPSIS: '...', not a dot segment
     "/%EF%BC%A1",                 # FULLWIDTH A
     "/a/%C2%BD",                  # VULGAR FRACTION ONE HALF: '1\u20442' (fraction slash)
     "/a%E2%88%95b",               # DIVISION SLASH: not '/' under NFKC
@@ -44,6 +42,10 @@ GOOD_PATHS = [
 BAD_PATHS = {
     # dot segments, raw and encoded in any case
     "dot-raw": ["/.", "/./", "/a/./b", "/a/.", "/..", "/../", "/a/../b", "/a/.."],
+    # segments of dots only, any number of them: Windows (IIS, its file APIs) strips a
+    # segment's trailing dots, so '...' reads as an empty segment there
+    "dots-only": ["/...", "/a/.../b", "/a/....", "/..../x", "/a/...%3Bx", "/%E2%80%A6",
+                  "/a/%E2%80%A6/b", "/a/.%E2%80%A6", "/a/%E2%80%A6%3Bx"],
     "dot-enc": ["/%2e", "/%2E", "/a/%2e%2e/b", "/a/%2E%2e/b", "/a/.%2e/b", "/a/%2e./b",
                 "/a/%2e%2E", "/%2e%2e/etc/passwd", "/a%2eb"],
     "slash-enc": ["/a%2Fb", "/a%2fb", "/public/..%2Fadmin", "/%2F"],
@@ -92,6 +94,8 @@ def test_non_canonical_paths_are_bad_path(path: str) -> None:
 
 @pytest.mark.parametrize("path, words", [
     ("/a/../b", "'..' segment"),
+    ("/a/.../b", "segment of dots only"),
+    ("/a/%E2%80%A6/b", "NFKC"),
     ("/a/%2e%2e/b", "percent-encoded dot"),
     ("/a%2Fb", "encoded '/'"),
     ("/a%5cb", "encoded '\\'"),
@@ -454,6 +458,43 @@ def test_a_refused_path_is_refused_every_time_and_an_accepted_one_remembered() -
         _bad_path(t, "GET", "/ADMIN/users")
         assert t.match("GET", "/admin/users") is ADMIN
         assert t.match("GET", "/people/AbC") is PUBLIC
+
+
+# --- a path whose reading without a segment's trailing dots or its last segment's suffix is ----
+# --- another route --------------------------------------------------------------------------------
+# Windows and IIS strip a segment's trailing dots ('/admin./users' is '/admin/users' to them);
+# Rails routes take '/admin.json' for '/admin' with format json, as Spring MVC's suffix pattern
+# matching did by default before 5.3. With '/admin/**' scoped and a public '/**', those paths
+# matched the public catch-all here and reached the admin endpoint upstream without a key.
+
+@pytest.mark.parametrize("path", ["/admin.", "/admin./users", "/admin../users", "/admin.json",
+                                  "/admin.json.x", "/ADMIN.", "/Admin.json", "/admin%20/users",
+                                  "/admin.%20./users", "/admin%20"])
+def test_a_path_another_route_matches_without_trailing_dots_or_its_suffix_is_bad_path(path):
+    t = table(ADMIN, PUBLIC)
+    for _ in range(2):  # refused every time, not remembered as the route it matched
+        error = _bad_path(t, "GET", path)
+        assert "trailing dots or spaces" in error.message
+    assert t.match("GET", "/admin/users") is ADMIN
+
+
+@pytest.mark.parametrize("routes, path, expected", [
+    ((ADMIN, PUBLIC), "/admin/users.json", 0),        # '/admin/users' is the same route
+    ((ADMIN, PUBLIC), "/admin/users.", 0),
+    ((ADMIN, PUBLIC), "/files/report.pdf", 1),        # '/files/report': the same route
+    ((ADMIN, PUBLIC), "/a.b/c", 1),                   # a dot inside a segment but the last
+    ((ADMIN, PUBLIC), "/people/a%20b", 1),            # a space inside a segment
+    ((r("/users.csv"), r("/users"), PUBLIC), "/users.csv", 0),  # a route names it as sent
+    ((r("/v1/*/export.csv"), r("/v1/*/export")), "/v1/x/export.csv", 0),
+    ((r("/people/*"), PUBLIC), "/people/.hidden", 0),  # no name before the dot: no suffix
+])
+def test_a_path_whose_dotless_reading_is_the_same_route_or_named_literally_passes(
+        routes, path, expected) -> None:
+    assert table(*routes).match("GET", path) is routes[expected]
+
+
+def test_a_glob_segment_of_dots_only_is_a_problem() -> None:
+    assert "'...'" in glob_problem("/a/.../b")
 
 
 # --- a path whose reading without its trailing slash is another route ---------------------------

@@ -1053,3 +1053,84 @@ async def test_a_client_gone_before_its_100_continue_on_a_key_endpoint_is_not_a_
     assert [(line["status"], line["error"]) for line in lines
             if line["method"] == "POST"] == [(400, "bad_request")], err
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+
+async def _counted_then_refused(g, token: str):
+    """A request authorised and counted, its chunked body still awaited: (reader, writer).
+    Send ``TOO_MUCH`` on the writer to make keygate refuse it (413, max_body_bytes 1000)."""
+    reader, writer = await g.raw_connection()
+    writer.write(f"POST /people HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                 f"Transfer-Encoding: chunked\r\n\r\n10\r\n{'a' * 16}\r\n".encode())
+    await writer.drain()
+    assert await eventually(lambda: g.used(), timeout=5) == 1  # counted
+    return reader, writer
+
+
+TOO_MUCH = b"800\r\n" + b"a" * 0x800 + b"\r\n"
+
+
+def _refund_config(upstream):
+    from gateway.config import ServerConfig
+    return make_config(str(upstream.make_url("")),
+                       server=ServerConfig(host="127.0.0.1", max_body_bytes=1000))
+
+
+async def test_a_refund_made_while_redis_is_down_is_written_once_it_is_back(
+        own_redis, upstream, monkeypatch, caplog):
+    """A request counted, then refused by keygate (413: a chunked body past max_body_bytes)
+    is taken back. With Redis gone exactly then, the take-back was lost: the request stayed
+    counted against the workspace and the key, and the only trace was an anonymous log line.
+    A take-back that never reached Redis is now handed to the ledger, which writes it once
+    Redis answers again (exactly once: its writes carry ids)."""
+    import logging
+    import redis as redis_py
+    async with gateway_under_test(_refund_config(upstream), own_redis.url, monkeypatch) as g:
+        await g.workspace()
+        token, key = await g.key(role="editor")
+        reader, writer = await _counted_then_refused(g, token)
+        redis_py.Redis.from_url(own_redis.url).save()  # the count survives the restart below
+        errors_before = g.counter("keygate_store_errors_total")
+        own_redis.stop()
+        with caplog.at_level(logging.INFO, logger="keygate.proxy"):
+            writer.write(TOO_MUCH)
+            answer = await asyncio.wait_for(reader.read(65536), 10)
+            assert answer.startswith(b"HTTP/1.1 413 "), answer[:100]
+            writer.close()
+            lines = await eventually(lambda: [r.getMessage() for r in caplog.records
+                                              if "taken back once" in r.getMessage()])
+        assert lines and key["id"] in lines[0] and "acme" in lines[0], caplog.text
+        assert g.counter("keygate_store_errors_total") == errors_before + 1
+        own_redis.start()
+
+        async def taken_back() -> bool:
+            return await g.used() == 0
+        assert await eventually(taken_back, timeout=10), await g.used()
+        await asyncio.sleep(1.5)  # the ledger's next attempts (one a second) add nothing more
+        assert await g.used() == 0
+
+
+async def test_a_refund_the_store_may_have_run_is_logged_with_its_key(
+        redis_url, upstream, monkeypatch, caplog):
+    """A take-back whose call reached Redis but got no reply in time may have run: sent again
+    it could take back two, so it is not. It was one anonymous log line; it now names the key,
+    the workspace and the month, and keygate_store_errors_total counts it."""
+    import logging
+    from harness import HeldReplies
+    async with HeldReplies(redis_url) as relay:
+        async with gateway_under_test(_refund_config(upstream), relay.url, monkeypatch) as g:
+            await g.workspace()
+            token, key = await g.key(role="editor")
+            reader, writer = await _counted_then_refused(g, token)
+            errors_before = g.counter("keygate_store_errors_total")
+            relay.hold()
+            with caplog.at_level(logging.WARNING, logger="keygate.proxy"):
+                writer.write(TOO_MUCH)
+                answer = await asyncio.wait_for(reader.read(65536), 10)
+                assert answer.startswith(b"HTTP/1.1 413 "), answer[:100]
+                writer.close()
+                lines = await eventually(lambda: [r.getMessage() for r in caplog.records
+                                                  if "may stay counted" in r.getMessage()])
+            relay.release()
+            assert lines and key["id"] in lines[0] and "acme" in lines[0], caplog.text
+            assert g.counter("keygate_store_errors_total") == errors_before + 1

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import ssl
+import time
 import warnings
 from pathlib import Path
 
@@ -366,3 +367,62 @@ async def test_the_cli_with_config_trusts_only_that_certificate_not_its_ca(
     code, out, err = await cli_with_config(capsys, monkeypatch, "--config", str(other),
                                            "workspaces", "list")
     assert code == 0, err
+
+
+# --- a TLS client that vanishes mid-body ---------------------------------------------------------
+
+@pytest.fixture
+async def tls_raw_edge(tmp_path, pki, redis_url, monkeypatch):
+    """An HTTPS proxy listener in front of test_edge_framing's raw upstream (every byte it got,
+    and the requests llhttp finds in them), with a public POST route."""
+    from test_edge_framing import RawUpstream
+    up = await RawUpstream().start()
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    path, port = tmp_path / "config.yaml", free_port()
+    path.write_text(f"""
+server: {{host: 127.0.0.1, port: {port}, tls: {{cert_file: {pki['cert']}, key_file: {pki['key']}}}}}
+admin: {{host: 127.0.0.1, port: {free_port()}}}
+upstreams: {{api: {{url: "http://127.0.0.1:{up.port}"}}}}
+routes:
+  - {{path: /public/**, upstream: api, public: true, methods: [POST]}}
+""")
+    try:
+        async with running_gateway(load_config(path), redis_url, config_path=str(path)) as gw:
+            runners = await start_listeners(gw)
+            try:
+                yield port, up
+            finally:
+                await stop_listeners(runners)
+    finally:
+        up.close()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_body_cut_by_a_tcp_close_without_close_notify_never_reaches_upstream_whole(
+        tls_raw_edge, pki, framing):
+    """A TLS client sends half its body (past the prefetch: the upstream connection is open
+    and streaming) and closes TCP without TLS close_notify (a truncation attack, or a client
+    gone). The upstream must never see a complete request: not a Content-Length body made
+    whole, not a chunked body ended with its last chunk."""
+    port, up = tls_raw_edge
+    half = b"a" * 150_000
+    if framing == "chunked":
+        head = b"Transfer-Encoding: chunked\r\n\r\n"
+        sent = head + b"%x\r\n" % len(half) + half + b"\r\n"  # whole chunks, then gone
+    else:
+        sent = b"Content-Length: %d\r\n\r\n" % (2 * len(half)) + half
+
+    def send_and_vanish() -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        tls = client_context(pki).wrap_socket(raw, server_hostname="localhost")
+        tls.sendall(b"POST /public/x HTTP/1.1\r\nHost: g\r\n" + sent)
+        time.sleep(0.5)
+        tls.close()  # Python's SSLSocket.close sends no close_notify: TCP FIN only
+
+    await asyncio.get_running_loop().run_in_executor(None, send_and_vanish)
+    from harness import eventually
+    assert await eventually(lambda: up.ended == 1), "the upstream connection was left open"
+    assert up.requests == [] and up.errors == []
+    got = bytes(up.raw[0])
+    assert got.count(b"a") < 2 * len(half) and not got.endswith(b"0\r\n\r\n")
+

@@ -8,6 +8,7 @@ refused, because either would hand the operator token to a host the user did not
 
 from __future__ import annotations
 
+import email.utils
 import json
 import socket
 import ssl
@@ -102,6 +103,9 @@ class AdminClient:
         self._openers = [self._opener_for(context) for context in (
             listener_contexts(cert_file) if cert_file else (None,))]
         self.last_body = b""   # the raw JSON of the last successful answer (for --json)
+        # the admin API's clock as its last answer's Date read it (Unix seconds; None if
+        # it sent none): a deadline "N from now" is counted from it, not from this machine's
+        self.server_time: float | None = None
 
     @staticmethod
     def _opener_for(context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
@@ -143,6 +147,7 @@ class AdminClient:
     def _send(self, opener: urllib.request.OpenerDirector, req: urllib.request.Request) -> Any:
         try:
             with opener.open(req, timeout=self.timeout) as resp:
+                self.server_time = _http_date(resp.headers.get("Date"))
                 return self._decode(resp.status, resp.read())
         except urllib.error.HTTPError as exc:
             error = self._api_error(exc.code, exc.read())
@@ -180,6 +185,16 @@ class AdminClient:
         except (ValueError, KeyError, TypeError):
             return ApiError(status, f"http_{status}",
                             f"the admin API at {self.base_url} answered HTTP {status}")
+
+
+def _http_date(value: str | None) -> float | None:
+    """A ``Date`` header's instant (Unix seconds), or None if absent or not a date."""
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def seg(value: str) -> str:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timedelta, timezone
+import time
+from datetime import datetime, timezone
 from typing import Any
 
 from . import key_controls
@@ -140,20 +141,27 @@ def cmd_keys_show(args: argparse.Namespace, client: AdminClient) -> int:
     return show(args, client, lambda: fields(key, KEY_FIELDS))
 
 
-def _new_expiry(args: argparse.Namespace) -> dict[str, Any]:
+def _new_expiry(args: argparse.Namespace, client: AdminClient) -> dict[str, Any]:
     if args.no_expiry:
         return {"expires_at": None}
     if args.expires is None:
         return {}
-    if "expires_in" in args.expires:  # PATCH takes a moment, not a duration
-        moment = datetime.now(timezone.utc) + timedelta(seconds=args.expires["expires_in"])
+    if "expires_in" in args.expires:
+        # PATCH takes a moment, not a duration (SPEC): counted from the admin API's clock, as
+        # its Date reads it on the key's read (a 404 before anything else), not from this
+        # machine's, which may be days off (a laptop's); to the second, as the API keeps it
+        client.request("GET", _key_path(args))
+        now = client.server_time
+        if now is None:  # no Date (a proxy dropped it): this machine's clock is all there is
+            now = time.time()
+        moment = datetime.fromtimestamp(int(now) + args.expires["expires_in"], timezone.utc)
         return {"expires_at": moment.strftime("%Y-%m-%dT%H:%M:%SZ")}
     return args.expires
 
 
 def cmd_keys_update(args: argparse.Namespace, client: AdminClient) -> int:
     body = {**given(name=args.name, description=args.description), **_access(args),
-            **_new_expiry(args), **key_controls.update_body(args)}
+            **_new_expiry(args, client), **key_controls.update_body(args)}
     if not body:
         raise UsageError("nothing to change: give one or more of --name, --description, "
                          "--role, --scope, --expires, --no-expiry, --monthly-requests, "

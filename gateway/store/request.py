@@ -391,7 +391,9 @@ class RequestStore:
         try:
             return await self._resp.run(script, keys, args)
         except Exception as exc:  # connection lost, timeout, error reply: the store failed
-            raise StoreError(f"store call failed: {describe(exc)}") from exc
+            error = StoreError(f"store call failed: {describe(exc)}")
+            error.unsent = getattr(exc, "unsent", False)  # resp.not_sent
+            raise error from exc
 
 
 def _counted(late: asyncio.Future) -> asyncio.Future[bool]:

@@ -48,6 +48,15 @@ class RespError(Exception):
     """An error reply from Redis (e.g. NOSCRIPT, WRONGTYPE)."""
 
 
+def not_sent(message: str) -> ConnectionError:
+    """The error of a call for which no connection to Redis could be made: it was never
+    sent, so Redis never ran it (``unsent``: a caller may send it again without running it
+    twice). A ``ConnectionError`` as any other, as logs name it."""
+    error = ConnectionError(message)
+    error.unsent = True  # type: ignore[attr-defined]
+    return error
+
+
 class TimedOut(ConnectionError):
     """Redis did not answer a call in time. Redis may have run it all the same (it ran the
     call, then stalled before its reply left): ``late`` resolves to the reply (an error reply
@@ -319,7 +328,7 @@ class RespClient(ClockSkew):
                 coro = loop.create_connection(factory, self.host, self.port, ssl=self._ssl)
             _, proto = await asyncio.wait_for(coro, self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            raise ConnectionError(
+            raise not_sent(
                 f"cannot connect to Redis: {exc.__class__.__name__}: {exc}") from exc
         hello = []
         # redis-py's rule (UsernamePasswordCredentialProvider): a user name alone logs in as
@@ -340,9 +349,9 @@ class RespClient(ClockSkew):
                 try:
                     await asyncio.wait_for(fut, self.timeout)
                 except RespError as exc:
-                    raise ConnectionError(f"Redis refused {cmd[0]}: {exc}") from exc
+                    raise not_sent(f"Redis refused {cmd[0]}: {exc}") from exc
                 except asyncio.TimeoutError as exc:
-                    raise ConnectionError(f"Redis did not answer {cmd[0]} in time") from exc
+                    raise not_sent(f"Redis did not answer {cmd[0]} in time") from exc
             # Redis's clock against ours (TIME): the per-request script's deadline is set in
             # Redis's clock. Sent, not awaited: the connection is usable at once, the offset
             # is known one round trip later.
@@ -355,7 +364,7 @@ class RespClient(ClockSkew):
             proto.abort(ConnectionError("connection to Redis not set up"))
             raise
         if proto.closed:
-            raise ConnectionError("connection to Redis lost while connecting")
+            raise not_sent("connection to Redis lost while connecting")
         return proto
 
     def measure_clock(self) -> None:
@@ -452,7 +461,7 @@ class RespClient(ClockSkew):
         except asyncio.CancelledError:
             me = asyncio.current_task()
             if task.cancelled() and (me is None or not me.cancelling()):
-                raise ConnectionError("Redis client closed while connecting") from None
+                raise not_sent("Redis client closed while connecting") from None
             raise
 
     def _connected(self, task: asyncio.Future) -> None:

@@ -9,6 +9,11 @@ const API = "/admin/v1";
 const DAY = 86400 * 1000;
 
 let session = null;  // {token, operator, label, workspace, keys, roles, usage}
+// The admin API's clock minus this browser's, ms, from the Date of its latest answer (the
+// middle of that second): "30d from now" and "unused for N days" count from the server's
+// clock, not from a laptop's that may be days off.
+let serverAhead = 0;
+const serverNow = () => Date.now() + serverAhead;
 let view = {sort: "created_at", descending: true};
 
 const $ = (id) => document.getElementById(id);
@@ -41,6 +46,8 @@ async function api(method, path, body) {
     throw new ApiError(0, "network", "The admin API could not be reached (" + err.message + ").",
                        null);
   }
+  const served = Date.parse(response.headers.get("Date") || "");
+  if (!Number.isNaN(served)) serverAhead = served + 500 - Date.now();
   let data = null;
   try {
     data = await response.json();
@@ -456,7 +463,7 @@ function visibleKeys() {
   const status = $("filter-status").value;
   const unusedText = $("filter-unused").value.trim();
   const unusedDays = unusedText === "" ? null : Number(unusedText);
-  const now = Date.now();
+  const now = serverNow();
   let keys = session.keys.filter((k) => status === "" || k.status === status);
   if (unusedDays !== null && Number.isFinite(unusedDays) && unusedDays >= 0) {
     keys = keys.filter((k) => k.last_used_at === null ||
@@ -799,7 +806,8 @@ function editKey(key) {
         try {
           const expiry = parseExpiry(expires.value);
           body.expires_at = expiry.never ? null : expiry.at !== undefined ? expiry.at
-            : new Date(Date.now() + expiry.seconds * 1000).toISOString().replace(/\.\d{3}Z$/, "Z");
+            : new Date(serverNow() + expiry.seconds * 1000).toISOString()
+              .replace(/\.\d{3}Z$/, "Z");
         } catch (err) {
           showProblem(problem, err.message);
           return;
