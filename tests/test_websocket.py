@@ -18,10 +18,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.config import Route, ServerConfig, Timeouts, Upstream
+from gateway.config import Route, ServerConfig, StoreConfig, Timeouts, Upstream
 
 from harness import (bearer, closed_within, eventually, gateway_under_test, make_config,
-                     raw_upstream, serving)
+                     raw_upstream, redis_answers, serving)
 from test_accesslog import json_lines
 from test_upstream import self_signed  # noqa: F401  (a fixture)
 
@@ -35,10 +35,10 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def ws_config(upstream_url: str, *, idle: float = 10.0, upstream_timeout: float = 2.0,
-              upstream_max: int = 100, **server):
+              upstream_max: int = 100, store: StoreConfig | None = None, **server):
     config = make_config(upstream_url, routes=WS_ROUTES, server=ServerConfig(
         host="127.0.0.1", access_log="json", timeouts=Timeouts(header=5.0, body=5.0, idle=idle),
-        **server))
+        **server), **({"store": store} if store is not None else {}))
     return dataclasses.replace(config, upstreams={
         "api": Upstream("api", upstream_url, upstream_timeout, max_connections=upstream_max)})
 
@@ -746,3 +746,28 @@ async def test_a_handshake_to_an_unreachable_upstream_is_a_502_and_not_counted(r
                 await client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token))
         assert refused.value.status == 502
         assert await g.used() == 0
+
+
+async def test_rechecking_open_tunnels_while_the_store_is_down_is_no_degraded_decision(
+        redis_url, monkeypatch):
+    """``keygate_degraded_decisions_total`` counts requests let through with the store down
+    (``on_store_error: open``). The periodic check of an open tunnel's key decides no request:
+    counted there, idle tunnels made a storm of "degraded decisions" out of nothing. The
+    tunnel stays open, and the store's failures are still counted as such."""
+    import redis as sync_redis
+
+    async with ws_upstream() as (url, _), gateway(
+            redis_url, monkeypatch, url,
+            store=StoreConfig(timeout=0.2, on_store_error="open")) as g:
+        g.gw.pipeline.tunnels.every = 0.1
+        token, _ = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws:
+                errors_before = g.counter("keygate_store_errors_total")
+                sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1200")
+                await eventually(lambda: g.counter("keygate_store_errors_total")
+                                 >= errors_before + 3)
+                assert g.counter("keygate_degraded_decisions_total") == 0
+                await ws.send_str("still")
+                assert (await ws.receive(timeout=5)).data == "echo:still"
+        assert await eventually(redis_answers(redis_url))
