@@ -158,6 +158,7 @@ class Pipeline:
         self.config = config
         self.routes = RouteTable(config.routes)
         self.fail_open = config.store.on_store_error == "open"
+        self.tunnels.recheck_every(config.server.websocket_recheck)
         self._prefix = config.keys.prefix
         self._key_headers = tuple(istr(h) for h in dict.fromkeys(  # istr: no case-folding
             h.lower() for h in config.keys.headers if h.lower() != "authorization"))  # per call

@@ -564,8 +564,8 @@ async def test_a_client_that_stops_reading_when_its_tunnel_ends_is_cut_off(redis
 @pytest.mark.parametrize("change", ["revoke", "disable", "rescope"])
 async def test_a_tunnel_closes_soon_after_its_key_stops_allowing_it(redis_url, monkeypatch,
                                                                    change):
-    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url) as g:
-        g.gw.pipeline.tunnels.every = 0.3
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  websocket_recheck=1.0) as g:
         token, key = await g.key()
         other, _ = await g.key(name="other")
         async with aiohttp.ClientSession() as client:
@@ -597,8 +597,8 @@ async def test_a_tunnel_closes_soon_after_a_reload_changes_its_route(redis_url, 
                                                                     path, changed):
     """A reload that tightens a route (more scopes, no more WebSocket, no longer public)
     acts on the tunnels open on it as on the next request: they close at the next check."""
-    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url) as g:
-        g.gw.pipeline.tunnels.every = 0.3
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  websocket_recheck=1.0) as g:
         token, _ = await g.key()
         async with aiohttp.ClientSession() as client:
             async with client.ws_connect(ws_url(g, path), headers=bearer(token)) as ws, \
@@ -771,3 +771,48 @@ async def test_rechecking_open_tunnels_while_the_store_is_down_is_no_degraded_de
                 await ws.send_str("still")
                 assert (await ws.receive(timeout=5)).data == "echo:still"
         assert await eventually(redis_answers(redis_url))
+
+
+@pytest.mark.parametrize("every", [1.0, 2.0])
+async def test_a_revoked_keys_tunnel_closes_within_server_websocket_recheck(redis_url,
+                                                                           monkeypatch, every):
+    """``server.websocket_recheck`` (default 10 s) is how soon a key that stopped allowing its
+    tunnels closes them: within that interval of the change (and not long before it: the
+    check runs at that pace, not on every byte)."""
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  websocket_recheck=every) as g:
+        token, key = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws:
+                await ws.send_str("a")
+                assert (await ws.receive(timeout=5)).data == "echo:a"
+                await asyncio.sleep(every / 2)
+                status, body = await g.admin_json(
+                    "POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+                assert status == 200, body
+                started = time.monotonic()
+                msg = await ws.receive(timeout=every + 3)
+                took = time.monotonic() - started
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)
+                assert took < every + 0.5, took
+
+
+async def test_a_reload_that_shortens_websocket_recheck_acts_without_the_old_wait(
+        redis_url, monkeypatch):
+    """The check waits on the interval in force: a reload from an hour down to a second is
+    not held to the hour already begun."""
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  websocket_recheck=3600.0) as g:
+        token, key = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws:
+                config = g.gw.config
+                g.gw.reloader.apply(dataclasses.replace(config, server=dataclasses.replace(
+                    config.server, websocket_recheck=1.0)))
+                status, body = await g.admin_json(
+                    "POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+                assert status == 200, body
+                msg = await ws.receive(timeout=4)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)

@@ -47,6 +47,7 @@ from .server import close_after, take_over, upgrade_pending
 log = logging.getLogger("keygate.proxy")
 
 RECHECK_EVERY = 10.0  # seconds between checks that an open tunnel's key still allows it
+# (server.websocket_recheck's default)
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
 _KEY = istr("Sec-WebSocket-Key")
@@ -329,6 +330,16 @@ class TunnelWatch:
         # (key id, scopes, client) → [key, {tunnel: (raw path, route)}]; key None: public
         self._open: dict[tuple, list] = {}
         self._task: asyncio.Task | None = None
+        self._changed: asyncio.Event | None = None  # set when ``every`` changes (a reload)
+
+    def recheck_every(self, every: float) -> None:
+        """Check every ``every`` seconds from now on (``server.websocket_recheck``, at start
+        and at each reload): a wait already begun is measured again from the last check, so
+        a shorter interval acts without waiting out the longer one."""
+        if every != self.every:
+            self.every = every
+            if self._changed is not None:
+                self._changed.set()
 
     def watch(self, key, scopes: tuple[str, ...], client: str, raw_path: str,
               route) -> Callable[[Tunnel], None]:
@@ -352,8 +363,19 @@ class TunnelWatch:
                 del self._open[group]
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        changed = self._changed = asyncio.Event()
+        checked = loop.time()
         while self._open:
-            await asyncio.sleep(self.every)
+            wait = checked + self.every - loop.time()
+            if wait > 0:
+                changed.clear()
+                try:
+                    await asyncio.wait_for(changed.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+                continue  # (the interval may have changed meanwhile: measured again)
+            checked = loop.time()
             for group, entry in list(self._open.items()):
                 for relay, (raw_path, route) in list(entry[1].items()):
                     if self.route_now(raw_path) != route:
