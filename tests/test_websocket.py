@@ -29,7 +29,8 @@ WS_ROUTES = (Route("/ws/**", "api", ("GET",), ("people:read",), websocket=True),
              Route("/people-ws/**", "api", ("GET",), ("people:read",), websocket=True),
              Route("/open/**", "api", ("GET",), (), True, websocket=True),
              Route("/people/**", "api", ("GET",), ("people:read",)),
-             Route("/health", "api", ("GET",), (), True))
+             Route("/health", "api", ("GET",), (), True),
+             Route("/upload/**", "api", ("POST",), (), True))
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -330,6 +331,119 @@ async def test_a_head_over_the_bound_behind_a_declined_handshake_is_still_refuse
         srv.close()
     # the declined answer, then the connection closes: the 40 KB head is never parsed
     assert got.startswith(b"HTTP/1.1 426 ") and got.count(b"HTTP/1.1 ") == 1, got
+
+
+async def declining_but_serving(received: list[bytes]):
+    """A raw upstream that declines every WebSocket handshake (426) and answers any other
+    request, its body read by Content-Length, with the body's size; ``received`` holds each
+    request it read, head and body."""
+    async def serve(reader, writer):
+        with contextlib.suppress(Exception):
+            while True:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await asyncio.wait_for(reader.readexactly(length), 5)
+                received.append(head + body)
+                if b"upgrade: websocket" in head.lower():
+                    writer.write(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+                    await writer.drain()
+                    break
+                answer = b"%d" % len(body)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(answer), answer))
+                await writer.drain()
+        writer.close()
+    return await raw_upstream(serve)
+
+
+@pytest.mark.parametrize("size", [1_000, 40_000, 60_000, 300_000])
+async def test_a_request_with_a_body_pipelined_behind_a_declined_handshake_is_answered(
+        redis_url, monkeypatch, size):
+    """A request pipelined behind a handshake waits while the upstream decides; declined, it
+    is the client's next request. Its body is no part of its head: more than 32 KiB of body
+    was taken for an oversized head, and the request dropped with the connection."""
+    received: list[bytes] = []
+    body = os.urandom(size // 2).hex().encode()[:size]
+    srv, url = await declining_but_serving(received)
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token) +
+                         b"POST /upload/x HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n"
+                         % size + body)
+            first = await read_head(reader)
+            assert first.startswith(b"HTTP/1.1 426 "), first
+            second = await read_head(reader)
+            assert second.startswith(b"HTTP/1.1 200 "), second
+            length = int([line.split(b":")[1] for line in second.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")][0])
+            assert await asyncio.wait_for(reader.readexactly(length), 5) == b"%d" % size
+            # the connection goes on: a next request is answered on it
+            writer.write(b"POST /upload/y HTTP/1.1\r\nHost: g\r\nContent-Length: 2\r\n\r\nhi")
+            third = await read_head(reader)
+            assert third.startswith(b"HTTP/1.1 200 "), third
+            writer.close()
+    finally:
+        srv.close()
+    assert [r.split(b" ", 2)[:2] for r in received] == [
+        [b"GET", b"/ws/x"], [b"POST", b"/upload/x"], [b"POST", b"/upload/y"]]
+    assert received[1].endswith(b"\r\n\r\n" + body)
+
+
+async def test_the_rest_of_a_body_sent_after_a_declined_handshake_is_a_body(redis_url,
+                                                                            monkeypatch):
+    """The head and the first bytes of a pipelined request's body wait behind the handshake;
+    the rest comes after the upstream declined: it is that request's body, not the bytes of
+    a next head (over 32 KiB of it were refused as an oversized head)."""
+    received: list[bytes] = []
+    body = b"b" * 80_000
+    srv, url = await declining_but_serving(received)
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token) +
+                         b"POST /upload/x HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n"
+                         % len(body) + body[:10])
+            assert (await read_head(reader)).startswith(b"HTTP/1.1 426 ")
+            writer.write(body[10:])
+            second = await read_head(reader)
+            assert second.startswith(b"HTTP/1.1 200 "), second
+            writer.close()
+    finally:
+        srv.close()
+    assert received[-1].endswith(b"\r\n\r\n" + body)
+
+
+async def test_a_head_over_the_bound_behind_a_body_behind_a_declined_handshake_is_refused(
+        redis_url, monkeypatch):
+    """The bytes held behind a declined handshake are judged once parsed as every request's
+    are: a head over 32 KiB behind a pipelined request is never parsed into a request; the
+    connection closes after the answer under way (what was queued is sent again by the
+    client, as for any pipelined request behind an oversized head)."""
+    received: list[bytes] = []
+    srv, url = await declining_but_serving(received)
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token) +
+                         b"POST /upload/x HTTP/1.1\r\nHost: g\r\nContent-Length: 5\r\n\r\nhello"
+                         + b"GET /health HTTP/1.1\r\nHost: g\r\n"
+                         + b"X-Pad: %s\r\n" % (b"p" * 8000) * 5 + b"\r\n")
+            _, got = await closed_within(reader, 3.0)
+            writer.close()
+    finally:
+        srv.close()
+    statuses = [line.split(b" ")[1] for line in got.split(b"\r\n")
+                if line.startswith(b"HTTP/1.1 ")]
+    assert statuses == [b"426"], got
+    assert [r.split(b" ", 2)[:2] for r in received] == [[b"GET", b"/ws/x"]]
 
 
 async def raw_answering(answer: bytes):
