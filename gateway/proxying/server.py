@@ -155,6 +155,13 @@ class _JsonErrorRequestHandler(RequestHandler):
                 self._bound_pipelined()
             if self._messages:
                 message, self._last_payload = self._messages[-1]
+                if message.__class__ is not _ERR_INFO and message.upgrade and \
+                        not self._upgraded and _upgrade_drops_the_rest(message):
+                    # aiohttp drops what follows it in this read and parses the next read
+                    # from wherever it begins (a body taken for a request): nothing after it
+                    # is served, its answer closes the connection
+                    self._messages[-1] = (message._replace(should_close=True),
+                                          self._last_payload)
                 if message.__class__ is _ERR_INFO and body is not None and not body.is_eof():
                     # the parser found the framing broken in the body of the request in
                     # flight: aiohttp queues its own 400 behind that request and leaves its
@@ -654,6 +661,18 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
             self._task_handler = None
             if self.transport is not None:
                 self.transport.close()
+
+
+def _upgrade_drops_the_rest(message) -> bool:
+    """Whether aiohttp's parser drops what a client sends behind ``message``, a request its
+    HTTP parser (llhttp) reads as asking to upgrade (``Connection: upgrade`` and an
+    ``Upgrade``): it holds the rest only for a WebSocket one (and CONNECT), as
+    ``_http_parser.pyx`` has it; for any other (``h2c``...) llhttp stops at the request's end
+    and the rest of that read is lost, the next read parsed from wherever it begins."""
+    if message.method == "CONNECT":
+        return False
+    upgrade = message.headers.get("Upgrade", "")
+    return not (upgrade.isascii() and upgrade.lower() == "websocket")
 
 
 def upgrade_pending(request: web.BaseRequest) -> bool:
