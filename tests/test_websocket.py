@@ -529,10 +529,19 @@ async def test_an_upstream_101_to_a_request_that_did_not_ask_is_a_502(redis_url,
         srv.close()
 
 
-async def test_an_upstream_101_with_a_wrong_accept_is_a_502(redis_url, monkeypatch):
-    srv, url = await raw_answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                                   b"Connection: Upgrade\r\nSec-WebSocket-Accept: bm9wZQ==\r\n"
-                                   b"\r\n")
+RIGHT = b"Sec-WebSocket-Accept: " + accept_for(b"dGhlIHNhbXBsZSBub25jZQ==") + b"\r\n"
+
+
+@pytest.mark.parametrize("fields", [
+    b"Upgrade: websocket\r\nSec-WebSocket-Accept: bm9wZQ==\r\n",     # wrong
+    b"Upgrade: websocket\r\n",                                        # missing
+    b"Upgrade: websocket\r\n" + RIGHT + b"Sec-WebSocket-Accept: bm9wZQ==\r\n",  # two
+    RIGHT,                                                             # no Upgrade
+    b"Upgrade: h2c\r\n" + RIGHT,                                       # another protocol
+], ids=["wrong-accept", "no-accept", "two-accepts", "no-upgrade", "h2c"])
+async def test_an_upstream_101_with_a_wrong_accept_is_a_502(redis_url, monkeypatch, fields):
+    srv, url = await raw_answering(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                                   + fields + b"\r\n")
     try:
         async with gateway(redis_url, monkeypatch, url) as g:
             token, _ = await g.key()
@@ -987,3 +996,57 @@ async def test_a_reload_that_shortens_websocket_recheck_acts_without_the_old_wai
                 msg = await ws.receive(timeout=4)
                 assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
                                     aiohttp.WSMsgType.ERROR)
+
+
+def store_calls(g) -> float:
+    """Store round trips so far, every call kind together."""
+    return sum(sample.value for metric in g.metrics.registry.collect()
+               if metric.name == "keygate_store_call_duration_seconds"
+               for sample in metric.samples if sample.name.endswith("_count"))
+
+
+async def test_five_hundred_tunnels_on_one_process_are_bounded_and_all_close(redis_url,
+                                                                            monkeypatch):
+    """500 tunnels at once through one process (loopback, a few seconds): each handshake is
+    one request and each tunnel relays; server.max_connections bounds them (the 501st client
+    connection is refused while 500 are open), the open tunnels count as requests in flight,
+    one store round trip per check serves all of a key's tunnels, and revoking that key
+    closes every one of them within the check interval; none is left behind."""
+    n = 500
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  upstream_max=n, max_connections=n,
+                                                  websocket_recheck=1.0) as g:
+        await g.admin_json("PATCH", "/workspaces/acme", {"plan": "unlimited"})
+        token, key = await g.key()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+            tunnels = await asyncio.wait_for(asyncio.gather(*(
+                client.ws_connect(ws_url(g, f"/ws/{i}"), headers=bearer(token))
+                for i in range(n))), 60)
+            try:
+                for i, ws in enumerate(tunnels):
+                    await ws.send_str(str(i))
+                for i, ws in enumerate(tunnels):
+                    assert (await ws.receive(timeout=10)).data == f"echo:{i}"
+                assert g.metrics.in_flight_now == n
+                reader, writer = await g.raw_connection()
+                closed, _ = await closed_within(reader, 3.0)
+                writer.close()
+                assert closed  # the 501st connection: over server.max_connections
+                before = store_calls(g)
+                await asyncio.sleep(2.2)  # two checks, at least: a round trip each
+                assert 1 <= store_calls(g) - before <= 4
+                status, _ = await g.admin_json("POST",
+                                               f"/workspaces/acme/keys/{key['id']}/revoke")
+                assert status == 200
+                started = time.monotonic()
+                kinds = await asyncio.wait_for(asyncio.gather(
+                    *(ws.receive() for ws in tunnels)), 10)
+                assert time.monotonic() - started < 3
+                assert {k.type for k in kinds} <= {aiohttp.WSMsgType.CLOSE,
+                                                   aiohttp.WSMsgType.CLOSED,
+                                                   aiohttp.WSMsgType.ERROR}
+            finally:
+                await asyncio.gather(*(ws.close() for ws in tunnels), return_exceptions=True)
+        await eventually(lambda: g.metrics.in_flight_now == 0)
+        assert not g.gw.pipeline.tunnels._open
+        assert await g.used() == n
