@@ -1050,3 +1050,47 @@ async def test_five_hundred_tunnels_on_one_process_are_bounded_and_all_close(red
         await eventually(lambda: g.metrics.in_flight_now == 0)
         assert not g.gw.pipeline.tunnels._open
         assert await g.used() == n
+
+
+async def test_serve_reloads_and_stops_with_tunnels_open(tmp_path, redis_url):
+    """``keygate serve`` with tunnels open: SIGHUP (a reload that leaves their route as it
+    was) keeps them relaying; SIGTERM closes them at once and the process exits 0 promptly,
+    instead of waiting for them."""
+    import signal
+    import yaml
+    from served import TIMEOUT, Served, new_key, write_config
+
+    async with ws_upstream() as (url, _):
+        config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+        doc = yaml.safe_load(config.read_text())
+        doc["routes"].append({"path": "/ws/**", "upstream": "api", "scopes": ["people:read"],
+                              "websocket": True})
+        config.write_text(yaml.safe_dump(doc))
+        gw = Served(config, pport, aport)
+        try:
+            await gw.ready()
+            async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+                token = await new_key(s, gw.admin)
+                wsurl = gw.proxy.replace("http://", "ws://") + "/ws/x"
+                tunnels = [await s.ws_connect(wsurl, headers=bearer(token)) for _ in range(3)]
+                doc["server"]["websocket_recheck"] = 2
+                config.write_text(yaml.safe_dump(doc))
+                gw.proc.send_signal(signal.SIGHUP)
+                await asyncio.sleep(1.0)
+                for i, ws in enumerate(tunnels):
+                    await ws.send_str(f"after reload {i}")
+                    assert (await ws.receive(timeout=5)).data == f"echo:after reload {i}"
+                started = time.monotonic()
+                gw.proc.send_signal(signal.SIGTERM)
+                for ws in tunnels:
+                    msg = await ws.receive(timeout=5)
+                    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                        aiohttp.WSMsgType.ERROR)
+                assert time.monotonic() - started < 3
+                code = await asyncio.to_thread(gw.proc.wait, 10)
+                assert code == 0
+                assert time.monotonic() - started < 8
+                for ws in tunnels:
+                    await ws.close()
+        finally:
+            gw.close()
