@@ -20,8 +20,8 @@ from aiohttp import web
 
 from gateway.config import Route, ServerConfig, StoreConfig, Timeouts, Upstream
 
-from harness import (bearer, closed_within, eventually, gateway_under_test, make_config,
-                     raw_upstream, redis_answers, serving)
+from harness import (HeldReplies, bearer, closed_within, eventually, gateway_under_test,
+                     make_config, raw_upstream, redis_answers, serving)
 from test_accesslog import json_lines
 from test_upstream import self_signed  # noqa: F401  (a fixture)
 
@@ -1094,3 +1094,60 @@ async def test_serve_reloads_and_stops_with_tunnels_open(tmp_path, redis_url):
                     await ws.close()
         finally:
             gw.close()
+
+
+async def test_the_keys_of_many_tunnels_are_checked_at_once_not_one_after_another(
+        redis_url, monkeypatch):
+    """Each check of open tunnels makes one store round trip per key: made one after
+    another, a check of 40 keys over a store 50 ms away took 2 s, and a revoked key's
+    tunnels waited for all the keys before it (thousands of keys: minutes). They are made
+    together, so a revoked key's tunnels close within the interval however many keys have
+    tunnels open."""
+    from gateway.config import StoreConfig
+
+    class SlowReplies(HeldReplies):  # every reply 50 ms late
+        async def _relay(self, client_reader, client_writer) -> None:
+            redis_reader, redis_writer = await asyncio.open_connection(*self._target)
+
+            async def pump(reader, writer, slow: bool) -> None:
+                try:
+                    while data := await reader.read(65536):
+                        if slow:
+                            await asyncio.sleep(0.05)
+                        writer.write(data)
+                        await writer.drain()
+                except (ConnectionError, OSError):
+                    pass
+                finally:
+                    writer.close()
+            tasks = [asyncio.ensure_future(pump(client_reader, redis_writer, False)),
+                     asyncio.ensure_future(pump(redis_reader, client_writer, True))]
+            self._tasks.update(tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._tasks.difference_update(tasks)
+
+    n = 40
+    async with SlowReplies(redis_url) as relay, ws_upstream() as (url, _), gateway(
+            relay.url, monkeypatch, url, websocket_recheck=1.0, idle=60.0,
+            store=StoreConfig(redis_url=relay.url, timeout=2.0)) as g:
+        await g.admin_json("PATCH", "/workspaces/acme", {"plan": "unlimited"})
+        keys = await asyncio.gather(*(g.key(name=f"k{i}") for i in range(n)))
+        async with aiohttp.ClientSession() as client:
+            tunnels = []
+            for token, _ in keys:  # one after another: the last key's group is checked last
+                tunnels.append(await client.ws_connect(ws_url(g, "/ws/x"),
+                                                       headers=bearer(token)))
+            try:
+                status, _ = await g.admin_json(
+                    "POST", f"/workspaces/acme/keys/{keys[-1][1]['id']}/revoke")
+                assert status == 200
+                started = time.monotonic()
+                msg = await tunnels[-1].receive(timeout=10)
+                took = time.monotonic() - started
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)
+                assert took < 1.6, took
+                await tunnels[0].send_str("still")
+                assert (await tunnels[0].receive(timeout=5)).data == "echo:still"
+            finally:
+                await asyncio.gather(*(ws.close() for ws in tunnels), return_exceptions=True)
