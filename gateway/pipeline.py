@@ -158,6 +158,7 @@ class Pipeline:
         self.config = config
         self.routes = RouteTable(config.routes)
         self.fail_open = config.store.on_store_error == "open"
+        self.tunnels.recheck_every(config.server.websocket_recheck)
         self._prefix = config.keys.prefix
         self._key_headers = tuple(istr(h) for h in dict.fromkeys(  # istr: no case-folding
             h.lower() for h in config.keys.headers if h.lower() != "authorization"))  # per call
@@ -373,7 +374,8 @@ class Pipeline:
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
                         client: str, peek: bool = False, stamp: bool = False,
-                        spend: bool = False) -> tuple[CachedKey, dict[str, str], Counted]:
+                        spend: bool = False, recheck: bool = False
+                        ) -> tuple[CachedKey, dict[str, str], Counted]:
         """State (revoked/expired/disabled, the key's IP allow-list), scopes, then rate and
         quotas in one round trip. Returns the key as confirmed, the RateLimit fields, and the
         month and day the request was counted in. ``client`` is the address the key's IP
@@ -381,7 +383,9 @@ class Pipeline:
         nothing is counted, and rate and quotas are judged only with ``peek`` (a request
         refused after them), else not at all (keygate's own endpoints: with ``stamp`` an
         allowed one stamps the key's last use, as a counted request does; with ``spend`` it
-        also takes one from the key's rate limit, 429 ``rate_limited`` over it).
+        also takes one from the key's rate limit, 429 ``rate_limited`` over it). ``recheck``:
+        no request is decided (an open WebSocket tunnel's periodic check of its key), so a
+        store that is down makes no degraded decision of it.
 
         Decisions read from the cache are confirmed against the store's revision before they
         are answered, so a widened scope, an extended expiry or a key enabled again acts on the
@@ -410,7 +414,7 @@ class Pipeline:
                     rate_burst=rate.burst if rate else 0)
             except StoreError as exc:
                 return key, {}, self._degraded(key, refused, count,
-                                               Counted(month, day), exc)
+                                               Counted(month, day), exc, recheck)
             if decision.outcome == "stale":
                 try:
                     fresh = await self.auth.refresh(key)
@@ -489,7 +493,8 @@ class Pipeline:
         ``client``: the key as confirmed now, or None when it would be refused (401, 403). A
         store that cannot answer leaves the tunnel open: the key as it was."""
         try:
-            key, _, _ = await self.authorise(key, scopes, count=False, client=client)
+            key, _, _ = await self.authorise(key, scopes, count=False, client=client,
+                                             recheck=True)
         except GatewayError as exc:
             return None if exc.status in (401, 403) else key
         return key
@@ -522,10 +527,12 @@ class Pipeline:
             self._store_error_logged_at, self._store_errors_unlogged = now, 0
 
     def _degraded(self, key: CachedKey, refused: GatewayError | None, count: bool,
-                  counted: Counted, exc: StoreError) -> Counted:
+                  counted: Counted, exc: StoreError, recheck: bool = False) -> Counted:
         """The store failed on a key verified in this process: fail closed, or — with
         ``on_store_error: open`` — decide from the cached state and count in the ledger.
-        Returns where the request was counted."""
+        Returns where the request was counted. A ``recheck`` (an open tunnel's key, no
+        request) is no degraded decision: ``keygate_degraded_decisions_total`` counts
+        requests, and idle tunnels checked every few seconds would swamp it."""
         if exc.counted_late is not None:  # Redis may have counted it all the same
             exc.counted_late.add_done_callback(functools.partial(
                 self._counted_after_all,
@@ -546,7 +553,7 @@ class Pipeline:
                         key.budget)
             self.ledger.add(slot)
             counted = counted._replace(local=slot)
-        if self.metrics:
+        if self.metrics and not recheck:
             self.metrics.degraded.inc()
         return counted
 

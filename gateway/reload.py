@@ -34,7 +34,7 @@ log = logging.getLogger("keygate")
 # What a reload may change inside the listener/store sections; every other field there needs a
 # restart (host, port, workers, store, timeouts, ...). Sections outside these three all reload.
 RELOADABLE = {
-    "server": ("max_body_bytes", "trusted_proxies", "log_level", "tls"),
+    "server": ("max_body_bytes", "trusted_proxies", "log_level", "tls", "websocket_recheck"),
     "admin": ("tls",),
     "store": (),
 }

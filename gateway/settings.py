@@ -41,6 +41,7 @@ class ServerConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_connections: int = 10000               # open client connections, per process
     tls: TLSConfig | None = None               # HTTPS only on the proxy listener
+    websocket_recheck: float = 10.0            # seconds between checks of open tunnels' keys
 
 
 @dataclass(frozen=True)

@@ -257,7 +257,7 @@ def test_control_characters_from_the_file_are_escaped_in_problems(tmp_path: Path
         "config.yaml:2: server.port\\nconfig.yaml:9: server.port: forged: unknown key "
         "'port\\nconfig.yaml:9: server.port: forged' (allowed: host, port, workers, "
         "max_body_bytes, trusted_proxies, log_level, access_log, metrics_workspace_labels, "
-        "timeouts, max_connections, tls)",
+        "timeouts, max_connections, tls, websocket_recheck)",
         "config.yaml:3: server.log_level: must be one of debug, info, warning, error, got "
         "'loud\\x1b[31m'",
         "config.yaml:4: default_plan: unknown plan 'x\\u2028y' (known: default)",
@@ -1137,3 +1137,26 @@ def test_every_store_url_option_accepted_makes_a_redis_py_connection(base: str) 
         accepted += 1
         BlockingConnectionPool.from_url(url).make_connection()
     assert accepted >= 8
+
+
+def test_the_websocket_recheck_interval_is_seconds_from_1_to_an_hour(tmp_path: Path) -> None:
+    """``server.websocket_recheck``: how often open tunnels' keys are checked (one store round
+    trip per key each time). Below a second a few thousand keys make a store load of their
+    own; beyond an hour a revoked key's tunnel outlives any sensible revocation."""
+    assert load_config(write(tmp_path, "server: {}\n")).server.websocket_recheck == 10.0
+    assert load_config(write(tmp_path, "server:\n  websocket_recheck: 2.5\n")
+                       ).server.websocket_recheck == 2.5
+    assert problems_of(tmp_path, """
+        server:
+          websocket_recheck: 0.5
+    """) == ["config.yaml:2: server.websocket_recheck: must be at least 1, got 0.5"]
+    assert problems_of(tmp_path, """
+        server:
+          port: 8080
+          websocket_recheck: 3601
+    """) == ["config.yaml:3: server.websocket_recheck: must be at most 3600, got 3601"]
+    assert problems_of(tmp_path, """
+        server:
+          websocket_recheck: soon
+    """) == ["config.yaml:2: server.websocket_recheck: expected a number of seconds, got a "
+             "string ('soon')"]

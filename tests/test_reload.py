@@ -254,6 +254,17 @@ async def test_new_argon2_parameters_hash_the_keys_created_after_the_reload(
         assert r.status == 200
 
 
+async def test_the_websocket_recheck_interval_reloads(reloadable, upstreams):
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    write(path, config_doc(urls["a"], server={"host": "127.0.0.1", "port": 18080,
+                                              "websocket_recheck": 2}))
+    status, result = await reload(gw)
+    assert status == 200 and result["restart_required"] == [], result
+    assert gw.gw.config.server.websocket_recheck == 2.0
+    assert gw.gw.pipeline.tunnels.every == 2.0
+
+
 async def test_restart_only_settings_are_kept_and_named(reloadable, upstreams, caplog):
     gw, path = reloadable
     urls, _, _ = upstreams

@@ -18,10 +18,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.config import Route, ServerConfig, Timeouts, Upstream
+from gateway.config import Route, ServerConfig, StoreConfig, Timeouts, Upstream
 
-from harness import (bearer, closed_within, eventually, gateway_under_test, make_config,
-                     raw_upstream, serving)
+from harness import (HeldReplies, bearer, closed_within, eventually, gateway_under_test,
+                     make_config, raw_upstream, redis_answers, serving)
 from test_accesslog import json_lines
 from test_upstream import self_signed  # noqa: F401  (a fixture)
 
@@ -29,16 +29,17 @@ WS_ROUTES = (Route("/ws/**", "api", ("GET",), ("people:read",), websocket=True),
              Route("/people-ws/**", "api", ("GET",), ("people:read",), websocket=True),
              Route("/open/**", "api", ("GET",), (), True, websocket=True),
              Route("/people/**", "api", ("GET",), ("people:read",)),
-             Route("/health", "api", ("GET",), (), True))
+             Route("/health", "api", ("GET",), (), True),
+             Route("/upload/**", "api", ("POST",), (), True))
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def ws_config(upstream_url: str, *, idle: float = 10.0, upstream_timeout: float = 2.0,
-              upstream_max: int = 100, **server):
+              upstream_max: int = 100, store: StoreConfig | None = None, **server):
     config = make_config(upstream_url, routes=WS_ROUTES, server=ServerConfig(
         host="127.0.0.1", access_log="json", timeouts=Timeouts(header=5.0, body=5.0, idle=idle),
-        **server))
+        **server), **({"store": store} if store is not None else {}))
     return dataclasses.replace(config, upstreams={
         "api": Upstream("api", upstream_url, upstream_timeout, max_connections=upstream_max)})
 
@@ -332,6 +333,176 @@ async def test_a_head_over_the_bound_behind_a_declined_handshake_is_still_refuse
     assert got.startswith(b"HTTP/1.1 426 ") and got.count(b"HTTP/1.1 ") == 1, got
 
 
+async def declining_but_serving(received: list[bytes]):
+    """A raw upstream that declines every WebSocket handshake (426) and answers any other
+    request, its body read by Content-Length, with the body's size; ``received`` holds each
+    request it read, head and body."""
+    async def serve(reader, writer):
+        with contextlib.suppress(Exception):
+            while True:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await asyncio.wait_for(reader.readexactly(length), 5)
+                received.append(head + body)
+                if b"upgrade: websocket" in head.lower():
+                    writer.write(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+                    await writer.drain()
+                    break
+                answer = b"%d" % len(body)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(answer), answer))
+                await writer.drain()
+        writer.close()
+    return await raw_upstream(serve)
+
+
+@pytest.mark.parametrize("size", [1_000, 40_000, 60_000, 300_000])
+async def test_a_request_with_a_body_pipelined_behind_a_declined_handshake_is_answered(
+        redis_url, monkeypatch, size):
+    """A request pipelined behind a handshake waits while the upstream decides; declined, it
+    is the client's next request. Its body is no part of its head: more than 32 KiB of body
+    was taken for an oversized head, and the request dropped with the connection."""
+    received: list[bytes] = []
+    body = os.urandom(size // 2).hex().encode()[:size]
+    srv, url = await declining_but_serving(received)
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token) +
+                         b"POST /upload/x HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n"
+                         % size + body)
+            first = await read_head(reader)
+            assert first.startswith(b"HTTP/1.1 426 "), first
+            second = await read_head(reader)
+            assert second.startswith(b"HTTP/1.1 200 "), second
+            length = int([line.split(b":")[1] for line in second.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")][0])
+            assert await asyncio.wait_for(reader.readexactly(length), 5) == b"%d" % size
+            # the connection goes on: a next request is answered on it
+            writer.write(b"POST /upload/y HTTP/1.1\r\nHost: g\r\nContent-Length: 2\r\n\r\nhi")
+            third = await read_head(reader)
+            assert third.startswith(b"HTTP/1.1 200 "), third
+            writer.close()
+    finally:
+        srv.close()
+    assert [r.split(b" ", 2)[:2] for r in received] == [
+        [b"GET", b"/ws/x"], [b"POST", b"/upload/x"], [b"POST", b"/upload/y"]]
+    assert received[1].endswith(b"\r\n\r\n" + body)
+
+
+async def test_the_rest_of_a_body_sent_after_a_declined_handshake_is_a_body(redis_url,
+                                                                            monkeypatch):
+    """The head and the first bytes of a pipelined request's body wait behind the handshake;
+    the rest comes after the upstream declined: it is that request's body, not the bytes of
+    a next head (over 32 KiB of it were refused as an oversized head)."""
+    received: list[bytes] = []
+    body = b"b" * 80_000
+    srv, url = await declining_but_serving(received)
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token) +
+                         b"POST /upload/x HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n"
+                         % len(body) + body[:10])
+            assert (await read_head(reader)).startswith(b"HTTP/1.1 426 ")
+            writer.write(body[10:])
+            second = await read_head(reader)
+            assert second.startswith(b"HTTP/1.1 200 "), second
+            writer.close()
+    finally:
+        srv.close()
+    assert received[-1].endswith(b"\r\n\r\n" + body)
+
+
+async def test_a_head_over_the_bound_behind_a_body_behind_a_declined_handshake_is_refused(
+        redis_url, monkeypatch):
+    """The bytes held behind a declined handshake are judged once parsed as every request's
+    are: a head over 32 KiB behind a pipelined request is never parsed into a request; the
+    connection closes after the answer under way (what was queued is sent again by the
+    client, as for any pipelined request behind an oversized head)."""
+    received: list[bytes] = []
+    srv, url = await declining_but_serving(received)
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token) +
+                         b"POST /upload/x HTTP/1.1\r\nHost: g\r\nContent-Length: 5\r\n\r\nhello"
+                         + b"GET /health HTTP/1.1\r\nHost: g\r\n"
+                         + b"X-Pad: %s\r\n" % (b"p" * 8000) * 5 + b"\r\n")
+            _, got = await closed_within(reader, 3.0)
+            writer.close()
+    finally:
+        srv.close()
+    statuses = [line.split(b" ")[1] for line in got.split(b"\r\n")
+                if line.startswith(b"HTTP/1.1 ")]
+    assert statuses == [b"426"], got
+    assert [r.split(b" ", 2)[:2] for r in received] == [[b"GET", b"/ws/x"]]
+
+
+@pytest.mark.parametrize("upgrade", [b"h2c", b"foo", b"websocket, h2c"])
+async def test_a_body_behind_another_upgrade_is_never_read_as_a_request(redis_url, monkeypatch,
+                                                                       upgrade):
+    """aiohttp's parser stops at the end of a request asking to upgrade to anything but
+    WebSocket and drops the rest of that read, then parses the next read from wherever it
+    begins: a request's body sent in that next read was taken for a request of its own (what
+    a front proxy sees as one request, keygate answered as two: its answers out of step),
+    and a request pipelined in the same read was never answered. Such a request's answer
+    now closes the connection, and nothing sent after it is read."""
+    received: list[bytes] = []
+    srv, url = await declining_but_serving(received)
+    smuggled = b"GET /open/smuggled HTTP/1.1\r\nHost: g\r\n\r\n"
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            reader, writer = await g.raw_connection()
+            writer.write(b"GET /health HTTP/1.1\r\nHost: g\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: %s\r\n\r\n" % upgrade +
+                         b"POST /upload/x HTTP/1.1\r\nHost: g\r\nContent-Length: %d\r\n\r\n"
+                         % len(smuggled))
+            first = await read_head(reader)
+            writer.write(smuggled)
+            closed, rest = await closed_within(reader, 3.0)
+            writer.close()
+    finally:
+        srv.close()
+    assert [r.split(b" ", 2)[:2] for r in received] == [[b"GET", b"/health"]]
+    assert first.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in first, first
+    assert closed and b"HTTP/1.1" not in rest, rest
+
+
+async def test_an_h2c_upgrade_with_a_large_body_is_an_ordinary_post(redis_url, monkeypatch):
+    """``curl --http2 -d @file http://...`` asks for h2c with its POST: keygate answers in
+    HTTP/1.1 (Upgrade dropped), the whole body forwarded; the answer closes the connection
+    (what was pipelined behind is never read: see above), where before a request pipelined
+    behind went unanswered until the idle timeout."""
+    received: list[bytes] = []
+    body = b"c" * 200_000
+    srv, url = await declining_but_serving(received)
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            reader, writer = await g.raw_connection()
+            writer.write(b"POST /upload/x HTTP/1.1\r\nHost: g\r\nConnection: Upgrade, "
+                         b"HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: "
+                         b"AAMAAABkAAQAoAAAAAIAAAAA\r\nContent-Length: %d\r\n\r\n" % len(body) +
+                         body +
+                         b"POST /upload/y HTTP/1.1\r\nHost: g\r\nContent-Length: 2\r\n\r\nhi")
+            first = await read_head(reader)
+            closed, rest = await closed_within(reader, 3.0)
+            writer.close()
+    finally:
+        srv.close()
+    assert first.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in first, first
+    assert closed and rest == b"200000", rest
+    assert len(received) == 1 and received[0].endswith(b"\r\n\r\n" + body)
+    assert b"h2c" not in received[0].lower() and b"http2-settings" not in received[0].lower()
+
+
 async def raw_answering(answer: bytes):
     async def serve(reader, writer):
         with contextlib.suppress(Exception):
@@ -358,10 +529,19 @@ async def test_an_upstream_101_to_a_request_that_did_not_ask_is_a_502(redis_url,
         srv.close()
 
 
-async def test_an_upstream_101_with_a_wrong_accept_is_a_502(redis_url, monkeypatch):
-    srv, url = await raw_answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                                   b"Connection: Upgrade\r\nSec-WebSocket-Accept: bm9wZQ==\r\n"
-                                   b"\r\n")
+RIGHT = b"Sec-WebSocket-Accept: " + accept_for(b"dGhlIHNhbXBsZSBub25jZQ==") + b"\r\n"
+
+
+@pytest.mark.parametrize("fields", [
+    b"Upgrade: websocket\r\nSec-WebSocket-Accept: bm9wZQ==\r\n",     # wrong
+    b"Upgrade: websocket\r\n",                                        # missing
+    b"Upgrade: websocket\r\n" + RIGHT + b"Sec-WebSocket-Accept: bm9wZQ==\r\n",  # two
+    RIGHT,                                                             # no Upgrade
+    b"Upgrade: h2c\r\n" + RIGHT,                                       # another protocol
+], ids=["wrong-accept", "no-accept", "two-accepts", "no-upgrade", "h2c"])
+async def test_an_upstream_101_with_a_wrong_accept_is_a_502(redis_url, monkeypatch, fields):
+    srv, url = await raw_answering(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                                   + fields + b"\r\n")
     try:
         async with gateway(redis_url, monkeypatch, url) as g:
             token, _ = await g.key()
@@ -564,8 +744,8 @@ async def test_a_client_that_stops_reading_when_its_tunnel_ends_is_cut_off(redis
 @pytest.mark.parametrize("change", ["revoke", "disable", "rescope"])
 async def test_a_tunnel_closes_soon_after_its_key_stops_allowing_it(redis_url, monkeypatch,
                                                                    change):
-    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url) as g:
-        g.gw.pipeline.tunnels.every = 0.3
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  websocket_recheck=1.0) as g:
         token, key = await g.key()
         other, _ = await g.key(name="other")
         async with aiohttp.ClientSession() as client:
@@ -597,8 +777,8 @@ async def test_a_tunnel_closes_soon_after_a_reload_changes_its_route(redis_url, 
                                                                     path, changed):
     """A reload that tightens a route (more scopes, no more WebSocket, no longer public)
     acts on the tunnels open on it as on the next request: they close at the next check."""
-    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url) as g:
-        g.gw.pipeline.tunnels.every = 0.3
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  websocket_recheck=1.0) as g:
         token, _ = await g.key()
         async with aiohttp.ClientSession() as client:
             async with client.ws_connect(ws_url(g, path), headers=bearer(token)) as ws, \
@@ -771,3 +951,249 @@ async def test_a_handshake_an_upstream_never_answers_is_a_504_and_counted(redis_
             assert await g.used() == 1
     finally:
         srv.close()
+
+
+async def test_rechecking_open_tunnels_while_the_store_is_down_is_no_degraded_decision(
+        redis_url, monkeypatch):
+    """``keygate_degraded_decisions_total`` counts requests let through with the store down
+    (``on_store_error: open``). The periodic check of an open tunnel's key decides no request:
+    counted there, idle tunnels made a storm of "degraded decisions" out of nothing. The
+    tunnel stays open, and the store's failures are still counted as such."""
+    import redis as sync_redis
+
+    async with ws_upstream() as (url, _), gateway(
+            redis_url, monkeypatch, url,
+            store=StoreConfig(timeout=0.2, on_store_error="open")) as g:
+        g.gw.pipeline.tunnels.every = 0.1
+        token, _ = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws:
+                errors_before = g.counter("keygate_store_errors_total")
+                sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "1200")
+                await eventually(lambda: g.counter("keygate_store_errors_total")
+                                 >= errors_before + 3)
+                assert g.counter("keygate_degraded_decisions_total") == 0
+                await ws.send_str("still")
+                assert (await ws.receive(timeout=5)).data == "echo:still"
+        assert await eventually(redis_answers(redis_url))
+
+
+@pytest.mark.parametrize("every", [1.0, 2.0])
+async def test_a_revoked_keys_tunnel_closes_within_server_websocket_recheck(redis_url,
+                                                                           monkeypatch, every):
+    """``server.websocket_recheck`` (default 10 s) is how soon a key that stopped allowing its
+    tunnels closes them: within that interval of the change (and not long before it: the
+    check runs at that pace, not on every byte)."""
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  websocket_recheck=every) as g:
+        token, key = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws:
+                await ws.send_str("a")
+                assert (await ws.receive(timeout=5)).data == "echo:a"
+                await asyncio.sleep(every / 2)
+                status, body = await g.admin_json(
+                    "POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+                assert status == 200, body
+                started = time.monotonic()
+                msg = await ws.receive(timeout=every + 3)
+                took = time.monotonic() - started
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)
+                assert took < every + 0.5, took
+
+
+async def test_a_reload_that_shortens_websocket_recheck_acts_without_the_old_wait(
+        redis_url, monkeypatch):
+    """The check waits on the interval in force: a reload from an hour down to a second is
+    not held to the hour already begun."""
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  websocket_recheck=3600.0) as g:
+        token, key = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws:
+                config = g.gw.config
+                g.gw.reloader.apply(dataclasses.replace(config, server=dataclasses.replace(
+                    config.server, websocket_recheck=1.0)))
+                status, body = await g.admin_json(
+                    "POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+                assert status == 200, body
+                msg = await ws.receive(timeout=4)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)
+
+
+def store_calls(g) -> float:
+    """Store round trips so far, every call kind together."""
+    return sum(sample.value for metric in g.metrics.registry.collect()
+               if metric.name == "keygate_store_call_duration_seconds"
+               for sample in metric.samples if sample.name.endswith("_count"))
+
+
+async def test_five_hundred_tunnels_on_one_process_are_bounded_and_all_close(redis_url,
+                                                                            monkeypatch):
+    """500 tunnels at once through one process (loopback, a few seconds): each handshake is
+    one request and each tunnel relays; server.max_connections bounds them (the 501st client
+    connection is refused while 500 are open), the open tunnels count as requests in flight,
+    one store round trip per check serves all of a key's tunnels, and revoking that key
+    closes every one of them within the check interval; none is left behind."""
+    n = 500
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  upstream_max=n, max_connections=n,
+                                                  websocket_recheck=1.0) as g:
+        await g.admin_json("PATCH", "/workspaces/acme", {"plan": "unlimited"})
+        token, key = await g.key()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+            tunnels = await asyncio.wait_for(asyncio.gather(*(
+                client.ws_connect(ws_url(g, f"/ws/{i}"), headers=bearer(token))
+                for i in range(n))), 60)
+            try:
+                for i, ws in enumerate(tunnels):
+                    await ws.send_str(str(i))
+                for i, ws in enumerate(tunnels):
+                    assert (await ws.receive(timeout=10)).data == f"echo:{i}"
+                assert g.metrics.in_flight_now == n
+                reader, writer = await g.raw_connection()
+                closed, _ = await closed_within(reader, 3.0)
+                writer.close()
+                assert closed  # the 501st connection: over server.max_connections
+                before = store_calls(g)
+                await asyncio.sleep(2.2)  # two checks, at least: a round trip each
+                assert 1 <= store_calls(g) - before <= 4
+                status, _ = await g.admin_json("POST",
+                                               f"/workspaces/acme/keys/{key['id']}/revoke")
+                assert status == 200
+                started = time.monotonic()
+                kinds = await asyncio.wait_for(asyncio.gather(
+                    *(ws.receive() for ws in tunnels)), 10)
+                assert time.monotonic() - started < 3
+                assert {k.type for k in kinds} <= {aiohttp.WSMsgType.CLOSE,
+                                                   aiohttp.WSMsgType.CLOSED,
+                                                   aiohttp.WSMsgType.ERROR}
+            finally:
+                await asyncio.gather(*(ws.close() for ws in tunnels), return_exceptions=True)
+        await eventually(lambda: g.metrics.in_flight_now == 0)
+        assert not g.gw.pipeline.tunnels._open
+        assert await g.used() == n
+
+
+async def test_serve_reloads_and_stops_with_tunnels_open(tmp_path, redis_url):
+    """``keygate serve`` with tunnels open: SIGHUP (a reload that leaves their route as it
+    was) keeps them relaying; SIGTERM closes them at once and the process exits 0 promptly,
+    instead of waiting for them."""
+    import signal
+    import yaml
+    from served import TIMEOUT, Served, new_key, write_config
+
+    async with ws_upstream() as (url, _):
+        config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+        doc = yaml.safe_load(config.read_text())
+        doc["routes"].append({"path": "/ws/**", "upstream": "api", "scopes": ["people:read"],
+                              "websocket": True})
+        config.write_text(yaml.safe_dump(doc))
+        gw = Served(config, pport, aport)
+        try:
+            await gw.ready()
+            async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+                token = await new_key(s, gw.admin)
+                wsurl = gw.proxy.replace("http://", "ws://") + "/ws/x"
+                tunnels = [await s.ws_connect(wsurl, headers=bearer(token)) for _ in range(3)]
+                doc["server"]["websocket_recheck"] = 2
+                config.write_text(yaml.safe_dump(doc))
+                gw.proc.send_signal(signal.SIGHUP)
+                await asyncio.sleep(1.0)
+                for i, ws in enumerate(tunnels):
+                    await ws.send_str(f"after reload {i}")
+                    assert (await ws.receive(timeout=5)).data == f"echo:after reload {i}"
+                started = time.monotonic()
+                gw.proc.send_signal(signal.SIGTERM)
+                for ws in tunnels:
+                    msg = await ws.receive(timeout=5)
+                    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                        aiohttp.WSMsgType.ERROR)
+                assert time.monotonic() - started < 3
+                code = await asyncio.to_thread(gw.proc.wait, 10)
+                assert code == 0
+                assert time.monotonic() - started < 8
+                for ws in tunnels:
+                    await ws.close()
+        finally:
+            gw.close()
+
+
+async def test_the_keys_of_many_tunnels_are_checked_at_once_not_one_after_another(
+        redis_url, monkeypatch):
+    """Each check of open tunnels makes one store round trip per key: made one after
+    another, a check of 40 keys over a store 50 ms away took 2 s, and a revoked key's
+    tunnels waited for all the keys before it (thousands of keys: minutes). They are made
+    together, so a revoked key's tunnels close within the interval however many keys have
+    tunnels open."""
+    from gateway.config import StoreConfig
+
+    class SlowReplies(HeldReplies):  # every reply 50 ms late
+        async def _relay(self, client_reader, client_writer) -> None:
+            redis_reader, redis_writer = await asyncio.open_connection(*self._target)
+
+            async def pump(reader, writer, slow: bool) -> None:
+                try:
+                    while data := await reader.read(65536):
+                        if slow:
+                            await asyncio.sleep(0.05)
+                        writer.write(data)
+                        await writer.drain()
+                except (ConnectionError, OSError):
+                    pass
+                finally:
+                    writer.close()
+            tasks = [asyncio.ensure_future(pump(client_reader, redis_writer, False)),
+                     asyncio.ensure_future(pump(redis_reader, client_writer, True))]
+            self._tasks.update(tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._tasks.difference_update(tasks)
+
+    n = 40
+    async with SlowReplies(redis_url) as relay, ws_upstream() as (url, _), gateway(
+            relay.url, monkeypatch, url, websocket_recheck=1.0, idle=60.0,
+            store=StoreConfig(redis_url=relay.url, timeout=2.0)) as g:
+        await g.admin_json("PATCH", "/workspaces/acme", {"plan": "unlimited"})
+        keys = await asyncio.gather(*(g.key(name=f"k{i}") for i in range(n)))
+        async with aiohttp.ClientSession() as client:
+            tunnels = []
+            for token, _ in keys:  # one after another: the last key's group is checked last
+                tunnels.append(await client.ws_connect(ws_url(g, "/ws/x"),
+                                                       headers=bearer(token)))
+            try:
+                status, _ = await g.admin_json(
+                    "POST", f"/workspaces/acme/keys/{keys[-1][1]['id']}/revoke")
+                assert status == 200
+                started = time.monotonic()
+                msg = await tunnels[-1].receive(timeout=10)
+                took = time.monotonic() - started
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)
+                assert took < 1.6, took
+                await tunnels[0].send_str("still")
+                assert (await tunnels[0].receive(timeout=5)).data == "echo:still"
+            finally:
+                await asyncio.gather(*(ws.close() for ws in tunnels), return_exceptions=True)
+
+
+async def test_a_head_begun_behind_a_declined_handshake_is_due_within_the_header_timeout(
+        redis_url, monkeypatch):
+    """The start of a next head sent behind a handshake the upstream declined is a head
+    under way like any: its connection closes once server.timeouts.header (5 s here) passed
+    without the rest, instead of holding its place until the idle timeout."""
+    received: list[bytes] = []
+    srv, url = await declining_but_serving(received)
+    try:
+        async with gateway(redis_url, monkeypatch, url, idle=60.0) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token) + b"GET /health HTTP/1.1\r\nHo")
+            assert (await read_head(reader)).startswith(b"HTTP/1.1 426 ")
+            started = time.monotonic()
+            closed, _ = await closed_within(reader, 15.0)
+            writer.close()
+    finally:
+        srv.close()
+    assert closed and time.monotonic() - started < 8

@@ -71,6 +71,9 @@ class ServiceSections(SchemaReader):
                 "header": self.seconds, "body": self.seconds, "idle": self.seconds}),
             "max_connections": lambda n, p: self.integer(n, p, minimum=1, maximum=1_000_000),
             "tls": self.tls,
+            # an extension key (docs/websocket.md): one store round trip per key with tunnels
+            # open, each time; an hour at most, or revocation would no longer reach them
+            "websocket_recheck": lambda n, p: self.number(n, p, minimum=1, maximum=3600),
         })
 
     def admin(self, node: Node | None) -> AdminConfig:

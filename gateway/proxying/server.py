@@ -91,6 +91,9 @@ class _JsonErrorRequestHandler(RequestHandler):
     _tunnel = None    # the WebSocket tunnel this connection became (gateway.proxying.tunnel)
     _kept = None      # the connection's transport, kept past force_close (it drops .transport)
     _unflushed_since: float | None = None  # when the sweep first saw it closed, bytes unsent
+    # bytes held behind an upgrade not yet answered (aiohttp's _message_tail) whose first
+    # HEAD_MAX hold no end of a head: never parsed if declined (None: not judged yet)
+    _tail_over: bool | None = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -141,6 +144,8 @@ class _JsonErrorRequestHandler(RequestHandler):
         if self._request_count != seen:
             new = self._request_count - seen
             self._head_since = None
+            if self._upgraded:  # an upgrade: what follows it waits unparsed for its answer
+                self.finish_response = self._finish_upgrade
             if self._head_bytes + len(data) <= HEAD_MAX and data.endswith(b"\r\n\r\n"):
                 self._head_bytes = 0  # the usual read: a head, whole, ending the read
             else:  # a long read, the end of a long head, or bytes after a head or a body
@@ -150,6 +155,13 @@ class _JsonErrorRequestHandler(RequestHandler):
                 self._bound_pipelined()
             if self._messages:
                 message, self._last_payload = self._messages[-1]
+                if message.__class__ is not _ERR_INFO and message.upgrade and \
+                        not self._upgraded and _upgrade_drops_the_rest(message):
+                    # aiohttp drops what follows it in this read and parses the next read
+                    # from wherever it begins (a body taken for a request): nothing after it
+                    # is served, its answer closes the connection
+                    self._messages[-1] = (message._replace(should_close=True),
+                                          self._last_payload)
                 if message.__class__ is _ERR_INFO and body is not None and not body.is_eof():
                     # the parser found the framing broken in the body of the request in
                     # flight: aiohttp queues its own 400 behind that request and leaves its
@@ -173,27 +185,48 @@ class _JsonErrorRequestHandler(RequestHandler):
         request is refused and nothing more is parsed, so the parser never holds more."""
         if self._close or self._force_close:
             return
+        if self._upgraded and self._payload_parser is None:
+            # behind an upgrade not yet answered, held by aiohttp unparsed (its read_bufsize
+            # bounds them): a tunnel's first bytes or, the upgrade declined, the client's next
+            # request(s), heads and bodies, judged once parsed (_finish_upgrade). Only a next
+            # head that does not end within HEAD_MAX is known to be over it now.
+            self.finish_response = self._finish_upgrade  # (an upgrade with a body: now)
+            held = self._message_tail
+            if self._tail_over is None and len(held) > HEAD_MAX:
+                self._tail_over = held.find(b"\r\n\r\n", 0, HEAD_MAX + 4) < 0
+            return
         if self._head_from != self._request_count:  # the first bytes of a next head
             self._head_from = self._request_count
             self._head_bytes = 0
         self._head_bytes += received
         if self._head_bytes > HEAD_MAX:
-            if self._upgraded and self._payload_parser is None:
-                # behind a WebSocket handshake not yet answered, held by aiohttp unparsed (its
-                # read_bufsize bounds them): a tunnel's first bytes, or, if the upgrade is
-                # declined, the next head, which is then never parsed (_finish_upgrade)
-                self.finish_response = self._finish_upgrade
-                return
             self._refuse_head(None)
 
     async def _finish_upgrade(self, request, resp, start_time):
-        """``finish_response`` for a handshake with more than ``HEAD_MAX`` behind it: if no
-        tunnel took those bytes, they are dropped and the connection closes after the answer."""
+        """``finish_response`` for an upgrade (a WebSocket handshake, an ``h2c`` one...). If no
+        tunnel took what the client sent behind it, those bytes are its next request(s): they
+        are parsed now, through ``data_received`` as if just received, so that a body is a
+        body (aiohttp parses them itself, out of sight of the head bound and the body
+        bookkeeping: a pipelined request's body was counted as head bytes, and over 32 KiB
+        of it cut the connection). Only a next head that cannot end within ``HEAD_MAX`` is
+        dropped unparsed, and the connection closes after the answer."""
         del self.finish_response
-        if self._upgraded and self._payload_parser is None:
-            self._message_tail = b""
-            close_after(request)
-            self.close()
+        over, self._tail_over = self._tail_over, None
+        if self._upgraded and self._payload_parser is None and not self._messages \
+                and self._parser is not None:
+            held, self._message_tail = self._message_tail, b""
+            self._parser.set_upgraded(False)
+            self._upgraded = False
+            if over:
+                close_after(request)
+                self.close()
+            elif held:
+                self._head_bytes, self._head_from = 0, self._request_count
+                self.data_received(held)
+                if self._head_bytes and self._head_since is None and not self._messages:
+                    self._head_since = self._loop.time()  # a head begun: due from now
+                if self._buffer_paused:  # aiohttp held no more than read_bufsize
+                    self._resume_reading_if_drained()
         return await super().finish_response(request, resp, start_time)
 
     def _judge_heads(self, received: int, new: int, body_end: int, chunked: bool) -> None:
@@ -632,6 +665,18 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
             self._task_handler = None
             if self.transport is not None:
                 self.transport.close()
+
+
+def _upgrade_drops_the_rest(message) -> bool:
+    """Whether aiohttp's parser drops what a client sends behind ``message``, a request its
+    HTTP parser (llhttp) reads as asking to upgrade (``Connection: upgrade`` and an
+    ``Upgrade``): it holds the rest only for a WebSocket one (and CONNECT), as
+    ``_http_parser.pyx`` has it; for any other (``h2c``...) llhttp stops at the request's end
+    and the rest of that read is lost, the next read parsed from wherever it begins."""
+    if message.method == "CONNECT":
+        return False
+    upgrade = message.headers.get("Upgrade", "")
+    return not (upgrade.isascii() and upgrade.lower() == "websocket")
 
 
 def upgrade_pending(request: web.BaseRequest) -> bool:

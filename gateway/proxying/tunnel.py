@@ -47,6 +47,8 @@ from .server import close_after, take_over, upgrade_pending
 log = logging.getLogger("keygate.proxy")
 
 RECHECK_EVERY = 10.0  # seconds between checks that an open tunnel's key still allows it
+# (server.websocket_recheck's default)
+CHECKS_AT_ONCE = 256  # keys checked together (store round trips in flight) at each check
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
 _KEY = istr("Sec-WebSocket-Key")
@@ -319,6 +321,16 @@ class TunnelWatch:
         # (key id, scopes, client) → [key, {tunnel: (raw path, route)}]; key None: public
         self._open: dict[tuple, list] = {}
         self._task: asyncio.Task | None = None
+        self._changed: asyncio.Event | None = None  # set when ``every`` changes (a reload)
+
+    def recheck_every(self, every: float) -> None:
+        """Check every ``every`` seconds from now on (``server.websocket_recheck``, at start
+        and at each reload): a wait already begun is measured again from the last check, so
+        a shorter interval acts without waiting out the longer one."""
+        if every != self.every:
+            self.every = every
+            if self._changed is not None:
+                self._changed.set()
 
     def watch(self, key, scopes: tuple[str, ...], client: str, raw_path: str,
               route) -> Callable[[Tunnel], None]:
@@ -342,28 +354,49 @@ class TunnelWatch:
                 del self._open[group]
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        changed = self._changed = asyncio.Event()
+        checked = loop.time()
         while self._open:
-            await asyncio.sleep(self.every)
+            wait = checked + self.every - loop.time()
+            if wait > 0:
+                changed.clear()
+                try:
+                    await asyncio.wait_for(changed.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+                continue  # (the interval may have changed meanwhile: measured again)
+            checked = loop.time()
+            keyed = []
             for group, entry in list(self._open.items()):
                 for relay, (raw_path, route) in list(entry[1].items()):
                     if self.route_now(raw_path) != route:
                         log.info("closed a WebSocket tunnel on %s: a reload changed its route",
                                  route.path)
                         relay.end()
-                if not entry[1] or entry[0] is None:
-                    continue
-                try:
-                    key = await self.still_allowed(entry[0], group[1], group[2])
-                except Exception:  # a bug: logged, never the end of the watch
-                    log.exception("checking the key of open WebSocket tunnels failed")
-                    continue
-                if key is None:
-                    log.info("closed %d WebSocket tunnel(s) of key %s: the key no longer "
-                             "allows them", len(entry[1]), group[0])
-                    for relay in list(entry[1]):
-                        relay.end()
-                else:
-                    entry[0] = key
+                if entry[1] and entry[0] is not None:
+                    keyed.append((group, entry))
+            # the keys' round trips together (the store client pipelines them), a bounded
+            # number at a time: one after another, a revoked key's tunnels waited for every
+            # key before it (thousands of keys over a store a millisecond away: seconds)
+            for at in range(0, len(keyed), CHECKS_AT_ONCE):
+                await asyncio.gather(*(self._check(group, entry)
+                                       for group, entry in keyed[at:at + CHECKS_AT_ONCE]))
+
+    async def _check(self, group: tuple, entry: list) -> None:
+        """One key's tunnels (``entry``): closed if the key no longer allows them."""
+        try:
+            key = await self.still_allowed(entry[0], group[1], group[2])
+        except Exception:  # a bug: logged, never the end of the watch
+            log.exception("checking the key of open WebSocket tunnels failed")
+            return
+        if key is None:
+            log.info("closed %d WebSocket tunnel(s) of key %s: the key no longer allows them",
+                     len(entry[1]), group[0])
+            for relay in list(entry[1]):
+                relay.end()
+        else:
+            entry[0] = key
 
     async def close(self) -> None:
         task, self._task = self._task, None
