@@ -416,8 +416,10 @@ class _JsonErrorRequestHandler(RequestHandler):
             error = GatewayError("Internal error.")
         elif isinstance(exc, HeadTooLarge):
             error = BadRequest(exc.message, status=status)
-        elif isinstance(exc, LineTooLong):  # aiohttp's 8 KiB bound on one line of the head
-            error = BadRequest("The request line or a header field is over 8 KiB; send a "
+        elif isinstance(exc, LineTooLong):  # the parser's bound on one line of the head
+            limit = exc.args[1] if len(exc.args) > 1 else None
+            over = f"over {(limit + 2) // 1024} KiB" if isinstance(limit, int) else "too long"
+            error = BadRequest(f"The request line or a header field is {over}; send a "
                                "shorter URL or query string, or smaller headers (a large "
                                "cookie).", status=status)
         else:  # the client's fault: no traceback in the log, no parser detail on the wire
