@@ -93,6 +93,25 @@ async def test_console_scripts_never_touch_storage_cookies_or_html_sinks(gut):
         assert forbidden not in script, forbidden
 
 
+async def test_every_answer_under_console_carries_the_pages_headers(gut):
+    """Not only the files: a 404 or 405 under /console/ (a mistyped asset, a path-traversal
+    probe, a POST) is the console's answer too, and a browser must not sniff or frame it."""
+    async with gut.admin.get("/console/") as r:
+        expected = {h: r.headers[h] for h in ("Content-Security-Policy", "X-Frame-Options",
+                                             "X-Content-Type-Options", "Referrer-Policy")}
+    assert expected["Referrer-Policy"] == "no-referrer"
+    for method, path in (("GET", "/console/nope.js"), ("GET", "/console/%2e%2e/"),
+                         ("GET", "/console/..%2fpyproject.toml"), ("GET", "/console/index.html"),
+                         ("HEAD", "/console/app.css"), ("POST", "/console/"),
+                         ("DELETE", "/console/app.js"), ("GET", "/console")):
+        async with gut.admin.request(method, URL(path, encoded=True),
+                                     allow_redirects=False) as r:
+            got = {h: r.headers.get(h) for h in expected}
+            assert got == expected, (method, path, r.status)
+    async with gut.admin.get("/admin/v1/workspaces") as r:  # the API is not the console
+        assert "Content-Security-Policy" not in r.headers
+
+
 async def test_console_without_slash_redirects_and_other_paths_are_404(gut):
     async with gut.admin.get("/console", allow_redirects=False) as r:
         assert r.status == 308 and r.headers["Location"] == "/console/"
