@@ -93,6 +93,37 @@ async def test_console_scripts_never_touch_storage_cookies_or_html_sinks(gut):
         assert forbidden not in script, forbidden
 
 
+async def test_no_served_file_holds_inline_script_handlers_or_foreign_urls(gut):
+    """Every file in the package's console folder is served (and nothing else), each with the
+    type its name says and nosniff; none holds an inline script, an inline event handler, a
+    style attribute, a javascript: URL or a URL to another origin, nor builds one in script."""
+    from importlib import resources
+    from gateway.admin.console import CONSOLE_FILES
+    folder = resources.files("gateway.admin") / "console"
+    assert sorted(f.name for f in folder.iterdir()) == sorted(CONSOLE_FILES)
+    for name, kind in CONSOLE_FILES.items():
+        async with gut.admin.get("/console/" + ("" if name == "index.html" else name)) as r:
+            assert r.status == 200 and r.content_type == kind, name
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
+            text = await r.text()
+        assert not re.search(r"javascript:|data:|vbscript:", text, re.I), name
+        assert not re.search(r"(https?:)?//(?!www\.w3\.org/2000/svg\b)[\w.-]+\.[a-z]{2,}/",
+                             re.sub(r"^\s*(//|/\*|\*).*$", "", text, flags=re.M)), name
+        if name.endswith((".html", ".svg")):
+            scan = _Scan()
+            scan.feed(text)
+            assert scan.inline_scripts == 0 and scan.style_attrs == 0, name
+            assert scan.handlers == [], name
+            assert "<script" not in text or name == "index.html", name
+        if name.endswith(".js"):
+            code = re.sub(r"^\s*//.*$", "", text, flags=re.M)
+            # event handlers only by addEventListener: never an on* attribute or property
+            assert not re.search(r"""setAttribute\(\s*["']on|\.on[a-z]+\s*=[^=]|["']on[a-z]+["']\s*:""",
+                                 code), name
+        if name.endswith(".css"):
+            assert not re.search(r"expression\(|@import|url\(", text, re.I), name
+
+
 async def test_every_answer_under_console_carries_the_pages_headers(gut):
     """Not only the files: a 404 or 405 under /console/ (a mistyped asset, a path-traversal
     probe, a POST) is the console's answer too, and a browser must not sniff or frame it."""
