@@ -531,6 +531,128 @@ def test_key_names_are_shown_as_text_never_as_markup(page, gateway):
     assert page.driver.title == "keygate console"
 
 
+# Installed (while a test is `spying`) before the page's own script on every load: notes every
+# way a page can send something (fetch, XHR, a beacon, a WebSocket, an EventSource, a new window)
+# for the test to read back. A handler injected through hostile data would set window.__pwned.
+SPY = r"""
+window.__sent = [];
+const note = (kind, url, extra) => window.__sent.push(Object.assign({kind, url: String(url)},
+                                                                    extra || {}));
+const realFetch = window.fetch;
+window.fetch = function (input, init) {
+  const options = init || {};
+  note("fetch", input instanceof Request ? input.url : input,
+       {headers: options.headers || {}, body: String(options.body || "")});
+  return realFetch.apply(this, arguments);
+};
+const realOpen = XMLHttpRequest.prototype.open;
+XMLHttpRequest.prototype.open = function (method, url) {
+  note("xhr", url);
+  return realOpen.apply(this, arguments);
+};
+navigator.sendBeacon = (url) => { note("beacon", url); return false; };
+window.WebSocket = function (url) { note("websocket", url); throw new Error("spied"); };
+window.EventSource = function (url) { note("eventsource", url); throw new Error("spied"); };
+window.open = (url) => { note("open", url); return null; };
+"""
+
+
+@contextlib.contextmanager
+def spying(page: Console, *, without_csp: bool = False):
+    """The console loaded afresh with SPY in it; ``without_csp``: with the browser ignoring the
+    page's Content-Security-Policy, so that what is checked is the page's own handling of data
+    (text, never markup), not the CSP stopping an injected handler."""
+    driver = page.driver
+    spy = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": SPY})
+    try:
+        if without_csp:
+            driver.execute_cdp_cmd("Page.setBypassCSP", {"enabled": True})
+        driver.get(page.gateway.admin_url + "/console/")
+        wait(driver, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+        assert driver.execute_script("return Array.isArray(window.__sent)")
+        yield
+    finally:
+        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
+                               {"identifier": spy["identifier"]})
+        driver.execute_cdp_cmd("Page.setBypassCSP", {"enabled": False})
+
+
+HOSTILE = ('<img src=x onerror="window.__pwned=1">', '"><svg onload="window.__pwned=2">',
+           "<script>window.__pwned=3</script>", "javascript:window.__pwned=4",
+           '<a href="javascript:window.__pwned=5">click</a>',
+           '<iframe srcdoc="<script>parent.__pwned=6</script>"></iframe>',
+           "</textarea><img src=x onerror=window.__pwned=7>",
+           "'-alert(1)-'&lt;b&gt;&#x3c;i&#x3e;")
+MARKUP = ("main img, main svg, main iframe, main a[href^='javascript'], dialog img, dialog svg, "
+          "dialog iframe, dialog a, script:not([src]), main b, dialog b, main i, dialog i")
+
+
+def assert_no_markup_ran(page: Console) -> None:
+    state = page.driver.execute_script(
+        f"return {{pwned: window.__pwned, markup: document.querySelectorAll({MARKUP!r}).length,"
+        " title: document.title}")
+    assert state == {"pwned": None, "markup": 0, "title": "keygate console"}, state
+
+
+def test_hostile_text_anywhere_is_shown_as_text_even_without_the_csp(page, gateway):
+    """A workspace admin writes markup into every field it can (through /_keygate/v1/keys, as
+    a key-management script would); the operator then reads it everywhere the console shows it:
+    the workspace list, the key table, the edit, rotate and revoke dialogs, the shown-once token
+    dialog, the status line and an API error that quotes the input. With the CSP switched off
+    in the browser nothing runs and the DOM holds the text, not elements."""
+    new_workspace(gateway, "mallory", HOSTILE[1] + HOSTILE[0], plan="unlimited")
+    admin_token, _ = gateway.key("mallory", name="mallory-admin",
+                                 scopes=["keys:admin", "people:read"])
+    page.tokens_seen.append(admin_token)
+    long_text = (" ".join(HOSTILE) * 8)[:2000]  # as long as a description may be
+    for name in HOSTILE:
+        status, body = gateway.call(gateway.proxy_url, "POST", "/_keygate/v1/keys",
+                                    {"name": name, "description": long_text,
+                                     "scopes": ["people:read"], "meta": {"note": name}},
+                                    token=admin_token)
+        assert status == 201, body
+    page.allowed_errors.append("400")  # the refused create's network line
+    with spying(page, without_csp=True):
+        page.sign_in(ADMIN_TOKEN)
+        wait(page.driver, lambda d: page.row("mallory"))
+        assert page.row("mallory").text.startswith("mallory " + HOSTILE[1] + HOSTILE[0])
+        page.link("mallory").click()
+        wait(page.driver, lambda d: len(page.rows()) == len(HOSTILE) + 1)
+        assert sorted(page.rows()) == sorted(HOSTILE + ("mallory-admin",))
+        assert page.driver.find_element(By.ID, "ws-title").text == \
+            HOSTILE[1] + HOSTILE[0] + " (mallory)"
+        texts = [c.get_attribute("textContent") for c in
+                 page.driver.find_elements(By.CSS_SELECTOR, "#keys td.description")]
+        assert sorted(texts) == [""] + [long_text] * len(HOSTILE)  # the admin key's is empty
+        assert_no_markup_ran(page)
+
+        victim = HOSTILE[0]
+        page.button("Edit", page.row(victim)).click()
+        assert page.dialog().find_element(By.TAG_NAME, "h2").text == "Edit key " + victim
+        assert_no_markup_ran(page)
+        page.button("Cancel", page.dialog()).click()
+        page.in_dialog("Rotate", victim, "Grace", "0", "Rotate")
+        shown = wait(page.driver, lambda d: d.find_element(By.CSS_SELECTOR, "[data-token]"))
+        assert f"Key {victim} (" in page.dialog().text
+        assert_no_markup_ran(page)
+        page.tokens_seen.append(shown.text.strip())
+        page.button("Done", page.dialog()).click()
+        page.no_dialog()
+        target = HOSTILE[6]
+        page.button("Revoke", page.row(target)).click()
+        assert page.dialog().find_element(By.TAG_NAME, "h2").text == f"Revoke key {target}?"
+        page.button("Revoke", page.dialog()).click()
+        page.no_dialog()
+        wait(page.driver, lambda d: d.find_element(By.ID, "status").text ==
+             f"Key {target} revoked.")
+        # an API error that quotes what was typed
+        page.create_key(HOSTILE[2], scopes=HOSTILE[0])
+        problem = page.alert_text()
+        assert "malformed scope '<img'" in problem
+        assert_no_markup_ran(page)
+        page.button("Cancel").click()
+
+
 def test_the_page_refuses_to_be_framed(page, gateway):
     page.allowed_errors += ["frame-ancestors", "X-Frame-Options", "refused to connect"]
     page.driver.execute_script(
