@@ -68,6 +68,7 @@ async def test_console_page_is_served_without_auth_with_strict_headers(gut):
     csp = headers["Content-Security-Policy"]
     assert CSP.search(csp) and "'unsafe-inline'" not in csp and "'unsafe-eval'" not in csp
     assert "frame-ancestors 'none'" in csp and "object-src 'none'" in csp
+    assert "require-trusted-types-for 'script'" in csp and "trusted-types 'none'" in csp
     assert headers["X-Frame-Options"] == "DENY"
     assert headers["X-Content-Type-Options"] == "nosniff"
     scan = _Scan()

@@ -653,6 +653,17 @@ def test_hostile_text_anywhere_is_shown_as_text_even_without_the_csp(page, gatew
         page.button("Cancel").click()
 
 
+def test_the_page_refuses_html_sinks_through_trusted_types(page, gateway):
+    """Defence in depth beside textContent: the CSP requires Trusted Types with no policy, so
+    any HTML written into the page by script (innerHTML and the like), even by code added
+    later, is refused by the browser instead of parsed."""
+    page.allowed_errors.append("TrustedHTML")
+    refused = page.driver.execute_script(
+        "try { document.createElement('div').innerHTML = '<b>x</b>'; return 'parsed'; }"
+        " catch (e) { return e.name; }")
+    assert refused == "TypeError"
+
+
 def test_the_page_refuses_to_be_framed(page, gateway):
     page.allowed_errors += ["frame-ancestors", "X-Frame-Options", "refused to connect"]
     page.driver.execute_script(

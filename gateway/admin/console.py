@@ -10,10 +10,13 @@ CONSOLE_FILES = {"index.html": "text/html", "app.js": "text/javascript",
                  "app.css": "text/css", "favicon.svg": "image/svg+xml"}
 CONSOLE_HEADERS = {
     # Everything from this origin only; no inline script or style, no plugins, no framing,
-    # no <base> rewriting, forms post nowhere (the page sends JSON with fetch).
+    # no <base> rewriting, forms post nowhere (the page sends JSON with fetch). Trusted Types
+    # with no policy: the browser refuses any HTML written by script (innerHTML and the like),
+    # so data the API returns can only ever become text, whatever code is added later.
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
                                "img-src 'self'; connect-src 'self'; object-src 'none'; "
-                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
+                               "require-trusted-types-for 'script'; trusted-types 'none'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
