@@ -293,6 +293,10 @@ class Console:
             " session: Object.keys(sessionStorage).map(k => k + '=' + sessionStorage[k]),"
             " cookie: document.cookie, url: location.href, history: history.length}")
         assert state["local"] == [] and state["session"] == [] and state["cookie"] == ""
+        stores = self.driver.execute_script(
+            "return Promise.all([indexedDB.databases().then(d => d.map(x => x.name)),"
+            " caches.keys(), navigator.serviceWorker.getRegistrations().then(r => r.length)])")
+        assert stores == [[], [], 0], stores  # no IndexedDB, Cache Storage or service worker
         assert self.driver.get_cookies() == []
         assert state["url"].startswith(self.gateway.admin_url + "/console/")
         for token in self.tokens_seen + [ADMIN_TOKEN]:
@@ -651,6 +655,55 @@ def test_hostile_text_anywhere_is_shown_as_text_even_without_the_csp(page, gatew
         assert "malformed scope '<img'" in problem
         assert_no_markup_ran(page)
         page.button("Cancel").click()
+
+
+def test_the_token_goes_only_to_this_origins_api_in_the_authorization_header(page, gateway):
+    """Through sign-in, opening a workspace, create, rotate, edit, revoke and back: every
+    request the page makes is a fetch to /admin/v1/ on its own origin carrying exactly
+    'Authorization: Bearer <token>'; no token in a URL or a body, no beacon, XHR or socket,
+    no history entry or fragment; a reload then signs out."""
+    new_workspace(gateway, "tessier", "Tessier-Ashpool")
+    admin_token, _ = gateway.key("tessier", name="tessier-admin",
+                                 scopes=["keys:admin", "people:read"])
+    page.tokens_seen.append(admin_token)
+    with spying(page):
+        history = page.driver.execute_script("return history.length")
+        for token, operator in ((ADMIN_TOKEN, True), (admin_token, False)):
+            page.sign_in(token)
+            if operator:
+                page.link("tessier").click()
+            wait(page.driver, lambda d: "tessier-admin" in page.rows())
+            page.create_key("straylight-" + str(operator), scopes="people:read")
+            page.take_token()
+            page.in_dialog("Rotate", "straylight-" + str(operator), "Grace", "1h", "Rotate")
+            page.take_token()
+            page.in_dialog("Edit", "tessier-admin", "Expires", "2031-01-01", "Save")
+            page.no_dialog()
+            page.button("Revoke", page.row("straylight-" + str(operator))).click()
+            page.button("Revoke", page.dialog()).click()
+            page.no_dialog()
+            if operator:
+                page.link("All workspaces").click()
+                page.link("tessier")
+            sent = page.driver.execute_script("return window.__sent.splice(0)")
+            assert len(sent) >= 8 and {s["kind"] for s in sent} == {"fetch"}, sent
+            for request in sent:
+                assert request["url"].startswith("/admin/v1/"), request  # this origin, the API
+                assert request["headers"]["Authorization"] == "Bearer " + token, request
+                for seen in page.tokens_seen + [ADMIN_TOKEN]:
+                    assert seen not in request["url"] and seen not in request["body"]
+            state = page.driver.execute_script(
+                "return [history.length, location.hash, location.search]")
+            assert state == [history, "", ""], state
+            page.assert_nothing_kept()
+            page.button("Sign out").click()
+            assert_signed_out(page)
+        page.sign_in(admin_token)
+        wait(page.driver, lambda d: "tessier-admin" in page.rows())
+        page.driver.refresh()
+        assert_signed_out(page, "tessier-admin")
+        assert admin_token not in page.driver.page_source
+        assert page.driver.execute_script("return window.__sent") == []
 
 
 def test_the_page_refuses_html_sinks_through_trusted_types(page, gateway):
