@@ -1033,6 +1033,35 @@ def test_editing_the_expiry_keeps_a_role_the_page_has_not_listed(page, gateway):
     assert edited["role"] == "auditor" and edited["scopes"] == ["people:read"]
 
 
+def test_a_workspace_admin_whose_key_expires_is_told_what_an_empty_expiry_means(page, gateway):
+    """A key a workspace key makes may not outlive it: with Expires left empty the API gives
+    the new key the acting key's expiry. The form said 'Empty for never' and the new key then
+    expired with the admin's, unannounced; it now names that date."""
+    new_workspace(gateway, "wallace", "Wallace Corp")
+    token, _ = gateway.key("wallace", name="wallace-admin", scopes=["keys:admin", "people:read"],
+                           expires_at="2031-03-01T12:00:00Z")
+    page.tokens_seen.append(token)
+    page.sign_in(token)
+    wait(page.driver, lambda d: "wallace-admin" in page.rows())
+    page.button("Create key").click()
+    hint = page.driver.find_element(By.ID, "expires-hint").text
+    assert "never" not in hint and "2031-03-01 12:00 UTC" in hint, hint
+    assert page.field("Expires").get_attribute("placeholder") == "2031-03-01 12:00 UTC"
+    page.field("Name").send_keys("bounded")
+    page.field("Scopes").send_keys("people:read")
+    page.button("Create").click()
+    page.take_token()
+    assert "2031-03-01 12:00 UTC" in page.row("bounded").text
+    page.button("Sign out").click()
+    page.sign_in(ADMIN_TOKEN)  # the operator's form still means never
+    page.link("wallace").click()
+    wait(page.driver, lambda d: "bounded" in page.rows())
+    page.button("Create key").click()
+    assert page.driver.find_element(By.ID, "expires-hint").text.startswith("Empty for never")
+    assert page.field("Expires").get_attribute("placeholder") == "never"
+    page.button("Cancel").click()
+
+
 def test_an_expiry_typed_as_a_date_and_time_means_utc_as_the_form_says(page, gateway):
     new_workspace(gateway, "tyrell", "Tyrell")
     page.driver.execute_cdp_cmd("Emulation.setTimezoneOverride",

@@ -593,6 +593,16 @@ function openCreateForm() {
   const form = $("create-template").content.firstElementChild.cloneNode(true);
   $("create-slot").append(form);
   fillRoles($("create-role"), "");
+  // A workspace key that expires bounds every key it makes: the API gives a key created with
+  // no expiry the acting key's own, so "Empty for never" would not be what happens.
+  const own = session.operator ? undefined : session.keys.find((k) => k.id === session.keyId);
+  if (own && own.expires_at) {
+    const until = when(own.expires_at);
+    $("create-expires").placeholder = until;
+    $("expires-hint").textContent = "Empty for " + until + ", when the key you are signed in " +
+      "with expires (a key it makes cannot outlive it); a duration such as 30d, 12h or 90m; " +
+      "or an earlier date such as 2027-01-31 (UTC).";
+  }
   form.addEventListener("submit", oneAtATime(form, createKey));
   $("create-cancel").addEventListener("click", resetCreateForm);
   $("create-open").hidden = true;
