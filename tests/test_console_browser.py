@@ -522,6 +522,25 @@ def test_a_wrong_token_shows_the_api_message_and_request_id(page, gateway):
     assert page.field("Token").is_displayed()
 
 
+def test_a_token_pasted_with_quotes_or_an_ellipsis_is_named_as_the_problem(page, gateway):
+    """A token copied with typographic quotes around it, from a cut-short display ('…') or
+    with a zero-width space cannot go in a header: the page said 'The admin API could not be
+    reached (... non ISO-8859-1 code point.)', as if the server were down. It now says which
+    character the token holds that no token has, and sends nothing."""
+    cases = (("\u201c" + ADMIN_TOKEN + "\u201d", "U+201C", 1),
+             ("kg_live_abc\u2026", "U+2026", 12),
+             (ADMIN_TOKEN[:10] + "\u200b" + ADMIN_TOKEN[10:], "U+200B", 11))
+    for token, code, position in cases:
+        page.sign_in(token)
+        problem = page.alert_text()
+        assert "could not be reached" not in problem, problem
+        assert f"{code} (character {position})" in problem and "paste" in problem, problem
+        assert page.field("Token").is_displayed()
+    page.sign_in(ADMIN_TOKEN)  # the field works as ever afterwards
+    wait(page.driver, lambda d: d.find_element(By.ID, "workspaces-view").is_displayed())
+    page.button("Sign out").click()
+
+
 def test_key_names_are_shown_as_text_never_as_markup(page, gateway):
     new_workspace(gateway, "hostile", "<b>Hostile</b>")
     gateway.key("hostile", name='<img src=x onerror="document.title=1">',
