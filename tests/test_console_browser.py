@@ -1097,14 +1097,14 @@ def test_a_workspace_of_a_thousand_keys_stays_usable(page, gateway):
     in the page, each redraw within two seconds even on a busy shared machine (~0.2 s here); a key deep in the list
     is revoked from its row."""
     from concurrent.futures import ThreadPoolExecutor
-    new_workspace(gateway, "massive", "Massive Dynamic", plan="unlimited")
+    new_workspace(gateway, "gigantic", "Gigantic Industries", plan="unlimited")
     with ThreadPoolExecutor(4) as pool:
-        made = list(pool.map(lambda i: gateway.key("massive", name=f"svc-{i:04d}",
+        made = list(pool.map(lambda i: gateway.key("gigantic", name=f"svc-{i:04d}",
                                                    description="batch " + str(i % 7),
                                                    scopes=["people:read"])[1], range(1000)))
-    assert gateway.admin("POST", f"/workspaces/massive/keys/{made[777]['id']}/revoke")[0] == 200
+    assert gateway.admin("POST", f"/workspaces/gigantic/keys/{made[777]['id']}/revoke")[0] == 200
     page.sign_in(ADMIN_TOKEN)
-    page.link("massive").click()
+    page.link("gigantic").click()
     wait(page.driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#keys tbody tr")) == 1000)
     assert page.driver.find_element(By.ID, "keys-text").text == "999 active (no cap)"
     took, count, first = page.driver.execute_script(RENDER, "sort", "name:asc")
