@@ -68,6 +68,7 @@ async def test_console_page_is_served_without_auth_with_strict_headers(gut):
     csp = headers["Content-Security-Policy"]
     assert CSP.search(csp) and "'unsafe-inline'" not in csp and "'unsafe-eval'" not in csp
     assert "frame-ancestors 'none'" in csp and "object-src 'none'" in csp
+    assert "require-trusted-types-for 'script'" in csp and "trusted-types 'none'" in csp
     assert headers["X-Frame-Options"] == "DENY"
     assert headers["X-Content-Type-Options"] == "nosniff"
     scan = _Scan()
@@ -91,6 +92,56 @@ async def test_console_scripts_never_touch_storage_cookies_or_html_sinks(gut):
                       "location.hash =", "history.pushState", "console.log", "http://",
                       "https://"):
         assert forbidden not in script, forbidden
+
+
+async def test_no_served_file_holds_inline_script_handlers_or_foreign_urls(gut):
+    """Every file in the package's console folder is served (and nothing else), each with the
+    type its name says and nosniff; none holds an inline script, an inline event handler, a
+    style attribute, a javascript: URL or a URL to another origin, nor builds one in script."""
+    from importlib import resources
+    from gateway.admin.console import CONSOLE_FILES
+    folder = resources.files("gateway.admin") / "console"
+    assert sorted(f.name for f in folder.iterdir()) == sorted(CONSOLE_FILES)
+    for name, kind in CONSOLE_FILES.items():
+        async with gut.admin.get("/console/" + ("" if name == "index.html" else name)) as r:
+            assert r.status == 200 and r.content_type == kind, name
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
+            text = await r.text()
+        assert not re.search(r"javascript:|data:|vbscript:", text, re.I), name
+        assert not re.search(r"(https?:)?//(?!www\.w3\.org/2000/svg\b)[\w.-]+\.[a-z]{2,}/",
+                             re.sub(r"^\s*(//|/\*|\*).*$", "", text, flags=re.M)), name
+        if name.endswith((".html", ".svg")):
+            scan = _Scan()
+            scan.feed(text)
+            assert scan.inline_scripts == 0 and scan.style_attrs == 0, name
+            assert scan.handlers == [], name
+            assert "<script" not in text or name == "index.html", name
+        if name.endswith(".js"):
+            code = re.sub(r"^\s*//.*$", "", text, flags=re.M)
+            # event handlers only by addEventListener: never an on* attribute or property
+            assert not re.search(r"""setAttribute\(\s*["']on|\.on[a-z]+\s*=[^=]|["']on[a-z]+["']\s*:""",
+                                 code), name
+        if name.endswith(".css"):
+            assert not re.search(r"expression\(|@import|url\(", text, re.I), name
+
+
+async def test_every_answer_under_console_carries_the_pages_headers(gut):
+    """Not only the files: a 404 or 405 under /console/ (a mistyped asset, a path-traversal
+    probe, a POST) is the console's answer too, and a browser must not sniff or frame it."""
+    async with gut.admin.get("/console/") as r:
+        expected = {h: r.headers[h] for h in ("Content-Security-Policy", "X-Frame-Options",
+                                             "X-Content-Type-Options", "Referrer-Policy")}
+    assert expected["Referrer-Policy"] == "no-referrer"
+    for method, path in (("GET", "/console/nope.js"), ("GET", "/console/%2e%2e/"),
+                         ("GET", "/console/..%2fpyproject.toml"), ("GET", "/console/index.html"),
+                         ("HEAD", "/console/app.css"), ("POST", "/console/"),
+                         ("DELETE", "/console/app.js"), ("GET", "/console")):
+        async with gut.admin.request(method, URL(path, encoded=True),
+                                     allow_redirects=False) as r:
+            got = {h: r.headers.get(h) for h in expected}
+            assert got == expected, (method, path, r.status)
+    async with gut.admin.get("/admin/v1/workspaces") as r:  # the API is not the console
+        assert "Content-Security-Policy" not in r.headers
 
 
 async def test_console_without_slash_redirects_and_other_paths_are_404(gut):

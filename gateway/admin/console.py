@@ -10,10 +10,13 @@ CONSOLE_FILES = {"index.html": "text/html", "app.js": "text/javascript",
                  "app.css": "text/css", "favicon.svg": "image/svg+xml"}
 CONSOLE_HEADERS = {
     # Everything from this origin only; no inline script or style, no plugins, no framing,
-    # no <base> rewriting, forms post nowhere (the page sends JSON with fetch).
+    # no <base> rewriting, forms post nowhere (the page sends JSON with fetch). Trusted Types
+    # with no policy: the browser refuses any HTML written by script (innerHTML and the like),
+    # so data the API returns can only ever become text, whatever code is added later.
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
                                "img-src 'self'; connect-src 'self'; object-src 'none'; "
-                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
+                               "require-trusted-types-for 'script'; trusted-types 'none'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -29,11 +32,21 @@ def add_console_routes(app: web.Application) -> None:
     ever reaches the file system)."""
     folder = resources.files(__package__) / "console"
     app[_BODIES] = {name: (folder / name).read_bytes() for name in CONSOLE_FILES}
+    app.on_response_prepare.append(_console_headers)
     app.router.add_get("/console", to_console)
     app.router.add_get("/console/", serve_file)
     for name in CONSOLE_FILES:
         if name != "index.html":
             app.router.add_get("/console/" + name, serve_file)
+
+
+async def _console_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer under /console/ is the console's, a 404 or 405 too (a mistyped asset, a
+    probe, a POST): the same no-sniffing, no-framing, no-referrer headers as its files. The
+    admin API's JSON keeps its own."""
+    if request.path == "/console" or request.path.startswith("/console/"):
+        for name, value in CONSOLE_HEADERS.items():
+            response.headers.setdefault(name, value)
 
 
 async def to_console(request: web.Request) -> web.Response:

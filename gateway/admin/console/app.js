@@ -307,6 +307,17 @@ function looksLikeKey(token) {
   return /^[^_\s]+_[^_\s]+_[0-9A-Za-z]{50}$/.test(token);
 }
 
+// A character a header cannot carry (beyond Latin-1, or a control): typographic quotes, an
+// ellipsis from a cut-short display, a zero-width space. Named as "U+201C (character 1)".
+function unsendable(token) {
+  const chars = [...token];
+  const at = chars.findIndex((c) => c.codePointAt(0) > 0xff || c.codePointAt(0) < 0x20 ||
+                                    c.codePointAt(0) === 0x7f);
+  if (at < 0) return null;
+  const code = chars[at].codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+  return "U+" + code + " (character " + (at + 1) + ")";
+}
+
 async function signIn(event) {
   event.preventDefault();
   const input = $("token");
@@ -315,6 +326,13 @@ async function signIn(event) {
   showAlert("");
   if (token === "") {
     showAlert("Enter the operator token or a key holding keys:admin.");
+    input.focus();
+    return;
+  }
+  const odd = unsendable(token);
+  if (odd !== null) {  // else fetch refuses the header and the page blamed the network
+    showAlert("The token holds " + odd + ", which no token has: paste it again, without " +
+              "quotes, spaces or an ellipsis around or in it.");
     input.focus();
     return;
   }
@@ -600,6 +618,16 @@ function openCreateForm() {
   const form = $("create-template").content.firstElementChild.cloneNode(true);
   $("create-slot").append(form);
   fillRoles($("create-role"), "");
+  // A workspace key that expires bounds every key it makes: the API gives a key created with
+  // no expiry the acting key's own, so "Empty for never" would not be what happens.
+  const own = session.operator ? undefined : session.keys.find((k) => k.id === session.keyId);
+  if (own && own.expires_at) {
+    const until = when(own.expires_at);
+    $("create-expires").placeholder = until;
+    $("expires-hint").textContent = "Empty for " + until + ", when the key you are signed in " +
+      "with expires (a key it makes cannot outlive it); a duration such as 30d, 12h or 90m; " +
+      "or an earlier date such as 2027-01-31 (UTC).";
+  }
   form.addEventListener("submit", oneAtATime(form, createKey));
   $("create-cancel").addEventListener("click", resetCreateForm);
   $("create-open").hidden = true;
