@@ -168,9 +168,10 @@ async def test_readyz_is_503_on_a_read_only_replica(upstream, own_redis, tmp_pat
         replica.stop()
 
 
-async def test_serve_refuses_to_start_on_a_wrong_password_in_one_line(unix_redis, tmp_path):
+async def serve_on_store(tmp_path, url: str) -> tuple[int, str, list[str]]:
+    """``keygate serve`` on a config whose store is ``url``, run to its end (it is expected
+    to refuse to start): exit code, stdout, the lines of stderr."""
     import sys
-    url = _unix_url(unix_redis, "wrong-password")
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"store: {{redis_url: '{url}'}}\n"
                    f"server: {{port: {free_port()}}}\nadmin: {{port: {free_port()}}}\n"
@@ -181,8 +182,12 @@ async def test_serve_refuses_to_start_on_a_wrong_password_in_one_line(unix_redis
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "KEYGATE_ADMIN_TOKEN": "x" * 32})
     out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 1
-    lines = err.decode().strip().splitlines()
+    return proc.returncode, out.decode(), err.decode().strip().splitlines()
+
+
+async def test_serve_refuses_to_start_on_a_wrong_password_in_one_line(unix_redis, tmp_path):
+    code, _, lines = await serve_on_store(tmp_path, _unix_url(unix_redis, "wrong-password"))
+    assert code == 1
     assert len(lines) == 1 and "wrong-password" not in lines[0], lines
     assert "AuthenticationError" in lines[0] or "WRONGPASS" in lines[0] or \
         "invalid" in lines[0].lower(), lines
@@ -227,21 +232,9 @@ async def test_serve_refuses_wrong_credentials_of_every_tcp_url_form_in_one_line
         tcp_redis, tmp_path, form):
     """SPEC: a store that refuses the credentials is a start-up error, one line, no password
     in it, whichever URL form carries them (only the unix:// form was checked)."""
-    import sys
-    url = form.format(pw=WRONG, port=tcp_redis)
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"store: {{redis_url: '{url}'}}\n"
-                   f"server: {{port: {free_port()}}}\nadmin: {{port: {free_port()}}}\n"
-                   "upstreams: {api: {url: 'http://127.0.0.1:9'}}\n"
-                   "routes: [{path: '/x', upstream: api}]\n")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(cfg),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "KEYGATE_ADMIN_TOKEN": "x" * 32})
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 1
-    lines = err.decode().strip().splitlines()
-    assert len(lines) == 1 and WRONG not in lines[0] and WRONG not in out.decode(), lines
+    code, out, lines = await serve_on_store(tmp_path, form.format(pw=WRONG, port=tcp_redis))
+    assert code == 1
+    assert len(lines) == 1 and WRONG not in lines[0] and WRONG not in out, lines
     assert "store" in lines[0] and "invalid username-password" in lines[0], lines
 
 
