@@ -354,8 +354,11 @@ class HeldReplies:
     ``held_back`` counts the replies that arrived since ``hold()``: once it is above 0, a call
     made after ``hold()`` has reached Redis and waits for its answer."""
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, reply_delay: float = 0.0) -> None:
+        """``reply_delay``: seconds every read of replies waits before it is passed on (a
+        store that far away)."""
         from urllib.parse import urlsplit
+        self._delay = reply_delay
         at = urlsplit(redis_url)
         self._target = (at.hostname, at.port)
         self._db = at.path
@@ -391,6 +394,8 @@ class HeldReplies:
         async def pump(reader, writer, held: bool) -> None:
             try:
                 while data := await reader.read(65536):
+                    if held and self._delay:
+                        await asyncio.sleep(self._delay)
                     if held and not self._flowing.is_set():
                         self.held_back += 1
                         await self._flowing.wait()

@@ -1130,30 +1130,9 @@ async def test_the_keys_of_many_tunnels_are_checked_at_once_not_one_after_anothe
     tunnels open."""
     from gateway.config import StoreConfig
 
-    class SlowReplies(HeldReplies):  # every reply 50 ms late
-        async def _relay(self, client_reader, client_writer) -> None:
-            redis_reader, redis_writer = await asyncio.open_connection(*self._target)
-
-            async def pump(reader, writer, slow: bool) -> None:
-                try:
-                    while data := await reader.read(65536):
-                        if slow:
-                            await asyncio.sleep(0.05)
-                        writer.write(data)
-                        await writer.drain()
-                except (ConnectionError, OSError):
-                    pass
-                finally:
-                    writer.close()
-            tasks = [asyncio.ensure_future(pump(client_reader, redis_writer, False)),
-                     asyncio.ensure_future(pump(redis_reader, client_writer, True))]
-            self._tasks.update(tasks)
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self._tasks.difference_update(tasks)
-
     n = 40
-    async with SlowReplies(redis_url) as relay, ws_upstream() as (url, _), gateway(
-            relay.url, monkeypatch, url, websocket_recheck=1.0, idle=60.0,
+    async with HeldReplies(redis_url, reply_delay=0.05) as relay, \
+            ws_upstream() as (url, _), gateway(relay.url, monkeypatch, url, websocket_recheck=1.0, idle=60.0,
             store=StoreConfig(redis_url=relay.url, timeout=2.0)) as g:
         await g.admin_json("PATCH", "/workspaces/acme", {"plan": "unlimited"})
         keys = await asyncio.gather(*(g.key(name=f"k{i}") for i in range(n)))
