@@ -1132,8 +1132,9 @@ async def test_the_keys_of_many_tunnels_are_checked_at_once_not_one_after_anothe
 
     n = 40
     async with HeldReplies(redis_url, reply_delay=0.05) as relay, \
-            ws_upstream() as (url, _), gateway(relay.url, monkeypatch, url, websocket_recheck=1.0, idle=60.0,
-            store=StoreConfig(redis_url=relay.url, timeout=2.0)) as g:
+            ws_upstream() as (url, _), \
+            gateway(relay.url, monkeypatch, url, websocket_recheck=1.0, idle=60.0,
+                    store=StoreConfig(redis_url=relay.url, timeout=2.0)) as g:
         await g.admin_json("PATCH", "/workspaces/acme", {"plan": "unlimited"})
         keys = await asyncio.gather(*(g.key(name=f"k{i}") for i in range(n)))
         async with aiohttp.ClientSession() as client:
