@@ -12,7 +12,9 @@ What ``check_path`` accepts (the raw request target before any decoding, query e
 - no empty segment (``//``) except one trailing slash (``/people/`` is fine);
 - no segment of dots only: ``.``, ``..``, nor ``...`` and longer, which Windows and IIS read
   as an empty segment once they strip a segment's trailing dots (percent-encoded dots are
-  refused as encoded unreserved anyway);
+  refused as encoded unreserved anyway); nor of dots and encoded spaces only (``..%20``,
+  ``%20``, ``.%20``), which they read as ``..`` or an empty segment once they strip its
+  trailing spaces too;
 - percent escapes must be well-formed (``%`` + two hex digits) and must be needed: an escape of
   an unreserved character (``%41``, ``%2e``, ``%7E``) is not canonical; ``%2F`` and ``%5C``
   (encoded ``/`` and ``\\``), ``%00`` and other encoded control characters are refused, as is
@@ -124,6 +126,12 @@ def _check_escapes(path: str) -> None:
         decoded = unquote_to_bytes(path).decode("utf-8")
     except UnicodeDecodeError:
         raise _bad("The request path's percent-encoding is not valid UTF-8.") from None
+    if " " in decoded:  # (a path with an escape pays one more C-level scan)
+        for seg in decoded.split("/"):
+            if _dots_spaces_only(seg):
+                # Windows strips a segment's trailing dots and spaces: '..%20' is '..' to
+                # IIS ('/public/..%20/admin' is '/admin'), '%20' and '.%20' are empty
+                raise _bad("The request path contains a segment of dots and spaces only.")
     # only an encoded ';' or non-ASCII can read differently to a server that does more than
     # decode (an ordinary path pays two C-level scans)
     if ";" in decoded or not decoded.isascii():
@@ -152,12 +160,12 @@ def decoded_problem(decoded: str) -> str | None:
                     if read.count(ch) > seg.count(ch):
                         return ("a percent-encoded character that Unicode compatibility "
                                 f"normalisation (NFKC) turns into '{ch}'")
-                if _dots_only(read):
+                if _dots_spaces_only(read):
                     return ("a segment that Unicode compatibility normalisation (NFKC) "
                             f"turns into '{read}'")
         if ";" in read:
             head = read.partition(";")[0]
-            if head == "" or _dots_only(head):
+            if head == "" or _dots_spaces_only(head):
                 what = f"'{head}'" if head else "empty"
                 return f"a segment that is {what} once its encoded ';' parameter is cut off"
     return None
@@ -178,6 +186,12 @@ def _dots_only(segment: str) -> bool:
     """``.``, ``..``, ``...``: a segment of dots only (Windows strips trailing dots, so from
     three on it reads as an empty segment there)."""
     return segment != "" and segment.strip(".") == ""
+
+
+def _dots_spaces_only(segment: str) -> bool:
+    """A decoded segment of dots and spaces only (``..``, ``.. ``, `` ``): Windows strips a
+    segment's trailing dots and spaces, so it reads as ``..`` or ``.`` or empty there."""
+    return segment != "" and segment.strip(". ") == ""
 
 
 _READ_SAFE = "-._~!$&'()*+,=:@"  # what a canonical segment holds unencoded

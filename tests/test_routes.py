@@ -19,6 +19,7 @@ GOOD_PATHS = [
     "/people/123",
     "/people/123/",
     "/people/a%20b",
+    "/people/a%20", "/people/%20a", "/a.%20b/x", "/people/x.%20",  # a name, spaces aside
     "/caf%C3%A9",
     "/caf%c3%a9",                 # lower-case hex in a needed escape: accepted
     "/a%3Bb",                     # encoded ';' is data, not a segment parameter
@@ -46,6 +47,12 @@ BAD_PATHS = {
     # segment's trailing dots, so '...' reads as an empty segment there
     "dots-only": ["/...", "/a/.../b", "/a/....", "/..../x", "/a/...%3Bx", "/%E2%80%A6",
                   "/a/%E2%80%A6/b", "/a/.%E2%80%A6", "/a/%E2%80%A6%3Bx"],
+    # ... and of dots and spaces only: Windows strips trailing spaces too, so '..%20' reads
+    # as '..' ('/public/..%20/admin' is '/admin' to IIS) and '%20' or '.%20' as empty; also
+    # once an encoded ';' parameter is cut off, or NFKC made the space (an ideographic one)
+    "dots-spaces": ["/public/..%20/admin", "/a/..%20", "/a/.%20/b", "/%20/admin", "/a/%20",
+                    "/a/%20%20/b", "/a/.%20.%20/b", "/a/%20../b", "/a/..%20%3Bx/b",
+                    "/a/..%E3%80%80/b", "/a/%20%3Bx"],
     "dot-enc": ["/%2e", "/%2E", "/a/%2e%2e/b", "/a/%2E%2e/b", "/a/.%2e/b", "/a/%2e./b",
                 "/a/%2e%2E", "/%2e%2e/etc/passwd", "/a%2eb"],
     "slash-enc": ["/a%2Fb", "/a%2fb", "/public/..%2Fadmin", "/%2F"],
@@ -97,6 +104,7 @@ def test_non_canonical_paths_are_bad_path(path: str) -> None:
     ("/a/.../b", "segment of dots only"),
     ("/a/%E2%80%A6/b", "NFKC"),
     ("/a/%2e%2e/b", "percent-encoded dot"),
+    ("/a/..%20/b", "dots and spaces only"),
     ("/a%2Fb", "encoded '/'"),
     ("/a%5cb", "encoded '\\'"),
     ("/a\\b", "backslash"),
@@ -126,7 +134,7 @@ def test_bad_path_messages_say_what_is_wrong(path: str, words: str) -> None:
 
 _READ_AS_SYNTAX = st.sampled_from(["\uff0e", "\uff0f", "\uff3c", "\u2024", "\u2025", "\ufe52",
                                    "\ufe68", "\u2100", "\uff1b", "\uff05", ";", ".", "x",
-                                   "\u00e9", "\uff21"])
+                                   "\u00e9", "\uff21", " ", "\u3000"])
 
 
 @given(st.lists(st.text(_READ_AS_SYNTAX, min_size=1, max_size=4), min_size=1, max_size=3))
@@ -145,6 +153,8 @@ def test_a_path_accepted_reads_the_same_to_a_server_that_normalises_and_cuts_par
         read = unicodedata.normalize("NFKC", seg)
         assert "/" not in read and "\\" not in read, path
         assert read.partition(";")[0] not in ("", ".", ".."), path
+        # nor one of dots and spaces only, which Windows reads as '..', '.' or empty
+        assert read.partition(";")[0].strip(". ") != "", path
 
 
 def test_check_path_accepts_raw_bytes() -> None:
