@@ -583,14 +583,24 @@ class RouteTable:
         for reading in readings:
             if reading == raw_path:
                 continue
-            try:
-                other = self._find(method, reading)
-            except NotFound:
-                other = None
-            if other is not None and other is not found or \
-                    found.case_check and self._case_rival(found, method, reading.lower()):
+            if self._rival(found, method, reading):
+                return True
+            # and without a trailing slash, as upstreams read '/admin.json/' ('/admin/' to
+            # IIS, '/admin.json' to Rails, each '/admin' to both)
+            if reading[-1:] == "/" and len(reading) > 1 and \
+                    self._rival(found, method, reading[:-1]):
                 return True
         return False
+
+    def _rival(self, found: _Compiled, method: str, reading: str) -> bool:
+        """Whether another route than ``found`` matches ``reading`` (or an earlier one does
+        case-insensitively)."""
+        try:
+            other = self._find(method, reading)
+        except NotFound:
+            other = None
+        return other is not None and other is not found or \
+            bool(found.case_check) and self._case_rival(found, method, reading.lower())
 
     def _find(self, method: str, raw_path: str) -> _Compiled:
         end = raw_path.find("/", 1)

@@ -503,6 +503,19 @@ def test_a_path_whose_dotless_reading_is_the_same_route_or_named_literally_passe
     assert table(*routes).match("GET", path) is routes[expected]
 
 
+@pytest.mark.parametrize("path", ["/admin.json/", "/admin./", "/admin%20/", "/ADMIN.json/",
+                                  "/admin.%20/"])
+def test_a_dotted_reading_with_a_trailing_slash_is_read_without_it_too(path) -> None:
+    # Rails drops the trailing slash and then the format ('/admin.json/' is '/admin'), IIS
+    # strips the dots and routes '/admin/' as '/admin': each reading alone ('/admin.json',
+    # '/admin/') matched the public catch-all, and so did the path
+    admin = r("/admin")
+    t = table(admin, PUBLIC)
+    for _ in range(2):
+        _bad_path(t, "GET", path)
+    assert t.match("GET", "/admin") is admin
+
+
 def test_a_glob_segment_of_dots_only_is_a_problem() -> None:
     assert "'...'" in glob_problem("/a/.../b")
 
