@@ -48,8 +48,9 @@ And a path with a dot at the end of a segment or in its last segment is read two
 with every segment's trailing dots and spaces stripped (Windows, IIS: ``/admin./users`` and
 ``/admin%20/users`` are ``/admin/users``), and with its last segment cut at its first dot (a format suffix: Rails'
 ``(.:format)``, Spring MVC's suffix pattern matching before 5.3: ``/admin.json`` is
-``/admin``). A reading that matches another route is refused, unless the route matched as sent
-names the dotted segment literally (``/users.csv`` beside ``/users``).
+``/admin``). A reading that matches another route is refused, also once a trailing slash is
+dropped from it; the second one not when the route matched as sent names the dotted last
+segment literally (``/users.csv`` beside ``/users``).
 """
 
 from __future__ import annotations
@@ -563,8 +564,9 @@ class RouteTable:
         """Whether a reading of the dotted ``raw_path`` an upstream may serve instead matches
         another route than ``found`` (or an earlier one case-insensitively): each segment's
         trailing dots and spaces stripped (Windows, IIS), or the last segment cut at its first dot (a
-        format suffix: Rails, Spring MVC's suffix patterns). Not when ``found`` names the
-        dotted segment literally (a route written for ``/users.csv``)."""
+        format suffix: Rails, Spring MVC's suffix patterns), the latter not when ``found`` names
+        the dotted segment literally (a route written for ``/users.csv``). A reading ending in
+        a slash is read without it too."""
         segments = raw_path.split("/")
         at = len(segments) - 1 if segments[-1] or len(segments) < 3 else len(segments) - 2
         readings = []
@@ -572,14 +574,13 @@ class RouteTable:
             readings.append("/".join(_windows_segment(seg) for seg in segments))
         name, dot, _ = segments[at].partition(".")
         if dot and name:
-            cut = segments[:]
-            cut[at] = name
-            readings.append("/".join(cut))
-        if not readings:
-            return False
-        glob = found.route.path.split("/")
-        if len(glob) == len(segments) and glob[at] == segments[at]:
-            return False  # the route names the dotted last segment as sent
+            glob = found.route.path.split("/")
+            # a route naming the dotted last segment as sent is written for it: not its
+            # format reading (the segments before it are read as Windows reads them still)
+            if not (len(glob) == len(segments) and glob[at] == segments[at]):
+                cut = segments[:]
+                cut[at] = name
+                readings.append("/".join(cut))
         for reading in readings:
             if reading == raw_path:
                 continue

@@ -516,6 +516,18 @@ def test_a_dotted_reading_with_a_trailing_slash_is_read_without_it_too(path) -> 
     assert t.match("GET", "/admin") is admin
 
 
+@pytest.mark.parametrize("path", ["/admin./openapi.json", "/admin%20/openapi.json",
+                                  "/Admin./openapi.json"])
+def test_a_route_naming_the_dotted_last_segment_still_reads_the_other_segments(path) -> None:
+    # '/*/openapi.json' names the last segment literally: that spares the format reading
+    # ('/admin/openapi'), not IIS's reading of the segments before it ('/admin/openapi.json',
+    # under the scoped '/admin/**' that comes first)
+    t = table(ADMIN, r("/*/openapi.json", public=True))
+    _bad_path(t, "GET", path)
+    assert t.match("GET", "/admin/openapi.json") is ADMIN
+    assert t.match("GET", "/docs/openapi.json").path == "/*/openapi.json"
+
+
 def test_a_glob_segment_of_dots_only_is_a_problem() -> None:
     assert "'...'" in glob_problem("/a/.../b")
 
