@@ -548,8 +548,12 @@ class RouteTable:
                     other = self._find(method, reading)
                 except NotFound:
                     other = None
+                # ...and read as such an upstream reads a dotted path ('/admin%EF%BC%8E/users',
+                # a fullwidth full stop, is '/admin./users', which IIS serves as '/admin/users')
                 if other is not found or \
-                        found.case_check and self._case_rival(found, method, reading.lower()):
+                        found.case_check and self._case_rival(found, method, reading.lower()) or \
+                        ("." in reading or "%20" in reading) and \
+                        self._dotted_rival(found, method, reading):
                     raise _bad("The request path contains a percent-encoded character that "
                                "Unicode compatibility normalisation (NFKC) reads as another "
                                "route's path.")

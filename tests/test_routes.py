@@ -528,6 +528,22 @@ def test_a_route_naming_the_dotted_last_segment_still_reads_the_other_segments(p
     assert t.match("GET", "/docs/openapi.json").path == "/*/openapi.json"
 
 
+@pytest.mark.parametrize("routes, path", [
+    ((ADMIN, PUBLIC), "/admin%EF%BC%8E/users"),       # FULLWIDTH FULL STOP: '/admin./users'
+    ((ADMIN, PUBLIC), "/admin%E3%80%80/users"),       # IDEOGRAPHIC SPACE: '/admin /users'
+    ((ADMIN, PUBLIC), "/admin.%EF%BC%8E/users"),
+    ((r("/admin"), PUBLIC), "/admin%EF%BC%8Ejson"),   # '/admin.json'
+])
+def test_a_path_whose_nfkc_reading_has_a_dotted_reading_of_another_route_is_bad_path(
+        routes, path) -> None:
+    # an upstream that NFKC-normalises the path and strips trailing dots and spaces (IIS) or
+    # cuts a format off serves the scoped '/admin' route: the NFKC reading ('/admin./users')
+    # matched the public catch-all as the path did, and only the path had dotted readings
+    t = table(*routes)
+    for _ in range(2):
+        _bad_path(t, "GET", path)
+
+
 def test_a_glob_segment_of_dots_only_is_a_problem() -> None:
     assert "'...'" in glob_problem("/a/.../b")
 
