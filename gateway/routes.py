@@ -368,6 +368,9 @@ def glob_problem(glob: str) -> str | None:
         if _dots_only(segment):
             return (f"'{glob}' has a '{segment}' segment; requests with dot-segments are "
                     "refused, so it never matches")
+        if segment and _windows_segment(segment) == "":
+            return (f"'{glob}' has a '{segment}' segment of dots and spaces only; requests "
+                    "with it are refused, so it never matches")
         if "*" in segment and segment not in ("*", "**"):
             return f"'{glob}': '*' and '**' must be a whole segment (got '{segment}')"
         if segment == "**" and not last:

@@ -546,6 +546,9 @@ def test_a_path_whose_nfkc_reading_has_a_dotted_reading_of_another_route_is_bad_
 
 def test_a_glob_segment_of_dots_only_is_a_problem() -> None:
     assert "'...'" in glob_problem("/a/.../b")
+    for glob in ("/a/..%20/b", "/a/%20", "/.%20/x"):  # refused as requests: never matches
+        assert "dots and spaces only" in glob_problem(glob)
+    assert glob_problem("/a/b%20/c") is None and glob_problem("/a/x.%20") is None
 
 
 # --- a path whose reading without its trailing slash is another route ---------------------------
