@@ -442,7 +442,9 @@ class Authenticator:
         a long tail of rarely used ones), push out every key in steady use: each paid argon2
         again, queued behind that stream. Now a key seen once is dropped first, and one in
         use stays as long as it is used once per pass. A pass looks at no more than 8 times
-        what it drops; if all of those were in use, the oldest still goes."""
+        what it drops: if fewer than a hundredth of those were unused (more keys in steady
+        use than the cache holds), the oldest left make up the hundredth, so that the next
+        new keys find room without looking again."""
         cache = self.cache
         want = max(1, self.capacity // ROOM_MADE)
         dropped = 0
@@ -455,8 +457,9 @@ class Authenticator:
                 dropped += 1
                 if dropped == want:
                     break
-        if not dropped and cache:
-            del cache[next(iter(cache))]
+        if dropped < want:  # (one walk past the slots emptied above, not one per entry)
+            for digest in list(islice(cache, want - dropped)):
+                del cache[digest]
 
     def _forget(self, entry: CachedKey) -> None:
         self.cache.pop(entry.secret_digest, None)

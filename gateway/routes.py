@@ -12,7 +12,9 @@ What ``check_path`` accepts (the raw request target before any decoding, query e
 - no empty segment (``//``) except one trailing slash (``/people/`` is fine);
 - no segment of dots only: ``.``, ``..``, nor ``...`` and longer, which Windows and IIS read
   as an empty segment once they strip a segment's trailing dots (percent-encoded dots are
-  refused as encoded unreserved anyway);
+  refused as encoded unreserved anyway); nor of dots and encoded spaces only (``..%20``,
+  ``%20``, ``.%20``), which they read as ``..`` or an empty segment once they strip its
+  trailing spaces too;
 - percent escapes must be well-formed (``%`` + two hex digits) and must be needed: an escape of
   an unreserved character (``%41``, ``%2e``, ``%7E``) is not canonical; ``%2F`` and ``%5C``
   (encoded ``/`` and ``\\``), ``%00`` and other encoded control characters are refused, as is
@@ -46,8 +48,9 @@ And a path with a dot at the end of a segment or in its last segment is read two
 with every segment's trailing dots and spaces stripped (Windows, IIS: ``/admin./users`` and
 ``/admin%20/users`` are ``/admin/users``), and with its last segment cut at its first dot (a format suffix: Rails'
 ``(.:format)``, Spring MVC's suffix pattern matching before 5.3: ``/admin.json`` is
-``/admin``). A reading that matches another route is refused, unless the route matched as sent
-names the dotted segment literally (``/users.csv`` beside ``/users``).
+``/admin``). A reading that matches another route is refused, also once a trailing slash is
+dropped from it; the second one not when the route matched as sent names the dotted last
+segment literally (``/users.csv`` beside ``/users``).
 """
 
 from __future__ import annotations
@@ -124,6 +127,12 @@ def _check_escapes(path: str) -> None:
         decoded = unquote_to_bytes(path).decode("utf-8")
     except UnicodeDecodeError:
         raise _bad("The request path's percent-encoding is not valid UTF-8.") from None
+    if " " in decoded:  # (a path with an escape pays one more C-level scan)
+        for seg in decoded.split("/"):
+            if _dots_spaces_only(seg):
+                # Windows strips a segment's trailing dots and spaces: '..%20' is '..' to
+                # IIS ('/public/..%20/admin' is '/admin'), '%20' and '.%20' are empty
+                raise _bad("The request path contains a segment of dots and spaces only.")
     # only an encoded ';' or non-ASCII can read differently to a server that does more than
     # decode (an ordinary path pays two C-level scans)
     if ";" in decoded or not decoded.isascii():
@@ -152,12 +161,12 @@ def decoded_problem(decoded: str) -> str | None:
                     if read.count(ch) > seg.count(ch):
                         return ("a percent-encoded character that Unicode compatibility "
                                 f"normalisation (NFKC) turns into '{ch}'")
-                if _dots_only(read):
+                if _dots_spaces_only(read):
                     return ("a segment that Unicode compatibility normalisation (NFKC) "
                             f"turns into '{read}'")
         if ";" in read:
             head = read.partition(";")[0]
-            if head == "" or _dots_only(head):
+            if head == "" or _dots_spaces_only(head):
                 what = f"'{head}'" if head else "empty"
                 return f"a segment that is {what} once its encoded ';' parameter is cut off"
     return None
@@ -178,6 +187,12 @@ def _dots_only(segment: str) -> bool:
     """``.``, ``..``, ``...``: a segment of dots only (Windows strips trailing dots, so from
     three on it reads as an empty segment there)."""
     return segment != "" and segment.strip(".") == ""
+
+
+def _dots_spaces_only(segment: str) -> bool:
+    """A decoded segment of dots and spaces only (``..``, ``.. ``, `` ``): Windows strips a
+    segment's trailing dots and spaces, so it reads as ``..`` or ``.`` or empty there."""
+    return segment != "" and segment.strip(". ") == ""
 
 
 _READ_SAFE = "-._~!$&'()*+,=:@"  # what a canonical segment holds unencoded
@@ -353,6 +368,9 @@ def glob_problem(glob: str) -> str | None:
         if _dots_only(segment):
             return (f"'{glob}' has a '{segment}' segment; requests with dot-segments are "
                     "refused, so it never matches")
+        if segment and _windows_segment(segment) == "":
+            return (f"'{glob}' has a '{segment}' segment of dots and spaces only; requests "
+                    "with it are refused, so it never matches")
         if "*" in segment and segment not in ("*", "**"):
             return f"'{glob}': '*' and '**' must be a whole segment (got '{segment}')"
         if segment == "**" and not last:
@@ -533,8 +551,12 @@ class RouteTable:
                     other = self._find(method, reading)
                 except NotFound:
                     other = None
+                # ...and read as such an upstream reads a dotted path ('/admin%EF%BC%8E/users',
+                # a fullwidth full stop, is '/admin./users', which IIS serves as '/admin/users')
                 if other is not found or \
-                        found.case_check and self._case_rival(found, method, reading.lower()):
+                        found.case_check and self._case_rival(found, method, reading.lower()) or \
+                        ("." in reading or "%20" in reading) and \
+                        self._dotted_rival(found, method, reading):
                     raise _bad("The request path contains a percent-encoded character that "
                                "Unicode compatibility normalisation (NFKC) reads as another "
                                "route's path.")
@@ -549,8 +571,9 @@ class RouteTable:
         """Whether a reading of the dotted ``raw_path`` an upstream may serve instead matches
         another route than ``found`` (or an earlier one case-insensitively): each segment's
         trailing dots and spaces stripped (Windows, IIS), or the last segment cut at its first dot (a
-        format suffix: Rails, Spring MVC's suffix patterns). Not when ``found`` names the
-        dotted segment literally (a route written for ``/users.csv``)."""
+        format suffix: Rails, Spring MVC's suffix patterns), the latter not when ``found`` names
+        the dotted segment literally (a route written for ``/users.csv``). A reading ending in
+        a slash is read without it too."""
         segments = raw_path.split("/")
         at = len(segments) - 1 if segments[-1] or len(segments) < 3 else len(segments) - 2
         readings = []
@@ -558,25 +581,34 @@ class RouteTable:
             readings.append("/".join(_windows_segment(seg) for seg in segments))
         name, dot, _ = segments[at].partition(".")
         if dot and name:
-            cut = segments[:]
-            cut[at] = name
-            readings.append("/".join(cut))
-        if not readings:
-            return False
-        glob = found.route.path.split("/")
-        if len(glob) == len(segments) and glob[at] == segments[at]:
-            return False  # the route names the dotted last segment as sent
+            glob = found.route.path.split("/")
+            # a route naming the dotted last segment as sent is written for it: not its
+            # format reading (the segments before it are read as Windows reads them still)
+            if not (len(glob) == len(segments) and glob[at] == segments[at]):
+                cut = segments[:]
+                cut[at] = name
+                readings.append("/".join(cut))
         for reading in readings:
             if reading == raw_path:
                 continue
-            try:
-                other = self._find(method, reading)
-            except NotFound:
-                other = None
-            if other is not None and other is not found or \
-                    found.case_check and self._case_rival(found, method, reading.lower()):
+            if self._rival(found, method, reading):
+                return True
+            # and without a trailing slash, as upstreams read '/admin.json/' ('/admin/' to
+            # IIS, '/admin.json' to Rails, each '/admin' to both)
+            if reading[-1:] == "/" and len(reading) > 1 and \
+                    self._rival(found, method, reading[:-1]):
                 return True
         return False
+
+    def _rival(self, found: _Compiled, method: str, reading: str) -> bool:
+        """Whether another route than ``found`` matches ``reading`` (or an earlier one does
+        case-insensitively)."""
+        try:
+            other = self._find(method, reading)
+        except NotFound:
+            other = None
+        return other is not None and other is not found or \
+            bool(found.case_check) and self._case_rival(found, method, reading.lower())
 
     def _find(self, method: str, raw_path: str) -> _Compiled:
         end = raw_path.find("/", 1)

@@ -569,6 +569,35 @@ async def test_a_stream_of_new_keys_does_not_push_a_key_in_use_out_of_the_cache(
     assert gut.counter("keygate_argon2_verifications_total", result="ok") == 31
 
 
+async def test_a_full_cache_of_keys_in_use_makes_room_for_a_hundredth_at_once(gut):
+    """When every key the cache looked at was in use (more keys in steady use than it holds),
+    making room dropped one entry after looking at 8 % of the cache: every next new key looked
+    at 8 % again (8000 entries at 100k, on the event loop), not the hundredth at once the
+    cache's design promises. The oldest make up the hundredth now."""
+    import copy
+    await gut.workspace("many", plan="unlimited")
+    auth = gut.gw.pipeline.auth
+    hot, _ = await gut.key("many", name="hot")
+    async with gut.proxy.get("/people/1", headers=bearer(hot)) as r:
+        assert r.status == 200
+    (model,) = auth.cache.values()
+    auth.capacity = 1000  # a hundredth: 10
+    auth.cache.clear()
+
+    def clone(i: int):
+        entry = copy.copy(model)
+        entry.secret_digest = i.to_bytes(8, "big")
+        return entry
+
+    for i in range(1000):
+        auth._remember(clone(i))
+    for entry in auth.cache.values():
+        entry.used = True  # every key in the cache served again since it was verified
+    auth._remember(clone(1000))
+    assert len(auth.cache) == 1000 - 10 + 1  # room for the next nine without looking again
+    assert 1000 .to_bytes(8, "big") in auth.cache
+
+
 # --- store down --------------------------------------------------------------------------------
 
 async def test_store_down_is_503_never_401(own_redis, upstream, monkeypatch):

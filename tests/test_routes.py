@@ -19,6 +19,7 @@ GOOD_PATHS = [
     "/people/123",
     "/people/123/",
     "/people/a%20b",
+    "/people/a%20", "/people/%20a", "/a.%20b/x", "/people/x.%20",  # a name, spaces aside
     "/caf%C3%A9",
     "/caf%c3%a9",                 # lower-case hex in a needed escape: accepted
     "/a%3Bb",                     # encoded ';' is data, not a segment parameter
@@ -46,6 +47,12 @@ BAD_PATHS = {
     # segment's trailing dots, so '...' reads as an empty segment there
     "dots-only": ["/...", "/a/.../b", "/a/....", "/..../x", "/a/...%3Bx", "/%E2%80%A6",
                   "/a/%E2%80%A6/b", "/a/.%E2%80%A6", "/a/%E2%80%A6%3Bx"],
+    # ... and of dots and spaces only: Windows strips trailing spaces too, so '..%20' reads
+    # as '..' ('/public/..%20/admin' is '/admin' to IIS) and '%20' or '.%20' as empty; also
+    # once an encoded ';' parameter is cut off, or NFKC made the space (an ideographic one)
+    "dots-spaces": ["/public/..%20/admin", "/a/..%20", "/a/.%20/b", "/%20/admin", "/a/%20",
+                    "/a/%20%20/b", "/a/.%20.%20/b", "/a/%20../b", "/a/..%20%3Bx/b",
+                    "/a/..%E3%80%80/b", "/a/%20%3Bx"],
     "dot-enc": ["/%2e", "/%2E", "/a/%2e%2e/b", "/a/%2E%2e/b", "/a/.%2e/b", "/a/%2e./b",
                 "/a/%2e%2E", "/%2e%2e/etc/passwd", "/a%2eb"],
     "slash-enc": ["/a%2Fb", "/a%2fb", "/public/..%2Fadmin", "/%2F"],
@@ -97,6 +104,7 @@ def test_non_canonical_paths_are_bad_path(path: str) -> None:
     ("/a/.../b", "segment of dots only"),
     ("/a/%E2%80%A6/b", "NFKC"),
     ("/a/%2e%2e/b", "percent-encoded dot"),
+    ("/a/..%20/b", "dots and spaces only"),
     ("/a%2Fb", "encoded '/'"),
     ("/a%5cb", "encoded '\\'"),
     ("/a\\b", "backslash"),
@@ -126,7 +134,7 @@ def test_bad_path_messages_say_what_is_wrong(path: str, words: str) -> None:
 
 _READ_AS_SYNTAX = st.sampled_from(["\uff0e", "\uff0f", "\uff3c", "\u2024", "\u2025", "\ufe52",
                                    "\ufe68", "\u2100", "\uff1b", "\uff05", ";", ".", "x",
-                                   "\u00e9", "\uff21"])
+                                   "\u00e9", "\uff21", " ", "\u3000"])
 
 
 @given(st.lists(st.text(_READ_AS_SYNTAX, min_size=1, max_size=4), min_size=1, max_size=3))
@@ -145,6 +153,8 @@ def test_a_path_accepted_reads_the_same_to_a_server_that_normalises_and_cuts_par
         read = unicodedata.normalize("NFKC", seg)
         assert "/" not in read and "\\" not in read, path
         assert read.partition(";")[0] not in ("", ".", ".."), path
+        # nor one of dots and spaces only, which Windows reads as '..', '.' or empty
+        assert read.partition(";")[0].strip(". ") != "", path
 
 
 def test_check_path_accepts_raw_bytes() -> None:
@@ -493,8 +503,52 @@ def test_a_path_whose_dotless_reading_is_the_same_route_or_named_literally_passe
     assert table(*routes).match("GET", path) is routes[expected]
 
 
+@pytest.mark.parametrize("path", ["/admin.json/", "/admin./", "/admin%20/", "/ADMIN.json/",
+                                  "/admin.%20/"])
+def test_a_dotted_reading_with_a_trailing_slash_is_read_without_it_too(path) -> None:
+    # Rails drops the trailing slash and then the format ('/admin.json/' is '/admin'), IIS
+    # strips the dots and routes '/admin/' as '/admin': each reading alone ('/admin.json',
+    # '/admin/') matched the public catch-all, and so did the path
+    admin = r("/admin")
+    t = table(admin, PUBLIC)
+    for _ in range(2):
+        _bad_path(t, "GET", path)
+    assert t.match("GET", "/admin") is admin
+
+
+@pytest.mark.parametrize("path", ["/admin./openapi.json", "/admin%20/openapi.json",
+                                  "/Admin./openapi.json"])
+def test_a_route_naming_the_dotted_last_segment_still_reads_the_other_segments(path) -> None:
+    # '/*/openapi.json' names the last segment literally: that spares the format reading
+    # ('/admin/openapi'), not IIS's reading of the segments before it ('/admin/openapi.json',
+    # under the scoped '/admin/**' that comes first)
+    t = table(ADMIN, r("/*/openapi.json", public=True))
+    _bad_path(t, "GET", path)
+    assert t.match("GET", "/admin/openapi.json") is ADMIN
+    assert t.match("GET", "/docs/openapi.json").path == "/*/openapi.json"
+
+
+@pytest.mark.parametrize("routes, path", [
+    ((ADMIN, PUBLIC), "/admin%EF%BC%8E/users"),       # FULLWIDTH FULL STOP: '/admin./users'
+    ((ADMIN, PUBLIC), "/admin%E3%80%80/users"),       # IDEOGRAPHIC SPACE: '/admin /users'
+    ((ADMIN, PUBLIC), "/admin.%EF%BC%8E/users"),
+    ((r("/admin"), PUBLIC), "/admin%EF%BC%8Ejson"),   # '/admin.json'
+])
+def test_a_path_whose_nfkc_reading_has_a_dotted_reading_of_another_route_is_bad_path(
+        routes, path) -> None:
+    # an upstream that NFKC-normalises the path and strips trailing dots and spaces (IIS) or
+    # cuts a format off serves the scoped '/admin' route: the NFKC reading ('/admin./users')
+    # matched the public catch-all as the path did, and only the path had dotted readings
+    t = table(*routes)
+    for _ in range(2):
+        _bad_path(t, "GET", path)
+
+
 def test_a_glob_segment_of_dots_only_is_a_problem() -> None:
     assert "'...'" in glob_problem("/a/.../b")
+    for glob in ("/a/..%20/b", "/a/%20", "/.%20/x"):  # refused as requests: never matches
+        assert "dots and spaces only" in glob_problem(glob)
+    assert glob_problem("/a/b%20/c") is None and glob_problem("/a/x.%20") is None
 
 
 # --- a path whose reading without its trailing slash is another route ---------------------------
