@@ -68,7 +68,7 @@ def pytest_collection_finish(session) -> None:
     """The ~150k objects of the collected session (modules, tests, fixtures) live until the
     end: moved out of the collector's reach, so a full collection no longer walks them. One
     cost ~0.12 s of CPU, 0.3-0.5 s on a loaded 2-core host, and it stalled whatever gateway
-    a test ran in this process past the harness's 0.5 s store timeout."""
+    a test ran in this process past a 0.5 s store timeout (the harness's default then)."""
     gc.collect()
     gc.freeze()
 

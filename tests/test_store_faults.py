@@ -23,7 +23,7 @@ from conftest import redis_server_binary, free_port
 
 async def test_a_burst_of_admin_creations_is_never_a_503(upstream, redis_url, monkeypatch):
     """redis-py 8's pool raises past 100 connections; a burst must queue, not fail."""
-    # The store timeout a deployment has (2 s), not the harness's 0.5: the burst opens the
+    # The store timeout a deployment has (2 s; the harness's default too, set here as the test depends on it): the burst opens the
     # pool's 64 connections at once while the loop hashes 200 new keys, and on a loaded
     # 2-core machine some connects took past 0.5 s ("Timeout connecting to server": 21 of
     # 200 answered 503 in one of four concurrent full-suite runs). A pool that raises past
@@ -388,7 +388,7 @@ async def test_a_workspace_admin_creating_keys_in_bulk_does_not_queue_first_requ
     workspace admin key (a customer's, on the proxy listener) sending many creates at once
     queued every hash in the pool's one FIFO: another workspace's first request then waited
     for all of them (they are hashed even past the plan's key limit)."""
-    # The shipped store timeout, not the harness's 0.5 s (made for the fault tests): this
+    # The shipped store timeout (2 s; the harness's default too, set here as the test needs it): this
     # burst runs the gateway and its 121 clients in one loop of the pytest process, whose
     # gen-2 GC pauses (~0.12 s of CPU for the session's ~150k objects, 0.3-0.5 s measured on
     # a loaded 2-core host) can stall it past 0.5 s; redis-py's per-call timeouts on the
@@ -450,7 +450,7 @@ async def test_requests_answered_503_while_redis_is_paused_are_never_counted(
         upstream, own_redis, monkeypatch):
     """SIGSTOP: calls sit in Redis's socket buffer, the gateway answers 503 after its
     timeout; when Redis wakes it runs them all. They must count nothing (clients retry)."""
-    config = make_config(str(upstream.make_url("")))  # store timeout 0.5 s
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=0.5))
     async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
         await g.workspace(plan="unlimited")
         token, _ = await g.key()

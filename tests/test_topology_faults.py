@@ -152,7 +152,7 @@ async def test_sentinel_burst_then_failover_under_load_answers_right_and_counts_
     again once the replica is promoted (keygate not restarted), /readyz 200, an admin write
     lands on the new master, and the month's count equals the 200s answered (a graceful
     failover loses no write)."""
-    # The store timeout a deployment has (2 s), not the harness's 0.5: 250 requests at once
+    # The store timeout a deployment has (2 s; the harness's default too, set here as the test depends on it): 250 requests at once
     # queue for the Sentinel client's 64 pooled connections, and each store call's deadline
     # runs from when it is made. On a loaded 2-core machine the burst's last calls ran in
     # Redis past a 0.4 s deadline (29 and 84 of 250 answered 503, three concurrent runs),
@@ -334,7 +334,7 @@ async def test_a_slot_migration_under_load_leaves_other_workspaces_alone(
     answers 200 throughout, and the moved one 200 again once the routing updated."""
     ports = redis_cluster["ports"]
     spaces, moving, slot, source, target = _a_slot_to_move(ports)
-    # The store timeout a deployment has (2 s), not the harness's 0.5: on a loaded machine
+    # The store timeout a deployment has (2 s; the harness's default too, set here as the test depends on it): on a loaded machine
     # (two of four concurrent full-suite runs) requests of every node's workspaces answered
     # 503 at one instant, all after the same 0.44 s or 1.2 s - a stall of the whole store
     # path (each CLUSTER SETSLOT NODE and the epoch it bumps make the nodes save nodes.conf
