@@ -46,9 +46,9 @@ while ``/people/*`` holds the stricter DELETE.
 
 And a path with a dot at the end of a segment or in its last segment is read two more ways:
 with every segment's trailing dots and spaces stripped (Windows, IIS: ``/admin./users`` and
-``/admin%20/users`` are ``/admin/users``), and with its last segment cut at its first dot (a format suffix: Rails'
-``(.:format)``, Spring MVC's suffix pattern matching before 5.3: ``/admin.json`` is
-``/admin``). A reading that matches another route is refused, also once a trailing slash is
+``/admin%20/users`` are ``/admin/users``), and with its last segment cut at its first dot (a
+format suffix: Rails' ``(.:format)``, Spring MVC's suffix pattern matching before 5.3:
+``/admin.json`` is ``/admin``). A reading that matches another route is refused, also once a trailing slash is
 dropped from it; the second one not when the route matched as sent names the dotted last
 segment literally (``/users.csv`` beside ``/users``).
 """
@@ -525,22 +525,16 @@ class RouteTable:
             # most upstream routers read '/people/1/' as '/people/1' (Express and Spring MVC 5
             # by default, Flask's strict_slashes=False): that reading must be this route too,
             # also compared case-insensitively. Only paths with a trailing slash pay for it.
-            bare = raw_path[:-1]
-            try:
-                other = self._find(method, bare)
-            except NotFound:
-                other = None
-            if other is not None and other is not found or \
-                    found.case_check and self._case_rival(found, method, bare.lower()):
+            if self._rival(found, method, raw_path[:-1]):
                 raise _bad("The request path, read without its trailing slash (as many "
                            "upstreams read it), matches another route than as sent; send it "
                            "without the trailing slash.")
         if ("." in raw_path or "%20" in raw_path) and \
                 self._dotted_rival(found, method, raw_path):
             raise _bad("The request path, read without a segment's trailing dots or spaces "
-                       "(as Windows and IIS read it) or without its last segment's dot suffix (a format, "
-                       "as Rails and older Spring MVC read it), matches another route than as "
-                       "sent; send the path the route is written for.")
+                       "(as Windows and IIS read it) or without its last segment's dot suffix "
+                       "(a format, as Rails and older Spring MVC read it), matches another "
+                       "route than as sent; send the path the route is written for.")
         if "%" in raw_path:
             # an upstream that NFKC-normalises the decoded path reads '/%EF%BD%81dmin' (a
             # fullwidth 'a') as '/admin': that reading must be this route too, also compared
@@ -570,9 +564,9 @@ class RouteTable:
     def _dotted_rival(self, found: _Compiled, method: str, raw_path: str) -> bool:
         """Whether a reading of the dotted ``raw_path`` an upstream may serve instead matches
         another route than ``found`` (or an earlier one case-insensitively): each segment's
-        trailing dots and spaces stripped (Windows, IIS), or the last segment cut at its first dot (a
-        format suffix: Rails, Spring MVC's suffix patterns), the latter not when ``found`` names
-        the dotted segment literally (a route written for ``/users.csv``). A reading ending in
+        trailing dots and spaces stripped (Windows, IIS), or the last segment cut at its first
+        dot (a format suffix: Rails, Spring MVC's suffix patterns), the latter not when
+        ``found`` names the dotted segment literally (a route written for ``/users.csv``). A reading ending in
         a slash is read without it too."""
         segments = raw_path.split("/")
         at = len(segments) - 1 if segments[-1] or len(segments) < 3 else len(segments) - 2
