@@ -172,8 +172,9 @@ REQUESTS = pytest.mark.parametrize("request_text", [WS_HANDSHAKE, STREAM_REQUEST
 
 @needs_vanish
 @pytest.mark.parametrize("request_text, trickle", [
-    (WS_HANDSHAKE, True), (STREAM_REQUEST, True), (WS_HANDSHAKE, False),
-], ids=["websocket-tunnel-trickling", "streamed-answer-trickling", "websocket-tunnel-silent"])
+    (WS_HANDSHAKE, True), (STREAM_REQUEST, True), (WS_HANDSHAKE, False), (STREAM_REQUEST, False),
+], ids=["websocket-tunnel-trickling", "streamed-answer-trickling", "websocket-tunnel-silent",
+        "streamed-answer-silent"])
 async def test_a_vanished_client_is_dropped_within_the_body_timeout(redis_url, monkeypatch,
                                                                     request_text, trickle):
     """Trickling: keygate's bytes go unacknowledged; silent: nothing moves (the tunnel would
@@ -237,3 +238,38 @@ async def test_both_listeners_connections_carry_the_user_timeout_and_keepalive(
                 writer.close()
         finally:
             await stop_listeners(runners)
+
+
+async def test_a_client_that_leaves_while_the_upstream_is_silent_frees_it_at_once(
+        redis_url, monkeypatch):
+    """A client that closes its connection (a FIN: a closed browser tab on a stream of
+    events) between two chunks of a streamed answer: the upstream connection is closed then,
+    not when the upstream next sends or its timeout (10 s here) runs out."""
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    ended: list[float] = []
+    async with trickling_upstream(ended, trickle=False) as upstream_url:
+        config = make_config(upstream_url, server=ServerConfig(
+            host="127.0.0.1", port=free_port(), access_log="off",
+            timeouts=Timeouts(header=5.0, body=BODY, idle=30.0)),
+            routes=(Route("/open/**", "api", ("GET",), (), True),))
+        config = dataclasses.replace(config, admin=dataclasses.replace(
+            config.admin, port=free_port()), upstreams={
+                "api": Upstream("api", upstream_url, 10.0)})
+        async with running_gateway(config, redis_url) as gw:
+            runners = await start_listeners(gw)
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", config.server.port)
+                writer.write(STREAM_REQUEST.replace("|", "\r\n").encode())
+                got = b""
+                while b"tick" not in got:
+                    got += await asyncio.wait_for(reader.read(4096), 5)
+                writer.close()
+                left = time.monotonic()
+                while not ended and time.monotonic() - left < 8:
+                    await asyncio.sleep(0.05)
+                assert ended, "the upstream connection outlived its client by 8 s"
+                assert ended[0] - left < 1.0, ended[0] - left
+                pools = gw.pipeline.forwarder._pools.values()
+                assert all(not pool.active for pool, _, _ in pools)
+            finally:
+                await stop_listeners(runners)
