@@ -26,7 +26,7 @@ from .store.request import RequestStore
 from .metrics import FLUSH_EVERY, Metrics
 from .ledger import RETRY_EVERY
 from .pipeline import Pipeline
-from .proxying.server import HEAD_MAX, AdminRunner, ProxyServer
+from .proxying.server import HEAD_MAX, AdminRunner, ProxyServer, drop_vanished_peers
 from .reload import ListenerTLS, Reloader, add_reload_route
 from .argon2_pool import release_freed_memory_every
 
@@ -298,13 +298,22 @@ class _Site(web.TCPSite):
     listeners use ``server.timeouts.header``). aiohttp passes no handshake timeout, so asyncio's
     60 s applied, and the head timeout starts only once the handshake is done: a client that
     opened TCP and never sent a ClientHello held its socket for a minute, outside
-    ``server.max_connections`` (a connection counts once its handshake is done)."""
+    ``server.max_connections`` (a connection counts once its handshake is done).
 
-    def __init__(self, *args, handshake_timeout: float, **kwargs) -> None:
+    Its listening sockets drop a peer that acknowledges nothing for ``vanish_timeout``
+    (``server.timeouts.body``; ``drop_vanished_peers``)."""
+
+    def __init__(self, *args, handshake_timeout: float, vanish_timeout: float,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._handshake_timeout = handshake_timeout
+        self._vanish_timeout = vanish_timeout
 
     async def start(self) -> None:
+        await self._listen()
+        drop_vanished_peers(self._server.sockets, self._vanish_timeout)
+
+    async def _listen(self) -> None:
         if self._ssl_context is None:
             return await super().start()
         await web.BaseSite.start(self)  # registers the site with its runner
@@ -335,7 +344,8 @@ async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.Bas
             tls = gw.tls.get("proxy" if runner is proxy_runner else "admin")
             await _Site(runner, host, port, reuse_port=reuse_port or None, backlog=1024,
                         ssl_context=tls.listener if tls else None,
-                        handshake_timeout=config.server.timeouts.header).start()
+                        handshake_timeout=config.server.timeouts.header,
+                        vanish_timeout=config.server.timeouts.body).start()
         except OSError as exc:
             await stop_listeners(runners)
             raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc

@@ -63,6 +63,12 @@ _X_REQUEST_ID = istr("X-Request-Id")  # a str name is made an istr on every assi
 PREFETCH = 64 * 1024  # request body bytes read before an upstream connection is taken
 
 
+class _Unwatched:
+    """Where a streamed answer notes its upstream wait when the server's connection handler
+    is not keygate's (``server._JsonErrorRequestHandler.upstream_wait``): nobody ends it."""
+    upstream_wait = None
+
+
 class ClientBodyFailed(Exception):
     """The client's request body could not be read: the client went away mid-upload."""
 
@@ -419,14 +425,20 @@ class Forwarder:
         chunks = resp.chunks()
         timeout = upstream.timeout
         sent = 0  # body bytes written, for the access log (aiohttp's count has the head)
+        client = request.protocol  # ends the wait below if the client goes (connection_lost)
+        if not hasattr(client, "upstream_wait"):  # not keygate's own server (some tests')
+            client = _Unwatched()
         try:
             await response.prepare(request)
             while True:
                 try:
-                    async with asyncio.timeout(timeout):
+                    async with asyncio.timeout(timeout) as waiting:
+                        client.upstream_wait = waiting
                         chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
+                finally:
+                    client.upstream_wait = None
                 try:
                     async with asyncio.timeout(stall):
                         await response.write(chunk)
@@ -440,6 +452,8 @@ class Forwarder:
         except ConnectionError:       # the client went away: drop the upstream connection too
             return response
         except (UpstreamProtocolError, TimeoutError, OSError) as exc:
+            if request.transport is None:  # the client went between two chunks: its
+                return response            # connection_lost ended the wait, not the upstream
             log.warning("upstream %s failed mid-response: %s", upstream.name,
                         type(exc).__name__)
             transport = request.transport

@@ -19,7 +19,9 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import math
 import re
+import socket
 import uuid
 import warnings
 
@@ -89,6 +91,9 @@ class _JsonErrorRequestHandler(RequestHandler):
     _head_bytes = 0   # bytes received of the request head under way (see _count_head)
     _head_from = 0    # the connection's request count when that head began
     _tunnel = None    # the WebSocket tunnel this connection became (gateway.proxying.tunnel)
+    # the timeout of a streamed answer's wait for its upstream's next bytes, while it waits
+    # (forward.py): the client going ends it at once, as aiohttp does not cancel the handler
+    upstream_wait: asyncio.Timeout | None = None
     _kept = None      # the connection's transport, kept past force_close (it drops .transport)
     _unflushed_since: float | None = None  # when the sweep first saw it closed, bytes unsent
     # bytes held behind an upgrade not yet answered (aiohttp's _message_tail) whose first
@@ -386,6 +391,12 @@ class _JsonErrorRequestHandler(RequestHandler):
             self._write_stall.cancel()
             self._write_stall = None
         self._kept = None
+        waiting = self.upstream_wait
+        if waiting is not None:  # the client left (or vanished) while its streamed answer
+            # waited for the upstream, which may be silent for up to its timeout: that wait
+            # ends now, and the upstream connection is closed, not held until then
+            self.upstream_wait = None
+            waiting.reschedule(self._loop.time())
         super().connection_lost(exc)
 
     def flush_overdue(self, now: float, timeout: float) -> bool:
@@ -732,6 +743,38 @@ async def answer_and_close(request: web.BaseRequest, response: web.StreamRespons
         pass
     if request.transport is not None:
         request.transport.close()
+
+
+def drop_vanished_peers(sockets, timeout: float) -> None:
+    """Make the accepted connections of these listening sockets end once their peer has
+    acknowledged nothing for ``timeout`` seconds (``server.timeouts.body``): a client whose
+    machine vanished (power loss, a cut cable: no FIN, no RST) while keygate sent it bytes, or
+    while nothing moved at all. Without it such a connection lived until TCP gave up
+    retransmitting (~15 minutes on Linux), holding its upstream connection and its place under
+    ``server.max_connections``: a trickling answer or WebSocket tunnel never fills the send
+    buffer (so the write stall timer never starts) and resets the tunnel's idle timer.
+
+    Set once on each listening socket: Linux copies these options to every connection it
+    accepts, so a connection or a request costs nothing. ``TCP_USER_TIMEOUT`` aborts a
+    connection whose sent bytes stay unacknowledged that long; keep-alive probes (the first
+    after half of it without a byte from the peer, then every tenth of it) give a connection
+    with nothing to send something to go unacknowledged, and a live peer answers them (it
+    need not send a byte itself). Options a platform lacks are left out."""
+    tcp = socket.IPPROTO_TCP
+    idle = min(32767, max(1, math.ceil(timeout / 2)))
+    every = min(32767, max(1, math.ceil(timeout / 10)))
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_USER_TIMEOUT", max(1, round(timeout * 1000))),
+                        ("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", every),
+                        # only where there is no user timeout (which then decides alone)
+                        ("TCP_KEEPCNT", min(127, max(1, math.ceil((timeout - idle) / every))))):
+        if hasattr(socket, name):
+            options.append((tcp, getattr(socket, name), value))
+    for sock in sockets:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        for level, option, value in options:
+            sock.setsockopt(level, option, value)
 
 
 class ProxyServer(web.Server):

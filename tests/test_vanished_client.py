@@ -1,0 +1,275 @@
+"""A client whose machine vanishes (power loss, a cut cable: no FIN, no RST) while keygate
+streams it an answer or relays its WebSocket tunnel is dropped within ``server.timeouts.body``,
+and the upstream connection it held with it.
+
+A real vanish needs the kernel to stop answering, which only root can arrange: the client runs
+in a network namespace of its own, joined to keygate's by a veth pair on a private /30, and
+vanishes when the test takes its end of the link down (what its kernel would have acknowledged
+is lost, nothing is sent back). keygate runs its real listeners (``start_listeners``) on the
+other end; the upstream is a real aiohttp server on loopback that keeps sending a few bytes
+every 0.2 s, so keygate's send buffer never fills and the tunnel is never idle. Without a TCP
+user timeout, such a connection lived until TCP gave up retransmitting (~15 minutes).
+The namespace (and the veth pair with it) is always removed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from aiohttp import web
+
+from conftest import free_port
+from gateway.app import running_gateway, start_listeners, stop_listeners
+from gateway.config import Route, ServerConfig, Timeouts, Upstream
+
+from harness import ADMIN_TOKEN, make_config, serving
+
+BODY = 2.0  # server.timeouts.body under test
+BOUND = BODY + 4.0  # the connection must be gone by then (TCP's own give-up is ~15 minutes)
+
+
+def _can_vanish() -> str | None:
+    if sys.platform != "linux" or not hasattr(socket, "TCP_USER_TIMEOUT"):
+        return "Linux only"
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return "needs root and iproute2 (ip netns, veth) to make a client vanish"
+    return None
+
+
+needs_vanish = pytest.mark.skipif(_can_vanish() is not None, reason=str(_can_vanish()))
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+@contextlib.contextmanager
+def vanishing_link():
+    """(keygate's address, the client's namespace, a function that makes the client vanish):
+    a namespace joined to this one by a veth pair, both ends on a private /30."""
+    tag = f"{os.getpid() % 100000}"
+    ns, here, there = f"kgv{tag}", f"kgvh{tag}", f"kgvc{tag}"
+    octet = 16 + os.getpid() % 200
+    ours, theirs = f"10.213.{octet}.1", f"10.213.{octet}.2"
+    try:
+        _ip("netns", "add", ns)
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"cannot make a network namespace here: {exc.stderr.decode().strip()}")
+    try:
+        _ip("link", "add", here, "type", "veth", "peer", "name", there, "netns", ns)
+        _ip("addr", "add", f"{ours}/30", "dev", here)
+        _ip("link", "set", here, "up")
+        _ip("-n", ns, "addr", "add", f"{theirs}/30", "dev", there)
+        _ip("-n", ns, "link", "set", there, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+
+        def vanish() -> None:  # the client's kernel neither receives nor sends from now on
+            _ip("-n", ns, "link", "set", there, "down")
+
+        yield ours, ns, vanish
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+        subprocess.run(["ip", "link", "del", here], capture_output=True, timeout=10)
+
+
+# The client: sends its request, reads until it has seen the upstream's bytes, says so, then
+# waits (its machine is about to vanish).
+CLIENT = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(sys.argv[3].encode().replace(b"|", b"\r\n"))
+got = b""
+while b"tick" not in got:
+    more = s.recv(4096)
+    if not more:
+        sys.exit("closed before the upstream's bytes")
+    got += more
+print(got.split(b"\r\n", 1)[0].decode(), flush=True)
+time.sleep(60)
+"""
+
+WS_HANDSHAKE = ("GET /open/feed HTTP/1.1|Host: g|Upgrade: websocket|Connection: Upgrade|"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==|Sec-WebSocket-Version: 13||")
+STREAM_REQUEST = "GET /open/stream HTTP/1.1|Host: g||"
+
+
+@contextlib.asynccontextmanager
+async def trickling_upstream(ended: list[float], trickle: bool = True):
+    """An upstream that sends ``tick`` every 0.2 s (``trickle``; else once, then nothing), on
+    a WebSocket (``/open/feed``) or a chunked answer (``/open/stream``), until its connection
+    fails or closes; ``ended`` gets the time."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            response: web.StreamResponse = web.WebSocketResponse()
+            await response.prepare(request)
+            send = response.send_str
+        else:
+            response = web.StreamResponse()
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+
+            async def send(text: str) -> None:
+                await response.write(text.encode())
+        try:
+            await send("tick")
+            while request.transport is not None and not request.transport.is_closing():
+                await asyncio.sleep(0.2)
+                if trickle:
+                    await send("tick")
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            ended.append(time.monotonic())
+        return response
+
+    async with serving(handler) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def connected_client(redis_url, monkeypatch, request_text: str, ended: list[float], trickle: bool):
+    """keygate on its real listeners, its upstream, and a client in a namespace that has sent
+    ``request_text`` and seen the upstream's first bytes: (gateway, make the client vanish)."""
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    with vanishing_link() as (address, ns, vanish):
+        async with trickling_upstream(ended, trickle) as upstream_url:
+            port = free_port()
+            config = make_config(upstream_url, server=ServerConfig(
+                host=address, port=port, access_log="off",
+                timeouts=Timeouts(header=5.0, body=BODY, idle=30.0)),
+                routes=(Route("/open/**", "api", ("GET",), (), True, websocket=True),))
+            config = dataclasses.replace(config, admin=dataclasses.replace(
+                config.admin, port=free_port()), upstreams={
+                    "api": Upstream("api", upstream_url, 10.0)})
+            async with running_gateway(config, redis_url) as gw:
+                runners = await start_listeners(gw)
+                client = await asyncio.create_subprocess_exec(
+                    "ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, address,
+                    str(port), request_text, stdout=subprocess.PIPE)
+                try:
+                    first = await asyncio.wait_for(client.stdout.readline(), 10)
+                    assert first.split()[1] in (b"101", b"200"), first
+                    assert len(gw.proxy_server.connections) == 1
+                    yield gw, vanish
+                finally:
+                    client.kill()
+                    await client.wait()
+                    await stop_listeners(runners)
+
+
+REQUESTS = pytest.mark.parametrize("request_text", [WS_HANDSHAKE, STREAM_REQUEST],
+                                   ids=["websocket-tunnel", "streamed-answer"])
+
+
+@needs_vanish
+@pytest.mark.parametrize("request_text, trickle", [
+    (WS_HANDSHAKE, True), (STREAM_REQUEST, True), (WS_HANDSHAKE, False), (STREAM_REQUEST, False),
+], ids=["websocket-tunnel-trickling", "streamed-answer-trickling", "websocket-tunnel-silent",
+        "streamed-answer-silent"])
+async def test_a_vanished_client_is_dropped_within_the_body_timeout(redis_url, monkeypatch,
+                                                                    request_text, trickle):
+    """Trickling: keygate's bytes go unacknowledged; silent: nothing moves (the tunnel would
+    have been held until server.timeouts.idle, the answer until the upstream timeout), and the
+    keep-alive probes go unanswered."""
+    ended: list[float] = []
+    async with connected_client(redis_url, monkeypatch, request_text, ended, trickle) as (gw, vanish):
+        vanish()
+        gone = time.monotonic()
+        while not ended and time.monotonic() - gone < BOUND + 6:
+            await asyncio.sleep(0.1)
+        held = (ended[0] if ended else time.monotonic()) - gone
+        print(f"keygate held the vanished client's upstream for {held:.1f} s")
+        assert ended, f"the upstream connection still open {held:.0f} s after its client vanished"
+        assert held <= BOUND, held
+        deadline = time.monotonic() + 2
+        while gw.proxy_server.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not gw.proxy_server.connections  # its place under server.max_connections
+
+
+@needs_vanish
+@REQUESTS
+async def test_a_quiet_client_that_is_still_there_is_kept(redis_url, monkeypatch, request_text):
+    """The probes that find a vanished client are answered by a live one that sends nothing
+    and is sent nothing: its tunnel or answer stays open past server.timeouts.body."""
+    ended: list[float] = []
+    async with connected_client(redis_url, monkeypatch, request_text, ended, False) as (gw, _):
+        await asyncio.sleep(BOUND)
+        assert not ended, "a live, quiet client was dropped"
+        assert len(gw.proxy_server.connections) == 1
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux only")
+async def test_both_listeners_connections_carry_the_user_timeout_and_keepalive(
+        redis_url, monkeypatch):
+    """Without root: the options are set once on each listening socket, and every connection
+    accepted on it has them (Linux copies them at accept; keygate sets nothing per
+    connection). server.timeouts.body 2 s: user timeout 2000 ms, first probe after 1 s."""
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    config = make_config("http://127.0.0.1:9", server=ServerConfig(
+        host="127.0.0.1", port=free_port(), access_log="off",
+        timeouts=Timeouts(header=5.0, body=BODY, idle=30.0)))
+    config = dataclasses.replace(config, admin=dataclasses.replace(
+        config.admin, port=free_port()))
+    async with running_gateway(config, redis_url) as gw:
+        runners = await start_listeners(gw)
+        try:
+            for port, server in ((config.server.port, gw.proxy_server),
+                                 (config.admin.port, runners[1].server)):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                deadline = time.monotonic() + 5
+                while not server.connections and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                accepted = server.connections[0].transport.get_extra_info("socket")
+                tcp = socket.IPPROTO_TCP
+                assert accepted.getsockopt(tcp, socket.TCP_USER_TIMEOUT) == 2000
+                assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert accepted.getsockopt(tcp, socket.TCP_KEEPIDLE) == 1
+                assert accepted.getsockopt(tcp, socket.TCP_KEEPINTVL) == 1
+                writer.close()
+        finally:
+            await stop_listeners(runners)
+
+
+async def test_a_client_that_leaves_while_the_upstream_is_silent_frees_it_at_once(
+        redis_url, monkeypatch):
+    """A client that closes its connection (a FIN: a closed browser tab on a stream of
+    events) between two chunks of a streamed answer: the upstream connection is closed then,
+    not when the upstream next sends or its timeout (10 s here) runs out."""
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    ended: list[float] = []
+    async with trickling_upstream(ended, trickle=False) as upstream_url:
+        config = make_config(upstream_url, server=ServerConfig(
+            host="127.0.0.1", port=free_port(), access_log="off",
+            timeouts=Timeouts(header=5.0, body=BODY, idle=30.0)),
+            routes=(Route("/open/**", "api", ("GET",), (), True),))
+        config = dataclasses.replace(config, admin=dataclasses.replace(
+            config.admin, port=free_port()), upstreams={
+                "api": Upstream("api", upstream_url, 10.0)})
+        async with running_gateway(config, redis_url) as gw:
+            runners = await start_listeners(gw)
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", config.server.port)
+                writer.write(STREAM_REQUEST.replace("|", "\r\n").encode())
+                got = b""
+                while b"tick" not in got:
+                    got += await asyncio.wait_for(reader.read(4096), 5)
+                writer.close()
+                left = time.monotonic()
+                while not ended and time.monotonic() - left < 8:
+                    await asyncio.sleep(0.05)
+                assert ended, "the upstream connection outlived its client by 8 s"
+                assert ended[0] - left < 1.0, ended[0] - left
+                pools = gw.pipeline.forwarder._pools.values()
+                assert all(not pool.active for pool, _, _ in pools)
+            finally:
+                await stop_listeners(runners)
