@@ -233,9 +233,14 @@ class Console:
     def create_key(self, name: str, *, description: str = "", role: str | None = None,
                    scopes: str = "", expires: str = "") -> None:
         self.button("Create key").click()
-        shown = [b.text for b in self.driver.find_elements(By.TAG_NAME, "button")
-                 if b.is_displayed() and b.text.startswith("Create")]
-        assert shown == ["Create"], shown  # "Create" names one button while the form is open
+        # "Create" names one button while the form is open, by its text and by the name a
+        # screen reader or voice control gives it (the Created column's header button is
+        # "Sort by created")
+        shown = [(b.text, b.accessible_name) for b in self.driver.find_elements(
+                     By.XPATH, "//button[starts-with(normalize-space(), 'Create')]")
+                 if b.is_displayed() and (b.text == "Create" or
+                                          b.accessible_name.startswith("Create"))]
+        assert shown == [("Create", "Create")], shown
         self.field("Name").send_keys(name)
         if description:
             self.field("Description").send_keys(description)
@@ -1301,6 +1306,72 @@ def test_least_recently_used_first_puts_never_used_keys_first(page, gateway):
     wait(page.driver, lambda d: page.rows() == ["never", "used"])
     Select(page.field("Sort by")).select_by_visible_text("Recently used first")
     wait(page.driver, lambda d: page.rows() == ["used", "never"])
+
+
+def test_the_column_headers_sort_by_click_and_keyboard_in_step_with_the_sort_menu(page, gateway):
+    # The headers showed sort arrows but clicking them did nothing: only the Sort by menu
+    # sorted. Each sortable header is a button in its <th> (aria-sort on the th) that sorts by
+    # its column, again to reverse, and the menu and the headers always show the same order.
+    new_workspace(gateway, "wernham", "Wernham Hogg")
+    gateway.key("wernham", name="bravo", scopes=["people:read"], expires_in=30 * 86400)
+    gateway.key("wernham", name="alpha", scopes=["people:read"], expires_in=10 * 86400)
+    gateway.key("wernham", name="charlie", scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.link("wernham").click()
+    page.row("charlie")
+
+    def header(label: str):
+        return page.driver.find_element(
+            By.XPATH, f"//table[@id='keys']/thead//th[normalize-space()='{label}']")
+
+    def control(label: str):
+        return header(label).find_element(By.XPATH, "./button[@type='button']")
+
+    def order() -> dict[str, str]:
+        return {th.text.strip(): th.get_attribute("aria-sort")
+                for th in page.driver.find_elements(By.CSS_SELECTOR, "#keys thead th[aria-sort]")
+                if th.get_attribute("aria-sort") != "none"}
+
+    def menu() -> str:
+        return Select(page.field("Sort by")).first_selected_option.text
+
+    for label in ("Name", "Created", "Last used", "Expires", "Status"):
+        assert control(label).accessible_name == "Sort by " + label.lower()
+    assert order() == {"Created": "descending"} and menu() == "Newest first"
+
+    control("Name").click()
+    wait(page.driver, lambda d: page.rows() == ["alpha", "bravo", "charlie"])
+    assert order() == {"Name": "ascending"} and menu() == "Name, A to Z"
+    control("Name").click()
+    wait(page.driver, lambda d: page.rows() == ["charlie", "bravo", "alpha"])
+    assert order() == {"Name": "descending"} and menu() == "Name, Z to A"
+
+    # from the keyboard: Enter, then Space; focus stays on the header's button
+    control("Expires").send_keys(Keys.ENTER)
+    wait(page.driver, lambda d: page.rows() == ["alpha", "bravo", "charlie"])  # never: last
+    assert order() == {"Expires": "ascending"} and menu() == "Expiring soonest first"
+    page.driver.switch_to.active_element.send_keys(Keys.SPACE)
+    wait(page.driver, lambda d: page.rows() == ["bravo", "alpha", "charlie"])
+    assert order() == {"Expires": "descending"} and menu() == "Expiring latest first"
+    assert page.driver.switch_to.active_element.get_attribute("aria-label") == "Sort by expires"
+
+    # the menu moves the headers, and a header click goes on from the menu's order
+    Select(page.field("Sort by")).select_by_visible_text("Name, Z to A")
+    wait(page.driver, lambda d: order() == {"Name": "descending"})
+    control("Name").click()
+    wait(page.driver, lambda d: page.rows() == ["alpha", "bravo", "charlie"])
+    assert menu() == "Name, A to Z"
+    control("Status").click()
+    wait(page.driver, lambda d: order() == {"Status": "ascending"})
+    assert menu() == "Status"
+    control("Status").click()
+    wait(page.driver, lambda d: order() == {"Status": "descending"})
+    assert menu() == "Status, revoked first"
+
+    # "Create" still names one button: the Created header's button is "Sort by created"
+    page.create_key("delta", scopes="people:read")
+    page.take_token()
+    wait(page.driver, lambda d: "delta" in page.rows())
 
 
 def test_leaving_the_page_signs_out_so_back_does_not_bring_the_session_back(page, gateway):

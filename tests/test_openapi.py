@@ -144,9 +144,13 @@ async def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_docu
 
 
 @pytestmark_st
+@pytest.mark.parametrize("cors", [False, True], ids=["without-cors", "with-cors"])
 async def test_schemathesis_on_the_self_service_endpoints_of_the_proxy_listener(
-        redis_url, upstream, monkeypatch, tmp_path):
-    config = make_config(str(upstream.make_url("")))
+        redis_url, upstream, monkeypatch, tmp_path, cors):
+    # with `cors` the document's example Origin is allowed: its preflights are answered 204
+    from gateway.settings import CorsConfig
+    config = make_config(str(upstream.make_url("")), cors=CorsConfig(
+        allow_origins=("https://app.example",)) if cors else None)
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         await g.workspace("acme", plan="unlimited")
         token, _ = await g.key("acme", role="admin")
@@ -412,6 +416,55 @@ async def test_refusing_to_delete_a_role_keys_use_is_in_the_document(redis_url, 
     assert (status, body["error"]["code"]) == (409, "conflict")
     assert "conflict" in documented_codes(doc, "DELETE", "/admin/v1/workspaces/{ws}/roles/{name}",
                                           409)
+
+
+APP = "https://app.example"
+# each /_keygate/ endpoint keygate answers a preflight for, and a method it takes
+PREFLIGHTED = {"/_keygate/v1/usage": "GET", "/_keygate/v1/keys": "POST",
+               "/_keygate/v1/keys/{key}": "PATCH", "/_keygate/v1/keys/{key}/usage/daily": "GET",
+               "/_keygate/v1/keys/{key}/revoke": "POST", "/_keygate/v1/keys/{key}/rotate": "POST"}
+
+
+@pytest.mark.parametrize("cors", [True, False], ids=["with-cors", "without-cors"])
+async def test_an_options_call_to_a_keygate_endpoint_is_answered_as_the_document_says(
+        redis_url, upstream, monkeypatch, cors):
+    """With a `cors` section keygate answers a browser's preflight to its `/_keygate/`
+    endpoints itself: 204, no key asked for. The document described no OPTIONS there, so a
+    client or checker built from it held that answer impossible. Every answer to an OPTIONS
+    there (a preflight or not, with `cors` or without, with a key or not) is one the
+    document gives for the path's `options` operation, with the headers it says it has."""
+    from gateway.settings import CorsConfig
+    doc = document()
+    config = make_config(str(upstream.make_url("")),
+                         cors=CorsConfig(allow_origins=(APP,)) if cors else None)
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, key = await g.key("acme", scopes=["keys:admin", "people:read"])
+        for template, method in PREFLIGHTED.items():
+            operation = doc["paths"][template].get("options")
+            assert operation is not None, template
+            assert operation["security"] == [] and "`cors`" in operation["description"]
+            preflight = {"Origin": APP, "Access-Control-Request-Method": method}
+            for path, headers in [
+                    (template.replace("{key}", key_id), headers)
+                    for key_id in (key["id"], "no-such-key")  # a preflight reads no key
+                    for headers in (preflight, {**preflight, "Authorization": f"Bearer {token}"},
+                                    {"Authorization": f"Bearer {token}"}, {})]:
+                async with g.proxy.options(path, headers=headers) as r:
+                    body = await r.read()
+                    status = str(r.status)
+                assert status in operation["responses"], (template, headers, status, body)
+                if cors and "Origin" in headers:
+                    assert r.status == 204, (template, body)
+                documented = operation["responses"][status]
+                for name, header in documented.get("headers", {}).items():
+                    header = doc["components"]["headers"][name] if "$ref" in header else header
+                    if header.get("required"):
+                        assert name in r.headers, (template, status, name)
+                if r.status >= 400:
+                    code = json.loads(body)["error"]["code"]
+                    assert code in documented_codes(doc, "OPTIONS", template, r.status), code
+    assert "options" not in doc["paths"]["/_keygate/v1/verify"]  # a verify call, any method
 
 
 # --- docs/api.md, the short version, against the document -----------------------------------------

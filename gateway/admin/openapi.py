@@ -209,7 +209,7 @@ LINKS = {
 def with_operation_ids(paths: dict[str, Schema]) -> dict[str, Schema]:
     for path, item in paths.items():
         for method, operation in item.items():
-            if method in ("get", "put", "post", "patch", "delete"):
+            if method in ("get", "put", "post", "patch", "delete", "options"):
                 operation["operationId"] = operation_id(method, path)
     by_id = {op["operationId"]: op for item in paths.values() for m, op in item.items()
              if isinstance(op, dict) and "operationId" in op}

@@ -580,6 +580,18 @@ function sortBy() {
   renderKeys();
 }
 
+// A column header's button sorts by its column first as the menu's first entry for it does
+// (newest, A to Z, most recently used, soonest to expire, active first), and reverses the
+// order when pressed again; the menu shows the same order (it has an entry for each).
+const FIRST_DESCENDING = new Set(["created_at", "last_used_at"]);
+
+function sortByColumn(field) {
+  view = view.sort === field ? {sort: field, descending: !view.descending}
+                             : {sort: field, descending: FIRST_DESCENDING.has(field)};
+  $("sort").value = field + ":" + (view.descending ? "desc" : "asc");
+  renderKeys();
+}
+
 function keyPath(key) {
   return "/workspaces/" + encodeURIComponent(session.workspace.id) + "/keys/" +
          encodeURIComponent(key.id);
@@ -885,6 +897,10 @@ $("create-open").addEventListener("click", openCreateForm);
 $("filter-status").addEventListener("change", renderKeys);
 $("filter-unused").addEventListener("input", renderKeys);
 $("sort").addEventListener("change", sortBy);
+for (const th of $("keys").tHead.rows[0].cells) {
+  const field = th.dataset.sort;
+  if (field) th.querySelector("button").addEventListener("click", () => sortByColumn(field));
+}
 $("ws-title").setAttribute("tabindex", "-1");
 // Leaving the page signs out, as reloading it does: the browser may keep a page it leaves in
 // its back/forward cache, script state included, and Back would then bring back the session
