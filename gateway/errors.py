@@ -164,6 +164,16 @@ def body_cut_short() -> BodyCutShort:
                         reached_upstream=False)
 
 
+def client_closed(*, reached_upstream: bool = True) -> BadRequest:
+    """The client closed its connection (or vanished) before the upstream's answer head came
+    back: its upstream connection was closed (what nginx logs as 499). Nobody reads it: it is
+    what the access log says (400 ``bad_request``, as for a client gone mid-body), and the
+    request stays counted when it reached the upstream (``reached_upstream``: its whole
+    request was sent; not when the client went before anything was)."""
+    return BadRequest("The client closed the connection before the upstream answered.",
+                      reached_upstream=reached_upstream)
+
+
 # --- the proxy's RFC 6750 401/400/403 flavours -------------------------------------------------
 
 def missing_key() -> Unauthorized:

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import json
@@ -758,12 +759,21 @@ async def logged_after_the_client_left(redis_url, monkeypatch, capfd, head: str,
     """The access line of ``head`` (a public route) whose client closes its connection while
     a raw upstream holds the answer, and what the client read: the upstream sends ``first``
     at once (pieces separated by ``|`` written one by one), the client reads until it has ``until``
-    and leaves, and the upstream sends ``reply`` once keygate has seen it go."""
+    and leaves, and the upstream sends ``reply`` once keygate has seen it go. Without
+    ``first``, the upstream sends ``reply`` as the client goes, both seen by keygate in one turn
+    of its loop: the head has come, and the client's connection is found gone when keygate
+    writes the answer (a client gone before the head came ends the wait for it: a 400)."""
     client_left = asyncio.Event()
+    upstreams: list[asyncio.StreamWriter] = []
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await reader.readuntil(b"\r\n\r\n")
+            if not first:  # the test sends the reply as the client goes
+                upstreams.append(writer)
+                await asyncio.wait_for(client_left.wait(), 5)
+                await asyncio.sleep(0.2)
+                return
             for piece in filter(None, first.split(b"|")):
                 writer.write(piece)
                 await writer.drain()
@@ -783,6 +793,11 @@ async def logged_after_the_client_left(redis_url, monkeypatch, capfd, head: str,
         while not got.endswith(until):
             got += await asyncio.wait_for(reader.read(65536), 5)
         await asyncio.sleep(0.1)
+        if not first:
+            assert await eventually(lambda: upstreams)
+            upstreams[0].write(reply)  # sent at once: nothing is buffered before it
+            writer.transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+            time.sleep(0.2)  # the loop blocked: both are there when it next polls
         writer.close()
         client_left.set()
         # the line is written when keygate is done with the request, which the upstream ends

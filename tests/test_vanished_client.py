@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -30,7 +31,8 @@ from conftest import free_port
 from gateway.app import running_gateway, start_listeners, stop_listeners
 from gateway.config import Route, ServerConfig, Timeouts, Upstream
 
-from harness import ADMIN_TOKEN, make_config, serving
+from harness import (ADMIN_TOKEN, bearer, eventually, gateway_under_test, make_config, raw_upstream,
+                     serving)
 
 BODY = 2.0  # server.timeouts.body under test
 BOUND = BODY + 4.0  # the connection must be gone by then (TCP's own give-up is ~15 minutes)
@@ -273,3 +275,211 @@ async def test_a_client_that_leaves_while_the_upstream_is_silent_frees_it_at_onc
                 assert all(not pool.active for pool, _, _ in pools)
             finally:
                 await stop_listeners(runners)
+
+
+@contextlib.asynccontextmanager
+async def head_delaying_upstream(delay: float):
+    """A raw upstream on loopback that answers a request for ``.../slow`` only after
+    ``delay`` seconds (any other at once); yields (its URL, its connections' events): for each
+    connection, when its first request had arrived whole and when keygate closed it."""
+    events: list[dict] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen = {"got": None, "closed": None, "answered": 0}
+        events.append(seen)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if length:
+                    await reader.readexactly(length)
+                if seen["got"] is None:
+                    seen["got"] = time.monotonic()
+                if b"/slow " in head.split(b"\r\n", 1)[0]:
+                    try:  # keygate closing the connection meanwhile ends the wait
+                        await asyncio.wait_for(reader.read(1), delay)
+                        break
+                    except TimeoutError:
+                        pass
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                seen["answered"] += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            seen["closed"] = time.monotonic()
+            writer.close()
+
+    srv, url = await raw_upstream(answer)
+    try:
+        yield url, events
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_a_client_that_leaves_before_the_upstream_answers_frees_it_at_once(
+        redis_url, monkeypatch, capfd, method):
+    """nginx's proxy_ignore_client_abort off: a client that closes its connection while
+    keygate waits for the upstream's response head (the upstream takes 5 s) has the
+    upstream connection closed then, not held until the head comes or the upstream's
+    timeout (10 s) runs out. Logged as the client's doing (400 bad_request, as a client gone
+    mid-upload is), counted (the request reached the upstream), and the pool is sane: the
+    next request, on a fresh client connection, is answered at once."""
+    async with head_delaying_upstream(5.0) as (url, events):
+        config = make_config(url, upstreams={"api": Upstream("api", url, 10.0)})
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace("acme")
+            token, _ = await g.key(role="editor")
+            g.logs(capfd)
+            reader, writer = await g.raw_connection()
+            body = "|Content-Length: 5||hello" if method == "POST" else "||"
+            writer.write(f"{method} /people/slow HTTP/1.1|Host: g|Authorization: Bearer "
+                         f"{token}{body}".replace("|", "\r\n").encode())
+            await eventually(lambda: events and events[0]["got"] is not None)
+            await asyncio.sleep(0.2)
+            writer.close()
+            left = time.monotonic()
+            await eventually(lambda: events[0]["closed"] is not None, timeout=8)
+            assert events[0]["closed"] is not None, "the upstream connection outlived its client"
+            assert events[0]["closed"] - left < 1.0, events[0]["closed"] - left
+            assert events[0]["answered"] == 0
+            pool = g.gw.pipeline.forwarder._pools["api"][0]
+            await eventually(lambda: not pool.active and not pool.idle)
+            assert pool.opened == 0
+            async with g.proxy.request(method, "/people/1", headers=bearer(token),
+                                       data=b"hello" if method == "POST" else None) as r:
+                assert r.status == 200 and await r.read() == b"ok"
+            assert len(events) == 2 and not pool.active and len(pool.idle) == 1
+            assert await g.used() == 2  # the one the client left stays counted
+            _, err = g.logs(capfd)
+        lines = [json.loads(line) for line in err.splitlines() if line.startswith('{"time"')]
+        assert [(line["path"], line["status"], line["error"]) for line in lines] == [
+            ("/people/slow", 400, "bad_request"), ("/people/1", 200, None)]
+        assert lines[0]["duration_ms"] < 1500, lines[0]
+
+
+
+async def test_a_client_that_leaves_a_websocket_handshake_unanswered_frees_the_upstream(
+        redis_url, monkeypatch, capfd):
+    """The same for a WebSocket handshake the upstream takes 5 s to answer."""
+    async with head_delaying_upstream(5.0) as (url, events):
+        config = make_config(url, upstreams={"api": Upstream("api", url, 10.0)},
+                             routes=(Route("/open/**", "api", ("GET",), (), True,
+                                           websocket=True),))
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            g.logs(capfd)
+            reader, writer = await g.raw_connection()
+            writer.write(WS_HANDSHAKE.replace("/open/feed", "/open/slow")
+                         .replace("|", "\r\n").encode())
+            await eventually(lambda: events and events[0]["got"] is not None)
+            await asyncio.sleep(0.2)
+            writer.close()
+            left = time.monotonic()
+            await eventually(lambda: events[0]["closed"] is not None, timeout=8)
+            assert events[0]["closed"] is not None, "the upstream connection outlived its client"
+            assert events[0]["closed"] - left < 1.0, events[0]["closed"] - left
+            pool = g.gw.pipeline.forwarder._pools["api"][0]
+            await eventually(lambda: not pool.active and pool.opened == 0)
+            assert not pool.active and pool.opened == 0
+            _, err = g.logs(capfd)
+        lines = [json.loads(line) for line in err.splitlines() if line.startswith('{"time"')]
+        assert [(line["path"], line["status"], line["error"]) for line in lines] == [
+            ("/open/slow", 400, "bad_request")]
+
+
+async def test_a_client_that_leaves_while_waiting_for_a_free_connection_is_never_sent(
+        redis_url, monkeypatch, capfd):
+    """With the upstream's one connection (max_connections 1) busy for 1 s, a second client
+    waits for it and leaves meanwhile: once the connection comes free, its request is not sent
+    upstream for nobody (nor counted); the connection stays pooled for the next request."""
+    async with head_delaying_upstream(1.0) as (url, events):
+        config = make_config(url, upstreams={"api": Upstream("api", url, 10.0,
+                                                             max_connections=1)})
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace("acme")
+            token, _ = await g.key()
+            g.logs(capfd)
+            first = asyncio.ensure_future(g.proxy.get("/people/slow", headers=bearer(token)))
+            await eventually(lambda: events and events[0]["got"] is not None)
+            reader, writer = await g.raw_connection()
+            writer.write(f"GET /people/2 HTTP/1.1|Host: g|Authorization: Bearer {token}||"
+                         .replace("|", "\r\n").encode())
+            await asyncio.sleep(0.2)
+            writer.close()
+            async with await first as r:
+                assert r.status == 200 and await r.read() == b"ok"
+            pool = g.gw.pipeline.forwarder._pools["api"][0]
+            await eventually(lambda: not pool.active and len(pool.idle) == 1)
+            async with g.proxy.get("/people/3", headers=bearer(token)) as r:
+                assert r.status == 200 and await r.read() == b"ok"
+            assert len(events) == 1 and events[0]["answered"] == 2  # /people/2 never went
+            assert await g.used() == 2
+            _, err = g.logs(capfd)
+        lines = [json.loads(line) for line in err.splitlines() if line.startswith('{"time"')]
+        assert sorted((line["path"], line["status"], line["error"]) for line in lines) == [
+            ("/people/2", 400, "bad_request"), ("/people/3", 200, None),
+            ("/people/slow", 200, None)]
+
+
+async def test_a_client_that_leaves_mid_upload_to_an_upstream_not_reading_frees_it_at_once(
+        redis_url, monkeypatch, capfd):
+    """An upload the upstream stopped reading (its buffers full: keygate waits to write the
+    next bytes, not for the client's) and whose client then leaves: the upstream connection
+    is closed then, not once the upstream's timeout (10 s) says it stopped reading; logged
+    as a body cut short (400 bad_request), not counted (nothing whole went upstream)."""
+    got: list[float] = []
+
+    async def stalling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        got.append(time.monotonic())
+        await asyncio.sleep(12)  # reads no byte of the body
+        writer.close()
+
+    srv, url = await raw_upstream(stalling)
+    try:
+        size = 64 * 1024 * 1024
+        config = make_config(url, upstreams={"api": Upstream("api", url, 10.0)})
+        config = dataclasses.replace(config, server=dataclasses.replace(
+            config.server, max_body_bytes=size))
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace("acme")
+            token, _ = await g.key(role="editor")
+            g.logs(capfd)
+            reader, writer = await g.raw_connection()
+            writer.write(f"POST /people/stall HTTP/1.1|Host: g|Authorization: Bearer {token}|"
+                         f"Content-Length: {size}||".replace("|", "\r\n").encode())
+            pool = g.gw.pipeline.forwarder._pools["api"][0]
+            # the body in steps, until keygate waits to write to the upstream: the rest stays
+            # in keygate's buffer of the client's body, under its high-water mark (keygate
+            # still reads the client, and so sees it leave)
+            conn = None
+            for _ in range(size // 32768):
+                writer.write(bytes(32768))
+                await writer.drain()
+                await asyncio.sleep(0.005)
+                if got and pool.active:
+                    conn = next(iter(pool.active))
+                    if conn.write_ok is not None:
+                        break
+            assert conn is not None and conn.write_ok is not None, \
+                "the upstream's buffers never filled"
+            await asyncio.sleep(0.2)
+            assert conn.write_ok is not None
+            handler, = g.gw.proxy_server.connections
+            assert not handler._reading_paused
+            writer.transport.abort()
+            left = time.monotonic()
+            await eventually(lambda: conn.closed, timeout=8)
+            assert conn.closed, "the upstream connection outlived its client"
+            assert time.monotonic() - left < 1.0
+            await eventually(lambda: pool.opened == 0 and not pool.active)
+            assert await g.used() == 0
+            _, err = g.logs(capfd)
+        lines = [json.loads(line) for line in err.splitlines() if line.startswith('{"time"')]
+        assert [(line["path"], line["status"], line["error"]) for line in lines] == [
+            ("/people/stall", 400, "bad_request")]
+    finally:
+        srv.close()

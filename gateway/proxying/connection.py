@@ -75,6 +75,14 @@ class BodyFramingError(UpstreamProtocolError):
     """The request body source gave more or fewer bytes than the Content-Length sent."""
 
 
+class ClientGone(Exception):
+    """The client's connection closed (or vanished and was found so) while its request waited
+    for the upstream's answer head: the exchange ends, its upstream connection is closed.
+    ``sent``: whether the whole request had gone upstream by then (the pool says)."""
+
+    sent = True
+
+
 class _OutOfStep(Exception):
     """The upstream sent a message nobody asked for."""
 

@@ -41,12 +41,12 @@ from yarl import URL
 from ..config import Config, Upstream
 from ..cors import ORIGIN
 from ..errors import (BadGateway, GatewayError, GatewayTimeout, RequestTimeout, body_cut_short,
-                      body_too_large)
+                      body_too_large, client_closed)
 from ..models import Principal
 from ..signature import secrets_of, sign
 from ..tracing import Trace, Tracer
 from ..trust import throttle_client
-from .connection import (BodyFramingError, UploadShareFull, UploadSlotsFull,
+from .connection import (BodyFramingError, ClientGone, UploadShareFull, UploadSlotsFull,
                          UpstreamConnectError, UpstreamProtocolError, UpstreamResponse,
                          UpstreamTimeout, UpstreamUnreached)
 from .headers import NotUtf8Headers, RequestHeaderRules, response_headers
@@ -323,6 +323,9 @@ class Forwarder:
         is_head = request.method == "HEAD"
         started = time.perf_counter()
         streaming = False
+        client = request.protocol  # its going ends the wait for the answer (connection_lost)
+        if not hasattr(client, "upstream_wait"):  # not keygate's own server (some tests')
+            client = None
         try:
             if body is not None:
                 # no upstream connection is taken before the first PREFETCH bytes (all of a
@@ -336,12 +339,21 @@ class Forwarder:
                 resp = await pool.request(head, body=body, content_length=length,
                                           timeout=upstream.timeout, is_head=is_head,
                                           streaming=True,
-                                          owner=_upload_owner(request, principal, client_of))
+                                          owner=_upload_owner(request, principal, client_of),
+                                          client=client)
             else:
                 resp = await pool.request(head, body=body, content_length=length,
-                                          timeout=upstream.timeout, is_head=is_head)
+                                          timeout=upstream.timeout, is_head=is_head,
+                                          client=client)
         except GatewayError:  # the body source's own: 413, 408
             raise
+        except ClientGone as exc:  # nobody is left to answer: what the access log says
+            if not exc.sent and body is not None:  # as a client gone mid-body: uncounted
+                log.info("the client went away while sending its body to %s", upstream.name)
+                raise body_cut_short() from None
+            log.info("the client went away before %s answered; the upstream connection is "
+                     "closed", upstream.name)
+            raise client_closed(reached_upstream=exc.sent) from None
         except ClientBodyFailed as exc:
             log.info("the client went away while sending its body to %s: %s", upstream.name,
                      exc)

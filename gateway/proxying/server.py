@@ -34,6 +34,7 @@ from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestHandler
 
 from ..errors import BadRequest, GatewayError, body_cut_short
+from .connection import ClientGone
 from .response import WholeResponse
 
 log = logging.getLogger("keygate")
@@ -91,9 +92,11 @@ class _JsonErrorRequestHandler(RequestHandler):
     _head_bytes = 0   # bytes received of the request head under way (see _count_head)
     _head_from = 0    # the connection's request count when that head began
     _tunnel = None    # the WebSocket tunnel this connection became (gateway.proxying.tunnel)
-    # the timeout of a streamed answer's wait for its upstream's next bytes, while it waits
-    # (forward.py): the client going ends it at once, as aiohttp does not cancel the handler
-    upstream_wait: asyncio.Timeout | None = None
+    # while the request waits for its upstream: the timeout of a streamed answer's wait for
+    # the upstream's next bytes (forward.py), or the future of the wait for the answer head
+    # (upstream.py, the request body's sending included). The client going ends it at once,
+    # as aiohttp does not cancel the handler
+    upstream_wait: asyncio.Timeout | asyncio.Future | None = None
     _kept = None      # the connection's transport, kept past force_close (it drops .transport)
     _unflushed_since: float | None = None  # when the sweep first saw it closed, bytes unsent
     # bytes held behind an upgrade not yet answered (aiohttp's _message_tail) whose first
@@ -392,11 +395,14 @@ class _JsonErrorRequestHandler(RequestHandler):
             self._write_stall = None
         self._kept = None
         waiting = self.upstream_wait
-        if waiting is not None:  # the client left (or vanished) while its streamed answer
-            # waited for the upstream, which may be silent for up to its timeout: that wait
-            # ends now, and the upstream connection is closed, not held until then
+        if waiting is not None:  # the client left (or vanished) while its request waited
+            # for the upstream, which may be silent for up to its timeout: that wait ends
+            # now, and the upstream connection is closed, not held until then
             self.upstream_wait = None
-            waiting.reschedule(self._loop.time())
+            if isinstance(waiting, asyncio.Timeout):  # between two chunks of its answer
+                waiting.reschedule(self._loop.time())
+            elif not waiting.done():  # for the answer head (its body still going up, or not)
+                waiting.set_exception(ClientGone())
         super().connection_lost(exc)
 
     def flush_overdue(self, now: float, timeout: float) -> bool:

@@ -37,9 +37,9 @@ from typing import Awaitable, Callable, Mapping
 from aiohttp import hdrs, web
 from multidict import istr
 
-from ..errors import BadGateway, BadRequest
-from .connection import (UpstreamConnection, UpstreamConnectError, UpstreamProtocolError,
-                         UpstreamResponse, UpstreamTimeout)
+from ..errors import BadGateway, BadRequest, client_closed
+from .connection import (ClientGone, UpstreamConnection, UpstreamConnectError,
+                         UpstreamProtocolError, UpstreamResponse, UpstreamTimeout)
 from .headers import NotUtf8Headers, response_headers
 from .response import keep_header_bytes
 from .server import close_after, take_over, upgrade_pending
@@ -125,8 +125,13 @@ async def tunnel(forwarder, request: web.BaseRequest, upstream, principal, reque
                                   host, trace=trace, rules=rules,
                                   last="Connection: Upgrade\r\nUpgrade: websocket")
     started = time.perf_counter()
+    client = request.protocol  # its going ends the wait for the answer (connection_lost)
+    if not hasattr(client, "upstream_wait"):  # not keygate's own server (some tests')
+        client = None
     try:
-        resp = await pool.upgrade(head, timeout=upstream.timeout)
+        resp = await pool.upgrade(head, timeout=upstream.timeout, client=client)
+    except ClientGone as exc:  # the client went before the upstream answered its handshake
+        raise client_closed(reached_upstream=exc.sent) from None
     except (UpstreamTimeout, UpstreamConnectError, UpstreamProtocolError, OSError,
             ValueError) as exc:
         raise forwarder.upstream_failed(exc, upstream) from None

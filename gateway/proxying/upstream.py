@@ -39,9 +39,10 @@ import collections
 import ssl
 from urllib.parse import urlsplit
 
-from .connection import (BodyFramingError, BodySource, UploadShareFull, UploadSlotsFull,
-                         UpstreamConnectError, UpstreamConnection, UpstreamProtocolError,
-                         UpstreamResponse, UpstreamTimeout, UpstreamUnreached)
+from .connection import (BodyFramingError, BodySource, ClientGone, UploadShareFull,
+                         UploadSlotsFull, UpstreamConnectError, UpstreamConnection,
+                         UpstreamProtocolError, UpstreamResponse, UpstreamTimeout,
+                         UpstreamUnreached)
 
 MAX_IDLE = 256
 IDLE_TTL = 30.0   # seconds an idle connection is trusted (a middlebox may drop it silently)
@@ -205,7 +206,7 @@ class UpstreamPool:
     async def request(self, head: bytes, *, body: BodySource | None = None,
                       content_length: int | None = None, timeout: float = 30.0,
                       is_head: bool = False, streaming: bool = False,
-                      owner: object = None) -> UpstreamResponse:
+                      owner: object = None, client=None) -> UpstreamResponse:
         """Send ``head`` (request line + headers, without the final CRLF and without any
         framing header) and the body; return once the response head has arrived.
 
@@ -214,14 +215,23 @@ class UpstreamPool:
         first, waiting for one within ``connect_timeout`` (``UploadSlotsFull``). ``owner``
         (hashable: its workspace, say) holds at most ``share`` of them: over that, the upload
         waits for one of its own to come free, within the same time (``UploadShareFull``).
-        Read only when ``streaming``."""
+        Read only when ``streaming``.
+
+        ``client``: the client connection's handler (``server._JsonErrorRequestHandler``),
+        if the exchange is to end when the client goes: while it waits for the answer head
+        (its body being sent included), ``client.upstream_wait`` holds that wait, which the
+        handler's ``connection_lost`` fails with ``ClientGone``; the upstream connection is
+        then closed. A client already gone (``client.transport`` None) once a connection is
+        found is ``ClientGone`` with ``sent`` False, and nothing is sent."""
         if streaming:
-            return await self._streamed(head, body, content_length, timeout, is_head, owner)
+            return await self._streamed(head, body, content_length, timeout, is_head, owner,
+                                        client)
         for attempt in (0, 1):
             conn, reused = await self._checkout()
             self.active.add(conn)
             try:
-                return await self._exchange(conn, head, body, content_length, timeout, is_head)
+                return await self._exchange(conn, head, body, content_length, timeout, is_head,
+                                            client)
             except UpstreamProtocolError:
                 # an idle connection the upstream had closed: retry once if nothing was sent
                 # that cannot be sent again (the upstream may have read the request and acted
@@ -232,19 +242,20 @@ class UpstreamPool:
                 raise
         raise UpstreamProtocolError("upstream closed the connection")
 
-    async def upgrade(self, head: bytes, *, timeout: float = 30.0) -> UpstreamResponse:
+    async def upgrade(self, head: bytes, *, timeout: float = 30.0,
+                      client=None) -> UpstreamResponse:
         """Send a WebSocket handshake ``head`` (no body) and return once the response head has
         arrived. A ``101`` is final here (``request`` fails on one): its connection is the
         caller's to tunnel over (``gateway.proxying.tunnel``), still holding its slot of
         ``max_connections`` until it closes. Any other answer is an ordinary response whose
         connection is closed after it, never reused (the upstream may have read the handshake
-        otherwise than keygate did)."""
+        otherwise than keygate did). ``client``: as ``request``'s."""
         for attempt in (0, 1):
             conn, reused = await self._checkout()
             self.active.add(conn)
             conn.upgrade_wanted = True
             try:
-                resp = await self._exchange(conn, head, None, None, timeout, False)
+                resp = await self._exchange(conn, head, None, None, timeout, False, client)
             except UpstreamProtocolError:
                 if attempt == 0 and reused and not conn.got_bytes:  # a GET: sent again
                     continue
@@ -254,7 +265,8 @@ class UpstreamPool:
         raise UpstreamProtocolError("upstream closed the connection")
 
     async def _streamed(self, head: bytes, body: BodySource, content_length: int | None,
-                        timeout: float, is_head: bool, owner: object) -> UpstreamResponse:
+                        timeout: float, is_head: bool, owner: object,
+                        client=None) -> UpstreamResponse:
         """``request`` for a body still streaming in: within an upload slot, held until the
         body's sender stops (all sent, the client or the upstream failed, or cancelled; an
         exchange that fails has closed its connection). Never retried: the body is consumed."""
@@ -270,7 +282,8 @@ class UpstreamPool:
         try:
             conn, _ = await self._checkout(deadline)  # one wait: both within connect_timeout
             self.active.add(conn)
-            resp = await self._exchange(conn, head, body, content_length, timeout, is_head)
+            resp = await self._exchange(conn, head, body, content_length, timeout, is_head,
+                                        client)
         except BaseException:
             release()
             raise
@@ -352,8 +365,15 @@ class UpstreamPool:
 
     async def _exchange(self, conn: UpstreamConnection, head: bytes, body: BodySource | None,
                         content_length: int | None, timeout: float,
-                        is_head: bool) -> UpstreamResponse:
+                        is_head: bool, client=None) -> UpstreamResponse:
         loop = conn.loop
+        if client is not None and client.transport is None:
+            # the client went while a connection was found: nothing is sent for it, and
+            # the connection, unused, goes back
+            self.take_back(conn)
+            gone = ClientGone()
+            gone.sent = False
+            raise gone
         waiter = conn.head = loop.create_future()
         conn.skip_body = is_head
         sent = [body is None]
@@ -367,10 +387,14 @@ class UpstreamPool:
             conn.transport.write(head + framing)
             sender = conn.sender = asyncio.ensure_future(
                 self._send_body(conn, waiter, body, content_length, sent, timeout))
+        if client is not None:  # the client going ends this wait (connection_lost)
+            client.upstream_wait = waiter
         try:
             await waiter
         except BaseException as exc:
             conn.close()  # which cancels the sender
+            if exc.__class__ is ClientGone:
+                exc.sent = sent[0]
             if sender is not None and not sender.done() and \
                     not isinstance(exc, asyncio.CancelledError):
                 # ended before the caller answers: else it would still be waiting for the
@@ -379,6 +403,8 @@ class UpstreamPool:
             raise
         finally:
             conn.head_due = None
+            if client is not None:
+                client.upstream_wait = None
         return UpstreamResponse(conn, self, sent)
 
     def _await_head(self, conn: UpstreamConnection, timeout: float) -> None:
