@@ -34,6 +34,92 @@ class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
 
 
 
+# Whether the store call this task runs (``track_writes``) has written any of its commands to
+# a connection: [False] until one of the connections below hands a command's bytes to its
+# socket (a connection's own handshake, AUTH and HELLO, is not the call's). None: no call
+# tracked. A call whose commands were never written ran nothing on Redis, whatever redis-py
+# raised (the connection could not be made, no Sentinel named a master, no node owns the
+# slot): it can be made again later without running twice.
+_COMMAND_WRITTEN: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
+    "keygate_command_written", default=None)
+
+
+@contextlib.contextmanager
+def track_writes() -> Any:
+    """Yields a list whose one item says whether the commands run in the block were written
+    to a connection (``_WriteTracking``): False at the end means none left keygate."""
+    written = [False]
+    token = _COMMAND_WRITTEN.set(written)
+    try:
+        yield written
+    finally:
+        _COMMAND_WRITTEN.reset(token)
+
+
+class _WriteTracking:
+    """A redis-py connection that records, for the call ``track_writes`` follows, that a
+    command was written: before its bytes go to the socket (``send_packed_command``, the one
+    place redis-py writes a command), once the connection is made. Partly written counts as
+    written. The connection's own handshake (AUTH, HELLO, CLIENT SETINFO, SELECT, sent while
+    it connects) does not count: a connection that fails there never wrote the call's command.
+    Nothing is recorded outside ``track_writes`` (one ContextVar read per command)."""
+    _handshaking = False
+
+    async def connect_check_health(self, *args: Any, **kwargs: Any) -> Any:
+        self._handshaking = True
+        try:
+            return await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._handshaking = False
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self.is_connected and self._reader.at_eof():  # type: ignore[attr-defined]
+            # The server closed this connection (a pooled one, idle since: the node stopped
+            # or restarted, CLIENT KILL, its idle timeout). Redis closes a connection whole,
+            # so nothing written to it now is read: it is made again first, as the Sentinel
+            # pool does for the connections it hands out, instead of writing the command into
+            # it and failing (a Cluster node's pool hands them out unchecked).
+            await self.disconnect()  # type: ignore[attr-defined]
+        if not self.is_connected:  # type: ignore[attr-defined]
+            # as redis-py's own first step: a connection that cannot be made wrote nothing
+            await self.connect_check_health(check_health=False)
+        written = _COMMAND_WRITTEN.get()
+        if written is not None and not written[0] and not self._handshaking \
+                and not _routing_command(command):
+            written[0] = True
+        await super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+
+# Commands redis-py sends on its own, in the task of the call it runs, to route it: a Cluster
+# client reads the slots (CLUSTER SLOTS) and the command table (COMMAND) again after a
+# connection error, before the call's next attempt. They are not the call's: no keygate call
+# is one of them.
+_ROUTING_VERBS = (b"CLUSTER", b"COMMAND")
+
+
+def _routing_command(command: Any) -> bool:
+    """Whether packed ``command`` (RESP: ``*N``, ``$len``, the verb, ...) is one of
+    ``_ROUTING_VERBS``. Anything it cannot read is not (it counts as the call's)."""
+    first = command if isinstance(command, (bytes, str)) else next(iter(command), b"")
+    if isinstance(first, str):
+        first = first.encode()
+    parts = bytes(first[:48]).split(b"\r\n", 3)
+    return len(parts) > 3 and parts[2].upper() in _ROUTING_VERBS
+
+
+def _tracking(connection_class: type) -> type:
+    """``connection_class`` with ``_WriteTracking``."""
+    tracked = _TRACKING.get(connection_class)
+    if tracked is None:
+        tracked = type(f"Tracked{connection_class.__name__}", (_WriteTracking, connection_class),
+                       {})
+        _TRACKING[connection_class] = tracked
+    return tracked
+
+
+_TRACKING: dict[type, type] = {}
+
+
 def topology_client(url: str, *, timeout: float, decode_responses: bool,
                     confirm_writes: bool = False) -> Any:
     """A redis-py asyncio client for a Sentinel or Cluster URL: a ``Redis`` on the current
@@ -64,6 +150,12 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool,
             for node in cluster.nodes_manager.startup_nodes.values():
                 node.connection_kwargs.update(rest)
         cluster.try_again_for = timeout
+        # every node's connections record the writes (the seed nodes are made already; the
+        # nodes found later are made with these arguments, which NodesManager shares)
+        tracked = _tracking(cluster.connection_kwargs["connection_class"])
+        cluster.connection_kwargs["connection_class"] = tracked
+        for node in cluster.nodes_manager.startup_nodes.values():
+            node.connection_class = tracked
         return cluster
     from redis.asyncio.sentinel import Sentinel
     # redis-py's default (10 retries with backoff) would hold a request for seconds against a
@@ -86,6 +178,11 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool,
     if target.tls:  # the same TLS options for the Sentinels and for the data nodes
         sentinel_options.update(ssl=True, **target.ssl)
         options.update(ssl=True, **target.ssl)
+    # the master's connections record the writes (_WriteTracking); redis-py's pool picks the
+    # SSL class from ``ssl`` only when it is not given one
+    from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
+    options["connection_class"] = _tracking(SentinelManagedSSLConnection if options.pop(
+        "ssl", False) else SentinelManagedConnection)
     sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_options)
     client = sentinel.master_for(target.service, db=target.db,
                                  redis_class=_ConfirmingSentinelMaster if confirm_writes

@@ -1135,6 +1135,19 @@ def test_a_bad_config_for_the_admin_url_is_exit_1_naming_the_problem(tmp_path, c
     assert "admin.port" in capsys.readouterr().err
 
 
+def test_an_admin_problem_in_a_file_with_others_names_its_own_line(tmp_path, capsys):
+    """With problems elsewhere in the file the CLI read the admin section from a copy of it
+    written out alone, and named that copy's line: `gw.yaml:2: admin.port` for a port on
+    line 5. The section is read where it is, so the line is the file's."""
+    path = tmp_path / "gw.yaml"
+    path.write_text("routes: nope\nstore: {redis_url: '${UNSET_FOR_THIS_TEST}'}\n\n"
+                    "admin:\n  port: nope\n")
+    assert main(["workspaces", "list", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:5: admin.port: " in err, err
+    assert "routes" not in err and "UNSET_FOR_THIS_TEST" not in err, err
+
+
 def test_the_cli_reference_describes_every_command_and_option():
     """docs/cli.md has a section per command, naming each of its options."""
     import argparse

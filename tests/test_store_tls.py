@@ -397,11 +397,11 @@ async def test_topology_clients_give_the_tls_options_to_every_connection(pki) ->
         assert len(nodes) == 2
         for kwargs in [cluster.nodes_manager.connection_kwargs] + [n.connection_kwargs
                                                                   for n in nodes]:
-            assert kwargs.get("connection_class", SSLConnection) is SSLConnection
+            assert issubclass(kwargs.get("connection_class", SSLConnection), SSLConnection)
             assert (kwargs["ssl_ca_certs"], kwargs["ssl_ca_path"], kwargs["ssl_min_version"]) \
                 == (str(pki["ca"]), str(pki["ca"].parent), 772)
         for node in nodes:  # the connection a node makes
-            assert node.connection_class is SSLConnection
+            assert issubclass(node.connection_class, SSLConnection)
             connection = node.connection_class(**node.connection_kwargs)
             assert connection.ssl_context.get().minimum_version == ssl.TLSVersion.TLSv1_3
     finally:

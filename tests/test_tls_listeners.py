@@ -369,6 +369,55 @@ async def test_the_cli_with_config_trusts_only_that_certificate_not_its_ca(
     assert code == 0, err
 
 
+@pytest.mark.parametrize("key", ["missing", "directory"])
+async def test_the_cli_with_config_needs_no_access_to_the_listeners_private_key(
+        https_gateway, capsys, monkeypatch, key):
+    """An operator's `keygate --config FILE workspaces list` runs as a user who may read the
+    config and the certificate but not the listener's private key (the service account's).
+    The CLI loaded the whole file, and with it checked admin.tls.key_file (readable, matching
+    the certificate): every remote command failed with that key's problem, although the CLI
+    needs only the listener's address, its token variable and the certificate it pins. It
+    reads the admin section alone now, and of admin.tls only cert_file; serve and config check
+    still refuse the same file, naming the key at its line.
+
+    The key is a path that does not exist, or a directory: the suite runs as root, for whom a
+    chmod 000 file is still readable, and both fail the same open a permission denial does."""
+    import subprocess
+    import sys
+    _, _, cert, _ = https_gateway
+    served = cert.parent / "config.yaml"
+    unreadable = cert.parent / "key-of-the-service-account.key"
+    if key == "directory":
+        unreadable.mkdir()
+    path = cert.parent / "operator.yaml"
+    path.write_text(served.read_text().replace(str(cert.parent / "tls.key"), str(unreadable)))
+    assert str(unreadable) in path.read_text()
+    code, out, err = await cli_with_config(capsys, monkeypatch, "--config", str(path),
+                                           "workspaces", "create", "acme", "--name", "Acme")
+    assert code == 0, err
+    code, out, err = await cli_with_config(capsys, monkeypatch, "workspaces", "list",
+                                           "--config", str(path), "--json")
+    assert code == 0, err
+    assert [w["id"] for w in json.loads(out)["items"]] == ["acme"]
+    # the certificate is still the one pinned: a file naming another is refused as before
+    other = cert.parent / "other.yaml"
+    other.write_text(path.read_text().replace(str(cert), str(cert.parent.parent / "nope.pem")))
+    code, out, err = await cli_with_config(capsys, monkeypatch, "--config", str(other),
+                                           "workspaces", "list")
+    assert code == 1 and "admin.tls.cert_file" in err, err
+    # serve and config check refuse the file the CLI took, naming the key at its line
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1)
+                if text.startswith("admin:"))
+    for argv in (["config", "check", str(path)], ["serve", "--config", str(path)]):
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "gateway", *argv], capture_output=True,
+            text=True, timeout=30)
+        assert done.returncode == 1, (argv, done)
+        shown = done.stdout + done.stderr
+        problem = f"{path}:{line}: admin.tls.key_file: "
+        assert problem in shown and str(unreadable) in shown.split(problem, 1)[1], (argv, shown)
+
+
 # --- a TLS client that vanishes mid-body ---------------------------------------------------------
 
 @pytest.fixture

@@ -102,11 +102,12 @@ async def test_a_paused_cluster_node_is_given_up_on_once_and_a_refund_is_not_rep
         os.kill(pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
-            with pytest.raises(StoreError):
+            with pytest.raises(StoreError) as failed:
                 await store.refund(slot, 3600)
             waited = time.monotonic() - started
         finally:
             os.kill(pid, signal.SIGCONT)
+        assert not failed.value.unsent  # it may run when the node wakes: never the ledger's
         assert waited < 2.0, f"503 after {waited:.1f} s for a 0.5 s store timeout"
         await asyncio.sleep(0.5)  # whatever sat in the node's socket buffers has run
         assert [int(owner.get(c)) for c in slot.counters()] in ([9] * 4, [8] * 4)
@@ -118,7 +119,7 @@ async def test_a_paused_cluster_node_is_given_up_on_once_and_a_refund_is_not_rep
 # --- Sentinel: a burst, then a failover under load ------------------------------------------
 
 from test_redis_topologies import DATA_PW, MASTER, SENTINEL_PW, sentinel_group  # noqa: E402,F401
-from harness import bearer, gateway_under_test, make_config  # noqa: E402
+from harness import bearer, eventually, gateway_under_test, make_config  # noqa: E402
 
 
 def _master_pid(group: dict) -> int:
@@ -595,6 +596,7 @@ async def test_a_sentinel_master_that_answers_late_is_given_up_on_once_and_a_ref
         counters = [int(owner.get(c)) for c in slot.counters()]
         assert counters in ([9] * 4, [8] * 4), (counters, failed, waited)
         assert failed is not None and waited < 0.14, (failed, waited)
+        assert not failed.unsent  # it may have run: never the ledger's
     finally:
         await store.close()
         owner.close()
@@ -967,3 +969,192 @@ async def test_sentinel_and_master_closing_keygates_connections_under_load_is_ne
         # run had 9-16.
         assert set(kinds) <= {(200, None), (503, "store_unavailable")}, (kinds, kills)
         assert kinds.get((503, "store_unavailable"), 0) <= 2, (kinds, kills)
+
+
+# --- a refund whose node could not be reached: written by the ledger once it is back -------
+
+def _durable(port: int) -> tuple[str, ...]:
+    """redis-server arguments: every write on disk before it is answered, so that a node
+    killed and started again has the counts it had (the suite's servers keep nothing)."""
+    return ("--appendonly", "yes", "--appendfsync", "always",
+            "--appendfilename", f"appendonly-{port}.aof")
+
+
+@pytest.fixture
+def durable_sentinel_master(tmp_path):
+    yield from _durable_sentinel(tmp_path, ("master",))
+
+
+@pytest.fixture
+def durable_sentinel_master_and_sentinel(tmp_path):
+    yield from _durable_sentinel(tmp_path, ("master", "sentinel"))
+
+
+def _durable_sentinel(tmp_path, names: tuple[str, ...]):
+    """A password-protected master that keeps its writes across a restart, watched by one
+    Sentinel that will not fail it over (there is no replica, and it waits a minute): a master
+    stopped and started again, the Sentinel naming it all along; with "sentinel" in ``names``
+    the Sentinel is stopped and started with it (no Sentinel answers: redis-py's
+    MasterNotFoundError)."""
+    from test_redis_topologies import Servers
+    from conftest import free_port
+    servers = Servers(tmp_path)
+    master, sentinel = free_port(), free_port()
+    args = ("--requirepass", DATA_PW, *_durable(master))
+    try:
+        servers.start("master", master, *args, password=DATA_PW)
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(f"sentinel monitor {MASTER} 127.0.0.1 {master} 1\n"
+                        f"sentinel auth-pass {MASTER} {DATA_PW}\n"
+                        f"sentinel down-after-milliseconds {MASTER} 60000\n"
+                        f"requirepass {SENTINEL_PW}\n")
+        servers.start("sentinel", sentinel, "--sentinel", conf=str(conf), password=SENTINEL_PW)
+
+        def stop() -> None:
+            for name in names:
+                servers.procs[name].kill()
+                servers.procs[name].wait()
+
+        def start() -> None:
+            servers.start("master", master, *args, password=DATA_PW)
+            if "sentinel" in names:
+                servers.start("sentinel", sentinel, "--sentinel", conf=str(conf),
+                              password=SENTINEL_PW)
+        yield {"servers": servers, "url": f"redis+sentinel://:{DATA_PW}@127.0.0.1:{sentinel}"
+                                          f"/{MASTER}/0?sentinel_password={SENTINEL_PW}",
+               "stop": stop, "start": start}
+    finally:
+        servers.stop_all()
+
+
+@pytest.fixture
+def durable_cluster(tmp_path):
+    """``redis_cluster``'s three masters, keeping their writes (and their cluster config)
+    across a restart: the node that owns workspace acme's counters stopped and started."""
+    from test_redis_topologies import Servers, start_cluster
+    servers = Servers(tmp_path)
+    ports = [free_cluster_port() for _ in range(3)]
+    try:
+        start_cluster(servers, ports, CLUSTER_PW, node_args=_durable)
+        _, owner = _owner(ports, "kg:usage:{acme}:x")
+        args = servers.procs[f"node{owner}"].args[1:]
+
+        def start() -> None:
+            servers.start(f"node{owner}", owner, *args[args.index("--dir") + 2:],
+                          password=CLUSTER_PW)
+            node = _node(owner)
+            try:  # the cluster answers again once every node sees the slots covered
+                deadline = time.monotonic() + 20
+                while node.cluster("INFO")["cluster_state"] != "ok" \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            finally:
+                node.close()
+        proc = lambda: servers.procs[f"node{owner}"]  # noqa: E731
+        yield {"servers": servers, "url": f"redis+cluster://:{CLUSTER_PW}@" + ",".join(
+                   f"127.0.0.1:{p}" for p in ports if p != owner),
+               "stop": lambda: (proc().kill(), proc().wait()), "start": start}
+    finally:
+        servers.stop_all()
+
+
+def free_cluster_port() -> int:
+    from test_redis_topologies import _cluster_port
+    return _cluster_port()
+
+
+@pytest.mark.parametrize("topology", ["sentinel master", "sentinel master and sentinel",
+                                      "cluster"])
+async def test_a_refund_whose_node_could_not_be_reached_is_written_once_it_is_back(
+        request, upstream, monkeypatch, caplog, topology) -> None:
+    """A request counted, then refused by keygate (413) is taken back. With the node that
+    holds the counters down exactly then (its process gone: every connection to it refused),
+    the lean client's refund goes to the ledger, written once Redis answers again; on Sentinel
+    and Cluster (redis-py) the same refund was only logged ("may stay counted") and the
+    request stayed counted for the month, although the call never left keygate. A refund
+    none of whose attempts wrote it to a connection is now the ledger's: usage is back to 0
+    once the node is, and stays there."""
+    import logging
+    from test_store_faults import TOO_MUCH, _counted_then_refused, _refund_config
+    group = request.getfixturevalue("durable_" + topology.replace(" ", "_"))
+    async with gateway_under_test(_refund_config(upstream), group["url"], monkeypatch) as g:
+        await g.workspace()
+        token, key = await g.key(role="editor")
+        reader, writer = await _counted_then_refused(g, token)
+        group["stop"]()
+        with caplog.at_level(logging.INFO, logger="keygate.proxy"):
+            writer.write(TOO_MUCH)
+            answer = await asyncio.wait_for(reader.read(65536), 20)
+            assert answer.startswith(b"HTTP/1.1 413 "), answer[:100]
+            writer.close()
+            lines = await eventually(lambda: [r.getMessage() for r in caplog.records
+                                              if "taken back" in r.getMessage()
+                                              or "may stay counted" in r.getMessage()],
+                                     timeout=20)
+        assert lines and "taken back once" in lines[0], lines
+        assert key["id"] in lines[0] and "acme" in lines[0], lines
+        if topology == "sentinel master and sentinel":
+            assert "MasterNotFoundError" in lines[0], lines
+        await asyncio.to_thread(group["start"])
+
+        async def used() -> int | None:
+            try:
+                return await g.used()
+            except AssertionError:  # 503 while the store comes back
+                return None
+        assert await eventually(lambda: _is(used(), 0), timeout=20), await used()
+        await asyncio.sleep(1.5)  # the ledger's next attempts (one a second) add nothing more
+        assert await used() == 0
+
+
+async def _is(got, expected) -> bool:
+    return await got == expected
+
+
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+async def test_a_refund_that_ran_and_whose_retry_could_not_connect_is_not_given_to_the_ledger(
+        request, topology) -> None:
+    """The other side of the test above: the node runs a refund, then closes its connection
+    before the reply leaves (a CLIENT KILL read in the same turn), and redis-py's retry cannot
+    connect again (the node refuses new clients: maxclients). The call ends in a connection
+    error like a refund that never left keygate, but this one ran: handed to the ledger, it
+    would be taken back a second time. It is not unsent, and the counters went down once."""
+    from gateway.store.request import Slot
+    slot = Slot("acme", "k1", "2026-01", "2026-01-15", "k1")
+    if topology == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        url = cluster["url"]
+        _, port = _owner(cluster["ports"], slot.counters()[0])
+        owner, killer = _node(port), _node(port)
+    else:
+        group = request.getfixturevalue("sentinel_group")
+        url = group["url"]
+        owner = redis.Redis(port=group["master"], password=DATA_PW, socket_timeout=5)
+        killer = redis.Redis(port=group["master"], password=DATA_PW, socket_timeout=5)
+    for counter in slot.counters():
+        owner.set(counter, 11, ex=3600)
+    store = RequestStore(url, timeout=2.0)
+    try:
+        await store.refund(slot, 3600)  # connected: the node known, a connection open
+        assert [int(owner.get(c)) for c in slot.counters()] == [10] * 4
+        killer.ping()
+        connected = int(owner.info("clients")["connected_clients"])
+        # the store's connection, once killed, leaves no room for another
+        owner.config_set("maxclients", connected - 1)
+        refund = await run_with_its_reply_lost(owner, killer, lambda: store.refund(slot, 3600))
+        try:
+            await refund
+            failed = None
+        except StoreError as exc:
+            failed = exc
+        counters = [int(owner.get(c)) for c in slot.counters()]
+        # it ran once (on a loaded machine the kill may be read first: then it did not run,
+        # which keygate cannot tell either, having written it)
+        assert counters in ([9] * 4, [10] * 4), (counters, failed)
+        assert failed is not None and "max number of clients" in str(failed), failed
+        assert not failed.unsent, failed
+    finally:
+        owner.config_set("maxclients", 10000)
+        await store.close()
+        owner.close()
+        killer.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import urllib.parse
-from typing import Any
 
 from .client import CliError
 
@@ -52,43 +51,21 @@ def connection(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
 def admin_from_config(path: str) -> tuple[str, str | None, str | None]:
     """(admin URL, operator token, certificate file) for the gateway a config file describes:
     its admin listener's address (a wildcard host is reached on loopback), the token from the
-    variable its ``admin.token_env`` names, and with ``admin.tls`` its certificate file."""
-    from ..config import load_config
+    variable its ``admin.token_env`` names, and with ``admin.tls`` its certificate file.
+
+    Only the admin section is read, and of its ``tls`` only ``cert_file``
+    (``load_admin_section``): the CLI's user usually may not read the listener's private key,
+    and a file with problems elsewhere (say, one ``keygate reload`` is about to refuse) still
+    names the admin listener."""
+    from ..config import load_admin_section
     from ..errors import ConfigError
     try:
-        admin = load_config(path).admin
+        admin = load_admin_section(path)
     except ConfigError as exc:
-        # A file with problems elsewhere (say, one `keygate reload` is about to refuse) still
-        # names the admin listener: read that section alone.
-        admin = _admin_section(path, exc)
+        raise CliError("\n".join(exc.problems)) from None
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(admin.host, admin.host)
     if ":" in host:
         host = f"[{host}]"
-    tls = getattr(admin, "tls", None)
+    tls = admin.tls
     return (f"{'https' if tls else 'http'}://{host}:{admin.port}",
             os.environ.get(admin.token_env), tls.cert_file if tls else None)
-
-
-def _admin_section(path: str, original: Exception) -> Any:
-    import tempfile
-
-    import yaml
-
-    from ..config import load_config
-    from ..errors import ConfigError
-    problems = "\n".join(getattr(original, "problems", [str(original)]))
-    try:
-        with open(path, encoding="utf-8-sig") as fh:
-            document = yaml.safe_load(fh)
-    except (OSError, yaml.YAMLError):
-        raise CliError(problems) from None
-    if not isinstance(document, dict):
-        raise CliError(problems)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        yaml.safe_dump({"admin": document.get("admin")}, fh)
-    try:
-        return load_config(fh.name).admin
-    except ConfigError as exc:
-        raise CliError("\n".join(p.replace(fh.name, path) for p in exc.problems)) from None
-    finally:
-        os.unlink(fh.name)

@@ -17,13 +17,14 @@ from ..models import (HTTP_METHODS, NAME_RE, RESERVED_PATH, SCOPE_RE, Plan, Rate
 from ..settings import (AdminConfig, Argon2Config, Config, FailureLimits, IdentityHeaders,
                         IdentitySignature, KeysConfig, ServerConfig, StoreConfig, Timeouts,
                         TLSConfig, TracingConfig, VerifyQueueLimits)
-from .loader import check_config, load_config, servable_problems
+from .loader import check_config, load_admin_section, load_config, servable_problems
 from .service import server_context
 
 __all__ = [
     "AdminConfig", "Argon2Config", "Config", "ConfigError", "FailureLimits", "HTTP_METHODS",
     "IdentityHeaders", "IdentitySignature", "KeysConfig", "NAME_RE", "Plan", "RESERVED_PATH",
     "RateLimit", "Route", "SCOPE_RE", "ServerConfig", "StoreConfig", "TLSConfig", "Timeouts",
-    "TracingConfig", "Upstream", "VerifyQueueLimits", "check_config", "load_config",
+    "TracingConfig", "Upstream", "VerifyQueueLimits", "check_config", "load_admin_section",
+    "load_config",
     "parse_rate_limit", "servable_problems", "server_context",
 ]

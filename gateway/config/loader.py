@@ -16,7 +16,7 @@ import stat
 import yaml
 
 from ..errors import ConfigError
-from ..settings import Config
+from ..settings import AdminConfig, Config
 from .nodes import Node, child, one_line
 from .cors import CorsSections
 from .routing import RoutingSections
@@ -75,6 +75,43 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     if path is None:
         return Config()
     source = os.fspath(path)
+    root, text = _compose(source)
+    reader = Reader(source)
+    try:
+        config = reader.config(root)
+    except RecursionError:  # merge keys chained through more anchors than Python recurses
+        raise ConfigError([_too_deep(source, text)]) from None
+    if reader.problems:
+        raise ConfigError(reader.sorted_problems())
+    return config
+
+
+def load_admin_section(path: str | os.PathLike[str]) -> AdminConfig:
+    """The ``admin`` section alone, as a client of the admin listener needs it (a remote
+    ``keygate --config FILE`` command): the address, ``token_env`` and, with ``admin.tls``,
+    ``cert_file``, which must be a readable file. ``key_file`` is neither read nor required:
+    the user running the CLI usually may not read the listener's private key (it is the
+    service account's), and serve / config check / reloads still check it. Problems elsewhere
+    in the file are not looked for (it may be one a reload is about to refuse).
+
+    Raises ``ConfigError`` with the section's problems, ``file:line: field: what``."""
+    source = os.fspath(path)
+    root, text = _compose(source)
+    reader = Reader(source, client=True)
+    try:
+        top = reader.mapping(root, "")
+        admin = dict((key, value) for key, _, value in top or ()).get("admin")
+        section = reader.admin(admin) if top is not None else AdminConfig()
+    except RecursionError:
+        raise ConfigError([_too_deep(source, text)]) from None
+    if reader.problems:
+        raise ConfigError(reader.sorted_problems())
+    return section
+
+
+def _compose(source: str) -> tuple[Node | None, str]:
+    """(the file's composed YAML tree, its text), or ``ConfigError`` for a file that cannot
+    be read or is not YAML."""
     try:
         raw = _read(source)
     except OSError as exc:
@@ -96,14 +133,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         raise ConfigError([one_line(f"{source}:{line}: invalid YAML: {what}{col}")]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([one_line(f"{source}:1: invalid YAML: {exc}")]) from None
-    reader = Reader(source)
-    try:
-        config = reader.config(root)
-    except RecursionError:  # merge keys chained through more anchors than Python recurses
-        raise ConfigError([_too_deep(source, text)]) from None
-    if reader.problems:
-        raise ConfigError(reader.sorted_problems())
-    return config
+    return root, text
 
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024

@@ -42,7 +42,12 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 
 
 class ServiceSections(SchemaReader):
-    """Listeners, the store and span export."""
+    """Listeners, the store and span export. ``client``: the file is read by a client of its
+    admin listener (``load_admin_section``), which needs no private key."""
+
+    def __init__(self, source: str, client: bool = False) -> None:
+        super().__init__(source)
+        self.client = client
 
     def host(self, node: Node, path: str) -> Any:
         """A listener's address: no name or address has a space or a control character (a
@@ -90,6 +95,8 @@ class ServiceSections(SchemaReader):
         if entries is None:
             return BAD
         given = {key: value_node for key, _, value_node in entries}
+        if self.client:
+            return self._client_tls(node, path, given)
         files: dict[str, str] = {}
         for name in ("cert_file", "key_file"):
             if name not in given:
@@ -120,6 +127,18 @@ class ServiceSections(SchemaReader):
         except (OSError, ValueError) as exc:
             return self.fail(node, path, f"cannot load the certificate: {exc}")
         return TLSConfig(files["cert_file"], files["key_file"])
+
+    def _client_tls(self, node: Node, path: str, given: dict[str, Node]) -> Any:
+        """``tls`` as a client of the listener reads it: the certificate file it pins, read
+        (``gateway.cli.client.listener_contexts`` checks it is PEM); the key is not its to
+        read (its user usually may not), and its absence is for serve to refuse."""
+        if "cert_file" not in given:
+            return self.fail(node, f"{path}.cert_file", "required (a PEM file)")
+        cert_file = self.string(given["cert_file"], f"{path}.cert_file")
+        if cert_file is BAD or not self.readable_file(given["cert_file"], f"{path}.cert_file",
+                                                      cert_file):
+            return BAD
+        return TLSConfig(cert_file, "")
 
     def trusted_proxies(self, node: Node, path: str) -> Any:
         def network(child: Node, sub: str) -> Any:
