@@ -315,6 +315,18 @@ async def test_a_connection_that_never_finishes_its_tls_handshake_is_closed_at_t
             await stop_listeners(runners)
 
 
+async def creates_and_lists_through(capsys, monkeypatch, path) -> None:
+    """``keygate --config PATH`` creates a workspace and lists it (the option before and
+    after the command) against the listener the config names."""
+    code, out, err = await cli_with_config(capsys, monkeypatch, "--config", str(path),
+                                           "workspaces", "create", "acme", "--name", "Acme")
+    assert code == 0, err
+    code, out, err = await cli_with_config(capsys, monkeypatch, "workspaces", "list",
+                                           "--config", str(path), "--json")
+    assert code == 0, err
+    assert [w["id"] for w in json.loads(out)["items"]] == ["acme"]
+
+
 async def cli_with_config(capsys, monkeypatch, *argv: str) -> tuple[int, str, str]:
     """``keygate ARGV`` (in a thread: the listeners run on this loop), its admin URL and token
     from nowhere but the ``--config`` file."""
@@ -335,13 +347,7 @@ async def test_the_cli_with_config_reaches_an_https_admin_listener_on_its_own_ce
     the config names, the one the listener serves."""
     _, _, cert, _ = https_gateway
     path = cert.parent / "config.yaml"
-    code, out, err = await cli_with_config(capsys, monkeypatch, "--config", str(path),
-                                           "workspaces", "create", "acme", "--name", "Acme")
-    assert code == 0, err
-    code, out, err = await cli_with_config(capsys, monkeypatch, "workspaces", "list",
-                                           "--config", str(path), "--json")
-    assert code == 0, err
-    assert [w["id"] for w in json.loads(out)["items"]] == ["acme"]
+    await creates_and_lists_through(capsys, monkeypatch, path)
 
 
 async def test_the_cli_with_config_trusts_only_that_certificate_not_its_ca(
@@ -392,13 +398,7 @@ async def test_the_cli_with_config_needs_no_access_to_the_listeners_private_key(
     path = cert.parent / "operator.yaml"
     path.write_text(served.read_text().replace(str(cert.parent / "tls.key"), str(unreadable)))
     assert str(unreadable) in path.read_text()
-    code, out, err = await cli_with_config(capsys, monkeypatch, "--config", str(path),
-                                           "workspaces", "create", "acme", "--name", "Acme")
-    assert code == 0, err
-    code, out, err = await cli_with_config(capsys, monkeypatch, "workspaces", "list",
-                                           "--config", str(path), "--json")
-    assert code == 0, err
-    assert [w["id"] for w in json.loads(out)["items"]] == ["acme"]
+    await creates_and_lists_through(capsys, monkeypatch, path)
     # the certificate is still the one pinned: a file naming another is refused as before
     other = cert.parent / "other.yaml"
     other.write_text(path.read_text().replace(str(cert), str(cert.parent.parent / "nope.pem")))
