@@ -1,0 +1,187 @@
+"""``keygate serve`` stopped and reloaded under load, as an operator does it: a real process on
+a real redis-server, a real upstream on loopback, a couple of hundred connections at once
+(slow answers, streamed downloads, uploads still arriving, WebSocket tunnels) when the signal
+comes.
+
+Bounded: ~200 connections per test, loopback only, each test ends within about 30 s."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+
+import pytest
+import yaml
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, WSMsgType, web
+
+from harness import eventually, serving
+from served import Served, write_config
+
+TIMEOUT = ClientTimeout(total=30)
+SLOW, DOWNLOADS, UPLOADS, TUNNELS = 150, 20, 20, 10
+CHUNK = b"x" * 4096
+
+
+@pytest.fixture
+async def busy_upstream():
+    """An upstream whose every kind of answer takes ~2 s: ``/slow`` a plain one, ``/stream``
+    a body streamed in ten pieces, ``/upload`` one given once the whole body arrived, ``/ws``
+    a WebSocket echo. ``state`` counts what it has under way."""
+    state = {"open": 0, "tunnels": 0, "most": 0}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        state["open"] += 1
+        state["most"] = max(state["most"], state["open"])
+        try:
+            if request.path.startswith("/ws"):
+                ws = web.WebSocketResponse()
+                await ws.prepare(request)
+                state["tunnels"] += 1
+                async for msg in ws:
+                    await ws.send_str(msg.data)
+                return ws
+            if request.path.startswith("/stream"):
+                response = web.StreamResponse()
+                response.content_length = 10 * len(CHUNK)
+                await response.prepare(request)
+                for _ in range(10):
+                    await response.write(CHUNK)
+                    await asyncio.sleep(0.4)
+                await response.write_eof()
+                return response
+            if request.path.startswith("/upload"):
+                body = await request.read()
+                return web.json_response({"len": len(body)})
+            await asyncio.sleep(4)
+            return web.json_response({"path": request.path})
+        finally:
+            state["open"] -= 1
+
+    async with serving(handler) as url:
+        yield url, state
+
+
+def busy_config(tmp_path, redis_url: str, upstream: str):
+    path, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=upstream,
+                                      access_log="json")
+    doc = yaml.safe_load(path.read_text())
+    doc["upstreams"]["api"]["max_connections"] = 1000
+    doc["routes"] = [
+        {"path": "/slow/**", "methods": ["GET"], "upstream": "api", "public": True},
+        {"path": "/stream/**", "methods": ["GET"], "upstream": "api", "public": True},
+        {"path": "/upload/**", "methods": ["POST"], "upstream": "api", "public": True},
+        {"path": "/ws/**", "methods": ["GET"], "upstream": "api", "public": True,
+         "websocket": True},
+    ]
+    path.write_text(yaml.safe_dump(doc))
+    return path, pport, aport
+
+
+async def slow_upload(session: ClientSession, url: str) -> tuple[int, dict]:
+    async def body():
+        for _ in range(10):
+            yield CHUNK
+            await asyncio.sleep(0.5)
+    async with session.post(url, data=body()) as r:
+        return r.status, await r.json()
+
+
+async def get(session: ClientSession, url: str) -> tuple[int, bytes]:
+    async with session.get(url) as r:
+        return r.status, await r.read()
+
+
+async def tunnel(session: ClientSession, url: str, opened: list) -> list:
+    """A WebSocket that echoes once, then waits: what ended it, as (type, data) pairs."""
+    async with session.ws_connect(url) as ws:
+        await ws.send_str("hello")
+        first = await ws.receive(timeout=10)
+        opened.append(first.data)
+        seen = []
+        while True:
+            msg = await ws.receive(timeout=40)
+            seen.append((msg.type, msg.data))
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR, WSMsgType.CLOSING):
+                return seen
+
+
+def access_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()
+            if line.startswith("{") and '"request_id"' in line]
+
+
+STOPS = {"sigterm": ([signal.SIGTERM], ()), "sigint": ([signal.SIGINT], ()),
+         "sigterm-twice": ([signal.SIGTERM, signal.SIGTERM], ()),
+         "sigint-then-sigterm": ([signal.SIGINT, signal.SIGTERM], ()),
+         "workers-sigterm": ([signal.SIGTERM], ("--workers", "2"))}
+
+
+@pytest.mark.parametrize("stop", STOPS)
+async def test_a_stop_with_two_hundred_connections_in_flight_finishes_them_all(
+        tmp_path, redis_url, busy_upstream, stop):
+    """SIGTERM (or Ctrl-C's SIGINT, or a second signal while it drains: systemd and
+    Kubernetes resend nothing, but an operator at a terminal does) with ~200 connections
+    under way: slow answers, streamed downloads, uploads still arriving and WebSocket tunnels.
+    /readyz answers 503 and new connections are refused at once; every HTTP request is
+    answered whole; every tunnel is closed (its users reconnect elsewhere); every request
+    has its access-log line; the process exits 0."""
+    signals, args = STOPS[stop]
+    url, state = busy_upstream
+    config, pport, aport = busy_config(tmp_path, redis_url, url)
+    gw = Served(config, pport, aport, *args)
+    try:
+        await gw.ready()
+        base = gw.proxy
+        opened: list = []
+        async with ClientSession(timeout=TIMEOUT,
+                                 connector=TCPConnector(limit=0, force_close=True)) as s:
+            slow = [asyncio.ensure_future(get(s, f"{base}/slow/{i}")) for i in range(SLOW)]
+            downloads = [asyncio.ensure_future(get(s, f"{base}/stream/{i}"))
+                         for i in range(DOWNLOADS)]
+            uploads = [asyncio.ensure_future(slow_upload(s, f"{base}/upload/{i}"))
+                       for i in range(UPLOADS)]
+            tunnels = [asyncio.ensure_future(tunnel(s, f"{base}/ws/{i}", opened))
+                       for i in range(TUNNELS)]
+            assert await eventually(
+                lambda: state["open"] >= SLOW + DOWNLOADS + TUNNELS
+                and len(opened) == TUNNELS, timeout=15), state
+            gw.proc.send_signal(signals[0])
+            assert await eventually(lambda: "shutting down" in gw.stderr(), timeout=5)
+            for again in signals[1:]:
+                await asyncio.sleep(0.3)
+                gw.proc.send_signal(again)
+
+            async def refused() -> bool:  # new connections: refused, not queued
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", pport)
+                except ConnectionRefusedError:
+                    return True
+                writer.close()
+                return False
+            assert await eventually(refused, timeout=2)
+            async with ClientSession(timeout=ClientTimeout(total=3)) as probe:
+                async with probe.get(gw.admin + "/readyz") as r:
+                    assert r.status == 503
+                    assert (await r.json())["error"]["code"] == "shutting_down"
+
+            got = await asyncio.gather(*slow)
+            assert all(st == 200 for st, _ in got), [st for st, _ in got if st != 200]
+            got = await asyncio.gather(*downloads)
+            assert all(st == 200 and len(b) == 10 * len(CHUNK) for st, b in got)
+            got = await asyncio.gather(*uploads)
+            assert all(st == 200 and b["len"] == 10 * len(CHUNK) for st, b in got), got
+            ended = await asyncio.gather(*tunnels, return_exceptions=True)
+            for seen in ended:  # closed by keygate, so that their users reconnect elsewhere
+                assert not isinstance(seen, BaseException), ended
+                assert seen[-1][0] in (WSMsgType.CLOSE, WSMsgType.CLOSED), seen
+        assert await asyncio.to_thread(gw.proc.wait, 40) == 0
+        err = gw.stderr()
+        assert "Traceback" not in err, err[-3000:]
+        lines = access_lines(err)
+        statuses = sorted(line["status"] for line in lines)
+        assert len(lines) == SLOW + DOWNLOADS + UPLOADS + TUNNELS, (len(lines), statuses[-20:])
+        assert statuses.count(101) == TUNNELS and statuses.count(200) == len(lines) - TUNNELS
+    finally:
+        gw.close()
+
