@@ -8,6 +8,7 @@ Bounded: ~200 connections per test, loopback only, each test ends within about 3
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 
@@ -185,3 +186,61 @@ async def test_a_stop_with_two_hundred_connections_in_flight_finishes_them_all(
     finally:
         gw.close()
 
+
+async def test_a_request_still_in_flight_when_the_drain_time_ends_is_cut_off_then(
+        tmp_path, redis_url):
+    """The drain is bounded as documented: requests in flight at SIGTERM get SHUTDOWN_TIMEOUT
+    (30 s) to finish. aiohttp waited that long, then as long again for the handler before it
+    cancelled it, so one slow upstream (an upstream timeout of minutes) held the stop for
+    60 s: past Kubernetes' terminationGracePeriodSeconds with the preStop sleep and the rest
+    of the stop, a SIGKILL that lost the usage counted while Redis was down and every
+    access-log line still queued. It is cut off at 30 s now, with its access-log line and a
+    warning saying so, and the process exits 0."""
+    import time
+
+    from gateway.app import SHUTDOWN_TIMEOUT
+    seen = {"n": 0}
+    release = asyncio.Event()  # the test's end: the upstream's own stop need not wait
+
+    async def handler(request: web.Request) -> web.Response:
+        seen["n"] += 1
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(release.wait(), SHUTDOWN_TIMEOUT + 30)
+        return web.json_response({})
+
+    async with serving(handler) as url:
+        config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url,
+                                            access_log="json")
+        doc = yaml.safe_load(config.read_text())
+        doc["upstreams"]["api"]["timeout"] = 300  # an upstream allowed to take minutes
+        config.write_text(yaml.safe_dump(doc))
+        gw = Served(config, pport, aport)
+        try:
+            await gw.ready()
+            async with ClientSession(timeout=ClientTimeout(total=SHUTDOWN_TIMEOUT + 40)) as s:
+                async def one():
+                    try:
+                        async with s.get(gw.proxy + "/health") as r:
+                            return r.status
+                    except Exception as exc:  # cut off: the connection closed unanswered
+                        return exc.__class__.__name__
+                request = asyncio.ensure_future(one())
+                assert await eventually(lambda: seen["n"] == 1)
+                started = time.monotonic()
+                gw.proc.send_signal(signal.SIGTERM)
+                got = await request
+                cut_at = time.monotonic() - started
+            code = await asyncio.to_thread(gw.proc.wait, 60)
+            stopped_at = time.monotonic() - started
+            assert got != 200, got
+            assert SHUTDOWN_TIMEOUT - 1 < cut_at < SHUTDOWN_TIMEOUT + 5, cut_at
+            assert stopped_at < SHUTDOWN_TIMEOUT + 8, stopped_at
+            assert code == 0
+            err = gw.stderr()
+            assert "Traceback" not in err, err[-3000:]
+            assert "1 request still in flight" in err, err[-3000:]
+            (line,) = [e for e in access_lines(err) if e["path"] == "/health"]
+            assert line["duration_ms"] > (SHUTDOWN_TIMEOUT - 1) * 1000, line
+        finally:
+            release.set()
+            gw.close()
