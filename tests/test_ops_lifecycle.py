@@ -244,3 +244,105 @@ async def test_a_request_still_in_flight_when_the_drain_time_ends_is_cut_off_the
         finally:
             release.set()
             gw.close()
+
+
+async def test_reloads_under_load_swap_routes_and_identity_headers_together_and_a_broken_file_changes_nothing(
+        tmp_path, redis_url):
+    """SIGHUP to ``serve --workers 2`` under steady load, alternating two configs that move
+    /v/** to another upstream *and* rename the identity header, with a broken file between
+    them: no request fails or is answered other than 200; none sees half a swap (upstream A
+    with B's header, or B with A's); the broken file is refused by every worker, logged,
+    counted as ``keygate_config_reloads_total{result="error"}``, and leaves the config in force
+    serving."""
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from served import new_key
+
+    def upstream(name: str):
+        async def handler(request: web.Request) -> web.Response:
+            return web.json_response({"who": name, "headers": sorted(
+                h for h in request.headers if h.lower().startswith("x-ws-"))})
+        return serving(handler)
+
+    async with upstream("A") as url_a, upstream("B") as url_b:
+        config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url_a,
+                                            plan={"monthly_requests": None, "max_keys": None,
+                                                  "rate_limit": None})
+        base = yaml.safe_load(config.read_text())
+        base["upstreams"] = {"a": {"url": url_a, "timeout": 10}, "b": {"url": url_b, "timeout": 10}}
+
+        def version(name: str, broken: bool = False) -> None:
+            doc = json.loads(json.dumps(base))
+            doc["routes"] = [{"path": "/v/**", "methods": ["GET"], "scopes": ["people:read"],
+                              "upstream": "nowhere" if broken else name.lower()},
+                             {"path": "/people/**", "methods": ["GET"], "upstream": "a",
+                              "scopes": ["people:read"]}]
+            doc["identity_headers"] = {"workspace": f"X-Ws-{name}"}
+            config.write_text(yaml.safe_dump(doc))
+
+        version("A")
+        gw = Served(config, pport, aport, "--workers", "2")
+        try:
+            await gw.ready()
+            async with ClientSession(timeout=TIMEOUT) as s:
+                token = await new_key(s, gw.admin)
+            stop = asyncio.Event()
+            seen: list = []
+            failures: list = []
+
+            async def client() -> None:
+                while not stop.is_set():
+                    async with ClientSession(timeout=TIMEOUT) as s:
+                        for _ in range(25):
+                            try:
+                                async with s.get(gw.proxy + "/v/1", headers={
+                                        "Authorization": f"Bearer {token}"}) as r:
+                                    if r.status != 200:
+                                        failures.append((r.status, await r.text()))
+                                        continue
+                                    body = await r.json()
+                                    seen.append((body["who"], tuple(body["headers"])))
+                            except Exception as exc:
+                                failures.append(repr(exc))
+                            if stop.is_set():
+                                break
+
+            clients = [asyncio.ensure_future(client()) for _ in range(8)]
+            reloaded, refused = 0, 0
+            for name in ("B", "A", "B", "A"):
+                await asyncio.sleep(0.4)
+                version(name, broken=True)
+                gw.proc.send_signal(signal.SIGHUP)
+                refused += 2
+                deadline = time.monotonic() + 10
+                while gw.stderr().count("the config in force is unchanged") < refused:
+                    assert time.monotonic() < deadline, gw.stderr()[-3000:]
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)  # the broken file in place: still serving
+                version(name)
+                gw.proc.send_signal(signal.SIGHUP)
+                reloaded += 2
+                while gw.stderr().count("config reloaded from") < reloaded:
+                    assert time.monotonic() < deadline, gw.stderr()[-3000:]
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.4)
+            stop.set()
+            await asyncio.gather(*clients)
+            assert failures == [], failures[:5]
+            assert set(seen) == {("A", ("X-Ws-A",)), ("B", ("X-Ws-B",))}, set(seen)
+            assert len(seen) > 200
+            async with ClientSession(timeout=TIMEOUT) as s:
+                async with s.get(gw.admin + "/metrics", headers={"Connection": "close"}) as r:
+                    text = await r.text()
+            counts = {sample.labels["result"]: int(sample.value)
+                      for family in text_string_to_metric_families(text)
+                      for sample in family.samples
+                      if sample.name == "keygate_config_reloads_total"}
+            assert counts == {"ok": reloaded, "error": refused}, counts
+            err = gw.stderr()
+            assert "unknown upstream 'nowhere'" in err and "Traceback" not in err
+            assert await asyncio.to_thread(gw.terminate) == 0
+        finally:
+            gw.close()
