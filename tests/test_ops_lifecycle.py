@@ -3,7 +3,8 @@ a real redis-server, a real upstream on loopback, a couple of hundred connection
 (slow answers, streamed downloads, uploads still arriving, WebSocket tunnels) when the signal
 comes.
 
-Bounded: ~200 connections per test, loopback only, each test ends within about 30 s."""
+Bounded: ~200 connections per test, loopback only; each test ends within about 40 s (the
+drain-time one waits out the 30 s drain)."""
 
 from __future__ import annotations
 
