@@ -29,6 +29,56 @@ log = logging.getLogger("keygate")
 
 T = TypeVar("T")
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def store_hint(problem: str, config: Config, reached: bool) -> str:
+    """``problem`` (the store failed at start-up) followed by what the operator should do and
+    where the URL comes from: ``store.redis_url`` at its line of the file, and the environment
+    variable it names (the container config's ``${KEYGATE_REDIS_URL:-embedded}``).
+    ``reached``: whether Redis answered at all (else: not running, or not reachable)."""
+    problem = problem.rstrip(". ")
+    where = _redis_url_line(config.source) if config.source else None
+    if where is None:
+        setting = "store.redis_url"
+    else:
+        number, text = where
+        names = _ENV_REF.findall(text)
+        setting = (f"store.redis_url ({config.source}:{number}"
+                   + (f", from ${names[0]}" if names else "") + ")")
+    if not reached:
+        return (f"{problem}; start Redis, or point {setting} at one this host can reach "
+                "(keygate does not serve without its store)")
+    return f"{problem}; check {setting}: its credentials, database and TLS options"
+
+
+def _answered(problem: str) -> bool:
+    """Whether a failed PING (``ping_problem``: "Class: message") came from a Redis that
+    answered, refusing it (credentials, ACL), rather than from none (down, unreachable)."""
+    kind = problem.partition(":")[0]
+    return any(word in kind for word in ("Authentication", "Authorization", "Permission",
+                                         "ResponseError", "ReadOnly"))
+
+
+def _redis_url_line(source: str) -> tuple[int, str] | None:
+    """(line number, text) of ``redis_url:`` in the file's top-level ``store:`` section."""
+    from .config.loader import top_level_line
+    start = top_level_line(source, "store")
+    try:
+        if start == 1 or not os.path.isfile(source):
+            return None
+        with open(source, encoding="utf-8-sig") as fh:
+            for number, line in enumerate(fh, 1):
+                if number <= start:
+                    continue
+                if line[:1] not in (" ", "\t", "#", "\n", "\r", ""):
+                    return None  # the next top-level key: no redis_url line in the section
+                if line.strip().startswith("redis_url:"):
+                    return number, line.strip()
+    except (OSError, UnicodeDecodeError):
+        pass
+    return None
+
 
 async def _serve(config: Config, store_url: str, reuse_port: bool,
                  config_path: str | None = None, embedded=None) -> int:
@@ -47,7 +97,8 @@ async def _serve(config: Config, store_url: str, reuse_port: bool,
     try:
         return await _serve_gateway(config, store_url, reuse_port, stop, config_path)
     except StoreError as exc:  # raised while opening the store clients: one line, no traceback
-        print(f"keygate: cannot use the store at {redact(store_url)}: {exc}", file=sys.stderr)
+        print(store_hint(f"keygate: cannot use the store at {redact(store_url)}: {exc}",
+                         config, True), file=sys.stderr)
         return 1
 
 
@@ -55,14 +106,14 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
                          stop: asyncio.Event, config_path: str | None = None) -> int:
     async with running_gateway(config, store_url, config_path=config_path) as gw:
         if problem := await gw.store.ping_problem():
-            print(f"keygate: cannot reach the store at {redact(store_url)}: {problem}",
-                  file=sys.stderr)
+            print(store_hint(f"keygate: cannot reach the store at {redact(store_url)}: "
+                             f"{problem}", config, _answered(problem)), file=sys.stderr)
             return 1
         try:  # the per-request path's own connection (its credentials, its permissions)
             await gw.requests.ready()
         except StoreError as exc:
-            print(f"keygate: cannot use the store at {redact(store_url)}: {exc}",
-                  file=sys.stderr)
+            print(store_hint(f"keygate: cannot use the store at {redact(store_url)}: {exc}",
+                             config, True), file=sys.stderr)
             return 1
         try:
             runners = await start_listeners(gw, reuse_port)
@@ -167,18 +218,20 @@ def _preflight(config: Config, store_url: str) -> str | None:
         try:
             store = await Store.connect(store_url, config)
         except StoreError as exc:
-            return f"cannot use the store at {redact(store_url)}: {exc}"
+            return store_hint(f"cannot use the store at {redact(store_url)}: {exc}", config, True)
         try:
             requests = RequestStore(store_url, timeout=config.store.timeout)
         except ValueError as exc:
             await store.close()
-            return f"cannot use the store at {redact(store_url)}: bad store URL: {exc}"
+            return store_hint(f"cannot use the store at {redact(store_url)}: bad store URL: "
+                              f"{exc}", config, True)
         try:
             if problem := await store.ping_problem():
-                return f"cannot reach the store at {redact(store_url)}: {problem}"
+                return store_hint(f"cannot reach the store at {redact(store_url)}: {problem}",
+                                  config, _answered(problem))
             await requests.ready()
         except StoreError as exc:
-            return f"cannot use the store at {redact(store_url)}: {exc}"
+            return store_hint(f"cannot use the store at {redact(store_url)}: {exc}", config, True)
         finally:
             await requests.close()
             await store.close()

@@ -157,6 +157,17 @@ def test_every_commands_help_says_what_it_does_and_what_each_argument_is(path):
     assert bare == [], f"keygate {' '.join(path)} --help: arguments without a word: {bare}"
 
 
+@pytest.mark.parametrize("path, usage", [(["serve"], "[--workers N]"),
+                                         (["keys", "usage"], "[--days N]"),
+                                         (["usage"], "[--days N]")])
+def test_help_names_the_arguments_as_docs_cli_md_and_the_spec_do(path, usage, capsys):
+    """`keygate serve --help` said `--workers WORKERS` and `usage --help` `--days DAYS`, while
+    the SPEC, docs/cli.md and the options' own help text ("the last N days") say N."""
+    assert main([*path, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert usage in " ".join(out.split()), out
+
+
 def test_help_as_a_subprocess_has_no_traceback():
     done = subprocess.run([sys.executable, "-m", "gateway", "keys", "create", "--help"],
                           capture_output=True, text=True, timeout=60)

@@ -265,9 +265,19 @@ def test_turning_on_admin_tls_says_what_must_switch_to_https():
         assert needed.lower() in note.lower(), needed
 
 
+def test_k8s_replicas_are_the_hpas_alone():
+    """The HPA owns the Deployment's replica count: with ``spec.replicas`` in the manifest,
+    every ``kubectl apply -k deploy/k8s`` (a config change, an image bump) set a Deployment the
+    HPA had scaled to 8 back to 2 for a moment, terminating six loaded pods until the HPA
+    scaled up again (Kubernetes' HPA docs: remove spec.replicas from the manifest)."""
+    objects = k8s_objects()
+    assert "replicas" not in objects["Deployment/keygate"]["spec"]
+    hpa = objects["HorizontalPodAutoscaler/keygate"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "keygate" and hpa["minReplicas"] >= 2
+
+
 def test_k8s_deployment_is_non_root_read_only_with_resources():
     deployment = k8s_objects()["Deployment/keygate"]
-    assert deployment["spec"]["replicas"] == 2
     container = gateway_container()
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True

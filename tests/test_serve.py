@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import FLUSH_EVERY
 
-from conftest import free_port
+from conftest import free_port, redis_server_binary
 from harness import drips_until_closed
 from served import (TIMEOUT, Served, admin_json, alive, children_of, embedded_pid, env, new_key,
                     short_data_dir, skewed_clock, write_config)
@@ -273,6 +273,49 @@ def test_unreachable_redis_is_one_line_without_password(tmp_path, workers):
     config, _, _ = write_config(tmp_path, redis_url=f"redis://:hunter2@127.0.0.1:{port}/0")
     line = assert_one_clear_line(run_serve(config, "--workers", workers), f"127.0.0.1:{port}")
     assert "hunter2" not in line
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_unreachable_redis_tells_the_operator_where_the_url_comes_from_and_what_to_do(
+        tmp_path, workers):
+    """No Redis at start-up (not started yet, a wrong host): the line said only "cannot reach
+    the store at URL: ConnectionError ...", not which setting holds the URL (in the container
+    config, an environment variable), nor what to do about it."""
+    port = free_port()
+    config, _, _ = write_config(tmp_path, redis_url="${KG_TEST_REDIS_URL}")
+    line_no = config.read_text().splitlines().index("  redis_url: ${KG_TEST_REDIS_URL}") + 1
+    result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config),
+                             "--workers", workers], capture_output=True, text=True, timeout=30,
+                            env={**env(), "KG_TEST_REDIS_URL": f"redis://127.0.0.1:{port}/0"},
+                            stdin=subprocess.DEVNULL, cwd=str(config.parent))
+    line = assert_one_clear_line(result, f"127.0.0.1:{port}",
+                                 f"store.redis_url ({config}:{line_no}, from "
+                                 "$KG_TEST_REDIS_URL)", "start Redis")
+    assert result.returncode == 1, line
+
+
+def test_a_redis_refusing_the_password_at_start_up_says_check_the_credentials(tmp_path):
+    """A Redis that answers but refuses the password: the line says to check the URL's
+    credentials, not to start a Redis that is running."""
+    port = free_port()
+    server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--save", "",
+                               "--appendonly", "no", "--requirepass", "right-one"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        config, _, _ = write_config(tmp_path, redis_url=f"redis://:wrong@127.0.0.1:{port}/0")
+        for workers in ("1", "2"):
+            line = assert_one_clear_line(run_serve(config, "--workers", workers),
+                                         "check store.redis_url", "credentials")
+            assert "start Redis" not in line and "wrong" not in line, line
+    finally:
+        server.kill()
+        server.wait(10)
 
 
 def test_bad_store_url_is_one_line_naming_the_field(tmp_path):

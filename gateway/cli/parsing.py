@@ -195,5 +195,6 @@ def daily_options(p: argparse.ArgumentParser) -> None:
     """``--daily [--days N]`` of ``usage`` and ``keys usage``."""
     p.add_argument("--daily", action="store_true", help="one line per UTC day")
     p.add_argument("--days", type=argtype(daily_days, "DAYS"), default=30, action=_DaysAction,
+                   metavar="N",
                    help="one line per UTC day for the last N days (1-90, default 30); "
                         "implies --daily")

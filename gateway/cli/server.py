@@ -31,7 +31,7 @@ def add_local_commands(tree: CommandTree) -> None:
                          cmd_serve, local=True)
     serve.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                        help=f"config file (default: $KEYGATE_CONFIG, else ./{DEFAULT_CONFIG})")
-    serve.add_argument("--workers", type=argtype(worker_count, "N"),
+    serve.add_argument("--workers", type=argtype(worker_count, "N"), metavar="N",
                        help="worker processes (default: server.workers from the config)")
 
     tree.command(None, "demo", "try keygate: embedded store, sample upstream, two keys",

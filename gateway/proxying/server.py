@@ -849,13 +849,35 @@ class ProxyServer(web.Server):
         if self._sweeper is not None:
             self._sweeper.cancel()
         handlers = list(self._connections)
-        await super().shutdown(timeout)
+        # aiohttp waits ``timeout`` for the requests in flight, then as long again for their
+        # handlers before it cancels them: twice the drain time the operator was told (and
+        # that terminationGracePeriodSeconds is sized by). At ``timeout``, what is still in
+        # flight is cut off as a client that went is: its connection is aborted, which ends
+        # the upstream wait or the streaming at once and logs its access line.
+        cut = None if timeout is None else self._loop.call_later(
+            timeout, self._cut_off, handlers, timeout)
+        try:
+            await super().shutdown(timeout)
+        finally:
+            if cut is not None:
+                cut.cancel()
         if self.write_timeout:  # every connection is closed now, and forgotten: one whose
             # client does not take what it still holds is cut off as the sweep would have
             for handler in handlers:
                 transport = getattr(handler, "_kept", None)
                 if transport is not None and transport.get_write_buffer_size():
                     self._loop.call_later(self.write_timeout, transport.abort)
+
+    @staticmethod
+    def _cut_off(handlers: list, timeout: float) -> None:
+        """The drain time is over: abort the connections of the requests still in flight."""
+        left = [h for h in handlers if h._request_in_progress and h.transport is not None]
+        if not left:
+            return
+        log.warning("shutdown: %d request%s still in flight after %g s cut off",
+                    len(left), "" if len(left) == 1 else "s", timeout)
+        for handler in left:
+            handler.transport.abort()  # connection_lost: as when the client goes
 
     def __call__(self) -> RequestHandler:
         return self._handler_class(self, loop=self._loop, **self._kwargs)
