@@ -325,3 +325,41 @@ def test_more_hops_of_ours_than_any_chain_has_give_the_peer():
         "10.0.0.5"
     assert trusted.client_address("10.0.0.5", [f"198.51.100.1, {ours}", "10.0.0.3"]) == \
         "10.0.0.5"
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted-peer", "trusted-proxy"])
+async def test_a_client_cannot_name_another_path_in_a_url_override_header(
+        redis_url, aiohttp_server, monkeypatch, trusted):
+    """IIS URL Rewrite, Symfony before 3.4.14 and Zend Framework 1/2 route a request by
+    ``X-Original-URL`` / ``X-Rewrite-URL`` rather than its request line (CVE-2018-14773). A key
+    scoped to ``people:read`` sent ``GET /people/1`` with ``X-Original-URL: /companies/1``:
+    keygate authorised ``/people/1``, and such an upstream served ``/companies/1``. From a peer
+    keygate does not trust they are dropped, as forged client addresses are; a trusted proxy's
+    pass as it wrote them."""
+    served: list[str] = []
+
+    async def legacy(request: web.Request) -> web.Response:  # routes as those frameworks do
+        override = [v for k, v in request.raw_headers
+                    if k.lower().replace(b"_", b"-") in (b"x-original-url", b"x-rewrite-url")]
+        path = override[0].decode() if override else request.raw_path
+        served.append(path)
+        return web.Response(text=path)
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", legacy)
+    server = await aiohttp_server(app)
+    config = make_config(str(server.make_url("")))
+    if trusted:
+        config = dataclasses.replace(config, server=dataclasses.replace(
+            config.server, trusted_proxies=("127.0.0.1",)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(scopes=["people:read"])
+        for name in ("X-Original-URL", "x-rewrite-url", "X_Original_URL"):
+            for path, credential in (("/people/1", {"Authorization": f"Bearer {token}"}),
+                                     ("/health", {})):
+                async with g.proxy.get(path, headers={**credential,
+                                                      name: "/companies/1"}) as r:
+                    assert r.status == 200
+                    want = "/companies/1" if trusted and "_" not in name else path
+                    assert await r.text() == want, (name, path)
+    assert len(served) == 6
