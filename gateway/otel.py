@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 import time
 from typing import Any
@@ -281,14 +282,36 @@ def _set_done(done: asyncio.Future) -> None:
         done.set_result(None)
 
 
+# A W3C Trace Context tracestate list-member (the grammar OpenTelemetry's TraceState checks):
+# key "=" value, the key simple or multi-tenant, the value printable ASCII without "," and "=".
+_TRACESTATE_MEMBER = re.compile(
+    r"([a-z][_0-9a-z*/-]{0,255}|[a-z0-9][_0-9a-z*/-]{0,240}@[a-z][_0-9a-z*/-]{0,13})"
+    r"=([\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e])")
+_TRACESTATE_MAX = 32  # list-members (W3C Trace Context 3.3.1.1)
+
+
 def _trace_state(values: tuple[str, ...], mask: Any) -> TraceState:
     """The caller's ``tracestate`` as the spans carry it (and export it): without a member
-    that holds a key (``mask`` changes it). The upstream still gets the header as sent."""
+    that holds a key (``mask`` changes it). The upstream still gets the header as sent.
+
+    Parsed here rather than by ``TraceState.from_header``, which logs a warning quoting a
+    malformed member (or one per request past 32 members): a line a request in keygate's log
+    for anyone who sends one, and a key pasted into the header with it. A malformed, repeated
+    or over-long list is dropped from the spans, as OpenTelemetry drops it, silently."""
     if not values:
         return TraceState()
-    try:
-        state = TraceState.from_header(list(values))
-    except Exception:  # a malformed tracestate is still passed on; OpenTelemetry ignores it
-        return TraceState()
-    kept = [(k, v) for k, v in state.items() if mask(f"{k}={v}") == f"{k}={v}"]
-    return state if len(kept) == len(state) else TraceState(kept)
+    seen: set[str] = set()
+    kept: list[tuple[str, str]] = []
+    for header in values:
+        for member in header.split(","):
+            member = member.strip(" \t")  # optional whitespace (RFC 9110 5.6.3)
+            if not member:
+                continue
+            match = _TRACESTATE_MEMBER.fullmatch(member)
+            if match is None or match.group(1) in seen or len(seen) == _TRACESTATE_MAX:
+                return TraceState()
+            key, value = match.groups()
+            seen.add(key)
+            if mask(member) == member:
+                kept.append((key, value))
+    return TraceState(kept)

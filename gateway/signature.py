@@ -116,9 +116,10 @@ def verify(headers: Mapping[str, str], method: str, target: str,
 
     ``headers`` is the request's header mapping (aiohttp's ``request.headers``, Starlette's,
     Flask's, or a plain dict: names are matched case-insensitively); ``method`` and ``target``
-    (path and query, e.g. ``request.raw_path`` in aiohttp, ``request.full_path`` in Flask —
-    exactly as the request line had it, percent-encoding untouched) come from the request
-    line. ``secret`` is the shared secret, or a comma-separated list / list of them.
+    (path and query exactly as the request line had it, percent-encoding untouched: e.g.
+    ``request.raw_path`` in aiohttp, ``request.environ["RAW_URI"]`` in Flask under gunicorn or
+    werkzeug's server, ``REQUEST_URI`` under uWSGI; not Flask's ``request.full_path``, which is
+    percent-decoded and ends a path without a query in ``?``) come from the request line. ``secret`` is the shared secret, or a comma-separated list / list of them.
 
     False when the header is missing or malformed, older than ``max_age`` seconds (or more than
     ``max_age`` in the future: clocks drift both ways), signed with none of the secrets, or

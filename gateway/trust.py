@@ -12,11 +12,13 @@ A dual-stack listener sees IPv4 peers as ``::ffff:a.b.c.d``; they are compared a
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable
+from typing import Iterable, Sequence
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _CACHE_MAX = 10_000
+# X-Forwarded-For entries read from the right for the client address (client_address)
+MAX_HOPS = 64
 
 
 def parse_ip(text: str) -> Address | None:
@@ -109,17 +111,32 @@ class TrustedProxies:
             self._peers[peer] = trusted
         return trusted
 
-    def client_address(self, peer: str, forwarded_for: Iterable[str]) -> str:
+    def client_address(self, peer: str, forwarded_for: Sequence[str]) -> str:
         """The client's IP: the peer, unless the peer is a trusted proxy; then the nearest
         ``X-Forwarded-For`` hop that is not one of ours (hops further left were written by
-        whoever sent the request and prove nothing)."""
+        whoever sent the request and prove nothing).
+
+        Read from the right, hop by hop, at most ``MAX_HOPS`` of them: the header can be as
+        long as a request head (32 KiB, thousands of hops), and splitting and parsing all of it
+        cost a request up to 10 ms of the event loop. No real chain of proxies is that long;
+        past it, as past a hop that is not an address, nothing further left is believed."""
         if not self.is_trusted(peer):
             return peer
-        hops = [h.strip() for h in ",".join(forwarded_for).split(",") if h.strip()]
-        for hop in reversed(hops):
-            ip = parse_hop(hop)
-            if ip is None:  # not an address: our proxy did not write it; trust nothing left
-                return peer
-            if not self._contains(ip):
-                return str(ip)
+        read = 0
+        for value in reversed(forwarded_for):  # repeated headers are one list, in order
+            end = len(value)
+            while end >= 0:
+                start = value.rfind(",", 0, end)
+                hop = value[start + 1:end].strip()
+                end = start if start >= 0 else -1
+                read += 1
+                if read > MAX_HOPS:
+                    return peer
+                if not hop:
+                    continue
+                ip = parse_hop(hop)
+                if ip is None:  # not an address: our proxy did not write it; trust nothing left
+                    return peer
+                if not self._contains(ip):
+                    return str(ip)
         return peer

@@ -1160,3 +1160,33 @@ def test_the_websocket_recheck_interval_is_seconds_from_1_to_an_hour(tmp_path: P
           websocket_recheck: soon
     """) == ["config.yaml:2: server.websocket_recheck: expected a number of seconds, got a "
              "string ('soon')"]
+
+
+def test_identity_and_signature_headers_cannot_be_headers_keygate_sets_or_http_reads(
+        tmp_path: Path, monkeypatch) -> None:
+    """Only the hyphen spellings of the headers keygate sets were refused, and not all of them:
+    an identity header named ``Expect`` made every upstream answer 417; ``traceparent`` or
+    ``tracestate`` was sent beside keygate's own (two traceparents: a broken trace);
+    ``X_Request_Id`` or ``X_Forwarded_For`` reached a WSGI/CGI upstream as the same variable as
+    keygate's ``X-Request-Id`` / ``X-Forwarded-For``."""
+    monkeypatch.setenv("KG_SIGNING", "s3cret")
+    assert problems_of(tmp_path, """
+        identity_headers:
+          workspace: Expect
+          key_id: traceparent
+          scopes: X_Request_Id
+          plan: x_forwarded_for
+        identity_signature:
+          secret_env: KG_SIGNING
+          header: TraceState
+    """) == [
+        "config.yaml:2: identity_headers.workspace: 'Expect' is a header keygate manages itself",
+        "config.yaml:3: identity_headers.key_id: 'traceparent' is a header keygate manages "
+        "itself",
+        "config.yaml:4: identity_headers.scopes: 'X_Request_Id' is a header keygate manages "
+        "itself",
+        "config.yaml:5: identity_headers.plan: 'x_forwarded_for' is a header keygate manages "
+        "itself",
+        "config.yaml:8: identity_signature.header: 'TraceState' is already a header keygate "
+        "sets, strips or reads",
+    ]

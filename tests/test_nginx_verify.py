@@ -230,3 +230,17 @@ async def test_an_original_uri_without_its_method_fails_closed(stack, upstream):
         assert status == 400, (method, body)
     assert upstream.requests == []
     assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
+
+
+async def test_a_client_url_override_header_never_reaches_the_api(stack, upstream):
+    """keygate checks the request line nginx forwards; an API that routes by ``X-Original-URL``
+    or ``X-Rewrite-URL`` (IIS URL Rewrite, older Symfony and Zend) would serve the path a
+    client names there instead: ``GET /health`` (public) naming ``/people/1`` reached it
+    without a key. nginx passes a client's headers on unless told otherwise; the shipped
+    snippet clears these two, as keygate's own proxy drops them."""
+    _, base = stack
+    status, _, _ = await get(base + "/health", headers={
+        "X-Original-URL": "/people/1", "x-rewrite-url": "/people/1"})
+    assert status == 200
+    seen = {k.lower() for k, _ in upstream.requests[-1]["headers"]}
+    assert not seen & {"x-original-url", "x-rewrite-url"}, upstream.requests[-1]["headers"]

@@ -353,3 +353,33 @@ async def test_a_collector_that_never_finishes_its_answer_holds_up_no_stop(
         await asyncio.wait_for(asyncio.get_running_loop().shutdown_default_executor(), 3)
     finally:
         collector.close()
+
+
+@pytest.mark.parametrize("tracestate", [
+    "vendor=abc,{token}",                                   # a member that is no key=value
+    "vendor=abc,Leak={token}",                              # a key in capitals
+    ",".join(f"v{i}=x" for i in range(33)) + ",leak={token}",  # over the 32 members
+])
+async def test_a_malformed_tracestate_is_never_logged(upstream, receiver, redis_url,
+                                                      monkeypatch, caplog, tracestate):
+    """OpenTelemetry's own tracestate parser logged a warning quoting a malformed member (or
+    each pair, past 32 of them) for every such request: anyone could write a line per request
+    into keygate's log, a key pasted in the header included. It is passed on as sent and
+    dropped from the spans without a word."""
+    async with gateway_under_test(traced_config(upstream, receiver), redis_url,
+                                  monkeypatch) as gw:
+        await gw.workspace("acme")
+        token, _ = await gw.key("acme")
+        caplog.clear()
+        with caplog.at_level("DEBUG"):
+            for _ in range(3):
+                async with gw.proxy.get("/people/1", headers={
+                        "Authorization": f"Bearer {token}",
+                        "traceparent": f"00-{TRACE_ID}-{PARENT}-01",
+                        "tracestate": tracestate.format(token=token)}) as r:
+                    assert r.status == 200
+        said = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+    assert upstream.requests[-1]["headers"].count(["tracestate", tracestate.format(
+        token=token)]) == 1  # the upstream still gets it as sent
+    assert said == []
+    assert token.encode() not in b"".join(receiver.raw)

@@ -160,3 +160,43 @@ server.listen(0, "127.0.0.1", () => console.log(server.address().port));
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def test_the_flask_target_the_verify_docstring_names_verifies(redis_url, monkeypatch):
+    """``gateway.signature.verify``'s docstring tells a Flask upstream which expression gives
+    the target. It named ``request.full_path``, which is percent-decoded and ends every path
+    without a query in ``?``: each request keygate signed was refused. The expression it names
+    now is evaluated, as written, in a real werkzeug server (Flask's) behind keygate."""
+    import threading
+
+    import pytest
+    pytest.importorskip("werkzeug")
+    from werkzeug.serving import make_server
+    from werkzeug.wrappers import Request, Response
+
+    from gateway import signature
+    expression = re.search(r"``([^`]+)`` in Flask", signature.verify.__doc__).group(1)
+
+    def app(environ, start_response):
+        request = Request(environ)
+        target = eval(expression, {"request": request})
+        ok = signature.verify(request.headers, request.method, target, "doc-secret")
+        return Response("ok" if ok else "refused", status=200 if ok else 401)(
+            environ, start_response)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("KEYGATE_SIGNING_SECRET", "doc-secret")
+        config = make_config(f"http://127.0.0.1:{server.port}",
+                             identity_signature=IdentitySignature("KEYGATE_SIGNING_SECRET"))
+        async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+            await gw.workspace("acme")
+            token, _ = await gw.key("acme")
+            for path in ("/people/1", "/people/1?x=%20y&b=2", "/people/a%20b"):
+                async with gw.proxy.get(path, headers={"Authorization": f"Bearer {token}"}) \
+                        as r:
+                    assert (r.status, await r.text()) == (200, "ok"), (path, expression)
+    finally:
+        server.shutdown()
+        thread.join(10)

@@ -19,10 +19,14 @@ ENVIRONMENT_RE = re.compile(r"[a-z0-9]{1,16}")
 HEADER_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 
 # Headers an operator may not claim as identity headers: the gateway sets or strips these itself.
+# Header names (as header_key spells them: "_" read as "-", as WSGI/CGI upstreams do) that no
+# identity or signature header may take: keygate sets them, or HTTP gives them a meaning
+# (an identity header named Expect makes the upstream answer 417).
 RESERVED_HEADERS = frozenset({
     "authorization", "proxy-authorization", "proxy-authenticate", "host", "content-length",
     "content-type", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
     "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded",
+    "expect", "traceparent", "tracestate",
 })
 MAX_WINDOW_SECONDS = 100 * 365 * 86400  # keys.failures.window_seconds
 _NAME_HINT = "(a letter or digit, then letters, digits, _ . -)"
@@ -192,7 +196,7 @@ class AccessSections(SchemaReader):
             name = self.header_name(value_node, sub)
             if name is BAD:
                 return BAD
-            if name.lower() in RESERVED_HEADERS:
+            if header_key(name) in RESERVED_HEADERS:
                 return self.fail(value_node, sub, f"'{name}' is a header keygate manages itself")
             return name
         fields = ("workspace", "key_id", "scopes", "plan")
@@ -231,7 +235,7 @@ class AccessSections(SchemaReader):
             if name is BAD:
                 return BAD
             taken = {header_key(h) for h in identity.names() + keys.headers}
-            if name.lower() in RESERVED_HEADERS or header_key(name) in taken:
+            if header_key(name) in RESERVED_HEADERS or header_key(name) in taken:
                 return self.fail(value_node, sub, f"'{name}' is already a header keygate sets, "
                                                   "strips or reads")
             return name

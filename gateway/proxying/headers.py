@@ -21,7 +21,9 @@ Request headers, in one pass over the client's headers:
   (``X_Forwarded_For``): a proxy never writes those, it passes on the client's. The other
   headers upstreams read the client's address from (``CLIENT_ADDRESS``: ``X-Real-IP``,
   ``True-Client-IP``, ``CF-Connecting-IP``, ...) follow the same rule, passed as sent from a
-  trusted peer: from anyone else they would be a forged address;
+  trusted peer: from anyone else they would be a forged address. So do ``X-Original-URL`` and
+  ``X-Rewrite-URL`` (``PATH_OVERRIDE``), which some upstreams route by instead of the request
+  line: from anyone else they would name another path than the one keygate authorised;
 - ``Host`` is the upstream's host (like nginx's default ``proxy_set_header Host $proxy_host``):
   the client's ``Host`` goes to ``X-Forwarded-Host``;
 - ``Expect`` is not forwarded (keygate answers ``100-continue`` itself), nor
@@ -95,6 +97,12 @@ CLIENT_ADDRESS = frozenset({"x-real-ip", "true-client-ip", "x-client-ip", "cf-co
                             "x-remote-addr", "do-connecting-ip", "fly-client-ip",
                             "x-appengine-user-ip", "cf-connecting-ipv6", "cf-pseudo-ipv4",
                             "akamai-client-ip"})
+# Headers some upstreams take the request's path from instead of its request line (IIS URL
+# Rewrite; Symfony before 3.4.14 and Zend Framework 1/2, CVE-2018-14773): keygate authorised
+# the request line's path, so from anyone but a trusted proxy they would name another one.
+PATH_OVERRIDE = frozenset({"x-original-url", "x-rewrite-url"})
+# Passed as sent from a trusted proxy only, beside X-Forwarded-* and Forwarded (_norm names)
+_FROM_PROXIES = CLIENT_ADDRESS | PATH_OVERRIDE
 
 # What passed_on does with a header of a name: pass it, drop it, or look at the peer
 # (X-Forwarded-*, Forwarded, CLIENT_ADDRESS) or the value (Authorization).
@@ -216,7 +224,7 @@ class RequestHeaderRules:
         if lname in self._drop:
             kind = _DROP
         elif lname.startswith("x-forwarded-") or lname == "forwarded" or \
-                lname in CLIENT_ADDRESS:
+                lname in _FROM_PROXIES:
             kind = _FORWARDED
         elif lname == "authorization":
             kind = _AUTHZ
@@ -245,7 +253,7 @@ class RequestHeaderRules:
             if lname in drop or lname in named:
                 continue
             if lname.startswith("x-forwarded-") or lname == "forwarded" or \
-                    lname in CLIENT_ADDRESS:
+                    lname in _FROM_PROXIES:
                 # a trusted proxy vouches for the ones it writes: never an "_" spelling, which
                 # it passes on from the client and which gateway.trust does not read either
                 if not trusted or "_" in name:
