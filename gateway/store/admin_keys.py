@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from ..errors import Conflict, StoreError, shown
 from ..models import KeyRecord, Workspace, rfc3339, whole_second
@@ -98,23 +98,73 @@ class KeyStore(StoreBase):
         return [k for h in hashes if (k := key_from_hash(h)) is not None]
 
 
-    async def _new_token(self, ws: str, environment: str) -> tuple[str, str, str]:
+    async def _new_token(self, ws: str, environment: str,
+                         room: Callable[[], Awaitable[None]] | None = None
+                         ) -> tuple[str, str, str]:
         """(key id, token, argon2 hash) with the key id reserved in the global index.
 
         Hashes wait their turn here, one at a time, not in the argon2 pool's queue: that
         queue is first come, first served, and a workspace admin key sending 120 creates at
-        once had another workspace's first request wait for all 120 hashes (a create hashes
-        before the plan's key limit is checked). Now a first request waits for one at most."""
+        once had another workspace's first request wait for all 120 hashes. Now a first request
+        waits for one at most.
+
+        ``room`` (a read of the workspace's key cap, raising Conflict when there is no room)
+        runs in the turn, before the hash (the id is released if it raises): the script checks the cap
+        again, but a create refused there had hashed for nothing, and creates sent in bulk at
+        the cap burned a core and held every other workspace's creates and rotations behind
+        their hashes. Checked in the turn, a burst lets at most one hash through per key that
+        fits."""
         for _ in range(ID_ATTEMPTS):
             token, parts = make_token(self.config.keys.prefix, environment)
             with store_errors("write"):
                 reserved = await self.redis.set(key_index_key(parts.key_id), ws, nx=True)
             if reserved:
                 async with self._hashing:
+                    if room is not None:
+                        try:
+                            await room()
+                        except Conflict:
+                            await self._release_id(parts.key_id)
+                            raise
                     hashed = await (asyncio.to_thread if self.argon2 is None
                                     else self.argon2.run)(self.hasher.hash, parts.secret)
                 return parts.key_id, token, hashed
         raise StoreError("could not find a free key id")
+
+    async def _room(self, ws: str, over: int,
+                    refusal: Callable[[Workspace], Conflict]) -> None:
+        """Raise ``refusal(workspace)`` when workspace ``ws`` already has its cap of active
+        keys plus ``over`` (the add script's own test, read as it stands now)."""
+        workspace, _ = await self._capped_workspace(ws)
+        max_keys = self._max_keys(workspace)
+        if max_keys < 0:
+            return
+        with store_errors("read"):
+            active = await self.redis.zcount(ws_active_key(ws),
+                                             f"({epoch_field(self.clock())}", "+inf")
+        if active >= max_keys + over:
+            raise refusal(workspace)
+
+    def _at_cap(self, ws: str, workspace: Workspace) -> Conflict:
+        # the cap, not a count: a lowered cap can leave more active keys than it
+        source = "the workspace's own limits" if any(
+            name == "max_keys" for name, _ in workspace.overrides) \
+            else f"its plan '{workspace.plan}'"
+        return Conflict(f"Workspace '{shown_ws(ws)}' is at its cap of "
+                        f"{self._max_keys(workspace)} active keys (set by {source}); "
+                        "revoke one first.", code="key_limit_reached")
+
+    def _expired_at_cap(self, ws: str, key_id: str, workspace: Workspace) -> Conflict:
+        return Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
+                        f"'{shown_ws(ws)}' already has the "
+                        f"{self._max_keys(workspace)} active keys its plan allows.",
+                        code="key_limit_reached")
+
+    def _over_cap_in_grace(self, ws: str, workspace: Workspace) -> Conflict:
+        return Conflict(f"Workspace '{shown_ws(ws)}' is already over the "
+                        f"{self._max_keys(workspace)} active keys its plan allows "
+                        "(a rotation's grace period is running); rotate without a "
+                        "grace, or revoke a key first.", code="key_limit_reached")
 
     async def _release_id(self, key_id: str) -> None:
         with store_errors("write"):
@@ -173,7 +223,8 @@ class KeyStore(StoreBase):
         checked and applied in one script, so concurrent creates cannot overshoot)."""
         workspace, cap_basis = await self._capped_workspace(ws)
         for _ in range(ID_ATTEMPTS):
-            key_id, token, hashed = await self._new_token(ws, environment)
+            key_id, token, hashed = await self._new_token(
+                ws, environment, lambda: self._room(ws, 0, lambda w: self._at_cap(ws, w)))
             now = self.clock()
             record, fields = self._key_fields(
                 key_id=key_id, ws=ws, token=token, hashed=hashed, name=name,
@@ -206,13 +257,7 @@ class KeyStore(StoreBase):
             if reply == "no_role":  # deleted since the caller checked it
                 raise unknown_role(ws, role or "")
             if reply == "limit":
-                # the cap, not a count: a lowered cap can leave more active keys than it
-                source = "the workspace's own limits" if any(
-                    name == "max_keys" for name, _ in workspace.overrides) \
-                    else f"its plan '{workspace.plan}'"
-                raise Conflict(f"Workspace '{shown_ws(ws)}' is at its cap of "
-                               f"{self._max_keys(workspace)} active keys (set by {source}); "
-                               "revoke one first.", code="key_limit_reached")
+                raise self._at_cap(ws, workspace)
             if reply == "stale_ws":  # out of tries with this hash: not a reason for another
                 raise self._kept_changing(ws, reply, "a key was being created in it",
                                           "no key was created")
@@ -247,9 +292,11 @@ class KeyStore(StoreBase):
                     raise revoked_key(key_id)
                 if expect_rev is not None and old.rev != expect_rev:
                     raise changed_meanwhile(key_id)
-                if new_id is None:  # one id and one hash for every try (hashes wait in turn)
-                    new_id, token, hashed = await self._new_token(ws, old.environment)
                 now = self.clock()
+                if new_id is None:  # one id and one hash for every try (hashes wait in turn)
+                    new_id, token, hashed = await self._new_token(
+                        ws, old.environment, self._rotation_room(ws, old, now, grace_seconds))
+                    now = self.clock()
                 expires_at = None
                 if old.expires_at is not None:  # the same lifetime as shown, to the second:
                     # rotating again and again never shortens it by the fraction it was made in
@@ -297,15 +344,9 @@ class KeyStore(StoreBase):
                 if reply == "no_role":
                     raise role_gone(ws, key_id, old.role or "")
                 if reply == "limit":
-                    raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
-                                   f"'{shown_ws(ws)}' already has the "
-                                   f"{self._max_keys(workspace)} active keys its plan allows.",
-                                   code="key_limit_reached")
+                    raise self._expired_at_cap(ws, key_id, workspace)
                 if reply == "grace_limit":
-                    raise Conflict(f"Workspace '{shown_ws(ws)}' is already over the "
-                                   f"{self._max_keys(workspace)} active keys its plan allows "
-                                   "(a rotation's grace period is running); rotate without a "
-                                   "grace, or revoke a key first.", code="key_limit_reached")
+                    raise self._over_cap_in_grace(ws, workspace)
                 if reply == "collision":  # the new id is taken after all: another one
                     await self._release_id(new_id)
                     new_id = None
@@ -324,6 +365,17 @@ class KeyStore(StoreBase):
             raise changed_meanwhile(key_id)
         raise self._kept_changing(ws, reply, f"key '{shown(key_id, 12)}' was being rotated",
                                   "nothing was changed", ROTATE_ATTEMPTS)
+
+    def _rotation_room(self, ws: str, old: KeyRecord, now: float, grace_seconds: int
+                       ) -> Callable[[], Awaitable[None]] | None:
+        """The cap check (``_room``) of a rotation of ``old`` as the add script makes it: an
+        expired key's successor is a key like any other; an active key's, with a grace, may go
+        one over the cap; without a grace it replaces the old key and meets no cap."""
+        if old.expires_at is not None and old.expires_at <= now:
+            return lambda: self._room(ws, 0, lambda w: self._expired_at_cap(ws, old.id, w))
+        if grace_seconds > 0:
+            return lambda: self._room(ws, 1, lambda w: self._over_cap_in_grace(ws, w))
+        return None
 
     @staticmethod
     def _kept_changing(ws: str, reply: str | None, doing: str, outcome: str,
