@@ -1245,6 +1245,53 @@ async def test_creates_waiting_their_turn_to_hash_obey_a_cap_lowered_meanwhile(g
     assert (status, body["error"]["code"]) == (409, "key_limit_reached"), body
 
 
+@pytest.mark.parametrize("listener", ["admin", "proxy"])
+@pytest.mark.parametrize("change", ["revoke", "disable", "narrow"])
+async def test_a_workspace_admin_key_revoked_while_its_calls_wait_to_hash_mints_nothing(
+        gut, redis_url, listener, change):
+    """A workspace admin key's creates and rotations were judged when they arrived, then waited
+    their turn to hash (one at a time for the whole process: seconds behind a burst), then
+    wrote whatever the acting key had become meanwhile. An operator revoking a leaked admin key
+    (or disabling it, or taking keys:admin from it) still saw keys minted by it afterwards,
+    from calls it had queued: new tokens in the holder's hands after the revoke. Now the write
+    checks, in the same step, that the acting key is still the key that was judged."""
+    await gut.workspace("acme", plan="unlimited")
+    admin_token, admin_key = await gut.key(role="admin")
+    _, target = await gut.key(name="target")
+    store = gut.gw.store
+    if listener == "admin":
+        session, prefix = gut.admin, "/admin/v1/workspaces/acme/keys"
+    else:
+        session, prefix = gut.proxy, "/_keygate/v1/keys"
+
+    async def call(path: str, body: dict) -> tuple[int, dict]:
+        async with session.post(prefix + path, json=body, headers=bearer(admin_token)) as r:
+            return r.status, await r.json()
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        async with store._hashing:  # the hash queue is busy: the calls wait there, judged
+            calls = [asyncio.create_task(call("", {"name": f"k{i}", "scopes": ["people:read"]}))
+                     for i in range(3)]
+            calls.append(asyncio.create_task(call(f"/{target['id']}/rotate",
+                                                  {"grace_seconds": 0})))
+            assert await eventually(lambda: len(r.keys("kg:keyid:*")) == 2 + 4)
+            body = {"enabled": False} if change == "disable" else {"scopes": ["people:read"]}
+            status, answer = await gut.admin_json(
+                "POST" if change == "revoke" else "PATCH",
+                f"/workspaces/acme/keys/{admin_key['id']}" + ("/revoke" if change == "revoke"
+                                                             else ""),
+                None if change == "revoke" else body)
+            assert status == 200, answer
+        results = await asyncio.gather(*calls)
+    finally:
+        r.close()
+    assert [(s, b["error"]["code"]) for s, b in results] == [(409, "conflict")] * 4, results
+    _, listing = await gut.admin_json("GET", "/workspaces/acme/keys")
+    assert sorted(k["name"] for k in listing["items"]) == ["integration", "target"]
+    assert all(k["status"] == "active" for k in listing["items"] if k["name"] == "target")
+
+
 async def test_a_write_that_meets_a_workspace_edited_again_and_again_hashes_once(
         gut, redis_url, monkeypatch):
     """A rotation (or a create) whose workspace is edited between its read and its write is

@@ -44,6 +44,9 @@ class Actor:
     workspace: str | None = None
     scopes: frozenset[str] = frozenset()
     expires_at: float | None = None
+    rev: int | None = None
+    """The acting key's rev when it was judged: a create or rotation it makes is written only
+    if the key is still that (not revoked, disabled or re-scoped meanwhile, nor expired)."""
 
     @property
     def is_operator(self) -> bool:
@@ -74,6 +77,7 @@ class KeyOps:
         self.actor = actor.key_id
         self.limit_scopes = None if actor.is_operator else actor.scopes
         self.limit_expires_at = None if actor.is_operator else actor.expires_at
+        self.acting_rev = None if actor.is_operator else actor.rev
 
     def _within_lifetime(self, expires_at: float | None) -> None:
         if self.limit_scopes is None or self.limit_expires_at is None:
@@ -236,7 +240,8 @@ class KeyOps:
         await self._admin_no_looser(granted, {f: controls.get(f) for f in LIMIT_FIELDS}, "create")
         new = await self.store.create_key(
             self.ws, name=name, description=description, environment=environment, role=role,
-            scopes=scopes, expires_at=expires_at, actor=self.actor, **controls)
+            scopes=scopes, expires_at=expires_at, actor=self.actor, acting_rev=self.acting_rev,
+            **controls)
         return {"key": await self.key_json(new.key, used=0), "token": new.token}
 
     async def _rate_within_plan(self, rate_limit: str) -> None:
@@ -336,6 +341,7 @@ class KeyOps:
         latest = self.limit_expires_at if self.limit_scopes is not None else None
         _old, new = await self.store.rotate_key(self.ws, key_id, grace_seconds=grace,
                                                 actor=self.actor, max_expires_at=latest,
+                                                acting_rev=self.acting_rev,
                                                 expect_rev=None if self.limit_scopes is None
                                                 else key.rev)  # the rev whose scopes we checked
         return {"key": await self.key_json(new.key), "token": new.token}

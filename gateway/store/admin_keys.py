@@ -29,6 +29,12 @@ def changed_meanwhile(key_id: str) -> Conflict:
                     "again and retry.")
 
 
+def acting_key_changed(actor: str, outcome: str) -> Conflict:
+    return Conflict(f"The acting key '{shown(actor, 12)}' was revoked, disabled, changed or "
+                    f"expired while this call waited its turn; {outcome}. Call again with a "
+                    "key that may.")
+
+
 class KeyStore(StoreBase):
     """Keys: the reads, create, rotate, update, revoke, delete."""
 
@@ -217,10 +223,13 @@ class KeyStore(StoreBase):
                          rate_limit: str | None = None, monthly_requests: int | None = None,
                          enabled: bool = True, meta: str = "{}",
                          allowed_ips: Sequence[str] | None = None,
-                         actor: str = OPERATOR) -> NewKey:
+                         actor: str = OPERATOR, acting_rev: int | None = None) -> NewKey:
         """Create a key bound to ``role`` (if given) or to ``scopes``. Raises NotFound (no such
         workspace) or Conflict ``key_limit_reached`` (the plan's active-key cap is reached;
-        checked and applied in one script, so concurrent creates cannot overshoot)."""
+        checked and applied in one script, so concurrent creates cannot overshoot).
+        ``acting_rev``: the rev of the workspace admin key ``actor`` when its call was judged;
+        Conflict, nothing written, if that key has changed (revoked, disabled, re-scoped) or
+        expired since."""
         workspace, cap_basis = await self._capped_workspace(ws)
         for _ in range(ID_ATTEMPTS):
             key_id, token, hashed = await self._new_token(
@@ -237,12 +246,14 @@ class KeyStore(StoreBase):
             for _ in range(ID_ATTEMPTS):
                 reply = await self._run(
                     "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
-                                key_key(ws, key_id), ws_audit_key(ws), ws_roles_key(ws)),
+                                key_key(ws, key_id), ws_audit_key(ws), ws_roles_key(ws),
+                                key_key(ws, actor), key_key(ws, actor)),
                     (epoch_field(now), self._max_keys(workspace),
                      "+inf" if expires_at is None else epoch_field(expires_at), key_id,
                      self._audit_entry(now, actor, "key.create", key_id,
                                        self._key_details(record)), AUDIT_MAXLEN,
-                     "", "", "", self._bound_role(role), cap_basis, *fields),
+                     "", "", "", self._bound_role(role), cap_basis,
+                     "" if acting_rev is None else acting_rev, *fields),
                     what="create key")
                 if reply != "stale_ws":
                     break
@@ -258,6 +269,8 @@ class KeyStore(StoreBase):
                 raise unknown_role(ws, role or "")
             if reply == "limit":
                 raise self._at_cap(ws, workspace)
+            if reply == "actor_changed":
+                raise acting_key_changed(actor, "no key was created")
             if reply == "stale_ws":  # out of tries with this hash: not a reason for another
                 raise self._kept_changing(ws, reply, "a key was being created in it",
                                           "no key was created")
@@ -266,7 +279,8 @@ class KeyStore(StoreBase):
     @confirmed_write
     async def rotate_key(self, ws: str, key_id: str, *, grace_seconds: int = 0,
                          actor: str = OPERATOR, max_expires_at: float | None = None,
-                         expect_rev: int | None = None) -> tuple[KeyRecord, NewKey]:
+                         expect_rev: int | None = None, acting_rev: int | None = None
+                         ) -> tuple[KeyRecord, NewKey]:
         """Replace a key by a new one with the same name, description, environment, role or
         scopes and controls, sharing the old key's rate log and month count (``budget``: its
         own cap goes on where it was, its rate in the same window, and during a grace the two
@@ -278,7 +292,7 @@ class KeyStore(StoreBase):
         The new key copies the old one as the script finds it: if the old key changed between
         the read here and the script (its rev moved), the rotation is retried from a fresh read
         -- or, with ``expect_rev`` (the rev the caller checked, e.g. self-service's scope check),
-        refused with Conflict."""
+        refused with Conflict. ``acting_rev``: as for :meth:`create_key`."""
         workspace, cap_basis = await self._capped_workspace(ws)
         old = await self.require_key(ws, key_id)
         # The new key id and the hash of its secret are made once, then written as often as
@@ -319,7 +333,7 @@ class KeyStore(StoreBase):
                 reply = await self._run(
                     "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
                                 key_key(ws, new_id), ws_audit_key(ws), ws_roles_key(ws),
-                                key_key(ws, key_id)),
+                                key_key(ws, key_id), key_key(ws, actor)),
                     (epoch_field(now), self._max_keys(workspace),
                      "+inf" if expires_at is None else epoch_field(expires_at), new_id,
                      self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,
@@ -330,7 +344,8 @@ class KeyStore(StoreBase):
                      # between the caller's check and here made an active key with no scopes
                      # (an active key does hold it up: rotating a leaked key is never refused
                      # for it)
-                     old.rev, self._bound_role(old.role), cap_basis, *fields),
+                     old.rev, self._bound_role(old.role), cap_basis,
+                     "" if acting_rev is None else acting_rev, *fields),
                     what="rotate key")
                 if reply == "ok":
                     new_id = None  # the new key's now
@@ -347,6 +362,8 @@ class KeyStore(StoreBase):
                     raise self._expired_at_cap(ws, key_id, workspace)
                 if reply == "grace_limit":
                     raise self._over_cap_in_grace(ws, workspace)
+                if reply == "actor_changed":
+                    raise acting_key_changed(actor, "nothing was changed")
                 if reply == "collision":  # the new id is taken after all: another one
                     await self._release_id(new_id)
                     new_id = None
