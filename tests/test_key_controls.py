@@ -1292,6 +1292,56 @@ async def test_a_workspace_admin_key_revoked_while_its_calls_wait_to_hash_mints_
     assert all(k["status"] == "active" for k in listing["items"] if k["name"] == "target")
 
 
+@pytest.mark.parametrize("listener", ["admin", "proxy"])
+@pytest.mark.parametrize("call", ["create", "rotate"])
+async def test_a_create_or_rotation_whose_caller_left_while_it_waited_writes_nothing(
+        gut, redis_url, listener, call):
+    """A create or rotation waits its turn to hash (one at a time for the whole process:
+    seconds behind a burst); a caller that gave up meanwhile (the CLI's 10 s timeout, a
+    script's) got no answer, yet the key was written: an active key whose token nobody ever
+    saw, counted against the cap, and a rotation without a grace revoked the old key the
+    integration still used while its successor's token was thrown away. Now a call whose
+    caller has gone by the time its hash is ready writes nothing. Both listeners are served as
+    ``keygate serve`` serves them (a handler is not cancelled when its client goes)."""
+    from aiohttp import web
+
+    from gateway.proxying.server import AdminRunner
+    await gut.workspace("acme", plan="unlimited")
+    admin_token, _ = await gut.key(name="admin", role="admin")
+    _, old = await gut.key(name="old")
+    store = gut.gw.store
+    runner = AdminRunner(gut.gw.admin_app, handle_signals=False, access_log=None)  # as app.py
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    if listener == "admin":
+        port, prefix = runner.addresses[0][1], "/admin/v1/workspaces/acme/keys"
+    else:
+        port, prefix = gut.proxy_server.port, "/_keygate/v1/keys"
+    path, body = prefix, b'{"name": "lost", "scopes": ["people:read"]}'
+    if call == "rotate":
+        path, body = f"{prefix}/{old['id']}/rotate", b"{}"
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        async with store._hashing:  # the hash queue is busy: the call waits there
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                         f"{admin_token}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert await eventually(lambda: len(r.keys("kg:keyid:*")) == 3)  # its new id
+            writer.close()  # the caller gives up
+            await asyncio.sleep(0.2)  # the listener reads that
+        assert await eventually(lambda: len(r.keys("kg:keyid:*")) == 2)  # the id let go
+    finally:
+        r.close()
+        await runner.cleanup()
+    _, listing = await gut.admin_json("GET", "/workspaces/acme/keys")
+    assert sorted((k["name"], k["status"]) for k in listing["items"]) == [
+        ("admin", "active"), ("old", "active")]
+    _, audit = await gut.admin_json("GET", "/workspaces/acme/audit")
+    assert [e["action"] for e in audit["items"]] == ["key.create"] * 2 + ["workspace.create"]
+
+
 async def test_a_write_that_meets_a_workspace_edited_again_and_again_hashes_once(
         gut, redis_url, monkeypatch):
     """A rotation (or a create) whose workspace is edited between its read and its write is

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..config import Config
 from ..errors import BadRequest, Forbidden, NotFound, shown
@@ -72,8 +72,10 @@ class KeyOps:
     """
 
     def __init__(self, store: Store, config: Config, ws: str,
-                 actor: Actor = OPERATOR_ACTOR) -> None:
+                 actor: Actor = OPERATOR_ACTOR,
+                 connected: Callable[[], bool] | None = None) -> None:
         self.store, self.config, self.ws = store, config, ws
+        self.connected = connected  # the caller is still there (None: take it that it is)
         self.actor = actor.key_id
         self.limit_scopes = None if actor.is_operator else actor.scopes
         self.limit_expires_at = None if actor.is_operator else actor.expires_at
@@ -241,7 +243,7 @@ class KeyOps:
         new = await self.store.create_key(
             self.ws, name=name, description=description, environment=environment, role=role,
             scopes=scopes, expires_at=expires_at, actor=self.actor, acting_rev=self.acting_rev,
-            **controls)
+            wanted=self.connected, **controls)
         return {"key": await self.key_json(new.key, used=0), "token": new.token}
 
     async def _rate_within_plan(self, rate_limit: str) -> None:
@@ -342,6 +344,7 @@ class KeyOps:
         _old, new = await self.store.rotate_key(self.ws, key_id, grace_seconds=grace,
                                                 actor=self.actor, max_expires_at=latest,
                                                 acting_rev=self.acting_rev,
+                                                wanted=self.connected,
                                                 expect_rev=None if self.limit_scopes is None
                                                 else key.rev)  # the rev whose scopes we checked
         return {"key": await self.key_json(new.key), "token": new.token}

@@ -79,4 +79,5 @@ async def handle_self_service(request: web.BaseRequest, principal: Principal, st
     actor = Actor(principal.key_id, principal.workspace, principal.scopes, acting.expires_at,
                   getattr(principal, "rev", acting.rev))
     return await endpoint.handler(Call(store, config, actor, {"ws": principal.workspace, **params},
-                                       request.query, body, known_workspace=principal.workspace))
+                                       request.query, body, known_workspace=principal.workspace,
+                                       connected=lambda: request.transport is not None))

@@ -7,7 +7,7 @@ import asyncio
 import json
 from typing import Any, Awaitable, Callable, Sequence
 
-from ..errors import Conflict, StoreError, shown
+from ..errors import BadRequest, Conflict, StoreError, shown
 from ..models import KeyRecord, Workspace, rfc3339, whole_second
 from ..tokens import ID_LEN, PREFIX_CHARS, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
@@ -27,6 +27,12 @@ changed once per rotation that came first."""
 def changed_meanwhile(key_id: str) -> Conflict:
     return Conflict(f"Key '{shown(key_id, 12)}' changed while it was being rotated; read it "
                     "again and retry.")
+
+
+def caller_gone(outcome: str) -> BadRequest:
+    """Nobody reads it (the caller has gone): it is what the admin log says."""
+    return BadRequest(f"The caller closed the connection while the call waited its turn; "
+                      f"{outcome}.")
 
 
 def acting_key_changed(actor: str, outcome: str) -> Conflict:
@@ -223,17 +229,22 @@ class KeyStore(StoreBase):
                          rate_limit: str | None = None, monthly_requests: int | None = None,
                          enabled: bool = True, meta: str = "{}",
                          allowed_ips: Sequence[str] | None = None,
-                         actor: str = OPERATOR, acting_rev: int | None = None) -> NewKey:
+                         actor: str = OPERATOR, acting_rev: int | None = None,
+                         wanted: Callable[[], bool] | None = None) -> NewKey:
         """Create a key bound to ``role`` (if given) or to ``scopes``. Raises NotFound (no such
         workspace) or Conflict ``key_limit_reached`` (the plan's active-key cap is reached;
         checked and applied in one script, so concurrent creates cannot overshoot).
         ``acting_rev``: the rev of the workspace admin key ``actor`` when its call was judged;
         Conflict, nothing written, if that key has changed (revoked, disabled, re-scoped) or
-        expired since."""
+        expired since. ``wanted``: whether the caller is still there to take the token, asked
+        once the hash is made (after waiting its turn): if not, nothing is written."""
         workspace, cap_basis = await self._capped_workspace(ws)
         for _ in range(ID_ATTEMPTS):
             key_id, token, hashed = await self._new_token(
                 ws, environment, lambda: self._room(ws, 0, lambda w: self._at_cap(ws, w)))
+            if wanted is not None and not wanted():
+                await self._release_id(key_id)
+                raise caller_gone("no key was created")
             now = self.clock()
             record, fields = self._key_fields(
                 key_id=key_id, ws=ws, token=token, hashed=hashed, name=name,
@@ -279,7 +290,8 @@ class KeyStore(StoreBase):
     @confirmed_write
     async def rotate_key(self, ws: str, key_id: str, *, grace_seconds: int = 0,
                          actor: str = OPERATOR, max_expires_at: float | None = None,
-                         expect_rev: int | None = None, acting_rev: int | None = None
+                         expect_rev: int | None = None, acting_rev: int | None = None,
+                         wanted: Callable[[], bool] | None = None
                          ) -> tuple[KeyRecord, NewKey]:
         """Replace a key by a new one with the same name, description, environment, role or
         scopes and controls, sharing the old key's rate log and month count (``budget``: its
@@ -292,7 +304,8 @@ class KeyStore(StoreBase):
         The new key copies the old one as the script finds it: if the old key changed between
         the read here and the script (its rev moved), the rotation is retried from a fresh read
         -- or, with ``expect_rev`` (the rev the caller checked, e.g. self-service's scope check),
-        refused with Conflict. ``acting_rev``: as for :meth:`create_key`."""
+        refused with Conflict. ``acting_rev``, ``wanted``: as for :meth:`create_key` (a
+        rotation whose caller has gone neither revokes nor shortens the old key)."""
         workspace, cap_basis = await self._capped_workspace(ws)
         old = await self.require_key(ws, key_id)
         # The new key id and the hash of its secret are made once, then written as often as
@@ -311,6 +324,10 @@ class KeyStore(StoreBase):
                     new_id, token, hashed = await self._new_token(
                         ws, old.environment, self._rotation_room(ws, old, now, grace_seconds))
                     now = self.clock()
+                if wanted is not None and not wanted():
+                    await self._release_id(new_id)
+                    new_id = None
+                    raise caller_gone("nothing was changed")
                 expires_at = None
                 if old.expires_at is not None:  # the same lifetime as shown, to the second:
                     # rotating again and again never shortens it by the fraction it was made in
