@@ -1342,6 +1342,67 @@ async def test_a_create_or_rotation_whose_caller_left_while_it_waited_writes_not
     assert [e["action"] for e in audit["items"]] == ["key.create"] * 2 + ["workspace.create"]
 
 
+async def test_one_workspaces_burst_of_creates_does_not_hold_up_another_workspaces(gut,
+                                                                                    redis_url):
+    """New keys' secrets are hashed one at a time for the whole process, first come first
+    served: a workspace (its admin key, its automation) sending a burst of creates put every
+    other workspace's create or rotation, and the operator's emergency rotation of a leaked
+    key, behind all of them (120 creates: ~3 s at the shipped argon2 cost; long enough for
+    the CLI's 10 s timeout at a few hundred). Turns now go round the workspaces waiting, so
+    another workspace waits for one hash of each workspace ahead of it, not for their bursts."""
+    await gut.workspace("acme", plan="unlimited")
+    await gut.workspace("beta", plan="unlimited")
+    store, done = gut.gw.store, []
+
+    async def create(ws: str, name: str) -> None:
+        status, body = await gut.admin_json("POST", f"/workspaces/{ws}/keys", {"name": name,
+                                                                                "scopes": []})
+        assert status == 201, body
+        done.append(ws)
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        async with store._hashing:  # the hash queue is busy: the burst queues behind
+            burst = [asyncio.create_task(create("acme", f"k{i}")) for i in range(30)]
+            assert await eventually(lambda: len(r.keys("kg:keyid:*")) == 30)
+            other = asyncio.create_task(create("beta", "urgent"))
+            assert await eventually(lambda: len(r.keys("kg:keyid:*")) == 31)
+        await asyncio.gather(other, *burst)
+    finally:
+        r.close()
+    assert done.index("beta") <= 2, done
+
+
+async def test_hash_turns_pass_on_past_callers_cancelled_while_waiting_or_when_handed_one():
+    """A caller cancelled while it waits (its client gone, under handler cancellation) leaves
+    the round; one cancelled just as it was handed the turn hands it on: neither holds up
+    those behind it for ever."""
+    from gateway.store.admin_base import FairTurns
+    turns, order = FairTurns(), []
+
+    async def take(party: str, name: str) -> None:
+        async with turns.turn(party):
+            order.append(name)
+            await asyncio.sleep(0)
+
+    async with turns:
+        gone = asyncio.create_task(take("a", "gone"))
+        kept = [asyncio.create_task(take("a", "a2")), asyncio.create_task(take("b", "b1"))]
+        await asyncio.sleep(0)
+        gone.cancel()  # waiting: it leaves the round
+        await asyncio.sleep(0)
+    await asyncio.wait_for(asyncio.gather(*kept), 2)
+    assert order == ["a2", "b1"]
+    async with turns:
+        handed = asyncio.create_task(take("a", "handed"))
+        after = asyncio.create_task(take("b", "after"))
+        await asyncio.sleep(0)
+    handed.cancel()  # the release just handed it the turn; it has not run yet
+    await asyncio.wait_for(after, 2)
+    assert order[-1] == "after" and handed.cancelled()
+    await asyncio.wait_for(take("c", "free"), 2)  # nobody holds it now
+
+
 async def test_a_write_that_meets_a_workspace_edited_again_and_again_hashes_once(
         gut, redis_url, monkeypatch):
     """A rotation (or a create) whose workspace is edited between its read and its write is

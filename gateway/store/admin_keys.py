@@ -118,7 +118,9 @@ class KeyStore(StoreBase):
         Hashes wait their turn here, one at a time, not in the argon2 pool's queue: that
         queue is first come, first served, and a workspace admin key sending 120 creates at
         once had another workspace's first request wait for all 120 hashes. Now a first request
-        waits for one at most.
+        waits for one at most. Turns go round the workspaces waiting (``FairTurns``): another
+        workspace's create or rotation waits for one hash of each workspace ahead of it, not
+        for a burst.
 
         ``room`` (a read of the workspace's key cap, raising Conflict when there is no room)
         runs in the turn, before the hash (the id is released if it raises): the script checks the cap
@@ -131,7 +133,7 @@ class KeyStore(StoreBase):
             with store_errors("write"):
                 reserved = await self.redis.set(key_index_key(parts.key_id), ws, nx=True)
             if reserved:
-                async with self._hashing:
+                async with self._hashing.turn(ws):
                     if room is not None:
                         try:
                             await room()
