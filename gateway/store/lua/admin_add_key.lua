@@ -43,7 +43,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
 if ARGV[12] ~= '' then
   local acting = redis.call('HMGET', KEYS[8], 'rev', 'expires_at')
   local exp = tonumber(acting[2] or '')
-  if (acting[1] or '') ~= ARGV[12] or (exp ~= nil and exp <= tonumber(ARGV[1])) then
+  if (acting[1] or '0') ~= ARGV[12] or (exp ~= nil and exp <= tonumber(ARGV[1])) then
     return 'actor_changed'
   end
 end
