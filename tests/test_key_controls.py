@@ -1246,7 +1246,8 @@ async def test_creates_waiting_their_turn_to_hash_obey_a_cap_lowered_meanwhile(g
 
 
 @pytest.mark.parametrize("listener", ["admin", "proxy"])
-@pytest.mark.parametrize("change", ["revoke", "disable", "narrow"])
+@pytest.mark.parametrize("change", ["revoke", "disable", "narrow", "role-demoted",
+                                    "role-narrowed"])
 async def test_a_workspace_admin_key_revoked_while_its_calls_wait_to_hash_mints_nothing(
         gut, redis_url, listener, change):
     """A workspace admin key's creates and rotations were judged when they arrived, then waited
@@ -1254,7 +1255,9 @@ async def test_a_workspace_admin_key_revoked_while_its_calls_wait_to_hash_mints_
     wrote whatever the acting key had become meanwhile. An operator revoking a leaked admin key
     (or disabling it, or taking keys:admin from it) still saw keys minted by it afterwards,
     from calls it had queued: new tokens in the holder's hands after the revoke. Now the write
-    checks, in the same step, that the acting key is still the key that was judged."""
+    checks, in the same step, that the acting key is still the key that was judged, and that
+    the workspace role it is bound to (here one defined over the configured role it was
+    bound to) still grants it keys:admin and the new key's scopes."""
     await gut.workspace("acme", plan="unlimited")
     admin_token, admin_key = await gut.key(role="admin")
     _, target = await gut.key(name="target")
@@ -1276,12 +1279,18 @@ async def test_a_workspace_admin_key_revoked_while_its_calls_wait_to_hash_mints_
             calls.append(asyncio.create_task(call(f"/{target['id']}/rotate",
                                                   {"grace_seconds": 0})))
             assert await eventually(lambda: len(r.keys("kg:keyid:*")) == 2 + 4)
-            body = {"enabled": False} if change == "disable" else {"scopes": ["people:read"]}
-            status, answer = await gut.admin_json(
-                "POST" if change == "revoke" else "PATCH",
-                f"/workspaces/acme/keys/{admin_key['id']}" + ("/revoke" if change == "revoke"
-                                                             else ""),
-                None if change == "revoke" else body)
+            if change.startswith("role"):
+                scopes = ["people:read"] if change == "role-demoted" else ["keys:admin"]
+                status, answer = await gut.admin_json("PUT", "/workspaces/acme/roles/admin",
+                                                      {"scopes": scopes})
+            else:
+                body = {"enabled": False} if change == "disable" \
+                    else {"scopes": ["people:read"]}
+                status, answer = await gut.admin_json(
+                    "POST" if change == "revoke" else "PATCH",
+                    f"/workspaces/acme/keys/{admin_key['id']}" + (
+                        "/revoke" if change == "revoke" else ""),
+                    None if change == "revoke" else body)
             assert status == 200, answer
         results = await asyncio.gather(*calls)
     finally:

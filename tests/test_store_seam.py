@@ -163,7 +163,7 @@ def test_the_add_script_takes_the_acting_key_as_judged_and_a_stored_key_without_
 
     def add_as(rev: str, new: str) -> str:
         return r.eval(add, len(keys), *keys[:3], f"kg:key:{{acme}}:{new}", *keys[4:], 1000, -1,
-                      "+inf", new, "{}", 100, "", "", "", "", "pro\n", rev, "id", new)
+                      "+inf", new, "{}", 100, "", "", "", "", "pro\n", rev, "[]", "id", new)
 
     assert add_as("7", "k1") == "actor_changed" and not r.exists("kg:key:{acme}:k1")
     assert add_as("0", "k2") == "ok"
@@ -191,7 +191,7 @@ def test_both_scripts_meeting_the_key_cap_refuse_a_changed_plan_or_limits(redis_
                    "kg:ws:{acme}:roles", "kg:ws:{acme}")
     for basis, answer in ((changed, "stale_ws"), (stored, "ok")):
         assert r.eval(add, len(add_keys), *add_keys, 1000, 5, "+inf", "k2", "{}", 100, "",
-                      "", "", "", basis, "", "id", "k2") == answer
+                      "", "", "", basis, "", "", "id", "k2") == answer
     assert r.eval(update, len(update_keys), *update_keys, "k1", "+inf", 1000, 5, "{}", 100,
                   "", "", "", changed) == "stale_ws"
     assert r.zscore("kg:ws:{acme}:active", "k1") is None  # nothing written

@@ -243,7 +243,7 @@ class KeyOps:
         new = await self.store.create_key(
             self.ws, name=name, description=description, environment=environment, role=role,
             scopes=scopes, expires_at=expires_at, actor=self.actor, acting_rev=self.acting_rev,
-            wanted=self.connected, **controls)
+            acting_grants=granted, wanted=self.connected, **controls)
         return {"key": await self.key_json(new.key, used=0), "token": new.token}
 
     async def _rate_within_plan(self, rate_limit: str) -> None:
@@ -333,6 +333,7 @@ class KeyOps:
             # an expired key outlives its role (it does not hold a delete up): its successor
             # would be an active token with no scopes at all
             raise role_gone(self.ws, key.id, key.role)
+        scopes: tuple[str, ...] = ()
         if self.limit_scopes is not None:  # a rotation hands out a token with the key's scopes
             scopes = await self.store.effective_scopes(self.ws, key)
             self._within_limit(scopes, "rotate a key with")
@@ -344,7 +345,7 @@ class KeyOps:
         _old, new = await self.store.rotate_key(self.ws, key_id, grace_seconds=grace,
                                                 actor=self.actor, max_expires_at=latest,
                                                 acting_rev=self.acting_rev,
-                                                wanted=self.connected,
+                                                acting_grants=scopes, wanted=self.connected,
                                                 expect_rev=None if self.limit_scopes is None
                                                 else key.rev)  # the rev whose scopes we checked
         return {"key": await self.key_json(new.key), "token": new.token}

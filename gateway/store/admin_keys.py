@@ -232,13 +232,15 @@ class KeyStore(StoreBase):
                          enabled: bool = True, meta: str = "{}",
                          allowed_ips: Sequence[str] | None = None,
                          actor: str = OPERATOR, acting_rev: int | None = None,
+                         acting_grants: Sequence[str] = (),
                          wanted: Callable[[], bool] | None = None) -> NewKey:
         """Create a key bound to ``role`` (if given) or to ``scopes``. Raises NotFound (no such
         workspace) or Conflict ``key_limit_reached`` (the plan's active-key cap is reached;
         checked and applied in one script, so concurrent creates cannot overshoot).
         ``acting_rev``: the rev of the workspace admin key ``actor`` when its call was judged;
         Conflict, nothing written, if that key has changed (revoked, disabled, re-scoped) or
-        expired since. ``wanted``: whether the caller is still there to take the token, asked
+        expired since, or if the workspace role it is bound to no longer grants it keys:admin
+        and each of ``acting_grants`` (the scopes the new key gets). ``wanted``: whether the caller is still there to take the token, asked
         once the hash is made (after waiting its turn): if not, nothing is written."""
         workspace, cap_basis = await self._capped_workspace(ws)
         for _ in range(ID_ATTEMPTS):
@@ -266,7 +268,8 @@ class KeyStore(StoreBase):
                      self._audit_entry(now, actor, "key.create", key_id,
                                        self._key_details(record)), AUDIT_MAXLEN,
                      "", "", "", self._bound_role(role), cap_basis,
-                     "" if acting_rev is None else acting_rev, *fields),
+                     "" if acting_rev is None else acting_rev,
+                     json.dumps(list(acting_grants)), *fields),
                     what="create key")
                 if reply != "stale_ws":
                     break
@@ -293,6 +296,7 @@ class KeyStore(StoreBase):
     async def rotate_key(self, ws: str, key_id: str, *, grace_seconds: int = 0,
                          actor: str = OPERATOR, max_expires_at: float | None = None,
                          expect_rev: int | None = None, acting_rev: int | None = None,
+                         acting_grants: Sequence[str] = (),
                          wanted: Callable[[], bool] | None = None
                          ) -> tuple[KeyRecord, NewKey]:
         """Replace a key by a new one with the same name, description, environment, role or
@@ -364,7 +368,8 @@ class KeyStore(StoreBase):
                      # (an active key does hold it up: rotating a leaked key is never refused
                      # for it)
                      old.rev, self._bound_role(old.role), cap_basis,
-                     "" if acting_rev is None else acting_rev, *fields),
+                     "" if acting_rev is None else acting_rev, json.dumps(list(acting_grants)),
+                     *fields),
                     what="rotate key")
                 if reply == "ok":
                     new_id = None  # the new key's now

@@ -32,7 +32,10 @@
 --         still have it and not have expired, else 'actor_changed' and nothing is written. A
 --         create or rotation waits its turn to hash between the judging and here (seconds
 --         behind a burst): a key revoked, disabled or re-scoped meanwhile mints nothing more
--- ARGV[13..] new key's field, value pairs
+-- ARGV[13] with ARGV[12]: the scopes the new key gets (JSON list): when the acting key is
+--         bound to a role the workspace defines, that role must still grant it keys:admin (or
+--         ALL) and each of them, else 'actor_changed' (a role edit changes no key's rev)
+-- ARGV[14..] new key's field, value pairs
 -- Returns 'ok' | 'no_workspace' | 'stale_ws' | 'no_role' (ARGV[10] is not defined) |
 -- 'collision' (new key id taken) | 'limit' (cap reached) | 'actor_changed' (see ARGV[12]) and,
 -- rotating, 'not_found' | 'revoked' | 'stale' | 'grace_limit' (grace asked, workspace
@@ -41,10 +44,21 @@
 -- include: _cap_basis.lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
 if ARGV[12] ~= '' then
-  local acting = redis.call('HMGET', KEYS[8], 'rev', 'expires_at')
+  local acting = redis.call('HMGET', KEYS[8], 'rev', 'expires_at', 'role')
   local exp = tonumber(acting[2] or '')
   if (acting[1] or '0') ~= ARGV[12] or (exp ~= nil and exp <= tonumber(ARGV[1])) then
     return 'actor_changed'
+  end
+  local def = acting[3] and acting[3] ~= '' and redis.call('HGET', KEYS[6], acting[3])
+  if def then
+    local held = {}
+    for _, s in ipairs(cjson.decode(def)) do held[s] = true end
+    if not held['ALL'] then
+      if not held['keys:admin'] then return 'actor_changed' end
+      for _, s in ipairs(cjson.decode(ARGV[13])) do
+        if not held[s] then return 'actor_changed' end
+      end
+    end
   end
 end
 if cap_basis_changed(KEYS[1], ARGV[11]) then return 'stale_ws' end
@@ -86,7 +100,7 @@ if rotating then
 end
 
 local fields = {}
-for i = 13, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[4], unpack(fields))
 new_rev(KEYS[4])
 redis.call('SADD', KEYS[2], ARGV[4])
