@@ -1410,6 +1410,15 @@ async def test_hash_turns_pass_on_past_callers_cancelled_while_waiting_or_when_h
     await asyncio.wait_for(after, 2)
     assert order[-1] == "after" and handed.cancelled()
     await asyncio.wait_for(take("c", "free"), 2)  # nobody holds it now
+    async with turns:  # one cancelled and passed by a release before it runs again
+        passed = asyncio.create_task(take("a", "passed"))
+        last = asyncio.create_task(take("b", "last"))
+        await asyncio.sleep(0)
+        passed.cancel()
+    await asyncio.wait_for(last, 2)
+    assert (await asyncio.gather(passed, return_exceptions=True))[0].__class__ \
+        is asyncio.CancelledError  # not a ValueError from leaving a round it was not in
+    assert order[-1] == "last"
 
 
 async def test_a_key_edited_again_and_again_while_in_use_is_never_a_503(gut):

@@ -135,7 +135,7 @@ class FairTurns:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self._release()  # handed the turn as it was cancelled: hand it on
-            else:
+            elif waiter in queue:  # (else a release passed it by already)
                 queue.remove(waiter)
                 if not queue and self._waiting.get(party) is queue:
                     del self._waiting[party]
