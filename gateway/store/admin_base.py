@@ -8,7 +8,8 @@ import contextlib
 import functools
 import json
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Self, Sequence, TypeVar
+from typing import (Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Self, Sequence,
+                    TypeVar)
 
 from redis.exceptions import RedisClusterException, RedisError
 

@@ -123,11 +123,11 @@ class KeyStore(StoreBase):
         for a burst.
 
         ``room`` (a read of the workspace's key cap, raising Conflict when there is no room)
-        runs in the turn, before the hash (the id is released if it raises): the script checks the cap
-        again, but a create refused there had hashed for nothing, and creates sent in bulk at
-        the cap burned a core and held every other workspace's creates and rotations behind
-        their hashes. Checked in the turn, a burst lets at most one hash through per key that
-        fits."""
+        runs in the turn, before the hash (the id is released if it raises): the script checks
+        the cap again, but a create refused there had hashed for nothing, and creates sent in
+        bulk at the cap burned a core and held every other workspace's creates and rotations
+        behind their hashes. Checked in the turn, a burst lets at most one hash through per key
+        that fits."""
         for _ in range(ID_ATTEMPTS):
             token, parts = make_token(self.config.keys.prefix, environment)
             with store_errors("write"):
@@ -240,8 +240,9 @@ class KeyStore(StoreBase):
         ``acting_rev``: the rev of the workspace admin key ``actor`` when its call was judged;
         Conflict, nothing written, if that key has changed (revoked, disabled, re-scoped) or
         expired since, or if the workspace role it is bound to no longer grants it keys:admin
-        and each of ``acting_grants`` (the scopes the new key gets). ``wanted``: whether the caller is still there to take the token, asked
-        once the hash is made (after waiting its turn): if not, nothing is written."""
+        and each of ``acting_grants`` (the scopes the new key gets). ``wanted``: whether the
+        caller is still there to take the token, asked once the hash is made (after waiting its
+        turn): if not, nothing is written."""
         workspace, cap_basis = await self._capped_workspace(ws)
         for _ in range(ID_ATTEMPTS):
             key_id, token, hashed = await self._new_token(
