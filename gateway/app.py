@@ -243,7 +243,7 @@ def workspace_admin(pipeline: Pipeline):
             reached = True
         key, _, _ = await pipeline.authorise(key, ("keys:admin",), count=False, client=client,
                                              stamp=reached)  # a use: last_used_at, not usage
-        return Actor(key.key_id, key.workspace, key.scopes, key.expires_at)
+        return Actor(key.key_id, key.workspace, key.scopes, key.expires_at, key.rev)
     return authenticate_key
 
 

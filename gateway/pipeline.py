@@ -45,7 +45,12 @@ from .trust import TrustedProxies
 log = logging.getLogger("keygate.proxy")
 access_log = logging.getLogger("keygate.access")
 
-_STALE_RETRIES = 3
+_STALE_RETRIES = 16
+"""Tries of a request whose check finds the key (or its workspace) changed since it was read:
+each re-reads it and checks again. Any change moves the rev (a script editing a key's meta
+does), so a key edited while in use meets some; 3 answered ~1 request in 6 503
+store_unavailable from a healthy store under a few edits a millisecond. Costs only requests
+that meet a change."""
 # Request paths remembered as canonical: at most this many, each at most CANONICAL_LEN long
 # (an API's paths; a longer one is checked each time), so the set stays under ~1.5 MB.
 CANONICAL_MAX = 4096

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 
 import pytest
 import redis
@@ -345,6 +346,54 @@ async def test_concurrent_creates_at_the_cap_over_http(admin):
         admin.post("/admin/v1/workspaces/acme/keys", json={"name": f"k{i}"}) for i in range(10)])
     statuses = sorted(r.status for r in responses)
     assert statuses == [201] * 3 + [409] * 7
+
+
+async def test_creates_refused_at_the_cap_do_not_hash_a_secret_each(aiohttp_client, redis_url,
+                                                                    monkeypatch):
+    """A create hashed its new secret (argon2, one at a time for the whole process) before the
+    script found the workspace at its cap: a workspace admin sending creates at its cap burned
+    a core on hashes thrown away, and every other workspace's creates and rotations (an
+    operator's emergency rotation included) queued behind them (60 such creates held another
+    workspace's create 3.6 s). The cap is now read in the create's hashing turn, before its
+    hash: a refused create costs a round trip, not an argon2 hash."""
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", OPERATOR_TOKEN)
+    config = dataclasses.replace(cheap_config(), keys=Config().keys)  # the shipped argon2 cost
+    store = await Store.connect(redis_url, config)
+    try:
+        client = await aiohttp_client(create_admin_app(config, store), headers=AUTH)
+        await workspace(client, plan="small")
+        for i in range(3):
+            await new_key(client, name=f"k{i}")
+        one_hash = min(_cpu_of(lambda: store.hasher.hash("s" * 32)) for _ in range(3))
+        started = time.process_time()
+        resps = await asyncio.gather(*[client.post("/admin/v1/workspaces/acme/keys",
+                                                   json={"name": "more"}) for _ in range(30)])
+        spent = time.process_time() - started
+        assert [r.status for r in resps] == [409] * 30
+        assert {(await r.json())["error"]["code"] for r in resps} == {"key_limit_reached"}
+        # 30 hashes before; now none (a create let through to the script may hash: at most 1)
+        assert spent < 8 * one_hash, (spent, one_hash)
+        # a rotation that would take the workspace past its cap is refused as cheaply
+        key = (await ok(await client.get("/admin/v1/workspaces/acme/keys")))["items"][0]
+        await ok(await client.post(f"/admin/v1/workspaces/acme/keys/{key['id']}/rotate",
+                                   json={"grace_seconds": 60}), 201)  # one over: allowed
+        started = time.process_time()
+        resps = await asyncio.gather(*[
+            client.post(f"/admin/v1/workspaces/acme/keys/{key['id']}/rotate",
+                        json={"grace_seconds": 60}) for _ in range(30)])
+        spent = time.process_time() - started
+        assert [r.status for r in resps] == [409] * 30
+        assert spent < 8 * one_hash, (spent, one_hash)
+        active = await ok(await client.get("/admin/v1/workspaces/acme/keys?status=active"))
+        assert len(active["items"]) == 4
+    finally:
+        await store.close()
+
+
+def _cpu_of(work) -> float:
+    started = time.process_time()
+    work()
+    return time.process_time() - started
 
 
 async def test_list_keys_filters_by_status(admin):

@@ -147,6 +147,33 @@ def test_every_script_is_a_file_in_store_lua():
     assert inline == []
 
 
+def test_the_add_script_takes_the_acting_key_as_judged_and_a_stored_key_without_a_rev(
+        redis_url):
+    """admin_add_key writes a workspace admin key's create only while the acting key has the
+    rev it was judged at and has not expired; a key stored without a rev (as the rest of the
+    store reads it: rev 0) is not taken for a changed one."""
+    from gateway.store.scripts import load
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.hset("kg:ws:{acme}", mapping={"id": "acme", "plan": "pro"})
+    r.hset("kg:key:{acme}:adm", mapping={"id": "adm"})  # no rev field
+    add = load("admin_add_key").text
+    keys = ("kg:ws:{acme}", "kg:ws:{acme}:keys", "kg:ws:{acme}:active", "kg:key:{acme}:k2",
+            "kg:ws:{acme}:audit", "kg:ws:{acme}:roles", "kg:key:{acme}:adm",
+            "kg:key:{acme}:adm")
+
+    def add_as(rev: str, new: str) -> str:
+        return r.eval(add, len(keys), *keys[:3], f"kg:key:{{acme}}:{new}", *keys[4:], 1000, -1,
+                      "+inf", new, "{}", 100, "", "", "", "", "pro\n", rev, "[]", "id", new)
+
+    assert add_as("7", "k1") == "actor_changed" and not r.exists("kg:key:{acme}:k1")
+    assert add_as("0", "k2") == "ok"
+    r.hset("kg:key:{acme}:adm", mapping={"rev": "7", "expires_at": "999.000"})
+    assert add_as("7", "k3") == "actor_changed"  # expired at 999 (now is 1000)
+    r.hset("kg:key:{acme}:adm", "expires_at", "")
+    assert add_as("7", "k4") == "ok"
+    assert add_as("6", "k5") == "actor_changed"
+
+
 def test_both_scripts_meeting_the_key_cap_refuse_a_changed_plan_or_limits(redis_url):
     """admin_add_key and admin_update_key (a key brought back) take the cap with the plan and
     limits it was worked out from (lua/_cap_basis.lua): either changed since is 'stale_ws',
@@ -164,7 +191,7 @@ def test_both_scripts_meeting_the_key_cap_refuse_a_changed_plan_or_limits(redis_
                    "kg:ws:{acme}:roles", "kg:ws:{acme}")
     for basis, answer in ((changed, "stale_ws"), (stored, "ok")):
         assert r.eval(add, len(add_keys), *add_keys, 1000, 5, "+inf", "k2", "{}", 100, "",
-                      "", "", "", basis, "id", "k2") == answer
+                      "", "", "", basis, "", "", "id", "k2") == answer
     assert r.eval(update, len(update_keys), *update_keys, "k1", "+inf", 1000, 5, "{}", 100,
                   "", "", "", changed) == "stale_ws"
     assert r.zscore("kg:ws:{acme}:active", "k1") is None  # nothing written

@@ -40,6 +40,9 @@ class Call:
     body: Callable[[], Awaitable[bytes]]
     known_workspace: str | None = None
     """A workspace already known to exist (self-service: the acting key's own)."""
+    connected: Callable[[], bool] = lambda: True
+    """Whether the caller is still there to read the answer (its connection is open): a create
+    or rotation whose caller has gone writes nothing, as no one would ever see its token."""
 
     async def workspace(self) -> str:
         """The path's workspace; 404 ``not_found`` when there is no such workspace."""
@@ -50,7 +53,8 @@ class Call:
 
     async def keys(self) -> KeyOps:
         """The key operations of the path's workspace (which must exist), as the actor."""
-        return KeyOps(self.store, self.config, await self.workspace(), self.actor)
+        return KeyOps(self.store, self.config, await self.workspace(), self.actor,
+                      self.connected)
 
 
 Handler = Callable[[Call], Awaitable[web.Response]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..config import Config
 from ..errors import BadRequest, Forbidden, NotFound, shown
@@ -44,6 +44,9 @@ class Actor:
     workspace: str | None = None
     scopes: frozenset[str] = frozenset()
     expires_at: float | None = None
+    rev: int | None = None
+    """The acting key's rev when it was judged: a create or rotation it makes is written only
+    if the key is still that (not revoked, disabled or re-scoped meanwhile, nor expired)."""
 
     @property
     def is_operator(self) -> bool:
@@ -69,11 +72,14 @@ class KeyOps:
     """
 
     def __init__(self, store: Store, config: Config, ws: str,
-                 actor: Actor = OPERATOR_ACTOR) -> None:
+                 actor: Actor = OPERATOR_ACTOR,
+                 connected: Callable[[], bool] | None = None) -> None:
         self.store, self.config, self.ws = store, config, ws
+        self.connected = connected  # the caller is still there (None: take it that it is)
         self.actor = actor.key_id
         self.limit_scopes = None if actor.is_operator else actor.scopes
         self.limit_expires_at = None if actor.is_operator else actor.expires_at
+        self.acting_rev = None if actor.is_operator else actor.rev
 
     def _within_lifetime(self, expires_at: float | None) -> None:
         if self.limit_scopes is None or self.limit_expires_at is None:
@@ -236,7 +242,8 @@ class KeyOps:
         await self._admin_no_looser(granted, {f: controls.get(f) for f in LIMIT_FIELDS}, "create")
         new = await self.store.create_key(
             self.ws, name=name, description=description, environment=environment, role=role,
-            scopes=scopes, expires_at=expires_at, actor=self.actor, **controls)
+            scopes=scopes, expires_at=expires_at, actor=self.actor, acting_rev=self.acting_rev,
+            acting_grants=granted, wanted=self.connected, **controls)
         return {"key": await self.key_json(new.key, used=0), "token": new.token}
 
     async def _rate_within_plan(self, rate_limit: str) -> None:
@@ -326,6 +333,7 @@ class KeyOps:
             # an expired key outlives its role (it does not hold a delete up): its successor
             # would be an active token with no scopes at all
             raise role_gone(self.ws, key.id, key.role)
+        scopes: tuple[str, ...] = ()
         if self.limit_scopes is not None:  # a rotation hands out a token with the key's scopes
             scopes = await self.store.effective_scopes(self.ws, key)
             self._within_limit(scopes, "rotate a key with")
@@ -336,6 +344,8 @@ class KeyOps:
         latest = self.limit_expires_at if self.limit_scopes is not None else None
         _old, new = await self.store.rotate_key(self.ws, key_id, grace_seconds=grace,
                                                 actor=self.actor, max_expires_at=latest,
+                                                acting_rev=self.acting_rev,
+                                                acting_grants=scopes, wanted=self.connected,
                                                 expect_rev=None if self.limit_scopes is None
                                                 else key.rev)  # the rev whose scopes we checked
         return {"key": await self.key_json(new.key), "token": new.token}

@@ -92,7 +92,7 @@ def _serving(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.Respon
         store = request.app[STORE]
         return await endpoint.handler(Call(
             store, store.config, request.get(ACTOR, OPERATOR_ACTOR), request.match_info,
-            request.query, request.read))
+            request.query, request.read, connected=lambda: request.transport is not None))
     return handle
 
 

@@ -75,6 +75,9 @@ async def handle_self_service(request: web.BaseRequest, principal: Principal, st
             raise PayloadTooLarge("The request body is too large for a key endpoint.") from None
 
     endpoint, params = chosen
-    actor = Actor(principal.key_id, principal.workspace, principal.scopes, acting.expires_at)
+    # the rev its scopes were judged at (the pipeline hands on the cached key as the principal)
+    actor = Actor(principal.key_id, principal.workspace, principal.scopes, acting.expires_at,
+                  getattr(principal, "rev", acting.rev))
     return await endpoint.handler(Call(store, config, actor, {"ws": principal.workspace, **params},
-                                       request.query, body, known_workspace=principal.workspace))
+                                       request.query, body, known_workspace=principal.workspace,
+                                       connected=lambda: request.transport is not None))

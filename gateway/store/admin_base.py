@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
 import time
-from typing import Any, Awaitable, Callable, Iterator, Mapping, Self, Sequence, TypeVar
+from typing import (Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Self, Sequence,
+                    TypeVar)
 
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -98,6 +100,61 @@ def confirmed_write(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaita
     return write
 
 
+class FairTurns:
+    """One holder at a time, the waiters served round the parties (workspaces) waiting, each
+    party's own in the order they came: a party with many waiting takes one turn in each
+    round, so a party that comes later waits for one turn of each party ahead of it, not for
+    all their waiters. ``async with turns:`` takes a turn as a party of its own."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: dict[object, collections.deque[asyncio.Future[None]]] = {}  # the round
+
+    @contextlib.asynccontextmanager
+    async def turn(self, party: object) -> AsyncIterator[None]:
+        await self._acquire(party)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def __aenter__(self) -> None:
+        await self._acquire(object())
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    async def _acquire(self, party: object) -> None:
+        if not self._busy:  # (nobody waits while nobody holds it: a release hands it on)
+            self._busy = True
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        queue = self._waiting.setdefault(party, collections.deque())
+        queue.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed the turn as it was cancelled: hand it on
+            elif waiter in queue:  # (else a release passed it by already)
+                queue.remove(waiter)
+                if not queue and self._waiting.get(party) is queue:
+                    del self._waiting[party]
+            raise
+
+    def _release(self) -> None:
+        while self._waiting:
+            party = next(iter(self._waiting))
+            queue = self._waiting.pop(party)
+            waiter = queue.popleft()
+            if queue:
+                self._waiting[party] = queue  # to the end of the round
+            if not waiter.done():
+                waiter.set_result(None)  # the turn passes to it (still busy)
+                return
+        self._busy = False
+
+
 class StoreBase:
     """What every admin operation stands on: the redis-py connection, the admin scripts, the
     workspace reads and the audit entry. :class:`gateway.store.admin.Store` is the whole store.
@@ -112,8 +169,9 @@ class StoreBase:
         # (None: a thread of asyncio's default executor, as the CLI and tests do)
         self.argon2 = None
         # One new key's hash at a time: on the pool, a workspace admin sending creates in
-        # bulk queued every hash ahead of other workspaces' first requests (see _new_token)
-        self._hashing = asyncio.Semaphore(1)
+        # bulk queued every hash ahead of other workspaces' first requests (see _new_token);
+        # turns go round the workspaces waiting, so a burst of one holds up no other
+        self._hashing = FairTurns()
         self._scripts = {name: client.register_script(load(f"admin_{name}").text)
                          for name in ("create_workspace", "update_workspace", "add_key",
                                       "update_key", "revoke_key", "set_role", "delete_key",

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
-from ..errors import Conflict, StoreError, shown
+from ..errors import BadRequest, Conflict, StoreError, shown
 from ..models import KeyRecord, Workspace, rfc3339, whole_second
 from ..tokens import ID_LEN, PREFIX_CHARS, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
@@ -27,6 +27,18 @@ changed once per rotation that came first."""
 def changed_meanwhile(key_id: str) -> Conflict:
     return Conflict(f"Key '{shown(key_id, 12)}' changed while it was being rotated; read it "
                     "again and retry.")
+
+
+def caller_gone(outcome: str) -> BadRequest:
+    """Nobody reads it (the caller has gone): it is what the admin log says."""
+    return BadRequest(f"The caller closed the connection while the call waited its turn; "
+                      f"{outcome}.")
+
+
+def acting_key_changed(actor: str, outcome: str) -> Conflict:
+    return Conflict(f"The acting key '{shown(actor, 12)}' was revoked, disabled, changed or "
+                    f"expired while this call waited its turn; {outcome}. Call again with a "
+                    "key that may.")
 
 
 class KeyStore(StoreBase):
@@ -98,23 +110,75 @@ class KeyStore(StoreBase):
         return [k for h in hashes if (k := key_from_hash(h)) is not None]
 
 
-    async def _new_token(self, ws: str, environment: str) -> tuple[str, str, str]:
+    async def _new_token(self, ws: str, environment: str,
+                         room: Callable[[], Awaitable[None]] | None = None
+                         ) -> tuple[str, str, str]:
         """(key id, token, argon2 hash) with the key id reserved in the global index.
 
         Hashes wait their turn here, one at a time, not in the argon2 pool's queue: that
         queue is first come, first served, and a workspace admin key sending 120 creates at
-        once had another workspace's first request wait for all 120 hashes (a create hashes
-        before the plan's key limit is checked). Now a first request waits for one at most."""
+        once had another workspace's first request wait for all 120 hashes. Now a first request
+        waits for one at most. Turns go round the workspaces waiting (``FairTurns``): another
+        workspace's create or rotation waits for one hash of each workspace ahead of it, not
+        for a burst.
+
+        ``room`` (a read of the workspace's key cap, raising Conflict when there is no room)
+        runs in the turn, before the hash (the id is released if it raises): the script checks
+        the cap again, but a create refused there had hashed for nothing, and creates sent in
+        bulk at the cap burned a core and held every other workspace's creates and rotations
+        behind their hashes. Checked in the turn, a burst lets at most one hash through per key
+        that fits."""
         for _ in range(ID_ATTEMPTS):
             token, parts = make_token(self.config.keys.prefix, environment)
             with store_errors("write"):
                 reserved = await self.redis.set(key_index_key(parts.key_id), ws, nx=True)
             if reserved:
-                async with self._hashing:
+                async with self._hashing.turn(ws):
+                    if room is not None:
+                        try:
+                            await room()
+                        except Conflict:
+                            await self._release_id(parts.key_id)
+                            raise
                     hashed = await (asyncio.to_thread if self.argon2 is None
                                     else self.argon2.run)(self.hasher.hash, parts.secret)
                 return parts.key_id, token, hashed
         raise StoreError("could not find a free key id")
+
+    async def _room(self, ws: str, over: int,
+                    refusal: Callable[[Workspace], Conflict]) -> None:
+        """Raise ``refusal(workspace)`` when workspace ``ws`` already has its cap of active
+        keys plus ``over`` (the add script's own test, read as it stands now)."""
+        workspace, _ = await self._capped_workspace(ws)
+        max_keys = self._max_keys(workspace)
+        if max_keys < 0:
+            return
+        with store_errors("read"):
+            active = await self.redis.zcount(ws_active_key(ws),
+                                             f"({epoch_field(self.clock())}", "+inf")
+        if active >= max_keys + over:
+            raise refusal(workspace)
+
+    def _at_cap(self, ws: str, workspace: Workspace) -> Conflict:
+        # the cap, not a count: a lowered cap can leave more active keys than it
+        source = "the workspace's own limits" if any(
+            name == "max_keys" for name, _ in workspace.overrides) \
+            else f"its plan '{workspace.plan}'"
+        return Conflict(f"Workspace '{shown_ws(ws)}' is at its cap of "
+                        f"{self._max_keys(workspace)} active keys (set by {source}); "
+                        "revoke one first.", code="key_limit_reached")
+
+    def _expired_at_cap(self, ws: str, key_id: str, workspace: Workspace) -> Conflict:
+        return Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
+                        f"'{shown_ws(ws)}' already has the "
+                        f"{self._max_keys(workspace)} active keys its plan allows.",
+                        code="key_limit_reached")
+
+    def _over_cap_in_grace(self, ws: str, workspace: Workspace) -> Conflict:
+        return Conflict(f"Workspace '{shown_ws(ws)}' is already over the "
+                        f"{self._max_keys(workspace)} active keys its plan allows "
+                        "(a rotation's grace period is running); rotate without a "
+                        "grace, or revoke a key first.", code="key_limit_reached")
 
     async def _release_id(self, key_id: str) -> None:
         with store_errors("write"):
@@ -167,13 +231,25 @@ class KeyStore(StoreBase):
                          rate_limit: str | None = None, monthly_requests: int | None = None,
                          enabled: bool = True, meta: str = "{}",
                          allowed_ips: Sequence[str] | None = None,
-                         actor: str = OPERATOR) -> NewKey:
+                         actor: str = OPERATOR, acting_rev: int | None = None,
+                         acting_grants: Sequence[str] = (),
+                         wanted: Callable[[], bool] | None = None) -> NewKey:
         """Create a key bound to ``role`` (if given) or to ``scopes``. Raises NotFound (no such
         workspace) or Conflict ``key_limit_reached`` (the plan's active-key cap is reached;
-        checked and applied in one script, so concurrent creates cannot overshoot)."""
+        checked and applied in one script, so concurrent creates cannot overshoot).
+        ``acting_rev``: the rev of the workspace admin key ``actor`` when its call was judged;
+        Conflict, nothing written, if that key has changed (revoked, disabled, re-scoped) or
+        expired since, or if the workspace role it is bound to no longer grants it keys:admin
+        and each of ``acting_grants`` (the scopes the new key gets). ``wanted``: whether the
+        caller is still there to take the token, asked once the hash is made (after waiting its
+        turn): if not, nothing is written."""
         workspace, cap_basis = await self._capped_workspace(ws)
         for _ in range(ID_ATTEMPTS):
-            key_id, token, hashed = await self._new_token(ws, environment)
+            key_id, token, hashed = await self._new_token(
+                ws, environment, lambda: self._room(ws, 0, lambda w: self._at_cap(ws, w)))
+            if wanted is not None and not wanted():
+                await self._release_id(key_id)
+                raise caller_gone("no key was created")
             now = self.clock()
             record, fields = self._key_fields(
                 key_id=key_id, ws=ws, token=token, hashed=hashed, name=name,
@@ -186,12 +262,15 @@ class KeyStore(StoreBase):
             for _ in range(ID_ATTEMPTS):
                 reply = await self._run(
                     "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
-                                key_key(ws, key_id), ws_audit_key(ws), ws_roles_key(ws)),
+                                key_key(ws, key_id), ws_audit_key(ws), ws_roles_key(ws),
+                                key_key(ws, actor), key_key(ws, actor)),
                     (epoch_field(now), self._max_keys(workspace),
                      "+inf" if expires_at is None else epoch_field(expires_at), key_id,
                      self._audit_entry(now, actor, "key.create", key_id,
                                        self._key_details(record)), AUDIT_MAXLEN,
-                     "", "", "", self._bound_role(role), cap_basis, *fields),
+                     "", "", "", self._bound_role(role), cap_basis,
+                     "" if acting_rev is None else acting_rev,
+                     json.dumps(list(acting_grants)), *fields),
                     what="create key")
                 if reply != "stale_ws":
                     break
@@ -206,13 +285,9 @@ class KeyStore(StoreBase):
             if reply == "no_role":  # deleted since the caller checked it
                 raise unknown_role(ws, role or "")
             if reply == "limit":
-                # the cap, not a count: a lowered cap can leave more active keys than it
-                source = "the workspace's own limits" if any(
-                    name == "max_keys" for name, _ in workspace.overrides) \
-                    else f"its plan '{workspace.plan}'"
-                raise Conflict(f"Workspace '{shown_ws(ws)}' is at its cap of "
-                               f"{self._max_keys(workspace)} active keys (set by {source}); "
-                               "revoke one first.", code="key_limit_reached")
+                raise self._at_cap(ws, workspace)
+            if reply == "actor_changed":
+                raise acting_key_changed(actor, "no key was created")
             if reply == "stale_ws":  # out of tries with this hash: not a reason for another
                 raise self._kept_changing(ws, reply, "a key was being created in it",
                                           "no key was created")
@@ -221,7 +296,10 @@ class KeyStore(StoreBase):
     @confirmed_write
     async def rotate_key(self, ws: str, key_id: str, *, grace_seconds: int = 0,
                          actor: str = OPERATOR, max_expires_at: float | None = None,
-                         expect_rev: int | None = None) -> tuple[KeyRecord, NewKey]:
+                         expect_rev: int | None = None, acting_rev: int | None = None,
+                         acting_grants: Sequence[str] = (),
+                         wanted: Callable[[], bool] | None = None
+                         ) -> tuple[KeyRecord, NewKey]:
         """Replace a key by a new one with the same name, description, environment, role or
         scopes and controls, sharing the old key's rate log and month count (``budget``: its
         own cap goes on where it was, its rate in the same window, and during a grace the two
@@ -233,7 +311,8 @@ class KeyStore(StoreBase):
         The new key copies the old one as the script finds it: if the old key changed between
         the read here and the script (its rev moved), the rotation is retried from a fresh read
         -- or, with ``expect_rev`` (the rev the caller checked, e.g. self-service's scope check),
-        refused with Conflict."""
+        refused with Conflict. ``acting_rev``, ``wanted``: as for :meth:`create_key` (a
+        rotation whose caller has gone neither revokes nor shortens the old key)."""
         workspace, cap_basis = await self._capped_workspace(ws)
         old = await self.require_key(ws, key_id)
         # The new key id and the hash of its secret are made once, then written as often as
@@ -247,9 +326,15 @@ class KeyStore(StoreBase):
                     raise revoked_key(key_id)
                 if expect_rev is not None and old.rev != expect_rev:
                     raise changed_meanwhile(key_id)
-                if new_id is None:  # one id and one hash for every try (hashes wait in turn)
-                    new_id, token, hashed = await self._new_token(ws, old.environment)
                 now = self.clock()
+                if new_id is None:  # one id and one hash for every try (hashes wait in turn)
+                    new_id, token, hashed = await self._new_token(
+                        ws, old.environment, self._rotation_room(ws, old, now, grace_seconds))
+                    now = self.clock()
+                if wanted is not None and not wanted():
+                    await self._release_id(new_id)
+                    new_id = None
+                    raise caller_gone("nothing was changed")
                 expires_at = None
                 if old.expires_at is not None:  # the same lifetime as shown, to the second:
                     # rotating again and again never shortens it by the fraction it was made in
@@ -272,7 +357,7 @@ class KeyStore(StoreBase):
                 reply = await self._run(
                     "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
                                 key_key(ws, new_id), ws_audit_key(ws), ws_roles_key(ws),
-                                key_key(ws, key_id)),
+                                key_key(ws, key_id), key_key(ws, actor)),
                     (epoch_field(now), self._max_keys(workspace),
                      "+inf" if expires_at is None else epoch_field(expires_at), new_id,
                      self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,
@@ -283,7 +368,9 @@ class KeyStore(StoreBase):
                      # between the caller's check and here made an active key with no scopes
                      # (an active key does hold it up: rotating a leaked key is never refused
                      # for it)
-                     old.rev, self._bound_role(old.role), cap_basis, *fields),
+                     old.rev, self._bound_role(old.role), cap_basis,
+                     "" if acting_rev is None else acting_rev, json.dumps(list(acting_grants)),
+                     *fields),
                     what="rotate key")
                 if reply == "ok":
                     new_id = None  # the new key's now
@@ -297,15 +384,11 @@ class KeyStore(StoreBase):
                 if reply == "no_role":
                     raise role_gone(ws, key_id, old.role or "")
                 if reply == "limit":
-                    raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
-                                   f"'{shown_ws(ws)}' already has the "
-                                   f"{self._max_keys(workspace)} active keys its plan allows.",
-                                   code="key_limit_reached")
+                    raise self._expired_at_cap(ws, key_id, workspace)
                 if reply == "grace_limit":
-                    raise Conflict(f"Workspace '{shown_ws(ws)}' is already over the "
-                                   f"{self._max_keys(workspace)} active keys its plan allows "
-                                   "(a rotation's grace period is running); rotate without a "
-                                   "grace, or revoke a key first.", code="key_limit_reached")
+                    raise self._over_cap_in_grace(ws, workspace)
+                if reply == "actor_changed":
+                    raise acting_key_changed(actor, "nothing was changed")
                 if reply == "collision":  # the new id is taken after all: another one
                     await self._release_id(new_id)
                     new_id = None
@@ -324,6 +407,17 @@ class KeyStore(StoreBase):
             raise changed_meanwhile(key_id)
         raise self._kept_changing(ws, reply, f"key '{shown(key_id, 12)}' was being rotated",
                                   "nothing was changed", ROTATE_ATTEMPTS)
+
+    def _rotation_room(self, ws: str, old: KeyRecord, now: float, grace_seconds: int
+                       ) -> Callable[[], Awaitable[None]] | None:
+        """The cap check (``_room``) of a rotation of ``old`` as the add script makes it: an
+        expired key's successor is a key like any other; an active key's, with a grace, may go
+        one over the cap; without a grace it replaces the old key and meets no cap."""
+        if old.expires_at is not None and old.expires_at <= now:
+            return lambda: self._room(ws, 0, lambda w: self._expired_at_cap(ws, old.id, w))
+        if grace_seconds > 0:
+            return lambda: self._room(ws, 1, lambda w: self._over_cap_in_grace(ws, w))
+        return None
 
     @staticmethod
     def _kept_changing(ws: str, reply: str | None, doing: str, outcome: str,

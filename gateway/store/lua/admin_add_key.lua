@@ -11,7 +11,8 @@
 --
 -- KEYS[1] kg:ws:{ws}   KEYS[2] kg:ws:{ws}:keys   KEYS[3] kg:ws:{ws}:active
 -- KEYS[4] new key hash   KEYS[5] kg:ws:{ws}:audit   KEYS[6] kg:ws:{ws}:roles
--- KEYS[7] old key hash (rotation only)
+-- KEYS[7] old key hash (rotation only; a create passes KEYS[8] here, unread)
+-- KEYS[8] the acting key's hash (a workspace admin key's call; the operator's: unread)
 -- A rotation's new key shares the old key's rate log and month count (its field 'budget', in
 -- the field pairs): it goes on in the old key's rate window and from its count, never a fresh
 -- one, and during a grace the two keys spend one budget.
@@ -27,14 +28,39 @@
 -- ARGV[11] the workspace's plan and own limits ARGV[2] was worked out from (_cap_basis.lua):
 --         a change of either is 'stale_ws'. Not the workspace's rev: creates and rotations
 --         made stale by role changes gave up (503) under a stream of them
--- ARGV[12..] new key's field, value pairs
+-- ARGV[12] the acting key's rev when its call was judged ('' = the operator): the key must
+--         still have it and not have expired, else 'actor_changed' and nothing is written. A
+--         create or rotation waits its turn to hash between the judging and here (seconds
+--         behind a burst): a key revoked, disabled or re-scoped meanwhile mints nothing more
+-- ARGV[13] with ARGV[12]: the scopes the new key gets (JSON list): when the acting key is
+--         bound to a role the workspace defines, that role must still grant it keys:admin (or
+--         ALL) and each of them, else 'actor_changed' (a role edit changes no key's rev)
+-- ARGV[14..] new key's field, value pairs
 -- Returns 'ok' | 'no_workspace' | 'stale_ws' | 'no_role' (ARGV[10] is not defined) |
--- 'collision' (new key id taken) | 'limit' (cap reached) and,
+-- 'collision' (new key id taken) | 'limit' (cap reached) | 'actor_changed' (see ARGV[12]) and,
 -- rotating, 'not_found' | 'revoked' | 'stale' | 'grace_limit' (grace asked, workspace
 -- already over its cap).
 -- include: _new_rev.lua
 -- include: _cap_basis.lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
+if ARGV[12] ~= '' then
+  local acting = redis.call('HMGET', KEYS[8], 'rev', 'expires_at', 'role')
+  local exp = tonumber(acting[2] or '')
+  if (acting[1] or '0') ~= ARGV[12] or (exp ~= nil and exp <= tonumber(ARGV[1])) then
+    return 'actor_changed'
+  end
+  local def = acting[3] and acting[3] ~= '' and redis.call('HGET', KEYS[6], acting[3])
+  if def then
+    local held = {}
+    for _, s in ipairs(cjson.decode(def)) do held[s] = true end
+    if not held['ALL'] then
+      if not held['keys:admin'] then return 'actor_changed' end
+      for _, s in ipairs(cjson.decode(ARGV[13])) do
+        if not held[s] then return 'actor_changed' end
+      end
+    end
+  end
+end
 if cap_basis_changed(KEYS[1], ARGV[11]) then return 'stale_ws' end
 if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[6], ARGV[10]) == 0 then return 'no_role' end
 local rotating = ARGV[7] ~= ''
@@ -74,7 +100,7 @@ if rotating then
 end
 
 local fields = {}
-for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[4], unpack(fields))
 new_rev(KEYS[4])
 redis.call('SADD', KEYS[2], ARGV[4])
