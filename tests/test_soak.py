@@ -1,0 +1,739 @@
+"""Resource soak: ``keygate serve`` as a real child process, measured from outside (open fds
+in /proc/PID/fd, RSS and threads in /proc/PID/status, its own /metrics, Redis's CLIENT LIST)
+while bounded churn runs against it: client connections left in every state, upstreams that
+misbehave, WebSocket tunnels, Redis killed or paused, floods of distinct keys, repeated
+reloads. After each churn the counts must come back within a small bound of the baseline:
+what production would otherwise show after days as a slow climb to the open-file limit or
+the OOM killer. Every test is bounded in count and time and uses loopback only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from aiohttp import ClientSession, ClientTimeout, web
+
+from harness import serving
+from served import ADMIN_TOKEN, Served, admin_json, write_config
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+
+TIMEOUT = ClientTimeout(total=15)
+
+
+# --- measuring a process from outside ----------------------------------------------------------
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def status(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def sockets(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return n
+
+
+def snapshot(pid: int, pooled_to: str | None = None) -> dict[str, int]:
+    """fds, sockets, threads, RSS; with ``pooled_to`` (an upstream's URL), the connections
+    to it (which its pool keeps idle, up to one per request that ran at once) not counted in
+    fds and sockets."""
+    pooled = 0
+    if pooled_to is not None:
+        port = pooled_to.rsplit(":", 1)[1]
+        pooled = sum(1 for d in describe_sockets(pid) if d.split()[0].endswith(f"->{port}"))
+    return {"fds": fds(pid) - pooled, "sockets": sockets(pid) - pooled,
+            "threads": status(pid, "Threads"), "rss_kb": status(pid, "VmRSS")}
+
+
+async def settled(pid: int, baseline: dict[str, int], slack: dict[str, int],
+                  timeout: float = 10.0, pooled_to: str | None = None) -> dict[str, int]:
+    """The process's counts once each is within ``slack`` of ``baseline`` (polled up to
+    ``timeout`` s: closes and thread exits take a moment); the last reading otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = snapshot(pid, pooled_to)
+        if all(now[k] <= baseline[k] + slack.get(k, 0) for k in slack) or \
+                time.monotonic() > deadline:
+            return now
+        await asyncio.sleep(0.1)
+
+
+def within(now: dict[str, int], baseline: dict[str, int], slack: dict[str, int]) -> bool:
+    return all(now[k] <= baseline[k] + slack[k] for k in slack)
+
+
+async def metrics(s: ClientSession, gw: Served) -> dict[tuple[str, str], float]:
+    """/metrics as {(name, labels text): value}."""
+    async with s.get(gw.admin + "/metrics") as r:
+        text = await r.text()
+    got = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            m = re.match(r"^([a-zA-Z_:][\w:]*)(\{.*\})? (\S+)$", line)
+            if m:
+                got[(m.group(1), m.group(2) or "")] = float(m.group(3))
+    return got
+
+
+def series(samples: dict, name: str) -> int:
+    return sum(1 for (n, _) in samples if n.startswith(name))
+
+
+@contextlib.asynccontextmanager
+async def served(tmp_path: Path, redis_url: str, upstream_url: str, *, routes: list | None = None,
+                 upstream: dict | None = None, plan: dict | None = None,
+                 upstreams: dict | None = None, store: dict | None = None, **server):
+    """One ``keygate serve`` on ``redis_url`` in front of ``upstream_url``, ready."""
+    server.setdefault("access_log", "json")
+    plan = plan or {"monthly_requests": None, "max_keys": 10000, "rate_limit": None}
+    path, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=upstream_url,
+                                      plan=plan, **server)
+    doc = yaml.safe_load(path.read_text())
+    doc["store"]["timeout"] = 0.5
+    doc["store"].update(store or {})
+    if routes:
+        doc["routes"] = routes + doc["routes"]
+    doc["upstreams"]["api"].update(upstream or {})
+    doc["upstreams"].update(upstreams or {})
+    path.write_text(yaml.safe_dump(doc))
+    gw = Served(path, pport, aport)
+    try:
+        await gw.ready()
+        yield gw
+    finally:
+        gw.close()
+
+
+async def workspace_key(s: ClientSession, gw: Served, ws: str = "acme", n: int = 1) -> list[str]:
+    status_, body = await admin_json(s, gw.admin, "POST", "/workspaces",
+                                     {"id": ws, "name": ws.title()})
+    assert status_ == 201, body
+    tokens = []
+    for i in range(n):
+        status_, body = await admin_json(s, gw.admin, "POST", f"/workspaces/{ws}/keys",
+                                         {"name": f"k{i}", "scopes": ["people:read"]})
+        assert status_ == 201, body
+        tokens.append(body["token"])
+    return tokens
+
+
+async def warm(s: ClientSession, gw: Served, token: str, n: int = 50) -> None:
+    """Requests enough that lazily made things (pools, caches, threads) exist before the
+    baseline is read."""
+    for _ in range(n):
+        async with s.get(gw.proxy + "/people/1", headers={"Authorization": f"Bearer {token}"}) as r:
+            await r.read()
+
+
+def rst(writer: asyncio.StreamWriter) -> None:
+    """Close with a reset (SO_LINGER 0) instead of a FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def bounded(n: int, concurrency: int, one) -> None:
+    """``one(i)`` for i in range(n), ``concurrency`` at a time; exceptions of a connection
+    torn down on purpose are expected and ignored."""
+    it = iter(range(n))
+
+    async def worker() -> None:
+        for i in it:
+            with contextlib.suppress(OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                await one(i)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+@pytest.fixture
+async def echo_upstream():
+    """An upstream answering every path: ``/big`` with 1 MiB, slowly, others with a small
+    JSON body."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/big"):
+            resp = web.StreamResponse()
+            resp.content_length = 1 << 20
+            await resp.prepare(request)
+            for _ in range(64):
+                await resp.write(b"x" * (1 << 14))
+                await asyncio.sleep(0.01)
+            return resp
+        await request.read()
+        return web.json_response({"path": request.path})
+
+    async with serving(handler) as url:
+        yield url
+
+
+SLACK = {"fds": 4, "sockets": 4, "threads": 2}
+
+
+# --- client connections in every state ---------------------------------------------------------
+
+async def test_client_connections_torn_down_in_every_state_leave_no_fds(tmp_path, redis_url,
+                                                                        echo_upstream):
+    async with served(tmp_path, redis_url, echo_upstream) as gw, \
+            ClientSession(timeout=TIMEOUT) as s:
+        token, = await workspace_key(s, gw)
+        await warm(s, gw, token)
+        pid = gw.proc.pid
+        base = snapshot(pid)
+        auth = b"Authorization: Bearer " + token.encode() + b"\r\n"
+
+        async def one(i: int) -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
+            kind = i % 6
+            try:
+                if kind == 0:        # idle: opened, closed
+                    pass
+                elif kind == 1:      # half a head
+                    writer.write(b"GET /people/1 HTTP/1.1\r\nHost: t\r\nX-A")
+                    await writer.drain()
+                elif kind == 2:      # a head, half a body
+                    writer.write(b"POST /people/1 HTTP/1.1\r\nHost: t\r\n" + auth +
+                                 b"Content-Length: 1000\r\n\r\n" + b"y" * 300)
+                    await writer.drain()
+                elif kind == 3:      # closed mid-response
+                    writer.write(b"GET /people/big HTTP/1.1\r\nHost: t\r\n" + auth + b"\r\n")
+                    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    await asyncio.wait_for(reader.read(1000), 5)
+                elif kind == 4:      # reset right after the head
+                    writer.write(b"GET /people/1 HTTP/1.1\r\nHost: t\r\n" + auth + b"\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.001)
+                    rst(writer)
+                    return
+                else:                # a whole answer, then reset
+                    writer.write(b"GET /people/1 HTTP/1.1\r\nHost: t\r\n" + auth + b"\r\n")
+                    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    rst(writer)
+                    return
+                await asyncio.sleep(0.002)
+                if i % 2:
+                    rst(writer)
+                else:
+                    writer.close()
+            finally:
+                writer.close()
+
+        started = time.monotonic()
+        await bounded(3000, 48, one)
+        churn = time.monotonic() - started
+        after = await settled(pid, base, SLACK, timeout=15)
+        samples = await metrics(s, gw)
+        print(f"client churn: 3000 connections in {churn:.1f}s; baseline {base}, after {after}")
+        assert within(after, base, SLACK), (base, after)
+        assert samples[("keygate_requests_in_flight", "")] == 0
+        assert after["rss_kb"] < base["rss_kb"] + 30_000, (base, after)
+
+
+def describe_sockets(pid: int) -> list[str]:
+    """The process's TCP sockets as 'local->remote STATE' (for a failing assertion's message)."""
+    inodes = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes[link[8:-1]] = fd
+    states = {"01": "ESTABLISHED", "02": "SYN_SENT", "06": "TIME_WAIT", "07": "CLOSE",
+              "08": "CLOSE_WAIT", "0A": "LISTEN", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
+              "09": "LAST_ACK", "0B": "CLOSING"}
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6", "/proc/net/unix"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                parts = line.split()
+                if table.endswith("unix"):
+                    if len(parts) > 6 and parts[6] in inodes:
+                        found.append(f"unix {parts[-1] if len(parts) > 7 else ''}")
+                    continue
+                if parts[9] in inodes:
+                    local = int(parts[1].split(":")[1], 16)
+                    remote = int(parts[2].split(":")[1], 16)
+                    found.append(f"{local}->{remote} {states.get(parts[3], parts[3])}")
+    return sorted(found)
+
+
+# --- upstreams that misbehave ------------------------------------------------------------------
+
+async def test_upstreams_that_refuse_reset_hang_or_hang_up_leave_no_sockets(tmp_path, redis_url):
+    """The UpstreamPool's sockets: none left half-closed (CLOSE_WAIT) or open beyond what the
+    pool keeps idle, after requests to an upstream that is not there, resets mid-body, never
+    answers (its timeout) or closes its keep-alive connections."""
+    open_at_upstream: set[asyncio.StreamWriter] = set()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        open_at_upstream.add(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1]
+                if path.startswith(b"/people/reset"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" +
+                                 b"z" * 5000)
+                    await writer.drain()
+                    rst(writer)
+                    return
+                if path.startswith(b"/people/hang"):
+                    await reader.read()  # until keygate gives up
+                    return
+                body = b'{"ok":true}'
+                if path.startswith(b"/people/close"):  # keep-alive promised, then hung up
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(body), body))
+                    await writer.drain()
+                    writer.close()
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            open_at_upstream.discard(writer)
+            writer.close()
+
+    from harness import raw_upstream
+    srv, url = await raw_upstream(answer)
+    with socket.socket() as s_:
+        s_.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s_.getsockname()[1]}"  # bound, never listening: refused
+        routes = [{"path": "/dead/**", "methods": ["GET"], "upstream": "dead",
+                   "scopes": ["people:read"]}]
+        try:
+            async with served(tmp_path, redis_url, url, routes=routes,
+                              upstream={"timeout": 1, "max_connections": 64},
+                              upstreams={"dead": {"url": dead, "timeout": 1}}) as gw, \
+                    ClientSession(timeout=TIMEOUT) as s:
+                token, = await workspace_key(s, gw)
+                await warm(s, gw, token)
+                pid = gw.proc.pid
+                base = snapshot(pid)
+                headers = {"Authorization": f"Bearer {token}"}
+                statuses: dict[str, list[int]] = {}
+
+                async def one(churner: ClientSession, i: int) -> None:
+                    path = ("/people/reset", "/dead/x", "/people/close", "/people/ok",
+                            "/people/hang")[i % 5] if i < 400 else \
+                        ("/people/reset", "/dead/x", "/people/close", "/people/ok")[i % 4]
+                    async with churner.get(gw.proxy + path, headers=headers) as r:
+                        statuses.setdefault(path, []).append(r.status)
+                        with contextlib.suppress(Exception):
+                            await r.read()
+
+                started = time.monotonic()
+                async with ClientSession(timeout=TIMEOUT) as churner:  # closed before measuring
+                    await bounded(2400, 40, lambda i: one(churner, i))
+                churn = time.monotonic() - started
+                await asyncio.sleep(1.5)  # the client side's closes reach keygate
+                after = await settled(pid, base, {"sockets": 6 + len(open_at_upstream)})
+                desc = describe_sockets(pid)
+                samples = await metrics(s, gw)
+                print(f"upstream churn {churn:.1f}s: baseline {base}, after {after}, open at "
+                      f"upstream {len(open_at_upstream)}; "
+                      f"{ {p: sorted(set(v)) for p, v in statuses.items()} }")
+                assert not [d for d in desc if "CLOSE_WAIT" in d], desc
+                # what stays: the pool's idle connections, at most one per concurrent request
+                assert after["sockets"] <= base["sockets"] + 40, desc
+                assert len([d for d in desc if f"->{srv.sockets[0].getsockname()[1]} " in d]) \
+                    <= len(open_at_upstream) + 1, desc
+                assert len(open_at_upstream) <= 40
+                assert after["threads"] <= base["threads"] + 2
+                assert samples[("keygate_requests_in_flight", "")] == 0
+                # (a 502: a connection the upstream closed after its answer, reused twice)
+                assert 504 in statuses["/people/hang"]
+                assert set(statuses["/people/hang"]) <= {502, 504}
+                assert set(statuses["/dead/x"]) == {502}
+        finally:
+            for writer in list(open_at_upstream):
+                writer.close()
+            srv.close()
+            await asyncio.sleep(0.2)
+
+
+# --- floods of distinct keys -------------------------------------------------------------------
+
+async def pipelined(port: int, requests: list[bytes], source: str = "127.0.0.1") -> list[int]:
+    """Send ``requests`` (whole heads) on one connection from ``source``, pipelined; the
+    statuses of the answers read before the connection ends."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    statuses: list[int] = []
+    try:
+        writer.write(b"".join(requests))
+        while len(statuses) < len(requests):
+            line = await asyncio.wait_for(reader.readline(), 10)
+            if not line:
+                break
+            if line.startswith(b"HTTP/1.1 "):
+                statuses.append(int(line[9:12]))
+            elif line.lower().startswith(b"content-length:"):
+                n = int(line.split(b":")[1])
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(n)
+    finally:
+        writer.close()
+    return statuses
+
+
+def unknown_token() -> str:
+    from gateway.tokens import make_token
+    return make_token("kg", "live")[0]
+
+
+def random_token(i: int) -> str:
+    return "kg_live_" + os.urandom(20).hex()[:40 + i % 10]
+
+
+async def test_a_flood_of_distinct_invalid_keys_grows_no_memory_or_label_set(tmp_path,
+                                                                           redis_url,
+                                                                           echo_upstream):
+    """An attacker sending tens of thousands of random tokens (malformed, and well-formed with a
+    valid checksum but no such key) from many addresses: every per-key and per-address
+    structure (key cache, failure throttle, verify queue, metrics label sets) stays bounded.
+    Measured in two equal rounds after a warm-up: the second round adds (almost) nothing."""
+    async with served(tmp_path, redis_url, echo_upstream) as gw, \
+            ClientSession(timeout=TIMEOUT) as s:
+        token, = await workspace_key(s, gw)
+        await warm(s, gw, token)
+        pid = gw.proc.pid
+
+        def heads(n: int, well_formed: bool) -> list[bytes]:
+            out = []
+            for i in range(n):
+                t = unknown_token() if well_formed else random_token(i)
+                where = i % 3
+                if where == 0:
+                    out.append(b"GET /people/%d HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer %s"
+                               b"\r\n\r\n" % (i, t.encode()))
+                elif where == 1:
+                    out.append(b"GET /people/x HTTP/1.1\r\nHost: t\r\nX-Api-Key: %s\r\n\r\n"
+                               % t.encode())
+                else:
+                    out.append(b"GET /nowhere/%s HTTP/1.1\r\nHost: t\r\n\r\n" % t.encode())
+            return out
+
+        async def round_(r: int, connections: int, per: int) -> dict[int, int]:
+            tally: dict[int, int] = {}
+
+            async def one(i: int) -> None:
+                # an address of its own for each connection: 127.r.x.y
+                source = f"127.{10 + r}.{i // 250}.{1 + i % 250}"
+                for st in await pipelined(gw.proxy_port, heads(per, well_formed=i % 2 == 0),
+                                          source):
+                    tally[st] = tally.get(st, 0) + 1
+
+            await bounded(connections, 16, one)
+            return tally
+
+        samples0 = await metrics(s, gw)
+        await round_(0, 200, 50)   # warm-up: 10k
+        m1 = await metrics(s, gw)
+        first = snapshot(pid)
+        started = time.monotonic()
+        t1 = await round_(1, 400, 50)   # 20k
+        t2 = await round_(2, 400, 50)   # 20k
+        took = time.monotonic() - started
+        second = await settled(pid, first, SLACK)
+        m2 = await metrics(s, gw)
+        print(f"key flood: 40k in {took:.1f}s ({t1} / {t2}); after warm-up {first}, "
+              f"after 40k more {second}; series {len(samples0)} -> {len(m1)} -> {len(m2)}")
+        assert sum(t1.values()) + sum(t2.values()) >= 39_000
+        assert len(m2) == len(m1), sorted(set(m2) - set(m1))[:20]
+        assert within(second, first, SLACK), (first, second)
+        assert second["rss_kb"] < first["rss_kb"] + 8_000, (first, second)
+
+
+# --- reloads -----------------------------------------------------------------------------------
+
+async def test_two_hundred_sighup_reloads_leave_no_fds_threads_or_memory(tmp_path, redis_url,
+                                                                        echo_upstream):
+    async with served(tmp_path, redis_url, echo_upstream) as gw, \
+            ClientSession(timeout=TIMEOUT) as s:
+        token, = await workspace_key(s, gw)
+        await warm(s, gw, token)
+        pid = gw.proc.pid
+        headers = {"Authorization": f"Bearer {token}"}
+
+        async def reloads(n: int) -> float:
+            before = (await metrics(s, gw))[("keygate_config_reloads_total", '{result="ok"}')]
+            for i in range(n):
+                gw.proc.send_signal(signal.SIGHUP)
+                async with s.get(gw.proxy + "/people/1", headers=headers) as r:
+                    assert r.status == 200
+                    await r.read()
+                if i % 10 == 9:   # let them land: a SIGHUP while one runs may merge into it
+                    await asyncio.sleep(0.05)
+            deadline = time.monotonic() + 20
+            while True:
+                done = (await metrics(s, gw))[("keygate_config_reloads_total", '{result="ok"}')]
+                if done >= before + n * 0.5 or time.monotonic() > deadline:
+                    return done - before
+                await asyncio.sleep(0.1)
+
+        await reloads(20)   # warm-up
+        base = snapshot(pid)
+        m1 = await metrics(s, gw)
+        done = await reloads(200)
+        after = await settled(pid, base, SLACK)
+        m2 = await metrics(s, gw)
+        print(f"SIGHUP x200 ({done:.0f} reloads): baseline {base}, after {after}; "
+              f"series {len(m1)} -> {len(m2)}")
+        assert done >= 100
+        assert within(after, base, SLACK), (base, after)
+        assert after["rss_kb"] < base["rss_kb"] + 8_000, (base, after)
+        assert len(m2) == len(m1), sorted(set(m2) ^ set(m1))[:20]
+
+
+# --- Redis killed, restarted, paused -----------------------------------------------------------
+
+def redis_clients(port: int) -> list[dict]:
+    """Redis's CLIENT LIST, less the asking connection."""
+    import redis
+    with redis.Redis(port=port, socket_timeout=2) as probe:
+        return [c for c in probe.client_list(_type="normal") if c["cmd"] != "client|list"]
+
+
+async def test_redis_killed_restarted_and_paused_under_load_leaves_no_connections(
+        tmp_path, own_redis, echo_upstream):
+    """Load runs throughout; Redis is killed and restarted three times, and stopped (SIGSTOP,
+    past the store timeout) and resumed three times. After it: keygate's sockets and threads
+    are back where they were, it answers again, and Redis's CLIENT LIST holds no more of its
+    connections than before."""
+    import redis
+    from conftest import RedisServer
+    port = own_redis.port
+    async with served(tmp_path, own_redis.url, echo_upstream) as gw, \
+            ClientSession(timeout=TIMEOUT) as s:
+        token, = await workspace_key(s, gw)
+        await warm(s, gw, token)
+        pid = gw.proc.pid
+        base = snapshot(pid, echo_upstream)
+        base_clients = redis_clients(port)
+        headers = {"Authorization": f"Bearer {token}"}
+        tally: dict[int, int] = {}
+        stop = asyncio.Event()
+
+        async def load(churner: ClientSession) -> None:
+            while not stop.is_set():
+                try:
+                    async with churner.get(gw.proxy + "/people/1", headers=headers) as r:
+                        await r.read()
+                        tally[r.status] = tally.get(r.status, 0) + 1
+                except (OSError, asyncio.TimeoutError):
+                    await asyncio.sleep(0.01)
+
+        server = own_redis
+        async with ClientSession(timeout=TIMEOUT) as churner:
+            loaders = [asyncio.ensure_future(load(churner)) for _ in range(12)]
+            try:
+                for _ in range(3):
+                    await asyncio.sleep(0.7)
+                    with redis.Redis(port=port) as probe:
+                        probe.save()
+                    server.proc.kill()
+                    server.proc.wait(5)
+                    await asyncio.sleep(0.7)
+                    server = RedisServer(own_redis.data_dir, port=port).start()
+                    await asyncio.sleep(0.7)
+                    server.proc.send_signal(signal.SIGSTOP)
+                    await asyncio.sleep(1.5)          # three store timeouts
+                    server.proc.send_signal(signal.SIGCONT)
+                await asyncio.sleep(1.5)
+            finally:
+                stop.set()
+                await asyncio.gather(*loaders)
+        try:
+            async with s.get(gw.proxy + "/people/1", headers=headers) as r:
+                assert r.status == 200, await r.text()
+            await asyncio.sleep(1)
+            after = await settled(pid, base, SLACK, pooled_to=echo_upstream)
+            clients = redis_clients(port)
+            print(f"Redis kill/pause x3 under load ({tally}): baseline {base}, after {after}; "
+                  f"Redis clients {len(base_clients)} -> {len(clients)}")
+            assert within(after, base, SLACK), (base, after, describe_sockets(pid))
+            assert len(clients) <= len(base_clients), (base_clients, clients)
+            assert 503 in tally and 200 in tally
+        finally:
+            if server is not own_redis:
+                server.stop()
+
+
+# --- WebSocket tunnels ---------------------------------------------------------------------------
+
+async def test_websocket_tunnels_ended_by_either_side_or_a_vanished_upstream_leave_nothing(
+        tmp_path, redis_url):
+    import aiohttp
+    open_upstream: set = set()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return web.json_response({"path": request.path})
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        open_upstream.add(ws)
+        try:
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                await ws.send_str("echo:" + msg.data)
+                if request.path.endswith("/close"):
+                    await ws.close()
+                elif request.path.endswith("/vanish"):   # the upstream's socket reset
+                    transport = request.transport
+                    if transport is not None:
+                        sock = transport.get_extra_info("socket")
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+                        transport.abort()
+                    break
+        finally:
+            open_upstream.discard(ws)
+        return ws
+
+    routes = [{"path": "/ws/**", "methods": ["GET"], "upstream": "api",
+               "scopes": ["people:read"], "websocket": True}]
+    async with serving(handler) as url, \
+            served(tmp_path, redis_url, url, routes=routes) as gw, \
+            ClientSession(timeout=TIMEOUT) as s:
+        token, = await workspace_key(s, gw)
+        headers = {"Authorization": f"Bearer {token}"}
+        pid = gw.proc.pid
+        tally: dict[str, int] = {}
+
+        async def one(churner: ClientSession, i: int) -> None:
+            kind = ("client-close", "client-abort", "upstream-close", "vanish")[i % 4]
+            path = {"upstream-close": "/ws/close", "vanish": "/ws/vanish"}.get(kind, "/ws/echo")
+            ws = await churner.ws_connect(gw.proxy.replace("http", "ws") + path,
+                                          headers=headers, autoping=False)
+            try:
+                await ws.send_str("hi")
+                msg = await asyncio.wait_for(ws.receive(), 5)
+                ok = msg.type == aiohttp.WSMsgType.TEXT and msg.data == "echo:hi"
+                if kind == "client-close":
+                    await ws.close()
+                elif kind == "client-abort":
+                    rst_transport = ws._response.connection.transport
+                    if rst_transport is not None:
+                        rst_transport.abort()
+                else:
+                    msg = await asyncio.wait_for(ws.receive(), 5)
+                    ok = ok and msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                             aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR)
+                name = kind + (" ok" if ok else " odd")
+                tally[name] = tally.get(name, 0) + 1
+            finally:
+                await ws.close()
+
+        async with ClientSession(timeout=TIMEOUT) as churner:
+            await bounded(40, 8, lambda i: one(churner, i))   # warm-up
+        base = await settled(pid, snapshot(pid), {})
+        started = time.monotonic()
+        async with ClientSession(timeout=TIMEOUT) as churner:
+            await bounded(1200, 24, lambda i: one(churner, i))
+        took = time.monotonic() - started
+        await asyncio.sleep(1)
+        after = await settled(pid, base, SLACK, pooled_to=url)
+        samples = await metrics(s, gw)
+        print(f"WebSocket x1200 in {took:.1f}s ({tally}): baseline {base}, after {after}; "
+              f"open at upstream {len(open_upstream)}")
+        assert sum(v for k, v in tally.items() if k.endswith(" ok")) >= 1100, tally
+        assert within(after, base, SLACK), (base, after, describe_sockets(pid))
+        assert after["rss_kb"] < base["rss_kb"] + 10_000
+        assert await eventually_zero(lambda: len(open_upstream)), len(open_upstream)
+        assert samples[("keygate_requests_in_flight", "")] == 0
+
+
+async def eventually_zero(count, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while count() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return count() == 0
+
+
+# --- TLS handshakes abandoned ------------------------------------------------------------------
+
+async def test_tls_handshakes_abandoned_in_every_state_leave_no_fds(tmp_path, redis_url,
+                                                                   echo_upstream):
+    """On an HTTPS listener: connections that send nothing, part of a ClientHello, finish the
+    handshake and go (FIN or RST), or send half a request after it; those still open are closed
+    at the header timeout; nothing is left behind."""
+    import shutil
+    import ssl
+    from harness import openssl
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not available")
+    cert, key = tmp_path / "tls.pem", tmp_path / "tls.key"
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-days", "1", "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert))
+    ctx = ssl.create_default_context(cafile=str(cert))
+    async with served(tmp_path, redis_url, echo_upstream,
+                      tls={"cert_file": str(cert), "key_file": str(key)},
+                      timeouts={"header": 2, "body": 5, "idle": 5}) as gw:
+        pid = gw.proc.pid
+        hello = bytes.fromhex("160301020001") + b"\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40
+        tally: dict[str, int] = {}
+
+        async def one(i: int) -> None:
+            kind = i % 6
+            if kind in (0, 1, 5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
+                if kind == 1:
+                    writer.write(hello[:5 + i % 30])
+                    await writer.drain()
+                if i % 12 == 5:          # stays: the header timeout closes it
+                    writer.write(hello[:20])
+                    await writer.drain()
+                    closed = await asyncio.wait_for(reader.read(), 6) == b""
+                    tally["held closed"] = tally.get("held closed", 0) + closed
+                    writer.close()
+                    return
+                rst(writer) if i % 2 else writer.close()
+                return
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port, ssl=ctx,
+                                                           server_hostname="localhost")
+            tally["handshakes"] = tally.get("handshakes", 0) + 1
+            if kind == 3:
+                writer.write(b"GET /people/1 HTTP/1.1\r\nHost: t\r\nAuth")
+                await writer.drain()
+            if kind == 4:
+                writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+                await writer.drain()
+                await reader.readuntil(b"\r\n\r\n")
+            if kind == 2:
+                rst(writer)
+            else:
+                writer.transport.abort() if i % 4 == 0 else writer.close()
+
+        await bounded(60, 6, one)   # warm-up
+        base = await settled(pid, snapshot(pid, echo_upstream), {})
+        started = time.monotonic()
+        await bounded(1200, 24, one)
+        took = time.monotonic() - started
+        await asyncio.sleep(1)
+        after = await settled(pid, base, SLACK, timeout=10, pooled_to=echo_upstream)
+        print(f"TLS churn x1200 in {took:.1f}s ({tally}): baseline {base}, after {after}")
+        assert tally["handshakes"] >= 600 and tally["held closed"] >= 100, tally
+        assert within(after, base, SLACK), (base, after, describe_sockets(pid))
+        assert after["rss_kb"] < base["rss_kb"] + 10_000
+
+
