@@ -23,7 +23,7 @@ import yaml
 from aiohttp import ClientSession, ClientTimeout, web
 
 from harness import serving
-from served import ADMIN_TOKEN, Served, admin_json, write_config
+from served import Served, admin_json, write_config
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
 
@@ -737,3 +737,55 @@ async def test_tls_handshakes_abandoned_in_every_state_leave_no_fds(tmp_path, re
         assert after["rss_kb"] < base["rss_kb"] + 10_000
 
 
+
+async def test_a_long_outage_under_fail_open_keeps_one_pending_write_per_slot(
+        tmp_path, own_redis, echo_upstream):
+    """With ``on_store_error: open`` the requests let through while Redis is down are counted
+    locally and written once it is back. Each second's retry turned every key's new counts
+    into a write of its own, kept until the store took it: the ledger grew by one write per
+    key in use per second of the outage (an hour, a thousand keys: 3.6 million writes, each
+    walked by every retry, then sent one round trip at a time once Redis was back). A key's
+    counts now wait in one number while a write of its is pending. Measured from outside: the
+    write ids Redis records once it is back, against the keys that were in use."""
+    import redis
+    from conftest import RedisServer
+    n_keys = 12
+    async with served(tmp_path, own_redis.url, echo_upstream,
+                      store={"on_store_error": "open"}) as gw, \
+            ClientSession(timeout=TIMEOUT) as s:
+        tokens = await workspace_key(s, gw, n=n_keys)
+        for token in tokens:
+            await warm(s, gw, token, n=2)
+        with redis.Redis(port=own_redis.port) as probe:
+            probe.save()
+        own_redis.proc.kill()
+        own_redis.proc.wait(5)
+        let_through = 0
+        deadline = time.monotonic() + 6       # six retries of the ledger
+        async with ClientSession(timeout=TIMEOUT) as churner:
+            while time.monotonic() < deadline:
+                for token in tokens:
+                    async with churner.get(gw.proxy + "/people/1",
+                                           headers={"Authorization": f"Bearer {token}"}) as r:
+                        await r.read()
+                        let_through += r.status == 200
+                await asyncio.sleep(0.05)
+        restarted = RedisServer(own_redis.data_dir, port=own_redis.port).start()
+        try:
+            with redis.Redis(port=own_redis.port) as probe:
+                async def drained() -> int:
+                    status_, body = await admin_json(s, gw.admin, "GET", "/workspaces/acme/usage")
+                    return body.get("used", 0) if status_ == 200 else 0
+                used = 0
+                for _ in range(100):
+                    used = await drained()
+                    if used >= let_through + 2 * n_keys:
+                        break
+                    await asyncio.sleep(0.1)
+                writes = len(probe.keys("kg:write:*"))
+            print(f"fail-open outage: {let_through} let through with {n_keys} keys in ~6 s; "
+                  f"used {used}; write ids in Redis {writes}")
+            assert used == let_through + 2 * n_keys
+            assert writes <= 2 * n_keys, writes
+        finally:
+            restarted.stop()
