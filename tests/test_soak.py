@@ -100,15 +100,17 @@ def series(samples: dict, name: str) -> int:
 @contextlib.asynccontextmanager
 async def served(tmp_path: Path, redis_url: str, upstream_url: str, *, routes: list | None = None,
                  upstream: dict | None = None, plan: dict | None = None,
-                 upstreams: dict | None = None, store: dict | None = None, **server):
+                 upstreams: dict | None = None, store: dict | None = None,
+                 top: dict | None = None, **server):
     """One ``keygate serve`` on ``redis_url`` in front of ``upstream_url``, ready."""
     server.setdefault("access_log", "json")
     plan = plan or {"monthly_requests": None, "max_keys": 10000, "rate_limit": None}
     path, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=upstream_url,
                                       plan=plan, **server)
     doc = yaml.safe_load(path.read_text())
-    doc["store"]["timeout"] = 0.5
+    doc["store"]["timeout"] = 2.0  # the shipped one: a loaded machine stalls past 0.5 s
     doc["store"].update(store or {})
+    doc.update(top or {})
     if routes:
         doc["routes"] = routes + doc["routes"]
     doc["upstreams"]["api"].update(upstream or {})
@@ -528,7 +530,7 @@ async def test_redis_killed_restarted_and_paused_under_load_leaves_no_connection
     import redis
     from conftest import RedisServer
     port = own_redis.port
-    async with served(tmp_path, own_redis.url, echo_upstream) as gw, \
+    async with served(tmp_path, own_redis.url, echo_upstream, store={"timeout": 0.5}) as gw, \
             ClientSession(timeout=TIMEOUT) as s:
         token, = await workspace_key(s, gw)
         await warm(s, gw, token)
@@ -759,7 +761,7 @@ async def test_a_long_outage_under_fail_open_keeps_one_pending_write_per_slot(
     from conftest import RedisServer
     n_keys = 12
     async with served(tmp_path, own_redis.url, echo_upstream,
-                      store={"on_store_error": "open"}) as gw, \
+                      store={"on_store_error": "open", "timeout": 0.5}) as gw, \
             ClientSession(timeout=TIMEOUT) as s:
         tokens = await workspace_key(s, gw, n=n_keys)
         for token in tokens:
@@ -972,7 +974,7 @@ async def test_a_long_redis_pause_under_load_holds_a_bounded_number_of_store_con
     """Redis stopped (SIGSTOP) for 16 store timeouts while requests keep coming: keygate makes
     a new connection per timeout but keeps only a few of those Redis never answered on; once
     Redis resumes, its CLIENT LIST and keygate's sockets go back to where they were."""
-    async with served(tmp_path, own_redis.url, echo_upstream) as gw, \
+    async with served(tmp_path, own_redis.url, echo_upstream, store={"timeout": 0.5}) as gw, \
             ClientSession(timeout=TIMEOUT) as s:
         token, = await workspace_key(s, gw)
         await warm(s, gw, token)
@@ -1018,3 +1020,88 @@ async def test_a_long_redis_pause_under_load_holds_a_bounded_number_of_store_con
         assert most <= base_redis + 4
         assert within(after, base, SLACK), (base, after, describe_sockets(pid))
         assert clients <= base_clients
+
+
+async def test_sighup_reloads_under_two_workers_leave_no_fds_threads_or_files(tmp_path, redis_url,
+                                                                             echo_upstream):
+    """``serve --workers 2``: the supervisor passes each SIGHUP to its workers; after 100, no
+    process of the group holds more fds or threads than before, and the metrics directory
+    holds no more files."""
+    from served import children_of
+    path, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=echo_upstream,
+                                      plan={"monthly_requests": None, "max_keys": 5,
+                                            "rate_limit": None})
+    gw = Served(path, pport, aport, "--workers", "2")
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token, = await workspace_key(s, gw)
+            await warm(s, gw, token)
+            group = [gw.proc.pid, *sorted(children_of(gw.proc.pid))]
+            files = lambda: sorted(  # noqa: E731
+                p.name for pid in group for fd in os.listdir(f"/proc/{pid}/fd")
+                for p in [Path(os.path.realpath(f"/proc/{pid}/fd/{fd}"))]
+                if p.suffix == ".db")
+            metrics_dirs = {p.parent for pid in group for fd in os.listdir(f"/proc/{pid}/fd")
+                            for p in [Path(os.path.realpath(f"/proc/{pid}/fd/{fd}"))]
+                            if p.suffix == ".db"}
+
+            def on_disk() -> int:
+                return sum(len(list(d.glob("*.db"))) for d in metrics_dirs if d.exists())
+
+            base = {pid: snapshot(pid) for pid in group}
+            base_files = on_disk()
+            headers = {"Authorization": f"Bearer {token}"}
+            for i in range(100):
+                gw.proc.send_signal(signal.SIGHUP)
+                async with s.get(gw.proxy + "/people/1", headers=headers) as r:
+                    assert r.status == 200
+                if i % 10 == 9:
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(1)
+            after = {pid: await settled(pid, base[pid], SLACK) for pid in group}
+            print(f"--workers 2, 100 SIGHUPs: {base} -> {after}; metrics files "
+                  f"{base_files} -> {on_disk()} ({files()[:4]})")
+            assert all(within(after[pid], base[pid], SLACK) for pid in group), (base, after)
+            assert on_disk() <= base_files
+            assert sorted(children_of(gw.proc.pid)) == group[1:]
+    finally:
+        gw.close()
+
+
+
+async def test_tracing_to_a_collector_that_is_down_keeps_threads_and_memory_bounded(
+        tmp_path, redis_url, echo_upstream):
+    """Every request sampled, the OTLP collector refusing connections: spans are dropped
+    (bounded by the SDK's queue), no thread or memory grows with the requests, nor with
+    reloads."""
+    pytest.importorskip("opentelemetry.sdk")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        collector = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        async with served(tmp_path, redis_url, echo_upstream,
+                          top={"tracing": {"otlp_endpoint": collector,
+                                           "service_name": "soak", "sample_ratio": 1.0}}) as gw, \
+                ClientSession(timeout=TIMEOUT) as s:
+            token, = await workspace_key(s, gw)
+            headers = {"Authorization": f"Bearer {token}"}
+            pid = gw.proc.pid
+
+            async def round_(n: int) -> None:
+                async def one(i: int) -> None:
+                    async with s.get(gw.proxy + "/people/1", headers=headers) as r:
+                        assert r.status == 200, (r.status, await r.text())
+                    if i % 100 == 0:
+                        gw.proc.send_signal(signal.SIGHUP)
+                await bounded(n, 16, one)
+
+            await round_(3000)   # warm-up: the SDK's queue fills, its thread exists
+            base = snapshot(pid, echo_upstream)
+            await round_(3000)
+            mid = snapshot(pid, echo_upstream)
+            await round_(3000)
+            after = await settled(pid, base, SLACK, pooled_to=echo_upstream)
+            print(f"tracing to a closed port, 2 x 3000 requests + 60 reloads: {base} -> {mid} "
+                  f"-> {after}")
+            assert within(after, base, SLACK), (base, after)
+            assert after["rss_kb"] < base["rss_kb"] + 8_000
