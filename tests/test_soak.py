@@ -193,7 +193,9 @@ SLACK = {"fds": 4, "sockets": 4, "threads": 2}
 
 async def test_client_connections_torn_down_in_every_state_leave_no_fds(tmp_path, redis_url,
                                                                         echo_upstream):
-    async with served(tmp_path, redis_url, echo_upstream) as gw, \
+    writes = [{"path": "/people/**", "methods": ["POST", "PUT"], "upstream": "api",
+               "scopes": ["people:read"]}]
+    async with served(tmp_path, redis_url, echo_upstream, routes=writes) as gw, \
             ClientSession(timeout=TIMEOUT) as s:
         token, = await workspace_key(s, gw)
         await warm(s, gw, token)
@@ -203,7 +205,7 @@ async def test_client_connections_torn_down_in_every_state_leave_no_fds(tmp_path
 
         async def one(i: int) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
-            kind = i % 6
+            kind = i % 8
             try:
                 if kind == 0:        # idle: opened, closed
                     pass
@@ -224,11 +226,21 @@ async def test_client_connections_torn_down_in_every_state_leave_no_fds(tmp_path
                     await asyncio.sleep(0.001)
                     rst(writer)
                     return
-                else:                # a whole answer, then reset
+                elif kind == 5:      # a whole answer, then reset
                     writer.write(b"GET /people/1 HTTP/1.1\r\nHost: t\r\n" + auth + b"\r\n")
                     await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
                     rst(writer)
                     return
+                elif kind == 6:      # Expect: 100-continue, and no body after all
+                    writer.write(b"PUT /people/1 HTTP/1.1\r\nHost: t\r\n" + auth +
+                                 b"Expect: 100-continue\r\nContent-Length: 50\r\n\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                else:                # half a chunked body
+                    writer.write(b"POST /people/1 HTTP/1.1\r\nHost: t\r\n" + auth +
+                                 b"Transfer-Encoding: chunked\r\n\r\n10\r\nabc")
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
                 await asyncio.sleep(0.002)
                 if i % 2:
                     rst(writer)
@@ -454,6 +466,14 @@ async def test_a_flood_of_distinct_invalid_keys_grows_no_memory_or_label_set(tmp
             await bounded(connections, 16, one)
             return tally
 
+        import redis
+        store = redis.Redis.from_url(redis_url)
+
+        def lasting() -> list[bytes]:
+            """Keys in Redis that never expire."""
+            return sorted(k for k in store.scan_iter(count=1000) if store.ttl(k) == -1)
+
+        lasting0 = lasting()
         samples0 = await metrics(s, gw)
         await round_(0, 100, 50)   # warm-up: 5k
         m1 = await metrics(s, gw)
@@ -467,6 +487,11 @@ async def test_a_flood_of_distinct_invalid_keys_grows_no_memory_or_label_set(tmp
         print(f"key flood: 30k in {took:.1f}s ({t1} / {t2}); after warm-up {first}, "
               f"after 30k more {second}; series {len(samples0)} -> {len(m1)} -> {len(m2)}")
         assert sum(t1.values()) + sum(t2.values()) >= 29_000
+        grown = sorted(set(lasting()) - set(lasting0))
+        print(f"keys in Redis: {store.dbsize()}, that never expire {len(lasting0)} -> "
+              f"{len(lasting0) + len(grown)}: {grown[:5]}")
+        assert not grown, grown[:20]   # nothing an attacker sends stays in Redis for ever
+        store.close()
         assert len(m2) == len(m1), sorted(set(m2) - set(m1))[:20]
         assert within(second, first, SLACK), (first, second)
         assert second["rss_kb"] < first["rss_kb"] + 8_000, (first, second)
