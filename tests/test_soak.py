@@ -200,7 +200,7 @@ async def test_client_connections_torn_down_in_every_state_leave_no_fds(tmp_path
         token, = await workspace_key(s, gw)
         await warm(s, gw, token)
         pid = gw.proc.pid
-        base = snapshot(pid)
+        base = snapshot(pid, echo_upstream)
         auth = b"Authorization: Bearer " + token.encode() + b"\r\n"
 
         async def one(i: int) -> None:
@@ -252,7 +252,7 @@ async def test_client_connections_torn_down_in_every_state_leave_no_fds(tmp_path
         started = time.monotonic()
         await bounded(3000, 48, one)
         churn = time.monotonic() - started
-        after = await settled(pid, base, SLACK, timeout=15)
+        after = await settled(pid, base, SLACK, timeout=15, pooled_to=echo_upstream)
         samples = await metrics(s, gw)
         print(f"client churn: 3000 connections in {churn:.1f}s; baseline {base}, after {after}")
         assert within(after, base, SLACK), (base, after)
