@@ -1174,3 +1174,63 @@ async def test_clients_pipelining_megabytes_without_reading_hold_bounded_memory(
               f"{base}, peak {peak}, after {after}")
         assert peak["rss_kb"] < base["rss_kb"] + 60_000, (base, peak)
         assert within(after, base, SLACK), (base, after)
+
+
+async def test_the_embedded_redis_killed_repeatedly_under_load_leaves_no_zombie_or_fd(
+        tmp_path, echo_upstream):
+    """The default store (``embedded``): its redis-server killed four times while requests run;
+    keygate starts it again each time. Afterwards one redis-server child, no zombie, and
+    keygate's fds, threads and the server's clients are where they were."""
+    import redis
+    from served import alive, children_of, embedded_pid, short_data_dir
+    data_dir = short_data_dir()
+    async with served(tmp_path, "embedded", echo_upstream, store={"data_dir": data_dir}) as gw, \
+            ClientSession(timeout=TIMEOUT) as s:
+        token, = await workspace_key(s, gw)
+        await warm(s, gw, token)
+        pid = gw.proc.pid
+        headers = {"Authorization": f"Bearer {token}"}
+
+        def clients() -> int:
+            with redis.Redis(unix_socket_path=str(Path(data_dir, "redis.sock")),
+                             socket_timeout=2) as probe:
+                return len([c for c in probe.client_list(_type="normal")
+                            if c["cmd"] != "client|list"])
+
+        base, base_clients = snapshot(pid, echo_upstream), clients()
+        stop = asyncio.Event()
+        tally: dict[int, int] = {}
+
+        async def load(churner: ClientSession) -> None:
+            while not stop.is_set():
+                async with churner.get(gw.proxy + "/people/1", headers=headers) as r:
+                    await r.read()
+                    tally[r.status] = tally.get(r.status, 0) + 1
+
+        async with ClientSession(timeout=TIMEOUT) as churner:
+            loaders = [asyncio.ensure_future(load(churner)) for _ in range(8)]
+            try:
+                for _ in range(4):
+                    before = embedded_pid(data_dir)
+                    os.kill(before, signal.SIGKILL)
+                    deadline = time.monotonic() + 15
+                    while time.monotonic() < deadline:
+                        await asyncio.sleep(0.2)
+                        with contextlib.suppress(OSError, ValueError):
+                            if embedded_pid(data_dir) != before and clients() >= 0:
+                                break
+                    await asyncio.sleep(0.5)
+            finally:
+                stop.set()
+                await asyncio.gather(*loaders)
+        async with s.get(gw.proxy + "/people/1", headers=headers) as r:
+            assert r.status == 200
+        await asyncio.sleep(1)
+        after = await settled(pid, base, SLACK, pooled_to=echo_upstream)
+        kids = children_of(pid)
+        now_clients = clients()
+        print(f"embedded redis killed x4 under load ({tally}): baseline {base}, after {after}; "
+              f"children {kids}; server clients {base_clients} -> {now_clients}")
+        assert kids == {embedded_pid(data_dir)} and all(alive(k) for k in kids), kids
+        assert within(after, base, SLACK), (base, after, describe_sockets(pid))
+        assert now_clients <= base_clients
