@@ -250,11 +250,11 @@ async def test_client_connections_torn_down_in_every_state_leave_no_fds(tmp_path
                 writer.close()
 
         started = time.monotonic()
-        await bounded(3000, 48, one)
+        await bounded(2000, 32, one)
         churn = time.monotonic() - started
         after = await settled(pid, base, SLACK, timeout=15, pooled_to=echo_upstream)
         samples = await metrics(s, gw)
-        print(f"client churn: 3000 connections in {churn:.1f}s; baseline {base}, after {after}")
+        print(f"client churn: 2000 connections in {churn:.1f}s; baseline {base}, after {after}")
         assert within(after, base, SLACK), (base, after)
         assert samples[("keygate_requests_in_flight", "")] == 0
         assert after["rss_kb"] < base["rss_kb"] + 30_000, (base, after)
@@ -475,18 +475,18 @@ async def test_a_flood_of_distinct_invalid_keys_grows_no_memory_or_label_set(tmp
 
         lasting0 = lasting()
         samples0 = await metrics(s, gw)
-        await round_(0, 100, 50)   # warm-up: 5k
+        await round_(0, 60, 50)    # warm-up: 3k
         m1 = await metrics(s, gw)
         first = snapshot(pid)
         started = time.monotonic()
-        t1 = await round_(1, 300, 50)   # 15k
-        t2 = await round_(2, 300, 50)   # 15k
+        t1 = await round_(1, 200, 50)   # 10k
+        t2 = await round_(2, 200, 50)   # 10k
         took = time.monotonic() - started
         second = await settled(pid, first, SLACK)
         m2 = await metrics(s, gw)
-        print(f"key flood: 30k in {took:.1f}s ({t1} / {t2}); after warm-up {first}, "
-              f"after 30k more {second}; series {len(samples0)} -> {len(m1)} -> {len(m2)}")
-        assert sum(t1.values()) + sum(t2.values()) >= 29_000
+        print(f"key flood: 20k in {took:.1f}s ({t1} / {t2}); after warm-up {first}, "
+              f"after 20k more {second}; series {len(samples0)} -> {len(m1)} -> {len(m2)}")
+        assert sum(t1.values()) + sum(t2.values()) >= 19_500
         grown = sorted(set(lasting()) - set(lasting0))
         print(f"keys in Redis: {store.dbsize()}, that never expire {len(lasting0)} -> "
               f"{len(lasting0) + len(grown)}: {grown[:5]}")
@@ -683,14 +683,14 @@ async def test_websocket_tunnels_ended_by_either_side_or_a_vanished_upstream_lea
         base = await settled(pid, snapshot(pid), {})
         started = time.monotonic()
         async with ClientSession(timeout=TIMEOUT) as churner:
-            await bounded(1200, 24, lambda i: one(churner, i))
+            await bounded(800, 16, lambda i: one(churner, i))
         took = time.monotonic() - started
         await asyncio.sleep(1)
         after = await settled(pid, base, SLACK, pooled_to=url)
         samples = await metrics(s, gw)
-        print(f"WebSocket x1200 in {took:.1f}s ({tally}): baseline {base}, after {after}; "
+        print(f"WebSocket x800 in {took:.1f}s ({tally}): baseline {base}, after {after}; "
               f"open at upstream {len(open_upstream)}")
-        assert sum(v for k, v in tally.items() if k.endswith(" ok")) >= 1100, tally
+        assert sum(v for k, v in tally.items() if k.endswith(" ok")) >= 780, tally
         assert within(after, base, SLACK), (base, after, describe_sockets(pid))
         assert after["rss_kb"] < base["rss_kb"] + 10_000
         assert await eventually_zero(lambda: len(open_upstream)), len(open_upstream)
@@ -763,12 +763,12 @@ async def test_tls_handshakes_abandoned_in_every_state_leave_no_fds(tmp_path, re
         await bounded(60, 6, one)   # warm-up
         base = await settled(pid, snapshot(pid, echo_upstream), {})
         started = time.monotonic()
-        await bounded(1200, 24, one)
+        await bounded(720, 16, one)
         took = time.monotonic() - started
         await asyncio.sleep(1)
         after = await settled(pid, base, SLACK, timeout=10, pooled_to=echo_upstream)
-        print(f"TLS churn x1200 in {took:.1f}s ({tally}): baseline {base}, after {after}")
-        assert tally["handshakes"] >= 600 and tally["held closed"] >= 100, tally
+        print(f"TLS churn x720 in {took:.1f}s ({tally}): baseline {base}, after {after}")
+        assert tally["handshakes"] >= 360 and tally["held closed"] >= 60, tally
         assert within(after, base, SLACK), (base, after, describe_sockets(pid))
         assert after["rss_kb"] < base["rss_kb"] + 10_000
 
@@ -865,14 +865,14 @@ async def test_admin_listener_churn_and_scrapes_leave_no_fds_or_store_connection
                 rst(writer) if i % 8 < 4 else writer.close()
 
         started = time.monotonic()
-        await bounded(1200, 12, one)
+        await bounded(800, 12, one)
         took = time.monotonic() - started
         async with s.get(gw.proxy + "/people/1", headers=auth) as r:
             assert r.status == 200
         await asyncio.sleep(1)
         after = await settled(pid, base, SLACK, pooled_to=pooled)
         clients = len(redis_clients(own_redis.port))
-        print(f"admin churn x1200 in {took:.1f}s: baseline {base}, after {after}; "
+        print(f"admin churn x800 in {took:.1f}s: baseline {base}, after {after}; "
               f"Redis clients {base_clients} -> {clients}")
         assert within(after, base, SLACK), (base, after, describe_sockets(pid))
         # the admin side's pool keeps what the 12 concurrent calls needed (at most 64)
@@ -931,7 +931,7 @@ async def test_reloads_that_change_the_upstream_under_load_close_every_retired_p
 
 async def test_uploads_abandoned_mid_body_free_their_upload_slots_and_connections(
         tmp_path, redis_url):
-    """With ``max_connections: 4`` the upstream has 2 upload slots. A hundred and fifty uploads that
+    """With ``max_connections: 4`` the upstream has 2 upload slots. Ninety uploads that
     stream more than 64 KiB and then go (FIN or RST), or stall until the body timeout: each
     frees its slot and its upstream connection, and a whole upload still goes through."""
     got: list[int] = []
@@ -973,7 +973,7 @@ async def test_uploads_abandoned_mid_body_free_their_upload_slots_and_connection
                 writer.close()
 
         started = time.monotonic()
-        await bounded(150, 6, one)
+        await bounded(90, 6, one)
         took = time.monotonic() - started
         await asyncio.sleep(1)
         at_upstream = sum(1 for d in describe_sockets(pid)
@@ -988,7 +988,7 @@ async def test_uploads_abandoned_mid_body_free_their_upload_slots_and_connection
             async with s.post(gw.proxy + "/up/y", headers=headers, data=streamed()) as r:
                 statuses.append(r.status)
         after = await settled(pid, base, SLACK, pooled_to=url)
-        print(f"150 abandoned uploads in {took:.1f}s: baseline {base}, after {after}; "
+        print(f"90 abandoned uploads in {took:.1f}s: baseline {base}, after {after}; "
               f"connections to the upstream {at_upstream}; then {statuses}")
         assert statuses == [200, 200, 200]
         assert at_upstream <= 4
@@ -1062,8 +1062,13 @@ async def test_sighup_reloads_under_two_workers_leave_no_fds_threads_or_files(tm
         await gw.ready()
         async with ClientSession(timeout=TIMEOUT) as s:
             token, = await workspace_key(s, gw)
-            await warm(s, gw, token)
             group = [gw.proc.pid, *sorted(children_of(gw.proc.pid))]
+            for _ in range(200):  # fresh connections until each worker has served (the
+                async with ClientSession(timeout=TIMEOUT) as fresh:   # kernel spreads them)
+                    await warm(fresh, gw, token, n=2)
+                if all(status(pid, "Threads") > 2 for pid in group[1:]):
+                    break
+            await warm(s, gw, token)
             files = lambda: sorted(  # noqa: E731
                 p.name for pid in group for fd in os.listdir(f"/proc/{pid}/fd")
                 for p in [Path(os.path.realpath(f"/proc/{pid}/fd/{fd}"))]
@@ -1121,13 +1126,13 @@ async def test_tracing_to_a_collector_that_is_down_keeps_threads_and_memory_boun
                         gw.proc.send_signal(signal.SIGHUP)
                 await bounded(n, 16, one)
 
-            await round_(3000)   # warm-up: the SDK's queue fills, its thread exists
+            await round_(2000)   # warm-up: the SDK's queue fills, its thread exists
             base = snapshot(pid, echo_upstream)
-            await round_(2000)
+            await round_(1500)
             mid = snapshot(pid, echo_upstream)
-            await round_(2000)
+            await round_(1500)
             after = await settled(pid, base, SLACK, pooled_to=echo_upstream)
-            print(f"tracing to a closed port, 2 x 2000 requests + 40 reloads: {base} -> {mid} "
+            print(f"tracing to a closed port, 2 x 1500 requests + 30 reloads: {base} -> {mid} "
                   f"-> {after}")
             assert within(after, base, SLACK), (base, after)
             assert after["rss_kb"] < base["rss_kb"] + 8_000
