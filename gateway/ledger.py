@@ -89,11 +89,20 @@ class LocalLedger:
         own; while a write is under way they stay here, for the next flush."""
         if self._writer is not None and not self._writer.done():
             return
+        # A slot with a write still pending keeps its new counts here, in one number, until
+        # the store confirms that write: a write per slot and flush would grow the ledger by
+        # every slot in use each retry for as long as the store is down (and each was sent
+        # one round trip at a time once it was back).
+        waiting = {write.slot for write in self.pending.values()}
+        kept: dict[Slot, int] = {}
         for slot, n in self.counts.items():
+            if slot in waiting:
+                kept[slot] = n
+                continue
             self._seq += 1
             write = Write(f"{self._tag}-{self._seq}", slot, n)
             self.pending[write.id] = write
-        self.counts = {}
+        self.counts = kept
         if self.pending:
             # a task nobody references can be garbage-collected mid-way: kept in _writer
             self._writer = asyncio.ensure_future(self._write())
@@ -131,6 +140,9 @@ class LocalLedger:
             await asyncio.gather(self._writer, return_exceptions=True)
         self.flush()  # then everything left, once
         if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if self.counts and not self.pending:  # kept behind writes the store just confirmed
+            self.flush()
             await asyncio.gather(self._writer, return_exceptions=True)
         if self:
             log.warning("the store is unavailable: %d requests counted while it was down "

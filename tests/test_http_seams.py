@@ -66,13 +66,19 @@ async def test_the_ledger_nets_what_it_takes_back_and_keeps_a_failed_write_as_it
     assert not ledger.counts and [(w.slot, w.n) for w in ledger.pending.values()] == [(slot, 1)]
     [write_id] = ledger.pending
     await asyncio.wait((ledger._writer,))
-    ledger.add(slot)                  # counted meanwhile: not merged into the waiting write
-    ledger.flush()
+    ledger.add(slot)                  # counted meanwhile: not merged into the waiting write,
+    ledger.flush()                    # nor a write of its own while that one waits
     await asyncio.wait((ledger._writer,))
-    assert [(w.id, w.n) for w in ledger.pending.values()][0] == (write_id, 1)
-    assert [w.n for w in ledger.pending.values()] == [1, 1]
+    assert [(w.id, w.n) for w in ledger.pending.values()] == [(write_id, 1)]
+    assert ledger.counts == {slot: 1}
+    ledger.add(slot)
+    ledger.flush()                    # a second retry: still the one write, and one number
+    await asyncio.wait((ledger._writer,))
+    assert [(w.id, w.n) for w in ledger.pending.values()] == [(write_id, 1)]
+    assert ledger.counts == {slot: 2}
+    ledger.take_back(slot)
     await ledger.close()              # a shutdown with the store still down: tried, then left
-    assert [w.n for w in ledger.pending.values()] == [1, 1]
+    assert [w.n for w in ledger.pending.values()] == [1] and ledger.counts == {slot: 1}
     assert all(task.done() for task in asyncio.all_tasks() if task is not asyncio.current_task())
     own_redis.start()                 # the store is back, on the same port
     await ledger.close()

@@ -141,12 +141,14 @@ class UpstreamPool:
         """A connection went idle or a slot came free: the longest waiter may take it."""
         _wake_first(self._waiters)
 
-    async def _checkout(self, deadline: float | None = None) -> tuple[UpstreamConnection, bool]:
+    async def _checkout(self, deadline: float | None = None,
+                        fresh: bool = False) -> tuple[UpstreamConnection, bool]:
         """An idle connection (reused: True) or a new one, within ``max_connections``; waiting
         for one at most until ``deadline`` (loop time; by default ``connect_timeout`` from the
-        moment it starts waiting)."""
+        moment it starts waiting). ``fresh``: a new one while there is room for it (a retry
+        after an idle connection the upstream had dropped: it drops its idle ones together)."""
         while True:
-            while self.idle:
+            while self.idle and not (fresh and self.opened < self.max_connections):
                 conn = self.idle.pop()
                 if conn.loop.time() - conn.idle_since > self.idle_ttl:
                     # the newest idle connection is too old: so are all the others
@@ -227,7 +229,7 @@ class UpstreamPool:
             return await self._streamed(head, body, content_length, timeout, is_head, owner,
                                         client)
         for attempt in (0, 1):
-            conn, reused = await self._checkout()
+            conn, reused = await self._checkout(fresh=attempt == 1)
             self.active.add(conn)
             try:
                 return await self._exchange(conn, head, body, content_length, timeout, is_head,
@@ -251,7 +253,7 @@ class UpstreamPool:
         connection is closed after it, never reused (the upstream may have read the handshake
         otherwise than keygate did). ``client``: as ``request``'s."""
         for attempt in (0, 1):
-            conn, reused = await self._checkout()
+            conn, reused = await self._checkout(fresh=attempt == 1)
             self.active.add(conn)
             conn.upgrade_wanted = True
             try:
