@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .redis_urls import (CLUSTER_NODE_CONNECTIONS, POOL_CONNECTIONS, _given, _retry,
-                         parse_topology_url)
+                         fresh_tls, parse_topology_url)
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
@@ -110,9 +110,9 @@ def _routing_command(command: Any) -> bool:
 def _tracking(connection_class: type) -> type:
     """``connection_class`` with ``_WriteTracking``."""
     tracked = _TRACKING.get(connection_class)
-    if tracked is None:
-        tracked = type(f"Tracked{connection_class.__name__}", (_WriteTracking, connection_class),
-                       {})
+    if tracked is None:  # a TLS one also reads its certificate files again when they changed
+        tracked = type(f"Tracked{connection_class.__name__}",
+                       (_WriteTracking, fresh_tls(connection_class)), {})
         _TRACKING[connection_class] = tracked
     return tracked
 
@@ -184,6 +184,8 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool,
     options["connection_class"] = _tracking(SentinelManagedSSLConnection if options.pop(
         "ssl", False) else SentinelManagedConnection)
     sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_options)
+    for each in sentinel.sentinels:  # the Sentinels' own connections (``FreshTLS``)
+        each.connection_pool.connection_class = fresh_tls(each.connection_pool.connection_class)
     client = sentinel.master_for(target.service, db=target.db,
                                  redis_class=_ConfirmingSentinelMaster if confirm_writes
                                  else _SentinelMaster,
