@@ -387,6 +387,10 @@ class _SentinelMaster(Redis):
     released, so every later command goes to the new master."""
     _sentinel: Any = None
     _watch: Any = None
+    # Called (no arguments) when the check finds the Sentinels naming another master than at
+    # its last answer: the per-request store then counts again there what the old one took.
+    on_new_master: Any = None
+    _master_seen: tuple[str, int] | None = None
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         if self._watch is None:
@@ -406,6 +410,10 @@ class _SentinelMaster(Redis):
                 master = await pool.get_master_address()
             except Exception:  # no Sentinel answers, or none knows a master: commands say so
                 continue
+            if master != self._master_seen:
+                if self._master_seen is not None and self.on_new_master is not None:
+                    self.on_new_master()
+                self._master_seen = master
             await self._move_off_all_but(master)
 
     async def _move_off_all_but(self, master: tuple[str, int]) -> None:
