@@ -109,3 +109,133 @@ async def test_sentinel_failover_under_load(sentinel_group, upstream, monkeypatc
               f"{min(gap, default=0):.2f} to {max(gap, default=0):.2f} s; counted {used} "
               f"for {ok} 200s ({before} before the fault)")
         assert used == ok, (used, ok)
+
+
+def _cluster_node(port: int) -> redis.Redis:
+    return redis.Redis(port=port, password=CLUSTER_PW, socket_timeout=5)
+
+
+def _slot_owner(ports: list[int], ws: str) -> tuple[int, int]:
+    """(the workspace's slot, the port of the primary that owns it)."""
+    with _cluster_node(ports[0]) as n:
+        slot = n.cluster("KEYSLOT", f"kg:ws:{{{ws}}}")
+        for start, end, primary, *_ in n.cluster("SLOTS"):
+            if start <= slot <= end:
+                return slot, int(primary[1])
+    raise AssertionError(f"the slot of {ws} is not covered")
+
+
+def _workspaces_on_other_nodes(ports: list[int], first: str) -> list[str]:
+    owner = _slot_owner(ports, first)[1]
+    others: dict[int, str] = {}
+    for ws in ("globex", "initech", "umbrella", "hooli", "wayne", "stark", "tyrell", "acme2"):
+        port = _slot_owner(ports, ws)[1]
+        if port != owner:
+            others.setdefault(port, ws)
+    return sorted(others.values())
+
+
+class ByWorkspace(Flood):
+    """A ``Flood`` whose answers also say which workspace's key asked: ``seen_by[ws]``."""
+
+    def __init__(self, g, tokens: list[tuple[str, str]], n: int = 150) -> None:
+        super().__init__(g, [t for _, t in tokens], n)
+        self.workspace_of = {t: ws for ws, t in tokens}
+        self.seen_by: dict[str, list[tuple[float, int, str | None]]] = {}
+
+    async def _client(self, i: int) -> None:
+        token = self.tokens[i % len(self.tokens)]
+        ws, headers = self.workspace_of[token], bearer(token)
+        mine = self.seen_by.setdefault(ws, [])
+        while not self._stop.is_set():
+            async with self.session.get("/people", headers=headers) as r:
+                code = None if r.status == 200 else (await r.json())["error"]["code"]
+                answer = (time.monotonic(), r.status, code)
+                self.seen.append(answer)
+                mine.append(answer)
+
+    def kinds_of(self, ws: str, since: float = 0.0, until: float = float("inf")) -> dict:
+        got: dict = {}
+        for t, s, c in self.seen_by.get(ws, ()):
+            if since <= t < until:
+                got[(s, c)] = got.get((s, c), 0) + 1
+        return got
+
+
+@bounded
+async def test_a_workspace_whose_slot_no_node_serves_is_503_and_the_others_are_not_touched(
+        redis_cluster, upstream, monkeypatch):  # noqa: F811
+    """A slot left uncovered (CLUSTER DELSLOTS on every node, cluster-require-full-coverage
+    no: the rest of the cluster stays up): its workspace gets 503 store_unavailable (redis-py's
+    SlotNotCoveredError), never a 500; the workspaces on other slots answer 200 throughout;
+    once the slot is assigned again the workspace answers 200 within the store timeout."""
+    ports = redis_cluster["ports"]
+    for port in ports:
+        with _cluster_node(port) as n:
+            n.config_set("cluster-require-full-coverage", "no")
+    lost = "acme"
+    others = _workspaces_on_other_nodes(ports, lost)
+    slot, owner = _slot_owner(ports, lost)
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
+    async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as g:
+        tokens = [(ws, t) for ws in [lost, *others] for t in await _keys(g, ws, 3)]
+
+        def delslots() -> None:
+            for port in ports:  # each node forgets who serves it
+                with _cluster_node(port) as n:
+                    n.execute_command("CLUSTER", "DELSLOTS", slot)
+
+        def addslots() -> None:  # its keys are still there: the owner serves it again
+            with _cluster_node(owner) as n:
+                n.execute_command("CLUSTER", "ADDSLOTS", slot)
+                n.execute_command("CLUSTER", "BUMPEPOCH")  # the others learn it at once
+
+        def cost() -> tuple[int, int]:
+            """CLUSTER commands (slot reads) run on any node, connections the other nodes
+            accepted."""
+            reads = accepted = 0
+            for port in ports:
+                with _cluster_node(port) as n:
+                    reads += n.info("commandstats").get("cmdstat_cluster", {}).get("calls", 0)
+                    if port != owner:
+                        accepted += n.info("stats")["total_connections_received"]
+            return reads, accepted
+
+        async def status(ws: str) -> tuple[int, str | None]:
+            token = next(t for w, t in tokens if w == ws)
+            async with g.proxy.get("/people", headers=bearer(token)) as r:
+                return r.status, None if r.status == 200 else (await r.json())["error"]["code"]
+
+        async with ByWorkspace(g, tokens) as flood:
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(delslots)
+            gone = time.monotonic()
+            await asyncio.sleep(0.5)
+            reads, accepted = await asyncio.to_thread(cost)
+            await asyncio.sleep(1.5)
+            reads, accepted = [b - a for a, b in zip((reads, accepted),
+                                                     await asyncio.to_thread(cost))]
+        print(f"uncovered slot under load: {reads} slot reads and {accepted} new connections "
+              f"to the healthy nodes in 1.5 s; {lost} {flood.kinds_of(lost, gone + 0.5)}; "
+              f"others {[flood.kinds_of(ws, gone + 0.5) for ws in others]}")
+        assert set(flood.kinds()) <= {(200, None), STORE_DOWN}, flood.kinds()
+        assert set(flood.kinds_of(lost, gone + 0.5)) == {STORE_DOWN}
+        # the slot still uncovered, one request after the other (no CPU starved by the load):
+        # its workspace 503, every other workspace 200, on the admin API too
+        assert await status(lost) == STORE_DOWN
+        for ws in others:
+            assert [await status(ws) for _ in range(3)] == [(200, None)] * 3, ws
+        status_code, body = await g.admin_json("GET", f"/workspaces/{lost}")
+        assert (status_code, body["error"]["code"]) == STORE_DOWN, body
+        status_code, body = await g.admin_json("GET", f"/workspaces/{others[0]}")
+        assert status_code == 200, body
+        # the slots read again twice a second at most, by each of the two clients (requests,
+        # admin), each read asking every seed for a whole layout: 240 reads before
+        assert reads <= 2 * 3 * (1.5 / 0.5 + 1), reads
+        await asyncio.to_thread(addslots)
+        assert await eventually(lambda: _is_ok(status(lost)),
+                                timeout=3)
+
+
+async def _is_ok(answer) -> bool:
+    return await answer == (200, None)
