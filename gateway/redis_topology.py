@@ -298,6 +298,8 @@ def _cluster_class() -> Any:
             super().__init__(*args, **kwargs)
             if type(self.nodes_manager) is NodesManager:  # the same layout, one method more
                 self.nodes_manager.__class__ = _NodesManager
+            # The URL's seeds, kept among the nodes the slots are read from (``initialize``)
+            self._seeds = dict(self.nodes_manager.startup_nodes)
 
         # A timeout is not retried (README: the command may have run). redis-py retries it
         # (10 times by default, each after re-reading the slots): a node that stopped answering
@@ -341,6 +343,13 @@ def _cluster_class() -> Any:
                         await self.nodes_manager.initialize(
                             additional_startup_nodes_info=additional_startup_nodes_info,
                             last_failed_node_name=last_failed_node_name)
+                        # redis-py reads the slots from the nodes it found last time only
+                        # (dynamic_startup_nodes), the URL's seeds dropped when the cluster does
+                        # not name them: a cluster rebuilt on other addresses behind stable seeds
+                        # (a DNS name, a balancer, a redeploy) was never found again, every
+                        # request 503 until keygate restarted. They are read from as well.
+                        for name, seed in self._seeds.items():
+                            self.nodes_manager.startup_nodes.setdefault(name, seed)
                         if not self.commands_parser.commands:
                             # the command table once (COMMAND: ~240 entries to parse, ~10 ms
                             # of this loop's CPU each time the slots were read again)

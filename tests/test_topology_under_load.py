@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -239,3 +240,97 @@ async def test_a_workspace_whose_slot_no_node_serves_is_503_and_the_others_are_n
 
 async def _is_ok(answer) -> bool:
     return await answer == (200, None)
+
+
+class Forwarder:
+    """A TCP forwarder on a fixed loopback port to ``target`` (changeable): the stable address
+    (a DNS name, a load balancer) an operator puts in the URL in front of nodes that move."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self._tasks: set[asyncio.Task] = set()
+
+    async def __aenter__(self) -> "Forwarder":
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _relay(self, reader, writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+
+        async def pump(src, dst) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+        tasks = {asyncio.ensure_future(pump(reader, up_writer)),
+                 asyncio.ensure_future(pump(up_reader, writer))}
+        self._tasks |= tasks
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks -= tasks
+
+
+@bounded
+async def test_a_cluster_restarted_on_new_ports_behind_the_url_s_seeds_is_found_again(
+        tmp_path, upstream, monkeypatch):
+    """The URL names stable seed addresses (a DNS name, a balancer) in front of the nodes; the
+    cluster is rebuilt on other ports behind them (a redeploy). keygate must find it through
+    the seeds again: 503 store_unavailable while it is away, then the admin API and requests
+    work without a keygate restart. redis-py replaced the URL's seeds with the nodes it
+    discovered, and once those were gone it had nothing to ask: 503 for ever."""
+    from test_redis_topologies import Servers, _cluster_port, start_cluster
+    servers = Servers(tmp_path / "first")
+    (tmp_path / "first").mkdir()
+    ports = [_cluster_port() for _ in range(3)]
+    again = None
+    try:
+        start_cluster(servers, ports, CLUSTER_PW)
+        async with Forwarder(ports[0]) as seed1, Forwarder(ports[1]) as seed2:
+            url = f"redis+cluster://:{CLUSTER_PW}@127.0.0.1:{seed1.port},127.0.0.1:{seed2.port}"
+            config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=1.0))
+            async with gateway_under_test(config, url, monkeypatch) as g:
+                tokens = await _keys(g, "acme", 3)
+                async with Flood(g, tokens) as flood:
+                    await asyncio.sleep(0.3)
+                    await asyncio.to_thread(servers.stop_all)
+                    down = time.monotonic()
+                    (tmp_path / "again").mkdir()
+                    again = Servers(tmp_path / "again")
+                    new_ports = [_cluster_port() for _ in range(3)]
+                    await asyncio.to_thread(start_cluster, again, new_ports, CLUSTER_PW)
+                    await asyncio.sleep(0.5)
+                assert set(flood.kinds(down + 0.1)) == {STORE_DOWN}, flood.kinds(down)
+                # (the flood stops first: on the new, empty cluster its keys would be unknown,
+                # and the failure throttle would refuse this one address)
+                seed1.target, seed2.target = new_ports[0], new_ports[1]
+                moved = time.monotonic()
+
+                async def works() -> bool:  # the new cluster is empty: a new workspace
+                    status, _ = await g.admin_json(
+                        "POST", "/workspaces", {"id": "again", "name": "Again",
+                                                "plan": "unlimited"})
+                    return status in (201, 409)
+                assert await eventually(works, timeout=5), "keygate never found the cluster"
+                token, _ = await g.key("again")
+                async with g.proxy.get("/people", headers=bearer(token)) as r:
+                    assert r.status == 200
+                print(f"cluster on new ports: back {time.monotonic() - moved:.2f} s after the "
+                      f"seeds led to it; {flood.kinds(down)}")
+    finally:
+        servers.stop_all()
+        if again is not None:
+            again.stop_all()
