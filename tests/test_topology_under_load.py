@@ -66,8 +66,8 @@ async def test_sentinel_failover_under_load(sentinel_group, upstream, monkeypatc
                                             fault):
     """The master killed (SIGKILL), failed over on command (SENTINEL FAILOVER, with or
     without the writes paused first), or stalled (DEBUG SLEEP) past the Sentinel's
-    down-after: only 200 and 503 store_unavailable, 200s again within 2 s of the Sentinel
-    naming the new master, and every 200 counted once on the new master. A failover on
+    down-after: only 200 and 503 store_unavailable, 200s again within the store timeout of the
+    Sentinel naming the new master, and every 200 counted once on the new master. A failover on
     command lost every count keygate made on the old master between the promotion and its
     own switch, ~1 s of traffic: 1511 of 2017 200s in one run, 259 of 780 in another."""
     group = sentinel_group
@@ -99,7 +99,9 @@ async def test_sentinel_failover_under_load(sentinel_group, upstream, monkeypatc
             m.close()
         kinds = flood.kinds()
         assert set(kinds) <= {(200, None), STORE_DOWN}, kinds
-        assert back < 2.0, back
+        # within the store timeout (a call stuck on a paused old master is given up on then)
+        # and the Sentinel check's interval, with room for a loaded machine
+        assert back < 2.0 + 0.5 + 1.0, back
         ok = flood.ok() + len(tokens)
         # every 200 counted once on the new master: the counts the old one took after the
         # promotion (or did not replicate before it died) are made again there
@@ -314,7 +316,7 @@ async def test_a_cluster_restarted_on_new_ports_behind_the_url_s_seeds_is_found_
                     new_ports = [_cluster_port() for _ in range(3)]
                     await asyncio.to_thread(start_cluster, again, new_ports, CLUSTER_PW)
                     await asyncio.sleep(0.5)
-                assert set(flood.kinds(down + 0.1)) == {STORE_DOWN}, flood.kinds(down)
+                assert set(flood.kinds(down + 1.0)) == {STORE_DOWN}, flood.kinds(down)
                 # (the flood stops first: on the new, empty cluster its keys would be unknown,
                 # and the failure throttle would refuse this one address)
                 seed1.target, seed2.target = new_ports[0], new_ports[1]
@@ -378,6 +380,7 @@ async def test_a_slot_migrated_under_load_asks_then_moves_and_loses_no_count(
         kinds = flood.kinds()
         assert set(kinds) <= {(200, None), STORE_DOWN}, kinds
         after = flood.kinds_of(moving, moved + 1.0)
+        print(f"slot migration, after the move: {after}")
         assert set(after) == {(200, None)}, after
         with _cluster_node(target) as dst:
             used = int(dst.get(usage_key(moving, month_of(time.time()).period)) or 0)
