@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .redis_urls import (CLUSTER_NODE_CONNECTIONS, POOL_CONNECTIONS, _given, _retry,
-                         parse_topology_url)
+                         fresh_tls, parse_topology_url)
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
@@ -110,9 +110,9 @@ def _routing_command(command: Any) -> bool:
 def _tracking(connection_class: type) -> type:
     """``connection_class`` with ``_WriteTracking``."""
     tracked = _TRACKING.get(connection_class)
-    if tracked is None:
-        tracked = type(f"Tracked{connection_class.__name__}", (_WriteTracking, connection_class),
-                       {})
+    if tracked is None:  # a TLS one also reads its certificate files again when they changed
+        tracked = type(f"Tracked{connection_class.__name__}",
+                       (_WriteTracking, fresh_tls(connection_class)), {})
         _TRACKING[connection_class] = tracked
     return tracked
 
@@ -139,8 +139,14 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool,
         cls = _cluster_class()
         taken = inspect.signature(cls.__init__).parameters
         tls = {name: value for name, value in target.ssl.items() if name in taken}
+        # require_full_coverage=False: a layout with a slot no node serves is taken as it is.
+        # Whether the rest of the cluster serves then is the nodes' own choice
+        # (cluster-require-full-coverage); redis-py's default refused the whole layout, and
+        # every command of every workspace re-read the slots and failed with "All slots are
+        # not covered" (503 for ~11% of the healthy slots' requests at 150 in flight).
         cluster = cls(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
-                      ssl=target.tls, max_connections=CLUSTER_NODE_CONNECTIONS, **tls, **options)
+                      ssl=target.tls, max_connections=CLUSTER_NODE_CONNECTIONS,
+                      require_full_coverage=False, **tls, **options)
         if rest := {name: value for name, value in target.ssl.items() if name not in taken}:
             # TLS options RedisCluster does not take as arguments (ssl_ca_path, ssl_password in
             # redis-py 8.1) but every node's SSLConnection does: given to the connection
@@ -184,6 +190,8 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool,
     options["connection_class"] = _tracking(SentinelManagedSSLConnection if options.pop(
         "ssl", False) else SentinelManagedConnection)
     sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_options)
+    for each in sentinel.sentinels:  # the Sentinels' own connections (``FreshTLS``)
+        each.connection_pool.connection_class = fresh_tls(each.connection_pool.connection_class)
     client = sentinel.master_for(target.service, db=target.db,
                                  redis_class=_ConfirmingSentinelMaster if confirm_writes
                                  else _SentinelMaster,
@@ -228,7 +236,7 @@ def _cluster_class() -> Any:
     import asyncio
     import time
 
-    from redis.exceptions import TryAgainError
+    from redis.exceptions import SlotNotCoveredError, TryAgainError
 
     class _TryAgain(Exception):
         """TRYAGAIN, carried past redis-py's redirection loop (which re-raises other
@@ -272,7 +280,27 @@ def _cluster_class() -> Any:
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
+    from redis.asyncio.cluster import NodesManager
+
+    class _NodesManager(NodesManager):
+        __slots__ = ()
+
+        def get_node_from_slot(self, slot: int, *args: Any, **kwargs: Any) -> Any:
+            # redis-py 8 keeps the slots in a dict and looks a slot up by index: a slot no
+            # node serves raised KeyError (a 500 on the admin path, never retried) instead of
+            # its SlotNotCoveredError
+            if slot not in self.slots_cache:
+                raise SlotNotCoveredError(f'Slot "{slot}" not covered by the cluster.')
+            return super().get_node_from_slot(slot, *args, **kwargs)
+
     class _Cluster(RedisCluster):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if type(self.nodes_manager) is NodesManager:  # the same layout, one method more
+                self.nodes_manager.__class__ = _NodesManager
+            # The URL's seeds, kept among the nodes the slots are read from (``initialize``)
+            self._seeds = dict(self.nodes_manager.startup_nodes)
+
         # A timeout is not retried (README: the command may have run). redis-py retries it
         # (10 times by default, each after re-reading the slots): a node that stopped answering
         # held a request for ~11 store timeouts before its 503, and every copy of a command that
@@ -315,7 +343,18 @@ def _cluster_class() -> Any:
                         await self.nodes_manager.initialize(
                             additional_startup_nodes_info=additional_startup_nodes_info,
                             last_failed_node_name=last_failed_node_name)
-                        await self.commands_parser.initialize(self.nodes_manager.default_node)
+                        # redis-py reads the slots from the nodes it found last time only
+                        # (dynamic_startup_nodes), the URL's seeds dropped when the cluster does
+                        # not name them: a cluster rebuilt on other addresses behind stable seeds
+                        # (a DNS name, a balancer, a redeploy) was never found again, every
+                        # request 503 until keygate restarted. They are read from as well.
+                        for name, seed in self._seeds.items():
+                            self.nodes_manager.startup_nodes.setdefault(name, seed)
+                        if not self.commands_parser.commands:
+                            # the command table once (COMMAND: ~240 entries to parse, ~10 ms
+                            # of this loop's CPU each time the slots were read again)
+                            await self.commands_parser.initialize(
+                                self.nodes_manager.default_node)
                         self._initialize = False
                     except RedisConnectionError:
                         if attempt == self.INITIALIZE_ATTEMPTS - 1:
@@ -343,9 +382,38 @@ def _cluster_class() -> Any:
             finally:
                 _IN_COMMAND.reset(token)
 
+        # Seconds between two re-reads of the slots asked for by a command's error (CLUSTERDOWN,
+        # an uncovered slot, every fifth MOVED): see ``_reread``.
+        REREAD_AFTER = 0.5
+        _reread_at = -1e9
+
+        def _reread(self) -> bool:
+            """Whether the slots may be read again now: at most once per REREAD_AFTER. A slot
+            no node serves fails every call of its workspace, and each call asked for a
+            re-read: the slots were read again without a pause, and every other workspace's
+            commands waited for each read. A layout that changed is learnt within
+            REREAD_AFTER all the same (a failover takes the nodes seconds)."""
+            now = time.monotonic()
+            if now - self._reread_at < self.REREAD_AFTER:
+                return False
+            self._reread_at = now
+            return True
+
+        async def _determine_nodes(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await super()._determine_nodes(*args, **kwargs)
+            except SlotNotCoveredError:
+                # no node serves the slot in the layout known: read it again (before the
+                # command's retry), so that a slot assigned again is served again
+                if self._reread():
+                    self._initialize = True
+                raise
+
         async def aclose(self) -> None:
             if not _IN_COMMAND.get():  # closing the client
                 await super().aclose()
+                return
+            if not self._reread():  # read moments ago (``_reread``)
                 return
             # redis-py closes the whole client to have the slots read again (every fifth MOVED,
             # CLUSTERDOWN, an uncovered slot): that cut every node's connections, in use ones
@@ -385,6 +453,10 @@ class _SentinelMaster(Redis):
     released, so every later command goes to the new master."""
     _sentinel: Any = None
     _watch: Any = None
+    # Called (no arguments) when the check finds the Sentinels naming another master than at
+    # its last answer: the per-request store then counts again there what the old one took.
+    on_new_master: Any = None
+    _master_seen: tuple[str, int] | None = None
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         if self._watch is None:
@@ -404,6 +476,10 @@ class _SentinelMaster(Redis):
                 master = await pool.get_master_address()
             except Exception:  # no Sentinel answers, or none knows a master: commands say so
                 continue
+            if master != self._master_seen:
+                if self._master_seen is not None and self.on_new_master is not None:
+                    self.on_new_master()
+                self._master_seen = master
             await self._move_off_all_but(master)
 
     async def _move_off_all_but(self, master: tuple[str, int]) -> None:

@@ -337,6 +337,63 @@ class StandaloneURL:
 _STANDALONE_OPTIONS: dict[bool, frozenset[str]] = {}
 
 
+def tls_files_state(ca_certs: str | None, certfile: str | None, keyfile: str | None,
+                    ca_path: str | None) -> tuple:
+    """What the TLS files a URL names look like now: each one's inode, size and modification
+    time (``ssl_ca_path``: its directory's), None for one that cannot be read. A few ``stat``
+    calls, made when a connection is made, never per command. A change means the files were
+    rotated in place (a new CA beside the old one, a renewed client certificate, a Kubernetes
+    Secret's volume swapping its symlink): a connection made after it reads them again."""
+    state = []
+    for path in (ca_certs, certfile, keyfile, ca_path):
+        if path:
+            try:
+                st = os.stat(path)
+                state.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                state.append(None)
+        else:
+            state.append(())
+    return tuple(state)
+
+
+class FreshTLS:
+    """A redis-py TLS connection that reads its certificate files again when they changed
+    since it last connected. redis-py builds a connection's ``SSLContext`` once and keeps it
+    for the connection object's life, reconnections included: a CA or client certificate
+    rotated in place was never taken, and once Redis presented a certificate of the new CA
+    every connection failed (503 store_unavailable) until keygate was restarted."""
+
+    _tls_files: tuple | None = None
+
+    def _connection_arguments(self) -> Any:
+        tls = self.ssl_context  # type: ignore[attr-defined]
+        state = tls_files_state(tls.ca_certs, tls.certfile, tls.keyfile, tls.ca_path)
+        if state != self._tls_files:
+            tls.context = None  # built again from the files by the next get()
+            self._tls_files = state
+        return super()._connection_arguments()  # type: ignore[misc]
+
+
+class FreshSSLConnection(FreshTLS, SSLConnection):
+    """``SSLConnection`` with ``FreshTLS``."""
+
+
+def fresh_tls(connection_class: type) -> type:
+    """``connection_class`` with ``FreshTLS`` when it is a TLS connection (else itself)."""
+    if not issubclass(connection_class, SSLConnection) or issubclass(connection_class, FreshTLS):
+        return connection_class
+    if connection_class is SSLConnection:
+        return FreshSSLConnection
+    fresh = _FRESH.get(connection_class)
+    if fresh is None:
+        fresh = _FRESH[connection_class] = type(f"Fresh{connection_class.__name__}",
+                                                (FreshTLS, connection_class), {})
+    return fresh
+
+
+_FRESH: dict[type, type] = {}
+
 def _standalone_options(unix: bool = False) -> frozenset[str]:
     """The names a standalone URL's query may give: redis-py's ``parse_url`` hands each one to
     the connection pool, which passes what it does not take itself to the connection class
@@ -426,6 +483,8 @@ def standalone_client(url: str, *, timeout: float, decode_responses: bool) -> Re
     pool = BlockingConnectionPool.from_url(
         url, max_connections=POOL_CONNECTIONS, timeout=None, decode_responses=decode_responses,
         socket_timeout=timeout, socket_connect_timeout=timeout, retry=_retry())
+    # (set after: from_url lets the URL's scheme choose the class over any argument)
+    pool.connection_class = fresh_tls(pool.connection_class)  # rotated TLS files: FreshTLS
     return Redis.from_pool(pool)  # closing the client closes its pool
 
 

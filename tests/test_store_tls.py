@@ -61,6 +61,7 @@ class TLSRelay:
         self.loop = asyncio.new_event_loop()
         self.listeners: list[socket.socket] = []
         self.tasks: set[asyncio.Task] = set()
+        self.serving: set[asyncio.Task] = set()  # one per relayed connection
         self.handshakes = 0  # TLS handshakes completed
         self.handshakes_to: dict[int, int] = {}  # by the redis-server port forwarded to
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -78,15 +79,26 @@ class TLSRelay:
         self.loop.call_soon_threadsafe(self._spawn, self._accept(listener, target, plain_too))
         return listener.getsockname()[1]
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro, serving: bool = False) -> None:
         task = self.loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        if serving:
+            self.serving.add(task)
+            task.add_done_callback(self.serving.discard)
+
+    def drop(self) -> None:
+        """Close every relayed connection (as a restarted Redis does); the listeners stay."""
+        async def drop() -> None:
+            for task in list(self.serving):
+                task.cancel()
+            await asyncio.gather(*self.serving, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(drop(), self.loop).result(10)
 
     async def _accept(self, listener: socket.socket, target: int, plain_too: bool) -> None:
         while True:
             sock, _ = await self.loop.sock_accept(listener)
-            self._spawn(self._serve(sock, target, plain_too))
+            self._spawn(self._serve(sock, target, plain_too), serving=True)
 
     async def _serve(self, sock: socket.socket, target: int, plain_too: bool) -> None:
         loop, writers = self.loop, []
@@ -418,3 +430,52 @@ async def test_topology_clients_give_the_tls_options_to_every_connection(pki) ->
         assert pool.connection_kwargs["ssl_ca_path"] == str(pki["ca"].parent)
     finally:
         await master.aclose()
+
+
+@pytest.mark.parametrize("form", ["rediss", "rediss+sentinel", "rediss+cluster"])
+async def test_a_rotated_store_ca_and_certificate_are_taken_on_the_next_connection(
+        tmp_path, pki, relay, upstream, monkeypatch, request, form) -> None:
+    """The CA file the URL names is rotated in place (the new CA added beside the old one, as
+    cert-manager and the like do), then Redis presents a certificate of the new CA and drops
+    every connection. Every connection keygate makes from then on must trust it: each kept
+    the CAs read when it was first made, so every request, /readyz and the admin API answered
+    503 store_unavailable until keygate was restarted."""
+    from harness import bearer, eventually, gateway_under_test, make_config
+    ca = tmp_path / "redis-ca.pem"
+    ca.write_bytes(pki["ca"].read_bytes())
+    if form == "rediss":
+        url = _standalone_url(request.getfixturevalue("tls_standalone"), ca)
+    elif form == "rediss+sentinel":
+        url = _sentinel_url(request.getfixturevalue("tls_sentinel"), ca)
+    else:
+        url = _cluster_url(request.getfixturevalue("tls_cluster"), ca)
+    new_cert, new_key_file = issue(tmp_path, pki["other_ca"], pki["other_ca"].with_suffix(".key"),
+                                   "rotated", "localhost")
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        async with g.proxy.get("/people", headers=bearer(token)) as r:
+            assert r.status == 200
+        ca.write_bytes(pki["ca"].read_bytes() + pki["other_ca"].read_bytes())
+        rotated = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        rotated.load_cert_chain(str(new_cert), str(new_key_file))
+        relay.ctx = rotated
+        relay.drop()
+
+        async def answers() -> list[int]:
+            """A request, a second one (a reconnect that failed is not the last word), the
+            readiness probe and an admin read."""
+            got = []
+            for path in ("/people", "/people/1"):
+                async with g.proxy.get(path, headers=bearer(token)) as r:
+                    got.append(r.status)
+            async with g.admin.get("/readyz") as r:
+                got.append(r.status)
+            status, _ = await g.admin_json("GET", "/workspaces/acme")
+            return got + [status]
+
+        async def all_answer() -> bool:
+            return await answers() == [200, 200, 200, 200]
+        await eventually(all_answer, timeout=8)
+        assert await answers() == [200, 200, 200, 200]

@@ -210,6 +210,16 @@ class TopologyClient(ClockSkew):
                     exc.unsent = True  # type: ignore[attr-defined]
                 raise
 
+    def follow_master(self, callback: Any) -> bool:
+        """Sentinel: have ``callback`` called (no arguments) whenever the Sentinels are found
+        naming a new master (``redis_topology._SentinelMaster.on_new_master``); True. False
+        on a Cluster, which has no such moment."""
+        from ..redis_topology import _SentinelMaster
+        if not isinstance(self.redis, _SentinelMaster):
+            return False
+        self.redis.on_new_master = callback
+        return True
+
     def prepare(self, script: Script, keys: tuple[str, ...], fixed: tuple[Any, ...],
                 n_varying: int) -> Any:
         return script, keys, fixed

@@ -9,6 +9,8 @@ on which one it is. The admin operations are :class:`gateway.store.admin.Store`'
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -28,6 +30,7 @@ REFUND = load("refund")
 LEDGER_WRITE = load("ledger_write")
 READ_KEY = load("read_key")
 READY = load("ready")
+RECOUNT = load("recount")
 # The script's deadline (lua/authorize.lua ARGV[13]) is this share of the store timeout after
 # the call is made: a reply to a call that ran before it reaches us before we give up on it,
 # unless Redis stalled between running the call and replying; that reply comes late, and a
@@ -56,6 +59,18 @@ def once_ttl_ms(timeout: float) -> int:
 # that is down fails every request: beyond that they are not asked about, as before).
 MARKER_ASKS_AFTER = (0.5, 1.0, 2.0)
 MAX_ASKING = 1024
+
+
+# Sentinel: the counting calls of the last RECOUNT_WINDOW seconds (at most RECOUNT_KEPT) are
+# remembered, so that once the Sentinels name a new master, those of them that ran on the old
+# one and never reached the new one are counted there again (``_recount``). A failover on
+# command (SENTINEL FAILOVER) promotes the replica while the old master goes on taking writes
+# until every client has moved: ~1 s of traffic was answered 200 and never counted. The window
+# stays within half a marker's life (``once_ttl_ms``), so a marker has not expired when asked.
+RECOUNT_WINDOW = 10.0
+RECOUNT_KEPT = 65536
+RECOUNT_BATCH = 256  # markers in one recount call
+log = logging.getLogger("keygate.store")
 
 
 # Keys whose authorize call (key names and, in the lean client, the command encoded up to the
@@ -134,6 +149,12 @@ class RequestStore:
         self._once_tag, self._once_seq = os.urandom(8).hex(), 0
         self._once_ttl = once_ttl_ms(self.timeout)
         self._asking: set[asyncio.Future] = set()  # _marked's questions under way
+        # Sentinel: the recent counting calls (``RECOUNT_WINDOW``) and the recounts under way
+        self._counted: collections.deque | None = None
+        self._recounting: set[asyncio.Future] = set()
+        follow = getattr(self._resp, "follow_master", None)
+        if follow is not None and follow(self._new_master):
+            self._counted = collections.deque(maxlen=RECOUNT_KEPT)
 
     def redis_clock(self, clock: Callable[[], float]) -> Callable[[], float]:
         """``clock`` (this host's wall clock, or a test's) moved onto Redis's: plus the skew
@@ -161,6 +182,9 @@ class RequestStore:
             task.cancel()
         for task in asking:
             await stop(task, CLOSE_STEP_TIMEOUT, "a question whether a call counted")
+        for task in list(self._recounting):
+            task.cancel()
+            await stop(task, CLOSE_STEP_TIMEOUT, "counting again on a new master")
         await self._resp.close()
 
     async def ready(self) -> None:
@@ -255,6 +279,10 @@ class RequestStore:
                 self._resp.measure_clock()
             raise StoreError("store call failed: Redis ran the call after its deadline "
                              "(paused or overloaded)")
+        if marker is not None and self._counted is not None and reply[0] == b"ok":
+            # (Sentinel: the redis-py round trip costs ~150 µs; this append, ~0.1)
+            self._counted.append((started, marker, workspace, key_id, budget, period, day,
+                                  counter_ttl))
         try:
             # tuple.__new__: what Decision(...) does, without its Python-level __new__
             return _new_tuple(Decision, (_OUTCOMES[reply[0]], reply[1], reply[2], reply[4],
@@ -286,6 +314,55 @@ class RequestStore:
         self._asking.add(task)
         task.add_done_callback(self._asking.discard)
         return task
+
+    def _new_master(self) -> None:
+        """The Sentinels name a new master: count again there what the old one took."""
+        if len(self._recounting) < 4:  # (a flapping group: the pending ones cover it)
+            task = asyncio.ensure_future(self._recount(time.monotonic()))
+            self._recounting.add(task)
+            task.add_done_callback(self._recounting.discard)
+
+    async def _recount(self, noticed: float) -> None:
+        """Once the calls in flight on the old master have ended (a store timeout after the
+        connections were moved), each request counted in the ``RECOUNT_WINDOW`` before the new
+        master was ``noticed`` whose marker the new master lacks is counted there
+        (lua/recount.lua). Its count ran on the old master after the promotion, or had not
+        reached the replica when the old master died: it was answered 200, and its count is
+        gone with the old master's data. A chunk the store fails is tried once more."""
+        from ..redis_topology import MASTER_CHECK_INTERVAL
+        await asyncio.sleep(self.timeout + MASTER_CHECK_INTERVAL)
+        since = noticed - min(RECOUNT_WINDOW, self._once_ttl / 2000)
+        groups: dict[tuple, list[str]] = {}
+        for started, marker, ws, key_id, budget, period, day, ttl in list(self._counted or ()):
+            if started >= since:
+                groups.setdefault((ws, key_id, budget, period, day, ttl), []).append(marker)
+        todo = [(group, markers[i:i + RECOUNT_BATCH]) for group, markers in groups.items()
+                for i in range(0, len(markers), RECOUNT_BATCH)]
+        counted = checked = 0
+        for attempt in range(2):
+            failed = []
+            for group, markers in todo:
+                ws, key_id, budget, period, day, ttl = group
+                slot = Slot(ws, key_id, period, day, budget)
+                try:
+                    counted += int(await self._resp.run(
+                        RECOUNT, (*slot.counters(), *markers),
+                        (self._once_ttl, ttl, ttl, DAILY_TTL, DAILY_TTL)))
+                    checked += len(markers)
+                except Exception as exc:  # the new master does not answer yet
+                    failed.append((group, markers))
+                    error = exc
+            todo = failed
+            if not todo:
+                break
+            await asyncio.sleep(1.0)
+        lost = sum(len(markers) for _, markers in todo)
+        if counted or lost:
+            log.warning("the Sentinels named a new master: %d of %d requests counted in the "
+                        "%.0f s before were not there and are counted again%s", counted,
+                        checked + lost, noticed - since,
+                        f"; {lost} could not be checked ({describe(error)}) and may stay "
+                        f"uncounted" if lost else "")
 
     def _prepare(self, workspace: str, key_id: str, period: str, day: str,
                  fixed: tuple[Any, ...], budget: str) -> Any:

@@ -29,7 +29,7 @@ from typing import Any
 
 import hiredis
 
-from ..redis_urls import parse_standalone_url
+from ..redis_urls import parse_standalone_url, tls_files_state
 
 
 # A connection retired after a timeout is read on until the late replies are in (see
@@ -299,7 +299,9 @@ class RespClient(ClockSkew):
         self.host, self.port = target.host, target.port
         self.db = target.db
         self.username, self.password = target.username, target.password
+        self._target = target
         self._ssl = target.ssl_context()
+        self._tls_files = self._tls_files_now()
         # as in redis-py, the URL's options win over the arguments
         self.timeout = target.option_seconds("socket_timeout", timeout)
         self.connect_timeout = target.option_seconds("socket_connect_timeout", connect_timeout)
@@ -318,9 +320,27 @@ class RespClient(ClockSkew):
         self._watchdog: asyncio.TimerHandle | None = None
         self._retired: list[_Protocol] = []  # timed out, still reading late replies
 
+    def _tls_files_now(self) -> tuple | None:
+        if self._ssl is None:
+            return None
+        tls = self._target.ssl_options
+        return tls_files_state(tls.get("ssl_ca_certs"), tls.get("ssl_certfile"),
+                               tls.get("ssl_keyfile"), tls.get("ssl_ca_path"))
+
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         factory = lambda: _Protocol(self._lost)  # noqa: E731
+        if self._ssl is not None:
+            # The CA or client certificate files rotated in place since the context was
+            # built are read again (redis_urls.FreshTLS, as on the admin path): a few stat
+            # calls a connection made, nothing per request.
+            files = self._tls_files_now()
+            if files != self._tls_files:
+                try:
+                    self._ssl = self._target.ssl_context()
+                except ValueError as exc:
+                    raise not_sent(f"cannot connect to Redis: {exc}") from None
+                self._tls_files = files
         try:
             if self.path is not None:
                 coro = loop.create_unix_connection(factory, self.path)

