@@ -378,7 +378,10 @@ async def test_a_malformed_tracestate_is_never_logged(upstream, receiver, redis_
                         "traceparent": f"00-{TRACE_ID}-{PARENT}-01",
                         "tracestate": tracestate.format(token=token)}) as r:
                     assert r.status == 200
-        said = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+        # (other warnings, e.g. the argon2 pool's under a loaded machine, are not this test's)
+        said = [r.getMessage() for r in caplog.records if r.levelno >= 30 and (
+            r.name.startswith("opentelemetry") or token in r.getMessage()
+            or "tracestate" in r.getMessage().lower())]
     assert upstream.requests[-1]["headers"].count(["tracestate", tracestate.format(
         token=token)]) == 1  # the upstream still gets it as sent
     assert said == []
