@@ -170,7 +170,10 @@ class UpstreamConnection(asyncio.Protocol):
             else:  # a 101 nobody asked for: its bytes are never read as HTTP
                 self._fail(UpstreamProtocolError("upstream switched protocols"))
         except Exception as exc:  # HttpParserError, or a callback's (wrapped or not)
-            if self.out_of_step:  # a second message in the same read: drop it, keep ours
+            if self.out_of_step or self.complete:
+                # bytes after our whole answer: a second message in the same read, or
+                # anything after one that said Connection: close (which llhttp takes as an
+                # error, not a next message): dropped, ours kept, the connection closed
                 self.close()
                 self._wake()
             else:
