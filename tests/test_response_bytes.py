@@ -151,7 +151,9 @@ async def test_a_response_transfer_coding_is_never_silently_dropped_nor_cut_off(
     (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n", False),
     (b"Transfer-Encoding: chunked, identity\r\n", False),
     (b"Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n", True),
-    (b"Transfer-Encoding: Chunked \r\n", True)])
+    (b"Transfer-Encoding: Chunked \r\n", True),
+    (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", False),
+    (b"Transfer-Encoding: chunked, CHUNKED\r\n", False)])
 async def test_every_transfer_encoding_line_is_judged_and_chunked_must_be_the_last_coding(
         redis_url, monkeypatch, te, plain_ok):
     """Transfer-Encoding may come as several lines, which llhttp reads as one list: only the
@@ -159,8 +161,10 @@ async def test_every_transfer_encoding_line_is_judged_and_chunked_must_be_the_la
     other than chunked is refused for) was taken as chunked framing while llhttp read the
     body to close: the answer was streamed out and then cut off. And ``chunked`` that is not
     the last coding (``chunked, identity``) was read to close with its chunk framing kept,
-    so the client got the chunk-size lines as content, with a 200. Either way a 502, never
-    a cut or altered answer; ``chunked`` last is re-framed as before."""
+    so the client got the chunk-size lines as content, with a 200. And ``chunked`` twice
+    (which a sender must never apply, RFC 9112 6.1) was read as chunked once: an upstream
+    that did chunk twice had its inner chunk framing passed on as content. Either way a 502,
+    never a cut or altered answer; ``chunked`` last is re-framed as before."""
     from harness import raw_upstream
     plain = b"hello " * 100
     wire = b"%x\r\n%s\r\n0\r\n\r\n" % (len(plain), plain)

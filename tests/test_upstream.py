@@ -236,6 +236,35 @@ async def test_bytes_after_the_response_are_never_passed_on_or_reused():
     await pool.close()
 
 
+@pytest.mark.parametrize("framing", [b"Content-Length: 2\r\n\r\nok",
+                                     b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"])
+@pytest.mark.parametrize("after", [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!",
+                                   b"\x00garbage"])
+async def test_bytes_after_a_closing_response_never_spoil_it(framing, after):
+    """A whole answer that says ``Connection: close``, then more bytes. llhttp takes anything
+    after such a message as an error (not as a next message, as it does on a kept-alive
+    connection), and that error failed the answer already complete: streamed, the client's
+    connection was aborted mid-answer, the body cut short although all of it had come. The
+    extra bytes are dropped, the answer stands, the connection is closed."""
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the head alone first: the body is then streamed
+        writer.write(framing + after)
+        await writer.drain()
+        await asyncio.sleep(1)
+    srv, url = await raw_upstream(answer)
+    pool = UpstreamPool(url)
+    try:
+        resp = await pool.request(head("GET", "/"), timeout=2)
+        assert await read_all(resp) == b"ok"
+        assert pool.idle == [] and pool.opened == 0
+    finally:
+        srv.close()
+        await pool.close()
+
+
 async def test_unsolicited_bytes_on_an_idle_connection_close_it():
     async def answer(reader, writer):
         await reader.readuntil(b"\r\n\r\n")

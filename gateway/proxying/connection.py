@@ -31,13 +31,17 @@ def _chunked_framing(value: bytes) -> bool:
     it. Raises UpstreamProtocolError for a coding keygate cannot pass on: Transfer-Encoding is
     hop-by-hop and keygate re-frames the body, so another coding would reach the client
     stripped of its name, and ``chunked`` before another coding is read to close by llhttp
-    with its chunk framing left in the body."""
+    with its chunk framing left in the body. ``chunked`` twice (RFC 9112 6.1: a sender never
+    applies it more than once) is unpicked once by llhttp: the inner framing would reach the
+    client as content."""
     if value == b"chunked":  # nearly every upstream: one line, one value
         return True
     codings = [c.strip().lower() for c in value.split(b",") if c.strip()]
     if any(c not in (b"identity", b"chunked") for c in codings) or \
             b"chunked" in codings and codings[-1] != b"chunked":
         raise UpstreamProtocolError("upstream used a transfer coding other than chunked")
+    if codings.count(b"chunked") > 1:
+        raise UpstreamProtocolError("upstream applied the chunked transfer coding twice")
     return bool(codings) and codings[-1] == b"chunked"
 
 
@@ -166,7 +170,10 @@ class UpstreamConnection(asyncio.Protocol):
             else:  # a 101 nobody asked for: its bytes are never read as HTTP
                 self._fail(UpstreamProtocolError("upstream switched protocols"))
         except Exception as exc:  # HttpParserError, or a callback's (wrapped or not)
-            if self.out_of_step:  # a second message in the same read: drop it, keep ours
+            if self.out_of_step or self.complete:
+                # bytes after our whole answer: a second message in the same read, or
+                # anything after one that said Connection: close (which llhttp takes as an
+                # error, not a next message): dropped, ours kept, the connection closed
                 self.close()
                 self._wake()
             else:
