@@ -265,6 +265,38 @@ async def test_bytes_after_a_closing_response_never_spoil_it(framing, after):
         await pool.close()
 
 
+@pytest.mark.parametrize("answer_bytes, kept", [
+    # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing, the connection
+    # closed after it, Connection: keep-alive or not
+    (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"2\r\nok\r\n0\r\n\r\n", False),
+    # 9.3: an HTTP/1.0 answer with Connection: keep-alive and a length may be kept
+    (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok", True),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", False),
+])
+async def test_an_http_1_0_answer_with_transfer_encoding_closes_its_connection(answer_bytes,
+                                                                              kept):
+    """An HTTP/1.0 answer framed with Transfer-Encoding: chunked was read as chunked and its
+    connection put back in the pool when it said keep-alive: an HTTP/1.0 hop that does not
+    know chunked (and so sees other message boundaries) stood between keygate and the next
+    request on that connection. The answer is read, the connection never reused."""
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer_bytes)
+        await writer.drain()
+        await asyncio.sleep(1)
+    srv, url = await raw_upstream(answer)
+    pool = UpstreamPool(url)
+    try:
+        resp = await pool.request(head("GET", "/"), timeout=2)
+        assert await read_all(resp) == b"ok"
+        await asyncio.sleep(0.05)
+        assert len(pool.idle) == (1 if kept else 0)
+    finally:
+        srv.close()
+        await pool.close()
+
+
 async def test_unsolicited_bytes_on_an_idle_connection_close_it():
     async def answer(reader, writer):
         await reader.readuntil(b"\r\n\r\n")

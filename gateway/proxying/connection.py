@@ -277,6 +277,10 @@ class UpstreamConnection(asyncio.Protocol):
                 coding = value if coding is None else coding + b"," + value
         if coding is not None:
             framed = _chunked_framing(coding)
+            if self.parser.get_http_version() == "1.0":
+                # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing;
+                # read as it says, but the connection is closed after it, never reused
+                self.keep_alive = False
         # an HTTP/1.0-style body with neither length nor chunks ends when the upstream closes
         self.until_close = not framed and not self.skip_body and \
             status >= 200 and status not in (204, 304)
