@@ -287,7 +287,12 @@ def strictly_clean(raw: bytes, spec: dict, ref: Read) -> bool:
         # coding at all, so its reading of where the answer ends is chunked's: known
         ref = reference_read(raw.replace(b"identity, chunked", b"chunked"), spec["method"],
                              False)
-    if ref.error or not ref.complete or ref.trailing.strip(b"\r\n") or not ref.keep_alive:
+    # h11 never keeps an HTTP/1.0 connection; RFC 9112 9.3 lets a client keep one whose
+    # response said Connection: keep-alive, framed by a length (with Transfer-Encoding, 6.1:
+    # the framing is faulty and the connection closed after it)
+    kept = ref.keep_alive or (spec["version"] == "1.0" and spec["keep_alive"]
+                              and spec["framing"] == "cl")
+    if ref.error or not ref.complete or ref.trailing.strip(b"\r\n") or not kept:
         return False
     if 101 in ref.interim or spec["head"] not in (None, "crlf_value") or spec["close"]:
         return False
