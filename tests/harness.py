@@ -164,6 +164,26 @@ async def raw_upstream(answer) -> tuple[asyncio.AbstractServer, str]:
     return srv, f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
 
 
+def target_parser(on_target) -> Any:
+    """An httptools request parser that calls ``on_target(target)`` with the request-target as
+    sent, once for each whole request it has read (a raw upstream's view of what arrived)."""
+    import httptools
+
+    class Callbacks:
+        target = b""
+
+        def on_message_begin(self) -> None:
+            self.target = b""
+
+        def on_url(self, url: bytes) -> None:
+            self.target += url
+
+        def on_message_complete(self) -> None:
+            on_target(self.target)
+
+    return httptools.HttpRequestParser(Callbacks())
+
+
 def openssl(*args: str) -> None:
     """Run the openssl CLI to make a test PKI; skip the test if it cannot."""
     done = subprocess.run(["openssl", *args], capture_output=True)

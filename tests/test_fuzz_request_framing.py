@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 from gateway.config import Route
 
-from harness import gateway_under_test, make_config, tampered
+from harness import gateway_under_test, make_config, tampered, target_parser
 
 IDENTITY = (b"x-workspace-id", b"x-api-key-id", b"x-api-scopes", b"x-workspace-plan")
 # what keygate writes into a forwarded request head itself
@@ -80,19 +80,7 @@ class Recorder:
         self.raw.append(buf)
         answers: list[bytes] = []
 
-        class Callbacks:
-            target = b""
-
-            def on_message_begin(self) -> None:
-                self.target = b""
-
-            def on_url(self, url: bytes) -> None:
-                self.target += url
-
-            def on_message_complete(self) -> None:
-                answers.append(self.target)
-
-        parser = httptools.HttpRequestParser(Callbacks())
+        parser = target_parser(answers.append)
         try:
             while data := await reader.read(65536):
                 buf += data

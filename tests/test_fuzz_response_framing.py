@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 from gateway.config import Route
 
-from harness import gateway_under_test, make_config
+from harness import gateway_under_test, make_config, target_parser
 
 ROUTES = (Route("/public/**", "api", ("GET", "HEAD"), (), True),)
 SECOND = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Desync: yes\r\n\r\nPWNED"
@@ -63,19 +63,7 @@ class Scripted:
         me = self.connections
         targets: list[bytes] = []
 
-        class Callbacks:
-            target = b""
-
-            def on_message_begin(self) -> None:
-                self.target = b""
-
-            def on_url(self, url: bytes) -> None:
-                self.target += url
-
-            def on_message_complete(self) -> None:
-                targets.append(self.target)
-
-        parser = httptools.HttpRequestParser(Callbacks())
+        parser = target_parser(targets.append)
         try:
             while data := await reader.read(65536):
                 try:
