@@ -296,3 +296,32 @@ async def test_large_answers_pipelined_before_a_refusal_reach_a_client_that_stil
                     (attempt, end, len(got), statuses(bytes(got)))
                 assert got.count(big) == 2
                 assert whole_json_error(bytes(got), b"400", b'"bad_request"'), got[-400:]
+
+
+async def test_many_lingering_connections_all_end_within_the_bound_and_others_are_served(
+        redis_url, upstream, monkeypatch):
+    """300 clients each send a request keygate refuses and closes on, and stay open without a
+    word more: each gets its answer, and every connection is gone within the idle bound (no
+    buffer or timer left behind), while other clients are served meanwhile."""
+    config = config_for(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        server = g.gw.proxy_server
+        loop = asyncio.get_running_loop()
+        socks = []
+        try:
+            for _ in range(300):
+                sock = await connect(g.proxy_server.port)
+                socks.append(sock)
+                await send_all(sock, b"GET /public/x HTTP/1.1\r\nHost: g\r\nX-Bad: y\nX: z\r\n\r\n")
+            async with g.proxy.get("/public/ok", headers={"Connection": "close"}) as r:
+                assert r.status == 200
+            began = loop.time()
+            assert await eventually(lambda: not server.connections, LINGER_TIME + 3), \
+                len(server.connections)
+            assert loop.time() - began <= LINGER_TIME + 1.5
+            answers = await asyncio.gather(*(read_to_end(s, 5) for s in socks))
+        finally:
+            for sock in socks:
+                sock.close()
+        for answer, end in answers:
+            assert end == "eof" and whole_json_error(answer, b"400", b'"bad_request"'), answer
