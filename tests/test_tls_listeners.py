@@ -475,3 +475,43 @@ async def test_a_body_cut_by_a_tcp_close_without_close_notify_never_reaches_upst
     got = bytes(up.raw[0])
     assert got.count(b"a") < 2 * len(half) and not got.endswith(b"0\r\n\r\n")
 
+
+
+async def test_a_refusal_on_an_https_listener_lingers_and_ends_cleanly(https_gateway, pki):
+    """The lingering close under TLS (asyncio has no TLS half-close: keygate reads on, then
+    closes with close_notify): a client that sends more after a request keygate refuses and
+    closes on gets the whole JSON 400, then the end of the stream, within the lingering
+    bounds; a silent one is closed after the idle bound."""
+    from gateway.proxying.server import LINGER_IDLE, LINGER_TIME
+    _, (proxy_port, _), _, _ = https_gateway
+
+    def exchange(late: bool) -> tuple[bytes, str, float]:
+        with socket.create_connection(("127.0.0.1", proxy_port), timeout=5) as raw:
+            with client_context(pki).wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"GET /people/1 HTTP/1.1\r\nHost: g\r\nX-Bad: y\nX: z\r\n\r\n")
+                began = time.monotonic()
+                if late:
+                    time.sleep(0.1)
+                    for _ in range(5):
+                        tls.sendall(b"GET /people/2 HTTP/1.1\r\nHost: g\r\n\r\n" * 50)
+                        time.sleep(0.02)
+                got, end = bytearray(), "eof"
+                try:
+                    while chunk := tls.recv(65536):
+                        got += chunk
+                except ssl.SSLEOFError:
+                    end = "eof"  # a TCP FIN without close_notify: no data lost
+                except (ConnectionError, ssl.SSLError) as exc:
+                    end = repr(exc)
+                return bytes(got), end, time.monotonic() - began
+
+    loop = asyncio.get_running_loop()
+    for late in (True, False):
+        got, end, took = await loop.run_in_executor(None, exchange, late)
+        assert end == "eof", (late, end, got)
+        assert got.startswith(b"HTTP/1.") and b" 400 " in got.split(b"\r\n")[0], got
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert body.endswith(b"}") and b'"bad_request"' in body, got
+        assert took <= LINGER_TIME + 1.0, (late, took)
+        if not late:
+            assert LINGER_IDLE - 0.2 <= took <= LINGER_IDLE + 1.0, took

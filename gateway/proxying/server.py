@@ -53,6 +53,21 @@ _RECENT = 512  # the last bytes of each of a connection's last two reads it is j
 # memory once parsed), which server.max_connections clients could each hold until
 # server.timeouts.header: tens of GB.
 HEAD_MAX = 32 * 1024
+# The lingering close (nginx's lingering_close): a connection keygate closes after an answer
+# while the client may still be sending (a refused body, a refused framing, requests pipelined
+# behind) is half-closed once the answer is written (FIN after it), and what the client still
+# sends is read and dropped until it closes too, for at most LINGER_TIME seconds in all and
+# LINGER_IDLE seconds with nothing read. Closed at once instead, the kernel answers bytes still
+# unread or still arriving with a reset, which drops whatever of the answers (the refusal, the
+# 200 of a pipelined request already forwarded and counted) the client's kernel had not yet
+# received, and makes a client still writing a body fail on its write before it reads the
+# refusal. nginx lingers up to 30 s / 5 s; keygate's own answers are small and sent at once,
+# so 2 s / 0.5 s let a loopback or LAN client finish its write and read them, while a
+# lingering connection holds its place under server.max_connections (it counts as open, as it
+# is) for 2 s at most: 10k of them hold 10k sockets for 2 s and no buffer (what is read is
+# dropped), which server.max_connections already allows for server.timeouts.header.
+LINGER_TIME = 2.0
+LINGER_IDLE = 0.5
 
 
 class HeadTooLarge(Exception):
@@ -102,6 +117,9 @@ class _JsonErrorRequestHandler(RequestHandler):
     # bytes held behind an upgrade not yet answered (aiohttp's _message_tail) whose first
     # HEAD_MAX hold no end of a head: never parsed if declined (None: not judged yet)
     _tail_over: bool | None = None
+    _lingering: asyncio.TimerHandle | None = None  # while a lingering close runs (_linger)
+    _linger_end = 0.0   # when it ends at the latest (0: no lingering close begun)
+    _linger_last = 0.0  # when it last read something (or began)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -122,18 +140,23 @@ class _JsonErrorRequestHandler(RequestHandler):
         if self._tunnel is not None:  # a WebSocket tunnel's bytes (aiohttp hands them to it):
             super().data_received(data)  # no request head, body or timeout to judge any more
             return
-        if (self._close or self._force_close) and self._rest_of_a_body_at_stop():
-            # aiohttp drops every byte a closing connection receives, and a stopping server
-            # (SIGTERM) closes them all: the rest of the body of a request in flight must
-            # still come in, or that request stalls until the drain ends and is cut off
-            closing = self._close, self._force_close
-            self._close = self._force_close = False
-            try:
-                self.data_received(data)
-            finally:
-                self._close = closing[0] or self._close
-                self._force_close = closing[1] or self._force_close
-            return
+        if self._close or self._force_close:
+            if self._linger_end:  # a lingering close: read and dropped
+                self._linger_last = self._loop.time()
+                return
+            if self._rest_of_a_body_at_stop():
+                # aiohttp drops every byte a closing connection receives, and a stopping
+                # server (SIGTERM) closes them all: the rest of the body of a request in
+                # flight must still come in, or that request stalls until the drain ends
+                # and is cut off
+                closing = self._close, self._force_close
+                self._close = self._force_close = False
+                try:
+                    self.data_received(data)
+                finally:
+                    self._close = closing[0] or self._close
+                    self._force_close = closing[1] or self._force_close
+                return
         if data and self._head_since is None and not self._request_in_progress \
                 and not self._messages \
                 and (self._last_payload is None or self._last_payload.is_eof()):
@@ -389,7 +412,48 @@ class _JsonErrorRequestHandler(RequestHandler):
                      self._manager.write_timeout if self._manager else 0)
             self.transport.abort()  # connection_lost fails the waiting write: handler ends
 
+    def linger(self) -> None:
+        """Close the connection after its last answer the lingering way (see LINGER_TIME):
+        half-closed once the answer is written (no half-close under TLS: asyncio has none; its
+        close then sends close_notify), what the client still sends read and dropped, closed
+        once the client closes too, LINGER_IDLE passes with nothing read or LINGER_TIME in all.
+        Only for a connection keygate closes while the client may still send: not on the
+        keep-alive path."""
+        transport = self.transport
+        if self._linger_end or transport is None or transport.is_closing():
+            return
+        self._close = True  # aiohttp parses nothing more; data_received drops every read
+        loop = self._loop
+        now = loop.time()
+        self._linger_end = now + LINGER_TIME
+        self._linger_last = now
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()  # FIN once the answer's bytes are written
+            transport.resume_reading()  # (paused by a body's or the queue's flow control)
+        except (OSError, RuntimeError):  # gone meanwhile
+            transport.close()
+            return
+        self._lingering = loop.call_at(now + LINGER_IDLE, self._linger_check)
+
+    def _linger_check(self) -> None:
+        self._lingering = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        now = self._loop.time()
+        if now < self._linger_end and now - self._linger_last < LINGER_IDLE:
+            self._lingering = self._loop.call_at(
+                min(self._linger_last + LINGER_IDLE, self._linger_end), self._linger_check)
+            return
+        # (an answer not all taken yet is still written: the close waits for it, and the
+        # sweep cuts it off once server.timeouts.body passes, as after any close)
+        transport.close()
+
     def connection_lost(self, exc) -> None:
+        if self._lingering is not None:
+            self._lingering.cancel()
+            self._lingering = None
         if self._write_stall is not None:
             self._write_stall.cancel()
             self._write_stall = None
@@ -625,7 +689,9 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
                 # check payload
                 if not payload.is_eof():
                     lingering_time = self._lingering_time
-                    if not self._force_close and lingering_time:
+                    # keygate: the rest of a body is read only for a connection that goes on;
+                    # one that closes after this answer lingers at the socket instead (linger)
+                    if not self._force_close and lingering_time and self._keepalive:
                         self.log_debug(
                             "Start lingering close timer for %s sec.", lingering_time
                         )
@@ -683,7 +749,13 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
         if not self._force_close:
             self._task_handler = None
             if self.transport is not None:
-                self.transport.close()
+                # keygate: a lingering close, unless the client asked for the close itself
+                # (Connection: close, HTTP/1.0) after a request read whole: it sends no more
+                if self._close or request_handler is not self._request_handler \
+                        or not message.should_close or not payload.is_eof():
+                    self.linger()
+                else:
+                    self.transport.close()
 
 
 def _upgrade_drops_the_rest(message) -> bool:
@@ -747,7 +819,9 @@ async def answer_and_close(request: web.BaseRequest, response: web.StreamRespons
         await response.write_eof()
     except ConnectionError:
         pass
-    if request.transport is not None:
+    if isinstance(request.protocol, _InlineRequestHandler):
+        request.protocol.linger()  # the client may yet send: see LINGER_TIME
+    elif request.transport is not None:
         request.transport.close()
 
 
