@@ -411,15 +411,30 @@ def _supervise(config: Config, store_url: str, workers: int,
                 os._exit(code)
         children.append(pid)
 
+    reloading = [False, False]  # this handler is running; a SIGHUP came in meanwhile
+
     def reload_all(signum, _frame) -> None:
         # Nothing here may take a lock: a SIGHUP arriving while this handler runs runs it
         # again, nested, in the same thread. It logged a line: the nested call waited for the
         # log queue's lock the outer one held (the supervisor hung, its workers unreaped and
         # SIGTERM unable to stop it) or found the queue half made (it died). Each worker logs
-        # the reload it is asked for.
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGHUP)
+        # the reload it is asked for. Nor may it nest without bound: a storm of SIGHUPs nested
+        # it until RecursionError ended the supervisor. A nested call only says it came; the
+        # outer one forwards once more for all that came meanwhile (a reload reads the file
+        # when it runs: one for several is the same reload).
+        if reloading[0]:
+            reloading[1] = True
+            return
+        while True:
+            reloading[0], reloading[1] = True, False
+            try:
+                for child in children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGHUP)
+            finally:
+                reloading[0] = False
+            if not reloading[1]:  # (one that came as the flag dropped is seen here)
+                return
 
     if not unforked:  # (stopping: forward ignores SIGHUP from then on)
         signal.signal(signal.SIGHUP, reload_all)  # after forking: workers have their own
