@@ -293,6 +293,23 @@ def _cluster_class() -> Any:
                 raise SlotNotCoveredError(f'Slot "{slot}" not covered by the cluster.')
             return super().get_node_from_slot(slot, *args, **kwargs)
 
+        def set_nodes(self, old: Any, new: Any, remove_old: bool = False) -> None:
+            # redis-py marks every connection of every node it keeps for reconnection at each
+            # read of the slots, in case a node's role changed (a replica's READONLY state).
+            # keygate reads from primaries only, and a node that keeps its role keeps its
+            # connections: with a primary dead, each read (every ~0.1 s until the promotion)
+            # re-made every connection to every healthy node, 74 of 76 to the other
+            # workspace's primary during one failover, each a connect and AUTH more on a
+            # command of a healthy workspace. A node whose role changed is still recycled.
+            same = [(c, c.should_reconnect()) for name, node in new.items()
+                    if (kept := old.get(name)) is not None
+                    and kept.server_type == node.server_type
+                    for c in kept._connections]
+            super().set_nodes(old, new, remove_old)
+            for connection, marked in same:
+                if not marked:
+                    connection.reset_should_reconnect()
+
     class _Cluster(RedisCluster):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -487,13 +504,12 @@ def _cluster_class() -> Any:
             # CLUSTERDOWN, an uncovered slot): that cut every node's connections, in use ones
             # too, and the commands other requests had in flight on healthy nodes failed
             # (AttributeError, not retried: 503). The slots are read again all the same (before
-            # the next command), but connections are closed only when idle or as they are
-            # released, as redis-py itself does when the slots change.
+            # the next command), and the connections are kept: the node answered on them. (They
+            # were then re-made as they were released: during a failover's CLUSTERDOWN, every
+            # connection to every healthy node, each a connect and AUTH more on a healthy
+            # workspace's command.) A node whose role the read finds changed has its
+            # connections re-made (``_NodesManager.set_nodes``).
             self._initialize = True
-            for node in list(self.nodes_manager.nodes_cache.values()):
-                node = recent_first(node)
-                node.update_active_connections_for_reconnect()
-                await node.disconnect_free_connections()
 
         def get_node(self, host: Any = None, port: Any = None,
                      node_name: Any = None) -> Any:
