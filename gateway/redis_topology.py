@@ -293,6 +293,23 @@ def _cluster_class() -> Any:
                 raise SlotNotCoveredError(f'Slot "{slot}" not covered by the cluster.')
             return super().get_node_from_slot(slot, *args, **kwargs)
 
+        def set_nodes(self, old: Any, new: Any, remove_old: bool = False) -> None:
+            # redis-py marks every connection of every node it keeps for reconnection at each
+            # read of the slots, in case a node's role changed (a replica's READONLY state).
+            # keygate reads from primaries only, and a node that keeps its role keeps its
+            # connections: with a primary dead, each read (every ~0.1 s until the promotion)
+            # re-made every connection to every healthy node, 74 of 76 to the other
+            # workspace's primary during one failover, each a connect and AUTH more on a
+            # command of a healthy workspace. A node whose role changed is still recycled.
+            same = [(c, c.should_reconnect()) for name, node in new.items()
+                    if (kept := old.get(name)) is not None
+                    and kept.server_type == node.server_type
+                    for c in kept._connections]
+            super().set_nodes(old, new, remove_old)
+            for connection, marked in same:
+                if not marked:
+                    connection.reset_should_reconnect()
+
     class _Cluster(RedisCluster):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -322,45 +339,109 @@ def _cluster_class() -> Any:
         # Times the slots are read again when a connection is closed under the read.
         INITIALIZE_ATTEMPTS = 3
 
+        # Seconds between two reads of the slots asked for by commands that failed on a
+        # connection (``initialize``).
+        REREAD_GAP = 0.1
+        _reads = 0  # reads of the slots begun (numbered from 1)
+        _read_done = 0  # the number of the last one ended
+        _read_error: Exception | None = None  # what it raised
+        _read_end = -1e9  # when it ended (time.monotonic())
+
         async def initialize(self, additional_startup_nodes_info: Any = None,
                              last_failed_node_name: Any = None) -> Any:
-            """redis-py 8.1.0's, with two changes. After a connection error, a command's
+            """redis-py 8.1.0's, with these changes. After a connection error, a command's
             retry first reads the slots (CLUSTER SLOTS, COMMAND) again, and redis-py does that
             before its retry loop's ``try``: a connection closed under that read (``CLIENT
             KILL`` of every client, a node restarting) was the command's error, never retried,
             and answered 503 on a healthy cluster. Such a read is now made again, up to
-            ``INITIALIZE_ATTEMPTS`` times. And a read that fails no longer closes every node's
-            connections, which other commands were using (they failed in turn)."""
+            ``INITIALIZE_ATTEMPTS`` times. A read that fails no longer closes every node's
+            connections, which other commands were using (they failed in turn).
+
+            And only the commands that failed on a connection wait for a read. redis-py has
+            every command wait, before its first attempt, for any read asked for: with a
+            primary dead, each of its slots' commands failed, asked for a read, and the
+            commands of every other workspace queued behind one read after another (one every
+            ~20 ms until the replica's promotion, each ~10 ms of this loop's CPU), up to
+            ~0.5 s at 150 in flight: answered late, 503 from a healthy primary. A command
+            that did not fail on a connection (``last_failed_node_name`` None: its first
+            attempt, or a retry after CLUSTERDOWN or an uncovered slot, which ask for reads of
+            their own, ``_reread``) now goes on with the slots known, and the read is made in
+            the background (one at a time). A command that failed on a connection waits for
+            a read begun after it asked, and has its outcome (one read serves all those queued
+            during the last, and a read that failed fails them all: no queue of reads one
+            after another while the cluster is unreachable).
+            Reads are at most one per ``REREAD_GAP`` once the slots are known."""
             if not self._initialize:
                 return self
+            if last_failed_node_name is None and self.nodes_manager.slots_cache:
+                if self._reading is None:
+                    self._reading = asyncio.get_running_loop().create_task(
+                        self._read_in_background(), context=contextvars.Context())
+                return self
+            return await self._read(additional_startup_nodes_info, last_failed_node_name)
+
+        _reading: Any = None  # the read made in the background (``initialize``), if any
+
+        async def _read_in_background(self) -> None:
+            try:
+                await self._read(None, None)
+            except Exception:  # not any command's error: the next one that fails asks again
+                pass
+            finally:
+                self._reading = None
+
+        async def _read(self, additional_startup_nodes_info: Any,
+                        last_failed_node_name: Any) -> Any:
             if not self._lock:
                 self._lock = asyncio.Lock()
+            asked = self._reads
             async with self._lock:
-                for attempt in range(self.INITIALIZE_ATTEMPTS):
-                    if not self._initialize:
-                        break
-                    try:
-                        await self.nodes_manager.initialize(
-                            additional_startup_nodes_info=additional_startup_nodes_info,
-                            last_failed_node_name=last_failed_node_name)
-                        # redis-py reads the slots from the nodes it found last time only
-                        # (dynamic_startup_nodes), the URL's seeds dropped when the cluster does
-                        # not name them: a cluster rebuilt on other addresses behind stable seeds
-                        # (a DNS name, a balancer, a redeploy) was never found again, every
-                        # request 503 until keygate restarted. They are read from as well.
-                        for name, seed in self._seeds.items():
-                            self.nodes_manager.startup_nodes.setdefault(name, seed)
-                        if not self.commands_parser.commands:
-                            # the command table once (COMMAND: ~240 entries to parse, ~10 ms
-                            # of this loop's CPU each time the slots were read again)
-                            await self.commands_parser.initialize(
-                                self.nodes_manager.default_node)
-                        self._initialize = False
-                    except RedisConnectionError:
-                        if attempt == self.INITIALIZE_ATTEMPTS - 1:
-                            raise
-                        await asyncio.sleep(0.01 * 2 ** attempt)
+                if self._read_done > asked:  # read since this command asked: its outcome
+                    if self._read_error is not None:
+                        raise self._read_error.with_traceback(None)
+                    return self
+                if self.nodes_manager.slots_cache:
+                    pause = self._read_end + self.REREAD_GAP - time.monotonic()
+                    if pause > 0:
+                        await asyncio.sleep(pause)
+                self._reads += 1
+                number, self._read_error = self._reads, None
+                try:
+                    await self._read_attempts(additional_startup_nodes_info,
+                                              last_failed_node_name)
+                except Exception as exc:
+                    self._read_error = exc
+                    raise
+                finally:
+                    self._read_done, self._read_end = number, time.monotonic()
             return self
+
+        async def _read_attempts(self, additional_startup_nodes_info: Any,
+                                 last_failed_node_name: Any) -> None:
+            for attempt in range(self.INITIALIZE_ATTEMPTS):
+                if not self._initialize:
+                    break
+                try:
+                    await self.nodes_manager.initialize(
+                        additional_startup_nodes_info=additional_startup_nodes_info,
+                        last_failed_node_name=last_failed_node_name)
+                    # redis-py reads the slots from the nodes it found last time only
+                    # (dynamic_startup_nodes), the URL's seeds dropped when the cluster does
+                    # not name them: a cluster rebuilt on other addresses behind stable seeds
+                    # (a DNS name, a balancer, a redeploy) was never found again, every
+                    # request 503 until keygate restarted. They are read from as well.
+                    for name, seed in self._seeds.items():
+                        self.nodes_manager.startup_nodes.setdefault(name, seed)
+                    if not self.commands_parser.commands:
+                        # the command table once (COMMAND: ~240 entries to parse, ~10 ms
+                        # of this loop's CPU each time the slots were read again)
+                        await self.commands_parser.initialize(
+                            self.nodes_manager.default_node)
+                    self._initialize = False
+                except RedisConnectionError:
+                    if attempt == self.INITIALIZE_ATTEMPTS - 1:
+                        raise
+                    await asyncio.sleep(0.01 * 2 ** attempt)
 
         async def _execute_command(self, target_node: Any, *args: Any, **kwargs: Any) -> Any:
             token = _IN_COMMAND.set(True)
@@ -411,6 +492,10 @@ def _cluster_class() -> Any:
 
         async def aclose(self) -> None:
             if not _IN_COMMAND.get():  # closing the client
+                reading, self._reading = self._reading, None
+                if reading is not None:
+                    from .closing import CLOSE_STEP_TIMEOUT, stop
+                    await stop(reading, CLOSE_STEP_TIMEOUT, "the Cluster slots' reading")
                 await super().aclose()
                 return
             if not self._reread():  # read moments ago (``_reread``)
@@ -419,13 +504,12 @@ def _cluster_class() -> Any:
             # CLUSTERDOWN, an uncovered slot): that cut every node's connections, in use ones
             # too, and the commands other requests had in flight on healthy nodes failed
             # (AttributeError, not retried: 503). The slots are read again all the same (before
-            # the next command), but connections are closed only when idle or as they are
-            # released, as redis-py itself does when the slots change.
+            # the next command), and the connections are kept: the node answered on them. (They
+            # were then re-made as they were released: during a failover's CLUSTERDOWN, every
+            # connection to every healthy node, each a connect and AUTH more on a healthy
+            # workspace's command.) A node whose role the read finds changed has its
+            # connections re-made (``_NodesManager.set_nodes``).
             self._initialize = True
-            for node in list(self.nodes_manager.nodes_cache.values()):
-                node = recent_first(node)
-                node.update_active_connections_for_reconnect()
-                await node.disconnect_free_connections()
 
         def get_node(self, host: Any = None, port: Any = None,
                      node_name: Any = None) -> Any:
