@@ -554,3 +554,44 @@ async def test_a_stop_while_a_tls_connection_waits_for_close_notify_completes(
         finally:
             if not stopped:
                 await stop_listeners(runners)
+
+
+async def test_a_tls_client_that_never_answers_close_notify_is_closed_within_the_header_timeout(
+        tmp_path, pki, upstream, redis_url, monkeypatch):
+    """After a refusal on an HTTPS listener keygate closes with close_notify, and asyncio then
+    waited for the client's own close_notify for its default 30 s: a client that keeps the TCP
+    connection open and never answers it (nor sends more) held its place under
+    server.max_connections three times server.timeouts.header. The TLS shutdown now has the
+    handshake's bound, server.timeouts.header (1 s here)."""
+    from gateway.proxying.server import LINGER_IDLE
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    path = tmp_path / "config.yaml"
+    ports = free_port(), free_port()
+    write_config(path, str(upstream.make_url("")), *ports, pki["cert"], pki["key"])
+    text = path.read_text().replace("tls: {cert_file", "timeouts: {header: 1}, tls: {cert_file", 1)
+    path.write_text(text)
+    loop = asyncio.get_running_loop()
+    async with running_gateway(load_config(path), redis_url, config_path=str(path)) as gw:
+        runners = await start_listeners(gw)
+        server = gw.proxy_server
+        try:
+            def connect() -> tuple[socket.socket, ssl.SSLSocket]:
+                raw = socket.create_connection(("127.0.0.1", ports[0]), timeout=5)
+                return raw, client_context(pki).wrap_socket(raw, server_hostname="localhost")
+
+            raw, tls = await loop.run_in_executor(None, connect)
+            try:
+                tls.sendall(b"GET /people/1 HTTP/1.1\r\nHost: g\r\nX-Bad: y\nX: z\r\n\r\n")
+                got = bytearray()
+                while b"}" not in got:  # the whole 400; then nothing more is read, nor closed
+                    got += await loop.run_in_executor(None, tls.recv, 65536)
+                assert b" 400 " in got.split(b"\r\n")[0], got
+                began = loop.time()
+                gone = await eventually(lambda: not server.connections, 8)
+                took = loop.time() - began
+            finally:
+                raw.close()
+            assert gone and took <= LINGER_IDLE + 1 + 1.5, \
+                f"still open {took:.1f} s after the refusal"
+        finally:
+            await stop_listeners(runners)
