@@ -298,7 +298,10 @@ class _Site(web.TCPSite):
     listeners use ``server.timeouts.header``). aiohttp passes no handshake timeout, so asyncio's
     60 s applied, and the head timeout starts only once the handshake is done: a client that
     opened TCP and never sent a ClientHello held its socket for a minute, outside
-    ``server.max_connections`` (a connection counts once its handshake is done).
+    ``server.max_connections`` (a connection counts once its handshake is done). Its TLS
+    shutdown has the same bound: asyncio waited 30 s for the client's close_notify after every
+    close keygate makes (a refusal's lingering close, an idle keep-alive's end), so a client
+    that never answers it held its place under ``server.max_connections`` that long.
 
     Its listening sockets drop a peer that acknowledges nothing for ``vanish_timeout``
     (``server.timeouts.body``; ``drop_vanished_peers``)."""
@@ -320,7 +323,8 @@ class _Site(web.TCPSite):
         self._server = await asyncio.get_running_loop().create_server(
             self._runner.server, self._host, self._port, ssl=self._ssl_context,
             backlog=self._backlog, reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port, ssl_handshake_timeout=self._handshake_timeout)
+            reuse_port=self._reuse_port, ssl_handshake_timeout=self._handshake_timeout,
+            ssl_shutdown_timeout=self._handshake_timeout)
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 

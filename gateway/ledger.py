@@ -141,7 +141,10 @@ class LocalLedger:
         self.flush()  # then everything left, once
         if self._writer is not None:
             await asyncio.gather(self._writer, return_exceptions=True)
-        if self.counts and not self.pending:  # kept behind writes the store just confirmed
+        # counts kept behind writes the store just confirmed (while another slot's write may
+        # still fail: that one must not hold back the slots the store now takes)
+        waiting = {write.slot for write in self.pending.values()}
+        if any(slot not in waiting for slot in self.counts):
             self.flush()
             await asyncio.gather(self._writer, return_exceptions=True)
         if self:

@@ -348,3 +348,31 @@ def test_the_override_fast_test_never_misses_what_requested_finds(pairs, params,
                       for n, v in pairs)
     if sent_header:
         assert "DELETE" in named
+
+
+async def test_a_ledger_closing_writes_a_slots_held_counts_though_another_slots_write_fails(
+        own_redis) -> None:
+    """At shutdown, a slot whose waiting write the store confirms in close() has its counts
+    held meanwhile written too, even while another slot's write keeps failing (as in a
+    Cluster slot no node serves; here an ACL that refuses that workspace's keys): they were
+    dropped, with a warning, because some write was still pending."""
+    ok = Slot("acme", "k1", "2025-06", "2025-06-15", "k1")
+    bad = Slot("zeta", "k9", "2025-06", "2025-06-15", "k9")
+    r = redis.Redis.from_url(own_redis.url)
+    r.acl_setuser("gw", enabled=True, passwords=["+pw"], commands=["+@all"], keys=[],
+                  reset_keys=True)   # no key at all: every ledger write is refused (NOPERM)
+    url = own_redis.url.replace("redis://", "redis://gw:pw@")
+    store = RequestStore(url, timeout=0.5)
+    ledger = LocalLedger(store, MonthCache(), lambda: NOW, retry_every=3600)
+    ledger.add(ok)
+    ledger.add(bad)
+    ledger.flush()
+    await asyncio.wait((ledger._writer,))
+    assert len(ledger.pending) == 2 and not ledger.counts
+    ledger.add(ok)                    # held behind ok's waiting write
+    ledger.add(ok)
+    r.acl_setuser("gw", enabled=True, keys=["*{acme}*"])  # ok's slot is served again
+    await ledger.close()
+    assert [int(r.get(k) or 0) for k in ok.counters()] == [3, 3, 3, 3]
+    assert ledger.counts == {} and [w.slot for w in ledger.pending.values()] == [bad]
+    await store.close()

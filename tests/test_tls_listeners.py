@@ -19,7 +19,7 @@ import pytest
 from conftest import free_port
 from gateway.app import running_gateway, start_listeners, stop_listeners
 from gateway.config import load_config
-from harness import ADMIN_TOKEN, keygate_at_a_terminal, openssl
+from harness import ADMIN_TOKEN, eventually, keygate_at_a_terminal, openssl
 
 EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
 
@@ -469,7 +469,6 @@ async def test_a_body_cut_by_a_tcp_close_without_close_notify_never_reaches_upst
         tls.close()  # Python's SSLSocket.close sends no close_notify: TCP FIN only
 
     await asyncio.get_running_loop().run_in_executor(None, send_and_vanish)
-    from harness import eventually
     assert await eventually(lambda: up.ended == 1), "the upstream connection was left open"
     assert up.requests == [] and up.errors == []
     got = bytes(up.raw[0])
@@ -515,3 +514,84 @@ async def test_a_refusal_on_an_https_listener_lingers_and_ends_cleanly(https_gat
         assert took <= LINGER_TIME + 1.0, (late, took)
         if not late:
             assert LINGER_IDLE - 0.2 <= took <= LINGER_IDLE + 1.0, took
+
+
+async def test_a_stop_while_a_tls_connection_waits_for_close_notify_completes(
+        tmp_path, pki, upstream, redis_url, monkeypatch):
+    """A stop (SIGTERM) while an HTTPS connection keygate closed still waits for the client's
+    close_notify: the stop closed it a second time, asyncio's TLS transport then drops its
+    protocol, and the listener's shutdown failed on it (AttributeError) before the rest of
+    the stop ran. The stop now completes, and the connection is gone."""
+    from gateway.proxying.server import LINGER_IDLE
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    path = tmp_path / "config.yaml"
+    ports = free_port(), free_port()
+    write_config(path, str(upstream.make_url("")), *ports, pki["cert"], pki["key"])
+    loop = asyncio.get_running_loop()
+    async with running_gateway(load_config(path), redis_url, config_path=str(path)) as gw:
+        runners = await start_listeners(gw)
+        stopped = False
+        try:
+            def connect() -> tuple[socket.socket, ssl.SSLSocket]:
+                raw = socket.create_connection(("127.0.0.1", ports[0]), timeout=5)
+                return raw, client_context(pki).wrap_socket(raw, server_hostname="localhost")
+
+            raw, tls = await loop.run_in_executor(None, connect)
+            try:
+                tls.sendall(b"GET /people/1 HTTP/1.1\r\nHost: g\r\nX-Bad: y\nX: z\r\n\r\n")
+                got = bytearray()
+                while b"}" not in got:
+                    got += await loop.run_in_executor(None, tls.recv, 65536)
+                await asyncio.sleep(LINGER_IDLE + 0.3)  # keygate has closed: close_notify sent
+                handlers = list(gw.proxy_server.connections)
+                assert handlers and all(h._kept is not None and h._kept.is_closing()
+                                        for h in handlers)
+                await asyncio.wait_for(stop_listeners(runners), 10)
+                stopped = True
+                assert await eventually(lambda: not gw.proxy_server.connections, 5)
+            finally:
+                raw.close()
+        finally:
+            if not stopped:
+                await stop_listeners(runners)
+
+
+async def test_a_tls_client_that_never_answers_close_notify_is_closed_within_the_header_timeout(
+        tmp_path, pki, upstream, redis_url, monkeypatch):
+    """After a refusal on an HTTPS listener keygate closes with close_notify, and asyncio then
+    waited for the client's own close_notify for its default 30 s: a client that keeps the TCP
+    connection open and never answers it (nor sends more) held its place under
+    server.max_connections three times server.timeouts.header. The TLS shutdown now has the
+    handshake's bound, server.timeouts.header (1 s here)."""
+    from gateway.proxying.server import LINGER_IDLE
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    path = tmp_path / "config.yaml"
+    ports = free_port(), free_port()
+    write_config(path, str(upstream.make_url("")), *ports, pki["cert"], pki["key"])
+    text = path.read_text().replace("tls: {cert_file", "timeouts: {header: 1}, tls: {cert_file", 1)
+    path.write_text(text)
+    loop = asyncio.get_running_loop()
+    async with running_gateway(load_config(path), redis_url, config_path=str(path)) as gw:
+        runners = await start_listeners(gw)
+        server = gw.proxy_server
+        try:
+            def connect() -> tuple[socket.socket, ssl.SSLSocket]:
+                raw = socket.create_connection(("127.0.0.1", ports[0]), timeout=5)
+                return raw, client_context(pki).wrap_socket(raw, server_hostname="localhost")
+
+            raw, tls = await loop.run_in_executor(None, connect)
+            try:
+                tls.sendall(b"GET /people/1 HTTP/1.1\r\nHost: g\r\nX-Bad: y\nX: z\r\n\r\n")
+                got = bytearray()
+                while b"}" not in got:  # the whole 400; then nothing more is read, nor closed
+                    got += await loop.run_in_executor(None, tls.recv, 65536)
+                assert b" 400 " in got.split(b"\r\n")[0], got
+                began = loop.time()
+                gone = await eventually(lambda: not server.connections, 8)
+                took = loop.time() - began
+            finally:
+                raw.close()
+            assert gone and took <= LINGER_IDLE + 1 + 1.5, \
+                f"still open {took:.1f} s after the refusal"
+        finally:
+            await stop_listeners(runners)

@@ -450,6 +450,16 @@ class _JsonErrorRequestHandler(RequestHandler):
         # sweep cuts it off once server.timeouts.body passes, as after any close)
         transport.close()
 
+    def force_close(self) -> None:
+        transport = self.transport
+        if transport is not None and transport.is_closing():
+            # closed already (a lingering close that ended, a handler's close): not again.
+            # asyncio's TLS transport closed twice drops its protocol, and every later call
+            # on it (the stop's and the sweep's get_write_buffer_size, abort) then failed
+            # with AttributeError: the stop did not complete, the sweep task died
+            self.transport = None
+        super().force_close()
+
     def connection_lost(self, exc) -> None:
         if self._lingering is not None:
             self._lingering.cancel()
