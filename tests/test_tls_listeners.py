@@ -516,6 +516,28 @@ async def test_a_refusal_on_an_https_listener_lingers_and_ends_cleanly(https_gat
             assert LINGER_IDLE - 0.2 <= took <= LINGER_IDLE + 1.0, took
 
 
+async def refused_over_tls(pki, port: int) -> tuple[ssl.SSLSocket, bytes]:
+    """An HTTPS connection to the proxy listener that sent a request with a bare-LF header line
+    and read keygate's whole 400 (which keygate closes after): its TLS socket, left open (it
+    holds the descriptor: the raw socket is detached by the wrap), and the bytes read."""
+    loop = asyncio.get_running_loop()
+
+    def connect() -> tuple[socket.socket, ssl.SSLSocket]:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        return raw, client_context(pki).wrap_socket(raw, server_hostname="localhost")
+
+    raw, tls = await loop.run_in_executor(None, connect)
+    try:
+        tls.sendall(b"GET /people/1 HTTP/1.1\r\nHost: g\r\nX-Bad: y\nX: z\r\n\r\n")
+        got = bytearray()
+        while b"}" not in got:
+            got += await loop.run_in_executor(None, tls.recv, 65536)
+    except BaseException:
+        tls.close()
+        raise
+    return tls, bytes(got)
+
+
 async def test_a_stop_while_a_tls_connection_waits_for_close_notify_completes(
         tmp_path, pki, upstream, redis_url, monkeypatch):
     """A stop (SIGTERM) while an HTTPS connection keygate closed still waits for the client's
@@ -527,21 +549,12 @@ async def test_a_stop_while_a_tls_connection_waits_for_close_notify_completes(
     path = tmp_path / "config.yaml"
     ports = free_port(), free_port()
     write_config(path, str(upstream.make_url("")), *ports, pki["cert"], pki["key"])
-    loop = asyncio.get_running_loop()
     async with running_gateway(load_config(path), redis_url, config_path=str(path)) as gw:
         runners = await start_listeners(gw)
         stopped = False
         try:
-            def connect() -> tuple[socket.socket, ssl.SSLSocket]:
-                raw = socket.create_connection(("127.0.0.1", ports[0]), timeout=5)
-                return raw, client_context(pki).wrap_socket(raw, server_hostname="localhost")
-
-            raw, tls = await loop.run_in_executor(None, connect)
+            tls, got = await refused_over_tls(pki, ports[0])
             try:
-                tls.sendall(b"GET /people/1 HTTP/1.1\r\nHost: g\r\nX-Bad: y\nX: z\r\n\r\n")
-                got = bytearray()
-                while b"}" not in got:
-                    got += await loop.run_in_executor(None, tls.recv, 65536)
                 await asyncio.sleep(LINGER_IDLE + 0.3)  # keygate has closed: close_notify sent
                 handlers = list(gw.proxy_server.connections)
                 assert handlers and all(h._kept is not None and h._kept.is_closing()
@@ -550,7 +563,7 @@ async def test_a_stop_while_a_tls_connection_waits_for_close_notify_completes(
                 stopped = True
                 assert await eventually(lambda: not gw.proxy_server.connections, 5)
             finally:
-                raw.close()
+                tls.close()
         finally:
             if not stopped:
                 await stop_listeners(runners)
@@ -575,22 +588,14 @@ async def test_a_tls_client_that_never_answers_close_notify_is_closed_within_the
         runners = await start_listeners(gw)
         server = gw.proxy_server
         try:
-            def connect() -> tuple[socket.socket, ssl.SSLSocket]:
-                raw = socket.create_connection(("127.0.0.1", ports[0]), timeout=5)
-                return raw, client_context(pki).wrap_socket(raw, server_hostname="localhost")
-
-            raw, tls = await loop.run_in_executor(None, connect)
-            try:
-                tls.sendall(b"GET /people/1 HTTP/1.1\r\nHost: g\r\nX-Bad: y\nX: z\r\n\r\n")
-                got = bytearray()
-                while b"}" not in got:  # the whole 400; then nothing more is read, nor closed
-                    got += await loop.run_in_executor(None, tls.recv, 65536)
+            tls, got = await refused_over_tls(pki, ports[0])
+            try:  # the whole 400 read; then nothing more is read, nor closed
                 assert b" 400 " in got.split(b"\r\n")[0], got
                 began = loop.time()
                 gone = await eventually(lambda: not server.connections, 8)
                 took = loop.time() - began
             finally:
-                raw.close()
+                tls.close()
             assert gone and took <= LINGER_IDLE + 1 + 1.5, \
                 f"still open {took:.1f} s after the refusal"
         finally:
