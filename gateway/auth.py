@@ -21,6 +21,7 @@ from hashlib import blake2s as _blake2s
 import ipaddress
 from itertools import islice
 import json
+import secrets
 import time
 from typing import Callable
 
@@ -145,6 +146,10 @@ class Authenticator:
         self.clock = clock
         a = config.keys.argon2
         self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
+        # What a token whose key id has no key (or none in its environment) is verified
+        # against: a hash of nothing anyone holds, with the keys' parameters, so that its
+        # refusal costs what a wrong secret's does (one argon2 run at start-up)
+        self._decoy_hash = self.hasher.hash(secrets.token_hex(16))
         threads = argon2_threads()
         self.argon2 = Argon2Pool(threads)
         # A turn per argon2 thread, plus one, so a thread never idles while a turn reads the
@@ -351,11 +356,13 @@ class Authenticator:
         workspace_id = await self.requests.key_workspace(token.key_id)
         key, workspace, role = await self._read(workspace_id, token.key_id) \
             if workspace_id else (None, None, None)
-        ok = False
         if key is not None and key.environment == token.environment:
             ok = await self.argon2.run(self.hasher.verify, key.hash, token.secret)
-            if self.metrics:
-                self.metrics.argon2.labels("ok" if ok else "fail").inc()
+        else:  # no such key: the same run, so that the answer's timing tells no key id exists
+            await self.argon2.run(self.hasher.verify, self._decoy_hash, token.secret)
+            ok = False
+        if self.metrics:
+            self.metrics.argon2.labels("ok" if ok else "fail").inc()
         if not ok:
             self.cache.pop(digest, None)  # an entry past its TTL: no longer a token that verified
             await self.requests.record_failure(  # per key id only when that limit is on
