@@ -21,6 +21,7 @@ from hashlib import blake2s as _blake2s
 import ipaddress
 from itertools import islice
 import json
+import secrets
 import time
 from typing import Callable
 
@@ -143,8 +144,7 @@ class Authenticator:
         self.requests = requests        # hot path
         self.metrics = metrics
         self.clock = clock
-        a = config.keys.argon2
-        self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
+        self._decoy_for(config)
         threads = argon2_threads()
         self.argon2 = Argon2Pool(threads)
         # A turn per argon2 thread, plus one, so a thread never idles while a turn reads the
@@ -181,11 +181,22 @@ class Authenticator:
         self._prefix = config.keys.prefix
         self._environments = frozenset(config.keys.environments)
         self._per_key_limit = config.keys.failures.per_key
+        if config.keys.argon2 != self._decoy_params:
+            self._decoy_for(config)
         self.queue.per_ip = config.keys.verify_queue.per_ip  # bounds for the next arrivals
         self.queue.total = config.keys.verify_queue.total
         self.generation += 1
         if keys_changed:
             self.cache.clear()
+
+    def _decoy_for(self, config: Config) -> None:
+        """What a token whose key id has no key (or none in its environment) is verified
+        against: a hash of nothing anyone holds, with the parameters new keys are hashed with
+        (the admin store's, reloaded with ``keys.argon2``), so that its refusal costs what a
+        wrong secret's does. One argon2 hash, at start-up and at a reload that changes them."""
+        a = self._decoy_params = config.keys.argon2
+        self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
+        self._decoy_hash = self.hasher.hash(secrets.token_hex(16))
 
     def close(self) -> None:
         self.argon2.shutdown()
@@ -351,11 +362,13 @@ class Authenticator:
         workspace_id = await self.requests.key_workspace(token.key_id)
         key, workspace, role = await self._read(workspace_id, token.key_id) \
             if workspace_id else (None, None, None)
-        ok = False
         if key is not None and key.environment == token.environment:
             ok = await self.argon2.run(self.hasher.verify, key.hash, token.secret)
-            if self.metrics:
-                self.metrics.argon2.labels("ok" if ok else "fail").inc()
+        else:  # no such key: the same run, so that the answer's timing tells no key id exists
+            await self.argon2.run(self.hasher.verify, self._decoy_hash, token.secret)
+            ok = False
+        if self.metrics:
+            self.metrics.argon2.labels("ok" if ok else "fail").inc()
         if not ok:
             self.cache.pop(digest, None)  # an entry past its TTL: no longer a token that verified
             await self.requests.record_failure(  # per key id only when that limit is on

@@ -16,7 +16,7 @@ from gateway.config import FailureLimits, StoreConfig
 from gateway.tokens import checksum
 
 from harness import (Clock, bearer, eventually, gateway_under_test, make_config, redis_answers,
-                     tampered, wrong_secret)
+                     refusal_times, tampered, wrong_secret)
 
 REALM = 'Bearer realm="keygate"'
 
@@ -144,6 +144,26 @@ async def test_unknown_key_and_wrong_secret_are_invalid_key(gut):
             assert r.headers["WWW-Authenticate"] == REALM + ', error="invalid_token"'
     assert gut.upstream.requests == []
 
+
+async def test_an_unknown_key_id_costs_what_a_wrong_secret_costs(redis_url, upstream,
+                                                                  monkeypatch):
+    """A well-formed token whose key id does not exist (or exists in another environment) was
+    refused without argon2, in well under a millisecond, while a real key id with a wrong
+    secret paid the argon2 run: one request's latency told whether a key id exists. Every
+    refused verification now runs argon2 (against a decoy hash when there is no key), so
+    the three look alike; the failure throttle bounds these runs as it bounds wrong secrets."""
+    from gateway.config import Argon2Config
+    config = make_config(str(upstream.make_url("")))
+    # the shipped argon2 parameters: the difference is what this is about
+    keys = dataclasses.replace(config.keys, argon2=Argon2Config(2, 19456, 1),
+                               failures=FailureLimits(100, 100, 60))
+    async with gateway_under_test(dataclasses.replace(config, keys=keys), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        median = await refusal_times(g, token)
+        assert median["unknown id"] > median["wrong secret"] / 3, median
+        assert median["other environment"] > median["wrong secret"] / 3, median
 
 async def test_revoked_key_is_rejected_on_next_request(gut):
     token, key = await gut.key()
