@@ -970,7 +970,13 @@ class ProxyServer(web.Server):
 class AdminRunner(web.AppRunner):
     """``web.AppRunner`` for the admin app, with JSON answers to unparseable requests too, and
     the proxy listener's head timeout (``header_timeout``) and write stall timeout
-    (``write_timeout``): a slow-loris or a client that never reads is cut off there as well."""
+    (``write_timeout``): a slow-loris or a client that never reads is cut off there as well.
+
+    Its connections run as the proxy listener's do (``_InlineRequestHandler``), for its
+    lingering close (see LINGER_TIME): closed at once after a refusal (a 400 for the framing,
+    a 408, a 413, a 501), a client still writing its body failed on a reset before it could
+    read the answer. (The admin app's handlers set no context variable that a task of their
+    own would have kept from the next request.)"""
 
     def __init__(self, app: web.Application, *, header_timeout: float | None = None,
                  write_timeout: float | None = None, **kwargs) -> None:
@@ -986,5 +992,5 @@ class AdminRunner(web.AppRunner):
         server = await super()._make_server()
         return ProxyServer(server.request_handler, request_factory=server.request_factory,
                            loop=server._loop, header_timeout=self._header_timeout,
-                           write_timeout=self._write_timeout,
+                           write_timeout=self._write_timeout, inline=True,
                            **server._kwargs)

@@ -1,0 +1,166 @@
+"""The admin listener's edge, attacked as the proxy listener's is (tests/test_edge_*.py,
+tests/test_lingering_close.py): odd framing, refusals while the client still sends, bodies
+that must not be read, too many connections, floods of wrong tokens.
+
+The listeners are the ones ``keygate serve`` binds (``start_listeners``: AdminRunner behind
+the TCP site), with a real Redis; the clients are raw sockets on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import re
+import socket
+from typing import AsyncIterator
+
+import pytest
+
+from conftest import free_port
+from gateway.app import running_gateway, start_listeners, stop_listeners
+from gateway.config import ServerConfig, Timeouts
+
+from harness import ADMIN_TOKEN, make_config
+
+AUTH = b"Authorization: Bearer " + ADMIN_TOKEN.encode()
+
+
+@dataclasses.dataclass
+class Listeners:
+    gw: object
+    runners: list
+    proxy_port: int
+    admin_port: int
+
+    @property
+    def admin(self):
+        """The admin listener's low-level server (its connections, its counters)."""
+        return self.runners[1].server
+
+
+@contextlib.asynccontextmanager
+async def listening(redis_url: str, upstream_url: str, monkeypatch,
+                    **server) -> AsyncIterator[Listeners]:
+    """A gateway on both of its real listeners, on free loopback ports."""
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    server.setdefault("timeouts", Timeouts(header=5.0, body=5.0, idle=5.0))
+    config = make_config(upstream_url, server=ServerConfig(
+        host="127.0.0.1", port=free_port(), access_log="off", **server))
+    config = dataclasses.replace(config, admin=dataclasses.replace(
+        config.admin, host="127.0.0.1", port=free_port()))
+    async with running_gateway(config, redis_url) as gw:
+        runners = await start_listeners(gw)
+        try:
+            yield Listeners(gw, runners, config.server.port, config.admin.port)
+        finally:
+            await stop_listeners(runners)
+
+
+async def connect(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def send_all(sock: socket.socket, data: bytes) -> bool:
+    """Send ``data``; False if the connection failed first (a reset, a broken pipe)."""
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+        return True
+    except ConnectionError:
+        return False
+
+
+async def read_to_end(sock: socket.socket, seconds: float = 5.0) -> tuple[bytes, str]:
+    """Everything received, and how the connection ended: "eof", "reset" or "timeout"."""
+    got = bytearray()
+    try:
+        async with asyncio.timeout(seconds):
+            while chunk := await asyncio.get_running_loop().sock_recv(sock, 65536):
+                got += chunk
+        return bytes(got), "eof"
+    except ConnectionError:
+        return bytes(got), "reset"
+    except TimeoutError:
+        return bytes(got), "timeout"
+
+
+async def read_some(sock: socket.socket, until: bytes, seconds: float = 5.0) -> bytes:
+    """What arrives until ``until`` is in it (or the connection ends, or ``seconds`` pass)."""
+    got = bytearray()
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(seconds):
+            while until not in got:
+                chunk = await asyncio.get_running_loop().sock_recv(sock, 65536)
+                if not chunk:
+                    break
+                got += chunk
+    return bytes(got)
+
+
+def statuses(answer: bytes) -> list[bytes]:
+    return re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer)
+
+
+async def until(condition, seconds: float = 5.0) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+# --- lingering close ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head", [
+    b"POST /admin/v1/workspaces HTTP/1.1\r\nHost: a\r\nX-Bad: y\nContent-Length: %d\r\n\r\n",
+    b"CONNECT /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n",
+], ids=["bare-lf-400", "connect-501"])
+async def test_a_client_still_sending_its_body_reads_the_admin_refusal_whole(
+        redis_url, upstream, monkeypatch, head):
+    """A head the admin listener refuses (400 for its framing, 501 for CONNECT) while the
+    client goes on writing the 2 MB body it declared: the listener closed at once, so the
+    client's next write failed on a reset (a client such as curl then reports a send error,
+    not the answer). It now lingers as the proxy listener does: the client writes its whole
+    body, then reads the whole JSON refusal and EOF."""
+    async with listening(redis_url, str(upstream.make_url("")), monkeypatch) as g:
+        body = b"x" * 2_000_000
+        for attempt in range(3):
+            sock = await connect(g.admin_port)
+            try:
+                sent = await send_all(sock, head % len(body))
+                await asyncio.sleep(0.1)  # refused from the head alone
+                for at in range(0, len(body), 65536):
+                    sent = sent and await send_all(sock, body[at:at + 65536])
+                answer, end = await read_to_end(sock)
+            finally:
+                sock.close()
+            assert (sent, end) == (True, "eof"), (attempt, sent, end, answer[:300])
+            assert len(statuses(answer)) == 1 and answer.endswith(b"}"), answer  # JSON, whole
+
+
+async def test_earlier_pipelined_admin_answers_survive_a_refusal_while_the_client_still_sends(
+        redis_url, upstream, monkeypatch):
+    """Two probes, then a request with a bare-LF header, pipelined, then more requests sent
+    after the close: the client reads both 200s, the 400 and EOF."""
+    async with listening(redis_url, str(upstream.make_url("")), monkeypatch) as g:
+        probe = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+        bad = b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Bad: y\nX-More: z\r\n\r\n"
+        sock = await connect(g.admin_port)
+        try:
+            counted = g.admin.requests_count
+            await send_all(sock, probe * 2)  # (a read the parser refuses is refused whole)
+            assert await until(lambda: g.admin.requests_count - counted == 2)
+            await send_all(sock, bad)
+            assert await until(lambda: g.admin.requests_count - counted == 3)
+            await asyncio.sleep(0.1)  # answered all three and closed
+            sent = await send_all(sock, probe * 200)
+            answer, end = await read_to_end(sock)
+        finally:
+            sock.close()
+        assert (sent, end, statuses(answer)) == (True, "eof", [b"200", b"200", b"400"]), \
+            (sent, end, answer)
