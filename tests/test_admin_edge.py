@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import re
 import socket
 from typing import AsyncIterator
@@ -164,3 +165,74 @@ async def test_earlier_pipelined_admin_answers_survive_a_refusal_while_the_clien
             sock.close()
         assert (sent, end, statuses(answer)) == (True, "eof", [b"200", b"200", b"400"]), \
             (sent, end, answer)
+
+
+# --- Expect: 100-continue ----------------------------------------------------------------------
+
+BODY = b'{"id": "acme", "name": "Acme"}'
+
+
+def expecting(target: bytes, auth: bytes) -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: a\r\n%sContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+            % (target, auth + b"\r\n" if auth else b"", len(BODY)))
+
+
+@pytest.mark.parametrize("target, auth", [
+    (b"/admin/v1/workspaces", b""),
+    (b"/admin/v1/workspaces", b"Authorization: Bearer not-the-operator-token"),
+    (b"/admin/v1/workspaces", b"Authorization: Bearer kg_live_" + b"A" * 50),
+    (b"/admin/v1/no-such-endpoint", b""),
+], ids=["no-token", "wrong-token", "key-shaped-token", "unknown-path"])
+async def test_expect_100_continue_is_not_answered_before_the_caller_is_admitted(
+        redis_url, upstream, monkeypatch, target, auth):
+    """aiohttp's Application answers ``Expect: 100-continue`` itself, before any middleware:
+    a caller without a valid token was asked for its body (up to 1 MiB, then read and
+    dropped) and only then refused. The refusal now comes without ``100 Continue``, and the
+    connection closes (the body may follow or not, RFC 9110 10.1.1): a request sent next
+    without the body is not read as it."""
+    async with listening(redis_url, str(upstream.make_url("")), monkeypatch) as g:
+        sock = await connect(g.admin_port)
+        try:
+            await send_all(sock, expecting(target, auth))
+            first = await read_some(sock, b"}")
+            await send_all(sock, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            rest, end = await read_to_end(sock)
+        finally:
+            sock.close()
+        assert first.startswith(b"HTTP/1.1 401 "), first
+        assert b'"unauthorized"' in first and end == "eof" and b"HTTP/1.1" not in rest, \
+            (first, rest, end)
+
+
+async def test_expect_100_continue_is_answered_once_the_operator_is_admitted(
+        redis_url, upstream, monkeypatch):
+    async with listening(redis_url, str(upstream.make_url("")), monkeypatch) as g:
+        sock = await connect(g.admin_port)
+        try:
+            await send_all(sock, expecting(b"/admin/v1/workspaces", AUTH))
+            interim = await read_some(sock, b"\r\n\r\n")
+            await send_all(sock, BODY)
+            answer = await read_some(sock, b"}")
+        finally:
+            sock.close()
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+        assert answer.startswith(b"HTTP/1.1 201 "), answer
+
+
+async def test_an_expectation_the_admin_listener_cannot_meet_is_a_json_417(
+        redis_url, upstream, monkeypatch):
+    """aiohttp answered ``Expect: something-else`` with its own text body."""
+    async with listening(redis_url, str(upstream.make_url("")), monkeypatch) as g:
+        for target in (b"/healthz", b"/admin/v1/workspaces"):
+            sock = await connect(g.admin_port)
+            try:
+                await send_all(sock, b"GET %s HTTP/1.1\r\nHost: a\r\nExpect: teapot\r\n%s\r\n\r\n"
+                               % (target, AUTH))
+                answer = await read_some(sock, b"}")
+            finally:
+                sock.close()
+            assert answer.startswith(b"HTTP/1.1 417 "), answer
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert b"Content-Type: application/json" in head, answer
+            assert json.loads(body)["error"]["code"] == "bad_request", answer

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from ..accesslog import mask_target
 from ..config import Config
-from ..proxying.server import answer_and_close
+from ..proxying.server import EXPECTATION, answer_and_close, continue_if_expected, continues
 from ..errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
                       NotImplemented_, PayloadTooLarge, RequestTimeout, ServiceUnavailable, StoreError,
                       Unauthorized, body_cut_short, shown)
@@ -202,12 +202,18 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                          ) -> web.StreamResponse:
         rid = request_id_of(request)
         started, actor = time.perf_counter(), "-"
+        # a client that waits for 100 Continue before it sends its body (AdminRunner leaves
+        # that answer to this middleware: it is sent once the caller is admitted)
+        held_back = continues(request) and request.body_exists
         try:
             if request.method == "CONNECT":
                 # aiohttp's parser ends a CONNECT at its head and, once it is answered, reads
                 # what follows (the body it declared) as the next request: refused, and the
                 # connection closed unread (below)
                 raise NotImplemented_("CONNECT is not supported: keygate opens no tunnels.")
+            if request.get(EXPECTATION, "").strip().lower() not in ("", "100-continue"):
+                raise GatewayError("The only expectation the admin API meets is "
+                                   "'Expect: 100-continue'.", code="bad_request", status=417)
             if authenticate and request.path.startswith("/admin/") \
                     and request.path not in UNAUTHENTICATED:
                 caller = await identify(request, config, expected, authenticate_key)
@@ -220,6 +226,9 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                     check_query(request.query, QUERY_PARAMS.get(
                         (method, getattr(resource, "canonical", "")), ()))
                 if request.body_exists:  # before the handler, whose reads then wait on nothing
+                    if held_back:
+                        await continue_if_expected(request)
+                        held_back = False
                     await read_whole_body(request, config.server.timeouts.body)
             response = await handler(request)
         except GatewayError as err:
@@ -239,6 +248,10 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                           loggable_target(request.raw_path, config.keys.prefix, expected), rid)
             response = GatewayError("An internal error occurred.").response(rid)
         response.headers["X-Request-Id"] = rid
+        if held_back and not request.content.is_eof():
+            # refused before it was asked for its body: the body may follow or not (RFC 9110
+            # 10.1.1), so the next bytes are never read as a request (nor as that body)
+            response.force_close()
         if request.path.startswith("/admin/") and request.path not in UNAUTHENTICATED:
             log_admin_call(request, response.status, rid, actor, time.perf_counter() - started,
                            config.keys.prefix,

@@ -25,13 +25,14 @@ import socket
 import uuid
 import warnings
 
-from aiohttp import web, web_protocol
+from aiohttp import hdrs, web, web_protocol
 from aiohttp.helpers import ceil_timeout
 from aiohttp.http_exceptions import InvalidURLError, LineTooLong
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..errors import BadRequest, GatewayError, body_cut_short
 from .connection import ClientGone
@@ -812,13 +813,44 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 async def continue_if_expected(request: web.BaseRequest) -> None:
     """Answer ``Expect: 100-continue`` before the body is waited for: such a client holds its
     body back until asked (RFC 9110 10.1.1), and the proxy listener is aiohttp's low-level
-    server, which leaves that to the handler."""
-    if request.version >= (1, 1) and \
+    server, which leaves that to the handler (as the admin listener does: ``EXPECTATION``)."""
+    if continues(request) or request.version >= (1, 1) and \
             request.headers.get("Expect", "").lower() == "100-continue":
         try:
             await request.writer.write(_CONTINUE)
         except ConnectionError:  # the client left before it was asked for its body
             raise body_cut_short() from None
+
+
+EXPECTATION = web.RequestKey("expectation", str)
+"""The ``Expect`` field of a request to the admin listener, as sent: ``AdminRunner`` takes it
+off the request's headers as the request is made, because aiohttp's ``Application`` answers
+it itself (``100 Continue``, or its own text 417) before any middleware runs, so before the
+caller is authenticated. The admin middleware answers it once the caller is admitted."""
+
+
+def _deferring_expect(make_request):
+    """``make_request`` (a server's request factory), with ``Expect`` taken off the request's
+    headers and kept under ``EXPECTATION``. A request without one (nearly all) is made as is."""
+    def make(message, payload, protocol, writer, task):
+        if hdrs.EXPECT not in message.headers:
+            return make_request(message, payload, protocol, writer, task)
+        headers = CIMultiDict(message.headers)
+        expectation = ", ".join(headers.popall(hdrs.EXPECT))
+        message = message._replace(headers=CIMultiDictProxy(headers), raw_headers=tuple(
+            (name, value) for name, value in message.raw_headers
+            if name.lower() != b"expect"))
+        request = make_request(message, payload, protocol, writer, task)
+        request[EXPECTATION] = expectation
+        return request
+    return make
+
+
+def continues(request: web.BaseRequest) -> bool:
+    """Whether the client of ``request`` (to the admin listener) holds its body back until it
+    is sent ``100 Continue`` (RFC 9110 10.1.1)."""
+    return request.version >= (1, 1) and \
+        request.get(EXPECTATION, "").strip().lower() == "100-continue"
 
 
 async def answer_and_close(request: web.BaseRequest, response: web.StreamResponse) -> None:
@@ -976,7 +1008,8 @@ class AdminRunner(web.AppRunner):
     lingering close (see LINGER_TIME): closed at once after a refusal (a 400 for the framing,
     a 408, a 413, a 501), a client still writing its body failed on a reset before it could
     read the answer. (The admin app's handlers set no context variable that a task of their
-    own would have kept from the next request.)"""
+    own would have kept from the next request.) A request's ``Expect`` is the admin
+    middleware's to answer (``EXPECTATION``)."""
 
     def __init__(self, app: web.Application, *, header_timeout: float | None = None,
                  write_timeout: float | None = None, **kwargs) -> None:
@@ -990,7 +1023,8 @@ class AdminRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        return ProxyServer(server.request_handler, request_factory=server.request_factory,
+        return ProxyServer(server.request_handler,
+                           request_factory=_deferring_expect(server.request_factory),
                            loop=server._loop, header_timeout=self._header_timeout,
                            write_timeout=self._write_timeout, inline=True,
                            **server._kwargs)
