@@ -236,3 +236,63 @@ async def test_an_expectation_the_admin_listener_cannot_meet_is_a_json_417(
             head, _, body = answer.partition(b"\r\n\r\n")
             assert b"Content-Type: application/json" in head, answer
             assert json.loads(body)["error"]["code"] == "bad_request", answer
+
+
+# --- bodies ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("expect", [b"", b"Expect: 100-continue\r\n"], ids=["plain", "expect"])
+async def test_a_body_declared_over_the_admin_limit_is_413_from_its_head(
+        redis_url, upstream, monkeypatch, expect):
+    """An admitted caller declaring a 2 MiB body (the admin API takes at most 1 MiB): the
+    listener waited for the body (a 408 once server.timeouts.body passed, if it never came),
+    or read 1 MiB of it before its 413, then read the rest. It is now 413 ``body_too_large``
+    from the head (without ``100 Continue``), and the connection closes, the body unread: the
+    client, still writing it, reads the whole 413, then EOF."""
+    async with listening(redis_url, str(upstream.make_url("")), monkeypatch) as g:
+        body = b"x" * (2 * 1024 * 1024)
+        sock = await connect(g.admin_port)
+        try:
+            await send_all(sock, b"POST /admin/v1/workspaces HTTP/1.1\r\nHost: a\r\n%s\r\n%s"
+                                 b"Content-Length: %d\r\n\r\n" % (AUTH, expect, len(body)))
+            first = await read_some(sock, b"}", 2.0)  # nothing of the body sent yet
+            sent = True
+            for at in range(0, len(body), 65536):
+                sent = sent and await send_all(sock, body[at:at + 65536])
+            rest, end = await read_to_end(sock)
+        finally:
+            sock.close()
+        assert first.startswith(b"HTTP/1.1 413 ") and b'"body_too_large"' in first, first
+        assert (sent, end, rest) == (True, "eof", b""), (sent, end, rest[:200])
+        status, items = await admin_get(g, "/admin/v1/workspaces")
+        assert (status, items) == (200, {"items": []})
+
+
+async def admin_get(g: Listeners, path: str) -> tuple[int, object]:
+    from aiohttp import ClientSession
+    async with ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{g.admin_port}{path}",
+                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+            return r.status, await r.json()
+
+
+async def test_a_chunked_body_over_the_admin_limit_is_413_and_closes(
+        redis_url, upstream, monkeypatch):
+    """A chunked body is judged as it arrives: at 1 MiB it is 413, and the connection closes
+    instead of reading the rest for aiohttp's 10 s lingering read and going on."""
+    async with listening(redis_url, str(upstream.make_url("")), monkeypatch) as g:
+        sock = await connect(g.admin_port)
+        loop = asyncio.get_running_loop()
+        try:
+            await send_all(sock, b"POST /admin/v1/workspaces HTTP/1.1\r\nHost: a\r\n%s\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n" % AUTH)
+            chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+            sent = True
+            for _ in range(40):  # 2.5 MiB
+                sent = sent and await send_all(sock, chunk)
+            began = loop.time()
+            answer, end = await read_to_end(sock)
+            took = loop.time() - began
+        finally:
+            sock.close()
+        assert statuses(answer) == [b"413"] and b'"body_too_large"' in answer, answer[:300]
+        assert (sent, end) == (True, "eof") and took < 3.5, (sent, end, took)

@@ -24,8 +24,8 @@ from ..accesslog import mask_target
 from ..config import Config
 from ..proxying.server import EXPECTATION, answer_and_close, continue_if_expected, continues
 from ..errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
-                      NotImplemented_, PayloadTooLarge, RequestTimeout, ServiceUnavailable, StoreError,
-                      Unauthorized, body_cut_short, shown)
+                      NotImplemented_, RequestTimeout, ServiceUnavailable, StoreError,
+                      Unauthorized, body_cut_short, body_too_large, shown)
 from ..store import WORKSPACE_ID_RE
 from ..tokens import adoptable_request_id
 from .api import QUERY_PARAMS, WORKSPACE_ADMIN_ROUTES
@@ -38,6 +38,10 @@ _ADMIN_REALM = 'Bearer realm="keygate-admin"'
 OPENAPI_PATH = "/admin/v1/openapi.json"
 UNAUTHENTICATED = frozenset({OPENAPI_PATH})
 """Paths under /admin/ that need no operator token (SPEC: the OpenAPI document)."""
+
+MAX_BODY = 1024 ** 2
+"""The largest request body the admin API takes, in bytes (its JSON is small): the admin
+app's ``client_max_size``; a body declared larger is refused from its head."""
 
 ACTOR = web.RequestKey("actor", Actor)
 """Who the call acts as, set on the request once it is authenticated."""
@@ -156,7 +160,7 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
         return MethodNotAllowed(f"Method not allowed here; use {allow or 'another method'}.",
                                 headers={"Allow": allow} if allow else None)
     if exc.status == 413:
-        return PayloadTooLarge("The request body is too large.")
+        return body_too_large(MAX_BODY)
     # any other refusal of aiohttp's (a malformed request) keeps the status aiohttp chose
     return GatewayError(exc.reason or "Request refused.", code="bad_request", status=exc.status)
 
@@ -226,6 +230,8 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                     check_query(request.query, QUERY_PARAMS.get(
                         (method, getattr(resource, "canonical", "")), ()))
                 if request.body_exists:  # before the handler, whose reads then wait on nothing
+                    if (request.content_length or 0) > MAX_BODY:  # not asked for, nor read
+                        raise body_too_large(MAX_BODY)
                     if held_back:
                         await continue_if_expected(request)
                         held_back = False
@@ -248,7 +254,8 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                           loggable_target(request.raw_path, config.keys.prefix, expected), rid)
             response = GatewayError("An internal error occurred.").response(rid)
         response.headers["X-Request-Id"] = rid
-        if held_back and not request.content.is_eof():
+        if response.status == 413 or held_back and not request.content.is_eof():
+            # (a body over the limit: the rest of it is not worth reading)
             # refused before it was asked for its body: the body may follow or not (RFC 9110
             # 10.1.1), so the next bytes are never read as a request (nor as that body)
             response.force_close()
