@@ -296,3 +296,77 @@ async def test_a_chunked_body_over_the_admin_limit_is_413_and_closes(
             sock.close()
         assert statuses(answer) == [b"413"] and b'"body_too_large"' in answer, answer[:300]
         assert (sent, end) == (True, "eof") and took < 3.5, (sent, end, took)
+
+
+# --- connections -------------------------------------------------------------------------------
+
+FLOOD = r"""
+import resource, socket, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # (the test's lowered one)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+admin, proxy, count = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+held = []
+for _ in range(count):  # idle connections to the admin listener, held open
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", admin))
+    except OSError:
+        pass
+    held.append(s)
+time.sleep(0.5)
+answers = []
+for port, path in ((proxy, b"/health"), (proxy, b"/health")):
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        answers.append(s.recv(100).split(b"\r\n")[0].decode() or "closed")
+    except OSError as exc:
+        answers.append(type(exc).__name__)
+    finally:
+        s.close()
+print(";".join(answers), flush=True)
+"""
+
+
+async def test_idle_admin_connections_cannot_take_the_descriptors_the_proxy_needs(
+        redis_url, upstream, monkeypatch):
+    """2000 idle connections to the admin listener (anyone who reaches it: a scraper's
+    network, a pod next door) in a process whose open-file limit fits server.max_connections
+    and keygate's reserve (app.raise_open_file_limit): the admin listener accepted them all,
+    until the process was out of descriptors, and the proxy listener could no longer accept
+    a client or open an upstream connection. The admin listener now holds a bounded number
+    (app.ADMIN_MAX_CONNECTIONS); those over it are closed at once, and the proxy answers."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    import gateway.app
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    limited = in_use + 1300  # server.max_connections 64 + the reserve fit in it
+    if hard != resource.RLIM_INFINITY and hard < limited:
+        pytest.skip("the hard open-file limit is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limited, hard))
+    try:
+        async with listening(redis_url, str(upstream.make_url("")), monkeypatch,
+                             max_connections=64) as g:
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == limited
+            flood = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", FLOOD, str(g.admin_port), str(g.proxy_port), "2000",
+                stdout=subprocess.PIPE)
+            try:
+                out = await asyncio.wait_for(flood.stdout.readline(), 30)
+                held = len(g.admin.connections)
+            finally:
+                if flood.returncode is None:
+                    flood.kill()
+                await flood.wait()
+            bound = getattr(gateway.app, "ADMIN_MAX_CONNECTIONS", None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert out.decode().strip() == "HTTP/1.1 200 OK;HTTP/1.1 200 OK", (out, held)
+    assert bound is not None and held <= bound, held

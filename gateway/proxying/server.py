@@ -1002,7 +1002,9 @@ class ProxyServer(web.Server):
 class AdminRunner(web.AppRunner):
     """``web.AppRunner`` for the admin app, with JSON answers to unparseable requests too, and
     the proxy listener's head timeout (``header_timeout``) and write stall timeout
-    (``write_timeout``): a slow-loris or a client that never reads is cut off there as well.
+    (``write_timeout``): a slow-loris or a client that never reads is cut off there as well;
+    ``max_connections`` bounds its open connections as ``server.max_connections`` does the
+    proxy listener's.
 
     Its connections run as the proxy listener's do (``_InlineRequestHandler``), for its
     lingering close (see LINGER_TIME): closed at once after a refusal (a 400 for the framing,
@@ -1012,7 +1014,8 @@ class AdminRunner(web.AppRunner):
     middleware's to answer (``EXPECTATION``)."""
 
     def __init__(self, app: web.Application, *, header_timeout: float | None = None,
-                 write_timeout: float | None = None, **kwargs) -> None:
+                 write_timeout: float | None = None, max_connections: int | None = None,
+                 **kwargs) -> None:
         # bodies as sent, as on the proxy listener: aiohttp's decoding of gzip/deflate failed
         # outside any handler (a traceback in the log per request, token or not), and the
         # admin API refuses a Content-Encoding anyway (middleware.read_whole_body)
@@ -1020,6 +1023,7 @@ class AdminRunner(web.AppRunner):
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
         self._write_timeout = write_timeout
+        self._max_connections = max_connections
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -1027,4 +1031,5 @@ class AdminRunner(web.AppRunner):
                            request_factory=_deferring_expect(server.request_factory),
                            loop=server._loop, header_timeout=self._header_timeout,
                            write_timeout=self._write_timeout, inline=True,
+                           max_connections=self._max_connections,
                            **server._kwargs)
