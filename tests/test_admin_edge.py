@@ -370,3 +370,50 @@ async def test_idle_admin_connections_cannot_take_the_descriptors_the_proxy_need
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert out.decode().strip() == "HTTP/1.1 200 OK;HTTP/1.1 200 OK", (out, held)
     assert bound is not None and held <= bound, held
+
+
+# --- brute force -------------------------------------------------------------------------------
+
+async def test_a_flood_of_wrong_workspace_admin_tokens_runs_argon2_no_more_than_the_throttle(
+        redis_url, upstream, monkeypatch):
+    """300 guesses at the secret of a real ``keys:admin`` key on the admin listener: it
+    checks them with the proxy pipeline's own authentication, so the failed-verification
+    throttle (keys.failures.per_ip 20 in the test config) stops argon2 after 20 of them and
+    the rest are 429 ``too_many_failures``, as on the proxy listener; a guess never costs the
+    gateway an argon2 run past the throttle. (300 keeps the test short; 10k is the same.)"""
+    from aiohttp import ClientSession
+
+    from gateway.tokens import checksum
+    async with listening(redis_url, str(upstream.make_url("")), monkeypatch) as g:
+        base = f"http://127.0.0.1:{g.admin_port}/admin/v1"
+        async with ClientSession(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as s:
+            async with s.post(f"{base}/workspaces", json={"id": "acme", "name": "A"}) as r:
+                assert r.status == 201
+            async with s.post(f"{base}/workspaces/acme/keys",
+                              json={"name": "console", "role": "admin"}) as r:
+                token = (await r.json())["token"]
+        id_part = token[:-38]  # prefix, environment and key id
+
+        def guess(n: int) -> str:  # another secret each time, with a valid checksum
+            head = id_part + f"{n:032d}"
+            return head + checksum(head)
+        registry = g.gw.metrics.registry
+
+        def argon2_runs() -> float:
+            return sum(registry.get_sample_value("keygate_argon2_verifications_total",
+                                                 {"result": result}) or 0
+                       for result in ("ok", "fail"))
+
+        before = argon2_runs()
+        answers: dict[tuple[int, str], int] = {}
+        async with ClientSession() as s:
+            async def one(n: int) -> None:
+                async with s.get(f"{base}/workspaces/acme/keys",
+                                 headers={"Authorization": f"Bearer {guess(n)}"}) as r:
+                    key = (r.status, (await r.json())["error"]["code"])
+                    answers[key] = answers.get(key, 0) + 1
+            for batch in range(10):
+                await asyncio.gather(*(one(batch * 30 + i) for i in range(30)))
+        assert argon2_runs() - before <= 20, (argon2_runs() - before, answers)
+        assert set(answers) <= {(401, "unauthorized"), (429, "too_many_failures")}, answers
+        assert answers.get((429, "too_many_failures"), 0) >= 280, answers
