@@ -417,3 +417,32 @@ async def test_a_flood_of_wrong_workspace_admin_tokens_runs_argon2_no_more_than_
         assert argon2_runs() - before <= 20, (argon2_runs() - before, answers)
         assert set(answers) <= {(401, "unauthorized"), (429, "too_many_failures")}, answers
         assert answers.get((429, "too_many_failures"), 0) >= 280, answers
+
+
+@pytest.mark.parametrize("first, second", [
+    (ADMIN_TOKEN, "not-the-operator-token"),
+    ("not-the-operator-token", ADMIN_TOKEN),
+    (ADMIN_TOKEN, ADMIN_TOKEN),
+], ids=["valid-first", "valid-second", "same-twice"])
+async def test_a_repeated_authorization_header_on_the_admin_listener_is_400(
+        redis_url, upstream, monkeypatch, first, second):
+    """The admin listener took the first ``Authorization`` of a request that carried two: the
+    operator token followed by anything passed, anything followed by it did not. A proxy in
+    front that judges the last one (or a log that shows it) then disagrees with keygate about
+    who called. As the proxy listener answers a repeated credential header (400
+    ``ambiguous_key``), the admin listener now refuses it: 400 ``bad_request``, nothing done."""
+    async with listening(redis_url, str(upstream.make_url("")), monkeypatch) as g:
+        sock = await connect(g.admin_port)
+        try:
+            await send_all(sock, b"POST /admin/v1/workspaces HTTP/1.1\r\nHost: a\r\n"
+                                 b"Authorization: Bearer %s\r\nAuthorization: Bearer %s\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s"
+                           % (first.encode(), second.encode(), len(BODY), BODY))
+            answer = await read_some(sock, b"}")
+        finally:
+            sock.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), answer
+        assert json.loads(body)["error"]["code"] == "bad_request", answer
+        assert b'error="invalid_request"' in head, head
+        assert await admin_get(g, "/admin/v1/workspaces") == (200, {"items": []})

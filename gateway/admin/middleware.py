@@ -116,7 +116,12 @@ def check_operator(request: web.BaseRequest, config: Config, expected: str) -> N
 
 async def identify(request: web.BaseRequest, config: Config, expected: str,
                    authenticate_key: KeyAuthenticator | None) -> Actor:
-    """The operator, or a workspace admin key; 401 ``unauthorized`` for anything else."""
+    """The operator, or a workspace admin key; 401 ``unauthorized`` for anything else, 400
+    ``bad_request`` for more than one ``Authorization`` (which one counts is not for keygate
+    to guess: a proxy in front may judge another, as the proxy listener's ``ambiguous_key``)."""
+    if len(request.headers.getall("Authorization", ())) > 1:
+        raise BadRequest("Send one Authorization header; this request has more than one.",
+                         headers={"WWW-Authenticate": _ADMIN_REALM + ', error="invalid_request"'})
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     given = given.strip()
     is_operator = bool(expected.strip()) and hmac.compare_digest(
