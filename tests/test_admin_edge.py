@@ -372,6 +372,59 @@ async def test_idle_admin_connections_cannot_take_the_descriptors_the_proxy_need
     assert bound is not None and held <= bound, held
 
 
+HOLD = r"""
+import socket, sys, time
+port, count = int(sys.argv[1]), int(sys.argv[2])
+held = []
+for _ in range(count):  # idle connections: never a byte sent
+    s = socket.socket()
+    s.connect(("127.0.0.1", port))
+    held.append(s)
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+async def test_probes_still_reach_an_admin_listener_full_of_idle_connections(
+        redis_url, upstream, monkeypatch):
+    """An admin listener holding its bound of connections that never sent a byte (a slowloris
+    on the admin network): a new connection was closed at once, so the orchestrator's
+    /healthz and /readyz probes failed (and took the replica out of service) and the operator
+    could not call the API until the idle ones timed out, for as long as the flood went on.
+    At the bound the oldest connection without a request under way is closed instead."""
+    import subprocess
+    import sys
+
+    from aiohttp import ClientSession
+
+    import gateway.app
+    bound = gateway.app.ADMIN_MAX_CONNECTIONS
+    async with listening(redis_url, str(upstream.make_url("")), monkeypatch,
+                         timeouts=Timeouts(header=30.0, body=5.0, idle=30.0)) as g:
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", HOLD, str(g.admin_port), str(bound),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"held\n"
+            assert await until(lambda: len(g.admin.connections) == bound)
+            answers = []
+            async with ClientSession() as s:
+                for path in ("/healthz", "/readyz", "/admin/v1/workspaces"):
+                    try:
+                        async with s.get(f"http://127.0.0.1:{g.admin_port}{path}",
+                                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+                                         ) as r:
+                            answers.append(r.status)
+                    except Exception as exc:
+                        answers.append(type(exc).__name__)
+            held = len(g.admin.connections)
+        finally:
+            holder.kill()
+            await holder.wait()
+    assert answers == [200, 200, 200], answers
+    assert held <= bound, held
+
+
 # --- brute force -------------------------------------------------------------------------------
 
 async def test_a_flood_of_wrong_workspace_admin_tokens_runs_argon2_no_more_than_the_throttle(

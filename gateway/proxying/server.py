@@ -129,10 +129,14 @@ class _JsonErrorRequestHandler(RequestHandler):
         limit = getattr(server, "max_connections", None)
         if limit is not None and len(server.connections) > limit:
             # over the bound: refused at once, so idle or slow clients cannot take the file
-            # descriptors that the upstream and store connections need
-            server.refused_connections += 1
-            transport.abort()
-            return
+            # descriptors that the upstream and store connections need; or, on a server that
+            # evicts, the connection waiting longest for a request is closed instead
+            victim = server.idlest(self) if getattr(server, "evict_idle", False) else None
+            if victim is None:
+                server.refused_connections += 1
+                transport.abort()
+                return
+            victim.transport.abort()  # connection_lost frees its place
         if getattr(server, "header_timeout", None):
             self._head_since = self._loop.time()   # the first head is due from now
             server.sweep_heads()
@@ -495,6 +499,16 @@ class _JsonErrorRequestHandler(RequestHandler):
         if self._unflushed_since is None:
             self._unflushed_since = now
         return now - self._unflushed_since >= timeout
+
+    def waiting_since(self) -> float | None:
+        """When this connection began to wait for a request head (its connection, or the
+        first byte of a head under way); -1.0 for one idle between keep-alive requests (no
+        time kept); None when a request is under way or queued, or it is closing."""
+        transport = self.transport
+        if self._request_in_progress or self._messages or self._linger_end \
+                or transport is None or transport.is_closing():
+            return None
+        return -1.0 if self._head_since is None else self._head_since
 
     def head_overdue(self, deadline: float) -> bool:
         """No whole request head since before ``deadline`` (a slow-loris, a stalled client)."""
@@ -906,14 +920,17 @@ class ProxyServer(web.Server):
     ``header_timeout``: seconds for a whole request head; ``write_timeout``: seconds a
     client may take no bytes of its answer before its connection is closed
     (``server.timeouts.body``); ``max_connections``: open client
-    connections beyond which a new one is closed at once (None: no bound); ``inline``: run
+    connections beyond which a new one is closed at once (None: no bound), or with
+    ``evict_idle`` the one waiting longest for a request (``idlest``); ``inline``: run
     each request's handler in its connection's task (the proxy listener; see
     ``_InlineRequestHandler``)."""
 
     def __init__(self, handler, *, header_timeout: float | None = None,
                  max_connections: int | None = None, inline: bool = False,
-                 write_timeout: float | None = None, **kwargs) -> None:
+                 write_timeout: float | None = None, evict_idle: bool = False,
+                 **kwargs) -> None:
         super().__init__(handler, **kwargs)
+        self.evict_idle = evict_idle
         self._handler_class = _InlineRequestHandler if inline and INLINE_START \
             else _JsonErrorRequestHandler
         self.header_timeout = header_timeout
@@ -922,6 +939,23 @@ class ProxyServer(web.Server):
         self.refused_connections = 0
         self.stopping = False  # from pre_shutdown on: bodies in flight are still read
         self._sweeper: asyncio.Task | None = None
+
+    def idlest(self, newcomer) -> "_JsonErrorRequestHandler | None":
+        """For ``newcomer``, over the bound: the connection waiting longest for a request
+        head, one idle between keep-alive requests only if none is (None when every other
+        has a request under way). Only when the bound is reached: one pass over them."""
+        chosen, chosen_since, idle = None, math.inf, None
+        for handler in self._connections:
+            if handler is newcomer:
+                continue
+            since = handler.waiting_since()
+            if since is None:
+                continue
+            if since < 0:
+                idle = idle or handler
+            elif since < chosen_since:
+                chosen, chosen_since = handler, since
+        return chosen or idle
 
     def sweep_heads(self) -> None:
         """Make sure the header-timeout sweep runs while there are connections. One task per
@@ -1004,7 +1038,9 @@ class AdminRunner(web.AppRunner):
     the proxy listener's head timeout (``header_timeout``) and write stall timeout
     (``write_timeout``): a slow-loris or a client that never reads is cut off there as well;
     ``max_connections`` bounds its open connections as ``server.max_connections`` does the
-    proxy listener's.
+    proxy listener's, but at the bound the connection waiting longest for a request is closed
+    rather than the new one: its callers (probes, a scraper, the CLI) send at once, so idle
+    connections held open (a slowloris) cannot keep them out.
 
     Its connections run as the proxy listener's do (``_InlineRequestHandler``), for its
     lingering close (see LINGER_TIME): closed at once after a refusal (a 400 for the framing,
@@ -1031,5 +1067,5 @@ class AdminRunner(web.AppRunner):
                            request_factory=_deferring_expect(server.request_factory),
                            loop=server._loop, header_timeout=self._header_timeout,
                            write_timeout=self._write_timeout, inline=True,
-                           max_connections=self._max_connections,
+                           max_connections=self._max_connections, evict_idle=True,
                            **server._kwargs)
