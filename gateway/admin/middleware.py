@@ -260,9 +260,9 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             response = GatewayError("An internal error occurred.").response(rid)
         response.headers["X-Request-Id"] = rid
         if response.status == 413 or held_back and not request.content.is_eof():
-            # (a body over the limit: the rest of it is not worth reading)
-            # refused before it was asked for its body: the body may follow or not (RFC 9110
-            # 10.1.1), so the next bytes are never read as a request (nor as that body)
+            # the rest of a body over the limit is not worth reading; and a body held back for
+            # a 100 Continue never sent may follow or not (RFC 9110 10.1.1): the next bytes
+            # are never read as a request (nor as that body). Closed the lingering way.
             response.force_close()
         if request.path.startswith("/admin/") and request.path not in UNAUTHENTICATED:
             log_admin_call(request, response.status, rid, actor, time.perf_counter() - started,
