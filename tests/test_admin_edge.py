@@ -559,4 +559,4 @@ async def test_a_flood_of_scrapes_does_not_hold_the_event_loop_the_proxy_shares(
             await scrapers.wait()
     median = statistics.median(lags)
     assert answered > 8, answered
-    assert median < 0.004, (median, len(lags), answered)
+    assert median < 0.010, (median, len(lags), answered)  # it was ~0.05 s
