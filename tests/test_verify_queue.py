@@ -111,3 +111,63 @@ def test_the_argon2_pool_has_a_thread_per_cpu_the_process_may_use_not_per_machin
                           check=True)
     assert pinned.stdout.strip() == "1"
     assert free.stdout.strip() == str(max(1, min(4, len(os.sched_getaffinity(0)))))
+
+
+# --- against a whole gateway (real Redis, real sockets) ----------------------------------------
+
+async def _cold_tokens(config, redis_url: str, monkeypatch, n: int) -> list[str]:
+    """``n`` keys' tokens, made by a gateway that is then stopped: a new one has them cold."""
+    from harness import gateway_under_test
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        return [(await g.key(name=f"k{i}"))[0] for i in range(n)]
+
+
+async def _send(g, token: str):
+    """A raw connection with one request sent on it, its answer not read."""
+    reader, writer = await g.raw_connection()
+    writer.write(f"GET /people/1 HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {token}\r\n"
+                 "Connection: close\r\n\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
+async def test_a_client_that_leaves_while_its_first_request_is_queued_frees_its_place(
+        upstream, own_redis, monkeypatch):
+    """First requests wait for a verification turn, bounded per client address
+    (``keys.verify_queue.per_ip``). A client that closed its connection while waiting kept
+    its place until its verification had run (for nobody): an address whose clients gave up
+    and retried (a timeout, a browser navigating away) was answered 503 ``overloaded`` for
+    places nobody held, and argon2 ran for every request gone. Leaving frees the place."""
+    import signal
+
+    from harness import bearer, gateway_under_test, make_config
+    config = make_config(str(upstream.make_url("")))
+    tokens = await _cold_tokens(config, own_redis.url, monkeypatch, 12)
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        auth = g.gw.pipeline.auth
+        per_ip = auth.queue.slots + 3  # some hold turns, three wait for one
+        auth.queue.per_ip = per_ip
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)  # the turns' store reads hang meanwhile
+        try:
+            gone = [await _send(g, t) for t in tokens[:per_ip]]
+            await asyncio.sleep(0.2)
+            assert auth.queue.queued == per_ip and auth.queue.busy == auth.queue.slots
+            for _, writer in gone:
+                writer.close()
+            await asyncio.sleep(0.2)
+            # the three that only waited left the queue; those holding a turn keep it
+            assert auth.queue.queued == auth.queue.slots, auth.queue.queued
+            reader, writer = await _send(g, tokens[per_ip])
+            await asyncio.sleep(0.1)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        # argon2 ran for the turns held and the request still there, never for those gone
+        await asyncio.sleep(0.3)
+        ran = g.counter("keygate_argon2_verifications_total", result="ok")
+        assert ran == auth.queue.slots + 1, ran
+        async with g.proxy.get("/people/1", headers=bearer(tokens[-1])) as r:
+            assert r.status == 200
