@@ -132,7 +132,20 @@ def parse_topology_url(url: str) -> TopologyURL:
         password = unquote(pw) if colon else None  # "name@host": a user name, as in redis-py
     sentinel = scheme in SENTINEL_SCHEMES
     default_port = SENTINEL_PORT if sentinel else REDIS_PORT
-    nodes = tuple(_node(h.strip(), default_port, scheme) for h in hostlist.split(","))
+    # An '@' past the host list: a user name or password with a '/' or '?' in it (base64
+    # secrets have '/') ended the host list early, so what precedes that character in the
+    # password would be taken for a host, and shown in the message that refuses it.
+    misplaced = ValueError(f"a {scheme}:// URL has an '@' after its host list: percent-encode "
+                           "any '/', '?', '#' or '@' in its user name, password or master "
+                           "name (as %2F, %3F, %23, %40)")
+    if "@" in path:
+        raise misplaced
+    try:
+        nodes = tuple(_node(h.strip(), default_port, scheme) for h in hostlist.split(","))
+    except ValueError:
+        if not at and "@" in query:
+            raise misplaced from None
+        raise
     try:
         params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:

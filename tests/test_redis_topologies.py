@@ -127,6 +127,32 @@ def test_bad_topology_urls_are_refused_without_echoing_the_password(
     assert "hunter2" not in bad.value.problems[0]
 
 
+@pytest.mark.parametrize("url", [
+    "redis+sentinel://:hunter2/Kx+9=@s1:26379/m",          # a base64 password: '/' in it
+    "redis+sentinel://app:hunter2?x@s1,s2/m",
+    "rediss+sentinel://:hunter2/a/b@s1/m/0?sentinel_password=x",
+    "redis+cluster://:hunter2/Kx+9=@n1:7000,n2:7001",
+    "redis+cluster://app:hunter2?x@n1:7000",
+    "redis+cluster://:hunter2/x@n1:7000/0",
+])
+def test_a_password_not_percent_encoded_is_never_shown_as_a_host(tmp_path: Path,
+                                                                   url: str) -> None:
+    """A password with a '/' or '?' in it (base64 secrets often have '/') that was not
+    percent-encoded ends the host list early, so the part of it before that character was
+    taken for a host and shown in the problem ("bad host or port (':hunter2')"). It is
+    refused with what to do instead, and no part of the password."""
+    with pytest.raises(ValueError) as refused:
+        parse_topology_url(url)
+    assert "hunter2" not in str(refused.value) and "percent-encode" in str(refused.value)
+    path = tmp_path / "config.yaml"
+    path.write_text(f"store:\n  redis_url: '{url}'\n")
+    with pytest.raises(ConfigError) as bad:
+        load_config(path)
+    assert len(bad.value.problems) == 1, bad.value.problems
+    assert bad.value.problems[0].startswith(f"{path}:2: store.redis_url: ")
+    assert "hunter2" not in bad.value.problems[0]
+
+
 def test_config_accepts_every_topology_form(tmp_path: Path) -> None:
     for url in ("redis+sentinel://:pw@s1:26379,s2:26379/mymaster/1?sentinel_password=sp",
                 "rediss+sentinel://s1/mymaster", "redis+cluster://:pw@n1:7000,n2:7001",
