@@ -113,6 +113,30 @@ def _node(text: str, default_port: int, scheme: str) -> tuple[str, int]:
     return host, port or default_port
 
 
+def _misplaced_at(scheme: str, where: str) -> ValueError:
+    """The problem of a URL whose user name or password has an unencoded '/', '?' or '#'
+    (base64 secrets have '/'): the user info ended early, and what followed that character
+    would be read as a host, path or query, and quoted in the message refusing it. This
+    says what to do and quotes no part of the URL."""
+    return ValueError(f"a {scheme}:// URL has an '@' after its {where}: percent-encode any "
+                      "'/', '?', '#' or '@' in its user name, password or "
+                      f"{'master name' if 'sentinel' in scheme else 'path'} "
+                      "(as %2F, %3F, %23, %40)")
+
+
+def _password_in_query(query: str, known) -> bool:
+    """Whether an '@' in the query of a URL with no user info is the end of a password with
+    an unencoded '?': a part without '=' or with a name no option has. An '@' in the value of
+    a known option (``password=p@ss``) is no such thing."""
+    if "@" not in query:
+        return False
+    for pair in query.split("&"):
+        name, eq, _ = pair.partition("=")
+        if not eq or unquote(name) not in known:
+            return True
+    return False
+
+
 def parse_topology_url(url: str) -> TopologyURL:
     """Parse a Sentinel or Cluster URL. Raises ``ValueError`` with a sentence fit for a user
     (it never contains the password)."""
@@ -132,26 +156,22 @@ def parse_topology_url(url: str) -> TopologyURL:
         password = unquote(pw) if colon else None  # "name@host": a user name, as in redis-py
     sentinel = scheme in SENTINEL_SCHEMES
     default_port = SENTINEL_PORT if sentinel else REDIS_PORT
-    # An '@' past the host list: a user name or password with a '/' or '?' in it (base64
-    # secrets have '/') ended the host list early, so what precedes that character in the
-    # password would be taken for a host, and shown in the message that refuses it.
-    misplaced = ValueError(f"a {scheme}:// URL has an '@' after its host list: percent-encode "
-                           "any '/', '?', '#' or '@' in its user name, password or master "
-                           "name (as %2F, %3F, %23, %40)")
-    if "@" in path:
-        raise misplaced
+    tls = scheme.startswith("rediss")
+    allowed = (_SENTINEL_PARAMS if sentinel else ()) + (TLS_OPTIONS if tls else ())
+    # An '@' past the host list: a user name or password with a '/' or '?' in it ended the
+    # host list early (see _misplaced_at)
+    if "@" in path or (not at and _password_in_query(query, allowed)):
+        raise _misplaced_at(scheme, "host list")
     try:
         nodes = tuple(_node(h.strip(), default_port, scheme) for h in hostlist.split(","))
     except ValueError:
         if not at and "@" in query:
-            raise misplaced from None
+            raise _misplaced_at(scheme, "host list") from None
         raise
     try:
         params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         raise ValueError(f"a {scheme}:// URL has a malformed query string") from None
-    tls = scheme.startswith("rediss")
-    allowed = (_SENTINEL_PARAMS if sentinel else ()) + (TLS_OPTIONS if tls else ())
     for name, values in params.items():
         if name in TLS_OPTIONS and not tls:
             raise ValueError(_plain_with_tls_options(scheme, name))
@@ -472,6 +492,16 @@ def check_store_url(url: str) -> None:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
         raise ValueError(f"not a valid {scheme}:// URL (bad host or port)") from None
+    # A user name or password with a '/', '?' or '#' in it ended the host early (digits
+    # after its ':' read as a port): the path, query or fragment would hold the rest of it
+    # (see _misplaced_at). redis-py ignores a fragment: one is never meant.
+    if "#" in url:
+        raise ValueError(f"a {scheme}:// URL cannot have a '#' fragment (redis-py ignores "
+                         "it): percent-encode a '#' in its user name or password as %23")
+    if "@" in parts.path or (
+            parts.username is None and parts.password is None and _password_in_query(
+                parts.query, _standalone_options(scheme == "unix") | set(TLS_OPTIONS))):
+        raise _misplaced_at(scheme, "host")
     if scheme == "unix":
         if not parts.path:
             raise ValueError("a unix:// URL needs a socket path, e.g. unix:///run/redis.sock")

@@ -70,5 +70,36 @@ def test_store_urls_no_client_could_use(url: str, words: str) -> None:
         check_store_url(url)
 
 
+@pytest.mark.parametrize("url", ["redis://app:2024/hunter2@h:6379/0",
+                                 "rediss://app:2024/hunter2@h/0",
+                                 "unix://app:2024/hunter2@/run/r.sock",
+                                 "unix://app:2024/hunter2@/run/r.sock?db=1",
+                                 # a '?' in it: the rest read as a query (taken as an
+                                 # unknown option, or dropped), a '#': as a fragment
+                                 "redis://app:2024?hunter2@h:6379/0",
+                                 "redis://app:2024?hunter2=x@h:6379/0",
+                                 "unix://app:2024?hunter2&x@/run/r.sock",
+                                 "redis://app:2024#hunter2@h:6379/0"])
+def test_a_password_with_an_unencoded_slash_is_refused_and_never_shown(url: str) -> None:
+    """A password with a '/' that was not percent-encoded, after digits only ('2024/...'),
+    reads as a port and a path: redis:// was refused quoting the path, the rest of the
+    password ("got '/hunter2@h:6379/0'"); unix:// was accepted as a socket path named after
+    it, and the start-up error then printed the whole URL, password and all (redact finds no
+    user info). Both are refused with what to percent-encode, and no part of the password."""
+    with pytest.raises(ValueError) as refused:
+        check_store_url(url)
+    assert "percent-encode" in str(refused.value)
+    assert "hunter2" not in str(refused.value) and "2024" not in str(refused.value)
+
+
+@pytest.mark.parametrize("url", ["unix:///run/r.sock?db=1&password=p@ss",
+                                 "redis://h:6379/0?client_name=a@b",
+                                 "unix:///run/a%40b.sock",
+                                 "redis+sentinel://s1/m?sentinel_password=p@ss",
+                                 "redis+sentinel://:a%2Fb%3Fc@s1/m%40x/2"])
+def test_an_at_sign_where_it_belongs_is_accepted(url: str) -> None:
+    check_store_url(url)
+
+
 def test_header_identity_ignores_case_and_reads_underscore_as_dash() -> None:
     assert header_key("X_Workspace_Id") == header_key("x-workspace-id") == "x-workspace-id"

@@ -134,6 +134,8 @@ def test_bad_topology_urls_are_refused_without_echoing_the_password(
     "redis+cluster://:hunter2/Kx+9=@n1:7000,n2:7001",
     "redis+cluster://app:hunter2?x@n1:7000",
     "redis+cluster://:hunter2/x@n1:7000/0",
+    "redis+sentinel://:x?hunter2=@s1/m",  # the rest of it read as a query option
+    "redis+sentinel://:x?a=1&hunter2@s1/m",
 ])
 def test_a_password_not_percent_encoded_is_never_shown_as_a_host(tmp_path: Path,
                                                                    url: str) -> None:
