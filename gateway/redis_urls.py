@@ -51,7 +51,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import (URL_QUERY_ARGUMENT_PARSERS, SSLConnection,
@@ -552,8 +552,9 @@ def redact(url: str) -> str:
     userinfo, at, hosts = netloc.rpartition("@")
     if at and ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
-    if query:
-        query = "&".join(p.split("=", 1)[0] + "=***" if p.split("=", 1)[0].endswith("password")
+    if query:  # a name as the query is read: percent-decoded (pass%77ord is the password)
+        query = "&".join(p.split("=", 1)[0] + "=***"
+                         if unquote_plus(p.split("=", 1)[0]).endswith("password")
                          else p for p in query.split("&"))
     return f"{scheme}://{userinfo}{at}{hosts}{slash}{path}{q}{query}"
 

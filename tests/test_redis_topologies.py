@@ -170,6 +170,25 @@ def test_redact_masks_both_passwords() -> None:
     assert shown.startswith("redis+sentinel://app:***@s1,s2/m?")
 
 
+@pytest.mark.parametrize("url", [
+    "unix:///run/none.sock?db=1&pass%77ord=hunter2",
+    "redis://127.0.0.1:1/0?%70assword=hunter2",
+    "redis+sentinel://127.0.0.1:1/m?sentinel_pass%77ord=hunter2",
+    "rediss://127.0.0.1:1/0?ssl_pass%77ord=hunter2",
+])
+def test_redact_masks_a_password_option_whose_name_is_percent_encoded(url: str) -> None:
+    """The URL's query is read with its names percent-decoded (redis-py's parse_qs), so
+    ``pass%77ord=`` is the password; redact compared the raw name, and the start-up error
+    printed it: 'cannot reach the store at unix:///run/none.sock?db=1&pass%77ord=hunter2'."""
+    assert "hunter2" not in redact(url), redact(url)
+    config = make_config("http://127.0.0.1:9")
+    config = dataclasses.replace(
+        config, server=dataclasses.replace(config.server, port=free_port()),
+        admin=dataclasses.replace(config.admin, port=free_port()))
+    problem = _preflight(config, url)
+    assert problem is not None and "hunter2" not in problem, problem
+
+
 # --- Sentinel ------------------------------------------------------------------------------
 
 @pytest.fixture
