@@ -140,6 +140,8 @@ def _password_in_query(query: str, known) -> bool:
 def parse_topology_url(url: str) -> TopologyURL:
     """Parse a Sentinel or Cluster URL. Raises ``ValueError`` with a sentence fit for a user
     (it never contains the password)."""
+    for unsafe in "\t\r\n":  # dropped anywhere, as redis-py's parser (urllib's) drops them
+        url = url.replace(unsafe, "")  # from redis:// URLs: a secret file's last line break
     scheme = scheme_of(url)
     if scheme not in TOPOLOGY_SCHEMES:
         raise ValueError(f"not a Sentinel or Cluster URL (scheme {scheme!r})")
@@ -543,7 +545,10 @@ def _retry() -> Any:
 
 
 def redact(url: str) -> str:
-    """``url`` fit for messages: the password and any ``sentinel_password`` masked."""
+    """``url`` fit for messages: the password and any ``sentinel_password`` masked, on one
+    line (tabs and line breaks dropped, as the URL's parsers drop them)."""
+    for unsafe in "\t\r\n":
+        url = url.replace(unsafe, "")
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url

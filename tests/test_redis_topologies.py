@@ -155,6 +155,26 @@ def test_a_password_not_percent_encoded_is_never_shown_as_a_host(tmp_path: Path,
     assert "hunter2" not in bad.value.problems[0]
 
 
+def test_a_topology_url_drops_tabs_and_line_breaks_as_a_standalone_one_does(
+        tmp_path: Path, monkeypatch) -> None:
+    """A URL from a file-backed secret often ends in a line break. redis-py's parser (that of
+    redis://, rediss://, unix://) drops tabs and line breaks anywhere in a URL, as urllib
+    does; the Sentinel and Cluster forms kept them, so the same secret that worked as a
+    redis:// URL asked the Sentinels for master 'km\\n' (or sent 'pw\\n' as the Sentinels'
+    password) and keygate never started."""
+    t = parse_topology_url("redis+sentinel://:p%40w@s1,s2:26380/km/2?sentinel_password=sp\n")
+    assert (t.service, t.db, t.password, t.sentinel_password) == ("km", 2, "p@w", "sp")
+    t = parse_topology_url("redis+sentinel://s1/km\r\n")
+    assert t.service == "km"
+    assert parse_topology_url("redis+cluster://:p\tw@n1:7000\n").password == "pw"
+    monkeypatch.setenv("KG_TEST_STORE_URL", "redis+sentinel://s1:26379/km/3\n")
+    path = tmp_path / "config.yaml"
+    path.write_text("store:\n  redis_url: ${KG_TEST_STORE_URL}\n")
+    load_config(path)  # as a redis:// URL with a line break is taken
+    # and the one-line start-up errors that show a URL stay one line
+    assert redact("redis://:pw@h:6379/0\n") == "redis://:***@h:6379/0"
+
+
 def test_config_accepts_every_topology_form(tmp_path: Path) -> None:
     for url in ("redis+sentinel://:pw@s1:26379,s2:26379/mymaster/1?sentinel_password=sp",
                 "rediss+sentinel://s1/mymaster", "redis+cluster://:pw@n1:7000,n2:7001",
