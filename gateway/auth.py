@@ -281,16 +281,20 @@ class Authenticator:
         verification.waiting += 1
         try:
             await asyncio.wait((result, gone), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this request cancelled (a shutdown): as a cancelled await
+            result.cancel()    # of the shield would, so its outcome is nobody's to log
+            raise
         finally:
             verification.waiting -= 1
             if watch.upstream_wait is gone:
                 watch.upstream_wait = None
-        if result.done():
+        if not gone.done():
             gone.cancel()
+        elif not gone.cancelled():
+            gone.exception()  # retrieved: ClientGone
+        if result.done():  # answered, though the client may have gone just now
             return result.result()
         result.cancel()  # the task itself goes on for whoever still waits on it
-        if gone.done() and not gone.cancelled():
-            gone.exception()  # retrieved: ClientGone
         if not verification.waiting and not verification.turned and not task.done():
             if self._inflight.get(digest) is verification:
                 del self._inflight[digest]  # a request coming now starts a verification anew

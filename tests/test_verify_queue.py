@@ -171,3 +171,37 @@ async def test_a_client_that_leaves_while_its_first_request_is_queued_frees_its_
         assert ran == auth.queue.slots + 1, ran
         async with g.proxy.get("/people/1", headers=bearer(tokens[-1])) as r:
             assert r.status == 200
+
+
+async def test_a_verification_others_still_wait_on_goes_on_when_one_client_leaves(
+        upstream, own_redis, monkeypatch):
+    """Requests with the same first token share one verification: one client leaving ends
+    only its own request; the verification stays queued for the others (200), and a
+    verification nobody waits on that is then asked for again is started anew."""
+    import signal
+
+    from harness import gateway_under_test, make_config
+    config = make_config(str(upstream.make_url("")))
+    tokens = await _cold_tokens(config, own_redis.url, monkeypatch, 8)
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        auth = g.gw.pipeline.auth
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            holders = [await _send(g, t) for t in tokens[:auth.queue.slots]]  # every turn
+            shared = tokens[-1]
+            leaving, staying = await _send(g, shared), await _send(g, shared)
+            alone = await _send(g, tokens[-2])
+            await asyncio.sleep(0.2)
+            assert auth.queue.queued == auth.queue.slots + 2
+            leaving[1].close()
+            alone[1].close()
+            await asyncio.sleep(0.2)
+            assert auth.queue.queued == auth.queue.slots + 1  # the shared one stays
+            again = await _send(g, tokens[-2])  # asked again after its only client left
+            await asyncio.sleep(0.1)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        for reader, writer in (*holders, staying, again):
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
