@@ -205,3 +205,70 @@ async def test_a_verification_others_still_wait_on_goes_on_when_one_client_leave
             answer = await asyncio.wait_for(reader.read(), 10)
             writer.close()
             assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+async def test_the_queue_bounds_hold_exactly_per_client_address_and_in_total(
+        upstream, own_redis, monkeypatch):
+    """End to end, behind a trusted proxy (the client address from X-Forwarded-For): with
+    every verification held (Redis paused), the shipped ``per_ip`` (256) admits exactly 256
+    first requests of one address and refuses the rest 503 ``overloaded`` with
+    ``Retry-After: 1``; ``total`` (600 here) refuses every address past it; every admitted
+    request is decided once Redis answers (401 for these unknown keys, never 503)."""
+    import dataclasses
+    import signal
+    from collections import Counter
+
+    from aiohttp import ClientSession, TCPConnector
+
+    from gateway.config import FailureLimits, VerifyQueueLimits
+    from gateway.tokens import make_token
+    from harness import gateway_under_test, make_config
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(
+        config, server=dataclasses.replace(config.server, trusted_proxies=("127.0.0.1/32",)),
+        keys=dataclasses.replace(config.keys, failures=FailureLimits(10_000, None, 60),
+                                 verify_queue=VerifyQueueLimits(total=600)))
+    assert config.keys.verify_queue.per_ip == 256
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        queue = g.gw.pipeline.auth.queue
+        session = ClientSession(str(g.proxy_server.make_url("")),
+                                connector=TCPConnector(limit=0))
+        answers: list[tuple[str, int, str | None, str]] = []
+
+        async def first(ip: str) -> None:
+            headers = {"Authorization": f"Bearer {make_token('kg', 'live')[0]}",
+                       "X-Forwarded-For": ip}
+            async with session.get("/people/1", headers=headers) as r:
+                code = (await r.json())["error"]["code"]
+                answers.append((ip, r.status, r.headers.get("Retry-After"), code))
+
+        async def arrived(n: int) -> None:  # every request sent is in the queue or refused
+            for _ in range(400):
+                if queue.queued + len(answers) >= n:
+                    return
+                await asyncio.sleep(0.05)
+
+        tasks: list[asyncio.Future] = []
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:  # two addresses first, past their own bound; then others, past the total
+            tasks += [asyncio.ensure_future(first(ip))
+                      for ip in ["10.0.0.1"] * 300 + ["10.0.0.2"] * 300]
+            await arrived(600)
+            assert queue.queued == 512, queue.queued
+            tasks += [asyncio.ensure_future(first(f"10.0.1.{i}")) for i in range(150)]
+            await arrived(750)
+            assert queue.queued == 600, (queue.queued, len(answers))
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+            try:
+                await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            finally:
+                await session.close()
+    seen = Counter((ip if ip in ("10.0.0.1", "10.0.0.2") else "others", status, retry, code)
+                   for ip, status, retry, code in answers)
+    assert seen == Counter({("10.0.0.1", 401, None, "invalid_key"): 256,
+                            ("10.0.0.1", 503, "1", "overloaded"): 44,
+                            ("10.0.0.2", 401, None, "invalid_key"): 256,
+                            ("10.0.0.2", 503, "1", "overloaded"): 44,
+                            ("others", 401, None, "invalid_key"): 88,
+                            ("others", 503, "1", "overloaded"): 62}), seen
