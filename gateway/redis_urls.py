@@ -370,6 +370,14 @@ class StandaloneURL:
 
 
 _STANDALONE_OPTIONS: dict[bool, frozenset[str]] = {}
+# The query options of a standalone URL whose value is text as given; the others it may give
+# are those redis-py's URL parser converts (URL_QUERY_ARGUMENT_PARSERS: db, protocol, the
+# timeouts...). Every other name a connection takes is an object (retry, connection_class,
+# credential_provider...) or a part of the URL (host, port, path): given as text, it failed at
+# the first command, or made config check and serve die with a traceback.
+TEXT_OPTIONS = ("client_name", "username", "password", "lib_name", "lib_version")
+# what keygate's two clients set themselves: its code reads the replies so
+_KEYGATE_SETS = ("encoding", "encoding_errors", "decode_responses")
 
 
 def tls_files_state(ca_certs: str | None, certfile: str | None, keyfile: str | None,
@@ -461,12 +469,22 @@ def parse_standalone_url(url: str) -> StandaloneURL:
             raise ValueError(f"the URL's {name} must be a number of seconds above 0, "
                              f"got {value!r}")
     scheme = scheme_of(url)
+    given = {n for n in parse_qs(urlsplit(url).query)}  # the names the query itself gives
     for name in options:
         if not name.startswith("ssl_"):
             if name not in _standalone_options(scheme == "unix"):
                 raise ValueError(f"a {scheme}:// URL has an unknown query parameter {name!r} "
                                  "(redis-py's connection would refuse it at the first "
                                  "command)")
+            if name in given and name not in URL_QUERY_ARGUMENT_PARSERS \
+                    and name not in TEXT_OPTIONS:
+                raise ValueError(
+                    f"a {scheme}:// URL cannot take {name!r}: "
+                    + ("keygate's clients set it themselves, to read Redis's replies as they do"
+                       if name in _KEYGATE_SETS else
+                       "it is a part of the URL itself" if name in ("host", "port", "path",
+                                                                    "connection_class") else
+                       "redis-py's connection takes an object there, which a URL cannot give"))
             continue
         if scheme != "rediss":
             raise ValueError(_plain_with_tls_options(scheme, name))

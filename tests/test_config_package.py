@@ -101,5 +101,36 @@ def test_an_at_sign_where_it_belongs_is_accepted(url: str) -> None:
     check_store_url(url)
 
 
+@pytest.mark.parametrize("option", [
+    # objects a connection takes, that a URL can only give as text
+    "retry=x", "connection_class=x", "credential_provider=x", "retry_on_error=x",
+    "socket_keepalive_options=x", "redis_connect_func=x", "encoder_class=x", "parser_class=x",
+    "event_dispatcher=x", "driver_info=x", "socket_type=1",
+    # the URL's own parts, and what keygate's clients read their replies with
+    "port=6380", "encoding=utf-16", "encoding_errors=ignore", "decode_responses=false"])
+@pytest.mark.parametrize("base", ["redis://h:6379/0?", "rediss://h/0?", "unix:///r.sock?db=1&"])
+def test_store_url_options_that_cannot_work_are_refused(base: str, option: str) -> None:
+    """Every name a connection's constructor takes passed the check, though a URL gives each
+    as text: ?retry=x made ``config check`` and ``serve`` die with a traceback
+    (AttributeError: 'str' object has no attribute 'update_supported_errors'),
+    ?connection_class=x likewise, ?encoding=utf-16 sent a garbled HELLO and
+    ?socket_keepalive_options=x failed every connection. They are refused, by name."""
+    name = option.split("=")[0]
+    with pytest.raises(ValueError) as refused:
+        check_store_url(base + option)
+    assert repr(name) in str(refused.value), str(refused.value)
+
+
+@pytest.mark.parametrize("query", [
+    "protocol=3", "client_name=kg&lib_name=kg&lib_version=1", "health_check_interval=10",
+    "retry_on_timeout=true", "socket_keepalive=true", "max_connections=8", "timeout=3",
+    "socket_timeout=1&socket_connect_timeout=1", "socket_read_size=65536",
+    "username=app&password=pw", "db=3"])
+def test_store_url_options_redis_py_reads_are_accepted(query: str) -> None:
+    check_store_url("redis://h:6379/0?" + query)
+    if "keepalive" not in query:  # a TCP option
+        check_store_url("unix:///r.sock?" + query)
+
+
 def test_header_identity_ignores_case_and_reads_underscore_as_dash() -> None:
     assert header_key("X_Workspace_Id") == header_key("x-workspace-id") == "x-workspace-id"
