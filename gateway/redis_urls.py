@@ -118,10 +118,9 @@ def _misplaced_at(scheme: str, where: str) -> ValueError:
     (base64 secrets have '/'): the user info ended early, and what followed that character
     would be read as a host, path or query, and quoted in the message refusing it. This
     says what to do and quotes no part of the URL."""
-    return ValueError(f"a {scheme}:// URL has an '@' after its {where}: percent-encode any "
-                      "'/', '?', '#' or '@' in its user name, password or "
-                      f"{'master name' if 'sentinel' in scheme else 'path'} "
-                      "(as %2F, %3F, %23, %40)")
+    part = "master name" if "sentinel" in scheme else "path"
+    return ValueError(f"a {scheme}:// URL has an @ after its {where}: percent-encode any /, ?, "
+                      f"# or @ in its user name, password or {part} (as %2F, %3F, %23, %40)")
 
 
 def _password_in_query(query: str, known) -> bool:
@@ -147,7 +146,7 @@ def parse_topology_url(url: str) -> TopologyURL:
         raise ValueError(f"not a Sentinel or Cluster URL (scheme {scheme!r})")
     rest = url.split("://", 1)[1]
     if "#" in rest:
-        raise ValueError(f"a {scheme}:// URL cannot have a '#' fragment")
+        raise ValueError(f"a {scheme}:// URL cannot have a # fragment")
     rest, _, query = rest.partition("?")
     netloc, slash, path = rest.partition("/")
     userinfo, at, hostlist = netloc.rpartition("@")
@@ -199,14 +198,14 @@ def parse_topology_url(url: str) -> TopologyURL:
                              "only)")
         return TopologyURL(kind, tls, nodes, username, password, ssl=ssl_options)
     if not segments or not segments[0]:
-        raise ValueError(f"a {scheme}:// URL needs the master's name as its path, e.g. "
+        raise ValueError(f"a {scheme}:// URL needs the name of the master as its path, e.g. "
                          f"{scheme}://host:26379/mymaster")
     if len(segments) > 2:
-        raise ValueError(f"a {scheme}:// URL's path is /<master-name>[/<db>]")
+        raise ValueError(f"the path of a {scheme}:// URL is /<master-name>[/<db>]")
     db = 0
     if len(segments) == 2:
         if not segments[1].isdigit():
-            raise ValueError(f"a {scheme}:// URL's database must be a number, got "
+            raise ValueError(f"the database of a {scheme}:// URL must be a number, got "
                              f"{segments[1]!r}")
         db = int(segments[1])
     first = {name: values[0] for name, values in params.items()}
@@ -236,7 +235,7 @@ def _parse_tls_options(given: dict[str, str]) -> dict[str, Any]:
             options[name] = parser(value) if parser else value
         except (TypeError, ValueError):
             shown = "" if name.endswith("password") else f", got {value[:64]!r}"
-            raise ValueError(f"the URL's {name} is not a valid value{shown}") from None
+            raise ValueError(f"{name} of the URL is not a valid value{shown}") from None
     return options
 
 
@@ -262,10 +261,10 @@ def tls_context(options: dict[str, Any]) -> Any:
     for name in _TLS_FILES:
         path = options.get(name)
         if path and not os.path.isfile(path):
-            raise ValueError(f"the URL's {name} names no readable file ({path})")
+            raise ValueError(f"{name} of the URL names no readable file ({path})")
     path = options.get("ssl_ca_path")
     if path and not os.path.isdir(path):
-        raise ValueError(f"the URL's ssl_ca_path names no directory ({path})")
+        raise ValueError(f"ssl_ca_path of the URL names no directory ({path})")
     # the files first, each on its own, for a message that says which one is wrong
     probe = ssl.create_default_context()
     try:
@@ -280,7 +279,7 @@ def tls_context(options: dict[str, Any]) -> Any:
             probe.load_verify_locations(options.get("ssl_ca_certs"), options.get("ssl_ca_path"),
                                         options.get("ssl_ca_data"))
     except _EncryptedKey:
-        raise ValueError("the URL's ssl_keyfile is encrypted with a pass phrase: give it as "
+        raise ValueError("ssl_keyfile of the URL is encrypted with a pass phrase: give it as "
                          "ssl_password (or name an unencrypted key)") from None
     except (OSError, ssl.SSLError, ValueError, TypeError) as exc:
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or \
@@ -289,7 +288,7 @@ def tls_context(options: dict[str, Any]) -> Any:
     try:
         connection = SSLConnection(**{n: v for n, v in options.items() if n in TLS_OPTIONS})
     except _RedisError as exc:  # ssl_cert_reqs
-        raise ValueError(f"the URL's ssl_cert_reqs must be none, optional or required "
+        raise ValueError(f"ssl_cert_reqs of the URL must be none, optional or required "
                          f"({exc})") from None
     try:
         return connection.ssl_context.get()
@@ -297,7 +296,7 @@ def tls_context(options: dict[str, Any]) -> Any:
         files = ", ".join(n for n in (*_TLS_FILES, "ssl_ca_data", "ssl_ca_path", "ssl_ciphers",
                                       "ssl_min_version") if options.get(n) is not None)
         reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
-        raise ValueError(f"cannot set up TLS with the URL's options"
+        raise ValueError(f"cannot set up TLS with the options of the URL"
                          f"{f' ({files})' if files else ''}: {reason}") from None
 
 
@@ -466,7 +465,7 @@ def parse_standalone_url(url: str) -> StandaloneURL:
     for name in ("socket_timeout", "socket_connect_timeout"):
         value = options.get(name)
         if value is not None and not 0 < value < math.inf:  # nan compares false
-            raise ValueError(f"the URL's {name} must be a number of seconds above 0, "
+            raise ValueError(f"{name} of the URL must be a number of seconds above 0, "
                              f"got {value!r}")
     scheme = scheme_of(url)
     given = {n for n in parse_qs(urlsplit(url).query)}  # the names the query itself gives
@@ -504,7 +503,7 @@ def check_store_url(url: str) -> None:
             tls_context(target.ssl)  # the files it names are there and usable
         return
     if scheme not in STORE_SCHEMES:
-        raise ValueError("must be 'embedded' or a URL with scheme "
+        raise ValueError("must be embedded or a URL with scheme "
                          f"{', '.join(s + '://' for s in STORE_SCHEMES)}"
                          + (f", got scheme '{scheme}'" if scheme else ""))
     try:
@@ -516,8 +515,8 @@ def check_store_url(url: str) -> None:
     # after its ':' read as a port): the path, query or fragment would hold the rest of it
     # (see _misplaced_at). redis-py ignores a fragment: one is never meant.
     if "#" in url:
-        raise ValueError(f"a {scheme}:// URL cannot have a '#' fragment (redis-py ignores "
-                         "it): percent-encode a '#' in its user name or password as %23")
+        raise ValueError(f"a {scheme}:// URL cannot have a # fragment (redis-py ignores "
+                         "it): percent-encode a # in its user name or password as %23")
     if "@" in parts.path or (
             parts.username is None and parts.password is None and _password_in_query(
                 parts.query, _standalone_options(scheme == "unix") | set(TLS_OPTIONS))):

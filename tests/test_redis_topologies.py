@@ -103,8 +103,8 @@ def test_cluster_url_forms() -> None:
 
 
 @pytest.mark.parametrize("url, message", [
-    ("redis+sentinel://:hunter2@s1:26379", "needs the master's name"),
-    ("redis+sentinel://:hunter2@s1:26379/m/x", "database must be a number"),
+    ("redis+sentinel://:hunter2@s1:26379", "needs the name of the master"),
+    ("redis+sentinel://:hunter2@s1:26379/m/x", "database of a redis+sentinel:// URL must be a number"),
     ("redis+sentinel://:hunter2@s1:26379/m/1/2", "/<master-name>[/<db>]"),
     ("redis+sentinel://:hunter2@s1:26379/m?password=hunter2", "unknown query parameter"),
     ("redis+sentinel://:hunter2@s1:nope/m", "bad host or port"),
@@ -173,6 +173,38 @@ def test_a_topology_url_drops_tabs_and_line_breaks_as_a_standalone_one_does(
     load_config(path)  # as a redis:// URL with a line break is taken
     # and the one-line start-up errors that show a URL stay one line
     assert redact("redis://:pw@h:6379/0\n") == "redis://:***@h:6379/0"
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("redis+sentinel://:hunter2@s1:26379", "needs the name of the master"),
+    ("redis+sentinel://:hunter2@s1/m/1/2", "is /<master-name>[/<db>]"),
+    ("redis+sentinel://:hunter2@s1/m/x", "database of a redis+sentinel:// URL must be a number"),
+    ("redis+cluster://:hunter2@n1#x", "cannot have a # fragment"),
+    ("redis://:hunter2@h:6379/0#x", "cannot have a # fragment"),
+    ("redis+sentinel://:hunter2/x@s1/m", "percent-encode any /, ?, # or @"),
+    ("redis://app:2024/hunter2@h/0", "percent-encode any /, ?, # or @"),
+    ("http://:hunter2@h", "must be embedded or a URL with scheme redis://"),
+    ("unix:///r.sock?password=hunter2&socket_timeout=-1",
+     "socket_timeout of the URL must be a number of seconds above 0"),
+    ("rediss://:hunter2@h/0?ssl_ca_certs=/nowhere/ca.pem",
+     "ssl_ca_certs of the URL names no readable file"),
+])
+def test_a_store_url_from_the_environment_is_refused_with_its_reason(
+        tmp_path: Path, monkeypatch, url: str, reason: str) -> None:
+    """``store.redis_url: ${KEYGATE_REDIS_URL}`` is the documented way. A problem with a value
+    from the environment drops a reason that quotes anything (it may quote the value): the
+    store URL's reasons, quoting nothing of it, were dropped for an apostrophe ("the
+    master's name", "the URL's ssl_ca_certs") or a quoted character ("a '#' fragment"),
+    leaving 'the value from ${KEYGATE_REDIS_URL} is invalid' and nothing to go on."""
+    monkeypatch.setenv("KG_TEST_STORE_URL", url)
+    path = tmp_path / "config.yaml"
+    path.write_text("store:\n  redis_url: ${KG_TEST_STORE_URL}\n")
+    with pytest.raises(ConfigError) as bad:
+        load_config(path)
+    (problem,) = bad.value.problems
+    assert problem.startswith(f"{path}:2: store.redis_url: the value from ${{KG_TEST_STORE_URL}}"
+                              " is invalid: "), problem
+    assert reason in problem and "hunter2" not in problem, problem
 
 
 def test_config_accepts_every_topology_form(tmp_path: Path) -> None:
