@@ -383,18 +383,20 @@ class Authenticator:
         each is a fixed window from its first failure (lua/add_usage.lua), not a whole
         ``window_seconds`` from now. The window itself if that cannot be read."""
         window = self.config.keys.failures.window_seconds
-        # A counter's reset is a fixed instant (its TTL, set at its first failure and never
-        # moved): once read it is remembered, so a flood of refused guesses costs the store
-        # one read per counter and window rather than one or two more per guess.
+        # A counter's reset is a fixed instant (its TTL, set at its first failure and moved
+        # only into a window a reload lowered): once read it is remembered, so a flood of
+        # refused guesses costs the store one read per counter and window rather than one or
+        # two more per guess. One remembered past the window in force is asked again (the
+        # read brings the counter within it: lua/failure_reset.lua).
         known, now = self._failure_resets, time.monotonic()
         names = ("ip " + client_ip if client_ip is not None else None,
                  "key " + key_id if key_id is not None else None)
         at = [known.get(n, 0.0) if n is not None else None for n in names]
-        ask = [n is not None and a <= now for n, a in zip(names, at)]
+        ask = [n is not None and not now < a <= now + window for n, a in zip(names, at)]
         if any(ask):
             try:
                 resets = iter(await self.requests.failure_resets_ms(
-                    client_ip if ask[0] else None, key_id if ask[1] else None))
+                    client_ip if ask[0] else None, key_id if ask[1] else None, window))
             except StoreError:  # the counts were just read: refuse as before, with the window
                 return window
             if len(known) >= FAILURE_RESETS_KEPT:
