@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from gateway.config import StoreConfig
 from gateway.errors import ServiceUnavailable
 from gateway.verify_queue import VerifyQueue
 
@@ -142,7 +143,8 @@ async def test_a_client_that_leaves_while_its_first_request_is_queued_frees_its_
     import signal
 
     from harness import bearer, gateway_under_test, make_config
-    config = make_config(str(upstream.make_url("")))
+    # the turns wait on the paused Redis: no store timeout must end them meanwhile
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=60.0))
     tokens = await _cold_tokens(config, own_redis.url, monkeypatch, 12)
     async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
         auth = g.gw.pipeline.auth
@@ -181,7 +183,8 @@ async def test_a_verification_others_still_wait_on_goes_on_when_one_client_leave
     import signal
 
     from harness import gateway_under_test, make_config
-    config = make_config(str(upstream.make_url("")))
+    # the turns wait on the paused Redis: no store timeout must end them meanwhile
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=60.0))
     tokens = await _cold_tokens(config, own_redis.url, monkeypatch, 8)
     async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
         auth = g.gw.pipeline.auth
@@ -223,7 +226,8 @@ async def test_the_queue_bounds_hold_exactly_per_client_address_and_in_total(
     from gateway.config import FailureLimits, VerifyQueueLimits
     from gateway.tokens import make_token
     from harness import gateway_under_test, make_config
-    config = make_config(str(upstream.make_url("")))
+    # the turns wait on the paused Redis: no store timeout must end them meanwhile
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=60.0))
     config = dataclasses.replace(
         config, server=dataclasses.replace(config.server, trusted_proxies=("127.0.0.1/32",)),
         keys=dataclasses.replace(config.keys, failures=FailureLimits(10_000, None, 60),
@@ -243,7 +247,7 @@ async def test_the_queue_bounds_hold_exactly_per_client_address_and_in_total(
                 answers.append((ip, r.status, r.headers.get("Retry-After"), code))
 
         async def arrived(n: int) -> None:  # every request sent is in the queue or refused
-            for _ in range(400):
+            for _ in range(1200):
                 if queue.queued + len(answers) >= n:
                     return
                 await asyncio.sleep(0.05)
