@@ -136,6 +136,19 @@ def _password_in_query(query: str, known) -> bool:
     return False
 
 
+def _password_given(names) -> bool:
+    """Whether the query gives a password option (password, sentinel_password, ssl_password):
+    a name after it that no option has may then be the rest of a password whose '&' was not
+    percent-encoded, and is not shown (``_beside_password``)."""
+    return any(unquote_plus(n).endswith("password") for n in names)
+
+
+def _beside_password(scheme: str) -> ValueError:
+    return ValueError(f"a {scheme}:// URL has a query option it cannot take beside a password "
+                      "option (not named: it may be the rest of a password): percent-encode "
+                      "any & or = in a password as %26, %3D")
+
+
 def parse_topology_url(url: str) -> TopologyURL:
     """Parse a Sentinel or Cluster URL. Raises ``ValueError`` with a sentence fit for a user
     (it never contains the password)."""
@@ -169,11 +182,17 @@ def parse_topology_url(url: str) -> TopologyURL:
         if not at and "@" in query:
             raise _misplaced_at(scheme, "host list") from None
         raise
+    secret = _password_given(pair.partition("=")[0] for pair in query.split("&"))
     try:
         params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
+        if secret:
+            raise _beside_password(scheme) from None
         raise ValueError(f"a {scheme}:// URL has a malformed query string") from None
     for name, values in params.items():
+        if secret and name not in allowed and name not in TLS_OPTIONS \
+                and not name.endswith("password"):  # a password option is named, known or not
+            raise _beside_password(scheme)
         if name in TLS_OPTIONS and not tls:
             raise ValueError(_plain_with_tls_options(scheme, name))
         if name not in allowed:
@@ -469,7 +488,12 @@ def parse_standalone_url(url: str) -> StandaloneURL:
                              f"got {value!r}")
     scheme = scheme_of(url)
     given = {n for n in parse_qs(urlsplit(url).query)}  # the names the query itself gives
+    secret = _password_given(given)
+    known = _standalone_options(scheme == "unix")
     for name in options:
+        if secret and name not in known and name not in TLS_OPTIONS \
+                and not name.endswith("password"):  # a password option is named, known or not
+            raise _beside_password(scheme)
         if not name.startswith("ssl_"):
             if name not in _standalone_options(scheme == "unix"):
                 raise ValueError(f"a {scheme}:// URL has an unknown query parameter {name!r} "

@@ -92,6 +92,24 @@ def test_a_password_with_an_unencoded_slash_is_refused_and_never_shown(url: str)
     assert "hunter2" not in str(refused.value) and "2024" not in str(refused.value)
 
 
+@pytest.mark.parametrize("url", [
+    "redis+sentinel://:pw@s1/m?sentinel_password=hunter2&hunter3",
+    "redis+sentinel://s1/m?sentinel_password=hunter2&hunter3=x",
+    "rediss+cluster://n1:7000?ssl_password=hunter2&hunter3=x",
+    "redis://h:6379/0?password=hunter2&hunter3=x",
+    "unix:///run/r.sock?db=1&password=hunter2&hunter3=x",
+    "rediss://h/0?ssl_password=hunter2&ssl_hunter3=x"])
+def test_a_password_option_with_an_unencoded_ampersand_is_never_shown(url: str) -> None:
+    """A password given in the query (password=, sentinel_password=, ssl_password=) with an
+    '&' that was not percent-encoded splits into the option and a name made of the rest of the
+    password, which was refused quoting it: "unknown query parameter 'hunter3'". With a
+    password option in the query, an unknown name is refused without being quoted."""
+    with pytest.raises(ValueError) as refused:
+        check_store_url(url)
+    assert "hunter3" not in str(refused.value) and "%26" in str(refused.value), \
+        str(refused.value)
+
+
 @pytest.mark.parametrize("url", ["unix:///run/r.sock?db=1&password=p@ss",
                                  "redis://h:6379/0?client_name=a@b",
                                  "unix:///run/a%40b.sock",
