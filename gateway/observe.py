@@ -153,8 +153,9 @@ class TimedRequestStore(RequestStore):
     def failure_counts(self, ip: str, key_id: str | None):
         return self._timed("failure_counts", super().failure_counts(ip, key_id))
 
-    def failure_resets_ms(self, ip: str | None, key_id: str | None):
-        return self._timed("failure_resets", super().failure_resets_ms(ip, key_id))
+    def failure_resets_ms(self, ip: str | None, key_id: str | None, window_seconds: int):
+        return self._timed("failure_resets",
+                           super().failure_resets_ms(ip, key_id, window_seconds))
 
     def key_workspace(self, key_id: str):
         return self._timed("key_workspace", super().key_workspace(key_id))

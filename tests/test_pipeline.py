@@ -476,6 +476,44 @@ async def test_too_many_failures_retry_after_is_the_time_left_in_the_window(
             assert r.status == 200
 
 
+async def test_a_failure_window_lowered_by_a_reload_ends_lockouts_within_the_new_window(
+        redis_url, upstream, monkeypatch):
+    """A failure counter takes its TTL at its first failure and keeps it (lua/add_usage.lua),
+    and an address over its limit records no more failures. An operator who lowered
+    ``keys.failures.window_seconds`` with a reload (a day was too long) left every address
+    already locked out locked out, 429 ``Retry-After: 86400``, for the rest of the old
+    window. A counter whose reset lies past the window in force is brought within it when
+    a refusal reads it (as is one without a TTL: counters never lose their expiry)."""
+    config = failures_config(upstream, FailureLimits(per_ip=2, per_key=None,
+                                                     window_seconds=86400))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        token = await key_failed_twice(g)
+        async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (429, "too_many_failures")
+            assert int(r.headers["Retry-After"]) > 86000
+        lowered = dataclasses.replace(config, keys=dataclasses.replace(
+            config.keys, failures=FailureLimits(per_ip=2, per_key=None, window_seconds=2)))
+        g.gw.pipeline.auth.reconfigure(lowered)  # what a reload hands it
+        async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (429, "too_many_failures")
+            assert int(r.headers["Retry-After"]) <= 2, r.headers["Retry-After"]
+        client = redis.Redis.from_url(redis_url)
+        try:
+            (counter,) = client.keys("kg:fail:ip:*")
+            assert 0 < client.pttl(counter) <= 2000
+            client.persist(counter)  # a counter that lost its expiry gets one back as well
+            await asyncio.sleep(2.1)
+            async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+                assert (await r.json())["error"]["code"] == "too_many_failures"
+                assert int(r.headers["Retry-After"]) <= 2
+            assert 0 < client.pttl(counter) <= 2000
+            await asyncio.sleep(2.1)
+        finally:
+            client.close()
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200, await r.text()
+
+
 async def test_a_flood_of_refused_guesses_asks_the_store_when_its_window_resets_once(
         redis_url, upstream, monkeypatch):
     """A 429 ``too_many_failures`` reads when the counters over their limit reset (one call
@@ -487,9 +525,9 @@ async def test_a_flood_of_refused_guesses_asks_the_store_when_its_window_resets_
     asked = []
     real = RequestStore.failure_resets_ms
 
-    async def counting(self, ip, key_id):
+    async def counting(self, ip, key_id, window_seconds):
         asked.append((ip, key_id))
-        return await real(self, ip, key_id)
+        return await real(self, ip, key_id, window_seconds)
     monkeypatch.setattr(RequestStore, "failure_resets_ms", counting)
     config = failures_config(upstream, FailureLimits(per_ip=2, per_key=2, window_seconds=30))
     async with gateway_under_test(config, redis_url, monkeypatch) as g:

@@ -110,8 +110,9 @@ class _JsonErrorRequestHandler(RequestHandler):
     _tunnel = None    # the WebSocket tunnel this connection became (gateway.proxying.tunnel)
     # while the request waits for its upstream: the timeout of a streamed answer's wait for
     # the upstream's next bytes (forward.py), or the future of the wait for the answer head
-    # (upstream.py, the request body's sending included). The client going ends it at once,
-    # as aiohttp does not cancel the handler
+    # (upstream.py, the request body's sending included), or of a first request's wait for
+    # its key's verification (auth.py). The client going ends it at once, as aiohttp does
+    # not cancel the handler
     upstream_wait: asyncio.Timeout | asyncio.Future | None = None
     _kept = None      # the connection's transport, kept past force_close (it drops .transport)
     _unflushed_since: float | None = None  # when the sweep first saw it closed, bytes unsent
