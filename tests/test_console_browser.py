@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -1463,3 +1464,74 @@ def test_a_page_on_another_origin_reads_answers_through_keygate(browser, redis_s
             assert gw.admin("GET", "/workspaces/vandelay/usage")[1]["used"] == 1  # never sent
         finally:
             gw.stop()
+
+
+# --- answers that arrive late --------------------------------------------------------------------
+
+# Installed (while a test is `slowed`) before the page's own script: holds back every fetch whose
+# URL holds window.__slowPath by 1.5 s, as a busy admin API or a slow network would.
+SLOW = r"""
+window.__slowPath = null;
+const fetchNow = window.fetch;
+window.fetch = async function (input, init) {
+  if (window.__slowPath && String(input).includes(window.__slowPath)) {
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+  }
+  return fetchNow.apply(this, arguments);
+};
+"""
+
+
+@contextlib.contextmanager
+def slowed(page: Console):
+    driver = page.driver
+    script = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": SLOW})
+    try:
+        driver.get(page.gateway.admin_url + "/console/")
+        wait(driver, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+        yield lambda path: driver.execute_script("window.__slowPath = arguments[0]", path)
+    finally:
+        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
+                               {"identifier": script["identifier"]})
+
+
+def assert_shows_workspace(page: Console, title: str, keys: list[str]) -> None:
+    """The workspace view shows ``title`` and exactly ``keys``, and still does once every
+    held-back answer (1.5 s) has arrived."""
+    shown = lambda d: (d.find_element(By.ID, "ws-title").text, sorted(page.rows()))  # noqa: E731
+    wait(page.driver, lambda d: shown(d) == (title, sorted(keys)))
+    time.sleep(2.5)
+    assert shown(page.driver) == (title, sorted(keys))
+
+
+def test_a_late_answer_for_another_workspace_is_not_shown_under_this_one(page, gateway):
+    """The operator opens one workspace and, while its keys are on their way, opens another
+    (or goes back to the list and opens another after an action in the first). The late list
+    of the first workspace was drawn under the second's title: its keys shown as the second's,
+    Revoke on one of them a 404, Create key making a key in the workspace not listed."""
+    new_workspace(gateway, "slowpoke", "Slowpoke")
+    new_workspace(gateway, "speedy", "Speedy")
+    gateway.key("slowpoke", name="slow-key", scopes=["people:read"])
+    gateway.key("speedy", name="fast-key", scopes=["people:read"])
+    with slowed(page) as slow:
+        page.sign_in(ADMIN_TOKEN)
+        slow("/workspaces/slowpoke/keys")
+        page.link("slowpoke").click()
+        page.link("speedy").click()  # changed their mind: the last one chosen is shown
+        assert_shows_workspace(page, "Speedy (speedy)", ["fast-key"])
+
+        # an action's refresh that arrives after another workspace was opened
+        slow(None)
+        page.link("All workspaces").click()
+        page.link("slowpoke").click()
+        wait(page.driver, lambda d: "slow-key" in page.rows())
+        page.create_key("another", scopes="people:read")
+        slow("/workspaces/slowpoke/keys")
+        page.take_token()
+        page.link("All workspaces").click()
+        page.link("speedy").click()
+        assert_shows_workspace(page, "Speedy (speedy)", ["fast-key"])
+        page.button("Revoke", page.row("fast-key")).click()
+        page.button("Revoke", page.dialog()).click()
+        page.no_dialog()
+        wait(page.driver, lambda d: "revoked" in page.row("fast-key").text)

@@ -399,30 +399,43 @@ function showWorkspaces(items) {
 async function backToWorkspaces(event) {
   event.preventDefault();
   showAlert("");
+  const mine = ++chosen;
   try {
-    showWorkspaces((await api("GET", "/workspaces")).items);
+    const listing = await api("GET", "/workspaces");
+    if (mine === chosen) showWorkspaces(listing.items);
   } catch (err) {
-    showAlert(describe(err));
+    if (mine === chosen) showAlert(describe(err));
   }
 }
 
 // --- one workspace: usage, cap, keys -----------------------------------------------------------
 
+// Which view the person chose last (a workspace, or the list): an answer for an earlier choice
+// that arrives after a later one is dropped, else a slow workspace's keys were drawn under the
+// title of the one opened after it (Revoke on them a 404, Create key making a key elsewhere).
+let chosen = 0;
+
 async function openWorkspace(id) {
   showAlert("");
   announce("");
+  const mine = ++chosen;
+  let workspace, roles, listed;
   try {
     const ws = encodeURIComponent(id);
-    const [workspace, roles] = await Promise.all([
-      api("GET", "/workspaces/" + ws), api("GET", "/workspaces/" + ws + "/roles")]);
-    session.workspace = workspace;
-    session.roles = roles.items;
-    await refresh();
+    [workspace, roles, listed] = await Promise.all([
+      api("GET", "/workspaces/" + ws), api("GET", "/workspaces/" + ws + "/roles"),
+      readKeys(id)]);
   } catch (err) {
-    showAlert(describe(err));
+    if (mine === chosen) showAlert(describe(err));
     return;
   }
-  const workspace = session.workspace;
+  if (mine !== chosen) return;
+  session.workspace = workspace;
+  session.roles = roles.items;
+  session.keys = listed.keys;
+  session.usage = listed.usage;
+  renderUsage();
+  renderKeys();
   $("ws-title").textContent = workspace.name + " (" + workspace.id + ")";
   $("back-nav").hidden = !session.operator;
   resetCreateForm();
@@ -431,16 +444,26 @@ async function openWorkspace(id) {
   $("ws-title").focus();
 }
 
-async function refresh() {
-  const ws = "/workspaces/" + encodeURIComponent(session.workspace.id);
+// A workspace's keys (every page) and its usage.
+async function readKeys(id) {
+  const ws = "/workspaces/" + encodeURIComponent(id);
   const [keys, usage] = await Promise.all([api("GET", ws + "/keys"), api("GET", ws + "/usage")]);
   let page = keys;
   while (page.next_cursor) {  // a paged listing: read every page (counts need them all)
     page = await api("GET", ws + "/keys?cursor=" + encodeURIComponent(page.next_cursor));
     keys.items.push(...page.items);
   }
-  session.keys = keys.items;
-  session.usage = usage;
+  return {keys: keys.items, usage};
+}
+
+// The open workspace's list read again (after an action): drawn only if that workspace is still
+// the one chosen when the answer arrives.
+async function refresh() {
+  const mine = chosen;
+  const listed = await readKeys(session.workspace.id);
+  if (mine !== chosen) return;
+  session.keys = listed.keys;
+  session.usage = listed.usage;
   renderUsage();
   renderKeys();
 }
