@@ -240,6 +240,8 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             response = GatewayError("An internal error occurred.").response(rid)
         response.headers["X-Request-Id"] = rid
         if request.path.startswith("/admin/") and request.path not in UNAUTHENTICATED:
+            # a new key's token, key listings, usage: no browser, proxy or CDN keeps a copy
+            response.headers.setdefault("Cache-Control", "no-store")
             log_admin_call(request, response.status, rid, actor, time.perf_counter() - started,
                            config.keys.prefix,
                            client_address(request) if client_address else request.remote,
