@@ -422,3 +422,14 @@ async def test_a_workspace_admin_keys_refused_admin_call_stamps_nothing(gut):
     assert status == 404
     status, body = await gut.admin_json("GET", key_path)
     assert status == 200 and body["last_used_at"] is None
+
+
+def test_the_page_takes_a_token_for_a_key_exactly_when_the_admin_api_does():
+    """The page decides operator or key by the token's shape (which view to show); the admin
+    API decides by its own pattern. They are one pattern, so they cannot disagree."""
+    from importlib import resources
+    from gateway.admin.middleware import _TOKEN_SHAPE
+    script = (resources.files("gateway.admin") / "console" / "app.js").read_text()
+    found = re.search(r"function looksLikeKey\(token\) \{\s*return /\^(.+?)\$/\.test\(token\);",
+                      script)
+    assert found and found.group(1) == _TOKEN_SHAPE.pattern, found

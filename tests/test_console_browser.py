@@ -123,9 +123,10 @@ class ThreadedGateway:
         return body["token"], body["key"]
 
 
-def start_gateway(redis_url: str, **changes: Any) -> ThreadedGateway:
+def start_gateway(redis_url: str, admin_token: str = ADMIN_TOKEN,
+                  **changes: Any) -> ThreadedGateway:
     previous = os.environ.get("KEYGATE_ADMIN_TOKEN")
-    os.environ["KEYGATE_ADMIN_TOKEN"] = ADMIN_TOKEN  # read when the admin app is made
+    os.environ["KEYGATE_ADMIN_TOKEN"] = admin_token  # read when the admin app is made
     try:
         return ThreadedGateway(redis_url, **changes).start()
     finally:
@@ -1535,3 +1536,35 @@ def test_a_late_answer_for_another_workspace_is_not_shown_under_this_one(page, g
         page.button("Revoke", page.dialog()).click()
         page.no_dialog()
         wait(page.driver, lambda d: "revoked" in page.row("fast-key").text)
+
+
+def test_an_operator_token_shaped_almost_like_a_key_signs_in_as_the_operator(browser, own_redis):
+    """The admin API takes a token as a key only when it has a key's exact shape (a lowercase
+    prefix of at most 10 characters, ...); anything else is checked as the operator token. The
+    page used a looser shape of its own, so an operator token such as
+    'Keygate-Ops_admin_<50 letters and digits>' signed in as "key Keygate-Ops_admin_..." and
+    showed only the first workspace, with no way to the others."""
+    token = "Keygate-Ops_admin_" + "x7Q" * 16 + "ab"
+    gw = start_gateway(own_redis.url, admin_token=token)
+    try:
+        for ws in ("first", "second"):
+            status, body = gw.admin("POST", "/workspaces", {"id": ws, "name": ws.title()},
+                                    token=token)
+            assert status == 201, body
+        browser.get(gw.admin_url + "/console/")
+        wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+        browser.get_log("browser")
+        page = Console(browser, gw)
+        page.tokens_seen.append(token)
+        page.sign_in(token)
+        page.link("second")
+        assert page.link("first").is_displayed()
+        assert browser.find_element(By.ID, "who").text == "Signed in as operator"
+        page.link("second").click()
+        wait(browser, lambda d: d.find_element(By.ID, "ws-title").text == "Second (second)")
+        assert page.link("All workspaces").is_displayed()
+        page.assert_nothing_kept()
+        page.assert_no_console_errors()
+        page.button("Sign out").click()
+    finally:
+        gw.stop()

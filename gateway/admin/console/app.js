@@ -303,8 +303,11 @@ function showTokenDialog(title, token, key) {
 
 // --- signing in and out ------------------------------------------------------------------------
 
+// Exactly the shape the admin API takes as a key (gateway/admin/middleware.py _TOKEN_SHAPE);
+// anything else it checks as the operator token, and so must the page (a looser shape here
+// signed an operator token such as "Keygate-Ops_admin_<50>" in as a key of the first workspace).
 function looksLikeKey(token) {
-  return /^[^_\s]+_[^_\s]+_[0-9A-Za-z]{50}$/.test(token);
+  return /^[a-z0-9]{1,10}_[A-Za-z0-9]{1,32}_[A-Za-z0-9]{50}$/.test(token);
 }
 
 // A character a header cannot carry (beyond Latin-1, or a control): typographic quotes, an
