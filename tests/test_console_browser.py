@@ -1568,3 +1568,27 @@ def test_an_operator_token_shaped_almost_like_a_key_signs_in_as_the_operator(bro
         page.button("Sign out").click()
     finally:
         gw.stop()
+
+
+def accessible_names(driver, role: str) -> list[str]:
+    """The names the browser gives to a screen reader for the shown elements of ``role``."""
+    tree = driver.execute_cdp_cmd("Accessibility.getFullAXTree", {})
+    return [n.get("name", {}).get("value", "") for n in tree["nodes"]
+            if not n.get("ignored") and n.get("role", {}).get("value") == role]
+
+
+def test_a_screen_reader_hears_each_column_by_its_own_name(page, gateway):
+    """The sortable headers hold a button named "Sort by created" (so "Create" names one
+    button on the page); that name became the column header's too, so a screen reader read
+    every cell of the column as "Sort by created: 2026-12-05 ..." instead of "Created: ..."."""
+    new_workspace(gateway, "vox", "Vox")
+    gateway.key("vox", name="speaker", scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.link("vox").click()
+    wait(page.driver, lambda d: "speaker" in page.rows())
+    headers = [n for n in accessible_names(page.driver, "columnheader")]
+    assert headers == ["Name", "Description", "Role / scopes", "Prefix", "Created", "Last used",
+                       "Expires", "This month", "Status", "Actions"], headers
+    assert [n for n in accessible_names(page.driver, "button") if n.startswith("Sort by")] == [
+        "Sort by name", "Sort by created", "Sort by last used", "Sort by expires",
+        "Sort by status"]
