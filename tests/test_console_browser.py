@@ -572,7 +572,8 @@ const realFetch = window.fetch;
 window.fetch = function (input, init) {
   const options = init || {};
   note("fetch", input instanceof Request ? input.url : input,
-       {headers: options.headers || {}, body: String(options.body || "")});
+       {method: options.method || "GET", headers: options.headers || {},
+        body: options.body === undefined ? null : String(options.body)});
   return realFetch.apply(this, arguments);
 };
 const realOpen = XMLHttpRequest.prototype.open;
@@ -717,7 +718,7 @@ def test_the_token_goes_only_to_this_origins_api_in_the_authorization_header(pag
                 assert request["url"].startswith("/admin/v1/"), request  # this origin, the API
                 assert request["headers"]["Authorization"] == "Bearer " + token, request
                 for seen in page.tokens_seen + [ADMIN_TOKEN]:
-                    assert seen not in request["url"] and seen not in request["body"]
+                    assert seen not in request["url"] and seen not in (request["body"] or "")
             state = page.driver.execute_script(
                 "return [history.length, location.hash, location.search]")
             assert state == [history, "", ""], state
@@ -1592,3 +1593,84 @@ def test_a_screen_reader_hears_each_column_by_its_own_name(page, gateway):
     assert [n for n in accessible_names(page.driver, "button") if n.startswith("Sort by")] == [
         "Sort by name", "Sort by created", "Sort by last used", "Sort by expires",
         "Sort by status"]
+
+
+def assert_calls_as_documented(gateway: ThreadedGateway, sent: list[dict]) -> None:
+    """Each fetch is an operation the OpenAPI document describes: the method on the path, only
+    the query parameters it lists, a JSON body valid against its request schema (or none where
+    none is required)."""
+    import jsonschema
+    status, document = gateway.call(gateway.admin_url, "GET", "/admin/v1/openapi.json",
+                                    token=None)
+    assert status == 200
+    components = {"components": document["components"]}
+    for call in sent:
+        path, _, query = call["url"].partition("?")
+        item = next((item for template, item in document["paths"].items()
+                     if re.fullmatch(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)),
+                                     path)), None)
+        assert item is not None, call
+        operation = item.get(call["method"].lower())
+        assert operation is not None, call
+        listed = {p["name"] for p in item.get("parameters", []) + operation.get("parameters", [])
+                  if p["in"] == "query"}
+        assert {pair.split("=")[0] for pair in query.split("&") if pair} <= listed, call
+        if call["body"] is None:
+            assert not operation.get("requestBody", {}).get("required"), call
+            continue
+        assert call["headers"].get("Content-Type") == "application/json", call
+        schema = operation["requestBody"]["content"]["application/json"]["schema"]
+        jsonschema.Draft202012Validator({**schema, **components}).validate(json.loads(call["body"]))
+
+
+def test_every_call_the_page_makes_is_one_the_openapi_document_describes(page, gateway):
+    """SPEC: the console uses only the admin API as the OpenAPI document describes it: not only
+    its paths (checked elsewhere) but each call's method, query and body, through every step
+    the page offers, as the operator and as a workspace admin."""
+    new_workspace(gateway, "contract", "Contract")
+    admin_token, _ = gateway.key("contract", name="contract-admin",
+                                 scopes=["keys:admin", "people:read", "companies:read"])
+    page.tokens_seen.append(admin_token)
+    with spying(page):
+        for token, operator in ((ADMIN_TOKEN, True), (admin_token, False)):
+            tag = "op" if operator else "ws"
+            page.sign_in(token)
+            if operator:
+                page.link("contract").click()
+            wait(page.driver, lambda d: "contract-admin" in page.rows())
+            page.create_key(f"{tag}-role", description="by role", role="reader", expires="30d")
+            page.take_token()
+            page.create_key(f"{tag}-scopes", scopes="people:read", expires="2030-01-01")
+            page.take_token()
+            page.in_dialog("Rotate", f"{tag}-role", "Grace", "1h", "Rotate")
+            page.take_token()
+            page.button("Edit", page.row(f"{tag}-scopes")).click()
+            dialog = page.dialog()
+            Select(page.field("Role", dialog)).select_by_visible_text("reader")
+            page.field("Scopes", dialog).clear()
+            expires = page.field("Expires", dialog)
+            expires.clear()
+            expires.send_keys("7d")
+            page.field("Monthly cap", dialog).send_keys("100")
+            page.field("Rate limit", dialog).send_keys("1/s")
+            page.button("Save", dialog).click()
+            page.no_dialog()
+            page.button("Disable", page.row(f"{tag}-scopes")).click()
+            wait(page.driver, lambda d: "disabled" in page.row(f"{tag}-scopes").text)
+            page.button("Enable", page.row(f"{tag}-scopes")).click()
+            wait(page.driver, lambda d: "disabled" not in page.row(f"{tag}-scopes").text)
+            page.button("Revoke", page.row(f"{tag}-scopes")).click()
+            page.button("Revoke", page.dialog()).click()
+            page.no_dialog()
+            page.button("Delete", page.row(f"{tag}-scopes")).click()
+            page.button("Delete", page.dialog()).click()
+            page.no_dialog()
+            wait(page.driver, lambda d: f"{tag}-scopes" not in page.rows())
+            if operator:
+                page.link("All workspaces").click()
+                page.link("contract")
+            sent = page.driver.execute_script("return window.__sent.splice(0)")
+            assert {(s["method"], s["kind"]) for s in sent} == {
+                ("GET", "fetch"), ("POST", "fetch"), ("PATCH", "fetch"), ("DELETE", "fetch")}
+            assert_calls_as_documented(gateway, sent)
+            page.button("Sign out").click()
