@@ -1674,3 +1674,31 @@ def test_every_call_the_page_makes_is_one_the_openapi_document_describes(page, g
                 ("GET", "fetch"), ("POST", "fetch"), ("PATCH", "fetch"), ("DELETE", "fetch")}
             assert_calls_as_documented(gateway, sent)
             page.button("Sign out").click()
+
+
+def test_too_many_failures_says_how_long_to_wait(browser, own_redis):
+    """After 10 wrong secrets for one key id the admin API answers 429 with the message "wait
+    before trying again" and, in Retry-After, how long: the page showed the message only, so
+    the person could only guess when to try again."""
+    from gateway.tokens import checksum
+    gw = start_gateway(own_redis.url)  # its own store: the failures it counts stay there
+    try:
+        new_workspace(gw, "throttled", "Throttled")
+        token, _ = gw.key("throttled", name="real", scopes=["keys:admin"])
+        heads = [token[:20] + f"{i:032d}" for i in range(21)]  # the key's id, wrong secrets
+        forged = [head + checksum(head) for head in heads]
+        statuses = [gw.admin("GET", "/workspaces", token=wrong)[0] for wrong in forged[:20]]
+        assert statuses[0] == 401 and statuses[-1] == 429, statuses  # the per-key limit: 10
+        browser.get(gw.admin_url + "/console/")
+        wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+        browser.get_log("browser")
+        page = Console(browser, gw)
+        page.sign_in(forged[20])
+        problem = page.alert_text()
+        assert problem.startswith("Too many failed attempts"), problem
+        found = re.search(r"Try again in (\d+) seconds?\.", problem)
+        assert found and 1 <= int(found.group(1)) <= 60, problem
+        page.allowed_errors.append("429")
+        page.assert_no_console_errors()
+    finally:
+        gw.stop()

@@ -60,7 +60,8 @@ async function api(method, path, body) {
   if (!response.ok) {
     const error = data && data.error ? data.error : {};
     const failure = new ApiError(response.status, error.code || "http_" + response.status,
-                                 error.message || "The admin API answered " + response.status + ".",
+                                 (error.message || "The admin API answered " + response.status +
+                                  ".") + retryAfter(response),
                                  error.request_id || response.headers.get("X-Request-Id"));
     if (response.status === 401 && mine.signedIn) {
       // the token stopped working mid-session (key revoked or expired, operator token changed):
@@ -84,6 +85,16 @@ async function api(method, path, body) {
     throw failure;
   }
   return data;
+}
+
+// " Try again in N seconds." from a refusal's Retry-After (a 429 says "wait before trying
+// again", a 503 "overloaded" to come back shortly: the header says how long), else "".
+function retryAfter(response) {
+  const value = (response.headers.get("Retry-After") || "").trim();
+  if (!/^\d{1,9}$/.test(value)) return "";
+  const seconds = Math.max(Number(value), 1);
+  return seconds < 120 ? " Try again in " + plural(seconds, "second") + "."
+    : " Try again in " + plural(Math.ceil(seconds / 60), "minute") + ".";
 }
 
 // Whether a workspace admin's key has lost its access (a 403 may also mean only "not this
