@@ -1702,3 +1702,31 @@ def test_too_many_failures_says_how_long_to_wait(browser, own_redis):
         page.assert_no_console_errors()
     finally:
         gw.stop()
+
+
+def test_a_workspace_admin_whose_workspace_cannot_be_opened_is_back_at_sign_in(page, gateway):
+    """Signing in as a workspace admin is the listing and then the workspace (its keys, its
+    usage). When the second step failed (a store blip, a proxy timeout in front of the admin
+    listener) the page said "Signed in as key ..." above an alert and nothing else: no list,
+    no view, no way to try again but to sign out first. It is now a failed sign-in: the form,
+    with the reason, and Sign in tries again."""
+    new_workspace(gateway, "blip", "Blip")
+    token, _ = gateway.key("blip", name="blip-admin", scopes=["keys:admin", "people:read"])
+    page.tokens_seen.append(token)
+    page.allowed_errors += ["ERR_BLOCKED_BY_CLIENT", "Failed to fetch"]
+    driver = page.driver
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/workspaces/blip/keys*"]})
+    try:
+        page.sign_in(token)
+        assert "could not be reached" in page.alert_text()
+        wait(driver, lambda d: page.field("Token").is_displayed())
+        assert not driver.find_element(By.ID, "sign-out").is_displayed()
+        assert driver.find_element(By.ID, "who").text == ""
+    finally:
+        driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+        driver.execute_cdp_cmd("Network.disable", {})
+    page.sign_in(token)
+    wait(driver, lambda d: "blip-admin" in page.rows())
+    assert not driver.find_element(By.ID, "alert").is_displayed()
+    page.button("Sign out").click()

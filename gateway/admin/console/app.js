@@ -370,7 +370,14 @@ async function signIn(event) {
   if (session.operator) {
     showWorkspaces(listing.items);
   } else {
-    await openWorkspace(listing.items[0].id);
+    const opening = session;
+    if (!(await openWorkspace(listing.items[0].id)) && session === opening) {
+      // a workspace admin has no view but its workspace: one that cannot be read (a store
+      // blip, a proxy's timeout) is a failed sign-in, with the reason, and Sign in tries again
+      const reason = $("alert").textContent;
+      signOut();
+      showAlert(reason);
+    }
   }
 }
 
@@ -429,6 +436,7 @@ async function backToWorkspaces(event) {
 // title of the one opened after it (Revoke on them a 404, Create key making a key elsewhere).
 let chosen = 0;
 
+// Whether the workspace is now shown (false: the alert says why, or a later choice won).
 async function openWorkspace(id) {
   showAlert("");
   announce("");
@@ -441,9 +449,9 @@ async function openWorkspace(id) {
       readKeys(id)]);
   } catch (err) {
     if (mine === chosen) showAlert(describe(err));
-    return;
+    return false;
   }
-  if (mine !== chosen) return;
+  if (mine !== chosen) return false;
   session.workspace = workspace;
   session.roles = roles.items;
   session.keys = listed.keys;
@@ -456,6 +464,7 @@ async function openWorkspace(id) {
   $("workspaces-view").hidden = true;
   $("workspace-view").hidden = false;
   $("ws-title").focus();
+  return true;
 }
 
 // A workspace's keys (every page) and its usage.
