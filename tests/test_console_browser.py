@@ -1730,3 +1730,15 @@ def test_a_workspace_admin_whose_workspace_cannot_be_opened_is_back_at_sign_in(p
     wait(driver, lambda d: "blip-admin" in page.rows())
     assert not driver.find_element(By.ID, "alert").is_displayed()
     page.button("Sign out").click()
+
+
+def test_leaving_the_page_forgets_a_token_typed_but_not_sent(page, gateway):
+    """A token pasted into the Token field and left there (the person went elsewhere before
+    pressing Sign in) stayed in the field of the page the browser keeps for Back (its
+    back/forward cache, which a future browser may use despite no-store): whoever pressed Back
+    found it ready to sign in with, or to read from the field. Leaving empties the field.
+    (The page is left as the browser leaves it: a 'pagehide' for a page it keeps.)"""
+    page.field("Token").send_keys(ADMIN_TOKEN)
+    page.driver.execute_script(
+        "window.dispatchEvent(new PageTransitionEvent('pagehide', {persisted: true}))")
+    assert page.field("Token").get_attribute("value") == ""

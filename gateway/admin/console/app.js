@@ -954,5 +954,6 @@ $("ws-title").setAttribute("tabindex", "-1");
 window.addEventListener("pagehide", () => {
   closeDialogs();
   signOut();
+  $("token").value = "";  // a token typed and not sent yet is not left for Back either
 });
 document.documentElement.dataset.ready = "true";
