@@ -1742,3 +1742,24 @@ def test_leaving_the_page_forgets_a_token_typed_but_not_sent(page, gateway):
     page.driver.execute_script(
         "window.dispatchEvent(new PageTransitionEvent('pagehide', {persisted: true}))")
     assert page.field("Token").get_attribute("value") == ""
+
+
+def test_the_workspace_list_takes_keyboard_focus_when_shown(page, gateway):
+    """Signing in as the operator hides the sign-in form (and its focused button); "All
+    workspaces" hides the link pressed. Focus fell to the page's body both times: a screen
+    reader said nothing of the list now shown, and Tab started again from the top bar. Focus
+    now goes to the list's heading, from which Tab reaches the first workspace's link."""
+    new_workspace(gateway, "focal", "Focal")
+    keyboard = lambda *keys: page.driver.switch_to.active_element.send_keys(*keys)  # noqa: E731
+    page.field("Token").send_keys(ADMIN_TOKEN, Keys.ENTER)
+    page.link("focal")
+    wait(page.driver, lambda d: d.switch_to.active_element.get_attribute("id") ==
+         "workspaces-title")
+    keyboard(Keys.TAB)
+    first = page.driver.find_element(By.CSS_SELECTOR, "#workspaces tbody a")
+    assert page.driver.switch_to.active_element == first
+    page.link("focal").send_keys(Keys.ENTER)
+    wait(page.driver, lambda d: d.switch_to.active_element.get_attribute("id") == "ws-title")
+    page.link("All workspaces").send_keys(Keys.ENTER)
+    wait(page.driver, lambda d: d.switch_to.active_element.get_attribute("id") ==
+         "workspaces-title")

@@ -415,6 +415,9 @@ function showWorkspaces(items) {
     el("td", {"text": ws.plan}),
     el("td", {"text": when(ws.created_at)}))));
   $("workspaces-empty").hidden = items.length > 0;
+  // the control that led here (Sign in, All workspaces) is hidden now: focus to the list's
+  // heading, so a screen reader says where it is and Tab goes on to the first workspace
+  $("workspaces-title").focus();
 }
 
 async function backToWorkspaces(event) {
@@ -948,6 +951,7 @@ for (const th of $("keys").tHead.rows[0].cells) {
   if (field) th.querySelector("button").addEventListener("click", () => sortByColumn(field));
 }
 $("ws-title").setAttribute("tabindex", "-1");
+$("workspaces-title").setAttribute("tabindex", "-1");
 // Leaving the page signs out, as reloading it does: the browser may keep a page it leaves in
 // its back/forward cache, script state included, and Back would then bring back the session
 // (token and all) and any shown-once token to whoever is at the screen next.
