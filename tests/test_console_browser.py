@@ -1763,3 +1763,39 @@ def test_the_workspace_list_takes_keyboard_focus_when_shown(page, gateway):
     page.link("All workspaces").send_keys(Keys.ENTER)
     wait(page.driver, lambda d: d.switch_to.active_element.get_attribute("id") ==
          "workspaces-title")
+
+
+def test_a_token_made_as_the_person_signs_out_is_still_shown(page, gateway):
+    """Create (or Rotate) pressed, then Sign out before the answer came: the key was made (or
+    the old one revoked) and the answer, the only copy of its token, was dropped with the
+    session: a live key whose token nobody saw, or a rotated service with no way back in. The
+    token is shown as any new token is, on the sign-in screen, until Done."""
+    new_workspace(gateway, "halfway", "Halfway")
+    _, rotated_key = gateway.key("halfway", name="to-rotate", scopes=["people:read"])
+    with slowed(page) as slow:
+        page.sign_in(ADMIN_TOKEN)
+        page.link("halfway").click()
+        wait(page.driver, lambda d: "to-rotate" in page.rows())
+        slow("/workspaces/halfway/keys")
+        page.create_key("late", scopes="people:read")
+        page.button("Sign out").click()
+        wait(page.driver, lambda d: page.field("Token").is_displayed())
+        created = page.take_token()
+        assert gateway.proxy("/people", created)[0] == 200
+        assert page.driver.find_element(By.ID, "token") == page.driver.switch_to.active_element
+
+        slow(None)
+        page.sign_in(ADMIN_TOKEN)  # typed into the field Done left focused
+        page.link("halfway").click()
+        wait(page.driver, lambda d: "late" in page.rows())
+        slow("/workspaces/halfway/keys")
+        page.in_dialog("Rotate", "to-rotate", "Grace", "0", "Rotate")
+        page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)  # the dialog closes ...
+        page.button("Sign out").click()  # ... and the person leaves before the answer
+        wait(page.driver, lambda d: page.field("Token").is_displayed())
+        rotated = page.take_token()
+        assert gateway.proxy("/people", rotated)[0] == 200
+        [old] = [k for k in keys_named(gateway, "halfway", "to-rotate")
+                 if k["id"] == rotated_key["id"]]
+        assert old["status"] == "revoked"  # no grace: the new token is the only way in now
+        assert not page.driver.find_element(By.ID, "status").text

@@ -55,8 +55,11 @@ async function api(method, path, body) {
     data = null;
   }
   // An answer to an earlier sign-in (signed out, or in again as someone else, meanwhile) is not
-  // this page's any more: nothing waits on it, nothing of it is shown.
-  if (session !== mine) return new Promise(() => {});
+  // this page's any more: nothing waits on it, nothing of it is shown. Except a new token: its
+  // key exists now (or an old one was revoked for it), and this answer is its only copy.
+  if (session !== mine && !(response.ok && data && typeof data.token === "string")) {
+    return new Promise(() => {});
+  }
   if (!response.ok) {
     const error = data && data.error ? data.error : {};
     const failure = new ApiError(response.status, error.code || "http_" + response.status,
@@ -218,6 +221,13 @@ function openDialog(title, build, {modal = false} = {}) {
   let closing = false;
   const close = () => {
     closing = true;
+    // a selection in the dialog (Copy's fallback selects the token) goes with it: left behind,
+    // it held the caret when the dialog gave focus back to the Token field, and typing there
+    // then went nowhere
+    const selection = window.getSelection();
+    if (selection.rangeCount > 0 && dialog.contains(selection.anchorNode)) {
+      selection.removeAllRanges();
+    }
     dialog.close();
     dialog.remove();
     if (session === null) $("token").focus();  // signed out meanwhile: back to sign-in
@@ -714,12 +724,17 @@ async function createKey(event) {
     showFormError(form, err.message);
     return;
   }
+  const mine = session;
   let created;
   try {
     created = await api("POST", "/workspaces/" + encodeURIComponent(session.workspace.id) +
                                 "/keys", body);
   } catch (err) {
     showFormError(form, describe(err));
+    return;
+  }
+  if (session !== mine) {  // signed out meanwhile: the token still goes to the person
+    showTokenDialog("Key created", created.token, created.key);
     return;
   }
   resetCreateForm();
@@ -784,12 +799,17 @@ function rotateKey(key) {
     const grace = el("input", {"id": "rotate-grace", "value": "0", "autocomplete": "off",
                                "aria-describedby": "rotate-grace-hint"});
     const confirm = oneAtATime(dialog, async () => {
+      const mine = session;
       let rotated;
       try {
         rotated = await api("POST", keyPath(key) + "/rotate",
                             {grace_seconds: parseDuration(grace.value)});
       } catch (err) {
         showProblem(problem, describe(err));
+        return;
+      }
+      if (session !== mine) {  // signed out meanwhile: the token still goes to the person
+        showTokenDialog("Key rotated", rotated.token, rotated.key);
         return;
       }
       close();
