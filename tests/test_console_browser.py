@@ -1799,3 +1799,28 @@ def test_a_token_made_as_the_person_signs_out_is_still_shown(page, gateway):
                  if k["id"] == rotated_key["id"]]
         assert old["status"] == "revoked"  # no grace: the new token is the only way in now
         assert not page.driver.find_element(By.ID, "status").text
+
+
+def test_a_narrower_window_scrolls_the_key_table_not_the_page(page, gateway):
+    """The key table needs about 1,250 px; in a narrower window (a laptop at 125 % zoom, half a
+    screen) the whole page scrolled sideways, the top bar, the usage and the toolbar with it,
+    and a row's buttons were off to the right of everything. Only the table scrolls now, in
+    its own box; its buttons are reached by Tab or by scrolling it, and still work."""
+    new_workspace(gateway, "slim", "Slim")
+    gateway.key("slim", name="wide-row", description="a description of a few words",
+                role="reader", expires_in=86400)
+    page.sign_in(ADMIN_TOKEN)
+    page.link("slim").click()
+    wait(page.driver, lambda d: "wide-row" in page.rows())
+    page.driver.set_window_size(1024, 900)
+    try:
+        widths = page.driver.execute_script(
+            "return [document.documentElement.scrollWidth, document.documentElement.clientWidth,"
+            " document.getElementById('keys').scrollWidth]")
+        assert widths[2] > widths[1] and widths[0] == widths[1], widths  # the table is wider
+        page.button("Revoke", page.row("wide-row")).click()
+        page.button("Revoke", page.dialog()).click()
+        page.no_dialog()
+        wait(page.driver, lambda d: "revoked" in page.row("wide-row").text)
+    finally:
+        page.driver.set_window_size(1360, 900)
