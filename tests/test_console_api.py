@@ -144,6 +144,36 @@ async def test_every_answer_under_console_carries_the_pages_headers(gut):
         assert "Content-Security-Policy" not in r.headers
 
 
+async def test_nothing_that_shows_or_carries_a_token_may_be_stored_by_a_cache(gut):
+    """The console's page (where tokens are typed and shown) and every answer of the admin API
+    and of self-service (a new key's token, key listings, usage) say ``Cache-Control:
+    no-store``: no browser, proxy or CDN in between may keep a copy on disk. ``no-cache`` (the
+    page's before) lets any cache store it, and the API's answers said nothing at all."""
+    for path in ("/console/", "/console/app.js", "/console/nope"):
+        async with gut.admin.get(path) as r:
+            assert r.headers.get("Cache-Control") == "no-store", path
+    auth = {"Authorization": f"Bearer {gut.admin_token}"}
+    calls = (("POST", "/admin/v1/workspaces/acme/keys", {"name": "ci", "scopes": ["people:read"]}),
+             ("GET", "/admin/v1/workspaces/acme/keys", None),
+             ("GET", "/admin/v1/workspaces/acme/usage", None),
+             ("GET", "/admin/v1/workspaces/nope/keys", None))
+    for method, path, body in calls:
+        async with gut.admin.request(method, path, json=body, headers=auth) as r:
+            assert r.status in (200, 201, 404) and r.headers.get("Cache-Control") == "no-store", \
+                (method, path, r.status, r.headers.get("Cache-Control"))
+            if r.status == 201:
+                rotate = (await r.json())["key"]["id"]
+    async with gut.admin.post(f"/admin/v1/workspaces/acme/keys/{rotate}/rotate", json={},
+                              headers=auth) as r:
+        assert r.status == 201 and r.headers.get("Cache-Control") == "no-store"
+    for method, path, body in (("POST", "/_keygate/v1/keys", {"name": "self",
+                                                             "scopes": ["people:read"]}),
+                               ("GET", "/_keygate/v1/keys", None)):
+        async with gut.proxy.request(method, path, json=body, headers=auth) as r:
+            assert r.status in (200, 201) and r.headers.get("Cache-Control") == "no-store", \
+                (method, path, r.status, r.headers.get("Cache-Control"))
+
+
 async def test_console_without_slash_redirects_and_other_paths_are_404(gut):
     async with gut.admin.get("/console", allow_redirects=False) as r:
         assert r.status == 308 and r.headers["Location"] == "/console/"
@@ -392,3 +422,14 @@ async def test_a_workspace_admin_keys_refused_admin_call_stamps_nothing(gut):
     assert status == 404
     status, body = await gut.admin_json("GET", key_path)
     assert status == 200 and body["last_used_at"] is None
+
+
+def test_the_page_takes_a_token_for_a_key_exactly_when_the_admin_api_does():
+    """The page decides operator or key by the token's shape (which view to show); the admin
+    API decides by its own pattern. They are one pattern, so they cannot disagree."""
+    from importlib import resources
+    from gateway.admin.middleware import _TOKEN_SHAPE
+    script = (resources.files("gateway.admin") / "console" / "app.js").read_text()
+    found = re.search(r"function looksLikeKey\(token\) \{\s*return /\^(.+?)\$/\.test\(token\);",
+                      script)
+    assert found and found.group(1) == _TOKEN_SHAPE.pattern, found

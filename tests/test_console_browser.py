@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -122,9 +123,10 @@ class ThreadedGateway:
         return body["token"], body["key"]
 
 
-def start_gateway(redis_url: str, **changes: Any) -> ThreadedGateway:
+def start_gateway(redis_url: str, admin_token: str = ADMIN_TOKEN,
+                  **changes: Any) -> ThreadedGateway:
     previous = os.environ.get("KEYGATE_ADMIN_TOKEN")
-    os.environ["KEYGATE_ADMIN_TOKEN"] = ADMIN_TOKEN  # read when the admin app is made
+    os.environ["KEYGATE_ADMIN_TOKEN"] = admin_token  # read when the admin app is made
     try:
         return ThreadedGateway(redis_url, **changes).start()
     finally:
@@ -570,7 +572,8 @@ const realFetch = window.fetch;
 window.fetch = function (input, init) {
   const options = init || {};
   note("fetch", input instanceof Request ? input.url : input,
-       {headers: options.headers || {}, body: String(options.body || "")});
+       {method: options.method || "GET", headers: options.headers || {},
+        body: options.body === undefined ? null : String(options.body)});
   return realFetch.apply(this, arguments);
 };
 const realOpen = XMLHttpRequest.prototype.open;
@@ -715,7 +718,7 @@ def test_the_token_goes_only_to_this_origins_api_in_the_authorization_header(pag
                 assert request["url"].startswith("/admin/v1/"), request  # this origin, the API
                 assert request["headers"]["Authorization"] == "Bearer " + token, request
                 for seen in page.tokens_seen + [ADMIN_TOKEN]:
-                    assert seen not in request["url"] and seen not in request["body"]
+                    assert seen not in request["url"] and seen not in (request["body"] or "")
             state = page.driver.execute_script(
                 "return [history.length, location.hash, location.search]")
             assert state == [history, "", ""], state
@@ -1463,3 +1466,361 @@ def test_a_page_on_another_origin_reads_answers_through_keygate(browser, redis_s
             assert gw.admin("GET", "/workspaces/vandelay/usage")[1]["used"] == 1  # never sent
         finally:
             gw.stop()
+
+
+# --- answers that arrive late --------------------------------------------------------------------
+
+# Installed (while a test is `slowed`) before the page's own script: holds back every fetch whose
+# URL holds window.__slowPath by 1.5 s, as a busy admin API or a slow network would.
+SLOW = r"""
+window.__slowPath = null;
+const fetchNow = window.fetch;
+window.fetch = async function (input, init) {
+  if (window.__slowPath && String(input).includes(window.__slowPath)) {
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+  }
+  return fetchNow.apply(this, arguments);
+};
+"""
+
+
+@contextlib.contextmanager
+def slowed(page: Console):
+    driver = page.driver
+    script = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": SLOW})
+    try:
+        driver.get(page.gateway.admin_url + "/console/")
+        wait(driver, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+        yield lambda path: driver.execute_script("window.__slowPath = arguments[0]", path)
+    finally:
+        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
+                               {"identifier": script["identifier"]})
+
+
+def assert_shows_workspace(page: Console, title: str, keys: list[str]) -> None:
+    """The workspace view shows ``title`` and exactly ``keys``, and still does once every
+    held-back answer (1.5 s) has arrived."""
+    shown = lambda d: (d.find_element(By.ID, "ws-title").text, sorted(page.rows()))  # noqa: E731
+    wait(page.driver, lambda d: shown(d) == (title, sorted(keys)))
+    time.sleep(2.5)
+    assert shown(page.driver) == (title, sorted(keys))
+
+
+def test_a_late_answer_for_another_workspace_is_not_shown_under_this_one(page, gateway):
+    """The operator opens one workspace and, while its keys are on their way, opens another
+    (or goes back to the list and opens another after an action in the first). The late list
+    of the first workspace was drawn under the second's title: its keys shown as the second's,
+    Revoke on one of them a 404, Create key making a key in the workspace not listed."""
+    new_workspace(gateway, "slowpoke", "Slowpoke")
+    new_workspace(gateway, "speedy", "Speedy")
+    gateway.key("slowpoke", name="slow-key", scopes=["people:read"])
+    gateway.key("speedy", name="fast-key", scopes=["people:read"])
+    with slowed(page) as slow:
+        page.sign_in(ADMIN_TOKEN)
+        slow("/workspaces/slowpoke/keys")
+        page.link("slowpoke").click()
+        page.link("speedy").click()  # changed their mind: the last one chosen is shown
+        assert_shows_workspace(page, "Speedy (speedy)", ["fast-key"])
+
+        # an action's refresh that arrives after another workspace was opened
+        slow(None)
+        page.link("All workspaces").click()
+        page.link("slowpoke").click()
+        wait(page.driver, lambda d: "slow-key" in page.rows())
+        page.create_key("another", scopes="people:read")
+        slow("/workspaces/slowpoke/keys")
+        page.take_token()
+        page.link("All workspaces").click()
+        page.link("speedy").click()
+        assert_shows_workspace(page, "Speedy (speedy)", ["fast-key"])
+        page.button("Revoke", page.row("fast-key")).click()
+        page.button("Revoke", page.dialog()).click()
+        page.no_dialog()
+        wait(page.driver, lambda d: "revoked" in page.row("fast-key").text)
+
+
+def test_an_operator_token_shaped_almost_like_a_key_signs_in_as_the_operator(browser, own_redis):
+    """The admin API takes a token as a key only when it has a key's exact shape (a lowercase
+    prefix of at most 10 characters, ...); anything else is checked as the operator token. The
+    page used a looser shape of its own, so an operator token such as
+    'Keygate-Ops_admin_<50 letters and digits>' signed in as "key Keygate-Ops_admin_..." and
+    showed only the first workspace, with no way to the others."""
+    token = "Keygate-Ops_admin_" + "x7Q" * 16 + "ab"
+    gw = start_gateway(own_redis.url, admin_token=token)
+    try:
+        for ws in ("first", "second"):
+            status, body = gw.admin("POST", "/workspaces", {"id": ws, "name": ws.title()},
+                                    token=token)
+            assert status == 201, body
+        browser.get(gw.admin_url + "/console/")
+        wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+        browser.get_log("browser")
+        page = Console(browser, gw)
+        page.tokens_seen.append(token)
+        page.sign_in(token)
+        page.link("second")
+        assert page.link("first").is_displayed()
+        assert browser.find_element(By.ID, "who").text == "Signed in as operator"
+        page.link("second").click()
+        wait(browser, lambda d: d.find_element(By.ID, "ws-title").text == "Second (second)")
+        assert page.link("All workspaces").is_displayed()
+        page.assert_nothing_kept()
+        page.assert_no_console_errors()
+        page.button("Sign out").click()
+    finally:
+        gw.stop()
+
+
+def accessible_names(driver, role: str) -> list[str]:
+    """The names the browser gives to a screen reader for the shown elements of ``role``."""
+    tree = driver.execute_cdp_cmd("Accessibility.getFullAXTree", {})
+    return [n.get("name", {}).get("value", "") for n in tree["nodes"]
+            if not n.get("ignored") and n.get("role", {}).get("value") == role]
+
+
+def test_a_screen_reader_hears_each_column_by_its_own_name(page, gateway):
+    """The sortable headers hold a button named "Sort by created" (so "Create" names one
+    button on the page); that name became the column header's too, so a screen reader read
+    every cell of the column as "Sort by created: 2026-12-05 ..." instead of "Created: ..."."""
+    new_workspace(gateway, "vox", "Vox")
+    gateway.key("vox", name="speaker", scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.link("vox").click()
+    wait(page.driver, lambda d: "speaker" in page.rows())
+    headers = [n for n in accessible_names(page.driver, "columnheader")]
+    assert headers == ["Name", "Description", "Role / scopes", "Prefix", "Created", "Last used",
+                       "Expires", "This month", "Status", "Actions"], headers
+    assert [n for n in accessible_names(page.driver, "button") if n.startswith("Sort by")] == [
+        "Sort by name", "Sort by created", "Sort by last used", "Sort by expires",
+        "Sort by status"]
+
+
+def assert_calls_as_documented(gateway: ThreadedGateway, sent: list[dict]) -> None:
+    """Each fetch is an operation the OpenAPI document describes: the method on the path, only
+    the query parameters it lists, a JSON body valid against its request schema (or none where
+    none is required)."""
+    import jsonschema
+    status, document = gateway.call(gateway.admin_url, "GET", "/admin/v1/openapi.json",
+                                    token=None)
+    assert status == 200
+    components = {"components": document["components"]}
+    for call in sent:
+        path, _, query = call["url"].partition("?")
+        item = next((item for template, item in document["paths"].items()
+                     if re.fullmatch(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)),
+                                     path)), None)
+        assert item is not None, call
+        operation = item.get(call["method"].lower())
+        assert operation is not None, call
+        listed = {p["name"] for p in item.get("parameters", []) + operation.get("parameters", [])
+                  if p["in"] == "query"}
+        assert {pair.split("=")[0] for pair in query.split("&") if pair} <= listed, call
+        if call["body"] is None:
+            assert not operation.get("requestBody", {}).get("required"), call
+            continue
+        assert call["headers"].get("Content-Type") == "application/json", call
+        schema = operation["requestBody"]["content"]["application/json"]["schema"]
+        jsonschema.Draft202012Validator({**schema, **components}).validate(json.loads(call["body"]))
+
+
+def test_every_call_the_page_makes_is_one_the_openapi_document_describes(page, gateway):
+    """SPEC: the console uses only the admin API as the OpenAPI document describes it: not only
+    its paths (checked elsewhere) but each call's method, query and body, through every step
+    the page offers, as the operator and as a workspace admin."""
+    new_workspace(gateway, "contract", "Contract")
+    admin_token, _ = gateway.key("contract", name="contract-admin",
+                                 scopes=["keys:admin", "people:read", "companies:read"])
+    page.tokens_seen.append(admin_token)
+    with spying(page):
+        for token, operator in ((ADMIN_TOKEN, True), (admin_token, False)):
+            tag = "op" if operator else "ws"
+            page.sign_in(token)
+            if operator:
+                page.link("contract").click()
+            wait(page.driver, lambda d: "contract-admin" in page.rows())
+            page.create_key(f"{tag}-role", description="by role", role="reader", expires="30d")
+            page.take_token()
+            page.create_key(f"{tag}-scopes", scopes="people:read", expires="2030-01-01")
+            page.take_token()
+            page.in_dialog("Rotate", f"{tag}-role", "Grace", "1h", "Rotate")
+            page.take_token()
+            page.button("Edit", page.row(f"{tag}-scopes")).click()
+            dialog = page.dialog()
+            Select(page.field("Role", dialog)).select_by_visible_text("reader")
+            page.field("Scopes", dialog).clear()
+            expires = page.field("Expires", dialog)
+            expires.clear()
+            expires.send_keys("7d")
+            page.field("Monthly cap", dialog).send_keys("100")
+            page.field("Rate limit", dialog).send_keys("1/s")
+            page.button("Save", dialog).click()
+            page.no_dialog()
+            page.button("Disable", page.row(f"{tag}-scopes")).click()
+            wait(page.driver, lambda d: "disabled" in page.row(f"{tag}-scopes").text)
+            page.button("Enable", page.row(f"{tag}-scopes")).click()
+            wait(page.driver, lambda d: "disabled" not in page.row(f"{tag}-scopes").text)
+            page.button("Revoke", page.row(f"{tag}-scopes")).click()
+            page.button("Revoke", page.dialog()).click()
+            page.no_dialog()
+            page.button("Delete", page.row(f"{tag}-scopes")).click()
+            page.button("Delete", page.dialog()).click()
+            page.no_dialog()
+            wait(page.driver, lambda d: f"{tag}-scopes" not in page.rows())
+            if operator:
+                page.link("All workspaces").click()
+                page.link("contract")
+            sent = page.driver.execute_script("return window.__sent.splice(0)")
+            assert {(s["method"], s["kind"]) for s in sent} == {
+                ("GET", "fetch"), ("POST", "fetch"), ("PATCH", "fetch"), ("DELETE", "fetch")}
+            assert_calls_as_documented(gateway, sent)
+            page.button("Sign out").click()
+
+
+def test_too_many_failures_says_how_long_to_wait(browser, own_redis):
+    """After 10 wrong secrets for one key id the admin API answers 429 with the message "wait
+    before trying again" and, in Retry-After, how long: the page showed the message only, so
+    the person could only guess when to try again."""
+    from gateway.tokens import checksum
+    gw = start_gateway(own_redis.url)  # its own store: the failures it counts stay there
+    try:
+        new_workspace(gw, "throttled", "Throttled")
+        token, _ = gw.key("throttled", name="real", scopes=["keys:admin"])
+        heads = [token[:20] + f"{i:032d}" for i in range(21)]  # the key's id, wrong secrets
+        forged = [head + checksum(head) for head in heads]
+        statuses = [gw.admin("GET", "/workspaces", token=wrong)[0] for wrong in forged[:20]]
+        assert statuses[0] == 401 and statuses[-1] == 429, statuses  # the per-key limit: 10
+        browser.get(gw.admin_url + "/console/")
+        wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+        browser.get_log("browser")
+        page = Console(browser, gw)
+        page.sign_in(forged[20])
+        problem = page.alert_text()
+        assert problem.startswith("Too many failed attempts"), problem
+        found = re.search(r"Try again in (\d+) seconds?\.", problem)
+        assert found and 1 <= int(found.group(1)) <= 60, problem
+        page.allowed_errors.append("429")
+        page.assert_no_console_errors()
+    finally:
+        gw.stop()
+
+
+def test_a_workspace_admin_whose_workspace_cannot_be_opened_is_back_at_sign_in(page, gateway):
+    """Signing in as a workspace admin is the listing and then the workspace (its keys, its
+    usage). When the second step failed (a store blip, a proxy timeout in front of the admin
+    listener) the page said "Signed in as key ..." above an alert and nothing else: no list,
+    no view, no way to try again but to sign out first. It is now a failed sign-in: the form,
+    with the reason, and Sign in tries again."""
+    new_workspace(gateway, "blip", "Blip")
+    token, _ = gateway.key("blip", name="blip-admin", scopes=["keys:admin", "people:read"])
+    page.tokens_seen.append(token)
+    page.allowed_errors += ["ERR_BLOCKED_BY_CLIENT", "Failed to fetch"]
+    driver = page.driver
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/workspaces/blip/keys*"]})
+    try:
+        page.sign_in(token)
+        assert "could not be reached" in page.alert_text()
+        wait(driver, lambda d: page.field("Token").is_displayed())
+        assert not driver.find_element(By.ID, "sign-out").is_displayed()
+        assert driver.find_element(By.ID, "who").text == ""
+    finally:
+        driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+        driver.execute_cdp_cmd("Network.disable", {})
+    page.sign_in(token)
+    wait(driver, lambda d: "blip-admin" in page.rows())
+    assert not driver.find_element(By.ID, "alert").is_displayed()
+    page.button("Sign out").click()
+
+
+def test_leaving_the_page_forgets_a_token_typed_but_not_sent(page, gateway):
+    """A token pasted into the Token field and left there (the person went elsewhere before
+    pressing Sign in) stayed in the field of the page the browser keeps for Back (its
+    back/forward cache, which a future browser may use despite no-store): whoever pressed Back
+    found it ready to sign in with, or to read from the field. Leaving empties the field.
+    (The page is left as the browser leaves it: a 'pagehide' for a page it keeps.)"""
+    page.field("Token").send_keys(ADMIN_TOKEN)
+    page.driver.execute_script(
+        "window.dispatchEvent(new PageTransitionEvent('pagehide', {persisted: true}))")
+    assert page.field("Token").get_attribute("value") == ""
+
+
+def test_the_workspace_list_takes_keyboard_focus_when_shown(page, gateway):
+    """Signing in as the operator hides the sign-in form (and its focused button); "All
+    workspaces" hides the link pressed. Focus fell to the page's body both times: a screen
+    reader said nothing of the list now shown, and Tab started again from the top bar. Focus
+    now goes to the list's heading, from which Tab reaches the first workspace's link."""
+    new_workspace(gateway, "focal", "Focal")
+    keyboard = lambda *keys: page.driver.switch_to.active_element.send_keys(*keys)  # noqa: E731
+    page.field("Token").send_keys(ADMIN_TOKEN, Keys.ENTER)
+    page.link("focal")
+    wait(page.driver, lambda d: d.switch_to.active_element.get_attribute("id") ==
+         "workspaces-title")
+    keyboard(Keys.TAB)
+    first = page.driver.find_element(By.CSS_SELECTOR, "#workspaces tbody a")
+    assert page.driver.switch_to.active_element == first
+    page.link("focal").send_keys(Keys.ENTER)
+    wait(page.driver, lambda d: d.switch_to.active_element.get_attribute("id") == "ws-title")
+    page.link("All workspaces").send_keys(Keys.ENTER)
+    wait(page.driver, lambda d: d.switch_to.active_element.get_attribute("id") ==
+         "workspaces-title")
+
+
+def test_a_token_made_as_the_person_signs_out_is_still_shown(page, gateway):
+    """Create (or Rotate) pressed, then Sign out before the answer came: the key was made (or
+    the old one revoked) and the answer, the only copy of its token, was dropped with the
+    session: a live key whose token nobody saw, or a rotated service with no way back in. The
+    token is shown as any new token is, on the sign-in screen, until Done."""
+    new_workspace(gateway, "halfway", "Halfway")
+    _, rotated_key = gateway.key("halfway", name="to-rotate", scopes=["people:read"])
+    with slowed(page) as slow:
+        page.sign_in(ADMIN_TOKEN)
+        page.link("halfway").click()
+        wait(page.driver, lambda d: "to-rotate" in page.rows())
+        slow("/workspaces/halfway/keys")
+        page.create_key("late", scopes="people:read")
+        page.button("Sign out").click()
+        wait(page.driver, lambda d: page.field("Token").is_displayed())
+        created = page.take_token()
+        assert gateway.proxy("/people", created)[0] == 200
+        assert page.driver.find_element(By.ID, "token") == page.driver.switch_to.active_element
+
+        slow(None)
+        page.sign_in(ADMIN_TOKEN)  # typed into the field Done left focused
+        page.link("halfway").click()
+        wait(page.driver, lambda d: "late" in page.rows())
+        slow("/workspaces/halfway/keys")
+        page.in_dialog("Rotate", "to-rotate", "Grace", "0", "Rotate")
+        page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)  # the dialog closes ...
+        page.button("Sign out").click()  # ... and the person leaves before the answer
+        wait(page.driver, lambda d: page.field("Token").is_displayed())
+        rotated = page.take_token()
+        assert gateway.proxy("/people", rotated)[0] == 200
+        [old] = [k for k in keys_named(gateway, "halfway", "to-rotate")
+                 if k["id"] == rotated_key["id"]]
+        assert old["status"] == "revoked"  # no grace: the new token is the only way in now
+        assert not page.driver.find_element(By.ID, "status").text
+
+
+def test_a_narrower_window_scrolls_the_key_table_not_the_page(page, gateway):
+    """The key table needs about 1,250 px; in a narrower window (a laptop at 125 % zoom, half a
+    screen) the whole page scrolled sideways, the top bar, the usage and the toolbar with it,
+    and a row's buttons were off to the right of everything. Only the table scrolls now, in
+    its own box; its buttons are reached by Tab or by scrolling it, and still work."""
+    new_workspace(gateway, "slim", "Slim")
+    gateway.key("slim", name="wide-row", description="a description of a few words",
+                role="reader", expires_in=86400)
+    page.sign_in(ADMIN_TOKEN)
+    page.link("slim").click()
+    wait(page.driver, lambda d: "wide-row" in page.rows())
+    page.driver.set_window_size(1024, 900)
+    try:
+        widths = page.driver.execute_script(
+            "return [document.documentElement.scrollWidth, document.documentElement.clientWidth,"
+            " document.getElementById('keys').scrollWidth]")
+        assert widths[2] > widths[1] and widths[0] == widths[1], widths  # the table is wider
+        page.button("Revoke", page.row("wide-row")).click()
+        page.button("Revoke", page.dialog()).click()
+        page.no_dialog()
+        wait(page.driver, lambda d: "revoked" in page.row("wide-row").text)
+    finally:
+        page.driver.set_window_size(1360, 900)

@@ -21,7 +21,10 @@ CONSOLE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cross-Origin-Opener-Policy": "same-origin",
-    "Cache-Control": "no-cache",
+    # the page is where tokens are typed and shown: no cache keeps a copy of it (no-cache lets
+    # one store it and only asks it to check again), and a browser keeps no-store pages out of
+    # its back/forward cache
+    "Cache-Control": "no-store",
 }
 _BODIES = web.AppKey("console_files", dict)
 """File name → its bytes, read when the routes are added."""

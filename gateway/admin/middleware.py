@@ -53,7 +53,8 @@ cache and the revision checks are the same ones). Raises the proxy's ``GatewayEr
 
 _TOKEN_SHAPE = re.compile(r"[a-z0-9]{1,10}_[A-Za-z0-9]{1,32}_[A-Za-z0-9]{50}")
 """Shaped like an API key (``<prefix>_<env>_<50 base62>``): checked as one, not as the operator
-token. The pipeline then checks the prefix, environment and checksum in force."""
+token. The pipeline then checks the prefix, environment and checksum in force. The console's
+``looksLikeKey`` (console/app.js) holds the same pattern."""
 
 
 def loggable_target(raw_path: str, prefix: str, operator_token: str) -> str:
@@ -265,6 +266,8 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             # are never read as a request (nor as that body). Closed the lingering way.
             response.force_close()
         if request.path.startswith("/admin/") and request.path not in UNAUTHENTICATED:
+            # a new key's token, key listings, usage: no browser, proxy or CDN keeps a copy
+            response.headers.setdefault("Cache-Control", "no-store")
             log_admin_call(request, response.status, rid, actor, time.perf_counter() - started,
                            config.keys.prefix,
                            client_address(request) if client_address else request.remote,

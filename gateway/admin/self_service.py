@@ -78,6 +78,9 @@ async def handle_self_service(request: web.BaseRequest, principal: Principal, st
     # the rev its scopes were judged at (the pipeline hands on the cached key as the principal)
     actor = Actor(principal.key_id, principal.workspace, principal.scopes, acting.expires_at,
                   getattr(principal, "rev", acting.rev))
-    return await endpoint.handler(Call(store, config, actor, {"ws": principal.workspace, **params},
-                                       request.query, body, known_workspace=principal.workspace,
-                                       connected=lambda: request.transport is not None))
+    response = await endpoint.handler(Call(store, config, actor,
+                                           {"ws": principal.workspace, **params}, request.query,
+                                           body, known_workspace=principal.workspace,
+                                           connected=lambda: request.transport is not None))
+    response.headers["Cache-Control"] = "no-store"  # a new key's token: no cache keeps a copy
+    return response

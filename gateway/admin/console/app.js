@@ -55,12 +55,16 @@ async function api(method, path, body) {
     data = null;
   }
   // An answer to an earlier sign-in (signed out, or in again as someone else, meanwhile) is not
-  // this page's any more: nothing waits on it, nothing of it is shown.
-  if (session !== mine) return new Promise(() => {});
+  // this page's any more: nothing waits on it, nothing of it is shown. Except a new token: its
+  // key exists now (or an old one was revoked for it), and this answer is its only copy.
+  if (session !== mine && !(response.ok && data && typeof data.token === "string")) {
+    return new Promise(() => {});
+  }
   if (!response.ok) {
     const error = data && data.error ? data.error : {};
     const failure = new ApiError(response.status, error.code || "http_" + response.status,
-                                 error.message || "The admin API answered " + response.status + ".",
+                                 (error.message || "The admin API answered " + response.status +
+                                  ".") + retryAfter(response),
                                  error.request_id || response.headers.get("X-Request-Id"));
     if (response.status === 401 && mine.signedIn) {
       // the token stopped working mid-session (key revoked or expired, operator token changed):
@@ -84,6 +88,16 @@ async function api(method, path, body) {
     throw failure;
   }
   return data;
+}
+
+// " Try again in N seconds." from a refusal's Retry-After (a 429 says "wait before trying
+// again", a 503 "overloaded" to come back shortly: the header says how long), else "".
+function retryAfter(response) {
+  const value = (response.headers.get("Retry-After") || "").trim();
+  if (!/^\d{1,9}$/.test(value)) return "";
+  const seconds = Math.max(Number(value), 1);
+  return seconds < 120 ? " Try again in " + plural(seconds, "second") + "."
+    : " Try again in " + plural(Math.ceil(seconds / 60), "minute") + ".";
 }
 
 // Whether a workspace admin's key has lost its access (a 403 may also mean only "not this
@@ -207,6 +221,13 @@ function openDialog(title, build, {modal = false} = {}) {
   let closing = false;
   const close = () => {
     closing = true;
+    // a selection in the dialog (Copy's fallback selects the token) goes with it: left behind,
+    // it held the caret when the dialog gave focus back to the Token field, and typing there
+    // then went nowhere
+    const selection = window.getSelection();
+    if (selection.rangeCount > 0 && dialog.contains(selection.anchorNode)) {
+      selection.removeAllRanges();
+    }
     dialog.close();
     dialog.remove();
     if (session === null) $("token").focus();  // signed out meanwhile: back to sign-in
@@ -303,8 +324,11 @@ function showTokenDialog(title, token, key) {
 
 // --- signing in and out ------------------------------------------------------------------------
 
+// Exactly the shape the admin API takes as a key (gateway/admin/middleware.py _TOKEN_SHAPE);
+// anything else it checks as the operator token, and so must the page (a looser shape here
+// signed an operator token such as "Keygate-Ops_admin_<50>" in as a key of the first workspace).
 function looksLikeKey(token) {
-  return /^[^_\s]+_[^_\s]+_[0-9A-Za-z]{50}$/.test(token);
+  return /^[a-z0-9]{1,10}_[A-Za-z0-9]{1,32}_[A-Za-z0-9]{50}$/.test(token);
 }
 
 // A character a header cannot carry (beyond Latin-1, or a control): typographic quotes, an
@@ -356,7 +380,14 @@ async function signIn(event) {
   if (session.operator) {
     showWorkspaces(listing.items);
   } else {
-    await openWorkspace(listing.items[0].id);
+    const opening = session;
+    if (!(await openWorkspace(listing.items[0].id)) && session === opening) {
+      // a workspace admin has no view but its workspace: one that cannot be read (a store
+      // blip, a proxy's timeout) is a failed sign-in, with the reason, and Sign in tries again
+      const reason = $("alert").textContent;
+      signOut();
+      showAlert(reason);
+    }
   }
 }
 
@@ -394,53 +425,81 @@ function showWorkspaces(items) {
     el("td", {"text": ws.plan}),
     el("td", {"text": when(ws.created_at)}))));
   $("workspaces-empty").hidden = items.length > 0;
+  // the control that led here (Sign in, All workspaces) is hidden now: focus to the list's
+  // heading, so a screen reader says where it is and Tab goes on to the first workspace
+  $("workspaces-title").focus();
 }
 
 async function backToWorkspaces(event) {
   event.preventDefault();
   showAlert("");
+  const mine = ++chosen;
   try {
-    showWorkspaces((await api("GET", "/workspaces")).items);
+    const listing = await api("GET", "/workspaces");
+    if (mine === chosen) showWorkspaces(listing.items);
   } catch (err) {
-    showAlert(describe(err));
+    if (mine === chosen) showAlert(describe(err));
   }
 }
 
 // --- one workspace: usage, cap, keys -----------------------------------------------------------
 
+// Which view the person chose last (a workspace, or the list): an answer for an earlier choice
+// that arrives after a later one is dropped, else a slow workspace's keys were drawn under the
+// title of the one opened after it (Revoke on them a 404, Create key making a key elsewhere).
+let chosen = 0;
+
+// Whether the workspace is now shown (false: the alert says why, or a later choice won).
 async function openWorkspace(id) {
   showAlert("");
   announce("");
+  const mine = ++chosen;
+  let workspace, roles, listed;
   try {
     const ws = encodeURIComponent(id);
-    const [workspace, roles] = await Promise.all([
-      api("GET", "/workspaces/" + ws), api("GET", "/workspaces/" + ws + "/roles")]);
-    session.workspace = workspace;
-    session.roles = roles.items;
-    await refresh();
+    [workspace, roles, listed] = await Promise.all([
+      api("GET", "/workspaces/" + ws), api("GET", "/workspaces/" + ws + "/roles"),
+      readKeys(id)]);
   } catch (err) {
-    showAlert(describe(err));
-    return;
+    if (mine === chosen) showAlert(describe(err));
+    return false;
   }
-  const workspace = session.workspace;
+  if (mine !== chosen) return false;
+  session.workspace = workspace;
+  session.roles = roles.items;
+  session.keys = listed.keys;
+  session.usage = listed.usage;
+  renderUsage();
+  renderKeys();
   $("ws-title").textContent = workspace.name + " (" + workspace.id + ")";
   $("back-nav").hidden = !session.operator;
   resetCreateForm();
   $("workspaces-view").hidden = true;
   $("workspace-view").hidden = false;
   $("ws-title").focus();
+  return true;
 }
 
-async function refresh() {
-  const ws = "/workspaces/" + encodeURIComponent(session.workspace.id);
+// A workspace's keys (every page) and its usage.
+async function readKeys(id) {
+  const ws = "/workspaces/" + encodeURIComponent(id);
   const [keys, usage] = await Promise.all([api("GET", ws + "/keys"), api("GET", ws + "/usage")]);
   let page = keys;
   while (page.next_cursor) {  // a paged listing: read every page (counts need them all)
     page = await api("GET", ws + "/keys?cursor=" + encodeURIComponent(page.next_cursor));
     keys.items.push(...page.items);
   }
-  session.keys = keys.items;
-  session.usage = usage;
+  return {keys: keys.items, usage};
+}
+
+// The open workspace's list read again (after an action): drawn only if that workspace is still
+// the one chosen when the answer arrives.
+async function refresh() {
+  const mine = chosen;
+  const listed = await readKeys(session.workspace.id);
+  if (mine !== chosen) return;
+  session.keys = listed.keys;
+  session.usage = listed.usage;
   renderUsage();
   renderKeys();
 }
@@ -665,12 +724,17 @@ async function createKey(event) {
     showFormError(form, err.message);
     return;
   }
+  const mine = session;
   let created;
   try {
     created = await api("POST", "/workspaces/" + encodeURIComponent(session.workspace.id) +
                                 "/keys", body);
   } catch (err) {
     showFormError(form, describe(err));
+    return;
+  }
+  if (session !== mine) {  // signed out meanwhile: the token still goes to the person
+    showTokenDialog("Key created", created.token, created.key);
     return;
   }
   resetCreateForm();
@@ -735,12 +799,17 @@ function rotateKey(key) {
     const grace = el("input", {"id": "rotate-grace", "value": "0", "autocomplete": "off",
                                "aria-describedby": "rotate-grace-hint"});
     const confirm = oneAtATime(dialog, async () => {
+      const mine = session;
       let rotated;
       try {
         rotated = await api("POST", keyPath(key) + "/rotate",
                             {grace_seconds: parseDuration(grace.value)});
       } catch (err) {
         showProblem(problem, describe(err));
+        return;
+      }
+      if (session !== mine) {  // signed out meanwhile: the token still goes to the person
+        showTokenDialog("Key rotated", rotated.token, rotated.key);
         return;
       }
       close();
@@ -902,11 +971,13 @@ for (const th of $("keys").tHead.rows[0].cells) {
   if (field) th.querySelector("button").addEventListener("click", () => sortByColumn(field));
 }
 $("ws-title").setAttribute("tabindex", "-1");
+$("workspaces-title").setAttribute("tabindex", "-1");
 // Leaving the page signs out, as reloading it does: the browser may keep a page it leaves in
 // its back/forward cache, script state included, and Back would then bring back the session
 // (token and all) and any shown-once token to whoever is at the screen next.
 window.addEventListener("pagehide", () => {
   closeDialogs();
   signOut();
+  $("token").value = "";  // a token typed and not sent yet is not left for Back either
 });
 document.documentElement.dataset.ready = "true";
