@@ -688,6 +688,102 @@ async def test_backpressure_both_ways_bounds_what_keygate_buffers(redis_url, mon
 
 
 
+async def test_backpressure_holds_when_the_upstreams_first_bytes_came_with_its_101(
+        redis_url, monkeypatch):
+    """The upstream sends its 101 and a flood in one write to a client that reads nothing
+    over a slow link (a small send buffer): the bytes that came with the 101 already filled
+    keygate's buffer for the client before the tunnel took the connection over, so the pause
+    that signalled it reached no tunnel, and the upstream's reads were resumed regardless:
+    keygate buffered the whole flood (32 MiB here, without end in general) until
+    server.timeouts.body. It now reads no more from the upstream until the client drains."""
+    import socket
+    big = 32 * 1024 * 1024
+    state: dict = {}
+
+    async def flood(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        # the client's connection as over a slow link: its kernel takes little at a time
+        [handler] = state["gateway"].gw.proxy_server.connections
+        handler.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")][0]
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key)
+                     + b"\x00" * big)
+        state["upstream_writer"] = writer
+        await asyncio.sleep(10)
+        writer.close()
+
+    srv, url = await raw_upstream(flood)
+    loop = asyncio.get_running_loop()
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            state["gateway"] = g
+            token, _ = await g.key()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", g.proxy_server.port))
+            try:
+                await loop.sock_sendall(sock, handshake("/ws/x", token))
+                await eventually(lambda: "upstream_writer" in state)
+                await asyncio.sleep(1.0)
+                [handler] = g.gw.proxy_server.connections
+                # at most one read of the upstream (256 KiB) past the high-water mark
+                assert handler.transport.get_write_buffer_size() < 1024 * 1024
+                assert state["upstream_writer"].transport.get_write_buffer_size() > big // 2
+            finally:
+                sock.close()
+    finally:
+        srv.close()
+
+
+async def test_backpressure_holds_when_the_clients_early_bytes_fill_the_upstreams_buffer(
+        redis_url, monkeypatch):
+    """The other way round: the client floods from its handshake on, the upstream reads
+    nothing after its 101 over a slow link. What aiohttp held of the flood until the 101 went
+    upstream before the tunnel was told of the pause it caused, and aiohttp's hand-over then
+    resumed the client's reads: keygate took the whole flood."""
+    import socket
+    big = 32 * 1024 * 1024
+    state: dict = {}
+
+    async def deaf(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.5)  # the client's flood waits in keygate meanwhile
+        pool = state["gateway"].gw.pipeline.forwarder._pools["api"][0]
+        for conn in pool.active:
+            conn.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        writer.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")][0]
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+        state["switched"] = True
+        await asyncio.sleep(10)  # reads nothing more
+        writer.close()
+
+    srv, url = await raw_upstream(deaf)
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            state["gateway"] = g
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token) + b"\x01" * big)
+            await eventually(lambda: "switched" in state)
+            await asyncio.sleep(1.0)
+            pool = g.gw.pipeline.forwarder._pools["api"][0]
+            [conn] = pool.active
+            assert conn.transport.get_write_buffer_size() < 1024 * 1024
+            assert writer.transport.get_write_buffer_size() > big // 2
+            writer.transport.abort()
+    finally:
+        srv.close()
+
+
 async def test_a_client_that_stops_reading_when_its_tunnel_ends_is_cut_off(redis_url,
                                                                            monkeypatch):
     """A tunnel's end closes the client's connection after what keygate still has for it is

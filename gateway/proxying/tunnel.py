@@ -191,6 +191,7 @@ class Tunnel:
         self.last = self.loop.time()
         self.done: asyncio.Future = self.loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
+        self._upstream_full = False  # the upstream's transport is over its high-water mark
 
     def start(self) -> None:
         self.upstream.set_protocol(_UpstreamSide(self))
@@ -204,7 +205,13 @@ class Tunnel:
             self.end()
             return
         take_over(self.request, _ClientFeed(self), self)  # the client's early bytes go now
-        self.upstream.resume_reading()
+        # A side whose buffer those first writes filled paused before this tunnel took the
+        # connection over, so the pause reached no tunnel: the other side stays unread until
+        # it drains (client_resumed, upstream_resumed), or nothing bounded what keygate held
+        if self._upstream_full:
+            self.client.pause_reading()  # (aiohttp's set_parser may have resumed it)
+        if not self.request.protocol.writing_paused:
+            self.upstream.resume_reading()
         self._timer = self.loop.call_at(self.last + self.idle, self._idle_check)
 
     # -- relaying --
@@ -229,10 +236,12 @@ class Tunnel:
             self.upstream.resume_reading()
 
     def upstream_paused(self) -> None:
+        self._upstream_full = True
         if self.client is not None:
             self.client.pause_reading()
 
     def upstream_resumed(self) -> None:
+        self._upstream_full = False
         if self.client is not None and not self.done.done():
             self.client.resume_reading()
 
