@@ -529,6 +529,46 @@ async def test_an_upstream_101_to_a_request_that_did_not_ask_is_a_502(redis_url,
         srv.close()
 
 
+async def test_a_101_on_a_connection_an_abandoned_handshake_left_unused_is_a_502(redis_url,
+                                                                              monkeypatch):
+    """A handshake whose client left while it waited for a connection gives that connection
+    back unused; it was marked as a handshake's, and kept that mark: the next ordinary request
+    sent on it took an upstream's 101 for a switch it had asked for (a 500 and a traceback in
+    the log) instead of the 502 any request gets for a 101 it did not ask for."""
+    async def serve(reader, writer):
+        with contextlib.suppress(Exception):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /people/slow "):
+                    await asyncio.sleep(1.0)  # holds the one connection meanwhile
+                if head.startswith(b"GET /people/switch "):
+                    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\n\r\nnot HTTP")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        writer.close()
+
+    srv, url = await raw_upstream(serve)
+    try:
+        async with gateway(redis_url, monkeypatch, url, upstream_max=1) as g:
+            token, _ = await g.key()
+            slow = asyncio.ensure_future(g.proxy.get("/people/slow", headers=bearer(token)))
+            await asyncio.sleep(0.3)
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token))
+            await asyncio.sleep(0.3)  # it waits for the connection the slow request holds
+            writer.transport.abort()
+            assert (await slow).status == 200
+            pool = g.gw.pipeline.forwarder._pools["api"][0]
+            await eventually(lambda: len(pool.idle) == 1)  # back, never used for the handshake
+            async with g.proxy.get("/people/switch", headers=bearer(token)) as r:
+                assert r.status == 502
+                assert (await r.json())["error"]["code"] == "upstream_unavailable"
+    finally:
+        srv.close()
+
+
 RIGHT = b"Sec-WebSocket-Accept: " + accept_for(b"dGhlIHNhbXBsZSBub25jZQ==") + b"\r\n"
 
 
