@@ -904,6 +904,34 @@ async def test_a_tunnel_closes_soon_after_its_key_stops_allowing_it(redis_url, m
                 assert (await kept.receive(timeout=5)).data == "echo:still"
 
 
+async def test_a_tunnel_closes_soon_after_a_reload_stops_accepting_its_keys_environment(
+        redis_url, monkeypatch):
+    """``keys.environments`` reloaded without ``test``: a test key's next request is a 401
+    (``malformed_key``), and so its open tunnel closes at the next check, as for a key that
+    was revoked; it stayed open for as long as its users liked. A live key's tunnel stays."""
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  websocket_recheck=1.0) as g:
+        test_token, _ = await g.key(environment="test")
+        live_token, _ = await g.key(name="live")
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(test_token)) as ws, \
+                    client.ws_connect(ws_url(g, "/ws/y"), headers=bearer(live_token)) as kept:
+                await ws.send_str("a")
+                assert (await ws.receive(timeout=5)).data == "echo:a"
+                config = g.gw.config
+                g.gw.reloader.apply(dataclasses.replace(config, keys=dataclasses.replace(
+                    config.keys, environments=("live",))))
+                async with g.proxy.get("/people/1", headers=bearer(test_token)) as r:
+                    assert r.status == 401  # what a new handshake with it would get too
+                started = time.monotonic()
+                msg = await ws.receive(timeout=5)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)
+                assert time.monotonic() - started < 3
+                await kept.send_str("still")
+                assert (await kept.receive(timeout=5)).data == "echo:still"
+
+
 @pytest.mark.parametrize("path,changed", [
     ("/ws/x", Route("/ws/**", "api", ("GET",), ("people:write",), websocket=True)),
     ("/ws/x", Route("/ws/**", "api", ("GET",), ("people:read",))),

@@ -322,17 +322,19 @@ class TunnelWatch:
     (``route_now``: a reload that changed or removed it closes the tunnel), then, for keyed
     handshakes, one store round trip per key, route scopes and client address with tunnels
     open (``still_allowed``: the pipeline's state check, counting nothing): a key revoked,
-    expired, disabled, re-scoped or whose address is no longer allowed closes them. A store
-    that cannot answer leaves them open (the next check decides)."""
+    expired, disabled, re-scoped or whose address is no longer allowed closes them, as does a
+    reload that no longer accepts their token's prefix or environment. A store that cannot
+    answer leaves them open (the next check decides)."""
 
-    def __init__(self, still_allowed: Callable[[object, tuple[str, ...], str],
+    def __init__(self, still_allowed: Callable[[object, tuple[str, ...], str, tuple[str, str]],
                                                Awaitable[object | None]],
                  route_now: Callable[[str], object],
                  every: float = RECHECK_EVERY) -> None:
         self.still_allowed = still_allowed  # the key as confirmed, or None: refused now
         self.route_now = route_now  # the route a handshake on this path matches now, or None
         self.every = every
-        # (key id, scopes, client) → [key, {tunnel: (raw path, route)}]; key None: public
+        # (key id, scopes, client, the token's (prefix, environment)) →
+        # [key, {tunnel: (raw path, route)}]; key None: public
         self._open: dict[tuple, list] = {}
         self._task: asyncio.Task | None = None
         self._changed: asyncio.Event | None = None  # set when ``every`` changes (a reload)
@@ -347,8 +349,8 @@ class TunnelWatch:
                 self._changed.set()
 
     def watch(self, key, scopes: tuple[str, ...], client: str, raw_path: str,
-              route) -> Callable[[Tunnel], None]:
-        group = (None if key is None else key.key_id, scopes, client)
+              route, token_kind: tuple[str, str] | None = None) -> Callable[[Tunnel], None]:
+        group = (None if key is None else key.key_id, scopes, client, token_kind)
 
         def opened(relay: Tunnel) -> None:
             entry = self._open.get(group)
@@ -400,7 +402,7 @@ class TunnelWatch:
     async def _check(self, group: tuple, entry: list) -> None:
         """One key's tunnels (``entry``): closed if the key no longer allows them."""
         try:
-            key = await self.still_allowed(entry[0], group[1], group[2])
+            key = await self.still_allowed(entry[0], group[1], group[2], group[3])
         except Exception:  # a bug: logged, never the end of the watch
             log.exception("checking the key of open WebSocket tunnels failed")
             return
