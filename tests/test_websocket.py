@@ -824,6 +824,54 @@ async def test_backpressure_holds_when_the_clients_early_bytes_fill_the_upstream
         srv.close()
 
 
+async def test_an_ended_tunnel_holds_its_upstream_slot_until_its_connection_closes(
+        redis_url, monkeypatch):
+    """A tunnel that ends with bytes the upstream has not read yet leaves that connection
+    open (for up to server.timeouts.idle) to deliver them. Its place under the upstream's
+    max_connections was given back at once all the same: keygate then held more connections
+    to the upstream than the bound (one per such tunnel, each for that long; a client could
+    open and abandon tunnels as fast as it is let). The place is now free once the
+    connection has closed: with max_connections 1, the next request's connection is opened
+    only then."""
+    loop = asyncio.get_running_loop()
+    accepted: list[float] = []
+
+    async def deaf(reader, writer):
+        accepted.append(loop.time())
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")]
+        if key:  # switches, then reads nothing more
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+                         % accept_for(key[0]))
+            await asyncio.sleep(10)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        writer.close()
+
+    srv, url = await raw_upstream(deaf)
+    try:
+        async with gateway(redis_url, monkeypatch, url, idle=1.5, upstream_max=1,
+                           upstream_timeout=5.0) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token))
+            await read_head(reader)
+            writer.write(b"\x01" * (16 * 1024 * 1024))  # more than the kernels' buffers hold
+            await asyncio.sleep(0.5)
+            writer.transport.abort()
+            # (the client's reads are paused: its going is seen once the tunnel is idle)
+            await eventually(lambda: not g.gw.pipeline.tunnels._open, 5.0, 0.01)
+            ended = loop.time()  # the tunnel ended, bytes for the upstream still unsent
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == 200
+            # opened once the tunnel's connection was given up on (idle later), not beside it
+            assert len(accepted) == 2 and accepted[1] - ended > 1.0, (accepted, ended)
+    finally:
+        srv.close()
+
+
 async def test_a_client_that_stops_reading_when_its_tunnel_ends_is_cut_off(redis_url,
                                                                            monkeypatch):
     """A tunnel's end closes the client's connection after what keygate still has for it is

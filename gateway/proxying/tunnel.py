@@ -258,7 +258,7 @@ class Tunnel:
 
     def end(self) -> None:
         """Close both sides (what either has buffered is still written) and free the upstream
-        connection's slot. Idempotent."""
+        connection's slot once that connection has closed. Idempotent."""
         if self.done.done():
             return
         self.done.set_result(None)
@@ -267,7 +267,6 @@ class Tunnel:
             self._timer = None
         conn = self.conn
         conn.closed = True
-        conn.pool.forget(conn)
         if self.client is not None:
             self.client.close()
         upstream = self.upstream
@@ -276,7 +275,12 @@ class Tunnel:
             pending = upstream.get_write_buffer_size()
             upstream.close()
             if pending:
+                # open until then, it keeps its place under the upstream's max_connections
+                # (freed by _UpstreamSide.connection_lost): given back now, abandoned tunnels
+                # held connections to the upstream beyond that bound
                 self.loop.call_later(self.idle, upstream.abort)
+                return
+        conn.pool.forget(conn)
 
 
 class _UpstreamSide(asyncio.Protocol):
@@ -292,7 +296,9 @@ class _UpstreamSide(asyncio.Protocol):
         return False  # the transport closes: connection_lost ends the tunnel
 
     def connection_lost(self, exc) -> None:
-        self.tunnel.end()
+        tunnel = self.tunnel
+        tunnel.end()
+        tunnel.conn.pool.forget(tunnel.conn)  # (once a slot is held: forget is idempotent)
 
     def pause_writing(self) -> None:
         self.tunnel.upstream_paused()
