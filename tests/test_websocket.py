@@ -1389,3 +1389,134 @@ async def test_a_head_begun_behind_a_declined_handshake_is_due_within_the_header
     finally:
         srv.close()
     assert closed and time.monotonic() - started < 8
+
+
+async def test_a_chaos_of_tunnels_and_requests_leaves_nothing_behind_and_no_500(redis_url,
+                                                                               monkeypatch):
+    """300 raw clients at once (seeded, loopback, about ten seconds), half WebSocket
+    handshakes and half ordinary requests sharing one upstream pool of 40 connections, each
+    side behaving at random: echoing, flooding, never reading, half-closing, aborting before
+    or after the answer, declining, switching late, or answering an ordinary request with a
+    101. Every answer is one keygate means (never a 500), and once all are done nothing is
+    left: no client connection, no open tunnel, no request in flight, and every upstream
+    connection still held is an idle one. (A handshake abandoned while it waited for a
+    connection gave that connection back marked as a handshake's: 500s.)"""
+    import random
+    rnd = random.Random(7)
+
+    async def upstream(reader, writer):
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            while b"sec-websocket-key" not in head.lower():  # ordinary requests
+                act = rnd.choice(["ok", "ok", "ok", "101", "slow"])
+                if act == "101":  # one this request did not ask for
+                    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\n\r\nnot HTTP")
+                    await writer.drain()
+                    await asyncio.sleep(1)
+                    return
+                if act == "slow":
+                    await asyncio.sleep(rnd.random())
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+                head = await reader.readuntil(b"\r\n\r\n")
+            key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:")][0]
+            act = rnd.choice(["echo", "flood", "deaf", "close", "halfclose", "abort", "decline",
+                              "late"])
+            if act == "decline":
+                writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+                await writer.drain()
+                return
+            if act == "late":
+                await asyncio.sleep(rnd.random())
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+                         % accept_for(key))
+            if act in ("echo", "late"):
+                while chunk := await reader.read(65536):
+                    writer.write(chunk)
+                    await writer.drain()
+            elif act == "flood":
+                for _ in range(200):
+                    writer.write(b"\0" * 65536)
+                    await writer.drain()
+            elif act == "deaf":
+                await asyncio.sleep(3)
+            elif act == "halfclose":
+                writer.write_eof()
+                await asyncio.sleep(1)
+            elif act in ("close", "abort"):
+                await asyncio.sleep(rnd.random())
+                if act == "abort":
+                    writer.transport.abort()
+        except (OSError, asyncio.IncompleteReadError):
+            writer.transport.abort()
+        finally:
+            writer.close()
+
+    statuses: list[bytes] = []
+
+    async def ordinary(g, token: str) -> None:
+        reader, writer = await g.raw_connection()
+        try:
+            writer.write(b"GET /people/1 HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer %s\r\n\r\n"
+                         % token.encode())
+            if rnd.random() < 0.2:
+                await asyncio.sleep(rnd.random() * 0.3)
+                return  # gone before or while it is answered
+            statuses.append((await read_head(reader, 10)).split(b" ")[1])
+        finally:
+            writer.transport.abort()
+
+    async def websocket(g, token: str, i: int) -> None:
+        reader, writer = await g.raw_connection()
+        try:
+            writer.write(handshake("/ws/x", token) + (b"early" if i % 3 == 0 else b""))
+            act = rnd.choice(["echo", "noread", "abort", "halfclose", "slowread", "close"])
+            if act == "abort" and rnd.random() < 0.3:
+                return  # gone before the answer
+            statuses.append((await read_head(reader, 10)).split(b" ")[1])
+            if act == "echo":
+                for _ in range(5):
+                    writer.write(b"x" * rnd.randint(1, 100_000))
+                    await asyncio.sleep(0.05)
+                    await reader.read(65536)
+            elif act == "noread":
+                writer.write(b"y" * 2_000_000)
+                await asyncio.sleep(3)
+            elif act == "abort":
+                await asyncio.sleep(rnd.random())
+            elif act == "halfclose":
+                writer.write(b"z" * 1000)
+                writer.write_eof()
+                await asyncio.sleep(0.5)
+            elif act == "slowread":
+                for _ in range(10):
+                    await reader.read(1000)
+                    await asyncio.sleep(0.2)
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # the other side went: one of the outcomes drawn
+        finally:
+            writer.transport.abort()
+
+    srv, url = await raw_upstream(upstream)
+    try:
+        async with gateway(redis_url, monkeypatch, url, idle=2.0, upstream_max=40,
+                           max_connections=400) as g:
+            await g.admin_json("PATCH", "/workspaces/acme", {"plan": "unlimited"})
+            token, _ = await g.key()
+            await asyncio.wait_for(asyncio.gather(*(
+                ordinary(g, token) if i % 2 else websocket(g, token, i) for i in range(300))), 60)
+            pool = g.gw.pipeline.forwarder._pools["api"][0]
+
+            def settled() -> bool:
+                return not g.gw.proxy_server.connections and not g.gw.pipeline.tunnels._open \
+                    and g.metrics.in_flight_now == 0 and pool.opened == len(pool.idle) \
+                    and not pool.active
+            assert await eventually(settled, 15.0)
+            assert all(not conn.upgrade_wanted for conn in pool.idle)
+    finally:
+        srv.close()
+    assert b"500" not in statuses, statuses
+    assert {b"101", b"200", b"502", b"403"} <= set(statuses)  # each kind of outcome was drawn
