@@ -271,6 +271,12 @@ class Authenticator:
                 return entry
             raise
 
+    def accepts(self, prefix: str, environment: str) -> bool:
+        """Whether tokens of ``prefix`` and ``environment`` are still accepted (a reload may
+        have changed ``keys.prefix`` or ``keys.environments``: then such a token is a 401
+        ``malformed_key``). For an open WebSocket tunnel's check: its token is not kept."""
+        return prefix == self._prefix and environment in self._environments
+
     def parse(self, raw_token: str) -> ParsedToken:
         """The token's parts: shape, prefix, checksum and environment checked (401
         ``malformed_key`` otherwise). No store call."""

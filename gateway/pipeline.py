@@ -126,6 +126,13 @@ class Forwarding(Protocol):
     # config's CORS policy); a request keeps the ones it began with
 
 
+def _token_kind(token: str) -> tuple[str, str]:
+    """A token's prefix and environment (``kg_live_...``: ``("kg", "live")``), as
+    ``tokens.parse_token`` reads them; for a token ``authenticate`` accepted."""
+    prefix, _, rest = token.partition("_")
+    return prefix, rest.partition("_")[0]
+
+
 class Pipeline:
     def __init__(self, config: Config, store, requests: RequestStore, auth: Authenticator,
                  forwarder: Forwarding, metrics=None, self_service=None,
@@ -297,7 +304,7 @@ class Pipeline:
                     return await self.forwarder.tunnel(
                         request, upstream, key, request_id, limit_headers, trace=trace,
                         rules=rules, watch=self.tunnels.watch(key, scopes, client, raw_path,
-                                                              route))
+                                                              route, _token_kind(token)))
                 return await self.forwarder.forward(request, upstream, key, request_id,
                                                     limit_headers, trace=trace, rules=rules)
         except GatewayError as exc:
@@ -494,11 +501,14 @@ class Pipeline:
                         "reached the upstream: it may stay counted in %s (%s)", key.key_id,
                         key.workspace, month.period, exc)
 
-    async def _still_allowed(self, key: CachedKey, scopes: tuple[str, ...],
-                             client: str) -> CachedKey | None:
+    async def _still_allowed(self, key: CachedKey, scopes: tuple[str, ...], client: str,
+                             token_kind: tuple[str, str]) -> CachedKey | None:
         """Whether ``key`` still allows a tunnel opened on a route needing ``scopes`` from
-        ``client``: the key as confirmed now, or None when it would be refused (401, 403). A
-        store that cannot answer leaves the tunnel open: the key as it was."""
+        ``client`` with a token of ``token_kind`` (its prefix and environment): the key as
+        confirmed now, or None when it would be refused (401, 403). A store that cannot
+        answer leaves the tunnel open: the key as it was."""
+        if not self.auth.accepts(*token_kind):  # a reload stopped accepting such tokens
+            return None
         try:
             key, _, _ = await self.authorise(key, scopes, count=False, client=client,
                                              recheck=True)

@@ -529,6 +529,46 @@ async def test_an_upstream_101_to_a_request_that_did_not_ask_is_a_502(redis_url,
         srv.close()
 
 
+async def test_a_101_on_a_connection_an_abandoned_handshake_left_unused_is_a_502(redis_url,
+                                                                              monkeypatch):
+    """A handshake whose client left while it waited for a connection gives that connection
+    back unused; it was marked as a handshake's, and kept that mark: the next ordinary request
+    sent on it took an upstream's 101 for a switch it had asked for (a 500 and a traceback in
+    the log) instead of the 502 any request gets for a 101 it did not ask for."""
+    async def serve(reader, writer):
+        with contextlib.suppress(Exception):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /people/slow "):
+                    await asyncio.sleep(1.0)  # holds the one connection meanwhile
+                if head.startswith(b"GET /people/switch "):
+                    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\n\r\nnot HTTP")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        writer.close()
+
+    srv, url = await raw_upstream(serve)
+    try:
+        async with gateway(redis_url, monkeypatch, url, upstream_max=1) as g:
+            token, _ = await g.key()
+            slow = asyncio.ensure_future(g.proxy.get("/people/slow", headers=bearer(token)))
+            await asyncio.sleep(0.3)
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token))
+            await asyncio.sleep(0.3)  # it waits for the connection the slow request holds
+            writer.transport.abort()
+            assert (await slow).status == 200
+            pool = g.gw.pipeline.forwarder._pools["api"][0]
+            await eventually(lambda: len(pool.idle) == 1)  # back, never used for the handshake
+            async with g.proxy.get("/people/switch", headers=bearer(token)) as r:
+                assert r.status == 502
+                assert (await r.json())["error"]["code"] == "upstream_unavailable"
+    finally:
+        srv.close()
+
+
 RIGHT = b"Sec-WebSocket-Accept: " + accept_for(b"dGhlIHNhbXBsZSBub25jZQ==") + b"\r\n"
 
 
@@ -688,6 +728,150 @@ async def test_backpressure_both_ways_bounds_what_keygate_buffers(redis_url, mon
 
 
 
+async def test_backpressure_holds_when_the_upstreams_first_bytes_came_with_its_101(
+        redis_url, monkeypatch):
+    """The upstream sends its 101 and a flood in one write to a client that reads nothing
+    over a slow link (a small send buffer): the bytes that came with the 101 already filled
+    keygate's buffer for the client before the tunnel took the connection over, so the pause
+    that signalled it reached no tunnel, and the upstream's reads were resumed regardless:
+    keygate buffered the whole flood (32 MiB here, without end in general) until
+    server.timeouts.body. It now reads no more from the upstream until the client drains."""
+    import socket
+    big = 32 * 1024 * 1024
+    state: dict = {}
+
+    async def flood(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        # the client's connection as over a slow link: its kernel takes little at a time
+        [handler] = state["gateway"].gw.proxy_server.connections
+        handler.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")][0]
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key)
+                     + b"\x00" * big)
+        state["upstream_writer"] = writer
+        await asyncio.sleep(10)
+        writer.close()
+
+    srv, url = await raw_upstream(flood)
+    loop = asyncio.get_running_loop()
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            state["gateway"] = g
+            token, _ = await g.key()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", g.proxy_server.port))
+            try:
+                await loop.sock_sendall(sock, handshake("/ws/x", token))
+                await eventually(lambda: "upstream_writer" in state)
+                await asyncio.sleep(1.0)
+                [handler] = g.gw.proxy_server.connections
+                # at most one read of the upstream (256 KiB) past the high-water mark
+                assert handler.transport.get_write_buffer_size() < 1024 * 1024
+                assert state["upstream_writer"].transport.get_write_buffer_size() > big // 2
+            finally:
+                sock.close()
+    finally:
+        srv.close()
+
+
+async def test_backpressure_holds_when_the_clients_early_bytes_fill_the_upstreams_buffer(
+        redis_url, monkeypatch):
+    """The other way round: the client floods from its handshake on, the upstream reads
+    nothing after its 101 over a slow link. What aiohttp held of the flood until the 101 went
+    upstream before the tunnel was told of the pause it caused, and aiohttp's hand-over then
+    resumed the client's reads: keygate took the whole flood."""
+    import socket
+    big = 32 * 1024 * 1024
+    state: dict = {}
+
+    async def deaf(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.5)  # the client's flood waits in keygate meanwhile
+        pool = state["gateway"].gw.pipeline.forwarder._pools["api"][0]
+        for conn in pool.active:
+            conn.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        writer.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")][0]
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+        state["switched"] = True
+        await asyncio.sleep(10)  # reads nothing more
+        writer.close()
+
+    srv, url = await raw_upstream(deaf)
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            state["gateway"] = g
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token) + b"\x01" * big)
+            await eventually(lambda: "switched" in state)
+            await asyncio.sleep(1.0)
+            pool = g.gw.pipeline.forwarder._pools["api"][0]
+            [conn] = pool.active
+            assert conn.transport.get_write_buffer_size() < 1024 * 1024
+            assert writer.transport.get_write_buffer_size() > big // 2
+            writer.transport.abort()
+    finally:
+        srv.close()
+
+
+async def test_an_ended_tunnel_holds_its_upstream_slot_until_its_connection_closes(
+        redis_url, monkeypatch):
+    """A tunnel that ends with bytes the upstream has not read yet leaves that connection
+    open (for up to server.timeouts.idle) to deliver them. Its place under the upstream's
+    max_connections was given back at once all the same: keygate then held more connections
+    to the upstream than the bound (one per such tunnel, each for that long; a client could
+    open and abandon tunnels as fast as it is let). The place is now free once the
+    connection has closed: with max_connections 1, the next request's connection is opened
+    only then."""
+    loop = asyncio.get_running_loop()
+    accepted: list[float] = []
+
+    async def deaf(reader, writer):
+        accepted.append(loop.time())
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")]
+        if key:  # switches, then reads nothing more
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+                         % accept_for(key[0]))
+            await asyncio.sleep(10)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        writer.close()
+
+    srv, url = await raw_upstream(deaf)
+    try:
+        async with gateway(redis_url, monkeypatch, url, idle=1.5, upstream_max=1,
+                           upstream_timeout=5.0) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(handshake("/ws/x", token))
+            await read_head(reader)
+            writer.write(b"\x01" * (16 * 1024 * 1024))  # more than the kernels' buffers hold
+            await asyncio.sleep(0.5)
+            writer.transport.abort()
+            # (the client's reads are paused: its going is seen once the tunnel is idle)
+            await eventually(lambda: not g.gw.pipeline.tunnels._open, 5.0, 0.01)
+            ended = loop.time()  # the tunnel ended, bytes for the upstream still unsent
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == 200
+            # opened once the tunnel's connection was given up on (idle later), not beside it
+            assert len(accepted) == 2 and accepted[1] - ended > 1.0, (accepted, ended)
+    finally:
+        srv.close()
+
+
 async def test_a_client_that_stops_reading_when_its_tunnel_ends_is_cut_off(redis_url,
                                                                            monkeypatch):
     """A tunnel's end closes the client's connection after what keygate still has for it is
@@ -765,6 +949,34 @@ async def test_a_tunnel_closes_soon_after_its_key_stops_allowing_it(redis_url, m
                                     aiohttp.WSMsgType.ERROR)
                 assert time.monotonic() - started < 3
                 await kept.send_str("still")  # another key's tunnel stays open
+                assert (await kept.receive(timeout=5)).data == "echo:still"
+
+
+async def test_a_tunnel_closes_soon_after_a_reload_stops_accepting_its_keys_environment(
+        redis_url, monkeypatch):
+    """``keys.environments`` reloaded without ``test``: a test key's next request is a 401
+    (``malformed_key``), and so its open tunnel closes at the next check, as for a key that
+    was revoked; it stayed open for as long as its users liked. A live key's tunnel stays."""
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  websocket_recheck=1.0) as g:
+        test_token, _ = await g.key(environment="test")
+        live_token, _ = await g.key(name="live")
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(test_token)) as ws, \
+                    client.ws_connect(ws_url(g, "/ws/y"), headers=bearer(live_token)) as kept:
+                await ws.send_str("a")
+                assert (await ws.receive(timeout=5)).data == "echo:a"
+                config = g.gw.config
+                g.gw.reloader.apply(dataclasses.replace(config, keys=dataclasses.replace(
+                    config.keys, environments=("live",))))
+                async with g.proxy.get("/people/1", headers=bearer(test_token)) as r:
+                    assert r.status == 401  # what a new handshake with it would get too
+                started = time.monotonic()
+                msg = await ws.receive(timeout=5)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)
+                assert time.monotonic() - started < 3
+                await kept.send_str("still")
                 assert (await kept.receive(timeout=5)).data == "echo:still"
 
 
@@ -1177,3 +1389,134 @@ async def test_a_head_begun_behind_a_declined_handshake_is_due_within_the_header
     finally:
         srv.close()
     assert closed and time.monotonic() - started < 8
+
+
+async def test_a_chaos_of_tunnels_and_requests_leaves_nothing_behind_and_no_500(redis_url,
+                                                                               monkeypatch):
+    """300 raw clients at once (seeded, loopback, about ten seconds), half WebSocket
+    handshakes and half ordinary requests sharing one upstream pool of 40 connections, each
+    side behaving at random: echoing, flooding, never reading, half-closing, aborting before
+    or after the answer, declining, switching late, or answering an ordinary request with a
+    101. Every answer is one keygate means (never a 500), and once all are done nothing is
+    left: no client connection, no open tunnel, no request in flight, and every upstream
+    connection still held is an idle one. (A handshake abandoned while it waited for a
+    connection gave that connection back marked as a handshake's: 500s.)"""
+    import random
+    rnd = random.Random(7)
+
+    async def upstream(reader, writer):
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            while b"sec-websocket-key" not in head.lower():  # ordinary requests
+                act = rnd.choice(["ok", "ok", "ok", "101", "slow"])
+                if act == "101":  # one this request did not ask for
+                    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\n\r\nnot HTTP")
+                    await writer.drain()
+                    await asyncio.sleep(1)
+                    return
+                if act == "slow":
+                    await asyncio.sleep(rnd.random())
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+                head = await reader.readuntil(b"\r\n\r\n")
+            key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:")][0]
+            act = rnd.choice(["echo", "flood", "deaf", "close", "halfclose", "abort", "decline",
+                              "late"])
+            if act == "decline":
+                writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+                await writer.drain()
+                return
+            if act == "late":
+                await asyncio.sleep(rnd.random())
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+                         % accept_for(key))
+            if act in ("echo", "late"):
+                while chunk := await reader.read(65536):
+                    writer.write(chunk)
+                    await writer.drain()
+            elif act == "flood":
+                for _ in range(200):
+                    writer.write(b"\0" * 65536)
+                    await writer.drain()
+            elif act == "deaf":
+                await asyncio.sleep(3)
+            elif act == "halfclose":
+                writer.write_eof()
+                await asyncio.sleep(1)
+            elif act in ("close", "abort"):
+                await asyncio.sleep(rnd.random())
+                if act == "abort":
+                    writer.transport.abort()
+        except (OSError, asyncio.IncompleteReadError):
+            writer.transport.abort()
+        finally:
+            writer.close()
+
+    statuses: list[bytes] = []
+
+    async def ordinary(g, token: str) -> None:
+        reader, writer = await g.raw_connection()
+        try:
+            writer.write(b"GET /people/1 HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer %s\r\n\r\n"
+                         % token.encode())
+            if rnd.random() < 0.2:
+                await asyncio.sleep(rnd.random() * 0.3)
+                return  # gone before or while it is answered
+            statuses.append((await read_head(reader, 10)).split(b" ")[1])
+        finally:
+            writer.transport.abort()
+
+    async def websocket(g, token: str, i: int) -> None:
+        reader, writer = await g.raw_connection()
+        try:
+            writer.write(handshake("/ws/x", token) + (b"early" if i % 3 == 0 else b""))
+            act = rnd.choice(["echo", "noread", "abort", "halfclose", "slowread", "close"])
+            if act == "abort" and rnd.random() < 0.3:
+                return  # gone before the answer
+            statuses.append((await read_head(reader, 10)).split(b" ")[1])
+            if act == "echo":
+                for _ in range(5):
+                    writer.write(b"x" * rnd.randint(1, 100_000))
+                    await asyncio.sleep(0.05)
+                    await reader.read(65536)
+            elif act == "noread":
+                writer.write(b"y" * 2_000_000)
+                await asyncio.sleep(3)
+            elif act == "abort":
+                await asyncio.sleep(rnd.random())
+            elif act == "halfclose":
+                writer.write(b"z" * 1000)
+                writer.write_eof()
+                await asyncio.sleep(0.5)
+            elif act == "slowread":
+                for _ in range(10):
+                    await reader.read(1000)
+                    await asyncio.sleep(0.2)
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # the other side went: one of the outcomes drawn
+        finally:
+            writer.transport.abort()
+
+    srv, url = await raw_upstream(upstream)
+    try:
+        async with gateway(redis_url, monkeypatch, url, idle=2.0, upstream_max=40,
+                           max_connections=400) as g:
+            await g.admin_json("PATCH", "/workspaces/acme", {"plan": "unlimited"})
+            token, _ = await g.key()
+            await asyncio.wait_for(asyncio.gather(*(
+                ordinary(g, token) if i % 2 else websocket(g, token, i) for i in range(300))), 60)
+            pool = g.gw.pipeline.forwarder._pools["api"][0]
+
+            def settled() -> bool:
+                return not g.gw.proxy_server.connections and not g.gw.pipeline.tunnels._open \
+                    and g.metrics.in_flight_now == 0 and pool.opened == len(pool.idle) \
+                    and not pool.active
+            assert await eventually(settled, 15.0)
+            assert all(not conn.upgrade_wanted for conn in pool.idle)
+    finally:
+        srv.close()
+    assert b"500" not in statuses, statuses
+    assert {b"101", b"200", b"502", b"403"} <= set(statuses)  # each kind of outcome was drawn

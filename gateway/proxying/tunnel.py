@@ -191,6 +191,7 @@ class Tunnel:
         self.last = self.loop.time()
         self.done: asyncio.Future = self.loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
+        self._upstream_full = False  # the upstream's transport is over its high-water mark
 
     def start(self) -> None:
         self.upstream.set_protocol(_UpstreamSide(self))
@@ -204,7 +205,13 @@ class Tunnel:
             self.end()
             return
         take_over(self.request, _ClientFeed(self), self)  # the client's early bytes go now
-        self.upstream.resume_reading()
+        # A side whose buffer those first writes filled paused before this tunnel took the
+        # connection over, so the pause reached no tunnel: the other side stays unread until
+        # it drains (client_resumed, upstream_resumed), or nothing bounded what keygate held
+        if self._upstream_full:
+            self.client.pause_reading()  # (aiohttp's set_parser may have resumed it)
+        if not self.request.protocol.writing_paused:
+            self.upstream.resume_reading()
         self._timer = self.loop.call_at(self.last + self.idle, self._idle_check)
 
     # -- relaying --
@@ -229,10 +236,12 @@ class Tunnel:
             self.upstream.resume_reading()
 
     def upstream_paused(self) -> None:
+        self._upstream_full = True
         if self.client is not None:
             self.client.pause_reading()
 
     def upstream_resumed(self) -> None:
+        self._upstream_full = False
         if self.client is not None and not self.done.done():
             self.client.resume_reading()
 
@@ -249,7 +258,7 @@ class Tunnel:
 
     def end(self) -> None:
         """Close both sides (what either has buffered is still written) and free the upstream
-        connection's slot. Idempotent."""
+        connection's slot once that connection has closed. Idempotent."""
         if self.done.done():
             return
         self.done.set_result(None)
@@ -258,7 +267,6 @@ class Tunnel:
             self._timer = None
         conn = self.conn
         conn.closed = True
-        conn.pool.forget(conn)
         if self.client is not None:
             self.client.close()
         upstream = self.upstream
@@ -267,7 +275,12 @@ class Tunnel:
             pending = upstream.get_write_buffer_size()
             upstream.close()
             if pending:
+                # open until then, it keeps its place under the upstream's max_connections
+                # (freed by _UpstreamSide.connection_lost): given back now, abandoned tunnels
+                # held connections to the upstream beyond that bound
                 self.loop.call_later(self.idle, upstream.abort)
+                return
+        conn.pool.forget(conn)
 
 
 class _UpstreamSide(asyncio.Protocol):
@@ -283,7 +296,9 @@ class _UpstreamSide(asyncio.Protocol):
         return False  # the transport closes: connection_lost ends the tunnel
 
     def connection_lost(self, exc) -> None:
-        self.tunnel.end()
+        tunnel = self.tunnel
+        tunnel.end()
+        tunnel.conn.pool.forget(tunnel.conn)  # (once a slot is held: forget is idempotent)
 
     def pause_writing(self) -> None:
         self.tunnel.upstream_paused()
@@ -313,17 +328,19 @@ class TunnelWatch:
     (``route_now``: a reload that changed or removed it closes the tunnel), then, for keyed
     handshakes, one store round trip per key, route scopes and client address with tunnels
     open (``still_allowed``: the pipeline's state check, counting nothing): a key revoked,
-    expired, disabled, re-scoped or whose address is no longer allowed closes them. A store
-    that cannot answer leaves them open (the next check decides)."""
+    expired, disabled, re-scoped or whose address is no longer allowed closes them, as does a
+    reload that no longer accepts their token's prefix or environment. A store that cannot
+    answer leaves them open (the next check decides)."""
 
-    def __init__(self, still_allowed: Callable[[object, tuple[str, ...], str],
+    def __init__(self, still_allowed: Callable[[object, tuple[str, ...], str, tuple[str, str]],
                                                Awaitable[object | None]],
                  route_now: Callable[[str], object],
                  every: float = RECHECK_EVERY) -> None:
         self.still_allowed = still_allowed  # the key as confirmed, or None: refused now
         self.route_now = route_now  # the route a handshake on this path matches now, or None
         self.every = every
-        # (key id, scopes, client) → [key, {tunnel: (raw path, route)}]; key None: public
+        # (key id, scopes, client, the token's (prefix, environment)) →
+        # [key, {tunnel: (raw path, route)}]; key None: public
         self._open: dict[tuple, list] = {}
         self._task: asyncio.Task | None = None
         self._changed: asyncio.Event | None = None  # set when ``every`` changes (a reload)
@@ -338,8 +355,8 @@ class TunnelWatch:
                 self._changed.set()
 
     def watch(self, key, scopes: tuple[str, ...], client: str, raw_path: str,
-              route) -> Callable[[Tunnel], None]:
-        group = (None if key is None else key.key_id, scopes, client)
+              route, token_kind: tuple[str, str] | None = None) -> Callable[[Tunnel], None]:
+        group = (None if key is None else key.key_id, scopes, client, token_kind)
 
         def opened(relay: Tunnel) -> None:
             entry = self._open.get(group)
@@ -391,7 +408,7 @@ class TunnelWatch:
     async def _check(self, group: tuple, entry: list) -> None:
         """One key's tunnels (``entry``): closed if the key no longer allows them."""
         try:
-            key = await self.still_allowed(entry[0], group[1], group[2])
+            key = await self.still_allowed(entry[0], group[1], group[2], group[3])
         except Exception:  # a bug: logged, never the end of the watch
             log.exception("checking the key of open WebSocket tunnels failed")
             return

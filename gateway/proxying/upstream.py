@@ -371,7 +371,9 @@ class UpstreamPool:
         loop = conn.loop
         if client is not None and client.transport is None:
             # the client went while a connection was found: nothing is sent for it, and
-            # the connection, unused, goes back
+            # the connection, unused, goes back; no longer a handshake's (``upgrade``), or a
+            # later request's 101 on it would be taken for a switch that request asked for
+            conn.upgrade_wanted = False
             self.take_back(conn)
             gone = ClientGone()
             gone.sent = False
