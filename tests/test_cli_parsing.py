@@ -136,3 +136,43 @@ def test_every_command_that_takes_a_workspace_takes_its_short_form_too():
     assert {"keys usage", "keys delete", "keys list", "usage"} <= set(taking)
     missing = sorted(cmd for cmd, flags in taking.items() if "-w" not in flags)
     assert missing == [], missing
+
+
+def _documented_placeholders() -> list[tuple[str, str, str]]:
+    """(command, option, placeholder) for each `--option VALUE` of docs/cli.md whose VALUE is
+    a placeholder (it holds a capital: `N`, `30d|DATE`, `N/s|N/m|none`), not an example
+    (`--env test`, `--grace 24h`): from each command's synopsis, and from the table of the
+    options every admin command takes (under the command `keys list`, which takes them)."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    found = []
+    for span in re.findall(r"`(keygate [^`]*)`", text):
+        span = " ".join(span.split())
+        command = " ".join(re.match(r"keygate ((?:[a-z][a-z-]* ?)*)", span).group(1).split())
+        for option, value in re.findall(r"(--[a-z][a-z-]*) ([^\s\[\]()]+)", span):
+            if re.search(r"[A-Z]", value) and not value.startswith("-"):
+                found.append((command, option, value))
+    table = text.split("## Connecting to the admin API", 1)[1].split("\n## ", 1)[0]
+    for option, value in re.findall(r"^\| `(--[a-z-]+) ([^`]+)` \|", table, re.M):
+        found.append(("keys list", option, value))
+    return found
+
+
+def test_every_placeholder_of_docs_cli_md_is_the_one_help_shows():
+    """docs/cli.md writes `--admin-url URL`, `--timeout SECONDS`, `--description TEXT`,
+    `--expires 30d|DATE`, `audit --limit N` and `workspaces limits --max-keys N|none`, while
+    --help showed `ADMIN_URL`, `TIMEOUT`, `DESCRIPTION`, `EXPIRES`, `LIMIT` and `VALUE|none`:
+    the two references to one option disagreed on what it takes."""
+    from gateway.cli.parser import build_parser
+    leaves = dict(_leaf_parsers(build_parser()))
+    documented = _documented_placeholders()
+    assert len(documented) > 30
+    wrong = []
+    for command, option, value in documented:
+        leaf = leaves[tuple(command.split())]
+        action = next(a for a in leaf._actions if option in a.option_strings)
+        shown = action.metavar or action.dest.upper()
+        if shown != value:
+            wrong.append((command, option, value, shown))
+    assert wrong == [], wrong

@@ -133,16 +133,17 @@ def add_key_commands(tree: CommandTree, keys: SubCommands) -> None:
 
 def add_workspace_commands(tree: CommandTree, workspaces: SubCommands) -> None:
     """``workspaces limits ID [--monthly-requests N|none] [--max-keys N|none]
-    [--rate-limit R|none] [--reset]``: without options, shows the limits in force."""
+    [--rate-limit N/s|N/m|none] [--reset]``: without options, shows the limits in force."""
     limits = tree.command(workspaces, "limits",
                           "show or override a workspace's plan limits (a custom deal)",
                           cmd_workspaces_limits)
     limits.add_argument("id", metavar="ID", help="workspace id")
-    for flag, kind, what in (("--monthly-requests", count_or_none, "requests a month"),
-                             ("--max-keys", count_or_none, "active keys"),
-                             ("--rate-limit", rate_or_none,
-                              "per-key rate, N/s or N/m, that holds a key's own")):
-        limits.add_argument(flag, type=argtype(kind, "VALUE"), metavar="VALUE|none",
+    for flag, kind, metavar, what in (
+            ("--monthly-requests", count_or_none, "N|none", "requests a month"),
+            ("--max-keys", count_or_none, "N|none", "active keys"),
+            ("--rate-limit", rate_or_none, "N/s|N/m|none",
+             "per-key rate, N/s or N/m, that holds a key's own")):
+        limits.add_argument(flag, type=argtype(kind, "VALUE"), metavar=metavar,
                             default=argparse.SUPPRESS,
                             help=f"override the plan's {what} (none: unlimited)")
     limits.add_argument("--reset", action="store_true",

@@ -33,10 +33,10 @@ def add_commands(tree: CommandTree) -> SubCommands:
     access.add_argument("--role", help="bind the key to a role")
     access.add_argument("--scope", action="extend", nargs="+", metavar="S",
                         help="bind the key to explicit scopes (repeatable)")
-    p.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"),
+    p.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"), metavar="30d|DATE",
                    help="30d, 24h, 90m, 3600s, or a date/datetime like 2027-01-31")
     p.add_argument("--env", help="token environment, e.g. test (default: live)")
-    p.add_argument("--description", help="free text shown with the key")
+    p.add_argument("--description", metavar="TEXT", help="free text shown with the key")
     p.add_argument("--rate-limit", metavar="N/s|N/m",
                    help="the key's own rate limit, held within its workspace's (plan or "
                         "override)")
@@ -57,13 +57,13 @@ def add_commands(tree: CommandTree) -> SubCommands:
     workspace_option(p)
     p.add_argument("id", metavar="ID", help="key id, as keys list shows it")
     p.add_argument("--name", help="new name")
-    p.add_argument("--description", help="new description")
+    p.add_argument("--description", metavar="TEXT", help="new description")
     access = p.add_mutually_exclusive_group()
     access.add_argument("--role", help="re-bind the key to a role (takes effect at once)")
     access.add_argument("--scope", action="extend", nargs="+", metavar="S",
                         help="re-bind the key to explicit scopes (repeatable)")
     expiry = p.add_mutually_exclusive_group()
-    expiry.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"),
+    expiry.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"), metavar="30d|DATE",
                         help="new expiry: 30d, 24h (from now) or a date/datetime")
     expiry.add_argument("--no-expiry", action="store_true", help="the key never expires")
     key_controls.add_update_options(p)

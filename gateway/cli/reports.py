@@ -23,7 +23,7 @@ def add_audit(tree: CommandTree) -> None:
     p = tree.command(None, "audit", "a workspace's key lifecycle events, newest first",
                      cmd_audit)
     workspace_option(p)
-    p.add_argument("--limit", type=argtype(positive_int, "N"),
+    p.add_argument("--limit", type=argtype(positive_int, "N"), metavar="N",
                    help="how many events (default 100, at most 1000)")
 
 
