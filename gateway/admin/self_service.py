@@ -29,6 +29,15 @@ SELF_SERVICE_ROUTES: tuple[tuple[Endpoint, tuple[str, ...]], ...] = tuple(
 """The table rows self-service serves, with their path segments below the prefix."""
 
 
+def segments(rest: str) -> list[str] | None:
+    """The raw segments of the path after the prefix (``rest``), as sent: an empty one (a
+    trailing slash) matches no endpoint, as on the admin listener's router and in the OpenAPI
+    document. None when ``rest`` is not below the prefix (``/_keygate/v1/keysX``)."""
+    if rest and not rest.startswith("/"):
+        return None
+    return rest[1:].split("/") if rest else []
+
+
 def _match(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
     """The ``{name}`` parameters when ``parts`` (raw, undecoded segments) fit ``pattern``."""
     if len(pattern) != len(parts):
@@ -49,9 +58,9 @@ async def handle_self_service(request: web.BaseRequest, principal: Principal, st
     query parameter it does not take, else the table's handler, acting as the key."""
     path = request.rel_url.raw_path
     rest = path[len(SELF_SERVICE_PREFIX):] if path.startswith(SELF_SERVICE_PREFIX) else None
-    if rest is None or (rest and not rest.startswith("/")):
+    parts = None if rest is None else segments(rest)
+    if parts is None:
         raise NotFound("No such endpoint.")
-    parts = rest.strip("/").split("/") if rest not in ("", "/") else []
     routes = [(e, params) for e, pattern in SELF_SERVICE_ROUTES
               if "" not in parts and (params := _match(pattern, parts)) is not None]
     if not routes:
