@@ -641,12 +641,14 @@ async def test_keys_create_unknown_role_is_a_bad_request(admin_url, keygate):
     assert "(bad_request)" in run.err
 
 
-async def test_keys_create_bad_rate_limit_is_a_bad_request(admin_url, keygate):
+async def test_keys_create_bad_rate_limit_is_bad_usage(admin_url, keygate):
     await make_workspace(keygate)
     run = await keygate("keys", "create", "--workspace", "acme", "--name", "x", "--role", "reader",
                         "--rate-limit", "fast")
-    assert run.code == 1
-    assert "(bad_request)" in run.err
+    assert run.code == 2  # a malformed option, as --expires 1y is: no call made
+    assert "argument --rate-limit: a rate limit looks like '5/s'" in run.err, run.err
+    run = await keygate("--json", "keys", "list", "--workspace", "acme")
+    assert run.json()["items"] == []
 
 
 async def test_keys_create_over_the_plan_limit_is_refused(admin_url, keygate):

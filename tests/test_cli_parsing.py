@@ -176,3 +176,31 @@ def test_every_placeholder_of_docs_cli_md_is_the_one_help_shows():
         if shown != value:
             wrong.append((command, option, value, shown))
     assert wrong == [], wrong
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["keys", "create", "-w", "acme", "--name", "n", "--scope", "a:b", "--rate-limit", "5/x"],
+     "a rate limit looks like '5/s'"),
+    (["keys", "update", "-w", "acme", "k", "--rate-limit", "fast"], "a rate limit looks like"),
+    (["keys", "update", "-w", "acme", "k", "--rate-limit", "0/s"], "between 1 and"),
+    (["workspaces", "limits", "acme", "--rate-limit", "5 per second"], "a rate limit looks like"),
+    (["keys", "create", "-w", "acme", "--name", "n", "--scope", "a:b", "--monthly-requests",
+      "1000000000000001"], "at most 1000000000000000"),
+    (["workspaces", "limits", "acme", "--max-keys", "1000000000000001"],
+     "at most 1000000000000000"),
+    (["audit", "-w", "acme", "--limit", "1001"], "from 1 to 1000"),
+    (["keys", "list", "-w", "acme", "--unused", "36501d"], "from 0 to 36500")])
+def test_a_value_the_api_can_never_take_is_bad_usage_not_an_api_error(argv, said, capsys,
+                                                                       monkeypatch):
+    """A malformed rate (`--rate-limit 5/x`), a count over the API's 10^15, `audit --limit
+    1001` or `--unused 36501d` went to the admin API and came back as exit 1 with the API's
+    400 (or, with no gateway, "cannot reach the admin API"), while `--days 91` or `--expires
+    1y` are bad usage, exit 2 with the usage line: the same kind of mistake, told two ways."""
+    from gateway.cli import main
+    from conftest import free_port
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("KEYGATE_ADMIN_URL", f"http://127.0.0.1:{free_port()}")  # nobody there
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: keygate ") and said in err, err
+    assert "cannot reach" not in err and "Traceback" not in err, err

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from ..config import SCOPE_RE, Config, parse_rate_limit
 from ..errors import BadRequest, shown
-from ..models import (LIMIT_FIELDS, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
+from ..models import (LIMIT_FIELDS, MAX_AUDIT_LIMIT, MAX_COUNT, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
                       whole_second)
 from ..store import WORKSPACE_ID_RE
 from ..strictjson import RepeatedName, TooDeep, strict_json
@@ -26,9 +26,9 @@ MAX_SECONDS = 100 * 365 * 86400   # expires_in / grace_seconds ceiling (a centur
 MAX_META_BYTES = 4096
 MAX_META_DEPTH = 32    # objects and lists within meta, itself included
 MAX_ALLOWED_IPS = 100
-MAX_MONTHLY = 10**15
+MAX_MONTHLY = MAX_COUNT
 DAILY_DEFAULT, DAILY_MAX = 30, 90
-AUDIT_DEFAULT, AUDIT_MAX = 100, 1000
+AUDIT_DEFAULT, AUDIT_MAX = 100, MAX_AUDIT_LIMIT
 
 
 def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from . import key_controls
 from .client import AdminClient, CliError, UsageError, seg
 from .output import cell, fields, format_table, human_time, print_new_token, show
 from .parsing import (CommandTree, SubCommands, argtype, given, parse_duration, parse_expiry,
-                      workspace_option)
+                      rate, workspace_option)
 
 KEY_FIELDS = ("id", "workspace", "name", "description", "status", "environment", "role",
               "scopes", "prefix", "created_at", "expires_at", "last_used_at", "revoked_at",
@@ -37,7 +37,7 @@ def add_commands(tree: CommandTree) -> SubCommands:
                    help="30d, 24h, 90m, 3600s, or a date/datetime like 2027-01-31")
     p.add_argument("--env", help="token environment, e.g. test (default: live)")
     p.add_argument("--description", metavar="TEXT", help="free text shown with the key")
-    p.add_argument("--rate-limit", metavar="N/s|N/m",
+    p.add_argument("--rate-limit", type=argtype(rate, "RATE"), metavar="N/s|N/m",
                    help="the key's own rate limit, held within its workspace's (plan or "
                         "override)")
     key_controls.add_create_options(p)
