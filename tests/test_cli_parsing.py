@@ -204,3 +204,22 @@ def test_a_value_the_api_can_never_take_is_bad_usage_not_an_api_error(argv, said
     err = capsys.readouterr().err
     assert err.startswith("usage: keygate ") and said in err, err
     assert "cannot reach" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["keys", "show", "-w", "acme", ""], ["keys", "revoke", "-w", "acme", "--yes", ""],
+    ["keys", "delete", "-w", "acme", " "], ["keys", "list", "-w", ""],
+    ["usage", "--workspace", ""], ["workspaces", "show", ""],
+    ["workspaces", "set-plan", "acme", ""], ["roles", "delete", "-w", "acme", ""],
+    ["keys", "update", "-w", "acme", "", "--name", "n"]])
+def test_an_empty_id_is_bad_usage_not_no_such_endpoint(argv, capsys, monkeypatch):
+    """`keygate keys show -w acme "$KEY"` with KEY unset asked for `/workspaces/acme/keys/`
+    and printed `No such admin endpoint. (not_found)`, exit 1: it read as a gateway of the
+    wrong version, not as the empty argument it was."""
+    from gateway.cli import main
+    from conftest import free_port
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("KEYGATE_ADMIN_URL", f"http://127.0.0.1:{free_port()}")  # nobody there
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: keygate ") and "must not be empty" in err, err

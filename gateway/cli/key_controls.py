@@ -16,7 +16,7 @@ from ..models import parse_rate_limit
 from .client import AdminClient, CliError, seg
 from .output import days_table, show
 from .parsing import (CommandTree, SubCommands, argtype, count_or_none, daily_options, days,
-                      given, json_object, rate_or_none, workspace_option)
+                      given, ID, json_object, rate_or_none, workspace_option)
 
 
 # --- options of keys update / keys list ----------------------------------------------------------
@@ -122,13 +122,13 @@ def add_key_commands(tree: CommandTree, keys: SubCommands) -> None:
     usage = tree.command(keys, "usage", "a key's requests this month, or per day with --daily",
                          cmd_keys_usage)
     workspace_option(usage)
-    usage.add_argument("id", metavar="ID", help="key id, as keys list shows it")
+    usage.add_argument("id", type=ID, metavar="ID", help="key id, as keys list shows it")
     daily_options(usage)
 
     delete = tree.command(keys, "delete", "remove a revoked or expired key from listings",
                           cmd_keys_delete)
     workspace_option(delete)
-    delete.add_argument("id", metavar="ID", help="key id, as keys list shows it")
+    delete.add_argument("id", type=ID, metavar="ID", help="key id, as keys list shows it")
 
 
 def add_workspace_commands(tree: CommandTree, workspaces: SubCommands) -> None:
@@ -137,7 +137,7 @@ def add_workspace_commands(tree: CommandTree, workspaces: SubCommands) -> None:
     limits = tree.command(workspaces, "limits",
                           "show or override a workspace's plan limits (a custom deal)",
                           cmd_workspaces_limits)
-    limits.add_argument("id", metavar="ID", help="workspace id")
+    limits.add_argument("id", type=ID, metavar="ID", help="workspace id")
     for flag, kind, metavar, what in (
             ("--monthly-requests", count_or_none, "N|none", "requests a month"),
             ("--max-keys", count_or_none, "N|none", "active keys"),

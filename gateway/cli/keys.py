@@ -15,7 +15,7 @@ from . import key_controls
 from .client import AdminClient, CliError, UsageError, seg
 from .output import cell, fields, format_table, human_time, print_new_token, show
 from .parsing import (CommandTree, SubCommands, argtype, given, parse_duration, parse_expiry,
-                      rate, workspace_option)
+                      ID, rate, workspace_option)
 
 KEY_FIELDS = ("id", "workspace", "name", "description", "status", "environment", "role",
               "scopes", "prefix", "created_at", "expires_at", "last_used_at", "revoked_at",
@@ -50,12 +50,12 @@ def add_commands(tree: CommandTree) -> SubCommands:
 
     p = tree.command(keys, "show", "show one key (never its token)", cmd_keys_show)
     workspace_option(p)
-    p.add_argument("id", metavar="ID", help="key id, as keys list shows it")
+    p.add_argument("id", type=ID, metavar="ID", help="key id, as keys list shows it")
 
     p = tree.command(keys, "update", "change a key: role, expiry, limits, disable, allowed IPs...",
                      cmd_keys_update)
     workspace_option(p)
-    p.add_argument("id", metavar="ID", help="key id, as keys list shows it")
+    p.add_argument("id", type=ID, metavar="ID", help="key id, as keys list shows it")
     p.add_argument("--name", help="new name")
     p.add_argument("--description", metavar="TEXT", help="new description")
     access = p.add_mutually_exclusive_group()
@@ -70,12 +70,12 @@ def add_commands(tree: CommandTree) -> SubCommands:
 
     p = tree.command(keys, "revoke", "revoke a key (permanent)", cmd_keys_revoke)
     workspace_option(p)
-    p.add_argument("id", metavar="ID", help="key id, as keys list shows it")
+    p.add_argument("id", type=ID, metavar="ID", help="key id, as keys list shows it")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask to confirm")
 
     p = tree.command(keys, "rotate", "replace a key; prints the new token once", cmd_keys_rotate)
     workspace_option(p)
-    p.add_argument("id", metavar="ID", help="key id, as keys list shows it")
+    p.add_argument("id", type=ID, metavar="ID", help="key id, as keys list shows it")
     p.add_argument("--grace", type=argtype(parse_duration, "DURATION"),
                    help="how long the old key keeps working, e.g. 24h (default 0: revoked now)")
     return keys

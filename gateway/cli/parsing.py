@@ -200,8 +200,22 @@ class CommandTree:
         return sub
 
 
+def identifier(text: str) -> str:
+    """A workspace, key, role or plan named on the command line: an empty one (an unset
+    shell variable) would ask for another path (``/workspaces/acme/keys/``) and read as "no
+    such admin endpoint"."""
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+ID = argtype(identifier, "ID")
+"""The ``type`` of a positional workspace, key, role or plan name."""
+
+
 def workspace_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workspace", "-w", required=True, metavar="WS", help="workspace id")
+    p.add_argument("--workspace", "-w", required=True, type=argtype(identifier, "WS"),
+                   metavar="WS", help="workspace id")
 
 
 class _DaysAction(argparse.Action):
