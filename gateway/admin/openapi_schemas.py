@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from .validate import BLANK_CLASS, MAX_DESCRIPTION, MAX_NAME, UNSAFE_TEXT_CLASS
+
 JSON = "application/json"
 Schema = dict[str, Any]
 
@@ -26,7 +28,10 @@ STORED_ROLE_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": 64,
                             "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"}
 RATE_LIMIT: Schema = {"type": "string", "pattern": r"^\s*[0-9]+\s*/\s*[sm]\s*$",
                       "description": "`N/s` or `N/m`."}
-SINGLE_LINE = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+# a text field as validate.parse_text takes it: no control, separator or bidi character,
+# and (a name) not blank
+SAFE_TEXT = f"^[^{UNSAFE_TEXT_CLASS}]*$"
+NONBLANK_TEXT = f"^[^{UNSAFE_TEXT_CLASS}]*[^{UNSAFE_TEXT_CLASS}{BLANK_CLASS}][^{UNSAFE_TEXT_CLASS}]*$"
 COUNT_OR_NULL: Schema = {"type": ["integer", "null"], "minimum": 0, "maximum": 10**15}
 NULLABLE_RATE: Schema = {"type": ["string", "null"], "pattern": RATE_LIMIT["pattern"]}
 KEY_RATE = ("the key's own rate limit, `N/s` or `N/m`, as set; null: none of its own. In "
@@ -104,8 +109,10 @@ def schemas() -> dict[str, Schema]:
     self_usage = copy.deepcopy(usage)
     self_usage["properties"]["key"] = ref("Key")
     self_usage["required"].append("key")
-    name = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": SINGLE_LINE}
-    description = {"type": "string", "maxLength": 2000}
+    name = {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": NONBLANK_TEXT,
+            "description": "one line of text, not blank"}
+    description = {"type": "string", "maxLength": MAX_DESCRIPTION, "pattern": SAFE_TEXT,
+                   "description": "one line of text"}
     seconds = {"type": "integer", "maximum": 100 * 365 * 86400}
     return {
         "Error": obj({"error": obj({

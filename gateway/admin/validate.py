@@ -70,8 +70,12 @@ def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None
 
 
 # C0 and C1 controls, DEL, line/paragraph separators, bidi marks, embeddings, overrides, isolates
-_UNSAFE_TEXT = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# (a regex character class, written as the OpenAPI document's patterns take it too)
+UNSAFE_TEXT_CLASS = (r"\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                     r"\u2066-\u2069")
+# what str.strip() removes besides those: a name of these alone is empty
+BLANK_CLASS = r" \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+_UNSAFE_TEXT = re.compile(f"[{UNSAFE_TEXT_CLASS}]")
 
 
 def parse_text(data: Mapping[str, Any], field: str, max_len: int, *, required: bool = False,
