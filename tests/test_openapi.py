@@ -555,3 +555,25 @@ def test_a_text_field_is_documented_as_the_api_takes_it(schema_name, field, max_
         if documented != taken:
             wrong.append((value[:12], documented, taken))
     assert wrong == [], wrong
+
+
+@pytest.mark.parametrize("value", ["1/s", "5/m", " 5 / m ", "01/s", "1000000000/s",
+                                   "0001000000000/m", "0/s", "00/m", "1000000001/s",
+                                   "99999999999/s", "5/h", "5/S", "5", "/s", "-5/s", "5.0/s"])
+def test_a_rate_is_documented_valid_exactly_when_the_api_takes_it(value):
+    """The document's rate pattern took any digits, so `0/s` or `99999999999/s` fit it and
+    were refused with 400 (a rate is 1 to 10^9 requests): a client generated from the
+    document, or a tester, sent rates it held valid."""
+    import jsonschema
+    from gateway.models import parse_rate_limit
+
+    schemas = document()["components"]["schemas"]
+    try:
+        parse_rate_limit(value)
+        taken = True
+    except ValueError:
+        taken = False
+    for schema in (schemas["KeyCreate"]["properties"]["rate_limit"],
+                   schemas["KeyPatch"]["properties"]["rate_limit"],
+                   schemas["WorkspacePatch"]["properties"]["limits"]["properties"]["rate_limit"]):
+        assert jsonschema.Draft202012Validator(schema).is_valid(value) == taken, (value, schema)

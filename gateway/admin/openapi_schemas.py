@@ -26,7 +26,9 @@ ROLE_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": 63,  # valid
 # digit, then letters, digits, '_', '.', '-'; at most 64) - still listed, used and deletable
 STORED_ROLE_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": 64,
                             "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"}
-RATE_LIMIT: Schema = {"type": "string", "pattern": r"^\s*[0-9]+\s*/\s*[sm]\s*$",
+# 1 to 10^9 (models.MAX_RATE) requests, leading zeros allowed, as models.parse_rate_limit reads
+RATE_LIMIT: Schema = {"type": "string",
+                      "pattern": r"^\s*0*(?:[1-9][0-9]{0,8}|1000000000)\s*/\s*[sm]\s*$",
                       "description": "`N/s` or `N/m`."}
 # a text field as validate.parse_text takes it: no control, separator or bidi character,
 # and (a name) not blank
