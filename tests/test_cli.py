@@ -276,10 +276,14 @@ def test_serve_and_config_check_without_a_config_say_which_file_is_missing(tmp_p
     """serve used to run on built-in defaults (no routes) when ./config.yaml was absent."""
     monkeypatch.delenv("KEYGATE_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)
-    for argv in (["serve"], ["config", "check"]):
+    for argv, how in ((["serve"], "keygate serve --config PATH"),
+                      (["config", "check"], "keygate config check PATH")):
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert str(tmp_path / "config.yaml") in err and "does not exist" in err
+        # config check takes the file as its argument (docs/cli.md): `config check --config
+        # PATH`, which the message told it to run, was exit 2 "unrecognized arguments"
+        assert how in err, err
 
 
 def test_serve_reads_config_yaml_in_the_current_directory(tmp_path, capsys, monkeypatch):
