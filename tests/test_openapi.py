@@ -144,6 +144,38 @@ async def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_docu
 
 
 @pytestmark_st
+async def test_schemathesis_as_a_workspace_admin_on_the_admin_listener(redis_url, upstream,
+                                                                     monkeypatch, tmp_path):
+    """The admin API called with a `keys:admin` key instead of the operator token: its own
+    workspace's key routes with the self-service rules, 404 for other workspaces, 403 for
+    the operator's routes. Every answer must still be one the document gives (the run above
+    uses the operator token only). The workspace is pinned to its own, so the run reaches the
+    handlers instead of 404s."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme", plan="unlimited")
+        token, _ = await g.key("acme", role="admin")
+        await g.key("acme", role="reader")
+        # (keys come from the listing and the creations, through the document's links)
+        (tmp_path / "schemathesis.toml").write_text(
+            '[parameters]\n"path.ws" = "acme"\n"path.name" = "reader"\n')
+        base = str(g.admin_server.make_url("")).rstrip("/")
+        started = time.monotonic()
+        code, out = await schemathesis(base + "/admin/v1/openapi.json", base, token,
+                                       # a revoke or rotate of the acting key itself (its id
+                                       # is in every listing) would end the run's
+                                       # credentials; the operator's run above covers both
+                                       "--exclude-path-regex", "^/_keygate/|/(revoke|rotate)$",
+                                       "--max-examples", "6", cwd=tmp_path,
+                                       checks=ADMIN_CHECKS)
+        elapsed = time.monotonic() - started
+    assert code == 0, out
+    # the key's calls were judged, not refused: only the operator's routes answer 403
+    assert "401 Unauthorized (" not in out, out
+    assert elapsed < 90, f"the schemathesis run took {elapsed:.0f}s"
+
+
+@pytestmark_st
 @pytest.mark.parametrize("cors", [False, True], ids=["without-cors", "with-cors"])
 async def test_schemathesis_on_the_self_service_endpoints_of_the_proxy_listener(
         redis_url, upstream, monkeypatch, tmp_path, cors):
