@@ -15,7 +15,7 @@ from ..errors import BadRequest, shown
 from ..models import (LIMIT_FIELDS, MAX_AUDIT_LIMIT, MAX_COUNT, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
                       whole_second)
 from ..store import WORKSPACE_ID_RE
-from ..strictjson import RepeatedName, TooDeep, strict_json
+from ..strictjson import OutOfRange, RepeatedName, TooDeep, strict_json
 from ..trust import as_network
 
 MAX_NAME = 200
@@ -44,6 +44,9 @@ def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
     except RepeatedName as exc:
         raise BadRequest(f"The request body gives '{shown(exc.name)}' more than once in one "
                          "object; give each field once.") from None
+    except OutOfRange as exc:
+        raise BadRequest(f"The request body holds a number out of range ({exc.shown}); "
+                         "no field takes one that large.") from None
     except (ValueError, RecursionError):
         raise BadRequest("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
