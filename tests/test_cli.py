@@ -1103,6 +1103,30 @@ async def test_audit_lists_lifecycle_events_newest_first(admin_url, keygate):
     assert len(body["items"]) == 1 and body["items"][0]["target"] == key_id
 
 
+async def test_the_audit_docs_and_help_name_every_kind_of_event_it_lists(admin_url, keygate):
+    """docs/cli.md said `keygate audit` lists "key and role lifecycle events" and its --help
+    "key lifecycle events", while it also lists the workspace's own (its creation, a plan or
+    limits change): an operator looking for who moved a workspace to another plan was told
+    the audit does not hold it."""
+    from pathlib import Path
+    await make_workspace(keygate)
+    assert (await keygate("workspaces", "set-plan", "acme", "pro")).code == 0
+    assert (await keygate("roles", "set", "--workspace", "acme", "ops", "--scope",
+                          "people:read")).code == 0
+    await make_key(keygate, "acme", "--role", "ops")
+    body = (await keygate("audit", "--workspace", "acme", "--json")).json()
+    kinds = {item["action"].split(".")[0] for item in body["items"]}
+    assert kinds == {"workspace", "role", "key"}, kinds
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    section = " ".join(docs.split("### `keygate audit`", 1)[1].split("\n#", 1)[0].split())
+    run = await keygate("audit", "--help")
+    described = " ".join(run.out.split("\n\n")[1].split())  # the line under the usage
+    # the workspace's own events are its creation and its plan, limits or name changes
+    for word in ("key", "role", "plan"):
+        assert word in section, (word, section)
+        assert word in described, (word, described)
+
+
 async def test_json_listings_are_the_api_body_as_is(admin_url, keygate):
     import urllib.request
     await make_workspace(keygate)

@@ -20,7 +20,8 @@ def add_usage(tree: CommandTree) -> None:
 
 
 def add_audit(tree: CommandTree) -> None:
-    p = tree.command(None, "audit", "a workspace's key lifecycle events, newest first",
+    p = tree.command(None, "audit", "a workspace's lifecycle events (its creation, plan, limits, "
+                     "roles and keys), newest first",
                      cmd_audit)
     workspace_option(p)
     p.add_argument("--limit", type=argtype(audit_limit, "N"), metavar="N",
