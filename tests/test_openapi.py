@@ -431,6 +431,27 @@ async def test_a_role_stored_under_an_old_name_fits_the_document(redis_url, upst
         assert status == 200
 
 
+async def test_deleting_a_role_the_workspace_does_not_define_is_documented(redis_url, upstream,
+                                                                          monkeypatch):
+    """DELETE of a role the workspace does not define, a configured one included (`roles
+    list` shows it, `config`), is 404 `not_found`; docs/errors.md's not_found row named
+    workspaces, keys and endpoints only, and `roles delete` in docs/cli.md said nothing of
+    it, so an operator deleting a configured role read the 404 as a wrong workspace."""
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace("acme")
+        for name in ("reader", "nope"):  # a configured role, and none at all
+            status, body = await g.admin_json("DELETE", f"/workspaces/acme/roles/{name}")
+            assert (status, body["error"]["code"]) == (404, "not_found"), body
+    row = re.search(r"^\| 404 \| `not_found` \|([^\n]*)", (docs / "errors.md").read_text(),
+                    re.M).group(1)
+    assert "role" in row, row
+    section = (docs / "cli.md").read_text().split("### `keygate roles delete`", 1)[1]
+    section = " ".join(section.split("\n#", 1)[0].split())
+    assert "not_found" in section and "configured" in section, section
+
+
 async def test_refusing_to_delete_a_role_keys_use_is_in_the_document(redis_url, upstream,
                                                                      monkeypatch):
     """DELETE of a workspace role that keys still use answers 409 ``conflict`` (the keys would
