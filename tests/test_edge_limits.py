@@ -594,6 +594,54 @@ async def test_a_key_endpoint_answers_100_continue_before_it_waits_for_the_body(
         assert head.startswith(b"HTTP/1.1 201 "), head
 
 
+async def test_the_admin_listener_takes_expect_after_it_has_judged_the_call(redis_url, upstream,
+                                                                           monkeypatch):
+    """aiohttp's router answered `Expect` on the admin listener before any of keygate's own
+    code ran: any other expectation than 100-continue (`Expect: foo`, even on a GET) was a
+    plain-text `417 Unknown Expect: foo` with no JSON error body and no X-Request-Id, in no
+    document; and `100 Continue` went out before the token was checked, inviting a caller
+    with no token (or one declaring 2 MB, over the 1 MiB limit) to send its body, only to
+    be refused after. Now an unknown expectation is ignored (as on the proxy listener, RFC
+    9110 lets a server do so), and 100 Continue is sent only to an authenticated call whose
+    declared body fits; else its final answer comes at once and the connection is closed."""
+    from harness import ADMIN_TOKEN
+
+    async def exchange(port: int, head: str, body: bytes = b"") -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(head.encode())
+            first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            if first.startswith(b"HTTP/1.1 100 "):
+                writer.write(body)
+                first += await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = re.search(rb"Content-Length: (\d+)", first)
+            rest = await asyncio.wait_for(reader.readexactly(int(length.group(1))), 5) \
+                if length else b""
+            return first + rest
+        finally:
+            writer.close()
+
+    config = edge_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        port, auth = g.admin_server.port, f"Authorization: Bearer {ADMIN_TOKEN}\r\n"
+        got = await exchange(port, f"GET /admin/v1/workspaces HTTP/1.1\r\nHost: x\r\n{auth}"
+                                   "Expect: foo\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 200 ") and b"X-Request-Id: " in got, got
+        got = await exchange(port, "GET /nothing HTTP/1.1\r\nHost: x\r\nExpect: foo\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 404 ") and b'"not_found"' in got, got
+        body = json.dumps({"id": "acme", "name": "Acme"}).encode()
+        post = ("POST /admin/v1/workspaces HTTP/1.1\r\nHost: x\r\n{auth}Expect: 100-continue\r\n"
+                "Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n")
+        got = await exchange(port, post.format(auth="", length=len(body)), body)
+        assert got.startswith(b"HTTP/1.1 401 ") and b'"unauthorized"' in got, got
+        got = await exchange(port, post.format(auth=auth, length=2_000_000), b"x" * 2_000_000)
+        assert got.startswith(b"HTTP/1.1 413 ") and b'"body_too_large"' in got, got
+        got = await exchange(port, post.format(auth=auth, length=len(body)), body)
+        assert got.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 "), got
+        status, _ = await g.admin_json("GET", "/workspaces/acme")
+        assert status == 200
+
+
 async def test_a_stalled_body_to_the_admin_api_is_408_and_closed(redis_url, upstream,
                                                                  monkeypatch):
     """An authenticated admin caller (operator token or a workspace admin key) that declares a

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from ..accesslog import mask_target
 from ..config import Config
-from ..proxying.server import answer_and_close
+from ..proxying.server import _CONTINUE, EXPECTS_CONTINUE, answer_and_close
 from ..errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
                       NotImplemented_, PayloadTooLarge, RequestTimeout, ServiceUnavailable, StoreError,
                       Unauthorized, body_cut_short, shown)
@@ -174,6 +174,14 @@ async def read_whole_body(request: web.BaseRequest, within: float) -> bytes:
     if any(c != "identity" for c in codings):
         raise BadRequest("The request body has a Content-Encoding; send the JSON uncompressed, "
                          "without one.")
+    if request.get(EXPECTS_CONTINUE):  # the call was judged: now ask for the body, if it fits
+        if (request.content_length or 0) > request.client_max_size:
+            raise PayloadTooLarge("The request body is too large.")
+        try:
+            await request.writer.write(_CONTINUE)
+        except ConnectionError:  # the client left before it was asked for its body
+            raise body_cut_short() from None
+        request[EXPECTS_CONTINUE] = False
     try:
         async with asyncio.timeout(within):
             return await request.read()
@@ -244,7 +252,9 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                            config.keys.prefix,
                            client_address(request) if client_address else request.remote,
                            operator_token=expected)
-        if response.status in (408, 501):  # the rest is not worth waiting for, or not ours
+        # the rest is not worth waiting for, or not ours, or was never asked for (an answer
+        # to `Expect: 100-continue` given before the body: the client may send it or not)
+        if response.status in (408, 501) or request.get(EXPECTS_CONTINUE):
             response.force_close()
             await answer_and_close(request, response)
         return response

@@ -808,6 +808,30 @@ def take_over(request: web.BaseRequest, feed, tunnel) -> None:
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
+EXPECTS_CONTINUE = web.RequestKey("expects_continue", bool)
+"""An admin-listener request sent with ``Expect: 100-continue`` and not yet told to send its
+body (``_expect_after_checks``): the admin middleware sends ``100 Continue`` when it reads the
+body, and closes the connection after an answer given without asking for it."""
+
+
+def _expect_after_checks(handler):
+    """The admin app's handler, with ``Expect`` left to keygate's own code. aiohttp's router
+    answers it before any middleware runs: ``100 Continue`` before the token is checked (a
+    caller with none, or declaring more than the 1 MiB limit, invited to send its body) and
+    any other expectation a plain-text 417 with no JSON error body. The header is taken off
+    the request; an HTTP/1.1 ``100-continue`` is remembered (``EXPECTS_CONTINUE``), any other
+    expectation ignored (RFC 9110 10.1.1 lets a server do so, and the proxy listener does)."""
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        if "Expect" in request.headers:
+            request[EXPECTS_CONTINUE] = request.version >= (1, 1) and any(
+                value.strip().lower() == "100-continue"
+                for value in request.headers.getall("Expect"))
+            headers = request.headers.copy()
+            headers.popall("Expect")
+            request = request.clone(headers=headers)  # its state (the flag) comes along
+        return await handler(request)
+    return handle
+
 
 async def continue_if_expected(request: web.BaseRequest) -> None:
     """Answer ``Expect: 100-continue`` before the body is waited for: such a client holds its
@@ -984,7 +1008,8 @@ class AdminRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        return ProxyServer(server.request_handler, request_factory=server.request_factory,
+        return ProxyServer(_expect_after_checks(server.request_handler),
+                           request_factory=server.request_factory,
                            loop=server._loop, header_timeout=self._header_timeout,
                            write_timeout=self._write_timeout,
                            **server._kwargs)
