@@ -642,6 +642,21 @@ async def test_the_admin_listener_takes_expect_after_it_has_judged_the_call(redi
         assert status == 200
 
 
+async def test_a_key_endpoint_refuses_a_declared_body_over_the_limit_before_asking_for_it(
+        redis_url, upstream, monkeypatch):
+    """`Expect: 100-continue` with a Content-Length over the key endpoints' 1 MiB was answered
+    `100 Continue`: the client uploaded its 2 MB, then got 413. The size is known from the
+    head, so the 413 comes at once, and the body is never asked for."""
+    async with key_endpoint_caller(redis_url, upstream, monkeypatch) as (reader, writer, token):
+        writer.write(f"POST /_keygate/v1/keys HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                     f"Expect: 100-continue\r\nContent-Length: 2000000\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        assert head.startswith(b"HTTP/1.1 413 "), head
+        closed, _ = await closed_within(reader, 3.0)  # its body, unread, ends the connection
+        assert closed
+
+
 async def test_a_stalled_body_to_the_admin_api_is_408_and_closed(redis_url, upstream,
                                                                  monkeypatch):
     """An authenticated admin caller (operator token or a workspace admin key) that declares a

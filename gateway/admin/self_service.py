@@ -76,8 +76,10 @@ async def handle_self_service(request: web.BaseRequest, principal: Principal, st
     check_query(request.query, chosen[0].query)
 
     async def body() -> bytes:
-        if request.body_exists:  # else the wait below is a 408 for a body never asked for
-            await continue_if_expected(request)  # a client gone meanwhile: body_cut_short
+        if (request.content_length or 0) > request.client_max_size:  # known from the head:
+            raise PayloadTooLarge("The request body is too large for a key endpoint.")  # not
+        if request.body_exists:  # asked for; else the wait below is a 408 for a body never
+            await continue_if_expected(request)  # asked for (a client gone: body_cut_short)
         try:  # aiohttp caps it (1 MiB) with an HTTPException the pipeline does not render
             return await read_whole_body(request, config.server.timeouts.body)
         except web.HTTPRequestEntityTooLarge:
