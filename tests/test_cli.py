@@ -198,13 +198,21 @@ def test_unreachable_admin_api_is_one_line_and_exit_1(capsys, monkeypatch):
     (["--timeout", "nan"], {}, "--timeout"),
     (["--timeout", "inf"], {}, "--timeout"),
     (["--timeout", "0"], {}, "--timeout"),
+    (["--admin-url", "http://ops:s3cr3t-pw@127.0.0.1:1"], {}, "--admin-url"),
+    ([], {"KEYGATE_ADMIN_URL": "http://ops:s3cr3t-pw@127.0.0.1:1"}, "KEYGATE_ADMIN_URL"),
+    (["--admin-url", "http://127.0.0.1:1/?x=1"], {}, "--admin-url"),
+    (["--admin-url", "http://127.0.0.1:1/#top"], {}, "--admin-url"),
 ], ids=["nonnumeric-port", "port-out-of-range", "blank-in-port", "env-port", "timeout-negative",
-        "timeout-nan", "timeout-inf", "timeout-zero"])
+        "timeout-nan", "timeout-inf", "timeout-zero", "userinfo", "env-userinfo", "query",
+        "fragment"])
 def test_a_bad_admin_url_or_timeout_is_bad_usage_never_a_traceback(argv, env, names):
     """SPEC: exit 2 on bad usage, never a traceback. An admin URL whose port is not a port
     passed the scheme-and-host check and ended in http.client's InvalidURL traceback; a
     --timeout of -1, nan or inf in socket.settimeout's ValueError/OverflowError traceback (0
-    made the socket non-blocking: 'Operation now in progress')."""
+    made the socket non-blocking: 'Operation now in progress'). A URL with `user:password@`
+    was taken whole as a host name ("Name or service not known") and its password printed
+    back; one with a query or fragment had the API path appended after it (404 "No such admin
+    endpoint")."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_ADMIN_URL")}
     environ.update(env, KEYGATE_ADMIN_TOKEN=ADMIN_TOKEN)
     done = subprocess.run([sys.executable, "-m", "gateway", *argv, "workspaces", "list"],
@@ -212,7 +220,7 @@ def test_a_bad_admin_url_or_timeout_is_bad_usage_never_a_traceback(argv, env, na
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 2, done.stderr
     assert names in done.stderr and done.stdout == ""
-    assert ADMIN_TOKEN not in done.stderr
+    assert ADMIN_TOKEN not in done.stderr and "s3cr3t-pw" not in done.stderr
 
 
 def test_admin_url_comes_from_the_environment(capsys, monkeypatch):
