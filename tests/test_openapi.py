@@ -630,3 +630,29 @@ def test_a_rate_is_documented_valid_exactly_when_the_api_takes_it(value):
                    schemas["KeyPatch"]["properties"]["rate_limit"],
                    schemas["WorkspacePatch"]["properties"]["limits"]["properties"]["rate_limit"]):
         assert jsonschema.Draft202012Validator(schema).is_valid(value) == taken, (value, schema)
+
+
+def test_the_query_defaults_the_api_applies_are_in_the_document():
+    """The audit listing's `limit` (100 when absent), the key listing's `sort` (created) and
+    the daily listings' `days` (30) had no `default` in the document (days said it in words
+    only), so a client generated from it could not show or rely on what leaving one out
+    does; and the audit was described as "key and role" events, while it also lists the
+    workspace's own (created, renamed, its plan or limits changed)."""
+    from gateway.admin.validate import AUDIT_DEFAULT, DAILY_DEFAULT
+
+    doc = document()
+
+    def default(path: str, name: str, method: str = "get"):
+        item = doc["paths"][path]
+        params = item.get("parameters", []) + item[method].get("parameters", [])
+        return next(p for p in params if p.get("name") == name)["schema"].get("default")
+
+    audit = "/admin/v1/workspaces/{ws}/audit"
+    assert default(audit, "limit") == AUDIT_DEFAULT
+    assert default("/admin/v1/workspaces/{ws}/keys", "sort") == "created"
+    assert default("/_keygate/v1/keys", "sort") == "created"
+    for path in ("/admin/v1/workspaces/{ws}/usage/daily",
+                 "/admin/v1/workspaces/{ws}/keys/{key}/usage/daily",
+                 "/_keygate/v1/keys/{key}/usage/daily"):
+        assert default(path, "days") == DAILY_DEFAULT, path
+    assert "workspace" in doc["paths"][audit]["get"]["summary"].lower()

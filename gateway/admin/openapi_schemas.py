@@ -6,7 +6,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .validate import BLANK_CLASS, MAX_DESCRIPTION, MAX_NAME, UNSAFE_TEXT_CLASS
+from .validate import (BLANK_CLASS, DAILY_DEFAULT, MAX_DESCRIPTION, MAX_NAME,
+                       UNSAFE_TEXT_CLASS)
 
 JSON = "application/json"
 Schema = dict[str, Any]
@@ -40,7 +41,7 @@ KEY_RATE = ("the key's own rate limit, `N/s` or `N/m`, as set; null: none of its
             "force it is held within its workspace's rate (`limits.rate_limit`: the plan's or "
             "the workspace's override), compared in both windows; when the two cross, both "
             "hold. The RateLimit headers show the rate in force.")
-DAYS = {"type": "integer", "minimum": 1, "maximum": 90}
+DAYS = {"type": "integer", "minimum": 1, "maximum": 90, "default": DAILY_DEFAULT}
 
 
 def ref(name: str) -> Schema:
@@ -189,7 +190,9 @@ def list_params() -> list[Schema]:
     return [param("status", "query", {"enum": ["active", "expired", "revoked"]}),
             param("unused_days", "query", {"type": "integer", "minimum": 0, "maximum": 36500},
                   "never used, or last used more than N days ago"),
-            param("sort", "query", {"enum": ["created", "last_used", "name"]}),
+            param("sort", "query", {"enum": ["created", "last_used", "name"],
+                                    "default": "created"},
+                  "oldest first; `last_used`: least recently used first, never used before all"),
             param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000}),
             param("cursor", "query", {"type": "string"}, "`next_cursor` of the previous page")]
 
