@@ -39,6 +39,12 @@ SHUTDOWN_TIMEOUT = 30
 # one is cut off; aiohttp's default, 60 s, outlasted deploy/k8s's grace period on its own).
 ADMIN_SHUTDOWN_TIMEOUT = 5
 LEDGER_SHUTDOWN_TIMEOUT = 10
+# Open connections the admin listener holds at most (per process); one over it is closed at
+# once. Its callers are few (the CLI, the console, probes, a scraper), and its connections
+# take their descriptors from the reserve raise_open_file_limit keeps for the store and the
+# logs: without a bound, idle admin connections took every descriptor, and the proxy listener
+# could no longer accept a client nor open an upstream or store connection.
+ADMIN_MAX_CONNECTIONS = 256
 # Then seconds each store client may take to close (its connections, its background tasks;
 # each of those steps is bounded too: gateway.closing): a close that hung held the stop for
 # ever (a cancelled Sentinel master check that went on).
@@ -266,7 +272,7 @@ def _otel_tracer(config: Config, client_address: Callable):
 def raise_open_file_limit(config: Config) -> int:
     """Raise this process's soft open-file limit to fit ``server.max_connections`` client
     connections, every upstream's ``max_connections`` and 1024 more for the store, the admin
-    listener and logs (up to the hard limit). Returns the client-connection bound in force:
+    listener (at most ``ADMIN_MAX_CONNECTIONS``) and logs (up to the hard limit). Returns the client-connection bound in force:
     ``max_connections``, or less when the hard limit cannot fit it (so idle clients can never
     take the descriptors that upstream and store connections need)."""
     import resource
@@ -338,7 +344,8 @@ async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.Bas
                                shutdown_timeout=ADMIN_SHUTDOWN_TIMEOUT,
                                header_timeout=config.server.timeouts.header,
                                write_timeout=config.server.timeouts.body,
-                               keepalive_timeout=config.server.timeouts.idle)
+                               keepalive_timeout=config.server.timeouts.idle,
+                               max_connections=ADMIN_MAX_CONNECTIONS)
     await proxy_runner.setup()
     await admin_runner.setup()
     runners = [proxy_runner, admin_runner]

@@ -21,11 +21,12 @@ from hashlib import blake2s as _blake2s
 import ipaddress
 from itertools import islice
 import json
+import secrets
 import time
 from typing import Callable
 
 from .config import Config, Plan, RateLimit
-from .errors import StoreError, TooManyRequests, invalid_token
+from .errors import StoreError, TooManyRequests, client_closed, invalid_token
 from .store.records import WORKSPACE_ID_RE, key_from_hash, workspace_from_hash
 from .store.request import RequestStore
 from .usage import effective_plan, key_rate_limit
@@ -126,6 +127,21 @@ class CachedKey:
         return any(ip in net for net in self.networks)
 
 
+class _Verification:
+    """A cold-path verification under way (``Authenticator._inflight``): its task, how many
+    requests wait on it, and whether it has a turn yet. One that no request waits on any more
+    while it waits for a turn is cancelled: its place in the queue goes to those still there
+    (once it holds a turn it runs to its end, so an attacker leaving cannot keep a failure
+    from being counted)."""
+
+    __slots__ = ("task", "waiting", "turned")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Future | None = None
+        self.waiting = 0
+        self.turned = False
+
+
 def token_digest(raw_token: str) -> bytes:
     """What the cache is keyed by: BLAKE2s-256 of the whole token. The token itself is never
     kept; a token that once verified is known well-formed, so a hit skips parsing it again.
@@ -143,8 +159,7 @@ class Authenticator:
         self.requests = requests        # hot path
         self.metrics = metrics
         self.clock = clock
-        a = config.keys.argon2
-        self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
+        self._decoy_for(config)
         threads = argon2_threads()
         self.argon2 = Argon2Pool(threads)
         # A turn per argon2 thread, plus one, so a thread never idles while a turn reads the
@@ -164,7 +179,7 @@ class Authenticator:
         # this), so the cache needs no index by key id.
         self.cache: dict[bytes, CachedKey] = {}
         self.capacity = MAX_CACHED_KEYS
-        self._inflight: dict[bytes, asyncio.Task] = {}
+        self._inflight: dict[bytes, _Verification] = {}
         self._interned: dict = {}  # shared workspaces and scope sets (see entry())
         self._prefix = config.keys.prefix
         self._environments = frozenset(config.keys.environments)
@@ -181,19 +196,36 @@ class Authenticator:
         self._prefix = config.keys.prefix
         self._environments = frozenset(config.keys.environments)
         self._per_key_limit = config.keys.failures.per_key
+        if config.keys.argon2 != self._decoy_params:
+            self._decoy_for(config)
         self.queue.per_ip = config.keys.verify_queue.per_ip  # bounds for the next arrivals
         self.queue.total = config.keys.verify_queue.total
         self.generation += 1
         if keys_changed:
             self.cache.clear()
 
+    def _decoy_for(self, config: Config) -> None:
+        """What a token whose key id has no key (or none in its environment) is verified
+        against: a hash of nothing anyone holds, with the parameters new keys are hashed with
+        (the admin store's, reloaded with ``keys.argon2``), so that its refusal costs what a
+        wrong secret's does. One argon2 hash, at start-up and at a reload that changes them."""
+        a = self._decoy_params = config.keys.argon2
+        self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
+        self._decoy_hash = self.hasher.hash(secrets.token_hex(16))
+
     def close(self) -> None:
         self.argon2.shutdown()
 
     # --- the step the pipeline awaits ---------------------------------------------------------
 
-    async def authenticate(self, raw_token: str, client_ip: str) -> CachedKey:
+    async def authenticate(self, raw_token: str, client_ip: str, request=None) -> CachedKey:
         """The verified key for ``raw_token``, or a named error (malformed, invalid, throttled).
+
+        ``request``: on keygate's own listener (whose connection handler ends the future it
+        holds as ``upstream_wait`` when the client goes), a request whose client goes while its
+        key waits to be verified ends then (``client_closed``), and leaves the verification
+        queue if no other request waits on the same verification. Looked at on the cold path
+        only.
 
         Does not judge expiry or revocation: the pipeline does, against the store."""
         digest = token_digest(raw_token)
@@ -211,20 +243,26 @@ class Authenticator:
         token = self.parse(raw_token)  # only tokens that never verified get here
         if self._miss is not None:
             self._miss.inc()
-        task = self._inflight.get(digest)
-        if task is None:
+        verification = self._inflight.get(digest)
+        if verification is None:
             # The verification runs as its own task, not inside the first request: a first
             # request cancelled (client gone, shutdown) must not cancel it under the others
             # waiting on it, nor waste the argon2 run already under way.
             # An entry past its TTL is this very token, verified here before: its
             # re-verification is no guess, and others' failures must not refuse it.
+            verification = _Verification()
             task = asyncio.ensure_future(self._verify(token, digest,
                                                       throttle_client(client_ip),
-                                                      verified_before=entry is not None))
-            self._inflight[digest] = task
+                                                      verified_before=entry is not None,
+                                                      verification=verification))
+            verification.task = task
+            self._inflight[digest] = verification
             task.add_done_callback(lambda t: self._verified(digest, t))
+        watch = getattr(request, "protocol", None)
         try:
-            return await asyncio.shield(task)
+            if not hasattr(watch, "upstream_wait"):  # none, or not keygate's own handler
+                return await asyncio.shield(verification.task)
+            return await self._wait_while_there(verification, digest, watch)
         except StoreError:
             # on_store_error: open lets keys verified in this process through while the store
             # is down: this token verified here (only its cache_ttl ran out), and the key's
@@ -241,8 +279,42 @@ class Authenticator:
         except MalformedToken as exc:
             raise invalid_token("malformed_key", f"The API key is malformed: {exc}.") from None
 
+    async def _wait_while_there(self, verification: _Verification, digest: bytes,
+                                watch) -> CachedKey:
+        """The verification's result, unless the client goes first (``watch.upstream_wait``
+        ended by its connection handler): the request then ends as ``client_closed``, and a
+        verification nobody waits on any more that has no turn yet is cancelled, freeing its
+        place in the queue (per client address and in total) for requests still there."""
+        task, loop = verification.task, asyncio.get_running_loop()
+        result = asyncio.shield(task)
+        gone = loop.create_future()
+        watch.upstream_wait = gone
+        verification.waiting += 1
+        try:
+            await asyncio.wait((result, gone), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this request cancelled (a shutdown): as a cancelled await
+            result.cancel()    # of the shield would, so its outcome is nobody's to log
+            raise
+        finally:
+            verification.waiting -= 1
+            if watch.upstream_wait is gone:
+                watch.upstream_wait = None
+        if not gone.done():
+            gone.cancel()
+        elif not gone.cancelled():
+            gone.exception()  # retrieved: ClientGone
+        if result.done():  # answered, though the client may have gone just now
+            return result.result()
+        result.cancel()  # the task itself goes on for whoever still waits on it
+        if not verification.waiting and not verification.turned and not task.done():
+            if self._inflight.get(digest) is verification:
+                del self._inflight[digest]  # a request coming now starts a verification anew
+            task.cancel()
+        raise client_closed(reached_upstream=False)
+
     def _verified(self, digest: bytes, task: asyncio.Task) -> None:
-        if self._inflight.get(digest) is task:
+        verification = self._inflight.get(digest)
+        if verification is not None and verification.task is task:
             del self._inflight[digest]
         if not task.cancelled():
             task.exception()  # retrieved: its waiters re-raise it, or nobody waits any more
@@ -262,7 +334,8 @@ class Authenticator:
     # --- cold path ----------------------------------------------------------------------------
 
     async def _verify(self, token: ParsedToken, digest: bytes, client_ip: str,
-                      verified_before: bool = False) -> CachedKey:
+                      verified_before: bool = False,
+                      verification: _Verification | None = None) -> CachedKey:
         """Wait for a turn (503 overloaded when the queue is full), then check the failure
         throttle and verify. Only verifications that *failed* count against the throttle;
         a verification waiting in the queue is never refused as a failure.
@@ -273,6 +346,8 @@ class Authenticator:
         an office) or against the same public key id. Should it fail, its entry is dropped:
         the exemption holds once."""
         async with self.queue.turn(client_ip):
+            if verification is not None:
+                verification.turned = True  # from now on it runs to its end
             if not verified_before:
                 await self._within_failure_limits(token.key_id, client_ip)
             running = [client_ip] + ([token.key_id] if self._per_key_limit else [])
@@ -319,18 +394,20 @@ class Authenticator:
         each is a fixed window from its first failure (lua/add_usage.lua), not a whole
         ``window_seconds`` from now. The window itself if that cannot be read."""
         window = self.config.keys.failures.window_seconds
-        # A counter's reset is a fixed instant (its TTL, set at its first failure and never
-        # moved): once read it is remembered, so a flood of refused guesses costs the store
-        # one read per counter and window rather than one or two more per guess.
+        # A counter's reset is a fixed instant (its TTL, set at its first failure and moved
+        # only into a window a reload lowered): once read it is remembered, so a flood of
+        # refused guesses costs the store one read per counter and window rather than one or
+        # two more per guess. One remembered past the window in force is asked again (the
+        # read brings the counter within it: lua/failure_reset.lua).
         known, now = self._failure_resets, time.monotonic()
         names = ("ip " + client_ip if client_ip is not None else None,
                  "key " + key_id if key_id is not None else None)
         at = [known.get(n, 0.0) if n is not None else None for n in names]
-        ask = [n is not None and a <= now for n, a in zip(names, at)]
+        ask = [n is not None and not now < a <= now + window for n, a in zip(names, at)]
         if any(ask):
             try:
                 resets = iter(await self.requests.failure_resets_ms(
-                    client_ip if ask[0] else None, key_id if ask[1] else None))
+                    client_ip if ask[0] else None, key_id if ask[1] else None, window))
             except StoreError:  # the counts were just read: refuse as before, with the window
                 return window
             if len(known) >= FAILURE_RESETS_KEPT:
@@ -351,11 +428,13 @@ class Authenticator:
         workspace_id = await self.requests.key_workspace(token.key_id)
         key, workspace, role = await self._read(workspace_id, token.key_id) \
             if workspace_id else (None, None, None)
-        ok = False
         if key is not None and key.environment == token.environment:
             ok = await self.argon2.run(self.hasher.verify, key.hash, token.secret)
-            if self.metrics:
-                self.metrics.argon2.labels("ok" if ok else "fail").inc()
+        else:  # no such key: the same run, so that the answer's timing tells no key id exists
+            await self.argon2.run(self.hasher.verify, self._decoy_hash, token.secret)
+            ok = False
+        if self.metrics:
+            self.metrics.argon2.labels("ok" if ok else "fail").inc()
         if not ok:
             self.cache.pop(digest, None)  # an entry past its TTL: no longer a token that verified
             await self.requests.record_failure(  # per key id only when that limit is on

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import time
+from typing import Callable
 
 from aiohttp import web
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, PlatformCollector,
@@ -19,6 +20,33 @@ from .store.request import RequestStore
 from .metrics import Metrics, WorkersProcessCollector
 
 log = logging.getLogger("keygate")
+
+# /metrics needs no token, and a scrape costs the event loop the proxy listener shares time
+# that grows with the workspaces (2000: ~90 ms of CPU to read and render their gauges).
+# Scrapes take at most SCRAPE_SHARE of the time, with bursts of up to SCRAPE_BURST seconds:
+# past that, a scrape is answered the last exposition again until the budget has refilled.
+# A scraper (every few seconds or more) and people never meet the bound; a flood does.
+SCRAPE_SHARE = 0.1
+SCRAPE_BURST = 1.0
+
+
+class ScrapeBudget:
+    """The seconds scrapes may still take now: ``SCRAPE_BURST`` at most, refilled at
+    ``SCRAPE_SHARE`` of a second per second, spent by the time each scrape takes."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.credit = SCRAPE_BURST
+        self.at = clock()
+
+    def available(self) -> bool:
+        now = self.clock()
+        self.credit = min(SCRAPE_BURST, self.credit + (now - self.at) * SCRAPE_SHARE)
+        self.at = now
+        return self.credit > 0
+
+    def spend(self, seconds: float) -> None:
+        self.credit -= seconds
 
 
 class UsageGauges:
@@ -53,25 +81,54 @@ class UsageGauges:
 
 
 def add_metrics_route(app: web.Application, metrics: Metrics, store, config: Config) -> None:
+    """``GET /metrics``. Scrapes that overlap share one exposition; scrapes past the budget
+    (:class:`ScrapeBudget`) are answered the last one again."""
     gauges = UsageGauges(metrics, store)
+    budget = ScrapeBudget()
+    last: bytes | None = None
+    running: asyncio.Future | None = None
+
+    async def expose() -> bytes:
+        nonlocal last
+        started = time.perf_counter()
+        try:
+            try:
+                await gauges.refresh()
+            except StoreError:
+                metrics.store_errors.inc()  # the process's own metrics are still worth serving
+            registry = metrics.registry
+            if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # serve --workers N
+                metrics.flush()   # this worker's tallies; the others flush every FLUSH_EVERY s
+                registry = CollectorRegistry()
+                MultiProcessCollector(registry)
+                registry.register(metrics.usage)  # as this scrape read it, not from the files
+                registry.register(WorkersProcessCollector(directory))
+                PlatformCollector(registry=registry)
+            last = generate_latest(registry)
+            return last
+        finally:
+            budget.spend(time.perf_counter() - started)
+
+    def done(task: asyncio.Future) -> None:
+        nonlocal running
+        running = None
+        if not task.cancelled():
+            task.exception()  # retrieved: every scrape waiting on it re-raises it
 
     async def handle_metrics(request: web.Request) -> web.Response:
-        try:
-            await gauges.refresh()
-        except StoreError:
-            metrics.store_errors.inc()  # the process's own metrics are still worth serving
-        registry = metrics.registry
-        if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # serve --workers N
-            metrics.flush()   # this worker's tallies; the others flush every FLUSH_EVERY s
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry)
-            registry.register(metrics.usage)  # as this scrape read it, not from the files
-            registry.register(WorkersProcessCollector(directory))
-            PlatformCollector(registry=registry)
-        return web.Response(body=generate_latest(registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        nonlocal running
+        if running is None:
+            if last is not None and not budget.available():
+                return _exposition(last)
+            running = asyncio.ensure_future(expose())  # its own task: a scrape that goes
+            running.add_done_callback(done)           # away does not cancel the others'
+        return _exposition(await asyncio.shield(running))
 
     app.router.add_get("/metrics", handle_metrics)
+
+
+def _exposition(body: bytes) -> web.Response:
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 class TimedRequestStore(RequestStore):
@@ -96,8 +153,9 @@ class TimedRequestStore(RequestStore):
     def failure_counts(self, ip: str, key_id: str | None):
         return self._timed("failure_counts", super().failure_counts(ip, key_id))
 
-    def failure_resets_ms(self, ip: str | None, key_id: str | None):
-        return self._timed("failure_resets", super().failure_resets_ms(ip, key_id))
+    def failure_resets_ms(self, ip: str | None, key_id: str | None, window_seconds: int):
+        return self._timed("failure_resets",
+                           super().failure_resets_ms(ip, key_id, window_seconds))
 
     def key_workspace(self, key_id: str):
         return self._timed("key_workspace", super().key_workspace(key_id))

@@ -279,7 +279,7 @@ class Pipeline:
         # once, before any await: a reload of trusted_proxies must not change it mid-request
         outcome.client = client = self.client_ip(request)
         with trace.step("authenticate"):
-            key = await self.authenticate(token, client)
+            key = await self.authenticate(token, client, request)
         outcome.workspace, outcome.key_id = key.workspace, key.key_id
         # A declared body over the limit is refused after every other check (SPEC's order:
         # the rate limit and quotas included, judged without spending them) and, like every
@@ -369,11 +369,13 @@ class Pipeline:
             raise errors.ambiguous_key("Two different API keys were sent; send exactly one.")
         return token
 
-    async def authenticate(self, token: str, client: str) -> CachedKey:
+    async def authenticate(self, token: str, client: str,
+                           request: web.BaseRequest | None = None) -> CachedKey:
         """``client``: the request's address as ``client_ip`` gives it (the failure throttle's
-        and the IP allow-list's)."""
+        and the IP allow-list's). ``request``: the request, whose client going while its key
+        waits to be verified ends it (``Authenticator.authenticate``)."""
         try:
-            return await self.auth.authenticate(token, client)
+            return await self.auth.authenticate(token, client, request)
         except StoreError as exc:
             raise self.store_down(exc) from exc
 

@@ -51,7 +51,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import (URL_QUERY_ARGUMENT_PARSERS, SSLConnection,
@@ -113,15 +113,53 @@ def _node(text: str, default_port: int, scheme: str) -> tuple[str, int]:
     return host, port or default_port
 
 
+def _misplaced_at(scheme: str, where: str) -> ValueError:
+    """The problem of a URL whose user name or password has an unencoded '/', '?' or '#'
+    (base64 secrets have '/'): the user info ended early, and what followed that character
+    would be read as a host, path or query, and quoted in the message refusing it. This
+    says what to do and quotes no part of the URL."""
+    part = "master name" if "sentinel" in scheme else "path"
+    return ValueError(f"a {scheme}:// URL has an @ after its {where}: percent-encode any /, ?, "
+                      f"# or @ in its user name, password or {part} (as %2F, %3F, %23, %40)")
+
+
+def _password_in_query(query: str, known) -> bool:
+    """Whether an '@' in the query of a URL with no user info is the end of a password with
+    an unencoded '?': a part without '=' or with a name no option has. An '@' in the value of
+    a known option (``password=p@ss``) is no such thing."""
+    if "@" not in query:
+        return False
+    for pair in query.split("&"):
+        name, eq, _ = pair.partition("=")
+        if not eq or unquote(name) not in known:
+            return True
+    return False
+
+
+def _password_given(names) -> bool:
+    """Whether the query gives a password option (password, sentinel_password, ssl_password):
+    a name after it that no option has may then be the rest of a password whose '&' was not
+    percent-encoded, and is not shown (``_beside_password``)."""
+    return any(unquote_plus(n).endswith("password") for n in names)
+
+
+def _beside_password(scheme: str) -> ValueError:
+    return ValueError(f"a {scheme}:// URL has a query option it cannot take beside a password "
+                      "option (not named: it may be the rest of a password): percent-encode "
+                      "any & or = in a password as %26, %3D")
+
+
 def parse_topology_url(url: str) -> TopologyURL:
     """Parse a Sentinel or Cluster URL. Raises ``ValueError`` with a sentence fit for a user
     (it never contains the password)."""
+    for unsafe in "\t\r\n":  # dropped anywhere, as redis-py's parser (urllib's) drops them
+        url = url.replace(unsafe, "")  # from redis:// URLs: a secret file's last line break
     scheme = scheme_of(url)
     if scheme not in TOPOLOGY_SCHEMES:
         raise ValueError(f"not a Sentinel or Cluster URL (scheme {scheme!r})")
     rest = url.split("://", 1)[1]
     if "#" in rest:
-        raise ValueError(f"a {scheme}:// URL cannot have a '#' fragment")
+        raise ValueError(f"a {scheme}:// URL cannot have a # fragment")
     rest, _, query = rest.partition("?")
     netloc, slash, path = rest.partition("/")
     userinfo, at, hostlist = netloc.rpartition("@")
@@ -132,14 +170,29 @@ def parse_topology_url(url: str) -> TopologyURL:
         password = unquote(pw) if colon else None  # "name@host": a user name, as in redis-py
     sentinel = scheme in SENTINEL_SCHEMES
     default_port = SENTINEL_PORT if sentinel else REDIS_PORT
-    nodes = tuple(_node(h.strip(), default_port, scheme) for h in hostlist.split(","))
+    tls = scheme.startswith("rediss")
+    allowed = (_SENTINEL_PARAMS if sentinel else ()) + (TLS_OPTIONS if tls else ())
+    # An '@' past the host list: a user name or password with a '/' or '?' in it ended the
+    # host list early (see _misplaced_at)
+    if "@" in path or (not at and _password_in_query(query, allowed)):
+        raise _misplaced_at(scheme, "host list")
+    try:
+        nodes = tuple(_node(h.strip(), default_port, scheme) for h in hostlist.split(","))
+    except ValueError:
+        if not at and "@" in query:
+            raise _misplaced_at(scheme, "host list") from None
+        raise
+    secret = _password_given(pair.partition("=")[0] for pair in query.split("&"))
     try:
         params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
+        if secret:
+            raise _beside_password(scheme) from None
         raise ValueError(f"a {scheme}:// URL has a malformed query string") from None
-    tls = scheme.startswith("rediss")
-    allowed = (_SENTINEL_PARAMS if sentinel else ()) + (TLS_OPTIONS if tls else ())
     for name, values in params.items():
+        if secret and name not in allowed and name not in TLS_OPTIONS \
+                and not name.endswith("password"):  # a password option is named, known or not
+            raise _beside_password(scheme)
         if name in TLS_OPTIONS and not tls:
             raise ValueError(_plain_with_tls_options(scheme, name))
         if name not in allowed:
@@ -164,14 +217,14 @@ def parse_topology_url(url: str) -> TopologyURL:
                              "only)")
         return TopologyURL(kind, tls, nodes, username, password, ssl=ssl_options)
     if not segments or not segments[0]:
-        raise ValueError(f"a {scheme}:// URL needs the master's name as its path, e.g. "
+        raise ValueError(f"a {scheme}:// URL needs the name of the master as its path, e.g. "
                          f"{scheme}://host:26379/mymaster")
     if len(segments) > 2:
-        raise ValueError(f"a {scheme}:// URL's path is /<master-name>[/<db>]")
+        raise ValueError(f"the path of a {scheme}:// URL is /<master-name>[/<db>]")
     db = 0
     if len(segments) == 2:
         if not segments[1].isdigit():
-            raise ValueError(f"a {scheme}:// URL's database must be a number, got "
+            raise ValueError(f"the database of a {scheme}:// URL must be a number, got "
                              f"{segments[1]!r}")
         db = int(segments[1])
     first = {name: values[0] for name, values in params.items()}
@@ -201,7 +254,7 @@ def _parse_tls_options(given: dict[str, str]) -> dict[str, Any]:
             options[name] = parser(value) if parser else value
         except (TypeError, ValueError):
             shown = "" if name.endswith("password") else f", got {value[:64]!r}"
-            raise ValueError(f"the URL's {name} is not a valid value{shown}") from None
+            raise ValueError(f"{name} of the URL is not a valid value{shown}") from None
     return options
 
 
@@ -227,10 +280,10 @@ def tls_context(options: dict[str, Any]) -> Any:
     for name in _TLS_FILES:
         path = options.get(name)
         if path and not os.path.isfile(path):
-            raise ValueError(f"the URL's {name} names no readable file ({path})")
+            raise ValueError(f"{name} of the URL names no readable file ({path})")
     path = options.get("ssl_ca_path")
     if path and not os.path.isdir(path):
-        raise ValueError(f"the URL's ssl_ca_path names no directory ({path})")
+        raise ValueError(f"ssl_ca_path of the URL names no directory ({path})")
     # the files first, each on its own, for a message that says which one is wrong
     probe = ssl.create_default_context()
     try:
@@ -245,7 +298,7 @@ def tls_context(options: dict[str, Any]) -> Any:
             probe.load_verify_locations(options.get("ssl_ca_certs"), options.get("ssl_ca_path"),
                                         options.get("ssl_ca_data"))
     except _EncryptedKey:
-        raise ValueError("the URL's ssl_keyfile is encrypted with a pass phrase: give it as "
+        raise ValueError("ssl_keyfile of the URL is encrypted with a pass phrase: give it as "
                          "ssl_password (or name an unencrypted key)") from None
     except (OSError, ssl.SSLError, ValueError, TypeError) as exc:
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or \
@@ -254,7 +307,7 @@ def tls_context(options: dict[str, Any]) -> Any:
     try:
         connection = SSLConnection(**{n: v for n, v in options.items() if n in TLS_OPTIONS})
     except _RedisError as exc:  # ssl_cert_reqs
-        raise ValueError(f"the URL's ssl_cert_reqs must be none, optional or required "
+        raise ValueError(f"ssl_cert_reqs of the URL must be none, optional or required "
                          f"({exc})") from None
     try:
         return connection.ssl_context.get()
@@ -262,7 +315,7 @@ def tls_context(options: dict[str, Any]) -> Any:
         files = ", ".join(n for n in (*_TLS_FILES, "ssl_ca_data", "ssl_ca_path", "ssl_ciphers",
                                       "ssl_min_version") if options.get(n) is not None)
         reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
-        raise ValueError(f"cannot set up TLS with the URL's options"
+        raise ValueError(f"cannot set up TLS with the options of the URL"
                          f"{f' ({files})' if files else ''}: {reason}") from None
 
 
@@ -335,6 +388,14 @@ class StandaloneURL:
 
 
 _STANDALONE_OPTIONS: dict[bool, frozenset[str]] = {}
+# The query options of a standalone URL whose value is text as given; the others it may give
+# are those redis-py's URL parser converts (URL_QUERY_ARGUMENT_PARSERS: db, protocol, the
+# timeouts...). Every other name a connection takes is an object (retry, connection_class,
+# credential_provider...) or a part of the URL (host, port, path): given as text, it failed at
+# the first command, or made config check and serve die with a traceback.
+TEXT_OPTIONS = ("client_name", "username", "password", "lib_name", "lib_version")
+# what keygate's two clients set themselves: its code reads the replies so
+_KEYGATE_SETS = ("encoding", "encoding_errors", "decode_responses")
 
 
 def tls_files_state(ca_certs: str | None, certfile: str | None, keyfile: str | None,
@@ -423,15 +484,30 @@ def parse_standalone_url(url: str) -> StandaloneURL:
     for name in ("socket_timeout", "socket_connect_timeout"):
         value = options.get(name)
         if value is not None and not 0 < value < math.inf:  # nan compares false
-            raise ValueError(f"the URL's {name} must be a number of seconds above 0, "
+            raise ValueError(f"{name} of the URL must be a number of seconds above 0, "
                              f"got {value!r}")
     scheme = scheme_of(url)
+    given = {n for n in parse_qs(urlsplit(url).query)}  # the names the query itself gives
+    secret = _password_given(given)
+    known = _standalone_options(scheme == "unix")
     for name in options:
+        if secret and name not in known and name not in TLS_OPTIONS \
+                and not name.endswith("password"):  # a password option is named, known or not
+            raise _beside_password(scheme)
         if not name.startswith("ssl_"):
             if name not in _standalone_options(scheme == "unix"):
                 raise ValueError(f"a {scheme}:// URL has an unknown query parameter {name!r} "
                                  "(redis-py's connection would refuse it at the first "
                                  "command)")
+            if name in given and name not in URL_QUERY_ARGUMENT_PARSERS \
+                    and name not in TEXT_OPTIONS:
+                raise ValueError(
+                    f"a {scheme}:// URL cannot take {name!r}: "
+                    + ("keygate's clients set it themselves, to read Redis's replies as they do"
+                       if name in _KEYGATE_SETS else
+                       "it is a part of the URL itself" if name in ("host", "port", "path",
+                                                                    "connection_class") else
+                       "redis-py's connection takes an object there, which a URL cannot give"))
             continue
         if scheme != "rediss":
             raise ValueError(_plain_with_tls_options(scheme, name))
@@ -451,7 +527,7 @@ def check_store_url(url: str) -> None:
             tls_context(target.ssl)  # the files it names are there and usable
         return
     if scheme not in STORE_SCHEMES:
-        raise ValueError("must be 'embedded' or a URL with scheme "
+        raise ValueError("must be embedded or a URL with scheme "
                          f"{', '.join(s + '://' for s in STORE_SCHEMES)}"
                          + (f", got scheme '{scheme}'" if scheme else ""))
     try:
@@ -459,6 +535,16 @@ def check_store_url(url: str) -> None:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
         raise ValueError(f"not a valid {scheme}:// URL (bad host or port)") from None
+    # A user name or password with a '/', '?' or '#' in it ended the host early (digits
+    # after its ':' read as a port): the path, query or fragment would hold the rest of it
+    # (see _misplaced_at). redis-py ignores a fragment: one is never meant.
+    if "#" in url:
+        raise ValueError(f"a {scheme}:// URL cannot have a # fragment (redis-py ignores "
+                         "it): percent-encode a # in its user name or password as %23")
+    if "@" in parts.path or (
+            parts.username is None and parts.password is None and _password_in_query(
+                parts.query, _standalone_options(scheme == "unix") | set(TLS_OPTIONS))):
+        raise _misplaced_at(scheme, "host")
     if scheme == "unix":
         if not parts.path:
             raise ValueError("a unix:// URL needs a socket path, e.g. unix:///run/redis.sock")
@@ -500,7 +586,10 @@ def _retry() -> Any:
 
 
 def redact(url: str) -> str:
-    """``url`` fit for messages: the password and any ``sentinel_password`` masked."""
+    """``url`` fit for messages: the password and any ``sentinel_password`` masked, on one
+    line (tabs and line breaks dropped, as the URL's parsers drop them)."""
+    for unsafe in "\t\r\n":
+        url = url.replace(unsafe, "")
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
@@ -509,8 +598,9 @@ def redact(url: str) -> str:
     userinfo, at, hosts = netloc.rpartition("@")
     if at and ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
-    if query:
-        query = "&".join(p.split("=", 1)[0] + "=***" if p.split("=", 1)[0].endswith("password")
+    if query:  # a name as the query is read: percent-decoded (pass%77ord is the password)
+        query = "&".join(p.split("=", 1)[0] + "=***"
+                         if unquote_plus(p.split("=", 1)[0]).endswith("password")
                          else p for p in query.split("&"))
     return f"{scheme}://{userinfo}{at}{hosts}{slash}{path}{q}{query}"
 

@@ -54,7 +54,8 @@ class RequestSteps(Protocol):
 
     def client_ip(self, request: web.BaseRequest) -> str: ...
 
-    async def authenticate(self, token: str, client: str) -> CachedKey: ...
+    async def authenticate(self, token: str, client: str,
+                           request: web.BaseRequest | None = None) -> CachedKey: ...
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
                         client: str, peek: bool = False, stamp: bool = False,
@@ -103,7 +104,7 @@ async def _admit(steps: RequestSteps, request: web.BaseRequest, outcome: Outcome
     ``rate_limited`` over it), so no key can call these (the key listing reads the
     workspace's keys) as fast as it likes."""
     outcome.client = client = steps.client_ip(request)
-    key = await steps.authenticate(steps.credential(request), client)
+    key = await steps.authenticate(steps.credential(request), client, request)
     outcome.workspace, outcome.key_id = key.workspace, key.key_id
     try:
         key, _, _ = await steps.authorise(key, scopes, count=False, client=client, stamp=True,
@@ -157,7 +158,7 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     outcome.client = client = steps.client_ip(request)
     trace = outcome.trace
     with trace.step("authenticate"):
-        key = await steps.authenticate(token, client)
+        key = await steps.authenticate(token, client, request)
     outcome.workspace, outcome.key_id = key.workspace, key.key_id
     # A declared body over the limit (Envoy's ext_authz with_request_body sends the original
     # one) is refused as the proxy refuses it: after every other check, rate and quotas

@@ -10,6 +10,7 @@ import os
 import select
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -103,6 +104,36 @@ async def get_all(g: "GatewayUnderTest", token: str, n: int) -> list[tuple[int, 
             got.append((r.status, dict(r.headers)))
     return got
 
+
+async def refusal_times(g: "GatewayUnderTest", token: str, n: int = 5) -> dict[str, float]:
+    """Median seconds of a 401 ``invalid_key`` for ``token``'s key id with a wrong secret, for a
+    key id that does not exist and for ``token``'s key id in another environment (``n`` of
+    each, interleaved), checking that each ran one argon2 verification."""
+    import statistics
+
+    from gateway.tokens import checksum
+
+    def forged(env: str, key_id: str, i: int) -> str:
+        head = f"kg_{env}_{key_id}{i:032d}"
+        return head + checksum(head)
+
+    async def refused(bad: str) -> float:
+        ran = g.counter("keygate_argon2_verifications_total", result="fail")
+        started = time.perf_counter()
+        async with g.proxy.get("/people/1", headers=bearer(bad)) as r:
+            assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_key"
+        took = time.perf_counter() - started
+        assert g.counter("keygate_argon2_verifications_total", result="fail") == ran + 1
+        return took
+
+    key_id = token.split("_")[2][:12]
+    times: dict[str, list[float]] = {"wrong secret": [], "unknown id": [],
+                                     "other environment": []}
+    for i in range(n):
+        times["wrong secret"].append(await refused(forged("live", key_id, i)))
+        times["unknown id"].append(await refused(forged("live", f"{i:012d}", i)))
+        times["other environment"].append(await refused(forged("test", key_id, i)))
+    return {what: statistics.median(t) for what, t in times.items()}
 
 @contextlib.asynccontextmanager
 async def serving(handler):

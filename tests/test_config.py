@@ -110,7 +110,7 @@ def test_out_of_range_values(tmp_path: Path) -> None:
         "config.yaml:3: server.workers: must be between 1 and 1024, got 0",
         "config.yaml:4: server.max_body_bytes: must be at least 1, got -5",
         "config.yaml:6: store.on_store_error: must be one of closed, open, got 'maybe'",
-        "config.yaml:7: store.redis_url: must be 'embedded' or a URL with scheme redis://, "
+        "config.yaml:7: store.redis_url: must be embedded or a URL with scheme redis://, "
         "rediss://, unix://, redis+cluster://, redis+sentinel://, got scheme 'http'",
         "config.yaml:8: store.timeout: must be greater than 0, got 0",
     ]

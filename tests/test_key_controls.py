@@ -79,6 +79,89 @@ async def test_the_keys_cap_is_exact_across_two_gateways_under_concurrency(redis
         assert len(upstream.requests) == 8
 
 
+async def test_served_replicas_admit_exactly_the_limits_and_count_what_the_upstream_got(
+        tmp_path, redis_url):
+    """``serve --workers 2`` and a second ``serve`` on one Redis, 200 requests at once with a
+    key of 50/m and its own cap of 80: exactly 50 reach the upstream and are answered 200,
+    each with its own "rate" remaining (49 down to 0); the workspace's month, the key's month
+    and both days all say what the upstream received. A workspace override and disabling the
+    key then act on the very next request at each process."""
+    import yaml
+    from aiohttp import ClientSession, web
+    from conftest import free_port
+    from harness import serving
+    from served import TIMEOUT, Served, admin_json, write_config
+    received = []
+
+    async def upstream(request: web.Request) -> web.Response:
+        received.append(request.headers.get("X-Api-Key-Id"))
+        return web.json_response({})
+
+    async def get(s: ClientSession, base: str, token: str) -> tuple[int, str | None, dict]:
+        async with s.get(base + "/people/1", headers=bearer(token)) as r:
+            body = await r.read()
+            return (r.status, json.loads(body)["error"]["code"] if r.status >= 400 else None,
+                    dict(r.headers))
+
+    async with serving(upstream) as url:
+        config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url,
+                                            plan={"monthly_requests": 100000, "max_keys": 5,
+                                                  "rate_limit": None})
+        second = yaml.safe_load(config.read_text())
+        second["server"]["port"], second["admin"]["port"] = free_port(), free_port()
+        (tmp_path / "second.yaml").write_text(yaml.safe_dump(second))
+        a = Served(config, pport, aport, "--workers", "2")
+        b = Served(tmp_path / "second.yaml", second["server"]["port"], second["admin"]["port"])
+        try:
+            await a.ready()
+            await b.ready()
+            async with ClientSession(timeout=TIMEOUT) as s:
+                await admin_json(s, a.admin, "POST", "/workspaces", {"id": "acme", "name": "A"})
+                status, body = await admin_json(s, b.admin, "POST", "/workspaces/acme/keys",
+                                                {"name": "it", "scopes": ["people:read"],
+                                                 "rate_limit": "50/m", "monthly_requests": 80})
+                assert status == 201, body
+                token, key_id = body["token"], body["key"]["id"]
+                answers = await asyncio.gather(*(get(s, (a, b)[i % 2].proxy, token)
+                                                 for i in range(200)))
+                admitted = [h for status, _, h in answers if status == 200]
+                assert len(admitted) == 50 == len(received), [a[:2] for a in answers]
+                assert sorted(a[:2] for a in answers if a[0] != 200) == \
+                    [(429, "rate_limited")] * 150
+                left = sorted(int(h["RateLimit"].split('"rate";r=')[1].split(";")[0])
+                              for h in admitted)
+                assert left == list(range(50)), left
+                _, usage = await admin_json(s, a.admin, "GET", "/workspaces/acme/usage")
+                _, key = await admin_json(s, b.admin, "GET", f"/workspaces/acme/keys/{key_id}")
+                _, days = await admin_json(s, a.admin, "GET", "/workspaces/acme/usage/daily"
+                                                              "?days=1")
+                _, key_days = await admin_json(s, b.admin, "GET", f"/workspaces/acme/keys/"
+                                                                  f"{key_id}/usage/daily?days=1")
+                assert usage["used"] == key["used_this_month"] == len(received) \
+                    == days["items"][0]["requests"] == key_days["items"][0]["requests"]
+                # the workspace's own limits, then disabling, on the next request at each
+                await admin_json(s, b.admin, "PATCH", "/workspaces/acme",
+                                 {"limits": {"monthly_requests": 50}})
+                await admin_json(s, b.admin, "PATCH", f"/workspaces/acme/keys/{key_id}",
+                                 {"rate_limit": None})
+                for served in (a, b, a, b):
+                    assert (await get(s, served.proxy, token))[:2] == (429, "quota_exceeded")
+                await admin_json(s, a.admin, "PATCH", f"/workspaces/acme/keys/{key_id}",
+                                 {"enabled": False})
+                for served in (a, b, a, b):
+                    assert (await get(s, served.proxy, token))[:2] == (401, "disabled_key")
+                    assert (await get(s, served.proxy, wrong_secret(token)))[:2] == \
+                        (401, "invalid_key")
+                await admin_json(s, a.admin, "PATCH", "/workspaces/acme", {"limits": None})
+                await admin_json(s, b.admin, "PATCH", f"/workspaces/acme/keys/{key_id}",
+                                 {"enabled": True})
+                for served in (a, b, a, b):
+                    assert (await get(s, served.proxy, token))[0] == 200
+                assert len(received) == 54
+        finally:
+            a.close()
+            b.close()
+
 async def test_a_keys_rate_limit_can_be_changed_and_acts_at_once(gut):
     await gut.workspace()
     token, key = await gut.key(rate_limit="2/m")

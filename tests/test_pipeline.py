@@ -16,7 +16,7 @@ from gateway.config import FailureLimits, StoreConfig
 from gateway.tokens import checksum
 
 from harness import (Clock, bearer, eventually, gateway_under_test, make_config, redis_answers,
-                     tampered, wrong_secret)
+                     refusal_times, tampered, wrong_secret)
 
 REALM = 'Bearer realm="keygate"'
 
@@ -144,6 +144,26 @@ async def test_unknown_key_and_wrong_secret_are_invalid_key(gut):
             assert r.headers["WWW-Authenticate"] == REALM + ', error="invalid_token"'
     assert gut.upstream.requests == []
 
+
+async def test_an_unknown_key_id_costs_what_a_wrong_secret_costs(redis_url, upstream,
+                                                                  monkeypatch):
+    """A well-formed token whose key id does not exist (or exists in another environment) was
+    refused without argon2, in well under a millisecond, while a real key id with a wrong
+    secret paid the argon2 run: one request's latency told whether a key id exists. Every
+    refused verification now runs argon2 (against a decoy hash when there is no key), so
+    the three look alike; the failure throttle bounds these runs as it bounds wrong secrets."""
+    from gateway.config import Argon2Config
+    config = make_config(str(upstream.make_url("")))
+    # the shipped argon2 parameters: the difference is what this is about
+    keys = dataclasses.replace(config.keys, argon2=Argon2Config(2, 19456, 1),
+                               failures=FailureLimits(100, 100, 60))
+    async with gateway_under_test(dataclasses.replace(config, keys=keys), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        median = await refusal_times(g, token)
+        assert median["unknown id"] > median["wrong secret"] / 3, median
+        assert median["other environment"] > median["wrong secret"] / 3, median
 
 async def test_revoked_key_is_rejected_on_next_request(gut):
     token, key = await gut.key()
@@ -456,6 +476,44 @@ async def test_too_many_failures_retry_after_is_the_time_left_in_the_window(
             assert r.status == 200
 
 
+async def test_a_failure_window_lowered_by_a_reload_ends_lockouts_within_the_new_window(
+        redis_url, upstream, monkeypatch):
+    """A failure counter takes its TTL at its first failure and keeps it (lua/add_usage.lua),
+    and an address over its limit records no more failures. An operator who lowered
+    ``keys.failures.window_seconds`` with a reload (a day was too long) left every address
+    already locked out locked out, 429 ``Retry-After: 86400``, for the rest of the old
+    window. A counter whose reset lies past the window in force is brought within it when
+    a refusal reads it (as is one without a TTL: counters never lose their expiry)."""
+    config = failures_config(upstream, FailureLimits(per_ip=2, per_key=None,
+                                                     window_seconds=86400))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        token = await key_failed_twice(g)
+        async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (429, "too_many_failures")
+            assert int(r.headers["Retry-After"]) > 86000
+        lowered = dataclasses.replace(config, keys=dataclasses.replace(
+            config.keys, failures=FailureLimits(per_ip=2, per_key=None, window_seconds=2)))
+        g.gw.pipeline.auth.reconfigure(lowered)  # what a reload hands it
+        async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (429, "too_many_failures")
+            assert int(r.headers["Retry-After"]) <= 2, r.headers["Retry-After"]
+        client = redis.Redis.from_url(redis_url)
+        try:
+            (counter,) = client.keys("kg:fail:ip:*")
+            assert 0 < client.pttl(counter) <= 2000
+            client.persist(counter)  # a counter that lost its expiry gets one back as well
+            await asyncio.sleep(2.1)
+            async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+                assert (await r.json())["error"]["code"] == "too_many_failures"
+                assert int(r.headers["Retry-After"]) <= 2
+            assert 0 < client.pttl(counter) <= 2000
+            await asyncio.sleep(2.1)
+        finally:
+            client.close()
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200, await r.text()
+
+
 async def test_a_flood_of_refused_guesses_asks_the_store_when_its_window_resets_once(
         redis_url, upstream, monkeypatch):
     """A 429 ``too_many_failures`` reads when the counters over their limit reset (one call
@@ -467,9 +525,9 @@ async def test_a_flood_of_refused_guesses_asks_the_store_when_its_window_resets_
     asked = []
     real = RequestStore.failure_resets_ms
 
-    async def counting(self, ip, key_id):
+    async def counting(self, ip, key_id, window_seconds):
         asked.append((ip, key_id))
-        return await real(self, ip, key_id)
+        return await real(self, ip, key_id, window_seconds)
     monkeypatch.setattr(RequestStore, "failure_resets_ms", counting)
     config = failures_config(upstream, FailureLimits(per_ip=2, per_key=2, window_seconds=30))
     async with gateway_under_test(config, redis_url, monkeypatch) as g:

@@ -103,8 +103,8 @@ def test_cluster_url_forms() -> None:
 
 
 @pytest.mark.parametrize("url, message", [
-    ("redis+sentinel://:hunter2@s1:26379", "needs the master's name"),
-    ("redis+sentinel://:hunter2@s1:26379/m/x", "database must be a number"),
+    ("redis+sentinel://:hunter2@s1:26379", "needs the name of the master"),
+    ("redis+sentinel://:hunter2@s1:26379/m/x", "database of a redis+sentinel:// URL must be a number"),
     ("redis+sentinel://:hunter2@s1:26379/m/1/2", "/<master-name>[/<db>]"),
     ("redis+sentinel://:hunter2@s1:26379/m?password=hunter2", "unknown query parameter"),
     ("redis+sentinel://:hunter2@s1:nope/m", "bad host or port"),
@@ -127,6 +127,86 @@ def test_bad_topology_urls_are_refused_without_echoing_the_password(
     assert "hunter2" not in bad.value.problems[0]
 
 
+@pytest.mark.parametrize("url", [
+    "redis+sentinel://:hunter2/Kx+9=@s1:26379/m",          # a base64 password: '/' in it
+    "redis+sentinel://app:hunter2?x@s1,s2/m",
+    "rediss+sentinel://:hunter2/a/b@s1/m/0?sentinel_password=x",
+    "redis+cluster://:hunter2/Kx+9=@n1:7000,n2:7001",
+    "redis+cluster://app:hunter2?x@n1:7000",
+    "redis+cluster://:hunter2/x@n1:7000/0",
+    "redis+sentinel://:x?hunter2=@s1/m",  # the rest of it read as a query option
+    "redis+sentinel://:x?a=1&hunter2@s1/m",
+])
+def test_a_password_not_percent_encoded_is_never_shown_as_a_host(tmp_path: Path,
+                                                                   url: str) -> None:
+    """A password with a '/' or '?' in it (base64 secrets often have '/') that was not
+    percent-encoded ends the host list early, so the part of it before that character was
+    taken for a host and shown in the problem ("bad host or port (':hunter2')"). It is
+    refused with what to do instead, and no part of the password."""
+    with pytest.raises(ValueError) as refused:
+        parse_topology_url(url)
+    assert "hunter2" not in str(refused.value) and "percent-encode" in str(refused.value)
+    path = tmp_path / "config.yaml"
+    path.write_text(f"store:\n  redis_url: '{url}'\n")
+    with pytest.raises(ConfigError) as bad:
+        load_config(path)
+    assert len(bad.value.problems) == 1, bad.value.problems
+    assert bad.value.problems[0].startswith(f"{path}:2: store.redis_url: ")
+    assert "hunter2" not in bad.value.problems[0]
+
+
+def test_a_topology_url_drops_tabs_and_line_breaks_as_a_standalone_one_does(
+        tmp_path: Path, monkeypatch) -> None:
+    """A URL from a file-backed secret often ends in a line break. redis-py's parser (that of
+    redis://, rediss://, unix://) drops tabs and line breaks anywhere in a URL, as urllib
+    does; the Sentinel and Cluster forms kept them, so the same secret that worked as a
+    redis:// URL asked the Sentinels for master 'km\\n' (or sent 'pw\\n' as the Sentinels'
+    password) and keygate never started."""
+    t = parse_topology_url("redis+sentinel://:p%40w@s1,s2:26380/km/2?sentinel_password=sp\n")
+    assert (t.service, t.db, t.password, t.sentinel_password) == ("km", 2, "p@w", "sp")
+    t = parse_topology_url("redis+sentinel://s1/km\r\n")
+    assert t.service == "km"
+    assert parse_topology_url("redis+cluster://:p\tw@n1:7000\n").password == "pw"
+    monkeypatch.setenv("KG_TEST_STORE_URL", "redis+sentinel://s1:26379/km/3\n")
+    path = tmp_path / "config.yaml"
+    path.write_text("store:\n  redis_url: ${KG_TEST_STORE_URL}\n")
+    load_config(path)  # as a redis:// URL with a line break is taken
+    # and the one-line start-up errors that show a URL stay one line
+    assert redact("redis://:pw@h:6379/0\n") == "redis://:***@h:6379/0"
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("redis+sentinel://:hunter2@s1:26379", "needs the name of the master"),
+    ("redis+sentinel://:hunter2@s1/m/1/2", "is /<master-name>[/<db>]"),
+    ("redis+sentinel://:hunter2@s1/m/x", "database of a redis+sentinel:// URL must be a number"),
+    ("redis+cluster://:hunter2@n1#x", "cannot have a # fragment"),
+    ("redis://:hunter2@h:6379/0#x", "cannot have a # fragment"),
+    ("redis+sentinel://:hunter2/x@s1/m", "percent-encode any /, ?, # or @"),
+    ("redis://app:2024/hunter2@h/0", "percent-encode any /, ?, # or @"),
+    ("http://:hunter2@h", "must be embedded or a URL with scheme redis://"),
+    ("unix:///r.sock?password=hunter2&socket_timeout=-1",
+     "socket_timeout of the URL must be a number of seconds above 0"),
+    ("rediss://:hunter2@h/0?ssl_ca_certs=/nowhere/ca.pem",
+     "ssl_ca_certs of the URL names no readable file"),
+])
+def test_a_store_url_from_the_environment_is_refused_with_its_reason(
+        tmp_path: Path, monkeypatch, url: str, reason: str) -> None:
+    """``store.redis_url: ${KEYGATE_REDIS_URL}`` is the documented way. A problem with a value
+    from the environment drops a reason that quotes anything (it may quote the value): the
+    store URL's reasons, quoting nothing of it, were dropped for an apostrophe ("the
+    master's name", "the URL's ssl_ca_certs") or a quoted character ("a '#' fragment"),
+    leaving 'the value from ${KEYGATE_REDIS_URL} is invalid' and nothing to go on."""
+    monkeypatch.setenv("KG_TEST_STORE_URL", url)
+    path = tmp_path / "config.yaml"
+    path.write_text("store:\n  redis_url: ${KG_TEST_STORE_URL}\n")
+    with pytest.raises(ConfigError) as bad:
+        load_config(path)
+    (problem,) = bad.value.problems
+    assert problem.startswith(f"{path}:2: store.redis_url: the value from ${{KG_TEST_STORE_URL}}"
+                              " is invalid: "), problem
+    assert reason in problem and "hunter2" not in problem, problem
+
+
 def test_config_accepts_every_topology_form(tmp_path: Path) -> None:
     for url in ("redis+sentinel://:pw@s1:26379,s2:26379/mymaster/1?sentinel_password=sp",
                 "rediss+sentinel://s1/mymaster", "redis+cluster://:pw@n1:7000,n2:7001",
@@ -140,6 +220,25 @@ def test_redact_masks_both_passwords() -> None:
     shown = redact("redis+sentinel://app:hunter2@s1,s2/m?sentinel_password=hunter3")
     assert "hunter2" not in shown and "hunter3" not in shown
     assert shown.startswith("redis+sentinel://app:***@s1,s2/m?")
+
+
+@pytest.mark.parametrize("url", [
+    "unix:///run/none.sock?db=1&pass%77ord=hunter2",
+    "redis://127.0.0.1:1/0?%70assword=hunter2",
+    "redis+sentinel://127.0.0.1:1/m?sentinel_pass%77ord=hunter2",
+    "rediss://127.0.0.1:1/0?ssl_pass%77ord=hunter2",
+])
+def test_redact_masks_a_password_option_whose_name_is_percent_encoded(url: str) -> None:
+    """The URL's query is read with its names percent-decoded (redis-py's parse_qs), so
+    ``pass%77ord=`` is the password; redact compared the raw name, and the start-up error
+    printed it: 'cannot reach the store at unix:///run/none.sock?db=1&pass%77ord=hunter2'."""
+    assert "hunter2" not in redact(url), redact(url)
+    config = make_config("http://127.0.0.1:9")
+    config = dataclasses.replace(
+        config, server=dataclasses.replace(config.server, port=free_port()),
+        admin=dataclasses.replace(config.admin, port=free_port()))
+    problem = _preflight(config, url)
+    assert problem is not None and "hunter2" not in problem, problem
 
 
 # --- Sentinel ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from aiohttp import ClientSession, TCPConnector, web
 
 from gateway.config import load_config
 from prometheus_client.parser import text_string_to_metric_families
-from harness import bearer, eventually, gateway_under_test, serving
+from harness import bearer, eventually, gateway_under_test, refusal_times, serving
 from served import TIMEOUT, Served, admin_json, children_of, new_key, write_config
 
 
@@ -253,6 +253,23 @@ async def test_new_argon2_parameters_hash_the_keys_created_after_the_reload(
     async with gw.proxy.get("/people/1", headers={"Authorization": f"Bearer {token}"}) as r:
         assert r.status == 200
 
+
+async def test_after_a_reload_of_argon2_an_unknown_key_id_still_costs_a_wrong_secrets_run(
+        reloadable, upstreams):
+    """A token naming no key is verified against a decoy hash so that its refusal takes as
+    long as a wrong secret's. The decoy was made once, with the parameters at start: after a
+    reload raised them, keys created since cost the new parameters to refuse and an unknown
+    key id the old, cheap ones, which told them apart again. The decoy follows the reload."""
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    write(path, config_doc(urls["a"], keys={"argon2": {"time_cost": 2, "memory_cost": 19456,
+                                                       "parallelism": 1},
+                                            "failures": {"per_ip": 100}}))
+    status, result = await reload(gw)
+    assert status == 200, result
+    token, _ = await gw.key(role="reader")
+    median = await refusal_times(gw, token)
+    assert median["unknown id"] > median["wrong secret"] / 3, median
 
 async def test_the_websocket_recheck_interval_reloads(reloadable, upstreams):
     gw, path = reloadable

@@ -131,9 +131,9 @@ async def test_failures_are_counted_with_a_ttl_from_the_first(redis_url):
     r = redis.Redis.from_url(redis_url)
     assert 0 < r.ttl(fail_ip_key("10.0.0.9")) <= 300 and 0 < r.ttl(fail_key_key("kx")) <= 300
     # when each resets, in ms, for a 429's Retry-After (-2: no such counter; None: not asked)
-    ip_ms, key_ms = await store.failure_resets_ms("10.0.0.9", "kx")
+    ip_ms, key_ms = await store.failure_resets_ms("10.0.0.9", "kx", 300)
     assert 290_000 < ip_ms <= 300_000 and 290_000 < key_ms <= 300_000
-    assert await store.failure_resets_ms(None, "never-failed") == [-2]
+    assert await store.failure_resets_ms(None, "never-failed", 300) == [-2]
     await store.close()
 
 

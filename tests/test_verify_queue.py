@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from gateway.config import StoreConfig
 from gateway.errors import ServiceUnavailable
 from gateway.verify_queue import VerifyQueue
 
@@ -111,3 +112,167 @@ def test_the_argon2_pool_has_a_thread_per_cpu_the_process_may_use_not_per_machin
                           check=True)
     assert pinned.stdout.strip() == "1"
     assert free.stdout.strip() == str(max(1, min(4, len(os.sched_getaffinity(0)))))
+
+
+# --- against a whole gateway (real Redis, real sockets) ----------------------------------------
+
+async def _cold_tokens(config, redis_url: str, monkeypatch, n: int) -> list[str]:
+    """``n`` keys' tokens, made by a gateway that is then stopped: a new one has them cold."""
+    from harness import gateway_under_test
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        return [(await g.key(name=f"k{i}"))[0] for i in range(n)]
+
+
+async def _send(g, token: str):
+    """A raw connection with one request sent on it, its answer not read."""
+    reader, writer = await g.raw_connection()
+    writer.write(f"GET /people/1 HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {token}\r\n"
+                 "Connection: close\r\n\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
+async def test_a_client_that_leaves_while_its_first_request_is_queued_frees_its_place(
+        upstream, own_redis, monkeypatch):
+    """First requests wait for a verification turn, bounded per client address
+    (``keys.verify_queue.per_ip``). A client that closed its connection while waiting kept
+    its place until its verification had run (for nobody): an address whose clients gave up
+    and retried (a timeout, a browser navigating away) was answered 503 ``overloaded`` for
+    places nobody held, and argon2 ran for every request gone. Leaving frees the place."""
+    import signal
+
+    from harness import bearer, gateway_under_test, make_config
+    # the turns wait on the paused Redis: no store timeout must end them meanwhile
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=60.0))
+    tokens = await _cold_tokens(config, own_redis.url, monkeypatch, 12)
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        auth = g.gw.pipeline.auth
+        per_ip = auth.queue.slots + 3  # some hold turns, three wait for one
+        auth.queue.per_ip = per_ip
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)  # the turns' store reads hang meanwhile
+        try:
+            gone = [await _send(g, t) for t in tokens[:per_ip]]
+            await asyncio.sleep(0.2)
+            assert auth.queue.queued == per_ip and auth.queue.busy == auth.queue.slots
+            for _, writer in gone:
+                writer.close()
+            await asyncio.sleep(0.2)
+            # the three that only waited left the queue; those holding a turn keep it
+            assert auth.queue.queued == auth.queue.slots, auth.queue.queued
+            reader, writer = await _send(g, tokens[per_ip])
+            await asyncio.sleep(0.1)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        # argon2 ran for the turns held and the request still there, never for those gone
+        await asyncio.sleep(0.3)
+        ran = g.counter("keygate_argon2_verifications_total", result="ok")
+        assert ran == auth.queue.slots + 1, ran
+        async with g.proxy.get("/people/1", headers=bearer(tokens[-1])) as r:
+            assert r.status == 200
+
+
+async def test_a_verification_others_still_wait_on_goes_on_when_one_client_leaves(
+        upstream, own_redis, monkeypatch):
+    """Requests with the same first token share one verification: one client leaving ends
+    only its own request; the verification stays queued for the others (200), and a
+    verification nobody waits on that is then asked for again is started anew."""
+    import signal
+
+    from harness import gateway_under_test, make_config
+    # the turns wait on the paused Redis: no store timeout must end them meanwhile
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=60.0))
+    tokens = await _cold_tokens(config, own_redis.url, monkeypatch, 8)
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        auth = g.gw.pipeline.auth
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            holders = [await _send(g, t) for t in tokens[:auth.queue.slots]]  # every turn
+            shared = tokens[-1]
+            leaving, staying = await _send(g, shared), await _send(g, shared)
+            alone = await _send(g, tokens[-2])
+            await asyncio.sleep(0.2)
+            assert auth.queue.queued == auth.queue.slots + 2
+            leaving[1].close()
+            alone[1].close()
+            await asyncio.sleep(0.2)
+            assert auth.queue.queued == auth.queue.slots + 1  # the shared one stays
+            again = await _send(g, tokens[-2])  # asked again after its only client left
+            await asyncio.sleep(0.1)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        for reader, writer in (*holders, staying, again):
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+async def test_the_queue_bounds_hold_exactly_per_client_address_and_in_total(
+        upstream, own_redis, monkeypatch):
+    """End to end, behind a trusted proxy (the client address from X-Forwarded-For): with
+    every verification held (Redis paused), the shipped ``per_ip`` (256) admits exactly 256
+    first requests of one address and refuses the rest 503 ``overloaded`` with
+    ``Retry-After: 1``; ``total`` (600 here) refuses every address past it; every admitted
+    request is decided once Redis answers (401 for these unknown keys, never 503)."""
+    import dataclasses
+    import signal
+    from collections import Counter
+
+    from aiohttp import ClientSession, TCPConnector
+
+    from gateway.config import FailureLimits, VerifyQueueLimits
+    from gateway.tokens import make_token
+    from harness import gateway_under_test, make_config
+    # the turns wait on the paused Redis: no store timeout must end them meanwhile
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=60.0))
+    config = dataclasses.replace(
+        config, server=dataclasses.replace(config.server, trusted_proxies=("127.0.0.1/32",)),
+        keys=dataclasses.replace(config.keys, failures=FailureLimits(10_000, None, 60),
+                                 verify_queue=VerifyQueueLimits(total=600)))
+    assert config.keys.verify_queue.per_ip == 256
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        queue = g.gw.pipeline.auth.queue
+        session = ClientSession(str(g.proxy_server.make_url("")),
+                                connector=TCPConnector(limit=0))
+        answers: list[tuple[str, int, str | None, str]] = []
+
+        async def first(ip: str) -> None:
+            headers = {"Authorization": f"Bearer {make_token('kg', 'live')[0]}",
+                       "X-Forwarded-For": ip}
+            async with session.get("/people/1", headers=headers) as r:
+                code = (await r.json())["error"]["code"]
+                answers.append((ip, r.status, r.headers.get("Retry-After"), code))
+
+        async def arrived(n: int) -> None:  # every request sent is in the queue or refused
+            for _ in range(1200):
+                if queue.queued + len(answers) >= n:
+                    return
+                await asyncio.sleep(0.05)
+
+        tasks: list[asyncio.Future] = []
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:  # two addresses first, past their own bound; then others, past the total
+            tasks += [asyncio.ensure_future(first(ip))
+                      for ip in ["10.0.0.1"] * 300 + ["10.0.0.2"] * 300]
+            await arrived(600)
+            assert queue.queued == 512, queue.queued
+            tasks += [asyncio.ensure_future(first(f"10.0.1.{i}")) for i in range(150)]
+            await arrived(750)
+            assert queue.queued == 600, (queue.queued, len(answers))
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+            try:
+                await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            finally:
+                await session.close()
+    seen = Counter((ip if ip in ("10.0.0.1", "10.0.0.2") else "others", status, retry, code)
+                   for ip, status, retry, code in answers)
+    assert seen == Counter({("10.0.0.1", 401, None, "invalid_key"): 256,
+                            ("10.0.0.1", 503, "1", "overloaded"): 44,
+                            ("10.0.0.2", 401, None, "invalid_key"): 256,
+                            ("10.0.0.2", 503, "1", "overloaded"): 44,
+                            ("others", 401, None, "invalid_key"): 88,
+                            ("others", 503, "1", "overloaded"): 62}), seen

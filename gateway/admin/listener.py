@@ -15,7 +15,7 @@ from ..store import Store
 from .api import ROUTES, Call, Endpoint, json_response
 from .console import add_console_routes
 from .keyops import OPERATOR_ACTOR
-from .middleware import ACTOR, OPENAPI_PATH, KeyAuthenticator, error_middleware
+from .middleware import ACTOR, MAX_BODY, OPENAPI_PATH, KeyAuthenticator, error_middleware
 from .openapi import document_bytes
 
 log = logging.getLogger("keygate.admin")
@@ -68,9 +68,8 @@ def create_admin_app(config: Config, store: Store,
     also workspace admin keys), ``/healthz``, ``/readyz``, and the console at ``/console/``.
     ``client_address``: the caller's address for the log line (the proxy pipeline's, through
     ``server.trusted_proxies``); the connection's peer without it."""
-    app = web.Application(middlewares=[error_middleware(config,
-                                                        authenticate_key=authenticate_key,
-                                                        client_address=client_address)])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware(
+        config, authenticate_key=authenticate_key, client_address=client_address)])
     app[STORE] = store
     app[READINESS] = Readiness(store, per_request_ready)
     r = app.router

@@ -22,10 +22,10 @@ from aiohttp import web
 
 from ..accesslog import mask_target
 from ..config import Config
-from ..proxying.server import _CONTINUE, EXPECTS_CONTINUE, answer_and_close
+from ..proxying.server import EXPECTATION, answer_and_close, continue_if_expected, continues
 from ..errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
-                      NotImplemented_, PayloadTooLarge, RequestTimeout, ServiceUnavailable, StoreError,
-                      Unauthorized, body_cut_short, shown)
+                      NotImplemented_, RequestTimeout, ServiceUnavailable, StoreError,
+                      Unauthorized, body_cut_short, body_too_large, shown)
 from ..store import WORKSPACE_ID_RE
 from ..tokens import adoptable_request_id
 from .api import QUERY_PARAMS, WORKSPACE_ADMIN_ROUTES
@@ -38,6 +38,10 @@ _ADMIN_REALM = 'Bearer realm="keygate-admin"'
 OPENAPI_PATH = "/admin/v1/openapi.json"
 UNAUTHENTICATED = frozenset({OPENAPI_PATH})
 """Paths under /admin/ that need no operator token (SPEC: the OpenAPI document)."""
+
+MAX_BODY = 1024 ** 2
+"""The largest request body the admin API takes, in bytes (its JSON is small): the admin
+app's ``client_max_size``; a body declared larger is refused from its head."""
 
 ACTOR = web.RequestKey("actor", Actor)
 """Who the call acts as, set on the request once it is authenticated."""
@@ -112,7 +116,12 @@ def check_operator(request: web.BaseRequest, config: Config, expected: str) -> N
 
 async def identify(request: web.BaseRequest, config: Config, expected: str,
                    authenticate_key: KeyAuthenticator | None) -> Actor:
-    """The operator, or a workspace admin key; 401 ``unauthorized`` for anything else."""
+    """The operator, or a workspace admin key; 401 ``unauthorized`` for anything else, 400
+    ``bad_request`` for more than one ``Authorization`` (which one counts is not for keygate
+    to guess: a proxy in front may judge another, as the proxy listener's ``ambiguous_key``)."""
+    if len(request.headers.getall("Authorization", ())) > 1:
+        raise BadRequest("Send one Authorization header; this request has more than one.",
+                         headers={"WWW-Authenticate": _ADMIN_REALM + ', error="invalid_request"'})
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     given = given.strip()
     is_operator = bool(expected.strip()) and hmac.compare_digest(
@@ -156,7 +165,7 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
         return MethodNotAllowed(f"Method not allowed here; use {allow or 'another method'}.",
                                 headers={"Allow": allow} if allow else None)
     if exc.status == 413:
-        return PayloadTooLarge("The request body is too large.")
+        return body_too_large(MAX_BODY)
     # any other refusal of aiohttp's (a malformed request) keeps the status aiohttp chose
     return GatewayError(exc.reason or "Request refused.", code="bad_request", status=exc.status)
 
@@ -174,14 +183,6 @@ async def read_whole_body(request: web.BaseRequest, within: float) -> bytes:
     if any(c != "identity" for c in codings):
         raise BadRequest("The request body has a Content-Encoding; send the JSON uncompressed, "
                          "without one.")
-    if request.get(EXPECTS_CONTINUE):  # the call was judged: now ask for the body, if it fits
-        if (request.content_length or 0) > request.client_max_size:
-            raise PayloadTooLarge("The request body is too large.")
-        try:
-            await request.writer.write(_CONTINUE)
-        except ConnectionError:  # the client left before it was asked for its body
-            raise body_cut_short() from None
-        request[EXPECTS_CONTINUE] = False
     try:
         async with asyncio.timeout(within):
             return await request.read()
@@ -210,12 +211,18 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                          ) -> web.StreamResponse:
         rid = request_id_of(request)
         started, actor = time.perf_counter(), "-"
+        # a client that waits for 100 Continue before it sends its body (AdminRunner leaves
+        # that answer to this middleware: it is sent once the caller is admitted)
+        held_back = continues(request) and request.body_exists
         try:
             if request.method == "CONNECT":
                 # aiohttp's parser ends a CONNECT at its head and, once it is answered, reads
                 # what follows (the body it declared) as the next request: refused, and the
                 # connection closed unread (below)
                 raise NotImplemented_("CONNECT is not supported: keygate opens no tunnels.")
+            if request.get(EXPECTATION, "").strip().lower() not in ("", "100-continue"):
+                raise GatewayError("The only expectation the admin API meets is "
+                                   "'Expect: 100-continue'.", code="bad_request", status=417)
             if authenticate and request.path.startswith("/admin/") \
                     and request.path not in UNAUTHENTICATED:
                 caller = await identify(request, config, expected, authenticate_key)
@@ -228,6 +235,11 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                     check_query(request.query, QUERY_PARAMS.get(
                         (method, getattr(resource, "canonical", "")), ()))
                 if request.body_exists:  # before the handler, whose reads then wait on nothing
+                    if (request.content_length or 0) > MAX_BODY:  # not asked for, nor read
+                        raise body_too_large(MAX_BODY)
+                    if held_back:
+                        await continue_if_expected(request)
+                        held_back = False
                     await read_whole_body(request, config.server.timeouts.body)
             response = await handler(request)
         except GatewayError as err:
@@ -247,14 +259,17 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                           loggable_target(request.raw_path, config.keys.prefix, expected), rid)
             response = GatewayError("An internal error occurred.").response(rid)
         response.headers["X-Request-Id"] = rid
+        if response.status == 413 or held_back and not request.content.is_eof():
+            # the rest of a body over the limit is not worth reading; and a body held back for
+            # a 100 Continue never sent may follow or not (RFC 9110 10.1.1): the next bytes
+            # are never read as a request (nor as that body). Closed the lingering way.
+            response.force_close()
         if request.path.startswith("/admin/") and request.path not in UNAUTHENTICATED:
             log_admin_call(request, response.status, rid, actor, time.perf_counter() - started,
                            config.keys.prefix,
                            client_address(request) if client_address else request.remote,
                            operator_token=expected)
-        # the rest is not worth waiting for, or not ours, or was never asked for (an answer
-        # to `Expect: 100-continue` given before the body: the client may send it or not)
-        if response.status in (408, 501) or request.get(EXPECTS_CONTINUE):
+        if response.status in (408, 501):  # the rest is not worth waiting for, or not ours
             response.force_close()
             await answer_and_close(request, response)
         return response

@@ -25,13 +25,14 @@ import socket
 import uuid
 import warnings
 
-from aiohttp import web, web_protocol
+from aiohttp import hdrs, web, web_protocol
 from aiohttp.helpers import ceil_timeout
 from aiohttp.http_exceptions import InvalidURLError, LineTooLong
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..errors import BadRequest, GatewayError, body_cut_short
 from .connection import ClientGone
@@ -109,8 +110,9 @@ class _JsonErrorRequestHandler(RequestHandler):
     _tunnel = None    # the WebSocket tunnel this connection became (gateway.proxying.tunnel)
     # while the request waits for its upstream: the timeout of a streamed answer's wait for
     # the upstream's next bytes (forward.py), or the future of the wait for the answer head
-    # (upstream.py, the request body's sending included). The client going ends it at once,
-    # as aiohttp does not cancel the handler
+    # (upstream.py, the request body's sending included), or of a first request's wait for
+    # its key's verification (auth.py). The client going ends it at once, as aiohttp does
+    # not cancel the handler
     upstream_wait: asyncio.Timeout | asyncio.Future | None = None
     _kept = None      # the connection's transport, kept past force_close (it drops .transport)
     _unflushed_since: float | None = None  # when the sweep first saw it closed, bytes unsent
@@ -128,10 +130,14 @@ class _JsonErrorRequestHandler(RequestHandler):
         limit = getattr(server, "max_connections", None)
         if limit is not None and len(server.connections) > limit:
             # over the bound: refused at once, so idle or slow clients cannot take the file
-            # descriptors that the upstream and store connections need
-            server.refused_connections += 1
-            transport.abort()
-            return
+            # descriptors that the upstream and store connections need; or, on a server that
+            # evicts, the connection waiting longest for a request is closed instead
+            victim = server.idlest(self) if getattr(server, "evict_idle", False) else None
+            if victim is None:
+                server.refused_connections += 1
+                transport.abort()
+                return
+            victim.transport.abort()  # connection_lost frees its place
         if getattr(server, "header_timeout", None):
             self._head_since = self._loop.time()   # the first head is due from now
             server.sweep_heads()
@@ -495,6 +501,16 @@ class _JsonErrorRequestHandler(RequestHandler):
             self._unflushed_since = now
         return now - self._unflushed_since >= timeout
 
+    def waiting_since(self) -> float | None:
+        """When this connection began to wait for a request head (its connection, or the
+        first byte of a head under way); -1.0 for one idle between keep-alive requests (no
+        time kept); None when a request is under way or queued, or it is closing."""
+        transport = self.transport
+        if self._request_in_progress or self._messages or self._linger_end \
+                or transport is None or transport.is_closing():
+            return None
+        return -1.0 if self._head_since is None else self._head_since
+
     def head_overdue(self, deadline: float) -> bool:
         """No whole request head since before ``deadline`` (a slow-loris, a stalled client)."""
         since = self._head_since
@@ -808,41 +824,48 @@ def take_over(request: web.BaseRequest, feed, tunnel) -> None:
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-EXPECTS_CONTINUE = web.RequestKey("expects_continue", bool)
-"""An admin-listener request sent with ``Expect: 100-continue`` and not yet told to send its
-body (``_expect_after_checks``): the admin middleware sends ``100 Continue`` when it reads the
-body, and closes the connection after an answer given without asking for it."""
-
-
-def _expect_after_checks(handler):
-    """The admin app's handler, with ``Expect`` left to keygate's own code. aiohttp's router
-    answers it before any middleware runs: ``100 Continue`` before the token is checked (a
-    caller with none, or declaring more than the 1 MiB limit, invited to send its body) and
-    any other expectation a plain-text 417 with no JSON error body. The header is taken off
-    the request; an HTTP/1.1 ``100-continue`` is remembered (``EXPECTS_CONTINUE``), any other
-    expectation ignored (RFC 9110 10.1.1 lets a server do so, and the proxy listener does)."""
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        if "Expect" in request.headers:
-            request[EXPECTS_CONTINUE] = request.version >= (1, 1) and any(
-                value.strip().lower() == "100-continue"
-                for value in request.headers.getall("Expect"))
-            headers = request.headers.copy()
-            headers.popall("Expect")
-            request = request.clone(headers=headers)  # its state (the flag) comes along
-        return await handler(request)
-    return handle
-
 
 async def continue_if_expected(request: web.BaseRequest) -> None:
     """Answer ``Expect: 100-continue`` before the body is waited for: such a client holds its
     body back until asked (RFC 9110 10.1.1), and the proxy listener is aiohttp's low-level
-    server, which leaves that to the handler."""
-    if request.version >= (1, 1) and \
+    server, which leaves that to the handler (as the admin listener does: ``EXPECTATION``)."""
+    if continues(request) or request.version >= (1, 1) and \
             request.headers.get("Expect", "").lower() == "100-continue":
         try:
             await request.writer.write(_CONTINUE)
         except ConnectionError:  # the client left before it was asked for its body
             raise body_cut_short() from None
+
+
+EXPECTATION = web.RequestKey("expectation", str)
+"""The ``Expect`` field of a request to the admin listener, as sent: ``AdminRunner`` takes it
+off the request's headers as the request is made, because aiohttp's ``Application`` answers
+it itself (``100 Continue``, or its own text 417) before any middleware runs, so before the
+caller is authenticated. The admin middleware answers it once the caller is admitted."""
+
+
+def _deferring_expect(make_request):
+    """``make_request`` (a server's request factory), with ``Expect`` taken off the request's
+    headers and kept under ``EXPECTATION``. A request without one (nearly all) is made as is."""
+    def make(message, payload, protocol, writer, task):
+        if hdrs.EXPECT not in message.headers:
+            return make_request(message, payload, protocol, writer, task)
+        headers = CIMultiDict(message.headers)
+        expectation = ", ".join(headers.popall(hdrs.EXPECT))
+        message = message._replace(headers=CIMultiDictProxy(headers), raw_headers=tuple(
+            (name, value) for name, value in message.raw_headers
+            if name.lower() != b"expect"))
+        request = make_request(message, payload, protocol, writer, task)
+        request[EXPECTATION] = expectation
+        return request
+    return make
+
+
+def continues(request: web.BaseRequest) -> bool:
+    """Whether the client of ``request`` (to the admin listener) holds its body back until it
+    is sent ``100 Continue`` (RFC 9110 10.1.1)."""
+    return request.version >= (1, 1) and \
+        request.get(EXPECTATION, "").strip().lower() == "100-continue"
 
 
 async def answer_and_close(request: web.BaseRequest, response: web.StreamResponse) -> None:
@@ -898,14 +921,17 @@ class ProxyServer(web.Server):
     ``header_timeout``: seconds for a whole request head; ``write_timeout``: seconds a
     client may take no bytes of its answer before its connection is closed
     (``server.timeouts.body``); ``max_connections``: open client
-    connections beyond which a new one is closed at once (None: no bound); ``inline``: run
+    connections beyond which a new one is closed at once (None: no bound), or with
+    ``evict_idle`` the one waiting longest for a request (``idlest``); ``inline``: run
     each request's handler in its connection's task (the proxy listener; see
     ``_InlineRequestHandler``)."""
 
     def __init__(self, handler, *, header_timeout: float | None = None,
                  max_connections: int | None = None, inline: bool = False,
-                 write_timeout: float | None = None, **kwargs) -> None:
+                 write_timeout: float | None = None, evict_idle: bool = False,
+                 **kwargs) -> None:
         super().__init__(handler, **kwargs)
+        self.evict_idle = evict_idle
         self._handler_class = _InlineRequestHandler if inline and INLINE_START \
             else _JsonErrorRequestHandler
         self.header_timeout = header_timeout
@@ -914,6 +940,23 @@ class ProxyServer(web.Server):
         self.refused_connections = 0
         self.stopping = False  # from pre_shutdown on: bodies in flight are still read
         self._sweeper: asyncio.Task | None = None
+
+    def idlest(self, newcomer) -> "_JsonErrorRequestHandler | None":
+        """For ``newcomer``, over the bound: the connection waiting longest for a request
+        head, one idle between keep-alive requests only if none is (None when every other
+        has a request under way). Only when the bound is reached: one pass over them."""
+        chosen, chosen_since, idle = None, math.inf, None
+        for handler in self._connections:
+            if handler is newcomer:
+                continue
+            since = handler.waiting_since()
+            if since is None:
+                continue
+            if since < 0:
+                idle = idle or handler
+            elif since < chosen_since:
+                chosen, chosen_since = handler, since
+        return chosen or idle
 
     def sweep_heads(self) -> None:
         """Make sure the header-timeout sweep runs while there are connections. One task per
@@ -994,10 +1037,22 @@ class ProxyServer(web.Server):
 class AdminRunner(web.AppRunner):
     """``web.AppRunner`` for the admin app, with JSON answers to unparseable requests too, and
     the proxy listener's head timeout (``header_timeout``) and write stall timeout
-    (``write_timeout``): a slow-loris or a client that never reads is cut off there as well."""
+    (``write_timeout``): a slow-loris or a client that never reads is cut off there as well;
+    ``max_connections`` bounds its open connections as ``server.max_connections`` does the
+    proxy listener's, but at the bound the connection waiting longest for a request is closed
+    rather than the new one: its callers (probes, a scraper, the CLI) send at once, so idle
+    connections held open (a slowloris) cannot keep them out.
+
+    Its connections run as the proxy listener's do (``_InlineRequestHandler``), for its
+    lingering close (see LINGER_TIME): closed at once after a refusal (a 400 for the framing,
+    a 408, a 413, a 501), a client still writing its body failed on a reset before it could
+    read the answer. (The admin app's handlers set no context variable that a task of their
+    own would have kept from the next request.) A request's ``Expect`` is the admin
+    middleware's to answer (``EXPECTATION``)."""
 
     def __init__(self, app: web.Application, *, header_timeout: float | None = None,
-                 write_timeout: float | None = None, **kwargs) -> None:
+                 write_timeout: float | None = None, max_connections: int | None = None,
+                 **kwargs) -> None:
         # bodies as sent, as on the proxy listener: aiohttp's decoding of gzip/deflate failed
         # outside any handler (a traceback in the log per request, token or not), and the
         # admin API refuses a Content-Encoding anyway (middleware.read_whole_body)
@@ -1005,11 +1060,13 @@ class AdminRunner(web.AppRunner):
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
         self._write_timeout = write_timeout
+        self._max_connections = max_connections
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        return ProxyServer(_expect_after_checks(server.request_handler),
-                           request_factory=server.request_factory,
+        return ProxyServer(server.request_handler,
+                           request_factory=_deferring_expect(server.request_factory),
                            loop=server._loop, header_timeout=self._header_timeout,
-                           write_timeout=self._write_timeout,
+                           write_timeout=self._write_timeout, inline=True,
+                           max_connections=self._max_connections, evict_idle=True,
                            **server._kwargs)

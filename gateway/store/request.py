@@ -407,12 +407,16 @@ class RequestStore:
             raise StoreError(f"store call failed: {describe(exc)}") from exc
         return int(reply[0] or 0), int(reply[1] or 0) if key_id is not None else 0
 
-    async def failure_resets_ms(self, ip: str | None, key_id: str | None) -> list[int]:
+    async def failure_resets_ms(self, ip: str | None, key_id: str | None,
+                                window_seconds: int) -> list[int]:
         """Milliseconds until each named failure counter resets (its PTTL: -2 when it is
-        gone, -1 without a TTL), from this IP and against this key id; None skips one."""
+        gone), from this IP and against this key id; None skips one. A counter set to reset
+        past ``window_seconds`` from now (a reload lowered it), or never, is set to reset then
+        (lua/failure_reset.lua)."""
         counters = [k for k in (ip and fail_ip_key(ip), key_id and fail_key_key(key_id)) if k]
+        window = (window_seconds * 1000,)
         try:
-            return [int(await self._resp.run(FAILURE_RESET, (k,), ())) for k in counters]
+            return [int(await self._resp.run(FAILURE_RESET, (k,), window)) for k in counters]
         except Exception as exc:
             raise StoreError(f"store call failed: {describe(exc)}") from exc
 
