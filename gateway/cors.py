@@ -178,10 +178,10 @@ def _forwarding_route(routes: RouteTable, method: str, raw_path: str):
 
 def _self_service_methods(rest: str) -> list[str]:
     """The methods ``/_keygate/v1/keys<rest>`` takes (HEAD with GET)."""
-    from .admin.self_service import SELF_SERVICE_ROUTES, _match  # the one table of them
-    if rest and not rest.startswith("/"):
+    from .admin.self_service import SELF_SERVICE_ROUTES, _match, segments  # the one table
+    parts = segments(rest)
+    if parts is None:
         return []
-    parts = rest.strip("/").split("/") if rest not in ("", "/") else []
     methods: dict[str, None] = {}
     for endpoint, pattern in SELF_SERVICE_ROUTES:
         if "" not in parts and _match(pattern, parts) is not None:

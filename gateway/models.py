@@ -57,6 +57,12 @@ def whole_number(text: str) -> int:
 
 RATE_LIMIT_RE = re.compile(r"\s*([0-9]+)\s*/\s*([sm])\s*")
 MAX_RATE = 10**9
+# Bounds the admin API holds values to, shared with the CLI (which refuses a value past them
+# as bad usage, before any call): a count (monthly_requests, max_keys), a listing's
+# unused_days, an audit listing's limit.
+MAX_COUNT = 10**15
+MAX_UNUSED_DAYS = 36500
+MAX_AUDIT_LIMIT = 1000
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,27 @@ def _not_json(text: str) -> float:
     raise ValueError(f"{text} is not a JSON number")
 
 
+class OutOfRange(ValueError):
+    """A JSON number no reader keeps whole: a float past the double range (``1e999``) or an
+    integer of more digits than Python reads (4300). ``shown``: the number, shortened."""
+
+    def __init__(self, text: str) -> None:
+        self.shown = text if len(text) <= 24 else f"{text[:12]}… ({len(text)} characters)"
+        super().__init__(f"{self.shown} is out of range")
+
+
 def _finite(text: str) -> float:
     value = float(text)
     if value in (float("inf"), float("-inf")):  # 1e999: no JSON can carry it back out
-        raise ValueError(f"{text} is out of range")
+        raise OutOfRange(text)
     return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # past sys.get_int_max_str_digits() (4300), in Python's own words
+        raise OutOfRange(text) from None
 
 
 class RepeatedName(ValueError):
@@ -73,5 +89,5 @@ def strict_json(raw: bytes | str, max_depth: int | None = None) -> Any:
         data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
         if nesting(data) > max_depth:
             raise TooDeep(max_depth)
-    return json.loads(raw, parse_constant=_not_json, parse_float=_finite,
+    return json.loads(raw, parse_constant=_not_json, parse_float=_finite, parse_int=_integer,
                       object_pairs_hook=_unique)

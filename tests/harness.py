@@ -375,13 +375,23 @@ class _ProxyTestServer(BaseTestServer):
         return web.ServerRunner(self._server)
 
 
+class _AdminTestServer(TestServer):
+    """Serves the admin app through keygate's own ``AdminRunner``, as ``serve`` does (its
+    JSON answers to unparseable requests, its handling of ``Expect``): a plain ``TestServer``
+    ran aiohttp's stock server, so the tests saw another admin listener than users do."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        from gateway.proxying.server import AdminRunner
+        return AdminRunner(self.app, **kwargs)
+
+
 @contextlib.asynccontextmanager
 async def gateway_under_test(config: Config, redis_url: str, monkeypatch, **kw):
     monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
     async with running_gateway(config, redis_url, **kw) as gw:
         proxy_server = _ProxyTestServer(gw.proxy_server, host="127.0.0.1")
         await proxy_server.start_server()
-        admin_server = TestServer(gw.admin_app, host="127.0.0.1")
+        admin_server = _AdminTestServer(gw.admin_app, host="127.0.0.1")
         # as keygate serves it (AdminRunner, access_log=None): aiohttp's own access log would
         # write admin paths, tokens in them included, once a reload has set the root logger
         # to INFO in an earlier test

@@ -198,13 +198,21 @@ def test_unreachable_admin_api_is_one_line_and_exit_1(capsys, monkeypatch):
     (["--timeout", "nan"], {}, "--timeout"),
     (["--timeout", "inf"], {}, "--timeout"),
     (["--timeout", "0"], {}, "--timeout"),
+    (["--admin-url", "http://ops:s3cr3t-pw@127.0.0.1:1"], {}, "--admin-url"),
+    ([], {"KEYGATE_ADMIN_URL": "http://ops:s3cr3t-pw@127.0.0.1:1"}, "KEYGATE_ADMIN_URL"),
+    (["--admin-url", "http://127.0.0.1:1/?x=1"], {}, "--admin-url"),
+    (["--admin-url", "http://127.0.0.1:1/#top"], {}, "--admin-url"),
 ], ids=["nonnumeric-port", "port-out-of-range", "blank-in-port", "env-port", "timeout-negative",
-        "timeout-nan", "timeout-inf", "timeout-zero"])
+        "timeout-nan", "timeout-inf", "timeout-zero", "userinfo", "env-userinfo", "query",
+        "fragment"])
 def test_a_bad_admin_url_or_timeout_is_bad_usage_never_a_traceback(argv, env, names):
     """SPEC: exit 2 on bad usage, never a traceback. An admin URL whose port is not a port
     passed the scheme-and-host check and ended in http.client's InvalidURL traceback; a
     --timeout of -1, nan or inf in socket.settimeout's ValueError/OverflowError traceback (0
-    made the socket non-blocking: 'Operation now in progress')."""
+    made the socket non-blocking: 'Operation now in progress'). A URL with `user:password@`
+    was taken whole as a host name ("Name or service not known") and its password printed
+    back; one with a query or fragment had the API path appended after it (404 "No such admin
+    endpoint")."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_ADMIN_URL")}
     environ.update(env, KEYGATE_ADMIN_TOKEN=ADMIN_TOKEN)
     done = subprocess.run([sys.executable, "-m", "gateway", *argv, "workspaces", "list"],
@@ -212,7 +220,7 @@ def test_a_bad_admin_url_or_timeout_is_bad_usage_never_a_traceback(argv, env, na
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 2, done.stderr
     assert names in done.stderr and done.stdout == ""
-    assert ADMIN_TOKEN not in done.stderr
+    assert ADMIN_TOKEN not in done.stderr and "s3cr3t-pw" not in done.stderr
 
 
 def test_admin_url_comes_from_the_environment(capsys, monkeypatch):
@@ -276,10 +284,14 @@ def test_serve_and_config_check_without_a_config_say_which_file_is_missing(tmp_p
     """serve used to run on built-in defaults (no routes) when ./config.yaml was absent."""
     monkeypatch.delenv("KEYGATE_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)
-    for argv in (["serve"], ["config", "check"]):
+    for argv, how in ((["serve"], "keygate serve --config PATH"),
+                      (["config", "check"], "keygate config check PATH")):
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert str(tmp_path / "config.yaml") in err and "does not exist" in err
+        # config check takes the file as its argument (docs/cli.md): `config check --config
+        # PATH`, which the message told it to run, was exit 2 "unrecognized arguments"
+        assert how in err, err
 
 
 def test_serve_reads_config_yaml_in_the_current_directory(tmp_path, capsys, monkeypatch):
@@ -641,12 +653,14 @@ async def test_keys_create_unknown_role_is_a_bad_request(admin_url, keygate):
     assert "(bad_request)" in run.err
 
 
-async def test_keys_create_bad_rate_limit_is_a_bad_request(admin_url, keygate):
+async def test_keys_create_bad_rate_limit_is_bad_usage(admin_url, keygate):
     await make_workspace(keygate)
     run = await keygate("keys", "create", "--workspace", "acme", "--name", "x", "--role", "reader",
                         "--rate-limit", "fast")
-    assert run.code == 1
-    assert "(bad_request)" in run.err
+    assert run.code == 2  # a malformed option, as --expires 1y is: no call made
+    assert "argument --rate-limit: a rate limit looks like '5/s'" in run.err, run.err
+    run = await keygate("--json", "keys", "list", "--workspace", "acme")
+    assert run.json()["items"] == []
 
 
 async def test_keys_create_over_the_plan_limit_is_refused(admin_url, keygate):
@@ -1095,6 +1109,30 @@ async def test_audit_lists_lifecycle_events_newest_first(admin_url, keygate):
     assert "operator" in rows[0] and key_id in rows[0]
     body = (await keygate("audit", "--workspace", "acme", "--limit", "1", "--json")).json()
     assert len(body["items"]) == 1 and body["items"][0]["target"] == key_id
+
+
+async def test_the_audit_docs_and_help_name_every_kind_of_event_it_lists(admin_url, keygate):
+    """docs/cli.md said `keygate audit` lists "key and role lifecycle events" and its --help
+    "key lifecycle events", while it also lists the workspace's own (its creation, a plan or
+    limits change): an operator looking for who moved a workspace to another plan was told
+    the audit does not hold it."""
+    from pathlib import Path
+    await make_workspace(keygate)
+    assert (await keygate("workspaces", "set-plan", "acme", "pro")).code == 0
+    assert (await keygate("roles", "set", "--workspace", "acme", "ops", "--scope",
+                          "people:read")).code == 0
+    await make_key(keygate, "acme", "--role", "ops")
+    body = (await keygate("audit", "--workspace", "acme", "--json")).json()
+    kinds = {item["action"].split(".")[0] for item in body["items"]}
+    assert kinds == {"workspace", "role", "key"}, kinds
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    section = " ".join(docs.split("### `keygate audit`", 1)[1].split("\n#", 1)[0].split())
+    run = await keygate("audit", "--help")
+    described = " ".join(run.out.split("\n\n")[1].split())  # the line under the usage
+    # the workspace's own events are its creation and its plan, limits or name changes
+    for word in ("key", "role", "plan"):
+        assert word in section, (word, section)
+        assert word in described, (word, described)
 
 
 async def test_json_listings_are_the_api_body_as_is(admin_url, keygate):

@@ -49,7 +49,7 @@ async def test_keys_update_usage_and_list_unused(admin_url, keygate):
     assert body["rate_limit"] == "5/s"
     run = await keygate("keys", "update", "--workspace", "acme", key["id"],
                         "--rate-limit", "fast")
-    assert run.code == 1 and "rate_limit" in run.err
+    assert run.code == 2 and "argument --rate-limit: a rate limit looks like" in run.err
     run = await keygate("keys", "usage", "--workspace", "acme", key["id"])
     assert run.code == 0 and "used 0 this month" in run.out
     run = await keygate("keys", "usage", "--workspace", "acme", key["id"], "--daily",

@@ -136,3 +136,90 @@ def test_every_command_that_takes_a_workspace_takes_its_short_form_too():
     assert {"keys usage", "keys delete", "keys list", "usage"} <= set(taking)
     missing = sorted(cmd for cmd, flags in taking.items() if "-w" not in flags)
     assert missing == [], missing
+
+
+def _documented_placeholders() -> list[tuple[str, str, str]]:
+    """(command, option, placeholder) for each `--option VALUE` of docs/cli.md whose VALUE is
+    a placeholder (it holds a capital: `N`, `30d|DATE`, `N/s|N/m|none`), not an example
+    (`--env test`, `--grace 24h`): from each command's synopsis, and from the table of the
+    options every admin command takes (under the command `keys list`, which takes them)."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    found = []
+    for span in re.findall(r"`(keygate [^`]*)`", text):
+        span = " ".join(span.split())
+        command = " ".join(re.match(r"keygate ((?:[a-z][a-z-]* ?)*)", span).group(1).split())
+        for option, value in re.findall(r"(--[a-z][a-z-]*) ([^\s\[\]()]+)", span):
+            if re.search(r"[A-Z]", value) and not value.startswith("-"):
+                found.append((command, option, value))
+    table = text.split("## Connecting to the admin API", 1)[1].split("\n## ", 1)[0]
+    for option, value in re.findall(r"^\| `(--[a-z-]+) ([^`]+)` \|", table, re.M):
+        found.append(("keys list", option, value))
+    return found
+
+
+def test_every_placeholder_of_docs_cli_md_is_the_one_help_shows():
+    """docs/cli.md writes `--admin-url URL`, `--timeout SECONDS`, `--description TEXT`,
+    `--expires 30d|DATE`, `audit --limit N` and `workspaces limits --max-keys N|none`, while
+    --help showed `ADMIN_URL`, `TIMEOUT`, `DESCRIPTION`, `EXPIRES`, `LIMIT` and `VALUE|none`:
+    the two references to one option disagreed on what it takes."""
+    from gateway.cli.parser import build_parser
+    leaves = dict(_leaf_parsers(build_parser()))
+    documented = _documented_placeholders()
+    assert len(documented) > 30
+    wrong = []
+    for command, option, value in documented:
+        leaf = leaves[tuple(command.split())]
+        action = next(a for a in leaf._actions if option in a.option_strings)
+        shown = action.metavar or action.dest.upper()
+        if shown != value:
+            wrong.append((command, option, value, shown))
+    assert wrong == [], wrong
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["keys", "create", "-w", "acme", "--name", "n", "--scope", "a:b", "--rate-limit", "5/x"],
+     "a rate limit looks like '5/s'"),
+    (["keys", "update", "-w", "acme", "k", "--rate-limit", "fast"], "a rate limit looks like"),
+    (["keys", "update", "-w", "acme", "k", "--rate-limit", "0/s"], "between 1 and"),
+    (["workspaces", "limits", "acme", "--rate-limit", "5 per second"], "a rate limit looks like"),
+    (["keys", "create", "-w", "acme", "--name", "n", "--scope", "a:b", "--monthly-requests",
+      "1000000000000001"], "at most 1000000000000000"),
+    (["workspaces", "limits", "acme", "--max-keys", "1000000000000001"],
+     "at most 1000000000000000"),
+    (["audit", "-w", "acme", "--limit", "1001"], "from 1 to 1000"),
+    (["keys", "list", "-w", "acme", "--unused", "36501d"], "from 0 to 36500")])
+def test_a_value_the_api_can_never_take_is_bad_usage_not_an_api_error(argv, said, capsys,
+                                                                       monkeypatch):
+    """A malformed rate (`--rate-limit 5/x`), a count over the API's 10^15, `audit --limit
+    1001` or `--unused 36501d` went to the admin API and came back as exit 1 with the API's
+    400 (or, with no gateway, "cannot reach the admin API"), while `--days 91` or `--expires
+    1y` are bad usage, exit 2 with the usage line: the same kind of mistake, told two ways."""
+    from gateway.cli import main
+    from conftest import free_port
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("KEYGATE_ADMIN_URL", f"http://127.0.0.1:{free_port()}")  # nobody there
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: keygate ") and said in err, err
+    assert "cannot reach" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["keys", "show", "-w", "acme", ""], ["keys", "revoke", "-w", "acme", "--yes", ""],
+    ["keys", "delete", "-w", "acme", " "], ["keys", "list", "-w", ""],
+    ["usage", "--workspace", ""], ["workspaces", "show", ""],
+    ["workspaces", "set-plan", "acme", ""], ["roles", "delete", "-w", "acme", ""],
+    ["keys", "update", "-w", "acme", "", "--name", "n"]])
+def test_an_empty_id_is_bad_usage_not_no_such_endpoint(argv, capsys, monkeypatch):
+    """`keygate keys show -w acme "$KEY"` with KEY unset asked for `/workspaces/acme/keys/`
+    and printed `No such admin endpoint. (not_found)`, exit 1: it read as a gateway of the
+    wrong version, not as the empty argument it was."""
+    from gateway.cli import main
+    from conftest import free_port
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("KEYGATE_ADMIN_URL", f"http://127.0.0.1:{free_port()}")  # nobody there
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: keygate ") and "must not be empty" in err, err

@@ -594,6 +594,70 @@ async def test_a_key_endpoint_answers_100_continue_before_it_waits_for_the_body(
         assert head.startswith(b"HTTP/1.1 201 "), head
 
 
+async def test_the_admin_listener_takes_expect_after_it_has_judged_the_call(redis_url, upstream,
+                                                                           monkeypatch):
+    """aiohttp's router answered `Expect` on the admin listener before any of keygate's own
+    code ran: any other expectation than 100-continue (`Expect: foo`, even on a GET) was a
+    plain-text `417 Unknown Expect: foo` with no JSON error body and no X-Request-Id; and
+    `100 Continue` went out before the token was checked, inviting a caller with no token
+    (or one declaring 2 MB, over the 1 MiB limit) to send its body, only to be refused
+    after. Now (docs/errors.md) an unknown expectation is a JSON 417 `bad_request`, and 100
+    Continue is sent only to an admitted call whose declared body fits; else its final
+    answer comes at once. Through the test harness's admin server, which is now keygate's
+    own AdminRunner as `serve` runs it (a plain TestServer did not defer Expect at all)."""
+    from harness import ADMIN_TOKEN
+
+    async def exchange(port: int, head: str, body: bytes = b"") -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(head.encode())
+            first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            if first.startswith(b"HTTP/1.1 100 "):
+                writer.write(body)
+                first += await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = re.search(rb"Content-Length: (\d+)", first)
+            rest = await asyncio.wait_for(reader.readexactly(int(length.group(1))), 5) \
+                if length else b""
+            return first + rest
+        finally:
+            writer.close()
+
+    config = edge_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        port, auth = g.admin_server.port, f"Authorization: Bearer {ADMIN_TOKEN}\r\n"
+        for head in (f"GET /admin/v1/workspaces HTTP/1.1\r\nHost: x\r\n{auth}Expect: foo\r\n\r\n",
+                     "GET /nothing HTTP/1.1\r\nHost: x\r\nExpect: foo\r\n\r\n"):
+            got = await exchange(port, head)
+            assert got.startswith(b"HTTP/1.1 417 ") and b"X-Request-Id: " in got, got
+            assert b'"code": "bad_request"' in got and b"application/json" in got, got
+        body = json.dumps({"id": "acme", "name": "Acme"}).encode()
+        post = ("POST /admin/v1/workspaces HTTP/1.1\r\nHost: x\r\n{auth}Expect: 100-continue\r\n"
+                "Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n")
+        got = await exchange(port, post.format(auth="", length=len(body)), body)
+        assert got.startswith(b"HTTP/1.1 401 ") and b'"unauthorized"' in got, got
+        got = await exchange(port, post.format(auth=auth, length=2_000_000), b"x" * 2_000_000)
+        assert got.startswith(b"HTTP/1.1 413 ") and b'"body_too_large"' in got, got
+        got = await exchange(port, post.format(auth=auth, length=len(body)), body)
+        assert got.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 "), got
+        status, _ = await g.admin_json("GET", "/workspaces/acme")
+        assert status == 200
+
+
+async def test_a_key_endpoint_refuses_a_declared_body_over_the_limit_before_asking_for_it(
+        redis_url, upstream, monkeypatch):
+    """`Expect: 100-continue` with a Content-Length over the key endpoints' 1 MiB was answered
+    `100 Continue`: the client uploaded its 2 MB, then got 413. The size is known from the
+    head, so the 413 comes at once, and the body is never asked for."""
+    async with key_endpoint_caller(redis_url, upstream, monkeypatch) as (reader, writer, token):
+        writer.write(f"POST /_keygate/v1/keys HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                     f"Expect: 100-continue\r\nContent-Length: 2000000\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        assert head.startswith(b"HTTP/1.1 413 "), head
+        closed, _ = await closed_within(reader, 3.0)  # its body, unread, ends the connection
+        assert closed
+
+
 async def test_a_stalled_body_to_the_admin_api_is_408_and_closed(redis_url, upstream,
                                                                  monkeypatch):
     """An authenticated admin caller (operator token or a workspace admin key) that declares a

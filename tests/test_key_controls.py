@@ -439,6 +439,22 @@ async def test_meta_nested_as_deep_as_4_kib_allows_is_400_and_listings_still_ans
         assert r.status == 200 and len((await r.json())["items"]) == 1
 
 
+@pytest.mark.parametrize("number", ["1e309", "-1e999", "9" * 5000, "-" + "1" * 4301])
+async def test_a_number_out_of_range_is_said_to_be_so_not_to_be_invalid_json(gut, number):
+    """`1e309` and an integer of thousands of digits are JSON by RFC 8259's grammar; refusing
+    them is right (no reader keeps them whole), but the answer said "The request body is not
+    valid JSON.", sending the caller to look for a syntax error that is not there."""
+    await gut.workspace()
+    async with gut.admin.patch("/admin/v1/workspaces/acme",
+                               data=('{"limits": {"max_keys": %s}}' % number).encode(),
+                               headers={"Content-Type": "application/json"}) as r:
+        body = strict_json(await r.read())
+        assert r.status == 400 and body["error"]["code"] == "bad_request"
+    message = body["error"]["message"]
+    assert "out of range" in message and "not valid JSON" not in message, message
+    assert len(message) < 200, message  # the number is not echoed whole
+
+
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
 async def test_a_body_with_a_number_json_cannot_hold_is_400_and_never_stored(gut, number):
     """Python's json reads NaN, Infinity and 1e999 (a float overflowing to inf); RFC 8259 has

@@ -144,6 +144,38 @@ async def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_docu
 
 
 @pytestmark_st
+async def test_schemathesis_as_a_workspace_admin_on_the_admin_listener(redis_url, upstream,
+                                                                     monkeypatch, tmp_path):
+    """The admin API called with a `keys:admin` key instead of the operator token: its own
+    workspace's key routes with the self-service rules, 404 for other workspaces, 403 for
+    the operator's routes. Every answer must still be one the document gives (the run above
+    uses the operator token only). The workspace is pinned to its own, so the run reaches the
+    handlers instead of 404s."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme", plan="unlimited")
+        token, _ = await g.key("acme", role="admin")
+        await g.key("acme", role="reader")
+        # (keys come from the listing and the creations, through the document's links)
+        (tmp_path / "schemathesis.toml").write_text(
+            '[parameters]\n"path.ws" = "acme"\n"path.name" = "reader"\n')
+        base = str(g.admin_server.make_url("")).rstrip("/")
+        started = time.monotonic()
+        code, out = await schemathesis(base + "/admin/v1/openapi.json", base, token,
+                                       # a revoke or rotate of the acting key itself (its id
+                                       # is in every listing) would end the run's
+                                       # credentials; the operator's run above covers both
+                                       "--exclude-path-regex", "^/_keygate/|/(revoke|rotate)$",
+                                       "--max-examples", "6", cwd=tmp_path,
+                                       checks=ADMIN_CHECKS)
+        elapsed = time.monotonic() - started
+    assert code == 0, out
+    # the key's calls were judged, not refused: only the operator's routes answer 403
+    assert "401 Unauthorized (" not in out, out
+    assert elapsed < 90, f"the schemathesis run took {elapsed:.0f}s"
+
+
+@pytestmark_st
 @pytest.mark.parametrize("cors", [False, True], ids=["without-cors", "with-cors"])
 async def test_schemathesis_on_the_self_service_endpoints_of_the_proxy_listener(
         redis_url, upstream, monkeypatch, tmp_path, cors):
@@ -399,6 +431,27 @@ async def test_a_role_stored_under_an_old_name_fits_the_document(redis_url, upst
         assert status == 200
 
 
+async def test_deleting_a_role_the_workspace_does_not_define_is_documented(redis_url, upstream,
+                                                                          monkeypatch):
+    """DELETE of a role the workspace does not define, a configured one included (`roles
+    list` shows it, `config`), is 404 `not_found`; docs/errors.md's not_found row named
+    workspaces, keys and endpoints only, and `roles delete` in docs/cli.md said nothing of
+    it, so an operator deleting a configured role read the 404 as a wrong workspace."""
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace("acme")
+        for name in ("reader", "nope"):  # a configured role, and none at all
+            status, body = await g.admin_json("DELETE", f"/workspaces/acme/roles/{name}")
+            assert (status, body["error"]["code"]) == (404, "not_found"), body
+    row = re.search(r"^\| 404 \| `not_found` \|([^\n]*)", (docs / "errors.md").read_text(),
+                    re.M).group(1)
+    assert "role" in row, row
+    section = (docs / "cli.md").read_text().split("### `keygate roles delete`", 1)[1]
+    section = " ".join(section.split("\n#", 1)[0].split())
+    assert "not_found" in section and "configured" in section, section
+
+
 async def test_refusing_to_delete_a_role_keys_use_is_in_the_document(redis_url, upstream,
                                                                      monkeypatch):
     """DELETE of a workspace role that keys still use answers 409 ``conflict`` (the keys would
@@ -523,3 +576,83 @@ def test_the_api_overview_lists_every_field_of_the_objects(name, schema):
               for field in span.split(",")}
     fields = set(document()["components"]["schemas"][schema]["properties"])
     assert sorted(fields - listed) == []
+
+
+TEXT_VALUES = ["a", "Acme Corp", "é", "\U0001f600", "", " ", "   ", "\u00a0", "\u3000 \u2002",
+               "\ufeff", "a\nb", "a\tb", "a\u0085b", "a\u202eb", "a\u2028b", "a\u200eb",
+               "a\u2066b", "a\u061cb", " a ", "x" * 200, "x" * 201, "x" * 2000, "x" * 2001]
+
+
+@pytest.mark.parametrize("schema_name, field, max_len, nonempty", [
+    ("WorkspaceCreate", "name", 200, True), ("WorkspacePatch", "name", 200, True),
+    ("KeyCreate", "name", 200, True), ("KeyPatch", "name", 200, True),
+    ("KeyCreate", "description", 2000, False), ("KeyPatch", "description", 2000, False)])
+def test_a_text_field_is_documented_as_the_api_takes_it(schema_name, field, max_len, nonempty):
+    """A name of blanks (`"   "`) or one holding a bidirectional override or a line separator
+    (U+202E, U+2028), and a description holding a newline or a tab, fit the document (which
+    excluded only C0/C1 controls from names and nothing from descriptions) and were refused
+    with 400: a client generated from the document, or a tester, sent what it held valid."""
+    import jsonschema
+    from gateway.admin.validate import parse_text
+    from gateway.errors import BadRequest
+
+    schema = document()["components"]["schemas"][schema_name]["properties"][field]
+    wrong = []
+    for value in TEXT_VALUES:
+        documented = jsonschema.Draft202012Validator(schema).is_valid(value)
+        try:
+            parse_text({field: value}, field, max_len, nonempty=nonempty)
+            taken = True
+        except BadRequest:
+            taken = False
+        if documented != taken:
+            wrong.append((value[:12], documented, taken))
+    assert wrong == [], wrong
+
+
+@pytest.mark.parametrize("value", ["1/s", "5/m", " 5 / m ", "01/s", "1000000000/s",
+                                   "0001000000000/m", "0/s", "00/m", "1000000001/s",
+                                   "99999999999/s", "5/h", "5/S", "5", "/s", "-5/s", "5.0/s"])
+def test_a_rate_is_documented_valid_exactly_when_the_api_takes_it(value):
+    """The document's rate pattern took any digits, so `0/s` or `99999999999/s` fit it and
+    were refused with 400 (a rate is 1 to 10^9 requests): a client generated from the
+    document, or a tester, sent rates it held valid."""
+    import jsonschema
+    from gateway.models import parse_rate_limit
+
+    schemas = document()["components"]["schemas"]
+    try:
+        parse_rate_limit(value)
+        taken = True
+    except ValueError:
+        taken = False
+    for schema in (schemas["KeyCreate"]["properties"]["rate_limit"],
+                   schemas["KeyPatch"]["properties"]["rate_limit"],
+                   schemas["WorkspacePatch"]["properties"]["limits"]["properties"]["rate_limit"]):
+        assert jsonschema.Draft202012Validator(schema).is_valid(value) == taken, (value, schema)
+
+
+def test_the_query_defaults_the_api_applies_are_in_the_document():
+    """The audit listing's `limit` (100 when absent), the key listing's `sort` (created) and
+    the daily listings' `days` (30) had no `default` in the document (days said it in words
+    only), so a client generated from it could not show or rely on what leaving one out
+    does; and the audit was described as "key and role" events, while it also lists the
+    workspace's own (created, renamed, its plan or limits changed)."""
+    from gateway.admin.validate import AUDIT_DEFAULT, DAILY_DEFAULT
+
+    doc = document()
+
+    def default(path: str, name: str, method: str = "get"):
+        item = doc["paths"][path]
+        params = item.get("parameters", []) + item[method].get("parameters", [])
+        return next(p for p in params if p.get("name") == name)["schema"].get("default")
+
+    audit = "/admin/v1/workspaces/{ws}/audit"
+    assert default(audit, "limit") == AUDIT_DEFAULT
+    assert default("/admin/v1/workspaces/{ws}/keys", "sort") == "created"
+    assert default("/_keygate/v1/keys", "sort") == "created"
+    for path in ("/admin/v1/workspaces/{ws}/usage/daily",
+                 "/admin/v1/workspaces/{ws}/keys/{key}/usage/daily",
+                 "/_keygate/v1/keys/{key}/usage/daily"):
+        assert default(path, "days") == DAILY_DEFAULT, path
+    assert "workspace" in doc["paths"][audit]["get"]["summary"].lower()

@@ -194,6 +194,23 @@ async def test_validation_errors_and_unknown_paths(env):
 
 
 
+async def test_a_trailing_slash_is_no_key_endpoint_as_on_the_admin_listener(env):
+    """`/_keygate/v1/keys/` listed the workspace's keys (and a POST there made one), and
+    `/_keygate/v1/keys/ID/` or `/ID/revoke/` acted on the key, while the admin listener, the
+    usage endpoint and the OpenAPI document know those paths only without the slash (404
+    there): one call answered two ways depending on the listener."""
+    key = env.reader.key.id
+    for method, path in (("GET", "/"), ("POST", "/"), ("GET", f"/{key}/"),
+                         ("PATCH", f"/{key}/"), ("POST", f"/{key}/revoke/"),
+                         ("GET", f"/{key}/usage/daily/")):
+        status, body = await status_and_body(await env.call(method, path, json={"name": "x"}
+                                                            if method != "GET" else None))
+        assert (status, body["error"]["code"]) == (404, "not_found"), (method, path, body)
+    got = await env.store.get_key("acme", key)
+    assert got.revoked_at is None and got.name == "reader"
+    assert len(await env.store.list_keys("acme")) == 3
+
+
 async def test_head_takes_what_get_takes_and_allow_says_so(env):
     """HEAD on a key endpoint that takes GET answered 405, though the admin listener serves
     the same table rows HEAD and /_keygate/v1/usage takes it too: a monitor or a client

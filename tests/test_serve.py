@@ -318,6 +318,29 @@ def test_a_redis_refusing_the_password_at_start_up_says_check_the_credentials(tm
         server.wait(10)
 
 
+def test_a_redis_on_a_unix_socket_refusing_the_password_says_check_the_credentials(tmp_path):
+    """The same refusal through `unix:///path?password=...`: redis-py raises it there as a
+    plain ConnectionError (its AuthenticationError only as the cause), so the line said
+    "start Redis, or point store.redis_url at one this host can reach" to an operator whose
+    Redis was running and had refused the password; `config check`'s note said the same."""
+    sock = tmp_path / "r.sock"
+    server = subprocess.Popen([redis_server_binary(), "--port", "0", "--unixsocket", str(sock),
+                               "--save", "", "--appendonly", "no", "--requirepass", "right-one"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for query in ("?password=wr%40ng-one", ""):  # a wrong password, and none at all
+            config, _, _ = write_config(tmp_path, redis_url=f"unix://{sock}{query}")
+            line = assert_one_clear_line(run_serve(config), "check store.redis_url",
+                                         "credentials")
+            assert "start Redis" not in line and "wr@ng" not in line, line
+    finally:
+        server.kill()
+        server.wait(10)
+
+
 def test_bad_store_url_is_one_line_naming_the_field(tmp_path):
     config, _, _ = write_config(tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/abc")
     assert_one_clear_line(run_serve(config), "store.redis_url")

@@ -7,7 +7,7 @@ import json
 from typing import Mapping, TypeVar
 
 from ..errors import BadRequest
-from ..models import KeyRecord
+from ..models import MAX_UNUSED_DAYS, KeyRecord
 from ..store import STATUSES
 from ..store.records import KeySummary
 from ..strictjson import strict_json
@@ -32,7 +32,7 @@ def select_keys(keys: list[K], query: Mapping[str, str],
     sort = query.get("sort", "created")
     if sort not in SORTS:
         raise BadRequest(f"The query parameter 'sort' must be one of {', '.join(SORTS)}.")
-    unused = query_int(query, "unused_days", 0, 36500)
+    unused = query_int(query, "unused_days", 0, MAX_UNUSED_DAYS)
     limit = query_int(query, "limit", 1, LIST_MAX)
     if status is not None:
         keys = [k for k in keys if k.status(now) == status]

@@ -24,6 +24,7 @@ from functools import lru_cache
 from .. import __version__
 from .api import WORKSPACE_ADMIN_ROUTES
 from .openapi_proxy import proxy_paths
+from .validate import AUDIT_DEFAULT
 from .openapi_schemas import (ADMIN_401, BAD_400, DAYS, JSON, KEY, NOT_FOUND_404,
                               REQUEST_ID_HEADER, RETRY_AFTER, ROLE_NAME, STORE_503,
                               STORED_ROLE_NAME,
@@ -162,10 +163,12 @@ def admin_paths() -> dict[str, Schema]:
         },
         v1 + "/{ws}/audit": {
             "parameters": [WS],
-            "get": op("Key and role lifecycle events, newest first",
+            "get": op("Lifecycle events of the workspace (created; its name, plan or "
+                      "limits changed), its roles and its keys, newest first",
                       ok(200, ref("AuditList"), "the events"), *common, NOT_FOUND_404,
                       params=[param("limit", "query",
-                                    {"type": "integer", "minimum": 1, "maximum": 1000})],
+                                    {"type": "integer", "minimum": 1, "maximum": 1000,
+                                     "default": AUDIT_DEFAULT})],
                       tags=["audit"]),
         },
     }

@@ -6,6 +6,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from .validate import (BLANK_CLASS, DAILY_DEFAULT, MAX_DESCRIPTION, MAX_NAME,
+                       UNSAFE_TEXT_CLASS)
+
 JSON = "application/json"
 Schema = dict[str, Any]
 
@@ -24,16 +27,21 @@ ROLE_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": 63,  # valid
 # digit, then letters, digits, '_', '.', '-'; at most 64) - still listed, used and deletable
 STORED_ROLE_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": 64,
                             "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"}
-RATE_LIMIT: Schema = {"type": "string", "pattern": r"^\s*[0-9]+\s*/\s*[sm]\s*$",
+# 1 to 10^9 (models.MAX_RATE) requests, leading zeros allowed, as models.parse_rate_limit reads
+RATE_LIMIT: Schema = {"type": "string",
+                      "pattern": r"^\s*0*(?:[1-9][0-9]{0,8}|1000000000)\s*/\s*[sm]\s*$",
                       "description": "`N/s` or `N/m`."}
-SINGLE_LINE = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+# a text field as validate.parse_text takes it: no control, separator or bidi character,
+# and (a name) not blank
+SAFE_TEXT = f"^[^{UNSAFE_TEXT_CLASS}]*$"
+NONBLANK_TEXT = f"^[^{UNSAFE_TEXT_CLASS}]*[^{UNSAFE_TEXT_CLASS}{BLANK_CLASS}][^{UNSAFE_TEXT_CLASS}]*$"
 COUNT_OR_NULL: Schema = {"type": ["integer", "null"], "minimum": 0, "maximum": 10**15}
 NULLABLE_RATE: Schema = {"type": ["string", "null"], "pattern": RATE_LIMIT["pattern"]}
 KEY_RATE = ("the key's own rate limit, `N/s` or `N/m`, as set; null: none of its own. In "
             "force it is held within its workspace's rate (`limits.rate_limit`: the plan's or "
             "the workspace's override), compared in both windows; when the two cross, both "
             "hold. The RateLimit headers show the rate in force.")
-DAYS = {"type": "integer", "minimum": 1, "maximum": 90}
+DAYS = {"type": "integer", "minimum": 1, "maximum": 90, "default": DAILY_DEFAULT}
 
 
 def ref(name: str) -> Schema:
@@ -104,8 +112,10 @@ def schemas() -> dict[str, Schema]:
     self_usage = copy.deepcopy(usage)
     self_usage["properties"]["key"] = ref("Key")
     self_usage["required"].append("key")
-    name = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": SINGLE_LINE}
-    description = {"type": "string", "maxLength": 2000}
+    name = {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": NONBLANK_TEXT,
+            "description": "one line of text, not blank"}
+    description = {"type": "string", "maxLength": MAX_DESCRIPTION, "pattern": SAFE_TEXT,
+                   "description": "one line of text"}
     seconds = {"type": "integer", "maximum": 100 * 365 * 86400}
     return {
         "Error": obj({"error": obj({
@@ -180,7 +190,9 @@ def list_params() -> list[Schema]:
     return [param("status", "query", {"enum": ["active", "expired", "revoked"]}),
             param("unused_days", "query", {"type": "integer", "minimum": 0, "maximum": 36500},
                   "never used, or last used more than N days ago"),
-            param("sort", "query", {"enum": ["created", "last_used", "name"]}),
+            param("sort", "query", {"enum": ["created", "last_used", "name"],
+                                    "default": "created"},
+                  "oldest first; `last_used`: least recently used first, never used before all"),
             param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000}),
             param("cursor", "query", {"type": "string"}, "`next_cursor` of the previous page")]
 

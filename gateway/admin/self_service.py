@@ -29,6 +29,15 @@ SELF_SERVICE_ROUTES: tuple[tuple[Endpoint, tuple[str, ...]], ...] = tuple(
 """The table rows self-service serves, with their path segments below the prefix."""
 
 
+def segments(rest: str) -> list[str] | None:
+    """The raw segments of the path after the prefix (``rest``), as sent: an empty one (a
+    trailing slash) matches no endpoint, as on the admin listener's router and in the OpenAPI
+    document. None when ``rest`` is not below the prefix (``/_keygate/v1/keysX``)."""
+    if rest and not rest.startswith("/"):
+        return None
+    return rest[1:].split("/") if rest else []
+
+
 def _match(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
     """The ``{name}`` parameters when ``parts`` (raw, undecoded segments) fit ``pattern``."""
     if len(pattern) != len(parts):
@@ -49,9 +58,9 @@ async def handle_self_service(request: web.BaseRequest, principal: Principal, st
     query parameter it does not take, else the table's handler, acting as the key."""
     path = request.rel_url.raw_path
     rest = path[len(SELF_SERVICE_PREFIX):] if path.startswith(SELF_SERVICE_PREFIX) else None
-    if rest is None or (rest and not rest.startswith("/")):
+    parts = None if rest is None else segments(rest)
+    if parts is None:
         raise NotFound("No such endpoint.")
-    parts = rest.strip("/").split("/") if rest not in ("", "/") else []
     routes = [(e, params) for e, pattern in SELF_SERVICE_ROUTES
               if "" not in parts and (params := _match(pattern, parts)) is not None]
     if not routes:
@@ -67,8 +76,10 @@ async def handle_self_service(request: web.BaseRequest, principal: Principal, st
     check_query(request.query, chosen[0].query)
 
     async def body() -> bytes:
-        if request.body_exists:  # else the wait below is a 408 for a body never asked for
-            await continue_if_expected(request)  # a client gone meanwhile: body_cut_short
+        if (request.content_length or 0) > request.client_max_size:  # known from the head:
+            raise PayloadTooLarge("The request body is too large for a key endpoint.")  # not
+        if request.body_exists:  # asked for; else the wait below is a 408 for a body never
+            await continue_if_expected(request)  # asked for (a client gone: body_cut_short)
         try:  # aiohttp caps it (1 MiB) with an HTTPException the pipeline does not render
             return await read_whole_body(request, config.server.timeouts.body)
         except web.HTTPRequestEntityTooLarge:

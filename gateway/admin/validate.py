@@ -12,10 +12,10 @@ from typing import Any, Mapping
 
 from ..config import SCOPE_RE, Config, parse_rate_limit
 from ..errors import BadRequest, shown
-from ..models import (LIMIT_FIELDS, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
+from ..models import (LIMIT_FIELDS, MAX_AUDIT_LIMIT, MAX_COUNT, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
                       whole_second)
 from ..store import WORKSPACE_ID_RE
-from ..strictjson import RepeatedName, TooDeep, strict_json
+from ..strictjson import OutOfRange, RepeatedName, TooDeep, strict_json
 from ..trust import as_network
 
 MAX_NAME = 200
@@ -26,9 +26,9 @@ MAX_SECONDS = 100 * 365 * 86400   # expires_in / grace_seconds ceiling (a centur
 MAX_META_BYTES = 4096
 MAX_META_DEPTH = 32    # objects and lists within meta, itself included
 MAX_ALLOWED_IPS = 100
-MAX_MONTHLY = 10**15
+MAX_MONTHLY = MAX_COUNT
 DAILY_DEFAULT, DAILY_MAX = 30, 90
-AUDIT_DEFAULT, AUDIT_MAX = 100, 1000
+AUDIT_DEFAULT, AUDIT_MAX = 100, MAX_AUDIT_LIMIT
 
 
 def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -44,6 +44,9 @@ def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
     except RepeatedName as exc:
         raise BadRequest(f"The request body gives '{shown(exc.name)}' more than once in one "
                          "object; give each field once.") from None
+    except OutOfRange as exc:
+        raise BadRequest(f"The request body holds a number out of range ({exc.shown}); "
+                         "no field takes one that large.") from None
     except (ValueError, RecursionError):
         raise BadRequest("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
@@ -70,8 +73,12 @@ def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None
 
 
 # C0 and C1 controls, DEL, line/paragraph separators, bidi marks, embeddings, overrides, isolates
-_UNSAFE_TEXT = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# (a regex character class, written as the OpenAPI document's patterns take it too)
+UNSAFE_TEXT_CLASS = (r"\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                     r"\u2066-\u2069")
+# what str.strip() removes besides those: a name of these alone is empty
+BLANK_CLASS = r" \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+_UNSAFE_TEXT = re.compile(f"[{UNSAFE_TEXT_CLASS}]")
 
 
 def parse_text(data: Mapping[str, Any], field: str, max_len: int, *, required: bool = False,

@@ -17,12 +17,23 @@ DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
 
 
 def admin_url(text: str) -> str:
-    """The admin URL as given, if it is an http(s) URL with a host; else ValueError."""
+    """The admin URL as given, if it is an http(s) URL with a host (and a port, a path
+    prefix), no user or password, query or fragment; else ValueError, whose message never
+    repeats a password."""
     parts = urllib.parse.urlsplit(text)
+    if "@" in parts.netloc:  # shown without what precedes the '@'
+        text = urllib.parse.urlunsplit(parts._replace(
+            netloc="***@" + parts.netloc.rpartition("@")[2]))
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"'{text}' is not an http(s) URL")
     if any(c.isspace() or not c.isprintable() for c in text):
         raise ValueError(f"{text!r} holds blanks or control characters")
+    if "@" in parts.netloc:
+        raise ValueError(f"'{text}' names a user or password; the admin API takes the operator "
+                         "token (KEYGATE_ADMIN_TOKEN), not credentials in its URL")
+    if parts.query or parts.fragment or text.rstrip().endswith(("?", "#")):
+        raise ValueError(f"'{text}' has a query or fragment; give the admin listener's "
+                         "address only, e.g. http://127.0.0.1:8081")
     try:
         parts.port  # a port that is not a number from 0 to 65535 raises ValueError here
     except ValueError:

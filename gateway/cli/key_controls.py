@@ -16,7 +16,7 @@ from ..models import parse_rate_limit
 from .client import AdminClient, CliError, seg
 from .output import days_table, show
 from .parsing import (CommandTree, SubCommands, argtype, count_or_none, daily_options, days,
-                      given, json_object, rate_or_none, workspace_option)
+                      given, ID, json_object, rate_or_none, workspace_option)
 
 
 # --- options of keys update / keys list ----------------------------------------------------------
@@ -122,27 +122,28 @@ def add_key_commands(tree: CommandTree, keys: SubCommands) -> None:
     usage = tree.command(keys, "usage", "a key's requests this month, or per day with --daily",
                          cmd_keys_usage)
     workspace_option(usage)
-    usage.add_argument("id", metavar="ID", help="key id, as keys list shows it")
+    usage.add_argument("id", type=ID, metavar="ID", help="key id, as keys list shows it")
     daily_options(usage)
 
     delete = tree.command(keys, "delete", "remove a revoked or expired key from listings",
                           cmd_keys_delete)
     workspace_option(delete)
-    delete.add_argument("id", metavar="ID", help="key id, as keys list shows it")
+    delete.add_argument("id", type=ID, metavar="ID", help="key id, as keys list shows it")
 
 
 def add_workspace_commands(tree: CommandTree, workspaces: SubCommands) -> None:
     """``workspaces limits ID [--monthly-requests N|none] [--max-keys N|none]
-    [--rate-limit R|none] [--reset]``: without options, shows the limits in force."""
+    [--rate-limit N/s|N/m|none] [--reset]``: without options, shows the limits in force."""
     limits = tree.command(workspaces, "limits",
                           "show or override a workspace's plan limits (a custom deal)",
                           cmd_workspaces_limits)
-    limits.add_argument("id", metavar="ID", help="workspace id")
-    for flag, kind, what in (("--monthly-requests", count_or_none, "requests a month"),
-                             ("--max-keys", count_or_none, "active keys"),
-                             ("--rate-limit", rate_or_none,
-                              "per-key rate, N/s or N/m, that holds a key's own")):
-        limits.add_argument(flag, type=argtype(kind, "VALUE"), metavar="VALUE|none",
+    limits.add_argument("id", type=ID, metavar="ID", help="workspace id")
+    for flag, kind, metavar, what in (
+            ("--monthly-requests", count_or_none, "N|none", "requests a month"),
+            ("--max-keys", count_or_none, "N|none", "active keys"),
+            ("--rate-limit", rate_or_none, "N/s|N/m|none",
+             "per-key rate, N/s or N/m, that holds a key's own")):
+        limits.add_argument(flag, type=argtype(kind, "VALUE"), metavar=metavar,
                             default=argparse.SUPPRESS,
                             help=f"override the plan's {what} (none: unlimited)")
     limits.add_argument("--reset", action="store_true",

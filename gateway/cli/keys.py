@@ -15,7 +15,7 @@ from . import key_controls
 from .client import AdminClient, CliError, UsageError, seg
 from .output import cell, fields, format_table, human_time, print_new_token, show
 from .parsing import (CommandTree, SubCommands, argtype, given, parse_duration, parse_expiry,
-                      workspace_option)
+                      ID, rate, workspace_option)
 
 KEY_FIELDS = ("id", "workspace", "name", "description", "status", "environment", "role",
               "scopes", "prefix", "created_at", "expires_at", "last_used_at", "revoked_at",
@@ -33,11 +33,11 @@ def add_commands(tree: CommandTree) -> SubCommands:
     access.add_argument("--role", help="bind the key to a role")
     access.add_argument("--scope", action="extend", nargs="+", metavar="S",
                         help="bind the key to explicit scopes (repeatable)")
-    p.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"),
+    p.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"), metavar="30d|DATE",
                    help="30d, 24h, 90m, 3600s, or a date/datetime like 2027-01-31")
     p.add_argument("--env", help="token environment, e.g. test (default: live)")
-    p.add_argument("--description", help="free text shown with the key")
-    p.add_argument("--rate-limit", metavar="N/s|N/m",
+    p.add_argument("--description", metavar="TEXT", help="free text shown with the key")
+    p.add_argument("--rate-limit", type=argtype(rate, "RATE"), metavar="N/s|N/m",
                    help="the key's own rate limit, held within its workspace's (plan or "
                         "override)")
     key_controls.add_create_options(p)
@@ -50,32 +50,32 @@ def add_commands(tree: CommandTree) -> SubCommands:
 
     p = tree.command(keys, "show", "show one key (never its token)", cmd_keys_show)
     workspace_option(p)
-    p.add_argument("id", metavar="ID", help="key id, as keys list shows it")
+    p.add_argument("id", type=ID, metavar="ID", help="key id, as keys list shows it")
 
     p = tree.command(keys, "update", "change a key: role, expiry, limits, disable, allowed IPs...",
                      cmd_keys_update)
     workspace_option(p)
-    p.add_argument("id", metavar="ID", help="key id, as keys list shows it")
+    p.add_argument("id", type=ID, metavar="ID", help="key id, as keys list shows it")
     p.add_argument("--name", help="new name")
-    p.add_argument("--description", help="new description")
+    p.add_argument("--description", metavar="TEXT", help="new description")
     access = p.add_mutually_exclusive_group()
     access.add_argument("--role", help="re-bind the key to a role (takes effect at once)")
     access.add_argument("--scope", action="extend", nargs="+", metavar="S",
                         help="re-bind the key to explicit scopes (repeatable)")
     expiry = p.add_mutually_exclusive_group()
-    expiry.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"),
+    expiry.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"), metavar="30d|DATE",
                         help="new expiry: 30d, 24h (from now) or a date/datetime")
     expiry.add_argument("--no-expiry", action="store_true", help="the key never expires")
     key_controls.add_update_options(p)
 
     p = tree.command(keys, "revoke", "revoke a key (permanent)", cmd_keys_revoke)
     workspace_option(p)
-    p.add_argument("id", metavar="ID", help="key id, as keys list shows it")
+    p.add_argument("id", type=ID, metavar="ID", help="key id, as keys list shows it")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask to confirm")
 
     p = tree.command(keys, "rotate", "replace a key; prints the new token once", cmd_keys_rotate)
     workspace_option(p)
-    p.add_argument("id", metavar="ID", help="key id, as keys list shows it")
+    p.add_argument("id", type=ID, metavar="ID", help="key id, as keys list shows it")
     p.add_argument("--grace", type=argtype(parse_duration, "DURATION"),
                    help="how long the old key keeps working, e.g. 24h (default 0: revoked now)")
     return keys

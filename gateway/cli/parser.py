@@ -23,13 +23,14 @@ def admin_options(suppress: bool) -> argparse.ArgumentParser:
 
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
-    p.add_argument("--admin-url", type=argtype(admin_url, "URL"), default=default(None),
+    p.add_argument("--admin-url", type=argtype(admin_url, "URL"), metavar="URL",
+                   default=default(None),
                    help=f"admin API base URL (env KEYGATE_ADMIN_URL, default "
                         f"{DEFAULT_ADMIN_URL})")
     p.add_argument("--config", metavar="PATH", default=default(None),
                    help="take the admin URL and operator token from this config file's "
                         "admin section")
-    p.add_argument("--timeout", type=argtype(seconds, "SECONDS"),
+    p.add_argument("--timeout", type=argtype(seconds, "SECONDS"), metavar="SECONDS",
                    default=default(DEFAULT_TIMEOUT),
                    help=f"seconds to wait for the admin API (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--json", action="store_true", default=default(False),

@@ -11,7 +11,8 @@ import re
 from datetime import date
 from typing import Any, Callable
 
-from ..models import TooManyDigits, parse_rfc3339, rfc3339, whole_number
+from ..models import (MAX_AUDIT_LIMIT, MAX_COUNT, MAX_UNUSED_DAYS, TooManyDigits, parse_rate_limit,
+                      parse_rfc3339, rfc3339, whole_number)
 from ..strictjson import RepeatedName, strict_json
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
@@ -91,11 +92,29 @@ def count_or_none(text: str) -> int | None:
         return None
     if not text.strip().isascii() or not text.strip().isdigit():
         raise ValueError(f"'{text}' is not a whole number (or 'none')")
-    return whole_number(text)
+    value = whole_number(text)
+    if value > MAX_COUNT:  # the admin API's bound: else its 400, exit 1, for a slip of usage
+        raise ValueError(f"'{text.strip()}' is too large: at most {MAX_COUNT}")
+    return value
+
+
+def rate(text: str) -> str:
+    """``--rate-limit 10/s``: read as the admin API reads it (else its 400 came back as an API
+    error, exit 1, for what is a malformed option)."""
+    return str(parse_rate_limit(text.strip()))
 
 
 def rate_or_none(text: str) -> str | None:
-    return None if text.strip().lower() in NONE_WORDS else text.strip()
+    return None if text.strip().lower() in NONE_WORDS else rate(text)
+
+
+def audit_limit(text: str) -> int:
+    """``audit --limit N``: 1 to 1000, as the API takes it."""
+    value = positive_int(text)
+    if value > MAX_AUDIT_LIMIT:
+        raise ValueError(f"'{text.strip()}' is not a number of events from 1 to "
+                         f"{MAX_AUDIT_LIMIT}")
+    return value
 
 
 def json_object(text: str) -> dict:
@@ -118,7 +137,10 @@ def days(text: str) -> int:
     body = text.strip().lower().removesuffix("d")
     if not body.isascii() or not body.isdigit():
         raise ValueError(f"'{text}' is not a number of days like 30d")
-    return whole_number(body)
+    value = whole_number(body)
+    if value > MAX_UNUSED_DAYS:  # as the API takes it
+        raise ValueError(f"'{text}' is not a number of days from 0 to {MAX_UNUSED_DAYS}")
+    return value
 
 
 def daily_days(text: str) -> int:
@@ -178,8 +200,22 @@ class CommandTree:
         return sub
 
 
+def identifier(text: str) -> str:
+    """A workspace, key, role or plan named on the command line: an empty one (an unset
+    shell variable) would ask for another path (``/workspaces/acme/keys/``) and read as "no
+    such admin endpoint"."""
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+ID = argtype(identifier, "ID")
+"""The ``type`` of a positional workspace, key, role or plan name."""
+
+
 def workspace_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workspace", "-w", required=True, metavar="WS", help="workspace id")
+    p.add_argument("--workspace", "-w", required=True, type=argtype(identifier, "WS"),
+                   metavar="WS", help="workspace id")
 
 
 class _DaysAction(argparse.Action):

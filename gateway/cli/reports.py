@@ -10,7 +10,7 @@ import json
 from .client import AdminClient, seg
 from .key_controls import show_daily
 from .output import cell, format_table, human_time, show
-from .parsing import CommandTree, argtype, daily_options, positive_int, workspace_option
+from .parsing import CommandTree, argtype, audit_limit, daily_options, workspace_option
 
 
 def add_usage(tree: CommandTree) -> None:
@@ -20,10 +20,11 @@ def add_usage(tree: CommandTree) -> None:
 
 
 def add_audit(tree: CommandTree) -> None:
-    p = tree.command(None, "audit", "a workspace's key lifecycle events, newest first",
+    p = tree.command(None, "audit", "a workspace's lifecycle events (its creation, plan, limits, "
+                     "roles and keys), newest first",
                      cmd_audit)
     workspace_option(p)
-    p.add_argument("--limit", type=argtype(positive_int, "N"),
+    p.add_argument("--limit", type=argtype(audit_limit, "N"), metavar="N",
                    help="how many events (default 100, at most 1000)")
 
 

@@ -55,11 +55,13 @@ def config_path(given: str | None) -> str:
     return given or os.environ.get("KEYGATE_CONFIG") or DEFAULT_CONFIG
 
 
-def _missing_default_config(path: str, given: str | None) -> bool:
+def _missing_default_config(path: str, given: str | None, how: str) -> bool:
+    """``how``: the command line that names a file (`config check` takes it as its argument,
+    not as --config)."""
     if given or os.environ.get("KEYGATE_CONFIG") or os.path.exists(path):
         return False
-    print(f"keygate: no config file: {os.path.abspath(path)} does not exist. Pass --config "
-          "PATH (or set KEYGATE_CONFIG); `keygate demo` runs without one.", file=sys.stderr)
+    print(f"keygate: no config file: {os.path.abspath(path)} does not exist. Name one "
+          f"({how}, or set KEYGATE_CONFIG); `keygate demo` runs without one.", file=sys.stderr)
     return True
 
 
@@ -67,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..workers import serve
     given = getattr(args, "config", None)
     path = config_path(given)
-    if _missing_default_config(path, given):
+    if _missing_default_config(path, given, "keygate serve --config PATH"):
         return 1
     return serve(path, args.workers)
 
@@ -82,7 +84,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     given = args.path or getattr(args, "config", None)
     path = config_path(given)
-    if _missing_default_config(path, given):
+    if _missing_default_config(path, given, "keygate config check PATH"):
         return 1
     try:
         config = load_config(path)

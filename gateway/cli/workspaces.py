@@ -8,7 +8,7 @@ from typing import Any
 
 from .client import AdminClient, seg
 from .output import cell, fields, format_table, human_time, show
-from .parsing import CommandTree, SubCommands
+from .parsing import ID, CommandTree, SubCommands
 
 WORKSPACE_FIELDS = ("id", "name", "plan", "created_at")
 
@@ -17,19 +17,19 @@ def add_commands(tree: CommandTree) -> SubCommands:
     """The ``workspaces`` group and its verbs; returns the group for the verbs added later."""
     workspaces = tree.group("workspaces", "manage workspaces")
     p = tree.command(workspaces, "create", "create a workspace", cmd_workspaces_create)
-    p.add_argument("id", metavar="ID", help="slug: lowercase letters, digits, '-'")
+    p.add_argument("id", type=ID, metavar="ID", help="slug: lowercase letters, digits, '-'")
     p.add_argument("--name", required=True, help="display name")
     p.add_argument("--plan", help="plan name (default: the config's default_plan)")
     tree.command(workspaces, "list", "list workspaces", cmd_workspaces_list)
     p = tree.command(workspaces, "show", "show one workspace", cmd_workspaces_show)
-    p.add_argument("id", metavar="ID", help="workspace id")
+    p.add_argument("id", type=ID, metavar="ID", help="workspace id")
     p = tree.command(workspaces, "set-plan", "change a workspace's plan",
                      cmd_workspaces_set_plan)
-    p.add_argument("id", metavar="ID", help="workspace id")
-    p.add_argument("plan", metavar="PLAN", help="a plan name from the config's plans")
+    p.add_argument("id", type=ID, metavar="ID", help="workspace id")
+    p.add_argument("plan", type=ID, metavar="PLAN", help="a plan name from the config's plans")
     p = tree.command(workspaces, "rename", "change a workspace's display name",
                      cmd_workspaces_rename)
-    p.add_argument("id", metavar="ID", help="workspace id")
+    p.add_argument("id", type=ID, metavar="ID", help="workspace id")
     p.add_argument("--name", required=True, help="the new display name")
     return workspaces
 

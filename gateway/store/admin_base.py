@@ -11,7 +11,8 @@ import time
 from typing import (Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Self, Sequence,
                     TypeVar)
 
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import (AuthenticationError, AuthorizationError, RedisClusterException,
+                              RedisError, ResponseError)
 
 from ..config import Config
 from ..errors import BadRequest, Conflict, NotFound, StoreError, describe, shown
@@ -218,7 +219,7 @@ class StoreBase:
                 return None
             return "PING was not answered with PONG"
         except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
-            return describe(exc)
+            return describe(_refusal_within(exc))
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
                    what: str = "") -> Any:
@@ -255,3 +256,17 @@ class StoreBase:
         """The active-key cap in force for ``workspace`` (-1: none), as the scripts take it."""
         plan = effective_plan(self.config, workspace)
         return -1 if plan.max_keys is None else plan.max_keys
+
+
+def _refusal_within(exc: BaseException) -> BaseException:
+    """The refusal of a Redis that answered (wrong password, ACL) that ``exc`` wraps, else
+    ``exc``: over a unix socket redis-py raises a refused AUTH as a plain ``ConnectionError``
+    whose cause is the ``AuthenticationError``, and start-up read that as "no Redis there"."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain, never a cycle worth following further
+        if seen is None:
+            break
+        if isinstance(seen, (AuthenticationError, AuthorizationError, ResponseError)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
