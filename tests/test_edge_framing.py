@@ -689,3 +689,34 @@ async def test_a_path_windows_or_a_format_suffix_reads_as_a_scoped_route_never_g
             assert r.status == 200
     assert [s.target for s in raw_upstream.requests] == [b"/people.json"]
     assert raw_upstream.errors == []
+
+
+@pytest.mark.parametrize("chunk", [b"c\nMK58f03497-0\r\n0\r\n\r\n", b"zz\r\nabc\r\n0\r\n\r\n",
+                                   b"3\r\nabc\r\nzz\r\n0\r\n\r\n"])
+@pytest.mark.parametrize("token", ["", "kg_live_notakeyatall", None])
+async def test_a_refusal_answered_from_the_head_whose_body_then_breaks_closes_without_a_traceback(
+        edge, chunk, token, caplog):
+    """A keyed request refused from its head (no key, a malformed one, a wrong one) is answered
+    at once; its chunked body arrives in a later read and breaks its framing (a bare LF after
+    the chunk size, which RFC 9112 does not allow there, or a size that is no number). keygate
+    read the rest of that body to keep the connection and the body's failure escaped as
+    aiohttp's "Unhandled exception" traceback at ERROR: anyone reaching the listener could
+    write one into the log per request. The connection now just closes: the one answer,
+    nothing upstream, nothing behind it served, nothing logged at ERROR."""
+    import logging
+    caplog.set_level(logging.WARNING)
+    auth = [] if token == "" else [("Authorization", f"Bearer {token or edge.token[:-1] + 'x'}")]
+    head = request("POST", "/people/x", [("Transfer-Encoding", "chunked"), *auth], close=False)
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.proxy_server.port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        first = await asyncio.wait_for(reader.readuntil(b"}}"), 3)  # the refusal, whole
+        writer.write(chunk + SMUGGLED)
+        rest = await asyncio.wait_for(reader.read(), 3)  # the connection closes
+    finally:
+        writer.close()
+    assert statuses(first) == [401] and statuses(first + rest) == [401], first + rest
+    assert not any(edge.up.raw) and edge.up.errors == []
+    assert [(r.name, r.getMessage()) for r in caplog.records
+            if r.levelno >= logging.ERROR] == []

@@ -529,6 +529,12 @@ async def test_property_what_reaches_the_upstream_is_what_the_reference_reads_an
             assert i == len(answers) - 1, "keygate answered after refusing a request's framing"
             assert closed, "keygate kept a connection whose framing it refused"
             continue
+        if i == len(reference) and ended == "error" and a.status != 200:
+            # a refusal answered from the head of the request whose body then broke its
+            # framing (the reference refuses that body): keygate's last answer, after which
+            # the connection closes
+            assert i == len(answers) - 1 and closed and a.code() is not None, (a, stream)
+            continue
         assert i < len(reference), f"an answer to a request the reference never read: {a}"
         kind = by_target.get(reference[i].target, Built(b"", b"", "?")).kind
         if a.status == 200:

@@ -737,6 +737,12 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
                                 and t.cancelling()
                             ):
                                 raise
+                        except BodyFramingBroken:
+                            # keygate: the body of a request answered from its head (a
+                            # refusal) broke its framing: nothing more on this connection is
+                            # readable, so it closes, quietly (this was aiohttp's "Unhandled
+                            # exception" traceback, one per request anyone could send)
+                            self.force_close()
 
                     # if payload still uncompleted
                     if not payload.is_eof() and not self._force_close:
