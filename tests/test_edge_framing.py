@@ -720,3 +720,69 @@ async def test_a_refusal_answered_from_the_head_whose_body_then_breaks_closes_wi
     assert not any(edge.up.raw) and edge.up.errors == []
     assert [(r.name, r.getMessage()) for r in caplog.records
             if r.levelno >= logging.ERROR] == []
+
+
+# --- the request line's HTTP version: HTTP/1.0 and HTTP/1.1 only ------------------------------
+
+async def _exchange_to_close(port: int, payload: bytes, wait: float = 3.0) -> tuple[bytes, bool]:
+    """Send raw bytes; what came back, and whether the listener closed the connection (not
+    just went quiet) within ``wait`` seconds."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = bytearray()
+    try:
+        writer.write(payload)
+        await writer.drain()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), wait)
+            except asyncio.TimeoutError:
+                return bytes(out), False
+            except ConnectionError:
+                return bytes(out), True
+            if not chunk:
+                return bytes(out), True
+            out += chunk
+    finally:
+        writer.close()
+
+
+NOT_HTTP1 = [b"GET {path}\r\n\r\n",                       # no version: HTTP/0.9
+             b"GET {path}\r\nHost: g\r\n\r\n",
+             b"GET {path} HTTP/0.9\r\nHost: g\r\n\r\n",
+             b"GET {path} HTTP/2.0\r\nHost: g\r\n\r\n",
+             b"GET {path} HTTP/2.0\r\nHost: g\r\nConnection: keep-alive\r\n\r\n",
+             b"GET {path} HTTP/3.0\r\nHost: g\r\n\r\n",
+             b"GET {path} HTTP/9.9\r\nHost: g\r\n\r\n",
+             b"GET {path} HTTP/1.2\r\nHost: g\r\n\r\n",
+             b"GET {path} HTTP/1.10\r\nHost: g\r\n\r\n",
+             b"GET {path} HTTP/01.1\r\nHost: g\r\n\r\n",
+             b"GET {path} http/1.1\r\nHost: g\r\n\r\n",
+             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",        # the HTTP/2 connection preface
+             b"GET {path} HTTP/1.1\r\nHost: g\r\n\r\nGET {path} HTTP/2.0\r\nHost: g\r\n\r\n"]
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+@pytest.mark.parametrize("payload", NOT_HTTP1)
+async def test_a_request_line_that_is_not_http_1_0_or_1_1_is_refused_never_forwarded(
+        edge, listener, payload):
+    """keygate speaks HTTP/1.1 (and 1.0) only. A request line without a version (HTTP/0.9), or
+    one saying HTTP/0.9 or HTTP/2.0 (versions llhttp parses), was served: forwarded upstream as
+    HTTP/1.1 and answered with the client's version echoed ("HTTP/0.9 200 OK" with headers,
+    "HTTP/2.0 200 OK" in HTTP/1.1 syntax), on both listeners. It is a 400 bad_request now,
+    nothing reaches the upstream, and the connection closes (what follows it is not read as
+    a request); other versions llhttp refuses itself, the same way."""
+    path = b"/public/x" if listener == "proxy" else b"/healthz"
+    port = edge.proxy_server.port if listener == "proxy" else edge.admin_server.port
+    answer, closed = await _exchange_to_close(port, payload.replace(b"{path}", path))
+    behind = b"\r\n\r\nGET" in payload
+    if behind:  # pipelined behind a request: that one is answered, with Connection: close,
+        # and the client sends the rest again (RFC 9112 9.3.2), as for a head over 32 KiB
+        assert statuses(answer) == [200], answer[:300]
+        assert b"Connection: close\r\n" in answer
+    else:
+        assert statuses(answer) == [400], answer[:300]
+        assert answer.count(b'"code": "bad_request"') == 1, answer[:300]
+    assert b"HTTP/2.0" not in answer and b"HTTP/0.9" not in answer
+    assert closed
+    assert len(edge.up.requests) == (1 if behind and listener == "proxy" else 0)
+    assert all(b"HTTP/1.1\r\n" in raw and b"HTTP/2.0" not in raw for raw in edge.up.raw)
