@@ -786,3 +786,27 @@ async def test_a_request_line_that_is_not_http_1_0_or_1_1_is_refused_never_forwa
     assert closed
     assert len(edge.up.requests) == (1 if behind and listener == "proxy" else 0)
     assert all(b"HTTP/1.1\r\n" in raw and b"HTTP/2.0" not in raw for raw in edge.up.raw)
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+@pytest.mark.parametrize("payload", [b"GET {path} HTTP/2.0\r\nHost: g\r\n\r\n",
+                                     b"GET {path}\r\n\r\n",
+                                     b"GET {path} HTTP/1.2\r\nHost: g\r\n\r\n",
+                                     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+                                     b"GET {path} HTTP/1.1\r\nHost: g\r\nBad\x01: x\r\n\r\n",
+                                     b"GET {path} HTTP/1.1\r\nHost: g\r\nContent-Length: 1\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"])
+async def test_a_request_refused_unread_is_answered_with_an_http_1_1_status_line(
+        edge, listener, payload):
+    """A request the listeners cannot read as HTTP/1.x (a version, a header line, the
+    framing) was answered 'HTTP/1.0 400' (aiohttp's stand-in for a request it could not parse
+    says HTTP/1.0); keygate speaks HTTP/1.1, and a server answers with the highest version it
+    speaks of the request's major (RFC 9110 2.5), as nginx does: 'HTTP/1.1 400', saying
+    'Connection: close' as the connection then closes."""
+    path = b"/public/x" if listener == "proxy" else b"/healthz"
+    port = edge.proxy_server.port if listener == "proxy" else edge.admin_server.port
+    answer, closed = await _exchange_to_close(port, payload.replace(b"{path}", path))
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:300]
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    assert b"\r\nConnection: close" in head and b'"code": "bad_request"' in answer
+    assert closed and edge.up.raw == []

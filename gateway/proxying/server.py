@@ -605,6 +605,13 @@ def _stock_digest() -> str:
 INLINE_START = _stock_digest() == _COPIED_FROM
 
 
+# What a request the parser refused is made from: aiohttp's stand-in, saying HTTP/1.1 rather
+# than HTTP/1.0, so that the refusal's status line is keygate's own version (RFC 9110 2.5: the
+# highest a server speaks of the request's major), as nginx answers; should_close stays set,
+# so it says 'Connection: close'. (With aiohttp's stock start(), it still says HTTP/1.0.)
+_ERROR = web_protocol.ERROR._replace(version=HttpVersion11)
+
+
 class _InlineRequestHandler(_JsonErrorRequestHandler):
     """The proxy listener's connections: each request's handler runs in the connection's own
     task, instead of a new task per request.
@@ -659,7 +666,7 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
             if isinstance(message, web_protocol._ErrInfo):
                 # make request_factory work
                 request_handler = self._make_error_handler(message)
-                message = web_protocol.ERROR
+                message = _ERROR  # keygate: answered 'HTTP/1.1', not aiohttp's 'HTTP/1.0'
             else:
                 request_handler = self._request_handler
 
