@@ -810,3 +810,28 @@ async def test_a_request_refused_unread_is_answered_with_an_http_1_1_status_line
     head = answer.split(b"\r\n\r\n", 1)[0]
     assert b"\r\nConnection: close" in head and b'"code": "bad_request"' in answer
     assert closed and edge.up.raw == []
+
+
+@pytest.mark.parametrize("target, code", [
+    (b"http://evil.example/public/x", b"bad_path"),   # absolute-form, another host than Host
+    (b"http://g/public/x", b"bad_path"),              # absolute-form, the same host
+    (b"*", b"bad_request"),                           # asterisk-form, not OPTIONS
+    (b"g:80", b"bad_request"),                        # authority-form, not CONNECT
+    (b"/public/x#frag", b"bad_path"),                 # a fragment
+    (b"/public/x?a=b#frag", b"bad_request"),          # ... in the query: it was forwarded
+    (b"/public/x?#", b"bad_request"),
+    (b"/public/x?a=b#&_method=DELETE", b"bad_request")])
+async def test_a_request_target_that_is_not_an_origin_form_path_is_refused_never_forwarded(
+        edge, target, code):
+    """The proxy listener forwards origin-form targets (a path and a query) only: keygate is
+    no forward proxy, so an absolute-form target is refused rather than routed by its path
+    with its host dropped (or its host trusted over Host), and a fragment, which no client
+    sends in a request target, is refused rather than cut off: in the path it was, but one
+    in the query went upstream as sent, where a server that cuts the fragment off (nginx,
+    Node.js) reads another query than one that keeps it in the query (Go) and than keygate
+    judged and logged. docs/errors.md says so."""
+    answer = await exchange(edge, b"GET " + target + b" HTTP/1.1\r\nHost: g\r\n"
+                            b"Connection: close\r\n\r\n", wait=1.5)
+    assert statuses(answer) == [400], answer[:300]
+    assert b'"code": "' + code + b'"' in answer
+    assert edge.up.raw == []
