@@ -835,3 +835,25 @@ async def test_a_request_target_that_is_not_an_origin_form_path_is_refused_never
     assert statuses(answer) == [400], answer[:300]
     assert b'"code": "' + code + b'"' in answer
     assert edge.up.raw == []
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+async def test_an_http_1_0_request_with_transfer_encoding_is_refused_and_the_connection_closed(
+        edge, listener):
+    """RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding MUST be treated as faulty
+    framing and its connection closed after it (an HTTP/1.0 front reads no chunked body: it
+    takes the rest of the connection for the body, which keygate read as the next request).
+    keygate forwarded it, answered it keep-alive and served what the client sent next on the
+    connection as a request of its own. As nginx, it is a 400 bad_request, then closed."""
+    path = b"/any/x" if listener == "proxy" else b"/healthz"
+    port = edge.proxy_server.port if listener == "proxy" else edge.admin_server.port
+    first = (b"POST " + path + b" HTTP/1.0\r\nHost: g\r\nConnection: keep-alive\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    answer, closed = await _exchange_to_close(port, first)
+    assert statuses(answer) == [400], answer[:300]
+    assert b'"code": "bad_request"' in answer and closed
+    # and what follows it in the same read is never read as a request
+    then = b"GET " + path + b" HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+    answer, closed = await _exchange_to_close(port, first + then)
+    assert statuses(answer) == [400], answer[:300]
+    assert closed and edge.up.requests == []

@@ -86,6 +86,15 @@ class VersionRefused(Exception):
     message = "keygate speaks HTTP/1.1 (and HTTP/1.0) only; send an HTTP/1.1 request line."
 
 
+class FramingRefused(VersionRefused):
+    """An HTTP/1.0 request with ``Transfer-Encoding``: its framing is faulty (RFC 9112 6.1),
+    since an HTTP/1.0 hop in front reads no chunked body; answered 400 ``bad_request``, then
+    closed, as nginx does (it was forwarded, kept alive, and what followed it served)."""
+
+    message = ("An HTTP/1.0 request cannot carry Transfer-Encoding; send HTTP/1.1, or a "
+               "Content-Length.")
+
+
 def _head_size(message) -> int:
     """The bytes of a parsed request head as sent, but for optional blanks (the request line,
     each ``Name: value`` line, the empty line)."""
@@ -320,8 +329,9 @@ class _JsonErrorRequestHandler(RequestHandler):
 
     def _refuse_versions(self, new: int) -> bool:
         """Refuse the first of the ``new`` requests just queued whose version is neither
-        HTTP/1.1 nor HTTP/1.0 (see ``VersionRefused``), as a head over ``HEAD_MAX`` is;
-        whether one was. (llhttp gives those two as aiohttp's own constants; any other
+        HTTP/1.1 nor HTTP/1.0 (see ``VersionRefused``), or that is HTTP/1.0 with a
+        ``Transfer-Encoding`` (``FramingRefused``), as a head over ``HEAD_MAX`` is; whether
+        one was. (llhttp gives those two versions as aiohttp's own constants; any other
         parser's equal tuples are compared.)"""
         queued = self._messages
         for i in range(max(len(queued) - new, 0), len(queued)):
@@ -329,9 +339,13 @@ class _JsonErrorRequestHandler(RequestHandler):
             if message.__class__ is _ERR_INFO:
                 return False  # answered 400 and closed anyway; nothing parsed after it
             version = message.version
-            if not (version is HttpVersion11 or version is HttpVersion10
-                    or version == HttpVersion11 or version == HttpVersion10):
+            if version is HttpVersion11 or version == HttpVersion11:
+                continue
+            if not (version is HttpVersion10 or version == HttpVersion10):
                 self._refuse_head(i, VersionRefused())
+                return True
+            if hdrs.TRANSFER_ENCODING in message.headers:
+                self._refuse_head(i, FramingRefused())
                 return True
         return False
 
