@@ -335,10 +335,15 @@ class Pipeline:
                 if len(self._canonical) >= CANONICAL_MAX:
                     self._canonical.clear()
                 self._canonical.add(raw_path)
-        if raw_query and query_has_token(raw_query, self._prefix):
-            raise errors.BadRequest(
-                "An API key was sent in the URL; URLs end up in logs. Send it in the "
-                "Authorization header instead, and rotate this key.", code="key_in_url")
+        if raw_query:
+            if query_has_token(raw_query, self._prefix):
+                raise errors.BadRequest(
+                    "An API key was sent in the URL; URLs end up in logs. Send it in the "
+                    "Authorization header instead, and rotate this key.", code="key_in_url")
+            if "#" in raw_query:  # a fragment (never sent) or a '#' to encode: upstreams
+                # read it apart (nginx and Node.js cut it off, Go keeps it in the query)
+                raise errors.BadRequest("The query string contains '#', which must be "
+                                        "percent-encoded as %23.")
 
     def credential(self, request: web.BaseRequest) -> str:
         """The one token this request carries (missing / malformed / ambiguous otherwise).

@@ -720,3 +720,140 @@ async def test_a_refusal_answered_from_the_head_whose_body_then_breaks_closes_wi
     assert not any(edge.up.raw) and edge.up.errors == []
     assert [(r.name, r.getMessage()) for r in caplog.records
             if r.levelno >= logging.ERROR] == []
+
+
+# --- the request line's HTTP version: HTTP/1.0 and HTTP/1.1 only ------------------------------
+
+async def _exchange_to_close(port: int, payload: bytes, wait: float = 3.0) -> tuple[bytes, bool]:
+    """Send raw bytes; what came back, and whether the listener closed the connection (not
+    just went quiet) within ``wait`` seconds."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = bytearray()
+    try:
+        writer.write(payload)
+        await writer.drain()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), wait)
+            except asyncio.TimeoutError:
+                return bytes(out), False
+            except ConnectionError:
+                return bytes(out), True
+            if not chunk:
+                return bytes(out), True
+            out += chunk
+    finally:
+        writer.close()
+
+
+NOT_HTTP1 = [b"GET {path}\r\n\r\n",                       # no version: HTTP/0.9
+             b"GET {path}\r\nHost: g\r\n\r\n",
+             b"GET {path} HTTP/0.9\r\nHost: g\r\n\r\n",
+             b"GET {path} HTTP/2.0\r\nHost: g\r\n\r\n",
+             b"GET {path} HTTP/2.0\r\nHost: g\r\nConnection: keep-alive\r\n\r\n",
+             b"GET {path} HTTP/3.0\r\nHost: g\r\n\r\n",
+             b"GET {path} HTTP/9.9\r\nHost: g\r\n\r\n",
+             b"GET {path} HTTP/1.2\r\nHost: g\r\n\r\n",
+             b"GET {path} HTTP/1.10\r\nHost: g\r\n\r\n",
+             b"GET {path} HTTP/01.1\r\nHost: g\r\n\r\n",
+             b"GET {path} http/1.1\r\nHost: g\r\n\r\n",
+             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",        # the HTTP/2 connection preface
+             b"GET {path} HTTP/1.1\r\nHost: g\r\n\r\nGET {path} HTTP/2.0\r\nHost: g\r\n\r\n"]
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+@pytest.mark.parametrize("payload", NOT_HTTP1)
+async def test_a_request_line_that_is_not_http_1_0_or_1_1_is_refused_never_forwarded(
+        edge, listener, payload):
+    """keygate speaks HTTP/1.1 (and 1.0) only. A request line without a version (HTTP/0.9), or
+    one saying HTTP/0.9 or HTTP/2.0 (versions llhttp parses), was served: forwarded upstream as
+    HTTP/1.1 and answered with the client's version echoed ("HTTP/0.9 200 OK" with headers,
+    "HTTP/2.0 200 OK" in HTTP/1.1 syntax), on both listeners. It is a 400 bad_request now,
+    nothing reaches the upstream, and the connection closes (what follows it is not read as
+    a request); other versions llhttp refuses itself, the same way."""
+    path = b"/public/x" if listener == "proxy" else b"/healthz"
+    port = edge.proxy_server.port if listener == "proxy" else edge.admin_server.port
+    answer, closed = await _exchange_to_close(port, payload.replace(b"{path}", path))
+    behind = b"\r\n\r\nGET" in payload
+    if behind:  # pipelined behind a request: that one is answered, with Connection: close,
+        # and the client sends the rest again (RFC 9112 9.3.2), as for a head over 32 KiB
+        assert statuses(answer) == [200], answer[:300]
+        assert b"Connection: close\r\n" in answer
+    else:
+        assert statuses(answer) == [400], answer[:300]
+        assert answer.count(b'"code": "bad_request"') == 1, answer[:300]
+    assert b"HTTP/2.0" not in answer and b"HTTP/0.9" not in answer
+    assert closed
+    assert len(edge.up.requests) == (1 if behind and listener == "proxy" else 0)
+    assert all(b"HTTP/1.1\r\n" in raw and b"HTTP/2.0" not in raw for raw in edge.up.raw)
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+@pytest.mark.parametrize("payload", [b"GET {path} HTTP/2.0\r\nHost: g\r\n\r\n",
+                                     b"GET {path}\r\n\r\n",
+                                     b"GET {path} HTTP/1.2\r\nHost: g\r\n\r\n",
+                                     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+                                     b"GET {path} HTTP/1.1\r\nHost: g\r\nBad\x01: x\r\n\r\n",
+                                     b"GET {path} HTTP/1.1\r\nHost: g\r\nContent-Length: 1\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"])
+async def test_a_request_refused_unread_is_answered_with_an_http_1_1_status_line(
+        edge, listener, payload):
+    """A request the listeners cannot read as HTTP/1.x (a version, a header line, the
+    framing) was answered 'HTTP/1.0 400' (aiohttp's stand-in for a request it could not parse
+    says HTTP/1.0); keygate speaks HTTP/1.1, and a server answers with the highest version it
+    speaks of the request's major (RFC 9110 2.5), as nginx does: 'HTTP/1.1 400', saying
+    'Connection: close' as the connection then closes."""
+    path = b"/public/x" if listener == "proxy" else b"/healthz"
+    port = edge.proxy_server.port if listener == "proxy" else edge.admin_server.port
+    answer, closed = await _exchange_to_close(port, payload.replace(b"{path}", path))
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:300]
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    assert b"\r\nConnection: close" in head and b'"code": "bad_request"' in answer
+    assert closed and edge.up.raw == []
+
+
+@pytest.mark.parametrize("target, code", [
+    (b"http://evil.example/public/x", b"bad_path"),   # absolute-form, another host than Host
+    (b"http://g/public/x", b"bad_path"),              # absolute-form, the same host
+    (b"*", b"bad_request"),                           # asterisk-form, not OPTIONS
+    (b"g:80", b"bad_request"),                        # authority-form, not CONNECT
+    (b"/public/x#frag", b"bad_path"),                 # a fragment
+    (b"/public/x?a=b#frag", b"bad_request"),          # ... in the query: it was forwarded
+    (b"/public/x?#", b"bad_request"),
+    (b"/public/x?a=b#&_method=DELETE", b"bad_request")])
+async def test_a_request_target_that_is_not_an_origin_form_path_is_refused_never_forwarded(
+        edge, target, code):
+    """The proxy listener forwards origin-form targets (a path and a query) only: keygate is
+    no forward proxy, so an absolute-form target is refused rather than routed by its path
+    with its host dropped (or its host trusted over Host), and a fragment, which no client
+    sends in a request target, is refused rather than cut off: in the path it was, but one
+    in the query went upstream as sent, where a server that cuts the fragment off (nginx,
+    Node.js) reads another query than one that keeps it in the query (Go) and than keygate
+    judged and logged. docs/errors.md says so."""
+    answer = await exchange(edge, b"GET " + target + b" HTTP/1.1\r\nHost: g\r\n"
+                            b"Connection: close\r\n\r\n", wait=1.5)
+    assert statuses(answer) == [400], answer[:300]
+    assert b'"code": "' + code + b'"' in answer
+    assert edge.up.raw == []
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+async def test_an_http_1_0_request_with_transfer_encoding_is_refused_and_the_connection_closed(
+        edge, listener):
+    """RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding MUST be treated as faulty
+    framing and its connection closed after it (an HTTP/1.0 front reads no chunked body: it
+    takes the rest of the connection for the body, which keygate read as the next request).
+    keygate forwarded it, answered it keep-alive and served what the client sent next on the
+    connection as a request of its own. As nginx, it is a 400 bad_request, then closed."""
+    path = b"/any/x" if listener == "proxy" else b"/healthz"
+    port = edge.proxy_server.port if listener == "proxy" else edge.admin_server.port
+    first = (b"POST " + path + b" HTTP/1.0\r\nHost: g\r\nConnection: keep-alive\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    answer, closed = await _exchange_to_close(port, first)
+    assert statuses(answer) == [400], answer[:300]
+    assert b'"code": "bad_request"' in answer and closed
+    # and what follows it in the same read is never read as a request
+    then = b"GET " + path + b" HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+    answer, closed = await _exchange_to_close(port, first + then)
+    assert statuses(answer) == [400], answer[:300]
+    assert closed and edge.up.requests == []

@@ -176,7 +176,7 @@ async def test_the_admin_listener_logs_a_refused_request_without_the_operator_to
         reader, writer = await asyncio.open_connection("127.0.0.1", aport)
         writer.write(f"GET /admin/v1/workspaces HTTP/1.1\r\nHost: t\r\n"
                      f"Authorization: Bearer {ADMIN_TOKEN}\x01\r\n\r\n".encode())
-        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.0 400 ")
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 400 ")
         writer.close()
         assert gw.terminate() == 0
         err = gw.stderr()

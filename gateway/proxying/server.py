@@ -28,6 +28,7 @@ import warnings
 from aiohttp import hdrs, web, web_protocol
 from aiohttp.helpers import ceil_timeout
 from aiohttp.http_exceptions import InvalidURLError, LineTooLong
+from aiohttp.http_writer import HttpVersion10, HttpVersion11
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_exceptions import HTTPException
@@ -75,6 +76,23 @@ class HeadTooLarge(Exception):
     """A request head over ``HEAD_MAX``: answered 400 ``bad_request``, then closed."""
 
     message = f"The request head (request line and header fields) is over {HEAD_MAX // 1024} KiB."
+
+
+class VersionRefused(Exception):
+    """A request line whose version is not HTTP/1.1 or HTTP/1.0 (none at all: HTTP/0.9; or
+    HTTP/2.0), which llhttp parses: answered 400 ``bad_request``, then closed, never served
+    (it was forwarded as HTTP/1.1 and answered with its own version echoed)."""
+
+    message = "keygate speaks HTTP/1.1 (and HTTP/1.0) only; send an HTTP/1.1 request line."
+
+
+class FramingRefused(VersionRefused):
+    """An HTTP/1.0 request with ``Transfer-Encoding``: its framing is faulty (RFC 9112 6.1),
+    since an HTTP/1.0 hop in front reads no chunked body; answered 400 ``bad_request``, then
+    closed, as nginx does (it was forwarded, kept alive, and what followed it served)."""
+
+    message = ("An HTTP/1.0 request cannot carry Transfer-Encoding; send HTTP/1.1, or a "
+               "Content-Length.")
 
 
 def _head_size(message) -> int:
@@ -206,8 +224,10 @@ class _JsonErrorRequestHandler(RequestHandler):
                     # (a 408). The body fails at once instead (a 400, the connection closed).
                     body.set_exception(BodyFramingBroken("the request body's framing broke"))
                 elif new == 1 and self._chunked is None and message.__class__ is not _ERR_INFO \
-                        and not message.chunked:
-                    return  # the usual read: one request, not chunked, none pending
+                        and not message.chunked and message.version is HttpVersion11:
+                    return  # the usual read: one HTTP/1.1 request, not chunked, none pending
+                if self._refuse_versions(new):
+                    return
             self._judge_chunked_ends(new)
             return
         if body is None or (body.is_eof() and body is not self._chunked):
@@ -307,10 +327,33 @@ class _JsonErrorRequestHandler(RequestHandler):
                     self._close_after_chunked(0 if self._request_in_progress else 1)
                     return
 
-    def _refuse_head(self, index: int | None) -> None:
-        """Refuse a head over ``HEAD_MAX`` (queued at ``index``, or still coming in) with 400
-        and parse nothing after it; the connection closes after the next answer."""
-        exc = HeadTooLarge()
+    def _refuse_versions(self, new: int) -> bool:
+        """Refuse the first of the ``new`` requests just queued whose version is neither
+        HTTP/1.1 nor HTTP/1.0 (see ``VersionRefused``), or that is HTTP/1.0 with a
+        ``Transfer-Encoding`` (``FramingRefused``), as a head over ``HEAD_MAX`` is; whether
+        one was. (llhttp gives those two versions as aiohttp's own constants; any other
+        parser's equal tuples are compared.)"""
+        queued = self._messages
+        for i in range(max(len(queued) - new, 0), len(queued)):
+            message = queued[i][0]
+            if message.__class__ is _ERR_INFO:
+                return False  # answered 400 and closed anyway; nothing parsed after it
+            version = message.version
+            if version is HttpVersion11 or version == HttpVersion11:
+                continue
+            if not (version is HttpVersion10 or version == HttpVersion10):
+                self._refuse_head(i, VersionRefused())
+                return True
+            if hdrs.TRANSFER_ENCODING in message.headers:
+                self._refuse_head(i, FramingRefused())
+                return True
+        return False
+
+    def _refuse_head(self, index: int | None, exc: Exception | None = None) -> None:
+        """Refuse a head over ``HEAD_MAX`` (or ``exc``'s) (queued at ``index``, or still
+        coming in) with 400 and parse nothing after it; the connection closes after the next
+        answer."""
+        exc = exc or HeadTooLarge()
         refusal = (_ERR_INFO(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)
         if index is None:
             self._request_count += 1
@@ -521,7 +564,7 @@ class _JsonErrorRequestHandler(RequestHandler):
         if status >= 500:
             self.log_exception("error handling request", exc_info=exc)
             error = GatewayError("Internal error.")
-        elif isinstance(exc, HeadTooLarge):
+        elif isinstance(exc, (HeadTooLarge, VersionRefused)):
             error = BadRequest(exc.message, status=status)
         elif isinstance(exc, LineTooLong):  # the parser's bound on one line of the head
             limit = exc.args[1] if len(exc.args) > 1 else None
@@ -574,6 +617,13 @@ def _stock_digest() -> str:
 
 
 INLINE_START = _stock_digest() == _COPIED_FROM
+
+
+# What a request the parser refused is made from: aiohttp's stand-in, saying HTTP/1.1 rather
+# than HTTP/1.0, so that the refusal's status line is keygate's own version (RFC 9110 2.5: the
+# highest a server speaks of the request's major), as nginx answers; should_close stays set,
+# so it says 'Connection: close'. (With aiohttp's stock start(), it still says HTTP/1.0.)
+_ERROR = web_protocol.ERROR._replace(version=HttpVersion11)
 
 
 class _InlineRequestHandler(_JsonErrorRequestHandler):
@@ -630,7 +680,7 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
             if isinstance(message, web_protocol._ErrInfo):
                 # make request_factory work
                 request_handler = self._make_error_handler(message)
-                message = web_protocol.ERROR
+                message = _ERROR  # keygate: answered 'HTTP/1.1', not aiohttp's 'HTTP/1.0'
             else:
                 request_handler = self._request_handler
 
