@@ -260,9 +260,15 @@ class Authenticator:
             task.add_done_callback(lambda t: self._verified(digest, t))
         watch = getattr(request, "protocol", None)
         try:
-            if not hasattr(watch, "upstream_wait"):  # none, or not keygate's own handler
+            if hasattr(watch, "upstream_wait"):
+                return await self._wait_while_there(verification, digest, watch)
+            # none, or not keygate's own handler (the admin listener's key check): a waiter
+            # all the same, whose verification a request leaving must not cancel under it
+            verification.waiting += 1
+            try:
                 return await asyncio.shield(verification.task)
-            return await self._wait_while_there(verification, digest, watch)
+            finally:
+                verification.waiting -= 1
         except StoreError:
             # on_store_error: open lets keys verified in this process through while the store
             # is down: this token verified here (only its cache_ttl ran out), and the key's
