@@ -605,3 +605,46 @@ async def test_an_answer_still_being_written_is_not_cut_off_to_make_room(
         assert len(statuses(got)) == sent and len(got) > sent * size, (len(got), sent)
         for s in (slow, idle, newcomer):
             s.close()
+
+
+async def test_scrapes_while_the_store_stalls_are_fresh_not_the_last_one_again(
+        own_redis, upstream, monkeypatch):
+    """The scrape budget bounds the event loop's time scrapes take; it was charged the wall
+    time of a scrape, the wait for the store included. With the store stalled (a partition,
+    a Redis paused) every scrape waited out ``store.timeout`` doing nothing, spent the budget,
+    and the next ones were answered the last exposition again: during the very incident
+    ``/metrics`` is read for, ``keygate_store_errors_total`` (and everything else) stood
+    still at every other scrape. A scrape is charged the time it takes the loop, not the
+    store's silence."""
+    import os
+    import re
+    import signal
+
+    from aiohttp import ClientSession
+
+    from gateway.config import StoreConfig
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=0.6),
+                         server=ServerConfig(host="127.0.0.1", port=free_port(),
+                                             access_log="off"))
+    config = dataclasses.replace(config, admin=dataclasses.replace(
+        config.admin, host="127.0.0.1", port=free_port()))
+    async with running_gateway(config, own_redis.url) as gw:
+        runners = await start_listeners(gw)
+        try:
+            async with ClientSession() as s:
+                async def errors() -> float:
+                    async with s.get(f"http://127.0.0.1:{config.admin.port}/metrics") as r:
+                        text = await r.text()
+                    found = re.search(r"^keygate_store_errors_total (\S+)$", text, re.M)
+                    return float(found.group(1)) if found else 0.0
+
+                await errors()
+                os.kill(own_redis.proc.pid, signal.SIGSTOP)
+                try:
+                    seen = [await errors() for _ in range(4)]
+                finally:
+                    os.kill(own_redis.proc.pid, signal.SIGCONT)
+        finally:
+            await stop_listeners(runners)
+    assert all(b > a for a, b in zip(seen, seen[1:])), seen
