@@ -160,7 +160,8 @@ async def running_gateway(config: Config, store_url: str, *,
         from .config_in_use import in_use_problems
 
         async def in_use(new: Config, old: Config) -> list[str]:
-            return await in_use_problems(store, new, old)
+            # (with what the swap needs made beforehand, off the event loop: the decoy hash)
+            return await auth.prepare(new) or await in_use_problems(store, new, old)
 
         gw.reloader = Reloader(config, config_path, swap, metrics, clock=host_clock,
                                in_use=in_use)

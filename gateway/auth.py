@@ -159,6 +159,7 @@ class Authenticator:
         self.requests = requests        # hot path
         self.metrics = metrics
         self.clock = clock
+        self._prepared: tuple | None = None  # keys.argon2, hasher, decoy: made by prepare()
         self._decoy_for(config)
         threads = argon2_threads()
         self.argon2 = Argon2Pool(threads)
@@ -208,10 +209,32 @@ class Authenticator:
         """What a token whose key id has no key (or none in its environment) is verified
         against: a hash of nothing anyone holds, with the parameters new keys are hashed with
         (the admin store's, reloaded with ``keys.argon2``), so that its refusal costs what a
-        wrong secret's does. One argon2 hash, at start-up and at a reload that changes them."""
-        a = self._decoy_params = config.keys.argon2
-        self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
-        self._decoy_hash = self.hasher.hash(secrets.token_hex(16))
+        wrong secret's does. One argon2 hash, at start-up and at a reload that changes them:
+        a reload's is made beforehand on the argon2 pool (``prepare``), never on the loop."""
+        a = config.keys.argon2
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == a:
+            _, self.hasher, self._decoy_hash = prepared
+        else:  # at start-up (or a reconfigure nobody prepared: tests)
+            self.hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
+            self._decoy_hash = self.hasher.hash(secrets.token_hex(16))
+        self._decoy_params = a
+
+    async def prepare(self, config: Config) -> list[str]:
+        """Before a reload's swap: the decoy hash for ``config``'s ``keys.argon2`` if they
+        change, made on the argon2 pool (at the new cost it held the event loop, every request
+        with it, for the whole hash); problems if they cannot hash at all (the reload is then
+        refused, nothing changed)."""
+        a = config.keys.argon2
+        if a == self._decoy_params:
+            return []
+        hasher = SecretHasher(a.time_cost, a.memory_cost, a.parallelism)
+        try:
+            decoy = await self.argon2.run(hasher.hash, secrets.token_hex(16))
+        except Exception as exc:  # argon2's HashingError (the memory cannot be had)
+            return [f"keys.argon2: no key could be hashed with these parameters ({exc})"]
+        self._prepared = (a, hasher, decoy)
+        return []
 
     def close(self) -> None:
         self.argon2.shutdown()
@@ -260,9 +283,15 @@ class Authenticator:
             task.add_done_callback(lambda t: self._verified(digest, t))
         watch = getattr(request, "protocol", None)
         try:
-            if not hasattr(watch, "upstream_wait"):  # none, or not keygate's own handler
+            if hasattr(watch, "upstream_wait"):
+                return await self._wait_while_there(verification, digest, watch)
+            # none, or not keygate's own handler (the admin listener's key check): a waiter
+            # all the same, whose verification a request leaving must not cancel under it
+            verification.waiting += 1
+            try:
                 return await asyncio.shield(verification.task)
-            return await self._wait_while_there(verification, digest, watch)
+            finally:
+                verification.waiting -= 1
         except StoreError:
             # on_store_error: open lets keys verified in this process through while the store
             # is down: this token verified here (only its cache_ttl ran out), and the key's

@@ -26,6 +26,7 @@ log = logging.getLogger("keygate")
 # Scrapes take at most SCRAPE_SHARE of the time, with bursts of up to SCRAPE_BURST seconds:
 # past that, a scrape is answered the last exposition again until the budget has refilled.
 # A scraper (every few seconds or more) and people never meet the bound; a flood does.
+# A scrape is charged its time, less that of a read of the store that failed (a wait).
 SCRAPE_SHARE = 0.1
 SCRAPE_BURST = 1.0
 
@@ -96,6 +97,10 @@ def add_metrics_route(app: web.Application, metrics: Metrics, store, config: Con
                 await gauges.refresh()
             except StoreError:
                 metrics.store_errors.inc()  # the process's own metrics are still worth serving
+                # charged from here: a failed read is a wait (store.timeout, a refusal), not
+                # the loop's time, and charged it made the scrapes during a store outage
+                # answers of the last exposition again, its store errors standing still
+                started = time.perf_counter()
             registry = metrics.registry
             if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # serve --workers N
                 metrics.flush()   # this worker's tallies; the others flush every FLUSH_EVERY s

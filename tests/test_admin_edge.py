@@ -560,3 +560,91 @@ async def test_a_flood_of_scrapes_does_not_hold_the_event_loop_the_proxy_shares(
     median = statistics.median(lags)
     assert answered > 8, answered
     assert median < 0.010, (median, len(lags), answered)  # it was ~0.05 s
+
+
+async def test_an_answer_still_being_written_is_not_cut_off_to_make_room(
+        redis_url, upstream, monkeypatch):
+    """At the admin listener's bound, a newcomer takes the place of a connection waiting for a
+    request. A connection whose last answer was handed to the transport but not yet taken by
+    its client (a slow reader: a console over a VPN, a scraper far away) counted as idle,
+    and being the oldest it was the one reset: that answer was cut off in the middle. Another
+    idle connection, with nothing left to write, makes room instead."""
+    import gateway.app
+    monkeypatch.setattr(gateway.app, "ADMIN_MAX_CONNECTIONS", 2)
+    async with listening(redis_url, str(upstream.make_url("")), monkeypatch,
+                         timeouts=Timeouts(header=30.0, body=30.0, idle=30.0)) as g:
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow link's window
+        slow.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(slow, ("127.0.0.1", g.admin_port))
+        assert await until(lambda: len(g.admin.connections) == 1)
+        (handler,) = g.admin.connections
+        handler.transport.get_extra_info("socket").setsockopt(  # and the kernel holds little
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sent = 0
+        while not handler.transport.get_write_buffer_size() and sent < 20:
+            assert await send_all(slow, b"GET /console/app.js HTTP/1.1\r\nHost: a\r\n\r\n")
+            sent += 1
+            assert await until(lambda: handler._request_count == sent and (
+                not handler._request_in_progress and not handler._messages
+                or handler.transport.get_write_buffer_size() > 65536))
+        # its last answer written as far as the transport: the request is over, bytes remain
+        assert 0 < handler.transport.get_write_buffer_size() <= 65536
+        assert not handler._request_in_progress
+        idle = await connect(g.admin_port)  # idle between two requests, nothing to write
+        assert await send_all(idle, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert b"ok" in await read_some(idle, b"}")
+        newcomer = await connect(g.admin_port)
+        assert await send_all(newcomer, b"GET /healthz HTTP/1.1\r\nHost: a\r\n"
+                                        b"Connection: close\r\n\r\n")
+        answer, _ = await read_to_end(newcomer)
+        assert statuses(answer) == [b"200"], answer
+        got, _ = await read_to_end(slow, seconds=3.0)
+        body = (gateway.app.__file__.rsplit("/", 1)[0] + "/admin/console/app.js")
+        size = len(open(body, "rb").read())
+        assert len(statuses(got)) == sent and len(got) > sent * size, (len(got), sent)
+        for s in (slow, idle, newcomer):
+            s.close()
+
+
+async def test_scrapes_while_the_store_stalls_are_fresh_not_the_last_one_again(
+        own_redis, upstream, monkeypatch):
+    """The scrape budget bounds the event loop's time scrapes take; it was charged the wall
+    time of a scrape, the wait for the store included. With the store stalled (a partition,
+    a Redis paused) every scrape waited out ``store.timeout`` doing nothing, spent the budget,
+    and the next ones were answered the last exposition again: during the very incident
+    ``/metrics`` is read for, ``keygate_store_errors_total`` (and everything else) stood
+    still at every other scrape. A scrape is charged the time it takes the loop, not the
+    store's silence."""
+    import os
+    import re
+    import signal
+
+    from aiohttp import ClientSession
+
+    from gateway.config import StoreConfig
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=0.6),
+                         server=ServerConfig(host="127.0.0.1", port=free_port(),
+                                             access_log="off"))
+    config = dataclasses.replace(config, admin=dataclasses.replace(
+        config.admin, host="127.0.0.1", port=free_port()))
+    async with running_gateway(config, own_redis.url) as gw:
+        runners = await start_listeners(gw)
+        try:
+            async with ClientSession() as s:
+                async def errors() -> float:
+                    async with s.get(f"http://127.0.0.1:{config.admin.port}/metrics") as r:
+                        text = await r.text()
+                    found = re.search(r"^keygate_store_errors_total (\S+)$", text, re.M)
+                    return float(found.group(1)) if found else 0.0
+
+                await errors()
+                os.kill(own_redis.proc.pid, signal.SIGSTOP)
+                try:
+                    seen = [await errors() for _ in range(4)]
+                finally:
+                    os.kill(own_redis.proc.pid, signal.SIGCONT)
+        finally:
+            await stop_listeners(runners)
+    assert all(b > a for a, b in zip(seen, seen[1:])), seen

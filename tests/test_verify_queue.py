@@ -276,3 +276,45 @@ async def test_the_queue_bounds_hold_exactly_per_client_address_and_in_total(
                             ("10.0.0.2", 503, "1", "overloaded"): 44,
                             ("others", 401, None, "invalid_key"): 88,
                             ("others", 503, "1", "overloaded"): 62}), seen
+
+
+async def test_an_admin_call_sharing_a_queued_verification_is_answered_when_the_proxy_client_leaves(
+        upstream, own_redis, monkeypatch):
+    """A ``keys:admin`` key's first use on the admin listener and on the proxy listener at
+    once share one verification. The admin listener's wait for it was not counted as a
+    waiter: the proxy client leaving while the verification was queued cancelled it under
+    the admin call, whose connection was then dropped without an answer (no log line
+    either). Every request waiting on a verification keeps it."""
+    import signal
+
+    from harness import gateway_under_test, make_config
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=60.0))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        holding = [(await g.key(name=f"k{i}"))[0] for i in range(8)]
+        admin_token, _ = await g.key(name="admin", role="admin")
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        auth = g.gw.pipeline.auth
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            holders = [await _send(g, t) for t in holding[:auth.queue.slots]]  # every turn
+            leaving = await _send(g, admin_token)  # its verification waits for a turn
+            await asyncio.sleep(0.2)
+            assert auth.queue.queued == auth.queue.slots + 1
+            reader, writer = await asyncio.open_connection("127.0.0.1", g.admin_server.port)
+            writer.write(f"GET /admin/v1/workspaces/acme HTTP/1.1\r\nHost: g\r\n"
+                         f"Authorization: Bearer {admin_token}\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            leaving[1].close()  # the proxy client goes; the admin call still waits
+            await asyncio.sleep(0.2)
+            assert auth.queue.queued == auth.queue.slots + 1, auth.queue.queued
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        for r, w in holders:
+            assert (await asyncio.wait_for(r.read(), 10)).startswith(b"HTTP/1.1 200")
+            w.close()

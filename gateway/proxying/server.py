@@ -547,10 +547,12 @@ class _JsonErrorRequestHandler(RequestHandler):
     def waiting_since(self) -> float | None:
         """When this connection began to wait for a request head (its connection, or the
         first byte of a head under way); -1.0 for one idle between keep-alive requests (no
-        time kept); None when a request is under way or queued, or it is closing."""
+        time kept); None when a request is under way or queued, an answer is still being
+        written (handed to the transport, not yet taken by the client), or it is closing."""
         transport = self.transport
         if self._request_in_progress or self._messages or self._linger_end \
-                or transport is None or transport.is_closing():
+                or transport is None or transport.is_closing() \
+                or transport.get_write_buffer_size():
             return None
         return -1.0 if self._head_since is None else self._head_since
 
