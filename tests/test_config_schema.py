@@ -161,6 +161,13 @@ CASES = [
     ("cors.max_age", 86401, False), ("cors.allow_credentials", "yes", False),
     ("cors", None, True), ("cors", {"allow_origins": "*", "allow_credentials": True}, False),
     ("cors", {"allow_origins": ["https://a.example"], "allow_credentials": True}, True),
+    # plan and upstream names: a letter or digit, then letters, digits, `_`, `.`, `-` (the
+    # schema took a leading `_`, `.` or `-`, which the loader refuses)
+    ("plans", {"Pro.Plan_1": {}}, True), ("plans", {"-bad": {}}, False),
+    ("plans", {".hidden": {}}, False), ("plans", {"_p": {}}, False),
+    ("upstreams", {"crm": "http://127.0.0.1:9", "Up.Stream_1": "http://127.0.0.1:9"}, True),
+    ("upstreams", {"crm": "http://127.0.0.1:9", "-up": "http://127.0.0.1:9"}, False),
+    ("upstreams", {"crm": "http://127.0.0.1:9", "_up": "http://127.0.0.1:9"}, False),
 ]
 
 
