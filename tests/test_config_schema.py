@@ -168,6 +168,13 @@ CASES = [
     ("upstreams", {"crm": "http://127.0.0.1:9", "Up.Stream_1": "http://127.0.0.1:9"}, True),
     ("upstreams", {"crm": "http://127.0.0.1:9", "-up": "http://127.0.0.1:9"}, False),
     ("upstreams", {"crm": "http://127.0.0.1:9", "_up": "http://127.0.0.1:9"}, False),
+    # a rate is 1 to 10^9 requests (the schema took 0/s and 1000000001/s); a method is one of
+    # HTTP's, in any case (the schema took any word)
+    ("plans.p.rate_limit", "0/s", False), ("plans.p.rate_limit", "00/m", False),
+    ("plans.p.rate_limit", "05/s", True), ("plans.p.rate_limit", " 5 / m ", True),
+    ("plans.p.rate_limit", "1000000000/s", True), ("plans.p.rate_limit", "1000000001/s", False),
+    ("routes.0.methods", ["Get", "connect", "OPTIONS"], True),
+    ("routes.0.methods", ["FOO"], False), ("routes.0.methods", ["PROPFIND"], False),
 ]
 
 
