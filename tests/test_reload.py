@@ -1123,3 +1123,13 @@ def test_every_page_that_says_what_a_reload_changes_says_it_as_the_code_does(pag
     assert "store" in restart, page
     for section in RESTART_ONLY_SECTIONS:
         assert f"`{section}`" in restart, (page, section)
+
+
+def test_the_cli_reference_of_reload_names_cors_and_points_to_the_full_lists():
+    """docs/cli.md's `keygate reload` said what changes in a shorter list that had no `cors`;
+    it now names it and points to docs/configuration.md's Reloading lists, which are checked
+    against the code above."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    section = " ".join(text.split("### `keygate reload`", 1)[1].split("\n## ", 1)[0].split())
+    assert "`cors`" in section
+    assert "(configuration.md#configuration-reference), Reloading" in section
