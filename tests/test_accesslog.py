@@ -1108,3 +1108,25 @@ async def test_under_workers_every_scrape_carries_the_dropped_log_lines_counter(
             assert samples.get("keygate_access_log_dropped_total") == 0.0
     finally:
         gw.close()
+
+
+def test_the_readmes_short_list_of_access_log_fields_is_the_whole_line():
+    """The README lists an access line's fields in words; docs/operations.md's table (checked
+    against a real line above) is the reference. The README's list had no `error`, the field
+    that says which of keygate's refusals a line is."""
+    root = Path(__file__).resolve().parent.parent
+    guide = (root / "docs" / "operations.md").read_text()
+    table = guide[guide.index("A JSON line has these fields"):]
+    fields = re.findall(r"^\| `(\w+)` \|", table[:table.index("\n\n", table.index("|"))], re.M)
+    readme = " ".join((root / "README.md").read_text().split())
+    listed = re.search(r"Access log: one line per request on stderr \(`[^`]*`\): (.*?)\. ",
+                       readme).group(1)
+    words = [w.strip() for w in re.split(r",(?: and)? ", listed)]
+    spoken = []
+    for field in fields:
+        word = field.removesuffix("_ms").replace("_", " ")
+        if word in ("bytes in", "bytes out"):
+            word = "bytes in/out"
+        if word not in spoken:
+            spoken.append(word)
+    assert words == spoken

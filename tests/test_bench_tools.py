@@ -103,3 +103,68 @@ def test_the_fault_harness_allows_only_the_counts_a_killed_primary_can_take_with
                               "window before the kill)"]
     assert faults.Row("SIGSTOP", counts_lost=1).failures() == ["counts lost: 1"]
     assert faults.Row("SIGSTOP", counts_lost=0).failures() == []
+
+
+# --- the commands the docs give for bench/ -----------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DOCS = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def bench_arguments(script: str) -> dict[str, object]:
+    """``--option`` → its default, read from the script's ``add_argument`` calls (its source, not
+    by running it)."""
+    import ast
+    found: dict[str, object] = {}
+    for node in ast.walk(ast.parse((ROOT / "bench" / script).read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            default = next((k.value for k in node.keywords if k.arg == "default"), None)
+            for arg in node.args:
+                if isinstance(arg, ast.Constant) and str(arg.value).startswith("--"):
+                    found[arg.value] = (ast.literal_eval(default)
+                                        if isinstance(default, ast.Constant) else None)
+    return found
+
+
+def bench_command_lines() -> list[tuple[str, str, str, str]]:
+    """(page:line, script, options, comment) of each `bench/X.py ...` command in a shell block."""
+    import re
+    found = []
+    for page in BENCH_DOCS:
+        in_block = False
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            if line.startswith("```"):
+                in_block = line.startswith("```sh")
+                continue
+            command = re.search(r"bench/([a-z_]+\.py)([^#]*)(?:#(.*))?$", line) if in_block else None
+            if command:
+                found.append((f"{page.relative_to(ROOT)}:{number}", command.group(1),
+                              command.group(2), command.group(3) or ""))
+    return found
+
+
+def test_every_bench_command_in_the_docs_takes_the_options_it_is_given():
+    import re
+    lines = bench_command_lines()
+    assert len(lines) > 15
+    wrong = [(where, option) for where, script, options, _ in lines
+             for option in re.findall(r"(--[a-z][a-z0-9-]*)", options)
+             if option not in bench_arguments(script)]
+    assert wrong == []
+
+
+def test_the_bench_readme_says_what_a_bare_run_py_measures():
+    """bench/README.md's first command, `bench/run.py` with no option, said "all targets" while
+    run.py's default set is a,b,c,w,l,d,e (u, p, q and v are opt-in, as the target table says):
+    someone expecting the u or q rows from a bare run got neither."""
+    import re
+    defaults = bench_arguments("run.py")
+    bare = [c for where, script, options, c in bench_command_lines()
+            if where.startswith("bench/README.md") and script == "run.py" and not options.strip()]
+    assert bare, "bench/README.md no longer shows a bare bench/run.py"
+    comment = bare[0]
+    assert "all targets" not in comment
+    assert defaults["--targets"] in comment, comment
+    assert f"{defaults['--warmup']:g} s warm-up" in comment
+    assert f"{defaults['--duration']:g} s per run" in comment
+    assert re.search(" and ".join(defaults["--connections"].split(",")) + " connections", comment)

@@ -223,3 +223,47 @@ def test_an_empty_id_is_bad_usage_not_no_such_endpoint(argv, capsys, monkeypatch
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: keygate ") and "must not be empty" in err, err
+
+
+def _documented_command_lines() -> list[tuple[str, str]]:
+    """(where, command line) for every `keygate ...` line of a ```sh block in README.md and
+    docs/, and of the command comments in deploy/ and the Dockerfile (`#   keygate ...`)."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        in_block = False
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            if line.startswith("```"):
+                in_block = line.startswith("```sh")
+            elif in_block and re.match(r"(\.venv/bin/)?keygate ", line):
+                found.append((f"{page.name}:{number}", line))
+    for path in [root / "Dockerfile", *sorted((root / "deploy").rglob("*.y*ml"))]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            command = re.match(r"\s*#\s{2,}(keygate [a-z].*)", line)
+            if command and re.match(r"keygate (serve|demo|config|workspaces|keys|roles|usage|"
+                                    r"reload|audit)\b", command.group(1)):
+                found.append((f"{path.name}:{number}", command.group(1)))
+    return found
+
+
+def test_every_command_line_the_docs_show_is_one_the_cli_takes():
+    """The README, docs/ and the deploy files show `keygate ...` lines to paste; each must parse
+    as written (a `<id>` stands for a key id; `[...]` optional parts are taken as given), or
+    an operator following them meets a usage error instead of the documented behaviour."""
+    import shlex
+    from gateway.cli.parser import build_parser
+    lines = _documented_command_lines()
+    assert len(lines) > 25
+    wrong = []
+    for where, line in lines:
+        words = shlex.split(line.split(" #", 1)[0].replace("[", "").replace("]", ""))[1:]
+        words = ["k0000000000a" if w == "<id>" else w for w in words]
+        if words[:1] == ["serve"] and "N" in words:
+            words[words.index("N")] = "2"
+        try:
+            build_parser().parse_args(words)
+        except SystemExit as exc:
+            wrong.append((where, line, exc.code))
+    assert wrong == []

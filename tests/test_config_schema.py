@@ -161,6 +161,20 @@ CASES = [
     ("cors.max_age", 86401, False), ("cors.allow_credentials", "yes", False),
     ("cors", None, True), ("cors", {"allow_origins": "*", "allow_credentials": True}, False),
     ("cors", {"allow_origins": ["https://a.example"], "allow_credentials": True}, True),
+    # plan and upstream names: a letter or digit, then letters, digits, `_`, `.`, `-` (the
+    # schema took a leading `_`, `.` or `-`, which the loader refuses)
+    ("plans", {"Pro.Plan_1": {}}, True), ("plans", {"-bad": {}}, False),
+    ("plans", {".hidden": {}}, False), ("plans", {"_p": {}}, False),
+    ("upstreams", {"crm": "http://127.0.0.1:9", "Up.Stream_1": "http://127.0.0.1:9"}, True),
+    ("upstreams", {"crm": "http://127.0.0.1:9", "-up": "http://127.0.0.1:9"}, False),
+    ("upstreams", {"crm": "http://127.0.0.1:9", "_up": "http://127.0.0.1:9"}, False),
+    # a rate is 1 to 10^9 requests (the schema took 0/s and 1000000001/s); a method is one of
+    # HTTP's, in any case (the schema took any word)
+    ("plans.p.rate_limit", "0/s", False), ("plans.p.rate_limit", "00/m", False),
+    ("plans.p.rate_limit", "05/s", True), ("plans.p.rate_limit", " 5 / m ", True),
+    ("plans.p.rate_limit", "1000000000/s", True), ("plans.p.rate_limit", "1000000001/s", False),
+    ("routes.0.methods", ["Get", "connect", "OPTIONS"], True),
+    ("routes.0.methods", ["FOO"], False), ("routes.0.methods", ["PROPFIND"], False),
 ]
 
 

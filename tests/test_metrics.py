@@ -435,3 +435,47 @@ async def test_a_prometheus_multiproc_dir_in_the_environment_is_ignored(tmp_path
         finally:
             gw.close()
     assert not list(kept.iterdir())
+
+
+def documented_metric_tables() -> dict[str, dict[str, tuple[str, frozenset[str]]]]:
+    """page → {metric: (type, label names)} from each `| metric | type | labels |` table of
+    README.md and docs/operations.md (a label's values and notes in brackets, and what follows
+    a dash, left out; an optional `workspace` label written "(+ `workspace` ...)" too)."""
+    root = Path(__file__).resolve().parent.parent
+    found = {}
+    for page in ("README.md", "docs/operations.md"):
+        rows: dict[str, tuple[str, frozenset[str]]] = {}
+        in_table = False
+        for line in (root / page).read_text().splitlines():
+            if line.startswith("| metric | type | labels"):
+                in_table = True
+                continue
+            if in_table and not line.startswith("|"):
+                in_table = False
+            if not in_table or line.startswith("|---"):
+                continue
+            cells = [c.strip() for c in line.replace("\\|", "¦").strip("|").split("|")]
+            if not cells[0].startswith("`keygate_"):
+                continue   # the standard process_* and python_info series
+            labels = re.sub(r"\([^)]*\)", "", cells[2]).split("—")[0].split("=")[0]
+            rows[cells[0].strip("`")] = (cells[1], frozenset(re.findall(r"`([a-z_]+)`", labels)))
+        found[page] = rows
+    return found
+
+
+async def test_the_metric_tables_of_the_docs_are_what_metrics_serves(traffic):
+    """README.md and docs/operations.md each have a table of the metrics: every metric there is
+    exported, with that type and exactly those labels, and every metric exported is there."""
+    s = await scrape(traffic)
+    tables = documented_metric_tables()
+    compared = 0
+    for page, rows in tables.items():
+        assert set(rows) == set(METRICS), (page, set(rows) ^ set(METRICS))
+        for name, (kind, labels) in rows.items():
+            assert kind == METRICS[name], (page, name, kind)
+            sample = name + ("_count" if kind == "histogram" else "")
+            served = {label for ls in s.labelsets(sample) for label in ls if label != "le"}
+            if served:
+                compared += 1
+                assert labels == served, (page, name, sorted(labels), sorted(served))
+    assert compared > 20

@@ -1098,3 +1098,60 @@ def test_the_configuration_reference_says_which_settings_reload_as_the_code_does
     assert "the whole store" in restart and RELOADABLE["store"] == ()
     for section in RESTART_ONLY_SECTIONS:
         assert f"`{section}`" in restart, section
+
+
+def _reload_passages() -> list[tuple[str, str, str]]:
+    """(page, what reloads, what needs a restart): the reload passages of the README,
+    docs/deployment-modes.md and docs/operations.md, each cut where it turns to the restart."""
+    root = Path(__file__).resolve().parent.parent
+
+    def flat(text: str) -> str:
+        return " ".join(text.split())
+    readme = flat((root / "README.md").read_text().split("### Reload without restart", 1)[1]
+                  .split("\n## ", 1)[0])
+    modes = flat((root / "docs" / "deployment-modes.md").read_text()
+                 .split("## Reload without restart", 1)[1].split("- An invalid file", 1)[0])
+    ops = flat((root / "docs" / "operations.md").read_text()
+               .split("## Changing the config", 1)[1].split("Renewed TLS", 1)[0])
+    return [("README.md", *readme.split("settings that need a restart", 1)),
+            ("docs/deployment-modes.md", *modes.split("Settings that need a restart", 1)),
+            ("docs/operations.md",
+             *ops.split("send SIGHUP.", 1)[1].split("change for the next request", 1))]
+
+
+@pytest.mark.parametrize("page, reloads, restart", _reload_passages(),
+                         ids=[p for p, _, _ in _reload_passages()])
+def test_every_page_that_says_what_a_reload_changes_says_it_as_the_code_does(page, reloads,
+                                                                           restart):
+    """docs/configuration.md is checked above; the README, docs/deployment-modes.md and
+    docs/operations.md say it again in their own words. deployment-modes.md left `cors` and
+    `server.websocket_recheck` out of what a reload swaps while calling "any other listener
+    setting" restart-only, and operations.md left out `cors` and the reloadable `server`
+    settings: an operator was told to restart for a CORS or recheck change a reload applies."""
+    import dataclasses
+
+    from gateway.config import AdminConfig, ServerConfig
+    from gateway.reload import RELOADABLE, RESTART_ONLY_SECTIONS
+    by_words = {"host": ["listener"], "port": ["listener"], "tls": ["tls", "certificates"],
+                "workers": ["workers"]}
+    assert "`cors`" in reloads, page
+    for section, fields in (("server", dataclasses.fields(ServerConfig)),
+                            ("admin", dataclasses.fields(AdminConfig))):
+        for f in fields:
+            names = by_words.get(f.name, [f"`{section}.{f.name}`", f"`{f.name}`"])
+            where = reloads if f.name in RELOADABLE[section] else restart
+            assert any(n.lower() in where.lower() for n in names), \
+                (page, f"{section}.{f.name}", "reloads" if where is reloads else "needs a restart")
+    assert "store" in restart, page
+    for section in RESTART_ONLY_SECTIONS:
+        assert f"`{section}`" in restart, (page, section)
+
+
+def test_the_cli_reference_of_reload_names_cors_and_points_to_the_full_lists():
+    """docs/cli.md's `keygate reload` said what changes in a shorter list that had no `cors`;
+    it now names it and points to docs/configuration.md's Reloading lists, which are checked
+    against the code above."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    section = " ".join(text.split("### `keygate reload`", 1)[1].split("\n## ", 1)[0].split())
+    assert "`cors`" in section
+    assert "(configuration.md#configuration-reference), Reloading" in section

@@ -363,3 +363,18 @@ async def test_a_client_cannot_name_another_path_in_a_url_override_header(
                     want = "/companies/1" if trusted and "_" not in name else path
                     assert await r.text() == want, (name, path)
     assert len(served) == 6
+
+
+def test_the_security_model_lists_exactly_the_client_address_headers_keygate_guards():
+    """docs/security.md names every header an upstream may read a client's address from that
+    keygate passes only from a trusted proxy; an entry added to (or dropped from) the code's
+    set alone would leave an operator configuring an upstream from a wrong list."""
+    import re
+    from pathlib import Path
+
+    from gateway.proxying.headers import CLIENT_ADDRESS
+    text = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    passage = " ".join(text.split("The other headers upstreams read a client's address", 1)[1]
+                       .split(") reach the upstream only", 1)[0].split())
+    named = {h.lower() for h in re.findall(r"`([A-Za-z0-9-]+)`", passage)}
+    assert named == set(CLIENT_ADDRESS)
