@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -474,3 +476,42 @@ class HeldReplies:
         self._tasks.update(tasks)
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.difference_update(tasks)
+
+
+# --- a raw client socket (listener-edge tests: resets, lingering closes) ---------------------
+
+async def raw_connect(port: int) -> socket.socket:
+    """A non-blocking TCP socket connected to 127.0.0.1:``port``."""
+    sock = socket.socket()
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def raw_send_all(sock: socket.socket, data: bytes) -> bool:
+    """Send ``data``; False if the connection failed first (a reset, a broken pipe)."""
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+        return True
+    except ConnectionError:
+        return False
+
+
+async def raw_read_to_end(sock: socket.socket, seconds: float = 5.0) -> tuple[bytes, str]:
+    """Everything the client receives, and how the connection ended: "eof", "reset" or
+    "timeout"."""
+    got = bytearray()
+    try:
+        async with asyncio.timeout(seconds):
+            while chunk := await asyncio.get_running_loop().sock_recv(sock, 65536):
+                got += chunk
+        return bytes(got), "eof"
+    except ConnectionError:
+        return bytes(got), "reset"
+    except TimeoutError:
+        return bytes(got), "timeout"
+
+
+def raw_statuses(answer: bytes) -> list[bytes]:
+    """The status codes of the HTTP/1.x answers in ``answer``, in order."""
+    return re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer)

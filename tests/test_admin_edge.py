@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import re
 import socket
 from typing import AsyncIterator
 
@@ -23,6 +22,8 @@ from gateway.app import running_gateway, start_listeners, stop_listeners
 from gateway.config import ServerConfig, Timeouts
 
 from harness import ADMIN_TOKEN, make_config
+from harness import raw_connect as connect, raw_read_to_end as read_to_end
+from harness import raw_send_all as send_all, raw_statuses as statuses
 
 AUTH = b"Authorization: Bearer " + ADMIN_TOKEN.encode()
 
@@ -58,36 +59,6 @@ async def listening(redis_url: str, upstream_url: str, monkeypatch,
             await stop_listeners(runners)
 
 
-async def connect(port: int) -> socket.socket:
-    sock = socket.socket()
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    return sock
-
-
-async def send_all(sock: socket.socket, data: bytes) -> bool:
-    """Send ``data``; False if the connection failed first (a reset, a broken pipe)."""
-    try:
-        await asyncio.get_running_loop().sock_sendall(sock, data)
-        return True
-    except ConnectionError:
-        return False
-
-
-async def read_to_end(sock: socket.socket, seconds: float = 5.0) -> tuple[bytes, str]:
-    """Everything received, and how the connection ended: "eof", "reset" or "timeout"."""
-    got = bytearray()
-    try:
-        async with asyncio.timeout(seconds):
-            while chunk := await asyncio.get_running_loop().sock_recv(sock, 65536):
-                got += chunk
-        return bytes(got), "eof"
-    except ConnectionError:
-        return bytes(got), "reset"
-    except TimeoutError:
-        return bytes(got), "timeout"
-
-
 async def read_some(sock: socket.socket, until: bytes, seconds: float = 5.0) -> bytes:
     """What arrives until ``until`` is in it (or the connection ends, or ``seconds`` pass)."""
     got = bytearray()
@@ -99,10 +70,6 @@ async def read_some(sock: socket.socket, until: bytes, seconds: float = 5.0) -> 
                     break
                 got += chunk
     return bytes(got)
-
-
-def statuses(answer: bytes) -> list[bytes]:
-    return re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer)
 
 
 async def until(condition, seconds: float = 5.0) -> bool:

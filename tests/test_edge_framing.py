@@ -130,9 +130,10 @@ async def edge(redis_url, raw_upstream, monkeypatch):
         yield g
 
 
-async def exchange(g, payload: bytes, *, wait: float = 3.0) -> bytes:
-    """Send raw bytes, read until the gateway closes or goes quiet; return what came back."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", g.proxy_server.port)
+async def exchange_to_close(port: int, payload: bytes, wait: float = 3.0) -> tuple[bytes, bool]:
+    """Send raw bytes; what came back, and whether the listener closed the connection (not
+    just went quiet) within ``wait`` seconds."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     out = bytearray()
     try:
         writer.write(payload)
@@ -141,13 +142,19 @@ async def exchange(g, payload: bytes, *, wait: float = 3.0) -> bytes:
             try:
                 chunk = await asyncio.wait_for(reader.read(65536), wait)
             except asyncio.TimeoutError:
-                break
+                return bytes(out), False
+            except ConnectionError:
+                return bytes(out), True
             if not chunk:
-                break
+                return bytes(out), True
             out += chunk
     finally:
         writer.close()
-    return bytes(out)
+
+
+async def exchange(g, payload: bytes, *, wait: float = 3.0) -> bytes:
+    """Send raw bytes, read until the gateway closes or goes quiet; return what came back."""
+    return (await exchange_to_close(g.proxy_server.port, payload, wait))[0]
 
 
 async def exchange_in_turn(g, first: bytes, then: bytes, *, wait: float = 3.0) -> bytes:
@@ -724,26 +731,6 @@ async def test_a_refusal_answered_from_the_head_whose_body_then_breaks_closes_wi
 
 # --- the request line's HTTP version: HTTP/1.0 and HTTP/1.1 only ------------------------------
 
-async def _exchange_to_close(port: int, payload: bytes, wait: float = 3.0) -> tuple[bytes, bool]:
-    """Send raw bytes; what came back, and whether the listener closed the connection (not
-    just went quiet) within ``wait`` seconds."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    out = bytearray()
-    try:
-        writer.write(payload)
-        await writer.drain()
-        while True:
-            try:
-                chunk = await asyncio.wait_for(reader.read(65536), wait)
-            except asyncio.TimeoutError:
-                return bytes(out), False
-            except ConnectionError:
-                return bytes(out), True
-            if not chunk:
-                return bytes(out), True
-            out += chunk
-    finally:
-        writer.close()
 
 
 NOT_HTTP1 = [b"GET {path}\r\n\r\n",                       # no version: HTTP/0.9
@@ -773,7 +760,7 @@ async def test_a_request_line_that_is_not_http_1_0_or_1_1_is_refused_never_forwa
     a request); other versions llhttp refuses itself, the same way."""
     path = b"/public/x" if listener == "proxy" else b"/healthz"
     port = edge.proxy_server.port if listener == "proxy" else edge.admin_server.port
-    answer, closed = await _exchange_to_close(port, payload.replace(b"{path}", path))
+    answer, closed = await exchange_to_close(port, payload.replace(b"{path}", path))
     behind = b"\r\n\r\nGET" in payload
     if behind:  # pipelined behind a request: that one is answered, with Connection: close,
         # and the client sends the rest again (RFC 9112 9.3.2), as for a head over 32 KiB
@@ -805,7 +792,7 @@ async def test_a_request_refused_unread_is_answered_with_an_http_1_1_status_line
     'Connection: close' as the connection then closes."""
     path = b"/public/x" if listener == "proxy" else b"/healthz"
     port = edge.proxy_server.port if listener == "proxy" else edge.admin_server.port
-    answer, closed = await _exchange_to_close(port, payload.replace(b"{path}", path))
+    answer, closed = await exchange_to_close(port, payload.replace(b"{path}", path))
     assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:300]
     head = answer.split(b"\r\n\r\n", 1)[0]
     assert b"\r\nConnection: close" in head and b'"code": "bad_request"' in answer
@@ -849,11 +836,11 @@ async def test_an_http_1_0_request_with_transfer_encoding_is_refused_and_the_con
     port = edge.proxy_server.port if listener == "proxy" else edge.admin_server.port
     first = (b"POST " + path + b" HTTP/1.0\r\nHost: g\r\nConnection: keep-alive\r\n"
              b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
-    answer, closed = await _exchange_to_close(port, first)
+    answer, closed = await exchange_to_close(port, first)
     assert statuses(answer) == [400], answer[:300]
     assert b'"code": "bad_request"' in answer and closed
     # and what follows it in the same read is never read as a request
     then = b"GET " + path + b" HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
-    answer, closed = await _exchange_to_close(port, first + then)
+    answer, closed = await exchange_to_close(port, first + then)
     assert statuses(answer) == [400], answer[:300]
     assert closed and edge.up.requests == []

@@ -12,13 +12,14 @@ a real Redis and a real upstream.
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 
 from gateway.config import Route, ServerConfig, Timeouts
 from gateway.proxying import server as proxy_server
 
 from harness import eventually, gateway_under_test, make_config
+from harness import raw_connect as connect, raw_read_to_end as read_to_end
+from harness import raw_send_all as send_all, raw_statuses as statuses
 
 # the bounds (read here so that this file still runs, and fails, on code without them)
 LINGER_TIME = getattr(proxy_server, "LINGER_TIME", 2.0)
@@ -32,41 +33,6 @@ def config_for(upstream_url: str, **server) -> object:
     server.setdefault("timeouts", Timeouts(header=5.0, body=5.0, idle=5.0))
     return make_config(upstream_url, routes=ROUTES,
                        server=ServerConfig(host="127.0.0.1", **server))
-
-
-async def connect(port: int) -> socket.socket:
-    sock = socket.socket()
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    return sock
-
-
-async def send_all(sock: socket.socket, data: bytes) -> bool:
-    """Send ``data``; False if the connection failed first (a reset, a broken pipe)."""
-    try:
-        await asyncio.get_running_loop().sock_sendall(sock, data)
-        return True
-    except ConnectionError:
-        return False
-
-
-async def read_to_end(sock: socket.socket, seconds: float = 5.0) -> tuple[bytes, str]:
-    """Everything the client receives, and how the connection ended: "eof", "reset" or
-    "timeout"."""
-    got = bytearray()
-    try:
-        async with asyncio.timeout(seconds):
-            while chunk := await asyncio.get_running_loop().sock_recv(sock, 65536):
-                got += chunk
-        return bytes(got), "eof"
-    except ConnectionError:
-        return bytes(got), "reset"
-    except TimeoutError:
-        return bytes(got), "timeout"
-
-
-def statuses(answer: bytes) -> list[bytes]:
-    return re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer)
 
 
 def whole_json_error(answer: bytes, status: bytes, code: bytes) -> bool:

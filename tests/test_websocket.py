@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import socket
 import time
 
 import aiohttp
@@ -93,6 +94,18 @@ def handshake(path: str, token: str | None = None, extra: bytes = b"",
     return (b"GET %s HTTP/1.1\r\nHost: g\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s%s\r\n"
             % (path.encode(), key, auth, extra))
+
+
+async def slow_reader_handshake(g, token: str) -> socket.socket:
+    """A client socket with a 4 KiB receive buffer (a slow link) that has sent a handshake
+    for /ws/x to the gateway; non-blocking, for the loop's sock_* calls."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", g.proxy_server.port))
+    await loop.sock_sendall(sock, handshake("/ws/x", token))
+    return sock
 
 
 async def read_head(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
@@ -736,7 +749,6 @@ async def test_backpressure_holds_when_the_upstreams_first_bytes_came_with_its_1
     that signalled it reached no tunnel, and the upstream's reads were resumed regardless:
     keygate buffered the whole flood (32 MiB here, without end in general) until
     server.timeouts.body. It now reads no more from the upstream until the client drains."""
-    import socket
     big = 32 * 1024 * 1024
     state: dict = {}
 
@@ -756,17 +768,12 @@ async def test_backpressure_holds_when_the_upstreams_first_bytes_came_with_its_1
         writer.close()
 
     srv, url = await raw_upstream(flood)
-    loop = asyncio.get_running_loop()
     try:
         async with gateway(redis_url, monkeypatch, url) as g:
             state["gateway"] = g
             token, _ = await g.key()
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", g.proxy_server.port))
+            sock = await slow_reader_handshake(g, token)
             try:
-                await loop.sock_sendall(sock, handshake("/ws/x", token))
                 await eventually(lambda: "upstream_writer" in state)
                 await asyncio.sleep(1.0)
                 [handler] = g.gw.proxy_server.connections
@@ -785,7 +792,6 @@ async def test_backpressure_holds_when_the_clients_early_bytes_fill_the_upstream
     nothing after its 101 over a slow link. What aiohttp held of the flood until the 101 went
     upstream before the tunnel was told of the pause it caused, and aiohttp's hand-over then
     resumed the client's reads: keygate took the whole flood."""
-    import socket
     big = 32 * 1024 * 1024
     state: dict = {}
 
@@ -878,7 +884,6 @@ async def test_a_client_that_stops_reading_when_its_tunnel_ends_is_cut_off(redis
     written: a client that stopped reading with the kernel's buffers full and less than the
     64 KiB high-water mark left in keygate's (no write paused, so no write-stall timer) kept
     that connection, and its place under server.max_connections, for ever."""
-    import socket
     state: dict = {}
 
     async def answer(reader, writer):
@@ -895,12 +900,8 @@ async def test_a_client_that_stops_reading_when_its_tunnel_ends_is_cut_off(redis
     try:
         async with gateway(redis_url, monkeypatch, url, max_connections=1) as g:
             token, _ = await g.key()
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", g.proxy_server.port))
+            sock = await slow_reader_handshake(g, token)
             try:
-                await loop.sock_sendall(sock, handshake("/ws/x", token))
                 got = b""
                 while b"\r\n\r\n" not in got:
                     got += await asyncio.wait_for(loop.sock_recv(sock, 1024), 5)
