@@ -515,3 +515,16 @@ async def raw_read_to_end(sock: socket.socket, seconds: float = 5.0) -> tuple[by
 def raw_statuses(answer: bytes) -> list[bytes]:
     """The status codes of the HTTP/1.x answers in ``answer``, in order."""
     return re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer)
+
+
+async def raw_send_refused(sock: socket.socket, head: bytes,
+                           body: bytes) -> tuple[bool, bytes, str]:
+    """Send a request ``head``, give the listener 0.1 s to refuse it from the head alone, then
+    send ``body`` in 64 KiB writes as a client still uploading does. Whether every write went
+    (no reset), everything that came back, and how the connection ended (raw_read_to_end)."""
+    sent = await raw_send_all(sock, head)
+    await asyncio.sleep(0.1)
+    for at in range(0, len(body), 65536):
+        sent = sent and await raw_send_all(sock, body[at:at + 65536])
+    answer, end = await raw_read_to_end(sock)
+    return sent, answer, end

@@ -23,7 +23,7 @@ from gateway.config import ServerConfig, Timeouts
 
 from harness import ADMIN_TOKEN, make_config
 from harness import raw_connect as connect, raw_read_to_end as read_to_end
-from harness import raw_send_all as send_all, raw_statuses as statuses
+from harness import raw_send_all as send_all, raw_send_refused, raw_statuses as statuses
 
 AUTH = b"Authorization: Bearer " + ADMIN_TOKEN.encode()
 
@@ -100,11 +100,7 @@ async def test_a_client_still_sending_its_body_reads_the_admin_refusal_whole(
         for attempt in range(3):
             sock = await connect(g.admin_port)
             try:
-                sent = await send_all(sock, head % len(body))
-                await asyncio.sleep(0.1)  # refused from the head alone
-                for at in range(0, len(body), 65536):
-                    sent = sent and await send_all(sock, body[at:at + 65536])
-                answer, end = await read_to_end(sock)
+                sent, answer, end = await raw_send_refused(sock, head % len(body), body)
             finally:
                 sock.close()
             assert (sent, end) == (True, "eof"), (attempt, sent, end, answer[:300])

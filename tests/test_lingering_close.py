@@ -19,7 +19,7 @@ from gateway.proxying import server as proxy_server
 
 from harness import eventually, gateway_under_test, make_config
 from harness import raw_connect as connect, raw_read_to_end as read_to_end
-from harness import raw_send_all as send_all, raw_statuses as statuses
+from harness import raw_send_all as send_all, raw_send_refused, raw_statuses as statuses
 
 # the bounds (read here so that this file still runs, and fails, on code without them)
 LINGER_TIME = getattr(proxy_server, "LINGER_TIME", 2.0)
@@ -60,11 +60,7 @@ async def test_a_body_refused_early_is_answered_whole_while_the_client_is_still_
             try:
                 head = (b"POST /people/x HTTP/1.1\r\nHost: g\r\n%s\r\nContent-Length: %d\r\n"
                         b"\r\n" % (b"Authorization: Bearer " + token.encode(), len(body)))
-                sent = await send_all(sock, head)
-                await asyncio.sleep(0.1)  # keygate refuses from the head alone
-                for at in range(0, len(body), 65536):
-                    sent = sent and await send_all(sock, body[at:at + 65536])
-                answer, end = await read_to_end(sock)
+                sent, answer, end = await raw_send_refused(sock, head, body)
             finally:
                 sock.close()
             assert (sent, end) == (True, "eof"), (attempt, sent, end, answer[:300])

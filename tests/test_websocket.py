@@ -49,6 +49,14 @@ def accept_for(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + GUID).digest())
 
 
+def switching(head: bytes) -> bytes:
+    """An upstream's 101 to the handshake whose head is ``head``."""
+    key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+           if line.lower().startswith(b"sec-websocket-key:")][0]
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+
+
 @contextlib.asynccontextmanager
 async def ws_upstream():
     """A real aiohttp WebSocket echo server: ``/ws/...`` and ``/open/...`` upgrade, anything
@@ -263,10 +271,7 @@ async def test_bytes_sent_before_the_101_reach_the_upstream_only_after_it(redis_
         with contextlib.suppress(asyncio.TimeoutError):
             early = await asyncio.wait_for(reader.read(65536), 0.2)
         events.append(("before 101", early))
-        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
-               if line.lower().startswith(b"sec-websocket-key:")][0]
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+        writer.write(switching(head))
         events.append(("after 101", await asyncio.wait_for(reader.read(65536), 2)))
         writer.close()
 
@@ -297,10 +302,7 @@ async def test_more_than_a_head_sent_before_the_101_and_after_it_all_reach_the_u
     async def slow_accept(reader, writer):
         head = await reader.readuntil(b"\r\n\r\n")
         await asyncio.sleep(0.3)
-        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
-               if line.lower().startswith(b"sec-websocket-key:")][0]
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+        writer.write(switching(head))
         data = b""
         with contextlib.suppress(asyncio.TimeoutError):
             while len(data) < len(early + late):
@@ -714,10 +716,7 @@ async def test_backpressure_both_ways_bounds_what_keygate_buffers(redis_url, mon
 
     async def flood(reader, writer):
         head = await reader.readuntil(b"\r\n\r\n")
-        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
-               if line.lower().startswith(b"sec-websocket-key:")][0]
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+        writer.write(switching(head))
         writer.write(b"\x00" * big)  # never read by the client
         state["upstream_writer"] = writer
         await asyncio.sleep(10)  # never reads what the client sends
@@ -758,11 +757,7 @@ async def test_backpressure_holds_when_the_upstreams_first_bytes_came_with_its_1
         [handler] = state["gateway"].gw.proxy_server.connections
         handler.transport.get_extra_info("socket").setsockopt(
             socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
-               if line.lower().startswith(b"sec-websocket-key:")][0]
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key)
-                     + b"\x00" * big)
+        writer.write(switching(head) + b"\x00" * big)
         state["upstream_writer"] = writer
         await asyncio.sleep(10)
         writer.close()
@@ -804,10 +799,7 @@ async def test_backpressure_holds_when_the_clients_early_bytes_fill_the_upstream
                 socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         writer.transport.get_extra_info("socket").setsockopt(
             socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
-               if line.lower().startswith(b"sec-websocket-key:")][0]
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+        writer.write(switching(head))
         state["switched"] = True
         await asyncio.sleep(10)  # reads nothing more
         writer.close()
@@ -888,10 +880,7 @@ async def test_a_client_that_stops_reading_when_its_tunnel_ends_is_cut_off(redis
 
     async def answer(reader, writer):
         head = await reader.readuntil(b"\r\n\r\n")
-        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
-               if line.lower().startswith(b"sec-websocket-key:")][0]
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+        writer.write(switching(head))
         state["upstream"] = writer
         await asyncio.sleep(30)
 
@@ -1046,10 +1035,7 @@ async def test_a_handshake_answered_while_the_gateway_stops_opens_no_tunnel(redi
     async def slow_accept(reader, writer):
         head = await reader.readuntil(b"\r\n\r\n")
         await asyncio.sleep(0.5)
-        key = [line.split(b": ", 1)[1] for line in head.split(b"\r\n")
-               if line.lower().startswith(b"sec-websocket-key:")][0]
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept_for(key))
+        writer.write(switching(head))
         with contextlib.suppress(Exception):
             while await asyncio.wait_for(reader.read(65536), 20):
                 pass
