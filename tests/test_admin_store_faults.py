@@ -1,0 +1,108 @@
+"""The key-management plane under real Redis faults: a create or rotation whose store call
+ran but whose answer was lost (Redis stalled between running it and replying) is answered 503;
+its token was never shown, so the change must not stand. Each test runs a real redis-server
+behind a loopback relay that holds its replies back (harness.HeldReplies)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from gateway.config import StoreConfig
+from gateway.store import keyspace
+
+from harness import HeldReplies, bearer, eventually, gateway_under_test, make_config
+
+def _state(url: str, ws: str = "acme") -> dict:
+    r = redis.Redis.from_url(url, decode_responses=True)
+    return {"keys": r.smembers(keyspace.ws_keys_key(ws)),
+            "active": set(r.zrange(keyspace.ws_active_key(ws), 0, -1))}
+
+
+async def _lost_answer(relay: HeldReplies, send, marker: bytes):
+    """``send()`` with the reply to the command holding ``marker`` held past the store
+    timeout; the held replies are let go once the caller has had its answer."""
+    relay.hold_when(marker)
+    try:
+        return await asyncio.wait_for(send(), 10)
+    finally:
+        relay.release()
+
+
+@pytest.fixture
+async def held(upstream, redis_url, monkeypatch):
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=0.5))
+    async with HeldReplies(redis_url) as relay, \
+            gateway_under_test(config, relay.url, monkeypatch) as g:
+        await g.workspace("acme")
+        # a first create loads the scripts: the call held is then the script's own run
+        # (EVALSHA), not a NOSCRIPT answer
+        _, first = await g.key(name="first")
+        yield g, relay, redis_url, first["id"]
+
+
+async def test_a_create_answered_503_leaves_no_key_behind(held):
+    g, relay, url, first = held
+    status, body = await _lost_answer(
+        relay, lambda: g.admin_json("POST", "/workspaces/acme/keys",
+                                    {"name": "ci", "scopes": ["people:read"]}), b"key.create")
+    assert (status, body["error"]["code"]) == (503, "store_unavailable"), body
+    # Redis did run the create: the key its caller never got the token of is taken back
+    assert await eventually(lambda: _state(url) == {"keys": {first}, "active": {first}}), \
+        _state(url)
+    status, listing = await g.admin_json("GET", "/workspaces/acme/keys")
+    assert (status, [k["id"] for k in listing["items"]]) == (200, [first])
+    status, usage = await g.admin_json("GET", "/workspaces/acme/audit")
+    actions = [e["action"] for e in usage["items"]]
+    assert actions[:2] == ["key.create.undone", "key.create"], actions
+    # the cap counts no ghost: the rest of the plan's 5 keys can still be made
+    for i in range(4):
+        await g.key(name=f"k{i}")
+
+
+@pytest.mark.parametrize("grace", [0, 3600])
+async def test_a_rotation_answered_503_leaves_the_old_key_as_it_was(held, grace):
+    g, relay, url, first = held
+    token, key = await g.key(name="integration")
+    async with g.proxy.get("/people", headers=bearer(token)) as r:
+        assert r.status == 200
+    status, body = await _lost_answer(
+        relay, lambda: g.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/rotate",
+                                    {"grace_seconds": grace}), b"key.rotate")
+    assert (status, body["error"]["code"]) == (503, "store_unavailable"), body
+
+    async def as_before() -> bool:
+        st, k = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+        return st == 200 and k["status"] == "active" and k["revoked_at"] is None \
+            and k["expires_at"] == key["expires_at"] \
+            and _state(url) == {"keys": {first, key["id"]}, "active": {first, key["id"]}}
+
+    assert await eventually(as_before), _state(url)
+    # the integration keeps working on the token it has (no outage), and the rotation can be
+    # sent again
+    async with g.proxy.get("/people", headers=bearer(token)) as r:
+        assert r.status == 200
+    status, body = await g.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/rotate",
+                                      {"grace_seconds": grace})
+    assert status == 201, body
+
+
+async def test_a_create_that_reaches_redis_after_it_was_taken_back_adds_nothing(held):
+    """A stalled Redis runs what sat in its buffers when it wakes, possibly after the
+    take-back sent on another connection: the late create must add no key."""
+    g, relay, url, first = held
+    relay.delay_when(b"key.create")
+    try:
+        status, body = await asyncio.wait_for(g.admin_json(
+            "POST", "/workspaces/acme/keys", {"name": "ci", "scopes": ["people:read"]}), 10)
+        assert (status, body["error"]["code"]) == (503, "store_unavailable"), body
+        r = redis.Redis.from_url(url, decode_responses=True)
+        assert await eventually(lambda: r.keys("kg:ws:{acme}:undone:*")), "no take-back ran"
+    finally:
+        relay.release()  # the create reaches Redis now
+    await asyncio.sleep(0.3)
+    assert _state(url) == {"keys": {first}, "active": {first}}
+    status, listing = await g.admin_json("GET", "/workspaces/acme/keys")
+    assert [k["id"] for k in listing["items"]] == [first]
