@@ -106,3 +106,28 @@ async def test_a_create_that_reaches_redis_after_it_was_taken_back_adds_nothing(
     assert _state(url) == {"keys": {first}, "active": {first}}
     status, listing = await g.admin_json("GET", "/workspaces/acme/keys")
     assert [k["id"] for k in listing["items"]] == [first]
+
+
+_ROLES_READ = b"HGETALL\r\n$18\r\nkg:ws:{acme}:roles"
+
+
+@pytest.mark.parametrize("call", ["create", "rotate"])
+async def test_a_write_that_ran_is_answered_with_its_token_when_a_read_after_it_fails(
+        held, call):
+    """The key object answered with a new token is made without reading the store after the
+    write: a read failing there answered 503 for a key that stood, its token lost."""
+    g, relay, url, first = held
+    if call == "create":
+        path, body = "/workspaces/acme/keys", {"name": "ci", "scopes": ["people:read"]}
+    else:
+        path, body = f"/workspaces/acme/keys/{first}/rotate", {}
+    relay.hold_when(_ROLES_READ + b"\r\n")  # no read of it before the write, only after
+    try:
+        status, answer = await asyncio.wait_for(g.admin_json("POST", path, body), 10)
+    finally:
+        relay.release()
+    assert status == 201, answer
+    assert answer["key"]["scopes"] == ["people:read"]
+    assert answer["key"]["used_this_month"] == 0
+    async with g.proxy.get("/people", headers=bearer(answer["token"])) as r:
+        assert r.status == 200
