@@ -131,3 +131,46 @@ async def test_a_write_that_ran_is_answered_with_its_token_when_a_read_after_it_
     assert answer["key"]["used_this_month"] == 0
     async with g.proxy.get("/people", headers=bearer(answer["token"])) as r:
         assert r.status == 200
+
+
+async def _cli(monkeypatch, g, *argv: str):
+    """The real CLI (gateway.cli.main) against the gateway's admin listener, in a thread."""
+    import contextlib
+    import io
+
+    from gateway.cli import main
+    from harness import ADMIN_TOKEN
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+    monkeypatch.setenv("KEYGATE_ADMIN_URL", str(g.admin_server.make_url("")).rstrip("/"))
+    out, err = io.StringIO(), io.StringIO()
+
+    def run() -> int:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            return main(list(argv))
+    code = await asyncio.wait_for(asyncio.to_thread(run), 20)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("verb", ["create", "rotate", "revoke"])
+async def test_the_cli_says_what_a_503_on_a_write_means_and_what_to_do(held, monkeypatch,
+                                                                         verb):
+    g, relay, url, first = held
+    argv = {"create": ("keys", "create", "--workspace", "acme", "--name", "ci",
+                       "--scope", "people:read"),
+            "rotate": ("keys", "rotate", "--workspace", "acme", first),
+            "revoke": ("keys", "revoke", "--workspace", "acme", first, "--yes")}[verb]
+    marker = {"create": b"key.create", "rotate": b"key.rotate", "revoke": b"key.revoke"}[verb]
+    relay.hold_when(marker)
+    try:
+        code, out, err = await _cli(monkeypatch, g, *argv)
+    finally:
+        relay.release()
+    assert code == 1 and out == "", (out, err)
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("keygate: ") and lines[0].endswith("(store_unavailable)"), err
+    if verb == "revoke":
+        assert "may have been made" in err and "run the same command again" in err, err
+    else:
+        assert "nothing was changed" in err and "taken back" in err, err
+        assert "run the same command again" in err, err

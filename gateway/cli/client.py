@@ -99,6 +99,7 @@ class AdminClient:
         # never part of a token. (The server strips them too.)
         self._token = token.strip() if token else token
         self.timeout = timeout
+        self.last_method = "GET"  # of the last request sent (a write's 503 says more)
         self._cert_file = cert_file
         self._openers = [self._opener_for(context) for context in (
             listener_contexts(cert_file) if cert_file else (None,))]
@@ -117,6 +118,7 @@ class AdminClient:
     def request(self, method: str, path: str, body: dict | None = None,
                 query: dict[str, str] | None = None) -> Any:
         url = self.base_url + "/admin/v1" + path
+        self.last_method = method
         if query:
             url += "?" + urllib.parse.urlencode(query)
         headers = {"Accept": "application/json", "User-Agent": "keygate-cli"}

@@ -29,6 +29,10 @@ UNDONE_TTL = 86_400
 """Seconds the 'undone' mark of a taken-back key id is kept (a late run of its script adds
 nothing meanwhile)."""
 
+TAKEN_BACK = ("The key store did not answer in time, so the change could not be confirmed; "
+              "nothing was changed (if the store made it, it is taken back as soon as it "
+              "answers again). Send the call again once the store is back.")
+
 ROTATE_ATTEMPTS = 64
 """Tries of a rotation that finds the key changed since it read it (each try: a read and the
 script; the new key's id and hash are kept): concurrent rotations of one key each find it
@@ -429,11 +433,14 @@ class KeyStore(StoreBase):
         on. An 'undone' reply (a take-back came first) is a store error as well."""
         try:
             reply = await adding
-        except StoreError:
+        except StoreError as exc:
             self._take_back(ws, new_id, old, actor)
+            exc.answer = TAKEN_BACK
             raise
         if reply == "undone":
-            raise StoreError(f"key id {new_id} was taken back already")
+            exc = StoreError(f"key id {new_id} was taken back already")
+            exc.answer = TAKEN_BACK
+            raise exc
         return reply
 
     def _take_back(self, ws: str, new_id: str, old: KeyRecord | None, actor: str) -> None:
