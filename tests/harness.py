@@ -456,10 +456,10 @@ class HeldReplies:
         self._flowing.set()
         self._undelayed.set()
 
-    def hold_when(self, marker: bytes) -> None:
-        """``hold()`` as soon as a command holding ``marker`` is passed on to Redis: Redis
-        runs it (and what was sent before it), its answer and every later one wait."""
-        self._hold_marker = marker
+    def hold_when(self, marker: bytes, nth: int = 1) -> None:
+        """``hold()`` as soon as the ``nth`` command holding ``marker`` is passed on to Redis:
+        Redis runs it (and what was sent before it), its answer and every later one wait."""
+        self._hold_marker, self._hold_nth = marker, nth
 
     def delay_when(self, marker: bytes) -> None:
         """Keep the command holding ``marker`` from Redis until ``release()`` (and replies
@@ -479,8 +479,10 @@ class HeldReplies:
                         self.held_back += 1
                         await self._undelayed.wait()
                     if not held and self._hold_marker and self._hold_marker in data:
-                        self._hold_marker = None
-                        self.hold()
+                        self._hold_nth -= 1
+                        if self._hold_nth <= 0:
+                            self._hold_marker = None
+                            self.hold()
                     if held and self._delay:
                         await asyncio.sleep(self._delay)
                     if held and not self._flowing.is_set():

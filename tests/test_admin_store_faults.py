@@ -174,3 +174,51 @@ async def test_the_cli_says_what_a_503_on_a_write_means_and_what_to_do(held, mon
     else:
         assert "nothing was changed" in err and "taken back" in err, err
         assert "run the same command again" in err, err
+
+
+@pytest.mark.parametrize("call", ["create", "rotate"])
+async def test_a_write_whose_caller_left_before_its_answer_is_taken_back(
+        upstream, redis_url, monkeypatch, call):
+    """The caller (a CLI with a short --timeout) gives up while Redis runs the write and the
+    gateway waits for its reply: nobody gets the token, so the write is taken back."""
+    import aiohttp
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=5))
+    async with HeldReplies(redis_url) as relay, \
+            gateway_under_test(config, relay.url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, first = await g.key(name="first")
+        if call == "create":
+            path, body = "/workspaces/acme/keys", {"name": "ci", "scopes": ["people:read"]}
+        else:
+            path, body = f"/workspaces/acme/keys/{first['id']}/rotate", {}
+        relay.hold_when(b"key." + call.encode())
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                async with g.admin.post("/admin/v1" + path, json=body,
+                                        timeout=aiohttp.ClientTimeout(total=0.5)) as r:
+                    await r.read()
+            await asyncio.sleep(0.2)  # the gateway sees the connection closed
+        finally:
+            relay.release()  # the write's reply reaches the gateway now: the caller is gone
+        want = {"keys": {first["id"]}, "active": {first["id"]}}
+        assert await eventually(lambda: _state(redis_url) == want), _state(redis_url)
+
+        async def works() -> bool:
+            async with g.proxy.get("/people", headers=bearer(token)) as r:
+                return r.status == 200
+        assert await eventually(works)
+
+
+async def test_a_rotation_that_stood_is_answered_when_its_read_of_the_old_key_after_fails(held):
+    g, relay, url, first = held
+    read_old = b"HGETALL\r\n$26\r\n" + f"kg:key:{{acme}}:{first}".encode()
+    # the third read of the old key: the admin API's, the store's before the write, then after
+    relay.hold_when(read_old, nth=3)
+    try:
+        status, answer = await asyncio.wait_for(g.admin_json(
+            "POST", f"/workspaces/acme/keys/{first}/rotate", {}), 10)
+    finally:
+        relay.release()
+    assert status == 201, answer
+    async with g.proxy.get("/people", headers=bearer(answer["token"])) as r:
+        assert r.status == 200

@@ -9,7 +9,7 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, Sequence
 
-from ..errors import BadRequest, Conflict, StoreError, shown
+from ..errors import BadRequest, Conflict, NotFound, StoreError, shown
 from ..models import KeyRecord, Workspace, rfc3339, whole_second
 from ..tokens import ID_LEN, PREFIX_CHARS, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
@@ -46,7 +46,7 @@ def changed_meanwhile(key_id: str) -> Conflict:
 
 def caller_gone(outcome: str) -> BadRequest:
     """Nobody reads it (the caller has gone): it is what the admin log says."""
-    return BadRequest(f"The caller closed the connection while the call waited its turn; "
+    return BadRequest(f"The caller closed the connection before it could be answered; "
                       f"{outcome}.")
 
 
@@ -294,6 +294,9 @@ class KeyStore(StoreBase):
                 # cap as it is now (the hash stays good)
                 workspace, cap_basis = await self._capped_workspace(ws)
             if reply == "ok":
+                if wanted is not None and not wanted():  # gone while the store made it
+                    self._take_back(ws, key_id, None, actor)
+                    raise caller_gone("the key created meanwhile is taken back")
                 return NewKey(record, token)
             await self._release_id(key_id)
             if reply == "no_workspace":
@@ -390,8 +393,15 @@ class KeyStore(StoreBase):
                      *fields),
                     what="rotate key"))
                 if reply == "ok":
-                    new_id = None  # the new key's now
-                    return await self.require_key(ws, key_id), NewKey(record, token)
+                    made, new_id = new_id, None  # the new key's now
+                    if wanted is not None and not wanted():  # gone while the store made it
+                        self._take_back(ws, made, old, actor)
+                        raise caller_gone("the rotation made meanwhile is taken back")
+                    try:
+                        now_old = await self.require_key(ws, key_id)
+                    except (StoreError, NotFound):  # the answer is the new key and its token:
+                        now_old = old               # a read failing here must not lose them
+                    return now_old, NewKey(record, token)
                 if reply == "no_workspace":
                     raise no_workspace(ws)
                 if reply == "not_found":
