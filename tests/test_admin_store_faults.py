@@ -6,6 +6,10 @@ behind a loopback relay that holds its replies back (harness.HeldReplies)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import time
 
 import pytest
 import redis
@@ -222,3 +226,100 @@ async def test_a_rotation_that_stood_is_answered_when_its_read_of_the_old_key_af
     assert status == 201, answer
     async with g.proxy.get("/people", headers=bearer(answer["token"])) as r:
         assert r.status == 200
+
+
+def _consistent(url: str, ws: str = "acme") -> list[str]:
+    """Every way the key data of ``ws`` can disagree with itself, as sentences (none: sound)."""
+    r = redis.Redis.from_url(url, decode_responses=True)
+    problems = []
+    listed = r.smembers(keyspace.ws_keys_key(ws))
+    active = dict(r.zrange(keyspace.ws_active_key(ws), 0, -1, withscores=True))
+    stored = {k.rsplit(":", 1)[1] for k in r.scan_iter(keyspace.key_key(ws, "*"))}
+    if listed != stored:
+        problems.append(f"listed {sorted(listed ^ stored)} vs stored")
+    now = time.time()
+    for key_id in stored:
+        h = r.hgetall(keyspace.key_key(ws, key_id))
+        if r.get(keyspace.key_index_key(key_id)) != ws:
+            problems.append(f"{key_id} has no index entry")
+        exp = float(h["expires_at"]) if h.get("expires_at") else None
+        live = not h.get("revoked_at") and (exp is None or exp > now)
+        if live != (key_id in active):
+            problems.append(f"{key_id}: live {live}, in the active set {key_id in active}")
+    for key_id in set(active) - stored:
+        problems.append(f"{key_id} is counted as active and does not exist")
+    audit = [json.loads(e["e"]) for _, e in r.xrange(keyspace.ws_audit_key(ws))]
+    made = {e["target"] for e in audit if e["action"] == "key.create"} | \
+        {e["details"]["new_key"] for e in audit if e["action"] == "key.rotate"}
+    undone = {e["details"]["new_key"] for e in audit if e["action"].endswith(".undone")}
+    if stored - made:
+        problems.append(f"keys with no audit of their making: {sorted(stored - made)}")
+    if stored & undone:
+        problems.append(f"keys taken back yet stored: {sorted(stored & undone)}")
+    return problems
+
+
+async def test_key_writes_across_pauses_of_redis_leave_every_record_consistent(
+        upstream, own_redis, monkeypatch):
+    """Creates, rotations (with and without a grace), revokes, PATCHes and limits changes
+    sent while Redis is stopped (SIGSTOP) and paused (CLIENT PAUSE) now and then: every key
+    answered 201 works with its token, no 503'd one stands, and the index, key hashes, active
+    set (the cap's count) and audit agree."""
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=0.3))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace("acme")
+        made: list[tuple[str, str]] = []  # (token, id) answered 201
+        stop = asyncio.Event()
+        seen: list[int] = []
+
+        async def writer(i: int) -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                ids = [k for _, k in made]
+                kind = (i + n) % 5
+                if kind in (0, 1) or not ids:
+                    st, b = await g.admin_json("POST", "/workspaces/acme/keys",
+                                               {"name": f"w{i}", "scopes": ["people:read"]})
+                elif kind == 2:
+                    st, b = await g.admin_json(
+                        "POST", f"/workspaces/acme/keys/{ids[n % len(ids)]}/rotate",
+                        {"grace_seconds": 3600 * (n % 2)})
+                elif kind == 3:
+                    st, b = await g.admin_json(
+                        "POST", f"/workspaces/acme/keys/{ids[n % len(ids)]}/revoke", {})
+                else:
+                    st, b = await g.admin_json(
+                        "PATCH", f"/workspaces/acme/keys/{ids[n % len(ids)]}", {"name": f"p{n}"})
+                    if n % 3 == 0:
+                        st, b = await g.admin_json("PATCH", "/workspaces/acme",
+                                                   {"limits": {"max_keys": 5 + n % 3}})
+                seen.append(st)
+                if st == 201:
+                    made.append((b["token"], b["key"]["id"]))
+                assert st in (200, 201, 409, 503), (st, b)
+
+        work = [asyncio.ensure_future(writer(i)) for i in range(6)]
+        try:
+            for cycle in range(3):
+                await asyncio.sleep(0.4)
+                os.kill(own_redis.proc.pid, signal.SIGSTOP)
+                await asyncio.sleep(0.5)
+                os.kill(own_redis.proc.pid, signal.SIGCONT)
+                await asyncio.sleep(0.4)
+                redis.Redis.from_url(own_redis.url).execute_command("CLIENT", "PAUSE", "500")
+                await asyncio.sleep(0.7)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*work), 20)
+        assert 503 in seen and 201 in seen, sorted(set(seen))
+        await asyncio.sleep(1.0)  # the take-backs run once Redis answers
+        assert await eventually(lambda: not _consistent(own_redis.url)), \
+            _consistent(own_redis.url)
+        r = redis.Redis.from_url(own_redis.url, decode_responses=True)
+        for token, key_id in made:  # every token handed out belongs to a key that stands
+            assert r.exists(keyspace.key_key("acme", key_id)), key_id
+        stored = r.smembers(keyspace.ws_keys_key("acme"))
+        # ... and every key that stands had its token handed out (none from a 503)
+        assert stored <= {key_id for _, key_id in made}, stored - {k for _, k in made}
