@@ -323,3 +323,24 @@ async def test_key_writes_across_pauses_of_redis_leave_every_record_consistent(
         stored = r.smembers(keyspace.ws_keys_key("acme"))
         # ... and every key that stands had its token handed out (none from a 503)
         assert stored <= {key_id for _, key_id in made}, stored - {k for _, k in made}
+
+
+async def test_the_cli_says_what_a_timeout_on_a_create_means_and_what_to_do(
+        upstream, redis_url, monkeypatch):
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=5))
+    async with HeldReplies(redis_url) as relay, \
+            gateway_under_test(config, relay.url, monkeypatch) as g:
+        await g.workspace("acme")
+        _, first = await g.key(name="first")
+        relay.hold_when(b"key.create")
+        try:
+            code, out, err = await _cli(monkeypatch, g, "keys", "create", "--workspace", "acme",
+                                        "--name", "ci", "--scope", "people:read",
+                                        "--timeout", "0.5")
+        finally:
+            relay.release()
+        assert code == 1 and out == "" and "Traceback" not in err, (out, err)
+        assert "did not answer within 0.5s" in err, err
+        assert "taken back" in err and "keygate keys list --workspace acme" in err, err
+        want = {"keys": {first["id"]}, "active": {first["id"]}}
+        assert await eventually(lambda: _state(redis_url) == want), _state(redis_url)

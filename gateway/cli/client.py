@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import socket
 import ssl
 import urllib.error
@@ -158,12 +159,12 @@ class AdminClient:
             raise error from None
         except (TimeoutError, socket.timeout):
             raise CliError(f"the admin API at {self.base_url} did not answer within "
-                           f"{self.timeout:g}s") from None
+                           f"{self.timeout:g}s{_unanswered(req)}") from None
         except urllib.error.URLError as exc:
             reason = exc.reason
             if isinstance(reason, (TimeoutError, socket.timeout)):
                 raise CliError(f"the admin API at {self.base_url} did not answer within "
-                               f"{self.timeout:g}s") from None
+                               f"{self.timeout:g}s{_unanswered(req)}") from None
             if isinstance(reason, ssl.SSLCertVerificationError) and len(self._openers) > 1:
                 raise _CertificateRefused from None
             raise CliError(f"cannot reach the admin API at {self.base_url}: {reason}"
@@ -187,6 +188,24 @@ class AdminClient:
         except (ValueError, KeyError, TypeError):
             return ApiError(status, f"http_{status}",
                             f"the admin API at {self.base_url} answered HTTP {status}")
+
+
+_KEY_MINTING = re.compile(r"/admin/v1/workspaces/([^/?]+)/keys(?:/[^/?]+/rotate)?$")
+
+
+def _unanswered(req: urllib.request.Request) -> str:
+    """What a write whose answer did not come in time may have done, and what to do."""
+    if req.get_method() in ("GET", "HEAD"):
+        return ""
+    path = urllib.parse.urlsplit(req.full_url).path
+    if req.get_method() == "POST" and (m := _KEY_MINTING.search(path)):
+        ws = urllib.parse.unquote(m.group(1))
+        return ("; a key create or rotation whose answer the gateway could not deliver is "
+                f"taken back: check with `keygate keys list --workspace {ws}` (revoke a key "
+                "whose token you did not get), then run the command again (with a longer "
+                "--timeout)")
+    return ("; the change may have been made or not: run the same command again (it is safe "
+            "to), or read it back")
 
 
 def _http_date(value: str | None) -> float | None:
