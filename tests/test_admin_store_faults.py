@@ -399,3 +399,28 @@ async def test_key_writes_across_a_killed_and_restarted_redis_leave_every_record
             assert stored <= set(made), stored - set(made)
     finally:
         server.stop()
+
+
+async def test_a_revoke_sent_after_a_rotation_answered_503_is_never_undone(held):
+    """Rotation without a grace answered 503 (it ran: the old key is revoked); the operator
+    then revokes the old key through another replica, before this replica's take-back gets
+    through: the take-back removes the new key and leaves the old one revoked."""
+    from gateway.store import Store
+    g, relay, url, first = held
+    relay.hold_when(b"key.rotate")
+    try:
+        status, body = await asyncio.wait_for(g.admin_json(
+            "POST", f"/workspaces/acme/keys/{first}/rotate", {}), 10)
+        assert status == 503, body
+        other = await Store.connect(url, g.gw.config)  # another replica, straight to Redis
+        try:
+            assert (await other.revoke_key("acme", first)).revoked_at is not None
+        finally:
+            await other.close()
+    finally:
+        relay.release()  # this replica's take-back gets through now
+    assert await eventually(lambda: _state(url) == {"keys": {first}, "active": set()}), \
+        _state(url)
+    await asyncio.sleep(0.5)
+    st, key = await g.admin_json("GET", f"/workspaces/acme/keys/{first}")
+    assert (st, key["status"]) == (200, "revoked"), key
