@@ -33,6 +33,9 @@ per-request script and every admin script touch a single slot.
                                           meta (JSON object), allowed_ips (JSON list, "" = any),
                                           budget (a rotation's new key: the key id whose
                                           kg:rate and kg:kusage it uses; absent = its own),
+                                          rotated_to (the id of the key its last rotation
+                                          made, until its next change: what lets a rotation
+                                          answered 503 give it back, see admin_take_back),
                                           rev (bumped on every change)
                                           (a bumped rev is Redis's TIME in µs, or +1 when that
                                           is not above it: a restore or failover that takes
