@@ -295,7 +295,7 @@ class KeyStore(StoreBase):
                 workspace, cap_basis = await self._capped_workspace(ws)
             if reply == "ok":
                 if wanted is not None and not wanted():  # gone while the store made it
-                    self._take_back(ws, key_id, None, actor)
+                    self._take_back(ws, key_id, None, actor, "was made as its caller left")
                     raise caller_gone("the key created meanwhile is taken back")
                 return NewKey(record, token)
             await self._release_id(key_id)
@@ -395,7 +395,7 @@ class KeyStore(StoreBase):
                 if reply == "ok":
                     made, new_id = new_id, None  # the new key's now
                     if wanted is not None and not wanted():  # gone while the store made it
-                        self._take_back(ws, made, old, actor)
+                        self._take_back(ws, made, old, actor, "was made as its caller left")
                         raise caller_gone("the rotation made meanwhile is taken back")
                     try:
                         now_old = await self.require_key(ws, key_id)
@@ -453,17 +453,18 @@ class KeyStore(StoreBase):
             raise exc
         return reply
 
-    def _take_back(self, ws: str, new_id: str, old: KeyRecord | None, actor: str) -> None:
-        task = asyncio.ensure_future(self._taking_back_until_done(ws, new_id, old, actor))
+    def _take_back(self, ws: str, new_id: str, old: KeyRecord | None, actor: str,
+                   why: str = "was answered 503 and may have run") -> None:
+        task = asyncio.ensure_future(self._taking_back_until_done(ws, new_id, old, actor, why))
         self._taking_back.add(task)
         task.add_done_callback(self._taking_back.discard)
 
     async def _taking_back_until_done(self, ws: str, new_id: str, old: KeyRecord | None,
-                                      actor: str) -> None:
+                                      actor: str, why: str) -> None:
         what = (f"the rotation of key {old.id} (new key {new_id})" if old is not None
                 else f"the creation of key {new_id}")
-        log.warning("workspace %s: %s was answered 503 and may have run; it is taken back as "
-                    "soon as the store answers", ws, what)
+        log.warning("workspace %s: %s %s; it is taken back as soon as the store answers", ws,
+                    what, why)
         deadline, pause = time.monotonic() + TAKE_BACK_FOR, 0.1
         action = "key.create.undone" if old is None else "key.rotate.undone"
         try:
@@ -471,7 +472,8 @@ class KeyStore(StoreBase):
                 try:
                     entry = self._audit_entry(
                         self.clock(), actor, action, new_id if old is None else old.id,
-                        {"new_key": new_id, "reason": "answered 503: the token was never shown"})
+                        {"new_key": new_id,
+                         "reason": f"the token was never shown: the call {why}"})
                     reply = await self._run(
                         "take_back", (key_key(ws, new_id), ws_keys_key(ws), ws_active_key(ws),
                                       ws_audit_key(ws), undone_key(ws, new_id),
