@@ -207,10 +207,12 @@ class StoreError(Exception):
     None when nothing more can be learnt. ``rate_member``: that call's entry in the key's rate
     log, if it had a rate limit ("" otherwise), for taking back the rate it spent too.
     ``unsent``: the call never reached the store (no connection could be made), so it ran
-    nothing there."""
+    nothing there. ``answer``: the message of the 503 when it can say more than "nothing was
+    changed or the change could not be confirmed" (an admin write taken back)."""
     counted_late: asyncio.Future[bool] | None = None
     rate_member: str = ""
     unsent: bool = False
+    answer: str = ""
 
 
 def describe(exc: BaseException) -> str:

@@ -433,6 +433,9 @@ class HeldReplies:
         self._server: asyncio.AbstractServer | None = None
         self.url = ""
         self.held_back = 0
+        self._hold_marker: bytes | None = None
+        self._delay_marker: bytes | None = None
+        self._undelayed = asyncio.Event()
 
     async def __aenter__(self) -> "HeldReplies":
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
@@ -451,7 +454,21 @@ class HeldReplies:
         self._flowing.clear()
 
     def release(self) -> None:
+        self._hold_marker = None
         self._flowing.set()
+        self._undelayed.set()
+
+    def hold_when(self, marker: bytes, nth: int = 1) -> None:
+        """``hold()`` as soon as the ``nth`` command holding ``marker`` is passed on to Redis:
+        Redis runs it (and what was sent before it), its answer and every later one wait."""
+        self._hold_marker, self._hold_nth = marker, nth
+
+    def delay_when(self, marker: bytes) -> None:
+        """Keep the command holding ``marker`` from Redis until ``release()`` (and replies
+        flowing): Redis runs it late, as a stalled Redis runs what sat in its buffers."""
+        self._delay_marker = marker
+        self._undelayed = asyncio.Event()
+        self.held_back = 0
 
     async def _relay(self, client_reader, client_writer) -> None:
         redis_reader, redis_writer = await asyncio.open_connection(*self._target)
@@ -459,6 +476,15 @@ class HeldReplies:
         async def pump(reader, writer, held: bool) -> None:
             try:
                 while data := await reader.read(65536):
+                    if not held and self._delay_marker and self._delay_marker in data:
+                        self._delay_marker = None
+                        self.held_back += 1
+                        await self._undelayed.wait()
+                    if not held and self._hold_marker and self._hold_marker in data:
+                        self._hold_nth -= 1
+                        if self._hold_nth <= 0:
+                            self._hold_marker = None
+                            self.hold()
                     if held and self._delay:
                         await asyncio.sleep(self._delay)
                     if held and not self._flowing.is_set():

@@ -9,12 +9,13 @@ JSON body of its answer; the caller picks the status.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ..config import Config
-from ..errors import BadRequest, Forbidden, NotFound, shown
+from ..errors import BadRequest, Forbidden, NotFound, StoreError, shown
 from ..usage import effective_plan
 from ..models import KeyRecord, rfc3339, whole_second
 from ..store import OPERATOR, UNSET, Store, effective_scopes_of
@@ -244,7 +245,10 @@ class KeyOps:
             self.ws, name=name, description=description, environment=environment, role=role,
             scopes=scopes, expires_at=expires_at, actor=self.actor, acting_rev=self.acting_rev,
             acting_grants=granted, wanted=self.connected, **controls)
-        return {"key": await self.key_json(new.key, used=0), "token": new.token}
+        # answered from what is known, no store read after the write: a read failing there
+        # answered 503 for a key that stood, its token never shown
+        return {"key": await self.key_json(new.key, roles={role: granted} if role else {},
+                                           used=0), "token": new.token}
 
     async def _rate_within_plan(self, rate_limit: str) -> None:
         workspace = await self.store.require_workspace(self.ws)
@@ -342,13 +346,25 @@ class KeyOps:
             await self._admin_no_looser(scopes, {f: getattr(key, f) for f in LIMIT_FIELDS},
                                         "rotate")
         latest = self.limit_expires_at if self.limit_scopes is not None else None
+        # what the answer shows, read before the write (the new key has the old one's binding
+        # and budget): a read failing after it answered 503 for a rotation that stood, the
+        # old key revoked and the new token never shown
+        granted = await self.store.effective_scopes(self.ws, key)
+        used, = await self.store.keys_used_this_month(self.ws, [key.budget_id])
         _old, new = await self.store.rotate_key(self.ws, key_id, grace_seconds=grace,
                                                 actor=self.actor, max_expires_at=latest,
                                                 acting_rev=self.acting_rev,
                                                 acting_grants=scopes, wanted=self.connected,
                                                 expect_rev=None if self.limit_scopes is None
                                                 else key.rev)  # the rev whose scopes we checked
-        return {"key": await self.key_json(new.key), "token": new.token}
+        if (new.key.role, new.key.scopes) != (key.role, key.scopes):  # re-bound meanwhile
+            granted = new.key.scopes if new.key.role is None else \
+                self.config.roles.get(new.key.role, ())
+            with contextlib.suppress(StoreError):
+                granted = await self.store.effective_scopes(self.ws, new.key)
+        return {"key": await self.key_json(new.key, roles={new.key.role: granted}
+                                           if new.key.role else {}, used=used),
+                "token": new.token}
 
 
 def _loosens(key: KeyRecord, controls: Mapping[str, Any]) -> bool:

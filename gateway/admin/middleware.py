@@ -249,8 +249,9 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             log.warning("store unavailable during %s %s (request %s): %s", request.method,
                         loggable_target(request.raw_path, config.keys.prefix, expected), rid,
                         exc)
-            response = ServiceUnavailable("The key store is unavailable; nothing was changed "
-                                          "or the change could not be confirmed.").response(rid)
+            response = ServiceUnavailable(
+                exc.answer or "The key store is unavailable; nothing was changed or the "
+                "change could not be confirmed.").response(rid)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help → 0, bad usage → 2; returned so main() is testable
         return exc.code if isinstance(exc.code, int) else 2
-    token = None
+    token = client = None
     try:
         if getattr(args, "local", False):
             return int(args.handler(args) or 0)
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"keygate: {exc}", file=sys.stderr)
         if exc.status == 401 and not token:
             print("keygate: set KEYGATE_ADMIN_TOKEN to the operator token", file=sys.stderr)
+        elif exc.status == 503 and exc.code == "store_unavailable":
+            print(_store_hint(getattr(client, "last_method", "GET"), exc.message),
+                  file=sys.stderr)
         elif exc.code == "no_route":  # answered by a proxy listener only, never the admin API
             print(f"keygate: {url} is a keygate proxy listener; the admin API is on the admin "
                   "listener (admin.port, default 8081): pass --admin-url or set "
@@ -81,6 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _output_closed()
+
+
+def _store_hint(method: str, message: str) -> str:
+    """What to do after a 503 ``store_unavailable`` (Redis did not answer the gateway)."""
+    again = ("run the same command again once the gateway's store is back (its /readyz "
+             "answers 200)")
+    if method in ("GET", "HEAD") or "taken back" in message:
+        return f"keygate: {again}"
+    return (f"keygate: the change may have been made or not; {again}: it is safe to (a "
+            "create then answered 409 conflict was made by the first), or read it back")
 
 
 def _output_closed() -> int:

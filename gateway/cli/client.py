@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import socket
 import ssl
 import urllib.error
@@ -99,6 +100,7 @@ class AdminClient:
         # never part of a token. (The server strips them too.)
         self._token = token.strip() if token else token
         self.timeout = timeout
+        self.last_method = "GET"  # of the last request sent (a write's 503 says more)
         self._cert_file = cert_file
         self._openers = [self._opener_for(context) for context in (
             listener_contexts(cert_file) if cert_file else (None,))]
@@ -117,6 +119,7 @@ class AdminClient:
     def request(self, method: str, path: str, body: dict | None = None,
                 query: dict[str, str] | None = None) -> Any:
         url = self.base_url + "/admin/v1" + path
+        self.last_method = method
         if query:
             url += "?" + urllib.parse.urlencode(query)
         headers = {"Accept": "application/json", "User-Agent": "keygate-cli"}
@@ -156,12 +159,12 @@ class AdminClient:
             raise error from None
         except (TimeoutError, socket.timeout):
             raise CliError(f"the admin API at {self.base_url} did not answer within "
-                           f"{self.timeout:g}s") from None
+                           f"{self.timeout:g}s{_unanswered(req)}") from None
         except urllib.error.URLError as exc:
             reason = exc.reason
             if isinstance(reason, (TimeoutError, socket.timeout)):
                 raise CliError(f"the admin API at {self.base_url} did not answer within "
-                               f"{self.timeout:g}s") from None
+                               f"{self.timeout:g}s{_unanswered(req)}") from None
             if isinstance(reason, ssl.SSLCertVerificationError) and len(self._openers) > 1:
                 raise _CertificateRefused from None
             raise CliError(f"cannot reach the admin API at {self.base_url}: {reason}"
@@ -185,6 +188,24 @@ class AdminClient:
         except (ValueError, KeyError, TypeError):
             return ApiError(status, f"http_{status}",
                             f"the admin API at {self.base_url} answered HTTP {status}")
+
+
+_KEY_MINTING = re.compile(r"/admin/v1/workspaces/([^/?]+)/keys(?:/[^/?]+/rotate)?$")
+
+
+def _unanswered(req: urllib.request.Request) -> str:
+    """What a write whose answer did not come in time may have done, and what to do."""
+    if req.get_method() in ("GET", "HEAD"):
+        return ""
+    path = urllib.parse.urlsplit(req.full_url).path
+    if req.get_method() == "POST" and (m := _KEY_MINTING.search(path)):
+        ws = urllib.parse.unquote(m.group(1))
+        return ("; a key create or rotation whose answer the gateway could not deliver is "
+                f"taken back: check with `keygate keys list --workspace {ws}` (revoke a key "
+                "whose token you did not get), then run the command again (with a longer "
+                "--timeout)")
+    return ("; the change may have been made or not: run the same command again (it is safe "
+            "to), or read it back")
 
 
 def _http_date(value: str | None) -> float | None:

@@ -176,7 +176,9 @@ class StoreBase:
         self._scripts = {name: client.register_script(load(f"admin_{name}").text)
                          for name in ("create_workspace", "update_workspace", "add_key",
                                       "update_key", "revoke_key", "set_role", "delete_key",
-                                      "list_keys")}
+                                      "list_keys", "take_back")}
+        # creates and rotations answered 503 being taken back (KeyStore._take_back)
+        self._taking_back: set[asyncio.Task[None]] = set()
 
     @property
     def config(self) -> Config:
@@ -204,6 +206,8 @@ class StoreBase:
 
     async def close(self) -> None:
         from ..closing import CLOSE_STEP_TIMEOUT, bounded
+        for task in list(self._taking_back):
+            task.cancel()
         with contextlib.suppress(RedisError, RedisClusterException, OSError):
             # bounded (gateway.closing): a close that does not end in time is logged and left
             await bounded(self.redis.aclose(), 3 * CLOSE_STEP_TIMEOUT,

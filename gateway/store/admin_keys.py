@@ -5,18 +5,33 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from typing import Any, Awaitable, Callable, Sequence
 
-from ..errors import BadRequest, Conflict, StoreError, shown
+from ..errors import BadRequest, Conflict, NotFound, StoreError, shown
 from ..models import KeyRecord, Workspace, rfc3339, whole_second
 from ..tokens import ID_LEN, PREFIX_CHARS, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
                          no_workspace, revoked_key, role_gone, store_errors, unknown_role)
-from .keyspace import (key_index_key, key_key, ws_active_key,
+from .keyspace import (key_index_key, key_key, undone_key, ws_active_key,
                        ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
 from .records import (UNSET, WORKSPACE_ID_RE, KeySummary, NewKey, control_fields, epoch_field,
                       hash_pairs, key_from_hash, key_summaries, shown_ws, workspace_from_hash)
 
+
+log = logging.getLogger("keygate.store")
+
+TAKE_BACK_FOR = 600.0
+"""Seconds a create or rotation answered 503 is tried to be taken back (the store answering
+again within them); past that it is logged as an error with the key id."""
+UNDONE_TTL = 86_400
+"""Seconds the 'undone' mark of a taken-back key id is kept (a late run of its script adds
+nothing meanwhile)."""
+
+TAKEN_BACK = ("The key store did not answer in time, so the change could not be confirmed; "
+              "nothing was changed (if the store made it, it is taken back as soon as it "
+              "answers again). Send the call again once the store is back.")
 
 ROTATE_ATTEMPTS = 64
 """Tries of a rotation that finds the key changed since it read it (each try: a read and the
@@ -31,7 +46,7 @@ def changed_meanwhile(key_id: str) -> Conflict:
 
 def caller_gone(outcome: str) -> BadRequest:
     """Nobody reads it (the caller has gone): it is what the admin log says."""
-    return BadRequest(f"The caller closed the connection while the call waited its turn; "
+    return BadRequest(f"The caller closed the connection before it could be answered; "
                       f"{outcome}.")
 
 
@@ -260,10 +275,11 @@ class KeyStore(StoreBase):
             # No release of the id on a store error: the script may have run, and a key
             # must never lose its index entry (a stray entry is harmless, see the layout).
             for _ in range(ID_ATTEMPTS):
-                reply = await self._run(
+                reply = await self._unanswered_taken_back(ws, key_id, None, actor, self._run(
                     "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
                                 key_key(ws, key_id), ws_audit_key(ws), ws_roles_key(ws),
-                                key_key(ws, actor), key_key(ws, actor)),
+                                key_key(ws, actor), key_key(ws, actor),
+                                undone_key(ws, key_id)),
                     (epoch_field(now), self._max_keys(workspace),
                      "+inf" if expires_at is None else epoch_field(expires_at), key_id,
                      self._audit_entry(now, actor, "key.create", key_id,
@@ -271,13 +287,16 @@ class KeyStore(StoreBase):
                      "", "", "", self._bound_role(role), cap_basis,
                      "" if acting_rev is None else acting_rev,
                      json.dumps(list(acting_grants)), *fields),
-                    what="create key")
+                    what="create key"))
                 if reply != "stale_ws":
                     break
                 # the workspace's cap changed while this create waited its turn to hash: its
                 # cap as it is now (the hash stays good)
                 workspace, cap_basis = await self._capped_workspace(ws)
             if reply == "ok":
+                if wanted is not None and not wanted():  # gone while the store made it
+                    self._take_back(ws, key_id, None, actor, "was made as its caller left")
+                    raise caller_gone("the key created meanwhile is taken back")
                 return NewKey(record, token)
             await self._release_id(key_id)
             if reply == "no_workspace":
@@ -354,10 +373,11 @@ class KeyStore(StoreBase):
                     budget=old.budget_id)
                 details = {"new_key": new_id, "grace_seconds": grace_seconds}
                 reply = None  # the script may run and its answer be lost: then nothing released
-                reply = await self._run(
+                reply = await self._unanswered_taken_back(ws, new_id, old, actor, self._run(
                     "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
                                 key_key(ws, new_id), ws_audit_key(ws), ws_roles_key(ws),
-                                key_key(ws, key_id), key_key(ws, actor)),
+                                key_key(ws, key_id), key_key(ws, actor),
+                                undone_key(ws, new_id)),
                     (epoch_field(now), self._max_keys(workspace),
                      "+inf" if expires_at is None else epoch_field(expires_at), new_id,
                      self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,
@@ -371,10 +391,17 @@ class KeyStore(StoreBase):
                      old.rev, self._bound_role(old.role), cap_basis,
                      "" if acting_rev is None else acting_rev, json.dumps(list(acting_grants)),
                      *fields),
-                    what="rotate key")
+                    what="rotate key"))
                 if reply == "ok":
-                    new_id = None  # the new key's now
-                    return await self.require_key(ws, key_id), NewKey(record, token)
+                    made, new_id = new_id, None  # the new key's now
+                    if wanted is not None and not wanted():  # gone while the store made it
+                        self._take_back(ws, made, old, actor, "was made as its caller left")
+                        raise caller_gone("the rotation made meanwhile is taken back")
+                    try:
+                        now_old = await self.require_key(ws, key_id)
+                    except (StoreError, NotFound):  # the answer is the new key and its token:
+                        now_old = old               # a read failing here must not lose them
+                    return now_old, NewKey(record, token)
                 if reply == "no_workspace":
                     raise no_workspace(ws)
                 if reply == "not_found":
@@ -407,6 +434,73 @@ class KeyStore(StoreBase):
             raise changed_meanwhile(key_id)
         raise self._kept_changing(ws, reply, f"key '{shown(key_id, 12)}' was being rotated",
                                   "nothing was changed", ROTATE_ATTEMPTS)
+
+    async def _unanswered_taken_back(self, ws: str, new_id: str, old: KeyRecord | None,
+                                     actor: str, adding: Awaitable[Any]) -> Any:
+        """The add script's reply; when none came (a store error: it may have run, and the
+        caller, answered 503, never sees the new token), the create or rotation is taken back
+        in the background as soon as the store answers (``_take_back``) before the error goes
+        on. An 'undone' reply (a take-back came first) is a store error as well."""
+        try:
+            reply = await adding
+        except StoreError as exc:
+            self._take_back(ws, new_id, old, actor)
+            exc.answer = TAKEN_BACK
+            raise
+        if reply == "undone":
+            exc = StoreError(f"key id {new_id} was taken back already")
+            exc.answer = TAKEN_BACK
+            raise exc
+        return reply
+
+    def _take_back(self, ws: str, new_id: str, old: KeyRecord | None, actor: str,
+                   why: str = "was answered 503 and may have run") -> None:
+        task = asyncio.ensure_future(self._taking_back_until_done(ws, new_id, old, actor, why))
+        self._taking_back.add(task)
+        task.add_done_callback(self._taking_back.discard)
+
+    async def _taking_back_until_done(self, ws: str, new_id: str, old: KeyRecord | None,
+                                      actor: str, why: str) -> None:
+        what = (f"the rotation of key {old.id} (new key {new_id})" if old is not None
+                else f"the creation of key {new_id}")
+        log.warning("workspace %s: %s %s; it is taken back as soon as the store answers", ws,
+                    what, why)
+        deadline, pause = time.monotonic() + TAKE_BACK_FOR, 0.1
+        action = "key.create.undone" if old is None else "key.rotate.undone"
+        try:
+            while True:
+                try:
+                    entry = self._audit_entry(
+                        self.clock(), actor, action, new_id if old is None else old.id,
+                        {"new_key": new_id,
+                         "reason": f"the token was never shown: the call {why}"})
+                    reply = await self._run(
+                        "take_back", (key_key(ws, new_id), ws_keys_key(ws), ws_active_key(ws),
+                                      ws_audit_key(ws), undone_key(ws, new_id),
+                                      key_key(ws, new_id if old is None else old.id)),
+                        (new_id, entry, AUDIT_MAXLEN, "" if old is None else old.id,
+                         UNDONE_TTL, "" if old is None or old.expires_at is None
+                         else epoch_field(old.expires_at)), what="take back")
+                    break
+                except StoreError as exc:
+                    if time.monotonic() + pause > deadline:
+                        log.error("workspace %s: %s could not be taken back within %gs (%s); "
+                                  "list its keys and revoke key %s", ws, what, TAKE_BACK_FOR,
+                                  exc, new_id)
+                        return
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, 2.0)
+            try:
+                await self._release_id(new_id)
+            except StoreError:
+                pass  # a stray index entry reads as an unknown key (see the layout)
+            log.warning("workspace %s: %s taken back (%s)", ws, what, {
+                "absent": "it had not run", "removed": "the new key removed",
+                "restored": "the new key removed, the old key as it was"}.get(reply, reply))
+        except asyncio.CancelledError:
+            log.error("workspace %s: %s was not taken back before the store was closed; list "
+                      "its keys and revoke key %s if it is there", ws, what, new_id)
+            raise
 
     def _rotation_room(self, ws: str, old: KeyRecord, now: float, grace_seconds: int
                        ) -> Callable[[], Awaitable[None]] | None:

@@ -18,6 +18,9 @@ per-request script and every admin script touch a single slot.
                                           create script; ZCARD after trimming = active keys,
                                           what the plan's max_keys caps
     kg:ws:{ws}:roles              HASH    role name -> JSON list of scopes
+    kg:ws:{ws}:undone:<id>        STRING  "1": the create or rotation that made key <id> was
+                                          answered 503 (its reply lost) and is taken back; its
+                                          script, should it run late, adds nothing (TTL: a day)
     kg:ws:{ws}:audit              STREAM  field "e" = JSON {at, actor, action, target, details},
                                           capped (MAXLEN ~ 10000)
     kg:key:{ws}:<id>              HASH    id, workspace, name, description, environment,
@@ -30,6 +33,9 @@ per-request script and every admin script touch a single slot.
                                           meta (JSON object), allowed_ips (JSON list, "" = any),
                                           budget (a rotation's new key: the key id whose
                                           kg:rate and kg:kusage it uses; absent = its own),
+                                          rotated_to (the id of the key its last rotation
+                                          made, until its next change: what lets a rotation
+                                          answered 503 give it back, see admin_take_back),
                                           rev (bumped on every change)
                                           (a bumped rev is Redis's TIME in µs, or +1 when that
                                           is not above it: a restore or failover that takes
@@ -102,6 +108,10 @@ def ws_roles_key(ws: str) -> str:
 
 def ws_audit_key(ws: str) -> str:
     return f"kg:ws:{{{ws}}}:audit"
+
+
+def undone_key(ws: str, key_id: str) -> str:
+    return f"kg:ws:{{{ws}}}:undone:{key_id}"
 
 
 def key_key(ws: str, key_id: str) -> str:

@@ -13,6 +13,9 @@
 -- KEYS[4] new key hash   KEYS[5] kg:ws:{ws}:audit   KEYS[6] kg:ws:{ws}:roles
 -- KEYS[7] old key hash (rotation only; a create passes KEYS[8] here, unread)
 -- KEYS[8] the acting key's hash (a workspace admin key's call; the operator's: unread)
+-- KEYS[9] kg:ws:{ws}:undone:<new id>: set when the call was answered 503 and taken back
+--         (admin_take_back): this script, run late (it sat in a stalled Redis's buffers),
+--         then adds nothing ('undone')
 -- A rotation's new key shares the old key's rate log and month count (its field 'budget', in
 -- the field pairs): it goes on in the old key's rate window and from its count, never a fresh
 -- one, and during a grace the two keys spend one budget.
@@ -39,9 +42,12 @@
 -- Returns 'ok' | 'no_workspace' | 'stale_ws' | 'no_role' (ARGV[10] is not defined) |
 -- 'collision' (new key id taken) | 'limit' (cap reached) | 'actor_changed' (see ARGV[12]) and,
 -- rotating, 'not_found' | 'revoked' | 'stale' | 'grace_limit' (grace asked, workspace
--- already over its cap).
+-- already over its cap) | 'undone' (see KEYS[9]).
+-- A rotation marks the old key 'rotated_to' = the new id (any later change clears it, see
+-- _new_rev.lua): admin_take_back gives it back as it was only while that mark stands.
 -- include: _new_rev.lua
 -- include: _cap_basis.lua
+if redis.call('EXISTS', KEYS[9]) == 1 then return 'undone' end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
 if ARGV[12] ~= '' then
   local acting = redis.call('HMGET', KEYS[8], 'rev', 'expires_at', 'role')
@@ -97,6 +103,7 @@ if rotating then
     end
   end
   new_rev(KEYS[7])
+  redis.call('HSET', KEYS[7], 'rotated_to', ARGV[4])
 end
 
 local fields = {}

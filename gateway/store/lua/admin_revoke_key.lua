@@ -1,5 +1,6 @@
 -- Revoke a key for good: stamp revoked_at, bump its rev (every replica refuses it on its next
--- request), drop it from the active set, audit it. Revoking a revoked key changes nothing.
+-- request), drop it from the active set, audit it. Revoking a revoked key changes nothing,
+-- except that it clears the mark of a rotation to be taken back (see below).
 -- KEYS[1] kg:key:{ws}:<id>   KEYS[2] kg:ws:{ws}:active   KEYS[3] kg:ws:{ws}:audit
 -- ARGV[1] key id   ARGV[2] now   ARGV[3] audit entry (JSON)   ARGV[4] audit stream cap
 -- Returns the key hash (HGETALL), or nil when the key does not exist.
@@ -11,5 +12,9 @@ if not st[2] or st[2] == '' then
   new_rev(KEYS[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'e', ARGV[3])
+else
+  -- revoked by a rotation answered 503 that is to be taken back (admin_take_back): revoked
+  -- now by a caller who was answered, it stays revoked
+  redis.call('HDEL', KEYS[1], 'rotated_to')
 end
 return redis.call('HGETALL', KEYS[1])
