@@ -424,3 +424,30 @@ async def test_a_revoke_sent_after_a_rotation_answered_503_is_never_undone(held)
     await asyncio.sleep(0.5)
     st, key = await g.admin_json("GET", f"/workspaces/acme/keys/{first}")
     assert (st, key["status"]) == (200, "revoked"), key
+
+
+@pytest.mark.parametrize("grace", [None, 0, 3600])
+async def test_a_write_resent_on_a_fresh_connection_after_it_ran_makes_one_key(held, grace):
+    """The connection dies after Redis ran the create or rotation, before its answer came
+    (a restart, ``CLIENT KILL``, a proxy): redis-py sends the call again on a fresh connection.
+    That second run must answer the first one's outcome: one new key, whose token is shown,
+    and (rotating) the old key as that one rotation left it."""
+    g, relay, url, first = held
+    token, key = await g.key(name="integration")
+    if grace is None:
+        path, body, marker = "/workspaces/acme/keys", {"name": "ci",
+                                                       "scopes": ["people:read"]}, b"key.create"
+    else:
+        path, body, marker = (f"/workspaces/acme/keys/{key['id']}/rotate",
+                              {"grace_seconds": grace}, b"key.rotate")
+    relay.drop_when(marker)
+    status, answer = await asyncio.wait_for(g.admin_json("POST", path, body), 10)
+    assert status == 201, answer
+    new = answer["key"]["id"]
+    await asyncio.sleep(0.3)  # any take-back has run
+    old_active = grace != 0
+    assert _state(url) == {"keys": {first, key["id"], new},
+                           "active": {first, new} | ({key["id"]} if old_active else set())}, \
+        (new, _state(url))
+    async with g.proxy.get("/people", headers=bearer(answer["token"])) as r:
+        assert r.status == 200
