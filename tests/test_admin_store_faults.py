@@ -451,3 +451,42 @@ async def test_a_write_resent_on_a_fresh_connection_after_it_ran_makes_one_key(h
         (new, _state(url))
     async with g.proxy.get("/people", headers=bearer(answer["token"])) as r:
         assert r.status == 200
+
+
+from test_redis_topologies import DATA_PW, SENTINEL_PW, sentinel_group  # noqa: E402,F401
+
+
+@pytest.mark.parametrize("call", ["create", "rotate"])
+async def test_a_write_on_sentinel_that_could_not_be_confirmed_is_taken_back(
+        sentinel_group, upstream, monkeypatch, call):  # noqa: F811
+    """On Sentinel a write is confirmed after it ran (the Sentinels still name its node as
+    the master). Unconfirmed, it is answered 503 although the write may stand (no Sentinel
+    answered, or a promotion came just after it): its token never shown, it is taken back as
+    every other create or rotation answered 503."""
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=0.5))
+    with redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW) as s:
+        sentinel_pid = int(s.info("server")["process_id"])
+    data = redis.Redis(port=sentinel_group["master"], password=DATA_PW, decode_responses=True)
+    async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as g:
+        await g.workspace("acme")
+        token, key = await g.key(name="integration")
+        if call == "create":
+            path, body = "/workspaces/acme/keys", {"name": "ci", "scopes": ["people:read"]}
+        else:
+            path, body = f"/workspaces/acme/keys/{key['id']}/rotate", {}
+        os.kill(sentinel_pid, signal.SIGSTOP)  # no Sentinel answers: nothing is confirmed
+        try:
+            status, answer = await asyncio.wait_for(g.admin_json("POST", path, body), 20)
+        finally:
+            os.kill(sentinel_pid, signal.SIGCONT)
+        assert (status, answer["error"]["code"]) == (503, "store_unavailable"), answer
+
+        def state() -> dict:
+            return {"keys": data.smembers(keyspace.ws_keys_key("acme")),
+                    "active": set(data.zrange(keyspace.ws_active_key("acme"), 0, -1))}
+
+        assert await eventually(lambda: state() == {"keys": {key["id"]},
+                                                    "active": {key["id"]}}), state()
+        async with g.proxy.get("/people", headers=bearer(token)) as r:
+            assert r.status == 200
+    data.close()
