@@ -490,3 +490,24 @@ async def test_a_write_on_sentinel_that_could_not_be_confirmed_is_taken_back(
         async with g.proxy.get("/people", headers=bearer(token)) as r:
             assert r.status == 200
     data.close()
+
+
+async def test_a_take_back_pending_when_the_store_closes_is_sent_once_redis_answers(held):
+    """A create answered 503 while Redis stalled; Redis answers again just as the gateway
+    shuts down. The take-back, waiting between two tries, was cancelled at once by the close:
+    the key nobody holds stood (an error logged). It now gets its last try within the close."""
+    from gateway.errors import StoreError
+    from gateway.store import Store
+    g, relay, url, first = held
+    store = await Store.connect(relay.url, g.gw.config)
+    try:
+        warm = (await store.create_key("acme", name="warm", environment="live")).key.id
+        relay.hold_when(b"key.create")
+        with pytest.raises(StoreError):
+            await asyncio.wait_for(store.create_key("acme", name="ci", environment="live"), 10)
+        await asyncio.sleep(1.2)  # the take-back's tries meet the stall meanwhile
+        relay.release()
+        await asyncio.sleep(0.05)
+    finally:
+        await store.close()
+    assert _state(url) == {"keys": {first, warm}, "active": {first, warm}}, _state(url)

@@ -527,12 +527,16 @@ class KeyStore(StoreBase):
                          else epoch_field(old.expires_at)), what="take back")
                     break
                 except StoreError as exc:
-                    if time.monotonic() + pause > deadline:
-                        log.error("workspace %s: %s could not be taken back within %gs (%s); "
-                                  "list its keys and revoke key %s", ws, what, TAKE_BACK_FOR,
-                                  exc, new_id)
+                    if time.monotonic() + pause > deadline or self._closing.is_set():
+                        log.error("workspace %s: %s could not be taken back %s (%s); list its "
+                                  "keys and revoke key %s", ws, what,
+                                  "before the store was closed" if self._closing.is_set()
+                                  else f"within {TAKE_BACK_FOR:g}s", exc, new_id)
                         return
-                    await asyncio.sleep(pause)
+                    try:  # the pause, cut short by a close: one last try then
+                        await asyncio.wait_for(self._closing.wait(), pause)
+                    except asyncio.TimeoutError:
+                        pass
                     pause = min(2 * pause, 2.0)
             try:
                 await self._release_id(new_id)
