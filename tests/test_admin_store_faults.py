@@ -511,3 +511,35 @@ async def test_a_take_back_pending_when_the_store_closes_is_sent_once_redis_answ
     finally:
         await store.close()
     assert _state(url) == {"keys": {first, warm}, "active": {first, warm}}, _state(url)
+
+
+@pytest.mark.parametrize("call", ["create", "rotate"])
+async def test_a_write_cancelled_after_redis_ran_it_is_taken_back(held, call):
+    """The admin listener's shutdown cancels a call still running after its grace (Redis slow
+    to answer): a create or rotation cancelled while Redis ran its script is never answered,
+    its token never shown. It is taken back as one answered 503 is."""
+    from gateway.store import Store
+    g, relay, url, first = held
+    store = await Store.connect(relay.url, g.gw.config)
+    try:
+        token, key = await g.key(name="integration")
+        if call == "create":
+            write = store.create_key("acme", name="ci", environment="live")
+        else:
+            write = store.rotate_key("acme", key["id"])
+        relay.hold_when(b"key.create" if call == "create" else b"key.rotate")
+        task = asyncio.ensure_future(write)
+        try:
+            assert await eventually(lambda: relay.held_back > 0), "the script never ran"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            relay.release()
+        assert await eventually(lambda: _state(url) == {"keys": {first, key["id"]},
+                                                        "active": {first, key["id"]}}), \
+            _state(url)
+        async with g.proxy.get("/people", headers=bearer(token)) as r:
+            assert r.status == 200
+    finally:
+        await store.close()

@@ -491,6 +491,10 @@ class KeyStore(StoreBase):
             self._take_back(ws, new_id, old, actor)
             exc.answer = TAKEN_BACK
             raise
+        except asyncio.CancelledError:  # (the admin listener's shutdown, past its grace): the
+            # script may have run, and nobody is answered with the token
+            self._take_back(ws, new_id, old, actor, "was cancelled and may have run")
+            raise
         if reply == "undone":
             exc = StoreError(f"key id {new_id} was taken back already")
             exc.answer = TAKEN_BACK
