@@ -435,6 +435,7 @@ class HeldReplies:
         self.held_back = 0
         self._hold_marker: bytes | None = None
         self._delay_marker: bytes | None = None
+        self._drop_marker: bytes | None = None
         self._undelayed = asyncio.Event()
 
     async def __aenter__(self) -> "HeldReplies":
@@ -470,12 +471,25 @@ class HeldReplies:
         self._undelayed = asyncio.Event()
         self.held_back = 0
 
+    def drop_when(self, marker: bytes) -> None:
+        """Pass the next command holding ``marker`` on to Redis (it runs it), then close the
+        caller's connection instead of passing its answer: a connection that died between
+        Redis running a call and its reply arriving (a restart, ``CLIENT KILL``, a proxy)."""
+        self._drop_marker = marker
+
     async def _relay(self, client_reader, client_writer) -> None:
         redis_reader, redis_writer = await asyncio.open_connection(*self._target)
+        dropping = asyncio.Event()
 
         async def pump(reader, writer, held: bool) -> None:
             try:
                 while data := await reader.read(65536):
+                    if held and dropping.is_set():
+                        client_writer.transport.abort()
+                        return
+                    if not held and self._drop_marker and self._drop_marker in data:
+                        self._drop_marker = None
+                        dropping.set()
                     if not held and self._delay_marker and self._delay_marker in data:
                         self._delay_marker = None
                         self.held_back += 1

@@ -424,3 +424,122 @@ async def test_a_revoke_sent_after_a_rotation_answered_503_is_never_undone(held)
     await asyncio.sleep(0.5)
     st, key = await g.admin_json("GET", f"/workspaces/acme/keys/{first}")
     assert (st, key["status"]) == (200, "revoked"), key
+
+
+@pytest.mark.parametrize("grace", [None, 0, 3600])
+async def test_a_write_resent_on_a_fresh_connection_after_it_ran_makes_one_key(held, grace):
+    """The connection dies after Redis ran the create or rotation, before its answer came
+    (a restart, ``CLIENT KILL``, a proxy): redis-py sends the call again on a fresh connection.
+    That second run must answer the first one's outcome: one new key, whose token is shown,
+    and (rotating) the old key as that one rotation left it."""
+    g, relay, url, first = held
+    token, key = await g.key(name="integration")
+    if grace is None:
+        path, body, marker = "/workspaces/acme/keys", {"name": "ci",
+                                                       "scopes": ["people:read"]}, b"key.create"
+    else:
+        path, body, marker = (f"/workspaces/acme/keys/{key['id']}/rotate",
+                              {"grace_seconds": grace}, b"key.rotate")
+    relay.drop_when(marker)
+    status, answer = await asyncio.wait_for(g.admin_json("POST", path, body), 10)
+    assert status == 201, answer
+    new = answer["key"]["id"]
+    await asyncio.sleep(0.3)  # any take-back has run
+    old_active = grace != 0
+    assert _state(url) == {"keys": {first, key["id"], new},
+                           "active": {first, new} | ({key["id"]} if old_active else set())}, \
+        (new, _state(url))
+    async with g.proxy.get("/people", headers=bearer(answer["token"])) as r:
+        assert r.status == 200
+
+
+from test_redis_topologies import DATA_PW, SENTINEL_PW, sentinel_group  # noqa: E402,F401
+
+
+@pytest.mark.parametrize("call", ["create", "rotate"])
+async def test_a_write_on_sentinel_that_could_not_be_confirmed_is_taken_back(
+        sentinel_group, upstream, monkeypatch, call):  # noqa: F811
+    """On Sentinel a write is confirmed after it ran (the Sentinels still name its node as
+    the master). Unconfirmed, it is answered 503 although the write may stand (no Sentinel
+    answered, or a promotion came just after it): its token never shown, it is taken back as
+    every other create or rotation answered 503."""
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=0.5))
+    with redis.Redis(port=sentinel_group["sentinel"], password=SENTINEL_PW) as s:
+        sentinel_pid = int(s.info("server")["process_id"])
+    data = redis.Redis(port=sentinel_group["master"], password=DATA_PW, decode_responses=True)
+    async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as g:
+        await g.workspace("acme")
+        token, key = await g.key(name="integration")
+        if call == "create":
+            path, body = "/workspaces/acme/keys", {"name": "ci", "scopes": ["people:read"]}
+        else:
+            path, body = f"/workspaces/acme/keys/{key['id']}/rotate", {}
+        os.kill(sentinel_pid, signal.SIGSTOP)  # no Sentinel answers: nothing is confirmed
+        try:
+            status, answer = await asyncio.wait_for(g.admin_json("POST", path, body), 20)
+        finally:
+            os.kill(sentinel_pid, signal.SIGCONT)
+        assert (status, answer["error"]["code"]) == (503, "store_unavailable"), answer
+
+        def state() -> dict:
+            return {"keys": data.smembers(keyspace.ws_keys_key("acme")),
+                    "active": set(data.zrange(keyspace.ws_active_key("acme"), 0, -1))}
+
+        assert await eventually(lambda: state() == {"keys": {key["id"]},
+                                                    "active": {key["id"]}}), state()
+        async with g.proxy.get("/people", headers=bearer(token)) as r:
+            assert r.status == 200
+    data.close()
+
+
+async def test_a_take_back_pending_when_the_store_closes_is_sent_once_redis_answers(held):
+    """A create answered 503 while Redis stalled; Redis answers again just as the gateway
+    shuts down. The take-back, waiting between two tries, was cancelled at once by the close:
+    the key nobody holds stood (an error logged). It now gets its last try within the close."""
+    from gateway.errors import StoreError
+    from gateway.store import Store
+    g, relay, url, first = held
+    store = await Store.connect(relay.url, g.gw.config)
+    try:
+        warm = (await store.create_key("acme", name="warm", environment="live")).key.id
+        relay.hold_when(b"key.create")
+        with pytest.raises(StoreError):
+            await asyncio.wait_for(store.create_key("acme", name="ci", environment="live"), 10)
+        await asyncio.sleep(1.2)  # the take-back's tries meet the stall meanwhile
+        relay.release()
+        await asyncio.sleep(0.05)
+    finally:
+        await store.close()
+    assert _state(url) == {"keys": {first, warm}, "active": {first, warm}}, _state(url)
+
+
+@pytest.mark.parametrize("call", ["create", "rotate"])
+async def test_a_write_cancelled_after_redis_ran_it_is_taken_back(held, call):
+    """The admin listener's shutdown cancels a call still running after its grace (Redis slow
+    to answer): a create or rotation cancelled while Redis ran its script is never answered,
+    its token never shown. It is taken back as one answered 503 is."""
+    from gateway.store import Store
+    g, relay, url, first = held
+    store = await Store.connect(relay.url, g.gw.config)
+    try:
+        token, key = await g.key(name="integration")
+        if call == "create":
+            write = store.create_key("acme", name="ci", environment="live")
+        else:
+            write = store.rotate_key("acme", key["id"])
+        relay.hold_when(b"key.create" if call == "create" else b"key.rotate")
+        task = asyncio.ensure_future(write)
+        try:
+            assert await eventually(lambda: relay.held_back > 0), "the script never ran"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            relay.release()
+        assert await eventually(lambda: _state(url) == {"keys": {first, key["id"]},
+                                                        "active": {first, key["id"]}}), \
+            _state(url)
+        async with g.proxy.get("/people", headers=bearer(token)) as r:
+            assert r.status == 200
+    finally:
+        await store.close()

@@ -179,6 +179,8 @@ class StoreBase:
                                       "list_keys", "take_back")}
         # creates and rotations answered 503 being taken back (KeyStore._take_back)
         self._taking_back: set[asyncio.Task[None]] = set()
+        # set by close(): a take-back waiting between two tries makes its last one at once
+        self._closing = asyncio.Event()
 
     @property
     def config(self) -> Config:
@@ -206,6 +208,11 @@ class StoreBase:
 
     async def close(self) -> None:
         from ..closing import CLOSE_STEP_TIMEOUT, bounded
+        # a take-back still pending makes one last try (the store may be answering again):
+        # cancelled at once, the key nobody holds stood though Redis was there to take it back
+        self._closing.set()
+        if self._taking_back:
+            await asyncio.wait(list(self._taking_back), timeout=CLOSE_STEP_TIMEOUT)
         for task in list(self._taking_back):
             task.cancel()
         with contextlib.suppress(RedisError, RedisClusterException, OSError):

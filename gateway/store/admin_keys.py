@@ -4,6 +4,8 @@ the workspace's slot (see ``gateway/store/lua/admin_*_key.lua``)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import json
 import logging
 import time
@@ -32,6 +34,46 @@ nothing meanwhile)."""
 TAKEN_BACK = ("The key store did not answer in time, so the change could not be confirmed; "
               "nothing was changed (if the store made it, it is taken back as soon as it "
               "answers again). Send the call again once the store is back.")
+
+_MADE: contextvars.ContextVar[list[tuple[str, str, KeyRecord | None, str]] | None] = \
+    contextvars.ContextVar("keygate_keys_made", default=None)
+"""The creates and rotations an operation run by ``_confirmed_or_taken_back`` made (ws, new key
+id, old key or None, actor): taken back if the operation is not confirmed after all."""
+
+
+def _confirmed_or_taken_back(method: Callable[..., Awaitable[Any]]
+                             ) -> Callable[..., Awaitable[Any]]:
+    """``confirmed_write`` for a create or rotation: on Sentinel the write is confirmed after it
+    ran (``_ConfirmingSentinelMaster``), and when it is not, the caller is answered 503 and
+    never sees the token, though the write may stand (no Sentinel answered; a promotion came
+    just after it and the write had reached the replica). What it made is then taken back, as
+    any create or rotation answered 503 (on the master the Sentinels name: 'absent' when the
+    write went with the old master)."""
+    confirmed = confirmed_write(method)
+
+    @functools.wraps(method)
+    async def write(self: "KeyStore", *args: Any, **kwargs: Any) -> Any:
+        if getattr(self.redis, "writes_confirmed", None) is None:
+            return await method(self, *args, **kwargs)
+        made: list[tuple[str, str, KeyRecord | None, str]] = []
+        noted = _MADE.set(made)
+        try:
+            return await confirmed(self, *args, **kwargs)
+        except StoreError as exc:
+            for ws, new_id, old, actor in made:
+                self._take_back(ws, new_id, old, actor, "could not be confirmed")
+                exc.answer = TAKEN_BACK
+            raise
+        finally:
+            _MADE.reset(noted)
+    return write
+
+
+def _note_made(ws: str, new_id: str, old: KeyRecord | None, actor: str) -> None:
+    made = _MADE.get()
+    if made is not None:
+        made.append((ws, new_id, old, actor))
+
 
 ROTATE_ATTEMPTS = 64
 """Tries of a rotation that finds the key changed since it read it (each try: a read and the
@@ -239,7 +281,7 @@ class KeyStore(StoreBase):
             details["allowed_ips"] = list(record.allowed_ips)
         return details
 
-    @confirmed_write
+    @_confirmed_or_taken_back
     async def create_key(self, ws: str, *, name: str, environment: str,
                          description: str = "", role: str | None = None,
                          scopes: Sequence[str] = (), expires_at: float | None = None,
@@ -297,6 +339,7 @@ class KeyStore(StoreBase):
                 if wanted is not None and not wanted():  # gone while the store made it
                     self._take_back(ws, key_id, None, actor, "was made as its caller left")
                     raise caller_gone("the key created meanwhile is taken back")
+                _note_made(ws, key_id, None, actor)
                 return NewKey(record, token)
             await self._release_id(key_id)
             if reply == "no_workspace":
@@ -312,7 +355,7 @@ class KeyStore(StoreBase):
                                           "no key was created")
         raise StoreError("could not find a free key id")
 
-    @confirmed_write
+    @_confirmed_or_taken_back
     async def rotate_key(self, ws: str, key_id: str, *, grace_seconds: int = 0,
                          actor: str = OPERATOR, max_expires_at: float | None = None,
                          expect_rev: int | None = None, acting_rev: int | None = None,
@@ -397,6 +440,7 @@ class KeyStore(StoreBase):
                     if wanted is not None and not wanted():  # gone while the store made it
                         self._take_back(ws, made, old, actor, "was made as its caller left")
                         raise caller_gone("the rotation made meanwhile is taken back")
+                    _note_made(ws, made, old, actor)
                     try:
                         now_old = await self.require_key(ws, key_id)
                     except (StoreError, NotFound):  # the answer is the new key and its token:
@@ -447,6 +491,10 @@ class KeyStore(StoreBase):
             self._take_back(ws, new_id, old, actor)
             exc.answer = TAKEN_BACK
             raise
+        except asyncio.CancelledError:  # (the admin listener's shutdown, past its grace): the
+            # script may have run, and nobody is answered with the token
+            self._take_back(ws, new_id, old, actor, "was cancelled and may have run")
+            raise
         if reply == "undone":
             exc = StoreError(f"key id {new_id} was taken back already")
             exc.answer = TAKEN_BACK
@@ -483,12 +531,16 @@ class KeyStore(StoreBase):
                          else epoch_field(old.expires_at)), what="take back")
                     break
                 except StoreError as exc:
-                    if time.monotonic() + pause > deadline:
-                        log.error("workspace %s: %s could not be taken back within %gs (%s); "
-                                  "list its keys and revoke key %s", ws, what, TAKE_BACK_FOR,
-                                  exc, new_id)
+                    if time.monotonic() + pause > deadline or self._closing.is_set():
+                        log.error("workspace %s: %s could not be taken back %s (%s); list its "
+                                  "keys and revoke key %s", ws, what,
+                                  "before the store was closed" if self._closing.is_set()
+                                  else f"within {TAKE_BACK_FOR:g}s", exc, new_id)
                         return
-                    await asyncio.sleep(pause)
+                    try:  # the pause, cut short by a close: one last try then
+                        await asyncio.wait_for(self._closing.wait(), pause)
+                    except asyncio.TimeoutError:
+                        pass
                     pause = min(2 * pause, 2.0)
             try:
                 await self._release_id(new_id)

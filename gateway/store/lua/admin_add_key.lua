@@ -42,12 +42,27 @@
 -- Returns 'ok' | 'no_workspace' | 'stale_ws' | 'no_role' (ARGV[10] is not defined) |
 -- 'collision' (new key id taken) | 'limit' (cap reached) | 'actor_changed' (see ARGV[12]) and,
 -- rotating, 'not_found' | 'revoked' | 'stale' | 'grace_limit' (grace asked, workspace
--- already over its cap) | 'undone' (see KEYS[9]).
+-- already over its cap) | 'undone' (see KEYS[9]). 'ok' as well when the new key is there
+-- already with this call's hash: a resend of a call that ran (see below).
 -- A rotation marks the old key 'rotated_to' = the new id (any later change clears it, see
 -- _new_rev.lua): admin_take_back gives it back as it was only while that mark stands.
 -- include: _new_rev.lua
 -- include: _cap_basis.lua
 if redis.call('EXISTS', KEYS[9]) == 1 then return 'undone' end
+-- This very call ran already: its connection died after Redis ran it and before the answer
+-- came, and redis-py sent it again on a fresh connection. The new key's hash (its secret's,
+-- salted: no other call has it) is there: the first run's outcome is the answer. (Run again,
+-- a rotation found the old key changed -- by itself -- and, revoked, was refused: the new key
+-- stood, its token never shown, the old key revoked; a create made a second key.)
+local made = redis.call('HGET', KEYS[4], 'hash')
+if made then
+  for i = 14, #ARGV - 1, 2 do
+    if ARGV[i] == 'hash' then
+      if ARGV[i + 1] == made then return 'ok' end
+      break
+    end
+  end
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
 if ARGV[12] ~= '' then
   local acting = redis.call('HMGET', KEYS[8], 'rev', 'expires_at', 'role')
