@@ -712,7 +712,9 @@ async def test_a_refusal_answered_from_the_head_whose_body_then_breaks_closes_wi
     nothing upstream, nothing behind it served, nothing logged at ERROR."""
     import logging
     caplog.set_level(logging.WARNING)
-    auth = [] if token == "" else [("Authorization", f"Bearer {token or edge.token[:-1] + 'x'}")]
+    if token is None:  # the key's own token with its last character changed: a wrong one
+        token = edge.token[:-1] + ("y" if edge.token.endswith("x") else "x")
+    auth = [] if token == "" else [("Authorization", f"Bearer {token}")]
     head = request("POST", "/people/x", [("Transfer-Encoding", "chunked"), *auth], close=False)
     reader, writer = await asyncio.open_connection("127.0.0.1", edge.proxy_server.port)
     try:
