@@ -112,6 +112,14 @@ async def test_a_create_that_reaches_redis_after_it_was_taken_back_adds_nothing(
     assert [k["id"] for k in listing["items"]] == [first]
 
 
+def write_call(call: str, key_id: str) -> tuple[str, dict]:
+    """The admin API path and body of the write under test: "create" (a key in acme) or
+    "rotate" (of ``key_id``, no grace)."""
+    if call == "create":
+        return "/workspaces/acme/keys", {"name": "ci", "scopes": ["people:read"]}
+    return f"/workspaces/acme/keys/{key_id}/rotate", {}
+
+
 _ROLES_READ = b"HGETALL\r\n$18\r\nkg:ws:{acme}:roles"
 
 
@@ -121,10 +129,7 @@ async def test_a_write_that_ran_is_answered_with_its_token_when_a_read_after_it_
     """The key object answered with a new token is made without reading the store after the
     write: a read failing there answered 503 for a key that stood, its token lost."""
     g, relay, url, first = held
-    if call == "create":
-        path, body = "/workspaces/acme/keys", {"name": "ci", "scopes": ["people:read"]}
-    else:
-        path, body = f"/workspaces/acme/keys/{first}/rotate", {}
+    path, body = write_call(call, first)
     relay.hold_when(_ROLES_READ + b"\r\n")  # no read of it before the write, only after
     try:
         status, answer = await asyncio.wait_for(g.admin_json("POST", path, body), 10)
@@ -191,10 +196,7 @@ async def test_a_write_whose_caller_left_before_its_answer_is_taken_back(
             gateway_under_test(config, relay.url, monkeypatch) as g:
         await g.workspace("acme")
         token, first = await g.key(name="first")
-        if call == "create":
-            path, body = "/workspaces/acme/keys", {"name": "ci", "scopes": ["people:read"]}
-        else:
-            path, body = f"/workspaces/acme/keys/{first['id']}/rotate", {}
+        path, body = write_call(call, first['id'])
         relay.hold_when(b"key." + call.encode())
         try:
             with pytest.raises(asyncio.TimeoutError):
@@ -470,10 +472,7 @@ async def test_a_write_on_sentinel_that_could_not_be_confirmed_is_taken_back(
     async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as g:
         await g.workspace("acme")
         token, key = await g.key(name="integration")
-        if call == "create":
-            path, body = "/workspaces/acme/keys", {"name": "ci", "scopes": ["people:read"]}
-        else:
-            path, body = f"/workspaces/acme/keys/{key['id']}/rotate", {}
+        path, body = write_call(call, key['id'])
         os.kill(sentinel_pid, signal.SIGSTOP)  # no Sentinel answers: nothing is confirmed
         try:
             status, answer = await asyncio.wait_for(g.admin_json("POST", path, body), 20)
