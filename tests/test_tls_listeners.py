@@ -177,6 +177,18 @@ routes:
 {extra}""")
 
 
+def https_config_with_a_1s_header_timeout(tmp_path: Path, upstream,
+                                          pki) -> tuple[Path, tuple[int, int]]:
+    """A config file for HTTPS listeners on free ports (proxy, admin) with
+    server.timeouts.header 1 s; the file and the ports."""
+    path = tmp_path / "config.yaml"
+    ports = free_port(), free_port()
+    write_config(path, str(upstream.make_url("")), *ports, pki["cert"], pki["key"])
+    text = path.read_text().replace("tls: {cert_file", "timeouts: {header: 1}, tls: {cert_file", 1)
+    path.write_text(text)
+    return path, ports
+
+
 @pytest.fixture
 async def https_gateway(tmp_path, pki, upstream, redis_url, monkeypatch):
     monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
@@ -286,11 +298,7 @@ async def test_a_connection_that_never_finishes_its_tls_handshake_is_closed_at_t
     ClientHello (or dribbles it) held its socket six times as long as the SPEC allows, outside
     server.max_connections too (a connection counts once its handshake is done)."""
     monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-    path = tmp_path / "config.yaml"
-    ports = free_port(), free_port()
-    write_config(path, str(upstream.make_url("")), *ports, pki["cert"], pki["key"])
-    text = path.read_text().replace("tls: {cert_file", "timeouts: {header: 1}, tls: {cert_file", 1)
-    path.write_text(text)
+    path, ports = https_config_with_a_1s_header_timeout(tmp_path, upstream, pki)
     async with running_gateway(load_config(path), redis_url, config_path=str(path)) as gw:
         runners = await start_listeners(gw)
         try:
@@ -578,11 +586,7 @@ async def test_a_tls_client_that_never_answers_close_notify_is_closed_within_the
     handshake's bound, server.timeouts.header (1 s here)."""
     from gateway.proxying.server import LINGER_IDLE
     monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-    path = tmp_path / "config.yaml"
-    ports = free_port(), free_port()
-    write_config(path, str(upstream.make_url("")), *ports, pki["cert"], pki["key"])
-    text = path.read_text().replace("tls: {cert_file", "timeouts: {header: 1}, tls: {cert_file", 1)
-    path.write_text(text)
+    path, ports = https_config_with_a_1s_header_timeout(tmp_path, upstream, pki)
     loop = asyncio.get_running_loop()
     async with running_gateway(load_config(path), redis_url, config_path=str(path)) as gw:
         runners = await start_listeners(gw)
