@@ -147,6 +147,25 @@ def embedded_pid(data_dir: str) -> int:
     return int(Path(data_dir, "redis.pid").read_text().strip())
 
 
+async def key_in_aof(data_dir: str, token: str, ws: str = "acme", timeout: float = 15) -> None:
+    """Wait until the key ``token`` names is whole in the embedded server's AOF, so a SIGKILL or
+    a copy of the data_dir keeps it. The key's index (``kg:keyid:``) is written by its own
+    command *before* the key's script, and appendfsync everysec may hold a write back up to
+    2 s while a slow fsync runs, so the index alone says nothing about the key: wait for the
+    script's record and the EXEC that closes its MULTI block."""
+    key_id = token[len("kg_live_"):-38]
+    record = f"kg:key:{{{ws}}}:{key_id}".encode()
+    aof = Path(data_dir, "appendonly.aof")
+    deadline = time.monotonic() + timeout
+    while True:
+        data = aof.read_bytes()
+        at = data.rfind(record)
+        if at >= 0 and b"\r\nEXEC\r\n" in data[at:]:
+            return
+        assert time.monotonic() < deadline, f"{record!r} never reached the AOF whole"
+        await asyncio.sleep(0.05)
+
+
 def embedded_started(data_dir: str) -> bool:
     """The embedded redis-server has written its pid (it creates the file, then writes it)."""
     try:

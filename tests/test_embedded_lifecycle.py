@@ -16,9 +16,8 @@ from aiohttp import ClientSession
 
 from pathlib import Path
 
-from served import (TIMEOUT, Served, admin_json, alive, children_of, embedded_pid, new_key,
-                    short_data_dir,
-                    write_config)
+from served import (TIMEOUT, Served, admin_json, alive, children_of, embedded_pid, key_in_aof,
+                    new_key, short_data_dir, write_config)
 
 
 async def _wait_ready(s: ClientSession, gw: Served, timeout: float = 15) -> float:
@@ -54,15 +53,7 @@ async def test_a_killed_embedded_server_is_restarted_with_its_data(tmp_path, ups
         await gw.ready()
         async with ClientSession(timeout=TIMEOUT) as s:
             token = await new_key(s, gw.admin)
-            # the key is in the AOF: appendfsync everysec writes it there before the next
-            # event-loop turn, or up to 2 s later while a slow fsync is still running (a busy
-            # disk), so wait for it rather than a fixed 1.5 s
-            key_index = f"kg:keyid:{token[len('kg_live_'):-38]}".encode()
-            aof = Path(data_dir, "appendonly.aof")
-            deadline = time.monotonic() + 15
-            while key_index not in aof.read_bytes():
-                assert time.monotonic() < deadline, f"{key_index!r} never reached the AOF"
-                await asyncio.sleep(0.05)
+            await key_in_aof(data_dir, token)
             first = embedded_pid(data_dir)
             pids.append(first)
             os.kill(first, signal.SIGKILL)
@@ -180,11 +171,7 @@ async def test_a_restored_backup_takes_back_revocations_and_the_admin_log_names_
             token = await new_key(s, first.admin)
             key_id = token[len("kg_live_"):-38]
             bearer = {"Authorization": f"Bearer {token}"}
-            aof = Path(data_dir, "appendonly.aof")
-            deadline = time.monotonic() + 10
-            while f"kg:keyid:{key_id}".encode() not in aof.read_bytes():
-                assert time.monotonic() < deadline, "the key never reached the AOF"
-                await asyncio.sleep(0.05)
+            await key_in_aof(data_dir, token)
             shutil.copytree(data_dir, backup, ignore=shutil.ignore_patterns("redis.sock"))
             status, body = await admin_json(s, first.admin, "POST",
                                             f"/workspaces/acme/keys/{key_id}/revoke")
