@@ -107,12 +107,13 @@ async def get_all(g: "GatewayUnderTest", token: str, n: int) -> list[tuple[int, 
     return got
 
 
-async def refusal_times(g: "GatewayUnderTest", token: str, n: int = 5) -> dict[str, float]:
-    """Median seconds of a 401 ``invalid_key`` for ``token``'s key id with a wrong secret, for a
-    key id that does not exist and for ``token``'s key id in another environment (``n`` of
-    each, interleaved), checking that each ran one argon2 verification."""
-    import statistics
-
+async def refusal_times(g: "GatewayUnderTest", token: str, n: int = 7) -> dict[str, float]:
+    """Fastest seconds of a 401 ``invalid_key`` for ``token``'s key id with a wrong secret, for
+    a key id that does not exist and for ``token``'s key id in another environment (``n`` of
+    each, interleaved), checking that each ran one argon2 verification. The fastest, not the
+    median: a loaded machine (the suite's other workers) only ever adds time, and the argon2
+    threads run in the idle scheduling class, so a median of a few swung 3x between kinds,
+    while a fastest run far below another kind's can only come from skipping the work."""
     from gateway.tokens import checksum
 
     def forged(env: str, key_id: str, i: int) -> str:
@@ -135,7 +136,7 @@ async def refusal_times(g: "GatewayUnderTest", token: str, n: int = 5) -> dict[s
         times["wrong secret"].append(await refused(forged("live", key_id, i)))
         times["unknown id"].append(await refused(forged("live", f"{i:012d}", i)))
         times["other environment"].append(await refused(forged("test", key_id, i)))
-    return {what: statistics.median(t) for what, t in times.items()}
+    return {what: min(t) for what, t in times.items()}
 
 @contextlib.asynccontextmanager
 async def serving(handler):

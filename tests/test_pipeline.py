@@ -161,9 +161,9 @@ async def test_an_unknown_key_id_costs_what_a_wrong_secret_costs(redis_url, upst
                                   monkeypatch) as g:
         await g.workspace("acme")
         token, _ = await g.key()
-        median = await refusal_times(g, token)
-        assert median["unknown id"] > median["wrong secret"] / 3, median
-        assert median["other environment"] > median["wrong secret"] / 3, median
+        fastest = await refusal_times(g, token)
+        assert fastest["unknown id"] > fastest["wrong secret"] / 3, fastest
+        assert fastest["other environment"] > fastest["wrong secret"] / 3, fastest
 
 async def test_revoked_key_is_rejected_on_next_request(gut):
     token, key = await gut.key()

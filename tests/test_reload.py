@@ -268,8 +268,8 @@ async def test_after_a_reload_of_argon2_an_unknown_key_id_still_costs_a_wrong_se
     status, result = await reload(gw)
     assert status == 200, result
     token, _ = await gw.key(role="reader")
-    median = await refusal_times(gw, token)
-    assert median["unknown id"] > median["wrong secret"] / 3, median
+    fastest = await refusal_times(gw, token)
+    assert fastest["unknown id"] > fastest["wrong secret"] / 3, fastest
 
 async def test_a_reload_of_argon2_makes_its_decoy_off_the_event_loop(reloadable, upstreams):
     """The decoy hash for unknown key ids is made anew when a reload changes ``keys.argon2``.
