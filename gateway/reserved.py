@@ -34,6 +34,7 @@ RESERVED = RESERVED_PATH  # keygate's own prefix: never forwarded, and no route 
 VERIFY = "/_keygate/v1/verify"
 USAGE = "/_keygate/v1/usage"
 KEYS = "/_keygate/v1/keys"
+_NO_STORE = {"Cache-Control": "no-store"}
 _QUERY = re.compile(r"[\x21-\x7e]*")  # visible ASCII: what a request line's query can hold
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]{1,32}")  # an RFC 9110 token, in capitals as
 # the proxy's HTTP parser takes it (it refuses 'get' with 400 bad_request)
@@ -86,7 +87,9 @@ async def answer(steps: RequestSteps, request: web.BaseRequest, raw_path: str,
         if current is None:  # deleted since it was admitted (the cache keeps no key object)
             raise errors.invalid_token("invalid_key", "The API key is not valid.")
         usage["key"] = current.to_json(tuple(sorted(key.scopes)), steps.clock(), used)
-        return web.Response(body=json.dumps(usage).encode(), content_type="application/json")
+        # the key's own record: no browser, proxy or CDN keeps a copy (as the admin listener)
+        return web.Response(body=json.dumps(usage).encode(), content_type="application/json",
+                            headers=_NO_STORE)
     if raw_path == KEYS or raw_path.startswith(KEYS + "/"):
         outcome.route = KEYS
         key = await _admit(steps, request, outcome, ("keys:admin",))

@@ -757,6 +757,57 @@ def test_cors_origins_are_kept_as_browsers_send_them(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, UPSTREAM)).cors is None
 
 
+# (as listed, what Chromium 156's `new URL(s).origin` gives: what it sends as Origin)
+BROWSER_ORIGINS = (
+    ("https://Bücher.example", "https://xn--bcher-kva.example"),   # IDNA, as browsers send it
+    ("https://faß.example", "https://xn--fa-hia.example"),         # UTS 46, non-transitional
+    ("https://日本.example:8443", "https://xn--wgv71a.example:8443"),
+    ("http://[0:0:0:0:0:0:0:1]:8080", "http://[::1]:8080"),        # IPv6, compressed
+    ("http://[::FFFF:1.2.3.4]", "http://[::ffff:102:304]"),
+    ("http://[1:0:0:2:0:0:0:3]", "http://[1:0:0:2::3]"),           # the longest run of zeros
+    ("http://127.1:3000", "http://127.0.0.1:3000"),                # IPv4 in any form browsers take
+    ("http://0x7f.0.0.2", "http://127.0.0.2"),
+    ("http://0177.0.0.3", "http://127.0.0.3"),
+    ("http://2130706436", "http://127.0.0.4"),
+    ("http://1.2.3.4.", "http://1.2.3.4"),
+)
+
+
+def test_cors_origins_are_compared_as_browsers_serialise_hosts(tmp_path: Path) -> None:
+    """An origin listed with a Unicode name was refused as "not an origin", and one listed
+    with an IPv6 or IPv4 address spelt another way than browsers serialise it
+    (``[0:0:0:0:0:0:0:1]``, ``127.1``) was taken as written, so the ``Origin`` a browser sent
+    never matched it and the page could read nothing, with no word why. Each is now kept as
+    a browser sends it; a numeric host no browser takes is a problem."""
+    items = ", ".join(f'"{listed}"' for listed, _ in BROWSER_ORIGINS)
+    config = load_config(write(tmp_path, with_upstream(f"""
+        routes: [{{path: /x, upstream: crm}}]
+        cors:
+          allow_origins: [{items}]
+    """)))
+    assert config.cors.allow_origins == tuple(sent for _, sent in BROWSER_ORIGINS)
+    assert problems_of(tmp_path, """
+        cors:
+          allow_origins: ["http://256.1.1.1", "https://example.123", "http://[1::2::3]",
+                          "https://b\\u200Dcher.example", "http://127.0.0.1", "http://127.1",
+                          "http://[fe80::1%25eth0]"]
+    """) == [
+        "config.yaml:2: cors.allow_origins[0]: 'http://256.1.1.1' is not an IPv4 address "
+        "browsers take",
+        "config.yaml:2: cors.allow_origins[1]: 'https://example.123' is not an IPv4 address "
+        "browsers take",
+        "config.yaml:2: cors.allow_origins[2]: 'http://[1::2::3]' is not an origin "
+        "(scheme://host[:port])",
+        "config.yaml:3: cors.allow_origins[3]: 'https://b\\u200dcher.example' is not an origin "
+        "(scheme://host[:port]): its name is not a valid domain name (Joiner U+200D not "
+        "allowed at position 2 in 'b\\u200dcher'); list it as browsers send it, IDNA-encoded "
+        "(xn--...)",
+        "config.yaml:3: cors.allow_origins[5]: 'http://127.0.0.1' is listed twice",
+        "config.yaml:4: cors.allow_origins[6]: 'http://[fe80::1%25eth0]' is not an origin "
+        "(scheme://host[:port])",
+    ]
+
+
 def test_a_listener_host_with_spaces_or_control_characters_is_a_problem(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A host no listener can bind (`127.0.0.1\\n...`, often an env file's stray newline or

@@ -1468,6 +1468,24 @@ def test_a_page_on_another_origin_reads_answers_through_keygate(browser, redis_s
             gw.stop()
 
 
+def test_listed_origins_are_kept_as_this_browser_serialises_them(browser):
+    """What ``cors.allow_origins`` keeps of an origin is what the browser sends as ``Origin``
+    for a page there (``new URL(...).origin``): a Unicode name, an IPv6 or IPv4 address in
+    another spelling, a default port, case; and one the browser refuses is a problem."""
+    from gateway.config.cors import origin_problem
+    from test_config import BROWSER_ORIGINS
+    listed = [text for text, _ in BROWSER_ORIGINS] + [
+        "HTTPS://App.Example:443", "http://web_app:3000", "https://app.example.",
+        "http://[::1]:80", "http://[0:1:0:0:1:0:0:0]", "http://0x.0x", "http://0xffffffff",
+        "http://256.1.1.1", "https://example.123", "http://4294967296", "http://08",
+        "https://b\u200dcher.example", "http://[fe80::1%25eth0]"]
+    browser.get("about:blank")
+    serialised = browser.execute_script(
+        "return arguments[0].map(s => { try { return new URL(s).origin; } "
+        "catch (e) { return null; } })", listed)
+    assert [origin_problem(text)[0] for text in listed] == serialised
+
+
 # --- answers that arrive late --------------------------------------------------------------------
 
 # Installed (while a test is `slowed`) before the page's own script: holds back every fetch whose

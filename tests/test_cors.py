@@ -19,7 +19,7 @@ from aiohttp import web
 from gateway.config import Route
 from gateway.settings import CorsConfig
 
-from harness import gateway_under_test, make_config, serving
+from harness import gateway_under_test, make_config, raw_upstream, serving
 
 APP = "https://app.example"
 EVIL = "https://evil.example"
@@ -327,3 +327,107 @@ async def test_a_reload_moves_preflights_refusals_and_forwarded_answers_together
         g.gw.reloader.apply(cors_config(url, allow_origins=(EVIL,)))
         assert await allowed_origin(APP) == [None, None, None]
         assert await allowed_origin(EVIL) == [[EVIL.encode()]] * 3
+
+
+# --- attacks on the browser-facing surface ----------------------------------------------------
+
+async def test_preflights_spend_no_rate_limit_and_never_reach_the_upstream(gw):
+    """Preflights need no key, so they must cost a key nothing: a burst of them before its
+    requests leaves the key's whole rate (3 a second) to the requests."""
+    token, _ = await gw.key(scopes=["people:read"])
+    for method in ("GET", "DELETE", "POST") * 4:
+        status, _, _ = await raw(gw, request("OPTIONS", "/people/1", **{
+            **PREFLIGHT, "Access-Control-Request-Method": method}))
+        assert status == b"HTTP/1.1 204 No Content"
+    statuses = [(await raw(gw, request("GET", "/people/1", Origin=APP,
+                                       Authorization=f"Bearer {token}")))[0] for _ in range(3)]
+    assert statuses == [b"HTTP/1.1 200 OK"] * 3
+    assert gw.seen == [("GET", "/people/1")] * 3 and await gw.used() == 3
+
+
+async def test_keys_in_odd_places_are_refused_readably_on_keygates_own_endpoints(gw):
+    """A page calling /_keygate/ with its key anywhere but a credential header is refused as
+    the proxy refuses it, and can read why: a key in the query is never used (nor echoed), a
+    cookie is no credential, two different keys are ambiguous."""
+    token, _ = await gw.key(role="admin")
+    other, _ = await gw.key(scopes=["people:read"])
+    cases = ((f"/_keygate/v1/usage?key={token}", {}, b"400", b"key_in_url"),
+             (f"/_keygate/v1/keys?api_key={token}", {}, b"400", b"key_in_url"),
+             ("/_keygate/v1/usage", {"Cookie": f"api_key={token}"}, b"401", b"missing_key"),
+             ("/_keygate/v1/keys", {"Authorization": f"Bearer {token}", "X-Api-Key": other},
+              b"400", b"ambiguous_key"))
+    for path, headers, status, code in cases:
+        got, answer, body = await raw(gw, request("GET", path, Origin=APP, **headers))
+        assert got.split()[1] == status and b'"%s"' % code in body, (path, got, body)
+        assert token.encode() not in body
+        assert answer[b"access-control-allow-origin"] == [APP.encode()]
+    assert gw.seen == []
+
+
+@pytest.mark.parametrize("target", [
+    "/%5Fkeygate/v1/usage", "/%5fkeygate/v1/keys", "//_keygate/v1/usage",
+    "/_keygate/./v1/usage", "/_keygate/v1/../v1/usage", "/_keygate%2Fv1/usage",
+    "/_keygate/v1/usag%65", "/_keygate\\v1/usage", "/_keygate/v1/keys//x",
+    "/_keygate/v1/usage;x", "/_keygate/%2e/v1/usage"])
+async def test_spellings_of_keygates_prefix_reach_neither_keygate_nor_the_upstream(
+        redis_url, monkeypatch, target):
+    """Behind a catch-all route, a path that another server could read as keygate's own
+    (``/%5Fkeygate/``, ``//_keygate``, a dot segment) is refused ``bad_path`` before any
+    route: never answered as keygate's own, never forwarded (the upstream receives not a
+    byte)."""
+    received = bytearray()
+
+    async def answer(reader, writer):
+        received.extend(await reader.read(65536))
+        writer.close()
+    srv, url = await raw_upstream(answer)
+    try:
+        config = make_config(url, routes=(Route("/**", "api", ("GET", "POST", "OPTIONS"), ()),),
+                             cors=CorsConfig(allow_origins=(APP,)))
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace("acme")
+            token, _ = await g.key(role="admin")
+            for head in (request("GET", target, Origin=APP, Authorization=f"Bearer {token}"),
+                         request("OPTIONS", target, **PREFLIGHT)):
+                status, headers, body = await raw(g, head)
+                assert status == b"HTTP/1.1 400 Bad Request" and b'"bad_path"' in body, body
+                assert headers[b"access-control-allow-origin"] == [APP.encode()]
+            assert bytes(received) == b""
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_an_upstreams_cors_headers_in_any_spelling_never_widen_keygates(redis_url,
+                                                                              monkeypatch):
+    """An upstream answering ``*`` and another origin, in any case, with credentials and
+    Private Network Access allowed, next to a header that is not UTF-8 (whose answer keygate
+    writes byte for byte): a browser reads only what the config says, whatever the Origin."""
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Latin: caf\xe9\r\n"
+                     b"Access-Control-Allow-Origin: *\r\n"
+                     b"access-control-allow-origin: " + EVIL.encode() + b"\r\n"
+                     b"ACCESS-CONTROL-ALLOW-CREDENTIALS: true\r\n"
+                     b"Access-Control-Allow-Private-Network: true\r\n"
+                     b"Access-Control-Expose-Headers: *\r\nVary: Accept\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+    srv, url = await raw_upstream(answer)
+    try:
+        config = make_config(url, routes=(Route("/x/**", "api", ("GET",), (), True),),
+                             cors=CorsConfig(allow_origins=(APP,)))
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            own = {b"access-control-allow-origin": [APP.encode()],
+                   b"access-control-expose-headers": [b"RateLimit, RateLimit-Policy, "
+                                                      b"Retry-After, X-Request-Id"]}
+            for origin, allowed in ((APP, own), (EVIL, {}), (None, {})):
+                status, headers, body = await raw(g, request(
+                    "GET", "/x/1", **({"Origin": origin} if origin else {})))
+                assert status == b"HTTP/1.1 200 OK" and body == b"ok"
+                assert cors_headers(headers) == allowed, origin
+                assert headers[b"vary"] == [b"Accept", b"Origin"]
+                assert headers[b"x-latin"] == [b"caf\xe9"]
+    finally:
+        srv.close()
+        await srv.wait_closed()

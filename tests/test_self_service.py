@@ -368,3 +368,18 @@ async def test_self_service_calls_are_bounded_per_key_and_count_no_usage(env):
     assert (await env.store.usage("acme"))["used"] == 0
     resp = await env.call("GET", "")  # another key's calls are bounded on their own
     assert resp.status == 200
+
+
+async def test_the_usage_endpoint_is_never_stored_by_a_cache(env):
+    """``/_keygate/v1/usage`` answers a key's own record (its name, scopes, ``meta``, last use)
+    with no ``Cache-Control`` at all, while the admin listener's usage and the key endpoints
+    beside it say ``no-store``: a browser's cache or a CDN in front of keygate could keep a
+    copy (a key sent as ``X-Api-Key`` is no ``Authorization``, which keeps shared caches off
+    on its own) and hand it on. Every answer of it, HEAD too, now says ``no-store``."""
+    headers = {"Authorization": f"Bearer {env.admin.token}"}
+    for method in ("GET", "HEAD"):
+        resp = await env.client.request(method, "/_keygate/v1/usage", headers=headers)
+        assert resp.status == 200, method
+        assert resp.headers.get("Cache-Control") == "no-store", method
+    resp = await env.client.get("/_keygate/v1/usage", headers={"X-Api-Key": env.reader.token})
+    assert resp.status == 200 and resp.headers.get("Cache-Control") == "no-store"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 from urllib.parse import urlsplit
 
+import idna
 import yaml
 
 from ..settings import CorsConfig
@@ -18,6 +20,81 @@ _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
 _HOST = re.compile(r"[a-z0-9_.-]+|\[[0-9a-f:.]+\]")  # a name (IDNA-encoded, as browsers send
 # it; '_' too, which browsers take in a name) or an IPv6 literal; no userinfo, no path
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# schemes whose hosts browsers parse as names or addresses (WHATWG URL's special schemes):
+# a Unicode name is IDNA-encoded, an IPv4 address in any form they take is written dotted
+_SPECIAL = frozenset(("http", "https", "ws", "wss", "ftp"))
+
+
+def _ipv6(text: str) -> str | None:
+    """An IPv6 address as browsers serialise it (WHATWG URL: lower-case hex pieces, the first
+    longest run of two or more zero pieces as ``::``, no dotted IPv4 tail); None if invalid."""
+    if "%" in text:  # a zone (fe80::1%eth0): Python takes one, browsers do not
+        return None
+    try:
+        value = int(ipaddress.IPv6Address(text))
+    except ValueError:
+        return None
+    pieces = [(value >> (112 - 16 * i)) & 0xFFFF for i in range(8)]
+    start, length, i = -1, 1, 0
+    while i < 8:
+        j = i
+        while j < 8 and pieces[j] == 0:
+            j += 1
+        if j - i > length:
+            start, length = i, j - i
+        i = max(j, i + 1)
+    hexed = [f"{p:x}" for p in pieces]
+    if start < 0:
+        return ":".join(hexed)
+    return ":".join(hexed[:start]) + "::" + ":".join(hexed[start + length:])
+
+
+def _ipv4_number(part: str) -> int | None:
+    radix = 10
+    if part[:2] in ("0x", "0X"):
+        part, radix = part[2:], 16
+    elif len(part) > 1 and part[0] == "0":
+        part, radix = part[1:], 8
+    if not part:
+        return 0
+    try:
+        return int(part, radix) if part.isascii() and part.isalnum() else None
+    except ValueError:
+        return None
+
+
+def _ipv4(host: str) -> str | None | bool:
+    """A name that ends in a number is an IPv4 address to browsers (WHATWG URL): that address,
+    dotted (``127.1`` and ``0x7f.0.0.1`` are ``127.0.0.1``); False when it is none they take
+    (``256.1.1.1``, ``example.123``); None when the host is a name."""
+    parts = host.split(".")
+    if parts[-1] == "" and len(parts) > 1:
+        parts.pop()
+    last = parts[-1]
+    if not last or not (last.isascii() and last.isdigit()) and _ipv4_number(last) is None:
+        return None
+    numbers = [_ipv4_number(p) if p else None for p in parts]
+    if len(parts) > 4 or None in numbers or any(n > 255 for n in numbers[:-1]) or \
+            numbers[-1] >= 256 ** (5 - len(numbers)):
+        return False
+    value = numbers[-1]
+    for i, n in enumerate(numbers[:-1]):
+        value += n << (8 * (3 - i))
+    return str(ipaddress.IPv4Address(value))
+
+
+def _name(host: str) -> tuple[str | None, str]:
+    """A special scheme's host name as browsers send it: UTS 46 mapped, each non-ASCII label
+    IDNA-encoded (``Bücher.example`` is ``xn--bcher-kva.example``); (None, why) if it cannot
+    be."""
+    if host.isascii():
+        return host, ""
+    try:
+        mapped = idna.uts46_remap(host, std3_rules=False, transitional=False)
+        return ".".join(label if label.isascii() else idna.alabel(label).decode()
+                        for label in mapped.split(".")), ""
+    except (idna.IDNAError, UnicodeError) as exc:
+        return None, str(exc)
 
 
 def origin_problem(text: str) -> tuple[str | None, str]:
@@ -39,17 +116,33 @@ def origin_problem(text: str) -> tuple[str | None, str]:
         return None, f"'{text}': an origin has no path; write it without the trailing '/'"
     if any(c in rest for c in "/?#@\\") or not rest:
         return None, f"'{text}' is not an origin (scheme://host[:port], no path, query or user)"
+    not_an_origin = f"'{text}' is not an origin (scheme://host[:port])"
     try:
         parts = urlsplit(text)
+    except ValueError:  # an IPv6 literal Python cannot read
+        return None, not_an_origin
+    try:
         port = parts.port
     except ValueError:
         return None, f"'{text}' has an invalid port"
     host = (parts.hostname or "").lower()
-    if ":" in host:
-        host = f"[{host}]"
-    if not host or not _HOST.fullmatch(host):
-        return None, f"'{text}' is not an origin (scheme://host[:port])"
     scheme = scheme.lower()
+    if ":" in host:
+        address = _ipv6(host)
+        if address is None:
+            return None, not_an_origin
+        host = f"[{address}]"
+    elif scheme in _SPECIAL and host:
+        host, why = _name(host)
+        if host is None:
+            return None, (f"{not_an_origin}: its name is not a valid domain name ({why}); "
+                          "list it as browsers send it, IDNA-encoded (xn--...)")
+        address = _ipv4(host)
+        if address is False:
+            return None, f"'{text}' is not an IPv4 address browsers take"
+        host = address or host
+    if not host or not _HOST.fullmatch(host):
+        return None, not_an_origin
     if port is not None and port != _DEFAULT_PORTS.get(scheme):
         return f"{scheme}://{host}:{port}", ""
     return f"{scheme}://{host}", ""
