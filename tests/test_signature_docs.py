@@ -200,3 +200,16 @@ async def test_the_flask_target_the_verify_docstring_names_verifies(redis_url, m
     finally:
         server.shutdown()
         thread.join(10)
+
+
+def test_the_rotation_steps_say_keygate_must_be_restarted_to_sign_with_the_new_secret():
+    """A running process never sees its environment change, and ``identity_signature`` is
+    kept until a restart (``gateway.reload.RESTART_ONLY_SECTIONS``): an operator who followed
+    "give keygate new,old" with a reload kept signing with ``old``, and step 3 (drop ``old``
+    at the upstreams) then refused every request. The steps say so."""
+    from gateway.reload import RESTART_ONLY_SECTIONS
+    assert "identity_signature" in RESTART_ONLY_SECTIONS
+    steps = DOC.read_text().split("## Rotating the secret without downtime", 1)[1]
+    steps = steps.split("\n## ", 1)[0]
+    step2 = re.search(r"^2\. (.*?)(?=^3\. )", steps, re.M | re.S).group(1)
+    assert "restart" in step2 and "reload" in step2, step2
