@@ -125,3 +125,30 @@ async def test_a_cgi_application_behind_lighttpd_reads_keygates_identity(
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("name", ["X.HTTP.Method.Override", "X+Http+Method", "x~method.override",
+                                  "X-HTTP.Method-Override"])
+async def test_a_punctuated_method_override_never_reaches_the_upstream(redis_url, monkeypatch,
+                                                                       name):
+    """keygate authorises a request as the method its ``X-HTTP-Method-Override`` names
+    (``gateway.overrides``: ``-`` and ``_`` spellings). ``X.HTTP.Method.Override: DELETE``
+    was neither judged nor dropped, and lighttpd hands it to a PHP application (Symfony) as
+    ``HTTP_X_HTTP_METHOD_OVERRIDE``: a key allowed GET could have the upstream delete. Such a
+    spelling is no client's honest header: it is dropped."""
+    up = await RawUpstream().start()
+    config = make_config(f"http://127.0.0.1:{up.port}", routes=ROUTES)
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+            await gw.workspace("acme")
+            token, _ = await gw.key("acme", scopes=["people:read"])
+            answer = await exchange(gw, (f"GET /people/1 HTTP/1.1\r\nHost: gw\r\n"
+                                         f"Authorization: Bearer {token}\r\n"
+                                         f"{name}: DELETE\r\n\r\n").encode(), wait=1.0)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    finally:
+        up.close()
+    [request] = up.requests
+    variables = {cgi_variable(n) for n, _ in request.headers}
+    assert not variables & {"HTTP_X_HTTP_METHOD_OVERRIDE", "HTTP_X_HTTP_METHOD",
+                            "HTTP_X_METHOD_OVERRIDE"}, request.headers

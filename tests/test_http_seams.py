@@ -143,7 +143,8 @@ _NAMES = ["Host", "host", "Accept", "Authorization", "authorization", "X-Api-Key
           "TE", "Upgrade", "Content-Length", "Expect", "X-Request-Id", "traceparent",
           "tracestate", "X-Keygate-Signature", "Cookie", "X-Custom", "x-custom",
           "X-Real-IP", "x_real_ip", "True-Client-IP", "Client-IP", "X-Forwarded",
-          "X.Workspace.Id", "x+forwarded+for", "X.Real.IP", "X~Keygate~Signature"]
+          "X.Workspace.Id", "x+forwarded+for", "X.Real.IP", "X~Keygate~Signature",
+          "X.HTTP.Method.Override", "X_HTTP_Method_Override"]
 
 
 @given(st.lists(st.tuples(st.sampled_from(_NAMES),

@@ -27,6 +27,10 @@ Request headers, in one pass over the client's headers:
   forged address. So do ``X-Original-URL`` and
   ``X-Rewrite-URL`` (``PATH_OVERRIDE``), which some upstreams route by instead of the request
   line: from anyone else they would name another path than the one keygate authorised;
+- a method-override header (``X-HTTP-Method-Override``, ``X-HTTP-Method``,
+  ``X-Method-Override``) spelled with punctuation other than ``-`` and ``_``
+  (``X.HTTP.Method.Override``) is dropped: the pipeline authorises the method the ``-`` and
+  ``_`` spellings name (``gateway.overrides``), and lighttpd reads the others as the same;
 - ``Host`` is the upstream's host (like nginx's default ``proxy_set_header Host $proxy_host``):
   the client's ``Host`` goes to ``X-Forwarded-Host``;
 - ``Expect`` is not forwarded (keygate answers ``100-continue`` itself), nor
@@ -57,6 +61,7 @@ from ..config import Config
 from ..cors import CorsPolicy
 from ..models import Principal, header_key, plain_header_name
 from ..signature import DEFAULT_HEADER as SIGNATURE_HEADER
+from ..overrides import HEADERS as OVERRIDE_HEADERS
 from ..routes import query_has_token
 from ..trust import TrustedProxies
 
@@ -106,6 +111,17 @@ CLIENT_ADDRESS = frozenset({"x-real-ip", "true-client-ip", "x-client-ip", "cf-co
 PATH_OVERRIDE = frozenset({"x-original-url", "x-rewrite-url"})
 # Passed as sent from a trusted proxy only, beside X-Forwarded-* and Forwarded (_norm names)
 _FROM_PROXIES = CLIENT_ADDRESS | PATH_OVERRIDE
+# Method-override headers (gateway.overrides) in their _norm names. The pipeline authorises a
+# request as the method their "-" and "_" spellings name; any other punctuation (lighttpd
+# hands X.HTTP.Method.Override to PHP as HTTP_X_HTTP_METHOD_OVERRIDE too) is dropped here.
+_METHOD_OVERRIDE = frozenset(h.lower() for h in OVERRIDE_HEADERS)
+_NOT_DASH_OR_UNDERSCORE = re.compile(r"[!#$%&'*+.^`|~]")
+
+
+def _unjudged_override(lname: str, name: str) -> bool:
+    """Whether header ``name`` (``lname`` its _norm) is a method override in a spelling the
+    pipeline did not judge."""
+    return lname in _METHOD_OVERRIDE and _NOT_DASH_OR_UNDERSCORE.search(name) is not None
 
 # What passed_on does with a header of a name: pass it, drop it, or look at the peer
 # (X-Forwarded-*, Forwarded, CLIENT_ADDRESS) or the value (Authorization).
@@ -224,7 +240,7 @@ class RequestHeaderRules:
 
     def _kind(self, name: str) -> object:
         lname = _norm(name)
-        if lname in self._drop:
+        if lname in self._drop or _unjudged_override(lname, name):
             kind = _DROP
         elif lname.startswith("x-forwarded-") or lname == "forwarded" or \
                 lname in _FROM_PROXIES:
@@ -253,7 +269,7 @@ class RequestHeaderRules:
         xf_proto = xf_host = None
         for name, value in headers.items():
             lname = _norm(name)
-            if lname in drop or lname in named:
+            if lname in drop or lname in named or _unjudged_override(lname, name):
                 continue
             if lname.startswith("x-forwarded-") or lname == "forwarded" or \
                     lname in _FROM_PROXIES:
