@@ -29,11 +29,25 @@ ROLE_NAME_HINT = ("a slug: lowercase letters, digits and '-', starting with a le
                   "at most 63 characters")
 
 
+# The characters a header name may hold besides letters, digits and "-" (RFC 9110 tchar)
+_NAME_PUNCTUATION = "!#$%&'*+.^_`|~"
+_AS_DASH = str.maketrans(_NAME_PUNCTUATION, "-" * len(_NAME_PUNCTUATION))
+_PUNCTUATED = re.compile(r"[!#$%&'*+.^_`|~]")
+
+
 def header_key(name: str) -> str:
-    """A header name's identity as a spoofer sees it: case-insensitive, and ``_`` the same as
-    ``-`` (many servers and frameworks read ``X_Workspace_Id`` as ``X-Workspace-Id``)."""
+    """A header name's identity as a spoofer sees it: case-insensitive, and any punctuation the
+    same as ``-``. Many servers and frameworks read ``X_Workspace_Id`` as ``X-Workspace-Id``
+    (CGI-style ``HTTP_X_WORKSPACE_ID``), and lighttpd's CGI, FastCGI and SCGI turn every
+    character but a letter or digit into ``_``: ``X.Workspace.Id`` and ``X+Workspace+Id`` too."""
     name = name.lower()
-    return name.replace("_", "-") if "_" in name else name
+    return name.translate(_AS_DASH) if _PUNCTUATED.search(name) is not None else name
+
+
+def plain_header_name(name: str) -> bool:
+    """Whether ``name`` is spelled with letters, digits and ``-`` only, as the proxies that
+    write ``X-Forwarded-*`` spell them (a punctuated spelling is the client's, passed on)."""
+    return _PUNCTUATED.search(name) is None
 
 
 class TooManyDigits(ValueError):

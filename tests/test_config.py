@@ -1220,7 +1220,7 @@ def test_identity_and_signature_headers_cannot_be_headers_keygate_sets_or_http_r
     ``tracestate`` was sent beside keygate's own (two traceparents: a broken trace);
     ``X_Request_Id`` or ``X_Forwarded_For`` reached a WSGI/CGI upstream as the same variable as
     keygate's ``X-Request-Id`` / ``X-Forwarded-For``."""
-    monkeypatch.setenv("KG_SIGNING", "s3cret")
+    monkeypatch.setenv("KG_SIGNING", "s3cret" * 6)
     assert problems_of(tmp_path, """
         identity_headers:
           workspace: Expect

@@ -152,3 +152,5 @@ def test_store_url_options_redis_py_reads_are_accepted(query: str) -> None:
 
 def test_header_identity_ignores_case_and_reads_underscore_as_dash() -> None:
     assert header_key("X_Workspace_Id") == header_key("x-workspace-id") == "x-workspace-id"
+    # lighttpd's CGI, FastCGI and SCGI read every punctuation character as "_"
+    assert header_key("X.Workspace.Id") == header_key("x+workspace~id") == "x-workspace-id"

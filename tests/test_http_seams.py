@@ -142,7 +142,9 @@ _NAMES = ["Host", "host", "Accept", "Authorization", "authorization", "X-Api-Key
           "X-Forwarded-Port", "Forwarded", "X-Workspace-Id", "X_Workspace_Id", "Keep-Alive",
           "TE", "Upgrade", "Content-Length", "Expect", "X-Request-Id", "traceparent",
           "tracestate", "X-Keygate-Signature", "Cookie", "X-Custom", "x-custom",
-          "X-Real-IP", "x_real_ip", "True-Client-IP", "Client-IP", "X-Forwarded"]
+          "X-Real-IP", "x_real_ip", "True-Client-IP", "Client-IP", "X-Forwarded",
+          "X.Workspace.Id", "x+forwarded+for", "X.Real.IP", "X~Keygate~Signature",
+          "X.HTTP.Method.Override", "X_HTTP_Method_Override"]
 
 
 @given(st.lists(st.tuples(st.sampled_from(_NAMES),

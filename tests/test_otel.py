@@ -183,7 +183,8 @@ async def test_keygate_serve_with_two_workers_signs_and_exports_every_request(
     doc["identity_signature"] = {"secret_env": "KG_SERVE_SIGNING"}
     doc["tracing"] = {"otlp_endpoint": str(receiver.make_url("")), "service_name": "served"}
     config.write_text(yaml.safe_dump(doc))
-    monkeypatch.setenv("KG_SERVE_SIGNING", "serve-secret")  # inherited by the serve process
+    secret = "serve-secret-" + "s" * 32
+    monkeypatch.setenv("KG_SERVE_SIGNING", secret)  # inherited by the serve process
     gw = Served(config, pport, aport, "--workers", "2")
     try:
         await gw.ready()
@@ -204,7 +205,7 @@ async def test_keygate_serve_with_two_workers_signs_and_exports_every_request(
         gw.close()
     for record in upstream.requests:
         headers = dict(record["headers"])
-        assert verify(headers, record["method"], record["raw_path"], "serve-secret")
+        assert verify(headers, record["method"], record["raw_path"], secret)
     roots = [s for s in receiver.spans if s["kind"] == 2]
     assert sorted(s["trace_id"] for s in roots) == sorted(sent)
     assert {s["resource"]["service.name"] for s in roots} == {"served"}

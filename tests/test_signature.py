@@ -212,11 +212,36 @@ def test_config_refuses_an_unset_secret(tmp_path, monkeypatch):
     text = str(err.value)
     assert "identity_signature.secret_env: environment variable KG_SIGNING is not set" in text
     assert "identity_signature.header: 'X-Workspace-Id'" in text
-    monkeypatch.setenv("KG_SIGNING", "x")
+    monkeypatch.setenv("KG_SIGNING", "x" * 32)
     path.write_text("upstreams: {api: {url: 'http://127.0.0.1:9'}}\n"
                     "routes: [{path: /x, upstream: api}]\n"
                     "identity_signature: {secret_env: KG_SIGNING}\n")
     assert load_config(path).identity_signature == IdentitySignature("KG_SIGNING")
+
+
+def test_config_refuses_a_signing_secret_too_short_to_resist_guessing(tmp_path, monkeypatch):
+    """One signed request (a sidecar's log, an upstream echoing its headers) is enough to try
+    secrets offline, as fast as HMAC-SHA256 runs: "x" or a short word is found in seconds,
+    and then anyone can sign any identity. keygate took any non-empty secret though the docs
+    ask for at least 32 random bytes. It now refuses a shorter one to sign with (the first of
+    the list; an old one still listed while rotating away from it is not keygate's to judge),
+    without ever showing it."""
+    from gateway.config import load_config
+    path = tmp_path / "c.yaml"
+    path.write_text("upstreams: {api: {url: 'http://127.0.0.1:9'}}\n"
+                    "routes: [{path: /x, upstream: api}]\n"
+                    "identity_signature: {secret_env: KG_SIGNING}\n")
+    for short in ("Zq", "s3cret-one", "Short-Secret-Of-31-Characters-X", "a" * 31 + ",b" * 40):
+        monkeypatch.setenv("KG_SIGNING", short)
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        text = str(err.value)
+        assert "identity_signature.secret_env: the signing secret in KG_SIGNING is " in text
+        assert "at least 32" in text
+        assert short.split(",")[0] not in text
+    for fine in ("k" * 32, " " + "k" * 32 + " , old", "\u00e9" * 16, "k" * 64 + ",k"):
+        monkeypatch.setenv("KG_SIGNING", fine)
+        assert load_config(path).identity_signature == IdentitySignature("KG_SIGNING")
 
 
 async def test_the_forwarder_signs_the_request_line_it_sends(upstream, aiohttp_raw_server,

@@ -6,6 +6,7 @@ import io
 import re
 from pathlib import Path
 
+import pytest
 from aiohttp import ClientSession, web
 
 from gateway.config import IdentitySignature
@@ -80,6 +81,56 @@ async def test_the_wsgi_middleware_accepts_keygate_and_refuses_a_direct_caller(
     forged = [(k, "evil" if k == "X-Workspace-Id" else v) for k, v in received["headers"]]
     assert call(forged, received["raw_path"])[0] == "401 Unauthorized"
     assert call(received["headers"], "/people/2?a=%2F")[0] == "401 Unauthorized"
+
+
+async def test_the_wsgi_middleware_runs_in_a_real_wsgi_server_behind_keygate(redis_url,
+                                                                             monkeypatch):
+    """The WSGI block as written, wrapped around an application in werkzeug's server (Flask's
+    development server: it sets ``RAW_URI``), behind a real keygate; then a caller going
+    around keygate: a replay of keygate's own headers for another path or method, or with
+    a second workspace header (the server joins repeats into one variable), is refused."""
+    import threading
+
+    pytest.importorskip("werkzeug")
+    from werkzeug.serving import make_server
+    monkeypatch.setenv("KEYGATE_SIGNING_SECRET", "doc-secret-" + "w" * 32)
+    require_keygate = load(doc_blocks()[1])["require_keygate"]
+    seen: list[dict] = []
+
+    def app(environ, start_response):
+        seen.append({k: v for k, v in environ.items() if k.startswith("HTTP_")})
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ.get("HTTP_X_WORKSPACE_ID", "public").encode()]
+    server = make_server("127.0.0.1", 0, require_keygate(app), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        config = make_config(base, identity_signature=IdentitySignature(
+            "KEYGATE_SIGNING_SECRET"))
+        async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+            await gw.workspace("acme")
+            token, _ = await gw.key("acme")
+            for path in ("/people/1", "/people/1?x=%20y&b=%2F", "/people/a%20b"):
+                async with gw.proxy.get(path, headers={"Authorization": f"Bearer {token}"}) \
+                        as r:
+                    assert (r.status, await r.text()) == (200, "acme"), path
+            async with gw.proxy.get("/health") as r:
+                assert (r.status, await r.text()) == (200, "public")
+        signed = [(k[5:].replace("_", "-"), v) for k, v in seen[0].items()]
+        async with ClientSession() as direct:
+            async with direct.get(base + "/people/1", headers=signed) as r:
+                assert r.status == 200  # a replay as sent, within max_age: documented
+            async with direct.get(base + "/people/2", headers=signed) as r:
+                assert r.status == 401
+            async with direct.delete(base + "/people/1", headers=signed) as r:
+                assert r.status == 401
+            async with direct.get(base + "/people/1",
+                                  headers=[*signed, ("X-Workspace-Id", "evil")]) as r:
+                assert r.status == 401
+    finally:
+        server.shutdown()
+        thread.join(10)
 
 
 async def test_a_direct_caller_with_a_malformed_signature_gets_401_not_500(aiohttp_server,
@@ -200,3 +251,16 @@ async def test_the_flask_target_the_verify_docstring_names_verifies(redis_url, m
     finally:
         server.shutdown()
         thread.join(10)
+
+
+def test_the_rotation_steps_say_keygate_must_be_restarted_to_sign_with_the_new_secret():
+    """A running process never sees its environment change, and ``identity_signature`` is
+    kept until a restart (``gateway.reload.RESTART_ONLY_SECTIONS``): an operator who followed
+    "give keygate new,old" with a reload kept signing with ``old``, and step 3 (drop ``old``
+    at the upstreams) then refused every request. The steps say so."""
+    from gateway.reload import RESTART_ONLY_SECTIONS
+    assert "identity_signature" in RESTART_ONLY_SECTIONS
+    steps = DOC.read_text().split("## Rotating the secret without downtime", 1)[1]
+    steps = steps.split("\n## ", 1)[0]
+    step2 = re.search(r"^2\. (.*?)(?=^3\. )", steps, re.M | re.S).group(1)
+    assert "restart" in step2 and "reload" in step2, step2

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..models import (NAME_RE, ROLE_NAME_HINT, ROLE_NAME_RE, SCOPE_RE, Plan, header_key,
                       parse_rate_limit)
+from ..signature import secrets_of
 from ..settings import (Argon2Config, FailureLimits, IdentityHeaders, IdentitySignature,
                         KeysConfig, VerifyQueueLimits)
 from .nodes import BAD, Node, child, describe_value, is_null, known, suggest
@@ -29,6 +30,9 @@ RESERVED_HEADERS = frozenset({
     "expect", "traceparent", "tracestate",
 })
 MAX_WINDOW_SECONDS = 100 * 365 * 86400  # keys.failures.window_seconds
+# Bytes of the secret keygate signs with (identity_signature): one signed request lets anyone
+# try secrets offline at HMAC speed, so a short or guessable one is as good as none
+MIN_SIGNING_SECRET = 32
 _NAME_HINT = "(a letter or digit, then letters, digits, _ . -)"
 
 
@@ -225,9 +229,15 @@ class AccessSections(SchemaReader):
             name = self.env_name(value_node, sub)
             if name is BAD:
                 return BAD
-            if not os.environ.get(name, "").replace(",", "").strip():
+            secrets = secrets_of(os.environ.get(name, ""))
+            if not secrets:
                 return self.fail(value_node, sub, f"environment variable {name} is not set (it "
                                                   "holds the signing secret)")
+            if len(secrets[0]) < MIN_SIGNING_SECRET:  # the one keygate signs with
+                return self.fail(value_node, sub, f"the signing secret in {name} is "
+                                                  f"{len(secrets[0])} bytes; at least "
+                                                  f"{MIN_SIGNING_SECRET} random bytes are needed "
+                                                  "(openssl rand -hex 32)")
             return name
 
         def header(value_node: Node, sub: str) -> Any:

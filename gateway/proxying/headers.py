@@ -13,17 +13,24 @@ Request headers, in one pass over the client's headers:
   its own auth still gets its own ``Authorization``);
 - client-sent identity headers are dropped whatever their case, however often repeated, and
   in the ``_`` spelling (``X_Workspace_Id``) that CGI/WSGI-style upstreams read as the same
-  header. All header-name comparisons here map ``_`` to ``-``;
+  header, or with any other punctuation (``X.Workspace.Id``), which lighttpd's CGI, FastCGI
+  and SCGI also hand over as ``HTTP_X_WORKSPACE_ID``. All header-name comparisons here map
+  every punctuation character (``_``, ``.``, ``+``, ...) to ``-`` (``models.header_key``);
 - ``X-Forwarded-*`` and ``Forwarded`` from the client are dropped unless the peer is in
   ``server.trusted_proxies`` (``gateway.trust``: the same decision the failure throttle
   makes); from a trusted peer they are kept and the peer is appended to ``X-Forwarded-For``
-  (its ``X-Forwarded-Proto``/``-Host`` are kept when present), except their ``_`` spellings
-  (``X_Forwarded_For``): a proxy never writes those, it passes on the client's. The other
-  headers upstreams read the client's address from (``CLIENT_ADDRESS``: ``X-Real-IP``,
-  ``True-Client-IP``, ``CF-Connecting-IP``, ...) follow the same rule, passed as sent from a
-  trusted peer: from anyone else they would be a forged address. So do ``X-Original-URL`` and
+  (its ``X-Forwarded-Proto``/``-Host`` are kept when present), except their ``_`` and other
+  punctuated spellings (``X_Forwarded_For``, ``X.Forwarded.For``): a proxy never writes
+  those, it passes on the client's. The other headers upstreams read the client's address
+  from (``CLIENT_ADDRESS``: ``X-Real-IP``, ``True-Client-IP``, ``CF-Connecting-IP``, ...)
+  follow the same rule, passed as sent from a trusted peer: from anyone else they would be a
+  forged address. So do ``X-Original-URL`` and
   ``X-Rewrite-URL`` (``PATH_OVERRIDE``), which some upstreams route by instead of the request
   line: from anyone else they would name another path than the one keygate authorised;
+- a method-override header (``X-HTTP-Method-Override``, ``X-HTTP-Method``,
+  ``X-Method-Override``) spelled with punctuation other than ``-`` and ``_``
+  (``X.HTTP.Method.Override``) is dropped: the pipeline authorises the method the ``-`` and
+  ``_`` spellings name (``gateway.overrides``), and lighttpd reads the others as the same;
 - ``Host`` is the upstream's host (like nginx's default ``proxy_set_header Host $proxy_host``):
   the client's ``Host`` goes to ``X-Forwarded-Host``;
 - ``Expect`` is not forwarded (keygate answers ``100-continue`` itself), nor
@@ -37,8 +44,8 @@ allowed to split the upstream request head.
 
 Response headers: hop-by-hop and ``Connection``-named ones are dropped, and so are keygate's
 identity headers and signature header (configured names and the default one, any case, the
-``_`` spelling too) that an upstream echoes back: those are keygate's word to the upstream,
-never the client's. The rest pass (repeats such as ``Set-Cookie`` included).
+punctuated spellings too) that an upstream echoes back: those are keygate's word to the
+upstream, never the client's. The rest pass (repeats such as ``Set-Cookie`` included).
 """
 
 from __future__ import annotations
@@ -52,8 +59,9 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from ..config import Config
 from ..cors import CorsPolicy
-from ..models import Principal, header_key
+from ..models import Principal, header_key, plain_header_name
 from ..signature import DEFAULT_HEADER as SIGNATURE_HEADER
+from ..overrides import HEADERS as OVERRIDE_HEADERS
 from ..routes import query_has_token
 from ..trust import TrustedProxies
 
@@ -103,6 +111,17 @@ CLIENT_ADDRESS = frozenset({"x-real-ip", "true-client-ip", "x-client-ip", "cf-co
 PATH_OVERRIDE = frozenset({"x-original-url", "x-rewrite-url"})
 # Passed as sent from a trusted proxy only, beside X-Forwarded-* and Forwarded (_norm names)
 _FROM_PROXIES = CLIENT_ADDRESS | PATH_OVERRIDE
+# Method-override headers (gateway.overrides) in their _norm names. The pipeline authorises a
+# request as the method their "-" and "_" spellings name; any other punctuation (lighttpd
+# hands X.HTTP.Method.Override to PHP as HTTP_X_HTTP_METHOD_OVERRIDE too) is dropped here.
+_METHOD_OVERRIDE = frozenset(h.lower() for h in OVERRIDE_HEADERS)
+_NOT_DASH_OR_UNDERSCORE = re.compile(r"[!#$%&'*+.^`|~]")
+
+
+def _unjudged_override(lname: str, name: str) -> bool:
+    """Whether header ``name`` (``lname`` its _norm) is a method override in a spelling the
+    pipeline did not judge."""
+    return lname in _METHOD_OVERRIDE and _NOT_DASH_OR_UNDERSCORE.search(name) is not None
 
 # What passed_on does with a header of a name: pass it, drop it, or look at the peer
 # (X-Forwarded-*, Forwarded, CLIENT_ADDRESS) or the value (Authorization).
@@ -221,7 +240,7 @@ class RequestHeaderRules:
 
     def _kind(self, name: str) -> object:
         lname = _norm(name)
-        if lname in self._drop:
+        if lname in self._drop or _unjudged_override(lname, name):
             kind = _DROP
         elif lname.startswith("x-forwarded-") or lname == "forwarded" or \
                 lname in _FROM_PROXIES:
@@ -250,13 +269,14 @@ class RequestHeaderRules:
         xf_proto = xf_host = None
         for name, value in headers.items():
             lname = _norm(name)
-            if lname in drop or lname in named:
+            if lname in drop or lname in named or _unjudged_override(lname, name):
                 continue
             if lname.startswith("x-forwarded-") or lname == "forwarded" or \
                     lname in _FROM_PROXIES:
-                # a trusted proxy vouches for the ones it writes: never an "_" spelling, which
-                # it passes on from the client and which gateway.trust does not read either
-                if not trusted or "_" in name:
+                # a trusted proxy vouches for the ones it writes: never an "_" (or other
+                # punctuated) spelling, which it passes on from the client and which
+                # gateway.trust does not read either
+                if not trusted or not plain_header_name(name):
                     continue
                 if lname == "x-forwarded-for":
                     xff.append(value)
@@ -340,7 +360,8 @@ _UNSEEN = object()
 
 def _response_name(raw_name: bytes, rules: RequestHeaderRules) -> str | None:
     lname = raw_name.lower()
-    dropped = lname in _HOP_BY_HOP_BYTES or lname.replace(b"_", b"-") in rules.response_drop
+    dropped = lname in _HOP_BY_HOP_BYTES or \
+        _norm(raw_name.decode("latin-1")).encode("latin-1") in rules.response_drop
     name = None if dropped else raw_name.decode("latin-1")
     if len(raw_name) <= _NAME_KEPT_MAX:
         names = rules.response_names
