@@ -13,6 +13,7 @@ address, request id or signature to the application as keygate's.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import socket
@@ -22,8 +23,8 @@ import sys
 import pytest
 
 from gateway.config import IdentitySignature, Route
-from tests.harness import eventually, gateway_under_test, make_config
-from tests.test_edge_framing import RawUpstream, exchange
+from harness import eventually, gateway_under_test, make_config
+from test_edge_framing import RawUpstream, exchange
 
 # every character RFC 9110 allows in a header name besides letters, digits and "-"
 PUNCTUATION = "!#$%&'*+.^_`|~"
@@ -78,7 +79,11 @@ async def test_no_punctuated_spelling_of_keygates_headers_reaches_the_upstream(
         assert len(values) <= 1, (name, values)
 
 
-@pytest.mark.skipif(shutil.which("lighttpd") is None, reason="lighttpd is not installed")
+LIGHTTPD = shutil.which("lighttpd") or next(
+    (p for p in ("/usr/sbin/lighttpd", "/usr/local/sbin/lighttpd") if os.path.exists(p)), None)
+
+
+@pytest.mark.skipif(LIGHTTPD is None, reason="lighttpd is not installed (.ci/run installs it)")
 async def test_a_cgi_application_behind_lighttpd_reads_keygates_identity(
         redis_url, monkeypatch, tmp_path):
     """The same, as a real lighttpd hands the headers to a real CGI script."""
@@ -95,7 +100,7 @@ async def test_a_cgi_application_behind_lighttpd_reads_keygates_identity(
                     f'server.bind = "127.0.0.1"\nserver.errorlog = "{tmp_path}/error.log"\n'
                     'server.modules += ("mod_cgi")\ncgi.assign = (".cgi" => "")\n'
                     'server.error-handler = "/env.cgi"\n')
-    proc = subprocess.Popen(["lighttpd", "-D", "-f", str(conf)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([LIGHTTPD, "-D", "-f", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
     async def listening() -> bool:
