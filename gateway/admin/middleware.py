@@ -58,6 +58,25 @@ token. The pipeline then checks the prefix, environment and checksum in force. T
 ``looksLikeKey`` (console/app.js) holds the same pattern."""
 
 
+STRONG_TOKEN_LENGTH = 32
+"""An operator token shorter than this is reported weak at start (``secrets.token_urlsafe(24)``,
+``keygate demo``'s, is 32 characters; the docs' ``token_urlsafe(32)`` is 43)."""
+STRONG_TOKEN_DISTINCT = 8
+"""Nor may it be made of fewer distinct characters (``aaaa...``, ``abab...``, ``012345...``
+repeated): a random hex token of 32 characters has fewer than 8 in under one in a million."""
+
+
+def operator_token_weakness(token: str) -> str | None:
+    """Why ``token`` (the operator token, blanks around it ignored as the check ignores them)
+    is easy to guess, or None. The reason never holds the token, nor its length."""
+    token = token.strip()
+    if len(token) < STRONG_TOKEN_LENGTH:
+        return f"shorter than {STRONG_TOKEN_LENGTH} characters"
+    if len(set(token)) < STRONG_TOKEN_DISTINCT:
+        return f"made of fewer than {STRONG_TOKEN_DISTINCT} distinct characters"
+    return None
+
+
 def loggable_target(raw_path: str, prefix: str, operator_token: str) -> str:
     """A raw admin request target fit for a log: API keys masked (``mask_target``) and so is
     the operator token, which a script may paste into the URL (``?token=...``): where it shows
