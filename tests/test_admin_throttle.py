@@ -212,3 +212,22 @@ async def test_an_operator_token_shaped_like_an_api_key_is_bounded_too(redis_url
         finally:
             await server.close()
     assert statuses == [401] * 20 + [429] and last == 429, (statuses, last)
+
+
+async def test_a_reload_that_shortens_the_window_shortens_a_refusal_under_way(
+        own_redis, upstream, monkeypatch):
+    """``keys.failures`` is reloadable. With the store down this process's own count decides,
+    and its window was kept as long as it began: after a reload to 1 s the refusal still
+    lasted the old 60 s while Retry-After said 1."""
+    config = with_failures(make_config(str(upstream.make_url(""))), per_ip=2, timeout=0.5)
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        own_redis.stop()
+        for i in range(2):
+            assert (await call(g, f"wrong-{i}"))[0] == 401
+        status, _, headers = await call(g, ADMIN_TOKEN)
+        assert status == 429 and int(headers["Retry-After"]) > 50, headers
+        g.gw.pipeline.auth.reconfigure(with_failures(config, per_ip=2, window=1, timeout=0.5))
+        status, _, headers = await call(g, ADMIN_TOKEN)
+        assert status == 429 and headers["Retry-After"] == "1", headers
+        await asyncio.sleep(1.2)
+        assert (await call(g, ADMIN_TOKEN))[:2] == (503, "store_unavailable")

@@ -68,9 +68,11 @@ class OperatorThrottle:
             stored = None  # the store is down: this process's own count decides
         now = time.monotonic()  # read after the await: failures seen meanwhile count
         window = self._windows.get(ip)
-        if window is not None and window.resets_at <= now:
-            del self._windows[ip]
-            window = None
+        if window is not None:  # a reload may have shortened the window since it began
+            window.resets_at = min(window.resets_at, now + limits.window_seconds)
+            if window.resets_at <= now:
+                del self._windows[ip]
+                window = None
         local = window.failures if window is not None else 0
         over_store = stored is not None and stored + self._writing.get(ip, 0) >= limits.per_ip
         over_local = local >= limits.per_ip
