@@ -1,13 +1,14 @@
 """Wrong operator tokens on the admin listener are bounded per client IP, as wrong API keys are.
 
 The admin listener compared the operator token and answered 401 as often as anyone asked: a
-script could guess it without limit. Failed operator-token attempts now count in the
-failed-verification throttle (``keys.failures``: ``per_ip`` per ``window_seconds``), in the
-same ``kg:fail:ip:<ip>`` counter wrong API keys count in, so one client's budget is shared by
-every worker and by both kinds of guess. Over it the answer is 429 ``too_many_failures`` with
-``Retry-After``, decided before the token is compared: the right token is refused too (else
-the 429s would tell a guesser which guess was right). With the store down the bound is kept
-in the process, and the right token still gets in.
+script could guess it without limit. Wrong operator tokens are now held to the failed-
+verification throttle's limits (``keys.failures``: ``per_ip`` per ``window_seconds``), counted
+in Redis (``kg:fail:operator:<ip>``) so that every worker shares one client's budget, apart
+from wrong API keys (which must not lock out an operator who shares their address). Over it
+the answer is 429 ``too_many_failures`` with ``Retry-After``, decided before the token is
+compared: the right token is refused too (else the 429s would tell a guesser which guess was
+right). The decision reads nothing from the store: with Redis down or stalled the operator
+still gets in, and this process's own count still bounds guesses.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from multidict import CIMultiDict
 
 from gateway.config import FailureLimits, ServerConfig, StoreConfig
 
-from harness import ADMIN_TOKEN, bearer, gateway_under_test, make_config, wrong_secret
+from harness import ADMIN_TOKEN, bearer, gateway_under_test, make_config
 
 WORKSPACES = "/admin/v1/workspaces"
 
@@ -43,10 +44,11 @@ async def without_token(g, path: str = WORKSPACES) -> tuple[int, str]:
             return r.status, (await r.json())["error"]["code"]
 
 
-def stored_failures(redis_url: str, ip: str = "127.0.0.1") -> int:
+def stored_failures(redis_url: str, ip: str = "127.0.0.1", kind: str = "operator") -> int:
+    """The shared count of wrong operator tokens (``kind="ip"``: of wrong API keys)."""
     client = redis.Redis.from_url(redis_url)
     try:
-        return int(client.get(f"kg:fail:ip:{ip}") or 0)
+        return int(client.get(f"kg:fail:{kind}:{ip}") or 0)
     finally:
         client.close()
 
@@ -87,20 +89,32 @@ async def test_requests_without_a_token_count_nothing(gut, redis_url):
     assert (await call(gut, ADMIN_TOKEN))[0] == 200
 
 
-async def test_operator_and_api_key_failures_share_one_budget(gut, redis_url):
-    """One client's wrong API keys (proxy listener) and wrong operator tokens (admin
-    listener) count in the same counter: 10 of each use up the 20."""
+async def test_wrong_api_keys_from_the_operators_address_do_not_lock_the_operator_out(
+        gut, redis_url):
+    """An integration with a stale key (or every key after a Redis restarted empty) on the
+    operator's host spends its address's budget of failed verifications: that address's API
+    calls are refused, its operator's are not, and the operator's wrong tokens have a budget
+    of their own, which does not spend the keys'."""
     await gut.workspace("acme")
     token, _ = await gut.key("acme")
-    for _ in range(10):
-        async with gut.proxy.get("/people", headers=bearer(wrong_secret(token))) as r:
+    for i in range(20):
+        async with gut.proxy.get("/people", headers=bearer(unknown_key(i))) as r:
             assert r.status == 401
-    for i in range(10):
-        assert (await call(gut, f"wrong-operator-token-{i}"))[:2] == (401, "unauthorized")
-    assert stored_failures(redis_url) == 20
-    assert (await call(gut, "wrong-operator-token-x"))[:2] == (429, "too_many_failures")
-    async with gut.proxy.get("/people", headers=bearer(wrong_secret(token))) as r:
+    async with gut.proxy.get("/people", headers=bearer(unknown_key(20))) as r:
         assert r.status == 429 and (await r.json())["error"]["code"] == "too_many_failures"
+    assert (await call(gut, ADMIN_TOKEN))[0] == 200
+    for i in range(20):
+        assert (await call(gut, f"wrong-operator-token-{i}"))[:2] == (401, "unauthorized")
+    assert (await call(gut, ADMIN_TOKEN))[:2] == (429, "too_many_failures")
+    assert stored_failures(redis_url, kind="ip") == 20 and stored_failures(redis_url) == 20
+
+
+def unknown_key(i: int) -> str:
+    """A well-formed token of a key id nobody has (the per-key limit, 10 in the test config,
+    stays out of it: each is another id)."""
+    from gateway.tokens import checksum
+    head = f"kg_live_{i:012d}" + "Z" * 32
+    return head + checksum(head)
 
 
 async def test_a_hundred_concurrent_wrong_guesses_are_compared_no_more_than_the_limit(
@@ -231,3 +245,53 @@ async def test_a_reload_that_shortens_the_window_shortens_a_refusal_under_way(
         assert status == 429 and headers["Retry-After"] == "1", headers
         await asyncio.sleep(1.2)
         assert (await call(g, ADMIN_TOKEN))[:2] == (503, "store_unavailable")
+
+
+async def test_the_right_token_is_not_held_by_a_store_that_does_not_answer(
+        tmp_path, upstream, redis_url, monkeypatch):
+    """The throttle reads nothing from the store to let a token be compared: with Redis's
+    replies held back (a stalled store), a reload, which needs no store, is answered at once,
+    not after ``store.timeout`` (2 s here): the operator can still fix the config. A wrong
+    token meanwhile is still answered 401 once its write gives up."""
+    import yaml
+
+    from gateway.config import load_config
+
+    from harness import HeldReplies
+    path = tmp_path / "keygate.yaml"
+    path.write_text(yaml.safe_dump({
+        "server": {"host": "127.0.0.1"}, "store": {"timeout": 2},
+        "keys": {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}},
+        "plans": {"starter": {"monthly_requests": 1000}}, "default_plan": "starter",
+        "upstreams": {"api": {"url": str(upstream.make_url(""))}},
+        "routes": [{"path": "/people/**", "upstream": "api", "scopes": ["people:read"]}]}))
+    async with HeldReplies(redis_url) as relay, \
+            gateway_under_test(load_config(path), relay.url, monkeypatch,
+                               config_path=str(path)) as g:
+        assert (await call(g, "wrong-before"))[0] == 401  # a failure known: not a fresh client
+        relay.hold()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        async with g.admin.post("/admin/v1/reload") as r:
+            assert r.status == 200, await r.text()
+        assert loop.time() - began < 1.0
+        assert (await call(g, "wrong-while-held"))[:2] == (401, "unauthorized")
+        relay.release()
+
+
+async def test_failures_other_workers_counted_leave_this_one_one_more_comparison(
+        gut, redis_url):
+    """The design's allowance: a process learns the shared count from its own writes, so
+    when other workers used the budget up (here written into the counter as they would), its
+    first wrong token is still compared (401) and its write answers the count: from then on,
+    the right token too, 429, for as long as the counter's window has left."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.set("kg:fail:operator:127.0.0.1", 20, ex=30)
+    finally:
+        client.close()
+    assert (await call(gut, "wrong-operator-token"))[:2] == (401, "unauthorized")
+    status, code, headers = await call(gut, ADMIN_TOKEN)
+    assert (status, code) == (429, "too_many_failures")
+    assert 25 <= int(headers["Retry-After"]) <= 30, headers  # the counter's, not a new 60 s
+    assert stored_failures(redis_url) == 21

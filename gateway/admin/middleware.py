@@ -146,7 +146,7 @@ async def identify(request: web.BaseRequest, config: Config, expected: str,
     (the address the failure throttle counts) is admitted, and a wrong one is counted: over
     ``keys.failures.per_ip`` it is 429 ``too_many_failures``, the right token too (see
     gateway/admin/throttle.py). A token shaped like an API key goes to ``authenticate_key``,
-    whose own throttle counts the same client's failures in the same counter."""
+    the proxy pipeline's steps, with its own failure throttle."""
     if len(request.headers.getall("Authorization", ())) > 1:
         raise BadRequest("Send one Authorization header; this request has more than one.",
                          headers={"WWW-Authenticate": _ADMIN_REALM + ', error="invalid_request"'})

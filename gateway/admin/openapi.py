@@ -292,9 +292,9 @@ def workspace_admin_access(paths: dict[str, Schema]) -> dict[str, Schema]:
     403 ``ip_not_allowed``, and a full verification queue is 503 ``overloaded``.
 
     429 ``too_many_failures`` (with ``Retry-After``) is answered on every authenticated route,
-    to the operator token as to a key: a client past ``keys.failures.per_ip`` failed
-    verifications (wrong keys or wrong operator tokens, counted together) is refused before
-    its token is compared, the right one too (gateway/admin/throttle.py)."""
+    to the operator token as to a key: a client past ``keys.failures.per_ip`` wrong operator
+    tokens in the window is refused before its token is compared, the right one too
+    (gateway/admin/throttle.py); a key meets the proxy pipeline's own throttle."""
     key_errors = dict([err(403, "insufficient_scope", "ip_not_allowed"),
                        err(429, "too_many_failures", headers=RETRY_AFTER)])
     busy = err(503, "store_unavailable", "overloaded", headers={"Retry-After": {
