@@ -173,7 +173,7 @@ class Authenticator:
         self._finished: dict[str, asyncio.Event] = {}  # set when one of them finishes
         # failure counter ("ip <addr>" / "key <id>") -> time.monotonic() it resets, learnt
         # refusing a request over its limit: the next refusals answer Retry-After from it
-        # instead of asking the store again (see failures_reset_in). Bounded.
+        # instead of asking the store again (see _failures_reset_in). Bounded.
         self._failure_resets: dict[str, float] = {}
         # token digest → verified key. One token can verify for a key id (the id, secret and
         # checksum are the token's body; the prefix is the config's, whose change clears
@@ -412,7 +412,7 @@ class Authenticator:
                                                                key_id if per_key else None)
             over_ip, over_key = by_ip >= limits.per_ip, bool(per_key and by_key >= per_key)
             if over_ip or over_key:
-                wait = await self.failures_reset_in(client_ip if over_ip else None,
+                wait = await self._failures_reset_in(client_ip if over_ip else None,
                                                      key_id if over_key else None)
                 raise TooManyRequests(
                     "Too many failed attempts with invalid keys; wait before trying again.",
@@ -424,7 +424,7 @@ class Authenticator:
             else:
                 await self._finished.setdefault(client_ip, asyncio.Event()).wait()
 
-    async def failures_reset_in(self, client_ip: str | None, key_id: str | None) -> int:
+    async def _failures_reset_in(self, client_ip: str | None, key_id: str | None) -> int:
         """Whole seconds (at least 1, rounded up) until the counters over their limit reset:
         each is a fixed window from its first failure (lua/add_usage.lua), not a whole
         ``window_seconds`` from now. The window itself if that cannot be read."""
