@@ -79,6 +79,7 @@ async def running_gateway(config: Config, store_url: str, *,
     ``config_path``: the file ``config`` came from, re-read on reload (SIGHUP, or
     ``POST /admin/v1/reload``)."""
     from .admin import create_admin_app, handle_self_service
+    from .admin.throttle import OperatorThrottle
     from .accesslog import AccessLog
     from .proxying.forward import Forwarder
     from .store import Store
@@ -120,7 +121,8 @@ async def running_gateway(config: Config, store_url: str, *,
             pipeline.tracer = _otel_tracer(config, pipeline.client_ip)
         admin_app = create_admin_app(config, store, requests.ready,
                                      authenticate_key=workspace_admin(pipeline),
-                                     client_address=pipeline.client_ip)
+                                     client_address=pipeline.client_ip,
+                                     throttle=OperatorThrottle(auth))
         from .observe import add_metrics_route
         add_metrics_route(admin_app, metrics, store, config)
         # Bodies are forwarded byte for byte as sent: a Content-Encoding body is never inflated

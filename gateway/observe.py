@@ -172,6 +172,13 @@ class TimedRequestStore(RequestStore):
         return self._timed("record_failure",
                            super().record_failure(ip, key_id, window_seconds))
 
+    def record_operator_failure(self, ip: str, window_seconds: int):
+        return self._timed("record_failure", super().record_operator_failure(ip, window_seconds))
+
+    def operator_failures_reset_ms(self, ip: str, window_seconds: int):
+        return self._timed("failure_resets",
+                           super().operator_failures_reset_ms(ip, window_seconds))
+
     def refund(self, slot, ttl: int, rate_member: str = ""):
         return self._timed("refund", super().refund(slot, ttl, rate_member))
 

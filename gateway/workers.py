@@ -19,6 +19,7 @@ import sys
 from typing import Any, Callable, Coroutine, TypeVar
 
 from .admin.listener import READINESS
+from .admin.middleware import operator_token_weakness
 from .app import ListenError, running_gateway, start_listeners, stop_listeners
 from .config import Config, load_config, servable_problems
 from .errors import ConfigError, StoreError
@@ -562,11 +563,20 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
     # once a handler is in place (_serve; _supervise for the supervisor).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM})
     setup_logging(config)
-    if not os.environ.get(config.admin.token_env, "").strip():
+    operator_token = os.environ.get(config.admin.token_env, "")
+    if not operator_token.strip():
         # The admin API then refuses every call (it never runs open): say so once, at start,
         # rather than leave the operator to find out from the first 401.
         log.warning("the admin API refuses every call: the environment variable %s holding "
                     "the operator token is not set (or empty)", config.admin.token_env)
+    elif weakness := operator_token_weakness(operator_token):
+        # Guesses are throttled per client IP (keys.failures), not across addresses: a short
+        # token still falls to many. Said once, here, before any worker starts; never the
+        # token. Not refused: a setup that works keeps working.
+        log.warning("the operator token in %s is weak (%s): anyone who reaches the admin "
+                    "listener may guess it; set it to a long random one, e.g. python3 -c "
+                    "'import secrets; print(secrets.token_urlsafe(32))', and restart",
+                    config.admin.token_env, weakness)
     from .store.embedded import EmbeddedError, StoppedWhileStarting, resolve_store_url
     try:
         store_url, embedded = resolve_store_url(config)

@@ -12,6 +12,7 @@ import contextlib
 import io
 import os
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -1389,3 +1390,23 @@ async def test_the_operations_guides_leaked_key_commands_end_the_key(
         status = {k["id"]: k["status"] for k in listing["items"]}
         assert status.pop(key_id) == "revoked"
         assert list(status.values()) == ["active"]      # the rotated-in replacement
+
+
+async def test_an_address_over_the_failure_limit_is_told_when_to_try_again(
+        redis_url, upstream, monkeypatch, keygate):
+    """Past 20 wrong operator tokens from one address the admin API answers that address 429
+    ``too_many_failures``, the right token too, with ``Retry-After``: the CLI printed the
+    message only, and nothing said when the right token would work again."""
+    from harness import gateway_under_test, make_config
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        monkeypatch.setenv("KEYGATE_ADMIN_URL", str(g.admin_server.make_url("")).rstrip("/"))
+        monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "an-old-operator-token")
+        for _ in range(20):
+            assert "not the operator token" in (await keygate("workspaces", "list")).err
+        monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        run = await keygate("workspaces", "list")
+    assert run.code == 1 and "(too_many_failures)" in run.err, run.err
+    found = re.search(r"try again in (\d+) seconds?", run.err)
+    assert found and 1 <= int(found.group(1)) <= 60, run.err
+    assert "not the operator token" not in run.err and ADMIN_TOKEN not in run.err

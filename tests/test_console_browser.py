@@ -1722,6 +1722,30 @@ def test_too_many_failures_says_how_long_to_wait(browser, own_redis):
         gw.stop()
 
 
+def test_an_operator_over_the_failure_limit_is_told_how_long_to_wait(browser, own_redis):
+    """Past 20 wrong operator tokens from one address the admin API refuses that address's
+    operator-token calls, the right token's too, with 429 and Retry-After: signing in then
+    says so and how long to wait, not that the token is wrong."""
+    gw = start_gateway(own_redis.url)  # its own store: the failures it counts stay there
+    try:
+        statuses = [gw.admin("GET", "/workspaces", token=f"wrong-operator-token-{i}")[0]
+                    for i in range(20)]
+        assert statuses == [401] * 20, statuses
+        browser.get(gw.admin_url + "/console/")
+        wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+        browser.get_log("browser")
+        page = Console(browser, gw)
+        page.sign_in(ADMIN_TOKEN)
+        problem = page.alert_text()
+        assert problem.startswith("Too many failed attempts"), problem
+        found = re.search(r"Try again in (\d+) seconds?\.", problem)
+        assert found and 1 <= int(found.group(1)) <= 60, problem
+        page.allowed_errors.append("429")
+        page.assert_no_console_errors()
+    finally:
+        gw.stop()
+
+
 def test_a_workspace_admin_whose_workspace_cannot_be_opened_is_back_at_sign_in(page, gateway):
     """Signing in as a workspace admin is the listing and then the workspace (its keys, its
     usage). When the second step failed (a store blip, a proxy timeout in front of the admin

@@ -115,6 +115,7 @@ async def test_demo_banner_curls_work_and_ctrl_c_stops_everything():
         err = Path(cwd, "stderr.txt").read_text(errors="replace")
         assert "Traceback" not in err
         assert ro not in err and rw not in err  # the access log names key ids, not tokens
+        assert "weak" not in err  # the operator token the demo makes is a strong one
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -384,6 +384,35 @@ async def test_a_body_over_the_limit_on_a_get_or_delete_is_in_the_document(
     assert not undescribed, undescribed
 
 
+async def test_an_operator_over_the_failure_limit_is_answered_as_the_document_says(
+        redis_url, upstream, monkeypatch):
+    """Wrong operator tokens past ``keys.failures.per_ip`` make every operator-token call of
+    that client 429 ``too_many_failures`` with ``Retry-After``, on every authenticated admin
+    route (the reload one too): each such answer, its header included, is in the document."""
+    doc = document()
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        for i in range(20):
+            async with g.admin.get("/admin/v1/workspaces",
+                                   headers={"Authorization": f"Bearer wrong-{i}"}) as r:
+                assert r.status == 401
+        served = []
+        for method, path in (("GET", "/admin/v1/workspaces"), ("POST", "/admin/v1/reload"),
+                             ("PUT", "/admin/v1/workspaces/{ws}/roles/{name}")):
+            url = path.replace("{ws}", "acme").replace("{name}", "reader")
+            async with g.admin.request(method, url) as r:  # the right token
+                served.append((method, path, (r.status, (await r.json())["error"]["code"]),
+                               r.headers.get("Retry-After", "")))
+    assert [s for _, _, s, _ in served] == [(429, "too_many_failures")] * 3, served
+    undescribed = [(m, p, s) for m, p, s, _ in served
+                   if s[1] not in documented_codes(doc, m, p, s[0])]
+    assert not undescribed, undescribed
+    for method, path, _, retry_after in served:
+        header = doc["paths"][path][method.lower()]["responses"]["429"]["headers"]["Retry-After"]
+        assert header.get("required", True) and \
+            re.fullmatch(header["schema"]["pattern"], retry_after), (path, header, retry_after)
+
+
 @pytest.mark.parametrize("name", ["reader", "read-only", "Read.Only", "r_1", "9", "_x", ".x", "-x",
                                   "a b", "a" * 63, "a" * 64, ""])
 def test_the_documented_role_name_is_the_one_the_api_takes(name):

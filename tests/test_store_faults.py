@@ -177,10 +177,11 @@ async def serve_on_store(tmp_path, url: str) -> tuple[int, str, list[str]]:
                    f"server: {{port: {free_port()}}}\nadmin: {{port: {free_port()}}}\n"
                    "upstreams: {api: {url: 'http://127.0.0.1:9'}}\n"
                    "routes: [{path: '/x', upstream: api}]\n")
+    # a token that is not weak ("x" * 32 is): the start-up error is then the only line
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "serve", "--config", str(cfg),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "KEYGATE_ADMIN_TOKEN": "x" * 32})
+        env={**os.environ, "KEYGATE_ADMIN_TOKEN": "x" * 24 + "0123456789"})
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode, out.decode(), err.decode().strip().splitlines()
 

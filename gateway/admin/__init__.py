@@ -11,6 +11,7 @@ rules: it is the one API the console uses for both kinds of people. Where things
     validate.py      body and field parsers; every refusal names the field
     listing.py       a key listing's filters, order and cursors
     middleware.py    authentication, confinement to a workspace, error bodies, request ids
+    throttle.py      wrong operator tokens, bounded per client IP (the failure throttle)
     listener.py      the admin listener's app: the table, probes, the OpenAPI document
     console.py       the console's static files (console/) and their headers
     openapi.py       the OpenAPI document (its schemas in openapi_schemas.py)

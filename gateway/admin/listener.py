@@ -17,6 +17,7 @@ from .console import add_console_routes
 from .keyops import OPERATOR_ACTOR
 from .middleware import ACTOR, MAX_BODY, OPENAPI_PATH, KeyAuthenticator, error_middleware
 from .openapi import document_bytes
+from .throttle import OperatorThrottle
 
 log = logging.getLogger("keygate.admin")
 
@@ -62,14 +63,16 @@ READINESS = web.AppKey("readiness", Readiness)
 def create_admin_app(config: Config, store: Store,
                      per_request_ready: Callable[[], Awaitable[None]] | None = None,
                      authenticate_key: KeyAuthenticator | None = None,
-                     client_address: Callable[[web.BaseRequest], str] | None = None
-                     ) -> web.Application:
+                     client_address: Callable[[web.BaseRequest], str] | None = None,
+                     throttle: OperatorThrottle | None = None) -> web.Application:
     """The admin listener's app: ``/admin/v1/...`` (operator token; with ``authenticate_key``
     also workspace admin keys), ``/healthz``, ``/readyz``, and the console at ``/console/``.
     ``client_address``: the caller's address for the log line (the proxy pipeline's, through
-    ``server.trusted_proxies``); the connection's peer without it."""
+    ``server.trusted_proxies``); the connection's peer without it. ``throttle``: wrong operator
+    tokens from one client are bounded (gateway/admin/throttle.py); unbounded without it."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware(
-        config, authenticate_key=authenticate_key, client_address=client_address)])
+        config, authenticate_key=authenticate_key, client_address=client_address,
+        throttle=throttle)])
     app[STORE] = store
     app[READINESS] = Readiness(store, per_request_ready)
     r = app.router

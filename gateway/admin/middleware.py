@@ -30,6 +30,7 @@ from ..store import WORKSPACE_ID_RE
 from ..tokens import adoptable_request_id
 from .api import QUERY_PARAMS, WORKSPACE_ADMIN_ROUTES
 from .keyops import OPERATOR_ACTOR, Actor
+from .throttle import OperatorThrottle
 from .validate import check_query
 
 log = logging.getLogger("keygate.admin")
@@ -55,6 +56,25 @@ _TOKEN_SHAPE = re.compile(r"[a-z0-9]{1,10}_[A-Za-z0-9]{1,32}_[A-Za-z0-9]{50}")
 """Shaped like an API key (``<prefix>_<env>_<50 base62>``): checked as one, not as the operator
 token. The pipeline then checks the prefix, environment and checksum in force. The console's
 ``looksLikeKey`` (console/app.js) holds the same pattern."""
+
+
+STRONG_TOKEN_LENGTH = 32
+"""An operator token shorter than this is reported weak at start (``secrets.token_urlsafe(24)``,
+``keygate demo``'s, is 32 characters; the docs' ``token_urlsafe(32)`` is 43)."""
+STRONG_TOKEN_DISTINCT = 8
+"""Nor may it be made of fewer distinct characters (``aaaa...``, ``abab...``, ``012345...``
+repeated): a random hex token of 32 characters has fewer than 8 in under one in a million."""
+
+
+def operator_token_weakness(token: str) -> str | None:
+    """Why ``token`` (the operator token, blanks around it ignored as the check ignores them)
+    is easy to guess, or None. The reason never holds the token, nor its length."""
+    token = token.strip()
+    if len(token) < STRONG_TOKEN_LENGTH:
+        return f"shorter than {STRONG_TOKEN_LENGTH} characters"
+    if len(set(token)) < STRONG_TOKEN_DISTINCT:
+        return f"made of fewer than {STRONG_TOKEN_DISTINCT} distinct characters"
+    return None
 
 
 def loggable_target(raw_path: str, prefix: str, operator_token: str) -> str:
@@ -116,27 +136,52 @@ def check_operator(request: web.BaseRequest, config: Config, expected: str) -> N
 
 
 async def identify(request: web.BaseRequest, config: Config, expected: str,
-                   authenticate_key: KeyAuthenticator | None) -> Actor:
+                   authenticate_key: KeyAuthenticator | None,
+                   throttle: OperatorThrottle | None = None, client: str = "") -> Actor:
     """The operator, or a workspace admin key; 401 ``unauthorized`` for anything else, 400
     ``bad_request`` for more than one ``Authorization`` (which one counts is not for keygate
-    to guess: a proxy in front may judge another, as the proxy listener's ``ambiguous_key``)."""
+    to guess: a proxy in front may judge another, as the proxy listener's ``ambiguous_key``).
+
+    With ``throttle``, a token that may be the operator's is compared only once ``client``
+    (the address the failure throttle counts) is admitted, and a wrong one is counted: over
+    ``keys.failures.per_ip`` it is 429 ``too_many_failures``, the right token too (see
+    gateway/admin/throttle.py). A token shaped like an API key goes to ``authenticate_key``,
+    the proxy pipeline's steps, with its own failure throttle."""
     if len(request.headers.getall("Authorization", ())) > 1:
         raise BadRequest("Send one Authorization header; this request has more than one.",
                          headers={"WWW-Authenticate": _ADMIN_REALM + ', error="invalid_request"'})
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    given = given.strip()
-    is_operator = bool(expected.strip()) and hmac.compare_digest(
-        given.encode("utf-8", "surrogateescape"),
-        expected.strip().encode("utf-8", "surrogateescape"))
-    if authenticate_key is not None and not is_operator and scheme.lower() == "bearer" \
-            and _TOKEN_SHAPE.fullmatch(given):  # any prefix: a reload may change it
-        try:
-            return await authenticate_key(given, request)
-        except Unauthorized as exc:  # malformed/invalid/expired/revoked: the admin API's code
-            raise Unauthorized(exc.message, headers={
-                "WWW-Authenticate": _ADMIN_REALM + ', error="invalid_token"'}) from None
-    check_operator(request, config, expected)
-    return OPERATOR_ACTOR
+    given, operator_token = given.strip(), expected.strip()
+    bearer = scheme.lower() == "bearer"
+    key_shaped = authenticate_key is not None and bearer and _TOKEN_SHAPE.fullmatch(given)
+    # a key of any prefix (a reload may change it), that cannot be the operator token
+    if key_shaped and not _TOKEN_SHAPE.fullmatch(operator_token):
+        return await _as_key(authenticate_key, given, request)
+    if not operator_token or not bearer or not given:
+        check_operator(request, config, expected)  # 401, and no guess to count
+    if throttle is not None:
+        await throttle.admit(client)  # before the comparison: 429 whatever the token
+    if hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
+                           operator_token.encode("utf-8", "surrogateescape")):
+        return OPERATOR_ACTOR
+    if key_shaped:  # an operator token shaped like a key (the admission above was for it);
+        # a malformed guess is one the key path does not count: counted here
+        return await _as_key(authenticate_key, given, request, throttle, client)
+    if throttle is not None:
+        await throttle.failed(client)
+    raise Unauthorized("The operator token is not valid.",
+                       headers={"WWW-Authenticate": _ADMIN_REALM + ', error="invalid_token"'})
+
+
+async def _as_key(authenticate_key: KeyAuthenticator, token: str, request: web.BaseRequest,
+                  count_malformed: OperatorThrottle | None = None, client: str = "") -> Actor:
+    try:
+        return await authenticate_key(token, request)
+    except Unauthorized as exc:  # malformed/invalid/expired/revoked: the admin API's code
+        if count_malformed is not None and exc.code == "malformed_key":
+            await count_malformed.failed(client)
+        raise Unauthorized(exc.message, headers={
+            "WWW-Authenticate": _ADMIN_REALM + ', error="invalid_token"'}) from None
 
 
 def confine(request: web.Request, actor: Actor) -> None:
@@ -196,11 +241,12 @@ async def read_whole_body(request: web.BaseRequest, within: float) -> bytes:
 
 def error_middleware(config: Config, *, authenticate: bool = True,
                      authenticate_key: KeyAuthenticator | None = None,
-                     client_address: Callable[[web.BaseRequest], str] | None = None
-                     ) -> Callable:
+                     client_address: Callable[[web.BaseRequest], str] | None = None,
+                     throttle: OperatorThrottle | None = None) -> Callable:
     """Errors → SPEC's JSON body; anything unexpected → a generic 500 (logged, never shown);
     ``X-Request-Id`` on every response; auth for everything under ``/admin/``: the operator
-    token, or (with ``authenticate_key``) a workspace admin key, confined by :func:`confine`.
+    token, or (with ``authenticate_key``) a workspace admin key, confined by :func:`confine`;
+    with ``throttle``, wrong operator tokens are bounded per client (``client_address``).
 
     The operator token is read from the environment here, once: changing the variable takes a
     restart (as with every other setting)."""
@@ -226,7 +272,9 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                                    "'Expect: 100-continue'.", code="bad_request", status=417)
             if authenticate and request.path.startswith("/admin/") \
                     and request.path not in UNAUTHENTICATED:
-                caller = await identify(request, config, expected, authenticate_key)
+                client = client_address(request) if client_address else request.remote
+                caller = await identify(request, config, expected, authenticate_key,
+                                        throttle, client or "unknown")
                 confine(request, caller)
                 request[ACTOR] = caller
                 actor = caller.key_id  # "operator" or the acting key's id, for the log

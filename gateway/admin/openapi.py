@@ -289,7 +289,12 @@ def workspace_admin_access(paths: dict[str, Schema]) -> dict[str, Schema]:
     workspace (another reads as 404 ``not_found``) and to the key's own scopes (wider: 403);
     every other authenticated admin route answers such a key 403 ``insufficient_scope``. The
     key is checked by the proxy pipeline's own steps: from outside its ``allowed_ips`` it is
-    403 ``ip_not_allowed``, and a full verification queue is 503 ``overloaded``."""
+    403 ``ip_not_allowed``, and a full verification queue is 503 ``overloaded``.
+
+    429 ``too_many_failures`` (with ``Retry-After``) is answered on every authenticated route,
+    to the operator token as to a key: a client past ``keys.failures.per_ip`` wrong operator
+    tokens in the window is refused before its token is compared, the right one too
+    (gateway/admin/throttle.py); a key meets the proxy pipeline's own throttle."""
     key_errors = dict([err(403, "insufficient_scope", "ip_not_allowed"),
                        err(429, "too_many_failures", headers=RETRY_AFTER)])
     busy = err(503, "store_unavailable", "overloaded", headers={"Retry-After": {

@@ -16,6 +16,7 @@ per noun: :mod:`.server` (serve, demo, config check, reload), :mod:`.workspaces`
 
 from __future__ import annotations
 
+import re
 import sys
 
 from .client import AdminClient, ApiError, CliError, UsageError
@@ -65,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         elif exc.status == 503 and exc.code == "store_unavailable":
             print(_store_hint(getattr(client, "last_method", "GET"), exc.message),
                   file=sys.stderr)
+        elif exc.status == 429 and exc.code == "too_many_failures":
+            # every operator-token call from this address is refused for the window, the
+            # right token's too: say when it works again
+            wait = exc.retry_after if re.fullmatch(r"[0-9]{1,9}", exc.retry_after) else ""
+            print("keygate: the gateway refuses calls from this address after too many wrong "
+                  "tokens (an old token in a script?); try again in "
+                  + (f"{wait} second{'' if wait == '1' else 's'}" if wait else "a minute")
+                  + ", with the operator token", file=sys.stderr)
         elif exc.code == "no_route":  # answered by a proxy listener only, never the admin API
             print(f"keygate: {url} is a keygate proxy listener; the admin API is on the admin "
                   "listener (admin.port, default 8081): pass --admin-url or set "

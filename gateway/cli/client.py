@@ -43,6 +43,7 @@ class ApiError(CliError):
         super().__init__(f"{message} ({code})")
         self.status, self.code, self.message, self.body = status, code, message, body
         self.invalid_token = False   # 401 for a token sent that is not the one expected
+        self.retry_after = ""        # a refusal's Retry-After, as sent
 
 
 class _CertificateRefused(Exception):
@@ -156,6 +157,7 @@ class AdminClient:
             error = self._api_error(exc.code, exc.read())
             error.invalid_token = 'error="invalid_token"' in exc.headers.get(
                 "WWW-Authenticate", "")
+            error.retry_after = exc.headers.get("Retry-After", "").strip()
             raise error from None
         except (TimeoutError, socket.timeout):
             raise CliError(f"the admin API at {self.base_url} did not answer within "

@@ -75,6 +75,8 @@ per-request script and every admin script touch a single slot.
                                           /_keygate/ endpoints (OWN_CALLS_RATE)
     kg:fail:ip:<ip>               STRING  failed verifications in the window (TTL)
     kg:fail:key:<id>              STRING  failed verifications in the window (TTL)
+    kg:fail:operator:<ip>         STRING  wrong operator tokens on the admin listener in the
+                                          window (TTL)
     kg:ready                      STRING  "1", written by each readiness check of the
                                           per-request connection (TTL: 1 s)
 
@@ -164,3 +166,7 @@ def fail_ip_key(ip: str) -> str:
 
 def fail_key_key(key_id: str) -> str:
     return f"kg:fail:key:{key_id}"
+
+
+def fail_operator_key(ip: str) -> str:
+    return f"kg:fail:operator:{ip}"

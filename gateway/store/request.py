@@ -18,7 +18,8 @@ from typing import Any, Callable, NamedTuple
 from ..errors import StoreError, describe
 from ..usage import utc_day
 from .clients import ScriptClient, connect
-from .keyspace import (daily_key, fail_ip_key, fail_key_key, key_daily_key, key_index_key,
+from .keyspace import (daily_key, fail_ip_key, fail_key_key, fail_operator_key,
+                       key_daily_key, key_index_key,
                        key_key, key_usage_key, once_key, own_calls_rate_key, rate_key, ready_key, usage_key,
                        write_key, ws_key, ws_roles_key)
 from .scripts import Script, load
@@ -440,6 +441,30 @@ class RequestStore:
             else:
                 await self._resp.run_each_slot(ADD_USAGE, counters, (1,),
                                                (window_seconds,) * len(counters))
+        except Exception as exc:
+            raise StoreError(f"store call failed: {describe(exc)}") from exc
+
+    async def record_operator_failure(self, ip: str, window_seconds: int) -> int:
+        """Count one wrong operator token from ``ip`` (the admin listener's throttle, its own
+        counter: wrong API keys from an address must not lock its operator out); answers the
+        count in its window, this one included. Lives ``window_seconds`` from the first."""
+        counter = fail_operator_key(ip)
+        try:
+            if self._resends and "{" not in counter and "}" not in counter:
+                self._once_seq += 1  # a copy sent again after its connection died adds nothing
+                marker = once_key(counter, f"{self._once_tag}:{self._once_seq}")
+                return int(await self._resp.run(ADD_USAGE, (counter, marker),
+                                                (1, window_seconds, self._once_ttl, "once")))
+            return int(await self._resp.run(ADD_USAGE, (counter,), (1, window_seconds)))
+        except Exception as exc:
+            raise StoreError(f"store call failed: {describe(exc)}") from exc
+
+    async def operator_failures_reset_ms(self, ip: str, window_seconds: int) -> int:
+        """Milliseconds until ``ip``'s count of wrong operator tokens resets (-2: gone), as
+        :meth:`failure_resets_ms` reads the others'."""
+        try:
+            return int(await self._resp.run(FAILURE_RESET, (fail_operator_key(ip),),
+                                            (window_seconds * 1000,)))
         except Exception as exc:
             raise StoreError(f"store call failed: {describe(exc)}") from exc
 

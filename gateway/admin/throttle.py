@@ -1,0 +1,177 @@
+"""Wrong operator tokens, bounded per client IP with the failed-verification throttle's limits.
+
+A wrong operator token is a failed verification like a wrong API key, held to the same limits
+(``keys.failures.per_ip`` per ``window_seconds``) and counted in Redis so that every worker
+shares one client's budget: ``kg:fail:operator:<ip>``, its own counter beside the key path's
+``kg:fail:ip:<ip>``. Not the key path's counter: wrong API keys from an address (an
+integration left with a stale key, every key after a Redis restarted empty) would then lock
+out the operator who shares it (the CLI on the gateway's host, an office NAT), at the very
+moment the admin API is needed to fix them. A guesser thus gets ``per_ip`` tries at keys and
+``per_ip`` at the operator token per window, each bounded.
+
+Over the limit, every operator-token attempt from that client is 429 ``too_many_failures``
+with ``Retry-After``, *the right token too*: the refusal is decided before the token is
+compared, else a guesser over the limit would still learn which guess was right (a 200 among
+429s) and the bound would bound nothing.
+
+The decision reads nothing from the store: the admin API must let the operator in while Redis
+is down or stalled (``/admin/v1/reload`` to fix a store URL; reading the count before each
+comparison held every operator call, a reload included, for ``store.timeout`` when Redis
+stalled). It is made from what this process knows of the client:
+
+- the wrong tokens it saw itself in the window, counted the moment each is seen;
+- the shared count, as the write of its own last wrong token answered it (every other
+  worker's before it included).
+
+A client's next attempt waits while one of its wrong tokens is still being written, so each
+comparison is decided on the count the previous one left: concurrent guesses are compared one
+after another, ``per_ip`` of them per window in one process. What the design allows past the
+shared limit: a worker that has not written a failure of the client since the limit was
+reached by the others compares one more guess, whose write answers the count; so at most one
+per worker and window. With the store down, the process's own count alone bounds (``per_ip``
+per process and window).
+
+What it costs: nothing for the right token (no store call), one write per wrong token, and for
+a refusal the counter's reset instant, read once per client and window. Nothing on the proxy
+listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ..errors import StoreError, TooManyRequests
+from ..trust import throttle_client
+
+if TYPE_CHECKING:
+    from ..auth import Authenticator
+
+log = logging.getLogger("keygate.admin")
+
+CLIENTS_KEPT = 4096
+"""Clients this process remembers (their failures, the shared count, their last warning);
+past it, those whose window ended go first, then the oldest."""
+
+
+class _Client:
+    """What this process knows of one client (its throttle address) in the current window."""
+
+    __slots__ = ("failures", "resets_at", "shared", "shared_until", "reset_read", "writing")
+
+    def __init__(self) -> None:
+        self.failures, self.resets_at = 0, 0.0   # its own count, and when its window ends
+        self.shared, self.shared_until = 0, 0.0  # the store's count, and until when it holds
+        self.reset_read = False  # shared_until is the counter's own reset (read), not a bound
+        self.writing: asyncio.Future | None = None  # a wrong token of it being written
+
+
+class OperatorThrottle:
+    """Admits a client to an operator-token comparison (:meth:`admit`) and counts a wrong
+    token (:meth:`failed`). Limits are read from ``auth.config`` each time, so a reload of
+    ``keys.failures`` applies to the next attempt."""
+
+    def __init__(self, auth: "Authenticator") -> None:
+        self.auth = auth
+        self._clients: dict[str, _Client] = {}
+        self._warned: dict[str, float] = {}  # client -> until when its refusal was logged
+
+    async def admit(self, client: str) -> None:
+        """Nothing when ``client`` may try a token; else 429 ``too_many_failures``."""
+        ip = throttle_client(client)
+        while True:
+            known = self._clients.get(ip)
+            if known is None:
+                return
+            limits = self.auth.config.keys.failures
+            now = time.monotonic()
+            # a reload may have shortened the window since either began
+            known.resets_at = min(known.resets_at, now + limits.window_seconds)
+            known.shared_until = min(known.shared_until, now + limits.window_seconds)
+            own = known.failures if now < known.resets_at else 0
+            shared = known.shared if now < known.shared_until else 0
+            if own >= limits.per_ip or shared >= limits.per_ip:
+                await self._refuse(client, ip, known, own >= limits.per_ip,
+                                   shared >= limits.per_ip)
+            if known.writing is None:
+                return
+            # its last wrong token is being written: decide on the count that write answers
+            await asyncio.shield(known.writing)
+
+    async def failed(self, client: str) -> None:
+        """Count one wrong token from ``client``: here at once, then in the store, whose
+        answer is the shared count (a store that cannot take it leaves it counted here)."""
+        ip = throttle_client(client)
+        limits = self.auth.config.keys.failures
+        now = time.monotonic()
+        known = self._clients.get(ip)
+        if known is None:
+            self._keep_room(self._clients)
+            known = self._clients[ip] = _Client()
+        if known.resets_at <= now:
+            known.failures, known.resets_at = 0, now + limits.window_seconds
+        known.failures += 1
+        written = known.writing = asyncio.get_running_loop().create_future()
+        try:
+            shared = await self.auth.requests.record_operator_failure(ip, limits.window_seconds)
+        except StoreError:
+            pass  # counted here; the store's count misses it, as the key path's would
+        else:  # the counter's window ends at most a whole window from now (read if refused)
+            if shared < known.shared or time.monotonic() >= known.shared_until:
+                known.reset_read = False  # a new window of the counter's
+            known.shared = shared
+            if not known.reset_read:
+                known.shared_until = time.monotonic() + limits.window_seconds
+        finally:
+            if known.writing is written:
+                known.writing = None
+            written.set_result(None)
+
+    async def _refuse(self, client: str, ip: str, known: _Client, over_own: bool,
+                      over_shared: bool) -> None:
+        limits = self.auth.config.keys.failures
+        now = time.monotonic()
+        wait = 1
+        if over_own:
+            wait = max(wait, -int(-(known.resets_at - now) // 1))
+        if over_shared:  # when the store's counter resets: read once per window and client
+            if not known.reset_read:
+                try:
+                    ms = await self.auth.requests.operator_failures_reset_ms(
+                        ip, limits.window_seconds)
+                except StoreError:
+                    ms = None  # the window from the last write's answer, as it stands
+                if ms is not None:
+                    known.reset_read = True
+                    at = time.monotonic() + (limits.window_seconds if ms == -1 else
+                                             max(ms, 0) / 1000)
+                    known.shared_until = min(known.shared_until, at)
+            wait = max(wait, -int(-(known.shared_until - now) // 1))
+        wait = min(wait, limits.window_seconds)
+        if self._warned.get(ip, 0.0) <= now:
+            self._keep_room(self._warned)
+            self._warned[ip] = now + wait
+            log.warning("admin: refusing operator-token attempts from %s for %d s: %d failed "
+                        "authentications within keys.failures.window_seconds (%d s)",
+                        client, wait, limits.per_ip, limits.window_seconds)
+        raise TooManyRequests("Too many failed attempts with a wrong token from this address; "
+                              "wait before trying again.", code="too_many_failures",
+                              headers={"Retry-After": str(wait)})
+
+    @staticmethod
+    def _keep_room(remembered: dict) -> None:
+        """Room for one more client: those whose window ended go first, then the oldest."""
+        if len(remembered) < CLIENTS_KEPT:
+            return
+        now = time.monotonic()
+
+        def ended(value) -> bool:
+            if isinstance(value, _Client):
+                return value.writing is None and max(value.resets_at, value.shared_until) <= now
+            return value <= now
+        for ip in [ip for ip, value in remembered.items() if ended(value)]:
+            del remembered[ip]
+        while len(remembered) >= CLIENTS_KEPT:
+            del remembered[next(iter(remembered))]
