@@ -1,0 +1,194 @@
+"""``/metrics`` and the usage numbers as an attacker and a busy operator see them: callers
+choose paths, methods, hosts, tokens and bytes, but never the series ``/metrics`` serves; the
+exposition stays valid whatever they send; the counters agree exactly with what hundreds of
+concurrent clients saw; scrapes, however many, do not stall the proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from harness import bearer, gateway_under_test, make_config
+
+
+def series(text: str) -> set[tuple[str, tuple]]:
+    return {(s.name, tuple(sorted(s.labels.items())))
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+async def scrape_text(g) -> str:
+    async with g.admin.get("/metrics") as r:
+        assert r.status == 200
+        return await r.text()
+
+
+def forged(env: str, key_id: str, i: int) -> str:
+    from gateway.tokens import checksum
+    head = f"kg_{env}_{key_id}{i:032d}"
+    return head + checksum(head)
+
+
+async def raw_exchange(g, head: bytes) -> bytes:
+    reader, writer = await g.raw_connection()
+    try:
+        writer.write(head)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(65536), 5)
+    except (ConnectionError, asyncio.TimeoutError):
+        return b""
+    finally:
+        writer.close()
+
+
+# methods the HTTP parser takes that RFC 9110 does not define (one it does not know is
+# answered 400 by the parser, before keygate sees it: the raw request below)
+ODD_METHODS = ["PROPFIND", "MKCOL", "LOCK", "UNLOCK", "COPY", "MOVE", "REPORT", "SEARCH",
+               "PURGE", "PROPPATCH", "MKACTIVITY", "CHECKOUT", "MERGE", "NOTIFY", "SUBSCRIBE",
+               "UNSUBSCRIBE", "LINK", "UNLINK", "BIND", "REBIND", "UNBIND", "ACL", "SOURCE"]
+HOSTILE = [b'/people/"}\\x\nevil 1', b"/people/\xff\xfe\x80", b'/"quote', b"/back\\slash",
+           b"/people/%22%7D%5C%0A", b"/people/%ff", b"/" + b"a" * 3000]
+
+
+async def hostile_traffic(g, token: str, n: int) -> None:
+    """``n`` rounds of requests whose every caller-chosen part is new: path, method, Host,
+    token (malformed, forged with a good checksum, a real one with junk after it), request id,
+    and raw bytes that are not UTF-8 or carry quotes, backslashes and line ends."""
+    for i in range(n):
+        junk = os.urandom(4).hex()
+        for method, path, headers in (
+                ("GET", f"/people/{junk}", bearer(token)),
+                ("GET", f"/{junk}/x", {}),
+                (ODD_METHODS[i % len(ODD_METHODS)], f"/people/{junk}", bearer(token)),
+                ("get", "/people/1", bearer(token)),
+                ("GET", "/people/1", {"Authorization": f"Bearer kg_live_{junk}"}),
+                ("GET", "/people/1", bearer(forged("live", f"{i:012d}", i))),
+                ("GET", "/people/1", {"X-Api-Key": junk, "Host": f'h{junk}"\\',
+                                      "X-Request-Id": junk})):
+            async with g.proxy.request(method, path, headers=headers) as r:
+                await r.read()
+        raw = HOSTILE[i % len(HOSTILE)]
+        await raw_exchange(g, b"GET " + raw.replace(b"\n", b"") + b" HTTP/1.1\r\nHost: "
+                           + b'"\\\xff' + junk.encode() + b"\r\nAuthorization: Bearer "
+                           + token.encode() + b"\r\nConnection: close\r\n\r\n")
+        await raw_exchange(g, b"X" + junk.encode() + b" /people/1 HTTP/1.1\r\nHost: x\r\n"
+                           b"Connection: close\r\n\r\n")
+
+
+async def test_callers_create_no_series_whatever_they_send(redis_url, upstream, monkeypatch):
+    """Every label value comes from the config (route globs, upstream names), a fixed set
+    (RFC 9110 methods or ``OTHER``, status classes, error codes) or the store (workspaces):
+    2000 requests with fresh paths, methods, hosts and tokens add no series after the first
+    round of each kind, and no label holds anything a caller sent."""
+    base = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(base, server=dataclasses.replace(
+        base.server, metrics_workspace_labels=True))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        await hostile_traffic(g, token, 25)     # every kind of answer (the throttle past 20)
+        before = series(await scrape_text(g))
+        await hostile_traffic(g, token, 250)    # 2000 proxy requests, 500 raw ones
+        text = await scrape_text(g)
+        after = series(text)
+        grown = after - before
+        assert not grown, sorted(grown)[:20]
+        values = {v for _, labels in after for _, v in labels}
+        assert all(len(v) < 64 for v in values), [v for v in values if len(v) >= 64]
+        assert not values & set(ODD_METHODS)
+        assert not any(v.startswith("kg_") for v in values)
+        assert g.counter("keygate_requests_total", route="(none)", method="OTHER",
+                         status_class="4xx", workspace="") == 275
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+async def test_promtool_accepts_the_exposition_after_hostile_traffic(redis_url, upstream,
+                                                                     monkeypatch):
+    base = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(base, server=dataclasses.replace(
+        base.server, metrics_workspace_labels=True))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        await hostile_traffic(g, token, 14)
+        text = await scrape_text(g)
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
+                            capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert series(text)  # and prometheus-client's parser reads it
+
+
+# --- agreement under concurrency --------------------------------------------------------------
+
+async def test_every_count_agrees_with_what_300_concurrent_clients_saw(redis_url, upstream,
+                                                                       monkeypatch, capfd):
+    """300 requests at once: allowed, over the quota (429, counted nowhere), out of scope
+    (403), with a wrong secret or none (401, then the failure throttle's 429). The request
+    counters, failure reasons, latency counts, the workspace's and the key's usage, the month
+    gauge, the access-log lines and the upstream's own count each say exactly what the clients
+    saw."""
+    from collections import Counter
+    from aiohttp import ClientSession, TCPConnector
+    from harness import wrong_secret
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        status, _ = await g.admin_json("PATCH", "/workspaces/acme",
+                                       {"limits": {"monthly_requests": 120}})
+        assert status == 200
+        token, key = await g.key()
+        async with g.proxy.get("/people/0", headers=bearer(token)) as r:  # cached from here
+            assert r.status == 200
+        g.logs(capfd)  # the warm-up line out of the way
+        plan = ([("GET", f"/people/{i}", bearer(token)) for i in range(200)]
+                + [("POST", "/people", bearer(token))] * 40
+                + [("GET", "/people/1", bearer(wrong_secret(token)))] * 30
+                + [("GET", "/people/1", {})] * 30)
+        async with ClientSession(str(g.proxy_server.make_url("")),
+                                 connector=TCPConnector(limit=0)) as s:
+            async def one(method, path, headers):
+                async with s.request(method, path, headers=headers) as r:
+                    body = await r.read()
+                    code = json.loads(body)["error"]["code"] if r.status >= 400 else None
+                    return r.status, code
+            seen = await asyncio.gather(*(one(*p) for p in plan))
+        by_status = Counter(s for s, _ in seen)
+        by_code = Counter(c for _, c in seen if c)
+        assert by_status[200] == 119 and by_code["quota_exceeded"] == 81, by_code
+        assert by_code["insufficient_scope"] == 40 and by_code["missing_key"] == 30
+        assert by_code["invalid_key"] + by_code["too_many_failures"] == 30
+        text = await scrape_text(g)
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+
+        def value(name, **labels):
+            return samples.get((name, tuple(sorted(labels.items()))), 0)
+        for cls in ("2xx", "4xx", "5xx"):
+            want = sum(n for st, n in by_status.items() if f"{st // 100}xx" == cls)
+            got = sum(v for (name, labels), v in samples.items()
+                      if name == "keygate_requests_total" and ("status_class", cls) in labels)
+            assert got == want + (cls == "2xx"), (cls, got, want)
+        for code, n in by_code.items():
+            assert value("keygate_auth_failures_total", reason=code) == n, code
+        assert value("keygate_request_duration_seconds_count", route="/people/**") + \
+            value("keygate_request_duration_seconds_count", route="/people") == 301
+        assert value("keygate_workspace_month_requests", workspace="acme") == 120
+        _, usage = await g.admin_json("GET", "/workspaces/acme/usage")
+        assert (usage["used"], usage["limit"], usage["remaining"]) == (120, 120, 0)
+        _, k = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+        assert k["used_this_month"] == 120
+        assert len(upstream.requests) == 120
+        _, err = g.logs(capfd)
+        lines = [json.loads(line) for line in err.splitlines() if line.startswith('{"time"')]
+        lines = [line for line in lines if "request_id" in line and "status" in line]
+        assert Counter(line["status"] for line in lines) == by_status
+        assert Counter(line["error"] for line in lines if line["error"]) == by_code
+        assert sum(1 for line in lines if line["status"] == 200
+                   and line["key_id"] == key["id"] and line["workspace"] == "acme") == 119
+
