@@ -286,3 +286,146 @@ async def test_past_the_budget_a_few_scrapes_a_second_get_the_last_one_the_rest_
         waited = sorted(took for took, _ in flood)
         assert waited[-10] >= 0.9, waited                     # most waited out the 1 s
 
+
+# --- the turn of the month ----------------------------------------------------------------------
+
+async def test_a_request_admitted_in_the_years_last_millisecond_counts_in_december(
+        redis_url, monkeypatch):
+    """Admitted at 2026-12-31T23:59:59.999Z and answered by the upstream after midnight: it
+    counts in December (the workspace's and the key's month, the day, the gauge), and at
+    midnight every number starts January at zero, with January's quota and reset."""
+    from aiohttp import web
+    from harness import Clock, serving
+    clock = Clock("2026-12-31T23:59:59.999000")
+
+    async def slow(request):
+        clock.now += 0.5  # the upstream answers in January
+        return web.json_response({})
+
+    async with serving(slow) as url:
+        async with gateway_under_test(make_config(url), redis_url, monkeypatch,
+                                      clock=clock) as g:
+            await g.workspace("acme")
+            token, key = await g.key()
+            clock.set("2026-12-31T23:59:59.999000")
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == 200
+                assert r.headers["RateLimit"] == '"monthly";r=999;t=1'
+
+            async def numbers():
+                _, usage = await g.admin_json("GET", "/workspaces/acme/usage")
+                _, k = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+                _, days = await g.admin_json("GET", "/workspaces/acme/usage/daily?days=2")
+                _, kdays = await g.admin_json(
+                    "GET", f"/workspaces/acme/keys/{key['id']}/usage/daily?days=2")
+                gauge = [s.value for f in text_string_to_metric_families(await scrape_text(g))
+                         for s in f.samples if s.name == "keygate_workspace_month_requests"]
+                return (usage["period"], usage["used"], usage["remaining"], usage["resets_at"],
+                        k["used_this_month"], gauge,
+                        [(d["date"], d["requests"]) for d in days["items"]],
+                        [(d["date"], d["requests"]) for d in kdays["items"]])
+            clock.set("2026-12-31T23:59:59.999500")
+            assert await numbers() == (
+                "2026-12", 1, 999, "2027-01-01T00:00:00Z", 1, [1.0],
+                [("2026-12-30", 0), ("2026-12-31", 1)], [("2026-12-30", 0), ("2026-12-31", 1)])
+            clock.set("2027-01-01T00:00:00")
+            assert await numbers() == (
+                "2027-01", 0, 1000, "2027-02-01T00:00:00Z", 0, [0.0],
+                [("2026-12-31", 1), ("2027-01-01", 0)], [("2026-12-31", 1), ("2027-01-01", 0)])
+
+
+async def test_upstream_failures_and_vanished_clients_are_counted_as_documented(
+        redis_url, monkeypatch, capfd):
+    """Concurrently: forwards that never reached an upstream (nobody listening: 502, counted
+    nowhere), that reached it and were dropped (502) or not answered in time (504), both
+    counted, and clients gone while the upstream worked (counted, logged 400). The usage
+    numbers are exactly the requests the upstream read; the upstream-error counter and the
+    access log are exactly what the clients (or, for those gone, the upstream) saw."""
+    from collections import Counter
+    from aiohttp import ClientSession, ClientTimeout, TCPConnector
+    from conftest import free_port
+    from gateway.config import Route, Upstream
+    from harness import raw_upstream
+    read: Counter = Counter()
+
+    async def answer(reader, writer):
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+            return
+        path = head.split(b" ")[1].decode()
+        read[path.split("/")[2]] += 1
+        if path.startswith("/people/drop"):
+            writer.close()
+            return
+        await asyncio.sleep(3.0 if path.startswith("/people/slow") else 0.4
+                            if path.startswith("/people/gone") else 0)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    srv, url = await raw_upstream(answer)
+    base = make_config(url)
+    config = dataclasses.replace(
+        base, upstreams={"api": Upstream("api", url, 1.0),
+                         "dead": Upstream("dead", f"http://127.0.0.1:{free_port()}", 1.0)},
+        routes=(Route("/dead/**", "dead", ("GET",), ("people:read",)),) + base.routes)
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace("acme")
+            token, key = await g.key()
+            async with g.proxy.get("/people/ok", headers=bearer(token)) as r:
+                assert r.status == 200
+            g.logs(capfd)
+            read.clear()
+
+            async def gone(i):
+                reader, writer = await g.raw_connection()
+                writer.write(f"GET /people/gone{i} HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                             f"Bearer {token}\r\n\r\n".encode())
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.close()
+
+            async with ClientSession(str(g.proxy_server.make_url("")),
+                                     connector=TCPConnector(limit=0),
+                                     timeout=ClientTimeout(total=20)) as s:
+                async def one(path):
+                    async with s.get(path, headers=bearer(token)) as r:
+                        body = await r.read()
+                        return r.status, (json.loads(body)["error"]["code"]
+                                          if r.status >= 400 else None)
+                paths = ([f"/people/ok{i}" for i in range(60)] + [f"/people/drop{i}"
+                         for i in range(40)] + [f"/people/slow{i}" for i in range(20)]
+                         + [f"/dead/{i}" for i in range(40)])
+                seen, _ = await asyncio.gather(asyncio.gather(*(one(p) for p in paths)),
+                                               asyncio.gather(*(gone(i) for i in range(20))))
+            await asyncio.sleep(3.5)   # the upstream answers the gone ones, the slow ones end
+            codes = Counter(c or s for s, c in seen)
+            assert codes == {200: 60, "upstream_unavailable": 80, "upstream_timeout": 20}, codes
+            reached = sum(read.values())
+            assert read["dead"] == 0 and reached == 140, read
+            _, usage = await g.admin_json("GET", "/workspaces/acme/usage")
+            _, k = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+            assert usage["used"] == k["used_this_month"] == 1 + reached
+            text = await scrape_text(g)
+            got = {(s.labels["upstream"], s.labels["code"]): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "keygate_upstream_errors_total"}
+            assert got == {("api", "upstream_unavailable"): 40, ("api", "upstream_timeout"): 20,
+                           ("dead", "upstream_unavailable"): 40, ("dead", "upstream_timeout"): 0}
+            assert [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.name == "keygate_requests_in_flight"] == [0]
+            _, err = g.logs(capfd)
+            lines = [json.loads(x) for x in err.splitlines() if x.startswith('{"time"')]
+            lines = [x for x in lines if "request_id" in x and "status" in x]
+            assert Counter((x["status"], x["error"]) for x in lines) == {
+                (200, None): 60, (502, "upstream_unavailable"): 80,
+                (504, "upstream_timeout"): 20, (400, "bad_request"): 20}
+    finally:
+        srv.close()
+
