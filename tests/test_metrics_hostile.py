@@ -429,3 +429,95 @@ async def test_upstream_failures_and_vanished_clients_are_counted_as_documented(
     finally:
         srv.close()
 
+
+# --- a real Prometheus ------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed")
+async def test_a_real_prometheus_scrapes_serve_with_two_workers_and_its_alert_rules_load(
+        tmp_path, upstream, redis_url):
+    """``keygate serve --workers 2`` scraped by a real Prometheus every second, with the shipped
+    alert rules: the target is up, with no scrape error, after hostile traffic (odd methods,
+    bytes that are not UTF-8, quotes and backslashes), and what Prometheus stored is the sum
+    over the workers: each request once, ``keygate_build_info`` once."""
+    from pathlib import Path
+
+    import yaml
+    from aiohttp import ClientSession
+    from conftest import free_port
+    from served import Served, new_key, write_config
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url=str(upstream.make_url("")))
+    gw = Served(config, pport, aport, "--workers", "2")
+    web = free_port()
+    alerts = Path(__file__).resolve().parent.parent / "deploy/prometheus/alerts.yml"
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(alerts)],
+        "scrape_configs": [{"job_name": "keygate", "metrics_path": "/metrics",
+                            "static_configs": [{"targets": [f"127.0.0.1:{aport}"]}]}]}))
+    prometheus = None
+    try:
+        await gw.ready()
+        prometheus = subprocess.Popen(
+            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{web}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        async with ClientSession() as s:
+            token = await new_key(s, gw.admin)
+            for i, raw in enumerate(HOSTILE + [b"/people/ok"] * 23):
+                reader, writer = await asyncio.open_connection("127.0.0.1", pport)
+                method = ODD_METHODS[i % len(ODD_METHODS)] if i % 2 else "GET"
+                writer.write(method.encode() + b" " + raw.replace(b"\n", b"") + b" HTTP/1.1\r\n"
+                             b'Host: "\\\xff\r\nAuthorization: Bearer ' + token.encode()
+                             + b"\r\nConnection: close\r\n\r\n")
+                await writer.drain()
+                await reader.read()
+                writer.close()
+
+            async def query(q: str) -> list:
+                async with s.get(f"http://127.0.0.1:{web}/api/v1/query",
+                                 params={"query": q}) as r:
+                    return (await r.json())["data"]["result"]
+
+            async def target() -> dict | None:
+                try:
+                    async with s.get(f"http://127.0.0.1:{web}/api/v1/targets") as r:
+                        active = (await r.json())["data"]["activeTargets"]
+                except OSError:
+                    return None
+                return active[0] if active and active[0]["health"] != "unknown" else None
+
+            await asyncio.sleep(0.3)   # every worker's tallies in its file
+            counted = set()
+            for _ in range(4):         # whichever worker answers
+                async with ClientSession() as fresh:
+                    async with fresh.get(gw.admin + "/metrics",
+                                         headers={"Connection": "close"}) as r:
+                        counted.add(sum(x.value for f in text_string_to_metric_families(
+                            await r.text()) for x in f.samples
+                            if x.name == "keygate_requests_total"))
+            assert len(counted) == 1 and 23 <= min(counted) <= 30, counted
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                found = await target()
+                if found and found["health"] == "up":
+                    total = await query("sum(keygate_requests_total)")
+                    if total and float(total[0]["value"][1]) in counted:
+                        break
+                await asyncio.sleep(0.5)
+            found = await target()
+            assert found and found["health"] == "up" and not found["lastError"], found
+            total = await query("sum(keygate_requests_total)")
+            assert {float(total[0]["value"][1])} == counted, total
+            assert len(await query("keygate_build_info")) == 1
+            assert await query("process_resident_memory_bytes > 0")
+            assert await query('keygate_store_call_duration_seconds_count{call="authorize"}')
+            async with s.get(f"http://127.0.0.1:{web}/api/v1/rules") as r:
+                groups = (await r.json())["data"]["groups"]
+            assert sum(len(g["rules"]) for g in groups) == 11
+            assert all(rule["health"] == "ok" for g in groups for rule in g["rules"]), groups
+    finally:
+        if prometheus is not None:
+            prometheus.terminate()
+            prometheus.wait(20)
+        gw.close()
