@@ -512,6 +512,26 @@ async def test_a_real_prometheus_scrapes_serve_with_two_workers_and_its_alert_ru
             assert len(await query("keygate_build_info")) == 1
             assert await query("process_resident_memory_bytes > 0")
             assert await query('keygate_store_call_duration_seconds_count{call="authorize"}')
+            from test_metrics import DASHBOARD  # every panel's query parses and is answered
+            exprs: list[str] = []
+
+            def walk(node) -> None:
+                if isinstance(node, dict):
+                    for k, v in node.items():
+                        (exprs.append(v) if k == "expr" and isinstance(v, str) else walk(v))
+                elif isinstance(node, list):
+                    for item in node:
+                        walk(item)
+            walk(json.loads(DASHBOARD.read_text()))
+            assert len(exprs) > 20
+            for expr in exprs:
+                q = (expr.replace("$__rate_interval", "1m").replace('=~"$job"', '="keygate"')
+                     .replace('"$instance"', '".*"').replace('"$route"', '".*"')
+                     .replace('"$workspace"', '".*"'))
+                async with s.get(f"http://127.0.0.1:{web}/api/v1/query",
+                                 params={"query": q}) as r:
+                    answer = await r.json()
+                assert answer["status"] == "success", (q, answer)
             async with s.get(f"http://127.0.0.1:{web}/api/v1/rules") as r:
                 groups = (await r.json())["data"]["groups"]
             assert sum(len(g["rules"]) for g in groups) == 11
