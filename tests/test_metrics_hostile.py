@@ -420,6 +420,12 @@ async def test_upstream_failures_and_vanished_clients_are_counted_as_documented(
                            ("dead", "upstream_unavailable"): 40, ("dead", "upstream_timeout"): 0}
             assert [s.value for f in text_string_to_metric_families(text) for s in f.samples
                     if s.name == "keygate_requests_in_flight"] == [0]
+            classes = Counter()
+            for f in text_string_to_metric_families(text):
+                for x in f.samples:
+                    if x.name == "keygate_requests_total":
+                        classes[x.labels["status_class"]] += x.value
+            assert classes == {"2xx": 61, "4xx": 20, "5xx": 100}, classes
             _, err = g.logs(capfd)
             lines = [json.loads(x) for x in err.splitlines() if x.startswith('{"time"')]
             lines = [x for x in lines if "request_id" in x and "status" in x]
