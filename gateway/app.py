@@ -85,9 +85,7 @@ async def running_gateway(config: Config, store_url: str, *,
     from .store import Store
 
     metrics = metrics or Metrics(workspace_labels=config.server.metrics_workspace_labels)
-    for upstream in config.upstreams:  # zeros from the start, so rate() and alerts see them
-        for code in ("upstream_unavailable", "upstream_timeout"):
-            metrics.upstream_errors.labels(upstream, code)
+    metrics.upstreams_known(config.upstreams)
     store = await Store.connect(store_url, config, clock=clock)
     try:
         from .observe import TimedRequestStore
@@ -154,6 +152,7 @@ async def running_gateway(config: Config, store_url: str, *,
             auth.reconfigure(new)
             forwarder.reconfigure(new)
             pipeline.reconfigure(new)
+            metrics.upstreams_known(new.upstreams)  # an upstream added: its errors at zero
             if access is not None:  # on or off, json or text: a restart (it owns a writer)
                 access.prefix = new.keys.prefix
             logging.getLogger().setLevel(new.server.log_level.upper())

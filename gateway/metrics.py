@@ -105,6 +105,13 @@ class Metrics:
         for result in ("ok", "error"):
             self.config_reloads.labels(result)
 
+    def upstreams_known(self, upstreams) -> None:
+        """Every upstream's error counters at zero from the start (and from the reload that
+        adds it), so that ``rate()`` and the alerts see its first failures."""
+        for upstream in upstreams:
+            for code in ("upstream_unavailable", "upstream_timeout"):
+                self.upstream_errors.labels(upstream, code)
+
     # Hot-path helpers. A request's observations are tallied in plain Python (an int, a
     # bucket index found with bisect, a float sum) and added to prometheus-client's values in
     # one go by ``flush``: each ``inc``/``observe`` there takes a lock and a histogram walks

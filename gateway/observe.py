@@ -22,32 +22,47 @@ from .metrics import Metrics, WorkersProcessCollector
 log = logging.getLogger("keygate")
 
 # /metrics needs no token, and a scrape costs the event loop the proxy listener shares time
-# that grows with the workspaces (2000: ~90 ms of CPU to read and render their gauges).
-# Scrapes take at most SCRAPE_SHARE of the time, with bursts of up to SCRAPE_BURST seconds:
-# past that, a scrape is answered the last exposition again until the budget has refilled.
-# A scraper (every few seconds or more) and people never meet the bound; a flood does.
-# A scrape is charged its time, less that of a read of the store that failed (a wait).
+# that grows with the workspaces (2000: ~90 ms of CPU to read and render their gauges, and
+# ~0.1 ms more to send the ~250 kB it makes). Scrapes take at most SCRAPE_SHARE of the time,
+# with bursts of up to SCRAPE_BURST seconds: past that, a scrape is answered the last
+# exposition again, STALE_PER_SECOND of them a second at most (a scraper every second, or
+# several Prometheus servers, meet no wait); the others wait until the budget has refilled
+# and share the scrape that runs then (SCRAPE_MAX_WAIT seconds at most, then they are
+# answered the last exposition again). A scraper (every few seconds or more) and people never
+# meet the bound; a flood does.
+# A scrape is charged its time, less that of a read of the store that failed (a wait), and
+# the time its answer takes to send (at most SEND_CHARGE_MAX: past that, a slow reader's wait).
 SCRAPE_SHARE = 0.1
 SCRAPE_BURST = 1.0
+STALE_PER_SECOND = 5.0
+SCRAPE_MAX_WAIT = 5.0
+SEND_CHARGE_MAX = 0.01
 
 
 class ScrapeBudget:
-    """The seconds scrapes may still take now: ``SCRAPE_BURST`` at most, refilled at
-    ``SCRAPE_SHARE`` of a second per second, spent by the time each scrape takes."""
+    """The seconds scrapes (or their answers) may still take now: ``burst`` at most,
+    refilled at ``share`` of a second per second, spent by the time each takes."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *,
+                 share: float | None = None, burst: float | None = None) -> None:
         self.clock = clock
-        self.credit = SCRAPE_BURST
+        self.share = SCRAPE_SHARE if share is None else share
+        self.burst = SCRAPE_BURST if burst is None else burst
+        self.credit = self.burst
         self.at = clock()
 
     def available(self) -> bool:
         now = self.clock()
-        self.credit = min(SCRAPE_BURST, self.credit + (now - self.at) * SCRAPE_SHARE)
+        self.credit = min(self.burst, self.credit + (now - self.at) * self.share)
         self.at = now
         return self.credit > 0
 
     def spend(self, seconds: float) -> None:
         self.credit -= seconds
+
+    def refilled_in(self) -> float:
+        """Seconds until the credit is positive again (at least a millisecond)."""
+        return max(0.001, -self.credit / self.share)
 
 
 class UsageGauges:
@@ -83,9 +98,11 @@ class UsageGauges:
 
 def add_metrics_route(app: web.Application, metrics: Metrics, store, config: Config) -> None:
     """``GET /metrics``. Scrapes that overlap share one exposition; scrapes past the budget
-    (:class:`ScrapeBudget`) are answered the last one again."""
+    (:class:`ScrapeBudget`) are answered the last one again, a few a second, and the others
+    wait for the budget."""
     gauges = UsageGauges(metrics, store)
     budget = ScrapeBudget()
+    stale = ScrapeBudget(share=STALE_PER_SECOND, burst=STALE_PER_SECOND)  # answers, not s
     last: bytes | None = None
     running: asyncio.Future | None = None
 
@@ -122,18 +139,39 @@ def add_metrics_route(app: web.Application, metrics: Metrics, store, config: Con
 
     async def handle_metrics(request: web.Request) -> web.Response:
         nonlocal running
+        # Past the budget, the last exposition again, but only a few times a second: answered
+        # so every time, a flood of scrapes took the loop all the same, in sending it
+        # thousands of times a second (20 scrapers, 190 kB: the proxy kept a tenth of its
+        # requests). The others wait for the next scrape the budget allows, and share it.
+        waited_until = time.monotonic() + SCRAPE_MAX_WAIT
+        while running is None and last is not None and not budget.available():
+            if stale.available() or time.monotonic() >= waited_until:
+                stale.spend(1)
+                return _Exposition(last, budget)
+            await asyncio.sleep(min(budget.refilled_in(), 1 / STALE_PER_SECOND))
         if running is None:
-            if last is not None and not budget.available():
-                return _exposition(last)
             running = asyncio.ensure_future(expose())  # its own task: a scrape that goes
             running.add_done_callback(done)           # away does not cancel the others'
-        return _exposition(await asyncio.shield(running))
+        return _Exposition(await asyncio.shield(running), budget)
 
     app.router.add_get("/metrics", handle_metrics)
 
 
-def _exposition(body: bytes) -> web.Response:
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+class _Exposition(web.Response):
+    """A ``/metrics`` answer that charges the time its body takes to write to the budget (up
+    to ``SEND_CHARGE_MAX``, the rest being a slow reader's wait, not the loop's work). Written
+    by aiohttp after the middleware added its headers (``X-Request-Id``), like any answer."""
+
+    def __init__(self, body: bytes, budget: ScrapeBudget) -> None:
+        super().__init__(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        self._budget = budget
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        started = time.perf_counter()
+        try:
+            await super().write_eof(data)
+        finally:
+            self._budget.spend(min(time.perf_counter() - started, SEND_CHARGE_MAX))
 
 
 class TimedRequestStore(RequestStore):

@@ -493,7 +493,8 @@ async def test_a_flood_of_scrapes_does_not_hold_the_event_loop_the_proxy_shares(
     the event loop the proxy listener shares (2000 workspaces: ~90 ms of CPU per scrape, in
     slices of up to ~20 ms). Scrapes back to back (8 clients for 5 s) held the loop all the
     time: anything else on it, a proxied request, waited behind a slice. Scrapes now take at
-    most a tenth of the time after a 1 s burst; past it the last exposition is answered again.
+    most a tenth of the time after a 1 s burst; past it a few a second get the last exposition
+    again, and the others wait for the budget.
     Measured as the loop's lag (how late a 5 ms sleep wakes) after the burst."""
     import statistics
     import subprocess

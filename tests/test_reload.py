@@ -1155,3 +1155,28 @@ def test_the_cli_reference_of_reload_names_cors_and_points_to_the_full_lists():
     section = " ".join(text.split("### `keygate reload`", 1)[1].split("\n## ", 1)[0].split())
     assert "`cors`" in section
     assert "(configuration.md#configuration-reference), Reloading" in section
+
+
+async def test_an_upstream_added_by_a_reload_has_its_error_counters_at_zero(reloadable,
+                                                                           upstreams):
+    """``keygate_upstream_errors_total`` starts at zero for every upstream, so that ``rate()``
+    and the KeygateUpstreamErrors alert see its first failures. An upstream added by a reload
+    had no series until it first failed, and that failure was the series' first sample:
+    ``rate()`` and ``increase()`` never saw it."""
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    write(path, config_doc(urls["a"], upstreams={"api": {"url": urls["a"], "timeout": 5},
+                                                 "billing": {"url": urls["b"], "timeout": 5}},
+                           routes=[{"path": "/people/**", "methods": ["GET"], "upstream": "api",
+                                    "scopes": ["people:read"]},
+                                   {"path": "/bills/**", "upstream": "billing",
+                                    "scopes": ["people:read"]}]))
+    status, result = await reload(gw)
+    assert status == 200, result
+    async with gw.admin.get("/metrics") as r:
+        text = await r.text()
+    errors = {(s.labels["upstream"], s.labels["code"]): s.value
+              for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name == "keygate_upstream_errors_total"}
+    assert errors == {(u, code): 0 for u in ("api", "billing")
+                      for code in ("upstream_unavailable", "upstream_timeout")}
