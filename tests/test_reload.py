@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from aiohttp import ClientSession, TCPConnector, web
 from gateway.config import load_config
 from prometheus_client.parser import text_string_to_metric_families
 from harness import bearer, eventually, gateway_under_test, refusal_times, serving
-from served import TIMEOUT, Served, admin_json, children_of, new_key, write_config
+from served import ADMIN_TOKEN, TIMEOUT, Served, admin_json, children_of, new_key, write_config
 
 
 def config_doc(upstream_url: str, **changes: Any) -> dict[str, Any]:
@@ -542,6 +544,73 @@ async def test_the_request_after_an_admin_reload_under_two_workers_sees_the_new_
                 assert got == [want] * 8, (trial, got)
         assert await asyncio.to_thread(gw.terminate) == 0
     finally:
+        gw.close()
+
+
+def serving_pid(port: int, peer_port: int) -> int:
+    """The pid of the process holding the accepted end of the loopback connection from
+    ``peer_port`` to ``port`` (``ss``: which worker of ``serve --workers N`` took it)."""
+    import re
+    import subprocess
+    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} and "
+                          f"dport = :{peer_port} )"], capture_output=True, text=True).stdout
+    found = {int(p) for p in re.findall(r"pid=(\d+),", out)}
+    assert len(found) == 1, out
+    return found.pop()
+
+
+async def last_reload_gauge(s: ClientSession, admin: str) -> float:
+    async with s.get(admin + "/metrics", headers={"Connection": "close"}) as r:
+        text = await r.text()
+    return next(sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "keygate_config_last_reload_timestamp_seconds")
+
+
+async def test_an_admin_reload_a_sibling_worker_refuses_is_not_answered_as_a_success(
+        tmp_path, slow_upstream, redis_url):
+    """Under ``--workers 2`` each worker reads the file itself. One that reads it changed (an
+    editor half-way through writing it) refuses it while the worker that took the call swapped
+    it in: the workers serve different configs. The call answered 200 ``ok`` all the same, and
+    the last-reload gauge showed the newest worker's time, so nothing told the operator."""
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", "2")
+    stopped = None
+    try:
+        await gw.ready()
+        assert await eventually(lambda: len(children_of(gw.proc.pid)) == 2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", aport)
+        answering = serving_pid(aport, writer.get_extra_info("sockname")[1])
+        [stopped] = children_of(gw.proc.pid) - {answering}
+        stopped_pid = stopped
+        os.kill(stopped, signal.SIGSTOP)  # it takes the supervisor's SIGHUP later
+        edit_routes(config, [PEOPLE, {"path": "/more/**", "upstream": "api",
+                                      "scopes": ["people:read"]}])
+        called = time.time()
+        writer.write(b"POST /admin/v1/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                     b"Connection: close\r\nAuthorization: Bearer " + ADMIN_TOKEN.encode()
+                     + b"\r\n\r\n")
+        assert await eventually(lambda: "config reloaded from" in gw.stderr()), gw.stderr()
+        config.write_text(config.read_text()[:40])  # caught half-written by the other
+        os.kill(stopped, signal.SIGCONT)
+        stopped = None
+        answer = await asyncio.wait_for(reader.read(), 15)
+        writer.close()
+        head, _, raw = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 409 "), answer
+        body = json.loads(raw)
+        assert body["error"]["code"] == "conflict"
+        problems = body["error"]["problems"]
+        assert problems and all(p.startswith(f"worker {stopped_pid}: ") for p in problems), \
+            problems
+        # the worker that kept its old config shows its start (the oldest of the workers')
+        async with ClientSession(timeout=TIMEOUT) as s:
+            assert await last_reload_gauge(s, gw.admin) < called
+        assert await asyncio.to_thread(gw.terminate) == 0
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
         gw.close()
 
 
