@@ -705,6 +705,31 @@ async def test_a_key_in_the_path_is_never_logged_after_a_reload_changes_the_key_
     assert '"path":"/people/***"' in err, err
 
 
+async def test_the_admin_log_masks_keys_of_the_prefix_a_reload_gave(reloadable, upstreams,
+                                                                    caplog):
+    """The admin listener's call log masked keys of the prefix the gateway started with: after
+    a reload to another prefix, a key pasted into an admin URL (in place of its id, or in the
+    query) was written to the log whole."""
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    doc = config_doc(urls["a"])
+    doc["keys"] = {**doc["keys"], "prefix": "ab"}
+    write(path, doc)
+    status, result = await reload(gw)
+    assert status == 200, result
+    token, _ = await gw.key(role="reader")
+    assert token.startswith("ab_live_")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="keygate.admin"):
+        async with gw.admin.get(f"/admin/v1/workspaces/acme/keys/{token}") as r:
+            assert r.status in (400, 404)
+        async with gw.admin.get(f"/admin/v1/workspaces/acme/keys?q={token}") as r:
+            await r.read()
+    logged = "\n".join(f"{r.getMessage()} {getattr(r, 'path', '')}" for r in caplog.records)
+    assert "/admin/v1/workspaces/acme/keys/" in logged, logged
+    assert token not in logged and token[-38:-6] not in logged, logged
+
+
 async def test_a_request_in_flight_drops_the_credential_header_it_was_checked_with(
         tmp_path, upstreams, redis_url, monkeypatch):
     """A request checked with a key from X-Api-Key, still waiting for its store call when a

@@ -69,7 +69,8 @@ def create_admin_app(config: Config, store: Store,
     ``client_address``: the caller's address for the log line (the proxy pipeline's, through
     ``server.trusted_proxies``); the connection's peer without it."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware(
-        config, authenticate_key=authenticate_key, client_address=client_address)])
+        config, authenticate_key=authenticate_key, client_address=client_address,
+        current=lambda: store.config)])
     app[STORE] = store
     app[READINESS] = Readiness(store, per_request_ready)
     r = app.router
