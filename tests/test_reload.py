@@ -295,6 +295,38 @@ async def test_a_reload_of_argon2_makes_its_decoy_off_the_event_loop(reloadable,
     assert max(lags) < 0.3, sorted(lags)[-3:]  # (a loaded machine's scheduling noise)
 
 
+async def test_a_shorter_cache_ttl_holds_for_keys_verified_before_the_reload(reloadable,
+                                                                             upstreams):
+    """keys.cache_ttl lowered by a reload (to 0: verify every request) held only for keys
+    verified after it: one verified before stayed verified for the old TTL (300 s)."""
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    token, _ = await gw.key(role="reader")
+    auth = {"Authorization": f"Bearer {token}"}
+
+    def verified() -> float:
+        return gw.counter("keygate_argon2_verifications_total", result="ok")
+    for _ in range(2):
+        async with gw.proxy.get("/people/1", headers=auth) as r:
+            assert r.status == 200
+    assert verified() == 1  # the second one from the cache
+    doc = config_doc(urls["a"])
+    doc["keys"] = {**doc["keys"], "cache_ttl": 0}
+    write(path, doc)
+    assert (await reload(gw))[0] == 200
+    for n in (2, 3):
+        async with gw.proxy.get("/people/1", headers=auth) as r:
+            assert r.status == 200
+        assert verified() == n
+    doc["keys"]["cache_ttl"] = 300  # and back: cached again
+    write(path, doc)
+    assert (await reload(gw))[0] == 200
+    for _ in range(2):
+        async with gw.proxy.get("/people/1", headers=auth) as r:
+            assert r.status == 200
+    assert verified() == 4
+
+
 async def test_the_websocket_recheck_interval_reloads(reloadable, upstreams):
     gw, path = reloadable
     urls, _, _ = upstreams
