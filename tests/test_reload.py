@@ -579,15 +579,19 @@ async def test_the_request_after_an_admin_reload_under_two_workers_sees_the_new_
         gw.close()
 
 
-def serving_pid(port: int, peer_port: int) -> int:
+async def serving_pid(port: int, peer_port: int) -> int:
     """The pid of the process holding the accepted end of the loopback connection from
-    ``peer_port`` to ``port`` (``ss``: which worker of ``serve --workers N`` took it)."""
+    ``peer_port`` to ``port`` (``ss``: which worker of ``serve --workers N`` took it), once
+    one has accepted it."""
     import re
     import subprocess
-    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} and "
-                          f"dport = :{peer_port} )"], capture_output=True, text=True).stdout
-    found = {int(p) for p in re.findall(r"pid=(\d+),", out)}
-    assert len(found) == 1, out
+
+    def pids() -> set[int]:
+        out = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} and "
+                              f"dport = :{peer_port} )"], capture_output=True, text=True).stdout
+        return {int(p) for p in re.findall(r"pid=(\d+),", out)}
+    found = await eventually(pids)
+    assert len(found) == 1, found
     return found.pop()
 
 
@@ -613,7 +617,7 @@ async def test_an_admin_reload_a_sibling_worker_refuses_is_not_answered_as_a_suc
         await gw.ready()
         assert await eventually(lambda: len(children_of(gw.proc.pid)) == 2)
         reader, writer = await asyncio.open_connection("127.0.0.1", aport)
-        answering = serving_pid(aport, writer.get_extra_info("sockname")[1])
+        answering = await serving_pid(aport, writer.get_extra_info("sockname")[1])
         [stopped] = children_of(gw.proc.pid) - {answering}
         stopped_pid = stopped
         os.kill(stopped, signal.SIGSTOP)  # it takes the supervisor's SIGHUP later
