@@ -831,6 +831,58 @@ async def test_a_request_in_flight_keeps_the_body_limit_it_was_checked_with(
             assert r.status == 413
 
 
+async def test_requests_in_flight_through_a_reload_stay_within_the_old_upstreams_bound(
+        tmp_path, upstreams, redis_url, monkeypatch):
+    """Requests that matched their route before a reload moved the upstream, and reached the
+    forwarder after it, each got a pool of their own for the old URL: as many new connections
+    as there were such requests, past the old upstream's ``max_connections``. They now share
+    the retiring pool, within its bound."""
+    from harness import HeldReplies
+    urls, _, _ = upstreams
+    now = peak = 0
+
+    async def old(request: web.Request) -> web.Response:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        try:
+            await asyncio.sleep(0.2)
+        finally:
+            now -= 1
+        return web.json_response({"upstream": "old"})
+
+    async with serving(old) as old_url:
+        path = tmp_path / "keygate.yaml"
+        doc = config_doc(old_url)
+        doc["upstreams"]["api"]["max_connections"] = 2
+        write(path, doc)
+        async with HeldReplies(redis_url) as relay, \
+                gateway_under_test(load_config(path), relay.url, monkeypatch,
+                                   config_path=str(path)) as gw:
+            await gw.workspace("acme")
+            token, _ = await gw.key(role="reader")
+            auth = {"Authorization": f"Bearer {token}"}
+            async with gw.proxy.get("/people/0", headers=auth) as r:  # verified: cached
+                assert r.status == 200
+            peak = 0
+            relay.hold()
+            async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
+                sent = [asyncio.ensure_future(other.get(f"/people/{n}", headers=auth))
+                        for n in range(6)]
+                assert await eventually(lambda: relay.held_back), "no store call was held"
+                await asyncio.sleep(0.2)  # the others' authorize calls too
+                write(path, config_doc(urls["b"]))
+                status, _ = await reload(gw)
+                assert status == 200
+                relay.release()
+                answers = await asyncio.gather(*sent)
+                bodies = [(r.status, await r.json()) for r in answers]
+                for r in answers:
+                    r.release()
+            assert bodies == [(200, {"upstream": "old"})] * 6
+            assert peak <= 2, peak
+
+
 async def test_a_request_in_flight_to_a_moved_upstream_leaves_the_next_ones_on_the_new_url(
         tmp_path, upstreams, redis_url, monkeypatch):
     """A request waiting for its store call when a reload moves its upstream finishes on the
