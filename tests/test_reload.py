@@ -615,7 +615,9 @@ async def test_an_admin_reload_a_sibling_worker_refuses_is_not_answered_as_a_suc
     stopped = None
     try:
         await gw.ready()
-        assert await eventually(lambda: len(children_of(gw.proc.pid)) == 2)
+        # both workers up (a worker still starting has not said yet where it stands)
+        assert await eventually(lambda: gw.stderr().count("keygate listening") == 2), \
+            gw.stderr()
         reader, writer = await asyncio.open_connection("127.0.0.1", aport)
         answering = await serving_pid(aport, writer.get_extra_info("sockname")[1])
         [stopped] = children_of(gw.proc.pid) - {answering}
