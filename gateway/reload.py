@@ -108,7 +108,9 @@ class Reloader:
         self._echo = 0  # SIGHUPs we caused ourselves (a worker asking its siblings to reload)
         self._hup_waiting = False  # a SIGHUP's reload waits for its turn (it answers the next)
         self._marks = _shared_dir()  # serve --workers: where each worker says it reloaded
-        self._mark(time.monotonic())  # a worker that has not reloaded yet is named there too
+        # a worker that has not reloaded yet is named there too, behind any reload asked for
+        # (its config is the one the supervisor read before forking it; see mark_forked)
+        self._mark(0.0)
         if metrics is not None:
             metrics.config_reloaded_at.set(clock())
 
@@ -357,6 +359,25 @@ def _shared_dir() -> str | None:
     if not (supervisor and supervisor.isdigit() and int(supervisor) == os.getppid()):
         return None
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def mark_forked(directory: str, pid: int) -> None:
+    """For the supervisor, as it forks worker ``pid``: mark it behind any reload asked for, as
+    its ``Reloader`` does once made, so that a reload asked meanwhile (the worker still
+    starting) waits for it too. Only if the worker has not written its own mark yet."""
+    path = os.path.join(directory, f"{MARK_PREFIX}{pid}")
+    made = f"{path}.forked"
+    try:
+        with open(made, "w") as f:
+            json.dump({"started": 0.0, "problems": None}, f)
+        os.link(made, path)  # whole, and never over the worker's own
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        log.warning("reload: cannot write %s: %s", path, exc)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(made)
 
 
 def _marks(directory: str) -> list[tuple[int, float, list[str] | None]]:

@@ -652,6 +652,44 @@ async def test_an_admin_reload_a_sibling_worker_refuses_is_not_answered_as_a_suc
         gw.close()
 
 
+async def test_an_admin_reload_waits_for_a_worker_still_starting(tmp_path, slow_upstream,
+                                                                 redis_url):
+    """Under ``--workers 2`` the reload call answers once every worker has re-read the file.
+    A worker still starting (forked, its gateway not yet made) had not said where it stood,
+    so the call answered at once, and the caller's next request could reach that worker
+    before it had taken the file."""
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", "2")
+    stopped = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(children := children_of(gw.proc.pid)) < 2:  # the second one, at its fork
+            assert gw.proc.poll() is None and time.monotonic() < deadline, gw.stderr()
+            await asyncio.sleep(0.001)
+        for pid in sorted(children)[1:]:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        await gw.ready()  # the first one
+        assert "keygate listening" in gw.stderr()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+            edit_routes(config, [PEOPLE, {"path": "/more/**", "upstream": "api",
+                                          "scopes": ["people:read"]}])
+            call = asyncio.ensure_future(admin_json(s, gw.admin, "POST", "/reload"))
+            await asyncio.sleep(1.0)
+            assert not call.done(), call.result()  # it waits for the worker still starting
+            os.kill(stopped.pop(), signal.SIGCONT)
+            status, body = await call
+            assert status == 200, body
+            assert await answered_by_all(gw.proxy, "/more/x", token, 200, 12)
+        assert await asyncio.to_thread(gw.terminate) == 0
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        gw.close()
+
+
 async def test_the_pool_of_a_changed_upstream_is_closed_once_idle(reloadable, upstreams):
     gw, path = reloadable
     urls, delay, _ = upstreams
