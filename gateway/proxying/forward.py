@@ -117,6 +117,8 @@ _TRACE_ONLY = Tracer()
 
 
 RETIRED_QUIET = 10.0  # seconds a pool a reload took out of use stays unused before it closes
+RETIRED_MAX = 60.0    # at least this long (4 x the upstream's timeout if longer) after the
+                      # reload, its tunnels and anything still under way are closed
 
 
 class Forwarder:
@@ -182,7 +184,7 @@ class Forwarder:
         pool.retire()
         loop = asyncio.get_running_loop()
         # Bounded: a response that streams for ever must not keep an old pool open for ever.
-        deadline = loop.time() + max(60.0, 4 * upstream.timeout)
+        deadline = loop.time() + max(RETIRED_MAX, 4 * upstream.timeout)
         quiet_since = loop.time()
         try:
             while loop.time() < deadline:
