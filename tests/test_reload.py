@@ -923,6 +923,44 @@ async def test_requests_in_flight_through_a_reload_stay_within_the_old_upstreams
             assert peak <= 2, peak
 
 
+async def test_a_download_in_flight_through_a_reload_is_never_cut_off(reloadable, upstreams,
+                                                                      monkeypatch):
+    """A response still streaming when a reload that moved its upstream had retired the old
+    pool for ``max(60, 4 x timeout)`` seconds was cut off mid-body (its connection closed
+    with the pool): a long download or an event stream through a reload that only touched
+    the upstream's entry ended short, though a reload drops no connection. Only WebSocket
+    tunnels are closed then (docs/websocket.md); a response finishes. (The wait is
+    shortened here to 4 x the upstream's 0.5 s timeout.)"""
+    from gateway.proxying import forward
+    monkeypatch.setattr(forward, "RETIRED_MAX", 0.3)
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    chunks = 12
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = chunks * 1000
+        await response.prepare(request)
+        for _ in range(chunks):
+            await response.write(b"x" * 1000)
+            await asyncio.sleep(0.2)
+        return response
+
+    async with serving(slow) as slow_url:
+        doc = config_doc(slow_url)
+        doc["upstreams"]["api"]["timeout"] = 0.5  # the pool then waits 4 x 0.5 s
+        write(path, doc)
+        assert (await reload(gw))[0] == 200
+        token, _ = await gw.key(role="reader")
+        async with gw.proxy.get("/people/1", headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 200
+            first = await r.content.readexactly(1000)
+            write(path, config_doc(urls["b"]))
+            assert (await reload(gw))[0] == 200
+            body = first + await r.read()  # 2.2 s more: past the retired pool's wait
+        assert len(body) == chunks * 1000
+
+
 async def test_a_request_in_flight_to_a_moved_upstream_leaves_the_next_ones_on_the_new_url(
         tmp_path, upstreams, redis_url, monkeypatch):
     """A request waiting for its store call when a reload moves its upstream finishes on the

@@ -118,7 +118,7 @@ _TRACE_ONLY = Tracer()
 
 RETIRED_QUIET = 10.0  # seconds a pool a reload took out of use stays unused before it closes
 RETIRED_MAX = 60.0    # at least this long (4 x the upstream's timeout if longer) after the
-                      # reload, its tunnels and anything still under way are closed
+                      # reload, its WebSocket tunnels are closed (responses finish)
 
 
 class Forwarder:
@@ -183,12 +183,18 @@ class Forwarder:
         pool = entry[0]
         pool.retire()
         loop = asyncio.get_running_loop()
-        # Bounded: a response that streams for ever must not keep an old pool open for ever.
+        # A WebSocket tunnel to the old upstream may stay open for ever: it is closed after a
+        # while, and its client reconnects to the new one (docs/websocket.md). A response
+        # still streaming (a long download, an event stream) finishes: a reload cuts nothing
+        # off mid-body, as nginx's old workers finish theirs.
         deadline = loop.time() + max(RETIRED_MAX, 4 * upstream.timeout)
         quiet_since = loop.time()
         try:
-            while loop.time() < deadline:
+            while True:
                 now = loop.time()
+                if deadline is not None and now >= deadline:
+                    pool.close_tunnels()
+                    deadline = None
                 if pool.in_use():
                     quiet_since = now
                 elif now - quiet_since >= RETIRED_QUIET:

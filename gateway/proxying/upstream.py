@@ -117,6 +117,14 @@ class UpstreamPool:
         for conn in idle:
             conn.close()
 
+    def close_tunnels(self) -> None:
+        """Close the connections that switched to a WebSocket tunnel (their protocol is the
+        tunnel's now, no longer the connection's own parser)."""
+        for conn in list(self.active):
+            transport = conn.transport
+            if transport is not None and transport.get_protocol() is not conn:
+                conn.close()
+
     def in_use(self) -> bool:
         """A request uses the pool or waits for it: an exchange under way, a connection being
         opened, a waiter (of a retired pool, whose idle connections are closed: any open)."""
