@@ -253,7 +253,8 @@ class Authenticator:
         Does not judge expiry or revocation: the pipeline does, against the store."""
         digest = token_digest(raw_token)
         entry = self.cache.get(digest)
-        if entry is not None and time.monotonic() < entry.verified_until:
+        if entry is not None and time.monotonic() < entry.verified_until and (
+                entry.generation == self.generation or self._within_ttl(entry)):
             if self._hit is not None:
                 self._hit.inc()
             entry.used = True
@@ -299,6 +300,15 @@ class Authenticator:
             if entry is not None and self.config.store.on_store_error == "open":
                 return entry
             raise
+
+    def _within_ttl(self, entry: CachedKey) -> bool:
+        """Whether an entry cached before a reload is still verified under the
+        ``keys.cache_ttl`` now in force: one that a shorter TTL ends is ended (then verified
+        again, as one whose TTL ran out). Only on an entry's first use after a reload."""
+        until = time.monotonic() + self.config.keys.cache_ttl
+        if entry.verified_until > until:
+            entry.verified_until = until
+        return time.monotonic() < entry.verified_until
 
     def accepts(self, prefix: str, environment: str) -> bool:
         """Whether tokens of ``prefix`` and ``environment`` are still accepted (a reload may

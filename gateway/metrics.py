@@ -91,8 +91,9 @@ class Metrics:
                                       "result (ok|error).", ["result"], registry=r)
         self.config_reloaded_at = Gauge("keygate_config_last_reload_timestamp_seconds",
                                         "When the config in force was loaded (start or last "
-                                        "successful reload), Unix seconds.", registry=r,
-                                        multiprocess_mode="max")
+                                        "successful reload), Unix seconds; under --workers, "
+                                        "the oldest worker's.", registry=r,
+                                        multiprocess_mode="min")
         self._per_request: dict[tuple, tuple] = {}
         self._per_upstream: dict[str, _Hist] = {}
         self._counts: dict[int, _Count] = {}

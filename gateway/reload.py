@@ -44,7 +44,8 @@ RESTART_ONLY_SECTIONS = ("identity_signature", "tracing")
 # Under ``serve --workers N`` the worker that answers ``POST /admin/v1/reload`` has the others
 # reload too, and answers once they have (at most this many seconds): each worker writes
 # ``reload-<pid>`` (when its last reload began reading the file, time.monotonic(), the same
-# clock in every process of a host) in the directory the supervisor made for its workers.
+# clock in every process of a host, and the problems it refused the file for, if it did) in
+# the directory the supervisor made for its workers.
 SIBLINGS_WAIT = 10.0
 MARK_PREFIX = "reload-"
 
@@ -107,7 +108,9 @@ class Reloader:
         self._echo = 0  # SIGHUPs we caused ourselves (a worker asking its siblings to reload)
         self._hup_waiting = False  # a SIGHUP's reload waits for its turn (it answers the next)
         self._marks = _shared_dir()  # serve --workers: where each worker says it reloaded
-        self._mark(time.monotonic())  # a worker that has not reloaded yet is named there too
+        # a worker that has not reloaded yet is named there too, behind any reload asked for
+        # (its config is the one the supervisor read before forking it; see mark_forked)
+        self._mark(0.0)
         if metrics is not None:
             metrics.config_reloaded_at.set(clock())
 
@@ -162,11 +165,18 @@ class Reloader:
         finally:
             if signalled:
                 self._hup_waiting = False
-        started = time.monotonic()
+        started, problems = time.monotonic(), None
         try:
             yield
+        except ConfigError as exc:
+            problems = list(exc.problems)
+            raise
+        except Exception as exc:
+            problems = [f"the reload failed: {exc!r}"]
+            raise
         finally:
-            self._mark(started)  # done or refused: a sibling waiting on this worker goes on
+            # done or refused: a sibling waiting on this worker goes on, and learns which
+            self._mark(started, problems)
             self._lock.release()
 
     async def _in_use(self, new: Config) -> list[str]:
@@ -210,34 +220,43 @@ class Reloader:
             return asked
         return None
 
-    async def siblings_reloaded(self, asked: float, timeout: float = SIBLINGS_WAIT) -> None:
+    async def siblings_reloaded(self, asked: float,
+                                timeout: float = SIBLINGS_WAIT) -> list[str]:
         """Until every other worker still running has reloaded from the file since ``asked``
         (or refused it), so a request the API's caller sends next sees the new config
-        whichever worker takes it; at most ``timeout`` seconds (then a warning)."""
+        whichever worker takes it; at most ``timeout`` seconds (then a warning). Returns the
+        problems of the workers that refused the file (each read it itself: one that read it
+        changed, an editor half-way through writing it, kept its old config), as
+        ``worker PID: problem``; empty when all took it."""
         if self._marks is None:
-            return
+            return []
         deadline = time.monotonic() + timeout
         while True:
-            behind = [pid for pid, at in _marks(self._marks)
-                      if pid != os.getpid() and at < asked and _running(pid)]
+            marks = [m for m in _marks(self._marks) if m[0] != os.getpid()]
+            behind = [pid for pid, at, _ in marks if at < asked and _running(pid)]
             if not behind:
-                return
+                refused = [f"worker {pid}: {problem}" for pid, at, problems in sorted(marks)
+                           if at >= asked and problems for problem in problems]
+                if refused:
+                    log.error("reload: this worker took %s, but other workers refused it and "
+                              "keep their old config: %s", self.path, "; ".join(refused))
+                return refused
             if time.monotonic() >= deadline:
                 log.warning("reload: workers %s had not re-read the config %.0f s after the "
                             "reload call; answering it all the same",
                             ", ".join(map(str, behind)), timeout)
-                return
+                return []
             await asyncio.sleep(0.005)
 
-    def _mark(self, started: float) -> None:
+    def _mark(self, started: float, problems: list[str] | None = None) -> None:
         """Say, for the worker asking (``siblings_reloaded``), that this one's latest reload
-        began reading the file at ``started``."""
+        began reading the file at ``started``, and the ``problems`` it refused it for."""
         if self._marks is None:
             return
         path = os.path.join(self._marks, f"{MARK_PREFIX}{os.getpid()}")
         try:
             with open(path + ".tmp", "w") as f:
-                f.write(repr(started))
+                json.dump({"started": started, "problems": problems}, f)
             os.replace(path + ".tmp", path)
         except OSError as exc:
             log.warning("reload: cannot write %s: %s", path, exc)
@@ -276,6 +295,21 @@ class ListenerTLS:
                                f"{tls.key_file}: {exc}"]) from exc
 
 
+class WorkersDisagree(Conflict):
+    """409 from ``POST /admin/v1/reload`` under ``serve --workers N``: the worker that took the
+    call swapped the file in, and others refused it (``problems``: ``worker PID: ...``)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("This worker took the config file, but other workers refused it and "
+                         "keep their old config (the file changed while they read it?): the "
+                         "workers serve different configs until a reload that all of them "
+                         "take. Fix the file if it needs it and reload again.")
+        self.problems = problems
+
+    def body(self, request_id: str) -> bytes:
+        return _with_problems(self, request_id)
+
+
 class ConfigRejected(BadRequest):
     """400 from ``POST /admin/v1/reload``: the usual error body plus every problem found."""
 
@@ -285,14 +319,20 @@ class ConfigRejected(BadRequest):
         self.problems = problems
 
     def body(self, request_id: str) -> bytes:
-        return json.dumps({"error": {"code": self.code, "message": self.message,
-                                     "request_id": request_id,
-                                     "problems": self.problems}}).encode()
+        return _with_problems(self, request_id)
+
+
+def _with_problems(error: BadRequest | Conflict, request_id: str) -> bytes:
+    """The usual error body plus the ``problems`` found."""
+    return json.dumps({"error": {"code": error.code, "message": error.message,
+                                 "request_id": request_id,
+                                 "problems": error.problems}}).encode()
 
 
 def add_reload_route(app: web.Application, reloader: Reloader) -> None:
     """``POST /admin/v1/reload`` (operator token, like all of ``/admin/``): 200 with the
-    result, 400 with the problems (nothing changed), 409 without a config file to re-read."""
+    result, 400 with the problems (nothing changed), 409 without a config file to re-read, or
+    (``serve --workers N``) when other workers refused the file this one took."""
 
     async def reload(request: web.Request) -> web.Response:
         if (await request.read()).strip() not in (b"", b"{}"):
@@ -305,8 +345,8 @@ def add_reload_route(app: web.Application, reloader: Reloader) -> None:
         except ConfigError as exc:
             raise ConfigRejected(list(exc.problems)) from None
         asked = reloader.tell_siblings()
-        if asked is not None:
-            await reloader.siblings_reloaded(asked)
+        if asked is not None and (refused := await reloader.siblings_reloaded(asked)):
+            raise WorkersDisagree(refused)
         return web.json_response(result.to_json())
 
     app.router.add_post("/admin/v1/reload", reload)
@@ -321,8 +361,28 @@ def _shared_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
-def _marks(directory: str) -> list[tuple[int, float]]:
-    """(pid, when its latest reload began) of each worker that wrote a mark."""
+def mark_forked(directory: str, pid: int) -> None:
+    """For the supervisor, as it forks worker ``pid``: mark it behind any reload asked for, as
+    its ``Reloader`` does once made, so that a reload asked meanwhile (the worker still
+    starting) waits for it too. Only if the worker has not written its own mark yet."""
+    path = os.path.join(directory, f"{MARK_PREFIX}{pid}")
+    made = f"{path}.forked"
+    try:
+        with open(made, "w") as f:
+            json.dump({"started": 0.0, "problems": None}, f)
+        os.link(made, path)  # whole, and never over the worker's own
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        log.warning("reload: cannot write %s: %s", path, exc)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(made)
+
+
+def _marks(directory: str) -> list[tuple[int, float, list[str] | None]]:
+    """(pid, when its latest reload began, the problems it refused the file for) of each
+    worker that wrote a mark."""
     found = []
     try:
         names = os.listdir(directory)
@@ -334,8 +394,9 @@ def _marks(directory: str) -> list[tuple[int, float]]:
             continue
         try:
             with open(os.path.join(directory, name)) as f:
-                found.append((int(pid), float(f.read())))
-        except (OSError, ValueError):
+                mark = json.load(f)
+            found.append((int(pid), float(mark["started"]), mark["problems"] or None))
+        except (OSError, ValueError, TypeError, KeyError):
             continue  # gone meanwhile, or caught being replaced: read again at the next poll
     return found
 

@@ -25,6 +25,7 @@ from .config import Config, load_config, servable_problems
 from .errors import ConfigError, StoreError
 from .store.request import RequestStore
 from .redis_urls import redact
+from .reload import mark_forked
 
 log = logging.getLogger("keygate")
 
@@ -431,6 +432,7 @@ def _supervise(config: Config, store_url: str, workers: int,
                     sys.stderr.flush()
                 os._exit(code)
         children.append(pid)
+        mark_forked(metrics_dir, pid)  # a reload asked while it starts waits for it
 
     reloading = [False, False]  # this handler is running; a SIGHUP came in meanwhile
 

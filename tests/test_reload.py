@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from aiohttp import ClientSession, TCPConnector, web
 from gateway.config import load_config
 from prometheus_client.parser import text_string_to_metric_families
 from harness import bearer, eventually, gateway_under_test, refusal_times, serving
-from served import TIMEOUT, Served, admin_json, children_of, new_key, write_config
+from served import ADMIN_TOKEN, TIMEOUT, Served, admin_json, children_of, new_key, write_config
 
 
 def config_doc(upstream_url: str, **changes: Any) -> dict[str, Any]:
@@ -293,6 +295,38 @@ async def test_a_reload_of_argon2_makes_its_decoy_off_the_event_loop(reloadable,
     assert max(lags) < 0.3, sorted(lags)[-3:]  # (a loaded machine's scheduling noise)
 
 
+async def test_a_shorter_cache_ttl_holds_for_keys_verified_before_the_reload(reloadable,
+                                                                             upstreams):
+    """keys.cache_ttl lowered by a reload (to 0: verify every request) held only for keys
+    verified after it: one verified before stayed verified for the old TTL (300 s)."""
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    token, _ = await gw.key(role="reader")
+    auth = {"Authorization": f"Bearer {token}"}
+
+    def verified() -> float:
+        return gw.counter("keygate_argon2_verifications_total", result="ok")
+    for _ in range(2):
+        async with gw.proxy.get("/people/1", headers=auth) as r:
+            assert r.status == 200
+    assert verified() == 1  # the second one from the cache
+    doc = config_doc(urls["a"])
+    doc["keys"] = {**doc["keys"], "cache_ttl": 0}
+    write(path, doc)
+    assert (await reload(gw))[0] == 200
+    for n in (2, 3):
+        async with gw.proxy.get("/people/1", headers=auth) as r:
+            assert r.status == 200
+        assert verified() == n
+    doc["keys"]["cache_ttl"] = 300  # and back: cached again
+    write(path, doc)
+    assert (await reload(gw))[0] == 200
+    for _ in range(2):
+        async with gw.proxy.get("/people/1", headers=auth) as r:
+            assert r.status == 200
+    assert verified() == 4
+
+
 async def test_the_websocket_recheck_interval_reloads(reloadable, upstreams):
     gw, path = reloadable
     urls, _, _ = upstreams
@@ -545,6 +579,117 @@ async def test_the_request_after_an_admin_reload_under_two_workers_sees_the_new_
         gw.close()
 
 
+async def serving_pid(port: int, peer_port: int) -> int:
+    """The pid of the process holding the accepted end of the loopback connection from
+    ``peer_port`` to ``port`` (``ss``: which worker of ``serve --workers N`` took it), once
+    one has accepted it."""
+    import re
+    import subprocess
+
+    def pids() -> set[int]:
+        out = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} and "
+                              f"dport = :{peer_port} )"], capture_output=True, text=True).stdout
+        return {int(p) for p in re.findall(r"pid=(\d+),", out)}
+    found = await eventually(pids)
+    assert len(found) == 1, found
+    return found.pop()
+
+
+async def last_reload_gauge(s: ClientSession, admin: str) -> float:
+    async with s.get(admin + "/metrics", headers={"Connection": "close"}) as r:
+        text = await r.text()
+    return next(sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "keygate_config_last_reload_timestamp_seconds")
+
+
+async def test_an_admin_reload_a_sibling_worker_refuses_is_not_answered_as_a_success(
+        tmp_path, slow_upstream, redis_url):
+    """Under ``--workers 2`` each worker reads the file itself. One that reads it changed (an
+    editor half-way through writing it) refuses it while the worker that took the call swapped
+    it in: the workers serve different configs. The call answered 200 ``ok`` all the same, and
+    the last-reload gauge showed the newest worker's time, so nothing told the operator."""
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", "2")
+    stopped = None
+    try:
+        await gw.ready()
+        # both workers up (a worker still starting has not said yet where it stands)
+        assert await eventually(lambda: gw.stderr().count("keygate listening") == 2), \
+            gw.stderr()
+        reader, writer = await asyncio.open_connection("127.0.0.1", aport)
+        answering = await serving_pid(aport, writer.get_extra_info("sockname")[1])
+        [stopped] = children_of(gw.proc.pid) - {answering}
+        stopped_pid = stopped
+        os.kill(stopped, signal.SIGSTOP)  # it takes the supervisor's SIGHUP later
+        edit_routes(config, [PEOPLE, {"path": "/more/**", "upstream": "api",
+                                      "scopes": ["people:read"]}])
+        called = time.time()
+        writer.write(b"POST /admin/v1/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                     b"Connection: close\r\nAuthorization: Bearer " + ADMIN_TOKEN.encode()
+                     + b"\r\n\r\n")
+        assert await eventually(lambda: "config reloaded from" in gw.stderr()), gw.stderr()
+        config.write_text(config.read_text()[:40])  # caught half-written by the other
+        os.kill(stopped, signal.SIGCONT)
+        stopped = None
+        answer = await asyncio.wait_for(reader.read(), 15)
+        writer.close()
+        head, _, raw = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 409 "), answer
+        body = json.loads(raw)
+        assert body["error"]["code"] == "conflict"
+        problems = body["error"]["problems"]
+        assert problems and all(p.startswith(f"worker {stopped_pid}: ") for p in problems), \
+            problems
+        # the worker that kept its old config shows its start (the oldest of the workers')
+        async with ClientSession(timeout=TIMEOUT) as s:
+            assert await last_reload_gauge(s, gw.admin) < called
+        assert await asyncio.to_thread(gw.terminate) == 0
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        gw.close()
+
+
+async def test_an_admin_reload_waits_for_a_worker_still_starting(tmp_path, slow_upstream,
+                                                                 redis_url):
+    """Under ``--workers 2`` the reload call answers once every worker has re-read the file.
+    A worker still starting (forked, its gateway not yet made) had not said where it stood,
+    so the call answered at once, and the caller's next request could reach that worker
+    before it had taken the file."""
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", "2")
+    stopped = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(children := children_of(gw.proc.pid)) < 2:  # the second one, at its fork
+            assert gw.proc.poll() is None and time.monotonic() < deadline, gw.stderr()
+            await asyncio.sleep(0.001)
+        for pid in sorted(children)[1:]:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        await gw.ready()  # the first one
+        assert "keygate listening" in gw.stderr()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+            edit_routes(config, [PEOPLE, {"path": "/more/**", "upstream": "api",
+                                          "scopes": ["people:read"]}])
+            call = asyncio.ensure_future(admin_json(s, gw.admin, "POST", "/reload"))
+            await asyncio.sleep(1.0)
+            assert not call.done(), call.result()  # it waits for the worker still starting
+            os.kill(stopped.pop(), signal.SIGCONT)
+            status, body = await call
+            assert status == 200, body
+            assert await answered_by_all(gw.proxy, "/more/x", token, 200, 12)
+        assert await asyncio.to_thread(gw.terminate) == 0
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        gw.close()
+
+
 async def test_the_pool_of_a_changed_upstream_is_closed_once_idle(reloadable, upstreams):
     gw, path = reloadable
     urls, delay, _ = upstreams
@@ -636,6 +781,31 @@ async def test_a_key_in_the_path_is_never_logged_after_a_reload_changes_the_key_
     assert '"path":"/people/***"' in err, err
 
 
+async def test_the_admin_log_masks_keys_of_the_prefix_a_reload_gave(reloadable, upstreams,
+                                                                    caplog):
+    """The admin listener's call log masked keys of the prefix the gateway started with: after
+    a reload to another prefix, a key pasted into an admin URL (in place of its id, or in the
+    query) was written to the log whole."""
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    doc = config_doc(urls["a"])
+    doc["keys"] = {**doc["keys"], "prefix": "ab"}
+    write(path, doc)
+    status, result = await reload(gw)
+    assert status == 200, result
+    token, _ = await gw.key(role="reader")
+    assert token.startswith("ab_live_")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="keygate.admin"):
+        async with gw.admin.get(f"/admin/v1/workspaces/acme/keys/{token}") as r:
+            assert r.status in (400, 404)
+        async with gw.admin.get(f"/admin/v1/workspaces/acme/keys?q={token}") as r:
+            await r.read()
+    logged = "\n".join(f"{r.getMessage()} {getattr(r, 'path', '')}" for r in caplog.records)
+    assert "/admin/v1/workspaces/acme/keys/" in logged, logged
+    assert token not in logged and token[-38:-6] not in logged, logged
+
+
 async def test_a_request_in_flight_drops_the_credential_header_it_was_checked_with(
         tmp_path, upstreams, redis_url, monkeypatch):
     """A request checked with a key from X-Api-Key, still waiting for its store call when a
@@ -699,6 +869,96 @@ async def test_a_request_in_flight_keeps_the_body_limit_it_was_checked_with(
         # the next request is judged under the new limit
         async with gw.proxy.post("/people/3", headers=bearer(token), data=b"x" * 5000) as r:
             assert r.status == 413
+
+
+async def test_requests_in_flight_through_a_reload_stay_within_the_old_upstreams_bound(
+        tmp_path, upstreams, redis_url, monkeypatch):
+    """Requests that matched their route before a reload moved the upstream, and reached the
+    forwarder after it, each got a pool of their own for the old URL: as many new connections
+    as there were such requests, past the old upstream's ``max_connections``. They now share
+    the retiring pool, within its bound."""
+    from harness import HeldReplies
+    urls, _, _ = upstreams
+    now = peak = 0
+
+    async def old(request: web.Request) -> web.Response:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        try:
+            await asyncio.sleep(0.2)
+        finally:
+            now -= 1
+        return web.json_response({"upstream": "old"})
+
+    async with serving(old) as old_url:
+        path = tmp_path / "keygate.yaml"
+        doc = config_doc(old_url)
+        doc["upstreams"]["api"]["max_connections"] = 2
+        write(path, doc)
+        async with HeldReplies(redis_url) as relay, \
+                gateway_under_test(load_config(path), relay.url, monkeypatch,
+                                   config_path=str(path)) as gw:
+            await gw.workspace("acme")
+            token, _ = await gw.key(role="reader")
+            auth = {"Authorization": f"Bearer {token}"}
+            async with gw.proxy.get("/people/0", headers=auth) as r:  # verified: cached
+                assert r.status == 200
+            peak = 0
+            relay.hold()
+            async with ClientSession(str(gw.proxy_server.make_url(""))) as other:
+                sent = [asyncio.ensure_future(other.get(f"/people/{n}", headers=auth))
+                        for n in range(6)]
+                assert await eventually(lambda: relay.held_back), "no store call was held"
+                await asyncio.sleep(0.2)  # the others' authorize calls too
+                write(path, config_doc(urls["b"]))
+                status, _ = await reload(gw)
+                assert status == 200
+                relay.release()
+                answers = await asyncio.gather(*sent)
+                bodies = [(r.status, await r.json()) for r in answers]
+                for r in answers:
+                    r.release()
+            assert bodies == [(200, {"upstream": "old"})] * 6
+            assert peak <= 2, peak
+
+
+async def test_a_download_in_flight_through_a_reload_is_never_cut_off(reloadable, upstreams,
+                                                                      monkeypatch):
+    """A response still streaming when a reload that moved its upstream had retired the old
+    pool for ``max(60, 4 x timeout)`` seconds was cut off mid-body (its connection closed
+    with the pool): a long download or an event stream through a reload that only touched
+    the upstream's entry ended short, though a reload drops no connection. Only WebSocket
+    tunnels are closed then (docs/websocket.md); a response finishes. (The wait is
+    shortened here to 4 x the upstream's 0.5 s timeout.)"""
+    from gateway.proxying import forward
+    monkeypatch.setattr(forward, "RETIRED_MAX", 0.3)
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    chunks = 12
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = chunks * 1000
+        await response.prepare(request)
+        for _ in range(chunks):
+            await response.write(b"x" * 1000)
+            await asyncio.sleep(0.2)
+        return response
+
+    async with serving(slow) as slow_url:
+        doc = config_doc(slow_url)
+        doc["upstreams"]["api"]["timeout"] = 0.5  # the pool then waits 4 x 0.5 s
+        write(path, doc)
+        assert (await reload(gw))[0] == 200
+        token, _ = await gw.key(role="reader")
+        async with gw.proxy.get("/people/1", headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 200
+            first = await r.content.readexactly(1000)
+            write(path, config_doc(urls["b"]))
+            assert (await reload(gw))[0] == 200
+            body = first + await r.read()  # 2.2 s more: past the retired pool's wait
+        assert len(body) == chunks * 1000
 
 
 async def test_a_request_in_flight_to_a_moved_upstream_leaves_the_next_ones_on_the_new_url(

@@ -1202,6 +1202,30 @@ async def test_a_revoked_keys_tunnel_closes_within_server_websocket_recheck(redi
                 assert took < every + 0.5, took
 
 
+async def test_a_tunnel_to_an_upstream_a_reload_moved_closes_once_its_pool_retires(
+        redis_url, monkeypatch):
+    """docs/websocket.md: a reload that changes only the upstream's entry closes the tunnel
+    once the old pool is retired (``max(60, 4 x timeout)`` seconds; shortened here), while a
+    response still streaming on that pool finishes (tests/test_reload.py)."""
+    from gateway.proxying import forward
+    monkeypatch.setattr(forward, "RETIRED_MAX", 0.5)
+    async with ws_upstream() as (url, _), ws_upstream() as (other, _), \
+            gateway(redis_url, monkeypatch, url, upstream_timeout=0.1) as g:
+        token, _ = await g.key()
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/people-ws/x"), headers=bearer(token)) as ws:
+                await ws.send_str("a")
+                assert (await ws.receive(timeout=5)).data == "echo:a"
+                config = g.gw.config
+                g.gw.reloader.apply(dataclasses.replace(config, upstreams={
+                    "api": Upstream("api", other, 0.1)}))
+                started = time.monotonic()
+                msg = await ws.receive(timeout=5)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR)
+                assert 0.3 < time.monotonic() - started < 3
+
+
 async def test_a_reload_that_shortens_websocket_recheck_acts_without_the_old_wait(
         redis_url, monkeypatch):
     """The check waits on the interval in force: a reload from an hour down to a second is

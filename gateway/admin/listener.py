@@ -72,7 +72,7 @@ def create_admin_app(config: Config, store: Store,
     tokens from one client are bounded (gateway/admin/throttle.py); unbounded without it."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware(
         config, authenticate_key=authenticate_key, client_address=client_address,
-        throttle=throttle)])
+        throttle=throttle, current=lambda: store.config)])
     app[STORE] = store
     app[READINESS] = Readiness(store, per_request_ready)
     r = app.router

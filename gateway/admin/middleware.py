@@ -242,15 +242,20 @@ async def read_whole_body(request: web.BaseRequest, within: float) -> bytes:
 def error_middleware(config: Config, *, authenticate: bool = True,
                      authenticate_key: KeyAuthenticator | None = None,
                      client_address: Callable[[web.BaseRequest], str] | None = None,
-                     throttle: OperatorThrottle | None = None) -> Callable:
+                     throttle: OperatorThrottle | None = None,
+                     current: Callable[[], Config] | None = None) -> Callable:
     """Errors → SPEC's JSON body; anything unexpected → a generic 500 (logged, never shown);
     ``X-Request-Id`` on every response; auth for everything under ``/admin/``: the operator
     token, or (with ``authenticate_key``) a workspace admin key, confined by :func:`confine`;
     with ``throttle``, wrong operator tokens are bounded per client (``client_address``).
 
     The operator token is read from the environment here, once: changing the variable takes a
-    restart (as with every other setting)."""
+    restart (as with every other setting). ``current``: the config in force, which a reload
+    swaps (``config`` without it); the log masks keys of its ``keys.prefix``."""
     expected = os.environ.get(config.admin.token_env, "")
+    if current is None:
+        def current() -> Config:
+            return config
 
     @web.middleware
     async def middleware(request: web.Request,
@@ -295,7 +300,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             response = err.response(rid)
         except StoreError as exc:
             log.warning("store unavailable during %s %s (request %s): %s", request.method,
-                        loggable_target(request.raw_path, config.keys.prefix, expected), rid,
+                        loggable_target(request.raw_path, current().keys.prefix, expected), rid,
                         exc)
             response = ServiceUnavailable(
                 exc.answer or "The key store is unavailable; nothing was changed or the "
@@ -306,7 +311,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             response = _from_http_exception(exc).response(rid)
         except Exception:
             log.exception("unexpected error in %s %s (request %s)", request.method,
-                          loggable_target(request.raw_path, config.keys.prefix, expected), rid)
+                          loggable_target(request.raw_path, current().keys.prefix, expected), rid)
             response = GatewayError("An internal error occurred.").response(rid)
         response.headers["X-Request-Id"] = rid
         if response.status == 413 or held_back and not request.content.is_eof():
@@ -318,7 +323,7 @@ def error_middleware(config: Config, *, authenticate: bool = True,
             # a new key's token, key listings, usage: no browser, proxy or CDN keeps a copy
             response.headers.setdefault("Cache-Control", "no-store")
             log_admin_call(request, response.status, rid, actor, time.perf_counter() - started,
-                           config.keys.prefix,
+                           current().keys.prefix,
                            client_address(request) if client_address else request.remote,
                            operator_token=expected)
         if response.status in (408, 501):  # the rest is not worth waiting for, or not ours

@@ -68,7 +68,15 @@ def admin_paths() -> dict[str, Schema]:
                                 "content": {JSON: {"schema": {"anyOf": [
                                     ref("ConfigProblems"), err(400, "bad_request")[1]["content"]
                                     [JSON]["schema"]]}}}}),
-                       err(409, "conflict"), tags=["config"]),
+                       ("409", {"description": "`conflict`: started without a config file; or "
+                                              "(serve --workers N) other workers refused the "
+                                              "file this one took (their problems listed as "
+                                              "`worker PID: ...`)",
+                                "headers": REQUEST_ID_HEADER,
+                                "content": {JSON: {"schema": {"anyOf": [
+                                    ref("WorkerProblems"), err(409, "conflict")[1]["content"]
+                                    [JSON]["schema"]]}}}}),
+                       tags=["config"]),
         },
         v1: {
             "post": op("Create a workspace", ok(201, ref("Workspace"), "created"), *with_body,

@@ -182,6 +182,12 @@ def schemas() -> dict[str, Schema]:
             "request_id": {"type": "string"},
             "problems": {"type": "array", "items": {"type": "string"},
                          "description": "every problem, as file:line: field: what"}})}),
+        "WorkerProblems": obj({"error": obj({
+            "code": {"const": "conflict"}, "message": {"type": "string"},
+            "request_id": {"type": "string"},
+            "problems": {"type": "array", "items": {"type": "string"},
+                         "description": "what the workers that refused the file found, as "
+                                        "worker PID: file:line: field: what"}})}),
     }
 
 

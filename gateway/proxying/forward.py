@@ -116,12 +116,20 @@ def _trusting(upstream: Upstream) -> ssl.SSLContext | None:
 _TRACE_ONLY = Tracer()
 
 
+RETIRED_QUIET = 10.0  # seconds a pool a reload took out of use stays unused before it closes
+RETIRED_MAX = 60.0    # at least this long (4 x the upstream's timeout if longer) after the
+                      # reload, its WebSocket tunnels are closed (responses finish)
+
+
 class Forwarder:
     """Forwards requests to upstreams; one keep-alive pool per upstream."""
 
     def __init__(self, config: Config) -> None:
         self._pools: dict[str, tuple[UpstreamPool, str, str]] = {}  # name → pool, base, Host
         self._retiring: set[asyncio.Task] = set()
+        # the pools a reload took out of use, by the upstream they were made for, until their
+        # requests are done: requests in flight through the reload still use them
+        self._retired: dict[Upstream, tuple[UpstreamPool, str, str]] = {}
         self._settle(config)
         # Called with (upstream name, seconds from sending to the response headers) for each
         # upstream answer; the app wires it to keygate_upstream_duration_seconds.
@@ -160,19 +168,41 @@ class Forwarder:
             entry = self._pools.pop(name, None)
             if entry is None:
                 continue
-            task = asyncio.ensure_future(self._retire(entry[0], before))
+            self._retired[before] = entry
+            task = asyncio.ensure_future(self._retire(entry, before))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 
-    @staticmethod
-    async def _retire(pool: UpstreamPool, upstream: Upstream) -> None:
+    async def _retire(self, entry: tuple[UpstreamPool, str, str], upstream: Upstream) -> None:
+        """Close a pool a reload took out of use once nothing has used it for ``RETIRED_QUIET``
+        seconds. Until then it keeps no idle connection (each is closed as its request ends)
+        and serves the requests that matched their route before the reload, within its
+        ``max_connections``: also those that reach the forwarder only after the reload (their
+        key being verified, their authorize call under way), which no count of the pool's
+        sees coming."""
+        pool = entry[0]
+        pool.retire()
         loop = asyncio.get_running_loop()
-        # Bounded: a response that streams for ever must not keep an old pool open for ever.
-        deadline = loop.time() + max(60.0, 4 * upstream.timeout)
+        # A WebSocket tunnel to the old upstream may stay open for ever: it is closed after a
+        # while, and its client reconnects to the new one (docs/websocket.md). A response
+        # still streaming (a long download, an event stream) finishes: a reload cuts nothing
+        # off mid-body, as nginx's old workers finish theirs.
+        deadline = loop.time() + max(RETIRED_MAX, 4 * upstream.timeout)
+        quiet_since = loop.time()
         try:
-            while pool.active and loop.time() < deadline:
+            while True:
+                now = loop.time()
+                if deadline is not None and now >= deadline:
+                    pool.close_tunnels()
+                    deadline = None
+                if pool.in_use():
+                    quiet_since = now
+                elif now - quiet_since >= RETIRED_QUIET:
+                    break
                 await asyncio.sleep(0.25)
         finally:
+            if self._retired.get(upstream) is entry:
+                del self._retired[upstream]
             await pool.close()
 
     async def close(self) -> None:
@@ -189,7 +219,7 @@ class Forwarder:
         # a request in flight through a reload that changed its upstream: its pool was retired
         # with the old config, and it must not put one for the old URL back under the name
         # the new config's requests look up
-        entry = self._pools.get(upstream.name) if current else None
+        entry = self._pools.get(upstream.name) if current else self._retired.get(upstream)
         if entry is None:
             url = URL(upstream.url)
             pool = UpstreamPool(str(url.origin()), connect_timeout=upstream.timeout,
@@ -198,7 +228,7 @@ class Forwarder:
             entry = (pool, url.raw_path.rstrip("/"), url.host_port_subcomponent or url.host or "")
             if current:
                 self._pools[upstream.name] = entry
-            else:  # this request's alone: closed already, so its connection is not kept
+            else:  # its retired pool is closed: this request's alone, its connection not kept
                 pool.closed = True
         return entry
 

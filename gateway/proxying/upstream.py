@@ -109,6 +109,27 @@ class UpstreamPool:
         # kept. One opened while the pool closed was not active yet, so close() missed it.
         self.closed = False
 
+    def retire(self) -> None:
+        """Keep no connection from now on: the idle ones are closed, and each one in use is
+        closed when its request ends. Requests may still use the pool (within its bound)."""
+        self.closed = True
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+    def close_tunnels(self) -> None:
+        """Close the connections that switched to a WebSocket tunnel (their protocol is the
+        tunnel's now, no longer the connection's own parser)."""
+        for conn in list(self.active):
+            transport = conn.transport
+            if transport is not None and transport.get_protocol() is not conn:
+                conn.close()
+
+    def in_use(self) -> bool:
+        """A request uses the pool or waits for it: an exchange under way, a connection being
+        opened, a waiter (of a retired pool, whose idle connections are closed: any open)."""
+        return bool(self.active or self.opened or self._waiters or self._upload_waiters)
+
     def take_back(self, conn: UpstreamConnection) -> None:
         self.active.discard(conn)
         if self.closed or len(self.idle) >= self.max_idle:
