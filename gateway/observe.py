@@ -17,21 +17,23 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from .config import Config
 from .errors import StoreError
 from .store.request import RequestStore
-from .metrics import Metrics, WorkersProcessCollector
+from .metrics import Metrics, UsageCollector, WorkersProcessCollector
 
 log = logging.getLogger("keygate")
 
 # /metrics needs no token, and a scrape costs the event loop the proxy listener shares time
-# that grows with the workspaces (2000: ~90 ms of CPU to read and render their gauges, and
-# ~0.1 ms more to send the ~250 kB it makes). Scrapes take at most SCRAPE_SHARE of the time,
-# with bursts of up to SCRAPE_BURST seconds: past that, a scrape is answered the last
-# exposition again, STALE_PER_SECOND of them a second at most (a scraper every second, or
-# several Prometheus servers, meet no wait); the others wait until the budget has refilled
-# and share the scrape that runs then (SCRAPE_MAX_WAIT seconds at most, then they are
-# answered the last exposition again). A scraper (every few seconds or more) and people never
-# meet the bound; a flood does.
-# A scrape is charged its time, less that of a read of the store that failed (a wait), and
-# the time its answer takes to send (at most SEND_CHARGE_MAX: past that, a slow reader's wait).
+# that grows with the workspaces (2000: ~60 ms of CPU to read and render their gauges, in
+# stretches of a few ms at most, and ~0.1 ms more to send the ~250 kB it makes). Scrapes take
+# at most SCRAPE_SHARE of the time, with bursts of up to SCRAPE_BURST seconds: past that, a
+# scrape is answered the last exposition again, STALE_PER_SECOND of them a second at most (a
+# scraper every second, or several Prometheus servers, meet no wait); the others wait until
+# the budget has refilled and share the scrape that runs then (SCRAPE_MAX_WAIT seconds at
+# most, then they are answered the last exposition again). A scraper (every few seconds or
+# more) and people never meet the bound; a flood does.
+# A scrape is charged the loop's time it takes: the steps of its read of the store (not the
+# round trips, nor the requests served between its chunks; nothing for a read that failed, a
+# wait), its rendering, and the time its answer takes to send (at most SEND_CHARGE_MAX: past
+# that, a slow reader's wait).
 SCRAPE_SHARE = 0.1
 SCRAPE_BURST = 1.0
 STALE_PER_SECOND = 5.0
@@ -66,34 +68,71 @@ class ScrapeBudget:
 
 
 class UsageGauges:
-    """The per-workspace month gauges, read fresh at each scrape in one store round trip
-    (:meth:`Store.usage_all`, given the workspaces the last scrape found); concurrent scrapes
-    share one read."""
+    """The per-workspace month gauges, read fresh at each scrape (:meth:`Store.usage_chunks`)
+    and rendered a chunk of workspaces at a time, so the proxy's requests go on between the
+    chunks; concurrent scrapes share one read. A read that fails leaves the last one's."""
 
     def __init__(self, metrics: Metrics, store) -> None:
         self.metrics, self.store = metrics, store
-        self._known: list[str] = []
         self._reading: asyncio.Future | None = None
         self._timer = metrics.store_timer("usage_scrape")
 
-    async def refresh(self) -> None:
+    async def refresh(self) -> float:
+        """Read the gauges; the event loop's time the read took (the time of its steps: not
+        the store's round trips, nor what the loop ran meanwhile)."""
         if self._reading is None:
-            self._reading = asyncio.ensure_future(self._read())
+            self._reading = asyncio.ensure_future(_stepped(self._read()))
         reading = self._reading
         try:
-            await asyncio.shield(reading)
+            return await asyncio.shield(reading)
         finally:
             if self._reading is reading and reading.done():
                 self._reading = None
 
     async def _read(self) -> None:
         started = time.perf_counter()
+        used: list[bytes] = []
+        limit: list[bytes] = []
         try:
-            usages = await self.store.usage_all(self._known)
+            async for usages in self.store.usage_chunks():
+                chunk_used, chunk_limit = UsageCollector.lines(usages)
+                used.append(chunk_used)
+                limit.append(chunk_limit)
         finally:
             self._timer(time.perf_counter() - started)
-        self._known = [usage["workspace"] for usage in usages]
-        self.metrics.usage.usages = [(u["workspace"], u["used"], u["limit"]) for u in usages]
+        self.metrics.usage.text = UsageCollector.joined(used, limit)
+
+
+async def _stepped(coro) -> float:
+    """Run ``coro``; the seconds its steps took (the time between two of its waits)."""
+    steps = _Steps(coro)
+    await steps
+    return steps.seconds
+
+
+class _Steps:
+    """Awaits a coroutine, adding up the time each of its steps takes."""
+
+    def __init__(self, coro) -> None:
+        self.coro, self.seconds = coro, 0.0
+
+    def __await__(self):
+        coro, value, error = self.coro, None, None
+        while True:
+            started = time.perf_counter()
+            try:
+                waiting = coro.send(value) if error is None else coro.throw(error)
+            except StopIteration as finished:
+                return finished.value
+            finally:
+                self.seconds += time.perf_counter() - started
+            try:
+                value, error = (yield waiting), None
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # a cancellation: passed on to the coroutine
+                value, error = None, exc
 
 
 def add_metrics_route(app: web.Application, metrics: Metrics, store, config: Config) -> None:
@@ -108,28 +147,32 @@ def add_metrics_route(app: web.Application, metrics: Metrics, store, config: Con
 
     async def expose() -> bytes:
         nonlocal last
-        started = time.perf_counter()
+        started, spent = time.perf_counter(), 0.0
         try:
             try:
-                await gauges.refresh()
+                # charged the loop's time the read took, not its round trips: the chunks of
+                # thousands of workspaces from a store a few ms away took ~1 s of waiting
+                spent = await gauges.refresh()
             except StoreError:
                 metrics.store_errors.inc()  # the process's own metrics are still worth serving
-                # charged from here: a failed read is a wait (store.timeout, a refusal), not
+                # charged nothing: a failed read is a wait (store.timeout, a refusal), not
                 # the loop's time, and charged it made the scrapes during a store outage
                 # answers of the last exposition again, its store errors standing still
-                started = time.perf_counter()
+            await asyncio.sleep(0)  # the requests that came in meanwhile before the rendering
+            started = time.perf_counter()
             registry = metrics.registry
             if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # serve --workers N
                 metrics.flush()   # this worker's tallies; the others flush every FLUSH_EVERY s
                 registry = CollectorRegistry()
                 MultiProcessCollector(registry)
-                registry.register(metrics.usage)  # as this scrape read it, not from the files
                 registry.register(WorkersProcessCollector(directory))
                 PlatformCollector(registry=registry)
-            last = generate_latest(registry)
+            # the usage gauges as this scrape read them (never from prometheus-client's
+            # per-worker files under --workers, where a limit that went away would stay)
+            last = generate_latest(registry) + metrics.usage.text
             return last
         finally:
-            budget.spend(time.perf_counter() - started)
+            budget.spend(spent + time.perf_counter() - started)
 
     def done(task: asyncio.Future) -> None:
         nonlocal running

@@ -154,15 +154,16 @@ async def test_upstream_errors_are_counted_per_upstream(redis_url, monkeypatch):
                        code="upstream_unavailable") == 2
 
 
-async def test_usage_gauges_cover_many_workspaces_with_one_store_read_per_scrape(
+async def test_usage_gauges_cover_many_workspaces_with_pipelined_store_reads(
         redis_url, upstream, monkeypatch):
-    """A scrape used to make two store calls per workspace; now the workspace set and every
-    hash and counter travel in one pipeline (the MONITOR shows no command outside it)."""
+    """A scrape used to make two store round trips per workspace; now the workspace set is
+    scanned and the fields each gauge needs and the counters travel in pipelines of many
+    workspaces (tests/test_scrape_stall.py: how long each holds the loop)."""
     async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
                                   monkeypatch) as g:
         for i in range(30):
             await g.workspace(f"ws{i:02d}")
-        first = await scrape(g)   # learns the 30 workspaces (a second round trip for them)
+        first = await scrape(g)
         assert len(first.labelsets("keygate_workspace_month_requests")) == 30
         client = redis.Redis.from_url(redis_url)
         before = client.info("commandstats")
@@ -172,7 +173,7 @@ async def test_usage_gauges_cover_many_workspaces_with_one_store_read_per_scrape
         calls = {name.removeprefix("cmdstat_"): after[name]["calls"] -
                  before.get(name, {}).get("calls", 0) for name in after}
         calls = {name: n for name, n in calls.items() if n and name != "info"}
-        assert calls == {"smembers": 1, "hgetall": 30, "get": 30}, calls
+        assert calls == {"sscan": 1, "hmget": 30, "mget": 1}, calls
         assert s.value("keygate_workspace_month_limit", workspace="ws29") == 1000
 
 

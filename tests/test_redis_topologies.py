@@ -612,3 +612,28 @@ def test_serve_preflight_names_refused_sentinel_or_data_credentials_in_one_line(
         assert problem is not None and problem.startswith("cannot reach the store at ")
         assert "\n" not in problem and "Authentication" in problem, problem
         assert data_pw not in problem and sentinel_pw not in problem
+
+
+async def test_cluster_scrape_reads_workspaces_on_every_node_in_chunks(
+        redis_cluster, upstream, monkeypatch) -> None:
+    """A scrape reads the workspaces in pipelines of a few dozen (the proxy's loop free
+    between them): on a Cluster each pipeline holds workspaces of every node's slots, and the
+    workspace set (scanned in batches: 600 ids are more than one) lives on one of them. Every
+    workspace's gauges are there, exact, twice in a row."""
+    from test_scrape_stall import assert_exact, fill, month_gauges
+    ports = redis_cluster["ports"]
+    client = redis.RedisCluster(host="127.0.0.1", port=ports[0], password=CLUSTER_PW)
+    try:
+        ids = fill(client, 600)
+        owners = {_owner_port(ports, f"kg:ws:{{{ws}}}") for ws in ids[:30]}
+        assert len(owners) == 3   # the workspaces are on every master
+        config = make_config(str(upstream.make_url("")))
+        async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
+            for _ in range(2):
+                async with gut.admin.get("/metrics") as r:
+                    assert r.status == 200
+                    samples = month_gauges(await r.text())
+                assert_exact(samples, ids)
+                assert len({ws for _, ws in samples}) == 600
+    finally:
+        client.close()
