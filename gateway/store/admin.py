@@ -18,7 +18,7 @@ from ..models import KeyRecord, Workspace, rfc3339
 from ..usage import effective_plan, limits_json, month_period
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, confirmed_write, no_workspace,
                          store_errors)
-from .admin_keys import KeyStore
+from .admin_keys import READ_CHUNK, KeyStore
 from .keyspace import (WORKSPACES, daily_key, key_daily_key, key_key, key_usage_key, usage_key,
                        ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
 from .records import (UNSET, WORKSPACE_ID_RE, epoch_field, hash_pairs, shown_ws, slug_from_name,
@@ -251,13 +251,17 @@ class Store(KeyStore):
         return workspace.to_json(limits_json(effective_plan(self.config, workspace)))
 
     async def keys_used_this_month(self, ws: str, key_ids: Sequence[str]) -> list[int]:
-        """Each key's own count for the clock's current month (one MGET; one slot). Give each
-        key's ``budget_id``: a rotated key counts under the key it replaced."""
+        """Each key's own count for the clock's current month (an MGET per ``READ_CHUNK``
+        keys; one slot). Give each key's ``budget_id``: a rotated key counts under the key it
+        replaced."""
         if not key_ids:
             return []
         period, _ = month_period(self.clock())
-        with store_errors("read"):
-            counts = await self.redis.mget([key_usage_key(ws, k, period) for k in key_ids])
+        counts: list[Any] = []
+        with store_errors("read"):  # READ_CHUNK per MGET: a listing of every key names 1000s
+            for start in range(0, len(key_ids), READ_CHUNK):  # (Cluster pipelines no MGET)
+                counts += await self.redis.mget([key_usage_key(ws, k, period)
+                                                 for k in key_ids[start:start + READ_CHUNK]])
         return [int(c or 0) for c in counts]
 
     async def daily_usage(self, ws: str, days: int, key_id: str | None = None) -> list[dict]:

@@ -1,0 +1,127 @@
+"""The admin plane of a workspace with tens of thousands of keys, on the Redis that every gateway
+replica's per-request call shares: no admin call may run one Redis command (a script, a whole
+set's read) whose time grows with the workspace, since the per-request calls of every replica
+wait behind it. Real redis-server, real gateway; the workspace is filled by pipelined copies of
+a key the admin API made (a hash per key would take minutes)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from typing import Iterator
+
+import redis
+
+from harness import bearer, gateway_under_test, make_config
+from gateway.store.keyspace import key_index_key, key_key, ws_active_key, ws_keys_key
+
+MANY = 20_000
+BOUND = 1000  # the most keys or members any one command of an admin read may name or return
+WHOLE = {"SMEMBERS", "SINTER", "SUNION", "SDIFF", "KEYS", "SORT", "HGETALL", "ZRANGE",
+         "ZRANGEBYSCORE", "ZREVRANGE", "LRANGE", "XRANGE", "XREVRANGE"}
+
+
+def fill(r: redis.Redis, ws: str, template: dict[str, str], n: int, *,
+         revoked_every: int = 10) -> list[str]:
+    """``n`` copies of the key hash ``template`` in ``ws`` (every ``revoked_every``-th revoked),
+    written as the create script writes them (hash, key set, active set, global index)."""
+    ids = []
+    for start in range(0, n, 2000):
+        pipe = r.pipeline(transaction=False)
+        for i in range(start, min(n, start + 2000)):
+            key_id = f"f{i:011d}"
+            ids.append(key_id)
+            h = dict(template, id=key_id, name=f"key {i}", created_at=str(1_700_000_000 + i))
+            if revoked_every and i % revoked_every == 0:
+                h["revoked_at"] = str(1_700_000_000 + i)
+            else:
+                pipe.zadd(ws_active_key(ws), {key_id: float("inf")})
+            pipe.hset(key_key(ws, key_id), mapping=h)
+            pipe.sadd(ws_keys_key(ws), key_id)
+            pipe.set(key_index_key(key_id), ws)
+        pipe.execute()
+    return ids
+
+
+@contextlib.contextmanager
+def monitored(url: str) -> Iterator[list[list[str]]]:
+    """Every command Redis runs in the block, as (client type, name, args...): ``MONITOR`` on
+    a connection of its own, ended by an ``ECHO`` of a marker once the block is done."""
+    seen: list[list[str]] = []
+    started, marker = threading.Event(), "kg-test-monitor-end"
+    client = redis.Redis.from_url(url, decode_responses=True)
+
+    def watch() -> None:
+        with client.monitor() as m:
+            started.set()
+            while True:
+                c = m.next_command()
+                args = c["command"].split(" ")
+                if args[:2] == ["ECHO", marker]:
+                    return
+                seen.append([c["client_type"], args[0].upper(), *args[1:]])
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    assert started.wait(5)
+    try:
+        yield seen
+    finally:
+        with redis.Redis.from_url(url) as r:
+            r.echo(marker)
+        thread.join(10)
+        client.close()
+
+
+def unbounded(commands: list[list[str]], ws: str) -> list[str]:
+    """The commands whose cost grows with the workspace: a script that runs more than
+    ``BOUND`` commands (it runs as one step), a whole read of a workspace-wide structure, a
+    multi-key read or a scan step over ``BOUND``."""
+    bad = []
+    workspace_wide = (ws_keys_key(ws), ws_active_key(ws))
+    in_script = 0  # commands of the script running (MONITOR shows them next to one another)
+    for client_type, name, *args in commands:
+        shown = " ".join([client_type, name, *args])[:120]
+        in_script = in_script + 1 if client_type == "lua" else 0
+        if in_script > BOUND:
+            bad.append(f"a script of over {BOUND} commands: {shown}")
+            in_script = -10 ** 9  # said once per script
+        upper = [a.upper().strip('"') for a in args]
+        if name in WHOLE and args and args[0].strip('"') in workspace_wide:
+            bad.append(shown)
+        elif name in ("MGET", "HMGET", "SMISMEMBER") and len(args) > BOUND:
+            bad.append(shown)
+        elif name in ("SSCAN", "ZSCAN", "HSCAN", "SCAN") and (
+                "COUNT" not in upper or int(upper[upper.index("COUNT") + 1]) > BOUND):
+            bad.append(shown)
+    return bad
+
+
+async def test_listing_a_big_workspace_runs_no_command_that_grows_with_it(
+        upstream, own_redis, monkeypatch):
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                    access_log="off"))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace("acme", plan="unlimited")
+        token, key = await g.key("acme")
+        r = redis.Redis.from_url(own_redis.url, decode_responses=True)
+        fill(r, "acme", r.hgetall(key_key("acme", key["id"])), MANY)
+        async with g.proxy.get("/people", headers=bearer(token)) as resp:
+            assert resp.status == 200
+
+        with monitored(own_redis.url) as commands:
+            status, page = await g.admin_json("GET", "/workspaces/acme/keys?limit=50")
+            assert status == 200 and len(page["items"]) == 50 and page["next_cursor"]
+            status, active = await g.admin_json(
+                "GET", "/workspaces/acme/keys?status=active&sort=name&limit=1000")
+            assert status == 200 and len(active["items"]) == 1000
+            assert {k["status"] for k in active["items"]} == {"active"}
+            status, every = await g.admin_json("GET", "/workspaces/acme/keys")
+            assert status == 200 and len(every["items"]) == MANY + 1
+            assert sum(k["status"] == "revoked" for k in every["items"]) == MANY // 10
+            assert "next_cursor" not in every
+        bad = unbounded(commands, "acme")
+        assert not bad, (len(bad), bad[:5])
+        r.close()
