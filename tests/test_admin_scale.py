@@ -125,3 +125,36 @@ async def test_listing_a_big_workspace_runs_no_command_that_grows_with_it(
         bad = unbounded(commands, "acme")
         assert not bad, (len(bad), bad[:5])
         r.close()
+
+
+async def test_deleting_a_role_of_a_big_workspace_runs_no_command_that_grows_with_it(
+        upstream, own_redis, monkeypatch):
+    """A role delete counts the keys still bound to the role (it refuses while any is active
+    or disabled): that count ran in the delete's script, an HMGET per key of the workspace
+    in one step (0.4 s of Redis at 50,000 keys). It is now read in bounded steps, and the
+    delete's script only checks that no key was bound to a role since the count began."""
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                    access_log="off"))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace("acme", plan="unlimited")
+        status, _ = await g.admin_json("PUT", "/workspaces/acme/roles/ops",
+                                       {"scopes": ["people:read"]})
+        assert status == 200
+        _, key = await g.key("acme")
+        _, bound = await g.key("acme", name="bound", role="ops")
+        r = redis.Redis.from_url(own_redis.url, decode_responses=True)
+        fill(r, "acme", r.hgetall(key_key("acme", key["id"])), MANY)
+
+        with monitored(own_redis.url) as commands:
+            status, body = await g.admin_json("DELETE", "/workspaces/acme/roles/ops")
+            assert status == 409 and "still used by 1 key " in body["error"]["message"], body
+            status, _ = await g.admin_json("POST", f"/workspaces/acme/keys/{bound['id']}/revoke")
+            assert status == 200
+            status, body = await g.admin_json("DELETE", "/workspaces/acme/roles/ops")
+            assert status == 200, body
+        bad = unbounded(commands, "acme")
+        assert not bad, (len(bad), bad[:5])
+        status, roles = await g.admin_json("GET", "/workspaces/acme/roles")
+        assert "ops" not in [x["name"] for x in roles["items"]]
+        r.close()

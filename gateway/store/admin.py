@@ -18,7 +18,7 @@ from ..models import KeyRecord, Workspace, rfc3339
 from ..usage import effective_plan, limits_json, month_period
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, confirmed_write, no_workspace,
                          store_errors)
-from .admin_keys import READ_CHUNK, KeyStore
+from .admin_keys import LIST_STEP, READ_CHUNK, KeyStore
 from .keyspace import (WORKSPACES, daily_key, key_daily_key, key_key, key_usage_key, usage_key,
                        ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
 from .records import (UNSET, WORKSPACE_ID_RE, epoch_field, hash_pairs, shown_ws, slug_from_name,
@@ -153,23 +153,49 @@ class Store(KeyStore):
         if not WORKSPACE_ID_RE.fullmatch(ws):
             raise no_workspace(ws)
         details = {"scopes": scopes} if scopes is not None else {}
-        now = self.clock()
-        reply = await self._run(
-            "set_role", (ws_key(ws), ws_roles_key(ws), ws_audit_key(ws), ws_keys_key(ws)),
-            (op, name, json.dumps(scopes or []),
-             self._audit_entry(now, actor, f"role.{op}", name, details), AUDIT_MAXLEN,
-             epoch_field(now), "1" if name in self.config.roles else "0", key_key(ws, "")))
+        counted = op == "delete" and name not in self.config.roles  # else nothing to count
+        for _ in range(ID_ATTEMPTS):
+            seen = ""
+            if counted:
+                with store_errors("read"):
+                    seen, exists = await self.redis.hmget(ws_key(ws), ["bindings", "id"])
+                    defined = await self.redis.hexists(ws_roles_key(ws), name)
+                seen = seen or "0"
+                if exists and defined:  # (else the script says which is missing)
+                    using = await self._role_users(ws, name)
+                    if using:
+                        raise _role_in_use(ws, name, using)
+            now = self.clock()
+            reply = await self._run(
+                "set_role", (ws_key(ws), ws_roles_key(ws), ws_audit_key(ws)),
+                (op, name, json.dumps(scopes or []),
+                 self._audit_entry(now, actor, f"role.{op}", name, details), AUDIT_MAXLEN, seen))
+            if reply != "stale":  # else a key was bound to a role since the count: again
+                break
+        if reply == "stale":
+            raise Conflict(f"Keys of workspace '{shown_ws(ws)}' were bound to roles "
+                           f"{ID_ATTEMPTS} times in a row while role '{shown(name)}' was being "
+                           "deleted, each time while its keys were counted; nothing was "
+                           "changed. Retry.")
         if reply == "no_workspace":
             raise no_workspace(ws)
         if reply == "not_found":
             raise NotFound(f"Workspace '{shown_ws(ws)}' defines no role '{shown(name)}'.")
-        if isinstance(reply, list) and reply and reply[0] == "in_use":
-            count = int(reply[1])
-            keys = "1 key" if count == 1 else f"{count} keys"
-            raise Conflict(f"Role '{shown(name)}' of workspace '{shown_ws(ws)}' is still used by "
-                           f"{keys} (active or disabled), which would be left with no scopes; "
-                           "re-role them (PATCH the key's 'role' or 'scopes') or revoke them "
-                           "first.")
+
+    async def _role_users(self, ws: str, name: str) -> int:
+        """How many keys of the workspace, not revoked or expired (disabled ones included),
+        are bound to role ``name``: a script call per ``LIST_STEP`` keys
+        (``lua/admin_role_users.lua``), never one over the whole workspace."""
+        now = epoch_field(self.clock())
+        using: set[str] = set()  # an id may come in two steps
+        cursor = "0"
+        while True:
+            cursor, ids = await self._run("role_users", (ws_keys_key(ws),),
+                                          (key_key(ws, ""), cursor, LIST_STEP, name, now),
+                                          what="read")
+            using.update(ids)
+            if str(cursor) == "0":
+                return len(using)
 
 
     # --- what the config names that the store uses ---------------------------------------------
@@ -319,6 +345,13 @@ class Store(KeyStore):
             except (KeyError, ValueError) as exc:
                 raise StoreError("the store holds a malformed audit entry") from exc
         return events
+
+
+def _role_in_use(ws: str, name: str, count: int) -> Conflict:
+    keys = "1 key" if count == 1 else f"{count} keys"
+    return Conflict(f"Role '{shown(name)}' of workspace '{shown_ws(ws)}' is still used by "
+                    f"{keys} (active or disabled), which would be left with no scopes; "
+                    "re-role them (PATCH the key's 'role' or 'scopes') or revoke them first.")
 
 
 def _expired(expires_at: str | None, now: float) -> bool:

@@ -556,7 +556,8 @@ class KeyStore(StoreBase):
                     reply = await self._run(
                         "take_back", (key_key(ws, new_id), ws_keys_key(ws), ws_active_key(ws),
                                       ws_audit_key(ws), undone_key(ws, new_id),
-                                      key_key(ws, new_id if old is None else old.id)),
+                                      key_key(ws, new_id if old is None else old.id),
+                                      ws_key(ws)),
                         (new_id, entry, AUDIT_MAXLEN, "" if old is None else old.id,
                          UNDONE_TTL, "" if old is None or old.expires_at is None
                          else epoch_field(old.expires_at)), what="take back")

@@ -11,7 +11,11 @@ per-request script and every admin script touch a single slot.
                                           over its plan's; absent = none)
                                           (rev is bumped on any change that affects
                                           authorisation: plan change, workspace role edit;
-                                          the admin scripts bump it on every workspace change)
+                                          the admin scripts bump it on every workspace change),
+                                          bindings (a count bumped each time a key is made
+                                          live bound to a role: a role delete counts the
+                                          role's keys in steps, then deletes only if it is
+                                          unchanged; absent = 0)
     kg:ws:{ws}:keys               SET     key ids of the workspace
     kg:ws:{ws}:active             ZSET    key ids not revoked, score = expires_at (+inf = never);
                                           entries whose score has passed are trimmed by the

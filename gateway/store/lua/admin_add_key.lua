@@ -127,5 +127,9 @@ redis.call('HSET', KEYS[4], unpack(fields))
 new_rev(KEYS[4])
 redis.call('SADD', KEYS[2], ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+local role = redis.call('HGET', KEYS[4], 'role')
+if role and role ~= '' then  -- a role delete counting its keys meanwhile counts again
+  redis.call('HINCRBY', KEYS[1], 'bindings', 1)
+end
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
 return 'ok'
