@@ -25,6 +25,7 @@
 -- ARGV[9]).
 -- include: _new_rev.lua
 -- include: _cap_basis.lua
+-- include: _active_keys.lua
 local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at', 'rev')
 if not st[1] then return false end
 if ARGV[7] ~= '' and (st[3] or '0') ~= ARGV[7] then return 'stale' end
@@ -47,8 +48,7 @@ if ARGV[2] ~= '' and not revoked then
   end
   if not active and cap_basis_changed(KEYS[5], ARGV[10]) then return 'stale_ws' end
   if not active and tonumber(ARGV[4]) >= 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
-    if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 'limit' end
+    if active_keys(KEYS[2], ARGV[3]) >= tonumber(ARGV[4]) then return 'limit' end
   end
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
   binds = not active
