@@ -206,9 +206,11 @@ class Store(KeyStore):
         id: keys}) where the role counts the keys, not revoked or expired (disabled ones
         included), bound to it in workspaces that do not define it themselves (they act with
         the configured role's scopes). ``roles``: the role names to count (None: every one;
-        empty: none, and no key is read). Pipelined reads (the workspace set, each workspace's
-        plan, then the key hashes roles need), never one round trip per workspace; the caller
-        bounds the time (``gateway.config_in_use``)."""
+        empty: none, and no key is read). Pipelined reads (the workspace set; each workspace's
+        plan and a first SSCAN step of its key set, the rest of a big one's read step by step;
+        then the key hashes roles need), never one round trip per small workspace, never one
+        command over a big one's whole set; the caller bounds the time
+        (``gateway.config_in_use``)."""
         count_roles = roles is None or bool(roles)
         now = self.clock()
         with store_errors("read"):
@@ -220,7 +222,9 @@ class Store(KeyStore):
                         pipe.hget(ws_key(ws), "plan")
                         if count_roles:
                             pipe.hkeys(ws_roles_key(ws))
-                            pipe.smembers(ws_keys_key(ws))
+                            # a first SSCAN step: a small workspace's whole set, and never one
+                            # SMEMBERS of a big one's (every per-request call waits behind it)
+                            pipe.sscan(ws_keys_key(ws), 0, count=READ_CHUNK)
                     replies = await pipe.execute()
             step = 3 if count_roles else 1
             plans: dict[str, list[str]] = {}
@@ -235,7 +239,10 @@ class Store(KeyStore):
                     own = frozenset(replies[i * step + 1])
                     if roles is not None and own >= set(roles):
                         continue  # it defines every role asked about: its keys never count
-                    for key_id in sorted(replies[i * step + 2]):
+                    cursor, first = replies[i * step + 2]
+                    members = (first if not int(cursor)
+                               else await self._key_ids(ws))  # the rest, step by step
+                    for key_id in sorted(set(members)):
                         asked.append((ws, own))
                         key_ids.append(key_id)
             bound: dict[str, dict[str, int]] = {}
