@@ -268,3 +268,31 @@ async def test_listing_every_key_of_a_big_workspace_leaves_the_worker_serving_re
         assert len(body["items"]) == MANY + 1 and "next_cursor" not in body
         assert raw == json.dumps(body).encode()  # as json.dumps writes it, byte for byte
         assert max(gaps) < 0.1, f"the event loop was held {max(gaps) * 1000:.0f} ms of CPU"
+
+
+async def test_fifty_creates_at_once_for_the_last_slot_of_a_big_workspace_make_one_key(
+        upstream, own_redis, monkeypatch):
+    """The cap counts active keys only (18,001 here, beside 2,000 revoked ones), and 50 creates
+    sent at once for its last slot make exactly one key: the others are key_limit_reached."""
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                    access_log="off"))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace("acme", plan="unlimited")
+        _, key = await g.key("acme")
+        r = redis.Redis.from_url(own_redis.url, decode_responses=True)
+        fill(r, "acme", r.hgetall(key_key("acme", key["id"])), MANY)
+        active = MANY - MANY // 10 + 1
+        status, body = await g.admin_json("PATCH", "/workspaces/acme",
+                                          {"limits": {"max_keys": active + 1}})
+        assert status == 200, body
+
+        async def create(i: int) -> tuple[int, str | None]:
+            status, body = await g.admin_json("POST", "/workspaces/acme/keys",
+                                              {"name": f"race {i}", "scopes": ["people:read"]})
+            return status, body.get("error", {}).get("code")
+
+        answers = await asyncio.gather(*(create(i) for i in range(50)))
+        assert sorted(answers) == [(201, None)] + [(409, "key_limit_reached")] * 49, answers
+        assert r.zcount(ws_active_key("acme"), "-inf", "+inf") == active + 1
+        r.close()
