@@ -727,6 +727,62 @@ async def test_a_role_that_shadows_a_configured_one_can_be_deleted_while_in_use(
     assert read["scopes"] == ["people:read"]
 
 
+@pytest.mark.parametrize("binding", ["create", "patch", "re-date", "rotate", "take-back"])
+async def test_a_key_bound_to_a_role_while_its_delete_counts_holds_the_delete_up(
+        admin, monkeypatch, binding):
+    """A role delete counts the keys bound to the role in steps before its own script (a count
+    in the script held Redis for as long as the workspace is big): a key made live bound to
+    the role between the count and the delete (created, re-bound, re-dated, rotated, or given
+    back by the take-back of a rotation answered 503) makes the script refuse and the count
+    run again, which finds it: 409, and the role stays."""
+    from gateway.models import rfc3339
+    await workspace(admin)
+    await ok(await admin.put("/admin/v1/workspaces/acme/roles/ops",
+                             json={"scopes": ["ops:run"]}))
+    other = (await new_key(admin, name="other", scopes=["a:b"]))["key"]
+    expired = (await new_key(admin, name="expired", role="ops", expires_in=60))["key"]
+    admin.clock.now += 120
+    store, count = admin.store, admin.store._role_users
+    keys = "/admin/v1/workspaces/acme/keys"
+
+    async def counted_then_bound(ws, name):
+        found = await count(ws, name)
+        monkeypatch.setattr(store, "_role_users", count)
+        if binding == "create":  # another admin, meanwhile
+            await ok(await admin.post(keys, json={"name": "new", "role": "ops"}), 201)
+        elif binding == "patch":
+            await ok(await admin.patch(f"{keys}/{other['id']}", json={"role": "ops"}))
+        elif binding == "re-date":
+            later = rfc3339(admin.clock.now + 3600)
+            await ok(await admin.patch(f"{keys}/{expired['id']}", json={"expires_at": later}))
+        else:
+            await ok(await admin.patch(f"{keys}/{expired['id']}", json={"role": "reader"}))
+            await ok(await admin.patch(f"{keys}/{other['id']}", json={"role": "ops"}))
+            found = await count(ws, name)  # 1: the count has already been made again
+            await ok(await admin.post(f"{keys}/{other['id']}/rotate"), 201)
+            return found - 1  # as if the count had run before the re-bind
+        return found
+
+    if binding == "take-back":  # a rotation answered 503, whose take-back gives the old key back
+        await ok(await admin.patch(f"{keys}/{expired['id']}", json={"role": "reader"}))
+        await ok(await admin.patch(f"{keys}/{other['id']}", json={"role": "ops"}))
+        old = await store.get_key("acme", other["id"])
+        rotated = (await ok(await admin.post(f"{keys}/{other['id']}/rotate"), 201))["key"]
+
+    async def taken_back(ws, name):
+        found = await count(ws, name)  # 1: the rotation's new key
+        monkeypatch.setattr(store, "_role_users", count)
+        await store._taking_back_until_done(ws, rotated["id"], old, "operator", "test")
+        return found - 1  # as if the count read the old key before, the new one after
+
+    monkeypatch.setattr(store, "_role_users",
+                        taken_back if binding == "take-back" else counted_then_bound)
+    await error(await admin.delete("/admin/v1/workspaces/acme/roles/ops"), 409, "conflict",
+                "still used by 1 key ")
+    roles = await ok(await admin.get("/admin/v1/workspaces/acme/roles"))
+    assert "ops" in [r["name"] for r in roles["items"]]
+
+
 async def test_a_role_deleted_while_a_key_is_being_bound_to_it_is_not_bound(admin,
                                                                            monkeypatch):
     """The create and the PATCH check the role exists before their script runs; a delete

@@ -20,7 +20,7 @@ from ..models import KeyRecord, Workspace, rfc3339
 from ..usage import effective_plan, limits_json, month_period
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, confirmed_write, no_workspace,
                          store_errors)
-from .admin_keys import KeyStore
+from .admin_keys import LIST_STEP, READ_CHUNK, KeyStore
 from .keyspace import (WORKSPACES, daily_key, key_daily_key, key_key, key_usage_key, usage_key,
                        ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
 from .records import (UNSET, WORKSPACE_ID_RE, epoch_field, hash_pairs, shown_ws, slug_from_name,
@@ -159,23 +159,49 @@ class Store(KeyStore):
         if not WORKSPACE_ID_RE.fullmatch(ws):
             raise no_workspace(ws)
         details = {"scopes": scopes} if scopes is not None else {}
-        now = self.clock()
-        reply = await self._run(
-            "set_role", (ws_key(ws), ws_roles_key(ws), ws_audit_key(ws), ws_keys_key(ws)),
-            (op, name, json.dumps(scopes or []),
-             self._audit_entry(now, actor, f"role.{op}", name, details), AUDIT_MAXLEN,
-             epoch_field(now), "1" if name in self.config.roles else "0", key_key(ws, "")))
+        counted = op == "delete" and name not in self.config.roles  # else nothing to count
+        for _ in range(ID_ATTEMPTS):
+            seen = ""
+            if counted:
+                with store_errors("read"):
+                    seen, exists = await self.redis.hmget(ws_key(ws), ["bindings", "id"])
+                    defined = await self.redis.hexists(ws_roles_key(ws), name)
+                seen = seen or "0"
+                if exists and defined:  # (else the script says which is missing)
+                    using = await self._role_users(ws, name)
+                    if using:
+                        raise _role_in_use(ws, name, using)
+            now = self.clock()
+            reply = await self._run(
+                "set_role", (ws_key(ws), ws_roles_key(ws), ws_audit_key(ws)),
+                (op, name, json.dumps(scopes or []),
+                 self._audit_entry(now, actor, f"role.{op}", name, details), AUDIT_MAXLEN, seen))
+            if reply != "stale":  # else a key was bound to a role since the count: again
+                break
+        if reply == "stale":
+            raise Conflict(f"Keys of workspace '{shown_ws(ws)}' were bound to roles "
+                           f"{ID_ATTEMPTS} times in a row while role '{shown(name)}' was being "
+                           "deleted, each time while its keys were counted; nothing was "
+                           "changed. Retry.")
         if reply == "no_workspace":
             raise no_workspace(ws)
         if reply == "not_found":
             raise NotFound(f"Workspace '{shown_ws(ws)}' defines no role '{shown(name)}'.")
-        if isinstance(reply, list) and reply and reply[0] == "in_use":
-            count = int(reply[1])
-            keys = "1 key" if count == 1 else f"{count} keys"
-            raise Conflict(f"Role '{shown(name)}' of workspace '{shown_ws(ws)}' is still used by "
-                           f"{keys} (active or disabled), which would be left with no scopes; "
-                           "re-role them (PATCH the key's 'role' or 'scopes') or revoke them "
-                           "first.")
+
+    async def _role_users(self, ws: str, name: str) -> int:
+        """How many keys of the workspace, not revoked or expired (disabled ones included),
+        are bound to role ``name``: a script call per ``LIST_STEP`` keys
+        (``lua/admin_role_users.lua``), never one over the whole workspace."""
+        now = epoch_field(self.clock())
+        using: set[str] = set()  # an id may come in two steps
+        cursor = "0"
+        while True:
+            cursor, ids = await self._run("role_users", (ws_keys_key(ws),),
+                                          (key_key(ws, ""), cursor, LIST_STEP, name, now),
+                                          what="read")
+            using.update(ids)
+            if str(cursor) == "0":
+                return len(using)
 
 
     # --- what the config names that the store uses ---------------------------------------------
@@ -186,9 +212,11 @@ class Store(KeyStore):
         id: keys}) where the role counts the keys, not revoked or expired (disabled ones
         included), bound to it in workspaces that do not define it themselves (they act with
         the configured role's scopes). ``roles``: the role names to count (None: every one;
-        empty: none, and no key is read). Pipelined reads (the workspace set, each workspace's
-        plan, then the key hashes roles need), never one round trip per workspace; the caller
-        bounds the time (``gateway.config_in_use``)."""
+        empty: none, and no key is read). Pipelined reads (the workspace set; each workspace's
+        plan and a first SSCAN step of its key set, the rest of a big one's read step by step;
+        then the key hashes roles need), never one round trip per small workspace, never one
+        command over a big one's whole set; the caller bounds the time
+        (``gateway.config_in_use``)."""
         count_roles = roles is None or bool(roles)
         now = self.clock()
         with store_errors("read"):
@@ -200,7 +228,9 @@ class Store(KeyStore):
                         pipe.hget(ws_key(ws), "plan")
                         if count_roles:
                             pipe.hkeys(ws_roles_key(ws))
-                            pipe.smembers(ws_keys_key(ws))
+                            # a first SSCAN step: a small workspace's whole set, and never one
+                            # SMEMBERS of a big one's (every per-request call waits behind it)
+                            pipe.sscan(ws_keys_key(ws), 0, count=READ_CHUNK)
                     replies = await pipe.execute()
             step = 3 if count_roles else 1
             plans: dict[str, list[str]] = {}
@@ -215,7 +245,10 @@ class Store(KeyStore):
                     own = frozenset(replies[i * step + 1])
                     if roles is not None and own >= set(roles):
                         continue  # it defines every role asked about: its keys never count
-                    for key_id in sorted(replies[i * step + 2]):
+                    cursor, first = replies[i * step + 2]
+                    members = (first if not int(cursor)
+                               else await self._key_ids(ws))  # the rest, step by step
+                    for key_id in sorted(set(members)):
                         asked.append((ws, own))
                         key_ids.append(key_id)
             bound: dict[str, dict[str, int]] = {}
@@ -257,13 +290,17 @@ class Store(KeyStore):
         return workspace.to_json(limits_json(effective_plan(self.config, workspace)))
 
     async def keys_used_this_month(self, ws: str, key_ids: Sequence[str]) -> list[int]:
-        """Each key's own count for the clock's current month (one MGET; one slot). Give each
-        key's ``budget_id``: a rotated key counts under the key it replaced."""
+        """Each key's own count for the clock's current month (an MGET per ``READ_CHUNK``
+        keys; one slot). Give each key's ``budget_id``: a rotated key counts under the key it
+        replaced."""
         if not key_ids:
             return []
         period, _ = month_period(self.clock())
-        with store_errors("read"):
-            counts = await self.redis.mget([key_usage_key(ws, k, period) for k in key_ids])
+        counts: list[Any] = []
+        with store_errors("read"):  # READ_CHUNK per MGET: a listing of every key names 1000s
+            for start in range(0, len(key_ids), READ_CHUNK):  # (Cluster pipelines no MGET)
+                counts += await self.redis.mget([key_usage_key(ws, k, period)
+                                                 for k in key_ids[start:start + READ_CHUNK]])
         return [int(c or 0) for c in counts]
 
     async def daily_usage(self, ws: str, days: int, key_id: str | None = None) -> list[dict]:
@@ -353,6 +390,13 @@ def _month_limit(config, ws: str, plan: str | None, limits: str | None) -> int |
         if "monthly_requests" in overrides:
             return overrides["monthly_requests"]
     return config.plan_of(plan or "").monthly_requests
+
+
+def _role_in_use(ws: str, name: str, count: int) -> Conflict:
+    keys = "1 key" if count == 1 else f"{count} keys"
+    return Conflict(f"Role '{shown(name)}' of workspace '{shown_ws(ws)}' is still used by "
+                    f"{keys} (active or disabled), which would be left with no scopes; "
+                    "re-role them (PATCH the key's 'role' or 'scopes') or revoke them first.")
 
 
 def _expired(expires_at: str | None, now: float) -> bool:

@@ -9,7 +9,7 @@ import functools
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 from ..errors import BadRequest, Conflict, NotFound, StoreError, shown
 from ..models import KeyRecord, Workspace, rfc3339, whole_second
@@ -23,6 +23,7 @@ from .records import (UNSET, WORKSPACE_ID_RE, KeySummary, NewKey, control_fields
 
 
 log = logging.getLogger("keygate.store")
+T = TypeVar("T")
 
 TAKE_BACK_FOR = 600.0
 """Seconds a create or rotation answered 503 is tried to be taken back (the store answering
@@ -73,6 +74,24 @@ def _note_made(ws: str, new_id: str, old: KeyRecord | None, actor: str) -> None:
     made = _MADE.get()
     if made is not None:
         made.append((ws, new_id, old, actor))
+
+
+READ_CHUNK = 500
+"""Keys an admin read names in one Redis command (an MGET) or one pipeline: no admin read of a
+big workspace runs a command that holds up the per-request calls for long."""
+LIST_STEP = 200
+"""SSCAN's COUNT in a step of a listing's read (``lua/admin_list_keys.lua``): a step runs
+~200 HMGETs in one script, well under a millisecond of Redis's time."""
+
+
+RECORD_CHUNK = 100
+"""Whole key records read per pipeline (``get_keys``): each is parsed into a record as its
+pipeline comes back, on the event loop the proxy shares; 100 keep each stretch ~2 ms."""
+
+
+def _chunks(items: Sequence[T], size: int = READ_CHUNK) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
 
 
 ROTATE_ATTEMPTS = 64
@@ -133,39 +152,56 @@ class KeyStore(StoreBase):
 
     async def list_keys(self, ws: str, status: str | None = None) -> list[KeyRecord]:
         """The workspace's keys, oldest first; ``status`` filters (active|expired|revoked)."""
-        with store_errors("read"):
-            ids = await self.redis.smembers(ws_keys_key(ws))
-            if not ids:
-                return []
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key_id in ids:
-                    pipe.hgetall(key_key(ws, key_id))
-                hashes = await pipe.execute()
+        keys = await self.get_keys(ws, await self._key_ids(ws))
         now = self.clock()
-        keys = [k for h in hashes if (k := key_from_hash(h)) is not None]
         if status is not None:
             keys = [k for k in keys if k.status(now) == status]
         return sorted(keys, key=lambda k: (k.created_at, k.id))
 
+    async def _key_ids(self, ws: str) -> list[str]:
+        """Every id in the workspace's key set, read ``READ_CHUNK`` at a time (SSCAN): one
+        SMEMBERS of a workspace's tens of thousands of ids is one command that every replica's
+        per-request call waits behind."""
+        ids: dict[str, None] = {}  # SSCAN may return an id twice (the set grew meanwhile)
+        cursor: int | str = 0
+        with store_errors("read"):
+            while True:
+                cursor, batch = await self.redis.sscan(ws_keys_key(ws), cursor,
+                                                       count=READ_CHUNK)
+                ids.update(dict.fromkeys(batch))
+                if not int(cursor):
+                    return list(ids)
+
     async def list_key_summaries(self, ws: str) -> list[KeySummary]:
-        """What a listing orders and filters by, of each of the workspace's keys (in no order),
-        in one call: a listing page then reads the records of its own keys only
-        (``get_keys``), not every key of the workspace."""
-        return key_summaries(await self._run("list_keys", (ws_keys_key(ws),),
-                                             (key_key(ws, ""),), what="read"))
+        """What a listing orders and filters by, of each of the workspace's keys (in no order):
+        a listing page then reads the records of its own keys only (``get_keys``), not every
+        key of the workspace (each with its argon2 hash). A script call per ``LIST_STEP``
+        keys (an SSCAN step and their fields, ``lua/admin_list_keys.lua``), never one for the
+        whole workspace: every replica's per-request call waits while a script runs (one over
+        50,000 keys held Redis for 0.4 s). A key added or removed during the read may be in
+        the answer or not, as in a read just before or just after it."""
+        summaries: dict[str, KeySummary] = {}  # an id may come in two steps
+        cursor = "0"
+        while True:
+            cursor, raw = await self._run("list_keys", (ws_keys_key(ws),),
+                                          (key_key(ws, ""), cursor, LIST_STEP), what="read")
+            summaries.update((s.id, s) for s in key_summaries(raw))
+            if str(cursor) == "0":
+                return list(summaries.values())
 
     async def get_keys(self, ws: str, key_ids: Sequence[str]) -> list[KeyRecord]:
-        """The keys ``key_ids`` in that order, in one round trip; one deleted meanwhile is
-        left out."""
-        if not key_ids:
-            return []
+        """The keys ``key_ids`` in that order, ``RECORD_CHUNK`` per round trip (a pipeline of
+        every record of a big workspace had Redis buffer all their replies, ~2 KB each, at
+        once, and parsed them in one stretch); one deleted meanwhile is left out."""
+        keys: list[KeyRecord] = []
         with store_errors("read"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key_id in key_ids:
-                    pipe.hgetall(key_key(ws, key_id))
-                hashes = await pipe.execute()
-        return [k for h in hashes if (k := key_from_hash(h)) is not None]
-
+            for chunk in _chunks(key_ids, RECORD_CHUNK):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key_id in chunk:
+                        pipe.hgetall(key_key(ws, key_id))
+                    hashes = await pipe.execute()
+                keys += [k for h in hashes if (k := key_from_hash(h)) is not None]
+        return keys
 
     async def _new_token(self, ws: str, environment: str,
                          room: Callable[[], Awaitable[None]] | None = None
@@ -525,7 +561,8 @@ class KeyStore(StoreBase):
                     reply = await self._run(
                         "take_back", (key_key(ws, new_id), ws_keys_key(ws), ws_active_key(ws),
                                       ws_audit_key(ws), undone_key(ws, new_id),
-                                      key_key(ws, new_id if old is None else old.id)),
+                                      key_key(ws, new_id if old is None else old.id),
+                                      ws_key(ws)),
                         (new_id, entry, AUDIT_MAXLEN, "" if old is None else old.id,
                          UNDONE_TTL, "" if old is None or old.expires_at is None
                          else epoch_field(old.expires_at)), what="take back")

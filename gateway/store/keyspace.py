@@ -11,12 +11,17 @@ per-request script and every admin script touch a single slot.
                                           over its plan's; absent = none)
                                           (rev is bumped on any change that affects
                                           authorisation: plan change, workspace role edit;
-                                          the admin scripts bump it on every workspace change)
+                                          the admin scripts bump it on every workspace change),
+                                          bindings (a count bumped each time a key is made
+                                          live bound to a role: a role delete counts the
+                                          role's keys in steps, then deletes only if it is
+                                          unchanged; absent = 0)
     kg:ws:{ws}:keys               SET     key ids of the workspace
     kg:ws:{ws}:active             ZSET    key ids not revoked, score = expires_at (+inf = never);
                                           entries whose score has passed are trimmed by the
-                                          create script; ZCARD after trimming = active keys,
-                                          what the plan's max_keys caps
+                                          create and re-dating scripts, 100 a call
+                                          (_active_keys.lua); ZCOUNT of the scores after now
+                                          = active keys, what the plan's max_keys caps
     kg:ws:{ws}:roles              HASH    role name -> JSON list of scopes
     kg:ws:{ws}:undone:<id>        STRING  "1": the create or rotation that made key <id> was
                                           answered 503 (its reply lost) and is taken back; its

@@ -81,8 +81,8 @@ def key_from_hash(h: Mapping[str, str]) -> KeyRecord | None:
 
 class KeySummary(NamedTuple):
     """What a key listing orders and filters by (``gateway.admin.listing``), as
-    ``lua/admin_list_keys.lua`` reads it: a listing judges every key of the workspace by
-    this, and reads whole records only for its page."""
+    ``lua/admin_list_keys.lua`` reads it (a step at a time): a listing judges every key of
+    the workspace by this, and reads whole records only for its page."""
     id: str
     name: str
     created_at: float
@@ -94,7 +94,7 @@ class KeySummary(NamedTuple):
 
 
 def key_summaries(raw: str | bytes) -> list[KeySummary]:
-    """``lua/admin_list_keys.lua``'s answer."""
+    """The JSON array of a step of ``lua/admin_list_keys.lua``."""
     try:
         return [KeySummary(key_id, name, float(created), _opt_float(expires),
                            _opt_float(revoked), _opt_float(used))

@@ -48,6 +48,7 @@
 -- _new_rev.lua): admin_take_back gives it back as it was only while that mark stands.
 -- include: _new_rev.lua
 -- include: _cap_basis.lua
+-- include: _active_keys.lua
 if redis.call('EXISTS', KEYS[9]) == 1 then return 'undone' end
 -- This very call ran already: its connection died after Redis ran it and before the answer
 -- came, and redis-py sent it again on a fresh connection. The new key's hash (its secret's,
@@ -95,14 +96,13 @@ if rotating then
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then return 'collision' end
 local now = tonumber(ARGV[1])
--- keys that expired leave the active set (revoked ones left it when revoked)
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+local active = active_keys(KEYS[3], ARGV[1])
 local replaces_active = rotating and not (old_exp ~= nil and old_exp <= now)
 local max = tonumber(ARGV[2])
-if not replaces_active and max >= 0 and redis.call('ZCARD', KEYS[3]) >= max then
+if not replaces_active and max >= 0 and active >= max then
   return 'limit'
 end
-if replaces_active and ARGV[8] ~= '' and max >= 0 and redis.call('ZCARD', KEYS[3]) > max then
+if replaces_active and ARGV[8] ~= '' and max >= 0 and active > max then
   return 'grace_limit'
 end
 
@@ -127,5 +127,9 @@ redis.call('HSET', KEYS[4], unpack(fields))
 new_rev(KEYS[4])
 redis.call('SADD', KEYS[2], ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+local role = redis.call('HGET', KEYS[4], 'role')
+if role and role ~= '' then  -- a role delete counting its keys meanwhile counts again
+  redis.call('HINCRBY', KEYS[1], 'bindings', 1)
+end
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
 return 'ok'

@@ -6,6 +6,8 @@
 -- KEYS[1] new key hash   KEYS[2] kg:ws:{ws}:keys   KEYS[3] kg:ws:{ws}:active
 -- KEYS[4] kg:ws:{ws}:audit   KEYS[5] kg:ws:{ws}:undone:<new id>
 -- KEYS[6] old key hash (rotation; a create passes KEYS[1] here, unread)
+-- KEYS[7] kg:ws:{ws} (its 'bindings' bumped when the old key given back is bound to a role:
+--         see admin_set_role)
 -- ARGV[1] new key id   ARGV[2] audit entry (JSON)   ARGV[3] audit stream cap
 -- ARGV[4] old key id ('' = a create)   ARGV[5] seconds the 'undone' mark is kept
 -- ARGV[6] the old key's expires_at before the rotation ('' = none)
@@ -24,6 +26,8 @@ if ARGV[4] ~= '' and redis.call('HGET', KEYS[6], 'rotated_to') == ARGV[1] then
   redis.call('HSET', KEYS[6], 'revoked_at', '', 'expires_at', ARGV[6])
   redis.call('ZADD', KEYS[3], ARGV[6] == '' and '+inf' or ARGV[6], ARGV[4])
   new_rev(KEYS[6])
+  local role = redis.call('HGET', KEYS[6], 'role')
+  if role and role ~= '' then redis.call('HINCRBY', KEYS[7], 'bindings', 1) end
   restored = true
 end
 redis.call('DEL', KEYS[1])

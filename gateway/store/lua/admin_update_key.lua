@@ -25,11 +25,16 @@
 -- ARGV[9]).
 -- include: _new_rev.lua
 -- include: _cap_basis.lua
+-- include: _active_keys.lua
 local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at', 'rev')
 if not st[1] then return false end
 if ARGV[7] ~= '' and (st[3] or '0') ~= ARGV[7] then return 'stale' end
 if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[4], ARGV[8]) == 0 then return 'no_role' end
 local revoked = st[2] and st[2] ~= ''
+-- the key is made live bound to a role (bound to one, or an expired key brought back): the
+-- workspace's 'bindings' is bumped, so a role delete counting its keys meanwhile counts again
+-- (admin_set_role)
+local binds = false
 if ARGV[2] ~= '' and not revoked then
   local now = tonumber(ARGV[3])
   local cur = redis.call('ZSCORE', KEYS[2], ARGV[1])
@@ -43,15 +48,22 @@ if ARGV[2] ~= '' and not revoked then
   end
   if not active and cap_basis_changed(KEYS[5], ARGV[10]) then return 'stale_ws' end
   if not active and tonumber(ARGV[4]) >= 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
-    if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 'limit' end
+    if active_keys(KEYS[2], ARGV[3]) >= tonumber(ARGV[4]) then return 'limit' end
   end
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+  binds = not active
 end
 if #ARGV >= 12 then
   local fields = {}
-  for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 11, #ARGV do
+    fields[#fields + 1] = ARGV[i]
+    if (i - 11) % 2 == 0 and ARGV[i] == 'role' and ARGV[i + 1] ~= '' then binds = true end
+  end
   redis.call('HSET', KEYS[1], unpack(fields))
+end
+if binds and not revoked then
+  local role = redis.call('HGET', KEYS[1], 'role')
+  if role and role ~= '' then redis.call('HINCRBY', KEYS[5], 'bindings', 1) end
 end
 new_rev(KEYS[1])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
