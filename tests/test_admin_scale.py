@@ -50,6 +50,27 @@ def fill(r: redis.Redis, ws: str, template: dict[str, str], n: int, *,
     return ids
 
 
+@contextlib.asynccontextmanager
+async def big_workspace(upstream, own_redis, monkeypatch, *, plan: str = "unlimited"):
+    """A real gateway on ``own_redis`` with workspace ``acme`` on ``plan``, its access log off
+    (these tests read Redis, not 20,000 keys' worth of lines), and a client of that Redis."""
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                    access_log="off"))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace("acme", plan=plan)
+        r = redis.Redis.from_url(own_redis.url, decode_responses=True)
+        try:
+            yield g, r
+        finally:
+            r.close()
+
+
+def fill_like(r: redis.Redis, key: dict, **kw) -> None:
+    """``MANY`` keys of ``acme`` copied from ``key`` (a key the admin API made)."""
+    fill(r, "acme", r.hgetall(key_key("acme", key["id"])), MANY, **kw)
+
+
 @contextlib.contextmanager
 def monitored(url: str) -> Iterator[list[list[str]]]:
     """Every command Redis runs in the block, as (client type, name, args...): ``MONITOR`` on
@@ -111,14 +132,9 @@ def unbounded(commands: list[list[str]], ws: str) -> list[str]:
 
 async def test_listing_a_big_workspace_runs_no_command_that_grows_with_it(
         upstream, own_redis, monkeypatch):
-    config = make_config(str(upstream.make_url("")))
-    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
-                                                                    access_log="off"))
-    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
-        await g.workspace("acme", plan="unlimited")
+    async with big_workspace(upstream, own_redis, monkeypatch) as (g, r):
         token, key = await g.key("acme")
-        r = redis.Redis.from_url(own_redis.url, decode_responses=True)
-        fill(r, "acme", r.hgetall(key_key("acme", key["id"])), MANY)
+        fill_like(r, key)
         async with g.proxy.get("/people", headers=bearer(token)) as resp:
             assert resp.status == 200
 
@@ -135,7 +151,6 @@ async def test_listing_a_big_workspace_runs_no_command_that_grows_with_it(
             assert "next_cursor" not in every
         bad = unbounded(commands, "acme")
         assert not bad, (len(bad), bad[:5])
-        r.close()
 
 
 async def test_deleting_a_role_of_a_big_workspace_runs_no_command_that_grows_with_it(
@@ -144,18 +159,13 @@ async def test_deleting_a_role_of_a_big_workspace_runs_no_command_that_grows_wit
     or disabled): that count ran in the delete's script, an HMGET per key of the workspace
     in one step (0.4 s of Redis at 50,000 keys). It is now read in bounded steps, and the
     delete's script only checks that no key was bound to a role since the count began."""
-    config = make_config(str(upstream.make_url("")))
-    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
-                                                                    access_log="off"))
-    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
-        await g.workspace("acme", plan="unlimited")
+    async with big_workspace(upstream, own_redis, monkeypatch) as (g, r):
         status, _ = await g.admin_json("PUT", "/workspaces/acme/roles/ops",
                                        {"scopes": ["people:read"]})
         assert status == 200
         _, key = await g.key("acme")
         _, bound = await g.key("acme", name="bound", role="ops")
-        r = redis.Redis.from_url(own_redis.url, decode_responses=True)
-        fill(r, "acme", r.hgetall(key_key("acme", key["id"])), MANY)
+        fill_like(r, key)
 
         with monitored(own_redis.url) as commands:
             status, body = await g.admin_json("DELETE", "/workspaces/acme/roles/ops")
@@ -168,7 +178,6 @@ async def test_deleting_a_role_of_a_big_workspace_runs_no_command_that_grows_wit
         assert not bad, (len(bad), bad[:5])
         status, roles = await g.admin_json("GET", "/workspaces/acme/roles")
         assert "ops" not in [x["name"] for x in roles["items"]]
-        r.close()
 
 
 async def test_a_create_after_many_keys_expired_at_once_trims_them_a_little_at_a_time(
@@ -177,15 +186,10 @@ async def test_a_create_after_many_keys_expired_at_once_trims_them_a_little_at_a
     next create's or re-dating's script: all of them at once, so the first create after a
     batch of 20,000 keys expired together held Redis ~50 ms (~130 ms at 50,000). Each now
     removes a bounded number, and the cap counts only the keys whose expiry is ahead."""
-    config = make_config(str(upstream.make_url("")))
-    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
-                                                                    access_log="off"))
-    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
-        await g.workspace("acme", plan="starter")  # max_keys 5
+    async with big_workspace(upstream, own_redis, monkeypatch, plan="starter") as (g, r):
+        # starter: max_keys 5
         _, key = await g.key("acme", expires_in=3600)
-        r = redis.Redis.from_url(own_redis.url, decode_responses=True)
-        fill(r, "acme", r.hgetall(key_key("acme", key["id"])), MANY, revoked_every=0,
-             expires_at=1_700_000_000)
+        fill_like(r, key, revoked_every=0, expires_at=1_700_000_000)
         with monitored(own_redis.url) as commands:
             for i in range(4):  # 1 + 4 = the cap of 5, 20,000 expired ones besides
                 status, body = await g.admin_json("POST", "/workspaces/acme/keys",
@@ -205,7 +209,6 @@ async def test_a_create_after_many_keys_expired_at_once_trims_them_a_little_at_a
         status, body = await g.admin_json("POST", "/workspaces/acme/keys",
                                           {"name": "room again", "scopes": ["people:read"]})
         assert status == 201, body
-        r.close()
 
 
 async def test_what_a_config_reload_asks_of_a_big_workspace_is_read_in_bounded_steps(
@@ -237,15 +240,9 @@ async def test_listing_every_key_of_a_big_workspace_leaves_the_worker_serving_re
     in one stretch of the event loop (~0.25 s and ~0.15 s here; 0.6 s and 0.35 s at 50,000),
     and the requests that worker was serving waited as long. The loop now gets a turn every
     few hundred keys. The body is the same bytes."""
-    config = make_config(str(upstream.make_url("")))
-    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
-                                                                    access_log="off"))
-    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
-        await g.workspace("acme", plan="unlimited")
+    async with big_workspace(upstream, own_redis, monkeypatch) as (g, r):
         _, key = await g.key("acme")
-        r = redis.Redis.from_url(own_redis.url, decode_responses=True)
-        fill(r, "acme", r.hgetall(key_key("acme", key["id"])), MANY)
-        r.close()
+        fill_like(r, key)
         gaps, done = [], asyncio.Event()
 
         async def ticks() -> None:
@@ -274,14 +271,9 @@ async def test_fifty_creates_at_once_for_the_last_slot_of_a_big_workspace_make_o
         upstream, own_redis, monkeypatch):
     """The cap counts active keys only (18,001 here, beside 2,000 revoked ones), and 50 creates
     sent at once for its last slot make exactly one key: the others are key_limit_reached."""
-    config = make_config(str(upstream.make_url("")))
-    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
-                                                                    access_log="off"))
-    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
-        await g.workspace("acme", plan="unlimited")
+    async with big_workspace(upstream, own_redis, monkeypatch) as (g, r):
         _, key = await g.key("acme")
-        r = redis.Redis.from_url(own_redis.url, decode_responses=True)
-        fill(r, "acme", r.hgetall(key_key("acme", key["id"])), MANY)
+        fill_like(r, key)
         active = MANY - MANY // 10 + 1
         status, body = await g.admin_json("PATCH", "/workspaces/acme",
                                           {"limits": {"max_keys": active + 1}})
@@ -295,4 +287,3 @@ async def test_fifty_creates_at_once_for_the_last_slot_of_a_big_workspace_make_o
         answers = await asyncio.gather(*(create(i) for i in range(50)))
         assert sorted(answers) == [(201, None)] + [(409, "key_limit_reached")] * 49, answers
         assert r.zcount(ws_active_key("acme"), "-inf", "+inf") == active + 1
-        r.close()
