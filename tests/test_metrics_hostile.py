@@ -82,15 +82,19 @@ async def hostile_traffic(g, token: str, n: int) -> None:
                            b"Connection: close\r\n\r\n")
 
 
+def labelled_config(upstream):
+    """The test config with ``metrics_workspace_labels`` on: every label a caller might reach."""
+    base = make_config(str(upstream.make_url("")))
+    return dataclasses.replace(base, server=dataclasses.replace(
+        base.server, metrics_workspace_labels=True))
+
+
 async def test_callers_create_no_series_whatever_they_send(redis_url, upstream, monkeypatch):
     """Every label value comes from the config (route globs, upstream names), a fixed set
     (RFC 9110 methods or ``OTHER``, status classes, error codes) or the store (workspaces):
     2000 requests with fresh paths, methods, hosts and tokens add no series after the first
     round of each kind, and no label holds anything a caller sent."""
-    base = make_config(str(upstream.make_url("")))
-    config = dataclasses.replace(base, server=dataclasses.replace(
-        base.server, metrics_workspace_labels=True))
-    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+    async with gateway_under_test(labelled_config(upstream), redis_url, monkeypatch) as g:
         await g.workspace("acme")
         token, _ = await g.key()
         await hostile_traffic(g, token, 25)     # every kind of answer (the throttle past 20)
@@ -111,10 +115,7 @@ async def test_callers_create_no_series_whatever_they_send(redis_url, upstream, 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 async def test_promtool_accepts_the_exposition_after_hostile_traffic(redis_url, upstream,
                                                                      monkeypatch):
-    base = make_config(str(upstream.make_url("")))
-    config = dataclasses.replace(base, server=dataclasses.replace(
-        base.server, metrics_workspace_labels=True))
-    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+    async with gateway_under_test(labelled_config(upstream), redis_url, monkeypatch) as g:
         await g.workspace("acme")
         token, _ = await g.key()
         await hostile_traffic(g, token, 14)

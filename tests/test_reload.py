@@ -760,11 +760,8 @@ async def test_tracing_and_identity_signature_need_a_restart(reloadable, upstrea
         assert "X-Keygate-Signature" not in (await r.json())["headers"]
 
 
-async def test_a_key_in_the_path_is_never_logged_after_a_reload_changes_the_key_prefix(
-        reloadable, upstreams, capfd):
-    """keys.prefix is swapped on reload: the access log must mask keys of the new prefix in a
-    path as it did those of the old one (a key in the path is forwarded, never logged)."""
-    gw, path = reloadable
+async def key_after_a_reload_to_prefix_ab(gw, path, upstreams) -> str:
+    """Reload ``gw`` to ``keys.prefix: ab``; a new key's token, of that prefix."""
     urls, _, _ = upstreams
     doc = config_doc(urls["a"])
     doc["keys"] = {**doc["keys"], "prefix": "ab"}
@@ -773,6 +770,15 @@ async def test_a_key_in_the_path_is_never_logged_after_a_reload_changes_the_key_
     assert status == 200, result
     token, _ = await gw.key(role="reader")
     assert token.startswith("ab_live_")
+    return token
+
+
+async def test_a_key_in_the_path_is_never_logged_after_a_reload_changes_the_key_prefix(
+        reloadable, upstreams, capfd):
+    """keys.prefix is swapped on reload: the access log must mask keys of the new prefix in a
+    path as it did those of the old one (a key in the path is forwarded, never logged)."""
+    gw, path = reloadable
+    token = await key_after_a_reload_to_prefix_ab(gw, path, upstreams)
     gw.logs(capfd)
     async with gw.proxy.get(f"/people/{token}", headers={"Authorization": f"Bearer {token}"}) as r:
         assert r.status == 200
@@ -787,14 +793,7 @@ async def test_the_admin_log_masks_keys_of_the_prefix_a_reload_gave(reloadable, 
     a reload to another prefix, a key pasted into an admin URL (in place of its id, or in the
     query) was written to the log whole."""
     gw, path = reloadable
-    urls, _, _ = upstreams
-    doc = config_doc(urls["a"])
-    doc["keys"] = {**doc["keys"], "prefix": "ab"}
-    write(path, doc)
-    status, result = await reload(gw)
-    assert status == 200, result
-    token, _ = await gw.key(role="reader")
-    assert token.startswith("ab_live_")
+    token = await key_after_a_reload_to_prefix_ab(gw, path, upstreams)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="keygate.admin"):
         async with gw.admin.get(f"/admin/v1/workspaces/acme/keys/{token}") as r:
