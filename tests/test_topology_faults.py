@@ -450,40 +450,53 @@ async def test_a_workspace_whose_slot_is_moving_waits_for_it_within_the_store_ti
     keys are not all on one node - some of them never exist): the command did not run, so it
     is sent again until the slot is stable, within the request's store timeout. Every request
     is answered 200, and each is counted once. redis-py gave up after 16 tries (~0.4 s) and
-    the workspace was answered 503 store_unavailable for the rest of the migration."""
+    the workspace was answered 503 store_unavailable for the rest of the migration.
+
+    The reshard's commands run off the event loop, as an operator's tool is another process.
+    On a loaded machine the migration itself can outlast the store timeout (2.8 s once in CI):
+    a request still waiting for the slot at its script's deadline (0.8 of the timeout) is then
+    rightly 503, and only such a request may be."""
     from gateway.config import StoreConfig
     ports = redis_cluster["ports"]
     spaces, moving, slot, source, target = _a_slot_to_move(ports)
-    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
+    timeout = 2.0
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=timeout))
     async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
         tokens = await _three_keys_each(gut, [moving])
         src, dst = _node(source), _node(target)
-        seen: list[tuple[float, tuple[int, str | None]]] = []
+        seen: list[tuple[float, float, tuple[int, str | None]]] = []  # sent, answered, answer
         stop = asyncio.Event()
 
         async def client(i: int) -> None:
             while not stop.is_set():
+                sent = time.monotonic()
                 answer = await _answer(gut, tokens[i % len(tokens)][1])
-                seen.append((time.monotonic(), answer))
+                seen.append((sent, time.monotonic(), answer))
+
+        def on(node: redis.Redis, *command: Any) -> Any:
+            return asyncio.to_thread(node.execute_command, *command)
 
         before = len(upstream.requests)
         clients = [asyncio.create_task(client(i)) for i in range(8)]
         try:
             await asyncio.sleep(0.2)
-            src_id, dst_id = src.cluster("MYID"), dst.cluster("MYID")
+            src_id, dst_id = await on(src, "CLUSTER", "MYID"), await on(dst, "CLUSTER", "MYID")
             started = time.monotonic()
-            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-            keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+            await on(dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            await on(src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            keys = await on(src, "CLUSTER", "GETKEYSINSLOT", slot, 1000)
             half = len(keys) // 2
-            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000,
-                                "AUTH", CLUSTER_PW, "KEYS", *keys[:half])
+            await on(src, "MIGRATE", "127.0.0.1", target, "", 0, 5000,
+                     "AUTH", CLUSTER_PW, "KEYS", *keys[:half])
+            split = time.monotonic()  # from here the workspace's keys are on both nodes
             await asyncio.sleep(0.6)
-            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
-                src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000,
-                                    "AUTH", CLUSTER_PW, "KEYS", *keys)
+            while keys := await on(src, "CLUSTER", "GETKEYSINSLOT", slot, 1000):
+                await on(src, "MIGRATE", "127.0.0.1", target, "", 0, 5000,
+                         "AUTH", CLUSTER_PW, "KEYS", *keys)
             for port in (target, source, *(p for p in ports if p not in (source, target))):
-                _node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                node = _node(port)
+                await on(node, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                node.close()
             moved = time.monotonic()
             await asyncio.sleep(0.5)
         finally:
@@ -491,13 +504,18 @@ async def test_a_workspace_whose_slot_is_moving_waits_for_it_within_the_store_ti
             await asyncio.gather(*clients)
             src.close()
             dst.close()
-        answers = [a for _, a in seen]
+        answers = [a for _, _, a in seen]
         kinds = {a: answers.count(a) for a in set(answers)}
-        refused = [t - started for t, a in seen if a != (200, None)]
-        assert set(kinds) == {(200, None)}, (
-            kinds, f"migration {moved - started:.2f} s; refused from "
-                   f"{min(refused, default=0):.2f} to {max(refused, default=0):.2f} s")
-        assert any(t > moved for t, _ in seen)
+        refused = [(round(s - started, 2), round(t - started, 2), a)
+                   for s, t, a in seen if a != (200, None)]
+        # a 503 only for a request the slot was still moving for at its deadline
+        outlasted = [r for r in refused if r[2] == (503, "store_unavailable")
+                     and moved - started - r[0] > 0.8 * timeout]
+        assert refused == outlasted, (kinds, f"migration {moved - started:.2f} s; "
+                                             f"refused (sent, answered): {refused}")
+        # requests in flight while the keys were split got through by being sent again: 200
+        assert any(s < moved and t > split + 0.5 and a == (200, None) for s, t, a in seen), kinds
+        assert any(t > moved for _, t, _ in seen)
         received = len(upstream.requests) - before
         assert received == kinds[(200, None)]
         assert await gut.used(moving) == received + 3
