@@ -1202,3 +1202,50 @@ async def test_a_refund_that_ran_and_whose_retry_could_not_connect_is_not_given_
                     "reply with no room for the retry")
     owner.close()
     killer.close()
+
+
+# --- a primary that refuses connections: 503 within the store timeout ------------------------
+
+@pytest.mark.parametrize("timeout", [0.5, 2.0])
+async def test_a_dead_cluster_primary_is_503_within_the_store_timeout(
+        redis_cluster, upstream, monkeypatch, timeout) -> None:  # noqa: F811
+    """A workspace's primary is gone (no replica to promote yet: connections refused), the
+    rest of the cluster serving (cluster-require-full-coverage no). Its requests are 503
+    store_unavailable within the store timeout ("a store call slower than this counts as
+    failed"), one after the other and 8 at once, and the other workspaces answer 200. Each
+    call retried the dead node 10 times (redis-py's default), each retry after a read of the
+    slots (at most one per 0.1 s): ~1.2 s to a 503 with a 0.5 s timeout, ~2.7 s under a flood,
+    whatever the timeout."""
+    ports = redis_cluster["ports"]
+    for port in ports:
+        with _node(port) as n:
+            n.config_set("cluster-require-full-coverage", "no")
+    spaces = _one_workspace_per_node(ports)
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=timeout))
+    async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
+        tokens = await _three_keys_each(gut, spaces)
+        lost = spaces[0]
+        _, owner = _owner(ports, f"kg:ws:{{{lost}}}")
+        with _node(owner) as n:
+            try:
+                n.shutdown(nosave=True)
+            except redis.ConnectionError:
+                pass
+        token = next(t for ws, t in tokens if ws == lost)
+
+        async def timed() -> tuple[float, tuple[int, str | None]]:
+            started = time.monotonic()
+            answer = await _answer(gut, token)
+            return time.monotonic() - started, answer
+        # (slack for the request's own path, the refusal and a loaded machine's scheduling)
+        bound = timeout + 0.4
+        for _ in range(3):
+            took, answer = await timed()
+            assert answer == (503, "store_unavailable"), answer
+            assert took < bound, f"503 after {took:.2f} s, store timeout {timeout} s"
+        together = await asyncio.gather(*(timed() for _ in range(8)))
+        assert {a for _, a in together} == {(503, "store_unavailable")}, together
+        assert max(t for t, _ in together) < bound, sorted(t for t, _ in together)
+        for ws, t in tokens:
+            if ws != lost:
+                assert await _answer(gut, t) == (200, None), ws
