@@ -235,18 +235,22 @@ def _start(port: int, data_dir: str, *extra: str) -> subprocess.Popen:
                              "--save", "", "--appendonly", "no", "--dir", data_dir, *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
-    while True:
-        try:
-            with redis.Redis(port=port, socket_timeout=0.5) as probe:
-                probe.ping()
-            return proc
-        except (redis.exceptions.BusyLoadingError, redis.exceptions.TimeoutError):
-            return proc
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.02)
+    try:
+        while True:
+            try:
+                with redis.Redis(port=port, socket_timeout=0.5) as probe:
+                    probe.ping()
+                return proc
+            except (redis.exceptions.BusyLoadingError, redis.exceptions.TimeoutError):
+                return proc
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+    except BaseException:  # never a redis-server left behind (one outlived a failed run)
+        proc.kill()
+        proc.wait(10)
+        raise
 
 
 @bounded
