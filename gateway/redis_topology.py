@@ -231,6 +231,7 @@ def _cluster_class() -> Any:
         return _CLUSTER
     import contextvars
     _IN_COMMAND = contextvars.ContextVar("keygate_cluster_command", default=False)
+    _GIVE_UP_AT = contextvars.ContextVar("keygate_cluster_give_up_at", default=None)
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
     import asyncio
@@ -279,6 +280,10 @@ def _cluster_class() -> Any:
 
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    class _GaveUp(RedisConnectionError):
+        """A command's retries ended by the store timeout: a connection error that redis-py's
+        retry loop does not retry (``ERRORS_ALLOW_RETRY`` is matched by exact type)."""
 
     from redis.asyncio.cluster import NodesManager
 
@@ -443,9 +448,31 @@ def _cluster_class() -> Any:
                         raise
                     await asyncio.sleep(0.01 * 2 ** attempt)
 
+        async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+            """redis-py's, given up on once the store timeout has passed since it began: a
+            connection refused (a primary dead until its replica is promoted) is retried 10
+            times, each retry after a read of the slots (at most one per ``REREAD_GAP``),
+            and a request waited ~1.2 s for its 503 with a 0.5 s store timeout, ~2.7 s with
+            150 in flight, whatever the timeout. One ContextVar set and reset per command."""
+            if self.try_again_for <= 0:
+                return await super().execute_command(*args, **kwargs)
+            token = _GIVE_UP_AT.set(time.monotonic() + self.try_again_for)
+            try:
+                return await super().execute_command(*args, **kwargs)
+            finally:
+                _GIVE_UP_AT.reset(token)
+
         async def _execute_command(self, target_node: Any, *args: Any, **kwargs: Any) -> Any:
+            give_up_at = _GIVE_UP_AT.get()
+            if give_up_at is not None and time.monotonic() >= give_up_at:
+                # an attempt after the store timeout (a retry): the command fails as it is,
+                # with an error redis-py does not retry (its check is by exact type)
+                raise _GaveUp(f"no answer from the cluster within the store timeout "
+                              f"({self.try_again_for:g} s), connections failing")
             token = _IN_COMMAND.set(True)
             until = time.monotonic() + self.try_again_for
+            if give_up_at is not None and give_up_at < until:
+                until = give_up_at
             deadline = TRY_AGAIN_UNTIL.get()
             if deadline is not None and deadline < until:  # past it, a copy is only "late"
                 until = deadline

@@ -82,6 +82,7 @@ def pytest_collection_finish(session) -> None:
 
 
 _HANDED_OUT: set[int] = set()
+_HELD: list[socket.socket] = []
 
 
 # Under pytest -n N, worker gwI hands out only ports p with (p // 2) % N == I: the kernel may
@@ -94,14 +95,34 @@ _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % _WORKERS
 def free_port() -> int:
     """A loopback port nothing listens on, never one this test run handed out before: the
     kernel may offer the same free port twice in a row, and a test that asked for a proxy and
-    an admin port then got one port for both (CI saw it once in ~1,500 tests)."""
+    an admin port then got one port for both (CI saw it once in ~1,500 tests).
+
+    The port stays reserved until the test ends: a socket of this process stays bound to it
+    (SO_REUSEADDR, never listening). A listener that sets SO_REUSEADDR too (asyncio's and
+    aiohttp's, redis-server, nginx, Go's, ``keygate serve``'s, with or without SO_REUSEPORT)
+    binds and listens there as usual, and a connection to it is refused until one does; but
+    the kernel hands the port to no one else, neither to a bind(0) (another test's upstream,
+    another xdist worker, another run on this machine) nor as a connection's local port. Once
+    released, a ``keygate serve`` started a few seconds later found it taken ("address already
+    in use") on a busy machine."""
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
         if port not in _HANDED_OUT and (port // 2) % _WORKERS == _WORKER:
             _HANDED_OUT.add(port)
+            _HELD.append(s)
             return port
+        s.close()
+
+
+@pytest.fixture(autouse=True)
+def _release_free_ports() -> Iterator[None]:
+    """free_port()'s reservations end with the test (its listeners are up, or gone, by then)."""
+    yield
+    while _HELD:
+        _HELD.pop().close()
 
 
 def redis_server_binary() -> str:

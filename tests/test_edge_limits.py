@@ -174,7 +174,13 @@ async def test_idle_connections_after_an_upload_do_not_each_keep_their_last_read
 @contextlib.asynccontextmanager
 async def behind_a_slow_request(redis_url, monkeypatch):
     """A gateway before an upstream whose ``/public/slow`` answers once ``release`` is set
-    (every other path at once): requests pipelined behind a slow one wait in the queue."""
+    (every other path at once): requests pipelined behind a slow one wait in the queue.
+
+    The upstream timeout is as long as the client timeouts (30 s): the slow request is held
+    until the test releases it, never given up on by the gateway first. With the tests' 2 s,
+    50 connections pipelining 1 MB each on a loaded CI machine took long enough to set up
+    (0.37 s of the 2 s on a quiet one, plus the 1 s hold) that the slow request was
+    answered 504 upstream_timeout before its release, not the 200 the test waits for."""
     release = asyncio.Event()
 
     async def answer(request: web.Request) -> web.Response:
@@ -184,6 +190,7 @@ async def behind_a_slow_request(redis_url, monkeypatch):
 
     async with serving(answer) as url:
         config = edge_config(url, timeouts=Timeouts(header=30, body=30, idle=30))
+        config = dataclasses.replace(config, upstreams={"api": Upstream("api", url, 30.0)})
         async with gateway_under_test(config, redis_url, monkeypatch) as g:
             yield g, release
 

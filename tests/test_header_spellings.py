@@ -16,13 +16,13 @@ import asyncio
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from gateway.config import IdentitySignature, Route
+from conftest import free_port
 from harness import eventually, gateway_under_test, make_config
 from test_edge_framing import RawUpstream, exchange
 
@@ -87,9 +87,7 @@ LIGHTTPD = shutil.which("lighttpd") or next(
 async def test_a_cgi_application_behind_lighttpd_reads_keygates_identity(
         redis_url, monkeypatch, tmp_path):
     """The same, as a real lighttpd hands the headers to a real CGI script."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # lighttpd binds it with SO_REUSEADDR
     script = tmp_path / "env.cgi"
     script.write_text(f"#!{sys.executable}\nimport os\nprint('Content-Type: text/plain')\n"
                       "print()\nfor k in ('HTTP_X_WORKSPACE_ID', 'HTTP_X_API_SCOPES', "

@@ -273,13 +273,33 @@ async def test_after_a_reload_of_argon2_an_unknown_key_id_still_costs_a_wrong_se
     fastest = await refusal_times(gw, token)
     assert fastest["unknown id"] > fastest["wrong secret"] / 3, fastest
 
-async def test_a_reload_of_argon2_makes_its_decoy_off_the_event_loop(reloadable, upstreams):
+async def test_a_reload_of_argon2_makes_its_decoy_off_the_event_loop(reloadable, upstreams,
+                                                                    monkeypatch):
     """The decoy hash for unknown key ids is made anew when a reload changes ``keys.argon2``.
     It was made on the event loop, in the reload's swap: every request the gateway was serving
     stood still for one argon2 hash at the new cost (0.7 s at 128 MiB, t=4). It is
-    made on the argon2 pool before the swap; the loop goes on."""
+    made on the argon2 pool before the swap; the loop goes on.
+
+    The loop's longest stall is held to the CPU time the decoy hash itself took (measured
+    here, in its thread: what the loop would have stood still for at the least): a fixed
+    0.3 s bound failed on a loaded CI machine (0.34 s), where the hash runs for seconds in
+    the pool's low-priority thread and the loop's own scheduling waits grow with the load."""
+    import threading
+
+    from gateway.tokens import SecretHasher
     gw, path = reloadable
     urls, _, _ = upstreams
+    runs: list[tuple[int, float]] = []  # (thread, CPU seconds) of each hash at the new cost
+    real_hash = SecretHasher.hash
+
+    def hash_watched(self, secret: str) -> str:
+        cpu = time.thread_time()
+        try:
+            return real_hash(self, secret)
+        finally:
+            if self._ph.memory_cost == 131072:
+                runs.append((threading.get_ident(), time.thread_time() - cpu))
+    monkeypatch.setattr(SecretHasher, "hash", hash_watched)
     write(path, config_doc(urls["a"], keys={"argon2": {"time_cost": 4, "memory_cost": 131072,
                                                        "parallelism": 1}}))
     loop = asyncio.get_running_loop()
@@ -292,7 +312,9 @@ async def test_a_reload_of_argon2_makes_its_decoy_off_the_event_loop(reloadable,
     status, result = await reloading
     assert status == 200, result
     assert "m=131072,t=4" in gw.gw.pipeline.auth._decoy_hash
-    assert max(lags) < 0.3, sorted(lags)[-3:]  # (a loaded machine's scheduling noise)
+    [(thread, cpu)] = runs  # one decoy, made on a thread that is not the loop's
+    assert thread != threading.get_ident()
+    assert max(lags) < cpu, (sorted(lags)[-3:], cpu)
 
 
 async def test_a_shorter_cache_ttl_holds_for_keys_verified_before_the_reload(reloadable,
