@@ -231,14 +231,17 @@ async def test_twenty_scrapers_leave_a_cached_key_most_of_the_event_loop(redis_u
         for i in range(1500):
             await g.gw.store.create_workspace(f"ws-{i}", f"W{i}", "starter")
 
-        async def served_in(seconds: float) -> int:
-            n, end = 0, time.perf_counter() + seconds
+        async def served_in(seconds: float) -> float:
+            """Requests served per CPU second of this process (the gateway and its client
+            both run in it): what the scrapes leave the key, whatever else loads the machine
+            (a wall-clock rate swung with the suite's other workers)."""
+            n, end, cpu = 0, time.perf_counter() + seconds, time.process_time()
             while time.perf_counter() < end:
                 async with g.proxy.get("/people/1", headers=bearer(token)) as r:
                     await r.read()
                     assert r.status == 200
                 n += 1
-            return n
+            return n / max(time.process_time() - cpu, 1e-3)
         await served_in(0.3)  # cached, connections made
         before = await served_in(2.0)
         scrapers = await asyncio.create_subprocess_exec(
@@ -256,11 +259,11 @@ async def test_twenty_scrapers_leave_a_cached_key_most_of_the_event_loop(redis_u
         renders = g.counter("keygate_store_call_duration_seconds_count", call="usage_scrape")
     # Each scraper waits for the next scrape the budget allows and shares it, but for
     # STALE_PER_SECOND answers of the last one: it was 3,000 to 33,000 answers for as few
-    # renders. And 8 to 15% of the requests went through (the machine's other load makes
-    # that share noisy: the bound is loose, the baseline the lower of the two measured
-    # around the flood).
+    # renders, and the key got 8 to 15% of its requests through. Per CPU second the scrapes
+    # may take their budget (a tenth) and the sending of what they are answered, not most of
+    # it (the baseline is the lower of the two measured around the flood).
     assert 20 <= answered <= 20 * (renders + 1) + 5 * 6 + 5, (answered, renders)
-    assert flooded > min(before, after) * 0.25, (before, flooded, after, answered)
+    assert flooded > min(before, after) * 0.4, (before, flooded, after, answered)
 
 
 async def test_past_the_budget_a_few_scrapes_a_second_get_the_last_one_the_rest_wait(
