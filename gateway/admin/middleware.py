@@ -247,7 +247,8 @@ def error_middleware(config: Config, *, authenticate: bool = True,
     """Errors → SPEC's JSON body; anything unexpected → a generic 500 (logged, never shown);
     ``X-Request-Id`` on every response; auth for everything under ``/admin/``: the operator
     token, or (with ``authenticate_key``) a workspace admin key, confined by :func:`confine`;
-    with ``throttle``, wrong operator tokens are bounded per client (``client_address``).
+    with ``throttle``, wrong operator tokens are bounded per connection peer (never a
+    forwarded address: ``client_address`` is what the log names).
 
     The operator token is read from the environment here, once: changing the variable takes a
     restart (as with every other setting). ``current``: the config in force, which a reload
@@ -277,9 +278,11 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                                    "'Expect: 100-continue'.", code="bad_request", status=417)
             if authenticate and request.path.startswith("/admin/") \
                     and request.path not in UNAUTHENTICATED:
-                client = client_address(request) if client_address else request.remote
+                # the connection's peer, not the client server.trusted_proxies reads: a
+                # trusted address (127.0.0.1 for an nginx on the host) reaching the listener
+                # itself would get a fresh budget per forged X-Forwarded-For
                 caller = await identify(request, config, expected, authenticate_key,
-                                        throttle, client or "unknown")
+                                        throttle, request.remote or "unknown")
                 confine(request, caller)
                 request[ACTOR] = caller
                 actor = caller.key_id  # "operator" or the acting key's id, for the log
