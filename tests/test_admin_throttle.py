@@ -232,6 +232,41 @@ async def test_an_operator_token_shaped_like_an_api_key_is_bounded_too(redis_url
     assert statuses == [401] * 20 + [429] and last == 429, (statuses, last)
 
 
+async def test_an_operator_token_that_is_a_well_formed_key_is_bounded_too(redis_url, upstream,
+                                                                         monkeypatch):
+    """An operator token that is itself a well-formed key of the gateway's prefix: a guess of
+    the same form went to the key path after the comparison, which answered invalid_key and
+    counted it in the key path's own counter only; its throttle then answered 429 while the
+    operator comparison still ran first, and the right token got 200 among the 429s. Every
+    guess the key path refuses is now counted here as well."""
+    from aiohttp import ClientSession
+    from aiohttp.test_utils import TestServer
+
+    from gateway.app import running_gateway
+    from gateway.tokens import checksum
+
+    def well_formed(i: int) -> str:
+        head = f"kg_live_{i:012d}{'S' * 32}"
+        return head + checksum(head)
+    operator = well_formed(999_999)
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", operator)
+    config = with_failures(make_config(str(upstream.make_url(""))), per_ip=3)
+    async with running_gateway(config, redis_url) as gw:
+        server = TestServer(gw.admin_app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            async with ClientSession(str(server.make_url(""))) as s:
+                statuses = []
+                for i in range(3):
+                    async with s.get(WORKSPACES, headers=bearer(well_formed(i))) as r:
+                        statuses.append(r.status)
+                async with s.get(WORKSPACES, headers=bearer(operator)) as r:
+                    last = r.status
+        finally:
+            await server.close()
+    assert statuses == [401] * 3 and last == 429, (statuses, last)
+
+
 async def test_a_reload_that_shortens_the_window_shortens_a_refusal_under_way(
         own_redis, upstream, monkeypatch):
     """``keys.failures`` is reloadable. With the store down this process's own count decides,

@@ -164,8 +164,9 @@ async def identify(request: web.BaseRequest, config: Config, expected: str,
     if hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
                            operator_token.encode("utf-8", "surrogateescape")):
         return OPERATOR_ACTOR
-    if key_shaped:  # an operator token shaped like a key (the admission above was for it);
-        # a malformed guess is one the key path does not count: counted here
+    if key_shaped:  # an operator token shaped like a key (the admission above was for it):
+        # the guess was compared with it, so whatever the key path answers but a key, it is
+        # counted here too (the key path's own count does not stop the comparison above)
         return await _as_key(authenticate_key, given, request, throttle, client)
     if throttle is not None:
         await throttle.failed(client)
@@ -174,14 +175,20 @@ async def identify(request: web.BaseRequest, config: Config, expected: str,
 
 
 async def _as_key(authenticate_key: KeyAuthenticator, token: str, request: web.BaseRequest,
-                  count_malformed: OperatorThrottle | None = None, client: str = "") -> Actor:
+                  count: OperatorThrottle | None = None, client: str = "") -> Actor:
+    """``token`` as a workspace admin key; with ``count``, a refusal of any kind is counted
+    as a wrong operator token of ``client`` too (the token was compared with the operator's)."""
     try:
         return await authenticate_key(token, request)
     except Unauthorized as exc:  # malformed/invalid/expired/revoked: the admin API's code
-        if count_malformed is not None and exc.code == "malformed_key":
-            await count_malformed.failed(client)
+        if count is not None:
+            await count.failed(client)
         raise Unauthorized(exc.message, headers={
             "WWW-Authenticate": _ADMIN_REALM + ', error="invalid_token"'}) from None
+    except GatewayError:  # the key path's own 429 or a 503: a wrong operator token all the same
+        if count is not None:
+            await count.failed(client)
+        raise
 
 
 def confine(request: web.Request, actor: Actor) -> None:
