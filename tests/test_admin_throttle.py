@@ -160,6 +160,36 @@ async def test_with_the_store_down_the_operator_gets_in_and_guesses_stay_bounded
         assert (await call(g, ADMIN_TOKEN))[:2] == (429, "too_many_failures")
 
 
+async def test_more_clients_than_it_keeps_do_not_reset_each_others_counts(
+        own_redis, upstream, monkeypatch):
+    """With the store down each process's own count is the only bound, and it keeps at most
+    CLIENTS_KEPT clients: past that it forgot the oldest, window or not, so a guesser cycling
+    through one address more than it keeps started each at 0 again (a /48 of IPv6 is 65,536
+    /64s). Clients past the ones still in their window now share one count. Real sockets
+    from five loopback addresses, with room for four."""
+    import aiohttp
+
+    import gateway.admin.throttle as throttle
+    monkeypatch.setattr(throttle, "CLIENTS_KEPT", 4)
+    config = with_failures(make_config(str(upstream.make_url(""))), per_ip=2, timeout=0.5)
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        own_redis.stop()
+        url = str(g.admin_server.make_url(WORKSPACES))
+        sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+            local_addr=(f"127.0.0.{n}", 0))) for n in range(2, 7)]
+        compared = 0
+        try:
+            for round_ in range(6):
+                for n, s in enumerate(sessions):
+                    async with s.get(url, headers=bearer(f"wrong-{round_}-{n}")) as r:
+                        assert r.status in (401, 429), r.status
+                        compared += r.status == 401
+        finally:
+            for s in sessions:
+                await s.close()
+    assert compared <= 2 * 4 + 2, compared   # four kept clients, and the one count past them
+
+
 async def test_an_x_forwarded_for_from_a_trusted_peer_does_not_escape_the_limit(
         redis_url, upstream, monkeypatch):
     """The admin throttle counted the client ``server.trusted_proxies`` reads, so a peer it

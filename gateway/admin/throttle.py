@@ -52,8 +52,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("keygate.admin")
 
 CLIENTS_KEPT = 4096
-"""Clients this process remembers (their failures, the shared count, their last warning);
-past it, those whose window ended go first, then the oldest."""
+"""Clients this process remembers (their failures, the shared count, their last warning).
+Past it, those whose window ended go; a client still in its window is never forgotten (with
+the store down its count here is the only bound): new clients then share one count,
+:data:`OVERFLOW`'s."""
+
+OVERFLOW = "*"
+"""The one count of the clients past CLIENTS_KEPT still in their window."""
+
+SWEEP_EVERY = 1.0
+"""Seconds between two sweeps of ended clients while the table is full (a sweep reads it all)."""
 
 
 class _Client:
@@ -77,10 +85,25 @@ class OperatorThrottle:
         self.auth = auth
         self._clients: dict[str, _Client] = {}
         self._warned: dict[str, float] = {}  # client -> until when its refusal was logged
+        self._swept_at = float("-inf")
+
+    def _slot(self, client: str) -> str:
+        """The throttle address of ``client``, or OVERFLOW when this process already keeps
+        CLIENTS_KEPT clients still in their window and ``client`` is not one of them."""
+        ip = throttle_client(client)
+        if ip in self._clients or len(self._clients) < CLIENTS_KEPT:
+            return ip
+        now = time.monotonic()
+        if now - self._swept_at >= SWEEP_EVERY:
+            self._swept_at = now
+            for gone in [k for k, c in self._clients.items()
+                         if c.writing is None and max(c.resets_at, c.shared_until) <= now]:
+                del self._clients[gone]
+        return ip if len(self._clients) < CLIENTS_KEPT else OVERFLOW
 
     async def admit(self, client: str) -> None:
         """Nothing when ``client`` may try a token; else 429 ``too_many_failures``."""
-        ip = throttle_client(client)
+        ip = self._slot(client)
         while True:
             known = self._clients.get(ip)
             if known is None:
@@ -103,13 +126,17 @@ class OperatorThrottle:
     async def failed(self, client: str) -> None:
         """Count one wrong token from ``client``: here at once, then in the store, whose
         answer is the shared count (a store that cannot take it leaves it counted here)."""
-        ip = throttle_client(client)
+        ip = self._slot(client)
         limits = self.auth.config.keys.failures
         now = time.monotonic()
         known = self._clients.get(ip)
         if known is None:
-            self._keep_room(self._clients)
             known = self._clients[ip] = _Client()
+        if ip == OVERFLOW:  # counted here only: the store's count is of one address
+            if known.resets_at <= now:
+                known.failures, known.resets_at = 0, now + limits.window_seconds
+            known.failures += 1
+            return
         if known.resets_at <= now:
             known.failures, known.resets_at = 0, now + limits.window_seconds
         known.failures += 1
@@ -161,17 +188,13 @@ class OperatorThrottle:
                               headers={"Retry-After": str(wait)})
 
     @staticmethod
-    def _keep_room(remembered: dict) -> None:
-        """Room for one more client: those whose window ended go first, then the oldest."""
-        if len(remembered) < CLIENTS_KEPT:
+    def _keep_room(warned: dict[str, float]) -> None:
+        """Room for one more logged client: those whose quiet time ended go first, then the
+        oldest (it only costs a log line more)."""
+        if len(warned) < CLIENTS_KEPT:
             return
         now = time.monotonic()
-
-        def ended(value) -> bool:
-            if isinstance(value, _Client):
-                return value.writing is None and max(value.resets_at, value.shared_until) <= now
-            return value <= now
-        for ip in [ip for ip, value in remembered.items() if ended(value)]:
-            del remembered[ip]
-        while len(remembered) >= CLIENTS_KEPT:
-            del remembered[next(iter(remembered))]
+        for ip in [ip for ip, until in warned.items() if until <= now]:
+            del warned[ip]
+        while len(warned) >= CLIENTS_KEPT:
+            del warned[next(iter(warned))]
