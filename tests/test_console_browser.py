@@ -1694,6 +1694,21 @@ def test_every_call_the_page_makes_is_one_the_openapi_document_describes(page, g
             page.button("Sign out").click()
 
 
+def signing_in_says_to_wait(browser, gw, token: str) -> None:
+    """Signing in with ``token`` on a fresh console page shows the 429's reason and how many
+    seconds to wait (from Retry-After), with no console error but the 429 itself."""
+    browser.get(gw.admin_url + "/console/")
+    wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+    browser.get_log("browser")
+    page = Console(browser, gw)
+    page.sign_in(token)
+    problem = page.alert_text()
+    assert problem.startswith("Too many failed attempts"), problem
+    found = re.search(r"Try again in (\d+) seconds?\.", problem)
+    assert found and 1 <= int(found.group(1)) <= 60, problem
+    page.allowed_errors.append("429")
+    page.assert_no_console_errors()
+
 def test_too_many_failures_says_how_long_to_wait(browser, own_redis):
     """After 10 wrong secrets for one key id the admin API answers 429 with the message "wait
     before trying again" and, in Retry-After, how long: the page showed the message only, so
@@ -1707,17 +1722,7 @@ def test_too_many_failures_says_how_long_to_wait(browser, own_redis):
         forged = [head + checksum(head) for head in heads]
         statuses = [gw.admin("GET", "/workspaces", token=wrong)[0] for wrong in forged[:20]]
         assert statuses[0] == 401 and statuses[-1] == 429, statuses  # the per-key limit: 10
-        browser.get(gw.admin_url + "/console/")
-        wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
-        browser.get_log("browser")
-        page = Console(browser, gw)
-        page.sign_in(forged[20])
-        problem = page.alert_text()
-        assert problem.startswith("Too many failed attempts"), problem
-        found = re.search(r"Try again in (\d+) seconds?\.", problem)
-        assert found and 1 <= int(found.group(1)) <= 60, problem
-        page.allowed_errors.append("429")
-        page.assert_no_console_errors()
+        signing_in_says_to_wait(browser, gw, forged[20])
     finally:
         gw.stop()
 
@@ -1731,17 +1736,7 @@ def test_an_operator_over_the_failure_limit_is_told_how_long_to_wait(browser, ow
         statuses = [gw.admin("GET", "/workspaces", token=f"wrong-operator-token-{i}")[0]
                     for i in range(20)]
         assert statuses == [401] * 20, statuses
-        browser.get(gw.admin_url + "/console/")
-        wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
-        browser.get_log("browser")
-        page = Console(browser, gw)
-        page.sign_in(ADMIN_TOKEN)
-        problem = page.alert_text()
-        assert problem.startswith("Too many failed attempts"), problem
-        found = re.search(r"Try again in (\d+) seconds?\.", problem)
-        assert found and 1 <= int(found.group(1)) <= 60, problem
-        page.allowed_errors.append("429")
-        page.assert_no_console_errors()
+        signing_in_says_to_wait(browser, gw, ADMIN_TOKEN)
     finally:
         gw.stop()
 
