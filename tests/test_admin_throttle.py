@@ -348,6 +348,29 @@ async def test_the_right_token_is_not_held_by_a_store_that_does_not_answer(
         relay.release()
 
 
+async def test_refusals_while_the_store_stalls_read_its_reset_once(redis_url, upstream,
+                                                                     monkeypatch):
+    """A refusal reads once when the shared counter resets (for Retry-After). A read the store
+    did not answer was tried again by every later refusal, so with Redis stalled each of a
+    throttled guesser's requests held a store call for store.timeout. Now one read a window:
+    when it fails, the bound from the last write's answer stands."""
+    from harness import HeldReplies
+    config = with_failures(make_config(str(upstream.make_url(""))), per_ip=3, timeout=0.5)
+    async with HeldReplies(redis_url) as relay, \
+            gateway_under_test(config, relay.url, monkeypatch) as g:
+        for i in range(3):
+            assert (await call(g, f"wrong-{i}"))[0] == 401
+        relay.hold()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        answers = [await call(g, f"wrong-again-{i}") for i in range(5)]
+        took = loop.time() - began
+        relay.release()
+    assert [a[:2] for a in answers] == [(429, "too_many_failures")] * 5
+    assert all(1 <= int(a[2]["Retry-After"]) <= 60 for a in answers)
+    assert took < 1.5, took   # one read of 0.5 s, not five
+
+
 async def test_failures_other_workers_counted_leave_this_one_one_more_comparison(
         gut, redis_url):
     """The design's allowance: a process learns the shared count from its own writes, so

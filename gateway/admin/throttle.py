@@ -168,8 +168,9 @@ class OperatorThrottle:
                 try:
                     ms = await self.auth.requests.operator_failures_reset_ms(
                         ip, limits.window_seconds)
-                except StoreError:
-                    ms = None  # the window from the last write's answer, as it stands
+                except StoreError:  # the window from the last write's answer stands, and
+                    ms = None        # is not asked again this window (each refusal would wait)
+                    known.reset_read = True
                 if ms is not None:
                     known.reset_read = True
                     at = time.monotonic() + (limits.window_seconds if ms == -1 else
