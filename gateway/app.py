@@ -135,6 +135,7 @@ async def running_gateway(config: Config, store_url: str, *,
                                    write_timeout=timeouts.body,
                                    max_connections=raise_open_file_limit(config),
                                    inline=True)
+        proxy_server.on_refused = metrics.connections_refused.inc
         tls = {name: ListenerTLS(section.tls) for name, section in
                (("proxy", config.server), ("admin", config.admin)) if section.tls is not None}
         gw = Gateway(config, store, requests, pipeline, metrics, admin_app, proxy_server,

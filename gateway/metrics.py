@@ -78,6 +78,10 @@ class Metrics:
                                           "Access-log lines dropped because stderr could not "
                                           "keep up (the buffer was full) or refused them.",
                                           registry=r)
+        self.connections_refused = Counter("keygate_connections_refused_total",
+                                           "Client connections to the proxy listener closed "
+                                           "at once: it held server.max_connections.",
+                                           registry=r)
         self.log_lines_dropped = Counter("keygate_log_lines_dropped_total",
                                          "Application log lines dropped because stderr could "
                                          "not keep up (the queue was full) or refused them.",

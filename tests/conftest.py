@@ -38,6 +38,7 @@ DOCUMENTED_METRICS = {
     "keygate_argon2_verifications_total": "counter",
     "keygate_store_errors_total": "counter",
     "keygate_degraded_decisions_total": "counter",
+    "keygate_connections_refused_total": "counter",
     "keygate_access_log_dropped_total": "counter",
     "keygate_log_lines_dropped_total": "counter",
     "keygate_workspace_month_requests": "gauge",

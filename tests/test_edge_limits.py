@@ -124,6 +124,9 @@ async def test_client_connections_over_max_connections_are_refused_and_the_rest_
         writer.close()
         assert closed, "a connection over server.max_connections was kept"
         assert g.gw.proxy_server.refused_connections >= 1
+        # and an operator sees it: the only trace of a refused connection (no request, no log)
+        assert g.counter("keygate_connections_refused_total") == \
+            g.gw.proxy_server.refused_connections
         for _, w in idle[:2]:
             w.close()
         await asyncio.sleep(0.2)

@@ -24,6 +24,7 @@ import re
 import socket
 import uuid
 import warnings
+from typing import Callable
 
 from aiohttp import hdrs, web, web_protocol
 from aiohttp.helpers import ceil_timeout
@@ -153,6 +154,8 @@ class _JsonErrorRequestHandler(RequestHandler):
             victim = server.idlest(self) if getattr(server, "evict_idle", False) else None
             if victim is None:
                 server.refused_connections += 1
+                if server.on_refused is not None:
+                    server.on_refused()
                 transport.abort()
                 return
             victim.transport.abort()  # connection_lost frees its place
@@ -996,6 +999,7 @@ class ProxyServer(web.Server):
         self.write_timeout = write_timeout
         self.max_connections = max_connections
         self.refused_connections = 0
+        self.on_refused: Callable[[], None] | None = None  # told of each (a metric)
         self.stopping = False  # from pre_shutdown on: bodies in flight are still read
         self._sweeper: asyncio.Task | None = None
 
