@@ -29,6 +29,7 @@ from .records import (UNSET, WORKSPACE_ID_RE, epoch_field, hash_pairs, shown_ws,
 
 USAGE_CHUNK = 50   # workspaces a pipeline of a scrape's usage read (~1.5 ms of the loop's CPU)
 _USAGE_FIELDS = ("id", "plan", "limits")
+FIELDS_CHUNK = 200  # keys whose fields a pipeline of a reload's in-use check reads (a few ms)
 
 
 class Store(KeyStore):
@@ -148,9 +149,10 @@ class Store(KeyStore):
         """Remove a workspace role (NotFound if the workspace does not define it). Keys bound to
         it fall back to the configured role of that name. Without one, Conflict while any key
         that is not revoked or expired (a disabled one too) is bound to it: it would be left
-        with no scopes. The count and the delete are one script, and binding a key to a
-        workspace role checks the role in the binding's script, so neither can slip past the
-        other."""
+        with no scopes. The count runs in bounded steps before the delete's script, which
+        goes ahead only if no key was bound to a role meanwhile (the workspace's ``bindings``,
+        bumped by every binding's own script), and binding a key to a workspace role checks
+        the role in the binding's script, so neither can slip past the other."""
         await self._set_role(ws, "delete", name, None, actor)
 
     @confirmed_write
@@ -252,12 +254,17 @@ class Store(KeyStore):
                         asked.append((ws, own))
                         key_ids.append(key_id)
             bound: dict[str, dict[str, int]] = {}
-            if key_ids:
+            # in pipelines of FIELDS_CHUNK keys, each tallied as it comes: one pipeline of
+            # every key was packed and its replies parsed in one stretch of the loop the
+            # proxy's requests wait on (113 ms of CPU at 20,000 keys, 468 ms at 60,000)
+            for start in range(0, len(key_ids), FIELDS_CHUNK):
+                chunk = list(zip(asked[start:start + FIELDS_CHUNK],
+                                 key_ids[start:start + FIELDS_CHUNK]))
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for (ws, _), key_id in zip(asked, key_ids):
+                    for (ws, _), key_id in chunk:
                         pipe.hmget(key_key(ws, key_id), ["role", "revoked_at", "expires_at"])
                     fields = await pipe.execute()
-                for (ws, own), (role, revoked_at, expires_at) in zip(asked, fields):
+                for ((ws, own), _), (role, revoked_at, expires_at) in zip(chunk, fields):
                     if not role or role in own or (roles is not None and role not in roles):
                         continue
                     if revoked_at or _expired(expires_at, now):
