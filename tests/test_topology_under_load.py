@@ -427,7 +427,7 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
         tmp_path, upstream, monkeypatch, full_coverage):
     """Three primaries with a replica each; the primary of one workspace SIGKILLed with 150
     requests in flight over it and a workspace on another primary: only 200 and 503
-    store_unavailable, the killed one's 200 again within 2 s of its replica's promotion, and
+    store_unavailable, the killed one's 200 again within 3 s of its replica's promotion, and
     its count lost at most by what the dead primary had not replicated (asynchronous
     replication; docs/operations.md).
 
@@ -495,7 +495,12 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
             assert set(flood.kinds_of(other)) <= {(200, None), STORE_DOWN}
             first_after = min((t for t, s, _ in flood.seen_by[victim_ws]
                                if t > promoted_at and s == 200), default=None)
-            assert first_after is not None and first_after - promoted_at < 2.0
+            # within a few store timeouts of the promotion: 0.44-1.36 s on a quiet machine,
+            # 2.03 s once in a CI run (four xdist workers, six redis-servers, 150 requests in
+            # flight on 2 cores). That a dead primary is answered 503 within store.timeout
+            # rather than after redis-py's ten retries has its own test
+            # (test_a_dead_cluster_primary_is_503_within_the_store_timeout)
+            assert first_after is not None and first_after - promoted_at < 3.0
             owner = await promoted()
             with _cluster_node(owner) as n:
                 used = int(n.get(usage_key(victim_ws, month_of(time.time()).period)) or 0)
