@@ -427,17 +427,20 @@ async def test_upstream_connections_are_bounded_and_requests_over_the_bound_wait
 
 async def test_waiting_for_an_upstream_connection_past_the_timeout_is_504_and_not_counted(
         redis_url, aiohttp_server, monkeypatch):
-    # The first request holds the pool's only connection for 1.5 s: its answer's head comes at
+    # The first request holds the pool's only connection for 2.5 s: its answer's head comes at
     # once (so its own timeout never fires), then the body drips. The second starts once the
-    # first's head is here, so it must wait for the connection, past the 0.5 s timeout. (With
-    # a stuck head instead, both timers end at ~0.5 s and which fires first is a race: the
-    # second then sometimes got the freed connection and reached the upstream.)
+    # first's head is here, so it must wait for the connection, past the 1 s timeout. (With
+    # a stuck head instead, both timers end at ~1 s and which fires first is a race: the
+    # second then sometimes got the freed connection and reached the upstream.) The upstream
+    # shares the test's event loop: a loop not scheduled for longer than the timeout less a
+    # drip's 0.1 s fires the first's read timeout before its next drip (0.5 s was once too
+    # short, in a fresh-clone run beside three other suites).
     async def dripping(request: web.Request) -> web.StreamResponse:
         if request.path == "/people/stuck":
             await asyncio.sleep(1.5)
         response = web.StreamResponse()
         await response.prepare(request)
-        for _ in range(15):
+        for _ in range(25):
             await asyncio.sleep(0.1)
             await response.write(b"x")
         return response
@@ -447,7 +450,7 @@ async def test_waiting_for_an_upstream_connection_past_the_timeout_is_504_and_no
     server = await aiohttp_server(app)
     config = edge_config(str(server.make_url("")))
     config = dataclasses.replace(config, upstreams={
-        "api": Upstream("api", str(server.make_url("")), 0.5, max_connections=1)})
+        "api": Upstream("api", str(server.make_url("")), 1.0, max_connections=1)})
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         await g.workspace("acme")
         token, _ = await g.key(scopes=["people:read"])
@@ -459,8 +462,8 @@ async def test_waiting_for_an_upstream_connection_past_the_timeout_is_504_and_no
                 waited = time.monotonic() - started
                 assert second.status == 504
                 assert (await second.json())["error"]["code"] == "upstream_timeout"
-            assert 0.4 < waited < 1.2
-            assert await first.read() == b"x" * 15      # the held one was not disturbed
+            assert 0.9 < waited < 2.2
+            assert await first.read() == b"x" * 25      # the held one was not disturbed
         # the first reached the upstream (counted); the second never got a connection
         assert await g.used() == 1
         # one that reached the upstream and timed out waiting for the answer is counted

@@ -261,9 +261,12 @@ async def test_twenty_scrapers_leave_a_cached_key_most_of_the_event_loop(redis_u
     # STALE_PER_SECOND answers of the last one: it was 3,000 to 33,000 answers for as few
     # renders, and the key got 8 to 15% of its requests through. Per CPU second the scrapes
     # may take their budget (a tenth) and the sending of what they are answered, not most of
-    # it (the baseline is the lower of the two measured around the flood).
+    # it (the baseline is the lower of the two measured around the flood). A CPU second is
+    # not a fixed amount of work on a shared machine (a busy sibling hyperthread, caches
+    # flushed by other processes): 0.34 once in a fresh-clone run beside three other suites,
+    # 0.6-0.9 on a quiet one; the bound sits between that and the defect's 0.08-0.15.
     assert 20 <= answered <= 20 * (renders + 1) + 5 * 6 + 5, (answered, renders)
-    assert flooded > min(before, after) * 0.4, (before, flooded, after, answered)
+    assert flooded > min(before, after) * 0.25, (before, flooded, after, answered)
 
 
 async def test_past_the_budget_a_few_scrapes_a_second_get_the_last_one_the_rest_wait(
@@ -499,16 +502,25 @@ async def test_a_real_prometheus_scrapes_serve_with_two_workers_and_its_alert_ru
                     return None
                 return active[0] if active and active[0]["health"] != "unknown" else None
 
-            await asyncio.sleep(0.3)   # every worker's tallies in its file
-            counted = set()
-            for _ in range(4):         # whichever worker answers
-                async with ClientSession() as fresh:
-                    async with fresh.get(gw.admin + "/metrics",
-                                         headers={"Connection": "close"}) as r:
-                        counted.add(sum(x.value for f in text_string_to_metric_families(
-                            await r.text()) for x in f.samples
-                            if x.name == "keygate_requests_total"))
-            assert len(counted) == 1 and 23 <= min(counted) <= 30, counted
+            async def scrapes_agree() -> set:
+                # whichever worker answers, once every worker's tallies are in its file: each
+                # writes them every 0.1 s (metrics.FLUSH_EVERY), later on a loaded machine
+                # (26 and 28 once 0.3 s after the requests, beside three other suites)
+                counted = set()
+                for _ in range(4):
+                    async with ClientSession() as fresh:
+                        async with fresh.get(gw.admin + "/metrics",
+                                             headers={"Connection": "close"}) as r:
+                            counted.add(sum(x.value for f in text_string_to_metric_families(
+                                await r.text()) for x in f.samples
+                                if x.name == "keygate_requests_total"))
+                seen.append(counted)
+                return len(counted) == 1 and min(counted) >= 23
+
+            seen: list[set] = []
+            await eventually(scrapes_agree, timeout=10, every=0.1)
+            counted = seen[-1]
+            assert len(counted) == 1 and 23 <= min(counted) <= 30, seen[-3:]
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 found = await target()

@@ -408,16 +408,23 @@ CLUSTER_PW = "cluster-pw-89"
 
 
 def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) exists and is free too."""
+    """A free port whose cluster bus port (port + 10000) exists and is free too, both reserved
+    until the test ends as free_port() reserves one. The bus port used to be only probed: in
+    the ephemeral range, a connection made meanwhile could take it as its local port, and the
+    node then never answered (once in a fresh-clone run beside three other suites)."""
+    import conftest
     for _ in range(100):
         port = free_port()
         if port + 10000 > 65535:
             continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
+        bus = socket.socket()
+        bus.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # redis-server's too
+        try:
+            bus.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            bus.close()
+            continue
+        conftest._HELD.append(bus)
         return port
     raise RuntimeError("no free port pair for a cluster node")
 
