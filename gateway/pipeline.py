@@ -29,7 +29,7 @@ from . import errors, overrides, reserved
 from .access import refusal
 from .auth import Authenticator, CachedKey
 from .config import Config, Upstream
-from .cors import ORIGIN
+from .cors import origin_of
 from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
 from .proxying.server import answer_and_close
 from .proxying.tunnel import TunnelWatch, websocket_handshake
@@ -198,7 +198,7 @@ class Pipeline:
                 response = exc.response(request_id)
                 cors = self.forwarder.header_rules.cors  # the config's one policy, if any
                 if cors is not None:
-                    cors.label(response.headers, request.headers.get(ORIGIN))
+                    cors.label(response.headers, origin_of(request.headers))
                 if request.raw_path.startswith(reserved.RESERVED):  # an answer of keygate's
                     response.headers[_CACHE_CONTROL] = "no-store"     # own: no cache keeps it
                 if exc.status in (408, 413, 501) or exc.__class__ is errors.BodyCutShort \
@@ -214,7 +214,7 @@ class Pipeline:
                 response = GatewayError("Internal error.").response(request_id)
                 cors = self.forwarder.header_rules.cors
                 if cors is not None:
-                    cors.label(response.headers, request.headers.get(ORIGIN))
+                    cors.label(response.headers, origin_of(request.headers))
                 if request.raw_path.startswith(reserved.RESERVED):
                     response.headers[_CACHE_CONTROL] = "no-store"
             if not response.prepared and "X-Request-Id" not in response.headers:
@@ -264,7 +264,7 @@ class Pipeline:
                 # likewise, in handle)
                 response.headers[_CACHE_CONTROL] = "no-store"
                 if cors is not None:
-                    cors.label(response.headers, request.headers.get(ORIGIN))
+                    cors.label(response.headers, origin_of(request.headers))
             return response
         route = self.routes.match(request.method, raw_path)
         outcome.route, outcome.upstream = route.path, route.upstream

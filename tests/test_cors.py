@@ -221,6 +221,27 @@ async def test_an_answer_for_another_origin_or_none_carries_no_cors_header_but_v
         assert headers[b"vary"] == [b"Accept-Encoding", b"Origin"]
 
 
+@pytest.mark.parametrize("origins", [(APP, APP), (APP, EVIL), (EVIL, APP)],
+                         ids=["same-twice", "allowed-first", "allowed-second"])
+async def test_two_origin_headers_are_no_allowed_origin(gw, origins):
+    """A browser sends one ``Origin``; a request with two was made by something else, and
+    which one it means is anyone's guess. keygate labelled the answer for the first: now for
+    neither, on every kind of answer (forwarded, streamed back, keygate's own refusal and own
+    endpoint, an OPTIONS that is no preflight keygate answers), as Envoy and nginx (1.23 on),
+    which read repeated headers as one comma-joined value no allowed origin equals, do."""
+    token, _ = await gw.key(scopes=["people:read"])
+    twice = "".join(f"Origin: {o}\r\n" for o in origins).encode()
+    key = {"Authorization": f"Bearer {token}"}
+    for method, path, extra in (
+            ("GET", "/health", {}), ("GET", "/people/streamed", key), ("GET", "/people/1", {}),
+            ("GET", "/_keygate/v1/usage", key), ("GET", "/_keygate/v1/usage", {}),
+            ("OPTIONS", "/people/1", {"Access-Control-Request-Method": "GET"})):
+        head = request(method, path, **extra)
+        status, headers, _ = await raw(gw, head[:-2] + twice + b"\r\n")
+        assert cors_headers(headers) == {}, (method, path, status, headers)
+        assert b"Origin" in b",".join(headers[b"vary"]), (path, headers)
+
+
 async def test_keygates_own_refusals_are_readable_by_an_allowed_origin(gw):
     token, _ = await gw.key(scopes=["people:read"])
     status, headers, body = await raw(gw, request("GET", "/people/1", Origin=APP))
