@@ -389,13 +389,18 @@ async def test_keys_in_odd_places_are_refused_readably_on_keygates_own_endpoints
     "/%5Fkeygate/v1/usage", "/%5fkeygate/v1/keys", "//_keygate/v1/usage",
     "/_keygate/./v1/usage", "/_keygate/v1/../v1/usage", "/_keygate%2Fv1/usage",
     "/_keygate/v1/usag%65", "/_keygate\\v1/usage", "/_keygate/v1/keys//x",
-    "/_keygate/v1/usage;x", "/_keygate/%2e/v1/usage"])
+    "/_keygate/v1/usage;x", "/_keygate/%2e/v1/usage",
+    # read as keygate's own by an upstream that compares paths case-insensitively, strips a
+    # segment's trailing dots and spaces (Windows, IIS) or NFKC-normalises (a fullwidth '_')
+    "/_KEYGATE/v1/usage", "/_Keygate/v1/keys", "/_kEyGaTe/v1/verify/people/1",
+    "/_keygate./v1/usage", "/_keygate%20/v1/usage", "/_KEYGATE.%20./v1/keys",
+    "/%EF%BC%BFkeygate/v1/usage", "/%ef%bc%bfKEYGATE/v1/usage", "/_keygate%EF%BC%8E/v1/usage"])
 async def test_spellings_of_keygates_prefix_reach_neither_keygate_nor_the_upstream(
         redis_url, monkeypatch, target):
     """Behind a catch-all route, a path that another server could read as keygate's own
-    (``/%5Fkeygate/``, ``//_keygate``, a dot segment) is refused ``bad_path`` before any
-    route: never answered as keygate's own, never forwarded (the upstream receives not a
-    byte)."""
+    (``/%5Fkeygate/``, ``//_keygate``, a dot segment, ``/_KEYGATE/``, ``/_keygate./``) is
+    refused ``bad_path`` before any route: never answered as keygate's own, never forwarded
+    (the upstream receives not a byte)."""
     received = bytearray()
 
     async def answer(reader, writer):

@@ -68,6 +68,7 @@ async def test_verify_counts_exactly_like_forwarding_and_refuses_the_same_way(gw
     ({"X-Original-URI": "/nowhere"}, "no_route", 404),
     ({"X-Original-URI": "/_keygate/v1/usage"}, "no_route", 404),
     ({"X-Original-URI": "/_keygate/v1/verify"}, "no_route", 404),
+    ({"X-Original-URI": "/_KEYGATE/v1/usage"}, "bad_path", 400),  # keygate's own, case-folded
 ])
 async def test_refusals_carry_the_proxy_status_and_json(gw, headers, code, status):
     h = {"X-Original-Method": "GET", "X-Original-URI": "/people/1", **headers}
