@@ -388,6 +388,9 @@ def glob_problem(glob: str) -> str | None:
         return f"'{glob}' must start with /"
     if glob.startswith(RESERVED_PATH) or glob == RESERVED_PATH.rstrip("/"):
         return f"'{glob}' is under {RESERVED_PATH}, which keygate reserves for itself"
+    if "%" not in glob.split("/", 2)[1] and _reads_reserved(glob):
+        return (f"'{glob}' is {RESERVED_PATH} as a case-insensitive or Windows server reads "
+                f"it; requests with it are refused, so it never matches")
     if any(c in glob for c in "?#;\\") or any(ord(c) <= 32 or ord(c) >= 127 for c in glob):
         return (f"'{glob}' contains a character not allowed in a route path (space, control, "
                 "non-ASCII, ?, #, ; or \\; percent-encode non-ASCII)")
