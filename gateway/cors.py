@@ -9,10 +9,10 @@ top-level ``cors`` section; without it nothing here runs and keygate adds no COR
   and ``max_age``. It needs no key, is never counted and never forwarded. Any other
   ``OPTIONS`` goes through the pipeline as before (a route listing ``OPTIONS`` forwards it).
 - Every other answer (forwarded, or keygate's own: errors, ``/_keygate/``) carries ``Vary:
-  Origin``, and for an allowed ``Origin`` ``Access-Control-Allow-Origin`` (that origin, never
-  ``*``), ``Access-Control-Expose-Headers`` (the RateLimit fields, ``Retry-After``,
-  ``X-Request-Id``, ``expose_headers``) and, with ``allow_credentials``,
-  ``Access-Control-Allow-Credentials: true``.
+  Origin``, and for an allowed ``Origin`` (sent once: two name none)
+  ``Access-Control-Allow-Origin`` (that origin, never ``*``), ``Access-Control-Expose-Headers``
+  (the RateLimit fields, ``Retry-After``, ``X-Request-Id``, ``expose_headers``) and, with
+  ``allow_credentials``, ``Access-Control-Allow-Credentials: true``.
 - keygate owns the ``Access-Control-*`` headers browsers read (``RESPONSE_NAMES``): an
   upstream's are removed from forwarded answers, so what a browser may do is what this config
   says, for every route alike.
@@ -55,6 +55,17 @@ ALWAYS_ALLOWED = ("Authorization", "Content-Type", "X-Request-Id")
 ALWAYS_EXPOSED = ("RateLimit", "RateLimit-Policy", "Retry-After", "X-Request-Id")
 
 
+def origin_of(headers: CIMultiDict[str]) -> str | None:
+    """The request's ``Origin``, None when it sent none, or more than one: a browser sends one,
+    and two name no origin to answer for (Envoy's and nginx's readings, the values joined
+    with a comma, equal no allowed origin either). Only a request with an ``Origin`` pays for
+    the count (a list of its values)."""
+    origin = headers.get(ORIGIN)
+    if origin is not None and len(headers.getall(ORIGIN)) != 1:
+        return None
+    return origin
+
+
 def _names(names) -> str:
     """Header names once each (case-insensitively), in order, as one list value."""
     seen: dict[str, str] = {}
@@ -84,7 +95,7 @@ class CorsPolicy:
     # --- actual responses ---------------------------------------------------------------------
 
     def label(self, headers: CIMultiDict[str], origin: str | None) -> None:
-        """Mark an answer for ``origin`` (the request's ``Origin``, None when it sent none)."""
+        """Mark an answer for ``origin`` (``origin_of`` the request's headers)."""
         vary = headers.getall(_VARY, None)
         if vary is None:
             headers[_VARY] = "Origin"

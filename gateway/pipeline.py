@@ -29,7 +29,7 @@ from . import errors, overrides, reserved
 from .access import refusal
 from .auth import Authenticator, CachedKey
 from .config import Config, Upstream
-from .cors import ORIGIN
+from .cors import origin_of
 from .errors import GatewayError, ServiceUnavailable, StoreError, TooManyRequests
 from .proxying.server import answer_and_close
 from .proxying.tunnel import TunnelWatch, websocket_handshake
@@ -61,6 +61,7 @@ _new_tuple = tuple.__new__
 _AUTHORIZATION = hdrs.AUTHORIZATION  # istr: no case-folding per lookup
 _X_REQUEST_ID = istr("X-Request-Id")
 _VERIFY_UNDER = reserved.VERIFY + "/"
+_CACHE_CONTROL = istr("Cache-Control")
 _HOST = hdrs.HOST
 # RFC 9112 3.2's Host: uri-host [":" port], uri-host an IP literal or a reg-name (RFC 3986 3.2.2)
 _HOST_VALUE = re.compile(r"(?:\[[0-9A-Za-z._~!$&'()*+,;=:%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)"
@@ -197,7 +198,9 @@ class Pipeline:
                 response = exc.response(request_id)
                 cors = self.forwarder.header_rules.cors  # the config's one policy, if any
                 if cors is not None:
-                    cors.label(response.headers, request.headers.get(ORIGIN))
+                    cors.label(response.headers, origin_of(request.headers))
+                if request.raw_path.startswith(reserved.RESERVED):  # an answer of keygate's
+                    response.headers[_CACHE_CONTROL] = "no-store"     # own: no cache keeps it
                 if exc.status in (408, 413, 501) or exc.__class__ is errors.BodyCutShort \
                         or _held_back_its_body(request):
                     # the rest of that body is not worth reading, or will never come, or may
@@ -211,7 +214,9 @@ class Pipeline:
                 response = GatewayError("Internal error.").response(request_id)
                 cors = self.forwarder.header_rules.cors
                 if cors is not None:
-                    cors.label(response.headers, request.headers.get(ORIGIN))
+                    cors.label(response.headers, origin_of(request.headers))
+                if request.raw_path.startswith(reserved.RESERVED):
+                    response.headers[_CACHE_CONTROL] = "no-store"
             if not response.prepared and "X-Request-Id" not in response.headers:
                 response.headers["X-Request-Id"] = request_id  # keygate's own /_keygate/ answers
             self.observe(request, response, outcome, request_id, started)
@@ -253,8 +258,13 @@ class Pipeline:
                 return response
         if raw_path.startswith(reserved.RESERVED):
             response = await reserved.answer(self, request, raw_path, outcome)
-            if cors is not None and not response.prepared:
-                cors.label(response.headers, request.headers.get(ORIGIN))
+            if not response.prepared:
+                # an identity (verify's 200), a workspace's usage or keys: no browser, proxy
+                # or CDN keeps a copy to answer a later request with (keygate's refusals here
+                # likewise, in handle)
+                response.headers[_CACHE_CONTROL] = "no-store"
+                if cors is not None:
+                    cors.label(response.headers, origin_of(request.headers))
             return response
         route = self.routes.match(request.method, raw_path)
         outcome.route, outcome.upstream = route.path, route.upstream

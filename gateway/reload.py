@@ -108,6 +108,9 @@ class Reloader:
         self._echo = 0  # SIGHUPs we caused ourselves (a worker asking its siblings to reload)
         self._hup_waiting = False  # a SIGHUP's reload waits for its turn (it answers the next)
         self._marks = _shared_dir()  # serve --workers: where each worker says it reloaded
+        # serve --workers: each worker logs its own reload, so each line says which worker
+        # ('worker 2 (pid 4242): '); nothing in a process of its own
+        self._who = worker_prefix() if self._marks is not None else ""
         # a worker that has not reloaded yet is named there too, behind any reload asked for
         # (its config is the one the supervisor read before forking it; see mark_forked)
         self._mark(0.0)
@@ -132,8 +135,8 @@ class Reloader:
                     raise ConfigError(problems)
             except ConfigError as exc:
                 for problem in exc.problems:
-                    log.error("reload refused: %s", problem)
-                log.error("reload refused: the config in force is unchanged")
+                    log.error("%sreload refused: %s", self._who, problem)
+                log.error("%sreload refused: the config in force is unchanged", self._who)
                 self._count("error")
                 raise
             merged, kept = keep_restart_only(self.config, new)
@@ -141,7 +144,7 @@ class Reloader:
                 self.apply(merged)
             except ConfigError as exc:  # e.g. a certificate replaced between check and load
                 for problem in exc.problems:
-                    log.error("reload refused: %s", problem)
+                    log.error("%sreload refused: %s", self._who, problem)
                 self._count("error")
                 raise
             self.config = merged
@@ -150,10 +153,11 @@ class Reloader:
             if self.metrics is not None:
                 self.metrics.config_reloaded_at.set(now)
             if kept:
-                log.warning("config reloaded from %s; these settings need a restart and keep "
-                            "their old values until then: %s", self.path, ", ".join(kept))
+                log.warning("%sconfig reloaded from %s; these settings need a restart and "
+                            "keep their old values until then: %s", self._who, self.path,
+                            ", ".join(kept))
             else:
-                log.info("config reloaded from %s", self.path)
+                log.info("%sconfig reloaded from %s", self._who, self.path)
             return ReloadResult(self.path, now, kept)
 
     @contextlib.asynccontextmanager
@@ -186,8 +190,8 @@ class Reloader:
             return await self.in_use(new, self.config)
         except StoreError as exc:
             from .config_in_use import not_checked
-            log.warning("reload: could not check %s (%s); reloading without that check",
-                        not_checked(new, self.config), exc)
+            log.warning("%sreload: could not check %s (%s); reloading without that check",
+                        self._who, not_checked(new, self.config), exc)
             return []
 
     async def on_signal(self) -> None:
@@ -198,7 +202,7 @@ class Reloader:
         if self._hup_waiting:  # that reload reads the file after this SIGHUP: it answers both
             return
         self._hup_waiting = True
-        log.info("SIGHUP: reloading %s", self.path)
+        log.info("%sSIGHUP: reloading %s", self._who, self.path)
         try:
             await self.reload(signalled=True)
         except ConfigError:
@@ -238,12 +242,13 @@ class Reloader:
                 refused = [f"worker {pid}: {problem}" for pid, at, problems in sorted(marks)
                            if at >= asked and problems for problem in problems]
                 if refused:
-                    log.error("reload: this worker took %s, but other workers refused it and "
-                              "keep their old config: %s", self.path, "; ".join(refused))
+                    log.error("%sreload: this worker took %s, but other workers refused it "
+                              "and keep their old config: %s", self._who, self.path,
+                              "; ".join(refused))
                 return refused
             if time.monotonic() >= deadline:
-                log.warning("reload: workers %s had not re-read the config %.0f s after the "
-                            "reload call; answering it all the same",
+                log.warning("%sreload: workers %s had not re-read the config %.0f s after "
+                            "the reload call; answering it all the same", self._who,
                             ", ".join(map(str, behind)), timeout)
                 return []
             await asyncio.sleep(0.005)
@@ -259,7 +264,7 @@ class Reloader:
                 json.dump({"started": started, "problems": problems}, f)
             os.replace(path + ".tmp", path)
         except OSError as exc:
-            log.warning("reload: cannot write %s: %s", path, exc)
+            log.warning("%sreload: cannot write %s: %s", self._who, path, exc)
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -350,6 +355,14 @@ def add_reload_route(app: web.Application, reloader: Reloader) -> None:
         return web.json_response(result.to_json())
 
     app.router.add_post("/admin/v1/reload", reload)
+
+
+def worker_prefix() -> str:
+    """``worker I (pid P): `` for a worker of ``serve --workers N`` (I its place among them,
+    1..N, as the supervisor set it when forking), to begin the lines each worker logs alike."""
+    index = os.environ.get("KEYGATE_WORKER", "")
+    place = f" {index}" if index.isdigit() else ""
+    return f"worker{place} (pid {os.getpid()}): "
 
 
 def _shared_dir() -> str | None:

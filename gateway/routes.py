@@ -33,6 +33,10 @@ What ``check_path`` accepts (the raw request target before any decoding, query e
   (fullwidth letters, ``™``) pass ``check_path``; ``RouteTable.match`` refuses them where the
   path NFKC reads matches another route than the path as sent, or none (``/%EF%BD%81dmin``).
 
+A path an upstream could read as under keygate's reserved ``/_keygate/``, though it is not so
+as sent, is refused too: its first segment compared case-insensitively, with trailing dots and
+spaces stripped, or after NFKC (``/_KEYGATE/``, ``/_keygate./``, ``/%EF%BC%BFkeygate/``).
+
 Route globs are case-sensitive, but many upstreams match paths case-insensitively (IIS/ASP.NET,
 Windows file servers, some Spring and Express configurations), so ``RouteTable.match`` also
 refuses a path that, compared case-insensitively (ASCII letters), matches another route than
@@ -99,8 +103,35 @@ def check_path(raw_path: str | bytes) -> None:
     if raw_path[:1] == "/" and _FAST.fullmatch(raw_path) is not None:
         if "%" in raw_path:
             _check_escapes(raw_path)
+        # only a first segment starting with '_' or an escape can be read as keygate's own
+        if raw_path[1:2] in ("_", "%") and _reads_reserved(raw_path):
+            raise _bad(f"The request path is {RESERVED_PATH} as a server that compares paths "
+                       "case-insensitively or normalises them reads it, but not as sent; "
+                       f"keygate's own endpoints are under {RESERVED_PATH} exactly.")
         return
     raise _bad(_diagnose(raw_path))
+
+
+_RESERVED_SEGMENT = RESERVED_PATH.strip("/")
+
+
+def _reads_reserved(raw_path: str) -> bool:
+    """Whether an upstream could read ``raw_path`` (accepted so far by ``check_path``) as under
+    ``RESERVED_PATH`` though it is not so as sent: its first segment compared
+    case-insensitively (IIS/ASP.NET, Windows file servers, some Spring and Express configs),
+    with trailing dots and spaces stripped (Windows, IIS), after NFKC (a fullwidth '_').
+    keygate answers ``/_keygate/`` itself and forwards nothing under it; behind a catch-all
+    route ``/_KEYGATE/v1/keys`` would be forwarded, with the identity headers, to an upstream
+    that serves it as ``/_keygate/v1/keys``."""
+    end = raw_path.find("/", 1)
+    if end < 0:
+        return False
+    segment = raw_path[1:end]
+    if segment == _RESERVED_SEGMENT:
+        return False  # as sent: keygate's own
+    if "%" in segment:  # well-formed, needed escapes of UTF-8 (checked before)
+        segment = unicodedata.normalize("NFKC", unquote(segment))
+    return segment.rstrip(". ").lower() == _RESERVED_SEGMENT
 
 
 def _check_escapes(path: str) -> None:
@@ -357,6 +388,9 @@ def glob_problem(glob: str) -> str | None:
         return f"'{glob}' must start with /"
     if glob.startswith(RESERVED_PATH) or glob == RESERVED_PATH.rstrip("/"):
         return f"'{glob}' is under {RESERVED_PATH}, which keygate reserves for itself"
+    if "%" not in glob.split("/", 2)[1] and _reads_reserved(glob):
+        return (f"'{glob}' is {RESERVED_PATH} as a case-insensitive or Windows server reads "
+                f"it; requests with it are refused, so it never matches")
     if any(c in glob for c in "?#;\\") or any(ord(c) <= 32 or ord(c) >= 127 for c in glob):
         return (f"'{glob}' contains a character not allowed in a route path (space, control, "
                 "non-ASCII, ?, #, ; or \\; percent-encode non-ASCII)")

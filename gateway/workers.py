@@ -406,6 +406,8 @@ def _supervise(config: Config, store_url: str, workers: int,
             break
         if pid == 0:
             code = 1
+            # its place among the workers (1..N): its reload lines name it (gateway.reload)
+            os.environ["KEYGATE_WORKER"] = str(len(children) + 1)
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -387,3 +387,40 @@ async def test_failures_other_workers_counted_leave_this_one_one_more_comparison
     assert (status, code) == (429, "too_many_failures")
     assert 25 <= int(headers["Retry-After"]) <= 30, headers  # the counter's, not a new 60 s
     assert stored_failures(redis_url) == 21
+
+
+async def test_a_burst_of_refusals_reads_the_counters_reset_once(own_redis, upstream,
+                                                                  monkeypatch):
+    """Over the limit, a refusal reads when the shared counter resets (its Retry-After). The
+    read was not shared: fifty wrong tokens at once from a client over the limit each sent it
+    to Redis, until one had answered. Concurrent refusals of one client now wait on one read.
+    Counted on the wire: every call that names the client's counter, as Redis's MONITOR
+    reports it."""
+    config = with_failures(make_config(str(upstream.make_url(""))), per_ip=3)
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        for i in range(3):
+            assert (await call(g, f"wrong-{i}"))[0] == 401
+        reader, writer = await asyncio.open_connection("127.0.0.1", own_redis.port)
+        try:
+            writer.write(b"MONITOR\r\n")
+            assert await reader.readline() == b"+OK\r\n"
+            answers = await asyncio.gather(*(call(g, f"burst-{i}") for i in range(50)))
+            # a marker after the burst: every command it sent is reported before this one
+            marker = redis.Redis.from_url(own_redis.url)
+            try:
+                marker.get("kg:test:burst-done")
+            finally:
+                marker.close()
+            lines = []
+            while b"kg:test:burst-done" not in (line := await asyncio.wait_for(
+                    reader.readline(), 10)):
+                lines.append(line)
+        finally:
+            writer.close()
+    assert [a[:2] for a in answers] == [(429, "too_many_failures")] * 50
+    assert all(1 <= int(a[2]["Retry-After"]) <= 60 for a in answers)
+    # the script's calls (its own commands are reported too, from "lua"; and the first
+    # EVALSHA of a script Redis does not hold yet is sent again as EVAL: one read, still)
+    reads = [line for line in lines if b"kg:fail:operator:127.0.0.1" in line
+             and b'"EVALSHA"' in line]
+    assert len(reads) == 1, reads

@@ -221,6 +221,27 @@ async def test_an_answer_for_another_origin_or_none_carries_no_cors_header_but_v
         assert headers[b"vary"] == [b"Accept-Encoding", b"Origin"]
 
 
+@pytest.mark.parametrize("origins", [(APP, APP), (APP, EVIL), (EVIL, APP)],
+                         ids=["same-twice", "allowed-first", "allowed-second"])
+async def test_two_origin_headers_are_no_allowed_origin(gw, origins):
+    """A browser sends one ``Origin``; a request with two was made by something else, and
+    which one it means is anyone's guess. keygate labelled the answer for the first: now for
+    neither, on every kind of answer (forwarded, streamed back, keygate's own refusal and own
+    endpoint, an OPTIONS that is no preflight keygate answers), as Envoy and nginx (1.23 on),
+    which read repeated headers as one comma-joined value no allowed origin equals, do."""
+    token, _ = await gw.key(scopes=["people:read"])
+    twice = "".join(f"Origin: {o}\r\n" for o in origins).encode()
+    key = {"Authorization": f"Bearer {token}"}
+    for method, path, extra in (
+            ("GET", "/health", {}), ("GET", "/people/streamed", key), ("GET", "/people/1", {}),
+            ("GET", "/_keygate/v1/usage", key), ("GET", "/_keygate/v1/usage", {}),
+            ("OPTIONS", "/people/1", {"Access-Control-Request-Method": "GET"})):
+        head = request(method, path, **extra)
+        status, headers, _ = await raw(gw, head[:-2] + twice + b"\r\n")
+        assert cors_headers(headers) == {}, (method, path, status, headers)
+        assert b"Origin" in b",".join(headers[b"vary"]), (path, headers)
+
+
 async def test_keygates_own_refusals_are_readable_by_an_allowed_origin(gw):
     token, _ = await gw.key(scopes=["people:read"])
     status, headers, body = await raw(gw, request("GET", "/people/1", Origin=APP))
@@ -368,13 +389,18 @@ async def test_keys_in_odd_places_are_refused_readably_on_keygates_own_endpoints
     "/%5Fkeygate/v1/usage", "/%5fkeygate/v1/keys", "//_keygate/v1/usage",
     "/_keygate/./v1/usage", "/_keygate/v1/../v1/usage", "/_keygate%2Fv1/usage",
     "/_keygate/v1/usag%65", "/_keygate\\v1/usage", "/_keygate/v1/keys//x",
-    "/_keygate/v1/usage;x", "/_keygate/%2e/v1/usage"])
+    "/_keygate/v1/usage;x", "/_keygate/%2e/v1/usage",
+    # read as keygate's own by an upstream that compares paths case-insensitively, strips a
+    # segment's trailing dots and spaces (Windows, IIS) or NFKC-normalises (a fullwidth '_')
+    "/_KEYGATE/v1/usage", "/_Keygate/v1/keys", "/_kEyGaTe/v1/verify/people/1",
+    "/_keygate./v1/usage", "/_keygate%20/v1/usage", "/_KEYGATE.%20./v1/keys",
+    "/%EF%BC%BFkeygate/v1/usage", "/%ef%bc%bfKEYGATE/v1/usage", "/_keygate%EF%BC%8E/v1/usage"])
 async def test_spellings_of_keygates_prefix_reach_neither_keygate_nor_the_upstream(
         redis_url, monkeypatch, target):
     """Behind a catch-all route, a path that another server could read as keygate's own
-    (``/%5Fkeygate/``, ``//_keygate``, a dot segment) is refused ``bad_path`` before any
-    route: never answered as keygate's own, never forwarded (the upstream receives not a
-    byte)."""
+    (``/%5Fkeygate/``, ``//_keygate``, a dot segment, ``/_KEYGATE/``, ``/_keygate./``) is
+    refused ``bad_path`` before any route: never answered as keygate's own, never forwarded
+    (the upstream receives not a byte)."""
     received = bytearray()
 
     async def answer(reader, writer):

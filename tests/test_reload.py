@@ -1461,3 +1461,48 @@ async def test_an_upstream_added_by_a_reload_has_its_error_counters_at_zero(relo
               if s.name == "keygate_upstream_errors_total"}
     assert errors == {(u, code): 0 for u in ("api", "billing")
                       for code in ("upstream_unavailable", "upstream_timeout")}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_each_workers_reload_lines_name_the_worker(tmp_path, slow_upstream, redis_url,
+                                                         workers):
+    """Under ``serve --workers N`` every worker reads the file on a SIGHUP and logs what it
+    found: a bad file was logged N times over, each line alike, and an operator could not
+    tell which worker said what (one that read the file half-written says something else).
+    Each reload line now starts ``worker I (pid P): ``, I its place among the workers and P
+    its process, as the supervisor's lines about a worker name its pid. A process of its own
+    logs them as before."""
+    import re
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport, "--workers", workers)
+    try:
+        await gw.ready()
+        n = int(workers)
+        assert await eventually(lambda: gw.stderr().count("keygate listening") == n), \
+            gw.stderr()
+        pids = children_of(gw.proc.pid) if n > 1 else {gw.proc.pid}
+        config.write_text(config.read_text() + "bogus: 1\n")
+        gw.proc.send_signal(signal.SIGHUP)
+        assert await eventually(lambda: gw.stderr().count("the config in force is unchanged")
+                                == n), gw.stderr()
+        lines = [line for line in gw.stderr().splitlines()
+                 if "reload refused" in line or "SIGHUP: reloading" in line]
+        assert len(lines) == 3 * n, lines  # per worker: the SIGHUP, the problem, unchanged
+        said = re.compile(r"\S+ \S+ (ERROR|INFO) keygate: (worker (\d+) \(pid (\d+)\): )?"
+                          r"(SIGHUP: reloading|reload refused: )")
+        named = set()
+        for line in lines:
+            m = said.match(line)
+            assert m is not None, line
+            if n == 1:
+                assert m.group(2) is None, line
+            else:
+                assert m.group(2) is not None, line
+                named.add((int(m.group(3)), int(m.group(4))))
+        if n > 1:
+            assert {index for index, _ in named} == set(range(1, n + 1)), named
+            assert {pid for _, pid in named} == pids and len(named) == n, (named, pids)
+        assert await asyncio.to_thread(gw.terminate) == 0
+    finally:
+        gw.close()

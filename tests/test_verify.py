@@ -68,6 +68,7 @@ async def test_verify_counts_exactly_like_forwarding_and_refuses_the_same_way(gw
     ({"X-Original-URI": "/nowhere"}, "no_route", 404),
     ({"X-Original-URI": "/_keygate/v1/usage"}, "no_route", 404),
     ({"X-Original-URI": "/_keygate/v1/verify"}, "no_route", 404),
+    ({"X-Original-URI": "/_KEYGATE/v1/usage"}, "bad_path", 400),  # keygate's own, case-folded
 ])
 async def test_refusals_carry_the_proxy_status_and_json(gw, headers, code, status):
     h = {"X-Original-Method": "GET", "X-Original-URI": "/people/1", **headers}
@@ -418,3 +419,26 @@ async def test_an_original_connect_is_refused_as_the_proxy_refuses_it(gw, upstre
         assert (await r.json())["error"]["code"] == "not_implemented"
         assert "X-Workspace-Id" not in r.headers
     assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
+
+
+async def test_no_answer_of_verify_may_be_kept_by_a_cache(gw):
+    """A verify answer is an identity (who the key is, its workspace, its remaining quota) or a
+    refusal of one request: an intermediary that kept either would answer a later request
+    with it. Every answer says ``Cache-Control: no-store``, as the usage endpoint's does: the
+    200, keygate's refusals (before and after the key is read, a key in the query included),
+    and one in Envoy's path-prefix mode. Nor may any other answer of keygate's own."""
+    token, _ = await gw.key(scopes=["people:read"])
+    h = {"X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/people/1"}
+    cases = [(VERIFY, {**bearer(token), **h}, 200),
+             (VERIFY + "/people/1", bearer(token), 200),
+             (VERIFY, h, 401),
+             (VERIFY, {**bearer(token), **h, "X-Forwarded-Uri": "/nowhere"}, 404),
+             (VERIFY, {**bearer(token), **h, "X-Forwarded-Uri": "/people/../x"}, 400),
+             (VERIFY + "?k=" + token, {**bearer(token), **h}, 400),
+             (VERIFY, {**bearer(token), "X-Forwarded-Uri": "/people/1"}, 400),
+             ("/_keygate/v1/usage", {}, 401),
+             ("/_keygate/v1/keys", bearer(token), 403)]
+    for target, headers, status in cases:
+        async with gw.proxy.get(URL(target, encoded=True), headers=headers) as r:
+            assert r.status == status, (target, r.status, await r.text())
+            assert r.headers.getall("Cache-Control", []) == ["no-store"], (target, r.headers)

@@ -633,6 +633,47 @@ async def test_identity_headers_an_upstream_echoes_in_its_101_never_reach_the_cl
         srv.close()
 
 
+async def test_an_upstreams_cors_headers_in_its_101_follow_keygates_cors_section(
+        redis_url, monkeypatch):
+    """With a ``cors`` section keygate owns the ``Access-Control-*`` headers: an upstream's are
+    replaced by keygate's on every answer. Its 101 was the exception: an upstream's ``*`` and
+    credentials reached the client as the upstream wrote them, and keygate's label was missing.
+    (A browser applies no CORS to a WebSocket; the answer says what the config says all the
+    same, as the upstream's other answers do.)"""
+    from gateway.settings import CorsConfig
+    app, evil = "https://app.example", "https://evil.example"
+    key = b"dGhlIHNhbXBsZSBub25jZQ=="
+    srv, url = await raw_answering(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_for(key) + b"\r\nAccess-Control-Allow-Origin: *\r\n"
+        b"access-control-allow-credentials: true\r\nVary: Accept\r\nX-Kept: yes\r\n\r\n")
+    config = dataclasses.replace(ws_config(url), cors=CorsConfig(allow_origins=(app,)))
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace()
+            token, _ = await g.key()
+            heads = {}
+            for origin in (app, evil):
+                reader, writer = await g.raw_connection()
+                writer.write(handshake("/ws/x", token, key=key,
+                                       extra=b"Origin: %s\r\n" % origin.encode()))
+                heads[origin] = (await read_head(reader)).lower()
+                writer.close()
+    finally:
+        srv.close()
+    for origin, head in heads.items():
+        assert head.startswith(b"http/1.1 101 ") and b"x-kept: yes" in head, head
+        cors = [line for line in head.split(b"\r\n") if line.startswith(b"access-control-")]
+        vary = [line for line in head.split(b"\r\n") if line.startswith(b"vary:")]
+        assert vary == [b"vary: accept", b"vary: origin"], head
+        if origin == app:
+            assert cors == [b"access-control-allow-origin: https://app.example",
+                            b"access-control-expose-headers: ratelimit, ratelimit-policy, "
+                            b"retry-after, x-request-id"], head
+        else:
+            assert cors == [], head
+
+
 @pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n"])
 async def test_a_handshake_with_a_body_is_refused(redis_url, monkeypatch, framing):
     async with ws_upstream() as (url, seen), gateway(redis_url, monkeypatch, url) as g:

@@ -32,7 +32,8 @@ per worker and window. With the store down, the process's own count alone bounds
 per process and window).
 
 What it costs: nothing for the right token (no store call), one write per wrong token, and for
-a refusal the counter's reset instant, read once per client and window. Nothing on the proxy
+a refusal the counter's reset instant, read once per client and window: refusals of one client
+while that read is under way wait for it rather than each sending their own. Nothing on the proxy
 listener.
 """
 
@@ -67,13 +68,15 @@ SWEEP_EVERY = 1.0
 class _Client:
     """What this process knows of one client (its throttle address) in the current window."""
 
-    __slots__ = ("failures", "resets_at", "shared", "shared_until", "reset_read", "writing")
+    __slots__ = ("failures", "resets_at", "shared", "shared_until", "reset_read", "writing",
+                 "reading")
 
     def __init__(self) -> None:
         self.failures, self.resets_at = 0, 0.0   # its own count, and when its window ends
         self.shared, self.shared_until = 0, 0.0  # the store's count, and until when it holds
         self.reset_read = False  # shared_until is the counter's own reset (read), not a bound
         self.writing: asyncio.Future | None = None  # a wrong token of it being written
+        self.reading: asyncio.Task | None = None  # its counter's reset being read (refusals)
 
 
 class OperatorThrottle:
@@ -165,17 +168,13 @@ class OperatorThrottle:
             wait = max(wait, -int(-(known.resets_at - now) // 1))
         if over_shared:  # when the store's counter resets: read once per window and client
             if not known.reset_read:
-                try:
-                    ms = await self.auth.requests.operator_failures_reset_ms(
-                        ip, limits.window_seconds)
-                except StoreError:  # the window from the last write's answer stands, and
-                    ms = None        # is not asked again this window (each refusal would wait)
-                    known.reset_read = True
-                if ms is not None:
-                    known.reset_read = True
-                    at = time.monotonic() + (limits.window_seconds if ms == -1 else
-                                             max(ms, 0) / 1000)
-                    known.shared_until = min(known.shared_until, at)
+                # one read for every refusal of the client meanwhile (a burst of guesses
+                # made as many store calls as it had requests); shielded: a caller that
+                # leaves does not cancel it for the others
+                if known.reading is None:
+                    known.reading = asyncio.ensure_future(
+                        self._read_reset(ip, known, limits.window_seconds))
+                await asyncio.shield(known.reading)
             wait = max(wait, -int(-(known.shared_until - now) // 1))
         wait = min(wait, limits.window_seconds)
         if self._warned.get(ip, 0.0) <= now:
@@ -187,6 +186,19 @@ class OperatorThrottle:
         raise TooManyRequests("Too many failed attempts with a wrong token from this address; "
                               "wait before trying again.", code="too_many_failures",
                               headers={"Retry-After": str(wait)})
+
+    async def _read_reset(self, ip: str, known: _Client, window_seconds: int) -> None:
+        """Bound ``known.shared_until`` by when the store's counter of ``ip`` resets."""
+        try:
+            ms = await self.auth.requests.operator_failures_reset_ms(ip, window_seconds)
+        except StoreError:  # the window from the last write's answer stands, and is not
+            ms = None        # asked again this window (each refusal would wait)
+        finally:
+            known.reading = None
+        known.reset_read = True
+        if ms is not None:
+            at = time.monotonic() + (window_seconds if ms == -1 else max(ms, 0) / 1000)
+            known.shared_until = min(known.shared_until, at)
 
     @staticmethod
     def _keep_room(warned: dict[str, float]) -> None:

@@ -39,7 +39,7 @@ from multidict import istr
 from yarl import URL
 
 from ..config import Config, Upstream
-from ..cors import ORIGIN
+from ..cors import origin_of
 from ..errors import (BadGateway, GatewayError, GatewayTimeout, RequestTimeout, body_cut_short,
                       body_too_large, client_closed)
 from ..models import Principal
@@ -448,7 +448,7 @@ class Forwarder:
             out[name] = value
         out[_X_REQUEST_ID] = request_id
         if cors is not None:
-            cors.label_forwarded(out, request.headers.get(ORIGIN))
+            cors.label_forwarded(out, origin_of(request.headers))
         status = resp.status
         if is_head or status in _NO_BODY_STATUS:
             resp.release()

@@ -37,6 +37,7 @@ from typing import Awaitable, Callable, Mapping
 from aiohttp import hdrs, web
 from multidict import istr
 
+from ..cors import origin_of
 from ..errors import BadGateway, BadRequest, client_closed
 from .connection import (ClientGone, UpstreamConnection, UpstreamConnectError,
                          UpstreamProtocolError, UpstreamResponse, UpstreamTimeout)
@@ -153,6 +154,8 @@ async def tunnel(forwarder, request: web.BaseRequest, upstream, principal, reque
     for name, value in limit_headers.items():
         out[name] = value
     out[_X_REQUEST_ID] = request_id
+    if rules.cors is not None:  # keygate's Access-Control-* on every answer, a 101's too
+        rules.cors.label_forwarded(out, origin_of(request.headers))
     out[_CONNECTION] = "Upgrade"
     out[_UPGRADE] = "websocket"
     response = TunnelResponse(status=101, headers=out)
