@@ -693,7 +693,9 @@ async def test_an_admin_reload_waits_for_a_worker_still_starting(tmp_path, slow_
             os.kill(pid, signal.SIGSTOP)
             stopped.append(pid)
         await gw.ready()  # the first one
-        assert "keygate listening" in gw.stderr()
+        # its log lines reach stderr from a writer thread, within 0.1 s (later when loaded)
+        assert await eventually(lambda: "keygate listening" in gw.stderr(), timeout=10), \
+            gw.stderr()
         async with ClientSession(timeout=TIMEOUT) as s:
             token = await new_key(s, gw.admin)
             edit_routes(config, [PEOPLE, {"path": "/more/**", "upstream": "api",
