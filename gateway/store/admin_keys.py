@@ -16,8 +16,8 @@ from ..models import KeyRecord, Workspace, rfc3339, whole_second
 from ..tokens import ID_LEN, PREFIX_CHARS, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
                          no_workspace, revoked_key, role_gone, store_errors, unknown_role)
-from .keyspace import (key_index_key, key_key, undone_key, ws_active_key,
-                       ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
+from .keyspace import (key_index_key, key_key, undone_key, ws_active_key, ws_audit_key,
+                       ws_bindings_key, ws_key, ws_keys_key, ws_roles_key)
 from .records import (UNSET, WORKSPACE_ID_RE, KeySummary, NewKey, control_fields, epoch_field,
                       hash_pairs, key_from_hash, key_summaries, shown_ws, workspace_from_hash)
 
@@ -357,7 +357,7 @@ class KeyStore(StoreBase):
                     "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
                                 key_key(ws, key_id), ws_audit_key(ws), ws_roles_key(ws),
                                 key_key(ws, actor), key_key(ws, actor),
-                                undone_key(ws, key_id)),
+                                undone_key(ws, key_id), ws_bindings_key(ws)),
                     (epoch_field(now), self._max_keys(workspace),
                      "+inf" if expires_at is None else epoch_field(expires_at), key_id,
                      self._audit_entry(now, actor, "key.create", key_id,
@@ -456,7 +456,7 @@ class KeyStore(StoreBase):
                     "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
                                 key_key(ws, new_id), ws_audit_key(ws), ws_roles_key(ws),
                                 key_key(ws, key_id), key_key(ws, actor),
-                                undone_key(ws, new_id)),
+                                undone_key(ws, new_id), ws_bindings_key(ws)),
                     (epoch_field(now), self._max_keys(workspace),
                      "+inf" if expires_at is None else epoch_field(expires_at), new_id,
                      self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,
@@ -562,7 +562,7 @@ class KeyStore(StoreBase):
                         "take_back", (key_key(ws, new_id), ws_keys_key(ws), ws_active_key(ws),
                                       ws_audit_key(ws), undone_key(ws, new_id),
                                       key_key(ws, new_id if old is None else old.id),
-                                      ws_key(ws)),
+                                      ws_key(ws), ws_bindings_key(ws)),
                         (new_id, entry, AUDIT_MAXLEN, "" if old is None else old.id,
                          UNDONE_TTL, "" if old is None or old.expires_at is None
                          else epoch_field(old.expires_at)), what="take back")
@@ -664,7 +664,7 @@ class KeyStore(StoreBase):
             now = self.clock()
             reply = await self._run(
                 "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws),
-                               ws_roles_key(ws), ws_key(ws)),
+                               ws_roles_key(ws), ws_key(ws), ws_bindings_key(ws)),
                 (key_id, score, epoch_field(now), max_keys,
                  self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
                  "" if expect_rev is None else expect_rev,

@@ -6,8 +6,8 @@
 -- KEYS[1] new key hash   KEYS[2] kg:ws:{ws}:keys   KEYS[3] kg:ws:{ws}:active
 -- KEYS[4] kg:ws:{ws}:audit   KEYS[5] kg:ws:{ws}:undone:<new id>
 -- KEYS[6] old key hash (rotation; a create passes KEYS[1] here, unread)
--- KEYS[7] kg:ws:{ws} (its 'bindings' bumped when the old key given back is bound to a role:
---         see admin_set_role)
+-- KEYS[7] kg:ws:{ws}   KEYS[8] kg:ws:{ws}:bindings (the old key given back bound to a role
+--         bumps that role's counter: _bound_to_role.lua, admin_set_role)
 -- ARGV[1] new key id   ARGV[2] audit entry (JSON)   ARGV[3] audit stream cap
 -- ARGV[4] old key id ('' = a create)   ARGV[5] seconds the 'undone' mark is kept
 -- ARGV[6] the old key's expires_at before the rotation ('' = none)
@@ -19,6 +19,7 @@
 -- Returns 'absent' (the add script had not run) | 'removed' | 'restored' (rotation: the old
 -- key given back too).
 -- include: _new_rev.lua
+-- include: _bound_to_role.lua
 redis.call('SET', KEYS[5], '1', 'EX', ARGV[5])
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'absent' end
 local restored = false
@@ -27,7 +28,7 @@ if ARGV[4] ~= '' and redis.call('HGET', KEYS[6], 'rotated_to') == ARGV[1] then
   redis.call('ZADD', KEYS[3], ARGV[6] == '' and '+inf' or ARGV[6], ARGV[4])
   new_rev(KEYS[6])
   local role = redis.call('HGET', KEYS[6], 'role')
-  if role and role ~= '' then redis.call('HINCRBY', KEYS[7], 'bindings', 1) end
+  if role and role ~= '' then bound_to_role(KEYS[7], KEYS[8], role) end
   restored = true
 end
 redis.call('DEL', KEYS[1])

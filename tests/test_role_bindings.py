@@ -1,0 +1,194 @@
+"""Workspace role deletes against the bindings made while they count, with real concurrency on a
+real redis-server: a delete counts the role's keys in bounded steps, then goes ahead only if no
+key was bound to *that role* meanwhile. Bindings to other roles, and PATCHes that leave a key's
+role as it is, must not hold it up; a binding to the role must always make it refuse."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+
+import pytest
+import redis
+
+from gateway.admin import create_admin_app
+from gateway.config import Argon2Config, Config, Plan
+from gateway.store import Store
+from gateway.store.keyspace import key_index_key, key_key, ws_active_key, ws_keys_key
+from harness import Clock
+
+OPERATOR_TOKEN = "operator-secret-for-tests"
+AUTH = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+KEYS = "/admin/v1/workspaces/acme/keys"
+ROLES = "/admin/v1/workspaces/acme/roles"
+FILLED = 1500  # keys of the workspace besides the test's own: a count of ~8 steps of 200
+
+
+def cheap_config() -> Config:
+    base = Config()
+    keys = dataclasses.replace(base.keys, argon2=Argon2Config(time_cost=1, memory_cost=8,
+                                                                parallelism=1))
+    return dataclasses.replace(base, keys=keys, plans={"default": Plan("default")},
+                               roles={"reader": ("people:read",)})
+
+
+@pytest.fixture
+async def admin(aiohttp_client, redis_url, monkeypatch):
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", OPERATOR_TOKEN)
+    clock = Clock()
+    clock.now = time.time()  # the filled keys' expiries are judged by Redis-side scripts too
+    store = await Store.connect(redis_url, cheap_config(), clock=clock)
+    client = await aiohttp_client(create_admin_app(cheap_config(), store), headers=AUTH)
+    client.store, client.clock = store, clock
+    client.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.redis.close()
+    await store.close()
+
+
+async def ok(resp, status: int = 200) -> dict:
+    body = await resp.json()
+    assert resp.status == status, body
+    return body
+
+
+async def setup(admin) -> None:
+    await ok(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "Acme"}), 201)
+    for role in ("ops", "dev"):
+        await ok(await admin.put(f"{ROLES}/{role}", json={"scopes": [f"{role}:run"]}))
+    filler = (await ok(await admin.post(KEYS, json={"name": "filler", "scopes": ["a:b"]}),
+                       201))["key"]
+    template = admin.redis.hgetall(key_key("acme", filler["id"]))
+    pipe = admin.redis.pipeline(transaction=False)
+    for i in range(FILLED):  # copies of a key the API made, written as the create script does
+        key_id = f"f{i:011d}"
+        pipe.hset(key_key("acme", key_id), mapping=dict(template, id=key_id, name=f"k{i}"))
+        pipe.sadd(ws_keys_key("acme"), key_id)
+        pipe.zadd(ws_active_key("acme"), {key_id: float("inf")})
+        pipe.set(key_index_key(key_id), "acme")
+    pipe.execute()
+
+
+def set_role_replies(admin, monkeypatch) -> list:
+    """The replies of the role delete's script, as they come (the store's calls unchanged)."""
+    replies: list = []
+    run = admin.store._run
+
+    async def watched(name, keys, args, **kw):
+        reply = await run(name, keys, args, **kw)
+        if name == "set_role":
+            replies.append(reply)
+        return reply
+    monkeypatch.setattr(admin.store, "_run", watched)
+    return replies
+
+
+async def test_a_delete_is_not_starved_by_bindings_to_other_roles_or_to_the_same_role(
+        admin, monkeypatch):
+    """A reviewer's tenant had its keys:admin key re-PATCH its keys ~20 times a second: every
+    PATCH that named a role bumped the workspace's one 'bindings' counter, whatever the role
+    and even when the key already had it, so `DELETE roles/ops` found it changed after every
+    count and gave up with 409 after 8 tries, though no key was ever bound to `ops`. Only a
+    binding to `ops` itself now makes its delete count again."""
+    await setup(admin)
+    same = (await ok(await admin.post(KEYS, json={"name": "same", "role": "dev"}), 201))["key"]
+    other = (await ok(await admin.post(KEYS, json={"name": "other", "role": "dev"}), 201))["key"]
+    named = (await ok(await admin.post(KEYS, json={"name": "named", "role": "dev"}), 201))["key"]
+    replies = set_role_replies(admin, monkeypatch)
+    stop, patches = asyncio.Event(), [0]
+
+    async def patching(key_id: str, bodies: list[dict]) -> None:
+        i = 0
+        while not stop.is_set():
+            await ok(await admin.patch(f"{KEYS}/{key_id}", json=bodies[i % len(bodies)]))
+            patches[0] += 1
+            i += 1
+
+    patchers = [asyncio.create_task(patching(same["id"], [{"role": "dev"}])),  # the role it has
+                asyncio.create_task(patching(other["id"], [{"role": "reader"},  # other roles
+                                                           {"role": "dev"}])),
+                asyncio.create_task(patching(named["id"], [{"name": "n1", "role": "dev"},
+                                                           {"name": "n2", "role": "dev"}]))]
+    try:
+        await asyncio.sleep(0.05)  # under way
+        before = patches[0]
+        deleted = await admin.delete(f"{ROLES}/ops")
+        during = patches[0] - before
+    finally:
+        stop.set()
+        await asyncio.gather(*patchers)
+    body = await deleted.json()
+    assert deleted.status == 200, (body, replies, during)
+    assert during >= 5, during  # the re-PATCHes really ran while the delete counted
+    roles = await ok(await admin.get(ROLES))
+    assert "ops" not in [r["name"] for r in roles["items"]]
+    assert replies == ["ok"], replies  # no try was made stale by them
+
+
+@pytest.mark.parametrize("binding", ["patch", "create"])
+async def test_a_key_bound_to_the_role_while_its_delete_counts_always_holds_it_up(
+        admin, monkeypatch, binding):
+    """The other side of the per-role counter: a key bound to the role at any moment of its
+    delete (before, during or after the count) either makes the delete refuse (409, the role
+    stays, the key keeps it) or is refused itself (the role is gone) -- never both through, a
+    live key bound to a role nothing defines (no scopes). Run at random moments over the
+    delete, with bindings to another role going on all along; at least one binding lands after
+    the count read the key's place, where only the counter catches it."""
+    await setup(admin)
+    target = (await ok(await admin.post(KEYS, json={"name": "t", "scopes": ["a:b"]}),
+                       201))["key"]
+    noise = (await ok(await admin.post(KEYS, json={"name": "noise", "role": "dev"}),
+                      201))["key"]
+    replies = set_role_replies(admin, monkeypatch)
+    stop = asyncio.Event()
+
+    async def noisy() -> None:
+        while not stop.is_set():
+            await ok(await admin.patch(f"{KEYS}/{noise['id']}", json={"role": "dev"}))
+
+    # a delete's span, to spread the bindings over it
+    t0 = time.monotonic()
+    await ok(await admin.delete(f"{ROLES}/ops"))
+    span = time.monotonic() - t0
+    rng = random.Random(1234)
+    outcomes = []
+    noise_task = asyncio.create_task(noisy())
+    try:
+        for i in range(24):
+            await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ops:run"]}))
+            replies.clear()
+
+            async def bind(delay: float):
+                await asyncio.sleep(delay)
+                if binding == "patch":
+                    return await admin.patch(f"{KEYS}/{target['id']}", json={"role": "ops"})
+                return await admin.post(KEYS, json={"name": f"new{i}", "role": "ops"})
+
+            deleting = asyncio.create_task(admin.delete(f"{ROLES}/ops"))
+            bound = await bind(rng.uniform(0, 1.2 * span))
+            deleted = await deleting
+            outcome = (deleted.status, 200 if bound.status == 201 else bound.status)
+            outcomes.append((outcome, list(replies)))
+            assert outcome in ((409, 200), (200, 400)), (outcome, await deleted.json(),
+                                                         await bound.json())
+            # undo the binding for the next round
+            if outcome[1] == 200:
+                made = (await bound.json())
+                made = made.get("key", made)
+                if binding == "patch":
+                    await ok(await admin.patch(f"{KEYS}/{made['id']}", json={"scopes": ["a:b"]}))
+                else:
+                    await ok(await admin.post(f"{KEYS}/{made['id']}/revoke"))
+                await ok(await admin.delete(f"{ROLES}/ops"))
+            else:
+                read = await ok(await admin.get(f"{KEYS}/{target['id']}"))
+                assert read["role"] is None
+    finally:
+        stop.set()
+        await noise_task
+    # the bindings that landed between the count and the delete's script were caught by it
+    assert any("stale" in r for _, r in outcomes), outcomes
+    assert any(o == (409, 200) for o, _ in outcomes) and any(o == (200, 400)
+                                                            for o, _ in outcomes), outcomes
