@@ -165,15 +165,18 @@ class Store(KeyStore):
         details = {"scopes": scopes} if scopes is not None else {}
         counted = op == "delete" and name not in self.config.roles  # else nothing to count
         for _ in range(ID_ATTEMPTS):
-            seen = ""
+            seen, older = "", ""
             if counted:
                 with store_errors("read"):
                     async with self.redis.pipeline(transaction=False) as pipe:
                         pipe.hget(ws_bindings_key(ws), name)
-                        pipe.hexists(ws_key(ws), "id")
+                        pipe.hmget(ws_key(ws), ["bindings", "bindings_per_role", "id"])
                         pipe.hexists(ws_roles_key(ws), name)
-                        seen, exists, defined = await pipe.execute()
+                        seen, (every, ours, exists), defined = await pipe.execute()
                 seen = seen or "0"
+                # what replicas of the build before the per-role counters bound (they bump
+                # only 'bindings'; see lua/_bound_to_role.lua): moves only while one runs
+                older = int(every or 0) - int(ours or 0)
                 if exists and defined:  # (else the script says which is missing)
                     using = await self._role_users(ws, name)
                     if using:
@@ -183,7 +186,8 @@ class Store(KeyStore):
                 "set_role", (ws_key(ws), ws_roles_key(ws), ws_audit_key(ws),
                              ws_bindings_key(ws)),
                 (op, name, json.dumps(scopes or []),
-                 self._audit_entry(now, actor, f"role.{op}", name, details), AUDIT_MAXLEN, seen))
+                 self._audit_entry(now, actor, f"role.{op}", name, details), AUDIT_MAXLEN, seen,
+                 older))
             if reply != "stale":  # else a key was bound to the role since the count: again
                 break
         if reply == "stale":

@@ -15,7 +15,10 @@ per-request script and every admin script touch a single slot.
                                           bindings (a count bumped each time a key is made
                                           live bound to a role, any role: what the role deletes
                                           of builds before kg:ws:{ws}:bindings check; absent
-                                          = 0)
+                                          = 0), bindings_per_role (how many of those bumps
+                                          this build's scripts made: 'bindings' less it moves
+                                          only while a replica of such a build binds keys, and
+                                          a role delete then counts again; absent = 0)
     kg:ws:{ws}:keys               SET     key ids of the workspace
     kg:ws:{ws}:active             ZSET    key ids not revoked, score = expires_at (+inf = never);
                                           entries whose score has passed are trimmed by the

@@ -6,9 +6,15 @@
 -- another role or a change that leaves a key's role as it is (one workspace-wide counter let a
 -- tenant re-PATCHing its keys hold every role delete up for good).
 -- bindings: kg:ws:{ws}:bindings (role name -> count)
--- The workspace's own 'bindings' is bumped too: what the role deletes of builds before the
--- per-role counters check (they share the Redis during a rolling deploy).
+-- Replicas of the build before these counters may share the Redis (a rolling deploy): their
+-- scripts bump only the workspace's own 'bindings', on a binding to any role, and their role
+-- deletes check only that. So it is bumped here too (their deletes see this build's bindings),
+-- and so is 'bindings_per_role', the share of 'bindings' this build's scripts made: a delete of
+-- this build also checks 'bindings' minus 'bindings_per_role', which moves only when an older
+-- replica binds a key (to any role: it cannot say which), and never for this build's bindings
+-- to other roles.
 local function bound_to_role(ws_hash, bindings, role)
   redis.call('HINCRBY', bindings, role, 1)
   redis.call('HINCRBY', ws_hash, 'bindings', 1)
+  redis.call('HINCRBY', ws_hash, 'bindings_per_role', 1)
 end
