@@ -305,3 +305,59 @@ async def test_a_delete_by_a_replica_of_the_previous_build_sees_this_builds_bind
     assert prev_delete_role(admin.redis, "ops", seen) == "ok"
     roles = await ok(await admin.get(ROLES))
     assert "ops" not in [r["name"] for r in roles["items"]]
+
+
+# --- a take-back (a rotation answered 503) and a role deleted meanwhile -------------------------
+
+@pytest.mark.parametrize("grace", [0, 60])
+async def test_a_take_back_does_not_give_back_a_key_bound_to_a_role_deleted_meanwhile(
+        admin, monkeypatch, caplog, grace):
+    """A rotation answered 503 is taken back once the store answers: the new key (whose token
+    nobody got) goes and the old key is given back as it was. Meanwhile an operator may have
+    revoked the stray new key and deleted the role (nothing live held it up: the old key was
+    revoked, or past its grace). The take-back then made the old key active again bound to a
+    role nothing defines: a live key the delete never counted, with no scopes, that a later
+    `PUT roles/ops` would silently arm with whatever scopes it gets. Now the old key is left
+    as the rotation left it (revoked, or expired at the grace's end), the new key still goes,
+    and the log says why."""
+    await ok(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "Acme"}), 201)
+    await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ops:run"]}))
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops"}), 201))["key"]
+    old = await admin.store.get_key("acme", key["id"])
+    rotated = (await ok(await admin.post(f"{KEYS}/{key['id']}/rotate",
+                                         json={"grace_seconds": grace}), 201))["key"]
+    # (its answer, say, was lost: the caller saw 503.) An operator revokes the stray key...
+    await ok(await admin.post(f"{KEYS}/{rotated['id']}/revoke"))
+    admin.clock.now += grace + 1  # (past the grace: the old key no longer holds the role)
+    await ok(await admin.delete(f"{ROLES}/ops"))  # ... and deletes the role
+    await admin.store._taking_back_until_done("acme", rotated["id"], old, "operator", "test")
+
+    read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
+    assert read["status"] == ("revoked" if grace == 0 else "expired"), read
+    assert read["role"] == "ops" and read["scopes"] == []
+    gone = await admin.get(f"{KEYS}/{rotated['id']}")
+    assert gone.status == 404  # the new key is taken back all the same
+    assert "was not given back" in caplog.text and "'ops'" in caplog.text
+    audit = (await ok(await admin.get("/admin/v1/workspaces/acme/audit")))["items"][0]
+    assert audit["action"] == "key.rotate.undone"
+    assert audit["details"]["old_key"].startswith("not given back: its role was deleted")
+    # the role defined again: the old key gains nothing
+    await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ALL"]}))
+    read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
+    assert read["status"] != "active"
+
+
+async def test_a_take_back_gives_back_a_key_whose_deleted_role_a_configured_one_takes_over(
+        admin, caplog):
+    """A workspace role that shadows a configured one may be deleted with keys on it (they
+    fall back to the configured role's scopes): a take-back gives such a key back as before."""
+    await ok(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "Acme"}), 201)
+    await ok(await admin.put(f"{ROLES}/reader", json={"scopes": ["notes:read"]}))
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "reader"}), 201))["key"]
+    old = await admin.store.get_key("acme", key["id"])
+    rotated = (await ok(await admin.post(f"{KEYS}/{key['id']}/rotate"), 201))["key"]
+    await ok(await admin.delete(f"{ROLES}/reader"))
+    await admin.store._taking_back_until_done("acme", rotated["id"], old, "operator", "test")
+    read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
+    assert (read["status"], read["scopes"]) == ("active", ["people:read"]), read
+    assert (await admin.get(f"{KEYS}/{rotated['id']}")).status == 404

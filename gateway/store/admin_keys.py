@@ -32,6 +32,10 @@ UNDONE_TTL = 86_400
 """Seconds the 'undone' mark of a taken-back key id is kept (a late run of its script adds
 nothing meanwhile)."""
 
+_KEPT = ("not given back: its role was deleted meanwhile, and given back it would have been "
+         "active with no scopes; it stays as the rotation left it")
+"""A take-back's audit detail ``old_key`` when the rotated key is not given back."""
+
 TAKEN_BACK = ("The key store did not answer in time, so the change could not be confirmed; "
               "nothing was changed (if the store made it, it is taken back as soon as it "
               "answers again). Send the call again once the store is back.")
@@ -554,18 +558,26 @@ class KeyStore(StoreBase):
         try:
             while True:
                 try:
-                    entry = self._audit_entry(
-                        self.clock(), actor, action, new_id if old is None else old.id,
-                        {"new_key": new_id,
-                         "reason": f"the token was never shown: the call {why}"})
+                    now = self.clock()
+                    details = {"new_key": new_id,
+                               "reason": f"the token was never shown: the call {why}"}
+                    entry = self._audit_entry(now, actor, action,
+                                              new_id if old is None else old.id, details)
+                    # the entry when the old key is not given back: its role was deleted
+                    # meanwhile (lua/admin_take_back.lua)
+                    kept = self._audit_entry(now, actor, action,
+                                             new_id if old is None else old.id,
+                                             dict(details, old_key=_KEPT))
                     reply = await self._run(
                         "take_back", (key_key(ws, new_id), ws_keys_key(ws), ws_active_key(ws),
                                       ws_audit_key(ws), undone_key(ws, new_id),
                                       key_key(ws, new_id if old is None else old.id),
-                                      ws_key(ws), ws_bindings_key(ws)),
+                                      ws_key(ws), ws_bindings_key(ws), ws_roles_key(ws)),
                         (new_id, entry, AUDIT_MAXLEN, "" if old is None else old.id,
                          UNDONE_TTL, "" if old is None or old.expires_at is None
-                         else epoch_field(old.expires_at)), what="take back")
+                         else epoch_field(old.expires_at),
+                         json.dumps(dict.fromkeys(self.config.roles, True)), kept),
+                        what="take back")
                     break
                 except StoreError as exc:
                     if time.monotonic() + pause > deadline or self._closing.is_set():
@@ -583,9 +595,16 @@ class KeyStore(StoreBase):
                 await self._release_id(new_id)
             except StoreError:
                 pass  # a stray index entry reads as an unknown key (see the layout)
-            log.warning("workspace %s: %s taken back (%s)", ws, what, {
-                "absent": "it had not run", "removed": "the new key removed",
-                "restored": "the new key removed, the old key as it was"}.get(reply, reply))
+            if reply == "kept" and old is not None:
+                log.warning("workspace %s: %s taken back: the new key removed; the old key %s "
+                            "was not given back: its role '%s' was deleted meanwhile and it "
+                            "would have been active with no scopes. It stays as the rotation "
+                            "left it (revoked, or expiring at the grace's end); create a new "
+                            "key for its integration", ws, what, old.id, old.role)
+            else:
+                log.warning("workspace %s: %s taken back (%s)", ws, what, {
+                    "absent": "it had not run", "removed": "the new key removed",
+                    "restored": "the new key removed, the old key as it was"}.get(reply, reply))
         except asyncio.CancelledError:
             log.error("workspace %s: %s was not taken back before the store was closed; list "
                       "its keys and revoke key %s if it is there", ws, what, new_id)
