@@ -311,7 +311,7 @@ async def test_a_delete_by_a_replica_of_the_previous_build_sees_this_builds_bind
 
 @pytest.mark.parametrize("grace", [0, 60])
 async def test_a_take_back_does_not_give_back_a_key_bound_to_a_role_deleted_meanwhile(
-        admin, monkeypatch, caplog, grace):
+        admin, caplog, grace):
     """A rotation answered 503 is taken back once the store answers: the new key (whose token
     nobody got) goes and the old key is given back as it was. Meanwhile an operator may have
     revoked the stray new key and deleted the role (nothing live held it up: the old key was
@@ -348,7 +348,7 @@ async def test_a_take_back_does_not_give_back_a_key_bound_to_a_role_deleted_mean
 
 
 async def test_a_take_back_gives_back_a_key_whose_deleted_role_a_configured_one_takes_over(
-        admin, caplog):
+        admin):
     """A workspace role that shadows a configured one may be deleted with keys on it (they
     fall back to the configured role's scopes): a take-back gives such a key back as before."""
     await ok(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "Acme"}), 201)
@@ -361,3 +361,50 @@ async def test_a_take_back_gives_back_a_key_whose_deleted_role_a_configured_one_
     read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
     assert (read["status"], read["scopes"]) == ("active", ["people:read"]), read
     assert (await admin.get(f"{KEYS}/{rotated['id']}")).status == 404
+
+
+# --- a key listing read in steps, and rotations meanwhile -----------------------------------------
+
+async def test_a_listing_during_rotations_never_shows_a_rotated_key_revoked_without_its_successor(
+        admin, monkeypatch):
+    """A listing reads the workspace's keys a step at a time (SSCAN), so it is no one snapshot:
+    a key rotated while it ran could be read revoked (its step came after the rotation) while
+    the new key, added behind the scan's cursor, was never read -- the listing showed the
+    integration's key revoked and no replacement. Likewise a key rotated between the steps and
+    the read of the page's records. A rotated key shown revoked now always comes with the key
+    that replaced it."""
+    await setup(admin)
+    store, run = admin.store, admin.store._run
+    olds = [(await ok(await admin.post(KEYS, json={"name": f"r{i}", "scopes": ["a:b"]}),
+                      201))["key"]["id"] for i in range(12)]
+    successors: dict[str, str] = {}
+    steps: list[set] = []
+    when = {"at": 1}  # rotate after this many steps (0: after the last one)
+
+    async def rotate_pending(seen: set) -> None:
+        for old in olds:
+            if old not in seen and old not in successors:
+                made = await store.rotate_key("acme", old)
+                successors[old] = made[1].key.id
+
+    async def stepping(name, keys, args, **kw):
+        reply = await run(name, keys, args, **kw)
+        if name == "list_keys":
+            steps.append({row[0] for row in json.loads(reply[1])})
+            last = str(reply[0]) == "0"
+            if (when["at"] and len(steps) == when["at"] and not last) or (
+                    not when["at"] and last):
+                await rotate_pending(set().union(*steps) if when["at"] else set())
+        return reply
+    monkeypatch.setattr(store, "_run", stepping)
+
+    for at in (1, 0):  # mid-scan, then between the scan and the page's records
+        when["at"], successors = at, {}
+        steps.clear()
+        listed = {k["id"]: k for k in (await ok(await admin.get(KEYS)))["items"]}
+        assert successors, "no rotation ran during the listing"
+        for old, new in successors.items():
+            if old in listed and listed[old]["status"] == "revoked":
+                assert new in listed, (at, old, new)
+        olds = list(successors.values())  # the next round rotates these
+    monkeypatch.setattr(store, "_run", run)

@@ -18,8 +18,9 @@ from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirm
                          no_workspace, revoked_key, role_gone, store_errors, unknown_role)
 from .keyspace import (key_index_key, key_key, undone_key, ws_active_key, ws_audit_key,
                        ws_bindings_key, ws_key, ws_keys_key, ws_roles_key)
-from .records import (UNSET, WORKSPACE_ID_RE, KeySummary, NewKey, control_fields, epoch_field,
-                      hash_pairs, key_from_hash, key_summaries, shown_ws, workspace_from_hash)
+from .records import (SUMMARY_FIELDS, UNSET, WORKSPACE_ID_RE, KeySummary, NewKey,
+                      control_fields, epoch_field, hash_pairs, key_from_hash, key_summaries,
+                      key_summary, shown_ws, workspace_from_hash)
 
 
 log = logging.getLogger("keygate.store")
@@ -87,6 +88,10 @@ LIST_STEP = 200
 """SSCAN's COUNT in a step of a listing's read (``lua/admin_list_keys.lua``): a step runs
 ~200 HMGETs in one script, well under a millisecond of Redis's time."""
 
+
+ROTATED_CHAIN = 4
+"""Rounds of a listing's read of the keys rotations made while it ran that its steps missed
+(a key rotated again meanwhile: its successor in the next round)."""
 
 RECORD_CHUNK = 100
 """Whole key records read per pipeline (``get_keys``): each is parsed into a record as its
@@ -183,7 +188,10 @@ class KeyStore(StoreBase):
         keys (an SSCAN step and their fields, ``lua/admin_list_keys.lua``), never one for the
         whole workspace: every replica's per-request call waits while a script runs (one over
         50,000 keys held Redis for 0.4 s). A key added or removed during the read may be in
-        the answer or not, as in a read just before or just after it."""
+        the answer or not, as in a read just before or just after it; but a key read rotated
+        (its 'rotated_to') comes with the key that replaced it, read on its own if the steps
+        missed it (added behind the scan's cursor): a listing never shows an integration's key
+        revoked by a rotation and no replacement."""
         summaries: dict[str, KeySummary] = {}  # an id may come in two steps
         cursor = "0"
         while True:
@@ -191,7 +199,30 @@ class KeyStore(StoreBase):
                                           (key_key(ws, ""), cursor, LIST_STEP), what="read")
             summaries.update((s.id, s) for s in key_summaries(raw))
             if str(cursor) == "0":
-                return list(summaries.values())
+                break
+        for _ in range(ROTATED_CHAIN):  # (a successor rotated in turn meanwhile: its own)
+            missing = sorted({s.rotated_to for s in summaries.values()
+                              if s.rotated_to and s.rotated_to not in summaries})
+            if not missing:
+                break
+            found = await self._summaries_of(ws, missing)
+            if not found:
+                break
+            summaries.update((s.id, s) for s in found)
+        return list(summaries.values())
+
+    async def _summaries_of(self, ws: str, key_ids: Sequence[str]) -> list[KeySummary]:
+        """The ``KeySummary`` of each of ``key_ids`` that exists (one round trip; a handful
+        of keys: those rotations made during a listing's read)."""
+        with store_errors("read"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key_id in key_ids:
+                    pipe.hmget(key_key(ws, key_id), SUMMARY_FIELDS)
+                rows = await pipe.execute()
+        try:
+            return [key_summary(row) for row in rows if row[0]]
+        except (ValueError, TypeError) as exc:
+            raise StoreError("the store holds a malformed key record") from exc
 
     async def get_keys(self, ws: str, key_ids: Sequence[str]) -> list[KeyRecord]:
         """The keys ``key_ids`` in that order, ``RECORD_CHUNK`` per round trip (a pipeline of
