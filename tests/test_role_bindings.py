@@ -408,3 +408,37 @@ async def test_a_listing_during_rotations_never_shows_a_rotated_key_revoked_with
                 assert new in listed, (at, old, new)
         olds = list(successors.values())  # the next round rotates these
     monkeypatch.setattr(store, "_run", run)
+
+
+async def test_a_key_re_dated_by_a_replica_whose_clock_is_behind_still_holds_a_delete_up(
+        admin, monkeypatch, redis_url):
+    """Replicas' clocks differ a little. A key bound to the role expires at T; the replica
+    deleting the role counts at T+1 (expired: not counted), and another replica, its clock at
+    T-1, gives the key a new expiry meanwhile. Judged by its own clock the key was still
+    active, so the re-dating bumped nothing, the delete went ahead, and the key lived on bound
+    to a role nothing defines. Re-dating a key bound to a role now always bumps that role's
+    counter (it is never a binding to another role, so it starves no other delete)."""
+    from gateway.models import rfc3339
+    await setup(admin)
+    expires = admin.clock.now + 60
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops",
+                                                 "expires_at": rfc3339(expires)}), 201))["key"]
+    behind = Clock()
+    behind.now = expires - 1
+    other = await Store.connect(redis_url, cheap_config(), clock=behind)  # the other replica
+    try:
+        admin.clock.now = expires + 1
+        store, count = admin.store, admin.store._role_users
+
+        async def counted_then_re_dated(ws, name):
+            found = await count(ws, name)
+            monkeypatch.setattr(store, "_role_users", count)
+            await other.update_key("acme", key["id"], expires_at=expires + 3600)
+            return found
+        monkeypatch.setattr(store, "_role_users", counted_then_re_dated)
+        refused = await admin.delete(f"{ROLES}/ops")
+        assert refused.status == 409, await refused.json()
+        read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
+        assert (read["status"], read["scopes"]) == ("active", ["ops:run"])
+    finally:
+        await other.close()

@@ -32,11 +32,14 @@ if not st[1] then return false end
 if ARGV[7] ~= '' and (st[3] or '0') ~= ARGV[7] then return 'stale' end
 if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[4], ARGV[8]) == 0 then return 'no_role' end
 local revoked = st[2] and st[2] ~= ''
--- the key is made live bound to a role (bound to another role than it had, or an expired key
--- brought back): that role's counter is bumped, so a delete of it counting its keys meanwhile
--- counts again (admin_set_role). A change that leaves the key's role as it is (a PATCH naming
--- the role the key has) binds nothing: a delete's count has it as it was.
-local came_back = false
+-- the key is made live bound to a role (bound to another role than it had, or given a new
+-- expiry, which brings an expired key back): that role's counter is bumped, so a delete of it
+-- counting its keys meanwhile counts again (admin_set_role). Any new expiry, not only one that
+-- this script finds bringing the key back: the delete's count judged expiry by its own
+-- replica's clock, which may be ahead of this one's (and a key bound to the role that was
+-- active all along holds its delete up anyway). A change that leaves the key's role and
+-- expiry as they are (a PATCH naming the role the key has) binds nothing.
+local redated = ARGV[2] ~= ''
 if ARGV[2] ~= '' and not revoked then
   local now = tonumber(ARGV[3])
   local cur = redis.call('ZSCORE', KEYS[2], ARGV[1])
@@ -53,7 +56,6 @@ if ARGV[2] ~= '' and not revoked then
     if active_keys(KEYS[2], ARGV[3]) >= tonumber(ARGV[4]) then return 'limit' end
   end
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-  came_back = not active
 end
 if #ARGV >= 12 then
   local fields = {}
@@ -62,7 +64,7 @@ if #ARGV >= 12 then
 end
 if not revoked then
   local role = redis.call('HGET', KEYS[1], 'role') or ''
-  if role ~= '' and (came_back or role ~= (st[4] or '')) then
+  if role ~= '' and (redated or role ~= (st[4] or '')) then
     bound_to_role(KEYS[5], KEYS[6], role)
   end
 end
