@@ -245,6 +245,16 @@ def prev_create(r: redis.Redis, like: str, new_id: str, role: str):
                   *[x for kv in fields.items() for x in kv])
 
 
+def prev_take_back(r: redis.Redis, new_id: str, old_id: str):
+    """The take-back of the rotation of ``old_id`` into ``new_id`` (answered 503) as a replica of
+    build 7877948 runs it: it gives the old key back whatever its role."""
+    keys = (key_key("acme", new_id), ws_keys_key("acme"), ws_active_key("acme"),
+            ws_audit_key("acme"), undone_key("acme", new_id), key_key("acme", old_id),
+            ws_key("acme"))
+    return r.eval(prev_script("admin_take_back"), len(keys), *keys, new_id,
+                  _entry("key.rotate.undone", old_id), 10000, old_id, 86400, "")
+
+
 def prev_delete_role(r: redis.Redis, name: str, seen: str):
     """The script of a role delete by a replica of build 7877948, its count having found no key
     using the role after it read the workspace's 'bindings' as ``seen``."""
@@ -253,7 +263,7 @@ def prev_delete_role(r: redis.Redis, name: str, seen: str):
                   _entry("role.delete", name), 10000, seen)
 
 
-@pytest.mark.parametrize("binding", ["patch", "create"])
+@pytest.mark.parametrize("binding", ["patch", "create", "take-back"])
 async def test_a_key_bound_by_a_replica_of_the_previous_build_holds_a_delete_up(
         admin, monkeypatch, binding):
     """Mid rolling deploy, a replica of the previous build binds a key to the role while a
@@ -265,14 +275,20 @@ async def test_a_key_bound_by_a_replica_of_the_previous_build_holds_a_delete_up(
     await setup(admin)
     key = (await ok(await admin.post(KEYS, json={"name": "k", "scopes": ["a:b"]}), 201))["key"]
     store, count = admin.store, admin.store._role_users
+    if binding == "take-back":  # a rotation (answered 503 on an old replica), its key revoked
+        await ok(await admin.patch(f"{KEYS}/{key['id']}", json={"role": "ops"}))
+        new = (await ok(await admin.post(f"{KEYS}/{key['id']}/rotate"), 201))["key"]
+        await ok(await admin.post(f"{KEYS}/{new['id']}/revoke"))
 
     async def counted_then_old_replica_binds(ws, name):
         found = await count(ws, name)
         monkeypatch.setattr(store, "_role_users", count)
         if binding == "patch":
             assert "ops" in prev_patch_role(admin.redis, key["id"], "ops")
-        else:
+        elif binding == "create":
             assert prev_create(admin.redis, key["id"], "old000000001", "ops") == "ok"
+        else:
+            assert prev_take_back(admin.redis, new["id"], key["id"]) == "restored"
         return found
 
     monkeypatch.setattr(store, "_role_users", counted_then_old_replica_binds)
@@ -281,7 +297,7 @@ async def test_a_key_bound_by_a_replica_of_the_previous_build_holds_a_delete_up(
     assert "still used by 1 key " in (await refused.json())["error"]["message"]
     roles = await ok(await admin.get(ROLES))
     assert "ops" in [r["name"] for r in roles["items"]]
-    bound = key["id"] if binding == "patch" else "old000000001"
+    bound = "old000000001" if binding == "create" else key["id"]
     read = await ok(await admin.get(f"{KEYS}/{bound}"))
     assert (read["role"], read["scopes"], read["status"]) == ("ops", ["ops:run"], "active")
 
