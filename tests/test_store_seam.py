@@ -159,11 +159,11 @@ def test_the_add_script_takes_the_acting_key_as_judged_and_a_stored_key_without_
     add = load("admin_add_key").text
     keys = ("kg:ws:{acme}", "kg:ws:{acme}:keys", "kg:ws:{acme}:active", "kg:key:{acme}:k2",
             "kg:ws:{acme}:audit", "kg:ws:{acme}:roles", "kg:key:{acme}:adm",
-            "kg:key:{acme}:adm", "kg:ws:{acme}:undone:k2")
+            "kg:key:{acme}:adm", "kg:ws:{acme}:undone:k2", "kg:ws:{acme}:bindings")
 
     def add_as(rev: str, new: str) -> str:
         return r.eval(add, len(keys), *keys[:3], f"kg:key:{{acme}}:{new}", *keys[4:8],
-                      f"kg:ws:{{acme}}:undone:{new}", 1000, -1,
+                      f"kg:ws:{{acme}}:undone:{new}", keys[9], 1000, -1,
                       "+inf", new, "{}", 100, "", "", "", "", "pro\n", rev, "[]", "id", new)
 
     assert add_as("7", "k1") == "actor_changed" and not r.exists("kg:key:{acme}:k1")
@@ -187,10 +187,11 @@ def test_both_scripts_meeting_the_key_cap_refuse_a_changed_plan_or_limits(redis_
     add = load("admin_add_key").text
     add_keys = ("kg:ws:{acme}", "kg:ws:{acme}:keys", "kg:ws:{acme}:active",
                 "kg:key:{acme}:k2", "kg:ws:{acme}:audit", "kg:ws:{acme}:roles",
-                "kg:key:{acme}:k2", "kg:key:{acme}:k2", "kg:ws:{acme}:undone:k2")
+                "kg:key:{acme}:k2", "kg:key:{acme}:k2", "kg:ws:{acme}:undone:k2",
+                "kg:ws:{acme}:bindings")
     update = load("admin_update_key").text
     update_keys = ("kg:key:{acme}:k1", "kg:ws:{acme}:active", "kg:ws:{acme}:audit",
-                   "kg:ws:{acme}:roles", "kg:ws:{acme}")
+                   "kg:ws:{acme}:roles", "kg:ws:{acme}", "kg:ws:{acme}:bindings")
     for basis, answer in ((changed, "stale_ws"), (stored, "ok")):
         assert r.eval(add, len(add_keys), *add_keys, 1000, 5, "+inf", "k2", "{}", 100, "",
                       "", "", "", basis, "", "", "id", "k2") == answer

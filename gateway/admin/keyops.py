@@ -43,6 +43,9 @@ a workspace of 50,000 held it ~0.6 s to build them and ~0.35 s to encode them.""
 SORT_INLINE = 2000
 """Keys a listing filters and sorts on the event loop; more are done in a thread (the loop,
 and the proxy's requests on it, get turns meanwhile)."""
+LIST_ATTEMPTS = 3
+"""Reads of a listing whose page keys were revoked or re-dated while it was read (each read:
+the summaries, then the page's records); the last one is answered as it is."""
 
 
 @dataclass(frozen=True)
@@ -176,14 +179,20 @@ class KeyOps:
     async def list(self, query: Mapping[str, str]) -> dict[str, Any]:
         select_keys([], query, 0)  # a bad query is a 400 before any store call
         # the page chosen by what ordering and filtering need of each key, then the page's
-        # records only (a workspace may hold many thousands of keys)
-        summaries = await self.store.list_key_summaries(self.ws)
-        if len(summaries) > SORT_INLINE:  # ~45 ms of sorting at 50,000: off the proxy's loop
-            page, next_cursor = await asyncio.to_thread(select_keys, summaries, query,
-                                                        self.store.clock())
-        else:
-            page, next_cursor = select_keys(summaries, query, self.store.clock())
-        keys = await self.store.get_keys(self.ws, [k.id for k in page])
+        # records only (a workspace may hold many thousands of keys). The two reads are no one
+        # snapshot: a page key revoked or re-dated between them (a rotation: the old key
+        # revoked, the new one not in the summaries) is read again from the start, so the
+        # page is never judged on a status its records no longer have
+        for attempt in range(LIST_ATTEMPTS):
+            summaries = await self.store.list_key_summaries(self.ws)
+            if len(summaries) > SORT_INLINE:  # ~45 ms of sorting at 50,000: off the loop
+                page, next_cursor = await asyncio.to_thread(select_keys, summaries, query,
+                                                            self.store.clock())
+            else:
+                page, next_cursor = select_keys(summaries, query, self.store.clock())
+            keys = await self.store.get_keys(self.ws, [k.id for k in page])
+            if attempt + 1 == LIST_ATTEMPTS or not _changed_since(page, keys):
+                break
         roles = await self.store.workspace_roles(self.ws)
         used = await self.store.keys_used_this_month(self.ws, [k.budget_id for k in keys])
         items = []
@@ -388,6 +397,15 @@ def _loosens(key: KeyRecord, controls: Mapping[str, Any]) -> bool:
     if controls.get("enabled") is True and not key.enabled:
         return True
     return bool(_widened(key, controls))
+
+
+def _changed_since(page: list, keys: list[KeyRecord]) -> bool:
+    """Whether a key of ``page`` (the summaries it was chosen by) was revoked or re-dated
+    before its record (``keys``) was read: its status, and a rotation's new key, may then be
+    missing from the summaries."""
+    judged = {k.id: (k.revoked_at, k.expires_at) for k in page}
+    return any(judged.get(k.id, (k.revoked_at, k.expires_at)) != (k.revoked_at, k.expires_at)
+               for k in keys)
 
 
 def _widened(key: KeyRecord, controls: Mapping[str, Any]) -> list[str]:

@@ -22,7 +22,7 @@ from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, confirmed_write, n
                          store_errors)
 from .admin_keys import LIST_STEP, READ_CHUNK, KeyStore
 from .keyspace import (WORKSPACES, daily_key, key_daily_key, key_key, key_usage_key, usage_key,
-                       ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
+                       ws_audit_key, ws_bindings_key, ws_key, ws_keys_key, ws_roles_key)
 from .records import (UNSET, WORKSPACE_ID_RE, epoch_field, hash_pairs, shown_ws, slug_from_name,
                       workspace_from_hash)
 
@@ -150,9 +150,11 @@ class Store(KeyStore):
         it fall back to the configured role of that name. Without one, Conflict while any key
         that is not revoked or expired (a disabled one too) is bound to it: it would be left
         with no scopes. The count runs in bounded steps before the delete's script, which
-        goes ahead only if no key was bound to a role meanwhile (the workspace's ``bindings``,
-        bumped by every binding's own script), and binding a key to a workspace role checks
-        the role in the binding's script, so neither can slip past the other."""
+        goes ahead only if no key was bound to *this* role meanwhile (its counter in
+        ``kg:ws:{ws}:bindings``, bumped by every binding's own script: bindings to other roles,
+        and changes that leave a key's role as it is, never hold a delete up), and binding a
+        key to a workspace role checks the role in the binding's script, so neither can slip
+        past the other."""
         await self._set_role(ws, "delete", name, None, actor)
 
     @confirmed_write
@@ -163,26 +165,34 @@ class Store(KeyStore):
         details = {"scopes": scopes} if scopes is not None else {}
         counted = op == "delete" and name not in self.config.roles  # else nothing to count
         for _ in range(ID_ATTEMPTS):
-            seen = ""
+            seen, older = "", ""
             if counted:
                 with store_errors("read"):
-                    seen, exists = await self.redis.hmget(ws_key(ws), ["bindings", "id"])
-                    defined = await self.redis.hexists(ws_roles_key(ws), name)
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        pipe.hget(ws_bindings_key(ws), name)
+                        pipe.hmget(ws_key(ws), ["bindings", "bindings_per_role", "id"])
+                        pipe.hexists(ws_roles_key(ws), name)
+                        seen, (every, ours, exists), defined = await pipe.execute()
                 seen = seen or "0"
+                # what replicas of the build before the per-role counters bound (they bump
+                # only 'bindings'; see lua/_bound_to_role.lua): moves only while one runs
+                older = int(every or 0) - int(ours or 0)
                 if exists and defined:  # (else the script says which is missing)
                     using = await self._role_users(ws, name)
                     if using:
                         raise _role_in_use(ws, name, using)
             now = self.clock()
             reply = await self._run(
-                "set_role", (ws_key(ws), ws_roles_key(ws), ws_audit_key(ws)),
+                "set_role", (ws_key(ws), ws_roles_key(ws), ws_audit_key(ws),
+                             ws_bindings_key(ws)),
                 (op, name, json.dumps(scopes or []),
-                 self._audit_entry(now, actor, f"role.{op}", name, details), AUDIT_MAXLEN, seen))
-            if reply != "stale":  # else a key was bound to a role since the count: again
+                 self._audit_entry(now, actor, f"role.{op}", name, details), AUDIT_MAXLEN, seen,
+                 older))
+            if reply != "stale":  # else a key was bound to the role since the count: again
                 break
         if reply == "stale":
-            raise Conflict(f"Keys of workspace '{shown_ws(ws)}' were bound to roles "
-                           f"{ID_ATTEMPTS} times in a row while role '{shown(name)}' was being "
+            raise Conflict(f"Keys of workspace '{shown_ws(ws)}' were bound to role "
+                           f"'{shown(name)}' {ID_ATTEMPTS} times in a row while it was being "
                            "deleted, each time while its keys were counted; nothing was "
                            "changed. Retry.")
         if reply == "no_workspace":

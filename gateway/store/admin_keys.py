@@ -16,10 +16,11 @@ from ..models import KeyRecord, Workspace, rfc3339, whole_second
 from ..tokens import ID_LEN, PREFIX_CHARS, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
                          no_workspace, revoked_key, role_gone, store_errors, unknown_role)
-from .keyspace import (key_index_key, key_key, undone_key, ws_active_key,
-                       ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
-from .records import (UNSET, WORKSPACE_ID_RE, KeySummary, NewKey, control_fields, epoch_field,
-                      hash_pairs, key_from_hash, key_summaries, shown_ws, workspace_from_hash)
+from .keyspace import (key_index_key, key_key, undone_key, ws_active_key, ws_audit_key,
+                       ws_bindings_key, ws_key, ws_keys_key, ws_roles_key)
+from .records import (SUMMARY_FIELDS, UNSET, WORKSPACE_ID_RE, KeySummary, NewKey,
+                      control_fields, epoch_field, hash_pairs, key_from_hash, key_summaries,
+                      key_summary, shown_ws, workspace_from_hash)
 
 
 log = logging.getLogger("keygate.store")
@@ -31,6 +32,10 @@ again within them); past that it is logged as an error with the key id."""
 UNDONE_TTL = 86_400
 """Seconds the 'undone' mark of a taken-back key id is kept (a late run of its script adds
 nothing meanwhile)."""
+
+_KEPT = ("not given back: its role was deleted meanwhile, and given back it would have been "
+         "active with no scopes; it stays as the rotation left it")
+"""A take-back's audit detail ``old_key`` when the rotated key is not given back."""
 
 TAKEN_BACK = ("The key store did not answer in time, so the change could not be confirmed; "
               "nothing was changed (if the store made it, it is taken back as soon as it "
@@ -83,6 +88,10 @@ LIST_STEP = 200
 """SSCAN's COUNT in a step of a listing's read (``lua/admin_list_keys.lua``): a step runs
 ~200 HMGETs in one script, well under a millisecond of Redis's time."""
 
+
+ROTATED_CHAIN = 4
+"""Rounds of a listing's read of the keys rotations made while it ran that its steps missed
+(a key rotated again meanwhile: its successor in the next round)."""
 
 RECORD_CHUNK = 100
 """Whole key records read per pipeline (``get_keys``): each is parsed into a record as its
@@ -179,7 +188,10 @@ class KeyStore(StoreBase):
         keys (an SSCAN step and their fields, ``lua/admin_list_keys.lua``), never one for the
         whole workspace: every replica's per-request call waits while a script runs (one over
         50,000 keys held Redis for 0.4 s). A key added or removed during the read may be in
-        the answer or not, as in a read just before or just after it."""
+        the answer or not, as in a read just before or just after it; but a key read rotated
+        (its 'rotated_to') comes with the key that replaced it, read on its own if the steps
+        missed it (added behind the scan's cursor): a listing never shows an integration's key
+        revoked by a rotation and no replacement."""
         summaries: dict[str, KeySummary] = {}  # an id may come in two steps
         cursor = "0"
         while True:
@@ -187,7 +199,30 @@ class KeyStore(StoreBase):
                                           (key_key(ws, ""), cursor, LIST_STEP), what="read")
             summaries.update((s.id, s) for s in key_summaries(raw))
             if str(cursor) == "0":
-                return list(summaries.values())
+                break
+        for _ in range(ROTATED_CHAIN):  # (a successor rotated in turn meanwhile: its own)
+            missing = sorted({s.rotated_to for s in summaries.values()
+                              if s.rotated_to and s.rotated_to not in summaries})
+            if not missing:
+                break
+            found = await self._summaries_of(ws, missing)
+            if not found:
+                break
+            summaries.update((s.id, s) for s in found)
+        return list(summaries.values())
+
+    async def _summaries_of(self, ws: str, key_ids: Sequence[str]) -> list[KeySummary]:
+        """The ``KeySummary`` of each of ``key_ids`` that exists (one round trip; a handful
+        of keys: those rotations made during a listing's read)."""
+        with store_errors("read"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key_id in key_ids:
+                    pipe.hmget(key_key(ws, key_id), SUMMARY_FIELDS)
+                rows = await pipe.execute()
+        try:
+            return [key_summary(row) for row in rows if row[0]]
+        except (ValueError, TypeError) as exc:
+            raise StoreError("the store holds a malformed key record") from exc
 
     async def get_keys(self, ws: str, key_ids: Sequence[str]) -> list[KeyRecord]:
         """The keys ``key_ids`` in that order, ``RECORD_CHUNK`` per round trip (a pipeline of
@@ -357,7 +392,7 @@ class KeyStore(StoreBase):
                     "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
                                 key_key(ws, key_id), ws_audit_key(ws), ws_roles_key(ws),
                                 key_key(ws, actor), key_key(ws, actor),
-                                undone_key(ws, key_id)),
+                                undone_key(ws, key_id), ws_bindings_key(ws)),
                     (epoch_field(now), self._max_keys(workspace),
                      "+inf" if expires_at is None else epoch_field(expires_at), key_id,
                      self._audit_entry(now, actor, "key.create", key_id,
@@ -456,7 +491,7 @@ class KeyStore(StoreBase):
                     "add_key", (ws_key(ws), ws_keys_key(ws), ws_active_key(ws),
                                 key_key(ws, new_id), ws_audit_key(ws), ws_roles_key(ws),
                                 key_key(ws, key_id), key_key(ws, actor),
-                                undone_key(ws, new_id)),
+                                undone_key(ws, new_id), ws_bindings_key(ws)),
                     (epoch_field(now), self._max_keys(workspace),
                      "+inf" if expires_at is None else epoch_field(expires_at), new_id,
                      self._audit_entry(now, actor, "key.rotate", key_id, details), AUDIT_MAXLEN,
@@ -554,18 +589,26 @@ class KeyStore(StoreBase):
         try:
             while True:
                 try:
-                    entry = self._audit_entry(
-                        self.clock(), actor, action, new_id if old is None else old.id,
-                        {"new_key": new_id,
-                         "reason": f"the token was never shown: the call {why}"})
+                    now = self.clock()
+                    details = {"new_key": new_id,
+                               "reason": f"the token was never shown: the call {why}"}
+                    entry = self._audit_entry(now, actor, action,
+                                              new_id if old is None else old.id, details)
+                    # the entry when the old key is not given back: its role was deleted
+                    # meanwhile (lua/admin_take_back.lua)
+                    kept = self._audit_entry(now, actor, action,
+                                             new_id if old is None else old.id,
+                                             dict(details, old_key=_KEPT))
                     reply = await self._run(
                         "take_back", (key_key(ws, new_id), ws_keys_key(ws), ws_active_key(ws),
                                       ws_audit_key(ws), undone_key(ws, new_id),
                                       key_key(ws, new_id if old is None else old.id),
-                                      ws_key(ws)),
+                                      ws_key(ws), ws_bindings_key(ws), ws_roles_key(ws)),
                         (new_id, entry, AUDIT_MAXLEN, "" if old is None else old.id,
                          UNDONE_TTL, "" if old is None or old.expires_at is None
-                         else epoch_field(old.expires_at)), what="take back")
+                         else epoch_field(old.expires_at),
+                         json.dumps(dict.fromkeys(self.config.roles, True)), kept),
+                        what="take back")
                     break
                 except StoreError as exc:
                     if time.monotonic() + pause > deadline or self._closing.is_set():
@@ -583,9 +626,16 @@ class KeyStore(StoreBase):
                 await self._release_id(new_id)
             except StoreError:
                 pass  # a stray index entry reads as an unknown key (see the layout)
-            log.warning("workspace %s: %s taken back (%s)", ws, what, {
-                "absent": "it had not run", "removed": "the new key removed",
-                "restored": "the new key removed, the old key as it was"}.get(reply, reply))
+            if reply == "kept" and old is not None:
+                log.warning("workspace %s: %s taken back: the new key removed; the old key %s "
+                            "was not given back: its role '%s' was deleted meanwhile and it "
+                            "would have been active with no scopes. It stays as the rotation "
+                            "left it (revoked, or expiring at the grace's end); create a new "
+                            "key for its integration", ws, what, old.id, old.role)
+            else:
+                log.warning("workspace %s: %s taken back (%s)", ws, what, {
+                    "absent": "it had not run", "removed": "the new key removed",
+                    "restored": "the new key removed, the old key as it was"}.get(reply, reply))
         except asyncio.CancelledError:
             log.error("workspace %s: %s was not taken back before the store was closed; list "
                       "its keys and revoke key %s if it is there", ws, what, new_id)
@@ -664,7 +714,7 @@ class KeyStore(StoreBase):
             now = self.clock()
             reply = await self._run(
                 "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws),
-                               ws_roles_key(ws), ws_key(ws)),
+                               ws_roles_key(ws), ws_key(ws), ws_bindings_key(ws)),
                 (key_id, score, epoch_field(now), max_keys,
                  self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
                  "" if expect_rev is None else expect_rev,

@@ -13,9 +13,12 @@ per-request script and every admin script touch a single slot.
                                           authorisation: plan change, workspace role edit;
                                           the admin scripts bump it on every workspace change),
                                           bindings (a count bumped each time a key is made
-                                          live bound to a role: a role delete counts the
-                                          role's keys in steps, then deletes only if it is
-                                          unchanged; absent = 0)
+                                          live bound to a role, any role: what the role deletes
+                                          of builds before kg:ws:{ws}:bindings check; absent
+                                          = 0), bindings_per_role (how many of those bumps
+                                          this build's scripts made: 'bindings' less it moves
+                                          only while a replica of such a build binds keys, and
+                                          a role delete then counts again; absent = 0)
     kg:ws:{ws}:keys               SET     key ids of the workspace
     kg:ws:{ws}:active             ZSET    key ids not revoked, score = expires_at (+inf = never);
                                           entries whose score has passed are trimmed by the
@@ -23,6 +26,13 @@ per-request script and every admin script touch a single slot.
                                           (_active_keys.lua); ZCOUNT of the scores after now
                                           = active keys, what the plan's max_keys caps
     kg:ws:{ws}:roles              HASH    role name -> JSON list of scopes
+    kg:ws:{ws}:bindings           HASH    role name -> a count bumped each time a key is made
+                                          live bound to that role (created, rotated, re-bound,
+                                          re-dated from expiry or given back bound to it:
+                                          _bound_to_role.lua): a role delete counts the role's
+                                          keys in steps, then deletes only if the role's count
+                                          is unchanged. Kept when the role is deleted (absent
+                                          = 0); never read on the request path
     kg:ws:{ws}:undone:<id>        STRING  "1": the create or rotation that made key <id> was
                                           answered 503 (its reply lost) and is taken back; its
                                           script, should it run late, adds nothing (TTL: a day)
@@ -111,6 +121,10 @@ def ws_active_key(ws: str) -> str:
 
 def ws_roles_key(ws: str) -> str:
     return f"kg:ws:{{{ws}}}:roles"
+
+
+def ws_bindings_key(ws: str) -> str:
+    return f"kg:ws:{{{ws}}}:bindings"
 
 
 def ws_audit_key(ws: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from ..errors import StoreError, shown
 from ..models import LIMIT_FIELDS, KeyRecord, Workspace
@@ -89,16 +89,27 @@ class KeySummary(NamedTuple):
     expires_at: float | None
     revoked_at: float | None
     last_used_at: float | None
+    rotated_to: str | None = None  # the key its last rotation made, until its next change
 
     status = KeyRecord.status  # the same rule: revoked_at, then expires_at
+
+
+SUMMARY_FIELDS = ("id", "name", "created_at", "expires_at", "revoked_at", "last_used_at",
+                  "rotated_to")
+"""The key hash fields of a ``KeySummary``, in its order."""
+
+
+def key_summary(row: Sequence[Any]) -> KeySummary:
+    """A ``KeySummary`` of the ``SUMMARY_FIELDS`` of a key hash as stored."""
+    key_id, name, created, expires, revoked, used, rotated_to = row
+    return KeySummary(key_id, name or "", float(created), _opt_float(expires),
+                      _opt_float(revoked), _opt_float(used), rotated_to or None)
 
 
 def key_summaries(raw: str | bytes) -> list[KeySummary]:
     """The JSON array of a step of ``lua/admin_list_keys.lua``."""
     try:
-        return [KeySummary(key_id, name, float(created), _opt_float(expires),
-                           _opt_float(revoked), _opt_float(used))
-                for key_id, name, created, expires, revoked, used in json.loads(raw)]
+        return [key_summary(row) for row in json.loads(raw)]
     except (ValueError, TypeError) as exc:
         raise StoreError("the store holds a malformed key record") from exc
 

@@ -16,6 +16,7 @@
 -- KEYS[9] kg:ws:{ws}:undone:<new id>: set when the call was answered 503 and taken back
 --         (admin_take_back): this script, run late (it sat in a stalled Redis's buffers),
 --         then adds nothing ('undone')
+-- KEYS[10] kg:ws:{ws}:bindings: the new key's role's counter is bumped (_bound_to_role.lua)
 -- A rotation's new key shares the old key's rate log and month count (its field 'budget', in
 -- the field pairs): it goes on in the old key's rate window and from its count, never a fresh
 -- one, and during a grace the two keys spend one budget.
@@ -49,6 +50,7 @@
 -- include: _new_rev.lua
 -- include: _cap_basis.lua
 -- include: _active_keys.lua
+-- include: _bound_to_role.lua
 if redis.call('EXISTS', KEYS[9]) == 1 then return 'undone' end
 -- This very call ran already: its connection died after Redis ran it and before the answer
 -- came, and redis-py sent it again on a fresh connection. The new key's hash (its secret's,
@@ -128,8 +130,8 @@ new_rev(KEYS[4])
 redis.call('SADD', KEYS[2], ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 local role = redis.call('HGET', KEYS[4], 'role')
-if role and role ~= '' then  -- a role delete counting its keys meanwhile counts again
-  redis.call('HINCRBY', KEYS[1], 'bindings', 1)
+if role and role ~= '' then  -- a delete of that role counting its keys meanwhile counts again
+  bound_to_role(KEYS[1], KEYS[10], role)
 end
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
 return 'ok'

@@ -2,7 +2,7 @@
 -- and audit it, in one step. Giving an expired key a new expiry makes it active again, so that
 -- counts against the plan's key cap like a create.
 -- KEYS[1] kg:key:{ws}:<id>   KEYS[2] kg:ws:{ws}:active   KEYS[3] kg:ws:{ws}:audit
--- KEYS[4] kg:ws:{ws}:roles   KEYS[5] kg:ws:{ws}
+-- KEYS[4] kg:ws:{ws}:roles   KEYS[5] kg:ws:{ws}   KEYS[6] kg:ws:{ws}:bindings
 -- ARGV[1] key id   ARGV[2] new expiry score ('' = unchanged, '+inf' = never; never in the past)
 -- ARGV[3] now   ARGV[4] max active keys (-1 = unlimited)
 -- ARGV[5] audit entry (JSON)   ARGV[6] audit stream cap
@@ -26,15 +26,20 @@
 -- include: _new_rev.lua
 -- include: _cap_basis.lua
 -- include: _active_keys.lua
-local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at', 'rev')
+-- include: _bound_to_role.lua
+local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at', 'rev', 'role')
 if not st[1] then return false end
 if ARGV[7] ~= '' and (st[3] or '0') ~= ARGV[7] then return 'stale' end
 if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[4], ARGV[8]) == 0 then return 'no_role' end
 local revoked = st[2] and st[2] ~= ''
--- the key is made live bound to a role (bound to one, or an expired key brought back): the
--- workspace's 'bindings' is bumped, so a role delete counting its keys meanwhile counts again
--- (admin_set_role)
-local binds = false
+-- the key is made live bound to a role (bound to another role than it had, or given a new
+-- expiry, which brings an expired key back): that role's counter is bumped, so a delete of it
+-- counting its keys meanwhile counts again (admin_set_role). Any new expiry, not only one that
+-- this script finds bringing the key back: the delete's count judged expiry by its own
+-- replica's clock, which may be ahead of this one's (and a key bound to the role that was
+-- active all along holds its delete up anyway). A change that leaves the key's role and
+-- expiry as they are (a PATCH naming the role the key has) binds nothing.
+local redated = ARGV[2] ~= ''
 if ARGV[2] ~= '' and not revoked then
   local now = tonumber(ARGV[3])
   local cur = redis.call('ZSCORE', KEYS[2], ARGV[1])
@@ -51,19 +56,17 @@ if ARGV[2] ~= '' and not revoked then
     if active_keys(KEYS[2], ARGV[3]) >= tonumber(ARGV[4]) then return 'limit' end
   end
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-  binds = not active
 end
 if #ARGV >= 12 then
   local fields = {}
-  for i = 11, #ARGV do
-    fields[#fields + 1] = ARGV[i]
-    if (i - 11) % 2 == 0 and ARGV[i] == 'role' and ARGV[i + 1] ~= '' then binds = true end
-  end
+  for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], unpack(fields))
 end
-if binds and not revoked then
-  local role = redis.call('HGET', KEYS[1], 'role')
-  if role and role ~= '' then redis.call('HINCRBY', KEYS[5], 'bindings', 1) end
+if not revoked then
+  local role = redis.call('HGET', KEYS[1], 'role') or ''
+  if role ~= '' and (redated or role ~= (st[4] or '')) then
+    bound_to_role(KEYS[5], KEYS[6], role)
+  end
 end
 new_rev(KEYS[1])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])

@@ -1,0 +1,173 @@
+-- Create a key, or rotate one: create its replacement (same settings) and, in the same step,
+-- revoke the old key now (no grace) or set it to expire at the end of the grace period.
+-- One script for both, so a key is added to a workspace in exactly one way.
+--
+-- The plan's cap on active keys is checked in the same step as the creation, so concurrent
+-- creates at the cap cannot both succeed. Rotating an active key without a grace never fails
+-- on the cap (the new key replaces the old). With a grace both stay active for a while, so the
+-- workspace may go one key over its cap, never more (else rotating the newest key again and
+-- again, each time with a grace, would mint any number of active keys). Rotating an expired
+-- key creates a key like any other, so the cap applies.
+--
+-- KEYS[1] kg:ws:{ws}   KEYS[2] kg:ws:{ws}:keys   KEYS[3] kg:ws:{ws}:active
+-- KEYS[4] new key hash   KEYS[5] kg:ws:{ws}:audit   KEYS[6] kg:ws:{ws}:roles
+-- KEYS[7] old key hash (rotation only; a create passes KEYS[8] here, unread)
+-- KEYS[8] the acting key's hash (a workspace admin key's call; the operator's: unread)
+-- KEYS[9] kg:ws:{ws}:undone:<new id>: set when the call was answered 503 and taken back
+--         (admin_take_back): this script, run late (it sat in a stalled Redis's buffers),
+--         then adds nothing ('undone')
+-- A rotation's new key shares the old key's rate log and month count (its field 'budget', in
+-- the field pairs): it goes on in the old key's rate window and from its count, never a fresh
+-- one, and during a grace the two keys spend one budget.
+-- ARGV[1] now (epoch s)   ARGV[2] max active keys (-1 = unlimited)
+-- ARGV[3] the new key's expiry as a score ('+inf' = never)   ARGV[4] new key id
+-- ARGV[5] audit entry (JSON)   ARGV[6] audit stream cap
+-- ARGV[7] old key id ('' = create, not rotate)   ARGV[8] end of grace (epoch s; '' = revoke now)
+-- ARGV[9] the old key's rev the new key's fields were copied from (the copy is refused as
+--         'stale' if the key changed since: the caller re-reads and tries again)
+-- ARGV[10] the workspace role the new key is bound to, when no configured role of that name
+--         stands behind it ('' = none): it must still exist, checked in this step, since a
+--         role delete refuses while keys use it (admin_set_role) and must see this key
+-- ARGV[11] the workspace's plan and own limits ARGV[2] was worked out from (_cap_basis.lua):
+--         a change of either is 'stale_ws'. Not the workspace's rev: creates and rotations
+--         made stale by role changes gave up (503) under a stream of them
+-- ARGV[12] the acting key's rev when its call was judged ('' = the operator): the key must
+--         still have it and not have expired, else 'actor_changed' and nothing is written. A
+--         create or rotation waits its turn to hash between the judging and here (seconds
+--         behind a burst): a key revoked, disabled or re-scoped meanwhile mints nothing more
+-- ARGV[13] with ARGV[12]: the scopes the new key gets (JSON list): when the acting key is
+--         bound to a role the workspace defines, that role must still grant it keys:admin (or
+--         ALL) and each of them, else 'actor_changed' (a role edit changes no key's rev)
+-- ARGV[14..] new key's field, value pairs
+-- Returns 'ok' | 'no_workspace' | 'stale_ws' | 'no_role' (ARGV[10] is not defined) |
+-- 'collision' (new key id taken) | 'limit' (cap reached) | 'actor_changed' (see ARGV[12]) and,
+-- rotating, 'not_found' | 'revoked' | 'stale' | 'grace_limit' (grace asked, workspace
+-- already over its cap) | 'undone' (see KEYS[9]). 'ok' as well when the new key is there
+-- already with this call's hash: a resend of a call that ran (see below).
+-- A rotation marks the old key 'rotated_to' = the new id (any later change clears it, see
+-- _new_rev.lua): admin_take_back gives it back as it was only while that mark stands.
+-- Included (scripts.py) by every admin script that changes a key or a workspace.
+-- A new rev: Redis's clock in microseconds, or one more than the rev when that is not above it.
+-- Never a value a replica may have cached: a backup restored, or a failover to a replica that
+-- missed the last writes, takes revs back, and a counter would then hand out again the rev of
+-- a lost change (a replica would take its cached state as current: a revoke unseen).
+-- Any change also clears a key's 'rotated_to' mark (admin_add_key, admin_take_back): a rotation
+-- answered 503 gives the old key back as it was only while nothing else has changed it since.
+local function new_rev(hash)
+  redis.call('HDEL', hash, 'rotated_to')
+  local t = redis.call('TIME')
+  local stamp = t[1] .. string.format('%06d', tonumber(t[2]))
+  local cur = tonumber(redis.call('HGET', hash, 'rev') or '0')
+  if cur and cur >= tonumber(stamp) then
+    redis.call('HINCRBY', hash, 'rev', 1)
+  else
+    redis.call('HSET', hash, 'rev', stamp)
+  end
+end
+-- Included (scripts.py) by the scripts that meet the plan's cap on active keys: admin_add_key
+-- and admin_update_key. The cap they are given was worked out from the workspace's plan and
+-- own limits as stored, joined by a newline (admin_keys._capped_workspace, `basis`); the
+-- script runs later (a create waits its turn to hash between the read and here), so either
+-- may have changed: then the caller answers 'stale_ws' and reads the cap again. Not the
+-- workspace's rev: a role PUT bumps that and changes no cap.
+local function cap_basis_changed(ws_hash, basis)
+  local stored = redis.call('HMGET', ws_hash, 'plan', 'limits')
+  return (stored[1] or '') .. '\n' .. (stored[2] or '') ~= basis
+end
+-- The workspace's active keys now: the members of its active set (kg:ws:{ws}:active) whose
+-- score (expiry) is after `now`. Keys that expired leave the set here, at most 100 per call
+-- (revoked ones left it when revoked): removing all of them at once, after a batch of keys
+-- expired together, held the shared Redis for as long as the batch is big (~50 ms for
+-- 20,000), and every replica's per-request call with it. Those still there count for
+-- nothing: the count is of the scores after `now` (O(log n)).
+local function active_keys(zset, now)
+  local expired = redis.call('ZCOUNT', zset, '-inf', now)
+  if expired > 0 then
+    redis.call('ZREMRANGEBYRANK', zset, 0, math.min(expired, 100) - 1)
+  end
+  return redis.call('ZCOUNT', zset, '(' .. now, '+inf')
+end
+if redis.call('EXISTS', KEYS[9]) == 1 then return 'undone' end
+-- This very call ran already: its connection died after Redis ran it and before the answer
+-- came, and redis-py sent it again on a fresh connection. The new key's hash (its secret's,
+-- salted: no other call has it) is there: the first run's outcome is the answer. (Run again,
+-- a rotation found the old key changed -- by itself -- and, revoked, was refused: the new key
+-- stood, its token never shown, the old key revoked; a create made a second key.)
+local made = redis.call('HGET', KEYS[4], 'hash')
+if made then
+  for i = 14, #ARGV - 1, 2 do
+    if ARGV[i] == 'hash' then
+      if ARGV[i + 1] == made then return 'ok' end
+      break
+    end
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
+if ARGV[12] ~= '' then
+  local acting = redis.call('HMGET', KEYS[8], 'rev', 'expires_at', 'role')
+  local exp = tonumber(acting[2] or '')
+  if (acting[1] or '0') ~= ARGV[12] or (exp ~= nil and exp <= tonumber(ARGV[1])) then
+    return 'actor_changed'
+  end
+  local def = acting[3] and acting[3] ~= '' and redis.call('HGET', KEYS[6], acting[3])
+  if def then
+    local held = {}
+    for _, s in ipairs(cjson.decode(def)) do held[s] = true end
+    if not held['ALL'] then
+      if not held['keys:admin'] then return 'actor_changed' end
+      for _, s in ipairs(cjson.decode(ARGV[13])) do
+        if not held[s] then return 'actor_changed' end
+      end
+    end
+  end
+end
+if cap_basis_changed(KEYS[1], ARGV[11]) then return 'stale_ws' end
+if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[6], ARGV[10]) == 0 then return 'no_role' end
+local rotating = ARGV[7] ~= ''
+local old_exp = nil
+if rotating then
+  local old = redis.call('HMGET', KEYS[7], 'id', 'revoked_at', 'expires_at', 'rev')
+  if not old[1] then return 'not_found' end
+  if old[2] and old[2] ~= '' then return 'revoked' end
+  if (old[4] or '0') ~= ARGV[9] then return 'stale' end
+  old_exp = tonumber(old[3] or '')
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then return 'collision' end
+local now = tonumber(ARGV[1])
+local active = active_keys(KEYS[3], ARGV[1])
+local replaces_active = rotating and not (old_exp ~= nil and old_exp <= now)
+local max = tonumber(ARGV[2])
+if not replaces_active and max >= 0 and active >= max then
+  return 'limit'
+end
+if replaces_active and ARGV[8] ~= '' and max >= 0 and active > max then
+  return 'grace_limit'
+end
+
+if rotating then
+  if ARGV[8] == '' then
+    redis.call('HSET', KEYS[7], 'revoked_at', ARGV[1])
+    redis.call('ZREM', KEYS[3], ARGV[7])
+  elseif replaces_active then
+    local grace_end = tonumber(ARGV[8])
+    if old_exp == nil or grace_end < old_exp then
+      redis.call('HSET', KEYS[7], 'expires_at', ARGV[8])
+      redis.call('ZADD', KEYS[3], ARGV[8], ARGV[7])
+    end
+  end
+  new_rev(KEYS[7])
+  redis.call('HSET', KEYS[7], 'rotated_to', ARGV[4])
+end
+
+local fields = {}
+for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[4], unpack(fields))
+new_rev(KEYS[4])
+redis.call('SADD', KEYS[2], ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+local role = redis.call('HGET', KEYS[4], 'role')
+if role and role ~= '' then  -- a role delete counting its keys meanwhile counts again
+  redis.call('HINCRBY', KEYS[1], 'bindings', 1)
+end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
+return 'ok'
