@@ -141,6 +141,8 @@ class CorsPolicy:
         out["Access-Control-Allow-Headers"] = self.allow_headers
         out["Access-Control-Max-Age"] = self.max_age
         out[_VARY] = "Origin"
+        if raw_path.startswith(RESERVED):  # as every answer of keygate's own endpoints
+            out["Cache-Control"] = "no-store"
         return web.Response(status=204, headers=out), label
 
     def _served(self, raw_path: str, method: str,

@@ -119,10 +119,13 @@ def _reads_reserved(raw_path: str) -> bool:
     """Whether an upstream could read ``raw_path`` (accepted so far by ``check_path``) as under
     ``RESERVED_PATH`` though it is not so as sent: its first segment compared
     case-insensitively (IIS/ASP.NET, Windows file servers, some Spring and Express configs),
-    with trailing dots and spaces stripped (Windows, IIS), after NFKC (a fullwidth '_').
-    keygate answers ``/_keygate/`` itself and forwards nothing under it; behind a catch-all
-    route ``/_KEYGATE/v1/keys`` would be forwarded, with the identity headers, to an upstream
-    that serves it as ``/_keygate/v1/keys``."""
+    with trailing dots and spaces stripped (Windows, IIS), after NFKC (a fullwidth '_') and
+    without the invisible format characters NFKC keeps (a zero-width space, a soft hyphen, a
+    BOM), cut at a ';' (a path parameter, which servers that decode '%3B' drop) or a ':' (an
+    NTFS stream name, ``_keygate::$DATA``). keygate answers ``/_keygate/`` itself and forwards
+    nothing under it; behind a catch-all route ``/_KEYGATE/v1/keys`` would be forwarded, with
+    the identity headers, to an upstream that serves it as ``/_keygate/v1/keys``. (8.3 short
+    names, ``_KEYGA~1``, depend on the upstream's disk and are left to it.)"""
     end = raw_path.find("/", 1)
     if end < 0:
         return False
@@ -131,6 +134,8 @@ def _reads_reserved(raw_path: str) -> bool:
         return False  # as sent: keygate's own
     if "%" in segment:  # well-formed, needed escapes of UTF-8 (checked before)
         segment = unicodedata.normalize("NFKC", unquote(segment))
+        segment = "".join(c for c in segment if unicodedata.category(c) != "Cf")
+    segment = segment.partition(";")[0].partition(":")[0]
     return segment.rstrip(". ").lower() == _RESERVED_SEGMENT
 
 
@@ -388,7 +393,7 @@ def glob_problem(glob: str) -> str | None:
         return f"'{glob}' must start with /"
     if glob.startswith(RESERVED_PATH) or glob == RESERVED_PATH.rstrip("/"):
         return f"'{glob}' is under {RESERVED_PATH}, which keygate reserves for itself"
-    if "%" not in glob.split("/", 2)[1] and _reads_reserved(glob):
+    if _reads_reserved(glob):
         return (f"'{glob}' is {RESERVED_PATH} as a case-insensitive or Windows server reads "
                 f"it; requests with it are refused, so it never matches")
     if any(c in glob for c in "?#;\\") or any(ord(c) <= 32 or ord(c) >= 127 for c in glob):

@@ -418,6 +418,8 @@ def test_bad_route_scope(tmp_path: Path) -> None:
                        "itself"),
     ("/_KEYGATE/**", "'/_KEYGATE/**' is /_keygate/ as a case-insensitive or Windows server "
                      "reads it; requests with it are refused, so it never matches"),
+    ("/_keygate%20/**", "'/_keygate%20/**' is /_keygate/ as a case-insensitive or Windows "
+                        "server reads it; requests with it are refused, so it never matches"),
 ])
 def test_bad_route_glob(tmp_path: Path, glob: str, message: str) -> None:
     assert problems_of(tmp_path, UPSTREAM + f"routes:\n  - path: '{glob}'\n    upstream: crm\n"

@@ -175,11 +175,17 @@ async def test_a_route_listing_options_still_forwards_options_that_are_not_prefl
 
 
 async def test_preflights_for_keygates_own_endpoints(gw):
+    # no-store as every other answer under /_keygate/ (a forwarded route's preflight is the
+    # route's own business: no Cache-Control there)
     _, headers, _ = await raw(gw, request("OPTIONS", "/_keygate/v1/usage", **PREFLIGHT))
     assert headers[b"access-control-allow-methods"] == [b"GET, HEAD"]
+    assert headers[b"cache-control"] == [b"no-store"]
     _, headers, _ = await raw(gw, request("OPTIONS", "/_keygate/v1/keys/abc/revoke", **{
         **PREFLIGHT, "Access-Control-Request-Method": "POST"}))
     assert headers[b"access-control-allow-methods"] == [b"POST"]
+    assert headers[b"cache-control"] == [b"no-store"]
+    _, headers, _ = await raw(gw, request("OPTIONS", "/people/1", **PREFLIGHT))
+    assert b"cache-control" not in headers
     status, headers, _ = await raw(gw, request("OPTIONS", "/_keygate/v1/verify", **PREFLIGHT))
     assert b"access-control-allow-methods" not in headers  # verify is the front proxy's call
 
@@ -394,7 +400,11 @@ async def test_keys_in_odd_places_are_refused_readably_on_keygates_own_endpoints
     # segment's trailing dots and spaces (Windows, IIS) or NFKC-normalises (a fullwidth '_')
     "/_KEYGATE/v1/usage", "/_Keygate/v1/keys", "/_kEyGaTe/v1/verify/people/1",
     "/_keygate./v1/usage", "/_keygate%20/v1/usage", "/_KEYGATE.%20./v1/keys",
-    "/%EF%BC%BFkeygate/v1/usage", "/%ef%bc%bfKEYGATE/v1/usage", "/_keygate%EF%BC%8E/v1/usage"])
+    "/%EF%BC%BFkeygate/v1/usage", "/%ef%bc%bfKEYGATE/v1/usage", "/_keygate%EF%BC%8E/v1/usage",
+    # or cuts a decoded ';' parameter, an NTFS stream name, or drops an invisible character
+    "/_keygate%3Bx/v1/keys", "/_KEYGATE%3B/v1/usage", "/_keygate::$DATA/v1/usage",
+    "/_keygate:x/v1/keys", "/_keygate%E2%80%8B/v1/keys", "/_key%C2%ADgate/v1/usage",
+    "/%EF%BB%BF_keygate/v1/usage"])
 async def test_spellings_of_keygates_prefix_reach_neither_keygate_nor_the_upstream(
         redis_url, monkeypatch, target):
     """Behind a catch-all route, a path that another server could read as keygate's own
