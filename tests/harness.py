@@ -284,6 +284,17 @@ def make_config(upstream_url: str, **overrides: Any) -> Config:
     return dataclasses.replace(config, **overrides)
 
 
+def under_load_config(upstream: Any, store_timeout: float) -> Config:
+    """make_config for a flood of requests against ``upstream`` (an in-process test server)
+    through a store fault: the given store timeout, and the shipped upstream timeout (30 s)
+    rather than the harness's 2 s. The upstream shares the test's event loop; with 150
+    requests in flight on a loaded machine a few took longer than 2 s once the store came
+    back, and their 504s are not what these tests are about."""
+    url = str(upstream.make_url(""))
+    return make_config(url, store=StoreConfig(timeout=store_timeout),
+                       upstreams={"api": Upstream("api", url, 30.0)})
+
+
 VERIFY = "/_keygate/v1/verify"
 
 

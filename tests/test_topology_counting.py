@@ -16,7 +16,7 @@ import redis
 
 from gateway.usage import utc_day
 
-from harness import gateway_under_test, make_config
+from harness import gateway_under_test, under_load_config
 from test_redis_topologies import (CLUSTER_PW, DATA_PW, redis_cluster,  # noqa: F401
                                    sentinel_group)
 from test_topology_faults import _answer, run_with_its_reply_lost
@@ -125,11 +125,10 @@ async def test_sentinel_client_kill_under_load_counts_each_forwarded_request_onc
     clients send 400 requests: each is answered 200, forwarded once, and counted once in the
     workspace's month and day. An authorize call whose connection died after Redis ran it
     (its reply lost) was sent again by redis-py's retry and counted a second time."""
-    from gateway.config import StoreConfig
     # the production default store timeout: the tests' 0.5 s (a 0.4 s script deadline) was
     # too short for a kill, a reconnect and a slot re-read on a loaded CI machine, where
     # requests ~0.45 s long were rightly judged late (503)
-    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
+    config = under_load_config(upstream, 2.0)
     async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
         await _check(gut, upstream, [sentinel_group["master"]], DATA_PW)
 
@@ -137,11 +136,10 @@ async def test_sentinel_client_kill_under_load_counts_each_forwarded_request_onc
 async def test_cluster_client_kill_under_load_counts_each_forwarded_request_once(
         redis_cluster, upstream, monkeypatch) -> None:  # noqa: F811
     """As for Sentinel, on a Redis Cluster: every node's connections closed repeatedly."""
-    from gateway.config import StoreConfig
     # the production default store timeout: the tests' 0.5 s (a 0.4 s script deadline) was
     # too short for a kill, a reconnect and a slot re-read on a loaded CI machine, where
     # requests ~0.45 s long were rightly judged late (503)
-    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
+    config = under_load_config(upstream, 2.0)
     async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
         await _check(gut, upstream, redis_cluster["ports"], CLUSTER_PW)
 
@@ -230,7 +228,6 @@ async def test_a_call_that_counted_but_answered_too_late_is_taken_back(
     store call timed out and was answered 503 is not counted, or is taken back). The lean
     client reads the late reply (counted_late); the topology clients could not, and the count
     stayed (2 counted for 1 forwarded)."""
-    from gateway.config import StoreConfig
     from test_topology_faults import _node, _owner
     if topology == "cluster":
         cluster = request.getfixturevalue("redis_cluster")
@@ -242,7 +239,7 @@ async def test_a_call_that_counted_but_answered_too_late_is_taken_back(
         url = group["url"]
         busy_node = redis.Redis(port=group["master"], password=DATA_PW, socket_timeout=5)
     timeout, busy_for = (0.5, 0.8) if topology == "cluster" else (0.2, 0.4)
-    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=timeout))
+    config = under_load_config(upstream, timeout)
     async with gateway_under_test(config, url, monkeypatch) as gut:
         await gut.workspace("acme", plan="unlimited")
         token, _ = await gut.key("acme")

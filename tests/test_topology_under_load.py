@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 import redis
 
-from gateway.config import StoreConfig
 
-from harness import bearer, eventually, gateway_under_test, make_config
+from harness import bearer, eventually, gateway_under_test, under_load_config
 from test_redis_topologies import (CLUSTER_PW, DATA_PW, MASTER, SENTINEL_PW,
                                    redis_cluster, sentinel_group)  # noqa: F401 - fixtures
 from test_store_under_load import STORE_DOWN, Flood, bounded
@@ -71,7 +70,7 @@ async def test_sentinel_failover_under_load(sentinel_group, upstream, monkeypatc
     command lost every count keygate made on the old master between the promotion and its
     own switch, ~1 s of traffic: 1511 of 2017 200s in one run, 259 of 780 in another."""
     group = sentinel_group
-    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
+    config = under_load_config(upstream, 2.0)
     async with gateway_under_test(config, group["url"], monkeypatch) as g:
         tokens = await _keys(g)
         async with Flood(g, tokens) as flood:
@@ -180,7 +179,7 @@ async def test_a_workspace_whose_slot_no_node_serves_is_503_and_the_others_are_n
     lost = "acme"
     others = _workspaces_on_other_nodes(ports, lost)
     slot, owner = _slot_owner(ports, lost)
-    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
+    config = under_load_config(upstream, 2.0)
     async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as g:
         tokens = [(ws, t) for ws in [lost, *others] for t in await _keys(g, ws, 3)]
 
@@ -304,7 +303,7 @@ async def test_a_cluster_restarted_on_new_ports_behind_the_url_s_seeds_is_found_
         start_cluster(servers, ports, CLUSTER_PW)
         async with Forwarder(ports[0]) as seed1, Forwarder(ports[1]) as seed2:
             url = f"redis+cluster://:{CLUSTER_PW}@127.0.0.1:{seed1.port},127.0.0.1:{seed2.port}"
-            config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=1.0))
+            config = under_load_config(upstream, 1.0)
             async with gateway_under_test(config, url, monkeypatch) as g:
                 tokens = await _keys(g, "acme", 3)
                 async with Flood(g, tokens) as flood:
@@ -354,7 +353,7 @@ async def test_a_slot_migrated_under_load_asks_then_moves_and_loses_no_count(
     others = _workspaces_on_other_nodes(ports, moving)
     slot, source = _slot_owner(ports, moving)
     target = next(p for p in ports if p != source)
-    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=2.0))
+    config = under_load_config(upstream, 2.0)
     async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as g:
         tokens = [(ws, t) for ws in [moving, *others] for t in await _keys(g, ws, 3)]
 
@@ -453,7 +452,7 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
         other = next(ws for ws in ("globex", "initech", "umbrella", "hooli", "wayne")
                      if _slot_owner(ports, ws)[1] != victim)
         timeout = 2.0 if full_coverage == "yes" else 0.5
-        config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=timeout))
+        config = under_load_config(upstream, timeout)
         async with gateway_under_test(config, url, monkeypatch) as g:
             tokens = [(ws, t) for ws in (victim_ws, other) for t in await _keys(g, ws, 3)]
             others_primary = _slot_owner(ports, other)[1]
