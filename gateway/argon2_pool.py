@@ -18,7 +18,11 @@ A lent slice can go to another process instead: one busy at normal priority on t
 outweighs the idle class 1024 to 3, and argon2 would never run. When ``WASTED_SLICES`` lent
 slices in a row gave argon2 (almost) nothing, the pool's threads leave the idle class for a
 nice value ``ARGON2_NICE`` above the loop's (whole ticks again, but never starved) until no
-run is in progress; the first time, a warning says so. The idle class also shares the GIL:
+run is in progress; the first time, a warning says so. Without ``CAP_SYS_NICE`` (the shipped
+image runs as an unprivileged user) a thread may enter the idle class but never leave it, nor
+lower its nice value again: the pool then starts threads of its own at nice +``ARGON2_NICE``,
+and the runs under way run again there (the first copy to finish answers; one left behind in
+the idle class finishes when it can and answers no one). The idle class also shares the GIL:
 an idle-class thread that holds it when it is preempted keeps the loop waiting until it runs
 again. The pool's threads hold it only between runs, tens of microseconds each, and on a
 crowded CPU they leave the idle class after the first few milliseconds of a burst.
@@ -56,11 +60,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 log = logging.getLogger("keygate.auth")
@@ -182,9 +187,8 @@ class Argon2Pool:
     ``idle_class`` tells whether the threads run in the idle class (None until one starts)."""
 
     def __init__(self, threads: int | None = None) -> None:
-        self.executor = ThreadPoolExecutor(max_workers=threads or argon2_threads(),
-                                           thread_name_prefix="argon2",
-                                           initializer=self._thread_started)
+        self._size = threads or argon2_threads()
+        self.executor = self._new_executor()
         self.idle_class: bool | None = None
         self.donated = 0                  # slices the loop gave away (a diagnosis)
         self.escalated = False            # out of the idle class until the runs end
@@ -192,6 +196,9 @@ class Argon2Pool:
         self._wasted = 0                  # consecutive lent slices argon2 did not get
         self._threads: set[int] = set()   # the pool threads' native ids
         self._jobs: set[Future] = set()   # runs submitted and not finished
+        # each caller's run not answered yet: its function, arguments and the copies of it
+        # submitted (more than one once it has been run again out of the idle class)
+        self._runs: dict[Future, tuple[Callable, tuple, list[Future]]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._seen = 0.0                  # argon2's CPU seconds at the last check (_cpu)
         self._checked = 0.0               # loop.time() of the last check
@@ -204,6 +211,10 @@ class Argon2Pool:
             self._usable = []
         self._width = max(1, int(quota)) if quota is not None else len(self._usable)
         self.confined: frozenset[int] | None = None
+
+    def _new_executor(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self._size, thread_name_prefix="argon2",
+                                  initializer=self._thread_started)
 
     def _thread_started(self) -> None:
         if self.escalated:  # started while its siblings are out of the idle class
@@ -218,15 +229,49 @@ class Argon2Pool:
             self._set_affinity(0, self.confined)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        job = self.executor.submit(fn, *args)
-        self._jobs.add(job)
-        job.add_done_callback(self._jobs.discard)  # set.discard is atomic under the GIL
+        run: Future = Future()  # the caller's: answered by the first copy to finish
+        self._runs[run] = entry = (fn, args, [])
+        run.add_done_callback(self._answered)
+        self._submit(run, entry)
         if self._timer is None:
             loop = asyncio.get_running_loop()
             self._confine()
             self._seen, self._checked = self._cpu(), loop.time()
             self._timer = loop.call_later(DONATE_EVERY, self._check, loop)
-        return await asyncio.wrap_future(job)
+        return await asyncio.wrap_future(run)
+
+    def _submit(self, run: Future, entry: tuple[Callable, tuple, list[Future]]) -> None:
+        fn, args, copies = entry
+        job = self.executor.submit(fn, *args)
+        copies.append(job)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)  # set.discard is atomic under the GIL
+        job.add_done_callback(lambda job: self._answer(run, job))
+        if run.done():  # answered (on a pool thread) as this copy was made: not needed
+            job.cancel()
+            self._jobs.discard(job)
+
+    @staticmethod
+    def _answer(run: Future, job: Future) -> None:
+        if job.cancelled():  # a queued copy no longer needed, or the caller's cancel
+            return
+        try:
+            if (exc := job.exception()) is not None:
+                run.set_exception(exc)
+            else:
+                run.set_result(job.result())
+        except InvalidStateError:  # another copy answered first, or the caller cancelled
+            pass
+
+    def _answered(self, run: Future) -> None:
+        """The caller has its answer, or has cancelled: the copies still queued are dropped.
+        A copy still running for an answered run is no longer a run in progress (no CPU is
+        lent for it); one for a cancelled run still is, as before (it holds a thread)."""
+        _, _, copies = self._runs.pop(run)
+        for job in copies:
+            job.cancel()
+            if not run.cancelled():
+                self._jobs.discard(job)
 
     def _confine(self) -> None:
         """Under a CPU limit of fewer CPUs than the process may use: keep the threads to
@@ -298,8 +343,10 @@ class Argon2Pool:
 
     def _set_class(self, *, idle: bool) -> None:
         """Every pool thread into the idle class, or out of it at nice +``ARGON2_NICE`` (the
-        threads libargon2 starts for a run's lanes inherit it from theirs)."""
+        threads libargon2 starts for a run's lanes inherit it from theirs). Where a thread
+        may not leave the idle class (no ``CAP_SYS_NICE``), new threads take over."""
         self.escalated, self._wasted = not idle, 0
+        stuck = False
         for tid in list(self._threads):
             try:
                 if idle:
@@ -308,12 +355,27 @@ class Argon2Pool:
                     _lower_nice(tid)
                     os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
             except OSError as exc:  # the thread has ended, or a sandbox forbids it
+                stuck = stuck or exc.errno == errno.EPERM
                 log.debug("argon2 thread %d keeps its scheduling class: %s", tid, exc)
+        if stuck:
+            self._take_over()
         if not idle:
             self.escalations += 1  # said once at warning level: it tells of a crowded host
             log.log(logging.WARNING if self.escalations == 1 else logging.INFO,
                     "argon2 threads leave the idle scheduling class until this burst of "
                     "verifications ends: another process takes the CPU the event loop lends")
+
+    def _take_over(self) -> None:
+        """Threads that cannot leave the idle class are left to finish what they run, for
+        no one; new threads (started at nice +``ARGON2_NICE``: the pool is escalated) run
+        every run not yet answered again, and the runs to come."""
+        stuck, self.executor = self.executor, self._new_executor()
+        stuck.shutdown(wait=False, cancel_futures=True)  # its queued copies: run anew here
+        for run, entry in list(self._runs.items()):
+            if not run.done():
+                self._submit(run, entry)
+        log.info("argon2 threads may not leave the idle scheduling class (no CAP_SYS_NICE): "
+                 "the runs under way start again on new threads at nice +%d", ARGON2_NICE)
 
     def shutdown(self) -> None:
         if self._timer is not None:
