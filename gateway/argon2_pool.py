@@ -18,13 +18,29 @@ A lent slice can go to another process instead: one busy at normal priority on t
 outweighs the idle class 1024 to 3, and argon2 would never run. When ``WASTED_SLICES`` lent
 slices in a row gave argon2 (almost) nothing, the pool's threads leave the idle class for a
 nice value ``ARGON2_NICE`` above the loop's (whole ticks again, but never starved) until no
-run is in progress; the first time, a warning says so. The idle class also shares the GIL:
+run is in progress; the first time, a warning says so. Without ``CAP_SYS_NICE`` (the shipped
+image runs as an unprivileged user) a thread may enter the idle class but never leave it, nor
+lower its nice value again: the pool then starts threads of its own at nice +``ARGON2_NICE``,
+and the runs under way run again there (the first copy to finish answers; one left behind in
+the idle class finishes when it can and answers no one). The idle class also shares the GIL:
 an idle-class thread that holds it when it is preempted keeps the loop waiting until it runs
 again. The pool's threads hold it only between runs, tens of microseconds each, and on a
 crowded CPU they leave the idle class after the first few milliseconds of a burst.
 
 Where the idle class cannot be set (not Linux, a sandbox that forbids it), the threads run at
 a nice value ``ARGON2_NICE`` above the loop's and the loop never sleeps for them.
+
+No scheduling class helps against a CPU limit (a cgroup's CFS quota: Kubernetes'
+``limits.cpu``, ``docker --cpus``): it counts the CPU of every thread of the group, and once
+the group has used its quota for the period (100 ms) all of them wait, the loop too, until the
+next one. Measured on two CPUs with a limit of 1.2, a 128 MiB ``memory_cost`` and a loop that
+never rests: argon2 at full speed on the free core kept the group throttled 0.7 s in every
+second of a run, and the loop stood still for a third of it, in stalls of up to 40 ms (none
+between runs). Under a quota of Q CPUs, the pool's threads are therefore
+kept to ``floor(Q)`` CPUs (at least one) that include the one the loop runs on, re-checked with
+the lending: the loop and argon2 together never ask for more CPU than the limit allows, and
+argon2 gets what the loop leaves or lends, as on one core. :func:`argon2_threads` counts no
+more threads than those CPUs.
 
 The idle class weighs 3 in the scheduler, a thread at nice 0 1024: argon2 beside a loop at
 nice 0 gets ~0.3% of the core on its weight, in whole ticks. A gateway started at a high nice
@@ -44,11 +60,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 log = logging.getLogger("keygate.auth")
@@ -69,12 +86,70 @@ def argon2_threads() -> int:
     run takes ``memory_cost`` KiB, and beyond the CPUs more threads only queue inside the
     kernel). The CPUs it may run on, not the machine's: a gateway pinned to one CPU (taskset,
     a cpuset container) with a thread per machine CPU ran two argon2 threads beside its event
-    loop."""
+    loop. Under a CPU limit, no more than the CPUs the pool keeps its threads to
+    (:func:`quota_cpus`)."""
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         usable = os.cpu_count() or 1
+    if (quota := quota_cpus()) is not None:
+        usable = min(usable, int(quota))
     return max(1, min(4, usable))
+
+
+def quota_cpus() -> float | None:
+    """The CPUs a second the cgroup's CFS bandwidth limit allows this process (cgroup v2
+    ``cpu.max``, v1 ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``; the smallest along its
+    cgroup's path up to the hierarchy's mount). None without a limit, or where it cannot be
+    read (not Linux, no cgroup file system mounted)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            memberships = [line.rstrip("\n").split(":", 2) for line in f]
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return None
+    limits = []
+    for fields in mounts:
+        if "-" not in fields or len(fields) < fields.index("-") + 4:
+            continue
+        dash = fields.index("-")
+        fstype, options = fields[dash + 1], fields[dash + 3].split(",")
+        root, point = fields[3], fields[4]
+        if fstype == "cgroup2":
+            path = next((m[2] for m in memberships if len(m) == 3 and m[0] == "0"), None)
+            files = ("cpu.max",)
+        elif fstype == "cgroup" and "cpu" in options:
+            path = next((m[2] for m in memberships
+                         if len(m) == 3 and "cpu" in m[1].split(",")), None)
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        if path is None or not (path + "/").startswith(root.rstrip("/") + "/"):
+            continue  # this process's cgroup is not under this mount (another namespace)
+        rel = path[len(root.rstrip("/")):].strip("/")
+        parts = rel.split("/") if rel else []
+        for depth in range(len(parts), -1, -1):
+            where = os.path.join(point, *parts[:depth])
+            try:
+                values = [_words(os.path.join(where, name)) for name in files]
+            except OSError:
+                continue
+            try:
+                if fstype == "cgroup2":  # "max 100000" or "150000 100000"
+                    quota, period = values[0][0], values[0][1]
+                else:
+                    quota, period = values[0][0], values[1][0]
+                if quota not in ("max", "-1") and int(period) > 0:
+                    limits.append(int(quota) / int(period))
+            except (IndexError, ValueError):
+                continue
+    return min(limits) if limits else None
+
+
+def _words(path: str) -> list[str]:
+    with open(path) as f:
+        return f.read().split()
 
 
 def _idle_class() -> bool:
@@ -112,9 +187,8 @@ class Argon2Pool:
     ``idle_class`` tells whether the threads run in the idle class (None until one starts)."""
 
     def __init__(self, threads: int | None = None) -> None:
-        self.executor = ThreadPoolExecutor(max_workers=threads or argon2_threads(),
-                                           thread_name_prefix="argon2",
-                                           initializer=self._thread_started)
+        self._size = threads or argon2_threads()
+        self.executor = self._new_executor()
         self.idle_class: bool | None = None
         self.donated = 0                  # slices the loop gave away (a diagnosis)
         self.escalated = False            # out of the idle class until the runs end
@@ -122,9 +196,25 @@ class Argon2Pool:
         self._wasted = 0                  # consecutive lent slices argon2 did not get
         self._threads: set[int] = set()   # the pool threads' native ids
         self._jobs: set[Future] = set()   # runs submitted and not finished
+        # each caller's run not answered yet: its function, arguments and the copies of it
+        # submitted (more than one once it has been run again out of the idle class)
+        self._runs: dict[Future, tuple[Callable, tuple, list[Future]]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._seen = 0.0                  # argon2's CPU seconds at the last check (_cpu)
         self._checked = 0.0               # loop.time() of the last check
+        # Under a CPU limit (module docstring): how many CPUs argon2 may use, the loop's
+        # among them, and the CPUs the threads are kept to now.
+        quota = quota_cpus()
+        try:
+            self._usable = sorted(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not Linux
+            self._usable = []
+        self._width = max(1, int(quota)) if quota is not None else len(self._usable)
+        self.confined: frozenset[int] | None = None
+
+    def _new_executor(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self._size, thread_name_prefix="argon2",
+                                  initializer=self._thread_started)
 
     def _thread_started(self) -> None:
         if self.escalated:  # started while its siblings are out of the idle class
@@ -135,16 +225,75 @@ class Argon2Pool:
                 _lower_nice()
             self.idle_class = idle
         self._threads.add(threading.get_native_id())
+        if self.confined is not None:  # after the add: _confine either sees it or set this
+            self._set_affinity(0, self.confined)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        job = self.executor.submit(fn, *args)
-        self._jobs.add(job)
-        job.add_done_callback(self._jobs.discard)  # set.discard is atomic under the GIL
+        run: Future = Future()  # the caller's: answered by the first copy to finish
+        self._runs[run] = entry = (fn, args, [])
+        run.add_done_callback(self._answered)
+        self._submit(run, entry)
         if self._timer is None:
             loop = asyncio.get_running_loop()
+            self._confine()
             self._seen, self._checked = self._cpu(), loop.time()
             self._timer = loop.call_later(DONATE_EVERY, self._check, loop)
-        return await asyncio.wrap_future(job)
+        return await asyncio.wrap_future(run)
+
+    def _submit(self, run: Future, entry: tuple[Callable, tuple, list[Future]]) -> None:
+        fn, args, copies = entry
+        job = self.executor.submit(fn, *args)
+        copies.append(job)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)  # set.discard is atomic under the GIL
+        job.add_done_callback(lambda job: self._answer(run, job))
+        if run.done():  # answered (on a pool thread) as this copy was made: not needed
+            job.cancel()
+            self._jobs.discard(job)
+
+    @staticmethod
+    def _answer(run: Future, job: Future) -> None:
+        if job.cancelled():  # a queued copy no longer needed, or the caller's cancel
+            return
+        try:
+            if (exc := job.exception()) is not None:
+                run.set_exception(exc)
+            else:
+                run.set_result(job.result())
+        except InvalidStateError:  # another copy answered first, or the caller cancelled
+            pass
+
+    def _answered(self, run: Future) -> None:
+        """The caller has its answer, or has cancelled: the copies still queued are dropped.
+        A copy still running for an answered run is no longer a run in progress (no CPU is
+        lent for it); one for a cancelled run still is, as before (it holds a thread)."""
+        _, _, copies = self._runs.pop(run)
+        for job in copies:
+            job.cancel()
+            if not run.cancelled():
+                self._jobs.discard(job)
+
+    def _confine(self) -> None:
+        """Under a CPU limit of fewer CPUs than the process may use: keep the threads to
+        ``floor(limit)`` of them, the one the loop runs on among them (the caller is the
+        loop). Followed at every check, should the loop have moved."""
+        if self._width >= len(self._usable) or (getcpu := getattr(_LIBC, "sched_getcpu",
+                                                                   None)) is None:
+            return
+        here = getcpu()
+        if here < 0 or (self.confined is not None and here in self.confined):
+            return
+        others = [cpu for cpu in self._usable if cpu != here]
+        self.confined = frozenset([here, *others[:self._width - 1]])
+        for tid in list(self._threads):
+            self._set_affinity(tid, self.confined)
+
+    @staticmethod
+    def _set_affinity(tid: int, cpus: frozenset[int]) -> None:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError as exc:  # the thread has ended, or a sandbox forbids it
+            log.debug("argon2 thread %d keeps its CPUs: %s", tid, exc)
 
     def _cpu(self) -> float:
         """CPU seconds argon2 has had: the process's, less every other Python thread's (the
@@ -175,6 +324,7 @@ class Argon2Pool:
                 self._set_class(idle=True)
             return
         try:
+            self._confine()
             now = loop.time()
             cpu = self._cpu()
             if self.idle_class and not self.escalated and \
@@ -193,8 +343,10 @@ class Argon2Pool:
 
     def _set_class(self, *, idle: bool) -> None:
         """Every pool thread into the idle class, or out of it at nice +``ARGON2_NICE`` (the
-        threads libargon2 starts for a run's lanes inherit it from theirs)."""
+        threads libargon2 starts for a run's lanes inherit it from theirs). Where a thread
+        may not leave the idle class (no ``CAP_SYS_NICE``), new threads take over."""
         self.escalated, self._wasted = not idle, 0
+        stuck = False
         for tid in list(self._threads):
             try:
                 if idle:
@@ -203,12 +355,27 @@ class Argon2Pool:
                     _lower_nice(tid)
                     os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
             except OSError as exc:  # the thread has ended, or a sandbox forbids it
+                stuck = stuck or exc.errno == errno.EPERM
                 log.debug("argon2 thread %d keeps its scheduling class: %s", tid, exc)
+        if stuck:
+            self._take_over()
         if not idle:
             self.escalations += 1  # said once at warning level: it tells of a crowded host
             log.log(logging.WARNING if self.escalations == 1 else logging.INFO,
                     "argon2 threads leave the idle scheduling class until this burst of "
                     "verifications ends: another process takes the CPU the event loop lends")
+
+    def _take_over(self) -> None:
+        """Threads that cannot leave the idle class are left to finish what they run, for
+        no one; new threads (started at nice +``ARGON2_NICE``: the pool is escalated) run
+        every run not yet answered again, and the runs to come."""
+        stuck, self.executor = self.executor, self._new_executor()
+        stuck.shutdown(wait=False, cancel_futures=True)  # its queued copies: run anew here
+        for run, entry in list(self._runs.items()):
+            if not run.done():
+                self._submit(run, entry)
+        log.info("argon2 threads may not leave the idle scheduling class (no CAP_SYS_NICE): "
+                 "the runs under way start again on new threads at nice +%d", ARGON2_NICE)
 
     def shutdown(self) -> None:
         if self._timer is not None:
