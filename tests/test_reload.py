@@ -280,10 +280,12 @@ async def test_a_reload_of_argon2_makes_its_decoy_off_the_event_loop(reloadable,
     stood still for one argon2 hash at the new cost (0.7 s at 128 MiB, t=4). It is
     made on the argon2 pool before the swap; the loop goes on.
 
-    The loop's longest stall is held to the CPU time the decoy hash itself took (measured
-    here, in its thread: what the loop would have stood still for at the least): a fixed
-    0.3 s bound failed on a loaded CI machine (0.34 s), where the hash runs for seconds in
-    the pool's low-priority thread and the loop's own scheduling waits grow with the load."""
+    The loop's longest stretch of CPU between two turns is held to half the CPU time the
+    decoy hash itself took (measured here, in its thread: what the loop would have spent in
+    one stretch had it made the hash). CPU, not wall clock: a fixed 0.3 s bound on the loop's
+    wall-clock lag failed on a loaded CI machine (0.34 s), and so did one at the hash's CPU
+    time, where the hash runs for seconds in the pool's low-priority thread and the loop's
+    scheduling waits grow with the load."""
     import threading
 
     from gateway.tokens import SecretHasher
@@ -302,19 +304,18 @@ async def test_a_reload_of_argon2_makes_its_decoy_off_the_event_loop(reloadable,
     monkeypatch.setattr(SecretHasher, "hash", hash_watched)
     write(path, config_doc(urls["a"], keys={"argon2": {"time_cost": 4, "memory_cost": 131072,
                                                        "parallelism": 1}}))
-    loop = asyncio.get_running_loop()
-    lags: list[float] = []
+    stretches: list[float] = []  # the loop thread's CPU between two turns of this ticker
     reloading = asyncio.ensure_future(reload(gw))
     while not reloading.done():
-        asked = loop.time()
+        before = time.thread_time()
         await asyncio.sleep(0.005)
-        lags.append(loop.time() - asked - 0.005)
+        stretches.append(time.thread_time() - before)
     status, result = await reloading
     assert status == 200, result
     assert "m=131072,t=4" in gw.gw.pipeline.auth._decoy_hash
     [(thread, cpu)] = runs  # one decoy, made on a thread that is not the loop's
     assert thread != threading.get_ident()
-    assert max(lags) < cpu, (sorted(lags)[-3:], cpu)
+    assert max(stretches) < cpu / 2, (sorted(stretches)[-3:], cpu)
 
 
 async def test_a_shorter_cache_ttl_holds_for_keys_verified_before_the_reload(reloadable,
