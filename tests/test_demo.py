@@ -20,8 +20,10 @@ from aiohttp import ClientSession, ClientTimeout
 from served import alive
 
 
-async def read_banner(proc: asyncio.subprocess.Process, timeout: float = 30) -> str:
-    """stdout up to the banner's last line (the export for the CLI)."""
+async def read_banner(proc: asyncio.subprocess.Process, timeout: float = 30,
+                      stderr: Path | None = None) -> str:
+    """stdout up to the banner's last line (the export for the CLI). On failure, says whether
+    the demo exited and what it wrote to ``stderr`` (a file), if given."""
     lines: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -34,7 +36,9 @@ async def read_banner(proc: asyncio.subprocess.Process, timeout: float = 30) -> 
         lines.append(raw.decode())
         if b"export KEYGATE_ADMIN_URL=" in raw:
             return "".join(lines)
-    raise AssertionError(f"no banner from keygate demo: {''.join(lines)!r}")
+    said = stderr.read_text(errors="replace")[-3000:] if stderr is not None else ""
+    raise AssertionError(f"no banner from keygate demo (exit code {proc.returncode}): "
+                         f"{''.join(lines)!r}; stderr: {said}")
 
 
 async def test_demo_banner_curls_work_and_ctrl_c_stops_everything():
@@ -47,7 +51,7 @@ async def test_demo_banner_curls_work_and_ctrl_c_stops_everything():
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=stderr)
     redis_pid = None
     try:
-        banner = await read_banner(proc)
+        banner = await read_banner(proc, stderr=Path(cwd, "stderr.txt"))
         proxy = re.search(r"^\s*proxy\s+(http://127\.0\.0\.1:\d+)", banner, re.M).group(1)
         admin = re.search(r"^\s*admin\s+(http://127\.0\.0\.1:\d+)", banner, re.M).group(1)
         ro = re.search(r"\bRO=(kg_live_[0-9A-Za-z]{50})\b", banner).group(1)
@@ -178,7 +182,7 @@ async def test_every_line_of_the_banner_works_pasted_into_a_shell():
         str(script), "demo", cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=stderr)
     try:
-        banner = await read_banner(proc)
+        banner = await read_banner(proc, stderr=Path(cwd, "stderr.txt"))
         lines = [line.strip() for line in banner.splitlines()]
         exports = [line for line in lines if line.startswith("export ")]
         assert len(exports) == 2, banner
@@ -265,7 +269,7 @@ async def test_a_second_demo_in_the_same_directory_leaves_the_first_ones_keys_wo
             sys.executable, "-m", "gateway", "demo", cwd=cwd, env=env,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=stderr)
         procs.append(proc)
-        banner = await read_banner(proc)
+        banner = await read_banner(proc, stderr=Path(cwd, "stderr.txt"))
         proxy = re.search(r"^\s*proxy\s+(http://127\.0\.0\.1:\d+)", banner, re.M).group(1)
         return proxy, re.search(r"\bRO=(kg_live_[0-9A-Za-z]{50})\b", banner).group(1)
 

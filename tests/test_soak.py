@@ -509,20 +509,29 @@ async def test_two_hundred_sighup_reloads_leave_no_fds_threads_or_memory(tmp_pat
         headers = {"Authorization": f"Bearer {token}"}
 
         async def reloads(n: int) -> float:
-            before = (await metrics(s, gw))[("keygate_config_reloads_total", '{result="ok"}')]
-            for i in range(n):
-                gw.proc.send_signal(signal.SIGHUP)
-                async with s.get(gw.proxy + "/people/1", headers=headers) as r:
-                    assert r.status == 200
-                    await r.read()
-                if i % 10 == 9:   # let them land: a SIGHUP while one runs may merge into it
-                    await asyncio.sleep(0.05)
-            deadline = time.monotonic() + 20
-            while True:
-                done = (await metrics(s, gw))[("keygate_config_reloads_total", '{result="ok"}')]
-                if done >= before + n * 0.5 or time.monotonic() > deadline:
-                    return done - before
+            """At least n SIGHUPs, and more until n / 2 reloads have run (a SIGHUP while one
+            runs may merge into it, more often on a loaded machine: 58 of 200 once), within
+            60 s; the reloads run."""
+            async def total() -> float:
+                return (await metrics(s, gw))[("keygate_config_reloads_total",
+                                               '{result="ok"}')]
+
+            async def ran() -> float:
+                return await total() - before
+            before = await total()
+            sent, deadline = 0, time.monotonic() + 60
+            while sent < n or (await ran() < n * 0.5 and time.monotonic() < deadline):
+                for _ in range(10):
+                    gw.proc.send_signal(signal.SIGHUP)
+                    async with s.get(gw.proxy + "/people/1", headers=headers) as r:
+                        assert r.status == 200
+                        await r.read()
+                sent += 10
+                await asyncio.sleep(0.05)  # let them land
+            settle = time.monotonic() + 20
+            while (done := await ran()) < n * 0.5 and time.monotonic() < settle:
                 await asyncio.sleep(0.1)
+            return done
 
         await reloads(20)   # warm-up
         base = snapshot(pid)
