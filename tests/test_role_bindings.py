@@ -363,6 +363,52 @@ async def test_a_take_back_does_not_give_back_a_key_bound_to_a_role_deleted_mean
     assert read["status"] != "active"
 
 
+@pytest.mark.parametrize("grace", [0, 60])
+async def test_a_take_back_does_not_give_back_a_key_whose_role_was_deleted_and_defined_again(
+        admin, caplog, grace):
+    """As above, but the role's name is defined again before the take-back runs, now as an
+    admin role: `DELETE roles/ops` (200: the old key revoked or past its grace, the new one
+    revoked) then `PUT roles/ops {"scopes": ["ALL"]}`. The take-back checked only that a role
+    of that name existed: it gave the old key back active with scopes ALL, a key nobody had
+    bound to that role and no delete had counted. A delete of the role now bumps its delete
+    generation, the rotation records the generation it saw on the old key, and the take-back
+    gives the key back only while it is unchanged."""
+    await ok(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "Acme"}), 201)
+    await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ops:run"]}))
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops"}), 201))["key"]
+    old = await admin.store.get_key("acme", key["id"])
+    rotated = (await ok(await admin.post(f"{KEYS}/{key['id']}/rotate",
+                                         json={"grace_seconds": grace}), 201))["key"]
+    await ok(await admin.post(f"{KEYS}/{rotated['id']}/revoke"))  # the stray key revoked
+    admin.clock.now += grace + 1
+    await ok(await admin.delete(f"{ROLES}/ops"))
+    await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ALL"]}))  # the name re-used
+    await admin.store._taking_back_until_done("acme", rotated["id"], old, "operator", "test")
+
+    read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
+    assert read["status"] == ("revoked" if grace == 0 else "expired"), read
+    assert (await admin.get(f"{KEYS}/{rotated['id']}")).status == 404
+    assert "was not given back" in caplog.text
+    audit = (await ok(await admin.get("/admin/v1/workspaces/acme/audit")))["items"][0]
+    assert audit["details"]["old_key"].startswith("not given back: its role was deleted")
+
+
+async def test_a_take_back_gives_back_a_key_whose_role_was_only_edited_meanwhile(admin):
+    """The delete generation moves only on a delete: a role edited (PUT) between the rotation
+    and its take-back, or another role deleted, leaves the old key to be given back."""
+    await ok(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "Acme"}), 201)
+    for role in ("ops", "dev"):
+        await ok(await admin.put(f"{ROLES}/{role}", json={"scopes": [f"{role}:run"]}))
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops"}), 201))["key"]
+    old = await admin.store.get_key("acme", key["id"])
+    rotated = (await ok(await admin.post(f"{KEYS}/{key['id']}/rotate"), 201))["key"]
+    await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ops:run", "ops:read"]}))
+    await ok(await admin.delete(f"{ROLES}/dev"))
+    await admin.store._taking_back_until_done("acme", rotated["id"], old, "operator", "test")
+    read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
+    assert (read["status"], read["scopes"]) == ("active", ["ops:run", "ops:read"]), read
+
+
 async def test_a_take_back_gives_back_a_key_whose_deleted_role_a_configured_one_takes_over(
         admin):
     """A workspace role that shadows a configured one may be deleted with keys on it (they

@@ -33,8 +33,9 @@ UNDONE_TTL = 86_400
 """Seconds the 'undone' mark of a taken-back key id is kept (a late run of its script adds
 nothing meanwhile)."""
 
-_KEPT = ("not given back: its role was deleted meanwhile, and given back it would have been "
-         "active with no scopes; it stays as the rotation left it")
+_KEPT = ("not given back: its role was deleted meanwhile (a role defined again under its name "
+         "is another role), and given back it would have been active with scopes nobody bound "
+         "it to, or none; it stays as the rotation left it")
 """A take-back's audit detail ``old_key`` when the rotated key is not given back."""
 
 TAKEN_BACK = ("The key store did not answer in time, so the change could not be confirmed; "
@@ -628,8 +629,9 @@ class KeyStore(StoreBase):
                 pass  # a stray index entry reads as an unknown key (see the layout)
             if reply == "kept" and old is not None:
                 log.warning("workspace %s: %s taken back: the new key removed; the old key %s "
-                            "was not given back: its role '%s' was deleted meanwhile and it "
-                            "would have been active with no scopes. It stays as the rotation "
+                            "was not given back: its role '%s' was deleted meanwhile (perhaps "
+                            "defined again since: another role) and it would have been active "
+                            "with scopes nobody bound it to, or none. It stays as the rotation "
                             "left it (revoked, or expiring at the grace's end); create a new "
                             "key for its integration", ws, what, old.id, old.role)
             else:
