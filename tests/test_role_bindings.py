@@ -504,3 +504,39 @@ async def test_a_key_re_dated_by_a_replica_whose_clock_is_behind_still_holds_a_d
         assert (read["status"], read["scopes"]) == ("active", ["ops:run"])
     finally:
         await other.close()
+
+
+async def test_a_key_re_dated_after_its_roles_delete_by_a_replica_whose_clock_is_behind_is_refused(
+        admin, redis_url):
+    """The same skew the other way round: the deleting replica, its clock at T+1, counts the
+    key (expiring at T) as expired and deletes the role (200); then the replica whose clock is
+    at T-1 gives the key a new expiry. Judged by its own clock the key was still active, and
+    the 'no such role' check ran only for a key it found expired: the PATCH was accepted and
+    the key lived on bound to a role nothing defines (no scopes; a later `PUT roles/ops` armed
+    it with whatever scopes that got). A new expiry for a key whose role neither the
+    workspace nor the config defines is now refused whatever the replica's clock says."""
+    from gateway.errors import Conflict
+    from gateway.models import rfc3339
+    await ok(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "Acme"}), 201)
+    await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ops:run"]}))
+    expires = admin.clock.now + 60
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops",
+                                                 "expires_at": rfc3339(expires)}), 201))["key"]
+    behind = Clock()
+    behind.now = expires - 1
+    other = await Store.connect(redis_url, cheap_config(), clock=behind)  # the other replica
+    try:
+        admin.clock.now = expires + 1
+        await ok(await admin.delete(f"{ROLES}/ops"))  # expired by this replica's clock
+        with pytest.raises(Conflict, match="'ops'"):
+            await other.update_key("acme", key["id"], expires_at=expires + 3600)
+        with pytest.raises(Conflict, match="'ops'"):
+            await other.update_key("acme", key["id"], expires_at=None)
+        await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ALL"]}))
+        read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
+        assert read["status"] == "expired", read
+        assert read["expires_at"] == rfc3339(expires)
+        # re-roled in the same change, it is re-dated
+        await other.update_key("acme", key["id"], expires_at=expires + 3600, role="reader")
+    finally:
+        await other.close()

@@ -732,10 +732,11 @@ class KeyStore(StoreBase):
         if reply == "no_role":  # deleted since the caller checked it
             raise unknown_role(ws, role)
         if isinstance(reply, list) and reply[:1] == ["unbound"]:
-            raise Conflict(f"Key '{shown(key_id, 12)}' has expired and is bound to role "
+            raise Conflict(f"Key '{shown(key_id, 12)}' is bound to role "
                            f"'{shown(reply[1])}', which neither workspace '{shown_ws(ws)}' nor "
-                           "the config defines any more: a new expiry would make it active "
-                           "with no scopes. Give it a role or scopes in the same change.")
+                           "the config defines any more: a new expiry would make it (or keep "
+                           "it) active with no scopes. Give it a role or scopes in the same "
+                           "change.")
         if reply == "stale":
             raise Conflict(f"Key '{shown(key_id, 12)}' changed while this change to it was being "
                            "checked; read it again and retry.")

@@ -15,7 +15,10 @@
 --         role names (JSON object, name -> true), else ''. A new expiry makes an expired key
 --         active again, and an expired key does not hold up a role delete (admin_set_role):
 --         brought back bound to a role neither the workspace nor the config defines, it would
---         act with no scopes, so that is refused ({'unbound', role}; nothing written)
+--         act with no scopes, so that is refused ({'unbound', role}; nothing written). Refused
+--         too for a key this script finds active: the delete judged expiry by its replica's
+--         clock, which may be ahead of this one's (it counted the key expired and went ahead;
+--         re-dated here it lived on bound to a role nothing defines)
 -- ARGV[10] when ARGV[2] is given: the workspace's plan and own limits ARGV[4] was worked out
 --         from (_cap_basis.lua); a key brought back meets the cap as it is now, so a change of
 --         either is 'stale_ws' (nothing written)
@@ -44,7 +47,7 @@ if ARGV[2] ~= '' and not revoked then
   local now = tonumber(ARGV[3])
   local cur = redis.call('ZSCORE', KEYS[2], ARGV[1])
   local active = cur and (cur == 'inf' or tonumber(cur) > now)
-  if not active and ARGV[9] ~= '' then
+  if ARGV[9] ~= '' then
     local bound = redis.call('HGET', KEYS[1], 'role')
     if bound and bound ~= '' and redis.call('HEXISTS', KEYS[4], bound) == 0
         and not cjson.decode(ARGV[9])[bound] then
