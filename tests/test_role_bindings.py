@@ -19,7 +19,8 @@ from gateway.admin import create_admin_app
 from gateway.config import Argon2Config, Config, Plan
 from gateway.store import Store
 from gateway.store.keyspace import (key_index_key, key_key, undone_key, ws_active_key,
-                                    ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
+                                    ws_audit_key, ws_bindings_key, ws_key, ws_keys_key,
+                                    ws_roles_key)
 from harness import Clock
 
 OPERATOR_TOKEN = "operator-secret-for-tests"
@@ -136,6 +137,57 @@ async def test_a_delete_is_not_starved_by_bindings_to_other_roles_or_to_the_same
         stop.set()
         await asyncio.gather(*patchers)
     assert sum(in_counts) >= 3, in_counts  # the re-PATCHes really ran while the deletes counted
+
+
+async def test_a_patch_keeping_a_keys_role_bumps_no_counter(admin):
+    """The starvation test above re-PATCHes keys on `dev` and deletes `ops`, so a PATCH that
+    bumped its own role's counter on every call would pass it. The property itself: a PATCH
+    that leaves a key on `ops` (naming `ops` again, or changing other fields) leaves `ops`'
+    counter as it is; moving the key to `dev` bumps `dev` only; moving it back bumps `ops`."""
+    await setup(admin)
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops"}), 201))["key"]
+    counters = ws_bindings_key("acme")
+
+    def counter(role: str) -> int:
+        return int(admin.redis.hget(counters, role) or 0)
+    ops, dev = counter("ops"), counter("dev")
+    assert ops >= 1
+    for body in ({"role": "ops"}, {"name": "n1", "role": "ops"}, {"name": "n2"},
+                 {"enabled": False}, {"enabled": True, "role": "ops"}, {"rate_limit": "5/s"}):
+        await ok(await admin.patch(f"{KEYS}/{key['id']}", json=body))
+    assert (counter("ops"), counter("dev")) == (ops, dev)
+    await ok(await admin.patch(f"{KEYS}/{key['id']}", json={"role": "dev"}))
+    assert (counter("ops"), counter("dev")) == (ops, dev + 1)
+    await ok(await admin.patch(f"{KEYS}/{key['id']}", json={"role": "ops"}))
+    assert (counter("ops"), counter("dev")) == (ops + 1, dev + 1)
+
+
+async def test_same_role_re_patches_of_a_key_on_the_role_do_not_starve_its_delete(
+        admin, monkeypatch):
+    """The same through a delete: the last key on `ops` has expired (it holds no delete up)
+    and a tenant's loop re-PATCHes it, naming `ops` each time, between every count of the
+    delete and its script. None of them binds the key to `ops` anew, so the delete's first
+    try goes through."""
+    from gateway.models import rfc3339
+    await setup(admin)
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops",
+                                                 "expires_at": rfc3339(admin.clock.now + 5)}),
+                    201))["key"]
+    admin.clock.now += 10  # expired
+    replies = set_role_replies(admin, monkeypatch)
+    store, count = admin.store, admin.store._role_users
+    patched = [0]
+
+    async def counting(ws, name):
+        found = await count(ws, name)
+        for body in ({"role": "ops"}, {"name": f"n{patched[0]}", "role": "ops"}):
+            await ok(await admin.patch(f"{KEYS}/{key['id']}", json=body))
+            patched[0] += 1
+        return found
+    monkeypatch.setattr(store, "_role_users", counting)
+    deleted = await admin.delete(f"{ROLES}/ops")
+    assert deleted.status == 200, (await deleted.json(), replies)
+    assert replies == ["ok"] and patched[0] == 2, (replies, patched)
 
 
 @pytest.mark.parametrize("binding", ["patch", "create"])
@@ -324,6 +376,33 @@ async def test_a_delete_by_a_replica_of_the_previous_build_sees_this_builds_bind
 
 
 # --- a take-back (a rotation answered 503) and a role deleted meanwhile -------------------------
+
+async def test_a_take_back_during_a_delete_count_holds_the_delete_up(admin, monkeypatch):
+    """The take-back's own binding: a rotation answered 503 whose stray new key was revoked
+    leaves no live key on the role, so a delete's count finds none; the take-back then gives
+    the old key back, live and bound to the role, between the count and the delete's script.
+    Its bump of the role's counter makes the delete count again, and it finds the key: 409,
+    the role stays and the key acts with it."""
+    await setup(admin)
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops"}), 201))["key"]
+    old = await admin.store.get_key("acme", key["id"])
+    new = (await ok(await admin.post(f"{KEYS}/{key['id']}/rotate"), 201))["key"]
+    await ok(await admin.post(f"{KEYS}/{new['id']}/revoke"))
+    store, count = admin.store, admin.store._role_users
+
+    async def counted_then_taken_back(ws, name):
+        found = await count(ws, name)
+        monkeypatch.setattr(store, "_role_users", count)
+        assert found == 0
+        await store._taking_back_until_done("acme", new["id"], old, "operator", "test")
+        return found
+    monkeypatch.setattr(store, "_role_users", counted_then_taken_back)
+    refused = await admin.delete(f"{ROLES}/ops")
+    assert refused.status == 409, await refused.json()
+    assert "still used by 1 key " in (await refused.json())["error"]["message"]
+    read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
+    assert (read["status"], read["role"], read["scopes"]) == ("active", "ops", ["ops:run"])
+
 
 @pytest.mark.parametrize("grace", [0, 60])
 async def test_a_take_back_does_not_give_back_a_key_bound_to_a_role_deleted_meanwhile(
