@@ -190,6 +190,42 @@ async def test_same_role_re_patches_of_a_key_on_the_role_do_not_starve_its_delet
     assert replies == ["ok"] and patched[0] == 2, (replies, patched)
 
 
+async def test_role_flips_of_an_expired_key_do_not_starve_a_delete(admin, monkeypatch):
+    """A key that expired long ago holds no delete up, yet a tenant's loop moving it between
+    `ops` and `dev` bumped ops' counter on every move to `ops`: `DELETE roles/ops` counted again
+    after each and gave up with 409 after 8 tries, though no live key was ever bound to `ops`.
+    Only a key that is live (not revoked, not expired: within a minute past its expiry still
+    counts as live, for replicas' clocks differ) binds its role now."""
+    from gateway.models import rfc3339
+    await setup(admin)
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "dev",
+                                                 "expires_at": rfc3339(admin.clock.now + 5)}),
+                    201))["key"]
+    admin.clock.now += 3600  # long expired
+    replies = set_role_replies(admin, monkeypatch)
+    store, count = admin.store, admin.store._role_users
+
+    async def counting(ws, name):
+        found = await count(ws, name)
+        for role in ("ops", "dev"):  # the tenant's loop, between every count and its script
+            await ok(await admin.patch(f"{KEYS}/{key['id']}", json={"role": role}))
+        return found
+    monkeypatch.setattr(store, "_role_users", counting)
+    deleted = await admin.delete(f"{ROLES}/ops")
+    assert deleted.status == 200, (await deleted.json(), replies)
+    assert replies == ["ok"], replies
+    read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
+    assert (read["status"], read["role"]) == ("expired", "dev")
+    # a key expired only seconds ago may still be live by a deleting replica's clock: it binds
+    await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ops:run"]}))
+    just = (await ok(await admin.post(KEYS, json={
+        "name": "j", "role": "dev", "expires_at": rfc3339(admin.clock.now + 5)}), 201))["key"]
+    admin.clock.now += 10
+    before = int(admin.redis.hget(ws_bindings_key("acme"), "ops") or 0)
+    await ok(await admin.patch(f"{KEYS}/{just['id']}", json={"role": "ops"}))
+    assert int(admin.redis.hget(ws_bindings_key("acme"), "ops") or 0) == before + 1
+
+
 @pytest.mark.parametrize("binding", ["patch", "create"])
 async def test_a_key_bound_to_the_role_while_its_delete_counts_always_holds_it_up(
         admin, monkeypatch, binding):
