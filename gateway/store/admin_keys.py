@@ -193,6 +193,7 @@ class KeyStore(StoreBase):
         (its 'rotated_to') comes with the key that replaced it, read on its own if the steps
         missed it (added behind the scan's cursor): a listing never shows an integration's key
         revoked by a rotation and no replacement."""
+        started = self.clock()
         summaries: dict[str, KeySummary] = {}  # an id may come in two steps
         cursor = "0"
         while True:
@@ -201,20 +202,40 @@ class KeyStore(StoreBase):
             summaries.update((s.id, s) for s in key_summaries(raw))
             if str(cursor) == "0":
                 break
-        for _ in range(ROTATED_CHAIN):  # (a successor rotated in turn meanwhile: its own)
-            missing = sorted({s.rotated_to for s in summaries.values()
+        await self._with_successors(ws, summaries, list(summaries.values()), started)
+        return list(summaries.values())
+
+    async def refresh_summaries(self, ws: str, summaries: dict[str, KeySummary],
+                                key_ids: Sequence[str], started: float) -> None:
+        """Read again the summaries of ``key_ids`` (keys of a listing's page whose records
+        were found changed since ``summaries`` was read; a listing that began at ``started``)
+        into ``summaries``: those deleted meanwhile are dropped, and a rotation's new key is
+        added as ``list_key_summaries`` adds it. A few keys' reads, never the whole workspace
+        scanned again."""
+        found = await self._summaries_of(ws, key_ids)
+        for key_id in set(key_ids) - {s.id for s in found}:
+            summaries.pop(key_id, None)
+        summaries.update((s.id, s) for s in found)
+        await self._with_successors(ws, summaries, found, started)
+
+    async def _with_successors(self, ws: str, summaries: dict[str, KeySummary],
+                               read: Sequence[KeySummary], started: float) -> None:
+        """Add to ``summaries`` the key each of ``read`` was rotated into, when the listing's
+        steps missed it; a successor rotated in turn meanwhile brings its own, up to
+        ``ROTATED_CHAIN`` rounds."""
+        for _ in range(ROTATED_CHAIN):
+            missing = sorted({s.rotated_to for s in read
                               if s.rotated_to and s.rotated_to not in summaries})
             if not missing:
-                break
-            found = await self._summaries_of(ws, missing)
-            if not found:
-                break
-            summaries.update((s.id, s) for s in found)
-        return list(summaries.values())
+                return
+            read = await self._summaries_of(ws, missing)
+            if not read:
+                return
+            summaries.update((s.id, s) for s in read)
 
     async def _summaries_of(self, ws: str, key_ids: Sequence[str]) -> list[KeySummary]:
         """The ``KeySummary`` of each of ``key_ids`` that exists (one round trip; a handful
-        of keys: those rotations made during a listing's read)."""
+        of keys: those rotations made, or a page's keys changed, during a listing's read)."""
         with store_errors("read"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key_id in key_ids:
