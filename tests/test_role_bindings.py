@@ -712,3 +712,26 @@ async def test_a_status_listing_under_a_stream_of_revokes_shows_only_keys_of_tha
         await task
     assert min(during) >= 3, during  # the revokes really ran while each listing was read
 
+
+async def test_a_rotated_key_whose_successor_was_deleted_costs_a_listing_nothing(
+        admin, monkeypatch):
+    """300 keys rotated long ago whose new keys were then revoked and deleted (a cleanup): each
+    old key keeps its 'rotated_to' mark naming a key that no longer exists, and every listing,
+    `?limit=10` too, read those 300 ids again in one unchunked pipeline, forever. A listing now
+    looks for the successor only of a key revoked since shortly before the listing began (a
+    rotation during its read), and reads them in chunks."""
+    await setup(admin)
+    store = admin.store
+    news = []
+    for i in range(300):
+        news.append((await store.rotate_key("acme", f"f{i:011d}"))[1].key.id)
+    for new in news:
+        await store.revoke_key("acme", new)
+        await store.delete_key("acme", new)
+    assert admin.redis.hget(key_key("acme", "f00000000000"), "rotated_to") == news[0]
+    admin.clock.now += 3600  # later
+    scans, reads = summary_scans(admin, monkeypatch)
+    for query in ("?limit=10", "?status=active&limit=10", ""):
+        reads.clear()
+        await ok(await admin.get(KEYS + query))
+        assert sum(reads) == 0, (query, reads)

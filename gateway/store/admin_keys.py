@@ -93,6 +93,12 @@ LIST_STEP = 200
 ROTATED_CHAIN = 4
 """Rounds of a listing's read of the keys rotations made while it ran that its steps missed
 (a key rotated again meanwhile: its successor in the next round)."""
+ROTATION_SKEW = 60.0
+"""Seconds before a listing began that a key revoked then may have been revoked by a rotation
+during the listing (replicas' clocks differ): only such a key's successor is looked for when
+its steps missed it. A key rotated before that, whose successor its steps did not find, had its
+successor deleted since (SSCAN returns every member there for the whole scan): looking for it
+cost every listing a read per such key, forever."""
 
 RECORD_CHUNK = 100
 """Whole key records read per pipeline (``get_keys``): each is parsed into a record as its
@@ -221,11 +227,14 @@ class KeyStore(StoreBase):
     async def _with_successors(self, ws: str, summaries: dict[str, KeySummary],
                                read: Sequence[KeySummary], started: float) -> None:
         """Add to ``summaries`` the key each of ``read`` was rotated into, when the listing's
-        steps missed it; a successor rotated in turn meanwhile brings its own, up to
-        ``ROTATED_CHAIN`` rounds."""
+        steps missed it: only for a key revoked since shortly before the listing began
+        (``ROTATION_SKEW``), a rotation during the read; a successor rotated in turn meanwhile
+        brings its own, up to ``ROTATED_CHAIN`` rounds."""
+        since = started - ROTATION_SKEW
         for _ in range(ROTATED_CHAIN):
             missing = sorted({s.rotated_to for s in read
-                              if s.rotated_to and s.rotated_to not in summaries})
+                              if s.rotated_to and s.rotated_to not in summaries
+                              and s.revoked_at is not None and s.revoked_at >= since})
             if not missing:
                 return
             read = await self._summaries_of(ws, missing)
@@ -234,13 +243,16 @@ class KeyStore(StoreBase):
             summaries.update((s.id, s) for s in read)
 
     async def _summaries_of(self, ws: str, key_ids: Sequence[str]) -> list[KeySummary]:
-        """The ``KeySummary`` of each of ``key_ids`` that exists (one round trip; a handful
-        of keys: those rotations made, or a page's keys changed, during a listing's read)."""
+        """The ``KeySummary`` of each of ``key_ids`` that exists (a pipeline per
+        ``READ_CHUNK`` keys; a handful, usually: keys rotations made, or a page's keys
+        changed, during a listing's read)."""
+        rows: list[Any] = []
         with store_errors("read"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key_id in key_ids:
-                    pipe.hmget(key_key(ws, key_id), SUMMARY_FIELDS)
-                rows = await pipe.execute()
+            for chunk in _chunks(key_ids):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key_id in chunk:
+                        pipe.hmget(key_key(ws, key_id), SUMMARY_FIELDS)
+                    rows += await pipe.execute()
         try:
             return [key_summary(row) for row in rows if row[0]]
         except (ValueError, TypeError) as exc:
