@@ -19,7 +19,8 @@ from gateway.admin import create_admin_app
 from gateway.config import Argon2Config, Config, Plan
 from gateway.store import Store
 from gateway.store.keyspace import (key_index_key, key_key, undone_key, ws_active_key,
-                                    ws_audit_key, ws_key, ws_keys_key, ws_roles_key)
+                                    ws_audit_key, ws_bindings_key, ws_key, ws_keys_key,
+                                    ws_roles_key)
 from harness import Clock
 
 OPERATOR_TOKEN = "operator-secret-for-tests"
@@ -136,6 +137,93 @@ async def test_a_delete_is_not_starved_by_bindings_to_other_roles_or_to_the_same
         stop.set()
         await asyncio.gather(*patchers)
     assert sum(in_counts) >= 3, in_counts  # the re-PATCHes really ran while the deletes counted
+
+
+async def test_a_patch_keeping_a_keys_role_bumps_no_counter(admin):
+    """The starvation test above re-PATCHes keys on `dev` and deletes `ops`, so a PATCH that
+    bumped its own role's counter on every call would pass it. The property itself: a PATCH
+    that leaves a key on `ops` (naming `ops` again, or changing other fields) leaves `ops`'
+    counter as it is; moving the key to `dev` bumps `dev` only; moving it back bumps `ops`."""
+    await setup(admin)
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops"}), 201))["key"]
+    counters = ws_bindings_key("acme")
+
+    def counter(role: str) -> int:
+        return int(admin.redis.hget(counters, role) or 0)
+    ops, dev = counter("ops"), counter("dev")
+    assert ops >= 1
+    for body in ({"role": "ops"}, {"name": "n1", "role": "ops"}, {"name": "n2"},
+                 {"enabled": False}, {"enabled": True, "role": "ops"}, {"rate_limit": "5/s"}):
+        await ok(await admin.patch(f"{KEYS}/{key['id']}", json=body))
+    assert (counter("ops"), counter("dev")) == (ops, dev)
+    await ok(await admin.patch(f"{KEYS}/{key['id']}", json={"role": "dev"}))
+    assert (counter("ops"), counter("dev")) == (ops, dev + 1)
+    await ok(await admin.patch(f"{KEYS}/{key['id']}", json={"role": "ops"}))
+    assert (counter("ops"), counter("dev")) == (ops + 1, dev + 1)
+
+
+async def test_same_role_re_patches_of_a_key_on_the_role_do_not_starve_its_delete(
+        admin, monkeypatch):
+    """The same through a delete: the last key on `ops` has expired (it holds no delete up)
+    and a tenant's loop re-PATCHes it, naming `ops` each time, between every count of the
+    delete and its script. None of them binds the key to `ops` anew, so the delete's first
+    try goes through."""
+    from gateway.models import rfc3339
+    await setup(admin)
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops",
+                                                 "expires_at": rfc3339(admin.clock.now + 5)}),
+                    201))["key"]
+    admin.clock.now += 10  # expired
+    replies = set_role_replies(admin, monkeypatch)
+    store, count = admin.store, admin.store._role_users
+    patched = [0]
+
+    async def counting(ws, name):
+        found = await count(ws, name)
+        for body in ({"role": "ops"}, {"name": f"n{patched[0]}", "role": "ops"}):
+            await ok(await admin.patch(f"{KEYS}/{key['id']}", json=body))
+            patched[0] += 1
+        return found
+    monkeypatch.setattr(store, "_role_users", counting)
+    deleted = await admin.delete(f"{ROLES}/ops")
+    assert deleted.status == 200, (await deleted.json(), replies)
+    assert replies == ["ok"] and patched[0] == 2, (replies, patched)
+
+
+async def test_role_flips_of_an_expired_key_do_not_starve_a_delete(admin, monkeypatch):
+    """A key that expired long ago holds no delete up, yet a tenant's loop moving it between
+    `ops` and `dev` bumped ops' counter on every move to `ops`: `DELETE roles/ops` counted again
+    after each and gave up with 409 after 8 tries, though no live key was ever bound to `ops`.
+    Only a key that is live (not revoked, not expired: within a minute past its expiry still
+    counts as live, for replicas' clocks differ) binds its role now."""
+    from gateway.models import rfc3339
+    await setup(admin)
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "dev",
+                                                 "expires_at": rfc3339(admin.clock.now + 5)}),
+                    201))["key"]
+    admin.clock.now += 3600  # long expired
+    replies = set_role_replies(admin, monkeypatch)
+    store, count = admin.store, admin.store._role_users
+
+    async def counting(ws, name):
+        found = await count(ws, name)
+        for role in ("ops", "dev"):  # the tenant's loop, between every count and its script
+            await ok(await admin.patch(f"{KEYS}/{key['id']}", json={"role": role}))
+        return found
+    monkeypatch.setattr(store, "_role_users", counting)
+    deleted = await admin.delete(f"{ROLES}/ops")
+    assert deleted.status == 200, (await deleted.json(), replies)
+    assert replies == ["ok"], replies
+    read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
+    assert (read["status"], read["role"]) == ("expired", "dev")
+    # a key expired only seconds ago may still be live by a deleting replica's clock: it binds
+    await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ops:run"]}))
+    just = (await ok(await admin.post(KEYS, json={
+        "name": "j", "role": "dev", "expires_at": rfc3339(admin.clock.now + 5)}), 201))["key"]
+    admin.clock.now += 10
+    before = int(admin.redis.hget(ws_bindings_key("acme"), "ops") or 0)
+    await ok(await admin.patch(f"{KEYS}/{just['id']}", json={"role": "ops"}))
+    assert int(admin.redis.hget(ws_bindings_key("acme"), "ops") or 0) == before + 1
 
 
 @pytest.mark.parametrize("binding", ["patch", "create"])
@@ -325,6 +413,33 @@ async def test_a_delete_by_a_replica_of_the_previous_build_sees_this_builds_bind
 
 # --- a take-back (a rotation answered 503) and a role deleted meanwhile -------------------------
 
+async def test_a_take_back_during_a_delete_count_holds_the_delete_up(admin, monkeypatch):
+    """The take-back's own binding: a rotation answered 503 whose stray new key was revoked
+    leaves no live key on the role, so a delete's count finds none; the take-back then gives
+    the old key back, live and bound to the role, between the count and the delete's script.
+    Its bump of the role's counter makes the delete count again, and it finds the key: 409,
+    the role stays and the key acts with it."""
+    await setup(admin)
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops"}), 201))["key"]
+    old = await admin.store.get_key("acme", key["id"])
+    new = (await ok(await admin.post(f"{KEYS}/{key['id']}/rotate"), 201))["key"]
+    await ok(await admin.post(f"{KEYS}/{new['id']}/revoke"))
+    store, count = admin.store, admin.store._role_users
+
+    async def counted_then_taken_back(ws, name):
+        found = await count(ws, name)
+        monkeypatch.setattr(store, "_role_users", count)
+        assert found == 0
+        await store._taking_back_until_done("acme", new["id"], old, "operator", "test")
+        return found
+    monkeypatch.setattr(store, "_role_users", counted_then_taken_back)
+    refused = await admin.delete(f"{ROLES}/ops")
+    assert refused.status == 409, await refused.json()
+    assert "still used by 1 key " in (await refused.json())["error"]["message"]
+    read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
+    assert (read["status"], read["role"], read["scopes"]) == ("active", "ops", ["ops:run"])
+
+
 @pytest.mark.parametrize("grace", [0, 60])
 async def test_a_take_back_does_not_give_back_a_key_bound_to_a_role_deleted_meanwhile(
         admin, caplog, grace):
@@ -361,6 +476,52 @@ async def test_a_take_back_does_not_give_back_a_key_bound_to_a_role_deleted_mean
     await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ALL"]}))
     read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
     assert read["status"] != "active"
+
+
+@pytest.mark.parametrize("grace", [0, 60])
+async def test_a_take_back_does_not_give_back_a_key_whose_role_was_deleted_and_defined_again(
+        admin, caplog, grace):
+    """As above, but the role's name is defined again before the take-back runs, now as an
+    admin role: `DELETE roles/ops` (200: the old key revoked or past its grace, the new one
+    revoked) then `PUT roles/ops {"scopes": ["ALL"]}`. The take-back checked only that a role
+    of that name existed: it gave the old key back active with scopes ALL, a key nobody had
+    bound to that role and no delete had counted. A delete of the role now bumps its delete
+    generation, the rotation records the generation it saw on the old key, and the take-back
+    gives the key back only while it is unchanged."""
+    await ok(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "Acme"}), 201)
+    await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ops:run"]}))
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops"}), 201))["key"]
+    old = await admin.store.get_key("acme", key["id"])
+    rotated = (await ok(await admin.post(f"{KEYS}/{key['id']}/rotate",
+                                         json={"grace_seconds": grace}), 201))["key"]
+    await ok(await admin.post(f"{KEYS}/{rotated['id']}/revoke"))  # the stray key revoked
+    admin.clock.now += grace + 1
+    await ok(await admin.delete(f"{ROLES}/ops"))
+    await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ALL"]}))  # the name re-used
+    await admin.store._taking_back_until_done("acme", rotated["id"], old, "operator", "test")
+
+    read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
+    assert read["status"] == ("revoked" if grace == 0 else "expired"), read
+    assert (await admin.get(f"{KEYS}/{rotated['id']}")).status == 404
+    assert "was not given back" in caplog.text
+    audit = (await ok(await admin.get("/admin/v1/workspaces/acme/audit")))["items"][0]
+    assert audit["details"]["old_key"].startswith("not given back: its role was deleted")
+
+
+async def test_a_take_back_gives_back_a_key_whose_role_was_only_edited_meanwhile(admin):
+    """The delete generation moves only on a delete: a role edited (PUT) between the rotation
+    and its take-back, or another role deleted, leaves the old key to be given back."""
+    await ok(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "Acme"}), 201)
+    for role in ("ops", "dev"):
+        await ok(await admin.put(f"{ROLES}/{role}", json={"scopes": [f"{role}:run"]}))
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops"}), 201))["key"]
+    old = await admin.store.get_key("acme", key["id"])
+    rotated = (await ok(await admin.post(f"{KEYS}/{key['id']}/rotate"), 201))["key"]
+    await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ops:run", "ops:read"]}))
+    await ok(await admin.delete(f"{ROLES}/dev"))
+    await admin.store._taking_back_until_done("acme", rotated["id"], old, "operator", "test")
+    read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
+    assert (read["status"], read["scopes"]) == ("active", ["ops:run", "ops:read"]), read
 
 
 async def test_a_take_back_gives_back_a_key_whose_deleted_role_a_configured_one_takes_over(
@@ -458,3 +619,119 @@ async def test_a_key_re_dated_by_a_replica_whose_clock_is_behind_still_holds_a_d
         assert (read["status"], read["scopes"]) == ("active", ["ops:run"])
     finally:
         await other.close()
+
+
+async def test_a_key_re_dated_after_its_roles_delete_by_a_replica_whose_clock_is_behind_is_refused(
+        admin, redis_url):
+    """The same skew the other way round: the deleting replica, its clock at T+1, counts the
+    key (expiring at T) as expired and deletes the role (200); then the replica whose clock is
+    at T-1 gives the key a new expiry. Judged by its own clock the key was still active, and
+    the 'no such role' check ran only for a key it found expired: the PATCH was accepted and
+    the key lived on bound to a role nothing defines (no scopes; a later `PUT roles/ops` armed
+    it with whatever scopes that got). A new expiry for a key whose role neither the
+    workspace nor the config defines is now refused whatever the replica's clock says."""
+    from gateway.errors import Conflict
+    from gateway.models import rfc3339
+    await ok(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "Acme"}), 201)
+    await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ops:run"]}))
+    expires = admin.clock.now + 60
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops",
+                                                 "expires_at": rfc3339(expires)}), 201))["key"]
+    behind = Clock()
+    behind.now = expires - 1
+    other = await Store.connect(redis_url, cheap_config(), clock=behind)  # the other replica
+    try:
+        admin.clock.now = expires + 1
+        await ok(await admin.delete(f"{ROLES}/ops"))  # expired by this replica's clock
+        with pytest.raises(Conflict, match="'ops'"):
+            await other.update_key("acme", key["id"], expires_at=expires + 3600)
+        with pytest.raises(Conflict, match="'ops'"):
+            await other.update_key("acme", key["id"], expires_at=None)
+        await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ALL"]}))
+        read = await ok(await admin.get(f"{KEYS}/{key['id']}"))
+        assert read["status"] == "expired", read
+        assert read["expires_at"] == rfc3339(expires)
+        # re-roled in the same change, it is re-dated
+        await other.update_key("acme", key["id"], expires_at=expires + 3600, role="reader")
+    finally:
+        await other.close()
+
+
+def summary_scans(admin, monkeypatch) -> list:
+    """The sizes of the listing's reads of a few keys' summaries (``_summaries_of``) and, in
+    [0], how many full scans (``list_key_summaries``) ran, as they come."""
+    store = admin.store
+    scans, reads = [0], []
+    scan, read = store.list_key_summaries, store._summaries_of
+
+    async def scanning(ws):
+        scans[0] += 1
+        return await scan(ws)
+
+    async def reading(ws, key_ids):
+        reads.append(len(key_ids))
+        return await read(ws, key_ids)
+    monkeypatch.setattr(store, "list_key_summaries", scanning)
+    monkeypatch.setattr(store, "_summaries_of", reading)
+    return [scans, reads]
+
+
+async def test_a_status_listing_under_a_stream_of_revokes_shows_only_keys_of_that_status(
+        admin, monkeypatch):
+    """A tenant's cleanup revokes keys one by one (one every ~2 ms) while `?status=active`
+    lists 1,500 keys: a page key revoked between the scan and its record's read made the
+    listing scan the whole workspace again, up to 3 times, and the last try was answered as it
+    was, revoked keys and all. The page is now judged again on the records it read (a changed
+    key's summary and a rotation's successor re-read, not the whole workspace), and filtered
+    on those records: one scan per listing, and no revoked key in an active listing."""
+    await setup(admin)
+    ids = [f"f{i:011d}" for i in range(FILLED)]
+    scans, reads = summary_scans(admin, monkeypatch)
+    stop, revoked = asyncio.Event(), [0]
+
+    async def revoker() -> None:
+        for key_id in ids:
+            if stop.is_set():
+                return
+            await admin.store.revoke_key("acme", key_id)
+            revoked[0] += 1
+            await asyncio.sleep(0.002)
+    task = asyncio.create_task(revoker())
+    during = []
+    try:
+        await asyncio.sleep(0.01)
+        for _ in range(3):
+            scans[0], before = 0, revoked[0]
+            body = await ok(await admin.get(KEYS + "?status=active"))
+            during.append(revoked[0] - before)
+            bad = [k["id"] for k in body["items"] if k["status"] != "active"]
+            assert not bad, (len(bad), len(body["items"]))
+            assert scans[0] == 1, scans
+    finally:
+        stop.set()
+        await task
+    assert min(during) >= 3, during  # the revokes really ran while each listing was read
+
+
+async def test_a_rotated_key_whose_successor_was_deleted_costs_a_listing_nothing(
+        admin, monkeypatch):
+    """300 keys rotated long ago whose new keys were then revoked and deleted (a cleanup): each
+    old key keeps its 'rotated_to' mark naming a key that no longer exists, and every listing,
+    `?limit=10` too, read those 300 ids again in one unchunked pipeline, forever. A listing now
+    looks for the successor only of a key revoked since shortly before the listing began (a
+    rotation during its read), and reads them in chunks."""
+    await setup(admin)
+    store = admin.store
+    news = []
+    for i in range(300):
+        news.append((await store.rotate_key("acme", f"f{i:011d}"))[1].key.id)
+    for new in news:
+        await store.revoke_key("acme", new)
+        await store.delete_key("acme", new)
+    assert admin.redis.hget(key_key("acme", "f00000000000"), "rotated_to") == news[0]
+    admin.clock.now += 3600  # later
+    scans, reads = summary_scans(admin, monkeypatch)
+    for query in ("?limit=10", "?status=active&limit=10", ""):
+        reads.clear()
+        await ok(await admin.get(KEYS + query))
+        assert sum(reads) == 0, (query, reads)

@@ -22,7 +22,7 @@ from ..models import KeyRecord, rfc3339, whole_second
 from ..store import OPERATOR, UNSET, Store, effective_scopes_of
 from ..store.admin_base import role_gone, unknown_role
 from ..tokens import KEY_ID_RE
-from .listing import select_keys
+from .listing import matching, select_keys
 from .validate import (MAX_DESCRIPTION, MAX_NAME, check_catalogue, parse_allowed_ips,
                        parse_body, parse_days, parse_enabled, parse_expires_at, parse_meta,
                        parse_monthly, parse_rate, parse_role_name, parse_scopes, parse_seconds,
@@ -44,8 +44,9 @@ SORT_INLINE = 2000
 """Keys a listing filters and sorts on the event loop; more are done in a thread (the loop,
 and the proxy's requests on it, get turns meanwhile)."""
 LIST_ATTEMPTS = 3
-"""Reads of a listing whose page keys were revoked or re-dated while it was read (each read:
-the summaries, then the page's records); the last one is answered as it is."""
+"""Choices of a listing's page whose keys were revoked or re-dated while it was read (each:
+the page chosen on the summaries, its keys' records read, and the summaries of those found
+changed read again); the last page is answered filtered on its records."""
 
 
 @dataclass(frozen=True)
@@ -181,18 +182,30 @@ class KeyOps:
         # the page chosen by what ordering and filtering need of each key, then the page's
         # records only (a workspace may hold many thousands of keys). The two reads are no one
         # snapshot: a page key revoked or re-dated between them (a rotation: the old key
-        # revoked, the new one not in the summaries) is read again from the start, so the
-        # page is never judged on a status its records no longer have
+        # revoked, the new one not in the summaries) has its summary read again, with a
+        # rotation's new key, and the page is chosen again; never the whole workspace scanned
+        # again (under a tenant's stream of revokes every listing scanned it 3 times). The page
+        # answered is filtered on its records, so it never shows a key of another status.
+        started = self.store.clock()
+        summaries = {s.id: s for s in await self.store.list_key_summaries(self.ws)}
+        records: dict[str, KeyRecord] = {}
         for attempt in range(LIST_ATTEMPTS):
-            summaries = await self.store.list_key_summaries(self.ws)
             if len(summaries) > SORT_INLINE:  # ~45 ms of sorting at 50,000: off the loop
-                page, next_cursor = await asyncio.to_thread(select_keys, summaries, query,
-                                                            self.store.clock())
+                page, next_cursor = await asyncio.to_thread(
+                    select_keys, list(summaries.values()), query, self.store.clock())
             else:
-                page, next_cursor = select_keys(summaries, query, self.store.clock())
-            keys = await self.store.get_keys(self.ws, [k.id for k in page])
-            if attempt + 1 == LIST_ATTEMPTS or not _changed_since(page, keys):
+                page, next_cursor = select_keys(list(summaries.values()), query,
+                                                self.store.clock())
+            records.update((k.id, k) for k in await self.store.get_keys(
+                self.ws, [k.id for k in page if k.id not in records]))
+            changed = _changed_since(page, records)
+            if not changed or attempt + 1 == LIST_ATTEMPTS:
                 break
+            for key_id in changed:
+                records.pop(key_id, None)  # read again if the page keeps it
+            await self.store.refresh_summaries(self.ws, summaries, changed, started)
+        keys = matching([records[k.id] for k in page if k.id in records], query,
+                        self.store.clock())
         roles = await self.store.workspace_roles(self.ws)
         used = await self.store.keys_used_this_month(self.ws, [k.budget_id for k in keys])
         items = []
@@ -399,13 +412,13 @@ def _loosens(key: KeyRecord, controls: Mapping[str, Any]) -> bool:
     return bool(_widened(key, controls))
 
 
-def _changed_since(page: list, keys: list[KeyRecord]) -> bool:
-    """Whether a key of ``page`` (the summaries it was chosen by) was revoked or re-dated
-    before its record (``keys``) was read: its status, and a rotation's new key, may then be
-    missing from the summaries."""
-    judged = {k.id: (k.revoked_at, k.expires_at) for k in page}
-    return any(judged.get(k.id, (k.revoked_at, k.expires_at)) != (k.revoked_at, k.expires_at)
-               for k in keys)
+def _changed_since(page: list, records: Mapping[str, KeyRecord]) -> list[str]:
+    """The ids of the keys of ``page`` (the summaries it was chosen by) revoked, re-dated or
+    deleted before their records (``records``) were read: their status, and a rotation's new
+    key, may be missing from the summaries."""
+    return [k.id for k in page
+            if (r := records.get(k.id)) is None
+            or (r.revoked_at, r.expires_at) != (k.revoked_at, k.expires_at)]
 
 
 def _widened(key: KeyRecord, controls: Mapping[str, Any]) -> list[str]:

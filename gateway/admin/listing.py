@@ -32,14 +32,8 @@ def select_keys(keys: list[K], query: Mapping[str, str],
     sort = query.get("sort", "created")
     if sort not in SORTS:
         raise BadRequest(f"The query parameter 'sort' must be one of {', '.join(SORTS)}.")
-    unused = query_int(query, "unused_days", 0, MAX_UNUSED_DAYS)
     limit = query_int(query, "limit", 1, LIST_MAX)
-    if status is not None:
-        keys = [k for k in keys if k.status(now) == status]
-    if unused is not None:
-        cutoff = now - unused * 86400
-        keys = [k for k in keys if k.last_used_at is None or k.last_used_at < cutoff]
-    keys = sorted(keys, key=lambda k: _sort_key(k, sort))
+    keys = sorted(matching(keys, query, now), key=lambda k: _sort_key(k, sort))
     if "cursor" in query:
         after = _after(query["cursor"], sort)
         keys = [k for k in keys if _sort_key(k, sort) > after]
@@ -47,6 +41,20 @@ def select_keys(keys: list[K], query: Mapping[str, str],
         return keys, None
     page = keys[:limit]
     return page, _cursor(sort, _sort_key(page[-1], sort))
+
+
+def matching(keys: list[K], query: Mapping[str, str], now: float) -> list[K]:
+    """``keys`` (in their order) that meet the listing's filters, ``status`` and
+    ``unused_days`` (a query ``select_keys`` accepted): a page chosen on summaries is filtered
+    again on the records read for it, which may be newer."""
+    status = query.get("status")
+    unused = query_int(query, "unused_days", 0, MAX_UNUSED_DAYS)
+    if status is not None:
+        keys = [k for k in keys if k.status(now) == status]
+    if unused is not None:
+        cutoff = now - unused * 86400
+        keys = [k for k in keys if k.last_used_at is None or k.last_used_at < cutoff]
+    return keys
 
 
 def _sort_key(key: KeyRecord | KeySummary, sort: str) -> tuple:

@@ -33,8 +33,9 @@ UNDONE_TTL = 86_400
 """Seconds the 'undone' mark of a taken-back key id is kept (a late run of its script adds
 nothing meanwhile)."""
 
-_KEPT = ("not given back: its role was deleted meanwhile, and given back it would have been "
-         "active with no scopes; it stays as the rotation left it")
+_KEPT = ("not given back: its role was deleted meanwhile (a role defined again under its name "
+         "is another role), and given back it would have been active with scopes nobody bound "
+         "it to, or none; it stays as the rotation left it")
 """A take-back's audit detail ``old_key`` when the rotated key is not given back."""
 
 TAKEN_BACK = ("The key store did not answer in time, so the change could not be confirmed; "
@@ -92,6 +93,12 @@ LIST_STEP = 200
 ROTATED_CHAIN = 4
 """Rounds of a listing's read of the keys rotations made while it ran that its steps missed
 (a key rotated again meanwhile: its successor in the next round)."""
+ROTATION_SKEW = 60.0
+"""Seconds before a listing began that a key revoked then may have been revoked by a rotation
+during the listing (replicas' clocks differ): only such a key's successor is looked for when
+its steps missed it. A key rotated before that, whose successor its steps did not find, had its
+successor deleted since (SSCAN returns every member there for the whole scan): looking for it
+cost every listing a read per such key, forever."""
 
 RECORD_CHUNK = 100
 """Whole key records read per pipeline (``get_keys``): each is parsed into a record as its
@@ -192,6 +199,7 @@ class KeyStore(StoreBase):
         (its 'rotated_to') comes with the key that replaced it, read on its own if the steps
         missed it (added behind the scan's cursor): a listing never shows an integration's key
         revoked by a rotation and no replacement."""
+        started = self.clock()
         summaries: dict[str, KeySummary] = {}  # an id may come in two steps
         cursor = "0"
         while True:
@@ -200,25 +208,51 @@ class KeyStore(StoreBase):
             summaries.update((s.id, s) for s in key_summaries(raw))
             if str(cursor) == "0":
                 break
-        for _ in range(ROTATED_CHAIN):  # (a successor rotated in turn meanwhile: its own)
-            missing = sorted({s.rotated_to for s in summaries.values()
-                              if s.rotated_to and s.rotated_to not in summaries})
-            if not missing:
-                break
-            found = await self._summaries_of(ws, missing)
-            if not found:
-                break
-            summaries.update((s.id, s) for s in found)
+        await self._with_successors(ws, summaries, list(summaries.values()), started)
         return list(summaries.values())
 
+    async def refresh_summaries(self, ws: str, summaries: dict[str, KeySummary],
+                                key_ids: Sequence[str], started: float) -> None:
+        """Read again the summaries of ``key_ids`` (keys of a listing's page whose records
+        were found changed since ``summaries`` was read; a listing that began at ``started``)
+        into ``summaries``: those deleted meanwhile are dropped, and a rotation's new key is
+        added as ``list_key_summaries`` adds it. A few keys' reads, never the whole workspace
+        scanned again."""
+        found = await self._summaries_of(ws, key_ids)
+        for key_id in set(key_ids) - {s.id for s in found}:
+            summaries.pop(key_id, None)
+        summaries.update((s.id, s) for s in found)
+        await self._with_successors(ws, summaries, found, started)
+
+    async def _with_successors(self, ws: str, summaries: dict[str, KeySummary],
+                               read: Sequence[KeySummary], started: float) -> None:
+        """Add to ``summaries`` the key each of ``read`` was rotated into, when the listing's
+        steps missed it: only for a key revoked since shortly before the listing began
+        (``ROTATION_SKEW``), a rotation during the read; a successor rotated in turn meanwhile
+        brings its own, up to ``ROTATED_CHAIN`` rounds."""
+        since = started - ROTATION_SKEW
+        for _ in range(ROTATED_CHAIN):
+            missing = sorted({s.rotated_to for s in read
+                              if s.rotated_to and s.rotated_to not in summaries
+                              and s.revoked_at is not None and s.revoked_at >= since})
+            if not missing:
+                return
+            read = await self._summaries_of(ws, missing)
+            if not read:
+                return
+            summaries.update((s.id, s) for s in read)
+
     async def _summaries_of(self, ws: str, key_ids: Sequence[str]) -> list[KeySummary]:
-        """The ``KeySummary`` of each of ``key_ids`` that exists (one round trip; a handful
-        of keys: those rotations made during a listing's read)."""
+        """The ``KeySummary`` of each of ``key_ids`` that exists (a pipeline per
+        ``READ_CHUNK`` keys; a handful, usually: keys rotations made, or a page's keys
+        changed, during a listing's read)."""
+        rows: list[Any] = []
         with store_errors("read"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key_id in key_ids:
-                    pipe.hmget(key_key(ws, key_id), SUMMARY_FIELDS)
-                rows = await pipe.execute()
+            for chunk in _chunks(key_ids):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key_id in chunk:
+                        pipe.hmget(key_key(ws, key_id), SUMMARY_FIELDS)
+                    rows += await pipe.execute()
         try:
             return [key_summary(row) for row in rows if row[0]]
         except (ValueError, TypeError) as exc:
@@ -628,8 +662,9 @@ class KeyStore(StoreBase):
                 pass  # a stray index entry reads as an unknown key (see the layout)
             if reply == "kept" and old is not None:
                 log.warning("workspace %s: %s taken back: the new key removed; the old key %s "
-                            "was not given back: its role '%s' was deleted meanwhile and it "
-                            "would have been active with no scopes. It stays as the rotation "
+                            "was not given back: its role '%s' was deleted meanwhile (perhaps "
+                            "defined again since: another role) and it would have been active "
+                            "with scopes nobody bound it to, or none. It stays as the rotation "
                             "left it (revoked, or expiring at the grace's end); create a new "
                             "key for its integration", ws, what, old.id, old.role)
             else:
@@ -730,10 +765,11 @@ class KeyStore(StoreBase):
         if reply == "no_role":  # deleted since the caller checked it
             raise unknown_role(ws, role)
         if isinstance(reply, list) and reply[:1] == ["unbound"]:
-            raise Conflict(f"Key '{shown(key_id, 12)}' has expired and is bound to role "
+            raise Conflict(f"Key '{shown(key_id, 12)}' is bound to role "
                            f"'{shown(reply[1])}', which neither workspace '{shown_ws(ws)}' nor "
-                           "the config defines any more: a new expiry would make it active "
-                           "with no scopes. Give it a role or scopes in the same change.")
+                           "the config defines any more: a new expiry would make it (or keep "
+                           "it) active with no scopes. Give it a role or scopes in the same "
+                           "change.")
         if reply == "stale":
             raise Conflict(f"Key '{shown(key_id, 12)}' changed while this change to it was being "
                            "checked; read it again and retry.")

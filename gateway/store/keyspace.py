@@ -32,7 +32,12 @@ per-request script and every admin script touch a single slot.
                                           _bound_to_role.lua): a role delete counts the role's
                                           keys in steps, then deletes only if the role's count
                                           is unchanged. Kept when the role is deleted (absent
-                                          = 0); never read on the request path
+                                          = 0); never read on the request path.
+                                          And deleted:<role> (no role name holds a ':'): the
+                                          role's delete generation, bumped by each delete of
+                                          it; a rotation records it on the old key
+                                          (rotated_gen), and its take-back gives the old key
+                                          back only while it is unchanged (absent = 0)
     kg:ws:{ws}:undone:<id>        STRING  "1": the create or rotation that made key <id> was
                                           answered 503 (its reply lost) and is taken back; its
                                           script, should it run late, adds nothing (TTL: a day)
@@ -51,6 +56,8 @@ per-request script and every admin script touch a single slot.
                                           rotated_to (the id of the key its last rotation
                                           made, until its next change: what lets a rotation
                                           answered 503 give it back, see admin_take_back),
+                                          rotated_gen (with rotated_to: its role's delete
+                                          generation then, see kg:ws:{ws}:bindings),
                                           rev (bumped on every change)
                                           (a bumped rev is Redis's TIME in µs, or +1 when that
                                           is not above it: a restore or failover that takes

@@ -46,7 +46,10 @@
 -- already over its cap) | 'undone' (see KEYS[9]). 'ok' as well when the new key is there
 -- already with this call's hash: a resend of a call that ran (see below).
 -- A rotation marks the old key 'rotated_to' = the new id (any later change clears it, see
--- _new_rev.lua): admin_take_back gives it back as it was only while that mark stands.
+-- _new_rev.lua): admin_take_back gives it back as it was only while that mark stands. With
+-- it, 'rotated_gen': the delete generation of the key's role then (its 'deleted:<role>' in
+-- KEYS[10], admin_set_role): a take-back gives the key back only while no delete of the role
+-- came since (a role deleted and defined again is another role).
 -- include: _new_rev.lua
 -- include: _cap_basis.lua
 -- include: _active_keys.lua
@@ -89,12 +92,14 @@ if cap_basis_changed(KEYS[1], ARGV[11]) then return 'stale_ws' end
 if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[6], ARGV[10]) == 0 then return 'no_role' end
 local rotating = ARGV[7] ~= ''
 local old_exp = nil
+local old_role = ''
 if rotating then
-  local old = redis.call('HMGET', KEYS[7], 'id', 'revoked_at', 'expires_at', 'rev')
+  local old = redis.call('HMGET', KEYS[7], 'id', 'revoked_at', 'expires_at', 'rev', 'role')
   if not old[1] then return 'not_found' end
   if old[2] and old[2] ~= '' then return 'revoked' end
   if (old[4] or '0') ~= ARGV[9] then return 'stale' end
   old_exp = tonumber(old[3] or '')
+  old_role = old[5] or ''
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then return 'collision' end
 local now = tonumber(ARGV[1])
@@ -120,7 +125,8 @@ if rotating then
     end
   end
   new_rev(KEYS[7])
-  redis.call('HSET', KEYS[7], 'rotated_to', ARGV[4])
+  redis.call('HSET', KEYS[7], 'rotated_to', ARGV[4], 'rotated_gen',
+             old_role ~= '' and redis.call('HGET', KEYS[10], 'deleted:' .. old_role) or '0')
 end
 
 local fields = {}

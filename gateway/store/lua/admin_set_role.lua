@@ -15,6 +15,11 @@
 -- key to a workspace role check it still exists in theirs, so no key is bound to a role
 -- deleted meanwhile. The counter outlives the role (a delete, a PUT and a binding must never
 -- bring it back to a value a delete under way read).
+-- Each delete also bumps the role's delete generation, the field 'deleted:<role>' of
+-- kg:ws:{ws}:bindings (no role name holds a ':'): a rotation records it on the old key
+-- ('rotated_gen', admin_add_key) and its take-back gives the old key back only while it is
+-- unchanged (admin_take_back): a role deleted and then defined again (another role under the
+-- same name, say one granting ALL) never gets a key no delete counted.
 -- KEYS[1] kg:ws:{ws}   KEYS[2] kg:ws:{ws}:roles   KEYS[3] kg:ws:{ws}:audit
 -- KEYS[4] kg:ws:{ws}:bindings
 -- ARGV[1] 'put' | 'delete'   ARGV[2] role name   ARGV[3] scopes (JSON list; put only)
@@ -39,6 +44,7 @@ else
     end
   end
   redis.call('HDEL', KEYS[2], ARGV[2])
+  redis.call('HINCRBY', KEYS[4], 'deleted:' .. ARGV[2], 1)
 end
 new_rev(KEYS[1])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[4])

@@ -7,7 +7,8 @@
 -- KEYS[4] kg:ws:{ws}:audit   KEYS[5] kg:ws:{ws}:undone:<new id>
 -- KEYS[6] old key hash (rotation; a create passes KEYS[1] here, unread)
 -- KEYS[7] kg:ws:{ws}   KEYS[8] kg:ws:{ws}:bindings (the old key given back bound to a role
---         bumps that role's counter: _bound_to_role.lua, admin_set_role)
+--         bumps that role's counter: _bound_to_role.lua, admin_set_role; and its field
+--         'deleted:<role>', the role's delete generation, is read)
 -- KEYS[9] kg:ws:{ws}:roles
 -- ARGV[1] new key id   ARGV[2] audit entry (JSON)   ARGV[3] audit stream cap
 -- ARGV[4] old key id ('' = a create)   ARGV[5] seconds the 'undone' mark is kept
@@ -22,8 +23,13 @@
 -- the config (ARGV[7]) defines any more: a role may be deleted while its only keys are the
 -- revoked old key and the new one (revoked by a person acting on the 503, or past a grace),
 -- and given back it would be a live key bound to a role that nothing defines and no delete
--- counted: no scopes now, and whatever scopes a later role of that name gets. It stays as the
--- rotation left it (revoked, or expiring at the grace's end), its mark cleared.
+-- counted: no scopes now, and whatever scopes a later role of that name gets. Nor when the
+-- workspace deleted the role since the rotation and defined it again (its delete generation,
+-- 'deleted:<role>' in KEYS[8], is not the 'rotated_gen' the rotation recorded; admin_set_role):
+-- that is another role (say one granting ALL), which no one bound the key to and no delete
+-- counted it against. A configured role of that name takes over the key whatever the
+-- workspace did (a delete of a role shadowing a configured one needs no count). It stays as
+-- the rotation left it (revoked, or expiring at the grace's end), its mark cleared.
 -- Returns 'absent' (the add script had not run) | 'removed' | 'restored' (rotation: the old
 -- key given back too) | 'kept' (rotation: the new key removed, the old key not given back,
 -- its role gone).
@@ -33,10 +39,12 @@ redis.call('SET', KEYS[5], '1', 'EX', ARGV[5])
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'absent' end
 local outcome = 'removed'
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[6], 'rotated_to') == ARGV[1] then
-  local role = redis.call('HGET', KEYS[6], 'role') or ''
-  if role ~= '' and redis.call('HEXISTS', KEYS[9], role) == 0
-      and not cjson.decode(ARGV[7])[role] then
-    redis.call('HDEL', KEYS[6], 'rotated_to')
+  local old = redis.call('HMGET', KEYS[6], 'role', 'rotated_gen')
+  local role = old[1] or ''
+  if role ~= '' and not cjson.decode(ARGV[7])[role]
+      and (redis.call('HEXISTS', KEYS[9], role) == 0
+           or (redis.call('HGET', KEYS[8], 'deleted:' .. role) or '0') ~= (old[2] or '0')) then
+    redis.call('HDEL', KEYS[6], 'rotated_to', 'rotated_gen')
     outcome = 'kept'
   else
     redis.call('HSET', KEYS[6], 'revoked_at', '', 'expires_at', ARGV[6])

@@ -15,7 +15,10 @@
 --         role names (JSON object, name -> true), else ''. A new expiry makes an expired key
 --         active again, and an expired key does not hold up a role delete (admin_set_role):
 --         brought back bound to a role neither the workspace nor the config defines, it would
---         act with no scopes, so that is refused ({'unbound', role}; nothing written)
+--         act with no scopes, so that is refused ({'unbound', role}; nothing written). Refused
+--         too for a key this script finds active: the delete judged expiry by its replica's
+--         clock, which may be ahead of this one's (it counted the key expired and went ahead;
+--         re-dated here it lived on bound to a role nothing defines)
 -- ARGV[10] when ARGV[2] is given: the workspace's plan and own limits ARGV[4] was worked out
 --         from (_cap_basis.lua); a key brought back meets the cap as it is now, so a change of
 --         either is 'stale_ws' (nothing written)
@@ -38,13 +41,18 @@ local revoked = st[2] and st[2] ~= ''
 -- this script finds bringing the key back: the delete's count judged expiry by its own
 -- replica's clock, which may be ahead of this one's (and a key bound to the role that was
 -- active all along holds its delete up anyway). A change that leaves the key's role and
--- expiry as they are (a PATCH naming the role the key has) binds nothing.
+-- expiry as they are (a PATCH naming the role the key has) binds nothing; nor does a new
+-- role for a key that has expired and is given no new expiry (it holds no delete up: a
+-- tenant moving a long-expired key between roles in a loop starved their deletes). Expired
+-- means more than LIVE_SKEW seconds ago: the deleting replica's clock may be behind this
+-- one's, and count the key as live.
+local LIVE_SKEW = 60
 local redated = ARGV[2] ~= ''
 if ARGV[2] ~= '' and not revoked then
   local now = tonumber(ARGV[3])
   local cur = redis.call('ZSCORE', KEYS[2], ARGV[1])
   local active = cur and (cur == 'inf' or tonumber(cur) > now)
-  if not active and ARGV[9] ~= '' then
+  if ARGV[9] ~= '' then
     local bound = redis.call('HGET', KEYS[1], 'role')
     if bound and bound ~= '' and redis.call('HEXISTS', KEYS[4], bound) == 0
         and not cjson.decode(ARGV[9])[bound] then
@@ -63,8 +71,11 @@ if #ARGV >= 12 then
   redis.call('HSET', KEYS[1], unpack(fields))
 end
 if not revoked then
-  local role = redis.call('HGET', KEYS[1], 'role') or ''
-  if role ~= '' and (redated or role ~= (st[4] or '')) then
+  local now_key = redis.call('HMGET', KEYS[1], 'role', 'expires_at')
+  local role = now_key[1] or ''
+  local exp = tonumber(now_key[2] or '')
+  if role ~= '' and (redated or (role ~= (st[4] or '')
+                                 and (exp == nil or exp > tonumber(ARGV[3]) - LIVE_SKEW))) then
     bound_to_role(KEYS[5], KEYS[6], role)
   end
 end
