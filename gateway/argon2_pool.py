@@ -46,7 +46,10 @@ between runs). Under a quota of Q CPUs, the pool's threads are therefore
 kept to ``floor(Q)`` CPUs (at least one) that include the one the loop runs on, re-checked with
 the lending: the loop and argon2 together never ask for more CPU than the limit allows, and
 argon2 gets what the loop leaves or lends, as on one core. :func:`argon2_threads` counts no
-more threads than those CPUs.
+more threads than those CPUs. A limit below one CPU (Kubernetes' ``500m``) is not kept to: an
+idle-class thread takes the whole CPU whenever the loop rests, so a burst of verifications
+still uses up the quota and the loop, woken by a request, waits for the next period with the
+threads. The pool warns once, as it starts, when the limit is below one CPU.
 
 The idle class weighs 3 in the scheduler, a thread at nice 0 1024: argon2 beside a loop at
 nice 0 gets ~0.3% of the core on its weight, in whole ticks. A gateway started at a high nice
@@ -188,6 +191,18 @@ def _thread_clock(tid: int) -> int:
     return (~tid << 3) | 6  # CPUCLOCK_PERTHREAD_MASK | CPUCLOCK_SCHED
 
 
+_warned_quota = False
+
+
+def _warn_quota_below_one_cpu(quota: float) -> None:
+    global _warned_quota
+    if not _warned_quota:
+        _warned_quota = True
+        log.warning("the CPU limit (%.2f CPUs) is below one CPU: argon2 verifications can use "
+                    "it up and the kernel then stops the event loop with them until the next "
+                    "100 ms period; give the gateway a limit of at least one CPU", quota)
+
+
 class _Threads:
     """``size`` daemon threads running the calls submitted, in order: ``ThreadPoolExecutor``'s
     part the pool uses, with two differences. Its threads are daemons: the interpreter's exit
@@ -279,6 +294,8 @@ class Argon2Pool:
         except (AttributeError, OSError):  # not Linux
             self._usable = []
         self._width = max(1, int(quota)) if quota is not None else len(self._usable)
+        if quota is not None and quota < 1:
+            _warn_quota_below_one_cpu(quota)
         self.confined: frozenset[int] | None = None
 
     @property

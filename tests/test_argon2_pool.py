@@ -438,3 +438,33 @@ def test_a_run_in_progress_does_not_hold_up_the_interpreters_exit():
     except subprocess.TimeoutExpired:
         pytest.fail("the process waited for the run in progress before it exited")
     assert time.monotonic() - started < 10
+
+
+@linux_only
+def test_a_cpu_limit_below_one_cpu_is_warned_of_once_as_the_pool_starts():
+    """Under a limit below one CPU (Kubernetes' 500m), keeping argon2 to the loop's CPU does
+    not keep the group within its quota (an idle-class thread takes the whole CPU while the
+    loop rests): the loop is still throttled with argon2. Nothing said so."""
+    code = textwrap.dedent("""
+        import logging, os, sys
+        with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+        from gateway.argon2_pool import Argon2Pool
+        Argon2Pool(1).shutdown()
+        Argon2Pool(1).shutdown()
+    """)
+    warned = {}
+    for quota in (0.5, 1.0):
+        made = _cpu_limited_cgroup(quota)
+        if made is None:
+            pytest.skip("no cgroup with a CPU limit can be made here (not root, or read-only)")
+        try:
+            out = subprocess.run([sys.executable, "-c", code, made[0]], capture_output=True,
+                                 text=True, timeout=60, check=True)
+        finally:
+            os.rmdir(made[0])
+        warned[quota] = [line for line in out.stderr.splitlines() if "below one CPU" in line]
+    assert len(warned[0.5]) == 1 and warned[0.5][0].startswith("WARNING"), warned
+    assert "0.50 CPUs" in warned[0.5][0], warned
+    assert warned[1.0] == [], warned
