@@ -219,9 +219,12 @@ class _Threads:
         self._count = 0
         self.tids: set[int] = set()
         self.lock = threading.Lock()
+        self._closed = False
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future:
         """Called on the event loop's thread only (it counts the threads started)."""
+        if self._closed:  # as ThreadPoolExecutor: no thread would ever run it
+            raise RuntimeError("cannot run argon2 after the pool's shutdown")
         job: Future = Future()
         self._queue.put((job, fn, args))
         if self._count < self._size:
@@ -252,6 +255,7 @@ class _Threads:
     def shutdown(self) -> None:
         """Drop the calls still queued (cancelled) and end the threads once their run is over.
         Waits for nothing."""
+        self._closed = True
         while True:
             try:
                 item = self._queue.get_nowait()

@@ -481,3 +481,11 @@ def test_a_cpu_limit_below_one_cpu_is_warned_of_once_as_the_pool_starts():
     assert len(warned[0.5]) == 1 and warned[0.5][0].startswith("WARNING"), warned
     assert "0.50 CPUs" in warned[0.5][0], warned
     assert warned[1.0] == [], warned
+
+
+async def test_a_run_after_the_pools_shutdown_is_refused_not_left_waiting():
+    pool = Argon2Pool(1)
+    assert await pool.run(int, "7") == 7
+    pool.shutdown()
+    with pytest.raises(RuntimeError):
+        await asyncio.wait_for(pool.run(int, "8"), 5)
