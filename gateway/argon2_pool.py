@@ -20,9 +20,15 @@ slices in a row gave argon2 (almost) nothing, the pool's threads leave the idle 
 nice value ``ARGON2_NICE`` above the loop's (whole ticks again, but never starved) until no
 run is in progress; the first time, a warning says so. Without ``CAP_SYS_NICE`` (the shipped
 image runs as an unprivileged user) a thread may enter the idle class but never leave it, nor
-lower its nice value again: the pool then starts threads of its own at nice +``ARGON2_NICE``,
-and the runs under way run again there (the first copy to finish answers; one left behind in
-the idle class finishes when it can and answers no one). The idle class also shares the GIL:
+lower its nice value again: the first time leaving it fails, the pool starts as many threads
+again at nice +``ARGON2_NICE`` and keeps them (they never enter the idle class). While the pool
+is escalated, runs go there: new ones, those still queued for the idle threads, and those
+running on them (an idle-class run beside a busy process gets ~0.3% of a CPU: its 20 ms took
+seconds), run again; the first copy to finish answers, and one left behind on an idle thread
+finishes when it can. A run has at most one copy on each set of threads, so at most twice the
+pool's threads run argon2 at once, each holding ``memory_cost`` (without ``CAP_SYS_NICE``
+only, after a first escalation). The pool's threads are daemons: neither its shutdown nor the
+interpreter's exit waits for a run left in progress. The idle class also shares the GIL:
 an idle-class thread that holds it when it is preempted keeps the loop waiting until it runs
 again. The pool's threads hold it only between runs, tens of microseconds each, and on a
 crowded CPU they leave the idle class after the first few milliseconds of a burst.
@@ -40,7 +46,10 @@ between runs). Under a quota of Q CPUs, the pool's threads are therefore
 kept to ``floor(Q)`` CPUs (at least one) that include the one the loop runs on, re-checked with
 the lending: the loop and argon2 together never ask for more CPU than the limit allows, and
 argon2 gets what the loop leaves or lends, as on one core. :func:`argon2_threads` counts no
-more threads than those CPUs.
+more threads than those CPUs. A limit below one CPU (Kubernetes' ``500m``) is not kept to: an
+idle-class thread takes the whole CPU whenever the loop rests, so a burst of verifications
+still uses up the quota and the loop, woken by a request, waits for the next period with the
+threads. The pool warns once, as it starts, when the limit is below one CPU.
 
 The idle class weighs 3 in the scheduler, a thread at nice 0 1024: argon2 beside a loop at
 nice 0 gets ~0.3% of the core on its weight, in whole ticks. A gateway started at a high nice
@@ -63,9 +72,10 @@ import ctypes
 import errno
 import logging
 import os
+import queue
 import threading
 import time
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, Callable, TypeVar
 
 log = logging.getLogger("keygate.auth")
@@ -181,6 +191,82 @@ def _thread_clock(tid: int) -> int:
     return (~tid << 3) | 6  # CPUCLOCK_PERTHREAD_MASK | CPUCLOCK_SCHED
 
 
+_warned_quota = False
+
+
+def _warn_quota_below_one_cpu(quota: float) -> None:
+    global _warned_quota
+    if not _warned_quota:
+        _warned_quota = True
+        log.warning("the CPU limit (%.2f CPUs) is below one CPU: argon2 verifications can use "
+                    "it up and the kernel then stops the event loop with them until the next "
+                    "100 ms period; give the gateway a limit of at least one CPU", quota)
+
+
+class _Threads:
+    """``size`` daemon threads running the calls submitted, in order: ``ThreadPoolExecutor``'s
+    part the pool uses, with two differences. Its threads are daemons: the interpreter's exit
+    does not wait for a run in progress (``keygate serve`` stopped, the pool shut down, then
+    waited out an idle-class run beside a busy process: 69 s measured). And ``tids`` holds the
+    native ids of the threads alive: a thread takes its id out, under ``lock``, before it ends,
+    so whoever holds ``lock`` may move every thread in ``tids`` without reaching a thread the
+    kernel has since given the same id (another of this process's, the embedded
+    redis-server)."""
+
+    def __init__(self, size: int, started: Callable[[], None]) -> None:
+        self._size, self._started = size, started
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._count = 0
+        self.tids: set[int] = set()
+        self.lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future:
+        """Called on the event loop's thread only (it counts the threads started)."""
+        if self._closed:  # as ThreadPoolExecutor: no thread would ever run it
+            raise RuntimeError("cannot run argon2 after the pool's shutdown")
+        job: Future = Future()
+        self._queue.put((job, fn, args))
+        if self._count < self._size:
+            self._count += 1
+            threading.Thread(target=self._work, name=f"argon2_{self._count - 1}",
+                             daemon=True).start()
+        return job
+
+    def _work(self) -> None:
+        tid = threading.get_native_id()
+        with self.lock:
+            self.tids.add(tid)
+        try:
+            self._started()
+            while (item := self._queue.get()) is not None:
+                job, fn, args = item
+                del item
+                if job.set_running_or_notify_cancel():
+                    try:
+                        job.set_result(fn(*args))
+                    except BaseException as exc:
+                        job.set_exception(exc)
+                del job, fn, args
+        finally:
+            with self.lock:
+                self.tids.discard(tid)
+
+    def shutdown(self) -> None:
+        """Drop the calls still queued (cancelled) and end the threads once their run is over.
+        Waits for nothing."""
+        self._closed = True
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in range(self._size):
+            self._queue.put(None)
+
+
 class Argon2Pool:
     """``await pool.run(fn, *args)`` runs ``fn`` (an argon2 hash or verify) on one of the
     pool's threads, lending them the event loop's CPU when they starve (module docstring).
@@ -188,17 +274,19 @@ class Argon2Pool:
 
     def __init__(self, threads: int | None = None) -> None:
         self._size = threads or argon2_threads()
-        self.executor = self._new_executor()
         self.idle_class: bool | None = None
         self.donated = 0                  # slices the loop gave away (a diagnosis)
         self.escalated = False            # out of the idle class until the runs end
         self.escalations = 0              # times it was (a diagnosis)
         self._wasted = 0                  # consecutive lent slices argon2 did not get
-        self._threads: set[int] = set()   # the pool threads' native ids
+        self._idle = _Threads(self._size, self._idle_thread_started)
+        # Started the first time the idle threads may not leave their class (no CAP_SYS_NICE),
+        # at nice +ARGON2_NICE, and kept: it runs the runs while the pool is escalated.
+        self._niced: _Threads | None = None
         self._jobs: set[Future] = set()   # runs submitted and not finished
-        # each caller's run not answered yet: its function, arguments and the copies of it
-        # submitted (more than one once it has been run again out of the idle class)
-        self._runs: dict[Future, tuple[Callable, tuple, list[Future]]] = {}
+        # each caller's run not answered yet: its function, arguments and its copy on the
+        # idle threads and on the niced ones (a run has at most one on each)
+        self._runs: dict[Future, list] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._seen = 0.0                  # argon2's CPU seconds at the last check (_cpu)
         self._checked = 0.0               # loop.time() of the last check
@@ -210,29 +298,41 @@ class Argon2Pool:
         except (AttributeError, OSError):  # not Linux
             self._usable = []
         self._width = max(1, int(quota)) if quota is not None else len(self._usable)
+        if quota is not None and quota < 1:
+            _warn_quota_below_one_cpu(quota)
         self.confined: frozenset[int] | None = None
 
-    def _new_executor(self) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(max_workers=self._size, thread_name_prefix="argon2",
-                                  initializer=self._thread_started)
+    @property
+    def _threads(self) -> set[int]:
+        """The native ids of the pool's threads alive now."""
+        return self._idle.tids | (self._niced.tids if self._niced is not None else set())
 
-    def _thread_started(self) -> None:
-        if self.escalated:  # started while its siblings are out of the idle class
+    def _groups(self) -> list[_Threads]:
+        return [self._idle] if self._niced is None else [self._idle, self._niced]
+
+    def _idle_thread_started(self) -> None:
+        if self.escalated and self._niced is None:  # its siblings are out of the idle class
             _lower_nice()
         else:
             idle = _idle_class()
             if not idle:
                 _lower_nice()
             self.idle_class = idle
-        self._threads.add(threading.get_native_id())
-        if self.confined is not None:  # after the add: _confine either sees it or set this
-            self._set_affinity(0, self.confined)
+        self._keep_confined()
+
+    def _niced_thread_started(self) -> None:
+        _lower_nice()
+        self._keep_confined()
+
+    def _keep_confined(self) -> None:
+        if self.confined is not None:  # after its id was added: _confine either saw it or set
+            self._set_affinity(0, self.confined)  # this
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         run: Future = Future()  # the caller's: answered by the first copy to finish
-        self._runs[run] = entry = (fn, args, [])
+        self._runs[run] = entry = [fn, args, None, None]
         run.add_done_callback(self._answered)
-        self._submit(run, entry)
+        self._submit(run, entry, niced=self.escalated and self._niced is not None)
         if self._timer is None:
             loop = asyncio.get_running_loop()
             self._confine()
@@ -240,10 +340,11 @@ class Argon2Pool:
             self._timer = loop.call_later(DONATE_EVERY, self._check, loop)
         return await asyncio.wrap_future(run)
 
-    def _submit(self, run: Future, entry: tuple[Callable, tuple, list[Future]]) -> None:
-        fn, args, copies = entry
-        job = self.executor.submit(fn, *args)
-        copies.append(job)
+    def _submit(self, run: Future, entry: list, *, niced: bool) -> None:
+        threads = self._niced if niced else self._idle
+        assert threads is not None
+        job = threads.submit(entry[0], *entry[1])
+        entry[3 if niced else 2] = job
         self._jobs.add(job)
         job.add_done_callback(self._jobs.discard)  # set.discard is atomic under the GIL
         job.add_done_callback(lambda job: self._answer(run, job))
@@ -267,11 +368,12 @@ class Argon2Pool:
         """The caller has its answer, or has cancelled: the copies still queued are dropped.
         A copy still running for an answered run is no longer a run in progress (no CPU is
         lent for it); one for a cancelled run still is, as before (it holds a thread)."""
-        _, _, copies = self._runs.pop(run)
+        _, _, *copies = self._runs.pop(run)
         for job in copies:
-            job.cancel()
-            if not run.cancelled():
-                self._jobs.discard(job)
+            if job is not None:
+                job.cancel()
+                if not run.cancelled():
+                    self._jobs.discard(job)
 
     def _confine(self) -> None:
         """Under a CPU limit of fewer CPUs than the process may use: keep the threads to
@@ -285,8 +387,10 @@ class Argon2Pool:
             return
         others = [cpu for cpu in self._usable if cpu != here]
         self.confined = frozenset([here, *others[:self._width - 1]])
-        for tid in list(self._threads):
-            self._set_affinity(tid, self.confined)
+        for threads in self._groups():
+            with threads.lock:  # no thread leaves meanwhile: no id is another's by now
+                for tid in threads.tids:
+                    self._set_affinity(tid, self.confined)
 
     @staticmethod
     def _set_affinity(tid: int, cpus: frozenset[int]) -> None:
@@ -303,10 +407,10 @@ class Argon2Pool:
         and the loop saw ~5% of argon2's CPU and lent its core at every check, argon2 at full
         speed on a free core or not. Threads Python did not start (those lanes, libuv's)
         count as argon2's."""
-        others = 0.0
+        others, pool_threads = 0.0, self._threads
         for thread in threading.enumerate():
             tid = thread.native_id
-            if tid is None or tid in self._threads:  # None: not started yet
+            if tid is None or tid in pool_threads:  # None: not started yet
                 continue
             try:  # the thread's CPU clock by its id, not by pthread_t: one that has just
                 others += time.clock_gettime(_thread_clock(tid))  # ended is an error, not UB
@@ -343,45 +447,61 @@ class Argon2Pool:
 
     def _set_class(self, *, idle: bool) -> None:
         """Every pool thread into the idle class, or out of it at nice +``ARGON2_NICE`` (the
-        threads libargon2 starts for a run's lanes inherit it from theirs). Where a thread
-        may not leave the idle class (no ``CAP_SYS_NICE``), new threads take over."""
+        threads libargon2 starts for a run's lanes inherit it from theirs). The first time a
+        thread may not leave the idle class (no ``CAP_SYS_NICE``), the pool starts threads at
+        nice +``ARGON2_NICE`` (as many as the idle ones, once: it keeps them), and from then
+        on runs there while escalated (:meth:`_take_over`); they never enter the idle class."""
         self.escalated, self._wasted = not idle, 0
-        stuck = False
-        for tid in list(self._threads):
-            try:
-                if idle:
-                    os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-                else:
-                    _lower_nice(tid)
-                    os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
-            except OSError as exc:  # the thread has ended, or a sandbox forbids it
-                stuck = stuck or exc.errno == errno.EPERM
-                log.debug("argon2 thread %d keeps its scheduling class: %s", tid, exc)
-        if stuck:
-            self._take_over()
+        if self._niced is None:
+            stuck = False
+            with self._idle.lock:  # no thread leaves meanwhile: no id is another's by now
+                for tid in self._idle.tids:
+                    try:
+                        if idle:
+                            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+                        else:
+                            _lower_nice(tid)
+                            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+                    except OSError as exc:  # a sandbox forbids it
+                        stuck = stuck or exc.errno == errno.EPERM
+                        log.debug("argon2 thread %d keeps its scheduling class: %s", tid, exc)
+            if stuck and not idle:
+                self._niced = _Threads(self._size, self._niced_thread_started)
+                log.info("argon2 threads may not leave the idle scheduling class (no "
+                         "CAP_SYS_NICE): %d more threads at nice +%d run the verifications "
+                         "while the idle class is left", self._size, ARGON2_NICE)
         if not idle:
+            if self._niced is not None:
+                self._take_over()
             self.escalations += 1  # said once at warning level: it tells of a crowded host
             log.log(logging.WARNING if self.escalations == 1 else logging.INFO,
                     "argon2 threads leave the idle scheduling class until this burst of "
                     "verifications ends: another process takes the CPU the event loop lends")
 
     def _take_over(self) -> None:
-        """Threads that cannot leave the idle class are left to finish what they run, for
-        no one; new threads (started at nice +``ARGON2_NICE``: the pool is escalated) run
-        every run not yet answered again, and the runs to come."""
-        stuck, self.executor = self.executor, self._new_executor()
-        stuck.shutdown(wait=False, cancel_futures=True)  # its queued copies: run anew here
+        """Escalated, where the idle threads may not leave their class: every run not yet
+        answered goes to the niced threads. A run still queued on the idle threads moves
+        there; one running on an idle thread (it may not leave the idle class, and beside a
+        busy process it gets ~0.3% of a CPU: 20 ms of argon2 took seconds) is run there too,
+        and the first copy to finish answers. A run has at most one copy on each set of
+        threads, so at most ``2 × threads`` runs are ever in progress, each holding
+        ``memory_cost``: a copy left behind on an idle thread finishes when it can and
+        answers no one."""
         for run, entry in list(self._runs.items()):
-            if not run.done():
-                self._submit(run, entry)
-        log.info("argon2 threads may not leave the idle scheduling class (no CAP_SYS_NICE): "
-                 "the runs under way start again on new threads at nice +%d", ARGON2_NICE)
+            if run.done() or entry[3] is not None:  # answered, or already on the niced threads
+                continue
+            if entry[2] is not None:
+                entry[2].cancel()  # dropped if still queued; running, it goes on
+            self._submit(run, entry, niced=True)
 
     def shutdown(self) -> None:
+        """Drops the runs still queued; one in progress finishes on its daemon thread, or
+        ends with the process: neither this nor the interpreter's exit waits for it."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        for threads in self._groups():
+            threads.shutdown()
 
 
 # --- argon2's memory ----------------------------------------------------------------------------
