@@ -11,6 +11,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -587,6 +588,18 @@ async def test_a_listing_during_rotations_never_shows_a_rotated_key_revoked_with
     monkeypatch.setattr(store, "_run", run)
 
 
+async def key_on_ops_expiring_and_a_replica_behind(admin, redis_url) -> tuple[dict, float, Any]:
+    """A key on role ops expiring in 60 s (the admin client's clock), that moment, and another
+    replica's store on the same Redis whose clock reads 1 s before it (close it when done)."""
+    from gateway.models import rfc3339
+    expires = admin.clock.now + 60
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops",
+                                                 "expires_at": rfc3339(expires)}), 201))["key"]
+    behind = Clock()
+    behind.now = expires - 1
+    return key, expires, await Store.connect(redis_url, cheap_config(), clock=behind)
+
+
 async def test_a_key_re_dated_by_a_replica_whose_clock_is_behind_still_holds_a_delete_up(
         admin, monkeypatch, redis_url):
     """Replicas' clocks differ a little. A key bound to the role expires at T; the replica
@@ -595,14 +608,8 @@ async def test_a_key_re_dated_by_a_replica_whose_clock_is_behind_still_holds_a_d
     active, so the re-dating bumped nothing, the delete went ahead, and the key lived on bound
     to a role nothing defines. Re-dating a key bound to a role now always bumps that role's
     counter (it is never a binding to another role, so it starves no other delete)."""
-    from gateway.models import rfc3339
     await setup(admin)
-    expires = admin.clock.now + 60
-    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops",
-                                                 "expires_at": rfc3339(expires)}), 201))["key"]
-    behind = Clock()
-    behind.now = expires - 1
-    other = await Store.connect(redis_url, cheap_config(), clock=behind)  # the other replica
+    key, expires, other = await key_on_ops_expiring_and_a_replica_behind(admin, redis_url)
     try:
         admin.clock.now = expires + 1
         store, count = admin.store, admin.store._role_users
@@ -634,12 +641,7 @@ async def test_a_key_re_dated_after_its_roles_delete_by_a_replica_whose_clock_is
     from gateway.models import rfc3339
     await ok(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "Acme"}), 201)
     await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ops:run"]}))
-    expires = admin.clock.now + 60
-    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops",
-                                                 "expires_at": rfc3339(expires)}), 201))["key"]
-    behind = Clock()
-    behind.now = expires - 1
-    other = await Store.connect(redis_url, cheap_config(), clock=behind)  # the other replica
+    key, expires, other = await key_on_ops_expiring_and_a_replica_behind(admin, redis_url)
     try:
         admin.clock.now = expires + 1
         await ok(await admin.delete(f"{ROLES}/ops"))  # expired by this replica's clock
