@@ -20,7 +20,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from .redis_urls import (CLUSTER_NODE_CONNECTIONS, POOL_CONNECTIONS, _given, _retry,
+from .redis_urls import (CLUSTER_NODE_CONNECTIONS, NO_SETINFO, POOL_CONNECTIONS, _given, _retry,
                          fresh_tls, parse_topology_url)
 
 
@@ -131,8 +131,9 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool,
     the writes of an operation ran on the node the Sentinels name as the master
     (``_ConfirmingSentinelMaster``); the per-request client does not (its class is unchanged)."""
     target = parse_topology_url(url)
+    # driver_info=None: no CLIENT SETINFO in each connection's handshake (redis_urls.NO_SETINFO)
     options: dict[str, Any] = dict(decode_responses=decode_responses, socket_timeout=timeout,
-                                   socket_connect_timeout=timeout,
+                                   socket_connect_timeout=timeout, **NO_SETINFO,
                                    **_given(username=target.username, password=target.password))
     if target.kind == "cluster":
         from redis.asyncio.cluster import ClusterNode
@@ -178,7 +179,7 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool,
     # A Sentinel that does not answer (a timeout) is still not retried: the next one is asked.
     sentinel_options: dict[str, Any] = dict(socket_timeout=timeout,
                                             socket_connect_timeout=timeout,
-                                            retry=_retry(),
+                                            retry=_retry(), **NO_SETINFO,
                                             **_given(username=target.sentinel_username,
                                                      password=target.sentinel_password))
     if target.tls:  # the same TLS options for the Sentinels and for the data nodes

@@ -661,3 +661,49 @@ async def test_cluster_scrape_reads_workspaces_on_every_node_in_chunks(
                 assert len({ws for _, ws in samples}) == 600
     finally:
         client.close()
+
+
+
+def _client_calls_and_connections(port: int, password: str | None) -> tuple[int, int]:
+    """(CLIENT commands Redis refused, connections it accepted): this reader's own connection
+    makes no SETINFO."""
+    with redis.Redis(port=port, password=password, driver_info=None,
+                     decode_responses=True) as r:
+        refused = int(r.info("commandstats").get("cmdstat_client", {}).get("failed_calls", 0))
+        return refused, int(r.info("stats")["total_connections_received"])
+
+
+@pytest.mark.parametrize("topology", ["standalone", "cluster"])
+async def test_keygates_connections_send_no_client_setinfo(request, tmp_path, upstream,
+                                                           monkeypatch, topology) -> None:
+    """redis-py sends CLIENT SETINFO LIB-NAME and LIB-VER after AUTH on every connection.
+    Redis before 7.2 (the bundled one is 6.2) refuses both: two error replies an operator
+    sees (INFO stats total_error_replies, errorstat_ERR) per connection keygate made, and
+    connections are re-made in storms (a restart, CLIENT KILL, a failover). On a Cluster under
+    repeated CLIENT KILL a connection also waited out the store timeout for those replies
+    (redis_urls.NO_SETINFO). Now at most one CLIENT command is refused per connection (redis-py's
+    CLIENT MAINT_NOTIFICATIONS probe, which Redis Cloud answers), on every node; before, three."""
+    if topology == "standalone":
+        from conftest import RedisServer
+        server = RedisServer(str(tmp_path)).start()
+        url, nodes, password = server.url, [server.port], None
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        url, nodes, password = cluster["url"], cluster["ports"], CLUSTER_PW
+    try:
+        before = {port: _client_calls_and_connections(port, password) for port in nodes}
+        config = make_config(str(upstream.make_url("")))
+        async with gateway_under_test(config, url, monkeypatch) as gut:
+            await gut.workspace("acme")
+            token, _ = await gut.key("acme", role="reader")
+            for _ in range(3):
+                assert await _status(gut, token) == (200, None)
+            async with gut.admin.get("/metrics") as r:
+                assert r.status == 200
+        for port in nodes:
+            refused, connections = _client_calls_and_connections(port, password)
+            refused, connections = refused - before[port][0], connections - before[port][1]
+            assert connections > 1 and refused <= connections, (port, refused, connections)
+    finally:
+        if topology == "standalone":
+            server.stop()
