@@ -441,6 +441,18 @@ async def test_a_take_back_during_a_delete_count_holds_the_delete_up(admin, monk
     assert (read["status"], read["role"], read["scopes"]) == ("active", "ops", ["ops:run"])
 
 
+async def a_key_on_ops_rotated(admin, grace: int) -> tuple[dict, Any, dict]:
+    """Workspace acme with role ops, a key on it and that key rotated with ``grace``: (the
+    key as created, its record before the rotation, the key the rotation made)."""
+    await ok(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "Acme"}), 201)
+    await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ops:run"]}))
+    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops"}), 201))["key"]
+    old = await admin.store.get_key("acme", key["id"])
+    rotated = (await ok(await admin.post(f"{KEYS}/{key['id']}/rotate",
+                                         json={"grace_seconds": grace}), 201))["key"]
+    return key, old, rotated
+
+
 @pytest.mark.parametrize("grace", [0, 60])
 async def test_a_take_back_does_not_give_back_a_key_bound_to_a_role_deleted_meanwhile(
         admin, caplog, grace):
@@ -452,12 +464,7 @@ async def test_a_take_back_does_not_give_back_a_key_bound_to_a_role_deleted_mean
     `PUT roles/ops` would silently arm with whatever scopes it gets. Now the old key is left
     as the rotation left it (revoked, or expired at the grace's end), the new key still goes,
     and the log says why."""
-    await ok(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "Acme"}), 201)
-    await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ops:run"]}))
-    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops"}), 201))["key"]
-    old = await admin.store.get_key("acme", key["id"])
-    rotated = (await ok(await admin.post(f"{KEYS}/{key['id']}/rotate",
-                                         json={"grace_seconds": grace}), 201))["key"]
+    key, old, rotated = await a_key_on_ops_rotated(admin, grace)
     # (its answer, say, was lost: the caller saw 503.) An operator revokes the stray key...
     await ok(await admin.post(f"{KEYS}/{rotated['id']}/revoke"))
     admin.clock.now += grace + 1  # (past the grace: the old key no longer holds the role)
@@ -489,12 +496,7 @@ async def test_a_take_back_does_not_give_back_a_key_whose_role_was_deleted_and_d
     bound to that role and no delete had counted. A delete of the role now bumps its delete
     generation, the rotation records the generation it saw on the old key, and the take-back
     gives the key back only while it is unchanged."""
-    await ok(await admin.post("/admin/v1/workspaces", json={"id": "acme", "name": "Acme"}), 201)
-    await ok(await admin.put(f"{ROLES}/ops", json={"scopes": ["ops:run"]}))
-    key = (await ok(await admin.post(KEYS, json={"name": "k", "role": "ops"}), 201))["key"]
-    old = await admin.store.get_key("acme", key["id"])
-    rotated = (await ok(await admin.post(f"{KEYS}/{key['id']}/rotate",
-                                         json={"grace_seconds": grace}), 201))["key"]
+    key, old, rotated = await a_key_on_ops_rotated(admin, grace)
     await ok(await admin.post(f"{KEYS}/{rotated['id']}/revoke"))  # the stray key revoked
     admin.clock.now += grace + 1
     await ok(await admin.delete(f"{ROLES}/ops"))
