@@ -73,6 +73,7 @@ import errno
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
@@ -112,20 +113,30 @@ def quota_cpus() -> float | None:
     ``cpu.max``, v1 ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``; the smallest along its
     cgroup's path up to the hierarchy's mount). None without a limit, or where it cannot be
     read (not Linux, no cgroup file system mounted)."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            memberships = [line.rstrip("\n").split(":", 2) for line in f]
-        with open("/proc/self/mountinfo") as f:
-            mounts = [line.split() for line in f]
+    try:  # paths as the file system's encoding reads them (a mount point need not be UTF-8)
+        with open("/proc/self/cgroup", errors="surrogateescape") as f:
+            cgroup = f.read()
+        with open("/proc/self/mountinfo", errors="surrogateescape") as f:
+            mountinfo = f.read()
     except OSError:
         return None
+    return quota_from(cgroup, mountinfo)
+
+
+def quota_from(cgroup: str, mountinfo: str) -> float | None:
+    """:func:`quota_cpus` from the text of ``/proc/self/cgroup`` and ``/proc/self/mountinfo``
+    (the cgroup files are read where they name)."""
+    # (split as the kernel writes them: a line a path, fields by single spaces; a vertical
+    # tab or form feed is not escaped, and is part of a path)
+    memberships = [line.split(":", 2) for line in cgroup.split("\n")]
     limits = []
-    for fields in mounts:
+    for line in mountinfo.split("\n"):
+        fields = line.split(" ")
         if "-" not in fields or len(fields) < fields.index("-") + 4:
             continue
         dash = fields.index("-")
         fstype, options = fields[dash + 1], fields[dash + 3].split(",")
-        root, point = fields[3], fields[4]
+        root, point = _unescape(fields[3]), _unescape(fields[4])
         if fstype == "cgroup2":
             path = next((m[2] for m in memberships if len(m) == 3 and m[0] == "0"), None)
             files = ("cpu.max",)
@@ -155,6 +166,18 @@ def quota_cpus() -> float | None:
             except (IndexError, ValueError):
                 continue
     return min(limits) if limits else None
+
+
+_MOUNTINFO_ESCAPES = {"\\040": " ", "\\011": "\t", "\\012": "\n", "\\134": "\\"}
+_MOUNTINFO_ESCAPED = re.compile(r"\\(?:040|011|012|134)")
+
+
+def _unescape(field: str) -> str:
+    """A mount's root or mount point as the kernel writes it in mountinfo (``seq_path``: a
+    space, tab, newline or backslash as ``\\ooo``), back to the path."""
+    if "\\" not in field:
+        return field
+    return _MOUNTINFO_ESCAPED.sub(lambda m: _MOUNTINFO_ESCAPES[m.group()], field)
 
 
 def _words(path: str) -> list[str]:
