@@ -545,3 +545,89 @@ def test_a_mount_point_that_is_not_utf8_does_not_stop_the_pool_from_starting(tmp
     if out.returncode == 97:
         pytest.skip(f"no tmpfs can be mounted here: {out.stderr}")
     assert out.returncode == 0 and out.stdout.startswith("started"), out.stderr
+
+
+# In a cgroup whose limit the test changes between phases (told on stdin, answered on stdout):
+# the pool's threads alive and the CPUs they are kept to after each burst of two runs.
+_FOLLOWS_THE_LIMIT = textwrap.dedent("""
+    import asyncio, json, os, sys, time
+    with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    from gateway import argon2_pool
+    from gateway.tokens import SecretHasher
+    argon2_pool.LIMIT_EVERY = 0.2  # a resize in place is followed as a burst starts
+
+    hasher = SecretHasher(1, 1024, 1)
+    stored = hasher.hash("r" * 32)
+
+    async def main():
+        pool = argon2_pool.Argon2Pool()
+        for phase in sys.stdin:
+            if phase.strip() == "reload":
+                pool.reread_cpu_limit()
+            else:
+                await asyncio.sleep(0.3)
+            assert all(await asyncio.gather(*(pool.run(hasher.verify, stored, "r" * 32)
+                                              for _ in range(4))))
+            for _ in range(200):  # a thread told to end ends once it has taken the marker
+                if len(pool._threads) <= pool.size:
+                    break
+                await asyncio.sleep(0.01)
+            cpus = [sorted(os.sched_getaffinity(t)) for t in sorted(pool._threads)]
+            print(json.dumps({"size": pool.size, "threads": len(pool._threads),
+                              "cpus": cpus}), flush=True)
+        pool.shutdown()
+
+    asyncio.run(main())
+""")
+
+
+@linux_only
+def test_the_pool_follows_a_cpu_limit_changed_under_it():
+    """The CPU limit was read once, as the pool started: a pod resized in place kept argon2
+    on the CPUs and threads of its old limit. It is read again at a reload and, at most
+    every ``LIMIT_EVERY`` seconds, as a burst starts; the threads are kept to the CPUs the
+    new limit allows (all of them once it is lifted), and as many as it allows run."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        pytest.skip("one CPU: argon2 already shares the loop's")
+    made = _cpu_limited_cgroup(1.2)
+    if made is None:
+        pytest.skip("no cgroup with a CPU limit can be made here (not root, or read-only)")
+    cgroup, _ = made
+    quota = os.path.join(cgroup, "cpu.cfs_quota_us")
+    every = min(4, len(usable))
+    try:
+        with open(quota, "w") as f:
+            f.write("-1")
+        proc = subprocess.Popen([sys.executable, "-c", _FOLLOWS_THE_LIMIT, cgroup],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            def phase(how: str, limit: str | None = None) -> dict:
+                if limit is not None:
+                    with open(quota, "w") as f:
+                        f.write(limit)
+                proc.stdin.write(how + "\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                assert line, proc.stderr.read()
+                return json.loads(line)
+            seen = [phase("burst")]
+            seen.append(phase("reload", "120000"))    # 1.2 CPUs, at a reload
+            seen.append(phase("burst", "-1"))         # lifted, seen as a burst starts
+            seen.append(phase("burst", "120000"))     # and again
+            proc.stdin.close()
+            assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        os.rmdir(cgroup)
+    unlimited = {"size": every, "threads": every, "cpus": [usable] * every}
+    assert seen[0] == unlimited, seen
+    for limited in (seen[1], seen[3]):
+        assert limited["size"] == limited["threads"] == 1, seen
+        assert len(limited["cpus"][0]) == 1, seen
+    assert seen[2] == unlimited, seen

@@ -1509,3 +1509,72 @@ async def test_each_workers_reload_lines_name_the_worker(tmp_path, slow_upstream
         assert await asyncio.to_thread(gw.terminate) == 0
     finally:
         gw.close()
+
+
+def _cpus_of_threads(pid: int) -> list[str]:
+    """``Cpus_allowed_list`` of each thread of process ``pid`` (those still there)."""
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                found += [line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("Cpus_allowed_list:")]
+    return found
+
+
+async def test_a_reload_follows_a_cpu_limit_changed_under_the_running_gateway(
+        tmp_path, slow_upstream, redis_url):
+    """argon2 keeps to the CPUs a cgroup CPU limit allows (gateway.argon2_pool), but the
+    limit was read once, at start: a pod resized in place, or a process moved into a limited
+    group, kept argon2 on every CPU (the loop throttled with it), and a limit raised kept it
+    on one, whatever SIGHUP said. A reload now reads the limit again, says what changed, and
+    keeps the threads to it. A real cgroup; the gateway is moved into it once started."""
+    from test_argon2_pool import _cpu_limited_cgroup
+    usable = os.sched_getaffinity(0)
+    if len(usable) < 2:
+        pytest.skip("one CPU: argon2 already shares the loop's")
+    made = _cpu_limited_cgroup(1.2)
+    if made is None:
+        pytest.skip("no cgroup with a CPU limit can be made here (not root, or read-only)")
+    cgroup, _ = made
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            tokens = [await new_key(s, gw.admin, ws) for ws in ("acme", "globex")]
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(gw.proc.pid))  # every thread of it
+        gw.proc.send_signal(signal.SIGHUP)
+        assert await eventually(lambda: "the CPU limit is now 1.20 CPUs (was none)"
+                                in gw.stderr()), gw.stderr()
+        line = next(x for x in gw.stderr().splitlines() if "the CPU limit is now 1.20" in x)
+        assert f"argon2 keeps to 1 of {len(usable)} CPUs, 1 thread" in line, line
+
+        async def verified(token: str) -> None:  # a first request: argon2 runs
+            async with ClientSession(timeout=TIMEOUT) as s:
+                async with s.get(gw.proxy + "/people/1", headers=bearer(token)) as r:
+                    assert r.status == 200, await r.text()
+        await verified(tokens[0])
+        one_cpu = [cpus for cpus in _cpus_of_threads(gw.proc.pid) if cpus.isdigit()]
+        assert len(one_cpu) == 1, _cpus_of_threads(gw.proc.pid)  # the one argon2 thread
+
+        with open(os.path.join(cgroup, "cpu.cfs_quota_us"), "w") as f:
+            f.write("-1")  # the limit lifted
+        gw.proc.send_signal(signal.SIGHUP)
+        assert await eventually(lambda: "the CPU limit is now none (was 1.20 CPUs)"
+                                in gw.stderr()), gw.stderr()
+        line = next(x for x in gw.stderr().splitlines() if "the CPU limit is now none" in x)
+        threads = min(4, len(usable))
+        assert (f"argon2 keeps to {len(usable)} of {len(usable)} CPUs, {threads} threads"
+                in line), line
+        await verified(tokens[1])
+        assert not [cpus for cpus in _cpus_of_threads(gw.proc.pid) if cpus.isdigit()], \
+            _cpus_of_threads(gw.proc.pid)
+        assert "Traceback" not in gw.stderr()
+        assert await asyncio.to_thread(gw.terminate) == 0
+    finally:
+        gw.close()
+        with contextlib.suppress(OSError):
+            os.rmdir(cgroup)
