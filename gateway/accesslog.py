@@ -94,13 +94,18 @@ class JsonFormatter(logging.Formatter):
     """Application log records as one JSON object per line, like the JSON access log:
     ``{"time", "level", "logger", "message", ...}`` plus ``exception`` (the traceback as one
     string) and any of ``LOG_FIELDS`` the call passed. Used when ``server.access_log: json``,
-    so a log pipeline parses every line keygate writes the same way."""
+    so a log pipeline parses every line keygate writes the same way. ``prefix`` begins every
+    message (a worker's name under ``serve --workers N``, as in the text format)."""
+
+    def __init__(self, prefix: str = "") -> None:
+        super().__init__()
+        self.prefix = prefix
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
                  + f".{int(record.msecs):03d}Z",
                  "level": record.levelname.lower(), "logger": record.name,
-                 "message": record.getMessage()}
+                 "message": self.prefix + record.getMessage()}
         for name in LOG_FIELDS:
             if name in record.__dict__:
                 entry[name] = record.__dict__[name]

@@ -46,10 +46,12 @@ between runs). Under a quota of Q CPUs, the pool's threads are therefore
 kept to ``floor(Q)`` CPUs (at least one) that include the one the loop runs on, re-checked with
 the lending: the loop and argon2 together never ask for more CPU than the limit allows, and
 argon2 gets what the loop leaves or lends, as on one core. :func:`argon2_threads` counts no
-more threads than those CPUs. A limit below one CPU (Kubernetes' ``500m``) is not kept to: an
-idle-class thread takes the whole CPU whenever the loop rests, so a burst of verifications
-still uses up the quota and the loop, woken by a request, waits for the next period with the
-threads. The pool warns once, as it starts, when the limit is below one CPU.
+more threads than those CPUs. The limit is read again at a reload and, at most every
+``LIMIT_EVERY`` seconds, as a burst starts (a pod resized in place has it changed under the
+running process): the threads and their CPUs follow it. A limit below one CPU (Kubernetes'
+``500m``) is not kept to: an idle-class thread takes the whole CPU whenever the loop rests, so
+a burst of verifications still uses up the quota and the loop, woken by a request, waits for
+the next period with the threads. The pool warns once when the limit is below one CPU.
 
 The idle class weighs 3 in the scheduler, a thread at nice 0 1024: argon2 beside a loop at
 nice 0 gets ~0.3% of the core on its weight, in whole ticks. A gateway started at a high nice
@@ -73,6 +75,7 @@ import errno
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
@@ -88,6 +91,7 @@ WASTED_SLICES = 3      # lent slices in a row another process took: leave the id
 SHARE = DONATE_SLICE / (DONATE_EVERY + DONATE_SLICE)  # the least argon2 gets: ~10%
 ARGON2_NICE = 10       # the fallback: added to the process's nice value for the threads
 RELEASE_EVERY = 10.0   # seconds between returns of freed memory to the system
+LIMIT_EVERY = 10.0     # seconds at least between re-reads of the CPU limit as bursts start
 _M_ARENA_MAX = -8      # glibc's mallopt() parameter number
 
 
@@ -102,7 +106,11 @@ def argon2_threads() -> int:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         usable = os.cpu_count() or 1
-    if (quota := quota_cpus()) is not None:
+    return _threads_for(usable, quota_cpus())
+
+
+def _threads_for(usable: int, quota: float | None) -> int:
+    if quota is not None:
         usable = min(usable, int(quota))
     return max(1, min(4, usable))
 
@@ -112,20 +120,30 @@ def quota_cpus() -> float | None:
     ``cpu.max``, v1 ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``; the smallest along its
     cgroup's path up to the hierarchy's mount). None without a limit, or where it cannot be
     read (not Linux, no cgroup file system mounted)."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            memberships = [line.rstrip("\n").split(":", 2) for line in f]
-        with open("/proc/self/mountinfo") as f:
-            mounts = [line.split() for line in f]
+    try:  # paths as the file system's encoding reads them (a mount point need not be UTF-8)
+        with open("/proc/self/cgroup", errors="surrogateescape") as f:
+            cgroup = f.read()
+        with open("/proc/self/mountinfo", errors="surrogateescape") as f:
+            mountinfo = f.read()
     except OSError:
         return None
+    return quota_from(cgroup, mountinfo)
+
+
+def quota_from(cgroup: str, mountinfo: str) -> float | None:
+    """:func:`quota_cpus` from the text of ``/proc/self/cgroup`` and ``/proc/self/mountinfo``
+    (the cgroup files are read where they name)."""
+    # (split as the kernel writes them: a line a path, fields by single spaces; a vertical
+    # tab or form feed is not escaped, and is part of a path)
+    memberships = [line.split(":", 2) for line in cgroup.split("\n")]
     limits = []
-    for fields in mounts:
+    for line in mountinfo.split("\n"):
+        fields = line.split(" ")
         if "-" not in fields or len(fields) < fields.index("-") + 4:
             continue
         dash = fields.index("-")
         fstype, options = fields[dash + 1], fields[dash + 3].split(",")
-        root, point = fields[3], fields[4]
+        root, point = _unescape(fields[3]), _unescape(fields[4])
         if fstype == "cgroup2":
             path = next((m[2] for m in memberships if len(m) == 3 and m[0] == "0"), None)
             files = ("cpu.max",)
@@ -155,6 +173,18 @@ def quota_cpus() -> float | None:
             except (IndexError, ValueError):
                 continue
     return min(limits) if limits else None
+
+
+_MOUNTINFO_ESCAPES = {"\\040": " ", "\\011": "\t", "\\012": "\n", "\\134": "\\"}
+_MOUNTINFO_ESCAPED = re.compile(r"\\(?:040|011|012|134)")
+
+
+def _unescape(field: str) -> str:
+    """A mount's root or mount point as the kernel writes it in mountinfo (``seq_path``: a
+    space, tab, newline or backslash as ``\\ooo``), back to the path."""
+    if "\\" not in field:
+        return field
+    return _MOUNTINFO_ESCAPED.sub(lambda m: _MOUNTINFO_ESCAPES[m.group()], field)
 
 
 def _words(path: str) -> list[str]:
@@ -194,6 +224,10 @@ def _thread_clock(tid: int) -> int:
 _warned_quota = False
 
 
+def _cpus(quota: float | None) -> str:
+    return "none" if quota is None else f"{quota:.2f} CPUs"
+
+
 def _warn_quota_below_one_cpu(quota: float) -> None:
     global _warned_quota
     if not _warned_quota:
@@ -228,10 +262,26 @@ class _Threads:
         job: Future = Future()
         self._queue.put((job, fn, args))
         if self._count < self._size:
-            self._count += 1
-            threading.Thread(target=self._work, name=f"argon2_{self._count - 1}",
-                             daemon=True).start()
+            self._start()
         return job
+
+    def _start(self) -> None:
+        self._count += 1
+        threading.Thread(target=self._work, name=f"argon2_{self._count - 1}",
+                         daemon=True).start()
+
+    def resize(self, size: int) -> None:
+        """``size`` threads from now on (loop thread only, as ``submit``). Fewer: as many
+        threads as were too many end once the calls queued before now have started (an end
+        marker each, behind them); more: started now for the calls waiting, else as calls
+        come."""
+        if self._closed:
+            return
+        for _ in range(self._count - size):
+            self._queue.put(None)
+        self._size, self._count = size, min(self._count, size)
+        while self._count < self._size and not self._queue.empty():
+            self._start()
 
     def _work(self) -> None:
         tid = threading.get_native_id()
@@ -274,6 +324,9 @@ class Argon2Pool:
 
     def __init__(self, threads: int | None = None) -> None:
         self._size = threads or argon2_threads()
+        self._sized = threads is None     # the size follows the CPU limit (reread_cpu_limit)
+        # told the new size when a re-read of the CPU limit changed it (the verify queue's)
+        self.on_resize: Callable[[int], None] | None = None
         self.idle_class: bool | None = None
         self.donated = 0                  # slices the loop gave away (a diagnosis)
         self.escalated = False            # out of the idle class until the runs end
@@ -291,16 +344,65 @@ class Argon2Pool:
         self._seen = 0.0                  # argon2's CPU seconds at the last check (_cpu)
         self._checked = 0.0               # loop.time() of the last check
         # Under a CPU limit (module docstring): how many CPUs argon2 may use, the loop's
-        # among them, and the CPUs the threads are kept to now.
+        # among them, and the CPUs the threads are kept to now. Read again at a reload
+        # (reread_cpu_limit) and as a burst starts, at most every LIMIT_EVERY seconds: a
+        # pod resized in place has its limit changed under the running process.
+        self.confined: frozenset[int] | None = None
+        self.quota, self._usable, self._width = self._limit()
+        self._limit_read = time.monotonic()
+        if self.quota is not None and self.quota < 1:
+            _warn_quota_below_one_cpu(self.quota)
+
+    @property
+    def size(self) -> int:
+        """Threads of the pool (of each set of them)."""
+        return self._size
+
+    @staticmethod
+    def _limit() -> tuple[float | None, list[int], int]:
+        """(the CPU limit, the CPUs this thread may run on, how many of them argon2 may use)."""
         quota = quota_cpus()
         try:
-            self._usable = sorted(os.sched_getaffinity(0))
+            usable = sorted(os.sched_getaffinity(0))
         except (AttributeError, OSError):  # not Linux
-            self._usable = []
-        self._width = max(1, int(quota)) if quota is not None else len(self._usable)
+            usable = []
+        return quota, usable, max(1, int(quota)) if quota is not None else len(usable)
+
+    def reread_cpu_limit(self) -> bool:
+        """Read the CPU limit again (a reload; a pod resized in place changes it under the
+        process), and follow a change: the threads kept to the CPUs the new limit allows,
+        or to every CPU once it allows them all, and as many threads as :func:`argon2_threads`
+        counts now (unless the pool was made with a number of its own). On the loop's
+        thread. Returns whether anything changed."""
+        self._limit_read = time.monotonic()
+        quota, usable, width = self._limit()
+        if (quota, usable, width) == (self.quota, self._usable, self._width):
+            return False
+        before = self.quota
+        self.quota, self._usable, self._width = quota, usable, width
+        size = _threads_for(len(usable) or os.cpu_count() or 1, quota) if self._sized \
+            else self._size
+        if resized := size != self._size:
+            self._size = size
+            for threads in self._groups():
+                threads.resize(size)
+        was, self.confined = self.confined, None
+        if width >= len(usable):
+            if was is not None:  # confined before: every CPU again
+                for threads in self._groups():
+                    with threads.lock:  # no thread leaves meanwhile: no id is another's
+                        for tid in threads.tids:
+                            self._set_affinity(tid, frozenset(usable))
+        else:  # kept to the new number of CPUs (now, should a burst be running)
+            self._confine()
+        log.info("the CPU limit is now %s (was %s): argon2 keeps to %d of %d CPUs, %d thread%s",
+                 _cpus(quota), _cpus(before), min(width, len(usable)), len(usable), size,
+                 "" if size == 1 else "s")
         if quota is not None and quota < 1:
             _warn_quota_below_one_cpu(quota)
-        self.confined: frozenset[int] | None = None
+        if resized and self.on_resize is not None:
+            self.on_resize(size)
+        return True
 
     @property
     def _threads(self) -> set[int]:
@@ -333,8 +435,10 @@ class Argon2Pool:
         self._runs[run] = entry = [fn, args, None, None]
         run.add_done_callback(self._answered)
         self._submit(run, entry, niced=self.escalated and self._niced is not None)
-        if self._timer is None:
+        if self._timer is None:  # a burst starts
             loop = asyncio.get_running_loop()
+            if time.monotonic() - self._limit_read >= LIMIT_EVERY:  # ~70 µs
+                self.reread_cpu_limit()
             self._confine()
             self._seen, self._checked = self._cpu(), loop.time()
             self._timer = loop.call_later(DONATE_EVERY, self._check, loop)

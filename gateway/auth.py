@@ -33,7 +33,7 @@ from .usage import effective_plan, key_rate_limit
 from .models import KeyRecord, Principal, Workspace
 from .tokens import MalformedToken, ParsedToken, SecretHasher, parse_token
 from .trust import throttle_client
-from .argon2_pool import Argon2Pool, argon2_threads
+from .argon2_pool import Argon2Pool
 from .verify_queue import VerifyQueue
 
 MAX_CACHED_KEYS = 100_000
@@ -161,13 +161,13 @@ class Authenticator:
         self.clock = clock
         self._prepared: tuple | None = None  # keys.argon2, hasher, decoy: made by prepare()
         self._decoy_for(config)
-        threads = argon2_threads()
-        self.argon2 = Argon2Pool(threads)
+        self.argon2 = Argon2Pool()  # as many threads as the CPU limit allows, followed
         # A turn per argon2 thread, plus one, so a thread never idles while a turn reads the
         # key from the store.
-        self.queue = VerifyQueue(threads + 1,
+        self.queue = VerifyQueue(self.argon2.size + 1,
                                  config.keys.verify_queue.per_ip,
                                  config.keys.verify_queue.total)
+        self.argon2.on_resize = lambda threads: self.queue.resize(threads + 1)
         self._per_key_limit = config.keys.failures.per_key
         self._running: dict[str, int] = {}  # client IP / key id → verifications running
         self._finished: dict[str, asyncio.Event] = {}  # set when one of them finishes
@@ -201,6 +201,7 @@ class Authenticator:
             self._decoy_for(config)
         self.queue.per_ip = config.keys.verify_queue.per_ip  # bounds for the next arrivals
         self.queue.total = config.keys.verify_queue.total
+        self.argon2.reread_cpu_limit()  # a pod resized in place: a reload follows it
         self.generation += 1
         if keys_changed:
             self.cache.clear()

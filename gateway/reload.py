@@ -108,9 +108,8 @@ class Reloader:
         self._echo = 0  # SIGHUPs we caused ourselves (a worker asking its siblings to reload)
         self._hup_waiting = False  # a SIGHUP's reload waits for its turn (it answers the next)
         self._marks = _shared_dir()  # serve --workers: where each worker says it reloaded
-        # serve --workers: each worker logs its own reload, so each line says which worker
-        # ('worker 2 (pid 4242): '); nothing in a process of its own
-        self._who = worker_prefix() if self._marks is not None else ""
+        # serve --workers: each worker logs its own reload; every line a worker logs says
+        # which worker it is ('worker 2 (pid 4242): ', gateway.workers.name_worker_in_logs)
         # a worker that has not reloaded yet is named there too, behind any reload asked for
         # (its config is the one the supervisor read before forking it; see mark_forked)
         self._mark(0.0)
@@ -135,8 +134,8 @@ class Reloader:
                     raise ConfigError(problems)
             except ConfigError as exc:
                 for problem in exc.problems:
-                    log.error("%sreload refused: %s", self._who, problem)
-                log.error("%sreload refused: the config in force is unchanged", self._who)
+                    log.error("reload refused: %s", problem)
+                log.error("reload refused: the config in force is unchanged")
                 self._count("error")
                 raise
             merged, kept = keep_restart_only(self.config, new)
@@ -144,7 +143,7 @@ class Reloader:
                 self.apply(merged)
             except ConfigError as exc:  # e.g. a certificate replaced between check and load
                 for problem in exc.problems:
-                    log.error("%sreload refused: %s", self._who, problem)
+                    log.error("reload refused: %s", problem)
                 self._count("error")
                 raise
             self.config = merged
@@ -153,11 +152,11 @@ class Reloader:
             if self.metrics is not None:
                 self.metrics.config_reloaded_at.set(now)
             if kept:
-                log.warning("%sconfig reloaded from %s; these settings need a restart and "
-                            "keep their old values until then: %s", self._who, self.path,
+                log.warning("config reloaded from %s; these settings need a restart and "
+                            "keep their old values until then: %s", self.path,
                             ", ".join(kept))
             else:
-                log.info("%sconfig reloaded from %s", self._who, self.path)
+                log.info("config reloaded from %s", self.path)
             return ReloadResult(self.path, now, kept)
 
     @contextlib.asynccontextmanager
@@ -190,8 +189,8 @@ class Reloader:
             return await self.in_use(new, self.config)
         except StoreError as exc:
             from .config_in_use import not_checked
-            log.warning("%sreload: could not check %s (%s); reloading without that check",
-                        self._who, not_checked(new, self.config), exc)
+            log.warning("reload: could not check %s (%s); reloading without that check",
+                        not_checked(new, self.config), exc)
             return []
 
     async def on_signal(self) -> None:
@@ -202,7 +201,7 @@ class Reloader:
         if self._hup_waiting:  # that reload reads the file after this SIGHUP: it answers both
             return
         self._hup_waiting = True
-        log.info("%sSIGHUP: reloading %s", self._who, self.path)
+        log.info("SIGHUP: reloading %s", self.path)
         try:
             await self.reload(signalled=True)
         except ConfigError:
@@ -231,25 +230,26 @@ class Reloader:
         whichever worker takes it; at most ``timeout`` seconds (then a warning). Returns the
         problems of the workers that refused the file (each read it itself: one that read it
         changed, an editor half-way through writing it, kept its old config), as
-        ``worker PID: problem``; empty when all took it."""
+        ``worker I (pid P): problem``, as its own log lines name it; empty when all took
+        it."""
         if self._marks is None:
             return []
         deadline = time.monotonic() + timeout
         while True:
             marks = [m for m in _marks(self._marks) if m[0] != os.getpid()]
-            behind = [pid for pid, at, _ in marks if at < asked and _running(pid)]
+            behind = [worker_name(place, pid) for pid, at, _, place in sorted(marks)
+                      if at < asked and _running(pid)]
             if not behind:
-                refused = [f"worker {pid}: {problem}" for pid, at, problems in sorted(marks)
+                refused = [f"{worker_name(place, pid)}: {problem}"
+                           for pid, at, problems, place in sorted(marks)
                            if at >= asked and problems for problem in problems]
                 if refused:
-                    log.error("%sreload: this worker took %s, but other workers refused it "
-                              "and keep their old config: %s", self._who, self.path,
-                              "; ".join(refused))
+                    log.error("reload: this worker took %s, but other workers refused it "
+                              "and keep their old config: %s", self.path, "; ".join(refused))
                 return refused
             if time.monotonic() >= deadline:
-                log.warning("%sreload: workers %s had not re-read the config %.0f s after "
-                            "the reload call; answering it all the same", self._who,
-                            ", ".join(map(str, behind)), timeout)
+                log.warning("reload: %s had not re-read the config %.0f s after the reload "
+                            "call; answering it all the same", ", ".join(behind), timeout)
                 return []
             await asyncio.sleep(0.005)
 
@@ -261,10 +261,11 @@ class Reloader:
         path = os.path.join(self._marks, f"{MARK_PREFIX}{os.getpid()}")
         try:
             with open(path + ".tmp", "w") as f:
-                json.dump({"started": started, "problems": problems}, f)
+                json.dump({"started": started, "problems": problems,
+                           "worker": _place()}, f)
             os.replace(path + ".tmp", path)
         except OSError as exc:
-            log.warning("%sreload: cannot write %s: %s", self._who, path, exc)
+            log.warning("reload: cannot write %s: %s", path, exc)
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -302,7 +303,7 @@ class ListenerTLS:
 
 class WorkersDisagree(Conflict):
     """409 from ``POST /admin/v1/reload`` under ``serve --workers N``: the worker that took the
-    call swapped the file in, and others refused it (``problems``: ``worker PID: ...``)."""
+    call swapped the file in, and others refused it (``problems``: ``worker I (pid P): ...``)."""
 
     def __init__(self, problems: list[str]) -> None:
         super().__init__("This worker took the config file, but other workers refused it and "
@@ -360,9 +361,19 @@ def add_reload_route(app: web.Application, reloader: Reloader) -> None:
 def worker_prefix() -> str:
     """``worker I (pid P): `` for a worker of ``serve --workers N`` (I its place among them,
     1..N, as the supervisor set it when forking), to begin the lines each worker logs alike."""
+    return f"{worker_name(_place(), os.getpid())}: "
+
+
+def worker_name(place: int | None, pid: int) -> str:
+    """``worker I (pid P)``: how every line names a worker of ``serve --workers N``, its own,
+    a sibling's, the supervisor's (``place``: 1..N, None if unknown)."""
+    return f"worker {place} (pid {pid})" if place is not None else f"worker (pid {pid})"
+
+
+def _place() -> int | None:
+    """This worker's place among the workers (``KEYGATE_WORKER``, set by the supervisor)."""
     index = os.environ.get("KEYGATE_WORKER", "")
-    place = f" {index}" if index.isdigit() else ""
-    return f"worker{place} (pid {os.getpid()}): "
+    return int(index) if index.isdigit() else None
 
 
 def _shared_dir() -> str | None:
@@ -374,15 +385,16 @@ def _shared_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
-def mark_forked(directory: str, pid: int) -> None:
+def mark_forked(directory: str, pid: int, place: int) -> None:
     """For the supervisor, as it forks worker ``pid``: mark it behind any reload asked for, as
     its ``Reloader`` does once made, so that a reload asked meanwhile (the worker still
-    starting) waits for it too. Only if the worker has not written its own mark yet."""
+    starting) waits for it too. Only if the worker has not written its own mark yet.
+    ``place``: its place among the workers, 1..N."""
     path = os.path.join(directory, f"{MARK_PREFIX}{pid}")
     made = f"{path}.forked"
     try:
         with open(made, "w") as f:
-            json.dump({"started": 0.0, "problems": None}, f)
+            json.dump({"started": 0.0, "problems": None, "worker": place}, f)
         os.link(made, path)  # whole, and never over the worker's own
     except FileExistsError:
         pass
@@ -393,9 +405,9 @@ def mark_forked(directory: str, pid: int) -> None:
             os.unlink(made)
 
 
-def _marks(directory: str) -> list[tuple[int, float, list[str] | None]]:
-    """(pid, when its latest reload began, the problems it refused the file for) of each
-    worker that wrote a mark."""
+def _marks(directory: str) -> list[tuple[int, float, list[str] | None, int | None]]:
+    """(pid, when its latest reload began, the problems it refused the file for, its place
+    among the workers) of each worker that wrote a mark."""
     found = []
     try:
         names = os.listdir(directory)
@@ -408,7 +420,9 @@ def _marks(directory: str) -> list[tuple[int, float, list[str] | None]]:
         try:
             with open(os.path.join(directory, name)) as f:
                 mark = json.load(f)
-            found.append((int(pid), float(mark["started"]), mark["problems"] or None))
+            place = mark.get("worker")
+            found.append((int(pid), float(mark["started"]), mark["problems"] or None,
+                          place if isinstance(place, int) else None))
         except (OSError, ValueError, TypeError, KeyError):
             continue  # gone meanwhile, or caught being replaced: read again at the next poll
     return found

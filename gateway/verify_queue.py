@@ -81,8 +81,21 @@ class VerifyQueue:
                     self._ring.remove(ip)
             raise
 
+    def resize(self, slots: int) -> None:
+        """``slots`` turns from now on (the argon2 pool resized to a new CPU limit): more
+        are handed to waiters at once; fewer are freed as the turns held end."""
+        self.slots = slots
+        while self.busy < self.slots and self._hand_over():
+            self.busy += 1
+
     def _release(self) -> None:
-        """Hand the turn to the first waiter of the next IP in the ring, or free it."""
+        """Hand the turn to the first waiter of the next IP in the ring, or free it (and keep
+        it free while more turns are held than there are now: ``resize``)."""
+        if self.busy > self.slots or not self._hand_over():
+            self.busy -= 1
+
+    def _hand_over(self) -> bool:
+        """Give a turn to the first waiter of the next IP in the ring; False if none waits."""
         while self._ring:
             ip = self._ring.popleft()
             waiters = self._waiters[ip]
@@ -93,5 +106,5 @@ class VerifyQueue:
                 del self._waiters[ip]
             if not fut.done():
                 fut.set_result(None)
-                return
-        self.busy -= 1
+                return True
+        return False

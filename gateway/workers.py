@@ -25,7 +25,7 @@ from .config import Config, load_config, servable_problems
 from .errors import ConfigError, StoreError
 from .store.request import RequestStore
 from .redis_urls import redact
-from .reload import mark_forked
+from .reload import mark_forked, worker_name, worker_prefix
 
 log = logging.getLogger("keygate")
 
@@ -99,8 +99,7 @@ async def _serve(config: Config, store_url: str, reuse_port: bool,
     try:
         return await _serve_gateway(config, store_url, reuse_port, stop, config_path)
     except StoreError as exc:  # raised while opening the store clients: one line, no traceback
-        print(store_hint(f"keygate: cannot use the store at {redact(store_url)}: {exc}",
-                         config, True), file=sys.stderr)
+        _say(store_hint(f"cannot use the store at {redact(store_url)}: {exc}", config, True))
         return 1
 
 
@@ -108,19 +107,19 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
                          stop: asyncio.Event, config_path: str | None = None) -> int:
     async with running_gateway(config, store_url, config_path=config_path) as gw:
         if problem := await gw.store.ping_problem():
-            print(store_hint(f"keygate: cannot reach the store at {redact(store_url)}: "
-                             f"{problem}", config, _answered(problem)), file=sys.stderr)
+            _say(store_hint(f"cannot reach the store at {redact(store_url)}: {problem}",
+                            config, _answered(problem)))
             return 1
         try:  # the per-request path's own connection (its credentials, its permissions)
             await gw.requests.ready()
         except StoreError as exc:
-            print(store_hint(f"keygate: cannot use the store at {redact(store_url)}: {exc}",
-                             config, True), file=sys.stderr)
+            _say(store_hint(f"cannot use the store at {redact(store_url)}: {exc}", config,
+                            True))
             return 1
         try:
             runners = await start_listeners(gw, reuse_port)
         except ListenError as exc:
-            print(f"keygate: {exc}", file=sys.stderr)
+            _say(str(exc))
             return 1
         frozen = settle_heap()
         try:
@@ -406,9 +405,10 @@ def _supervise(config: Config, store_url: str, workers: int,
             break
         if pid == 0:
             code = 1
-            # its place among the workers (1..N): its reload lines name it (gateway.reload)
+            # its place among the workers (1..N): every line it logs names it
             os.environ["KEYGATE_WORKER"] = str(len(children) + 1)
             try:
+                name_worker_in_logs(config)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 _stop_with_supervisor(supervisor)
@@ -434,7 +434,7 @@ def _supervise(config: Config, store_url: str, workers: int,
                     sys.stderr.flush()
                 os._exit(code)
         children.append(pid)
-        mark_forked(metrics_dir, pid)  # a reload asked while it starts waits for it
+        mark_forked(metrics_dir, pid, len(children))  # a reload asked while it starts waits
 
     reloading = [False, False]  # this handler is running; a SIGHUP came in meanwhile
 
@@ -486,7 +486,7 @@ def _supervise(config: Config, store_url: str, workers: int,
             # of its own: the others' "shutting down" was all an operator saw). A clean stop
             # the supervisor did not ask for (`kill PID` of one worker) is one too: reaped
             # without a word, it left one worker fewer for good.
-            log.error("worker (pid %d) %s%s", pid, _death(exit_code),
+            log.error("%s: %s%s", worker_name(children.index(pid) + 1, pid), _death(exit_code),
                       "; stopping the other workers" if remaining else "")
             if remaining:  # take the rest down so the supervisor above restarts us
                 forward(signal.SIGTERM, None)
@@ -521,17 +521,43 @@ def _death(exit_code: int) -> str:
 def setup_logging(config: Config) -> None:
     """Application logs on stderr; JSON lines when the access log is JSON (one format for a
     log pipeline to parse), else ``time level logger: message``."""
-    from .accesslog import BackgroundHandler, JsonFormatter
+    from .accesslog import BackgroundHandler
     handler = BackgroundHandler()  # a full stderr must not block the event loop
-    if config.server.access_log == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_log_format(config))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(config.server.log_level.upper())
+
+
+def _log_format(config: Config, prefix: str = "") -> logging.Formatter:
+    """``setup_logging``'s format; ``prefix`` begins every message."""
+    from .accesslog import JsonFormatter
+    if config.server.access_log == "json":
+        return JsonFormatter(prefix)
+    return logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
+                             + prefix.replace("%", "%%") + "%(message)s")
+
+
+def name_worker_in_logs(config: Config) -> None:
+    """In a worker of ``serve --workers N``, just forked: every line it logs begins
+    ``worker I (pid P): `` (``gateway.reload.worker_prefix``), whichever module logs it, so
+    an operator reading the workers' one stream can tell which said what. The supervisor
+    names a worker the same way (its end), and so does a worker naming a sibling (a reload
+    it refused). Its own lines have none."""
+    from .accesslog import BackgroundHandler
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, BackgroundHandler):
+            handler.setFormatter(_log_format(config, worker_prefix()))
+
+
+def _say(message: str) -> None:
+    """A line on stderr that a worker prints rather than logs (a start it cannot make):
+    ``keygate: `` then, under ``serve --workers N``, the worker's name as its log lines have
+    it."""
+    who = worker_prefix() if os.environ.get("KEYGATE_WORKER") else ""
+    print(f"keygate: {who}{message}", file=sys.stderr)
 
 
 def _own_metrics_files() -> None:

@@ -489,3 +489,145 @@ async def test_a_run_after_the_pools_shutdown_is_refused_not_left_waiting():
     pool.shutdown()
     with pytest.raises(RuntimeError):
         await asyncio.wait_for(pool.run(int, "8"), 5)
+
+
+
+def test_a_cgroup_mount_point_with_escaped_characters_is_found_and_its_limit_read(tmp_path):
+    """The kernel writes a space, tab, newline or backslash of a mount's root and mount point
+    in /proc/self/mountinfo as ``\\040``, ``\\011``, ``\\012`` and ``\\134``. They were
+    taken as written: a cgroup file system mounted at a path with a space was looked for at a
+    path that does not exist, and its CPU limit went unseen (argon2 unconfined, and the loop
+    throttled with it). Real cgroup files here, under such paths, named as the kernel names
+    them."""
+    from gateway.argon2_pool import quota_from
+
+    def escaped(path) -> str:
+        return (str(path).replace("\\", "\\134").replace(" ", "\\040")
+                .replace("\t", "\\011").replace("\n", "\\012"))
+
+    v2_mount = tmp_path / "cgroup two"       # the hierarchy's "/kube pods/pod\t1" mounted
+    (v2_mount / "burst").mkdir(parents=True)
+    (v2_mount / "burst" / "cpu.max").write_text("150000 100000\n")
+    v1_mount = tmp_path / "cpu\\v1\nx"
+    (v1_mount / "kube").mkdir(parents=True)
+    (v1_mount / "kube" / "cpu.cfs_quota_us").write_text("250000\n")
+    (v1_mount / "kube" / "cpu.cfs_period_us").write_text("100000\n")
+    v2_root = escaped("/kube pods/pod\t1")
+    v2 = (f"41 22 0:38 {v2_root} {escaped(v2_mount)} "
+          "rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate\n")
+    v1 = (f"42 22 0:39 / {escaped(v1_mount)} rw,nosuid,nodev,noexec,relatime shared:10 - "
+          "cgroup cgroup rw,cpu,cpuacct\n")
+    assert "\\040" in v2 and "\\011" in v2 and "\\134" in v1 and "\\012" in v1
+    root = "22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/root rw\n"
+    # /proc/self/cgroup: the path as it is (the kernel escapes nothing there)
+    cgroup = "4:cpu,cpuacct:/kube\n0::/kube pods/pod\t1/burst\n"
+    assert quota_from(cgroup, root + v2) == 1.5
+    assert quota_from(cgroup, root + v1) == 2.5
+    assert quota_from(cgroup, root + v1 + v2) == 1.5  # the smallest of the limits found
+    assert quota_from(cgroup, root) is None
+
+
+@linux_only
+def test_a_mount_point_that_is_not_utf8_does_not_stop_the_pool_from_starting(tmp_path):
+    """/proc/self/mountinfo was read as UTF-8: any mount point in it that is not (a tmpfs a
+    sidecar mounted at a Latin-1 name) raised UnicodeDecodeError from ``Argon2Pool()``, and
+    the gateway did not start. In a mount namespace of its own, with such a mount."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a mount namespace needs root and unshare")
+    odd = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    os.mkdir(odd)
+    code = ("from gateway.argon2_pool import Argon2Pool, quota_cpus; Argon2Pool(1).shutdown(); "
+            "print('started', quota_cpus())")
+    out = subprocess.run([b"unshare", b"--mount", b"--propagation", b"private", b"sh", b"-c",
+                          b'mount -t tmpfs keygate-test "$0" || exit 97; exec "$1" -c "$2"', odd,
+                          os.fsencode(sys.executable), code.encode()],
+                         capture_output=True, text=True, timeout=30)
+    if out.returncode == 97:
+        pytest.skip(f"no tmpfs can be mounted here: {out.stderr}")
+    assert out.returncode == 0 and out.stdout.startswith("started"), out.stderr
+
+
+# In a cgroup whose limit the test changes between phases (told on stdin, answered on stdout):
+# the pool's threads alive and the CPUs they are kept to after each burst of two runs.
+_FOLLOWS_THE_LIMIT = textwrap.dedent("""
+    import asyncio, json, os, sys, time
+    with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    from gateway import argon2_pool
+    from gateway.tokens import SecretHasher
+    argon2_pool.LIMIT_EVERY = 0.2  # a resize in place is followed as a burst starts
+
+    hasher = SecretHasher(1, 1024, 1)
+    stored = hasher.hash("r" * 32)
+
+    async def main():
+        pool = argon2_pool.Argon2Pool()
+        for phase in sys.stdin:
+            if phase.strip() == "reload":
+                pool.reread_cpu_limit()
+            else:
+                await asyncio.sleep(0.3)
+            assert all(await asyncio.gather(*(pool.run(hasher.verify, stored, "r" * 32)
+                                              for _ in range(4))))
+            for _ in range(200):  # a thread told to end ends once it has taken the marker
+                if len(pool._threads) <= pool.size:
+                    break
+                await asyncio.sleep(0.01)
+            cpus = [sorted(os.sched_getaffinity(t)) for t in sorted(pool._threads)]
+            print(json.dumps({"size": pool.size, "threads": len(pool._threads),
+                              "cpus": cpus}), flush=True)
+        pool.shutdown()
+
+    asyncio.run(main())
+""")
+
+
+@linux_only
+def test_the_pool_follows_a_cpu_limit_changed_under_it():
+    """The CPU limit was read once, as the pool started: a pod resized in place kept argon2
+    on the CPUs and threads of its old limit. It is read again at a reload and, at most
+    every ``LIMIT_EVERY`` seconds, as a burst starts; the threads are kept to the CPUs the
+    new limit allows (all of them once it is lifted), and as many as it allows run."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        pytest.skip("one CPU: argon2 already shares the loop's")
+    made = _cpu_limited_cgroup(1.2)
+    if made is None:
+        pytest.skip("no cgroup with a CPU limit can be made here (not root, or read-only)")
+    cgroup, _ = made
+    quota = os.path.join(cgroup, "cpu.cfs_quota_us")
+    every = min(4, len(usable))
+    try:
+        with open(quota, "w") as f:
+            f.write("-1")
+        proc = subprocess.Popen([sys.executable, "-c", _FOLLOWS_THE_LIMIT, cgroup],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            def phase(how: str, limit: str | None = None) -> dict:
+                if limit is not None:
+                    with open(quota, "w") as f:
+                        f.write(limit)
+                proc.stdin.write(how + "\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                assert line, proc.stderr.read()
+                return json.loads(line)
+            seen = [phase("burst")]
+            seen.append(phase("reload", "120000"))    # 1.2 CPUs, at a reload
+            seen.append(phase("burst", "-1"))         # lifted, seen as a burst starts
+            seen.append(phase("burst", "120000"))     # and again
+            proc.stdin.close()
+            assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        os.rmdir(cgroup)
+    unlimited = {"size": every, "threads": every, "cpus": [usable] * every}
+    assert seen[0] == unlimited, seen
+    for limited in (seen[1], seen[3]):
+        assert limited["size"] == limited["threads"] == 1, seen
+        assert len(limited["cpus"][0]) == 1, seen
+    assert seen[2] == unlimited, seen

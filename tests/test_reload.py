@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -663,8 +664,8 @@ async def test_an_admin_reload_a_sibling_worker_refuses_is_not_answered_as_a_suc
         body = json.loads(raw)
         assert body["error"]["code"] == "conflict"
         problems = body["error"]["problems"]
-        assert problems and all(p.startswith(f"worker {stopped_pid}: ") for p in problems), \
-            problems
+        assert problems and all(re.match(rf"worker [12] \(pid {stopped_pid}\): ", p)
+                                    for p in problems), problems
         # the worker that kept its old config shows its start (the oldest of the workers')
         async with ClientSession(timeout=TIMEOUT) as s:
             assert await last_reload_gauge(s, gw.admin) < called
@@ -1509,3 +1510,203 @@ async def test_each_workers_reload_lines_name_the_worker(tmp_path, slow_upstream
         assert await asyncio.to_thread(gw.terminate) == 0
     finally:
         gw.close()
+
+
+def _cpus_of_threads(pid: int) -> list[str]:
+    """``Cpus_allowed_list`` of each thread of process ``pid`` (those still there)."""
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                found += [line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("Cpus_allowed_list:")]
+    return found
+
+
+async def test_a_reload_follows_a_cpu_limit_changed_under_the_running_gateway(
+        tmp_path, slow_upstream, redis_url):
+    """argon2 keeps to the CPUs a cgroup CPU limit allows (gateway.argon2_pool), but the
+    limit was read once, at start: a pod resized in place, or a process moved into a limited
+    group, kept argon2 on every CPU (the loop throttled with it), and a limit raised kept it
+    on one, whatever SIGHUP said. A reload now reads the limit again, says what changed, and
+    keeps the threads to it. A real cgroup; the gateway is moved into it once started."""
+    from test_argon2_pool import _cpu_limited_cgroup
+    usable = os.sched_getaffinity(0)
+    if len(usable) < 2:
+        pytest.skip("one CPU: argon2 already shares the loop's")
+    made = _cpu_limited_cgroup(1.2)
+    if made is None:
+        pytest.skip("no cgroup with a CPU limit can be made here (not root, or read-only)")
+    cgroup, _ = made
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    gw = Served(config, pport, aport)
+    try:
+        await gw.ready()
+        async with ClientSession(timeout=TIMEOUT) as s:
+            tokens = [await new_key(s, gw.admin, ws) for ws in ("acme", "globex")]
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(gw.proc.pid))  # every thread of it
+        gw.proc.send_signal(signal.SIGHUP)
+        assert await eventually(lambda: "the CPU limit is now 1.20 CPUs (was none)"
+                                in gw.stderr()), gw.stderr()
+        line = next(x for x in gw.stderr().splitlines() if "the CPU limit is now 1.20" in x)
+        assert f"argon2 keeps to 1 of {len(usable)} CPUs, 1 thread" in line, line
+
+        async def verified(token: str) -> None:  # a first request: argon2 runs
+            async with ClientSession(timeout=TIMEOUT) as s:
+                async with s.get(gw.proxy + "/people/1", headers=bearer(token)) as r:
+                    assert r.status == 200, await r.text()
+        await verified(tokens[0])
+        one_cpu = [cpus for cpus in _cpus_of_threads(gw.proc.pid) if cpus.isdigit()]
+        assert len(one_cpu) == 1, _cpus_of_threads(gw.proc.pid)  # the one argon2 thread
+
+        with open(os.path.join(cgroup, "cpu.cfs_quota_us"), "w") as f:
+            f.write("-1")  # the limit lifted
+        gw.proc.send_signal(signal.SIGHUP)
+        assert await eventually(lambda: "the CPU limit is now none (was 1.20 CPUs)"
+                                in gw.stderr()), gw.stderr()
+        line = next(x for x in gw.stderr().splitlines() if "the CPU limit is now none" in x)
+        threads = min(4, len(usable))
+        assert (f"argon2 keeps to {len(usable)} of {len(usable)} CPUs, {threads} threads"
+                in line), line
+        await verified(tokens[1])
+        assert not [cpus for cpus in _cpus_of_threads(gw.proc.pid) if cpus.isdigit()], \
+            _cpus_of_threads(gw.proc.pid)
+        assert "Traceback" not in gw.stderr()
+        assert await asyncio.to_thread(gw.terminate) == 0
+    finally:
+        gw.close()
+        with contextlib.suppress(OSError):
+            os.rmdir(cgroup)
+
+
+WS_ROUTE = {"path": "/ws/**", "upstream": "ws", "public": True, "websocket": True}
+WORKER_SAYS = re.compile(r"worker (\d+) \(pid (\d+)\): ")
+
+
+def _worker_lines(stderr: str, log_format: str) -> list[str]:
+    """The message of each application log line in ``stderr`` (``time level logger: message``
+    or the JSON format's ``message``)."""
+    said = []
+    for line in stderr.splitlines():
+        if log_format == "json":
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and "logger" in entry and "level" in entry:
+                    said.append(entry["message"])
+        elif m := re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: (.*)", line):
+            said.append(m.group(1))
+    return said
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_every_line_about_a_worker_names_it_the_same_way(tmp_path, slow_upstream,
+                                                               redis_url, log_format):
+    """Under ``serve --workers 2`` an operator reads one stream of lines from both workers.
+    Only the reload lines said which worker (``worker I (pid P): ``): a WebSocket tunnel
+    closed by a reload, a worker's start, said nothing of it; a sibling that refused a
+    reload was named ``worker P:``, and a worker that died ``worker (pid P)``. Every line
+    now begins with the one prefix, and names each worker by the same place and pid
+    throughout. Here: the workers' start, a tunnel closed by a reload, a reload a stopped
+    sibling refuses (the log line and the API's answer), and a worker killed."""
+    url, _ = slow_upstream
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(message.data)
+        return ws
+
+    async with serving(echo) as ws_url:
+        config, pport, aport = write_config(
+            tmp_path, redis_url=redis_url, upstream_url=url,
+            access_log="json" if log_format == "json" else "off")
+        doc = yaml.safe_load(config.read_text())
+        doc["upstreams"]["ws"] = {"url": ws_url, "timeout": 10}
+        doc["routes"].append(WS_ROUTE)
+        config.write_text(yaml.safe_dump(doc))
+        gw = Served(config, pport, aport, "--workers", "2")
+        stopped = None
+        try:
+            await gw.ready()
+            assert await eventually(lambda: gw.stderr().count("keygate listening") == 2), \
+                gw.stderr()
+            pids = children_of(gw.proc.pid)
+            place = {}  # pid -> the place its start line gave it
+            for said in _worker_lines(gw.stderr(), log_format):
+                if "keygate listening" in said:
+                    m = WORKER_SAYS.match(said)
+                    assert m is not None, said
+                    place[int(m.group(2))] = int(m.group(1))
+            assert set(place) == pids and sorted(place.values()) == [1, 2], (place, pids)
+
+            # a tunnel closed by a reload that takes its route away
+            reader, writer = await asyncio.open_connection("127.0.0.1", pport)
+            writer.write(b"GET /ws/x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            holder = await serving_pid(pport, writer.get_extra_info("sockname")[1])
+            edit_routes(config, [PEOPLE])
+            gw.proc.send_signal(signal.SIGHUP)
+            assert await eventually(lambda: "a reload changed its route" in gw.stderr()), \
+                gw.stderr()
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+            [closed] = [said for said in _worker_lines(gw.stderr(), log_format)
+                        if "a reload changed its route" in said]
+            assert closed == (f"worker {place[holder]} (pid {holder}): closed a WebSocket "
+                              f"tunnel on /ws/**: a reload changed its route"), closed
+            assert await eventually(lambda: gw.stderr().count("config reloaded from") == 2)
+
+            # a reload a sibling refuses (it reads the file half-written)
+            reader, writer = await asyncio.open_connection("127.0.0.1", aport)
+            answering = await serving_pid(aport, writer.get_extra_info("sockname")[1])
+            [stopped] = pids - {answering}
+            refuser = stopped
+            os.kill(stopped, signal.SIGSTOP)
+            edit_routes(config, [PEOPLE, {"path": "/more/**", "upstream": "api",
+                                          "scopes": ["people:read"]}])
+            writer.write(b"POST /admin/v1/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                         b"Connection: close\r\nAuthorization: Bearer " + ADMIN_TOKEN.encode()
+                         + b"\r\n\r\n")
+            assert await eventually(lambda: gw.stderr().count("config reloaded from") == 3), \
+                gw.stderr()
+            config.write_text(config.read_text()[:40])
+            os.kill(stopped, signal.SIGCONT)
+            stopped = None
+            answer = await asyncio.wait_for(reader.read(), 15)
+            writer.close()
+            head, _, raw = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 409 "), answer
+            problems = json.loads(raw)["error"]["problems"]
+            named = f"worker {place[refuser]} (pid {refuser}): "
+            assert problems and all(p.startswith(named) for p in problems), problems
+            assert await eventually(lambda: "other workers refused it" in gw.stderr()), \
+                gw.stderr()
+            [refused] = [said for said in _worker_lines(gw.stderr(), log_format)
+                         if "other workers refused it" in said]
+            assert refused.startswith(f"worker {place[answering]} (pid {answering}): reload:"), \
+                refused
+            assert f"refused it and keep their old config: {named}" in refused, refused
+
+            # a worker killed: the supervisor names it as it names itself
+            os.kill(refuser, signal.SIGKILL)
+            assert await asyncio.to_thread(gw.proc.wait, 20) == 1
+            assert await eventually(lambda: "was killed by signal 9" in gw.stderr()), \
+                gw.stderr()
+            lines = _worker_lines(gw.stderr(), log_format)
+            assert f"{named}was killed by signal 9 (SIGKILL); stopping the other workers" \
+                in lines, lines
+            # every line is about one worker, named alike: its place and its pid
+            for said in lines:
+                m = WORKER_SAYS.match(said)
+                assert m is not None, said
+                assert place[int(m.group(2))] == int(m.group(1)), (said, place)
+        finally:
+            if stopped is not None:
+                os.kill(stopped, signal.SIGCONT)
+            gw.close()

@@ -28,6 +28,35 @@ async def test_turns_are_bounded_and_the_rest_wait():
     assert order == ["a"] * 5 and queue.busy == 0 and queue.queued == 0
 
 
+async def test_turns_follow_a_resize_more_at_once_fewer_as_turns_end():
+    """The argon2 pool resized to a new CPU limit (a reload) resizes the turns: more are
+    handed to those waiting at once, and fewer hold new ones back until enough have ended."""
+    queue, order = VerifyQueue(1, 10, 100), []
+    releases = [asyncio.Event() for _ in range(6)]
+
+    async def hold(n: int) -> None:
+        async with queue.turn("a"):
+            order.append(n)
+            await releases[n].wait()
+    tasks = [asyncio.ensure_future(hold(n)) for n in range(6)]
+    await asyncio.sleep(0.01)
+    assert order == [0]
+    queue.resize(3)
+    await asyncio.sleep(0.01)
+    assert order == [0, 1, 2] and queue.busy == 3
+    queue.resize(1)
+    for n in (0, 1):
+        releases[n].set()
+        await asyncio.sleep(0.01)
+        assert order == [0, 1, 2] and queue.busy == 2 - n, (order, queue.busy)
+    releases[2].set()
+    await asyncio.sleep(0.01)
+    assert order == [0, 1, 2, 3] and queue.busy == 1
+    for n in (3, 4, 5):
+        releases[n].set()
+    await asyncio.gather(*tasks)
+    assert order == list(range(6)) and queue.busy == 0 and queue.queued == 0
+
 async def test_a_full_queue_for_one_address_refuses_it_but_not_others():
     queue, order, release = VerifyQueue(1, 3, 100), [], asyncio.Event()
     tasks = [asyncio.ensure_future(_hold(queue, "a", order, release)) for _ in range(3)]

@@ -71,7 +71,7 @@ def admin_paths() -> dict[str, Schema]:
                        ("409", {"description": "`conflict`: started without a config file; or "
                                               "(serve --workers N) other workers refused the "
                                               "file this one took (their problems listed as "
-                                              "`worker PID: ...`)",
+                                              "`worker I (pid P): ...`)",
                                 "headers": REQUEST_ID_HEADER,
                                 "content": {JSON: {"schema": {"anyOf": [
                                     ref("WorkerProblems"), err(409, "conflict")[1]["content"]

@@ -187,7 +187,7 @@ def schemas() -> dict[str, Schema]:
             "request_id": {"type": "string"},
             "problems": {"type": "array", "items": {"type": "string"},
                          "description": "what the workers that refused the file found, as "
-                                        "worker PID: file:line: field: what"}})}),
+                                        "worker 2 (pid 4242): file:line: field: what"}})}),
     }
 
 
