@@ -218,6 +218,28 @@ async def test_bad_json_and_non_objects_are_400(admin):
                 "bad_request", "JSON")
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+async def test_a_body_in_another_encoding_than_utf8_is_400_and_nothing_is_made(admin, encoding):
+    """RFC 8259 8.1: JSON between systems is UTF-8. Python's reader also takes UTF-16 and
+    UTF-32 (it guesses from the NUL bytes), so a key was made from a body that a WAF, a proxy
+    in front or a log reading it as UTF-8 (as the OpenAPI document says it is) saw only as
+    NUL-riddled bytes: what was checked was not what keygate acted on."""
+    await workspace(admin)
+    raw = json.dumps({"name": "sixteen", "scopes": ["people:read"]}).encode(encoding)
+    await error(await admin.post("/admin/v1/workspaces/acme/keys", data=raw,
+                                 headers={"Content-Type": "application/json"}),
+                400, "bad_request", "UTF-8")
+    assert await admin.store.list_keys("acme") == []
+
+
+async def test_a_utf8_byte_order_mark_before_the_json_is_ignored(admin):
+    """RFC 8259 8.1 lets a reader ignore one (Windows PowerShell 5 writes it)."""
+    await workspace(admin)
+    raw = b"\xef\xbb\xbf" + json.dumps({"name": "bom"}).encode()
+    await ok(await admin.post("/admin/v1/workspaces/acme/keys", data=raw,
+                              headers={"Content-Type": "application/json"}), 201)
+
+
 async def test_list_and_read_workspaces(admin):
     await workspace(admin, "acme")
     await workspace(admin, "beta")

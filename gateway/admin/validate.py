@@ -15,7 +15,7 @@ from ..errors import BadRequest, shown
 from ..models import (LIMIT_FIELDS, MAX_AUDIT_LIMIT, MAX_COUNT, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
                       whole_second)
 from ..store import WORKSPACE_ID_RE
-from ..strictjson import OutOfRange, RepeatedName, TooDeep, strict_json
+from ..strictjson import NotUtf8, OutOfRange, RepeatedName, TooDeep, strict_json
 from ..trust import as_network
 
 MAX_NAME = 200
@@ -38,6 +38,9 @@ def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
         return {}
     try:
         data = strict_json(raw, max_depth=MAX_META_DEPTH + 1)  # a body holding meta: +1
+    except NotUtf8:
+        raise BadRequest("The request body is not UTF-8; send the JSON encoded as UTF-8 "
+                         "(RFC 8259), not UTF-16, UTF-32 or Latin-1.") from None
     except TooDeep:
         raise BadRequest(f"The request body's JSON is nested more than {MAX_META_DEPTH} "
                          "levels deep (the most a field such as 'meta' may hold).") from None
