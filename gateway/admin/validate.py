@@ -10,6 +10,7 @@ import json
 import re
 from typing import Any, Mapping
 
+from ..accesslog import holds_key
 from ..config import SCOPE_RE, Config, parse_rate_limit
 from ..errors import BadRequest, shown
 from ..models import (LIMIT_FIELDS, MAX_AUDIT_LIMIT, MAX_COUNT, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
@@ -31,9 +32,11 @@ DAILY_DEFAULT, DAILY_MAX = 30, 90
 AUDIT_DEFAULT, AUDIT_MAX = 100, MAX_AUDIT_LIMIT
 
 
-def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
+def parse_body(raw: bytes, allowed: tuple[str, ...], prefix: str | None = None
+               ) -> dict[str, Any]:
     """A JSON object whose fields are all in ``allowed`` (an empty body is ``{}``), read by
-    :func:`strict_json`."""
+    :func:`strict_json`. With ``prefix`` (``keys.prefix``), no text anywhere in it may hold a
+    key of that prefix (:func:`refuse_tokens`)."""
     if not raw.strip():
         return {}
     try:
@@ -58,7 +61,32 @@ def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
     if unknown:
         takes = f"accepts: {', '.join(allowed)}" if allowed else "takes no fields"
         raise BadRequest(f"Unknown field '{shown(unknown[0])}'; this endpoint {takes}.")
+    if prefix is not None:
+        refuse_tokens(data, prefix)
     return data
+
+
+def refuse_tokens(data: Mapping[str, Any], prefix: str) -> None:
+    """400 naming the field when any text of ``data`` (a value, an item, a name within
+    ``meta``) holds a key's token, its checksum right or not (``accesslog.holds_key``, what
+    the logs mask). Everything the admin API takes as text is kept and shown again: in
+    listings to every ``keys:admin`` key of the workspace, in the audit after the key is gone,
+    and a scope is forwarded upstream in the identity headers on every request. A token pasted
+    there by mistake (the console's Copy, then the next form) would be stored in the clear."""
+    for field, value in data.items():
+        pending = [value]
+        while pending:  # no recursion: the body's depth is bounded, but not by this stack
+            item = pending.pop()
+            if isinstance(item, str):
+                if holds_key(item, prefix):
+                    raise BadRequest(f"The field '{field}' holds an API key's token; a token is "
+                                     "a secret that keygate never stores. Remove it (nothing "
+                                     "was stored).")
+            elif isinstance(item, dict):
+                pending.extend(item)
+                pending.extend(item.values())
+            elif isinstance(item, list):
+                pending.extend(item)
 
 
 def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None:
