@@ -976,6 +976,28 @@ async def test_lone_surrogates_and_c1_controls_in_strings_are_400_not_500(admin,
     assert (await admin.get("/admin/v1/workspaces")).status == 200
 
 
+@pytest.mark.parametrize("name", ["\u200b", "\ufeff", "\u2060", "\u00ad", "\u3164",
+                                  "\u2800", "\u034f", "\u180e", "\ufe0f", " \u200b\u200c\u200d "])
+async def test_a_name_of_invisible_characters_alone_is_empty(admin, name):
+    """A name of a zero-width space, a word joiner, a soft hyphen, a Hangul filler or a
+    Braille blank passed "must not be empty" (``str.strip()`` keeps them) and was listed as
+    nothing: a blank row in the console and `keygate keys list`, a key nobody can name."""
+    await workspace(admin)
+    await error(await admin.post("/admin/v1/workspaces/acme/keys", json={"name": name}), 400,
+                "bad_request", "'name' must not be empty")
+    await error(await admin.post("/admin/v1/workspaces", json={"id": "beta", "name": name}),
+                400, "bad_request", "'name' must not be empty")
+    assert await admin.store.list_keys("acme") == []
+
+
+@pytest.mark.parametrize("name", ["\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+                                  "\U0001f468\u200d\U0001f469\u200d\U0001f467", "deploy\u00adbot"])
+async def test_invisible_characters_within_a_visible_name_are_kept(admin, name):
+    """The joiners a Persian word or an emoji family needs, a soft hyphen inside a word."""
+    await workspace(admin)
+    assert (await new_key(admin, name=name))["key"]["name"] == name
+
+
 PASTED, _ = make_token("kg", "live")
 
 

@@ -107,9 +107,16 @@ def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None
 # (a regex character class, written as the OpenAPI document's patterns take it too)
 UNSAFE_TEXT_CLASS = (r"\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
                      r"\u2066-\u2069")
-# what str.strip() removes besides those: a name of these alone is empty
-BLANK_CLASS = r" \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+# what str.strip() removes besides those, and what shows as nothing (Unicode's default-ignorable
+# code points of the BMP: zero-width space and joiners, word joiner, soft hyphen, variation
+# selectors, BOM, Hangul fillers; and the Braille blank): a name of these alone is empty. Within
+# a visible name they stay (a Persian word's ZWNJ, an emoji's ZWJ). BMP only: the OpenAPI
+# document's patterns write them as \uXXXX, which every regex dialect reads alike.
+BLANK_CLASS = (r" \u00a0\u00ad\u034f\u115f\u1160\u1680\u17b4\u17b5\u180b-\u180f\u2000-\u200d"
+               r"\u202f\u205f-\u2065\u206a-\u206f\u2800\u3000\u3164\ufe00-\ufe0f\ufeff\uffa0"
+               r"\ufff0-\ufffb")
 _UNSAFE_TEXT = re.compile(f"[{UNSAFE_TEXT_CLASS}]")
+_VISIBLE = re.compile(f"[^{UNSAFE_TEXT_CLASS}{BLANK_CLASS}]")
 
 
 def parse_text(data: Mapping[str, Any], field: str, max_len: int, *, required: bool = False,
@@ -122,7 +129,7 @@ def parse_text(data: Mapping[str, Any], field: str, max_len: int, *, required: b
     value = data[field]
     if not isinstance(value, str):
         raise BadRequest(f"The field '{field}' must be a string.")
-    if nonempty and not value.strip():
+    if nonempty and _VISIBLE.search(value) is None:
         raise BadRequest(f"The field '{field}' must not be empty.")
     if len(value) > max_len:
         raise BadRequest(f"The field '{field}' is too long ({len(value)} characters; "
