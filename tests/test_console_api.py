@@ -467,3 +467,42 @@ async def test_a_workspace_admin_keys_admin_api_calls_are_bounded_as_its_self_se
     assert (await listing(other))[0] == 200
     assert (await gut.admin_json("GET", "/workspaces/acme/keys"))[0] == 200
     assert await gut.used("acme") == 0
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("POST", "/workspaces/acme/keys", {"name": "ci", "description": "{token}"}),
+    ("POST", "/workspaces/acme/keys", {"name": "{token}"}),
+    ("POST", "/workspaces/acme/keys", {"name": "ci", "meta": {"note": "admin: {token}"}}),
+    ("PATCH", "/workspaces/acme/keys/{key}", {"description": "pasted {token} here"}),
+    ("PATCH", "/workspaces/acme", {"name": "{token}"}),
+    ("POST", "/workspaces", {"id": "gamma", "name": "{token}"}),
+])
+async def test_the_operator_token_pasted_into_a_stored_field_is_400_and_never_stored(
+        gut, method, path, body):
+    """The console's operator signs in by pasting the operator token; pasted again into the
+    next form (a key's name or description, meta, a workspace's name), it was stored and
+    listed to every keys:admin key of the workspace: a tenant then held the token of every
+    workspace. Refused, echoed nowhere, nothing written."""
+    from harness import ADMIN_TOKEN
+
+    key_id = gut.admin_key["id"]
+    before = await gut.admin_json("GET", "/workspaces/acme/audit")
+    raw = json.loads(json.dumps(body).replace("{token}", ADMIN_TOKEN))
+    status, answer = await gut.admin_json(method, path.replace("{key}", key_id), raw)
+    assert (status, answer["error"]["code"]) == (400, "bad_request"), answer
+    assert "operator token" in answer["error"]["message"]
+    assert ADMIN_TOKEN not in json.dumps(answer)
+    assert await gut.admin_json("GET", "/workspaces/acme/audit") == before
+    status, listing = await gut.admin_json("GET", "/workspaces/acme/keys")
+    assert ADMIN_TOKEN not in json.dumps(listing)
+    status, listing = await gut.admin_json("GET", "/workspaces")
+    assert ADMIN_TOKEN not in json.dumps(listing) and len(listing["items"]) == 2
+
+
+async def test_a_workspace_key_is_never_told_a_text_holds_the_operator_token(gut):
+    """Only the operator's own bodies are checked: a keys:admin key that could learn "this
+    holds the operator token" from a 400 would test guesses through key names, where no
+    operator-token throttle counts them."""
+    status, body = await as_key(gut, gut.admin_token, "POST", "/workspaces/acme/keys",
+                                {"name": "guess test-operator-token-0123456789"})
+    assert status == 201, body
