@@ -237,7 +237,8 @@ def workspace_admin(pipeline: Pipeline):
     (format, throttle, argon2 or the cache, then state and scope against the store)."""
     from .admin import Actor
     from .admin.middleware import confine
-    from .errors import GatewayError
+    from .errors import GatewayError, TooManyRequests
+    from .reserved import over_own_calls
 
     async def authenticate_key(token: str, request: web.BaseRequest) -> Actor:
         # the key's IP allow-list holds here as on the proxy listener (SPEC: 403
@@ -250,8 +251,13 @@ def workspace_admin(pipeline: Pipeline):
             reached = False
         else:
             reached = True
-        key, _, _ = await pipeline.authorise(key, ("keys:admin",), count=False, client=client,
-                                             stamp=reached)  # a use: last_used_at, not usage
+        # a use: last_used_at, not usage; and one of the key's own calls, bounded as its
+        # /_keygate/ calls are, in the same log (the same operations, on the other listener)
+        try:
+            key, _, _ = await pipeline.authorise(key, ("keys:admin",), count=False,
+                                                 client=client, stamp=reached, spend=reached)
+        except TooManyRequests as exc:
+            raise over_own_calls(exc) from None
         return Actor(key.key_id, key.workspace, key.scopes, key.expires_at, key.rev)
     return authenticate_key
 

@@ -113,12 +113,19 @@ async def _admit(steps: RequestSteps, request: web.BaseRequest, outcome: Outcome
         key, _, _ = await steps.authorise(key, scopes, count=False, client=client, stamp=True,
                                           spend=True)
     except errors.TooManyRequests as exc:  # over OWN_CALLS_RATE, not the key's own rate
-        calls, _ = OWN_CALLS_RATE  # per 1000 ms
-        raise errors.TooManyRequests(
-            f"At most {calls} calls a second to keygate's own endpoints with one key; wait "
-            "before calling again.", code="rate_limited",
-            headers={"Retry-After": exc.headers.get("Retry-After", "1")}) from None
+        raise over_own_calls(exc) from None
     return key
+
+
+def over_own_calls(exc: errors.TooManyRequests) -> errors.TooManyRequests:
+    """The refusal of a key's call over ``OWN_CALLS_RATE`` (``authorise`` with ``spend``):
+    ``Retry-After`` only, never the RateLimit fields of the key's own rate, which it did not
+    spend. The admin listener answers a ``keys:admin`` key's calls with it too."""
+    calls, _ = OWN_CALLS_RATE  # per 1000 ms
+    return errors.TooManyRequests(
+        f"At most {calls} calls a second to keygate's own endpoints with one key; wait "
+        "before calling again.", code="rate_limited",
+        headers={"Retry-After": exc.headers.get("Retry-After", "1")})
 
 
 async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,

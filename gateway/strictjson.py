@@ -54,6 +54,13 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return data
 
 
+class NotUtf8(ValueError):
+    """Bytes that are not UTF-8 text (RFC 8259 8.1: JSON between systems is UTF-8)."""
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 class TooDeep(ValueError):
     """JSON nested deeper than the reader was asked to take."""
 
@@ -83,11 +90,20 @@ def strict_json(raw: bytes | str, max_depth: int | None = None) -> Any:
     in one object (:class:`RepeatedName`): Python keeps the last, other readers the first, so
     a log, a proxy in front or a reviewer could read ``scopes`` as one list while the key got
     the other. With ``max_depth``, :class:`TooDeep` for arrays and objects nested deeper, so
-    the answer never depends on the caller's stack. ValueError (or RecursionError) for anything
+    the answer never depends on the caller's stack. Bytes are UTF-8 (:class:`NotUtf8`), a
+    leading byte order mark ignored as RFC 8259 allows: Python's reader also guesses UTF-16 and
+    UTF-32 from NUL bytes, so a proxy or log in front, reading the body as the UTF-8 it must
+    be, saw other text than keygate acted on. ValueError (or RecursionError) for anything
     else."""
+    if isinstance(raw, bytes):
+        if b"\x00" in raw:  # never in JSON text, raw; in every UTF-16 or UTF-32 one
+            raise NotUtf8("a NUL byte: UTF-16 or UTF-32 text")
+        try:
+            raw = raw.removeprefix(_UTF8_BOM).decode("utf-8")
+        except UnicodeDecodeError:
+            raise NotUtf8("not UTF-8 text") from None
     if max_depth is not None:
-        data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-        if nesting(data) > max_depth:
+        if nesting(raw.encode("utf-8", "surrogatepass")) > max_depth:
             raise TooDeep(max_depth)
     return json.loads(raw, parse_constant=_not_json, parse_float=_finite, parse_int=_integer,
                       object_pairs_hook=_unique)

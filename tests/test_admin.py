@@ -14,7 +14,7 @@ from aiohttp import web
 from gateway.admin import create_admin_app, error_middleware
 from gateway.config import Argon2Config, Config, Plan, RateLimit
 from gateway.store import Store
-from gateway.tokens import parse_token
+from gateway.tokens import make_token, parse_token
 from harness import T0, Clock
 
 OPERATOR_TOKEN = "operator-secret-for-tests"
@@ -216,6 +216,28 @@ async def test_bad_json_and_non_objects_are_400(admin):
                 "object")
     await error(await admin.post("/admin/v1/workspaces", data=b"[" * 100_000), 400,
                 "bad_request", "JSON")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+async def test_a_body_in_another_encoding_than_utf8_is_400_and_nothing_is_made(admin, encoding):
+    """RFC 8259 8.1: JSON between systems is UTF-8. Python's reader also takes UTF-16 and
+    UTF-32 (it guesses from the NUL bytes), so a key was made from a body that a WAF, a proxy
+    in front or a log reading it as UTF-8 (as the OpenAPI document says it is) saw only as
+    NUL-riddled bytes: what was checked was not what keygate acted on."""
+    await workspace(admin)
+    raw = json.dumps({"name": "sixteen", "scopes": ["people:read"]}).encode(encoding)
+    await error(await admin.post("/admin/v1/workspaces/acme/keys", data=raw,
+                                 headers={"Content-Type": "application/json"}),
+                400, "bad_request", "UTF-8")
+    assert await admin.store.list_keys("acme") == []
+
+
+async def test_a_utf8_byte_order_mark_before_the_json_is_ignored(admin):
+    """RFC 8259 8.1 lets a reader ignore one (Windows PowerShell 5 writes it)."""
+    await workspace(admin)
+    raw = b"\xef\xbb\xbf" + json.dumps({"name": "bom"}).encode()
+    await ok(await admin.post("/admin/v1/workspaces/acme/keys", data=raw,
+                              headers={"Content-Type": "application/json"}), 201)
 
 
 async def test_list_and_read_workspaces(admin):
@@ -952,6 +974,77 @@ async def test_lone_surrogates_and_c1_controls_in_strings_are_400_not_500(admin,
         await error(await admin.post(path, json={"name": "x\u009b31m"}), 400, "bad_request",
                     field)
     assert (await admin.get("/admin/v1/workspaces")).status == 200
+
+
+@pytest.mark.parametrize("name", ["\u200b", "\ufeff", "\u2060", "\u00ad", "\u3164",
+                                  "\u2800", "\u034f", "\u180e", "\ufe0f", " \u200b\u200c\u200d "])
+async def test_a_name_of_invisible_characters_alone_is_empty(admin, name):
+    """A name of a zero-width space, a word joiner, a soft hyphen, a Hangul filler or a
+    Braille blank passed "must not be empty" (``str.strip()`` keeps them) and was listed as
+    nothing: a blank row in the console and `keygate keys list`, a key nobody can name."""
+    await workspace(admin)
+    await error(await admin.post("/admin/v1/workspaces/acme/keys", json={"name": name}), 400,
+                "bad_request", "'name' must not be empty")
+    await error(await admin.post("/admin/v1/workspaces", json={"id": "beta", "name": name}),
+                400, "bad_request", "'name' must not be empty")
+    assert await admin.store.list_keys("acme") == []
+
+
+@pytest.mark.parametrize("name", ["\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+                                  "\U0001f468\u200d\U0001f469\u200d\U0001f467", "deploy\u00adbot"])
+async def test_invisible_characters_within_a_visible_name_are_kept(admin, name):
+    """The joiners a Persian word or an emoji family needs, a soft hyphen inside a word."""
+    await workspace(admin)
+    assert (await new_key(admin, name=name))["key"]["name"] == name
+
+
+PASTED, _ = make_token("kg", "live")
+
+
+@pytest.mark.parametrize("method,path,body,field", [
+    ("POST", "/admin/v1/workspaces", {"id": "beta", "name": PASTED}, "name"),
+    ("PATCH", "/admin/v1/workspaces/acme", {"name": f"Acme ({PASTED})"}, "name"),
+    ("POST", "/admin/v1/workspaces/acme/keys", {"name": PASTED}, "name"),
+    ("POST", "/admin/v1/workspaces/acme/keys",
+     {"name": "ci", "description": f"token for CI: {PASTED}"}, "description"),
+    ("POST", "/admin/v1/workspaces/acme/keys", {"name": "ci", "scopes": [PASTED]}, "scopes"),
+    ("POST", "/admin/v1/workspaces/acme/keys",
+     {"name": "ci", "meta": {"notes": [f"Bearer {PASTED}"]}}, "meta"),
+    ("POST", "/admin/v1/workspaces/acme/keys", {"name": "ci", "meta": {PASTED: 1}}, "meta"),
+    ("POST", "/admin/v1/workspaces/acme/keys", {"name": PASTED[:-1] + "x"}, "name"),
+    ("PATCH", "/admin/v1/workspaces/acme/keys/{key}", {"description": PASTED}, "description"),
+    ("PATCH", "/admin/v1/workspaces/acme/keys/{key}", {"scopes": [PASTED]}, "scopes"),
+    ("PUT", "/admin/v1/workspaces/acme/roles/ops", {"scopes": ["a:b", PASTED]}, "scopes"),
+])
+async def test_a_token_pasted_into_a_stored_field_is_400_and_never_stored(admin, method, path,
+                                                                          body, field):
+    """A key's token pasted into a name, a description, a scope or meta (the console's Copy
+    button, then the next form) was stored in the clear: shown in every listing to every
+    ``keys:admin`` key of the workspace and by `keygate keys list`, kept in the audit after the
+    key is deleted, and, as a scope, forwarded upstream in ``X-Api-Scopes`` on every request.
+    Its checksum mistyped, it still holds the secret. Refused, naming the field, echoing it
+    nowhere; nothing written."""
+    await workspace(admin)
+    key = (await new_key(admin, description="kept"))["key"]
+    before = await admin.store.audit("acme", 1000)
+    resp = await admin.request(method, path.format(key=key["id"]), json=body)
+    answer = await error(resp, 400, "bad_request", f"'{field}'")
+    assert PASTED[8:-6] not in json.dumps(answer)
+    assert [k["id"] for k in (await ok(await admin.get(
+        "/admin/v1/workspaces/acme/keys")))["items"]] == [key["id"]]
+    assert (await admin.store.require_key("acme", key["id"])).description == "kept"
+    assert [w.id for w in await admin.store.list_workspaces()] == ["acme"]
+    assert (await admin.store.get_workspace("acme")).name == "ACME"
+    assert "ops" not in await admin.store.workspace_roles("acme")
+    assert await admin.store.audit("acme", 1000) == before
+
+
+async def test_text_near_a_token_is_not_mistaken_for_one(admin):
+    """A key's public prefix (``kg_live_<id>``), or a name in the token's style, is no token."""
+    await workspace(admin)
+    key = (await new_key(admin))["key"]
+    await new_key(admin, name=f"replaces {key['prefix']}", description="kg_live_" + "a" * 40,
+                  meta={"kg_test_x": "y"})
 
 
 @pytest.mark.parametrize("limit", ["\u00b2", "\u0663", "9" * 5000, "+5", " 5"])

@@ -433,3 +433,76 @@ def test_the_page_takes_a_token_for_a_key_exactly_when_the_admin_api_does():
     found = re.search(r"function looksLikeKey\(token\) \{\s*return /\^(.+?)\$/\.test\(token\);",
                       script)
     assert found and found.group(1) == _TOKEN_SHAPE.pattern, found
+
+
+async def test_a_workspace_admin_keys_admin_api_calls_are_bounded_as_its_self_service_calls(gut):
+    """The same key, the same operations: on the proxy listener (``/_keygate/v1/keys``) a key's
+    calls are bounded to 20 a second, so no key calls the listing (it reads every key of the
+    workspace) or creates and rotates (an argon2 hash each) as fast as it likes. On the admin
+    listener, where the console signs workspace admins in, the same key was not bounded at
+    all: 60 listings at once all answered. Now both listeners take from the one log of the
+    key's own calls (429 ``rate_limited`` with ``Retry-After``, never its RateLimit fields),
+    and counting no usage; another key, and the operator, are not held by it."""
+    import asyncio
+
+    async def listing(token: str) -> tuple[int, dict, dict]:
+        async with gut.admin.get("/admin/v1/workspaces/acme/keys",
+                                 headers={"Authorization": f"Bearer {token}"}) as r:
+            return r.status, await r.json(), dict(r.headers)
+
+    got = await asyncio.gather(*(listing(gut.admin_token) for _ in range(60)))
+    statuses = [s for s, _, _ in got]
+    assert 19 <= statuses.count(200) <= 40, statuses
+    refused = [(b, h) for s, b, h in got if s == 429]
+    assert refused, statuses
+    for body, headers in refused:
+        assert body["error"]["code"] == "rate_limited", body
+        assert "20 calls a second" in body["error"]["message"]
+        assert headers["Retry-After"] == "1" and "RateLimit" not in headers
+    # the proxy listener's self-service spends from the same log
+    async with gut.proxy.get("/_keygate/v1/keys",
+                             headers={"Authorization": f"Bearer {gut.admin_token}"}) as r:
+        assert r.status == 429
+    other, _ = await gut.key("acme", name="other-admin", scopes=["keys:admin"])
+    assert (await listing(other))[0] == 200
+    assert (await gut.admin_json("GET", "/workspaces/acme/keys"))[0] == 200
+    assert await gut.used("acme") == 0
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("POST", "/workspaces/acme/keys", {"name": "ci", "description": "{token}"}),
+    ("POST", "/workspaces/acme/keys", {"name": "{token}"}),
+    ("POST", "/workspaces/acme/keys", {"name": "ci", "meta": {"note": "admin: {token}"}}),
+    ("PATCH", "/workspaces/acme/keys/{key}", {"description": "pasted {token} here"}),
+    ("PATCH", "/workspaces/acme", {"name": "{token}"}),
+    ("POST", "/workspaces", {"id": "gamma", "name": "{token}"}),
+])
+async def test_the_operator_token_pasted_into_a_stored_field_is_400_and_never_stored(
+        gut, method, path, body):
+    """The console's operator signs in by pasting the operator token; pasted again into the
+    next form (a key's name or description, meta, a workspace's name), it was stored and
+    listed to every keys:admin key of the workspace: a tenant then held the token of every
+    workspace. Refused, echoed nowhere, nothing written."""
+    from harness import ADMIN_TOKEN
+
+    key_id = gut.admin_key["id"]
+    before = await gut.admin_json("GET", "/workspaces/acme/audit")
+    raw = json.loads(json.dumps(body).replace("{token}", ADMIN_TOKEN))
+    status, answer = await gut.admin_json(method, path.replace("{key}", key_id), raw)
+    assert (status, answer["error"]["code"]) == (400, "bad_request"), answer
+    assert "operator token" in answer["error"]["message"]
+    assert ADMIN_TOKEN not in json.dumps(answer)
+    assert await gut.admin_json("GET", "/workspaces/acme/audit") == before
+    status, listing = await gut.admin_json("GET", "/workspaces/acme/keys")
+    assert ADMIN_TOKEN not in json.dumps(listing)
+    status, listing = await gut.admin_json("GET", "/workspaces")
+    assert ADMIN_TOKEN not in json.dumps(listing) and len(listing["items"]) == 2
+
+
+async def test_a_workspace_key_is_never_told_a_text_holds_the_operator_token(gut):
+    """Only the operator's own bodies are checked: a keys:admin key that could learn "this
+    holds the operator token" from a 400 would test guesses through key names, where no
+    operator-token throttle counts them."""
+    status, body = await as_key(gut, gut.admin_token, "POST", "/workspaces/acme/keys",
+                                {"name": "guess test-operator-token-0123456789"})
+    assert status == 201, body

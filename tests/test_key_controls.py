@@ -1793,6 +1793,32 @@ async def test_a_workspace_key_cannot_set_a_rate_that_bursts_past_the_plans(gut)
             assert r.status == 201, await r.text()
 
 
+async def test_a_workspace_key_may_set_a_rate_slower_than_the_plans_on_average(gut):
+    """On a 3/s plan, a keys:admin key could not hold a CI key to 10 a minute: "10/m" was 403
+    "may not exceed the plan's rate limit (3/s)", because a sliding 10/m admits 10 in one
+    second. But a key's rate is held within its workspace's in force (both windows: 10/m
+    with at most 3 in any second), so 10/m exceeds the plan nowhere, and it is the tenant
+    slowing its own key. Refused still: a rate the plan's binds in every window, which no
+    tighter (180/m: the plan's 3 a second on average and a larger burst; 4/s; 181/m)."""
+    await gut.workspace(plan="limited")  # 3/s
+    token, _ = await gut.key(name="admin", scopes=["people:read", "keys:admin"])
+    h = bearer(token)
+    made = {}
+    for rate in ("10/m", "179/m", "1/s"):
+        async with gut.proxy.post("/_keygate/v1/keys", json={
+                "name": "ci", "scopes": ["people:read"], "rate_limit": rate}, headers=h) as r:
+            body = await r.json()
+            assert r.status == 201, body
+            made[rate] = body
+    for rate in ("180/m", "181/m", "4/s", "1000/s"):
+        async with gut.admin.post("/admin/v1/workspaces/acme/keys", json={
+                "name": "fast", "scopes": ["people:read"], "rate_limit": rate}, headers=h) as r:
+            assert r.status == 403, (rate, await r.text())
+    # in force, 10/m bursts no more than the plan's 3 in one second
+    assert sorted(await statuses(gut, made["10/m"]["token"], 5)) == [(200, None)] * 3 + [
+        (429, "rate_limited")] * 2
+
+
 async def test_a_restricted_admin_key_cannot_enable_a_less_restricted_admin_key(gut):
     """Enabling is loosening (a disabled key can do nothing): an unrestricted admin key the
     operator disabled was enabled again by a workspace admin bound to the office network."""

@@ -609,7 +609,10 @@ def test_the_api_overview_lists_every_field_of_the_objects(name, schema):
 
 TEXT_VALUES = ["a", "Acme Corp", "é", "\U0001f600", "", " ", "   ", "\u00a0", "\u3000 \u2002",
                "\ufeff", "a\nb", "a\tb", "a\u0085b", "a\u202eb", "a\u2028b", "a\u200eb",
-               "a\u2066b", "a\u061cb", " a ", "x" * 200, "x" * 201, "x" * 2000, "x" * 2001]
+               "a\u2066b", "a\u061cb", " a ", "x" * 200, "x" * 201, "x" * 2000, "x" * 2001,
+               "\u200b", "\u2060\u00ad", "\u3164", "\u2800 \u200b", "\ufe0f", "a\u200b",
+               "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+               "\U0001f468\u200d\U0001f469\u200d\U0001f467"]
 
 
 @pytest.mark.parametrize("schema_name, field, max_len, nonempty", [

@@ -302,9 +302,12 @@ def workspace_admin_access(paths: dict[str, Schema]) -> dict[str, Schema]:
     429 ``too_many_failures`` (with ``Retry-After``) is answered on every authenticated route,
     to the operator token as to a key: a client past ``keys.failures.per_ip`` wrong operator
     tokens in the window is refused before its token is compared, the right one too
-    (gateway/admin/throttle.py); a key meets the proxy pipeline's own throttle."""
+    (gateway/admin/throttle.py); a key meets the proxy pipeline's own throttle. On the routes it
+    may call, a key's calls are also bounded as its ``/_keygate/`` calls are, in the same log
+    (20 a second): 429 ``rate_limited`` over it."""
     key_errors = dict([err(403, "insufficient_scope", "ip_not_allowed"),
                        err(429, "too_many_failures", headers=RETRY_AFTER)])
+    key_429 = err(429, "too_many_failures", "rate_limited", headers=RETRY_AFTER)
     busy = err(503, "store_unavailable", "overloaded", headers={"Retry-After": {
         **RETRY_AFTER["Retry-After"], "required": False,
         "description": "seconds (with `overloaded`)"}})
@@ -319,4 +322,5 @@ def workspace_admin_access(paths: dict[str, Schema]) -> dict[str, Schema]:
                 operation["responses"]["503"] = copy.deepcopy(busy[1])
             if (method.upper(), path) in WORKSPACE_ADMIN_ROUTES:
                 operation["security"] = [{"operatorToken": []}, {"workspaceAdminKey": []}]
+                operation["responses"]["429"] = copy.deepcopy(key_429[1])
     return paths

@@ -10,12 +10,13 @@ import json
 import re
 from typing import Any, Mapping
 
+from ..accesslog import holds_key
 from ..config import SCOPE_RE, Config, parse_rate_limit
 from ..errors import BadRequest, shown
 from ..models import (LIMIT_FIELDS, MAX_AUDIT_LIMIT, MAX_COUNT, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
                       whole_second)
 from ..store import WORKSPACE_ID_RE
-from ..strictjson import OutOfRange, RepeatedName, TooDeep, strict_json
+from ..strictjson import NotUtf8, OutOfRange, RepeatedName, TooDeep, strict_json
 from ..trust import as_network
 
 MAX_NAME = 200
@@ -31,13 +32,18 @@ DAILY_DEFAULT, DAILY_MAX = 30, 90
 AUDIT_DEFAULT, AUDIT_MAX = 100, MAX_AUDIT_LIMIT
 
 
-def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
+def parse_body(raw: bytes, allowed: tuple[str, ...], prefix: str | None = None
+               ) -> dict[str, Any]:
     """A JSON object whose fields are all in ``allowed`` (an empty body is ``{}``), read by
-    :func:`strict_json`."""
+    :func:`strict_json`. With ``prefix`` (``keys.prefix``), no text anywhere in it may hold a
+    key of that prefix (:func:`refuse_tokens`)."""
     if not raw.strip():
         return {}
     try:
         data = strict_json(raw, max_depth=MAX_META_DEPTH + 1)  # a body holding meta: +1
+    except NotUtf8:
+        raise BadRequest("The request body is not UTF-8; send the JSON encoded as UTF-8 "
+                         "(RFC 8259), not UTF-16, UTF-32 or Latin-1.") from None
     except TooDeep:
         raise BadRequest(f"The request body's JSON is nested more than {MAX_META_DEPTH} "
                          "levels deep (the most a field such as 'meta' may hold).") from None
@@ -55,7 +61,32 @@ def parse_body(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
     if unknown:
         takes = f"accepts: {', '.join(allowed)}" if allowed else "takes no fields"
         raise BadRequest(f"Unknown field '{shown(unknown[0])}'; this endpoint {takes}.")
+    if prefix is not None:
+        refuse_tokens(data, prefix)
     return data
+
+
+def refuse_tokens(data: Mapping[str, Any], prefix: str) -> None:
+    """400 naming the field when any text of ``data`` (a value, an item, a name within
+    ``meta``) holds a key's token, its checksum right or not (``accesslog.holds_key``, what
+    the logs mask). Everything the admin API takes as text is kept and shown again: in
+    listings to every ``keys:admin`` key of the workspace, in the audit after the key is gone,
+    and a scope is forwarded upstream in the identity headers on every request. A token pasted
+    there by mistake (the console's Copy, then the next form) would be stored in the clear."""
+    for field, value in data.items():
+        pending = [value]
+        while pending:  # no recursion: the body's depth is bounded, but not by this stack
+            item = pending.pop()
+            if isinstance(item, str):
+                if holds_key(item, prefix):
+                    raise BadRequest(f"The field '{field}' holds an API key's token; a token is "
+                                     "a secret that keygate never stores. Remove it (nothing "
+                                     "was stored).")
+            elif isinstance(item, dict):
+                pending.extend(item)
+                pending.extend(item.values())
+            elif isinstance(item, list):
+                pending.extend(item)
 
 
 def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None:
@@ -76,9 +107,16 @@ def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None
 # (a regex character class, written as the OpenAPI document's patterns take it too)
 UNSAFE_TEXT_CLASS = (r"\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
                      r"\u2066-\u2069")
-# what str.strip() removes besides those: a name of these alone is empty
-BLANK_CLASS = r" \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+# what str.strip() removes besides those, and what shows as nothing (Unicode's default-ignorable
+# code points of the BMP: zero-width space and joiners, word joiner, soft hyphen, variation
+# selectors, BOM, Hangul fillers; and the Braille blank): a name of these alone is empty. Within
+# a visible name they stay (a Persian word's ZWNJ, an emoji's ZWJ). BMP only: the OpenAPI
+# document's patterns write them as \uXXXX, which every regex dialect reads alike.
+BLANK_CLASS = (r" \u00a0\u00ad\u034f\u115f\u1160\u1680\u17b4\u17b5\u180b-\u180f\u2000-\u200d"
+               r"\u202f\u205f-\u2065\u206a-\u206f\u2800\u3000\u3164\ufe00-\ufe0f\ufeff\uffa0"
+               r"\ufff0-\ufffb")
 _UNSAFE_TEXT = re.compile(f"[{UNSAFE_TEXT_CLASS}]")
+_VISIBLE = re.compile(f"[^{UNSAFE_TEXT_CLASS}{BLANK_CLASS}]")
 
 
 def parse_text(data: Mapping[str, Any], field: str, max_len: int, *, required: bool = False,
@@ -91,7 +129,7 @@ def parse_text(data: Mapping[str, Any], field: str, max_len: int, *, required: b
     value = data[field]
     if not isinstance(value, str):
         raise BadRequest(f"The field '{field}' must be a string.")
-    if nonempty and not value.strip():
+    if nonempty and _VISIBLE.search(value) is None:
         raise BadRequest(f"The field '{field}' must not be empty.")
     if len(value) > max_len:
         raise BadRequest(f"The field '{field}' is too long ({len(value)} characters; "
