@@ -219,6 +219,32 @@ def _windows_segment(segment: str) -> str:
         segment = bare
 
 
+# An NTFS stream naming a file's or directory's own contents, at a segment's end, ':' and '$'
+# either as sent or percent-encoded (RFC 3986 reserved characters: check_path keeps their
+# escapes): 'admin::$INDEX_ALLOCATION' and 'admin:$I30:$INDEX_ALLOCATION' are the directory
+# 'admin', 'report::$DATA' the file 'report' (the classic IIS authentication bypass)
+_NTFS_STREAM = re.compile(r"(?:%3A|:)(?:(?:%24|\$)I30)?(?:%3A|:)(?:%24|\$)"
+                          r"(?:INDEX_ALLOCATION|DATA)\Z", re.IGNORECASE)
+
+
+def _windows_file_segment(segment: str) -> str:
+    """A segment as a server on Windows that maps paths to files reads it: its trailing dots
+    and spaces stripped, and a stream naming its own contents (``::$DATA``,
+    ``::$INDEX_ALLOCATION``) cut off, in any order."""
+    while True:
+        bare = _windows_segment(segment)
+        if "$" in bare or "%24" in bare:
+            bare = _NTFS_STREAM.sub("", bare)
+        if bare == segment:
+            return bare
+        segment = bare
+
+
+def _windows_reads(path: str) -> bool:
+    """Whether a Windows server may read ``path`` as another (cheap: substring scans)."""
+    return "." in path or "%20" in path or "$" in path or "%24" in path
+
+
 def _dots_only(segment: str) -> bool:
     """``.``, ``..``, ``...``: a segment of dots only (Windows strips trailing dots, so from
     three on it reads as an empty segment there)."""
@@ -568,12 +594,12 @@ class RouteTable:
                 raise _bad("The request path, read without its trailing slash (as many "
                            "upstreams read it), matches another route than as sent; send it "
                            "without the trailing slash.")
-        if ("." in raw_path or "%20" in raw_path) and \
-                self._dotted_rival(found, method, raw_path):
+        if _windows_reads(raw_path) and self._dotted_rival(found, method, raw_path):
             raise _bad("The request path, read without a segment's trailing dots or spaces "
-                       "(as Windows and IIS read it) or without its last segment's dot suffix "
-                       "(a format, as Rails and older Spring MVC read it), matches another "
-                       "route than as sent; send the path the route is written for.")
+                       "or an NTFS stream name such as '::$DATA' (as Windows and IIS read "
+                       "it) or without its last segment's dot suffix (a format, as Rails "
+                       "and older Spring MVC read it), matches another route than as sent; "
+                       "send the path the route is written for.")
         if "%" in raw_path:
             # an upstream that NFKC-normalises the decoded path reads '/%EF%BD%81dmin' (a
             # fullwidth 'a') as '/admin': that reading must be this route too, also compared
@@ -588,7 +614,7 @@ class RouteTable:
                 # a fullwidth full stop, is '/admin./users', which IIS serves as '/admin/users')
                 if other is not found or \
                         found.case_check and self._case_rival(found, method, reading.lower()) or \
-                        ("." in reading or "%20" in reading) and \
+                        _windows_reads(reading) and \
                         self._dotted_rival(found, method, reading):
                     raise _bad("The request path contains a percent-encoded character that "
                                "Unicode compatibility normalisation (NFKC) reads as another "
@@ -603,15 +629,17 @@ class RouteTable:
     def _dotted_rival(self, found: _Compiled, method: str, raw_path: str) -> bool:
         """Whether a reading of the dotted ``raw_path`` an upstream may serve instead matches
         another route than ``found`` (or an earlier one case-insensitively): each segment's
-        trailing dots and spaces stripped (Windows, IIS), or the last segment cut at its first
+        trailing dots and spaces, and an NTFS stream naming its own contents (``::$DATA``),
+        stripped (Windows, IIS), or the last segment cut at its first
         dot (a format suffix: Rails, Spring MVC's suffix patterns), the latter not when
         ``found`` names the dotted segment literally (a route written for ``/users.csv``). A reading ending in
         a slash is read without it too."""
         segments = raw_path.split("/")
         at = len(segments) - 1 if segments[-1] or len(segments) < 3 else len(segments) - 2
         readings = []
-        if raw_path.endswith(".") or "./" in raw_path or "%20" in raw_path:
-            readings.append("/".join(_windows_segment(seg) for seg in segments))
+        if raw_path.endswith(".") or "./" in raw_path or "%20" in raw_path or \
+                "$" in raw_path or "%24" in raw_path:
+            readings.append("/".join(_windows_file_segment(seg) for seg in segments))
         name, dot, _ = segments[at].partition(".")
         if dot and name:
             glob = found.route.path.split("/")

@@ -742,6 +742,8 @@ ATTACK_PATHS = [
     "/public/\uff0e\uff0e/admin/users".encode(),  # the same sent as raw UTF-8 bytes
     b"/%EF%BD%81dmin/users",                   # FULLWIDTH LATIN SMALL A: 'admin' under NFKC
     b"/%EF%BD%81%EF%BD%84%EF%BD%8D%EF%BD%89%EF%BD%8E/users",  # all of 'admin' fullwidth
+    b"/admin::$INDEX_ALLOCATION/users",        # NTFS: the directory 'admin' itself (IIS)
+    b"/admin%3A$i30%3A%24index_allocation/users",
     b"/ADMIN/users",                          # a case-insensitive upstream (IIS, ASP.NET)
     b"/Admin/users",
     b"/aDMIN",

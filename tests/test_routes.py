@@ -488,6 +488,32 @@ def test_a_path_another_route_matches_without_trailing_dots_or_its_suffix_is_bad
     assert t.match("GET", "/admin/users") is ADMIN
 
 
+# NTFS names a directory's index stream 'admin::$INDEX_ALLOCATION' (or 'admin:$I30:$INDEX_
+# ALLOCATION') and a file's data 'report::$DATA': to a server on Windows that maps the path to
+# files (IIS, and any static or script handler there) they are 'admin' and 'report', the
+# classic IIS directory-authentication bypass. '/admin::$INDEX_ALLOCATION/users' matched the
+# public catch-all here and was served as '/admin/users' without a key.
+@pytest.mark.parametrize("path", ["/admin::$INDEX_ALLOCATION/users",
+                                  "/admin:$i30:$index_allocation/users",
+                                  "/admin::$Index_Allocation", "/admin%3A%3A%24INDEX_ALLOCATION/x",
+                                  "/admin%3a%3a$INDEX_ALLOCATION/x", "/admin.::$INDEX_ALLOCATION/x",
+                                  "/admin::$INDEX_ALLOCATION./x", "/ADMIN::$INDEX_ALLOCATION/x"])
+def test_a_path_another_route_matches_without_an_ntfs_stream_name_is_bad_path(path) -> None:
+    t = table(ADMIN, PUBLIC)
+    for _ in range(2):
+        error = _bad_path(t, "GET", path)
+        assert "NTFS" in error.message and "admin" not in error.message.lower()
+    report = r("/files/report")
+    t = table(report, PUBLIC)
+    _bad_path(t, "GET", "/files/report::$DATA")
+    _bad_path(t, "GET", "/files/report%3A%3A%24data")
+    # a ':' that names no such stream, or a reading that is the same route, passes
+    for ok in ("/files/report:export", "/files/report::x", "/v1/jobs/a:cancel",
+               "/files/other::$DATA"):
+        assert t.match("GET", ok) is PUBLIC
+    assert table(ADMIN, PUBLIC).match("GET", "/admin/x::$DATA") is ADMIN
+
+
 @pytest.mark.parametrize("routes, path, expected", [
     ((ADMIN, PUBLIC), "/admin/users.json", 0),        # '/admin/users' is the same route
     ((ADMIN, PUBLIC), "/admin/users.", 0),
