@@ -67,6 +67,7 @@ from urllib.parse import quote, unquote, unquote_to_bytes
 
 from .errors import BadRequest, NotFound, shown
 from .models import RESERVED_PATH, Route
+from .percent import unquote_latin1
 from .tokens import BODY_LEN, looks_like_token
 
 MAX_PATH_BYTES = 2048
@@ -337,16 +338,17 @@ def query_has_token(raw_query: str, prefix: str) -> bool:
     text = raw_query
     pattern = _token_re(prefix)
     for _ in range(3):
+        before = text
         if "+" in text:
             text = text.replace("+", " ")
         if "%" in text:
-            text = unquote(text, encoding="latin-1")
+            text = unquote_latin1(text)  # (urllib's raises per '%' without hex digits)
         if prefix + "_" in text:
             for m in pattern.finditer(text):
                 if looks_like_token(m.group(0), prefix):
                     return True
-        if "%" not in text:
-            return False
+        if "%" not in text or text is before:  # (the same object: nothing decoded, and
+            return False                        # no further round would decode anything)
     return False
 
 

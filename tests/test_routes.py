@@ -218,6 +218,24 @@ def test_query_token_other_prefix() -> None:
     assert not query_has_token(f"k={TOKEN}", "zz")
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("%%%2aA5fFgz+ .\u00e9\u20ac\x00"), max_size=40))
+def test_the_fast_percent_decoders_read_what_urllib_reads(text) -> None:
+    # gateway.percent stands in for urllib's unquote (latin-1) and unquote_plus on request
+    # text, which were slow on stray '%' signs: the same result for any text
+    from urllib.parse import unquote, unquote_plus as urllib_unquote_plus
+    from gateway.percent import unquote_latin1, unquote_plus
+    assert unquote_latin1(text) == unquote(text, encoding="latin-1")
+    assert unquote_plus(text) == urllib_unquote_plus(text)
+
+
+def test_a_token_double_encoded_behind_stray_percent_signs_is_still_found() -> None:
+    encoded = "".join(f"%25{b:02X}" for b in TOKEN.encode())
+    assert query_has_token("%%%&x=" + encoded, "kg")
+    assert query_has_token("%" * 5000 + "&x=%25" + encoded[3:] + "+%", "kg")
+    assert not query_has_token("%" * 5000 + "%25" * 3000, "kg")
+
+
 # --- route matching ------------------------------------------------------------------------------
 
 def table(*routes: Route) -> RouteTable:
