@@ -101,14 +101,20 @@ _norm = header_key  # header names compared as a spoofer sees them
 # Beyond nginx's and the CDNs' own: what common client-IP libraries read (django-ipware's
 # HTTP_CLIENT_IP, HTTP_X_FORWARDED, HTTP_FORWARDED_FOR; npm request-ip's x-forwarded,
 # forwarded-for, do-connecting-ip, x-appengine-user-ip, cf-pseudo-ipv4; Java stacks'
-# Proxy-Client-IP, WL-Proxy-Client-IP) and other platforms' (Fly, Akamai).
+# Proxy-Client-IP, WL-Proxy-Client-IP) and other platforms' (Fly, Akamai); and what a hop
+# between keygate and the upstream passes on from keygate as sent while the application
+# reads it as the client's: an Envoy sidecar (Istio) keeps X-Envoy-External-Address from an
+# internal peer and documents it for applications; CloudFront-Viewer-Address, Azure Front
+# Door's X-Azure-ClientIP and X-Azure-SocketIP, ingress-nginx's X-Original-Forwarded-For.
 CLIENT_ADDRESS = frozenset({"x-real-ip", "true-client-ip", "x-client-ip", "cf-connecting-ip",
                             "fastly-client-ip", "x-cluster-client-ip", "client-ip",
                             "x-forwarded", "forwarded-for", "proxy-client-ip",
                             "wl-proxy-client-ip", "x-originating-ip", "x-remote-ip",
                             "x-remote-addr", "do-connecting-ip", "fly-client-ip",
                             "x-appengine-user-ip", "cf-connecting-ipv6", "cf-pseudo-ipv4",
-                            "akamai-client-ip"})
+                            "akamai-client-ip", "x-envoy-external-address",
+                            "cloudfront-viewer-address", "x-azure-clientip",
+                            "x-azure-socketip", "x-original-forwarded-for"})
 # Headers some upstreams take the request's path from instead of its request line (IIS URL
 # Rewrite; Symfony before 3.4.14 and Zend Framework 1/2, CVE-2018-14773): keygate authorised
 # the request line's path, so from anyone but a trusted proxy they would name another one.
