@@ -116,9 +116,12 @@ CLIENT_ADDRESS = frozenset({"x-real-ip", "true-client-ip", "x-client-ip", "cf-co
                             "cloudfront-viewer-address", "x-azure-clientip",
                             "x-azure-socketip", "x-original-forwarded-for"})
 # Headers some upstreams take the request's path from instead of its request line (IIS URL
-# Rewrite; Symfony before 3.4.14 and Zend Framework 1/2, CVE-2018-14773): keygate authorised
-# the request line's path, so from anyone but a trusted proxy they would name another one.
-PATH_OVERRIDE = frozenset({"x-original-url", "x-rewrite-url"})
+# Rewrite; Symfony before 3.4.14 and Zend Framework 1/2, CVE-2018-14773), or its mount point,
+# serving what follows it in the path (gunicorn's SCRIPT_NAME request header; X-Script-Name
+# in the much-copied WSGI "ReverseProxied" middleware: '/public/admin' with '/public' is
+# /admin to the application): keygate authorised the request line's path, so from anyone but
+# a trusted proxy they would name another one.
+PATH_OVERRIDE = frozenset({"x-original-url", "x-rewrite-url", "script-name", "x-script-name"})
 # Passed as sent from a trusted proxy only, beside X-Forwarded-* and Forwarded (_norm names)
 _FROM_PROXIES = CLIENT_ADDRESS | PATH_OVERRIDE
 # Method-override headers (gateway.overrides) in their _norm names. The pipeline authorises a
