@@ -19,11 +19,11 @@ import sys
 import threading
 import time
 from typing import Callable
-from urllib.parse import unquote
 
 from aiohttp import web
 
 from .config import Config
+from .percent import unquote_latin1
 from .tokens import ID_LEN, SECRET_LEN
 
 _SEPARATORS = re.compile(r"([&;])")
@@ -53,7 +53,12 @@ def holds_key(text: str, prefix: str) -> bool:
             return True
         if "%" not in text and "+" not in text:
             return False
-        text = unquote(text.replace("+", " "), encoding="latin-1")
+        before = text
+        if "+" in text:
+            text = text.replace("+", " ")
+        text = unquote_latin1(text)  # (urllib's raises per '%' without hex digits)
+        if text is before:  # nothing decoded: no further round would decode anything
+            return False
     return False
 
 

@@ -67,6 +67,7 @@ from urllib.parse import quote, unquote, unquote_to_bytes
 
 from .errors import BadRequest, NotFound, shown
 from .models import RESERVED_PATH, Route
+from .percent import unquote_latin1
 from .tokens import BODY_LEN, looks_like_token
 
 MAX_PATH_BYTES = 2048
@@ -219,6 +220,32 @@ def _windows_segment(segment: str) -> str:
         segment = bare
 
 
+# An NTFS stream naming a file's or directory's own contents, at a segment's end, ':' and '$'
+# either as sent or percent-encoded (RFC 3986 reserved characters: check_path keeps their
+# escapes): 'admin::$INDEX_ALLOCATION' and 'admin:$I30:$INDEX_ALLOCATION' are the directory
+# 'admin', 'report::$DATA' the file 'report' (the classic IIS authentication bypass)
+_NTFS_STREAM = re.compile(r"(?:%3A|:)(?:(?:%24|\$)I30)?(?:%3A|:)(?:%24|\$)"
+                          r"(?:INDEX_ALLOCATION|DATA)\Z", re.IGNORECASE)
+
+
+def _windows_file_segment(segment: str) -> str:
+    """A segment as a server on Windows that maps paths to files reads it: its trailing dots
+    and spaces stripped, and a stream naming its own contents (``::$DATA``,
+    ``::$INDEX_ALLOCATION``) cut off, in any order."""
+    while True:
+        bare = _windows_segment(segment)
+        if "$" in bare or "%24" in bare:
+            bare = _NTFS_STREAM.sub("", bare)
+        if bare == segment:
+            return bare
+        segment = bare
+
+
+def _windows_reads(path: str) -> bool:
+    """Whether a Windows server may read ``path`` as another (cheap: substring scans)."""
+    return "." in path or "%20" in path or "$" in path or "%24" in path
+
+
 def _dots_only(segment: str) -> bool:
     """``.``, ``..``, ``...``: a segment of dots only (Windows strips trailing dots, so from
     three on it reads as an empty segment there)."""
@@ -311,16 +338,17 @@ def query_has_token(raw_query: str, prefix: str) -> bool:
     text = raw_query
     pattern = _token_re(prefix)
     for _ in range(3):
+        before = text
         if "+" in text:
             text = text.replace("+", " ")
         if "%" in text:
-            text = unquote(text, encoding="latin-1")
+            text = unquote_latin1(text)  # (urllib's raises per '%' without hex digits)
         if prefix + "_" in text:
             for m in pattern.finditer(text):
                 if looks_like_token(m.group(0), prefix):
                     return True
-        if "%" not in text:
-            return False
+        if "%" not in text or text is before:  # (the same object: nothing decoded, and
+            return False                        # no further round would decode anything)
     return False
 
 
@@ -568,12 +596,12 @@ class RouteTable:
                 raise _bad("The request path, read without its trailing slash (as many "
                            "upstreams read it), matches another route than as sent; send it "
                            "without the trailing slash.")
-        if ("." in raw_path or "%20" in raw_path) and \
-                self._dotted_rival(found, method, raw_path):
+        if _windows_reads(raw_path) and self._dotted_rival(found, method, raw_path):
             raise _bad("The request path, read without a segment's trailing dots or spaces "
-                       "(as Windows and IIS read it) or without its last segment's dot suffix "
-                       "(a format, as Rails and older Spring MVC read it), matches another "
-                       "route than as sent; send the path the route is written for.")
+                       "or an NTFS stream name such as '::$DATA' (as Windows and IIS read "
+                       "it) or without its last segment's dot suffix (a format, as Rails "
+                       "and older Spring MVC read it), matches another route than as sent; "
+                       "send the path the route is written for.")
         if "%" in raw_path:
             # an upstream that NFKC-normalises the decoded path reads '/%EF%BD%81dmin' (a
             # fullwidth 'a') as '/admin': that reading must be this route too, also compared
@@ -588,7 +616,7 @@ class RouteTable:
                 # a fullwidth full stop, is '/admin./users', which IIS serves as '/admin/users')
                 if other is not found or \
                         found.case_check and self._case_rival(found, method, reading.lower()) or \
-                        ("." in reading or "%20" in reading) and \
+                        _windows_reads(reading) and \
                         self._dotted_rival(found, method, reading):
                     raise _bad("The request path contains a percent-encoded character that "
                                "Unicode compatibility normalisation (NFKC) reads as another "
@@ -603,15 +631,17 @@ class RouteTable:
     def _dotted_rival(self, found: _Compiled, method: str, raw_path: str) -> bool:
         """Whether a reading of the dotted ``raw_path`` an upstream may serve instead matches
         another route than ``found`` (or an earlier one case-insensitively): each segment's
-        trailing dots and spaces stripped (Windows, IIS), or the last segment cut at its first
+        trailing dots and spaces, and an NTFS stream naming its own contents (``::$DATA``),
+        stripped (Windows, IIS), or the last segment cut at its first
         dot (a format suffix: Rails, Spring MVC's suffix patterns), the latter not when
         ``found`` names the dotted segment literally (a route written for ``/users.csv``). A reading ending in
         a slash is read without it too."""
         segments = raw_path.split("/")
         at = len(segments) - 1 if segments[-1] or len(segments) < 3 else len(segments) - 2
         readings = []
-        if raw_path.endswith(".") or "./" in raw_path or "%20" in raw_path:
-            readings.append("/".join(_windows_segment(seg) for seg in segments))
+        if raw_path.endswith(".") or "./" in raw_path or "%20" in raw_path or \
+                "$" in raw_path or "%24" in raw_path:
+            readings.append("/".join(_windows_file_segment(seg) for seg in segments))
         name, dot, _ = segments[at].partition(".")
         if dot and name:
             glob = found.route.path.split("/")

@@ -742,6 +742,8 @@ ATTACK_PATHS = [
     "/public/\uff0e\uff0e/admin/users".encode(),  # the same sent as raw UTF-8 bytes
     b"/%EF%BD%81dmin/users",                   # FULLWIDTH LATIN SMALL A: 'admin' under NFKC
     b"/%EF%BD%81%EF%BD%84%EF%BD%8D%EF%BD%89%EF%BD%8E/users",  # all of 'admin' fullwidth
+    b"/admin::$INDEX_ALLOCATION/users",        # NTFS: the directory 'admin' itself (IIS)
+    b"/admin%3A$i30%3A%24index_allocation/users",
     b"/ADMIN/users",                          # a case-insensitive upstream (IIS, ASP.NET)
     b"/Admin/users",
     b"/aDMIN",
@@ -1061,3 +1063,28 @@ async def test_verify_judges_a_method_override_as_the_proxy_does(redis_url, monk
         assert (status, body) == (200, b"")
         assert await g.used() == 1
         assert bytes(received) == b""
+
+
+async def test_a_script_name_header_never_moves_a_public_path_onto_a_keyed_route(
+        redis_url, monkeypatch):
+    """gunicorn takes a SCRIPT_NAME request header as the application's mount point and
+    serves what follows it in the path (PATH_INFO is the path split at it), and the widely
+    copied WSGI 'ReverseProxied' middleware does so with X-Script-Name: 'GET /public/admin/
+    users' with 'SCRIPT_NAME: /public' matched the public route here and reached the
+    application as /admin/users, without a key. From a peer that is not a trusted proxy such
+    headers (in any spelling) never reach the upstream, as X-Original-URL does not."""
+    srv, url, received = await recording_upstream()
+    routes = (Route("/admin/**", "api", (), ("admin",)),
+              Route("/public/**", "api", (), (), True))
+    config = dataclasses.replace(edge_config(url), routes=routes)
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            status, body = await raw_get(g, b"/public/admin/users",
+                                         b"SCRIPT_NAME: /public\r\nX-Script-Name: /public\r\n"
+                                         b"Script-Name: /public\r\nx_script_name: /public\r\n")
+            assert (status, body) == (200, b"ok")
+    finally:
+        srv.close()
+    sent = bytes(received).lower()
+    assert sent.startswith(b"get /public/admin/users http/1.1\r\n"), sent
+    assert b"script" not in sent, sent

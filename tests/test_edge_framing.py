@@ -846,3 +846,59 @@ async def test_an_http_1_0_request_with_transfer_encoding_is_refused_and_the_con
     answer, closed = await exchange_to_close(port, first + then)
     assert statuses(answer) == [400], answer[:300]
     assert closed and edge.up.requests == []
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+async def test_a_streamed_answer_to_an_http_1_0_keep_alive_request_ends_with_the_connection(
+        redis_url, monkeypatch, framing):
+    """An answer streamed without a length (the upstream's was chunked, or ended with its
+    connection) reaches an HTTP/1.0 client close-delimited: its body ends when the connection
+    does. keygate answered a 'Connection: keep-alive' request so and kept the connection: the
+    client waited for the end of that body until the idle timeout, and the answer to what it
+    sent next on the connection was written into it (behind an HTTP/1.0 front that pools its
+    connections, another client's answer). Now the connection closes after that body, and
+    nothing sent behind it is served; an answer of known length keeps the connection."""
+    from harness import raw_upstream
+    body = b"x" * 100_000
+
+    async def answer(reader, writer):
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            if head.startswith(b"GET /any/sized "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            elif framing == "chunked":
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)  # not the whole answer in the first read
+                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(body)
+                await writer.drain()
+                writer.close()
+                return
+            await writer.drain()
+
+    srv, url = await raw_upstream(answer)
+    config = make_config(url, routes=ROUTES)
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            first = b"GET /any/stream HTTP/1.0\r\nHost: g\r\nConnection: keep-alive\r\n\r\n"
+            then = b"GET /any/sized HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+            answer, closed = await exchange_to_close(g.proxy_server.port, first + then)
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.0 200 OK\r\n"), head
+            assert b"content-length" not in head.lower() and closed
+            assert b"keep-alive" not in head.lower(), head
+            assert rest == body, (len(rest), rest[-200:])
+            # a sized answer keeps an HTTP/1.0 keep-alive connection, as before
+            sized = b"GET /any/sized HTTP/1.0\r\nHost: g\r\nConnection: keep-alive\r\n\r\n"
+            answer, closed = await exchange_to_close(g.proxy_server.port, sized + then)
+            assert statuses(answer) == [200, 200] and closed, answer
+    finally:
+        srv.close()

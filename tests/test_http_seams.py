@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import pytest
 import redis
 from hypothesis import given, strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -297,6 +298,33 @@ def test_every_client_address_header_upstreams_read_is_dropped_from_an_untrusted
         pairs.append(("Connection", "X-Other"))
     out = rules.passed_on(CIMultiDictProxy(CIMultiDict(pairs)), "10.0.0.1", "http", None)
     assert "6.6.6.6" not in [v for _, v in out], out
+
+
+# Names an upstream in a mesh or behind a cloud edge reads the client's address from, which a
+# hop between keygate and it passes on from keygate as sent: an Envoy sidecar (Istio) keeps
+# X-Envoy-External-Address from an internal peer (keygate is one) and documents it for
+# applications; CloudFront's CloudFront-Viewer-Address, Azure Front Door's X-Azure-ClientIP and
+# X-Azure-SocketIP, ingress-nginx's X-Original-Forwarded-For.
+@pytest.mark.parametrize("name", ["X-Envoy-External-Address", "CloudFront-Viewer-Address",
+                                  "X-Azure-ClientIP", "X-Azure-SocketIP",
+                                  "X-Original-Forwarded-For", "x_envoy_external_address"])
+@pytest.mark.parametrize("connection_names_one", [False, True])
+def test_a_mesh_or_cloud_edges_client_address_header_is_dropped_from_an_untrusted_peer(
+        name, connection_names_one):
+    rules = RequestHeaderRules(make_config("http://127.0.0.1:9"))
+    pairs = [("Host", "api.example"), (name, "6.6.6.6"), ("Accept", "a")]
+    if connection_names_one:
+        pairs.append(("Connection", "X-Other"))
+    out = rules.passed_on(CIMultiDictProxy(CIMultiDict(pairs)), "10.0.0.1", "http", None)
+    assert "6.6.6.6" not in [v for _, v in out], out
+    # and kept as sent from a trusted proxy, as the others are
+    config = make_config("http://127.0.0.1:9")
+    config = dataclasses.replace(config, server=dataclasses.replace(
+        config.server, trusted_proxies=("10.0.0.0/8",)))
+    rules = RequestHeaderRules(config)
+    out = rules.passed_on(CIMultiDictProxy(CIMultiDict([("Host", "a"), (name, "6.6.6.6")])),
+                          "10.0.0.1", "http", None)
+    assert (name, "6.6.6.6") in out or name.startswith("x_"), out
 
 
 # --- method overrides: the fast test never misses what the full reading finds ------------------

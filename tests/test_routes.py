@@ -218,6 +218,24 @@ def test_query_token_other_prefix() -> None:
     assert not query_has_token(f"k={TOKEN}", "zz")
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("%%%2aA5fFgz+ .\u00e9\u20ac\x00"), max_size=40))
+def test_the_fast_percent_decoders_read_what_urllib_reads(text) -> None:
+    # gateway.percent stands in for urllib's unquote (latin-1) and unquote_plus on request
+    # text, which were slow on stray '%' signs: the same result for any text
+    from urllib.parse import unquote, unquote_plus as urllib_unquote_plus
+    from gateway.percent import unquote_latin1, unquote_plus
+    assert unquote_latin1(text) == unquote(text, encoding="latin-1")
+    assert unquote_plus(text) == urllib_unquote_plus(text)
+
+
+def test_a_token_double_encoded_behind_stray_percent_signs_is_still_found() -> None:
+    encoded = "".join(f"%25{b:02X}" for b in TOKEN.encode())
+    assert query_has_token("%%%&x=" + encoded, "kg")
+    assert query_has_token("%" * 5000 + "&x=%25" + encoded[3:] + "+%", "kg")
+    assert not query_has_token("%" * 5000 + "%25" * 3000, "kg")
+
+
 # --- route matching ------------------------------------------------------------------------------
 
 def table(*routes: Route) -> RouteTable:
@@ -486,6 +504,32 @@ def test_a_path_another_route_matches_without_trailing_dots_or_its_suffix_is_bad
         error = _bad_path(t, "GET", path)
         assert "trailing dots or spaces" in error.message
     assert t.match("GET", "/admin/users") is ADMIN
+
+
+# NTFS names a directory's index stream 'admin::$INDEX_ALLOCATION' (or 'admin:$I30:$INDEX_
+# ALLOCATION') and a file's data 'report::$DATA': to a server on Windows that maps the path to
+# files (IIS, and any static or script handler there) they are 'admin' and 'report', the
+# classic IIS directory-authentication bypass. '/admin::$INDEX_ALLOCATION/users' matched the
+# public catch-all here and was served as '/admin/users' without a key.
+@pytest.mark.parametrize("path", ["/admin::$INDEX_ALLOCATION/users",
+                                  "/admin:$i30:$index_allocation/users",
+                                  "/admin::$Index_Allocation", "/admin%3A%3A%24INDEX_ALLOCATION/x",
+                                  "/admin%3a%3a$INDEX_ALLOCATION/x", "/admin.::$INDEX_ALLOCATION/x",
+                                  "/admin::$INDEX_ALLOCATION./x", "/ADMIN::$INDEX_ALLOCATION/x"])
+def test_a_path_another_route_matches_without_an_ntfs_stream_name_is_bad_path(path) -> None:
+    t = table(ADMIN, PUBLIC)
+    for _ in range(2):
+        error = _bad_path(t, "GET", path)
+        assert "NTFS" in error.message and "admin" not in error.message.lower()
+    report = r("/files/report")
+    t = table(report, PUBLIC)
+    _bad_path(t, "GET", "/files/report::$DATA")
+    _bad_path(t, "GET", "/files/report%3A%3A%24data")
+    # a ':' that names no such stream, or a reading that is the same route, passes
+    for ok in ("/files/report:export", "/files/report::x", "/v1/jobs/a:cancel",
+               "/files/other::$DATA"):
+        assert t.match("GET", ok) is PUBLIC
+    assert table(ADMIN, PUBLIC).match("GET", "/admin/x::$DATA") is ADMIN
 
 
 @pytest.mark.parametrize("routes, path, expected", [

@@ -35,6 +35,7 @@ import time
 from typing import Callable, Mapping
 
 from aiohttp import web
+from aiohttp.http_writer import HttpVersion11 as _HTTP11
 from multidict import istr
 from yarl import URL
 
@@ -59,6 +60,7 @@ log = logging.getLogger("keygate.proxy")
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _X_REQUEST_ID = istr("X-Request-Id")  # a str name is made an istr on every assignment
+_CONTENT_LENGTH = istr("Content-Length")
 
 PREFETCH = 64 * 1024  # request body bytes read before an upstream connection is taken
 
@@ -464,6 +466,12 @@ class Forwarder:
             out.popall("Content-Length", None)
             return WholeResponse.of(status, whole, out)
         response = web.StreamResponse(status=status, headers=out)
+        if request.version != _HTTP11 and _CONTENT_LENGTH not in out:
+            # an HTTP/1.0 client reads an answer of unknown length to the connection's end,
+            # but aiohttp keeps the connection after writing one (its _prepare_headers turns
+            # keep-alive off for it only locally): the client waited for the end of the body
+            # until the idle timeout, and the next answer on the connection went into it
+            response.force_close()
         chunks = resp.chunks()
         timeout = upstream.timeout
         sent = 0  # body bytes written, for the access log (aiohttp's count has the head)

@@ -63,6 +63,7 @@ from ..models import Principal, header_key, plain_header_name
 from ..signature import DEFAULT_HEADER as SIGNATURE_HEADER
 from ..overrides import HEADERS as OVERRIDE_HEADERS
 from ..routes import query_has_token
+from ..tokens import BODY_LEN
 from ..trust import TrustedProxies
 
 HOP_BY_HOP = frozenset({
@@ -87,7 +88,10 @@ def _mistyped_token(prefix: str) -> re.Pattern:
 
 
 _NOT_B64 = re.compile(r"[^A-Za-z0-9+/_-]")
-_B64_RUN = re.compile(r"[A-Za-z0-9+/_-]+")
+# A base64 run long enough to decode to a whole token (a one-letter prefix and environment
+# at the least, "p_e_" + 50): a shorter one cannot hold one, and a value of thousands of tiny
+# runs ("Basic a,a,a,...") cost the loop a decoding each, ~5 ms for 8 KiB
+_B64_RUN = re.compile(r"[A-Za-z0-9+/_-]{%d,}" % -(-4 * (BODY_LEN + 4) // 3))
 
 
 _norm = header_key  # header names compared as a spoofer sees them
@@ -97,18 +101,27 @@ _norm = header_key  # header names compared as a spoofer sees them
 # Beyond nginx's and the CDNs' own: what common client-IP libraries read (django-ipware's
 # HTTP_CLIENT_IP, HTTP_X_FORWARDED, HTTP_FORWARDED_FOR; npm request-ip's x-forwarded,
 # forwarded-for, do-connecting-ip, x-appengine-user-ip, cf-pseudo-ipv4; Java stacks'
-# Proxy-Client-IP, WL-Proxy-Client-IP) and other platforms' (Fly, Akamai).
+# Proxy-Client-IP, WL-Proxy-Client-IP) and other platforms' (Fly, Akamai); and what a hop
+# between keygate and the upstream passes on from keygate as sent while the application
+# reads it as the client's: an Envoy sidecar (Istio) keeps X-Envoy-External-Address from an
+# internal peer and documents it for applications; CloudFront-Viewer-Address, Azure Front
+# Door's X-Azure-ClientIP and X-Azure-SocketIP, ingress-nginx's X-Original-Forwarded-For.
 CLIENT_ADDRESS = frozenset({"x-real-ip", "true-client-ip", "x-client-ip", "cf-connecting-ip",
                             "fastly-client-ip", "x-cluster-client-ip", "client-ip",
                             "x-forwarded", "forwarded-for", "proxy-client-ip",
                             "wl-proxy-client-ip", "x-originating-ip", "x-remote-ip",
                             "x-remote-addr", "do-connecting-ip", "fly-client-ip",
                             "x-appengine-user-ip", "cf-connecting-ipv6", "cf-pseudo-ipv4",
-                            "akamai-client-ip"})
+                            "akamai-client-ip", "x-envoy-external-address",
+                            "cloudfront-viewer-address", "x-azure-clientip",
+                            "x-azure-socketip", "x-original-forwarded-for"})
 # Headers some upstreams take the request's path from instead of its request line (IIS URL
-# Rewrite; Symfony before 3.4.14 and Zend Framework 1/2, CVE-2018-14773): keygate authorised
-# the request line's path, so from anyone but a trusted proxy they would name another one.
-PATH_OVERRIDE = frozenset({"x-original-url", "x-rewrite-url"})
+# Rewrite; Symfony before 3.4.14 and Zend Framework 1/2, CVE-2018-14773), or its mount point,
+# serving what follows it in the path (gunicorn's SCRIPT_NAME request header; X-Script-Name
+# in the much-copied WSGI "ReverseProxied" middleware: '/public/admin' with '/public' is
+# /admin to the application): keygate authorised the request line's path, so from anyone but
+# a trusted proxy they would name another one.
+PATH_OVERRIDE = frozenset({"x-original-url", "x-rewrite-url", "script-name", "x-script-name"})
 # Passed as sent from a trusted proxy only, beside X-Forwarded-* and Forwarded (_norm names)
 _FROM_PROXIES = CLIENT_ADDRESS | PATH_OVERRIDE
 # Method-override headers (gateway.overrides) in their _norm names. The pipeline authorises a
