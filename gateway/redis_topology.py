@@ -238,7 +238,7 @@ def _cluster_class() -> Any:
     import asyncio
     import time
 
-    from redis.exceptions import SlotNotCoveredError, TryAgainError
+    from redis.exceptions import RedisClusterException, SlotNotCoveredError, TryAgainError
 
     class _TryAgain(Exception):
         """TRYAGAIN, carried past redis-py's redirection loop (which re-raises other
@@ -281,6 +281,16 @@ def _cluster_class() -> Any:
 
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    def _closed_under(exc: BaseException) -> bool:
+        """Whether a read of the slots failed on connections that failed (closed, reset,
+        refused), so that a read made again on fresh ones may succeed. redis-py asks every
+        node it knows in turn and, none answering, raises RedisClusterException ("Redis
+        Cluster cannot be connected") from the last node's error: a connection error there
+        is one. A timeout is not (a node that does not answer is not waited for again)."""
+        if isinstance(exc, RedisClusterException):
+            exc = exc.__cause__  # type: ignore[assignment]
+        return isinstance(exc, RedisConnectionError) and not isinstance(exc, RedisTimeoutError)
 
     class _GaveUp(RedisConnectionError):
         """A command's retries ended by the store timeout: a connection error that redis-py's
@@ -360,8 +370,12 @@ def _cluster_class() -> Any:
             before its retry loop's ``try``: a connection closed under that read (``CLIENT
             KILL`` of every client, a node restarting) was the command's error, never retried,
             and answered 503 on a healthy cluster. Such a read is now made again, up to
-            ``INITIALIZE_ATTEMPTS`` times. A read that fails no longer closes every node's
-            connections, which other commands were using (they failed in turn).
+            ``INITIALIZE_ATTEMPTS`` times, also when every node's connection failed under it
+            (redis-py then raises RedisClusterException, "Redis Cluster cannot be connected",
+            which the retry once missed: a kill round landing under the read answered 503 to
+            every command waiting for it, 3 to 15 per storm of kills at 12 in flight). A read
+            that fails no longer closes every node's connections, which other commands were
+            using (they failed in turn).
 
             And only the commands that failed on a connection wait for a read. redis-py has
             every command wait, before its first attempt, for any read asked for: with a
@@ -444,8 +458,8 @@ def _cluster_class() -> Any:
                         await self.commands_parser.initialize(
                             self.nodes_manager.default_node)
                     self._initialize = False
-                except RedisConnectionError:
-                    if attempt == self.INITIALIZE_ATTEMPTS - 1:
+                except (RedisConnectionError, RedisClusterException) as exc:
+                    if attempt == self.INITIALIZE_ATTEMPTS - 1 or not _closed_under(exc):
                         raise
                     await asyncio.sleep(0.01 * 2 ** attempt)
 
