@@ -166,11 +166,12 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool,
         return cluster
     from redis.asyncio.sentinel import Sentinel
     # redis-py's default (10 retries with backoff) would hold a request for seconds against a
-    # dead node. One immediate retry is what a failover needs: the first attempt fails on the
+    # dead node. A few immediate retries, within the store timeout (``_retry``), are what a
+    # failover and a server closing connections in rounds need: the first attempt fails on the
     # old master's dead connection, the retry reconnects via the Sentinels to the new one. A
-    # timeout is not retried (``_retry``: the command may have run; Retry's default errors
-    # include timeouts, and a refund that timed out ran twice when the master caught up).
-    options["retry"] = _retry()
+    # timeout is not retried (the command may have run; Retry's default errors include
+    # timeouts, and a refund that timed out ran twice when the master caught up).
+    options["retry"] = _retry(timeout)
     # The Sentinels' clients likewise: every master connection made asks them for the master,
     # on a pooled connection the Sentinel may have closed (CLIENT KILL, a restart). Without a
     # retry that question failed, the Sentinel counted as not answering and, none left, a new
@@ -179,7 +180,7 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool,
     # A Sentinel that does not answer (a timeout) is still not retried: the next one is asked.
     sentinel_options: dict[str, Any] = dict(socket_timeout=timeout,
                                             socket_connect_timeout=timeout,
-                                            retry=_retry(), **NO_SETINFO,
+                                            retry=_retry(timeout), **NO_SETINFO,
                                             **_given(username=target.sentinel_username,
                                                      password=target.sentinel_password))
     if target.tls:  # the same TLS options for the Sentinels and for the data nodes

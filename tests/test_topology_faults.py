@@ -993,11 +993,13 @@ async def test_sentinel_and_master_closing_keygates_connections_under_load_is_ne
         kinds = {a: answers.count(a) for a in set(answers)}
         if not (kills[0] and kills[1]):
             pytest.skip(f"no connection of keygate's was closed at both ({kills})")
-        # One retry on a fresh connection is the limit: a request whose fresh connection the
-        # next round closed too, before the retry was answered (a loaded machine stretched one
-        # to 0.5 s in a CI run, past the rounds' 0.1 s), was still a 503, and a busier CI run
-        # had more than 2. A round now starts once the last one's requests are answered (the
-        # 2 allowed are kept as they were). Before the fix every run had 9-16.
+        # One retry on a fresh connection was the limit (3 now, within the store timeout; the
+        # storm in tests/test_kill_storms.py is not spaced so): a request whose fresh
+        # connection the next round closed too, before the retry was answered (a loaded
+        # machine stretched one to 0.5 s in a CI run, past the rounds' 0.1 s), was still a
+        # 503, and a busier CI run had more than 2. A round now starts once the last one's
+        # requests are answered (the 2 allowed are kept as they were). Before the fix every
+        # run had 9-16.
         assert set(kinds) <= {(200, None), (503, "store_unavailable")}, (kinds, kills)
         assert kinds.get((503, "store_unavailable"), 0) <= 2, (kinds, kills)
 
