@@ -559,6 +559,52 @@ def _cluster_class() -> Any:
             # the ASK path looks its target up here
             return recent_first(super().get_node(host, port, node_name))
 
+        def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+            pipe = super().pipeline(transaction, shard_hint)
+            if type(pipe._execution_strategy) is PipelineStrategy:  # one method more
+                pipe._execution_strategy.__class__ = _PipelineStrategy
+            return pipe
+
+    from redis.asyncio.cluster import PipelineStrategy
+
+    class _PipelineStrategy(PipelineStrategy):
+        """redis-py 8.1.0's ``execute`` of a (non-transaction) Cluster pipeline, with
+        the command's rules (``_Cluster``). redis-py sent the whole pipeline again after any
+        of ``RedisCluster.ERRORS_ALLOW_RETRY``, timeouts included, up to 10 times, each after
+        closing every connection of the client, in use or not: with one node paused, a
+        workspace listing (a pipeline across the nodes) was 503 only after ~9 store timeouts,
+        every copy ran when the node woke, and each retry cut the connections other admin calls
+        were using, on healthy nodes (503 for them too). Now a timeout is not retried; a
+        connection error, CLUSTERDOWN and an uncovered slot are, as long as the store timeout
+        has not passed since the pipeline began; and the slots are read again before the
+        retry, the connections kept (``_Cluster.aclose`` within a command)."""
+
+        async def execute(self, raise_on_error: bool = True,
+                          allow_redirections: bool = True) -> Any:
+            if not self._command_queue:
+                return []
+            client = self._pipe.cluster_client
+            give_up_at = time.monotonic() + client.try_again_for
+            token = _IN_COMMAND.set(True)
+            try:
+                retry_attempts = client.retry.get_retries()
+                while True:
+                    try:
+                        if client._initialize:
+                            await client.initialize()
+                        return await self._execute(client, self._command_queue,
+                                                   raise_on_error=raise_on_error,
+                                                   allow_redirections=allow_redirections)
+                    except type(client).ERRORS_ALLOW_RETRY:
+                        if retry_attempts <= 0 or time.monotonic() + 0.25 >= give_up_at:
+                            raise
+                        retry_attempts -= 1
+                        await client.aclose()  # within a command: the slots read again
+                        await asyncio.sleep(0.25)
+            finally:
+                _IN_COMMAND.reset(token)
+                await self.reset()
+
     _CLUSTER = _Cluster
     return _CLUSTER
 
