@@ -167,7 +167,7 @@ async def test_a_slot_read_whose_connections_are_all_closed_is_made_again(
             relays.cut(b"SLOTS", 3)  # the read it makes next, on each of the three nodes
             started = time.monotonic()
             assert await _answer(gut, token) == (200, None)
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 2.0  # the store timeout
             assert relays.cuts_left() == 0  # the scenario happened as described
 
             relays.cut(b"{acme}", 1)  # the admin read's HGETALL, then its read of the slots
