@@ -166,11 +166,12 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool,
         return cluster
     from redis.asyncio.sentinel import Sentinel
     # redis-py's default (10 retries with backoff) would hold a request for seconds against a
-    # dead node. One immediate retry is what a failover needs: the first attempt fails on the
+    # dead node. A few immediate retries, within the store timeout (``_retry``), are what a
+    # failover and a server closing connections in rounds need: the first attempt fails on the
     # old master's dead connection, the retry reconnects via the Sentinels to the new one. A
-    # timeout is not retried (``_retry``: the command may have run; Retry's default errors
-    # include timeouts, and a refund that timed out ran twice when the master caught up).
-    options["retry"] = _retry()
+    # timeout is not retried (the command may have run; Retry's default errors include
+    # timeouts, and a refund that timed out ran twice when the master caught up).
+    options["retry"] = _retry(timeout)
     # The Sentinels' clients likewise: every master connection made asks them for the master,
     # on a pooled connection the Sentinel may have closed (CLIENT KILL, a restart). Without a
     # retry that question failed, the Sentinel counted as not answering and, none left, a new
@@ -179,7 +180,7 @@ def topology_client(url: str, *, timeout: float, decode_responses: bool,
     # A Sentinel that does not answer (a timeout) is still not retried: the next one is asked.
     sentinel_options: dict[str, Any] = dict(socket_timeout=timeout,
                                             socket_connect_timeout=timeout,
-                                            retry=_retry(), **NO_SETINFO,
+                                            retry=_retry(timeout), **NO_SETINFO,
                                             **_given(username=target.sentinel_username,
                                                      password=target.sentinel_password))
     if target.tls:  # the same TLS options for the Sentinels and for the data nodes
@@ -238,7 +239,7 @@ def _cluster_class() -> Any:
     import asyncio
     import time
 
-    from redis.exceptions import SlotNotCoveredError, TryAgainError
+    from redis.exceptions import RedisClusterException, SlotNotCoveredError, TryAgainError
 
     class _TryAgain(Exception):
         """TRYAGAIN, carried past redis-py's redirection loop (which re-raises other
@@ -281,6 +282,16 @@ def _cluster_class() -> Any:
 
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    def _closed_under(exc: BaseException) -> bool:
+        """Whether a read of the slots failed on connections that failed (closed, reset,
+        refused), so that a read made again on fresh ones may succeed. redis-py asks every
+        node it knows in turn and, none answering, raises RedisClusterException ("Redis
+        Cluster cannot be connected") from the last node's error: a connection error there
+        is one. A timeout is not (a node that does not answer is not waited for again)."""
+        if isinstance(exc, RedisClusterException):
+            exc = exc.__cause__  # type: ignore[assignment]
+        return isinstance(exc, RedisConnectionError) and not isinstance(exc, RedisTimeoutError)
 
     class _GaveUp(RedisConnectionError):
         """A command's retries ended by the store timeout: a connection error that redis-py's
@@ -360,8 +371,12 @@ def _cluster_class() -> Any:
             before its retry loop's ``try``: a connection closed under that read (``CLIENT
             KILL`` of every client, a node restarting) was the command's error, never retried,
             and answered 503 on a healthy cluster. Such a read is now made again, up to
-            ``INITIALIZE_ATTEMPTS`` times. A read that fails no longer closes every node's
-            connections, which other commands were using (they failed in turn).
+            ``INITIALIZE_ATTEMPTS`` times, also when every node's connection failed under it
+            (redis-py then raises RedisClusterException, "Redis Cluster cannot be connected",
+            which the retry once missed: a kill round landing under the read answered 503 to
+            every command waiting for it, 3 to 15 per storm of kills at 12 in flight). A read
+            that fails no longer closes every node's connections, which other commands were
+            using (they failed in turn).
 
             And only the commands that failed on a connection wait for a read. redis-py has
             every command wait, before its first attempt, for any read asked for: with a
@@ -444,8 +459,8 @@ def _cluster_class() -> Any:
                         await self.commands_parser.initialize(
                             self.nodes_manager.default_node)
                     self._initialize = False
-                except RedisConnectionError:
-                    if attempt == self.INITIALIZE_ATTEMPTS - 1:
+                except (RedisConnectionError, RedisClusterException) as exc:
+                    if attempt == self.INITIALIZE_ATTEMPTS - 1 or not _closed_under(exc):
                         raise
                     await asyncio.sleep(0.01 * 2 ** attempt)
 
@@ -543,6 +558,52 @@ def _cluster_class() -> Any:
                      node_name: Any = None) -> Any:
             # the ASK path looks its target up here
             return recent_first(super().get_node(host, port, node_name))
+
+        def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+            pipe = super().pipeline(transaction, shard_hint)
+            if type(pipe._execution_strategy) is PipelineStrategy:  # one method more
+                pipe._execution_strategy.__class__ = _PipelineStrategy
+            return pipe
+
+    from redis.asyncio.cluster import PipelineStrategy
+
+    class _PipelineStrategy(PipelineStrategy):
+        """redis-py 8.1.0's ``execute`` of a (non-transaction) Cluster pipeline, with
+        the command's rules (``_Cluster``). redis-py sent the whole pipeline again after any
+        of ``RedisCluster.ERRORS_ALLOW_RETRY``, timeouts included, up to 10 times, each after
+        closing every connection of the client, in use or not: with one node paused, a
+        workspace listing (a pipeline across the nodes) was 503 only after ~9 store timeouts,
+        every copy ran when the node woke, and each retry cut the connections other admin calls
+        were using, on healthy nodes (503 for them too). Now a timeout is not retried; a
+        connection error, CLUSTERDOWN and an uncovered slot are, as long as the store timeout
+        has not passed since the pipeline began; and the slots are read again before the
+        retry, the connections kept (``_Cluster.aclose`` within a command)."""
+
+        async def execute(self, raise_on_error: bool = True,
+                          allow_redirections: bool = True) -> Any:
+            if not self._command_queue:
+                return []
+            client = self._pipe.cluster_client
+            give_up_at = time.monotonic() + client.try_again_for
+            token = _IN_COMMAND.set(True)
+            try:
+                retry_attempts = client.retry.get_retries()
+                while True:
+                    try:
+                        if client._initialize:
+                            await client.initialize()
+                        return await self._execute(client, self._command_queue,
+                                                   raise_on_error=raise_on_error,
+                                                   allow_redirections=allow_redirections)
+                    except type(client).ERRORS_ALLOW_RETRY:
+                        if retry_attempts <= 0 or time.monotonic() + 0.25 >= give_up_at:
+                            raise
+                        retry_attempts -= 1
+                        await client.aclose()  # within a command: the slots read again
+                        await asyncio.sleep(0.25)
+            finally:
+                _IN_COMMAND.reset(token)
+                await self.reset()
 
     _CLUSTER = _Cluster
     return _CLUSTER

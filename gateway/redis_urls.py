@@ -49,6 +49,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
@@ -56,6 +57,9 @@ from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import (URL_QUERY_ARGUMENT_PARSERS, SSLConnection,
                                       UnixDomainSocketConnection, parse_url)
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
@@ -579,21 +583,56 @@ def standalone_client(url: str, *, timeout: float, decode_responses: bool) -> Re
     # The retry policy lives on the pool's connections (a client given a pool ignores its own).
     pool = BlockingConnectionPool.from_url(
         url, max_connections=POOL_CONNECTIONS, timeout=None, decode_responses=decode_responses,
-        socket_timeout=timeout, socket_connect_timeout=timeout, retry=_retry(), **NO_SETINFO)
+        socket_timeout=timeout, socket_connect_timeout=timeout, retry=_retry(timeout),
+        **NO_SETINFO)
     # (set after: from_url lets the URL's scheme choose the class over any argument)
     pool.connection_class = fresh_tls(pool.connection_class)  # rotated TLS files: FreshTLS
     return Redis.from_pool(pool)  # closing the client closes its pool
 
 
-def _retry() -> Any:
-    """One immediate retry of a command whose connection turned out dead. Commands are sent on
-    a pooled connection that may have been closed by the server since it was last used; the
-    retry runs on a fresh connection. A timeout is not retried (the command may have run)."""
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError, ConnectionResetError,
-                                                   BrokenPipeError))
+# Times a command whose connection died is sent again, each on a fresh connection (``_retry``).
+CONNECTION_RETRIES = 3
+
+
+class _ConnectionRetry(Retry):
+    """redis-py's retry loop, without backoff, bounded in time too: no retry begins once
+    ``within`` seconds have passed since the first failure."""
+
+    def __init__(self, retries: int, within: float, supported_errors: tuple) -> None:
+        super().__init__(NoBackoff(), retries, supported_errors=supported_errors)
+        self._within = within
+
+    async def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None,
+                              with_failure_count: bool = False) -> Any:
+        failures, give_up_at = 0, 0.0
+        while True:
+            try:
+                return await do()
+            except self._supported_errors as error:
+                if is_retryable and not is_retryable(error):
+                    raise
+                failures += 1
+                if with_failure_count:
+                    await fail(error, failures)
+                else:
+                    await fail(error)
+                if failures == 1:
+                    give_up_at = time.monotonic() + self._within
+                if failures > self._retries or time.monotonic() >= give_up_at:
+                    raise error
+
+
+def _retry(within: float) -> Any:
+    """Immediate retries of a command whose connection turned out dead (closed, reset,
+    refused), each on a fresh connection: up to ``CONNECTION_RETRIES``, none begun once
+    ``within`` seconds (the store timeout) have passed since the first failure. Commands are
+    sent on a pooled connection the server may have closed since it was last used, and a
+    server closing connections in rounds (CLIENT KILL, a proxy) may close the fresh one too:
+    with one retry, a healthy Redis answered such commands 503 (a request or an admin read in
+    a few hundred under a storm of kills). A timeout is not retried (the command may have run).
+    A command that does not fail costs what redis-py's own loop costs."""
+    return _ConnectionRetry(CONNECTION_RETRIES, within,
+                            (RedisConnectionError, ConnectionResetError, BrokenPipeError))
 
 
 def redact(url: str) -> str:

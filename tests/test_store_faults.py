@@ -782,12 +782,12 @@ async def test_every_topology_s_pool_waits_for_a_connection_instead_of_raising()
     far above any burst one process makes."""
     from redis.asyncio import BlockingConnectionPool
     from gateway.redis_topology import topology_client
-    from gateway.redis_urls import CLUSTER_NODE_CONNECTIONS, standalone_client
+    from gateway.redis_urls import CLUSTER_NODE_CONNECTIONS, CONNECTION_RETRIES, standalone_client
     for url in ("redis://127.0.0.1:1/0", "unix:///tmp/none.sock?db=1&password=x"):
         client = standalone_client(url, timeout=1, decode_responses=True)
         pool = client.connection_pool
         assert isinstance(pool, BlockingConnectionPool) and pool.timeout is None
-        assert pool.connection_kwargs["retry"].get_retries() == 1
+        assert pool.connection_kwargs["retry"].get_retries() == CONNECTION_RETRIES == 3
         await client.aclose()
     sentinel = topology_client("redis+sentinel://127.0.0.1:1/mymaster", timeout=1,
                                decode_responses=True)
