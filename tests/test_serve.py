@@ -341,6 +341,109 @@ def test_a_redis_on_a_unix_socket_refusing_the_password_says_check_the_credentia
         server.wait(10)
 
 
+@pytest.fixture(scope="module")
+def snapshot_of_25_mb(tmp_path_factory) -> Path:
+    """A dump.rdb of ~25 MB that does not compress: a Redis started on it answers LOADING
+    (between the 2 MB chunks it loads) for as long as --key-load-delay makes it take."""
+    where = tmp_path_factory.mktemp("snapshot")
+    port = free_port()
+    server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no", "--dir", str(where)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, retry_on_error=[redis.ConnectionError])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        pipe = client.pipeline(transaction=False)
+        for i in range(100_000):
+            pipe.set(f"filler:{i}", os.urandom(250))
+            if i % 5000 == 4999:
+                pipe.execute()
+        client.save()
+        client.close()
+    finally:
+        server.kill()
+        server.wait(10)
+    return where / "dump.rdb"
+
+
+def loading_redis(snapshot: Path, data_dir: Path, port: int) -> subprocess.Popen:
+    """A redis-server on ``port`` loading ``snapshot`` for several seconds, returned once it
+    answers LOADING (asked on a bare socket: redis-py retries a LOADING answer)."""
+    (data_dir / "dump.rdb").write_bytes(snapshot.read_bytes())
+    server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no", "--dir", str(data_dir),
+                               "--key-load-delay", "25"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=3) as probe:
+                probe.sendall(b"PING\r\n")
+                answer = probe.recv(100)
+            assert answer.startswith(b"-LOADING"), answer
+            return server
+        except OSError:
+            if time.monotonic() > deadline:
+                server.kill()
+                raise
+            time.sleep(0.02)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_redis_still_loading_its_data_at_start_up_is_waited_for(
+        tmp_path, snapshot_of_25_mb, workers):
+    """Redis restarted with a large data set answers LOADING until it is in. `serve` started
+    meanwhile (a host rebooted, a pod rescheduled with its Redis) exited 1 saying "start Redis,
+    or point store.redis_url at one this host can reach" of a Redis that was running: a crash
+    loop and a wrong hint. It says it waits for the load, then serves."""
+    port = free_port()
+    server = loading_redis(snapshot_of_25_mb, tmp_path, port)
+    config, proxy_port, admin_port = write_config(tmp_path,
+                                                  redis_url=f"redis://127.0.0.1:{port}/0")
+    gw = Served(config, proxy_port, admin_port, "--workers", workers)
+    try:
+        await gw.ready(timeout=60)
+        err = gw.stderr()
+        assert "loading" in err and "waiting" in err, err
+        assert "cannot reach" not in err and "Traceback" not in err, err
+        assert gw.terminate() == 0
+    finally:
+        gw.close()
+        server.kill()
+        server.wait(10)
+
+
+async def test_a_sigterm_while_redis_loads_its_data_stops_serve_at_once(tmp_path,
+                                                                        snapshot_of_25_mb):
+    port = free_port()
+    server = loading_redis(snapshot_of_25_mb, tmp_path, port)
+    config, proxy_port, admin_port = write_config(tmp_path,
+                                                  redis_url=f"redis://127.0.0.1:{port}/0")
+    gw = Served(config, proxy_port, admin_port)
+    try:
+        deadline = time.monotonic() + 20
+        while "loading" not in gw.stderr():
+            assert gw.proc.poll() is None, gw.stderr()
+            assert time.monotonic() < deadline, gw.stderr()
+            await asyncio.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as probe:
+            probe.sendall(b"PING\r\n")  # still loading: the stop below comes during the wait
+            assert probe.recv(100).startswith(b"-LOADING")
+        assert gw.terminate(timeout=5) == 0, gw.stderr()
+        assert "Traceback" not in gw.stderr(), gw.stderr()
+    finally:
+        gw.close()
+        server.kill()
+        server.wait(10)
+
+
 def test_bad_store_url_is_one_line_naming_the_field(tmp_path):
     config, _, _ = write_config(tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/abc")
     assert_one_clear_line(run_serve(config), "store.redis_url")
