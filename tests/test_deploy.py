@@ -1,6 +1,6 @@
 """Packaging and deploy files agree with the code: ports, paths, env names, health endpoints,
 metric names. Static and offline; the linters users run (hadolint, promtool, kubernetes-validate,
-docker compose) are run too when they are installed, and skipped otherwise."""
+docker compose, kubectl kustomize) are run too when they are installed, and skipped otherwise."""
 
 from __future__ import annotations
 
@@ -498,13 +498,35 @@ def test_kubernetes_validate_accepts_the_manifests():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_docker_compose_accepts_the_compose_file():
-    env = dict(os.environ, KEYGATE_ADMIN_TOKEN="compose-config-check")
+def compose_command() -> list[str]:
     if shutil.which("docker-compose"):
-        cmd = ["docker-compose"]
-    elif shutil.which("docker") and run(["docker", "compose", "version"]).returncode == 0:
-        cmd = ["docker", "compose"]
-    else:
-        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
-    result = run([*cmd, "-f", str(DEPLOY / "docker-compose.yml"), "config", "-q"], env=env)
+        return ["docker-compose"]
+    if shutil.which("docker") and run(["docker", "compose", "version"]).returncode == 0:
+        return ["docker", "compose"]
+    pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+
+
+# The Traefik example of verify-only mode (docs/deployment-modes.md) is a compose file too.
+COMPOSE_FILES = [DEPLOY / "docker-compose.yml", ROOT / "docs" / "verify" / "traefik-compose.yml"]
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_docker_compose_accepts_the_compose_file(path):
+    env = dict(os.environ, KEYGATE_ADMIN_TOKEN="compose-config-check")
+    result = run([*compose_command(), "-f", str(path), "config", "-q"], env=env)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kustomize_builds_the_manifests_with_this_versions_image():
+    """`kubectl apply -k deploy/k8s` is how the manifests are applied (kustomization.yaml):
+    kustomize must build them (every resource found, no duplicate, the image tag set), which
+    kubernetes-validate, reading the files one by one, does not try."""
+    from gateway import __version__
+    kubectl = tool("kubectl")
+    result = run([kubectl, "kustomize", str(K8S)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    built = {f"{doc['kind']}/{doc['metadata']['name']}": doc
+             for doc in yaml.safe_load_all(result.stdout) if doc}
+    assert set(built) == set(k8s_objects())
+    (container,) = built["Deployment/keygate"]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"keygate:{__version__}"
