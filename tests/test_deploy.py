@@ -391,6 +391,51 @@ def test_agreed_metric_names_are_the_ones_the_code_exports():
     assert exported == INTERFACE_METRICS
 
 
+def exported_labels() -> dict[str, set[str]]:
+    """Each keygate metric's label names as the code exports them (``workspace`` on the
+    request counter with ``metrics.workspace_labels``)."""
+    from gateway.metrics import Metrics
+    metrics = Metrics(workspace_labels=True)
+    found = {metric.name + ("_total" if metric.type == "counter" else ""): set()
+             for metric in metrics.usage.describe()}
+    for name in found:
+        found[name] = {"workspace"}
+    for attr in vars(metrics).values():
+        if getattr(attr, "_name", "").startswith("keygate_"):
+            found[attr._name + ("_total" if attr._type == "counter" else "")] = \
+                set(attr._labelnames)
+    return found
+
+
+def test_the_alerts_and_the_dashboard_select_only_labels_the_metrics_have():
+    """promtool's unit tests feed the alerts series written by hand with the alerts' own
+    labels, and the dashboard's queries are only parsed: a label the code does not export (or
+    no longer does: a renamed `status_class`, `reason`, `code`) passed every check, and such an
+    alert never fires, such a panel stays empty. Every label an alert or a panel selects or
+    groups by is one the metric has (or `job`, `instance`, `le`, which Prometheus adds)."""
+    labels = exported_labels()
+    assert set(labels) == set(INTERFACE_METRICS)
+    exprs = list(dashboard_exprs())
+    exprs += [rule["expr"] for group in yaml.safe_load(ALERTS.read_text())["groups"]
+              for rule in group["rules"]]
+    added = {"job", "instance", "le"}
+
+    def base(name: str) -> str:
+        return re.sub(r"_(bucket|sum|count)$", "", name)
+    wrong = []
+    for expr in exprs:
+        for match in re.finditer(r"\b(keygate_[a-z0-9_]+)\{([^}]*)\}", expr):
+            metric = base(match.group(1))
+            selected = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", match.group(2)))
+            wrong += [(metric, label) for label in selected - added - labels[metric]]
+        for names in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+            used = {name.strip() for name in names.split(",") if name.strip()}
+            known = added.union(*(labels.get(base(m), set()) for m in metric_names(expr)))
+            wrong += [(expr[:60], name) for name in used - known]
+    assert len(exprs) > 20
+    assert wrong == []
+
+
 def test_dashboard_shows_routes_statuses_failures_latency_and_monthly_usage():
     exprs = list(dashboard_exprs())
     joined = "\n".join(exprs)
