@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keygate", parents=[admin_options(suppress=False)],
         description="keygate: an authenticating reverse proxy for API keys.",
-        epilog="Exit codes: 0 success, 1 API or runtime error, 2 bad usage.")
+        epilog="Exit codes: 0 success, 1 API or runtime error, 2 bad usage, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"keygate {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
     tree = CommandTree(verbs, [admin_options(suppress=True)])
