@@ -99,24 +99,34 @@ async def _serve(config: Config, store_url: str, reuse_port: bool,
     try:
         return await _serve_gateway(config, store_url, reuse_port, stop, config_path)
     except StoreError as exc:  # raised while opening the store clients: one line, no traceback
-        print(store_hint(f"keygate: cannot use the store at {redact(store_url)}: {exc}",
-                         config, True), file=sys.stderr)
-        return 1
+        return _store_failed_at_start(f"keygate: cannot use the store at {redact(store_url)}: "
+                                      f"{exc}", config, True, stop)
+
+
+def _store_failed_at_start(problem: str, config: Config, reached: bool,
+                           stop: asyncio.Event) -> int:
+    """A start-up check of the store failed: one line and exit 1, unless a stop came while it
+    ran. `systemctl stop` signals the whole service at once, its Redis too: the check then
+    fails on the Redis going away, and the start the stop interrupted ends as a stop (0)."""
+    if stop.is_set():
+        log.info("stopped while starting (the store's start-up check did not finish)")
+        return 0
+    print(store_hint(problem, config, reached), file=sys.stderr)
+    return 1
 
 
 async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
                          stop: asyncio.Event, config_path: str | None = None) -> int:
     async with running_gateway(config, store_url, config_path=config_path) as gw:
         if problem := await gw.store.ping_problem():
-            print(store_hint(f"keygate: cannot reach the store at {redact(store_url)}: "
-                             f"{problem}", config, _answered(problem)), file=sys.stderr)
-            return 1
+            return _store_failed_at_start(f"keygate: cannot reach the store at "
+                                          f"{redact(store_url)}: {problem}", config,
+                                          _answered(problem), stop)
         try:  # the per-request path's own connection (its credentials, its permissions)
             await gw.requests.ready()
         except StoreError as exc:
-            print(store_hint(f"keygate: cannot use the store at {redact(store_url)}: {exc}",
-                             config, True), file=sys.stderr)
-            return 1
+            return _store_failed_at_start(f"keygate: cannot use the store at "
+                                          f"{redact(store_url)}: {exc}", config, True, stop)
         try:
             runners = await start_listeners(gw, reuse_port)
         except ListenError as exc:

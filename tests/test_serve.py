@@ -444,6 +444,62 @@ async def test_a_sigterm_while_redis_loads_its_data_stops_serve_at_once(tmp_path
         server.wait(10)
 
 
+def sigterm_caught(pid: int) -> bool:
+    """Whether the process has its SIGTERM handler: serve's event loop installs it as its last
+    step before the start-up checks of the store."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def test_a_stop_while_serve_checks_its_store_is_a_clean_stop_not_a_failure(tmp_path):
+    """`systemctl stop` (SIGTERM to the whole service, its Redis too) while serve, or one of
+    its workers, was still checking its store at start-up: the check then failed on the Redis
+    that was going away, and serve exited 1 with "cannot use the store ... start Redis" (a
+    supervisor: "worker exited with status 1"), a failed unit for a stop it was asked for.
+    A start the stop interrupted ends as a stop: exit 0, without the store line."""
+    port = free_port()
+    server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, retry_on_error=[redis.ConnectionError])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        # writes held: the start-up check of the per-request connection (a script that
+        # writes) waits there, within store.timeout, while PING is answered
+        client.execute_command("CLIENT", "PAUSE", 20000, "WRITE")
+        config, proxy_port, admin_port = write_config(tmp_path,
+                                                      redis_url=f"redis://127.0.0.1:{port}/0")
+        doc = yaml.safe_load(config.read_text())
+        doc["store"]["timeout"] = 10
+        config.write_text(yaml.safe_dump(doc))
+        gw = Served(config, proxy_port, admin_port)
+        try:
+            deadline = time.monotonic() + 30
+            while not sigterm_caught(gw.proc.pid):
+                assert gw.proc.poll() is None and time.monotonic() < deadline, gw.stderr()
+                time.sleep(0.005)
+            time.sleep(0.3)  # at the store's check
+            gw.proc.send_signal(signal.SIGTERM)
+            server.kill()  # the service's Redis, stopped with it
+            server.wait(10)
+            assert gw.proc.wait(20) == 0, gw.stderr()
+            assert "cannot use the store" not in gw.stderr(), gw.stderr()
+            assert "Traceback" not in gw.stderr(), gw.stderr()
+        finally:
+            gw.close()
+    finally:
+        server.kill()
+        server.wait(10)
+
+
 def test_bad_store_url_is_one_line_naming_the_field(tmp_path):
     config, _, _ = write_config(tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/abc")
     assert_one_clear_line(run_serve(config), "store.redis_url")
