@@ -382,18 +382,22 @@ def loading_redis(snapshot: Path, data_dir: Path, port: int) -> subprocess.Popen
                                "--key-load-delay", "25"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=3) as probe:
-                probe.sendall(b"PING\r\n")
-                answer = probe.recv(100)
-            assert answer.startswith(b"-LOADING"), answer
-            return server
-        except OSError:
-            if time.monotonic() > deadline:
-                server.kill()
-                raise
-            time.sleep(0.02)
+    try:
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=3) as probe:
+                    probe.sendall(b"PING\r\n")
+                    answer = probe.recv(100)
+                assert answer.startswith(b"-LOADING"), answer
+                return server
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+    except BaseException:  # never a redis-server left behind
+        server.kill()
+        server.wait(10)
+        raise
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
