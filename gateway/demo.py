@@ -232,7 +232,8 @@ def _banner(proxy: str, admin: str, admin_token: str, tokens: dict[str, str],
                                  if generated_admin_token else
                                  "your KEYGATE_ADMIN_TOKEN; paste this for the admin lines "
                                  "and the CLI:"),
-        f"  export KEYGATE_ADMIN_URL={admin} KEYGATE_ADMIN_TOKEN={admin_token}",
+        # quoted for the shell: a token of one's own may hold blanks, `$`, `;`, quotes
+        f"  export KEYGATE_ADMIN_URL={admin} KEYGATE_ADMIN_TOKEN={shlex.quote(admin_token)}",
     ]
     return "\n".join(lines)
 

@@ -99,23 +99,34 @@ async def _serve(config: Config, store_url: str, reuse_port: bool,
     try:
         return await _serve_gateway(config, store_url, reuse_port, stop, config_path)
     except StoreError as exc:  # raised while opening the store clients: one line, no traceback
-        _say(store_hint(f"cannot use the store at {redact(store_url)}: {exc}", config, True))
-        return 1
+        return _store_failed_at_start(f"cannot use the store at {redact(store_url)}: "
+                                      f"{exc}", config, True, stop)
+
+
+def _store_failed_at_start(problem: str, config: Config, reached: bool,
+                           stop: asyncio.Event) -> int:
+    """A start-up check of the store failed: one line and exit 1, unless a stop came while it
+    ran. `systemctl stop` signals the whole service at once, its Redis too: the check then
+    fails on the Redis going away, and the start the stop interrupted ends as a stop (0)."""
+    if stop.is_set():
+        log.info("stopped while starting (the store's start-up check did not finish)")
+        return 0
+    _say(store_hint(problem, config, reached))
+    return 1
 
 
 async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
                          stop: asyncio.Event, config_path: str | None = None) -> int:
     async with running_gateway(config, store_url, config_path=config_path) as gw:
         if problem := await gw.store.ping_problem():
-            _say(store_hint(f"cannot reach the store at {redact(store_url)}: {problem}",
-                            config, _answered(problem)))
-            return 1
+            return _store_failed_at_start(f"cannot reach the store at "
+                                          f"{redact(store_url)}: {problem}", config,
+                                          _answered(problem), stop)
         try:  # the per-request path's own connection (its credentials, its permissions)
             await gw.requests.ready()
         except StoreError as exc:
-            _say(store_hint(f"cannot use the store at {redact(store_url)}: {exc}", config,
-                            True))
-            return 1
+            return _store_failed_at_start(f"cannot use the store at "
+                                          f"{redact(store_url)}: {exc}", config, True, stop)
         try:
             runners = await start_listeners(gw, reuse_port)
         except ListenError as exc:
@@ -227,6 +238,56 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
 def _run_worker(config: Config, store_url: str, reuse_port: bool,
                 config_path: str | None = None, embedded=None) -> int:
     return run_event_loop(_serve(config, store_url, reuse_port, config_path, embedded))
+
+
+LOADING_POLL = 0.25  # seconds between PINGs while Redis loads its data set
+
+
+def _wait_while_loading(config: Config, store_url: str) -> bool:
+    """Wait while the store answers LOADING (a Redis restarted on a large AOF or snapshot, a
+    replica syncing): it is running and will serve, so exiting 1 with "start Redis" was a
+    wrong hint and, under a process manager, a restart loop with back-off. Said once, and
+    once more when it has loaded. False: a SIGTERM came meanwhile (held since ``serve``
+    blocked it), a clean stop. Any other problem is left to the start-up checks, which say
+    it as before. Costs one PING at start."""
+    from .store import Store
+    from .store.embedded import _stop_requested
+
+    async def wait() -> bool:
+        try:
+            store = await Store.connect(store_url, config)
+        except StoreError:
+            return True
+        said = False
+        try:
+            while True:
+                # redis-py retries a LOADING answer, reconnecting, for seconds: a SIGTERM
+                # meanwhile is looked for every 0.1 s, not once per PING
+                ping = asyncio.ensure_future(store.ping_problem())
+                while not (await asyncio.wait({ping}, timeout=0.1))[0]:
+                    if said and _stop_requested():
+                        ping.cancel()
+                        return False
+                problem = ping.result()
+                # once it said LOADING, a PING unanswered in time is Redis busy with a chunk
+                loading = problem is not None and (problem.startswith("BusyLoadingError")
+                                                   or (said and "Timeout" in problem))
+                if not loading:
+                    if said and problem is None:
+                        log.info("the store at %s has loaded its data", redact(store_url))
+                    return True
+                if not said:
+                    log.warning("the store at %s is loading its data set (it answers LOADING): "
+                                "waiting for it; keygate listens once it has loaded",
+                                redact(store_url))
+                    said = True
+                if _stop_requested():
+                    return False
+                await asyncio.sleep(LOADING_POLL)
+        finally:
+            await store.close()
+
+    return asyncio.run(wait())
 
 
 def _preflight(config: Config, store_url: str) -> str | None:
@@ -616,6 +677,9 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
     except EmbeddedError as exc:
         print(f"keygate: {exc}", file=sys.stderr)
         return 1
+    if embedded is None and not _wait_while_loading(config, store_url):
+        log.info("stopped while waiting for the store to load its data")
+        return 0
     try:
         workers = workers or config.server.workers
         if workers > 1:

@@ -13,6 +13,7 @@ import io
 import os
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -174,6 +175,31 @@ def test_help_as_a_subprocess_has_no_traceback():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "--workspace" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_ctrl_c_at_the_revoke_question_is_exit_130_without_a_traceback():
+    """docs/cli.md and `keygate --help` list every exit code: Ctrl-C is 130 (the shell's
+    convention for SIGINT), one empty line and no traceback, and the key is not revoked."""
+    port = free_port()  # nobody there: the question comes before any call
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "--admin-url",
+                             f"http://127.0.0.1:{port}", "keys", "revoke", "-w", "acme",
+                             "k0000000000a"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ,
+                                                         "KEYGATE_ADMIN_TOKEN": "t" * 40})
+    try:
+        asked = b""
+        while b"[y/N]" not in asked:
+            chunk = proc.stderr.read1(4096)
+            assert chunk, asked
+            asked += chunk
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (asked + err).decode()
+    assert b"Traceback" not in err and b"revoked key" not in out, err
 
 
 def test_unreachable_admin_api_is_one_line_and_exit_1(capsys, monkeypatch):

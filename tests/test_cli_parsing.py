@@ -267,3 +267,39 @@ def test_every_command_line_the_docs_show_is_one_the_cli_takes():
         except SystemExit as exc:
             wrong.append((where, line, exc.code))
     assert wrong == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["keys", "show", "-w", "acme", "caf\udce9"],
+    ["keys", "rotate", "-w", "caf\udce9", "k0000000000a"],
+    ["keys", "delete", "-w", "acme", "caf\udce9"],
+    ["workspaces", "limits", "caf\udce9"],
+    ["roles", "delete", "-w", "acme", "caf\udce9"],
+    ["usage", "-w", "caf\udce9"],
+    ["workspaces", "create", "acme", "--name", "caf\udce9"],
+    ["keys", "create", "-w", "acme", "--name", "n", "--scope", "people:r\udce9ad"],
+    ["keys", "update", "-w", "acme", "k0000000000a", "--description", "caf\udce9"]])
+def test_an_argument_that_is_not_utf_8_is_bad_usage_not_a_traceback(argv, capsys, monkeypatch):
+    """A byte that is not UTF-8 on the command line (`keygate keys show -w acme $'caf\\xe9'`,
+    a name typed in a Latin-1 terminal) reaches Python as a lone surrogate: as a key or
+    workspace id it ended the command in a UnicodeEncodeError traceback from urllib's quote,
+    and as a name or scope it went to the admin API and came back as exit 1, "not valid
+    Unicode text (it holds a lone surrogate)". It is bad usage, exit 2, saying which bytes."""
+    from gateway.cli import main
+    from conftest import free_port
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("KEYGATE_ADMIN_URL", f"http://127.0.0.1:{free_port()}")  # nobody there
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: keygate ") and "\\xe9" in err, err
+    assert "not UTF-8" in err and "cannot reach" not in err, err
+
+
+def test_a_config_path_that_is_not_utf_8_is_still_a_path(tmp_path, capsys):
+    """File names are bytes: `config check` and `--config` take one that is not UTF-8 as the
+    file it names (only what is sent to the admin API has to be UTF-8 text)."""
+    from gateway.cli import main
+    path = tmp_path / "caf\udce9.yaml"
+    path.write_text("routes: []\n")
+    assert main(["config", "check", str(path)]) == 1
+    assert "routes" in capsys.readouterr().err

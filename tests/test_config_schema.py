@@ -383,8 +383,12 @@ def test_the_configuration_reference_gives_the_defaults_the_loader_uses(tmp_path
     """Each `default` cell of docs/configuration.md is the value the loader gives a key the
     file leaves out (`none`/`null` for None, a YAML list for a tuple)."""
     monkeypatch.setenv("KG_PROBE_SECRET", "s" * 32)
+    # each optional section present with its required keys only, so that its other keys'
+    # defaults are compared too (absent, the section is None and its rows were skipped:
+    # tracing.service_name and sample_ratio were compared with nothing)
     doc = {**copy.deepcopy(BASE), "plans": {"p": {}},
-           "identity_signature": {"secret_env": "KG_PROBE_SECRET"}}
+           "identity_signature": {"secret_env": "KG_PROBE_SECRET"},
+           "tracing": {"otlp_endpoint": "http://127.0.0.1:4318"}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
     config = load_config(tmp_path / "c.yaml")
     wrong, compared = [], 0

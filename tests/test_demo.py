@@ -336,3 +336,22 @@ async def test_a_demo_that_cannot_make_its_store_folder_says_what_to_do():
         assert "run keygate demo from another directory" in lines[0], lines[0]
     finally:
         shutil.rmtree(cwd, ignore_errors=True)
+
+
+def test_the_export_line_gives_the_shell_an_operator_token_of_ones_own_as_it_is():
+    """With KEYGATE_ADMIN_TOKEN set (the banner says to, to choose the token), the banner's
+    last line wrote it unquoted: `export ... KEYGATE_ADMIN_TOKEN=my token$1` pasted set the
+    token to `my` (and ran `token` with a `$1` gone), `...;...` ran the rest as a command.
+    Pasted into a shell, the line now sets exactly the token the demo uses."""
+    import subprocess
+
+    from gateway.demo import _banner
+    tokens = {"read-only": "kg_live_" + "a" * 50, "read-write": "kg_live_" + "b" * 50}
+    for token in ("my token$1", "it's;echo pwned", "a`b`\"c\"\\d&e|f*g?h~", "plain-Token_1"):
+        banner = _banner("http://127.0.0.1:8080", "http://127.0.0.1:8081", token, tokens, False)
+        (line,) = [ln.strip() for ln in banner.splitlines()
+                   if ln.strip().startswith("export KEYGATE_ADMIN_URL=")]
+        shown = subprocess.run(["sh", "-c", line + '; printf %s "$KEYGATE_ADMIN_TOKEN"'],
+                               capture_output=True, text=True, timeout=10, cwd=tempfile.gettempdir())
+        assert shown.stdout == token and shown.stderr == "", (line, shown)
+    assert "KEYGATE_ADMIN_TOKEN=plain-Token_1" in banner  # a plain one stays as it is

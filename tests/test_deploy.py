@@ -1,6 +1,6 @@
 """Packaging and deploy files agree with the code: ports, paths, env names, health endpoints,
 metric names. Static and offline; the linters users run (hadolint, promtool, kubernetes-validate,
-docker compose) are run too when they are installed, and skipped otherwise."""
+docker compose, kubectl kustomize) are run too when they are installed, and skipped otherwise."""
 
 from __future__ import annotations
 
@@ -391,6 +391,51 @@ def test_agreed_metric_names_are_the_ones_the_code_exports():
     assert exported == INTERFACE_METRICS
 
 
+def exported_labels() -> dict[str, set[str]]:
+    """Each keygate metric's label names as the code exports them (``workspace`` on the
+    request counter with ``metrics.workspace_labels``)."""
+    from gateway.metrics import Metrics
+    metrics = Metrics(workspace_labels=True)
+    found = {metric.name + ("_total" if metric.type == "counter" else ""): set()
+             for metric in metrics.usage.describe()}
+    for name in found:
+        found[name] = {"workspace"}
+    for attr in vars(metrics).values():
+        if getattr(attr, "_name", "").startswith("keygate_"):
+            found[attr._name + ("_total" if attr._type == "counter" else "")] = \
+                set(attr._labelnames)
+    return found
+
+
+def test_the_alerts_and_the_dashboard_select_only_labels_the_metrics_have():
+    """promtool's unit tests feed the alerts series written by hand with the alerts' own
+    labels, and the dashboard's queries are only parsed: a label the code does not export (or
+    no longer does: a renamed `status_class`, `reason`, `code`) passed every check, and such an
+    alert never fires, such a panel stays empty. Every label an alert or a panel selects or
+    groups by is one the metric has (or `job`, `instance`, `le`, which Prometheus adds)."""
+    labels = exported_labels()
+    assert set(labels) == set(INTERFACE_METRICS)
+    exprs = list(dashboard_exprs())
+    exprs += [rule["expr"] for group in yaml.safe_load(ALERTS.read_text())["groups"]
+              for rule in group["rules"]]
+    added = {"job", "instance", "le"}
+
+    def base(name: str) -> str:
+        return re.sub(r"_(bucket|sum|count)$", "", name)
+    wrong = []
+    for expr in exprs:
+        for match in re.finditer(r"\b(keygate_[a-z0-9_]+)\{([^}]*)\}", expr):
+            metric = base(match.group(1))
+            selected = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", match.group(2)))
+            wrong += [(metric, label) for label in selected - added - labels[metric]]
+        for names in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+            used = {name.strip() for name in names.split(",") if name.strip()}
+            known = added.union(*(labels.get(base(m), set()) for m in metric_names(expr)))
+            wrong += [(expr[:60], name) for name in used - known]
+    assert len(exprs) > 20
+    assert wrong == []
+
+
 def test_dashboard_shows_routes_statuses_failures_latency_and_monthly_usage():
     exprs = list(dashboard_exprs())
     joined = "\n".join(exprs)
@@ -498,13 +543,35 @@ def test_kubernetes_validate_accepts_the_manifests():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_docker_compose_accepts_the_compose_file():
-    env = dict(os.environ, KEYGATE_ADMIN_TOKEN="compose-config-check")
+def compose_command() -> list[str]:
     if shutil.which("docker-compose"):
-        cmd = ["docker-compose"]
-    elif shutil.which("docker") and run(["docker", "compose", "version"]).returncode == 0:
-        cmd = ["docker", "compose"]
-    else:
-        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
-    result = run([*cmd, "-f", str(DEPLOY / "docker-compose.yml"), "config", "-q"], env=env)
+        return ["docker-compose"]
+    if shutil.which("docker") and run(["docker", "compose", "version"]).returncode == 0:
+        return ["docker", "compose"]
+    pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+
+
+# The Traefik example of verify-only mode (docs/deployment-modes.md) is a compose file too.
+COMPOSE_FILES = [DEPLOY / "docker-compose.yml", ROOT / "docs" / "verify" / "traefik-compose.yml"]
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_docker_compose_accepts_the_compose_file(path):
+    env = dict(os.environ, KEYGATE_ADMIN_TOKEN="compose-config-check")
+    result = run([*compose_command(), "-f", str(path), "config", "-q"], env=env)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kustomize_builds_the_manifests_with_this_versions_image():
+    """`kubectl apply -k deploy/k8s` is how the manifests are applied (kustomization.yaml):
+    kustomize must build them (every resource found, no duplicate, the image tag set), which
+    kubernetes-validate, reading the files one by one, does not try."""
+    from gateway import __version__
+    kubectl = tool("kubectl")
+    result = run([kubectl, "kustomize", str(K8S)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    built = {f"{doc['kind']}/{doc['metadata']['name']}": doc
+             for doc in yaml.safe_load_all(result.stdout) if doc}
+    assert set(built) == set(k8s_objects())
+    (container,) = built["Deployment/keygate"]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"keygate:{__version__}"

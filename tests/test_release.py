@@ -76,6 +76,31 @@ def test_the_operations_guide_lists_every_metric():
     assert [m for m in DOCUMENTED_METRICS if f"`{m}`" not in guide] == []
 
 
+def test_every_metric_the_docs_and_deploy_files_name_is_one_keygate_exports():
+    """The other way round: a `keygate_...` series named anywhere an operator reads (README,
+    docs/, deploy/, the example config) must be one /metrics serves, or a query or alert
+    copied from there finds nothing. Names that are not series are told apart by their
+    context: nginx variables (`$keygate_...`) and Python names (`def`/`[keygate_...]`)."""
+    from conftest import DOCUMENTED_METRICS
+    served = set(DOCUMENTED_METRICS)
+    served |= {f"{name}_{part}" for name, kind in DOCUMENTED_METRICS.items()
+               if kind == "histogram" for part in ("bucket", "sum", "count")}
+    pages = [ROOT / "README.md", ROOT / "config.example.yaml", ROOT / "Dockerfile",
+             *sorted(p for p in (ROOT / "docs").rglob("*") if p.suffix in (".md", ".yaml",
+                                                                           ".yml", ".json")),
+             *sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file())]
+    unknown = []
+    for page in pages:
+        text = page.read_text()
+        for match in re.finditer(r"(?<![\w$])keygate_[a-z0-9_]+", text):
+            before = text[max(0, match.start() - 4):match.start()]
+            if before.endswith(("def ", "async def ", "[")) or "$" in before[-1:]:
+                continue
+            if match.group(0) not in served:
+                unknown.append(f"{page.relative_to(ROOT)}: {match.group(0)}")
+    assert unknown == []
+
+
 def test_the_security_model_names_the_digest_the_key_cache_is_keyed_by():
     """docs/security.md tells a reviewer what a process keeps of a verified secret; it must be
     the hash gateway.auth.token_digest computes (README.md says the same)."""

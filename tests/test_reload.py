@@ -771,6 +771,41 @@ async def test_a_sighup_during_start_up_is_held_not_lost(tmp_path, slow_upstream
         gw.close()
 
 
+async def test_a_sighup_while_serve_is_still_loading_its_modules_does_not_end_it(
+        tmp_path, slow_upstream, redis_url):
+    """serve held SIGHUP only from after its imports and the config's load: a SIGHUP in the
+    first second or two of a start (systemd's ExecReload right after a start, a config tool
+    signalling as the pod restarts) ended it at once, killed by the signal, with no line in
+    its log. serve now holds it from its first step, and reloads once it is up."""
+    url, _ = slow_upstream
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url, upstream_url=url)
+    mark = tmp_path / "importing"
+    path = [str(Path(__file__).parent / "slow_start"), os.environ.get("PYTHONPATH", "")]
+    gw = Served(config, pport, aport,
+                environ={"PYTHONPATH": os.pathsep.join(p for p in path if p),
+                         "KEYGATE_TEST_SLOW_START": "1.5",
+                         "KEYGATE_TEST_SLOW_START_MARK": str(mark)})
+    try:
+        deadline = time.monotonic() + 20
+        while not mark.exists():  # serve is loading gateway.workers
+            assert gw.proc.poll() is None and time.monotonic() < deadline, gw.stderr()
+            await asyncio.sleep(0.01)
+        edit_routes(config, [PEOPLE, {"path": "/late/**", "upstream": "api",
+                                      "scopes": ["people:read"]}])
+        gw.proc.send_signal(signal.SIGHUP)
+        await gw.ready()
+        deadline = time.monotonic() + 10
+        while "config reloaded from" not in gw.stderr():
+            assert time.monotonic() < deadline, gw.stderr()
+            await asyncio.sleep(0.1)
+        async with ClientSession(timeout=TIMEOUT) as s:
+            token = await new_key(s, gw.admin)
+        assert await answered_by_all(gw.proxy, "/late/x", token, 200)
+        assert await asyncio.to_thread(gw.terminate) == 0
+    finally:
+        gw.close()
+
+
 async def test_tracing_and_identity_signature_need_a_restart(reloadable, upstreams,
                                                              monkeypatch):
     gw, path = reloadable

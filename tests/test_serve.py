@@ -342,6 +342,169 @@ def test_a_redis_on_a_unix_socket_refusing_the_password_says_check_the_credentia
         server.wait(10)
 
 
+@pytest.fixture(scope="module")
+def snapshot_of_25_mb(tmp_path_factory) -> Path:
+    """A dump.rdb of ~25 MB that does not compress: a Redis started on it answers LOADING
+    (between the 2 MB chunks it loads) for as long as --key-load-delay makes it take."""
+    where = tmp_path_factory.mktemp("snapshot")
+    port = free_port()
+    server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no", "--dir", str(where)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, retry_on_error=[redis.ConnectionError])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        pipe = client.pipeline(transaction=False)
+        for i in range(100_000):
+            pipe.set(f"filler:{i}", os.urandom(250))
+            if i % 5000 == 4999:
+                pipe.execute()
+        client.save()
+        client.close()
+    finally:
+        server.kill()
+        server.wait(10)
+    return where / "dump.rdb"
+
+
+def loading_redis(snapshot: Path, data_dir: Path, port: int) -> subprocess.Popen:
+    """A redis-server on ``port`` loading ``snapshot`` for several seconds, returned once it
+    answers LOADING (asked on a bare socket: redis-py retries a LOADING answer)."""
+    (data_dir / "dump.rdb").write_bytes(snapshot.read_bytes())
+    server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no", "--dir", str(data_dir),
+                               "--key-load-delay", "25"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=3) as probe:
+                    probe.sendall(b"PING\r\n")
+                    answer = probe.recv(100)
+                assert answer.startswith(b"-LOADING"), answer
+                return server
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+    except BaseException:  # never a redis-server left behind
+        server.kill()
+        server.wait(10)
+        raise
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_redis_still_loading_its_data_at_start_up_is_waited_for(
+        tmp_path, snapshot_of_25_mb, workers):
+    """Redis restarted with a large data set answers LOADING until it is in. `serve` started
+    meanwhile (a host rebooted, a pod rescheduled with its Redis) exited 1 saying "start Redis,
+    or point store.redis_url at one this host can reach" of a Redis that was running: a crash
+    loop and a wrong hint. It says it waits for the load, then serves."""
+    port = free_port()
+    server = loading_redis(snapshot_of_25_mb, tmp_path, port)
+    config, proxy_port, admin_port = write_config(tmp_path,
+                                                  redis_url=f"redis://127.0.0.1:{port}/0")
+    gw = Served(config, proxy_port, admin_port, "--workers", workers)
+    try:
+        await gw.ready(timeout=60)
+        err = gw.stderr()
+        assert "loading" in err and "waiting" in err, err
+        assert "cannot reach" not in err and "Traceback" not in err, err
+        assert gw.terminate() == 0
+    finally:
+        gw.close()
+        server.kill()
+        server.wait(10)
+
+
+async def test_a_sigterm_while_redis_loads_its_data_stops_serve_at_once(tmp_path,
+                                                                        snapshot_of_25_mb):
+    port = free_port()
+    server = loading_redis(snapshot_of_25_mb, tmp_path, port)
+    config, proxy_port, admin_port = write_config(tmp_path,
+                                                  redis_url=f"redis://127.0.0.1:{port}/0")
+    gw = Served(config, proxy_port, admin_port)
+    try:
+        deadline = time.monotonic() + 20
+        while "loading" not in gw.stderr():
+            assert gw.proc.poll() is None, gw.stderr()
+            assert time.monotonic() < deadline, gw.stderr()
+            await asyncio.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as probe:
+            probe.sendall(b"PING\r\n")  # still loading: the stop below comes during the wait
+            assert probe.recv(100).startswith(b"-LOADING")
+        assert gw.terminate(timeout=5) == 0, gw.stderr()
+        assert "Traceback" not in gw.stderr(), gw.stderr()
+    finally:
+        gw.close()
+        server.kill()
+        server.wait(10)
+
+
+def sigterm_caught(pid: int) -> bool:
+    """Whether the process has its SIGTERM handler: serve's event loop installs it as its last
+    step before the start-up checks of the store."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def test_a_stop_while_serve_checks_its_store_is_a_clean_stop_not_a_failure(tmp_path):
+    """`systemctl stop` (SIGTERM to the whole service, its Redis too) while serve, or one of
+    its workers, was still checking its store at start-up: the check then failed on the Redis
+    that was going away, and serve exited 1 with "cannot use the store ... start Redis" (a
+    supervisor: "worker exited with status 1"), a failed unit for a stop it was asked for.
+    A start the stop interrupted ends as a stop: exit 0, without the store line."""
+    port = free_port()
+    server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, retry_on_error=[redis.ConnectionError])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        # writes held: the start-up check of the per-request connection (a script that
+        # writes) waits there, within store.timeout, while PING is answered
+        client.execute_command("CLIENT", "PAUSE", 20000, "WRITE")
+        config, proxy_port, admin_port = write_config(tmp_path,
+                                                      redis_url=f"redis://127.0.0.1:{port}/0")
+        doc = yaml.safe_load(config.read_text())
+        doc["store"]["timeout"] = 10
+        config.write_text(yaml.safe_dump(doc))
+        gw = Served(config, proxy_port, admin_port)
+        try:
+            deadline = time.monotonic() + 30
+            while not sigterm_caught(gw.proc.pid):
+                assert gw.proc.poll() is None and time.monotonic() < deadline, gw.stderr()
+                time.sleep(0.005)
+            time.sleep(0.3)  # at the store's check
+            gw.proc.send_signal(signal.SIGTERM)
+            server.kill()  # the service's Redis, stopped with it
+            server.wait(10)
+            assert gw.proc.wait(20) == 0, gw.stderr()
+            assert "cannot use the store" not in gw.stderr(), gw.stderr()
+            assert "Traceback" not in gw.stderr(), gw.stderr()
+        finally:
+            gw.close()
+    finally:
+        server.kill()
+        server.wait(10)
+
+
 def test_bad_store_url_is_one_line_naming_the_field(tmp_path):
     config, _, _ = write_config(tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/abc")
     assert_one_clear_line(run_serve(config), "store.redis_url")

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keygate", parents=[admin_options(suppress=False)],
         description="keygate: an authenticating reverse proxy for API keys.",
-        epilog="Exit codes: 0 success, 1 API or runtime error, 2 bad usage.")
+        epilog="Exit codes: 0 success, 1 API or runtime error, 2 bad usage, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"keygate {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
     tree = CommandTree(verbs, [admin_options(suppress=True)])
@@ -58,4 +58,38 @@ def build_parser() -> argparse.ArgumentParser:
     reports.add_usage(tree)
     server.add_reload(tree)
     reports.add_audit(tree)
+    _utf8_only(parser)
     return parser
+
+
+# The admin options every command shares: --config is a path (any bytes a file name has), the
+# others check their own values.
+_SHARED = {"admin_url", "config", "timeout", "json", "help"}
+
+
+def _utf8_only(parser: argparse.ArgumentParser) -> None:
+    """Every value an admin command sends has to be UTF-8 text. A byte that is not (a name
+    typed in a Latin-1 terminal, `$'caf\\xe9'`) reaches Python as a lone surrogate, which
+    ended the command in a UnicodeEncodeError traceback as an id in the URL and came back
+    as the API's 400 as a name: it is bad usage (exit 2), saying which bytes."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _utf8_only(sub)
+        elif (not parser._defaults.get("local", True) and action.nargs != 0
+              and action.dest not in _SHARED):
+            action.type = _utf8(action.type)
+
+
+def _utf8(inner: Any) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = text.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+            raise argparse.ArgumentTypeError(
+                f"'{shown}' is not UTF-8 text (typed in a terminal set to another encoding?); "
+                "the admin API takes UTF-8 only") from None
+        return text if inner is None else inner(text)
+    convert.__name__ = getattr(inner, "__name__", "text")
+    return convert

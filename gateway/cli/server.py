@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from .client import AdminClient, ApiError
@@ -66,12 +67,24 @@ def _missing_default_config(path: str, given: str | None, how: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..workers import serve
-    given = getattr(args, "config", None)
-    path = config_path(given)
-    if _missing_default_config(path, given, "keygate serve --config PATH"):
-        return 1
-    return serve(path, args.workers)
+    # First of all, before the imports and the config's load, which take a second or two on a
+    # cold start: a SIGHUP meanwhile (systemd's ExecReload, a config tool) ended the process
+    # with no word, and a SIGTERM cut it off halfway. Held here, both are delivered once serve
+    # has its handlers (gateway.workers.serve holds them from then on).
+    held = {signal.SIGHUP, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        from ..workers import serve
+        given = getattr(args, "config", None)
+        path = config_path(given)
+        if _missing_default_config(path, given, "keygate serve --config PATH"):
+            return 1
+        return serve(path, args.workers)
+    finally:
+        # for a caller that goes on (tests call main() in-process); a signal still held is
+        # left pending rather than delivered now, which would turn exit 1 into death by it
+        if not held & signal.sigpending():
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
