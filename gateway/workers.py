@@ -117,6 +117,8 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
             print(store_hint(f"keygate: cannot use the store at {redact(store_url)}: {exc}",
                              config, True), file=sys.stderr)
             return 1
+        # a Redis that evicts keys under maxmemory is said at start, not only by a probe
+        await gw.admin_app[READINESS].check_eviction()
         try:
             runners = await start_listeners(gw, reuse_port)
         except ListenError as exc:
