@@ -707,3 +707,22 @@ async def test_keygates_connections_send_no_client_setinfo(request, tmp_path, up
     finally:
         if topology == "standalone":
             server.stop()
+
+
+
+async def test_a_cluster_node_that_would_evict_keys_is_warned_of(redis_cluster):
+    """One node of three that would evict keys under maxmemory (tests/test_production_faults.py
+    has the single Redis): INFO must reach every node, not redis-py's one default node."""
+    from gateway.store import Store
+    store = await Store.connect(redis_cluster["url"], make_config("http://127.0.0.1:9"))
+    try:
+        assert await store.eviction_problem() is None
+        node = redis.Redis(port=redis_cluster["ports"][2], password=CLUSTER_PW)
+        node.config_set("maxmemory", "64mb")
+        node.config_set("maxmemory-policy", "volatile-ttl")
+        node.close()
+        problem = await store.eviction_problem()
+        assert problem is not None and "volatile-ttl" in problem, problem
+    finally:
+        await store.close()
+

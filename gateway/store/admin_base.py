@@ -240,8 +240,11 @@ class StoreBase:
         rate logs (they have a TTL) go first, so quotas and rates start again from zero; under
         ``allkeys-*`` key records and workspaces go too (good keys answer 401 ``invalid_key``).
         One INFO call (every node of a Cluster); never on the request path."""
+        # a Cluster: every node (its replicas too: one may be promoted), else one only
+        every = getattr(self.redis, "ALL_NODES", None)
         try:
-            reply = await self.redis.info("memory")
+            reply = await (self.redis.info("memory") if every is None else
+                           self.redis.info("memory", target_nodes=every))
         except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError):
             return None
         # a Cluster answers {node: info} for its nodes, a single Redis its own info
