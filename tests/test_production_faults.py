@@ -7,12 +7,14 @@ only; each test bounds itself in time."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
+import time
 
 import pytest
 import redis
 
-from harness import bearer, gateway_under_test, make_config
+from harness import bearer, eventually, gateway_under_test, make_config
 from served import Served, TIMEOUT, new_key, write_config
 
 from aiohttp import ClientSession
@@ -83,3 +85,50 @@ async def test_an_eviction_policy_set_while_keygate_runs_is_warned_of_once_and_i
             assert len(_warnings(caplog, "maxmemory-policy")) == 1
     finally:
         admin.close()
+
+
+class SteppedClock:
+    """This host's wall clock, which an operator (``date -s``) or a broken NTP steps while
+    keygate serves: ``step`` seconds off the real one. Redis (a process of its own on another
+    host, here its own clock) is not stepped."""
+
+    def __init__(self) -> None:
+        self.step = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.step
+
+
+async def test_a_host_clock_stepped_an_hour_while_serving_is_followed_at_once(
+        upstream, own_redis, monkeypatch):
+    """Every time decision is this host's clock plus its skew to Redis's TIME, and the skew was
+    read at connect and then once a minute. A host clock stepped an hour forward while serving
+    therefore made, for up to a minute: keys expiring within the hour answer 401
+    ``expired_key``, requests count in the next month near a month's end, rate-log entries
+    an hour in the future (each held a key's rate for its whole window), keys created then
+    an hour off; stepped back, expired keys answered 200. The store client now sees the step
+    (its wall clock moved against its monotonic one) on its next watchdog tick and reads
+    Redis's clock again: within about a second, no request decided an hour off after that."""
+    from types import SimpleNamespace
+    from gateway.store import resp as resp_module
+    clock = SteppedClock()
+    monkeypatch.setattr(resp_module, "time", SimpleNamespace(time=clock,
+                                                             monotonic=time.monotonic))
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, own_redis.url, monkeypatch, clock=clock) as g:
+        await g.workspace(plan="unlimited")
+        token, _ = await g.key(expires_in=1800)  # half an hour left
+        resp = g.gw.requests._resp
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        assert await eventually(lambda: resp.clock_offset is not None)
+        for step in (3600.0, -3600.0, 0.0):
+            clock.step = step
+            # the watchdog ticks every store timeout / 4 (0.5 s here); then one TIME call
+            assert await eventually(lambda: abs(resp.clock_skew + step) < 0.5, timeout=3), \
+                (step, resp.clock_skew)
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == 200, (step, await r.text())
+            _, made = await g.key()
+            made_at = datetime.datetime.fromisoformat(made["created_at"].replace("Z", "+00:00"))
+            assert abs(made_at.timestamp() - time.time()) < 60, (step, made["created_at"])
