@@ -132,3 +132,36 @@ async def test_a_host_clock_stepped_an_hour_while_serving_is_followed_at_once(
             _, made = await g.key()
             made_at = datetime.datetime.fromisoformat(made["created_at"].replace("Z", "+00:00"))
             assert abs(made_at.timestamp() - time.time()) < 60, (step, made["created_at"])
+
+
+async def test_a_flushed_store_is_said_in_the_log_and_no_cached_key_passes(
+        upstream, own_redis, monkeypatch, caplog):
+    """An operator's FLUSHDB (or a Redis restarted without persistence, or one that evicted
+    keys) while keys are verified and cached here: the very next request of each is 401
+    ``invalid_key`` (its cached state is confirmed against the store every request), and
+    nothing but 401s told the operator why: the docs said keygate cannot tell a lost store
+    from wrong tokens. It can for the keys it verified: their workspace is gone, and the
+    admin API deletes no workspace. One error line says so (not one per request), naming the
+    likely causes."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        await g.workspace("beta", plan="unlimited")
+        tokens = [(await g.key())[0] for _ in range(3)] + [(await g.key("beta"))[0]]
+        for token in tokens:
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == 200
+        redis.Redis.from_url(own_redis.url).flushdb()
+
+        async def codes() -> list[tuple[int, str]]:
+            out = []
+            for token in tokens:
+                async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                    out.append((r.status, (await r.json())["error"]["code"]))
+            return out
+        assert await codes() == [(401, "invalid_key")] * 4
+        assert await codes() == [(401, "invalid_key")] * 4
+        lost = [r.getMessage() for r in caplog.records
+                if r.levelno >= logging.ERROR and "lost" in r.getMessage()]
+        assert len(lost) == 1, caplog.text
+        assert "acme" in lost[0] and "FLUSH" in lost[0] and "persistence" in lost[0], lost
