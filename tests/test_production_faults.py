@@ -165,3 +165,55 @@ async def test_a_flushed_store_is_said_in_the_log_and_no_cached_key_passes(
                 if r.levelno >= logging.ERROR and "lost" in r.getMessage()]
         assert len(lost) == 1, caplog.text
         assert "acme" in lost[0] and "FLUSH" in lost[0] and "persistence" in lost[0], lost
+
+
+def _month_used(url: str, ws: str = "acme") -> int:
+    client = redis.Redis.from_url(url)
+    try:
+        return sum(int(client.get(k) or 0) for k in client.scan_iter(f"kg:usage:{{{ws}}}:*"))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("stall", [0.25, 1.5])
+async def test_a_redis_stalled_in_a_cold_burst_answers_200_or_503_and_counts_each_200(
+        upstream, own_redis, monkeypatch, stall):
+    """A deploy emptied every cache; 240 first requests of 160 keys arrive at once, and in the
+    middle of them Redis stalls (SIGSTOP) for less than the store timeout (0.6 s), then for
+    more. Shorter: every request 200. Longer: 200 or 503 ``store_unavailable`` only: never a
+    401 (a key read that timed out is no unknown key) nor a 429 ``too_many_failures`` (a store
+    that stalled is no failed verification) nor a 500; every key answers 200 right after, and
+    Redis counted exactly the 200s."""
+    import os
+    import signal
+    from gateway.config import StoreConfig
+    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=0.6))
+    n_keys = 160
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace(plan="unlimited")
+        tokens = [(await g.key(name=f"k{i}"))[0] for i in range(n_keys)]
+    burst = tokens + tokens[:80]
+    async with asyncio.timeout(40), \
+            gateway_under_test(config, own_redis.url, monkeypatch) as g:  # every cache empty
+        async def one(token: str) -> tuple[int, str | None]:
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                body = await r.json()
+                return r.status, None if r.status == 200 else body["error"]["code"]
+
+        async def stalled() -> None:
+            await asyncio.sleep(0.05)
+            os.kill(own_redis.proc.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(stall)
+            finally:
+                os.kill(own_redis.proc.pid, signal.SIGCONT)
+        *answers, _ = await asyncio.gather(*(one(t) for t in burst), stalled())
+        kinds = {a: answers.count(a) for a in set(answers)}
+        if stall < config.store.timeout:
+            assert kinds == {(200, None): len(burst)}, kinds
+        else:
+            assert set(kinds) <= {(200, None), (503, "store_unavailable")}, kinds
+        after = await asyncio.gather(*(one(t) for t in tokens))
+        assert set(after) == {(200, None)}, {a: after.count(a) for a in set(after)}
+        print(f"stall {stall}s: {kinds}")
+    assert _month_used(own_redis.url) == kinds.get((200, None), 0) + n_keys
