@@ -349,3 +349,45 @@ async def test_sigterm_in_a_burst_counts_each_answered_request_once_and_logs_it(
         {x["status"] for x in lines}
     assert {x["status"] for x in lines} == {200}, [x for x in lines if x["status"] != 200][:3]
     assert _month_used(own_redis.url) == kinds[200]
+
+
+async def test_a_redis_whose_disk_is_full_is_503_and_answers_again_once_it_can_save(
+        upstream, own_redis, monkeypatch, caplog):
+    """A Redis that cannot write its snapshot (a full disk; here a directory it cannot write
+    to) refuses writes (MISCONF, ``stop-writes-on-bgsave-error``): no request can be counted,
+    so requests with a cached key and first requests alike get 503 ``store_unavailable``
+    (never a 200 it did not count, never a 401 or 500), ``/readyz`` is 503 and the log says
+    why; once Redis saves again, 200 at once."""
+    config = make_config(str(upstream.make_url("")))
+    admin = redis.Redis.from_url(own_redis.url)
+    try:
+        async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+            await g.workspace(plan="unlimited")
+            warm, _ = await g.key()
+            cold, _ = await g.key()
+            async with g.proxy.get("/people/1", headers=bearer(warm)) as r:
+                assert r.status == 200
+            admin.config_set("save", "3600 1")  # snapshots on (the test Redis has none)
+            admin.config_set("dir", "/proc")  # the snapshot cannot be written there
+            admin.bgsave()
+            assert await eventually(
+                lambda: admin.info("persistence")["rdb_last_bgsave_status"] == "err")
+            for token in (warm, cold, warm):
+                async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                    assert r.status == 503, await r.text()
+                    assert (await r.json())["error"]["code"] == "store_unavailable"
+            async with g.admin.get("/readyz") as r:
+                assert r.status == 503
+            assert "MISCONF" in caplog.text, caplog.text
+            admin.config_set("dir", own_redis.data_dir)
+            admin.bgsave()
+            assert await eventually(
+                lambda: admin.info("persistence")["rdb_last_bgsave_status"] == "ok")
+            for token in (warm, cold):
+                async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                    assert r.status == 200, await r.text()
+            async with g.admin.get("/readyz") as r:
+                assert r.status == 200
+            assert await g.used() == 3
+    finally:
+        admin.close()
