@@ -21,6 +21,7 @@ from hashlib import blake2s as _blake2s
 import ipaddress
 from itertools import islice
 import json
+import logging
 import secrets
 import time
 from typing import Callable
@@ -150,6 +151,11 @@ def token_digest(raw_token: str) -> bytes:
     return _blake2s(raw_token.encode("utf-8", "surrogateescape")).digest()
 
 
+# A workspace found gone from the store (lost data) is said at most this often (seconds).
+LOST_STORE_SAID_EVERY = 60.0
+log = logging.getLogger("keygate.store")
+
+
 class Authenticator:
     def __init__(self, config: Config, store, requests: RequestStore, metrics=None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -186,6 +192,9 @@ class Authenticator:
         self._environments = frozenset(config.keys.environments)
         self._hit = metrics.tally(metrics.key_cache.labels("hit")) if metrics else None
         self._miss = metrics.tally(metrics.key_cache.labels("miss")) if metrics else None
+        # workspaces found gone since the last line about a lost store, and when it was said
+        self._gone: set[str] = set()
+        self._gone_said = -float("inf")
 
     def reconfigure(self, config: Config) -> None:
         """Take ``config`` (a reload). Verified secrets stay verified (no argon2 re-run); each
@@ -371,6 +380,8 @@ class Authenticator:
         key, workspace, role = await self._read(entry.workspace, entry.key_id)
         fresh = None if key is None else self._entry_for(
             key, workspace, role, entry.secret_digest, entry.verified_until, generation)
+        if workspace is None:
+            self._workspace_gone(entry.workspace)
         if fresh is None:
             self._forget(entry)
             return None
@@ -489,10 +500,31 @@ class Authenticator:
         entry = self._entry_for(key, workspace, role, digest,
                                 time.monotonic() + self.config.keys.cache_ttl, generation)
         if entry is None:  # the workspace vanished under the key
+            self._workspace_gone(workspace_id)
             self.cache.pop(digest, None)
             raise invalid_token("invalid_key", "The API key is not valid.")
         self._remember(entry)
         return entry
+
+    def _workspace_gone(self, ws: str) -> None:
+        """A workspace this process served keys of (or whose key is still stored) is no longer
+        in the store. No API call deletes a workspace: Redis lost data. Said as an error at
+        most every ``LOST_STORE_SAID_EVERY`` s, with how many workspaces were found so since;
+        without it, the operator saw only 401s (the requests answer ``invalid_key``)."""
+        self._gone.add(ws)
+        now = time.monotonic()
+        if now - self._gone_said < LOST_STORE_SAID_EVERY:
+            return
+        others = len(self._gone) - 1
+        log.error("workspace '%s' is no longer in the store%s, though its keys were stored and "
+                  "no API call deletes a workspace: Redis lost data (restarted without "
+                  "persistence, FLUSHDB or FLUSHALL, keys evicted under maxmemory, or an older "
+                  "backup restored); their keys answer 401 invalid_key. Restore the store "
+                  "from a backup, or create the workspaces and issue their keys again",
+                  ws, f" (and {others} more workspace(s) since the last such line)"
+                  if others > 0 else "")
+        self._gone.clear()
+        self._gone_said = now
 
     async def _read(self, ws: str, key_id: str
                     ) -> tuple[KeyRecord | None, Workspace | None, str | None]:

@@ -127,6 +127,8 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
         except StoreError as exc:
             return _store_failed_at_start(f"cannot use the store at "
                                           f"{redact(store_url)}: {exc}", config, True, stop)
+        # a Redis that evicts keys under maxmemory is said at start, not only by a probe
+        await gw.admin_app[READINESS].check_eviction()
         try:
             runners = await start_listeners(gw, reuse_port)
         except ListenError as exc:

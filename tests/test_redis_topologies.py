@@ -707,3 +707,46 @@ async def test_keygates_connections_send_no_client_setinfo(request, tmp_path, up
     finally:
         if topology == "standalone":
             server.stop()
+
+
+
+async def test_a_cluster_node_that_would_evict_keys_is_warned_of(redis_cluster):
+    """One node of three that would evict keys under maxmemory (tests/test_production_faults.py
+    has the single Redis): INFO must reach every node, not redis-py's one default node."""
+    from gateway.store import Store
+    store = await Store.connect(redis_cluster["url"], make_config("http://127.0.0.1:9"))
+    try:
+        assert await store.eviction_problem() is None
+        node = redis.Redis(port=redis_cluster["ports"][2], password=CLUSTER_PW)
+        node.config_set("maxmemory", "64mb")
+        node.config_set("maxmemory-policy", "volatile-ttl")
+        node.close()
+        problem = await store.eviction_problem()
+        assert problem is not None and "volatile-ttl" in problem, problem
+    finally:
+        await store.close()
+
+
+async def test_a_stepped_host_clock_is_read_again_by_a_cluster_client_at_once(redis_cluster,
+                                                                              monkeypatch):
+    """As tests/test_production_faults.py's stepped clock, on the per-request client of a
+    topology: a host clock stepped an hour has it read Redis's clock again on its next
+    request, not at the next minute's reading."""
+    from types import SimpleNamespace
+    from gateway.store import clients, resp
+    step = [0.0]
+    stepped = SimpleNamespace(time=lambda: time.time() + step[0], monotonic=time.monotonic)
+    monkeypatch.setattr(resp, "time", stepped)
+    monkeypatch.setattr(clients, "time", stepped)
+    client = clients.TopologyClient(redis_cluster["url"], timeout=2.0)
+    try:
+        client.clock_offset  # the first reading
+        assert await eventually(lambda: client._offset is not None and
+                                client._measuring is None)
+        assert client.clock_skew == 0.0
+        step[0] = 3600.0
+        assert await eventually(lambda: client.clock_offset is not None and
+                                abs(client.clock_skew + 3600) < 0.5, timeout=3), \
+            client.clock_skew
+    finally:
+        await client.redis.aclose()

@@ -5,6 +5,7 @@ gateway/observe.py and gateway/reload.py.)"""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Awaitable, Callable
 
 from aiohttp import web
@@ -22,6 +23,10 @@ from .throttle import OperatorThrottle
 log = logging.getLogger("keygate.admin")
 
 STORE = web.AppKey("store", Store)
+# The probes look at Redis's eviction policy again at most this often (seconds): one INFO call
+# on the admin connection, so a CONFIG SET made while keygate runs is seen within a minute of
+# probes.
+EVICTION_CHECK_EVERY = 60.0
 
 
 class Readiness:
@@ -37,6 +42,21 @@ class Readiness:
         # (up to 30 s) while this listener still answers, so a balancer polling /readyz must
         # see the replica leave then, not when the admin listener closes after the drain
         self.stopping = False
+        self.eviction: str | None = None  # the eviction problem last logged
+        self._eviction_checked = -float("inf")  # time.monotonic() of the last look
+
+    async def check_eviction(self) -> None:
+        """Log a warning when Redis starts evicting keys under maxmemory (``eviction_problem``),
+        once, and a line when it stops; at start (``serve``) and from the probes."""
+        self._eviction_checked = time.monotonic()
+        problem = await self.store.eviction_problem()
+        if problem != self.eviction:
+            if problem:
+                log.warning("%s", problem)
+            else:
+                log.info("Redis no longer evicts keys when full (maxmemory-policy noeviction, "
+                         "or no maxmemory)")
+            self.eviction = problem
 
     async def check(self) -> str | None:
         """What is wrong now (None: ready)."""
@@ -48,6 +68,9 @@ class Readiness:
                 await self.per_request_ready()
             except StoreError as exc:
                 problem = str(exc)
+        if problem is None and (time.monotonic() - self._eviction_checked
+                                >= EVICTION_CHECK_EVERY):
+            await self.check_eviction()
         if problem != self.problem:
             if problem:
                 log.warning("not ready: %s", problem)

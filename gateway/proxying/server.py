@@ -146,6 +146,13 @@ class _JsonErrorRequestHandler(RequestHandler):
         super().connection_made(transport)
         self._kept = transport
         server = self._manager
+        if getattr(server, "stopping", False):
+            # accepted from the backlog as the listener closed, its handler made after the stop
+            # closed the idle connections: new, so closed unread, as one arriving after the
+            # close is refused. Left open it was neither idle nor in flight, and the drain
+            # waited for its first request until its end (30 s).
+            transport.abort()
+            return
         limit = getattr(server, "max_connections", None)
         if limit is not None and len(server.connections) > limit:
             # over the bound: refused at once, so idle or slow clients cannot take the file
@@ -1069,6 +1076,14 @@ class ProxyServer(web.Server):
         # the upstream wait or the streaming at once and logs its access line.
         cut = None if timeout is None else self._loop.call_later(
             timeout, self._cut_off, handlers, timeout)
+        for handler in handlers:
+            # No request under way nor one read and waiting: closed now, as pre_shutdown
+            # meant to. aiohttp's close() there only cancels a handler's wait for a request:
+            # one made in the same loop turn, not waiting yet, was just marked closing; the
+            # bytes of its request were then dropped unread and aiohttp's shutdown waited
+            # for a request that could not come until the drain's end (30 s).
+            if not handler._request_in_progress and not handler._messages:
+                handler.force_close()
         try:
             await super().shutdown(timeout)
         finally:

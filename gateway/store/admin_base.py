@@ -232,6 +232,41 @@ class StoreBase:
         except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
             return describe(_refusal_within(exc))
 
+    async def eviction_problem(self) -> str | None:
+        """What is wrong with Redis's memory policy for keygate, or None (also when Redis
+        cannot say: not answering, or INFO refused). Redis evicts keys once it reaches
+        ``maxmemory`` unless ``maxmemory-policy`` is ``noeviction``, and keygate's keys are
+        its only copy of what it knows: under ``volatile-*`` the month and day counters and the
+        rate logs (they have a TTL) go first, so quotas and rates start again from zero; under
+        ``allkeys-*`` key records and workspaces go too (good keys answer 401 ``invalid_key``).
+        One INFO call (every node of a Cluster); never on the request path."""
+        # a Cluster: every node (its replicas too: one may be promoted), else one only
+        every = getattr(self.redis, "ALL_NODES", None)
+        try:
+            reply = await (self.redis.info("memory") if every is None else
+                           self.redis.info("memory", target_nodes=every))
+        except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError):
+            return None
+        # a Cluster answers {node: info} for its nodes, a single Redis its own info
+        nodes = [reply] if "maxmemory_policy" in reply else [
+            info for info in reply.values() if isinstance(info, dict)]
+        for info in nodes:
+            policy = str(info.get("maxmemory_policy", "noeviction"))
+            try:
+                limit = int(info.get("maxmemory") or 0)
+            except (TypeError, ValueError):
+                limit = 0
+            if policy != "noeviction" and limit > 0:
+                lost = ("month and day counters and rate logs (quotas and rate limits start "
+                        "again from zero)" if policy.startswith("volatile-") else
+                        "keys, workspaces and counters (good keys answer 401 invalid_key, "
+                        "quotas start again from zero)")
+                return (f"Redis evicts keys when full (maxmemory-policy {policy}, maxmemory "
+                        f"{limit} bytes): it will drop keygate's {lost}; set "
+                        f"maxmemory-policy noeviction (a full Redis then refuses writes: "
+                        f"503 store_unavailable) and size maxmemory to fit")
+        return None
+
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
                    what: str = "") -> Any:
         """Run the script ``lua/admin_<name>.lua``; ``what`` names the operation in errors."""

@@ -91,6 +91,10 @@ CLOCK_MAX_AGE = 60.0
 # not a minute later.
 CLOCK_READING_MAX_RTT = 0.5
 CLOCK_READ_AGAIN_AFTER = 1.0
+# This host's wall clock moved this far against its monotonic one since the last reading (an
+# operator's `date -s`, an NTP step; NTP's slewing moves it at most ~30 ms in a minute): it
+# stepped, and Redis's clock is read again at once rather than at the next minute's reading.
+CLOCK_STEP = 0.1
 # Clocks that agree this closely (beyond the reading's own round trip) count as agreeing:
 # TIME has µs resolution, and keygate's finest time decision is the rate log's ms.
 CLOCK_TOLERANCE = 0.001
@@ -274,17 +278,33 @@ class ClockSkew:
 
     clock_skew = 0.0
     _skew_known = False
+    # time.time() - time.monotonic() when the skew was last read (None: never)
+    _wall_minus_mono: float | None = None
 
     def _take_skew(self, time_reply: Any, sent: float, arrived: float) -> bool:
         """Take the skew a TIME reply sent at ``sent`` and heard at ``arrived`` (both
         ``time.time()``) shows (:func:`clock_skew`), unless its round trip was over
-        ``CLOCK_READING_MAX_RTT`` and a skew is known already. True when the reading was that
+        ``CLOCK_READING_MAX_RTT`` (or below 0: a clock step) and a skew is known already. True when the reading was that
         loose: the caller reads the clock again ``CLOCK_READ_AGAIN_AFTER`` s later."""
-        loose = arrived - sent > CLOCK_READING_MAX_RTT
+        # (a round trip that ran backwards: the wall clock stepped back while it was made)
+        loose = not 0.0 <= arrived - sent <= CLOCK_READING_MAX_RTT
         if not loose or not self._skew_known:
             self.clock_skew = clock_skew(time_reply, sent, arrived)
             self._skew_known = True
+            self._wall_minus_mono = arrived - time.monotonic()
         return loose
+
+    def _clock_stepped(self) -> bool:
+        """Whether this host's wall clock stepped (``CLOCK_STEP``) since the skew was read:
+        the skew no longer holds. Once per step: the next reading takes the new clock."""
+        before = self._wall_minus_mono
+        if before is None:
+            return False
+        now = time.time() - time.monotonic()
+        if abs(now - before) <= CLOCK_STEP:
+            return False
+        self._wall_minus_mono = now  # said once; the reading it causes sets it again
+        return True
 
 
 class RespClient(ClockSkew):
@@ -433,7 +453,8 @@ class RespClient(ClockSkew):
                     loop.call_soon(loop.call_soon, confirm, proto, fut)
             if self._retired:
                 self._sweep_retired(now)
-            if proto is not None and now - self._clock_asked_at > CLOCK_MAX_AGE:
+            if proto is not None and (now - self._clock_asked_at > CLOCK_MAX_AGE
+                                      or self._clock_stepped()):
                 if self._clock_asked_at != -math.inf:  # (the connection read it just now)
                     self.measure_clock()
                 self._clock_asked_at = now
