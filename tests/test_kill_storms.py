@@ -27,36 +27,26 @@ from gateway.config import StoreConfig
 
 from conftest import free_port
 from harness import gateway_under_test, make_config
+from relays import ThreadedRelay
 from test_redis_topologies import (CLUSTER_PW, DATA_PW, MASTER, SENTINEL_PW, Servers,  # noqa: F401
                                    _cluster_port, _wait, redis_cluster, sentinel_group)
 from test_redis_topologies import start_cluster
 from test_topology_faults import _answer, _node, _one_workspace_per_node, _three_keys_each
 
 
-class CuttingRelays:
-    """A loopback TCP relay in front of each of some redis-server ports, served by an event
-    loop of its own (in a thread: the cluster's own tools reach the nodes through them while
-    the fixture waits on them synchronously). ``cut(marker, n)``: the next ``n`` commands
-    holding ``marker`` (any relay) are not passed on; their connection is closed both ways
-    instead, as Redis closes a connection it was told to kill before reading the command."""
+class CuttingRelays(ThreadedRelay):
+    """A loopback TCP relay in front of each of some redis-server ports (``relays``).
+    ``cut(marker, n)``: the next ``n`` commands holding ``marker`` (any relay) are not passed
+    on; their connection is closed both ways instead, as Redis closes a connection it was told
+    to kill before reading the command."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.tasks: set[asyncio.Task] = set()
-        self.listeners: list[socket.socket] = []
+        super().__init__()
         self._lock = threading.Lock()
         self._cuts: list[list[Any]] = []  # [marker, cuts left]
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
 
     def add(self, target: int, port: int) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
-        listener.listen(128)
-        listener.setblocking(False)
-        self.listeners.append(listener)
-        self.loop.call_soon_threadsafe(self._spawn, self._accept(listener, target))
+        self.listen(port, 128, lambda listener: self._accept(listener, target))
 
     def cut(self, marker: bytes, n: int) -> None:
         with self._lock:
@@ -74,11 +64,6 @@ class CuttingRelays:
                     return True
         return False
 
-    def _spawn(self, coro: Any) -> None:
-        task = self.loop.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
     async def _accept(self, listener: socket.socket, target: int) -> None:
         while True:
             sock, _ = await self.loop.sock_accept(listener)
@@ -91,37 +76,14 @@ class CuttingRelays:
             writers.append(writer)
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
             writers.append(up_writer)
-            await asyncio.gather(self._pump(reader, up_writer, True),
-                                 self._pump(up_reader, writer, False))
+            # a command cut: both ways closed (below), the command never passed on
+            await asyncio.gather(self.pump(reader, up_writer, cut=self._cutting),
+                                 self.pump(up_reader, writer))
         except (OSError, ConnectionError):
             sock.close()
         finally:
             for w in writers:
                 w.close()
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    commands: bool) -> None:
-        try:
-            while data := await reader.read(65536):
-                if commands and self._cutting(data):
-                    return  # both ways closed (``_serve``), the command never passed on
-                writer.write(data)
-                await writer.drain()
-        except (OSError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    def close(self) -> None:
-        async def stop() -> None:
-            for task in list(self.tasks):
-                task.cancel()
-            await asyncio.gather(*self.tasks, return_exceptions=True)
-            for listener in self.listeners:
-                listener.close()
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import asyncio
 import shutil
 import socket
 import ssl
-import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +24,7 @@ from gateway.redis_urls import check_store_url, parse_topology_url
 
 from conftest import RedisServer, free_port
 from harness import keygate_at_a_terminal, openssl
+from relays import ThreadedRelay
 from served import TIMEOUT, Served, admin_json, new_key, write_config
 from test_redis_topologies import Servers, _cluster_port, _wait, start_cluster
 from test_tls_listeners import EC, encrypted_key, issue
@@ -50,42 +50,23 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     return {"ca": d / "ca.pem", "other_ca": d / "other-ca.pem", "cert": cert, "key": key}
 
 
-class TLSRelay:
+class TLSRelay(ThreadedRelay):
     """TLS listeners on loopback, each forwarding to a real redis-server port, served by an
     event loop of their own (in a thread: the fixtures wait on Redis synchronously while the
     Sentinel or the cluster reaches the nodes through them)."""
 
     def __init__(self, cert: Path, key: Path) -> None:
+        super().__init__()
         self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.ctx.load_cert_chain(str(cert), str(key))
-        self.loop = asyncio.new_event_loop()
-        self.listeners: list[socket.socket] = []
-        self.tasks: set[asyncio.Task] = set()
         self.serving: set[asyncio.Task] = set()  # one per relayed connection
         self.handshakes = 0  # TLS handshakes completed
         self.handshakes_to: dict[int, int] = {}  # by the redis-server port forwarded to
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
 
     def add(self, target: int, *, port: int | None = None, plain_too: bool = False) -> int:
         """A listener (on ``port``, or a free one) forwarding to 127.0.0.1:``target``; with
         ``plain_too`` it also takes plain connections. Returns its port."""
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port or 0))
-        listener.listen(64)
-        listener.setblocking(False)
-        self.listeners.append(listener)
-        self.loop.call_soon_threadsafe(self._spawn, self._accept(listener, target, plain_too))
-        return listener.getsockname()[1]
-
-    def _spawn(self, coro, serving: bool = False) -> None:
-        task = self.loop.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        if serving:
-            self.serving.add(task)
-            task.add_done_callback(self.serving.discard)
+        return self.listen(port, 64, lambda listener: self._accept(listener, target, plain_too))
 
     def drop(self) -> None:
         """Close every relayed connection (as a restarted Redis does); the listeners stay."""
@@ -98,7 +79,9 @@ class TLSRelay:
     async def _accept(self, listener: socket.socket, target: int, plain_too: bool) -> None:
         while True:
             sock, _ = await self.loop.sock_accept(listener)
-            self._spawn(self._serve(sock, target, plain_too), serving=True)
+            task = self._spawn(self._serve(sock, target, plain_too))
+            self.serving.add(task)
+            task.add_done_callback(self.serving.discard)
 
     async def _serve(self, sock: socket.socket, target: int, plain_too: bool) -> None:
         loop, writers = self.loop, []
@@ -125,34 +108,16 @@ class TLSRelay:
                 self.handshakes_to[target] = self.handshakes_to.get(target, 0) + 1
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
             writers.append(up_writer)
-            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writers[0]))
+            await asyncio.gather(self.pump(reader, up_writer, _TLS_GONE),
+                                 self.pump(up_reader, writers[0], _TLS_GONE))
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError):
             sock.close()
         finally:
             for w in writers:
                 w.close()
 
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (OSError, ssl.SSLError, ConnectionError):
-            pass
-        finally:
-            writer.close()
 
-    def close(self) -> None:
-        async def stop() -> None:
-            for task in list(self.tasks):
-                task.cancel()
-            await asyncio.gather(*self.tasks, return_exceptions=True)
-            for listener in self.listeners:
-                listener.close()
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+_TLS_GONE = (OSError, ssl.SSLError, ConnectionError)
 
 
 @pytest.fixture
