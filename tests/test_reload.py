@@ -744,6 +744,24 @@ def sighup_blocked(pid: int) -> bool:
     return bool(int(mask.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
 
 
+async def _early_sighup_reloads(gw: Served, config: Path, reloads: int) -> None:
+    """A route added to the file and SIGHUP sent while ``gw`` is still starting: once it is up,
+    ``reloads`` reload lines are logged, the new route answers at every worker, and a
+    SIGTERM ends it cleanly."""
+    edit_routes(config, [PEOPLE, {"path": "/late/**", "upstream": "api",
+                                  "scopes": ["people:read"]}])
+    gw.proc.send_signal(signal.SIGHUP)
+    await gw.ready()
+    deadline = time.monotonic() + 10
+    while gw.stderr().count("config reloaded from") < reloads:
+        assert time.monotonic() < deadline, gw.stderr()
+        await asyncio.sleep(0.1)
+    async with ClientSession(timeout=TIMEOUT) as s:
+        token = await new_key(s, gw.admin)
+    assert await answered_by_all(gw.proxy, "/late/x", token, 200)
+    assert await asyncio.to_thread(gw.terminate) == 0
+
+
 async def test_a_sighup_during_start_up_is_held_not_lost(tmp_path, slow_upstream, redis_url):
     """Sent once serve has taken over SIGHUP but before its workers can reload: each worker
     reloads as soon as it is up (it is neither killed nor left on the file it started with)."""
@@ -755,18 +773,7 @@ async def test_a_sighup_during_start_up_is_held_not_lost(tmp_path, slow_upstream
         while not sighup_blocked(gw.proc.pid):
             assert gw.proc.poll() is None and time.monotonic() < deadline, gw.stderr()
             await asyncio.sleep(0.002)
-        edit_routes(config, [PEOPLE, {"path": "/late/**", "upstream": "api",
-                                      "scopes": ["people:read"]}])
-        gw.proc.send_signal(signal.SIGHUP)
-        await gw.ready()
-        deadline = time.monotonic() + 10
-        while gw.stderr().count("config reloaded from") < 2:
-            assert time.monotonic() < deadline, gw.stderr()
-            await asyncio.sleep(0.1)
-        async with ClientSession(timeout=TIMEOUT) as s:
-            token = await new_key(s, gw.admin)
-        assert await answered_by_all(gw.proxy, "/late/x", token, 200)
-        assert await asyncio.to_thread(gw.terminate) == 0
+        await _early_sighup_reloads(gw, config, reloads=2)
     finally:
         gw.close()
 
@@ -790,18 +797,7 @@ async def test_a_sighup_while_serve_is_still_loading_its_modules_does_not_end_it
         while not mark.exists():  # serve is loading gateway.workers
             assert gw.proc.poll() is None and time.monotonic() < deadline, gw.stderr()
             await asyncio.sleep(0.01)
-        edit_routes(config, [PEOPLE, {"path": "/late/**", "upstream": "api",
-                                      "scopes": ["people:read"]}])
-        gw.proc.send_signal(signal.SIGHUP)
-        await gw.ready()
-        deadline = time.monotonic() + 10
-        while "config reloaded from" not in gw.stderr():
-            assert time.monotonic() < deadline, gw.stderr()
-            await asyncio.sleep(0.1)
-        async with ClientSession(timeout=TIMEOUT) as s:
-            token = await new_key(s, gw.admin)
-        assert await answered_by_all(gw.proxy, "/late/x", token, 200)
-        assert await asyncio.to_thread(gw.terminate) == 0
+        await _early_sighup_reloads(gw, config, reloads=1)
     finally:
         gw.close()
 
