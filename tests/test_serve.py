@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import FLUSH_EVERY
 
-from conftest import free_port, redis_server_binary
+from conftest import RedisServer, free_port, redis_server_binary
 from harness import drips_until_closed
 from served import (TIMEOUT, Served, admin_json, alive, children_of, embedded_pid, env, new_key,
                     short_data_dir, skewed_clock, write_config)
@@ -347,20 +347,9 @@ def snapshot_of_25_mb(tmp_path_factory) -> Path:
     """A dump.rdb of ~25 MB that does not compress: a Redis started on it answers LOADING
     (between the 2 MB chunks it loads) for as long as --key-load-delay makes it take."""
     where = tmp_path_factory.mktemp("snapshot")
-    port = free_port()
-    server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                               "--save", "", "--appendonly", "no", "--dir", str(where)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisServer(str(where)).start()
     try:
-        client = redis.Redis(port=port, retry_on_error=[redis.ConnectionError])
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        client = redis.Redis(port=server.port)
         pipe = client.pipeline(transaction=False)
         for i in range(100_000):
             pipe.set(f"filler:{i}", os.urandom(250))
@@ -369,8 +358,7 @@ def snapshot_of_25_mb(tmp_path_factory) -> Path:
         client.save()
         client.close()
     finally:
-        server.kill()
-        server.wait(10)
+        server.stop()
     return where / "dump.rdb"
 
 
@@ -463,20 +451,10 @@ def test_a_stop_while_serve_checks_its_store_is_a_clean_stop_not_a_failure(tmp_p
     that was going away, and serve exited 1 with "cannot use the store ... start Redis" (a
     supervisor: "worker exited with status 1"), a failed unit for a stop it was asked for.
     A start the stop interrupted ends as a stop: exit 0, without the store line."""
-    port = free_port()
-    server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                               "--save", "", "--appendonly", "no"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisServer(str(tmp_path)).start()
+    port = server.port
     try:
-        client = redis.Redis(port=port, retry_on_error=[redis.ConnectionError])
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        client = redis.Redis(port=port)
         # writes held: the start-up check of the per-request connection (a script that
         # writes) waits there, within store.timeout, while PING is answered
         client.execute_command("CLIENT", "PAUSE", 20000, "WRITE")
@@ -493,16 +471,15 @@ def test_a_stop_while_serve_checks_its_store_is_a_clean_stop_not_a_failure(tmp_p
                 time.sleep(0.005)
             time.sleep(0.3)  # at the store's check
             gw.proc.send_signal(signal.SIGTERM)
-            server.kill()  # the service's Redis, stopped with it
-            server.wait(10)
+            server.proc.kill()  # the service's Redis, stopped with it
+            server.proc.wait(10)
             assert gw.proc.wait(20) == 0, gw.stderr()
             assert "cannot use the store" not in gw.stderr(), gw.stderr()
             assert "Traceback" not in gw.stderr(), gw.stderr()
         finally:
             gw.close()
     finally:
-        server.kill()
-        server.wait(10)
+        server.stop()
 
 
 def test_bad_store_url_is_one_line_naming_the_field(tmp_path):
