@@ -219,6 +219,26 @@ async def test_a_redis_stalled_in_a_cold_burst_answers_200_or_503_and_counts_eac
     assert _month_used(own_redis.url) == kinds.get((200, None), 0) + n_keys
 
 
+async def _the_stop_closes_unanswered(g, token: str, others: list) -> None:
+    """A keyed request sent on a new connection, then the stop's drain: it ends within 2 s,
+    and that connection and ``others`` (reader, writer pairs) are closed unanswered, nothing
+    counted."""
+    reader, writer = await g.raw_connection()
+    writer.write(b"GET /people/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 + token.encode() + b"\r\n\r\n")
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    await asyncio.wait_for(g.gw.proxy_server.shutdown(30), 5)
+    assert time.monotonic() - started < 2
+    for r, w in [*others, (reader, writer)]:
+        try:
+            assert await asyncio.wait_for(r.read(), 2) == b""  # closed, unanswered
+        except ConnectionResetError:
+            pass
+        w.close()
+    assert await g.used() == 0
+
+
 async def test_a_connection_accepted_as_the_listener_closes_does_not_hold_the_stop(
         upstream, redis_url, monkeypatch):
     """At SIGTERM the listener closes, then idle connections are closed and the requests in
@@ -236,21 +256,7 @@ async def test_a_connection_accepted_as_the_listener_closes_does_not_hold_the_st
         server = g.gw.proxy_server
         server.pre_shutdown()  # as the stop does once the listener is closed
         silent_reader, silent = await g.raw_connection()  # their handlers made after that
-        reader, writer = await g.raw_connection()
-        writer.write(b"GET /people/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                     + token.encode() + b"\r\n\r\n")
-        await asyncio.sleep(0.1)
-        started = time.monotonic()
-        await asyncio.wait_for(server.shutdown(30), 5)
-        assert time.monotonic() - started < 2
-        for r in (silent_reader, reader):  # closed, unanswered
-            try:
-                assert await asyncio.wait_for(r.read(), 2) == b""
-            except ConnectionResetError:
-                pass
-        for w in (silent, writer):
-            w.close()
-        assert await g.used() == 0
+        await _the_stop_closes_unanswered(g, token, [(silent_reader, silent)])
 
 
 async def test_a_connection_the_stop_closed_before_its_handler_ran_does_not_hold_it(
@@ -273,19 +279,7 @@ async def test_a_connection_the_stop_closed_before_its_handler_ran_does_not_hold
             made(self, transport)
             server.pre_shutdown()  # SIGTERM's close of the idle connections, this one's too
         monkeypatch.setattr(handler_class, "connection_made", stop_in_the_same_turn)
-        reader, writer = await g.raw_connection()
-        writer.write(b"GET /people/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                     + token.encode() + b"\r\n\r\n")
-        await asyncio.sleep(0.1)
-        started = time.monotonic()
-        await asyncio.wait_for(server.shutdown(30), 5)
-        assert time.monotonic() - started < 2
-        try:
-            assert await asyncio.wait_for(reader.read(), 2) == b""  # closed, unanswered
-        except ConnectionResetError:
-            pass
-        writer.close()
-        assert await g.used() == 0
+        await _the_stop_closes_unanswered(g, token, [])
 
 
 @pytest.mark.parametrize("workers", [1, 2])
