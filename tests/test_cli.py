@@ -976,6 +976,34 @@ async def test_non_json_error_answer_is_reported_with_its_status(aiohttp_server,
     assert "HTTP 502" in run.err and "<html>" not in run.err
 
 
+async def test_an_error_answer_never_writes_terminal_controls(aiohttp_server, keygate):
+    """The API's error message and code were printed as they came: an admin URL that is not
+    keygate's (a typo, a hostile host) could send ESC sequences that retitle the terminal, hide
+    text or, on some emulators, write to the clipboard. Controls are shown escaped."""
+    from aiohttp import web
+
+    async def hostile(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"code": "bad\x1b[2J", "message":
+                                            "nope\x1b]52;c;cHduZWQ=\x07\r\x9b31m"}},
+                                 status=400)
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"id": "acme", "name": "Acme\x1b]0;owned\x07", "plan": "free",
+                                  "created_at": "2026-01-01T00:00:00Z"})
+
+    app = web.Application()
+    app.router.add_get("/admin/v1/workspaces", hostile)
+    app.router.add_get("/admin/v1/workspaces/acme", listing)
+    server = await aiohttp_server(app)
+    run = await keygate("workspaces", "list", "--admin-url", str(server.make_url("")))
+    assert run.code == 1
+    assert not any(c in run.err for c in "\x1b\x07\r\x9b"), repr(run.err)
+    assert "nope" in run.err and "\\x1b" in run.err
+    run = await keygate("workspaces", "show", "acme", "--admin-url", str(server.make_url("")))
+    assert run.code == 0, run.err
+    assert "Acme" in run.out and not any(c in run.out for c in "\x1b\x07"), repr(run.out)
+
+
 def test_serve_refuses_to_start_on_a_bad_config(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("server:\n  port: lots\n")

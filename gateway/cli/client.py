@@ -35,11 +35,23 @@ _UNREACHABLE = (" (is keygate serve running there? Name its admin listener with 
                 "--config or KEYGATE_ADMIN_URL)")
 
 
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters (C0, DEL, C1: terminal escape sequences) shown as
+    ``\\xNN``."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class ApiError(CliError):
     """The admin API answered an error; ``body`` is its JSON body as received (``--json``
     prints it on stdout)."""
 
     def __init__(self, status: int, code: str, message: str, body: bytes = b"") -> None:
+        # shown on a terminal: what an admin URL that is not keygate's sent (a typo, a
+        # hostile host) must not retitle it, clear it or write to its clipboard
+        code, message = printable(code), printable(message)
         super().__init__(f"{message} ({code})")
         self.status, self.code, self.message, self.body = status, code, message, body
         self.invalid_token = False   # 401 for a token sent that is not the one expected

@@ -10,7 +10,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
-from .client import AdminClient
+from .client import AdminClient, printable
 
 TOKEN_WARNING = ("keygate: this is the only time the token is shown; it cannot be shown again. "
                  "Store it now in a secret manager.")
@@ -20,8 +20,8 @@ def show(args: argparse.Namespace, client: AdminClient, text: Callable[[], str])
     """Print the answer: ``text()`` for a human, the body as it came with ``--json``."""
     if args.json:
         print_body(client)
-    else:
-        print(text())
+    else:  # names and the like as the API sent them: no terminal escape sequence gets through
+        print("\n".join(printable(line) for line in text().split("\n")))
     return 0
 
 
