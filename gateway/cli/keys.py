@@ -76,7 +76,7 @@ def add_commands(tree: CommandTree) -> SubCommands:
     p = tree.command(keys, "rotate", "replace a key; prints the new token once", cmd_keys_rotate)
     workspace_option(p)
     p.add_argument("id", type=ID, metavar="ID", help="key id, as keys list shows it")
-    p.add_argument("--grace", type=argtype(parse_duration, "DURATION"),
+    p.add_argument("--grace", type=argtype(parse_duration, "DURATION"), metavar="DURATION",
                    help="how long the old key keeps working, e.g. 24h (default 0: revoked now)")
     return keys
 
