@@ -250,7 +250,8 @@ class _Threads:
     def __init__(self, size: int, started: Callable[[], None]) -> None:
         self._size, self._started = size, started
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._count = 0
+        self._count = 0                   # threads started and not told to end (by resize)
+        self._alive = 0                   # threads started and not ended: under lock
         self.tids: set[int] = set()
         self.lock = threading.Lock()
         self._closed = False
@@ -267,6 +268,8 @@ class _Threads:
 
     def _start(self) -> None:
         self._count += 1
+        with self.lock:
+            self._alive += 1
         threading.Thread(target=self._work, name=f"argon2_{self._count - 1}",
                          daemon=True).start()
 
@@ -301,10 +304,16 @@ class _Threads:
         finally:
             with self.lock:
                 self.tids.discard(tid)
+                self._alive -= 1
 
     def shutdown(self) -> None:
         """Drop the calls still queued (cancelled) and end the threads once their run is over.
-        Waits for nothing."""
+        Waits for nothing.
+
+        An end marker for every thread alive, not for ``size``: the drain takes the markers a
+        shrink queued too, and a shrink then a grow leaves more threads alive than ``size``
+        until they have taken theirs. A thread ending meanwhile leaves a marker no one takes:
+        harmless, nothing is queued after the shutdown."""
         self._closed = True
         while True:
             try:
@@ -313,7 +322,9 @@ class _Threads:
                 break
             if item is not None:
                 item[0].cancel()
-        for _ in range(self._size):
+        with self.lock:
+            alive = self._alive
+        for _ in range(alive):
             self._queue.put(None)
 
 

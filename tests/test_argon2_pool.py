@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from gateway import argon2_pool
 from gateway.argon2_pool import Argon2Pool
 from gateway.tokens import SecretHasher
 
@@ -631,3 +632,82 @@ def test_the_pool_follows_a_cpu_limit_changed_under_it():
         assert limited["size"] == limited["threads"] == 1, seen
         assert len(limited["cpus"][0]) == 1, seen
     assert seen[2] == unlimited, seen
+
+
+# --- resized to a new CPU limit, then shut down --------------------------------------------------
+
+def _alive(tids: set[int]) -> set[int]:
+    """Of the native ids ``tids``, those of Python threads still alive."""
+    return tids & {t.native_id for t in threading.enumerate()}
+
+
+async def _ended(tids: set[int]) -> set[int]:
+    """``tids`` still alive after up to 2 s."""
+    for _ in range(100):
+        if not _alive(tids):
+            break
+        await asyncio.sleep(0.02)
+    return _alive(tids)
+
+
+async def _blocked_runs(pool: Argon2Pool, n: int, release: threading.Event) -> list:
+    runs = [asyncio.ensure_future(pool.run(release.wait, 10)) for _ in range(n)]
+    await asyncio.sleep(0.2)  # each on a thread of its own, blocked
+    return runs
+
+
+@linux_only
+async def test_a_shutdown_after_a_shrink_ends_every_pool_thread(monkeypatch):
+    """A shrink (the CPU limit lowered) queues one end marker per thread too many, behind the
+    runs in progress; the shutdown then drained the queue, those markers too, and queued only
+    as many as the new, smaller size: the threads the shrink had told to end, busy when it
+    came, stayed blocked in ``queue.get()`` for the life of the process (a thread and its
+    argon2 memory arena per resize, per gateway an embedding process starts and stops)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs: the unlimited pool has 2 threads, the limited one 1")
+    monkeypatch.setattr(argon2_pool, "quota_cpus", lambda: None)
+    pool = Argon2Pool()
+    assert pool.size >= 2
+    release = threading.Event()
+    runs = await _blocked_runs(pool, pool.size, release)
+    started = set(pool._threads)
+    assert len(started) == pool.size
+    monkeypatch.setattr(argon2_pool, "quota_cpus", lambda: 1.0)  # a pod resized to 1 CPU
+    assert pool.reread_cpu_limit() and pool.size == 1
+    pool.shutdown()  # the gateway stops while the runs are in progress
+    release.set()
+    await asyncio.gather(*runs)
+    left = await _ended(started)
+    assert left == set(), f"{len(left)} argon2 thread(s) left blocked after the shutdown"
+
+
+async def test_a_shutdown_after_a_shrink_then_a_grow_ends_every_thread():
+    """Shrunk while its threads are busy (an end marker queued), then grown back (a thread
+    started, the marker still queued) and shut down before any thread took the marker: more
+    threads were alive than the size the shutdown queued markers for. The new thread is held
+    in its start-up until after the shutdown, so the order is certain."""
+    gate, release, seen = threading.Event(), threading.Event(), []
+
+    def started() -> None:  # the third thread (the grow's) waits for the shutdown
+        seen.append(threading.get_native_id())
+        if len(seen) == 3:
+            gate.wait(10)
+    threads = argon2_pool._Threads(2, started)
+    jobs = [threads.submit(release.wait, 10) for _ in range(2)]
+    for _ in range(100):
+        if all(job.running() for job in jobs):
+            break
+        await asyncio.sleep(0.01)
+    threads.resize(1)  # one marker queued behind the runs
+    threads.resize(2)  # a thread started (the queue is not empty: the marker)
+    for _ in range(100):
+        if len(seen) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert len(seen) == 3 and len(_alive(set(seen))) == 3
+    threads.shutdown()
+    gate.set()
+    release.set()
+    left = await _ended(set(seen))
+    assert left == set(), f"{len(left)} thread(s) left blocked after the shutdown"
+    assert threads.tids == set()
