@@ -711,3 +711,90 @@ async def test_a_shutdown_after_a_shrink_then_a_grow_ends_every_thread():
     left = await _ended(set(seen))
     assert left == set(), f"{len(left)} thread(s) left blocked after the shutdown"
     assert threads.tids == set()
+
+
+@linux_only
+async def test_a_thread_started_by_a_grow_is_not_left_on_the_old_limits_cpus(monkeypatch):
+    """``reread_cpu_limit`` started the new threads (``_Threads.resize``) *before* it dropped
+    the old confinement (``self.confined = None``) and swept the threads alive to every CPU;
+    a new thread read ``self.confined`` in ``_keep_confined`` and applied it after, outside
+    ``lock``. Read before the drop and applied after the sweep (a GIL switch or a preemption
+    between them; made certain here by two delays standing in for them), it pinned itself to
+    the old limit's single CPU, and nothing ever moved it again (``_confine`` does nothing
+    once the limit allows every CPU): the limit lifted, argon2 ran on 2 threads sharing one
+    CPU, the loop's."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2 or getattr(argon2_pool._LIBC, "sched_getcpu", None) is None:
+        pytest.skip("needs 2 CPUs and sched_getcpu")
+    monkeypatch.setattr(argon2_pool, "quota_cpus", lambda: 1.0)
+    pool = Argon2Pool()
+    assert pool.size == 1
+    release = threading.Event()
+    # a burst under the 1-CPU limit: one run on the one thread, one queued behind it
+    runs = await _blocked_runs(pool, 2, release)
+    assert pool.confined is not None and len(pool.confined) == 1
+
+    original_resize = argon2_pool._Threads.resize
+
+    def resize_then_preempted(self, size):  # the loop loses the GIL right after the grow
+        original_resize(self, size)
+        time.sleep(0.2)
+    monkeypatch.setattr(argon2_pool._Threads, "resize", resize_then_preempted)
+    original_set = Argon2Pool._set_affinity
+
+    def set_affinity(tid, cpus):  # the new thread, between reading confined and applying it
+        if tid == 0:
+            time.sleep(0.4)
+        original_set(tid, cpus)
+    monkeypatch.setattr(Argon2Pool, "_set_affinity", staticmethod(set_affinity))
+
+    monkeypatch.setattr(argon2_pool, "quota_cpus", lambda: None)  # the limit lifted
+    assert pool.reread_cpu_limit() and pool.size == 2 and pool.confined is None
+    await asyncio.sleep(0.6)
+    try:
+        pinned = {tid: sorted(os.sched_getaffinity(tid)) for tid in pool._idle.tids}
+        assert len(pinned) == 2
+        assert all(cpus == usable for cpus in pinned.values()), \
+            f"limit lifted (confined=None) but threads pinned: {pinned}"
+    finally:
+        release.set()
+        await asyncio.gather(*runs)
+        pool.shutdown()
+
+
+@linux_only
+async def test_a_thread_starting_as_a_lifted_limit_is_followed_is_not_left_on_its_cpus(
+        monkeypatch):
+    """The same race without a resize (a pool of its own size): a thread starting for a run
+    read ``confined`` and applied it outside the lock the sweep takes; read before a lifted
+    limit's sweep and applied after it, it stayed on the old limit's CPU. Its start-up is
+    delayed here between the two; the limit is lifted meanwhile."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2 or getattr(argon2_pool._LIBC, "sched_getcpu", None) is None:
+        pytest.skip("needs 2 CPUs and sched_getcpu")
+    monkeypatch.setattr(argon2_pool, "quota_cpus", lambda: 1.0)
+    pool = Argon2Pool(2)  # its own size: a new limit moves its threads' CPUs only
+    release = threading.Event()
+    runs = await _blocked_runs(pool, 1, release)
+    assert pool.confined is not None and len(pool.confined) == 1
+    original_set = Argon2Pool._set_affinity
+
+    def set_affinity(tid, cpus):  # a starting thread, between reading confined and applying it
+        if tid == 0:
+            time.sleep(0.4)
+        original_set(tid, cpus)
+    monkeypatch.setattr(Argon2Pool, "_set_affinity", staticmethod(set_affinity))
+    runs.append(asyncio.ensure_future(pool.run(release.wait, 10)))  # the second thread starts
+    try:
+        await asyncio.sleep(0.1)
+        monkeypatch.setattr(argon2_pool, "quota_cpus", lambda: None)  # the limit lifted
+        assert pool.reread_cpu_limit() and pool.size == 2 and pool.confined is None
+        await asyncio.sleep(0.6)
+        pinned = {tid: sorted(os.sched_getaffinity(tid)) for tid in pool._idle.tids}
+        assert len(pinned) == 2
+        assert all(cpus == usable for cpus in pinned.values()), \
+            f"limit lifted (confined=None) but threads pinned: {pinned}"
+    finally:
+        release.set()
+        await asyncio.gather(*runs)
+        pool.shutdown()
