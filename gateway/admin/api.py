@@ -88,7 +88,7 @@ async def listing_response(body: dict[str, Any]) -> web.Response:
 # --- workspaces, usage, scopes, roles, audit -----------------------------------------------------
 
 async def create_workspace(call: Call) -> web.Response:
-    data = parse_body(await call.body(), ("id", "name", "plan"), call.config.keys.prefix,
+    data = parse_body(await call.body(), ("id", "name", "plan"), call.config.keys,
                       call.operator_token)
     name = parse_text(data, "name", MAX_NAME, required=True)
     ws = parse_workspace_id(data["id"]) if "id" in data else None
@@ -113,7 +113,7 @@ async def read_workspace(call: Call) -> web.Response:
 
 async def patch_workspace(call: Call) -> web.Response:
     ws = await call.workspace()
-    data = parse_body(await call.body(), ("name", "plan", "limits"), call.config.keys.prefix,
+    data = parse_body(await call.body(), ("name", "plan", "limits"), call.config.keys,
                       call.operator_token)
     if not data:
         raise BadRequest("Nothing to change; send 'name', 'plan' and/or 'limits'.")
@@ -157,7 +157,7 @@ async def list_roles(call: Call) -> web.Response:
 
 async def put_role(call: Call) -> web.Response:
     name = parse_role_name(call.params["name"], "name")
-    data = parse_body(await call.body(), ("scopes",), call.config.keys.prefix,
+    data = parse_body(await call.body(), ("scopes",), call.config.keys,
                       call.operator_token)
     if "scopes" not in data:
         raise BadRequest("The field 'scopes' is required.")

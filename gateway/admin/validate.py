@@ -10,8 +10,8 @@ import json
 import re
 from typing import Any, Iterator, Mapping
 
-from ..accesslog import holds_key
-from ..config import SCOPE_RE, Config, parse_rate_limit
+from ..accesslog import holds_token
+from ..config import SCOPE_RE, Config, KeysConfig, parse_rate_limit
 from ..errors import BadRequest, shown
 from ..models import (LIMIT_FIELDS, MAX_AUDIT_LIMIT, MAX_COUNT, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
                       whole_second)
@@ -32,12 +32,13 @@ DAILY_DEFAULT, DAILY_MAX = 30, 90
 AUDIT_DEFAULT, AUDIT_MAX = 100, MAX_AUDIT_LIMIT
 
 
-def parse_body(raw: bytes, allowed: tuple[str, ...], prefix: str | None = None,
+def parse_body(raw: bytes, allowed: tuple[str, ...], keys: KeysConfig | None = None,
                operator_token: str = "") -> dict[str, Any]:
     """A JSON object whose fields are all in ``allowed`` (an empty body is ``{}``), read by
-    :func:`strict_json`. With ``prefix`` (``keys.prefix``), no text anywhere in it may hold a
-    key of that prefix (:func:`refuse_tokens`); with ``operator_token`` (an operator's call
-    only: :func:`refuse_operator_token`), nothing in it may hold that."""
+    :func:`strict_json`. With ``keys`` (the config's), no text anywhere in it may hold a
+    key's token of its prefix and environments (:func:`refuse_tokens`); with
+    ``operator_token`` (an operator's call only: :func:`refuse_operator_token`), nothing in
+    it may hold that."""
     if not raw.strip():
         return {}
     try:
@@ -64,8 +65,8 @@ def parse_body(raw: bytes, allowed: tuple[str, ...], prefix: str | None = None,
     if unknown:
         takes = f"accepts: {', '.join(allowed)}" if allowed else "takes no fields"
         raise BadRequest(f"Unknown field '{shown(unknown[0])}'; this endpoint {takes}.")
-    if prefix is not None:
-        refuse_tokens(data, prefix)
+    if keys is not None:
+        refuse_tokens(data, keys.prefix, keys.environments)
     return data
 
 
@@ -86,15 +87,18 @@ def _texts(data: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
                 pending.extend(item)
 
 
-def refuse_tokens(data: Mapping[str, Any], prefix: str) -> None:
+def refuse_tokens(data: Mapping[str, Any], prefix: str,
+                  environments: tuple[str, ...]) -> None:
     """400 naming the field when any text of ``data`` (a value, an item, a name within
-    ``meta``) holds a key's token, its checksum right or not (``accesslog.holds_key``, what
-    the logs mask). Everything the admin API takes as text is kept and shown again: in
-    listings to every ``keys:admin`` key of the workspace, in the audit after the key is gone,
-    and a scope is forwarded upstream in the identity headers on every request. A token pasted
-    there by mistake (the console's Copy, then the next form) would be stored in the clear."""
+    ``meta``) holds a key's token, its checksum right or not (``accesslog.holds_token``: the
+    prefix at a word's start and a configured environment; not the logs' broader
+    ``holds_key``, which refused a ``pkg_sha256_<hex digest>`` label). Everything the admin
+    API takes as text is kept and shown again: in listings to every ``keys:admin`` key of the
+    workspace, in the audit after the key is gone, and a scope is forwarded upstream in the
+    identity headers on every request. A token pasted there by mistake (the console's Copy,
+    then the next form) would be stored in the clear."""
     for field, text in _texts(data):
-        if holds_key(text, prefix):
+        if holds_token(text, prefix, environments):
             raise BadRequest(f"The field '{field}' holds an API key's token; a token is "
                              "a secret that keygate never stores. Remove it (nothing "
                              "was stored).")
