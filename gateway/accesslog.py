@@ -46,8 +46,43 @@ def _key_like(prefix: str) -> re.Pattern[str]:
 def holds_key(text: str, prefix: str) -> bool:
     """Whether ``text`` (a query, a part of one, a path) holds a key as ``_key_like`` reads one,
     percent-decoded (``+`` as space) up to three times, as the pipeline's ``key_in_url`` check
-    (:func:`gateway.routes.query_has_token`) decodes: every query it refuses is masked too."""
-    pattern = _key_like(prefix)
+    (:func:`gateway.routes.query_has_token`) decodes: every query it refuses is masked too.
+
+    Broad on purpose, for what a log withholds: any environment label (a key of an
+    environment a reload has since removed, or another replica's during a rolling change,
+    is still a secret) and no boundary before the prefix (a key glued to a parameter's text
+    is masked too). A false match only hides some text; :func:`holds_token` is the strict
+    reading, for refusing text (the admin API's fields)."""
+    return _holds(text, prefix, _key_like(prefix))
+
+
+_TOKEN_LIKE: dict[tuple[str, tuple[str, ...]], re.Pattern[str]] = {}
+
+
+def _token_like(prefix: str, environments: tuple[str, ...]) -> re.Pattern[str]:
+    """``_key_like`` as a token is written: the prefix at the start of a word (no ASCII letter
+    or digit before it; a ``_`` may be, as in ``CI_KEY_<token>``), then one of
+    ``environments``. ``pkg_sha256_<hex digest>`` is none."""
+    pattern = _TOKEN_LIKE.get((prefix, environments))
+    if pattern is None:
+        least = ID_LEN + SECRET_LEN
+        pattern = _TOKEN_LIKE[prefix, environments] = re.compile(
+            r"(?<![0-9A-Za-z])%s_(?:%s)_[0-9A-Za-z]{%d,%d}" % (
+                re.escape(prefix), "|".join(map(re.escape, environments)), least, least + 6))
+    return pattern
+
+
+def holds_token(text: str, prefix: str, environments: tuple[str, ...]) -> bool:
+    """Whether ``text`` holds what can only be a key's token of this gateway: the prefix at
+    a word's start, one of ``environments``, and a key id and a secret's worth of base62 (the
+    checksum may be mistyped or cut short: the secret is whole), percent-decoded as
+    :func:`holds_key` decodes. What the admin API refuses to store (``refuse_tokens``), where
+    a false match refuses legitimate data: a digest label such as ``pkg_sha256_<hex>``
+    matched :func:`holds_key`, which stays the log's broader reading."""
+    return _holds(text, prefix, _token_like(prefix, environments))
+
+
+def _holds(text: str, prefix: str, pattern: re.Pattern[str]) -> bool:
     for _ in range(4):
         if prefix + "_" in text and pattern.search(text) is not None:
             return True

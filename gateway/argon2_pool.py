@@ -250,7 +250,8 @@ class _Threads:
     def __init__(self, size: int, started: Callable[[], None]) -> None:
         self._size, self._started = size, started
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._count = 0
+        self._count = 0                   # threads started and not told to end (by resize)
+        self._alive = 0                   # threads started and not ended: under lock
         self.tids: set[int] = set()
         self.lock = threading.Lock()
         self._closed = False
@@ -267,6 +268,8 @@ class _Threads:
 
     def _start(self) -> None:
         self._count += 1
+        with self.lock:
+            self._alive += 1
         threading.Thread(target=self._work, name=f"argon2_{self._count - 1}",
                          daemon=True).start()
 
@@ -301,10 +304,16 @@ class _Threads:
         finally:
             with self.lock:
                 self.tids.discard(tid)
+                self._alive -= 1
 
     def shutdown(self) -> None:
         """Drop the calls still queued (cancelled) and end the threads once their run is over.
-        Waits for nothing."""
+        Waits for nothing.
+
+        An end marker for every thread alive, not for ``size``: the drain takes the markers a
+        shrink queued too, and a shrink then a grow leaves more threads alive than ``size``
+        until they have taken theirs. A thread ending meanwhile leaves a marker no one takes:
+        harmless, nothing is queued after the shutdown."""
         self._closed = True
         while True:
             try:
@@ -313,7 +322,9 @@ class _Threads:
                 break
             if item is not None:
                 item[0].cancel()
-        for _ in range(self._size):
+        with self.lock:
+            alive = self._alive
+        for _ in range(alive):
             self._queue.put(None)
 
 
@@ -382,11 +393,14 @@ class Argon2Pool:
         self.quota, self._usable, self._width = quota, usable, width
         size = _threads_for(len(usable) or os.cpu_count() or 1, quota) if self._sized \
             else self._size
+        # the old confinement dropped before any thread is started: a new thread reads the
+        # CPUs it keeps to under its group's lock (_keep_confined), and the sweep below or
+        # _confine, under the same lock, reaches every thread whose id is in tids by then
+        was, self.confined = self.confined, None
         if resized := size != self._size:
             self._size = size
             for threads in self._groups():
                 threads.resize(size)
-        was, self.confined = self.confined, None
         if width >= len(usable):
             if was is not None:  # confined before: every CPU again
                 for threads in self._groups():
@@ -420,15 +434,23 @@ class Argon2Pool:
             if not idle:
                 _lower_nice()
             self.idle_class = idle
-        self._keep_confined()
+        self._keep_confined(self._idle)
 
     def _niced_thread_started(self) -> None:
         _lower_nice()
-        self._keep_confined()
+        assert self._niced is not None  # made before any of its threads starts
+        self._keep_confined(self._niced)
 
-    def _keep_confined(self) -> None:
-        if self.confined is not None:  # after its id was added: _confine either saw it or set
-            self._set_affinity(0, self.confined)  # this
+    def _keep_confined(self, threads: _Threads) -> None:
+        """A thread starting (its id already in ``threads.tids``) keeps to the CPUs the pool
+        keeps to now. Read and set under ``threads.lock``, the lock every sweep of the threads'
+        CPUs takes (:meth:`_confine`, :meth:`reread_cpu_limit`), after ``confined`` is set:
+        a sweep either comes after and reaches this thread, or came before and this reads what
+        it set. Read outside the lock, a value read before a sweep was applied after it: a
+        thread started as a lifted limit was followed stayed on the old limit's CPUs."""
+        with threads.lock:
+            if self.confined is not None:
+                self._set_affinity(0, self.confined)  # 0: this thread
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         run: Future = Future()  # the caller's: answered by the first copy to finish

@@ -74,7 +74,8 @@ class VerifyQueue:
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self._release()  # handed over just as we were cancelled: pass it on
-            else:
+            elif fut in waiters:  # else a hand-over (resize, _release) in the same turn of the
+                # loop popped it, cancelled, and passed the turn on: nothing of it is left
                 waiters.remove(fut)
                 if not waiters:
                     del self._waiters[ip]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import time
 
@@ -11,6 +12,7 @@ import pytest
 import redis
 from aiohttp import web
 
+from gateway.accesslog import mask_query
 from gateway.admin import create_admin_app, error_middleware
 from gateway.config import Argon2Config, Config, Plan, RateLimit
 from gateway.store import Store
@@ -1015,6 +1017,11 @@ PASTED, _ = make_token("kg", "live")
     ("PATCH", "/admin/v1/workspaces/acme/keys/{key}", {"description": PASTED}, "description"),
     ("PATCH", "/admin/v1/workspaces/acme/keys/{key}", {"scopes": [PASTED]}, "scopes"),
     ("PUT", "/admin/v1/workspaces/acme/roles/ops", {"scopes": ["a:b", PASTED]}, "scopes"),
+    ("POST", "/admin/v1/workspaces/acme/keys",  # glued to a label: still the whole secret
+     {"name": "ci", "meta": {"env": f"CI_KEY_{PASTED}", "url": f"https://x/?k={PASTED}"}},
+     "meta"),
+    ("POST", "/admin/v1/workspaces/acme/keys",
+     {"name": "ci", "description": make_token("kg", "test")[0][:-6]}, "description"),
 ])
 async def test_a_token_pasted_into_a_stored_field_is_400_and_never_stored(admin, method, path,
                                                                           body, field):
@@ -1045,6 +1052,29 @@ async def test_text_near_a_token_is_not_mistaken_for_one(admin):
     key = (await new_key(admin))["key"]
     await new_key(admin, name=f"replaces {key['prefix']}", description="kg_live_" + "a" * 40,
                   meta={"kg_test_x": "y"})
+
+
+_DIGEST = hashlib.sha256(b"release-1.4.2.tar.gz").hexdigest()
+
+
+@pytest.mark.parametrize("text", [
+    f"pkg_sha256_{_DIGEST}",           # 'kg' inside 'pkg', 'sha256' taken as an environment
+    f"weight_kg_total_{_DIGEST}",      # 'kg' after a '_', 'total' no environment either
+    f"kg_sha256_{_DIGEST}",            # the prefix, but no environment keygate issues
+    f"xkg_live_{_DIGEST}",             # an environment, but 'kg' inside a word
+])
+async def test_a_label_that_merely_contains_the_prefix_is_not_a_token(admin, text):
+    """The token check had no boundary before the prefix and took any environment label:
+    ``pkg_sha256_<hex digest>`` (``kg`` inside ``pkg``, ``sha256`` as the "environment", 64
+    hex digits as id + secret) in a description or ``meta`` was refused as "holds an API key's
+    token", though no configured environment is ``sha256`` and no key has that shape. Only
+    the configured prefix at a word's start, one of the configured environments and a token
+    body's worth of base62 are refused; the logs still mask the broader shape."""
+    await workspace(admin)
+    created = await new_key(admin, description=text, meta={"artifact": text, text: "name"})
+    assert created["key"]["meta"] == {"artifact": text, text: "name"}
+    assert created["key"]["description"] == text
+    assert mask_query(f"v={text}", "kg") == "v=***"  # what a log masks stays broader
 
 
 @pytest.mark.parametrize("limit", ["\u00b2", "\u0663", "9" * 5000, "+5", " 5"])

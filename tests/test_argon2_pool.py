@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from gateway import argon2_pool
 from gateway.argon2_pool import Argon2Pool
 from gateway.tokens import SecretHasher
 
@@ -631,3 +632,169 @@ def test_the_pool_follows_a_cpu_limit_changed_under_it():
         assert limited["size"] == limited["threads"] == 1, seen
         assert len(limited["cpus"][0]) == 1, seen
     assert seen[2] == unlimited, seen
+
+
+# --- resized to a new CPU limit, then shut down --------------------------------------------------
+
+def _alive(tids: set[int]) -> set[int]:
+    """Of the native ids ``tids``, those of Python threads still alive."""
+    return tids & {t.native_id for t in threading.enumerate()}
+
+
+async def _ended(tids: set[int]) -> set[int]:
+    """``tids`` still alive after up to 2 s."""
+    for _ in range(100):
+        if not _alive(tids):
+            break
+        await asyncio.sleep(0.02)
+    return _alive(tids)
+
+
+async def _blocked_runs(pool: Argon2Pool, n: int, release: threading.Event) -> list:
+    runs = [asyncio.ensure_future(pool.run(release.wait, 10)) for _ in range(n)]
+    await asyncio.sleep(0.2)  # each on a thread of its own, blocked
+    return runs
+
+
+@linux_only
+async def test_a_shutdown_after_a_shrink_ends_every_pool_thread(monkeypatch):
+    """A shrink (the CPU limit lowered) queues one end marker per thread too many, behind the
+    runs in progress; the shutdown then drained the queue, those markers too, and queued only
+    as many as the new, smaller size: the threads the shrink had told to end, busy when it
+    came, stayed blocked in ``queue.get()`` for the life of the process (a thread and its
+    argon2 memory arena per resize, per gateway an embedding process starts and stops)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs: the unlimited pool has 2 threads, the limited one 1")
+    monkeypatch.setattr(argon2_pool, "quota_cpus", lambda: None)
+    pool = Argon2Pool()
+    assert pool.size >= 2
+    release = threading.Event()
+    runs = await _blocked_runs(pool, pool.size, release)
+    started = set(pool._threads)
+    assert len(started) == pool.size
+    monkeypatch.setattr(argon2_pool, "quota_cpus", lambda: 1.0)  # a pod resized to 1 CPU
+    assert pool.reread_cpu_limit() and pool.size == 1
+    pool.shutdown()  # the gateway stops while the runs are in progress
+    release.set()
+    await asyncio.gather(*runs)
+    left = await _ended(started)
+    assert left == set(), f"{len(left)} argon2 thread(s) left blocked after the shutdown"
+
+
+async def test_a_shutdown_after_a_shrink_then_a_grow_ends_every_thread():
+    """Shrunk while its threads are busy (an end marker queued), then grown back (a thread
+    started, the marker still queued) and shut down before any thread took the marker: more
+    threads were alive than the size the shutdown queued markers for. The new thread is held
+    in its start-up until after the shutdown, so the order is certain."""
+    gate, release, seen = threading.Event(), threading.Event(), []
+
+    def started() -> None:  # the third thread (the grow's) waits for the shutdown
+        seen.append(threading.get_native_id())
+        if len(seen) == 3:
+            gate.wait(10)
+    threads = argon2_pool._Threads(2, started)
+    jobs = [threads.submit(release.wait, 10) for _ in range(2)]
+    for _ in range(100):
+        if all(job.running() for job in jobs):
+            break
+        await asyncio.sleep(0.01)
+    threads.resize(1)  # one marker queued behind the runs
+    threads.resize(2)  # a thread started (the queue is not empty: the marker)
+    for _ in range(100):
+        if len(seen) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert len(seen) == 3 and len(_alive(set(seen))) == 3
+    threads.shutdown()
+    gate.set()
+    release.set()
+    left = await _ended(set(seen))
+    assert left == set(), f"{len(left)} thread(s) left blocked after the shutdown"
+    assert threads.tids == set()
+
+
+@linux_only
+async def test_a_thread_started_by_a_grow_is_not_left_on_the_old_limits_cpus(monkeypatch):
+    """``reread_cpu_limit`` started the new threads (``_Threads.resize``) *before* it dropped
+    the old confinement (``self.confined = None``) and swept the threads alive to every CPU;
+    a new thread read ``self.confined`` in ``_keep_confined`` and applied it after, outside
+    ``lock``. Read before the drop and applied after the sweep (a GIL switch or a preemption
+    between them; made certain here by two delays standing in for them), it pinned itself to
+    the old limit's single CPU, and nothing ever moved it again (``_confine`` does nothing
+    once the limit allows every CPU): the limit lifted, argon2 ran on 2 threads sharing one
+    CPU, the loop's."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2 or getattr(argon2_pool._LIBC, "sched_getcpu", None) is None:
+        pytest.skip("needs 2 CPUs and sched_getcpu")
+    monkeypatch.setattr(argon2_pool, "quota_cpus", lambda: 1.0)
+    pool = Argon2Pool()
+    assert pool.size == 1
+    release = threading.Event()
+    # a burst under the 1-CPU limit: one run on the one thread, one queued behind it
+    runs = await _blocked_runs(pool, 2, release)
+    assert pool.confined is not None and len(pool.confined) == 1
+
+    original_resize = argon2_pool._Threads.resize
+
+    def resize_then_preempted(self, size):  # the loop loses the GIL right after the grow
+        original_resize(self, size)
+        time.sleep(0.2)
+    monkeypatch.setattr(argon2_pool._Threads, "resize", resize_then_preempted)
+    original_set = Argon2Pool._set_affinity
+
+    def set_affinity(tid, cpus):  # the new thread, between reading confined and applying it
+        if tid == 0:
+            time.sleep(0.4)
+        original_set(tid, cpus)
+    monkeypatch.setattr(Argon2Pool, "_set_affinity", staticmethod(set_affinity))
+
+    monkeypatch.setattr(argon2_pool, "quota_cpus", lambda: None)  # the limit lifted
+    assert pool.reread_cpu_limit() and pool.size == 2 and pool.confined is None
+    await asyncio.sleep(0.6)
+    try:
+        pinned = {tid: sorted(os.sched_getaffinity(tid)) for tid in pool._idle.tids}
+        assert len(pinned) == 2
+        assert all(cpus == usable for cpus in pinned.values()), \
+            f"limit lifted (confined=None) but threads pinned: {pinned}"
+    finally:
+        release.set()
+        await asyncio.gather(*runs)
+        pool.shutdown()
+
+
+@linux_only
+async def test_a_thread_starting_as_a_lifted_limit_is_followed_is_not_left_on_its_cpus(
+        monkeypatch):
+    """The same race without a resize (a pool of its own size): a thread starting for a run
+    read ``confined`` and applied it outside the lock the sweep takes; read before a lifted
+    limit's sweep and applied after it, it stayed on the old limit's CPU. Its start-up is
+    delayed here between the two; the limit is lifted meanwhile."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2 or getattr(argon2_pool._LIBC, "sched_getcpu", None) is None:
+        pytest.skip("needs 2 CPUs and sched_getcpu")
+    monkeypatch.setattr(argon2_pool, "quota_cpus", lambda: 1.0)
+    pool = Argon2Pool(2)  # its own size: a new limit moves its threads' CPUs only
+    release = threading.Event()
+    runs = await _blocked_runs(pool, 1, release)
+    assert pool.confined is not None and len(pool.confined) == 1
+    original_set = Argon2Pool._set_affinity
+
+    def set_affinity(tid, cpus):  # a starting thread, between reading confined and applying it
+        if tid == 0:
+            time.sleep(0.4)
+        original_set(tid, cpus)
+    monkeypatch.setattr(Argon2Pool, "_set_affinity", staticmethod(set_affinity))
+    runs.append(asyncio.ensure_future(pool.run(release.wait, 10)))  # the second thread starts
+    try:
+        await asyncio.sleep(0.1)
+        monkeypatch.setattr(argon2_pool, "quota_cpus", lambda: None)  # the limit lifted
+        assert pool.reread_cpu_limit() and pool.size == 2 and pool.confined is None
+        await asyncio.sleep(0.6)
+        pinned = {tid: sorted(os.sched_getaffinity(tid)) for tid in pool._idle.tids}
+        assert len(pinned) == 2
+        assert all(cpus == usable for cpus in pinned.values()), \
+            f"limit lifted (confined=None) but threads pinned: {pinned}"
+    finally:
+        release.set()
+        await asyncio.gather(*runs)
+        pool.shutdown()

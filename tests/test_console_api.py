@@ -499,6 +499,38 @@ async def test_the_operator_token_pasted_into_a_stored_field_is_400_and_never_st
     assert ADMIN_TOKEN not in json.dumps(listing) and len(listing["items"]) == 2
 
 
+@pytest.mark.parametrize("method,path,body", [
+    ("POST", "/workspaces/acme/keys", {"name": "pasted {token}", "scopes": ["people:read"]}),
+    ("POST", "/workspaces/acme/keys",
+     {"name": "ci", "description": "pasted {token}", "scopes": ["people:read"]}),
+    ("POST", "/workspaces/acme/keys",
+     {"name": "ci", "scopes": ["people:read"], "meta": {"{token}": "a name within meta"}}),
+    ("PATCH", "/workspaces/acme", {"name": "{token}"}),
+])
+async def test_the_operator_token_written_with_a_json_escape_is_refused_too(
+        gut, method, path, body):
+    """The check looked for the token in the raw body bytes, while the API acts on the decoded
+    JSON: the same token with a character written as a JSON escape (``\\u0074`` for ``t``, as
+    an encoder that escapes writes one: ``json.dumps`` of a token holding ``"``, ``\\`` or
+    non-ASCII; ``/`` as ``\\/``) was stored in the clear and listed to the workspace's
+    ``keys:admin`` keys. Every text of the decoded body is checked, meta's names too."""
+    from harness import ADMIN_TOKEN
+    escaped = "\\u%04x" % ord(ADMIN_TOKEN[0]) + ADMIN_TOKEN[1:-1] \
+        + "\\u%04x" % ord(ADMIN_TOKEN[-1])
+    raw = json.dumps(body).replace("{token}", escaped).encode()
+    assert ADMIN_TOKEN.encode() not in raw and ADMIN_TOKEN in json.dumps(json.loads(raw))
+    before = await gut.admin_json("GET", "/workspaces/acme/audit")
+    async with gut.admin.request(method, "/admin/v1" + path, data=raw,
+                                 headers={"Content-Type": "application/json"}) as r:
+        answer, status = await r.json(), r.status
+    for listing in ("/workspaces/acme/keys", "/workspaces"):
+        assert ADMIN_TOKEN not in json.dumps((await gut.admin_json("GET", listing))[1])
+    assert (status, answer["error"]["code"]) == (400, "bad_request"), answer
+    assert "operator token" in answer["error"]["message"]
+    assert ADMIN_TOKEN not in json.dumps(answer)
+    assert await gut.admin_json("GET", "/workspaces/acme/audit") == before
+
+
 async def test_a_workspace_key_is_never_told_a_text_holds_the_operator_token(gut):
     """Only the operator's own bodies are checked: a keys:admin key that could learn "this
     holds the operator token" from a 400 would test guesses through key names, where no

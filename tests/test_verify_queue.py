@@ -111,6 +111,36 @@ async def test_a_cancelled_waiter_leaves_nothing_behind():
     assert queue.busy == 0 and queue.queued == 0 and order == ["a"]
 
 
+@pytest.mark.parametrize("hand_over", ["resize", "release"])
+async def test_a_waiter_cancelled_as_turns_are_handed_out_ends_cancelled(hand_over):
+    """A waiter whose task is cancelled (its future cancelled, the task not run yet) in the
+    same turn of the loop as a hand-over: ``resize`` (the argon2 pool grown by a new CPU
+    limit, at a reload or as a burst starts) or a turn ending (``_release``) pops the
+    cancelled future and passes over it. The task then ran its cancel branch,
+    ``waiters.remove(fut)`` of a future no longer there: ``ValueError`` instead of the
+    ``CancelledError`` (a timeout around the verification answered 500, not as the timeout it
+    was). The turn goes to the next waiter, and none is lost."""
+    queue, order, release = VerifyQueue(1, 10, 100), [], asyncio.Event()
+    holder = asyncio.ensure_future(_hold(queue, "a", order, release))
+    waiter = asyncio.ensure_future(_hold(queue, "a", order, asyncio.Event()))
+    behind = asyncio.ensure_future(_hold(queue, "a", order, release))
+    await asyncio.sleep(0.01)
+    assert queue.busy == 1 and queue.queued == 3
+    if hand_over == "release":
+        release.set()    # the holder's turn ends first: it is handed on as the cancel lands
+    waiter.cancel()      # cancelled: its future is, its task has not run yet
+    if hand_over == "resize":
+        queue.resize(2)  # in the same turn of the loop (a reload's swap)
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    finally:
+        release.set()
+        await asyncio.gather(holder, behind)
+    assert order == ["a", "a"]  # the holder, then the one behind the cancelled waiter
+    assert queue.busy == 0 and queue.queued == 0 and not queue._waiters and not queue._ring
+
+
 def test_a_reload_moves_the_queue_bounds_and_the_per_key_limit():
     import dataclasses
     from gateway.auth import Authenticator

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
 
 from aiohttp import web
@@ -44,6 +44,9 @@ class Call:
     connected: Callable[[], bool] = lambda: True
     """Whether the caller is still there to read the answer (its connection is open): a create
     or rotation whose caller has gone writes nothing, as no one would ever see its token."""
+    operator_token: str = field(default="", repr=False)
+    """The operator's calls only: the operator token, which their bodies may not hold
+    (``validate.refuse_operator_token``). Empty for a workspace key's calls."""
 
     async def workspace(self) -> str:
         """The path's workspace; 404 ``not_found`` when there is no such workspace."""
@@ -55,7 +58,7 @@ class Call:
     async def keys(self) -> KeyOps:
         """The key operations of the path's workspace (which must exist), as the actor."""
         return KeyOps(self.store, self.config, await self.workspace(), self.actor,
-                      self.connected)
+                      self.connected, self.operator_token)
 
 
 Handler = Callable[[Call], Awaitable[web.Response]]
@@ -85,7 +88,8 @@ async def listing_response(body: dict[str, Any]) -> web.Response:
 # --- workspaces, usage, scopes, roles, audit -----------------------------------------------------
 
 async def create_workspace(call: Call) -> web.Response:
-    data = parse_body(await call.body(), ("id", "name", "plan"), call.config.keys.prefix)
+    data = parse_body(await call.body(), ("id", "name", "plan"), call.config.keys,
+                      call.operator_token)
     name = parse_text(data, "name", MAX_NAME, required=True)
     ws = parse_workspace_id(data["id"]) if "id" in data else None
     plan = parse_plan(data, call.config) or call.config.default_plan
@@ -109,7 +113,8 @@ async def read_workspace(call: Call) -> web.Response:
 
 async def patch_workspace(call: Call) -> web.Response:
     ws = await call.workspace()
-    data = parse_body(await call.body(), ("name", "plan", "limits"), call.config.keys.prefix)
+    data = parse_body(await call.body(), ("name", "plan", "limits"), call.config.keys,
+                      call.operator_token)
     if not data:
         raise BadRequest("Nothing to change; send 'name', 'plan' and/or 'limits'.")
     name = parse_text(data, "name", MAX_NAME)
@@ -152,7 +157,8 @@ async def list_roles(call: Call) -> web.Response:
 
 async def put_role(call: Call) -> web.Response:
     name = parse_role_name(call.params["name"], "name")
-    data = parse_body(await call.body(), ("scopes",), call.config.keys.prefix)
+    data = parse_body(await call.body(), ("scopes",), call.config.keys,
+                      call.operator_token)
     if "scopes" not in data:
         raise BadRequest("The field 'scopes' is required.")
     scopes = parse_scopes(data["scopes"])
@@ -162,7 +168,8 @@ async def put_role(call: Call) -> web.Response:
 
 
 async def delete_role(call: Call) -> web.Response:
-    parse_body(await call.body(), ())  # unknown fields are a 400 here too, before the delete
+    # unknown fields are a 400 here too, before the delete
+    parse_body(await call.body(), (), operator_token=call.operator_token)
     ws, name = call.params["ws"], call.params["name"]
     scopes = (await call.store.workspace_roles(ws)).get(name, ())
     await call.store.delete_role(ws, name)
@@ -196,7 +203,8 @@ async def patch_key(call: Call) -> web.Response:
 
 async def delete_key(call: Call) -> web.Response:
     ops = await call.keys()
-    parse_body(await call.body(), ())  # unknown fields are a 400 here too, before the delete
+    # unknown fields are a 400 here too, before the delete
+    parse_body(await call.body(), (), operator_token=call.operator_token)
     return json_response(await ops.delete(call.params["key"]))
 
 

@@ -86,9 +86,12 @@ class KeyOps:
 
     def __init__(self, store: Store, config: Config, ws: str,
                  actor: Actor = OPERATOR_ACTOR,
-                 connected: Callable[[], bool] | None = None) -> None:
+                 connected: Callable[[], bool] | None = None,
+                 operator_token: str = "") -> None:
         self.store, self.config, self.ws = store, config, ws
         self.connected = connected  # the caller is still there (None: take it that it is)
+        # the operator's calls: what their bodies may not hold (validate.refuse_operator_token)
+        self._operator_token = operator_token
         self.actor = actor.key_id
         self.limit_scopes = None if actor.is_operator else actor.scopes
         self.limit_expires_at = None if actor.is_operator else actor.expires_at
@@ -256,7 +259,7 @@ class KeyOps:
         return controls
 
     async def create(self, raw: bytes) -> dict:
-        data = parse_body(raw, CREATE_FIELDS, self.config.keys.prefix)
+        data = parse_body(raw, CREATE_FIELDS, self.config.keys, self._operator_token)
         now = self.store.clock()
         name = parse_text(data, "name", MAX_NAME, required=True)
         description = parse_text(data, "description", MAX_DESCRIPTION, nonempty=False) or ""
@@ -308,7 +311,7 @@ class KeyOps:
 
     async def patch(self, key_id: str, raw: bytes) -> dict:
         self._key_id(key_id)
-        data = parse_body(raw, PATCH_FIELDS, self.config.keys.prefix)
+        data = parse_body(raw, PATCH_FIELDS, self.config.keys, self._operator_token)
         if not data:
             raise BadRequest(f"Nothing to change; send one or more of: {', '.join(PATCH_FIELDS)}.")
         changes: dict[str, Any] = {}
@@ -365,13 +368,13 @@ class KeyOps:
                                "extend the life of a key with")
 
     async def revoke(self, key_id: str, raw: bytes) -> dict:
-        parse_body(raw, ())
+        parse_body(raw, (), operator_token=self._operator_token)
         key = await self.store.revoke_key(self.ws, self._key_id(key_id), actor=self.actor)
         return await self.key_json(key)
 
     async def rotate(self, key_id: str, raw: bytes) -> dict:
         """SPEC: exactly ``{"key", "token"}`` of the new key; the old key is read with GET."""
-        data = parse_body(raw, ROTATE_FIELDS)
+        data = parse_body(raw, ROTATE_FIELDS, operator_token=self._operator_token)
         grace = parse_seconds(data, "grace_seconds", 0) or 0
         key = await self.store.require_key(self.ws, self._key_id(key_id))
         if key.role and await self.store.resolve_role(self.ws, key.role) is None:

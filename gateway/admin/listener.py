@@ -16,7 +16,8 @@ from ..store import Store
 from .api import ROUTES, Call, Endpoint, json_response
 from .console import add_console_routes
 from .keyops import OPERATOR_ACTOR
-from .middleware import ACTOR, MAX_BODY, OPENAPI_PATH, KeyAuthenticator, error_middleware
+from .middleware import (ACTOR, MAX_BODY, OPENAPI_PATH, OPERATOR_TOKEN, KeyAuthenticator,
+                         error_middleware)
 from .openapi import document_bytes
 from .throttle import OperatorThrottle
 
@@ -117,7 +118,8 @@ def _serving(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.Respon
         store = request.app[STORE]
         return await endpoint.handler(Call(
             store, store.config, request.get(ACTOR, OPERATOR_ACTOR), request.match_info,
-            request.query, request.read, connected=lambda: request.transport is not None))
+            request.query, request.read, connected=lambda: request.transport is not None,
+            operator_token=request.get(OPERATOR_TOKEN, "")))
     return handle
 
 

@@ -46,6 +46,9 @@ app's ``client_max_size``; a body declared larger is refused from its head."""
 
 ACTOR = web.RequestKey("actor", Actor)
 """Who the call acts as, set on the request once it is authenticated."""
+OPERATOR_TOKEN = web.RequestKey("operator_token", str)
+"""The operator token, set on the operator's requests alone: what their bodies may not hold
+(``validate.refuse_operator_token``, checked as the handler parses the body)."""
 
 KeyAuthenticator = Callable[[str, web.BaseRequest], Awaitable[Actor]]
 """Token → the acting workspace key: verified, not expired or revoked, holding ``keys:admin``
@@ -210,25 +213,6 @@ def confine(request: web.Request, actor: Actor) -> None:
                         "manages the keys of its own workspace.")
 
 
-OPERATOR_TOKEN_SEARCHED = 16
-"""An operator token this long or longer is looked for in the operator's request bodies (a
-shorter one, already warned weak at start, could match ordinary text such as a scope)."""
-
-
-def refuse_operator_token(body: bytes, operator_token: str) -> None:
-    """400 when an operator's request body holds the operator token: signed in to the console
-    by pasting it, the operator may paste it again into the next form, and what the admin API
-    stores (a key's name, description or meta, a workspace's name) is listed to the workspace's
-    ``keys:admin`` keys. Only the operator's bodies: a workspace key told "this holds the
-    operator token" could test guesses through key names, counted by no throttle."""
-    token = operator_token.strip()
-    if len(token) >= OPERATOR_TOKEN_SEARCHED \
-            and token.encode("utf-8", "surrogateescape") in body:
-        raise BadRequest("The request body holds the operator token; nothing was stored. "
-                         "Remove it: what the admin API stores is shown to the workspace's "
-                         "admins.")
-
-
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     if exc.status == 404:
         return NotFound("No such admin endpoint.")
@@ -323,9 +307,9 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                     if held_back:
                         await continue_if_expected(request)
                         held_back = False
-                    body = await read_whole_body(request, config.server.timeouts.body)
-                    if caller.is_operator:
-                        refuse_operator_token(body, expected)
+                    await read_whole_body(request, config.server.timeouts.body)
+                if caller.is_operator:  # the handler's parse_body refuses a body holding it
+                    request[OPERATOR_TOKEN] = expected
             response = await handler(request)
         except GatewayError as err:
             response = err.response(rid)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
-from ..accesslog import holds_key
-from ..config import SCOPE_RE, Config, parse_rate_limit
+from ..accesslog import holds_token
+from ..config import SCOPE_RE, Config, KeysConfig, parse_rate_limit
 from ..errors import BadRequest, shown
 from ..models import (LIMIT_FIELDS, MAX_AUDIT_LIMIT, MAX_COUNT, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
                       whole_second)
@@ -32,11 +32,13 @@ DAILY_DEFAULT, DAILY_MAX = 30, 90
 AUDIT_DEFAULT, AUDIT_MAX = 100, MAX_AUDIT_LIMIT
 
 
-def parse_body(raw: bytes, allowed: tuple[str, ...], prefix: str | None = None
-               ) -> dict[str, Any]:
+def parse_body(raw: bytes, allowed: tuple[str, ...], keys: KeysConfig | None = None,
+               operator_token: str = "") -> dict[str, Any]:
     """A JSON object whose fields are all in ``allowed`` (an empty body is ``{}``), read by
-    :func:`strict_json`. With ``prefix`` (``keys.prefix``), no text anywhere in it may hold a
-    key of that prefix (:func:`refuse_tokens`)."""
+    :func:`strict_json`. With ``keys`` (the config's), no text anywhere in it may hold a
+    key's token of its prefix and environments (:func:`refuse_tokens`); with
+    ``operator_token`` (an operator's call only: :func:`refuse_operator_token`), nothing in
+    it may hold that."""
     if not raw.strip():
         return {}
     try:
@@ -57,36 +59,72 @@ def parse_body(raw: bytes, allowed: tuple[str, ...], prefix: str | None = None
         raise BadRequest("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise BadRequest("The request body must be a JSON object.")
+    if operator_token:  # before the names are echoed in "Unknown field"
+        refuse_operator_token(data, operator_token)
     unknown = [f for f in data if f not in allowed]
     if unknown:
         takes = f"accepts: {', '.join(allowed)}" if allowed else "takes no fields"
         raise BadRequest(f"Unknown field '{shown(unknown[0])}'; this endpoint {takes}.")
-    if prefix is not None:
-        refuse_tokens(data, prefix)
+    if keys is not None:
+        refuse_tokens(data, keys.prefix, keys.environments)
     return data
 
 
-def refuse_tokens(data: Mapping[str, Any], prefix: str) -> None:
-    """400 naming the field when any text of ``data`` (a value, an item, a name within
-    ``meta``) holds a key's token, its checksum right or not (``accesslog.holds_key``, what
-    the logs mask). Everything the admin API takes as text is kept and shown again: in
-    listings to every ``keys:admin`` key of the workspace, in the audit after the key is gone,
-    and a scope is forwarded upstream in the identity headers on every request. A token pasted
-    there by mistake (the console's Copy, then the next form) would be stored in the clear."""
+def _texts(data: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """(the top-level field, a text) for every text of a body as decoded: the fields' names,
+    string values, list items, and names and values within ``meta``, at any depth."""
     for field, value in data.items():
+        yield field, field
         pending = [value]
         while pending:  # no recursion: the body's depth is bounded, but not by this stack
             item = pending.pop()
             if isinstance(item, str):
-                if holds_key(item, prefix):
-                    raise BadRequest(f"The field '{field}' holds an API key's token; a token is "
-                                     "a secret that keygate never stores. Remove it (nothing "
-                                     "was stored).")
+                yield field, item
             elif isinstance(item, dict):
                 pending.extend(item)
                 pending.extend(item.values())
             elif isinstance(item, list):
                 pending.extend(item)
+
+
+def refuse_tokens(data: Mapping[str, Any], prefix: str,
+                  environments: tuple[str, ...]) -> None:
+    """400 naming the field when any text of ``data`` (a value, an item, a name within
+    ``meta``) holds a key's token, its checksum right or not (``accesslog.holds_token``: the
+    prefix at a word's start and a configured environment; not the logs' broader
+    ``holds_key``, which refused a ``pkg_sha256_<hex digest>`` label). Everything the admin
+    API takes as text is kept and shown again: in listings to every ``keys:admin`` key of the
+    workspace, in the audit after the key is gone, and a scope is forwarded upstream in the
+    identity headers on every request. A token pasted there by mistake (the console's Copy,
+    then the next form) would be stored in the clear."""
+    for field, text in _texts(data):
+        if holds_token(text, prefix, environments):
+            raise BadRequest(f"The field '{field}' holds an API key's token; a token is "
+                             "a secret that keygate never stores. Remove it (nothing "
+                             "was stored).")
+
+
+OPERATOR_TOKEN_SEARCHED = 16
+"""An operator token this long or longer is looked for in the operator's request bodies (a
+shorter one, already warned weak at start, could match ordinary text such as a scope)."""
+
+
+def refuse_operator_token(data: Mapping[str, Any], operator_token: str) -> None:
+    """400 when a text of an operator's request body (:func:`_texts`: as decoded, so a JSON
+    escape such as ``\\u0074`` or ``\\/`` hides nothing) holds the operator token: signed in
+    to the console by pasting it, the operator may paste it again into the next form, and what
+    the admin API stores (a key's name, description or meta, a workspace's name) is listed to
+    the workspace's ``keys:admin`` keys. Only the operator's bodies (the caller passes the
+    token for those alone): a workspace key told "this holds the operator token" could test
+    guesses through key names, counted by no throttle. The message names no field (the token
+    may be one's name)."""
+    token = operator_token.strip()
+    if len(token) < OPERATOR_TOKEN_SEARCHED:
+        return
+    if any(token in text for _, text in _texts(data)):
+        raise BadRequest("The request body holds the operator token; nothing was stored. "
+                         "Remove it: what the admin API stores is shown to the workspace's "
+                         "admins.")
 
 
 def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None:
