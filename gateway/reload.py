@@ -146,6 +146,7 @@ class Reloader:
                     log.error("reload refused: %s", problem)
                 self._count("error")
                 raise
+            before = {warning.key for warning in self.config.warnings}
             self.config = merged
             now = self.clock()
             self._count("ok")
@@ -157,6 +158,9 @@ class Reloader:
                             ", ".join(kept))
             else:
                 log.info("config reloaded from %s", self.path)
+            for warning in merged.warnings:  # those this reload brings in, as serve logs them
+                if warning.key not in before:
+                    log.warning("%s", warning)
             return ReloadResult(self.path, now, kept)
 
     @contextlib.asynccontextmanager

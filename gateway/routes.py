@@ -66,7 +66,7 @@ from typing import Sequence
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 from .errors import BadRequest, NotFound, shown
-from .models import RESERVED_PATH, Route
+from .models import HTTP_METHODS, RESERVED_PATH, Route
 from .percent import unquote_latin1
 from .tokens import BODY_LEN, looks_like_token
 
@@ -498,25 +498,149 @@ def _covers(wide: str, narrow: str) -> bool:
     return len(a) == len(b)
 
 
+def glob_meet(a: str, b: str) -> str | None:
+    """The glob of the paths both route globs ``a`` and ``b`` match (escapes compared with
+    their hex in one case), or None when no path matches both: ``/admin/*`` and ``/*/users``
+    meet in ``/admin/users``, ``/admin/**`` and ``/**`` in ``/admin/**``."""
+    return _meet(_upper_escapes(a).split("/")[1:], _upper_escapes(b).split("/")[1:])
+
+
+def _meet(x: list[str], y: list[str]) -> str | None:
+    """``glob_meet`` of two globs' segments (escapes' hex in one case)."""
+    out: list[str] = []
+    for i in range(max(len(x), len(y))):
+        p = x[i] if i < len(x) else None
+        q = y[i] if i < len(y) else None
+        if p == "**":  # the rest of the other glob ('/people/**' matches '/people' too)
+            return "/" + "/".join(out + y[i:])
+        if q == "**":
+            return "/" + "/".join(out + x[i:])
+        if p is None or q is None:  # one ends before the other
+            return None
+        if p == "*" or q == "*":
+            seg = q if p == "*" else p
+            if seg == "":  # '*' is a non-empty segment, '' a trailing slash
+                return None
+            out.append(seg)
+        elif p == q:
+            out.append(p)
+        else:
+            return None
+    return "/" + "/".join(out)
+
+
+# A request method no route's 'methods' can name is any token: a public route for every method
+# takes PURGE, PROPFIND, QUERY... as it takes DELETE. CONNECT is refused (501) before routing.
+_ROUTED_METHODS = tuple(m for m in HTTP_METHODS if m != "CONNECT")
+
+
+@dataclass(frozen=True)
+class FallThrough:
+    """Methods a keyed route leaves, on some of its paths, to a later public route
+    (``fall_throughs``): ``keyed`` and ``public`` are indexes into the routes, ``methods`` the
+    named methods that fall through, ``any_other`` whether every method no 'methods' entry can
+    name (PURGE...) does too (the public route takes every method)."""
+    keyed: int
+    public: int
+    methods: tuple[str, ...]
+    any_other: bool
+
+
+def _taken(route: Route) -> frozenset[str] | None:
+    """The methods ``route`` takes (HEAD with GET), None for every method."""
+    if not route.methods:
+        return None
+    names = set(route.methods)
+    if "GET" in names:
+        names.add("HEAD")
+    return frozenset(names)
+
+
+def fall_throughs(routes: Sequence[Route], *, options_kept: bool) -> list[FallThrough]:
+    """Where HTTP verb tampering may reach an upstream without a key, as the config is written
+    (for a warning: matching itself stays first match in file order, SPEC). A keyed route
+    whose GET needs a key and whose ``methods`` leave others out, followed by a public route
+    whose glob meets it (a catch-all, or any overlapping glob) and that takes some of those
+    others: 'PURGE /admin/users' reaches the public route, and an upstream handler that does
+    not check the method serves it as a GET.
+
+    Not counted: the methods any route between (or before) them takes on every path where the
+    two meet (a keyed route for the same glob without methods ends it all); a public route
+    with explicit methods written for the keyed route's very glob (the operator's word for
+    those methods on those paths); a keyed route that leaves GET itself to others (keyed
+    writes, public reads: GET is served without a key there anyway). ``options_kept``: no
+    cors section, so OPTIONS is left out (the upstream's CORS preflights carry no key)."""
+    found: list[FallThrough] = []
+    segments = [_upper_escapes(route.path).split("/")[1:] for route in routes]
+    globs = FoldedGlobs(fold=False)  # which routes cover a glob, without comparing each
+    publics: dict[str, list[int]] = {}  # the public routes by their first segment
+    for i, route in enumerate(routes):
+        globs.add(i, route.path)
+        if route.public:
+            publics.setdefault(segments[i][0], []).append(i)
+    wild = publics.get("*", []) + publics.get("**", [])
+    for k, keyed in enumerate(routes):
+        mine = _taken(keyed)
+        if keyed.public or mine is None or "GET" not in mine:
+            continue
+        first = segments[k][0]
+        # only the public routes whose first segment can meet this one's, in file order
+        candidates = sorted(i for i in (
+            [i for group in publics.values() for i in group] if first in ("*", "**")
+            else publics.get(first, []) + wild) if i > k)
+        for p in candidates:
+            public = routes[p]
+            meet = _meet(segments[k], segments[p])
+            if meet is None:
+                continue
+            theirs = _taken(public)
+            if theirs is not None and segments[p] == segments[k]:
+                continue
+            taken, every = set(mine), False
+            for j in globs.covering(meet):
+                if j >= p:
+                    break
+                other = routes[j]
+                if j == k or not _covers(_upper_escapes(other.path), meet):
+                    continue
+                names = _taken(other)
+                if names is None:
+                    every = True
+                    break
+                taken |= names
+            if every:
+                continue
+            offered = _ROUTED_METHODS if theirs is None else \
+                tuple(m for m in _ROUTED_METHODS if m in theirs)
+            methods = tuple(m for m in offered if m not in taken
+                            and not (options_kept and m == "OPTIONS"))
+            if methods or theirs is None:
+                found.append(FallThrough(k, p, methods, theirs is None))
+    return found
+
+
 class FoldedGlobs:
     """Globs by their lower-cased segments (a trie), for the config's load-time check: which
     of them could cover a glob case-insensitively (``case_shadow``), without comparing it
     with each. Only globs with a letter are worth adding: for the others case changes
     nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, fold: bool = True) -> None:
+        """``fold=False``: the globs as written (their escapes' hex in one case), for
+        ``fall_throughs``: ``covering`` then finds exactly the globs that cover one."""
         self._root: dict = {}
+        self._key = str.lower if fold else _upper_escapes
 
     def add(self, index: int, glob: str) -> None:
         node = self._root
-        for seg in glob.lower().split("/")[1:]:
+        for seg in self._key(glob).split("/")[1:]:
             node = node.setdefault(seg, {})
         node.setdefault(None, []).append(index)  # None: the globs ending here
 
     def covering(self, glob: str) -> list[int]:
         """The indexes of the globs that, lower-cased, match every path ``glob`` lower-cased
         matches: a superset of those ``case_shadow`` holds for."""
-        segs = glob.lower().split("/")[1:]
+        segs = self._key(glob).split("/")[1:]
         found: list[int] = []
         stack = [(self._root, 0)]
         while stack:

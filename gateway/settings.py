@@ -138,6 +138,19 @@ class CorsConfig:
 
 
 @dataclass(frozen=True)
+class ConfigWarning:
+    """A shape in a valid config that serves, but not as the operator likely means: ``text``
+    is the line ``config check`` prints and ``serve`` logs (``file:line: field: warning:
+    ...``); ``key`` says what it is about without line numbers, so that a reload logs only
+    the warnings it brings in (not those that moved with an edit above them)."""
+    text: str
+    key: tuple = ()
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -156,6 +169,8 @@ class Config:
     # the scope catalogue (NAME: description); when given, keys, roles and routes may name
     # only these scopes (and ALL). None: any well-formed scope.
     scopes: Mapping[str, str] | None = None
+    # what config check prints and serve logs, the file still being valid (file order)
+    warnings: tuple[ConfigWarning, ...] = field(default=(), compare=False)
 
     def plan_of(self, name: str) -> Plan:
         """The plan a workspace is on. A stored plan name the config no longer has (renamed or

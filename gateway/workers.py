@@ -656,6 +656,8 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
     # once a handler is in place (_serve; _supervise for the supervisor).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM})
     setup_logging(config)
+    for warning in config.warnings:  # as config check prints them; once, before any worker
+        log.warning("%s", warning)
     operator_token = os.environ.get(config.admin.token_env, "")
     if not operator_token.strip():
         # The admin API then refuses every call (it never runs open): say so once, at start,

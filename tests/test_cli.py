@@ -1464,3 +1464,138 @@ async def test_an_address_over_the_failure_limit_is_told_when_to_try_again(
     found = re.search(r"try again in (\d+) seconds?", run.err)
     assert found and 1 <= int(found.group(1)) <= 60, run.err
     assert "not the operator token" not in run.err and ADMIN_TOKEN not in run.err
+
+
+# --- config check: methods that fall through to a public route (HTTP verb tampering) ---------
+
+def verb_config(*routes: str, cors: bool = False) -> str:
+    """A config whose routes are ``routes`` (flow mappings), one a line from line 4 on."""
+    text = "upstreams:\n  crm: {url: \"http://127.0.0.1:9000\", timeout: 5}\nroutes:\n"
+    text += "".join(f"  - {{{route}, upstream: crm}}\n" for route in routes)
+    if cors:
+        text += "cors:\n  allow_origins: [\"https://app.example\"]\n"
+    return text
+
+
+ADMIN_GET_POST = "path: /admin/**, methods: [GET, POST], scopes: [admin]"
+PUBLIC_ALL = "path: /**, public: true"
+
+
+def check_warnings(tmp_path, capsys, text: str) -> list[str]:
+    """`config check` on ``text``: it must pass (exit 0, ``ok: FILE``); its warning lines."""
+    path = tmp_path / "verbs.yaml"
+    path.write_text(text)
+    assert main(["config", "check", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"ok: {path}\n"
+    return [line for line in err.splitlines() if "warning" in line]
+
+
+def test_config_check_warns_of_methods_a_keyed_route_leaves_to_a_public_catch_all(
+        tmp_path, capsys):
+    """The verb-tampering shape: GET and POST on /admin/** need a key, a public /** for every
+    method follows, so 'DELETE /admin/users' (PURGE, PATCH...) reaches the upstream without
+    a key, where a handler that does not check the method serves it as a GET. Matching stays
+    first-match (SPEC); `config check` says so, once, naming both routes, the methods and the
+    fixes, and still passes the file."""
+    [line] = check_warnings(tmp_path, capsys, verb_config(ADMIN_GET_POST, PUBLIC_ALL))
+    prefix = f"{tmp_path / 'verbs.yaml'}:4: routes[0]: warning: "
+    assert line.startswith(prefix), line
+    assert "'/admin/**' needs a key only for GET, HEAD and POST" in line
+    assert "PUT, PATCH, DELETE, TRACE and any other method (PURGE, PROPFIND...)" in line
+    assert "routes[1] '/**' (line 5), a public route" in line
+    assert "OPTIONS" not in line  # no cors section: preflights are the upstream's to answer
+    assert "CONNECT" not in line  # refused 501 whatever the routes say
+    assert ("list PUT, PATCH, DELETE and TRACE in routes[0].methods, give routes[1] "
+            "explicit methods, or add a keyed route for '/admin/**' without methods after "
+            "routes[0]") in line
+
+
+def test_config_check_warns_of_a_public_glob_that_overlaps_a_keyed_one(tmp_path, capsys):
+    """Not only a catch-all: '/*/users' public for every method overlaps '/admin/*' on
+    /admin/users. A public route's explicit methods that the keyed route lacks are named."""
+    [line] = check_warnings(tmp_path, capsys, verb_config(
+        "path: /admin/*, methods: [GET], scopes: [admin]", "path: /*/users, public: true"))
+    assert "routes[0]: warning: '/admin/*' needs a key only for GET and HEAD" in line
+    assert "routes[1] '/*/users' (line 5)" in line
+    [line] = check_warnings(tmp_path, capsys, verb_config(
+        ADMIN_GET_POST, "path: /**, methods: [GET, DELETE], public: true"))
+    assert "routes[0]: warning: '/admin/**' needs a key only for GET, HEAD and POST; DELETE on "\
+        "its paths falls through to routes[1] '/**' (line 5), a public route" in line
+    assert "any other method" not in line
+    assert "list DELETE in routes[0].methods, remove DELETE from routes[1].methods, or add a "\
+        "keyed route for '/admin/**' without methods after routes[0]" in line
+    # every method keygate knows listed: only the others (PURGE...) fall through, and no
+    # 'methods' entry can name them
+    [line] = check_warnings(tmp_path, capsys, verb_config(
+        "path: /admin/**, methods: [GET, POST, PUT, PATCH, DELETE, OPTIONS, TRACE], "
+        "scopes: [admin]", PUBLIC_ALL))
+    assert "; any method 'methods' cannot name (PURGE, PROPFIND...) on its paths falls "\
+        "through" in line
+    assert "in routes[0].methods" not in line
+    assert "give routes[1] explicit methods, or add a keyed route" in line
+
+
+def test_config_check_warns_once_per_pair_in_file_order(tmp_path, capsys):
+    lines = check_warnings(tmp_path, capsys, verb_config(
+        ADMIN_GET_POST, "path: /billing/**, methods: [GET], scopes: [billing]",
+        "path: /admin/**, methods: [DELETE], public: true", PUBLIC_ALL))
+    assert [line.split(": warning: ")[0].rsplit(": ", 1)[1] for line in lines] == \
+        ["routes[0]", "routes[1]"], lines
+    # the public DELETE written for /admin/** itself is the operator's word: not warned, and
+    # DELETE does not reach the catch-all
+    assert "routes[2] '/admin/**'" not in " ".join(lines)
+    assert "DELETE" not in lines[0].split(";")[1].split("fall")[0], lines[0]
+    assert "'/billing/**' needs a key only for GET and HEAD" in lines[1]
+
+
+@pytest.mark.parametrize("routes", [
+    # a keyed route without methods takes every method
+    ("path: /admin/**, scopes: [admin]", PUBLIC_ALL),
+    # a public route whose methods the keyed route takes
+    (ADMIN_GET_POST, "path: /**, methods: [GET, HEAD, POST], public: true"),
+    # a public route on other paths
+    (ADMIN_GET_POST, "path: /docs/**, public: true"),
+    (ADMIN_GET_POST, "path: /administrators/**, public: true"),
+    ("path: /admin/*, methods: [GET], scopes: [admin]", "path: /*/users/*, public: true"),
+    # the fix: a keyed route for the same glob without methods, between them
+    (ADMIN_GET_POST, "path: /admin/**, scopes: [admin]", PUBLIC_ALL),
+    # keyed writes, public reads: GET on those paths needs no key anyway
+    ("path: /articles/**, methods: [POST, PUT, DELETE], scopes: [editor]", PUBLIC_ALL),
+    # a keyed catch-all is no way around a key
+    (ADMIN_GET_POST, "path: /**, scopes: [basic]"),
+    # a public route before the keyed one
+    (PUBLIC_ALL, ADMIN_GET_POST),
+    # OPTIONS alone, without a cors section: the upstream's CORS preflights (no key)
+    ("path: /admin/**, methods: [GET, POST, PUT, PATCH, DELETE, TRACE], "
+     "scopes: [admin]", "path: /**, methods: [GET, OPTIONS, CONNECT], public: true"),
+])
+def test_config_check_does_not_warn_where_nothing_falls_through(tmp_path, capsys, routes):
+    assert check_warnings(tmp_path, capsys, verb_config(*routes)) == []
+
+
+def test_with_a_cors_section_options_falling_through_is_warned_too(tmp_path, capsys):
+    """With keygate's cors section keygate answers the preflights itself: an OPTIONS that
+    reaches a public route on a keyed path is one it did not answer, as any other method."""
+    routes = ("path: /admin/**, methods: [GET, POST, PUT, PATCH, DELETE, TRACE], "
+              "scopes: [admin]", "path: /**, methods: [GET, OPTIONS], public: true")
+    [line] = check_warnings(tmp_path, capsys, verb_config(*routes, cors=True))
+    assert "; OPTIONS on its paths falls through to routes[1] '/**'" in line
+    [line] = check_warnings(tmp_path, capsys, verb_config(ADMIN_GET_POST, PUBLIC_ALL, cors=True))
+    assert "PUT, PATCH, DELETE, OPTIONS, TRACE and any other method" in line
+
+
+def test_the_verb_warning_in_the_configuration_docs_is_the_one_config_check_prints(
+        tmp_path, capsys, monkeypatch):
+    """docs/configuration.md shows the warning for its example routes: the very line."""
+    from pathlib import Path
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    shown = next(line for line in docs.splitlines()
+                 if line.startswith("config.yaml:4: routes[0]: warning: "))
+    monkeypatch.chdir(tmp_path)
+    Path("config.yaml").write_text(
+        "upstreams:\n  crm: {url: \"http://127.0.0.1:9000\", timeout: 5}\nroutes:\n"
+        "  - {path: \"/admin/**\", methods: [GET, POST], upstream: crm, scopes: [admin]}\n"
+        "  - {path: \"/**\", upstream: crm, public: true}        # every method\n")
+    assert main(["config", "check", "config.yaml"]) == 0
+    assert shown in capsys.readouterr().err.splitlines()

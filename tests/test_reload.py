@@ -1741,3 +1741,35 @@ async def test_every_line_about_a_worker_names_it_the_same_way(tmp_path, slow_up
             if stopped is not None:
                 os.kill(stopped, signal.SIGCONT)
             gw.close()
+
+
+async def test_a_reload_that_brings_in_a_method_falling_through_logs_it_once(
+        reloadable, upstreams, caplog):
+    """A reload adding a public catch-all for every method after the keyed GET /people/**
+    (DELETE /people/1 then reaches the upstream without a key: HTTP verb tampering) logs
+    the warning `config check` prints; one that keeps it, even moved by an edit above it,
+    does not log it again, and matching is first match as ever."""
+    gw, path = reloadable
+    urls, _, arrived = upstreams
+    catch_all = {"path": "/**", "upstream": "api", "public": True}
+    people = config_doc(urls["a"])["routes"]
+    write(path, config_doc(urls["a"], routes=[*people, catch_all]))
+    with caplog.at_level(logging.WARNING, logger="keygate"):
+        status, _ = await reload(gw)
+    assert status == 200
+    warned = [r.getMessage() for r in caplog.records if ": warning: " in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith(f"{path}:") and "routes[0]: warning: '/people/**' needs a " \
+        "key only for GET and HEAD; POST, PUT, PATCH, DELETE, TRACE and any other method " \
+        "(PURGE, PROPFIND...) on its paths fall through to routes[1] '/**'" in warned[0]
+    async with gw.proxy.delete("/people/1") as r:  # served as the SPEC's first match
+        assert r.status == 200
+    assert arrived["a"] == 1
+    caplog.clear()
+    health = {"path": "/health", "methods": ["GET"], "upstream": "api", "public": True}
+    for routes in ([*people, catch_all], [health, *people, catch_all]):
+        write(path, config_doc(urls["a"], routes=routes))
+        with caplog.at_level(logging.WARNING, logger="keygate"):
+            status, _ = await reload(gw)
+        assert status == 200
+        assert ": warning: " not in caplog.text

@@ -6,7 +6,8 @@ import pytest
 
 from gateway.config import Route
 from gateway.errors import BadRequest, NotFound
-from gateway.routes import RouteTable, check_path, compile_glob, glob_problem, query_has_token
+from gateway.routes import (RouteTable, check_path, compile_glob, glob_meet, glob_problem,
+                            query_has_token)
 from gateway.tokens import make_token
 from hypothesis import given, settings, strategies as st
 
@@ -727,3 +728,31 @@ def test_building_a_large_table_is_not_quadratic_in_regex_compiles(monkeypatch) 
     assert t.match("GET", "/a999/x") is routes[999]
     assert t.match("GET", "/x/b998/y") is routes[998]
     assert t.match("GET", "/x/y") is routes[-1]
+
+
+@pytest.mark.parametrize("a, b, meet", [
+    ("/admin/**", "/**", "/admin/**"),
+    ("/**", "/admin/**", "/admin/**"),
+    ("/admin/*", "/*/users", "/admin/users"),
+    ("/admin/**", "/admin", "/admin"),          # '/admin/**' matches '/admin' too
+    ("/admin/**", "/admin/", "/admin/"),
+    ("/a/*/c/**", "/a/b/**", "/a/b/c/**"),
+    ("/caf%c3%a9/*", "/caf%C3%A9/x", "/caf%C3%A9/x"),
+    ("/admin/**", "/administrators/**", None),
+    ("/admin/*", "/*/users/*", None),
+    ("/*", "/", None),                          # '*' is a non-empty segment
+    ("/people/*", "/people/", None),
+    ("/people", "/people/", None),
+])
+def test_glob_meet_is_the_glob_of_the_paths_both_match(a, b, meet) -> None:
+    """The config check's overlap of two route globs (the verb-tampering warning): checked
+    against the matcher itself on sample paths."""
+    assert glob_meet(a, b) == meet
+    samples = ["/", "/admin", "/admin/", "/admin/users", "/admin/users/1", "/x/users",
+               "/administrators/1", "/people", "/people/", "/people/1", "/a/b/c", "/a/b/c/d",
+               "/a/b", "/caf%C3%A9/x", "/caf%c3%a9/x"]
+    both = [s for s in samples if compile_glob(a).fullmatch(s) and compile_glob(b).fullmatch(s)]
+    if meet is None:
+        assert both == []
+    else:
+        assert both == [s for s in samples if compile_glob(meet).fullmatch(s)]

@@ -1101,3 +1101,27 @@ def _threads_when(config, call: str, which: str, serve_args: str = ""):
     child_env = {k: v for k, v in env().items() if k != "KEYGATE_ADMIN_TOKEN"}
     return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           env=child_env, timeout=60)
+
+
+async def test_serve_logs_a_method_falling_through_to_a_public_route_once_at_start(
+        tmp_path, redis_url):
+    """GET on /people/** needs a key and a public catch-all for every method follows: 'DELETE
+    /people/1' reaches the upstream without one (HTTP verb tampering, served as first match,
+    SPEC). `serve` says so once at start, as `config check` prints it, before it forks its
+    workers (not once per worker), and serves the file all the same."""
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url)
+    doc = yaml.safe_load(config.read_text())
+    doc["routes"].append({"path": "/**", "upstream": "api", "public": True})
+    config.write_text(yaml.safe_dump(doc))
+    gw = Served(config, pport, aport, "--workers", "2")
+    try:
+        await gw.ready()
+        assert await asyncio.to_thread(gw.terminate) == 0
+        warned = [line for line in gw.stderr().splitlines() if ": warning: " in line]
+        assert len(warned) == 1, gw.stderr()
+        assert "WARNING" in warned[0], warned[0]
+        assert f"{config}:" in warned[0] and "routes[1]: warning: '/people/**' needs a key " \
+            "only for GET and HEAD; POST, PUT, PATCH, DELETE, TRACE and any other method " \
+            "(PURGE, PROPFIND...) on its paths fall through to routes[2] '/**'" in warned[0]
+    finally:
+        gw.close()

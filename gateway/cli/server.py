@@ -108,6 +108,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"keygate: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     if not problems:  # a valid file: what it drops that the store still uses
+        for warning in config.warnings:  # served as written, but likely not as meant
+            print(warning, file=sys.stderr)
         problems, note = _in_use_problems(config)
         if note:
             print(f"keygate: note: {note}", file=sys.stderr)

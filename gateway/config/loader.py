@@ -53,6 +53,7 @@ class Reader(ServiceSections, RoutingSections, CorsSections):
         signature = self.identity_signature(value("identity_signature"), keys, identity)
         tracing = self.tracing(value("tracing"))
         cors = self.cors(value("cors"))
+        warnings = self.verb_warnings(routes, cors is not None)
         if server.port == admin.port and (server.host == admin.host
                                           or server.host in _WILDCARD_HOSTS
                                           or admin.host in _WILDCARD_HOSTS):
@@ -63,7 +64,7 @@ class Reader(ServiceSections, RoutingSections, CorsSections):
                       default_plan=default_plan, roles=roles, upstreams=upstreams,
                       routes=routes, identity_headers=identity, identity_signature=signature,
                       tracing=tracing, source=self.source, scopes=self.catalogue,
-                      cors=cors)
+                      cors=cors, warnings=tuple(warnings))
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

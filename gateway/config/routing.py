@@ -5,16 +5,17 @@ from __future__ import annotations
 import ipaddress
 import re
 import ssl
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import yaml
 from yarl import URL
 
 from ..models import HTTP_METHODS, Route, Upstream
-from ..routes import FoldedGlobs, case_shadow, case_twin, glob_problem
+from ..routes import FoldedGlobs, case_shadow, case_twin, fall_throughs, glob_problem
+from ..settings import ConfigWarning
 from .access import AccessSections
-from .nodes import BAD, Node, child, is_null, known, suggest
+from .nodes import BAD, Node, child, is_null, known, one_line, suggest
 
 # A route's keys in the order SPEC and the docs name them (and "allowed: ..." hints list them).
 ROUTE_KEYS = ("path", "methods", "upstream", "scopes", "public", "websocket")
@@ -136,6 +137,7 @@ class RoutingSections(AccessSections):
                    "scopes": self.scopes, "public": self.boolean, "websocket": self.boolean}
         routes: list[Route] = []
         folded = FoldedGlobs()  # the globs so far with a letter, lower-cased
+        self.route_nodes: list[Node] = []  # each route's node, for verb_warnings' lines
         for i, item in enumerate(self.sequence(node, "routes") or []):
             # no upstream: a verify-only route (answered by /_keygate/v1/verify, never forwarded)
             route = self.section(item, f"routes[{i}]", Route, readers,
@@ -154,7 +156,57 @@ class RoutingSections(AccessSections):
                               "leave out (add GET to methods)")
             self.case_twins(item, i, route, routes, folded)
             routes.append(route)
+            self.route_nodes.append(item)
         return tuple(routes)
+
+    def verb_warnings(self, routes: tuple[Route, ...], cors: bool) -> list[ConfigWarning]:
+        """A warning per keyed route and later public route it leaves methods to, on paths
+        both match (``gateway.routes.fall_throughs``: HTTP verb tampering). The config is
+        valid and matching stays first match in file order (SPEC); the warning names both
+        routes, the methods and the fixes. ``cors``: the config has a cors section, so
+        keygate answers CORS preflights itself and an OPTIONS that falls through counts too.
+        Only for a file without problems (its routes are whole)."""
+        nodes = getattr(self, "route_nodes", [])
+        if self.problems or len(nodes) != len(routes):
+            return []
+
+        def line(i: int) -> int:
+            return nodes[i].start_mark.line + 1
+
+        def listed(names: Sequence[str]) -> str:
+            return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+        warnings: list[ConfigWarning] = []
+        for found in fall_throughs(routes, options_kept=not cors):
+            keyed, public = routes[found.keyed], routes[found.public]
+            k, p = f"routes[{found.keyed}]", f"routes[{found.public}]"
+            mine = list(keyed.methods) + (["HEAD"] if "GET" in keyed.methods
+                                          and "HEAD" not in keyed.methods else [])
+            mine.sort(key=HTTP_METHODS.index)
+            methods = list(found.methods)
+            if found.any_other:
+                what = (f"{', '.join(methods)} and any other method (PURGE, PROPFIND...)"
+                        if methods else "any method 'methods' cannot name (PURGE, PROPFIND...)")
+            else:
+                what = listed(methods)
+            many = len(methods) > 1 or bool(methods and found.any_other)
+            verb, reach, them = ("fall", "reach", "them") if many else ("falls", "reaches", "it")
+            fixes = [f"list {listed(methods)} in {k}.methods"] if methods else []
+            fixes.append(f"give {p} explicit methods" if found.any_other
+                         else f"remove {listed(methods)} from {p}.methods")
+            fixes.append(f"add a keyed route for '{keyed.path}' without methods after {k}")
+            text = one_line(
+                f"{self.source}:{line(found.keyed)}: {k}: warning: '{keyed.path}' needs a key "
+                f"only for {listed(mine)}; {what} on its paths {verb} through to {p} "
+                f"'{public.path}' (line {line(found.public)}), a public route, and {reach} "
+                "the upstream without a key, where a handler that does not check the method "
+                f"may serve {them} as a GET (HTTP verb tampering; docs/security.md). To close "
+                "it: "
+                f"{', '.join(fixes[:-1])}, or {fixes[-1]}")
+            key = ("verb", keyed.path, keyed.methods, keyed.scopes, public.path,
+                   public.methods, found.methods, found.any_other)
+            warnings.append(ConfigWarning(text, key))
+        return warnings
 
     def case_twins(self, item: Node, i: int, route: Route, earlier: list[Route],
                    folded: FoldedGlobs) -> None:
