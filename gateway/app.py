@@ -104,6 +104,7 @@ async def running_gateway(config: Config, store_url: str, *,
     pipeline = None
     access = None
     flushing = None
+    readiness = None
     releasing = asyncio.ensure_future(release_freed_memory_every())  # argon2's 19 MiB runs
     log_drops = _count_dropped_log_lines(metrics.log_lines_dropped.inc)
     try:
@@ -121,6 +122,8 @@ async def running_gateway(config: Config, store_url: str, *,
                                      authenticate_key=workspace_admin(pipeline),
                                      client_address=pipeline.client_ip,
                                      throttle=OperatorThrottle(auth))
+        from .admin.listener import READINESS
+        readiness = admin_app[READINESS]
         from .observe import add_metrics_route
         add_metrics_route(admin_app, metrics, store, config)
         # Bodies are forwarded byte for byte as sent: a Content-Encoding body is never inflated
@@ -175,6 +178,8 @@ async def running_gateway(config: Config, store_url: str, *,
         if flushing is not None:
             flushing.cancel()
             await asyncio.gather(flushing, return_exceptions=True)
+        if readiness is not None:  # its look at the eviction policy (bounded), before the
+            await readiness.close()  # store it asks is closed
         try:
             # bounded: a store that is still down must not hang a stop (not asyncio.wait_for,
             # which can wait for ever: see gateway.closing)

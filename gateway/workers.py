@@ -127,8 +127,10 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
         except StoreError as exc:
             return _store_failed_at_start(f"cannot use the store at "
                                           f"{redact(store_url)}: {exc}", config, True, stop)
-        # a Redis that evicts keys under maxmemory is said at start, not only by a probe
-        await gw.admin_app[READINESS].check_eviction()
+        # a Redis that evicts keys under maxmemory is said at start, not only by a probe; in
+        # the background (a node that does not answer must not hold the start), so the
+        # warning may come just after the "listening" line
+        gw.admin_app[READINESS].look_at_eviction()
         try:
             runners = await start_listeners(gw, reuse_port)
         except ListenError as exc:

@@ -54,6 +54,14 @@ async def test_serve_warns_at_start_of_a_redis_that_evicts_keys_under_maxmemory(
     assert "volatile-lru" in line and "noeviction" in line, log
 
 
+async def _looked(g) -> None:
+    """Wait for the look at the eviction policy a probe started (if any) to end."""
+    from gateway.admin import listener
+    readiness = g.gw.admin_app[listener.READINESS]
+    assert await eventually(lambda: readiness._eviction_look is None
+                            or readiness._eviction_look.done(), timeout=5)
+
+
 async def test_an_eviction_policy_set_while_keygate_runs_is_warned_of_once_and_its_end_too(
         own_redis, upstream, monkeypatch, caplog):
     """The probes (``/readyz``) look at the policy again (at most every
@@ -71,16 +79,19 @@ async def test_an_eviction_policy_set_while_keygate_runs_is_warned_of_once_and_i
             for _ in range(2):
                 async with g.admin.get("/readyz") as r:
                     assert r.status == 200
+                await _looked(g)  # (it runs beside the probe, which does not wait for it)
             assert not _warnings(caplog, "maxmemory"), caplog.text
             admin.config_set("maxmemory", "64mb")
             for _ in range(3):
                 async with g.admin.get("/readyz") as r:
                     assert r.status == 200  # a warning, not a replica out of rotation
+                await _looked(g)
             [warning] = _warnings(caplog, "maxmemory-policy")
             assert "allkeys-lru" in warning and "invalid_key" in warning, warning
             admin.config_set("maxmemory-policy", "noeviction")
             async with g.admin.get("/readyz") as r:
                 assert r.status == 200
+            await _looked(g)
             assert "no longer evicts" in caplog.text, caplog.text
             assert len(_warnings(caplog, "maxmemory-policy")) == 1
     finally:

@@ -4,12 +4,15 @@ gateway/observe.py and gateway/reload.py.)"""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import time
 from typing import Awaitable, Callable
 
 from aiohttp import web
 
+from ..closing import CLOSE_STEP_TIMEOUT, stop
 from ..config import Config
 from ..errors import ServiceUnavailable, StoreError
 from ..store import Store
@@ -25,8 +28,8 @@ log = logging.getLogger("keygate.admin")
 
 STORE = web.AppKey("store", Store)
 # The probes look at Redis's eviction policy again at most this often (seconds): one INFO call
-# on the admin connection, so a CONFIG SET made while keygate runs is seen within a minute of
-# probes.
+# to each node keygate writes to, on the admin connections, in the background (a probe never
+# waits for it), so a CONFIG SET made while keygate runs is seen within a minute of probes.
 EVICTION_CHECK_EVERY = 60.0
 
 
@@ -44,13 +47,34 @@ class Readiness:
         # see the replica leave then, not when the admin listener closes after the drain
         self.stopping = False
         self.eviction: str | None = None  # the eviction problem last logged
-        self._eviction_checked = -float("inf")  # time.monotonic() of the last look
+        self._eviction_checked = -float("inf")  # time.monotonic() of the last look's start
+        self._eviction_look: asyncio.Task[None] | None = None  # the look running, if any
+        self._closed = False
+
+    def look_at_eviction(self) -> None:
+        """Start a look at Redis's eviction policy (``check_eviction``) in the background,
+        unless one is still running: at start (``serve``) and from the probes, neither of
+        which waits for it (each node is given ``EVICTION_NODE_TIMEOUT``, a paused one would
+        otherwise hold a probe for the store timeout). ``close`` stops it."""
+        if self._closed or (self._eviction_look is not None
+                            and not self._eviction_look.done()):
+            return
+        self._eviction_checked = time.monotonic()
+        # in a context of its own: nothing of the probe's (or of a command it ran) goes on
+        self._eviction_look = asyncio.get_running_loop().create_task(
+            self.check_eviction(), context=contextvars.Context())
+        self._eviction_look.add_done_callback(_look_ended)
 
     async def check_eviction(self) -> None:
         """Log a warning when Redis starts evicting keys under maxmemory (``eviction_problem``),
-        once, and a line when it stops; at start (``serve``) and from the probes."""
+        once, and a line when it stops. When that is not known (a node did not answer), the
+        last result stands: a silent node is not an end of eviction."""
         self._eviction_checked = time.monotonic()
-        problem = await self.store.eviction_problem()
+        try:
+            problem = await self.store.eviction_problem()
+        except StoreError as exc:
+            log.debug("Redis's eviction policy not looked at: %s", exc)
+            return
         if problem != self.eviction:
             if problem:
                 log.warning("%s", problem)
@@ -58,6 +82,12 @@ class Readiness:
                 log.info("Redis no longer evicts keys when full (maxmemory-policy noeviction, "
                          "or no maxmemory)")
             self.eviction = problem
+
+    async def close(self) -> None:
+        """Stop a look still running (bounded: gateway.closing), and start none from now on."""
+        self._closed = True
+        if self._eviction_look is not None:
+            await stop(self._eviction_look, CLOSE_STEP_TIMEOUT, "the eviction-policy look")
 
     async def check(self) -> str | None:
         """What is wrong now (None: ready)."""
@@ -71,7 +101,7 @@ class Readiness:
                 problem = str(exc)
         if problem is None and (time.monotonic() - self._eviction_checked
                                 >= EVICTION_CHECK_EVERY):
-            await self.check_eviction()
+            self.look_at_eviction()  # not waited for: its outcome is a log line, not readiness
         if problem != self.problem:
             if problem:
                 log.warning("not ready: %s", problem)
@@ -79,6 +109,13 @@ class Readiness:
                 log.info("ready again: the store answers on both paths")
             self.problem = problem
         return problem
+
+
+def _look_ended(look: "asyncio.Task[None]") -> None:
+    """A look that failed other than on the store (which ``check_eviction`` takes) is logged:
+    it ran in no request, nothing else would say it."""
+    if not look.cancelled() and (exc := look.exception()) is not None:
+        log.error("the look at Redis's eviction policy failed", exc_info=exc)
 
 
 READINESS = web.AppKey("readiness", Readiness)

@@ -101,6 +101,38 @@ def confirmed_write(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaita
     return write
 
 
+# Seconds each node may take to answer the eviction look's INFO (``eviction_problem``; at most
+# the store timeout). INFO memory is answered at once by a Redis that answers at all; a node
+# that does not (paused, its host gone silent) is not waited for the store timeout.
+EVICTION_NODE_TIMEOUT = 1.0
+
+
+def _eviction_in(info: Mapping[str, Any]) -> str | None:
+    """The eviction problem one node's INFO memory shows, or None."""
+    policy = str(info.get("maxmemory_policy", "noeviction"))
+    try:
+        limit = int(info.get("maxmemory") or 0)
+    except (TypeError, ValueError):
+        limit = 0
+    if policy == "noeviction" or limit <= 0:
+        return None
+    lost = ("month and day counters and rate logs (quotas and rate limits start "
+            "again from zero)" if policy.startswith("volatile-") else
+            "keys, workspaces and counters (good keys answer 401 invalid_key, "
+            "quotas start again from zero)")
+    return (f"Redis evicts keys when full (maxmemory-policy {policy}, maxmemory "
+            f"{limit} bytes): it will drop keygate's {lost}; set "
+            f"maxmemory-policy noeviction (a full Redis then refuses writes: "
+            f"503 store_unavailable) and size maxmemory to fit")
+
+
+def _consumed(task: "asyncio.Future[Any]") -> None:
+    """Retrieve a finished call's exception, so that asyncio does not log it as never
+    retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 class FairTurns:
     """One holder at a time, the waiters served round the parties (workspaces) waiting, each
     party's own in the order they came: a party with many waiting takes one turn in each
@@ -233,38 +265,57 @@ class StoreBase:
             return describe(_refusal_within(exc))
 
     async def eviction_problem(self) -> str | None:
-        """What is wrong with Redis's memory policy for keygate, or None (also when Redis
-        cannot say: not answering, or INFO refused). Redis evicts keys once it reaches
-        ``maxmemory`` unless ``maxmemory-policy`` is ``noeviction``, and keygate's keys are
-        its only copy of what it knows: under ``volatile-*`` the month and day counters and the
-        rate logs (they have a TTL) go first, so quotas and rates start again from zero; under
-        ``allkeys-*`` key records and workspaces go too (good keys answer 401 ``invalid_key``).
-        One INFO call (every node of a Cluster); never on the request path."""
-        # a Cluster: every node (its replicas too: one may be promoted), else one only
-        every = getattr(self.redis, "ALL_NODES", None)
+        """What is wrong with Redis's memory policy for keygate, or None. Redis evicts keys
+        once it reaches ``maxmemory`` unless ``maxmemory-policy`` is ``noeviction``, and
+        keygate's keys are its only copy of what it knows: under ``volatile-*`` the month and
+        day counters and the rate logs (they have a TTL) go first, so quotas and rates start
+        again from zero; under ``allkeys-*`` key records and workspaces go too (good keys
+        answer 401 ``invalid_key``).
+
+        One INFO call to each node keygate writes to: the Redis, the Sentinels' master, every
+        primary of a Cluster (a replica holds nothing keygate writes; one that is promoted is
+        looked at from the next look on), all at once, each for at most
+        ``EVICTION_NODE_TIMEOUT`` seconds: a node that does not answer by then is not waited
+        for (its call is cancelled). :class:`StoreError` when no node that answered would evict
+        and one could not say (not answering, INFO refused): whether Redis evicts is then not
+        known. Never on the request path (``Readiness`` runs it in the background)."""
+        primaries = getattr(self.redis, "get_primaries", None)  # a Cluster
+        if primaries is not None and not primaries():
+            with store_errors("read of the Cluster's layout"):  # no command sent yet
+                await self.redis.initialize()
+        nodes = [None] if primaries is None else primaries()
+        if not nodes:
+            raise StoreError("the Cluster's primaries are not known")
+        looks = [asyncio.ensure_future(self.redis.info("memory") if node is None else
+                                       self.redis.info("memory", target_nodes=node))
+                 for node in nodes]
         try:
-            reply = await (self.redis.info("memory") if every is None else
-                           self.redis.info("memory", target_nodes=every))
-        except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError):
-            return None
-        # a Cluster answers {node: info} for its nodes, a single Redis its own info
-        nodes = [reply] if "maxmemory_policy" in reply else [
-            info for info in reply.values() if isinstance(info, dict)]
-        for info in nodes:
-            policy = str(info.get("maxmemory_policy", "noeviction"))
-            try:
-                limit = int(info.get("maxmemory") or 0)
-            except (TypeError, ValueError):
-                limit = 0
-            if policy != "noeviction" and limit > 0:
-                lost = ("month and day counters and rate logs (quotas and rate limits start "
-                        "again from zero)" if policy.startswith("volatile-") else
-                        "keys, workspaces and counters (good keys answer 401 invalid_key, "
-                        "quotas start again from zero)")
-                return (f"Redis evicts keys when full (maxmemory-policy {policy}, maxmemory "
-                        f"{limit} bytes): it will drop keygate's {lost}; set "
-                        f"maxmemory-policy noeviction (a full Redis then refuses writes: "
-                        f"503 store_unavailable) and size maxmemory to fit")
+            await asyncio.wait(looks, timeout=min(EVICTION_NODE_TIMEOUT,
+                                                  self.config.store.timeout))
+        finally:  # (also when this look is cancelled: a shutdown)
+            for look in looks:
+                if not look.done():
+                    look.cancel()  # redis-py closes a connection whose read is cancelled
+                look.add_done_callback(_consumed)
+        silent = 0
+        for look in looks:
+            if not look.done() or look.cancelled():  # (a cancelled call ends a moment later)
+                silent += 1
+                continue
+            if isinstance(look.exception(), (RedisError, RedisClusterException, OSError,
+                                             asyncio.TimeoutError)):
+                silent += 1
+                continue
+            reply = look.result()
+            # a single Redis (and a Cluster's node, alone) answers its own info, a Cluster
+            # asked for several nodes {node: info}
+            for info in ([reply] if "maxmemory_policy" in reply else
+                         [i for i in reply.values() if isinstance(i, dict)]):
+                if problem := _eviction_in(info):
+                    return problem
+        if silent:
+            raise StoreError(f"{silent} of {len(looks)} Redis node(s) did not say their "
+                             f"maxmemory-policy within {EVICTION_NODE_TIMEOUT:g} s")
         return None
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
