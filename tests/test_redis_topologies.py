@@ -585,6 +585,21 @@ async def test_cluster_gateway_runs_every_store_operation_across_nodes(
                                          f"/workspaces/{ws}/keys/{keys['items'][0]['id']}")
         assert status == 200
 
+        # an admin write sent again (a copy naming the same marker, in the workspace's slot,
+        # as redis-py's retry sends it): answered as the first run was, done once
+        store = gut.gw.store
+        entries = len(await store.audit(ws))
+        first = await store.update_workspace(ws, name="Once")
+        store._call_seq -= 1  # the next call names this one's marker: a copy of it
+        again = await store.update_workspace(ws, name="Twice")
+        assert (again.name, again.rev) == ("Once", first.rev)
+        assert (await store.require_workspace(ws)).name == "Once"
+        assert len(await store.audit(ws)) == entries + 1
+        marker = f"kg:once:{{{ws}}}:admin:{store._call_tag}:{store._call_seq}"
+        owner = redis.Redis(port=_owner_port(ports, marker), password=CLUSTER_PW)
+        assert owner.pttl(marker) > 0
+        owner.close()
+
         # a fail-open ledger write: its id and the counters in one slot, counted once
         slot = Slot(ws, "kx", "2026-01", "2026-01-15", "kx")
         assert await gut.gw.requests.add_usage(slot, 2, 60, "w-1")

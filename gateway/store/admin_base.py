@@ -7,6 +7,7 @@ import collections
 import contextlib
 import functools
 import json
+import os
 import time
 from typing import (Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Self, Sequence,
                     TypeVar)
@@ -21,13 +22,23 @@ from ..redis_topology import topology_client
 from ..redis_urls import is_topology_url, standalone_client
 from ..tokens import SecretHasher
 from ..usage import effective_plan
-from .keyspace import ws_key
+from .keyspace import once_key, ws_key
 from .records import WORKSPACE_ID_RE, shown_ws, workspace_from_hash
+from .request import once_ttl_ms
 from .scripts import load
 
 OPERATOR = "operator"        # the audit actor of admin-API changes (self-service: the key id)
 AUDIT_MAXLEN = 10_000
 ID_ATTEMPTS = 8              # fresh key ids / slug suffixes tried before giving up
+# The admin scripts that write. Each call of one names a marker of its own, in the workspace's
+# slot (lua/_once.lua): redis-py sends a command again when its connection died before the reply
+# came (redis_urls._retry, up to 3 times), and Redis may have run it already. A copy finds the
+# marker and answers what the call answered, doing nothing again. Before, a copy of a workspace
+# create found the id taken (409 for the workspace the call made, or a second workspace under
+# a suffixed id), a copy of an update audited it and bumped the rev once more, a copy of a
+# delete found nothing to delete (404 for a delete that happened).
+WRITES = frozenset({"create_workspace", "update_workspace", "add_key", "update_key",
+                    "revoke_key", "set_role", "delete_key", "take_back"})
 
 
 def _client(url: str, timeout: float) -> Any:
@@ -213,6 +224,10 @@ class StoreBase:
         self._taking_back: set[asyncio.Task[None]] = set()
         # set by close(): a take-back waiting between two tries makes its last one at once
         self._closing = asyncio.Event()
+        # each write's marker (WRITES): ids unique across processes and replicas, kept longer
+        # than redis-py goes on sending a call again (as the request path's markers are)
+        self._call_tag, self._call_seq = os.urandom(8).hex(), 0
+        self._once_ttl = once_ttl_ms(_client_timeout(client, config.store.timeout))
 
     @property
     def config(self) -> Config:
@@ -320,9 +335,20 @@ class StoreBase:
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
                    what: str = "") -> Any:
-        """Run the script ``lua/admin_<name>.lua``; ``what`` names the operation in errors."""
+        """Run the script ``lua/admin_<name>.lua``; ``what`` names the operation in errors.
+        A script that writes (``WRITES``) is given this call's marker and its TTL, after the
+        call's own keys and arguments: in the slot of the workspace ``keys[0]`` is of."""
+        if name in WRITES:
+            keys, args = (*keys, self._call_marker(keys[0])), (*args, self._once_ttl)
         with store_errors(what or name.replace("_", " ")):
             return await self._scripts[name](keys=list(keys), args=list(args))
+
+    def _call_marker(self, key: str) -> str:
+        """A new marker for one write (``WRITES``), in the slot of ``key``'s workspace (its
+        ``{ws}`` hash tag: a Cluster runs the script on that one slot)."""
+        self._call_seq += 1
+        ws = key[key.index("{") + 1:key.index("}")]
+        return once_key(ws, f"admin:{self._call_tag}:{self._call_seq}")
 
     def _audit_entry(self, now: float, actor: str, action: str, target: str,
                      details: Mapping[str, Any]) -> str:
@@ -353,6 +379,20 @@ class StoreBase:
         """The active-key cap in force for ``workspace`` (-1: none), as the scripts take it."""
         plan = effective_plan(self.config, workspace)
         return -1 if plan.max_keys is None else plan.max_keys
+
+
+def _client_timeout(client: Any, timeout: float) -> float:
+    """The longest socket timeout ``client`` keeps (a URL's ``socket_timeout`` wins over the
+    config's, as redis-py reads it), at least ``timeout``."""
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool if pool is not None else client, "connection_kwargs", None) or {}
+    seen = [timeout]
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        try:
+            seen.append(float(kwargs.get(name) or 0))
+        except (TypeError, ValueError):
+            pass
+    return max(seen)
 
 
 def _refusal_within(exc: BaseException) -> BaseException:

@@ -85,6 +85,10 @@ per-request script and every admin script touch a single slot.
                                           again after its connection died counts nothing;
                                           for a refund, "1": a copy takes back nothing
                                           (TTL: request.once_ttl_ms, from the store timeout)
+    kg:once:{ws}:admin:<call-id>  STRING  an admin write's answer (JSON, [answer]): its script ran,
+                                          so a copy sent again after its connection died does
+                                          nothing and answers the same (lua/_once.lua; every
+                                          client, a standalone one too; TTL: as above)
     kg:once:{kg:fail:...}:<id>    STRING  Sentinel and Cluster only: "1", a failed
                                           verification's count has run (the counter's whole
                                           name as the hash tag: the counter's slot), so a

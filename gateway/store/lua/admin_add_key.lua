@@ -50,94 +50,105 @@
 -- it, 'rotated_gen': the delete generation of the key's role then (its 'deleted:<role>' in
 -- KEYS[10], admin_set_role): a take-back gives the key back only while no delete of the role
 -- came since (a role deleted and defined again is another role).
+-- KEYS[11] and the last ARGV (a call that may be sent again): this call's marker
+-- kg:once:{ws}:admin:<call-id> and how long it is kept, ms: a copy of a call that ran
+-- answers as it did, doing nothing again (_once.lua)
 -- include: _new_rev.lua
 -- include: _cap_basis.lua
 -- include: _active_keys.lua
 -- include: _bound_to_role.lua
-if redis.call('EXISTS', KEYS[9]) == 1 then return 'undone' end
--- This very call ran already: its connection died after Redis ran it and before the answer
--- came, and redis-py sent it again on a fresh connection. The new key's hash (its secret's,
--- salted: no other call has it) is there: the first run's outcome is the answer. (Run again,
--- a rotation found the old key changed -- by itself -- and, revoked, was refused: the new key
--- stood, its token never shown, the old key revoked; a create made a second key.)
-local made = redis.call('HGET', KEYS[4], 'hash')
-if made then
-  for i = 14, #ARGV - 1, 2 do
-    if ARGV[i] == 'hash' then
-      if ARGV[i + 1] == made then return 'ok' end
-      break
-    end
-  end
-end
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
-if ARGV[12] ~= '' then
-  local acting = redis.call('HMGET', KEYS[8], 'rev', 'expires_at', 'role')
-  local exp = tonumber(acting[2] or '')
-  if (acting[1] or '0') ~= ARGV[12] or (exp ~= nil and exp <= tonumber(ARGV[1])) then
-    return 'actor_changed'
-  end
-  local def = acting[3] and acting[3] ~= '' and redis.call('HGET', KEYS[6], acting[3])
-  if def then
-    local held = {}
-    for _, s in ipairs(cjson.decode(def)) do held[s] = true end
-    if not held['ALL'] then
-      if not held['keys:admin'] then return 'actor_changed' end
-      for _, s in ipairs(cjson.decode(ARGV[13])) do
-        if not held[s] then return 'actor_changed' end
+-- include: _once.lua
+local ran = once_ran(10)
+if ran then return ran[1] end
+local function add()
+  if redis.call('EXISTS', KEYS[9]) == 1 then return 'undone' end
+  -- This very call ran already: its connection died after Redis ran it and before the answer
+  -- came, and redis-py sent it again on a fresh connection. The new key's hash (its secret's,
+  -- salted: no other call has it) is there: the first run's outcome is the answer. (Run again,
+  -- a rotation found the old key changed -- by itself -- and, revoked, was refused: the new key
+  -- stood, its token never shown, the old key revoked; a create made a second key.)
+  -- Kept beside the call's marker (_once.lua): it holds for a call without one, and for a
+  -- copy that comes after the marker expired.
+  local made = redis.call('HGET', KEYS[4], 'hash')
+  if made then
+    for i = 14, once_args - 1, 2 do
+      if ARGV[i] == 'hash' then
+        if ARGV[i + 1] == made then return 'ok' end
+        break
       end
     end
   end
-end
-if cap_basis_changed(KEYS[1], ARGV[11]) then return 'stale_ws' end
-if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[6], ARGV[10]) == 0 then return 'no_role' end
-local rotating = ARGV[7] ~= ''
-local old_exp = nil
-local old_role = ''
-if rotating then
-  local old = redis.call('HMGET', KEYS[7], 'id', 'revoked_at', 'expires_at', 'rev', 'role')
-  if not old[1] then return 'not_found' end
-  if old[2] and old[2] ~= '' then return 'revoked' end
-  if (old[4] or '0') ~= ARGV[9] then return 'stale' end
-  old_exp = tonumber(old[3] or '')
-  old_role = old[5] or ''
-end
-if redis.call('EXISTS', KEYS[4]) == 1 then return 'collision' end
-local now = tonumber(ARGV[1])
-local active = active_keys(KEYS[3], ARGV[1])
-local replaces_active = rotating and not (old_exp ~= nil and old_exp <= now)
-local max = tonumber(ARGV[2])
-if not replaces_active and max >= 0 and active >= max then
-  return 'limit'
-end
-if replaces_active and ARGV[8] ~= '' and max >= 0 and active > max then
-  return 'grace_limit'
-end
-
-if rotating then
-  if ARGV[8] == '' then
-    redis.call('HSET', KEYS[7], 'revoked_at', ARGV[1])
-    redis.call('ZREM', KEYS[3], ARGV[7])
-  elseif replaces_active then
-    local grace_end = tonumber(ARGV[8])
-    if old_exp == nil or grace_end < old_exp then
-      redis.call('HSET', KEYS[7], 'expires_at', ARGV[8])
-      redis.call('ZADD', KEYS[3], ARGV[8], ARGV[7])
+  if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
+  if ARGV[12] ~= '' then
+    local acting = redis.call('HMGET', KEYS[8], 'rev', 'expires_at', 'role')
+    local exp = tonumber(acting[2] or '')
+    if (acting[1] or '0') ~= ARGV[12] or (exp ~= nil and exp <= tonumber(ARGV[1])) then
+      return 'actor_changed'
+    end
+    local def = acting[3] and acting[3] ~= '' and redis.call('HGET', KEYS[6], acting[3])
+    if def then
+      local held = {}
+      for _, s in ipairs(cjson.decode(def)) do held[s] = true end
+      if not held['ALL'] then
+        if not held['keys:admin'] then return 'actor_changed' end
+        for _, s in ipairs(cjson.decode(ARGV[13])) do
+          if not held[s] then return 'actor_changed' end
+        end
+      end
     end
   end
-  new_rev(KEYS[7])
-  redis.call('HSET', KEYS[7], 'rotated_to', ARGV[4], 'rotated_gen',
-             old_role ~= '' and redis.call('HGET', KEYS[10], 'deleted:' .. old_role) or '0')
-end
+  if cap_basis_changed(KEYS[1], ARGV[11]) then return 'stale_ws' end
+  if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[6], ARGV[10]) == 0 then return 'no_role' end
+  local rotating = ARGV[7] ~= ''
+  local old_exp = nil
+  local old_role = ''
+  if rotating then
+    local old = redis.call('HMGET', KEYS[7], 'id', 'revoked_at', 'expires_at', 'rev', 'role')
+    if not old[1] then return 'not_found' end
+    if old[2] and old[2] ~= '' then return 'revoked' end
+    if (old[4] or '0') ~= ARGV[9] then return 'stale' end
+    old_exp = tonumber(old[3] or '')
+    old_role = old[5] or ''
+  end
+  if redis.call('EXISTS', KEYS[4]) == 1 then return 'collision' end
+  local now = tonumber(ARGV[1])
+  local active = active_keys(KEYS[3], ARGV[1])
+  local replaces_active = rotating and not (old_exp ~= nil and old_exp <= now)
+  local max = tonumber(ARGV[2])
+  if not replaces_active and max >= 0 and active >= max then
+    return 'limit'
+  end
+  if replaces_active and ARGV[8] ~= '' and max >= 0 and active > max then
+    return 'grace_limit'
+  end
 
-local fields = {}
-for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[4], unpack(fields))
-new_rev(KEYS[4])
-redis.call('SADD', KEYS[2], ARGV[4])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
-local role = redis.call('HGET', KEYS[4], 'role')
-if role and role ~= '' then  -- a delete of that role counting its keys meanwhile counts again
-  bound_to_role(KEYS[1], KEYS[10], role)
+  if rotating then
+    if ARGV[8] == '' then
+      redis.call('HSET', KEYS[7], 'revoked_at', ARGV[1])
+      redis.call('ZREM', KEYS[3], ARGV[7])
+    elseif replaces_active then
+      local grace_end = tonumber(ARGV[8])
+      if old_exp == nil or grace_end < old_exp then
+        redis.call('HSET', KEYS[7], 'expires_at', ARGV[8])
+        redis.call('ZADD', KEYS[3], ARGV[8], ARGV[7])
+      end
+    end
+    new_rev(KEYS[7])
+    redis.call('HSET', KEYS[7], 'rotated_to', ARGV[4], 'rotated_gen',
+               old_role ~= '' and redis.call('HGET', KEYS[10], 'deleted:' .. old_role) or '0')
+  end
+
+  local fields = {}
+  for i = 14, once_args do fields[#fields + 1] = ARGV[i] end
+  redis.call('HSET', KEYS[4], unpack(fields))
+  new_rev(KEYS[4])
+  redis.call('SADD', KEYS[2], ARGV[4])
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+  local role = redis.call('HGET', KEYS[4], 'role')
+  if role and role ~= '' then  -- a delete of that role counting its keys meanwhile counts again
+    bound_to_role(KEYS[1], KEYS[10], role)
+  end
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
+  return 'ok'
 end
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
-return 'ok'
+return once_answered(add())

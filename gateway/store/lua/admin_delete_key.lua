@@ -5,14 +5,23 @@
 -- KEYS[4] kg:ws:{ws}:audit
 -- ARGV[1] key id   ARGV[2] now   ARGV[3] audit entry (JSON)   ARGV[4] audit stream cap
 -- Returns the key hash as it was (HGETALL), nil when it does not exist, or 'active'.
-local h = redis.call('HGETALL', KEYS[1])
-if #h == 0 then return false end
-local st = redis.call('HMGET', KEYS[1], 'revoked_at', 'expires_at')
-local revoked = st[1] and st[1] ~= ''
-local exp = tonumber(st[2] or '')
-if not revoked and (exp == nil or exp > tonumber(ARGV[2])) then return 'active' end
-redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'e', ARGV[3])
-return h
+-- KEYS[5] and the last ARGV (a call that may be sent again): this call's marker
+-- kg:once:{ws}:admin:<call-id> and how long it is kept, ms: a copy of a call that ran
+-- answers as it did, doing nothing again (_once.lua)
+-- include: _once.lua
+local ran = once_ran(4)
+if ran then return ran[1] end
+local function delete()
+  local h = redis.call('HGETALL', KEYS[1])
+  if #h == 0 then return false end
+  local st = redis.call('HMGET', KEYS[1], 'revoked_at', 'expires_at')
+  local revoked = st[1] and st[1] ~= ''
+  local exp = tonumber(st[2] or '')
+  if not revoked and (exp == nil or exp > tonumber(ARGV[2])) then return 'active' end
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'e', ARGV[3])
+  return h
+end
+return once_answered(delete())

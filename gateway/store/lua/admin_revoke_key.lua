@@ -4,17 +4,26 @@
 -- KEYS[1] kg:key:{ws}:<id>   KEYS[2] kg:ws:{ws}:active   KEYS[3] kg:ws:{ws}:audit
 -- ARGV[1] key id   ARGV[2] now   ARGV[3] audit entry (JSON)   ARGV[4] audit stream cap
 -- Returns the key hash (HGETALL), or nil when the key does not exist.
+-- KEYS[4] and the last ARGV (a call that may be sent again): this call's marker
+-- kg:once:{ws}:admin:<call-id> and how long it is kept, ms: a copy of a call that ran
+-- answers as it did, doing nothing again (_once.lua)
 -- include: _new_rev.lua
-local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at')
-if not st[1] then return false end
-if not st[2] or st[2] == '' then
-  redis.call('HSET', KEYS[1], 'revoked_at', ARGV[2])
-  new_rev(KEYS[1])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'e', ARGV[3])
-else
-  -- revoked by a rotation answered 503 that is to be taken back (admin_take_back): revoked
-  -- now by a caller who was answered, it stays revoked
-  redis.call('HDEL', KEYS[1], 'rotated_to')
+-- include: _once.lua
+local ran = once_ran(3)
+if ran then return ran[1] end
+local function revoke()
+  local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at')
+  if not st[1] then return false end
+  if not st[2] or st[2] == '' then
+    redis.call('HSET', KEYS[1], 'revoked_at', ARGV[2])
+    new_rev(KEYS[1])
+    redis.call('ZREM', KEYS[2], ARGV[1])
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'e', ARGV[3])
+  else
+    -- revoked by a rotation answered 503 that is to be taken back (admin_take_back): revoked
+    -- now by a caller who was answered, it stays revoked
+    redis.call('HDEL', KEYS[1], 'rotated_to')
+  end
+  return redis.call('HGETALL', KEYS[1])
 end
-return redis.call('HGETALL', KEYS[1])
+return once_answered(revoke())

@@ -30,22 +30,31 @@
 -- Returns 'ok' | 'no_workspace' | 'not_found' (delete of a role the workspace does not have)
 -- | 'stale' (delete: a key was bound to the role, or by an older replica to any role, since
 -- the count; nothing written).
+-- KEYS[5] and the last ARGV (a call that may be sent again): this call's marker
+-- kg:once:{ws}:admin:<call-id> and how long it is kept, ms: a copy of a call that ran
+-- answers as it did, doing nothing again (_once.lua)
 -- include: _new_rev.lua
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
-if ARGV[1] == 'put' then
-  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-else
-  if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return 'not_found' end
-  if ARGV[6] ~= '' then
-    local w = redis.call('HMGET', KEYS[1], 'bindings', 'bindings_per_role')
-    if (redis.call('HGET', KEYS[4], ARGV[2]) or '0') ~= ARGV[6]
-        or tonumber(w[1] or '0') - tonumber(w[2] or '0') ~= tonumber(ARGV[7]) then
-      return 'stale'
+-- include: _once.lua
+local ran = once_ran(4)
+if ran then return ran[1] end
+local function set_role()
+  if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
+  if ARGV[1] == 'put' then
+    redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+  else
+    if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return 'not_found' end
+    if ARGV[6] ~= '' then
+      local w = redis.call('HMGET', KEYS[1], 'bindings', 'bindings_per_role')
+      if (redis.call('HGET', KEYS[4], ARGV[2]) or '0') ~= ARGV[6]
+          or tonumber(w[1] or '0') - tonumber(w[2] or '0') ~= tonumber(ARGV[7]) then
+        return 'stale'
+      end
     end
+    redis.call('HDEL', KEYS[2], ARGV[2])
+    redis.call('HINCRBY', KEYS[4], 'deleted:' .. ARGV[2], 1)
   end
-  redis.call('HDEL', KEYS[2], ARGV[2])
-  redis.call('HINCRBY', KEYS[4], 'deleted:' .. ARGV[2], 1)
+  new_rev(KEYS[1])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[4])
+  return 'ok'
 end
-new_rev(KEYS[1])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[4])
-return 'ok'
+return once_answered(set_role())

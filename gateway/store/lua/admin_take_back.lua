@@ -33,29 +33,39 @@
 -- Returns 'absent' (the add script had not run) | 'removed' | 'restored' (rotation: the old
 -- key given back too) | 'kept' (rotation: the new key removed, the old key not given back,
 -- its role gone).
+-- KEYS[10] and the last ARGV (a call that may be sent again): this call's marker
+-- kg:once:{ws}:admin:<call-id> and how long it is kept, ms: a copy of a call that ran
+-- answers as it did, doing nothing again (_once.lua)
 -- include: _new_rev.lua
 -- include: _bound_to_role.lua
-redis.call('SET', KEYS[5], '1', 'EX', ARGV[5])
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'absent' end
-local outcome = 'removed'
-if ARGV[4] ~= '' and redis.call('HGET', KEYS[6], 'rotated_to') == ARGV[1] then
-  local old = redis.call('HMGET', KEYS[6], 'role', 'rotated_gen')
-  local role = old[1] or ''
-  if role ~= '' and not cjson.decode(ARGV[7])[role]
-      and (redis.call('HEXISTS', KEYS[9], role) == 0
-           or (redis.call('HGET', KEYS[8], 'deleted:' .. role) or '0') ~= (old[2] or '0')) then
-    redis.call('HDEL', KEYS[6], 'rotated_to', 'rotated_gen')
-    outcome = 'kept'
-  else
-    redis.call('HSET', KEYS[6], 'revoked_at', '', 'expires_at', ARGV[6])
-    redis.call('ZADD', KEYS[3], ARGV[6] == '' and '+inf' or ARGV[6], ARGV[4])
-    new_rev(KEYS[6])
-    if role ~= '' then bound_to_role(KEYS[7], KEYS[8], role) end
-    outcome = 'restored'
+-- include: _once.lua
+local ran = once_ran(9)
+if ran then return ran[1] end
+local function take_back()
+  redis.call('SET', KEYS[5], '1', 'EX', ARGV[5])
+  if redis.call('EXISTS', KEYS[1]) == 0 then return 'absent' end
+  local outcome = 'removed'
+  if ARGV[4] ~= '' and redis.call('HGET', KEYS[6], 'rotated_to') == ARGV[1] then
+    local old = redis.call('HMGET', KEYS[6], 'role', 'rotated_gen')
+    local role = old[1] or ''
+    if role ~= '' and not cjson.decode(ARGV[7])[role]
+        and (redis.call('HEXISTS', KEYS[9], role) == 0
+             or (redis.call('HGET', KEYS[8], 'deleted:' .. role) or '0') ~= (old[2] or '0')) then
+      redis.call('HDEL', KEYS[6], 'rotated_to', 'rotated_gen')
+      outcome = 'kept'
+    else
+      redis.call('HSET', KEYS[6], 'revoked_at', '', 'expires_at', ARGV[6])
+      redis.call('ZADD', KEYS[3], ARGV[6] == '' and '+inf' or ARGV[6], ARGV[4])
+      new_rev(KEYS[6])
+      if role ~= '' then bound_to_role(KEYS[7], KEYS[8], role) end
+      outcome = 'restored'
+    end
   end
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  local entry = outcome == 'kept' and ARGV[8] or ARGV[2]
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'e', entry)
+  return outcome
 end
-redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'e', outcome == 'kept' and ARGV[8] or ARGV[2])
-return outcome
+return once_answered(take_back())

@@ -26,59 +26,68 @@
 -- Returns the key hash (HGETALL), nil when the key does not exist, 'limit', 'stale',
 -- 'stale_ws', 'no_role' (ARGV[8] is not defined; nothing written) or {'unbound', role} (see
 -- ARGV[9]).
+-- KEYS[7] and the last ARGV (a call that may be sent again): this call's marker
+-- kg:once:{ws}:admin:<call-id> and how long it is kept, ms: a copy of a call that ran
+-- answers as it did, doing nothing again (_once.lua)
 -- include: _new_rev.lua
 -- include: _cap_basis.lua
 -- include: _active_keys.lua
 -- include: _bound_to_role.lua
-local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at', 'rev', 'role')
-if not st[1] then return false end
-if ARGV[7] ~= '' and (st[3] or '0') ~= ARGV[7] then return 'stale' end
-if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[4], ARGV[8]) == 0 then return 'no_role' end
-local revoked = st[2] and st[2] ~= ''
--- the key is made live bound to a role (bound to another role than it had, or given a new
--- expiry, which brings an expired key back): that role's counter is bumped, so a delete of it
--- counting its keys meanwhile counts again (admin_set_role). Any new expiry, not only one that
--- this script finds bringing the key back: the delete's count judged expiry by its own
--- replica's clock, which may be ahead of this one's (and a key bound to the role that was
--- active all along holds its delete up anyway). A change that leaves the key's role and
--- expiry as they are (a PATCH naming the role the key has) binds nothing; nor does a new
--- role for a key that has expired and is given no new expiry (it holds no delete up: a
--- tenant moving a long-expired key between roles in a loop starved their deletes). Expired
--- means more than LIVE_SKEW seconds ago: the deleting replica's clock may be behind this
--- one's, and count the key as live.
-local LIVE_SKEW = 60
-local redated = ARGV[2] ~= ''
-if ARGV[2] ~= '' and not revoked then
-  local now = tonumber(ARGV[3])
-  local cur = redis.call('ZSCORE', KEYS[2], ARGV[1])
-  local active = cur and (cur == 'inf' or tonumber(cur) > now)
-  if ARGV[9] ~= '' then
-    local bound = redis.call('HGET', KEYS[1], 'role')
-    if bound and bound ~= '' and redis.call('HEXISTS', KEYS[4], bound) == 0
-        and not cjson.decode(ARGV[9])[bound] then
-      return {'unbound', bound}
+-- include: _once.lua
+local ran = once_ran(6)
+if ran then return ran[1] end
+local function update()
+  local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at', 'rev', 'role')
+  if not st[1] then return false end
+  if ARGV[7] ~= '' and (st[3] or '0') ~= ARGV[7] then return 'stale' end
+  if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[4], ARGV[8]) == 0 then return 'no_role' end
+  local revoked = st[2] and st[2] ~= ''
+  -- the key is made live bound to a role (bound to another role than it had, or given a new
+  -- expiry, which brings an expired key back): that role's counter is bumped, so a delete of it
+  -- counting its keys meanwhile counts again (admin_set_role). Any new expiry, not only one that
+  -- this script finds bringing the key back: the delete's count judged expiry by its own
+  -- replica's clock, which may be ahead of this one's (and a key bound to the role that was
+  -- active all along holds its delete up anyway). A change that leaves the key's role and
+  -- expiry as they are (a PATCH naming the role the key has) binds nothing; nor does a new
+  -- role for a key that has expired and is given no new expiry (it holds no delete up: a
+  -- tenant moving a long-expired key between roles in a loop starved their deletes). Expired
+  -- means more than LIVE_SKEW seconds ago: the deleting replica's clock may be behind this
+  -- one's, and count the key as live.
+  local LIVE_SKEW = 60
+  local redated = ARGV[2] ~= ''
+  if ARGV[2] ~= '' and not revoked then
+    local now = tonumber(ARGV[3])
+    local cur = redis.call('ZSCORE', KEYS[2], ARGV[1])
+    local active = cur and (cur == 'inf' or tonumber(cur) > now)
+    if ARGV[9] ~= '' then
+      local bound = redis.call('HGET', KEYS[1], 'role')
+      if bound and bound ~= '' and redis.call('HEXISTS', KEYS[4], bound) == 0
+          and not cjson.decode(ARGV[9])[bound] then
+        return {'unbound', bound}
+      end
+    end
+    if not active and cap_basis_changed(KEYS[5], ARGV[10]) then return 'stale_ws' end
+    if not active and tonumber(ARGV[4]) >= 0 then
+      if active_keys(KEYS[2], ARGV[3]) >= tonumber(ARGV[4]) then return 'limit' end
+    end
+    redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+  end
+  if once_args >= 12 then
+    local fields = {}
+    for i = 11, once_args do fields[#fields + 1] = ARGV[i] end
+    redis.call('HSET', KEYS[1], unpack(fields))
+  end
+  if not revoked then
+    local now_key = redis.call('HMGET', KEYS[1], 'role', 'expires_at')
+    local role = now_key[1] or ''
+    local exp = tonumber(now_key[2] or '')
+    if role ~= '' and (redated or (role ~= (st[4] or '')
+                                   and (exp == nil or exp > tonumber(ARGV[3]) - LIVE_SKEW))) then
+      bound_to_role(KEYS[5], KEYS[6], role)
     end
   end
-  if not active and cap_basis_changed(KEYS[5], ARGV[10]) then return 'stale_ws' end
-  if not active and tonumber(ARGV[4]) >= 0 then
-    if active_keys(KEYS[2], ARGV[3]) >= tonumber(ARGV[4]) then return 'limit' end
-  end
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+  new_rev(KEYS[1])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
+  return redis.call('HGETALL', KEYS[1])
 end
-if #ARGV >= 12 then
-  local fields = {}
-  for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
-  redis.call('HSET', KEYS[1], unpack(fields))
-end
-if not revoked then
-  local now_key = redis.call('HMGET', KEYS[1], 'role', 'expires_at')
-  local role = now_key[1] or ''
-  local exp = tonumber(now_key[2] or '')
-  if role ~= '' and (redated or (role ~= (st[4] or '')
-                                 and (exp == nil or exp > tonumber(ARGV[3]) - LIVE_SKEW))) then
-    bound_to_role(KEYS[5], KEYS[6], role)
-  end
-end
-new_rev(KEYS[1])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
-return redis.call('HGETALL', KEYS[1])
+return once_answered(update())
