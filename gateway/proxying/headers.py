@@ -26,7 +26,11 @@ Request headers, in one pass over the client's headers:
   follow the same rule, passed as sent from a trusted peer: from anyone else they would be a
   forged address. So do ``X-Original-URL`` and
   ``X-Rewrite-URL`` (``PATH_OVERRIDE``), which some upstreams route by instead of the request
-  line: from anyone else they would name another path than the one keygate authorised;
+  line: from anyone else they would name another path than the one keygate authorised. And
+  so do the headers authenticating proxies name the signed-in user in (``AUTH_USER``:
+  ``X-Remote-User``, ``Remote-User``, ``X-Auth-Request-User``, ``X-WEBAUTH-USER``, ...),
+  which an upstream behind such a proxy believes from keygate's address: from anyone else
+  they would sign the client in as whoever it names;
 - a method-override header (``X-HTTP-Method-Override``, ``X-HTTP-Method``,
   ``X-Method-Override``) spelled with punctuation other than ``-`` and ``_``
   (``X.HTTP.Method.Override``) is dropped: the pipeline authorises the method the ``-`` and
@@ -122,8 +126,32 @@ CLIENT_ADDRESS = frozenset({"x-real-ip", "true-client-ip", "x-client-ip", "cf-co
 # /admin to the application): keygate authorised the request line's path, so from anyone but
 # a trusted proxy they would name another one.
 PATH_OVERRIDE = frozenset({"x-original-url", "x-rewrite-url", "script-name", "x-script-name"})
+# Headers an authenticating proxy in front of an upstream names the signed-in user in, which
+# the upstream believes from the address it trusts (keygate's): oauth2-proxy's X-Forwarded-*
+# and X-Auth-Request-*, Authelia's Remote-*, Apache/nginx auth modules' and Kubernetes'
+# request-header X-Remote-User/-Group, Grafana's (auth.proxy) and Gitea's X-WEBAUTH-*,
+# authentik's, Vouch's, and what cloud identity-aware proxies hand the application (Google
+# IAP, AWS ALB, Cloudflare Access, Azure App Service): from anyone but a trusted proxy (an auth
+# proxy in front of keygate) they would sign the client in as whoever it names. Their signed
+# JWT assertions, which an application verifies, and API clients' own credential headers
+# (X-Auth-Token, Swift's X-Auth-User) are not among them.
+AUTH_USER = frozenset({"x-remote-user", "remote-user", "x-remote-group", "remote-groups",
+                       "remote-email", "remote-name", "x-forwarded-user",
+                       "x-forwarded-email", "x-forwarded-preferred-username",
+                       "x-forwarded-groups", "x-forwarded-access-token",
+                       "x-auth-request-user", "x-auth-request-email",
+                       "x-auth-request-preferred-username", "x-auth-request-groups",
+                       "x-auth-request-access-token", "x-webauth-user", "x-webauth-email",
+                       "x-webauth-fullname", "x-authentik-username", "x-authentik-groups",
+                       "x-authentik-email", "x-authentik-name", "x-authentik-uid",
+                       "x-vouch-user", "x-goog-authenticated-user-email",
+                       "x-goog-authenticated-user-id", "x-amzn-oidc-identity",
+                       "x-amzn-oidc-data", "x-amzn-oidc-accesstoken",
+                       "cf-access-authenticated-user-email", "x-ms-client-principal",
+                       "x-ms-client-principal-name", "x-ms-client-principal-id",
+                       "x-ms-client-principal-idp"})
 # Passed as sent from a trusted proxy only, beside X-Forwarded-* and Forwarded (_norm names)
-_FROM_PROXIES = CLIENT_ADDRESS | PATH_OVERRIDE
+_FROM_PROXIES = CLIENT_ADDRESS | PATH_OVERRIDE | AUTH_USER
 # Method-override headers (gateway.overrides) in their _norm names. The pipeline authorises a
 # request as the method their "-" and "_" spellings name; any other punctuation (lighttpd
 # hands X.HTTP.Method.Override to PHP as HTTP_X_HTTP_METHOD_OVERRIDE too) is dropped here.
