@@ -241,10 +241,12 @@ async def test_a_client_url_override_header_never_reaches_the_api(stack, upstrea
     _, base = stack
     status, _, _ = await get(base + "/health", headers={
         "X-Original-URL": "/people/1", "x-rewrite-url": "/people/1",
+        "X-Original-URI": "/people/1",
         "X-Script-Name": "/health", "SCRIPT_NAME": "/health"})
     assert status == 200
     seen = {k.lower() for k, _ in upstream.requests[-1]["headers"]}
-    assert not seen & {"x-original-url", "x-rewrite-url", "x-script-name", "script_name"}, \
+    assert not seen & {"x-original-url", "x-rewrite-url", "x-original-uri", "x-script-name",
+                       "script_name"}, \
         upstream.requests[-1]["headers"]
 
 

@@ -30,7 +30,7 @@ def test_traefik_labels_forward_auth_to_verify_and_copy_the_identity():
     cleaned = {k.rsplit(".", 1)[1] for k in labels if "keygate-clean.headers" in k}
     assert {h for h in cleaned if h.lower().replace("_", "-") not in AUTH_USER} == \
         set(IDENTITY) | {h.replace("-", "_") for h in IDENTITY} | {
-            "X-Original-URL", "X-Rewrite-URL", "X-Script-Name", "SCRIPT_NAME"}
+            "X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Script-Name", "SCRIPT_NAME"}
 
 
 def test_traefik_drops_the_underscore_spellings_of_the_identity_headers():
@@ -62,8 +62,9 @@ def test_envoy_ext_authz_uses_the_verify_prefix_and_fails_closed():
     assert {h.lower() for h in IDENTITY} <= upstream
     removed = {m["remove"] for m in hcm["http_filters"][0]["typed_config"]["mutations"]
                ["request_mutations"]}
-    assert removed == {h.lower() for h in IDENTITY} | {"x-original-url", "x-rewrite-url",
-                                                       "x-script-name"} | AUTH_USER
+    assert removed == {h.lower() for h in IDENTITY} | {"x-original-url", "x-original-uri",
+                                                       "x-rewrite-url", "x-script-name"} | \
+        AUTH_USER
 
 
 def test_ingress_nginx_sets_the_original_request_headers_itself():
@@ -134,7 +135,7 @@ def test_traefik_and_envoy_keep_a_clients_url_override_headers_from_the_api():
     """The API behind the proxy receives the client's headers; one that routes by
     ``X-Original-URL`` / ``X-Rewrite-URL`` would serve another path than keygate checked.
     keygate's own proxy drops them from clients; the shipped configs remove them too."""
-    overrides = {"x-original-url", "x-rewrite-url", "x-script-name"}
+    overrides = {"x-original-url", "x-original-uri", "x-rewrite-url", "x-script-name"}
     doc = yaml.safe_load(text_of("traefik-compose.yml"))
     labels = dict(label.split("=", 1) for label in doc["services"]["api"]["labels"])
     prefix = "traefik.http.middlewares.keygate-clean.headers.customrequestheaders."
