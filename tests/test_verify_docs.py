@@ -30,7 +30,8 @@ def test_traefik_labels_forward_auth_to_verify_and_copy_the_identity():
     cleaned = {k.rsplit(".", 1)[1] for k in labels if "keygate-clean.headers" in k}
     assert {h for h in cleaned if h.lower().replace("_", "-") not in AUTH_USER} == \
         set(IDENTITY) | {h.replace("-", "_") for h in IDENTITY} | {
-            "X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Script-Name", "SCRIPT_NAME"}
+            "X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Script-Name", "SCRIPT_NAME",
+            "X_Original_URL", "X_Original_URI", "X_Rewrite_URL", "X_Script_Name"}
 
 
 def test_traefik_drops_the_underscore_spellings_of_the_identity_headers():
@@ -172,3 +173,18 @@ def test_every_verify_config_keeps_a_clients_auth_proxy_user_headers_from_the_ap
                    (raw.strip().lstrip("#").strip() for raw in text.splitlines())
                    if line.startswith("proxy_set_header") and line.endswith('"";')}
         assert cleared >= AUTH_USER, (name, AUTH_USER - cleared)
+
+
+def test_traefik_drops_the_underscore_spellings_of_the_url_override_headers():
+    """Traefik passes a client's ``X_Original_URL`` on as a header of its own, and PHP
+    (Symfony and Zend read ``$_SERVER['HTTP_X_ORIGINAL_URL']``), Rack and CGI-style upstreams
+    read it as ``X-Original-URL``: the example removed the "-" spellings only, so the "_" one
+    named the path such an API served. keygate's own proxy drops every spelling; nginx and
+    the Envoy example drop names with "_"."""
+    from gateway.proxying.headers import PATH_OVERRIDE
+    doc = yaml.safe_load(text_of("traefik-compose.yml"))
+    labels = dict(label.split("=", 1) for label in doc["services"]["api"]["labels"])
+    prefix = "traefik.http.middlewares.keygate-clean.headers.customrequestheaders."
+    cleaned = {k[len(prefix):].lower() for k, v in labels.items()
+               if k.startswith(prefix) and v == "" and "_" in k[len(prefix):]}
+    assert {h.replace("-", "_") for h in PATH_OVERRIDE} <= cleaned
