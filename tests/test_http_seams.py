@@ -145,7 +145,9 @@ _NAMES = ["Host", "host", "Accept", "Authorization", "authorization", "X-Api-Key
           "tracestate", "X-Keygate-Signature", "Cookie", "X-Custom", "x-custom",
           "X-Real-IP", "x_real_ip", "True-Client-IP", "Client-IP", "X-Forwarded",
           "X.Workspace.Id", "x+forwarded+for", "X.Real.IP", "X~Keygate~Signature",
-          "X.HTTP.Method.Override", "X_HTTP_Method_Override"]
+          "X.HTTP.Method.Override", "X_HTTP_Method_Override", "X-Remote-User",
+          "REMOTE_USER", "X-WEBAUTH-USER", "x.webauth.user", "X-Host", "x_host",
+          "X-Original-URI", "X-Auth-Token"]
 
 
 @given(st.lists(st.tuples(st.sampled_from(_NAMES),
@@ -172,6 +174,7 @@ def test_the_header_rules_fast_path_passes_on_what_the_rules_do(pairs, peer, key
 
 
 from gateway.proxying.headers import _HOP_BY_HOP_BYTES as HOP_BY_HOP_BYTES  # noqa: E402
+from gateway.proxying.headers import AUTH_USER, HOST_OVERRIDE, PATH_OVERRIDE  # noqa: E402
 
 
 def response_headers_by_rule(raw, own: frozenset[bytes] = frozenset()):
@@ -406,3 +409,34 @@ async def test_a_ledger_closing_writes_a_slots_held_counts_though_another_slots_
     assert [int(r.get(k) or 0) for k in ok.counters()] == [3, 3, 3, 3]
     assert ledger.counts == {} and [w.slot for w in ledger.pending.values()] == [bad]
     await store.close()
+
+
+def _spellings(name: str) -> list[str]:
+    """A lower-case "-" name as a client may spell it: title case, upper case with "_" (CGI
+    style), and with "." (lighttpd reads it as the same)."""
+    title = "-".join(p[:1].upper() + p[1:] for p in name.split("-"))
+    return [title, name.upper().replace("-", "_"), title.replace("-", ".")]
+
+
+@pytest.mark.parametrize("name", sorted(AUTH_USER | HOST_OVERRIDE | PATH_OVERRIDE))
+@pytest.mark.parametrize("connection_names_one", [False, True])
+def test_every_auth_user_host_and_path_header_is_the_trusted_proxys_alone(
+        name, connection_names_one):
+    """Every name an upstream takes the signed-in user, the host or the path from when
+    infrastructure sets it is dropped from a peer keygate does not trust, in every spelling,
+    on the fast path and rule by rule (a Connection naming another header); from a trusted
+    proxy its "-" spelling passes as sent and the others never do."""
+    untrusted = RequestHeaderRules(make_config("http://127.0.0.1:9"))
+    config = make_config("http://127.0.0.1:9")
+    trusted = RequestHeaderRules(dataclasses.replace(config, server=dataclasses.replace(
+        config.server, trusted_proxies=("10.0.0.1",))))
+    for spelled in _spellings(name):
+        pairs = [("Host", "api.example"), (spelled, "mallory"), ("Accept", "a")]
+        if connection_names_one:
+            pairs.append(("Connection", "X-Other"))
+        headers = CIMultiDictProxy(CIMultiDict(pairs))
+        out = untrusted.passed_on(headers, "10.0.0.1", "http", None)
+        assert "mallory" not in [v for _, v in out], (spelled, out)
+        out = trusted.passed_on(headers, "10.0.0.1", "http", None)
+        assert ((spelled, "mallory") in out) == ("_" not in spelled and "." not in spelled), \
+            (spelled, out)

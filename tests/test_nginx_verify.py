@@ -241,8 +241,32 @@ async def test_a_client_url_override_header_never_reaches_the_api(stack, upstrea
     _, base = stack
     status, _, _ = await get(base + "/health", headers={
         "X-Original-URL": "/people/1", "x-rewrite-url": "/people/1",
+        "X-Original-URI": "/people/1",
         "X-Script-Name": "/health", "SCRIPT_NAME": "/health"})
     assert status == 200
     seen = {k.lower() for k, _ in upstream.requests[-1]["headers"]}
-    assert not seen & {"x-original-url", "x-rewrite-url", "x-script-name", "script_name"}, \
+    assert not seen & {"x-original-url", "x-rewrite-url", "x-original-uri", "x-script-name",
+                       "script_name"}, \
         upstream.requests[-1]["headers"]
+
+
+async def test_a_clients_auth_proxy_user_headers_never_reach_the_api(stack, upstream):
+    """An API set up behind an authenticating proxy takes ``X-WEBAUTH-USER`` (Grafana's
+    auth.proxy), ``X-Remote-User``, ``X-Auth-Request-User`` (oauth2-proxy) and the like as
+    the signed-in user: nginx passed a client's copies on, on a public route as on a keyed
+    one, and the API signed the client in as whoever they named. The shipped snippet clears
+    every name keygate's own proxy drops (``AUTH_USER``), in real nginx; an API client's own
+    ``X-Auth-Token`` still passes."""
+    from gateway.proxying.headers import AUTH_USER
+    gw, base = stack
+    await gw.workspace("acme")
+    token, _ = await gw.key(scopes=["people:read"])
+    spoofs = {name: f"mallory-{i}" for i, name in enumerate(sorted(AUTH_USER))}
+    spoofs["X-WEBAUTH-USER"] = spoofs.pop("x-webauth-user")   # as Grafana spells it
+    for path, credential in (("/health", {}), ("/people/1", {"Authorization": f"Bearer {token}"})):
+        status, _, _ = await get(base + path, headers={**credential, **spoofs,
+                                                       "X-Auth-Token": "own"})
+        assert status == 200
+        seen = upstream.requests[-1]["headers"]
+        assert not any(v.startswith("mallory-") for _, v in seen), seen
+        assert ["X-Auth-Token", "own"] in seen

@@ -378,3 +378,153 @@ def test_the_security_model_lists_exactly_the_client_address_headers_keygate_gua
                        .split(") reach the upstream only", 1)[0].split())
     named = {h.lower() for h in re.findall(r"`([A-Za-z0-9-]+)`", passage)}
     assert named == set(CLIENT_ADDRESS)
+
+
+# The signed-in user as an authenticating proxy in front of an upstream asserts it
+# (oauth2-proxy, Authelia, authentik, Apache/nginx auth modules, Grafana and Gitea's auth
+# proxy mode, Jenkins reverse-proxy auth, Kubernetes' request-header authentication, cloud
+# identity-aware proxies): names as sent, case and spellings varied, each value its own.
+AUTH_USER_SPOOFS = [
+    ("X-Remote-User", "mallory-01"), ("remote-user", "mallory-02"),
+    ("X-Forwarded-User", "mallory-03"), ("X-Forwarded-Email", "mallory-04"),
+    ("X-Forwarded-Preferred-Username", "mallory-05"), ("X-Forwarded-Groups", "mallory-06"),
+    ("X-Auth-Request-User", "mallory-07"), ("x-auth-request-email", "mallory-08"),
+    ("X-Auth-Request-Preferred-Username", "mallory-09"),
+    ("X-Auth-Request-Groups", "mallory-10"), ("X-WEBAUTH-USER", "mallory-11"),
+    ("X-Remote-Group", "mallory-12"), ("Remote-Groups", "mallory-13"),
+    ("Remote-Email", "mallory-14"), ("X-authentik-username", "mallory-15"),
+    ("X-Goog-Authenticated-User-Email", "mallory-16"), ("X-Amzn-Oidc-Identity", "mallory-17"),
+    ("Cf-Access-Authenticated-User-Email", "mallory-18"),
+    ("X-MS-CLIENT-PRINCIPAL-NAME", "mallory-19"), ("X-Auth-Request-Access-Token", "mallory-20"),
+    # spellings no proxy writes: dropped from everyone
+    ("X_Remote_User", "mallory-21"), ("REMOTE_USER", "mallory-22"),
+    ("X.WEBAUTH.USER", "mallory-23"), ("x_auth_request_user", "mallory-24"),
+    ("X_Forwarded_User", "mallory-25")]
+# What an API client sends in its own right (OpenStack's X-Auth-Token, Swift's X-Auth-User,
+# an upstream's own user header) and names that only start like one of the above: never ours.
+CLIENT_OWN_HEADERS = [("X-Auth-Token", "own-01"), ("X-Auth-User", "own-02"),
+                      ("X-User-Id", "own-03"), ("X-Remote-User-Note", "own-04"),
+                      ("X-Auth-Request-Id", "own-05"), ("X-Webauth-Users", "own-06")]
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted-peer", "trusted-proxy"])
+async def test_auth_proxy_user_headers_reach_the_upstream_only_from_a_trusted_proxy(
+        redis_url, monkeypatch, trusted):
+    """An upstream set up behind an authenticating proxy (Grafana's auth.proxy reading
+    ``X-WEBAUTH-USER``, oauth2-proxy's ``X-Auth-Request-User``, Apache's and nginx's
+    ``X-Remote-User``, Authelia's ``Remote-User``...) takes those headers as the signed-in
+    user from the address it trusts, keygate's. A client sending ``X-WEBAUTH-USER: admin``
+    through keygate, on a keyed route with its own key or on a public one with none, was
+    that user to the upstream. From a peer keygate does not trust they are dropped in every
+    spelling; from a trusted proxy (an auth proxy in front of keygate) they pass as it wrote
+    them, as ``X-Forwarded-*`` do. Judged on the bytes the upstream received."""
+    from test_edge_framing import RawUpstream
+    up = await RawUpstream().start()
+    try:
+        config = make_config(f"http://127.0.0.1:{up.port}")
+        if trusted:
+            config = dataclasses.replace(config, server=dataclasses.replace(
+                config.server, trusted_proxies=("127.0.0.1",)))
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace("acme")
+            token, _ = await g.key(scopes=["people:read"])
+            for path, credential in (("/people/1", [("Authorization", f"Bearer {token}")]),
+                                     ("/health", [])):   # a keyed route and a public one
+                async with g.proxy.get(path, headers=credential + AUTH_USER_SPOOFS +
+                                       CLIENT_OWN_HEADERS) as r:
+                    assert r.status == 200, await r.text()
+        assert len(up.requests) == 2 and not up.errors
+        for raw, seen in zip(up.raw, up.requests):
+            for name, value in AUTH_USER_SPOOFS:
+                plain = "_" not in name and "." not in name
+                assert (value.encode() in raw) == (trusted and plain), (name, bytes(raw))
+                if trusted and plain:   # as sent: name, case and value
+                    assert (name.encode(), value.encode()) in seen.headers
+            for name, value in CLIENT_OWN_HEADERS:
+                assert (name.encode(), value.encode()) in seen.headers, (name, bytes(raw))
+    finally:
+        up.close()
+
+
+def test_the_security_model_lists_exactly_the_auth_proxy_user_headers_keygate_guards():
+    """docs/security.md names every header an authenticating proxy names the signed-in user
+    in that keygate passes only from a trusted proxy: an operator checks an upstream's
+    auth-proxy setting against that list."""
+    import re
+    from pathlib import Path
+
+    from gateway.proxying.headers import AUTH_USER
+    text = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    passage = " ".join(text.split("from the address it trusts, keygate's:", 1)[1]
+                       .split("From anyone but a trusted proxy (such", 1)[0].split())
+    named = {h.lower() for h in re.findall(r"`([A-Za-z0-9-]+)`", passage)}
+    assert named == set(AUTH_USER)
+
+
+# The request's host (and path) as upstreams read it besides Host for URL generation and
+# virtual hosting: password-reset links, redirects, cache keys, tenant routing.
+HOST_SPOOFS = [("X-Original-Host", "evil-01.example"), ("x-host", "evil-02.example"),
+               ("X-HTTP-Host-Override", "evil-03.example"),
+               ("X-Forwarded-Server", "evil-04.example"),
+               ("Forwarded", "host=evil-05.example"),
+               ("X-Original-URI", "/evil-06/admin"),
+               ("X_Original_Host", "evil-07.example"), ("X.Host", "evil-08.example"),
+               ("x_original_uri", "/evil-09/admin")]
+# Names an API client may send in its own right that only look like those
+HOST_LOOKALIKES = [("X-Hostname", "own-11"), ("X-Host-Id", "own-12"),
+                   ("X-Original-Filename", "own-13"), ("X-Original-URI-Note", "own-14")]
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted-peer", "trusted-proxy"])
+async def test_host_and_uri_headers_reach_the_upstream_only_from_a_trusted_proxy(
+        redis_url, monkeypatch, trusted):
+    """Upstreams build absolute URLs (password-reset links, redirects) and pick virtual hosts
+    from ``X-Original-Host`` (ASP.NET, IIS ARR), ``X-Host``, ``X-HTTP-Host-Override`` and
+    ``X-Forwarded-Server`` when a proxy sets them, and nginx-fronted applications take
+    ``X-Original-URI`` as the request's path: a client's ``X-Host: evil.example`` reached the
+    upstream as sent, which mailed a reset link to the client's host (host header injection),
+    and ``X-Original-URI`` named another path than the one keygate authorised. From a peer
+    keygate does not trust they are dropped in every spelling, as ``X-Forwarded-Host`` and
+    ``Forwarded`` (``host=``) are; from a trusted proxy they pass as it wrote them. Judged on
+    the bytes the upstream received, on a keyed route and a public one."""
+    from test_edge_framing import RawUpstream
+    up = await RawUpstream().start()
+    try:
+        config = make_config(f"http://127.0.0.1:{up.port}")
+        if trusted:
+            config = dataclasses.replace(config, server=dataclasses.replace(
+                config.server, trusted_proxies=("127.0.0.1",)))
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace("acme")
+            token, _ = await g.key(scopes=["people:read"])
+            for path, credential in (("/people/1", [("Authorization", f"Bearer {token}")]),
+                                     ("/health", [])):   # a keyed route and a public one
+                port = g.proxy_server.port
+                async with g.proxy.get(path, headers=credential + HOST_SPOOFS +
+                                       HOST_LOOKALIKES) as r:
+                    assert r.status == 200, await r.text()
+        assert len(up.requests) == 2 and not up.errors
+        for raw, seen in zip(up.raw, up.requests):
+            for name, value in HOST_SPOOFS:
+                plain = "_" not in name and "." not in name
+                assert (value.encode() in raw) == (trusted and plain), (name, bytes(raw))
+                if trusted and plain:   # as sent: name, case and value
+                    assert (name.encode(), value.encode()) in seen.headers
+            for name, value in HOST_LOOKALIKES:
+                assert (name.encode(), value.encode()) in seen.headers, (name, bytes(raw))
+            # the Host the client sent is keygate's X-Forwarded-Host for the upstream, still
+            assert seen.header(b"X-Forwarded-Host") == [b"127.0.0.1:%d" % port]
+    finally:
+        up.close()
+
+
+def test_the_security_model_names_every_host_and_path_header_keygate_guards():
+    """Every header keygate passes only from a trusted proxy because an upstream takes the
+    request's host or path from it is named in docs/security.md, where an operator looks."""
+    import re
+    from pathlib import Path
+
+    from gateway.proxying.headers import HOST_OVERRIDE, PATH_OVERRIDE
+    text = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    named = {h.lower().replace("_", "-") for h in re.findall(r"`([A-Za-z0-9_-]+)`", text)}
+    assert HOST_OVERRIDE | PATH_OVERRIDE <= named, (HOST_OVERRIDE | PATH_OVERRIDE) - named

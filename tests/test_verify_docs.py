@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from gateway.config import IdentityHeaders, KeysConfig
+from gateway.proxying.headers import AUTH_USER
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "verify"
 IDENTITY = IdentityHeaders().names()
@@ -27,8 +28,10 @@ def test_traefik_labels_forward_auth_to_verify_and_copy_the_identity():
     chain = labels["traefik.http.routers.api.middlewares"].split(",")
     assert chain[0].startswith("keygate-clean") and chain[1].startswith("keygate@")
     cleaned = {k.rsplit(".", 1)[1] for k in labels if "keygate-clean.headers" in k}
-    assert cleaned == set(IDENTITY) | {h.replace("-", "_") for h in IDENTITY} | {
-        "X-Original-URL", "X-Rewrite-URL", "X-Script-Name", "SCRIPT_NAME"}
+    assert {h for h in cleaned if h.lower().replace("_", "-") not in AUTH_USER} == \
+        set(IDENTITY) | {h.replace("-", "_") for h in IDENTITY} | {
+            "X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Script-Name", "SCRIPT_NAME",
+            "X_Original_URL", "X_Original_URI", "X_Rewrite_URL", "X_Script_Name"}
 
 
 def test_traefik_drops_the_underscore_spellings_of_the_identity_headers():
@@ -60,8 +63,9 @@ def test_envoy_ext_authz_uses_the_verify_prefix_and_fails_closed():
     assert {h.lower() for h in IDENTITY} <= upstream
     removed = {m["remove"] for m in hcm["http_filters"][0]["typed_config"]["mutations"]
                ["request_mutations"]}
-    assert removed == {h.lower() for h in IDENTITY} | {"x-original-url", "x-rewrite-url",
-                                                       "x-script-name"}
+    assert removed == {h.lower() for h in IDENTITY} | {"x-original-url", "x-original-uri",
+                                                       "x-rewrite-url", "x-script-name"} | \
+        AUTH_USER
 
 
 def test_ingress_nginx_sets_the_original_request_headers_itself():
@@ -132,7 +136,7 @@ def test_traefik_and_envoy_keep_a_clients_url_override_headers_from_the_api():
     """The API behind the proxy receives the client's headers; one that routes by
     ``X-Original-URL`` / ``X-Rewrite-URL`` would serve another path than keygate checked.
     keygate's own proxy drops them from clients; the shipped configs remove them too."""
-    overrides = {"x-original-url", "x-rewrite-url", "x-script-name"}
+    overrides = {"x-original-url", "x-original-uri", "x-rewrite-url", "x-script-name"}
     doc = yaml.safe_load(text_of("traefik-compose.yml"))
     labels = dict(label.split("=", 1) for label in doc["services"]["api"]["labels"])
     prefix = "traefik.http.middlewares.keygate-clean.headers.customrequestheaders."
@@ -143,3 +147,44 @@ def test_traefik_and_envoy_keep_a_clients_url_override_headers_from_the_api():
     removed = {m["remove"] for m in hcm["http_filters"][0]["typed_config"]["mutations"]
                ["request_mutations"]}
     assert removed >= overrides
+
+
+def test_every_verify_config_keeps_a_clients_auth_proxy_user_headers_from_the_api():
+    """An API set up behind an authenticating proxy (Grafana's auth.proxy, oauth2-proxy,
+    Authelia, Apache/nginx auth modules) takes ``X-WEBAUTH-USER``, ``X-Remote-User`` and the
+    like as the signed-in user from the proxy's address: passed on from a client, as the
+    shipped configs did, it signed the client in as whoever it named, behind a public route
+    or a key of its own. keygate's own proxy drops every one of them from clients
+    (``AUTH_USER``); each shipped config removes the same names (Traefik, which passes
+    names with "_" on, in both spellings; nginx and the Envoy example drop those)."""
+    doc = yaml.safe_load(text_of("traefik-compose.yml"))
+    labels = dict(label.split("=", 1) for label in doc["services"]["api"]["labels"])
+    prefix = "traefik.http.middlewares.keygate-clean.headers.customrequestheaders."
+    cleaned = {k[len(prefix):] for k, v in labels.items() if k.startswith(prefix) and v == ""}
+    assert {h.lower() for h in cleaned if "-" in h} >= AUTH_USER
+    assert {h.lower().replace("_", "-") for h in cleaned if "_" in h} >= AUTH_USER
+    hcm = yaml.safe_load(text_of("envoy.yaml"))["static_resources"]["listeners"][0][
+        "filter_chains"][0]["filters"][0]["typed_config"]
+    assert {m["remove"] for m in hcm["http_filters"][0]["typed_config"]["mutations"]
+            ["request_mutations"]} >= AUTH_USER
+    for name, text in (("nginx.conf", text_of("nginx.conf")),
+                       ("ingress-nginx.yaml", text_of("ingress-nginx.yaml"))):
+        cleared = {line.split()[1].lower() for line in
+                   (raw.strip().lstrip("#").strip() for raw in text.splitlines())
+                   if line.startswith("proxy_set_header") and line.endswith('"";')}
+        assert cleared >= AUTH_USER, (name, AUTH_USER - cleared)
+
+
+def test_traefik_drops_the_underscore_spellings_of_the_url_override_headers():
+    """Traefik passes a client's ``X_Original_URL`` on as a header of its own, and PHP
+    (Symfony and Zend read ``$_SERVER['HTTP_X_ORIGINAL_URL']``), Rack and CGI-style upstreams
+    read it as ``X-Original-URL``: the example removed the "-" spellings only, so the "_" one
+    named the path such an API served. keygate's own proxy drops every spelling; nginx and
+    the Envoy example drop names with "_"."""
+    from gateway.proxying.headers import PATH_OVERRIDE
+    doc = yaml.safe_load(text_of("traefik-compose.yml"))
+    labels = dict(label.split("=", 1) for label in doc["services"]["api"]["labels"])
+    prefix = "traefik.http.middlewares.keygate-clean.headers.customrequestheaders."
+    cleaned = {k[len(prefix):].lower() for k, v in labels.items()
+               if k.startswith(prefix) and v == "" and "_" in k[len(prefix):]}
+    assert {h.replace("-", "_") for h in PATH_OVERRIDE} <= cleaned

@@ -24,9 +24,15 @@ Request headers, in one pass over the client's headers:
   those, it passes on the client's. The other headers upstreams read the client's address
   from (``CLIENT_ADDRESS``: ``X-Real-IP``, ``True-Client-IP``, ``CF-Connecting-IP``, ...)
   follow the same rule, passed as sent from a trusted peer: from anyone else they would be a
-  forged address. So do ``X-Original-URL`` and
-  ``X-Rewrite-URL`` (``PATH_OVERRIDE``), which some upstreams route by instead of the request
-  line: from anyone else they would name another path than the one keygate authorised;
+  forged address. So do ``X-Original-URL``, ``X-Rewrite-URL`` and ``X-Original-URI``
+  (``PATH_OVERRIDE``), which some upstreams route by instead of the request line: from anyone
+  else they would name another path than the one keygate authorised; and ``X-Original-Host``,
+  ``X-Host`` and ``X-HTTP-Host-Override`` (``HOST_OVERRIDE``), which some build URLs or pick
+  a virtual host by: from anyone else they would be the client's choice of host. And
+  so do the headers authenticating proxies name the signed-in user in (``AUTH_USER``:
+  ``X-Remote-User``, ``Remote-User``, ``X-Auth-Request-User``, ``X-WEBAUTH-USER``, ...),
+  which an upstream behind such a proxy believes from keygate's address: from anyone else
+  they would sign the client in as whoever it names;
 - a method-override header (``X-HTTP-Method-Override``, ``X-HTTP-Method``,
   ``X-Method-Override``) spelled with punctuation other than ``-`` and ``_``
   (``X.HTTP.Method.Override``) is dropped: the pipeline authorises the method the ``-`` and
@@ -120,10 +126,44 @@ CLIENT_ADDRESS = frozenset({"x-real-ip", "true-client-ip", "x-client-ip", "cf-co
 # serving what follows it in the path (gunicorn's SCRIPT_NAME request header; X-Script-Name
 # in the much-copied WSGI "ReverseProxied" middleware: '/public/admin' with '/public' is
 # /admin to the application): keygate authorised the request line's path, so from anyone but
-# a trusted proxy they would name another one.
-PATH_OVERRIDE = frozenset({"x-original-url", "x-rewrite-url", "script-name", "x-script-name"})
+# a trusted proxy they would name another one. X-Original-URI is the request's path as nginx
+# hands it on (its auth_request examples, ingress-nginx), which applications behind nginx read.
+PATH_OVERRIDE = frozenset({"x-original-url", "x-rewrite-url", "script-name", "x-script-name",
+                           "x-original-uri"})
+# Headers upstreams take the request's host from instead of Host, for the absolute URLs they
+# build (password-reset links, redirects) and for virtual hosting: ASP.NET's and IIS ARR's
+# X-Original-Host, X-Host, X-HTTP-Host-Override, and X-Forwarded-Server (Apache's
+# mod_proxy; an X-Forwarded-* header, listed for the docs and verify examples). From anyone
+# but a trusted proxy they would be the client's choice of host (host header injection), as
+# X-Forwarded-Host and Forwarded's host= would be.
+HOST_OVERRIDE = frozenset({"x-original-host", "x-host", "x-http-host-override",
+                           "x-forwarded-server"})
+# Headers an authenticating proxy in front of an upstream names the signed-in user in, which
+# the upstream believes from the address it trusts (keygate's): oauth2-proxy's X-Forwarded-*
+# and X-Auth-Request-*, Authelia's Remote-*, Apache/nginx auth modules' and Kubernetes'
+# request-header X-Remote-User/-Group, Grafana's (auth.proxy) and Gitea's X-WEBAUTH-*,
+# authentik's, Vouch's, and what cloud identity-aware proxies hand the application (Google
+# IAP, AWS ALB, Cloudflare Access, Azure App Service): from anyone but a trusted proxy (an auth
+# proxy in front of keygate) they would sign the client in as whoever it names. Their signed
+# JWT assertions, which an application verifies, and API clients' own credential headers
+# (X-Auth-Token, Swift's X-Auth-User) are not among them.
+AUTH_USER = frozenset({"x-remote-user", "remote-user", "x-remote-group", "remote-groups",
+                       "remote-email", "remote-name", "x-forwarded-user",
+                       "x-forwarded-email", "x-forwarded-preferred-username",
+                       "x-forwarded-groups", "x-forwarded-access-token",
+                       "x-auth-request-user", "x-auth-request-email",
+                       "x-auth-request-preferred-username", "x-auth-request-groups",
+                       "x-auth-request-access-token", "x-webauth-user", "x-webauth-email",
+                       "x-webauth-fullname", "x-authentik-username", "x-authentik-groups",
+                       "x-authentik-email", "x-authentik-name", "x-authentik-uid",
+                       "x-vouch-user", "x-goog-authenticated-user-email",
+                       "x-goog-authenticated-user-id", "x-amzn-oidc-identity",
+                       "x-amzn-oidc-data", "x-amzn-oidc-accesstoken",
+                       "cf-access-authenticated-user-email", "x-ms-client-principal",
+                       "x-ms-client-principal-name", "x-ms-client-principal-id",
+                       "x-ms-client-principal-idp"})
 # Passed as sent from a trusted proxy only, beside X-Forwarded-* and Forwarded (_norm names)
-_FROM_PROXIES = CLIENT_ADDRESS | PATH_OVERRIDE
+_FROM_PROXIES = CLIENT_ADDRESS | PATH_OVERRIDE | AUTH_USER | HOST_OVERRIDE
 # Method-override headers (gateway.overrides) in their _norm names. The pipeline authorises a
 # request as the method their "-" and "_" spellings name; any other punctuation (lighttpd
 # hands X.HTTP.Method.Override to PHP as HTTP_X_HTTP_METHOD_OVERRIDE too) is dropped here.
