@@ -47,6 +47,8 @@ DAILY_TTL = 100 * 86400  # day counters: the usage history reaches 90 days back
 # waits) and from what sat in a paused Redis's socket buffers (run as it wakes): an hour is far
 # beyond both. ~100 bytes per write, and writes happen only after the store failed.
 WRITE_ID_TTL = 3600
+# What a ledger write answers (``RequestStore.add_usage``, lua/ledger_write.lua)
+WRITTEN, ALREADY, NO_WORKSPACE, NO_KEY = 1, 0, -1, -2
 # How long a counting authorize call's marker (kg:once:{ws}:<request-id>, Sentinel and
 # Cluster only) outlives the call: longer than redis-py can take to send the call again after
 # its connection died (reconnecting, asking the Sentinels or re-reading the slots: each bounded
@@ -485,13 +487,18 @@ class RequestStore:
         await self._run(REFUND, (rate_key(slot.workspace, slot.budget),),
                         (rate_member,))
 
-    async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str) -> bool:
+    async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str) -> int:
         """Add ``n`` requests counted locally while the store was down (fail-open; negative:
-        taken back), once per ``write_id`` however often it is sent. False when a write of
-        that id had already run."""
-        return bool(await self._run(LEDGER_WRITE,
-                                    (write_key(slot.workspace, write_id), *slot.counters()),
-                                    (n, WRITE_ID_TTL, ttl, ttl, DAILY_TTL, DAILY_TTL)))
+        taken back), once per ``write_id`` however often it is sent. Answers ``WRITTEN``,
+        ``ALREADY`` (a write of that id had already run) or, for a count (``n`` > 0) the store
+        dropped, ``NO_WORKSPACE`` or ``NO_KEY``: the slot's workspace or key is not in the
+        store (Redis lost keygate's data), so nothing was made for it
+        (lua/ledger_write.lua)."""
+        ws = slot.workspace
+        return int(await self._run(LEDGER_WRITE,
+                                   (write_key(ws, write_id), ws_key(ws),
+                                    key_key(ws, slot.key_id), *slot.counters()),
+                                   (n, WRITE_ID_TTL, ttl, ttl, DAILY_TTL, DAILY_TTL)))
 
     async def _run(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         try:
