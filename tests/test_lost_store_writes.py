@@ -1,6 +1,6 @@
 """Writes keygate defers until Redis answers again, landing on a Redis that lost keygate's data
 (restarted without persistence, FLUSHDB, an older backup restored): the fail-open ledger's
-counts and take-backs.
+counts and take-backs, refunds, rate take-backs, and the Sentinel recount.
 
 They must not create counters for a workspace (or key) the store no longer holds: a workspace
 created again with the same id would start its month with another's usage, and the stray
@@ -14,8 +14,9 @@ import logging
 import redis
 
 from gateway.config import StoreConfig
-from gateway.store.keyspace import key_key, write_key, ws_key
-from gateway.store.request import ALREADY, NO_KEY, NO_WORKSPACE, WRITTEN, RequestStore, Slot
+from gateway.store.keyspace import key_key, rate_key, write_key, ws_key
+from gateway.store.request import (ALREADY, DAILY_TTL, NO_KEY, NO_WORKSPACE, RECOUNT,
+                                   WRITTEN, RequestStore, Slot)
 
 from harness import bearer, eventually, gateway_under_test, make_config
 
@@ -80,16 +81,18 @@ def _make(r: redis.Redis, ws: str, key_id: str) -> None:
     r.hset(key_key(ws, key_id), mapping={"id": key_id, "workspace": ws, "rev": "1"})
 
 
-async def test_ledger_writes_create_nothing_for_a_workspace_or_key_the_store_lost(
+async def test_deferred_writes_create_nothing_for_a_workspace_or_key_the_store_lost(
         redis_url) -> None:
-    """Each ledger write run on a store that lost the workspace (or only the key): nothing is
-    created. A take-back made a counter of 0 (never below) with a TTL, a count made all four
-    counters; with the key gone but its workspace there, a count would go to a workspace that
-    may be another of the same id (created again): key ids are never reused."""
+    """Each deferred write run on a store that lost the workspace (or only the key): nothing is
+    created. A refund or a ledger take-back made a counter of 0 (never below) with a TTL, a
+    ledger count made all four counters; with the key gone but its workspace there, a count
+    would go to a workspace that may be another of the same id (created again)."""
     r = redis.Redis.from_url(redis_url)
     store = RequestStore(redis_url, timeout=1.0)
     try:
         lost = Slot("gone", "k1", "2026-11", "2026-11-18", "k1")
+        await store.refund(lost, 60, "m1")
+        await store.take_back_rate(lost, "m1")
         assert await store.add_usage(lost, 4, 60, "w-1") == NO_WORKSPACE
         assert await store.add_usage(lost, -2, 60, "w-2") == WRITTEN  # takes back nothing
         assert _stored(redis_url, "gone") == []
@@ -103,11 +106,35 @@ async def test_ledger_writes_create_nothing_for_a_workspace_or_key_the_store_los
         here = Slot("here", "k1", "2026-11", "2026-11-18", "k1")
         assert await store.add_usage(here, 4, 60, "w-4") == WRITTEN
         assert await store.add_usage(here, 4, 60, "w-4") == ALREADY  # a copy
+        await store.refund(here, 60)
+        assert [int(r.get(c)) for c in here.counters()] == [3, 3, 3, 3]
         assert await store.add_usage(here, -5, 60, "w-5") == WRITTEN
         assert [int(r.get(c)) for c in here.counters()] == [0, 0, 0, 0]
         assert 0 < r.ttl(write_key("here", "w-4"))
     finally:
         await store.close()
+        r.close()
+
+
+def test_a_recount_on_a_new_master_that_lost_the_workspace_counts_nothing(redis_url) -> None:
+    """Sentinel: the requests counted on the old master whose markers the new one lacks are
+    counted there again. A new master that lost the workspace (or the key) got its counters
+    made all the same; now it gets nothing, and the recount says how many it dropped."""
+    r = redis.Redis.from_url(redis_url)
+    slot = Slot("acme", "k1", "2026-01", "2026-01-15", "k1")
+    markers = [f"kg:once:{{acme}}:recount:{i}" for i in range(3)]
+    keys = [*slot.counters(), ws_key("acme"), key_key("acme", "k1"), *markers]
+    args = [5000, 3600, 3600, DAILY_TTL, DAILY_TTL]
+    try:
+        assert r.eval(RECOUNT.text, len(keys), *keys, *args) == -3  # dropped, nothing made
+        assert _stored(redis_url, "acme") == []
+        _make(r, "acme", "k1")
+        r.set(markers[0], "1,-1,0,0,1", px=5000)  # this one reached the new master
+        assert r.eval(RECOUNT.text, len(keys), *keys, *args) == 2
+        assert [int(r.get(c)) for c in slot.counters()] == [2, 2, 2, 2]
+        assert r.eval(RECOUNT.text, len(keys), *keys, *args) == 0  # sent again: nothing
+        assert rate_key("acme", "k1").encode() not in _stored(redis_url, "acme")
+    finally:
         r.close()
 
 

@@ -341,17 +341,22 @@ class RequestStore:
                 groups.setdefault((ws, key_id, budget, period, day, ttl), []).append(marker)
         todo = [(group, markers[i:i + RECOUNT_BATCH]) for group, markers in groups.items()
                 for i in range(0, len(markers), RECOUNT_BATCH)]
-        counted = checked = 0
+        counted = checked = dropped = 0
         for attempt in range(2):
             failed = []
             for group, markers in todo:
                 ws, key_id, budget, period, day, ttl = group
                 slot = Slot(ws, key_id, period, day, budget)
                 try:
-                    counted += int(await self._resp.run(
-                        RECOUNT, (*slot.counters(), *markers),
+                    n = int(await self._resp.run(
+                        RECOUNT, (*slot.counters(), ws_key(ws), key_key(ws, key_id),
+                                  *markers),
                         (self._once_ttl, ttl, ttl, DAILY_TTL, DAILY_TTL)))
                     checked += len(markers)
+                    if n < 0:  # the new master has no such workspace or key: not counted
+                        dropped -= n
+                    else:
+                        counted += n
                 except Exception as exc:  # the new master does not answer yet
                     failed.append((group, markers))
                     error = exc
@@ -360,6 +365,12 @@ class RequestStore:
                 break
             await asyncio.sleep(1.0)
         lost = sum(len(markers) for _, markers in todo)
+        if dropped:
+            log.error("the Sentinels named a new master that lacks %d requests counted in the "
+                      "%.0f s before, and the workspace or key they were counted for: they are "
+                      "not counted there (Redis lost data: a master promoted before it had "
+                      "synced, or one restored from an older backup)", dropped,
+                      noticed - since)
         if counted or lost:
             log.warning("the Sentinels named a new master: %d of %d requests counted in the "
                         "%.0f s before were not there and are counted again%s", counted,
