@@ -13,6 +13,12 @@ the store's script remembers the ids that ran (``store/lua/ledger_write.lua``). 
 waits is never changed: counts made meanwhile go into a new write. The writes of one slot are
 made in order, each once the store confirmed the one before, so a subtraction never reaches
 the store before the count it takes back.
+
+A store that comes back without the workspace or the key a count was made for (Redis lost
+keygate's data: restarted without persistence, FLUSHDB, an older backup restored) takes
+nothing: the script drops the count rather than make counters that a workspace created again
+with that id would inherit. The ledger says so in one error line, at most every
+``DROPPED_SAID_EVERY`` seconds, with how many requests were dropped.
 """
 
 from __future__ import annotations
@@ -20,21 +26,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Callable, NamedTuple, Protocol
 
 from .errors import StoreError
-from .store.request import Slot
+from .store.request import NO_KEY, NO_WORKSPACE, Slot
 from .usage import MonthCache
 
 log = logging.getLogger("keygate.proxy")
+store_log = logging.getLogger("keygate.store")  # where the store's lost data is said
 
 RETRY_EVERY = 1.0  # seconds between attempts to write local counts to the store (default)
+DROPPED_SAID_EVERY = 60.0  # counts the store dropped are said at most this often (seconds)
 
 
 class UsageWriter(Protocol):
     """The store side the ledger writes to (``gateway.store.request.RequestStore``)."""
 
-    async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str) -> bool: ...
+    async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str) -> int: ...
 
 
 class Write(NamedTuple):
@@ -61,6 +70,11 @@ class LocalLedger:
         self._writer: asyncio.Task | None = None
         self._retry: asyncio.Task | None = None
         self._closing = False  # close() writes what is here; no retry loop starts any more
+        # requests the store dropped (their workspace, or only their key, gone) and not yet
+        # said, by workspace; and when the last line about them was said
+        self._dropped: dict[str, int] = {}
+        self._dropped_keys: dict[str, int] = {}
+        self._dropped_said = -float("inf")
 
     def __bool__(self) -> bool:
         """Whether anything waits for the store."""
@@ -122,11 +136,47 @@ class LocalLedger:
             if write.slot in failed:
                 continue  # a slot's writes stay in order: this one waits for the one before
             try:
-                await self.store.add_usage(write.slot, write.n, ttl, write.id)
+                written = await self.store.add_usage(write.slot, write.n, ttl, write.id)
             except StoreError:
                 failed.add(write.slot)  # kept, id and all: sent again at the next flush
             else:
                 del self.pending[write.id]
+                if written in (NO_WORKSPACE, NO_KEY):
+                    dropped = self._dropped if written == NO_WORKSPACE else self._dropped_keys
+                    ws = write.slot.workspace
+                    dropped[ws] = dropped.get(ws, 0) + write.n
+        if self._dropped or self._dropped_keys:
+            self._say_dropped()
+
+    def _say_dropped(self, *, now: float | None = None) -> None:
+        """Say the requests the store dropped since the last such line, at most every
+        ``DROPPED_SAID_EVERY`` seconds (once a write pass ended, so a pass is one line):
+        an error when a workspace is gone (Redis lost data), a warning when only keys are
+        (deleted meanwhile, or lost with the data)."""
+        now = time.monotonic() if now is None else now
+        if now - self._dropped_said < DROPPED_SAID_EVERY:
+            return
+        self._dropped_said = now
+        lost, keys = self._dropped, self._dropped_keys
+        self._dropped, self._dropped_keys = {}, {}
+        parts = []
+        if lost:
+            first = next(iter(lost))
+            parts.append(f"workspace '{first}'"
+                         + (f" (and {len(lost) - 1} more)" if len(lost) > 1 else "")
+                         + " is no longer in the store: Redis lost data (restarted without "
+                           "persistence, FLUSHDB or FLUSHALL, keys evicted under maxmemory, "
+                           "or an older backup restored)")
+        if keys:
+            first = next(iter(keys))
+            parts.append(f"the key they were counted for is no longer in the store, in "
+                         f"workspace '{first}'"
+                         + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""))
+        n = sum(lost.values()) + sum(keys.values())
+        (store_log.error if lost else store_log.warning)(
+            "%d request%s served while the store was down %s not written to the usage: %s. "
+            "Nothing was counted for them (a workspace created again with that id starts "
+            "from 0)", n, "" if n == 1 else "s", "was" if n == 1 else "were", "; ".join(parts))
 
     async def close(self) -> None:
         """At shutdown, after the listeners stopped: write what is still here (a process that
@@ -147,6 +197,8 @@ class LocalLedger:
         if any(slot not in waiting for slot in self.counts):
             self.flush()
             await asyncio.gather(self._writer, return_exceptions=True)
+        if self._dropped or self._dropped_keys:  # held back by the rate: said before stopping
+            self._say_dropped(now=float("inf"))
         if self:
             log.warning("the store is unavailable: %d requests counted while it was down "
                         "(net of those taken back) were not written to the monthly usage",

@@ -15,7 +15,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.access import refusal
 from gateway.auth import CachedKey
 from gateway.store.keyspace import write_key
-from gateway.store.request import WRITE_ID_TTL, RequestStore, Slot
+from gateway.store.request import ALREADY, WRITE_ID_TTL, WRITTEN, RequestStore, Slot
 from gateway.ledger import LocalLedger
 from gateway.usage import MonthCache, ratelimit_headers
 from gateway.config import IdentityHeaders, IdentitySignature
@@ -36,6 +36,13 @@ def _key(**changes) -> CachedKey:
     return CachedKey(record, Workspace("acme", "Acme", "starter", NOW - 200),
                      Principal("acme", "k1", frozenset({"people:read"}), "starter"),
                      None, None, b"", 0.0)
+
+
+def _owned(r: redis.Redis, slot: Slot) -> None:
+    """The slot's workspace and key in the store, as the ledger's counts need them there
+    (lua/ledger_write.lua: a store that lost them is written nothing)."""
+    r.hset(f"kg:ws:{{{slot.workspace}}}", mapping={"id": slot.workspace, "rev": "1"})
+    r.hset(f"kg:key:{{{slot.workspace}}}:{slot.key_id}", mapping={"id": slot.key_id, "rev": "1"})
 
 
 def _code(key: CachedKey, scopes=("people:read",), blocked=False) -> str | None:
@@ -82,9 +89,10 @@ async def test_the_ledger_nets_what_it_takes_back_and_keeps_a_failed_write_as_it
     assert [w.n for w in ledger.pending.values()] == [1] and ledger.counts == {slot: 1}
     assert all(task.done() for task in asyncio.all_tasks() if task is not asyncio.current_task())
     own_redis.start()                 # the store is back, on the same port
+    r = redis.Redis.from_url(own_redis.url)
+    _owned(r, slot)
     await ledger.close()
     assert not ledger
-    r = redis.Redis.from_url(own_redis.url)
     assert [int(r.get(k)) for k in slot.counters()] == [2, 2, 2, 2]  # each written once
     ledger.take_back(slot)            # already in the store: the ledger writes the subtraction
     await ledger.close()
@@ -96,10 +104,11 @@ async def test_a_ledger_write_sent_twice_counts_once_and_never_below_zero(redis_
     slot = Slot("acme", "k1", "2025-06", "2025-06-15", "k1")
     store = RequestStore(redis_url, timeout=0.5)
     r = redis.Redis.from_url(redis_url)
-    assert await store.add_usage(slot, 3, 60, "w-1")
-    assert not await store.add_usage(slot, 3, 60, "w-1")   # a copy of it: nothing again
+    _owned(r, slot)
+    assert await store.add_usage(slot, 3, 60, "w-1") == WRITTEN
+    assert await store.add_usage(slot, 3, 60, "w-1") == ALREADY  # a copy of it: nothing again
     assert [int(r.get(k)) for k in slot.counters()] == [3, 3, 3, 3]
-    assert await store.add_usage(slot, -5, 60, "w-2")
+    assert await store.add_usage(slot, -5, 60, "w-2") == WRITTEN
     assert [int(r.get(k)) for k in slot.counters()] == [0, 0, 0, 0]
     assert all(r.ttl(k) > 0 for k in slot.counters())
     assert 0 < r.ttl(write_key("acme", "w-1")) <= WRITE_ID_TTL
@@ -392,6 +401,8 @@ async def test_a_ledger_closing_writes_a_slots_held_counts_though_another_slots_
     ok = Slot("acme", "k1", "2025-06", "2025-06-15", "k1")
     bad = Slot("zeta", "k9", "2025-06", "2025-06-15", "k9")
     r = redis.Redis.from_url(own_redis.url)
+    _owned(r, ok)
+    _owned(r, bad)
     r.acl_setuser("gw", enabled=True, passwords=["+pw"], commands=["+@all"], keys=[],
                   reset_keys=True)   # no key at all: every ledger write is refused (NOPERM)
     url = own_redis.url.replace("redis://", "redis://gw:pw@")

@@ -24,7 +24,7 @@ import redis
 from gateway.workers import _preflight
 from gateway.config import ConfigError, load_config
 from gateway.redis_urls import parse_topology_url, redact
-from gateway.store.request import Slot
+from gateway.store.request import ALREADY, NO_KEY, WRITTEN, Slot
 from gateway.tokens import make_token
 
 from conftest import free_port, redis_server_binary
@@ -601,9 +601,13 @@ async def test_cluster_gateway_runs_every_store_operation_across_nodes(
         owner.close()
 
         # a fail-open ledger write: its id and the counters in one slot, counted once
-        slot = Slot(ws, "kx", "2026-01", "2026-01-15", "kx")
-        assert await gut.gw.requests.add_usage(slot, 2, 60, "w-1")
-        assert not await gut.gw.requests.add_usage(slot, 2, 60, "w-1")
+        # (its workspace and key in the store: a write for any other is dropped)
+        _, kx = await gut.key(ws)
+        slot = Slot(ws, kx["id"], "2026-01", "2026-01-15", kx["id"])
+        assert await gut.gw.requests.add_usage(slot, 2, 60, "w-1") == WRITTEN
+        assert await gut.gw.requests.add_usage(slot, 2, 60, "w-1") == ALREADY
+        gone = Slot(ws, "kx", "2026-01", "2026-01-15", "kx")
+        assert await gut.gw.requests.add_usage(gone, 2, 60, "w-2") == NO_KEY
         owner = redis.Redis(port=_owner_port(ports, slot.counters()[0]), password=CLUSTER_PW)
         assert [int(owner.get(counter)) for counter in slot.counters()] == [2, 2, 2, 2]
         owner.close()

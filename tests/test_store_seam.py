@@ -14,9 +14,10 @@ import redis
 
 import gateway
 from gateway.store.clients import LeanClient, TopologyClient, connect
-from gateway.store.keyspace import fail_ip_key, fail_key_key
+from gateway.store.keyspace import fail_ip_key, fail_key_key, key_key, ws_key
 from gateway.store.request import (ADD_USAGE, AUTHORIZE, DAILY_TTL, LEDGER_WRITE, READY,
-                                   REFUND, RequestStore, Slot)
+                                   ALREADY, NO_WORKSPACE, REFUND, WRITTEN, RequestStore,
+                                   Slot)
 from harness import eventually
 
 
@@ -84,6 +85,10 @@ async def test_request_store_speaks_only_through_the_seam(redis_url):
     """Every call is one command on the store's one connection: the scripts by digest, the
     failure counts in one MGET; what Redis then holds is what the calls asked for."""
     store = RequestStore(redis_url)
+    owner = redis.Redis.from_url(redis_url)  # the slot's workspace and key, for add_usage
+    owner.hset(ws_key("acme"), mapping={"id": "acme", "rev": "2"})
+    owner.hset(key_key("acme", "k1"), mapping={"id": "k1", "rev": "2"})
+    owner.close()
     async with Monitor(redis_url) as monitor:
         await store.ready()
         d = await store.authorize(workspace="acme", key_id="k1", key_rev=1, ws_rev=1,
@@ -94,13 +99,15 @@ async def test_request_store_speaks_only_through_the_seam(redis_url):
         await store.record_failure("10.0.0.1", "k1", 300)
         assert await store.failure_counts("10.0.0.1", "k1") == (1, 1)
         slot = Slot("acme", "k1", "2026-11", "2026-11-18", "k1")
-        await store.refund(slot, 60)
-        assert await store.add_usage(slot, 4, 60, "w-1")
-        assert not await store.add_usage(slot, 4, 60, "w-1")  # a copy: counts nothing again
+        await store.refund(slot, 60)  # nothing counted, nothing made: no counter below
+        gone = slot._replace(workspace="gone")  # a workspace not in the store: written nothing
+        assert await store.add_usage(gone, 4, 60, "w-0") == NO_WORKSPACE
+        assert await store.add_usage(slot, 4, 60, "w-1") == WRITTEN
+        assert await store.add_usage(slot, 4, 60, "w-1") == ALREADY  # a copy: nothing again
         await store.close()
-        await eventually(lambda: len(monitor.commands()) >= 14, timeout=5)  # the last lines
+        await eventually(lambda: len(monitor.commands()) >= 15, timeout=5)  # the last lines
         seen = monitor.commands()
-    assert d.outcome == "stale"  # Redis holds no key k1 at rev 1: the caller must re-read it
+    assert d.outcome == "stale"  # Redis holds key k1 at rev 2: the caller must re-read it
     assert len({client for client, _ in seen}) == 1  # one connection
     commands = [args for _, args in seen]
     assert [_named(c) for c in commands] == [
@@ -113,11 +120,12 @@ async def test_request_store_speaks_only_through_the_seam(redis_url):
         ("MGET",),
         ("EVALSHA", "refund"), ("EVAL", "refund"),
         ("EVALSHA", "ledger_write"), ("EVAL", "ledger_write"),
-        ("EVALSHA", "ledger_write")]                # loaded now: by digest
+        ("EVALSHA", "ledger_write"),                # loaded now: by digest
+        ("EVALSHA", "ledger_write")]
     assert commands[6][2:] == (b"2", fail_ip_key("10.0.0.1").encode(),
                                fail_key_key("k1").encode(), b"1", b"300", b"300")
     r = redis.Redis.from_url(redis_url)
-    for counter in slot.counters()[:2]:  # the months: refunded to 0 (never below), then +4
+    for counter in slot.counters()[:2]:  # the months: +4 once
         assert int(r.get(counter)) == 4 and 0 < r.ttl(counter) <= 60
     for counter in slot.counters()[2:]:  # the days keep the day counters' own TTL
         assert int(r.get(counter)) == 4 and 60 < r.ttl(counter) <= DAILY_TTL

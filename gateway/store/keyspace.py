@@ -78,7 +78,10 @@ per-request script and every admin script touch a single slot.
     kg:write:{ws}:<write-id>      STRING  "1": a write of a process's fail-open ledger (requests
                                           counted while the store was down) that has run, so
                                           a copy of it run again adds nothing (TTL: an hour,
-                                          renewed by each copy)
+                                          renewed by each copy). Not made for a write the
+                                          store dropped: a count whose workspace or key is
+                                          gone (lost data), or a take-back with no counter
+                                          left; neither makes any counter
     kg:once:{ws}:<request-id>     STRING  Sentinel and Cluster only: the answer of a request's
                                           authorize call that counted it ("used,rate_remaining,
                                           reset_ms,0,key_used"), so a copy of the call sent

@@ -47,6 +47,8 @@ DAILY_TTL = 100 * 86400  # day counters: the usage history reaches 90 days back
 # waits) and from what sat in a paused Redis's socket buffers (run as it wakes): an hour is far
 # beyond both. ~100 bytes per write, and writes happen only after the store failed.
 WRITE_ID_TTL = 3600
+# What a ledger write answers (``RequestStore.add_usage``, lua/ledger_write.lua)
+WRITTEN, ALREADY, NO_WORKSPACE, NO_KEY = 1, 0, -1, -2
 # How long a counting authorize call's marker (kg:once:{ws}:<request-id>, Sentinel and
 # Cluster only) outlives the call: longer than redis-py can take to send the call again after
 # its connection died (reconnecting, asking the Sentinels or re-reading the slots: each bounded
@@ -339,17 +341,22 @@ class RequestStore:
                 groups.setdefault((ws, key_id, budget, period, day, ttl), []).append(marker)
         todo = [(group, markers[i:i + RECOUNT_BATCH]) for group, markers in groups.items()
                 for i in range(0, len(markers), RECOUNT_BATCH)]
-        counted = checked = 0
+        counted = checked = dropped = 0
         for attempt in range(2):
             failed = []
             for group, markers in todo:
                 ws, key_id, budget, period, day, ttl = group
                 slot = Slot(ws, key_id, period, day, budget)
                 try:
-                    counted += int(await self._resp.run(
-                        RECOUNT, (*slot.counters(), *markers),
+                    n = int(await self._resp.run(
+                        RECOUNT, (*slot.counters(), ws_key(ws), key_key(ws, key_id),
+                                  *markers),
                         (self._once_ttl, ttl, ttl, DAILY_TTL, DAILY_TTL)))
                     checked += len(markers)
+                    if n < 0:  # the new master has no such workspace or key: not counted
+                        dropped -= n
+                    else:
+                        counted += n
                 except Exception as exc:  # the new master does not answer yet
                     failed.append((group, markers))
                     error = exc
@@ -358,6 +365,12 @@ class RequestStore:
                 break
             await asyncio.sleep(1.0)
         lost = sum(len(markers) for _, markers in todo)
+        if dropped:
+            log.error("the Sentinels named a new master that lacks %d requests counted in the "
+                      "%.0f s before, and the workspace or key they were counted for: they are "
+                      "not counted there (Redis lost data: a master promoted before it had "
+                      "synced, or one restored from an older backup)", dropped,
+                      noticed - since)
         if counted or lost:
             log.warning("the Sentinels named a new master: %d of %d requests counted in the "
                         "%.0f s before were not there and are counted again%s", counted,
@@ -485,13 +498,18 @@ class RequestStore:
         await self._run(REFUND, (rate_key(slot.workspace, slot.budget),),
                         (rate_member,))
 
-    async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str) -> bool:
+    async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str) -> int:
         """Add ``n`` requests counted locally while the store was down (fail-open; negative:
-        taken back), once per ``write_id`` however often it is sent. False when a write of
-        that id had already run."""
-        return bool(await self._run(LEDGER_WRITE,
-                                    (write_key(slot.workspace, write_id), *slot.counters()),
-                                    (n, WRITE_ID_TTL, ttl, ttl, DAILY_TTL, DAILY_TTL)))
+        taken back), once per ``write_id`` however often it is sent. Answers ``WRITTEN``,
+        ``ALREADY`` (a write of that id had already run) or, for a count (``n`` > 0) the store
+        dropped, ``NO_WORKSPACE`` or ``NO_KEY``: the slot's workspace or key is not in the
+        store (Redis lost keygate's data), so nothing was made for it
+        (lua/ledger_write.lua)."""
+        ws = slot.workspace
+        return int(await self._run(LEDGER_WRITE,
+                                   (write_key(ws, write_id), ws_key(ws),
+                                    key_key(ws, slot.key_id), *slot.counters()),
+                                   (n, WRITE_ID_TTL, ttl, ttl, DAILY_TTL, DAILY_TTL)))
 
     async def _run(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         try:

@@ -1,0 +1,179 @@
+"""Writes keygate defers until Redis answers again, landing on a Redis that lost keygate's data
+(restarted without persistence, FLUSHDB, an older backup restored): the fail-open ledger's
+counts and take-backs, refunds, rate take-backs, and the Sentinel recount.
+
+They must not create counters for a workspace (or key) the store no longer holds: a workspace
+created again with the same id would start its month with another's usage, and the stray
+counters would stay behind. Real redis-server processes and the real gateway, loopback only."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis
+
+from gateway.config import StoreConfig
+from gateway.store.keyspace import key_key, rate_key, write_key, ws_key
+from gateway.store.request import (ALREADY, DAILY_TTL, NO_KEY, NO_WORKSPACE, RECOUNT,
+                                   WRITTEN, RequestStore, Slot)
+
+from harness import bearer, eventually, gateway_under_test, make_config
+
+
+def _stored(url: str, ws: str) -> list[bytes]:
+    """Every key of workspace ``ws`` in the store (its hash tag)."""
+    client = redis.Redis.from_url(url)
+    try:
+        return sorted(client.scan_iter(f"*{{{ws}}}*"))
+    finally:
+        client.close()
+
+
+async def _all_200(g, token: str, n: int) -> None:
+    for _ in range(n):
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200, await r.text()
+
+
+async def test_counts_held_while_redis_was_down_are_not_written_for_a_workspace_it_lost(
+        upstream, own_redis, monkeypatch, caplog):
+    """Served under on_store_error: open while Redis is down, then Redis comes back from an
+    older backup that holds 'beta' but not 'acme'. The ledger wrote acme's held counts all the
+    same: its month, day and key counters appeared for a workspace that no longer existed, and
+    acme created again started its month 3 requests in. Now acme's counts are dropped (one
+    error line with their number), beta's are written exactly once, and acme created again
+    starts at 0."""
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.5, on_store_error="open"))
+    async with gateway_under_test(config, own_redis.url, monkeypatch, ledger_retry=0.05) as g:
+        await g.workspace("beta", plan="unlimited")
+        beta, _ = await g.key("beta")
+        await _all_200(g, beta, 1)
+        redis.Redis.from_url(own_redis.url).save()  # the backup: beta, not yet acme
+        await g.workspace("acme", plan="unlimited")
+        acme, _ = await g.key("acme")
+        await _all_200(g, acme, 1)
+        own_redis.stop()
+        with caplog.at_level(logging.INFO, logger="keygate"):
+            await _all_200(g, acme, 3)  # fail-open: counted in this process's ledger
+            await _all_200(g, beta, 2)
+            assert g.gw.pipeline.ledger
+            own_redis.start()  # the backup restored: acme is gone
+            assert await eventually(lambda: not g.gw.pipeline.ledger)
+            await asyncio.sleep(0.3)  # the ledger's next attempts write nothing more
+        assert _stored(own_redis.url, "acme") == []
+        assert await g.used("beta") == 3  # 1 before the outage, 2 held: each once
+        dropped = [r.getMessage() for r in caplog.records
+                   if r.levelno >= logging.ERROR and "written to the usage" in r.getMessage()]
+        assert len(dropped) == 1, caplog.text
+        assert "3 requests" in dropped[0] and "acme" in dropped[0] and "lost" in dropped[0]
+        await g.workspace("acme", plan="unlimited")  # created again, same id
+        assert await g.used("acme") == 0
+        acme, _ = await g.key("acme")
+        await _all_200(g, acme, 1)
+        assert await g.used("acme") == 1 and await g.used("beta") == 3
+
+
+def _make(r: redis.Redis, ws: str, key_id: str) -> None:
+    """A workspace and a key of it, as the stored hashes the scripts look at."""
+    r.hset(ws_key(ws), mapping={"id": ws, "rev": "1"})
+    r.hset(key_key(ws, key_id), mapping={"id": key_id, "workspace": ws, "rev": "1"})
+
+
+async def test_deferred_writes_create_nothing_for_a_workspace_or_key_the_store_lost(
+        redis_url) -> None:
+    """Each deferred write run on a store that lost the workspace (or only the key): nothing is
+    created. A refund or a ledger take-back made a counter of 0 (never below) with a TTL, a
+    ledger count made all four counters; with the key gone but its workspace there, a count
+    would go to a workspace that may be another of the same id (created again)."""
+    r = redis.Redis.from_url(redis_url)
+    store = RequestStore(redis_url, timeout=1.0)
+    try:
+        lost = Slot("gone", "k1", "2026-11", "2026-11-18", "k1")
+        await store.refund(lost, 60, "m1")
+        await store.take_back_rate(lost, "m1")
+        assert await store.add_usage(lost, 4, 60, "w-1") == NO_WORKSPACE
+        assert await store.add_usage(lost, -2, 60, "w-2") == WRITTEN  # takes back nothing
+        assert _stored(redis_url, "gone") == []
+
+        r.hset(ws_key("half"), mapping={"id": "half", "rev": "1"})  # the key alone is gone
+        half = Slot("half", "k1", "2026-11", "2026-11-18", "k1")
+        assert await store.add_usage(half, 4, 60, "w-3") == NO_KEY
+        assert _stored(redis_url, "half") == [ws_key("half").encode()]
+
+        _make(r, "here", "k1")  # both there: counted once, taken back once, never below 0
+        here = Slot("here", "k1", "2026-11", "2026-11-18", "k1")
+        assert await store.add_usage(here, 4, 60, "w-4") == WRITTEN
+        assert await store.add_usage(here, 4, 60, "w-4") == ALREADY  # a copy
+        await store.refund(here, 60)
+        assert [int(r.get(c)) for c in here.counters()] == [3, 3, 3, 3]
+        assert await store.add_usage(here, -5, 60, "w-5") == WRITTEN
+        assert [int(r.get(c)) for c in here.counters()] == [0, 0, 0, 0]
+        assert 0 < r.ttl(write_key("here", "w-4"))
+    finally:
+        await store.close()
+        r.close()
+
+
+def test_a_recount_on_a_new_master_that_lost_the_workspace_counts_nothing(redis_url) -> None:
+    """Sentinel: the requests counted on the old master whose markers the new one lacks are
+    counted there again. A new master that lost the workspace (or the key) got its counters
+    made all the same; now it gets nothing, and the recount says how many it dropped."""
+    r = redis.Redis.from_url(redis_url)
+    slot = Slot("acme", "k1", "2026-01", "2026-01-15", "k1")
+    markers = [f"kg:once:{{acme}}:recount:{i}" for i in range(3)]
+    keys = [*slot.counters(), ws_key("acme"), key_key("acme", "k1"), *markers]
+    args = [5000, 3600, 3600, DAILY_TTL, DAILY_TTL]
+    try:
+        assert r.eval(RECOUNT.text, len(keys), *keys, *args) == -3  # dropped, nothing made
+        assert _stored(redis_url, "acme") == []
+        _make(r, "acme", "k1")
+        r.set(markers[0], "1,-1,0,0,1", px=5000)  # this one reached the new master
+        assert r.eval(RECOUNT.text, len(keys), *keys, *args) == 2
+        assert [int(r.get(c)) for c in slot.counters()] == [2, 2, 2, 2]
+        assert r.eval(RECOUNT.text, len(keys), *keys, *args) == 0  # sent again: nothing
+        assert rate_key("acme", "k1").encode() not in _stored(redis_url, "acme")
+    finally:
+        r.close()
+
+
+async def test_counts_dropped_for_a_lost_store_are_said_once_a_minute_and_at_the_stop(
+        redis_url, caplog) -> None:
+    """Dropped counts are said as the data-loss line is: one line for a write pass (however
+    many slots), then at most once a minute, with the requests dropped meanwhile; the stop
+    says what a line is still owed, rather than leaving it unsaid. Only a key gone (deleted
+    meanwhile) is a warning, not an error."""
+    from gateway.ledger import LocalLedger
+    from gateway.usage import MonthCache
+    r = redis.Redis.from_url(redis_url)
+    r.hset(ws_key("kept"), mapping={"id": "kept", "rev": "1"})  # its key is gone
+    store = RequestStore(redis_url, timeout=1.0)
+    ledger = LocalLedger(store, MonthCache(), lambda: 1_795_000_000.0, retry_every=3600)
+    slots = [Slot(ws, key_id, "2026-11", "2026-11-18", key_id)
+             for ws, key_id in (("gone", "k1"), ("gone", "k2"), ("lost", "k3"), ("kept", "k4"))]
+    try:
+        with caplog.at_level(logging.INFO, logger="keygate"):
+            for slot, n in zip(slots, (2, 1, 1, 1)):
+                for _ in range(n):
+                    ledger.add(slot)
+            ledger.flush()
+            await ledger._writer
+            said = [rec for rec in caplog.records if "written to the usage" in rec.getMessage()]
+            assert len(said) == 1 and said[0].levelno == logging.ERROR, caplog.text
+            assert said[0].getMessage().startswith("5 requests"), said[0].getMessage()
+            assert "(and 1 more)" in said[0].getMessage()  # lost, besides gone
+            assert "'kept'" in said[0].getMessage()
+            ledger.add(slots[3])  # within the minute: held back ...
+            ledger.flush()
+            await ledger._writer
+            assert len([rec for rec in caplog.records if "written to the usage" in rec.getMessage()]) == 1
+            await ledger.close()  # ... and said at the stop
+            said = [rec for rec in caplog.records if "written to the usage" in rec.getMessage()]
+            assert len(said) == 2 and said[1].levelno == logging.WARNING, caplog.text
+            assert said[1].getMessage().startswith("1 request served") and "'kept'" in said[1].getMessage()
+        assert _stored(redis_url, "gone") == [] and _stored(redis_url, "lost") == []
+        assert _stored(redis_url, "kept") == [ws_key("kept").encode()]
+    finally:
+        await store.close()
+        r.close()
