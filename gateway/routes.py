@@ -556,7 +556,95 @@ def _taken(route: Route) -> frozenset[str] | None:
     return frozenset(names)
 
 
-def fall_throughs(routes: Sequence[Route], *, options_kept: bool) -> list[FallThrough]:
+# The work ``fall_throughs`` may do (glob comparisons: index steps, meets, covering routes
+# looked at) before it stops and says so: a warning must not make a large config slow to load
+# (5000 routes of the shapes in tests/test_config.py take well under 1 s extra).
+FALL_THROUGH_BUDGET = 100_000
+
+
+@dataclass(frozen=True)
+class FallThroughs:
+    """What ``fall_throughs`` found, in file order of the keyed route; ``cut_at``: the keyed
+    route at which it spent its budget and stopped (that route and the later ones were not
+    looked at in full), None when it looked at every route."""
+    found: tuple[FallThrough, ...]
+    cut_at: int | None = None
+    budget: int = 0  # the comparisons it had
+
+
+class _Spent(Exception):
+    """``fall_throughs``' budget is spent."""
+
+
+class _Budget:
+    __slots__ = ("left",)
+
+    def __init__(self, amount: int) -> None:
+        self.left = amount
+
+    def spend(self, amount: int = 1) -> None:
+        self.left -= amount
+        if self.left < 0:
+            raise _Spent
+
+
+class _GlobIndex:
+    """Globs by their segments (a trie), for ``fall_throughs``: which of them a glob meets,
+    walking only the branches that can (a literal segment meets the same literal, '*' and
+    '**'), not comparing it with each."""
+
+    def __init__(self) -> None:
+        self._root: dict = {}
+
+    def add(self, index: int, segs: Sequence[str]) -> None:
+        node = self._root
+        for seg in segs:
+            node = node.setdefault(seg, {})
+        node.setdefault(None, []).append(index)  # None: the globs ending here
+
+    def meeting(self, segs: Sequence[str], budget: _Budget) -> list[int]:
+        """The indexes of the globs that meet the glob of ``segs`` (``_meet`` is not None),
+        each node visited spending one from ``budget``."""
+        found: list[int] = []
+        stack = [(self._root, 0)]
+        while stack:
+            node, i = stack.pop()
+            budget.spend()
+            if "**" in node:  # the rest of the path, whatever it is (zero segments too)
+                found += node["**"].get(None, ())
+            if i == len(segs):
+                found += node.get(None, ())
+                continue
+            seg = segs[i]
+            if seg == "**":  # every glob from here on (duplicates are harmless)
+                below = [node]
+                while below:
+                    at = below.pop()
+                    budget.spend()
+                    found += at.get(None, ())
+                    below.extend(child for key, child in at.items() if key is not None)
+                continue
+            if seg == "*":  # every child but '' (a trailing slash); '**' is above
+                budget.spend(len(node))
+                after = segs[i + 1] if i + 1 < len(segs) else None
+                if after is None or after in ("*", "**"):
+                    stack.extend((child, i + 1) for key, child in node.items()
+                                 if key is not None and key not in ("", "**"))
+                else:  # only those with a child the next segment can meet
+                    stack.extend((child, i + 1) for key, child in node.items()
+                                 if key is not None and key not in ("", "**") and
+                                 (after in child or "**" in child or
+                                  "*" in child and after != ""))
+                continue
+            if seg in node and seg != "**":
+                stack.append((node[seg], i + 1))
+            if "*" in node and seg != "":
+                stack.append((node["*"], i + 1))
+        return found
+
+
+def fall_throughs(routes: Sequence[Route], *, options_kept: bool,
+                  budget: int | None = None) -> FallThroughs:
     """Where HTTP verb tampering may reach an upstream without a key, as the config is written
     (for a warning: matching itself stays first match in file order, SPEC). A keyed route
     whose GET needs a key and whose ``methods`` leave others out, followed by a public route
@@ -569,54 +657,64 @@ def fall_throughs(routes: Sequence[Route], *, options_kept: bool) -> list[FallTh
     with explicit methods written for the keyed route's very glob (the operator's word for
     those methods on those paths); a keyed route that leaves GET itself to others (keyed
     writes, public reads: GET is served without a key there anyway). ``options_kept``: no
-    cors section, so OPTIONS is left out (the upstream's CORS preflights carry no key)."""
+    cors section, so OPTIONS is left out (the upstream's CORS preflights carry no key).
+
+    Bounded: the public routes a keyed one meets are found through an index of their globs,
+    and after ``budget`` comparisons the check stops (``FallThroughs.cut_at``): comparing
+    every keyed route with every public one took seconds for a few thousand routes.
+    ``budget``: FALL_THROUGH_BUDGET when None."""
     found: list[FallThrough] = []
+    if budget is None:
+        budget = FALL_THROUGH_BUDGET
+    spend = _Budget(budget)
     segments = [_upper_escapes(route.path).split("/")[1:] for route in routes]
     globs = FoldedGlobs(fold=False)  # which routes cover a glob, without comparing each
-    publics: dict[str, list[int]] = {}  # the public routes by their first segment
+    publics = _GlobIndex()  # the public routes' globs
     for i, route in enumerate(routes):
         globs.add(i, route.path)
         if route.public:
-            publics.setdefault(segments[i][0], []).append(i)
-    wild = publics.get("*", []) + publics.get("**", [])
-    for k, keyed in enumerate(routes):
-        mine = _taken(keyed)
-        if keyed.public or mine is None or "GET" not in mine:
-            continue
-        first = segments[k][0]
-        # only the public routes whose first segment can meet this one's, in file order
-        candidates = sorted(i for i in (
-            [i for group in publics.values() for i in group] if first in ("*", "**")
-            else publics.get(first, []) + wild) if i > k)
-        for p in candidates:
-            public = routes[p]
-            meet = _meet(segments[k], segments[p])
-            if meet is None:
+            publics.add(i, segments[i])
+    k = 0
+    try:
+        for k, keyed in enumerate(routes):
+            mine = _taken(keyed)
+            if keyed.public or mine is None or "GET" not in mine:
                 continue
-            theirs = _taken(public)
-            if theirs is not None and segments[p] == segments[k]:
-                continue
-            taken, every = set(mine), False
-            for j in globs.covering(meet):
-                if j >= p:
-                    break
-                other = routes[j]
-                if j == k or not _covers(_upper_escapes(other.path), meet):
+            # only the public routes whose glob meets this one's, in file order
+            for p in sorted({i for i in publics.meeting(segments[k], spend) if i > k}):
+                public = routes[p]
+                spend.spend()
+                meet = _meet(segments[k], segments[p])
+                if meet is None:
                     continue
-                names = _taken(other)
-                if names is None:
-                    every = True
-                    break
-                taken |= names
-            if every:
-                continue
-            offered = _ROUTED_METHODS if theirs is None else \
-                tuple(m for m in _ROUTED_METHODS if m in theirs)
-            methods = tuple(m for m in offered if m not in taken
-                            and not (options_kept and m == "OPTIONS"))
-            if methods or theirs is None:
-                found.append(FallThrough(k, p, methods, theirs is None))
-    return found
+                theirs = _taken(public)
+                if theirs is not None and segments[p] == segments[k]:
+                    continue
+                taken, every = set(mine), False
+                covering = globs.covering(meet)
+                spend.spend(len(covering))
+                for j in covering:
+                    if j >= p:
+                        break
+                    other = routes[j]
+                    if j == k or not _covers(_upper_escapes(other.path), meet):
+                        continue
+                    names = _taken(other)
+                    if names is None:
+                        every = True
+                        break
+                    taken |= names
+                if every:
+                    continue
+                offered = _ROUTED_METHODS if theirs is None else \
+                    tuple(m for m in _ROUTED_METHODS if m in theirs)
+                methods = tuple(m for m in offered if m not in taken
+                                and not (options_kept and m == "OPTIONS"))
+                if methods or theirs is None:
+                    found.append(FallThrough(k, p, methods, theirs is None))
+    except _Spent:
+        return FallThroughs(tuple(found), k, budget)
+    return FallThroughs(tuple(found), None, budget)
 
 
 class FoldedGlobs:

@@ -521,6 +521,66 @@ def test_globs_are_compared_for_case_once_each_not_pairwise(tmp_path: Path,
         "refused (bad_path), so for the methods both take it never matches (write them in "
         "one case, or give them methods that do not overlap)"]
 
+def test_verb_warning_analysis_is_not_quadratic_in_the_routes(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """Multi-tenant shape: keyed '/*/api/rN/**' [GET] and public '/*/pages/pN'. No pair
+    overlaps (no warning), yet fall_throughs met every keyed route with every public one
+    (a keyed glob starting with '*' took all publics as candidates): 2500 + 2500 routes spent
+    3.9 s of a 5.0 s load in it. The public globs are indexed: counted, not timed, as the
+    case check above."""
+    import gateway.routes as routes_module
+    calls = []
+    real = routes_module._meet
+    monkeypatch.setattr(routes_module, "_meet", lambda a, b: calls.append(1) or real(a, b))
+    n = 600
+    routes = "".join(f"  - {{path: '/*/api/r{i}/**', methods: [GET], upstream: crm, "
+                     f"scopes: [r{i}]}}\n" for i in range(n))
+    routes += "".join(f"  - {{path: '/*/pages/p{i}', upstream: crm, public: true}}\n"
+                      for i in range(n))
+    config = load_config(write(tmp_path, UPSTREAM + "routes:\n" + routes))
+    assert config.warnings == ()
+    assert len(calls) <= 20 * 2 * n, f"{len(calls)} glob meets for {2 * n} routes"
+
+
+def test_verb_warnings_are_capped_and_the_check_stops_on_a_budget(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """Where every pair does overlap (keyed '/tN/**' [GET] routes, then public '/tN/x' ones
+    and a public catch-all), a warning per pair was millions of lines (gigabytes of stderr)
+    and the check took minutes: the first 20 are shown, then one line counting the rest; and
+    the check stops after its budget of comparisons and says so, once."""
+    import gateway.routes as routes_module
+    n = 300
+    keyed = "".join(f"  - {{path: '/t{i}/**', methods: [GET], upstream: crm, scopes: [r]}}\n"
+                    for i in range(n))
+    publics = "".join(f"  - {{path: '/t{i}/x', upstream: crm, public: true}}\n"
+                      for i in range(n))
+    text = UPSTREAM + "routes:\n" + keyed + publics + \
+        "  - {path: /**, upstream: crm, public: true}\n"
+    warnings = [str(w) for w in load_config(write(tmp_path, text)).warnings]
+    assert len(warnings) == 21, warnings[-3:]
+    assert all(": routes[" in w and "needs a key only for GET and HEAD" in w
+               for w in warnings[:20])
+    assert warnings[20].endswith(": routes: warning: and 580 more such pairs of a keyed "
+                                 "route and a later public route it leaves methods to (only "
+                                 "the first 20 are shown); close the ones above and run "
+                                 "keygate config check again"), warnings[20]
+    # a small budget: cut short, said once, at the keyed route it stopped at
+    calls = []
+    real = routes_module._meet
+    monkeypatch.setattr(routes_module, "_meet", lambda a, b: calls.append(1) or real(a, b))
+    monkeypatch.setattr(routes_module, "FALL_THROUGH_BUDGET", 1000)
+    warnings = [str(w) for w in load_config(write(tmp_path, text)).warnings]
+    assert len(calls) <= 1000
+    cut = [w for w in warnings if "stopped here" in w]
+    assert len(cut) == 1 and warnings[-1] == cut[0], warnings[-2:]
+    at = int(cut[0].split(": routes[")[1].split("]")[0])
+    assert 0 < at < n
+    assert cut[0].startswith(f"{tmp_path / 'config.yaml'}:{at + 4}: routes[{at}]: warning: the "
+                             "check for methods a keyed route leaves to a later public route "
+                             "(HTTP verb tampering) stopped here, after 1000 glob comparisons"), cut
+    assert f"for {2 * n + 1} routes of this shape" in cut[0]
+
+
 def test_route_methods_are_upper_cased_http_methods(tmp_path: Path) -> None:
     path = write(tmp_path, UPSTREAM + "routes:\n  - {path: /x/*, upstream: crm, "
                                       "methods: [get, Post, GET]}\n")

@@ -20,6 +20,10 @@ from .nodes import BAD, Node, child, is_null, known, one_line, suggest
 # A route's keys in the order SPEC and the docs name them (and "allowed: ..." hints list them).
 ROUTE_KEYS = ("path", "methods", "upstream", "scopes", "public", "websocket")
 
+# verb-tampering warnings shown one a line; the rest are counted in one more line (a file
+# with thousands of such pairs wrote millions of lines, gigabytes of stderr)
+VERB_WARNINGS_SHOWN = 20
+
 
 # a letter outside the escapes: only such a glob reads otherwise compared case-insensitively
 _LETTER = re.compile(r"[A-Za-z]")
@@ -177,7 +181,8 @@ class RoutingSections(AccessSections):
             return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
         warnings: list[ConfigWarning] = []
-        for found in fall_throughs(routes, options_kept=not cors):
+        result = fall_throughs(routes, options_kept=not cors)
+        for found in result.found[:VERB_WARNINGS_SHOWN]:
             keyed, public = routes[found.keyed], routes[found.public]
             k, p = f"routes[{found.keyed}]", f"routes[{found.public}]"
             mine = list(keyed.methods) + (["HEAD"] if "GET" in keyed.methods
@@ -206,6 +211,21 @@ class RoutingSections(AccessSections):
             key = ("verb", keyed.path, keyed.methods, keyed.scopes, public.path,
                    public.methods, found.methods, found.any_other)
             warnings.append(ConfigWarning(text, key))
+        more = len(result.found) - VERB_WARNINGS_SHOWN
+        if more > 0:  # a file with thousands of such pairs printed a line for each
+            text = (f"{self.source}: routes: warning: and {more} more such pair"
+                    f"{'s' if more > 1 else ''} of a keyed route and a later public route "
+                    f"it leaves methods to (only the first {VERB_WARNINGS_SHOWN} are shown); "
+                    "close the ones above and run keygate config check again")
+            warnings.append(ConfigWarning(text, ("verb-more", more)))
+        if result.cut_at is not None:
+            text = (f"{self.source}:{line(result.cut_at)}: routes[{result.cut_at}]: warning: "
+                    f"the check for methods a keyed route leaves to a later public route "
+                    f"(HTTP verb tampering) stopped here, after {result.budget} glob "
+                    f"comparisons, as it would take too long for {len(routes)} routes of "
+                    f"this shape; routes[{result.cut_at}] was not checked in full, nor the "
+                    "keyed routes after it (the file is still valid)")
+            warnings.append(ConfigWarning(text, ("verb-cut",)))
         return warnings
 
     def case_twins(self, item: Node, i: int, route: Route, earlier: list[Route],
