@@ -544,6 +544,9 @@ class FallThrough:
     public: int
     methods: tuple[str, ...]
     any_other: bool
+    # how the paths meet: "" as written, "case" only compared case-insensitively, "slash"
+    # the public route's paths with their trailing slash dropped, "slashcase" both
+    reading: str = ""
 
 
 def _taken(route: Route) -> frozenset[str] | None:
@@ -659,6 +662,13 @@ def fall_throughs(routes: Sequence[Route], *, options_kept: bool,
     writes, public reads: GET is served without a key there anyway). ``options_kept``: no
     cors section, so OPTIONS is left out (the upstream's CORS preflights carry no key).
 
+    Globs meet as the matcher reads paths (``RouteTable.match`` refuses a path whose other
+    reading another route holds, for the methods that route takes): compared
+    case-insensitively, and a public glob ending in '/' also without it. A public '/API/**'
+    or '/api/reports/*/' after a keyed '/api/reports/*' [GET]: GET '/API/reports/1' is
+    refused, DELETE is forwarded without a key to an upstream that reads it as
+    '/api/reports/1'.
+
     Bounded: the public routes a keyed one meets are found through an index of their globs,
     and after ``budget`` comparisons the check stops (``FallThroughs.cut_at``): comparing
     every keyed route with every public one took seconds for a few thousand routes.
@@ -668,50 +678,79 @@ def fall_throughs(routes: Sequence[Route], *, options_kept: bool,
         budget = FALL_THROUGH_BUDGET
     spend = _Budget(budget)
     segments = [_upper_escapes(route.path).split("/")[1:] for route in routes]
-    globs = FoldedGlobs(fold=False)  # which routes cover a glob, without comparing each
-    publics = _GlobIndex()  # the public routes' globs
+    # compared as the matcher guards paths: case-insensitively ('/API/reports/1' is refused
+    # for GET where '/api/reports/*' holds it, so a case-insensitive upstream reads it so)
+    folded = [route.path.lower().split("/")[1:] for route in routes]
+    globs = FoldedGlobs()  # which routes cover a glob case-insensitively, not comparing each
+    publics = _GlobIndex()  # the public routes' readings
+    # (public route, its reading's segments, the reading's as written, trailing slash dropped)
+    readings: list[tuple[int, list[str], list[str], bool]] = []
     for i, route in enumerate(routes):
         globs.add(i, route.path)
         if route.public:
-            publics.add(i, segments[i])
+            publics.add(len(readings), folded[i])
+            readings.append((i, folded[i], segments[i], False))
+            if len(folded[i]) > 1 and folded[i][-1] == "":
+                # '/api/reports/*/': its paths as an upstream that drops a trailing slash
+                # reads them (the matcher refuses GET '/api/reports/1/' where '/api/reports/*'
+                # holds it)
+                publics.add(len(readings), folded[i][:-1])
+                readings.append((i, folded[i][:-1], segments[i][:-1], True))
     k = 0
     try:
         for k, keyed in enumerate(routes):
             mine = _taken(keyed)
             if keyed.public or mine is None or "GET" not in mine:
                 continue
-            # only the public routes whose glob meets this one's, in file order
-            for p in sorted({i for i in publics.meeting(segments[k], spend) if i > k}):
+            # only the public routes whose readings meet this one's glob, in file order
+            met: dict[int, list[int]] = {}
+            for r in publics.meeting(folded[k], spend):
+                if readings[r][0] > k:
+                    met.setdefault(readings[r][0], []).append(r)
+            for p in sorted(met):
                 public = routes[p]
-                spend.spend()
-                meet = _meet(segments[k], segments[p])
-                if meet is None:
-                    continue
                 theirs = _taken(public)
-                if theirs is not None and segments[p] == segments[k]:
-                    continue
-                taken, every = set(mine), False
-                covering = globs.covering(meet)
-                spend.spend(len(covering))
-                for j in covering:
-                    if j >= p:
-                        break
-                    other = routes[j]
-                    if j == k or not _covers(_upper_escapes(other.path), meet):
+                methods_out: set[str] = set()
+                leaks, reading = False, ""
+                for r in sorted(set(met[p])):
+                    _, reading_segs, written, slash = readings[r]
+                    spend.spend()
+                    meet = _meet(folded[k], reading_segs)
+                    if meet is None:
                         continue
-                    names = _taken(other)
-                    if names is None:
-                        every = True
-                        break
-                    taken |= names
-                if every:
-                    continue
-                offered = _ROUTED_METHODS if theirs is None else \
-                    tuple(m for m in _ROUTED_METHODS if m in theirs)
-                methods = tuple(m for m in offered if m not in taken
-                                and not (options_kept and m == "OPTIONS"))
-                if methods or theirs is None:
-                    found.append(FallThrough(k, p, methods, theirs is None))
+                    if theirs is not None and not slash and segments[p] == segments[k]:
+                        continue  # the operator's word for those methods on those paths
+                    taken, every = set(mine), False
+                    covering = globs.covering(meet)
+                    spend.spend(len(covering))
+                    for j in covering:
+                        if j >= p:
+                            break
+                        other = routes[j]
+                        if j == k or not _covers(other.path.lower(), meet):
+                            continue
+                        names = _taken(other)
+                        if names is None:
+                            every = True
+                            break
+                        taken |= names
+                    if every:
+                        continue
+                    offered = _ROUTED_METHODS if theirs is None else \
+                        tuple(m for m in _ROUTED_METHODS if m in theirs)
+                    methods = {m for m in offered if m not in taken
+                               and not (options_kept and m == "OPTIONS")}
+                    if methods or theirs is None:
+                        if not leaks:
+                            as_written = _meet(segments[k], written) is not None
+                            reading = ("slash" if slash else "") + \
+                                ("" if as_written else "case")
+                        leaks = True
+                        methods_out |= methods
+                if leaks:
+                    found.append(FallThrough(
+                        k, p, tuple(m for m in _ROUTED_METHODS if m in methods_out),
+                        theirs is None, reading))
     except _Spent:
         return FallThroughs(tuple(found), k, budget)
     return FallThroughs(tuple(found), None, budget)

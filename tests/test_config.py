@@ -581,6 +581,66 @@ def test_verb_warnings_are_capped_and_the_check_stops_on_a_budget(tmp_path: Path
     assert f"for {2 * n + 1} routes of this shape" in cut[0]
 
 
+def _served(config, method: str, path: str):
+    """The route ``config``'s matcher gives ``method path``, or its error's code."""
+    from gateway.errors import BadRequest
+    from gateway.routes import RouteTable
+    try:
+        return RouteTable(config.routes).match(method, path)
+    except BadRequest as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("public,sent,reading", [
+    # a case-insensitive upstream's reading
+    ("/API/**", "/API/reports/1", "; the paths compared case-insensitively, as many "
+                                  "upstreams compare them"),
+    # a trailing-slash-dropping upstream's reading
+    ("/api/reports/*/", "/api/reports/1/", "; its paths read without their trailing slash, "
+                                           "as many upstreams read them"),
+    ("/API/reports/*/", "/API/reports/1/", "; its paths read without their trailing slash "
+                                           "and compared case-insensitively, as many "
+                                           "upstreams read them"),
+])
+def test_a_reading_the_matcher_guards_for_get_is_warned_for_other_methods(
+        tmp_path: Path, public: str, sent: str, reading: str) -> None:
+    """The matcher treats '/API/reports/1' and '/api/reports/1/' as the keyed
+    '/api/reports/*' (GET there is refused bad_path: 'matches another route than as sent'),
+    but DELETE on the same path is forwarded by the public route without a key, and config
+    check said nothing: the overlap analysis compared globs only as written."""
+    config = load_config(write(tmp_path, UPSTREAM + "routes:\n"
+                               "  - {path: '/api/reports/*', methods: [GET], upstream: crm, "
+                               "scopes: [reports:read]}\n"
+                               f"  - {{path: '{public}', upstream: crm, public: true}}\n"))
+    assert _served(config, "GET", sent) == "bad_path"        # the matcher's own model
+    assert _served(config, "DELETE", sent).public            # forwarded without a key
+    [warning] = [str(w) for w in config.warnings]
+    assert ("routes[0]: warning: '/api/reports/*' needs a key only for GET and HEAD; POST, "
+            "PUT, PATCH, DELETE, TRACE and any other method (PURGE, PROPFIND...) on its paths "
+            f"fall through to routes[1] '{public}' (line 5{reading}), a public route") \
+        in warning, warning
+
+
+@pytest.mark.parametrize("between,public,sent", [
+    ("/api/reports/*", "/API/**", "/API/reports/1"),
+    ("/Api/reports/**", "/API/**", "/API/reports/1"),     # case-insensitively
+    ("/api/reports/*", "/api/reports/*/", "/api/reports/1/"),
+])
+def test_a_reading_closed_by_a_keyed_route_for_every_method_is_not_warned(
+        tmp_path: Path, between: str, public: str, sent: str) -> None:
+    """A keyed route for every method on those paths, as written or case-insensitively,
+    between them: the matcher keys or refuses DELETE '/API/reports/1' and '/api/reports/1/'
+    too, so nothing falls through."""
+    config = load_config(write(tmp_path, UPSTREAM + "routes:\n"
+                               "  - {path: '/api/reports/*', methods: [GET], upstream: crm, "
+                               "scopes: [reports:read]}\n"
+                               f"  - {{path: '{between}', upstream: crm, scopes: [w]}}\n"
+                               f"  - {{path: '{public}', upstream: crm, public: true}}\n"))
+    assert config.warnings == ()
+    served = _served(config, "DELETE", sent)
+    assert served == "bad_path" or not served.public, served
+
+
 def test_route_methods_are_upper_cased_http_methods(tmp_path: Path) -> None:
     path = write(tmp_path, UPSTREAM + "routes:\n  - {path: /x/*, upstream: crm, "
                                       "methods: [get, Post, GET]}\n")

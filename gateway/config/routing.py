@@ -23,6 +23,15 @@ ROUTE_KEYS = ("path", "methods", "upstream", "scopes", "public", "websocket")
 # verb-tampering warnings shown one a line; the rest are counted in one more line (a file
 # with thousands of such pairs wrote millions of lines, gigabytes of stderr)
 VERB_WARNINGS_SHOWN = 20
+# how a public route's paths meet a keyed route's (``FallThrough.reading``), as said in its
+# warning: an upstream's reading that the matcher guards for the keyed route's methods only
+READINGS = {
+    "": "",
+    "case": "; the paths compared case-insensitively, as many upstreams compare them",
+    "slash": "; its paths read without their trailing slash, as many upstreams read them",
+    "slashcase": "; its paths read without their trailing slash and compared "
+                 "case-insensitively, as many upstreams read them",
+}
 
 
 # a letter outside the escapes: only such a glob reads otherwise compared case-insensitively
@@ -203,7 +212,8 @@ class RoutingSections(AccessSections):
             text = one_line(
                 f"{self.source}:{line(found.keyed)}: {k}: warning: '{keyed.path}' needs a key "
                 f"only for {listed(mine)}; {what} on its paths {verb} through to {p} "
-                f"'{public.path}' (line {line(found.public)}), a public route, and {reach} "
+                f"'{public.path}' (line {line(found.public)}{READINGS[found.reading]}), a "
+                f"public route, and {reach} "
                 "the upstream without a key, where a handler that does not check the method "
                 f"may serve {them} as a GET (HTTP verb tampering; docs/security.md). To close "
                 "it: "
