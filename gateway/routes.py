@@ -62,7 +62,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Hashable, Sequence
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 from .errors import BadRequest, NotFound, shown
@@ -547,6 +547,9 @@ class FallThrough:
     # how the paths meet: "" as written, "case" only compared case-insensitively, "slash"
     # the public route's paths with their trailing slash dropped, "slashcase" both
     reading: str = ""
+    # the methods that need a key on those paths: the keyed route's and those of the keyed
+    # routes before the public one that cover them all (in HTTP_METHODS order, HEAD with GET)
+    keyed_methods: tuple[str, ...] = ()
 
 
 def _taken(route: Route) -> frozenset[str] | None:
@@ -647,7 +650,8 @@ class _GlobIndex:
 
 
 def fall_throughs(routes: Sequence[Route], *, options_kept: bool,
-                  budget: int | None = None) -> FallThroughs:
+                  budget: int | None = None,
+                  target: Callable[[Route], Hashable] | None = None) -> FallThroughs:
     """Where HTTP verb tampering may reach an upstream without a key, as the config is written
     (for a warning: matching itself stays first match in file order, SPEC). A keyed route
     whose GET needs a key and whose ``methods`` leave others out, followed by a public route
@@ -672,8 +676,18 @@ def fall_throughs(routes: Sequence[Route], *, options_kept: bool,
     Bounded: the public routes a keyed one meets are found through an index of their globs,
     and after ``budget`` comparisons the check stops (``FallThroughs.cut_at``): comparing
     every keyed route with every public one took seconds for a few thousand routes.
-    ``budget``: FALL_THROUGH_BUDGET when None."""
+    ``budget``: FALL_THROUGH_BUDGET when None.
+
+    Only a public route that forwards where the keyed one does counts: ``target`` says where
+    a route forwards (its upstream's name when None is given). Verify-only routes (no
+    upstream) are alike: the proxy asking /_keygate/v1/verify forwards them all. A public
+    catch-all for another upstream (a web front end after an API's keyed routes) sends
+    'PURGE /api/users' to a server that has no such handler."""
     found: list[FallThrough] = []
+    if target is None:
+        def target(route: Route) -> Hashable:
+            return route.upstream
+    targets = [target(route) for route in routes]
     if budget is None:
         budget = FALL_THROUGH_BUDGET
     spend = _Budget(budget)
@@ -705,12 +719,13 @@ def fall_throughs(routes: Sequence[Route], *, options_kept: bool,
             # only the public routes whose readings meet this one's glob, in file order
             met: dict[int, list[int]] = {}
             for r in publics.meeting(folded[k], spend):
-                if readings[r][0] > k:
+                if readings[r][0] > k and targets[readings[r][0]] == targets[k]:
                     met.setdefault(readings[r][0], []).append(r)
             for p in sorted(met):
                 public = routes[p]
                 theirs = _taken(public)
                 methods_out: set[str] = set()
+                keyed_out: set[str] = set()  # what the keyed routes on those paths take
                 leaks, reading = False, ""
                 for r in sorted(set(met[p])):
                     _, reading_segs, written, slash = readings[r]
@@ -720,7 +735,7 @@ def fall_throughs(routes: Sequence[Route], *, options_kept: bool,
                         continue
                     if theirs is not None and not slash and segments[p] == segments[k]:
                         continue  # the operator's word for those methods on those paths
-                    taken, every = set(mine), False
+                    taken, every, keys = set(mine), False, set(mine)
                     covering = globs.covering(meet)
                     spend.spend(len(covering))
                     for j in covering:
@@ -734,6 +749,8 @@ def fall_throughs(routes: Sequence[Route], *, options_kept: bool,
                             every = True
                             break
                         taken |= names
+                        if not other.public:
+                            keys |= names
                     if every:
                         continue
                     offered = _ROUTED_METHODS if theirs is None else \
@@ -747,10 +764,12 @@ def fall_throughs(routes: Sequence[Route], *, options_kept: bool,
                                 ("" if as_written else "case")
                         leaks = True
                         methods_out |= methods
+                        keyed_out |= keys
                 if leaks:
                     found.append(FallThrough(
                         k, p, tuple(m for m in _ROUTED_METHODS if m in methods_out),
-                        theirs is None, reading))
+                        theirs is None, reading,
+                        tuple(m for m in HTTP_METHODS if m in keyed_out)))
     except _Spent:
         return FallThroughs(tuple(found), k, budget)
     return FallThroughs(tuple(found), None, budget)

@@ -641,6 +641,55 @@ def test_a_reading_closed_by_a_keyed_route_for_every_method_is_not_warned(
     assert served == "bad_path" or not served.public, served
 
 
+API_THEN_WEB = """
+upstreams:
+  api: {url: "http://api.internal:9001"}
+  web: {url: "%s"}
+routes:
+  - {path: /api/**, methods: [GET], upstream: api, scopes: [read]}
+  - {path: /api/**, methods: [POST, PUT, PATCH, DELETE], upstream: api, scopes: [write]}
+  - {path: /**, upstream: %s, public: true}
+"""
+
+
+def test_a_public_catch_all_for_another_upstream_is_not_verb_tampering(tmp_path: Path) -> None:
+    """The most common shape with a public catch-all: an API behind keys and a public web
+    front end (another upstream, another host) for everything else. PURGE/TRACE
+    '/api/users' reach the front end, never the API's handlers, yet config check and serve
+    warned of verb tampering on every such file."""
+    config = load_config(write(tmp_path, API_THEN_WEB % ("http://web.internal:9002", "web")))
+    assert [str(w) for w in config.warnings] == []
+
+
+@pytest.mark.parametrize("web_url,upstream", [
+    ("http://web.internal:9002", "api"),         # the same upstream
+    ("HTTP://API.internal:9001/site", "web"),    # another name for the same server
+])
+def test_the_verb_warning_names_what_every_keyed_route_on_those_paths_keys(
+        tmp_path: Path, web_url: str, upstream: str) -> None:
+    """Where the catch-all does reach the API's server, the warning said '/api/**' needs a
+    key only for GET and HEAD, though routes[1] keys every write: it names the methods the
+    keyed routes on those paths take together, and only those that fall through."""
+    config = load_config(write(tmp_path, API_THEN_WEB % (web_url, upstream)))
+    [warning] = [str(w) for w in config.warnings]
+    assert ("routes[0]: warning: '/api/**' needs a key only for GET, HEAD, POST, PUT, PATCH "
+            "and DELETE; TRACE and any other method (PURGE, PROPFIND...) on its paths fall "
+            "through to routes[2] '/**' (line 7), a public route") in warning, warning
+
+
+@pytest.mark.parametrize("public_upstream,warned", [
+    (None, True),       # verify-only both: the proxy asking /verify forwards both
+    ("crm", False),     # the keyed paths are the external proxy's, the public route keygate's
+])
+def test_verify_only_routes_are_compared_with_each_other(tmp_path: Path, public_upstream,
+                                                         warned) -> None:
+    upstream = f", upstream: {public_upstream}" if public_upstream else ""
+    config = load_config(write(tmp_path, UPSTREAM + "routes:\n"
+                               "  - {path: /admin/**, methods: [GET], scopes: [admin]}\n"
+                               f"  - {{path: /**, public: true{upstream}}}\n"))
+    assert bool(config.warnings) == warned, config.warnings
+
+
 def test_route_methods_are_upper_cased_http_methods(tmp_path: Path) -> None:
     path = write(tmp_path, UPSTREAM + "routes:\n  - {path: /x/*, upstream: crm, "
                                       "methods: [get, Post, GET]}\n")

@@ -65,6 +65,16 @@ def _without_userinfo(url: str) -> str:
     return f"{scheme}://{netloc}{rest[end:]}"
 
 
+def _server(url: str) -> tuple[str, str, int | None] | None:
+    """Where an upstream URL sends requests, for the verb-tampering check: (scheme, host,
+    port), host lower-cased, the port explicit; None for a URL that is not one."""
+    try:
+        parsed = URL(url)
+        return parsed.scheme.lower(), (parsed.host or "").lower(), parsed.port
+    except (ValueError, TypeError):
+        return None
+
+
 class RoutingSections(AccessSections):
     """Upstreams, and routes onto them (a route's scopes are read as ``AccessSections`` reads
     every scope)."""
@@ -172,13 +182,17 @@ class RoutingSections(AccessSections):
             self.route_nodes.append(item)
         return tuple(routes)
 
-    def verb_warnings(self, routes: tuple[Route, ...], cors: bool) -> list[ConfigWarning]:
+    def verb_warnings(self, routes: tuple[Route, ...], upstreams: Mapping[str, Upstream],
+                      cors: bool) -> list[ConfigWarning]:
         """A warning per keyed route and later public route it leaves methods to, on paths
         both match (``gateway.routes.fall_throughs``: HTTP verb tampering). The config is
         valid and matching stays first match in file order (SPEC); the warning names both
         routes, the methods and the fixes. ``cors``: the config has a cors section, so
         keygate answers CORS preflights itself and an OPTIONS that falls through counts too.
-        Only for a file without problems (its routes are whole)."""
+        Only for a file without problems (its routes are whole). Only a public route that
+        forwards to the keyed route's server counts: the same upstream, or one whose URL has
+        the same scheme, host and port (``_server``); verify-only routes (no upstream) are
+        all alike, the proxy asking /_keygate/v1/verify forwarding them."""
         nodes = getattr(self, "route_nodes", [])
         if self.problems or len(nodes) != len(routes):
             return []
@@ -190,13 +204,14 @@ class RoutingSections(AccessSections):
             return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
         warnings: list[ConfigWarning] = []
-        result = fall_throughs(routes, options_kept=not cors)
+        servers = {name: _server(upstream.url) for name, upstream in upstreams.items()}
+        result = fall_throughs(routes, options_kept=not cors,
+                               target=lambda route: route.upstream and
+                               servers.get(route.upstream, route.upstream))
         for found in result.found[:VERB_WARNINGS_SHOWN]:
             keyed, public = routes[found.keyed], routes[found.public]
             k, p = f"routes[{found.keyed}]", f"routes[{found.public}]"
-            mine = list(keyed.methods) + (["HEAD"] if "GET" in keyed.methods
-                                          and "HEAD" not in keyed.methods else [])
-            mine.sort(key=HTTP_METHODS.index)
+            mine = found.keyed_methods  # with the other keyed routes' on those paths
             methods = list(found.methods)
             if found.any_other:
                 what = (f"{', '.join(methods)} and any other method (PURGE, PROPFIND...)"
