@@ -531,6 +531,21 @@ async def test_the_operator_token_written_with_a_json_escape_is_refused_too(
     assert await gut.admin_json("GET", "/workspaces/acme/audit") == before
 
 
+@pytest.mark.parametrize("invisible", ["\u200b", "\u00ad", "\ufeff"])
+async def test_the_operator_token_split_by_an_invisible_character_is_refused_too(
+        gut, invisible):
+    """Pasted from rich text with a zero-width space, a soft hyphen or a BOM inside, the
+    operator token read as itself in every listing but was looked for contiguous only."""
+    from harness import ADMIN_TOKEN
+    pasted = ADMIN_TOKEN[:10] + invisible + ADMIN_TOKEN[10:]
+    status, answer = await gut.admin_json("POST", "/workspaces/acme/keys",
+                                          {"name": "ci", "description": f"pasted {pasted}"})
+    assert (status, answer["error"]["code"]) == (400, "bad_request"), answer
+    assert "operator token" in answer["error"]["message"]
+    status, listing = await gut.admin_json("GET", "/workspaces/acme/keys")
+    assert ADMIN_TOKEN[10:] not in json.dumps(listing)
+
+
 async def test_a_workspace_key_is_never_told_a_text_holds_the_operator_token(gut):
     """Only the operator's own bodies are checked: a keys:admin key that could learn "this
     holds the operator token" from a 400 would test guesses through key names, where no
