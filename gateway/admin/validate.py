@@ -130,6 +130,22 @@ def refuse_operator_token(data: Mapping[str, Any], operator_token: str) -> None:
                          "admins.")
 
 
+def refuse_operator_token_in_path(segment: str, operator_token: str) -> None:
+    """400 when a path segment an endpoint stores (``PUT /workspaces/{ws}/roles/{name}``: the
+    role's name, listed to the workspace's ``keys:admin`` keys) holds the operator token, as
+    :func:`refuse_operator_token` refuses it in a body: a lowercase operator token (a uuid4,
+    ``openssl rand -hex 16``) is a valid role name. The operator's calls only, the same
+    length rule; ``segment`` as decoded from the path."""
+    token = operator_token.strip()
+    if len(token) < OPERATOR_TOKEN_SEARCHED:
+        return
+    if token in segment or _INVISIBLE.search(segment) is not None and \
+            token in _without_invisible(segment):
+        raise BadRequest("The request path holds the operator token; nothing was stored. "
+                         "Remove it: what the admin API stores is shown to the workspace's "
+                         "admins.")
+
+
 def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None:
     """Refuse query parameters an endpoint does not take: a typo such as ``?state=active``
     must not silently answer as if no filter had been asked for."""
