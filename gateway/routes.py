@@ -62,7 +62,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Hashable, Sequence
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 from .errors import BadRequest, NotFound, shown
@@ -544,6 +544,12 @@ class FallThrough:
     public: int
     methods: tuple[str, ...]
     any_other: bool
+    # how the paths meet: "" as written, "case" only compared case-insensitively, "slash"
+    # the public route's paths with their trailing slash dropped, "slashcase" both
+    reading: str = ""
+    # the methods that need a key on those paths: the keyed route's and those of the keyed
+    # routes before the public one that cover them all (in HTTP_METHODS order, HEAD with GET)
+    keyed_methods: tuple[str, ...] = ()
 
 
 def _taken(route: Route) -> frozenset[str] | None:
@@ -556,7 +562,96 @@ def _taken(route: Route) -> frozenset[str] | None:
     return frozenset(names)
 
 
-def fall_throughs(routes: Sequence[Route], *, options_kept: bool) -> list[FallThrough]:
+# The work ``fall_throughs`` may do (glob comparisons: index steps, meets, covering routes
+# looked at) before it stops and says so: a warning must not make a large config slow to load
+# (5000 routes of the shapes in tests/test_config.py take well under 1 s extra).
+FALL_THROUGH_BUDGET = 100_000
+
+
+@dataclass(frozen=True)
+class FallThroughs:
+    """What ``fall_throughs`` found, in file order of the keyed route; ``cut_at``: the keyed
+    route at which it spent its budget and stopped (that route and the later ones were not
+    looked at in full), None when it looked at every route."""
+    found: tuple[FallThrough, ...]
+    cut_at: int | None = None
+    budget: int = 0  # the comparisons it had
+
+
+class _Spent(Exception):
+    """``fall_throughs``' budget is spent."""
+
+
+class _Budget:
+    __slots__ = ("left",)
+
+    def __init__(self, amount: int) -> None:
+        self.left = amount
+
+    def spend(self, amount: int = 1) -> None:
+        self.left -= amount
+        if self.left < 0:
+            raise _Spent
+
+
+class _GlobIndex:
+    """Globs by their segments (a trie), for ``fall_throughs``: which of them a glob meets,
+    walking only the branches that can (a literal segment meets the same literal, '*' and
+    '**'), not comparing it with each."""
+
+    def __init__(self) -> None:
+        self._root: dict = {}
+
+    def add(self, index: int, segs: Sequence[str]) -> None:
+        node = self._root
+        for seg in segs:
+            node = node.setdefault(seg, {})
+        node.setdefault(None, []).append(index)  # None: the globs ending here
+
+    def meeting(self, segs: Sequence[str], budget: _Budget) -> list[int]:
+        """The indexes of the globs that meet the glob of ``segs`` (``_meet`` is not None),
+        each node visited spending one from ``budget``."""
+        found: list[int] = []
+        stack = [(self._root, 0)]
+        while stack:
+            node, i = stack.pop()
+            budget.spend()
+            if "**" in node:  # the rest of the path, whatever it is (zero segments too)
+                found += node["**"].get(None, ())
+            if i == len(segs):
+                found += node.get(None, ())
+                continue
+            seg = segs[i]
+            if seg == "**":  # every glob from here on (duplicates are harmless)
+                below = [node]
+                while below:
+                    at = below.pop()
+                    budget.spend()
+                    found += at.get(None, ())
+                    below.extend(child for key, child in at.items() if key is not None)
+                continue
+            if seg == "*":  # every child but '' (a trailing slash); '**' is above
+                budget.spend(len(node))
+                after = segs[i + 1] if i + 1 < len(segs) else None
+                if after is None or after in ("*", "**"):
+                    stack.extend((child, i + 1) for key, child in node.items()
+                                 if key is not None and key not in ("", "**"))
+                else:  # only those with a child the next segment can meet
+                    stack.extend((child, i + 1) for key, child in node.items()
+                                 if key is not None and key not in ("", "**") and
+                                 (after in child or "**" in child or
+                                  "*" in child and after != ""))
+                continue
+            if seg in node and seg != "**":
+                stack.append((node[seg], i + 1))
+            if "*" in node and seg != "":
+                stack.append((node["*"], i + 1))
+        return found
+
+
+def fall_throughs(routes: Sequence[Route], *, options_kept: bool,
+                  budget: int | None = None,
+                  target: Callable[[Route], Hashable] | None = None) -> FallThroughs:
     """Where HTTP verb tampering may reach an upstream without a key, as the config is written
     (for a warning: matching itself stays first match in file order, SPEC). A keyed route
     whose GET needs a key and whose ``methods`` leave others out, followed by a public route
@@ -569,54 +664,115 @@ def fall_throughs(routes: Sequence[Route], *, options_kept: bool) -> list[FallTh
     with explicit methods written for the keyed route's very glob (the operator's word for
     those methods on those paths); a keyed route that leaves GET itself to others (keyed
     writes, public reads: GET is served without a key there anyway). ``options_kept``: no
-    cors section, so OPTIONS is left out (the upstream's CORS preflights carry no key)."""
+    cors section, so OPTIONS is left out (the upstream's CORS preflights carry no key).
+
+    Globs meet as the matcher reads paths (``RouteTable.match`` refuses a path whose other
+    reading another route holds, for the methods that route takes): compared
+    case-insensitively, and a public glob ending in '/' also without it. A public '/API/**'
+    or '/api/reports/*/' after a keyed '/api/reports/*' [GET]: GET '/API/reports/1' is
+    refused, DELETE is forwarded without a key to an upstream that reads it as
+    '/api/reports/1'.
+
+    Bounded: the public routes a keyed one meets are found through an index of their globs,
+    and after ``budget`` comparisons the check stops (``FallThroughs.cut_at``): comparing
+    every keyed route with every public one took seconds for a few thousand routes.
+    ``budget``: FALL_THROUGH_BUDGET when None.
+
+    Only a public route that forwards where the keyed one does counts: ``target`` says where
+    a route forwards (its upstream's name when None is given). Verify-only routes (no
+    upstream) are alike: the proxy asking /_keygate/v1/verify forwards them all. A public
+    catch-all for another upstream (a web front end after an API's keyed routes) sends
+    'PURGE /api/users' to a server that has no such handler."""
     found: list[FallThrough] = []
+    if target is None:
+        def target(route: Route) -> Hashable:
+            return route.upstream
+    targets = [target(route) for route in routes]
+    if budget is None:
+        budget = FALL_THROUGH_BUDGET
+    spend = _Budget(budget)
     segments = [_upper_escapes(route.path).split("/")[1:] for route in routes]
-    globs = FoldedGlobs(fold=False)  # which routes cover a glob, without comparing each
-    publics: dict[str, list[int]] = {}  # the public routes by their first segment
+    # compared as the matcher guards paths: case-insensitively ('/API/reports/1' is refused
+    # for GET where '/api/reports/*' holds it, so a case-insensitive upstream reads it so)
+    folded = [route.path.lower().split("/")[1:] for route in routes]
+    globs = FoldedGlobs()  # which routes cover a glob case-insensitively, not comparing each
+    publics = _GlobIndex()  # the public routes' readings
+    # (public route, its reading's segments, the reading's as written, trailing slash dropped)
+    readings: list[tuple[int, list[str], list[str], bool]] = []
     for i, route in enumerate(routes):
         globs.add(i, route.path)
         if route.public:
-            publics.setdefault(segments[i][0], []).append(i)
-    wild = publics.get("*", []) + publics.get("**", [])
-    for k, keyed in enumerate(routes):
-        mine = _taken(keyed)
-        if keyed.public or mine is None or "GET" not in mine:
-            continue
-        first = segments[k][0]
-        # only the public routes whose first segment can meet this one's, in file order
-        candidates = sorted(i for i in (
-            [i for group in publics.values() for i in group] if first in ("*", "**")
-            else publics.get(first, []) + wild) if i > k)
-        for p in candidates:
-            public = routes[p]
-            meet = _meet(segments[k], segments[p])
-            if meet is None:
+            publics.add(len(readings), folded[i])
+            readings.append((i, folded[i], segments[i], False))
+            if len(folded[i]) > 1 and folded[i][-1] == "":
+                # '/api/reports/*/': its paths as an upstream that drops a trailing slash
+                # reads them (the matcher refuses GET '/api/reports/1/' where '/api/reports/*'
+                # holds it)
+                publics.add(len(readings), folded[i][:-1])
+                readings.append((i, folded[i][:-1], segments[i][:-1], True))
+    k = 0
+    try:
+        for k, keyed in enumerate(routes):
+            mine = _taken(keyed)
+            if keyed.public or mine is None or "GET" not in mine:
                 continue
-            theirs = _taken(public)
-            if theirs is not None and segments[p] == segments[k]:
-                continue
-            taken, every = set(mine), False
-            for j in globs.covering(meet):
-                if j >= p:
-                    break
-                other = routes[j]
-                if j == k or not _covers(_upper_escapes(other.path), meet):
-                    continue
-                names = _taken(other)
-                if names is None:
-                    every = True
-                    break
-                taken |= names
-            if every:
-                continue
-            offered = _ROUTED_METHODS if theirs is None else \
-                tuple(m for m in _ROUTED_METHODS if m in theirs)
-            methods = tuple(m for m in offered if m not in taken
-                            and not (options_kept and m == "OPTIONS"))
-            if methods or theirs is None:
-                found.append(FallThrough(k, p, methods, theirs is None))
-    return found
+            # only the public routes whose readings meet this one's glob, in file order
+            met: dict[int, list[int]] = {}
+            for r in publics.meeting(folded[k], spend):
+                if readings[r][0] > k and targets[readings[r][0]] == targets[k]:
+                    met.setdefault(readings[r][0], []).append(r)
+            for p in sorted(met):
+                public = routes[p]
+                theirs = _taken(public)
+                methods_out: set[str] = set()
+                keyed_out: set[str] = set()  # what the keyed routes on those paths take
+                leaks, reading = False, ""
+                for r in sorted(set(met[p])):
+                    _, reading_segs, written, slash = readings[r]
+                    spend.spend()
+                    meet = _meet(folded[k], reading_segs)
+                    if meet is None:
+                        continue
+                    if theirs is not None and not slash and segments[p] == segments[k]:
+                        continue  # the operator's word for those methods on those paths
+                    taken, every, keys = set(mine), False, set(mine)
+                    covering = globs.covering(meet)
+                    spend.spend(len(covering))
+                    for j in covering:
+                        if j >= p:
+                            break
+                        other = routes[j]
+                        if j == k or not _covers(other.path.lower(), meet):
+                            continue
+                        names = _taken(other)
+                        if names is None:
+                            every = True
+                            break
+                        taken |= names
+                        if not other.public:
+                            keys |= names
+                    if every:
+                        continue
+                    offered = _ROUTED_METHODS if theirs is None else \
+                        tuple(m for m in _ROUTED_METHODS if m in theirs)
+                    methods = {m for m in offered if m not in taken
+                               and not (options_kept and m == "OPTIONS")}
+                    if methods or theirs is None:
+                        if not leaks:
+                            as_written = _meet(segments[k], written) is not None
+                            reading = ("slash" if slash else "") + \
+                                ("" if as_written else "case")
+                        leaks = True
+                        methods_out |= methods
+                        keyed_out |= keys
+                if leaks:
+                    found.append(FallThrough(
+                        k, p, tuple(m for m in _ROUTED_METHODS if m in methods_out),
+                        theirs is None, reading,
+                        tuple(m for m in HTTP_METHODS if m in keyed_out)))
+    except _Spent:
+        return FallThroughs(tuple(found), k, budget)
+    return FallThroughs(tuple(found), None, budget)
 
 
 class FoldedGlobs:

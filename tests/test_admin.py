@@ -1046,6 +1046,32 @@ async def test_a_token_pasted_into_a_stored_field_is_400_and_never_stored(admin,
     assert await admin.store.audit("acme", 1000) == before
 
 
+@pytest.mark.parametrize("invisible", ["\u200b", "\u00ad", "\u2060", "\ufeff", "\u200b\u200d"])
+async def test_a_token_split_by_an_invisible_character_is_refused(admin, invisible):
+    """Zero-width space, soft hyphen, word joiner, BOM: parse_text accepts them within a
+    visible text, and the token check needed the token's characters contiguous, so a token
+    pasted from rich text with one inside was stored and listed to every keys:admin key of
+    the workspace, rendered exactly as the token (the secret whole). Looked for without
+    them; nothing stored."""
+    await workspace(admin)
+    pasted = PASTED[:28] + invisible + PASTED[28:]
+    for body, field in (({"name": "ci", "description": pasted}, "description"),
+                        ({"name": pasted}, "name"),
+                        ({"name": "ci", "meta": {"note": "Bearer " + pasted}}, "meta")):
+        resp = await admin.post("/admin/v1/workspaces/acme/keys", json=body)
+        await error(resp, 400, "bad_request", f"'{field}'")
+    assert (await ok(await admin.get("/admin/v1/workspaces/acme/keys")))["items"] == []
+
+
+async def test_words_after_the_prefix_are_no_token_though_spaces_part_them(admin):
+    """Only invisible characters are dropped before looking: prose after the prefix, its
+    words parted by spaces (a visible gap no one reads as one token), is kept."""
+    await workspace(admin)
+    text = "see kg_live_ keys in the docs for more information about this integration"
+    created = await new_key(admin, description=text, meta={"note": text.replace(" ", "\u00a0")})
+    assert created["key"]["description"] == text
+
+
 async def test_text_near_a_token_is_not_mistaken_for_one(admin):
     """A key's public prefix (``kg_live_<id>``), or a name in the token's style, is no token."""
     await workspace(admin)

@@ -1004,6 +1004,69 @@ async def test_an_error_answer_never_writes_terminal_controls(aiohttp_server, ke
     assert "Acme" in run.out and not any(c in run.out for c in "\x1b\x07"), repr(run.out)
 
 
+ESC = "\x1b]0;owned\x07\x1b[2J"
+
+
+def _hostile_keys_app(token: str):
+    """An admin URL that is not keygate's, answering keys create/rotate with ESC sequences in
+    the key's id, name, workspace and expires_at, and ``token`` as the token."""
+    from aiohttp import web
+    key = {"id": "abcdefabcdef" + ESC, "workspace": "acme" + ESC, "name": "ci" + ESC,
+           "expires_at": "soon" + ESC, "rate_limit": "10/s" + ESC}
+
+    async def created(request: web.Request) -> web.Response:
+        return web.json_response({"key": key, "token": token}, status=201)
+
+    async def read(request: web.Request) -> web.Response:
+        return web.json_response(key)
+
+    app = web.Application()
+    app.router.add_post("/admin/v1/workspaces/acme/keys", created)
+    app.router.add_post("/admin/v1/workspaces/acme/keys/abcdefabcdef/rotate", created)
+    app.router.add_get("/admin/v1/workspaces/acme/keys/abcdefabcdef", read)
+    return app
+
+
+ROTATE = ("keys", "rotate", "--workspace", "acme", "abcdefabcdef", "--grace", "1h")
+CREATE = ("keys", "create", "--workspace", "acme", "--name", "ci", "--scope", "a:b")
+
+
+async def test_created_and_rotated_key_lines_never_write_terminal_controls(
+        aiohttp_server, keygate, monkeypatch):
+    """print_new_token wrote the key's id, name and workspace (stderr) as the API sent them,
+    and `keys rotate --grace` the old key's expires_at (human_time returns an unparsable
+    value as is): only show() and ApiError were escaped, so a hostile --admin-url still
+    retitled or cleared the terminal through `keys create` and `keys rotate`, the commands
+    an operator runs most. Every value the API sent is escaped in human output."""
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "x" * 32)
+    server = await aiohttp_server(_hostile_keys_app("kg_live_" + "A" * 44))
+    url = str(server.make_url(""))
+    for argv in (CREATE, ROTATE):
+        run = await keygate(*argv, "--admin-url", url)
+        assert run.code == 0, run.err
+        assert not any(c in run.err + run.out for c in "\x1b\x07"), (argv, run.err, run.out)
+        assert run.out == "kg_live_" + "A" * 44 + "\n"
+        assert "\\x1b" in run.err and "(ci\\x1b]0;owned" in run.err, run.err
+    assert "keeps working until soon\\x1b" in run.err, run.err
+
+
+async def test_a_token_holding_a_control_character_is_never_printed(
+        aiohttp_server, keygate, monkeypatch):
+    """The token itself is not escaped but refused: a keygate token never holds a control
+    (or invisible) character, and an escaped one stored in a secret manager is a wrong
+    token. Exit 1, a clear message, nothing on stdout."""
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "x" * 32)
+    for token in ("kg_live_x" + ESC, "kg_live_x\u200b" + "A" * 43, "kg_live_x\n"):
+        server = await aiohttp_server(_hostile_keys_app(token))
+        for argv in (CREATE, ROTATE):
+            run = await keygate(*argv, "--admin-url", str(server.make_url("")))
+            assert run.code == 1 and run.out == "", (argv, run)
+            assert not any(c in run.err for c in "\x1b\x07\u200b"), run.err
+            assert "answered with a token holding a control or invisible character, which a " \
+                "keygate token never holds; it is not printed" in run.err, run.err
+            assert "only time the token is shown" not in run.err
+
+
 def test_serve_refuses_to_start_on_a_bad_config(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("server:\n  port: lots\n")

@@ -521,6 +521,175 @@ def test_globs_are_compared_for_case_once_each_not_pairwise(tmp_path: Path,
         "refused (bad_path), so for the methods both take it never matches (write them in "
         "one case, or give them methods that do not overlap)"]
 
+def test_verb_warning_analysis_is_not_quadratic_in_the_routes(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """Multi-tenant shape: keyed '/*/api/rN/**' [GET] and public '/*/pages/pN'. No pair
+    overlaps (no warning), yet fall_throughs met every keyed route with every public one
+    (a keyed glob starting with '*' took all publics as candidates): 2500 + 2500 routes spent
+    3.9 s of a 5.0 s load in it. The public globs are indexed: counted, not timed, as the
+    case check above."""
+    import gateway.routes as routes_module
+    calls = []
+    real = routes_module._meet
+    monkeypatch.setattr(routes_module, "_meet", lambda a, b: calls.append(1) or real(a, b))
+    n = 600
+    routes = "".join(f"  - {{path: '/*/api/r{i}/**', methods: [GET], upstream: crm, "
+                     f"scopes: [r{i}]}}\n" for i in range(n))
+    routes += "".join(f"  - {{path: '/*/pages/p{i}', upstream: crm, public: true}}\n"
+                      for i in range(n))
+    config = load_config(write(tmp_path, UPSTREAM + "routes:\n" + routes))
+    assert config.warnings == ()
+    assert len(calls) <= 20 * 2 * n, f"{len(calls)} glob meets for {2 * n} routes"
+
+
+def test_verb_warnings_are_capped_and_the_check_stops_on_a_budget(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """Where every pair does overlap (keyed '/tN/**' [GET] routes, then public '/tN/x' ones
+    and a public catch-all), a warning per pair was millions of lines (gigabytes of stderr)
+    and the check took minutes: the first 20 are shown, then one line counting the rest; and
+    the check stops after its budget of comparisons and says so, once."""
+    import gateway.routes as routes_module
+    n = 300
+    keyed = "".join(f"  - {{path: '/t{i}/**', methods: [GET], upstream: crm, scopes: [r]}}\n"
+                    for i in range(n))
+    publics = "".join(f"  - {{path: '/t{i}/x', upstream: crm, public: true}}\n"
+                      for i in range(n))
+    text = UPSTREAM + "routes:\n" + keyed + publics + \
+        "  - {path: /**, upstream: crm, public: true}\n"
+    warnings = [str(w) for w in load_config(write(tmp_path, text)).warnings]
+    assert len(warnings) == 21, warnings[-3:]
+    assert all(": routes[" in w and "needs a key only for GET and HEAD" in w
+               for w in warnings[:20])
+    assert warnings[20].endswith(": routes: warning: and 580 more such pairs of a keyed "
+                                 "route and a later public route it leaves methods to (only "
+                                 "the first 20 are shown); close the ones above and run "
+                                 "keygate config check again"), warnings[20]
+    # a small budget: cut short, said once, at the keyed route it stopped at
+    calls = []
+    real = routes_module._meet
+    monkeypatch.setattr(routes_module, "_meet", lambda a, b: calls.append(1) or real(a, b))
+    monkeypatch.setattr(routes_module, "FALL_THROUGH_BUDGET", 1000)
+    warnings = [str(w) for w in load_config(write(tmp_path, text)).warnings]
+    assert len(calls) <= 1000
+    cut = [w for w in warnings if "stopped here" in w]
+    assert len(cut) == 1 and warnings[-1] == cut[0], warnings[-2:]
+    at = int(cut[0].split(": routes[")[1].split("]")[0])
+    assert 0 < at < n
+    assert cut[0].startswith(f"{tmp_path / 'config.yaml'}:{at + 4}: routes[{at}]: warning: the "
+                             "check for methods a keyed route leaves to a later public route "
+                             "(HTTP verb tampering) stopped here, after 1000 glob comparisons"), cut
+    assert f"for {2 * n + 1} routes of this shape" in cut[0]
+
+
+def _served(config, method: str, path: str):
+    """The route ``config``'s matcher gives ``method path``, or its error's code."""
+    from gateway.errors import BadRequest
+    from gateway.routes import RouteTable
+    try:
+        return RouteTable(config.routes).match(method, path)
+    except BadRequest as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("public,sent,reading", [
+    # a case-insensitive upstream's reading
+    ("/API/**", "/API/reports/1", "; the paths compared case-insensitively, as many "
+                                  "upstreams compare them"),
+    # a trailing-slash-dropping upstream's reading
+    ("/api/reports/*/", "/api/reports/1/", "; its paths read without their trailing slash, "
+                                           "as many upstreams read them"),
+    ("/API/reports/*/", "/API/reports/1/", "; its paths read without their trailing slash "
+                                           "and compared case-insensitively, as many "
+                                           "upstreams read them"),
+])
+def test_a_reading_the_matcher_guards_for_get_is_warned_for_other_methods(
+        tmp_path: Path, public: str, sent: str, reading: str) -> None:
+    """The matcher treats '/API/reports/1' and '/api/reports/1/' as the keyed
+    '/api/reports/*' (GET there is refused bad_path: 'matches another route than as sent'),
+    but DELETE on the same path is forwarded by the public route without a key, and config
+    check said nothing: the overlap analysis compared globs only as written."""
+    config = load_config(write(tmp_path, UPSTREAM + "routes:\n"
+                               "  - {path: '/api/reports/*', methods: [GET], upstream: crm, "
+                               "scopes: [reports:read]}\n"
+                               f"  - {{path: '{public}', upstream: crm, public: true}}\n"))
+    assert _served(config, "GET", sent) == "bad_path"        # the matcher's own model
+    assert _served(config, "DELETE", sent).public            # forwarded without a key
+    [warning] = [str(w) for w in config.warnings]
+    assert ("routes[0]: warning: '/api/reports/*' needs a key only for GET and HEAD; POST, "
+            "PUT, PATCH, DELETE, TRACE and any other method (PURGE, PROPFIND...) on its paths "
+            f"fall through to routes[1] '{public}' (line 5{reading}), a public route") \
+        in warning, warning
+
+
+@pytest.mark.parametrize("between,public,sent", [
+    ("/api/reports/*", "/API/**", "/API/reports/1"),
+    ("/Api/reports/**", "/API/**", "/API/reports/1"),     # case-insensitively
+    ("/api/reports/*", "/api/reports/*/", "/api/reports/1/"),
+])
+def test_a_reading_closed_by_a_keyed_route_for_every_method_is_not_warned(
+        tmp_path: Path, between: str, public: str, sent: str) -> None:
+    """A keyed route for every method on those paths, as written or case-insensitively,
+    between them: the matcher keys or refuses DELETE '/API/reports/1' and '/api/reports/1/'
+    too, so nothing falls through."""
+    config = load_config(write(tmp_path, UPSTREAM + "routes:\n"
+                               "  - {path: '/api/reports/*', methods: [GET], upstream: crm, "
+                               "scopes: [reports:read]}\n"
+                               f"  - {{path: '{between}', upstream: crm, scopes: [w]}}\n"
+                               f"  - {{path: '{public}', upstream: crm, public: true}}\n"))
+    assert config.warnings == ()
+    served = _served(config, "DELETE", sent)
+    assert served == "bad_path" or not served.public, served
+
+
+API_THEN_WEB = """
+upstreams:
+  api: {url: "http://api.internal:9001"}
+  web: {url: "%s"}
+routes:
+  - {path: /api/**, methods: [GET], upstream: api, scopes: [read]}
+  - {path: /api/**, methods: [POST, PUT, PATCH, DELETE], upstream: api, scopes: [write]}
+  - {path: /**, upstream: %s, public: true}
+"""
+
+
+def test_a_public_catch_all_for_another_upstream_is_not_verb_tampering(tmp_path: Path) -> None:
+    """The most common shape with a public catch-all: an API behind keys and a public web
+    front end (another upstream, another host) for everything else. PURGE/TRACE
+    '/api/users' reach the front end, never the API's handlers, yet config check and serve
+    warned of verb tampering on every such file."""
+    config = load_config(write(tmp_path, API_THEN_WEB % ("http://web.internal:9002", "web")))
+    assert [str(w) for w in config.warnings] == []
+
+
+@pytest.mark.parametrize("web_url,upstream", [
+    ("http://web.internal:9002", "api"),         # the same upstream
+    ("HTTP://API.internal:9001/site", "web"),    # another name for the same server
+])
+def test_the_verb_warning_names_what_every_keyed_route_on_those_paths_keys(
+        tmp_path: Path, web_url: str, upstream: str) -> None:
+    """Where the catch-all does reach the API's server, the warning said '/api/**' needs a
+    key only for GET and HEAD, though routes[1] keys every write: it names the methods the
+    keyed routes on those paths take together, and only those that fall through."""
+    config = load_config(write(tmp_path, API_THEN_WEB % (web_url, upstream)))
+    [warning] = [str(w) for w in config.warnings]
+    assert ("routes[0]: warning: '/api/**' needs a key only for GET, HEAD, POST, PUT, PATCH "
+            "and DELETE; TRACE and any other method (PURGE, PROPFIND...) on its paths fall "
+            "through to routes[2] '/**' (line 7), a public route") in warning, warning
+
+
+@pytest.mark.parametrize("public_upstream,warned", [
+    (None, True),       # verify-only both: the proxy asking /verify forwards both
+    ("crm", False),     # the keyed paths are the external proxy's, the public route keygate's
+])
+def test_verify_only_routes_are_compared_with_each_other(tmp_path: Path, public_upstream,
+                                                         warned) -> None:
+    upstream = f", upstream: {public_upstream}" if public_upstream else ""
+    config = load_config(write(tmp_path, UPSTREAM + "routes:\n"
+                               "  - {path: /admin/**, methods: [GET], scopes: [admin]}\n"
+                               f"  - {{path: /**, public: true{upstream}}}\n"))
+    assert bool(config.warnings) == warned, config.warnings
+
+
 def test_route_methods_are_upper_cased_http_methods(tmp_path: Path) -> None:
     path = write(tmp_path, UPSTREAM + "routes:\n  - {path: /x/*, upstream: crm, "
                                       "methods: [get, Post, GET]}\n")

@@ -531,6 +531,47 @@ async def test_the_operator_token_written_with_a_json_escape_is_refused_too(
     assert await gut.admin_json("GET", "/workspaces/acme/audit") == before
 
 
+@pytest.mark.parametrize("invisible", ["\u200b", "\u00ad", "\ufeff"])
+async def test_the_operator_token_split_by_an_invisible_character_is_refused_too(
+        gut, invisible):
+    """Pasted from rich text with a zero-width space, a soft hyphen or a BOM inside, the
+    operator token read as itself in every listing but was looked for contiguous only."""
+    from harness import ADMIN_TOKEN
+    pasted = ADMIN_TOKEN[:10] + invisible + ADMIN_TOKEN[10:]
+    status, answer = await gut.admin_json("POST", "/workspaces/acme/keys",
+                                          {"name": "ci", "description": f"pasted {pasted}"})
+    assert (status, answer["error"]["code"]) == (400, "bad_request"), answer
+    assert "operator token" in answer["error"]["message"]
+    status, listing = await gut.admin_json("GET", "/workspaces/acme/keys")
+    assert ADMIN_TOKEN[10:] not in json.dumps(listing)
+
+
+async def test_the_operator_token_as_a_role_name_is_refused(gut):
+    """PUT /roles/{name}: the name is text the admin API stores and lists to the workspace's
+    keys:admin keys (GET /roles is theirs), but only the decoded body was searched for the
+    operator token, never the path. A lowercase operator token of at most 63 characters
+    (this suite's, a uuid4, `openssl rand -hex 16`) is a valid role name. Refused as in a
+    body (400, nothing stored)."""
+    from harness import ADMIN_TOKEN
+    status, answer = await gut.admin_json("PUT", f"/workspaces/acme/roles/{ADMIN_TOKEN}",
+                                          {"scopes": ["people:read"]})
+    assert (status, answer["error"]["code"]) == (400, "bad_request"), answer
+    assert "operator token" in answer["error"]["message"]
+    assert ADMIN_TOKEN not in json.dumps(answer)
+    status, roles = await gut.admin_json("GET", "/workspaces/acme/roles")
+    assert status == 200 and ADMIN_TOKEN not in json.dumps(roles)
+    # percent-encoded in the path, it is the same name
+    encoded = "".join(f"%{b:02X}" if c in "ot" else c for c, b in
+                      zip(ADMIN_TOKEN, ADMIN_TOKEN.encode()))
+    status, answer = await gut.admin_json("PUT", f"/workspaces/acme/roles/{encoded}",
+                                          {"scopes": ["people:read"]})
+    assert status == 400 and "operator token" in answer["error"]["message"], answer
+    # a role name that is no operator token is stored as ever
+    status, answer = await gut.admin_json("PUT", f"/workspaces/acme/roles/{ADMIN_TOKEN[:-1]}",
+                                          {"scopes": ["people:read"]})
+    assert status == 200, answer
+
+
 async def test_a_workspace_key_is_never_told_a_text_holds_the_operator_token(gut):
     """Only the operator's own bodies are checked: a keys:admin key that could learn "this
     holds the operator token" from a 400 would test guesses through key names, where no

@@ -1773,3 +1773,34 @@ async def test_a_reload_that_brings_in_a_method_falling_through_logs_it_once(
             status, _ = await reload(gw)
         assert status == 200
         assert ": warning: " not in caplog.text
+
+
+async def test_a_reload_that_brings_in_many_falling_through_methods_logs_the_capped_lines(
+        reloadable, upstreams, caplog):
+    """Thousands of keyed routes before a public catch-all logged a line per pair at every
+    reload (as `config check` printed them): a reload logs the same capped set, the first
+    20 and one line counting the rest, and a later reload only the count that changed."""
+    gw, path = reloadable
+    urls, _, _ = upstreams
+
+    def routes(n: int) -> list[dict]:
+        return [{"path": f"/t{i}/**", "methods": ["GET"], "upstream": "api",
+                 "scopes": ["people:read"]} for i in range(n)] + \
+            [{"path": "/**", "upstream": "api", "public": True}]
+    more = ("routes: warning: and {} more such pairs of a keyed route and a later public "
+            "route it leaves methods to (only the first 20 are shown); close the ones above "
+            "and run keygate config check again")
+    write(path, config_doc(urls["a"], routes=routes(45)))
+    with caplog.at_level(logging.WARNING, logger="keygate"):
+        status, _ = await reload(gw)
+    assert status == 200
+    warned = [r.getMessage() for r in caplog.records if ": warning: " in r.getMessage()]
+    assert len(warned) == 21, warned
+    assert warned[-1] == f"{path}: " + more.format(25)
+    caplog.clear()
+    write(path, config_doc(urls["a"], routes=routes(46)))
+    with caplog.at_level(logging.WARNING, logger="keygate"):
+        status, _ = await reload(gw)
+    assert status == 200
+    warned = [r.getMessage() for r in caplog.records if ": warning: " in r.getMessage()]
+    assert warned == [f"{path}: " + more.format(26)], warned

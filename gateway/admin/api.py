@@ -27,7 +27,7 @@ from .keyops import TURN_EVERY, Actor, KeyOps
 from .listing import LIST_PARAMS
 from .validate import (MAX_NAME, check_catalogue, parse_audit_limit, parse_body, parse_days,
                        parse_limits, parse_plan, parse_role_name, parse_scopes, parse_text,
-                       parse_workspace_id)
+                       parse_workspace_id, refuse_operator_token_in_path)
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,9 @@ async def list_roles(call: Call) -> web.Response:
 
 
 async def put_role(call: Call) -> web.Response:
+    # the name is stored and listed: the operator token is refused there as in a body (the
+    # only path segment an endpoint stores; workspace ids on create come in the body)
+    refuse_operator_token_in_path(call.params["name"], call.operator_token)
     name = parse_role_name(call.params["name"], "name")
     data = parse_body(await call.body(), ("scopes",), call.config.keys,
                       call.operator_token)

@@ -98,7 +98,9 @@ def refuse_tokens(data: Mapping[str, Any], prefix: str,
     identity headers on every request. A token pasted there by mistake (the console's Copy,
     then the next form) would be stored in the clear."""
     for field, text in _texts(data):
-        if holds_token(text, prefix, environments):
+        if holds_token(text, prefix, environments) or \
+                _INVISIBLE.search(text) is not None and \
+                holds_token(_without_invisible(text), prefix, environments):
             raise BadRequest(f"The field '{field}' holds an API key's token; a token is "
                              "a secret that keygate never stores. Remove it (nothing "
                              "was stored).")
@@ -121,8 +123,25 @@ def refuse_operator_token(data: Mapping[str, Any], operator_token: str) -> None:
     token = operator_token.strip()
     if len(token) < OPERATOR_TOKEN_SEARCHED:
         return
-    if any(token in text for _, text in _texts(data)):
+    if any(token in text or _INVISIBLE.search(text) is not None and
+           token in _without_invisible(text) for _, text in _texts(data)):
         raise BadRequest("The request body holds the operator token; nothing was stored. "
+                         "Remove it: what the admin API stores is shown to the workspace's "
+                         "admins.")
+
+
+def refuse_operator_token_in_path(segment: str, operator_token: str) -> None:
+    """400 when a path segment an endpoint stores (``PUT /workspaces/{ws}/roles/{name}``: the
+    role's name, listed to the workspace's ``keys:admin`` keys) holds the operator token, as
+    :func:`refuse_operator_token` refuses it in a body: a lowercase operator token (a uuid4,
+    ``openssl rand -hex 16``) is a valid role name. The operator's calls only, the same
+    length rule; ``segment`` as decoded from the path."""
+    token = operator_token.strip()
+    if len(token) < OPERATOR_TOKEN_SEARCHED:
+        return
+    if token in segment or _INVISIBLE.search(segment) is not None and \
+            token in _without_invisible(segment):
+        raise BadRequest("The request path holds the operator token; nothing was stored. "
                          "Remove it: what the admin API stores is shown to the workspace's "
                          "admins.")
 
@@ -155,6 +174,16 @@ BLANK_CLASS = (r" \u00a0\u00ad\u034f\u115f\u1160\u1680\u17b4\u17b5\u180b-\u180f\
                r"\ufff0-\ufffb")
 _UNSAFE_TEXT = re.compile(f"[{UNSAFE_TEXT_CLASS}]")
 _VISIBLE = re.compile(f"[^{UNSAFE_TEXT_CLASS}{BLANK_CLASS}]")
+# what shows as nothing or is no character at all: a token or the operator token with one
+# inside (pasted from rich text: a zero-width space, a soft hyphen, a word joiner, a BOM) still
+# reads as the secret, so it is looked for without them. Not the visible blanks among them
+# (a space, a no-break space: str.isspace()), which would join ordinary words into a token.
+_INVISIBLE = re.compile(f"[{UNSAFE_TEXT_CLASS}{BLANK_CLASS}]")
+
+
+def _without_invisible(text: str) -> str:
+    """``text`` without its invisible characters (``_INVISIBLE`` but not a space)."""
+    return _INVISIBLE.sub(lambda m: m.group() if m.group().isspace() else "", text)
 
 
 def parse_text(data: Mapping[str, Any], field: str, max_len: int, *, required: bool = False,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import sys
 
-from .client import AdminClient, ApiError, CliError, UsageError
+from .client import AdminClient, ApiError, CliError, UsageError, printable
 from .connection import admin_url, connection
 from .parser import build_parser
 from .parsing import parse_duration, parse_expiry
@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"token of the gateway at {url}: set it to the value that gateway was "
                   "started with", file=sys.stderr)
         return 1
-    except CliError as exc:
-        print(f"keygate: {exc}", file=sys.stderr)
+    except CliError as exc:  # some name what a server sent (a redirect's Location, a reason)
+        print("\n".join(printable(line) for line in f"keygate: {exc}".split("\n")),
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("", file=sys.stderr)

@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from ..models import parse_rate_limit
-from .client import AdminClient, CliError, seg
+from .client import AdminClient, CliError, printable, seg
 from .output import days_table, show
 from .parsing import (CommandTree, SubCommands, argtype, count_or_none, daily_options, days,
                       given, ID, json_object, rate_or_none, workspace_option)
@@ -92,10 +92,10 @@ def note_rate_in_force(client: AdminClient, workspace: str, key: dict) -> None:
     except (CliError, ValueError, AttributeError):
         return
     if own_rate.exceeds(bound_rate):
-        print(f"keygate: note: the key's rate_limit {own} is not within workspace "
-              f"{workspace}'s {bound}: the key is held to {own_rate.within(bound_rate)} (to "
-              f"give it more: keygate workspaces limits {workspace} --rate-limit RATE)",
-              file=sys.stderr)
+        print(printable(f"keygate: note: the key's rate_limit {own} is not within workspace "
+                        f"{workspace}'s {bound}: the key is held to "
+                        f"{own_rate.within(bound_rate)} (to give it more: keygate workspaces "
+                        f"limits {workspace} --rate-limit RATE)"), file=sys.stderr)
 
 
 def add_list_options(key_list: argparse.ArgumentParser) -> None:

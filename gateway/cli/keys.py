@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import key_controls
-from .client import AdminClient, CliError, UsageError, seg
+from .client import AdminClient, CliError, UsageError, printable, seg
 from .output import cell, fields, format_table, human_time, print_new_token, show
 from .parsing import (CommandTree, SubCommands, argtype, given, parse_duration, parse_expiry,
                       ID, rate, workspace_option)
@@ -206,8 +206,9 @@ def cmd_keys_rotate(args: argparse.Namespace, client: AdminClient) -> int:
     print_new_token(answer, args, client, f"rotated {args.id} into")
     if not args.json:
         if args.grace:
-            print(f"keygate: the old key {args.id} keeps working {_old_key_until(args, client)}",
-                  file=sys.stderr)
+            # its expires_at as the API sent it: human_time keeps what it cannot read as is
+            print(printable(f"keygate: the old key {args.id} keeps working "
+                            f"{_old_key_until(args, client)}"), file=sys.stderr)
         else:
             print(f"keygate: the old key {args.id} is revoked", file=sys.stderr)
     return 0

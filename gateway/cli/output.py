@@ -10,7 +10,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
-from .client import AdminClient, printable
+from .client import AdminClient, CliError, printable
 
 TOKEN_WARNING = ("keygate: this is the only time the token is shown; it cannot be shown again. "
                  "Store it now in a secret manager.")
@@ -37,10 +37,20 @@ def print_new_token(answer: dict, args: argparse.Namespace, client: AdminClient,
     key = answer.get("key", {})
     if args.json:
         print_body(client)
-    else:
-        print(f"keygate: {what} key {key.get('id')} ({key.get('name')}) in workspace "
-              f"{key.get('workspace')}", file=sys.stderr)
-        print(answer.get("token", ""))
+    else:  # as the API sent them: escaped, so no terminal escape sequence gets through
+        print(printable(f"keygate: {what} key {key.get('id')} ({key.get('name')}) in "
+                        f"workspace {key.get('workspace')}"), file=sys.stderr)
+        token = answer.get("token", "")
+        token = token if isinstance(token, str) else str(token)
+        if not token.isprintable():
+            # a keygate token is letters, digits and '_': one holding a control (or an
+            # invisible) character is no token, and printed escaped it would be a wrong one
+            # in a secret manager
+            raise CliError(f"the admin API at {client.base_url} answered with a token holding "
+                           "a control or invisible character, which a keygate token never "
+                           "holds; it is not printed (if that is your keygate, the key was "
+                           "made: revoke it)")
+        print(token)
     print(TOKEN_WARNING, file=sys.stderr)
 
 

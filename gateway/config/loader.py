@@ -53,7 +53,7 @@ class Reader(ServiceSections, RoutingSections, CorsSections):
         signature = self.identity_signature(value("identity_signature"), keys, identity)
         tracing = self.tracing(value("tracing"))
         cors = self.cors(value("cors"))
-        warnings = self.verb_warnings(routes, cors is not None)
+        warnings = self.verb_warnings(routes, upstreams, cors is not None)
         if server.port == admin.port and (server.host == admin.host
                                           or server.host in _WILDCARD_HOSTS
                                           or admin.host in _WILDCARD_HOSTS):

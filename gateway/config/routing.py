@@ -20,6 +20,19 @@ from .nodes import BAD, Node, child, is_null, known, one_line, suggest
 # A route's keys in the order SPEC and the docs name them (and "allowed: ..." hints list them).
 ROUTE_KEYS = ("path", "methods", "upstream", "scopes", "public", "websocket")
 
+# verb-tampering warnings shown one a line; the rest are counted in one more line (a file
+# with thousands of such pairs wrote millions of lines, gigabytes of stderr)
+VERB_WARNINGS_SHOWN = 20
+# how a public route's paths meet a keyed route's (``FallThrough.reading``), as said in its
+# warning: an upstream's reading that the matcher guards for the keyed route's methods only
+READINGS = {
+    "": "",
+    "case": "; the paths compared case-insensitively, as many upstreams compare them",
+    "slash": "; its paths read without their trailing slash, as many upstreams read them",
+    "slashcase": "; its paths read without their trailing slash and compared "
+                 "case-insensitively, as many upstreams read them",
+}
+
 
 # a letter outside the escapes: only such a glob reads otherwise compared case-insensitively
 _LETTER = re.compile(r"[A-Za-z]")
@@ -50,6 +63,16 @@ def _without_userinfo(url: str) -> str:
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
     return f"{scheme}://{netloc}{rest[end:]}"
+
+
+def _server(url: str) -> tuple[str, str, int | None] | None:
+    """Where an upstream URL sends requests, for the verb-tampering check: (scheme, host,
+    port), host lower-cased, the port explicit; None for a URL that is not one."""
+    try:
+        parsed = URL(url)
+        return parsed.scheme.lower(), (parsed.host or "").lower(), parsed.port
+    except (ValueError, TypeError):
+        return None
 
 
 class RoutingSections(AccessSections):
@@ -159,13 +182,17 @@ class RoutingSections(AccessSections):
             self.route_nodes.append(item)
         return tuple(routes)
 
-    def verb_warnings(self, routes: tuple[Route, ...], cors: bool) -> list[ConfigWarning]:
+    def verb_warnings(self, routes: tuple[Route, ...], upstreams: Mapping[str, Upstream],
+                      cors: bool) -> list[ConfigWarning]:
         """A warning per keyed route and later public route it leaves methods to, on paths
         both match (``gateway.routes.fall_throughs``: HTTP verb tampering). The config is
         valid and matching stays first match in file order (SPEC); the warning names both
         routes, the methods and the fixes. ``cors``: the config has a cors section, so
         keygate answers CORS preflights itself and an OPTIONS that falls through counts too.
-        Only for a file without problems (its routes are whole)."""
+        Only for a file without problems (its routes are whole). Only a public route that
+        forwards to the keyed route's server counts: the same upstream, or one whose URL has
+        the same scheme, host and port (``_server``); verify-only routes (no upstream) are
+        all alike, the proxy asking /_keygate/v1/verify forwarding them."""
         nodes = getattr(self, "route_nodes", [])
         if self.problems or len(nodes) != len(routes):
             return []
@@ -177,12 +204,14 @@ class RoutingSections(AccessSections):
             return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
         warnings: list[ConfigWarning] = []
-        for found in fall_throughs(routes, options_kept=not cors):
+        servers = {name: _server(upstream.url) for name, upstream in upstreams.items()}
+        result = fall_throughs(routes, options_kept=not cors,
+                               target=lambda route: route.upstream and
+                               servers.get(route.upstream, route.upstream))
+        for found in result.found[:VERB_WARNINGS_SHOWN]:
             keyed, public = routes[found.keyed], routes[found.public]
             k, p = f"routes[{found.keyed}]", f"routes[{found.public}]"
-            mine = list(keyed.methods) + (["HEAD"] if "GET" in keyed.methods
-                                          and "HEAD" not in keyed.methods else [])
-            mine.sort(key=HTTP_METHODS.index)
+            mine = found.keyed_methods  # with the other keyed routes' on those paths
             methods = list(found.methods)
             if found.any_other:
                 what = (f"{', '.join(methods)} and any other method (PURGE, PROPFIND...)"
@@ -198,7 +227,8 @@ class RoutingSections(AccessSections):
             text = one_line(
                 f"{self.source}:{line(found.keyed)}: {k}: warning: '{keyed.path}' needs a key "
                 f"only for {listed(mine)}; {what} on its paths {verb} through to {p} "
-                f"'{public.path}' (line {line(found.public)}), a public route, and {reach} "
+                f"'{public.path}' (line {line(found.public)}{READINGS[found.reading]}), a "
+                f"public route, and {reach} "
                 "the upstream without a key, where a handler that does not check the method "
                 f"may serve {them} as a GET (HTTP verb tampering; docs/security.md). To close "
                 "it: "
@@ -206,6 +236,21 @@ class RoutingSections(AccessSections):
             key = ("verb", keyed.path, keyed.methods, keyed.scopes, public.path,
                    public.methods, found.methods, found.any_other)
             warnings.append(ConfigWarning(text, key))
+        more = len(result.found) - VERB_WARNINGS_SHOWN
+        if more > 0:  # a file with thousands of such pairs printed a line for each
+            text = (f"{self.source}: routes: warning: and {more} more such pair"
+                    f"{'s' if more > 1 else ''} of a keyed route and a later public route "
+                    f"it leaves methods to (only the first {VERB_WARNINGS_SHOWN} are shown); "
+                    "close the ones above and run keygate config check again")
+            warnings.append(ConfigWarning(text, ("verb-more", more)))
+        if result.cut_at is not None:
+            text = (f"{self.source}:{line(result.cut_at)}: routes[{result.cut_at}]: warning: "
+                    f"the check for methods a keyed route leaves to a later public route "
+                    f"(HTTP verb tampering) stopped here, after {result.budget} glob "
+                    f"comparisons, as it would take too long for {len(routes)} routes of "
+                    f"this shape; routes[{result.cut_at}] was not checked in full, nor the "
+                    "keyed routes after it (the file is still valid)")
+            warnings.append(ConfigWarning(text, ("verb-cut",)))
         return warnings
 
     def case_twins(self, item: Node, i: int, route: Route, earlier: list[Route],
