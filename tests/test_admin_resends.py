@@ -296,6 +296,41 @@ async def test_a_take_back_is_logged_as_what_it_did_when_its_reply_is_lost(
         assert (actions.count("key.create"), actions.count("key.create.undone")) == (2, 1)
 
 
+async def test_a_take_back_whose_every_send_lost_its_reply_is_logged_as_what_it_did(
+        relayed_redis, redis_url, upstream, monkeypatch, caplog) -> None:
+    """The take-back loop (_taking_back_until_done) tried again after a StoreError with a new
+    call, hence a new marker: when the first take-back ran but all four of its sends lost their
+    replies, the next try found nothing and the create was logged as one that 'had not run'
+    (the CHANGELOG says r-resend ended that), although its key was made and removed. Every try
+    of one take-back now names one marker: a later try answers what the first one did."""
+    url, relay = relayed_redis
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, url, monkeypatch) as gut:
+        await gut.workspace("acme")
+        await gut.key("acme", name="warm")
+        r = redis.Redis.from_url(redis_url)
+        r.script_load(load("admin_take_back").text)
+        r.close()
+        # the create's four sends, then the first take-back's four ("key.create.undone")
+        relay.drop_reply(b"key.create", 8)
+        caplog.set_level("WARNING", "keygate.store")
+        status, body = await gut.admin_json("POST", "/workspaces/acme/keys",
+                                            {"name": "lost", "scopes": ["people:read"]})
+        assert status == 503, body
+        await eventually(lambda: "taken back (" in caplog.text)
+        assert relay.dropped == 8
+        assert "taken back (the new key removed)" in caplog.text, caplog.text
+        status, keys = await gut.admin_json("GET", "/workspaces/acme/keys")
+        assert [k["name"] for k in keys["items"]] == ["warm"]
+        actions = await _audit(gut, "acme")
+        assert (actions.count("key.create"), actions.count("key.create.undone")) == (2, 1)
+        # the take-back's marker is kept while its loop may try again (minutes), not seconds
+        r = redis.Redis.from_url(redis_url)
+        kept = [r.pttl(m) for m in r.scan_iter(match="kg:once:{acme}:admin:*")]
+        r.close()
+        assert max(kept) > 60_000, kept
+
+
 async def test_each_write_leaves_a_marker_in_its_workspaces_slot_for_a_bounded_time(
         redis_url, upstream, monkeypatch) -> None:
     """Every admin write names a marker of its own (kg:once:{ws}:admin:<call-id>, the

@@ -334,10 +334,15 @@ class StoreBase:
         return None
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
-                   what: str = "") -> Any:
+                   what: str = "", marker: str | None = None,
+                   keep_ms: int | None = None) -> Any:
         """Run the script ``lua/admin_<name>.lua``; ``what`` names the operation in errors.
-        A script that writes (``WRITES``) is given this call's marker and its TTL, after the
-        call's own keys and arguments: in the slot of the workspace ``keys[0]`` is of.
+        A script that writes (``WRITES``) is given a marker and its TTL, after the call's own
+        keys and arguments: ``marker`` when given (a caller trying one operation again after a
+        store error names its first try's, from ``_call_marker``: a try after one that ran
+        answers what that one did), else a new one, in the slot of the workspace ``keys[0]``
+        is of. It is kept ``keep_ms`` (as long as such a caller goes on trying), else past
+        redis-py's own sends of the call.
 
         While that slot migrates (Cluster), the marker, a key that never exists before the
         call, is on neither node: both answer ``TRYAGAIN`` (a multi-key command, some keys
@@ -356,8 +361,8 @@ class StoreBase:
             at_once = TryAgainAtOnce()
             token = TRY_AGAIN_AT_ONCE.set(at_once)
             try:
-                return await script(keys=[*keys, self._call_marker(keys[0])],
-                                    args=[*args, self._once_ttl])
+                return await script(keys=[*keys, marker or self._call_marker(keys[0])],
+                                    args=[*args, keep_ms or self._once_ttl])
             except TryAgainError:
                 if at_once.unsure:
                     raise
