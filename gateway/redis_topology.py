@@ -211,6 +211,25 @@ TRY_AGAIN_UNTIL: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "keygate_try_again_until", default=None)
 
 
+class TryAgainAtOnce:
+    """Set (``TRY_AGAIN_AT_ONCE``) around a command that would rather hear ``TRYAGAIN`` at
+    once than be sent again every ``TRY_AGAIN_PAUSE`` for the store timeout: an admin write
+    whose marker (lua/_once.lua) is a key that never exists before the call, so that for as
+    long as its slot migrates, the old owner and the new one answer it ``TRYAGAIN`` (a
+    multi-key command, some keys missing). ``unsure`` tells whether the command may have run
+    all the same: an attempt of it failed otherwise than by an answer of Redis (a connection
+    closed or timed out: redis-py sent it again), so that its ``TRYAGAIN`` may be a copy's."""
+
+    __slots__ = ("unsure",)
+
+    def __init__(self) -> None:
+        self.unsure = False
+
+
+TRY_AGAIN_AT_ONCE: contextvars.ContextVar[TryAgainAtOnce | None] = contextvars.ContextVar(
+    "keygate_try_again_at_once", default=None)
+
+
 def _cluster_class() -> Any:
     """redis-py's ``RedisCluster``, with its nodes' connections handed out most recently
     released first, and never while being closed.
@@ -239,7 +258,8 @@ def _cluster_class() -> Any:
     import asyncio
     import time
 
-    from redis.exceptions import RedisClusterException, SlotNotCoveredError, TryAgainError
+    from redis.exceptions import (RedisClusterException, ResponseError, SlotNotCoveredError,
+                                  TryAgainError)
 
     class _TryAgain(Exception):
         """TRYAGAIN, carried past redis-py's redirection loop (which re-raises other
@@ -498,11 +518,21 @@ def _cluster_class() -> Any:
                         return await super()._execute_command(recent_first(target_node),
                                                               *args, **kwargs)
                     except _TryAgain as exc:
-                        if time.monotonic() + self.TRY_AGAIN_PAUSE > until:
+                        if (time.monotonic() + self.TRY_AGAIN_PAUSE > until
+                                or TRY_AGAIN_AT_ONCE.get() is not None):
                             raise TryAgainError(str(exc)) from None
                         await asyncio.sleep(self.TRY_AGAIN_PAUSE)
                         if time.monotonic() >= until:  # the pause overran (a loaded machine)
                             raise TryAgainError(str(exc)) from None
+                    except Exception as exc:
+                        # not an answer of Redis (a connection closed, a timeout): the
+                        # command may have run, and redis-py may send it again. Only
+                        # looked at on an error: nothing on a command that succeeds.
+                        if not isinstance(exc, ResponseError):
+                            at_once = TRY_AGAIN_AT_ONCE.get()
+                            if at_once is not None:
+                                at_once.unsure = True
+                        raise
             finally:
                 _IN_COMMAND.reset(token)
 

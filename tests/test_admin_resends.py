@@ -296,6 +296,41 @@ async def test_a_take_back_is_logged_as_what_it_did_when_its_reply_is_lost(
         assert (actions.count("key.create"), actions.count("key.create.undone")) == (2, 1)
 
 
+async def test_a_take_back_whose_every_send_lost_its_reply_is_logged_as_what_it_did(
+        relayed_redis, redis_url, upstream, monkeypatch, caplog) -> None:
+    """The take-back loop (_taking_back_until_done) tried again after a StoreError with a new
+    call, hence a new marker: when the first take-back ran but all four of its sends lost their
+    replies, the next try found nothing and the create was logged as one that 'had not run'
+    (the CHANGELOG says r-resend ended that), although its key was made and removed. Every try
+    of one take-back now names one marker: a later try answers what the first one did."""
+    url, relay = relayed_redis
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, url, monkeypatch) as gut:
+        await gut.workspace("acme")
+        await gut.key("acme", name="warm")
+        r = redis.Redis.from_url(redis_url)
+        r.script_load(load("admin_take_back").text)
+        r.close()
+        # the create's four sends, then the first take-back's four ("key.create.undone")
+        relay.drop_reply(b"key.create", 8)
+        caplog.set_level("WARNING", "keygate.store")
+        status, body = await gut.admin_json("POST", "/workspaces/acme/keys",
+                                            {"name": "lost", "scopes": ["people:read"]})
+        assert status == 503, body
+        await eventually(lambda: "taken back (" in caplog.text)
+        assert relay.dropped == 8
+        assert "taken back (the new key removed)" in caplog.text, caplog.text
+        status, keys = await gut.admin_json("GET", "/workspaces/acme/keys")
+        assert [k["name"] for k in keys["items"]] == ["warm"]
+        actions = await _audit(gut, "acme")
+        assert (actions.count("key.create"), actions.count("key.create.undone")) == (2, 1)
+        # the take-back's marker is kept while its loop may try again (minutes), not seconds
+        r = redis.Redis.from_url(redis_url)
+        kept = [r.pttl(m) for m in r.scan_iter(match="kg:once:{acme}:admin:*")]
+        r.close()
+        assert max(kept) > 60_000, kept
+
+
 async def test_each_write_leaves_a_marker_in_its_workspaces_slot_for_a_bounded_time(
         redis_url, upstream, monkeypatch) -> None:
     """Every admin write names a marker of its own (kg:once:{ws}:admin:<call-id>, the
@@ -317,6 +352,67 @@ async def test_each_write_leaves_a_marker_in_its_workspaces_slot_for_a_bounded_t
     r.close()
 
 
+async def test_a_refused_admin_write_keeps_its_answer_on_a_full_redis_and_records_nothing(
+        own_redis, upstream, monkeypatch) -> None:
+    """Redis at maxmemory with noeviction refuses writes (OOM) but still runs a script that
+    writes nothing. Before r-resend a refused admin call (the key is active: 409; no such
+    role: 404; revoke of an unknown key: 404) wrote nothing and was answered as refused. Then
+    every refusal recorded its marker (once_answered's SET, the script's first write), which
+    Redis refused with OOM: each of these answered 503 store_unavailable instead. A refusal
+    now records nothing (a copy of it is refused again the same way); a change still does."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as gut:
+        await gut.workspace("acme")
+        _, key = await gut.key("acme")
+        status, _ = await gut.admin_json("PUT", "/workspaces/acme/roles/ops",
+                                         {"scopes": ["people:read"]})
+        assert status == 200
+        await gut.key("acme", name="bound", role="ops")
+        unknown = "A" * 12
+        refusals = (
+            ("delete active key", "DELETE", f"/workspaces/acme/keys/{key['id']}", None),
+            ("delete unknown role", "DELETE", "/workspaces/acme/roles/nosuch", None),
+            ("delete role in use", "DELETE", "/workspaces/acme/roles/ops", None),
+            ("revoke unknown key", "POST", f"/workspaces/acme/keys/{unknown}/revoke", None),
+            ("delete unknown key", "DELETE", f"/workspaces/acme/keys/{unknown}", None),
+            ("patch unknown key", "PATCH", f"/workspaces/acme/keys/{unknown}", {"name": "x"}))
+        # (not a create: its id's index entry, SADD, is written before its script, so on a full
+        # Redis it is 503, as it always was)
+        expected = {"delete active key": (409, "conflict"),
+                    "delete unknown role": (404, "not_found"),
+                    "delete role in use": (409, "conflict"),
+                    "revoke unknown key": (404, "not_found"),
+                    "delete unknown key": (404, "not_found"),
+                    "patch unknown key": (404, "not_found")}
+
+        async def refused() -> dict:
+            answers = {}
+            for label, method, path, body in refusals:
+                status, answer = await gut.admin_json(method, path, body)
+                answers[label] = (status, answer["error"]["code"] if status >= 400 else None)
+            return answers
+
+        admin = redis.Redis(port=own_redis.port)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1")  # every write refused (OOM) from now on
+        try:
+            answers = await refused()
+            # a change is refused by the full Redis as it always was: 503
+            status, _ = await gut.admin_json("PATCH", "/workspaces/acme", {"name": "Full"})
+            assert status == 503
+        finally:
+            admin.config_set("maxmemory", "0")
+        assert answers == expected, answers
+        # with room again: the refusals leave no marker, a change leaves one
+        markers = lambda: len(list(admin.scan_iter(match="kg:once:*")))  # noqa: E731
+        before = markers()
+        assert await refused() == expected
+        assert markers() == before
+        status, _ = await gut.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+        assert status == 200 and markers() == before + 1
+        admin.close()
+
+
 # --- the scripts themselves -------------------------------------------------------------------
 
 _WRITING = re.compile(r"redis\.call\('(SET|HSET|HDEL|HINCRBY|DEL|SADD|SREM|ZADD|ZREM|XADD|"
@@ -336,6 +432,8 @@ def test_every_admin_script_that_writes_is_given_a_marker_and_reads_it() -> None
         text = (lua / f"admin_{name}.lua").read_text()
         assert "-- include: _once.lua" in text and "return once_answered(" in text, name
         assert "#ARGV" not in text, name  # the field pairs end before the marker's TTL
+        # a change answers that it wrote (recorded); a refusal does not (nothing written)
+        assert re.search(r"return .+, true\n", text), name
 
 
 def test_a_copy_of_a_marked_call_answers_as_it_did_and_an_unmarked_call_runs_as_before(
@@ -411,3 +509,45 @@ async def test_a_workspace_update_through_sentinel_is_audited_once_when_its_repl
             assert actions.count("workspace.update") == 2, actions
     finally:
         servers.stop_all()
+
+
+def test_a_refusal_of_each_admin_script_records_no_marker_and_a_change_does(redis_url) -> None:
+    """Each marked write script refused for want of what it changes (no such workspace or
+    key) writes nothing, its marker included: on a Redis at maxmemory (noeviction) that
+    marker's SET was refused (OOM) and the refusal answered 503. The same marker on a call
+    that changes something is recorded (a copy answers as it did)."""
+    r = redis.Redis.from_url(redis_url)
+    ws = "kg:ws:{nows}"
+    k = "kg:key:{nows}:k1"
+    keys_ = "kg:ws:{nows}:keys"
+    active = "kg:ws:{nows}:active"
+    audit = "kg:ws:{nows}:audit"
+    roles = "kg:ws:{nows}:roles"
+    bindings = "kg:ws:{nows}:bindings"
+    undone = "kg:ws:{nows}:undone:k1"
+    calls = {  # script: (its own keys, its own ARGV, the refusal answered)
+        "update_workspace": ((ws, audit), ("{}", 100, ""), None),
+        "revoke_key": ((k, active, audit), ("k1", 1000, "{}", 100), None),
+        "delete_key": ((k, keys_, active, audit), ("k1", 1000, "{}", 100), None),
+        "set_role": ((ws, roles, audit, bindings), ("delete", "r", "", "{}", 100, "", ""),
+                     b"no_workspace"),
+        "update_key": ((k, active, audit, roles, ws, bindings),
+                       ("k1", "", 1000, -1, "{}", 100, "", "", "", ""), None),
+        "add_key": ((ws, keys_, active, k, audit, roles, k, k, undone, bindings),
+                    (1000, -1, "+inf", "k1", "{}", 100, "", "", "", "", "", "", "[]",
+                     "id", "k1"), b"no_workspace"),
+    }
+    for n, (name, (own, argv, refusal)) in enumerate(sorted(calls.items())):
+        marker = f"kg:once:{{nows}}:admin:t:{n}"
+        answer = r.eval(load(f"admin_{name}").text, len(own) + 1, *own, marker, *argv, 30000)
+        assert answer == refusal, (name, answer)
+        assert not r.exists(marker), name
+    assert not any(r.scan_iter(match="kg:*{nows}*"))  # nothing written at all
+    # a change: recorded, its copy answers it and changes nothing more
+    create = load("admin_create_workspace").text
+    marker = "kg:once:{nows}:admin:t:made"
+    made = [r.eval(create, 3, ws, audit, marker, "{}", 100, "id", "nows", 30000)
+            for _ in range(2)]
+    assert made == [1, 1] and r.exists(marker) and r.xlen(audit) == 1
+    r.delete(ws, audit, marker)
+    r.close()

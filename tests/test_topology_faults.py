@@ -79,6 +79,67 @@ async def test_a_key_whose_slot_is_being_migrated_is_read_through_the_ask_redire
         dst.close()
 
 
+
+async def test_an_admin_write_runs_while_its_slot_is_migrating_and_its_keys_have_not_moved(
+        redis_cluster) -> None:  # noqa: F811
+    """Mid-migration (CLUSTER SETSLOT MIGRATING/IMPORTING), a multi-key script whose keys all
+    still exist on the old owner runs there. Before r-resend a workspace PATCH (its hash and its
+    audit stream, both there) did. Then it also named its marker, a key that never exists before
+    the call: the nodes answered TRYAGAIN (multi-key, a key missing) for as long as the slot
+    migrated, and every admin write of every workspace in that slot was 503 (StoreError)
+    until the whole slot had moved. A marked call answered TRYAGAIN (it did not run) is now
+    sent again at once without its marker."""
+    from gateway.store import Store
+    from gateway.store.keyspace import ws_key
+    ports = redis_cluster["ports"]
+    config = make_config("http://127.0.0.1:9", store=StoreConfig(timeout=1.0))
+    store = await Store.connect(redis_cluster["url"], config)
+    src = dst = None
+    slot = src_id = None
+    try:
+        await store.create_workspace("acme", "Acme", "starter")
+        made = await store.create_key("acme", name="leaked", environment="live",
+                                      scopes=["people:read"])
+        key_id = made.key.id
+        slot, source = _owner(ports, ws_key("acme"))
+        target = next(p for p in ports if p != source)
+        src, dst = _node(source), _node(target)
+        src_id, dst_id = src.cluster("MYID"), dst.cluster("MYID")
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        marks = len(list(src.scan_iter(match="kg:once:{acme}:admin:*")))
+        outcomes = {}
+        began = time.monotonic()
+        for what, call in (("revoke", lambda: store.revoke_key("acme", key_id)),
+                           ("workspace update",
+                            lambda: store.update_workspace("acme", name="Renamed"))):
+            try:
+                await call()
+                outcomes[what] = "done"
+            except StoreError as exc:
+                outcomes[what] = str(exc)
+        took = time.monotonic() - began
+        assert outcomes == {"revoke": "done", "workspace update": "done"}, outcomes
+        # done, on the old owner, at once (not after a store timeout of TRYAGAIN each), and
+        # sent without a marker (none could be written in the slot meanwhile)
+        assert took < 1.0, took
+        assert (await store.require_key("acme", key_id)).revoked_at is not None
+        assert (await store.require_workspace("acme")).name == "Renamed"
+        assert len(list(src.scan_iter(match="kg:once:{acme}:admin:*"))) == marks
+        # the slot stable again: a write names its marker again (resend-safe)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+        await store.update_workspace("acme", name="Stable")
+        assert len(list(src.scan_iter(match="kg:once:{acme}:admin:*"))) == marks + 1
+    finally:
+        if src is not None:
+            src.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+            src.close()
+            dst.close()
+        await store.close()
+
+
 async def test_a_paused_cluster_node_is_given_up_on_once_and_a_refund_is_not_repeated(
         redis_cluster) -> None:  # noqa: F811
     """A Cluster node that stops answering (SIGSTOP: a stalled VM, a long fork) is 503 after the

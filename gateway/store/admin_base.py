@@ -13,12 +13,12 @@ from typing import (Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, 
                     TypeVar)
 
 from redis.exceptions import (AuthenticationError, AuthorizationError, RedisClusterException,
-                              RedisError, ResponseError)
+                              RedisError, ResponseError, TryAgainError)
 
 from ..config import Config
 from ..errors import BadRequest, Conflict, NotFound, StoreError, describe, shown
 from ..models import ROLE_NAME_RE, Workspace, rfc3339
-from ..redis_topology import topology_client
+from ..redis_topology import TRY_AGAIN_AT_ONCE, TryAgainAtOnce, topology_client
 from ..redis_urls import is_topology_url, standalone_client
 from ..tokens import SecretHasher
 from ..usage import effective_plan
@@ -334,14 +334,41 @@ class StoreBase:
         return None
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any], *,
-                   what: str = "") -> Any:
+                   what: str = "", marker: str | None = None,
+                   keep_ms: int | None = None) -> Any:
         """Run the script ``lua/admin_<name>.lua``; ``what`` names the operation in errors.
-        A script that writes (``WRITES``) is given this call's marker and its TTL, after the
-        call's own keys and arguments: in the slot of the workspace ``keys[0]`` is of."""
-        if name in WRITES:
-            keys, args = (*keys, self._call_marker(keys[0])), (*args, self._once_ttl)
+        A script that writes (``WRITES``) is given a marker and its TTL, after the call's own
+        keys and arguments: ``marker`` when given (a caller trying one operation again after a
+        store error names its first try's, from ``_call_marker``: a try after one that ran
+        answers what that one did), else a new one, in the slot of the workspace ``keys[0]``
+        is of. It is kept ``keep_ms`` (as long as such a caller goes on trying), else past
+        redis-py's own sends of the call.
+
+        While that slot migrates (Cluster), the marker, a key that never exists before the
+        call, is on neither node: both answer ``TRYAGAIN`` (a multi-key command, some keys
+        missing) until the whole slot has moved, where the script's own keys, all still on
+        the old owner, ran there (a revoke of a leaked key, a workspace change: 503 for the
+        whole reshard). ``TRYAGAIN`` means Redis did not run it: the call is then sent at once
+        without its marker, as before markers, and waits for the slot as any call does (its
+        own keys split across the two nodes). The trade-off: such a call is not resend-safe
+        (a reply lost then, a copy runs again), only during its slot's migration. Never when
+        an attempt of the marked call failed on its connection (it may have run, its copy
+        met the ``TRYAGAIN``): that stays the store error it was."""
+        script = self._scripts[name]
         with store_errors(what or name.replace("_", " ")):
-            return await self._scripts[name](keys=list(keys), args=list(args))
+            if name not in WRITES:
+                return await script(keys=list(keys), args=list(args))
+            at_once = TryAgainAtOnce()
+            token = TRY_AGAIN_AT_ONCE.set(at_once)
+            try:
+                return await script(keys=[*keys, marker or self._call_marker(keys[0])],
+                                    args=[*args, keep_ms or self._once_ttl])
+            except TryAgainError:
+                if at_once.unsure:
+                    raise
+            finally:
+                TRY_AGAIN_AT_ONCE.reset(token)
+            return await script(keys=list(keys), args=list(args))
 
     def _call_marker(self, key: str) -> str:
         """A new marker for one write (``WRITES``), in the slot of ``key``'s workspace (its

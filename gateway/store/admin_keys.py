@@ -620,6 +620,12 @@ class KeyStore(StoreBase):
                     what, why)
         deadline, pause = time.monotonic() + TAKE_BACK_FOR, 0.1
         action = "key.create.undone" if old is None else "key.rotate.undone"
+        # one marker for every try: a try that ran and lost its every reply (redis-py's sends
+        # of it included) is answered by the next try as it was done (a new marker's try found
+        # the key gone and logged a create that ran as one that 'had not run'); kept while
+        # this loop may try again
+        marker = self._call_marker(key_key(ws, new_id))
+        keep_ms = int(1000 * TAKE_BACK_FOR) + self._once_ttl
         try:
             while True:
                 try:
@@ -642,7 +648,7 @@ class KeyStore(StoreBase):
                          UNDONE_TTL, "" if old is None or old.expires_at is None
                          else epoch_field(old.expires_at),
                          json.dumps(dict.fromkeys(self.config.roles, True)), kept),
-                        what="take back")
+                        what="take back", marker=marker, keep_ms=keep_ms)
                     break
                 except StoreError as exc:
                     if time.monotonic() + pause > deadline or self._closing.is_set():

@@ -91,7 +91,9 @@ per-request script and every admin script touch a single slot.
     kg:once:{ws}:admin:<call-id>  STRING  an admin write's answer (JSON, [answer]): its script ran,
                                           so a copy sent again after its connection died does
                                           nothing and answers the same (lua/_once.lua; every
-                                          client, a standalone one too; TTL: as above)
+                                          client, a standalone one too; TTL: as above; a
+                                          take-back's, every try of it naming one: 10 min
+                                          more, as long as it is tried)
     kg:once:{kg:fail:...}:<id>    STRING  Sentinel and Cluster only: "1", a failed
                                           verification's count has run (the counter's whole
                                           name as the hash tag: the counter's slot), so a

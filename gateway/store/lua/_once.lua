@@ -21,9 +21,19 @@ local function once_ran(own)
   return nil
 end
 
--- Records answer as this call's (when it names a key for that) and returns it.
-local function once_answered(answer)
-  if once_key then
+-- Returns answer and, when the script changed something (wrote: true) and the call names a
+-- key for that, records it as this call's. A refusal (nothing written: no such key, a
+-- conflict, a cap reached) records nothing: a copy of it is refused again the same way, which
+-- is its answer, and the script stays one that writes nothing. Redis at maxmemory with
+-- noeviction refuses a script's first write that may grow memory (OOM): a refusal that
+-- recorded its answer was answered 503 there instead of its 404 or 409. Once the script has
+-- written (any write command), Redis lets it finish: a change records its answer as it did.
+-- cjson's limits on what is recorded: a number is written with 14 significant digits (an
+-- integer >= 1e14 comes back rounded), and a table with holes (a sparse array) comes back
+-- with cjson.null in them (or is refused, very sparse: a script error). No script answers
+-- those today (hashes, strings, 0/1, false); one that would must answer them as strings.
+local function once_answered(answer, wrote)
+  if once_key and wrote then
     redis.call('SET', once_key, cjson.encode({answer}), 'PX', ARGV[#ARGV])
   end
   return answer

@@ -149,6 +149,6 @@ local function add()
     bound_to_role(KEYS[1], KEYS[10], role)
   end
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
-  return 'ok'
+  return 'ok', true
 end
 return once_answered(add())

@@ -16,6 +16,6 @@ local function create()
   redis.call('HSET', KEYS[1], unpack(fields))
   new_rev(KEYS[1])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
-  return 1
+  return 1, true
 end
 return once_answered(create())

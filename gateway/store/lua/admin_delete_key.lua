@@ -22,6 +22,6 @@ local function delete()
   redis.call('SREM', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'e', ARGV[3])
-  return h
+  return h, true
 end
 return once_answered(delete())

@@ -24,6 +24,6 @@ local function revoke()
     -- now by a caller who was answered, it stays revoked
     redis.call('HDEL', KEYS[1], 'rotated_to')
   end
-  return redis.call('HGETALL', KEYS[1])
+  return redis.call('HGETALL', KEYS[1]), true
 end
 return once_answered(revoke())

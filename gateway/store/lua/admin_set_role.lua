@@ -55,6 +55,6 @@ local function set_role()
   end
   new_rev(KEYS[1])
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[4])
-  return 'ok'
+  return 'ok', true
 end
 return once_answered(set_role())

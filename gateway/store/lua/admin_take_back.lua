@@ -43,7 +43,7 @@ local ran = once_ran(9)
 if ran then return ran[1] end
 local function take_back()
   redis.call('SET', KEYS[5], '1', 'EX', ARGV[5])
-  if redis.call('EXISTS', KEYS[1]) == 0 then return 'absent' end
+  if redis.call('EXISTS', KEYS[1]) == 0 then return 'absent', true end
   local outcome = 'removed'
   if ARGV[4] ~= '' and redis.call('HGET', KEYS[6], 'rotated_to') == ARGV[1] then
     local old = redis.call('HMGET', KEYS[6], 'role', 'rotated_gen')
@@ -66,6 +66,6 @@ local function take_back()
   redis.call('ZREM', KEYS[3], ARGV[1])
   local entry = outcome == 'kept' and ARGV[8] or ARGV[2]
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'e', entry)
-  return outcome
+  return outcome, true
 end
 return once_answered(take_back())

@@ -88,6 +88,6 @@ local function update()
   end
   new_rev(KEYS[1])
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
-  return redis.call('HGETALL', KEYS[1])
+  return redis.call('HGETALL', KEYS[1]), true
 end
 return once_answered(update())

@@ -43,6 +43,6 @@ local function update()
   end
   new_rev(KEYS[1])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
-  return redis.call('HGETALL', KEYS[1])
+  return redis.call('HGETALL', KEYS[1]), true
 end
 return once_answered(update())
