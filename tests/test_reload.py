@@ -1657,6 +1657,9 @@ async def test_every_line_about_a_worker_names_it_the_same_way(tmp_path, slow_up
         doc = yaml.safe_load(config.read_text())
         doc["upstreams"]["ws"] = {"url": ws_url, "timeout": 10}
         doc["routes"].append(WS_ROUTE)
+        # a reload's route change closes a tunnel at the watch's next check: every second
+        # here, not the default 10 s, which the wait for its line below is no longer than
+        doc["server"]["websocket_recheck"] = 1
         config.write_text(yaml.safe_dump(doc))
         gw = Served(config, pport, aport, "--workers", "2")
         stopped = None
