@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.metrics import FLUSH_EVERY
 
 from conftest import RedisServer, free_port, redis_server_binary
-from harness import drips_until_closed
+from harness import drips_until_closed, eventually
 from served import (TIMEOUT, Served, admin_json, alive, children_of, embedded_pid, env, new_key,
                     short_data_dir, skewed_clock, write_config)
 
@@ -905,8 +905,9 @@ async def test_the_start_up_heap_is_kept_out_of_garbage_collection(tmp_path, red
         await gw.ready()
         async with ClientSession(timeout=TIMEOUT) as s:
             await new_key(s, gw.admin)  # serving after the freeze
-        line = next((l for l in gw.stderr().splitlines() if "start-up heap:" in l), None)
-        assert line is not None, gw.stderr()
+        # said once the listeners are up: it may follow the first answers by a moment
+        assert await eventually(lambda: "start-up heap:" in gw.stderr()), gw.stderr()
+        line = next(l for l in gw.stderr().splitlines() if "start-up heap:" in l)
         frozen = int(line.split("start-up heap:")[1].split()[0])
         assert frozen > 10_000, line  # modules, config and app: tens of thousands of objects
     finally:
