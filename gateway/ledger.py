@@ -41,6 +41,7 @@ store_log = logging.getLogger("keygate.store")  # where the store's lost data is
 
 RETRY_EVERY = 1.0  # seconds between attempts to write local counts to the store (default)
 DROPPED_SAID_EVERY = 60.0  # counts the store dropped are said at most this often (seconds)
+FIRST_KEPT = 3600.0  # how long the ledger knows when it first counted in a slot (seconds)
 
 
 class UsageWriter(Protocol):
@@ -71,6 +72,9 @@ class LocalLedger:
         # (workspace, key, month, day) → requests counted (negative: taken back) in no write yet
         self.counts: dict[Slot, int] = {}
         self.since: dict[Slot, float] = {}  # by slot in counts: its earliest request's time
+        # by slot: when this ledger first counted a request there (kept FIRST_KEPT seconds
+        # after its counts were written): what a take-back of one of them is written as of
+        self._first: dict[Slot, float] = {}
         self.pending: dict[str, Write] = {}  # by id, in order: sent until the store confirms
         self._tag, self._seq = os.urandom(6).hex(), 0  # write ids unique across processes
         self._writer: asyncio.Task | None = None
@@ -88,12 +92,18 @@ class LocalLedger:
 
     def add(self, slot: Slot) -> None:
         """Count one request in ``slot``, and make sure a retry loop will write it."""
-        self._count(slot, 1, self.clock())
+        now = self.clock()
+        self._first.setdefault(slot, now)
+        self._count(slot, 1, now)
 
     def take_back(self, slot: Slot) -> None:
         """Un-count one request this ledger counted in ``slot``: here while its count waits,
-        else by writing the subtraction."""
-        self._count(slot, -1, self.clock())
+        else by writing the subtraction. The subtraction is written as of when this ledger
+        first counted in ``slot`` (a request the store counted: now), so it takes nothing
+        from a workspace created after the count it takes back (the store dropped that
+        count: lua/_held_for.lua)."""
+        first = self._first.get(slot)
+        self._count(slot, -1, self.clock() if first is None else first)
 
     def _count(self, slot: Slot, n: int, at: float) -> None:
         n += self.counts.get(slot, 0)
@@ -117,6 +127,10 @@ class LocalLedger:
         # every slot in use each retry for as long as the store is down (and each was sent
         # one round trip at a time once it was back).
         waiting = {write.slot for write in self.pending.values()}
+        if self._first:
+            old = self.clock() - FIRST_KEPT  # no request lives that long: none to take back
+            self._first = {slot: at for slot, at in self._first.items()
+                           if at > old or slot in self.counts or slot in waiting}
         kept: dict[Slot, int] = {}
         for slot, n in self.counts.items():
             if slot in waiting:

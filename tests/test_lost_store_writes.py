@@ -101,7 +101,7 @@ async def test_deferred_writes_create_nothing_for_a_workspace_or_key_the_store_l
         await store.refund(lost, 60, "m1")
         await store.take_back_rate(lost, "m1")
         assert await store.add_usage(lost, 4, 60, "w-1") == NO_WORKSPACE
-        assert await store.add_usage(lost, -2, 60, "w-2") == WRITTEN  # takes back nothing
+        assert await store.add_usage(lost, -2, 60, "w-2") == NO_WORKSPACE  # takes nothing
         assert _stored(redis_url, "gone") == []
 
         _make(r, "half")  # the key alone is gone
@@ -292,4 +292,69 @@ def test_a_recount_counts_for_the_workspace_of_a_deleted_key_not_for_one_created
         assert (int(r.get(month)), int(r.get(day))) == (2, 2)
         assert not r.exists(key_month, key_day)
     finally:
+        r.close()
+
+
+async def test_a_take_back_after_its_count_was_dropped_leaves_a_recreated_workspace_alone(
+        redis_url) -> None:
+    """The merge's own motivation: a workspace created again with the same id must not be
+    touched by what a replica held for the lost one. The count was dropped (NO_WORKSPACE) but
+    a later take-back of one of those requests (counted during the outage, refused after the
+    flush: an upload past the body timeout, an unreachable upstream) was written: n < 0 only
+    checked that *some* counter existed, and the new workspace's month and day counters did,
+    so its usage went down for a request it never had. A take-back now follows the rule of
+    the count it takes back (lua/_held_for.lua): nothing for a workspace created after."""
+    r = redis.Redis.from_url(redis_url)
+    store = RequestStore(redis_url, timeout=1.0)
+    try:
+        old = Slot("acme", "k1", "2026-11", "2026-11-18", "k1")
+        served = LONG_AGO  # when the lost workspace's requests were served
+        assert await store.add_usage(old, 3, 60, "w-1", served) == NO_WORKSPACE  # dropped
+        # acme created again an hour later; its new key k9 has served 5 requests this month
+        _make(r, "acme", "k9", created=served + 3600)
+        new = Slot("acme", "k9", "2026-11", "2026-11-18", "k9")
+        assert await store.add_usage(new, 5, 60, "w-2", served + 3700) == WRITTEN
+        # one of the old workspace's in-flight requests is refused: the ledger takes it back
+        assert await store.add_usage(old, -1, 60, "w-3", served) == NO_WORKSPACE
+        month, _, day, _ = new.counters()
+        assert (int(r.get(month)), int(r.get(day))) == (5, 5)
+        assert not r.exists(write_key("acme", "w-3"))
+    finally:
+        await store.close()
+        r.close()
+
+
+async def test_the_ledger_takes_back_as_of_when_it_counted_not_when_it_takes_back(
+        redis_url) -> None:
+    """The same through the ledger: its take-back comes after the workspace was created again,
+    but carries when the ledger counted in that slot, so it finds the workspace newer and
+    takes nothing from it. A count of the new workspace's key goes through meanwhile."""
+    from gateway.ledger import LocalLedger
+    from gateway.usage import MonthCache
+    r = redis.Redis.from_url(redis_url)
+    store = RequestStore(redis_url, timeout=1.0)
+    now = [1_795_000_000.0]  # 2026-11-18
+    ledger = LocalLedger(store, MonthCache(), lambda: now[0], retry_every=3600)
+    old = Slot("acme", "k1", "2026-11", "2026-11-18", "k1")
+    new = Slot("acme", "k9", "2026-11", "2026-11-18", "k9")
+    try:
+        for _ in range(3):
+            ledger.add(old)  # served fail-open; the store then comes back without acme
+        ledger.flush()
+        await ledger._writer
+        assert _stored(redis_url, "acme") == []
+        now[0] += 600
+        _make(r, "acme", "k9", created=now[0])  # created again, with a new key
+        now[0] += 60
+        for _ in range(5):
+            ledger.add(new)
+        ledger.take_back(old)  # one of the lost workspace's requests is refused
+        ledger.flush()
+        await ledger._writer
+        assert not ledger
+        month, _, day, _ = new.counters()
+        assert (int(r.get(month)), int(r.get(day))) == (5, 5)
+    finally:
+        await ledger.close()
+        await store.close()
         r.close()
