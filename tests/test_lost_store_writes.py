@@ -358,3 +358,25 @@ async def test_the_ledger_takes_back_as_of_when_it_counted_not_when_it_takes_bac
         await ledger.close()
         await store.close()
         r.close()
+
+
+async def test_a_resent_write_that_had_run_answers_already_though_the_workspace_went_since(
+        redis_url) -> None:
+    """A ledger write whose first run counted (its reply lost: Redis stalled, the connection
+    died) is sent again after the workspace's data went (or its key was deleted): the copy was
+    judged on what is there now and answered NO_WORKSPACE (NO_KEY), so the ledger said "not
+    written to the usage" of requests that were. The write's id is looked at first: ALREADY."""
+    r = redis.Redis.from_url(redis_url)
+    store = RequestStore(redis_url, timeout=1.0)
+    try:
+        _make(r, "acme", "k1")
+        slot = Slot("acme", "k1", "2026-11", "2026-11-18", "k1")
+        assert await store.add_usage(slot, 3, 60, "w-1") == WRITTEN
+        r.delete(key_key("acme", "k1"))  # the key deleted meanwhile
+        assert await store.add_usage(slot, 3, 60, "w-1") == ALREADY
+        r.delete(ws_key("acme"))  # then the workspace's data lost
+        assert await store.add_usage(slot, 3, 60, "w-1") == ALREADY
+        assert [int(r.get(c)) for c in slot.counters()] == [3, 3, 3, 3]
+    finally:
+        await store.close()
+        r.close()

@@ -23,6 +23,12 @@
 -- nothing was written for the workspace (gone, or created after the requests) and -2 when
 -- only the key's counters were not (the key is gone).
 -- include: _held_for.lua
+-- A copy of a write that ran answers so before anything is judged: what was there when it ran
+-- may be gone now (the key deleted, the data lost), and its requests were written all the same.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])  -- a copy is still arriving: keep the id as long again
+  return 0
+end
 local n = tonumber(ARGV[1])
 local write = held_for(KEYS[2], KEYS[3], KEYS[4], KEYS[6], tonumber(ARGV[3]))
 if not write then return -1 end
@@ -33,10 +39,7 @@ if n < 0 then
     return 1  -- a take-back with none of its counters left: nothing to do, nothing made
   end
 end
-if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[2]) then
-  redis.call('EXPIRE', KEYS[1], ARGV[2])  -- a copy is still arriving: keep the id as long again
-  return 0
-end
+redis.call('SET', KEYS[1], 1, 'EX', ARGV[2])
 for i = 5, #KEYS do
   if write[i - 4] then
     local m = redis.call('INCRBY', KEYS[i], n)
