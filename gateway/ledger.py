@@ -14,11 +14,14 @@ waits is never changed: counts made meanwhile go into a new write. The writes of
 made in order, each once the store confirmed the one before, so a subtraction never reaches
 the store before the count it takes back.
 
-A store that comes back without the workspace or the key a count was made for (Redis lost
-keygate's data: restarted without persistence, FLUSHDB, an older backup restored) takes
-nothing: the script drops the count rather than make counters that a workspace created again
-with that id would inherit. The ledger says so in one error line, at most every
-``DROPPED_SAID_EVERY`` seconds, with how many requests were dropped.
+Each write carries when the earliest of its requests was served. A store that comes back
+without the workspace a count was made for, or with one created after that (Redis lost
+keygate's data: restarted without persistence, FLUSHDB, an older backup restored, and the
+workspace created again with that id), takes nothing: the script drops the count rather than
+let another workspace of that id inherit it. The ledger says so in one error line, at most
+every ``DROPPED_SAID_EVERY`` seconds, with how many requests were dropped. For a key deleted
+meanwhile, the workspace's counters take the count and the key's do not: the requests were
+forwarded (``store/lua/_held_for.lua``).
 """
 
 from __future__ import annotations
@@ -38,12 +41,14 @@ store_log = logging.getLogger("keygate.store")  # where the store's lost data is
 
 RETRY_EVERY = 1.0  # seconds between attempts to write local counts to the store (default)
 DROPPED_SAID_EVERY = 60.0  # counts the store dropped are said at most this often (seconds)
+FIRST_KEPT = 3600.0  # how long the ledger knows when it first counted in a slot (seconds)
 
 
 class UsageWriter(Protocol):
     """The store side the ledger writes to (``gateway.store.request.RequestStore``)."""
 
-    async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str) -> int: ...
+    async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str,
+                        since: float | None = None) -> int: ...
 
 
 class Write(NamedTuple):
@@ -52,6 +57,7 @@ class Write(NamedTuple):
     id: str
     slot: Slot
     n: int  # negative: requests taken back
+    since: float  # when the earliest of them was served (epoch s)
 
 
 class LocalLedger:
@@ -65,6 +71,10 @@ class LocalLedger:
         self.retry_every = retry_every  # seconds between write attempts while counts wait
         # (workspace, key, month, day) → requests counted (negative: taken back) in no write yet
         self.counts: dict[Slot, int] = {}
+        self.since: dict[Slot, float] = {}  # by slot in counts: its earliest request's time
+        # by slot: when this ledger first counted a request there (kept FIRST_KEPT seconds
+        # after its counts were written): what a take-back of one of them is written as of
+        self._first: dict[Slot, float] = {}
         self.pending: dict[str, Write] = {}  # by id, in order: sent until the store confirms
         self._tag, self._seq = os.urandom(6).hex(), 0  # write ids unique across processes
         self._writer: asyncio.Task | None = None
@@ -82,19 +92,28 @@ class LocalLedger:
 
     def add(self, slot: Slot) -> None:
         """Count one request in ``slot``, and make sure a retry loop will write it."""
-        self._count(slot, 1)
+        now = self.clock()
+        self._first.setdefault(slot, now)
+        self._count(slot, 1, now)
 
     def take_back(self, slot: Slot) -> None:
         """Un-count one request this ledger counted in ``slot``: here while its count waits,
-        else by writing the subtraction."""
-        self._count(slot, -1)
+        else by writing the subtraction. The subtraction is written as of when this ledger
+        first counted in ``slot`` (a request the store counted: now), so it takes nothing
+        from a workspace created after the count it takes back (the store dropped that
+        count: lua/_held_for.lua)."""
+        first = self._first.get(slot)
+        self._count(slot, -1, self.clock() if first is None else first)
 
-    def _count(self, slot: Slot, n: int) -> None:
+    def _count(self, slot: Slot, n: int, at: float) -> None:
         n += self.counts.get(slot, 0)
         if n:
             self.counts[slot] = n
+            if at < self.since.get(slot, at + 1):
+                self.since[slot] = at
         else:
             del self.counts[slot]
+            self.since.pop(slot, None)
         if not self._closing and (self._retry is None or self._retry.done()):
             self._retry = asyncio.ensure_future(self._retry_flush())
 
@@ -108,13 +127,17 @@ class LocalLedger:
         # every slot in use each retry for as long as the store is down (and each was sent
         # one round trip at a time once it was back).
         waiting = {write.slot for write in self.pending.values()}
+        if self._first:
+            old = self.clock() - FIRST_KEPT  # no request lives that long: none to take back
+            self._first = {slot: at for slot, at in self._first.items()
+                           if at > old or slot in self.counts or slot in waiting}
         kept: dict[Slot, int] = {}
         for slot, n in self.counts.items():
             if slot in waiting:
                 kept[slot] = n
                 continue
             self._seq += 1
-            write = Write(f"{self._tag}-{self._seq}", slot, n)
+            write = Write(f"{self._tag}-{self._seq}", slot, n, self.since.pop(slot))
             self.pending[write.id] = write
         self.counts = kept
         if self.pending:
@@ -136,12 +159,13 @@ class LocalLedger:
             if write.slot in failed:
                 continue  # a slot's writes stay in order: this one waits for the one before
             try:
-                written = await self.store.add_usage(write.slot, write.n, ttl, write.id)
+                written = await self.store.add_usage(write.slot, write.n, ttl, write.id,
+                                                     write.since)
             except StoreError:
                 failed.add(write.slot)  # kept, id and all: sent again at the next flush
             else:
                 del self.pending[write.id]
-                if written in (NO_WORKSPACE, NO_KEY):
+                if write.n > 0 and written in (NO_WORKSPACE, NO_KEY):
                     dropped = self._dropped if written == NO_WORKSPACE else self._dropped_keys
                     ws = write.slot.workspace
                     dropped[ws] = dropped.get(ws, 0) + write.n
@@ -151,32 +175,35 @@ class LocalLedger:
     def _say_dropped(self, *, now: float | None = None) -> None:
         """Say the requests the store dropped since the last such line, at most every
         ``DROPPED_SAID_EVERY`` seconds (once a write pass ended, so a pass is one line):
-        an error when a workspace is gone (Redis lost data), a warning when only keys are
-        (deleted meanwhile, or lost with the data)."""
+        an error when a workspace is gone or another of its id was created since (Redis lost
+        data); only when keys are gone (deleted meanwhile), that their requests counted for
+        their workspaces only, as information."""
         now = time.monotonic() if now is None else now
         if now - self._dropped_said < DROPPED_SAID_EVERY:
             return
         self._dropped_said = now
         lost, keys = self._dropped, self._dropped_keys
         self._dropped, self._dropped_keys = {}, {}
-        parts = []
         if lost:
             first = next(iter(lost))
-            parts.append(f"workspace '{first}'"
-                         + (f" (and {len(lost) - 1} more)" if len(lost) > 1 else "")
-                         + " is no longer in the store: Redis lost data (restarted without "
-                           "persistence, FLUSHDB or FLUSHALL, keys evicted under maxmemory, "
-                           "or an older backup restored)")
+            n = sum(lost.values())
+            store_log.error(
+                "%d request%s served while the store was down %s not written to the usage: "
+                "workspace '%s'%s is no longer in the store, or was created again after they "
+                "were served: Redis lost data (restarted without persistence, FLUSHDB or "
+                "FLUSHALL, keys evicted under maxmemory, or an older backup restored). Nothing "
+                "was counted for them (a workspace created again with that id starts from 0)",
+                n, "" if n == 1 else "s", "was" if n == 1 else "were", first,
+                f" (and {len(lost) - 1} more)" if len(lost) > 1 else "")
         if keys:
             first = next(iter(keys))
-            parts.append(f"the key they were counted for is no longer in the store, in "
-                         f"workspace '{first}'"
-                         + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""))
-        n = sum(lost.values()) + sum(keys.values())
-        (store_log.error if lost else store_log.warning)(
-            "%d request%s served while the store was down %s not written to the usage: %s. "
-            "Nothing was counted for them (a workspace created again with that id starts "
-            "from 0)", n, "" if n == 1 else "s", "was" if n == 1 else "were", "; ".join(parts))
+            n = sum(keys.values())
+            store_log.info(
+                "%d request%s served while the store was down %s counted for workspace "
+                "'%s'%s but not for the key%s they were served with: deleted meanwhile",
+                n, "" if n == 1 else "s", "was" if n == 1 else "were", first,
+                f" (and {len(keys) - 1} more)" if len(keys) > 1 else "",
+                "" if n == 1 else "s")
 
     async def close(self) -> None:
         """At shutdown, after the listeners stopped: write what is still here (a process that

@@ -263,5 +263,5 @@ class TimedRequestStore(RequestStore):
     def refund(self, slot, ttl: int, rate_member: str = ""):
         return self._timed("refund", super().refund(slot, ttl, rate_member))
 
-    def add_usage(self, slot, n: int, ttl: int, write_id: str):
-        return self._timed("add_usage", super().add_usage(slot, n, ttl, write_id))
+    def add_usage(self, slot, n: int, ttl: int, write_id: str, since: float | None = None):
+        return self._timed("add_usage", super().add_usage(slot, n, ttl, write_id, since))

@@ -270,3 +270,23 @@ async def test_a_clients_auth_proxy_user_headers_never_reach_the_api(stack, upst
         seen = upstream.requests[-1]["headers"]
         assert not any(v.startswith("mallory-") for _, v in seen), seen
         assert ["X-Auth-Token", "own"] in seen
+
+
+async def test_a_clients_host_override_headers_never_reach_the_api(stack, upstream):
+    """keygate's own proxy drops a client's ``X-Original-Host``, ``X-Host``,
+    ``X-HTTP-Host-Override`` and ``X-Forwarded-Server`` (``HOST_OVERRIDE``: host header
+    injection, a password-reset link mailed to the client's host), but the shipped snippet did
+    not clear them: behind nginx in verify mode a client's ``X-Host`` reached the API, on a
+    public route as on a keyed one. Now cleared (in real nginx), the Host nginx sends kept."""
+    from gateway.proxying.headers import HOST_OVERRIDE
+    gw, base = stack
+    await gw.workspace("acme")
+    token, _ = await gw.key(scopes=["people:read"])
+    spoofs = {name: f"evil-{i}.example" for i, name in enumerate(sorted(HOST_OVERRIDE))}
+    for path, credential in (("/health", {}), ("/people/1", {"Authorization": f"Bearer {token}"})):
+        status, _, _ = await get(base + path, headers={**credential, **spoofs})
+        assert status == 200
+        seen = upstream.requests[-1]["headers"]
+        assert not any(v.startswith("evil-") for _, v in seen), seen
+        assert any(k.lower() == "host" for k, _ in seen), seen
+

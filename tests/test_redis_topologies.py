@@ -601,7 +601,7 @@ async def test_cluster_gateway_runs_every_store_operation_across_nodes(
         owner.close()
 
         # a fail-open ledger write: its id and the counters in one slot, counted once
-        # (its workspace and key in the store: a write for any other is dropped)
+        # (its workspace and key in the store; a key that is gone: the workspace's only)
         _, kx = await gut.key(ws)
         slot = Slot(ws, kx["id"], "2026-01", "2026-01-15", kx["id"])
         assert await gut.gw.requests.add_usage(slot, 2, 60, "w-1") == WRITTEN
@@ -609,7 +609,8 @@ async def test_cluster_gateway_runs_every_store_operation_across_nodes(
         gone = Slot(ws, "kx", "2026-01", "2026-01-15", "kx")
         assert await gut.gw.requests.add_usage(gone, 2, 60, "w-2") == NO_KEY
         owner = redis.Redis(port=_owner_port(ports, slot.counters()[0]), password=CLUSTER_PW)
-        assert [int(owner.get(counter)) for counter in slot.counters()] == [2, 2, 2, 2]
+        assert [int(owner.get(counter)) for counter in slot.counters()] == [4, 2, 4, 2]
+        assert not owner.exists(*gone.counters()[1::2])
         owner.close()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from gateway.config import IdentityHeaders, KeysConfig
-from gateway.proxying.headers import AUTH_USER
+from gateway.proxying.headers import AUTH_USER, HOST_OVERRIDE
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "verify"
 IDENTITY = IdentityHeaders().names()
@@ -31,7 +31,9 @@ def test_traefik_labels_forward_auth_to_verify_and_copy_the_identity():
     assert {h for h in cleaned if h.lower().replace("_", "-") not in AUTH_USER} == \
         set(IDENTITY) | {h.replace("-", "_") for h in IDENTITY} | {
             "X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Script-Name", "SCRIPT_NAME",
-            "X_Original_URL", "X_Original_URI", "X_Rewrite_URL", "X_Script_Name"}
+            "X_Original_URL", "X_Original_URI", "X_Rewrite_URL", "X_Script_Name",
+            "X-Original-Host", "X-Host", "X-HTTP-Host-Override", "X_Original_Host", "X_Host",
+            "X_HTTP_Host_Override"}
 
 
 def test_traefik_drops_the_underscore_spellings_of_the_identity_headers():
@@ -65,7 +67,7 @@ def test_envoy_ext_authz_uses_the_verify_prefix_and_fails_closed():
                ["request_mutations"]}
     assert removed == {h.lower() for h in IDENTITY} | {"x-original-url", "x-original-uri",
                                                        "x-rewrite-url", "x-script-name"} | \
-        AUTH_USER
+        AUTH_USER | HOST_OVERRIDE
 
 
 def test_ingress_nginx_sets_the_original_request_headers_itself():
@@ -188,3 +190,34 @@ def test_traefik_drops_the_underscore_spellings_of_the_url_override_headers():
     cleaned = {k[len(prefix):].lower() for k, v in labels.items()
                if k.startswith(prefix) and v == "" and "_" in k[len(prefix):]}
     assert {h.replace("-", "_") for h in PATH_OVERRIDE} <= cleaned
+
+
+def test_every_verify_example_clears_the_host_override_headers_keygate_drops():
+    """keygate's own proxy drops a client's ``X-Original-Host``, ``X-Host`` and
+    ``X-HTTP-Host-Override`` and ``X-Forwarded-Server`` (``HOST_OVERRIDE``: an API builds its
+    absolute URLs, a password-reset link, from them: host header injection). The r-hdrs merge
+    taught docs/verify/ the path-override and auth-proxy user names but not these, so in
+    verify mode a client's ``X-Host`` still reached the API. Each example now clears them the
+    way it clears the others; Traefik writes ``X-Forwarded-Server`` itself (its own name, a
+    client's copy replaced), so it keeps that one."""
+    import re
+    nginx = {m.lower() for m in re.findall(r'proxy_set_header\s+(\S+)\s+""',
+                                           text_of("nginx.conf"))}
+    assert HOST_OVERRIDE <= nginx, HOST_OVERRIDE - nginx
+    snippet = {line.strip().lstrip("#").split()[1].lower()
+               for line in text_of("ingress-nginx.yaml").splitlines()
+               if "proxy_set_header" in line and line.rstrip().endswith('"";')}
+    assert HOST_OVERRIDE <= snippet, HOST_OVERRIDE - snippet
+    hcm = yaml.safe_load(text_of("envoy.yaml"))["static_resources"]["listeners"][0][
+        "filter_chains"][0]["filters"][0]["typed_config"]
+    removed = {m["remove"] for m in hcm["http_filters"][0]["typed_config"]["mutations"]
+               ["request_mutations"]}
+    assert HOST_OVERRIDE <= removed, HOST_OVERRIDE - removed
+    doc = yaml.safe_load(text_of("traefik-compose.yml"))
+    labels = dict(label.split("=", 1) for label in doc["services"]["api"]["labels"])
+    prefix = "traefik.http.middlewares.keygate-clean.headers.customrequestheaders."
+    cleaned = {k[len(prefix):].lower() for k, v in labels.items()
+               if k.startswith(prefix) and v == ""}
+    wanted = HOST_OVERRIDE - {"x-forwarded-server"}
+    assert wanted | {h.replace("-", "_") for h in wanted} <= cleaned, \
+        wanted - cleaned

@@ -79,8 +79,9 @@ per-request script and every admin script touch a single slot.
                                           counted while the store was down) that has run, so
                                           a copy of it run again adds nothing (TTL: an hour,
                                           renewed by each copy). Not made for a write the
-                                          store dropped: a count whose workspace or key is
-                                          gone (lost data), or a take-back with no counter
+                                          store dropped: a count whose workspace is gone or
+                                          was created after it (lost data,
+                                          lua/_held_for.lua), or a take-back with no counter
                                           left; neither makes any counter
     kg:once:{ws}:<request-id>     STRING  Sentinel and Cluster only: the answer of a request's
                                           authorize call that counted it ("used,rate_remaining,

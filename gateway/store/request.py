@@ -48,7 +48,7 @@ DAILY_TTL = 100 * 86400  # day counters: the usage history reaches 90 days back
 # beyond both. ~100 bytes per write, and writes happen only after the store failed.
 WRITE_ID_TTL = 3600
 # What a ledger write answers (``RequestStore.add_usage``, lua/ledger_write.lua)
-WRITTEN, ALREADY, NO_WORKSPACE, NO_KEY = 1, 0, -1, -2
+WRITTEN, ALREADY, NO_WORKSPACE, NO_KEY = 1, 0, -1, -2  # NO_KEY: written for the workspace only
 # How long a counting authorize call's marker (kg:once:{ws}:<request-id>, Sentinel and
 # Cluster only) outlives the call: longer than redis-py can take to send the call again after
 # its connection died (reconnecting, asking the Sentinels or re-reading the slots: each bounded
@@ -336,9 +336,13 @@ class RequestStore:
         await asyncio.sleep(self.timeout + MASTER_CHECK_INTERVAL)
         since = noticed - min(RECOUNT_WINDOW, self._once_ttl / 2000)
         groups: dict[tuple, list[str]] = {}
+        earliest: dict[tuple, float] = {}  # by group: its first call's start (monotonic)
         for started, marker, ws, key_id, budget, period, day, ttl in list(self._counted or ()):
             if started >= since:
-                groups.setdefault((ws, key_id, budget, period, day, ttl), []).append(marker)
+                group = (ws, key_id, budget, period, day, ttl)
+                groups.setdefault(group, []).append(marker)
+                earliest[group] = min(started, earliest.get(group, started))
+        wall = time.time() - time.monotonic()  # monotonic → epoch, for lua/_held_for.lua
         todo = [(group, markers[i:i + RECOUNT_BATCH]) for group, markers in groups.items()
                 for i in range(0, len(markers), RECOUNT_BATCH)]
         counted = checked = dropped = 0
@@ -350,10 +354,11 @@ class RequestStore:
                 try:
                     n = int(await self._resp.run(
                         RECOUNT, (*slot.counters(), ws_key(ws), key_key(ws, key_id),
-                                  *markers),
-                        (self._once_ttl, ttl, ttl, DAILY_TTL, DAILY_TTL)))
+                                  key_key(ws, budget), *markers),
+                        (self._once_ttl, ttl, ttl, DAILY_TTL, DAILY_TTL,
+                         f"{wall + earliest[group]:.3f}")))
                     checked += len(markers)
-                    if n < 0:  # the new master has no such workspace or key: not counted
+                    if n < 0:  # the new master lacks the workspace (or another has its id)
                         dropped -= n
                     else:
                         counted += n
@@ -367,10 +372,10 @@ class RequestStore:
         lost = sum(len(markers) for _, markers in todo)
         if dropped:
             log.error("the Sentinels named a new master that lacks %d requests counted in the "
-                      "%.0f s before, and the workspace or key they were counted for: they are "
-                      "not counted there (Redis lost data: a master promoted before it had "
-                      "synced, or one restored from an older backup)", dropped,
-                      noticed - since)
+                      "%.0f s before, and the workspace they were counted for (or holds one "
+                      "created again with its id since): they are not counted there (Redis "
+                      "lost data: a master promoted before it had synced, or one restored "
+                      "from an older backup)", dropped, noticed - since)
         if counted or lost:
             log.warning("the Sentinels named a new master: %d of %d requests counted in the "
                         "%.0f s before were not there and are counted again%s", counted,
@@ -498,18 +503,24 @@ class RequestStore:
         await self._run(REFUND, (rate_key(slot.workspace, slot.budget),),
                         (rate_member,))
 
-    async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str) -> int:
+    async def add_usage(self, slot: Slot, n: int, ttl: int, write_id: str,
+                        since: float | None = None) -> int:
         """Add ``n`` requests counted locally while the store was down (fail-open; negative:
-        taken back), once per ``write_id`` however often it is sent. Answers ``WRITTEN``,
-        ``ALREADY`` (a write of that id had already run) or, for a count (``n`` > 0) the store
-        dropped, ``NO_WORKSPACE`` or ``NO_KEY``: the slot's workspace or key is not in the
-        store (Redis lost keygate's data), so nothing was made for it
-        (lua/ledger_write.lua)."""
+        taken back), once per ``write_id`` however often it is sent. ``since``: when the
+        earliest of them was served (epoch s; None: now). Answers ``WRITTEN``, ``ALREADY`` (a
+        write of that id had already run) or, for a count (``n`` > 0): ``NO_WORKSPACE``, the
+        slot's workspace is not in the store or was created after ``since`` (Redis lost
+        keygate's data; one created again with that id inherits nothing), nothing was
+        written; ``NO_KEY``, only the key is gone (deleted meanwhile): written to the
+        workspace's counters, not the key's (lua/ledger_write.lua, lua/_held_for.lua)."""
         ws = slot.workspace
         return int(await self._run(LEDGER_WRITE,
                                    (write_key(ws, write_id), ws_key(ws),
-                                    key_key(ws, slot.key_id), *slot.counters()),
-                                   (n, WRITE_ID_TTL, ttl, ttl, DAILY_TTL, DAILY_TTL)))
+                                    key_key(ws, slot.key_id), key_key(ws, slot.budget),
+                                    *slot.counters()),
+                                   (n, WRITE_ID_TTL,
+                                    f"{time.time() if since is None else since:.3f}",
+                                    ttl, ttl, DAILY_TTL, DAILY_TTL)))
 
     async def _run(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         try:
