@@ -407,6 +407,41 @@ CLIENT_OWN_HEADERS = [("X-Auth-Token", "own-01"), ("X-Auth-User", "own-02"),
                       ("X-Auth-Request-Id", "own-05"), ("X-Webauth-Users", "own-06")]
 
 
+async def _spoofs_reach_upstream_only_from_a_trusted_proxy(redis_url, monkeypatch, trusted: bool,
+                                                      spoofs: list, lookalikes: list):
+    """``spoofs`` and ``lookalikes`` (name, value) sent on a keyed route with a key and on a
+    public one, from an untrusted peer or a trusted proxy: in the bytes the upstream received,
+    each spoof only from the trusted proxy and only in its plain spelling (as sent: name,
+    case and value), each look-alike always. Returns the proxy's port and the requests seen."""
+    from test_edge_framing import RawUpstream
+    up = await RawUpstream().start()
+    try:
+        config = make_config(f"http://127.0.0.1:{up.port}")
+        if trusted:
+            config = dataclasses.replace(config, server=dataclasses.replace(
+                config.server, trusted_proxies=("127.0.0.1",)))
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace("acme")
+            token, _ = await g.key(scopes=["people:read"])
+            port = g.proxy_server.port
+            for path, credential in (("/people/1", [("Authorization", f"Bearer {token}")]),
+                                     ("/health", [])):   # a keyed route and a public one
+                async with g.proxy.get(path, headers=credential + spoofs + lookalikes) as r:
+                    assert r.status == 200, await r.text()
+        assert len(up.requests) == 2 and not up.errors
+        for raw, seen in zip(up.raw, up.requests):
+            for name, value in spoofs:
+                plain = "_" not in name and "." not in name
+                assert (value.encode() in raw) == (trusted and plain), (name, bytes(raw))
+                if trusted and plain:
+                    assert (name.encode(), value.encode()) in seen.headers
+            for name, value in lookalikes:
+                assert (name.encode(), value.encode()) in seen.headers, (name, bytes(raw))
+        return port, up.requests
+    finally:
+        up.close()
+
+
 @pytest.mark.parametrize("trusted", [False, True], ids=["untrusted-peer", "trusted-proxy"])
 async def test_auth_proxy_user_headers_reach_the_upstream_only_from_a_trusted_proxy(
         redis_url, monkeypatch, trusted):
@@ -418,32 +453,8 @@ async def test_auth_proxy_user_headers_reach_the_upstream_only_from_a_trusted_pr
     that user to the upstream. From a peer keygate does not trust they are dropped in every
     spelling; from a trusted proxy (an auth proxy in front of keygate) they pass as it wrote
     them, as ``X-Forwarded-*`` do. Judged on the bytes the upstream received."""
-    from test_edge_framing import RawUpstream
-    up = await RawUpstream().start()
-    try:
-        config = make_config(f"http://127.0.0.1:{up.port}")
-        if trusted:
-            config = dataclasses.replace(config, server=dataclasses.replace(
-                config.server, trusted_proxies=("127.0.0.1",)))
-        async with gateway_under_test(config, redis_url, monkeypatch) as g:
-            await g.workspace("acme")
-            token, _ = await g.key(scopes=["people:read"])
-            for path, credential in (("/people/1", [("Authorization", f"Bearer {token}")]),
-                                     ("/health", [])):   # a keyed route and a public one
-                async with g.proxy.get(path, headers=credential + AUTH_USER_SPOOFS +
-                                       CLIENT_OWN_HEADERS) as r:
-                    assert r.status == 200, await r.text()
-        assert len(up.requests) == 2 and not up.errors
-        for raw, seen in zip(up.raw, up.requests):
-            for name, value in AUTH_USER_SPOOFS:
-                plain = "_" not in name and "." not in name
-                assert (value.encode() in raw) == (trusted and plain), (name, bytes(raw))
-                if trusted and plain:   # as sent: name, case and value
-                    assert (name.encode(), value.encode()) in seen.headers
-            for name, value in CLIENT_OWN_HEADERS:
-                assert (name.encode(), value.encode()) in seen.headers, (name, bytes(raw))
-    finally:
-        up.close()
+    await _spoofs_reach_upstream_only_from_a_trusted_proxy(
+        redis_url, monkeypatch, trusted, AUTH_USER_SPOOFS, CLIENT_OWN_HEADERS)
 
 
 def test_the_security_model_lists_exactly_the_auth_proxy_user_headers_keygate_guards():
@@ -487,35 +498,11 @@ async def test_host_and_uri_headers_reach_the_upstream_only_from_a_trusted_proxy
     keygate does not trust they are dropped in every spelling, as ``X-Forwarded-Host`` and
     ``Forwarded`` (``host=``) are; from a trusted proxy they pass as it wrote them. Judged on
     the bytes the upstream received, on a keyed route and a public one."""
-    from test_edge_framing import RawUpstream
-    up = await RawUpstream().start()
-    try:
-        config = make_config(f"http://127.0.0.1:{up.port}")
-        if trusted:
-            config = dataclasses.replace(config, server=dataclasses.replace(
-                config.server, trusted_proxies=("127.0.0.1",)))
-        async with gateway_under_test(config, redis_url, monkeypatch) as g:
-            await g.workspace("acme")
-            token, _ = await g.key(scopes=["people:read"])
-            for path, credential in (("/people/1", [("Authorization", f"Bearer {token}")]),
-                                     ("/health", [])):   # a keyed route and a public one
-                port = g.proxy_server.port
-                async with g.proxy.get(path, headers=credential + HOST_SPOOFS +
-                                       HOST_LOOKALIKES) as r:
-                    assert r.status == 200, await r.text()
-        assert len(up.requests) == 2 and not up.errors
-        for raw, seen in zip(up.raw, up.requests):
-            for name, value in HOST_SPOOFS:
-                plain = "_" not in name and "." not in name
-                assert (value.encode() in raw) == (trusted and plain), (name, bytes(raw))
-                if trusted and plain:   # as sent: name, case and value
-                    assert (name.encode(), value.encode()) in seen.headers
-            for name, value in HOST_LOOKALIKES:
-                assert (name.encode(), value.encode()) in seen.headers, (name, bytes(raw))
-            # the Host the client sent is keygate's X-Forwarded-Host for the upstream, still
-            assert seen.header(b"X-Forwarded-Host") == [b"127.0.0.1:%d" % port]
-    finally:
-        up.close()
+    ports, seen = await _spoofs_reach_upstream_only_from_a_trusted_proxy(
+        redis_url, monkeypatch, trusted, HOST_SPOOFS, HOST_LOOKALIKES)
+    for request in seen:
+        # the Host the client sent is keygate's X-Forwarded-Host for the upstream, still
+        assert request.header(b"X-Forwarded-Host") == [b"127.0.0.1:%d" % ports]
 
 
 def test_the_security_model_names_every_host_and_path_header_keygate_guards():
