@@ -193,7 +193,10 @@ def test_ctrl_c_at_the_revoke_question_is_exit_130_without_a_traceback():
             assert chunk, asked
             asked += chunk
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        # stdin kept open until it ends: closed at once (communicate), the question could
+        # read end of input before the signal was handled
+        proc.wait(timeout=30)
+        out, err = proc.communicate()
     finally:
         if proc.poll() is None:
             proc.kill()
