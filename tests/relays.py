@@ -57,11 +57,20 @@ class ThreadedRelay:
         finally:
             writer.close()
 
+    @staticmethod
+    async def cancel_all(tasks: set[asyncio.Task]) -> None:
+        """Cancel ``tasks`` until every one has ended. Once is not enough on Python 3.11: a
+        cancellation that lands as the future a ``wait_for`` (or a handshake's timeout) waits
+        on completes is swallowed, and the task goes on relaying; the caller then waited its
+        full ten seconds and failed."""
+        while pending := [task for task in tasks if not task.done()]:
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=0.1)
+
     def close(self) -> None:
         async def stop() -> None:
-            for task in list(self.tasks):
-                task.cancel()
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+            await self.cancel_all(self.tasks)
             for listener in self.listeners:
                 listener.close()
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)

@@ -70,11 +70,7 @@ class TLSRelay(ThreadedRelay):
 
     def drop(self) -> None:
         """Close every relayed connection (as a restarted Redis does); the listeners stay."""
-        async def drop() -> None:
-            for task in list(self.serving):
-                task.cancel()
-            await asyncio.gather(*self.serving, return_exceptions=True)
-        asyncio.run_coroutine_threadsafe(drop(), self.loop).result(10)
+        asyncio.run_coroutine_threadsafe(self.cancel_all(self.serving), self.loop).result(10)
 
     async def _accept(self, listener: socket.socket, target: int, plain_too: bool) -> None:
         while True:
@@ -89,7 +85,8 @@ class TLSRelay(ThreadedRelay):
             readable = loop.create_future()
             loop.add_reader(sock.fileno(), lambda: readable.done() or readable.set_result(None))
             try:
-                await asyncio.wait_for(readable, 10)
+                async with asyncio.timeout(10):  # (wait_for may swallow a cancellation)
+                    await readable
             finally:
                 loop.remove_reader(sock.fileno())
             first = sock.recv(1, socket.MSG_PEEK)
