@@ -149,6 +149,50 @@ async def test_key_rate_limit_overrides_the_plans(gut):
     assert await statuses(gut, token, 3) == [200, 200, 429]
 
 
+async def test_retry_after_after_a_rate_downgrade_is_when_a_request_is_admitted(gut, clock):
+    """A workspace's rate is lowered (a plan downgrade, a `limits` override) while its key's
+    log holds more requests than the new limit. The 429's Retry-After must say when one more
+    request is admitted; a client that waits exactly that long must not get 429 again.
+    (Before: it said when the log's oldest entry leaves, right only for a log of exactly
+    `limit` entries: 10 s here, then 429 again, and again.)"""
+    clock.set("2026-11-10T12:00:00")  # a minute and more inside one month
+    await gut.workspace("acme", plan="unlimited")
+    await gut.admin_json("PATCH", "/workspaces/acme", {"limits": {"rate_limit": "10/m"}})
+    token, _ = await gut.key()
+
+    async def call() -> tuple[int, str | None, dict]:
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            code = (await r.json())["error"]["code"] if r.status >= 400 else None
+            await r.read()
+            return r.status, code, dict(r.headers)
+
+    for _ in range(10):  # one every 5 s: t = 0, 5, ..., 45
+        status, _, _ = await call()
+        assert status == 200
+        clock.now += 5
+    status, body = await gut.admin_json("PATCH", "/workspaces/acme",
+                                        {"limits": {"rate_limit": "2/m"}})
+    assert status == 200, body
+    # t = 50: 10 requests in the last minute, 2 allowed: one more is admitted once 9 have
+    # left the window, i.e. when the one sent at t = 40 leaves it, at t = 100
+    status, code, headers = await call()
+    assert (status, code) == (429, "rate_limited")
+    assert headers["Retry-After"] == "50"
+    # the RateLimit fields say the same: none left, one more in 50 s
+    assert headers["RateLimit-Policy"] == '"rate";q=2;w=60'
+    assert headers["RateLimit"] == '"rate";r=0;t=50'
+    clock.now += 49
+    status, code, headers = await call()
+    assert (status, code) == (429, "rate_limited")
+    assert headers["Retry-After"] == "1" and headers["RateLimit"] == '"rate";r=0;t=1'
+    clock.now += 1
+    status, code, headers = await call()
+    assert status == 200, (
+        f"Retry-After said 50 s, but a request sent then is refused again ({code})")
+    # t = 100: the one of t = 45 and this one are in the window; the next leaves at t = 105
+    assert headers["RateLimit"] == '"rate";r=0;t=5'
+
+
 async def test_usage_endpoint_counts_nothing_and_matches_admin_and_cli(gut, capsys):
     await gut.workspace("acme", plan="tiny")
     token, key = await gut.key()

@@ -171,6 +171,41 @@ async def test_a_per_minute_rate_with_a_cap_per_second_holds_both_windows(redis_
     await store.close()
 
 
+async def test_a_log_fuller_than_a_lowered_limit_says_when_one_more_is_admitted(redis_url):
+    """A rate (or its cap per second) lowered while the key's log holds more than the new
+    bound (a plan downgrade, a key's rate PATCHed, a reload): a refusal's retry is when enough
+    have left the window that one more fits, not when the oldest leaves it, which was too
+    early (a client that waited that long was refused again, and again)."""
+    seed(redis_url)
+    store = RequestStore(redis_url)
+    t0 = NOW_MS - NOW_MS % 1000
+    minute = {"rate_period_ms": 60000}
+    for i in range(10):  # 10/m: one every 5 s, t = 0 .. 45 s
+        d = await authorize(store, rate_limit=10, now_ms=t0 + i * 5000, **minute)
+        assert d.outcome == "ok"
+    # now 2/m at t = 50 s: the 9th (t = 40 s, index 10 - 2) must leave first, at t = 100 s
+    d = await authorize(store, rate_limit=2, now_ms=t0 + 50000, **minute)
+    assert (d.outcome, d.retry_after_ms, d.window_reset_ms) == ("rate", 50000, 50000)
+    d = await authorize(store, rate_limit=2, now_ms=t0 + 99999, **minute)
+    assert (d.outcome, d.retry_after_ms) == ("rate", 1)
+    assert (await authorize(store, rate_limit=2, now_ms=t0 + 100000, **minute)).outcome == "ok"
+
+    # a cap per second lowered from 5/s to 2/s with 5 in the last second (t = 200.0 .. 200.4
+    # s): one more fits once the 4th (index 5 - 2, t = 200.3 s) leaves it, at t = 201.3 s
+    burst = {"rate_limit": 50, "rate_period_ms": 60000, "now_ms": t0 + 200000}
+    for i in range(5):
+        burst["now_ms"] = t0 + 200000 + i * 100
+        assert (await authorize(store, rate_burst=5, **burst)).outcome == "ok"
+    burst["now_ms"] = t0 + 200500
+    d = await authorize(store, rate_burst=2, **burst)
+    assert (d.outcome, d.retry_after_ms, d.window_reset_ms) == ("rate", 800, 800)
+    burst["now_ms"] = t0 + 201299
+    assert (await authorize(store, rate_burst=2, **burst)).outcome == "rate"
+    burst["now_ms"] = t0 + 201300
+    assert (await authorize(store, rate_burst=2, **burst)).outcome == "ok"
+    await store.close()
+
+
 async def test_store_down_is_a_store_error(own_redis):
     seed(own_redis.url)
     store = RequestStore(own_redis.url, timeout=0.5)

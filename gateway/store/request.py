@@ -103,7 +103,7 @@ class Decision(NamedTuple):
     month_used: int = 0
     rate_remaining: int = -1  # -1: no rate limit applies
     retry_after_ms: int = 0   # rate: when one more request will be admitted
-    window_reset_ms: int = 0  # rate: until the oldest admitted request leaves the window
+    window_reset_ms: int = 0  # rate: until one more is left (a refusal: retry_after_ms)
     key_used: int = 0         # the key's own count this month (when it has a cap, or counted)
     rate_member: str = ""     # this request's entry in the key's rate log ("" or "-": none),
     # for a refund to take back the rate it spent

@@ -94,8 +94,11 @@ if limit > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - period)
   n = redis.call('ZCARD', KEYS[4])
   if n >= limit then
-    local oldest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-    local retry = tonumber(oldest[2]) + period - now
+    -- until one more fits: the entry whose leaving leaves limit - 1 (n - limit, 0-based). The
+    -- oldest only when n = limit: a log can hold more than a lowered limit (a plan downgrade,
+    -- a key's rate PATCHed, a reload), and the oldest's leaving then admits nothing.
+    local due = redis.call('ZRANGE', KEYS[4], n - limit, n - limit, 'WITHSCORES')
+    local retry = tonumber(due[2]) + period - now
     return {'rate', spend and 0 or tonumber(redis.call('GET', KEYS[3]) or '0'), 0, retry,
             retry, key_used}
   end
@@ -103,9 +106,10 @@ if limit > 0 then
   burst = tonumber(ARGV[9])
   if burst > 0 then
     b = redis.call('ZCOUNT', KEYS[4], string.format('(%d', now - 1000), '+inf')
-    if b >= burst then  -- until the oldest of the last second's leaves it
-      local first = redis.call('ZRANGE', KEYS[4], n - b, n - b, 'WITHSCORES')
-      local retry = tonumber(first[2]) + 1000 - now
+    if b >= burst then  -- until the last second holds burst - 1: its entry n - burst leaves
+      -- it (the oldest of the last second's only when b = burst; a lowered cap leaves more)
+      local due = redis.call('ZRANGE', KEYS[4], n - burst, n - burst, 'WITHSCORES')
+      local retry = tonumber(due[2]) + 1000 - now
       return {'rate', spend and 0 or tonumber(redis.call('GET', KEYS[3]) or '0'), 0, retry,
               retry, key_used}
     end
