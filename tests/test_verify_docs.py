@@ -221,3 +221,16 @@ def test_every_verify_example_clears_the_host_override_headers_keygate_drops():
     wanted = HOST_OVERRIDE - {"x-forwarded-server"}
     assert wanted | {h.replace("-", "_") for h in wanted} <= cleaned, \
         wanted - cleaned
+
+
+def test_ingress_nginx_clears_the_forwarding_headers_the_controller_does_not_set():
+    """ingress-nginx sets X-Forwarded-For/-Host/-Port/-Proto and X-Real-IP itself (unless
+    ``use-forwarded-headers`` is on, which the example says to keep off at the edge), but passes
+    a client's ``Forwarded`` (``host=``, ``for=``), ``X-Forwarded-Prefix`` and
+    ``X-Forwarded-Ssl`` on as sent; the snippet clears them, as keygate's own proxy drops them
+    and the nginx example now does."""
+    snippet = {line.strip().lstrip("#").split()[1].lower()
+               for line in text_of("ingress-nginx.yaml").splitlines()
+               if "proxy_set_header" in line and line.rstrip().endswith('"";')}
+    assert {"forwarded", "x-forwarded-prefix", "x-forwarded-scheme", "x-forwarded-ssl"} <= snippet
+    assert "use-forwarded-headers" in text_of("ingress-nginx.yaml")
