@@ -12,6 +12,12 @@ from gateway.proxying.headers import AUTH_USER, HOST_OVERRIDE
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "verify"
 IDENTITY = IdentityHeaders().names()
+# The forwarding headers an edge proxy in front of the API must not pass on from a client
+# (keygate's own proxy drops every X-Forwarded-* and Forwarded from an untrusted peer, and
+# X-Real-IP with CLIENT_ADDRESS) unless it sets them itself: the host APIs build links from,
+# the address they log, limit and allow by, the scheme, port and mount point of their URLs
+FORWARDING = {"x-forwarded-host", "forwarded", "x-real-ip", "x-forwarded-port",
+              "x-forwarded-prefix", "x-forwarded-scheme", "x-forwarded-ssl"}
 
 
 def text_of(name: str) -> str:
@@ -67,7 +73,7 @@ def test_envoy_ext_authz_uses_the_verify_prefix_and_fails_closed():
                ["request_mutations"]}
     assert removed == {h.lower() for h in IDENTITY} | {"x-original-url", "x-original-uri",
                                                        "x-rewrite-url", "x-script-name"} | \
-        AUTH_USER | HOST_OVERRIDE
+        AUTH_USER | HOST_OVERRIDE | FORWARDING
 
 
 def test_ingress_nginx_sets_the_original_request_headers_itself():
@@ -234,3 +240,28 @@ def test_ingress_nginx_clears_the_forwarding_headers_the_controller_does_not_set
                if "proxy_set_header" in line and line.rstrip().endswith('"";')}
     assert {"forwarded", "x-forwarded-prefix", "x-forwarded-scheme", "x-forwarded-ssl"} <= snippet
     assert "use-forwarded-headers" in text_of("ingress-nginx.yaml")
+
+
+def test_envoy_verify_example_keeps_a_clients_forwarded_host_and_address_from_the_api():
+    """docs/verify/envoy.yaml removed a client's X-Host, X-Original-Host, X-Forwarded-Server
+    (host injection) and the auth-proxy user headers, but not X-Forwarded-Host, Forwarded or
+    X-Real-IP: Envoy passes those on from a downstream client as sent (use_remote_address only
+    appends to X-Forwarded-For and sets X-Forwarded-Proto), so an API behind it built its
+    links from the client's X-Forwarded-Host, exactly what keygate's own proxy prevents."""
+    hcm = yaml.safe_load(text_of("envoy.yaml"))["static_resources"]["listeners"][0][
+        "filter_chains"][0]["filters"][0]["typed_config"]
+    removed = set()
+    for m in hcm["http_filters"][0]["typed_config"]["mutations"]["request_mutations"]:
+        if "remove" in m:  # removed, or set by Envoy itself (append with overwrite)
+            removed.add(m["remove"].lower())
+        elif "append" in m:
+            removed.add(m["append"]["header"]["key"].lower())
+    for vhost in hcm["route_config"]["virtual_hosts"]:
+        for route in vhost["routes"]:
+            removed.update(h.lower() for h in route.get("request_headers_to_remove", ()))
+            removed.update(h["header"]["key"].lower()
+                           for h in route.get("request_headers_to_add", ()))
+    missing = FORWARDING - removed
+    assert not missing, missing
+    # X-Forwarded-For and -Proto are Envoy's own at the edge
+    assert hcm["use_remote_address"] is True
