@@ -39,7 +39,10 @@ def test_traefik_labels_forward_auth_to_verify_and_copy_the_identity():
             "X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Script-Name", "SCRIPT_NAME",
             "X_Original_URL", "X_Original_URI", "X_Rewrite_URL", "X_Script_Name",
             "X-Original-Host", "X-Host", "X-HTTP-Host-Override", "X_Original_Host", "X_Host",
-            "X_HTTP_Host_Override"}
+            "X_HTTP_Host_Override",
+            "Forwarded", "X-Forwarded-Prefix", "X-Forwarded-Scheme", "X-Forwarded-Ssl",
+            "X_Forwarded_For", "X_Forwarded_Host", "X_Forwarded_Proto", "X_Forwarded_Port",
+            "X_Forwarded_Prefix", "X_Forwarded_Scheme", "X_Forwarded_Ssl", "X_Real_Ip"}
 
 
 def test_traefik_drops_the_underscore_spellings_of_the_identity_headers():
@@ -265,3 +268,23 @@ def test_envoy_verify_example_keeps_a_clients_forwarded_host_and_address_from_th
     assert not missing, missing
     # X-Forwarded-For and -Proto are Envoy's own at the edge
     assert hcm["use_remote_address"] is True
+
+
+def test_traefik_keeps_a_clients_forwarded_header_from_the_api():
+    """Traefik replaces a client's X-Forwarded-For/-Host/-Port/-Proto/-Server and X-Real-Ip
+    (its forwardedHeaders, no trusted IPs), but passes ``Forwarded`` (``host=``, ``for=``,
+    ``proto=``: what Spring's ForwardedHeaderFilter and ASP.NET read first),
+    ``X-Forwarded-Prefix``, ``-Scheme`` (Rack reads it before ``-Proto``) and ``-Ssl`` on as
+    sent; and, as for every other name, the "_" spellings of all of them
+    (``X_Forwarded_Host``), which Rack, PHP and CGI read as the same header (Puma's
+    CVE-2024-45614: a client's "_" copy clobbering the proxy's). The example clears them."""
+    doc = yaml.safe_load(text_of("traefik-compose.yml"))
+    labels = dict(label.split("=", 1) for label in doc["services"]["api"]["labels"])
+    prefix = "traefik.http.middlewares.keygate-clean.headers.customrequestheaders."
+    cleaned = {k[len(prefix):].lower() for k, v in labels.items()
+               if k.startswith(prefix) and v == ""}
+    replaced_by_traefik = {"x-forwarded-host", "x-real-ip", "x-forwarded-port"}
+    wanted = (FORWARDING - replaced_by_traefik) | {
+        h.replace("-", "_") for h in FORWARDING | {"x-forwarded-for", "x-forwarded-proto"}
+        if "-" in h}
+    assert wanted <= cleaned, wanted - cleaned
