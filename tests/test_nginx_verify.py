@@ -290,3 +290,43 @@ async def test_a_clients_host_override_headers_never_reach_the_api(stack, upstre
         assert not any(v.startswith("evil-") for _, v in seen), seen
         assert any(k.lower() == "host" for k, _ in seen), seen
 
+
+
+async def test_a_clients_forwarded_host_and_address_never_reach_the_api(stack, upstream):
+    """keygate's own proxy never lets a client's ``X-Forwarded-Host`` / ``X-Forwarded-For`` /
+    ``Forwarded`` / ``X-Real-IP`` reach the upstream from an untrusted peer (SPEC: client
+    ``X-Forwarded-*`` are replaced). The shipped snippet cleared ``X-Host``,
+    ``X-Original-Host`` and ``X-Forwarded-Server`` ("so a client cannot have the upstream mail
+    a reset link to its own host") but passed the client's own ``X-Forwarded-Host`` (the one
+    Django, Rails and Express read), ``Forwarded`` ``host=``, and a forged ``X-Forwarded-For``
+    / ``X-Real-IP`` to the API as sent. Now nginx sets the ones it knows from the connection
+    (the client's address, nginx's scheme, host and port) and clears the rest."""
+    gw, base = stack
+    await gw.workspace("acme")
+    token, _ = await gw.key(scopes=["people:read"])
+    spoofs = {"X-Forwarded-Host": "evil-host.example", "Forwarded": "for=6.6.6.6;host=evil-fwd.example",
+              "X-Real-IP": "6.6.6.6", "X-Forwarded-For": "6.6.6.6",
+              "X-Forwarded-Proto": "evil-proto", "X-Forwarded-Port": "6666",
+              "X-Forwarded-Prefix": "/evil-prefix", "X-Forwarded-Scheme": "evil-scheme",
+              "X-Forwarded-Ssl": "evil-on"}
+    for path, credential in (("/health", {}), ("/people/1", {"Authorization": f"Bearer {token}"})):
+        status, _, _ = await get(base + path, headers={**credential, **spoofs})
+        assert status == 200
+        seen = upstream.requests[-1]["headers"]
+        # X-Forwarded-For may keep the client's hops if nginx appends its peer (the usual
+        # $proxy_add_x_forwarded_for); its last hop must not be the client's word
+        leaked = [(k, v) for k, v in seen if "evil" in v or "6666" in v or (
+            k.lower() == "x-forwarded-for" and v.split(",")[-1].strip() == "6.6.6.6") or (
+            k.lower() != "x-forwarded-for" and "6.6.6.6" in v)]
+        assert not leaked, leaked
+        # what nginx knows from the connection, once each: the client is 127.0.0.1 here
+        sent = {}
+        for k, v in seen:
+            sent.setdefault(k.lower(), []).append(v)
+        assert sent.get("x-forwarded-for") == ["127.0.0.1"], seen
+        assert sent.get("x-real-ip") == ["127.0.0.1"], seen
+        assert sent.get("x-forwarded-proto") == ["http"], seen
+        assert sent.get("x-forwarded-host") == ["127.0.0.1"], seen
+        assert sent.get("x-forwarded-port") == [base.rsplit(":", 1)[1]], seen
+        assert not {"forwarded", "x-forwarded-prefix", "x-forwarded-scheme",
+                    "x-forwarded-ssl"} & sent.keys(), seen

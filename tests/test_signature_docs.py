@@ -213,6 +213,60 @@ server.listen(0, "127.0.0.1", () => console.log(server.address().port));
         await proc.wait()
 
 
+
+async def test_the_nodejs_check_refuses_a_repeated_signature_header(tmp_path):
+    """``gateway.signature.verify`` refuses a request whose signature header (or any signed
+    header) is repeated. The Node.js check read ``req.headers``, where Node joins repeats with
+    ", ": a valid signature followed by a second copy (``x=y``, a stale one) still verified,
+    so the two checks disagreed on the same request. It now counts the copies in
+    ``req.rawHeaders`` and refuses a repeat, as the Python one does."""
+    import asyncio
+    import hashlib
+    import hmac
+    import shutil
+    import time
+
+    from multidict import CIMultiDict
+
+    from gateway.signature import verify
+
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed")
+    script = tmp_path / "upstream.js"
+    script.write_text(node_block() + """
+const http = require("node:http");
+const server = http.createServer((req, res) => {
+  res.writeHead(verifyKeygate(req, process.env.KEYGATE_SIGNING_SECRET) ? 200 : 401);
+  res.end();
+});
+server.listen(0, "127.0.0.1", () => console.log(server.address().port));
+""")
+    proc = await asyncio.create_subprocess_exec(
+        node, str(script), stdout=asyncio.subprocess.PIPE,
+        env={"KEYGATE_SIGNING_SECRET": "doc-secret", "PATH": "/usr/bin:/bin"})
+    try:
+        port = int(await asyncio.wait_for(proc.stdout.readline(), 10))
+        t = str(int(time.time()))
+        signed = [("X-Request-Id", "r1"), ("X-Workspace-Id", "acme"), ("X-Api-Key-Id", "k"),
+                  ("X-Api-Scopes", "people:read"), ("X-Workspace-Plan", "p")]
+        message = "\n".join((t, "GET", "/people/1", *(v for _, v in signed))).encode()
+        signature = f"t={t},v1={hmac.new(b'doc-secret', message, hashlib.sha256).hexdigest()}"
+        url = f"http://127.0.0.1:{port}/people/1"
+        async with ClientSession() as direct:
+            for extra, expected in (([], 200), ([("X-Keygate-Signature", "x=y")], 401),
+                                    ([("X-Keygate-Signature", signature)], 401),
+                                    ([("x-keygate-signature", "t=1,v1=00")], 401)):
+                headers = [*signed, ("X-Keygate-Signature", signature), *extra]
+                async with direct.get(url, headers=headers) as r:
+                    assert r.status == expected, extra
+                # the same answer as the Python check
+                assert verify(CIMultiDict(headers), "GET", "/people/1", "doc-secret") == \
+                    (expected == 200), extra
+    finally:
+        proc.kill()
+        await proc.wait()
+
 async def test_the_flask_target_the_verify_docstring_names_verifies(redis_url, monkeypatch):
     """``gateway.signature.verify``'s docstring tells a Flask upstream which expression gives
     the target. It named ``request.full_path``, which is percent-decoded and ends every path

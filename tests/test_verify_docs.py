@@ -12,6 +12,12 @@ from gateway.proxying.headers import AUTH_USER, HOST_OVERRIDE
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "verify"
 IDENTITY = IdentityHeaders().names()
+# The forwarding headers an edge proxy in front of the API must not pass on from a client
+# (keygate's own proxy drops every X-Forwarded-* and Forwarded from an untrusted peer, and
+# X-Real-IP with CLIENT_ADDRESS) unless it sets them itself: the host APIs build links from,
+# the address they log, limit and allow by, the scheme, port and mount point of their URLs
+FORWARDING = {"x-forwarded-host", "forwarded", "x-real-ip", "x-forwarded-port",
+              "x-forwarded-prefix", "x-forwarded-scheme", "x-forwarded-ssl"}
 
 
 def text_of(name: str) -> str:
@@ -33,7 +39,10 @@ def test_traefik_labels_forward_auth_to_verify_and_copy_the_identity():
             "X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Script-Name", "SCRIPT_NAME",
             "X_Original_URL", "X_Original_URI", "X_Rewrite_URL", "X_Script_Name",
             "X-Original-Host", "X-Host", "X-HTTP-Host-Override", "X_Original_Host", "X_Host",
-            "X_HTTP_Host_Override"}
+            "X_HTTP_Host_Override",
+            "Forwarded", "X-Forwarded-Prefix", "X-Forwarded-Scheme", "X-Forwarded-Ssl",
+            "X_Forwarded_For", "X_Forwarded_Host", "X_Forwarded_Proto", "X_Forwarded_Port",
+            "X_Forwarded_Prefix", "X_Forwarded_Scheme", "X_Forwarded_Ssl", "X_Real_Ip"}
 
 
 def test_traefik_drops_the_underscore_spellings_of_the_identity_headers():
@@ -67,7 +76,7 @@ def test_envoy_ext_authz_uses_the_verify_prefix_and_fails_closed():
                ["request_mutations"]}
     assert removed == {h.lower() for h in IDENTITY} | {"x-original-url", "x-original-uri",
                                                        "x-rewrite-url", "x-script-name"} | \
-        AUTH_USER | HOST_OVERRIDE
+        AUTH_USER | HOST_OVERRIDE | FORWARDING
 
 
 def test_ingress_nginx_sets_the_original_request_headers_itself():
@@ -221,3 +230,61 @@ def test_every_verify_example_clears_the_host_override_headers_keygate_drops():
     wanted = HOST_OVERRIDE - {"x-forwarded-server"}
     assert wanted | {h.replace("-", "_") for h in wanted} <= cleaned, \
         wanted - cleaned
+
+
+def test_ingress_nginx_clears_the_forwarding_headers_the_controller_does_not_set():
+    """ingress-nginx sets X-Forwarded-For/-Host/-Port/-Proto and X-Real-IP itself (unless
+    ``use-forwarded-headers`` is on, which the example says to keep off at the edge), but passes
+    a client's ``Forwarded`` (``host=``, ``for=``), ``X-Forwarded-Prefix`` and
+    ``X-Forwarded-Ssl`` on as sent; the snippet clears them, as keygate's own proxy drops them
+    and the nginx example now does."""
+    snippet = {line.strip().lstrip("#").split()[1].lower()
+               for line in text_of("ingress-nginx.yaml").splitlines()
+               if "proxy_set_header" in line and line.rstrip().endswith('"";')}
+    assert {"forwarded", "x-forwarded-prefix", "x-forwarded-scheme", "x-forwarded-ssl"} <= snippet
+    assert "use-forwarded-headers" in text_of("ingress-nginx.yaml")
+
+
+def test_envoy_verify_example_keeps_a_clients_forwarded_host_and_address_from_the_api():
+    """docs/verify/envoy.yaml removed a client's X-Host, X-Original-Host, X-Forwarded-Server
+    (host injection) and the auth-proxy user headers, but not X-Forwarded-Host, Forwarded or
+    X-Real-IP: Envoy passes those on from a downstream client as sent (use_remote_address only
+    appends to X-Forwarded-For and sets X-Forwarded-Proto), so an API behind it built its
+    links from the client's X-Forwarded-Host, exactly what keygate's own proxy prevents."""
+    hcm = yaml.safe_load(text_of("envoy.yaml"))["static_resources"]["listeners"][0][
+        "filter_chains"][0]["filters"][0]["typed_config"]
+    removed = set()
+    for m in hcm["http_filters"][0]["typed_config"]["mutations"]["request_mutations"]:
+        if "remove" in m:  # removed, or set by Envoy itself (append with overwrite)
+            removed.add(m["remove"].lower())
+        elif "append" in m:
+            removed.add(m["append"]["header"]["key"].lower())
+    for vhost in hcm["route_config"]["virtual_hosts"]:
+        for route in vhost["routes"]:
+            removed.update(h.lower() for h in route.get("request_headers_to_remove", ()))
+            removed.update(h["header"]["key"].lower()
+                           for h in route.get("request_headers_to_add", ()))
+    missing = FORWARDING - removed
+    assert not missing, missing
+    # X-Forwarded-For and -Proto are Envoy's own at the edge
+    assert hcm["use_remote_address"] is True
+
+
+def test_traefik_keeps_a_clients_forwarded_header_from_the_api():
+    """Traefik replaces a client's X-Forwarded-For/-Host/-Port/-Proto/-Server and X-Real-Ip
+    (its forwardedHeaders, no trusted IPs), but passes ``Forwarded`` (``host=``, ``for=``,
+    ``proto=``: what Spring's ForwardedHeaderFilter and ASP.NET read first),
+    ``X-Forwarded-Prefix``, ``-Scheme`` (Rack reads it before ``-Proto``) and ``-Ssl`` on as
+    sent; and, as for every other name, the "_" spellings of all of them
+    (``X_Forwarded_Host``), which Rack, PHP and CGI read as the same header (Puma's
+    CVE-2024-45614: a client's "_" copy clobbering the proxy's). The example clears them."""
+    doc = yaml.safe_load(text_of("traefik-compose.yml"))
+    labels = dict(label.split("=", 1) for label in doc["services"]["api"]["labels"])
+    prefix = "traefik.http.middlewares.keygate-clean.headers.customrequestheaders."
+    cleaned = {k[len(prefix):].lower() for k, v in labels.items()
+               if k.startswith(prefix) and v == ""}
+    replaced_by_traefik = {"x-forwarded-host", "x-real-ip", "x-forwarded-port"}
+    wanted = (FORWARDING - replaced_by_traefik) | {
+        h.replace("-", "_") for h in FORWARDING | {"x-forwarded-for", "x-forwarded-proto"}
+        if "-" in h}
+    assert wanted <= cleaned, wanted - cleaned
