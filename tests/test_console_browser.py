@@ -918,6 +918,56 @@ def test_a_double_click_on_create_or_rotate_makes_one_key(page, gateway):
     assert gateway.proxy("/people", rotated)[0] == 200
 
 
+def test_a_token_shown_once_is_not_replaced_by_another_answer(page, gateway, redis_server_url):
+    """Two calls that each answer a shown-once token (Create, from the inline form, and Rotate,
+    from a row) are in flight together: the store is slow for a moment. Both keys are made;
+    the second answer's dialog replaced the first's (openDialog closed every dialog), so one
+    live key's token was never seen by anybody. SPEC: the token appears once 'until Done is
+    pressed'. Now the second waits for the first one's Done."""
+    new_workspace(gateway, "rcboth", "Both")
+    gateway.key("rcboth", name="rotated-one", scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.link("rcboth").click()
+    page.row("rotated-one")
+    page.button("Create key").click()
+    page.field("Name").send_keys("created-one")
+    page.field("Scopes").send_keys("people:read")
+    store = redis_sync.Redis.from_url(redis_server_url)
+    try:
+        store.execute_command("CLIENT", "PAUSE", "1500", "WRITE")  # a slow store, briefly
+        page.button("Create").click()
+        page.button("Rotate", page.row("rotated-one")).click()
+        dialog = page.dialog()
+        grace = page.field("Grace", dialog)
+        grace.clear()
+        grace.send_keys("1h")
+        page.button("Rotate", dialog).click()
+    finally:
+        store.close()
+    # both keys exist: one created, one made by the rotation
+    wait(page.driver, lambda d: len(keys_named(gateway, "rcboth", "created-one")) == 1
+         and len(keys_named(gateway, "rcboth", "rotated-one")) == 2)
+    time.sleep(2)  # both answers are in
+    seen: list[str] = []
+    while True:  # each new token on screen in turn, until its Done (queued ones included)
+        deadline = time.monotonic() + 3
+        shown = []
+        while time.monotonic() < deadline and not shown:
+            shown = [t for t in page.driver.find_elements(By.CSS_SELECTOR, "[data-token]")
+                     if t.is_displayed()]
+            time.sleep(0.1)
+        if not shown:
+            break
+        token = shown[0].get_attribute("data-token")
+        seen.append(token)
+        page.tokens_seen.append(token)
+        page.button("Done", shown[0].find_element(By.XPATH, './ancestor::dialog')).click()
+        wait(page.driver, lambda d: token not in d.page_source)
+    assert len(set(seen)) == 2, f"{len(set(seen))} of the 2 new tokens were shown"
+    for token in seen:
+        assert gateway.proxy("/people", token)[0] == 200
+
+
 def test_the_token_stays_on_screen_until_done_is_pressed(page, gateway):
     new_workspace(gateway, "oscorp", "Oscorp")
     page.sign_in(ADMIN_TOKEN)

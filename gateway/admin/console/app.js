@@ -209,13 +209,28 @@ function splitScopes(text) {
 
 // --- dialogs: built when opened, removed when closed (one at a time) ----------------------------
 
+// Dialogs waiting for a shown-once token's Done: a dialog holding a token is never closed or
+// covered by another (two calls in flight, such as a Create and a Rotate, each answer a token:
+// the second answer's dialog replaced the first's, and that live key's token was never seen).
+const waitingDialogs = [];
+
+let dialogsOpened = 0;
+
+const tokenOnScreen = () => document.querySelector("dialog [data-token]") !== null;
+
 // `modal`: Escape does not close it (the shown-once token stays until Done is pressed: a reflex
-// on Escape must not lose a token that can never be shown again).
+// on Escape must not lose a token that can never be shown again). A dialog holding a token
+// opens over a dialog whose call is still on its way (its answer or its problem still shows
+// there), and while a token is on screen any other dialog waits for its Done.
 function openDialog(title, build, {modal = false} = {}) {
-  closeDialogs();
-  const heading = el("h2", {id: "dialog-title", text: title});
+  if (tokenOnScreen()) {
+    waitingDialogs.push([title, build, {modal}]);
+    return;
+  }
+  const titleId = "dialog-title-" + (++dialogsOpened);  // two may be open, one over the other
+  const heading = el("h2", {id: titleId, text: title});
   const dialog = el("dialog", {"role": "dialog", "aria-modal": "true",
-                               "aria-labelledby": "dialog-title"}, heading);
+                               "aria-labelledby": titleId}, heading);
   const opener = document.activeElement;
   const openerRow = opener && opener.closest ? opener.closest("#keys tbody tr") : null;
   let closing = false;
@@ -230,11 +245,21 @@ function openDialog(title, build, {modal = false} = {}) {
     }
     dialog.close();
     dialog.remove();
+    if (!tokenOnScreen() && waitingDialogs.length > 0) {
+      openDialog(...waitingDialogs.shift());  // the next token (it takes focus)
+      return;
+    }
+    const left = document.querySelector("dialog[open]");
+    if (left) {  // a dialog under this one: focus back to where it was in it, if it was
+      if (opener && opener.isConnected && left.contains(opener)) opener.focus();
+      return;
+    }
     if (session === null) $("token").focus();  // signed out meanwhile: back to sign-in
     else if (opener && opener.isConnected) opener.focus();
     else if (openerRow) focusAgain(openerRow.dataset.keyId, opener.textContent);
   };
   build(dialog, close);
+  closeDialogs({keepBusy: dialog.querySelector("[data-token]") !== null});
   dialog.addEventListener("cancel", (event) => {
     event.preventDefault();
     if (!modal) close();
@@ -252,10 +277,13 @@ function openDialog(title, build, {modal = false} = {}) {
 
 // `keepTokens`: a dialog showing a token just made stays (on a sign-out, it is the only copy
 // of a live key's token: rotating the key one is signed in with signs out the page, and the new
-// token is then the only way back in). Done removes it.
-function closeDialogs({keepTokens = false} = {}) {
+// token is then the only way back in). Done removes it. `keepBusy`: a dialog whose call is on
+// its way stays too (a token dialog opens over it). Without either, the waiting ones go too.
+function closeDialogs({keepTokens = false, keepBusy = false} = {}) {
+  if (!keepTokens && !keepBusy) waitingDialogs.length = 0;
   for (const dialog of document.querySelectorAll("dialog")) {
-    if (keepTokens && dialog.querySelector("[data-token]")) continue;
+    if ((keepTokens || keepBusy) && dialog.querySelector("[data-token]")) continue;
+    if (keepBusy && dialog.getAttribute("aria-busy") === "true") continue;
     dialog.close();
     dialog.remove();
   }
