@@ -968,6 +968,43 @@ def test_a_token_shown_once_is_not_replaced_by_another_answer(page, gateway, red
         assert gateway.proxy("/people", token)[0] == 200
 
 
+def test_a_bare_number_as_rotation_grace_is_refused_not_read_as_seconds(page, gateway):
+    """The Rotate dialog's Grace field says '0, or a duration such as 30m, 24h or 7d' and its
+    own error message the same; the CLI refuses a bare number ('a bare 30 could mean seconds
+    or days'). The console read '24' (meant as 24 hours) as 24 seconds and rotated: the old
+    key, still deployed everywhere, stopped working 24 seconds later."""
+    new_workspace(gateway, "rcgrace", "Grace")
+    _, old = gateway.key("rcgrace", name="deployed", scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.link("rcgrace").click()
+    page.in_dialog("Rotate", "deployed", "Grace", "24", "Rotate")
+    deadline = time.monotonic() + 5
+    problem = ""
+    while time.monotonic() < deadline and not problem:
+        tokens = page.driver.find_elements(By.CSS_SELECTOR, "[data-token]")
+        if tokens:  # rotated: keep the shown-once token off the page before failing
+            page.tokens_seen.append(tokens[0].get_attribute("data-token"))
+            page.button("Done", page.dialog()).click()
+            break
+        problem = "".join(e.text for e in page.driver.find_elements(
+            By.CSS_SELECTOR, "dialog .form-error") if e.is_displayed())
+        time.sleep(0.2)
+    status, key = gateway.admin("GET", f"/workspaces/rcgrace/keys/{old['id']}")
+    assert key["expires_at"] is None, \
+        f"rotated with a grace of 24 seconds: the old key now expires at {key['expires_at']}"
+    assert "duration" in problem and "24h" in problem, problem
+    assert keys_named(gateway, "rcgrace", "deployed") == [key]  # nothing rotated
+    # with its unit it rotates, and "0" alone still means no grace
+    dialog = page.dialog()
+    grace = page.field("Grace", dialog)
+    grace.clear()
+    grace.send_keys("24h")
+    page.button("Rotate", dialog).click()
+    page.take_token()
+    status, key = gateway.admin("GET", f"/workspaces/rcgrace/keys/{old['id']}")
+    assert key["expires_at"] is not None and key["status"] == "active", key
+
+
 def test_the_token_stays_on_screen_until_done_is_pressed(page, gateway):
     new_workspace(gateway, "oscorp", "Oscorp")
     page.sign_in(ADMIN_TOKEN)

@@ -194,13 +194,22 @@ function parseExpiry(text) {
   return {at: new Date(local - offset * 60000).toISOString().replace(/\.\d{3}Z$/, "Z")};
 }
 
+// Grace: "30m" / "24h" / "7d" / "2w" / "3600s" → seconds; "0" (or empty) alone is none. A unit
+// is required otherwise, as the CLI's parse_duration has it: a bare 24 could mean seconds or
+// hours (read as seconds, the old key, still deployed, stopped working 24 seconds later).
 function parseDuration(text) {
   const value = text.trim();
   if (value === "" || value === "0") return 0;
-  const found = /^(\d{1,9})\s*([smhdw]?)$/i.exec(value);
-  if (!found) throw new Error("Grace must be 0 or a duration such as 30m, 24h or 7d.");
-  const unit = {"": 1, s: 1, m: 60, h: 3600, d: 86400, w: 604800}[found[2].toLowerCase()];
-  return Number(found[1]) * unit;
+  const found = /^(\d{1,9})\s*([smhdw])$/i.exec(value);
+  if (found) {
+    const unit = {s: 1, m: 60, h: 3600, d: 86400, w: 604800}[found[2].toLowerCase()];
+    return Number(found[1]) * unit;
+  }
+  if (/^\d{1,9}$/.test(value)) {
+    throw new Error("Grace needs a unit: a bare " + value + " could mean seconds, hours or " +
+                    "days. Give 0, or a duration such as 30m, 24h or 7d.");
+  }
+  throw new Error("Grace must be 0 or a duration such as 30m, 24h or 7d.");
 }
 
 function splitScopes(text) {
@@ -828,10 +837,19 @@ function rotateKey(key) {
                                "aria-describedby": "rotate-grace-hint"});
     const confirm = oneAtATime(dialog, async () => {
       const mine = session;
+      let seconds;
+      try {
+        seconds = parseDuration(grace.value);
+      } catch (err) {  // nothing sent: the field says what it takes
+        showProblem(problem, err.message);
+        grace.setAttribute("aria-invalid", "true");
+        grace.focus();
+        return;
+      }
+      grace.removeAttribute("aria-invalid");
       let rotated;
       try {
-        rotated = await api("POST", keyPath(key) + "/rotate",
-                            {grace_seconds: parseDuration(grace.value)});
+        rotated = await api("POST", keyPath(key) + "/rotate", {grace_seconds: seconds});
       } catch (err) {
         showProblem(problem, describe(err));
         return;
