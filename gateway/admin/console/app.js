@@ -1018,6 +1018,15 @@ for (const th of $("keys").tHead.rows[0].cells) {
 }
 $("ws-title").setAttribute("tabindex", "-1");
 $("workspaces-title").setAttribute("tabindex", "-1");
+// A shown-once token on screen (or one waiting for the Done of another) is the only copy of a
+// live key's token: a reload, Back, a closed tab or a typed address loses it, so the browser
+// asks first ("Leave site?"). Only then: with no token on screen, leaving is free.
+window.addEventListener("beforeunload", (event) => {
+  if (!tokenOnScreen() && waitingDialogs.length === 0) return;
+  event.preventDefault();
+  // older browsers ask only when returnValue holds a text
+  event.returnValue = "A new key's token is on screen and cannot be shown again.";
+});
 // Leaving the page signs out, as reloading it does: the browser may keep a page it leaves in
 // its back/forward cache, script state included, and Back would then bring back the session
 // (token and all) and any shown-once token to whoever is at the screen next.
