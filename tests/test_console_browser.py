@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 import redis as redis_sync
-from aiohttp import web
+from aiohttp import ClientSession, web
 
 from conftest import free_port
 from gateway.app import running_gateway, start_listeners, stop_listeners
@@ -1350,6 +1350,80 @@ def test_a_double_click_on_sign_in_signs_in_without_a_false_error(page, gateway)
     page.link("hanso")
     alert = page.driver.find_element(By.ID, "alert")
     assert not alert.is_displayed(), alert.text
+
+
+def test_a_call_without_an_answer_yet_shows_that_the_page_is_waiting(browser, gateway):
+    """The admin API (behind a tunnel or a load balancer, or busy hashing) takes its time:
+    Sign in was pressed and nothing on the page changed, for as long as the answer took (the
+    page set aria-busy only, which nothing draws, and a second press is swallowed). A person
+    could not tell a press that did nothing from a call on its way. Now the button reads
+    "Signing in…" and a status line says so; after 10 s without an answer it says it is
+    still waiting; the answer puts both back. A call from no form (opening a workspace) says
+    so in the page's status line."""
+    release = asyncio.Event()
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/admin/"):
+            await release.wait()  # the API's answer is on its way, slowly
+        async with ClientSession() as client:
+            async with client.request(request.method, gateway.admin_url + request.path_qs,
+                                      headers={k: v for k, v in request.headers.items()
+                                               if k.lower() not in ("host",)},
+                                      data=await request.read()) as upstream:
+                body = await upstream.read()
+                headers = {k: v for k, v in upstream.headers.items()
+                           if k.lower() not in ("content-length", "transfer-encoding",
+                                                "content-encoding", "connection")}
+                return web.Response(status=upstream.status, body=body, headers=headers)
+
+    async def start():
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", relay)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner, f"http://127.0.0.1:{port}"
+
+    shows = ("const b = document.querySelector('#signin-form button[type=submit]');"
+             "const w = document.querySelector('#signin-form .waiting');"
+             "return {button: b.textContent.trim(), busy: b.getAttribute('aria-disabled'),"
+             "        focused: document.activeElement === b,"
+             "        waiting: w && w.offsetParent !== null ? w.textContent.trim() : ''};")
+    new_workspace(gateway, "rcwait", "Wait")
+    runner, origin = gateway.run(start())
+    try:
+        browser.get(origin + "/console/")
+        wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+        browser.find_element(By.ID, "token").send_keys(ADMIN_TOKEN)
+        button = browser.find_element(By.XPATH, "//button[normalize-space()='Sign in']")
+        button.click()
+        time.sleep(3)
+        shown = browser.execute_script(shows)
+        assert shown["button"] == "Signing in…" and shown["busy"] == "true", shown
+        assert "waiting for the admin api" in shown["waiting"].lower(), shown
+        assert shown["focused"], shown  # not disabled: focus stays where the person left it
+        button.click()  # a second press while waiting does nothing more
+        wait(browser, lambda d: "still waiting" in d.execute_script(shows)["waiting"].lower(), 15)
+        gateway.loop.call_soon_threadsafe(release.set)
+        wait(browser, lambda d: d.find_element(By.ID, "workspaces-view").is_displayed())
+        assert not browser.find_element(By.ID, "alert").is_displayed()
+        shown = browser.execute_script(shows)
+        assert shown["button"] == "Sign in" and shown["busy"] is None, shown
+        assert shown["waiting"] == "", shown
+        # a call from no form (a workspace's link) says so in the page's status line
+        gateway.loop.call_soon_threadsafe(release.clear)
+        time.sleep(0.2)
+        wait(browser, lambda d: d.find_element(By.LINK_TEXT, "rcwait")).click()
+        status = browser.find_element(By.ID, "status")
+        wait(browser, lambda d: status.text == "Opening workspace rcwait…", 5)
+        gateway.loop.call_soon_threadsafe(release.set)
+        wait(browser, lambda d: d.find_element(By.ID, "ws-title").text == "Wait (rcwait)")
+        assert status.text == ""
+    finally:
+        gateway.loop.call_soon_threadsafe(release.set)
+        browser.get("about:blank")
+        gateway.run(runner.cleanup())
 
 
 def test_signing_out_forgets_the_filters_and_order_too(page, gateway):

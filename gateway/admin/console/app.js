@@ -302,19 +302,76 @@ function closeDialogs({keepTokens = false, keepBusy = false} = {}) {
 // click or Enter on the same form or dialog does nothing (a double click on Create made two keys,
 // on Rotate two new keys, and the second token dialog replaced the first: a live key whose token
 // nobody ever saw). Nothing is disabled, so focus stays where the person left it.
-function oneAtATime(container, act) {
+//
+// A call that takes its time shows that it is on its way (aria-busy alone draws nothing, and a
+// press that did nothing looked the same as a slow answer): after a moment the pressed button
+// reads `busyLabel` ("Signing in…") and is aria-disabled, and a status line under it says the
+// page waits for the admin API; after 10 s, that it is still waiting. The answer puts both back.
+const SHOW_WAITING_MS = 300;  // a quick answer changes nothing on screen
+const STILL_WAITING_MS = 10000;
+
+function oneAtATime(container, act, busyLabel) {
   let running = false;
   return async (event) => {
+    // the button pressed: a form's submitter (Enter in a field too), or the button clicked
+    const button = event && event.submitter ? event.submitter
+      : event && event.currentTarget instanceof HTMLButtonElement ? event.currentTarget
+      : container.querySelector("button[type=submit]");
     if (event) event.preventDefault();
     if (running) return;
     running = true;
     container.setAttribute("aria-busy", "true");
+    const label = button ? button.textContent : "";
+    const line = el("p", {"class": "waiting", "role": "status"});
+    container.append(line);
+    const waiting = setTimeout(() => {
+      if (button) {
+        button.textContent = busyLabel;
+        button.setAttribute("aria-disabled", "true");
+      }
+      line.textContent = "Waiting for the admin API to answer…";
+    }, SHOW_WAITING_MS);
+    const still = setTimeout(() => {
+      line.textContent = "Still waiting for the admin API after " + STILL_WAITING_MS / 1000 +
+        " seconds: it is slow, or cannot be reached. Its answer, or the error, shows here " +
+        "when it comes; pressing again sends nothing more.";
+    }, STILL_WAITING_MS);
     try {
       await act(event);
     } finally {
+      clearTimeout(waiting);
+      clearTimeout(still);
       running = false;
       container.removeAttribute("aria-busy");
+      line.remove();
+      if (button) {
+        button.textContent = label;
+        button.removeAttribute("aria-disabled");
+      }
     }
+  };
+}
+
+// The same for a call made from no form or dialog (a workspace's link, All workspaces, a row's
+// Disable or Enable): after a moment the page's status line says `text`, after 10 s that it is
+// still waiting. The function returned ends it (the line is cleared if it still says so).
+function waitingLine(text) {
+  let shown = null;
+  const say = (message) => {
+    announce(message);
+    shown = message;
+  };
+  const waiting = setTimeout(() => say(text), SHOW_WAITING_MS);
+  const still = setTimeout(() => {
+    if ($("status").textContent === shown) {  // not when a later step has said something
+      say("Still waiting for the admin API after " + STILL_WAITING_MS / 1000 + " seconds: " +
+          "it is slow, or cannot be reached.");
+    }
+  }, STILL_WAITING_MS);
+  return () => {
+    clearTimeout(waiting);
+    clearTimeout(still);
+    if (shown !== null && $("status").textContent === shown) announce("");
   };
 }
 
@@ -471,11 +528,14 @@ async function backToWorkspaces(event) {
   event.preventDefault();
   showAlert("");
   const mine = ++chosen;
+  const done = waitingLine("Reading the workspaces…");
   try {
     const listing = await api("GET", "/workspaces");
     if (mine === chosen) showWorkspaces(listing.items);
   } catch (err) {
     if (mine === chosen) showAlert(describe(err));
+  } finally {
+    done();
   }
 }
 
@@ -492,6 +552,7 @@ async function openWorkspace(id) {
   announce("");
   const mine = ++chosen;
   let workspace, roles, listed;
+  const done = waitingLine("Opening workspace " + id + "…");
   try {
     const ws = encodeURIComponent(id);
     [workspace, roles, listed] = await Promise.all([
@@ -500,6 +561,8 @@ async function openWorkspace(id) {
   } catch (err) {
     if (mine === chosen) showAlert(describe(err));
     return false;
+  } finally {
+    done();
   }
   if (mine !== chosen) return false;
   session.workspace = workspace;
@@ -736,7 +799,7 @@ function openCreateForm() {
       "with expires (a key it makes cannot outlive it); a duration such as 30d, 12h or 90m; " +
       "or an earlier date such as 2027-01-31 (UTC).";
   }
-  form.addEventListener("submit", oneAtATime(form, createKey));
+  form.addEventListener("submit", oneAtATime(form, createKey, "Creating…"));
   $("create-cancel").addEventListener("click", resetCreateForm);
   $("create-open").hidden = true;
   $("create-name").focus();
@@ -793,6 +856,8 @@ async function refreshQuietly() {
 
 // A dialog that asks before a step that cannot be undone: `act` runs on the danger button; a
 // failure shows in the dialog, a success closes it, says `done` and refreshes the list.
+const BUSY_LABELS = {Revoke: "Revoking…", Disable: "Disabling…", Delete: "Deleting…"};
+
 function confirmDialog(title, label, act, done, ...text) {
   openDialog(title, (dialog, close) => {
     const problem = errorBox();
@@ -806,7 +871,7 @@ function confirmDialog(title, label, act, done, ...text) {
       close();
       announce(done);
       await refreshQuietly();
-    });
+    }, BUSY_LABELS[label] || label + "…");
     dialog.append(
       ...text,
       problem,
@@ -862,7 +927,7 @@ function rotateKey(key) {
       announce("Key " + key.name + " rotated.");
       showTokenDialog("Key rotated", rotated.token, rotated.key);
       await refreshQuietly();
-    });
+    }, "Rotating…");
     dialog.append(el("form", {"novalidate": true, "on": {submit: confirm}},
       el("p", {"text": "A new key with the same name, role or scopes and rate limit replaces " +
                        key.prefix + "…. The old key keeps working for the grace period " +
@@ -895,11 +960,14 @@ async function toggleKey(key) {
                                            "itself again."}));
     return;
   }
+  const done = waitingLine((enable ? "Enabling" : "Disabling") + " key " + key.name + "…");
   try {
     await api("PATCH", keyPath(key), {enabled: enable});
   } catch (err) {
     showAlert(describe(err));
     return;
+  } finally {
+    done();
   }
   showAlert("");
   announce("Key " + key.name + (enable ? " enabled." : " disabled: its requests are refused " +
@@ -981,7 +1049,7 @@ function editKey(key) {
       close();
       announce("Key " + key.name + " updated.");
       await refreshQuietly();
-    });
+    }, "Saving…");
     dialog.append(el("form", {"novalidate": true, "on": {submit: save}},
       el("div", {"class": "grid"},
          el("label", {"for": "edit-role", "text": "Role"}), role,
@@ -1005,7 +1073,8 @@ function editKey(key) {
 
 // --- wiring ------------------------------------------------------------------------------------
 
-$("signin-form").addEventListener("submit", oneAtATime($("signin-form"), signIn));
+$("signin-form").addEventListener("submit",
+                                  oneAtATime($("signin-form"), signIn, "Signing in…"));
 $("sign-out").addEventListener("click", signOut);
 $("back").addEventListener("click", backToWorkspaces);
 $("create-open").addEventListener("click", openCreateForm);
