@@ -1074,13 +1074,15 @@ async def test_a_token_pasted_into_a_stored_field_is_400_and_never_stored(admin,
     assert await admin.store.audit("acme", 1000) == before
 
 
-@pytest.mark.parametrize("invisible", ["\u200b", "\u00ad", "\u2060", "\ufeff", "\u200b\u200d"])
+@pytest.mark.parametrize("invisible", ["\u200b", "\u00ad", "\u2060", "\ufeff", "\u200b\u200d",
+                                       "\U000e0041", "\U000e0100", "\U0001bca0", "\U0001d173"])
 async def test_a_token_split_by_an_invisible_character_is_refused(admin, invisible):
     """Zero-width space, soft hyphen, word joiner, BOM: parse_text accepts them within a
     visible text, and the token check needed the token's characters contiguous, so a token
     pasted from rich text with one inside was stored and listed to every keys:admin key of
     the workspace, rendered exactly as the token (the secret whole). Looked for without
-    them; nothing stored."""
+    them; nothing stored. The same for those beyond the BMP (a tag character, a
+    supplementary variation selector, a shorthand or musical format control)."""
     await workspace(admin)
     pasted = PASTED[:28] + invisible + PASTED[28:]
     for body, field in (({"name": "ci", "description": pasted}, "description"),

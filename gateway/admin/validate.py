@@ -183,10 +183,11 @@ BLANK_BEYOND_BMP = "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0
 _UNSAFE_TEXT = re.compile(f"[{UNSAFE_TEXT_CLASS}]")
 _VISIBLE = re.compile(f"[^{UNSAFE_TEXT_CLASS}{BLANK_CLASS}{BLANK_BEYOND_BMP}]")
 # what shows as nothing or is no character at all: a token or the operator token with one
-# inside (pasted from rich text: a zero-width space, a soft hyphen, a word joiner, a BOM) still
-# reads as the secret, so it is looked for without them. Not the visible blanks among them
-# (a space, a no-break space: str.isspace()), which would join ordinary words into a token.
-_INVISIBLE = re.compile(f"[{UNSAFE_TEXT_CLASS}{BLANK_CLASS}]")
+# inside (pasted from rich text: a zero-width space, a soft hyphen, a word joiner, a BOM; a tag
+# character) still reads as the secret, so it is looked for without them. Not the visible
+# blanks among them (a space, a no-break space: str.isspace()), which would join ordinary
+# words into a token.
+_INVISIBLE = re.compile(f"[{UNSAFE_TEXT_CLASS}{BLANK_CLASS}{BLANK_BEYOND_BMP}]")
 
 
 def _without_invisible(text: str) -> str:
