@@ -992,8 +992,36 @@ async def test_a_name_of_invisible_characters_alone_is_empty(admin, name):
     assert await admin.store.list_keys("acme") == []
 
 
+@pytest.mark.parametrize("name", ["\U000e0041\U000e0042\U000e0043", "\U000e0001\U000e007f",
+                                  "\U000e0000", "\U000e0080", "\U000e0100\U000e01ef", "\U000e0fff",
+                                  "\U0001bca0\U0001bca3", "\U0001d173\U0001d17a",
+                                  " \u200b\U000e0020\u2060 "])
+async def test_a_name_of_invisible_characters_beyond_the_bmp_alone_is_empty(admin, name):
+    """A name made only of Unicode tag characters (U+E0000 block: "ASCII smuggling"),
+    supplementary variation selectors, shorthand or musical format controls (every default-
+    ignorable code point beyond the BMP) was stored: the check for "shows as nothing" stopped
+    at U+FFFF. The console showed a row with an empty name ("Revoke key ?"), `keygate keys
+    list` a blank. Each name field that must not be empty refuses it, on create and on edit."""
+    await workspace(admin)
+    key = (await new_key(admin, name="visible"))["key"]
+    empty = "'name' must not be empty"
+    await error(await admin.post("/admin/v1/workspaces/acme/keys", json={"name": name}), 400,
+                "bad_request", empty)
+    await error(await admin.patch(f"/admin/v1/workspaces/acme/keys/{key['id']}",
+                                  json={"name": name}), 400, "bad_request", empty)
+    await error(await admin.post("/admin/v1/workspaces", json={"id": "beta", "name": name}),
+                400, "bad_request", empty)
+    await error(await admin.patch("/admin/v1/workspaces/acme", json={"name": name}), 400,
+                "bad_request", empty)
+    assert [k.name for k in await admin.store.list_keys("acme")] == ["visible"]
+    assert (await ok(await admin.get("/admin/v1/workspaces/acme")))["name"] == "ACME"
+
+
 @pytest.mark.parametrize("name", ["\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
-                                  "\U0001f468\u200d\U0001f469\u200d\U0001f467", "deploy\u00adbot"])
+                                  "\U0001f468\u200d\U0001f469\u200d\U0001f467", "deploy\u00adbot",
+                                  # England's flag: tag characters after a black flag
+                                  "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e"
+                                  "\U000e0067\U000e007f"])
 async def test_invisible_characters_within_a_visible_name_are_kept(admin, name):
     """The joiners a Persian word or an emoji family needs, a soft hyphen inside a word."""
     await workspace(admin)
@@ -1046,13 +1074,15 @@ async def test_a_token_pasted_into_a_stored_field_is_400_and_never_stored(admin,
     assert await admin.store.audit("acme", 1000) == before
 
 
-@pytest.mark.parametrize("invisible", ["\u200b", "\u00ad", "\u2060", "\ufeff", "\u200b\u200d"])
+@pytest.mark.parametrize("invisible", ["\u200b", "\u00ad", "\u2060", "\ufeff", "\u200b\u200d",
+                                       "\U000e0041", "\U000e0100", "\U0001bca0", "\U0001d173"])
 async def test_a_token_split_by_an_invisible_character_is_refused(admin, invisible):
     """Zero-width space, soft hyphen, word joiner, BOM: parse_text accepts them within a
     visible text, and the token check needed the token's characters contiguous, so a token
     pasted from rich text with one inside was stored and listed to every keys:admin key of
     the workspace, rendered exactly as the token (the secret whole). Looked for without
-    them; nothing stored."""
+    them; nothing stored. The same for those beyond the BMP (a tag character, a
+    supplementary variation selector, a shorthand or musical format control)."""
     await workspace(admin)
     pasted = PASTED[:28] + invisible + PASTED[28:]
     for body, field in (({"name": "ci", "description": pasted}, "description"),

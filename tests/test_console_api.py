@@ -531,7 +531,7 @@ async def test_the_operator_token_written_with_a_json_escape_is_refused_too(
     assert await gut.admin_json("GET", "/workspaces/acme/audit") == before
 
 
-@pytest.mark.parametrize("invisible", ["\u200b", "\u00ad", "\ufeff"])
+@pytest.mark.parametrize("invisible", ["\u200b", "\u00ad", "\ufeff", "\U000e0041", "\U000e0100"])
 async def test_the_operator_token_split_by_an_invisible_character_is_refused_too(
         gut, invisible):
     """Pasted from rich text with a zero-width space, a soft hyphen or a BOM inside, the

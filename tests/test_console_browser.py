@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 import redis as redis_sync
-from aiohttp import web
+from aiohttp import ClientSession, web
 
 from conftest import free_port
 from gateway.app import running_gateway, start_listeners, stop_listeners
@@ -918,6 +918,93 @@ def test_a_double_click_on_create_or_rotate_makes_one_key(page, gateway):
     assert gateway.proxy("/people", rotated)[0] == 200
 
 
+def test_a_token_shown_once_is_not_replaced_by_another_answer(page, gateway, redis_server_url):
+    """Two calls that each answer a shown-once token (Create, from the inline form, and Rotate,
+    from a row) are in flight together: the store is slow for a moment. Both keys are made;
+    the second answer's dialog replaced the first's (openDialog closed every dialog), so one
+    live key's token was never seen by anybody. SPEC: the token appears once 'until Done is
+    pressed'. Now the second waits for the first one's Done."""
+    new_workspace(gateway, "rcboth", "Both")
+    gateway.key("rcboth", name="rotated-one", scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.link("rcboth").click()
+    page.row("rotated-one")
+    page.button("Create key").click()
+    page.field("Name").send_keys("created-one")
+    page.field("Scopes").send_keys("people:read")
+    store = redis_sync.Redis.from_url(redis_server_url)
+    try:
+        store.execute_command("CLIENT", "PAUSE", "1500", "WRITE")  # a slow store, briefly
+        page.button("Create").click()
+        page.button("Rotate", page.row("rotated-one")).click()
+        dialog = page.dialog()
+        grace = page.field("Grace", dialog)
+        grace.clear()
+        grace.send_keys("1h")
+        page.button("Rotate", dialog).click()
+    finally:
+        store.close()
+    # both keys exist: one created, one made by the rotation
+    wait(page.driver, lambda d: len(keys_named(gateway, "rcboth", "created-one")) == 1
+         and len(keys_named(gateway, "rcboth", "rotated-one")) == 2)
+    time.sleep(2)  # both answers are in
+    seen: list[str] = []
+    while True:  # each new token on screen in turn, until its Done (queued ones included)
+        deadline = time.monotonic() + 3
+        shown = []
+        while time.monotonic() < deadline and not shown:
+            shown = [t for t in page.driver.find_elements(By.CSS_SELECTOR, "[data-token]")
+                     if t.is_displayed()]
+            time.sleep(0.1)
+        if not shown:
+            break
+        token = shown[0].get_attribute("data-token")
+        seen.append(token)
+        page.tokens_seen.append(token)
+        page.button("Done", shown[0].find_element(By.XPATH, './ancestor::dialog')).click()
+        wait(page.driver, lambda d: token not in d.page_source)
+    assert len(set(seen)) == 2, f"{len(set(seen))} of the 2 new tokens were shown"
+    for token in seen:
+        assert gateway.proxy("/people", token)[0] == 200
+
+
+def test_a_bare_number_as_rotation_grace_is_refused_not_read_as_seconds(page, gateway):
+    """The Rotate dialog's Grace field says '0, or a duration such as 30m, 24h or 7d' and its
+    own error message the same; the CLI refuses a bare number ('a bare 30 could mean seconds
+    or days'). The console read '24' (meant as 24 hours) as 24 seconds and rotated: the old
+    key, still deployed everywhere, stopped working 24 seconds later."""
+    new_workspace(gateway, "rcgrace", "Grace")
+    _, old = gateway.key("rcgrace", name="deployed", scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.link("rcgrace").click()
+    page.in_dialog("Rotate", "deployed", "Grace", "24", "Rotate")
+    deadline = time.monotonic() + 5
+    problem = ""
+    while time.monotonic() < deadline and not problem:
+        tokens = page.driver.find_elements(By.CSS_SELECTOR, "[data-token]")
+        if tokens:  # rotated: keep the shown-once token off the page before failing
+            page.tokens_seen.append(tokens[0].get_attribute("data-token"))
+            page.button("Done", page.dialog()).click()
+            break
+        problem = "".join(e.text for e in page.driver.find_elements(
+            By.CSS_SELECTOR, "dialog .form-error") if e.is_displayed())
+        time.sleep(0.2)
+    status, key = gateway.admin("GET", f"/workspaces/rcgrace/keys/{old['id']}")
+    assert key["expires_at"] is None, \
+        f"rotated with a grace of 24 seconds: the old key now expires at {key['expires_at']}"
+    assert "duration" in problem and "24h" in problem, problem
+    assert keys_named(gateway, "rcgrace", "deployed") == [key]  # nothing rotated
+    # with its unit it rotates, and "0" alone still means no grace
+    dialog = page.dialog()
+    grace = page.field("Grace", dialog)
+    grace.clear()
+    grace.send_keys("24h")
+    page.button("Rotate", dialog).click()
+    page.take_token()
+    status, key = gateway.admin("GET", f"/workspaces/rcgrace/keys/{old['id']}")
+    assert key["expires_at"] is not None and key["status"] == "active", key
+
+
 def test_the_token_stays_on_screen_until_done_is_pressed(page, gateway):
     new_workspace(gateway, "oscorp", "Oscorp")
     page.sign_in(ADMIN_TOKEN)
@@ -931,6 +1018,30 @@ def test_the_token_stays_on_screen_until_done_is_pressed(page, gateway):
     # again at once (its "close" event): the token is back on screen, never gone
     wait(page.driver, lambda d: d.find_element(By.CSS_SELECTOR, "[data-token]").text == token)
     assert page.take_token() == token  # Done, and only Done, puts it away
+
+
+def test_leaving_the_page_with_a_token_on_screen_asks_first(page, gateway):
+    """A shown-once token is on screen (its key is live, its token is nowhere else). A reload,
+    Back, a closed tab or a typed address (Ctrl+R by reflex) lost it without a word: the page
+    had no beforeunload handler, and its pagehide handler removes the dialog. The browser's
+    'Leave site?' question now comes first while a token not yet put away is shown (SPEC:
+    the token appears once ... 'until Done is pressed'); after Done, leaving is free."""
+    new_workspace(gateway, "rcleave", "Leave")
+    page.sign_in(ADMIN_TOKEN)
+    page.link("rcleave").click()
+    leaving = ("const e = new Event('beforeunload', {cancelable: true});"
+               "window.dispatchEvent(e); return e.defaultPrevented || e.returnValue === false;")
+    assert not page.driver.execute_script(leaving)  # nothing to lose yet
+    page.create_key("about-to-be-lost", scopes="people:read")
+    token = wait(page.driver, lambda d: d.find_element(By.CSS_SELECTOR, "[data-token]"))
+    page.tokens_seen.append(token.get_attribute("data-token"))
+    # the event the browser fires before unloading: a page that wants to ask cancels it
+    # (headless chromium shows no prompt, so the page's answer is read from the event itself)
+    asks = page.driver.execute_script(leaving)
+    page.take_token()
+    asks_after_done = page.driver.execute_script(leaving)
+    assert not asks_after_done  # nothing to lose once Done was pressed: leave freely
+    assert asks, "leaving the page with a shown-once token on screen loses it without asking"
 
 
 def assert_signed_out(page: Console, *gone: str) -> None:
@@ -1239,6 +1350,80 @@ def test_a_double_click_on_sign_in_signs_in_without_a_false_error(page, gateway)
     page.link("hanso")
     alert = page.driver.find_element(By.ID, "alert")
     assert not alert.is_displayed(), alert.text
+
+
+def test_a_call_without_an_answer_yet_shows_that_the_page_is_waiting(browser, gateway):
+    """The admin API (behind a tunnel or a load balancer, or busy hashing) takes its time:
+    Sign in was pressed and nothing on the page changed, for as long as the answer took (the
+    page set aria-busy only, which nothing draws, and a second press is swallowed). A person
+    could not tell a press that did nothing from a call on its way. Now the button reads
+    "Signing in…" and a status line says so; after 10 s without an answer it says it is
+    still waiting; the answer puts both back. A call from no form (opening a workspace) says
+    so in the page's status line."""
+    release = asyncio.Event()
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/admin/"):
+            await release.wait()  # the API's answer is on its way, slowly
+        async with ClientSession() as client:
+            async with client.request(request.method, gateway.admin_url + request.path_qs,
+                                      headers={k: v for k, v in request.headers.items()
+                                               if k.lower() not in ("host",)},
+                                      data=await request.read()) as upstream:
+                body = await upstream.read()
+                headers = {k: v for k, v in upstream.headers.items()
+                           if k.lower() not in ("content-length", "transfer-encoding",
+                                                "content-encoding", "connection")}
+                return web.Response(status=upstream.status, body=body, headers=headers)
+
+    async def start():
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", relay)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner, f"http://127.0.0.1:{port}"
+
+    shows = ("const b = document.querySelector('#signin-form button[type=submit]');"
+             "const w = document.querySelector('#signin-form .waiting');"
+             "return {button: b.textContent.trim(), busy: b.getAttribute('aria-disabled'),"
+             "        focused: document.activeElement === b,"
+             "        waiting: w && w.offsetParent !== null ? w.textContent.trim() : ''};")
+    new_workspace(gateway, "rcwait", "Wait")
+    runner, origin = gateway.run(start())
+    try:
+        browser.get(origin + "/console/")
+        wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+        browser.find_element(By.ID, "token").send_keys(ADMIN_TOKEN)
+        button = browser.find_element(By.XPATH, "//button[normalize-space()='Sign in']")
+        button.click()
+        time.sleep(3)
+        shown = browser.execute_script(shows)
+        assert shown["button"] == "Signing in…" and shown["busy"] == "true", shown
+        assert "waiting for the admin api" in shown["waiting"].lower(), shown
+        assert shown["focused"], shown  # not disabled: focus stays where the person left it
+        button.click()  # a second press while waiting does nothing more
+        wait(browser, lambda d: "still waiting" in d.execute_script(shows)["waiting"].lower(), 15)
+        gateway.loop.call_soon_threadsafe(release.set)
+        wait(browser, lambda d: d.find_element(By.ID, "workspaces-view").is_displayed())
+        assert not browser.find_element(By.ID, "alert").is_displayed()
+        shown = browser.execute_script(shows)
+        assert shown["button"] == "Sign in" and shown["busy"] is None, shown
+        assert shown["waiting"] == "", shown
+        # a call from no form (a workspace's link) says so in the page's status line
+        gateway.loop.call_soon_threadsafe(release.clear)
+        time.sleep(0.2)
+        wait(browser, lambda d: d.find_element(By.LINK_TEXT, "rcwait")).click()
+        status = browser.find_element(By.ID, "status")
+        wait(browser, lambda d: status.text == "Opening workspace rcwait…", 5)
+        gateway.loop.call_soon_threadsafe(release.set)
+        wait(browser, lambda d: d.find_element(By.ID, "ws-title").text == "Wait (rcwait)")
+        assert status.text == ""
+    finally:
+        gateway.loop.call_soon_threadsafe(release.set)
+        browser.get("about:blank")
+        gateway.run(runner.cleanup())
 
 
 def test_signing_out_forgets_the_filters_and_order_too(page, gateway):

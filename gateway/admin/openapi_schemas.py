@@ -113,7 +113,11 @@ def schemas() -> dict[str, Schema]:
     self_usage["properties"]["key"] = ref("Key")
     self_usage["required"].append("key")
     name = {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": NONBLANK_TEXT,
-            "description": "one line of text, not blank"}
+            "description": "one line of text, not blank: not only spaces and characters "
+                           "that show as nothing. The pattern lists those of the Basic "
+                           "Multilingual Plane; the API also counts the default-ignorable "
+                           "ones beyond it (tag characters U+E0000-E0FFF, U+1BCA0-1BCA3, "
+                           "U+1D173-1D17A) as nothing."}
     description = {"type": "string", "maxLength": MAX_DESCRIPTION, "pattern": SAFE_TEXT,
                    "description": "one line of text"}
     seconds = {"type": "integer", "maximum": 100 * 365 * 86400}

@@ -172,13 +172,22 @@ UNSAFE_TEXT_CLASS = (r"\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\
 BLANK_CLASS = (r" \u00a0\u00ad\u034f\u115f\u1160\u1680\u17b4\u17b5\u180b-\u180f\u2000-\u200d"
                r"\u202f\u205f-\u2065\u206a-\u206f\u2800\u3000\u3164\ufe00-\ufe0f\ufeff\uffa0"
                r"\ufff0-\ufffb")
+# Beyond the BMP, what shows as nothing too: Unicode's default-ignorable code points there
+# (shorthand format controls, musical beam and slur marks, and U+E0000-E0FFF: the tag
+# characters of "ASCII smuggling", the supplementary variation selectors, and the unassigned
+# rest of that range, ignorable by definition). A name of these alone is empty as well (a flag
+# such as England's keeps its tags after a visible character). Checked here, not in the
+# OpenAPI document's patterns: a JSON Schema pattern reads astral characters as UTF-16
+# surrogate pairs in some dialects and as code points in others.
+BLANK_BEYOND_BMP = "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
 _UNSAFE_TEXT = re.compile(f"[{UNSAFE_TEXT_CLASS}]")
-_VISIBLE = re.compile(f"[^{UNSAFE_TEXT_CLASS}{BLANK_CLASS}]")
+_VISIBLE = re.compile(f"[^{UNSAFE_TEXT_CLASS}{BLANK_CLASS}{BLANK_BEYOND_BMP}]")
 # what shows as nothing or is no character at all: a token or the operator token with one
-# inside (pasted from rich text: a zero-width space, a soft hyphen, a word joiner, a BOM) still
-# reads as the secret, so it is looked for without them. Not the visible blanks among them
-# (a space, a no-break space: str.isspace()), which would join ordinary words into a token.
-_INVISIBLE = re.compile(f"[{UNSAFE_TEXT_CLASS}{BLANK_CLASS}]")
+# inside (pasted from rich text: a zero-width space, a soft hyphen, a word joiner, a BOM; a tag
+# character) still reads as the secret, so it is looked for without them. Not the visible
+# blanks among them (a space, a no-break space: str.isspace()), which would join ordinary
+# words into a token.
+_INVISIBLE = re.compile(f"[{UNSAFE_TEXT_CLASS}{BLANK_CLASS}{BLANK_BEYOND_BMP}]")
 
 
 def _without_invisible(text: str) -> str:

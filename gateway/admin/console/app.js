@@ -194,13 +194,22 @@ function parseExpiry(text) {
   return {at: new Date(local - offset * 60000).toISOString().replace(/\.\d{3}Z$/, "Z")};
 }
 
+// Grace: "30m" / "24h" / "7d" / "2w" / "3600s" → seconds; "0" (or empty) alone is none. A unit
+// is required otherwise, as the CLI's parse_duration has it: a bare 24 could mean seconds or
+// hours (read as seconds, the old key, still deployed, stopped working 24 seconds later).
 function parseDuration(text) {
   const value = text.trim();
   if (value === "" || value === "0") return 0;
-  const found = /^(\d{1,9})\s*([smhdw]?)$/i.exec(value);
-  if (!found) throw new Error("Grace must be 0 or a duration such as 30m, 24h or 7d.");
-  const unit = {"": 1, s: 1, m: 60, h: 3600, d: 86400, w: 604800}[found[2].toLowerCase()];
-  return Number(found[1]) * unit;
+  const found = /^(\d{1,9})\s*([smhdw])$/i.exec(value);
+  if (found) {
+    const unit = {s: 1, m: 60, h: 3600, d: 86400, w: 604800}[found[2].toLowerCase()];
+    return Number(found[1]) * unit;
+  }
+  if (/^\d{1,9}$/.test(value)) {
+    throw new Error("Grace needs a unit: a bare " + value + " could mean seconds, hours or " +
+                    "days. Give 0, or a duration such as 30m, 24h or 7d.");
+  }
+  throw new Error("Grace must be 0 or a duration such as 30m, 24h or 7d.");
 }
 
 function splitScopes(text) {
@@ -209,13 +218,28 @@ function splitScopes(text) {
 
 // --- dialogs: built when opened, removed when closed (one at a time) ----------------------------
 
+// Dialogs waiting for a shown-once token's Done: a dialog holding a token is never closed or
+// covered by another (two calls in flight, such as a Create and a Rotate, each answer a token:
+// the second answer's dialog replaced the first's, and that live key's token was never seen).
+const waitingDialogs = [];
+
+let dialogsOpened = 0;
+
+const tokenOnScreen = () => document.querySelector("dialog [data-token]") !== null;
+
 // `modal`: Escape does not close it (the shown-once token stays until Done is pressed: a reflex
-// on Escape must not lose a token that can never be shown again).
+// on Escape must not lose a token that can never be shown again). A dialog holding a token
+// opens over a dialog whose call is still on its way (its answer or its problem still shows
+// there), and while a token is on screen any other dialog waits for its Done.
 function openDialog(title, build, {modal = false} = {}) {
-  closeDialogs();
-  const heading = el("h2", {id: "dialog-title", text: title});
+  if (tokenOnScreen()) {
+    waitingDialogs.push([title, build, {modal}]);
+    return;
+  }
+  const titleId = "dialog-title-" + (++dialogsOpened);  // two may be open, one over the other
+  const heading = el("h2", {id: titleId, text: title});
   const dialog = el("dialog", {"role": "dialog", "aria-modal": "true",
-                               "aria-labelledby": "dialog-title"}, heading);
+                               "aria-labelledby": titleId}, heading);
   const opener = document.activeElement;
   const openerRow = opener && opener.closest ? opener.closest("#keys tbody tr") : null;
   let closing = false;
@@ -230,11 +254,21 @@ function openDialog(title, build, {modal = false} = {}) {
     }
     dialog.close();
     dialog.remove();
+    if (!tokenOnScreen() && waitingDialogs.length > 0) {
+      openDialog(...waitingDialogs.shift());  // the next token (it takes focus)
+      return;
+    }
+    const left = document.querySelector("dialog[open]");
+    if (left) {  // a dialog under this one: focus back to where it was in it, if it was
+      if (opener && opener.isConnected && left.contains(opener)) opener.focus();
+      return;
+    }
     if (session === null) $("token").focus();  // signed out meanwhile: back to sign-in
     else if (opener && opener.isConnected) opener.focus();
     else if (openerRow) focusAgain(openerRow.dataset.keyId, opener.textContent);
   };
   build(dialog, close);
+  closeDialogs({keepBusy: dialog.querySelector("[data-token]") !== null});
   dialog.addEventListener("cancel", (event) => {
     event.preventDefault();
     if (!modal) close();
@@ -252,10 +286,13 @@ function openDialog(title, build, {modal = false} = {}) {
 
 // `keepTokens`: a dialog showing a token just made stays (on a sign-out, it is the only copy
 // of a live key's token: rotating the key one is signed in with signs out the page, and the new
-// token is then the only way back in). Done removes it.
-function closeDialogs({keepTokens = false} = {}) {
+// token is then the only way back in). Done removes it. `keepBusy`: a dialog whose call is on
+// its way stays too (a token dialog opens over it). Without either, the waiting ones go too.
+function closeDialogs({keepTokens = false, keepBusy = false} = {}) {
+  if (!keepTokens && !keepBusy) waitingDialogs.length = 0;
   for (const dialog of document.querySelectorAll("dialog")) {
-    if (keepTokens && dialog.querySelector("[data-token]")) continue;
+    if ((keepTokens || keepBusy) && dialog.querySelector("[data-token]")) continue;
+    if (keepBusy && dialog.getAttribute("aria-busy") === "true") continue;
     dialog.close();
     dialog.remove();
   }
@@ -265,19 +302,76 @@ function closeDialogs({keepTokens = false} = {}) {
 // click or Enter on the same form or dialog does nothing (a double click on Create made two keys,
 // on Rotate two new keys, and the second token dialog replaced the first: a live key whose token
 // nobody ever saw). Nothing is disabled, so focus stays where the person left it.
-function oneAtATime(container, act) {
+//
+// A call that takes its time shows that it is on its way (aria-busy alone draws nothing, and a
+// press that did nothing looked the same as a slow answer): after a moment the pressed button
+// reads `busyLabel` ("Signing in…") and is aria-disabled, and a status line under it says the
+// page waits for the admin API; after 10 s, that it is still waiting. The answer puts both back.
+const SHOW_WAITING_MS = 300;  // a quick answer changes nothing on screen
+const STILL_WAITING_MS = 10000;
+
+function oneAtATime(container, act, busyLabel) {
   let running = false;
   return async (event) => {
+    // the button pressed: a form's submitter (Enter in a field too), or the button clicked
+    const button = event && event.submitter ? event.submitter
+      : event && event.currentTarget instanceof HTMLButtonElement ? event.currentTarget
+      : container.querySelector("button[type=submit]");
     if (event) event.preventDefault();
     if (running) return;
     running = true;
     container.setAttribute("aria-busy", "true");
+    const label = button ? button.textContent : "";
+    const line = el("p", {"class": "waiting", "role": "status"});
+    container.append(line);
+    const waiting = setTimeout(() => {
+      if (button) {
+        button.textContent = busyLabel;
+        button.setAttribute("aria-disabled", "true");
+      }
+      line.textContent = "Waiting for the admin API to answer…";
+    }, SHOW_WAITING_MS);
+    const still = setTimeout(() => {
+      line.textContent = "Still waiting for the admin API after " + STILL_WAITING_MS / 1000 +
+        " seconds: it is slow, or cannot be reached. Its answer, or the error, shows here " +
+        "when it comes; pressing again sends nothing more.";
+    }, STILL_WAITING_MS);
     try {
       await act(event);
     } finally {
+      clearTimeout(waiting);
+      clearTimeout(still);
       running = false;
       container.removeAttribute("aria-busy");
+      line.remove();
+      if (button) {
+        button.textContent = label;
+        button.removeAttribute("aria-disabled");
+      }
     }
+  };
+}
+
+// The same for a call made from no form or dialog (a workspace's link, All workspaces, a row's
+// Disable or Enable): after a moment the page's status line says `text`, after 10 s that it is
+// still waiting. The function returned ends it (the line is cleared if it still says so).
+function waitingLine(text) {
+  let shown = null;
+  const say = (message) => {
+    announce(message);
+    shown = message;
+  };
+  const waiting = setTimeout(() => say(text), SHOW_WAITING_MS);
+  const still = setTimeout(() => {
+    if ($("status").textContent === shown) {  // not when a later step has said something
+      say("Still waiting for the admin API after " + STILL_WAITING_MS / 1000 + " seconds: " +
+          "it is slow, or cannot be reached.");
+    }
+  }, STILL_WAITING_MS);
+  return () => {
+    clearTimeout(waiting);
+    clearTimeout(still);
+    if (shown !== null && $("status").textContent === shown) announce("");
   };
 }
 
@@ -434,11 +528,14 @@ async function backToWorkspaces(event) {
   event.preventDefault();
   showAlert("");
   const mine = ++chosen;
+  const done = waitingLine("Reading the workspaces…");
   try {
     const listing = await api("GET", "/workspaces");
     if (mine === chosen) showWorkspaces(listing.items);
   } catch (err) {
     if (mine === chosen) showAlert(describe(err));
+  } finally {
+    done();
   }
 }
 
@@ -455,6 +552,7 @@ async function openWorkspace(id) {
   announce("");
   const mine = ++chosen;
   let workspace, roles, listed;
+  const done = waitingLine("Opening workspace " + id + "…");
   try {
     const ws = encodeURIComponent(id);
     [workspace, roles, listed] = await Promise.all([
@@ -463,6 +561,8 @@ async function openWorkspace(id) {
   } catch (err) {
     if (mine === chosen) showAlert(describe(err));
     return false;
+  } finally {
+    done();
   }
   if (mine !== chosen) return false;
   session.workspace = workspace;
@@ -699,7 +799,7 @@ function openCreateForm() {
       "with expires (a key it makes cannot outlive it); a duration such as 30d, 12h or 90m; " +
       "or an earlier date such as 2027-01-31 (UTC).";
   }
-  form.addEventListener("submit", oneAtATime(form, createKey));
+  form.addEventListener("submit", oneAtATime(form, createKey, "Creating…"));
   $("create-cancel").addEventListener("click", resetCreateForm);
   $("create-open").hidden = true;
   $("create-name").focus();
@@ -756,6 +856,8 @@ async function refreshQuietly() {
 
 // A dialog that asks before a step that cannot be undone: `act` runs on the danger button; a
 // failure shows in the dialog, a success closes it, says `done` and refreshes the list.
+const BUSY_LABELS = {Revoke: "Revoking…", Disable: "Disabling…", Delete: "Deleting…"};
+
 function confirmDialog(title, label, act, done, ...text) {
   openDialog(title, (dialog, close) => {
     const problem = errorBox();
@@ -769,7 +871,7 @@ function confirmDialog(title, label, act, done, ...text) {
       close();
       announce(done);
       await refreshQuietly();
-    });
+    }, BUSY_LABELS[label] || label + "…");
     dialog.append(
       ...text,
       problem,
@@ -800,10 +902,19 @@ function rotateKey(key) {
                                "aria-describedby": "rotate-grace-hint"});
     const confirm = oneAtATime(dialog, async () => {
       const mine = session;
+      let seconds;
+      try {
+        seconds = parseDuration(grace.value);
+      } catch (err) {  // nothing sent: the field says what it takes
+        showProblem(problem, err.message);
+        grace.setAttribute("aria-invalid", "true");
+        grace.focus();
+        return;
+      }
+      grace.removeAttribute("aria-invalid");
       let rotated;
       try {
-        rotated = await api("POST", keyPath(key) + "/rotate",
-                            {grace_seconds: parseDuration(grace.value)});
+        rotated = await api("POST", keyPath(key) + "/rotate", {grace_seconds: seconds});
       } catch (err) {
         showProblem(problem, describe(err));
         return;
@@ -816,7 +927,7 @@ function rotateKey(key) {
       announce("Key " + key.name + " rotated.");
       showTokenDialog("Key rotated", rotated.token, rotated.key);
       await refreshQuietly();
-    });
+    }, "Rotating…");
     dialog.append(el("form", {"novalidate": true, "on": {submit: confirm}},
       el("p", {"text": "A new key with the same name, role or scopes and rate limit replaces " +
                        key.prefix + "…. The old key keeps working for the grace period " +
@@ -849,11 +960,14 @@ async function toggleKey(key) {
                                            "itself again."}));
     return;
   }
+  const done = waitingLine((enable ? "Enabling" : "Disabling") + " key " + key.name + "…");
   try {
     await api("PATCH", keyPath(key), {enabled: enable});
   } catch (err) {
     showAlert(describe(err));
     return;
+  } finally {
+    done();
   }
   showAlert("");
   announce("Key " + key.name + (enable ? " enabled." : " disabled: its requests are refused " +
@@ -935,7 +1049,7 @@ function editKey(key) {
       close();
       announce("Key " + key.name + " updated.");
       await refreshQuietly();
-    });
+    }, "Saving…");
     dialog.append(el("form", {"novalidate": true, "on": {submit: save}},
       el("div", {"class": "grid"},
          el("label", {"for": "edit-role", "text": "Role"}), role,
@@ -959,7 +1073,8 @@ function editKey(key) {
 
 // --- wiring ------------------------------------------------------------------------------------
 
-$("signin-form").addEventListener("submit", oneAtATime($("signin-form"), signIn));
+$("signin-form").addEventListener("submit",
+                                  oneAtATime($("signin-form"), signIn, "Signing in…"));
 $("sign-out").addEventListener("click", signOut);
 $("back").addEventListener("click", backToWorkspaces);
 $("create-open").addEventListener("click", openCreateForm);
@@ -972,6 +1087,15 @@ for (const th of $("keys").tHead.rows[0].cells) {
 }
 $("ws-title").setAttribute("tabindex", "-1");
 $("workspaces-title").setAttribute("tabindex", "-1");
+// A shown-once token on screen (or one waiting for the Done of another) is the only copy of a
+// live key's token: a reload, Back, a closed tab or a typed address loses it, so the browser
+// asks first ("Leave site?"). Only then: with no token on screen, leaving is free.
+window.addEventListener("beforeunload", (event) => {
+  if (!tokenOnScreen() && waitingDialogs.length === 0) return;
+  event.preventDefault();
+  // older browsers ask only when returnValue holds a text
+  event.returnValue = "A new key's token is on screen and cannot be shown again.";
+});
 // Leaving the page signs out, as reloading it does: the browser may keep a page it leaves in
 // its back/forward cache, script state included, and Back would then bring back the session
 // (token and all) and any shown-once token to whoever is at the screen next.
