@@ -305,8 +305,9 @@ function closeDialogs({keepTokens = false, keepBusy = false} = {}) {
 //
 // A call that takes its time shows that it is on its way (aria-busy alone draws nothing, and a
 // press that did nothing looked the same as a slow answer): after a moment the pressed button
-// reads `busyLabel` ("Signing in…") and is aria-disabled, and a status line under it says the
-// page waits for the admin API; after 10 s, that it is still waiting. The answer puts both back.
+// is aria-disabled and a status line under it says `busyLabel` ("Signing in…") and that the page
+// waits for the admin API; after 10 s, that it is still waiting. The answer puts both back. The
+// button keeps its name: people and tests find the controls by the names they always have.
 const SHOW_WAITING_MS = 300;  // a quick answer changes nothing on screen
 const STILL_WAITING_MS = 10000;
 
@@ -321,15 +322,11 @@ function oneAtATime(container, act, busyLabel) {
     if (running) return;
     running = true;
     container.setAttribute("aria-busy", "true");
-    const label = button ? button.textContent : "";
     const line = el("p", {"class": "waiting", "role": "status"});
     container.append(line);
     const waiting = setTimeout(() => {
-      if (button) {
-        button.textContent = busyLabel;
-        button.setAttribute("aria-disabled", "true");
-      }
-      line.textContent = "Waiting for the admin API to answer…";
+      if (button) button.setAttribute("aria-disabled", "true");
+      line.textContent = busyLabel + " Waiting for the admin API to answer.";
     }, SHOW_WAITING_MS);
     const still = setTimeout(() => {
       line.textContent = "Still waiting for the admin API after " + STILL_WAITING_MS / 1000 +
@@ -344,10 +341,7 @@ function oneAtATime(container, act, busyLabel) {
       running = false;
       container.removeAttribute("aria-busy");
       line.remove();
-      if (button) {
-        button.textContent = label;
-        button.removeAttribute("aria-disabled");
-      }
+      if (button) button.removeAttribute("aria-disabled");
     }
   };
 }
