@@ -45,6 +45,16 @@ def _chunked_framing(value: bytes) -> bool:
     return bool(codings) and codings[-1] == b"chunked"
 
 
+def _announces_a_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a response head frames a body: any Transfer-Encoding, or a Content-Length
+    other than 0 (for a 204 or 304, which has none whatever its head says)."""
+    for name, value in headers:
+        if len(name) in _FRAMING_LENGTHS and name.lower() in _FRAMING:
+            if len(name) == 17 or value.strip().lstrip(b"0") != b"":
+                return True
+    return False
+
+
 class UpstreamConnectError(Exception):
     """Could not connect (refused, unreachable, DNS, TLS)."""
 
@@ -281,9 +291,17 @@ class UpstreamConnection(asyncio.Protocol):
                 # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing;
                 # read as it says, but the connection is closed after it, never reused
                 self.keep_alive = False
-        # an HTTP/1.0-style body with neither length nor chunks ends when the upstream closes
-        self.until_close = not framed and not self.skip_body and \
-            status >= 200 and status not in (204, 304)
+        if status == 204 or status == 304:
+            self.until_close = False
+            if (framed or coding is not None) and _announces_a_body(self.headers):
+                # RFC 9112 6.3 ends a 204/304 at its head (llhttp does), but its head said a
+                # body follows: an upstream that sends one anyway would have those bytes read
+                # as the answer to the next request on this connection, another client's
+                # (a 304 may state the 200's length, RFC 9110 8.6: no telling it apart).
+                # Closed after it, never reused, as after a HEAD answer.
+                self.keep_alive = False
+        else:  # a body with neither length nor chunks (HTTP/1.0-style) ends at the close
+            self.until_close = not framed and not self.skip_body
         if self.head is not None and not self.head.done():
             self.head.set_result(None)
         if self.skip_body:
