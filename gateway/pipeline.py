@@ -79,9 +79,11 @@ class Outcome:
 
 
 def _held_back_its_body(request: web.BaseRequest) -> bool:
-    """A refused request that asked for ``100 Continue`` and did not get it: its body may
-    follow or not (RFC 9110 10.1.1). Reading the next bytes as that body would swallow the
-    head of a next request sent without it (the "0.CL" desync behind a pooling proxy)."""
+    """A request answered (refused, or by keygate's own endpoints) that asked for ``100
+    Continue`` and did not get it: its body may follow or not (RFC 9110 10.1.1). Reading the
+    next bytes as that body would swallow the head of a next request sent without it (the
+    "0.CL" desync behind a pooling proxy). A body asked for and read whole is at its end; one
+    asked for and not all read yet may be closed on too (it would only be dropped)."""
     return request.body_exists and not request.content.is_eof() and \
         request.headers.get("Expect", "").lower() == "100-continue"
 
@@ -265,6 +267,10 @@ class Pipeline:
                 response.headers[_CACHE_CONTROL] = "no-store"
                 if cors is not None:
                     cors.label(response.headers, origin_of(request.headers))
+            if _held_back_its_body(request):
+                # answered without asking for it (usage, verify, the key listing read no
+                # body): as for a refusal (handle), the next bytes are never read as it
+                response.force_close()
             return response
         route = self.routes.match(request.method, raw_path)
         outcome.route, outcome.upstream = route.path, route.upstream

@@ -463,6 +463,43 @@ async def test_a_refused_request_that_held_back_its_body_for_100_continue_closes
         assert upstream.requests == []
 
 
+@pytest.mark.parametrize("method, path", [("GET", "/_keygate/v1/usage"),
+                                          ("GET", "/_keygate/v1/verify/people/1"),
+                                          ("POST", "/_keygate/v1/verify/people/1"),
+                                          ("GET", "/_keygate/v1/keys"),
+                                          ("HEAD", "/_keygate/v1/keys")])
+async def test_a_held_back_body_answered_by_keygates_own_200_never_swallows_the_next_request(
+        redis_url, upstream, monkeypatch, method, path):
+    """The same held-back body, answered not with a refusal but with keygate's own 200
+    (usage, verify, the key listing: none of them reads a body, so none sends ``100
+    Continue``). The connection was kept open (no ``Connection: close``) and the client's
+    next request read as that body: never answered, and behind a front proxy pooling
+    connections it is another user's. The answer closes the connection as a refusal does."""
+    config = edge_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key(role="admin")  # keys:admin, for the key listing
+        reader, writer = await g.raw_connection()
+        writer.write(f"{method} {path} HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {token}\r\n"
+                     f"Expect: 100-continue\r\nContent-Length: 40\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        if method != "HEAD":
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await asyncio.wait_for(reader.readexactly(length), 5)
+        # never asked for its body, the client goes on without it: two more requests
+        # (70 bytes). Kept open, the first 40 were read as the body, the rest as a request
+        writer.write(b"GET /public/x HTTP/1.1\r\nHost: g\r\n\r\n" * 2)
+        try:
+            rest = await asyncio.wait_for(reader.read(), 5)  # to EOF: the server closed
+        except ConnectionError:
+            rest = b""
+        writer.close()
+        assert b"connection: close" in head.lower(), head
+        assert b"HTTP/1.1" not in rest, rest
+        assert upstream.requests == []
+
+
 # --- a header timeout closes the connection without an ERROR traceback ---------------------------
 
 async def test_a_header_timeout_closes_quietly_without_an_error_traceback(

@@ -606,6 +606,8 @@ async def test_a_key_endpoint_answers_100_continue_before_it_waits_for_the_body(
         writer.write(body)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
         assert head.startswith(b"HTTP/1.1 201 "), head
+        # asked for and read whole: nothing is left to be read as a next request
+        assert b"connection: close" not in head.lower(), head
 
 
 async def test_the_admin_listener_takes_expect_after_it_has_judged_the_call(redis_url, upstream,

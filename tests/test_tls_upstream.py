@@ -6,15 +6,20 @@ IP:127.0.0.1) is signed by a throwaway CA made with the openssl CLI (skipped wit
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import shutil
+import socket
 import ssl
+import threading
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.config import Config, Upstream, load_config
+from gateway.config import Config, Route, Upstream, load_config
 from gateway.errors import GatewayError
 from gateway.models import Principal
 from gateway.proxying.forward import Forwarder
@@ -122,3 +127,98 @@ async def test_the_upstream_client_uses_the_ca_file(
         assert (status, body["tls"], body["workspace"]) == (200, True, "acme")
     else:
         assert (status, body["error"]["code"]) == (502, "upstream_unavailable")
+
+
+# --- a body that ends at the close ends, over TLS, only at close_notify ---------------------------
+
+def _close_delimited_upstream(private_ca, ending: str) -> tuple[str, threading.Thread, socket.socket]:
+    """An upstream on 127.0.0.1 (https, or http for ``ending="tcp"``) answering one request
+    200 with neither Content-Length nor chunks: the body ends at the close (RFC 9112 6.3). It
+    sends part of a body, then ends the connection: with TLS's ``close_notify``
+    (``"close_notify"``), with a TCP FIN alone (``"fin"``: the upstream process died, or
+    something on the path cut the connection), or over plain TCP with a FIN (``"tcp"``)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(private_ca["cert"], private_ca["key"])
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    listener.settimeout(10)
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        conn.settimeout(5)
+        try:
+            peer = conn if ending == "tcp" else context.wrap_socket(conn, server_side=True)
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += peer.recv(65536)
+            peer.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nrows 1-100 of 1000 ")
+            time.sleep(0.3)  # the head and these rows are passed on before the end comes
+            if ending == "close_notify":
+                peer.unwrap()  # a clean TLS close: the body's end
+            else:
+                peer.shutdown(socket.SHUT_RDWR)  # TCP's FIN only
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    scheme = "http" if ending == "tcp" else "https"
+    return f"{scheme}://127.0.0.1:{listener.getsockname()[1]}", thread, listener
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("ending", ["close_notify", "fin", "tcp"])
+def test_a_tls_upstreams_close_delimited_body_cut_without_close_notify_is_no_whole_answer(
+        redis_url, monkeypatch, private_ca, caplog, ending, loop):
+    """RFC 9112 9.8: "A response that has neither chunked transfer coding nor Content-Length
+    is complete only if a valid close_notify alert has been received." An https upstream's
+    body read to the close, cut by a TCP FIN without close_notify, was re-framed as a whole
+    one: the client got the terminating chunk (``0\\r\\n\\r\\n``) and nothing (not the access
+    log, which said 200, nor a warning) said it was cut. It is now a failure mid-response, as
+    a reset is: the client connection aborted, no last chunk, the upstream's failure logged.
+    With close_notify (or over plain TCP, where the FIN is the end) the body ends whole.
+    Run on both loops: asyncio's TLS transport tells the protocol of a bare FIN as of a
+    close_notify, uvloop's (what ``serve`` runs) not at all."""
+    if loop == "uvloop":
+        new_loop = pytest.importorskip("uvloop").new_event_loop
+    else:
+        new_loop = asyncio.new_event_loop
+    url, thread, listener = _close_delimited_upstream(private_ca, ending)
+    config = make_config(url, routes=(Route("/public/**", "api", (), (), True),),
+                         upstreams={"api": Upstream("api", url, 2.0,
+                                                    ca_file=str(private_ca["ca"]))})
+
+    async def main() -> bytes:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            reader, writer = await g.raw_connection()
+            writer.write(b"GET /public/export HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            try:  # to the last chunk (the connection is kept after it) or to the abort
+                async with asyncio.timeout(5):
+                    while not got.endswith(b"\r\n0\r\n\r\n") and \
+                            (chunk := await reader.read(65536)):
+                        got += chunk
+            except ConnectionError:
+                pass
+            writer.close()
+            return got
+
+    caplog.set_level(logging.WARNING, "keygate.proxy")
+    try:
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            got = runner.run(main())
+    finally:
+        listener.close()
+        thread.join(5)
+    assert got.startswith(b"HTTP/1.1 200 ") and b"rows 1-100 of 1000 " in got, got
+    whole = ending != "fin"
+    assert got.endswith(b"\r\n0\r\n\r\n") == whole, got
+    failed = [r.getMessage() for r in caplog.records if "failed mid-response" in r.getMessage()]
+    assert failed == ([] if whole else ["upstream api failed mid-response: "
+                                        "UpstreamProtocolError"]), failed

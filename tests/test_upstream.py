@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from aiohttp import web
 
+from gateway.config import Route, Upstream
 from gateway.proxying.connection import (UploadShareFull, UploadSlotsFull,
                                          UpstreamConnectError, UpstreamProtocolError,
                                          UpstreamTimeout)
 from gateway.proxying.upstream import UpstreamPool
 
-from harness import eventually, raw_upstream
+from harness import eventually, gateway_under_test, make_config, raw_upstream
 
 
 def head(method: str, target: str, host: str = "upstream") -> bytes:
@@ -321,6 +323,112 @@ async def test_unsolicited_bytes_on_an_idle_connection_close_it():
     assert pool.idle == []
     srv.close()
     await pool.close()
+
+
+# --- a 204/304 that announced a body: whatever follows never answers another request ------------
+
+_EVIL = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Desync: yes\r\n\r\nEVIL!"
+
+
+async def _one_answer(port: int, request: bytes, seconds: float = 3.0) -> bytes:
+    """Send ``request`` on a new client connection; the bytes that came back (to the close, to
+    an answer ``good`` or ``EVIL!``, or until ``seconds`` passed)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    got = b""
+    try:
+        async with asyncio.timeout(seconds):
+            while chunk := await reader.read(65536):
+                got += chunk
+                if got.endswith(b"\r\n\r\ngood") or got.endswith(b"EVIL!"):
+                    break
+    except (TimeoutError, ConnectionError):
+        pass
+    writer.close()
+    return got
+
+
+@pytest.mark.parametrize("status", [b"204 No Content", b"304 Not Modified"])
+@pytest.mark.parametrize("framing", [b"Content-Length: %d" % len(_EVIL),
+                                     b"Transfer-Encoding: chunked"])
+async def test_a_body_an_upstream_sends_after_a_204_or_304_never_answers_another_request(
+        redis_url, monkeypatch, status, framing):
+    """An upstream (a buggy app behind a server that writes head and body apart) answers a
+    204 or 304 whose head announces a body, and writes that body later. RFC 9112 6.3 ends
+    such an answer at its head (llhttp does), so those bytes are whatever comes next on the
+    connection. It went back to the pool, so the next request, another client's, was sent on
+    it and got them as its answer: here a whole HTTP response. The upstream writes them only
+    once that next request has arrived on the same connection: the outcome does not hang on
+    timing. A 204/304 that announced a body closes its connection, as a HEAD answer does."""
+    async def answer(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /public/first "):
+                    writer.write(b"HTTP/1.1 %s\r\n%s\r\n\r\n" % (status, framing))
+                    await writer.drain()
+                    await reader.readuntil(b"\r\n\r\n")  # the next request, if it comes here
+                    writer.write(_EVIL)
+                    await writer.drain()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server, url = await raw_upstream(answer)
+    config = make_config(url, routes=(Route("/public/**", "api", (), (), True),))
+    # one upstream connection: the next request can only go where the last one went
+    config = dataclasses.replace(config, upstreams={
+        "api": Upstream("api", url, 2.0, max_connections=1)})
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            port = g.proxy_server.port
+            first = await _one_answer(port, b"GET /public/first HTTP/1.1\r\nHost: a\r\n\r\n",
+                                      seconds=0.5)
+            assert first.startswith(b"HTTP/1.1 " + status[:3]), first
+            second = await _one_answer(port, b"GET /public/second HTTP/1.1\r\nHost: b\r\n\r\n")
+    finally:
+        server.close()
+    assert b"EVIL!" not in second and b"X-Desync" not in second, second
+    assert second.startswith(b"HTTP/1.1 200 ") and second.endswith(b"\r\n\r\ngood"), second
+
+
+@pytest.mark.parametrize("answer_head, kept", [
+    (b"HTTP/1.1 204 No Content\r\n\r\n", True),
+    (b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n", True),
+    (b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", True),
+    (b"HTTP/1.1 304 Not Modified\r\ncontent-length:  0 \r\n\r\n", True),
+    # RFC 9110 8.6 lets a 304 say the 200's length: nobody can tell that from a body to come
+    (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1200\r\n\r\n", False),
+    (b"HTTP/1.1 204 No Content\r\nContent-Length: 00\r\n\r\n", True),
+    (b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n", False),
+    (b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: identity\r\n\r\n", False),
+])
+async def test_a_204_or_304_is_reused_only_when_its_head_announced_no_body(answer_head, kept):
+    """The other side of the test above: a plain 204 or 304 (most of them: no length, or
+    ``Content-Length: 0``) keeps its connection; one that announced a body never does."""
+    async def answer(reader, writer):
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(answer_head)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+    srv, url = await raw_upstream(answer)
+    pool = UpstreamPool(url)
+    try:
+        for _ in range(2):
+            resp = await pool.request(head("GET", "/"), timeout=2)
+            assert resp.status in (204, 304)
+            resp.release()
+        await asyncio.sleep(0.05)
+        assert len(pool.idle) == (1 if kept else 0)
+    finally:
+        srv.close()
+        await pool.close()
 
 
 async def test_upload_longer_than_the_timeout_is_not_a_timeout(server):

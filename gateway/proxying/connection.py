@@ -11,6 +11,7 @@ import asyncio
 import collections
 import os
 import socket
+import ssl
 from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import httptools
@@ -43,6 +44,16 @@ def _chunked_framing(value: bytes) -> bool:
     if codings.count(b"chunked") > 1:
         raise UpstreamProtocolError("upstream applied the chunked transfer coding twice")
     return bool(codings) and codings[-1] == b"chunked"
+
+
+def _announces_a_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a response head frames a body: any Transfer-Encoding, or a Content-Length
+    other than 0 (for a 204 or 304, which has none whatever its head says)."""
+    for name, value in headers:
+        if len(name) in _FRAMING_LENGTHS and name.lower() in _FRAMING:
+            if len(name) == 17 or value.strip().lstrip(b"0") != b"":
+                return True
+    return False
 
 
 class UpstreamConnectError(Exception):
@@ -123,6 +134,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.skip_body = False                       # HEAD: the head ends the message
         self.keep_alive = False
         self.until_close = False
+        self.ended = False                           # the peer ended it cleanly: eof_received
         self.idle_since = 0.0
         self.status = 0
         self.head_bytes = 0
@@ -180,7 +192,25 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(UpstreamProtocolError(f"malformed response from upstream: {exc}"))
 
     def eof_received(self) -> bool:
+        # the end of a body read to the close (RFC 9112 6.3): a FIN over TCP; over TLS only a
+        # close_notify (9.8), which uvloop's TLS transport alone reports here (asyncio's
+        # reports a bare FIN too: told apart by what the TLS session read)
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        self.ended = ssl_object is None or self._close_notified(ssl_object)
         return False
+
+    def _close_notified(self, ssl_object) -> bool:
+        """Whether the TLS session ``ssl_object`` received the peer's close_notify. Its
+        transport has read every record by the time it reports the end: a read then gives
+        b"" after a close_notify, SSLWantReadError after a bare FIN (any data is passed on)."""
+        while True:
+            try:
+                data = ssl_object.read(65536)
+            except ssl.SSLError:  # SSLWantReadError: the records stopped, no close_notify
+                return False
+            if not data:
+                return True
+            self.data_received(data)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -188,9 +218,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.forget(self)
         if exc is not None and not self.complete and self.head is not None:
             self._read_what_came()
-        if not self.complete and self.until_close and exc is None and \
+        if not self.complete and self.until_close and self.ended and \
                 self.head is not None and self.head.done():
-            # a body read to close ends at a clean close only: a reset (exc) cut it short
+            # a body read to close ends at a clean close only (eof_received): a reset, or
+            # over TLS a FIN without close_notify (a peer gone mid-body, a cut path), cut it
+            # short, and the client's connection is aborted as for any upstream failure
             self.complete, self.keep_alive = True, False
             self._wake()
         elif not self.complete:
@@ -281,9 +313,17 @@ class UpstreamConnection(asyncio.Protocol):
                 # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing;
                 # read as it says, but the connection is closed after it, never reused
                 self.keep_alive = False
-        # an HTTP/1.0-style body with neither length nor chunks ends when the upstream closes
-        self.until_close = not framed and not self.skip_body and \
-            status >= 200 and status not in (204, 304)
+        if status == 204 or status == 304:
+            self.until_close = False
+            if (framed or coding is not None) and _announces_a_body(self.headers):
+                # RFC 9112 6.3 ends a 204/304 at its head (llhttp does), but its head said a
+                # body follows: an upstream that sends one anyway would have those bytes read
+                # as the answer to the next request on this connection, another client's
+                # (a 304 may state the 200's length, RFC 9110 8.6: no telling it apart).
+                # Closed after it, never reused, as after a HEAD answer.
+                self.keep_alive = False
+        else:  # a body with neither length nor chunks (HTTP/1.0-style) ends at the close
+            self.until_close = not framed and not self.skip_body
         if self.head is not None and not self.head.done():
             self.head.set_result(None)
         if self.skip_body:
