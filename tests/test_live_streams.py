@@ -1,0 +1,141 @@
+"""Bodies that stream both ways while they are being written: a live request body (NDJSON,
+log shipping) reaches the upstream before it ends, an answer that pauses between chunks is cut
+only past the upstream's ``timeout``, and an answer the upstream cuts mid-body is said in the
+access log and ``keygate_upstream_errors_total``.
+
+Real gateway, real redis-server, raw loopback upstreams and raw client sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.config import Route, ServerConfig, Timeouts, Upstream
+from gateway.proxying import forward
+
+from harness import eventually, gateway_under_test, make_config, raw_upstream
+
+ROUTES = (Route("/public/**", "api", (), (), True),)
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def _config(url: str, *, timeout: float = 2.0, body: float = 5.0):
+    config = make_config(url, routes=ROUTES, server=ServerConfig(
+        host="127.0.0.1", access_log="json", timeouts=Timeouts(header=5.0, body=body,
+                                                                idle=10.0)))
+    return dataclasses.replace(config, upstreams={"api": Upstream("api", url, timeout)})
+
+
+# --- a live request body reaches the upstream before it ends -------------------------------------
+
+async def test_a_live_chunked_body_reaches_the_upstream_line_by_line(redis_url, monkeypatch):
+    """A client streams NDJSON lines and waits for the upstream's answer to each before it
+    sends the next (full duplex). keygate read ahead up to 64 KiB of a body, however long that
+    took, before it took an upstream connection: the upstream got nothing, and after
+    ``server.timeouts.body`` the client got 408. The read-ahead now also ends
+    ``forward.PREFETCH_WAIT`` (1 s) after it began: the head and the first line go upstream
+    then, and each later line as it comes."""
+    received = bytearray()
+    first_line_at: list[float] = []
+
+    async def answer(reader, writer):
+        try:
+            received.extend(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            while True:
+                size = await reader.readuntil(b"\r\n")
+                received.extend(size)
+                n = int(size, 16)
+                data = await reader.readexactly(n + 2)
+                received.extend(data)
+                if n == 0:
+                    break
+                first_line_at.append(time.monotonic())
+                reply = b"seen " + data[:-2]
+                writer.write(b"%x\r\n%s\r\n" % (len(reply), reply))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server, url = await raw_upstream(answer)
+    try:
+        async with gateway_under_test(_config(url), redis_url, monkeypatch) as g:
+            reader, writer = await asyncio.open_connection("127.0.0.1", g.proxy_server.port)
+            sent_at = time.monotonic()
+            writer.write(b"POST /public/live HTTP/1.1\r\nHost: x\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" b"9\r\n{\"n\": 1}\n\r\n")
+            async with asyncio.timeout(4.0):  # within the body timeout (5 s)
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 "), head
+                got = b""
+                while b"seen {\"n\": 1}" not in got:
+                    got += await reader.read(65536)
+                writer.write(b"9\r\n{\"n\": 2}\n\r\n")
+                while b"seen {\"n\": 2}" not in got:
+                    got += await reader.read(65536)
+                writer.write(b"0\r\n\r\n")
+                while not got.endswith(b"0\r\n\r\n"):
+                    chunk = await reader.read(65536)
+                    assert chunk, got
+                    got += chunk
+            writer.close()
+    finally:
+        server.close()
+    # the upstream got the head and each line as sent, the first one within the read-ahead's
+    # pause (1 s) and the loop's slack, not after the body timeout
+    assert first_line_at and first_line_at[0] - sent_at < forward.PREFETCH_WAIT + 1.0
+    assert received.endswith(b"\r\n\r\n9\r\n{\"n\": 1}\n\r\n9\r\n{\"n\": 2}\n\r\n0\r\n\r\n"), \
+        bytes(received)
+    assert received.startswith(b"POST /public/live HTTP/1.1\r\n")
+
+
+async def test_a_small_body_sent_at_once_still_goes_upstream_whole(redis_url, monkeypatch):
+    """The pause that ends the read-ahead changes nothing for a body that is all here at
+    once: it goes upstream whole with its ``Content-Length``, taking no upload slot."""
+    seen: list[bytes] = []
+
+    async def answer(reader, writer):
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+            seen.append(head + await reader.readexactly(length))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, AttributeError):
+            pass
+        finally:
+            writer.close()
+
+    server, url = await raw_upstream(answer)
+    try:
+        async with gateway_under_test(_config(url), redis_url, monkeypatch) as g:
+            pool = g.gw.pipeline.forwarder._pools["api"][0]
+            took: list[int] = []
+            real = pool.request
+
+            async def request(*args, **kwargs):
+                took.append(kwargs.get("streaming", False))
+                return await real(*args, **kwargs)
+            monkeypatch.setattr(pool, "request", request)
+            reader, writer = await asyncio.open_connection("127.0.0.1", g.proxy_server.port)
+            writer.write(b"POST /public/whole HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+                         b"\r\n" + b"z" * 5000)
+            async with asyncio.timeout(4.0):
+                head = await reader.readuntil(b"\r\n\r\n")
+            writer.close()
+    finally:
+        server.close()
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert took == [False]
+    assert len(seen) == 1 and seen[0].endswith(b"\r\n\r\n" + b"z" * 5000)
+    assert b"\r\nContent-Length: 5000\r\n" in seen[0]
