@@ -14,12 +14,10 @@ import re
 import time
 from pathlib import Path
 
-import pytest
-
 from gateway.config import Route, ServerConfig, Timeouts, Upstream
 from gateway.proxying import forward
 
-from harness import eventually, gateway_under_test, make_config, raw_upstream
+from harness import gateway_under_test, make_config, raw_upstream
 
 ROUTES = (Route("/public/**", "api", (), (), True),)
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -139,3 +137,94 @@ async def test_a_small_body_sent_at_once_still_goes_upstream_whole(redis_url, mo
     assert took == [False]
     assert len(seen) == 1 and seen[0].endswith(b"\r\n\r\n" + b"z" * 5000)
     assert b"\r\nContent-Length: 5000\r\n" in seen[0]
+
+
+# --- an answer that pauses mid-body: the upstream's timeout is the longest gap -----------------
+
+def _timeout_row() -> str:
+    """The ``timeout`` row of the upstreams table in docs/configuration.md."""
+    text = (DOCS / "configuration.md").read_text()
+    section = text[text.index("## `upstreams`"):text.index("## `routes`")]
+    return next(line for line in section.splitlines() if line.startswith("| `timeout` |"))
+
+
+def test_the_upstream_timeout_row_says_it_cuts_an_answer_that_pauses_mid_body():
+    """docs/configuration.md said the upstream ``timeout`` was the wait for the response
+    headers only; an answer whose body pauses longer than it between two chunks is cut too
+    (tested below), which an event stream's heartbeats must stay under."""
+    row = _timeout_row()
+    assert "between two chunks of the response body" in row, row
+    assert "heartbeat" in row and "no cap on the whole answer" in row, row
+    assert "upstream_timeout" in row, row
+
+
+def _sse_upstream(gaps: list[float], *, cut: str | None = None):
+    """A raw upstream answering an event stream: one event, then one more after each gap in
+    ``gaps``, then the end of the body; or, with ``cut``, after the gaps: ``"hang"`` (no
+    more bytes, the connection open) or ``"reset"`` (a TCP RST mid-body)."""
+    import socket
+    import struct
+
+    async def answer(reader, writer):
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" b"b\r\ndata: 0\r\n\r\n\r\n")
+            await writer.drain()
+            for n, gap in enumerate(gaps, 1):
+                await asyncio.sleep(gap)
+                writer.write(b"b\r\ndata: %d\r\n\r\n\r\n" % n)
+                await writer.drain()
+            if cut == "hang":
+                await asyncio.sleep(10)
+            elif cut == "reset":
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+                return
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+    return answer
+
+
+async def _streamed(g, seconds: float = 6.0) -> bytes:
+    """What a raw client of ``GET /public/events`` got, to the connection's end."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", g.proxy_server.port)
+    writer.write(b"GET /public/events HTTP/1.1\r\nHost: x\r\nX-Request-Id: rid-events\r\n"
+                 b"Connection: close\r\n\r\n")
+    got = b""
+    try:
+        async with asyncio.timeout(seconds):
+            while chunk := await reader.read(65536):
+                got += chunk
+    except ConnectionError:
+        pass
+    writer.close()
+    return got
+
+
+def _access_line(g, capfd) -> dict:
+    _, err = g.logs(capfd)
+    lines = [json.loads(line) for line in err.splitlines()
+             if line.startswith("{") and '"request_id":"rid-events"' in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+async def test_an_event_stream_whose_gaps_stay_under_the_timeout_is_never_cut(
+        redis_url, monkeypatch, capfd):
+    """Heartbeats more frequent than the upstream's ``timeout`` keep a stream open well past
+    it: the timeout bounds each gap, not the whole answer."""
+    server, url = await raw_upstream(_sse_upstream([0.3] * 5))
+    try:
+        async with gateway_under_test(_config(url, timeout=0.6), redis_url, monkeypatch) as g:
+            got = await _streamed(g)
+            line = _access_line(g, capfd)
+    finally:
+        server.close()
+    assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"data: 5\r\n\r\n\r\n0\r\n\r\n"), got
+    assert (line["status"], line["error"]) == (200, None), line
