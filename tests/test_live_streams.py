@@ -14,6 +14,8 @@ import re
 import time
 from pathlib import Path
 
+import pytest
+
 from gateway.config import Route, ServerConfig, Timeouts, Upstream
 from gateway.proxying import forward
 
@@ -228,3 +230,35 @@ async def test_an_event_stream_whose_gaps_stay_under_the_timeout_is_never_cut(
         server.close()
     assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"data: 5\r\n\r\n\r\n0\r\n\r\n"), got
     assert (line["status"], line["error"]) == (200, None), line
+
+
+@pytest.mark.parametrize("cut,code", [("hang", "upstream_timeout"),
+                                      ("reset", "upstream_unavailable")])
+async def test_an_answer_the_upstream_cuts_mid_body_is_logged_and_counted(
+        redis_url, monkeypatch, capfd, cut, code):
+    """An upstream that stops mid-body for longer than its ``timeout``, or resets the
+    connection mid-body: the client's connection is aborted (no last chunk: the body never
+    looks complete). The access line said status 200 with ``error`` null, and
+    ``keygate_upstream_errors_total`` did not move: an operator saw a warning line at most.
+    Now the line's ``error`` says ``upstream_timeout`` or ``upstream_unavailable`` (the status
+    stays the 200 the client got) and the counter counts it."""
+    server, url = await raw_upstream(_sse_upstream([0.2], cut=cut))
+    try:
+        async with gateway_under_test(_config(url, timeout=0.6), redis_url, monkeypatch) as g:
+            started = time.monotonic()
+            got = await _streamed(g)
+            took = time.monotonic() - started
+            line = _access_line(g, capfd)
+            counted = g.counter("keygate_upstream_errors_total", upstream="api", code=code)
+            others = g.counter("keygate_upstream_errors_total", upstream="api",
+                               code={"upstream_timeout": "upstream_unavailable",
+                                     "upstream_unavailable": "upstream_timeout"}[code])
+    finally:
+        server.close()
+    assert got.startswith(b"HTTP/1.1 200 ") and b"data: 1\r\n\r\n" in got, got
+    assert not got.endswith(b"0\r\n\r\n"), got
+    if cut == "hang":
+        assert 0.7 < took < 3.0, took  # the gap (0.6 s) after the second event
+    assert (line["status"], line["error"]) == (200, code), line
+    assert line["bytes_out"] == 2 * len(b"data: 0\r\n\r\n"), line
+    assert (counted, others) == (1, 0)

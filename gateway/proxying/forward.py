@@ -351,7 +351,9 @@ class Forwarder:
         Raises ``PayloadTooLarge`` (413), ``RequestTimeout`` (408), ``BadGateway`` (502) or
         ``GatewayTimeout`` (504) while no response has started (each says whether the upstream
         may have received the request); once a response has started, an upstream failure
-        aborts the client connection (a truncated body must not look complete)."""
+        aborts the client connection (a truncated body must not look complete), and the
+        response's ``upstream_failed`` says the error code (``upstream_timeout`` for a gap
+        longer than the upstream's timeout, else ``upstream_unavailable``)."""
         if rules is None:
             rules = self.header_rules
         pool, base, host = self._pool(upstream)
@@ -529,6 +531,10 @@ class Forwarder:
             transport = request.transport
             if transport is not None:
                 transport.abort()     # never let a truncated body look complete
+            # for the access log's error and keygate_upstream_errors_total (the pipeline
+            # reads it): the status stays the one the client got
+            response.upstream_failed = "upstream_timeout" if isinstance(exc, TimeoutError) \
+                else "upstream_unavailable"
             return response
         finally:
             response.body_bytes_sent = sent  # the whole body, or as much of it as went out
