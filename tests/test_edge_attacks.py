@@ -197,7 +197,7 @@ async def test_small_uploads_that_pause_hold_only_the_upload_slots(
                     assert r.status == 200
                 async with g.proxy.post("/public/small", data=b"z" * 1000) as r:
                     assert r.status == 200
-                assert time.monotonic() - started < 1.0
+                assert time.monotonic() - started < 1.5
                 held.append(pool.streaming)
                 await asyncio.sleep(0.3)
             outcomes = await asyncio.gather(*uploads)
