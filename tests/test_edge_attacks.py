@@ -69,23 +69,24 @@ TRICKLE_BYTES = 12           # then one byte (one chunk) every 0.3 s: ~3.6 s, ne
 
 async def trickling_upload(port: int, chunked: bool, *, source: str = "127.0.0.1",
                            path: bytes = b"/public/upload", headers: bytes = b"",
-                           drips: int = TRICKLE_BYTES, answers: list | None = None
-                           ) -> tuple[int, str | None, float]:
+                           drips: int = TRICKLE_BYTES, answers: list | None = None,
+                           prefix: int = TRICKLE_PREFIX) -> tuple[int, str | None, float]:
     """A raw client that sends a POST with 70 KiB of body at once, then one byte (a one-byte
     chunk) every 0.3 s until its body is complete (``drips`` bytes), reading the answer all the
     while; returns (status, error code, seconds to the answer). Stops dripping once answered.
     ``source``: the loopback address it connects from (one client address per tenant on a
     public route); ``headers``: more header lines, each ending in CRLF; ``answers``: the
-    answer bodies (parsed JSON, or the raw bytes) are appended to it."""
+    answer bodies (parsed JSON, or the raw bytes) are appended to it; ``prefix``: the bytes
+    sent at once (70 KiB: past the read-ahead's 64 KiB)."""
     started = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     if chunked:
         writer.write(b"POST %s HTTP/1.1\r\nHost: g\r\n%sTransfer-Encoding: chunked\r\n\r\n"
                      % (path, headers)
-                     + b"%x\r\n" % TRICKLE_PREFIX + b"x" * TRICKLE_PREFIX + b"\r\n")
+                     + b"%x\r\n" % prefix + b"x" * prefix + b"\r\n")
     else:
         writer.write(b"POST %s HTTP/1.1\r\nHost: g\r\n%sContent-Length: %d\r\n\r\n"
-                     % (path, headers, TRICKLE_PREFIX + drips) + b"x" * TRICKLE_PREFIX)
+                     % (path, headers, prefix + drips) + b"x" * prefix)
 
     async def drip() -> None:
         for _ in range(drips):
@@ -167,6 +168,51 @@ async def test_trickling_uploads_must_not_take_every_upstream_connection(
         assert len(waited) == len(refused) and all(r.levelno == logging.WARNING for r in waited)
         assert g.counter("keygate_upstream_errors_total", upstream="api",
                          code="upstream_timeout") == len(refused)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_small_uploads_that_pause_hold_only_the_upload_slots(
+        redis_url, upstream, monkeypatch, chunked):
+    """The read-ahead ends ``forward.PREFETCH_WAIT`` (1 s) after it began even when far less
+    than 64 KiB came (so that a live body reaches its upstream): an upload of a few bytes that
+    then trickles is streaming from then on. It takes an upload slot like one past 64 KiB:
+    six such uploads from two client addresses (max_connections 4: 2 upload slots, 1 per
+    address) hold at most the 2 slots, never a connection a GET or a small POST needs; the
+    others wait for a slot within the upstream's timeout, then get 504."""
+    from gateway.proxying.forward import PREFETCH_WAIT
+    config = edge_config(str(upstream.make_url("")), upstream_timeout=2.0, upstream_max=4)
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        port = g.proxy_server.port
+        pool = g.gw.pipeline.forwarder._pools["api"][0]
+        held: list[int] = []
+        uploads = [asyncio.ensure_future(trickling_upload(port, chunked, prefix=10,
+                                                          source=f"127.0.0.{1 + i % 2}"))
+                   for i in range(6)]
+        try:
+            # past the read-ahead's pause: they stream, each address within its share
+            assert await eventually(lambda: pool.streaming == 2, timeout=PREFETCH_WAIT + 2)
+            for _ in range(3):
+                started = time.monotonic()
+                async with g.proxy.get("/public/ok") as r:
+                    assert r.status == 200
+                async with g.proxy.post("/public/small", data=b"z" * 1000) as r:
+                    assert r.status == 200
+                assert time.monotonic() - started < 1.5
+                held.append(pool.streaming)
+                await asyncio.sleep(0.3)
+            outcomes = await asyncio.gather(*uploads)
+        finally:
+            for u in uploads:
+                u.cancel()
+        assert max(held) <= pool.max_streaming == 2, held
+        served = [o for o in outcomes if o[0] == 200]
+        refused = [o for o in outcomes if o[0] != 200]
+        assert len(served) >= 2 and refused, outcomes
+        assert all((s, c) == (504, "upstream_timeout") for s, c, _ in refused), outcomes
+        assert await eventually(lambda: pool.streaming == 0), "an upload slot was never freed"
+        whole = [r for r in upstream.requests if r["raw_path"] == "/public/upload"]
+        assert len(whole) == len(served)
+        assert all(r["body_len"] == 10 + TRICKLE_BYTES for r in whole)
 
 
 async def test_upload_slots_come_free_after_a_408_or_a_client_gone_mid_upload(

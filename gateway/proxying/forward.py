@@ -62,7 +62,8 @@ _NO_BODY_STATUS = frozenset({204, 304})
 _X_REQUEST_ID = istr("X-Request-Id")  # a str name is made an istr on every assignment
 _CONTENT_LENGTH = istr("Content-Length")
 
-PREFETCH = 64 * 1024  # request body bytes read before an upstream connection is taken
+PREFETCH = 64 * 1024  # request body bytes read before an upstream connection is taken,
+PREFETCH_WAIT = 1.0   # or as many as came within this many seconds (a live body streams)
 
 
 class _Unwatched:
@@ -75,19 +76,34 @@ class ClientBodyFailed(Exception):
     """The client's request body could not be read: the client went away mid-upload."""
 
 
-async def _prefetched(source, limit: int, at_eof: Callable[[], bool]):
-    """``source`` with its first ``limit`` bytes (all of a smaller body) already read, and
-    whether the whole body is here: read to its end, or all of it received (``at_eof``: the
-    client's whole body is buffered, so nothing the client does can slow the rest)."""
+async def _prefetched(source, limit: int, at_eof: Callable[[], bool], wait: float):
+    """``source`` with its first ``limit`` bytes (all of a smaller body) already read, or as
+    many as came within ``wait`` seconds, and whether the whole body is here: read to its end,
+    or all of it received (``at_eof``: the client's whole body is buffered, so nothing the
+    client does can slow the rest). A body all buffered already is read without a timer."""
     chunks: list[bytes] = []
     size, ended = 0, False
-    while size < limit:
-        chunk = await source()
-        if not chunk:
-            ended = True
-            break
-        chunks.append(chunk)
-        size += len(chunk)
+
+    async def fill() -> None:
+        nonlocal size, ended
+        while size < limit:
+            chunk = await source()
+            if not chunk:
+                ended = True
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+
+    if at_eof():
+        await fill()
+    else:
+        # the wait is cancelled only inside the body source's read, before it takes a chunk
+        # from the buffer (aiohttp's readany): no byte is lost, the rest streams from there
+        try:
+            async with asyncio.timeout(wait):
+                await fill()
+        except TimeoutError:
+            pass
     chunks.reverse()
     complete = ended or at_eof()
 
@@ -335,7 +351,9 @@ class Forwarder:
         Raises ``PayloadTooLarge`` (413), ``RequestTimeout`` (408), ``BadGateway`` (502) or
         ``GatewayTimeout`` (504) while no response has started (each says whether the upstream
         may have received the request); once a response has started, an upstream failure
-        aborts the client connection (a truncated body must not look complete)."""
+        aborts the client connection (a truncated body must not look complete), and the
+        response's ``upstream_failed`` says the error code (``upstream_timeout`` for a gap
+        longer than the upstream's timeout, else ``upstream_unavailable``)."""
         if rules is None:
             rules = self.header_rules
         pool, base, host = self._pool(upstream)
@@ -361,11 +379,15 @@ class Forwarder:
         try:
             if body is not None:
                 # no upstream connection is taken before the first PREFETCH bytes (all of a
-                # small body) are here; a body not all here by then is streaming: it may
-                # trickle in for as long as the client likes (a byte now and then never stalls
-                # it for server.timeouts.body), so it takes one of the upstream's upload slots
-                # (half its connections) and cannot hold the connections the rest need
-                body, complete = await _prefetched(body, PREFETCH, request.content.is_eof)
+                # small body) are here, or PREFETCH_WAIT seconds have passed (a live body: an
+                # NDJSON line, a log record, waiting for the upstream's answer before the
+                # next); a body not all here by then is streaming: it may trickle in for as
+                # long as the client likes (a byte now and then never stalls it for
+                # server.timeouts.body), so it takes one of the upstream's upload slots (half
+                # its connections, and its owner's share of those) and cannot hold the
+                # connections the rest need
+                body, complete = await _prefetched(body, PREFETCH, request.content.is_eof,
+                                                   PREFETCH_WAIT)
                 streaming = not complete
             if streaming:  # and at most its workspace's (or client address's) share of those
                 resp = await pool.request(head, body=body, content_length=length,
@@ -509,6 +531,10 @@ class Forwarder:
             transport = request.transport
             if transport is not None:
                 transport.abort()     # never let a truncated body look complete
+            # for the access log's error and keygate_upstream_errors_total (the pipeline
+            # reads it): the status stays the one the client got
+            response.upstream_failed = "upstream_timeout" if isinstance(exc, TimeoutError) \
+                else "upstream_unavailable"
             return response
         finally:
             response.body_bytes_sent = sent  # the whole body, or as much of it as went out
