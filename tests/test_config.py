@@ -1414,3 +1414,30 @@ def test_identity_and_signature_headers_cannot_be_headers_keygate_sets_or_http_r
         "config.yaml:8: identity_signature.header: 'TraceState' is already a header keygate "
         "sets, strips or reads",
     ]
+
+
+@pytest.mark.parametrize("clash, line", [
+    ("identity_headers:\n  workspace: X-Keygate-Signature\n", "identity_headers.workspace"),
+    ("identity_headers:\n  plan: x_keygate_signature\n", "identity_headers.plan"),
+    ("keys:\n  headers: [X-Keygate-Signature]\n", "keys.headers"),
+])
+def test_the_default_signature_header_is_compared_with_the_identity_and_key_headers(
+        tmp_path: Path, monkeypatch, clash: str, line: str) -> None:
+    """``identity_signature.header`` written out as ``X-Keygate-Signature`` beside an identity
+    header of that name was refused; left at its default (the same name) it passed `config
+    check` and serve, and the upstream got ``X-Keygate-Signature`` twice (the workspace id and
+    the signature): every signature check failed. The default is the header keygate signs in,
+    and is compared as a written one is."""
+    monkeypatch.setenv("KG_SIGNING", "s3cret" * 6)
+    text = clash + "identity_signature:\n  secret_env: KG_SIGNING\n"
+    problems = problems_of(tmp_path, text)
+    assert problems == [
+        "config.yaml:4: identity_signature.header: 'X-Keygate-Signature' (the default) is "
+        f"already a header keygate sets, strips or reads ({line}); set identity_signature."
+        "header to another name"], problems
+    written = problems_of(tmp_path, text + "  header: X-Keygate-Signature\n")
+    assert written == ["config.yaml:5: identity_signature.header: 'X-Keygate-Signature' is "
+                       "already a header keygate sets, strips or reads"]
+    # another name for either one: no problem
+    load_config(write(tmp_path, text + "  header: X-Signature\n"))
+    load_config(write(tmp_path, "identity_signature:\n  secret_env: KG_SIGNING\n"))

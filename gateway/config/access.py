@@ -249,7 +249,23 @@ class AccessSections(SchemaReader):
                 return self.fail(value_node, sub, f"'{name}' is already a header keygate sets, "
                                                   "strips or reads")
             return name
-        return self.section(node, "identity_signature", IdentitySignature,
-                            {"secret_env": secret_env, "header": header},
-                            required={"secret_env": "(the environment variable holding the "
-                                                    "secret)"}, secret_env="")
+        signature = self.section(node, "identity_signature", IdentitySignature,
+                                 {"secret_env": secret_env, "header": header},
+                                 required={"secret_env": "(the environment variable holding "
+                                                         "the secret)"}, secret_env="")
+        if child(node, "header") is None:
+            # the default name is the header keygate signs in as much as a written one: an
+            # identity or credential header of that name left the upstream two of them (the
+            # workspace id and the signature), and every signature check failed
+            fields = ("workspace", "key_id", "scopes", "plan")
+            users = {header_key(getattr(identity, f)): f"identity_headers.{f}"
+                     for f in reversed(fields)}
+            users.update({header_key(h): "keys.headers" for h in keys.headers
+                          if header_key(h) not in users})
+            user = users.get(header_key(signature.header))
+            if user is not None:
+                self.fail(node, "identity_signature.header",
+                          f"'{signature.header}' (the default) is already a header keygate "
+                          f"sets, strips or reads ({user}); set identity_signature.header to "
+                          "another name")
+        return signature
