@@ -91,8 +91,11 @@ def test_string_where_an_int_is_needed(tmp_path: Path) -> None:
 
 
 def test_boolean_is_not_a_port(tmp_path: Path) -> None:
-    assert problems_of(tmp_path, "admin:\n  port: yes\n") == [
+    assert problems_of(tmp_path, "admin:\n  port: true\n") == [
         "config.yaml:2: admin.port: expected an integer, got a boolean (true)"]
+    # a plain yes is text, as YAML 1.2 and the JSON schema read it
+    assert problems_of(tmp_path, "admin:\n  port: yes\n") == [
+        "config.yaml:2: admin.port: expected an integer, got a string ('yes')"]
 
 
 def test_out_of_range_values(tmp_path: Path) -> None:
@@ -1441,3 +1444,67 @@ def test_the_default_signature_header_is_compared_with_the_identity_and_key_head
     # another name for either one: no problem
     load_config(write(tmp_path, text + "  header: X-Signature\n"))
     load_config(write(tmp_path, "identity_signature:\n  secret_env: KG_SIGNING\n"))
+
+
+def test_yaml_1_1_boolean_words_are_read_as_yaml_1_2_reads_them(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """``server.access_log: off``, as docs/configuration.md, the README and the example config
+    write it, was refused ("expected a string, got a boolean (false)"): PyYAML reads a plain
+    ``off``, ``on``, ``yes`` or ``no`` as YAML 1.1's boolean, while the JSON schema's
+    validators (YAML 1.2) read the word as text and passed the same file; and ``public: yes``
+    was true to the loader and refused by the schema. Both now read these words as YAML 1.2
+    does: where text is expected, the word as written; where a boolean is, a problem saying
+    to write true or false."""
+    config = load_config(write(tmp_path, with_upstream("""
+        server:
+          access_log: off
+        keys:
+          prefix: on
+          environments: [live, no]
+        scopes:
+          people:read: Yes
+        routes:
+          - {path: /x, upstream: crm, public: true, websocket: false}
+    """)))
+    assert config.server.access_log == "off"
+    assert (config.keys.prefix, config.keys.environments) == ("on", ("live", "no"))
+    assert config.scopes == {"people:read": "Yes"}
+    assert (config.routes[0].public, config.routes[0].websocket) == (True, False)
+    monkeypatch.setenv("KG_TEST_LOG", "off")
+    monkeypatch.setenv("KG_TEST_PUBLIC", "yes")
+    assert load_config(write(tmp_path, "server:\n  access_log: ${KG_TEST_LOG}\n")
+                       ).server.access_log == "off"
+    assert problems_of(tmp_path, with_upstream("""
+        server:
+          access_log: Off
+          metrics_workspace_labels: on
+        routes:
+          - {path: /x, upstream: crm, public: yes}
+          - {path: /y, upstream: crm, websocket: NO}
+          - {path: /z, upstream: crm, public: 'yes'}
+          - {path: /w, upstream: crm, public: "${KG_TEST_PUBLIC}"}
+          - path: /v
+            upstream: crm
+            public: ${KG_TEST_PUBLIC}
+          - {path: off, upstream: crm}
+        cors:
+          allow_origins: ["https://app.example"]
+          allow_credentials: yes
+    """)) == [
+        "config.yaml:4: server.access_log: must be one of json, text, off, got 'Off' (did you "
+        "mean 'off'?)",
+        "config.yaml:5: server.metrics_workspace_labels: expected true or false, got 'on' (a "
+        "boolean in YAML 1.1 only, text in YAML 1.2); write true",
+        "config.yaml:7: routes[0].public: expected true or false, got 'yes' (a boolean in YAML "
+        "1.1 only, text in YAML 1.2); write true",
+        "config.yaml:8: routes[1].websocket: expected true or false, got 'NO' (a boolean in "
+        "YAML 1.1 only, text in YAML 1.2); write false",
+        "config.yaml:9: routes[2].public: expected true or false, got a string ('yes')",
+        "config.yaml:10: routes[3].public: the value from ${KG_TEST_PUBLIC} is invalid: "
+        "expected true or false",
+        "config.yaml:13: routes[4].public: the value from ${KG_TEST_PUBLIC} is invalid: "
+        "expected true or false",
+        "config.yaml:14: routes[5].path: 'off' must start with /",
+        "config.yaml:17: cors.allow_credentials: expected true or false, got 'yes' (a boolean "
+        "in YAML 1.1 only, text in YAML 1.2); write true",
+    ]
