@@ -1311,6 +1311,35 @@ def test_admin_listener_cannot_share_the_proxy_port(tmp_path: Path) -> None:
         "listener"]
 
 
+@pytest.mark.parametrize("server, admin, shared", [
+    ("localhost", "127.0.0.1", "localhost and 127.0.0.1 both bind 127.0.0.1"),
+    ("127.0.0.1", "127.1", "127.0.0.1 and 127.1 both bind 127.0.0.1"),
+    ("0", "127.0.0.1", "0 binds 0.0.0.0, every address"),
+    ("127.0.0.1", "0x0", "0x0 binds 0.0.0.0, every address"),
+])
+def test_listeners_that_bind_one_address_cannot_share_a_port(tmp_path: Path, server: str,
+                                                             admin: str, shared: str) -> None:
+    """`server.host: localhost` and `admin.host: 127.0.0.1` on one port passed `config check`
+    (only the same spelling, or a written wildcard, was compared), and serve then failed to
+    bind the second listener. Each host is resolved as serve binds it (getaddrinfo, passive)."""
+    assert problems_of(tmp_path, f"""
+        server: {{host: '{server}', port: 8080}}
+        admin: {{host: '{admin}', port: 8080}}
+    """) == [f"config.yaml:2: admin.port: the admin listener cannot share port 8080 with the "
+             f"proxy listener ({shared})"]
+
+
+@pytest.mark.parametrize("server, admin", [("127.0.0.1", "127.0.0.2"), ("127.0.0.1", "::1"),
+                                           ("localhost", "10.255.255.1")])
+def test_listeners_on_distinct_addresses_may_share_a_port(tmp_path: Path, server: str,
+                                                          admin: str) -> None:
+    write(tmp_path, with_upstream(f"""
+        server: {{host: '{server}', port: 8080}}
+        admin: {{host: '{admin}', port: 8080}}
+    """))
+    load_config(tmp_path / "config.yaml")
+
+
 @pytest.mark.parametrize("url, name", [
     ("redis://127.0.0.1:6379/0?bogus=1", "bogus"),
     ("redis://:pw@127.0.0.1/0?sokcet_timeout=1", "sokcet_timeout"),   # a typo of socket_timeout
