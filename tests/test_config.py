@@ -1537,3 +1537,41 @@ def test_yaml_1_1_boolean_words_are_read_as_yaml_1_2_reads_them(tmp_path: Path,
         "config.yaml:17: cors.allow_credentials: expected true or false, got 'yes' (a boolean "
         "in YAML 1.1 only, text in YAML 1.2); write true",
     ]
+
+
+@pytest.mark.parametrize("name", [
+    "X-HTTP-Method-Override", "x_http_method", "X-Method-Override",  # read as the method
+    "X-Original-URL", "X_Rewrite_URL", "X-Original-URI", "SCRIPT_NAME",  # as the path
+    "X-Original-Host", "X-Forwarded-Server",  # as the host
+    "Proxy-Connection",  # hop-by-hop
+])
+def test_identity_headers_cannot_be_headers_upstreams_read_as_the_method_path_or_host(
+        tmp_path: Path, monkeypatch, name: str) -> None:
+    """An identity header named ``X-HTTP-Method-Override`` or ``X-Original-URL`` passed: the
+    upstream then got ``X-HTTP-Method-Override: acme`` (Express, Symfony, ASP.NET perform the
+    method named there) or ``X-Original-URL: acme`` (IIS URL Rewrite, old Symfony route by it)
+    on every request, another method or path than the one keygate authorised. They are
+    refused as the other headers keygate manages are, for the signature header too."""
+    monkeypatch.setenv("KG_SIGNING", "s3cret" * 6)
+    assert problems_of(tmp_path, f"""
+        identity_headers:
+          key_id: {name}
+        identity_signature:
+          secret_env: KG_SIGNING
+          header: {name}
+    """) == [
+        f"config.yaml:2: identity_headers.key_id: '{name}' is a header keygate manages itself",
+        f"config.yaml:5: identity_signature.header: '{name}' is already a header keygate "
+        "sets, strips or reads"]
+
+
+def test_every_header_the_proxy_treats_itself_is_reserved_from_identity_headers() -> None:
+    """The reserved list is built from the lists the proxy's header rules use, so a header
+    added there (a hop-by-hop one, a path or host override) cannot be left out here."""
+    from gateway import overrides
+    from gateway.config.access import RESERVED_HEADERS
+    from gateway.models import header_key
+    from gateway.proxying.headers import HOP_BY_HOP, HOST_OVERRIDE, PATH_OVERRIDE
+    wanted = HOP_BY_HOP | PATH_OVERRIDE | HOST_OVERRIDE | {header_key(h)
+                                                           for h in overrides.HEADERS}
+    assert wanted <= RESERVED_HEADERS, sorted(wanted - RESERVED_HEADERS)

@@ -7,8 +7,8 @@ import os
 import re
 from typing import Any
 
-from ..models import (NAME_RE, ROLE_NAME_HINT, ROLE_NAME_RE, SCOPE_RE, Plan, header_key,
-                      parse_rate_limit)
+from ..models import (HOP_BY_HOP, HOST_OVERRIDE, METHOD_OVERRIDE_HEADERS, NAME_RE, PATH_OVERRIDE,
+                      ROLE_NAME_HINT, ROLE_NAME_RE, SCOPE_RE, Plan, header_key, parse_rate_limit)
 from ..signature import secrets_of
 from ..settings import (Argon2Config, FailureLimits, IdentityHeaders, IdentitySignature,
                         KeysConfig, VerifyQueueLimits)
@@ -19,16 +19,17 @@ PREFIX_RE = re.compile(r"[a-z0-9]{1,10}")
 ENVIRONMENT_RE = re.compile(r"[a-z0-9]{1,16}")
 HEADER_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 
-# Headers an operator may not claim as identity headers: the gateway sets or strips these itself.
 # Header names (as header_key spells them: "_" read as "-", as WSGI/CGI upstreams do) that no
 # identity or signature header may take: keygate sets them, or HTTP gives them a meaning
-# (an identity header named Expect makes the upstream answer 417).
+# (an identity header named Expect makes the upstream answer 417), or upstreams read them as
+# the request's method, path or host (an identity header named X-HTTP-Method-Override or
+# X-Original-URL made every request another method or path than the one keygate authorised).
+# Built from the lists the proxy's header rules use (gateway.models), so none drifts apart.
 RESERVED_HEADERS = frozenset({
-    "authorization", "proxy-authorization", "proxy-authenticate", "host", "content-length",
-    "content-type", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
-    "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded",
-    "expect", "traceparent", "tracestate",
-})
+    "authorization", "host", "content-length", "content-type", "x-request-id",
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "expect",
+    "traceparent", "tracestate",
+}) | HOP_BY_HOP | PATH_OVERRIDE | HOST_OVERRIDE | {header_key(h) for h in METHOD_OVERRIDE_HEADERS}
 MAX_WINDOW_SECONDS = 100 * 365 * 86400  # keys.failures.window_seconds
 # Bytes of the secret keygate signs with (identity_signature): one signed request lets anyone
 # try secrets offline at HMAC speed, so a short or guessable one is as good as none
