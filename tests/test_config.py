@@ -1575,3 +1575,30 @@ def test_every_header_the_proxy_treats_itself_is_reserved_from_identity_headers(
     wanted = HOP_BY_HOP | PATH_OVERRIDE | HOST_OVERRIDE | {header_key(h)
                                                            for h in overrides.HEADERS}
     assert wanted <= RESERVED_HEADERS, sorted(wanted - RESERVED_HEADERS)
+
+
+def test_keys_are_not_read_from_headers_keygate_manages_or_http_frames_with(
+        tmp_path: Path) -> None:
+    """``keys.headers`` (where a key is read from, and which keygate strips before forwarding)
+    took ``Host``, ``Content-Length``, ``Connection`` and ``X-Request-Id``: every request then
+    lost its Host or its body's length on the way, or had its key in a header the HTTP parser
+    or keygate itself owns. They are refused, in any spelling, as for identity headers."""
+    assert problems_of(tmp_path, """
+        keys:
+          headers:
+            - X-Api-Key
+            - Host
+            - content_length
+            - Connection
+            - X-Request-Id
+            - X-HTTP-Method-Override
+            - Authorization
+    """) == [
+        f"config.yaml:{line}: keys.headers[{i}]: '{name}' is a header keygate manages itself "
+        "or HTTP gives a meaning; a key cannot be read from it"
+        for i, line, name in ((1, 4, "Host"), (2, 5, "content_length"), (3, 6, "Connection"),
+                              (4, 7, "X-Request-Id"), (5, 8, "X-HTTP-Method-Override"))
+    ] + ["config.yaml:9: keys.headers[6]: Authorization is always read as 'Bearer <key>'; list "
+         "only other headers here"]
+    assert load_config(write(tmp_path, "keys:\n  headers: [X-Api-Key, X_Auth_Token]\n")
+                       ).keys.headers == ("X-Api-Key", "X_Auth_Token")

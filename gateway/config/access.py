@@ -94,8 +94,18 @@ class AccessSections(SchemaReader):
                                          "list only other headers here")
         return name
 
+    def credential_header(self, node: Node, path: str) -> Any:
+        """One of ``keys.headers``: keygate reads a key from it and strips it before forwarding,
+        so not one HTTP frames a request with or keygate sets (a key read from Host or
+        Content-Length took that header from every request forwarded)."""
+        name = self.header_name(node, path)
+        if name is not BAD and header_key(name) in RESERVED_HEADERS:
+            return self.fail(node, path, f"'{name}' is a header keygate manages itself or HTTP "
+                                         "gives a meaning; a key cannot be read from it")
+        return name
+
     def credential_headers(self, node: Node, path: str) -> Any:
-        values = self.string_list(node, path, self.header_name)
+        values = self.string_list(node, path, self.credential_header)
         if values is BAD:
             return BAD
         if len({header_key(v) for v in values}) != len(values):
