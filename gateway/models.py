@@ -29,6 +29,36 @@ ROLE_NAME_HINT = ("a slug: lowercase letters, digits and '-', starting with a le
                   "at most 63 characters")
 
 
+# --- header names with a meaning of their own (as header_key spells them) --------------------
+# gateway.proxying.headers treats each kind at the edge; gateway.config.access keeps every one
+# of them from being an identity, signature or credential header.
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authorization", "proxy-authenticate",
+})
+# Headers upstream frameworks perform the method named in instead of the request line's
+# (gateway.overrides: Express's method-override, Symfony, ASP.NET, Google's APIs)
+METHOD_OVERRIDE_HEADERS = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+# Headers some upstreams take the request's path from instead of its request line (IIS URL
+# Rewrite; Symfony before 3.4.14 and Zend Framework 1/2, CVE-2018-14773), or its mount point,
+# serving what follows it in the path (gunicorn's SCRIPT_NAME request header; X-Script-Name
+# in the much-copied WSGI "ReverseProxied" middleware: '/public/admin' with '/public' is
+# /admin to the application): keygate authorised the request line's path, so from anyone but
+# a trusted proxy they would name another one. X-Original-URI is the request's path as nginx
+# hands it on (its auth_request examples, ingress-nginx), which applications behind nginx read.
+PATH_OVERRIDE = frozenset({"x-original-url", "x-rewrite-url", "script-name", "x-script-name",
+                           "x-original-uri"})
+# Headers upstreams take the request's host from instead of Host, for the absolute URLs they
+# build (password-reset links, redirects) and for virtual hosting: ASP.NET's and IIS ARR's
+# X-Original-Host, X-Host, X-HTTP-Host-Override, and X-Forwarded-Server (Apache's
+# mod_proxy; an X-Forwarded-* header, listed for the docs and verify examples). From anyone
+# but a trusted proxy they would be the client's choice of host (host header injection), as
+# X-Forwarded-Host and Forwarded's host= would be.
+HOST_OVERRIDE = frozenset({"x-original-host", "x-host", "x-http-host-override",
+                           "x-forwarded-server"})
+
+
 # The characters a header name may hold besides letters, digits and "-" (RFC 9110 tchar)
 _NAME_PUNCTUATION = "!#$%&'*+.^_`|~"
 _AS_DASH = str.maketrans(_NAME_PUNCTUATION, "-" * len(_NAME_PUNCTUATION))

@@ -35,7 +35,7 @@ from typing import Sequence
 from multidict import CIMultiDictProxy, istr
 
 from .errors import BadRequest, NotFound
-from .models import Route
+from .models import METHOD_OVERRIDE_HEADERS, Route
 from .percent import unquote_plus  # urllib's, without its cost per stray '%'
 from .routes import RouteTable, no_route
 
@@ -47,7 +47,7 @@ def _spellings(name: str) -> list[istr]:
             for seps in itertools.product("-_", repeat=len(rest))]
 
 
-HEADERS = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+HEADERS = METHOD_OVERRIDE_HEADERS
 NAMES = tuple(n for h in HEADERS for n in _spellings(h))  # 16 names
 PARAM = "_method"
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")  # an RFC 9110 token

@@ -418,31 +418,61 @@ def test_config_check_notes_a_store_it_cannot_ask_and_passes(tmp_path, capsys):
     assert "note:" in err and "not checked" in err
 
 
-@pytest.mark.parametrize("why", ["unreadable", "name too long"])
 def test_config_check_notes_an_embedded_store_it_cannot_look_at_and_passes(tmp_path, capsys,
-                                                                          monkeypatch, why):
+                                                                          monkeypatch):
     """`config check` looks for the embedded store's socket in store.data_dir, which keygate
-    creates mode 700 for the user that serves: checked by any other user (or with a path the
-    OS will not take), looking raised and the valid file got a traceback instead of `ok`. A
-    store it cannot look at is a note like one that is not running."""
+    creates mode 700 for the user that serves: checked by any other user, looking raised and
+    the valid file got a traceback instead of `ok`. A store it cannot look at is a note like
+    one that is not running. (A path the OS will not take is too long for the store's socket,
+    a problem of its own: the test below.)"""
     import errno
     import pathlib
-    data_dir = tmp_path / ("d" * 300 if why == "name too long" else "data")
-    if why == "unreadable":  # root reads any directory: the OS's answer to another user
-        exists = pathlib.Path.exists
+    data_dir = tmp_path / "data"
+    exists = pathlib.Path.exists  # root reads any directory: the OS's answer to another user
 
-        def denied(self, *args, **kwargs):
-            if self.name == "redis.sock":
-                raise PermissionError(errno.EACCES, "Permission denied", str(self))
-            return exists(self, *args, **kwargs)
+    def denied(self, *args, **kwargs):
+        if self.name == "redis.sock":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return exists(self, *args, **kwargs)
 
-        monkeypatch.setattr(pathlib.Path, "exists", denied)
+    monkeypatch.setattr(pathlib.Path, "exists", denied)
     path = tmp_path / "keygate.yaml"
     path.write_text(f"store: {{redis_url: embedded, data_dir: '{data_dir}'}}\n" + GOOD_CONFIG)
     assert main(["config", "check", str(path)]) == 0
     out, err = capsys.readouterr()
     assert out == f"ok: {path}\n"
     assert "note:" in err and "not checked" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_config_check_refuses_the_data_dir_serve_refuses(tmp_path, relative):
+    """An embedded store whose store.data_dir is too long for its unix socket passed `config
+    check` (ok, and a note that the store is not running), and the same file stopped `keygate
+    serve` at once. The length is the file's (a relative data_dir is read from the current
+    directory, as serve reads it): both refuse it now, with one message, `file:line: field:`."""
+    deep = tmp_path / ("d" * 60) / ("e" * 40)
+    deep.mkdir(parents=True)
+    data_dir = "data" if relative else str(deep / "data")
+    assert len(str(deep / "data" / "redis.sock")) > 103  # MAX_SOCKET_PATH
+    path = tmp_path / "keygate.yaml"
+    path.write_text(f"store:\n  data_dir: '{data_dir}'\n" + GOOD_CONFIG)
+    said = []
+    for argv in (["config", "check", str(path)], ["serve", "--config", str(path)]):
+        done = subprocess.run([sys.executable, "-m", "gateway", *argv], capture_output=True,
+                              text=True, timeout=60, cwd=str(deep))
+        assert (done.returncode, done.stdout) == (1, ""), (argv, done)
+        said.append(done.stderr)
+    expected = (f"{path}:2: store.data_dir: '{deep / 'data'}' is too long for a unix socket "
+                f"({len(str(deep / 'data' / 'redis.sock'))} bytes for redis.sock, limit 103); "
+                "choose a shorter store.data_dir\n")
+    assert said == [expected, expected]
+    assert not (deep / "data").exists()  # nothing made on the way
+    # any other store: data_dir is not used, and not a problem
+    path.write_text(f"store:\n  redis_url: 'redis://127.0.0.1:1/0'\n  timeout: 0.5\n"
+                    f"  data_dir: '{data_dir}'\n" + GOOD_CONFIG)
+    done = subprocess.run([sys.executable, "-m", "gateway", "config", "check", str(path)],
+                          capture_output=True, text=True, timeout=60, cwd=str(deep))
+    assert done.returncode == 0, done
 
 
 def test_python_dash_m_gateway_runs_the_cli(tmp_path):

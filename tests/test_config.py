@@ -91,8 +91,11 @@ def test_string_where_an_int_is_needed(tmp_path: Path) -> None:
 
 
 def test_boolean_is_not_a_port(tmp_path: Path) -> None:
-    assert problems_of(tmp_path, "admin:\n  port: yes\n") == [
+    assert problems_of(tmp_path, "admin:\n  port: true\n") == [
         "config.yaml:2: admin.port: expected an integer, got a boolean (true)"]
+    # a plain yes is text, as YAML 1.2 and the JSON schema read it
+    assert problems_of(tmp_path, "admin:\n  port: yes\n") == [
+        "config.yaml:2: admin.port: expected an integer, got a string ('yes')"]
 
 
 def test_out_of_range_values(tmp_path: Path) -> None:
@@ -1308,6 +1311,35 @@ def test_admin_listener_cannot_share_the_proxy_port(tmp_path: Path) -> None:
         "listener"]
 
 
+@pytest.mark.parametrize("server, admin, shared", [
+    ("localhost", "127.0.0.1", "localhost and 127.0.0.1 both bind 127.0.0.1"),
+    ("127.0.0.1", "127.1", "127.0.0.1 and 127.1 both bind 127.0.0.1"),
+    ("0", "127.0.0.1", "0 binds 0.0.0.0, every address"),
+    ("127.0.0.1", "0x0", "0x0 binds 0.0.0.0, every address"),
+])
+def test_listeners_that_bind_one_address_cannot_share_a_port(tmp_path: Path, server: str,
+                                                             admin: str, shared: str) -> None:
+    """`server.host: localhost` and `admin.host: 127.0.0.1` on one port passed `config check`
+    (only the same spelling, or a written wildcard, was compared), and serve then failed to
+    bind the second listener. Each host is resolved as serve binds it (getaddrinfo, passive)."""
+    assert problems_of(tmp_path, f"""
+        server: {{host: '{server}', port: 8080}}
+        admin: {{host: '{admin}', port: 8080}}
+    """) == [f"config.yaml:2: admin.port: the admin listener cannot share port 8080 with the "
+             f"proxy listener ({shared})"]
+
+
+@pytest.mark.parametrize("server, admin", [("127.0.0.1", "127.0.0.2"), ("127.0.0.1", "::1"),
+                                           ("localhost", "10.255.255.1")])
+def test_listeners_on_distinct_addresses_may_share_a_port(tmp_path: Path, server: str,
+                                                          admin: str) -> None:
+    write(tmp_path, with_upstream(f"""
+        server: {{host: '{server}', port: 8080}}
+        admin: {{host: '{admin}', port: 8080}}
+    """))
+    load_config(tmp_path / "config.yaml")
+
+
 @pytest.mark.parametrize("url, name", [
     ("redis://127.0.0.1:6379/0?bogus=1", "bogus"),
     ("redis://:pw@127.0.0.1/0?sokcet_timeout=1", "sokcet_timeout"),   # a typo of socket_timeout
@@ -1414,3 +1446,159 @@ def test_identity_and_signature_headers_cannot_be_headers_keygate_sets_or_http_r
         "config.yaml:8: identity_signature.header: 'TraceState' is already a header keygate "
         "sets, strips or reads",
     ]
+
+
+@pytest.mark.parametrize("clash, line", [
+    ("identity_headers:\n  workspace: X-Keygate-Signature\n", "identity_headers.workspace"),
+    ("identity_headers:\n  plan: x_keygate_signature\n", "identity_headers.plan"),
+    ("keys:\n  headers: [X-Keygate-Signature]\n", "keys.headers"),
+])
+def test_the_default_signature_header_is_compared_with_the_identity_and_key_headers(
+        tmp_path: Path, monkeypatch, clash: str, line: str) -> None:
+    """``identity_signature.header`` written out as ``X-Keygate-Signature`` beside an identity
+    header of that name was refused; left at its default (the same name) it passed `config
+    check` and serve, and the upstream got ``X-Keygate-Signature`` twice (the workspace id and
+    the signature): every signature check failed. The default is the header keygate signs in,
+    and is compared as a written one is."""
+    monkeypatch.setenv("KG_SIGNING", "s3cret" * 6)
+    text = clash + "identity_signature:\n  secret_env: KG_SIGNING\n"
+    problems = problems_of(tmp_path, text)
+    assert problems == [
+        "config.yaml:4: identity_signature.header: 'X-Keygate-Signature' (the default) is "
+        f"already a header keygate sets, strips or reads ({line}); set identity_signature."
+        "header to another name"], problems
+    written = problems_of(tmp_path, text + "  header: X-Keygate-Signature\n")
+    assert written == ["config.yaml:5: identity_signature.header: 'X-Keygate-Signature' is "
+                       "already a header keygate sets, strips or reads"]
+    # another name for either one: no problem
+    load_config(write(tmp_path, text + "  header: X-Signature\n"))
+    load_config(write(tmp_path, "identity_signature:\n  secret_env: KG_SIGNING\n"))
+
+
+def test_yaml_1_1_boolean_words_are_read_as_yaml_1_2_reads_them(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """``server.access_log: off``, as docs/configuration.md, the README and the example config
+    write it, was refused ("expected a string, got a boolean (false)"): PyYAML reads a plain
+    ``off``, ``on``, ``yes`` or ``no`` as YAML 1.1's boolean, while the JSON schema's
+    validators (YAML 1.2) read the word as text and passed the same file; and ``public: yes``
+    was true to the loader and refused by the schema. Both now read these words as YAML 1.2
+    does: where text is expected, the word as written; where a boolean is, a problem saying
+    to write true or false."""
+    config = load_config(write(tmp_path, with_upstream("""
+        server:
+          access_log: off
+        keys:
+          prefix: on
+          environments: [live, no]
+        scopes:
+          people:read: Yes
+        routes:
+          - {path: /x, upstream: crm, public: true, websocket: false}
+    """)))
+    assert config.server.access_log == "off"
+    assert (config.keys.prefix, config.keys.environments) == ("on", ("live", "no"))
+    assert config.scopes == {"people:read": "Yes"}
+    assert (config.routes[0].public, config.routes[0].websocket) == (True, False)
+    monkeypatch.setenv("KG_TEST_LOG", "off")
+    monkeypatch.setenv("KG_TEST_PUBLIC", "yes")
+    assert load_config(write(tmp_path, "server:\n  access_log: ${KG_TEST_LOG}\n")
+                       ).server.access_log == "off"
+    assert problems_of(tmp_path, with_upstream("""
+        server:
+          access_log: Off
+          metrics_workspace_labels: on
+        routes:
+          - {path: /x, upstream: crm, public: yes}
+          - {path: /y, upstream: crm, websocket: NO}
+          - {path: /z, upstream: crm, public: 'yes'}
+          - {path: /w, upstream: crm, public: "${KG_TEST_PUBLIC}"}
+          - path: /v
+            upstream: crm
+            public: ${KG_TEST_PUBLIC}
+          - {path: off, upstream: crm}
+        cors:
+          allow_origins: ["https://app.example"]
+          allow_credentials: yes
+    """)) == [
+        "config.yaml:4: server.access_log: must be one of json, text, off, got 'Off' (did you "
+        "mean 'off'?)",
+        "config.yaml:5: server.metrics_workspace_labels: expected true or false, got 'on' (a "
+        "boolean in YAML 1.1 only, text in YAML 1.2); write true",
+        "config.yaml:7: routes[0].public: expected true or false, got 'yes' (a boolean in YAML "
+        "1.1 only, text in YAML 1.2); write true",
+        "config.yaml:8: routes[1].websocket: expected true or false, got 'NO' (a boolean in "
+        "YAML 1.1 only, text in YAML 1.2); write false",
+        "config.yaml:9: routes[2].public: expected true or false, got a string ('yes')",
+        "config.yaml:10: routes[3].public: the value from ${KG_TEST_PUBLIC} is invalid: "
+        "expected true or false",
+        "config.yaml:13: routes[4].public: the value from ${KG_TEST_PUBLIC} is invalid: "
+        "expected true or false",
+        "config.yaml:14: routes[5].path: 'off' must start with /",
+        "config.yaml:17: cors.allow_credentials: expected true or false, got 'yes' (a boolean "
+        "in YAML 1.1 only, text in YAML 1.2); write true",
+    ]
+
+
+@pytest.mark.parametrize("name", [
+    "X-HTTP-Method-Override", "x_http_method", "X-Method-Override",  # read as the method
+    "X-Original-URL", "X_Rewrite_URL", "X-Original-URI", "SCRIPT_NAME",  # as the path
+    "X-Original-Host", "X-Forwarded-Server",  # as the host
+    "Proxy-Connection",  # hop-by-hop
+])
+def test_identity_headers_cannot_be_headers_upstreams_read_as_the_method_path_or_host(
+        tmp_path: Path, monkeypatch, name: str) -> None:
+    """An identity header named ``X-HTTP-Method-Override`` or ``X-Original-URL`` passed: the
+    upstream then got ``X-HTTP-Method-Override: acme`` (Express, Symfony, ASP.NET perform the
+    method named there) or ``X-Original-URL: acme`` (IIS URL Rewrite, old Symfony route by it)
+    on every request, another method or path than the one keygate authorised. They are
+    refused as the other headers keygate manages are, for the signature header too."""
+    monkeypatch.setenv("KG_SIGNING", "s3cret" * 6)
+    assert problems_of(tmp_path, f"""
+        identity_headers:
+          key_id: {name}
+        identity_signature:
+          secret_env: KG_SIGNING
+          header: {name}
+    """) == [
+        f"config.yaml:2: identity_headers.key_id: '{name}' is a header keygate manages itself",
+        f"config.yaml:5: identity_signature.header: '{name}' is already a header keygate "
+        "sets, strips or reads"]
+
+
+def test_every_header_the_proxy_treats_itself_is_reserved_from_identity_headers() -> None:
+    """The reserved list is built from the lists the proxy's header rules use, so a header
+    added there (a hop-by-hop one, a path or host override) cannot be left out here."""
+    from gateway import overrides
+    from gateway.config.access import RESERVED_HEADERS
+    from gateway.models import header_key
+    from gateway.proxying.headers import HOP_BY_HOP, HOST_OVERRIDE, PATH_OVERRIDE
+    wanted = HOP_BY_HOP | PATH_OVERRIDE | HOST_OVERRIDE | {header_key(h)
+                                                           for h in overrides.HEADERS}
+    assert wanted <= RESERVED_HEADERS, sorted(wanted - RESERVED_HEADERS)
+
+
+def test_keys_are_not_read_from_headers_keygate_manages_or_http_frames_with(
+        tmp_path: Path) -> None:
+    """``keys.headers`` (where a key is read from, and which keygate strips before forwarding)
+    took ``Host``, ``Content-Length``, ``Connection`` and ``X-Request-Id``: every request then
+    lost its Host or its body's length on the way, or had its key in a header the HTTP parser
+    or keygate itself owns. They are refused, in any spelling, as for identity headers."""
+    assert problems_of(tmp_path, """
+        keys:
+          headers:
+            - X-Api-Key
+            - Host
+            - content_length
+            - Connection
+            - X-Request-Id
+            - X-HTTP-Method-Override
+            - Authorization
+    """) == [
+        f"config.yaml:{line}: keys.headers[{i}]: '{name}' is a header keygate manages itself "
+        "or HTTP gives a meaning; a key cannot be read from it"
+        for i, line, name in ((1, 4, "Host"), (2, 5, "content_length"), (3, 6, "Connection"),
+                              (4, 7, "X-Request-Id"), (5, 8, "X-HTTP-Method-Override"))
+    ] + ["config.yaml:9: keys.headers[6]: Authorization is always read as 'Bearer <key>'; list "
+         "only other headers here"]
+    assert load_config(write(tmp_path, "keys:\n  headers: [X-Api-Key, X_Auth_Token]\n")
+                       ).keys.headers == ("X-Api-Key", "X_Auth_Token")

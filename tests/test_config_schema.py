@@ -188,6 +188,58 @@ def test_schema_and_loader_agree_on_values(path, value, valid, tmp_path, monkeyp
     assert VALIDATOR.is_valid(doc) is valid
 
 
+class Yaml12Booleans(yaml.SafeLoader):
+    """PyYAML with YAML 1.2's booleans (true/false only): a plain yes, no, on or off is text,
+    as the editors and tools that validate against the schema read it."""
+
+
+Yaml12Booleans.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Yaml12Booleans.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                     re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                     list("tTfF"))
+
+# (YAML as written, valid): plain words YAML 1.1 reads as booleans and YAML 1.2 as text
+PLAIN_WORDS = [
+    ("server: {access_log: off}", True), ("server: {access_log: Off}", False),
+    ("server: {access_log: on}", False), ("server: {access_log: 'off'}", True),
+    ("server: {metrics_workspace_labels: yes}", False),
+    ("server: {metrics_workspace_labels: on}", False),
+    ("server: {metrics_workspace_labels: true}", True),
+    ("server: {metrics_workspace_labels: FALSE}", True),
+    ("routes: [{path: /x, upstream: crm, public: yes}]", False),
+    ("routes: [{path: /x, upstream: crm, public: No}]", False),
+    ("routes: [{path: /x, upstream: crm, public: true}]", True),
+    ("routes: [{path: /x, upstream: crm, websocket: off}]", False),
+    ("routes: [{path: /x, upstream: crm, public: false, websocket: False}]", True),
+    ("cors: {allow_origins: '*', allow_credentials: no}", False),
+    ("keys: {prefix: on}", True), ("keys: {prefix: true}", False),
+    ("keys: {environments: [live, off]}", True), ("keys: {environments: [live, false]}", False),
+    ("store: {on_store_error: off}", False),
+]
+
+
+@pytest.mark.parametrize("text, valid", PLAIN_WORDS, ids=[t for t, _ in PLAIN_WORDS])
+def test_schema_and_loader_agree_on_plain_yaml_1_1_boolean_words(text, valid, tmp_path):
+    """`access_log: off` as docs/configuration.md writes it was refused by the loader (PyYAML
+    read YAML 1.1's false) and taken by the schema (YAML 1.2: text); `public: yes` the other
+    way round. The file is validated as an editor reads it (YAML 1.2 booleans) and loaded as
+    keygate loads it: both agree."""
+    path = tmp_path / "probe.yaml"
+    path.write_text("upstreams: {crm: {url: 'http://127.0.0.1:9'}}\n"
+                    + ("" if text.startswith("routes:") else "routes: [{path: /x, upstream: crm}]\n")
+                    + text + "\n")
+    try:
+        load_config(path)
+        accepted, problems = True, []
+    except ConfigError as exc:
+        accepted, problems = False, exc.problems
+    assert accepted is valid, problems
+    as_editors_read_it = yaml.load(path.read_text(), Loader=Yaml12Booleans)
+    assert VALIDATOR.is_valid(as_editors_read_it) is valid
+
+
 def integer_fields(node: object = SCHEMA, path: tuple[str, ...] = ()) -> list[tuple[str, int]]:
     """(config path, least value) of every field the schema types ``integer``."""
     found: list[tuple[str, int]] = []

@@ -7,8 +7,8 @@ import os
 import re
 from typing import Any
 
-from ..models import (NAME_RE, ROLE_NAME_HINT, ROLE_NAME_RE, SCOPE_RE, Plan, header_key,
-                      parse_rate_limit)
+from ..models import (HOP_BY_HOP, HOST_OVERRIDE, METHOD_OVERRIDE_HEADERS, NAME_RE, PATH_OVERRIDE,
+                      ROLE_NAME_HINT, ROLE_NAME_RE, SCOPE_RE, Plan, header_key, parse_rate_limit)
 from ..signature import secrets_of
 from ..settings import (Argon2Config, FailureLimits, IdentityHeaders, IdentitySignature,
                         KeysConfig, VerifyQueueLimits)
@@ -19,16 +19,17 @@ PREFIX_RE = re.compile(r"[a-z0-9]{1,10}")
 ENVIRONMENT_RE = re.compile(r"[a-z0-9]{1,16}")
 HEADER_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 
-# Headers an operator may not claim as identity headers: the gateway sets or strips these itself.
 # Header names (as header_key spells them: "_" read as "-", as WSGI/CGI upstreams do) that no
 # identity or signature header may take: keygate sets them, or HTTP gives them a meaning
-# (an identity header named Expect makes the upstream answer 417).
+# (an identity header named Expect makes the upstream answer 417), or upstreams read them as
+# the request's method, path or host (an identity header named X-HTTP-Method-Override or
+# X-Original-URL made every request another method or path than the one keygate authorised).
+# Built from the lists the proxy's header rules use (gateway.models), so none drifts apart.
 RESERVED_HEADERS = frozenset({
-    "authorization", "proxy-authorization", "proxy-authenticate", "host", "content-length",
-    "content-type", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
-    "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded",
-    "expect", "traceparent", "tracestate",
-})
+    "authorization", "host", "content-length", "content-type", "x-request-id",
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "expect",
+    "traceparent", "tracestate",
+}) | HOP_BY_HOP | PATH_OVERRIDE | HOST_OVERRIDE | {header_key(h) for h in METHOD_OVERRIDE_HEADERS}
 MAX_WINDOW_SECONDS = 100 * 365 * 86400  # keys.failures.window_seconds
 # Bytes of the secret keygate signs with (identity_signature): one signed request lets anyone
 # try secrets offline at HMAC speed, so a short or guessable one is as good as none
@@ -93,8 +94,18 @@ class AccessSections(SchemaReader):
                                          "list only other headers here")
         return name
 
+    def credential_header(self, node: Node, path: str) -> Any:
+        """One of ``keys.headers``: keygate reads a key from it and strips it before forwarding,
+        so not one HTTP frames a request with or keygate sets (a key read from Host or
+        Content-Length took that header from every request forwarded)."""
+        name = self.header_name(node, path)
+        if name is not BAD and header_key(name) in RESERVED_HEADERS:
+            return self.fail(node, path, f"'{name}' is a header keygate manages itself or HTTP "
+                                         "gives a meaning; a key cannot be read from it")
+        return name
+
     def credential_headers(self, node: Node, path: str) -> Any:
-        values = self.string_list(node, path, self.header_name)
+        values = self.string_list(node, path, self.credential_header)
         if values is BAD:
             return BAD
         if len({header_key(v) for v in values}) != len(values):
@@ -249,7 +260,23 @@ class AccessSections(SchemaReader):
                 return self.fail(value_node, sub, f"'{name}' is already a header keygate sets, "
                                                   "strips or reads")
             return name
-        return self.section(node, "identity_signature", IdentitySignature,
-                            {"secret_env": secret_env, "header": header},
-                            required={"secret_env": "(the environment variable holding the "
-                                                    "secret)"}, secret_env="")
+        signature = self.section(node, "identity_signature", IdentitySignature,
+                                 {"secret_env": secret_env, "header": header},
+                                 required={"secret_env": "(the environment variable holding "
+                                                         "the secret)"}, secret_env="")
+        if child(node, "header") is None:
+            # the default name is the header keygate signs in as much as a written one: an
+            # identity or credential header of that name left the upstream two of them (the
+            # workspace id and the signature), and every signature check failed
+            fields = ("workspace", "key_id", "scopes", "plan")
+            users = {header_key(getattr(identity, f)): f"identity_headers.{f}"
+                     for f in reversed(fields)}
+            users.update({header_key(h): "keys.headers" for h in keys.headers
+                          if header_key(h) not in users})
+            user = users.get(header_key(signature.header))
+            if user is not None:
+                self.fail(node, "identity_signature.header",
+                          f"'{signature.header}' (the default) is already a header keygate "
+                          f"sets, strips or reads ({user}); set identity_signature.header to "
+                          "another name")
+        return signature

@@ -26,6 +26,7 @@ TOP_LEVEL_KEYS = ("server", "admin", "store", "keys", "plans", "default_plan", "
                   "upstreams", "routes", "identity_headers", "identity_signature", "tracing",
                   "scopes", "cors")
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+_WILDCARD_ADDRESSES = frozenset({"0.0.0.0", "::"})
 MAX_DEPTH = 100  # nesting a problem names; the YAML reader itself gives up a few hundred deep
 
 
@@ -54,17 +55,47 @@ class Reader(ServiceSections, RoutingSections, CorsSections):
         tracing = self.tracing(value("tracing"))
         cors = self.cors(value("cors"))
         warnings = self.verb_warnings(routes, upstreams, cors is not None)
-        if server.port == admin.port and (server.host == admin.host
-                                          or server.host in _WILDCARD_HOSTS
-                                          or admin.host in _WILDCARD_HOSTS):
+        if server.port == admin.port and \
+                (shared := _shared_address(server.host, admin.host, admin.port)) is not None:
             self.fail(child(value("admin"), "port") or child(value("server"), "port") or root,
                       "admin.port", f"the admin listener cannot share port {admin.port} with "
-                                    "the proxy listener")
+                                    f"the proxy listener{shared}")
         return Config(server=server, admin=admin, store=store, keys=keys, plans=plans,
                       default_plan=default_plan, roles=roles, upstreams=upstreams,
                       routes=routes, identity_headers=identity, identity_signature=signature,
                       tracing=tracing, source=self.source, scopes=self.catalogue,
                       cors=cors, warnings=tuple(warnings))
+
+
+def _shared_address(first: str, second: str, port: int) -> str | None:
+    """How two listeners on ``port`` would bind one address ('' when their hosts say so as
+    written: one spelling, or a wildcard), or None when they bind apart. Each host is
+    resolved as serve binds it (``getaddrinfo``, passive: ``localhost`` is ``127.0.0.1``,
+    ``0`` is ``0.0.0.0``); a wildcard address overlaps every other. Resolved only here, for
+    two listeners on one port; a name that does not resolve is serve's to report."""
+    if first == second or first in _WILDCARD_HOSTS or second in _WILDCARD_HOSTS:
+        return ""
+    bound = [_bound_addresses(first, port), _bound_addresses(second, port)]
+    if not bound[0] or not bound[1]:
+        return None
+    for host, addresses in zip((first, second), bound):
+        wildcard = sorted(addresses & _WILDCARD_ADDRESSES)
+        if wildcard:
+            return f" ({host} binds {wildcard[0]}, every address)"
+    shared = sorted(bound[0] & bound[1])
+    return f" ({first} and {second} both bind {shared[0]})" if shared else None
+
+
+def _bound_addresses(host: str, port: int) -> set[str]:
+    """The addresses a listener on ``host`` binds (empty: it does not resolve)."""
+    import socket
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError, ValueError):
+        return set()
+    return {f"{addr[0]}%{addr[3]}" if len(addr) > 3 and addr[3] else addr[0]
+            for _, _, _, _, addr in found}
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

@@ -25,6 +25,7 @@ NULL_TAG = "tag:yaml.org,2002:null"
 MAP_TAG = "tag:yaml.org,2002:map"
 INT_TAG = "tag:yaml.org,2002:int"
 FLOAT_TAG = "tag:yaml.org,2002:float"
+BOOL_TAG = "tag:yaml.org,2002:bool"
 SEQ_TAG = "tag:yaml.org,2002:seq"
 MERGE_TAG = "tag:yaml.org,2002:merge"
 _TAG_NAMES = {
@@ -80,6 +81,18 @@ def _yaml11_only(text: str, value: Any) -> str:
         return (f"'{text}' is octal ({value}) in YAML 1.1 but {decimal} in YAML 1.2; write it "
                 "without the leading 0 (quote it for text)")
     return ""
+
+
+# Plain words YAML 1.1 (PyYAML) reads as booleans and YAML 1.2 (editors, yq, the JSON schema's
+# validators) as text, in the spellings PyYAML resolves: keygate reads them as YAML 1.2 does.
+# Where text is expected they are that text (`access_log: off`, as the reference writes it);
+# where a boolean is, they are refused with "write true/false", as the schema refuses them.
+YAML11_BOOLEANS = {"yes": True, "on": True, "no": False, "off": False}
+
+
+def yaml11_boolean(node: Node) -> bool:
+    """Whether ``node`` is a plain ``yes``/``no``/``on``/``off``: a boolean to YAML 1.1 only."""
+    return node.tag == BOOL_TAG and node.style is None and node.value.lower() in YAML11_BOOLEANS
 
 
 def _env_problem(message: str, names: list[str], texts: list[str]) -> str:
@@ -174,6 +187,8 @@ class NodeReader:
             return "a mapping"
         if isinstance(node, yaml.SequenceNode):
             return "a list"
+        if yaml11_boolean(node):
+            return "a string"
         return _TAG_NAMES.get(node.tag, f"a value tagged {node.tag}")
 
     def scalar(self, node: Node, path: str) -> Any:
@@ -197,6 +212,8 @@ class NodeReader:
                 tag = (self._resolver.resolve(yaml.ScalarNode, expanded, (True, False))
                        if node.style is None else node.tag)
                 node = yaml.ScalarNode(tag, expanded, node.start_mark, node.end_mark, node.style)
+        if yaml11_boolean(node):
+            return node.value  # text, as YAML 1.2 and the JSON schema read it (see above)
         try:
             value = self._constructor.construct_object(node)
         except (yaml.YAMLError, ValueError, TypeError) as exc:

@@ -15,7 +15,7 @@ import re
 import stat
 from typing import Any, Callable, Mapping, Sequence
 
-from .nodes import BAD, Node, NodeReader, describe_value, suggest
+from .nodes import BAD, YAML11_BOOLEANS, Node, NodeReader, describe_value, suggest
 
 FieldReader = Callable[[Node, str], Any]
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -154,6 +154,12 @@ class SchemaReader(NodeReader):
         value = self.scalar(node, path)
         if value is BAD:
             return BAD
+        if isinstance(value, str) and value.lower() in YAML11_BOOLEANS and \
+                getattr(node, "style", "") is None:
+            # plain, text to YAML 1.2 and to the JSON schema (which refuses it too)
+            written = "true" if YAML11_BOOLEANS[value.lower()] else "false"
+            return self.fail(node, path, f"expected true or false, got '{value}' (a boolean "
+                                         f"in YAML 1.1 only, text in YAML 1.2); write {written}")
         if not isinstance(value, bool):
             return self.fail(node, path, f"expected true or false, got {describe_value(value)}")
         return value

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from ..redis_urls import check_store_url
 from ..settings import AdminConfig, ServerConfig, StoreConfig, Timeouts, TLSConfig, TracingConfig
-from .nodes import BAD, Node, is_null
+from .nodes import BAD, Node, child, is_null
 from .schema import SchemaReader
 
 SERVICE_NAME_RE = re.compile(r"\S.{0,127}")
@@ -155,12 +155,21 @@ class ServiceSections(SchemaReader):
         return BAD if values is BAD else tuple(values)
 
     def store(self, node: Node | None) -> StoreConfig:
-        return self.section(node, "store", StoreConfig, {
+        store = self.section(node, "store", StoreConfig, {
             "redis_url": self.redis_url,
             "data_dir": self.text,
             "on_store_error": lambda n, p: self.string(n, p, choices=("closed", "open")),
             "timeout": self.seconds,
         })
+        if store.redis_url == "embedded" and not self.client:
+            # what `serve` would stop on when it starts the store: said here, so that `config
+            # check` (and a reload) refuse the file serve cannot start with (a relative data_dir
+            # is read from the current directory, as serve reads it)
+            from ..store.embedded import socket_path_problem
+            if problem := socket_path_problem(store.data_dir):
+                self.fail(child(node, "data_dir") or child(node, "redis_url") or node,
+                          "store.data_dir", problem)
+        return store
 
     def redis_url(self, node: Node, path: str) -> Any:
         # The URL may carry a password (often via ${ENV}): gateway.redis_urls' messages never

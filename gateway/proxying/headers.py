@@ -65,17 +65,14 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from ..config import Config
 from ..cors import CorsPolicy
-from ..models import Principal, header_key, plain_header_name
+from ..models import (HOP_BY_HOP, HOST_OVERRIDE, PATH_OVERRIDE, Principal, header_key,
+                      plain_header_name)
 from ..signature import DEFAULT_HEADER as SIGNATURE_HEADER
 from ..overrides import HEADERS as OVERRIDE_HEADERS
 from ..routes import query_has_token
 from ..tokens import BODY_LEN
 from ..trust import TrustedProxies
 
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "proxy-authorization", "proxy-authenticate",
-})
 _HOP_BY_HOP_BYTES = frozenset(n.encode() for n in HOP_BY_HOP)
 # Control characters a header value may not carry (RFC 9110 5.5: HTAB is the only one allowed):
 # CR/LF would split the lean client's request head, NUL and the rest get it refused upstream.
@@ -121,23 +118,6 @@ CLIENT_ADDRESS = frozenset({"x-real-ip", "true-client-ip", "x-client-ip", "cf-co
                             "akamai-client-ip", "x-envoy-external-address",
                             "cloudfront-viewer-address", "x-azure-clientip",
                             "x-azure-socketip", "x-original-forwarded-for"})
-# Headers some upstreams take the request's path from instead of its request line (IIS URL
-# Rewrite; Symfony before 3.4.14 and Zend Framework 1/2, CVE-2018-14773), or its mount point,
-# serving what follows it in the path (gunicorn's SCRIPT_NAME request header; X-Script-Name
-# in the much-copied WSGI "ReverseProxied" middleware: '/public/admin' with '/public' is
-# /admin to the application): keygate authorised the request line's path, so from anyone but
-# a trusted proxy they would name another one. X-Original-URI is the request's path as nginx
-# hands it on (its auth_request examples, ingress-nginx), which applications behind nginx read.
-PATH_OVERRIDE = frozenset({"x-original-url", "x-rewrite-url", "script-name", "x-script-name",
-                           "x-original-uri"})
-# Headers upstreams take the request's host from instead of Host, for the absolute URLs they
-# build (password-reset links, redirects) and for virtual hosting: ASP.NET's and IIS ARR's
-# X-Original-Host, X-Host, X-HTTP-Host-Override, and X-Forwarded-Server (Apache's
-# mod_proxy; an X-Forwarded-* header, listed for the docs and verify examples). From anyone
-# but a trusted proxy they would be the client's choice of host (host header injection), as
-# X-Forwarded-Host and Forwarded's host= would be.
-HOST_OVERRIDE = frozenset({"x-original-host", "x-host", "x-http-host-override",
-                           "x-forwarded-server"})
 # Headers an authenticating proxy in front of an upstream names the signed-in user in, which
 # the upstream believes from the address it trusts (keygate's): oauth2-proxy's X-Forwarded-*
 # and X-Auth-Request-*, Authelia's Remote-*, Apache/nginx auth modules' and Kubernetes'

@@ -41,7 +41,8 @@ thread that restarted the server is the one its death signal is tied to; it live
 Unix socket paths are limited (``sun_path``: 108 bytes on Linux, 104 on macOS, and redis 6.2
 silently truncates a longer one), so a ``data_dir`` whose socket path would exceed
 ``MAX_SOCKET_PATH`` is refused with an ``EmbeddedError`` naming the limit, rather than being
-redirected somewhere surprising: choose a shorter ``store.data_dir``.
+redirected somewhere surprising: choose a shorter ``store.data_dir``. The config loader refuses
+such a ``data_dir`` with the same words (``socket_path_problem``), so ``config check`` does too.
 """
 
 from __future__ import annotations
@@ -143,11 +144,28 @@ def _load_libc() -> ctypes.CDLL | None:
 _LIBC = _load_libc()
 
 
+def data_dir_path(data_dir: str | os.PathLike[str]) -> Path:
+    """``store.data_dir`` as the store uses it: ``~`` expanded, a relative one read from the
+    current directory."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(data_dir))))
+
+
+def socket_path_problem(data_dir: str | os.PathLike[str]) -> str:
+    """What is wrong with ``data_dir`` for the store's unix socket (too long a path), or ''.
+    The config loader says it for ``config check``, ``serve`` and reloads alike."""
+    path = data_dir_path(data_dir)
+    length = len(os.fsencode(path / SOCKET_NAME))
+    if length <= MAX_SOCKET_PATH:
+        return ""
+    return (f"'{path}' is too long for a unix socket ({length} bytes for {SOCKET_NAME}, limit "
+            f"{MAX_SOCKET_PATH}); choose a shorter store.data_dir")
+
+
 class EmbeddedRedis:
     """One redis-server for one ``data_dir``, started on demand and shared between processes."""
 
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
-        self.data_dir = Path(os.path.abspath(os.path.expanduser(os.fspath(data_dir))))
+        self.data_dir = data_dir_path(data_dir)
         self.socket_path = self.data_dir / SOCKET_NAME
         self.pidfile = self.data_dir / PIDFILE_NAME
         self.lockfile = self.data_dir / LOCKFILE_NAME
@@ -189,12 +207,8 @@ class EmbeddedRedis:
         return self.url
 
     def _check_socket_path(self) -> None:
-        length = len(os.fsencode(self.socket_path))
-        if length > MAX_SOCKET_PATH:
-            raise EmbeddedError(
-                f"store.data_dir {str(self.data_dir)!r} is too long for a unix socket "
-                f"({length} bytes for {SOCKET_NAME}, limit {MAX_SOCKET_PATH}); "
-                "choose a shorter store.data_dir")
+        if problem := socket_path_problem(self.data_dir):
+            raise EmbeddedError(f"store.data_dir: {problem}")
 
     def _make_data_dir(self) -> None:
         try:
