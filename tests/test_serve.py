@@ -319,6 +319,31 @@ def test_a_redis_refusing_the_password_at_start_up_says_check_the_credentials(tm
         server.wait(10)
 
 
+async def test_a_password_redis_py_accepts_is_accepted_by_serve_too(tmp_path, redis_url):
+    """README, Store: both store clients read the URL alike. A URL with a password, against a
+    Redis whose default user has none (``nopass``, the default): redis-py logs in (``HELLO 3
+    AUTH default <password>``), so ``keygate config check`` asks that store and passes the
+    file; the per-request client sent the legacy ``AUTH <password>``, which Redis refuses
+    ("called without any password configured"), and ``keygate serve`` refused to start with
+    the same file."""
+    from urllib.parse import urlsplit
+    url = f"redis://:not-needed-here@127.0.0.1:{urlsplit(redis_url).port}/0"
+    config, pport, aport = write_config(tmp_path, redis_url=url)
+    checked = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "gateway", "config", "check", str(config)],
+        capture_output=True, text=True, env=env(), timeout=60)
+    assert checked.returncode == 0 and "note:" not in checked.stderr, checked
+    gw = Served(config, pport, aport)
+    try:
+        try:
+            await gw.ready(timeout=20)
+        except AssertionError:
+            raise AssertionError("config check passed the file, but keygate serve refused it: "
+                                 + gw.stderr().strip().splitlines()[-1]) from None
+    finally:
+        gw.close()
+
+
 def test_a_redis_on_a_unix_socket_refusing_the_password_says_check_the_credentials(tmp_path):
     """The same refusal through `unix:///path?password=...`: redis-py raises it there as a
     plain ConnectionError (its AuthenticationError only as the cause), so the line said
