@@ -460,8 +460,9 @@ TOKEN_SHAPE = r"kg_(live|test)_[0-9A-Za-z]{50}"
 
 
 @pytest.fixture
-async def admin_url(redis_url, monkeypatch):
-    """A real admin API on a loopback port; the CLI finds it through the environment."""
+async def admin_url(redis_url, monkeypatch, request):
+    """A real admin API on a loopback port; the CLI finds it through the environment.
+    Parametrized indirectly, its parameter is the config's ``keys.environments``."""
     import dataclasses
 
     from aiohttp import web
@@ -475,7 +476,8 @@ async def admin_url(redis_url, monkeypatch):
                            "pro": Plan("pro")},
                     default_plan="free", roles={"reader": ("people:read",)})
     config = dataclasses.replace(config, keys=dataclasses.replace(
-        config.keys, argon2=Argon2Config(1, 8, 1)))
+        config.keys, argon2=Argon2Config(1, 8, 1),
+        environments=getattr(request, "param", config.keys.environments)))
     store = await Store.connect(redis_url, config)
     runner = web.AppRunner(admin.create_admin_app(config, store))
     await runner.setup()
@@ -671,6 +673,22 @@ async def test_keys_create_json_holds_key_and_token(admin_url, keygate):
     assert key["environment"] == "test"
     assert key["rate_limit"] == "10/s"
     assert key["status"] == "active"
+
+
+@pytest.mark.parametrize("admin_url", [("test", "live")], indirect=True)
+async def test_keys_create_help_says_the_default_environment_is_the_gateways_first(
+        admin_url, keygate):
+    """`keys create --help` said "--env ENV  token environment, e.g. test (default: live)";
+    a key created without --env is in the gateway's first `keys.environments`
+    (docs/configuration.md), a `kg_test_` key with `[test, live]`."""
+    await make_workspace(keygate)
+    key = await make_key(keygate, "acme", "--scope", "people:read")
+    assert key["token"].startswith("kg_test_"), key
+    run = await keygate("keys", "create", "--help")
+    assert run.code == 0, run.err
+    help_text = " ".join(run.out.split())
+    said = re.search(r"--env ENV ([^\[].*?)(?: --|$)", help_text).group(1)
+    assert "live" not in said and "first environment" in said, said
 
 
 async def test_keys_create_scope_can_repeat(admin_url, keygate):
