@@ -800,16 +800,24 @@ async def test_keys_revoke_with_yes(admin_url, keygate):
     assert await key_status(keygate, "acme", key_id) == "revoked"
 
 
-async def test_keys_revoke_asks_and_y_confirms(admin_url, keygate):
+@pytest.mark.parametrize("answer", ["y", "Y", "yes", "Yes", "YES"])
+async def test_keys_revoke_asks_and_y_or_yes_confirms_as_docs_cli_md_says(admin_url, keygate,
+                                                                         answer):
+    """`y` or `yes`, in any case, confirms (what people type); docs/cli.md said "any answer
+    but `y` ... leaves the key alone", so someone answering `yes` by that doc expected to keep
+    a key that was then revoked for good. The doc names the answers that confirm."""
+    doc = " ".join((Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+                   .split("### `keygate keys revoke`", 1)[1].split("###", 1)[0].split())
+    assert "any answer but `y` or `yes` (in any case)" in doc, doc
     await make_workspace(keygate)
     key_id = (await make_key(keygate, "acme", "--role", "reader"))["key"]["id"]
-    run = await keygate("keys", "revoke", "--workspace", "acme", key_id, stdin="y\n")
+    run = await keygate("keys", "revoke", "--workspace", "acme", key_id, stdin=answer + "\n")
     assert run.code == 0, run.err
     assert f"Revoke key {key_id} of workspace acme? This cannot be undone. [y/N]" in run.err
     assert await key_status(keygate, "acme", key_id) == "revoked"
 
 
-@pytest.mark.parametrize("answer", ["n\n", "\n", "nope\n"])
+@pytest.mark.parametrize("answer", ["n\n", "\n", "nope\n", "yess\n", "ye\n", "y es\n"])
 async def test_keys_revoke_declined_is_not_an_api_error(admin_url, keygate, answer):
     """Saying no is not an API error (1), nor a success a script could act on (0): exit 2."""
     await make_workspace(keygate)
