@@ -627,6 +627,19 @@ def test_a_worker_that_fails_says_why_and_the_supervisor_exits_1(tmp_path):
     assert "RuntimeError: worker start-up failed: boom" in done.stderr, done.stderr
 
 
+def operations_md_quote(marker: str) -> str:
+    """The regular expression of the log line docs/operations.md quotes (in backticks) with
+    ``marker`` in it: its ``I`` and ``P`` (a worker's place and pid) stand for any number, a
+    closing ``...`` for the rest of the line. The guide's quotes are what operators grep and
+    alert on: each must be a line the product writes."""
+    text = " ".join((Path(__file__).resolve().parent.parent / "docs" / "operations.md")
+                    .read_text().split())
+    quoted = [q for q in re.findall(r"`([^`]+)`", text) if marker in q]
+    assert len(quoted) == 1, (marker, quoted)
+    pattern = re.escape(quoted[0].removesuffix(" ..."))
+    return pattern.replace(r"worker\ I\ \(pid\ P\)", r"worker\ \d+\ \(pid\ \d+\)")
+
+
 async def test_a_worker_killed_outright_is_named_in_the_supervisors_log(tmp_path, upstream,
                                                                         redis_url):
     """One worker of `serve --workers 2` SIGKILLed (the OOM killer, `kill -9`): the supervisor
@@ -649,6 +662,8 @@ async def test_a_worker_killed_outright_is_named_in_the_supervisors_log(tmp_path
                          err), err
         assert "stopping the other workers" in err, err
         assert "Traceback" not in err
+        # the line the operations guide quotes (it quoted `worker (pid N) was killed ...`)
+        assert re.search(operations_md_quote("was killed by signal 9"), err), err
     finally:
         gw.close()
         for pid in workers:
@@ -678,6 +693,7 @@ async def test_a_worker_stopped_from_outside_is_named_in_the_supervisors_log(tmp
                          r"asking \(a SIGTERM or SIGINT sent to it alone\); stopping the other "
                          r"workers", err), err
         assert "Traceback" not in err
+        assert re.search(operations_md_quote("stopped without the supervisor asking"), err), err
     finally:
         gw.close()
         for pid in workers:
