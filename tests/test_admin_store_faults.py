@@ -185,6 +185,32 @@ async def test_the_cli_says_what_a_503_on_a_write_means_and_what_to_do(held, mon
         assert "run the same command again" in err, err
 
 
+@pytest.mark.parametrize("verb", ["create", "rotate"])
+async def test_the_cli_says_nothing_was_changed_after_any_503_on_a_key_create_or_rotate(
+        held, monkeypatch, verb):
+    """docs/cli.md: after a `keys create` or `keys rotate` answered 503 store_unavailable,
+    nothing was changed and the same command is run again. With every reply of Redis held
+    (the store stalled before the create or rotation ran: a read before it failed), the
+    gateway's answer says nothing of a take-back, and the CLI chose its hint by that text: it
+    said the hint of the other writes, "the change may have been made or not ... (a create
+    then answered 409 conflict was made by the first)", which a rerun of a create never
+    answers. The hint is chosen by the command."""
+    g, relay, url, first = held
+    argv = {"create": ("keys", "create", "--workspace", "acme", "--name", "ci",
+                       "--scope", "people:read"),
+            "rotate": ("keys", "rotate", "--workspace", "acme", first)}[verb]
+    relay.hold()
+    try:
+        code, out, err = await _cli(monkeypatch, g, *argv)
+    finally:
+        relay.release()
+    assert code == 1 and out == "", (out, err)
+    assert err.strip().splitlines()[0].endswith("(store_unavailable)"), err
+    assert "taken back" not in err.strip().splitlines()[0], "not the case this test is for"
+    assert "nothing was changed" in err and "run the same command again" in err, err
+    assert "may have been made" not in err and "409" not in err, err
+
+
 @pytest.mark.parametrize("call", ["create", "rotate"])
 async def test_a_write_whose_caller_left_before_its_answer_is_taken_back(
         upstream, redis_url, monkeypatch, call):

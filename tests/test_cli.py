@@ -490,8 +490,9 @@ TOKEN_SHAPE = r"kg_(live|test)_[0-9A-Za-z]{50}"
 
 
 @pytest.fixture
-async def admin_url(redis_url, monkeypatch):
-    """A real admin API on a loopback port; the CLI finds it through the environment."""
+async def admin_url(redis_url, monkeypatch, request):
+    """A real admin API on a loopback port; the CLI finds it through the environment.
+    Parametrized indirectly, its parameter is the config's ``keys.environments``."""
     import dataclasses
 
     from aiohttp import web
@@ -505,7 +506,8 @@ async def admin_url(redis_url, monkeypatch):
                            "pro": Plan("pro")},
                     default_plan="free", roles={"reader": ("people:read",)})
     config = dataclasses.replace(config, keys=dataclasses.replace(
-        config.keys, argon2=Argon2Config(1, 8, 1)))
+        config.keys, argon2=Argon2Config(1, 8, 1),
+        environments=getattr(request, "param", config.keys.environments)))
     store = await Store.connect(redis_url, config)
     runner = web.AppRunner(admin.create_admin_app(config, store))
     await runner.setup()
@@ -703,6 +705,22 @@ async def test_keys_create_json_holds_key_and_token(admin_url, keygate):
     assert key["status"] == "active"
 
 
+@pytest.mark.parametrize("admin_url", [("test", "live")], indirect=True)
+async def test_keys_create_help_says_the_default_environment_is_the_gateways_first(
+        admin_url, keygate):
+    """`keys create --help` said "--env ENV  token environment, e.g. test (default: live)";
+    a key created without --env is in the gateway's first `keys.environments`
+    (docs/configuration.md), a `kg_test_` key with `[test, live]`."""
+    await make_workspace(keygate)
+    key = await make_key(keygate, "acme", "--scope", "people:read")
+    assert key["token"].startswith("kg_test_"), key
+    run = await keygate("keys", "create", "--help")
+    assert run.code == 0, run.err
+    help_text = " ".join(run.out.split())
+    said = re.search(r"--env ENV ([^\[].*?)(?: --|$)", help_text).group(1)
+    assert "live" not in said and "first environment" in said, said
+
+
 async def test_keys_create_scope_can_repeat(admin_url, keygate):
     await make_workspace(keygate)
     key = (await make_key(keygate, "acme", "--scope", "a:read", "--scope", "b:read"))["key"]
@@ -812,16 +830,24 @@ async def test_keys_revoke_with_yes(admin_url, keygate):
     assert await key_status(keygate, "acme", key_id) == "revoked"
 
 
-async def test_keys_revoke_asks_and_y_confirms(admin_url, keygate):
+@pytest.mark.parametrize("answer", ["y", "Y", "yes", "Yes", "YES"])
+async def test_keys_revoke_asks_and_y_or_yes_confirms_as_docs_cli_md_says(admin_url, keygate,
+                                                                         answer):
+    """`y` or `yes`, in any case, confirms (what people type); docs/cli.md said "any answer
+    but `y` ... leaves the key alone", so someone answering `yes` by that doc expected to keep
+    a key that was then revoked for good. The doc names the answers that confirm."""
+    doc = " ".join((Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+                   .split("### `keygate keys revoke`", 1)[1].split("###", 1)[0].split())
+    assert "any answer but `y` or `yes` (in any case)" in doc, doc
     await make_workspace(keygate)
     key_id = (await make_key(keygate, "acme", "--role", "reader"))["key"]["id"]
-    run = await keygate("keys", "revoke", "--workspace", "acme", key_id, stdin="y\n")
+    run = await keygate("keys", "revoke", "--workspace", "acme", key_id, stdin=answer + "\n")
     assert run.code == 0, run.err
     assert f"Revoke key {key_id} of workspace acme? This cannot be undone. [y/N]" in run.err
     assert await key_status(keygate, "acme", key_id) == "revoked"
 
 
-@pytest.mark.parametrize("answer", ["n\n", "\n", "nope\n"])
+@pytest.mark.parametrize("answer", ["n\n", "\n", "nope\n", "yess\n", "ye\n", "y es\n"])
 async def test_keys_revoke_declined_is_not_an_api_error(admin_url, keygate, answer):
     """Saying no is not an API error (1), nor a success a script could act on (0): exit 2."""
     await make_workspace(keygate)

@@ -276,6 +276,27 @@ async def test_operator_only_routes_stay_operator_only(gut):
             "source": "config"} in roles["items"]
 
 
+async def test_a_workspace_admins_refused_admin_calls_are_logged_as_that_key(gut, caplog):
+    """The admin log's actor is who called: a `keys:admin` key's calls are logged under its
+    id. A call of such a key refused an operator-only route (403), or another workspace
+    (404), was logged with actor `-` (as an unidentified caller), so the log hid which key
+    was probing the operator's routes: the key was known, the refusal came after it."""
+    import logging
+    key_id = gut.admin_key["id"]
+    calls = [("POST", "/workspaces", {"id": "mine", "name": "Mine"}, 403),
+             ("GET", "/workspaces/acme/audit", None, 403),
+             ("GET", "/workspaces/beta/keys", None, 404),
+             ("GET", "/workspaces/acme/keys", None, 200)]
+    with caplog.at_level(logging.INFO, logger="keygate.admin"):
+        for method, path, body, expected in calls:
+            status, _ = await as_key(gut, gut.admin_token, method, path, body)
+            assert status == expected, (method, path, status)
+    lines = [r for r in caplog.records if r.name == "keygate.admin"
+             and r.getMessage().startswith("admin ")]
+    logged = [(r.method, r.path, r.status, r.actor) for r in lines]
+    assert logged == [(m, "/admin/v1" + p, s, key_id) for m, p, _, s in calls], logged
+
+
 async def test_every_admin_route_not_listed_for_workspace_admins_is_refused_to_them(gut):
     """A route added later (reload, scopes, ...) is operator-only unless it is listed."""
     routes = {(route.method, route.resource.canonical)

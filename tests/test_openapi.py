@@ -357,6 +357,55 @@ async def test_a_workspace_keys_ip_refusal_and_a_stalled_body_are_in_the_documen
     assert not undescribed, undescribed
 
 
+async def test_an_unmet_expectation_is_answered_417_as_the_document_says(redis_url, upstream,
+                                                                        monkeypatch):
+    """docs/errors.md: the admin listener answers an `Expect` other than `100-continue` 417
+    `bad_request`, on every call (before the caller is authenticated, a probe's too); the
+    document listed no 417 at all. The proxy listener's `/_keygate/` endpoints do not answer
+    417 (they ignore such an `Expect`), so the document gives them none."""
+    doc = document()
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace("acme")
+        token, key = await g.key("acme", scopes=["keys:admin", "people:read"])
+
+        async def expecting(port: int, method: str, path: str, bearer: str) -> tuple[int, str]:
+            url = re.sub(r"\{[^}]+\}", lambda m: {"{ws}": "acme", "{key}": key["id"],
+                                                  "{name}": "reader"}.get(m.group(0), "x"),
+                         path)
+            body = b"{}" if method in ("POST", "PUT", "PATCH", "DELETE") else b""
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(f"{method} {url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                             f"{bearer}\r\nExpect: something\r\nContent-Type: application/json"
+                             f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                             .encode() + body)
+                got = await asyncio.wait_for(reader.read(), 5)
+            finally:
+                writer.close()
+            head, _, answer = got.partition(b"\r\n\r\n")
+            status = int(head.split()[1])
+            code = json.loads(answer)["error"]["code"] if status == 417 else ""
+            return status, code
+
+        admin, proxy = [], []
+        for method, path in sorted(documented_operations(doc)):
+            if path.startswith("/_keygate/"):
+                proxy.append((method, path, await expecting(g.proxy_server.port, method, path,
+                                                            token)))
+            else:
+                admin.append((method, path, await expecting(g.admin_server.port, method, path,
+                                                            ADMIN_TOKEN)))
+    assert admin and {s for _, _, s in admin} == {(417, "bad_request")}, admin
+    undescribed = [(m, p) for m, p, s in admin
+                   if "bad_request" not in documented_codes(doc, m, p, 417)]
+    assert not undescribed, undescribed
+    assert proxy and not [s for _, _, s in proxy if s[0] == 417], proxy
+    assert not [(m, p) for m, p in documented_operations(doc)
+                if p.startswith("/_keygate/") and "417" in doc["paths"][p][m.lower()]
+                ["responses"]]
+
+
 async def test_a_body_over_the_limit_on_a_get_or_delete_is_in_the_document(
         redis_url, upstream, monkeypatch):
     """Any authenticated admin call's declared body is read before its handler runs, so a GET

@@ -37,8 +37,8 @@ def test_the_licence_is_the_apache_2_text():
     assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
 
 
-MARKDOWN = [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "bench" / "README.md",
-            *sorted((ROOT / "docs").glob("*.md"))]
+MARKDOWN = [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "SECURITY.md",
+            ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
@@ -61,6 +61,23 @@ def test_readme_and_docs_link_only_inside_the_repository():
             if "#" in target and resolved.suffix == ".md":
                 assert target.split("#", 1)[1] in anchors(resolved), \
                     f"{page.name} links to a missing heading: {target}"
+
+
+def test_a_vulnerability_has_a_concrete_private_way_to_be_reported():
+    """docs/security.md said "report it privately to the maintainers" and not how: a reporter
+    found no address, and a public issue was the one way the repository showed. SECURITY.md
+    (where repository hosts and reporters look) names the channel, the host's private
+    vulnerability reporting, and what to put in a report; the security model and the README
+    point to it. It names no address of its own: the channel is the repository's."""
+    policy = (ROOT / "SECURITY.md").read_text()
+    said = " ".join(policy.split())
+    assert "private vulnerability reporting" in said and "Report a vulnerability" in said
+    assert "never in a public issue" in said and "keygate --version" in said
+    assert not re.search(r"[\w.+-]+@[\w-]+\.[\w.]+|https?://", policy), \
+        "SECURITY.md names an address the project does not have"
+    model = (ROOT / "docs" / "security.md").read_text().split("## Reporting a vulnerability")[1]
+    assert "(../SECURITY.md)" in model
+    assert "(SECURITY.md)" in (ROOT / "README.md").read_text()
 
 
 def test_readme_links_to_every_page_of_the_docs():

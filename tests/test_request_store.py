@@ -441,6 +441,62 @@ async def test_resp_a_late_redis_is_still_caught_after_a_loop_stall(own_redis):
     await client.close()
 
 
+async def test_resp_logs_in_as_redis_py_does_for_the_same_url(own_redis):
+    """The lean client's login is redis-py's for the same URL (README, Store: both clients
+    read the URL alike). redis-py 8 speaks RESP3 unless the URL says ``protocol=2``: a password
+    without a user name goes as ``HELLO 3 AUTH default <password>``, which a Redis whose
+    default user has no password (``nopass``) accepts; the lean client sent the legacy
+    ``AUTH <password>``, which that Redis refuses ("called without any password configured"),
+    so ``config check`` passed a file ``serve`` could not start with. Each URL must log in on
+    both clients or on neither, with and without ``requirepass``."""
+    port = own_redis.port
+    base = f"127.0.0.1:{port}/0"
+    admin = redis.Redis(port=port)
+    admin.acl_setuser("app", enabled=True, passwords=["+app-pw"], commands=["+@all"],
+                      keys=["*"])
+    admin.close()
+
+    async def logs_in(url: str) -> tuple[bool, bool]:
+        with redis.Redis.from_url(url, socket_timeout=2) as by_redis_py:
+            try:
+                by_redis_py.ping()
+                redis_py = True
+            except redis.RedisError:
+                redis_py = False
+        client = RespClient(url, timeout=2, connect_timeout=2)
+        try:
+            lean = await client.call("PING") == b"PONG"
+        except (ConnectionError, RespError):
+            lean = False
+        finally:
+            await client.close()
+        return redis_py, lean
+
+    expected = {  # the default user without a password
+        f"redis://:not-needed@{base}": True,
+        f"redis://:not-needed@{base}?protocol=3": True,
+        f"redis://:not-needed@{base}?protocol=2": False,  # redis-py's legacy AUTH <password>
+        f"redis://{base}": True,
+        f"redis://app:app-pw@{base}": True,
+        f"redis://app:app-pw@{base}?protocol=2": True,
+        f"redis://app:wrong@{base}": False,
+    }
+    for url, works in expected.items():
+        assert await logs_in(url) == (works, works), url
+    redis.Redis(port=port).config_set("requirepass", "s3cret")
+    expected = {  # the default user with requirepass
+        f"redis://:s3cret@{base}": True,
+        f"redis://:s3cret@{base}?protocol=2": True,
+        f"redis://default:s3cret@{base}": True,
+        f"redis://:wrong@{base}": False,
+        f"redis://:wrong@{base}?protocol=2": False,
+        f"redis://{base}": False,
+        f"redis://app:app-pw@{base}": True,
+    }
+    for url, works in expected.items():
+        assert await logs_in(url) == (works, works), url
+
+
 async def test_resp_reconnect_sends_auth_and_select_again(own_redis):
     admin = redis.Redis.from_url(own_redis.url)
     admin.config_set("requirepass", "s3cret")

@@ -319,6 +319,31 @@ def test_a_redis_refusing_the_password_at_start_up_says_check_the_credentials(tm
         server.wait(10)
 
 
+async def test_a_password_redis_py_accepts_is_accepted_by_serve_too(tmp_path, redis_url):
+    """README, Store: both store clients read the URL alike. A URL with a password, against a
+    Redis whose default user has none (``nopass``, the default): redis-py logs in (``HELLO 3
+    AUTH default <password>``), so ``keygate config check`` asks that store and passes the
+    file; the per-request client sent the legacy ``AUTH <password>``, which Redis refuses
+    ("called without any password configured"), and ``keygate serve`` refused to start with
+    the same file."""
+    from urllib.parse import urlsplit
+    url = f"redis://:not-needed-here@127.0.0.1:{urlsplit(redis_url).port}/0"
+    config, pport, aport = write_config(tmp_path, redis_url=url)
+    checked = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "gateway", "config", "check", str(config)],
+        capture_output=True, text=True, env=env(), timeout=60)
+    assert checked.returncode == 0 and "note:" not in checked.stderr, checked
+    gw = Served(config, pport, aport)
+    try:
+        try:
+            await gw.ready(timeout=20)
+        except AssertionError:
+            raise AssertionError("config check passed the file, but keygate serve refused it: "
+                                 + gw.stderr().strip().splitlines()[-1]) from None
+    finally:
+        gw.close()
+
+
 def test_a_redis_on_a_unix_socket_refusing_the_password_says_check_the_credentials(tmp_path):
     """The same refusal through `unix:///path?password=...`: redis-py raises it there as a
     plain ConnectionError (its AuthenticationError only as the cause), so the line said
@@ -602,6 +627,19 @@ def test_a_worker_that_fails_says_why_and_the_supervisor_exits_1(tmp_path):
     assert "RuntimeError: worker start-up failed: boom" in done.stderr, done.stderr
 
 
+def operations_md_quote(marker: str) -> str:
+    """The regular expression of the log line docs/operations.md quotes (in backticks) with
+    ``marker`` in it: its ``I`` and ``P`` (a worker's place and pid) stand for any number, a
+    closing ``...`` for the rest of the line. The guide's quotes are what operators grep and
+    alert on: each must be a line the product writes."""
+    text = " ".join((Path(__file__).resolve().parent.parent / "docs" / "operations.md")
+                    .read_text().split())
+    quoted = [q for q in re.findall(r"`([^`]+)`", text) if marker in q]
+    assert len(quoted) == 1, (marker, quoted)
+    pattern = re.escape(quoted[0].removesuffix(" ..."))
+    return pattern.replace(r"worker\ I\ \(pid\ P\)", r"worker\ \d+\ \(pid\ \d+\)")
+
+
 async def test_a_worker_killed_outright_is_named_in_the_supervisors_log(tmp_path, upstream,
                                                                         redis_url):
     """One worker of `serve --workers 2` SIGKILLed (the OOM killer, `kill -9`): the supervisor
@@ -624,6 +662,8 @@ async def test_a_worker_killed_outright_is_named_in_the_supervisors_log(tmp_path
                          err), err
         assert "stopping the other workers" in err, err
         assert "Traceback" not in err
+        # the line the operations guide quotes (it quoted `worker (pid N) was killed ...`)
+        assert re.search(operations_md_quote("was killed by signal 9"), err), err
     finally:
         gw.close()
         for pid in workers:
@@ -653,6 +693,7 @@ async def test_a_worker_stopped_from_outside_is_named_in_the_supervisors_log(tmp
                          r"asking \(a SIGTERM or SIGINT sent to it alone\); stopping the other "
                          r"workers", err), err
         assert "Traceback" not in err
+        assert re.search(operations_md_quote("stopped without the supervisor asking"), err), err
     finally:
         gw.close()
         for pid in workers:

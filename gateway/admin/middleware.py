@@ -293,9 +293,11 @@ def error_middleware(config: Config, *, authenticate: bool = True,
                 # itself would get a fresh budget per forged X-Forwarded-For
                 caller = await identify(request, config, expected, authenticate_key,
                                         throttle, request.remote or "unknown")
+                # "operator" or the acting key's id, for the log: a key refused by confine
+                # (an operator-only route, another workspace) is logged as itself too
+                actor = caller.key_id
                 confine(request, caller)
                 request[ACTOR] = caller
-                actor = caller.key_id  # "operator" or the acting key's id, for the log
                 resource = getattr(request.match_info.route, "resource", None)
                 if resource is not None:  # HEAD is GET without the body: its parameters
                     method = "GET" if request.method == "HEAD" else request.method

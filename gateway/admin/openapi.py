@@ -25,8 +25,8 @@ from .. import __version__
 from .api import WORKSPACE_ADMIN_ROUTES
 from .openapi_proxy import proxy_paths
 from .validate import AUDIT_DEFAULT
-from .openapi_schemas import (ADMIN_401, BAD_400, DAYS, JSON, KEY, NOT_FOUND_404,
-                              REQUEST_ID_HEADER, RETRY_AFTER, ROLE_NAME, STORE_503,
+from .openapi_schemas import (ADMIN_401, BAD_400, DAYS, EXPECTATION_417, JSON, KEY,
+                              NOT_FOUND_404, REQUEST_ID_HEADER, RETRY_AFTER, ROLE_NAME, STORE_503,
                               STORED_ROLE_NAME,
                               TIMEOUT_408, TOO_LARGE_413, WS, Schema, err, list_params, obj, ok,
                               op, param, ref, schemas)
@@ -266,7 +266,7 @@ def document() -> Schema:
                                                 "127.0.0.1:8081)"}],
         "security": [{"operatorToken": []}],
         "paths": with_bodies_required(with_operation_ids(workspace_admin_access(
-            {**admin_paths(), **proxy_paths()})), components),
+            {**with_unmet_expectation(admin_paths()), **proxy_paths()})), components),
         "components": {
             "schemas": components,
             "headers": {"X-Request-Id": {
@@ -289,6 +289,16 @@ def document() -> Schema:
             },
         },
     }
+
+
+def with_unmet_expectation(paths: dict[str, Schema]) -> dict[str, Schema]:
+    """Every operation of the admin listener answers an ``Expect`` other than
+    ``100-continue`` 417 ``bad_request``, before it looks at the caller (a probe's too)."""
+    for item in paths.values():
+        for method, operation in item.items():
+            if method != "parameters":
+                operation["responses"]["417"] = copy.deepcopy(EXPECTATION_417[1])
+    return paths
 
 
 def workspace_admin_access(paths: dict[str, Schema]) -> dict[str, Schema]:

@@ -239,6 +239,10 @@ BAD_400 = err(400, "bad_request")
 NOT_FOUND_404 = err(404, "not_found")
 TOO_LARGE_413 = err(413, "body_too_large")
 TIMEOUT_408 = err(408, "request_timeout")   # a declared body that stalls (then closed)
+# an ``Expect`` other than 100-continue: the admin listener answers it on every call, before
+# the caller is authenticated (gateway/admin/middleware.py); the proxy listener ignores one
+EXPECTATION_417 = err(417, "bad_request")
+EXPECTATION_417[1]["description"] = "`bad_request`: an `Expect` other than `100-continue`"
 
 
 def param(name: str, where: str, schema: Schema, description: str = "",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import sys
 
-from .client import AdminClient, ApiError, CliError, UsageError, printable
+from .client import AdminClient, ApiError, CliError, UsageError, key_minting, printable
 from .connection import admin_url, connection
 from .parser import build_parser
 from .parsing import parse_duration, parse_expiry
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         if exc.status == 401 and not token:
             print("keygate: set KEYGATE_ADMIN_TOKEN to the operator token", file=sys.stderr)
         elif exc.status == 503 and exc.code == "store_unavailable":
-            print(_store_hint(getattr(client, "last_method", "GET"), exc.message),
-                  file=sys.stderr)
+            print(_store_hint(getattr(client, "last_method", "GET"),
+                              getattr(client, "last_path", "")), file=sys.stderr)
         elif exc.status == 429 and exc.code == "too_many_failures":
             # every operator-token call from this address is refused for the window, the
             # right token's too: say when it works again
@@ -96,12 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         return _output_closed()
 
 
-def _store_hint(method: str, message: str) -> str:
-    """What to do after a 503 ``store_unavailable`` (Redis did not answer the gateway)."""
+def _store_hint(method: str, path: str) -> str:
+    """What to do after a 503 ``store_unavailable`` (Redis did not answer the gateway), chosen
+    by the request (``path``: its URL's path): a key create or rotation answered 503 changed
+    nothing, whether it ran (it is taken back) or not, whatever the answer's text says."""
     again = ("run the same command again once the gateway's store is back (its /readyz "
              "answers 200)")
-    if method in ("GET", "HEAD") or "taken back" in message:
+    if method in ("GET", "HEAD"):
         return f"keygate: {again}"
+    if method == "POST" and key_minting(path):
+        return ("keygate: nothing was changed (what the store may have done is taken back); "
+                f"{again}")
     return (f"keygate: the change may have been made or not; {again}: it is safe to (a "
             "create then answered 409 conflict was made by the first), or read it back")
 

@@ -114,6 +114,7 @@ class AdminClient:
         self._token = token.strip() if token else token
         self.timeout = timeout
         self.last_method = "GET"  # of the last request sent (a write's 503 says more)
+        self.last_path = ""  # and its URL's path
         self._cert_file = cert_file
         self._openers = [self._opener_for(context) for context in (
             listener_contexts(cert_file) if cert_file else (None,))]
@@ -132,7 +133,7 @@ class AdminClient:
     def request(self, method: str, path: str, body: dict | None = None,
                 query: dict[str, str] | None = None) -> Any:
         url = self.base_url + "/admin/v1" + path
-        self.last_method = method
+        self.last_method, self.last_path = method, urllib.parse.urlsplit(url).path
         if query:
             url += "?" + urllib.parse.urlencode(query)
         headers = {"Accept": "application/json", "User-Agent": "keygate-cli"}
@@ -205,6 +206,11 @@ class AdminClient:
 
 
 _KEY_MINTING = re.compile(r"/admin/v1/workspaces/([^/?]+)/keys(?:/[^/?]+/rotate)?$")
+
+
+def key_minting(path: str) -> bool:
+    """Whether a POST to ``path`` (a URL's path) is a key create or rotation."""
+    return _KEY_MINTING.search(path) is not None
 
 
 def _unanswered(req: urllib.request.Request) -> str:

@@ -35,7 +35,8 @@ def add_commands(tree: CommandTree) -> SubCommands:
                         help="bind the key to explicit scopes (repeatable)")
     p.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"), metavar="30d|DATE",
                    help="30d, 24h, 90m, 3600s, or a date/datetime like 2027-01-31")
-    p.add_argument("--env", help="token environment, e.g. test (default: live)")
+    p.add_argument("--env", help="token environment, e.g. test (default: the gateway's first "
+                                 "environment, keys.environments)")
     p.add_argument("--description", metavar="TEXT", help="free text shown with the key")
     p.add_argument("--rate-limit", type=argtype(rate, "RATE"), metavar="N/s|N/m",
                    help="the key's own rate limit, held within its workspace's (plan or "

@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 import hiredis
+from redis.utils import check_protocol_version
 
 from ..redis_urls import parse_standalone_url, tls_files_state
 
@@ -326,6 +327,9 @@ class RespClient(ClockSkew):
         self.timeout = target.option_seconds("socket_timeout", timeout)
         self.connect_timeout = target.option_seconds("socket_connect_timeout", connect_timeout)
         self.client_name = target.options.get("client_name")
+        # whether redis-py logs in with HELLO 3 for this URL (not ``protocol=2``): this client
+        # reads RESP2 replies, so it sends the AUTH that HELLO 3 AUTH amounts to
+        self._resp3_login = check_protocol_version(target.options.get("protocol"), 3)
         # Commands awaiting a reply on the connection. The watchdog bounds how long Redis may
         # lag, this bounds how much piles up meanwhile: past it a call fails at once (the
         # hot path answers 503) instead of growing memory without limit.
@@ -376,7 +380,11 @@ class RespClient(ClockSkew):
         if self.username:
             hello.append(("AUTH", self.username, self.password or ""))
         elif self.password is not None:
-            hello.append(("AUTH", self.password))
+            # and redis-py's login: on RESP3 (its default) ``HELLO 3 AUTH default <password>``,
+            # which a ``default`` user without a password accepts, where the legacy
+            # ``AUTH <password>`` (what it sends on ``protocol=2``) is refused
+            hello.append(("AUTH", "default", self.password) if self._resp3_login
+                         else ("AUTH", self.password))
         if self.db:
             hello.append(("SELECT", self.db))
         if self.client_name:
