@@ -717,12 +717,12 @@ def test_a_websocket_route_is_read_and_must_be_able_to_tunnel(tmp_path: Path) ->
     assert problems_of(tmp_path, UPSTREAM + "routes:\n"
                        "  - {path: /a, upstream: crm, methods: [POST], websocket: true}\n"
                        "  - {path: /b, websocket: true}\n"
-                       "  - {path: /c, upstream: crm, websocket: 'yes'}\n") == [
+                       "  - {path: /c, upstream: crm, websocket: 'sure'}\n") == [
         "config.yaml:4: routes[0].websocket: a WebSocket handshake is a GET, which this "
         "route's methods leave out (add GET to methods)",
         "config.yaml:5: routes[1].websocket: a route without an upstream tunnels nothing "
         "(add upstream)",
-        "config.yaml:6: routes[2].websocket: expected true or false, got a string ('yes')"]
+        "config.yaml:6: routes[2].websocket: expected true or false, got a string ('sure')"]
 
 
 def test_upstream_url_must_be_http_with_a_host(tmp_path: Path) -> None:
@@ -874,7 +874,7 @@ def test_cors_problems_name_the_field(tmp_path: Path) -> None:
           allow_headers: [Idempotency-Key, "*", "bad header"]
           expose_headers: [X-Total, x-total]
           max_age: 100000
-          allow_credentials: "yes"
+          allow_credentials: "sure"
     """) == [
         "config.yaml:3: cors.allow_origins[0]: 'https://app.example/': an origin has no path; "
         "write it without the trailing '/'",
@@ -893,7 +893,7 @@ def test_cors_problems_name_the_field(tmp_path: Path) -> None:
         "config.yaml:11: cors.allow_headers[2]: 'bad header' is not a valid HTTP header name",
         "config.yaml:12: cors.expose_headers: lists the same header twice",
         "config.yaml:13: cors.max_age: must be between 0 and 86400, got 100000",
-        "config.yaml:14: cors.allow_credentials: expected true or false, got a string ('yes')",
+        "config.yaml:14: cors.allow_credentials: expected true or false, got a string ('sure')",
     ]
 
 
@@ -1480,10 +1480,10 @@ def test_yaml_1_1_boolean_words_are_read_as_yaml_1_2_reads_them(tmp_path: Path,
     """``server.access_log: off``, as docs/configuration.md, the README and the example config
     write it, was refused ("expected a string, got a boolean (false)"): PyYAML reads a plain
     ``off``, ``on``, ``yes`` or ``no`` as YAML 1.1's boolean, while the JSON schema's
-    validators (YAML 1.2) read the word as text and passed the same file; and ``public: yes``
-    was true to the loader and refused by the schema. Both now read these words as YAML 1.2
-    does: where text is expected, the word as written; where a boolean is, a problem saying
-    to write true or false."""
+    validators (YAML 1.2) read the word as text and passed the same file. Where text is
+    expected the word is now the text written. Where a boolean is, it is still the boolean
+    YAML 1.1 meant (``public: yes`` has always been true: refusing it would stop a running
+    gateway's next start), with a warning to write true or false; the schema takes it too."""
     config = load_config(write(tmp_path, with_upstream("""
         server:
           access_log: off
@@ -1499,43 +1499,56 @@ def test_yaml_1_1_boolean_words_are_read_as_yaml_1_2_reads_them(tmp_path: Path,
     assert (config.keys.prefix, config.keys.environments) == ("on", ("live", "no"))
     assert config.scopes == {"people:read": "Yes"}
     assert (config.routes[0].public, config.routes[0].websocket) == (True, False)
+    assert config.warnings == ()
     monkeypatch.setenv("KG_TEST_LOG", "off")
     monkeypatch.setenv("KG_TEST_PUBLIC", "yes")
     assert load_config(write(tmp_path, "server:\n  access_log: ${KG_TEST_LOG}\n")
                        ).server.access_log == "off"
-    assert problems_of(tmp_path, with_upstream("""
+    booleans = """
         server:
-          access_log: Off
           metrics_workspace_labels: on
         routes:
           - {path: /x, upstream: crm, public: yes}
           - {path: /y, upstream: crm, websocket: NO}
           - {path: /z, upstream: crm, public: 'yes'}
-          - {path: /w, upstream: crm, public: "${KG_TEST_PUBLIC}"}
           - path: /v
             upstream: crm
             public: ${KG_TEST_PUBLIC}
-          - {path: off, upstream: crm}
         cors:
           allow_origins: ["https://app.example"]
-          allow_credentials: yes
+          allow_credentials: off
+    """
+    config = load_config(write(tmp_path, with_upstream(booleans)))
+    assert config.server.metrics_workspace_labels is True
+    assert [r.public for r in config.routes] == [True, False, True, True]
+    assert config.routes[1].websocket is False
+    assert config.cors.allow_credentials is False
+    assert [str(w).rsplit("/", 1)[-1] for w in config.warnings] == [
+        "config.yaml:4: server.metrics_workspace_labels: warning: 'on' is read as true (a "
+        "boolean in YAML 1.1; text to YAML 1.2 tools); write true",
+        "config.yaml:6: routes[0].public: warning: 'yes' is read as true (a boolean in YAML "
+        "1.1; text to YAML 1.2 tools); write true",
+        "config.yaml:7: routes[1].websocket: warning: 'NO' is read as false (a boolean in "
+        "YAML 1.1; text to YAML 1.2 tools); write false",
+        "config.yaml:8: routes[2].public: warning: 'yes' is read as true (a boolean in YAML "
+        "1.1; text to YAML 1.2 tools); write true",
+        "config.yaml:11: routes[3].public: warning: 'yes' is read as true (a boolean in YAML "
+        "1.1; text to YAML 1.2 tools); write true",
+        "config.yaml:14: cors.allow_credentials: warning: 'off' is read as false (a boolean "
+        "in YAML 1.1; text to YAML 1.2 tools); write false",
+    ]
+    # other text is no boolean, and a word is no path
+    assert problems_of(tmp_path, with_upstream("""
+        server:
+          access_log: Off
+        routes:
+          - {path: /x, upstream: crm, public: 'y'}
+          - {path: off, upstream: crm}
     """)) == [
         "config.yaml:4: server.access_log: must be one of json, text, off, got 'Off' (did you "
         "mean 'off'?)",
-        "config.yaml:5: server.metrics_workspace_labels: expected true or false, got 'on' (a "
-        "boolean in YAML 1.1 only, text in YAML 1.2); write true",
-        "config.yaml:7: routes[0].public: expected true or false, got 'yes' (a boolean in YAML "
-        "1.1 only, text in YAML 1.2); write true",
-        "config.yaml:8: routes[1].websocket: expected true or false, got 'NO' (a boolean in "
-        "YAML 1.1 only, text in YAML 1.2); write false",
-        "config.yaml:9: routes[2].public: expected true or false, got a string ('yes')",
-        "config.yaml:10: routes[3].public: the value from ${KG_TEST_PUBLIC} is invalid: "
-        "expected true or false",
-        "config.yaml:13: routes[4].public: the value from ${KG_TEST_PUBLIC} is invalid: "
-        "expected true or false",
-        "config.yaml:14: routes[5].path: 'off' must start with /",
-        "config.yaml:17: cors.allow_credentials: expected true or false, got 'yes' (a boolean "
-        "in YAML 1.1 only, text in YAML 1.2); write true",
+        "config.yaml:6: routes[0].public: expected true or false, got a string ('y')",
+        "config.yaml:7: routes[1].path: 'off' must start with /",
     ]
 
 

@@ -116,7 +116,7 @@ CASES = [
     ("server.port", 8080, True), ("server.port", 0, False), ("server.port", 70000, False),
     ("server.port", "eighty", False), ("server.workers", 4, True), ("server.workers", 0, False),
     ("server.access_log", "text", True), ("server.access_log", "xml", False),
-    ("server.log_level", "loud", False), ("server.metrics_workspace_labels", "yes", False),
+    ("server.log_level", "loud", False), ("server.metrics_workspace_labels", "yes", True),
     ("admin.token_env", "MY_TOKEN", True), ("admin.token_env", "1BAD", False),
     ("store.redis_url", "redis://127.0.0.1:6379/0", True),
     ("store.redis_url", "redis+sentinel://s1:26379/mymaster", True),
@@ -143,7 +143,7 @@ CASES = [
     ("server.timeouts.idle", 5, True), ("server.max_connections", 0, False), ("routes.0.methods", ["get", "POST"], True),
     ("routes.0.methods", [], False), ("routes.0.path", "people", False),
     ("routes.0.public", True, True), ("routes.0.websocket", True, True),
-    ("routes.0.websocket", "yes", False), ("identity_headers.workspace", "X-Tenant", True),
+    ("routes.0.websocket", "yes", True), ("identity_headers.workspace", "X-Tenant", True),
     ("server.websocket_recheck", 1, True), ("server.websocket_recheck", 3600, True),
     ("server.websocket_recheck", 0.5, False), ("server.websocket_recheck", 3601, False),
     ("server.websocket_recheck", "often", False),
@@ -158,7 +158,7 @@ CASES = [
     ("cors.allow_origins", ["null"], False), ("cors.allow_origins", ["https://*.a.com"], False),
     ("cors.allow_headers", ["Idempotency-Key"], True), ("cors.allow_headers", ["*"], False),
     ("cors.expose_headers", ["bad header"], False), ("cors.max_age", -1, False),
-    ("cors.max_age", 86401, False), ("cors.allow_credentials", "yes", False),
+    ("cors.max_age", 86401, False), ("cors.allow_credentials", "yes", True),
     ("cors", None, True), ("cors", {"allow_origins": "*", "allow_credentials": True}, False),
     ("cors", {"allow_origins": ["https://a.example"], "allow_credentials": True}, True),
     # plan and upstream names: a letter or digit, then letters, digits, `_`, `.`, `-` (the
@@ -204,19 +204,22 @@ Yaml12Booleans.add_implicit_resolver("tag:yaml.org,2002:bool",
 PLAIN_WORDS = [
     ("server: {access_log: off}", True), ("server: {access_log: Off}", False),
     ("server: {access_log: on}", False), ("server: {access_log: 'off'}", True),
-    ("server: {metrics_workspace_labels: yes}", False),
-    ("server: {metrics_workspace_labels: on}", False),
+    ("server: {metrics_workspace_labels: yes}", True),
+    ("server: {metrics_workspace_labels: on}", True),
     ("server: {metrics_workspace_labels: true}", True),
     ("server: {metrics_workspace_labels: FALSE}", True),
-    ("routes: [{path: /x, upstream: crm, public: yes}]", False),
-    ("routes: [{path: /x, upstream: crm, public: No}]", False),
+    ("routes: [{path: /x, upstream: crm, public: yes}]", True),
+    ("routes: [{path: /x, upstream: crm, public: No}]", True),
     ("routes: [{path: /x, upstream: crm, public: true}]", True),
-    ("routes: [{path: /x, upstream: crm, websocket: off}]", False),
+    ("routes: [{path: /x, upstream: crm, websocket: off}]", True),
     ("routes: [{path: /x, upstream: crm, public: false, websocket: False}]", True),
-    ("cors: {allow_origins: '*', allow_credentials: no}", False),
+    ("cors: {allow_origins: '*', allow_credentials: no}", True),
     ("keys: {prefix: on}", True), ("keys: {prefix: true}", False),
     ("keys: {environments: [live, off]}", True), ("keys: {environments: [live, false]}", False),
     ("store: {on_store_error: off}", False),
+    ("routes: [{path: /x, upstream: crm, public: 'yes'}]", True),
+    ("routes: [{path: /x, upstream: crm, public: 'y'}]", False),
+    ("routes: [{path: /x, upstream: crm, public: yEs}]", False),
 ]
 
 
@@ -224,7 +227,7 @@ PLAIN_WORDS = [
 def test_schema_and_loader_agree_on_plain_yaml_1_1_boolean_words(text, valid, tmp_path):
     """`access_log: off` as docs/configuration.md writes it was refused by the loader (PyYAML
     read YAML 1.1's false) and taken by the schema (YAML 1.2: text); `public: yes` the other
-    way round. The file is validated as an editor reads it (YAML 1.2 booleans) and loaded as
+    way round (now both take it, the loader with a warning to write true). The file is validated as an editor reads it (YAML 1.2 booleans) and loaded as
     keygate loads it: both agree."""
     path = tmp_path / "probe.yaml"
     path.write_text("upstreams: {crm: {url: 'http://127.0.0.1:9'}}\n"

@@ -54,7 +54,7 @@ class Reader(ServiceSections, RoutingSections, CorsSections):
         signature = self.identity_signature(value("identity_signature"), keys, identity)
         tracing = self.tracing(value("tracing"))
         cors = self.cors(value("cors"))
-        warnings = self.verb_warnings(routes, upstreams, cors is not None)
+        warnings = self.warnings + self.verb_warnings(routes, upstreams, cors is not None)
         if server.port == admin.port and \
                 (shared := _shared_address(server.host, admin.host, admin.port)) is not None:
             self.fail(child(value("admin"), "port") or child(value("server"), "port") or root,

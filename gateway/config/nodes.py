@@ -86,8 +86,10 @@ def _yaml11_only(text: str, value: Any) -> str:
 # Plain words YAML 1.1 (PyYAML) reads as booleans and YAML 1.2 (editors, yq, the JSON schema's
 # validators) as text, in the spellings PyYAML resolves: keygate reads them as YAML 1.2 does.
 # Where text is expected they are that text (`access_log: off`, as the reference writes it);
-# where a boolean is, they are refused with "write true/false", as the schema refuses them.
+# where a boolean is, the boolean YAML 1.1 meant, with a warning to write true/false.
 YAML11_BOOLEANS = {"yes": True, "on": True, "no": False, "off": False}
+# the spellings PyYAML resolves (and the JSON schema lists): yes, Yes, YES and so on
+YAML11_WORDS = frozenset(w for word in YAML11_BOOLEANS for w in (word, word.title(), word.upper()))
 
 
 def yaml11_boolean(node: Node) -> bool:
@@ -158,6 +160,7 @@ class NodeReader:
     def __init__(self, source: str) -> None:
         self.source = source
         self.problems: list[tuple[int, int, str]] = []
+        self.warnings: list = []  # ConfigWarning: valid shapes config check points out
         self._constructor = yaml.constructor.SafeConstructor()
         self._flattened: dict[int, dict[str, tuple[Node, Node]]] = {}  # see _all_keys
         self._resolver = yaml.resolver.Resolver()

@@ -15,7 +15,8 @@ import re
 import stat
 from typing import Any, Callable, Mapping, Sequence
 
-from .nodes import BAD, YAML11_BOOLEANS, Node, NodeReader, describe_value, suggest
+from ..settings import ConfigWarning
+from .nodes import BAD, YAML11_BOOLEANS, YAML11_WORDS, Node, NodeReader, describe_value, suggest
 
 FieldReader = Callable[[Node, str], Any]
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -154,12 +155,20 @@ class SchemaReader(NodeReader):
         value = self.scalar(node, path)
         if value is BAD:
             return BAD
-        if isinstance(value, str) and value.lower() in YAML11_BOOLEANS and \
-                getattr(node, "style", "") is None:
-            # plain, text to YAML 1.2 and to the JSON schema (which refuses it too)
-            written = "true" if YAML11_BOOLEANS[value.lower()] else "false"
-            return self.fail(node, path, f"expected true or false, got '{value}' (a boolean "
-                                         f"in YAML 1.1 only, text in YAML 1.2); write {written}")
+        if isinstance(value, str) and value in YAML11_WORDS:
+            # yes/no/on/off where a boolean is expected: YAML 1.1's boolean, which files
+            # written for keygate have always meant (public: yes was true), so it is still
+            # taken, as YAML 1.2 readers that know the target is a boolean take it, and as the
+            # JSON schema takes it (quoted or not: to YAML 1.2 both are the text); a warning
+            # says to write true or false, the one spelling every reader agrees on.
+            meant = YAML11_BOOLEANS[value.lower()]
+            written = "true" if meant else "false"
+            line = node.start_mark.line + 1
+            self.warnings.append(ConfigWarning(
+                f"{self.source}:{line}: {path}: warning: '{value}' is read as {written} (a "
+                f"boolean in YAML 1.1; text to YAML 1.2 tools); write {written}",
+                ("yaml11-boolean", path, value)))
+            return meant
         if not isinstance(value, bool):
             return self.fail(node, path, f"expected true or false, got {describe_value(value)}")
         return value
