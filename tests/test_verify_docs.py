@@ -25,7 +25,11 @@ FORWARDING = {"x-forwarded-host", "forwarded", "x-real-ip", "x-forwarded-port",
 # nginx examples hand it to keygate, which some APIs read too). Each example clears these or
 # sets them itself from the connection; derived from gateway's list, so they cannot drift.
 FROM_CLIENTS = frozenset(FROM_PROXIES | FORWARDING | {
-    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-uri", "x-forwarded-method"})
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-uri", "x-forwarded-method",
+    # a client certificate as a hop in front hands it on (Envoy's XFCC, Traefik's
+    # passTLSClientCert), which an API takes as mTLS identity
+    "x-forwarded-client-cert", "x-forwarded-tls-client-cert",
+    "x-forwarded-tls-client-cert-info"})
 # ... and what each proxy sets itself at the edge, replacing a client's copy
 SET_BY = {
     "nginx.conf": {"x-forwarded-for", "x-real-ip", "x-forwarded-host", "x-forwarded-proto",
