@@ -4,6 +4,7 @@ mode) and a real upstream. Skipped when no nginx binary is installed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import shutil
 import subprocess
@@ -25,8 +26,9 @@ pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
 
 
 def nginx_config(tmp: Path, port: int, keygate: str, api: str,
-                 edits: tuple[tuple[str, str], ...] = ()) -> Path:
-    """The shipped snippet with our addresses, and ``edits`` (shipped text, ours) applied."""
+                 edits: tuple[tuple[str, str], ...] = (), http_extra: str = "") -> Path:
+    """The shipped snippet with our addresses, and ``edits`` (shipped text, ours) applied,
+    included in an ``http {}`` that carries ``http_extra`` (an operator's own directives)."""
     snippet = SNIPPET.read_text()
     for shipped, ours in (("127.0.0.1:8080", keygate), ("127.0.0.1:9000", api),
                           ("listen 8000;", f"listen 127.0.0.1:{port};")) + edits:
@@ -50,16 +52,18 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
+    {http_extra}
     include {tmp}/keygate.conf;
 }}
 """)
     return conf
 
 
-@pytest.fixture
-async def stack(request, tmp_path, upstream, own_redis, monkeypatch):
-    """nginx → (auth_request) keygate; nginx → upstream. Yields (gw, nginx base URL).
-    Parametrised indirectly, its param is ``nginx_config``'s ``edits``."""
+@contextlib.asynccontextmanager
+async def nginx_stack(tmp_path: Path, api_port: int, redis_url: str, monkeypatch,
+                      edits: tuple[tuple[str, str], ...] = (), http_extra: str = ""):
+    """nginx → (auth_request) keygate; nginx → the API on ``api_port``. Yields (gw, nginx
+    base URL)."""
     config = make_config("http://127.0.0.1:9", store=dataclasses.replace(
         make_config("http://x").store, timeout=0.5))
     config = dataclasses.replace(config, upstreams={}, routes=(
@@ -67,10 +71,10 @@ async def stack(request, tmp_path, upstream, own_redis, monkeypatch):
         Route("/people/**", None, ("GET",), ("people:read",)),
         Route("/people/**", None, ("POST",), ("people:write",)),
     ), server=dataclasses.replace(config.server, trusted_proxies=("127.0.0.1",)))
-    async with gateway_under_test(config, own_redis.url, monkeypatch) as gw:
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
         port = free_port()
         conf = nginx_config(tmp_path, port, f"127.0.0.1:{gw.proxy_server.port}",
-                            f"127.0.0.1:{upstream.port}", getattr(request, "param", ()))
+                            f"127.0.0.1:{api_port}", edits, http_extra)
         check = subprocess.run([NGINX, "-t", "-c", str(conf), "-p", str(tmp_path)],
                                capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
@@ -91,6 +95,15 @@ async def stack(request, tmp_path, upstream, own_redis, monkeypatch):
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+@pytest.fixture
+async def stack(request, tmp_path, upstream, own_redis, monkeypatch):
+    """``nginx_stack`` in front of the echo ``upstream``. Parametrised indirectly, its param is
+    ``nginx_config``'s ``edits``."""
+    async with nginx_stack(tmp_path, upstream.port, own_redis.url, monkeypatch,
+                           getattr(request, "param", ())) as s:
+        yield s
 
 
 async def get(url: str, **kw) -> tuple[int, dict, str]:
@@ -330,3 +343,88 @@ async def test_a_clients_forwarded_host_and_address_never_reach_the_api(stack, u
         assert sent.get("x-forwarded-port") == [base.rsplit(":", 1)[1]], seen
         assert not {"forwarded", "x-forwarded-prefix", "x-forwarded-scheme",
                     "x-forwarded-ssl"} & sent.keys(), seen
+
+
+@contextlib.asynccontextmanager
+async def raw_api():
+    """An API on loopback that keeps the raw head of every request it gets (``heads``) and
+    answers each 200, closing the connection."""
+    heads: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            heads.append(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError,
+                asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(answer, "127.0.0.1", 0, limit=1 << 20)
+    try:
+        yield srv.sockets[0].getsockname()[1], heads
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def raw_get(base: str, path: str, header_lines: list[tuple[str, str]]) -> bytes:
+    """GET ``path`` from nginx with exactly these header lines (names as written, "_" and "."
+    spellings included, which aiohttp would not send as they are); the whole answer."""
+    host, port = base.rsplit("/", 1)[1].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in header_lines) + "\r\n"
+    writer.write(head.encode("latin-1"))
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+# An operator's http {} that lets names with "_" and other punctuation through (nginx drops
+# them by default: underscores_in_headers off, ignore_invalid_headers on)
+LENIENT_HTTP = "underscores_in_headers on; ignore_invalid_headers off;"
+
+
+@pytest.mark.parametrize("http_extra", ["", LENIENT_HTTP])
+async def test_no_header_keygates_proxy_drops_from_a_client_reaches_the_api(
+        http_extra, tmp_path, own_redis, monkeypatch):
+    """keygate's own proxy drops a client's True-Client-IP, CF-Connecting-IP, X-Client-IP,
+    Fastly-Client-IP, X-Cluster-Client-IP and the rest of its client-address list, and its
+    X-Forwarded-Uri/-Method; the shipped snippet passed them all to the API as sent, so behind
+    it a client named the address the API logs, limits and allows by, and the original request
+    an API reads from X-Forwarded-Uri. A request carrying every name keygate drops from clients
+    (gateway's own list, test_verify_docs.FROM_CLIENTS), in its "-", "_" and "." spellings,
+    reaches the API without one of the client's values: on a public route and a keyed one,
+    and in an http {} that lets "_" and "." names through, which the snippet's server {} turns
+    back off."""
+    from test_verify_docs import FROM_CLIENTS
+    spellings = []
+    for i, name in enumerate(sorted(FROM_CLIENTS)):
+        title = "-".join(part.capitalize() for part in name.split("-"))
+        spellings += [(title, f"spoof{i}a"), (name.upper().replace("-", "_"), f"spoof{i}b"),
+                      (title.replace("-", "."), f"spoof{i}c")]
+    spellings.append(("SCRIPT_NAME", "spoof-script"))
+    async with raw_api() as (api_port, heads):
+        async with nginx_stack(tmp_path, api_port, own_redis.url, monkeypatch,
+                               http_extra=http_extra) as (gw, base):
+            await gw.workspace("acme")
+            token, _ = await gw.key(scopes=["people:read"])
+            for path, credential in (("/health", []),
+                                     ("/people/1", [("Authorization", f"Bearer {token}")])):
+                answer = await raw_get(base, path, credential + spellings)
+                assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+                head = heads[-1]
+                assert b"spoof" not in head.lower(), head.decode("latin-1")
+                lines = [line.split(b":", 1) for line in head.split(b"\r\n")[1:] if line]
+                sent: dict[bytes, list[bytes]] = {}
+                for k, v in lines:
+                    sent.setdefault(k.strip().lower(), []).append(v.strip())
+                # what nginx knows from the connection, once each
+                assert sent[b"x-forwarded-for"] == [b"127.0.0.1"]
+                assert sent[b"x-real-ip"] == [b"127.0.0.1"]
+                assert sent[b"x-forwarded-proto"] == [b"http"]
+            assert len(heads) == 2

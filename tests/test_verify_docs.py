@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from gateway.config import IdentityHeaders, KeysConfig
-from gateway.proxying.headers import AUTH_USER, HOST_OVERRIDE
+from gateway.proxying.headers import AUTH_USER, FROM_PROXIES, HOST_OVERRIDE
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "verify"
 IDENTITY = IdentityHeaders().names()
@@ -18,6 +18,66 @@ IDENTITY = IdentityHeaders().names()
 # the address they log, limit and allow by, the scheme, port and mount point of their URLs
 FORWARDING = {"x-forwarded-host", "forwarded", "x-real-ip", "x-forwarded-port",
               "x-forwarded-prefix", "x-forwarded-scheme", "x-forwarded-ssl"}
+# Every header keygate's own proxy drops from an untrusted peer that an edge proxy in front of
+# the API passes on unless told otherwise: gateway's own list (client-address, path, host and
+# auth-proxy user headers, FROM_PROXIES) and the X-Forwarded-* APIs read (keygate drops them
+# all, by prefix), X-Forwarded-Uri/-Method among them (the original request as Traefik and the
+# nginx examples hand it to keygate, which some APIs read too). Each example clears these or
+# sets them itself from the connection; derived from gateway's list, so they cannot drift.
+FROM_CLIENTS = frozenset(FROM_PROXIES | FORWARDING | {
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-uri", "x-forwarded-method",
+    # a client certificate as a hop in front hands it on (Envoy's XFCC, Traefik's
+    # passTLSClientCert), which an API takes as mTLS identity
+    "x-forwarded-client-cert", "x-forwarded-tls-client-cert",
+    "x-forwarded-tls-client-cert-info"})
+# ... and what each proxy sets itself at the edge, replacing a client's copy
+SET_BY = {
+    "nginx.conf": {"x-forwarded-for", "x-real-ip", "x-forwarded-host", "x-forwarded-proto",
+                   "x-forwarded-port"},
+    # the controller's own proxy_set_header lines (use-forwarded-headers off); it also writes
+    # X-Original-Forwarded-For from the client's X-Forwarded-For, which a snippet cannot clear
+    # (a second proxy_set_header of a name does not replace the first): the example says so
+    "ingress-nginx.yaml": {"x-forwarded-for", "x-real-ip", "x-forwarded-host",
+                           "x-forwarded-proto", "x-forwarded-port", "x-original-forwarded-for"},
+    # use_remote_address
+    "envoy.yaml": {"x-forwarded-for", "x-forwarded-proto"},
+    # forwardedHeaders with no trusted IPs replace these (X-Forwarded-Uri/-Method it only
+    # deletes: the example clears them too, for an entrypoint that trusts its peers)
+    "traefik-compose.yml": {"x-forwarded-for", "x-real-ip", "x-forwarded-host",
+                            "x-forwarded-proto", "x-forwarded-port", "x-forwarded-server"},
+}
+
+
+def nginx_location_headers(text: str, commented: bool = False) -> dict[str, str]:
+    """proxy_set_header name (lower case) -> value, of nginx.conf's ``location /`` (or of
+    the commented ingress-nginx snippet)."""
+    import re
+    if not commented:
+        text = text.split("    location / {", 1)[1].split("\n    }", 1)[0]
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if commented:
+            line = line.lstrip("#").strip()
+        m = re.fullmatch(r"proxy_set_header\s+(\S+)\s+(.*);", line)
+        if m:
+            out[m.group(1).lower()] = m.group(2)
+    return out
+
+
+def traefik_cleaned() -> set[str]:
+    """The names keygate-clean removes (an empty customrequestheaders value), as spelled."""
+    doc = yaml.safe_load(text_of("traefik-compose.yml"))
+    labels = dict(label.split("=", 1) for label in doc["services"]["api"]["labels"])
+    prefix = "traefik.http.middlewares.keygate-clean.headers.customrequestheaders."
+    return {k[len(prefix):] for k, v in labels.items() if k.startswith(prefix) and v == ""}
+
+
+def envoy_removed() -> set[str]:
+    hcm = yaml.safe_load(text_of("envoy.yaml"))["static_resources"]["listeners"][0][
+        "filter_chains"][0]["filters"][0]["typed_config"]
+    return {m["remove"] for m in hcm["http_filters"][0]["typed_config"]["mutations"]
+            ["request_mutations"]}
 
 
 def text_of(name: str) -> str:
@@ -34,15 +94,12 @@ def test_traefik_labels_forward_auth_to_verify_and_copy_the_identity():
     chain = labels["traefik.http.routers.api.middlewares"].split(",")
     assert chain[0].startswith("keygate-clean") and chain[1].startswith("keygate@")
     cleaned = {k.rsplit(".", 1)[1] for k in labels if "keygate-clean.headers" in k}
-    assert {h for h in cleaned if h.lower().replace("_", "-") not in AUTH_USER} == \
-        set(IDENTITY) | {h.replace("-", "_") for h in IDENTITY} | {
-            "X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Script-Name", "SCRIPT_NAME",
-            "X_Original_URL", "X_Original_URI", "X_Rewrite_URL", "X_Script_Name",
-            "X-Original-Host", "X-Host", "X-HTTP-Host-Override", "X_Original_Host", "X_Host",
-            "X_HTTP_Host_Override",
-            "Forwarded", "X-Forwarded-Prefix", "X-Forwarded-Scheme", "X-Forwarded-Ssl",
-            "X_Forwarded_For", "X_Forwarded_Host", "X_Forwarded_Proto", "X_Forwarded_Port",
-            "X_Forwarded_Prefix", "X_Forwarded_Scheme", "X_Forwarded_Ssl", "X_Real_Ip"}
+    # exactly: the identity headers and every name keygate drops from clients, in both
+    # spellings, but never one Traefik sets itself (that would remove Traefik's own value)
+    assert {h.lower() for h in cleaned} == {h.lower() for h in IDENTITY} | {
+        h.lower().replace("-", "_") for h in IDENTITY} | (
+        FROM_CLIENTS - SET_BY["traefik-compose.yml"]) | {
+        h.replace("-", "_") for h in FROM_CLIENTS if "-" in h}
 
 
 def test_traefik_drops_the_underscore_spellings_of_the_identity_headers():
@@ -74,9 +131,7 @@ def test_envoy_ext_authz_uses_the_verify_prefix_and_fails_closed():
     assert {h.lower() for h in IDENTITY} <= upstream
     removed = {m["remove"] for m in hcm["http_filters"][0]["typed_config"]["mutations"]
                ["request_mutations"]}
-    assert removed == {h.lower() for h in IDENTITY} | {"x-original-url", "x-original-uri",
-                                                       "x-rewrite-url", "x-script-name"} | \
-        AUTH_USER | HOST_OVERRIDE | FORWARDING
+    assert removed == {h.lower() for h in IDENTITY} | (FROM_CLIENTS - SET_BY["envoy.yaml"])
 
 
 def test_ingress_nginx_sets_the_original_request_headers_itself():
@@ -288,3 +343,33 @@ def test_traefik_keeps_a_clients_forwarded_header_from_the_api():
         h.replace("-", "_") for h in FORWARDING | {"x-forwarded-for", "x-forwarded-proto"}
         if "-" in h}
     assert wanted <= cleaned, wanted - cleaned
+
+
+def test_every_verify_example_clears_every_header_keygates_proxy_drops_from_clients():
+    """keygate's own proxy drops a client's True-Client-IP, CF-Connecting-IP, X-Client-IP,
+    Fastly-Client-IP, X-Cluster-Client-IP and the other client-address headers, and
+    X-Forwarded-Uri/-Method, from an untrusted peer (FROM_PROXIES, X-Forwarded-*); the
+    examples cleared only X-Real-IP and the forwarding headers, so behind the documented
+    nginx, ingress-nginx, Envoy and Traefik setups a client handed the API a forged address
+    (the one it logs, rate-limits and allow-lists by) in any of the others. Each example now
+    clears every name of the set it does not set itself: Traefik, which passes names with
+    "_" on, in both spellings; nginx, ingress-nginx and the Envoy example drop those."""
+    nginx = nginx_location_headers(text_of("nginx.conf"))
+    missing = FROM_CLIENTS - SET_BY["nginx.conf"] - {n for n, v in nginx.items() if v == '""'}
+    assert not missing, sorted(missing)
+    assert {n for n, v in nginx.items() if v != '""'} & FROM_CLIENTS == SET_BY["nginx.conf"]
+
+    snippet = nginx_location_headers(text_of("ingress-nginx.yaml"), commented=True)
+    missing = FROM_CLIENTS - SET_BY["ingress-nginx.yaml"] - {
+        n for n, v in snippet.items() if v == '""'}
+    assert not missing, sorted(missing)
+
+    missing = FROM_CLIENTS - SET_BY["envoy.yaml"] - envoy_removed()
+    assert not missing, sorted(missing)
+
+    cleaned = traefik_cleaned()
+    missing = FROM_CLIENTS - SET_BY["traefik-compose.yml"] - {h.lower() for h in cleaned}
+    assert not missing, sorted(missing)
+    underscored = {h.lower().replace("_", "-") for h in cleaned if "_" in h}
+    missing = {h for h in FROM_CLIENTS if "-" in h} - underscored
+    assert not missing, sorted(missing)

@@ -142,8 +142,10 @@ AUTH_USER = frozenset({"x-remote-user", "remote-user", "x-remote-group", "remote
                        "cf-access-authenticated-user-email", "x-ms-client-principal",
                        "x-ms-client-principal-name", "x-ms-client-principal-id",
                        "x-ms-client-principal-idp"})
-# Passed as sent from a trusted proxy only, beside X-Forwarded-* and Forwarded (_norm names)
-_FROM_PROXIES = CLIENT_ADDRESS | PATH_OVERRIDE | AUTH_USER | HOST_OVERRIDE
+# Passed as sent from a trusted proxy only, beside X-Forwarded-* and Forwarded (_norm names).
+# The verify-mode examples in docs/verify/ clear the same names (tests/test_verify_docs.py
+# derives what each must clear from this set).
+FROM_PROXIES = CLIENT_ADDRESS | PATH_OVERRIDE | AUTH_USER | HOST_OVERRIDE
 # Method-override headers (gateway.overrides) in their _norm names. The pipeline authorises a
 # request as the method their "-" and "_" spellings name; any other punctuation (lighttpd
 # hands X.HTTP.Method.Override to PHP as HTTP_X_HTTP_METHOD_OVERRIDE too) is dropped here.
@@ -276,7 +278,7 @@ class RequestHeaderRules:
         if lname in self._drop or _unjudged_override(lname, name):
             kind = _DROP
         elif lname.startswith("x-forwarded-") or lname == "forwarded" or \
-                lname in _FROM_PROXIES:
+                lname in FROM_PROXIES:
             kind = _FORWARDED
         elif lname == "authorization":
             kind = _AUTHZ
@@ -305,7 +307,7 @@ class RequestHeaderRules:
             if lname in drop or lname in named or _unjudged_override(lname, name):
                 continue
             if lname.startswith("x-forwarded-") or lname == "forwarded" or \
-                    lname in _FROM_PROXIES:
+                    lname in FROM_PROXIES:
                 # a trusted proxy vouches for the ones it writes: never an "_" (or other
                 # punctuated) spelling, which it passes on from the client and which
                 # gateway.trust does not read either
