@@ -45,10 +45,11 @@ METHOD_OVERRIDE_HEADERS = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-
 # serving what follows it in the path (gunicorn's SCRIPT_NAME request header; X-Script-Name
 # in the much-copied WSGI "ReverseProxied" middleware: '/public/admin' with '/public' is
 # /admin to the application): keygate authorised the request line's path, so from anyone but
-# a trusted proxy they would name another one. X-Original-URI is the request's path as nginx
-# hands it on (its auth_request examples, ingress-nginx), which applications behind nginx read.
+# a trusted proxy they would name another one. X-Original-URI and X-Original-Method are the
+# request's path and method as nginx hands them on (its auth_request examples, ingress-nginx),
+# which applications behind nginx read.
 PATH_OVERRIDE = frozenset({"x-original-url", "x-rewrite-url", "script-name", "x-script-name",
-                           "x-original-uri"})
+                           "x-original-uri", "x-original-method"})
 # Headers upstreams take the request's host from instead of Host, for the absolute URLs they
 # build (password-reset links, redirects) and for virtual hosting: ASP.NET's and IIS ARR's
 # X-Original-Host, X-Host, X-HTTP-Host-Override, and X-Forwarded-Server (Apache's
