@@ -1,6 +1,8 @@
 """Packaging and deploy files agree with the code: ports, paths, env names, health endpoints,
 metric names. Static and offline; the linters users run (hadolint, promtool, kubernetes-validate,
-docker compose, kubectl kustomize) are run too when they are installed, and skipped otherwise."""
+docker compose, kubectl kustomize) are run too when they are installed, and skipped otherwise.
+The image's HEALTHCHECK command is run as the image runs it, against a real ``keygate serve``
+on loopback."""
 
 from __future__ import annotations
 
@@ -162,6 +164,52 @@ def test_dockerfile_healthcheck_hits_healthz_on_the_admin_port_without_curl():
     (healthcheck,) = dockerfile_values("HEALTHCHECK")
     assert f"http://127.0.0.1:{ADMIN_PORT}/healthz" in healthcheck
     assert "urllib.request" in healthcheck and "curl" not in healthcheck
+
+
+@pytest.mark.parametrize("no_proxy", ["127.0.0.0/8", "localhost"])
+async def test_the_image_healthcheck_ignores_an_http_proxy_set_in_the_container(
+        tmp_path, redis_url, no_proxy):
+    """Docker puts the client's configured proxy into every container's environment
+    (~/.docker/config.json `proxies`: HTTP_PROXY/http_proxy and NO_PROXY; Docker's own example
+    of noProxy is a CIDR such as 127.0.0.0/8), and corporate hosts set them as a rule. keygate
+    itself is not affected (aiohttp ignores them), but a HEALTHCHECK through
+    urllib.request.urlopen honours them: it sent GET http://127.0.0.1:8081/healthz to the
+    proxy, which cannot reach the container's loopback, and Python's no_proxy matching knows
+    neither CIDRs nor that localhost means 127.0.0.1. A healthy keygate was then reported
+    unhealthy for good (`depends_on: condition: service_healthy` never holds, Swarm replaces
+    the task). The check must go straight to the loopback. Run here as the image runs it,
+    against a real ``keygate serve``."""
+    import asyncio
+    from conftest import free_port
+    from served import Served, write_config
+    (healthcheck,) = dockerfile_values("HEALTHCHECK")
+    program, flag, code = json.loads(healthcheck.split(" CMD ", 1)[1])
+    assert program == "python" and flag == "-c" and f"127.0.0.1:{ADMIN_PORT}/" in code
+    config, proxy_port, admin_port = write_config(tmp_path, redis_url=redis_url)
+    code = code.replace(f"127.0.0.1:{ADMIN_PORT}/", f"127.0.0.1:{admin_port}/")
+    dead_proxy = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    served = Served(config, proxy_port, admin_port)
+    try:
+        await served.ready()
+        base = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code],
+                                       env=env, capture_output=True, text=True, timeout=30)
+        assert base.returncode == 0, base.stderr  # healthy without a proxy in the environment
+        env.update({"HTTP_PROXY": dead_proxy, "http_proxy": dead_proxy,
+                    "HTTPS_PROXY": dead_proxy, "https_proxy": dead_proxy,
+                    "NO_PROXY": no_proxy, "no_proxy": no_proxy})
+        result = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code],
+                                         env=env, capture_output=True, text=True, timeout=30)
+        served.close()  # and a keygate that is gone is reported unhealthy, proxy or not
+        gone = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code],
+                                       env=env, capture_output=True, text=True, timeout=30)
+    finally:
+        served.close()
+    assert result.returncode == 0, (
+        f"a running, healthy keygate is reported unhealthy by the image's HEALTHCHECK when the "
+        f"container has HTTP_PROXY={dead_proxy} NO_PROXY={no_proxy}: "
+        f"{result.stderr.strip().splitlines()[-1:]}")
+    assert gone.returncode != 0
 
 
 def test_dockerfile_final_stage_is_non_root_and_has_no_build_tools():
