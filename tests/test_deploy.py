@@ -47,15 +47,38 @@ def documents(path: Path) -> list[Any]:
         return [doc for doc in yaml.safe_load_all(f) if doc is not None]
 
 
+def kustomization() -> dict[str, Any]:
+    (doc,) = documents(K8S / "kustomization.yaml")
+    return doc
+
+
 def k8s_objects() -> dict[str, dict[str, Any]]:
-    """Every manifest under deploy/k8s keyed ``Kind/name``."""
+    """Every object deploy/k8s makes, keyed ``Kind/name``: the kustomization's resources and
+    the ConfigMaps it generates (named as written, without the hash kustomize adds)."""
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        for doc in documents(path):
-            if doc.get("kind") == "Kustomization":
-                continue
+    for name in kustomization()["resources"]:
+        for doc in documents(K8S / name):
             found[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    for generator in kustomization().get("configMapGenerator", []):
+        data = {}
+        for source in generator["files"]:
+            key, _, file = source.rpartition("=")
+            data[key or file] = (K8S / file).read_text()
+        found[f"ConfigMap/{generator['name']}"] = {
+            "apiVersion": "v1", "kind": "ConfigMap", "data": data,
+            "metadata": {"name": generator["name"],
+                         "labels": generator.get("options", {}).get("labels", {})}}
     return found
+
+
+def k8s_manifests() -> list[Path]:
+    """The manifest files under deploy/k8s (not the kustomization, nor the config file its
+    ConfigMap is generated from)."""
+    sources = {source.rpartition("=")[2]
+               for generator in kustomization().get("configMapGenerator", [])
+               for source in generator["files"]}
+    return sorted(p for p in K8S.glob("*.yaml")
+                  if p.name != "kustomization.yaml" and p.name not in sources)
 
 
 def gateway_container() -> dict[str, Any]:
@@ -148,6 +171,7 @@ def test_container_config_takes_the_redis_url_from_the_environment(monkeypatch):
 def test_k8s_configmap_carries_the_same_config_file():
     configmap = k8s_objects()["ConfigMap/keygate-config"]
     assert configmap["data"]["config.yaml"] == (DEPLOY / "config.yaml").read_text()
+    assert (K8S / "config.yaml").read_bytes() == (DEPLOY / "config.yaml").read_bytes()
 
 
 # --- Dockerfile -------------------------------------------------------------------------------
@@ -413,9 +437,17 @@ def test_the_servicemonitor_scrapes_under_the_job_the_alerts_and_dashboard_selec
 
 
 def test_kustomization_lists_every_manifest():
-    (kustomization,) = documents(K8S / "kustomization.yaml")
-    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == manifests
+    """Every file under deploy/k8s is the kustomization, a resource it lists, or the source of a
+    ConfigMap it generates; the config's ConfigMap is generated (a hash of the file in its name,
+    so that a change rolls the pods), never a plain resource."""
+    doc = kustomization()
+    generated = {source.rpartition("=")[2] for generator in doc.get("configMapGenerator", [])
+                 for source in generator["files"]}
+    assert set(doc["resources"]) == {p.name for p in k8s_manifests()}
+    assert {p.name for p in K8S.iterdir()} == set(doc["resources"]) | generated | {
+        "kustomization.yaml"}
+    assert not [r for r in doc["resources"]
+                if any(d.get("kind") == "ConfigMap" for d in documents(K8S / r))]
 
 
 # --- Grafana dashboard ------------------------------------------------------------------------
@@ -584,7 +616,7 @@ def test_promtool_parses_every_dashboard_query(tmp_path):
 
 def test_kubernetes_validate_accepts_the_manifests():
     validate = tool("kubernetes-validate")
-    manifests = sorted(str(p) for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    manifests = [str(p) for p in k8s_manifests()]
     # and the ingress-nginx example docs/deployment-modes.md ships for verify-only mode
     manifests.append(str(ROOT / "docs" / "verify" / "ingress-nginx.yaml"))
     result = run([validate, "--strict", "--quiet", *manifests])
@@ -610,6 +642,43 @@ def test_docker_compose_accepts_the_compose_file(path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_a_config_change_applied_with_kubectl_apply_k_reaches_the_running_pods(tmp_path):
+    """deploy/k8s is applied with `kubectl apply -k deploy/k8s` (kustomization.yaml). A config
+    change is an edit of the config file the ConfigMap carries; applied, it used to change
+    nothing in the Deployment's pod template (the ConfigMap kept its name, no checksum
+    annotation), so no rollout happened. The kubelet rewrites the mounted file a minute or so
+    later, but keygate reads it only at start or on a reload (SIGHUP, POST /admin/v1/reload)
+    that nothing sends; the only admin URL the manifests give, the keygate-admin Service,
+    reaches one random pod per call. The running replicas kept the old routes, plans and roles
+    while every pod started later (an HPA scale-up, a restart) took the new file: replicas
+    answered the same request differently, indefinitely and silently. A change to the config
+    must change the pod template (configMapGenerator's name hash) so the Deployment rolls."""
+    kubectl = tool("kubectl")
+
+    def built(k8s: Path) -> dict:
+        result = run([kubectl, "kustomize", str(k8s)])
+        assert result.returncode == 0, result.stderr
+        (deployment,) = [d for d in yaml.safe_load_all(result.stdout)
+                         if d and d["kind"] == "Deployment"]
+        return deployment["spec"]["template"]
+
+    before = tmp_path / "before"
+    shutil.copytree(DEPLOY, before)
+    after = tmp_path / "after"
+    shutil.copytree(DEPLOY, after)
+    # the operator's change: a new plan limit, in config.yaml and so in the ConfigMap
+    # (wherever the manifests take the file from: every copy of it under deploy/)
+    changed = []
+    for path in sorted(after.rglob("*")):
+        if path.is_file() and "monthly_requests: 100000" in (text := path.read_text()):
+            path.write_text(text.replace("monthly_requests: 100000", "monthly_requests: 200000"))
+            changed.append(path.relative_to(after))
+    assert Path("config.yaml") in changed, changed
+    assert built(after / "k8s") != built(before / "k8s"), (
+        "after a config change, `kubectl apply -k deploy/k8s` leaves the Deployment's pod "
+        "template as it was: no pod restarts, and nothing reloads the running ones")
+
+
 def test_kustomize_builds_the_manifests_with_this_versions_image():
     """`kubectl apply -k deploy/k8s` is how the manifests are applied (kustomization.yaml):
     kustomize must build them (every resource found, no duplicate, the image tag set), which
@@ -620,6 +689,12 @@ def test_kustomize_builds_the_manifests_with_this_versions_image():
     assert result.returncode == 0, result.stdout + result.stderr
     built = {f"{doc['kind']}/{doc['metadata']['name']}": doc
              for doc in yaml.safe_load_all(result.stdout) if doc}
-    assert set(built) == set(k8s_objects())
-    (container,) = built["Deployment/keygate"]["spec"]["template"]["spec"]["containers"]
+    # the generated ConfigMap's name carries its content's hash, and the Deployment names it so
+    (configmap,) = [name for name in built if name.startswith("ConfigMap/keygate-config-")]
+    assert set(built) - {configmap} | {"ConfigMap/keygate-config"} == set(k8s_objects())
+    assert built[configmap]["data"] == k8s_objects()["ConfigMap/keygate-config"]["data"]
+    spec = built["Deployment/keygate"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if "configMap" in v]
+    assert f"ConfigMap/{volume['configMap']['name']}" == configmap
+    (container,) = spec["containers"]
     assert container["image"] == f"keygate:{__version__}"
