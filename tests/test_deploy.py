@@ -277,6 +277,40 @@ def test_compose_runs_two_gateway_replicas_on_a_shared_redis():
             "the admin API must not be published on every interface"
 
 
+def _seconds(duration: str | int | float | None, default: float) -> float:
+    """A compose duration ("45s", "1m30s", "90") in seconds."""
+    if duration is None:
+        return default
+    if isinstance(duration, (int, float)):
+        return float(duration)
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)?", duration)
+    return sum(float(n) * units[u or "s"] for n, u in parts)
+
+
+def test_compose_gives_keygate_the_time_its_documented_stop_takes():
+    """`docker compose stop`, `down`, and the container's recreation by `up -d` after a
+    rebuild or a config change send SIGTERM, then SIGKILL after the service's
+    stop_grace_period: 10 s when unset, as it was in deploy/docker-compose.yml. keygate's stop
+    lets requests in flight finish for up to SHUTDOWN_TIMEOUT (30 s: docs/operations.md,
+    Stopping), then admin calls (ADMIN_SHUTDOWN_TIMEOUT), then writes the usage counted while
+    Redis was down (LEDGER_SHUTDOWN_TIMEOUT), and with tracing on sends its batched spans
+    (SPAN_FLUSH_TIMEOUT). Under compose every answer still running 10 s after the signal was
+    cut off unanswered, its access-log line and its take-back lost, and with on_store_error:
+    open the counts of a Redis outage died with the process."""
+    from gateway.app import ADMIN_SHUTDOWN_TIMEOUT, LEDGER_SHUTDOWN_TIMEOUT, SHUTDOWN_TIMEOUT
+    from gateway.tracing import SPAN_FLUSH_TIMEOUT
+    needed = SHUTDOWN_TIMEOUT + ADMIN_SHUTDOWN_TIMEOUT + LEDGER_SHUTDOWN_TIMEOUT + \
+        SPAN_FLUSH_TIMEOUT
+    grace = {name: _seconds(svc.get("stop_grace_period"), 10.0)
+             for name, svc in keygate_services().items()}
+    assert grace and all(s >= needed for s in grace.values()), (
+        f"stop_grace_period of the keygate replicas (s): {grace}; keygate's own stop takes up "
+        f"to {needed} s")
+    # and a plain `docker stop` (10 s by default) is told how long to wait
+    assert f"--stop-timeout {int(max(grace.values()))}" in DOCKERFILE.read_text()
+
+
 def test_compose_redis_keeps_an_everysec_aof():
     command = compose()["services"]["redis"]["command"]
     args = command if isinstance(command, list) else shlex.split(command)
