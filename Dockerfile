@@ -72,9 +72,15 @@ EXPOSE 8080 8081
 # Set at runtime (never baked in): the operator bearer token for the admin API.
 # ENV KEYGATE_ADMIN_TOKEN=   <- pass with -e / a Secret
 
+# Straight to the loopback, never through a proxy: Docker copies the client's proxy settings
+# (HTTP_PROXY, NO_PROXY) into containers, and urllib's NO_PROXY matching takes neither
+# 127.0.0.0/8 nor localhost to cover 127.0.0.1, so urlopen sent the check to the proxy.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8081/healthz', timeout=4).status == 200 else 1)"]
+    CMD ["python", "-c", "import sys, urllib.request as u; o = u.build_opener(u.ProxyHandler({})); sys.exit(0 if o.open('http://127.0.0.1:8081/healthz', timeout=4).status == 200 else 1)"]
 
+# On SIGTERM keygate drains for up to 60 s (docs/operations.md, Stopping); `docker stop`
+# SIGKILLs after 10 s unless told otherwise: `docker run --stop-timeout 65` (or `docker stop
+# -t 65`; compose: stop_grace_period, as deploy/docker-compose.yml sets).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["keygate"]
 CMD ["serve", "--config", "/etc/keygate/config.yaml"]

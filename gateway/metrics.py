@@ -69,8 +69,9 @@ class Metrics:
                               "argon2id verifications run, by result (ok|fail).",
                               ["result"], registry=r)
         self.store_errors = Counter("keygate_store_errors_total",
-                                    "Store calls on the request path (and open WebSocket "
-                                    "tunnels' key checks) that failed.", registry=r)
+                                    "Store calls that failed: the request path's (take-"
+                                    "backs and open WebSocket tunnels' key checks included) "
+                                    "and each scrape's usage read.", registry=r)
         self.degraded = Counter("keygate_degraded_decisions_total",
                                 "Requests let through while the store was down "
                                 "(on_store_error: open).", registry=r)

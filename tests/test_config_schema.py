@@ -89,10 +89,9 @@ def test_every_level_allows_the_same_keys_in_the_schema_and_the_loader(where, sc
 def example_configs() -> list[tuple[str, object]]:
     found = [("config.example.yaml", yaml.safe_load((ROOT / "config.example.yaml").read_text())),
              ("deploy/config.yaml", yaml.safe_load((ROOT / "deploy/config.yaml").read_text()))]
-    for doc in yaml.safe_load_all((ROOT / "deploy/k8s/configmap.yaml").read_text()):
-        for name, text in (doc or {}).get("data", {}).items():
-            if name.endswith((".yaml", ".yml")):
-                found.append((f"configmap {name}", yaml.safe_load(text)))
+    # the source of the Kubernetes ConfigMap (kustomization.yaml's configMapGenerator)
+    found.append(("deploy/k8s/config.yaml",
+                  yaml.safe_load((ROOT / "deploy/k8s/config.yaml").read_text())))
     return found
 
 

@@ -1,6 +1,8 @@
 """Packaging and deploy files agree with the code: ports, paths, env names, health endpoints,
 metric names. Static and offline; the linters users run (hadolint, promtool, kubernetes-validate,
-docker compose, kubectl kustomize) are run too when they are installed, and skipped otherwise."""
+docker compose, kubectl kustomize) are run too when they are installed, and skipped otherwise.
+The image's HEALTHCHECK command is run as the image runs it, against a real ``keygate serve``
+on loopback."""
 
 from __future__ import annotations
 
@@ -45,15 +47,38 @@ def documents(path: Path) -> list[Any]:
         return [doc for doc in yaml.safe_load_all(f) if doc is not None]
 
 
+def kustomization() -> dict[str, Any]:
+    (doc,) = documents(K8S / "kustomization.yaml")
+    return doc
+
+
 def k8s_objects() -> dict[str, dict[str, Any]]:
-    """Every manifest under deploy/k8s keyed ``Kind/name``."""
+    """Every object deploy/k8s makes, keyed ``Kind/name``: the kustomization's resources and
+    the ConfigMaps it generates (named as written, without the hash kustomize adds)."""
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        for doc in documents(path):
-            if doc.get("kind") == "Kustomization":
-                continue
+    for name in kustomization()["resources"]:
+        for doc in documents(K8S / name):
             found[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    for generator in kustomization().get("configMapGenerator", []):
+        data = {}
+        for source in generator["files"]:
+            key, _, file = source.rpartition("=")
+            data[key or file] = (K8S / file).read_text()
+        found[f"ConfigMap/{generator['name']}"] = {
+            "apiVersion": "v1", "kind": "ConfigMap", "data": data,
+            "metadata": {"name": generator["name"],
+                         "labels": generator.get("options", {}).get("labels", {})}}
     return found
+
+
+def k8s_manifests() -> list[Path]:
+    """The manifest files under deploy/k8s (not the kustomization, nor the config file its
+    ConfigMap is generated from)."""
+    sources = {source.rpartition("=")[2]
+               for generator in kustomization().get("configMapGenerator", [])
+               for source in generator["files"]}
+    return sorted(p for p in K8S.glob("*.yaml")
+                  if p.name != "kustomization.yaml" and p.name not in sources)
 
 
 def gateway_container() -> dict[str, Any]:
@@ -146,6 +171,7 @@ def test_container_config_takes_the_redis_url_from_the_environment(monkeypatch):
 def test_k8s_configmap_carries_the_same_config_file():
     configmap = k8s_objects()["ConfigMap/keygate-config"]
     assert configmap["data"]["config.yaml"] == (DEPLOY / "config.yaml").read_text()
+    assert (K8S / "config.yaml").read_bytes() == (DEPLOY / "config.yaml").read_bytes()
 
 
 # --- Dockerfile -------------------------------------------------------------------------------
@@ -162,6 +188,52 @@ def test_dockerfile_healthcheck_hits_healthz_on_the_admin_port_without_curl():
     (healthcheck,) = dockerfile_values("HEALTHCHECK")
     assert f"http://127.0.0.1:{ADMIN_PORT}/healthz" in healthcheck
     assert "urllib.request" in healthcheck and "curl" not in healthcheck
+
+
+@pytest.mark.parametrize("no_proxy", ["127.0.0.0/8", "localhost"])
+async def test_the_image_healthcheck_ignores_an_http_proxy_set_in_the_container(
+        tmp_path, redis_url, no_proxy):
+    """Docker puts the client's configured proxy into every container's environment
+    (~/.docker/config.json `proxies`: HTTP_PROXY/http_proxy and NO_PROXY; Docker's own example
+    of noProxy is a CIDR such as 127.0.0.0/8), and corporate hosts set them as a rule. keygate
+    itself is not affected (aiohttp ignores them), but a HEALTHCHECK through
+    urllib.request.urlopen honours them: it sent GET http://127.0.0.1:8081/healthz to the
+    proxy, which cannot reach the container's loopback, and Python's no_proxy matching knows
+    neither CIDRs nor that localhost means 127.0.0.1. A healthy keygate was then reported
+    unhealthy for good (`depends_on: condition: service_healthy` never holds, Swarm replaces
+    the task). The check must go straight to the loopback. Run here as the image runs it,
+    against a real ``keygate serve``."""
+    import asyncio
+    from conftest import free_port
+    from served import Served, write_config
+    (healthcheck,) = dockerfile_values("HEALTHCHECK")
+    program, flag, code = json.loads(healthcheck.split(" CMD ", 1)[1])
+    assert program == "python" and flag == "-c" and f"127.0.0.1:{ADMIN_PORT}/" in code
+    config, proxy_port, admin_port = write_config(tmp_path, redis_url=redis_url)
+    code = code.replace(f"127.0.0.1:{ADMIN_PORT}/", f"127.0.0.1:{admin_port}/")
+    dead_proxy = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    served = Served(config, proxy_port, admin_port)
+    try:
+        await served.ready()
+        base = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code],
+                                       env=env, capture_output=True, text=True, timeout=30)
+        assert base.returncode == 0, base.stderr  # healthy without a proxy in the environment
+        env.update({"HTTP_PROXY": dead_proxy, "http_proxy": dead_proxy,
+                    "HTTPS_PROXY": dead_proxy, "https_proxy": dead_proxy,
+                    "NO_PROXY": no_proxy, "no_proxy": no_proxy})
+        result = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code],
+                                         env=env, capture_output=True, text=True, timeout=30)
+        served.close()  # and a keygate that is gone is reported unhealthy, proxy or not
+        gone = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code],
+                                       env=env, capture_output=True, text=True, timeout=30)
+    finally:
+        served.close()
+    assert result.returncode == 0, (
+        f"a running, healthy keygate is reported unhealthy by the image's HEALTHCHECK when the "
+        f"container has HTTP_PROXY={dead_proxy} NO_PROXY={no_proxy}: "
+        f"{result.stderr.strip().splitlines()[-1:]}")
+    assert gone.returncode != 0
 
 
 def test_dockerfile_final_stage_is_non_root_and_has_no_build_tools():
@@ -203,6 +275,40 @@ def test_compose_runs_two_gateway_replicas_on_a_shared_redis():
         admin_published = [str(p) for p in svc["ports"] if str(p).endswith(f":{ADMIN_PORT}")]
         assert all(p.startswith("127.0.0.1:") for p in admin_published), \
             "the admin API must not be published on every interface"
+
+
+def _seconds(duration: str | int | float | None, default: float) -> float:
+    """A compose duration ("45s", "1m30s", "90") in seconds."""
+    if duration is None:
+        return default
+    if isinstance(duration, (int, float)):
+        return float(duration)
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)?", duration)
+    return sum(float(n) * units[u or "s"] for n, u in parts)
+
+
+def test_compose_gives_keygate_the_time_its_documented_stop_takes():
+    """`docker compose stop`, `down`, and the container's recreation by `up -d` after a
+    rebuild or a config change send SIGTERM, then SIGKILL after the service's
+    stop_grace_period: 10 s when unset, as it was in deploy/docker-compose.yml. keygate's stop
+    lets requests in flight finish for up to SHUTDOWN_TIMEOUT (30 s: docs/operations.md,
+    Stopping), then admin calls (ADMIN_SHUTDOWN_TIMEOUT), then writes the usage counted while
+    Redis was down (LEDGER_SHUTDOWN_TIMEOUT), and with tracing on sends its batched spans
+    (SPAN_FLUSH_TIMEOUT). Under compose every answer still running 10 s after the signal was
+    cut off unanswered, its access-log line and its take-back lost, and with on_store_error:
+    open the counts of a Redis outage died with the process."""
+    from gateway.app import ADMIN_SHUTDOWN_TIMEOUT, LEDGER_SHUTDOWN_TIMEOUT, SHUTDOWN_TIMEOUT
+    from gateway.tracing import SPAN_FLUSH_TIMEOUT
+    needed = SHUTDOWN_TIMEOUT + ADMIN_SHUTDOWN_TIMEOUT + LEDGER_SHUTDOWN_TIMEOUT + \
+        SPAN_FLUSH_TIMEOUT
+    grace = {name: _seconds(svc.get("stop_grace_period"), 10.0)
+             for name, svc in keygate_services().items()}
+    assert grace and all(s >= needed for s in grace.values()), (
+        f"stop_grace_period of the keygate replicas (s): {grace}; keygate's own stop takes up "
+        f"to {needed} s")
+    # and a plain `docker stop` (10 s by default) is told how long to wait
+    assert f"--stop-timeout {int(max(grace.values()))}" in DOCKERFILE.read_text()
 
 
 def test_compose_redis_keeps_an_everysec_aof():
@@ -365,9 +471,17 @@ def test_the_servicemonitor_scrapes_under_the_job_the_alerts_and_dashboard_selec
 
 
 def test_kustomization_lists_every_manifest():
-    (kustomization,) = documents(K8S / "kustomization.yaml")
-    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == manifests
+    """Every file under deploy/k8s is the kustomization, a resource it lists, or the source of a
+    ConfigMap it generates; the config's ConfigMap is generated (a hash of the file in its name,
+    so that a change rolls the pods), never a plain resource."""
+    doc = kustomization()
+    generated = {source.rpartition("=")[2] for generator in doc.get("configMapGenerator", [])
+                 for source in generator["files"]}
+    assert set(doc["resources"]) == {p.name for p in k8s_manifests()}
+    assert {p.name for p in K8S.iterdir()} == set(doc["resources"]) | generated | {
+        "kustomization.yaml"}
+    assert not [r for r in doc["resources"]
+                if any(d.get("kind") == "ConfigMap" for d in documents(K8S / r))]
 
 
 # --- Grafana dashboard ------------------------------------------------------------------------
@@ -536,7 +650,7 @@ def test_promtool_parses_every_dashboard_query(tmp_path):
 
 def test_kubernetes_validate_accepts_the_manifests():
     validate = tool("kubernetes-validate")
-    manifests = sorted(str(p) for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    manifests = [str(p) for p in k8s_manifests()]
     # and the ingress-nginx example docs/deployment-modes.md ships for verify-only mode
     manifests.append(str(ROOT / "docs" / "verify" / "ingress-nginx.yaml"))
     result = run([validate, "--strict", "--quiet", *manifests])
@@ -562,6 +676,43 @@ def test_docker_compose_accepts_the_compose_file(path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_a_config_change_applied_with_kubectl_apply_k_reaches_the_running_pods(tmp_path):
+    """deploy/k8s is applied with `kubectl apply -k deploy/k8s` (kustomization.yaml). A config
+    change is an edit of the config file the ConfigMap carries; applied, it used to change
+    nothing in the Deployment's pod template (the ConfigMap kept its name, no checksum
+    annotation), so no rollout happened. The kubelet rewrites the mounted file a minute or so
+    later, but keygate reads it only at start or on a reload (SIGHUP, POST /admin/v1/reload)
+    that nothing sends; the only admin URL the manifests give, the keygate-admin Service,
+    reaches one random pod per call. The running replicas kept the old routes, plans and roles
+    while every pod started later (an HPA scale-up, a restart) took the new file: replicas
+    answered the same request differently, indefinitely and silently. A change to the config
+    must change the pod template (configMapGenerator's name hash) so the Deployment rolls."""
+    kubectl = tool("kubectl")
+
+    def built(k8s: Path) -> dict:
+        result = run([kubectl, "kustomize", str(k8s)])
+        assert result.returncode == 0, result.stderr
+        (deployment,) = [d for d in yaml.safe_load_all(result.stdout)
+                         if d and d["kind"] == "Deployment"]
+        return deployment["spec"]["template"]
+
+    before = tmp_path / "before"
+    shutil.copytree(DEPLOY, before)
+    after = tmp_path / "after"
+    shutil.copytree(DEPLOY, after)
+    # the operator's change: a new plan limit, in config.yaml and so in the ConfigMap
+    # (wherever the manifests take the file from: every copy of it under deploy/)
+    changed = []
+    for path in sorted(after.rglob("*")):
+        if path.is_file() and "monthly_requests: 100000" in (text := path.read_text()):
+            path.write_text(text.replace("monthly_requests: 100000", "monthly_requests: 200000"))
+            changed.append(path.relative_to(after))
+    assert Path("config.yaml") in changed, changed
+    assert built(after / "k8s") != built(before / "k8s"), (
+        "after a config change, `kubectl apply -k deploy/k8s` leaves the Deployment's pod "
+        "template as it was: no pod restarts, and nothing reloads the running ones")
+
+
 def test_kustomize_builds_the_manifests_with_this_versions_image():
     """`kubectl apply -k deploy/k8s` is how the manifests are applied (kustomization.yaml):
     kustomize must build them (every resource found, no duplicate, the image tag set), which
@@ -572,6 +723,12 @@ def test_kustomize_builds_the_manifests_with_this_versions_image():
     assert result.returncode == 0, result.stdout + result.stderr
     built = {f"{doc['kind']}/{doc['metadata']['name']}": doc
              for doc in yaml.safe_load_all(result.stdout) if doc}
-    assert set(built) == set(k8s_objects())
-    (container,) = built["Deployment/keygate"]["spec"]["template"]["spec"]["containers"]
+    # the generated ConfigMap's name carries its content's hash, and the Deployment names it so
+    (configmap,) = [name for name in built if name.startswith("ConfigMap/keygate-config-")]
+    assert set(built) - {configmap} | {"ConfigMap/keygate-config"} == set(k8s_objects())
+    assert built[configmap]["data"] == k8s_objects()["ConfigMap/keygate-config"]["data"]
+    spec = built["Deployment/keygate"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if "configMap" in v]
+    assert f"ConfigMap/{volume['configMap']['name']}" == configmap
+    (container,) = spec["containers"]
     assert container["image"] == f"keygate:{__version__}"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import StoreConfig
@@ -257,6 +258,79 @@ async def test_store_errors_are_counted_and_metrics_still_served(own_redis, upst
                            status_class="5xx") == 2
         finally:
             own_redis.start()
+
+
+def _store_errors(exposition: str) -> float:
+    m = re.search(r"^keygate_store_errors_total (\S+)$", exposition, re.M)
+    assert m, "keygate_store_errors_total missing from /metrics"
+    return float(m.group(1))
+
+
+async def test_a_redis_outage_with_no_traffic_reaching_keygate_fires_the_store_alert(
+        tmp_path, own_redis):
+    """Redis down on Kubernetes: every pod's /readyz answers 503, so after the readiness
+    probe's 2 failures (10 s) the Service has no endpoints and no request reaches keygate
+    any more (the same happens at any quiet hour). keygate_store_errors_total then grows only
+    by the scrape's own failed usage read, one per scrape (readiness probes count nothing):
+    1 per 15 s = 0.067/s, which KeygateStoreUnavailable's former `> 0.1` never reached; `up`
+    stays 1 (the admin listener answers) and no request means no 5xx ratio: a total Redis
+    outage paged nobody. Measured live here, then fed to the shipped rule with promtool
+    (deploy/prometheus/alerts-test.yml holds the outage with traffic and the single blip)."""
+    from aiohttp import ClientSession, ClientTimeout
+    from served import Served, write_config
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed")
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    config, proxy_port, admin_port = write_config(tmp_path, redis_url=own_redis.url)
+    served = Served(config, proxy_port, admin_port)
+    try:
+        await served.ready()
+        own_redis.stop()  # Redis gone; nothing is sent to the proxy listener
+        async with ClientSession(timeout=ClientTimeout(total=10)) as s:
+            readings = []
+            for _ in range(4):
+                for _ in range(3):  # the kubelet's readiness probe, every 5 s
+                    async with s.get(served.admin + "/readyz") as r:
+                        assert r.status == 503
+                async with s.get(served.admin + "/metrics") as r:
+                    readings.append(_store_errors(await r.text()))
+    finally:
+        served.close()
+    per_scrape = (readings[-1] - readings[0]) / (len(readings) - 1)
+    assert per_scrape == 1, readings  # the scrape's own read, and nothing else
+    # the interval both shipped scrape configs use (ServiceMonitor, the compose Prometheus)
+    monitor = yaml.safe_load((deploy / "k8s" / "servicemonitor.yaml").read_text())
+    (endpoint,) = monitor["spec"]["endpoints"]
+    prom = yaml.safe_load((deploy / "prometheus" / "prometheus.yml").read_text())
+    assert endpoint["interval"] == prom["global"]["scrape_interval"]
+    interval = int(endpoint["interval"].rstrip("s"))
+    # 10 minutes of that outage, as Prometheus would store it; the rule must fire by 8 min.
+    # (exp_alerts [] so that promtool prints what fired, whatever its annotations say)
+    steps = 600 // interval
+    test = {
+        "rule_files": [str(deploy / "prometheus" / "alerts.yml")],
+        "evaluation_interval": f"{interval}s",
+        "tests": [{
+            "interval": f"{interval}s",
+            "input_series": [{
+                "series": 'keygate_store_errors_total{job="keygate", instance="gw-1"}',
+                "values": f"0+{per_scrape:g}x{steps}"}],
+            "alert_rule_test": [{"eval_time": "8m", "alertname": "KeygateStoreUnavailable",
+                                 "exp_alerts": []}],
+        }],
+    }
+    path = tmp_path / "outage-test.yml"
+    path.write_text(yaml.safe_dump(test))
+    result = await asyncio.to_thread(subprocess.run, [promtool, "test", "rules", str(path)],
+                                     capture_output=True, text=True, timeout=60)
+    # promtool reports what fired, unexpected here, as a failure (on stderr or stdout)
+    fired = 'alertname="KeygateStoreUnavailable", instance="gw-1"' in (result.stdout +
+                                                                        result.stderr)
+    assert fired, (f"Redis down for 8 minutes with no traffic reaching keygate: store errors "
+                   f"grow {per_scrape:g} per {interval} s scrape "
+                   f"({per_scrape / interval:.3f}/s), and KeygateStoreUnavailable does not "
+                   f"fire:\n{result.stdout}{result.stderr}")
 
 
 async def test_degraded_decisions_are_counted_when_failing_open(redis_url, upstream, monkeypatch):
