@@ -475,6 +475,33 @@ def test_config_check_refuses_the_data_dir_serve_refuses(tmp_path, relative):
     assert done.returncode == 0, done
 
 
+@pytest.mark.parametrize("written, shown, why", [
+    ("\\ud800", "\\ud800", "U+D800, which no file name in this file system's encoding "
+                             f"({sys.getfilesystemencoding()}) can hold"),
+    ("\\0", "\\x00", "a NUL character, which no path can hold"),
+])
+def test_a_data_dir_no_path_can_be_is_a_problem_not_a_traceback(tmp_path, written, shown, why):
+    """store.data_dir is measured at load (the embedded store's socket path, os.fsencode of
+    it). A data_dir holding a lone surrogate (YAML "\\ud800") made the loader itself die with
+    UnicodeEncodeError: `config check` and `serve` printed a traceback instead of a file:line
+    problem. One holding a NUL ("\\0") passed `config check`, and serve could not make it.
+    Both are a problem on store.data_dir now, said with the character escaped."""
+    path = tmp_path / "keygate.yaml"
+    path.write_text(GOOD_CONFIG + f'store: {{data_dir: "/tmp/x{written}y"}}\n')
+    expected = (f"{path}:5: store.data_dir: '/tmp/x{shown}y' cannot be a directory: it holds "
+                f"{why}\n")
+    for argv in (["config", "check", str(path)], ["serve", "--config", str(path)]):
+        done = subprocess.run([sys.executable, "-m", "gateway", *argv], capture_output=True,
+                              text=True, timeout=60, cwd=str(tmp_path),
+                              env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+        assert (done.returncode, done.stdout, done.stderr) == (1, "", expected), argv
+    from gateway.config import load_config
+    from gateway.errors import ConfigError
+    with pytest.raises(ConfigError) as raised:
+        load_config(str(path))
+    assert raised.value.problems == [expected.rstrip("\n")]
+
+
 def test_python_dash_m_gateway_runs_the_cli(tmp_path):
     path = tmp_path / "keygate.yaml"
     path.write_text(GOOD_CONFIG)

@@ -42,7 +42,7 @@ Unix socket paths are limited (``sun_path``: 108 bytes on Linux, 104 on macOS, a
 silently truncates a longer one), so a ``data_dir`` whose socket path would exceed
 ``MAX_SOCKET_PATH`` is refused with an ``EmbeddedError`` naming the limit, rather than being
 redirected somewhere surprising: choose a shorter ``store.data_dir``. The config loader refuses
-such a ``data_dir`` with the same words (``socket_path_problem``), so ``config check`` does too.
+such a ``data_dir`` with the same words (``data_dir_problem``), so ``config check`` does too.
 """
 
 from __future__ import annotations
@@ -150,10 +150,20 @@ def data_dir_path(data_dir: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(data_dir))))
 
 
-def socket_path_problem(data_dir: str | os.PathLike[str]) -> str:
-    """What is wrong with ``data_dir`` for the store's unix socket (too long a path), or ''.
-    The config loader says it for ``config check``, ``serve`` and reloads alike."""
-    path = data_dir_path(data_dir)
+def data_dir_problem(data_dir: str | os.PathLike[str]) -> str:
+    """What is wrong with ``data_dir`` for the store, or '': no directory can have its name (a
+    NUL, a character the file system's encoding cannot write, such as a lone surrogate), or it
+    is too long a path for the store's unix socket. The config loader says it for ``config
+    check``, ``serve`` and reloads alike."""
+    text = os.fspath(data_dir)
+    if "\0" in text:
+        return f"'{text}' cannot be a directory: it holds a NUL character, which no path can hold"
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError as exc:
+        return (f"'{text}' cannot be a directory: it holds U+{ord(text[exc.start]):04X}, which "
+                f"no file name in this file system's encoding ({exc.encoding}) can hold")
+    path = data_dir_path(text)
     length = len(os.fsencode(path / SOCKET_NAME))
     if length <= MAX_SOCKET_PATH:
         return ""
@@ -207,7 +217,7 @@ class EmbeddedRedis:
         return self.url
 
     def _check_socket_path(self) -> None:
-        if problem := socket_path_problem(self.data_dir):
+        if problem := data_dir_problem(self.data_dir):
             raise EmbeddedError(f"store.data_dir: {problem}")
 
     def _make_data_dir(self) -> None:
