@@ -462,9 +462,15 @@ def test_config_check_refuses_the_data_dir_serve_refuses(tmp_path, relative):
                               text=True, timeout=60, cwd=str(deep))
         assert (done.returncode, done.stdout) == (1, ""), (argv, done)
         said.append(done.stderr)
+    length = len(str(deep / "data" / "redis.sock"))
     expected = (f"{path}:2: store.data_dir: '{deep / 'data'}' is too long for a unix socket "
-                f"({len(str(deep / 'data' / 'redis.sock'))} bytes for redis.sock, limit 103); "
-                "choose a shorter store.data_dir\n")
+                f"({length} bytes for redis.sock, limit 103); choose a shorter store.data_dir\n")
+    if relative:
+        expected = (f"{path}:2: store.data_dir: 'data' is relative, read from the current "
+                    f"directory ('{deep}'), as serve reads it from the directory it runs in: "
+                    f"'{deep / 'data'}' is too long for a unix socket ({length} bytes for "
+                    "redis.sock, limit 103); choose a shorter or an absolute store.data_dir, "
+                    "or check the file from the directory serve runs in\n")
     assert said == [expected, expected]
     assert not (deep / "data").exists()  # nothing made on the way
     # any other store: data_dir is not used, and not a problem
@@ -473,6 +479,53 @@ def test_config_check_refuses_the_data_dir_serve_refuses(tmp_path, relative):
     done = subprocess.run([sys.executable, "-m", "gateway", "config", "check", str(path)],
                           capture_output=True, text=True, timeout=60, cwd=str(deep))
     assert done.returncode == 0, done
+
+
+def test_a_relative_data_dir_says_which_directory_it_was_read_from(tmp_path):
+    """config.example.yaml's store.data_dir is relative (.keygate-data): checked from a deep CI
+    checkout, its socket path was too long and the problem named only the absolute path, while
+    serve in the image (WORKDIR /var/lib/keygate) starts fine with the same file. The problem
+    says the path was read from the current directory (named), that serve reads it from its
+    own, and what to do; from a short directory the same file passes."""
+    example = Path(__file__).resolve().parent.parent / "config.example.yaml"
+    deep = tmp_path / ("c" * 50) / ("i" * 50)
+    deep.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+    done = subprocess.run([sys.executable, "-m", "gateway", "config", "check", str(example)],
+                          capture_output=True, text=True, timeout=60, cwd=str(deep), env=env)
+    line = next(n for n, text in enumerate(example.read_text().splitlines(), 1)
+                if text.strip().startswith("data_dir:"))
+    socket = deep / ".keygate-data" / "redis.sock"
+    assert (done.returncode, done.stdout) == (1, ""), done
+    assert done.stderr == (
+        f"{example}:{line}: store.data_dir: '.keygate-data' is relative, read from the current "
+        f"directory ('{deep}'), as serve reads it from the directory it runs in: "
+        f"'{socket.parent}' is too long for a unix socket ({len(str(socket))} bytes for "
+        "redis.sock, limit 103); choose a shorter or an absolute store.data_dir, or check the "
+        "file from the directory serve runs in\n")
+    done = subprocess.run([sys.executable, "-m", "gateway", "config", "check", str(example)],
+                          capture_output=True, text=True, timeout=60, cwd=str(tmp_path), env=env)
+    assert (done.returncode, done.stdout) == (0, f"ok: {example}\n"), done
+
+
+def test_a_relative_data_dir_from_a_directory_that_is_gone_is_a_problem(tmp_path,
+                                                                        monkeypatch):
+    """A relative data_dir is read from the current directory: one removed under the process
+    (a CI step that deleted its scratch directory) made os.getcwd raise inside the loader, a
+    traceback. It is a problem on store.data_dir."""
+    from gateway.config import load_config
+    from gateway.errors import ConfigError
+    path = tmp_path / "keygate.yaml"
+    path.write_text(GOOD_CONFIG + "store: {data_dir: data}\n")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(ConfigError) as raised:
+        load_config(str(path))
+    assert raised.value.problems == [
+        f"{path}:5: store.data_dir: 'data' is relative, read from the current directory, which "
+        "no longer exists; choose an absolute store.data_dir, or run from an existing directory"]
 
 
 @pytest.mark.parametrize("written, shown, why", [

@@ -163,12 +163,24 @@ def data_dir_problem(data_dir: str | os.PathLike[str]) -> str:
     except UnicodeEncodeError as exc:
         return (f"'{text}' cannot be a directory: it holds U+{ord(text[exc.start]):04X}, which "
                 f"no file name in this file system's encoding ({exc.encoding}) can hold")
-    path = data_dir_path(text)
+    # a relative one is read from the current directory, as serve reads it from the directory
+    # it runs in: said so, since the same file may pass there (an image's WORKDIR) and not here
+    relative = not os.path.isabs(os.path.expanduser(text))
+    try:
+        path = data_dir_path(text)
+    except FileNotFoundError:  # os.getcwd(): the current directory was removed
+        return (f"'{text}' is relative, read from the current directory, which no longer "
+                "exists; choose an absolute store.data_dir, or run from an existing directory")
     length = len(os.fsencode(path / SOCKET_NAME))
     if length <= MAX_SOCKET_PATH:
         return ""
-    return (f"'{path}' is too long for a unix socket ({length} bytes for {SOCKET_NAME}, limit "
-            f"{MAX_SOCKET_PATH}); choose a shorter store.data_dir")
+    too_long = (f"'{path}' is too long for a unix socket ({length} bytes for {SOCKET_NAME}, "
+                f"limit {MAX_SOCKET_PATH})")
+    if not relative:
+        return f"{too_long}; choose a shorter store.data_dir"
+    return (f"'{text}' is relative, read from the current directory ('{os.getcwd()}'), as "
+            f"serve reads it from the directory it runs in: {too_long}; choose a shorter or an "
+            "absolute store.data_dir, or check the file from the directory serve runs in")
 
 
 class EmbeddedRedis:
