@@ -462,9 +462,15 @@ def test_config_check_refuses_the_data_dir_serve_refuses(tmp_path, relative):
                               text=True, timeout=60, cwd=str(deep))
         assert (done.returncode, done.stdout) == (1, ""), (argv, done)
         said.append(done.stderr)
+    length = len(str(deep / "data" / "redis.sock"))
     expected = (f"{path}:2: store.data_dir: '{deep / 'data'}' is too long for a unix socket "
-                f"({len(str(deep / 'data' / 'redis.sock'))} bytes for redis.sock, limit 103); "
-                "choose a shorter store.data_dir\n")
+                f"({length} bytes for redis.sock, limit 103); choose a shorter store.data_dir\n")
+    if relative:
+        expected = (f"{path}:2: store.data_dir: 'data' is relative, read from the current "
+                    f"directory ('{deep}'), as serve reads it from the directory it runs in: "
+                    f"'{deep / 'data'}' is too long for a unix socket ({length} bytes for "
+                    "redis.sock, limit 103); choose a shorter or an absolute store.data_dir, "
+                    "or check the file from the directory serve runs in\n")
     assert said == [expected, expected]
     assert not (deep / "data").exists()  # nothing made on the way
     # any other store: data_dir is not used, and not a problem
@@ -473,6 +479,80 @@ def test_config_check_refuses_the_data_dir_serve_refuses(tmp_path, relative):
     done = subprocess.run([sys.executable, "-m", "gateway", "config", "check", str(path)],
                           capture_output=True, text=True, timeout=60, cwd=str(deep))
     assert done.returncode == 0, done
+
+
+def test_a_relative_data_dir_says_which_directory_it_was_read_from(tmp_path):
+    """config.example.yaml's store.data_dir is relative (.keygate-data): checked from a deep CI
+    checkout, its socket path was too long and the problem named only the absolute path, while
+    serve in the image (WORKDIR /var/lib/keygate) starts fine with the same file. The problem
+    says the path was read from the current directory (named), that serve reads it from its
+    own, and what to do; from a short directory the same file passes."""
+    example = Path(__file__).resolve().parent.parent / "config.example.yaml"
+    deep = tmp_path / ("c" * 50) / ("i" * 50)
+    deep.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+    done = subprocess.run([sys.executable, "-m", "gateway", "config", "check", str(example)],
+                          capture_output=True, text=True, timeout=60, cwd=str(deep), env=env)
+    line = next(n for n, text in enumerate(example.read_text().splitlines(), 1)
+                if text.strip().startswith("data_dir:"))
+    socket = deep / ".keygate-data" / "redis.sock"
+    assert (done.returncode, done.stdout) == (1, ""), done
+    assert done.stderr == (
+        f"{example}:{line}: store.data_dir: '.keygate-data' is relative, read from the current "
+        f"directory ('{deep}'), as serve reads it from the directory it runs in: "
+        f"'{socket.parent}' is too long for a unix socket ({len(str(socket))} bytes for "
+        "redis.sock, limit 103); choose a shorter or an absolute store.data_dir, or check the "
+        "file from the directory serve runs in\n")
+    done = subprocess.run([sys.executable, "-m", "gateway", "config", "check", str(example)],
+                          capture_output=True, text=True, timeout=60, cwd=str(tmp_path), env=env)
+    assert (done.returncode, done.stdout) == (0, f"ok: {example}\n"), done
+
+
+def test_a_relative_data_dir_from_a_directory_that_is_gone_is_a_problem(tmp_path,
+                                                                        monkeypatch):
+    """A relative data_dir is read from the current directory: one removed under the process
+    (a CI step that deleted its scratch directory) made os.getcwd raise inside the loader, a
+    traceback. It is a problem on store.data_dir."""
+    from gateway.config import load_config
+    from gateway.errors import ConfigError
+    path = tmp_path / "keygate.yaml"
+    path.write_text(GOOD_CONFIG + "store: {data_dir: data}\n")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(ConfigError) as raised:
+        load_config(str(path))
+    assert raised.value.problems == [
+        f"{path}:5: store.data_dir: 'data' is relative, read from the current directory, which "
+        "no longer exists; choose an absolute store.data_dir, or run from an existing directory"]
+
+
+@pytest.mark.parametrize("written, shown, why", [
+    ("\\ud800", "\\ud800", "U+D800, which no file name in this file system's encoding "
+                             f"({sys.getfilesystemencoding()}) can hold"),
+    ("\\0", "\\x00", "a NUL character, which no path can hold"),
+])
+def test_a_data_dir_no_path_can_be_is_a_problem_not_a_traceback(tmp_path, written, shown, why):
+    """store.data_dir is measured at load (the embedded store's socket path, os.fsencode of
+    it). A data_dir holding a lone surrogate (YAML "\\ud800") made the loader itself die with
+    UnicodeEncodeError: `config check` and `serve` printed a traceback instead of a file:line
+    problem. One holding a NUL ("\\0") passed `config check`, and serve could not make it.
+    Both are a problem on store.data_dir now, said with the character escaped."""
+    path = tmp_path / "keygate.yaml"
+    path.write_text(GOOD_CONFIG + f'store: {{data_dir: "/tmp/x{written}y"}}\n')
+    expected = (f"{path}:5: store.data_dir: '/tmp/x{shown}y' cannot be a directory: it holds "
+                f"{why}\n")
+    for argv in (["config", "check", str(path)], ["serve", "--config", str(path)]):
+        done = subprocess.run([sys.executable, "-m", "gateway", *argv], capture_output=True,
+                              text=True, timeout=60, cwd=str(tmp_path),
+                              env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+        assert (done.returncode, done.stdout, done.stderr) == (1, "", expected), argv
+    from gateway.config import load_config
+    from gateway.errors import ConfigError
+    with pytest.raises(ConfigError) as raised:
+        load_config(str(path))
+    assert raised.value.problems == [expected.rstrip("\n")]
 
 
 def test_python_dash_m_gateway_runs_the_cli(tmp_path):

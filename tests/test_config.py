@@ -1483,7 +1483,9 @@ def test_yaml_1_1_boolean_words_are_read_as_yaml_1_2_reads_them(tmp_path: Path,
     validators (YAML 1.2) read the word as text and passed the same file. Where text is
     expected the word is now the text written. Where a boolean is, it is still the boolean
     YAML 1.1 meant (``public: yes`` has always been true: refusing it would stop a running
-    gateway's next start), with a warning to write true or false; the schema takes it too."""
+    gateway's next start), with a warning to write true or false; the schema takes it too.
+    The warning called a quoted 'off' "a boolean in YAML 1.1", which it is not (quoted, it is
+    text to every YAML reader): it says which of the two it is."""
     config = load_config(write(tmp_path, with_upstream("""
         server:
           access_log: off
@@ -1514,28 +1516,31 @@ def test_yaml_1_1_boolean_words_are_read_as_yaml_1_2_reads_them(tmp_path: Path,
           - path: /v
             upstream: crm
             public: ${KG_TEST_PUBLIC}
+          - {path: /w, upstream: crm, public: "${KG_TEST_PUBLIC}"}
         cors:
           allow_origins: ["https://app.example"]
           allow_credentials: off
     """
     config = load_config(write(tmp_path, with_upstream(booleans)))
     assert config.server.metrics_workspace_labels is True
-    assert [r.public for r in config.routes] == [True, False, True, True]
+    assert [r.public for r in config.routes] == [True, False, True, True, True]
     assert config.routes[1].websocket is False
     assert config.cors.allow_credentials is False
     assert [str(w).rsplit("/", 1)[-1] for w in config.warnings] == [
-        "config.yaml:4: server.metrics_workspace_labels: warning: 'on' is read as true (a "
-        "boolean in YAML 1.1; text to YAML 1.2 tools); write true",
-        "config.yaml:6: routes[0].public: warning: 'yes' is read as true (a boolean in YAML "
-        "1.1; text to YAML 1.2 tools); write true",
-        "config.yaml:7: routes[1].websocket: warning: 'NO' is read as false (a boolean in "
-        "YAML 1.1; text to YAML 1.2 tools); write false",
-        "config.yaml:8: routes[2].public: warning: 'yes' is read as true (a boolean in YAML "
-        "1.1; text to YAML 1.2 tools); write true",
-        "config.yaml:11: routes[3].public: warning: 'yes' is read as true (a boolean in YAML "
-        "1.1; text to YAML 1.2 tools); write true",
-        "config.yaml:14: cors.allow_credentials: warning: 'off' is read as false (a boolean "
-        "in YAML 1.1; text to YAML 1.2 tools); write false",
+        "config.yaml:4: server.metrics_workspace_labels: warning: 'on' is read as true "
+        "(YAML 1.1's boolean word, text to YAML 1.2 tools); write true",
+        "config.yaml:6: routes[0].public: warning: 'yes' is read as true "
+        "(YAML 1.1's boolean word, text to YAML 1.2 tools); write true",
+        "config.yaml:7: routes[1].websocket: warning: 'NO' is read as false "
+        "(YAML 1.1's boolean word, text to YAML 1.2 tools); write false",
+        "config.yaml:8: routes[2].public: warning: 'yes' is read as true (quoted, it is text "
+        "in YAML 1.1 and 1.2; taken as YAML 1.1's boolean word); write true",
+        "config.yaml:11: routes[3].public: warning: 'yes' is read as true "
+        "(YAML 1.1's boolean word, text to YAML 1.2 tools); write true",
+        "config.yaml:12: routes[4].public: warning: 'yes' is read as true (quoted, it is text "
+        "in YAML 1.1 and 1.2; taken as YAML 1.1's boolean word); write true",
+        "config.yaml:15: cors.allow_credentials: warning: 'off' is read as false "
+        "(YAML 1.1's boolean word, text to YAML 1.2 tools); write false",
     ]
     # other text is no boolean, and a word is no path
     assert problems_of(tmp_path, with_upstream("""

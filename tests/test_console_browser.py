@@ -968,6 +968,64 @@ def test_a_token_shown_once_is_not_replaced_by_another_answer(page, gateway, red
         assert gateway.proxy("/people", token)[0] == 200
 
 
+def test_focus_after_the_last_queued_token_dialog_goes_back_to_the_page(page, gateway,
+                                                                        redis_server_url):
+    """Keyboard only. A Create and a Rotate are on their way together; the second token waits
+    for the first one's Done. After the last Done, focus went to <body>: the queued dialog was
+    opened from inside the one just removed, so its `opener` was the body, and a keyboard user
+    was thrown back to the top of the page. With one token dialog, focus goes back to the
+    control that opened it; with a queue, to the control the first of them came from."""
+    new_workspace(gateway, "rvfocus", "Focus")
+    gateway.key("rvfocus", name="rot-one", scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.link("rvfocus").click()
+    page.row("rot-one")
+    page.button("Create key").click()
+    page.field("Name").send_keys("made-one")
+    page.field("Scopes").send_keys("people:read")
+    store = redis_sync.Redis.from_url(redis_server_url)
+    try:
+        store.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+        page.field("Name").send_keys(Keys.ENTER)  # Create, by keyboard
+        page.button("Rotate", page.row("rot-one")).click()
+        grace = page.field("Grace", page.dialog())
+        grace.clear()
+        grace.send_keys("1h")
+        grace.send_keys(Keys.ENTER)  # Rotate, by keyboard
+    finally:
+        store.close()
+    wait(page.driver, lambda d: len(keys_named(gateway, "rvfocus", "rot-one")) == 2
+         and len(keys_named(gateway, "rvfocus", "made-one")) == 1)
+    time.sleep(1.5)  # both answers are in
+    seen: list[str] = []
+    while True:
+        deadline = time.monotonic() + 3
+        shown = []
+        while time.monotonic() < deadline and not shown:
+            shown = [t for t in page.driver.find_elements(By.CSS_SELECTOR, "[data-token]")
+                     if t.is_displayed()]
+            time.sleep(0.1)
+        if not shown:
+            break
+        seen.append(shown[0].get_attribute("data-token"))
+        page.tokens_seen.append(seen[-1])
+        active = page.driver.switch_to.active_element
+        assert active.text == "Copy", active.text  # each token dialog takes focus
+        active.send_keys(Keys.TAB)
+        done = page.driver.switch_to.active_element
+        assert done.text == "Done"
+        done.send_keys(Keys.ENTER)
+        wait(page.driver, lambda d: seen[-1] not in d.page_source)
+    assert len(set(seen)) == 2
+    time.sleep(0.5)
+    active = page.driver.switch_to.active_element
+    assert active.tag_name != "body", (
+        "after the last queued token's Done, keyboard focus is lost to <body>")
+    # back on the page, at a control the keyboard user was on (or the workspace's title)
+    assert (active.text in ("Rotate", "Create key")
+            or active.get_attribute("id") == "ws-title"), active.get_attribute("outerHTML")
+
+
 def test_a_bare_number_as_rotation_grace_is_refused_not_read_as_seconds(page, gateway):
     """The Rotate dialog's Grace field says '0, or a duration such as 30m, 24h or 7d' and its
     own error message the same; the CLI refuses a bare number ('a bare 30 could mean seconds

@@ -161,12 +161,16 @@ class SchemaReader(NodeReader):
             # taken, as YAML 1.2 readers that know the target is a boolean take it, and as the
             # JSON schema takes it (quoted or not: to YAML 1.2 both are the text); a warning
             # says to write true or false, the one spelling every reader agrees on.
+            # (a quoted word is text to YAML 1.1 too: the warning says which it is)
             meant = YAML11_BOOLEANS[value.lower()]
             written = "true" if meant else "false"
             line = node.start_mark.line + 1
+            why = ("YAML 1.1's boolean word, text to YAML 1.2 tools" if node.style is None
+                   else "quoted, it is text in YAML 1.1 and 1.2; taken as YAML 1.1's boolean "
+                        "word")
             self.warnings.append(ConfigWarning(
-                f"{self.source}:{line}: {path}: warning: '{value}' is read as {written} (a "
-                f"boolean in YAML 1.1; text to YAML 1.2 tools); write {written}",
+                f"{self.source}:{line}: {path}: warning: '{value}' is read as {written} "
+                f"({why}); write {written}",
                 ("yaml11-boolean", path, value)))
             return meant
         if not isinstance(value, bool):

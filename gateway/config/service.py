@@ -165,8 +165,8 @@ class ServiceSections(SchemaReader):
             # what `serve` would stop on when it starts the store: said here, so that `config
             # check` (and a reload) refuse the file serve cannot start with (a relative data_dir
             # is read from the current directory, as serve reads it)
-            from ..store.embedded import socket_path_problem
-            if problem := socket_path_problem(store.data_dir):
+            from ..store.embedded import data_dir_problem
+            if problem := data_dir_problem(store.data_dir):
                 self.fail(child(node, "data_dir") or child(node, "redis_url") or node,
                           "store.data_dir", problem)
         return store

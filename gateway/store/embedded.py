@@ -42,7 +42,7 @@ Unix socket paths are limited (``sun_path``: 108 bytes on Linux, 104 on macOS, a
 silently truncates a longer one), so a ``data_dir`` whose socket path would exceed
 ``MAX_SOCKET_PATH`` is refused with an ``EmbeddedError`` naming the limit, rather than being
 redirected somewhere surprising: choose a shorter ``store.data_dir``. The config loader refuses
-such a ``data_dir`` with the same words (``socket_path_problem``), so ``config check`` does too.
+such a ``data_dir`` with the same words (``data_dir_problem``), so ``config check`` does too.
 """
 
 from __future__ import annotations
@@ -150,15 +150,37 @@ def data_dir_path(data_dir: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(data_dir))))
 
 
-def socket_path_problem(data_dir: str | os.PathLike[str]) -> str:
-    """What is wrong with ``data_dir`` for the store's unix socket (too long a path), or ''.
-    The config loader says it for ``config check``, ``serve`` and reloads alike."""
-    path = data_dir_path(data_dir)
+def data_dir_problem(data_dir: str | os.PathLike[str]) -> str:
+    """What is wrong with ``data_dir`` for the store, or '': no directory can have its name (a
+    NUL, a character the file system's encoding cannot write, such as a lone surrogate), or it
+    is too long a path for the store's unix socket. The config loader says it for ``config
+    check``, ``serve`` and reloads alike."""
+    text = os.fspath(data_dir)
+    if "\0" in text:
+        return f"'{text}' cannot be a directory: it holds a NUL character, which no path can hold"
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError as exc:
+        return (f"'{text}' cannot be a directory: it holds U+{ord(text[exc.start]):04X}, which "
+                f"no file name in this file system's encoding ({exc.encoding}) can hold")
+    # a relative one is read from the current directory, as serve reads it from the directory
+    # it runs in: said so, since the same file may pass there (an image's WORKDIR) and not here
+    relative = not os.path.isabs(os.path.expanduser(text))
+    try:
+        path = data_dir_path(text)
+    except FileNotFoundError:  # os.getcwd(): the current directory was removed
+        return (f"'{text}' is relative, read from the current directory, which no longer "
+                "exists; choose an absolute store.data_dir, or run from an existing directory")
     length = len(os.fsencode(path / SOCKET_NAME))
     if length <= MAX_SOCKET_PATH:
         return ""
-    return (f"'{path}' is too long for a unix socket ({length} bytes for {SOCKET_NAME}, limit "
-            f"{MAX_SOCKET_PATH}); choose a shorter store.data_dir")
+    too_long = (f"'{path}' is too long for a unix socket ({length} bytes for {SOCKET_NAME}, "
+                f"limit {MAX_SOCKET_PATH})")
+    if not relative:
+        return f"{too_long}; choose a shorter store.data_dir"
+    return (f"'{text}' is relative, read from the current directory ('{os.getcwd()}'), as "
+            f"serve reads it from the directory it runs in: {too_long}; choose a shorter or an "
+            "absolute store.data_dir, or check the file from the directory serve runs in")
 
 
 class EmbeddedRedis:
@@ -207,7 +229,7 @@ class EmbeddedRedis:
         return self.url
 
     def _check_socket_path(self) -> None:
-        if problem := socket_path_problem(self.data_dir):
+        if problem := data_dir_problem(self.data_dir):
             raise EmbeddedError(f"store.data_dir: {problem}")
 
     def _make_data_dir(self) -> None:

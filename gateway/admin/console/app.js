@@ -227,13 +227,39 @@ let dialogsOpened = 0;
 
 const tokenOnScreen = () => document.querySelector("dialog [data-token]") !== null;
 
+// Where keyboard focus goes when a dialog closes and no dialog is left: the control on the page
+// it was opened from (`element`, and the key row it sat in: the table may have been redrawn).
+// A dialog opened from inside another dialog (a token over a Rotate dialog whose call was on its
+// way, or a token queued behind another's Done) goes back to where that dialog came from: its
+// own opener is gone with it, and the body is no place to leave a keyboard user.
+function returnPointOf(opener) {
+  const host = opener && opener.closest ? opener.closest("dialog") : null;
+  if (host && host.returnPoint) return host.returnPoint;
+  const row = opener && opener.closest ? opener.closest("#keys tbody tr") : null;
+  return {element: opener === document.body ? null : opener, row};
+}
+
+function focusBack(point) {
+  if (session === null) {  // signed out meanwhile: back to sign-in
+    $("token").focus();
+    return;
+  }
+  const {element, row} = point;
+  if (element && element.isConnected) element.focus();
+  else if (row && element) focusAgain(row.dataset.keyId, element.textContent);
+  else if (!$("workspace-view").hidden) $("ws-title").focus();
+  else if (!$("workspaces-view").hidden) $("workspaces-title").focus();
+}
+
 // `modal`: Escape does not close it (the shown-once token stays until Done is pressed: a reflex
 // on Escape must not lose a token that can never be shown again). A dialog holding a token
 // opens over a dialog whose call is still on its way (its answer or its problem still shows
-// there), and while a token is on screen any other dialog waits for its Done.
-function openDialog(title, build, {modal = false} = {}) {
+// there), and while a token is on screen any other dialog waits for its Done (with where focus
+// goes back to after it, taken now: when it opens, the Done pressed has gone and focus with it).
+function openDialog(title, build, {modal = false, returnPoint = undefined} = {}) {
   if (tokenOnScreen()) {
-    waitingDialogs.push([title, build, {modal}]);
+    waitingDialogs.push([title, build,
+                         {modal, returnPoint: returnPointOf(document.activeElement)}]);
     return;
   }
   const titleId = "dialog-title-" + (++dialogsOpened);  // two may be open, one over the other
@@ -241,7 +267,7 @@ function openDialog(title, build, {modal = false} = {}) {
   const dialog = el("dialog", {"role": "dialog", "aria-modal": "true",
                                "aria-labelledby": titleId}, heading);
   const opener = document.activeElement;
-  const openerRow = opener && opener.closest ? opener.closest("#keys tbody tr") : null;
+  dialog.returnPoint = returnPoint || returnPointOf(opener);
   let closing = false;
   const close = () => {
     closing = true;
@@ -263,9 +289,7 @@ function openDialog(title, build, {modal = false} = {}) {
       if (opener && opener.isConnected && left.contains(opener)) opener.focus();
       return;
     }
-    if (session === null) $("token").focus();  // signed out meanwhile: back to sign-in
-    else if (opener && opener.isConnected) opener.focus();
-    else if (openerRow) focusAgain(openerRow.dataset.keyId, opener.textContent);
+    focusBack(dialog.returnPoint);
   };
   build(dialog, close);
   closeDialogs({keepBusy: dialog.querySelector("[data-token]") !== null});
