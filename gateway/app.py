@@ -26,7 +26,8 @@ from .store.request import RequestStore
 from .metrics import FLUSH_EVERY, Metrics
 from .ledger import RETRY_EVERY
 from .pipeline import Pipeline
-from .proxying.server import HEAD_MAX, AdminRunner, ProxyServer, drop_vanished_peers
+from .proxying.server import (HEAD_MAX, LINGER_TIME, AdminRunner, ProxyServer,
+                              drop_vanished_peers)
 from .reload import ListenerTLS, Reloader, add_reload_route
 from .argon2_pool import release_freed_memory_every
 
@@ -136,6 +137,7 @@ async def running_gateway(config: Config, store_url: str, *,
                                    auto_decompress=False, keepalive_timeout=timeouts.idle,
                                    header_timeout=timeouts.header,
                                    write_timeout=timeouts.body,
+                                   lingering_time=min(LINGER_TIME, timeouts.body),
                                    max_connections=raise_open_file_limit(config),
                                    inline=True)
         proxy_server.on_refused = metrics.connections_refused.inc
@@ -359,6 +361,7 @@ async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.Bas
                                header_timeout=config.server.timeouts.header,
                                write_timeout=config.server.timeouts.body,
                                keepalive_timeout=config.server.timeouts.idle,
+                               lingering_time=min(LINGER_TIME, config.server.timeouts.body),
                                max_connections=ADMIN_MAX_CONNECTIONS)
     await proxy_runner.setup()
     await admin_runner.setup()

@@ -27,7 +27,8 @@ import time
 from typing import Callable
 
 from .config import Config, Plan, RateLimit
-from .errors import StoreError, TooManyRequests, client_closed, invalid_token
+from .errors import (ServiceUnavailable, StoreError, TooManyRequests, client_closed,
+                     invalid_token)
 from .store.records import WORKSPACE_ID_RE, key_from_hash, workspace_from_hash
 from .store.request import RequestStore
 from .usage import effective_plan, key_rate_limit
@@ -133,14 +134,22 @@ class _Verification:
     requests wait on it, and whether it has a turn yet. One that no request waits on any more
     while it waits for a turn is cancelled: its place in the queue goes to those still there
     (once it holds a turn it runs to its end, so an attacker leaving cannot keep a failure
-    from being counted)."""
+    from being counted).
 
-    __slots__ = ("task", "waiting", "turned")
+    ``client``: the throttle client (``throttle_client``) whose queue and failure limit it
+    runs under, its first requester's. ``refused_client``: it was refused 429 for that
+    client's failures alone (not the key id's): a request from another client that shared it
+    is verified on its own instead (so is one it shared that was refused 503 ``overloaded``
+    before a turn, the queue being bounded per client)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("task", "waiting", "turned", "client", "refused_client")
+
+    def __init__(self, client: str = "") -> None:
         self.task: asyncio.Future | None = None
         self.waiting = 0
         self.turned = False
+        self.client = client
+        self.refused_client = False
 
 
 def token_digest(raw_token: str) -> bytes:
@@ -186,7 +195,9 @@ class Authenticator:
         # this), so the cache needs no index by key id.
         self.cache: dict[bytes, CachedKey] = {}
         self.capacity = MAX_CACHED_KEYS
-        self._inflight: dict[bytes, _Verification] = {}
+        # by token digest; (digest, throttle client) for one a refusal for another client's
+        # sake started (``authenticate``)
+        self._inflight: dict[bytes | tuple[bytes, str], _Verification] = {}
         self._interned: dict = {}  # shared workspaces and scope sets (see entry())
         self._prefix = config.keys.prefix
         self._environments = frozenset(config.keys.environments)
@@ -279,30 +290,25 @@ class Authenticator:
             self._miss.inc()
         verification = self._inflight.get(digest)
         if verification is None:
-            # The verification runs as its own task, not inside the first request: a first
-            # request cancelled (client gone, shutdown) must not cancel it under the others
-            # waiting on it, nor waste the argon2 run already under way.
-            # An entry past its TTL is this very token, verified here before: its
-            # re-verification is no guess, and others' failures must not refuse it.
-            verification = _Verification()
-            task = asyncio.ensure_future(self._verify(token, digest,
-                                                      throttle_client(client_ip),
-                                                      verified_before=entry is not None,
-                                                      verification=verification))
-            verification.task = task
-            self._inflight[digest] = verification
-            task.add_done_callback(lambda t: self._verified(digest, t))
+            verification = self._start(token, digest, digest, throttle_client(client_ip), entry)
         watch = getattr(request, "protocol", None)
         try:
-            if hasattr(watch, "upstream_wait"):
-                return await self._wait_while_there(verification, digest, watch)
-            # none, or not keygate's own handler (the admin listener's key check): a waiter
-            # all the same, whose verification a request leaving must not cancel under it
-            verification.waiting += 1
             try:
-                return await asyncio.shield(verification.task)
-            finally:
-                verification.waiting -= 1
+                return await self._outcome(verification, digest, watch)
+            except (TooManyRequests, ServiceUnavailable) as exc:
+                # Shared with a first requester from another client address and refused for
+                # that address alone (its failures; its queue full, overloaded before a turn):
+                # the limits are per client, so this request is verified under its own
+                # (shared with others of its client). One argon2 per token otherwise.
+                if not (verification.refused_client or (
+                        exc.code == "overloaded" and not verification.turned)) or \
+                        verification.client == (client := throttle_client(client_ip)):
+                    raise
+            inflight = (digest, client)
+            verification = self._inflight.get(inflight)
+            if verification is None:
+                verification = self._start(token, digest, inflight, client, entry)
+            return await self._outcome(verification, inflight, watch)
         except StoreError:
             # on_store_error: open lets keys verified in this process through while the store
             # is down: this token verified here (only its cache_ttl ran out), and the key's
@@ -310,6 +316,38 @@ class Authenticator:
             if entry is not None and self.config.store.on_store_error == "open":
                 return entry
             raise
+
+    def _start(self, token: ParsedToken, digest: bytes, inflight, client: str,
+               entry: CachedKey | None) -> _Verification:
+        """A verification of ``token`` under ``client``'s queue and failure limit, shared as
+        ``_inflight[inflight]`` (the digest; the digest and the client for one of a request a
+        shared verification was refused for another client's sake).
+
+        It runs as its own task, not inside the first request: a first request cancelled
+        (client gone, shutdown) must not cancel it under the others waiting on it, nor waste
+        the argon2 run already under way. An entry past its TTL (``entry``) is this very
+        token, verified here before: its re-verification is no guess, and others' failures
+        must not refuse it."""
+        verification = _Verification(client)
+        task = asyncio.ensure_future(self._verify(token, digest, client,
+                                                  verified_before=entry is not None,
+                                                  verification=verification))
+        verification.task = task
+        self._inflight[inflight] = verification
+        task.add_done_callback(lambda t: self._verified(inflight, t))
+        return verification
+
+    async def _outcome(self, verification: _Verification, inflight, watch) -> CachedKey:
+        """The verification's result for one request waiting on it."""
+        if hasattr(watch, "upstream_wait"):
+            return await self._wait_while_there(verification, inflight, watch)
+        # none, or not keygate's own handler (the admin listener's key check): a waiter
+        # all the same, whose verification a request leaving must not cancel under it
+        verification.waiting += 1
+        try:
+            return await asyncio.shield(verification.task)
+        finally:
+            verification.waiting -= 1
 
     def _within_ttl(self, entry: CachedKey) -> bool:
         """Whether an entry cached before a reload is still verified under the
@@ -334,7 +372,7 @@ class Authenticator:
         except MalformedToken as exc:
             raise invalid_token("malformed_key", f"The API key is malformed: {exc}.") from None
 
-    async def _wait_while_there(self, verification: _Verification, digest: bytes,
+    async def _wait_while_there(self, verification: _Verification, inflight,
                                 watch) -> CachedKey:
         """The verification's result, unless the client goes first (``watch.upstream_wait``
         ended by its connection handler): the request then ends as ``client_closed``, and a
@@ -362,15 +400,15 @@ class Authenticator:
             return result.result()
         result.cancel()  # the task itself goes on for whoever still waits on it
         if not verification.waiting and not verification.turned and not task.done():
-            if self._inflight.get(digest) is verification:
-                del self._inflight[digest]  # a request coming now starts a verification anew
+            if self._inflight.get(inflight) is verification:
+                del self._inflight[inflight]  # a request coming now starts one anew
             task.cancel()
         raise client_closed(reached_upstream=False)
 
-    def _verified(self, digest: bytes, task: asyncio.Task) -> None:
-        verification = self._inflight.get(digest)
+    def _verified(self, inflight, task: asyncio.Task) -> None:
+        verification = self._inflight.get(inflight)
         if verification is not None and verification.task is task:
-            del self._inflight[digest]
+            del self._inflight[inflight]
         if not task.cancelled():
             task.exception()  # retrieved: its waiters re-raise it, or nobody waits any more
 
@@ -406,7 +444,7 @@ class Authenticator:
             if verification is not None:
                 verification.turned = True  # from now on it runs to its end
             if not verified_before:
-                await self._within_failure_limits(token.key_id, client_ip)
+                await self._within_failure_limits(token.key_id, client_ip, verification)
             running = [client_ip] + ([token.key_id] if self._per_key_limit else [])
             for name in running:
                 self._running[name] = self._running.get(name, 0) + 1
@@ -421,7 +459,8 @@ class Authenticator:
                     if (done := self._finished.pop(name, None)) is not None:
                         done.set()
 
-    async def _within_failure_limits(self, key_id: str, client_ip: str) -> None:
+    async def _within_failure_limits(self, key_id: str, client_ip: str,
+                                     verification: _Verification | None = None) -> None:
         """429 too_many_failures once the stored failures reach a limit. While they are below
         it, verifications of this process still running for the same IP (or key id) are what
         could still fail: one that could push past the limit waits for them to finish rather
@@ -436,6 +475,8 @@ class Authenticator:
             if over_ip or over_key:
                 wait = await self._failures_reset_in(client_ip if over_ip else None,
                                                      key_id if over_key else None)
+                if verification is not None and not over_key:
+                    verification.refused_client = True  # for client_ip's failures alone
                 raise TooManyRequests(
                     "Too many failed attempts with invalid keys; wait before trying again.",
                     code="too_many_failures", headers={"Retry-After": str(wait)})

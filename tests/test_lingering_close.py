@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
 from gateway.config import Route, ServerConfig, Timeouts
 from gateway.proxying import server as proxy_server
 
@@ -287,3 +289,37 @@ async def test_many_lingering_connections_all_end_within_the_bound_and_others_ar
                 sock.close()
         for answer, end in answers:
             assert end == "eof" and whole_json_error(answer, b"400", b'"bad_request"'), answer
+
+
+@pytest.mark.parametrize("listener, path, refusal", [
+    ("proxy", b"/people/1", (b"401", b"missing_key")),
+    ("proxy", b"/nowhere", (b"404", b"no_route")),
+    ("admin", b"/admin/v1/workspaces", (b"401", b"unauthorized")),
+])
+async def test_a_refused_request_whose_declared_body_stalls_is_closed_within_the_bounds(
+        redis_url, upstream, monkeypatch, listener, path, refusal):
+    """A request refused from its head (401, 404) that declared a small body and sends its
+    first bytes, then nothing, is answered at once; keygate then read the rest of the body to
+    keep the connection alive for aiohttp's fixed lingering_time (10 s), whatever
+    server.timeouts said: with {header: 1, body: 2, idle: 2} such a connection was held ~10 s,
+    a place under the connection bound held by a slowloris with no key that outlived the
+    header timeout meant to stop it. The rest of such a body is read for LINGER_TIME at most
+    (and the body timeout if lower), LINGER_IDLE with nothing read, then the connection is
+    closed."""
+    config = config_for(str(upstream.make_url("")),
+                        timeouts=Timeouts(header=1.0, body=2.0, idle=2.0))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        server = g.proxy_server if listener == "proxy" else g.admin_server
+        loop = asyncio.get_running_loop()
+        sock = await connect(server.port)
+        try:
+            await send_all(sock, b"GET " + path + b" HTTP/1.1\r\nHost: g\r\n"
+                                 b"Content-Length: 1000\r\n\r\nab")
+            began = loop.time()
+            answer, end = await read_to_end(sock, 15)
+            took = loop.time() - began
+        finally:
+            sock.close()
+        assert whole_json_error(answer, *refusal), answer[:300]
+        assert end != "timeout" and took <= LINGER_IDLE + 1.0, \
+            f"the connection was held {took:.1f} s after its refusal"

@@ -12,11 +12,13 @@ import time
 import pytest
 import redis
 
-from gateway.config import FailureLimits, StoreConfig
+from gateway.auth import token_digest
+from gateway.config import FailureLimits, ServerConfig, StoreConfig
 from gateway.tokens import checksum
+from gateway.trust import throttle_client
 
-from harness import (Clock, bearer, eventually, gateway_under_test, make_config, redis_answers,
-                     refusal_times, tampered, wrong_secret)
+from harness import (Clock, HeldReplies, bearer, eventually, gateway_under_test, make_config,
+                     redis_answers, refusal_times, tampered, wrong_secret)
 
 REALM = 'Bearer realm="keygate"'
 
@@ -758,6 +760,88 @@ async def test_concurrent_first_requests_share_one_verification(gut):
             return r.status
     assert await asyncio.gather(*(one() for _ in range(20))) == [200] * 20
     assert gut.counter("keygate_argon2_verifications_total", result="ok") == 1
+
+
+async def _first_requests_from_a_throttled_and_a_clean_address(redis_url, upstream, monkeypatch,
+                                                               throttled: str, clean: str):
+    """One valid key, cold, sent at once from a throttled address (its failure count at the
+    limit) and from another that joins the verification the throttled one started. Their
+    answers (status, error code), the throttled one's first."""
+    c = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(
+        c, keys=dataclasses.replace(c.keys, failures=FailureLimits(20, None, 60)),
+        server=ServerConfig(host="127.0.0.1", access_log="off",
+                            trusted_proxies=("127.0.0.1/32",)))
+    async with HeldReplies(redis_url) as relay, \
+            gateway_under_test(config, relay.url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        auth = g.gw.pipeline.auth
+        r = redis.Redis.from_url(redis_url)
+        r.set(f"kg:fail:ip:{throttle_client(throttled)}", 20, ex=60)  # at the limit (20)
+        r.close()
+        auth.cache.clear()  # a cold replica (a deploy)
+
+        async def first(ip: str) -> tuple[int, str]:
+            headers = {**bearer(token), "X-Forwarded-For": ip}
+            async with g.proxy.get("/people/1", headers=headers) as resp:
+                body = await resp.json()
+                return resp.status, body.get("error", {}).get("code", "")
+
+        digest = token_digest(token)
+        # the throttled one's verification holds while it reads its failure count; the other
+        # arrives meanwhile and joins it
+        relay.hold_when(f"kg:fail:ip:{throttle_client(throttled)}".encode())
+        a = asyncio.ensure_future(first(throttled))
+        assert await eventually(lambda: relay.held_back > 0, 5)
+        b = asyncio.ensure_future(first(clean))
+        assert await eventually(lambda: digest in auth._inflight
+                                and auth._inflight[digest].waiting == 2, 5)
+        relay.release()
+        got = await asyncio.wait_for(asyncio.gather(a, b), 10)
+        assert g.counter("keygate_argon2_verifications_total", result="ok") <= 1
+        return got
+
+
+async def test_a_clean_address_sharing_a_first_verification_with_a_throttled_one_is_not_refused(
+        redis_url, upstream, monkeypatch):
+    """One valid key used from two client addresses (a customer's fleet): address A is over
+    the failure limit, B has never failed. On a cold replica both send their first request
+    with the key at once and share one verification, which ran A's throttle: B was answered
+    A's 429 too_many_failures. The limit counts failures from one client IP, and legitimate
+    first requests are never refused as failures: B gets its 200 (one argon2 run, its own)."""
+    got_a, got_b = await _first_requests_from_a_throttled_and_a_clean_address(
+        redis_url, upstream, monkeypatch, "10.0.0.1", "10.0.0.2")
+    assert got_a == (429, "too_many_failures"), got_a
+    assert got_b[0] == 200, f"a clean address answered {got_b} for a throttled one's failures"
+
+
+async def test_an_ipv6_address_in_a_throttled_ones_64_shares_its_refusal(
+        redis_url, upstream, monkeypatch):
+    """The throttle counts an IPv6 /64 as one client: another address in it joining the
+    throttled one's verification is that client, refused with it, not verified again."""
+    got_a, got_b = await _first_requests_from_a_throttled_and_a_clean_address(
+        redis_url, upstream, monkeypatch, "2001:db8:1:2::1", "2001:db8:1:2::2")
+    assert got_a == got_b == (429, "too_many_failures"), (got_a, got_b)
+
+
+async def test_a_clean_address_sharing_a_first_verification_refused_overloaded_is_verified(gut):
+    """The verification queue is bounded per client address: a first verification refused
+    503 overloaded because its first requester's address had its queue full was answered to
+    every request sharing it, from any address. Another address gets its own verification."""
+    token, key = await gut.key()
+    auth = gut.gw.pipeline.auth
+    auth.queue._by_ip["10.0.0.1"] = auth.queue.per_ip  # 10.0.0.1's queue is full
+    try:
+        first = asyncio.create_task(auth.authenticate(token, "10.0.0.1"))
+        joined = asyncio.create_task(auth.authenticate(token, "10.0.0.2"))
+        same = asyncio.create_task(auth.authenticate(token, "10.0.0.1"))
+        results = await asyncio.gather(first, joined, same, return_exceptions=True)
+    finally:
+        del auth.queue._by_ip["10.0.0.1"]
+    assert [getattr(r, "code", None) for r in (results[0], results[2])] == ["overloaded"] * 2
+    assert not isinstance(results[1], Exception), results[1]
+    assert results[1].id == key["id"]
 
 
 async def test_a_cancelled_first_verification_does_not_fail_the_requests_waiting_on_it(gut):

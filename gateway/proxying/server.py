@@ -778,7 +778,11 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
                 if not payload.is_eof():
                     lingering_time = self._lingering_time
                     # keygate: the rest of a body is read only for a connection that goes on;
-                    # one that closes after this answer lingers at the socket instead (linger)
+                    # one that closes after this answer lingers at the socket instead (linger).
+                    # For LINGER_TIME at most (ProxyServer's lingering_time, lower with a
+                    # lower server.timeouts.body), LINGER_IDLE with nothing read: a declared
+                    # body that stalls after a refusal held the connection aiohttp's 10 s
+                    # whatever the timeouts (a slowloris needing no key)
                     if not self._force_close and lingering_time and self._keepalive:
                         self.log_debug(
                             "Start lingering close timer for %s sec.", lingering_time
@@ -789,7 +793,7 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
 
                         try:
                             while not payload.is_eof() and now < end_t:
-                                async with ceil_timeout(end_t - now):
+                                async with ceil_timeout(min(end_t - now, LINGER_IDLE)):
                                     # read and ignore
                                     await payload.readany()
                                 now = loop.time()
@@ -998,6 +1002,8 @@ class ProxyServer(web.Server):
                  max_connections: int | None = None, inline: bool = False,
                  write_timeout: float | None = None, evict_idle: bool = False,
                  **kwargs) -> None:
+        # the rest of a refused request's body, read to keep its connection: see LINGER_TIME
+        kwargs["lingering_time"] = min(kwargs.get("lingering_time", LINGER_TIME), LINGER_TIME)
         super().__init__(handler, **kwargs)
         self.evict_idle = evict_idle
         self._handler_class = _InlineRequestHandler if inline and INLINE_START \
