@@ -654,11 +654,14 @@ class Pipeline:
             m.observe_request(route, request.method, status,
                               outcome.workspace if m.workspace_labels else None,
                               elapsed if status != 101 else response.switched_at - started)
-            if outcome.code is not None and status in (401, 403, 429) or \
-                    outcome.code in ("ambiguous_key", "key_in_url"):
-                m.auth_failures.labels(outcome.code).inc()
-            elif outcome.code in ("upstream_unavailable", "upstream_timeout"):
-                m.upstream_errors.labels(outcome.upstream or "", outcome.code).inc()
+            code = outcome.code
+            if code is not None:
+                # the upstream codes first: an upstream's own 401/403/429 cut mid-body is an
+                # upstream error, not an auth failure of keygate's
+                if code in ("upstream_unavailable", "upstream_timeout"):
+                    m.upstream_errors.labels(outcome.upstream or "", code).inc()
+                elif status in (401, 403, 429) or code in ("ambiguous_key", "key_in_url"):
+                    m.auth_failures.labels(code).inc()
         if self.access is not None:
             if outcome.client is None:  # no key was checked: the line's client all the same
                 outcome.client = self.client_ip(request) if self._any_trusted else \

@@ -160,17 +160,17 @@ def test_the_upstream_timeout_row_says_it_cuts_an_answer_that_pauses_mid_body():
     assert "upstream_timeout" in row, row
 
 
-def _sse_upstream(gaps: list[float], *, cut: str | None = None):
-    """A raw upstream answering an event stream: one event, then one more after each gap in
-    ``gaps``, then the end of the body; or, with ``cut``, after the gaps: ``"hang"`` (no
-    more bytes, the connection open) or ``"reset"`` (a TCP RST mid-body)."""
+def _sse_upstream(gaps: list[float], *, cut: str | None = None, status: bytes = b"200 OK"):
+    """A raw upstream answering an event stream (with ``status``): one event, then one more
+    after each gap in ``gaps``, then the end of the body; or, with ``cut``, after the gaps:
+    ``"hang"`` (no more bytes, the connection open) or ``"reset"`` (a TCP RST mid-body)."""
     import socket
     import struct
 
     async def answer(reader, writer):
         try:
             await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/event-stream\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n" b"b\r\ndata: 0\r\n\r\n\r\n")
             await writer.drain()
             for n, gap in enumerate(gaps, 1):
@@ -262,3 +262,28 @@ async def test_an_answer_the_upstream_cuts_mid_body_is_logged_and_counted(
     assert (line["status"], line["error"]) == (200, code), line
     assert line["bytes_out"] == 2 * len(b"data: 0\r\n\r\n"), line
     assert (counted, others) == (1, 0)
+
+
+@pytest.mark.parametrize("status", [b"401 Unauthorized", b"403 Forbidden",
+                                    b"429 Too Many Requests"])
+async def test_an_upstream_401_403_429_cut_mid_body_is_an_upstream_error_not_an_auth_failure(
+        redis_url, monkeypatch, capfd, status):
+    """The upstream's own 401/403/429 cut mid-body by a reset. ``observe`` tested ``status in
+    (401, 403, 429)`` before the upstream codes: the cut was counted in
+    ``keygate_auth_failures_total{reason="upstream_unavailable"}`` (a reason that is no auth
+    failure) and never in ``keygate_upstream_errors_total``. Now it is an upstream error like
+    any other cut answer."""
+    server, url = await raw_upstream(_sse_upstream([], cut="reset", status=status))
+    try:
+        async with gateway_under_test(_config(url), redis_url, monkeypatch) as g:
+            got = await _streamed(g)
+            line = _access_line(g, capfd)
+            upstream_errors = g.counter("keygate_upstream_errors_total", upstream="api",
+                                        code="upstream_unavailable")
+            auth_failures = g.counter("keygate_auth_failures_total",
+                                      reason="upstream_unavailable")
+    finally:
+        server.close()
+    assert got.startswith(b"HTTP/1.1 " + status) and not got.endswith(b"0\r\n\r\n"), got
+    assert (line["status"], line["error"]) == (int(status[:3]), "upstream_unavailable"), line
+    assert (upstream_errors, auth_failures) == (1, 0)

@@ -222,3 +222,190 @@ def test_a_tls_upstreams_close_delimited_body_cut_without_close_notify_is_no_who
     failed = [r.getMessage() for r in caplog.records if "failed mid-response" in r.getMessage()]
     assert failed == ([] if whole else ["upstream api failed mid-response: "
                                         "UpstreamProtocolError"]), failed
+
+
+# --- a large answer ended by close_notify arrives whole, on both loops ---------------------------
+
+BIG = b"".join(b"%08d " % i for i in range(130_000))  # ~1.1 MB
+
+
+def _large_answer_upstream(private_ca, body: bytes,
+                           length: bool) -> tuple[str, threading.Thread, socket.socket]:
+    """An https upstream answering one request 200 ``Connection: close`` with ``body`` (with
+    a Content-Length if ``length``, else read to the close), then ending cleanly as most
+    servers do: close_notify, then the socket closed at once (the peer's close_notify not
+    waited for)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(private_ca["cert"], private_ca["key"])
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    listener.settimeout(20)
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        conn.settimeout(20)
+        try:
+            peer = context.wrap_socket(conn, server_side=True)
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += peer.recv(65536)
+            framing = b"Content-Length: %d\r\n" % len(body) if length else b""
+            peer.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n" + framing + b"\r\n" + body)
+            peer.setblocking(False)
+            try:
+                peer.unwrap()  # close_notify sent; the peer's not waited for
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return f"https://127.0.0.1:{listener.getsockname()[1]}", thread, listener
+
+
+def _dechunk(data: bytes) -> bytes:
+    rest = data.partition(b"\r\n\r\n")[2]
+    out = bytearray()
+    while rest:
+        size, _, rest = rest.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            break
+        out += rest[:n]
+        rest = rest[n + 2:]
+    return bytes(out)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_large_https_answer_ended_by_close_notify_arrives_whole(
+        redis_url, monkeypatch, private_ca, loop):
+    """An https upstream answers ~0.75-1.1 MB with ``Connection: close`` (with a
+    Content-Length, or read to the close), then sends close_notify and closes its socket. The
+    client reads nothing for 0.7 s, then all of it: keygate's reads of the upstream are
+    paused by backpressure meanwhile, while the TLS transport goes on reading TCP into its
+    buffer. On uvloop (what ``serve`` runs) the FIN came while those records were not yet
+    decrypted, and uvloop 0.23's SSLProtocol.eof_received dropped them and the close_notify
+    (uvloop PR #661): the client's connection was aborted some 100-230 KB short. The window
+    is a range of sizes: several are tried."""
+    new_loop = pytest.importorskip("uvloop").new_event_loop if loop == "uvloop" \
+        else asyncio.new_event_loop
+    results = []
+    for n, kb in enumerate(range(760, 1100, 30)):
+        body = BIG[:kb * 1024]
+        length = n % 2 == 0
+        url, thread, listener = _large_answer_upstream(private_ca, body, length)
+        config = make_config(url, routes=(Route("/public/**", "api", (), (), True),),
+                             upstreams={"api": Upstream("api", url, 5.0,
+                                                        ca_file=str(private_ca["ca"]))})
+
+        async def main() -> bytes:
+            async with gateway_under_test(config, redis_url, monkeypatch) as g:
+                reader, writer = await g.raw_connection()
+                writer.write(b"GET /public/big HTTP/1.1\r\nHost: x\r\n\r\n")
+                await asyncio.sleep(0.7)  # nothing read meanwhile: keygate's reads pause
+                got = b""
+                try:
+                    async with asyncio.timeout(10):
+                        while not got.endswith(b"\r\n0\r\n\r\n") and \
+                                len(got.partition(b"\r\n\r\n")[2]) < len(body) and \
+                                (chunk := await reader.read(65536)):
+                            got += chunk
+                except ConnectionError:
+                    pass
+                writer.close()
+                return got
+
+        try:
+            with asyncio.Runner(loop_factory=new_loop) as runner:
+                got = runner.run(main())
+        finally:
+            listener.close()
+            thread.join(5)
+        if length:
+            whole = got.partition(b"\r\n\r\n")[2] == body
+        else:
+            whole = got.endswith(b"\r\n0\r\n\r\n") and _dechunk(got) == body
+        results.append((kb, "content-length" if length else "to-the-close",
+                        "whole" if whole else "cut"))
+    assert [r for r in results if r[2] != "whole"] == [], results
+
+
+def _sni_upstream(private_ca) -> tuple[str, threading.Thread, socket.socket, list]:
+    """An https upstream on 127.0.0.1 answering one request on each of two connections 200
+    ``ok``, recording the server names the client asked for (SNI) in the list returned."""
+    names: list = []
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(private_ca["cert"], private_ca["key"])
+    context.sni_callback = lambda _sock, name, _ctx: names.append(name)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    listener.settimeout(10)
+
+    def serve() -> None:
+        for _ in range(2):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.settimeout(5)
+            try:
+                peer = context.wrap_socket(conn, server_side=True)
+                got = b""
+                while b"\r\n\r\n" not in got:
+                    got += peer.recv(65536)
+                peer.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                peer.recv(1)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return f"https://localhost:{listener.getsockname()[1]}", thread, listener, names
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_upstream_tls_sends_sni_verifies_and_bounds_the_handshake_on_either_loop(
+        redis_url, monkeypatch, private_ca, loop):
+    """The upstream's TLS is asyncio's SSLProtocol on any loop (uvloop's drops records under
+    backpressure): it still sends the URL's host as SNI and verifies the certificate against
+    it with ``ca_file`` (502 without it), and an upstream that accepts the TCP connection but
+    never answers the handshake is a 504 within the upstream's ``timeout``."""
+    new_loop = pytest.importorskip("uvloop").new_event_loop if loop == "uvloop" \
+        else asyncio.new_event_loop
+    routes = (Route("/public/**", "api", (), (), True),)
+    silent = socket.socket()  # accepts (the kernel does), never speaks TLS
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)
+    url, thread, listener, names = _sni_upstream(private_ca)
+    cases = [(url, str(private_ca["ca"])), (url, None),
+             (f"https://127.0.0.1:{silent.getsockname()[1]}", str(private_ca["ca"]))]
+
+    async def status(target: str, ca_file: str | None) -> tuple[int, bytes, float]:
+        config = make_config(target, routes=routes,
+                             upstreams={"api": Upstream("api", target, 0.5, ca_file=ca_file)})
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            started = time.monotonic()
+            async with g.proxy.get("/public/x") as resp:
+                return resp.status, await resp.read(), time.monotonic() - started
+
+    try:
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            got = [runner.run(status(*case)) for case in cases]
+    finally:
+        listener.close()
+        silent.close()
+        thread.join(5)
+    assert got[0][:2] == (200, b"ok"), got
+    assert names[:1] == ["localhost"], names
+    assert got[1][0] == 502 and b"upstream_unavailable" in got[1][1], got
+    assert got[2][0] == 504 and b"upstream_timeout" in got[2][1] and got[2][2] < 2.0, got

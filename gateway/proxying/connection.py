@@ -193,8 +193,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # the end of a body read to the close (RFC 9112 6.3): a FIN over TCP; over TLS only a
-        # close_notify (9.8), which uvloop's TLS transport alone reports here (asyncio's
-        # reports a bare FIN too: told apart by what the TLS session read)
+        # close_notify (9.8). The TLS is asyncio's SSLProtocol on every loop (UpstreamPool.
+        # _connect_tls), which reports a bare FIN here too: told apart by what the session read
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
         self.ended = ssl_object is None or self._close_notified(ssl_object)
         return False

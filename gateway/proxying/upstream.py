@@ -26,7 +26,11 @@ proxy needs and nothing else:
 - a request that fails on a reused idle connection before any response byte (the upstream
   closed it meanwhile) is retried once when it had no body and a safe method (GET, HEAD,
   OPTIONS, TRACE); any other is not (the upstream may have acted on it, or its body was
-  consumed from the client): it fails as a 502, never silently sent twice.
+  consumed from the client): it fails as a 502, never silently sent twice;
+- TLS to an ``https://`` upstream is asyncio's own ``SSLProtocol`` over a plain TCP
+  connection of the running loop, whatever the loop: uvloop's TLS transport (0.23) drops the
+  records it has not decrypted yet when the FIN comes while reading is paused (uvloop PR
+  #661): a large answer ended by close_notify was cut short under backpressure.
 
 This module is the pool; one connection, its parsing and the response it hands out are
 ``gateway.proxying.connection``.
@@ -37,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+from asyncio import sslproto
 from urllib.parse import urlsplit
 
 from .connection import (BodyFramingError, BodySource, ClientGone, UploadShareFull,
@@ -215,15 +220,35 @@ class UpstreamPool:
     async def _connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port,
-                                       ssl=self.tls,
-                                       server_hostname=self.host if self.tls else None),
-                self.connect_timeout)
+            if self.tls is None:
+                _, conn = await asyncio.wait_for(
+                    loop.create_connection(lambda: UpstreamConnection(self), self.host,
+                                           self.port),
+                    self.connect_timeout)
+            else:
+                conn = await asyncio.wait_for(self._connect_tls(loop), self.connect_timeout)
         except asyncio.TimeoutError as exc:
             raise UpstreamUnreached("connect timed out") from exc
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamConnectError(exc.__class__.__name__) from exc
+        return conn
+
+    async def _connect_tls(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
+        """A TLS connection (SNI and verification for ``self.host``, with ``self.tls``): what
+        ``loop.create_connection(ssl=...)`` does, with asyncio's ``SSLProtocol`` on any loop.
+        Unlike uvloop's, it keeps the records already read when the FIN comes while the
+        answer's reading is paused, and hands them on once reading resumes."""
+        conn = UpstreamConnection(self)
+        handshake = loop.create_future()
+        tls = sslproto.SSLProtocol(loop, conn, self.tls, handshake, server_side=False,
+                                   server_hostname=self.host,
+                                   ssl_handshake_timeout=self.connect_timeout)
+        transport, _ = await loop.create_connection(lambda: tls, self.host, self.port)
+        try:
+            await handshake
+        except BaseException:
+            transport.close()
+            raise
         return conn
 
     async def request(self, head: bytes, *, body: BodySource | None = None,
