@@ -27,8 +27,8 @@ import time
 from typing import Callable
 
 from .config import Config, Plan, RateLimit
-from .errors import (ServiceUnavailable, StoreError, TooManyRequests, client_closed,
-                     invalid_token)
+from .errors import (ServiceUnavailable, StoreError, TooManyRequests, Unauthorized,
+                     client_closed, invalid_token)
 from .store.records import WORKSPACE_ID_RE, key_from_hash, workspace_from_hash
 from .store.request import RequestStore
 from .usage import effective_plan, key_rate_limit
@@ -140,9 +140,11 @@ class _Verification:
     runs under, its first requester's. ``refused_client``: it was refused 429 for that
     client's failures alone (not the key id's): a request from another client that shared it
     is verified on its own instead (so is one it shared that was refused 503 ``overloaded``
-    before a turn, the queue being bounded per client)."""
+    before a turn, the queue being bounded per client). ``failed``: its argon2 run failed
+    and was counted against ``client``: a request from another client that shared it counts
+    it against its own as well."""
 
-    __slots__ = ("task", "waiting", "turned", "client", "refused_client")
+    __slots__ = ("task", "waiting", "turned", "client", "refused_client", "failed")
 
     def __init__(self, client: str = "") -> None:
         self.task: asyncio.Future | None = None
@@ -150,6 +152,7 @@ class _Verification:
         self.turned = False
         self.client = client
         self.refused_client = False
+        self.failed = False
 
 
 def token_digest(raw_token: str) -> bytes:
@@ -288,22 +291,33 @@ class Authenticator:
         token = self.parse(raw_token)  # only tokens that never verified get here
         if self._miss is not None:
             self._miss.inc()
+        client = throttle_client(client_ip)
         verification = self._inflight.get(digest)
+        # joining a verification that runs under another client's queue and failure limit
+        joined = verification is not None and verification.client != client
         if verification is None:
-            verification = self._start(token, digest, digest, throttle_client(client_ip), entry)
+            verification = self._start(token, digest, digest, client, entry)
         watch = getattr(request, "protocol", None)
         try:
+            if joined and entry is None:  # (one that verified before is no guess: _start)
+                await self._join(verification, digest, token.key_id, client)
             try:
-                return await self._outcome(verification, digest, watch)
+                return await self._outcome(verification, digest, watch, joined)
             except (TooManyRequests, ServiceUnavailable) as exc:
                 # Shared with a first requester from another client address and refused for
                 # that address alone (its failures; its queue full, overloaded before a turn):
                 # the limits are per client, so this request is verified under its own
                 # (shared with others of its client). One argon2 per token otherwise.
-                if not (verification.refused_client or (
-                        exc.code == "overloaded" and not verification.turned)) or \
-                        verification.client == (client := throttle_client(client_ip)):
+                if not joined or not (verification.refused_client or (
+                        exc.code == "overloaded" and not verification.turned)):
                     raise
+            except Unauthorized:
+                # the shared run's guess failed: a failure of this request's client too, as
+                # had it been sent alone (the key id's count is the run's: one argon2 run)
+                if joined and verification.failed:
+                    await self.requests.record_failure(
+                        client, None, self.config.keys.failures.window_seconds)
+                raise
             inflight = (digest, client)
             verification = self._inflight.get(inflight)
             if verification is None:
@@ -337,10 +351,27 @@ class Authenticator:
         task.add_done_callback(lambda t: self._verified(inflight, t))
         return verification
 
-    async def _outcome(self, verification: _Verification, inflight, watch) -> CachedKey:
+    async def _join(self, verification: _Verification, inflight, key_id: str,
+                    client: str) -> None:
+        """Before a request joins ``verification``, run under another client's failure
+        limit: its own client's (429 ``too_many_failures``, as sent alone: first failure
+        wins). Meanwhile it counts as waiting on the verification, which others leaving
+        therefore do not cancel under it; refused, it leaves it as one gone would."""
+        verification.waiting += 1
+        refused = True
+        try:
+            await self._within_failure_limits(key_id, client, per_key=False)
+            refused = False
+        finally:
+            verification.waiting -= 1
+            if refused:
+                self._abandon(verification, inflight)
+
+    async def _outcome(self, verification: _Verification, inflight, watch,
+                       joined: bool = False) -> CachedKey:
         """The verification's result for one request waiting on it."""
         if hasattr(watch, "upstream_wait"):
-            return await self._wait_while_there(verification, inflight, watch)
+            return await self._wait_while_there(verification, inflight, watch, joined)
         # none, or not keygate's own handler (the admin listener's key check): a waiter
         # all the same, whose verification a request leaving must not cancel under it
         verification.waiting += 1
@@ -373,11 +404,14 @@ class Authenticator:
             raise invalid_token("malformed_key", f"The API key is malformed: {exc}.") from None
 
     async def _wait_while_there(self, verification: _Verification, inflight,
-                                watch) -> CachedKey:
+                                watch, joined: bool = False) -> CachedKey:
         """The verification's result, unless the client goes first (``watch.upstream_wait``
         ended by its connection handler): the request then ends as ``client_closed``, and a
         verification nobody waits on any more that has no turn yet is cancelled, freeing its
-        place in the queue (per client address and in total) for requests still there."""
+        place in the queue (per client address and in total) for requests still there.
+
+        ``joined``: run under another client's limits, whose refusal (429, 503) may send this
+        request to a verification of its own: not if its client went in the same pass."""
         task, loop = verification.task, asyncio.get_running_loop()
         result = asyncio.shield(task)
         gone = loop.create_future()
@@ -397,13 +431,22 @@ class Authenticator:
         elif not gone.cancelled():
             gone.exception()  # retrieved: ClientGone
         if result.done():  # answered, though the client may have gone just now
+            if joined and not gone.cancelled() and not result.cancelled() and isinstance(
+                    result.exception(), (TooManyRequests, ServiceUnavailable)):
+                raise client_closed(reached_upstream=False)  # no run of its own for nobody
             return result.result()
         result.cancel()  # the task itself goes on for whoever still waits on it
+        self._abandon(verification, inflight)
+        raise client_closed(reached_upstream=False)
+
+    def _abandon(self, verification: _Verification, inflight) -> None:
+        """A request stopped waiting on ``verification``: if nobody waits on it any more and
+        it has no turn yet, it is cancelled (its place in the queue goes to those there)."""
+        task = verification.task
         if not verification.waiting and not verification.turned and not task.done():
             if self._inflight.get(inflight) is verification:
                 del self._inflight[inflight]  # a request coming now starts one anew
             task.cancel()
-        raise client_closed(reached_upstream=False)
 
     def _verified(self, inflight, task: asyncio.Task) -> None:
         verification = self._inflight.get(inflight)
@@ -449,7 +492,7 @@ class Authenticator:
             for name in running:
                 self._running[name] = self._running.get(name, 0) + 1
             try:
-                return await self._verify_counted(token, digest, client_ip)
+                return await self._verify_counted(token, digest, client_ip, verification)
             finally:
                 for name in running:
                     if (n := self._running[name] - 1) > 0:
@@ -460,14 +503,18 @@ class Authenticator:
                         done.set()
 
     async def _within_failure_limits(self, key_id: str, client_ip: str,
-                                     verification: _Verification | None = None) -> None:
+                                     verification: _Verification | None = None,
+                                     per_key: bool = True) -> None:
         """429 too_many_failures once the stored failures reach a limit. While they are below
         it, verifications of this process still running for the same IP (or key id) are what
         could still fail: one that could push past the limit waits for them to finish rather
         than run argon2 beyond the limit (an attacker's concurrent wrong guesses then cost at
-        most ``per_ip`` argon2 runs per window and process)."""
+        most ``per_ip`` argon2 runs per window and process).
+
+        ``per_key`` False: the client IP's limit alone (a request joining a verification that
+        judges the key id's)."""
         limits = self.config.keys.failures
-        per_key = self._per_key_limit
+        per_key = self._per_key_limit if per_key else None
         while True:
             by_ip, by_key = await self.requests.failure_counts(client_ip,
                                                                key_id if per_key else None)
@@ -519,8 +566,8 @@ class Authenticator:
         ms = max((int((a - now) * 1000) for a in at if a is not None), default=0)
         return max(1, min(window, -(-ms // 1000)))
 
-    async def _verify_counted(self, token: ParsedToken, digest: bytes,
-                              client_ip: str) -> CachedKey:
+    async def _verify_counted(self, token: ParsedToken, digest: bytes, client_ip: str,
+                              verification: _Verification | None = None) -> CachedKey:
         limits = self.config.keys.failures
         generation = self.generation  # a reload while this runs leaves the entry stale
         workspace_id = await self.requests.key_workspace(token.key_id)
@@ -537,6 +584,8 @@ class Authenticator:
             self.cache.pop(digest, None)  # an entry past its TTL: no longer a token that verified
             await self.requests.record_failure(  # per key id only when that limit is on
                 client_ip, token.key_id if self._per_key_limit else None, limits.window_seconds)
+            if verification is not None:
+                verification.failed = True  # its joiners from other clients count it too
             raise invalid_token("invalid_key", "The API key is not valid.")
         entry = self._entry_for(key, workspace, role, digest,
                                 time.monotonic() + self.config.keys.cache_ttl, generation)

@@ -8,12 +8,14 @@ import json
 import logging
 import threading
 import time
+import types
 
 import pytest
 import redis
 
 from gateway.auth import token_digest
 from gateway.config import FailureLimits, ServerConfig, StoreConfig
+from gateway.errors import TooManyRequests
 from gateway.tokens import checksum
 from gateway.trust import throttle_client
 
@@ -842,6 +844,124 @@ async def test_a_clean_address_sharing_a_first_verification_refused_overloaded_i
     assert [getattr(r, "code", None) for r in (results[0], results[2])] == ["overloaded"] * 2
     assert not isinstance(results[1], Exception), results[1]
     assert results[1].id == key["id"]
+
+
+def _failures(r: redis.Redis, ip: str) -> int:
+    return int(r.get(f"kg:fail:ip:{throttle_client(ip)}") or 0)
+
+
+async def test_an_address_over_its_failure_limit_is_refused_429_even_when_it_joins_a_clean_run(
+        redis_url, upstream, monkeypatch):
+    """SPEC (proxy listener, first failure wins): "repeated failed verifications from one
+    client IP ... checked before argon2 runs | 429 too_many_failures" comes before "unknown
+    key id or wrong secret | 401 invalid_key". 10.9.0.9 is at its per-IP failure limit. Sent
+    alone, its wrong guess is answered 429 (no argon2). Sent while a clean address has the same
+    token's first verification under way, it joined that run (run under the clean address's
+    limit only) and was answered that run's 401 invalid_key: the verdict for its guess, no
+    Retry-After. It is now refused 429 with its own Retry-After, as alone; the clean address
+    still gets its 401 from the one argon2 run. (Adversarial review revauth.)"""
+    config = make_config(str(upstream.make_url("")))
+    limit = config.keys.failures.per_ip
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        auth = g.gw.pipeline.auth
+        r = redis.Redis.from_url(redis_url)
+        try:
+            r.set(f"kg:fail:ip:{throttle_client('10.9.0.9')}", limit, ex=60)
+            guess = wrong_secret(token)
+            alone = await asyncio.gather(auth.authenticate(guess, "10.9.0.9"),
+                                         return_exceptions=True)
+            assert getattr(alone[0], "code", None) == "too_many_failures", alone  # as SPEC says
+            clean = asyncio.create_task(auth.authenticate(guess, "10.1.0.1"))
+            throttled = asyncio.create_task(auth.authenticate(guess, "10.9.0.9"))  # joins it
+            got = await asyncio.wait_for(asyncio.gather(clean, throttled,
+                                                        return_exceptions=True), 20)
+            assert getattr(got[0], "code", None) == "invalid_key", got
+            assert isinstance(got[1], TooManyRequests) and got[1].code == "too_many_failures", (
+                f"an address at its failure limit was answered {getattr(got[1], 'code', got[1])!r} "
+                "for a wrong secret because another address sent it at the same moment")
+            assert 1 <= int(got[1].headers["Retry-After"]) <= 60
+            assert _failures(r, "10.9.0.9") == limit  # refused before: not counted again
+            assert _failures(r, "10.1.0.1") == 1
+            assert g.counter("keygate_argon2_verifications_total", result="fail") == 1
+        finally:
+            r.close()
+
+
+async def test_a_wrong_secret_joining_another_addresss_run_counts_against_its_own_address(
+        redis_url, upstream, monkeypatch):
+    """A failed shared verification was counted against its first requester's address only:
+    an address whose wrong guesses each joined another address's run of the same token was
+    never counted, so it never reached its limit. Each request's failure counts against its
+    own client (as alone: an IPv6 /64 is one client), still with one argon2 run per token."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        auth = g.gw.pipeline.auth
+        r = redis.Redis.from_url(redis_url)
+        try:
+            guess = wrong_secret(token)
+            tasks = [asyncio.create_task(auth.authenticate(guess, ip)) for ip in
+                     ("10.1.0.1", "10.2.0.2", "2001:db8:1:2::1", "2001:db8:1:2::2")]
+            got = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+            assert [getattr(e, "code", e) for e in got] == ["invalid_key"] * 4, got
+            # per request, as alone: the /64's two requests are two failures of that client
+            assert [_failures(r, ip) for ip in ("10.1.0.1", "10.2.0.2", "2001:db8:1:2::1")] \
+                == [1, 1, 2]
+            assert g.counter("keygate_argon2_verifications_total", result="fail") == 1
+        finally:
+            r.close()
+
+
+async def test_a_joiner_whose_client_left_as_the_shared_run_was_refused_starts_no_run(
+        redis_url, upstream, monkeypatch):
+    """A clean address joined a throttled address's first verification; the run was refused
+    (429, for the throttled address alone) in the very pass its client's connection went: it
+    was answered from the refusal rather than as gone, and then started a verification of its
+    own (queue turn, store reads, argon2) for a client no longer there. It now ends as
+    client_closed, and no run starts."""
+    from gateway.proxying.connection import ClientGone
+    c = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(
+        c, keys=dataclasses.replace(c.keys, failures=FailureLimits(20, None, 60)))
+    async with HeldReplies(redis_url) as relay, \
+            gateway_under_test(config, relay.url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        auth = g.gw.pipeline.auth
+        r = redis.Redis.from_url(redis_url)
+        r.set(f"kg:fail:ip:{throttle_client('10.0.0.1')}", 20, ex=60)  # at the limit (20)
+        r.close()
+        auth.cache.clear()
+        digest = token_digest(token)
+        # keygate's own connection handler as authenticate watches it: it ends the wait
+        # it holds as upstream_wait with ClientGone when its client goes
+        watch = types.SimpleNamespace(upstream_wait=None)
+        went = []
+
+        def client_goes(_task) -> None:  # in the pass the refusal is handed out
+            if isinstance(watch.upstream_wait, asyncio.Future):
+                watch.upstream_wait.set_exception(ClientGone())
+                went.append(True)
+
+        relay.hold_when(f"kg:fail:ip:{throttle_client('10.0.0.1')}".encode())
+        first = asyncio.create_task(auth.authenticate(token, "10.0.0.1"))
+        assert await eventually(lambda: relay.held_back > 0, 5)
+        joined = asyncio.create_task(auth.authenticate(
+            token, "10.0.0.2", types.SimpleNamespace(protocol=watch)))
+        assert await eventually(lambda: digest in auth._inflight
+                                and auth._inflight[digest].waiting == 2, 5)
+        auth._inflight[digest].task.add_done_callback(client_goes)
+        relay.release()
+        got = await asyncio.wait_for(asyncio.gather(first, joined, return_exceptions=True), 10)
+        assert went, "the joiner was not waiting on the run when it was refused"
+        assert getattr(got[0], "code", None) == "too_many_failures", got
+        assert getattr(got[1], "code", None) == "bad_request", got  # client_closed
+        await asyncio.sleep(0.05)
+        assert not auth._inflight, auth._inflight
+        assert g.counter("keygate_argon2_verifications_total", result="ok") == 0
 
 
 async def test_a_cancelled_first_verification_does_not_fail_the_requests_waiting_on_it(gut):
