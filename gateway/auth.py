@@ -300,7 +300,7 @@ class Authenticator:
         watch = getattr(request, "protocol", None)
         try:
             if joined and entry is None:  # (one that verified before is no guess: _start)
-                await self._join(verification, digest, token.key_id, client)
+                await self._join(verification, digest, token.key_id, client, watch)
             try:
                 return await self._outcome(verification, digest, watch, joined)
             except (TooManyRequests, ServiceUnavailable) as exc:
@@ -352,17 +352,45 @@ class Authenticator:
         return verification
 
     async def _join(self, verification: _Verification, inflight, key_id: str,
-                    client: str) -> None:
+                    client: str, watch) -> None:
         """Before a request joins ``verification``, run under another client's failure
         limit: its own client's (429 ``too_many_failures``, as sent alone: first failure
         wins). Meanwhile it counts as waiting on the verification, which others leaving
-        therefore do not cancel under it; refused, it leaves it as one gone would."""
+        therefore do not cancel under it; refused, it leaves it as one gone would. Its
+        client going during the check (a slow store; its own client's runs to wait for)
+        ends it ``client_closed`` then, as ``_wait_while_there`` would: the connection
+        handler ends ``watch.upstream_wait``, held here for that."""
         verification.waiting += 1
         refused = True
+        check = asyncio.ensure_future(
+            self._within_failure_limits(key_id, client, per_key=False))
+        gone = None
+        if hasattr(watch, "upstream_wait"):
+            gone = asyncio.get_running_loop().create_future()
+            watch.upstream_wait = gone
         try:
-            await self._within_failure_limits(key_id, client, per_key=False)
+            if gone is None:
+                await check
+            else:
+                try:
+                    await asyncio.wait((check, gone), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if watch.upstream_wait is gone:
+                        watch.upstream_wait = None
+                if gone.done():  # gone, even if its check came in the same pass
+                    raise client_closed(reached_upstream=False)
+                check.result()
             refused = False
         finally:
+            if not check.done():
+                check.cancel()
+            elif not check.cancelled():
+                check.exception()  # retrieved: re-raised above, or nobody's any more
+            if gone is not None:
+                if not gone.done():
+                    gone.cancel()
+                elif not gone.cancelled():
+                    gone.exception()  # retrieved: ClientGone
             verification.waiting -= 1
             if refused:
                 self._abandon(verification, inflight)

@@ -998,3 +998,67 @@ async def test_fail_open_counts_reach_the_store_without_waiting_for_more_traffic
         await eventually(usage_read)
         _, usage = await g.admin_json("GET", "/workspaces/acme/usage")
         assert usage["used"] == 3
+
+
+def _client_goes(watch) -> None:
+    """What keygate's connection handler does when its client goes
+    (proxying/server.py connection_lost): it ends the wait it holds as upstream_wait, if any."""
+    from gateway.proxying.connection import ClientGone
+    waiting, watch.upstream_wait = watch.upstream_wait, None
+    if waiting is not None and not waiting.done():
+        waiting.set_exception(ClientGone())
+
+
+async def test_a_joiner_whose_client_goes_during_its_own_failure_check_ends_and_frees_the_run(
+        redis_url, upstream, monkeypatch):
+    """10.0.0.1 starts a token's first verification, which waits for a queue turn (every
+    turn taken). 10.0.0.2 sends the same token and joins it: 429a07d first reads its own
+    failure count (Redis slow here), and while it did, it counted as waiting on the run but
+    held no upstream_wait, so its connection handler cannot tell it its client went. Both
+    clients go. The first ends client_closed and leaves the run to the joiner; the joiner,
+    its read answered, waits on the run with a fresh upstream_wait nobody will ever end: it
+    does not end as client_closed, and the run it keeps alive is not cancelled, so it keeps
+    its queue place and runs argon2 for nobody (and a verified key then goes on through the
+    pipeline for a client long gone). A request alone, or joining one of its own client,
+    ends at once and frees the queue place (_wait_while_there / _abandon); so does this
+    joiner now, the wait for its own check held as its upstream_wait."""
+    config = make_config(str(upstream.make_url("")))
+    async with HeldReplies(redis_url) as relay, \
+            gateway_under_test(config, relay.url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        auth = g.gw.pipeline.auth
+        auth.cache.clear()
+        digest = token_digest(token)
+        watch_a = types.SimpleNamespace(upstream_wait=None)
+        watch_b = types.SimpleNamespace(upstream_wait=None)
+        auth.queue.busy = auth.queue.slots  # every turn taken: the run waits for one
+        first = joined = None
+        try:
+            first = asyncio.create_task(auth.authenticate(
+                token, "10.0.0.1", types.SimpleNamespace(protocol=watch_a)))
+            assert await eventually(lambda: digest in auth._inflight
+                                    and auth._inflight[digest].waiting == 1, 5)
+            run = auth._inflight[digest]
+            relay.delay_when(f"kg:fail:ip:{throttle_client('10.0.0.2')}".encode())
+            joined = asyncio.create_task(auth.authenticate(
+                token, "10.0.0.2", types.SimpleNamespace(protocol=watch_b)))
+            assert await eventually(lambda: relay.held_back > 0, 5)  # in its own check
+            assert run.waiting == 2
+            _client_goes(watch_a)  # both clients go
+            _client_goes(watch_b)
+            relay.release()
+            await asyncio.wait({first, joined}, timeout=3)
+            assert first.done() and getattr(first.exception(), "code", None) == "bad_request"
+            assert joined.done(), (
+                "the joiner whose client went during its own failure check still waits on "
+                "the shared run (which is still queued) instead of ending client_closed")
+            assert getattr(joined.exception(), "code", None) == "bad_request"
+            assert run.task.cancelled() and digest not in auth._inflight, \
+                "a verification nobody waits on still holds its queue place"
+        finally:
+            auth.queue.busy = 0
+            auth.queue.resize(auth.queue.slots)  # let the run have its turn, and end
+            for t in (first, joined):
+                if t is not None:
+                    await asyncio.wait({t}, timeout=10)
