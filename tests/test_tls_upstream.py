@@ -131,36 +131,30 @@ async def test_the_upstream_client_uses_the_ca_file(
 
 # --- a body that ends at the close ends, over TLS, only at close_notify ---------------------------
 
-def _close_delimited_upstream(private_ca, ending: str) -> tuple[str, threading.Thread, socket.socket]:
-    """An upstream on 127.0.0.1 (https, or http for ``ending="tcp"``) answering one request
-    200 with neither Content-Length nor chunks: the body ends at the close (RFC 9112 6.3). It
-    sends part of a body, then ends the connection: with TLS's ``close_notify``
-    (``"close_notify"``), with a TCP FIN alone (``"fin"``: the upstream process died, or
-    something on the path cut the connection), or over plain TCP with a FIN (``"tcp"``)."""
+def _one_request_upstream(private_ca, answer, *, tls: bool = True,
+                          timeout: float = 10.0) -> tuple[str, threading.Thread, socket.socket]:
+    """An upstream on 127.0.0.1 (https, or http without ``tls``) that reads one request's
+    head and hands the connection to ``answer(peer)``, in a thread. Returns its URL, the
+    thread and the listener (closed by the test)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(private_ca["cert"], private_ca["key"])
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(5)
-    listener.settimeout(10)
+    listener.settimeout(timeout)
 
     def serve() -> None:
         try:
             conn, _ = listener.accept()
         except OSError:
             return
-        conn.settimeout(5)
+        conn.settimeout(timeout)
         try:
-            peer = conn if ending == "tcp" else context.wrap_socket(conn, server_side=True)
+            peer = context.wrap_socket(conn, server_side=True) if tls else conn
             got = b""
             while b"\r\n\r\n" not in got:
                 got += peer.recv(65536)
-            peer.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nrows 1-100 of 1000 ")
-            time.sleep(0.3)  # the head and these rows are passed on before the end comes
-            if ending == "close_notify":
-                peer.unwrap()  # a clean TLS close: the body's end
-            else:
-                peer.shutdown(socket.SHUT_RDWR)  # TCP's FIN only
+            answer(peer)
         except OSError:
             pass
         finally:
@@ -168,8 +162,24 @@ def _close_delimited_upstream(private_ca, ending: str) -> tuple[str, threading.T
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    scheme = "http" if ending == "tcp" else "https"
-    return f"{scheme}://127.0.0.1:{listener.getsockname()[1]}", thread, listener
+    return f"{'https' if tls else 'http'}://127.0.0.1:{listener.getsockname()[1]}", thread, listener
+
+
+def _close_delimited_upstream(private_ca, ending: str) -> tuple[str, threading.Thread, socket.socket]:
+    """An upstream (https, or http for ``ending="tcp"``) answering one request 200 with
+    neither Content-Length nor chunks: the body ends at the close (RFC 9112 6.3). It sends
+    part of a body, then ends the connection: with TLS's ``close_notify``
+    (``"close_notify"``), with a TCP FIN alone (``"fin"``: the upstream process died, or
+    something on the path cut the connection), or over plain TCP with a FIN (``"tcp"``)."""
+    def answer(peer) -> None:
+        peer.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nrows 1-100 of 1000 ")
+        time.sleep(0.3)  # the head and these rows are passed on before the end comes
+        if ending == "close_notify":
+            peer.unwrap()  # a clean TLS close: the body's end
+        else:
+            peer.shutdown(socket.SHUT_RDWR)  # TCP's FIN only
+
+    return _one_request_upstream(private_ca, answer, tls=ending != "tcp")
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -235,39 +245,16 @@ def _large_answer_upstream(private_ca, body: bytes,
     a Content-Length if ``length``, else read to the close), then ending cleanly as most
     servers do: close_notify, then the socket closed at once (the peer's close_notify not
     waited for)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(private_ca["cert"], private_ca["key"])
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(5)
-    listener.settimeout(20)
-
-    def serve() -> None:
+    def answer(peer) -> None:
+        framing = b"Content-Length: %d\r\n" % len(body) if length else b""
+        peer.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n" + framing + b"\r\n" + body)
+        peer.setblocking(False)
         try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        conn.settimeout(20)
-        try:
-            peer = context.wrap_socket(conn, server_side=True)
-            got = b""
-            while b"\r\n\r\n" not in got:
-                got += peer.recv(65536)
-            framing = b"Content-Length: %d\r\n" % len(body) if length else b""
-            peer.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n" + framing + b"\r\n" + body)
-            peer.setblocking(False)
-            try:
-                peer.unwrap()  # close_notify sent; the peer's not waited for
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                pass
-        except OSError:
+            peer.unwrap()  # close_notify sent; the peer's not waited for
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             pass
-        finally:
-            conn.close()
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    return f"https://127.0.0.1:{listener.getsockname()[1]}", thread, listener
+    return _one_request_upstream(private_ca, answer, timeout=20.0)
 
 
 def _dechunk(data: bytes) -> bytes:
