@@ -32,6 +32,7 @@ from aiohttp import ClientSession, web
 
 from conftest import free_port
 from gateway.app import running_gateway, start_listeners, stop_listeners
+from gateway.config import StoreConfig
 from harness import ADMIN_TOKEN, make_config
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -178,6 +179,26 @@ def page(browser, gateway):
     yield console
     console.assert_nothing_kept()
     console.assert_no_console_errors()
+
+
+@pytest.fixture
+def patient_page(browser, own_redis):
+    """A console on a gateway of its own whose store calls wait up to 30 s: for the tests that
+    hold Redis's writes (CLIENT PAUSE) until they have sent two calls. With the shipped 2 s
+    store timeout a fixed pause had to be shorter than 2 s, and on a loaded machine the clicks
+    took longer than that; the first call's token dialog then opened too soon."""
+    gw = start_gateway(own_redis.url, store=StoreConfig(timeout=30.0))
+    try:
+        browser.get("about:blank")
+        browser.get_log("browser")
+        browser.get(gw.admin_url + "/console/")
+        wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+        console = Console(browser, gw)
+        yield console, gw, own_redis.url
+        console.assert_nothing_kept()
+        console.assert_no_console_errors()
+    finally:
+        gw.stop()
 
 
 def wait(driver, condition, timeout: float = WAIT):
@@ -918,12 +939,13 @@ def test_a_double_click_on_create_or_rotate_makes_one_key(page, gateway):
     assert gateway.proxy("/people", rotated)[0] == 200
 
 
-def test_a_token_shown_once_is_not_replaced_by_another_answer(page, gateway, redis_server_url):
+def test_a_token_shown_once_is_not_replaced_by_another_answer(patient_page):
     """Two calls that each answer a shown-once token (Create, from the inline form, and Rotate,
     from a row) are in flight together: the store is slow for a moment. Both keys are made;
     the second answer's dialog replaced the first's (openDialog closed every dialog), so one
     live key's token was never seen by anybody. SPEC: the token appears once 'until Done is
     pressed'. Now the second waits for the first one's Done."""
+    page, gateway, store_url = patient_page
     new_workspace(gateway, "rcboth", "Both")
     gateway.key("rcboth", name="rotated-one", scopes=["people:read"])
     page.sign_in(ADMIN_TOKEN)
@@ -932,9 +954,11 @@ def test_a_token_shown_once_is_not_replaced_by_another_answer(page, gateway, red
     page.button("Create key").click()
     page.field("Name").send_keys("created-one")
     page.field("Scopes").send_keys("people:read")
-    store = redis_sync.Redis.from_url(redis_server_url)
+    store = redis_sync.Redis.from_url(store_url)
     try:
-        store.execute_command("CLIENT", "PAUSE", "1500", "WRITE")  # a slow store, briefly
+        # a slow store until both calls are sent: a fixed pause ran out on a loaded machine
+        # before the Rotate dialog was filled, and the Create's token dialog was found instead
+        store.execute_command("CLIENT", "PAUSE", "30000", "WRITE")
         page.button("Create").click()
         page.button("Rotate", page.row("rotated-one")).click()
         dialog = page.dialog()
@@ -942,7 +966,9 @@ def test_a_token_shown_once_is_not_replaced_by_another_answer(page, gateway, red
         grace.clear()
         grace.send_keys("1h")
         page.button("Rotate", dialog).click()
+        time.sleep(0.3)  # the Rotate call is on its way
     finally:
+        store.execute_command("CLIENT", "UNPAUSE")
         store.close()
     # both keys exist: one created, one made by the rotation
     wait(page.driver, lambda d: len(keys_named(gateway, "rcboth", "created-one")) == 1
@@ -968,13 +994,13 @@ def test_a_token_shown_once_is_not_replaced_by_another_answer(page, gateway, red
         assert gateway.proxy("/people", token)[0] == 200
 
 
-def test_focus_after_the_last_queued_token_dialog_goes_back_to_the_page(page, gateway,
-                                                                        redis_server_url):
+def test_focus_after_the_last_queued_token_dialog_goes_back_to_the_page(patient_page):
     """Keyboard only. A Create and a Rotate are on their way together; the second token waits
     for the first one's Done. After the last Done, focus went to <body>: the queued dialog was
     opened from inside the one just removed, so its `opener` was the body, and a keyboard user
     was thrown back to the top of the page. With one token dialog, focus goes back to the
     control that opened it; with a queue, to the control the first of them came from."""
+    page, gateway, store_url = patient_page
     new_workspace(gateway, "rvfocus", "Focus")
     gateway.key("rvfocus", name="rot-one", scopes=["people:read"])
     page.sign_in(ADMIN_TOKEN)
@@ -983,16 +1009,18 @@ def test_focus_after_the_last_queued_token_dialog_goes_back_to_the_page(page, ga
     page.button("Create key").click()
     page.field("Name").send_keys("made-one")
     page.field("Scopes").send_keys("people:read")
-    store = redis_sync.Redis.from_url(redis_server_url)
+    store = redis_sync.Redis.from_url(store_url)
     try:
-        store.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+        store.execute_command("CLIENT", "PAUSE", "30000", "WRITE")  # until both are sent
         page.field("Name").send_keys(Keys.ENTER)  # Create, by keyboard
         page.button("Rotate", page.row("rot-one")).click()
         grace = page.field("Grace", page.dialog())
         grace.clear()
         grace.send_keys("1h")
         grace.send_keys(Keys.ENTER)  # Rotate, by keyboard
+        time.sleep(0.3)  # the Rotate call is on its way
     finally:
+        store.execute_command("CLIENT", "UNPAUSE")
         store.close()
     wait(page.driver, lambda d: len(keys_named(gateway, "rvfocus", "rot-one")) == 2
          and len(keys_named(gateway, "rvfocus", "made-one")) == 1)
