@@ -396,3 +396,90 @@ def test_the_upstream_tls_sends_sni_verifies_and_bounds_the_handshake_on_either_
     assert names[:1] == ["localhost"], names
     assert got[1][0] == 502 and b"upstream_unavailable" in got[1][1], got
     assert got[2][0] == 504 and b"upstream_timeout" in got[2][1] and got[2][2] < 2.0, got
+
+
+# --- a refused upstream certificate: 502 to the client, OpenSSL's reason in the log ------------
+
+def _leaf(d: Path, name: str, ca: str, san: str, days: str = "1") -> None:
+    """A server certificate ``name``.pem/.key in ``d`` signed by CA ``ca`` (``ca``.pem/.key);
+    ``days`` "-1": already expired."""
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-new", *ec, "-subj", "/CN=server",
+            "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
+    (d / f"{name}.cnf").write_text(
+        f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid:always\n")
+    openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / f"{ca}.pem"),
+            "-CAkey", str(d / f"{ca}.key"), "-CAcreateserial", "-days", days,
+            "-extfile", str(d / f"{name}.cnf"), "-out", str(d / f"{name}.pem"))
+
+
+def _another_ca(d: Path, name: str) -> None:
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec, "-days", "2", "-subj", f"/CN=keygate test {name}",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.pem"))
+
+
+@pytest.fixture(scope="module")
+def more_certs(private_ca) -> Path:
+    """Beside ``private_ca``'s: certificates it signed that are expired (``expired``) or for
+    another host (``otherhost``); one signed by a CA nobody trusts (``untrusted``); a second
+    CA (``ca2``) and a localhost certificate it signed (``good2``)."""
+    d = private_ca["dir"]
+    _leaf(d, "expired", "ca", "DNS:localhost,IP:127.0.0.1", days="-1")
+    _leaf(d, "otherhost", "ca", "DNS:other.example")
+    _another_ca(d, "rogue")
+    _leaf(d, "untrusted", "rogue", "DNS:localhost,IP:127.0.0.1")
+    _another_ca(d, "ca2")
+    _leaf(d, "good2", "ca2", "DNS:localhost,IP:127.0.0.1")
+    return d
+
+
+async def _closing_https_upstream(aiohttp_server, context: ssl.SSLContext):
+    """An HTTPS upstream answering ``ok``, closing the connection after each answer (each
+    request makes a new TLS connection: a new handshake)."""
+    async def ok(request: web.Request) -> web.Response:
+        resp = web.Response(text="ok")
+        resp.force_close()
+        return resp
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", ok)
+    return await aiohttp_server(app, ssl=context)
+
+
+def _serving(d: Path, leaf: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(d / f"{leaf}.pem", d / f"{leaf}.key")
+    return context
+
+
+@pytest.mark.parametrize("leaf, reason", [
+    ("expired", "certificate has expired"),
+    ("otherhost", "Hostname mismatch"),
+    ("untrusted", "unable to get local issuer certificate"),
+])
+async def test_a_refused_upstream_certificate_is_logged_with_openssls_reason(
+        aiohttp_server, private_ca, more_certs, redis_url, monkeypatch, caplog,
+        leaf, reason) -> None:
+    """An expired certificate, one for another host and one from an unknown CA were all
+    logged as ``UpstreamConnectError: SSLCertVerificationError``: an operator could not tell
+    a lapsed renewal from a wrong ca_file or a DNS change. The log now says OpenSSL's reason;
+    the client's answer is the same 502, the reason not in it."""
+    server = await _closing_https_upstream(aiohttp_server, _serving(more_certs, leaf))
+    url = f"https://localhost:{server.port}"
+    config = make_config(url, routes=(Route("/public/**", "api", (), (), True),),
+                         upstreams={"api": Upstream("api", url, 2.0,
+                                                    ca_file=str(private_ca["ca"]))})
+    caplog.set_level(logging.WARNING, "keygate.proxy")
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        async with gw.proxy.get("/public/x") as resp:
+            status, text = resp.status, await resp.text()
+    assert status == 502 and '"upstream_unavailable"' in text, text
+    assert reason.lower() not in text.lower() and "SSL" not in text, text
+    lines = [r.getMessage() for r in caplog.records if r.name == "keygate.proxy"]
+    assert any(line.startswith("upstream api failed: UpstreamConnectError: ") and reason in line
+               for line in lines), lines

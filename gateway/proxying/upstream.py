@@ -230,7 +230,7 @@ class UpstreamPool:
         except asyncio.TimeoutError as exc:
             raise UpstreamUnreached("connect timed out") from exc
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamConnectError(exc.__class__.__name__) from exc
+            raise UpstreamConnectError(_why(exc)) from exc
         return conn
 
     async def _connect_tls(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
@@ -561,6 +561,20 @@ class UpstreamPool:
                 waiter.exception()
         self._waiters.clear()
         self._upload_waiters.clear()
+
+
+def _why(exc: BaseException) -> str:
+    """Why a connection could not be made, for the log (never for the client): the error's
+    class and what it says; for a refused certificate OpenSSL's reason ("certificate has
+    expired", "Hostname mismatch, ...", "unable to get local issuer certificate"), as nginx
+    logs "upstream SSL certificate verify error: (10:certificate has expired)"."""
+    name = exc.__class__.__name__
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"{name}: {exc.verify_message} (verify code {exc.verify_code})"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return f"{name}: {exc.reason}"
+    said = str(exc)
+    return f"{name}: {said}" if said else name
 
 
 def _wake_first(waiters: "collections.deque[asyncio.Future]") -> bool:
