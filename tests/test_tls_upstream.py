@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
 from gateway.config import Config, Route, Upstream, load_config
@@ -483,3 +484,73 @@ async def test_a_refused_upstream_certificate_is_logged_with_openssls_reason(
     lines = [r.getMessage() for r in caplog.records if r.name == "keygate.proxy"]
     assert any(line.startswith("upstream api failed: UpstreamConnectError: ") and reason in line
                for line in lines), lines
+
+
+# --- a reload reads an upstream's ca_file again -------------------------------------------------
+
+def _reloadable(tmp_path: Path, url: str, bundle: Path) -> Path:
+    """A config file with one public route to ``api`` at ``url`` trusting ``bundle``."""
+    doc = {
+        "keys": {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}},
+        "upstreams": {"api": {"url": url, "timeout": 2, "ca_file": str(bundle)}},
+        "routes": [{"path": "/public/**", "upstream": "api", "public": True}],
+    }
+    path = tmp_path / "keygate.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+async def test_a_reload_trusts_the_rotated_contents_of_an_upstreams_ca_file(
+        aiohttp_server, private_ca, more_certs, redis_url, monkeypatch, tmp_path) -> None:
+    """An operator rotates an upstream's private CA: the upstream presents a certificate the
+    new CA signed, the file ``ca_file`` names holds the new CA, and the config is reloaded
+    (upstreams "change for the next request"). Every request stayed a 502 until a restart:
+    the pool and its TLS context, made once from the old contents, were kept because the
+    ``ca_file`` path had not changed."""
+    context = _serving(private_ca["dir"], "server")
+    server = await _closing_https_upstream(aiohttp_server, context)
+    bundle = tmp_path / "upstream-ca.pem"
+    bundle.write_bytes(private_ca["ca"].read_bytes())
+    path = _reloadable(tmp_path, f"https://localhost:{server.port}", bundle)
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                  config_path=str(path)) as gw:
+        async with gw.proxy.get("/public/x") as resp:
+            assert resp.status == 200, await resp.text()
+        context.load_cert_chain(more_certs / "good2.pem", more_certs / "good2.key")
+        bundle.write_bytes((more_certs / "ca2.pem").read_bytes())
+        status, result = await gw.admin_json("POST", "/reload")
+        assert status == 200, result
+        async with gw.proxy.get("/public/x") as resp:
+            got = resp.status, await resp.text()
+    assert got == (200, "ok"), got
+
+
+async def test_after_a_reload_that_changed_a_ca_file_no_connection_made_under_the_old_trust_is_reused(
+        aiohttp_server, private_ca, more_certs, redis_url, monkeypatch, tmp_path) -> None:
+    """A keep-alive upstream: a reload that leaves the ca_file's contents as they were keeps
+    the idle connection (the same client port upstream); one that withdraws the CA the
+    upstream's certificate is signed by closes it, and the next request's new handshake is
+    refused (502), rather than the connection made under the old trust going on."""
+    async def port(request: web.Request) -> web.Response:
+        return web.Response(text=str(request.transport.get_extra_info("peername")[1]))
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", port)
+    server = await aiohttp_server(app, ssl=_serving(private_ca["dir"], "server"))
+    bundle = tmp_path / "upstream-ca.pem"
+    bundle.write_bytes(private_ca["ca"].read_bytes())
+    path = _reloadable(tmp_path, f"https://localhost:{server.port}", bundle)
+    got = []
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                  config_path=str(path)) as gw:
+        for change in (None, more_certs / "ca2.pem"):
+            async with gw.proxy.get("/public/x") as resp:
+                got.append((resp.status, await resp.text()))
+            if change is not None:
+                bundle.write_bytes(change.read_bytes())
+            status, result = await gw.admin_json("POST", "/reload")
+            assert status == 200, result
+        async with gw.proxy.get("/public/x") as resp:
+            got.append((resp.status, await resp.text()))
+    assert got[0][0] == 200 and got[1] == got[0], got  # the same connection, kept
+    assert got[2][0] == 502 and "upstream_unavailable" in got[2][1], got

@@ -113,6 +113,9 @@ class UpstreamPool:
         # Closed (a reload retired it, or shutdown): a connection handed back is closed, not
         # kept. One opened while the pool closed was not active yet, so close() missed it.
         self.closed = False
+        # What the owner made ``ssl_context`` from (the digest of an upstream's ca_file): a
+        # reload compares it with the file's contents now (gateway.proxying.forward)
+        self.ca_digest: bytes | None = None
 
     def retire(self) -> None:
         """Keep no connection from now on: the idle ones are closed, and each one in use is
