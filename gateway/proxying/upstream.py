@@ -30,7 +30,9 @@ proxy needs and nothing else:
 - TLS to an ``https://`` upstream is asyncio's own ``SSLProtocol`` over a plain TCP
   connection of the running loop, whatever the loop: uvloop's TLS transport (0.23) drops the
   records it has not decrypted yet when the FIN comes while reading is paused (uvloop PR
-  #661): a large answer ended by close_notify was cut short under backpressure.
+  #661): a large answer ended by close_notify was cut short under backpressure. It is
+  ``UpstreamTLS``, which also reads the records of an early answer still in the socket when a
+  body write fails on the upstream's reset, as the plain TCP connection reads its bytes.
 
 This module is the pool; one connection, its parsing and the response it hands out are
 ``gateway.proxying.connection``.
@@ -41,13 +43,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from asyncio import sslproto
 from urllib.parse import urlsplit
 
 from .connection import (BodyFramingError, BodySource, ClientGone, UploadShareFull,
                          UploadSlotsFull, UpstreamConnectError, UpstreamConnection,
                          UpstreamProtocolError, UpstreamResponse, UpstreamTimeout,
-                         UpstreamUnreached)
+                         UpstreamTLS, UpstreamUnreached)
 
 MAX_IDLE = 256
 IDLE_TTL = 30.0   # seconds an idle connection is trusted (a middlebox may drop it silently)
@@ -243,9 +244,9 @@ class UpstreamPool:
         answer's reading is paused, and hands them on once reading resumes."""
         conn = UpstreamConnection(self)
         handshake = loop.create_future()
-        tls = sslproto.SSLProtocol(loop, conn, self.tls, handshake, server_side=False,
-                                   server_hostname=self.host,
-                                   ssl_handshake_timeout=self.connect_timeout)
+        tls = UpstreamTLS(loop, conn, self.tls, handshake, server_side=False,
+                          server_hostname=self.host,
+                          ssl_handshake_timeout=self.connect_timeout)
         transport, _ = await loop.create_connection(lambda: tls, self.host, self.port)
         try:
             await handshake
