@@ -603,3 +603,28 @@ def test_an_https_upstreams_early_answer_to_an_upload_reaches_the_client(
         # (without the fix, about two runs in three were a 502)
         got = [runner.run(upload()) for _ in range(3)]
     assert got == [(413, b"nope")] * 3, got
+
+
+async def test_the_upstream_tls_offers_alpn_http_1_1(
+        aiohttp_server, private_ca, redis_url, monkeypatch) -> None:
+    """keygate speaks HTTP/1.1 to upstreams and says so in the handshake (ALPN
+    ``http/1.1``), as nginx and Go do: a server that also offers h2 knows which protocol the
+    connection carries, and one that insists on ALPN does not refuse it. Nothing was offered."""
+    context = _serving(private_ca["dir"], "server")
+    context.set_alpn_protocols(["h2", "http/1.1"])
+
+    async def alpn(request: web.Request) -> web.Response:
+        ssl_object = request.transport.get_extra_info("ssl_object")
+        return web.Response(text=str(ssl_object.selected_alpn_protocol()))
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", alpn)
+    server = await aiohttp_server(app, ssl=context)
+    url = f"https://localhost:{server.port}"
+    config = make_config(url, routes=(Route("/public/**", "api", (), (), True),),
+                         upstreams={"api": Upstream("api", url, 2.0,
+                                                    ca_file=str(private_ca["ca"]))})
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        async with gw.proxy.get("/public/x") as resp:
+            got = resp.status, await resp.text()
+    assert got == (200, "http/1.1"), got

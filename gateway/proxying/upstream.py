@@ -78,6 +78,8 @@ class UpstreamPool:
         parts = urlsplit(url)
         self.tls = (ssl_context or ssl.create_default_context()) \
             if parts.scheme == "https" else None
+        if self.tls is not None:  # HTTP/1.1 is what this client speaks: said in the handshake
+            self.tls.set_alpn_protocols(["http/1.1"])
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if self.tls else 80)
         self.base_path = parts.path.rstrip("/")
