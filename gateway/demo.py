@@ -57,6 +57,9 @@ def sample_upstream() -> web.Application:
             body = await request.json()
         except ValueError:
             body = {}
+        if not isinstance(body, dict):
+            return web.json_response({"error": "the body must be a JSON object, e.g. "
+                                               '{"name": "Grace"}'}, status=400)
         person = {"id": max(PEOPLE) + 1, "name": str(body.get("name", "Unnamed"))}
         PEOPLE[person["id"]] = person
         return web.json_response({**person, "caller": who(request)}, status=201)

@@ -69,6 +69,9 @@ STANDALONE_SCHEMES = ("redis", "rediss", "unix")
 STORE_SCHEMES = STANDALONE_SCHEMES + ("redis+cluster", "redis+sentinel")
 SENTINEL_PORT = 26379
 REDIS_PORT = 6379
+# The highest database number a URL may select: Redis's own ceiling for ``databases`` (a
+# C int); SELECT of any number past the server's ``databases`` is refused at every connect
+MAX_DB = 2**31 - 1
 _SENTINEL_PARAMS = ("sentinel_username", "sentinel_password")
 # The TLS options of redis-py's TLS connection (``SSLConnection``): those a ``rediss://`` URL's
 # query may give, taken by the TLS topology forms too.
@@ -227,9 +230,9 @@ def parse_topology_url(url: str) -> TopologyURL:
         raise ValueError(f"the path of a {scheme}:// URL is /<master-name>[/<db>]")
     db = 0
     if len(segments) == 2:
-        if not segments[1].isdigit():
-            raise ValueError(f"the database of a {scheme}:// URL must be a number, got "
-                             f"{segments[1]!r}")
+        if not (segments[1].isascii() and segments[1].isdigit()) or int(segments[1]) > MAX_DB:
+            raise ValueError(f"the database of a {scheme}:// URL must be a number from 0 to "
+                             f"{MAX_DB}, got {segments[1][:32]!r}")
         db = int(segments[1])
     first = {name: values[0] for name, values in params.items()}
     return TopologyURL(kind, tls, nodes, username, password, segments[0], db,
@@ -490,6 +493,13 @@ def parse_standalone_url(url: str) -> StandaloneURL:
         if value is not None and not 0 < value < math.inf:  # nan compares false
             raise ValueError(f"{name} of the URL must be a number of seconds above 0, "
                              f"got {value!r}")
+    protocol = options.get("protocol")
+    if protocol is not None and protocol not in (2, 3):
+        raise ValueError(f"protocol of the URL must be 2 or 3 (RESP2 or RESP3), got {protocol!r}")
+    db = options.get("db")
+    if db is not None and not 0 <= db <= MAX_DB:  # Redis's SELECT refuses any other
+        raise ValueError(f"db of the URL must be a database number from 0 to {MAX_DB}, "
+                         f"got {db!r}")
     scheme = scheme_of(url)
     given = {n for n in parse_qs(urlsplit(url).query)}  # the names the query itself gives
     secret = _password_given(given)
@@ -558,7 +568,7 @@ def check_store_url(url: str) -> None:
         # The path is the database number. redis-py ignores a path that is not one, so a
         # typo would silently select database 0.
         db = parts.path.removeprefix("/")
-        if db and not db.isdigit():
+        if db and not (db.isascii() and db.isdigit()):
             raise ValueError(f"the path of a {scheme}:// URL is the database number (e.g. "
                              f"{scheme}://host:6379/0), got '{parts.path[:32]}'")
     parse_standalone_url(url).ssl_context()  # for rediss://, the files it names are usable

@@ -1360,6 +1360,39 @@ def test_an_unknown_store_url_option_is_a_problem_naming_it(tmp_path: Path, url:
     assert f"unknown query parameter {name!r}" in problems[0] and "pw" not in problems[0]
 
 
+@pytest.mark.parametrize("url, named", [
+    ("redis://127.0.0.1:6379?protocol=9", "protocol of the URL must be 2 or 3"),
+    ("rediss://127.0.0.1:6379?protocol=1", "protocol of the URL must be 2 or 3"),
+    ("unix:///run/redis.sock?protocol=0", "protocol of the URL must be 2 or 3"),
+    ("redis://127.0.0.1:6379?db=-1", "db of the URL must be a database number"),
+    ("unix:///run/redis.sock?db=-1", "db of the URL must be a database number"),
+    ("redis://127.0.0.1:6379/0?db=2147483648", "db of the URL must be a database number"),
+    ("redis://127.0.0.1:6379/99999999999", "db of the URL must be a database number"),
+    ("redis+sentinel://127.0.0.1:26379/mymaster/99999999999",
+     "the database of a redis+sentinel:// URL must be a number from 0 to 2147483647"),
+    ("redis+sentinel://127.0.0.1:26379/mymaster/\u00b2",
+     "the database of a redis+sentinel:// URL must be a number"),
+])
+def test_a_store_url_protocol_or_database_no_client_can_use_is_a_problem(
+        tmp_path: Path, url: str, named: str) -> None:
+    """``?protocol=9`` passed `config check` and then every store call failed with redis-py's
+    "protocol must be either 2 or 3"; ``?db=-1`` passed (though ``/-1`` in the path is
+    refused) and Redis answered every SELECT "ERR DB index is out of range". Each is now a
+    one-line problem naming the option, in every URL form that takes it."""
+    problems = problems_of(tmp_path, f"store:\n  redis_url: '{url}'\n")
+    assert len(problems) == 1 and problems[0].startswith("config.yaml:2: store.redis_url: "), \
+        problems
+    assert named in problems[0], problems
+
+
+def test_store_url_protocols_and_databases_in_range_are_no_problem() -> None:
+    from gateway.redis_urls import check_store_url
+    for url in ("redis://127.0.0.1:6379?protocol=2", "redis://127.0.0.1:6379/0?protocol=3",
+                "unix:///run/redis.sock?db=15&protocol=3", "redis://127.0.0.1:6379/2147483647",
+                "redis+sentinel://127.0.0.1:26379/mymaster/15"):
+        check_store_url(url)
+
+
 def test_store_url_options_redis_py_takes_are_no_problem() -> None:
     """Every option accepted is one redis-py's connection takes (it builds one from the URL)."""
     from redis.asyncio import Redis

@@ -355,3 +355,19 @@ def test_the_export_line_gives_the_shell_an_operator_token_of_ones_own_as_it_is(
                                capture_output=True, text=True, timeout=10, cwd=tempfile.gettempdir())
         assert shown.stdout == token and shown.stderr == "", (line, shown)
     assert "KEYGATE_ADMIN_TOKEN=plain-Token_1" in banner  # a plain one stays as it is
+
+
+async def test_the_demo_upstream_answers_400_to_a_json_body_that_is_not_an_object(
+        aiohttp_client) -> None:
+    """``POST /people`` with ``[1, 2]`` or ``"x"`` raised AttributeError (``.get`` of a list)
+    and answered 500, as no real API does; nobody is created for it."""
+    from gateway.demo import PEOPLE, sample_upstream
+
+    client = await aiohttp_client(sample_upstream())
+    before = dict(PEOPLE)
+    for body in ("[1, 2]", '"x"', "7", "null"):
+        async with client.post("/people", data=body,
+                               headers={"Content-Type": "application/json"}) as resp:
+            assert resp.status == 400, (body, resp.status, await resp.text())
+            assert "error" in await resp.json(), body
+    assert PEOPLE == before

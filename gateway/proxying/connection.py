@@ -12,6 +12,7 @@ import collections
 import os
 import socket
 import ssl
+from asyncio import sslproto
 from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import httptools
@@ -237,26 +238,14 @@ class UpstreamConnection(asyncio.Protocol):
         reading the body makes its kernel reset the connection; the next write of the body
         fails on that reset, and the transport closes at once without reading the answer
         already received. The socket is still open while ``connection_lost`` runs: its
-        unread bytes are read here (a plain TCP socket only: a TLS one holds records the
-        transport would have to decrypt), and parsed as if they had come before the error."""
+        unread bytes are read here, and parsed as if they had come before the error. Over
+        TLS the records are read and decrypted by ``UpstreamTLS.connection_lost`` before this
+        runs (the socket is closed by then)."""
         transport = self.transport
         if transport is None or transport.get_extra_info("sslcontext") is not None:
             return
-        sock = transport.get_extra_info("socket")
-        try:
-            peer = socket.socket(fileno=os.dup(sock.fileno()))
-        except (AttributeError, OSError, ValueError):  # no socket, or already closed
-            return
-        with peer:
-            peer.setblocking(False)
-            while not self.complete and self.error is None:
-                try:
-                    data = peer.recv(65536)
-                except OSError:  # nothing more (EAGAIN), or the reset itself
-                    return
-                if not data:
-                    return
-                self.data_received(data)
+        read_unread(transport, self.data_received,
+                    lambda: self.complete or self.error is not None)
 
     def pause_writing(self) -> None:
         self.write_ok = self.loop.create_future()
@@ -375,6 +364,58 @@ class UpstreamConnection(asyncio.Protocol):
         sender, self.sender = self.sender, None
         if sender is not None and not sender.done() and sender is not asyncio.current_task():
             sender.cancel()
+
+
+def read_unread(transport: asyncio.BaseTransport, feed: Callable[[bytes], object],
+                done: Callable[[], bool]) -> None:
+    """Hand ``feed`` the bytes still unread in the socket of ``transport`` (a TCP one whose
+    ``connection_lost`` is running: its socket is not closed yet), until ``done()``, nothing
+    more has come, or the socket's error (the reset) is reached."""
+    sock = transport.get_extra_info("socket")
+    try:
+        peer = socket.socket(fileno=os.dup(sock.fileno()))
+    except (AttributeError, OSError, ValueError):  # no socket, or already closed
+        return
+    with peer:
+        peer.setblocking(False)
+        while not done():
+            try:
+                data = peer.recv(65536)
+            except OSError:  # nothing more (EAGAIN), or the reset itself
+                return
+            if not data:
+                return
+            feed(data)
+
+
+class UpstreamTLS(sslproto.SSLProtocol):
+    """asyncio's TLS protocol over the upstream's TCP connection (``UpstreamPool.
+    _connect_tls``), which also reads what came before an error closed it: the records of an
+    upstream's early answer to an upload (a 413 at its head, then a close with the body
+    unread, which its kernel turns into a reset) are still in the socket when the next body
+    write fails on that reset, and the transport closes without reading them. They are read
+    and decrypted here, before the loss is reported, and reach the connection's parser as
+    over plain TCP (``UpstreamConnection._read_what_came``)."""
+
+    def connection_lost(self, exc) -> None:
+        app, transport = self._app_protocol, self._transport
+        if exc is not None and transport is not None and \
+                self._state == sslproto.SSLProtocolState.WRAPPED and \
+                isinstance(app, UpstreamConnection) and app.head is not None and \
+                not app.complete:
+            def feed(data: bytes) -> None:  # as the transport hands TLS records on
+                view = memoryview(data)
+                while view and self._state == sslproto.SSLProtocolState.WRAPPED:
+                    buffer = self.get_buffer(len(view))
+                    n = min(len(buffer), len(view))
+                    buffer[:n] = view[:n]
+                    view = view[n:]
+                    self.buffer_updated(n)
+            read_unread(transport, feed,
+                        lambda: app.complete or app.error is not None or
+                        self._state != sslproto.SSLProtocolState.WRAPPED or
+                        self._app_reading_paused)
+        super().connection_lost(exc)
 
 
 class UpstreamResponse:

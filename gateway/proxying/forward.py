@@ -28,6 +28,7 @@ listener never decodes a ``Content-Encoding``), framed exactly as declared.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import ssl
@@ -126,9 +127,24 @@ def _upload_owner(request: web.BaseRequest, principal: Principal | None,
     return None if client_of is None else ("client", throttle_client(client_of(request)))
 
 
-def _trusting(upstream: Upstream) -> ssl.SSLContext | None:
-    """The TLS context trusting ``upstream.ca_file`` (instead of the system store), if set."""
-    return ssl.create_default_context(cafile=upstream.ca_file) if upstream.ca_file else None
+def _trusting(upstream: Upstream) -> tuple[ssl.SSLContext | None, bytes | None]:
+    """The TLS context trusting ``upstream.ca_file`` (instead of the system store), if set,
+    and the digest of the file's contents it was made from (None: unknown, the file changed
+    while it was read), which a reload compares (``_trust_changed``)."""
+    if not upstream.ca_file:
+        return None, None
+    before = _ca_digest(upstream.ca_file)
+    context = ssl.create_default_context(cafile=upstream.ca_file)
+    return context, before if before == _ca_digest(upstream.ca_file) else None
+
+
+def _ca_digest(path: str) -> bytes | None:
+    """The SHA-256 of the file at ``path`` (None if it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).digest()
+    except OSError:
+        return None
 
 
 _TRACE_ONLY = Tracer()
@@ -176,12 +192,13 @@ class Forwarder:
 
     def reconfigure(self, config: Config) -> None:
         """Take ``config`` for the next request (a reload). The pool of an upstream that was
-        removed or changed is taken out of use now and closed once its requests are done;
-        requests already forwarding finish on it."""
+        removed or changed (its ``ca_file``'s contents too: ``_trust_changed``) is taken out
+        of use now and closed once its requests are done; requests already forwarding finish
+        on it."""
         old = self.config.upstreams
         self._settle(config)
         for name, before in old.items():
-            if config.upstreams.get(name) == before:
+            if config.upstreams.get(name) == before and not self._trust_changed(name):
                 continue
             entry = self._pools.pop(name, None)
             if entry is None:
@@ -190,6 +207,18 @@ class Forwarder:
             task = asyncio.ensure_future(self._retire(entry, before))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
+
+    def _trust_changed(self, name: str) -> bool:
+        """Whether the ``ca_file`` of upstream ``name``'s pool holds other contents than its
+        TLS context was made from (an operator rotated the CA; the path is the same): its
+        pool is retired, its connections made under the old trust not reused, and the next
+        request's makes a new context from the file."""
+        entry = self._pools.get(name)
+        if entry is None or entry[0].tls is None:
+            return False
+        digest = entry[0].ca_digest
+        ca_file = self.config.upstreams[name].ca_file
+        return ca_file is not None and (digest is None or digest != _ca_digest(ca_file))
 
     async def _retire(self, entry: tuple[UpstreamPool, str, str], upstream: Upstream) -> None:
         """Close a pool a reload took out of use once nothing has used it for ``RETIRED_QUIET``
@@ -240,9 +269,10 @@ class Forwarder:
         entry = self._pools.get(upstream.name) if current else self._retired.get(upstream)
         if entry is None:
             url = URL(upstream.url)
+            context, digest = _trusting(upstream)
             pool = UpstreamPool(str(url.origin()), connect_timeout=upstream.timeout,
-                                ssl_context=_trusting(upstream),
-                                max_connections=upstream.max_connections)
+                                ssl_context=context, max_connections=upstream.max_connections)
+            pool.ca_digest = digest
             entry = (pool, url.raw_path.rstrip("/"), url.host_port_subcomponent or url.host or "")
             if current:
                 self._pools[upstream.name] = entry

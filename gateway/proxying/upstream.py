@@ -30,7 +30,9 @@ proxy needs and nothing else:
 - TLS to an ``https://`` upstream is asyncio's own ``SSLProtocol`` over a plain TCP
   connection of the running loop, whatever the loop: uvloop's TLS transport (0.23) drops the
   records it has not decrypted yet when the FIN comes while reading is paused (uvloop PR
-  #661): a large answer ended by close_notify was cut short under backpressure.
+  #661): a large answer ended by close_notify was cut short under backpressure. It is
+  ``UpstreamTLS``, which also reads the records of an early answer still in the socket when a
+  body write fails on the upstream's reset, as the plain TCP connection reads its bytes.
 
 This module is the pool; one connection, its parsing and the response it hands out are
 ``gateway.proxying.connection``.
@@ -41,13 +43,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from asyncio import sslproto
 from urllib.parse import urlsplit
 
 from .connection import (BodyFramingError, BodySource, ClientGone, UploadShareFull,
                          UploadSlotsFull, UpstreamConnectError, UpstreamConnection,
                          UpstreamProtocolError, UpstreamResponse, UpstreamTimeout,
-                         UpstreamUnreached)
+                         UpstreamTLS, UpstreamUnreached)
 
 MAX_IDLE = 256
 IDLE_TTL = 30.0   # seconds an idle connection is trusted (a middlebox may drop it silently)
@@ -77,6 +78,8 @@ class UpstreamPool:
         parts = urlsplit(url)
         self.tls = (ssl_context or ssl.create_default_context()) \
             if parts.scheme == "https" else None
+        if self.tls is not None:  # HTTP/1.1 is what this client speaks: said in the handshake
+            self.tls.set_alpn_protocols(["http/1.1"])
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if self.tls else 80)
         self.base_path = parts.path.rstrip("/")
@@ -113,6 +116,9 @@ class UpstreamPool:
         # Closed (a reload retired it, or shutdown): a connection handed back is closed, not
         # kept. One opened while the pool closed was not active yet, so close() missed it.
         self.closed = False
+        # What the owner made ``ssl_context`` from (the digest of an upstream's ca_file): a
+        # reload compares it with the file's contents now (gateway.proxying.forward)
+        self.ca_digest: bytes | None = None
 
     def retire(self) -> None:
         """Keep no connection from now on: the idle ones are closed, and each one in use is
@@ -230,7 +236,7 @@ class UpstreamPool:
         except asyncio.TimeoutError as exc:
             raise UpstreamUnreached("connect timed out") from exc
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamConnectError(exc.__class__.__name__) from exc
+            raise UpstreamConnectError(_why(exc)) from exc
         return conn
 
     async def _connect_tls(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
@@ -240,9 +246,9 @@ class UpstreamPool:
         answer's reading is paused, and hands them on once reading resumes."""
         conn = UpstreamConnection(self)
         handshake = loop.create_future()
-        tls = sslproto.SSLProtocol(loop, conn, self.tls, handshake, server_side=False,
-                                   server_hostname=self.host,
-                                   ssl_handshake_timeout=self.connect_timeout)
+        tls = UpstreamTLS(loop, conn, self.tls, handshake, server_side=False,
+                          server_hostname=self.host,
+                          ssl_handshake_timeout=self.connect_timeout)
         transport, _ = await loop.create_connection(lambda: tls, self.host, self.port)
         try:
             await handshake
@@ -561,6 +567,20 @@ class UpstreamPool:
                 waiter.exception()
         self._waiters.clear()
         self._upload_waiters.clear()
+
+
+def _why(exc: BaseException) -> str:
+    """Why a connection could not be made, for the log (never for the client): the error's
+    class and what it says; for a refused certificate OpenSSL's reason ("certificate has
+    expired", "Hostname mismatch, ...", "unable to get local issuer certificate"), as nginx
+    logs "upstream SSL certificate verify error: (10:certificate has expired)"."""
+    name = exc.__class__.__name__
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"{name}: {exc.verify_message} (verify code {exc.verify_code})"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return f"{name}: {exc.reason}"
+    said = str(exc)
+    return f"{name}: {said}" if said else name
 
 
 def _wake_first(waiters: "collections.deque[asyncio.Future]") -> bool:
