@@ -350,6 +350,24 @@ async def test_create_key_takes_rfc3339_with_any_offset_case_or_fraction(admin, 
     assert body["key"]["expires_at"] == "2027-01-01T00:00:00Z"
 
 
+@pytest.mark.parametrize("when, mention", [
+    ("0001-01-01T00:00:00+00:01", "in the past"), ("0001-01-01T00:00:00+23:59", "in the past"),
+    ("9999-12-31T23:59:59-00:01", "century")])
+async def test_an_expiry_outside_years_1_to_9999_utc_is_a_400_on_create_and_patch(admin, when,
+                                                                                 mention):
+    """A well-formed timestamp whose UTC instant falls before year 1 (or after 9999) is a 400
+    saying why, never a 500 from showing that instant back in the message."""
+    await workspace(admin)
+    await error(await admin.post("/admin/v1/workspaces/acme/keys",
+                                 json={"name": "old", "expires_at": when}), 400, "bad_request",
+                mention)
+    key = (await new_key(admin))["key"]
+    await error(await admin.patch(f"/admin/v1/workspaces/acme/keys/{key['id']}",
+                                  json={"expires_at": when}), 400, "bad_request", mention)
+    assert (await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{key['id']}"))
+            )["expires_at"] is None
+
+
 async def test_create_key_in_unknown_workspace_is_404(admin):
     await error(await admin.post("/admin/v1/workspaces/ghost/keys", json={"name": "k"}), 404,
                 "not_found")
