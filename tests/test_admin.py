@@ -15,6 +15,7 @@ from aiohttp import web
 from gateway.accesslog import mask_query
 from gateway.admin import create_admin_app, error_middleware
 from gateway.config import Argon2Config, Config, Plan, RateLimit
+from gateway.models import rfc3339
 from gateway.store import Store
 from gateway.tokens import make_token, parse_token
 from harness import T0, Clock
@@ -569,6 +570,56 @@ async def test_rotate_with_grace_expires_the_old_key_later(admin):
     previous = await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{old['id']}"))
     assert previous["expires_at"] == "2026-01-01T01:00:00Z"
     assert previous["status"] == "active"
+
+
+async def test_rotating_again_in_a_grace_gives_the_new_key_the_old_keys_own_lifetime(admin):
+    """A grace sets the old key's ``expires_at`` to the grace's end; rotated again while it runs
+    (a retry, or grace 0 to end it now), the new key has the key's own lifetime (none, or the
+    one it was made with), never created_at -> grace end."""
+    await workspace(admin)
+    forever = (await new_key(admin, name="billing"))["key"]
+    month = (await new_key(admin, name="ci", expires_in=30 * 86400))["key"]
+    admin.clock.now += 10 * 86400
+    for key, lifetime in ((forever, None), (month, 30 * 86400)):
+        path = f"/admin/v1/workspaces/acme/keys/{key['id']}"
+        first = await ok(await admin.post(path + "/rotate", json={"grace_seconds": 3600}), 201)
+        assert (await ok(await admin.get(path)))["expires_at"] == rfc3339(admin.clock.now + 3600)
+        again = await ok(await admin.post(path + "/rotate", json={"grace_seconds": 60}), 201)
+        ended = await ok(await admin.post(path + "/rotate", json={}), 201)
+        wanted = None if lifetime is None else rfc3339(admin.clock.now + lifetime)
+        assert [b["key"]["expires_at"] for b in (first, again, ended)] == [wanted] * 3
+        # the new key's own rotation, with and without a grace, goes on with that lifetime
+        newest = f"/admin/v1/workspaces/acme/keys/{ended['key']['id']}"
+        assert (await ok(await admin.post(newest + "/rotate", json={"grace_seconds": 60}),
+                         201))["key"]["expires_at"] == wanted
+
+
+async def test_two_rotations_with_a_grace_at_once_both_keep_the_old_keys_lifetime(admin):
+    """The second of two concurrent rotations finds the key changed by the first (its expiry
+    now the grace's end) and copies it again: its new key still has the key's own lifetime."""
+    await workspace(admin)
+    forever = (await new_key(admin, name="billing"))["key"]
+    month = (await new_key(admin, name="ci", expires_in=30 * 86400))["key"]
+    admin.clock.now += 10 * 86400
+    for key, lifetime in ((forever, None), (month, 30 * 86400)):
+        answers = await asyncio.gather(*[
+            admin.post(f"/admin/v1/workspaces/acme/keys/{key['id']}/rotate",
+                       json={"grace_seconds": 3600}) for _ in range(2)])
+        wanted = None if lifetime is None else rfc3339(admin.clock.now + lifetime)
+        assert [(await ok(r, 201))["key"]["expires_at"] for r in answers] == [wanted] * 2
+
+
+async def test_a_key_re_dated_in_its_grace_is_rotated_with_its_new_expiry(admin):
+    """A PATCH of ``expires_at`` on a key in its grace makes that its own expiry: a rotation
+    then copies the lifetime created_at -> that expiry."""
+    await workspace(admin)
+    key = (await new_key(admin, name="billing"))["key"]
+    path = f"/admin/v1/workspaces/acme/keys/{key['id']}"
+    admin.clock.now += 86400
+    await ok(await admin.post(path + "/rotate", json={"grace_seconds": 3600}), 201)
+    await ok(await admin.patch(path, json={"expires_at": rfc3339(admin.clock.now + 7200)}))
+    body = await ok(await admin.post(path + "/rotate", json={}), 201)
+    assert body["key"]["expires_at"] == rfc3339(admin.clock.now + 86400 + 7200)
 
 
 @pytest.mark.parametrize("grace", [-1, "60", 1.5, None])

@@ -470,7 +470,8 @@ class KeyStore(StoreBase):
         """Replace a key by a new one with the same name, description, environment, role or
         scopes and controls, sharing the old key's rate log and month count (``budget``: its
         own cap goes on where it was, its rate in the same window, and during a grace the two
-        keys spend one budget; and, if the old key had an expiry, the same lifetime). The old
+        keys spend one budget; and, if the old key had an expiry of its own, the same lifetime:
+        a grace it is in sets no lifetime). The old
         key is revoked now (grace 0) or expires after the grace (never later than it already
         would). ``max_expires_at`` caps the new key's expiry (self-service: the acting key's).
         Returns (old key as now, new key). Conflict if the key is revoked.
@@ -503,9 +504,10 @@ class KeyStore(StoreBase):
                     new_id = None
                     raise caller_gone("nothing was changed")
                 expires_at = None
-                if old.expires_at is not None:  # the same lifetime as shown, to the second:
+                own = old.own_expires_at  # not the end of a grace it is in (a retry, at once)
+                if own is not None:  # the same lifetime as shown, to the second:
                     # rotating again and again never shortens it by the fraction it was made in
-                    lifetime = whole_second(old.expires_at) - whole_second(old.created_at)
+                    lifetime = whole_second(own) - whole_second(old.created_at)
                     expires_at = whole_second(now + max(1.0, lifetime))
                 if max_expires_at is not None:
                     expires_at = min(max_expires_at, expires_at or max_expires_at)

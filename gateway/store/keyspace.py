@@ -58,6 +58,10 @@ per-request script and every admin script touch a single slot.
                                           answered 503 give it back, see admin_take_back),
                                           rotated_gen (with rotated_to: its role's delete
                                           generation then, see kg:ws:{ws}:bindings),
+                                          own_expires_at (a rotation's grace set expires_at
+                                          to its end, sooner: the key's own expiry, "" =
+                                          none, whose lifetime a later rotation copies;
+                                          absent = expires_at is its own),
                                           rev (bumped on every change)
                                           (a bumped rev is Redis's TIME in µs, or +1 when that
                                           is not above it: a restore or failover that takes

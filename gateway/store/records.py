@@ -74,7 +74,9 @@ def key_from_hash(h: Mapping[str, str]) -> KeyRecord | None:
             monthly_requests=int(h["monthly_requests"]) if h.get("monthly_requests") else None,
             enabled=h.get("enabled", "1") != "0", meta=h.get("meta") or "{}",
             allowed_ips=tuple(json.loads(h["allowed_ips"])) if h.get("allowed_ips") else None,
-            budget=h.get("budget") or None)
+            budget=h.get("budget") or None,
+            expiry_before_grace=_opt_float(h.get("own_expires_at")),
+            in_grace="own_expires_at" in h)
     except (KeyError, ValueError, TypeError) as exc:
         raise StoreError(f"the store holds a malformed key record ({h.get('id')!r})") from exc
 

@@ -72,6 +72,9 @@ local function update()
     end
     redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
   end
+  if redated then  -- the key's expiry is the one given now, a grace it was in apart
+    redis.call('HDEL', KEYS[1], 'own_expires_at')
+  end
   if once_args >= 12 then
     local fields = {}
     for i = 11, once_args do fields[#fields + 1] = ARGV[i] end
