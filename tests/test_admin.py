@@ -76,6 +76,10 @@ async def new_key(admin, ws: str = "acme", **fields) -> dict:
     return await ok(await admin.post(f"/admin/v1/workspaces/{ws}/keys", json=fields), 201)
 
 
+async def active_keys(admin, ws: str = "acme") -> list[dict]:
+    return (await ok(await admin.get(f"/admin/v1/workspaces/{ws}/keys?status=active")))["items"]
+
+
 # --- auth, health, plumbing --------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", [None, ""])
@@ -1334,6 +1338,33 @@ async def test_rotating_with_grace_cannot_grow_a_workspace_past_its_cap(admin):
     await ok(resp, 201)
     active = await ok(await admin.get("/admin/v1/workspaces/acme/keys?status=active"))
     assert len(active["items"]) == 4
+
+
+async def test_a_later_expiry_for_a_key_in_its_grace_needs_room_under_the_cap(admin):
+    """The old key of a rotation with a grace is active until the grace's end, one over the
+    cap: a PATCH giving it no expiry, or a later one, would keep the workspace over its cap
+    for good, so it is 409 ``key_limit_reached`` and nothing changes. An earlier expiry, or
+    any change once the workspace has room, is fine."""
+    await workspace(admin, plan="small")
+    ids = [(await new_key(admin, name=f"k{i}"))["key"]["id"] for i in range(3)]
+    path = f"/admin/v1/workspaces/acme/keys/{ids[0]}"
+    await ok(await admin.post(path + "/rotate", json={"grace_seconds": 3600}), 201)
+    grace_end = rfc3339(admin.clock.now + 3600)
+    for later in (None, rfc3339(admin.clock.now + 7200)):
+        await error(await admin.patch(path, json={"expires_at": later}), 409,
+                    "key_limit_reached", "over")
+        assert (await ok(await admin.get(path)))["expires_at"] == grace_end
+    sooner = rfc3339(admin.clock.now + 60)
+    assert (await ok(await admin.patch(path, json={"expires_at": sooner})))["expires_at"] == sooner
+    admin.clock.now += 7200
+    assert len(await active_keys(admin)) == 3
+    # with room under the cap, a key in its grace may live on
+    await workspace(admin, "beta", plan="small")
+    one = (await new_key(admin, "beta", name="one"))["key"]["id"]
+    beta = f"/admin/v1/workspaces/beta/keys/{one}"
+    await ok(await admin.post(beta + "/rotate", json={"grace_seconds": 3600}), 201)
+    assert (await ok(await admin.patch(beta, json={"expires_at": None})))["expires_at"] is None
+    assert len(await active_keys(admin, "beta")) == 2
 
 
 async def test_a_10_mb_body_is_413_and_the_api_keeps_working(admin):

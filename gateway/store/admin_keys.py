@@ -717,7 +717,8 @@ class KeyStore(StoreBase):
         ``scopes`` to explicit scopes (the other binding is cleared); ``expires_at`` None
         removes the expiry. Bumps the key's rev: every replica applies it on the next request.
         A new expiry for an expired key re-activates it: Conflict ``key_limit_reached`` if the
-        plan's cap is reached. With ``expect_rev`` (the rev the caller judged the change on,
+        plan's cap is reached; so is a later expiry (or none) for an active key while the
+        workspace is over its cap (the old key of a rotation's grace: it would keep it over). With ``expect_rev`` (the rev the caller judged the change on,
         e.g. self-service's loosening checks), Conflict if the key changed since, and nothing
         is written."""
         fields: list[str] = []
@@ -785,6 +786,12 @@ class KeyStore(StoreBase):
             raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
                            f"'{shown_ws(ws)}' already has the {max_keys} active keys its plan "
                            "allows; a new expiry would make it active again.",
+                           code="key_limit_reached")
+        if reply == "over_limit":
+            raise Conflict(f"Workspace '{shown_ws(ws)}' is over the {max_keys} active keys its "
+                           "plan allows (a rotation's grace period is running, or the cap was "
+                           f"lowered): a later expiry for key '{shown(key_id, 12)}' would keep "
+                           "it over. Revoke a key first, or let the grace end.",
                            code="key_limit_reached")
         key = key_from_hash(hash_pairs(reply))
         if key is None:
