@@ -16,7 +16,7 @@ from gateway.accesslog import mask_query
 from gateway.admin import create_admin_app, error_middleware
 from gateway.config import Argon2Config, Config, Plan, RateLimit
 from gateway.models import rfc3339
-from gateway.store import Store
+from gateway.store import Store, keyspace
 from gateway.tokens import make_token, parse_token
 from harness import T0, Clock
 
@@ -287,7 +287,7 @@ async def test_create_key_returns_the_key_object_and_the_token_once(admin):
     key, token = body["key"], body["token"]
     assert set(key) == KEY_FIELDS
     parsed = parse_token(token, "kg", ("live", "test"))
-    assert key["id"] == parsed.key_id and key["prefix"] == token[:20]
+    assert key["id"] == parsed.key_id and key["prefix"] == "kg_live_" + key["id"] == token[:20]
     assert key["role"] is None and key["scopes"] == ["people:read"]
     assert (key["environment"], key["status"], key["workspace"]) == ("live", "active", "acme")
     assert key["created_at"] == "2026-01-01T00:00:00Z" and key["expires_at"] is None
@@ -296,6 +296,40 @@ async def test_create_key_returns_the_key_object_and_the_token_once(admin):
     assert token not in text and parsed.secret not in text and "argon2" not in text
     read = await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{key['id']}"))
     assert read == key
+
+
+@pytest.mark.parametrize("prefix, environment", [
+    ("acme", "live"), ("kg", "staging"), ("acmecorp12", "abcdefghijklmnop")])
+async def test_the_key_objects_prefix_holds_the_whole_key_id_for_any_prefix_and_environment(
+        redis_url, aiohttp_client, monkeypatch, prefix, environment):
+    """SPEC: ``prefix`` is the token up to and including the key id, whatever the configured
+    ``keys.prefix`` (up to 10 characters) and environment (up to 16); a key stored by an older
+    version with the prefix cut at 20 characters reads with its whole prefix too, in a key's
+    read, its listing and the answers of a change."""
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", OPERATOR_TOKEN)
+    base = cheap_config()
+    config = dataclasses.replace(base, keys=dataclasses.replace(
+        base.keys, prefix=prefix, environments=(environment,)))
+    store = await Store.connect(redis_url, config, clock=Clock())
+    try:
+        client = await aiohttp_client(create_admin_app(config, store), headers=AUTH)
+        await workspace(client)
+        body = await new_key(client)
+        key, token = body["key"], body["token"]
+        whole = f"{prefix}_{environment}_{key['id']}"
+        assert token.startswith(whole) and key["prefix"] == whole
+        path = f"/admin/v1/workspaces/acme/keys/{key['id']}"
+        redis.Redis.from_url(redis_url).hset(keyspace.key_key("acme", key["id"]), "prefix",
+                                             token[:20])  # as an older version stored it
+        assert (await ok(await client.get(path)))["prefix"] == whole
+        listing = await ok(await client.get("/admin/v1/workspaces/acme/keys"))
+        assert [k["prefix"] for k in listing["items"]] == [whole]
+        assert (await ok(await client.patch(path, json={"name": "renamed"})))["prefix"] == whole
+        rotated = await ok(await client.post(path + "/rotate"), 201)
+        assert rotated["key"]["prefix"] == rotated["token"][:len(whole)] \
+            == f"{prefix}_{environment}_{rotated['key']['id']}"
+    finally:
+        await store.close()
 
 
 async def test_create_key_with_role_env_expiry_and_rate_limit(admin):

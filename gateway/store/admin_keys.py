@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 from ..errors import BadRequest, Conflict, NotFound, StoreError, shown
 from ..models import KeyRecord, Workspace, rfc3339, whole_second
-from ..tokens import ID_LEN, PREFIX_CHARS, make_token
+from ..tokens import ID_LEN, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
                          no_workspace, revoked_key, role_gone, store_errors, unknown_role)
 from .keyspace import (key_index_key, key_key, undone_key, ws_active_key, ws_audit_key,
@@ -352,12 +352,13 @@ class KeyStore(StoreBase):
                     now: float, monthly_requests: int | None = None, enabled: bool = True,
                     meta: str = "{}", allowed_ips: Sequence[str] | None = None,
                     budget: str | None = None) -> tuple[KeyRecord, list[str]]:
-        # The public prefix never reaches into the secret, whatever the configured prefix/env.
+        # The public prefix: the token up to and including the key id, whatever the configured
+        # prefix and environment; never a character of the secret.
         head = len(self.config.keys.prefix) + len(environment) + 2
         record = KeyRecord(
             id=key_id, workspace=ws, name=name, description=description,
             environment=environment, role=role, scopes=tuple(scopes) if role is None else (),
-            hash=hashed, prefix=token[:min(PREFIX_CHARS, head + ID_LEN)], created_at=now,
+            hash=hashed, prefix=token[:head + ID_LEN], created_at=now,
             expires_at=expires_at, revoked_at=None, last_used_at=None, rate_limit=rate_limit,
             rev=1, monthly_requests=monthly_requests, enabled=enabled, meta=meta,
             allowed_ips=None if allowed_ips is None else tuple(allowed_ips), budget=budget)

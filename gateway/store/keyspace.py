@@ -45,7 +45,9 @@ per-request script and every admin script touch a single slot.
                                           capped (MAXLEN ~ 10000)
     kg:key:{ws}:<id>              HASH    id, workspace, name, description, environment,
                                           role ("" = none), scopes (JSON list, explicit scopes),
-                                          hash (argon2id of the secret), prefix,
+                                          hash (argon2id of the secret), prefix (the
+                                          token up to and including the key id; up to 0.2.0
+                                          its first 20 characters: completed on read),
                                           created_at, expires_at, revoked_at, last_used_at
                                           (epoch seconds as decimal strings, "" = null),
                                           rate_limit ("" = plan's), monthly_requests (the key's
