@@ -285,6 +285,17 @@ class KeyRecord:
     # the keys of one integration share one rate and one cap, during a grace too; set once at
     # creation, never changed, never shown
     budget: str | None = None
+    # a rotation's grace that ends sooner than the key would have expired sets ``expires_at`` to
+    # the grace's end and keeps the key's own expiry here (None: it had none), which a later
+    # rotation of it copies the lifetime of; ``in_grace`` False: ``expires_at`` is its own (a
+    # key stored before this field, or re-dated since). Never shown
+    expiry_before_grace: float | None = None
+    in_grace: bool = False
+
+    @property
+    def own_expires_at(self) -> float | None:
+        """The key's own expiry, a rotation's grace apart: what its lifetime is counted to."""
+        return self.expiry_before_grace if self.in_grace else self.expires_at
 
     @property
     def budget_id(self) -> str:

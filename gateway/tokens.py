@@ -22,7 +22,6 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 ID_LEN, SECRET_LEN, CHECKSUM_LEN = 12, 32, 6
 BODY_LEN = ID_LEN + SECRET_LEN + CHECKSUM_LEN
-PREFIX_CHARS = 20  # the key object's public ``prefix``: the token's first 20 characters
 
 _BODY_RE = re.compile(r"[0-9A-Za-z]{%d}" % BODY_LEN)
 KEY_ID_RE = re.compile(r"[0-9A-Za-z]{%d}" % ID_LEN)

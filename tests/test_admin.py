@@ -15,7 +15,8 @@ from aiohttp import web
 from gateway.accesslog import mask_query
 from gateway.admin import create_admin_app, error_middleware
 from gateway.config import Argon2Config, Config, Plan, RateLimit
-from gateway.store import Store
+from gateway.models import rfc3339
+from gateway.store import Store, keyspace
 from gateway.tokens import make_token, parse_token
 from harness import T0, Clock
 
@@ -73,6 +74,10 @@ async def workspace(admin, ws: str = "acme", plan: str = "default") -> dict:
 async def new_key(admin, ws: str = "acme", **fields) -> dict:
     fields.setdefault("name", "ci")
     return await ok(await admin.post(f"/admin/v1/workspaces/{ws}/keys", json=fields), 201)
+
+
+async def active_keys(admin, ws: str = "acme") -> list[dict]:
+    return (await ok(await admin.get(f"/admin/v1/workspaces/{ws}/keys?status=active")))["items"]
 
 
 # --- auth, health, plumbing --------------------------------------------------------------------
@@ -282,7 +287,7 @@ async def test_create_key_returns_the_key_object_and_the_token_once(admin):
     key, token = body["key"], body["token"]
     assert set(key) == KEY_FIELDS
     parsed = parse_token(token, "kg", ("live", "test"))
-    assert key["id"] == parsed.key_id and key["prefix"] == token[:20]
+    assert key["id"] == parsed.key_id and key["prefix"] == "kg_live_" + key["id"] == token[:20]
     assert key["role"] is None and key["scopes"] == ["people:read"]
     assert (key["environment"], key["status"], key["workspace"]) == ("live", "active", "acme")
     assert key["created_at"] == "2026-01-01T00:00:00Z" and key["expires_at"] is None
@@ -291,6 +296,40 @@ async def test_create_key_returns_the_key_object_and_the_token_once(admin):
     assert token not in text and parsed.secret not in text and "argon2" not in text
     read = await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{key['id']}"))
     assert read == key
+
+
+@pytest.mark.parametrize("prefix, environment", [
+    ("acme", "live"), ("kg", "staging"), ("acmecorp12", "abcdefghijklmnop")])
+async def test_the_key_objects_prefix_holds_the_whole_key_id_for_any_prefix_and_environment(
+        redis_url, aiohttp_client, monkeypatch, prefix, environment):
+    """SPEC: ``prefix`` is the token up to and including the key id, whatever the configured
+    ``keys.prefix`` (up to 10 characters) and environment (up to 16); a key stored by an older
+    version with the prefix cut at 20 characters reads with its whole prefix too, in a key's
+    read, its listing and the answers of a change."""
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", OPERATOR_TOKEN)
+    base = cheap_config()
+    config = dataclasses.replace(base, keys=dataclasses.replace(
+        base.keys, prefix=prefix, environments=(environment,)))
+    store = await Store.connect(redis_url, config, clock=Clock())
+    try:
+        client = await aiohttp_client(create_admin_app(config, store), headers=AUTH)
+        await workspace(client)
+        body = await new_key(client)
+        key, token = body["key"], body["token"]
+        whole = f"{prefix}_{environment}_{key['id']}"
+        assert token.startswith(whole) and key["prefix"] == whole
+        path = f"/admin/v1/workspaces/acme/keys/{key['id']}"
+        redis.Redis.from_url(redis_url).hset(keyspace.key_key("acme", key["id"]), "prefix",
+                                             token[:20])  # as an older version stored it
+        assert (await ok(await client.get(path)))["prefix"] == whole
+        listing = await ok(await client.get("/admin/v1/workspaces/acme/keys"))
+        assert [k["prefix"] for k in listing["items"]] == [whole]
+        assert (await ok(await client.patch(path, json={"name": "renamed"})))["prefix"] == whole
+        rotated = await ok(await client.post(path + "/rotate"), 201)
+        assert rotated["key"]["prefix"] == rotated["token"][:len(whole)] \
+            == f"{prefix}_{environment}_{rotated['key']['id']}"
+    finally:
+        await store.close()
 
 
 async def test_create_key_with_role_env_expiry_and_rate_limit(admin):
@@ -348,6 +387,24 @@ async def test_create_key_takes_rfc3339_with_any_offset_case_or_fraction(admin, 
     await workspace(admin)
     body = await new_key(admin, expires_at=text)
     assert body["key"]["expires_at"] == "2027-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize("when, mention", [
+    ("0001-01-01T00:00:00+00:01", "in the past"), ("0001-01-01T00:00:00+23:59", "in the past"),
+    ("9999-12-31T23:59:59-00:01", "century")])
+async def test_an_expiry_outside_years_1_to_9999_utc_is_a_400_on_create_and_patch(admin, when,
+                                                                                 mention):
+    """A well-formed timestamp whose UTC instant falls before year 1 (or after 9999) is a 400
+    saying why, never a 500 from showing that instant back in the message."""
+    await workspace(admin)
+    await error(await admin.post("/admin/v1/workspaces/acme/keys",
+                                 json={"name": "old", "expires_at": when}), 400, "bad_request",
+                mention)
+    key = (await new_key(admin))["key"]
+    await error(await admin.patch(f"/admin/v1/workspaces/acme/keys/{key['id']}",
+                                  json={"expires_at": when}), 400, "bad_request", mention)
+    assert (await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{key['id']}"))
+            )["expires_at"] is None
 
 
 async def test_create_key_in_unknown_workspace_is_404(admin):
@@ -551,6 +608,56 @@ async def test_rotate_with_grace_expires_the_old_key_later(admin):
     previous = await ok(await admin.get(f"/admin/v1/workspaces/acme/keys/{old['id']}"))
     assert previous["expires_at"] == "2026-01-01T01:00:00Z"
     assert previous["status"] == "active"
+
+
+async def test_rotating_again_in_a_grace_gives_the_new_key_the_old_keys_own_lifetime(admin):
+    """A grace sets the old key's ``expires_at`` to the grace's end; rotated again while it runs
+    (a retry, or grace 0 to end it now), the new key has the key's own lifetime (none, or the
+    one it was made with), never created_at -> grace end."""
+    await workspace(admin)
+    forever = (await new_key(admin, name="billing"))["key"]
+    month = (await new_key(admin, name="ci", expires_in=30 * 86400))["key"]
+    admin.clock.now += 10 * 86400
+    for key, lifetime in ((forever, None), (month, 30 * 86400)):
+        path = f"/admin/v1/workspaces/acme/keys/{key['id']}"
+        first = await ok(await admin.post(path + "/rotate", json={"grace_seconds": 3600}), 201)
+        assert (await ok(await admin.get(path)))["expires_at"] == rfc3339(admin.clock.now + 3600)
+        again = await ok(await admin.post(path + "/rotate", json={"grace_seconds": 60}), 201)
+        ended = await ok(await admin.post(path + "/rotate", json={}), 201)
+        wanted = None if lifetime is None else rfc3339(admin.clock.now + lifetime)
+        assert [b["key"]["expires_at"] for b in (first, again, ended)] == [wanted] * 3
+        # the new key's own rotation, with and without a grace, goes on with that lifetime
+        newest = f"/admin/v1/workspaces/acme/keys/{ended['key']['id']}"
+        assert (await ok(await admin.post(newest + "/rotate", json={"grace_seconds": 60}),
+                         201))["key"]["expires_at"] == wanted
+
+
+async def test_two_rotations_with_a_grace_at_once_both_keep_the_old_keys_lifetime(admin):
+    """The second of two concurrent rotations finds the key changed by the first (its expiry
+    now the grace's end) and copies it again: its new key still has the key's own lifetime."""
+    await workspace(admin)
+    forever = (await new_key(admin, name="billing"))["key"]
+    month = (await new_key(admin, name="ci", expires_in=30 * 86400))["key"]
+    admin.clock.now += 10 * 86400
+    for key, lifetime in ((forever, None), (month, 30 * 86400)):
+        answers = await asyncio.gather(*[
+            admin.post(f"/admin/v1/workspaces/acme/keys/{key['id']}/rotate",
+                       json={"grace_seconds": 3600}) for _ in range(2)])
+        wanted = None if lifetime is None else rfc3339(admin.clock.now + lifetime)
+        assert [(await ok(r, 201))["key"]["expires_at"] for r in answers] == [wanted] * 2
+
+
+async def test_a_key_re_dated_in_its_grace_is_rotated_with_its_new_expiry(admin):
+    """A PATCH of ``expires_at`` on a key in its grace makes that its own expiry: a rotation
+    then copies the lifetime created_at -> that expiry."""
+    await workspace(admin)
+    key = (await new_key(admin, name="billing"))["key"]
+    path = f"/admin/v1/workspaces/acme/keys/{key['id']}"
+    admin.clock.now += 86400
+    await ok(await admin.post(path + "/rotate", json={"grace_seconds": 3600}), 201)
+    await ok(await admin.patch(path, json={"expires_at": rfc3339(admin.clock.now + 7200)}))
+    body = await ok(await admin.post(path + "/rotate", json={}), 201)
+    assert body["key"]["expires_at"] == rfc3339(admin.clock.now + 86400 + 7200)
 
 
 @pytest.mark.parametrize("grace", [-1, "60", 1.5, None])
@@ -1265,6 +1372,33 @@ async def test_rotating_with_grace_cannot_grow_a_workspace_past_its_cap(admin):
     await ok(resp, 201)
     active = await ok(await admin.get("/admin/v1/workspaces/acme/keys?status=active"))
     assert len(active["items"]) == 4
+
+
+async def test_a_later_expiry_for_a_key_in_its_grace_needs_room_under_the_cap(admin):
+    """The old key of a rotation with a grace is active until the grace's end, one over the
+    cap: a PATCH giving it no expiry, or a later one, would keep the workspace over its cap
+    for good, so it is 409 ``key_limit_reached`` and nothing changes. An earlier expiry, or
+    any change once the workspace has room, is fine."""
+    await workspace(admin, plan="small")
+    ids = [(await new_key(admin, name=f"k{i}"))["key"]["id"] for i in range(3)]
+    path = f"/admin/v1/workspaces/acme/keys/{ids[0]}"
+    await ok(await admin.post(path + "/rotate", json={"grace_seconds": 3600}), 201)
+    grace_end = rfc3339(admin.clock.now + 3600)
+    for later in (None, rfc3339(admin.clock.now + 7200)):
+        await error(await admin.patch(path, json={"expires_at": later}), 409,
+                    "key_limit_reached", "over")
+        assert (await ok(await admin.get(path)))["expires_at"] == grace_end
+    sooner = rfc3339(admin.clock.now + 60)
+    assert (await ok(await admin.patch(path, json={"expires_at": sooner})))["expires_at"] == sooner
+    admin.clock.now += 7200
+    assert len(await active_keys(admin)) == 3
+    # with room under the cap, a key in its grace may live on
+    await workspace(admin, "beta", plan="small")
+    one = (await new_key(admin, "beta", name="one"))["key"]["id"]
+    beta = f"/admin/v1/workspaces/beta/keys/{one}"
+    await ok(await admin.post(beta + "/rotate", json={"grace_seconds": 3600}), 201)
+    assert (await ok(await admin.patch(beta, json={"expires_at": None})))["expires_at"] is None
+    assert len(await active_keys(admin, "beta")) == 2
 
 
 async def test_a_10_mb_body_is_413_and_the_api_keeps_working(admin):

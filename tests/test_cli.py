@@ -61,6 +61,12 @@ def test_expires_refuses_zoneless_invalid_or_empty_values(text):
         parse_expiry(text)
 
 
+@pytest.mark.parametrize("text", ["0001-01-01T00:00:00+00:01", "9999-12-31T23:59:59-00:01"])
+def test_expires_outside_years_1_to_9999_utc_says_so(text):
+    with pytest.raises(ValueError, match="outside the years 0001 to 9999 in UTC"):
+        parse_expiry(text)
+
+
 def test_role_and_scope_together_is_bad_usage(capsys):
     code = main(["keys", "create", "--workspace", "acme", "--name", "ci",
                  "--role", "reader", "--scope", "people:read"])

@@ -305,6 +305,20 @@ async def test_a_key_cannot_mint_or_rotate_a_key_that_outlives_it(env):
     assert body["key"]["expires_at"] <= temp.key.to_json(())["expires_at"]
 
 
+async def test_a_key_asking_for_a_key_that_never_expires_is_refused_not_given_its_expiry(env):
+    """An explicit ``"expires_at": null`` asks for no expiry, which a key that expires cannot
+    give: 403 and nothing made, not a 201 with the acting key's expiry (only a create that
+    names no expiry inherits it)."""
+    temp = await _short_lived_admin(env)
+    before = len(await env.store.list_keys("acme"))
+    status, body = await status_and_body(await env.call(
+        "POST", "", temp.token, json={"name": "forever", "scopes": ["people:read"],
+                                      "expires_at": None}))
+    assert (status, body["error"]["code"]) == (403, "insufficient_scope"), body
+    assert "expires_at" in body["error"]["message"]
+    assert len(await env.store.list_keys("acme")) == before
+
+
 async def test_a_key_cannot_extend_the_life_of_a_wider_key(env):
     """The acting key lacks people:write; keeping a writer key alive longer is widening."""
     import time

@@ -276,8 +276,10 @@ class KeyOps:
         elif (expires_in := parse_seconds(data, "expires_in", 1)) is not None:
             expires_at = whole_second(now + expires_in)
         if self.limit_scopes is not None and self.limit_expires_at is not None \
-                and expires_at is None:
-            expires_at = self.limit_expires_at  # a new key inherits the acting key's expiry
+                and "expires_at" not in data and "expires_in" not in data:
+            # a new key that names no expiry inherits the acting key's; an explicit null asks
+            # for none, which a key that expires cannot give (403 below)
+            expires_at = self.limit_expires_at
         self._within_lifetime(expires_at)
         controls = await self._controls(data)
         role, scopes, granted = await self._binding(data)

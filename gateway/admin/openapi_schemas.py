@@ -66,7 +66,9 @@ def schemas() -> dict[str, Schema]:
         "role": {"type": ["string", "null"], "description": "null when bound to scopes"},
         "scopes": {"type": "array", "items": {"type": "string"},
                    "description": "effective scopes (the role's as they are now)"},
-        "prefix": {"type": "string", "description": "the token up to the key id"},
+        "prefix": {"type": "string",
+                   "description": "the token up to and including the key id, e.g. "
+                                  "kg_live_<id> (never a character of the secret)"},
         "created_at": TIMESTAMP, "expires_at": NULLABLE_TIMESTAMP,
         "last_used_at": NULLABLE_TIMESTAMP, "revoked_at": NULLABLE_TIMESTAMP,
         "rate_limit": {"type": ["string", "null"], "description": KEY_RATE},

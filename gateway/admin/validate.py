@@ -310,7 +310,11 @@ def parse_expires_at(value: Any, now: float, *, nullable: bool) -> float | None:
         raise BadRequest(f"The field 'expires_at' is not an RFC 3339 timestamp with a time "
                          f"zone (e.g. '2027-01-31T00:00:00Z'): {shown(value)!r}.") from None
     if when <= now:
-        raise BadRequest(f"The field 'expires_at' is in the past ({rfc3339(when)}).")
+        try:
+            shown_when = rfc3339(when)
+        except (ValueError, OverflowError):  # before 0001-01-01 in UTC (a year 1 with an offset)
+            shown_when = "before 0001-01-01T00:00:00Z"
+        raise BadRequest(f"The field 'expires_at' is in the past ({shown_when}).")
     if when > now + MAX_SECONDS:
         raise BadRequest("The field 'expires_at' is more than a century away.")
     return when

@@ -59,7 +59,10 @@ def parse_expiry(text: str) -> dict[str, Any]:
                 from None
         raise ValueError(f"'{text}' is neither a duration (30d, 24h, 90m, 3600s) nor an "
                          "RFC 3339 date (2027-01-31) or datetime (2027-01-31T12:00:00Z)") from None
-    return {"expires_at": rfc3339(moment)}
+    try:
+        return {"expires_at": rfc3339(moment)}
+    except (ValueError, OverflowError):  # a year 1 or 9999 whose offset leaves them in UTC
+        raise ValueError(f"'{text}' falls outside the years 0001 to 9999 in UTC") from None
 
 
 def seconds(text: str) -> float:

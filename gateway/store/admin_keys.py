@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 from ..errors import BadRequest, Conflict, NotFound, StoreError, shown
 from ..models import KeyRecord, Workspace, rfc3339, whole_second
-from ..tokens import ID_LEN, PREFIX_CHARS, make_token
+from ..tokens import ID_LEN, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
                          no_workspace, revoked_key, role_gone, store_errors, unknown_role)
 from .keyspace import (key_index_key, key_key, undone_key, ws_active_key, ws_audit_key,
@@ -352,12 +352,13 @@ class KeyStore(StoreBase):
                     now: float, monthly_requests: int | None = None, enabled: bool = True,
                     meta: str = "{}", allowed_ips: Sequence[str] | None = None,
                     budget: str | None = None) -> tuple[KeyRecord, list[str]]:
-        # The public prefix never reaches into the secret, whatever the configured prefix/env.
+        # The public prefix: the token up to and including the key id, whatever the configured
+        # prefix and environment; never a character of the secret.
         head = len(self.config.keys.prefix) + len(environment) + 2
         record = KeyRecord(
             id=key_id, workspace=ws, name=name, description=description,
             environment=environment, role=role, scopes=tuple(scopes) if role is None else (),
-            hash=hashed, prefix=token[:min(PREFIX_CHARS, head + ID_LEN)], created_at=now,
+            hash=hashed, prefix=token[:head + ID_LEN], created_at=now,
             expires_at=expires_at, revoked_at=None, last_used_at=None, rate_limit=rate_limit,
             rev=1, monthly_requests=monthly_requests, enabled=enabled, meta=meta,
             allowed_ips=None if allowed_ips is None else tuple(allowed_ips), budget=budget)
@@ -470,7 +471,8 @@ class KeyStore(StoreBase):
         """Replace a key by a new one with the same name, description, environment, role or
         scopes and controls, sharing the old key's rate log and month count (``budget``: its
         own cap goes on where it was, its rate in the same window, and during a grace the two
-        keys spend one budget; and, if the old key had an expiry, the same lifetime). The old
+        keys spend one budget; and, if the old key had an expiry of its own, the same lifetime:
+        a grace it is in sets no lifetime). The old
         key is revoked now (grace 0) or expires after the grace (never later than it already
         would). ``max_expires_at`` caps the new key's expiry (self-service: the acting key's).
         Returns (old key as now, new key). Conflict if the key is revoked.
@@ -503,9 +505,10 @@ class KeyStore(StoreBase):
                     new_id = None
                     raise caller_gone("nothing was changed")
                 expires_at = None
-                if old.expires_at is not None:  # the same lifetime as shown, to the second:
+                own = old.own_expires_at  # not the end of a grace it is in (a retry, at once)
+                if own is not None:  # the same lifetime as shown, to the second:
                     # rotating again and again never shortens it by the fraction it was made in
-                    lifetime = whole_second(old.expires_at) - whole_second(old.created_at)
+                    lifetime = whole_second(own) - whole_second(old.created_at)
                     expires_at = whole_second(now + max(1.0, lifetime))
                 if max_expires_at is not None:
                     expires_at = min(max_expires_at, expires_at or max_expires_at)
@@ -715,7 +718,8 @@ class KeyStore(StoreBase):
         ``scopes`` to explicit scopes (the other binding is cleared); ``expires_at`` None
         removes the expiry. Bumps the key's rev: every replica applies it on the next request.
         A new expiry for an expired key re-activates it: Conflict ``key_limit_reached`` if the
-        plan's cap is reached. With ``expect_rev`` (the rev the caller judged the change on,
+        plan's cap is reached; so is a later expiry (or none) for an active key while the
+        workspace is over its cap (the old key of a rotation's grace: it would keep it over). With ``expect_rev`` (the rev the caller judged the change on,
         e.g. self-service's loosening checks), Conflict if the key changed since, and nothing
         is written."""
         fields: list[str] = []
@@ -783,6 +787,12 @@ class KeyStore(StoreBase):
             raise Conflict(f"Key '{shown(key_id, 12)}' has expired and workspace "
                            f"'{shown_ws(ws)}' already has the {max_keys} active keys its plan "
                            "allows; a new expiry would make it active again.",
+                           code="key_limit_reached")
+        if reply == "over_limit":
+            raise Conflict(f"Workspace '{shown_ws(ws)}' is over the {max_keys} active keys its "
+                           "plan allows (a rotation's grace period is running, or the cap was "
+                           f"lowered): a later expiry for key '{shown(key_id, 12)}' would keep "
+                           "it over. Revoke a key first, or let the grace end.",
                            code="key_limit_reached")
         key = key_from_hash(hash_pairs(reply))
         if key is None:

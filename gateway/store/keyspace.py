@@ -45,7 +45,9 @@ per-request script and every admin script touch a single slot.
                                           capped (MAXLEN ~ 10000)
     kg:key:{ws}:<id>              HASH    id, workspace, name, description, environment,
                                           role ("" = none), scopes (JSON list, explicit scopes),
-                                          hash (argon2id of the secret), prefix,
+                                          hash (argon2id of the secret), prefix (the
+                                          token up to and including the key id; up to 0.2.0
+                                          its first 20 characters: completed on read),
                                           created_at, expires_at, revoked_at, last_used_at
                                           (epoch seconds as decimal strings, "" = null),
                                           rate_limit ("" = plan's), monthly_requests (the key's
@@ -58,6 +60,10 @@ per-request script and every admin script touch a single slot.
                                           answered 503 give it back, see admin_take_back),
                                           rotated_gen (with rotated_to: its role's delete
                                           generation then, see kg:ws:{ws}:bindings),
+                                          own_expires_at (a rotation's grace set expires_at
+                                          to its end, sooner: the key's own expiry, "" =
+                                          none, whose lifetime a later rotation copies;
+                                          absent = expires_at is its own),
                                           rev (bumped on every change)
                                           (a bumped rev is Redis's TIME in µs, or +1 when that
                                           is not above it: a restore or failover that takes

@@ -58,6 +58,16 @@ def effective_scopes_of(key: KeyRecord, workspace_roles: Mapping[str, tuple[str,
     return tuple(config_roles.get(key.role, ()))
 
 
+def _whole_prefix(h: Mapping[str, str]) -> str:
+    """The key's ``prefix``, the token up to and including the key id. Versions up to 0.2.0
+    stored the token's first 20 characters, which a longer ``keys.prefix`` or environment cut
+    short of the id's end: such a prefix is completed from its own first part (the token's
+    prefix then), the key's environment and its id."""
+    stored = h.get("prefix", "")
+    whole = f"{stored.partition('_')[0]}_{h.get('environment', '')}_{h.get('id', '')}"
+    return whole if stored and len(stored) < len(whole) and whole.startswith(stored) else stored
+
+
 def key_from_hash(h: Mapping[str, str]) -> KeyRecord | None:
     if not h or not h.get("id"):
         return None
@@ -66,7 +76,7 @@ def key_from_hash(h: Mapping[str, str]) -> KeyRecord | None:
             id=h["id"], workspace=h["workspace"], name=h.get("name", ""),
             description=h.get("description", ""), environment=h.get("environment", ""),
             role=h.get("role") or None, scopes=tuple(json.loads(h.get("scopes") or "[]")),
-            hash=h.get("hash", ""), prefix=h.get("prefix", ""),
+            hash=h.get("hash", ""), prefix=_whole_prefix(h),
             created_at=float(h["created_at"]), expires_at=_opt_float(h.get("expires_at")),
             revoked_at=_opt_float(h.get("revoked_at")),
             last_used_at=_opt_float(h.get("last_used_at")),
@@ -74,7 +84,9 @@ def key_from_hash(h: Mapping[str, str]) -> KeyRecord | None:
             monthly_requests=int(h["monthly_requests"]) if h.get("monthly_requests") else None,
             enabled=h.get("enabled", "1") != "0", meta=h.get("meta") or "{}",
             allowed_ips=tuple(json.loads(h["allowed_ips"])) if h.get("allowed_ips") else None,
-            budget=h.get("budget") or None)
+            budget=h.get("budget") or None,
+            expiry_before_grace=_opt_float(h.get("own_expires_at")),
+            in_grace="own_expires_at" in h)
     except (KeyError, ValueError, TypeError) as exc:
         raise StoreError(f"the store holds a malformed key record ({h.get('id')!r})") from exc
 

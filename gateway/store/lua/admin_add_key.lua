@@ -45,6 +45,10 @@
 -- rotating, 'not_found' | 'revoked' | 'stale' | 'grace_limit' (grace asked, workspace
 -- already over its cap) | 'undone' (see KEYS[9]). 'ok' as well when the new key is there
 -- already with this call's hash: a resend of a call that ran (see below).
+-- A grace that ends before the old key would have expired keeps its own expiry in
+-- 'own_expires_at' ('' = none; set once, by the first such grace; a new expiry given to the
+-- key removes it: admin_update_key). A take-back giving the key its expiry back leaves it: it
+-- then holds that same expiry.
 -- A rotation marks the old key 'rotated_to' = the new id (any later change clears it, see
 -- _new_rev.lua): admin_take_back gives it back as it was only while that mark stands. With
 -- it, 'rotated_gen': the delete generation of the key's role then (its 'deleted:<role>' in
@@ -101,6 +105,7 @@ local function add()
   if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[6], ARGV[10]) == 0 then return 'no_role' end
   local rotating = ARGV[7] ~= ''
   local old_exp = nil
+  local old_exp_field = ''
   local old_role = ''
   if rotating then
     local old = redis.call('HMGET', KEYS[7], 'id', 'revoked_at', 'expires_at', 'rev', 'role')
@@ -108,6 +113,7 @@ local function add()
     if old[2] and old[2] ~= '' then return 'revoked' end
     if (old[4] or '0') ~= ARGV[9] then return 'stale' end
     old_exp = tonumber(old[3] or '')
+    old_exp_field = old[3] or ''
     old_role = old[5] or ''
   end
   if redis.call('EXISTS', KEYS[4]) == 1 then return 'collision' end
@@ -129,6 +135,11 @@ local function add()
     elseif replaces_active then
       local grace_end = tonumber(ARGV[8])
       if old_exp == nil or grace_end < old_exp then
+        -- the key's own expiry ('' = none), kept from before its first such grace: a later
+        -- rotation copies its lifetime, not created_at -> the grace's end
+        if redis.call('HEXISTS', KEYS[7], 'own_expires_at') == 0 then
+          redis.call('HSET', KEYS[7], 'own_expires_at', old_exp_field)
+        end
         redis.call('HSET', KEYS[7], 'expires_at', ARGV[8])
         redis.call('ZADD', KEYS[3], ARGV[8], ARGV[7])
       end

@@ -23,7 +23,9 @@
 --         from (_cap_basis.lua); a key brought back meets the cap as it is now, so a change of
 --         either is 'stale_ws' (nothing written)
 -- ARGV[11..] field, value pairs
--- Returns the key hash (HGETALL), nil when the key does not exist, 'limit', 'stale',
+-- An active key given a later expiry (or none) needs that room too while the workspace is over
+-- its cap ('over_limit'): the old key of a rotation's grace would otherwise keep it over.
+-- Returns the key hash (HGETALL), nil when the key does not exist, 'limit', 'over_limit', 'stale',
 -- 'stale_ws', 'no_role' (ARGV[8] is not defined; nothing written) or {'unbound', role} (see
 -- ARGV[9]).
 -- KEYS[7] and the last ARGV (a call that may be sent again): this call's marker
@@ -66,11 +68,23 @@ local function update()
         return {'unbound', bound}
       end
     end
-    if not active and cap_basis_changed(KEYS[5], ARGV[10]) then return 'stale_ws' end
-    if not active and tonumber(ARGV[4]) >= 0 then
-      if active_keys(KEYS[2], ARGV[3]) >= tonumber(ARGV[4]) then return 'limit' end
+    -- an active key given a later expiry (or none) while the workspace is over its cap (the
+    -- old key of a rotation's grace, one over it; or a cap lowered since) would keep it over
+    -- for good: it needs room under the cap, as a key brought back does ('over_limit')
+    local later = active and (ARGV[2] == '+inf' and cur ~= 'inf'
+                              or cur ~= 'inf' and ARGV[2] ~= '+inf'
+                                 and tonumber(ARGV[2]) > tonumber(cur))
+    if (not active or later) and cap_basis_changed(KEYS[5], ARGV[10]) then
+      return 'stale_ws'
+    end
+    if tonumber(ARGV[4]) >= 0 and (not active or later) then
+      local others = active_keys(KEYS[2], ARGV[3]) - (active and 1 or 0)
+      if others >= tonumber(ARGV[4]) then return active and 'over_limit' or 'limit' end
     end
     redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+  end
+  if redated then  -- the key's expiry is the one given now, a grace it was in apart
+    redis.call('HDEL', KEYS[1], 'own_expires_at')
   end
   if once_args >= 12 then
     local fields = {}
