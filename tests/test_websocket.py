@@ -24,6 +24,7 @@ from gateway.config import Route, ServerConfig, StoreConfig, Timeouts, Upstream
 from harness import (HeldReplies, bearer, closed_within, eventually, gateway_under_test,
                      make_config, raw_upstream, redis_answers, serving)
 from test_accesslog import json_lines
+from test_edge_framing import statuses
 from test_upstream import self_signed  # noqa: F401  (a fixture)
 
 WS_ROUTES = (Route("/ws/**", "api", ("GET",), ("people:read",), websocket=True),
@@ -459,6 +460,87 @@ async def test_a_head_over_the_bound_behind_a_body_behind_a_declined_handshake_i
                 if line.startswith(b"HTTP/1.1 ")]
     assert statuses == [b"426"], got
     assert [r.split(b" ", 2)[:2] for r in received] == [[b"GET", b"/ws/x"]]
+
+
+_OVERSIZED = (b"GET /health HTTP/1.1\r\nHost: g\r\n" + b"X-Pad: %s\r\n" % (b"p" * 8000) * 5 +
+              b"\r\n")
+_TE_ON_HTTP10 = (b"POST /upload/x HTTP/1.0\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"5\r\nhello\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize("behind", [_OVERSIZED, _TE_ON_HTTP10], ids=["head-over-32k",
+                                                                     "http10-chunked"])
+async def test_bytes_behind_a_declined_handshake_behind_an_unanswered_request_are_judged(
+        redis_url, monkeypatch, behind):
+    """docs/websocket.md, "The upstream's answer": bytes sent behind a handshake that the
+    upstream declines are read as the client's next request(s), "each checked like any other
+    and held to the same 32 KiB head bound". That held only when the handshake was the first
+    request of its read: behind an ordinary request still unanswered, the first answer
+    dropped keygate's override of finish_response and aiohttp's own re-parsed the held
+    bytes: a 40 KB head was forwarded (200) instead of the connection closing, and an
+    HTTP/1.0 request with Transfer-Encoding (refused everywhere else as 400) went upstream."""
+    lead = b"GET /health HTTP/1.1\r\nHost: g\r\n\r\n"
+    received: list[bytes] = []
+    srv, url = await declining_but_serving(received)
+    try:
+        async with gateway(redis_url, monkeypatch, url) as g:
+            token, _ = await g.key()
+            reader, writer = await g.raw_connection()
+            writer.write(lead + handshake("/ws/x", token) + behind)
+            _, got = await closed_within(reader, 3.0)
+            writer.close()
+    finally:
+        srv.close()
+    forwarded = [r.split(b" ", 2)[:2] for r in received]
+    assert forwarded == [[b"GET", b"/health"], [b"GET", b"/ws/x"]], (forwarded, got)
+    answered = statuses(got)
+    assert answered[:2] == [200, 426] and 200 not in answered[2:], got
+
+
+@contextlib.asynccontextmanager
+async def declining_recorder():
+    """A real aiohttp upstream: 426 to every request asking to upgrade, 200 "ok" to any
+    other; ``seen`` holds (method, path, headers, body) of each request it read."""
+    seen: list[tuple[str, str, dict, bytes]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.read()
+        seen.append((request.method, request.path, dict(request.headers), body))
+        if request.headers.get("Upgrade"):
+            return web.Response(status=426)
+        return web.Response(text="ok")
+
+    async with serving(handler) as url:
+        yield url, seen
+
+
+@pytest.mark.parametrize("upgrade", ["declined-handshake", "keyless-handshake",
+                                     "upgrade-on-a-public-route", "upgrade-on-no-route"])
+async def test_a_chunked_trailer_behind_an_upgrade_behind_an_unanswered_request_is_no_header(
+        redis_url, monkeypatch, upgrade):
+    """keygate serves nothing parsed after a chunked body that may have had trailers (aiohttp's
+    C parser hands the last trailer field to the next request as its first header). Behind
+    an upgrade that is no tunnel, pipelined behind an ordinary request, that judgement was
+    skipped (aiohttp's own finish_response re-parsed the held bytes): the trailer
+    ``X-Smuggled: 1`` reached the upstream as a header of the next request. No key nor a
+    declining upstream was needed: keygate's own 401 to a keyless handshake, an Upgrade on a
+    public route that did not opt in, or keygate's 404 did the same."""
+    trailer_then_request = (
+        b"POST /upload/x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Smuggled: 1\r\n\r\nGET /health HTTP/1.1\r\nHost: g\r\n\r\n")
+    async with declining_recorder() as (url, seen), gateway(redis_url, monkeypatch, url) as g:
+        token, _ = await g.key()
+        reader, writer = await g.raw_connection()
+        middle = {"declined-handshake": handshake("/ws/x", token),
+                  "keyless-handshake": handshake("/ws/x"),
+                  "upgrade-on-a-public-route": b"GET /health HTTP/1.1\r\nHost: g\r\n"
+                  b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                  "upgrade-on-no-route": b"GET /nowhere HTTP/1.1\r\nHost: g\r\n"
+                  b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n"}[upgrade]
+        writer.write(b"GET /health HTTP/1.1\r\nHost: g\r\n\r\n" + middle + trailer_then_request)
+        await closed_within(reader, 3.0)
+        writer.close()
+    assert [(m, p) for m, p, headers, _ in seen if "X-Smuggled" in headers] == [], seen
 
 
 @pytest.mark.parametrize("upgrade", [b"h2c", b"foo", b"websocket, h2c"])

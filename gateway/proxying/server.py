@@ -209,8 +209,6 @@ class _JsonErrorRequestHandler(RequestHandler):
         if self._request_count != seen:
             new = self._request_count - seen
             self._head_since = None
-            if self._upgraded:  # an upgrade: what follows it waits unparsed for its answer
-                self.finish_response = self._finish_upgrade
             if self._head_bytes + len(data) <= HEAD_MAX and data.endswith(b"\r\n\r\n"):
                 self._head_bytes = 0  # the usual read: a head, whole, ending the read
             else:  # a long read, the end of a long head, or bytes after a head or a body
@@ -255,9 +253,8 @@ class _JsonErrorRequestHandler(RequestHandler):
         if self._upgraded and self._payload_parser is None:
             # behind an upgrade not yet answered, held by aiohttp unparsed (its read_bufsize
             # bounds them): a tunnel's first bytes or, the upgrade declined, the client's next
-            # request(s), heads and bodies, judged once parsed (_finish_upgrade). Only a next
+            # request(s), heads and bodies, judged once parsed (finish_response). Only a next
             # head that does not end within HEAD_MAX is known to be over it now.
-            self.finish_response = self._finish_upgrade  # (an upgrade with a body: now)
             held = self._message_tail
             if self._tail_over is None and len(held) > HEAD_MAX:
                 self._tail_over = held.find(b"\r\n\r\n", 0, HEAD_MAX + 4) < 0
@@ -269,32 +266,42 @@ class _JsonErrorRequestHandler(RequestHandler):
         if self._head_bytes > HEAD_MAX:
             self._refuse_head(None)
 
-    async def _finish_upgrade(self, request, resp, start_time):
-        """``finish_response`` for an upgrade (a WebSocket handshake, an ``h2c`` one...). If no
-        tunnel took what the client sent behind it, those bytes are its next request(s): they
-        are parsed now, through ``data_received`` as if just received, so that a body is a
-        body (aiohttp parses them itself, out of sight of the head bound and the body
-        bookkeeping: a pipelined request's body was counted as head bytes, and over 32 KiB
-        of it cut the connection). Only a next head that cannot end within ``HEAD_MAX`` is
-        dropped unparsed, and the connection closes after the answer."""
-        del self.finish_response
-        over, self._tail_over = self._tail_over, None
+    def finish_response(self, request, resp, start_time):
+        """aiohttp's ``finish_response``, but for the answer to an upgrade (a WebSocket
+        handshake, an ``h2c`` one...) that no tunnel took: what the client sent behind it is
+        its next request(s), parsed now through ``data_received`` as if just received, so
+        that each is judged at the edge like any (the head bound, the version and framing
+        refusals, the end of a chunked body, the pipelining bound) and a body is a body.
+        aiohttp's own re-parses them itself, out of sight of all of that: a trailer reached
+        the upstream as a header of the next request. Only a next head that cannot end
+        within ``HEAD_MAX`` is dropped unparsed, and the connection closes after the answer.
+
+        Keyed on the connection's state as aiohttp's is (an upgrade parsed, nothing queued
+        behind it, no tunnel), so it holds for the upgrade's own answer whatever was answered
+        before it, under the copied ``start`` and aiohttp's stock one alike. (It returns
+        aiohttp's coroutine: no frame more for the other answers.)"""
         if self._upgraded and self._payload_parser is None and not self._messages \
                 and self._parser is not None:
-            held, self._message_tail = self._message_tail, b""
-            self._parser.set_upgraded(False)
-            self._upgraded = False
-            if over:
-                close_after(request)
-                self.close()
-            elif held:
-                self._head_bytes, self._head_from = 0, self._request_count
-                self.data_received(held)
-                if self._head_bytes and self._head_since is None and not self._messages:
-                    self._head_since = self._loop.time()  # a head begun: due from now
-                if self._buffer_paused:  # aiohttp held no more than read_bufsize
-                    self._resume_reading_if_drained()
-        return await super().finish_response(request, resp, start_time)
+            self._feed_held(request)
+        return super().finish_response(request, resp, start_time)
+
+    def _feed_held(self, request) -> None:
+        """The upgrade ``request`` is answered without a tunnel: parse what is held behind it
+        (see ``finish_response``)."""
+        over, self._tail_over = self._tail_over, None
+        held, self._message_tail = self._message_tail, b""
+        self._parser.set_upgraded(False)
+        self._upgraded = False
+        if over:
+            close_after(request)
+            self.close()
+        elif held:
+            self._head_bytes, self._head_from = 0, self._request_count
+            self.data_received(held)
+            if self._head_bytes and self._head_since is None and not self._messages:
+                self._head_since = self._loop.time()  # a head begun: due from now
+            if self._buffer_paused:  # aiohttp held no more than read_bufsize
+                self._resume_reading_if_drained()
 
     def _judge_heads(self, received: int, new: int, body_end: int, chunked: bool) -> None:
         """A read of ``received`` bytes that completed ``new`` requests (``body_end`` of them
