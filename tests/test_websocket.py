@@ -541,6 +541,35 @@ async def test_a_chunked_trailer_behind_an_upgrade_behind_an_unanswered_request_
         await closed_within(reader, 3.0)
         writer.close()
     assert [(m, p) for m, p, headers, _ in seen if "X-Smuggled" in headers] == [], seen
+    # and the chunked request itself is forwarded, its body whole, as on a connection of its own
+    assert [(m, p, b) for m, p, _, b in seen if m == "POST"] == [("POST", "/upload/x", b"hello")]
+
+
+async def test_a_chunked_request_behind_a_declined_handshake_is_forwarded_and_answered(
+        redis_url, monkeypatch):
+    """docs/websocket.md: bytes behind a declined handshake are "the client's next HTTP
+    request(s), bodies and all, each checked like any other". On a connection of its own, a
+    chunked POST followed by a pipelined GET is answered (200, Connection: close; the GET
+    behind a chunked body is dropped by design). Behind a declined handshake the POST was
+    kept to be answered, but the judgement of its end closed the connection as if the
+    handshake were still under way: the connection closed after the 426, the POST never
+    forwarded nor answered."""
+    behind = (b"POST /upload/x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"5\r\nhello\r\n0\r\n\r\nGET /health HTTP/1.1\r\nHost: g\r\n\r\n")
+    async with declining_recorder() as (url, seen), gateway(redis_url, monkeypatch, url) as g:
+        token, _ = await g.key()
+        reader, writer = await g.raw_connection()
+        writer.write(behind)  # alone: the POST is answered
+        _, alone = await closed_within(reader, 3.0)
+        writer.close()
+        assert statuses(alone) == [200], alone
+        reader, writer = await g.raw_connection()
+        writer.write(handshake("/ws/x", token) + behind)
+        _, got = await closed_within(reader, 3.0)
+        writer.close()
+    assert statuses(got) == [426, 200], got
+    assert b"Connection: close" in got.split(b"HTTP/1.1 200 ")[1]
+    assert [(m, p, b) for m, p, _, b in seen if m == "POST"] == [("POST", "/upload/x", b"hello")] * 2
 
 
 @pytest.mark.parametrize("upgrade", [b"h2c", b"foo", b"websocket, h2c"])

@@ -139,6 +139,9 @@ class _JsonErrorRequestHandler(RequestHandler):
     # HEAD_MAX hold no end of a head: never parsed if declined (None: not judged yet)
     _tail_over: bool | None = None
     _lingering: asyncio.TimerHandle | None = None  # while a lingering close runs (_linger)
+    # requests are kept queued behind the one under way, the first of them closing the
+    # connection: nothing more is parsed meanwhile (see _close_after_chunked)
+    _parse_no_more = False
     _linger_end = 0.0   # when it ends at the latest (0: no lingering close begun)
     _linger_last = 0.0  # when it last read something (or began)
 
@@ -191,6 +194,8 @@ class _JsonErrorRequestHandler(RequestHandler):
                     self._close = closing[0] or self._close
                     self._force_close = closing[1] or self._force_close
                 return
+        if self._parse_no_more:  # read and dropped, as aiohttp drops a closing one's
+            return
         if data and self._head_since is None and not self._request_in_progress \
                 and not self._messages \
                 and (self._last_payload is None or self._last_payload.is_eof()):
@@ -297,7 +302,14 @@ class _JsonErrorRequestHandler(RequestHandler):
             self.close()
         elif held:
             self._head_bytes, self._head_from = 0, self._request_count
-            self.data_received(held)
+            # judged while the upgrade's answer is under way: a refusal that closes the
+            # connection after it makes that answer say so (its handler is done, and
+            # _current_request no longer names it)
+            under_way, self._current_request = self._current_request, request
+            try:
+                self.data_received(held)
+            finally:
+                self._current_request = under_way
             if self._head_bytes and self._head_since is None and not self._messages:
                 self._head_since = self._loop.time()  # a head begun: due from now
             if self._buffer_paused:  # aiohttp held no more than read_bufsize
@@ -438,6 +450,9 @@ class _JsonErrorRequestHandler(RequestHandler):
         return self._before[len(latest) - _RECENT:] + latest
 
     def _close_after_chunked(self, keep: int) -> None:
+        """Parse nothing more on the connection: drop what is queued but its first ``keep``
+        requests, and close it once the next of them is answered (the request under way,
+        if there is one and none is kept)."""
         queued = self._messages
         while len(queued) > keep:
             queued.pop()
@@ -445,6 +460,13 @@ class _JsonErrorRequestHandler(RequestHandler):
             if message.__class__ is not _ERR_INFO:
                 queued[i] = (message._replace(should_close=True), payload)
         self._chunked = None
+        if queued and self._request_in_progress:
+            # kept behind the request under way (the requests sent behind an upgrade are
+            # judged as it is answered): aiohttp's close() would end the connection after
+            # that answer, and what was kept to be answered was never forwarded. The one
+            # under way goes on as it would have; the first kept one's answer closes
+            self._parse_no_more = True
+            return
         # the chunked request, if under way: its answer says Connection: close
         close_after(self._current_request)
         self.close()  # nothing more is parsed; closed once the requests queued are answered
@@ -856,7 +878,8 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
             if self.transport is not None:
                 # keygate: a lingering close, unless the client asked for the close itself
                 # (Connection: close, HTTP/1.0) after a request read whole: it sends no more
-                if self._close or request_handler is not self._request_handler \
+                if self._close or self._parse_no_more \
+                        or request_handler is not self._request_handler \
                         or not message.should_close or not payload.is_eof():
                     self.linger()
                 else:
