@@ -1122,6 +1122,41 @@ async def test_a_tunnel_closes_soon_after_a_reload_stops_accepting_its_keys_envi
                 assert (await kept.receive(timeout=5)).data == "echo:still"
 
 
+async def test_a_tunnel_closes_soon_after_a_reload_takes_the_scope_from_its_keys_global_role(
+        redis_url, monkeypatch):
+    """docs/websocket.md, "Keys that stop allowing it": a key re-scoped below the route's
+    scopes has its tunnel closed at the next check; a key bound to a role has the role's
+    scopes as they are now (SPEC). A reload that takes ``people:read`` from the config's
+    role ``reader`` makes the key's next request a 403, but its open tunnel was re-checked
+    with the key as derived at the handshake, under the old config, and stayed open for as
+    long as its users liked. A key with scopes of its own keeps its tunnel."""
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  websocket_recheck=1.0) as g:
+        token, _ = await g.key(role="reader")
+        own_token, _ = await g.key(name="own")
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws, \
+                    client.ws_connect(ws_url(g, "/ws/y"), headers=bearer(own_token)) as kept:
+                await ws.send_str("a")
+                assert (await ws.receive(timeout=5)).data == "echo:a"
+                config = g.gw.config
+                g.gw.reloader.apply(dataclasses.replace(
+                    config, roles={**config.roles, "reader": ("companies:read",)}))
+                started = time.monotonic()
+                try:  # websocket_recheck is 1 s; no request of the key meanwhile
+                    msg = await ws.receive(timeout=6)
+                except TimeoutError:
+                    raise AssertionError("the tunnel of a key its role no longer allows on "
+                                         "this route is still open 6 s after the reload")
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.ERROR), msg
+                assert time.monotonic() - started < 4
+                async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                    assert r.status == 403  # what a new handshake with it gets too
+                await kept.send_str("still")
+                assert (await kept.receive(timeout=5)).data == "echo:still"
+
+
 @pytest.mark.parametrize("path,changed", [
     ("/ws/x", Route("/ws/**", "api", ("GET",), ("people:write",), websocket=True)),
     ("/ws/x", Route("/ws/**", "api", ("GET",), ("people:read",))),
