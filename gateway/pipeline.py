@@ -535,6 +535,18 @@ class Pipeline:
         answer leaves the tunnel open: the key as it was."""
         if not self.auth.accepts(*token_kind):  # a reload stopped accepting such tokens
             return None
+        if key.generation != self.auth.generation:
+            # derived under a config since reloaded (a role's scopes, a plan): re-derived
+            # first, as the key's next request is (authorise re-reads it only when its
+            # stored revision moved on, which a reload does not)
+            try:
+                fresh = await self.auth.refresh(key)
+            except StoreError as exc:  # counted and logged as such; the tunnel stays
+                self.store_down(exc)
+                return key
+            if fresh is None:  # gone meanwhile (its workspace deleted)
+                return None
+            key = fresh
         try:
             key, _, _ = await self.authorise(key, scopes, count=False, client=client,
                                              recheck=True)

@@ -139,6 +139,9 @@ class _JsonErrorRequestHandler(RequestHandler):
     # HEAD_MAX hold no end of a head: never parsed if declined (None: not judged yet)
     _tail_over: bool | None = None
     _lingering: asyncio.TimerHandle | None = None  # while a lingering close runs (_linger)
+    # requests are kept queued behind the one under way, the first of them closing the
+    # connection: nothing more is parsed meanwhile (see _close_after_chunked)
+    _parse_no_more = False
     _linger_end = 0.0   # when it ends at the latest (0: no lingering close begun)
     _linger_last = 0.0  # when it last read something (or began)
 
@@ -191,6 +194,8 @@ class _JsonErrorRequestHandler(RequestHandler):
                     self._close = closing[0] or self._close
                     self._force_close = closing[1] or self._force_close
                 return
+        if self._parse_no_more:  # read and dropped, as aiohttp drops a closing one's
+            return
         if data and self._head_since is None and not self._request_in_progress \
                 and not self._messages \
                 and (self._last_payload is None or self._last_payload.is_eof()):
@@ -209,8 +214,6 @@ class _JsonErrorRequestHandler(RequestHandler):
         if self._request_count != seen:
             new = self._request_count - seen
             self._head_since = None
-            if self._upgraded:  # an upgrade: what follows it waits unparsed for its answer
-                self.finish_response = self._finish_upgrade
             if self._head_bytes + len(data) <= HEAD_MAX and data.endswith(b"\r\n\r\n"):
                 self._head_bytes = 0  # the usual read: a head, whole, ending the read
             else:  # a long read, the end of a long head, or bytes after a head or a body
@@ -255,9 +258,8 @@ class _JsonErrorRequestHandler(RequestHandler):
         if self._upgraded and self._payload_parser is None:
             # behind an upgrade not yet answered, held by aiohttp unparsed (its read_bufsize
             # bounds them): a tunnel's first bytes or, the upgrade declined, the client's next
-            # request(s), heads and bodies, judged once parsed (_finish_upgrade). Only a next
+            # request(s), heads and bodies, judged once parsed (finish_response). Only a next
             # head that does not end within HEAD_MAX is known to be over it now.
-            self.finish_response = self._finish_upgrade  # (an upgrade with a body: now)
             held = self._message_tail
             if self._tail_over is None and len(held) > HEAD_MAX:
                 self._tail_over = held.find(b"\r\n\r\n", 0, HEAD_MAX + 4) < 0
@@ -269,32 +271,49 @@ class _JsonErrorRequestHandler(RequestHandler):
         if self._head_bytes > HEAD_MAX:
             self._refuse_head(None)
 
-    async def _finish_upgrade(self, request, resp, start_time):
-        """``finish_response`` for an upgrade (a WebSocket handshake, an ``h2c`` one...). If no
-        tunnel took what the client sent behind it, those bytes are its next request(s): they
-        are parsed now, through ``data_received`` as if just received, so that a body is a
-        body (aiohttp parses them itself, out of sight of the head bound and the body
-        bookkeeping: a pipelined request's body was counted as head bytes, and over 32 KiB
-        of it cut the connection). Only a next head that cannot end within ``HEAD_MAX`` is
-        dropped unparsed, and the connection closes after the answer."""
-        del self.finish_response
-        over, self._tail_over = self._tail_over, None
+    def finish_response(self, request, resp, start_time):
+        """aiohttp's ``finish_response``, but for the answer to an upgrade (a WebSocket
+        handshake, an ``h2c`` one...) that no tunnel took: what the client sent behind it is
+        its next request(s), parsed now through ``data_received`` as if just received, so
+        that each is judged at the edge like any (the head bound, the version and framing
+        refusals, the end of a chunked body, the pipelining bound) and a body is a body.
+        aiohttp's own re-parses them itself, out of sight of all of that: a trailer reached
+        the upstream as a header of the next request. Only a next head that cannot end
+        within ``HEAD_MAX`` is dropped unparsed, and the connection closes after the answer.
+
+        Keyed on the connection's state as aiohttp's is (an upgrade parsed, nothing queued
+        behind it, no tunnel), so it holds for the upgrade's own answer whatever was answered
+        before it, under the copied ``start`` and aiohttp's stock one alike. (It returns
+        aiohttp's coroutine: no frame more for the other answers.)"""
         if self._upgraded and self._payload_parser is None and not self._messages \
                 and self._parser is not None:
-            held, self._message_tail = self._message_tail, b""
-            self._parser.set_upgraded(False)
-            self._upgraded = False
-            if over:
-                close_after(request)
-                self.close()
-            elif held:
-                self._head_bytes, self._head_from = 0, self._request_count
+            self._feed_held(request)
+        return super().finish_response(request, resp, start_time)
+
+    def _feed_held(self, request) -> None:
+        """The upgrade ``request`` is answered without a tunnel: parse what is held behind it
+        (see ``finish_response``)."""
+        over, self._tail_over = self._tail_over, None
+        held, self._message_tail = self._message_tail, b""
+        self._parser.set_upgraded(False)
+        self._upgraded = False
+        if over:
+            close_after(request)
+            self.close()
+        elif held:
+            self._head_bytes, self._head_from = 0, self._request_count
+            # judged while the upgrade's answer is under way: a refusal that closes the
+            # connection after it makes that answer say so (its handler is done, and
+            # _current_request no longer names it)
+            under_way, self._current_request = self._current_request, request
+            try:
                 self.data_received(held)
-                if self._head_bytes and self._head_since is None and not self._messages:
-                    self._head_since = self._loop.time()  # a head begun: due from now
-                if self._buffer_paused:  # aiohttp held no more than read_bufsize
-                    self._resume_reading_if_drained()
-        return await super().finish_response(request, resp, start_time)
+            finally:
+                self._current_request = under_way
+            if self._head_bytes and self._head_since is None and not self._messages:
+                self._head_since = self._loop.time()  # a head begun: due from now
+            if self._buffer_paused:  # aiohttp held no more than read_bufsize
+                self._resume_reading_if_drained()
 
     def _judge_heads(self, received: int, new: int, body_end: int, chunked: bool) -> None:
         """A read of ``received`` bytes that completed ``new`` requests (``body_end`` of them
@@ -431,6 +450,9 @@ class _JsonErrorRequestHandler(RequestHandler):
         return self._before[len(latest) - _RECENT:] + latest
 
     def _close_after_chunked(self, keep: int) -> None:
+        """Parse nothing more on the connection: drop what is queued but its first ``keep``
+        requests, and close it once the next of them is answered (the request under way,
+        if there is one and none is kept)."""
         queued = self._messages
         while len(queued) > keep:
             queued.pop()
@@ -438,6 +460,13 @@ class _JsonErrorRequestHandler(RequestHandler):
             if message.__class__ is not _ERR_INFO:
                 queued[i] = (message._replace(should_close=True), payload)
         self._chunked = None
+        if queued and self._request_in_progress:
+            # kept behind the request under way (the requests sent behind an upgrade are
+            # judged as it is answered): aiohttp's close() would end the connection after
+            # that answer, and what was kept to be answered was never forwarded. The one
+            # under way goes on as it would have; the first kept one's answer closes
+            self._parse_no_more = True
+            return
         # the chunked request, if under way: its answer says Connection: close
         close_after(self._current_request)
         self.close()  # nothing more is parsed; closed once the requests queued are answered
@@ -849,7 +878,8 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
             if self.transport is not None:
                 # keygate: a lingering close, unless the client asked for the close itself
                 # (Connection: close, HTTP/1.0) after a request read whole: it sends no more
-                if self._close or request_handler is not self._request_handler \
+                if self._close or self._parse_no_more \
+                        or request_handler is not self._request_handler \
                         or not message.should_close or not payload.is_eof():
                     self.linger()
                 else:
