@@ -155,10 +155,14 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     outcome.route, outcome.upstream = route.path, route.upstream
     public, scopes = route.public, route.scopes
     # the original request's method-override headers (a forward-auth proxy passes the client's
-    # headers on) and its _method parameter: authorised as the methods they name too
-    if not request.headers.keys().isdisjoint(overrides.NAMES) or \
+    # headers on) and its _method parameter: authorised as the methods they name too. In any
+    # spelling: keygate's proxy drops X.HTTP.Method.Override (lighttpd hands it to the API as
+    # HTTP_X_HTTP_METHOD_OVERRIDE), but here the proxy in front forwards, and Traefik and
+    # Envoy pass such names on.
+    others = overrides.other_spellings(request.headers)
+    if others or not request.headers.keys().isdisjoint(overrides.NAMES) or \
             raw_query and overrides.may_name(raw_query):
-        named = overrides.requested(request.headers, raw_query)
+        named = overrides.requested(request.headers, raw_query, also=others)
         if named:
             public, scopes = overrides.authorised_as(steps.routes, route, method, raw_path,
                                                      named, forwarding=False)

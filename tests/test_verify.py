@@ -442,3 +442,58 @@ async def test_no_answer_of_verify_may_be_kept_by_a_cache(gw):
         async with gw.proxy.get(URL(target, encoded=True), headers=headers) as r:
             assert r.status == status, (target, r.status, await r.text())
             assert r.headers.getall("Cache-Control", []) == ["no-store"], (target, r.headers)
+
+
+@pytest.fixture
+async def roomy(redis_url, upstream, monkeypatch):
+    """``gw`` on a plan with room for more than three requests."""
+    async with gateway_under_test(verify_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace("acme", plan="starter")
+        yield g
+
+
+async def _raw_answer(gw, data: bytes) -> tuple[int, dict]:
+    """The status and JSON body (``{}`` if none) of one request sent as ``data``."""
+    reader, writer = await gw.raw_connection()
+    try:
+        writer.write(data)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b"\r\n")[0].split()[1]), (json.loads(body) if body else {})
+
+
+@pytest.mark.parametrize("name", [b"X.HTTP.Method.Override", b"X+HTTP+Method",
+                                  b"X.Method.Override", b"x~http.method-override"])
+async def test_a_punctuated_method_override_is_judged_as_the_method_it_names(roomy, upstream,
+                                                                            name):
+    """lighttpd's CGI, FastCGI and SCGI hand ``X.HTTP.Method.Override`` to the application as
+    ``HTTP_X_HTTP_METHOD_OVERRIDE``; keygate's own proxy drops such a spelling, but in
+    verify-only mode the front proxy forwards (Traefik and Envoy pass names with '.' or '+'
+    on, and Traefik copies them onto the verify call). Verify ignored it: a ``people:read``
+    key was answered 200 for ``GET /people/1`` naming ``DELETE``, and the API deleted. It is
+    judged as the ``-`` spelling is: the method's scopes are required, a value that is no
+    method is refused, and one the key may use is allowed."""
+    gw = roomy
+    token, _ = await gw.key(scopes=["people:read"])
+    base = (b"GET " + VERIFY.encode() + b" HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
+            + token.encode() + b"\r\nX-Forwarded-Method: GET\r\nX-Forwarded-Uri: /people/1\r\n")
+    dash = name.replace(b".", b"-").replace(b"+", b"-").replace(b"~", b"-")
+    for spelling in (dash, name):
+        status, body = await _raw_answer(gw, base + spelling + b": DELETE\r\n"
+                                         b"Connection: close\r\n\r\n")
+        assert (status, body["error"]["code"]) == (403, "insufficient_scope"), (spelling, body)
+        status, body = await _raw_answer(gw, base + spelling + b": GET, DELETE\r\n"
+                                         b"Connection: close\r\n\r\n")
+        assert (status, body["error"]["code"]) == (403, "insufficient_scope"), (spelling, body)
+        status, body = await _raw_answer(gw, base + spelling + b": @\r\n"
+                                         b"Connection: close\r\n\r\n")
+        assert (status, body["error"]["code"]) == (400, "bad_request"), (spelling, body)
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
+    status, body = await _raw_answer(gw, base + name + b": GET\r\nConnection: close\r\n\r\n")
+    assert status == 200, body
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 1
+    assert upstream.requests == []
