@@ -497,3 +497,55 @@ async def test_a_punctuated_method_override_is_judged_as_the_method_it_names(roo
     assert status == 200, body
     assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 1
     assert upstream.requests == []
+
+
+# Every method in llhttp's table (HTTP, ICE and RTSP: the proxy's parser knows them all, and
+# takes only some on an HTTP/1.x request line), and tokens it knows none of
+CANDIDATE_METHODS = (
+    "GET HEAD POST PUT PATCH DELETE OPTIONS TRACE CONNECT QUERY ACL BIND CHECKOUT COPY LINK "
+    "LOCK MERGE MKACTIVITY MKCALENDAR MKCOL MOVE M-SEARCH NOTIFY PROPFIND PROPPATCH PURGE "
+    "REBIND REPORT SEARCH SOURCE SUBSCRIBE UNBIND UNLINK UNLOCK UNSUBSCRIBE PRI ANNOUNCE "
+    "DESCRIBE FLUSH GET_PARAMETER PAUSE PLAY RECORD REDIRECT SETUP SET_PARAMETER TEARDOWN "
+    "FOO GETS X-DELETE GE POSTS M-SEARCHES SOURCES get Get").split()
+
+
+async def test_verify_accepts_exactly_the_methods_the_proxy_accepts(roomy, upstream):
+    """SPEC, Deployment modes: a refusal is "the same status, headers and JSON body the proxy
+    would answer". The proxy's HTTP parser (llhttp) refuses a method it does not know
+    (``FOO /companies/1`` is 400 ``bad_request``), and RTSP's ``PLAY`` or ``SETUP`` on an
+    HTTP request line; verify took any upper-case token, so on a route open to any method
+    (``/companies/**``) it answered 200, and counted, a method keygate would never forward,
+    which nginx then forwards. Each method is sent to the proxy and to verify, under both
+    pairs of original-request headers: same status and error code, and verify counts exactly
+    when the proxy forwarded."""
+    gw = roomy
+    token, _ = await gw.key(scopes=["companies:read"])
+    auth = b"Authorization: Bearer " + token.encode() + b"\r\n"
+
+    async def used() -> int:
+        return (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"]
+
+    forwarded = refused = 0
+    for method in CANDIDATE_METHODS:
+        m = method.encode()
+        before = await used()
+        status, body = await _raw_answer(gw, m + b" /companies/1 HTTP/1.1\r\nHost: gw\r\n" + auth
+                                         + b"Connection: close\r\n\r\n")
+        by_proxy = status, body.get("error", {}).get("code")
+        counted = await used() - before
+        if status == 400:
+            refused += 1
+        elif status == 200:
+            forwarded += 1
+        for names in ((b"X-Forwarded-Method", b"X-Forwarded-Uri"),
+                      (b"X-Original-Method", b"X-Original-URI")):
+            before = await used()
+            status, body = await _raw_answer(
+                gw, b"GET " + VERIFY.encode() + b" HTTP/1.1\r\nHost: gw\r\n" + auth + names[0]
+                + b": " + m + b"\r\n" + names[1] + b": /companies/1\r\nConnection: close\r\n\r\n")
+            by_verify = status, body.get("error", {}).get("code")
+            assert by_verify == by_proxy, (method, names[0], by_verify, by_proxy)
+            assert await used() - before == counted, (method, names[0])
+    # the candidates hold both kinds (and CONNECT, 501 from both)
+    assert forwarded >= 30 and refused >= 15, (forwarded, refused)
+    assert {r["method"] for r in upstream.requests} <= set(CANDIDATE_METHODS)
