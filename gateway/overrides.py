@@ -20,6 +20,10 @@ split on ``&`` and ``;``. A value that is not an HTTP method token is ``bad_requ
 A ``_method`` field in a form body (Rails, Laravel) cannot be judged without reading the body
 and is not: docs/security.md says so.
 
+Verify (gateway.reserved), which cannot drop what the proxy in front forwards, also judges
+the spellings with other punctuation (``other_spellings``: ``X.HTTP.Method.Override``, which
+lighttpd hands the application as ``HTTP_X_HTTP_METHOD_OVERRIDE``); the proxy drops them.
+
 Cost: callers test ``headers.keys().isdisjoint(NAMES)`` (one C-level call looking up sixteen
 names, no walk of the request's headers) and, for a request with a query, ``may_name`` (a
 lower-casing and a few substring searches) before they call ``requested``: ~0.15 µs for an
@@ -35,7 +39,7 @@ from typing import Sequence
 from multidict import CIMultiDictProxy, istr
 
 from .errors import BadRequest, NotFound
-from .models import METHOD_OVERRIDE_HEADERS, Route
+from .models import METHOD_OVERRIDE_HEADERS, Route, header_key
 from .percent import unquote_plus  # urllib's, without its cost per stray '%'
 from .routes import RouteTable, no_route
 
@@ -53,16 +57,40 @@ PARAM = "_method"
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")  # an RFC 9110 token
 _SPLIT = re.compile(r"[&;]")
 _PHP_NAME = str.maketrans(" .[", "___")
+# Other spellings (verify only): any punctuation for "-", as lighttpd's CGI, FastCGI and SCGI
+# read them (X.HTTP.Method.Override is HTTP_X_HTTP_METHOD_OVERRIDE to the application)
+_KEYS = frozenset(header_key(h) for h in HEADERS)
+_LENGTHS = frozenset(len(h) for h in HEADERS)
+_NOT_DASH_OR_UNDERSCORE = re.compile(r"[!#$%&'*+.^`|~]")
 
 
-def requested(headers: CIMultiDictProxy[str], raw_query: str) -> tuple[str, ...]:
+def other_spellings(headers: CIMultiDictProxy[str]) -> tuple[str, ...]:
+    """The names of ``headers`` that are method-override headers spelled with punctuation
+    other than ``-`` and ``_`` (``X.HTTP.Method.Override``, ``X+HTTP+Method``), each once.
+    keygate's own proxy drops them (gateway.proxying.headers); verify, which forwards
+    nothing, judges them with ``requested(..., also=...)``. Cost: one walk of the names, a
+    length test for most."""
+    found: dict[str, str] = {}
+    for name in headers.keys():
+        if len(name) in _LENGTHS and _NOT_DASH_OR_UNDERSCORE.search(name) is not None \
+                and header_key(name) in _KEYS:
+            found.setdefault(name.lower(), name)
+    return tuple(found.values())
+
+
+def requested(headers: CIMultiDictProxy[str], raw_query: str,
+              also: Sequence[str] = ()) -> tuple[str, ...]:
     """The methods a request names besides its own (upper-cased, each once): () for an
-    ordinary request. Raises 400 ``bad_request`` for a named value that is no method."""
+    ordinary request. ``also``: header names read as method-override headers too (verify:
+    ``other_spellings``). Raises 400 ``bad_request`` for a named value that is no method."""
     found: list[tuple[str, str]] = []  # (where, value)
     if not headers.keys().isdisjoint(NAMES):
         for name in NAMES:
             for value in headers.getall(name, ()):
                 found.append(("The method-override header", value))
+    for name in also:
+        for value in headers.getall(name, ()):
+            found.append((f"The method-override header {name}", value))
     if raw_query and may_name(raw_query):
         for value in _param_values(raw_query):
             found.append((f"The {PARAM} query parameter", value))

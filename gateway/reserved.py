@@ -36,8 +36,14 @@ USAGE = "/_keygate/v1/usage"
 KEYS = "/_keygate/v1/keys"
 _NO_STORE = {"Cache-Control": "no-store"}
 _QUERY = re.compile(r"[\x21-\x7e]*")  # visible ASCII: what a request line's query can hold
-_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]{1,32}")  # an RFC 9110 token, in capitals as
-# the proxy's HTTP parser takes it (it refuses 'get' with 400 bad_request)
+# The methods the proxy's HTTP parser (llhttp, in aiohttp) takes on an HTTP/1.x request line:
+# any other (FOO, 'get', RTSP's PLAY, PRI) it answers 400 bad_request, and so does verify.
+# tests/test_verify.py sends every method llhttp knows, and others, to both and compares.
+PROXY_METHODS = frozenset((
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "QUERY",
+    "ACL", "BIND", "CHECKOUT", "COPY", "LINK", "LOCK", "MERGE", "MKACTIVITY", "MKCALENDAR",
+    "MKCOL", "MOVE", "M-SEARCH", "NOTIFY", "PROPFIND", "PROPPATCH", "PURGE", "REBIND",
+    "REPORT", "SEARCH", "SOURCE", "SUBSCRIBE", "UNBIND", "UNLINK", "UNLOCK", "UNSUBSCRIBE"))
 
 
 class RequestSteps(Protocol):
@@ -155,10 +161,14 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     outcome.route, outcome.upstream = route.path, route.upstream
     public, scopes = route.public, route.scopes
     # the original request's method-override headers (a forward-auth proxy passes the client's
-    # headers on) and its _method parameter: authorised as the methods they name too
-    if not request.headers.keys().isdisjoint(overrides.NAMES) or \
+    # headers on) and its _method parameter: authorised as the methods they name too. In any
+    # spelling: keygate's proxy drops X.HTTP.Method.Override (lighttpd hands it to the API as
+    # HTTP_X_HTTP_METHOD_OVERRIDE), but here the proxy in front forwards, and Traefik and
+    # Envoy pass such names on.
+    others = overrides.other_spellings(request.headers)
+    if others or not request.headers.keys().isdisjoint(overrides.NAMES) or \
             raw_query and overrides.may_name(raw_query):
-        named = overrides.requested(request.headers, raw_query)
+        named = overrides.requested(request.headers, raw_query, also=others)
         if named:
             public, scopes = overrides.authorised_as(steps.routes, route, method, raw_path,
                                                      named, forwarding=False)
@@ -215,9 +225,9 @@ def original_request(request: web.BaseRequest, suffix: str) -> tuple[str, str]:
                                         "proxy in front must send the original method too.",
                                         code="bad_request")
             method = methods[0]
-            if not _METHOD.fullmatch(method):
-                raise errors.BadRequest(f"{method_header} is not an HTTP method.",
-                                        code="bad_request")
+            if method not in PROXY_METHODS:
+                raise errors.BadRequest(f"{method_header} is not an HTTP method the proxy "
+                                        "accepts.", code="bad_request")
             return method, uri[0]
     if not suffix:
         # Envoy's path_prefix mode always sends a path after the prefix ('/' for '/'): a bare

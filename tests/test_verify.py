@@ -442,3 +442,110 @@ async def test_no_answer_of_verify_may_be_kept_by_a_cache(gw):
         async with gw.proxy.get(URL(target, encoded=True), headers=headers) as r:
             assert r.status == status, (target, r.status, await r.text())
             assert r.headers.getall("Cache-Control", []) == ["no-store"], (target, r.headers)
+
+
+@pytest.fixture
+async def roomy(redis_url, upstream, monkeypatch):
+    """``gw`` on a plan with room for more than three requests."""
+    async with gateway_under_test(verify_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace("acme", plan="starter")
+        yield g
+
+
+async def _raw_answer(gw, data: bytes) -> tuple[int, dict]:
+    """The status and JSON body (``{}`` if none) of one request sent as ``data``."""
+    reader, writer = await gw.raw_connection()
+    try:
+        writer.write(data)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b"\r\n")[0].split()[1]), (json.loads(body) if body else {})
+
+
+@pytest.mark.parametrize("name", [b"X.HTTP.Method.Override", b"X+HTTP+Method",
+                                  b"X.Method.Override", b"x~http.method-override"])
+async def test_a_punctuated_method_override_is_judged_as_the_method_it_names(roomy, upstream,
+                                                                            name):
+    """lighttpd's CGI, FastCGI and SCGI hand ``X.HTTP.Method.Override`` to the application as
+    ``HTTP_X_HTTP_METHOD_OVERRIDE``; keygate's own proxy drops such a spelling, but in
+    verify-only mode the front proxy forwards (Traefik and Envoy pass names with '.' or '+'
+    on, and Traefik copies them onto the verify call). Verify ignored it: a ``people:read``
+    key was answered 200 for ``GET /people/1`` naming ``DELETE``, and the API deleted. It is
+    judged as the ``-`` spelling is: the method's scopes are required, a value that is no
+    method is refused, and one the key may use is allowed."""
+    gw = roomy
+    token, _ = await gw.key(scopes=["people:read"])
+    base = (b"GET " + VERIFY.encode() + b" HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
+            + token.encode() + b"\r\nX-Forwarded-Method: GET\r\nX-Forwarded-Uri: /people/1\r\n")
+    dash = name.replace(b".", b"-").replace(b"+", b"-").replace(b"~", b"-")
+    for spelling in (dash, name):
+        status, body = await _raw_answer(gw, base + spelling + b": DELETE\r\n"
+                                         b"Connection: close\r\n\r\n")
+        assert (status, body["error"]["code"]) == (403, "insufficient_scope"), (spelling, body)
+        status, body = await _raw_answer(gw, base + spelling + b": GET, DELETE\r\n"
+                                         b"Connection: close\r\n\r\n")
+        assert (status, body["error"]["code"]) == (403, "insufficient_scope"), (spelling, body)
+        status, body = await _raw_answer(gw, base + spelling + b": @\r\n"
+                                         b"Connection: close\r\n\r\n")
+        assert (status, body["error"]["code"]) == (400, "bad_request"), (spelling, body)
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 0
+    status, body = await _raw_answer(gw, base + name + b": GET\r\nConnection: close\r\n\r\n")
+    assert status == 200, body
+    assert (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"] == 1
+    assert upstream.requests == []
+
+
+# Every method in llhttp's table (HTTP, ICE and RTSP: the proxy's parser knows them all, and
+# takes only some on an HTTP/1.x request line), and tokens it knows none of
+CANDIDATE_METHODS = (
+    "GET HEAD POST PUT PATCH DELETE OPTIONS TRACE CONNECT QUERY ACL BIND CHECKOUT COPY LINK "
+    "LOCK MERGE MKACTIVITY MKCALENDAR MKCOL MOVE M-SEARCH NOTIFY PROPFIND PROPPATCH PURGE "
+    "REBIND REPORT SEARCH SOURCE SUBSCRIBE UNBIND UNLINK UNLOCK UNSUBSCRIBE PRI ANNOUNCE "
+    "DESCRIBE FLUSH GET_PARAMETER PAUSE PLAY RECORD REDIRECT SETUP SET_PARAMETER TEARDOWN "
+    "FOO GETS X-DELETE GE POSTS M-SEARCHES SOURCES get Get").split()
+
+
+async def test_verify_accepts_exactly_the_methods_the_proxy_accepts(roomy, upstream):
+    """SPEC, Deployment modes: a refusal is "the same status, headers and JSON body the proxy
+    would answer". The proxy's HTTP parser (llhttp) refuses a method it does not know
+    (``FOO /companies/1`` is 400 ``bad_request``), and RTSP's ``PLAY`` or ``SETUP`` on an
+    HTTP request line; verify took any upper-case token, so on a route open to any method
+    (``/companies/**``) it answered 200, and counted, a method keygate would never forward,
+    which nginx then forwards. Each method is sent to the proxy and to verify, under both
+    pairs of original-request headers: same status and error code, and verify counts exactly
+    when the proxy forwarded."""
+    gw = roomy
+    token, _ = await gw.key(scopes=["companies:read"])
+    auth = b"Authorization: Bearer " + token.encode() + b"\r\n"
+
+    async def used() -> int:
+        return (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"]
+
+    forwarded = refused = 0
+    for method in CANDIDATE_METHODS:
+        m = method.encode()
+        before = await used()
+        status, body = await _raw_answer(gw, m + b" /companies/1 HTTP/1.1\r\nHost: gw\r\n" + auth
+                                         + b"Connection: close\r\n\r\n")
+        by_proxy = status, body.get("error", {}).get("code")
+        counted = await used() - before
+        if status == 400:
+            refused += 1
+        elif status == 200:
+            forwarded += 1
+        for names in ((b"X-Forwarded-Method", b"X-Forwarded-Uri"),
+                      (b"X-Original-Method", b"X-Original-URI")):
+            before = await used()
+            status, body = await _raw_answer(
+                gw, b"GET " + VERIFY.encode() + b" HTTP/1.1\r\nHost: gw\r\n" + auth + names[0]
+                + b": " + m + b"\r\n" + names[1] + b": /companies/1\r\nConnection: close\r\n\r\n")
+            by_verify = status, body.get("error", {}).get("code")
+            assert by_verify == by_proxy, (method, names[0], by_verify, by_proxy)
+            assert await used() - before == counted, (method, names[0])
+    # the candidates hold both kinds (and CONNECT, 501 from both)
+    assert forwarded >= 30 and refused >= 15, (forwarded, refused)
+    assert {r["method"] for r in upstream.requests} <= set(CANDIDATE_METHODS)

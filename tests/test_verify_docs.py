@@ -3,6 +3,7 @@ ingress-nginx): they parse, point at the verify endpoint, and carry keygate's he
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -77,7 +78,17 @@ def envoy_removed() -> set[str]:
     hcm = yaml.safe_load(text_of("envoy.yaml"))["static_resources"]["listeners"][0][
         "filter_chains"][0]["filters"][0]["typed_config"]
     return {m["remove"] for m in hcm["http_filters"][0]["typed_config"]["mutations"]
-            ["request_mutations"]}
+            ["request_mutations"] if "remove" in m}
+
+
+def envoy_removed_pattern() -> re.Pattern:
+    """The header-name regex the Envoy example removes every match of (remove_on_match)."""
+    hcm = yaml.safe_load(text_of("envoy.yaml"))["static_resources"]["listeners"][0][
+        "filter_chains"][0]["filters"][0]["typed_config"]
+    [regex] = [m["remove_on_match"]["key_matcher"]["safe_regex"]["regex"]
+               for m in hcm["http_filters"][0]["typed_config"]["mutations"]
+               ["request_mutations"] if "remove_on_match" in m]
+    return re.compile(regex)  # RE2 syntax; a character class reads the same in Python
 
 
 def text_of(name: str) -> str:
@@ -130,7 +141,7 @@ def test_envoy_ext_authz_uses_the_verify_prefix_and_fails_closed():
                 ["allowed_upstream_headers"]["patterns"]}
     assert {h.lower() for h in IDENTITY} <= upstream
     removed = {m["remove"] for m in hcm["http_filters"][0]["typed_config"]["mutations"]
-               ["request_mutations"]}
+               ["request_mutations"] if "remove" in m}
     assert removed == {h.lower() for h in IDENTITY} | (FROM_CLIENTS - SET_BY["envoy.yaml"])
 
 
@@ -211,7 +222,7 @@ def test_traefik_and_envoy_keep_a_clients_url_override_headers_from_the_api():
     doc = yaml.safe_load(text_of("envoy.yaml"))
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     removed = {m["remove"] for m in hcm["http_filters"][0]["typed_config"]["mutations"]
-               ["request_mutations"]}
+               ["request_mutations"] if "remove" in m}
     assert removed >= overrides
 
 
@@ -232,7 +243,7 @@ def test_every_verify_config_keeps_a_clients_auth_proxy_user_headers_from_the_ap
     hcm = yaml.safe_load(text_of("envoy.yaml"))["static_resources"]["listeners"][0][
         "filter_chains"][0]["filters"][0]["typed_config"]
     assert {m["remove"] for m in hcm["http_filters"][0]["typed_config"]["mutations"]
-            ["request_mutations"]} >= AUTH_USER
+            ["request_mutations"] if "remove" in m} >= AUTH_USER
     for name, text in (("nginx.conf", text_of("nginx.conf")),
                        ("ingress-nginx.yaml", text_of("ingress-nginx.yaml"))):
         cleared = {line.split()[1].lower() for line in
@@ -275,7 +286,7 @@ def test_every_verify_example_clears_the_host_override_headers_keygate_drops():
     hcm = yaml.safe_load(text_of("envoy.yaml"))["static_resources"]["listeners"][0][
         "filter_chains"][0]["filters"][0]["typed_config"]
     removed = {m["remove"] for m in hcm["http_filters"][0]["typed_config"]["mutations"]
-               ["request_mutations"]}
+               ["request_mutations"] if "remove" in m}
     assert HOST_OVERRIDE <= removed, HOST_OVERRIDE - removed
     doc = yaml.safe_load(text_of("traefik-compose.yml"))
     labels = dict(label.split("=", 1) for label in doc["services"]["api"]["labels"])
@@ -373,3 +384,24 @@ def test_every_verify_example_clears_every_header_keygates_proxy_drops_from_clie
     underscored = {h.lower().replace("_", "-") for h in cleaned if "_" in h}
     missing = {h for h in FROM_CLIENTS if "-" in h} - underscored
     assert not missing, sorted(missing)
+
+
+def test_envoy_removes_the_punctuated_spellings_lighttpd_maps_onto_the_dash_names():
+    """lighttpd's CGI, FastCGI and SCGI hand ``X.Workspace.Id`` and ``X+HTTP+Method+Override``
+    to the application as ``HTTP_X_WORKSPACE_ID`` and ``HTTP_X_HTTP_METHOD_OVERRIDE``, and
+    Envoy passes such names on: the example removed only the ``-`` spellings (and ``_`` ones,
+    headers_with_underscores_action), so a client named the identity, a method or its address
+    to such an API under another spelling. Every name with '.', '+' or other punctuation
+    goes; no name spelled with letters, digits and '-' does (Envoy lower-cases names)."""
+    from gateway.models import METHOD_OVERRIDE_HEADERS
+    pattern = envoy_removed_pattern()
+    names = ({h.lower() for h in IDENTITY} | {h.lower() for h in METHOD_OVERRIDE_HEADERS}
+             | FROM_CLIENTS)
+    for name in sorted(names):
+        assert not pattern.fullmatch(name), name
+        for mark in ".+!#$%&'*^`|~":
+            if "-" in name:
+                assert pattern.fullmatch(name.replace("-", mark)), (name, mark)
+                assert pattern.fullmatch(name.replace("-", mark, 1)), (name, mark)
+    for plain in ("authorization", "x-api-key", "content-type", "x-request-id", "traceparent"):
+        assert not pattern.fullmatch(plain)
