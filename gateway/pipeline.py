@@ -649,11 +649,17 @@ class Pipeline:
         route = outcome.route or "(none)"
         if m is not None:
             status = response.status  # a property: read once
-            # a WebSocket's 101 is observed when it was answered, not when its tunnel ended:
-            # a tunnel's hours would make the route's latency histogram meaningless
+            # request to response headers: a WebSocket's 101 is observed when it was
+            # answered, not when its tunnel ended, and a streamed body when its head went out
+            # (_stream_back's headers_at), not at its last byte: a tunnel's hours or a
+            # stream's minutes would make the route's latency histogram meaningless
+            if status == 101:
+                took = response.switched_at - started
+            else:
+                headers_at = getattr(response, "headers_at", None)
+                took = elapsed if headers_at is None else headers_at - started
             m.observe_request(route, request.method, status,
-                              outcome.workspace if m.workspace_labels else None,
-                              elapsed if status != 101 else response.switched_at - started)
+                              outcome.workspace if m.workspace_labels else None, took)
             code = outcome.code
             if code is not None:
                 # the upstream codes first: an upstream's own 401/403/429 cut mid-body is an

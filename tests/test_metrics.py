@@ -16,11 +16,11 @@ import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import StoreConfig
+from gateway.config import Route, StoreConfig
 
 from conftest import DOCUMENTED_METRICS, STANDARD_METRICS
-from harness import (bearer, eventually, gateway_under_test, make_config, redis_answers,
-                     wrong_secret)
+from harness import (bearer, eventually, gateway_under_test, make_config, raw_upstream,
+                     redis_answers, wrong_secret)
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy/grafana/dashboards/keygate.json"
 
@@ -354,6 +354,60 @@ async def test_degraded_decisions_are_counted_when_failing_open(redis_url, upstr
             # let the pause end before the next test flushes Redis
             assert await eventually(redis_answers(redis_url))
             client.close()
+
+
+
+async def _slow_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers its head at once, then a chunked body over ~1.5 s (an SSE-like stream)."""
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        for _ in range(6):
+            await asyncio.sleep(0.25)
+            writer.write(b"5\r\nhello\r\n")
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_request_duration_of_a_streamed_answer_ends_at_its_head_not_its_last_byte(
+        redis_url, monkeypatch, capfd):
+    """docs/operations.md: keygate_request_duration_seconds is "request to response headers"
+    (its HELP says so too). A streamed answer whose head came at once observes well under a
+    second, not the 1.5 s its body took to trickle through; the access line's duration_ms
+    keeps running to the body's last byte, as documented."""
+    server, url = await raw_upstream(_slow_stream)
+    public = (Route("/public/**", "api", ("GET",), (), True),)
+    try:
+        async with gateway_under_test(make_config(url, routes=public), redis_url,
+                                      monkeypatch) as g:
+            g.logs(capfd)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with g.proxy.get("/public/stream") as r:
+                assert r.status == 200
+                headers_at = loop.time() - started
+                body = await r.read()
+            assert body == b"hello" * 6
+            assert headers_at < 0.5  # the head reached the client promptly
+            total = g.counter("keygate_request_duration_seconds_sum", route="/public/**")
+            count = g.counter("keygate_request_duration_seconds_count", route="/public/**")
+            under_half_second = g.counter("keygate_request_duration_seconds_bucket",
+                                          route="/public/**", le="0.5")
+            _, err = g.logs(capfd)
+    finally:
+        server.close()
+    assert count == 1
+    assert under_half_second == 1, f"observed {total:.3f} s: the body's time, not the head's"
+    (line,) = [json.loads(x) for x in err.splitlines()
+               if x.startswith("{") and '"/public/stream"' in x]
+    assert line["duration_ms"] >= 1400, line  # six chunks 0.25 s apart: to the last byte
 
 
 # --- the dashboard and the linter --------------------------------------------------------------

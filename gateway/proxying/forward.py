@@ -502,6 +502,10 @@ class Forwarder:
             client = _Unwatched()
         try:
             await response.prepare(request)
+            # the head is on the wire (aiohttp's StreamResponse sends it at once): the end of
+            # keygate_request_duration_seconds, which a body streaming for minutes must not
+            # stretch (the access log's duration_ms runs to the body's last byte)
+            response.headers_at = time.perf_counter()
             while True:
                 try:
                     async with asyncio.timeout(timeout) as waiting:
