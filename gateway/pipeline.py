@@ -102,11 +102,14 @@ class Counted(NamedTuple):
     """Where a request was counted, so a refund takes it back from there: the month and UTC
     day, ``local``, its slot in this process's ledger when it was decided while the store
     was down (fail-open), and ``rate_member``, its entry in the key's rate log (a request
-    that never reached the upstream spends none of the rate either)."""
+    that never reached the upstream spends none of the rate either). ``degraded``: decided
+    from the cached key while the store was down (``on_store_error: open``); once the request
+    is let through, ``let_through`` counts it in ``keygate_degraded_decisions_total``."""
     month: Month
     day: str
     local: Slot | None = None
     rate_member: str = ""
+    degraded: bool = False
 
 
 class Forwarding(Protocol):
@@ -319,6 +322,8 @@ class Pipeline:
                                                                client=client, peek=too_large)
         if too_large:
             raise errors.body_too_large(rules.max_body)
+        if counted.degraded:
+            self.let_through(counted)
         try:
             with trace.step("forward"):
                 if tunnel:  # closed once the key no longer allows it (TunnelWatch)
@@ -414,8 +419,7 @@ class Pipeline:
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
                         client: str, peek: bool = False, stamp: bool = False,
-                        spend: bool = False, recheck: bool = False
-                        ) -> tuple[CachedKey, dict[str, str], Counted]:
+                        spend: bool = False) -> tuple[CachedKey, dict[str, str], Counted]:
         """State (revoked/expired/disabled, the key's IP allow-list), scopes, then rate and
         quotas in one round trip. Returns the key as confirmed, the RateLimit fields, and the
         month and day the request was counted in. ``client`` is the address the key's IP
@@ -423,9 +427,11 @@ class Pipeline:
         nothing is counted, and rate and quotas are judged only with ``peek`` (a request
         refused after them), else not at all (keygate's own endpoints: with ``stamp`` an
         allowed one stamps the key's last use, as a counted request does; with ``spend`` it
-        also takes one from the key's rate limit, 429 ``rate_limited`` over it). ``recheck``:
-        no request is decided (an open WebSocket tunnel's periodic check of its key), so a
-        store that is down makes no degraded decision of it.
+        also takes one from the key's rate limit, 429 ``rate_limited`` over it). With the
+        store down and ``on_store_error: open``, the returned ``Counted`` says ``degraded``:
+        the caller that lets the request through calls ``let_through`` with it (a request
+        refused after all, answered 503 or no request at all, such as an open tunnel's
+        periodic check of its key or an admin-listener call, is no degraded decision).
 
         Decisions read from the cache are confirmed against the store's revision before they
         are answered, so a widened scope, an extended expiry or a key enabled again acts on the
@@ -453,8 +459,7 @@ class Pipeline:
                     day=day, key_limit=key.key_limit, budget=key.budget,
                     rate_burst=rate.burst if rate else 0)
             except StoreError as exc:
-                return key, {}, self._degraded(key, refused, count,
-                                               Counted(month, day), exc, recheck)
+                return key, {}, self._degraded(key, refused, count, Counted(month, day), exc)
             if decision.outcome == "stale":
                 try:
                     fresh = await self.auth.refresh(key)
@@ -468,9 +473,9 @@ class Pipeline:
                 raise refused
             if self.ledger:
                 self.ledger.flush()
-            # Counted(month, day, None, member), without its Python-level __new__
+            # Counted(month, day, None, member, False), without its Python-level __new__
             return key, self._decide(key, decision, month, now), \
-                _new_tuple(Counted, (month, day, None, decision.rate_member))
+                _new_tuple(Counted, (month, day, None, decision.rate_member, False))
         raise ServiceUnavailable("The key changed while this request was checked; retry.",
                                  headers={"Retry-After": "1"})
 
@@ -536,8 +541,7 @@ class Pipeline:
         if not self.auth.accepts(*token_kind):  # a reload stopped accepting such tokens
             return None
         try:
-            key, _, _ = await self.authorise(key, scopes, count=False, client=client,
-                                             recheck=True)
+            key, _, _ = await self.authorise(key, scopes, count=False, client=client)
         except GatewayError as exc:
             return None if exc.status in (401, 403) else key
         return key
@@ -570,12 +574,11 @@ class Pipeline:
             self._store_error_logged_at, self._store_errors_unlogged = now, 0
 
     def _degraded(self, key: CachedKey, refused: GatewayError | None, count: bool,
-                  counted: Counted, exc: StoreError, recheck: bool = False) -> Counted:
+                  counted: Counted, exc: StoreError) -> Counted:
         """The store failed on a key verified in this process: fail closed, or — with
         ``on_store_error: open`` — decide from the cached state and count in the ledger.
-        Returns where the request was counted. A ``recheck`` (an open tunnel's key, no
-        request) is no degraded decision: ``keygate_degraded_decisions_total`` counts
-        requests, and idle tunnels checked every few seconds would swamp it."""
+        Returns where the request was counted, marked ``degraded``: not yet a degraded
+        decision, which only a request then let through is (``let_through``)."""
         if exc.counted_late is not None:  # Redis may have counted it all the same
             exc.counted_late.add_done_callback(functools.partial(
                 self._counted_after_all,
@@ -596,9 +599,16 @@ class Pipeline:
                         key.budget)
             self.ledger.add(slot)
             counted = counted._replace(local=slot)
-        if self.metrics and not recheck:
+        return counted._replace(degraded=True)
+
+    def let_through(self, counted: Counted) -> None:
+        """A request ``authorise`` decided with the store down (``counted.degraded``) is let
+        through: forwarded, or answered allowed. ``keygate_degraded_decisions_total`` counts
+        these only, not a request refused after the decision (413) or answered 503 after it
+        (the usage and key endpoints read the store), nor an open tunnel's key check or an
+        admin-listener call: idle tunnels and admin calls are no requests let through."""
+        if counted.degraded and self.metrics:
             self.metrics.degraded.inc()
-        return counted
 
     def _counted_after_all(self, slot: Slot, rate_member: str,
                            counted: asyncio.Future[bool]) -> None:

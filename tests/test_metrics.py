@@ -357,6 +357,61 @@ async def test_degraded_decisions_are_counted_when_failing_open(redis_url, upstr
 
 
 
+async def test_a_503_on_the_usage_endpoint_is_no_degraded_decision(own_redis, upstream,
+                                                                   monkeypatch):
+    """docs/operations.md: keygate_degraded_decisions_total counts "requests let through with
+    the store down (on_store_error: open)". With Redis stopped, a cached key's call to
+    /_keygate/v1/usage cannot be answered (its usage lives in Redis): 503
+    store_unavailable, nothing let through, so the counter must not move."""
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        async with g.proxy.get("/_keygate/v1/usage", headers=bearer(token)) as r:
+            assert r.status == 200  # the key is verified and cached in this process
+        own_redis.stop()
+        for _ in range(3):
+            async with g.proxy.get("/_keygate/v1/usage", headers=bearer(token)) as r:
+                assert r.status == 503
+                assert (await r.json())["error"]["code"] == "store_unavailable"
+        degraded = g.counter("keygate_degraded_decisions_total")
+    assert degraded == 0, f"{degraded:g} requests answered 503 counted as let through"
+
+
+async def test_degraded_decisions_count_only_requests_let_through(own_redis, upstream,
+                                                                  monkeypatch):
+    """With on_store_error: open and Redis stopped, a body over max_body_bytes is refused 413
+    (rate and quotas peeked at, then refused: nothing let through) and a keys:admin key's
+    call to the admin listener is no proxy request let through: neither is a degraded
+    decision. The one forwarded request is, and the upstream saw exactly it."""
+    import dataclasses
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                    max_body_bytes=1000))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(role="admin")  # every scope, keys:admin included
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200  # verified and cached in this process
+        async with g.admin.get("/admin/v1/workspaces/acme/keys", headers=bearer(token)) as r:
+            assert r.status == 200
+        own_redis.stop()
+        async with g.proxy.post("/people", data=b"x" * 2000, headers=bearer(token)) as r:
+            assert r.status == 413
+            assert (await r.json())["error"]["code"] == "body_too_large"
+        async with g.admin.get("/admin/v1/workspaces/acme/keys", headers=bearer(token)) as r:
+            assert r.status == 503  # the listing lives in Redis
+        assert g.counter("keygate_degraded_decisions_total") == 0
+        async with g.proxy.get("/people/2", headers=bearer(token)) as r:
+            assert r.status == 200  # let through on the cached key
+        degraded = g.counter("keygate_degraded_decisions_total")
+    assert [r["raw_path"] for r in upstream.requests] == ["/people/1", "/people/2"]
+    assert degraded == 1
+
+
+
 async def _slow_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answers its head at once, then a chunked body over ~1.5 s (an SSE-like stream)."""
     try:
