@@ -83,16 +83,31 @@ def holds_token(text: str, prefix: str, environments: tuple[str, ...]) -> bool:
 
 
 def _holds(text: str, prefix: str, pattern: re.Pattern[str]) -> bool:
-    for _ in range(4):
-        if prefix + "_" in text and pattern.search(text) is not None:
+    marker = prefix + "_"
+    return holds_decoded(text, lambda t: marker in t and pattern.search(t) is not None)
+
+
+DECODINGS = 3  # percent-decodings a log's masking looks through (a URL encoded three times)
+
+
+def holds_decoded(text: str, found: Callable[[str], bool], *, plus_as_space: bool = True,
+                  decode: Callable[[str], str] = unquote_latin1) -> bool:
+    """Whether ``found`` holds for ``text`` or for one of its ``DECODINGS`` successive
+    percent-decodings (``decode``; with ``plus_as_space``, a ``+`` read as a space first, as
+    a query's form encoding): a secret a reader or a script gets back by decoding the URL
+    once, twice or three times is masked, whoever masks it (the access log's keys, the admin
+    log's operator token). The default decoding reads each escape as one latin-1 character:
+    enough for ASCII patterns, and urllib's raises per '%' without hex digits."""
+    for _ in range(DECODINGS + 1):
+        if found(text):
             return True
-        if "%" not in text and "+" not in text:
+        if "%" not in text and (not plus_as_space or "+" not in text):
             return False
         before = text
-        if "+" in text:
+        if plus_as_space and "+" in text:
             text = text.replace("+", " ")
-        text = unquote_latin1(text)  # (urllib's raises per '%' without hex digits)
-        if text is before:  # nothing decoded: no further round would decode anything
+        text = decode(text)
+        if text == before:  # nothing decoded: no further round would decode anything
             return False
     return False
 

@@ -899,6 +899,37 @@ async def test_an_operator_token_with_url_characters_is_never_logged(
     assert token not in caplog.text + str(records[0].__dict__)
 
 
+@pytest.mark.parametrize("times", [2, 3])
+async def test_an_operator_token_encoded_more_than_once_in_an_admin_url_is_never_logged(
+        redis_url, upstream, monkeypatch, caplog, times):
+    """API keys in a URL are masked however often they were percent-encoded (up to three
+    times, as a reader or a script that encodes a URL twice would decode it), the operator
+    token only once: a base64 operator token put in a query by a script that encodes twice
+    (``%252F`` for ``/``) was written so that two decodings gave it back whole."""
+    import logging
+    from urllib.parse import quote, unquote_plus
+    from yarl import URL
+    import harness
+    token = "Zq8+w/Rk9mVt4A/bXy3+Lp0/Qw7=="
+    monkeypatch.setattr(harness, "ADMIN_TOKEN", token)
+    caplog.set_level(logging.INFO, logger="keygate.admin")
+    sent = token
+    for _ in range(times):
+        sent = quote(sent, safe="")  # Zq8%252Bw%252FRk... twice
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        async with g.admin.get(URL(f"/admin/v1/workspaces?token={sent}", encoded=True)) as r:
+            assert r.status == 400, await r.text()  # an unknown query parameter
+    records = [r for r in caplog.records if r.name == "keygate.admin"]
+    assert len(records) == 1
+    logged = records[0].path
+    for decode in (unquote, unquote_plus):
+        shown_as = logged
+        for _ in range(times + 1):
+            assert token not in shown_as, logged
+            shown_as = decode(shown_as)
+    assert sent not in caplog.text + str(records[0].__dict__)
+
+
 async def test_an_admin_call_through_a_trusted_proxy_logs_the_caller(redis_url, upstream,
                                                                      monkeypatch, caplog):
     """The admin API's own line names the caller as the allow-list and the failure throttle

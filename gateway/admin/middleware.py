@@ -16,11 +16,11 @@ import re
 import time
 import uuid
 from typing import Awaitable, Callable
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import unquote
 
 from aiohttp import web
 
-from ..accesslog import mask_target
+from ..accesslog import holds_decoded, mask_target
 from ..config import Config
 from ..proxying.server import EXPECTATION, answer_and_close, continue_if_expected, continues
 from ..errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
@@ -105,8 +105,14 @@ def loggable_target(raw_path: str, prefix: str, operator_token: str) -> str:
 
 
 def _holds(text: str, token: str) -> bool:
-    """Whether ``text`` holds ``token`` once percent-decoded, ``+`` read as a plus or a space."""
-    return token in unquote(text) or token in unquote_plus(text)
+    """Whether ``text`` holds ``token`` percent-decoded up to three times (``holds_decoded``,
+    as the access log looks for keys: a script that encodes a URL twice sends ``%252F`` for
+    ``/``), ``+`` read as a plus or as a space, each escape's bytes read as UTF-8 (a token
+    may be any text)."""
+    def found(decoded: str) -> bool:
+        return token in decoded
+    return holds_decoded(text, found, plus_as_space=False, decode=unquote) or \
+        holds_decoded(text, found, decode=unquote)
 
 
 def request_id_of(request: web.BaseRequest) -> str:
