@@ -252,7 +252,7 @@ class BackgroundHandler(logging.Handler):
             with self._drop_lock:
                 dropped, self._dropped = self._dropped, 0
             if dropped:
-                lines.append(f"{dropped} log lines were dropped: stderr did not keep up\n")
+                lines.append(self._dropped_notice(dropped))
             try:
                 lost = _write_block(_encode(lines))
             except Exception:  # stderr itself failed: nowhere left to say it
@@ -267,6 +267,19 @@ class BackgroundHandler(logging.Handler):
                 if lost and (on_drop := self.on_drop) is not None:
                     for _ in range(lost):
                         on_drop()
+
+    def _dropped_notice(self, dropped: int) -> str:
+        """The line saying ``dropped`` lines were lost, formatted as every other line (the
+        handler's formatter: a JSON object with ``access_log: json``, the worker's name first
+        under ``serve --workers``): a log pipeline parsing JSON must not reject exactly the
+        line that says logs were lost."""
+        record = logging.LogRecord("keygate", logging.WARNING, __file__, 0,
+                                   "%d log lines were dropped: stderr did not keep up",
+                                   (dropped,), None)
+        try:
+            return self.format(record) + "\n"
+        except Exception:  # a formatter that fails: the count is still said
+            return f"{dropped} log lines were dropped: stderr did not keep up\n"
 
     def flush(self, timeout: float = 2.0) -> None:
         q = self._queue

@@ -1051,6 +1051,80 @@ def test_application_lines_queued_at_exit_are_written_while_logging_shutdown_flu
 
 
 
+async def _lines_through_a_stderr_that_stopped(monkeypatch, formatter) -> list[str]:
+    """The lines a BackgroundHandler with ``formatter`` writes to a stderr that stops taking
+    lines (a pipe nobody reads) and then takes them again: lines were dropped meanwhile."""
+    import logging
+    from gateway.accesslog import BackgroundHandler
+    read_end, write_end = os.pipe()
+    blocked = os.fdopen(write_end, "w")
+    handler = BackgroundHandler(max_lines=50)
+    handler.setFormatter(formatter)
+    try:
+        monkeypatch.setattr(sys, "stderr", blocked)
+        record = logging.LogRecord("keygate.test", logging.WARNING, __file__, 1, "line %d %s",
+                                   (0, "x" * 200), None)
+        for i in range(2000):  # the pipe (64 KiB) and the queue (50) fill: lines dropped
+            record.args = (i, "x" * 200)
+            handler.handle(record)
+        os.set_blocking(read_end, False)  # the reader comes back
+        out = bytearray()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            idle = not handler._queue.unfinished_tasks
+            with contextlib.suppress(BlockingIOError):
+                while chunk := os.read(read_end, 1 << 16):
+                    out += chunk
+            if idle and b"dropped" in out:
+                break
+            handler.handle(logging.LogRecord("keygate.test", logging.WARNING, __file__, 1,
+                                             "after", (), None))  # carries the notice out
+            await asyncio.sleep(0.05)
+    finally:
+        monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+        blocked.close()
+        os.close(read_end)
+    return bytes(out).decode().splitlines()
+
+
+async def test_the_dropped_lines_notice_is_a_json_object_when_the_log_is_json(upstream,
+                                                                             monkeypatch):
+    """docs/operations.md: "With `access_log: json` every line keygate writes once it has
+    started is a JSON object" and "past 10,000 lines waiting, lines are dropped and one line
+    says how many". That one line was plain text whatever the format: a log pipeline parsing
+    JSON rejected (or mis-filed) exactly the line that says logs were lost."""
+    from gateway.workers import _log_format
+    formatter = _log_format(config_with(upstream, "json"))  # what serve installs for json
+    lines = await _lines_through_a_stderr_that_stopped(monkeypatch, formatter)
+    notices = [json.loads(line) for line in lines if "dropped" in line]
+    assert notices, "no line said that lines were dropped"
+    assert all(re.fullmatch(r"\d+ log lines were dropped: stderr did not keep up",
+                            notice["message"]) and notice["level"] == "warning"
+               for notice in notices), notices
+    not_json = []
+    for line in lines:
+        try:
+            json.loads(line)
+        except ValueError:
+            not_json.append(line)
+    assert not_json == [], not_json[:3]
+
+
+async def test_the_dropped_lines_notice_names_the_worker_in_the_text_log(upstream,
+                                                                        monkeypatch):
+    """Under ``serve --workers N`` every text line a worker logs begins with its name
+    (``worker I (pid P): ``): the notice of dropped lines too, so the operator knows whose
+    lines were lost."""
+    from gateway.workers import _log_format
+    formatter = _log_format(config_with(upstream, "text"), "worker 2 (pid 4242): ")
+    lines = await _lines_through_a_stderr_that_stopped(monkeypatch, formatter)
+    notices = [line for line in lines if "dropped" in line]
+    assert notices, "no line said that lines were dropped"
+    for notice in notices:
+        assert re.fullmatch(r"\S+ \S+ WARNING keygate: worker 2 \(pid 4242\): \d+ log lines "
+                            r"were dropped: stderr did not keep up", notice), notice
+
+
 def test_ending_the_application_log_writer_loses_no_line(capfd):
     """``end_writer`` (the supervisor, before it forks its workers: no thread may run at
     ``fork()``) writes every line queued, ends the writer's thread, and the next line starts
