@@ -465,6 +465,30 @@ async def test_request_duration_of_a_streamed_answer_ends_at_its_head_not_its_la
     assert line["duration_ms"] >= 1400, line  # six chunks 0.25 s apart: to the last byte
 
 
+
+async def test_a_single_process_scrape_serves_no_family_the_metrics_table_leaves_out(
+        redis_url, upstream, monkeypatch):
+    """docs/operations.md's metrics table is the list of what /metrics serves. A
+    single-process scrape also served a `<name>_created` gauge family for every counter and
+    histogram (prometheus-client's default), which the table does not list and `serve
+    --workers N` does not serve (the multiprocess collector has none): a series set that
+    changed with the worker count."""
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        async with g.admin.get("/metrics") as r:
+            text = await r.text()
+    families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    assert "keygate_requests_total" in families, families
+    undocumented = sorted(name for name in families if name not in DOCUMENTED_METRICS
+                          and not name.startswith("process_") and name != "python_info")
+    assert undocumented == [], undocumented
+    assert not [line for line in text.splitlines() if "_created" in line.split("{")[0]]
+
+
 # --- the dashboard and the linter --------------------------------------------------------------
 
 def dashboard_metric_names() -> set[str]:
