@@ -264,7 +264,7 @@ class Pipeline:
         if cors is not None and request.method == "OPTIONS":  # a preflight keygate answers?
             preflight = cors.preflight(request, raw_path, self.routes)
             if preflight is not None:
-                response, outcome.route = preflight
+                response, outcome.route, outcome.upstream = preflight
                 return response
         if raw_path.startswith(reserved.RESERVED):
             response = await reserved.answer(self, request, raw_path, outcome)
