@@ -309,6 +309,42 @@ def mask_target(raw_path: str, prefix: str) -> str:
     return f"{path}?{mask_query(query, prefix)}" if query else path
 
 
+TARGET_MAX = 2048  # bytes of a request target a log line holds, as written (JSON-escaped)
+CUT = "...[cut]"   # ends a target cut to TARGET_MAX
+
+
+def cut_target(target: str, size: Callable[[str], int] | None = None,
+               limit: int = TARGET_MAX) -> str:
+    """``target`` (masked already: a cut must never leave part of a key for masking to miss)
+    cut so that ``size`` of it, ``CUT`` included, is at most ``limit``: a log line then
+    always fits in one write of at most PIPE_BUF bytes, which workers sharing a stderr pipe
+    never interleave (a request head, and so its target, may be 32 KiB). ``size``: its
+    length as written; by default JSON-escaped, which is never shorter than its UTF-8."""
+    if size is None:
+        size = _json_size
+    if size(target) <= limit:
+        return target
+    room = limit - len(CUT)
+    if size(target[:room]) <= room:  # ASCII without escapes: what the request parser lets by
+        return target[:room] + CUT
+    low, high = 0, room - 1  # else the longest prefix that fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        if size(target[:mid]) <= room:
+            low = mid
+        else:
+            high = mid - 1
+    return target[:low] + CUT
+
+
+def _json_size(text: str) -> int:
+    return len(_escape(text)) - 2  # without its quotes
+
+
+def _text_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogateescape"))
+
+
 def body_bytes_sent(response: web.StreamResponse) -> int:
     """The body bytes of a response keygate wrote before its log line: a streamed upstream
     answer (``gateway.proxying.forward`` counts its chunks as it writes them, a truncated
@@ -324,6 +360,7 @@ def body_bytes_sent(response: web.StreamResponse) -> int:
     return len(getattr(response, "body", None) or b"")  # whole, in one write
 
 
+_TARGET_SHORT = TARGET_MAX // 6  # never longer than TARGET_MAX written (\uXXXX: 6 bytes)
 SEEN_MAX = 4096  # combinations of a line's repeating fields kept formatted (~0.3 KB each)
 _PIPE_BUF = 4096                        # a write this size or smaller is never interleaved
 
@@ -377,6 +414,8 @@ class AccessLog:
         path, method = request.raw_path, request.method
         if "?" in path or "%" in path or self._marker in path:  # else nothing to mask
             path = mask_target(path, self.prefix)
+        if len(path) > _TARGET_SHORT:  # may not fit in a line of one atomic write: cut
+            path = cut_target(path, _text_size if self.text else _json_size)
         trace_id = outcome.trace.trace_id if outcome.trace is not None else None  # hex
         now = time.time()
         if not self._next_second - 1.0 <= now < self._next_second:  # a new second (or a
