@@ -412,6 +412,62 @@ async def test_degraded_decisions_count_only_requests_let_through(own_redis, ups
 
 
 
+async def test_a_failed_key_read_of_a_key_let_through_is_a_store_error(own_redis, upstream,
+                                                                       monkeypatch):
+    """docs/operations.md: keygate_store_errors_total counts "store calls that failed: a
+    request's (its key's reads and check, ...; whether it was then answered 503 or let
+    through with `on_store_error: open`)". A cached key past its cache_ttl verifies again,
+    which reads its key; with Redis down and failing open it is let through from its cached
+    state, and the read that failed went uncounted: only the check (authorize) was."""
+    import dataclasses
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    config = dataclasses.replace(config, keys=dataclasses.replace(config.keys, cache_ttl=1.0))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200  # verified and cached in this process
+        own_redis.stop()
+        await asyncio.sleep(1.2)  # its cache_ttl runs out: the next request reads its key
+        async with g.proxy.get("/people/2", headers=bearer(token)) as r:
+            assert r.status == 200  # let through on its cached state
+        errors = g.counter("keygate_store_errors_total")
+        degraded = g.counter("keygate_degraded_decisions_total")
+    assert [r["raw_path"] for r in upstream.requests] == ["/people/1", "/people/2"]
+    assert degraded == 1
+    assert errors == 2, f"{errors:g} store errors: the key's read and its check failed"
+
+
+async def test_a_failed_failure_reset_read_is_a_store_error(own_redis, upstream, monkeypatch):
+    """A request refused 429 too_many_failures reads when its counter resets (its
+    Retry-After, ``failure_resets`` in keygate_store_call_duration_seconds); when that read
+    fails the refusal says the whole window instead, and the failed call went uncounted in
+    keygate_store_errors_total. Redis is made to refuse the read's PEXPIRE (a counter with
+    no TTL gets one), as a real fault of that call alone."""
+    import redis as sync_redis
+    from gateway.store.keyspace import fail_ip_key
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        admin = sync_redis.Redis.from_url(own_redis.url)
+        try:
+            admin.set(fail_ip_key("127.0.0.1"), 1000)  # over per_ip, and without a TTL
+            admin.execute_command("ACL", "SETUSER", "default", "-pexpire")
+            before = g.counter("keygate_store_errors_total")
+            async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+                assert r.status == 429
+                assert (await r.json())["error"]["code"] == "too_many_failures"
+                assert r.headers["Retry-After"] == str(config.keys.failures.window_seconds)
+            errors = g.counter("keygate_store_errors_total") - before
+        finally:
+            admin.execute_command("ACL", "SETUSER", "default", "+@all")
+            admin.close()
+    assert errors == 1
+
+
+
 async def _slow_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answers its head at once, then a chunked body over ~1.5 s (an SSE-like stream)."""
     try:
