@@ -70,10 +70,14 @@ _HOST_VALUE = re.compile(r"(?:\[[0-9A-Za-z._~!$&'()*+,;=:%-]+\]|[0-9A-Za-z._~!$&
 
 class Outcome:
     """What the pipeline learned about a request, for the access log and metrics."""
-    __slots__ = ("route", "upstream", "workspace", "key_id", "code", "trace", "client")
+    __slots__ = ("route", "upstream", "workspace", "key_id", "code", "trace", "client",
+                 "own_timeout")
 
     def __init__(self) -> None:
         self.route = self.upstream = self.workspace = self.key_id = self.code = None
+        # an upstream_timeout that is keygate's own refusal (errors.UploadSlotTimeout): no
+        # upstream error in the metrics
+        self.own_timeout = None
         self.trace = None  # gateway.tracing.Trace
         self.client = None  # the client address the key was checked for (Pipeline.client_ip)
 
@@ -205,6 +209,8 @@ class Pipeline:
                     outcome.code = failed
             except GatewayError as exc:
                 outcome.code = exc.code
+                if exc.__class__ is errors.UploadSlotTimeout:
+                    outcome.own_timeout = True
                 response = exc.response(request_id)
                 cors = self.forwarder.header_rules.cors  # the config's one policy, if any
                 if cors is not None:
@@ -675,7 +681,8 @@ class Pipeline:
                 # the upstream codes first: an upstream's own 401/403/429 cut mid-body is an
                 # upstream error, not an auth failure of keygate's
                 if code in ("upstream_unavailable", "upstream_timeout"):
-                    m.upstream_errors.labels(outcome.upstream or "", code).inc()
+                    if not outcome.own_timeout:  # not keygate's full upload slots
+                        m.upstream_errors.labels(outcome.upstream or "", code).inc()
                 elif status in (401, 403, 429) or code in ("ambiguous_key", "key_in_url"):
                     m.auth_failures.labels(code).inc()
         if self.access is not None:
