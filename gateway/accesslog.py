@@ -83,16 +83,31 @@ def holds_token(text: str, prefix: str, environments: tuple[str, ...]) -> bool:
 
 
 def _holds(text: str, prefix: str, pattern: re.Pattern[str]) -> bool:
-    for _ in range(4):
-        if prefix + "_" in text and pattern.search(text) is not None:
+    marker = prefix + "_"
+    return holds_decoded(text, lambda t: marker in t and pattern.search(t) is not None)
+
+
+DECODINGS = 3  # percent-decodings a log's masking looks through (a URL encoded three times)
+
+
+def holds_decoded(text: str, found: Callable[[str], bool], *, plus_as_space: bool = True,
+                  decode: Callable[[str], str] = unquote_latin1) -> bool:
+    """Whether ``found`` holds for ``text`` or for one of its ``DECODINGS`` successive
+    percent-decodings (``decode``; with ``plus_as_space``, a ``+`` read as a space first, as
+    a query's form encoding): a secret a reader or a script gets back by decoding the URL
+    once, twice or three times is masked, whoever masks it (the access log's keys, the admin
+    log's operator token). The default decoding reads each escape as one latin-1 character:
+    enough for ASCII patterns, and urllib's raises per '%' without hex digits."""
+    for _ in range(DECODINGS + 1):
+        if found(text):
             return True
-        if "%" not in text and "+" not in text:
+        if "%" not in text and (not plus_as_space or "+" not in text):
             return False
         before = text
-        if "+" in text:
+        if plus_as_space and "+" in text:
             text = text.replace("+", " ")
-        text = unquote_latin1(text)  # (urllib's raises per '%' without hex digits)
-        if text is before:  # nothing decoded: no further round would decode anything
+        text = decode(text)
+        if text == before:  # nothing decoded: no further round would decode anything
             return False
     return False
 
@@ -237,7 +252,7 @@ class BackgroundHandler(logging.Handler):
             with self._drop_lock:
                 dropped, self._dropped = self._dropped, 0
             if dropped:
-                lines.append(f"{dropped} log lines were dropped: stderr did not keep up\n")
+                lines.append(self._dropped_notice(dropped))
             try:
                 lost = _write_block(_encode(lines))
             except Exception:  # stderr itself failed: nowhere left to say it
@@ -252,6 +267,19 @@ class BackgroundHandler(logging.Handler):
                 if lost and (on_drop := self.on_drop) is not None:
                     for _ in range(lost):
                         on_drop()
+
+    def _dropped_notice(self, dropped: int) -> str:
+        """The line saying ``dropped`` lines were lost, formatted as every other line (the
+        handler's formatter: a JSON object with ``access_log: json``, the worker's name first
+        under ``serve --workers``): a log pipeline parsing JSON must not reject exactly the
+        line that says logs were lost."""
+        record = logging.LogRecord("keygate", logging.WARNING, __file__, 0,
+                                   "%d log lines were dropped: stderr did not keep up",
+                                   (dropped,), None)
+        try:
+            return self.format(record) + "\n"
+        except Exception:  # a formatter that fails: the count is still said
+            return f"{dropped} log lines were dropped: stderr did not keep up\n"
 
     def flush(self, timeout: float = 2.0) -> None:
         q = self._queue
@@ -281,6 +309,42 @@ def mask_target(raw_path: str, prefix: str) -> str:
     return f"{path}?{mask_query(query, prefix)}" if query else path
 
 
+TARGET_MAX = 2048  # bytes of a request target a log line holds, as written (JSON-escaped)
+CUT = "...[cut]"   # ends a target cut to TARGET_MAX
+
+
+def cut_target(target: str, size: Callable[[str], int] | None = None,
+               limit: int = TARGET_MAX) -> str:
+    """``target`` (masked already: a cut must never leave part of a key for masking to miss)
+    cut so that ``size`` of it, ``CUT`` included, is at most ``limit``: a log line then
+    always fits in one write of at most PIPE_BUF bytes, which workers sharing a stderr pipe
+    never interleave (a request head, and so its target, may be 32 KiB). ``size``: its
+    length as written; by default JSON-escaped, which is never shorter than its UTF-8."""
+    if size is None:
+        size = _json_size
+    if size(target) <= limit:
+        return target
+    room = limit - len(CUT)
+    if size(target[:room]) <= room:  # ASCII without escapes: what the request parser lets by
+        return target[:room] + CUT
+    low, high = 0, room - 1  # else the longest prefix that fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        if size(target[:mid]) <= room:
+            low = mid
+        else:
+            high = mid - 1
+    return target[:low] + CUT
+
+
+def _json_size(text: str) -> int:
+    return len(_escape(text)) - 2  # without its quotes
+
+
+def _text_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogateescape"))
+
+
 def body_bytes_sent(response: web.StreamResponse) -> int:
     """The body bytes of a response keygate wrote before its log line: a streamed upstream
     answer (``gateway.proxying.forward`` counts its chunks as it writes them, a truncated
@@ -296,6 +360,7 @@ def body_bytes_sent(response: web.StreamResponse) -> int:
     return len(getattr(response, "body", None) or b"")  # whole, in one write
 
 
+_TARGET_SHORT = TARGET_MAX // 6  # never longer than TARGET_MAX written (\uXXXX: 6 bytes)
 SEEN_MAX = 4096  # combinations of a line's repeating fields kept formatted (~0.3 KB each)
 _PIPE_BUF = 4096                        # a write this size or smaller is never interleaved
 
@@ -349,6 +414,8 @@ class AccessLog:
         path, method = request.raw_path, request.method
         if "?" in path or "%" in path or self._marker in path:  # else nothing to mask
             path = mask_target(path, self.prefix)
+        if len(path) > _TARGET_SHORT:  # may not fit in a line of one atomic write: cut
+            path = cut_target(path, _text_size if self.text else _json_size)
         trace_id = outcome.trace.trace_id if outcome.trace is not None else None  # hex
         now = time.time()
         if not self._next_second - 1.0 <= now < self._next_second:  # a new second (or a

@@ -328,6 +328,8 @@ class Authenticator:
             # is down: this token verified here (only its cache_ttl ran out), and the key's
             # hash never changes, so it still would; the pipeline decides from its cached state
             if entry is not None and self.config.store.on_store_error == "open":
+                if self.metrics:  # the key's read failed: a store error all the same (a
+                    self.metrics.store_errors.inc()  # raised one the pipeline counts)
                 return entry
             raise
 
@@ -582,6 +584,8 @@ class Authenticator:
                 resets = iter(await self.requests.failure_resets_ms(
                     client_ip if ask[0] else None, key_id if ask[1] else None, window))
             except StoreError:  # the counts were just read: refuse as before, with the window
+                if self.metrics:
+                    self.metrics.store_errors.inc()
                 return window
             if len(known) >= FAILURE_RESETS_KEPT:
                 known.clear()

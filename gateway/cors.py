@@ -117,9 +117,10 @@ class CorsPolicy:
     # --- preflights ---------------------------------------------------------------------------
 
     def preflight(self, request: web.BaseRequest, raw_path: str,
-                  routes: RouteTable) -> tuple[web.Response, str] | None:
+                  routes: RouteTable) -> tuple[web.Response, str, str | None] | None:
         """The answer to an ``OPTIONS`` request that is a preflight keygate answers, with the
-        route it was for (for the access log and metrics); None for any other."""
+        route it was for and that route's upstream (None for keygate's own endpoints), for
+        the access log and metrics; None for any other."""
         headers = request.headers
         origins = headers.getall(ORIGIN, ())
         wanted = headers.getall(_REQUEST_METHOD, ())
@@ -132,7 +133,7 @@ class CorsPolicy:
         served = self._served(raw_path, method, routes)
         if served is None:
             return None
-        label, methods = served
+        label, upstream, methods = served
         out: CIMultiDict[str] = CIMultiDict()
         out[_ALLOW_ORIGIN] = origins[0]
         if self.credentials:
@@ -143,18 +144,18 @@ class CorsPolicy:
         out[_VARY] = "Origin"
         if raw_path.startswith(RESERVED):  # as every answer of keygate's own endpoints
             out["Cache-Control"] = "no-store"
-        return web.Response(status=204, headers=out), label
+        return web.Response(status=204, headers=out), label, upstream
 
     def _served(self, raw_path: str, method: str,
-                routes: RouteTable) -> tuple[str, list[str]] | None:
-        """(route, the methods served on ``raw_path``, ``method`` first) when ``method`` is
-        one of them, else None."""
+                routes: RouteTable) -> tuple[str, str | None, list[str]] | None:
+        """(route, its upstream, the methods served on ``raw_path``, ``method`` first) when
+        ``method`` is one of them, else None."""
         if raw_path == USAGE:
             served = ["GET", "HEAD"]
-            return (USAGE, served) if method in served else None
+            return (USAGE, None, served) if method in served else None
         if raw_path == KEYS or raw_path.startswith(KEYS + "/"):
             served = _self_service_methods(raw_path[len(KEYS):])
-            return (KEYS, served) if method in served else None
+            return (KEYS, None, served) if method in served else None
         if raw_path.startswith(RESERVED):  # never a route's, though a glob like '/**' matches
             return None                    # it (verify is the front proxy's to preflight)
         route = _forwarding_route(routes, method, raw_path)
@@ -164,7 +165,7 @@ class CorsPolicy:
         for other in self._route_methods(routes):
             if other != method and _forwarding_route(routes, other, raw_path) is not None:
                 served.append(other)
-        return route.path, served
+        return route.path, route.upstream, served
 
     def _route_methods(self, routes: RouteTable) -> tuple[str, ...]:
         """Every method some route names (HEAD with GET), per route table."""

@@ -140,6 +140,13 @@ class GatewayTimeout(GatewayError, status=504, code="upstream_timeout",
     out connecting or waiting for a connection (said when raised)."""
 
 
+class UploadSlotTimeout(GatewayTimeout, reached_upstream=False):
+    """504 ``upstream_timeout`` to the client (SPEC), but keygate's own refusal, not the
+    upstream's failure: an upload still streaming in found none of keygate's upload slots
+    for it free within the upstream's timeout (slow clients hold them). Not counted in
+    ``keygate_upstream_errors_total``."""
+
+
 def shown(text: str, limit: int = 31) -> str:
     """A client's value as an error message may quote it: whole when shorter than a key's
     secret (32 characters), else its first 12 characters and an ellipsis, so a key pasted

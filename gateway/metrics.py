@@ -12,12 +12,18 @@ from bisect import bisect_left
 from typing import Callable, Iterator
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector,
-                               ProcessCollector, generate_latest)
+                               ProcessCollector, disable_created_metrics, generate_latest)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .models import HTTP_METHODS
+
+# No `<name>_created` series (prometheus-client's default for every counter and histogram,
+# set before any is made): docs/operations.md's table is the list of what /metrics serves,
+# and `serve --workers N` (the multiprocess collector) never serves them, so the series set
+# would change with the worker count. A process-wide switch: keygate's process is its own.
+disable_created_metrics()
 
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 STORE_BUCKETS = (.0002, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5)

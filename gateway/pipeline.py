@@ -70,10 +70,14 @@ _HOST_VALUE = re.compile(r"(?:\[[0-9A-Za-z._~!$&'()*+,;=:%-]+\]|[0-9A-Za-z._~!$&
 
 class Outcome:
     """What the pipeline learned about a request, for the access log and metrics."""
-    __slots__ = ("route", "upstream", "workspace", "key_id", "code", "trace", "client")
+    __slots__ = ("route", "upstream", "workspace", "key_id", "code", "trace", "client",
+                 "own_timeout")
 
     def __init__(self) -> None:
         self.route = self.upstream = self.workspace = self.key_id = self.code = None
+        # an upstream_timeout that is keygate's own refusal (errors.UploadSlotTimeout): no
+        # upstream error in the metrics
+        self.own_timeout = None
         self.trace = None  # gateway.tracing.Trace
         self.client = None  # the client address the key was checked for (Pipeline.client_ip)
 
@@ -102,11 +106,14 @@ class Counted(NamedTuple):
     """Where a request was counted, so a refund takes it back from there: the month and UTC
     day, ``local``, its slot in this process's ledger when it was decided while the store
     was down (fail-open), and ``rate_member``, its entry in the key's rate log (a request
-    that never reached the upstream spends none of the rate either)."""
+    that never reached the upstream spends none of the rate either). ``degraded``: decided
+    from the cached key while the store was down (``on_store_error: open``); once the request
+    is let through, ``let_through`` counts it in ``keygate_degraded_decisions_total``."""
     month: Month
     day: str
     local: Slot | None = None
     rate_member: str = ""
+    degraded: bool = False
 
 
 class Forwarding(Protocol):
@@ -202,6 +209,8 @@ class Pipeline:
                     outcome.code = failed
             except GatewayError as exc:
                 outcome.code = exc.code
+                if exc.__class__ is errors.UploadSlotTimeout:
+                    outcome.own_timeout = True
                 response = exc.response(request_id)
                 cors = self.forwarder.header_rules.cors  # the config's one policy, if any
                 if cors is not None:
@@ -261,7 +270,7 @@ class Pipeline:
         if cors is not None and request.method == "OPTIONS":  # a preflight keygate answers?
             preflight = cors.preflight(request, raw_path, self.routes)
             if preflight is not None:
-                response, outcome.route = preflight
+                response, outcome.route, outcome.upstream = preflight
                 return response
         if raw_path.startswith(reserved.RESERVED):
             response = await reserved.answer(self, request, raw_path, outcome)
@@ -319,6 +328,8 @@ class Pipeline:
                                                                client=client, peek=too_large)
         if too_large:
             raise errors.body_too_large(rules.max_body)
+        if counted.degraded:
+            self.let_through(counted)
         try:
             with trace.step("forward"):
                 if tunnel:  # closed once the key no longer allows it (TunnelWatch)
@@ -414,8 +425,7 @@ class Pipeline:
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
                         client: str, peek: bool = False, stamp: bool = False,
-                        spend: bool = False, recheck: bool = False
-                        ) -> tuple[CachedKey, dict[str, str], Counted]:
+                        spend: bool = False) -> tuple[CachedKey, dict[str, str], Counted]:
         """State (revoked/expired/disabled, the key's IP allow-list), scopes, then rate and
         quotas in one round trip. Returns the key as confirmed, the RateLimit fields, and the
         month and day the request was counted in. ``client`` is the address the key's IP
@@ -423,9 +433,11 @@ class Pipeline:
         nothing is counted, and rate and quotas are judged only with ``peek`` (a request
         refused after them), else not at all (keygate's own endpoints: with ``stamp`` an
         allowed one stamps the key's last use, as a counted request does; with ``spend`` it
-        also takes one from the key's rate limit, 429 ``rate_limited`` over it). ``recheck``:
-        no request is decided (an open WebSocket tunnel's periodic check of its key), so a
-        store that is down makes no degraded decision of it.
+        also takes one from the key's rate limit, 429 ``rate_limited`` over it). With the
+        store down and ``on_store_error: open``, the returned ``Counted`` says ``degraded``:
+        the caller that lets the request through calls ``let_through`` with it (a request
+        refused after all, answered 503 or no request at all, such as an open tunnel's
+        periodic check of its key or an admin-listener call, is no degraded decision).
 
         Decisions read from the cache are confirmed against the store's revision before they
         are answered, so a widened scope, an extended expiry or a key enabled again acts on the
@@ -453,8 +465,7 @@ class Pipeline:
                     day=day, key_limit=key.key_limit, budget=key.budget,
                     rate_burst=rate.burst if rate else 0)
             except StoreError as exc:
-                return key, {}, self._degraded(key, refused, count,
-                                               Counted(month, day), exc, recheck)
+                return key, {}, self._degraded(key, refused, count, Counted(month, day), exc)
             if decision.outcome == "stale":
                 try:
                     fresh = await self.auth.refresh(key)
@@ -468,9 +479,9 @@ class Pipeline:
                 raise refused
             if self.ledger:
                 self.ledger.flush()
-            # Counted(month, day, None, member), without its Python-level __new__
+            # Counted(month, day, None, member, False), without its Python-level __new__
             return key, self._decide(key, decision, month, now), \
-                _new_tuple(Counted, (month, day, None, decision.rate_member))
+                _new_tuple(Counted, (month, day, None, decision.rate_member, False))
         raise ServiceUnavailable("The key changed while this request was checked; retry.",
                                  headers={"Retry-After": "1"})
 
@@ -548,8 +559,7 @@ class Pipeline:
                 return None
             key = fresh
         try:
-            key, _, _ = await self.authorise(key, scopes, count=False, client=client,
-                                             recheck=True)
+            key, _, _ = await self.authorise(key, scopes, count=False, client=client)
         except GatewayError as exc:
             return None if exc.status in (401, 403) else key
         return key
@@ -582,12 +592,11 @@ class Pipeline:
             self._store_error_logged_at, self._store_errors_unlogged = now, 0
 
     def _degraded(self, key: CachedKey, refused: GatewayError | None, count: bool,
-                  counted: Counted, exc: StoreError, recheck: bool = False) -> Counted:
+                  counted: Counted, exc: StoreError) -> Counted:
         """The store failed on a key verified in this process: fail closed, or — with
         ``on_store_error: open`` — decide from the cached state and count in the ledger.
-        Returns where the request was counted. A ``recheck`` (an open tunnel's key, no
-        request) is no degraded decision: ``keygate_degraded_decisions_total`` counts
-        requests, and idle tunnels checked every few seconds would swamp it."""
+        Returns where the request was counted, marked ``degraded``: not yet a degraded
+        decision, which only a request then let through is (``let_through``)."""
         if exc.counted_late is not None:  # Redis may have counted it all the same
             exc.counted_late.add_done_callback(functools.partial(
                 self._counted_after_all,
@@ -608,9 +617,16 @@ class Pipeline:
                         key.budget)
             self.ledger.add(slot)
             counted = counted._replace(local=slot)
-        if self.metrics and not recheck:
+        return counted._replace(degraded=True)
+
+    def let_through(self, counted: Counted) -> None:
+        """A request ``authorise`` decided with the store down (``counted.degraded``) is let
+        through: forwarded, or answered allowed. ``keygate_degraded_decisions_total`` counts
+        these only, not a request refused after the decision (413) or answered 503 after it
+        (the usage and key endpoints read the store), nor an open tunnel's key check or an
+        admin-listener call: idle tunnels and admin calls are no requests let through."""
+        if counted.degraded and self.metrics:
             self.metrics.degraded.inc()
-        return counted
 
     def _counted_after_all(self, slot: Slot, rate_member: str,
                            counted: asyncio.Future[bool]) -> None:
@@ -661,17 +677,24 @@ class Pipeline:
         route = outcome.route or "(none)"
         if m is not None:
             status = response.status  # a property: read once
-            # a WebSocket's 101 is observed when it was answered, not when its tunnel ended:
-            # a tunnel's hours would make the route's latency histogram meaningless
+            # request to response headers: a WebSocket's 101 is observed when it was
+            # answered, not when its tunnel ended, and a streamed body when its head went out
+            # (_stream_back's headers_at), not at its last byte: a tunnel's hours or a
+            # stream's minutes would make the route's latency histogram meaningless
+            if status == 101:
+                took = response.switched_at - started
+            else:
+                headers_at = getattr(response, "headers_at", None)
+                took = elapsed if headers_at is None else headers_at - started
             m.observe_request(route, request.method, status,
-                              outcome.workspace if m.workspace_labels else None,
-                              elapsed if status != 101 else response.switched_at - started)
+                              outcome.workspace if m.workspace_labels else None, took)
             code = outcome.code
             if code is not None:
                 # the upstream codes first: an upstream's own 401/403/429 cut mid-body is an
                 # upstream error, not an auth failure of keygate's
                 if code in ("upstream_unavailable", "upstream_timeout"):
-                    m.upstream_errors.labels(outcome.upstream or "", code).inc()
+                    if not outcome.own_timeout:  # not keygate's full upload slots
+                        m.upstream_errors.labels(outcome.upstream or "", code).inc()
                 elif status in (401, 403, 429) or code in ("ambiguous_key", "key_in_url"):
                     m.auth_failures.labels(code).inc()
         if self.access is not None:

@@ -68,6 +68,8 @@ class RequestSteps(Protocol):
                         client: str, peek: bool = False, stamp: bool = False,
                         spend: bool = False) -> tuple[CachedKey, dict[str, str], Counted]: ...
 
+    def let_through(self, counted: Counted) -> None: ...
+
     def store_down(self, cause: BaseException | None = None) -> errors.ServiceUnavailable: ...
 
 
@@ -81,7 +83,7 @@ async def answer(steps: RequestSteps, request: web.BaseRequest, raw_path: str,
         if request.method not in ("GET", "HEAD"):
             raise errors.MethodNotAllowed("Use GET for the usage endpoint.",
                                           headers={"Allow": "GET, HEAD"})
-        key = await _admit(steps, request, outcome, ())
+        key, counted = await _admit(steps, request, outcome, ())
         check_query(request.query)  # as the admin API's usage endpoint: it takes none
         store = steps.store
         try:
@@ -93,22 +95,27 @@ async def answer(steps: RequestSteps, request: web.BaseRequest, raw_path: str,
         if current is None:  # deleted since it was admitted (the cache keeps no key object)
             raise errors.invalid_token("invalid_key", "The API key is not valid.")
         usage["key"] = current.to_json(tuple(sorted(key.scopes)), steps.clock(), used)
+        steps.let_through(counted)  # answered (a store down for the key's check is back)
         # the key's own record: no browser, proxy or CDN keeps a copy (as the admin listener)
         return web.Response(body=json.dumps(usage).encode(), content_type="application/json",
                             headers=_NO_STORE)
     if raw_path == KEYS or raw_path.startswith(KEYS + "/"):
         outcome.route = KEYS
-        key = await _admit(steps, request, outcome, ("keys:admin",))
+        key, counted = await _admit(steps, request, outcome, ("keys:admin",))
         try:
-            return await steps.self_service(request, key, steps.store, steps.config)
+            response = await steps.self_service(request, key, steps.store, steps.config)
         except StoreError as exc:  # not a bug: the store failed under the key endpoints
             raise steps.store_down(exc) from exc
+        if response.status < 400:
+            steps.let_through(counted)
+        return response
     raise no_route(request.method, raw_path)
 
 
 async def _admit(steps: RequestSteps, request: web.BaseRequest, outcome: Outcome,
-                 scopes: tuple[str, ...]) -> CachedKey:
-    """The caller's key, authenticated and authorised for ``scopes``: counted in no usage
+                 scopes: tuple[str, ...]) -> tuple[CachedKey, Counted]:
+    """The caller's key, authenticated and authorised for ``scopes``, and where ``authorise``
+    left it (``degraded``: decided with the store down, for ``let_through``): counted in no usage
     and leaving the key's rate limit to its requests, but within ``OWN_CALLS_RATE`` (429
     ``rate_limited`` over it), so no key can call these (the key listing reads the
     workspace's keys) as fast as it likes."""
@@ -116,11 +123,11 @@ async def _admit(steps: RequestSteps, request: web.BaseRequest, outcome: Outcome
     key = await steps.authenticate(steps.credential(request), client, request)
     outcome.workspace, outcome.key_id = key.workspace, key.key_id
     try:
-        key, _, _ = await steps.authorise(key, scopes, count=False, client=client, stamp=True,
-                                          spend=True)
+        key, _, counted = await steps.authorise(key, scopes, count=False, client=client,
+                                                stamp=True, spend=True)
     except errors.TooManyRequests as exc:  # over OWN_CALLS_RATE, not the key's own rate
         raise over_own_calls(exc) from None
-    return key
+    return key, counted
 
 
 def over_own_calls(exc: errors.TooManyRequests) -> errors.TooManyRequests:
@@ -185,10 +192,11 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     # judged without spending them, and not counted.
     too_large = (request.content_length or 0) > max_body
     with trace.step("authorise"):
-        key, limit_headers, _ = await steps.authorise(key, scopes, count=not too_large,
-                                                      client=client, peek=too_large)
+        key, limit_headers, counted = await steps.authorise(key, scopes, count=not too_large,
+                                                            client=client, peek=too_large)
     if too_large:
         raise errors.body_too_large(max_body)
+    steps.let_through(counted)  # answered allowed: the proxy in front forwards it
     headers = dict(limit_headers)
     headers[ident.workspace] = key.workspace
     headers[ident.key_id] = key.key_id

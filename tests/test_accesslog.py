@@ -899,6 +899,37 @@ async def test_an_operator_token_with_url_characters_is_never_logged(
     assert token not in caplog.text + str(records[0].__dict__)
 
 
+@pytest.mark.parametrize("times", [2, 3])
+async def test_an_operator_token_encoded_more_than_once_in_an_admin_url_is_never_logged(
+        redis_url, upstream, monkeypatch, caplog, times):
+    """API keys in a URL are masked however often they were percent-encoded (up to three
+    times, as a reader or a script that encodes a URL twice would decode it), the operator
+    token only once: a base64 operator token put in a query by a script that encodes twice
+    (``%252F`` for ``/``) was written so that two decodings gave it back whole."""
+    import logging
+    from urllib.parse import quote, unquote_plus
+    from yarl import URL
+    import harness
+    token = "Zq8+w/Rk9mVt4A/bXy3+Lp0/Qw7=="
+    monkeypatch.setattr(harness, "ADMIN_TOKEN", token)
+    caplog.set_level(logging.INFO, logger="keygate.admin")
+    sent = token
+    for _ in range(times):
+        sent = quote(sent, safe="")  # Zq8%252Bw%252FRk... twice
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        async with g.admin.get(URL(f"/admin/v1/workspaces?token={sent}", encoded=True)) as r:
+            assert r.status == 400, await r.text()  # an unknown query parameter
+    records = [r for r in caplog.records if r.name == "keygate.admin"]
+    assert len(records) == 1
+    logged = records[0].path
+    for decode in (unquote, unquote_plus):
+        shown_as = logged
+        for _ in range(times + 1):
+            assert token not in shown_as, logged
+            shown_as = decode(shown_as)
+    assert sent not in caplog.text + str(records[0].__dict__)
+
+
 async def test_an_admin_call_through_a_trusted_proxy_logs_the_caller(redis_url, upstream,
                                                                      monkeypatch, caplog):
     """The admin API's own line names the caller as the allow-list and the failure throttle
@@ -1020,6 +1051,80 @@ def test_application_lines_queued_at_exit_are_written_while_logging_shutdown_flu
 
 
 
+async def _lines_through_a_stderr_that_stopped(monkeypatch, formatter) -> list[str]:
+    """The lines a BackgroundHandler with ``formatter`` writes to a stderr that stops taking
+    lines (a pipe nobody reads) and then takes them again: lines were dropped meanwhile."""
+    import logging
+    from gateway.accesslog import BackgroundHandler
+    read_end, write_end = os.pipe()
+    blocked = os.fdopen(write_end, "w")
+    handler = BackgroundHandler(max_lines=50)
+    handler.setFormatter(formatter)
+    try:
+        monkeypatch.setattr(sys, "stderr", blocked)
+        record = logging.LogRecord("keygate.test", logging.WARNING, __file__, 1, "line %d %s",
+                                   (0, "x" * 200), None)
+        for i in range(2000):  # the pipe (64 KiB) and the queue (50) fill: lines dropped
+            record.args = (i, "x" * 200)
+            handler.handle(record)
+        os.set_blocking(read_end, False)  # the reader comes back
+        out = bytearray()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            idle = not handler._queue.unfinished_tasks
+            with contextlib.suppress(BlockingIOError):
+                while chunk := os.read(read_end, 1 << 16):
+                    out += chunk
+            if idle and b"dropped" in out:
+                break
+            handler.handle(logging.LogRecord("keygate.test", logging.WARNING, __file__, 1,
+                                             "after", (), None))  # carries the notice out
+            await asyncio.sleep(0.05)
+    finally:
+        monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+        blocked.close()
+        os.close(read_end)
+    return bytes(out).decode().splitlines()
+
+
+async def test_the_dropped_lines_notice_is_a_json_object_when_the_log_is_json(upstream,
+                                                                             monkeypatch):
+    """docs/operations.md: "With `access_log: json` every line keygate writes once it has
+    started is a JSON object" and "past 10,000 lines waiting, lines are dropped and one line
+    says how many". That one line was plain text whatever the format: a log pipeline parsing
+    JSON rejected (or mis-filed) exactly the line that says logs were lost."""
+    from gateway.workers import _log_format
+    formatter = _log_format(config_with(upstream, "json"))  # what serve installs for json
+    lines = await _lines_through_a_stderr_that_stopped(monkeypatch, formatter)
+    notices = [json.loads(line) for line in lines if "dropped" in line]
+    assert notices, "no line said that lines were dropped"
+    assert all(re.fullmatch(r"\d+ log lines were dropped: stderr did not keep up",
+                            notice["message"]) and notice["level"] == "warning"
+               for notice in notices), notices
+    not_json = []
+    for line in lines:
+        try:
+            json.loads(line)
+        except ValueError:
+            not_json.append(line)
+    assert not_json == [], not_json[:3]
+
+
+async def test_the_dropped_lines_notice_names_the_worker_in_the_text_log(upstream,
+                                                                        monkeypatch):
+    """Under ``serve --workers N`` every text line a worker logs begins with its name
+    (``worker I (pid P): ``): the notice of dropped lines too, so the operator knows whose
+    lines were lost."""
+    from gateway.workers import _log_format
+    formatter = _log_format(config_with(upstream, "text"), "worker 2 (pid 4242): ")
+    lines = await _lines_through_a_stderr_that_stopped(monkeypatch, formatter)
+    notices = [line for line in lines if "dropped" in line]
+    assert notices, "no line said that lines were dropped"
+    for notice in notices:
+        assert re.fullmatch(r"\S+ \S+ WARNING keygate: worker 2 \(pid 4242\): \d+ log lines "
+                            r"were dropped: stderr did not keep up", notice), notice
+
+
 def test_ending_the_application_log_writer_loses_no_line(capfd):
     """``end_writer`` (the supervisor, before it forks its workers: no thread may run at
     ``fork()``) writes every line queued, ends the writer's thread, and the next line starts
@@ -1130,3 +1235,100 @@ def test_the_readmes_short_list_of_access_log_fields_is_the_whole_line():
         if word not in spoken:
             spoken.append(word)
     assert words == spoken
+
+
+async def _raw_request(g, target: bytes, rid: str) -> bytes:
+    """The status line of one GET of ``target`` (raw bytes) on a fresh connection."""
+    reader, writer = await g.raw_connection()
+    try:
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n"
+                     b"X-Request-Id: " + rid.encode() + b"\r\n\r\n")
+        return (await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)).strip()
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("access_log", ["json", "text"])
+async def test_a_line_with_a_long_target_fits_in_one_atomic_pipe_write(
+        redis_url, upstream, monkeypatch, capfd, access_log):
+    """Under ``serve --workers N`` the workers share one stderr pipe, and a write of at most
+    PIPE_BUF (4 KiB) bytes is the only one never interleaved with another worker's: a line
+    holding a long path or query (the request head may be 32 KiB) was written whole, so two
+    workers' lines could interleave mid-line. The logged target is cut (visibly) so that a
+    line always fits; masking comes first, so a cut never shows part of a key."""
+    async with gateway_under_test(config_with(upstream, access_log), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        cases = {
+            # a long query, no key: forwarded and logged
+            "rid-long-query": b"/people/1?q=" + b"a" * 30_000,
+            # a key in the query (refused key_in_url) straddling where a cut would fall
+            "rid-key-query": b"/people/1?q=" + b"b" * 2030 + b"&k=" + token.encode()
+                             + b"&r=" + b"c" * 20_000,
+            # a key in the path (masked as ***) straddling it too
+            "rid-key-path": b"/people/" + b"d" * 2030 + b"/" + token.encode() + b"/"
+                            + b"e" * 20_000,
+            # percent-escapes (the parser refuses what JSON would escape: test below)
+            "rid-escapes": b"/people/1?q=" + b"%C3%A9" * 5_000,
+        }
+        g.logs(capfd)
+        for rid, target in cases.items():
+            status = await _raw_request(g, target, rid)
+            assert status.startswith(b"HTTP/1.1 "), status
+        _, err = g.logs(capfd)
+    secret = token.split("_")[-1]
+    for rid in cases:
+        (line,) = [line for line in err.splitlines() if rid in line]
+        assert len(line.encode()) + 1 <= 4096, (rid, len(line.encode()))
+        assert secret[:8] not in line and token[:20] not in line, line
+        path = json.loads(line)["path"] if access_log == "json" else line.split(" ")[2]
+        assert path.endswith("...[cut]"), path[-40:]
+        assert len(path) >= 1024, len(path)  # still most of what a reader wants to see
+
+
+async def test_an_admin_line_with_a_long_target_fits_in_one_atomic_pipe_write(
+        redis_url, upstream, monkeypatch, caplog):
+    """The admin API's line (a JSON application line: the target in its message and in
+    ``path``) fits in one PIPE_BUF write however long the target, its operator token masked
+    before the cut (a token straddling where the cut falls shows no part of itself)."""
+    import logging
+    from yarl import URL
+    import harness
+    from gateway.accesslog import JsonFormatter
+    token = "Tq7Rk9mVt4AbXy3Lp0Qw7zZ1"
+    monkeypatch.setattr(harness, "ADMIN_TOKEN", token)
+    caplog.set_level(logging.INFO, logger="keygate.admin")
+    # (the admin listener reads request lines of up to 8 KiB)
+    target = f"/admin/v1/workspaces?q={'a' * 1010}&token={token}&r={'c' * 6_000}"
+    async with gateway_under_test(config_with(upstream, "json"), redis_url, monkeypatch) as g:
+        async with g.admin.get(URL(target, encoded=True)) as r:
+            assert r.status == 400, await r.text()  # unknown query parameters
+    (record,) = [r for r in caplog.records if r.name == "keygate.admin"]
+    line = JsonFormatter("worker 12 (pid 4194304): ").format(record) + "\n"
+    assert len(line.encode()) <= 4096, len(line.encode())
+    assert token[:6] not in line
+    assert record.path.endswith("...[cut]") and len(record.path) >= 512, record.path[-40:]
+
+
+@given(st.one_of(st.text(st.characters(codec="utf-8"), max_size=6000),
+                 st.text(st.characters(min_codepoint=0x80, codec="utf-8"), min_size=300,
+                         max_size=3000),
+                 st.text(st.characters(min_codepoint=0x10000), min_size=200, max_size=600),
+                 # bytes that are not UTF-8, as the server decodes them (surrogateescape)
+                 st.binary(min_size=300, max_size=5000).map(
+                     lambda b: b.decode("utf-8", "surrogateescape"))),
+       st.sampled_from(["json", "text"]))
+def test_a_cut_target_fits_as_written_and_keeps_its_beginning(target, form):
+    """What the request parser lets through is visible ASCII, but a cut must hold for any
+    text: JSON writes a control character or a non-ASCII one as \\uXXXX (6 bytes), UTF-8 up
+    to 4 bytes; the cut is measured as written."""
+    from gateway.accesslog import CUT, TARGET_MAX, _json_size, _text_size, cut_target
+    size = _json_size if form == "json" else _text_size
+    cut = cut_target(target, size)
+    assert size(cut) <= TARGET_MAX
+    if cut != target:
+        assert cut.endswith(CUT) and target.startswith(cut[:-len(CUT)])
+        # as much as fits: one more character would not
+        kept = cut[:-len(CUT)]
+        assert size(target[:len(kept) + 1]) + len(CUT) > TARGET_MAX

@@ -356,6 +356,28 @@ async def test_a_reload_moves_preflights_refusals_and_forwarded_answers_together
         assert await allowed_origin(EVIL) == [[EVIL.encode()]] * 3
 
 
+async def test_a_preflight_keygate_answers_logs_its_routes_upstream(gw, capfd):
+    """docs/operations.md, the access line's `upstream`: "the matched route's upstream name;
+    null without a route, ... for /_keygate/v1/usage and /_keygate/v1/keys". A preflight
+    keygate answers is logged under its route like any request: its line named the route
+    (/people/**) but its upstream was null, so a pipeline grouping lines by upstream lost it."""
+    import json
+    gw.logs(capfd)
+    for path, rid in (("/people/1", "rid-preflight"), ("/_keygate/v1/usage", "rid-own")):
+        status, _, _ = await raw(gw, request("OPTIONS", path, **PREFLIGHT,
+                                             **{"X-Request-Id": rid}))
+        assert status == b"HTTP/1.1 204 No Content"
+    _, err = gw.logs(capfd)
+    entries = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    lines = {entry["request_id"]: entry for entry in entries  # the access lines
+             if "logger" not in entry and entry["request_id"].startswith("rid-")}
+    assert (lines["rid-preflight"]["route"], lines["rid-preflight"]["upstream"]) == \
+        ("/people/**", "api"), lines["rid-preflight"]
+    assert (lines["rid-own"]["route"], lines["rid-own"]["upstream"]) == \
+        ("/_keygate/v1/usage", None), lines["rid-own"]
+    assert gw.seen == []
+
+
 # --- attacks on the browser-facing surface ----------------------------------------------------
 
 async def test_preflights_spend_no_rate_limit_and_never_reach_the_upstream(gw):

@@ -16,11 +16,11 @@ import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import StoreConfig
+from gateway.config import Route, StoreConfig
 
 from conftest import DOCUMENTED_METRICS, STANDARD_METRICS
-from harness import (bearer, eventually, gateway_under_test, make_config, redis_answers,
-                     wrong_secret)
+from harness import (bearer, eventually, gateway_under_test, make_config, raw_upstream,
+                     redis_answers, wrong_secret)
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy/grafana/dashboards/keygate.json"
 
@@ -354,6 +354,195 @@ async def test_degraded_decisions_are_counted_when_failing_open(redis_url, upstr
             # let the pause end before the next test flushes Redis
             assert await eventually(redis_answers(redis_url))
             client.close()
+
+
+
+async def test_a_503_on_the_usage_endpoint_is_no_degraded_decision(own_redis, upstream,
+                                                                   monkeypatch):
+    """docs/operations.md: keygate_degraded_decisions_total counts "requests let through with
+    the store down (on_store_error: open)". With Redis stopped, a cached key's call to
+    /_keygate/v1/usage cannot be answered (its usage lives in Redis): 503
+    store_unavailable, nothing let through, so the counter must not move."""
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        async with g.proxy.get("/_keygate/v1/usage", headers=bearer(token)) as r:
+            assert r.status == 200  # the key is verified and cached in this process
+        own_redis.stop()
+        for _ in range(3):
+            async with g.proxy.get("/_keygate/v1/usage", headers=bearer(token)) as r:
+                assert r.status == 503
+                assert (await r.json())["error"]["code"] == "store_unavailable"
+        degraded = g.counter("keygate_degraded_decisions_total")
+    assert degraded == 0, f"{degraded:g} requests answered 503 counted as let through"
+
+
+async def test_degraded_decisions_count_only_requests_let_through(own_redis, upstream,
+                                                                  monkeypatch):
+    """With on_store_error: open and Redis stopped, a body over max_body_bytes is refused 413
+    (rate and quotas peeked at, then refused: nothing let through) and a keys:admin key's
+    call to the admin listener is no proxy request let through: neither is a degraded
+    decision. The one forwarded request is, and the upstream saw exactly it."""
+    import dataclasses
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                    max_body_bytes=1000))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(role="admin")  # every scope, keys:admin included
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200  # verified and cached in this process
+        async with g.admin.get("/admin/v1/workspaces/acme/keys", headers=bearer(token)) as r:
+            assert r.status == 200
+        own_redis.stop()
+        async with g.proxy.post("/people", data=b"x" * 2000, headers=bearer(token)) as r:
+            assert r.status == 413
+            assert (await r.json())["error"]["code"] == "body_too_large"
+        async with g.admin.get("/admin/v1/workspaces/acme/keys", headers=bearer(token)) as r:
+            assert r.status == 503  # the listing lives in Redis
+        assert g.counter("keygate_degraded_decisions_total") == 0
+        async with g.proxy.get("/people/2", headers=bearer(token)) as r:
+            assert r.status == 200  # let through on the cached key
+        degraded = g.counter("keygate_degraded_decisions_total")
+    assert [r["raw_path"] for r in upstream.requests] == ["/people/1", "/people/2"]
+    assert degraded == 1
+
+
+
+async def test_a_failed_key_read_of_a_key_let_through_is_a_store_error(own_redis, upstream,
+                                                                       monkeypatch):
+    """docs/operations.md: keygate_store_errors_total counts "store calls that failed: a
+    request's (its key's reads and check, ...; whether it was then answered 503 or let
+    through with `on_store_error: open`)". A cached key past its cache_ttl verifies again,
+    which reads its key; with Redis down and failing open it is let through from its cached
+    state, and the read that failed went uncounted: only the check (authorize) was."""
+    import dataclasses
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    config = dataclasses.replace(config, keys=dataclasses.replace(config.keys, cache_ttl=1.0))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200  # verified and cached in this process
+        own_redis.stop()
+        await asyncio.sleep(1.2)  # its cache_ttl runs out: the next request reads its key
+        async with g.proxy.get("/people/2", headers=bearer(token)) as r:
+            assert r.status == 200  # let through on its cached state
+        errors = g.counter("keygate_store_errors_total")
+        degraded = g.counter("keygate_degraded_decisions_total")
+    assert [r["raw_path"] for r in upstream.requests] == ["/people/1", "/people/2"]
+    assert degraded == 1
+    assert errors == 2, f"{errors:g} store errors: the key's read and its check failed"
+
+
+async def test_a_failed_failure_reset_read_is_a_store_error(own_redis, upstream, monkeypatch):
+    """A request refused 429 too_many_failures reads when its counter resets (its
+    Retry-After, ``failure_resets`` in keygate_store_call_duration_seconds); when that read
+    fails the refusal says the whole window instead, and the failed call went uncounted in
+    keygate_store_errors_total. Redis is made to refuse the read's PEXPIRE (a counter with
+    no TTL gets one), as a real fault of that call alone."""
+    import redis as sync_redis
+    from gateway.store.keyspace import fail_ip_key
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        admin = sync_redis.Redis.from_url(own_redis.url)
+        try:
+            admin.set(fail_ip_key("127.0.0.1"), 1000)  # over per_ip, and without a TTL
+            admin.execute_command("ACL", "SETUSER", "default", "-pexpire")
+            before = g.counter("keygate_store_errors_total")
+            async with g.proxy.get("/people/1", headers=bearer(wrong_secret(token))) as r:
+                assert r.status == 429
+                assert (await r.json())["error"]["code"] == "too_many_failures"
+                assert r.headers["Retry-After"] == str(config.keys.failures.window_seconds)
+            errors = g.counter("keygate_store_errors_total") - before
+        finally:
+            admin.execute_command("ACL", "SETUSER", "default", "+@all")
+            admin.close()
+    assert errors == 1
+
+
+
+async def _slow_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers its head at once, then a chunked body over ~1.5 s (an SSE-like stream)."""
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        for _ in range(6):
+            await asyncio.sleep(0.25)
+            writer.write(b"5\r\nhello\r\n")
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_request_duration_of_a_streamed_answer_ends_at_its_head_not_its_last_byte(
+        redis_url, monkeypatch, capfd):
+    """docs/operations.md: keygate_request_duration_seconds is "request to response headers"
+    (its HELP says so too). A streamed answer whose head came at once observes well under a
+    second, not the 1.5 s its body took to trickle through; the access line's duration_ms
+    keeps running to the body's last byte, as documented."""
+    server, url = await raw_upstream(_slow_stream)
+    public = (Route("/public/**", "api", ("GET",), (), True),)
+    try:
+        async with gateway_under_test(make_config(url, routes=public), redis_url,
+                                      monkeypatch) as g:
+            g.logs(capfd)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with g.proxy.get("/public/stream") as r:
+                assert r.status == 200
+                headers_at = loop.time() - started
+                body = await r.read()
+            assert body == b"hello" * 6
+            assert headers_at < 0.5  # the head reached the client promptly
+            total = g.counter("keygate_request_duration_seconds_sum", route="/public/**")
+            count = g.counter("keygate_request_duration_seconds_count", route="/public/**")
+            under_half_second = g.counter("keygate_request_duration_seconds_bucket",
+                                          route="/public/**", le="0.5")
+            _, err = g.logs(capfd)
+    finally:
+        server.close()
+    assert count == 1
+    assert under_half_second == 1, f"observed {total:.3f} s: the body's time, not the head's"
+    (line,) = [json.loads(x) for x in err.splitlines()
+               if x.startswith("{") and '"/public/stream"' in x]
+    assert line["duration_ms"] >= 1400, line  # six chunks 0.25 s apart: to the last byte
+
+
+
+async def test_a_single_process_scrape_serves_no_family_the_metrics_table_leaves_out(
+        redis_url, upstream, monkeypatch):
+    """docs/operations.md's metrics table is the list of what /metrics serves. A
+    single-process scrape also served a `<name>_created` gauge family for every counter and
+    histogram (prometheus-client's default), which the table does not list and `serve
+    --workers N` does not serve (the multiprocess collector has none): a series set that
+    changed with the worker count."""
+    async with gateway_under_test(make_config(str(upstream.make_url(""))), redis_url,
+                                  monkeypatch) as g:
+        await g.workspace()
+        token, _ = await g.key()
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        async with g.admin.get("/metrics") as r:
+            text = await r.text()
+    families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    assert "keygate_requests_total" in families, families
+    undocumented = sorted(name for name in families if name not in DOCUMENTED_METRICS
+                          and not name.startswith("process_") and name != "python_info")
+    assert undocumented == [], undocumented
+    assert not [line for line in text.splitlines() if "_created" in line.split("{")[0]]
 
 
 # --- the dashboard and the linter --------------------------------------------------------------

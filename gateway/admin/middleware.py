@@ -16,11 +16,11 @@ import re
 import time
 import uuid
 from typing import Awaitable, Callable
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import unquote
 
 from aiohttp import web
 
-from ..accesslog import mask_target
+from ..accesslog import TARGET_MAX, cut_target, holds_decoded, mask_target
 from ..config import Config
 from ..proxying.server import EXPECTATION, answer_and_close, continue_if_expected, continues
 from ..errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
@@ -84,10 +84,19 @@ def loggable_target(raw_path: str, prefix: str, operator_token: str) -> str:
     """A raw admin request target fit for a log: API keys masked (``mask_target``) and so is
     the operator token, which a script may paste into the URL (``?token=...``): where it shows
     as sent it is replaced by ``***``; a path or query that holds it only once percent-decoded
-    is withheld whole.
+    is withheld whole. Then cut to ``ADMIN_TARGET_MAX`` bytes (``accesslog.cut_target``):
+    the JSON line holds it twice (its message and ``path``) and must fit in one atomic
+    write to a stderr pipe the workers share.
 
     Looked for in the whole target first (a token may hold a ``?``), and decoded both ways: a
     ``+`` is a plus in a path and a space in a query, and a reader decodes either way."""
+    return cut_target(_masked(raw_path, prefix, operator_token), limit=ADMIN_TARGET_MAX)
+
+
+ADMIN_TARGET_MAX = TARGET_MAX // 2  # the admin line writes its target twice
+
+
+def _masked(raw_path: str, prefix: str, operator_token: str) -> str:
     target = mask_target(raw_path, prefix)
     token = operator_token.strip()
     if not token:
@@ -105,8 +114,14 @@ def loggable_target(raw_path: str, prefix: str, operator_token: str) -> str:
 
 
 def _holds(text: str, token: str) -> bool:
-    """Whether ``text`` holds ``token`` once percent-decoded, ``+`` read as a plus or a space."""
-    return token in unquote(text) or token in unquote_plus(text)
+    """Whether ``text`` holds ``token`` percent-decoded up to three times (``holds_decoded``,
+    as the access log looks for keys: a script that encodes a URL twice sends ``%252F`` for
+    ``/``), ``+`` read as a plus or as a space, each escape's bytes read as UTF-8 (a token
+    may be any text)."""
+    def found(decoded: str) -> bool:
+        return token in decoded
+    return holds_decoded(text, found, plus_as_space=False, decode=unquote) or \
+        holds_decoded(text, found, decode=unquote)
 
 
 def request_id_of(request: web.BaseRequest) -> str:

@@ -42,8 +42,8 @@ from yarl import URL
 
 from ..config import Config, Upstream
 from ..cors import origin_of
-from ..errors import (BadGateway, GatewayError, GatewayTimeout, RequestTimeout, body_cut_short,
-                      body_too_large, client_closed)
+from ..errors import (BadGateway, GatewayError, GatewayTimeout, RequestTimeout,
+                      UploadSlotTimeout, body_cut_short, body_too_large, client_closed)
 from ..models import Principal
 from ..signature import secrets_of, sign
 from ..tracing import Trace, Tracer
@@ -449,17 +449,17 @@ class Forwarder:
                         "%s holds its share of the upload connections (%d of %d)",
                         upstream.name, upstream.timeout, whose, exc.share, pool.max_streaming)
             yours = "your client address" if isinstance(exc.owner, tuple) else "your workspace"
-            raise GatewayTimeout(f"No connection to the upstream '{upstream.name}' was free "
-                                 f"for an upload within {upstream.timeout:g} seconds: {yours} "
-                                 f"holds its share of the connections for uploads still "
-                                 f"streaming in ({exc.share} of {pool.max_streaming}).",
-                                 reached_upstream=False) from None
+            raise UploadSlotTimeout(f"No connection to the upstream '{upstream.name}' was "
+                                    f"free for an upload within {upstream.timeout:g} seconds: "
+                                    f"{yours} holds its share of the connections for uploads "
+                                    f"still streaming in ({exc.share} of "
+                                    f"{pool.max_streaming}).") from None
         except UploadSlotsFull as exc:
             log.warning("upstream %s: an upload waited %g s for a connection and was refused: "
                         "%s", upstream.name, upstream.timeout, exc)
-            raise GatewayTimeout(f"No connection to the upstream '{upstream.name}' was free "
-                                 f"for an upload within {upstream.timeout:g} seconds.",
-                                 reached_upstream=False) from None
+            raise UploadSlotTimeout(f"No connection to the upstream '{upstream.name}' was "
+                                    f"free for an upload within {upstream.timeout:g} "
+                                    f"seconds.") from None
         except (UpstreamTimeout, UpstreamConnectError, UpstreamProtocolError, OSError,
                 ValueError) as exc:
             raise self.upstream_failed(exc, upstream) from None
@@ -532,6 +532,10 @@ class Forwarder:
             client = _Unwatched()
         try:
             await response.prepare(request)
+            # the head is on the wire (aiohttp's StreamResponse sends it at once): the end of
+            # keygate_request_duration_seconds, which a body streaming for minutes must not
+            # stretch (the access log's duration_ms runs to the body's last byte)
+            response.headers_at = time.perf_counter()
             while True:
                 try:
                     async with asyncio.timeout(timeout) as waiting:
