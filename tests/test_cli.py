@@ -1821,3 +1821,110 @@ def test_the_verb_warning_in_the_configuration_docs_is_the_one_config_check_prin
         "  - {path: \"/**\", upstream: crm, public: true}        # every method\n")
     assert main(["config", "check", "config.yaml"]) == 0
     assert shown in capsys.readouterr().err.splitlines()
+
+
+# --- the console script as a subprocess, against an admin URL that is not keygate's (a typo,
+# another service on :8081, a slow proxy, a gateway cut off mid-answer) or a real admin API -------
+
+SCRIPT_TOKEN = "script-operator-token-0123456789abcdef"
+KEYGATE_SCRIPT = str(Path(sys.executable).with_name("keygate"))
+
+
+async def run_script(*argv: str, env: dict | None = None, limit: float = 30.0):
+    """(exit code, stdout, stderr, seconds) of the ``keygate`` console script run with
+    ``argv``; killed after ``limit`` seconds (exit code None then)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+    environ.update({"KEYGATE_ADMIN_TOKEN": SCRIPT_TOKEN, **(env or {})})
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        KEYGATE_SCRIPT, *argv, env=environ, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), limit)
+        code = proc.returncode
+    except asyncio.TimeoutError:
+        proc.kill()
+        out, err = await proc.communicate()
+        code = None
+    return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), \
+        time.monotonic() - started
+
+
+async def run_script_with_closed(fd: int, *argv: str, env: dict) -> tuple[int, str, str]:
+    """``keygate argv`` with file descriptor ``fd`` (0: stdin, 1: stdout) closed, as
+    ``keygate ... <&-`` / ``>&-`` (a daemon or CI runner that closed it) leaves it."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+    environ.update({"KEYGATE_ADMIN_TOKEN": SCRIPT_TOKEN, **env})
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run([KEYGATE_SCRIPT, *argv], env=environ,
+                              stdout=None if fd == 1 else subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              stdin=None if fd == 0 else subprocess.DEVNULL,
+                              preexec_fn=lambda: os.close(fd), timeout=60)
+    done = await asyncio.to_thread(run)
+    return done.returncode, (done.stdout or b"").decode(), done.stderr.decode()
+
+
+async def serve_answer(aiohttp_server, handler, path: str = "/{tail:.*}",
+                       method: str = "*") -> str:
+    """The URL of an HTTP server on loopback whose ``handler`` answers ``method path``."""
+    from aiohttp import web
+    app = web.Application()
+    app.router.add_route(method, path, handler)
+    server = await aiohttp_server(app)
+    return str(server.make_url(""))
+
+
+@pytest.fixture
+async def script_admin_url(redis_url, monkeypatch):
+    """A real admin API on a loopback port and a real redis-server, for the console script
+    (whose token is ``SCRIPT_TOKEN``)."""
+    import dataclasses
+
+    from aiohttp import web
+
+    from gateway import admin
+    from gateway.config import Argon2Config, Config, Plan
+    from gateway.store import Store
+
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", SCRIPT_TOKEN)
+    config = Config(plans={"free": Plan("free")}, default_plan="free")
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, argon2=Argon2Config(1, 8, 1)))
+    store = await Store.connect(redis_url, config)
+    runner = web.AppRunner(admin.create_admin_app(config, store))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+        await store.close()
+
+
+async def test_timeout_bounds_the_whole_answer_not_each_read(aiohttp_server):
+    """docs/cli.md: ``--timeout SECONDS``: how long to wait for an answer. A server (or a
+    stalled proxy) sending its answer a byte every half second kept the command waiting for
+    ever: urllib's timeout is per socket read, and each byte restarted it."""
+    from aiohttp import web
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = 10000
+        await resp.prepare(request)
+        try:
+            for _ in range(10000):
+                await resp.write(b" ")
+                await asyncio.sleep(0.5)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        return resp
+
+    url = await serve_answer(aiohttp_server, trickle, "/admin/v1/workspaces", "GET")
+    code, out, err, took = await run_script("--timeout", "1", "--admin-url", url, "workspaces",
+                                            "list", limit=15)
+    assert code is not None, f"--timeout 1 did not end the command: still waiting after {took:.0f}s"
+    assert code == 1 and "did not answer within 1s" in err, (code, err)
+    assert took < 8

@@ -9,10 +9,14 @@ refused, because either would hand the operator token to a host the user did not
 from __future__ import annotations
 
 import email.utils
+import functools
+import http.client
+import io
 import json
 import re
 import socket
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -100,6 +104,66 @@ def listener_contexts(cert_file: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return pinned, chain
 
 
+class _DeadlineReader(io.RawIOBase):
+    """An answer's socket, read against the request's deadline: urllib's timeout bounds each
+    socket read alone, so an answer trickling in a byte at a time (a stalled proxy) never ran
+    out of it. Before each read the socket's timeout is set to the time left."""
+
+    def __init__(self, raw: io.RawIOBase, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._raw, self._sock, self._deadline = raw, sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the answer did not come within the time given")
+        self._sock.settimeout(left)
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """An answer whose status line, headers and body are all read by the deadline."""
+
+    def __init__(self, sock: socket.socket, *args: Any, deadline: float, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        # nothing is read yet: the buffer is empty, and detach() keeps the socket's file open
+        self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline))
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: Any, deadline: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, deadline: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(functools.partial(_HTTPConnection, deadline=req.deadline), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, context: ssl.SSLContext | None) -> None:
+        super().__init__(context=context)
+        self._tls = context
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(functools.partial(_HTTPSConnection, deadline=req.deadline), req,
+                            context=self._tls)
+
+
 class AdminClient:
     """Blocking JSON client for ``/admin/v1``; raises ``ApiError`` / ``CliError``.
 
@@ -125,9 +189,8 @@ class AdminClient:
 
     @staticmethod
     def _opener_for(context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
-        handlers: list[Any] = [urllib.request.ProxyHandler({}), _NoRedirect()]
-        if context is not None:
-            handlers.append(urllib.request.HTTPSHandler(context=context))
+        handlers: list[Any] = [urllib.request.ProxyHandler({}), _NoRedirect(), _HTTPHandler(),
+                               _HTTPSHandler(context)]
         return urllib.request.build_opener(*handlers)
 
     def request(self, method: str, path: str, body: dict | None = None,
@@ -148,8 +211,11 @@ class AdminClient:
                 raise CliError("KEYGATE_ADMIN_TOKEN holds characters that cannot be sent in an "
                                "HTTP header (line breaks, control or non-ASCII characters)")
             headers["Authorization"] = f"Bearer {self._token}"
+        # --timeout bounds the whole exchange (connect, send, the answer to its last byte)
+        deadline = time.monotonic() + self.timeout
         for opener in self._openers:
             req = urllib.request.Request(url, data=data, headers=headers, method=method)
+            req.deadline = deadline  # type: ignore[attr-defined]
             try:
                 return self._send(opener, req)
             except _CertificateRefused:
@@ -163,15 +229,7 @@ class AdminClient:
 
     def _send(self, opener: urllib.request.OpenerDirector, req: urllib.request.Request) -> Any:
         try:
-            with opener.open(req, timeout=self.timeout) as resp:
-                self.server_time = _http_date(resp.headers.get("Date"))
-                return self._decode(resp.status, resp.read())
-        except urllib.error.HTTPError as exc:
-            error = self._api_error(exc.code, exc.read())
-            error.invalid_token = 'error="invalid_token"' in exc.headers.get(
-                "WWW-Authenticate", "")
-            error.retry_after = exc.headers.get("Retry-After", "").strip()
-            raise error from None
+            failed, status, headers, raw = self._exchange(opener, req)
         except (TimeoutError, socket.timeout):
             raise CliError(f"the admin API at {self.base_url} did not answer within "
                            f"{self.timeout:g}s{_unanswered(req)}") from None
@@ -187,6 +245,26 @@ class AdminClient:
         except (ConnectionError, OSError) as exc:
             raise CliError(f"cannot reach the admin API at {self.base_url}: {exc}"
                            f"{_UNREACHABLE}") from None
+        if failed:
+            error = self._api_error(status, raw)
+            error.invalid_token = 'error="invalid_token"' in headers.get(
+                "WWW-Authenticate", "")
+            error.retry_after = headers.get("Retry-After", "").strip()
+            raise error
+        self.server_time = _http_date(headers.get("Date"))
+        return self._decode(status, raw)
+
+    @staticmethod
+    def _exchange(opener: urllib.request.OpenerDirector,
+                  req: urllib.request.Request) -> tuple[bool, int, Any, bytes]:
+        """(an error status?, the status, the headers, the whole body) of ``req``."""
+        left = max(req.deadline - time.monotonic(), 0.001)  # type: ignore[attr-defined]
+        try:
+            with opener.open(req, timeout=left) as resp:
+                return False, resp.status, resp.headers, resp.read()
+        except urllib.error.HTTPError as exc:  # its body is read by the deadline too
+            with exc:
+                return True, exc.code, exc.headers, exc.read()
 
     def _decode(self, status: int, raw: bytes) -> Any:
         self.last_body = raw
