@@ -1928,3 +1928,41 @@ async def test_timeout_bounds_the_whole_answer_not_each_read(aiohttp_server):
     assert code is not None, f"--timeout 1 did not end the command: still waiting after {took:.0f}s"
     assert code == 1 and "did not answer within 1s" in err, (code, err)
     assert took < 8
+
+
+NOT_HTTP = {
+    # --admin-url with the wrong port: an SSH (or SMTP...) server greets first
+    "an SSH server": b"SSH-2.0-OpenSSH_9.6\r\n",
+    # a gateway that stops (restart, OOM kill) or a proxy that cuts the answer halfway
+    "an answer cut short": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 100\r\n\r\n{\"items\":",
+    "a chunked answer cut short": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"ite",
+    "too many header lines": b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 200 + b"\r\n{}",
+    "an error answer cut short": b"HTTP/1.1 400 Bad Request\r\nContent-Length: 100\r\n\r\n{",
+}
+
+
+@pytest.mark.parametrize("case", NOT_HTTP, ids=list(NOT_HTTP))
+@pytest.mark.parametrize("argv", [["workspaces", "list"],
+                                  ["keys", "create", "-w", "acme", "--name", "ci", "--scope",
+                                   "a"]], ids=["read", "key-create"])
+async def test_an_answer_that_is_not_http_or_cut_short_is_one_line_exit_1(case, argv):
+    """http.client's own errors (BadStatusLine, IncompleteRead, HTTPException: no OSError)
+    ended the command in a traceback. A key create whose answer was cut may have made the
+    key: it says what a timeout says (check with keygate keys list)."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(NOT_HTTP[case])
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        code, out, err, _ = await run_script("--admin-url", f"http://127.0.0.1:{port}", *argv)
+    assert "Traceback" not in err, err[-400:]
+    assert code == 1 and err.startswith("keygate: ") and len(err.splitlines()) == 1, (code, err)
+    assert ("keygate keys list --workspace acme" in err) == (argv[0] == "keys"), err

@@ -242,6 +242,13 @@ class AdminClient:
                 raise _CertificateRefused from None
             raise CliError(f"cannot reach the admin API at {self.base_url}: {reason}"
                            f"{_UNREACHABLE}") from None
+        except http.client.HTTPException as exc:
+            # not HTTP (another service's greeting: an SSH port), or an answer cut short (a
+            # gateway that stopped, a proxy that cut it): a write may have been made
+            said = str(exc) if isinstance(exc, http.client.RemoteDisconnected) else \
+                f"{type(exc).__name__}: {exc}"
+            raise CliError(f"the admin API at {self.base_url} did not send a whole HTTP answer "
+                           f"({printable(said.strip())[:120]}){_unanswered(req)}") from None
         except (ConnectionError, OSError) as exc:
             raise CliError(f"cannot reach the admin API at {self.base_url}: {exc}"
                            f"{_UNREACHABLE}") from None
