@@ -1966,3 +1966,20 @@ async def test_an_answer_that_is_not_http_or_cut_short_is_one_line_exit_1(case, 
     assert "Traceback" not in err, err[-400:]
     assert code == 1 and err.startswith("keygate: ") and len(err.splitlines()) == 1, (code, err)
     assert ("keygate keys list --workspace acme" in err) == (argv[0] == "keys"), err
+
+
+@pytest.mark.parametrize("status", [200, 400])
+async def test_a_deeply_nested_json_answer_is_one_line_not_a_traceback(aiohttp_server, status):
+    """A body of 100000 nested brackets is valid JSON that json.loads cannot read
+    (RecursionError, no ValueError): a success answer and an error answer alike ended the
+    command in a traceback."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=b"[" * 100000 + b"]" * 100000, status=status,
+                            content_type="application/json")
+
+    url = await serve_answer(aiohttp_server, answer)
+    code, out, err, _ = await run_script("--admin-url", url, "workspaces", "list")
+    assert "Traceback" not in err and "RecursionError" not in err, err[-300:]
+    assert code == 1 and err.startswith("keygate: ") and len(err.splitlines()) == 1, err[-300:]

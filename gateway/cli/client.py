@@ -277,7 +277,7 @@ class AdminClient:
         self.last_body = raw
         try:
             return json.loads(raw) if raw else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # nested deeper than Python's stack: not ours
             raise CliError(f"the admin API at {self.base_url} answered {status} with a body "
                            "that is not JSON") from None
 
@@ -285,7 +285,7 @@ class AdminClient:
         try:
             error = json.loads(raw)["error"]
             return ApiError(status, str(error["code"]), str(error["message"]), raw)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return ApiError(status, f"http_{status}",
                             f"the admin API at {self.base_url} answered HTTP {status}")
 
