@@ -1983,3 +1983,54 @@ async def test_a_deeply_nested_json_answer_is_one_line_not_a_traceback(aiohttp_s
     code, out, err, _ = await run_script("--admin-url", url, "workspaces", "list")
     assert "Traceback" not in err and "RecursionError" not in err, err[-300:]
     assert code == 1 and err.startswith("keygate: ") and len(err.splitlines()) == 1, err[-300:]
+
+
+SHAPES = {
+    "a JSON list": b"[1, 2]",
+    "a JSON string": b'"hello"',
+    "items null": b'{"items": null}',
+    "items of numbers": b'{"items": [1]}',
+}
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["table", "json"])
+@pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
+@pytest.mark.parametrize("argv", [["workspaces", "list"], ["keys", "list", "-w", "acme"],
+                                  ["roles", "list", "-w", "acme"], ["audit", "-w", "acme"],
+                                  ["usage", "-w", "acme", "--daily"]],
+                         ids=lambda a: "-".join(a[:2]))
+async def test_a_json_answer_of_another_shape_is_one_line_exit_1(aiohttp_server, shape, argv,
+                                                                 json_flag):
+    """An admin URL that is not keygate's (another JSON service, a proxy's JSON error page
+    with status 200) answers valid JSON of another shape: list, audit and the rest crashed
+    with AttributeError or TypeError tracebacks; it is one line and exit 1, as for a body
+    that is not JSON."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=SHAPES[shape], content_type="application/json")
+
+    url = await serve_answer(aiohttp_server, answer)
+    code, out, err, _ = await run_script("--admin-url", url, *argv, *json_flag)
+    assert "Traceback" not in err, err
+    assert code == 1 and err.startswith("keygate: ") and len(err.splitlines()) == 1, (code, err)
+    if argv[0] != "usage" or "items" in shape:
+        assert "answered 200 with" in err, err
+
+
+@pytest.mark.parametrize("body", [b"[]", b'{"key": [], "token": "kg_test_x"}'])
+async def test_a_key_create_answered_with_another_shape_is_one_line_exit_1(aiohttp_server,
+                                                                          body):
+    """A ``keys create`` answered with a JSON list crashed in print_new_token
+    (``answer.get``)."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=body, status=201, content_type="application/json")
+
+    url = await serve_answer(aiohttp_server, answer)
+    code, out, err, _ = await run_script("--admin-url", url, "keys", "create", "-w", "acme",
+                                         "--name", "ci", "--scope", "a")
+    assert "Traceback" not in err, err
+    assert code == 1 and err.startswith("keygate: "), (code, err)
+    assert out == ""

@@ -194,7 +194,7 @@ class AdminClient:
         return urllib.request.build_opener(*handlers)
 
     def request(self, method: str, path: str, body: dict | None = None,
-                query: dict[str, str] | None = None) -> Any:
+                query: dict[str, str] | None = None) -> dict:
         url = self.base_url + "/admin/v1" + path
         self.last_method, self.last_path = method, urllib.parse.urlsplit(url).path
         if query:
@@ -273,13 +273,27 @@ class AdminClient:
             with exc:
                 return True, exc.code, exc.headers, exc.read()
 
-    def _decode(self, status: int, raw: bytes) -> Any:
+    def listing(self, path: str, query: dict[str, str] | None = None) -> list[dict]:
+        """The ``items`` of a ``GET`` listing (``{"items": [{...}, ...]}``), checked: an
+        answer of another shape (a JSON service that is not keygate) is refused as one that
+        is not JSON is."""
+        items = self.request("GET", path, query=query).get("items")
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise CliError(f"the admin API at {self.base_url} answered 200 with JSON that is "
+                           "not a listing (an object whose items are a list of objects)")
+        return items
+
+    def _decode(self, status: int, raw: bytes) -> dict:
         self.last_body = raw
         try:
-            return json.loads(raw) if raw else {}
+            answer = json.loads(raw) if raw else {}
         except (ValueError, RecursionError):  # nested deeper than Python's stack: not ours
             raise CliError(f"the admin API at {self.base_url} answered {status} with a body "
                            "that is not JSON") from None
+        if not isinstance(answer, dict):  # every answer of the admin API is an object
+            raise CliError(f"the admin API at {self.base_url} answered {status} with JSON "
+                           "that is not an object, which the admin API always answers")
+        return answer
 
     def _api_error(self, status: int, raw: bytes) -> ApiError:
         try:

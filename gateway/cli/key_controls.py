@@ -152,8 +152,8 @@ def add_workspace_commands(tree: CommandTree, workspaces: SubCommands) -> None:
 
 def show_daily(args: argparse.Namespace, client: AdminClient, path: str) -> int:
     """``--daily``: the ``/usage/daily`` answer under ``path`` (a workspace or a key)."""
-    answer = client.request("GET", path + "/usage/daily", query={"days": str(args.days)})
-    return show(args, client, lambda: days_table(answer.get("items", [])))
+    items = client.listing(path + "/usage/daily", {"days": str(args.days)})
+    return show(args, client, lambda: days_table(items))
 
 
 def cmd_keys_usage(args: argparse.Namespace, client: AdminClient) -> int:

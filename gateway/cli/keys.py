@@ -132,8 +132,7 @@ def _key_access(key: dict) -> str:
 def cmd_keys_list(args: argparse.Namespace, client: AdminClient) -> int:
     query = {"status": args.status} if args.status else {}
     query.update(key_controls.list_query(args))
-    items = client.request("GET", f"/workspaces/{seg(args.workspace)}/keys",
-                           query=query).get("items", [])
+    items = client.listing(f"/workspaces/{seg(args.workspace)}/keys", query)
     return show(args, client, lambda: _keys_table(items))
 
 

@@ -34,7 +34,11 @@ def print_new_token(answer: dict, args: argparse.Namespace, client: AdminClient,
                     what: str) -> None:
     """A created or rotated key's token: alone on stdout (or inside the ``--json`` body), so
     ``$(keygate keys create ...)`` captures just the token; the rest goes to stderr."""
-    key = answer.get("key", {})
+    key = answer.get("key")
+    if not isinstance(key, dict):
+        raise CliError(f"the admin API at {client.base_url} answered without the key as an "
+                       "object, which keygate always sends (if that is your keygate, the key "
+                       "may have been made: check with keygate keys list)")
     if args.json:
         print_body(client)
     else:  # as the API sent them: escaped, so no terminal escape sequence gets through

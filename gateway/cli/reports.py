@@ -48,8 +48,7 @@ def cmd_usage(args: argparse.Namespace, client: AdminClient) -> int:
 
 def cmd_audit(args: argparse.Namespace, client: AdminClient) -> int:
     query = {"limit": str(args.limit)} if args.limit is not None else None
-    items = client.request("GET", f"/workspaces/{seg(args.workspace)}/audit",
-                           query=query).get("items", [])
+    items = client.listing(f"/workspaces/{seg(args.workspace)}/audit", query)
     rows = [[human_time(e.get("at")), cell(e.get("actor")), cell(e.get("action")),
              cell(e.get("target")),
              json.dumps(e.get("details"), separators=(",", ":")) if e.get("details") else "-"]

@@ -28,7 +28,7 @@ def _role_path(args: argparse.Namespace) -> str:
 
 
 def cmd_roles_list(args: argparse.Namespace, client: AdminClient) -> int:
-    items = client.request("GET", f"/workspaces/{seg(args.workspace)}/roles").get("items", [])
+    items = client.listing(f"/workspaces/{seg(args.workspace)}/roles")
     rows = [[cell(r.get("name")), cell(r.get("source")), " ".join(r.get("scopes") or []) or "-"]
             for r in items]
     return show(args, client, lambda: format_table(["NAME", "SOURCE", "SCOPES"], rows))
