@@ -2034,3 +2034,44 @@ async def test_a_key_create_answered_with_another_shape_is_one_line_exit_1(aioht
     assert "Traceback" not in err, err
     assert code == 1 and err.startswith("keygate: "), (code, err)
     assert out == ""
+
+
+@pytest.mark.parametrize("verb", ["create", "rotate"])
+async def test_a_new_token_with_stdout_closed_is_exit_1_before_anything_is_sent(
+        script_admin_url, verb):
+    """docs/cli.md: ``keys create`` prints the token on stdout, once. With stdout closed
+    (``>&-``: sys.stdout is None, and print() writes nothing, silently) the key was made, its
+    token written nowhere, and the command exited 0. It is refused before anything is sent:
+    exit 1, and no key was made (or rotated)."""
+    env = {"KEYGATE_ADMIN_URL": script_admin_url}
+    code, _, err, _ = await run_script("workspaces", "create", "acme", "--name", "Acme", env=env)
+    assert code == 0, err
+    code, out, err, _ = await run_script("keys", "create", "-w", "acme", "--name", "ci",
+                                         "--scope", "people:read", "--json", env=env)
+    key_id = json.loads(out)["key"]["id"]
+    argv = (["keys", "create", "-w", "acme", "--name", "ci2", "--scope", "people:read"]
+            if verb == "create" else ["keys", "rotate", "-w", "acme", key_id])
+    code, _, err = await run_script_with_closed(1, *argv, env=env)
+    assert code == 1, f"exit {code} with the token written nowhere; stderr: {err!r}"
+    assert "output was closed" in err and "created key" not in err, err
+    code, out, err, _ = await run_script("keys", "list", "-w", "acme", "--json", env=env)
+    assert [k["id"] for k in json.loads(out)["items"]] == [key_id]
+
+
+async def test_revoke_with_stdin_closed_is_not_confirmed_exit_2(script_admin_url):
+    """docs/cli.md: ``keys revoke`` without ``--yes`` asks; no answer (end of input) leaves
+    the key alone and exits 2. With stdin closed (``<&-``) sys.stdin is None and the command
+    ended in ``AttributeError: 'NoneType' object has no attribute 'readline'``, exit 1."""
+    env = {"KEYGATE_ADMIN_URL": script_admin_url}
+    code, _, err, _ = await run_script("workspaces", "create", "acme", "--name", "Acme", env=env)
+    assert code == 0, err
+    code, out, err, _ = await run_script("keys", "create", "-w", "acme", "--name", "ci",
+                                         "--scope", "people:read", "--json", env=env)
+    assert code == 0, err
+    key_id = json.loads(out)["key"]["id"]
+    code, _, err = await run_script_with_closed(0, "keys", "revoke", "-w", "acme", key_id,
+                                                env=env)
+    assert "Traceback" not in err, err
+    assert code == 2 and "was not revoked" in err, (code, err)
+    code, out, err, _ = await run_script("keys", "show", "-w", "acme", key_id, "--json", env=env)
+    assert json.loads(out)["status"] == "active"

@@ -27,6 +27,7 @@ def add_commands(tree: CommandTree) -> SubCommands:
     later."""
     keys = tree.group("keys", "manage API keys")
     p = tree.command(keys, "create", "create a key; prints its token once", cmd_keys_create)
+    p.set_defaults(prints_token=True)
     workspace_option(p)
     p.add_argument("--name", required=True, help="the key's name, e.g. the integration using it")
     access = p.add_mutually_exclusive_group(required=True)
@@ -75,6 +76,7 @@ def add_commands(tree: CommandTree) -> SubCommands:
     p.add_argument("--yes", "-y", action="store_true", help="do not ask to confirm")
 
     p = tree.command(keys, "rotate", "replace a key; prints the new token once", cmd_keys_rotate)
+    p.set_defaults(prints_token=True)
     workspace_option(p)
     p.add_argument("id", type=ID, metavar="ID", help="key id, as keys list shows it")
     p.add_argument("--grace", type=argtype(parse_duration, "DURATION"), metavar="DURATION",
@@ -177,6 +179,9 @@ def _confirm(question: str) -> bool | None:
     """True on y/yes, False on any other answer, None when there is no answer (end of input:
     a script that forgot --yes)."""
     print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin is None:  # closed (`<&-`): no answer can come, as at the end of input
+        print("", file=sys.stderr)
+        return None
     answer = sys.stdin.readline()
     if not answer:
         return None
