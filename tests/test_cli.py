@@ -2075,3 +2075,22 @@ async def test_revoke_with_stdin_closed_is_not_confirmed_exit_2(script_admin_url
     assert code == 2 and "was not revoked" in err, (code, err)
     code, out, err, _ = await run_script("keys", "show", "-w", "acme", key_id, "--json", env=env)
     assert json.loads(out)["status"] == "active"
+
+
+async def test_reload_problems_never_write_terminal_controls(aiohttp_server):
+    """``keygate reload`` printed an error answer's ``problems`` raw, where every other line
+    printed from an answer goes through ``printable``: a hostile answer cleared the screen,
+    retitled the terminal or set the clipboard (OSC 52)."""
+    from aiohttp import web
+
+    async def reload(request: web.Request) -> web.Response:
+        return web.json_response({"error": {
+            "code": "bad_request", "message": "The config file has 1 problem.",
+            "problems": ["config.yaml:1: x\x1b]52;c;cHduZWQ=\x07\x1b[2J\x9b31m\r\ny",
+                         7]}}, status=400)
+
+    url = await serve_answer(aiohttp_server, reload, "/admin/v1/reload", "POST")
+    code, out, err, _ = await run_script("--admin-url", url, "reload")
+    assert code == 1
+    assert err.splitlines()[:2] == ["config.yaml:1: x\\x1b]52;c;cHduZWQ=\\x07\\x1b[2J\\x9b31m"
+                                    "\\x0d\\x0ay", "7"], err

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from .client import AdminClient, ApiError
+from .client import AdminClient, ApiError, printable
 from .output import show
 from .parsing import CommandTree, argtype, positive_int
 
@@ -165,8 +165,9 @@ def cmd_reload(args: argparse.Namespace, client: AdminClient) -> int:
         if not args.json:  # the file's problems, one per line, like config check
             try:
                 for problem in json.loads(exc.body)["error"].get("problems", []):
-                    print(problem, file=sys.stderr)
-            except (ValueError, KeyError, TypeError, AttributeError):
+                    # as the API sent it: escaped, so no terminal escape sequence gets through
+                    print(printable(str(problem)), file=sys.stderr)
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 pass
         raise
     kept = result.get("restart_required") or []
