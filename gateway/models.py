@@ -27,6 +27,11 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # plan and upstream names
 ROLE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 ROLE_NAME_HINT = ("a slug: lowercase letters, digits and '-', starting with a letter or digit, "
                   "at most 63 characters")
+# C0 and C1 controls, DEL, line/paragraph separators, bidi marks, embeddings, overrides, isolates
+# (a regex character class, written as the OpenAPI document's patterns take it too): what the
+# admin API refuses in text (gateway.admin.validate) and the CLI shows escaped (gateway.cli)
+UNSAFE_TEXT_CLASS = (r"\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                     r"\u2066-\u2069")
 
 
 # --- header names with a meaning of their own (as header_key spells them) --------------------

@@ -2094,3 +2094,30 @@ async def test_reload_problems_never_write_terminal_controls(aiohttp_server):
     assert code == 1
     assert err.splitlines()[:2] == ["config.yaml:1: x\\x1b]52;c;cHduZWQ=\\x07\\x1b[2J\\x9b31m"
                                     "\\x0d\\x0ay", "7"], err
+
+
+async def test_listings_never_print_bidi_overrides_or_line_separators(aiohttp_server):
+    """A name holding U+202E (RIGHT-TO-LEFT OVERRIDE), an isolate or U+2028 makes a table
+    line read other than it is. The admin API refuses them in names (gateway/admin/validate.py
+    UNSAFE_TEXT_CLASS), but the CLI's ``printable`` escaped C0, DEL and C1 only: an answer
+    from an admin URL that is not keygate's reached the terminal with its overrides."""
+    from aiohttp import web
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"items": [
+            {"id": "acme", "name": "Acme \u202eevitca\u202c \u2066x\u2069\u2028y",
+             "plan": "free", "created_at": "2026-01-01T00:00:00Z"}]})
+
+    url = await serve_answer(aiohttp_server, listing, "/admin/v1/workspaces", "GET")
+    code, out, err, _ = await run_script("--admin-url", url, "workspaces", "list")
+    assert code == 0, err
+    assert "Acme \\u202eevitca\\u202c \\u2066x\\u2069\\u2028y" in out, ascii(out)
+
+
+def test_printable_escapes_what_the_admin_api_refuses_in_text():
+    from gateway.admin.validate import UNSAFE_TEXT_CLASS
+    from gateway.cli.client import printable
+    unsafe = [chr(c) for c in range(0x3000) if re.fullmatch(f"[{UNSAFE_TEXT_CLASS}]", chr(c))]
+    assert len(unsafe) > 70  # C0, DEL, C1, and the separators and bidi controls
+    assert all(printable(c).startswith("\\") for c in unsafe)
+    assert printable("Bücher 株式会社 \u200d") == "Bücher 株式会社 \u200d"

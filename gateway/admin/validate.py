@@ -13,8 +13,8 @@ from typing import Any, Iterator, Mapping
 from ..accesslog import holds_token
 from ..config import SCOPE_RE, Config, KeysConfig, parse_rate_limit
 from ..errors import BadRequest, shown
-from ..models import (LIMIT_FIELDS, MAX_AUDIT_LIMIT, MAX_COUNT, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
-                      whole_second)
+from ..models import (LIMIT_FIELDS, MAX_AUDIT_LIMIT, MAX_COUNT, ROLE_NAME_HINT, ROLE_NAME_RE,
+                      UNSAFE_TEXT_CLASS, parse_rfc3339, rfc3339, whole_second)
 from ..store import WORKSPACE_ID_RE
 from ..strictjson import NotUtf8, OutOfRange, RepeatedName, TooDeep, strict_json
 from ..trust import as_network
@@ -160,10 +160,6 @@ def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None
                          "give it once.")
 
 
-# C0 and C1 controls, DEL, line/paragraph separators, bidi marks, embeddings, overrides, isolates
-# (a regex character class, written as the OpenAPI document's patterns take it too)
-UNSAFE_TEXT_CLASS = (r"\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
-                     r"\u2066-\u2069")
 # what str.strip() removes besides those, and what shows as nothing (Unicode's default-ignorable
 # code points of the BMP: zero-width space and joiners, word joiner, soft hyphen, variation
 # selectors, BOM, Hangul fillers; and the Braille blank): a name of these alone is empty. Within

@@ -22,6 +22,8 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from ..models import UNSAFE_TEXT_CLASS
+
 DEFAULT_TIMEOUT = 10.0
 
 
@@ -39,13 +41,20 @@ _UNREACHABLE = (" (is keygate serve running there? Name its admin listener with 
                 "--config or KEYGATE_ADMIN_URL)")
 
 
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# what the admin API refuses in text: controls (terminal escape sequences), line separators,
+# and the bidi marks, overrides and isolates that make a line read other than it is
+_CONTROLS = re.compile(f"[{UNSAFE_TEXT_CLASS}]")
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xff else f"\\u{code:04x}"
 
 
 def printable(text: str) -> str:
-    """``text`` with its control characters (C0, DEL, C1: terminal escape sequences) shown as
-    ``\\xNN``."""
-    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """``text`` with the characters the admin API refuses in text (C0, DEL, C1, U+2028/9, bidi
+    controls) shown as ``\\xNN`` / ``\\uNNNN``."""
+    return _CONTROLS.sub(lambda m: _escaped(m.group()), text)
 
 
 class ApiError(CliError):
