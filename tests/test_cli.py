@@ -2121,3 +2121,36 @@ def test_printable_escapes_what_the_admin_api_refuses_in_text():
     assert len(unsafe) > 70  # C0, DEL, C1, and the separators and bidi controls
     assert all(printable(c).startswith("\\") for c in unsafe)
     assert printable("Bücher 株式会社 \u200d") == "Bücher 株式会社 \u200d"
+
+
+async def test_a_newline_in_a_value_is_shown_escaped_never_as_a_line_of_its_own(
+        aiohttp_server):
+    """``show`` split the text on newlines *before* escaping each line, so a newline inside a
+    value was kept: a key name ``ci\\nk_FAKE ... active`` printed a second, forged row in
+    ``keys list`` (and a forged ``status`` line in ``keys show``)."""
+    from aiohttp import web
+
+    forged = "k_FAKE        deploy  ALL          2026-01-01 00:00 UTC  -          -        active"
+    key = {"id": "k_1", "name": "ci\n" + forged, "scopes": ["a\nb"], "status": "revoked",
+           "created_at": "2026-01-01T00:00:00Z\nx", "workspace": "acme", "role": None}
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"items": [key]})
+
+    async def one(request: web.Request) -> web.Response:
+        return web.json_response({**key, "description": "x\nstatus       active"})
+
+    from aiohttp import web as _web
+    app = _web.Application()
+    app.router.add_get("/admin/v1/workspaces/acme/keys", listing)
+    app.router.add_get("/admin/v1/workspaces/acme/keys/k_1", one)
+    server = await aiohttp_server(app)
+    url = str(server.make_url(""))
+    code, out, err, _ = await run_script("--admin-url", url, "keys", "list", "-w", "acme")
+    assert code == 0, err
+    assert len(out.splitlines()) == 2, out  # the header and the one key
+    assert "ci\\x0ak_FAKE" in out and "a\\x0ab" in out, out
+    code, out, err, _ = await run_script("--admin-url", url, "keys", "show", "-w", "acme", "k_1")
+    assert code == 0, err
+    assert [line.split()[0] for line in out.splitlines()].count("status") == 1, out
+    assert len(out.splitlines()) == len(key) + 1, out  # its fields and the description

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..models import parse_rate_limit
 from .client import AdminClient, CliError, printable, seg
-from .output import days_table, show
+from .output import days_table, esc, show
 from .parsing import (CommandTree, SubCommands, argtype, count_or_none, daily_options, days,
                       given, ID, json_object, rate_or_none, workspace_option)
 
@@ -164,14 +164,15 @@ def cmd_keys_usage(args: argparse.Namespace, client: AdminClient) -> int:
 
     def text() -> str:
         cap = key.get("monthly_requests")
-        return (f"{key.get('id')}  {key.get('name')}  used {key.get('used_this_month')} this "
-                f"month / {'no cap of its own' if cap is None else cap}")
+        return (f"{esc(key.get('id'))}  {esc(key.get('name'))}  used "
+                f"{esc(key.get('used_this_month'))} this month / "
+                f"{'no cap of its own' if cap is None else esc(cap)}")
     return show(args, client, text)
 
 
 def cmd_keys_delete(args: argparse.Namespace, client: AdminClient) -> int:
     key = client.request("DELETE", f"/workspaces/{seg(args.workspace)}/keys/{seg(args.id)}")
-    return show(args, client, lambda: f"deleted key {key.get('id', args.id)} of workspace "
+    return show(args, client, lambda: f"deleted key {esc(key.get('id', args.id))} of workspace "
                                       f"{args.workspace} (its audit entries stay)")
 
 
@@ -192,10 +193,11 @@ def cmd_workspaces_limits(args: argparse.Namespace, client: AdminClient) -> int:
 
     def text() -> str:
         limits, custom = workspace.get("limits") or {}, workspace.get("custom_limits") or {}
-        lines = [f"workspace {workspace.get('id')}  plan {workspace.get('plan')}"]
+        lines = [f"workspace {esc(workspace.get('id'))}  plan {esc(workspace.get('plan'))}"]
         for field in ("monthly_requests", "max_keys", "rate_limit"):
             source = "custom" if field in custom else "plan"
             value = limits.get(field)
-            lines.append(f"  {field:<17} {'unlimited' if value is None else value}  ({source})")
+            lines.append(f"  {field:<17} {'unlimited' if value is None else esc(value)}  "
+                         f"({source})")
         return "\n".join(lines)
     return show(args, client, text)

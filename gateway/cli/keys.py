@@ -13,7 +13,7 @@ from typing import Any
 
 from . import key_controls
 from .client import AdminClient, CliError, UsageError, printable, seg
-from .output import cell, fields, format_table, human_time, print_new_token, show
+from .output import cell, esc, fields, format_table, human_time, print_new_token, show
 from .parsing import (CommandTree, SubCommands, argtype, given, parse_duration, parse_expiry,
                       ID, rate, workspace_option)
 
@@ -127,8 +127,8 @@ def _status(key: dict) -> str:
 
 def _key_access(key: dict) -> str:
     if key.get("role"):
-        return f"role:{key['role']}"
-    return ",".join(key.get("scopes") or []) or "-"
+        return f"role:{esc(key['role'])}"
+    return ",".join(map(esc, key.get("scopes") or [])) or "-"
 
 
 def cmd_keys_list(args: argparse.Namespace, client: AdminClient) -> int:
@@ -201,7 +201,7 @@ def cmd_keys_revoke(args: argparse.Namespace, client: AdminClient) -> int:
             print(f"aborted: key {args.id} was not revoked", file=sys.stderr)
             return 2
     key = client.request("POST", _key_path(args) + "/revoke")
-    return show(args, client, lambda: f"revoked key {key.get('id', args.id)} of workspace "
+    return show(args, client, lambda: f"revoked key {esc(key.get('id', args.id))} of workspace "
                                       f"{args.workspace}")
 
 

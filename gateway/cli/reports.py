@@ -9,7 +9,7 @@ import json
 
 from .client import AdminClient, seg
 from .key_controls import show_daily
-from .output import cell, format_table, human_time, show
+from .output import cell, esc, format_table, human_time, show
 from .parsing import CommandTree, argtype, audit_limit, daily_options, workspace_option
 
 
@@ -29,8 +29,11 @@ def add_audit(tree: CommandTree) -> None:
 
 
 def _usage_line(usage: dict) -> str:
-    limit = usage.get("limit")
-    if limit is None:
+    unlimited = usage.get("limit") is None
+    usage = {name: esc(usage.get(name)) for name in
+             ("workspace", "period", "used", "limit", "remaining", "resets_at")}
+    limit = usage["limit"]
+    if unlimited:
         tail = f"used {usage.get('used')} / unlimited  (resets {usage.get('resets_at')})"
     else:
         tail = (f"used {usage.get('used')} / {limit}  ({usage.get('remaining')} remaining, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .client import AdminClient, seg
-from .output import cell, format_table, show
+from .output import cell, esc, format_table, show
 from .parsing import ID, CommandTree, workspace_option
 
 
@@ -36,11 +36,12 @@ def cmd_roles_list(args: argparse.Namespace, client: AdminClient) -> int:
 
 def cmd_roles_set(args: argparse.Namespace, client: AdminClient) -> int:
     role = client.request("PUT", _role_path(args), {"scopes": args.scope})
-    return show(args, client, lambda: f"role {role.get('name')} of workspace {args.workspace}: "
-                                      f"{' '.join(role.get('scopes') or []) or '(no scopes)'}")
+    return show(args, client, lambda: f"role {esc(role.get('name'))} of workspace "
+                                      f"{args.workspace}: "
+                                      f"{' '.join(map(esc, role.get('scopes') or [])) or '(no scopes)'}")
 
 
 def cmd_roles_delete(args: argparse.Namespace, client: AdminClient) -> int:
     role = client.request("DELETE", _role_path(args))
-    return show(args, client, lambda: f"deleted role {role.get('name', args.name)} of workspace "
+    return show(args, client, lambda: f"deleted role {esc(role.get('name', args.name))} of workspace "
                                       f"{args.workspace}")

@@ -12,7 +12,7 @@ import signal
 import sys
 
 from .client import AdminClient, ApiError, printable
-from .output import show
+from .output import esc, show
 from .parsing import CommandTree, argtype, positive_int
 
 DEFAULT_CONFIG = "config.yaml"
@@ -171,5 +171,5 @@ def cmd_reload(args: argparse.Namespace, client: AdminClient) -> int:
                 pass
         raise
     kept = result.get("restart_required") or []
-    return show(args, client, lambda: f"reloaded {result.get('config')}" + (
-        f"; kept until a restart: {', '.join(kept)}" if kept else ""))
+    return show(args, client, lambda: f"reloaded {esc(result.get('config'))}" + (
+        f"; kept until a restart: {', '.join(map(esc, kept))}" if kept else ""))
