@@ -2154,3 +2154,34 @@ async def test_a_newline_in_a_value_is_shown_escaped_never_as_a_line_of_its_own(
     assert code == 0, err
     assert [line.split()[0] for line in out.splitlines()].count("status") == 1, out
     assert len(out.splitlines()) == len(key) + 1, out  # its fields and the description
+
+
+def terminal_columns(text: str) -> int:
+    """Terminal columns ``text`` takes (East Asian wide and fullwidth characters take two)."""
+    import unicodedata
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+async def test_tables_align_wide_names_by_the_columns_they_take(script_admin_url):
+    """``keygate workspaces list`` is a table. Names are Unicode text the API takes (a
+    Japanese company's name): the table padded by len(), so every column after a wide name
+    started further right than its header."""
+    env = {"KEYGATE_ADMIN_URL": script_admin_url}
+    for ws, name in (("jp", "株式会社テスト"), ("us", "Acme Corporation Inc"),
+                     ("de", "Bücher Gmbh")):
+        code, _, err, _ = await run_script("workspaces", "create", ws, "--name", name, env=env)
+        assert code == 0, err
+    code, out, err, _ = await run_script("workspaces", "list", env=env)
+    assert code == 0, err
+    lines = out.splitlines()
+    header = lines[0]
+    plan_at = terminal_columns(header[:header.index("PLAN")])
+    starts = {terminal_columns(line[:line.index("free")]) for line in lines[1:]}
+    assert starts == {plan_at}, out
+
+
+def test_a_table_pads_combining_marks_and_wide_characters_by_display_width():
+    from gateway.cli.output import format_table
+    table = format_table(["NAME", "X"], [["e\u0301te\u0301", "1"], ["漢字", "2"], ["ab", "3"]])
+    assert [terminal_columns(line[:-1]) - line.count("\u0301") for line in
+            table.splitlines()[1:]] == [6, 6, 6]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
@@ -82,12 +83,19 @@ def human_time(value: str | None) -> str:
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Columns padded to their widest cell; each cell escaped (:func:`esc`) first."""
     rows = [[esc(value) for value in row] for row in rows]
-    widths = [len(h) for h in headers]
+    widths = [columns(h) for h in headers]
     for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+        widths = [max(w, columns(cell)) for w, cell in zip(widths, row)]
+    lines = ["  ".join(cell + " " * (w - columns(cell)) for cell, w in zip(line, widths)).rstrip()
              for line in [list(headers), *rows]]
     return "\n".join(lines)
+
+
+def columns(text: str) -> int:
+    """The terminal columns ``text`` takes: two for an East Asian wide or fullwidth character
+    (漢字), none for a combining mark or a zero-width format character, one for the rest."""
+    return sum(0 if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf")
+               else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 def cell(value: Any) -> str:
@@ -97,7 +105,7 @@ def cell(value: Any) -> str:
 def fields(obj: dict, order: Sequence[str]) -> str:
     """An object as ``name: value`` lines, the listed fields first, then any others."""
     names = [n for n in order if n in obj] + [n for n in obj if n not in order]
-    width = max((len(esc(n)) for n in names), default=0)
+    width = max((columns(esc(n)) for n in names), default=0)
     lines = []
     for name in names:
         value = obj[name]
@@ -109,7 +117,7 @@ def fields(obj: dict, order: Sequence[str]) -> str:
             shown = json.dumps(value, separators=(",", ":")) if value else "-"
         else:
             shown = cell(value)
-        lines.append(f"{esc(name).ljust(width)}  {esc(shown)}")
+        lines.append(f"{esc(name)}{' ' * (width - columns(esc(name)))}  {esc(shown)}")
     return "\n".join(lines)
 
 
