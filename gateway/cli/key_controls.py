@@ -15,7 +15,7 @@ from typing import Any
 from ..models import parse_rate_limit
 from .client import AdminClient, CliError, printable, seg
 from .output import days_table, esc, show
-from .parsing import (CommandTree, SubCommands, argtype, count_or_none, daily_options, days,
+from .parsing import (CommandTree, SubCommands, allowed_ip, argtype, count_or_none, daily_options, days,
                       given, ID, json_object, rate_or_none, workspace_option)
 
 
@@ -39,6 +39,7 @@ def add_update_options(update: argparse.ArgumentParser) -> None:
                         help="replace the key's metadata (a JSON object, at most 4 KiB)")
     ips = update.add_mutually_exclusive_group()
     ips.add_argument("--allow-ip", action="extend", nargs="+", metavar="CIDR",
+                     type=argtype(allowed_ip, "CIDR"),
                      help="the only addresses the key may be used from (repeatable)")
     ips.add_argument("--any-ip", action="store_true", help="drop the key's address allow-list")
 
@@ -66,6 +67,7 @@ def add_create_options(create: argparse.ArgumentParser) -> None:
     create.add_argument("--meta", type=argtype(json_object, "JSON"), metavar="JSON",
                         help="the key's metadata (a JSON object, at most 4 KiB)")
     create.add_argument("--allow-ip", action="extend", nargs="+", metavar="CIDR",
+                        type=argtype(allowed_ip, "CIDR"),
                         help="the only addresses the key may be used from (repeatable)")
 
 

@@ -15,7 +15,7 @@ from . import key_controls
 from .client import AdminClient, CliError, UsageError, printable, seg
 from .output import cell, esc, fields, format_table, human_time, print_new_token, show
 from .parsing import (CommandTree, SubCommands, argtype, given, parse_duration, parse_expiry,
-                      ID, rate, workspace_option)
+                      ID, rate, scope, workspace_option)
 
 KEY_FIELDS = ("id", "workspace", "name", "description", "status", "environment", "role",
               "scopes", "prefix", "created_at", "expires_at", "last_used_at", "revoked_at",
@@ -33,6 +33,7 @@ def add_commands(tree: CommandTree) -> SubCommands:
     access = p.add_mutually_exclusive_group(required=True)
     access.add_argument("--role", help="bind the key to a role")
     access.add_argument("--scope", action="extend", nargs="+", metavar="S",
+                        type=argtype(scope, "S"),
                         help="bind the key to explicit scopes (repeatable)")
     p.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"), metavar="30d|DATE",
                    help="30d, 24h, 90m, 3600s, or a date/datetime like 2027-01-31")
@@ -63,6 +64,7 @@ def add_commands(tree: CommandTree) -> SubCommands:
     access = p.add_mutually_exclusive_group()
     access.add_argument("--role", help="re-bind the key to a role (takes effect at once)")
     access.add_argument("--scope", action="extend", nargs="+", metavar="S",
+                        type=argtype(scope, "S"),
                         help="re-bind the key to explicit scopes (repeatable)")
     expiry = p.add_mutually_exclusive_group()
     expiry.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"), metavar="30d|DATE",

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from datetime import date
 from typing import Any, Callable
 
-from ..models import (MAX_AUDIT_LIMIT, MAX_COUNT, MAX_UNUSED_DAYS, TooManyDigits, parse_rate_limit,
-                      parse_rfc3339, rfc3339, whole_number)
+from ..models import (MAX_AUDIT_LIMIT, MAX_COUNT, MAX_SCOPE_LEN, MAX_SECONDS, MAX_UNUSED_DAYS,
+                      TooManyDigits, meta_json, parse_rate_limit, parse_rfc3339, rfc3339,
+                      well_formed_scope, whole_number)
 from ..strictjson import RepeatedName, strict_json
+from ..trust import allowed_network
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -33,7 +36,11 @@ def parse_duration(text: str) -> int:
     match = _DURATION.match(text)
     if not match:
         raise ValueError(f"'{text}' is not a duration; use e.g. 30d, 24h, 90m or 3600s")
-    return whole_number(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = whole_number(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds > MAX_SECONDS:  # the admin API's bound on expires_in and grace_seconds
+        raise ValueError(f"'{text}' is more than a century ({MAX_SECONDS}s, 36500d), the most "
+                         "the admin API takes")
+    return seconds
 
 
 def parse_expiry(text: str) -> dict[str, Any]:
@@ -50,7 +57,7 @@ def parse_expiry(text: str) -> dict[str, Any]:
             day = date.fromisoformat(text)
         except ValueError:
             raise ValueError(f"'{text}' is not a valid date") from None
-        return {"expires_at": f"{day.isoformat()}T00:00:00Z"}
+        return _within_a_century(text, {"expires_at": f"{day.isoformat()}T00:00:00Z"})
     try:
         moment = parse_rfc3339(text)  # the admin API's own reading: RFC 3339 only
     except ValueError:
@@ -59,7 +66,16 @@ def parse_expiry(text: str) -> dict[str, Any]:
                 from None
         raise ValueError(f"'{text}' is neither a duration (30d, 24h, 90m, 3600s) nor an "
                          "RFC 3339 date (2027-01-31) or datetime (2027-01-31T12:00:00Z)") from None
-    return {"expires_at": rfc3339(moment)}
+    return _within_a_century(text, {"expires_at": rfc3339(moment)})
+
+
+def _within_a_century(text: str, expiry: dict[str, Any]) -> dict[str, Any]:
+    """A date more than a century away (and a day: the admin API counts from its own clock,
+    which may be that far from this machine's) is one the admin API refuses."""
+    if parse_rfc3339(expiry["expires_at"]) > time.time() + MAX_SECONDS + 86400:
+        raise ValueError(f"'{text}' is more than a century away, past the most the admin API "
+                         "takes")
+    return expiry
 
 
 def seconds(text: str) -> float:
@@ -129,7 +145,31 @@ def json_object(text: str) -> dict:
                          "'{\"customer\": \"c-42\"}'") from None
     if not isinstance(value, dict):
         raise ValueError("--meta must be a JSON object")
+    try:
+        meta_json(value)  # its depth and size, as the admin API checks them
+    except ValueError as exc:
+        raise ValueError(f"--meta {exc}") from None
     return value
+
+
+def scope(text: str) -> str:
+    """``--scope people:read``: a scope as the admin API reads it."""
+    if not well_formed_scope(text):
+        raise ValueError(f"{text!r} is a malformed scope; a scope looks like 'people:read' "
+                         f"(letters, digits, '_', '.', '-', parts joined by ':'; at most "
+                         f"{MAX_SCOPE_LEN} characters)")
+    return text
+
+
+def allowed_ip(text: str) -> str:
+    """``--allow-ip 203.0.113.0/24``: an address or CIDR as the admin API reads it (sent as
+    written)."""
+    try:
+        allowed_network(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or CIDR like '203.0.113.0/24'") \
+            from None
+    return text
 
 
 def days(text: str) -> int:

@@ -6,7 +6,7 @@ import argparse
 
 from .client import AdminClient, seg
 from .output import cell, esc, format_table, show
-from .parsing import ID, CommandTree, workspace_option
+from .parsing import ID, CommandTree, argtype, scope, workspace_option
 
 
 def add_commands(tree: CommandTree) -> None:
@@ -17,6 +17,7 @@ def add_commands(tree: CommandTree) -> None:
     workspace_option(p)
     p.add_argument("name", type=ID, metavar="NAME", help="role name (a slug)")
     p.add_argument("--scope", action="extend", nargs="+", metavar="S", required=True,
+                   type=argtype(scope, "S"),
                    help="the role's scopes (repeatable)")
     p = tree.command(roles, "delete", "delete a workspace role", cmd_roles_delete)
     workspace_option(p)
