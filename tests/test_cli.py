@@ -2185,3 +2185,31 @@ def test_a_table_pads_combining_marks_and_wide_characters_by_display_width():
     table = format_table(["NAME", "X"], [["e\u0301te\u0301", "1"], ["漢字", "2"], ["ab", "3"]])
     assert [terminal_columns(line[:-1]) - line.count("\u0301") for line in
             table.splitlines()[1:]] == [6, 6, 6]
+
+
+async def test_a_bracketed_admin_host_is_a_config_problem_naming_the_file(tmp_path):
+    """docs/configuration.md writes hosts unbracketed (`::1`). `admin.host: "[::1]"` passed
+    `config check`, serve could not listen on it, and the CLI made it http://[[::1]]:PORT and
+    blamed KEYGATE_ADMIN_URL, a variable not even set."""
+    config = tmp_path / "admin.yaml"
+    config.write_text('admin: {host: "[::1]", port: 18091}\n')
+    code, out, err, _ = await run_script("--config", str(config), "workspaces", "list")
+    assert code == 1, err
+    assert "KEYGATE_ADMIN_URL" not in err, err
+    assert f"{config}:1: admin.host: '[::1]'" in err and "'::1'" in err, err
+    code, out, err, _ = await run_script("config", "check", str(config))
+    assert code == 1 and "admin.host" in err, err
+
+
+def test_an_admin_url_that_is_not_one_names_where_it_came_from(tmp_path, monkeypatch, capsys):
+    """Any admin URL but --admin-url's (checked by argparse) was blamed on KEYGATE_ADMIN_URL,
+    one made from a --config file's admin.host too."""
+    monkeypatch.setenv("KEYGATE_ADMIN_URL", "http://[::1:8081")
+    assert main(["workspaces", "list"]) == 2
+    assert "keygate: error: KEYGATE_ADMIN_URL: " in capsys.readouterr().err
+    config = tmp_path / "admin.yaml"
+    config.write_text('admin: {host: "ops@127.0.0.1", port: 18091}\n')
+    monkeypatch.delenv("KEYGATE_ADMIN_URL")
+    assert main(["workspaces", "list", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"keygate: error: the admin listener of {config}: " in err, err

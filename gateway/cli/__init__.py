@@ -57,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             url = admin_url(url)  # --admin-url is checked by argparse; the others here
         except ValueError as exc:
             parser.print_usage(sys.stderr)
-            print(f"keygate: error: KEYGATE_ADMIN_URL: {exc}", file=sys.stderr)
+            # where the URL came from: --admin-url is checked by argparse, so the config's
+            # admin listener (with --config) or the environment
+            source = (f"the admin listener of {args.config}" if getattr(args, "config", None)
+                      else "KEYGATE_ADMIN_URL")
+            print(f"keygate: error: {source}: {exc}", file=sys.stderr)
             return 2
         client = AdminClient(url, token, args.timeout, cert_file)
         return int(args.handler(args, client) or 0)
