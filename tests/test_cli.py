@@ -2213,3 +2213,21 @@ def test_an_admin_url_that_is_not_one_names_where_it_came_from(tmp_path, monkeyp
     assert main(["workspaces", "list", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert f"keygate: error: the admin listener of {config}: " in err, err
+
+
+async def test_an_unsendable_token_names_the_variable_it_came_from(tmp_path):
+    """docs/cli.md: with --config the operator token is the config's ``token_env`` variable.
+    A token there with a line break (from an env file) was refused as "KEYGATE_ADMIN_TOKEN
+    holds characters that cannot be sent", naming a variable not even set."""
+    config = tmp_path / "admin.yaml"
+    config.write_text("admin: {host: 127.0.0.1, port: 9, token_env: REVIEW_OPERATOR_TOKEN}\n")
+    code, out, err, _ = await run_script(
+        "--config", str(config), "workspaces", "list",
+        env={"KEYGATE_ADMIN_TOKEN": "", "REVIEW_OPERATOR_TOKEN": SCRIPT_TOKEN + "\nX"})
+    assert code == 1, err
+    assert err.startswith("keygate: REVIEW_OPERATOR_TOKEN holds characters"), err
+    assert SCRIPT_TOKEN not in err
+    code, out, err, _ = await run_script(
+        "--admin-url", "http://127.0.0.1:9", "workspaces", "list",
+        env={"KEYGATE_ADMIN_TOKEN": SCRIPT_TOKEN + "\nX"})
+    assert code == 1 and err.startswith("keygate: KEYGATE_ADMIN_TOKEN holds characters"), err

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                   "open): the new token would be written nowhere, so nothing was sent",
                   file=sys.stderr)
             return 1
-        url, token, cert_file = connection(args)
+        url, token, cert_file, token_source = connection(args)
         try:
             url = admin_url(url)  # --admin-url is checked by argparse; the others here
         except ValueError as exc:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                       else "KEYGATE_ADMIN_URL")
             print(f"keygate: error: {source}: {exc}", file=sys.stderr)
             return 2
-        client = AdminClient(url, token, args.timeout, cert_file)
+        client = AdminClient(url, token, args.timeout, cert_file, token_source)
         return int(args.handler(args, client) or 0)
     except UsageError as exc:
         print(f"keygate: error: {exc}", file=sys.stderr)

@@ -180,11 +180,13 @@ class AdminClient:
     whose certificate the listener is trusted with (``listener_contexts``)."""
 
     def __init__(self, base_url: str, token: str | None, timeout: float = DEFAULT_TIMEOUT,
-                 cert_file: str | None = None) -> None:
+                 cert_file: str | None = None,
+                 token_source: str = "KEYGATE_ADMIN_TOKEN") -> None:
         self.base_url = base_url.rstrip("/")
         # A token file saved with CRLF leaves '\r' in "$(cat file)": surrounding blanks are
         # never part of a token. (The server strips them too.)
         self._token = token.strip() if token else token
+        self._token_source = token_source  # the variable it came from (config's token_env)
         self.timeout = timeout
         self.last_method = "GET"  # of the last request sent (a write's 503 says more)
         self.last_path = ""  # and its URL's path
@@ -217,8 +219,8 @@ class AdminClient:
             if not all(" " <= c <= "~" for c in self._token):
                 # http.client would raise ValueError("Invalid header value 'Bearer <token>'"):
                 # a traceback or message holding the operator token. Say what is wrong, not what.
-                raise CliError("KEYGATE_ADMIN_TOKEN holds characters that cannot be sent in an "
-                               "HTTP header (line breaks, control or non-ASCII characters)")
+                raise CliError(f"{self._token_source} holds characters that cannot be sent in "
+                               "an HTTP header (line breaks, control or non-ASCII characters)")
             headers["Authorization"] = f"Bearer {self._token}"
         # --timeout bounds the whole exchange (connect, send, the answer to its last byte)
         deadline = time.monotonic() + self.timeout
