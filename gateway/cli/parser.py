@@ -13,13 +13,14 @@ from .parsing import CommandTree, argtype, seconds
 
 
 def admin_options(suppress: bool) -> argparse.ArgumentParser:
-    """The options every admin command takes, before the command name and after it.
+    """The options every admin command takes, before the command name, after its group's
+    name and after its own.
 
     After it (``suppress``), an unset option must not overwrite a value given before it:
     SUPPRESS leaves it out of the namespace. (No %(default)s in their help: with SUPPRESS
     there is no default to show, and argparse raised KeyError on --help.)
     """
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
 
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser = argparse.ArgumentParser(
-        prog="keygate", parents=[admin_options(suppress=False)],
+        prog="keygate", parents=[admin_options(suppress=False)], allow_abbrev=False,
         description="keygate: an authenticating reverse proxy for API keys.",
         epilog="Exit codes: 0 success, 1 API or runtime error, 2 bad usage, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"keygate {__version__}")

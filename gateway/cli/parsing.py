@@ -215,18 +215,21 @@ SubCommands = argparse._SubParsersAction
 class CommandTree:
     """The ``keygate`` parser as the command modules see it.
 
-    A remote command (the default) takes the admin options after its name too (``leaf``) and
-    its handler is called as ``handler(args, client)``; a local one (``serve``, ``demo``,
-    ``config check``) as ``handler(args)``.
+    A remote command (the default) takes the admin options after its name too (``leaf``),
+    and after its group's (``keygate keys --json list``); its handler is called as
+    ``handler(args, client)``; a local one (``serve``, ``demo``, ``config check``) as
+    ``handler(args)``. No parser takes an abbreviated option: argparse would read ``--any``
+    as ``--any-ip`` (lifting a key's IP allow-list) and ``--no`` as ``--no-expiry``.
     """
 
     def __init__(self, verbs: SubCommands, leaf: list[argparse.ArgumentParser]) -> None:
         self.verbs = verbs
         self.leaf = leaf
 
-    def group(self, name: str, help: str) -> SubCommands:
+    def group(self, name: str, help: str, *, local: bool = False) -> SubCommands:
         """A noun (``keys``, ``workspaces``, ...) whose verbs are added under it."""
-        sub = self.verbs.add_parser(name, help=help, description=help)
+        sub = self.verbs.add_parser(name, parents=[] if local else self.leaf, help=help,
+                                    description=help, allow_abbrev=False)
         return sub.add_subparsers(dest=f"{name}_verb", metavar="COMMAND", required=True)
 
     def command(self, where: SubCommands | None, name: str, help: str, handler: Callable,
@@ -235,7 +238,8 @@ class CommandTree:
         leaves the help line out of the command's own ``--help``."""
         where = self.verbs if where is None else where
         extra = {"description": help} if described else {}
-        sub = where.add_parser(name, parents=[] if local else self.leaf, help=help, **extra)
+        sub = where.add_parser(name, parents=[] if local else self.leaf, help=help,
+                               allow_abbrev=False, **extra)
         sub.set_defaults(handler=handler, local=local)
         return sub
 

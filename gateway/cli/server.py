@@ -38,7 +38,7 @@ def add_local_commands(tree: CommandTree) -> None:
     tree.command(None, "demo", "try keygate: embedded store, sample upstream, two keys",
                  cmd_demo, local=True)
 
-    config = tree.group("config", "configuration tools")
+    config = tree.group("config", "configuration tools", local=True)
     check = tree.command(config, "check", "validate a config file", cmd_config_check,
                          local=True)
     check.add_argument("path", nargs="?", metavar="PATH",
