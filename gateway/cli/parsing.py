@@ -222,13 +222,15 @@ class CommandTree:
     as ``--any-ip`` (lifting a key's IP allow-list) and ``--no`` as ``--no-expiry``.
     """
 
-    def __init__(self, verbs: SubCommands, leaf: list[argparse.ArgumentParser]) -> None:
+    def __init__(self, verbs: SubCommands, leaf: list[argparse.ArgumentParser],
+                 between: list[argparse.ArgumentParser] | None = None) -> None:
         self.verbs = verbs
         self.leaf = leaf
+        self.between = leaf if between is None else between  # a group's (help hidden)
 
     def group(self, name: str, help: str, *, local: bool = False) -> SubCommands:
         """A noun (``keys``, ``workspaces``, ...) whose verbs are added under it."""
-        sub = self.verbs.add_parser(name, parents=[] if local else self.leaf, help=help,
+        sub = self.verbs.add_parser(name, parents=[] if local else self.between, help=help,
                                     description=help, allow_abbrev=False)
         return sub.add_subparsers(dest=f"{name}_verb", metavar="COMMAND", required=True)
 
