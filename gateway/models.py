@@ -27,6 +27,11 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # plan and upstream names
 ROLE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 ROLE_NAME_HINT = ("a slug: lowercase letters, digits and '-', starting with a letter or digit, "
                   "at most 63 characters")
+# C0 and C1 controls, DEL, line/paragraph separators, bidi marks, embeddings, overrides, isolates
+# (a regex character class, written as the OpenAPI document's patterns take it too): what the
+# admin API refuses in text (gateway.admin.validate) and the CLI shows escaped (gateway.cli)
+UNSAFE_TEXT_CLASS = (r"\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                     r"\u2066-\u2069")
 
 
 # --- header names with a meaning of their own (as header_key spells them) --------------------
@@ -108,6 +113,43 @@ MAX_RATE = 10**9
 MAX_COUNT = 10**15
 MAX_UNUSED_DAYS = 36500
 MAX_AUDIT_LIMIT = 1000
+# Bounds of key fields the admin API checks (gateway.admin.validate) and the CLI checks as
+# option values (gateway.cli.parsing): one definition each
+MAX_SECONDS = 100 * 365 * 86400   # expires_in / grace_seconds ceiling (a century)
+MAX_SCOPES = 100
+MAX_SCOPE_LEN = 128
+MAX_META_BYTES = 4096
+MAX_META_DEPTH = 32    # objects and lists within meta, itself included
+
+
+def well_formed_scope(scope: Any) -> bool:
+    """Whether ``scope`` is a scope string: ``people:read`` (letters, digits, '_', '.', '-',
+    parts joined by ':'), at most MAX_SCOPE_LEN characters."""
+    return isinstance(scope, str) and len(scope) <= MAX_SCOPE_LEN \
+        and SCOPE_RE.fullmatch(scope) is not None
+
+
+def meta_json(value: dict) -> str:
+    """A key's ``meta`` object as the compact UTF-8 JSON stored; ValueError (saying what is
+    wrong, after "The field 'meta' ") when nested more than MAX_META_DEPTH deep or larger
+    than MAX_META_BYTES. 4 KiB of '[' nests ~900 deep, which the request's reader could take
+    but a deeper call stack could not write back: every listing holding the key answered
+    500."""
+    level: list[Any] = [value]
+    for _ in range(MAX_META_DEPTH):  # breadth first: no recursion of our own
+        level = [child for parent in level
+                 for child in (parent.values() if isinstance(parent, dict) else parent)
+                 if isinstance(child, (dict, list))]
+    if level:
+        raise ValueError(f"is nested more than {MAX_META_DEPTH} levels deep")
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        size = len(text.encode("utf-8"))
+    except (UnicodeEncodeError, ValueError, RecursionError):
+        raise ValueError("holds text that is not valid Unicode (a lone surrogate)") from None
+    if size > MAX_META_BYTES:
+        raise ValueError(f"is {size} bytes as JSON; at most {MAX_META_BYTES}")
+    return text
 
 
 @dataclass(frozen=True)

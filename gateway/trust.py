@@ -88,6 +88,17 @@ def as_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return net
 
 
+def allowed_network(item: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An entry of a key's ``allowed_ips`` (the admin API's and the CLI's ``--allow-ip``): an
+    address or CIDR as written, at most 64 characters; ValueError otherwise. ::ffff:a.b.c.d/n
+    is the IPv4 network it names: clients are compared as IPv4 (as the failure throttle and
+    trusted_proxies see them)."""
+    if not isinstance(item, str) or len(item) > 64 or item != item.strip() \
+            or "%" in item:  # a zone ("fe80::1%eth0") names one host's interface,
+        raise ValueError     # and ipaddress keeps any text there, escapes included
+    return as_network(item)
+
+
 class TrustedProxies:
     def __init__(self, networks: Iterable[str]) -> None:
         self.networks = tuple(as_network(n) for n in networks)

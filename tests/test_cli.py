@@ -1827,3 +1827,413 @@ def test_the_verb_warning_in_the_configuration_docs_is_the_one_config_check_prin
         "  - {path: \"/**\", upstream: crm, public: true}        # every method\n")
     assert main(["config", "check", "config.yaml"]) == 0
     assert shown in capsys.readouterr().err.splitlines()
+
+
+# --- the console script as a subprocess, against an admin URL that is not keygate's (a typo,
+# another service on :8081, a slow proxy, a gateway cut off mid-answer) or a real admin API -------
+
+SCRIPT_TOKEN = "script-operator-token-0123456789abcdef"
+KEYGATE_SCRIPT = str(Path(sys.executable).with_name("keygate"))
+
+
+async def run_script(*argv: str, env: dict | None = None, limit: float = 30.0):
+    """(exit code, stdout, stderr, seconds) of the ``keygate`` console script run with
+    ``argv``; killed after ``limit`` seconds (exit code None then)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+    environ.update({"KEYGATE_ADMIN_TOKEN": SCRIPT_TOKEN, **(env or {})})
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        KEYGATE_SCRIPT, *argv, env=environ, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), limit)
+        code = proc.returncode
+    except asyncio.TimeoutError:
+        proc.kill()
+        out, err = await proc.communicate()
+        code = None
+    return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), \
+        time.monotonic() - started
+
+
+async def run_script_with_closed(fd: int, *argv: str, env: dict) -> tuple[int, str, str]:
+    """``keygate argv`` with file descriptor ``fd`` (0: stdin, 1: stdout) closed, as
+    ``keygate ... <&-`` / ``>&-`` (a daemon or CI runner that closed it) leaves it."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+    environ.update({"KEYGATE_ADMIN_TOKEN": SCRIPT_TOKEN, **env})
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run([KEYGATE_SCRIPT, *argv], env=environ,
+                              stdout=None if fd == 1 else subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              stdin=None if fd == 0 else subprocess.DEVNULL,
+                              preexec_fn=lambda: os.close(fd), timeout=60)
+    done = await asyncio.to_thread(run)
+    return done.returncode, (done.stdout or b"").decode(), done.stderr.decode()
+
+
+async def serve_answer(aiohttp_server, handler, path: str = "/{tail:.*}",
+                       method: str = "*") -> str:
+    """The URL of an HTTP server on loopback whose ``handler`` answers ``method path``."""
+    from aiohttp import web
+    app = web.Application()
+    app.router.add_route(method, path, handler)
+    server = await aiohttp_server(app)
+    return str(server.make_url(""))
+
+
+@pytest.fixture
+async def script_admin_url(redis_url, monkeypatch):
+    """A real admin API on a loopback port and a real redis-server, for the console script
+    (whose token is ``SCRIPT_TOKEN``)."""
+    import dataclasses
+
+    from aiohttp import web
+
+    from gateway import admin
+    from gateway.config import Argon2Config, Config, Plan
+    from gateway.store import Store
+
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", SCRIPT_TOKEN)
+    config = Config(plans={"free": Plan("free")}, default_plan="free")
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, argon2=Argon2Config(1, 8, 1)))
+    store = await Store.connect(redis_url, config)
+    runner = web.AppRunner(admin.create_admin_app(config, store))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+        await store.close()
+
+
+async def test_timeout_bounds_the_whole_answer_not_each_read(aiohttp_server):
+    """docs/cli.md: ``--timeout SECONDS``: how long to wait for an answer. A server (or a
+    stalled proxy) sending its answer a byte every half second kept the command waiting for
+    ever: urllib's timeout is per socket read, and each byte restarted it."""
+    from aiohttp import web
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = 10000
+        await resp.prepare(request)
+        try:
+            for _ in range(10000):
+                await resp.write(b" ")
+                await asyncio.sleep(0.5)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        return resp
+
+    url = await serve_answer(aiohttp_server, trickle, "/admin/v1/workspaces", "GET")
+    code, out, err, took = await run_script("--timeout", "1", "--admin-url", url, "workspaces",
+                                            "list", limit=15)
+    assert code is not None, f"--timeout 1 did not end the command: still waiting after {took:.0f}s"
+    assert code == 1 and "did not answer within 1s" in err, (code, err)
+    assert took < 8
+
+
+NOT_HTTP = {
+    # --admin-url with the wrong port: an SSH (or SMTP...) server greets first
+    "an SSH server": b"SSH-2.0-OpenSSH_9.6\r\n",
+    # a gateway that stops (restart, OOM kill) or a proxy that cuts the answer halfway
+    "an answer cut short": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 100\r\n\r\n{\"items\":",
+    "a chunked answer cut short": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"ite",
+    "too many header lines": b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 200 + b"\r\n{}",
+    "an error answer cut short": b"HTTP/1.1 400 Bad Request\r\nContent-Length: 100\r\n\r\n{",
+}
+
+
+@pytest.mark.parametrize("case", NOT_HTTP, ids=list(NOT_HTTP))
+@pytest.mark.parametrize("argv", [["workspaces", "list"],
+                                  ["keys", "create", "-w", "acme", "--name", "ci", "--scope",
+                                   "a"]], ids=["read", "key-create"])
+async def test_an_answer_that_is_not_http_or_cut_short_is_one_line_exit_1(case, argv):
+    """http.client's own errors (BadStatusLine, IncompleteRead, HTTPException: no OSError)
+    ended the command in a traceback. A key create whose answer was cut may have made the
+    key: it says what a timeout says (check with keygate keys list)."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(NOT_HTTP[case])
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        code, out, err, _ = await run_script("--admin-url", f"http://127.0.0.1:{port}", *argv)
+    assert "Traceback" not in err, err[-400:]
+    assert code == 1 and err.startswith("keygate: ") and len(err.splitlines()) == 1, (code, err)
+    assert ("keygate keys list --workspace acme" in err) == (argv[0] == "keys"), err
+
+
+@pytest.mark.parametrize("status", [200, 400])
+async def test_a_deeply_nested_json_answer_is_one_line_not_a_traceback(aiohttp_server, status):
+    """A body of 100000 nested brackets is valid JSON that json.loads cannot read
+    (RecursionError, no ValueError): a success answer and an error answer alike ended the
+    command in a traceback."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=b"[" * 100000 + b"]" * 100000, status=status,
+                            content_type="application/json")
+
+    url = await serve_answer(aiohttp_server, answer)
+    code, out, err, _ = await run_script("--admin-url", url, "workspaces", "list")
+    assert "Traceback" not in err and "RecursionError" not in err, err[-300:]
+    assert code == 1 and err.startswith("keygate: ") and len(err.splitlines()) == 1, err[-300:]
+
+
+SHAPES = {
+    "a JSON list": b"[1, 2]",
+    "a JSON string": b'"hello"',
+    "items null": b'{"items": null}',
+    "items of numbers": b'{"items": [1]}',
+}
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["table", "json"])
+@pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
+@pytest.mark.parametrize("argv", [["workspaces", "list"], ["keys", "list", "-w", "acme"],
+                                  ["roles", "list", "-w", "acme"], ["audit", "-w", "acme"],
+                                  ["usage", "-w", "acme", "--daily"]],
+                         ids=lambda a: "-".join(a[:2]))
+async def test_a_json_answer_of_another_shape_is_one_line_exit_1(aiohttp_server, shape, argv,
+                                                                 json_flag):
+    """An admin URL that is not keygate's (another JSON service, a proxy's JSON error page
+    with status 200) answers valid JSON of another shape: list, audit and the rest crashed
+    with AttributeError or TypeError tracebacks; it is one line and exit 1, as for a body
+    that is not JSON."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=SHAPES[shape], content_type="application/json")
+
+    url = await serve_answer(aiohttp_server, answer)
+    code, out, err, _ = await run_script("--admin-url", url, *argv, *json_flag)
+    assert "Traceback" not in err, err
+    assert code == 1 and err.startswith("keygate: ") and len(err.splitlines()) == 1, (code, err)
+    if argv[0] != "usage" or "items" in shape:
+        assert "answered 200 with" in err, err
+
+
+@pytest.mark.parametrize("body", [b"[]", b'{"key": [], "token": "kg_test_x"}'])
+async def test_a_key_create_answered_with_another_shape_is_one_line_exit_1(aiohttp_server,
+                                                                          body):
+    """A ``keys create`` answered with a JSON list crashed in print_new_token
+    (``answer.get``)."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=body, status=201, content_type="application/json")
+
+    url = await serve_answer(aiohttp_server, answer)
+    code, out, err, _ = await run_script("--admin-url", url, "keys", "create", "-w", "acme",
+                                         "--name", "ci", "--scope", "a")
+    assert "Traceback" not in err, err
+    assert code == 1 and err.startswith("keygate: "), (code, err)
+    assert out == ""
+
+
+@pytest.mark.parametrize("verb", ["create", "rotate"])
+async def test_a_new_token_with_stdout_closed_is_exit_1_before_anything_is_sent(
+        script_admin_url, verb):
+    """docs/cli.md: ``keys create`` prints the token on stdout, once. With stdout closed
+    (``>&-``: sys.stdout is None, and print() writes nothing, silently) the key was made, its
+    token written nowhere, and the command exited 0. It is refused before anything is sent:
+    exit 1, and no key was made (or rotated)."""
+    env = {"KEYGATE_ADMIN_URL": script_admin_url}
+    code, _, err, _ = await run_script("workspaces", "create", "acme", "--name", "Acme", env=env)
+    assert code == 0, err
+    code, out, err, _ = await run_script("keys", "create", "-w", "acme", "--name", "ci",
+                                         "--scope", "people:read", "--json", env=env)
+    key_id = json.loads(out)["key"]["id"]
+    argv = (["keys", "create", "-w", "acme", "--name", "ci2", "--scope", "people:read"]
+            if verb == "create" else ["keys", "rotate", "-w", "acme", key_id])
+    code, _, err = await run_script_with_closed(1, *argv, env=env)
+    assert code == 1, f"exit {code} with the token written nowhere; stderr: {err!r}"
+    assert "output was closed" in err and "created key" not in err, err
+    code, out, err, _ = await run_script("keys", "list", "-w", "acme", "--json", env=env)
+    assert [k["id"] for k in json.loads(out)["items"]] == [key_id]
+
+
+async def test_revoke_with_stdin_closed_is_not_confirmed_exit_2(script_admin_url):
+    """docs/cli.md: ``keys revoke`` without ``--yes`` asks; no answer (end of input) leaves
+    the key alone and exits 2. With stdin closed (``<&-``) sys.stdin is None and the command
+    ended in ``AttributeError: 'NoneType' object has no attribute 'readline'``, exit 1."""
+    env = {"KEYGATE_ADMIN_URL": script_admin_url}
+    code, _, err, _ = await run_script("workspaces", "create", "acme", "--name", "Acme", env=env)
+    assert code == 0, err
+    code, out, err, _ = await run_script("keys", "create", "-w", "acme", "--name", "ci",
+                                         "--scope", "people:read", "--json", env=env)
+    assert code == 0, err
+    key_id = json.loads(out)["key"]["id"]
+    code, _, err = await run_script_with_closed(0, "keys", "revoke", "-w", "acme", key_id,
+                                                env=env)
+    assert "Traceback" not in err, err
+    assert code == 2 and "was not revoked" in err, (code, err)
+    code, out, err, _ = await run_script("keys", "show", "-w", "acme", key_id, "--json", env=env)
+    assert json.loads(out)["status"] == "active"
+
+
+async def test_reload_problems_never_write_terminal_controls(aiohttp_server):
+    """``keygate reload`` printed an error answer's ``problems`` raw, where every other line
+    printed from an answer goes through ``printable``: a hostile answer cleared the screen,
+    retitled the terminal or set the clipboard (OSC 52)."""
+    from aiohttp import web
+
+    async def reload(request: web.Request) -> web.Response:
+        return web.json_response({"error": {
+            "code": "bad_request", "message": "The config file has 1 problem.",
+            "problems": ["config.yaml:1: x\x1b]52;c;cHduZWQ=\x07\x1b[2J\x9b31m\r\ny",
+                         7]}}, status=400)
+
+    url = await serve_answer(aiohttp_server, reload, "/admin/v1/reload", "POST")
+    code, out, err, _ = await run_script("--admin-url", url, "reload")
+    assert code == 1
+    assert err.splitlines()[:2] == ["config.yaml:1: x\\x1b]52;c;cHduZWQ=\\x07\\x1b[2J\\x9b31m"
+                                    "\\x0d\\x0ay", "7"], err
+
+
+async def test_listings_never_print_bidi_overrides_or_line_separators(aiohttp_server):
+    """A name holding U+202E (RIGHT-TO-LEFT OVERRIDE), an isolate or U+2028 makes a table
+    line read other than it is. The admin API refuses them in names (gateway/admin/validate.py
+    UNSAFE_TEXT_CLASS), but the CLI's ``printable`` escaped C0, DEL and C1 only: an answer
+    from an admin URL that is not keygate's reached the terminal with its overrides."""
+    from aiohttp import web
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"items": [
+            {"id": "acme", "name": "Acme \u202eevitca\u202c \u2066x\u2069\u2028y",
+             "plan": "free", "created_at": "2026-01-01T00:00:00Z"}]})
+
+    url = await serve_answer(aiohttp_server, listing, "/admin/v1/workspaces", "GET")
+    code, out, err, _ = await run_script("--admin-url", url, "workspaces", "list")
+    assert code == 0, err
+    assert "Acme \\u202eevitca\\u202c \\u2066x\\u2069\\u2028y" in out, ascii(out)
+
+
+def test_printable_escapes_what_the_admin_api_refuses_in_text():
+    from gateway.admin.validate import UNSAFE_TEXT_CLASS
+    from gateway.cli.client import printable
+    unsafe = [chr(c) for c in range(0x3000) if re.fullmatch(f"[{UNSAFE_TEXT_CLASS}]", chr(c))]
+    assert len(unsafe) > 70  # C0, DEL, C1, and the separators and bidi controls
+    assert all(printable(c).startswith("\\") for c in unsafe)
+    assert printable("Bücher 株式会社 \u200d") == "Bücher 株式会社 \u200d"
+
+
+async def test_a_newline_in_a_value_is_shown_escaped_never_as_a_line_of_its_own(
+        aiohttp_server):
+    """``show`` split the text on newlines *before* escaping each line, so a newline inside a
+    value was kept: a key name ``ci\\nk_FAKE ... active`` printed a second, forged row in
+    ``keys list`` (and a forged ``status`` line in ``keys show``)."""
+    from aiohttp import web
+
+    forged = "k_FAKE        deploy  ALL          2026-01-01 00:00 UTC  -          -        active"
+    key = {"id": "k_1", "name": "ci\n" + forged, "scopes": ["a\nb"], "status": "revoked",
+           "created_at": "2026-01-01T00:00:00Z\nx", "workspace": "acme", "role": None}
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"items": [key]})
+
+    async def one(request: web.Request) -> web.Response:
+        return web.json_response({**key, "description": "x\nstatus       active"})
+
+    from aiohttp import web as _web
+    app = _web.Application()
+    app.router.add_get("/admin/v1/workspaces/acme/keys", listing)
+    app.router.add_get("/admin/v1/workspaces/acme/keys/k_1", one)
+    server = await aiohttp_server(app)
+    url = str(server.make_url(""))
+    code, out, err, _ = await run_script("--admin-url", url, "keys", "list", "-w", "acme")
+    assert code == 0, err
+    assert len(out.splitlines()) == 2, out  # the header and the one key
+    assert "ci\\x0ak_FAKE" in out and "a\\x0ab" in out, out
+    code, out, err, _ = await run_script("--admin-url", url, "keys", "show", "-w", "acme", "k_1")
+    assert code == 0, err
+    assert [line.split()[0] for line in out.splitlines()].count("status") == 1, out
+    assert len(out.splitlines()) == len(key) + 1, out  # its fields and the description
+
+
+def terminal_columns(text: str) -> int:
+    """Terminal columns ``text`` takes (East Asian wide and fullwidth characters take two)."""
+    import unicodedata
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+async def test_tables_align_wide_names_by_the_columns_they_take(script_admin_url):
+    """``keygate workspaces list`` is a table. Names are Unicode text the API takes (a
+    Japanese company's name): the table padded by len(), so every column after a wide name
+    started further right than its header."""
+    env = {"KEYGATE_ADMIN_URL": script_admin_url}
+    for ws, name in (("jp", "株式会社テスト"), ("us", "Acme Corporation Inc"),
+                     ("de", "Bücher Gmbh")):
+        code, _, err, _ = await run_script("workspaces", "create", ws, "--name", name, env=env)
+        assert code == 0, err
+    code, out, err, _ = await run_script("workspaces", "list", env=env)
+    assert code == 0, err
+    lines = out.splitlines()
+    header = lines[0]
+    plan_at = terminal_columns(header[:header.index("PLAN")])
+    starts = {terminal_columns(line[:line.index("free")]) for line in lines[1:]}
+    assert starts == {plan_at}, out
+
+
+def test_a_table_pads_combining_marks_and_wide_characters_by_display_width():
+    from gateway.cli.output import format_table
+    table = format_table(["NAME", "X"], [["e\u0301te\u0301", "1"], ["漢字", "2"], ["ab", "3"]])
+    assert [terminal_columns(line[:-1]) - line.count("\u0301") for line in
+            table.splitlines()[1:]] == [6, 6, 6]
+
+
+async def test_a_bracketed_admin_host_is_a_config_problem_naming_the_file(tmp_path):
+    """docs/configuration.md writes hosts unbracketed (`::1`). `admin.host: "[::1]"` passed
+    `config check`, serve could not listen on it, and the CLI made it http://[[::1]]:PORT and
+    blamed KEYGATE_ADMIN_URL, a variable not even set."""
+    config = tmp_path / "admin.yaml"
+    config.write_text('admin: {host: "[::1]", port: 18091}\n')
+    code, out, err, _ = await run_script("--config", str(config), "workspaces", "list")
+    assert code == 1, err
+    assert "KEYGATE_ADMIN_URL" not in err, err
+    assert f"{config}:1: admin.host: '[::1]'" in err and "'::1'" in err, err
+    code, out, err, _ = await run_script("config", "check", str(config))
+    assert code == 1 and "admin.host" in err, err
+
+
+def test_an_admin_url_that_is_not_one_names_where_it_came_from(tmp_path, monkeypatch, capsys):
+    """Any admin URL but --admin-url's (checked by argparse) was blamed on KEYGATE_ADMIN_URL,
+    one made from a --config file's admin.host too."""
+    monkeypatch.setenv("KEYGATE_ADMIN_URL", "http://[::1:8081")
+    assert main(["workspaces", "list"]) == 2
+    assert "keygate: error: KEYGATE_ADMIN_URL: " in capsys.readouterr().err
+    config = tmp_path / "admin.yaml"
+    config.write_text('admin: {host: "ops@127.0.0.1", port: 18091}\n')
+    monkeypatch.delenv("KEYGATE_ADMIN_URL")
+    assert main(["workspaces", "list", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"keygate: error: the admin listener of {config}: " in err, err
+
+
+async def test_an_unsendable_token_names_the_variable_it_came_from(tmp_path):
+    """docs/cli.md: with --config the operator token is the config's ``token_env`` variable.
+    A token there with a line break (from an env file) was refused as "KEYGATE_ADMIN_TOKEN
+    holds characters that cannot be sent", naming a variable not even set."""
+    config = tmp_path / "admin.yaml"
+    config.write_text("admin: {host: 127.0.0.1, port: 9, token_env: REVIEW_OPERATOR_TOKEN}\n")
+    code, out, err, _ = await run_script(
+        "--config", str(config), "workspaces", "list",
+        env={"KEYGATE_ADMIN_TOKEN": "", "REVIEW_OPERATOR_TOKEN": SCRIPT_TOKEN + "\nX"})
+    assert code == 1, err
+    assert err.startswith("keygate: REVIEW_OPERATOR_TOKEN holds characters"), err
+    assert SCRIPT_TOKEN not in err
+    code, out, err, _ = await run_script(
+        "--admin-url", "http://127.0.0.1:9", "workspaces", "list",
+        env={"KEYGATE_ADMIN_TOKEN": SCRIPT_TOKEN + "\nX"})
+    assert code == 1 and err.startswith("keygate: KEYGATE_ADMIN_TOKEN holds characters"), err

@@ -130,7 +130,7 @@ async def test_keys_create_sets_the_key_controls_in_the_create_call(admin_url, k
         (None, True, {}, None)
     run = await keygate("keys", "create", "--workspace", "acme", "--name", "x",
                         "--scope", "people:read", "--allow-ip", "not-an-address")
-    assert run.code == 1 and "allowed_ips" in run.err
+    assert run.code == 2 and "not an IP address or CIDR" in run.err  # bad usage: never sent
 
 
 async def test_keys_list_shows_a_disabled_key_as_disabled(admin_url, keygate):

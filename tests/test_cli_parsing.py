@@ -303,3 +303,104 @@ def test_a_config_path_that_is_not_utf_8_is_still_a_path(tmp_path, capsys):
     path.write_text("routes: []\n")
     assert main(["config", "check", str(path)]) == 1
     assert "routes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["keys", "rotate", "-w", "acme", "k", "--grace", "99999999w"], "more than a century"),
+    (["keys", "create", "-w", "acme", "--name", "x", "--scope", "a", "--expires", "999999999d"],
+     "more than a century"),
+    (["keys", "update", "-w", "acme", "k", "--expires", "36501d"], "more than a century"),
+    (["keys", "create", "-w", "acme", "--name", "x", "--scope", "a", "--expires", "9999-01-01"],
+     "more than a century"),
+    (["keys", "create", "-w", "acme", "--name", "x", "--scope", "a", "--allow-ip", "300.1.1.1"],
+     "not an IP address or CIDR"),
+    (["keys", "update", "-w", "acme", "k", "--allow-ip", "10.0.0.0/8", "fe80::1%eth0"],
+     "not an IP address or CIDR"),
+    (["keys", "create", "-w", "acme", "--name", "x", "--scope", "a", "--meta",
+      '{"a": "' + "a" * 5000 + '"}'], "at most 4096"),
+    (["keys", "update", "-w", "acme", "k", "--meta", "[" * 40 + "]" * 40], "JSON object"),
+    (["keys", "update", "-w", "acme", "k", "--meta", '{"a":' * 40 + "1" + "}" * 40],
+     "nested more than 32"),
+    (["keys", "create", "-w", "acme", "--name", "x", "--scope", "BAD!"], "malformed scope"),
+    (["keys", "update", "-w", "acme", "k", "--scope", "a", "x" * 129], "malformed scope"),
+    (["roles", "set", "-w", "acme", "reader", "--scope", "people read"], "malformed scope")])
+def test_a_value_past_the_admin_apis_fixed_rules_is_bad_usage(argv, said, capsys, monkeypatch):
+    """docs/cli.md: 2 is bad usage (a missing or invalid option), 1 the API refused. A grace
+    or expiry past the API's century, an --allow-ip that is no address, a --meta over 4 KiB
+    or a malformed --scope went to the admin API and came back as its 400, exit 1. Checked
+    with the API's own rules (gateway.models, gateway.trust), they are bad usage."""
+    from gateway.cli import main
+    from conftest import free_port
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("KEYGATE_ADMIN_URL", f"http://127.0.0.1:{free_port()}")  # nobody there
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: keygate ") and said in err, err
+    assert "cannot reach" not in err and "Traceback" not in err, err
+
+
+def test_the_bounds_themselves_are_taken():
+    from gateway.cli.parsing import allowed_ip, json_object, parse_duration, parse_expiry, scope
+    from gateway.models import MAX_SECONDS
+    assert parse_duration(f"{MAX_SECONDS}s") == MAX_SECONDS
+    assert parse_expiry("36500d") == {"expires_in": MAX_SECONDS}
+    assert allowed_ip("::ffff:10.0.0.0/104") == "::ffff:10.0.0.0/104"  # sent as written
+    assert scope("people:read") == "people:read" and scope("a" * 128) == "a" * 128
+    assert json_object('{"a": "' + "a" * 4000 + '"}')
+
+
+@pytest.mark.parametrize("argv", [
+    ["keys", "update", "-w", "acme", "k", "--any"],        # was --any-ip: lifts the allow-list
+    ["keys", "update", "-w", "acme", "k", "--no"],         # was --no-expiry
+    ["keys", "update", "-w", "acme", "k", "--dis"],        # was --disable
+    ["keys", "create", "-w", "acme", "--name", "n", "--sc", "a"],
+    ["keys", "list", "-w", "acme", "--js"],
+    ["--admin", "http://127.0.0.1:1", "workspaces", "list"]])
+def test_an_abbreviated_option_is_bad_usage_not_the_option_it_begins(argv, capsys, monkeypatch):
+    """argparse took any unambiguous prefix of a long option: `--any` was `--any-ip` (lifting
+    a key's IP allow-list), `--no` `--no-expiry`. A typo, or a flag a later version adds with
+    the same start, silently did something else."""
+    from gateway.cli import main
+    from conftest import free_port
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("KEYGATE_ADMIN_URL", f"http://127.0.0.1:{free_port()}")  # nobody there
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: keygate") and "cannot reach" not in err, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["keys", "--json", "list", "-w", "acme"],
+    ["keys", "--timeout", "5", "--admin-url", "URL", "list", "-w", "acme", "--json"],
+    ["--json", "keys", "list", "-w", "acme"],
+    ["keys", "list", "-w", "acme", "--json", "--admin-url", "URL"]])
+def test_the_admin_options_go_before_or_after_the_command_name(argv, capsys, monkeypatch):
+    """docs/cli.md: every admin command takes the admin options "before or after the command
+    name"; between the group and its verb (`keygate keys --json list`) they were refused."""
+    from gateway.cli import main
+    from conftest import free_port
+    url = f"http://127.0.0.1:{free_port()}"  # nobody there: the option was honoured
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("KEYGATE_ADMIN_URL", "http://127.0.0.1:1")
+    argv = [url if a == "URL" else a for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach" in err, err
+    if "URL" in argv or url in argv:
+        assert url in err, err
+
+
+def test_every_parser_refuses_abbreviations():
+    from gateway.cli import build_parser
+    parser = build_parser()
+    seen = []
+
+    def walk(p):
+        seen.append(p)
+        assert p.allow_abbrev is False, p.prog
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub)
+    walk(parser)
+    assert len(seen) > 25

@@ -6,26 +6,22 @@ fix the request without reading the source. The store trusts what these return.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Iterator, Mapping
 
 from ..accesslog import holds_token
-from ..config import SCOPE_RE, Config, KeysConfig, parse_rate_limit
+from ..config import Config, KeysConfig, parse_rate_limit
 from ..errors import BadRequest, shown
-from ..models import (LIMIT_FIELDS, MAX_AUDIT_LIMIT, MAX_COUNT, ROLE_NAME_HINT, ROLE_NAME_RE, parse_rfc3339, rfc3339,
+from ..models import (LIMIT_FIELDS, MAX_AUDIT_LIMIT, MAX_COUNT, MAX_META_DEPTH, MAX_SCOPES,
+                      MAX_SECONDS, ROLE_NAME_HINT, ROLE_NAME_RE,
+                      UNSAFE_TEXT_CLASS, meta_json, parse_rfc3339, rfc3339, well_formed_scope,
                       whole_second)
 from ..store import WORKSPACE_ID_RE
 from ..strictjson import NotUtf8, OutOfRange, RepeatedName, TooDeep, strict_json
-from ..trust import as_network
+from ..trust import allowed_network
 
 MAX_NAME = 200
 MAX_DESCRIPTION = 2000
-MAX_SCOPES = 100
-MAX_SCOPE_LEN = 128
-MAX_SECONDS = 100 * 365 * 86400   # expires_in / grace_seconds ceiling (a century)
-MAX_META_BYTES = 4096
-MAX_META_DEPTH = 32    # objects and lists within meta, itself included
 MAX_ALLOWED_IPS = 100
 MAX_MONTHLY = MAX_COUNT
 DAILY_DEFAULT, DAILY_MAX = 30, 90
@@ -160,10 +156,6 @@ def check_query(query: Mapping[str, str], allowed: tuple[str, ...] = ()) -> None
                          "give it once.")
 
 
-# C0 and C1 controls, DEL, line/paragraph separators, bidi marks, embeddings, overrides, isolates
-# (a regex character class, written as the OpenAPI document's patterns take it too)
-UNSAFE_TEXT_CLASS = (r"\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
-                     r"\u2066-\u2069")
 # what str.strip() removes besides those, and what shows as nothing (Unicode's default-ignorable
 # code points of the BMP: zero-width space and joiners, word joiner, soft hyphen, variation
 # selectors, BOM, Hangul fillers; and the Braille blank): a name of these alone is empty. Within
@@ -270,8 +262,7 @@ def parse_scopes(value: Any, field: str = "scopes") -> tuple[str, ...]:
         raise BadRequest(f"The field '{field}' holds more than {MAX_SCOPES} scopes.")
     scopes: list[str] = []
     for scope in value:
-        if not isinstance(scope, str) or len(scope) > MAX_SCOPE_LEN \
-                or not SCOPE_RE.fullmatch(scope):
+        if not well_formed_scope(scope):
             raise BadRequest(f"The field '{field}' holds a malformed scope {shown(scope) if isinstance(scope, str) else scope!r}; a scope "
                              "looks like 'people:read' (letters, digits, '_', '.', '-', "
                              "parts joined by ':').")
@@ -359,22 +350,10 @@ def parse_meta(value: Any) -> str:
     key answered 500."""
     if not isinstance(value, dict):
         raise BadRequest("The field 'meta' must be a JSON object.")
-    level: list[Any] = [value]
-    for _ in range(MAX_META_DEPTH):  # breadth first: no recursion of our own
-        level = [child for parent in level
-                 for child in (parent.values() if isinstance(parent, dict) else parent)
-                 if isinstance(child, (dict, list))]
-    if level:
-        raise BadRequest(f"The field 'meta' is nested more than {MAX_META_DEPTH} levels deep.")
     try:
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-        size = len(text.encode("utf-8"))
-    except (UnicodeEncodeError, ValueError, RecursionError):
-        raise BadRequest("The field 'meta' holds text that is not valid Unicode (a lone "
-                         "surrogate).") from None
-    if size > MAX_META_BYTES:
-        raise BadRequest(f"The field 'meta' is {size} bytes as JSON; at most {MAX_META_BYTES}.")
-    return text
+        return meta_json(value)  # its depth and size (gateway.models, as the CLI checks them)
+    except ValueError as exc:
+        raise BadRequest(f"The field 'meta' {exc}.") from None
 
 
 def parse_allowed_ips(value: Any) -> tuple[str, ...] | None:
@@ -390,12 +369,7 @@ def parse_allowed_ips(value: Any) -> tuple[str, ...] | None:
     networks: list[str] = []
     for item in value:
         try:
-            if not isinstance(item, str) or len(item) > 64 or item != item.strip() \
-                    or "%" in item:  # a zone ("fe80::1%eth0") names one host's interface,
-                raise ValueError     # and ipaddress keeps any text there, escapes included
-            # ::ffff:a.b.c.d/n is kept as the IPv4 network it names: clients are compared as
-            # IPv4 (as the failure throttle and trusted_proxies see them)
-            net = as_network(item)
+            net = allowed_network(item)
         except ValueError:
             raise BadRequest(f"The field 'allowed_ips' holds {shown(str(item))!r}, which is not "
                              "an IP address or CIDR like '203.0.113.0/24'.") from None

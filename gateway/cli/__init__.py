@@ -16,6 +16,7 @@ per noun: :mod:`.server` (serve, demo, config check, reload), :mod:`.workspaces`
 
 from __future__ import annotations
 
+import io
 import re
 import sys
 
@@ -45,14 +46,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "local", False):
             return int(args.handler(args) or 0)
-        url, token, cert_file = connection(args)
+        if getattr(args, "prints_token", False) and not _stdout_open():
+            # the key would be made and its token, shown once, written nowhere
+            print("keygate: the output was closed before the command ran (stdout is not "
+                  "open): the new token would be written nowhere, so nothing was sent",
+                  file=sys.stderr)
+            return 1
+        url, token, cert_file, token_source = connection(args)
         try:
             url = admin_url(url)  # --admin-url is checked by argparse; the others here
         except ValueError as exc:
             parser.print_usage(sys.stderr)
-            print(f"keygate: error: KEYGATE_ADMIN_URL: {exc}", file=sys.stderr)
+            # where the URL came from: --admin-url is checked by argparse, so the config's
+            # admin listener (with --config) or the environment
+            source = (f"the admin listener of {args.config}" if getattr(args, "config", None)
+                      else "KEYGATE_ADMIN_URL")
+            print(f"keygate: error: {source}: {exc}", file=sys.stderr)
             return 2
-        client = AdminClient(url, token, args.timeout, cert_file)
+        client = AdminClient(url, token, args.timeout, cert_file, token_source)
         return int(args.handler(args, client) or 0)
     except UsageError as exc:
         print(f"keygate: error: {exc}", file=sys.stderr)
@@ -109,6 +120,21 @@ def _store_hint(method: str, path: str) -> str:
                 f"{again}")
     return (f"keygate: the change may have been made or not; {again}: it is safe to (a "
             "create then answered 409 conflict was made by the first), or read it back")
+
+
+def _stdout_open() -> bool:
+    """Whether stdout can be written to: with ``>&-`` Python's sys.stdout is None, and
+    print() then writes nothing, silently."""
+    import os
+    if sys.stdout is None:
+        return False
+    try:
+        os.fstat(sys.stdout.fileno())
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # no file descriptor (a
+        return True                                                # test's capture)
+    except OSError:
+        return False
+    return True
 
 
 def _output_closed() -> int:

@@ -9,14 +9,20 @@ refused, because either would hand the operator token to a host the user did not
 from __future__ import annotations
 
 import email.utils
+import functools
+import http.client
+import io
 import json
 import re
 import socket
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
+
+from ..models import UNSAFE_TEXT_CLASS
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -35,13 +41,20 @@ _UNREACHABLE = (" (is keygate serve running there? Name its admin listener with 
                 "--config or KEYGATE_ADMIN_URL)")
 
 
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# what the admin API refuses in text: controls (terminal escape sequences), line separators,
+# and the bidi marks, overrides and isolates that make a line read other than it is
+_CONTROLS = re.compile(f"[{UNSAFE_TEXT_CLASS}]")
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xff else f"\\u{code:04x}"
 
 
 def printable(text: str) -> str:
-    """``text`` with its control characters (C0, DEL, C1: terminal escape sequences) shown as
-    ``\\xNN``."""
-    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """``text`` with the characters the admin API refuses in text (C0, DEL, C1, U+2028/9, bidi
+    controls) shown as ``\\xNN`` / ``\\uNNNN``."""
+    return _CONTROLS.sub(lambda m: _escaped(m.group()), text)
 
 
 class ApiError(CliError):
@@ -100,6 +113,66 @@ def listener_contexts(cert_file: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return pinned, chain
 
 
+class _DeadlineReader(io.RawIOBase):
+    """An answer's socket, read against the request's deadline: urllib's timeout bounds each
+    socket read alone, so an answer trickling in a byte at a time (a stalled proxy) never ran
+    out of it. Before each read the socket's timeout is set to the time left."""
+
+    def __init__(self, raw: io.RawIOBase, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._raw, self._sock, self._deadline = raw, sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the answer did not come within the time given")
+        self._sock.settimeout(left)
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """An answer whose status line, headers and body are all read by the deadline."""
+
+    def __init__(self, sock: socket.socket, *args: Any, deadline: float, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        # nothing is read yet: the buffer is empty, and detach() keeps the socket's file open
+        self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline))
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: Any, deadline: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, deadline: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(functools.partial(_HTTPConnection, deadline=req.deadline), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, context: ssl.SSLContext | None) -> None:
+        super().__init__(context=context)
+        self._tls = context
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(functools.partial(_HTTPSConnection, deadline=req.deadline), req,
+                            context=self._tls)
+
+
 class AdminClient:
     """Blocking JSON client for ``/admin/v1``; raises ``ApiError`` / ``CliError``.
 
@@ -107,11 +180,13 @@ class AdminClient:
     whose certificate the listener is trusted with (``listener_contexts``)."""
 
     def __init__(self, base_url: str, token: str | None, timeout: float = DEFAULT_TIMEOUT,
-                 cert_file: str | None = None) -> None:
+                 cert_file: str | None = None,
+                 token_source: str = "KEYGATE_ADMIN_TOKEN") -> None:
         self.base_url = base_url.rstrip("/")
         # A token file saved with CRLF leaves '\r' in "$(cat file)": surrounding blanks are
         # never part of a token. (The server strips them too.)
         self._token = token.strip() if token else token
+        self._token_source = token_source  # the variable it came from (config's token_env)
         self.timeout = timeout
         self.last_method = "GET"  # of the last request sent (a write's 503 says more)
         self.last_path = ""  # and its URL's path
@@ -125,13 +200,12 @@ class AdminClient:
 
     @staticmethod
     def _opener_for(context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
-        handlers: list[Any] = [urllib.request.ProxyHandler({}), _NoRedirect()]
-        if context is not None:
-            handlers.append(urllib.request.HTTPSHandler(context=context))
+        handlers: list[Any] = [urllib.request.ProxyHandler({}), _NoRedirect(), _HTTPHandler(),
+                               _HTTPSHandler(context)]
         return urllib.request.build_opener(*handlers)
 
     def request(self, method: str, path: str, body: dict | None = None,
-                query: dict[str, str] | None = None) -> Any:
+                query: dict[str, str] | None = None) -> dict:
         url = self.base_url + "/admin/v1" + path
         self.last_method, self.last_path = method, urllib.parse.urlsplit(url).path
         if query:
@@ -145,11 +219,14 @@ class AdminClient:
             if not all(" " <= c <= "~" for c in self._token):
                 # http.client would raise ValueError("Invalid header value 'Bearer <token>'"):
                 # a traceback or message holding the operator token. Say what is wrong, not what.
-                raise CliError("KEYGATE_ADMIN_TOKEN holds characters that cannot be sent in an "
-                               "HTTP header (line breaks, control or non-ASCII characters)")
+                raise CliError(f"{self._token_source} holds characters that cannot be sent in "
+                               "an HTTP header (line breaks, control or non-ASCII characters)")
             headers["Authorization"] = f"Bearer {self._token}"
+        # --timeout bounds the whole exchange (connect, send, the answer to its last byte)
+        deadline = time.monotonic() + self.timeout
         for opener in self._openers:
             req = urllib.request.Request(url, data=data, headers=headers, method=method)
+            req.deadline = deadline  # type: ignore[attr-defined]
             try:
                 return self._send(opener, req)
             except _CertificateRefused:
@@ -163,15 +240,7 @@ class AdminClient:
 
     def _send(self, opener: urllib.request.OpenerDirector, req: urllib.request.Request) -> Any:
         try:
-            with opener.open(req, timeout=self.timeout) as resp:
-                self.server_time = _http_date(resp.headers.get("Date"))
-                return self._decode(resp.status, resp.read())
-        except urllib.error.HTTPError as exc:
-            error = self._api_error(exc.code, exc.read())
-            error.invalid_token = 'error="invalid_token"' in exc.headers.get(
-                "WWW-Authenticate", "")
-            error.retry_after = exc.headers.get("Retry-After", "").strip()
-            raise error from None
+            failed, status, headers, raw = self._exchange(opener, req)
         except (TimeoutError, socket.timeout):
             raise CliError(f"the admin API at {self.base_url} did not answer within "
                            f"{self.timeout:g}s{_unanswered(req)}") from None
@@ -184,23 +253,64 @@ class AdminClient:
                 raise _CertificateRefused from None
             raise CliError(f"cannot reach the admin API at {self.base_url}: {reason}"
                            f"{_UNREACHABLE}") from None
+        except http.client.HTTPException as exc:
+            # not HTTP (another service's greeting: an SSH port), or an answer cut short (a
+            # gateway that stopped, a proxy that cut it): a write may have been made
+            said = str(exc) if isinstance(exc, http.client.RemoteDisconnected) else \
+                f"{type(exc).__name__}: {exc}"
+            raise CliError(f"the admin API at {self.base_url} did not send a whole HTTP answer "
+                           f"({printable(said.strip())[:120]}){_unanswered(req)}") from None
         except (ConnectionError, OSError) as exc:
             raise CliError(f"cannot reach the admin API at {self.base_url}: {exc}"
                            f"{_UNREACHABLE}") from None
+        if failed:
+            error = self._api_error(status, raw)
+            error.invalid_token = 'error="invalid_token"' in headers.get(
+                "WWW-Authenticate", "")
+            error.retry_after = headers.get("Retry-After", "").strip()
+            raise error
+        self.server_time = _http_date(headers.get("Date"))
+        return self._decode(status, raw)
 
-    def _decode(self, status: int, raw: bytes) -> Any:
+    @staticmethod
+    def _exchange(opener: urllib.request.OpenerDirector,
+                  req: urllib.request.Request) -> tuple[bool, int, Any, bytes]:
+        """(an error status?, the status, the headers, the whole body) of ``req``."""
+        left = max(req.deadline - time.monotonic(), 0.001)  # type: ignore[attr-defined]
+        try:
+            with opener.open(req, timeout=left) as resp:
+                return False, resp.status, resp.headers, resp.read()
+        except urllib.error.HTTPError as exc:  # its body is read by the deadline too
+            with exc:
+                return True, exc.code, exc.headers, exc.read()
+
+    def listing(self, path: str, query: dict[str, str] | None = None) -> list[dict]:
+        """The ``items`` of a ``GET`` listing (``{"items": [{...}, ...]}``), checked: an
+        answer of another shape (a JSON service that is not keygate) is refused as one that
+        is not JSON is."""
+        items = self.request("GET", path, query=query).get("items")
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise CliError(f"the admin API at {self.base_url} answered 200 with JSON that is "
+                           "not a listing (an object whose items are a list of objects)")
+        return items
+
+    def _decode(self, status: int, raw: bytes) -> dict:
         self.last_body = raw
         try:
-            return json.loads(raw) if raw else {}
-        except ValueError:
+            answer = json.loads(raw) if raw else {}
+        except (ValueError, RecursionError):  # nested deeper than Python's stack: not ours
             raise CliError(f"the admin API at {self.base_url} answered {status} with a body "
                            "that is not JSON") from None
+        if not isinstance(answer, dict):  # every answer of the admin API is an object
+            raise CliError(f"the admin API at {self.base_url} answered {status} with JSON "
+                           "that is not an object, which the admin API always answers")
+        return answer
 
     def _api_error(self, status: int, raw: bytes) -> ApiError:
         try:
             error = json.loads(raw)["error"]
             return ApiError(status, str(error["code"]), str(error["message"]), raw)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return ApiError(status, f"http_{status}",
                             f"the admin API at {self.base_url} answered HTTP {status}")
 

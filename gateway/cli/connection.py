@@ -44,25 +44,30 @@ def admin_url(text: str) -> str:
     return text
 
 
-def connection(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
-    """(admin URL, token, certificate file): --admin-url, then --config, then the
-    environment, then the default; the token from the config's token_env when --config is
-    given; the config's ``admin.tls.cert_file`` when the URL is the config's (the listener
-    serving it is trusted with it, ``client.listener_contexts``), else None."""
+def connection(args: argparse.Namespace) -> tuple[str, str | None, str | None, str]:
+    """(admin URL, token, certificate file, the variable the token came from): --admin-url,
+    then --config, then the environment, then the default; the token from the config's
+    token_env when --config is given; the config's ``admin.tls.cert_file`` when the URL is
+    the config's (the listener serving it is trusted with it, ``client.listener_contexts``),
+    else None."""
     url = token = cert_file = None
+    source = "KEYGATE_ADMIN_TOKEN"
     if getattr(args, "config", None):
-        url, token, cert_file = admin_from_config(args.config)
+        url, token, cert_file, token_env = admin_from_config(args.config)
+        if token:
+            source = token_env
     token = token or os.environ.get("KEYGATE_ADMIN_TOKEN")
     if args.admin_url:
         url, cert_file = args.admin_url, None
     url = url or os.environ.get("KEYGATE_ADMIN_URL") or DEFAULT_ADMIN_URL
-    return url, token, cert_file
+    return url, token, cert_file, source
 
 
-def admin_from_config(path: str) -> tuple[str, str | None, str | None]:
-    """(admin URL, operator token, certificate file) for the gateway a config file describes:
-    its admin listener's address (a wildcard host is reached on loopback), the token from the
-    variable its ``admin.token_env`` names, and with ``admin.tls`` its certificate file.
+def admin_from_config(path: str) -> tuple[str, str | None, str | None, str]:
+    """(admin URL, operator token, certificate file, ``admin.token_env``) for the gateway a
+    config file describes: its admin listener's address (a wildcard host is reached on
+    loopback), the token from the variable its ``admin.token_env`` names, and with
+    ``admin.tls`` its certificate file.
 
     Only the admin section is read, and of its ``tls`` only ``cert_file``
     (``load_admin_section``): the CLI's user usually may not read the listener's private key,
@@ -79,4 +84,4 @@ def admin_from_config(path: str) -> tuple[str, str | None, str | None]:
         host = f"[{host}]"
     tls = admin.tls
     return (f"{'https' if tls else 'http'}://{host}:{admin.port}",
-            os.environ.get(admin.token_env), tls.cert_file if tls else None)
+            os.environ.get(admin.token_env), tls.cert_file if tls else None, admin.token_env)

@@ -14,8 +14,8 @@ from typing import Any
 
 from ..models import parse_rate_limit
 from .client import AdminClient, CliError, printable, seg
-from .output import days_table, show
-from .parsing import (CommandTree, SubCommands, argtype, count_or_none, daily_options, days,
+from .output import days_table, esc, show
+from .parsing import (CommandTree, SubCommands, allowed_ip, argtype, count_or_none, daily_options, days,
                       given, ID, json_object, rate_or_none, workspace_option)
 
 
@@ -39,6 +39,7 @@ def add_update_options(update: argparse.ArgumentParser) -> None:
                         help="replace the key's metadata (a JSON object, at most 4 KiB)")
     ips = update.add_mutually_exclusive_group()
     ips.add_argument("--allow-ip", action="extend", nargs="+", metavar="CIDR",
+                     type=argtype(allowed_ip, "CIDR"),
                      help="the only addresses the key may be used from (repeatable)")
     ips.add_argument("--any-ip", action="store_true", help="drop the key's address allow-list")
 
@@ -66,6 +67,7 @@ def add_create_options(create: argparse.ArgumentParser) -> None:
     create.add_argument("--meta", type=argtype(json_object, "JSON"), metavar="JSON",
                         help="the key's metadata (a JSON object, at most 4 KiB)")
     create.add_argument("--allow-ip", action="extend", nargs="+", metavar="CIDR",
+                        type=argtype(allowed_ip, "CIDR"),
                         help="the only addresses the key may be used from (repeatable)")
 
 
@@ -152,8 +154,8 @@ def add_workspace_commands(tree: CommandTree, workspaces: SubCommands) -> None:
 
 def show_daily(args: argparse.Namespace, client: AdminClient, path: str) -> int:
     """``--daily``: the ``/usage/daily`` answer under ``path`` (a workspace or a key)."""
-    answer = client.request("GET", path + "/usage/daily", query={"days": str(args.days)})
-    return show(args, client, lambda: days_table(answer.get("items", [])))
+    items = client.listing(path + "/usage/daily", {"days": str(args.days)})
+    return show(args, client, lambda: days_table(items))
 
 
 def cmd_keys_usage(args: argparse.Namespace, client: AdminClient) -> int:
@@ -164,14 +166,15 @@ def cmd_keys_usage(args: argparse.Namespace, client: AdminClient) -> int:
 
     def text() -> str:
         cap = key.get("monthly_requests")
-        return (f"{key.get('id')}  {key.get('name')}  used {key.get('used_this_month')} this "
-                f"month / {'no cap of its own' if cap is None else cap}")
+        return (f"{esc(key.get('id'))}  {esc(key.get('name'))}  used "
+                f"{esc(key.get('used_this_month'))} this month / "
+                f"{'no cap of its own' if cap is None else esc(cap)}")
     return show(args, client, text)
 
 
 def cmd_keys_delete(args: argparse.Namespace, client: AdminClient) -> int:
     key = client.request("DELETE", f"/workspaces/{seg(args.workspace)}/keys/{seg(args.id)}")
-    return show(args, client, lambda: f"deleted key {key.get('id', args.id)} of workspace "
+    return show(args, client, lambda: f"deleted key {esc(key.get('id', args.id))} of workspace "
                                       f"{args.workspace} (its audit entries stay)")
 
 
@@ -192,10 +195,11 @@ def cmd_workspaces_limits(args: argparse.Namespace, client: AdminClient) -> int:
 
     def text() -> str:
         limits, custom = workspace.get("limits") or {}, workspace.get("custom_limits") or {}
-        lines = [f"workspace {workspace.get('id')}  plan {workspace.get('plan')}"]
+        lines = [f"workspace {esc(workspace.get('id'))}  plan {esc(workspace.get('plan'))}"]
         for field in ("monthly_requests", "max_keys", "rate_limit"):
             source = "custom" if field in custom else "plan"
             value = limits.get(field)
-            lines.append(f"  {field:<17} {'unlimited' if value is None else value}  ({source})")
+            lines.append(f"  {field:<17} {'unlimited' if value is None else esc(value)}  "
+                         f"({source})")
         return "\n".join(lines)
     return show(args, client, text)

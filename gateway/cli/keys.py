@@ -13,9 +13,9 @@ from typing import Any
 
 from . import key_controls
 from .client import AdminClient, CliError, UsageError, printable, seg
-from .output import cell, fields, format_table, human_time, print_new_token, show
+from .output import cell, esc, fields, format_table, human_time, print_new_token, show
 from .parsing import (CommandTree, SubCommands, argtype, given, parse_duration, parse_expiry,
-                      ID, rate, workspace_option)
+                      ID, rate, scope, workspace_option)
 
 KEY_FIELDS = ("id", "workspace", "name", "description", "status", "environment", "role",
               "scopes", "prefix", "created_at", "expires_at", "last_used_at", "revoked_at",
@@ -27,11 +27,13 @@ def add_commands(tree: CommandTree) -> SubCommands:
     later."""
     keys = tree.group("keys", "manage API keys")
     p = tree.command(keys, "create", "create a key; prints its token once", cmd_keys_create)
+    p.set_defaults(prints_token=True)
     workspace_option(p)
     p.add_argument("--name", required=True, help="the key's name, e.g. the integration using it")
     access = p.add_mutually_exclusive_group(required=True)
     access.add_argument("--role", help="bind the key to a role")
     access.add_argument("--scope", action="extend", nargs="+", metavar="S",
+                        type=argtype(scope, "S"),
                         help="bind the key to explicit scopes (repeatable)")
     p.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"), metavar="30d|DATE",
                    help="30d, 24h, 90m, 3600s, or a date/datetime like 2027-01-31")
@@ -62,6 +64,7 @@ def add_commands(tree: CommandTree) -> SubCommands:
     access = p.add_mutually_exclusive_group()
     access.add_argument("--role", help="re-bind the key to a role (takes effect at once)")
     access.add_argument("--scope", action="extend", nargs="+", metavar="S",
+                        type=argtype(scope, "S"),
                         help="re-bind the key to explicit scopes (repeatable)")
     expiry = p.add_mutually_exclusive_group()
     expiry.add_argument("--expires", type=argtype(parse_expiry, "EXPIRES"), metavar="30d|DATE",
@@ -75,6 +78,7 @@ def add_commands(tree: CommandTree) -> SubCommands:
     p.add_argument("--yes", "-y", action="store_true", help="do not ask to confirm")
 
     p = tree.command(keys, "rotate", "replace a key; prints the new token once", cmd_keys_rotate)
+    p.set_defaults(prints_token=True)
     workspace_option(p)
     p.add_argument("id", type=ID, metavar="ID", help="key id, as keys list shows it")
     p.add_argument("--grace", type=argtype(parse_duration, "DURATION"), metavar="DURATION",
@@ -125,15 +129,14 @@ def _status(key: dict) -> str:
 
 def _key_access(key: dict) -> str:
     if key.get("role"):
-        return f"role:{key['role']}"
-    return ",".join(key.get("scopes") or []) or "-"
+        return f"role:{esc(key['role'])}"
+    return ",".join(map(esc, key.get("scopes") or [])) or "-"
 
 
 def cmd_keys_list(args: argparse.Namespace, client: AdminClient) -> int:
     query = {"status": args.status} if args.status else {}
     query.update(key_controls.list_query(args))
-    items = client.request("GET", f"/workspaces/{seg(args.workspace)}/keys",
-                           query=query).get("items", [])
+    items = client.listing(f"/workspaces/{seg(args.workspace)}/keys", query)
     return show(args, client, lambda: _keys_table(items))
 
 
@@ -178,6 +181,9 @@ def _confirm(question: str) -> bool | None:
     """True on y/yes, False on any other answer, None when there is no answer (end of input:
     a script that forgot --yes)."""
     print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin is None:  # closed (`<&-`): no answer can come, as at the end of input
+        print("", file=sys.stderr)
+        return None
     answer = sys.stdin.readline()
     if not answer:
         return None
@@ -197,7 +203,7 @@ def cmd_keys_revoke(args: argparse.Namespace, client: AdminClient) -> int:
             print(f"aborted: key {args.id} was not revoked", file=sys.stderr)
             return 2
     key = client.request("POST", _key_path(args) + "/revoke")
-    return show(args, client, lambda: f"revoked key {key.get('id', args.id)} of workspace "
+    return show(args, client, lambda: f"revoked key {esc(key.get('id', args.id))} of workspace "
                                       f"{args.workspace}")
 
 

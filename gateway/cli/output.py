@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
@@ -17,12 +18,22 @@ TOKEN_WARNING = ("keygate: this is the only time the token is shown; it cannot b
 
 
 def show(args: argparse.Namespace, client: AdminClient, text: Callable[[], str]) -> int:
-    """Print the answer: ``text()`` for a human, the body as it came with ``--json``."""
+    """Print the answer: ``text()`` for a human, the body as it came with ``--json``.
+
+    ``text()`` builds its lines from values escaped one by one (:func:`esc`, and the tables
+    and fields here): a newline inside a value (a name) is shown as ``\\x0a``, never as a
+    line of its own that reads as another row."""
     if args.json:
         print_body(client)
-    else:  # names and the like as the API sent them: no terminal escape sequence gets through
+    else:  # and once more line by line: no terminal escape sequence gets through
         print("\n".join(printable(line) for line in text().split("\n")))
     return 0
+
+
+def esc(value: Any) -> str:
+    """A value as the API sent it, as text on one line: its newlines and other control
+    characters shown escaped (``printable``)."""
+    return printable(str(value))
 
 
 def print_body(client: AdminClient) -> None:
@@ -34,7 +45,11 @@ def print_new_token(answer: dict, args: argparse.Namespace, client: AdminClient,
                     what: str) -> None:
     """A created or rotated key's token: alone on stdout (or inside the ``--json`` body), so
     ``$(keygate keys create ...)`` captures just the token; the rest goes to stderr."""
-    key = answer.get("key", {})
+    key = answer.get("key")
+    if not isinstance(key, dict):
+        raise CliError(f"the admin API at {client.base_url} answered without the key as an "
+                       "object, which keygate always sends (if that is your keygate, the key "
+                       "may have been made: check with keygate keys list)")
     if args.json:
         print_body(client)
     else:  # as the API sent them: escaped, so no terminal escape sequence gets through
@@ -66,12 +81,21 @@ def human_time(value: str | None) -> str:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [len(h) for h in headers]
+    """Columns padded to their widest cell; each cell escaped (:func:`esc`) first."""
+    rows = [[esc(value) for value in row] for row in rows]
+    widths = [columns(h) for h in headers]
     for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+        widths = [max(w, columns(cell)) for w, cell in zip(widths, row)]
+    lines = ["  ".join(cell + " " * (w - columns(cell)) for cell, w in zip(line, widths)).rstrip()
              for line in [list(headers), *rows]]
     return "\n".join(lines)
+
+
+def columns(text: str) -> int:
+    """The terminal columns ``text`` takes: two for an East Asian wide or fullwidth character
+    (漢字), none for a combining mark or a zero-width format character, one for the rest."""
+    return sum(0 if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf")
+               else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 def cell(value: Any) -> str:
@@ -81,25 +105,26 @@ def cell(value: Any) -> str:
 def fields(obj: dict, order: Sequence[str]) -> str:
     """An object as ``name: value`` lines, the listed fields first, then any others."""
     names = [n for n in order if n in obj] + [n for n in obj if n not in order]
-    width = max((len(n) for n in names), default=0)
+    width = max((columns(esc(n)) for n in names), default=0)
     lines = []
     for name in names:
         value = obj[name]
         if isinstance(value, str) and name.endswith("_at"):
             shown = human_time(value)
         elif isinstance(value, list):
-            shown = " ".join(str(v) for v in value) or "-"
+            shown = " ".join(esc(v) for v in value) or "-"
         elif isinstance(value, dict):
             shown = json.dumps(value, separators=(",", ":")) if value else "-"
         else:
             shown = cell(value)
-        lines.append(f"{name.ljust(width)}  {shown}")
+        lines.append(f"{esc(name)}{' ' * (width - columns(esc(name)))}  {esc(shown)}")
     return "\n".join(lines)
 
 
 def days_table(items: list[dict]) -> str:
     """``--daily``: a DATE / REQUESTS line per day, the counts right-aligned."""
-    width = max([len(str(d.get("requests"))) for d in items] + [8])
+    width = max([len(esc(d.get("requests"))) for d in items] + [8])
     lines = [f"{'DATE':<10}  {'REQUESTS':>{width}}"]
-    lines += [f"{day.get('date', ''):<10}  {day.get('requests', 0):>{width}}" for day in items]
+    lines += [f"{esc(day.get('date', '')):<10}  {esc(day.get('requests', 0)):>{width}}"
+              for day in items]
     return "\n".join(lines)

@@ -12,29 +12,34 @@ from .connection import DEFAULT_ADMIN_URL, admin_url
 from .parsing import CommandTree, argtype, seconds
 
 
-def admin_options(suppress: bool) -> argparse.ArgumentParser:
-    """The options every admin command takes, before the command name and after it.
+def admin_options(suppress: bool, hidden: bool = False) -> argparse.ArgumentParser:
+    """The options every admin command takes, before the command name, after its group's
+    name and after its own.
 
     After it (``suppress``), an unset option must not overwrite a value given before it:
     SUPPRESS leaves it out of the namespace. (No %(default)s in their help: with SUPPRESS
-    there is no default to show, and argparse raised KeyError on --help.)
+    there is no default to show, and argparse raised KeyError on --help.) ``hidden``: left out
+    of the help (a group's, which lists its verbs; the options are in the verbs' help).
     """
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
 
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
+
+    def shown(text: str) -> str:
+        return argparse.SUPPRESS if hidden else text
     p.add_argument("--admin-url", type=argtype(admin_url, "URL"), metavar="URL",
                    default=default(None),
-                   help=f"admin API base URL (env KEYGATE_ADMIN_URL, default "
-                        f"{DEFAULT_ADMIN_URL})")
+                   help=shown(f"admin API base URL (env KEYGATE_ADMIN_URL, default "
+                             f"{DEFAULT_ADMIN_URL})"))
     p.add_argument("--config", metavar="PATH", default=default(None),
-                   help="take the admin URL and operator token from this config file's "
-                        "admin section")
+                   help=shown("take the admin URL and operator token from this config file's "
+                             "admin section"))
     p.add_argument("--timeout", type=argtype(seconds, "SECONDS"), metavar="SECONDS",
                    default=default(DEFAULT_TIMEOUT),
-                   help=f"seconds to wait for the admin API (default {DEFAULT_TIMEOUT:g})")
+                   help=shown(f"seconds to wait for the admin API (default {DEFAULT_TIMEOUT:g})"))
     p.add_argument("--json", action="store_true", default=default(False),
-                   help="print the API's JSON answer as is (errors too, on stdout)")
+                   help=shown("print the API's JSON answer as is (errors too, on stdout)"))
     return p
 
 
@@ -42,12 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser = argparse.ArgumentParser(
-        prog="keygate", parents=[admin_options(suppress=False)],
+        prog="keygate", parents=[admin_options(suppress=False)], allow_abbrev=False,
         description="keygate: an authenticating reverse proxy for API keys.",
         epilog="Exit codes: 0 success, 1 API or runtime error, 2 bad usage, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"keygate {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
-    tree = CommandTree(verbs, [admin_options(suppress=True)])
+    tree = CommandTree(verbs, [admin_options(suppress=True)],
+                       [admin_options(suppress=True, hidden=True)])
 
     server.add_local_commands(tree)
     workspace_verbs = workspaces.add_commands(tree)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from datetime import date
 from typing import Any, Callable
 
-from ..models import (MAX_AUDIT_LIMIT, MAX_COUNT, MAX_UNUSED_DAYS, TooManyDigits, parse_rate_limit,
-                      parse_rfc3339, rfc3339, whole_number)
+from ..models import (MAX_AUDIT_LIMIT, MAX_COUNT, MAX_SCOPE_LEN, MAX_SECONDS, MAX_UNUSED_DAYS,
+                      TooManyDigits, meta_json, parse_rate_limit, parse_rfc3339, rfc3339,
+                      well_formed_scope, whole_number)
 from ..strictjson import RepeatedName, strict_json
+from ..trust import allowed_network
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -33,7 +36,11 @@ def parse_duration(text: str) -> int:
     match = _DURATION.match(text)
     if not match:
         raise ValueError(f"'{text}' is not a duration; use e.g. 30d, 24h, 90m or 3600s")
-    return whole_number(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = whole_number(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds > MAX_SECONDS:  # the admin API's bound on expires_in and grace_seconds
+        raise ValueError(f"'{text}' is more than a century ({MAX_SECONDS}s, 36500d), the most "
+                         "the admin API takes")
+    return seconds
 
 
 def parse_expiry(text: str) -> dict[str, Any]:
@@ -50,7 +57,7 @@ def parse_expiry(text: str) -> dict[str, Any]:
             day = date.fromisoformat(text)
         except ValueError:
             raise ValueError(f"'{text}' is not a valid date") from None
-        return {"expires_at": f"{day.isoformat()}T00:00:00Z"}
+        return _within_a_century(text, {"expires_at": f"{day.isoformat()}T00:00:00Z"})
     try:
         moment = parse_rfc3339(text)  # the admin API's own reading: RFC 3339 only
     except ValueError:
@@ -60,9 +67,19 @@ def parse_expiry(text: str) -> dict[str, Any]:
         raise ValueError(f"'{text}' is neither a duration (30d, 24h, 90m, 3600s) nor an "
                          "RFC 3339 date (2027-01-31) or datetime (2027-01-31T12:00:00Z)") from None
     try:
-        return {"expires_at": rfc3339(moment)}
+        expiry = {"expires_at": rfc3339(moment)}
     except (ValueError, OverflowError):  # a year 1 or 9999 whose offset leaves them in UTC
         raise ValueError(f"'{text}' falls outside the years 0001 to 9999 in UTC") from None
+    return _within_a_century(text, expiry)
+
+
+def _within_a_century(text: str, expiry: dict[str, Any]) -> dict[str, Any]:
+    """A date more than a century away (and a day: the admin API counts from its own clock,
+    which may be that far from this machine's) is one the admin API refuses."""
+    if parse_rfc3339(expiry["expires_at"]) > time.time() + MAX_SECONDS + 86400:
+        raise ValueError(f"'{text}' is more than a century away, past the most the admin API "
+                         "takes")
+    return expiry
 
 
 def seconds(text: str) -> float:
@@ -132,7 +149,31 @@ def json_object(text: str) -> dict:
                          "'{\"customer\": \"c-42\"}'") from None
     if not isinstance(value, dict):
         raise ValueError("--meta must be a JSON object")
+    try:
+        meta_json(value)  # its depth and size, as the admin API checks them
+    except ValueError as exc:
+        raise ValueError(f"--meta {exc}") from None
     return value
+
+
+def scope(text: str) -> str:
+    """``--scope people:read``: a scope as the admin API reads it."""
+    if not well_formed_scope(text):
+        raise ValueError(f"{text!r} is a malformed scope; a scope looks like 'people:read' "
+                         f"(letters, digits, '_', '.', '-', parts joined by ':'; at most "
+                         f"{MAX_SCOPE_LEN} characters)")
+    return text
+
+
+def allowed_ip(text: str) -> str:
+    """``--allow-ip 203.0.113.0/24``: an address or CIDR as the admin API reads it (sent as
+    written)."""
+    try:
+        allowed_network(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or CIDR like '203.0.113.0/24'") \
+            from None
+    return text
 
 
 def days(text: str) -> int:
@@ -178,18 +219,23 @@ SubCommands = argparse._SubParsersAction
 class CommandTree:
     """The ``keygate`` parser as the command modules see it.
 
-    A remote command (the default) takes the admin options after its name too (``leaf``) and
-    its handler is called as ``handler(args, client)``; a local one (``serve``, ``demo``,
-    ``config check``) as ``handler(args)``.
+    A remote command (the default) takes the admin options after its name too (``leaf``),
+    and after its group's (``keygate keys --json list``); its handler is called as
+    ``handler(args, client)``; a local one (``serve``, ``demo``, ``config check``) as
+    ``handler(args)``. No parser takes an abbreviated option: argparse would read ``--any``
+    as ``--any-ip`` (lifting a key's IP allow-list) and ``--no`` as ``--no-expiry``.
     """
 
-    def __init__(self, verbs: SubCommands, leaf: list[argparse.ArgumentParser]) -> None:
+    def __init__(self, verbs: SubCommands, leaf: list[argparse.ArgumentParser],
+                 between: list[argparse.ArgumentParser] | None = None) -> None:
         self.verbs = verbs
         self.leaf = leaf
+        self.between = leaf if between is None else between  # a group's (help hidden)
 
-    def group(self, name: str, help: str) -> SubCommands:
+    def group(self, name: str, help: str, *, local: bool = False) -> SubCommands:
         """A noun (``keys``, ``workspaces``, ...) whose verbs are added under it."""
-        sub = self.verbs.add_parser(name, help=help, description=help)
+        sub = self.verbs.add_parser(name, parents=[] if local else self.between, help=help,
+                                    description=help, allow_abbrev=False)
         return sub.add_subparsers(dest=f"{name}_verb", metavar="COMMAND", required=True)
 
     def command(self, where: SubCommands | None, name: str, help: str, handler: Callable,
@@ -198,7 +244,8 @@ class CommandTree:
         leaves the help line out of the command's own ``--help``."""
         where = self.verbs if where is None else where
         extra = {"description": help} if described else {}
-        sub = where.add_parser(name, parents=[] if local else self.leaf, help=help, **extra)
+        sub = where.add_parser(name, parents=[] if local else self.leaf, help=help,
+                               allow_abbrev=False, **extra)
         sub.set_defaults(handler=handler, local=local)
         return sub
 

@@ -9,7 +9,7 @@ import json
 
 from .client import AdminClient, seg
 from .key_controls import show_daily
-from .output import cell, format_table, human_time, show
+from .output import cell, esc, format_table, human_time, show
 from .parsing import CommandTree, argtype, audit_limit, daily_options, workspace_option
 
 
@@ -29,8 +29,11 @@ def add_audit(tree: CommandTree) -> None:
 
 
 def _usage_line(usage: dict) -> str:
-    limit = usage.get("limit")
-    if limit is None:
+    unlimited = usage.get("limit") is None
+    usage = {name: esc(usage.get(name)) for name in
+             ("workspace", "period", "used", "limit", "remaining", "resets_at")}
+    limit = usage["limit"]
+    if unlimited:
         tail = f"used {usage.get('used')} / unlimited  (resets {usage.get('resets_at')})"
     else:
         tail = (f"used {usage.get('used')} / {limit}  ({usage.get('remaining')} remaining, "
@@ -48,8 +51,7 @@ def cmd_usage(args: argparse.Namespace, client: AdminClient) -> int:
 
 def cmd_audit(args: argparse.Namespace, client: AdminClient) -> int:
     query = {"limit": str(args.limit)} if args.limit is not None else None
-    items = client.request("GET", f"/workspaces/{seg(args.workspace)}/audit",
-                           query=query).get("items", [])
+    items = client.listing(f"/workspaces/{seg(args.workspace)}/audit", query)
     rows = [[human_time(e.get("at")), cell(e.get("actor")), cell(e.get("action")),
              cell(e.get("target")),
              json.dumps(e.get("details"), separators=(",", ":")) if e.get("details") else "-"]

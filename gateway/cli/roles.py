@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from .client import AdminClient, seg
-from .output import cell, format_table, show
-from .parsing import ID, CommandTree, workspace_option
+from .output import cell, esc, format_table, show
+from .parsing import ID, CommandTree, argtype, scope, workspace_option
 
 
 def add_commands(tree: CommandTree) -> None:
@@ -17,6 +17,7 @@ def add_commands(tree: CommandTree) -> None:
     workspace_option(p)
     p.add_argument("name", type=ID, metavar="NAME", help="role name (a slug)")
     p.add_argument("--scope", action="extend", nargs="+", metavar="S", required=True,
+                   type=argtype(scope, "S"),
                    help="the role's scopes (repeatable)")
     p = tree.command(roles, "delete", "delete a workspace role", cmd_roles_delete)
     workspace_option(p)
@@ -28,7 +29,7 @@ def _role_path(args: argparse.Namespace) -> str:
 
 
 def cmd_roles_list(args: argparse.Namespace, client: AdminClient) -> int:
-    items = client.request("GET", f"/workspaces/{seg(args.workspace)}/roles").get("items", [])
+    items = client.listing(f"/workspaces/{seg(args.workspace)}/roles")
     rows = [[cell(r.get("name")), cell(r.get("source")), " ".join(r.get("scopes") or []) or "-"]
             for r in items]
     return show(args, client, lambda: format_table(["NAME", "SOURCE", "SCOPES"], rows))
@@ -36,11 +37,12 @@ def cmd_roles_list(args: argparse.Namespace, client: AdminClient) -> int:
 
 def cmd_roles_set(args: argparse.Namespace, client: AdminClient) -> int:
     role = client.request("PUT", _role_path(args), {"scopes": args.scope})
-    return show(args, client, lambda: f"role {role.get('name')} of workspace {args.workspace}: "
-                                      f"{' '.join(role.get('scopes') or []) or '(no scopes)'}")
+    return show(args, client, lambda: f"role {esc(role.get('name'))} of workspace "
+                                      f"{args.workspace}: "
+                                      f"{' '.join(map(esc, role.get('scopes') or [])) or '(no scopes)'}")
 
 
 def cmd_roles_delete(args: argparse.Namespace, client: AdminClient) -> int:
     role = client.request("DELETE", _role_path(args))
-    return show(args, client, lambda: f"deleted role {role.get('name', args.name)} of workspace "
+    return show(args, client, lambda: f"deleted role {esc(role.get('name', args.name))} of workspace "
                                       f"{args.workspace}")

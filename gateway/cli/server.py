@@ -11,8 +11,8 @@ import os
 import signal
 import sys
 
-from .client import AdminClient, ApiError
-from .output import show
+from .client import AdminClient, ApiError, printable
+from .output import esc, show
 from .parsing import CommandTree, argtype, positive_int
 
 DEFAULT_CONFIG = "config.yaml"
@@ -38,7 +38,7 @@ def add_local_commands(tree: CommandTree) -> None:
     tree.command(None, "demo", "try keygate: embedded store, sample upstream, two keys",
                  cmd_demo, local=True)
 
-    config = tree.group("config", "configuration tools")
+    config = tree.group("config", "configuration tools", local=True)
     check = tree.command(config, "check", "validate a config file", cmd_config_check,
                          local=True)
     check.add_argument("path", nargs="?", metavar="PATH",
@@ -165,10 +165,11 @@ def cmd_reload(args: argparse.Namespace, client: AdminClient) -> int:
         if not args.json:  # the file's problems, one per line, like config check
             try:
                 for problem in json.loads(exc.body)["error"].get("problems", []):
-                    print(problem, file=sys.stderr)
-            except (ValueError, KeyError, TypeError, AttributeError):
+                    # as the API sent it: escaped, so no terminal escape sequence gets through
+                    print(printable(str(problem)), file=sys.stderr)
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 pass
         raise
     kept = result.get("restart_required") or []
-    return show(args, client, lambda: f"reloaded {result.get('config')}" + (
-        f"; kept until a restart: {', '.join(kept)}" if kept else ""))
+    return show(args, client, lambda: f"reloaded {esc(result.get('config'))}" + (
+        f"; kept until a restart: {', '.join(map(esc, kept))}" if kept else ""))

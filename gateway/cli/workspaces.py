@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from .client import AdminClient, seg
-from .output import cell, fields, format_table, human_time, show
+from .output import cell, esc, fields, format_table, human_time, show
 from .parsing import ID, CommandTree, SubCommands
 
 WORKSPACE_FIELDS = ("id", "name", "plan", "created_at")
@@ -39,12 +39,13 @@ def cmd_workspaces_create(args: argparse.Namespace, client: AdminClient) -> int:
     if args.plan:
         body["plan"] = args.plan
     workspace = client.request("POST", "/workspaces", body)
-    return show(args, client, lambda: f"created workspace {workspace.get('id')} "
-                                      f"({workspace.get('name')}, plan {workspace.get('plan')})")
+    return show(args, client, lambda: f"created workspace {esc(workspace.get('id'))} "
+                                      f"({esc(workspace.get('name'))}, plan "
+                                      f"{esc(workspace.get('plan'))})")
 
 
 def cmd_workspaces_list(args: argparse.Namespace, client: AdminClient) -> int:
-    items = client.request("GET", "/workspaces").get("items", [])
+    items = client.listing("/workspaces")
     rows = [[cell(w.get("id")), cell(w.get("name")), cell(w.get("plan")),
              human_time(w.get("created_at"))] for w in items]
     return show(args, client, lambda: format_table(["ID", "NAME", "PLAN", "CREATED"], rows))
@@ -57,11 +58,11 @@ def cmd_workspaces_show(args: argparse.Namespace, client: AdminClient) -> int:
 
 def cmd_workspaces_set_plan(args: argparse.Namespace, client: AdminClient) -> int:
     workspace = client.request("PATCH", f"/workspaces/{seg(args.id)}", {"plan": args.plan})
-    return show(args, client, lambda: f"workspace {workspace.get('id')} is now on plan "
-                                      f"{workspace.get('plan')}")
+    return show(args, client, lambda: f"workspace {esc(workspace.get('id'))} is now on "
+                                      f"plan {esc(workspace.get('plan'))}")
 
 
 def cmd_workspaces_rename(args: argparse.Namespace, client: AdminClient) -> int:
     workspace = client.request("PATCH", f"/workspaces/{seg(args.id)}", {"name": args.name})
-    return show(args, client, lambda: f"workspace {workspace.get('id')} is now named "
-                                      f"{workspace.get('name')}")
+    return show(args, client, lambda: f"workspace {esc(workspace.get('id'))} is now "
+                                      f"named {esc(workspace.get('name'))}")

@@ -53,6 +53,10 @@ class ServiceSections(SchemaReader):
         """A listener's address: no name or address has a space or a control character (a
         stray newline or carriage return from an env file), which binding fails on at start."""
         value = self.string(node, path)
+        if value is not BAD and value.startswith("[") and value.endswith("]"):
+            # a URL's spelling of an IPv6 address: no listener can bind it as written
+            return self.fail(node, path, f"'{value}' is an IPv6 address in a URL's brackets; "
+                                         f"write it without them ('{value[1:-1]}')")
         if value is BAD or value.isprintable() and not any(c.isspace() for c in value):
             return value
         return self.fail(node, path, f"'{value}' is not a host name or IP address (it has a "
