@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.config import Route
+from gateway.config import Route, ServerConfig, Timeouts
 
 from harness import gateway_under_test, make_config
 
@@ -993,3 +994,46 @@ async def test_a_chunked_request_pipelined_behind_one_under_way_is_answered_then
     assert b"Connection: close" in got.split(b"HTTP/1.1 200 ")[2]
     assert [(r.target, r.body) for r in edge.up.requests] == [(b"/public/slow", b""),
                                                              (b"/public/chunked", b"hello")]
+
+
+# --- a next head begun behind a whole request is held to timeouts.header --------------------------
+
+_HANDSHAKE = (b"GET /people/ws HTTP/1.1\r\nHost: g\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+_BEGUN = b"GET /public/b HTTP/1.1\r\nHost: g\r\nX-Slow: "  # and nothing more, ever
+
+
+@pytest.mark.parametrize("first, pause", [
+    (b"GET /public/a HTTP/1.1\r\nHost: g\r\n\r\n", None),
+    (_HANDSHAKE + b"GET /public/a HTTP/1.1\r\nHost: g\r\n\r\n", None),
+    (b"GET /public/slow HTTP/1.1\r\nHost: g\r\n\r\n", 0.3),
+], ids=["pipelined-in-one-write", "behind-a-declined-upgrade", "sent-while-the-request-is-answered"])
+async def test_a_head_begun_behind_a_whole_request_is_held_to_the_header_timeout(
+        redis_url, raw_upstream, monkeypatch, first, pause):
+    """docs/configuration.md, timeouts.header: "a connection that has not sent a whole request
+    head within this is closed". A client that sends a whole request and then the beginning
+    of a next head that never ends (a slow-loris needing no key), in the same write, behind
+    a declined WebSocket handshake, or while the first is still answered (the upstream takes
+    0.8 s over /slow), was closed only by timeouts.idle: the head's start came in behind a
+    request, and nothing timed it once that request was answered. Header 1 s, idle 8 s: it
+    stayed 8 s (with the defaults, 75 s instead of 10 s)."""
+    config = make_config(f"http://127.0.0.1:{raw_upstream.port}", routes=ROUTES,
+                         server=ServerConfig(host="127.0.0.1",
+                                             timeouts=Timeouts(header=1.0, body=5.0, idle=8.0)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        reader, writer = await g.raw_connection()
+        if pause is None:
+            writer.write(first + _BEGUN)
+        else:
+            writer.write(first)
+            await asyncio.sleep(pause)
+            writer.write(_BEGUN)
+        started = time.monotonic()
+        got, held = bytearray(), None
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+            while chunk := await asyncio.wait_for(reader.read(65536), 12):
+                got += chunk
+            held = time.monotonic() - started
+        writer.close()
+    assert statuses(bytes(got))[-1] == 200, bytes(got)  # the whole request was answered
+    assert held is not None and held < 4.0, f"the begun head held the connection {held} s"

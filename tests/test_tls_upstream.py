@@ -7,10 +7,13 @@ IP:127.0.0.1) is signed by a throwaway CA made with the openssl CLI (skipped wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import shutil
 import socket
 import ssl
+import termios
 import threading
 import time
 from pathlib import Path
@@ -603,6 +606,76 @@ def test_an_https_upstreams_early_answer_to_an_upload_reaches_the_client(
         # (without the fix, about two runs in three were a 502)
         got = [runner.run(upload()) for _ in range(3)]
     assert got == [(413, b"nope")] * 3, got
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["https", "http"])
+async def test_a_large_early_answer_to_an_upload_reaches_a_slow_client_whole(
+        redis_url, monkeypatch, private_ca, tls) -> None:
+    """docs/errors.md: an upstream that answers before it has read the request body and then
+    hangs up has its answer passed on, "over http:// and https:// alike (provided the answer
+    left the upstream's host before the reset its close sends)". Here it has: the upstream
+    waits until its send queue is empty (TIOCOUTQ 0) before it closes with the 8 MB body
+    unread. The answer is a 4 MiB 413 and the client reads slowly, so most of it is still
+    in keygate's socket when the reset fails the next body write. Over http:// every byte
+    still in the socket is read (_read_what_came feeds past the connection's pause): the
+    client gets the 4 MiB. Over https:// the records were decrypted only while the
+    connection's reading was not paused, and feeding the first ~320 KiB itself paused it
+    (buffered over HIGH_WATER, 256 KiB): the rest was dropped with the socket, the answer
+    failed mid-body (access log error upstream_unavailable, counted as an upstream failure)
+    and the client's connection was aborted about 1 MiB in."""
+    body = bytes(range(256)) * (4 << 12)  # 4 MiB
+    unsent: list[int] = []
+
+    def answer(peer) -> None:
+        peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n" % len(body) + body)
+        if tls:
+            with contextlib.suppress(OSError):
+                peer.unwrap()
+        for _ in range(300):  # the whole answer has left this host before the close
+            if fcntl.ioctl(peer.fileno(), termios.TIOCOUTQ, b"\0" * 4) == b"\0" * 4:
+                return
+            time.sleep(0.01)
+        unsent.append(1)
+
+    url, thread, listener = _one_request_upstream(private_ca, answer, tls=tls)
+    config = make_config(url, routes=(Route("/public/**", "api", (), (), True),),
+                         upstreams={"api": Upstream("api", url, 5.0, ca_file=str(
+                             private_ca["ca"]) if tls else None)})
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(
+                sock, ("127.0.0.1", gw.proxy_server.port))
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 14)
+            size = 8 << 20
+            writer.write(b"POST /public/upload HTTP/1.1\r\nHost: g\r\nContent-Length: %d"
+                         b"\r\n\r\n" % size)
+
+            async def send_body() -> None:
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(size // 65536):
+                        writer.write(b"u" * 65536)
+                        await writer.drain()
+
+            sender = asyncio.ensure_future(send_body())
+            await asyncio.sleep(4)  # reading nothing meanwhile
+            got = bytearray()
+            with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+                while chunk := await asyncio.wait_for(reader.read(1 << 20), 5):
+                    got += chunk
+            sender.cancel()
+            writer.close()
+    finally:
+        listener.close()
+        await asyncio.to_thread(thread.join, 5)
+    assert not unsent, "the answer never left the upstream (the test's precondition)"
+    head, _, rest = bytes(got).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), bytes(got[:200])
+    assert len(rest) == len(body) and rest == body, f"{len(rest)} of {len(body)} bytes"
 
 
 async def test_the_upstream_tls_offers_alpn_http_1_1(

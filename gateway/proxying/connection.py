@@ -398,24 +398,52 @@ class UpstreamTLS(sslproto.SSLProtocol):
     over plain TCP (``UpstreamConnection._read_what_came``)."""
 
     def connection_lost(self, exc) -> None:
-        app, transport = self._app_protocol, self._transport
-        if exc is not None and transport is not None and \
-                self._state == sslproto.SSLProtocolState.WRAPPED and \
-                isinstance(app, UpstreamConnection) and app.head is not None and \
-                not app.complete:
-            def feed(data: bytes) -> None:  # as the transport hands TLS records on
-                view = memoryview(data)
-                while view and self._state == sslproto.SSLProtocolState.WRAPPED:
-                    buffer = self.get_buffer(len(view))
-                    n = min(len(buffer), len(view))
-                    buffer[:n] = view[:n]
-                    view = view[n:]
-                    self.buffer_updated(n)
-            read_unread(transport, feed,
-                        lambda: app.complete or app.error is not None or
-                        self._state != sslproto.SSLProtocolState.WRAPPED or
-                        self._app_reading_paused)
-        super().connection_lost(exc)
+        try:
+            app, transport = self._app_protocol, self._transport
+            if exc is not None and transport is not None and \
+                    self._state == sslproto.SSLProtocolState.WRAPPED and \
+                    isinstance(app, UpstreamConnection) and app.head is not None and \
+                    not app.complete:
+                self._read_what_came(app, transport)
+        finally:  # whatever happened above: the loss is reported, the pool slot freed
+            super().connection_lost(exc)
+
+    def _read_what_came(self, app: UpstreamConnection, transport) -> None:
+        """Decrypt what the upstream sent before the error and hand it to ``app``, until its
+        answer is complete, fails, or nothing more came. Straight from the session, not
+        through ``buffer_updated``: that decrypts nothing while the app's reading is paused,
+        which its own buffering of a large answer (over ``HIGH_WATER``) or a slow client sets,
+        and the rest of the answer was dropped with the socket. The app buffers what it
+        gets, as over plain TCP (no more than the socket held); the session's incoming
+        buffer holds one read (64 KiB) at most, decrypted before the next."""
+        sslobj, incoming = self._sslobj, self._incoming
+        stopped = False
+
+        def decrypt() -> None:
+            nonlocal stopped
+            while not (app.complete or app.error is not None):
+                try:
+                    data = sslobj.read(65536)
+                except ssl.SSLWantReadError:  # a record not all there yet: read on
+                    return
+                except ssl.SSLError:  # a broken record: nothing more is read
+                    stopped = True
+                    return
+                if not data:  # the upstream's close_notify: the end of a body read to it
+                    stopped = True
+                    self._call_eof_received()
+                    return
+                app.data_received(data)
+            stopped = True
+
+        decrypt()  # the records already read but held while the app's reading was paused
+
+        def feed(data: bytes) -> None:
+            incoming.write(data)
+            decrypt()
+
+        if not stopped:
+            read_unread(transport, feed, lambda: stopped)
 
 
 class UpstreamResponse:

@@ -268,6 +268,11 @@ class _JsonErrorRequestHandler(RequestHandler):
             self._head_from = self._request_count
             self._head_bytes = 0
         self._head_bytes += received
+        if received and self._head_since is None:
+            # a head begun behind a request (in its read, or while it is answered): due from
+            # now, as timeouts.header says, not left to timeouts.idle once that is answered
+            # (head_overdue waits until nothing is queued or under way)
+            self._head_since = self._loop.time()
         if self._head_bytes > HEAD_MAX:
             self._refuse_head(None)
 
