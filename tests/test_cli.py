@@ -193,7 +193,11 @@ def test_ctrl_c_at_the_revoke_question_is_exit_130_without_a_traceback():
                              f"http://127.0.0.1:{port}", "keys", "revoke", "-w", "acme",
                              "k0000000000a"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ,
-                                                         "KEYGATE_ADMIN_TOKEN": "t" * 40})
+                                                         "KEYGATE_ADMIN_TOKEN": "t" * 40},
+                            # SIGINT as a terminal leaves it: a test run started in the
+                            # background by a shell (`pytest &`) has SIGINT and SIGQUIT ignored,
+                            # and the CLI would inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         asked = b""
         while b"[y/N]" not in asked:
