@@ -31,15 +31,16 @@ _KEY_LIKE: dict[str, re.Pattern[str]] = {}
 
 
 def _key_like(prefix: str) -> re.Pattern[str]:
-    """``<prefix>_<env>_`` then a key id and a secret's worth of base62 (and as much of a
-    checksum as follows): a key whether its checksum verifies or not. One cut short or
-    mistyped in its checksum still holds the secret whole, and the checksum is computed from
-    the rest, so the log masks it like a valid one."""
+    """``<prefix>_<env>_`` then a key id and any of a secret (and as much of a checksum as
+    follows): a key whether its checksum verifies or not. One mistyped in its checksum still
+    holds the secret whole, and the checksum is computed from the rest; one cut short holds
+    part of it (20 of its 32 characters leave 12 to guess), so the log masks both like a
+    valid one. The key id alone (the public ``kg_live_<id>`` prefix) is no secret."""
     pattern = _KEY_LIKE.get(prefix)
     if pattern is None:
-        least = ID_LEN + SECRET_LEN
         pattern = _KEY_LIKE[prefix] = re.compile(
-            r"%s_[0-9A-Za-z-]+_[0-9A-Za-z]{%d,%d}" % (re.escape(prefix), least, least + 6))
+            r"%s_[0-9A-Za-z-]+_[0-9A-Za-z]{%d,%d}" % (re.escape(prefix), ID_LEN + 1,
+                                                     ID_LEN + SECRET_LEN + 6))
     return pattern
 
 

@@ -461,6 +461,21 @@ def test_access_log_path_masking_handles_encoded_keys():
     assert mask_path(f"/a/{quote(TOKEN, safe='')}".replace("_", "%5F"), "kg") == "/***"
 
 
+def test_a_key_cut_short_is_masked_once_any_of_its_secret_follows_the_key_id():
+    """A token pasted cut short (a line wrapped, a copy stopped early) still holds part of its
+    secret: 20 of its 32 characters leave 12 to guess. Only a whole secret's worth was
+    masked, so the log kept the 20. Masked now from the first character after the key id;
+    the key's public prefix (``kg_live_<id>``, shown in listings) stays as it is."""
+    from gateway.accesslog import mask_path
+    head = len("kg_live_") + 12
+    for cut in (head + 1, head + 20, head + 31, head + 32):
+        part = TOKEN[:cut]
+        assert mask_path(f"/people/{part}/x", "kg") == "/people/***/x", cut
+        assert mask_query(f"q=1&token={part}", "kg") == "q=1&token=***", cut
+    assert mask_path(f"/people/{TOKEN[:head]}", "kg") == f"/people/{TOKEN[:head]}"
+    assert mask_path("/a/kg_live_short/b", "kg") == "/a/kg_live_short/b"
+
+
 @given(st.text() | st.text(alphabet=st.characters(max_codepoint=0x80))
        | st.text(alphabet=st.characters(blacklist_categories=())))
 def test_every_string_field_is_written_as_json_that_reads_back_as_sent(value):
