@@ -298,17 +298,23 @@ def test_unreachable_redis_tells_the_operator_where_the_url_comes_from_and_what_
 def test_a_redis_refusing_the_password_at_start_up_says_check_the_credentials(tmp_path):
     """A Redis that answers but refuses the password: the line says to check the URL's
     credentials, not to start a Redis that is running."""
-    port = free_port()
-    server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--save", "",
-                               "--appendonly", "no", "--requirepass", "right-one"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+    for _ in range(3):  # a port another test took between free_port and the bind: anew
+        port = free_port()
+        server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--save", "",
+                                   "--appendonly", "no", "--requirepass", "right-one"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline, up = time.monotonic() + 30, False
+        while not up and server.poll() is None and time.monotonic() < deadline:
             with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
+                up = probe.connect_ex(("127.0.0.1", port)) == 0
             time.sleep(0.05)
+        if up:
+            break
+        server.kill()
+        server.wait(10)
+    else:
+        pytest.fail("the password-protected redis-server did not start")
+    try:
         config, _, _ = write_config(tmp_path, redis_url=f"redis://:wrong@127.0.0.1:{port}/0")
         for workers in ("1", "2"):
             line = assert_one_clear_line(run_serve(config, "--workers", workers),
