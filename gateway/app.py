@@ -35,11 +35,40 @@ log = logging.getLogger("keygate")
 
 # Seconds a stop lets requests in flight finish, then writes what the fail-open ledger counted
 # (deploy/k8s/deployment.yaml's grace period covers all three, after its preStop sleep).
+# KEYGATE_DRAIN_SECONDS sets the first (drain_seconds): a platform whose grace period is
+# shorter, or an API whose requests are long, sets its own.
 SHUTDOWN_TIMEOUT = 30
+DRAIN_ENV = "KEYGATE_DRAIN_SECONDS"
+MAX_DRAIN_SECONDS = 3600
 # Then seconds the admin listener lets its calls in flight finish (they are short: a stalled
 # one is cut off; aiohttp's default, 60 s, outlasted deploy/k8s's grace period on its own).
 ADMIN_SHUTDOWN_TIMEOUT = 5
 LEDGER_SHUTDOWN_TIMEOUT = 10
+
+
+def drain_problem() -> str | None:
+    """What is wrong with ``$KEYGATE_DRAIN_SECONDS``, if anything (``serve`` refuses to
+    start then, as for a config problem: a stop that drains for a time nobody chose is worse
+    than no start)."""
+    text = os.environ.get(DRAIN_ENV)
+    if text is None:
+        return None
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_DRAIN_SECONDS:  # NaN fails too
+        return (f"{DRAIN_ENV} must be a number of seconds from 0 to {MAX_DRAIN_SECONDS}, "
+                f"not {text!r}")
+    return None
+
+
+def drain_seconds() -> float:
+    """Seconds a stop lets the proxy's requests in flight finish: ``$KEYGATE_DRAIN_SECONDS``,
+    else SHUTDOWN_TIMEOUT (``serve`` checked the variable before it started)."""
+    if drain_problem() is not None or DRAIN_ENV not in os.environ:
+        return SHUTDOWN_TIMEOUT
+    return float(os.environ[DRAIN_ENV].strip())
 # Open connections the admin listener holds at most (per process); one over it is closed at
 # once. Its callers are few (the CLI, the console, probes, a scraper), and its connections
 # take their descriptors from the reserve raise_open_file_limit keeps for the store and the
@@ -355,7 +384,7 @@ async def start_listeners(gw: Gateway, reuse_port: bool = False) -> list[web.Bas
     """Bind the proxy and admin listeners. Raises ListenError naming the address."""
     config = gw.config
     proxy_runner = web.ServerRunner(gw.proxy_server, handle_signals=False,
-                                    shutdown_timeout=SHUTDOWN_TIMEOUT)
+                                    shutdown_timeout=drain_seconds())
     admin_runner = AdminRunner(gw.admin_app, handle_signals=False, access_log=None,
                                shutdown_timeout=ADMIN_SHUTDOWN_TIMEOUT,
                                header_timeout=config.server.timeouts.header,

@@ -642,6 +642,9 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
         config = load_config(config_path)
         if problems := servable_problems(config):
             raise ConfigError(problems)
+        from .app import drain_problem
+        if problem := drain_problem():
+            raise ConfigError([problem])
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

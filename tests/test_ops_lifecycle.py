@@ -190,23 +190,26 @@ async def test_a_stop_with_two_hundred_connections_in_flight_finishes_them_all(
 
 async def test_a_request_still_in_flight_when_the_drain_time_ends_is_cut_off_then(
         tmp_path, redis_url):
-    """The drain is bounded as documented: requests in flight at SIGTERM get SHUTDOWN_TIMEOUT
-    (30 s) to finish. aiohttp waited that long, then as long again for the handler before it
-    cancelled it, so one slow upstream (an upstream timeout of minutes) held the stop for
-    60 s: past Kubernetes' terminationGracePeriodSeconds with the preStop sleep and the rest
-    of the stop, a SIGKILL that lost the usage counted while Redis was down and every
-    access-log line still queued. It is cut off at 30 s now, with its access-log line and a
-    warning saying so, and the process exits 0."""
+    """The drain is bounded as documented: requests in flight at SIGTERM get the drain time
+    (SHUTDOWN_TIMEOUT, 30 s, or $KEYGATE_DRAIN_SECONDS) to finish. aiohttp waited that long,
+    then as long again for the handler before it cancelled it, so one slow upstream (an
+    upstream timeout of minutes) held the stop for 60 s: past Kubernetes'
+    terminationGracePeriodSeconds with the preStop sleep and the rest of the stop, a SIGKILL
+    that lost the usage counted while Redis was down and every access-log line still queued.
+    It is cut off at the drain time now, with its access-log line and a warning saying so,
+    and the process exits 0. (Run with a drain time of 4 s: the 30 s default is the same
+    code path, and test_the_drain_time_is_30_s_unless_the_environment_says_otherwise holds
+    the default.)"""
     import time
 
-    from gateway.app import SHUTDOWN_TIMEOUT
+    drain = 4
     seen = {"n": 0}
     release = asyncio.Event()  # the test's end: the upstream's own stop need not wait
 
     async def handler(request: web.Request) -> web.Response:
         seen["n"] += 1
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(release.wait(), SHUTDOWN_TIMEOUT + 30)
+            await asyncio.wait_for(release.wait(), drain + 60)
         return web.json_response({})
 
     async with serving(handler) as url:
@@ -215,10 +218,10 @@ async def test_a_request_still_in_flight_when_the_drain_time_ends_is_cut_off_the
         doc = yaml.safe_load(config.read_text())
         doc["upstreams"]["api"]["timeout"] = 300  # an upstream allowed to take minutes
         config.write_text(yaml.safe_dump(doc))
-        gw = Served(config, pport, aport)
+        gw = Served(config, pport, aport, environ={"KEYGATE_DRAIN_SECONDS": f" {drain} "})
         try:
             await gw.ready()
-            async with ClientSession(timeout=ClientTimeout(total=SHUTDOWN_TIMEOUT + 40)) as s:
+            async with ClientSession(timeout=ClientTimeout(total=drain + 60)) as s:
                 async def one():
                     try:
                         async with s.get(gw.proxy + "/health") as r:
@@ -234,17 +237,58 @@ async def test_a_request_still_in_flight_when_the_drain_time_ends_is_cut_off_the
             code = await asyncio.to_thread(gw.proc.wait, 60)
             stopped_at = time.monotonic() - started
             assert got != 200, got
-            assert SHUTDOWN_TIMEOUT - 1 < cut_at < SHUTDOWN_TIMEOUT + 5, cut_at
-            assert stopped_at < SHUTDOWN_TIMEOUT + 8, stopped_at
+            assert drain - 1 < cut_at < drain + 5, cut_at
+            assert stopped_at < drain + 8, stopped_at
             assert code == 0
             err = gw.stderr()
             assert "Traceback" not in err, err[-3000:]
-            assert "1 request still in flight" in err, err[-3000:]
+            assert f"1 request still in flight after {drain} s cut off" in err, err[-3000:]
             (line,) = [e for e in access_lines(err) if e["path"] == "/health"]
-            assert line["duration_ms"] > (SHUTDOWN_TIMEOUT - 1) * 1000, line
+            assert line["duration_ms"] > (drain - 1) * 1000, line
         finally:
             release.set()
             gw.close()
+
+
+def test_the_drain_time_is_30_s_unless_the_environment_says_otherwise(monkeypatch):
+    """The documented default (docs/operations.md, Stopping; the Deployment's grace period is
+    sized for it) and the variable's reading: seconds, fractions allowed, blanks around."""
+    from gateway.app import SHUTDOWN_TIMEOUT, drain_problem, drain_seconds
+    monkeypatch.delenv("KEYGATE_DRAIN_SECONDS", raising=False)
+    assert SHUTDOWN_TIMEOUT == 30 and drain_seconds() == 30 and drain_problem() is None
+    for text, seconds in (("0", 0), ("2.5", 2.5), (" 90\n", 90), ("3600", 3600)):
+        monkeypatch.setenv("KEYGATE_DRAIN_SECONDS", text)
+        assert drain_problem() is None and drain_seconds() == seconds, text
+
+
+def test_a_drain_time_that_is_no_number_of_seconds_is_named_as_the_problem(monkeypatch):
+    """A typo read as 0, a unit suffix, an hour-long value past any grace period: each is
+    named, with the variable and the value (serve refuses to start then: the test below)."""
+    from gateway.app import drain_problem, drain_seconds
+    for text in ("", "soon", "-1", "3601", "nan", "inf", "30s", "1e9", "0x10"):
+        monkeypatch.setenv("KEYGATE_DRAIN_SECONDS", text)
+        assert drain_problem() == "KEYGATE_DRAIN_SECONDS must be a number of seconds from 0 " \
+            f"to 3600, not {text!r}", text
+        assert drain_seconds() == 30
+
+
+def test_a_drain_time_that_is_no_number_of_seconds_stops_serve_before_it_starts(
+        tmp_path, redis_url):
+    """A stop that would drain for a time nobody chose is refused at start, as a config
+    problem is: exit 1, the problem on stderr, no traceback."""
+    import subprocess
+    import sys
+
+    from served import env
+    config, pport, aport = write_config(tmp_path, redis_url=redis_url,
+                                        upstream_url="http://127.0.0.1:9")
+    done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                          env={**env(), "KEYGATE_DRAIN_SECONDS": "30s"}, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1, done
+    assert "KEYGATE_DRAIN_SECONDS must be a number of seconds from 0 to 3600, not '30s'" \
+        in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 async def test_reloads_under_load_swap_routes_and_identity_headers_together_and_a_broken_file_changes_nothing(
