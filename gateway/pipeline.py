@@ -543,7 +543,8 @@ class Pipeline:
         """Whether ``key`` still allows a tunnel opened on a route needing ``scopes`` from
         ``client`` with a token of ``token_kind`` (its prefix and environment): the key as
         confirmed now, or None when it would be refused (401, 403). A store that cannot
-        answer leaves the tunnel open: the key as it was."""
+        answer leaves the tunnel open: the key as it was. A key that still allows it has its
+        last use stamped."""
         if not self.auth.accepts(*token_kind):  # a reload stopped accepting such tokens
             return None
         if key.generation != self.auth.generation:
@@ -559,7 +560,10 @@ class Pipeline:
                 return None
             key = fresh
         try:
-            key, _, _ = await self.authorise(key, scopes, count=False, client=client)
+            # stamped: a key whose only traffic is a tunnel open for weeks is in use, not
+            # idle since its handshake (keys list --unused, the console's least recently used)
+            key, _, _ = await self.authorise(key, scopes, count=False, client=client,
+                                             stamp=True)
         except GatewayError as exc:
             return None if exc.status in (401, 403) else key
         return key

@@ -1364,6 +1364,38 @@ async def test_rechecking_open_tunnels_while_the_store_is_down_is_no_degraded_de
         assert await eventually(redis_answers(redis_url))
 
 
+async def test_a_key_holding_a_tunnel_open_shows_as_used_not_idle_since_its_handshake(
+        redis_url, monkeypatch):
+    """``last_used_at`` is what ``keys list --unused 30d`` and the console's "least recently
+    used first" go by when an operator looks for keys to revoke. A key whose only traffic is
+    one WebSocket tunnel open for weeks (a dashboard, a device) showed its handshake's time,
+    so it was listed as unused while its users relied on it. Each periodic check of an open
+    tunnel (``server.websocket_recheck``) stamps the key's last use, as a request does."""
+    async with ws_upstream() as (url, _), gateway(redis_url, monkeypatch, url,
+                                                  websocket_recheck=1.0) as g:
+        token, key = await g.key()
+
+        async def last_used() -> str | None:
+            status, body = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+            assert status == 200, body
+            return body["last_used_at"]
+
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws:
+                await ws.send_str("a")
+                assert (await ws.receive(timeout=5)).data == "echo:a"
+                at_handshake = await last_used()
+                assert at_handshake is not None
+                deadline = time.monotonic() + 8
+                while (now := await last_used()) == at_handshake:
+                    assert time.monotonic() < deadline, \
+                        f"last_used_at still {at_handshake} with the tunnel open for 8 s"
+                    await asyncio.sleep(0.2)
+                assert now > at_handshake
+                await ws.send_str("b")
+                assert (await ws.receive(timeout=5)).data == "echo:b"
+
+
 @pytest.mark.parametrize("every", [1.0, 2.0])
 async def test_a_revoked_keys_tunnel_closes_within_server_websocket_recheck(redis_url,
                                                                            monkeypatch, every):
