@@ -287,6 +287,14 @@ def _consistent(url: str, ws: str = "acme") -> list[str]:
     return problems
 
 
+async def take_backs_done(g) -> None:
+    """Until the take-backs of the 503'd creates and rotations have run (they do once Redis
+    answers): each is registered before its 503 is answered, so once the writers are done
+    none can start later. A fixed second waited for them, and was the wrong bound under load."""
+    assert await eventually(lambda: not g.gw.store._taking_back, timeout=30), \
+        f"{len(g.gw.store._taking_back)} take-backs still running after 30 s"
+
+
 async def test_key_writes_across_pauses_of_redis_leave_every_record_consistent(
         upstream, own_redis, monkeypatch):
     """Creates, rotations (with and without a grace), revokes, PATCHes and limits changes
@@ -342,7 +350,7 @@ async def test_key_writes_across_pauses_of_redis_leave_every_record_consistent(
             stop.set()
             await asyncio.wait_for(asyncio.gather(*work), 20)
         assert 503 in seen and 201 in seen, sorted(set(seen))
-        await asyncio.sleep(1.0)  # the take-backs run once Redis answers
+        await take_backs_done(g)
         assert await eventually(lambda: not _consistent(own_redis.url)), \
             _consistent(own_redis.url)
         r = redis.Redis.from_url(own_redis.url, decode_responses=True)
@@ -419,7 +427,7 @@ async def test_key_writes_across_a_killed_and_restarted_redis_leave_every_record
             finally:
                 stop.set()
                 await asyncio.wait_for(asyncio.gather(*work), 20)
-            await asyncio.sleep(1.0)  # the take-backs run once Redis answers
+            await take_backs_done(g)
             assert await eventually(lambda: not _consistent(server.url)), \
                 _consistent(server.url)
             r = redis.Redis.from_url(server.url, decode_responses=True)

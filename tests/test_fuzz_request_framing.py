@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 from gateway.config import Route
 
-from harness import gateway_under_test, make_config, tampered, target_parser
+from harness import eventually, gateway_under_test, make_config, tampered, target_parser
 
 IDENTITY = (b"x-workspace-id", b"x-api-key-id", b"x-api-scopes", b"x-workspace-plan")
 # what keygate writes into a forwarded request head itself
@@ -59,9 +59,11 @@ class Recorder:
     raw: list[bytearray] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     port: int = 0
+    transports: list[asyncio.Transport] = field(default_factory=list)
 
     async def start(self) -> "Recorder":
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: _Recording(self), "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -75,29 +77,56 @@ class Recorder:
         since = getattr(self, "since", {})
         return [bytes(buf[since.get(id(buf), 0):]) for buf in self.raw]
 
-    async def _serve(self, reader, writer) -> None:
-        buf = bytearray()
-        self.raw.append(buf)
-        answers: list[bytes] = []
+    def unread(self) -> bool:
+        """Whether bytes (or an end) wait in a connection's socket that are not in ``raw``
+        yet: each read goes into ``raw`` as it is made (a protocol's data_received, no
+        stream buffer in between)."""
+        import select
+        open_ = [t for t in self.transports if not t.is_closing()]
+        self.transports[:] = open_
+        return bool(open_) and bool(select.select(
+            [t.get_extra_info("socket").fileno() for t in open_], [], [], 0)[0])
 
-        parser = target_parser(answers.append)
+
+class _Recording(asyncio.Protocol):
+    """One upstream connection: records every byte, answers each request with its target;
+    a head it cannot parse is an error, and the connection closes."""
+
+    def __init__(self, up: Recorder) -> None:
+        self.up = up
+        self.answers: list[bytes] = []
+        self.parser = target_parser(self.answers.append)
+
+    def connection_made(self, transport) -> None:
+        self.transport, self.buf = transport, bytearray()
+        self.up.raw.append(self.buf)
+        self.up.transports.append(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
         try:
-            while data := await reader.read(65536):
-                buf += data
-                try:
-                    parser.feed_data(data)
-                except httptools.HttpParserError as exc:
-                    self.errors.append(f"upstream could not parse what it got: {exc}")
-                    break
-                for target in answers:
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.up.errors.append(f"upstream could not parse what it got: {exc}")
+            self.transport.close()
+            return
+        for target in self.answers:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
                                  % (len(target), target))
-                answers.clear()
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+        self.answers.clear()
+
+
+def settled(g, tasks_before: set[asyncio.Task]) -> bool:
+    """keygate handles no request, every task started since ``tasks_before`` (a connection's,
+    a request's, or any keygate left running in the background) is done, and the upstream has
+    read every byte keygate sent it. keygate, the upstream and the client all run in this
+    event loop: a byte keygate wrote is in the upstream's socket once the write returns."""
+    if g.gw.metrics.in_flight_now:
+        return False
+    if any(not t.done() for t in asyncio.all_tasks() - tasks_before
+           if t is not asyncio.current_task()):
+        return False
+    return not g.up.unread()
 
 
 # --- the reference: h11 reading the bytes as a server ------------------------------------------
@@ -479,8 +508,13 @@ async def test_property_what_reaches_the_upstream_is_what_the_reference_reads_an
     stream = b"".join(b.raw for b in built)
     note(f"client stream: {stream!r}, cut at {sorted(cuts)}")
     reference, ended = reference_requests(stream)
+    tasks_before = asyncio.all_tasks()
     answer, closed = await exchange(edge.proxy_server.port, stream, wait=0.6, cuts=cuts)
-    await asyncio.sleep(0.05)  # the upstream's reads of the last request, if any
+    # the upstream's reads of the last request, if any: until keygate is done with every
+    # request and the upstream has read all it was sent (a fixed 50 ms was a third of each
+    # example, and no bound on a loaded machine)
+    assert await eventually(lambda: settled(edge, tasks_before), timeout=10, every=0.005), \
+        "keygate still at work, or bytes it sent the upstream unread, after 10 s"
     answers, clean = reference_answers(answer)
     event(f"reference: {ended}; keygate closed: {closed}")
     for s, b in zip(specs, built):
