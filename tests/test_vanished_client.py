@@ -2,14 +2,11 @@
 streams it an answer or relays its WebSocket tunnel is dropped within ``server.timeouts.body``,
 and the upstream connection it held with it.
 
-A real vanish needs the kernel to stop answering, which only root can arrange: the client runs
-in a network namespace of its own, joined to keygate's by a veth pair on a private /30, and
-vanishes when the test takes its end of the link down (what its kernel would have acknowledged
-is lost, nothing is sent back). keygate runs its real listeners (``start_listeners``) on the
+The client runs in a network namespace of its own and vanishes when the test takes its end of
+the link down (tests/vanishing.py). keygate runs its real listeners (``start_listeners``) on the
 other end; the upstream is a real aiohttp server on loopback that keeps sending a few bytes
 every 0.2 s, so keygate's send buffer never fills and the tunnel is never idle. Without a TCP
-user timeout, such a connection lived until TCP gave up retransmitting (~15 minutes).
-The namespace (and the veth pair with it) is always removed."""
+user timeout, such a connection lived until TCP gave up retransmitting (~15 minutes)."""
 
 from __future__ import annotations
 
@@ -17,8 +14,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -33,53 +28,10 @@ from gateway.config import Route, ServerConfig, Timeouts, Upstream
 
 from harness import (ADMIN_TOKEN, bearer, eventually, gateway_under_test, make_config, raw_upstream,
                      serving)
+from vanishing import needs_vanish, vanishing_link
 
 BODY = 2.0  # server.timeouts.body under test
 BOUND = BODY + 4.0  # the connection must be gone by then (TCP's own give-up is ~15 minutes)
-
-
-def _can_vanish() -> str | None:
-    if sys.platform != "linux" or not hasattr(socket, "TCP_USER_TIMEOUT"):
-        return "Linux only"
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return "needs root and iproute2 (ip netns, veth) to make a client vanish"
-    return None
-
-
-needs_vanish = pytest.mark.skipif(_can_vanish() is not None, reason=str(_can_vanish()))
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
-@contextlib.contextmanager
-def vanishing_link():
-    """(keygate's address, the client's namespace, a function that makes the client vanish):
-    a namespace joined to this one by a veth pair, both ends on a private /30."""
-    tag = f"{os.getpid() % 100000}"
-    ns, here, there = f"kgv{tag}", f"kgvh{tag}", f"kgvc{tag}"
-    octet = 16 + os.getpid() % 200
-    ours, theirs = f"10.213.{octet}.1", f"10.213.{octet}.2"
-    try:
-        _ip("netns", "add", ns)
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"cannot make a network namespace here: {exc.stderr.decode().strip()}")
-    try:
-        _ip("link", "add", here, "type", "veth", "peer", "name", there, "netns", ns)
-        _ip("addr", "add", f"{ours}/30", "dev", here)
-        _ip("link", "set", here, "up")
-        _ip("-n", ns, "addr", "add", f"{theirs}/30", "dev", there)
-        _ip("-n", ns, "link", "set", there, "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-
-        def vanish() -> None:  # the client's kernel neither receives nor sends from now on
-            _ip("-n", ns, "link", "set", there, "down")
-
-        yield ours, ns, vanish
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
-        subprocess.run(["ip", "link", "del", here], capture_output=True, timeout=10)
 
 
 # The client: sends its request, reads until it has seen the upstream's bytes, says so, then
@@ -142,7 +94,7 @@ async def connected_client(redis_url, monkeypatch, request_text: str, ended: lis
     """keygate on its real listeners, its upstream, and a client in a namespace that has sent
     ``request_text`` and seen the upstream's first bytes: (gateway, make the client vanish)."""
     monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-    with vanishing_link() as (address, ns, vanish):
+    with vanishing_link() as (address, _, ns, vanish):
         async with trickling_upstream(ended, trickle) as upstream_url:
             port = free_port()
             config = make_config(upstream_url, server=ServerConfig(

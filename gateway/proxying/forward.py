@@ -270,8 +270,11 @@ class Forwarder:
         if entry is None:
             url = URL(upstream.url)
             context, digest = _trusting(upstream)
+            # a vanished upstream host is found as a vanished client is: within
+            # server.timeouts.body (a restart setting: the same for every pool a reload makes)
             pool = UpstreamPool(str(url.origin()), connect_timeout=upstream.timeout,
-                                ssl_context=context, max_connections=upstream.max_connections)
+                                ssl_context=context, max_connections=upstream.max_connections,
+                                vanish_timeout=self.config.server.timeouts.body)
             pool.ca_digest = digest
             entry = (pool, url.raw_path.rstrip("/"), url.host_port_subcomponent or url.host or "")
             if current:

@@ -21,7 +21,6 @@ import inspect
 import logging
 import math
 import re
-import socket
 import uuid
 import warnings
 from typing import Callable
@@ -39,6 +38,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from ..errors import BadRequest, GatewayError, body_cut_short
 from .connection import ClientGone
 from .response import WholeResponse
+from .vanish import set_vanish_options, vanish_options
 
 log = logging.getLogger("keygate")
 
@@ -1003,22 +1003,10 @@ def drop_vanished_peers(sockets, timeout: float) -> None:
     connection whose sent bytes stay unacknowledged that long; keep-alive probes (the first
     after half of it without a byte from the peer, then every tenth of it) give a connection
     with nothing to send something to go unacknowledged, and a live peer answers them (it
-    need not send a byte itself). Options a platform lacks are left out."""
-    tcp = socket.IPPROTO_TCP
-    idle = min(32767, max(1, math.ceil(timeout / 2)))
-    every = min(32767, max(1, math.ceil(timeout / 10)))
-    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    for name, value in (("TCP_USER_TIMEOUT", max(1, round(timeout * 1000))),
-                        ("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", every),
-                        # only where there is no user timeout (which then decides alone)
-                        ("TCP_KEEPCNT", min(127, max(1, math.ceil((timeout - idle) / every))))):
-        if hasattr(socket, name):
-            options.append((tcp, getattr(socket, name), value))
+    need not send a byte itself): ``gateway.proxying.vanish``."""
+    options = vanish_options(timeout)
     for sock in sockets:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            continue
-        for level, option, value in options:
-            sock.setsockopt(level, option, value)
+        set_vanish_options(sock, options)
 
 
 class ProxyServer(web.Server):

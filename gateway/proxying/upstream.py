@@ -32,7 +32,13 @@ proxy needs and nothing else:
   records it has not decrypted yet when the FIN comes while reading is paused (uvloop PR
   #661): a large answer ended by close_notify was cut short under backpressure. It is
   ``UpstreamTLS``, which also reads the records of an early answer still in the socket when a
-  body write fails on the upstream's reset, as the plain TCP connection reads its bytes.
+  body write fails on the upstream's reset, as the plain TCP connection reads its bytes;
+- an upstream whose machine vanishes (power loss, a cut cable: no FIN, no RST) is found so
+  within ``vanish_timeout`` (``server.timeouts.body``): each new connection gets a TCP user
+  timeout and keep-alive probes as it connects (``gateway.proxying.vanish``), once per
+  connection, never per request. Without them a tunnel the client pings, an upload it
+  trickles, or an answer that went quiet after its head held the connection, its client and
+  their slots until TCP gave up retransmitting (~15 minutes), or the upstream's ``timeout``.
 
 This module is the pool; one connection, its parsing and the response it hands out are
 ``gateway.proxying.connection``.
@@ -49,6 +55,7 @@ from .connection import (BodyFramingError, BodySource, ClientGone, UploadShareFu
                          UploadSlotsFull, UpstreamConnectError, UpstreamConnection,
                          UpstreamProtocolError, UpstreamResponse, UpstreamTimeout,
                          UpstreamTLS, UpstreamUnreached)
+from .vanish import set_vanish_options, vanish_options
 
 MAX_IDLE = 256
 IDLE_TTL = 30.0   # seconds an idle connection is trusted (a middlebox may drop it silently)
@@ -64,7 +71,7 @@ class UpstreamPool:
 
     def __init__(self, url: str, *, connect_timeout: float = 5.0, max_idle: int = MAX_IDLE,
                  ssl_context: ssl.SSLContext | None = None, idle_ttl: float = IDLE_TTL,
-                 max_connections: int = 100) -> None:
+                 max_connections: int = 100, vanish_timeout: float | None = None) -> None:
         """``ssl_context``: for ``https://``, the context to verify the upstream with (e.g.
         one trusting a private CA); by default the system's trust store.
 
@@ -74,7 +81,11 @@ class UpstreamPool:
         most ``max_streaming`` at once: half, at least one (all of them when
         ``max_connections`` is 1); and the uploads of one owner (``request(owner=...)``) at
         most ``share`` of those: half, at least one (with ``max_streaming`` 1 that one slot:
-        no fairness is possible)."""
+        no fairness is possible).
+
+        ``vanish_timeout``: seconds after which a connection whose upstream acknowledges
+        nothing (sent bytes, keep-alive probes) is ended, its machine gone
+        (``gateway.proxying.vanish``); None: TCP's own (~15 minutes)."""
         parts = urlsplit(url)
         self.tls = (ssl_context or ssl.create_default_context()) \
             if parts.scheme == "https" else None
@@ -84,6 +95,8 @@ class UpstreamPool:
         self.port = parts.port or (443 if self.tls else 80)
         self.base_path = parts.path.rstrip("/")
         self.connect_timeout = connect_timeout
+        # computed once: set on each connection as it is made (a pooled one keeps them)
+        self._vanish = vanish_options(vanish_timeout) if vanish_timeout is not None else []
         self.max_idle = max_idle
         self.idle_ttl = idle_ttl
         self.idle: list[UpstreamConnection] = []
@@ -227,10 +240,11 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         try:
             if self.tls is None:
-                _, conn = await asyncio.wait_for(
+                transport, conn = await asyncio.wait_for(
                     loop.create_connection(lambda: UpstreamConnection(self), self.host,
                                            self.port),
                     self.connect_timeout)
+                self._drop_if_vanished(transport)
             else:
                 conn = await asyncio.wait_for(self._connect_tls(loop), self.connect_timeout)
         except asyncio.TimeoutError as exc:
@@ -251,11 +265,20 @@ class UpstreamPool:
                           ssl_handshake_timeout=self.connect_timeout)
         transport, _ = await loop.create_connection(lambda: tls, self.host, self.port)
         try:
+            self._drop_if_vanished(transport)  # the TCP connection's (the handshake's too)
             await handshake
         except BaseException:
             transport.close()
             raise
         return conn
+
+    def _drop_if_vanished(self, transport: asyncio.BaseTransport) -> None:
+        """Set the options that find a vanished upstream on a new connection's socket."""
+        if self._vanish:
+            try:
+                set_vanish_options(transport.get_extra_info("socket"), self._vanish)
+            except OSError:  # closed meanwhile: its loss is reported as any other
+                pass
 
     async def request(self, head: bytes, *, body: BodySource | None = None,
                       content_length: int | None = None, timeout: float = 30.0,

@@ -1,0 +1,263 @@
+"""An upstream host that vanishes (power loss, a cut cable: no FIN, no RST) while keygate
+relays a WebSocket tunnel to it, streams its answer or sends it a request body is found so
+within ``server.timeouts.body``: the client's connection is ended, the upstream connection's
+slot and the client's place under ``server.max_connections`` come free.
+
+The upstream runs in a network namespace of its own and vanishes when the test takes its end
+of the link down (tests/vanishing.py); keygate and the client run on this side, the client on
+loopback. Its client sends a few bytes every 0.2 s (a WebSocket ping, a trickled upload): too
+few to fill keygate's send buffer (the write stall timer never starts), and each resets the
+tunnel's idle timer. Without a TCP user timeout and keep-alive probes on the upstream socket
+such a tunnel or upload lived until TCP gave up retransmitting (~15 minutes), and a streamed
+answer whose upstream went quiet after its head until the upstream's ``timeout`` (20 s here,
+as long as a stream of events needs)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+from aiohttp import web
+
+import test_tls_upstream
+from gateway.config import Route, ServerConfig, Timeouts, Upstream
+from harness import eventually, gateway_under_test, make_config
+from vanishing import needs_vanish, vanishing_link
+
+BODY = 2.0  # server.timeouts.body under test
+BOUND = BODY + 4.0  # the connection must be gone by then (TCP's own give-up is ~15 minutes)
+UPSTREAM_TIMEOUT = 20.0  # the upstream's timeout: a gap in a streamed answer this long ends it
+
+private_ca = test_tls_upstream.private_ca  # (a fixture)
+
+# The upstream, in the namespace: a WebSocket handshake is switched (then whatever comes is
+# read, nothing sent); a GET gets a chunked answer's head and three chunks, then nothing; a
+# POST has its body read as it comes, never answered. It prints the port it listens on, then
+# "switched", "streamed" or "reading" once it is there.
+UPSTREAM = r"""
+import base64, hashlib, socket, sys, threading, time
+srv = socket.create_server((sys.argv[1], 0))
+print(srv.getsockname()[1], flush=True)
+def serve(conn):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        more = conn.recv(4096)
+        if not more:
+            return
+        head += more
+    lines = head.split(b"\r\n")
+    fields = dict(l.split(b":", 1) for l in lines[1:] if b":" in l)
+    fields = {k.strip().lower(): v.strip() for k, v in fields.items()}
+    if fields.get(b"upgrade", b"").lower() == b"websocket":
+        accept = base64.b64encode(hashlib.sha1(
+            fields[b"sec-websocket-key"] + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        print("switched", flush=True)
+    elif lines[0].startswith(b"GET "):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        for _ in range(3):
+            conn.sendall(b"b\r\ndata: tick\n\r\n")
+            time.sleep(0.05)
+        print("streamed", flush=True)
+    else:
+        print("reading", flush=True)
+    while conn.recv(65536):
+        pass
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+WS_HANDSHAKE = ("GET /open/feed HTTP/1.1|Host: g|Upgrade: websocket|Connection: Upgrade|"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==|Sec-WebSocket-Version: 13||")
+STREAM_REQUEST = "GET /open/stream HTTP/1.1|Host: g|Accept: text/event-stream||"
+UPLOAD_REQUEST = "POST /open/upload HTTP/1.1|Host: g|Transfer-Encoding: chunked||"
+PING = bytes([0x89, 0x80]) + os.urandom(4)  # a masked WebSocket ping, no payload (RFC 6455)
+CHUNK = b"1\r\nx\r\n"  # one byte of a chunked upload
+CASES = pytest.mark.parametrize("request_text", [WS_HANDSHAKE, STREAM_REQUEST, UPLOAD_REQUEST],
+                                ids=["websocket-tunnel", "streamed-answer", "trickled-upload"])
+
+
+def _config(upstream_url: str):
+    config = make_config(upstream_url, server=ServerConfig(
+        host="127.0.0.1", access_log="json",
+        timeouts=Timeouts(header=5.0, body=BODY, idle=30.0)),
+        routes=(Route("/open/**", "api", ("GET", "POST"), (), True, websocket=True),))
+    return dataclasses.replace(config, upstreams={
+        "api": Upstream("api", upstream_url, UPSTREAM_TIMEOUT)})
+
+
+@contextlib.asynccontextmanager
+async def connected_client(redis_url, monkeypatch, request_text: str):
+    """keygate, its upstream in a namespace and a client on loopback whose request reached the
+    upstream (a tunnel switched, an answer's head and chunks relayed, an upload begun), its
+    client sending a few bytes every 0.2 s (pings, the upload's bytes) while ``sending`` is
+    set: (gateway, make the upstream vanish, the client's reader, ``sending``)."""
+    with vanishing_link() as (_, address, ns, vanish):
+        upstream = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", ns, sys.executable, "-c", UPSTREAM, address,
+            stdout=subprocess.PIPE)
+        sender = None
+        try:
+            port = int(await asyncio.wait_for(upstream.stdout.readline(), 10))
+            async with gateway_under_test(_config(f"http://{address}:{port}"), redis_url,
+                                          monkeypatch) as g:
+                reader, writer = await g.raw_connection()
+                writer.write(request_text.replace("|", "\r\n").encode())
+                there = await asyncio.wait_for(upstream.stdout.readline(), 10)
+                assert there.strip() in (b"switched", b"streamed", b"reading"), there
+                if request_text is not UPLOAD_REQUEST:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    assert head.split()[1] in (b"101", b"200"), head
+                if request_text is STREAM_REQUEST:
+                    got = b""
+                    while got.count(b"data: tick") < 3:
+                        got += await asyncio.wait_for(reader.read(4096), 5)
+                sending = asyncio.Event()
+                sending.set()
+
+                async def send() -> None:
+                    while True:
+                        await asyncio.sleep(0.2)
+                        if sending.is_set() and request_text is not STREAM_REQUEST:
+                            writer.write(PING if request_text is WS_HANDSHAKE else CHUNK)
+
+                sender = asyncio.ensure_future(send())
+                try:
+                    yield g, vanish, reader, sending
+                finally:
+                    sender.cancel()
+                    writer.close()
+        finally:
+            upstream.kill()
+            await upstream.wait()
+
+
+async def _ended(reader: asyncio.StreamReader, within: float) -> tuple[bytes, float | None]:
+    """What the client read until its connection ended (None: still open ``within`` s on)."""
+    got, start = b"", time.monotonic()
+    try:
+        async with asyncio.timeout(within):
+            while more := await reader.read(65536):
+                got += more
+    except TimeoutError:
+        return got, None
+    except ConnectionError:
+        pass
+    return got, time.monotonic() - start
+
+
+@needs_vanish
+@CASES
+async def test_a_vanished_upstream_is_dropped_within_the_body_timeout(
+        redis_url, monkeypatch, capfd, request_text):
+    """Tunnel and upload: keygate's bytes to the upstream go unacknowledged; streamed
+    answer: nothing moves, and the keep-alive probes go unanswered. The client's connection
+    is ended (a tunnel closed, as keygate relays its frames and writes none of its own: the
+    client's WebSocket sees 1006, abnormal closure, and reconnects; an answer cut off, never
+    ended as if complete; an upload answered 502), and the upstream connection's slot and
+    the client's connection are given back."""
+    async with connected_client(redis_url, monkeypatch, request_text) as (
+            g, vanish, reader, _):
+        g.logs(capfd)
+        vanish()
+        got, held = await _ended(reader, BOUND + 6)
+        assert held is not None, \
+            f"the client's connection still open {BOUND + 6:g} s after its upstream vanished"
+        assert held <= BOUND, f"the client's connection ended {held:.1f} s after its upstream vanished"
+        if request_text is WS_HANDSHAKE:
+            assert got == b""  # nothing of keygate's in the tunnel
+        elif request_text is STREAM_REQUEST:
+            assert not got.endswith(b"0\r\n\r\n"), got  # cut off: never a complete answer
+        else:
+            assert got.startswith(b"HTTP/1.1 502 "), got
+            assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["code"] == \
+                "upstream_unavailable"
+        pool = g.gw.pipeline.forwarder._pools["api"][0]
+        await eventually(lambda: not pool.active and pool.opened == 0)
+        assert not pool.active and pool.opened == 0  # its slot of max_connections
+        await eventually(lambda: not g.gw.proxy_server.connections)
+        assert not g.gw.proxy_server.connections  # the client's place under max_connections
+        _, err = g.logs(capfd)
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith('{"time"')]
+    assert [line["path"] for line in lines] == [request_text.split()[1]]
+    if request_text is not WS_HANDSHAKE:  # (a tunnel's end is no error: 101, as logged)
+        assert lines[0]["error"] == "upstream_unavailable", lines[0]
+
+
+@needs_vanish
+@CASES
+async def test_a_quiet_upstream_that_is_still_there_is_kept(redis_url, monkeypatch,
+                                                          request_text):
+    """The probes that find a vanished upstream are answered by a live one that sends
+    nothing: a tunnel whose upstream never answers the client's pings, an answer whose
+    upstream is quiet after its first chunks (within its timeout), an upload it reads without
+    answering stay open past server.timeouts.body; and a tunnel whose client stopped pinging
+    too (nothing moves either way: keep-alive probes only)."""
+    async with connected_client(redis_url, monkeypatch, request_text) as (
+            g, _, reader, sending):
+        got, held = await _ended(reader, BOUND / 2)
+        if request_text is WS_HANDSHAKE:  # (an upload that stops is the client's 408)
+            sending.clear()
+        more, held_too = await _ended(reader, BOUND / 2)
+        assert held is None and held_too is None, "a live, quiet upstream was dropped"
+        assert got + more == b""
+        pool = g.gw.pipeline.forwarder._pools["api"][0]
+        assert len(pool.active) == 1 and len(g.gw.proxy_server.connections) == 1
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux only")
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_upstream_connections_carry_the_user_timeout_and_keepalive(
+        redis_url, monkeypatch, private_ca, scheme):
+    """Without root: each connection keygate opens to an upstream, plain or TLS, has the
+    options set once, as it connects (a pooled connection keeps them for every request it
+    serves). server.timeouts.body 2 s: user timeout 2000 ms, first probe after 1 s, then every
+    second."""
+    context = None
+    if scheme == "https":
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(private_ca["cert"], private_ca["key"])
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        config = _config(f"{scheme}://localhost:{port}")
+        if scheme == "https":
+            config = dataclasses.replace(config, upstreams={"api": dataclasses.replace(
+                config.upstreams["api"], ca_file=str(private_ca["ca"]))})
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            for _ in range(2):  # the second on the pooled connection
+                async with g.proxy.get("/open/hello") as r:
+                    assert r.status == 200 and await r.text() == "hello"
+            pool = g.gw.pipeline.forwarder._pools["api"][0]
+            conn, = pool.idle
+            assert (conn.transport.get_extra_info("sslcontext") is not None) == \
+                (scheme == "https")
+            sock = conn.transport.get_extra_info("socket")
+            tcp = socket.IPPROTO_TCP
+            assert sock.getsockopt(tcp, socket.TCP_USER_TIMEOUT) == 2000
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(tcp, socket.TCP_KEEPIDLE) == 1
+            assert sock.getsockopt(tcp, socket.TCP_KEEPINTVL) == 1
+    finally:
+        await runner.cleanup()
