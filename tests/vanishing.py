@@ -42,8 +42,11 @@ def vanishing_link():
     /30."""
     tag = f"{os.getpid() % 100000}"
     ns, here, there = f"kgv{tag}", f"kgvh{tag}", f"kgvc{tag}"
-    octet = 16 + os.getpid() % 200
-    ours, theirs = f"10.213.{octet}.1", f"10.213.{octet}.2"
+    # a /30 of 10.213.0.0/16 of this process's own (xdist workers run tests of both vanishing
+    # files at once: one subnet per pid, not one of 200 that two pids could share)
+    base = os.getpid() % 16384 * 4
+    ours = f"10.213.{base // 256}.{base % 256 + 1}"
+    theirs = f"10.213.{base // 256}.{base % 256 + 2}"
     try:
         _ip("netns", "add", ns)
     except subprocess.CalledProcessError as exc:
