@@ -82,6 +82,48 @@ async def eventually(condition, timeout: float = 10.0, every: float = 0.02):
         await asyncio.sleep(every)
 
 
+def _run_queue_wait() -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat's second
+    field); 0 where the kernel does not say."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class CpuWait:
+    """How long the event loop's thread waited for a CPU that other processes had: a task
+    samples the thread's run-queue wait every 10 ms while the block runs. ``waited(a, b)``: of
+    the interval [a, b] (``time.monotonic()``), the seconds the loop was ready to run and not
+    running, counted between the samples inside it (so never more than it was). What a wall-
+    clock deadline of the gateway (the store timeout) lost to a loaded machine rather than to
+    keygate: the loop, the gateway and the test's clients are one thread."""
+
+    def __init__(self, every: float = 0.01) -> None:
+        self.every = every
+        self.samples: list[tuple[float, float]] = []
+
+    async def _sample(self) -> None:
+        while True:
+            self.samples.append((time.monotonic(), _run_queue_wait()))
+            await asyncio.sleep(self.every)
+
+    async def __aenter__(self) -> "CpuWait":
+        self._task = asyncio.ensure_future(self._sample())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.samples.append((time.monotonic(), _run_queue_wait()))
+
+    def waited(self, since: float, until: float) -> float:
+        inside = [w for t, w in self.samples if since <= t <= until]
+        return inside[-1] - inside[0] if len(inside) > 1 else 0.0
+
+
 def redis_answers(url: str):
     """A condition for ``eventually``: Redis at ``url`` answers a PING (a pause has ended)."""
     import redis

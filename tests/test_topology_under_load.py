@@ -14,7 +14,7 @@ import pytest
 import redis
 
 
-from harness import bearer, eventually, gateway_under_test, under_load_config
+from harness import CpuWait, bearer, eventually, gateway_under_test, under_load_config
 from test_redis_topologies import (CLUSTER_PW, DATA_PW, MASTER, SENTINEL_PW,
                                    redis_cluster, sentinel_group)  # noqa: F401 - fixtures
 from test_store_under_load import STORE_DOWN, Flood, bounded
@@ -421,7 +421,7 @@ async def _replicated_cluster(servers, ports: list[int], full_coverage: str = "y
 
 
 @pytest.mark.parametrize("full_coverage", ["yes", "no"])
-@bounded
+@bounded(limit=60)  # six redis-servers made and synced first (up to 15 s on a loaded machine)
 async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
         tmp_path, upstream, monkeypatch, full_coverage):
     """Three primaries with a replica each; the primary of one workspace SIGKILLed with 150
@@ -438,7 +438,13 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
     the other primaries answer CLUSTERDOWN themselves from when the cluster marks the dead one
     failed until its replica is promoted; the other workspace's commands wait that out up to
     the store's deadline, so its 503s, if any, are printed, not asserted (a window longer than
-    the deadline is the nodes' own refusal)."""
+    the deadline is the nodes' own refusal).
+
+    Times are the event loop's own (``CpuWait``): the flood, the gateway and the upstream
+    share one thread, and on a loaded machine it waited for a CPU 0.4 s of the 0.6 s before
+    a healthy workspace's 503s (26 of them, just after the kill), and 2.2 s of the 3.2 s from
+    the promotion to the killed workspace's first 200: the other processes' time, not
+    keygate's."""
     from gateway.store import usage_key
     from gateway.usage import month_of
     from test_redis_topologies import Servers, _cluster_port
@@ -456,7 +462,7 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
         async with gateway_under_test(config, url, monkeypatch) as g:
             tokens = [(ws, t) for ws in (victim_ws, other) for t in await _keys(g, ws, 3)]
             others_primary = _slot_owner(ports, other)[1]
-            async with ByWorkspace(g, tokens) as flood:
+            async with CpuWait() as cpu, ByWorkspace(g, tokens) as flood:
                 await asyncio.sleep(0.5)
                 with _cluster_node(others_primary) as n:
                     before_kill = n.client_id()  # client ids only grow
@@ -477,9 +483,10 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
                 promoted_at = time.monotonic()
                 # the flood goes on until the killed primary's workspace is answered again (a
                 # 200 for any workspace came at once: the other one's never stopped)
+                # (bounded below in the loop's own time: the wait, past any loaded machine)
                 await eventually(lambda: any(t > promoted_at and s == 200
                                              for t, s, _ in flood.seen_by[victim_ws]),
-                                 timeout=5, every=0.01)
+                                 timeout=15, every=0.01)
                 await asyncio.sleep(0.5)
                 with _cluster_node(others_primary) as n:
                     # keygate's connections open now to the other workspace's primary that
@@ -498,8 +505,11 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
             # 2.03 s once in a CI run (four xdist workers, six redis-servers, 150 requests in
             # flight on 2 cores). That a dead primary is answered 503 within store.timeout
             # rather than after redis-py's ten retries has its own test
-            # (test_a_dead_cluster_primary_is_503_within_the_store_timeout)
-            assert first_after is not None and first_after - promoted_at < 3.0
+            # (test_a_dead_cluster_primary_is_503_within_the_store_timeout). Less the time the
+            # loop waited for a CPU meanwhile: 3.2 s, 2.2 s of it waiting, on a loaded machine
+            assert first_after is not None
+            recovered = first_after - promoted_at - cpu.waited(promoted_at, first_after)
+            assert recovered < 3.0, (first_after - promoted_at, recovered)
             owner = await promoted()
             with _cluster_node(owner) as n:
                 used = int(n.get(usage_key(victim_ws, month_of(time.time()).period)) or 0)
@@ -507,21 +517,28 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
             print(f"cluster primary kill (full coverage {full_coverage}): {victim_ws} "
                   f"{flood.kinds_of(victim_ws)}, other "
                   f"{flood.kinds_of(other)}; promoted {promoted_at - killed:.2f} s after the "
-                  f"kill, first 200 {first_after - promoted_at:.3f} s after that; counted "
-                  f"{used} for {ok} 200s; of {open_before} connections to the other primary, "
-                  f"{len(kept)} kept, {len(remade)} made since")
+                  f"kill, first 200 {first_after - promoted_at:.3f} s after that "
+                  f"({recovered:.3f} s of the loop's own); counted {used} for {ok} 200s; of "
+                  f"{open_before} connections to the other primary, {len(kept)} kept, "
+                  f"{len(remade)} made since")
             assert ok - 150 <= used <= ok, (used, ok)
             # the healthy primary's connections are kept, not made again at each slot read
             # (more may be added: the pool grows with the load)
             assert len(kept) >= 0.8 * open_before, (len(kept), open_before, len(remade))
             if full_coverage == "no":
-                # none in a quiet run (37 and 217 before the fix); a handful allowed for a
-                # loaded CI machine, where a starved loop or redis-server can miss the 0.5 s
-                # deadline alone: 1% of the workspace's requests, at least 10 (11 of 1212 once,
-                # a fresh-clone run beside three other suites)
+                # none in a quiet run (37 and 217 before the fix, 256 of 804 on a loaded
+                # machine). A 503 whose deadline the loop spent mostly waiting for a CPU (half
+                # of the store timeout or more, in the store timeout and 0.1 s before its
+                # answer) is the machine's: 26 of 879 once, all within 0.2 s of the kill, the
+                # loop waiting 0.39-0.43 s of each 0.6 s. Of the others a handful is allowed
+                # (a starved redis-server): 1% of the workspace's requests, at least 10
                 others = flood.kinds_of(other)
-                assert others.get(STORE_DOWN, 0) <= max(10, sum(others.values()) // 100), \
-                    others
+                starved = sum(1 for t, s, _ in flood.seen_by[other] if s != 200
+                              and cpu.waited(t - timeout - 0.1, t) >= timeout / 2)
+                print(f"the other workspace's 503s: {others.get(STORE_DOWN, 0)}, {starved} of "
+                      f"them with the loop waiting for a CPU")
+                assert others.get(STORE_DOWN, 0) - starved <= \
+                    max(10, sum(others.values()) // 100), (others, starved)
     finally:
         servers.stop_all()
 
