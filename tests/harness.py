@@ -96,20 +96,25 @@ class CpuWait:
     """How long the event loop's thread waited for a CPU that other processes had: a task
     samples the thread's run-queue wait every 10 ms while the block runs. ``waited(a, b)``: of
     the interval [a, b] (``time.monotonic()``), the seconds the loop was ready to run and not
-    running, counted between the samples inside it (so never more than it was). What a wall-
-    clock deadline of the gateway (the store timeout) lost to a loaded machine rather than to
-    keygate: the loop, the gateway and the test's clients are one thread."""
+    running, read off the samples (linearly between the two around a moment: a stall with no
+    sample in [a, b] counts for its part of it, not for nothing). What a wall-clock deadline of
+    the gateway (the store timeout) lost to a loaded machine rather than to keygate: the loop,
+    the gateway and the test's clients are one thread."""
 
     def __init__(self, every: float = 0.01) -> None:
         self.every = every
         self.samples: list[tuple[float, float]] = []
 
+    def _sample_now(self) -> None:
+        self.samples.append((time.monotonic(), _run_queue_wait()))
+
     async def _sample(self) -> None:
         while True:
-            self.samples.append((time.monotonic(), _run_queue_wait()))
+            self._sample_now()
             await asyncio.sleep(self.every)
 
     async def __aenter__(self) -> "CpuWait":
+        self._sample_now()
         self._task = asyncio.ensure_future(self._sample())
         return self
 
@@ -117,11 +122,24 @@ class CpuWait:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        self.samples.append((time.monotonic(), _run_queue_wait()))
+        self._sample_now()
+
+    def _at(self, when: float) -> float:
+        """The run-queue wait so far at ``when``."""
+        import bisect
+        samples = self.samples
+        if not samples:
+            return 0.0
+        i = bisect.bisect_left(samples, (when, float("-inf")))
+        if i == 0:
+            return samples[0][1]
+        if i == len(samples):
+            return samples[-1][1]
+        (t0, w0), (t1, w1) = samples[i - 1], samples[i]
+        return w0 + (w1 - w0) * (when - t0) / (t1 - t0) if t1 > t0 else w1
 
     def waited(self, since: float, until: float) -> float:
-        inside = [w for t, w in self.samples if since <= t <= until]
-        return inside[-1] - inside[0] if len(inside) > 1 else 0.0
+        return max(0.0, self._at(until) - self._at(since))
 
 
 def redis_answers(url: str):

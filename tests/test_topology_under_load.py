@@ -23,11 +23,18 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 
 async def _keys(g, ws: str = "acme", n: int = 5) -> list[str]:
+    """``n`` keys of a new workspace ``ws``, each verified once (cached). A first request
+    answered 503 store_unavailable (a loaded machine's loop past a 0.5 s store timeout, before
+    any fault) is sent again: the cache warm, not that request, is what the tests need."""
     await g.workspace(ws, plan="unlimited")
     tokens = [(await g.key(ws))[0] for _ in range(n)]
-    for token in tokens:
+
+    async def answered(token: str) -> int:
         async with g.proxy.get("/people", headers=bearer(token)) as r:
-            assert r.status == 200
+            assert r.status in (200, 503), r.status
+            return r.status == 200
+    for token in tokens:
+        assert await eventually(lambda: answered(token), timeout=20, every=0.05)
     return tokens
 
 
@@ -544,23 +551,30 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
                   f"{open_before} connections to the other primary, {len(kept)} kept, "
                   f"{len(remade)} made since")
             assert ok - 150 <= used <= ok, (used, ok)
+            others = flood.kinds_of(other)
+            down, asked = others.get(STORE_DOWN, 0), sum(others.values())
+            starved = sum(1 for t, s, _ in flood.seen_by[other] if s != 200
+                          and cpu.waited(t - timeout - 0.1, t) >= timeout / 2)
             # the healthy primary's connections are kept, not made again at each slot read
-            # (more may be added: the pool grows with the load)
-            assert len(kept) >= 0.8 * open_before, (len(kept), open_before, len(remade))
+            # (more may be added: the pool grows with the load). A call given up at its
+            # deadline closes its connection (its reply unread): one per starved 503 (3 of 66
+            # kept, 101 made, 124 such 503s once, under a load average of ~15)
+            assert len(kept) >= 0.8 * open_before - starved, \
+                (len(kept), open_before, len(remade), starved)
             if full_coverage == "no":
                 # none in a quiet run (37 and 217 before the fix, 256 of 804 on a loaded
                 # machine). A 503 whose deadline the loop spent mostly waiting for a CPU (half
                 # of the store timeout or more, in the store timeout and 0.1 s before its
                 # answer) is the machine's: 26 of 879 once, all within 0.2 s of the kill, the
                 # loop waiting 0.39-0.43 s of each 0.6 s. Of the others a handful is allowed
-                # (a starved redis-server): 1% of the workspace's requests, at least 10
-                others = flood.kinds_of(other)
-                starved = sum(1 for t, s, _ in flood.seen_by[other] if s != 200
-                              and cpu.waited(t - timeout - 0.1, t) >= timeout / 2)
-                print(f"the other workspace's 503s: {others.get(STORE_DOWN, 0)}, {starved} of "
-                      f"them with the loop waiting for a CPU")
-                assert others.get(STORE_DOWN, 0) - starved <= \
-                    max(10, sum(others.values()) // 100), (others, starved)
+                # (a starved redis-server): 1% of the workspace's requests, at least 10. And
+                # all of them, starved or not, are a fifth of its requests at most (3-12%
+                # under a load average of 13-16): the defect's re-reads use the loop's CPU, and
+                # on a loaded machine it waits for it too (175 of 506, all "starved", 24-98%)
+                print(f"the other workspace's 503s: {down} of {asked}, {starved} of them with "
+                      f"the loop waiting for a CPU")
+                assert down - starved <= max(10, asked // 100), (others, starved)
+                assert down <= 0.2 * asked, (others, starved)
     finally:
         servers.stop_all()
 
