@@ -26,7 +26,7 @@ import redis
 from gateway.config import StoreConfig
 
 from conftest import free_port
-from harness import CpuWait, gateway_under_test, make_config
+from harness import CpuWait, gateway_under_test, make_config, under_load_config
 from relays import ThreadedRelay
 from test_redis_topologies import (CLUSTER_PW, DATA_PW, MASTER, SENTINEL_PW, Servers,  # noqa: F401
                                    _cluster_port, _wait, redis_cluster, sentinel_group)
@@ -176,7 +176,11 @@ class _Storm:
         try:
             await asyncio.sleep(0.2)
             for _ in range(rounds):
-                await asyncio.sleep(random.uniform(0.0, 0.05))
+                # 0-50 ms of the loop's own time apart: a loaded machine's wait would make the
+                # rounds denser for keygate, each request meeting more of them
+                gap, since = random.uniform(0.0, 0.05), time.monotonic()
+                while self._own(since, time.monotonic()) < gap:
+                    await asyncio.sleep(0.005)
                 await asyncio.to_thread(kill)
             self.last_kill = time.monotonic()
             await asyncio.sleep(1.5)
@@ -237,7 +241,7 @@ async def test_cluster_kill_storm_is_a_bounded_blip_and_recovers_by_itself(
     ports = redis_cluster["ports"]
     spaces = _one_workspace_per_node(ports)
     timeout = 2.0
-    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=timeout))
+    config = under_load_config(upstream, timeout)  # (the upstream shares the loop: 30 s)
     async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
         tokens = await _three_keys_each(gut, spaces)
 
@@ -331,7 +335,7 @@ async def test_sentinel_kill_storm_recovers_by_itself(sentinel_group, upstream,
     A command is sent again on a fresh connection up to 3 times within the store timeout;
     with one retry, 1 to 13 requests and 2 to 13 admin reads of a storm were 503."""
     timeout = 2.0
-    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=timeout))
+    config = under_load_config(upstream, timeout)  # (the upstream shares the loop: 30 s)
     async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
         await gut.workspace("acme", plan="unlimited")
         tokens = [("acme", (await gut.key("acme"))[0]) for _ in range(4)]
@@ -366,7 +370,7 @@ async def test_standalone_kill_storm_recovers_by_itself(own_redis, upstream,
     ~6000 here). Admin reads are sent again (with one retry, 3 to 13 of a storm were 503).
     Recovered 1 s after the last round."""
     timeout = 2.0
-    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=timeout))
+    config = under_load_config(upstream, timeout)  # (the upstream shares the loop: 30 s)
     async with gateway_under_test(config, own_redis.url, monkeypatch) as gut:
         await gut.workspace("acme", plan="unlimited")
         tokens = [("acme", (await gut.key("acme"))[0]) for _ in range(4)]
