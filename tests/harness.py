@@ -82,6 +82,66 @@ async def eventually(condition, timeout: float = 10.0, every: float = 0.02):
         await asyncio.sleep(every)
 
 
+def _run_queue_wait() -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat's second
+    field); 0 where the kernel does not say."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class CpuWait:
+    """How long the event loop's thread waited for a CPU that other processes had: a task
+    samples the thread's run-queue wait every 10 ms while the block runs. ``waited(a, b)``: of
+    the interval [a, b] (``time.monotonic()``), the seconds the loop was ready to run and not
+    running, read off the samples (linearly between the two around a moment: a stall with no
+    sample in [a, b] counts for its part of it, not for nothing). What a wall-clock deadline of
+    the gateway (the store timeout) lost to a loaded machine rather than to keygate: the loop,
+    the gateway and the test's clients are one thread."""
+
+    def __init__(self, every: float = 0.01) -> None:
+        self.every = every
+        self.samples: list[tuple[float, float]] = []
+
+    def _sample_now(self) -> None:
+        self.samples.append((time.monotonic(), _run_queue_wait()))
+
+    async def _sample(self) -> None:
+        while True:
+            self._sample_now()
+            await asyncio.sleep(self.every)
+
+    async def __aenter__(self) -> "CpuWait":
+        self._sample_now()
+        self._task = asyncio.ensure_future(self._sample())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._sample_now()
+
+    def _at(self, when: float) -> float:
+        """The run-queue wait so far at ``when``."""
+        import bisect
+        samples = self.samples
+        if not samples:
+            return 0.0
+        i = bisect.bisect_left(samples, (when, float("-inf")))
+        if i == 0:
+            return samples[0][1]
+        if i == len(samples):
+            return samples[-1][1]
+        (t0, w0), (t1, w1) = samples[i - 1], samples[i]
+        return w0 + (w1 - w0) * (when - t0) / (t1 - t0) if t1 > t0 else w1
+
+    def waited(self, since: float, until: float) -> float:
+        return max(0.0, self._at(until) - self._at(since))
+
+
 def redis_answers(url: str):
     """A condition for ``eventually``: Redis at ``url`` answers a PING (a pause has ended)."""
     import redis

@@ -280,7 +280,7 @@ time.sleep(0.5)
 answers = []
 for port, path in ((proxy, b"/health"), (proxy, b"/health")):
     s = socket.socket()
-    s.settimeout(3)
+    s.settimeout(20)  # the idle ones are held past it (header timeout 60 s)
     try:
         s.connect(("127.0.0.1", port))
         s.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
@@ -300,7 +300,12 @@ async def test_idle_admin_connections_cannot_take_the_descriptors_the_proxy_need
     and keygate's reserve (app.raise_open_file_limit): the admin listener accepted them all,
     until the process was out of descriptors, and the proxy listener could no longer accept
     a client or open an upstream connection. The admin listener now holds a bounded number
-    (app.ADMIN_MAX_CONNECTIONS); those over it are closed at once, and the proxy answers."""
+    (app.ADMIN_MAX_CONNECTIONS); those over it are closed at once, and the proxy answers.
+
+    The proxy's answer is waited for up to 20 s (3 s before: a loaded run's loop had not yet
+    worked through the 2000 accepts by then, TimeoutError), the idle connections held for
+    60 s (the header timeout), so that without the bound they still hold every descriptor
+    when the wait ends."""
     import os
     import resource
     import subprocess
@@ -316,13 +321,14 @@ async def test_idle_admin_connections_cannot_take_the_descriptors_the_proxy_need
     resource.setrlimit(resource.RLIMIT_NOFILE, (limited, hard))
     try:
         async with listening(redis_url, str(upstream.make_url("")), monkeypatch,
-                             max_connections=64) as g:
+                             max_connections=64,
+                             timeouts=Timeouts(header=60.0, body=5.0, idle=60.0)) as g:
             assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == limited
             flood = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", FLOOD, str(g.admin_port), str(g.proxy_port), "2000",
                 stdout=subprocess.PIPE)
             try:
-                out = await asyncio.wait_for(flood.stdout.readline(), 30)
+                out = await asyncio.wait_for(flood.stdout.readline(), 90)
                 held = len(g.admin.connections)
             finally:
                 if flood.returncode is None:

@@ -26,7 +26,7 @@ import redis
 from gateway.config import StoreConfig
 
 from conftest import free_port
-from harness import gateway_under_test, make_config
+from harness import CpuWait, gateway_under_test, make_config, under_load_config
 from relays import ThreadedRelay
 from test_redis_topologies import (CLUSTER_PW, DATA_PW, MASTER, SENTINEL_PW, Servers,  # noqa: F401
                                    _cluster_port, _wait, redis_cluster, sentinel_group)
@@ -142,13 +142,16 @@ async def test_a_slot_read_whose_connections_are_all_closed_is_made_again(
 class _Storm:
     """12 request loops over ``tokens`` and 3 admin-read loops over ``spaces`` while ``kill``
     (blocking: run in a thread, as another process would) is called ``rounds`` times 0-50 ms
-    apart; then 1.5 s more. ``seen``: (sent, took, answer) of each request; ``admin``: (took,
-    status) of each admin read; ``last_kill``: when the last round ended."""
+    apart; then 1.5 s more. ``seen``: (sent, took, answer) of each request; ``admin``: (sent,
+    took, status) of each admin read; ``last_kill``: when the last round ended. ``cpu``: how
+    long the loop (the gateway's and these loops' thread) waited for a CPU meanwhile, left out
+    of the times ``check`` bounds: on a loaded machine that is other processes' time."""
 
     def __init__(self, gut, tokens: list[tuple[str, str]], spaces: list[str]) -> None:
         self.gut, self.tokens, self.spaces = gut, tokens, spaces
         self.seen: list[tuple[float, float, tuple[int, str | None]]] = []
-        self.admin: list[tuple[float, int]] = []
+        self.admin: list[tuple[float, float, int]] = []
+        self.cpu = CpuWait()
         self.last_kill = 0.0
         self._stop = asyncio.Event()
 
@@ -164,22 +167,36 @@ class _Storm:
         while not self._stop.is_set():
             sent = time.monotonic()
             status, _ = await self.gut.admin_json("GET", f"/workspaces/{ws}")
-            self.admin.append((time.monotonic() - sent, status))
+            self.admin.append((sent, time.monotonic() - sent, status))
 
     async def run(self, kill: Any, rounds: int = 30) -> "_Storm":
+        await self.cpu.__aenter__()
         tasks = [asyncio.create_task(self._requests(i)) for i in range(12)]
         tasks += [asyncio.create_task(self._admin_reads(i)) for i in range(3)]
         try:
             await asyncio.sleep(0.2)
             for _ in range(rounds):
-                await asyncio.sleep(random.uniform(0.0, 0.05))
+                # 0-50 ms of the loop's own time apart: a loaded machine's wait would make the
+                # rounds denser for keygate, each request meeting more of them
+                gap, since = random.uniform(0.0, 0.05), time.monotonic()
+                while self._own(since, time.monotonic()) < gap:
+                    await asyncio.sleep(0.005)
                 await asyncio.to_thread(kill)
             self.last_kill = time.monotonic()
             await asyncio.sleep(1.5)
+            # and until the loop has had 1.5 s of its own since the last round
+            while self._own(self.last_kill, time.monotonic()) < 1.5:
+                await asyncio.sleep(0.1)
         finally:
             self._stop.set()
-            await asyncio.wait_for(asyncio.gather(*tasks), 10)
+            await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            await self.cpu.__aexit__(None, None, None)
         return self
+
+    def _own(self, since: float, until: float) -> float:
+        """Of the time from ``since`` to ``until``, what the loop did not spend waiting for
+        a CPU."""
+        return until - since - self.cpu.waited(since, until)
 
     def kinds(self) -> dict[tuple[int, str | None], int]:
         answers = [a for _, _, a in self.seen]
@@ -189,21 +206,30 @@ class _Storm:
         """Only 200 or 503 store_unavailable, at most ``most_503`` of those among requests
         and ``most_admin_503`` among admin reads; none held past the store timeout (with 1 s
         for a loaded machine); every request sent from 1 s after the last round on is 200,
-        and the last admin reads too."""
+        and the last admin reads too. Times in the loop's own (``cpu``)."""
         kinds = self.kinds()
-        statuses = [s for _, s in self.admin]
+        statuses = [s for _, _, s in self.admin]
         assert set(kinds) <= {(200, None), (503, "store_unavailable")}, kinds
-        assert kinds.get((503, "store_unavailable"), 0) <= most_503, (kinds, statuses)
-        took = max(t for _, t, _ in self.seen)
+        # a 503 whose call spent half the store timeout or more with the loop waiting for a
+        # CPU is the machine's, not the storm's (16 of 1269 once, the bound 10)
+        starved = sum(1 for sent, t, a in self.seen if a != (200, None)
+                      and self.cpu.waited(sent, sent + t) >= timeout / 2)
+        admin_starved = sum(1 for sent, t, s in self.admin if s != 200
+                            and self.cpu.waited(sent, sent + t) >= timeout / 2)
+        assert kinds.get((503, "store_unavailable"), 0) - starved <= most_503, \
+            (kinds, starved, statuses)
+        took = max(self._own(sent, sent + t) for sent, t, _ in self.seen)
         assert took < timeout + 1.0, (took, kinds)
-        after = [a for sent, _, a in self.seen if sent > self.last_kill + 1.0]
+        after = [a for sent, _, a in self.seen if self._own(self.last_kill, sent) > 1.0]
         assert after and set(after) == {(200, None)}, (kinds, after)
         assert set(statuses) <= {200, 503}, statuses
-        assert statuses.count(503) <= most_admin_503, statuses
-        assert max(t for t, _ in self.admin) < timeout + 1.0, max(t for t, _ in self.admin)
+        assert statuses.count(503) - admin_starved <= most_admin_503, (statuses, admin_starved)
+        slowest = max(self._own(sent, sent + t) for sent, t, _ in self.admin)
+        assert slowest < timeout + 1.0, slowest
         assert statuses[-3:] == [200] * 3, statuses
-        print(f"kill storm: {kinds}, admin 503: {statuses.count(503)} of {len(statuses)}, "
-              f"slowest {took:.3f} s")
+        print(f"kill storm: {kinds} ({starved} of the 503s with the loop waiting for a CPU), "
+              f"admin 503: {statuses.count(503)} of {len(statuses)} ({admin_starved}), "
+              f"slowest {took:.3f} s of the loop's own")
 
 
 async def test_cluster_kill_storm_is_a_bounded_blip_and_recovers_by_itself(
@@ -215,7 +241,7 @@ async def test_cluster_kill_storm_is_a_bounded_blip_and_recovers_by_itself(
     ports = redis_cluster["ports"]
     spaces = _one_workspace_per_node(ports)
     timeout = 2.0
-    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=timeout))
+    config = under_load_config(upstream, timeout)  # (the upstream shares the loop: 30 s)
     async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
         tokens = await _three_keys_each(gut, spaces)
 
@@ -309,7 +335,7 @@ async def test_sentinel_kill_storm_recovers_by_itself(sentinel_group, upstream,
     A command is sent again on a fresh connection up to 3 times within the store timeout;
     with one retry, 1 to 13 requests and 2 to 13 admin reads of a storm were 503."""
     timeout = 2.0
-    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=timeout))
+    config = under_load_config(upstream, timeout)  # (the upstream shares the loop: 30 s)
     async with gateway_under_test(config, sentinel_group["url"], monkeypatch) as gut:
         await gut.workspace("acme", plan="unlimited")
         tokens = [("acme", (await gut.key("acme"))[0]) for _ in range(4)]
@@ -344,7 +370,7 @@ async def test_standalone_kill_storm_recovers_by_itself(own_redis, upstream,
     ~6000 here). Admin reads are sent again (with one retry, 3 to 13 of a storm were 503).
     Recovered 1 s after the last round."""
     timeout = 2.0
-    config = make_config(str(upstream.make_url("")), store=StoreConfig(timeout=timeout))
+    config = under_load_config(upstream, timeout)  # (the upstream shares the loop: 30 s)
     async with gateway_under_test(config, own_redis.url, monkeypatch) as gut:
         await gut.workspace("acme", plan="unlimited")
         tokens = [("acme", (await gut.key("acme"))[0]) for _ in range(4)]

@@ -26,13 +26,16 @@ IN_FLIGHT = 150
 LIMIT = 25.0  # seconds: every test here ends within this, whatever Redis does
 
 
-def bounded(test):
-    """The test fails (instead of hanging) past ``LIMIT`` seconds."""
+def bounded(test=None, *, limit: float = LIMIT):
+    """The test fails (instead of hanging) past ``limit`` seconds (``LIMIT`` unless given:
+    ``@bounded(limit=60)``)."""
     import functools
+    if test is None:
+        return functools.partial(bounded, limit=limit)
 
     @functools.wraps(test)
     async def run(*args: Any, **kwargs: Any) -> None:
-        async with asyncio.timeout(LIMIT):
+        async with asyncio.timeout(limit):
             await test(*args, **kwargs)
     return run
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 
-from harness import bearer, eventually, gateway_under_test, under_load_config
+from harness import CpuWait, bearer, eventually, gateway_under_test, under_load_config
 from test_redis_topologies import (CLUSTER_PW, DATA_PW, MASTER, SENTINEL_PW,
                                    redis_cluster, sentinel_group)  # noqa: F401 - fixtures
 from test_store_under_load import STORE_DOWN, Flood, bounded
@@ -23,11 +23,18 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 
 async def _keys(g, ws: str = "acme", n: int = 5) -> list[str]:
+    """``n`` keys of a new workspace ``ws``, each verified once (cached). A first request
+    answered 503 store_unavailable (a loaded machine's loop past a 0.5 s store timeout, before
+    any fault) is sent again: the cache warm, not that request, is what the tests need."""
     await g.workspace(ws, plan="unlimited")
     tokens = [(await g.key(ws))[0] for _ in range(n)]
-    for token in tokens:
+
+    async def answered(token: str) -> int:
         async with g.proxy.get("/people", headers=bearer(token)) as r:
-            assert r.status == 200
+            assert r.status in (200, 503), r.status
+            return r.status == 200
+    for token in tokens:
+        assert await eventually(lambda: answered(token), timeout=20, every=0.05)
     return tokens
 
 
@@ -139,28 +146,35 @@ def _workspaces_on_other_nodes(ports: list[int], first: str) -> list[str]:
 
 
 class ByWorkspace(Flood):
-    """A ``Flood`` whose answers also say which workspace's key asked: ``seen_by[ws]``."""
+    """A ``Flood`` whose answers also say which workspace's key asked: ``seen_by[ws]``, and
+    when each of those was sent: ``sent_by[ws]`` (same order)."""
 
     def __init__(self, g, tokens: list[tuple[str, str]], n: int = 150) -> None:
         super().__init__(g, [t for _, t in tokens], n)
         self.workspace_of = {t: ws for ws, t in tokens}
         self.seen_by: dict[str, list[tuple[float, int, str | None]]] = {}
+        self.sent_by: dict[str, list[float]] = {}
 
     async def _client(self, i: int) -> None:
         token = self.tokens[i % len(self.tokens)]
         ws, headers = self.workspace_of[token], bearer(token)
-        mine = self.seen_by.setdefault(ws, [])
+        mine, sent_at = self.seen_by.setdefault(ws, []), self.sent_by.setdefault(ws, [])
         while not self._stop.is_set():
+            sent = time.monotonic()
             async with self.session.get("/people", headers=headers) as r:
                 code = None if r.status == 200 else (await r.json())["error"]["code"]
                 answer = (time.monotonic(), r.status, code)
                 self.seen.append(answer)
                 mine.append(answer)
+                sent_at.append(sent)
 
-    def kinds_of(self, ws: str, since: float = 0.0, until: float = float("inf")) -> dict:
+    def kinds_of(self, ws: str, since: float = 0.0, until: float = float("inf"),
+                 sent_after: float = float("-inf")) -> dict:
+        """The answers to ``ws``'s requests that arrived in [since, until) and were sent
+        after ``sent_after``, by (status, error code)."""
         got: dict = {}
-        for t, s, c in self.seen_by.get(ws, ()):
-            if since <= t < until:
+        for (t, s, c), sent in zip(self.seen_by.get(ws, ()), self.sent_by.get(ws, ())):
+            if since <= t < until and sent > sent_after:
                 got[(s, c)] = got.get((s, c), 0) + 1
         return got
 
@@ -171,7 +185,13 @@ async def test_a_workspace_whose_slot_no_node_serves_is_503_and_the_others_are_n
     """A slot left uncovered (CLUSTER DELSLOTS on every node, cluster-require-full-coverage
     no: the rest of the cluster stays up): its workspace gets 503 store_unavailable (redis-py's
     SlotNotCoveredError), never a 500; the workspaces on other slots answer 200 throughout;
-    once the slot is assigned again the workspace answers 200 within the store timeout."""
+    once the slot is assigned again the workspace answers 200 within the store timeout.
+
+    Waited on what happened, not on the clock: every request of its workspace sent after the
+    slot was gone is 503 (not every one answered 0.5 s after: on a loaded machine a request
+    sent before could still come back 200 then); the slot reads are bounded over the window
+    the two counts actually spanned; and the 200 after the slot's return is bounded in the
+    loop's own time (``CpuWait``)."""
     ports = redis_cluster["ports"]
     for port in ports:
         with _cluster_node(port) as n:
@@ -214,15 +234,18 @@ async def test_a_workspace_whose_slot_no_node_serves_is_503_and_the_others_are_n
             await asyncio.to_thread(delslots)
             gone = time.monotonic()
             await asyncio.sleep(0.5)
+            counted_from = time.monotonic()
             reads, accepted = await asyncio.to_thread(cost)
             await asyncio.sleep(1.5)
             reads, accepted = [b - a for a, b in zip((reads, accepted),
                                                      await asyncio.to_thread(cost))]
+            window = time.monotonic() - counted_from
         print(f"uncovered slot under load: {reads} slot reads and {accepted} new connections "
-              f"to the healthy nodes in 1.5 s; {lost} {flood.kinds_of(lost, gone + 0.5)}; "
+              f"to the healthy nodes in {window:.2f} s; {lost} "
+              f"{flood.kinds_of(lost, sent_after=gone)}; "
               f"others {[flood.kinds_of(ws, gone + 0.5) for ws in others]}")
         assert set(flood.kinds()) <= {(200, None), STORE_DOWN}, flood.kinds()
-        assert set(flood.kinds_of(lost, gone + 0.5)) == {STORE_DOWN}
+        assert set(flood.kinds_of(lost, sent_after=gone)) == {STORE_DOWN}
         # the slot still uncovered, one request after the other (no CPU starved by the load):
         # its workspace 503, every other workspace 200, on the admin API too
         assert await status(lost) == STORE_DOWN
@@ -233,11 +256,17 @@ async def test_a_workspace_whose_slot_no_node_serves_is_503_and_the_others_are_n
         status_code, body = await g.admin_json("GET", f"/workspaces/{others[0]}")
         assert status_code == 200, body
         # the slots read again twice a second at most, by each of the two clients (requests,
-        # admin), each read asking every seed for a whole layout: 240 reads before
-        assert reads <= 2 * 3 * (1.5 / 0.5 + 1), reads
-        await asyncio.to_thread(addslots)
-        assert await eventually(lambda: _is_ok(status(lost)),
-                                timeout=3)
+        # admin), each read asking every seed for a whole layout: 240 reads before (in the
+        # 1.5 s asked for; the window the counts spanned, on a loaded machine longer)
+        assert reads <= 2 * 3 * (window / 0.5 + 1), (reads, window)
+        async with CpuWait() as cpu:
+            await asyncio.to_thread(addslots)
+            back = time.monotonic()
+            assert await eventually(lambda: _is_ok(status(lost)), timeout=20)
+            answered = time.monotonic()
+        # within the store timeout (2 s) and a status call, in the loop's own time
+        assert answered - back - cpu.waited(back, answered) < 3, \
+            (answered - back, cpu.waited(back, answered))
 
 
 async def _is_ok(answer) -> bool:
@@ -421,7 +450,7 @@ async def _replicated_cluster(servers, ports: list[int], full_coverage: str = "y
 
 
 @pytest.mark.parametrize("full_coverage", ["yes", "no"])
-@bounded
+@bounded(limit=60)  # six redis-servers made and synced first (up to 15 s on a loaded machine)
 async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
         tmp_path, upstream, monkeypatch, full_coverage):
     """Three primaries with a replica each; the primary of one workspace SIGKILLed with 150
@@ -438,7 +467,13 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
     the other primaries answer CLUSTERDOWN themselves from when the cluster marks the dead one
     failed until its replica is promoted; the other workspace's commands wait that out up to
     the store's deadline, so its 503s, if any, are printed, not asserted (a window longer than
-    the deadline is the nodes' own refusal)."""
+    the deadline is the nodes' own refusal).
+
+    Times are the event loop's own (``CpuWait``): the flood, the gateway and the upstream
+    share one thread, and on a loaded machine it waited for a CPU 0.4 s of the 0.6 s before
+    a healthy workspace's 503s (26 of them, just after the kill), and 2.2 s of the 3.2 s from
+    the promotion to the killed workspace's first 200: the other processes' time, not
+    keygate's."""
     from gateway.store import usage_key
     from gateway.usage import month_of
     from test_redis_topologies import Servers, _cluster_port
@@ -456,7 +491,7 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
         async with gateway_under_test(config, url, monkeypatch) as g:
             tokens = [(ws, t) for ws in (victim_ws, other) for t in await _keys(g, ws, 3)]
             others_primary = _slot_owner(ports, other)[1]
-            async with ByWorkspace(g, tokens) as flood:
+            async with CpuWait() as cpu, ByWorkspace(g, tokens) as flood:
                 await asyncio.sleep(0.5)
                 with _cluster_node(others_primary) as n:
                     before_kill = n.client_id()  # client ids only grow
@@ -477,9 +512,10 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
                 promoted_at = time.monotonic()
                 # the flood goes on until the killed primary's workspace is answered again (a
                 # 200 for any workspace came at once: the other one's never stopped)
+                # (bounded below in the loop's own time: the wait, past any loaded machine)
                 await eventually(lambda: any(t > promoted_at and s == 200
                                              for t, s, _ in flood.seen_by[victim_ws]),
-                                 timeout=5, every=0.01)
+                                 timeout=15, every=0.01)
                 await asyncio.sleep(0.5)
                 with _cluster_node(others_primary) as n:
                     # keygate's connections open now to the other workspace's primary that
@@ -498,8 +534,11 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
             # 2.03 s once in a CI run (four xdist workers, six redis-servers, 150 requests in
             # flight on 2 cores). That a dead primary is answered 503 within store.timeout
             # rather than after redis-py's ten retries has its own test
-            # (test_a_dead_cluster_primary_is_503_within_the_store_timeout)
-            assert first_after is not None and first_after - promoted_at < 3.0
+            # (test_a_dead_cluster_primary_is_503_within_the_store_timeout). Less the time the
+            # loop waited for a CPU meanwhile: 3.2 s, 2.2 s of it waiting, on a loaded machine
+            assert first_after is not None
+            recovered = first_after - promoted_at - cpu.waited(promoted_at, first_after)
+            assert recovered < 3.0, (first_after - promoted_at, recovered)
             owner = await promoted()
             with _cluster_node(owner) as n:
                 used = int(n.get(usage_key(victim_ws, month_of(time.time()).period)) or 0)
@@ -507,21 +546,35 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
             print(f"cluster primary kill (full coverage {full_coverage}): {victim_ws} "
                   f"{flood.kinds_of(victim_ws)}, other "
                   f"{flood.kinds_of(other)}; promoted {promoted_at - killed:.2f} s after the "
-                  f"kill, first 200 {first_after - promoted_at:.3f} s after that; counted "
-                  f"{used} for {ok} 200s; of {open_before} connections to the other primary, "
-                  f"{len(kept)} kept, {len(remade)} made since")
+                  f"kill, first 200 {first_after - promoted_at:.3f} s after that "
+                  f"({recovered:.3f} s of the loop's own); counted {used} for {ok} 200s; of "
+                  f"{open_before} connections to the other primary, {len(kept)} kept, "
+                  f"{len(remade)} made since")
             assert ok - 150 <= used <= ok, (used, ok)
+            others = flood.kinds_of(other)
+            down, asked = others.get(STORE_DOWN, 0), sum(others.values())
+            starved = sum(1 for t, s, _ in flood.seen_by[other] if s != 200
+                          and cpu.waited(t - timeout - 0.1, t) >= timeout / 2)
             # the healthy primary's connections are kept, not made again at each slot read
-            # (more may be added: the pool grows with the load)
-            assert len(kept) >= 0.8 * open_before, (len(kept), open_before, len(remade))
+            # (more may be added: the pool grows with the load). A call given up at its
+            # deadline closes its connection (its reply unread): one per starved 503 (3 of 66
+            # kept, 101 made, 124 such 503s once, under a load average of ~15)
+            assert len(kept) >= 0.8 * open_before - starved, \
+                (len(kept), open_before, len(remade), starved)
             if full_coverage == "no":
-                # none in a quiet run (37 and 217 before the fix); a handful allowed for a
-                # loaded CI machine, where a starved loop or redis-server can miss the 0.5 s
-                # deadline alone: 1% of the workspace's requests, at least 10 (11 of 1212 once,
-                # a fresh-clone run beside three other suites)
-                others = flood.kinds_of(other)
-                assert others.get(STORE_DOWN, 0) <= max(10, sum(others.values()) // 100), \
-                    others
+                # none in a quiet run (37 and 217 before the fix, 256 of 804 on a loaded
+                # machine). A 503 whose deadline the loop spent mostly waiting for a CPU (half
+                # of the store timeout or more, in the store timeout and 0.1 s before its
+                # answer) is the machine's: 26 of 879 once, all within 0.2 s of the kill, the
+                # loop waiting 0.39-0.43 s of each 0.6 s. Of the others a handful is allowed
+                # (a starved redis-server): 1% of the workspace's requests, at least 10. And
+                # all of them, starved or not, are a fifth of its requests at most (3-12%
+                # under a load average of 13-16): the defect's re-reads use the loop's CPU, and
+                # on a loaded machine it waits for it too (175 of 506, all "starved", 24-98%)
+                print(f"the other workspace's 503s: {down} of {asked}, {starved} of them with "
+                      f"the loop waiting for a CPU")
+                assert down - starved <= max(10, asked // 100), (others, starved)
+                assert down <= 0.2 * asked, (others, starved)
     finally:
         servers.stop_all()
 
