@@ -42,8 +42,8 @@ if CHROMIUM is None or CHROMEDRIVER is None:
                 allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the test extra) is "
                                 "not installed")
-from selenium.common.exceptions import (StaleElementReferenceException,  # noqa: E402
-                                        TimeoutException)
+from selenium.common.exceptions import (NoSuchElementException,  # noqa: E402
+                                        StaleElementReferenceException, TimeoutException)
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -201,6 +201,19 @@ def patient_page(browser, own_redis):
         gw.stop()
 
 
+# the rows of any table (`//table//tbody/tr`, in document order) with a th or td cell whose
+# text is ``arguments[0]`` once case and whitespace are set aside: a superset of the rows whose
+# cell selenium reads as exactly that text (innerText is the rendered text, or textContent where
+# nothing is rendered), which Console.row checks each of
+ROW_CANDIDATES = """
+const loose = (text) => text.replace(/\\s+/g, "").toLowerCase();
+const wanted = loose(arguments[0]);
+return Array.from(document.querySelectorAll("table tbody > tr")).filter((r) =>
+  Array.from(r.children).some((c) => (c.tagName === "TH" || c.tagName === "TD")
+                                     && loose(c.innerText) === wanted));
+"""
+
+
 def wait(driver, condition, timeout: float = WAIT):
     # the page re-renders rows and dialogs as answers arrive: a vanished element means "retry"
     return WebDriverWait(driver, timeout,
@@ -237,13 +250,29 @@ class Console:
         self.button("Sign in").click()
 
     def rows(self) -> list[str]:
-        return [r.find_element(By.XPATH, "./th").text
-                for r in self.driver.find_elements(By.CSS_SELECTOR, "#keys tbody tr")]
+        """The key table's names (each row's th), as the browser shows them. The th elements
+        are found in one call (not two for each row: a redraw of many rows read one by one took
+        seconds); a row without its th is still an error."""
+        names = self.driver.execute_script(
+            "return Array.from(document.querySelectorAll('#keys tbody tr'),"
+            " (r) => r.querySelector(':scope > th'))")
+        if None in names:
+            raise NoSuchElementException("a row of #keys has no th")
+        return [th.text for th in names]
 
     def row(self, name: str):
-        return wait(self.driver, lambda d: next(
-            (r for r in d.find_elements(By.XPATH, "//table//tbody/tr")
-             if name in [c.text for c in r.find_elements(By.XPATH, "./th|./td")]), False))
+        """The first table row with a cell (th or td) that shows exactly ``name``.
+
+        Each cell's text is still read as the browser shows it (selenium's text); a script finds
+        the candidate rows first, in one call: rows with a cell whose text, without case and
+        whitespace, is the name's. Reading every cell of every row (the hidden workspace list's
+        too) cost one call a cell each time the wait looked, seconds with many rows."""
+        def found(d):
+            candidates = d.execute_script(ROW_CANDIDATES, name)
+            return next((r for r in candidates
+                         if name in [c.text for c in r.find_elements(By.XPATH, "./th|./td")]),
+                        False)
+        return wait(self.driver, found)
 
     def dialog(self):
         return wait(self.driver, lambda d: next(
