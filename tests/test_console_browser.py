@@ -214,9 +214,12 @@ return Array.from(document.querySelectorAll("table tbody > tr")).filter((r) =>
 """
 
 
+POLL = 0.1  # seconds between looks: WebDriverWait's default (0.5 s) was idle time in each wait
+
+
 def wait(driver, condition, timeout: float = WAIT):
     # the page re-renders rows and dialogs as answers arrive: a vanished element means "retry"
-    return WebDriverWait(driver, timeout,
+    return WebDriverWait(driver, timeout, poll_frequency=POLL,
                          ignored_exceptions=(StaleElementReferenceException,)).until(condition)
 
 
