@@ -272,8 +272,8 @@ class Console:
         too) cost one call a cell each time the wait looked, seconds with many rows."""
         def found(d):
             candidates = d.execute_script(ROW_CANDIDATES, name)
-            return next((r for r in candidates
-                         if name in [c.text for c in r.find_elements(By.XPATH, "./th|./td")]),
+            return next((r for r in candidates  # name in [each cell's text], read lazily
+                         if any(c.text == name for c in r.find_elements(By.XPATH, "./th|./td"))),
                         False)
         return wait(self.driver, found)
 
