@@ -1808,16 +1808,46 @@ def test_listed_origins_are_kept_as_this_browser_serialises_them(browser):
 
 # --- answers that arrive late --------------------------------------------------------------------
 
-# Installed (while a test is `slowed`) before the page's own script: holds back every fetch whose
+# Installed (while a test is `slowed`) before the page's own script: holds back every GET whose
 # URL holds window.__slowPath by 1.5 s, as a busy admin API or a slow network would.
+# window.__slowHeld counts the fetches held back; window.__slowPending those whose answer the
+# page has not handled yet: it drops once the page read the answer's body (response.json(),
+# which the page's api() calls for every answer) and then every step the page takes on it
+# without waiting for anything else (drawing it, or not), or once the fetch failed.
 SLOW = r"""
 window.__slowPath = null;
+window.__slowHeld = 0;
+window.__slowPending = 0;
 const fetchNow = window.fetch;
 window.fetch = async function (input, init) {
-  if (window.__slowPath && String(input).includes(window.__slowPath)) {
-    await new Promise((resolve) => setTimeout(resolve, 1500));
+  const method = (init && init.method) || "GET";
+  if (!(window.__slowPath && String(input).includes(window.__slowPath) && method === "GET")) {
+    return fetchNow.apply(this, arguments);
   }
-  return fetchNow.apply(this, arguments);
+  window.__slowHeld += 1;
+  window.__slowPending += 1;
+  let handled = false;
+  // a task after the body is read: the page's own steps on it (microtasks) have all run
+  const done = () => {
+    if (!handled) {
+      handled = true;
+      setTimeout(() => { window.__slowPending -= 1; }, 0);
+    }
+  };
+  try {
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    const response = await fetchNow.apply(this, arguments);
+    const json = response.json;
+    response.json = function () {
+      const read = json.apply(this, arguments);
+      read.then(done, done);
+      return read;
+    };
+    return response;
+  } catch (err) {
+    done();
+    throw err;
+  }
 };
 """
 
@@ -1829,7 +1859,8 @@ def slowed(page: Console):
     try:
         driver.get(page.gateway.admin_url + "/console/")
         wait(driver, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
-        yield lambda path: driver.execute_script("window.__slowPath = arguments[0]", path)
+        yield lambda path: driver.execute_script(
+            "window.__slowPath = arguments[0]; window.__slowHeld = 0", path)
     finally:
         driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
                                {"identifier": script["identifier"]})
@@ -1837,10 +1868,12 @@ def slowed(page: Console):
 
 def assert_shows_workspace(page: Console, title: str, keys: list[str]) -> None:
     """The workspace view shows ``title`` and exactly ``keys``, and still does once every
-    held-back answer (1.5 s) has arrived."""
+    held-back answer (1.5 s) has arrived and the page has handled it (there was one)."""
     shown = lambda d: (d.find_element(By.ID, "ws-title").text, sorted(page.rows()))  # noqa: E731
     wait(page.driver, lambda d: shown(d) == (title, sorted(keys)))
-    time.sleep(2.5)
+    # (a fixed 2.5 s pause here waited for the held answers; now their handling is seen)
+    wait(page.driver, lambda d: d.execute_script("return window.__slowPending") == 0)
+    assert page.driver.execute_script("return window.__slowHeld") > 0  # a late answer came
     assert shown(page.driver) == (title, sorted(keys))
 
 
@@ -1865,8 +1898,10 @@ def test_a_late_answer_for_another_workspace_is_not_shown_under_this_one(page, g
         page.link("All workspaces").click()
         page.link("slowpoke").click()
         wait(page.driver, lambda d: "slow-key" in page.rows())
-        page.create_key("another", scopes="people:read")
+        # the list read again after Create is held back (set before Create: set after it, the
+        # read was at times sent before, and nothing late came)
         slow("/workspaces/slowpoke/keys")
+        page.create_key("another", scopes="people:read")
         page.take_token()
         page.link("All workspaces").click()
         page.link("speedy").click()
