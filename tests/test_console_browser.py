@@ -945,6 +945,23 @@ def keys_named(gateway: ThreadedGateway, ws: str, name: str) -> list[dict]:
     return [k for k in listing["items"] if k["name"] == name]
 
 
+def answers_handled(page: Console) -> None:
+    """Every call the page made from a form or dialog has its answer handled: oneAtATime sets
+    aria-busy on the form or dialog when the call is sent and removes it once the answer is
+    shown (a token dialog opened or queued) and the list read again."""
+    wait(page.driver, lambda d: not d.find_elements(By.CSS_SELECTOR, '[aria-busy="true"]'))
+
+
+def next_token_shown(page: Console):
+    """The token element on screen once one is (None if none comes within WAIT)."""
+    try:
+        return wait(page.driver, lambda d: next(
+            (t for t in d.find_elements(By.CSS_SELECTOR, "[data-token]") if t.is_displayed()),
+            False))
+    except TimeoutException:
+        return None
+
+
 def test_a_double_click_on_create_or_rotate_makes_one_key(page, gateway):
     from selenium.webdriver.common.action_chains import ActionChains
     new_workspace(gateway, "wayne", "Wayne")
@@ -1005,22 +1022,17 @@ def test_a_token_shown_once_is_not_replaced_by_another_answer(patient_page):
     # both keys exist: one created, one made by the rotation
     wait(page.driver, lambda d: len(keys_named(gateway, "rcboth", "created-one")) == 1
          and len(keys_named(gateway, "rcboth", "rotated-one")) == 2)
-    time.sleep(2)  # both answers are in
+    answers_handled(page)  # both answers are in (was: a 2 s pause)
     seen: list[str] = []
-    while True:  # each new token on screen in turn, until its Done (queued ones included)
-        deadline = time.monotonic() + 3
-        shown = []
-        while time.monotonic() < deadline and not shown:
-            shown = [t for t in page.driver.find_elements(By.CSS_SELECTOR, "[data-token]")
-                     if t.is_displayed()]
-            time.sleep(0.1)
-        if not shown:
-            break
-        token = shown[0].get_attribute("data-token")
+    # each new token on screen in turn, until its Done (queued ones included); both answers are
+    # handled, so once both tokens were seen no other can come (was: 3 s of looking for one)
+    while len(set(seen)) < 2 and (shown := next_token_shown(page)) is not None:
+        token = shown.get_attribute("data-token")
         seen.append(token)
         page.tokens_seen.append(token)
-        page.button("Done", shown[0].find_element(By.XPATH, './ancestor::dialog')).click()
+        page.button("Done", shown.find_element(By.XPATH, './ancestor::dialog')).click()
         wait(page.driver, lambda d: token not in d.page_source)
+    assert not page.driver.find_elements(By.CSS_SELECTOR, "[data-token]")
     assert len(set(seen)) == 2, f"{len(set(seen))} of the 2 new tokens were shown"
     for token in seen:
         assert gateway.proxy("/people", token)[0] == 200
@@ -1056,18 +1068,11 @@ def test_focus_after_the_last_queued_token_dialog_goes_back_to_the_page(patient_
         store.close()
     wait(page.driver, lambda d: len(keys_named(gateway, "rvfocus", "rot-one")) == 2
          and len(keys_named(gateway, "rvfocus", "made-one")) == 1)
-    time.sleep(1.5)  # both answers are in
+    answers_handled(page)  # both answers are in (was: a 1.5 s pause)
     seen: list[str] = []
-    while True:
-        deadline = time.monotonic() + 3
-        shown = []
-        while time.monotonic() < deadline and not shown:
-            shown = [t for t in page.driver.find_elements(By.CSS_SELECTOR, "[data-token]")
-                     if t.is_displayed()]
-            time.sleep(0.1)
-        if not shown:
-            break
-        seen.append(shown[0].get_attribute("data-token"))
+    # as in the test above: both answers handled, so no token comes after the second
+    while len(set(seen)) < 2 and (shown := next_token_shown(page)) is not None:
+        seen.append(shown.get_attribute("data-token"))
         page.tokens_seen.append(seen[-1])
         active = page.driver.switch_to.active_element
         assert active.text == "Copy", active.text  # each token dialog takes focus
