@@ -1556,8 +1556,9 @@ def test_a_call_without_an_answer_yet_shows_that_the_page_is_waiting(browser, ga
         assert shown["button"] == "Sign in" and shown["busy"] is None, shown
         assert shown["waiting"] == "", shown
         # a call from no form (a workspace's link) says so in the page's status line
-        gateway.loop.call_soon_threadsafe(release.clear)
-        time.sleep(0.2)
+        async def hold_again() -> None:
+            release.clear()
+        gateway.run(hold_again())  # cleared once this returns (was: a 0.2 s pause)
         wait(browser, lambda d: d.find_element(By.LINK_TEXT, "rcwait")).click()
         status = browser.find_element(By.ID, "status")
         wait(browser, lambda d: status.text == "Opening workspace rcwait…", 5)
