@@ -1818,20 +1818,23 @@ def test_listed_origins_are_kept_as_this_browser_serialises_them(browser):
 
 # --- answers that arrive late --------------------------------------------------------------------
 
-# Installed (while a test is `slowed`) before the page's own script: holds back every GET whose
-# URL holds window.__slowPath by 1.5 s, as a busy admin API or a slow network would.
+# Installed (while a test is `slowed`) before the page's own script: holds back every fetch whose
+# URL holds window.__slowPath (and whose method is window.__slowMethod, if set) by 1.5 s, as a
+# busy admin API or a slow network would.
 # window.__slowHeld counts the fetches held back; window.__slowPending those whose answer the
 # page has not handled yet: it drops once the page read the answer's body (response.json(),
 # which the page's api() calls for every answer) and then every step the page takes on it
 # without waiting for anything else (drawing it, or not), or once the fetch failed.
 SLOW = r"""
 window.__slowPath = null;
+window.__slowMethod = null;
 window.__slowHeld = 0;
 window.__slowPending = 0;
 const fetchNow = window.fetch;
 window.fetch = async function (input, init) {
   const method = (init && init.method) || "GET";
-  if (!(window.__slowPath && String(input).includes(window.__slowPath) && method === "GET")) {
+  if (!(window.__slowPath && String(input).includes(window.__slowPath)
+        && (window.__slowMethod === null || method === window.__slowMethod))) {
     return fetchNow.apply(this, arguments);
   }
   window.__slowHeld += 1;
@@ -1869,8 +1872,11 @@ def slowed(page: Console):
     try:
         driver.get(page.gateway.admin_url + "/console/")
         wait(driver, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
-        yield lambda path: driver.execute_script(
-            "window.__slowPath = arguments[0]; window.__slowHeld = 0", path)
+        def hold(path: str | None, method: str | None = None) -> None:
+            driver.execute_script("window.__slowPath = arguments[0];"
+                                  " window.__slowMethod = arguments[1]; window.__slowHeld = 0",
+                                  path, method)
+        yield hold
     finally:
         driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
                                {"identifier": script["identifier"]})
@@ -1909,8 +1915,8 @@ def test_a_late_answer_for_another_workspace_is_not_shown_under_this_one(page, g
         page.link("slowpoke").click()
         wait(page.driver, lambda d: "slow-key" in page.rows())
         # the list read again after Create is held back (set before Create: set after it, the
-        # read was at times sent before, and nothing late came)
-        slow("/workspaces/slowpoke/keys")
+        # read was at times sent before, and nothing late came; the Create itself is not held)
+        slow("/workspaces/slowpoke/keys", "GET")
         page.create_key("another", scopes="people:read")
         page.take_token()
         page.link("All workspaces").click()
