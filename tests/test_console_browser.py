@@ -307,10 +307,23 @@ class Console:
             self.field("Expires").send_keys(expires)
         self.button("Create").click()
 
+    def press(self, text: str, row: str) -> None:
+        """Press the button ``text`` in the row named ``row``. The list is drawn anew when an
+        earlier action's answer comes: a button found just before that is stale when clicked
+        (the click is refused, nothing was pressed), and the row and button are found again."""
+        def pressed(d) -> bool:
+            button = next((b for b in self.row(row).find_elements(
+                By.XPATH, f".//button[normalize-space()='{text}']") if b.is_displayed()), None)
+            if button is None:
+                return False
+            button.click()
+            return True
+        wait(self.driver, pressed)
+
     def in_dialog(self, opener: str, row: str, label: str, value: str, submit: str) -> None:
         """Open ``row``'s ``opener`` dialog, set its field ``label`` to ``value``, and press
         ``submit``."""
-        self.button(opener, self.row(row)).click()
+        self.press(opener, row)
         dialog = self.dialog()
         field = self.field(label, dialog)
         field.clear()
@@ -451,7 +464,7 @@ def test_operator_manages_keys_from_workspace_list_to_revocation(page, gateway):
     wait(page.driver, lambda d: page.rows().count("partner-feed") == 2)
 
     # revoke through the confirmation dialog: the very next request is refused
-    page.button("Revoke", page.row("billing-sync")).click()
+    page.press("Revoke", "billing-sync")
     dialog = page.dialog()
     assert "permanent" in dialog.text
     page.button("Revoke", dialog).click()
@@ -463,7 +476,7 @@ def test_operator_manages_keys_from_workspace_list_to_revocation(page, gateway):
     assert status == 401 and body["error"]["code"] == "revoked_key"
 
     # edit: role and expiry
-    page.button("Edit", page.row("nightly-export")).click()
+    page.press("Edit", "nightly-export")
     dialog = page.dialog()
     for label in ("Role", "Scopes", "Expires"):  # one control per label on the whole page
         assert len(page.driver.find_elements(By.XPATH, f"//label[normalize-space()='{label}']")) == 1
@@ -546,12 +559,12 @@ def test_workspace_admin_sees_only_its_workspace_and_cannot_widen(page, gateway)
     assert "too-wide" not in page.rows()
 
     # revoke its own creation through the dialog; Escape first cancels
-    page.button("Revoke", page.row("hr-sync")).click()
+    page.press("Revoke", "hr-sync")
     page.dialog()
     page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
     page.no_dialog()
     assert gateway.proxy("/people", token)[0] == 200
-    page.button("Revoke", page.row("hr-sync")).click()
+    page.press("Revoke", "hr-sync")
     page.button("Revoke", page.dialog()).click()
     page.no_dialog()
     wait(page.driver, lambda d: "revoked" in page.row("hr-sync").text)
@@ -711,7 +724,7 @@ def test_hostile_text_anywhere_is_shown_as_text_even_without_the_csp(page, gatew
         assert_no_markup_ran(page)
 
         victim = HOSTILE[0]
-        page.button("Edit", page.row(victim)).click()
+        page.press("Edit", victim)
         assert page.dialog().find_element(By.TAG_NAME, "h2").text == "Edit key " + victim
         assert_no_markup_ran(page)
         page.button("Cancel", page.dialog()).click()
@@ -723,7 +736,7 @@ def test_hostile_text_anywhere_is_shown_as_text_even_without_the_csp(page, gatew
         page.button("Done", page.dialog()).click()
         page.no_dialog()
         target = HOSTILE[6]
-        page.button("Revoke", page.row(target)).click()
+        page.press("Revoke", target)
         assert page.dialog().find_element(By.TAG_NAME, "h2").text == f"Revoke key {target}?"
         page.button("Revoke", page.dialog()).click()
         page.no_dialog()
@@ -759,7 +772,7 @@ def test_the_token_goes_only_to_this_origins_api_in_the_authorization_header(pag
             page.take_token()
             page.in_dialog("Edit", "tessier-admin", "Expires", "2031-01-01", "Save")
             page.no_dialog()
-            page.button("Revoke", page.row("straylight-" + str(operator))).click()
+            page.press("Revoke", "straylight-" + str(operator))
             page.button("Revoke", page.dialog()).click()
             page.no_dialog()
             if operator:
@@ -849,7 +862,7 @@ def test_signing_in_creating_and_revoking_work_from_the_keyboard(page, gateway):
     assert gateway.proxy("/people", token)[1]["error"]["code"] == "revoked_key"
 
     # revoking the key one is signed in with says so first
-    page.button("Revoke", page.row("hooli-admin")).click()
+    page.press("Revoke", "hooli-admin")
     assert "the key you are signed in with" in page.dialog().text
     keyboard(Keys.ESCAPE)
     page.no_dialog()
@@ -867,7 +880,7 @@ def test_a_store_outage_shows_the_api_message_and_request_id(browser, own_redis)
         page.link("acme").click()
         page.row("doomed")
         own_redis.stop()
-        page.button("Revoke", page.row("doomed")).click()
+        page.press("Revoke", "doomed")
         dialog = page.dialog()
         page.button("Revoke", dialog).click()
         problem = wait(browser, lambda d: dialog.find_element(By.CSS_SELECTOR, ".form-error").text)
@@ -892,15 +905,15 @@ def test_key_controls_disable_enable_cap_and_delete(page, gateway):
     page.link("stark").click()
     assert page.row("jarvis").find_element(By.CSS_SELECTOR, "td.month").text == "0"
 
-    page.button("Disable", page.row("jarvis")).click()
+    page.press("Disable", "jarvis")
     wait(page.driver, lambda d: "disabled" in page.row("jarvis").text)
     status, body = gateway.proxy("/people", token)
     assert status == 401 and body["error"]["code"] == "disabled_key"
-    page.button("Enable", page.row("jarvis")).click()
+    page.press("Enable", "jarvis")
     wait(page.driver, lambda d: "disabled" not in page.row("jarvis").text)
     assert gateway.proxy("/people", token)[0] == 200
 
-    page.button("Edit", page.row("jarvis")).click()
+    page.press("Edit", "jarvis")
     dialog = page.dialog()
     page.field("Monthly cap", dialog).send_keys("2")
     page.button("Save", dialog).click()
@@ -911,10 +924,10 @@ def test_key_controls_disable_enable_cap_and_delete(page, gateway):
     status, body = gateway.proxy("/people", token)
     assert status == 429 and body["error"]["code"] == "key_quota_exceeded"
 
-    page.button("Revoke", page.row("jarvis")).click()
+    page.press("Revoke", "jarvis")
     page.button("Revoke", page.dialog()).click()
     page.no_dialog()
-    page.button("Delete", page.row("jarvis")).click()
+    page.press("Delete", "jarvis")
     page.button("Delete", page.dialog()).click()
     page.no_dialog()
     wait(page.driver, lambda d: "jarvis" not in page.rows())
@@ -932,7 +945,7 @@ def test_the_edit_form_says_a_keys_rate_is_held_within_the_workspaces(page, gate
     page.tokens_seen.append(token)
     page.sign_in(ADMIN_TOKEN)
     page.link("lexcorp").click()
-    page.button("Edit", page.row("alfred")).click()
+    page.press("Edit", "alfred")
     dialog = page.dialog()
     assert page.field("Rate limit", dialog).get_attribute("value") == "10/s"
     hint = dialog.find_element(By.ID, "edit-cap-hint").text
@@ -980,7 +993,7 @@ def test_a_double_click_on_create_or_rotate_makes_one_key(page, gateway):
     assert len(keys_named(gateway, "wayne", "double")) == 1  # not a second key nobody holds
     assert gateway.proxy("/people", token)[0] == 200
 
-    page.button("Rotate", page.row("double")).click()
+    page.press("Rotate", "double")
     dialog = page.dialog()
     grace = page.field("Grace", dialog)
     grace.clear()
@@ -1013,7 +1026,7 @@ def test_a_token_shown_once_is_not_replaced_by_another_answer(patient_page):
         # before the Rotate dialog was filled, and the Create's token dialog was found instead
         store.execute_command("CLIENT", "PAUSE", "30000", "WRITE")
         page.button("Create").click()
-        page.button("Rotate", page.row("rotated-one")).click()
+        page.press("Rotate", "rotated-one")
         dialog = page.dialog()
         grace = page.field("Grace", dialog)
         grace.clear()
@@ -1061,7 +1074,7 @@ def test_focus_after_the_last_queued_token_dialog_goes_back_to_the_page(patient_
     try:
         store.execute_command("CLIENT", "PAUSE", "30000", "WRITE")  # until both are sent
         page.field("Name").send_keys(Keys.ENTER)  # Create, by keyboard
-        page.button("Rotate", page.row("rot-one")).click()
+        page.press("Rotate", "rot-one")
         grace = page.field("Grace", page.dialog())
         grace.clear()
         grace.send_keys("1h")
@@ -1211,7 +1224,7 @@ def test_losing_access_mid_session_returns_to_sign_in(page, gateway):
     page.tokens_seen.append(second_token)
     page.sign_in(second_token)
     wait(page.driver, lambda d: "second-admin" in page.rows())
-    page.button("Revoke", page.row("second-admin")).click()
+    page.press("Revoke", "second-admin")
     page.button("Revoke", page.dialog()).click()
     page.no_dialog()
     assert "This API key has been revoked." in page.alert_text()
@@ -1242,13 +1255,13 @@ def test_disabling_the_key_one_is_signed_in_with_asks_first(page, gateway):
     _, admin_key = signed_in_admin(page, gateway, "wonka", "Wonka", "oompa")
     if "enabled" not in admin_key:
         pytest.skip("this build's API has no key controls")
-    page.button("Disable", page.row("oompa")).click()
+    page.press("Disable", "oompa")
     dialog = page.dialog()
     assert "the key you are signed in with" in dialog.text
     page.button("Cancel", dialog).click()
     page.no_dialog()
     assert keys_named(gateway, "wonka", "oompa")[0]["enabled"] is True
-    page.button("Disable", page.row("oompa")).click()
+    page.press("Disable", "oompa")
     page.button("Disable", page.dialog()).click()
     assert "This API key is disabled." in page.alert_text()
     assert_signed_out(page, "oompa", "Wonka")
@@ -1260,7 +1273,7 @@ def test_rotating_the_key_one_is_signed_in_with_shows_the_new_token_until_done(p
     calls with: the list's refresh then answers 401 and signs out. The new token (the only
     way back in, shown once) must stay on screen until Done, not vanish with the session."""
     admin_token, admin_key = signed_in_admin(page, gateway, "soylent", "Soylent", "self-rotor")
-    page.button("Rotate", page.row("self-rotor")).click()
+    page.press("Rotate", "self-rotor")
     dialog = page.dialog()
     assert "the key you are signed in with" in dialog.text  # said before, as Revoke says it
     page.button("Rotate", dialog).click()
@@ -1472,7 +1485,7 @@ def test_very_long_names_wrap_instead_of_widening_the_page(page, gateway):
     page.link("initrode").click()
     page.row(name)
     assert_fits(page, "key list")
-    page.button("Revoke", page.row(name)).click()
+    page.press("Revoke", name)
     page.dialog()
     assert_fits(page, "revoke dialog")
     page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
@@ -1922,7 +1935,7 @@ def test_a_late_answer_for_another_workspace_is_not_shown_under_this_one(page, g
         page.link("All workspaces").click()
         page.link("speedy").click()
         assert_shows_workspace(page, "Speedy (speedy)", ["fast-key"])
-        page.button("Revoke", page.row("fast-key")).click()
+        page.press("Revoke", "fast-key")
         page.button("Revoke", page.dialog()).click()
         page.no_dialog()
         wait(page.driver, lambda d: "revoked" in page.row("fast-key").text)
@@ -2033,7 +2046,7 @@ def test_every_call_the_page_makes_is_one_the_openapi_document_describes(page, g
             page.take_token()
             page.in_dialog("Rotate", f"{tag}-role", "Grace", "1h", "Rotate")
             page.take_token()
-            page.button("Edit", page.row(f"{tag}-scopes")).click()
+            page.press("Edit", f"{tag}-scopes")
             dialog = page.dialog()
             Select(page.field("Role", dialog)).select_by_visible_text("reader")
             page.field("Scopes", dialog).clear()
@@ -2044,14 +2057,14 @@ def test_every_call_the_page_makes_is_one_the_openapi_document_describes(page, g
             page.field("Rate limit", dialog).send_keys("1/s")
             page.button("Save", dialog).click()
             page.no_dialog()
-            page.button("Disable", page.row(f"{tag}-scopes")).click()
+            page.press("Disable", f"{tag}-scopes")
             wait(page.driver, lambda d: "disabled" in page.row(f"{tag}-scopes").text)
-            page.button("Enable", page.row(f"{tag}-scopes")).click()
+            page.press("Enable", f"{tag}-scopes")
             wait(page.driver, lambda d: "disabled" not in page.row(f"{tag}-scopes").text)
-            page.button("Revoke", page.row(f"{tag}-scopes")).click()
+            page.press("Revoke", f"{tag}-scopes")
             page.button("Revoke", page.dialog()).click()
             page.no_dialog()
-            page.button("Delete", page.row(f"{tag}-scopes")).click()
+            page.press("Delete", f"{tag}-scopes")
             page.button("Delete", page.dialog()).click()
             page.no_dialog()
             wait(page.driver, lambda d: f"{tag}-scopes" not in page.rows())
@@ -2226,7 +2239,7 @@ def test_a_narrower_window_scrolls_the_key_table_not_the_page(page, gateway):
             "return [document.documentElement.scrollWidth, document.documentElement.clientWidth,"
             " document.getElementById('keys').scrollWidth]")
         assert widths[2] > widths[1] and widths[0] == widths[1], widths  # the table is wider
-        page.button("Revoke", page.row("wide-row")).click()
+        page.press("Revoke", "wide-row")
         page.button("Revoke", page.dialog()).click()
         page.no_dialog()
         wait(page.driver, lambda d: "revoked" in page.row("wide-row").text)
