@@ -433,9 +433,9 @@ class HeldReplies:
 
     def __init__(self, redis_url: str, reply_delay: float = 0.0) -> None:
         """``reply_delay``: seconds every read of replies waits before it is passed on (a
-        store that far away)."""
+        store that far away); an attribute a test may change at any time (read per reply)."""
         from urllib.parse import urlsplit
-        self._delay = reply_delay
+        self.reply_delay = reply_delay
         at = urlsplit(redis_url)
         self._target = (at.hostname, at.port)
         self._db = at.path
@@ -511,8 +511,8 @@ class HeldReplies:
                         if self._hold_nth <= 0:
                             self._hold_marker = None
                             self.hold()
-                    if held and self._delay:
-                        await asyncio.sleep(self._delay)
+                    if held and self.reply_delay:
+                        await asyncio.sleep(self.reply_delay)
                     if held and not self._flowing.is_set():
                         self.held_back += 1
                         await self._flowing.wait()
