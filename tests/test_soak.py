@@ -750,6 +750,13 @@ async def test_tls_handshakes_abandoned_in_every_state_leave_no_fds(tmp_path, re
         pid = gw.proc.pid
         hello = bytes.fromhex("160301020001") + b"\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40
         tally: dict[str, int] = {}
+        held: list[asyncio.Future] = []
+
+        async def wait_closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                closed = await asyncio.wait_for(reader.read(), 6) == b""
+                tally["held closed"] = tally.get("held closed", 0) + closed
+            writer.close()
 
         async def one(i: int) -> None:
             kind = i % 6
@@ -761,9 +768,9 @@ async def test_tls_handshakes_abandoned_in_every_state_leave_no_fds(tmp_path, re
                 if i % 12 == 5:          # stays: the header timeout closes it
                     writer.write(hello[:20])
                     await writer.drain()
-                    closed = await asyncio.wait_for(reader.read(), 6) == b""
-                    tally["held closed"] = tally.get("held closed", 0) + closed
-                    writer.close()
+                    # awaited apart: 60 of them holding one of the 16 senders for the 2 s
+                    # each took ~7.5 s; now they are open alongside the churn
+                    held.append(asyncio.ensure_future(wait_closed(reader, writer)))
                     return
                 rst(writer) if i % 2 else writer.close()
                 return
@@ -783,11 +790,12 @@ async def test_tls_handshakes_abandoned_in_every_state_leave_no_fds(tmp_path, re
                 writer.transport.abort() if i % 4 == 0 else writer.close()
 
         await bounded(60, 6, one)   # warm-up
+        await asyncio.gather(*held)
         base = await settled(pid, snapshot(pid, echo_upstream), {})
         started = time.monotonic()
         await bounded(720, 16, one)
+        await asyncio.gather(*held)
         took = time.monotonic() - started
-        await asyncio.sleep(1)
         after = await settled(pid, base, SLACK, timeout=10, pooled_to=echo_upstream)
         print(f"TLS churn x720 in {took:.1f}s ({tally}): baseline {base}, after {after}")
         assert tally["handshakes"] >= 360 and tally["held closed"] >= 60, tally
