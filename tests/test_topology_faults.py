@@ -180,7 +180,7 @@ async def test_a_paused_cluster_node_is_given_up_on_once_and_a_refund_is_not_rep
 # --- Sentinel: a burst, then a failover under load ------------------------------------------
 
 from test_redis_topologies import DATA_PW, MASTER, SENTINEL_PW, sentinel_group  # noqa: E402,F401
-from harness import bearer, eventually, gateway_under_test, make_config, no_retry  # noqa: E402
+from harness import bearer, eventually, gateway_under_test, make_config  # noqa: E402
 
 
 def _master_pid(group: dict) -> int:
@@ -1289,8 +1289,7 @@ async def test_a_dead_cluster_primary_is_503_within_the_store_timeout(
         tokens = await _three_keys_each(gut, spaces)
         lost = spaces[0]
         _, owner = _owner(ports, f"kg:ws:{{{lost}}}")
-        # (without retries: redis-py's would try the gone node ten times, ~3 s)
-        with redis.Redis(port=owner, password=CLUSTER_PW, socket_timeout=5, **no_retry()) as n:
+        with _node(owner) as n:
             try:
                 n.shutdown(nosave=True)
             except redis.ConnectionError:
