@@ -142,12 +142,22 @@ class CpuWait:
         return max(0.0, self._at(until) - self._at(since))
 
 
+def no_retry() -> dict[str, Any]:
+    """redis-py client arguments for a probe that answers or raises at once: by default
+    redis-py (6+) retries a connection error or a timeout ten times with a backoff, ~3 s of
+    a test's time (blocking its event loop) each time it meets a Redis that is down, going
+    down or paused."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    return {"retry": Retry(NoBackoff(), 0)}
+
+
 def redis_answers(url: str):
     """A condition for ``eventually``: Redis at ``url`` answers a PING (a pause has ended)."""
     import redis
 
     def answers() -> bool:
-        client = redis.Redis.from_url(url, socket_timeout=0.05)
+        client = redis.Redis.from_url(url, socket_timeout=0.05, **no_retry())
         try:
             return client.ping()
         except redis.RedisError:
@@ -493,9 +503,9 @@ class HeldReplies:
 
     def __init__(self, redis_url: str, reply_delay: float = 0.0) -> None:
         """``reply_delay``: seconds every read of replies waits before it is passed on (a
-        store that far away)."""
+        store that far away); an attribute a test may change at any time (read per reply)."""
         from urllib.parse import urlsplit
-        self._delay = reply_delay
+        self.reply_delay = reply_delay
         at = urlsplit(redis_url)
         self._target = (at.hostname, at.port)
         self._db = at.path
@@ -571,8 +581,8 @@ class HeldReplies:
                         if self._hold_nth <= 0:
                             self._hold_marker = None
                             self.hold()
-                    if held and self._delay:
-                        await asyncio.sleep(self._delay)
+                    if held and self.reply_delay:
+                        await asyncio.sleep(self.reply_delay)
                     if held and not self._flowing.is_set():
                         self.held_back += 1
                         await self._flowing.wait()

@@ -659,7 +659,9 @@ async def test_clients_not_reading_a_large_response_do_not_hold_upstream_connect
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
     server = await aiohttp_server(app)
-    config = edge_config(str(server.make_url("")), upstream_timeout=1.0, upstream_max=2)
+    # timeouts shorter than edge_config's (2/5/10 s): the wait below outlasts each of them
+    config = edge_config(str(server.make_url("")), upstream_timeout=1.0, upstream_max=2,
+                         timeouts=Timeouts(header=1.0, body=2.0, idle=3.0))
     async with gateway_under_test(config, redis_url, monkeypatch) as g:
         stuck = []
         for _ in range(2):
@@ -670,7 +672,7 @@ async def test_clients_not_reading_a_large_response_do_not_hold_upstream_connect
             reader, writer = await asyncio.open_connection(sock=sock)
             writer.write(b"GET /public/big HTTP/1.1\r\nHost: g\r\n\r\n")   # and never read
             stuck.append(writer)
-        await asyncio.sleep(11.0)     # longer than every timeout in the config (idle: 10 s)
+        await asyncio.sleep(3.5)      # longer than every timeout in the config (idle: 3 s)
         try:
             async with g.proxy.get("/public/ok") as r:
                 status = r.status

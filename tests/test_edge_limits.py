@@ -939,9 +939,11 @@ async def _pipeline_until_a_tail_is_stuck(port: int, server, request: bytes):
     counted = server.requests_count
     for sent in range(1, 5000):
         await loop.sock_sendall(sock, request)
+        # polled every 1 ms: an answer takes about that, and the buffers fill after a few
+        # hundred (at eventually()'s 20 ms, ~350 of them took 8 s)
         assert await eventually(lambda: server.requests_count - counted == sent
                                 and handler.transport is not None
-                                and not handler._request_in_progress, 5)
+                                and not handler._request_in_progress, 5, every=0.001)
         assert not handler._paused
         if handler.transport.get_write_buffer_size() > 0:
             return sock, sent

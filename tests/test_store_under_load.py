@@ -20,7 +20,7 @@ import redis
 from aiohttp import ClientSession, TCPConnector
 
 from conftest import RedisServer, free_port, redis_server_binary
-from harness import bearer, eventually, gateway_under_test, make_config
+from harness import bearer, eventually, gateway_under_test, make_config, no_retry
 
 IN_FLIGHT = 150
 LIMIT = 25.0  # seconds: every test here ends within this, whatever Redis does
@@ -273,7 +273,8 @@ async def test_a_redis_loading_its_data_under_load_is_503_then_200_with_every_ke
                 admin.execute_command("DEBUG", "POPULATE", 100000, "filler", 200)
             async with Flood(g, tokens) as flood:
                 await asyncio.sleep(0.3)
-                with redis.Redis(port=port) as admin:
+                # (without retries: redis-py's would try the gone server ten times, ~3 s)
+                with redis.Redis(port=port, **no_retry()) as admin:
                     try:  # redis-py takes the closed connection as the answer
                         await asyncio.to_thread(admin.shutdown, save=True)
                     except redis.ConnectionError:
@@ -282,15 +283,18 @@ async def test_a_redis_loading_its_data_under_load_is_503_then_200_with_every_ke
                 down = time.monotonic()
                 await asyncio.sleep(1.5)  # no Redis at all meanwhile
                 restarting = time.monotonic()
+                # a 1 µs sleep after every other key (a negative delay: 1 in 2), ~60 µs
+                # with the kernel's timer slack: ~3-4 s of LOADING (15 µs a key: 10 s here)
                 proc = await asyncio.to_thread(_start, port, str(tmp_path),
-                                               "--key-load-delay", "15")
+                                               "--key-load-delay", "-2")
 
                 def loaded() -> bool:
-                    with redis.Redis(port=port, socket_timeout=1) as probe:
+                    with redis.Redis(port=port, socket_timeout=1, **no_retry()) as probe:
                         try:
                             return probe.ping()
                         except (redis.exceptions.BusyLoadingError,
-                                redis.exceptions.TimeoutError):  # busy loading a chunk
+                                redis.exceptions.TimeoutError,  # busy loading a chunk
+                                redis.exceptions.ConnectionError):  # (no retries: say again)
                             return False
                 assert await eventually(lambda: asyncio.to_thread(loaded), timeout=15,
                                         every=0.05)

@@ -279,12 +279,12 @@ def test_a_large_https_answer_ended_by_close_notify_arrives_whole(
         redis_url, monkeypatch, private_ca, loop):
     """An https upstream answers ~0.75-1.1 MB with ``Connection: close`` (with a
     Content-Length, or read to the close), then sends close_notify and closes its socket. The
-    client reads nothing for 0.7 s, then all of it: keygate's reads of the upstream are
-    paused by backpressure meanwhile, while the TLS transport goes on reading TCP into its
-    buffer. On uvloop (what ``serve`` runs) the FIN came while those records were not yet
-    decrypted, and uvloop 0.23's SSLProtocol.eof_received dropped them and the close_notify
-    (uvloop PR #661): the client's connection was aborted some 100-230 KB short. The window
-    is a range of sizes: several are tried."""
+    client reads nothing until then (0.7 s at most), then all of it: keygate's reads of the
+    upstream are paused by backpressure meanwhile, while the TLS transport goes on reading
+    TCP into its buffer. On uvloop (what ``serve`` runs) the FIN came while those records
+    were not yet decrypted, and uvloop 0.23's SSLProtocol.eof_received dropped them and the
+    close_notify (uvloop PR #661): the client's connection was aborted some 100-230 KB
+    short. The window is a range of sizes: several are tried."""
     new_loop = pytest.importorskip("uvloop").new_event_loop if loop == "uvloop" \
         else asyncio.new_event_loop
     results = []
@@ -300,7 +300,11 @@ def test_a_large_https_answer_ended_by_close_notify_arrives_whole(
             async with gateway_under_test(config, redis_url, monkeypatch) as g:
                 reader, writer = await g.raw_connection()
                 writer.write(b"GET /public/big HTTP/1.1\r\nHost: x\r\n\r\n")
-                await asyncio.sleep(0.7)  # nothing read meanwhile: keygate's reads pause
+                # nothing read meanwhile: keygate's reads pause. Until the upstream has sent
+                # it all and closed (at most 0.7 s, the fixed wait this was), then 0.2 s for
+                # its FIN to reach keygate's transport
+                await asyncio.to_thread(thread.join, 0.7)
+                await asyncio.sleep(0.2)
                 got = b""
                 try:
                     async with asyncio.timeout(10):
@@ -662,10 +666,25 @@ async def test_a_large_early_answer_to_an_upload_reaches_a_slow_client_whole(
                         await writer.drain()
 
             sender = asyncio.ensure_future(send_body())
-            await asyncio.sleep(4)  # reading nothing meanwhile
+            # reading nothing until the upstream has sent its whole answer and closed with the
+            # body unread (a fixed 4 s before): its reset fails keygate's next body write,
+            # which the client's body keeps coming for, with most of the answer still in
+            # keygate's socket
+            await asyncio.to_thread(thread.join, 10)
+            await asyncio.sleep(0.5)
             got = bytearray()
+
+            def whole() -> bool:
+                head, sep, rest = bytes(got).partition(b"\r\n\r\n")
+                return bool(sep) and len(rest) >= len(body)
+            # read to the answer's end, then what else comes within 0.5 s (the connection
+            # stays open while keygate reads the rest of the upload away: reading on to a
+            # 5 s silence cost 5 s)
             with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
-                while chunk := await asyncio.wait_for(reader.read(1 << 20), 5):
+                while not whole() and \
+                        (chunk := await asyncio.wait_for(reader.read(1 << 20), 5)):
+                    got += chunk
+                while chunk := await asyncio.wait_for(reader.read(1 << 20), 0.5):
                     got += chunk
             sender.cancel()
             writer.close()

@@ -1573,7 +1573,9 @@ async def test_the_keys_of_many_tunnels_are_checked_at_once_not_one_after_anothe
     from gateway.config import StoreConfig
 
     n = 40
-    async with HeldReplies(redis_url, reply_delay=0.05) as relay, \
+    # the store is near while the keys and tunnels are set up (40 creations and 40 handshakes
+    # at 50 ms a reply took ~10 s), and 50 ms away once the check under test may run
+    async with HeldReplies(redis_url) as relay, \
             ws_upstream() as (url, _), \
             gateway(relay.url, monkeypatch, url, websocket_recheck=1.0, idle=60.0,
                     store=StoreConfig(redis_url=relay.url, timeout=2.0)) as g:
@@ -1585,6 +1587,7 @@ async def test_the_keys_of_many_tunnels_are_checked_at_once_not_one_after_anothe
                 tunnels.append(await client.ws_connect(ws_url(g, "/ws/x"),
                                                        headers=bearer(token)))
             try:
+                relay.reply_delay = 0.05
                 status, _ = await g.admin_json(
                     "POST", f"/workspaces/acme/keys/{keys[-1][1]['id']}/revoke")
                 assert status == 200
