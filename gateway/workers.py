@@ -96,11 +96,28 @@ async def _serve(config: Config, store_url: str, reuse_port: bool,
         loop.add_signal_handler(sig, stopping)
     # held since serve() (SIGTERM) or the fork (a worker's SIGINT): delivered now
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    starting = asyncio.Event()  # set once the start-up checks are done: listening next
+    serving = asyncio.ensure_future(
+        _serve_gateway(config, store_url, reuse_port, stop, config_path, starting))
+    stopped = asyncio.ensure_future(stop.wait())
     try:
-        return await _serve_gateway(config, store_url, reuse_port, stop, config_path)
+        # A stop while the store's start-up checks wait (a Redis frozen or unreachable: each
+        # check waits out store.timeout, with retries) ends the start at once, as a stop:
+        # serve waited them all out first (~25 s), past a grace period's SIGKILL.
+        await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done() and not starting.is_set():
+            serving.cancel()
+            (ended,) = await asyncio.gather(serving, return_exceptions=True)
+            if isinstance(ended, int):  # it ended by itself as it was cancelled: as it says
+                return ended
+            log.info("stopped while starting (the store's start-up check did not finish)")
+            return 0
+        return await serving
     except StoreError as exc:  # raised while opening the store clients: one line, no traceback
         return _store_failed_at_start(f"cannot use the store at {redact(store_url)}: "
                                       f"{exc}", config, True, stop)
+    finally:
+        stopped.cancel()
 
 
 def _store_failed_at_start(problem: str, config: Config, reached: bool,
@@ -116,7 +133,10 @@ def _store_failed_at_start(problem: str, config: Config, reached: bool,
 
 
 async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
-                         stop: asyncio.Event, config_path: str | None = None) -> int:
+                         stop: asyncio.Event, config_path: str | None = None,
+                         starting: asyncio.Event | None = None) -> int:
+    """``starting``: set once the store's start-up checks are done (until then a stop may
+    cancel this; from then on the stop is this function's own: listen, then drain)."""
     async with running_gateway(config, store_url, config_path=config_path) as gw:
         if problem := await gw.store.ping_problem():
             return _store_failed_at_start(f"cannot reach the store at "
@@ -131,6 +151,8 @@ async def _serve_gateway(config: Config, store_url: str, reuse_port: bool,
         # the background (a node that does not answer must not hold the start), so the
         # warning may come just after the "listening" line
         gw.admin_app[READINESS].look_at_eviction()
+        if starting is not None:
+            starting.set()
         try:
             runners = await start_listeners(gw, reuse_port)
         except ListenError as exc:
@@ -269,7 +291,9 @@ def _wait_while_loading(config: Config, store_url: str) -> bool:
                 # meanwhile is looked for every 0.1 s, not once per PING
                 ping = asyncio.ensure_future(store.ping_problem())
                 while not (await asyncio.wait({ping}, timeout=0.1))[0]:
-                    if said and _stop_requested():
+                    # a SIGTERM while the PING waits (a Redis loading, or one that answers
+                    # nothing: up to store.timeout) ends the start at once
+                    if _stop_requested():
                         ping.cancel()
                         return False
                 problem = ping.result()
@@ -687,7 +711,7 @@ def serve(config_path: str | None, workers: int | None = None) -> int:
         print(f"keygate: {exc}", file=sys.stderr)
         return 1
     if embedded is None and not _wait_while_loading(config, store_url):
-        log.info("stopped while waiting for the store to load its data")
+        log.info("stopped while starting (waiting for the store to answer)")
         return 0
     try:
         workers = workers or config.server.workers

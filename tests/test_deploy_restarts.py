@@ -715,3 +715,38 @@ async def test_sigterm_while_serve_waits_for_the_store_lock_stops_at_once(tmp_pa
     finally:
         os.close(lock)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_sigterm_while_the_stores_start_up_checks_wait_on_a_frozen_redis_stops_at_once(
+        tmp_path, own_redis):
+    """A Redis that accepts connections and answers nothing (frozen: a stalled VM, a
+    SIGSTOP) when ``serve`` starts: each start-up check of the store waits out
+    ``store.timeout`` (with redis-py's retries). A SIGTERM meanwhile (the pod deleted as it
+    starts, a deploy rolled back) was looked at only once a check had failed, up to the
+    store timeout later (seen ~25 s under load with the embedded store), and a SIGKILL at the
+    grace period's end could come first. It ends the start now: exit 0, said once."""
+    import yaml
+    config, pport, aport = write_config(tmp_path, redis_url=own_redis.url)
+    doc = yaml.safe_load(config.read_text())
+    doc["store"]["timeout"] = 10  # a store across a slow network: each check may wait 10 s
+    config.write_text(yaml.safe_dump(doc))
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    try:
+        gw = Served(config, pport, aport)
+        try:
+            # serve is past its imports and its config, waiting on the store
+            await asyncio.sleep(3)
+            assert gw.proc.poll() is None, gw.stderr()
+            gw.proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            code = await asyncio.to_thread(gw.proc.wait, 60)
+            took = time.monotonic() - started
+            err = gw.stderr()
+            assert code == 0, (code, err)
+            assert "Traceback" not in err, err
+            assert took < 5, (took, err)
+            assert "stopped while starting" in err, err
+        finally:
+            gw.close()
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
