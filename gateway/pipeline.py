@@ -299,6 +299,10 @@ class Pipeline:
             if named:
                 public, scopes = overrides.authorised_as(self.routes, route, request.method,
                                                          raw_path, named, forwarding=True)
+        # the config the route was matched under: the key is derived under it too (a key
+        # read or re-read across a reload: authenticate, authorise), so that a request in
+        # flight finishes on one config, never half of the old and half of the new
+        under = self.auth.under  # (config, generation): the same config as self.config
         upstream = self.config.upstreams[route.upstream]
         # a WebSocket handshake on a route that tunnels them: the same steps, then a tunnel
         tunnel = route.websocket and websocket_handshake(request) is not None
@@ -325,7 +329,8 @@ class Pipeline:
         with trace.step("authorise"):
             key, limit_headers, counted = await self.authorise(key, scopes,
                                                                count=not too_large,
-                                                               client=client, peek=too_large)
+                                                               client=client, peek=too_large,
+                                                               under=under)
         if too_large:
             raise errors.body_too_large(rules.max_body)
         if counted.degraded:
@@ -425,7 +430,8 @@ class Pipeline:
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
                         client: str, peek: bool = False, stamp: bool = False,
-                        spend: bool = False) -> tuple[CachedKey, dict[str, str], Counted]:
+                        spend: bool = False, under: tuple[Config, int] | None = None
+                        ) -> tuple[CachedKey, dict[str, str], Counted]:
         """State (revoked/expired/disabled, the key's IP allow-list), scopes, then rate and
         quotas in one round trip. Returns the key as confirmed, the RateLimit fields, and the
         month and day the request was counted in. ``client`` is the address the key's IP
@@ -438,6 +444,10 @@ class Pipeline:
         the caller that lets the request through calls ``let_through`` with it (a request
         refused after all, answered 503 or no request at all, such as an open tunnel's
         periodic check of its key or an admin-listener call, is no degraded decision).
+        ``under``: the config the request's route was matched under and its generation
+        (``Authenticator.under`` then), which ``key`` was derived under (``authenticate``); a
+        key found changed is re-read under it, not under one a reload swapped in meanwhile
+        (None: under the config in force).
 
         Decisions read from the cache are confirmed against the store's revision before they
         are answered, so a widened scope, an extended expiry or a key enabled again acts on the
@@ -468,7 +478,7 @@ class Pipeline:
                 return key, {}, self._degraded(key, refused, count, Counted(month, day), exc)
             if decision.outcome == "stale":
                 try:
-                    fresh = await self.auth.refresh(key)
+                    fresh = await self.auth.refresh(key, under)
                 except StoreError as exc:
                     raise self.store_down(exc) from exc
                 if fresh is None:
