@@ -193,6 +193,34 @@ async def test_retry_after_after_a_rate_downgrade_is_when_a_request_is_admitted(
     assert headers["RateLimit"] == '"rate";r=0;t=5'
 
 
+async def test_a_rate_moved_from_per_second_to_per_minute_starts_from_the_last_seconds_history(
+        gut, clock):
+    """Documented (README, key controls): a lowered limit counts what the key's rate log
+    still holds, and a per-second log holds the last second only. A key at 5/s admitted 15
+    in 3 s; PATCHed to 8/m, its first minute starts from the 5 of its last second: 3 more
+    are admitted, then 429 with Retry-After until the oldest of those 8 leaves the minute.
+    (A minute of history per per-second log would cost 60 times its memory in Redis.)
+    Its log expires a second after its last request, in Redis's own time: the PATCH and
+    the next request follow within milliseconds."""
+    clock.set("2026-11-10T12:00:00")
+    await gut.workspace("acme", plan="unlimited")
+    token, key = await gut.key(rate_limit="5/s")
+    for _ in range(3):  # 5 a second for 3 seconds: all admitted
+        assert await statuses(gut, token, 5) == [200] * 5
+        clock.now += 1
+    status, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                        {"rate_limit": "8/m"})
+    assert status == 200, body
+    clock.now -= 0.5  # 2.5 s after the first of the 15; the last 5 were sent at 2 s
+    admitted = []
+    for _ in range(4):
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            admitted.append(r.status)
+            retry_after = r.headers.get("Retry-After")
+    assert admitted == [200, 200, 200, 429]
+    assert retry_after == "60"  # the 5 sent at 2 s leave the minute at 62 s: 59.5 s, rounded up
+
+
 async def test_usage_endpoint_counts_nothing_and_matches_admin_and_cli(gut, capsys):
     await gut.workspace("acme", plan="tiny")
     token, key = await gut.key()
