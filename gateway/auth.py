@@ -173,6 +173,7 @@ class Authenticator:
                  clock: Callable[[], float] = time.time) -> None:
         self.generation = 0             # bumped by a reload: cached entries are re-derived
         self.config = config
+        self.under = (config, 0)        # (config, generation): a request's snapshot of both
         self.store = store              # gateway.store.Store (redis-py; cold path only)
         self.requests = requests        # hot path
         self.metrics = metrics
@@ -226,6 +227,7 @@ class Authenticator:
         self.queue.total = config.keys.verify_queue.total
         self.argon2.reread_cpu_limit()  # a pod resized in place: a reload follows it
         self.generation += 1
+        self.under = (config, self.generation)
         if keys_changed:
             self.cache.clear()
 
@@ -291,6 +293,9 @@ class Authenticator:
         token = self.parse(raw_token)  # only tokens that never verified get here
         if self._miss is not None:
             self._miss.inc()
+        # the config this request began under (its route, upstream and header rules were
+        # taken under it): the key is derived under it too, whatever a reload does meanwhile
+        under = self.under
         client = throttle_client(client_ip)
         verification = self._inflight.get(digest)
         # joining a verification that runs under another client's queue and failure limit
@@ -302,7 +307,8 @@ class Authenticator:
             if joined and entry is None:  # (one that verified before is no guess: _start)
                 await self._join(verification, digest, token.key_id, client, watch)
             try:
-                return await self._outcome(verification, digest, watch, joined)
+                return await self._as_of(
+                    await self._outcome(verification, digest, watch, joined), under)
             except (TooManyRequests, ServiceUnavailable) as exc:
                 # Shared with a first requester from another client address and refused for
                 # that address alone (its failures; its queue full, overloaded before a turn):
@@ -322,7 +328,7 @@ class Authenticator:
             verification = self._inflight.get(inflight)
             if verification is None:
                 verification = self._start(token, digest, inflight, client, entry)
-            return await self._outcome(verification, inflight, watch)
+            return await self._as_of(await self._outcome(verification, inflight, watch), under)
         except StoreError:
             # on_store_error: open lets keys verified in this process through while the store
             # is down: this token verified here (only its cache_ttl ran out), and the key's
@@ -332,6 +338,17 @@ class Authenticator:
                     self.metrics.store_errors.inc()  # raised one the pipeline counts)
                 return entry
             raise
+
+    async def _as_of(self, entry: CachedKey, under: tuple[Config, int]) -> CachedKey:
+        """``entry`` as derived under the config ``under`` (config, generation): a request
+        that shared a verification begun under another config (a reload between the two)
+        re-reads the key under its own. Cold path only; the same entry almost always."""
+        if entry.generation == under[1]:
+            return entry
+        fresh = await self.refresh(entry, under)
+        if fresh is None:
+            raise invalid_token("invalid_key", "The API key is not valid.")
+        return fresh
 
     def _start(self, token: ParsedToken, digest: bytes, inflight, client: str,
                entry: CachedKey | None) -> _Verification:
@@ -485,12 +502,20 @@ class Authenticator:
         if not task.cancelled():
             task.exception()  # retrieved: its waiters re-raise it, or nobody waits any more
 
-    async def refresh(self, entry: CachedKey) -> CachedKey | None:
-        """Re-read a key whose stored revision moved on. None when it no longer exists."""
-        generation = self.generation  # a reload while this reads leaves the entry stale
+    async def refresh(self, entry: CachedKey,
+                      under: tuple[Config, int] | None = None) -> CachedKey | None:
+        """Re-read a key whose stored revision moved on. None when it no longer exists.
+
+        ``under``: the config (and its generation) to derive it under, a request's own (the
+        one its route was matched under); by default the config in force now. Taken before
+        the read: a reload while it reads leaves the entry derived under the config the
+        request began with (stale, so the key's next request derives it anew), never half
+        of each (SPEC: requests in flight finish on the old config)."""
+        config, generation = under or self.under
         key, workspace, role = await self._read(entry.workspace, entry.key_id)
         fresh = None if key is None else self._entry_for(
-            key, workspace, role, entry.secret_digest, entry.verified_until, generation)
+            key, workspace, role, entry.secret_digest, entry.verified_until, generation,
+            config)
         if workspace is None:
             self._workspace_gone(entry.workspace)
         if fresh is None:
@@ -600,8 +625,11 @@ class Authenticator:
 
     async def _verify_counted(self, token: ParsedToken, digest: bytes, client_ip: str,
                               verification: _Verification | None = None) -> CachedKey:
-        limits = self.config.keys.failures
-        generation = self.generation  # a reload while this runs leaves the entry stale
+        # the config the key is derived under, taken with its generation before the first
+        # await: a reload while this runs leaves the entry stale, derived under the config the
+        # request began with, never under half of each (its route was matched under it)
+        config, generation = self.under
+        limits = config.keys.failures
         workspace_id = await self.requests.key_workspace(token.key_id)
         key, workspace, role = await self._read(workspace_id, token.key_id) \
             if workspace_id else (None, None, None)
@@ -620,7 +648,7 @@ class Authenticator:
                 verification.failed = True  # its joiners from other clients count it too
             raise invalid_token("invalid_key", "The API key is not valid.")
         entry = self._entry_for(key, workspace, role, digest,
-                                time.monotonic() + self.config.keys.cache_ttl, generation)
+                                time.monotonic() + config.keys.cache_ttl, generation, config)
         if entry is None:  # the workspace vanished under the key
             self._workspace_gone(workspace_id)
             self.cache.pop(digest, None)
@@ -658,10 +686,11 @@ class Authenticator:
         return key_from_hash(stored.key), workspace_from_hash(stored.workspace), stored.role
 
     def _entry_for(self, key: KeyRecord, workspace: Workspace | None, role: str | None,
-                   digest: bytes, verified_until: float, generation: int) -> CachedKey | None:
+                   digest: bytes, verified_until: float, generation: int,
+                   config: Config) -> CachedKey | None:
         """The cache entry, with the key's scopes now: its own, or its role's (the workspace's
-        definition shadows the config's; a role neither defines grants nothing). None when
-        the workspace is gone."""
+        definition shadows the config's; a role neither defines grants nothing), derived
+        under ``config`` (generation ``generation``). None when the workspace is gone."""
         if workspace is None:
             return None
         if key.role is None:
@@ -672,19 +701,23 @@ class Authenticator:
             except ValueError as exc:
                 raise StoreError("the store holds a malformed workspace role") from exc
         else:
-            scopes = tuple(self.config.roles.get(key.role, ()))
-        return self.entry(key, workspace, scopes, digest, verified_until, generation)
+            scopes = tuple(config.roles.get(key.role, ()))
+        return self.entry(key, workspace, scopes, digest, verified_until, generation, config)
 
     def entry(self, key: KeyRecord, workspace: Workspace, scopes, digest: bytes,
-              verified_until: float, generation: int | None = None) -> CachedKey:
+              verified_until: float, generation: int | None = None,
+              config: Config | None = None) -> CachedKey:
         """The cache entry for a verified key, kept lean (bench/memory.py): only what deciding
         a request needs, in one ``CachedKey``; workspaces, plans, rate limits, scope sets and
-        allow-lists equal to ones already cached are shared (all immutable)."""
+        allow-lists equal to ones already cached are shared (all immutable). ``config``: the
+        config ``generation`` is (both default to those in force)."""
+        if config is None:
+            config = self.config
         workspace = self._shared(workspace)
-        plan = effective_plan(self.config, workspace)  # the workspace's own limits included
+        plan = effective_plan(config, workspace)  # the workspace's own limits included
         if workspace.overrides:  # a plan of its own: one per distinct set of limits
             plan = self._shared(plan)
-        rate = key_rate_limit(self.config, plan, key.rate_limit)
+        rate = key_rate_limit(config, plan, key.rate_limit)
         if key.rate_limit:       # parsed from the key's own "N/s": one per distinct limit
             rate = self._shared(rate)
         networks = None if key.allowed_ips is None else self._shared(

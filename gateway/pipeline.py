@@ -116,6 +116,47 @@ class Counted(NamedTuple):
     degraded: bool = False
 
 
+class Held:
+    """A request of this process counted against a quota (its workspace's, its key's own cap)
+    that may still be taken back: it has not reached its upstream yet (``Pipeline.refund``).
+    While it is held, a quota 429 of its workspace or key whose quota it holds the last of
+    says so, with a short ``Retry-After``, rather than "used up until next month".
+    ``release`` once its upstream's answer came (or its handshake's), or the request ended;
+    a second call does nothing. Only this process's requests are seen, not other replicas'."""
+    __slots__ = ("pipeline", "workspace", "budget")
+
+    def __init__(self, pipeline: "Pipeline", workspace: str | None,
+                 budget: str | None) -> None:
+        self.pipeline = pipeline
+        self.workspace = workspace  # None: the workspace has no quota
+        self.budget = budget        # None: the key has no cap of its own
+        if workspace is not None:
+            held = pipeline._held_workspaces
+            held[workspace] = held.get(workspace, 0) + 1
+        if budget is not None:
+            held = pipeline._held_keys
+            held[budget] = held.get(budget, 0) + 1
+
+    def release(self) -> None:
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is None:
+            return
+        name = self.workspace
+        if name is not None:
+            held = pipeline._held_workspaces
+            if (n := held[name] - 1) > 0:
+                held[name] = n
+            else:
+                del held[name]
+        name = self.budget
+        if name is not None:
+            held = pipeline._held_keys
+            if (n := held[name] - 1) > 0:
+                held[name] = n
+            else:
+                del held[name]
+
+
 class Forwarding(Protocol):
     """Where an allowed request goes (``gateway.proxying.forward.Forwarder``)."""
 
@@ -123,14 +164,17 @@ class Forwarding(Protocol):
                       principal: Principal | None, request_id: str,
                       response_headers: Mapping[str, str], *,
                       trace: Trace | None = None, rules=None,
-                      client_of=None) -> web.StreamResponse: ...
+                      client_of=None, held: Held | None = None) -> web.StreamResponse: ...
+    # held: released once the upstream's answer head came (the request can no longer be
+    # taken back)
 
     async def tunnel(self, request: web.BaseRequest, upstream: Upstream,
                      principal: Principal | None, request_id: str,
                      response_headers: Mapping[str, str], *,
                      trace: Trace | None = None, rules=None,
-                     watch=None) -> web.StreamResponse: ...
-    # forward for a WebSocket handshake: the tunnel, run until it ends (watch is handed it)
+                     watch=None, held: Held | None = None) -> web.StreamResponse: ...
+    # forward for a WebSocket handshake: the tunnel, run until it ends (watch is handed it;
+    # held released once the upstream answered the handshake)
 
     header_rules: Any  # the current RequestHeaderRules (headers, signing, body limits, the
     # config's CORS policy); a request keeps the ones it began with
@@ -160,6 +204,10 @@ class Pipeline:
         self.ledger = LocalLedger(requests, self.months, clock,  # fail-open counts
                                   retry_every=ledger_retry)
         self._rate_take_backs: set[asyncio.Task] = set()  # see _counted_after_all
+        # this process's counted requests that may still be taken back (Held), per workspace
+        # id and per key budget: what a quota 429 tells apart from a month used up
+        self._held_workspaces: dict[str, int] = {}
+        self._held_keys: dict[str, int] = {}
         self.tunnels = TunnelWatch(self._still_allowed, self._route_now)  # open WebSockets
         self.reconfigure(config)
         self._rid_prefix = os.urandom(4).hex()
@@ -186,6 +234,10 @@ class Pipeline:
             h.lower() for h in config.keys.headers if h.lower() != "authorization"))  # per call
         self.trusted = TrustedProxies(config.server.trusted_proxies)
         self._any_trusted = bool(self.trusted)
+        # a quota 429 while requests in flight hold the last of it: retry once they have had
+        # their upstream's timeout to reach it or be taken back (the longest of the config's)
+        self._held_wait = str(max(1, math.ceil(max(
+            (u.timeout for u in config.upstreams.values()), default=1))))
 
     # --- the one handler ----------------------------------------------------------------------
 
@@ -299,6 +351,10 @@ class Pipeline:
             if named:
                 public, scopes = overrides.authorised_as(self.routes, route, request.method,
                                                          raw_path, named, forwarding=True)
+        # the config the route was matched under: the key is derived under it too (a key
+        # read or re-read across a reload: authenticate, authorise), so that a request in
+        # flight finishes on one config, never half of the old and half of the new
+        under = self.auth.under  # (config, generation): the same config as self.config
         upstream = self.config.upstreams[route.upstream]
         # a WebSocket handshake on a route that tunnels them: the same steps, then a tunnel
         tunnel = route.websocket and websocket_handshake(request) is not None
@@ -325,24 +381,37 @@ class Pipeline:
         with trace.step("authorise"):
             key, limit_headers, counted = await self.authorise(key, scopes,
                                                                count=not too_large,
-                                                               client=client, peek=too_large)
+                                                               client=client, peek=too_large,
+                                                               under=under)
         if too_large:
             raise errors.body_too_large(rules.max_body)
         if counted.degraded:
             self.let_through(counted)
+            held = None  # counted in this process's ledger: no quota judged meanwhile
+        else:  # counted against a quota, until it reaches the upstream or is taken back
+            limits = key.limits
+            ws_limited = limits is not None and limits.monthly_requests is not None
+            held = Held(self, key.workspace if ws_limited else None,
+                        key.budget if key.monthly_requests is not None else None) \
+                if ws_limited or key.monthly_requests is not None else None
         try:
             with trace.step("forward"):
                 if tunnel:  # closed once the key no longer allows it (TunnelWatch)
                     return await self.forwarder.tunnel(
                         request, upstream, key, request_id, limit_headers, trace=trace,
                         rules=rules, watch=self.tunnels.watch(key, scopes, client, raw_path,
-                                                              route, _token_kind(token)))
+                                                              route, _token_kind(token)),
+                        held=held)
                 return await self.forwarder.forward(request, upstream, key, request_id,
-                                                    limit_headers, trace=trace, rules=rules)
+                                                    limit_headers, trace=trace, rules=rules,
+                                                    held=held)
         except GatewayError as exc:
             if not exc.reached_upstream:  # refused here, or never sent: it does not count
                 await self.refund(key, counted)
             raise
+        finally:
+            if held is not None:  # (taken back by now, if it was)
+                held.release()
 
     # --- steps --------------------------------------------------------------------------------
 
@@ -425,7 +494,8 @@ class Pipeline:
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
                         client: str, peek: bool = False, stamp: bool = False,
-                        spend: bool = False) -> tuple[CachedKey, dict[str, str], Counted]:
+                        spend: bool = False, under: tuple[Config, int] | None = None
+                        ) -> tuple[CachedKey, dict[str, str], Counted]:
         """State (revoked/expired/disabled, the key's IP allow-list), scopes, then rate and
         quotas in one round trip. Returns the key as confirmed, the RateLimit fields, and the
         month and day the request was counted in. ``client`` is the address the key's IP
@@ -438,6 +508,10 @@ class Pipeline:
         the caller that lets the request through calls ``let_through`` with it (a request
         refused after all, answered 503 or no request at all, such as an open tunnel's
         periodic check of its key or an admin-listener call, is no degraded decision).
+        ``under``: the config the request's route was matched under and its generation
+        (``Authenticator.under`` then), which ``key`` was derived under (``authenticate``); a
+        key found changed is re-read under it, not under one a reload swapped in meanwhile
+        (None: under the config in force).
 
         Decisions read from the cache are confirmed against the store's revision before they
         are answered, so a widened scope, an extended expiry or a key enabled again acts on the
@@ -468,7 +542,7 @@ class Pipeline:
                 return key, {}, self._degraded(key, refused, count, Counted(month, day), exc)
             if decision.outcome == "stale":
                 try:
-                    fresh = await self.auth.refresh(key)
+                    fresh = await self.auth.refresh(key, under)
                 except StoreError as exc:
                     raise self.store_down(exc) from exc
                 if fresh is None:
@@ -494,14 +568,32 @@ class Pipeline:
             raise TooManyRequests(f"Rate limit of {key.rate} exceeded for this key.",
                                   code="rate_limited", headers=headers)
         if d.outcome == "quota":
+            limit = key.monthly_limit
+            held = self._held_workspaces.get(key.workspace, 0)
+            if held and d.month_used - held < limit:  # not used up: held, it may come back
+                headers["Retry-After"] = self._held_wait
+                raise TooManyRequests(
+                    f"The workspace's monthly quota of {limit} requests is spent for now: the "
+                    f"last of it is held by {held} request(s) in flight, given back if they "
+                    f"never reach the upstream; retry in {self._held_wait} s.",
+                    code="quota_exceeded", headers=headers)
             headers["Retry-After"] = str(month.seconds_left(now))
             raise TooManyRequests(
-                f"The workspace's monthly quota of {key.monthly_limit} requests is used up; it "
+                f"The workspace's monthly quota of {limit} requests is used up; it "
                 f"resets at {rfc3339(month.resets_at)}.", code="quota_exceeded", headers=headers)
         if d.outcome == "key_quota":
+            limit = key.key_limit
+            held = self._held_keys.get(key.budget, 0)
+            if held and d.key_used - held < limit:
+                headers["Retry-After"] = self._held_wait
+                raise TooManyRequests(
+                    f"This key's own monthly cap of {limit} requests is spent for now: the "
+                    f"last of it is held by {held} request(s) in flight, given back if they "
+                    f"never reach the upstream; retry in {self._held_wait} s.",
+                    code="key_quota_exceeded", headers=headers)
             headers["Retry-After"] = str(month.seconds_left(now))
             raise TooManyRequests(
-                f"This key's own monthly cap of {key.key_limit} requests is used up; it resets "
+                f"This key's own monthly cap of {limit} requests is used up; it resets "
                 f"at {rfc3339(month.resets_at)}.", code="key_quota_exceeded", headers=headers)
         return headers
 

@@ -51,6 +51,7 @@ class RequestSteps(Protocol):
 
     config: Config
     routes: RouteTable
+    auth: Any                       # gateway.auth.Authenticator (its ``under``)
     store: Any                      # gateway.store.Store
     self_service: Callable | None   # gateway.admin.handle_self_service
     clock: Callable[[], float]
@@ -66,7 +67,8 @@ class RequestSteps(Protocol):
 
     async def authorise(self, key: CachedKey, scopes: tuple[str, ...], *, count: bool,
                         client: str, peek: bool = False, stamp: bool = False,
-                        spend: bool = False) -> tuple[CachedKey, dict[str, str], Counted]: ...
+                        spend: bool = False, under: tuple[Config, int] | None = None
+                        ) -> tuple[CachedKey, dict[str, str], Counted]: ...
 
     def let_through(self, counted: Counted) -> None: ...
 
@@ -165,6 +167,7 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     # identity headers it answers with (requests in flight finish on the old config)
     ident = steps.config.identity_headers
     max_body = steps.config.server.max_body_bytes
+    under = steps.auth.under  # the config (and generation) the key is derived under too
     outcome.route, outcome.upstream = route.path, route.upstream
     public, scopes = route.public, route.scopes
     # the original request's method-override headers (a forward-auth proxy passes the client's
@@ -193,7 +196,8 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     too_large = (request.content_length or 0) > max_body
     with trace.step("authorise"):
         key, limit_headers, counted = await steps.authorise(key, scopes, count=not too_large,
-                                                            client=client, peek=too_large)
+                                                            client=client, peek=too_large,
+                                                            under=under)
     if too_large:
         raise errors.body_too_large(max_body)
     steps.let_through(counted)  # answered allowed: the proxy in front forwards it

@@ -193,6 +193,34 @@ async def test_retry_after_after_a_rate_downgrade_is_when_a_request_is_admitted(
     assert headers["RateLimit"] == '"rate";r=0;t=5'
 
 
+async def test_a_rate_moved_from_per_second_to_per_minute_starts_from_the_last_seconds_history(
+        gut, clock):
+    """Documented (README, key controls): a lowered limit counts what the key's rate log
+    still holds, and a per-second log holds the last second only. A key at 5/s admitted 15
+    in 3 s; PATCHed to 8/m, its first minute starts from the 5 of its last second: 3 more
+    are admitted, then 429 with Retry-After until the oldest of those 8 leaves the minute.
+    (A minute of history per per-second log would cost 60 times its memory in Redis.)
+    Its log expires a second after its last request, in Redis's own time: the PATCH and
+    the next request follow within milliseconds."""
+    clock.set("2026-11-10T12:00:00")
+    await gut.workspace("acme", plan="unlimited")
+    token, key = await gut.key(rate_limit="5/s")
+    for _ in range(3):  # 5 a second for 3 seconds: all admitted
+        assert await statuses(gut, token, 5) == [200] * 5
+        clock.now += 1
+    status, body = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                        {"rate_limit": "8/m"})
+    assert status == 200, body
+    clock.now -= 0.5  # 2.5 s after the first of the 15; the last 5 were sent at 2 s
+    admitted = []
+    for _ in range(4):
+        async with gut.proxy.get("/people/1", headers=bearer(token)) as r:
+            admitted.append(r.status)
+            retry_after = r.headers.get("Retry-After")
+    assert admitted == [200, 200, 200, 429]
+    assert retry_after == "60"  # the 5 sent at 2 s leave the minute at 62 s: 59.5 s, rounded up
+
+
 async def test_usage_endpoint_counts_nothing_and_matches_admin_and_cli(gut, capsys):
     await gut.workspace("acme", plan="tiny")
     token, key = await gut.key()
@@ -296,3 +324,170 @@ async def test_a_refund_at_the_turn_of_the_month_goes_to_the_month_that_counted(
             assert resp.status == 502
         assert int(r.get(usage_key("acme", "2026-11")) or 0) == 0  # November's count taken back
         assert int(r.get(usage_key("acme", "2026-12"))) == 5       # December's untouched
+
+
+# --- a quota held by requests in flight that may be taken back -----------------------------
+
+
+def _slow_and_fast(release: asyncio.Event):
+    """An upstream whose ``/people/slow`` streams a long answer (its head at once) until
+    ``release``; every other path answers at once."""
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path == "/people/slow":
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            await response.write(b"[")
+            while not release.is_set():
+                await response.write(b" ")
+                await asyncio.sleep(0.2)
+            await response.write(b"]")
+            await response.write_eof()
+            return response
+        return web.json_response({"path": request.path})
+    return handler
+
+
+async def _held_quota_refusal(redis_url, monkeypatch, key_cap: bool):
+    """3 a month (the workspace's, or the key's own ``key_cap``): one request forwarded (a
+    long download: it holds the upstream's one connection), two counted and waiting for that
+    connection (they end 504, never sent: taken back). Returns the answer to a request sent
+    meanwhile, the two waiting ones' statuses, and the workspace's and key's use after."""
+    from gateway.config import Upstream
+    from harness import serving
+
+    release = asyncio.Event()
+    async with serving(_slow_and_fast(release)) as url:
+        config = make_config(url, upstreams={"api": Upstream("api", url, 1.5,
+                                                             max_connections=1)})
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace("acme", plan="unlimited" if key_cap else "tiny")
+            token, key = await g.key(**({"monthly_requests": 3} if key_cap else {}))
+
+            async def get(path: str):
+                async with g.proxy.get(path, headers=bearer(token)) as r:
+                    return r.status, await r.json(), dict(r.headers)
+
+            slow = asyncio.ensure_future(get("/people/slow"))
+            await asyncio.sleep(0.3)  # forwarded and counted: it holds the one connection
+            waiting = [asyncio.ensure_future(get("/people/1")) for _ in range(2)]
+            await asyncio.sleep(0.4)  # both counted, waiting for the upstream's connection
+            refused = await get("/people/2")
+            outcomes = [(await w)[0] for w in waiting]
+            release.set()
+            await slow
+            after = await get("/people/3")  # the two taken back: the quota has 2 left
+            _, record = await g.admin_json("GET", f"/workspaces/acme/keys/{key['id']}")
+            return refused, outcomes, after, await g.used(), record["used_this_month"]
+
+
+async def test_a_quota_held_by_requests_that_may_be_taken_back_is_not_used_up(
+        redis_url, monkeypatch):
+    """SPEC: the monthly counter counts requests that were forwarded. A workspace on 3 a
+    month, 1 forwarded and 2 counted while they wait for the upstream (then taken back): a
+    request meanwhile was answered 'used up; it resets at <next month>' with weeks of
+    Retry-After, though only 1 of 3 was used. It is still 429 quota_exceeded (the counter is
+    full), but says the last of the quota is held by requests in flight, and to retry in the
+    upstream's timeout; once they are taken back, a request is admitted."""
+    (status, body, headers), outcomes, after, used, _ = await _held_quota_refusal(
+        redis_url, monkeypatch, key_cap=False)
+    assert outcomes == [504, 504]  # never sent: taken back
+    assert (status, body["error"]["code"]) == (429, "quota_exceeded")
+    assert headers["Retry-After"] == "2"  # the upstream's 1.5 s timeout, rounded up
+    assert "held by 2 request(s) in flight" in body["error"]["message"], body
+    assert 'r=0' in headers["RateLimit"]  # none left right now
+    assert after[0] == 200
+    assert used == 2
+
+
+async def test_a_keys_cap_held_by_requests_that_may_be_taken_back_is_not_used_up(
+        redis_url, monkeypatch):
+    """The same for a key's own monthly cap: 429 key_quota_exceeded with a short
+    Retry-After while its last requests are held by requests in flight."""
+    (status, body, headers), outcomes, after, _, key_used = await _held_quota_refusal(
+        redis_url, monkeypatch, key_cap=True)
+    assert outcomes == [504, 504]
+    assert (status, body["error"]["code"]) == (429, "key_quota_exceeded")
+    assert headers["Retry-After"] == "2"
+    assert "held by 2 request(s) in flight" in body["error"]["message"], body
+    assert after[0] == 200
+    assert key_used == 2
+
+
+async def test_a_quota_used_by_a_request_still_streaming_is_used_up_for_the_month(
+        redis_url, monkeypatch):
+    """A request whose answer is still streaming reached its upstream: it can no longer be
+    taken back, so it holds nothing. With the quota used up by it and two answered ones, a
+    request is told the month is used up (Retry-After: the rest of the month), not to retry
+    in seconds."""
+    from harness import serving
+
+    release = asyncio.Event()
+    async with serving(_slow_and_fast(release)) as url:
+        async with gateway_under_test(make_config(url), redis_url, monkeypatch) as g:
+            await g.workspace("acme", plan="tiny")
+            token, _ = await g.key()
+            slow = asyncio.ensure_future(g.proxy.get("/people/slow", headers=bearer(token)))
+            assert await statuses(g, token, 2) == [200, 200]
+            await asyncio.sleep(0.3)  # the slow one's head came back: it is forwarded
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                body = await r.json()
+                assert (r.status, body["error"]["code"]) == (429, "quota_exceeded")
+                assert int(r.headers["Retry-After"]) > 3600, r.headers
+                assert "used up" in body["error"]["message"]
+            release.set()
+            async with await slow as r:
+                await r.read()
+
+
+async def test_an_upstream_that_is_down_does_not_tell_a_healthy_routes_clients_to_wait_a_month(
+        redis_url, monkeypatch):
+    """150 concurrent requests of a workspace with 20 left this month: half to a route whose
+    upstream is down (connection refused: 502, taken back), half to a healthy one. The down
+    route's requests hold quota while they fail; a healthy route's request refused meanwhile
+    is told to retry in seconds, never 'used up' for the month while the month is not."""
+    import dataclasses
+    from collections import Counter
+
+    from aiohttp import web
+
+    from conftest import free_port
+    from gateway.config import Route, Upstream
+    from harness import serving
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async with serving(handler) as url:
+        dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        config = make_config(url)
+        config = dataclasses.replace(
+            config, upstreams={"api": Upstream("api", url, 5.0),
+                               "dead": Upstream("dead", dead, 5.0)},
+            routes=(Route("/dead/**", "dead", ("GET",), ("people:read",)),) + config.routes)
+        async with gateway_under_test(config, redis_url, monkeypatch) as g:
+            await g.workspace("acme")
+            status, body = await g.admin_json("PATCH", "/workspaces/acme",
+                                              {"limits": {"monthly_requests": 20}})
+            assert status == 200, body
+            token, _ = await g.key()
+            waits: list[int] = []  # Retry-After of each quota_exceeded to the healthy route
+
+            async def get(path: str):
+                async with g.proxy.get(path, headers=bearer(token)) as r:
+                    body = await r.json()
+                    code = (body.get("error") or {}).get("code")
+                    if code == "quota_exceeded" and path.startswith("/people"):
+                        waits.append(int(r.headers["Retry-After"]))
+                    return path.split("/")[1], r.status, code
+
+            results = await asyncio.gather(*(get(p) for _ in range(75)
+                                             for p in ("/dead/1", "/people/1")))
+            used = await g.used()
+    tally = Counter(results)
+    assert used == tally[("people", 200, None)]  # what was forwarded is what is counted
+    told_a_month = [w for w in waits if w > 60]
+    assert used == 20 or not told_a_month, (
+        f"{len(told_a_month)} requests refused 'used up' for the month with {used} of 20 "
+        f"used ({dict(tally)})")

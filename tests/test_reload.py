@@ -1807,3 +1807,110 @@ async def test_a_reload_that_brings_in_many_falling_through_methods_logs_the_cap
     assert status == 200
     warned = [r.getMessage() for r in caplog.records if ": warning: " in r.getMessage()]
     assert warned == [f"{path}: " + more.format(26)], warned
+
+
+# --- a key read across a reload: the request finishes on the config it began under ------------
+
+
+def _limited_doc(upstream_url: str, rate: str = "100/s", **changes: Any) -> dict[str, Any]:
+    return config_doc(upstream_url, plans={"starter": {"monthly_requests": 1000, "max_keys": 5,
+                                                       "rate_limit": rate}}, **changes)
+
+
+@contextlib.asynccontextmanager
+async def _key_read_across_reload(tmp_path: Path, redis_url: str, monkeypatch,
+                                  old: dict, new: dict, warm: bool = False):
+    """A gateway on ``old``; yields ``across()``: a key's FIRST request (its key read from the
+    store and verified) whose key read is held back at Redis while the file is replaced by
+    ``new`` and reloaded (200), then let go; returns (status, headers, body). ``warm``: the
+    key is verified and cached first, then edited (its rev moves): the held read is the
+    re-read of its second request's check (``Authenticator.refresh`` from ``authorise``)."""
+    from gateway.store.request import READ_KEY
+    from harness import HeldReplies
+
+    path = tmp_path / "keygate.yaml"
+    write(path, old)
+    async with HeldReplies(redis_url) as relay, \
+            gateway_under_test(load_config(path), relay.url, monkeypatch,
+                               config_path=str(path)) as gw:
+        await gw.workspace("acme")
+        token, key = await gw.key(role="reader")
+        if warm:
+            async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert r.status == 200
+            status, body = await gw.admin_json("PATCH", f"/workspaces/acme/keys/{key['id']}",
+                                               {"description": "edited"})
+            assert status == 200, body
+
+        async def across():
+            relay.delay_when(READ_KEY.sha.encode())
+            async with ClientSession(str(gw.proxy_server.make_url(""))) as client:
+                async def send():
+                    async with client.get("/people/1", headers=bearer(token)) as r:
+                        return r.status, dict(r.headers), await r.json()
+                pending = asyncio.ensure_future(send())
+                assert await eventually(lambda: relay.held_back), "the key read was not held"
+                write(path, new)
+                status, body = await reload(gw)
+                assert status == 200, body
+                relay.release()
+                return await pending
+
+        yield gw, token, across
+
+
+def _rate_policy(headers: dict) -> str:
+    """RateLimit-Policy's "rate" item: '"rate";q=N;w=S'."""
+    return headers["RateLimit-Policy"].split(",")[0].strip()
+
+
+async def test_a_first_request_whose_key_is_read_across_a_reload_is_judged_on_its_own_config(
+        tmp_path, redis_url, monkeypatch, upstreams):
+    """SPEC (Reload): requests in flight finish on the old config. A key's first request has
+    its key read when a reload moves the route to upstream b and lowers the plan's rate: it
+    goes to upstream a under the OLD plan's rate (it was forwarded to a under the new one's);
+    the next request is wholly on the new config."""
+    urls, _, _ = upstreams
+    old, new = _limited_doc(urls["a"]), _limited_doc(urls["b"], rate="1/s")
+    async with _key_read_across_reload(tmp_path, redis_url, monkeypatch, old, new) as (
+            gw, token, across):
+        status, headers, body = await across()
+        assert (status, body["upstream"], _rate_policy(headers)) == \
+            (200, "a", '"rate";q=100;w=1')
+        await asyncio.sleep(1.1)  # past its 1/s window
+        async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert (r.status, (await r.json())["upstream"], _rate_policy(r.headers)) == \
+                (200, "b", '"rate";q=1;w=1')
+
+
+async def test_a_request_whose_changed_key_is_re_read_across_a_reload_is_judged_on_its_own_config(
+        tmp_path, redis_url, monkeypatch, upstreams):
+    """The same on the other path: a cached key found edited by its request's check and
+    re-read (``authorise`` → ``Authenticator.refresh``) while a reload lowers the rate to
+    1/s. It was refused 429 under the new 1/s (the old 100/s admits it), having matched its
+    route under the old config."""
+    urls, _, _ = upstreams
+    old, new = _limited_doc(urls["a"]), _limited_doc(urls["b"], rate="1/s")
+    async with _key_read_across_reload(tmp_path, redis_url, monkeypatch, old, new,
+                                       warm=True) as (gw, token, across):
+        status, headers, body = await across()
+    assert (status, body.get("upstream"), _rate_policy(headers)) == \
+        (200, "a", '"rate";q=100;w=1'), body
+
+
+async def test_a_first_request_across_a_scope_rename_is_allowed_as_both_configs_allow_it(
+        tmp_path, redis_url, monkeypatch, upstreams):
+    """A reload renames a scope in the route and the role alike: every request is allowed
+    under either config. One whose key was read across it was checked against the old
+    route's scope with the new role's, and refused 403 insufficient_scope."""
+    urls, _, _ = upstreams
+    old = _limited_doc(urls["a"])
+    new = _limited_doc(urls["a"], roles={"reader": ["people:view"]},
+                       routes=[{"path": "/people/**", "methods": ["GET"], "upstream": "api",
+                                "scopes": ["people:view"]}])
+    async with _key_read_across_reload(tmp_path, redis_url, monkeypatch, old, new) as (
+            gw, token, across):
+        status, _, body = await across()
+        assert status == 200, body
+        async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200

@@ -371,8 +371,8 @@ class Forwarder:
                       response_headers: Mapping[str, str], *,
                       trace: Trace | None = None,
                       rules: RequestHeaderRules | None = None,
-                      client_of: Callable[[web.BaseRequest], str] | None = None
-                      ) -> web.StreamResponse:
+                      client_of: Callable[[web.BaseRequest], str] | None = None,
+                      held=None) -> web.StreamResponse:
         """Send ``request`` to ``upstream`` and stream its answer back.
 
         A body still streaming in takes one of the upstream's upload slots, and at most its
@@ -386,7 +386,10 @@ class Forwarder:
         may have received the request); once a response has started, an upstream failure
         aborts the client connection (a truncated body must not look complete), and the
         response's ``upstream_failed`` says the error code (``upstream_timeout`` for a gap
-        longer than the upstream's timeout, else ``upstream_unavailable``)."""
+        longer than the upstream's timeout, else ``upstream_unavailable``).
+
+        ``held``: the request's hold on its quota (``gateway.pipeline.Held``), released once
+        the upstream's answer head came: it can no longer be taken back."""
         if rules is None:
             rules = self.header_rules
         pool, base, host = self._pool(upstream)
@@ -470,6 +473,8 @@ class Forwarder:
             log.warning("forwarding to %s failed: %s: %s", upstream.name, type(exc).__name__,
                         exc)
             raise BadGateway(f"The request to upstream '{upstream.name}' failed.") from None
+        if held is not None:
+            held.release()
         if self.on_upstream is not None:
             self.on_upstream(upstream.name, time.perf_counter() - started)
         try:
@@ -483,11 +488,12 @@ class Forwarder:
                      principal: Principal | None, request_id: str,
                      response_headers: Mapping[str, str], *, trace: Trace | None = None,
                      rules: RequestHeaderRules | None = None,
-                     watch=None) -> web.StreamResponse:
+                     watch=None, held=None) -> web.StreamResponse:
         """``forward`` for a WebSocket handshake (no body: no upload share to judge): see
         ``gateway.proxying.tunnel``."""
         return await run_tunnel(self, request, upstream, principal, request_id,
-                                response_headers, trace=trace, rules=rules, watch=watch)
+                                response_headers, trace=trace, rules=rules, watch=watch,
+                                held=held)
 
     async def _stream_back(self, request: web.BaseRequest, resp: UpstreamResponse,
                            request_id: str, limit_headers: Mapping[str, str],

@@ -113,11 +113,12 @@ class TunnelResponse(web.StreamResponse):
 
 async def tunnel(forwarder, request: web.BaseRequest, upstream, principal, request_id: str,
                  limit_headers: Mapping[str, str], *, trace=None, rules=None,
-                 watch: Callable[[Tunnel], None] | None = None
+                 watch: Callable[[Tunnel], None] | None = None, held=None
                  ) -> web.StreamResponse:
     """``Forwarder.forward`` for a WebSocket handshake (``websocket_handshake`` said so): the
     upstream's answer, and when it switched, the tunnel, run until it ends. ``watch`` is
-    handed the tunnel once it is open (``TunnelWatch.watch``)."""
+    handed the tunnel once it is open (``TunnelWatch.watch``); ``held`` (the request's hold
+    on its quota, ``gateway.pipeline.Held``) is released once the upstream answered."""
     if rules is None:
         rules = forwarder.header_rules
     key = request.headers[_KEY].strip()
@@ -136,6 +137,8 @@ async def tunnel(forwarder, request: web.BaseRequest, upstream, principal, reque
     except (UpstreamTimeout, UpstreamConnectError, UpstreamProtocolError, OSError,
             ValueError) as exc:
         raise forwarder.upstream_failed(exc, upstream) from None
+    if held is not None:
+        held.release()
     if forwarder.on_upstream is not None:
         forwarder.on_upstream(upstream.name, time.perf_counter() - started)
     if resp.status != 101:  # declined: an ordinary answer (its connection closed after it)
