@@ -141,20 +141,18 @@ class Held:
         pipeline, self.pipeline = self.pipeline, None
         if pipeline is None:
             return
-        name = self.workspace
-        if name is not None:
-            held = pipeline._held_workspaces
-            if (n := held[name] - 1) > 0:
-                held[name] = n
-            else:
-                del held[name]
-        name = self.budget
-        if name is not None:
-            held = pipeline._held_keys
-            if (n := held[name] - 1) > 0:
-                held[name] = n
-            else:
-                del held[name]
+        if self.workspace is not None:
+            _let_go(pipeline._held_workspaces, self.workspace)
+        if self.budget is not None:
+            _let_go(pipeline._held_keys, self.budget)
+
+
+def _let_go(held: dict[str, int], name: str) -> None:
+    """One request fewer held under ``name`` (forgotten at none)."""
+    if (n := held[name] - 1) > 0:
+        held[name] = n
+    else:
+        del held[name]
 
 
 class Forwarding(Protocol):
