@@ -153,6 +153,8 @@ def _compose(source: str) -> tuple[Node | None, str]:
     except UnicodeDecodeError as exc:
         raise ConfigError([f"cannot read {source}: not UTF-8 text "
                            f"(bad byte at offset {exc.start})"]) from None
+    if _deep_line(text) is not None:  # before the reader, which recurses as deep
+        raise ConfigError([_too_deep(source, text)])
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except RecursionError:
@@ -223,22 +225,35 @@ def _read_pipe(fd: int) -> bytes:
 
 def _too_deep(source: str, text: str) -> str:
     """The problem of a file nested deeper than the YAML reader (which recurses) can follow:
-    at the line where its nesting first passes ``MAX_DEPTH``, found by the parser's events
-    (which do not recurse); line 1 for a chain of merge keys. Only read on this error path."""
-    line, depth = 1, 0
+    at the line where its nesting first passes ``MAX_DEPTH`` (``_deep_line``); line 1 for a
+    chain of merge keys."""
+    return (f"{source}:{_deep_line(text) or 1}: top level: nested too deeply (more than "
+            f"{MAX_DEPTH} levels of mappings, lists or merge keys)")
+
+
+def _deep_line(text: str) -> int | None:
+    """The line where the file's nesting first passes ``MAX_DEPTH``, found by the parser's
+    events (which do not recurse), or None. libyaml's parser where PyYAML has it: it takes
+    a millisecond or two for a config, where the pure-Python one's scanner is quadratic in flow
+    nesting ("[" * 5000: ~10 s of CPU, and composing it ~1 s more before Python's recursion
+    limit ended it: a reload's thread holding the GIL that long). A file libyaml cannot parse
+    is left to the reader, which says why."""
+    depth = 0
     try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
-                    line = event.start_mark.line + 1
-                    break
+                    return event.start_mark.line + 1
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
+    except yaml.MarkedYAMLError as exc:
+        # libyaml's own bound (1000 levels), met as it scans ahead: deeper than ours too
+        if "nesting depth" in (exc.problem or "") and exc.problem_mark is not None:
+            return exc.problem_mark.line + 1
     except yaml.YAMLError:
         pass
-    return (f"{source}:{line}: top level: nested too deeply (more than {MAX_DEPTH} levels of "
-            "mappings, lists or merge keys)")
+    return None
 
 
 def check_config(path: str | os.PathLike[str] | None) -> list[str]:
