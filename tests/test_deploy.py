@@ -288,25 +288,74 @@ def _seconds(duration: str | int | float | None, default: float) -> float:
     return sum(float(n) * units[u or "s"] for n, u in parts)
 
 
+DRAIN_ENV = "KEYGATE_DRAIN_SECONDS"
+
+
+def drain_of(environment: dict[str, Any]) -> float:
+    """The drain a manifest's environment sets: its KEYGATE_DRAIN_SECONDS, which it must set
+    (in plain sight, beside the grace period it sizes: an operator raising the drain for long
+    requests finds it there, and this test then sizes the grace period from the raised value,
+    not from the default)."""
+    from gateway.app import DRAIN_ENV as CODE_DRAIN_ENV, MAX_DRAIN_SECONDS, SHUTDOWN_TIMEOUT
+    assert CODE_DRAIN_ENV == DRAIN_ENV
+    assert DRAIN_ENV in environment, (
+        f"{DRAIN_ENV} is not set: set it (default {SHUTDOWN_TIMEOUT}) beside the grace "
+        f"period it sizes")
+    value = float(str(environment[DRAIN_ENV]).strip())
+    assert 0 <= value <= MAX_DRAIN_SECONDS
+    return value
+
+
+def stop_takes(drain: float) -> float:
+    """The longest keygate's stop takes after SIGTERM with this drain: requests in flight
+    (the drain), admin calls in flight (ADMIN_SHUTDOWN_TIMEOUT), the usage counted while Redis
+    was down (LEDGER_SHUTDOWN_TIMEOUT), batched spans with tracing on (SPAN_FLUSH_TIMEOUT)."""
+    from gateway.app import ADMIN_SHUTDOWN_TIMEOUT, LEDGER_SHUTDOWN_TIMEOUT
+    from gateway.tracing import SPAN_FLUSH_TIMEOUT
+    return drain + ADMIN_SHUTDOWN_TIMEOUT + LEDGER_SHUTDOWN_TIMEOUT + SPAN_FLUSH_TIMEOUT
+
+
+def comment_before(path: Path, key: str) -> str:
+    """The comment lines right above the line that sets ``key:`` in a YAML file, joined."""
+    lines = path.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{key}:"))
+    above = []
+    for line in reversed(lines[:at]):
+        if not line.strip().startswith("#"):
+            break
+        above.insert(0, line.strip().lstrip("#").strip())
+    return " ".join(above)
+
+
+def test_the_grace_periods_say_to_raise_them_with_the_drain():
+    """KEYGATE_DRAIN_SECONDS (0 to 3600) sets how long a stop lets requests in flight finish;
+    the grace periods in deploy/ are sized for the value the manifests set. An operator who
+    raises the drain for long requests and not the grace period has the kubelet (or docker)
+    SIGKILL the requests the drain was raised for, with no word. The comment above each grace
+    period, where that operator looks, names the variable and says to raise both."""
+    for path, key in ((K8S / "deployment.yaml", "terminationGracePeriodSeconds"),
+                      (DEPLOY / "docker-compose.yml", "stop_grace_period")):
+        note = comment_before(path, key)
+        assert DRAIN_ENV in note and "raise" in note.lower(), (path.name, note)
+
+
 def test_compose_gives_keygate_the_time_its_documented_stop_takes():
     """`docker compose stop`, `down`, and the container's recreation by `up -d` after a
     rebuild or a config change send SIGTERM, then SIGKILL after the service's
     stop_grace_period: 10 s when unset, as it was in deploy/docker-compose.yml. keygate's stop
-    lets requests in flight finish for up to SHUTDOWN_TIMEOUT (30 s: docs/operations.md,
-    Stopping), then admin calls (ADMIN_SHUTDOWN_TIMEOUT), then writes the usage counted while
+    lets requests in flight finish for up to the KEYGATE_DRAIN_SECONDS the service sets
+    (SHUTDOWN_TIMEOUT, 30 s, when unset: docs/operations.md, Stopping), then admin calls (ADMIN_SHUTDOWN_TIMEOUT), then writes the usage counted while
     Redis was down (LEDGER_SHUTDOWN_TIMEOUT), and with tracing on sends its batched spans
     (SPAN_FLUSH_TIMEOUT). Under compose every answer still running 10 s after the signal was
     cut off unanswered, its access-log line and its take-back lost, and with on_store_error:
     open the counts of a Redis outage died with the process."""
-    from gateway.app import ADMIN_SHUTDOWN_TIMEOUT, LEDGER_SHUTDOWN_TIMEOUT, SHUTDOWN_TIMEOUT
-    from gateway.tracing import SPAN_FLUSH_TIMEOUT
-    needed = SHUTDOWN_TIMEOUT + ADMIN_SHUTDOWN_TIMEOUT + LEDGER_SHUTDOWN_TIMEOUT + \
-        SPAN_FLUSH_TIMEOUT
     grace = {name: _seconds(svc.get("stop_grace_period"), 10.0)
              for name, svc in keygate_services().items()}
-    assert grace and all(s >= needed for s in grace.values()), (
+    needed = {name: stop_takes(drain_of(svc["environment"]))
+              for name, svc in keygate_services().items()}
+    assert grace and all(grace[name] >= needed[name] for name in grace), (
         f"stop_grace_period of the keygate replicas (s): {grace}; keygate's own stop takes up "
-        f"to {needed} s")
+        f"to {needed} s with the {DRAIN_ENV} they set")
     # and a plain `docker stop` (10 s by default) is told how long to wait
     assert f"--stop-timeout {int(max(grace.values()))}" in DOCKERFILE.read_text()
 
@@ -396,19 +445,18 @@ def test_k8s_deployment_is_non_root_read_only_with_resources():
 def test_k8s_grace_period_outlasts_the_prestop_sleep_and_keygates_own_shutdown():
     """The kubelet's SIGKILL comes terminationGracePeriodSeconds after it starts the preStop
     hook, whose sleep counts against it. keygate then lets requests in flight finish for up
-    to SHUTDOWN_TIMEOUT s, then admin calls in flight for up to ADMIN_SHUTDOWN_TIMEOUT s
+    to the KEYGATE_DRAIN_SECONDS the container sets (SHUTDOWN_TIMEOUT s when unset: a raised
+    drain needs a raised grace period), then admin calls in flight for up to ADMIN_SHUTDOWN_TIMEOUT s
     (aiohttp's default, 60 s, was missing from the sum), writes usage counted while Redis
     was down for up to
     LEDGER_SHUTDOWN_TIMEOUT s, and with tracing on sends its batched spans for up to
     SPAN_FLUSH_TIMEOUT s: a grace period shorter than all of it SIGKILLs requests the docs
     promise to finish (and their access-log lines) in every rolling update."""
-    from gateway.app import ADMIN_SHUTDOWN_TIMEOUT, LEDGER_SHUTDOWN_TIMEOUT, SHUTDOWN_TIMEOUT
-    from gateway.tracing import SPAN_FLUSH_TIMEOUT
     spec = k8s_objects()["Deployment/keygate"]["spec"]["template"]["spec"]
     command = gateway_container()["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
-    needed = int(command[1]) + SHUTDOWN_TIMEOUT + ADMIN_SHUTDOWN_TIMEOUT + \
-        LEDGER_SHUTDOWN_TIMEOUT + SPAN_FLUSH_TIMEOUT
+    env = {e["name"]: e.get("value") for e in gateway_container()["env"]}
+    needed = int(command[1]) + stop_takes(drain_of(env))
     assert spec["terminationGracePeriodSeconds"] >= needed, needed
 
 
