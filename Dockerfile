@@ -10,12 +10,16 @@
 # it only on a private network) and uses $KEYGATE_REDIS_URL, falling back to the embedded Redis
 # in /var/lib/keygate. Mount your own config over /etc/keygate/config.yaml.
 #
-# HTTPS listeners: mount the certificate and key read-only and name them in the config
-# (server.tls / admin.tls), e.g.
-#   docker run ... -v /etc/letsencrypt/live/api.example.com:/etc/keygate-tls:ro keygate
+# HTTPS listeners: mount a folder holding the certificate and key read-only, name them in the
+# config (server.tls / admin.tls); keygate runs as uid 10001, which must be able to read them.
+# Not certbot's live/ folder: its files are links into ../../archive, which lead nowhere in the
+# container, and its key is root's alone. Have certbot copy them at each issue and renewal, and
+# reload keygate (`docker kill -s HUP`, no restart), e.g.
+#   certbot ... --deploy-hook 'install -D -m 0444 "$RENEWED_LINEAGE/fullchain.pem" /etc/keygate-tls/fullchain.pem && install -D -o 10001 -m 0400 "$RENEWED_LINEAGE/privkey.pem" /etc/keygate-tls/privkey.pem && docker kill -s HUP keygate'
+#   docker run --name keygate ... -v /etc/keygate-tls:/etc/keygate-tls:ro keygate
 #   server: {tls: {cert_file: /etc/keygate-tls/fullchain.pem, key_file: /etc/keygate-tls/privkey.pem}}
-# After a renewal, `docker kill -s HUP <container>` reloads them without a restart. With
-# admin.tls set, the HEALTHCHECK below must use https:// (and an unverified context, or the CA).
+# With admin.tls set, the HEALTHCHECK below must use https:// (and an unverified context, or
+# the CA).
 
 ARG PYTHON_VERSION=3.12
 # Optional extras: --build-arg KEYGATE_EXTRAS="[otel]" adds OTLP span export (tracing:).

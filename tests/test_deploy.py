@@ -780,3 +780,104 @@ def test_kustomize_builds_the_manifests_with_this_versions_image():
     assert f"ConfigMap/{volume['configMap']['name']}" == configmap
     (container,) = spec["containers"]
     assert container["image"] == f"keygate:{__version__}"
+
+
+# --- the image's HTTPS recipe, with certbot's files ------------------------------------------
+
+def dockerfile_tls_recipe() -> tuple[str, str, str, str, str | None]:
+    """What the Dockerfile's comment tells an operator to do for HTTPS listeners: the mount of
+    its ``docker run`` line (host path, container path), the config's cert_file and key_file,
+    and the certbot deploy hook, if it gives one."""
+    lines = [line[1:].strip() for line in DOCKERFILE.read_text().splitlines()
+             if line.startswith("#")]
+    at = next(i for i, line in enumerate(lines) if line.startswith("HTTPS listeners"))
+    block = " ".join(lines[at:at + 14])
+    (mount,) = re.findall(r"docker run [^\n]*?-v (\S+):(\S+):ro", block)[:1]
+    cert = re.search(r"cert_file: ([^,}\s]+)", block).group(1)
+    key = re.search(r"key_file: ([^,}\s]+)", block).group(1)
+    hook = re.search(r"--deploy-hook '([^']+)'", block)
+    return mount[0], mount[1], cert, key, hook.group(1) if hook else None
+
+
+def test_the_images_https_recipe_works_with_the_files_certbot_makes(tmp_path):
+    """The Dockerfile's HTTPS example is certbot's (fullchain.pem, privkey.pem). It mounted
+    /etc/letsencrypt/live/NAME into the container: certbot's files there are relative links
+    into ../../archive/NAME, which lead nowhere inside the container, and its key, like the
+    live/ and archive/ folders, is root's alone, where keygate runs as uid 10001. Applied as
+    written, keygate could not start (`server.tls.cert_file: ... does not exist`).
+    Here certbot's layout is made as certbot makes it (folders 0700, the key 0600, relative
+    links); the recipe's deploy hook is run as certbot runs it (as root, RENEWED_LINEAGE set;
+    the reload it ends with is not: no Docker engine here), the recipe's mount is made a real
+    bind mount in a mount namespace of its own, and ``keygate config check`` runs on a config
+    naming the files as the recipe does. Every path is under a
+    scratch folder (the host's) and another (the container's); the files are read as uid
+    10001 too."""
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "setpriv", "openssl")):
+        pytest.skip("needs root, unshare, setpriv and openssl (a bind mount, a read as uid "
+                    "10001, a certificate)")
+    if run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("mount namespaces are not available here")
+    import tempfile
+    source, target, cert, key, hook = dockerfile_tls_recipe()
+    # the container's root: in /tmp, whose other users may pass through it, unlike tmp_path's
+    # parents (uid 10001 must reach the files through it, as through the container's /)
+    container = Path(tempfile.mkdtemp(prefix="kg-container-", dir="/tmp"))
+    try:
+        _check_tls_recipe(tmp_path, tmp_path / "host", container, source, target, cert, key,
+                          hook)
+    finally:
+        shutil.rmtree(container, ignore_errors=True)
+
+
+def _check_tls_recipe(tmp_path: Path, host: Path, container: Path, source: str, target: str,
+                      cert: str, key: str, hook: str | None) -> None:
+    from harness import openssl
+    # certbot's layout for api.example.com, as certbot leaves it
+    le = host / "etc" / "letsencrypt"
+    archive, live = le / "archive" / "api.example.com", le / "live" / "api.example.com"
+    archive.mkdir(parents=True)
+    live.mkdir(parents=True)
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-days", "2", "-subj", "/CN=api.example.com", "-keyout", str(archive / "privkey1.pem"),
+            "-out", str(archive / "fullchain1.pem"))
+    os.chmod(archive / "privkey1.pem", 0o600)
+    os.chmod(archive / "fullchain1.pem", 0o644)
+    for name in ("fullchain", "privkey"):
+        (live / f"{name}.pem").symlink_to(f"../../archive/api.example.com/{name}1.pem")
+    for folder in (le / "archive", le / "live"):
+        os.chmod(folder, 0o700)
+    for folder in (host, host / "etc", le):
+        os.chmod(folder, 0o755)
+
+    def on_host(path: str) -> str:  # an absolute path of the recipe, in the host's scratch
+        return re.sub(r"(?<![\w$/.-])/(etc|srv|opt|var)/", lambda m: f"{host}/{m.group(1)}/",
+                      path)
+
+    if hook is not None:
+        steps = [step.strip() for step in hook.split("&&")]
+        kept = " && ".join(s for s in steps if not s.startswith("docker "))
+        done = run(["bash", "-c", on_host(kept)],
+                   env=dict(os.environ, RENEWED_LINEAGE=str(live)))
+        assert done.returncode == 0, done.stderr
+    mount_from = Path(on_host(source))
+    assert mount_from.is_dir(), f"the recipe mounts {source}, which is not there: {mount_from}"
+    mount_at = container / target.lstrip("/")
+    mount_at.mkdir(parents=True)
+    os.chmod(container, 0o755)
+    config = tmp_path / "keygate.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"tls": {"cert_file": str(container / cert.lstrip("/")),
+                           "key_file": str(container / key.lstrip("/"))}},
+        "upstreams": {"api": {"url": "http://127.0.0.1:9"}},
+        "routes": [{"path": "/**", "upstream": "api", "public": True}]}))
+    # keygate's own check of the files (they exist, are PEM, the key matches), then a read of
+    # each as the image's user (this test's Python is not one another user may run)
+    keygate = str(Path(sys.executable).parent / "keygate")
+    files = " ".join(shlex.quote(str(container / path.lstrip("/"))) for path in (cert, key))
+    check = (f"mount --bind -o ro {shlex.quote(str(mount_from))} {shlex.quote(str(mount_at))}"
+             f" && {keygate} config check {shlex.quote(str(config))}"
+             f" && setpriv --reuid 10001 --regid 10001 --clear-groups cat {files} >/dev/null")
+    done = run(["unshare", "-m", "sh", "-c", check])
+    assert done.returncode == 0 and "ok:" in done.stdout, (
+        f"the Dockerfile's HTTPS recipe ({source} mounted at {target}), with certbot's files: "
+        f"{(done.stdout + done.stderr).strip()}")
