@@ -3,7 +3,8 @@
 # keygate container image.
 #
 #   docker build -t keygate .
-#   docker run -e KEYGATE_ADMIN_TOKEN=... -p 8080:8080 -p 127.0.0.1:8081:8081 keygate
+#   docker run -e KEYGATE_ADMIN_TOKEN -p 8080:8080 -p 127.0.0.1:8081:8081 keygate
+# (-e NAME alone passes the exported variable, off docker's command line and `ps`).
 #
 # The default config (/etc/keygate/config.yaml, from deploy/config.yaml) listens on 0.0.0.0 for
 # both the proxy (8080) and the admin API (8081, so Prometheus and probes can reach it: publish
@@ -74,7 +75,7 @@ VOLUME ["/etc/keygate", "/var/lib/keygate"]
 EXPOSE 8080 8081
 
 # Set at runtime (never baked in): the operator bearer token for the admin API.
-# ENV KEYGATE_ADMIN_TOKEN=   <- pass with -e / a Secret
+# ENV KEYGATE_ADMIN_TOKEN=   <- pass with -e KEYGATE_ADMIN_TOKEN / a Secret
 
 # Straight to the loopback, never through a proxy: Docker copies the client's proxy settings
 # (HTTP_PROXY, NO_PROXY) into containers, and urllib's NO_PROXY matching takes neither

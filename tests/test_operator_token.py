@@ -126,3 +126,74 @@ async def test_the_documented_reload_commands_work_and_keep_the_token_off_comman
     assert argv.count("\n") >= len(commands), argv
     assert SERVED_TOKEN not in argv, (
         f"a documented reload command put the operator token on a command line: {argv!r}")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_images_docker_run_takes_the_token_by_name_off_the_command_line():
+    """`docker run -e KEYGATE_ADMIN_TOKEN=<token>` shows the operator token to every local
+    user in `ps` (and keeps it in the shell's history); `-e KEYGATE_ADMIN_TOKEN` passes the
+    variable of the same name, exported as the README's recipe does."""
+    import re
+    runs = [line for line in (ROOT / "Dockerfile").read_text().splitlines()
+            if line.startswith("#") and "docker run" in line and "KEYGATE_ADMIN_TOKEN" in line]
+    assert runs
+    for line in runs:
+        assert re.search(r"-e KEYGATE_ADMIN_TOKEN(\s|$)", line), line
+
+
+def secret_recipe() -> str:
+    """deploy/k8s/secret.yaml's recipe for creating the Secret out of band, as a shell script
+    (its comment lines from the first command to the last)."""
+    lines = [line[1:] for line in (ROOT / "deploy" / "k8s" / "secret.yaml").read_text()
+             .splitlines() if line.startswith("#")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("   ") and line.strip())
+    script = []
+    for line in lines[start:]:
+        if not line.startswith("   "):
+            break
+        script.append(line.strip())
+    return "\n".join(script)
+
+
+def test_the_k8s_secret_recipe_keeps_the_token_and_the_redis_password_off_command_lines(
+        tmp_path):
+    """deploy/k8s/secret.yaml's `kubectl create secret generic keygate --from-literal=...`
+    put the operator token and the Redis password on kubectl's command line, which every
+    local user reads in `ps`. The recipe is run as pasted (bash; kubectl with
+    `--dry-run=client -o yaml`, so no cluster is needed), through a recorder of kubectl's
+    command line: the Secret it makes holds the token the shell exported and the Redis URL,
+    and kubectl's command line neither."""
+    import base64
+    import shutil
+    import subprocess
+    import yaml
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    script = secret_recipe()
+    assert "kubectl create secret generic keygate" in script, script
+    seen, bin_dir = tmp_path / "argv", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$0 $*" >> {seen}\nexec {kubectl} "$@" --dry-run=client -o yaml\n')
+    (bin_dir / "kubectl").chmod(0o755)
+    environ = {k: v for k, v in os.environ.items() if k != "KEYGATE_ADMIN_TOKEN"}
+    environ["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+    # the recipe as pasted, then the token it exported, to compare with the Secret
+    done = subprocess.run(["bash", "-c", script + '\nprintf "\\n---\\n%s" "$KEYGATE_ADMIN_TOKEN"'],
+                          env=environ, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    made, token = done.stdout.rsplit("\n---\n", 1)
+    secret = yaml.safe_load(made)
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert secret["metadata"]["name"] == "keygate"
+    url = data["KEYGATE_REDIS_URL"]
+    assert url.startswith("rediss://:") and "@" in url
+    password = url.split("://:", 1)[1].split("@", 1)[0]
+    argv = seen.read_text()
+    assert data["KEYGATE_ADMIN_TOKEN"] not in argv and password not in argv, (
+        f"kubectl was given a secret on its command line: {argv!r}")
+    # and the operator keeps the token for the CLI (the shell exported it)
+    assert len(token) >= 32 and data["KEYGATE_ADMIN_TOKEN"] == token
