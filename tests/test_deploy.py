@@ -288,25 +288,74 @@ def _seconds(duration: str | int | float | None, default: float) -> float:
     return sum(float(n) * units[u or "s"] for n, u in parts)
 
 
+DRAIN_ENV = "KEYGATE_DRAIN_SECONDS"
+
+
+def drain_of(environment: dict[str, Any]) -> float:
+    """The drain a manifest's environment sets: its KEYGATE_DRAIN_SECONDS, which it must set
+    (in plain sight, beside the grace period it sizes: an operator raising the drain for long
+    requests finds it there, and this test then sizes the grace period from the raised value,
+    not from the default)."""
+    from gateway.app import DRAIN_ENV as CODE_DRAIN_ENV, MAX_DRAIN_SECONDS, SHUTDOWN_TIMEOUT
+    assert CODE_DRAIN_ENV == DRAIN_ENV
+    assert DRAIN_ENV in environment, (
+        f"{DRAIN_ENV} is not set: set it (default {SHUTDOWN_TIMEOUT}) beside the grace "
+        f"period it sizes")
+    value = float(str(environment[DRAIN_ENV]).strip())
+    assert 0 <= value <= MAX_DRAIN_SECONDS
+    return value
+
+
+def stop_takes(drain: float) -> float:
+    """The longest keygate's stop takes after SIGTERM with this drain: requests in flight
+    (the drain), admin calls in flight (ADMIN_SHUTDOWN_TIMEOUT), the usage counted while Redis
+    was down (LEDGER_SHUTDOWN_TIMEOUT), batched spans with tracing on (SPAN_FLUSH_TIMEOUT)."""
+    from gateway.app import ADMIN_SHUTDOWN_TIMEOUT, LEDGER_SHUTDOWN_TIMEOUT
+    from gateway.tracing import SPAN_FLUSH_TIMEOUT
+    return drain + ADMIN_SHUTDOWN_TIMEOUT + LEDGER_SHUTDOWN_TIMEOUT + SPAN_FLUSH_TIMEOUT
+
+
+def comment_before(path: Path, key: str) -> str:
+    """The comment lines right above the line that sets ``key:`` in a YAML file, joined."""
+    lines = path.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{key}:"))
+    above = []
+    for line in reversed(lines[:at]):
+        if not line.strip().startswith("#"):
+            break
+        above.insert(0, line.strip().lstrip("#").strip())
+    return " ".join(above)
+
+
+def test_the_grace_periods_say_to_raise_them_with_the_drain():
+    """KEYGATE_DRAIN_SECONDS (0 to 3600) sets how long a stop lets requests in flight finish;
+    the grace periods in deploy/ are sized for the value the manifests set. An operator who
+    raises the drain for long requests and not the grace period has the kubelet (or docker)
+    SIGKILL the requests the drain was raised for, with no word. The comment above each grace
+    period, where that operator looks, names the variable and says to raise both."""
+    for path, key in ((K8S / "deployment.yaml", "terminationGracePeriodSeconds"),
+                      (DEPLOY / "docker-compose.yml", "stop_grace_period")):
+        note = comment_before(path, key)
+        assert DRAIN_ENV in note and "raise" in note.lower(), (path.name, note)
+
+
 def test_compose_gives_keygate_the_time_its_documented_stop_takes():
     """`docker compose stop`, `down`, and the container's recreation by `up -d` after a
     rebuild or a config change send SIGTERM, then SIGKILL after the service's
     stop_grace_period: 10 s when unset, as it was in deploy/docker-compose.yml. keygate's stop
-    lets requests in flight finish for up to SHUTDOWN_TIMEOUT (30 s: docs/operations.md,
-    Stopping), then admin calls (ADMIN_SHUTDOWN_TIMEOUT), then writes the usage counted while
+    lets requests in flight finish for up to the KEYGATE_DRAIN_SECONDS the service sets
+    (SHUTDOWN_TIMEOUT, 30 s, when unset: docs/operations.md, Stopping), then admin calls (ADMIN_SHUTDOWN_TIMEOUT), then writes the usage counted while
     Redis was down (LEDGER_SHUTDOWN_TIMEOUT), and with tracing on sends its batched spans
     (SPAN_FLUSH_TIMEOUT). Under compose every answer still running 10 s after the signal was
     cut off unanswered, its access-log line and its take-back lost, and with on_store_error:
     open the counts of a Redis outage died with the process."""
-    from gateway.app import ADMIN_SHUTDOWN_TIMEOUT, LEDGER_SHUTDOWN_TIMEOUT, SHUTDOWN_TIMEOUT
-    from gateway.tracing import SPAN_FLUSH_TIMEOUT
-    needed = SHUTDOWN_TIMEOUT + ADMIN_SHUTDOWN_TIMEOUT + LEDGER_SHUTDOWN_TIMEOUT + \
-        SPAN_FLUSH_TIMEOUT
     grace = {name: _seconds(svc.get("stop_grace_period"), 10.0)
              for name, svc in keygate_services().items()}
-    assert grace and all(s >= needed for s in grace.values()), (
+    needed = {name: stop_takes(drain_of(svc["environment"]))
+              for name, svc in keygate_services().items()}
+    assert grace and all(grace[name] >= needed[name] for name in grace), (
         f"stop_grace_period of the keygate replicas (s): {grace}; keygate's own stop takes up "
-        f"to {needed} s")
+        f"to {needed} s with the {DRAIN_ENV} they set")
     # and a plain `docker stop` (10 s by default) is told how long to wait
     assert f"--stop-timeout {int(max(grace.values()))}" in DOCKERFILE.read_text()
 
@@ -396,19 +445,18 @@ def test_k8s_deployment_is_non_root_read_only_with_resources():
 def test_k8s_grace_period_outlasts_the_prestop_sleep_and_keygates_own_shutdown():
     """The kubelet's SIGKILL comes terminationGracePeriodSeconds after it starts the preStop
     hook, whose sleep counts against it. keygate then lets requests in flight finish for up
-    to SHUTDOWN_TIMEOUT s, then admin calls in flight for up to ADMIN_SHUTDOWN_TIMEOUT s
+    to the KEYGATE_DRAIN_SECONDS the container sets (SHUTDOWN_TIMEOUT s when unset: a raised
+    drain needs a raised grace period), then admin calls in flight for up to ADMIN_SHUTDOWN_TIMEOUT s
     (aiohttp's default, 60 s, was missing from the sum), writes usage counted while Redis
     was down for up to
     LEDGER_SHUTDOWN_TIMEOUT s, and with tracing on sends its batched spans for up to
     SPAN_FLUSH_TIMEOUT s: a grace period shorter than all of it SIGKILLs requests the docs
     promise to finish (and their access-log lines) in every rolling update."""
-    from gateway.app import ADMIN_SHUTDOWN_TIMEOUT, LEDGER_SHUTDOWN_TIMEOUT, SHUTDOWN_TIMEOUT
-    from gateway.tracing import SPAN_FLUSH_TIMEOUT
     spec = k8s_objects()["Deployment/keygate"]["spec"]["template"]["spec"]
     command = gateway_container()["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
-    needed = int(command[1]) + SHUTDOWN_TIMEOUT + ADMIN_SHUTDOWN_TIMEOUT + \
-        LEDGER_SHUTDOWN_TIMEOUT + SPAN_FLUSH_TIMEOUT
+    env = {e["name"]: e.get("value") for e in gateway_container()["env"]}
+    needed = int(command[1]) + stop_takes(drain_of(env))
     assert spec["terminationGracePeriodSeconds"] >= needed, needed
 
 
@@ -732,3 +780,104 @@ def test_kustomize_builds_the_manifests_with_this_versions_image():
     assert f"ConfigMap/{volume['configMap']['name']}" == configmap
     (container,) = spec["containers"]
     assert container["image"] == f"keygate:{__version__}"
+
+
+# --- the image's HTTPS recipe, with certbot's files ------------------------------------------
+
+def dockerfile_tls_recipe() -> tuple[str, str, str, str, str | None]:
+    """What the Dockerfile's comment tells an operator to do for HTTPS listeners: the mount of
+    its ``docker run`` line (host path, container path), the config's cert_file and key_file,
+    and the certbot deploy hook, if it gives one."""
+    lines = [line[1:].strip() for line in DOCKERFILE.read_text().splitlines()
+             if line.startswith("#")]
+    at = next(i for i, line in enumerate(lines) if line.startswith("HTTPS listeners"))
+    block = " ".join(lines[at:at + 14])
+    (mount,) = re.findall(r"docker run [^\n]*?-v (\S+):(\S+):ro", block)[:1]
+    cert = re.search(r"cert_file: ([^,}\s]+)", block).group(1)
+    key = re.search(r"key_file: ([^,}\s]+)", block).group(1)
+    hook = re.search(r"--deploy-hook '([^']+)'", block)
+    return mount[0], mount[1], cert, key, hook.group(1) if hook else None
+
+
+def test_the_images_https_recipe_works_with_the_files_certbot_makes(tmp_path):
+    """The Dockerfile's HTTPS example is certbot's (fullchain.pem, privkey.pem). It mounted
+    /etc/letsencrypt/live/NAME into the container: certbot's files there are relative links
+    into ../../archive/NAME, which lead nowhere inside the container, and its key, like the
+    live/ and archive/ folders, is root's alone, where keygate runs as uid 10001. Applied as
+    written, keygate could not start (`server.tls.cert_file: ... does not exist`).
+    Here certbot's layout is made as certbot makes it (folders 0700, the key 0600, relative
+    links); the recipe's deploy hook is run as certbot runs it (as root, RENEWED_LINEAGE set;
+    the reload it ends with is not: no Docker engine here), the recipe's mount is made a real
+    bind mount in a mount namespace of its own, and ``keygate config check`` runs on a config
+    naming the files as the recipe does. Every path is under a
+    scratch folder (the host's) and another (the container's); the files are read as uid
+    10001 too."""
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "setpriv", "openssl")):
+        pytest.skip("needs root, unshare, setpriv and openssl (a bind mount, a read as uid "
+                    "10001, a certificate)")
+    if run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("mount namespaces are not available here")
+    import tempfile
+    source, target, cert, key, hook = dockerfile_tls_recipe()
+    # the container's root: in /tmp, whose other users may pass through it, unlike tmp_path's
+    # parents (uid 10001 must reach the files through it, as through the container's /)
+    container = Path(tempfile.mkdtemp(prefix="kg-container-", dir="/tmp"))
+    try:
+        _check_tls_recipe(tmp_path, tmp_path / "host", container, source, target, cert, key,
+                          hook)
+    finally:
+        shutil.rmtree(container, ignore_errors=True)
+
+
+def _check_tls_recipe(tmp_path: Path, host: Path, container: Path, source: str, target: str,
+                      cert: str, key: str, hook: str | None) -> None:
+    from harness import openssl
+    # certbot's layout for api.example.com, as certbot leaves it
+    le = host / "etc" / "letsencrypt"
+    archive, live = le / "archive" / "api.example.com", le / "live" / "api.example.com"
+    archive.mkdir(parents=True)
+    live.mkdir(parents=True)
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-days", "2", "-subj", "/CN=api.example.com", "-keyout", str(archive / "privkey1.pem"),
+            "-out", str(archive / "fullchain1.pem"))
+    os.chmod(archive / "privkey1.pem", 0o600)
+    os.chmod(archive / "fullchain1.pem", 0o644)
+    for name in ("fullchain", "privkey"):
+        (live / f"{name}.pem").symlink_to(f"../../archive/api.example.com/{name}1.pem")
+    for folder in (le / "archive", le / "live"):
+        os.chmod(folder, 0o700)
+    for folder in (host, host / "etc", le):
+        os.chmod(folder, 0o755)
+
+    def on_host(path: str) -> str:  # an absolute path of the recipe, in the host's scratch
+        return re.sub(r"(?<![\w$/.-])/(etc|srv|opt|var)/", lambda m: f"{host}/{m.group(1)}/",
+                      path)
+
+    if hook is not None:
+        steps = [step.strip() for step in hook.split("&&")]
+        kept = " && ".join(s for s in steps if not s.startswith("docker "))
+        done = run(["bash", "-c", on_host(kept)],
+                   env=dict(os.environ, RENEWED_LINEAGE=str(live)))
+        assert done.returncode == 0, done.stderr
+    mount_from = Path(on_host(source))
+    assert mount_from.is_dir(), f"the recipe mounts {source}, which is not there: {mount_from}"
+    mount_at = container / target.lstrip("/")
+    mount_at.mkdir(parents=True)
+    os.chmod(container, 0o755)
+    config = tmp_path / "keygate.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"tls": {"cert_file": str(container / cert.lstrip("/")),
+                           "key_file": str(container / key.lstrip("/"))}},
+        "upstreams": {"api": {"url": "http://127.0.0.1:9"}},
+        "routes": [{"path": "/**", "upstream": "api", "public": True}]}))
+    # keygate's own check of the files (they exist, are PEM, the key matches), then a read of
+    # each as the image's user (this test's Python is not one another user may run)
+    keygate = str(Path(sys.executable).parent / "keygate")
+    files = " ".join(shlex.quote(str(container / path.lstrip("/"))) for path in (cert, key))
+    check = (f"mount --bind -o ro {shlex.quote(str(mount_from))} {shlex.quote(str(mount_at))}"
+             f" && {keygate} config check {shlex.quote(str(config))}"
+             f" && setpriv --reuid 10001 --regid 10001 --clear-groups cat {files} >/dev/null")
+    done = run(["unshare", "-m", "sh", "-c", check])
+    assert done.returncode == 0 and "ok:" in done.stdout, (
+        f"the Dockerfile's HTTPS recipe ({source} mounted at {target}), with certbot's files: "
+        f"{(done.stdout + done.stderr).strip()}")

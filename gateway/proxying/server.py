@@ -787,8 +787,12 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
                             resp, reset = await self.finish_response(request, resp, start)
                     finally:
                         self._request_in_progress = False
-                        if self._handler_waiter is not None:
-                            self._handler_waiter.set_result(None)
+                        # (a waiter already cancelled: the stop's wait for this request ended
+                        # at the drain time as the cut-off aborted it, and the stop has not
+                        # yet run to forget it; setting it raised InvalidStateError)
+                        waiter = self._handler_waiter
+                        if waiter is not None and not waiter.done():
+                            waiter.set_result(None)
                 except ConnectionError:
                     self.log_debug("Ignored premature client disconnection")
                     break
