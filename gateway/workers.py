@@ -285,6 +285,7 @@ def _wait_while_loading(config: Config, store_url: str) -> bool:
         except StoreError:
             return True
         said = False
+        ping: asyncio.Future | None = None
         try:
             while True:
                 # redis-py retries a LOADING answer, reconnecting, for seconds: a SIGTERM
@@ -313,6 +314,10 @@ def _wait_while_loading(config: Config, store_url: str) -> bool:
                     return False
                 await asyncio.sleep(LOADING_POLL)
         finally:
+            # a Ctrl-C (SIGINT is not held: it cancels this) with the PING waiting: the PING
+            # goes too, or asyncio.run's clean-up waited for it, up to store.timeout
+            if ping is not None:
+                ping.cancel()
             await store.close()
 
     return asyncio.run(wait())
