@@ -270,11 +270,15 @@ class Forwarder:
         if entry is None:
             url = URL(upstream.url)
             context, digest = _trusting(upstream)
-            # a vanished upstream host is found as a vanished client is: within
-            # server.timeouts.body (a restart setting: the same for every pool a reload makes)
+            # a vanished upstream host is found as a vanished client is, within
+            # server.timeouts.body, but never before the upstream's own timeout: the user
+            # timeout also ends a connection whose upstream, alive, reads nothing that long
+            # (a zero window: busy, reading an upload or a tunnel's frames slowly), which its
+            # timeout allows
             pool = UpstreamPool(str(url.origin()), connect_timeout=upstream.timeout,
                                 ssl_context=context, max_connections=upstream.max_connections,
-                                vanish_timeout=self.config.server.timeouts.body)
+                                vanish_timeout=max(self.config.server.timeouts.body,
+                                                   upstream.timeout))
             pool.ca_digest = digest
             entry = (pool, url.raw_path.rstrip("/"), url.host_port_subcomponent or url.host or "")
             if current:
