@@ -174,6 +174,11 @@ class Authenticator:
         self.generation = 0             # bumped by a reload: cached entries are re-derived
         self.config = config
         self.under = (config, 0)        # (config, generation): a request's snapshot of both
+        # the generation the cache was last cleared at (a reload changing keys.prefix or
+        # keys.environments): the cache's epoch. An entry whose request took its snapshot
+        # (``under``) before it, its token parsed under keys settings since replaced, is not
+        # put back by a read that spanned the clear (``_remember``).
+        self.epoch = 0
         self.store = store              # gateway.store.Store (redis-py; cold path only)
         self.requests = requests        # hot path
         self.metrics = metrics
@@ -230,6 +235,7 @@ class Authenticator:
         self.under = (config, self.generation)
         if keys_changed:
             self.cache.clear()
+            self.epoch = self.generation  # what began before this no longer goes in (_remember)
 
     def _decoy_for(self, config: Config) -> None:
         """What a token whose key id has no key (or none in its environment) is verified
@@ -301,7 +307,7 @@ class Authenticator:
         # joining a verification that runs under another client's queue and failure limit
         joined = verification is not None and verification.client != client
         if verification is None:
-            verification = self._start(token, digest, digest, client, entry)
+            verification = self._start(token, digest, digest, client, entry, under[1])
         watch = getattr(request, "protocol", None)
         try:
             if joined and entry is None:  # (one that verified before is no guess: _start)
@@ -327,7 +333,8 @@ class Authenticator:
             inflight = (digest, client)
             verification = self._inflight.get(inflight)
             if verification is None:
-                verification = self._start(token, digest, inflight, client, entry)
+                verification = self._start(token, digest, inflight, client, entry,
+                                           under[1])
             return await self._as_of(await self._outcome(verification, inflight, watch), under)
         except StoreError:
             # on_store_error: open lets keys verified in this process through while the store
@@ -351,7 +358,7 @@ class Authenticator:
         return fresh
 
     def _start(self, token: ParsedToken, digest: bytes, inflight, client: str,
-               entry: CachedKey | None) -> _Verification:
+               entry: CachedKey | None, parsed: int) -> _Verification:
         """A verification of ``token`` under ``client``'s queue and failure limit, shared as
         ``_inflight[inflight]`` (the digest; the digest and the client for one of a request a
         shared verification was refused for another client's sake).
@@ -360,11 +367,12 @@ class Authenticator:
         (client gone, shutdown) must not cancel it under the others waiting on it, nor waste
         the argon2 run already under way. An entry past its TTL (``entry``) is this very
         token, verified here before: its re-verification is no guess, and others' failures
-        must not refuse it."""
+        must not refuse it. ``parsed``: the generation ``token`` was parsed under (the
+        request's ``under``), which a cache clear since then keeps the result out of."""
         verification = _Verification(client)
         task = asyncio.ensure_future(self._verify(token, digest, client,
                                                   verified_before=entry is not None,
-                                                  verification=verification))
+                                                  verification=verification, parsed=parsed))
         verification.task = task
         self._inflight[inflight] = verification
         task.add_done_callback(lambda t: self._verified(inflight, t))
@@ -511,7 +519,7 @@ class Authenticator:
         the read: a reload while it reads leaves the entry derived under the config the
         request began with (stale, so the key's next request derives it anew), never half
         of each (SPEC: requests in flight finish on the old config)."""
-        config, generation = under or self.under
+        config, generation = under or self.under  # (also the cache epoch it may go back in)
         key, workspace, role = await self._read(entry.workspace, entry.key_id)
         fresh = None if key is None else self._entry_for(
             key, workspace, role, entry.secret_digest, entry.verified_until, generation,
@@ -521,14 +529,15 @@ class Authenticator:
         if fresh is None:
             self._forget(entry)
             return None
-        self._remember(fresh)
+        self._remember(fresh, generation)
         return fresh
 
     # --- cold path ----------------------------------------------------------------------------
 
     async def _verify(self, token: ParsedToken, digest: bytes, client_ip: str,
                       verified_before: bool = False,
-                      verification: _Verification | None = None) -> CachedKey:
+                      verification: _Verification | None = None, *,
+                      parsed: int) -> CachedKey:
         """Wait for a turn (503 overloaded when the queue is full), then check the failure
         throttle and verify. Only verifications that *failed* count against the throttle;
         a verification waiting in the queue is never refused as a failure.
@@ -547,7 +556,8 @@ class Authenticator:
             for name in running:
                 self._running[name] = self._running.get(name, 0) + 1
             try:
-                return await self._verify_counted(token, digest, client_ip, verification)
+                return await self._verify_counted(token, digest, client_ip, verification,
+                                                  parsed)
             finally:
                 for name in running:
                     if (n := self._running[name] - 1) > 0:
@@ -624,7 +634,7 @@ class Authenticator:
         return max(1, min(window, -(-ms // 1000)))
 
     async def _verify_counted(self, token: ParsedToken, digest: bytes, client_ip: str,
-                              verification: _Verification | None = None) -> CachedKey:
+                              verification: _Verification | None, parsed: int) -> CachedKey:
         # the config the key is derived under, taken with its generation before the first
         # await: a reload while this runs leaves the entry stale, derived under the config the
         # request began with, never under half of each (its route was matched under it)
@@ -653,7 +663,7 @@ class Authenticator:
             self._workspace_gone(workspace_id)
             self.cache.pop(digest, None)
             raise invalid_token("invalid_key", "The API key is not valid.")
-        self._remember(entry)
+        self._remember(entry, parsed)
         return entry
 
     def _workspace_gone(self, ws: str) -> None:
@@ -736,7 +746,15 @@ class Authenticator:
             shared = self._interned[value] = value
         return shared
 
-    def _remember(self, entry: CachedKey) -> None:
+    def _remember(self, entry: CachedKey, began: int) -> None:
+        """Cache ``entry``, whose request took its snapshot (``under``) at generation
+        ``began``, before its token was parsed or the entry it re-reads was found. Begun
+        before the cache was last cleared (a reload changed keys.prefix or keys.environments
+        while its key was read), it is not cached: its token was accepted under keys settings
+        since replaced, and a cached entry is never parsed again. It still answers its own
+        request (finishing on the old config). Cold path only: after a store read."""
+        if began < self.epoch:
+            return
         cache = self.cache
         cache.pop(entry.secret_digest, None)  # a re-read entry moves to the newest end
         if len(cache) >= self.capacity:

@@ -652,10 +652,10 @@ async def test_a_full_cache_of_keys_in_use_makes_room_for_a_hundredth_at_once(gu
         return entry
 
     for i in range(1000):
-        auth._remember(clone(i))
+        auth._remember(clone(i), auth.generation)
     for entry in auth.cache.values():
         entry.used = True  # every key in the cache served again since it was verified
-    auth._remember(clone(1000))
+    auth._remember(clone(1000), auth.generation)
     assert len(auth.cache) == 1000 - 10 + 1  # room for the next nine without looking again
     assert 1000 .to_bytes(8, "big") in auth.cache
 

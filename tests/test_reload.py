@@ -1914,3 +1914,53 @@ async def test_a_first_request_across_a_scope_rename_is_allowed_as_both_configs_
         assert status == 200, body
         async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
             assert r.status == 200
+
+
+async def test_a_token_environment_dropped_by_a_reload_is_refused_on_the_next_request(
+        tmp_path, redis_url, monkeypatch):
+    """docs/configuration.md (keys.environments: "environments a token may carry", reloadable)
+    and gateway/auth.py Authenticator.reconfigure: "A changed token prefix or environment list
+    drops the cache: what verified may no longer parse". A reload drops ``test`` from
+    keys.environments while a ``kg_test_`` key's first request has its key read from the
+    store (the read held at Redis). That request may finish on the old config; but its
+    verification, derived under the config it began with (``Authenticator.under``), is put
+    into the cache the reload had just cleared, after the clear. The key's NEXT request,
+    wholly under the new config, hits that entry (its generation is old, so it is only
+    re-derived by ``refresh``, never parsed again) and is let through 200 instead of 401
+    malformed_key, for as long as keys.cache_ttl."""
+    from gateway.store.request import READ_KEY
+    from harness import HeldReplies
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async with serving(handler) as url:
+        path = tmp_path / "keygate.yaml"
+        old = config_doc(url)
+        old["keys"]["environments"] = ["live", "test"]
+        new = config_doc(url)
+        new["keys"]["environments"] = ["live"]
+        write(path, old)
+        async with HeldReplies(redis_url) as relay, \
+                gateway_under_test(load_config(path), relay.url, monkeypatch,
+                                   config_path=str(path)) as gw:
+            await gw.workspace("acme")
+            token, key = await gw.key(role="reader", environment="test")
+            assert token.startswith("kg_test_"), token
+            relay.delay_when(READ_KEY.sha.encode())
+            async with ClientSession(str(gw.proxy_server.make_url(""))) as client:
+                async def send():
+                    async with client.get("/people/1", headers=bearer(token)) as r:
+                        return r.status, await r.json()
+                pending = asyncio.ensure_future(send())
+                assert await eventually(lambda: relay.held_back), "the key read was not held"
+                write(path, new)
+                status, body = await reload(gw)
+                assert status == 200, body
+                relay.release()
+                await pending  # in flight across the reload: either answer is fine
+            # wholly under the new config: a test token is no longer accepted
+            async with gw.proxy.get("/people/1", headers=bearer(token)) as r:
+                body = await r.json()
+                assert (r.status, body.get("error", {}).get("code")) == \
+                    (401, "malformed_key"), (r.status, body)
