@@ -566,34 +566,30 @@ class Pipeline:
             raise TooManyRequests(f"Rate limit of {key.rate} exceeded for this key.",
                                   code="rate_limited", headers=headers)
         if d.outcome == "quota":
-            limit = key.monthly_limit
-            held = self._held_workspaces.get(key.workspace, 0)
-            if held and d.month_used - held < limit:  # not used up: held, it may come back
-                headers["Retry-After"] = self._held_wait
-                raise TooManyRequests(
-                    f"The workspace's monthly quota of {limit} requests is spent for now: the "
-                    f"last of it is held by {held} request(s) in flight, given back if they "
-                    f"never reach the upstream; retry in {self._held_wait} s.",
-                    code="quota_exceeded", headers=headers)
-            headers["Retry-After"] = str(month.seconds_left(now))
-            raise TooManyRequests(
-                f"The workspace's monthly quota of {limit} requests is used up; it "
-                f"resets at {rfc3339(month.resets_at)}.", code="quota_exceeded", headers=headers)
+            raise self._quota_refusal(
+                "The workspace's monthly quota", key.monthly_limit, d.month_used,
+                self._held_workspaces.get(key.workspace, 0), "quota_exceeded", month, now,
+                headers)
         if d.outcome == "key_quota":
-            limit = key.key_limit
-            held = self._held_keys.get(key.budget, 0)
-            if held and d.key_used - held < limit:
-                headers["Retry-After"] = self._held_wait
-                raise TooManyRequests(
-                    f"This key's own monthly cap of {limit} requests is spent for now: the "
-                    f"last of it is held by {held} request(s) in flight, given back if they "
-                    f"never reach the upstream; retry in {self._held_wait} s.",
-                    code="key_quota_exceeded", headers=headers)
-            headers["Retry-After"] = str(month.seconds_left(now))
-            raise TooManyRequests(
-                f"This key's own monthly cap of {limit} requests is used up; it resets "
-                f"at {rfc3339(month.resets_at)}.", code="key_quota_exceeded", headers=headers)
+            raise self._quota_refusal(
+                "This key's own monthly cap", key.key_limit, d.key_used,
+                self._held_keys.get(key.budget, 0), "key_quota_exceeded", month, now, headers)
         return headers
+
+    def _quota_refusal(self, what: str, limit: int, used: int, held: int, code: str, month,
+                       now: float, headers: dict[str, str]) -> TooManyRequests:
+        """The 429 of a quota (``what``) the store found spent: used up until the month
+        resets, or, while this process's requests in flight that may be taken back (``held``)
+        hold the last of it, spent for now, with a short Retry-After."""
+        if held and used - held < limit:  # not used up: held, it may come back
+            headers["Retry-After"] = self._held_wait
+            return TooManyRequests(
+                f"{what} of {limit} requests is spent for now: the last of it is held by "
+                f"{held} request(s) in flight, given back if they never reach the upstream; "
+                f"retry in {self._held_wait} s.", code=code, headers=headers)
+        headers["Retry-After"] = str(month.seconds_left(now))
+        return TooManyRequests(f"{what} of {limit} requests is used up; it resets at "
+                               f"{rfc3339(month.resets_at)}.", code=code, headers=headers)
 
     async def refund(self, key: CachedKey, counted: Counted | None = None) -> None:
         """Take back a counted request the upstream never received, from where it was counted:
