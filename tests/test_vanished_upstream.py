@@ -271,16 +271,32 @@ async def test_upstream_connections_carry_the_user_timeout_and_keepalive(
         await runner.cleanup()
 
 
-def _slow_reader(pause: float, got: list):
-    """A plain-socket upstream on loopback with a small receive buffer: it reads a request's
-    head, then reads nothing for ``pause`` seconds (its window closes: it is busy, not gone;
-    its kernel answers every zero-window probe), then reads the whole body and answers 200
-    with the number of bytes it read. Returns (server socket, url)."""
+def _threaded_upstream(serve) -> tuple[socket.socket, str]:
+    """A plain-socket upstream on loopback with a small receive buffer (its window closes
+    soon when it stops reading), each connection handled by ``serve(conn)`` in a thread of
+    its own. Returns (server socket, url)."""
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     srv.bind(("127.0.0.1", 0))
     srv.listen(8)
 
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+
+def _slow_reader(pause: float, got: list):
+    """A plain-socket upstream on loopback with a small receive buffer: it reads a request's
+    head, then reads nothing for ``pause`` seconds (its window closes: it is busy, not gone;
+    its kernel answers every zero-window probe), then reads the whole body and answers 200
+    with the number of bytes it read. Returns (server socket, url)."""
     def serve(conn: socket.socket) -> None:
         with conn:
             data = b""
@@ -310,16 +326,7 @@ def _slow_reader(pause: float, got: list):
             except OSError:
                 pass
 
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return srv, f"http://127.0.0.1:{srv.getsockname()[1]}"
+    return _threaded_upstream(serve)
 
 
 async def test_a_live_upstream_that_pauses_reading_an_upload_is_not_dropped_as_vanished(
@@ -359,11 +366,6 @@ def _slow_ws_upstream(pause: float, total: int):
     import base64
     import hashlib
 
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-
     def serve(conn: socket.socket) -> None:
         with conn:
             data = b""
@@ -392,16 +394,7 @@ def _slow_ws_upstream(pause: float, total: int):
             except OSError:
                 return
 
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return srv, f"http://127.0.0.1:{srv.getsockname()[1]}"
+    return _threaded_upstream(serve)
 
 
 async def test_a_live_websocket_upstream_that_pauses_reading_keeps_its_tunnel(
