@@ -292,6 +292,18 @@ def _threaded_upstream(serve) -> tuple[socket.socket, str]:
     return srv, f"http://127.0.0.1:{srv.getsockname()[1]}"
 
 
+def _read_head(conn: socket.socket) -> tuple[bytes, bytes] | None:
+    """A request's head and what came after it in the same reads; None: the peer closed."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        if not more:
+            return None
+        data += more
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
 def _slow_reader(pause: float, got: list):
     """A plain-socket upstream on loopback with a small receive buffer: it reads a request's
     head, then reads nothing for ``pause`` seconds (its window closes: it is busy, not gone;
@@ -299,13 +311,9 @@ def _slow_reader(pause: float, got: list):
     with the number of bytes it read. Returns (server socket, url)."""
     def serve(conn: socket.socket) -> None:
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                more = conn.recv(65536)
-                if not more:
-                    return
-                data += more
-            head, _, body = data.partition(b"\r\n\r\n")
+            if (read := _read_head(conn)) is None:
+                return
+            head, body = read
             length = int([line.split(b":", 1)[1] for line in head.split(b"\r\n")
                           if line.lower().startswith(b"content-length:")][0])
             time.sleep(pause)
@@ -368,13 +376,9 @@ def _slow_ws_upstream(pause: float, total: int):
 
     def serve(conn: socket.socket) -> None:
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                more = conn.recv(65536)
-                if not more:
-                    return
-                data += more
-            head, _, rest = data.partition(b"\r\n\r\n")
+            if (read := _read_head(conn)) is None:
+                return
+            head, rest = read
             fields = {k.strip().lower(): v.strip() for k, v in
                       (line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)}
             accept = base64.b64encode(hashlib.sha1(
