@@ -166,8 +166,12 @@ async def test_an_unknown_key_id_costs_what_a_wrong_secret_costs(redis_url, upst
         await g.workspace("acme")
         token, _ = await g.key()
         fastest = await refusal_times(g, token)
-        assert fastest["unknown id"] > fastest["wrong secret"] / 3, fastest
-        assert fastest["other environment"] > fastest["wrong secret"] / 3, fastest
+        # before, an unknown id cost well under 1 ms against the wrong secret's 20+ ms of
+        # argon2 (more than 20x); a third held on a quiet machine, but a loaded one stretched
+        # the wrong secret's fastest run to 3x the others' (104 ms against 32-37 ms, seen
+        # twice in full runs): a tenth still tells the two apart
+        assert fastest["unknown id"] > fastest["wrong secret"] / 10, fastest
+        assert fastest["other environment"] > fastest["wrong secret"] / 10, fastest
 
 async def test_revoked_key_is_rejected_on_next_request(gut):
     token, key = await gut.key()
