@@ -496,13 +496,18 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
                 with _cluster_node(others_primary) as n:
                     before_kill = n.client_id()  # client ids only grow
                     open_before = len(n.client_list(_type="normal")) - 1  # keygate's
+                survivors = [p for p in ports if p != victim]
+                reads_before = await asyncio.to_thread(_cluster_calls, survivors)
                 servers.procs[f"node{victim}"].kill()
                 killed = time.monotonic()
+                polls = 0  # the test's own CLUSTER calls (two a poll)
 
                 async def promoted() -> int | None:
+                    nonlocal polls
+                    polls += 1
                     try:
                         return await asyncio.to_thread(lambda: _slot_owner(
-                            [p for p in ports if p != victim], victim_ws)[1])
+                            survivors, victim_ws)[1])
                     except (AssertionError, redis.RedisError):
                         return None
 
@@ -517,6 +522,9 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
                                              for t, s, _ in flood.seen_by[victim_ws]),
                                  timeout=15, every=0.01)
                 await asyncio.sleep(0.5)
+                reads = (await asyncio.to_thread(_cluster_calls, survivors) - reads_before
+                         - 2 * polls)
+                read_window = time.monotonic() - killed
                 with _cluster_node(others_primary) as n:
                     # keygate's connections open now to the other workspace's primary that
                     # were made after the kill (the test's own are closed, but this one)
@@ -549,7 +557,8 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
                   f"kill, first 200 {first_after - promoted_at:.3f} s after that "
                   f"({recovered:.3f} s of the loop's own); counted {used} for {ok} 200s; of "
                   f"{open_before} connections to the other primary, {len(kept)} kept, "
-                  f"{len(remade)} made since")
+                  f"{len(remade)} made since; {reads} slot reads by the survivors in "
+                  f"{read_window:.2f} s")
             assert ok - 150 <= used <= ok, (used, ok)
             others = flood.kinds_of(other)
             down, asked = others.get(STORE_DOWN, 0), sum(others.values())
@@ -567,14 +576,26 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
                 # of the store timeout or more, in the store timeout and 0.1 s before its
                 # answer) is the machine's: 26 of 879 once, all within 0.2 s of the kill, the
                 # loop waiting 0.39-0.43 s of each 0.6 s. Of the others a handful is allowed
-                # (a starved redis-server): 1% of the workspace's requests, at least 10. And
-                # all of them, starved or not, are a fifth of its requests at most (3-12%
-                # under a load average of 13-16): the defect's re-reads use the loop's CPU, and
-                # on a loaded machine it waits for it too (175 of 506, all "starved", 24-98%)
+                # (a starved redis-server): 1% of the workspace's requests, at least 10.
                 print(f"the other workspace's 503s: {down} of {asked}, {starved} of them with "
                       f"the loop waiting for a CPU")
                 assert down - starved <= max(10, asked // 100), (others, starved)
-                assert down <= 0.2 * asked, (others, starved)
+            # The defect itself, whatever the machine's load: one read of the slots after
+            # another. A share of 503s is no measure of it on a loaded machine (its re-reads use
+            # the loop's CPU, and the loop waits for a CPU too: 175 of 506 once, all "starved";
+            # a bound of a fifth of the requests failed a loaded run of the suite). The
+            # reads are counted where they land: 4-8 in 3.2-7.5 s here, 57 in 3.5 s with reads
+            # one after another (and no read in the background); at most ten a second by
+            # design (REREAD_GAP), a few a second in practice
+            assert reads <= 4 * read_window + 4, (reads, read_window)
     finally:
         servers.stop_all()
 
+
+def _cluster_calls(ports: list[int]) -> int:
+    """CLUSTER commands (slot reads, the test's own slot lookups) the nodes on ``ports`` ran."""
+    calls = 0
+    for port in ports:
+        with _cluster_node(port) as n:
+            calls += n.info("commandstats").get("cmdstat_cluster", {}).get("calls", 0)
+    return calls
