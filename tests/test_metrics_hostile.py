@@ -16,7 +16,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import bearer, eventually, gateway_under_test, make_config
+from harness import CpuWait, bearer, eventually, gateway_under_test, make_config
 
 
 def series(text: str) -> set[tuple[str, tuple]]:
@@ -236,16 +236,22 @@ async def test_twenty_scrapers_leave_a_cached_key_most_of_the_event_loop(redis_u
         for i in range(1500):
             await g.gw.store.create_workspace(f"ws-{i}", f"W{i}", "starter")
 
+        waits: list[float] = []  # of each window, the share the loop waited for a CPU
+
         async def served_in(seconds: float) -> float:
             """Requests served per CPU second of this process (the gateway and its client
             both run in it): what the scrapes leave the key, whatever else loads the machine
             (a wall-clock rate swung with the suite's other workers)."""
             n, end, cpu = 0, time.perf_counter() + seconds, time.process_time()
-            while time.perf_counter() < end:
-                async with g.proxy.get("/people/1", headers=bearer(token)) as r:
-                    await r.read()
-                    assert r.status == 200
-                n += 1
+            async with CpuWait() as loop_wait:
+                since = time.monotonic()
+                while time.perf_counter() < end:
+                    async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                        await r.read()
+                        assert r.status == 200
+                    n += 1
+                until = time.monotonic()
+            waits.append(loop_wait.waited(since, until) / (until - since))
             return n / max(time.process_time() - cpu, 1e-3)
         await served_in(0.3)  # cached, connections made
         before = await served_in(2.0)
@@ -280,11 +286,18 @@ async def test_twenty_scrapers_leave_a_cached_key_most_of_the_event_loop(redis_u
     # not a fixed amount of work on a shared machine (a busy sibling hyperthread, caches
     # flushed by other processes): 0.34 once in a fresh-clone run beside three other suites,
     # 0.6-0.9 on a quiet one; the bound sits between that and the defect's 0.08-0.15.
+    # Under a load average of 13-16 it was 0.13-0.40: a machine that busy makes the measure
+    # overlap the defect's, so the bound holds where the loop waited for a CPU less than a
+    # third of each window (the counts above hold on any machine: the defect was thousands of
+    # answers for as few renders).
     print(f"requests per CPU second: {before:.0f} before, {flooded:.0f} during the scrapes, "
-          f"{after:.0f} after; {answered} scrapes answered, {renders} rendered; the first "
-          f"{first_scrape:.2f} s after the scrapers were started")
+          f"{after:.0f} after (the loop waiting for a CPU "
+          f"{', '.join(f'{w:.0%}' for w in waits[1:])} of each window); {answered} scrapes "
+          f"answered, {renders} rendered; the first {first_scrape:.2f} s after the scrapers "
+          f"were started")
     assert 20 <= answered <= 20 * (renders + 1) + 5 * 6 + 5, (answered, renders)
-    assert flooded > min(before, after) * 0.25, (before, flooded, after, answered)
+    if max(waits[1:]) < 1 / 3:
+        assert flooded > min(before, after) * 0.25, (before, flooded, after, answered)
 
 
 async def test_past_the_budget_a_few_scrapes_a_second_get_the_last_one_the_rest_wait(
