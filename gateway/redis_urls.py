@@ -59,6 +59,7 @@ from redis.asyncio.connection import (URL_QUERY_ARGUMENT_PARSERS, SSLConnection,
                                       UnixDomainSocketConnection, parse_url)
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -628,7 +629,10 @@ class _ConnectionRetry(Retry):
                     await fail(error)
                 if failures == 1:
                     give_up_at = time.monotonic() + self._within
-                if failures > self._retries or time.monotonic() >= give_up_at:
+                # LOADING (redis-py makes it a ConnectionError) is a live Redis's answer: sent
+                # again at once it is LOADING again, after another chunk of the load
+                if (failures > self._retries or time.monotonic() >= give_up_at
+                        or isinstance(error, BusyLoadingError)):
                     raise error
 
 
@@ -639,7 +643,10 @@ def _retry(within: float) -> Any:
     sent on a pooled connection the server may have closed since it was last used, and a
     server closing connections in rounds (CLIENT KILL, a proxy) may close the fresh one too:
     with one retry, a healthy Redis answered such commands 503 (a request or an admin read in
-    a few hundred under a storm of kills). A timeout is not retried (the command may have run).
+    a few hundred under a storm of kills). A timeout is not retried (the command may have run),
+    nor a LOADING answer: a Redis loading its data set answers only between the chunks it
+    loads, and each retry waited for another (serve's first PING learnt of the load four
+    chunks late, and a chunk past the store timeout on a retry read as "cannot reach").
     A command that does not fail costs what redis-py's own loop costs."""
     return _ConnectionRetry(CONNECTION_RETRIES, within,
                             (RedisConnectionError, ConnectionResetError, BrokenPipeError))

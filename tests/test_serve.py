@@ -419,6 +419,50 @@ def loading_redis(snapshot: Path, data_dir: Path, port: int) -> subprocess.Popen
         raise
 
 
+async def test_a_loading_redis_is_asked_once_per_call_not_four_times(tmp_path,
+                                                                     snapshot_of_25_mb):
+    """A LOADING answer (redis-py's BusyLoadingError, a ConnectionError to it) was sent again
+    at once on a fresh connection, three times: a Redis loading answers only between the
+    2 MB chunks it loads (every ~0.6 s here), so serve's first PING waited four chunks to learn
+    it was loading, 8-9.5 s under load, and a chunk slower than the store timeout on any of
+    the three repeats counted as "cannot reach the store". One connection, one answer."""
+    from gateway.config import load_config
+    from gateway.store import Store
+    port = free_port()
+    server = loading_redis(snapshot_of_25_mb, tmp_path, port)  # one connection of its own
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        store = await Store.connect(url, load_config(write_config(tmp_path, redis_url=url)[0]))
+        try:
+            problem = await store.ping_problem()
+        finally:
+            await store.close()
+        assert problem is not None and problem.startswith("BusyLoadingError"), problem
+        # asked on one bare socket (redis-py would retry LOADING on connections of its own)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as probe:
+            deadline = time.monotonic() + 60
+            while _ask(probe, b"PING").startswith(b"-LOADING"):
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            stats = _ask(probe, b"INFO stats").decode()
+        # the fixture's probe, the store's PING, this one
+        assert "total_connections_received:3\r\n" in stats, stats
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def _ask(probe: socket.socket, command: bytes) -> bytes:
+    """One inline command's whole answer (a status, an error or a bulk string)."""
+    probe.sendall(command + b"\r\n")
+    answer = probe.recv(65536)
+    if answer.startswith(b"$"):
+        size = int(answer[1:answer.index(b"\r\n")])
+        while len(answer) < answer.index(b"\r\n") + 2 + size + 2:
+            answer += probe.recv(65536)
+    return answer
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_redis_still_loading_its_data_at_start_up_is_waited_for(
         tmp_path, snapshot_of_25_mb, workers):
