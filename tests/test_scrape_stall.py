@@ -223,13 +223,21 @@ async def test_scrapes_over_a_distant_store_are_fresh_not_the_last_one_again(
         async with HeldReplies(redis_url, reply_delay=0.02) as far:
             config = make_config(str(upstream.make_url("")))
             async with gateway_under_test(config, far.url, monkeypatch) as g:
-                seen = []
+                seen, took = [], []
                 for i in range(20):
                     client.set(usage_key("ws-00001", period), 1000 + i)
+                    started = time.perf_counter()
                     async with g.admin.get("/metrics") as r:
                         samples = month_gauges(await r.text())
+                    took.append(round(time.perf_counter() - started, 3))
                     seen.append(samples[("keygate_workspace_month_requests", "ws-00001")])
-        assert seen == [1000 + i for i in range(20)], seen
+                # why a value stood still, if one did (it did twice in loaded runs, not since):
+                # a read that failed (a store error) or the budget spent (a render fewer)
+                why = {"store errors": g.counter("keygate_store_errors_total"),
+                       "reads": g.counter("keygate_store_call_duration_seconds_count",
+                                          call="usage_scrape"),
+                       "seconds each": took}
+        assert seen == [1000 + i for i in range(20)], (seen, why)
     finally:
         client.flushdb()
         client.close()
