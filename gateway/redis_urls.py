@@ -594,8 +594,8 @@ def standalone_client(url: str, *, timeout: float, decode_responses: bool) -> Re
     # The retry policy lives on the pool's connections (a client given a pool ignores its own).
     pool = BlockingConnectionPool.from_url(
         url, max_connections=POOL_CONNECTIONS, timeout=None, decode_responses=decode_responses,
-        socket_timeout=timeout, socket_connect_timeout=timeout, retry=_retry(timeout),
-        **NO_SETINFO)
+        socket_timeout=timeout, socket_connect_timeout=timeout,
+        retry=_retry(timeout, loading_is_final=True), **NO_SETINFO)
     # (set after: from_url lets the URL's scheme choose the class over any argument)
     pool.connection_class = fresh_tls(pool.connection_class)  # rotated TLS files: FreshTLS
     return Redis.from_pool(pool)  # closing the client closes its pool
@@ -609,9 +609,11 @@ class _ConnectionRetry(Retry):
     """redis-py's retry loop, without backoff, bounded in time too: no retry begins once
     ``within`` seconds have passed since the first failure."""
 
-    def __init__(self, retries: int, within: float, supported_errors: tuple) -> None:
+    def __init__(self, retries: int, within: float, supported_errors: tuple,
+                 loading_is_final: bool) -> None:
         super().__init__(NoBackoff(), retries, supported_errors=supported_errors)
         self._within = within
+        self._loading_is_final = loading_is_final
 
     async def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None,
                               with_failure_count: bool = False) -> Any:
@@ -630,26 +632,30 @@ class _ConnectionRetry(Retry):
                 if failures == 1:
                     give_up_at = time.monotonic() + self._within
                 # LOADING (redis-py makes it a ConnectionError) is a live Redis's answer: sent
-                # again at once it is LOADING again, after another chunk of the load
+                # again at once to the same server it is LOADING again, after another chunk
                 if (failures > self._retries or time.monotonic() >= give_up_at
-                        or isinstance(error, BusyLoadingError)):
+                        or (self._loading_is_final and isinstance(error, BusyLoadingError))):
                     raise error
 
 
-def _retry(within: float) -> Any:
+def _retry(within: float, *, loading_is_final: bool = False) -> Any:
     """Immediate retries of a command whose connection turned out dead (closed, reset,
     refused), each on a fresh connection: up to ``CONNECTION_RETRIES``, none begun once
     ``within`` seconds (the store timeout) have passed since the first failure. Commands are
     sent on a pooled connection the server may have closed since it was last used, and a
     server closing connections in rounds (CLIENT KILL, a proxy) may close the fresh one too:
     with one retry, a healthy Redis answered such commands 503 (a request or an admin read in
-    a few hundred under a storm of kills). A timeout is not retried (the command may have run),
-    nor a LOADING answer: a Redis loading its data set answers only between the chunks it
+    a few hundred under a storm of kills). A timeout is not retried (the command may have run).
+    ``loading_is_final``: nor a LOADING answer, where a fresh connection goes to the same
+    server (a standalone URL): a Redis loading its data set answers only between the chunks it
     loads, and each retry waited for another (serve's first PING learnt of the load four
-    chunks late, and a chunk past the store timeout on a retry read as "cannot reach").
+    chunks late, and a chunk past the store timeout on a retry read as "cannot reach"). Behind
+    Sentinels a fresh connection asks them for the master again (a demoted master syncing
+    answers LOADING; the new one does not), so there it is retried.
     A command that does not fail costs what redis-py's own loop costs."""
     return _ConnectionRetry(CONNECTION_RETRIES, within,
-                            (RedisConnectionError, ConnectionResetError, BrokenPipeError))
+                            (RedisConnectionError, ConnectionResetError, BrokenPipeError),
+                            loading_is_final)
 
 
 def redact(url: str) -> str:
