@@ -168,10 +168,47 @@ def test_container_config_takes_the_redis_url_from_the_environment(monkeypatch):
     assert [u.url for u in config.upstreams.values()] == ["http://echo:5678"]
 
 
-def test_k8s_configmap_carries_the_same_config_file():
+# The one line deploy/k8s/config.yaml has of its own: no fallback to the embedded store.
+IMAGE_REDIS_URL = "  redis_url: ${KEYGATE_REDIS_URL:-embedded}\n"
+K8S_REDIS_URL = "  redis_url: ${KEYGATE_REDIS_URL}\n"
+
+
+def test_k8s_configmap_carries_the_same_config_file_but_its_store_url():
     configmap = k8s_objects()["ConfigMap/keygate-config"]
-    assert configmap["data"]["config.yaml"] == (DEPLOY / "config.yaml").read_text()
-    assert (K8S / "config.yaml").read_bytes() == (DEPLOY / "config.yaml").read_bytes()
+    assert configmap["data"]["config.yaml"] == (K8S / "config.yaml").read_text()
+    image = (DEPLOY / "config.yaml").read_text()
+    assert image.count(IMAGE_REDIS_URL) == 1
+    assert (K8S / "config.yaml").read_text() == image.replace(IMAGE_REDIS_URL, K8S_REDIS_URL)
+
+
+@pytest.mark.parametrize("redis_url", [None, "", "  "], ids=["unset", "empty", "blank"])
+def test_k8s_config_refuses_to_start_without_a_redis_url(tmp_path, redis_url):
+    """deploy/k8s runs 2 to 10 replicas (the HPA). Its config read
+    ``${KEYGATE_REDIS_URL:-embedded}``: a Secret whose KEYGATE_REDIS_URL was empty (the
+    kubectl line forgotten, a templating that wrote nothing) started every pod on an embedded
+    Redis of its own, in an emptyDir: each replica its own keys, counters and revocations, a
+    key created through one pod unknown to the others, quotas multiplied by the replica count,
+    and every pod ready. Without a URL the pod must not start: `keygate config check` and
+    `keygate serve` exit 1 with one line naming the variable (the pod's log, CrashLoopBackOff)."""
+    keygate = str(Path(sys.executable).parent / "keygate")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+    env.update(KEYGATE_ADMIN_TOKEN="k8s-config-check", HOME=str(tmp_path))
+    if redis_url is not None:
+        env["KEYGATE_REDIS_URL"] = redis_url
+    config = str(K8S / "config.yaml")
+    for argv in (["config", "check", config], ["serve", "--config", config]):
+        done = subprocess.run([keygate, *argv], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+        said = (done.stdout + done.stderr).strip().splitlines()
+        assert done.returncode == 1, (argv, done.returncode, said)
+        assert len(said) == 1 and "KEYGATE_REDIS_URL" in said[0] \
+            and "store.redis_url" in said[0], (argv, said)
+    assert not list(tmp_path.rglob("*.aof")) and not list(tmp_path.rglob("*.rdb"))
+    # and with a URL it checks (the same file, the same command)
+    env["KEYGATE_REDIS_URL"] = "redis://redis.default.svc.cluster.local:6379/0"
+    done = subprocess.run([keygate, "config", "check", config], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # --- Dockerfile -------------------------------------------------------------------------------
