@@ -703,6 +703,25 @@ def test_alert_rules_cover_store_5xx_quota_and_argon2_with_agreed_metrics():
         assert metric in joined
 
 
+def test_every_dropped_line_counter_has_an_alert_unit_tested_firing():
+    """keygate_access_log_dropped_total counts access-log lines lost when stderr is full or
+    slow: the log of who was let through, with what key, misses requests that were served.
+    Nothing alerted on it (its application-log twin had an alert), so a stalled log collector
+    lost the access log for as long as nobody looked at the counter. Every counter of lines
+    dropped has an alert, and every alert a promtool unit test in which it fires (and with
+    the labels it fires with)."""
+    (group,) = yaml.safe_load(ALERTS.read_text())["groups"]
+    rules = {rule["alert"]: rule for rule in group["rules"]}
+    dropped = {name for name in INTERFACE_METRICS if name.endswith("_dropped_total")}
+    assert "keygate_access_log_dropped_total" in dropped
+    for metric in dropped:
+        assert any(metric in metric_names(rule["expr"]) for rule in rules.values()), metric
+    tests = yaml.safe_load((ALERTS.parent / "alerts-test.yml").read_text())["tests"]
+    fired = {case["alertname"] for test in tests for case in test.get("alert_rule_test", [])
+             if case.get("exp_alerts")}
+    assert set(rules) - fired == set(), "alerts no unit test sees fire"
+
+
 def test_compose_prometheus_loads_the_alert_rules():
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     assert config["rule_files"] == ["alerts.yml"]
