@@ -300,6 +300,14 @@ def keygate_services() -> dict[str, dict[str, Any]]:
             if name.startswith("keygate")}
 
 
+def keygate_services_of(path: Path) -> dict[str, dict[str, Any]]:
+    """The services of a compose file that run keygate: its image (or, built here, the
+    Dockerfile)."""
+    (doc,) = documents(path)
+    return {name: svc for name, svc in doc["services"].items()
+            if str(svc.get("image", "")).split(":")[0].rsplit("/", 1)[-1] == "keygate"}
+
+
 def test_compose_runs_two_gateway_replicas_on_a_shared_redis():
     services = keygate_services()
     assert len(services) == 2
@@ -326,6 +334,9 @@ def _seconds(duration: str | int | float | None, default: float) -> float:
 
 
 DRAIN_ENV = "KEYGATE_DRAIN_SECONDS"
+# Every compose file shipped: the Traefik example of verify-only mode
+# (docs/deployment-modes.md) is one too.
+COMPOSE_FILES = [DEPLOY / "docker-compose.yml", ROOT / "docs" / "verify" / "traefik-compose.yml"]
 
 
 def drain_of(environment: dict[str, Any]) -> float:
@@ -371,7 +382,7 @@ def test_the_grace_periods_say_to_raise_them_with_the_drain():
     SIGKILL the requests the drain was raised for, with no word. The comment above each grace
     period, where that operator looks, names the variable and says to raise both."""
     for path, key in ((K8S / "deployment.yaml", "terminationGracePeriodSeconds"),
-                      (DEPLOY / "docker-compose.yml", "stop_grace_period")):
+                      *((path, "stop_grace_period") for path in COMPOSE_FILES)):
         note = comment_before(path, key)
         assert DRAIN_ENV in note and "raise" in note.lower(), (path.name, note)
 
@@ -385,13 +396,20 @@ def test_compose_gives_keygate_the_time_its_documented_stop_takes():
     Redis was down (LEDGER_SHUTDOWN_TIMEOUT), and with tracing on sends its batched spans
     (SPAN_FLUSH_TIMEOUT). Under compose every answer still running 10 s after the signal was
     cut off unanswered, its access-log line and its take-back lost, and with on_store_error:
-    open the counts of a Redis outage died with the process."""
+    open the counts of a Redis outage died with the process. Every compose file shipped: the
+    Traefik example of docs/verify had no stop_grace_period at all."""
+    services = {f"{path.name}: {name}": svc for path in COMPOSE_FILES
+                for name, svc in keygate_services_of(path).items()}
+    shipped = {p for top in (DEPLOY, ROOT / "docs", ROOT / "bench") for p in top.rglob("*")
+               if re.search(r"compose[^/]*\.ya?ml$", p.name)} | set(ROOT.glob("*compose*.y*ml"))
+    assert shipped == set(COMPOSE_FILES), "a compose file this test does not check"
+    assert {name.split(":")[0] for name in services} == {p.name for p in COMPOSE_FILES}
     grace = {name: _seconds(svc.get("stop_grace_period"), 10.0)
-             for name, svc in keygate_services().items()}
-    needed = {name: stop_takes(drain_of(svc["environment"]))
-              for name, svc in keygate_services().items()}
+             for name, svc in services.items()}
+    needed = {name: stop_takes(drain_of(svc.get("environment") or {}))
+              for name, svc in services.items()}
     assert grace and all(grace[name] >= needed[name] for name in grace), (
-        f"stop_grace_period of the keygate replicas (s): {grace}; keygate's own stop takes up "
+        f"stop_grace_period of the keygate services (s): {grace}; keygate's own stop takes up "
         f"to {needed} s with the {DRAIN_ENV} they set")
     # and a plain `docker stop` (10 s by default) is told how long to wait
     assert f"--stop-timeout {int(max(grace.values()))}" in DOCKERFILE.read_text()
@@ -769,8 +787,6 @@ def compose_command() -> list[str]:
     pytest.skip("neither docker-compose nor the docker compose plugin is installed")
 
 
-# The Traefik example of verify-only mode (docs/deployment-modes.md) is a compose file too.
-COMPOSE_FILES = [DEPLOY / "docker-compose.yml", ROOT / "docs" / "verify" / "traefik-compose.yml"]
 
 
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
