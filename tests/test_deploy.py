@@ -354,13 +354,72 @@ def drain_of(environment: dict[str, Any]) -> float:
     return value
 
 
+def stop_steps() -> dict[str, float]:
+    """Each bounded step of keygate's stop after the listeners, in seconds at most, read from
+    the code: every ``await`` in ``running_gateway``'s closing ``finally`` (a ``bounded()``
+    call by the timeout it names; the others by the bound inside them), then the log's flush
+    at exit. A step added there and not here fails: the grace periods are sized from this."""
+    import ast
+    import inspect
+    import gateway.app as app
+    from gateway.accesslog import ACCESS_LOG_CLOSE_TIMEOUT, LOG_FLUSH_TIMEOUT, BackgroundHandler
+    from gateway.closing import CLOSE_STEP_TIMEOUT
+    from gateway.tracing import SPAN_FLUSH_TIMEOUT
+    assert inspect.signature(BackgroundHandler.flush).parameters["timeout"].default \
+        == LOG_FLUSH_TIMEOUT  # what logging's atexit (and a worker's exit) waits for
+    inside = {  # awaits bounded inside: Readiness.close's stop(), AccessLog.close's wait,
+        "readiness.close()": CLOSE_STEP_TIMEOUT,  # the tracer's bounded() span flush
+        "access.close()": ACCESS_LOG_CLOSE_TIMEOUT,
+        "pipeline.tracer.close()": SPAN_FLUSH_TIMEOUT,
+        "asyncio.gather(flushing, return_exceptions=True)": 0.0,  # a cancelled sleep loop
+    }
+    tree = ast.parse(inspect.getsource(app.running_gateway))
+    (outer,) = [node for node in ast.walk(tree) if isinstance(node, ast.Try)
+                and any(isinstance(n, ast.Yield) for stmt in node.body for n in ast.walk(stmt))]
+    steps = {}
+    for stmt in outer.finalbody:
+        for node in ast.walk(stmt):
+            if not isinstance(node, ast.Await):
+                continue
+            text = ast.unparse(node.value)
+            call = node.value
+            if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "bounded":
+                steps[text] = float(getattr(app, call.args[1].id))
+            else:
+                assert text in inside, f"a stop step the grace periods do not count: {text}"
+                steps[text] = float(inside[text])
+    assert set(inside) <= set(steps), set(inside) - set(steps)
+    steps["the log's flush at exit"] = LOG_FLUSH_TIMEOUT
+    return steps
+
+
 def stop_takes(drain: float) -> float:
     """The longest keygate's stop takes after SIGTERM with this drain: requests in flight
-    (the drain), admin calls in flight (ADMIN_SHUTDOWN_TIMEOUT), the usage counted while Redis
-    was down (LEDGER_SHUTDOWN_TIMEOUT), batched spans with tracing on (SPAN_FLUSH_TIMEOUT)."""
-    from gateway.app import ADMIN_SHUTDOWN_TIMEOUT, LEDGER_SHUTDOWN_TIMEOUT
-    from gateway.tracing import SPAN_FLUSH_TIMEOUT
-    return drain + ADMIN_SHUTDOWN_TIMEOUT + LEDGER_SHUTDOWN_TIMEOUT + SPAN_FLUSH_TIMEOUT
+    (the drain, the proxy listener's shutdown_timeout), admin calls in flight
+    (ADMIN_SHUTDOWN_TIMEOUT), then every step of ``stop_steps``, one after the other."""
+    import ast
+    import inspect
+    import gateway.app as app
+    source = inspect.getsource(app.start_listeners)
+    bounds = [ast.unparse(k.value) for node in ast.walk(ast.parse(source))
+              if isinstance(node, ast.Call) for k in node.keywords if k.arg == "shutdown_timeout"]
+    assert bounds == ["drain_seconds()", "ADMIN_SHUTDOWN_TIMEOUT"], bounds
+    return drain + app.ADMIN_SHUTDOWN_TIMEOUT + sum(stop_steps().values())
+
+
+def test_the_stop_the_grace_periods_are_sized_for_is_keygates_worst_case():
+    """The grace periods in deploy/ were sized for the drain + admin calls + the ledger's
+    writes + the span flush (60 s with the default drain), but the stop has more bounded
+    steps after those: the eviction look, the access log's last lines, the upstream pools,
+    both store clients, the log's flush at exit (83 s in all). A stop that used them all was
+    SIGKILLed after everything was written, exit 137, and that pages people. Each grace
+    period's comment gives the sum it is sized from."""
+    from gateway.app import SHUTDOWN_TIMEOUT
+    assert stop_takes(SHUTDOWN_TIMEOUT) == 83
+    for path, key in ((K8S / "deployment.yaml", "terminationGracePeriodSeconds"),
+                      *((path, "stop_grace_period") for path in COMPOSE_FILES)):
+        assert f"{stop_takes(SHUTDOWN_TIMEOUT):g} s" in comment_before(path, key), path.name
+    assert f"up to {stop_takes(SHUTDOWN_TIMEOUT):g} s" in DOCKERFILE.read_text()
 
 
 def comment_before(path: Path, key: str) -> str:
