@@ -519,6 +519,35 @@ def test_k8s_probes_hit_readyz_and_healthz_on_the_admin_port():
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
 
 
+# Seconds deploy/k8s lets a pod start: keygate listens (and /healthz answers) only once its
+# Redis answers, which a Redis restarted on a large AOF or snapshot does only once loaded.
+STARTUP_WINDOW = 600
+
+
+def test_k8s_startup_probe_waits_out_a_redis_loading_its_data_set():
+    """keygate waits while Redis answers LOADING and only then listens. The startupProbe gave
+    a pod 60 s (2 s x 30): a Redis restarting on a few GB of AOF or snapshot takes minutes, so
+    every pod started meanwhile (a node drained with its Redis, a rollout) was restarted by the
+    kubelet in a loop, with back-off, and came up minutes after Redis had. The probe allows
+    STARTUP_WINDOW s; a start that fails otherwise (config, credentials, no Redis at all) exits
+    1 on its own, so the long window only delays noticing a start that hangs. The liveness and
+    readiness probes wait for it, the Deployment's progress deadline outlasts it (else a
+    rollout over a loading Redis is reported failed), and docs/operations.md says what to
+    raise for a larger data set."""
+    container = gateway_container()
+    probe = container["startupProbe"]
+    assert probe["httpGet"] == {"path": "/healthz", "port": "admin"}
+    window = probe.get("initialDelaySeconds", 0) + probe["periodSeconds"] * probe["failureThreshold"]
+    assert window >= STARTUP_WINDOW, window
+    assert probe["timeoutSeconds"] < probe["periodSeconds"]
+    spec = k8s_objects()["Deployment/keygate"]["spec"]
+    assert spec.get("progressDeadlineSeconds", 600) > window
+    ops = " ".join((ROOT / "docs" / "operations.md").read_text().split())
+    assert "startupProbe" in ops and "failureThreshold" in ops and "progressDeadlineSeconds" in ops
+    assert f"failureThreshold: {probe['failureThreshold']}" in " ".join(
+        (K8S / "deployment.yaml").read_text().split())
+
+
 def test_turning_on_admin_tls_says_what_must_switch_to_https():
     """With admin.tls the admin listener speaks HTTPS only: the kubelet's probes, the
     Prometheus scrapes and the image's HEALTHCHECK, all plain http by default, would then fail
