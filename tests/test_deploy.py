@@ -508,7 +508,8 @@ def test_k8s_has_every_object_a_cluster_deploy_needs():
     assert kinds >= {("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"),
                      ("v1", "Secret"), ("autoscaling/v2", "HorizontalPodAutoscaler"),
                      ("policy/v1", "PodDisruptionBudget"),
-                     ("monitoring.coreos.com/v1", "ServiceMonitor")}
+                     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+                     ("networking.k8s.io/v1", "NetworkPolicy")}
 
 
 def test_k8s_probes_hit_readyz_and_healthz_on_the_admin_port():
@@ -643,6 +644,71 @@ def test_k8s_services_hpa_pdb_and_servicemonitor_select_the_gateway_pods():
                   <= svc["metadata"]["labels"].items()]
     (port,) = [p for p in scraped["spec"]["ports"] if p["name"] == endpoint["port"]]
     assert (port["port"], endpoint["path"]) == (ADMIN_PORT, "/metrics")
+
+
+def _peers(rules: list[dict[str, Any]], port: int | str) -> list[dict[str, Any]]:
+    """The peers (``from`` / ``to`` entries) of the rules that open ``port`` over TCP."""
+    found = []
+    for rule in rules:
+        ports = rule.get("ports") or []
+        if any(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports):
+            found += rule.get("from", rule.get("to", []))
+    return found
+
+
+def _namespace_of(peer: dict[str, Any]) -> str | None:
+    return peer.get("namespaceSelector", {}).get("matchLabels", {}).get(
+        "kubernetes.io/metadata.name")
+
+
+def test_k8s_network_policy_opens_the_proxy_to_the_ingress_and_the_admin_port_to_monitoring():
+    """No NetworkPolicy came with deploy/k8s: any pod of the cluster could reach the admin
+    listener (/admin/v1, guarded by the operator token alone, and /metrics, which names every
+    workspace), and a compromised keygate pod could reach anything. The policy selects the
+    gateway pods and lets in only the ingress controller's namespace on the proxy port and the
+    monitoring namespace on the admin port (the kubelet's probes come from the node, which a
+    NetworkPolicy never blocks; operators use `kubectl port-forward`); out only DNS, the Redis
+    of the Secret's KEYGATE_REDIS_URL and the upstream of KEYGATE_UPSTREAM_URL, on their
+    ports. kubernetes-validate checks its schema (test_kubernetes_validate_accepts_the_manifests)."""
+    from urllib.parse import urlsplit
+    objects = k8s_objects()
+    (policy,) = [doc for doc in objects.values() if doc["kind"] == "NetworkPolicy"]
+    pod_labels = objects["Deployment/keygate"]["spec"]["template"]["metadata"]["labels"]
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == pod_labels
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    ports = {p["name"]: p["containerPort"] for p in gateway_container()["ports"]}
+
+    def opened(port_name: str) -> list[dict[str, Any]]:
+        return _peers(spec["ingress"], port_name) + _peers(spec["ingress"], ports[port_name])
+    # in: the proxy port from the ingress controller's namespace, the admin port from the
+    # monitoring one; every rule names its port and its peers (none open to all)
+    for rule in spec["ingress"]:
+        assert rule.get("ports") and rule.get("from"), rule
+        for port in rule["ports"]:
+            assert port["port"] in ("proxy", "admin", PROXY_PORT, ADMIN_PORT), port
+    assert {_namespace_of(p) for p in opened("proxy")} == {"ingress-nginx"}
+    assert {_namespace_of(p) for p in opened("admin")} == {"monitoring"}
+    # out: DNS (UDP and TCP) to kube-dns, the Redis and the upstream the manifests name
+    for rule in spec["egress"]:
+        assert rule.get("ports") and rule.get("to"), rule
+    dns = [rule for rule in spec["egress"]
+           if {(p.get("protocol", "TCP"), p["port"]) for p in rule["ports"]}
+           == {("UDP", 53), ("TCP", 53)}]
+    assert dns and all(_namespace_of(p) == "kube-system" for r in dns for p in r["to"])
+    secret = objects["Secret/keygate"]["stringData"]
+    env = {e["name"]: e.get("value") for e in gateway_container()["env"]}
+    for url in (secret["KEYGATE_REDIS_URL"], env["KEYGATE_UPSTREAM_URL"]):
+        parts = urlsplit(url)
+        service, namespace = parts.hostname.split(".")[:2]
+        peers = _peers(spec["egress"], parts.port)
+        assert peers, f"no egress to {parts.hostname}:{parts.port}"
+        assert all(_namespace_of(p) == namespace for p in peers), (url, peers)
+        assert all(p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == service
+                   for p in peers), (url, peers)
+    opened_out = {p["port"] for rule in spec["egress"] for p in rule["ports"]}
+    assert opened_out == {53, urlsplit(secret["KEYGATE_REDIS_URL"]).port,
+                          urlsplit(env["KEYGATE_UPSTREAM_URL"]).port}
 
 
 def test_the_servicemonitor_scrapes_under_the_job_the_alerts_and_dashboard_select():
