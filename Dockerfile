@@ -83,9 +83,9 @@ EXPOSE 8080 8081
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request as u; o = u.build_opener(u.ProxyHandler({})); sys.exit(0 if o.open('http://127.0.0.1:8081/healthz', timeout=4).status == 200 else 1)"]
 
-# On SIGTERM keygate's stop takes up to 60 s: KEYGATE_DRAIN_SECONDS (default 30) for requests
-# in flight, then up to 30 s more (docs/operations.md, Stopping); `docker stop` SIGKILLs after
-# 10 s unless told otherwise: `docker run --stop-timeout 65` (or `docker stop -t 65`; compose:
+# On SIGTERM keygate's stop takes up to 83 s: KEYGATE_DRAIN_SECONDS (default 30) for requests
+# in flight, then up to 53 s more (docs/operations.md, Stopping); `docker stop` SIGKILLs after
+# 10 s unless told otherwise: `docker run --stop-timeout 90` (or `docker stop -t 90`; compose:
 # stop_grace_period, as deploy/docker-compose.yml sets). Raise the drain, raise these with it.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["keygate"]

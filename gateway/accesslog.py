@@ -170,6 +170,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"), default=str)
 
 
+# Seconds a stop waits for the last lines to reach stderr: the access log's buffer when the
+# listeners have closed (AccessLog.close), then the application log's queue at exit (the
+# logging module's atexit, or a worker's own, calls BackgroundHandler.flush). Both count in
+# the grace periods deploy/ gives a stop (tests/test_deploy.py adds them up).
+ACCESS_LOG_CLOSE_TIMEOUT = 5.0
+LOG_FLUSH_TIMEOUT = 2.0
+
+
 class BackgroundHandler(logging.Handler):
     """Application log lines on stderr, written by a thread of their own, as the access log's
     are: a record is formatted where it is logged and queued (at most ``max_lines``); a stderr
@@ -282,7 +290,7 @@ class BackgroundHandler(logging.Handler):
         except Exception:  # a formatter that fails: the count is still said
             return f"{dropped} log lines were dropped: stderr did not keep up\n"
 
-    def flush(self, timeout: float = 2.0) -> None:
+    def flush(self, timeout: float = LOG_FLUSH_TIMEOUT) -> None:
         q = self._queue
         if q is None or self._pid != os.getpid():
             return
@@ -522,7 +530,7 @@ class AccessLog:
         if lost := _write_block(_encode(lines)):
             self._drop(lost)
 
-    async def close(self, timeout: float = 5.0) -> None:
+    async def close(self, timeout: float = ACCESS_LOG_CLOSE_TIMEOUT) -> None:
         """Stop the flusher and write every line still buffered (bounded by ``timeout``)."""
         if self._task is not None:
             self._task.cancel()

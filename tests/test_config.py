@@ -1098,6 +1098,30 @@ def test_env_reference_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config.admin.token_env == "KG_ADMIN_TOKEN"
 
 
+def test_a_reference_without_fallback_to_an_empty_variable_is_a_problem_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # an empty KEYGATE_REDIS_URL (a Secret's key left blank) read "store.redis_url: expected
+    # a string, got null", naming no variable; in part of a value it was taken as nothing.
+    # ${NAME-} is how a value says empty will do.
+    monkeypatch.setenv("KG_TEST_EMPTY", "")
+    monkeypatch.setenv("KG_TEST_SPACE", " ")
+    assert problems_of(tmp_path, """
+        store:
+          redis_url: ${KG_TEST_EMPTY}
+          data_dir: /data/${KG_TEST_SPACE}/kg
+    """) == [
+        "config.yaml:2: store.redis_url: environment variable KG_TEST_EMPTY is empty (set "
+        "it, or write ${KG_TEST_EMPTY:-default})",
+        "config.yaml:3: store.data_dir: environment variable KG_TEST_SPACE is empty (set "
+        "it, or write ${KG_TEST_SPACE:-default})",
+    ]
+    config = load_config(write(tmp_path, """
+        store:
+          data_dir: /data${KG_TEST_EMPTY-}/kg
+    """))
+    assert config.store.data_dir == "/data/kg"
+
+
 def test_a_reference_in_a_fallback_is_a_problem_not_a_stray_brace(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # '${A:-${B}}' was read as '${A:-${B}' then '}': with A set, its value and a stray '}'

@@ -243,7 +243,8 @@ class NodeReader:
                                      "YAML values)")
 
     def expand(self, node: Node, path: str, taken: list[tuple[str, str]] | None = None) -> Any:
-        """``${VAR}``, ``${VAR:-default}`` (unset or empty), ``${VAR-default}``, ``$$`` = ``$``.
+        """``${VAR}`` (a problem when unset, empty or blank), ``${VAR:-default}`` (unset or
+        empty), ``${VAR-default}`` (unset), ``$$`` = ``$``.
         ``taken``: (name, value) of each variable whose value was put in is added to it."""
         failed = False
 
@@ -272,6 +273,11 @@ class NodeReader:
             if value is None:
                 failed = True
                 self.fail(node, path, f"environment variable {name} is not set "
+                                      f"(set it, or write ${{{name}:-default}})")
+                return ""
+            if operator is None and not value.strip():  # a Secret's key left blank: said,
+                failed = True                            # not read as null (${NAME-} allows it)
+                self.fail(node, path, f"environment variable {name} is empty "
                                       f"(set it, or write ${{{name}:-default}})")
                 return ""
             if taken is not None and value:
