@@ -160,3 +160,29 @@ async def test_nginx_never_hands_the_api_a_host_keygates_proxy_refuses(
         got = raw_api.received()
         assert host not in got, got.decode(errors="replace")
         assert _status_code(answer)[0] == 400, answer
+
+
+# ------------------------------------------------------------------------------------------
+# 2. The shipped nginx.conf sends the API an HTTP/1.1 request without Host
+
+
+@needs_nginx
+async def test_nginx_gives_the_api_a_host_for_an_http10_request_without_one(
+        tmp_path, raw_api, own_redis, monkeypatch):
+    """An HTTP/1.0 client need not send ``Host``. nginx then has an empty ``$host`` (the
+    snippet's server has no server_name), and ``proxy_set_header Host $host`` drops the header:
+    the API gets an HTTP/1.1 request with no ``Host`` at all, which RFC 9112 3.2 says a server
+    MUST answer 400 (Go's net/http, Node's llhttp in strict mode, Django's ALLOWED_HOSTS do).
+    keygate's own proxy sends such a request on with the upstream's Host. Expected: the API
+    receives a Host (e.g. ``proxy_set_header Host $proxy_host`` when ``$host`` is empty, or a
+    server_name)."""
+    async with nginx_stack(tmp_path, raw_api.port, own_redis.url, monkeypatch) as (gw, base):
+        port = int(base.rsplit(":", 1)[1])
+        answer = await _exchange(port, b"GET /health HTTP/1.0\r\n\r\n")
+        assert _status_code(answer)[0] == 200, answer
+        got = raw_api.received()
+        assert raw_api.targets == [b"/health"], got
+        head = got.split(b"\r\n\r\n", 1)[0]
+        assert head.startswith(b"GET /health HTTP/1.1\r\n"), head
+        names = [line.split(b":", 1)[0].strip().lower() for line in head.split(b"\r\n")[1:]]
+        assert b"host" in names, head.decode(errors="replace")
