@@ -7,12 +7,19 @@ docs/verify/nginx.conf as shipped, and a raw loopback API that records the bytes
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
+import subprocess
+import time
 
 import pytest
 
+from conftest import free_port
+from gateway.config import Route
+from gateway.models import MAX_SCOPE_LEN, MAX_SCOPES
 from harness import gateway_under_test, make_config, target_parser
-from test_nginx_verify import NGINX, nginx_stack
+from test_nginx_verify import NGINX, nginx_config, nginx_stack
 
 # ------------------------------------------------------------------------------------------
 # helpers
@@ -186,3 +193,129 @@ async def test_nginx_gives_the_api_a_host_for_an_http10_request_without_one(
         assert head.startswith(b"GET /health HTTP/1.1\r\n"), head
         names = [line.split(b":", 1)[0].strip().lower() for line in head.split(b"\r\n")[1:]]
         assert b"host" in names, head.decode(errors="replace")
+
+
+# ------------------------------------------------------------------------------------------
+# 3. A key with many scopes: its verify answer is over nginx's proxy_buffer_size
+
+
+@needs_nginx
+async def test_nginx_lets_a_key_with_many_scopes_through_and_does_not_count_a_503(
+        tmp_path, raw_api, own_redis, monkeypatch):
+    """The admin API takes up to 100 scopes of up to 128 characters per key (MAX_SCOPES,
+    MAX_SCOPE_LEN), and verify's 200 carries them all in ``X-Api-Scopes``. From about 4 KiB of
+    answer head on, nginx's auth subrequest fails ("upstream sent too big header": the
+    snippet's ``location = /_keygate_verify`` keeps nginx's default ``proxy_buffer_size``, one
+    memory page), so every request of such a key gets 503 ``auth_unavailable`` ("keygate
+    itself did not answer"), while keygate answered 200 and counted it: the key is unusable
+    through the shipped config and each attempt spends the workspace's quota. keygate's own
+    proxy forwards the same request. Expected: 200 through nginx with the identity reaching
+    the API (a ``proxy_buffer_size`` in the auth location that fits the largest answer
+    keygate can give)."""
+    scopes = ["people:read"] + [f"s{i:02d}:" + "x" * 96 for i in range(40)]
+    async with nginx_stack(tmp_path, raw_api.port, own_redis.url, monkeypatch) as (gw, base):
+        await gw.workspace("acme")
+        token, _ = await gw.key(scopes=scopes)
+        port = int(base.rsplit(":", 1)[1])
+        answer = await _exchange(port, b"GET /people/1 HTTP/1.1\r\nHost: api.example\r\n"
+                                 b"Connection: close\r\nAuthorization: Bearer " +
+                                 token.encode() + b"\r\n\r\n")
+        used = (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"]
+        assert _status_code(answer)[0] == 200, (answer, used)
+        assert raw_api.targets == [b"/people/1"]
+        assert b"X-Api-Scopes: " + " ".join(sorted(scopes)).encode() in raw_api.received()
+        assert used == 1
+
+
+@contextlib.asynccontextmanager
+async def _nginx_in_front(tmp_path, api_port, redis_url, monkeypatch, routes=(), **server):
+    """tests/test_nginx_verify.nginx_stack, with ``server`` settings of keygate's own and
+    ``routes`` of its own (besides the stack's)."""
+    config = make_config("http://127.0.0.1:9")
+    config = dataclasses.replace(config, upstreams={}, routes=(
+        Route("/health", None, ("GET",), (), True),
+        Route("/people/**", None, ("GET",), ("people:read",)),
+        Route("/people/**", None, ("POST",), ("people:write",)),
+    ) + tuple(routes), server=dataclasses.replace(config.server, trusted_proxies=("127.0.0.1",), **server))
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        port = free_port()
+        conf = nginx_config(tmp_path, port, f"127.0.0.1:{gw.proxy_server.port}",
+                            f"127.0.0.1:{api_port}")
+        check = subprocess.run([NGINX, "-t", "-c", str(conf), "-p", str(tmp_path)],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    _, w = await asyncio.open_connection("127.0.0.1", port)
+                    w.close()
+                    break
+                except OSError:
+                    assert proc.poll() is None and time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+            yield gw, port
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+@needs_nginx
+async def test_nginx_lets_the_largest_identity_keygate_gives_through(
+        tmp_path, raw_api, own_redis, monkeypatch):
+    """The largest verify answer a key from the admin API can get: MAX_SCOPES scopes of
+    MAX_SCOPE_LEN characters (a 12,899-byte X-Api-Scopes), a workspace id of 63 characters
+    and an adopted X-Request-Id of 128. Through nginx.conf it is allowed once, counted once,
+    and the API gets the whole identity."""
+    scopes = sorted(f"s{i:02d}:" + "x" * (MAX_SCOPE_LEN - 4) for i in range(MAX_SCOPES))
+    assert len(" ".join(scopes)) == MAX_SCOPES * (MAX_SCOPE_LEN + 1) - 1
+    ws = "w" * 63
+    rid = "a" * 128
+    routes = (Route("/big/**", None, ("GET",), (scopes[0],)),)
+    async with _nginx_in_front(tmp_path, raw_api.port, own_redis.url, monkeypatch,
+                               routes=routes) as (gw, port):
+        await gw.workspace(ws)
+        token, _ = await gw.key(ws, scopes=scopes)
+        answer = await _exchange(port, b"GET /big/1 HTTP/1.1\r\nHost: api.example\r\n"
+                                 b"Connection: close\r\nX-Request-Id: " + rid.encode() +
+                                 b"\r\nAuthorization: Bearer " + token.encode() + b"\r\n\r\n")
+        used = (await gw.admin_json("GET", f"/workspaces/{ws}/usage"))[1]["used"]
+        assert _status_code(answer)[0] == 200, (answer, used)
+        got = raw_api.received()
+        assert raw_api.targets == [b"/big/1"]
+        assert b"\r\nX-Api-Scopes: " + " ".join(scopes).encode() + b"\r\n" in got
+        assert b"\r\nX-Workspace-Id: " + ws.encode() + b"\r\n" in got
+        assert b"\r\nX-Request-Id: " + rid.encode() + b"\r\n" in got
+        assert used == 1
+        # keygate's own answer head, as nginx got it: inside the shipped buffer
+        head = (await _exchange(gw.proxy_server.port, (
+            "GET /_keygate/v1/verify HTTP/1.1\r\nHost: keygate\r\nConnection: close\r\n"
+            f"X-Forwarded-Method: GET\r\nX-Forwarded-Uri: /big/1\r\nX-Request-Id: {rid}\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n").encode())).split(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 200 "), head[:200]
+        print("largest verify answer head:", len(head) + 4, "bytes")
+        assert 12_899 < len(head) + 4 <= 16 * 1024 - 2048, len(head)
+
+
+def test_the_shipped_nginx_buffers_hold_the_largest_identity():
+    """nginx.conf's auth location and the ingress-nginx annotation size the buffer keygate's
+    answer head must fit in from the admin API's limits, not nginx's 4k default."""
+    import re
+
+    import yaml
+
+    from test_nginx_verify import SNIPPET
+
+    def size(text: str) -> int:
+        number, unit = re.fullmatch(r"(\d+)([kK]?)", text).groups()
+        return int(number) * (1024 if unit else 1)
+
+    auth = SNIPPET.read_text().split("location = /_keygate_verify {", 1)[1].split("}", 1)[0]
+    shipped = [size(v) for v in re.findall(r"^\s*proxy_buffer_size\s+(\S+);", auth, re.M)]
+    _, ingress = yaml.safe_load_all((SNIPPET.parent / "ingress-nginx.yaml").read_text())
+    shipped.append(size(ingress["metadata"]["annotations"]
+                        ["nginx.ingress.kubernetes.io/proxy-buffer-size"]))
+    scopes = MAX_SCOPES * (MAX_SCOPE_LEN + 1) - 1   # X-Api-Scopes' value at the maximum
+    assert len(shipped) == 2 and all(s >= scopes + 2048 for s in shipped), shipped
