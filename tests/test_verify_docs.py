@@ -149,7 +149,8 @@ def test_ingress_nginx_sets_the_original_request_headers_itself():
     configmap, ingress = yaml.safe_load_all(text_of("ingress-nginx.yaml"))
     assert configmap["data"] == {"X-Forwarded-Method": "$request_method",
                                  "X-Forwarded-Uri": "$request_uri",
-                                 "X-Forwarded-Host": "$best_http_host"}
+                                 "X-Forwarded-Host": "$best_http_host",
+                                 "X-Forwarded-Content-Length": "$content_length"}
     notes = ingress["metadata"]["annotations"]
     assert notes["nginx.ingress.kubernetes.io/auth-url"].endswith(":8080/_keygate/v1/verify")
     assert notes["nginx.ingress.kubernetes.io/auth-proxy-set-headers"] == \

@@ -319,3 +319,60 @@ def test_the_shipped_nginx_buffers_hold_the_largest_identity():
                         ["nginx.ingress.kubernetes.io/proxy-buffer-size"]))
     scopes = MAX_SCOPES * (MAX_SCOPE_LEN + 1) - 1   # X-Api-Scopes' value at the maximum
     assert len(shipped) == 2 and all(s >= scopes + 2048 for s in shipped), shipped
+
+
+@needs_nginx
+async def test_nginx_refuses_a_body_over_max_body_bytes_as_keygates_proxy_does(
+        tmp_path, raw_api, own_redis, monkeypatch):
+    """keygate's proxy refuses a declared body over ``server.max_body_bytes`` with 413
+    ``body_too_large`` and counts nothing; verify refuses it too when it is told the length
+    (gateway/reserved.py verify: "A declared body over the limit ... is refused as the proxy
+    refuses it"), and docs/deployment-modes.md says nginx.conf "maps keygate's
+    400/404/413/429/503 to the client". But the snippet's auth location clears the length
+    (``proxy_set_header Content-Length ""``, needed since no body follows) and passes it in
+    no other header keygate reads: keygate never answers 413 there, so a 5000-byte POST under
+    ``max_body_bytes: 1000`` is allowed, forwarded whole to the API and counted. Expected:
+    413 as keygate's proxy answers, nothing forwarded, nothing counted (the original length
+    handed to verify in a header it reads, or the limit stated as nginx's
+    ``client_max_body_size`` in the snippet and docs)."""
+    async with _nginx_in_front(tmp_path, raw_api.port, own_redis.url, monkeypatch,
+                               max_body_bytes=1000) as (gw, port):
+        await gw.workspace("acme")
+        token, _ = await gw.key(scopes=["people:read", "people:write"])
+        answer = await _exchange(port, b"POST /people/1 HTTP/1.1\r\nHost: api.example\r\n"
+                                 b"Connection: close\r\nContent-Length: 5000\r\n"
+                                 b"Authorization: Bearer " + token.encode() + b"\r\n\r\n" +
+                                 b"x" * 5000)
+        used = (await gw.admin_json("GET", "/workspaces/acme/usage"))[1]["used"]
+        assert (_status_code(answer)[0], raw_api.targets, used) == (413, [], 0), answer[:300]
+
+
+async def test_verify_refuses_a_declared_length_over_max_body_bytes_uncounted(
+        redis_url, upstream, monkeypatch):
+    """X-Forwarded-Content-Length over ``server.max_body_bytes``: 413 ``body_too_large`` as the
+    proxy answers, nothing counted; at the limit, allowed and counted; not one length in
+    digits (a sign, two of them, a space inside): 400, as the proxy's parser refuses such a
+    Content-Length."""
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                    max_body_bytes=1000))
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        await gw.workspace("acme")
+        token, _ = await gw.key(scopes=["people:read"])
+        port = gw.proxy_server.port
+
+        async def verify(*lengths: str) -> tuple[int, str | None]:
+            extra = "".join(f"X-Forwarded-Content-Length: {n}\r\n" for n in lengths)
+            return _status_code(await _exchange(port, (
+                "GET /_keygate/v1/verify HTTP/1.1\r\nHost: keygate\r\nConnection: close\r\n"
+                "X-Forwarded-Method: GET\r\nX-Forwarded-Uri: /people/1\r\n"
+                f"Authorization: Bearer {token}\r\n{extra}\r\n").encode()))
+
+        assert await verify("1001") == (413, "body_too_large")
+        assert await verify("9" * 5000) == (413, "body_too_large")
+        assert await gw.used() == 0
+        for bad in (("-1",), ("1 0",), ("+5",), ("10", "10"), ("\u0661",)):
+            assert await verify(*bad) == (400, "bad_request"), bad
+        assert await gw.used() == 0
+        assert await verify("1000") == (200, None)
+        assert await gw.used() == 1
