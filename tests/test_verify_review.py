@@ -376,3 +376,108 @@ async def test_verify_refuses_a_declared_length_over_max_body_bytes_uncounted(
         assert await gw.used() == 0
         assert await verify("1000") == (200, None)
         assert await gw.used() == 1
+
+
+# ------------------------------------------------------------------------------------------
+# ingress-nginx: the directives the controller writes for docs/verify/ingress-nginx.yaml
+
+
+def _ingress_server(port: int, keygate: str, api: str) -> str:
+    """The nginx directives ingress-nginx's template writes for the shipped Ingress and
+    ConfigMap (rootfs/etc/nginx/template/nginx.tmpl, buildAuthResponseHeaders and
+    buildAuthProxySetHeaders): the auth location with the ConfigMap's headers, the API's
+    location with the controller's own X-Request-ID ($req_id) and one proxy_set_header per
+    auth-response-headers entry."""
+    import yaml
+
+    from test_nginx_verify import SNIPPET
+    configmap, ingress = yaml.safe_load_all((SNIPPET.parent / "ingress-nginx.yaml").read_text())
+    notes = ingress["metadata"]["annotations"]
+    auth_headers = "\n".join(f"        proxy_set_header '{k}' '{v}';"
+                             for k, v in sorted(configmap["data"].items()))
+    response = notes["nginx.ingress.kubernetes.io/auth-response-headers"].split(",")
+    copied = "\n".join(
+        f"        auth_request_set $authHeader{i} $upstream_http_"
+        f"{h.lower().replace('-', '_')};\n        proxy_set_header '{h}' $authHeader{i};"
+        for i, h in enumerate(response))
+    size = notes["nginx.ingress.kubernetes.io/proxy-buffer-size"]
+    return f"""
+map $http_x_request_id $req_id {{ default $http_x_request_id; "" $request_id; }}
+map $http_host $best_http_host {{ default $http_host; "" $host; }}
+server {{
+    listen 127.0.0.1:{port};
+    location = /_external-auth {{
+        internal;
+        proxy_pass_request_body off;
+        proxy_set_header Content-Length "";
+        proxy_set_header Host keygate;
+        proxy_set_header X-Original-URL $scheme://$http_host$request_uri;
+        proxy_set_header X-Original-Method $request_method;
+        proxy_set_header X-Forwarded-For $remote_addr;
+        proxy_buffer_size {size};
+        proxy_buffers 4 {size};
+        proxy_http_version 1.1;
+{auth_headers}
+        proxy_pass http://{keygate}/_keygate/v1/verify;
+    }}
+    location / {{
+        auth_request /_external-auth;
+{copied}
+        proxy_set_header Host $best_http_host;
+        proxy_set_header X-Request-ID $req_id;
+        proxy_set_header X-Forwarded-Host $best_http_host;
+        proxy_buffer_size {size};
+        proxy_buffers 4 {size};
+        proxy_http_version 1.1;
+        proxy_pass http://{api};
+    }}
+}}
+"""
+
+
+@needs_nginx
+async def test_ingress_nginx_gives_the_api_one_request_id_and_keygate_the_host(
+        tmp_path, raw_api, own_redis, monkeypatch):
+    """ingress-nginx sets X-Request-ID ($req_id) on the request to the API itself; an
+    auth-response-headers entry X-Request-Id added a second proxy_set_header of the same
+    name, and the API got two request ids. keygate now adopts the controller's ($req_id, in
+    the ConfigMap), so the one the API gets is the one in keygate's log. And the ConfigMap's
+    X-Forwarded-Host has keygate refuse a Host its proxy refuses."""
+    async with _nginx_in_front(tmp_path, raw_api.port, own_redis.url, monkeypatch) as (gw, _):
+        port = free_port()
+        (tmp_path / "ingress").mkdir()
+        conf = nginx_config(tmp_path / "ingress", port, "127.0.0.1:1", "127.0.0.1:1")
+        (tmp_path / "ingress" / "keygate.conf").write_text(_ingress_server(
+            port, f"127.0.0.1:{gw.proxy_server.port}", f"127.0.0.1:{raw_api.port}"))
+        check = subprocess.run([NGINX, "-t", "-c", str(conf), "-p", str(tmp_path / "ingress")],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path / "ingress")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    _, w = await asyncio.open_connection("127.0.0.1", port)
+                    w.close()
+                    break
+                except OSError:
+                    assert proc.poll() is None and time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+            answer = await _exchange(port, b"GET /health HTTP/1.1\r\nHost: api.example\r\n"
+                                           b"Connection: close\r\n\r\n")
+            assert _status_code(answer)[0] == 200, answer
+            head = raw_api.received().split(b"\r\n\r\n")[0].split(b"\r\n")
+            ids = [line.split(b":", 1)[1].strip() for line in head
+                   if line.lower().startswith(b"x-request-id:")]
+            assert len(ids) == 1, head
+            assert answer.split(b"\r\n\r\n")[0].lower().count(b"\r\nx-request-id") <= 1
+            raw_api.raw.clear()
+            evil = await _exchange(port, b"GET /health HTTP/1.1\r\n"
+                                         b"Host: good.example@evil.example\r\n"
+                                         b"Connection: close\r\n\r\n")
+            assert b"evil.example" not in raw_api.received()
+            assert _status_code(evil)[0] in (400, 500), evil  # 500: ingress-nginx's mapping
+        finally:
+            proc.terminate()
+            proc.wait(10)
