@@ -481,3 +481,50 @@ async def test_ingress_nginx_gives_the_api_one_request_id_and_keygate_the_host(
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+# ------------------------------------------------------------------------------------------
+# envoy.yaml: the ext_authz timeout must be above keygate's own longest check
+
+
+def _envoy_authz_timeout() -> float:
+    import yaml
+
+    from test_nginx_verify import SNIPPET
+    hcm = yaml.safe_load((SNIPPET.parent / "envoy.yaml").read_text())["static_resources"][
+        "listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    authz = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz")
+    timeout = authz["typed_config"]["http_service"]["server_uri"]["timeout"]
+    assert timeout.endswith("s")
+    return float(timeout[:-1])
+
+
+async def test_envoys_check_timeout_outlasts_a_counted_verify(own_redis, upstream, monkeypatch):
+    """A verify is counted at its end: with Redis slow just under store.timeout (the shipped
+    2 s) for a cold key's reads, keygate answers 200, counted, after 2 s, where the example's
+    ext_authz timeout of 2 s had Envoy answer 503 (status_on_error) for a request keygate
+    counted. Every 200 must come within Envoy's timeout; the timeout must cover the bound in
+    its comment (two store calls, the count's 0.8 x store.timeout, and room for the hash)."""
+    import redis as sync_redis
+    config = make_config(str(upstream.make_url("")))
+    store_timeout = config.store.timeout
+    envoy = _envoy_authz_timeout()
+    assert envoy >= 3 * store_timeout + 4, envoy
+    async with gateway_under_test(config, own_redis.url, monkeypatch) as gw:
+        await gw.workspace("acme", plan="unlimited")
+        tokens = [(await gw.key(scopes=["people:read"]))[0] for _ in range(3)]
+        sync_redis.Redis.from_url(own_redis.url).execute_command(
+            "CLIENT", "PAUSE", str(int(store_timeout * 1000) - 10))
+        started = time.monotonic()
+
+        async def check(token: str) -> tuple[int, float]:
+            answer = await _exchange(gw.proxy_server.port, (
+                "GET /_keygate/v1/verify/people/1 HTTP/1.1\r\nHost: api.example\r\n"
+                f"Connection: close\r\nAuthorization: Bearer {token}\r\n\r\n").encode(), wait=15)
+            return _status_code(answer)[0], time.monotonic() - started
+
+        answers = await asyncio.gather(*(check(t) for t in tokens))
+        allowed = [took for status, took in answers if status == 200]
+        assert all(status in (200, 503) for status, _ in answers), answers
+        assert await gw.used() == len(allowed), answers
+        assert all(took < envoy for took in allowed), (answers, envoy)
