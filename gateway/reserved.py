@@ -17,6 +17,7 @@ import re
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from aiohttp import web
+from multidict import istr
 
 from . import errors, overrides
 from .admin.validate import check_query
@@ -35,6 +36,8 @@ VERIFY = "/_keygate/v1/verify"
 USAGE = "/_keygate/v1/usage"
 KEYS = "/_keygate/v1/keys"
 _NO_STORE = {"Cache-Control": "no-store"}
+_X_FORWARDED_HOST = istr("X-Forwarded-Host")
+_X_FORWARDED_CONTENT_LENGTH = istr("X-Forwarded-Content-Length")
 _QUERY = re.compile(r"[\x21-\x7e]*")  # visible ASCII: what a request line's query can hold
 # The methods the proxy's HTTP parser (llhttp, in aiohttp) takes on an HTTP/1.x request line:
 # any other (FOO, 'get', RTSP's PLAY, PRI) it answers 400 bad_request, and so does verify.
@@ -55,6 +58,8 @@ class RequestSteps(Protocol):
     store: Any                      # gateway.store.Store
     self_service: Callable | None   # gateway.admin.handle_self_service
     clock: Callable[[], float]
+
+    def check_host(self, host: str) -> None: ...
 
     def screen(self, raw_path: str, raw_query: str) -> None: ...
 
@@ -150,6 +155,8 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     method, target = original_request(request, suffix)
     if method == "CONNECT":  # as the proxy answers it, on any route
         raise errors.NotImplemented_("CONNECT is not supported: keygate opens no tunnels.")
+    original_host(steps, request)
+    declared = original_length(request)
     raw_path, _, raw_query = target.partition("?")
     if not raw_path.startswith("/"):
         raise errors.BadRequest("The original URI must be a path starting with '/'.",
@@ -191,9 +198,10 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
         key = await steps.authenticate(token, client, request)
     outcome.workspace, outcome.key_id = key.workspace, key.key_id
     # A declared body over the limit (Envoy's ext_authz with_request_body sends the original
-    # one) is refused as the proxy refuses it: after every other check, rate and quotas
-    # judged without spending them, and not counted.
-    too_large = (request.content_length or 0) > max_body
+    # one; nginx, which sends none, names its length in X-Forwarded-Content-Length) is
+    # refused as the proxy refuses it: after every other check, rate and quotas judged
+    # without spending them, and not counted.
+    too_large = max(request.content_length or 0, declared) > max_body
     with trace.step("authorise"):
         key, limit_headers, counted = await steps.authorise(key, scopes, count=not too_large,
                                                             client=client, peek=too_large,
@@ -207,6 +215,37 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
     headers[ident.scopes] = " ".join(sorted(key.scopes))
     headers[ident.plan] = key.plan
     return web.Response(status=200, headers=headers)
+
+
+def original_host(steps: RequestSteps, request: web.BaseRequest) -> None:
+    """The original request's ``Host``, judged as the proxy judges its own (400 for one that
+    is not ``host[:port]``: userinfo, a path, a quote): the proxy in front forwards it to the
+    API as ``Host`` and ``X-Forwarded-Host``, which APIs build absolute URLs from. It is the
+    ``X-Forwarded-Host`` the proxy in front sends (Traefik always does; the nginx configs in
+    docs/verify set it); in Envoy's ``path_prefix`` mode it is the call's own ``Host``, which
+    the pipeline has already judged. None sent: nothing to judge, as the proxy forwards a
+    request without ``Host`` (HTTP/1.0)."""
+    hosts = request.headers.getall(_X_FORWARDED_HOST, ())
+    if not hosts:
+        return
+    if len(hosts) > 1:  # two hosts: which one the API reads is its own choice
+        raise errors.BadRequest("X-Forwarded-Host was sent twice.", code="bad_request")
+    steps.check_host(hosts[0])
+
+
+def original_length(request: web.BaseRequest) -> int:
+    """The original request's declared body length, from ``X-Forwarded-Content-Length``
+    (0 when not sent): nginx's auth subrequest carries no body and no Content-Length, so the
+    configs in docs/verify name the original one there. Decimal digits only, once, as the
+    proxy's HTTP parser takes a Content-Length (400 otherwise)."""
+    values = request.headers.getall(_X_FORWARDED_CONTENT_LENGTH, ())
+    if not values:
+        return 0
+    if len(values) > 1 or not values[0].isascii() or not values[0].isdigit():
+        raise errors.BadRequest("X-Forwarded-Content-Length must be one length in decimal "
+                                "digits.", code="bad_request")
+    # no int() of thousands of digits (it raises past 4300): any length past 19 is too large
+    return int(values[0]) if len(values[0]) <= 19 else 10**19
 
 
 def original_request(request: web.BaseRequest, suffix: str) -> tuple[str, str]:

@@ -148,12 +148,16 @@ def test_envoy_ext_authz_uses_the_verify_prefix_and_fails_closed():
 def test_ingress_nginx_sets_the_original_request_headers_itself():
     configmap, ingress = yaml.safe_load_all(text_of("ingress-nginx.yaml"))
     assert configmap["data"] == {"X-Forwarded-Method": "$request_method",
-                                 "X-Forwarded-Uri": "$request_uri"}
+                                 "X-Forwarded-Uri": "$request_uri",
+                                 "X-Forwarded-Host": "$best_http_host",
+                                 "X-Forwarded-Content-Length": "$content_length",
+                                 "X-Request-Id": "$req_id"}
     notes = ingress["metadata"]["annotations"]
     assert notes["nginx.ingress.kubernetes.io/auth-url"].endswith(":8080/_keygate/v1/verify")
     assert notes["nginx.ingress.kubernetes.io/auth-proxy-set-headers"] == \
         f"{configmap['metadata']['namespace']}/{configmap['metadata']['name']}"
-    assert notes["nginx.ingress.kubernetes.io/auth-response-headers"].split(",")[:4] == \
+    # the identity, never X-Request-Id: the controller sets its own on the API's request
+    assert notes["nginx.ingress.kubernetes.io/auth-response-headers"].split(",") == \
         list(IDENTITY)
 
 
