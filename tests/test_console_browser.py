@@ -2251,3 +2251,86 @@ def test_a_narrower_window_scrolls_the_key_table_not_the_page(page, gateway):
         wait(page.driver, lambda d: "revoked" in page.row("wide-row").text)
     finally:
         page.driver.set_window_size(1360, 900)
+
+
+# --- the console behind a reverse proxy that mounts it under a path prefix --------------------
+
+class PrefixProxy:
+    """A reverse proxy on the gateway's loop, as an operator puts one in front of the admin
+    listener (nginx ``location /kg/ { proxy_pass http://127.0.0.1:8081/; }``): ``/kg/...`` is
+    forwarded to the admin listener with the prefix taken off. The same host serves another
+    application at ``/admin/...`` (anything else on that host), which records every
+    ``Authorization`` header it is sent."""
+
+    PREFIX = "/kg"
+
+    def __init__(self, gw: ThreadedGateway) -> None:
+        self.gw = gw
+        self.elsewhere: list[tuple[str, str]] = []  # (path, Authorization) the other app got
+        self.url = ""
+
+    async def _start(self) -> None:
+        self.session = ClientSession(auto_decompress=False)
+
+        async def forward(request: web.Request) -> web.StreamResponse:
+            target = self.gw.admin_url + "/" + request.match_info["tail"]
+            if request.query_string:
+                target += "?" + request.query_string
+            headers = {k: v for k, v in request.headers.items()
+                       if k.lower() not in ("host", "content-length", "transfer-encoding",
+                                            "connection")}
+            async with self.session.request(request.method, target, headers=headers,
+                                            data=await request.read(),
+                                            allow_redirects=False) as upstream:
+                body = await upstream.read()
+                out = web.Response(status=upstream.status, body=body)
+                for name, value in upstream.headers.items():
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection",
+                                            "content-encoding", "date", "server"):
+                        out.headers.add(name, value)
+                return out
+
+        async def other_app(request: web.Request) -> web.Response:
+            self.elsewhere.append((request.path, request.headers.get("Authorization", "")))
+            return web.json_response({"other": "application"}, status=404)
+
+        app = web.Application()
+        app.router.add_route("*", self.PREFIX + "/{tail:.*}", forward)
+        app.router.add_route("*", "/admin/{tail:.*}", other_app)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def _stop(self) -> None:
+        await self.runner.cleanup()
+        await self.session.close()
+
+    def __enter__(self) -> "PrefixProxy":
+        self.gw.run(self._start())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.gw.run(self._stop())
+
+
+def test_the_console_under_a_path_prefix_calls_its_own_admin_api(browser, gateway):
+    """Mounted under /kg/ by a reverse proxy, the page loads (its assets are relative:
+    app.js, app.css) but its API calls go to the absolute ``/admin/v1/...`` of the host: the
+    operator token is sent, in Authorization, to whatever else answers /admin/ there, and the
+    console never works. The calls must stay under the page's own mount point
+    (``../admin/v1/``), as the assets already do."""
+    new_workspace(gateway, "prefixed", "Prefixed")
+    with PrefixProxy(gateway) as proxy:
+        browser.get("about:blank")
+        browser.get_log("browser")
+        browser.get(proxy.url + PrefixProxy.PREFIX + "/console/")
+        wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+        person = Console(browser, gateway)
+        person.sign_in(ADMIN_TOKEN)
+        wait(browser, lambda d: proxy.elsewhere or d.find_elements(By.LINK_TEXT, "prefixed")
+             or any(a.text for a in d.find_elements(By.CSS_SELECTOR, '[role="alert"]')))
+        leaked = [path for path, auth in proxy.elsewhere if ADMIN_TOKEN in auth]
+        assert leaked == [], f"the operator token went to another application at {leaked}"
+        person.link("prefixed")  # signed in: the workspace list, through the prefix

@@ -1,11 +1,15 @@
-// keygate console: a small page over the admin API (/admin/v1/...), nothing else.
+// keygate console: a small page over the admin API (../admin/v1/... from the page), nothing else.
 //
 // The token lives in `session` below and nowhere else: not in localStorage, sessionStorage,
 // a cookie or the URL. Reloading the page signs out. Every value from the API reaches the page
 // as text (textContent), never as HTML: key names are written by workspace admins and read by
 // the operator.
 
-const API = "/admin/v1";
+// The admin API beside the page (the listener's /admin/v1 when the page is its /console/): taken
+// from the page's own address, not absolute, so a reverse proxy that mounts the admin listener
+// under a path (/kg/console/) gets the calls under that path too. An absolute /admin/v1 sent
+// them, and the token in their Authorization header, to whatever else that host has at /admin/.
+const API = new URL("../admin/v1", location.href).pathname;
 const DAY = 86400 * 1000;
 
 let session = null;  // {token, operator, label, workspace, keys, roles, usage}
