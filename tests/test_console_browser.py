@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -2334,3 +2335,23 @@ def test_the_console_under_a_path_prefix_calls_its_own_admin_api(browser, gatewa
         leaked = [path for path, auth in proxy.elsewhere if ADMIN_TOKEN in auth]
         assert leaked == [], f"the operator token went to another application at {leaked}"
         person.link("prefixed")  # signed in: the workspace list, through the prefix
+
+
+# --- the /console redirect behind a path prefix ---------------------------------------------
+
+def test_the_console_redirect_keeps_a_path_prefix(gateway):
+    """``/console`` answers 308 to the absolute ``/console/``: behind a proxy that mounts the
+    admin listener under /kg/, ``/kg/console`` sends the browser out of the mount, to the
+    host's own /console/ (not keygate's). A relative ``Location: console/`` keeps it."""
+    import http.client
+    with PrefixProxy(gateway) as proxy:
+        parsed = urllib.parse.urlsplit(proxy.url)
+        connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10)
+        connection.request("GET", PrefixProxy.PREFIX + "/console")
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        assert response.status == 308
+        followed = urllib.parse.urljoin(proxy.url + PrefixProxy.PREFIX + "/console",
+                                        response.getheader("Location"))
+        assert followed == proxy.url + PrefixProxy.PREFIX + "/console/", followed
