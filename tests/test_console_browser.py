@@ -45,6 +45,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the test
                                 "not installed")
 from selenium.common.exceptions import (NoSuchElementException,  # noqa: E402
                                         StaleElementReferenceException, TimeoutException)
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -1625,7 +1626,7 @@ def test_keyboard_focus_survives_the_list_being_redrawn(page, gateway):
     page.row("starlight").find_element(By.XPATH, ".//button[normalize-space()='Rotate']") \
         .send_keys(Keys.ENTER)
     page.dialog()
-    keyboard(Keys.ENTER)  # Grace 0
+    keyboard(Keys.TAB, Keys.ENTER)  # focus opens on the title: Tab to Grace (0), Enter rotates
     page.tokens_seen.append(wait(page.driver, lambda d: d.find_element(
         By.CSS_SELECTOR, "[data-token]")).text)
     wait(page.driver, lambda d: page.rows().count("starlight") == 2)
@@ -2355,3 +2356,32 @@ def test_the_console_redirect_keeps_a_path_prefix(gateway):
         followed = urllib.parse.urljoin(proxy.url + PrefixProxy.PREFIX + "/console",
                                         response.getheader("Location"))
         assert followed == proxy.url + PrefixProxy.PREFIX + "/console/", followed
+
+
+# --- Rotate: a repeated Enter on the row's button rotates at once, revoking the old key -------
+
+def test_enter_pressed_twice_on_rotate_does_not_revoke_the_old_key_unasked(page, gateway):
+    """Revoke's dialog puts focus on Cancel, so a second Enter (a double press, a key held
+    down) cannot confirm it. Rotate's dialog puts focus in the Grace field, prefilled with 0,
+    where Enter submits the form: pressing Enter twice on a row's Rotate rotates the key with
+    no grace, revoking the old key (still deployed) there and then. The second Enter must not
+    confirm what the person has not seen yet."""
+    new_workspace(gateway, "doubleenter", "Double Enter")
+    old_token, old_key = gateway.key("doubleenter", name="billing-prod", scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.link("doubleenter").click()
+    wait(page.driver, lambda d: "billing-prod" in page.rows())
+    rotate = next(b for b in page.row("billing-prod").find_elements(By.TAG_NAME, "button")
+                  if b.text == "Rotate")
+    page.driver.execute_script("arguments[0].focus()", rotate)
+    ActionChains(page.driver).send_keys(Keys.ENTER).send_keys(Keys.ENTER).perform()
+    page.dialog()
+    time.sleep(1.5)  # the answer of a rotation, had one been sent
+    status, body = gateway.proxy("/people", old_token)
+    rotated = page.driver.find_elements(By.CSS_SELECTOR, '[role="dialog"] [data-token]')
+    if rotated:
+        page.take_token()
+    else:
+        page.button("Cancel", page.dialog()).click()
+    assert status == 200, f"the old key was revoked by a second Enter: {status} {body}"
+    assert not rotated, "a second Enter rotated the key"

@@ -965,6 +965,14 @@ function rotateKey(key) {
       el("div", {"class": "actions"},
          el("button", {"type": "submit", "class": "primary", "text": "Rotate"}),
          el("button", {"type": "button", "text": "Cancel", "on": {click: close}}))));
+    // Focus on the dialog's title, not in Grace: there (prefilled 0) a second Enter, from a
+    // double press on the row's Rotate or a key held down, rotated at once with no grace and
+    // revoked the old key, still deployed, before a word of the dialog was read. On the title
+    // an Enter does nothing (on Cancel, a held key would close and reopen the dialog in turn);
+    // Tab goes on to Grace.
+    const heading = dialog.querySelector("h2");
+    heading.setAttribute("tabindex", "-1");
+    heading.setAttribute("autofocus", "");
   });
 }
 
