@@ -2385,3 +2385,61 @@ def test_enter_pressed_twice_on_rotate_does_not_revoke_the_old_key_unasked(page,
         page.button("Cancel", page.dialog()).click()
     assert status == 200, f"the old key was revoked by a second Enter: {status} {body}"
     assert not rotated, "a second Enter rotated the key"
+
+
+# --- Edit: taking keys:admin from the key one is signed in with -------------------------------
+
+def test_editing_away_ones_own_keys_admin_asks_first(page, gateway):
+    """Disable, Revoke and Rotate on one's own row say "the key you are signed in with" first
+    (README: "Disabling, revoking or rotating that key from its own row asks first"), because
+    a workspace key cannot give itself access back. Edit on one's own row re-scopes the key
+    without a word: saving "people:read" in Scopes drops keys:admin from it, the page signs
+    out at once, and no workspace key can grant keys:admin back (only the operator can)."""
+    signed_in_admin(page, gateway, "selfedit", "Self Edit", "self-editor")
+    page.allowed_errors.append("403")  # the calls refused once the key has lost keys:admin
+    page.press("Edit", "self-editor")
+    dialog = page.dialog()
+    warned_up_front = "the key you are signed in with" in dialog.text
+    scopes = page.field("Scopes", dialog)
+    scopes.clear()
+    scopes.send_keys("people:read")
+    page.button("Save", dialog).click()
+    time.sleep(1.5)  # the PATCH's answer and the refresh, had they been sent
+    after = keys_named(gateway, "selfedit", "self-editor")[0]["scopes"]
+    asked = [d.text for d in page.driver.find_elements(By.CSS_SELECTOR, '[role="dialog"]')
+             if d.is_displayed() and "the key you are signed in with" in d.text]
+    assert warned_up_front or asked or "keys:admin" in after, \
+        f"the signed-in key lost keys:admin with no warning: scopes now {after}"
+
+
+def test_editing_ones_own_key_into_a_lockout_saves_only_when_asked_again(page, gateway):
+    """The warning on one's own row (keys:admin taken away, an expiry within the hour) sends
+    nothing; focus goes to Cancel, so a second Enter does not save; Save pressed again on the
+    same change saves it, and the page signs out as it said."""
+    signed_in_admin(page, gateway, "selfedit2", "Self Edit Two", "self-editor")
+    page.allowed_errors.append("403")
+    before = keys_named(gateway, "selfedit2", "self-editor")[0]
+    page.press("Edit", "self-editor")
+    dialog = page.dialog()
+    expires = page.field("Expires", dialog)
+    expires.clear()
+    expires.send_keys("30m" + Keys.ENTER)
+    wait(page.driver, lambda d: "the key you are signed in with" in dialog.text)
+    assert "expiring at" in dialog.text, dialog.text
+    assert page.driver.switch_to.active_element.text == "Cancel"
+    page.driver.switch_to.active_element.send_keys(Keys.ENTER)  # the second Enter: Cancel
+    page.no_dialog()
+    assert keys_named(gateway, "selfedit2", "self-editor")[0]["expires_at"] == \
+        before["expires_at"]
+
+    page.press("Edit", "self-editor")
+    dialog = page.dialog()
+    scopes = page.field("Scopes", dialog)
+    scopes.clear()
+    scopes.send_keys("people:read")
+    page.button("Save", dialog).click()
+    wait(page.driver, lambda d: "cannot give itself keys:admin back" in dialog.text)
+    assert "keys:admin" in keys_named(gateway, "selfedit2", "self-editor")[0]["scopes"]
+    page.button("Save", dialog).click()  # asked, and saved
+    assert_signed_out(page, "self-editor", "Self Edit Two")
+    assert keys_named(gateway, "selfedit2", "self-editor")[0]["scopes"] == ["people:read"]

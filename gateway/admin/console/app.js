@@ -1034,6 +1034,8 @@ function editKey(key) {
                              "autocomplete": "off", "aria-describedby": "edit-cap-hint"});
     const rate = el("input", {"id": "edit-rate", "value": rateText, "autocomplete": "off",
                               "spellcheck": "false", "aria-describedby": "edit-cap-hint"});
+    let asked = null;  // the change the person was warned of (one's own key), as JSON
+    const cancel = el("button", {"type": "button", "text": "Cancel", "on": {click: close}});
     const save = oneAtATime(dialog, async () => {
       const body = {};
       if (controls && cap.value.trim() !== capText) {
@@ -1070,6 +1072,16 @@ function editKey(key) {
         close();
         return;
       }
+      const lockout = key.id === session.keyId ? lockoutOf(body) : null;
+      if (lockout !== null && asked !== JSON.stringify(body)) {
+        // one's own key, as Disable, Revoke and Rotate ask: say so, and save only when Save is
+        // pressed again on the same change (focus on Cancel: a second Enter does not save)
+        asked = JSON.stringify(body);
+        showProblem(problem, "This is the key you are signed in with: " + lockout +
+                    " Press Save again to save anyway.");
+        cancel.focus();
+        return;
+      }
       try {
         await api("PATCH", keyPath(key), body);
       } catch (err) {
@@ -1097,8 +1109,34 @@ function editKey(key) {
       problem,
       el("div", {"class": "actions"},
          el("button", {"type": "submit", "class": "primary", "text": "Save"}),
-         el("button", {"type": "button", "text": "Cancel", "on": {click: close}}))));
+         cancel)));
   });
+}
+
+// What a PATCH `body` of the key one is signed in with does to this page, or null: re-bound to
+// scopes without keys:admin (or "ALL"), it signs out at once and the key cannot give itself
+// keys:admin back; with an expiry in the past or within the hour, it signs out then (one in the
+// past the API refuses, but it is said first all the same).
+const LOCKOUT_WITHIN_MS = 3600 * 1000;
+
+function lockoutOf(body) {
+  let granted = null;
+  if (typeof body.role === "string") {
+    const role = session.roles.find((r) => r.name === body.role);
+    granted = role ? role.scopes : null;  // a role the page has not read: the API judges it
+  } else if (Array.isArray(body.scopes)) {
+    granted = body.scopes;
+  }
+  if (granted !== null && !granted.includes("keys:admin") && !granted.includes("ALL")) {
+    return "without keys:admin it cannot manage keys, so this page signs out at once, and " +
+           "this key cannot give itself keys:admin back.";
+  }
+  if (typeof body.expires_at === "string" &&
+      Date.parse(body.expires_at) <= serverNow() + LOCKOUT_WITHIN_MS) {
+    return "expiring at " + when(body.expires_at) + ", it stops working then and this " +
+           "page signs out; an expired key cannot extend itself again.";
+  }
+  return null;
 }
 
 // --- wiring ------------------------------------------------------------------------------------
