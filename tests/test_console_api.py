@@ -448,8 +448,11 @@ async def test_a_workspace_admin_keys_refused_admin_call_stamps_nothing(gut):
 
 
 def test_the_page_takes_a_token_for_a_key_exactly_when_the_admin_api_does():
-    """The page decides operator or key by the token's shape (which view to show); the admin
-    API decides by its own pattern. They are one pattern, so they cannot disagree."""
+    """The page asks the API whether a token is a key only when the API may take it as one
+    (its shape: any other token the API checks as the operator's alone); the admin API
+    decides by its own pattern. They are one pattern, so they cannot disagree. (A token of
+    that shape may still be the operator's: test_console_browser's
+    test_an_operator_token_shaped_exactly_like_a_key_signs_in_as_the_operator.)"""
     from importlib import resources
     from gateway.admin.middleware import _TOKEN_SHAPE
     script = (resources.files("gateway.admin") / "console" / "app.js").read_text()

@@ -2443,3 +2443,61 @@ def test_editing_ones_own_key_into_a_lockout_saves_only_when_asked_again(page, g
     page.button("Save", dialog).click()  # asked, and saved
     assert_signed_out(page, "self-editor", "Self Edit Two")
     assert keys_named(gateway, "selfedit2", "self-editor")[0]["scopes"] == ["people:read"]
+
+
+# --- an operator token that has an API key's exact shape -------------------------------------
+
+def test_an_operator_token_shaped_exactly_like_a_key_signs_in_as_the_operator(browser,
+                                                                               own_redis):
+    """The admin API checks a key-shaped token against the operator token first when the
+    operator token is itself key-shaped (middleware.identify), so such a token is the
+    operator. The page decides by shape alone (looksLikeKey): it signs the operator in as
+    "key ops_admin_..." and opens only the first workspace, with no way to the others."""
+    token = "ops_admin_" + "Q7x" * 16 + "ab"  # 10 + 50: [a-z0-9]{1,10}_[A-Za-z0-9]+_[50]
+    gw = start_gateway(own_redis.url, admin_token=token)
+    try:
+        for ws in ("first", "second"):
+            status, body = gw.admin("POST", "/workspaces", {"id": ws, "name": ws.title()},
+                                    token=token)
+            assert status == 201, body
+        status, body = gw.admin("GET", "/workspaces", token=token)
+        assert status == 200 and len(body["items"]) == 2  # the API: the operator
+        browser.get(gw.admin_url + "/console/")
+        wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+        browser.get_log("browser")
+        person = Console(browser, gw)
+        person.tokens_seen.append(token)
+        person.sign_in(token)
+        wait(browser, lambda d: d.find_element(By.ID, "who").text)
+        assert browser.find_element(By.ID, "who").text == "Signed in as operator"
+        person.link("second")
+        person.button("Sign out").click()
+    finally:
+        gw.stop()
+
+
+def test_a_key_shaped_operator_token_with_one_workspace_is_still_the_operator(browser,
+                                                                               own_redis):
+    """With one workspace the listing cannot tell the operator from that workspace's key: the
+    page asks the API for the key the token names, which the operator's token is not."""
+    token = "ops_admin_" + "Z9y" * 16 + "cd"
+    gw = start_gateway(own_redis.url, admin_token=token)
+    try:
+        status, body = gw.admin("POST", "/workspaces", {"id": "only", "name": "Only"},
+                                token=token)
+        assert status == 201, body
+        gw.admin("POST", "/workspaces/only/keys", {"name": "a-key", "scopes": ["people:read"]},
+                 token=token)
+        browser.get(gw.admin_url + "/console/")
+        wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+        person = Console(browser, gw)
+        person.tokens_seen.append(token)
+        person.sign_in(token)
+        wait(browser, lambda d: d.find_element(By.ID, "who").text)
+        assert browser.find_element(By.ID, "who").text == "Signed in as operator"
+        person.link("only").click()
+        wait(browser, lambda d: "a-key" in person.rows())
+        assert browser.find_element(By.ID, "back-nav").is_displayed()  # the operator's way back
+        person.button("Sign out").click()
+    finally:
+        gw.stop()

@@ -440,11 +440,34 @@ function showTokenDialog(title, token, key) {
 
 // --- signing in and out ------------------------------------------------------------------------
 
-// Exactly the shape the admin API takes as a key (gateway/admin/middleware.py _TOKEN_SHAPE);
-// anything else it checks as the operator token, and so must the page (a looser shape here
+// Exactly the shape the admin API may take as a key (gateway/admin/middleware.py _TOKEN_SHAPE);
+// anything else it checks as the operator token only, and so must the page (a looser shape here
 // signed an operator token such as "Keygate-Ops_admin_<50>" in as a key of the first workspace).
+// A token of this shape may still be the operator token (one chosen in a key's shape): which one
+// it is, the API's answers say (actingAs), not the shape.
 function looksLikeKey(token) {
   return /^[a-z0-9]{1,10}_[A-Za-z0-9]{1,32}_[A-Za-z0-9]{50}$/.test(token);
+}
+
+// Whether the token that listed `listing` (GET /workspaces) is a workspace key, as the API
+// answers: a key lists its own workspace alone, and reads itself there (its id is in its
+// token, its prefix is the token's start). Anything else is the operator token: the shape
+// alone signed an operator token shaped like a key in as "key ops_admin_…", with one workspace
+// and no way to the others.
+async function actingAs(token, listing) {
+  if (!looksLikeKey(token) || listing.items.length !== 1) return {operator: true, keyId: null};
+  const keyId = token.slice(token.length - 50, token.length - 38);
+  let own;
+  try {
+    own = await api("GET", "/workspaces/" + encodeURIComponent(listing.items[0].id) + "/keys/" +
+                           encodeURIComponent(keyId));
+  } catch (err) {
+    if (err.status === 404) return {operator: true, keyId: null};  // the operator's: no such key
+    throw err;
+  }
+  const isKey = own !== null && own.id === keyId && typeof own.prefix === "string" &&
+                token.startsWith(own.prefix);
+  return isKey ? {operator: false, keyId} : {operator: true, keyId: null};
 }
 
 // A character a header cannot carry (beyond Latin-1, or a control): typographic quotes, an
@@ -476,19 +499,23 @@ async function signIn(event) {
     input.focus();
     return;
   }
-  const operator = !looksLikeKey(token);
-  const keyId = operator ? null : token.slice(token.length - 50, token.length - 38);
-  session = {token, operator, keyId, workspace: null, keys: [], roles: [], usage: null,
-             label: operator ? "operator" : "key " + token.slice(0, token.length - 38)};
-  let listing;
+  // who the token is (operator or key) is known once the API has answered
+  session = {token, operator: null, keyId: null, workspace: null, keys: [], roles: [],
+             usage: null, label: ""};
+  const mine = session;
+  let listing, acting;
   try {
     listing = await api("GET", "/workspaces");
+    acting = await actingAs(token, listing);
   } catch (err) {
-    session = null;
+    if (session === mine) session = null;
     showAlert(describe(err));
     input.focus();
     return;
   }
+  session.operator = acting.operator;
+  session.keyId = acting.keyId;
+  session.label = acting.operator ? "operator" : "key " + token.slice(0, token.length - 38);
   session.signedIn = true;
   $("signin-view").hidden = true;
   $("sign-out").hidden = false;
