@@ -2501,3 +2501,32 @@ def test_a_key_shaped_operator_token_with_one_workspace_is_still_the_operator(br
         person.button("Sign out").click()
     finally:
         gw.stop()
+
+
+# --- Create: Enter in Name makes a key bound to nothing -----------------------------------------
+
+def test_create_without_role_or_scopes_is_refused_before_a_key_is_made(page, gateway):
+    """SPEC: a key is bound to a role OR to explicit scopes, and the CLI's ``keys create``
+    requires ``--role`` or ``--scope``; the form says "A key is bound to a role or to scopes".
+    Typing a name and pressing Enter (the Role menu left at "(none: use scopes)", Scopes
+    empty) sends ``"scopes": []``: a live key bound to no scope at all is made, takes one of
+    the plan's key slots, and its token is shown. The form must ask for a role or scopes."""
+    new_workspace(gateway, "unbound", "Unbound")
+    page.sign_in(ADMIN_TOKEN)
+    page.link("unbound").click()
+    wait(page.driver, lambda d: d.find_element(By.ID, "ws-title").text == "Unbound (unbound)")
+    page.allowed_errors.append("400")
+    page.button("Create key").click()
+    page.field("Name").send_keys("forgot-the-scopes" + Keys.ENTER)
+    outcome = wait(page.driver, lambda d: next(
+        (x for x in d.find_elements(By.CSS_SELECTOR, '[role="dialog"] [data-token], '
+                                                     '#create-form .form-error')
+         if x.is_displayed() and x.text), False))
+    made = outcome.get_attribute("data-token") is not None
+    if made:
+        page.take_token()
+    status, listing = gateway.admin("GET", "/workspaces/unbound/keys")
+    bound_to_nothing = [k["id"] for k in listing["items"] if k["role"] is None and not k["scopes"]]
+    assert bound_to_nothing == [], f"a key bound to no role and no scope was made: {listing}"
+    assert "a role or to scopes" in outcome.text, outcome.text  # the form says what it needs
+    page.button("Cancel").click()

@@ -863,8 +863,17 @@ async function createKey(event) {
   if (description.trim() !== "") body.description = description;
   const role = $("create-role").value;
   const scopes = splitScopes($("create-scopes").value);
+  if (role === "" && scopes.length === 0) {
+    // nothing sent: with neither, the API made a live key bound to no scope at all (it could
+    // call nothing, took one of the plan's key slots, and its token was shown)
+    showFormError(form, "Choose a Role or give Scopes: a key is bound to a role or to scopes.");
+    $("create-scopes").setAttribute("aria-invalid", "true");
+    $("create-scopes").focus();
+    return;
+  }
+  $("create-scopes").removeAttribute("aria-invalid");
   if (role !== "") body.role = role;
-  if (scopes.length > 0 || role === "") body.scopes = scopes;  // both: the API says why not
+  if (scopes.length > 0) body.scopes = scopes;  // both: the API says why not
   try {
     const expiry = parseExpiry($("create-expires").value);
     if (expiry.seconds !== undefined) body.expires_in = expiry.seconds;
