@@ -2530,3 +2530,45 @@ def test_create_without_role_or_scopes_is_refused_before_a_key_is_made(page, gat
     assert bound_to_nothing == [], f"a key bound to no role and no scope was made: {listing}"
     assert "a role or to scopes" in outcome.text, outcome.text  # the form says what it needs
     page.button("Cancel").click()
+
+
+# --- the Description field ------------------------------------------------------------------
+
+def test_a_description_typed_on_two_lines_does_not_fail_the_create(page, gateway):
+    """Description is a <textarea> (two rows): Enter in it makes a newline, which the API
+    refuses (text fields with control characters are a 400). The form offers multi-line text
+    that can never be sent; it must be a one-line field, or join the lines before sending."""
+    new_workspace(gateway, "multiline", "Multiline")
+    page.sign_in(ADMIN_TOKEN)
+    page.link("multiline").click()
+    wait(page.driver, lambda d: d.find_element(By.ID, "ws-title").text == "Multiline (multiline)")
+    page.allowed_errors.append("400")
+    page.create_key("two-lines", description="Sync job for HR.\nOwner: ops team",
+                    scopes="people:read")
+    shown = wait(page.driver, lambda d: next(
+        (x.text for x in d.find_elements(By.CSS_SELECTOR, '[role="dialog"] [data-token], '
+                                                          '#create-form .form-error')
+         if x.is_displayed() and x.text), False))
+    if "control characters" in shown:
+        page.button("Cancel").click()
+        pytest.fail(f"the create form refused its own Description field's newline: {shown}")
+    page.take_token()
+
+
+def test_a_description_pasted_with_a_tab_or_line_break_is_sent_on_one_line(page, gateway):
+    """The Description field is one line (the browser drops a line break pasted into it); a
+    tab pasted or put there by a script goes as a space, never as the control character the
+    API refuses."""
+    new_workspace(gateway, "oneline", "One Line")
+    page.sign_in(ADMIN_TOKEN)
+    page.link("oneline").click()
+    wait(page.driver, lambda d: d.find_element(By.ID, "ws-title").text == "One Line (oneline)")
+    page.button("Create key").click()
+    description = page.field("Description")
+    assert description.tag_name == "input"
+    page.field("Name").send_keys("pasted")
+    page.driver.execute_script("arguments[0].value = 'Sync\\tjob for\\t\\tHR'", description)
+    page.field("Scopes").send_keys("people:read")
+    page.button("Create").click()
+    page.take_token()
+    assert keys_named(gateway, "oneline", "pasted")[0]["description"] == "Sync job for HR"

@@ -859,16 +859,20 @@ async function createKey(event) {
   const form = $("create-form");
   showFormError(form, "");
   const body = {name: $("create-name").value.trim()};
-  const description = $("create-description").value;
+  // one line, as the API takes text (a control character is a 400): a tab or line break
+  // pasted in is sent as a space (the field was a <textarea>, whose newlines were all refused)
+  const description = $("create-description").value
+    .replace(/[\u0000-\u001f\u007f-\u009f]+/g, " ");
   if (description.trim() !== "") body.description = description;
   const role = $("create-role").value;
   const scopes = splitScopes($("create-scopes").value);
   if (role === "" && scopes.length === 0) {
     // nothing sent: with neither, the API made a live key bound to no scope at all (it could
     // call nothing, took one of the plan's key slots, and its token was shown)
+    // focus stays where it is (the error is an alert): moved to Scopes, the rest of what was
+    // being typed where Enter was pressed went into Scopes
     showFormError(form, "Choose a Role or give Scopes: a key is bound to a role or to scopes.");
     $("create-scopes").setAttribute("aria-invalid", "true");
-    $("create-scopes").focus();
     return;
   }
   $("create-scopes").removeAttribute("aria-invalid");
