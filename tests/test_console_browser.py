@@ -2572,3 +2572,24 @@ def test_a_description_pasted_with_a_tab_or_line_break_is_sent_on_one_line(page,
     page.button("Create").click()
     page.take_token()
     assert keys_named(gateway, "oneline", "pasted")[0]["description"] == "Sync job for HR"
+
+
+# --- Sign in: a pasted token holding a Latin-1 character -------------------------------------
+
+def test_a_token_pasted_with_a_soft_hyphen_or_guillemets_is_named_as_the_problem(page, gateway):
+    """The page names a character no token holds (typographic quotes, an ellipsis, a
+    zero-width space) and sends nothing; but it checks only for characters beyond Latin-1
+    (fetch's limit), not for what a token can hold. A soft hyphen (U+00AD, invisible, left by
+    a copy from wrapped text) or guillemets (U+00AB/U+00BB) are sent as they are: the answer
+    is "The operator token is not valid." (counted as a wrong operator token), with no word
+    of the character. The CLI refuses any non-ASCII character in a token; so must the page."""
+    page.allowed_errors.append("401")
+    cases = ((ADMIN_TOKEN[:10] + "\u00ad" + ADMIN_TOKEN[10:], "U+00AD", 11),
+             ("\u00ab" + ADMIN_TOKEN + "\u00bb", "U+00AB", 1))
+    for token, code, position in cases:
+        page.sign_in(token)
+        problem = page.alert_text()
+        assert f"{code} (character {position})" in problem, problem
+    page.sign_in(ADMIN_TOKEN)
+    wait(page.driver, lambda d: d.find_element(By.ID, "workspaces-view").is_displayed())
+    page.button("Sign out").click()

@@ -470,12 +470,14 @@ async function actingAs(token, listing) {
   return isKey ? {operator: false, keyId} : {operator: true, keyId: null};
 }
 
-// A character a header cannot carry (beyond Latin-1, or a control): typographic quotes, an
-// ellipsis from a cut-short display, a zero-width space. Named as "U+201C (character 1)".
+// A character no token holds: anything but printable ASCII, as the CLI's client refuses it
+// (typographic quotes or guillemets, an ellipsis from a cut-short display, a zero-width space,
+// a soft hyphen left by a copy from wrapped text, a control). Named as "U+201C (character 1)".
+// Only what a header cannot carry (beyond Latin-1) was refused: a soft hyphen or a guillemet
+// was sent, and the answer was "The operator token is not valid." (a wrong guess counted).
 function unsendable(token) {
   const chars = [...token];
-  const at = chars.findIndex((c) => c.codePointAt(0) > 0xff || c.codePointAt(0) < 0x20 ||
-                                    c.codePointAt(0) === 0x7f);
+  const at = chars.findIndex((c) => c.codePointAt(0) < 0x20 || c.codePointAt(0) > 0x7e);
   if (at < 0) return null;
   const code = chars[at].codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
   return "U+" + code + " (character " + (at + 1) + ")";
