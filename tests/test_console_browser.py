@@ -2219,7 +2219,8 @@ def test_a_token_made_as_the_person_signs_out_is_still_shown(page, gateway):
         wait(page.driver, lambda d: "late" in page.rows())
         slow("/workspaces/halfway/keys")
         page.in_dialog("Rotate", "to-rotate", "Grace", "0", "Rotate")
-        page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)  # the dialog closes ...
+        # Cancel closes the dialog (Escape does not while its call is on its way) ...
+        page.button("Cancel", page.dialog()).click()
         page.button("Sign out").click()  # ... and the person leaves before the answer
         wait(page.driver, lambda d: page.field("Token").is_displayed())
         rotated = page.take_token()
@@ -2593,3 +2594,33 @@ def test_a_token_pasted_with_a_soft_hyphen_or_guillemets_is_named_as_the_problem
     page.sign_in(ADMIN_TOKEN)
     wait(page.driver, lambda d: d.find_element(By.ID, "workspaces-view").is_displayed())
     page.button("Sign out").click()
+
+
+def test_escape_does_not_close_a_dialog_whose_call_is_on_its_way(patient_page):
+    """Escape closed a confirmation dialog whose call was still on its way: the call went on,
+    and its answer (an error above all) was written into a dialog no longer on the page, so
+    nobody saw it. Until the answer, Escape leaves the dialog open; the answer then shows."""
+    page, gateway, store_url = patient_page
+    new_workspace(gateway, "escbusy", "Escape Busy")
+    gateway.key("escbusy", name="pending-revoke", scopes=["people:read"])
+    page.sign_in(ADMIN_TOKEN)
+    page.link("escbusy").click()
+    page.press("Revoke", "pending-revoke")
+    dialog = page.dialog()
+    store = redis_sync.Redis.from_url(store_url)
+    try:
+        store.execute_command("CLIENT", "PAUSE", "30000", "WRITE")
+        page.button("Revoke", dialog).click()
+        wait(page.driver, lambda d: dialog.get_attribute("aria-busy") == "true")
+        page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
+        time.sleep(0.3)
+        page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)  # a second one, too
+        time.sleep(0.5)
+        still_open = [d for d in page.driver.find_elements(By.CSS_SELECTOR, '[role="dialog"]')
+                      if d.is_displayed()]
+    finally:
+        store.execute_command("CLIENT", "UNPAUSE")
+        store.close()
+    assert still_open, "Escape closed the dialog while its call was on its way"
+    page.no_dialog()  # the answer came: the dialog closes as after any revoke
+    wait(page.driver, lambda d: "revoked" in page.row("pending-revoke").text)

@@ -297,13 +297,17 @@ function openDialog(title, build, {modal = false, returnPoint = undefined} = {})
   };
   build(dialog, close);
   closeDialogs({keepBusy: dialog.querySelector("[data-token]") !== null});
+  // Escape closes neither a modal one nor one whose call is on its way (aria-busy, set by
+  // oneAtATime): the call goes on whatever the dialog does, and its answer, an error above all,
+  // was written into a dialog no longer on the page, where nobody saw it
+  const held = () => modal || dialog.getAttribute("aria-busy") === "true";
   dialog.addEventListener("cancel", (event) => {
     event.preventDefault();
-    if (!modal) close();
+    if (!held()) close();
   });
   // the browser may close a dialog whatever "cancel" says (a second Escape in a row): open it again
   dialog.addEventListener("close", () => {
-    if (modal && !closing && dialog.isConnected) dialog.showModal();
+    if (held() && !closing && dialog.isConnected) dialog.showModal();
   });
   document.body.append(dialog);
   dialog.showModal();
