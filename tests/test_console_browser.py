@@ -2291,7 +2291,8 @@ class PrefixProxy:
                     if name.lower() not in ("content-length", "transfer-encoding", "connection",
                                             "content-encoding", "date", "server"):
                         out.headers.add(name, value)
-                return out
+            await self.hand_on(request)
+            return out
 
         async def other_app(request: web.Request) -> web.Response:
             self.elsewhere.append((request.path, request.headers.get("Authorization", "")))
@@ -2305,6 +2306,9 @@ class PrefixProxy:
         port = free_port()
         await web.TCPSite(self.runner, "127.0.0.1", port).start()
         self.url = f"http://127.0.0.1:{port}"
+
+    async def hand_on(self, request: web.Request) -> None:
+        """Called with each forwarded answer read, before it is handed on."""
 
     async def _stop(self) -> None:
         await self.runner.cleanup()
@@ -2624,3 +2628,60 @@ def test_escape_does_not_close_a_dialog_whose_call_is_on_its_way(patient_page):
     assert still_open, "Escape closed the dialog while its call was on its way"
     page.no_dialog()  # the answer came: the dialog closes as after any revoke
     wait(page.driver, lambda d: "revoked" in page.row("pending-revoke").text)
+
+
+class HoldingProxy(PrefixProxy):
+    """The prefix proxy, which can hold back the answer of one key listing: it forwards the
+    request at once (the answer is what the store held then) and hands the answer on only when
+    released, as a slow network does to one response of several."""
+
+    def __init__(self, gw: ThreadedGateway) -> None:
+        super().__init__(gw)
+        self.armed = False
+        self.holding = threading.Event()  # an answer is being held
+
+    async def _start(self) -> None:
+        self.release = asyncio.Event()
+        await super()._start()
+
+    async def hand_on(self, request: web.Request) -> None:
+        if self.armed and request.method == "GET" and request.path.endswith("/keys"):
+            self.armed = False
+            self.holding.set()
+            await self.release.wait()
+
+    def let_go(self) -> None:
+        self.gw.loop.call_soon_threadsafe(self.release.set)
+
+
+def test_a_late_answer_of_an_earlier_refresh_does_not_redraw_the_list(browser, gateway):
+    """Two steps in a row (Revoke one key, then another) each read the list again. When the
+    first reading answers last, it was drawn over the second: the key revoked second was shown
+    active again, Revoke and Rotate enabled on it. Only the latest reading is drawn."""
+    new_workspace(gateway, "latelist", "Late List")
+    gateway.key("latelist", name="stale-a", scopes=["people:read"])
+    gateway.key("latelist", name="stale-b", scopes=["people:read"])
+    with HoldingProxy(gateway) as proxy:
+        browser.get("about:blank")
+        browser.get_log("browser")
+        browser.get(proxy.url + PrefixProxy.PREFIX + "/console/")
+        wait(browser, lambda d: d.execute_script("return document.documentElement.dataset.ready"))
+        page = Console(browser, gateway)
+        page.sign_in(ADMIN_TOKEN)
+        page.link("latelist").click()
+        wait(browser, lambda d: "stale-b" in page.rows())
+        try:
+            proxy.armed = True
+            page.press("Revoke", "stale-a")
+            page.button("Revoke", page.dialog()).click()
+            assert proxy.holding.wait(WAIT), "the first reading was not sent"
+            page.press("Revoke", "stale-b")
+            page.button("Revoke", page.dialog()).click()
+            page.no_dialog()
+            wait(browser, lambda d: "revoked" in page.row("stale-b").text)
+        finally:
+            proxy.let_go()
+        time.sleep(1.0)  # the first reading's answer, now handed on
+        assert "revoked" in page.row("stale-b").text, page.row("stale-b").text
+        assert "revoked" in page.row("stale-a").text
+        page.button("Sign out").click()

@@ -648,11 +648,16 @@ async function readKeys(id) {
 }
 
 // The open workspace's list read again (after an action): drawn only if that workspace is still
-// the one chosen when the answer arrives.
+// the one chosen when the answer arrives, and no later reading has been asked for meanwhile
+// (two steps in a row each read the list: when the first reading answered last, it was drawn
+// over the second, and a key revoked by the second step showed as active again).
+let readings = 0;
+
 async function refresh() {
   const mine = chosen;
+  const reading = ++readings;
   const listed = await readKeys(session.workspace.id);
-  if (mine !== chosen) return;
+  if (mine !== chosen || reading !== readings) return;
   session.keys = listed.keys;
   session.usage = listed.usage;
   renderUsage();
