@@ -176,7 +176,9 @@ async def test_nothing_that_shows_or_carries_a_token_may_be_stored_by_a_cache(gu
 
 async def test_console_without_slash_redirects_and_other_paths_are_404(gut):
     async with gut.admin.get("/console", allow_redirects=False) as r:
-        assert r.status == 308 and r.headers["Location"] == "/console/"
+        # relative, so that a path prefix a reverse proxy adds is kept (/kg/console → /kg/console/)
+        assert r.status == 308 and r.headers["Location"] == "console/"
+        assert r.url.join(URL(r.headers["Location"])).path == "/console/"
     for path in ("/console/app.py", "/console/x/app.js",
                  "/console/%2e%2e/pyproject.toml", "/ui"):
         async with gut.admin.get(URL(path, encoded=True), allow_redirects=False) as r:
@@ -446,8 +448,11 @@ async def test_a_workspace_admin_keys_refused_admin_call_stamps_nothing(gut):
 
 
 def test_the_page_takes_a_token_for_a_key_exactly_when_the_admin_api_does():
-    """The page decides operator or key by the token's shape (which view to show); the admin
-    API decides by its own pattern. They are one pattern, so they cannot disagree."""
+    """The page asks the API whether a token is a key only when the API may take it as one
+    (its shape: any other token the API checks as the operator's alone); the admin API
+    decides by its own pattern. They are one pattern, so they cannot disagree. (A token of
+    that shape may still be the operator's: test_console_browser's
+    test_an_operator_token_shaped_exactly_like_a_key_signs_in_as_the_operator.)"""
     from importlib import resources
     from gateway.admin.middleware import _TOKEN_SHAPE
     script = (resources.files("gateway.admin") / "console" / "app.js").read_text()

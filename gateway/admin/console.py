@@ -53,7 +53,10 @@ async def _console_headers(request: web.Request, response: web.StreamResponse) -
 
 
 async def to_console(request: web.Request) -> web.Response:
-    raise web.HTTPPermanentRedirect("/console/", headers=CONSOLE_HEADERS)
+    """``/console`` → ``console/``, relative (to ``/console/`` here): behind a reverse proxy
+    that mounts the admin listener under a path, ``/kg/console`` stays under it (an absolute
+    ``/console/`` sent the browser to the host's own /console/, out of the mount)."""
+    raise web.HTTPPermanentRedirect("console/", headers=CONSOLE_HEADERS)
 
 
 async def serve_file(request: web.Request) -> web.Response:

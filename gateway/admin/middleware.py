@@ -58,7 +58,7 @@ cache and the revision checks are the same ones). Raises the proxy's ``GatewayEr
 _TOKEN_SHAPE = re.compile(r"[a-z0-9]{1,10}_[A-Za-z0-9]{1,32}_[A-Za-z0-9]{50}")
 """Shaped like an API key (``<prefix>_<env>_<50 base62>``): checked as one, not as the operator
 token. The pipeline then checks the prefix, environment and checksum in force. The console's
-``looksLikeKey`` (console/app.js) holds the same pattern."""
+``looksLikeKey`` (console/app.js) holds the same pattern (then asks the API which it is)."""
 
 
 STRONG_TOKEN_LENGTH = 32

@@ -1,11 +1,15 @@
-// keygate console: a small page over the admin API (/admin/v1/...), nothing else.
+// keygate console: a small page over the admin API (../admin/v1/... from the page), nothing else.
 //
 // The token lives in `session` below and nowhere else: not in localStorage, sessionStorage,
 // a cookie or the URL. Reloading the page signs out. Every value from the API reaches the page
 // as text (textContent), never as HTML: key names are written by workspace admins and read by
 // the operator.
 
-const API = "/admin/v1";
+// The admin API beside the page (the listener's /admin/v1 when the page is its /console/): taken
+// from the page's own address, not absolute, so a reverse proxy that mounts the admin listener
+// under a path (/kg/console/) gets the calls under that path too. An absolute /admin/v1 sent
+// them, and the token in their Authorization header, to whatever else that host has at /admin/.
+const API = new URL("../admin/v1", location.href).pathname;
 const DAY = 86400 * 1000;
 
 let session = null;  // {token, operator, label, workspace, keys, roles, usage}
@@ -293,13 +297,17 @@ function openDialog(title, build, {modal = false, returnPoint = undefined} = {})
   };
   build(dialog, close);
   closeDialogs({keepBusy: dialog.querySelector("[data-token]") !== null});
+  // Escape closes neither a modal one nor one whose call is on its way (aria-busy, set by
+  // oneAtATime): the call goes on whatever the dialog does, and its answer, an error above all,
+  // was written into a dialog no longer on the page, where nobody saw it
+  const held = () => modal || dialog.getAttribute("aria-busy") === "true";
   dialog.addEventListener("cancel", (event) => {
     event.preventDefault();
-    if (!modal) close();
+    if (!held()) close();
   });
   // the browser may close a dialog whatever "cancel" says (a second Escape in a row): open it again
   dialog.addEventListener("close", () => {
-    if (modal && !closing && dialog.isConnected) dialog.showModal();
+    if (held() && !closing && dialog.isConnected) dialog.showModal();
   });
   document.body.append(dialog);
   dialog.showModal();
@@ -436,19 +444,44 @@ function showTokenDialog(title, token, key) {
 
 // --- signing in and out ------------------------------------------------------------------------
 
-// Exactly the shape the admin API takes as a key (gateway/admin/middleware.py _TOKEN_SHAPE);
-// anything else it checks as the operator token, and so must the page (a looser shape here
+// Exactly the shape the admin API may take as a key (gateway/admin/middleware.py _TOKEN_SHAPE);
+// anything else it checks as the operator token only, and so must the page (a looser shape here
 // signed an operator token such as "Keygate-Ops_admin_<50>" in as a key of the first workspace).
+// A token of this shape may still be the operator token (one chosen in a key's shape): which one
+// it is, the API's answers say (actingAs), not the shape.
 function looksLikeKey(token) {
   return /^[a-z0-9]{1,10}_[A-Za-z0-9]{1,32}_[A-Za-z0-9]{50}$/.test(token);
 }
 
-// A character a header cannot carry (beyond Latin-1, or a control): typographic quotes, an
-// ellipsis from a cut-short display, a zero-width space. Named as "U+201C (character 1)".
+// Whether the token that listed `listing` (GET /workspaces) is a workspace key, as the API
+// answers: a key lists its own workspace alone, and reads itself there (its id is in its
+// token, its prefix is the token's start). Anything else is the operator token: the shape
+// alone signed an operator token shaped like a key in as "key ops_admin_…", with one workspace
+// and no way to the others.
+async function actingAs(token, listing) {
+  if (!looksLikeKey(token) || listing.items.length !== 1) return {operator: true, keyId: null};
+  const keyId = token.slice(token.length - 50, token.length - 38);
+  let own;
+  try {
+    own = await api("GET", "/workspaces/" + encodeURIComponent(listing.items[0].id) + "/keys/" +
+                           encodeURIComponent(keyId));
+  } catch (err) {
+    if (err.status === 404) return {operator: true, keyId: null};  // the operator's: no such key
+    throw err;
+  }
+  const isKey = own !== null && own.id === keyId && typeof own.prefix === "string" &&
+                token.startsWith(own.prefix);
+  return isKey ? {operator: false, keyId} : {operator: true, keyId: null};
+}
+
+// A character no token holds: anything but printable ASCII, as the CLI's client refuses it
+// (typographic quotes or guillemets, an ellipsis from a cut-short display, a zero-width space,
+// a soft hyphen left by a copy from wrapped text, a control). Named as "U+201C (character 1)".
+// Only what a header cannot carry (beyond Latin-1) was refused: a soft hyphen or a guillemet
+// was sent, and the answer was "The operator token is not valid." (a wrong guess counted).
 function unsendable(token) {
   const chars = [...token];
-  const at = chars.findIndex((c) => c.codePointAt(0) > 0xff || c.codePointAt(0) < 0x20 ||
-                                    c.codePointAt(0) === 0x7f);
+  const at = chars.findIndex((c) => c.codePointAt(0) < 0x20 || c.codePointAt(0) > 0x7e);
   if (at < 0) return null;
   const code = chars[at].codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
   return "U+" + code + " (character " + (at + 1) + ")";
@@ -472,19 +505,23 @@ async function signIn(event) {
     input.focus();
     return;
   }
-  const operator = !looksLikeKey(token);
-  const keyId = operator ? null : token.slice(token.length - 50, token.length - 38);
-  session = {token, operator, keyId, workspace: null, keys: [], roles: [], usage: null,
-             label: operator ? "operator" : "key " + token.slice(0, token.length - 38)};
-  let listing;
+  // who the token is (operator or key) is known once the API has answered
+  session = {token, operator: null, keyId: null, workspace: null, keys: [], roles: [],
+             usage: null, label: ""};
+  const mine = session;
+  let listing, acting;
   try {
     listing = await api("GET", "/workspaces");
+    acting = await actingAs(token, listing);
   } catch (err) {
-    session = null;
+    if (session === mine) session = null;
     showAlert(describe(err));
     input.focus();
     return;
   }
+  session.operator = acting.operator;
+  session.keyId = acting.keyId;
+  session.label = acting.operator ? "operator" : "key " + token.slice(0, token.length - 38);
   session.signedIn = true;
   $("signin-view").hidden = true;
   $("sign-out").hidden = false;
@@ -611,11 +648,16 @@ async function readKeys(id) {
 }
 
 // The open workspace's list read again (after an action): drawn only if that workspace is still
-// the one chosen when the answer arrives.
+// the one chosen when the answer arrives, and no later reading has been asked for meanwhile
+// (two steps in a row each read the list: when the first reading answered last, it was drawn
+// over the second, and a key revoked by the second step showed as active again).
+let readings = 0;
+
 async function refresh() {
   const mine = chosen;
+  const reading = ++readings;
   const listed = await readKeys(session.workspace.id);
-  if (mine !== chosen) return;
+  if (mine !== chosen || reading !== readings) return;
   session.keys = listed.keys;
   session.usage = listed.usage;
   renderUsage();
@@ -828,12 +870,25 @@ async function createKey(event) {
   const form = $("create-form");
   showFormError(form, "");
   const body = {name: $("create-name").value.trim()};
-  const description = $("create-description").value;
+  // one line, as the API takes text (a control character is a 400): a tab or line break
+  // pasted in is sent as a space (the field was a <textarea>, whose newlines were all refused)
+  const description = $("create-description").value
+    .replace(/[\u0000-\u001f\u007f-\u009f]+/g, " ");
   if (description.trim() !== "") body.description = description;
   const role = $("create-role").value;
   const scopes = splitScopes($("create-scopes").value);
+  if (role === "" && scopes.length === 0) {
+    // nothing sent: with neither, the API made a live key bound to no scope at all (it could
+    // call nothing, took one of the plan's key slots, and its token was shown)
+    // focus stays where it is (the error is an alert): moved to Scopes, the rest of what was
+    // being typed where Enter was pressed went into Scopes
+    showFormError(form, "Choose a Role or give Scopes: a key is bound to a role or to scopes.");
+    $("create-scopes").setAttribute("aria-invalid", "true");
+    return;
+  }
+  $("create-scopes").removeAttribute("aria-invalid");
   if (role !== "") body.role = role;
-  if (scopes.length > 0 || role === "") body.scopes = scopes;  // both: the API says why not
+  if (scopes.length > 0) body.scopes = scopes;  // both: the API says why not
   try {
     const expiry = parseExpiry($("create-expires").value);
     if (expiry.seconds !== undefined) body.expires_in = expiry.seconds;
@@ -961,6 +1016,14 @@ function rotateKey(key) {
       el("div", {"class": "actions"},
          el("button", {"type": "submit", "class": "primary", "text": "Rotate"}),
          el("button", {"type": "button", "text": "Cancel", "on": {click: close}}))));
+    // Focus on the dialog's title, not in Grace: there (prefilled 0) a second Enter, from a
+    // double press on the row's Rotate or a key held down, rotated at once with no grace and
+    // revoked the old key, still deployed, before a word of the dialog was read. On the title
+    // an Enter does nothing (on Cancel, a held key would close and reopen the dialog in turn);
+    // Tab goes on to Grace.
+    const heading = dialog.querySelector("h2");
+    heading.setAttribute("tabindex", "-1");
+    heading.setAttribute("autofocus", "");
   });
 }
 
@@ -1022,6 +1085,8 @@ function editKey(key) {
                              "autocomplete": "off", "aria-describedby": "edit-cap-hint"});
     const rate = el("input", {"id": "edit-rate", "value": rateText, "autocomplete": "off",
                               "spellcheck": "false", "aria-describedby": "edit-cap-hint"});
+    let asked = null;  // the change the person was warned of (one's own key), as JSON
+    const cancel = el("button", {"type": "button", "text": "Cancel", "on": {click: close}});
     const save = oneAtATime(dialog, async () => {
       const body = {};
       if (controls && cap.value.trim() !== capText) {
@@ -1058,6 +1123,16 @@ function editKey(key) {
         close();
         return;
       }
+      const lockout = key.id === session.keyId ? lockoutOf(body) : null;
+      if (lockout !== null && asked !== JSON.stringify(body)) {
+        // one's own key, as Disable, Revoke and Rotate ask: say so, and save only when Save is
+        // pressed again on the same change (focus on Cancel: a second Enter does not save)
+        asked = JSON.stringify(body);
+        showProblem(problem, "This is the key you are signed in with: " + lockout +
+                    " Press Save again to save anyway.");
+        cancel.focus();
+        return;
+      }
       try {
         await api("PATCH", keyPath(key), body);
       } catch (err) {
@@ -1085,8 +1160,34 @@ function editKey(key) {
       problem,
       el("div", {"class": "actions"},
          el("button", {"type": "submit", "class": "primary", "text": "Save"}),
-         el("button", {"type": "button", "text": "Cancel", "on": {click: close}}))));
+         cancel)));
   });
+}
+
+// What a PATCH `body` of the key one is signed in with does to this page, or null: re-bound to
+// scopes without keys:admin (or "ALL"), it signs out at once and the key cannot give itself
+// keys:admin back; with an expiry in the past or within the hour, it signs out then (one in the
+// past the API refuses, but it is said first all the same).
+const LOCKOUT_WITHIN_MS = 3600 * 1000;
+
+function lockoutOf(body) {
+  let granted = null;
+  if (typeof body.role === "string") {
+    const role = session.roles.find((r) => r.name === body.role);
+    granted = role ? role.scopes : null;  // a role the page has not read: the API judges it
+  } else if (Array.isArray(body.scopes)) {
+    granted = body.scopes;
+  }
+  if (granted !== null && !granted.includes("keys:admin") && !granted.includes("ALL")) {
+    return "without keys:admin it cannot manage keys, so this page signs out at once, and " +
+           "this key cannot give itself keys:admin back.";
+  }
+  if (typeof body.expires_at === "string" &&
+      Date.parse(body.expires_at) <= serverNow() + LOCKOUT_WITHIN_MS) {
+    return "expiring at " + when(body.expires_at) + ", it stops working then and this " +
+           "page signs out; an expired key cannot extend itself again.";
+  }
+  return null;
 }
 
 // --- wiring ------------------------------------------------------------------------------------
