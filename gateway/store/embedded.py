@@ -16,6 +16,12 @@ Files in ``data_dir``::
                       proof a server holds this data_dir that survives a deleted socket/pidfile
     appendonly.aof    the data
 
+Only a ``data_dir`` of the user keygate runs as, which no one else may write to, is used
+(``data_dir_trust_problem``): in one another user made first (``./.keygate-data`` in a shared
+directory) they could leave a redis-server of their own on its socket, or links named as
+keygate's files. A server answering on the socket is reused only when it runs as that user
+too (SO_PEERCRED), and keygate's files there are opened without following links.
+
 One server per ``data_dir``: several workers, a ``keygate serve`` and a ``keygate demo``, or a
 restart after a crash all find the server that is already answering on the socket and reuse it
 (``EmbeddedRedis.start`` returns its URL without starting another). Only the object that started
@@ -55,7 +61,9 @@ import os
 import re
 import shlex
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -142,6 +150,29 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _load_libc()
+
+# O_NOFOLLOW where the platform has it: keygate's files in data_dir are opened as themselves,
+# never through a link (a link there is refused: ELOOP)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def data_dir_trust_problem(data_dir: str | os.PathLike[str]) -> str:
+    """Why ``data_dir`` (an existing directory) cannot be trusted with the store, or '': it
+    belongs to another user than the one keygate runs as, or others than its owner may write
+    to it. Either way someone else could put a redis-server of their own on its socket (and
+    so read every key hash and write key records of their own), or links named as keygate's
+    files (and so have keygate write where they point)."""
+    info = os.stat(data_dir)
+    me = os.geteuid()
+    if info.st_uid != me:
+        return (f"belongs to uid {info.st_uid}, not to uid {me} that runs keygate: that user "
+                "could put a store of their own there; use a directory of your own, or chown "
+                f"it to uid {me}")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        return (f"is writable by other users (mode {mode:04o}): they could put a store of "
+                "their own there; chmod 700 it")
+    return ""
 
 
 def data_dir_path(data_dir: str | os.PathLike[str]) -> Path:
@@ -240,6 +271,13 @@ class EmbeddedRedis:
                                 f"{exc.strerror or exc}") from None
         if not self.data_dir.is_dir():
             raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r} is not a directory")
+        try:
+            problem = data_dir_trust_problem(self.data_dir)
+        except OSError as exc:
+            raise EmbeddedError(f"cannot look at store.data_dir {str(self.data_dir)!r}: "
+                                f"{exc.strerror or exc}") from None
+        if problem:
+            raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r} {problem}")
         if not os.access(self.data_dir, os.W_OK | os.X_OK):
             raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r} is not writable")
         self._keep_private()
@@ -252,10 +290,14 @@ class EmbeddedRedis:
         for name in (AOF_NAME, LOGFILE_NAME, PIDFILE_NAME):
             path = self.data_dir / name
             with contextlib.suppress(OSError):
-                info = path.lstat()
-                if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() \
-                        and info.st_mode & 0o077:
-                    os.chmod(path, 0o600)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | _NOFOLLOW | os.O_NONBLOCK)
+                try:
+                    info = os.fstat(fd)
+                    if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() \
+                            and info.st_mode & 0o077:
+                        os.fchmod(fd, 0o600)
+                finally:
+                    os.close(fd)
         with contextlib.suppress(OSError):
             mode = stat.S_IMODE(self.data_dir.stat().st_mode)
             if mode & 0o066:  # others may list or write it; entering it reads no 0600 file
@@ -269,7 +311,8 @@ class EmbeddedRedis:
         ``stoppable`` (a start): the wait gives up on a held SIGTERM, as the start's own waits
         do; another keygate may hold the lock for as long as its server's AOF takes to load."""
         try:
-            fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | _NOFOLLOW,
+                         0o600)
         except OSError as exc:
             raise EmbeddedError(f"cannot open lock file {str(self.lockfile)!r}: "
                                 f"{exc.strerror or exc}") from None
@@ -313,7 +356,11 @@ class EmbeddedRedis:
 
     def _pidfile_pid(self) -> int | None:
         try:
-            pid = int(self.pidfile.read_text().strip())
+            fd = os.open(self.pidfile, os.O_RDONLY | os.O_CLOEXEC | _NOFOLLOW | os.O_NONBLOCK)
+            try:
+                pid = int(os.read(fd, 64).strip())
+            finally:
+                os.close(fd)
         except (OSError, ValueError):
             return None
         return pid if pid > 0 and _alive(pid) else None
@@ -323,6 +370,8 @@ class EmbeddedRedis:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             state = self._ping()
+            if state is not False:  # answers, or loads its AOF: whose server is it?
+                self._check_peer()
             pid = self._pidfile_pid()
             if state:
                 return pid or self._server_pid()
@@ -350,10 +399,26 @@ class EmbeddedRedis:
                                     f"stop it or see {str(self.logfile)!r}")
             time.sleep(0.05)       # starting up or loading its AOF
 
+    def _check_peer(self) -> None:
+        """Refuse a server on the socket that runs as another user: keygate would keep every
+        key record in a store that user reads and writes. The kernel's word for it
+        (SO_PEERCRED); where there is none, the owner of the socket file."""
+        try:
+            uid = _peer_uid(self.socket_path)
+        except OSError:
+            return              # gone since it answered: the caller's next look says so
+        me = os.geteuid()
+        if uid != me:
+            raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r}: the redis-server on "
+                                f"{str(self.socket_path)!r} runs as uid {uid}, not as uid {me}"
+                                " that runs keygate; it is not keygate's store: stop it, or "
+                                "use a directory of your own")
+
     def _server_holds_data_dir(self) -> bool:
         """True while a server launched by keygate for this data_dir runs (it holds RUNFILE)."""
         try:
-            fd = os.open(self.runfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.runfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | _NOFOLLOW,
+                         0o600)
         except OSError:
             return False
         try:
@@ -396,18 +461,26 @@ class EmbeddedRedis:
         ]
 
     def _launch(self, binary: Path) -> None:
+        # redis writes its pidfile (fopen "w") and log (fopen "a") following links: each is
+        # a plain file or none (data_dir is ours and only ours to write: checked at start)
+        for path in (self.pidfile, self.logfile):
+            with contextlib.suppress(OSError):
+                if not stat.S_ISREG(path.lstat().st_mode):
+                    raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r}: {path.name} "
+                                        "there is not a plain file (a link?); remove it")
         try:
             log_start = self.logfile.stat().st_size
         except OSError:
             log_start = 0
         try:
             log: IO[bytes] = open(os.open(self.logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                                          | os.O_CLOEXEC, 0o600), "ab")
+                                          | os.O_CLOEXEC | _NOFOLLOW, 0o600), "ab")
         except OSError as exc:
             raise EmbeddedError(f"cannot write {str(self.logfile)!r}: "
                                 f"{exc.strerror or exc}") from None
         try:
-            running = os.open(self.runfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            running = os.open(self.runfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | _NOFOLLOW,
+                              0o600)
         except OSError as exc:
             log.close()
             raise EmbeddedError(f"cannot open {str(self.runfile)!r}: "
@@ -464,7 +537,7 @@ class EmbeddedRedis:
     def _log_reason(self, offset: int) -> str:
         """The last line redis logged since ``offset``, without its pid/time prefix."""
         try:
-            with open(self.logfile, "rb") as f:
+            with open(os.open(self.logfile, os.O_RDONLY | os.O_CLOEXEC | _NOFOLLOW), "rb") as f:
                 f.seek(offset)
                 tail = f.read()[-8192:].decode("utf-8", "replace")
         except OSError:
@@ -612,6 +685,21 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _peer_uid(path: Path) -> int:
+    """The uid of the process listening on the unix socket ``path``: the kernel's word
+    (SO_PEERCRED, Linux); elsewhere the owner of the socket file."""
+    peercred = getattr(socket, "SO_PEERCRED", None)
+    if peercred is None:
+        return os.lstat(path).st_uid
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(1.0)
+        conn.connect(str(path))
+        # struct ucred: pid_t pid, uid_t uid, gid_t gid
+        _, uid, _ = struct.unpack("iII", conn.getsockopt(socket.SOL_SOCKET, peercred,
+                                                         struct.calcsize("iII")))
+    return uid
 
 
 def _alive(pid: int) -> bool:

