@@ -293,3 +293,81 @@ def test_a_server_of_another_user_on_the_socket_of_our_own_data_dir_is_refused()
     finally:
         _stop(squatter)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_a_copy_whose_path_ends_the_originals_path_starts_its_own_server():
+    """The copy of a running data_dir (docs/operations.md: back up ``data_dir`` by copying it,
+    even while running) holds ``redis.pid`` naming the original's live server. embedded.py
+    ``_is_redis`` decides whether that pid serves *this* data_dir by a substring test:
+    ``os.fsencode(data_dir / "redis.sock") in cmdline``. The original's process title is
+    ``redis-server unixsocket:/X/srv/kg/redis.sock``, which *contains* ``/srv/kg/redis.sock``:
+    a copy restored at a path that is a suffix of the original's (``/srv/kg`` copied from
+    ``/mnt/old/srv/kg``, a chroot or a mount seen from outside) takes the other data_dir's
+    server for its own, waits START_TIMEOUT (10 s) for it to answer on the copy's socket,
+    then refuses to start: "a redis-server (pid N) holds ... but does not answer ...; stop
+    it" -- telling the operator to stop the other store.
+
+    Expected (as tests/test_embedded_lifecycle.py's copied-data_dir test expects for a
+    sibling path): the copy starts its own server at once, with the copied data. Fix: compare
+    the whole argument (the title's ``unixsocket:<path>`` exactly, or the argv element after
+    ``--unixsocket``), not a substring."""
+    base = Path(tempfile.mkdtemp(prefix="kgrv", dir="/tmp"))
+    copy_dir = base / "kg"
+    original_dir = base / "m" / copy_dir.relative_to("/")   # base/m/tmp/kgrvXXXX/kg
+    original = EmbeddedRedis(original_dir)
+    copy = EmbeddedRedis(copy_dir)
+    try:
+        with redis.Redis.from_url(original.start()) as c:
+            c.set("kg:copied", "1")
+            c.execute_command("BGREWRITEAOF")
+            time.sleep(0.5)
+        shutil.copytree(original.data_dir, copy.data_dir,
+                        ignore=shutil.ignore_patterns("redis.sock"))   # as cp, minus the socket
+        assert int((copy_dir / "redis.pid").read_text()) == original.pid
+        started = time.monotonic()
+        try:
+            url = copy.start()
+        except EmbeddedError as exc:
+            pytest.fail(f"the copy refused to start after {time.monotonic() - started:.1f} s, "
+                        f"taking the original's server for its own: {exc}")
+        with redis.Redis.from_url(url) as c:
+            assert c.get("kg:copied") == b"1"
+        assert copy.owner and copy.pid != original.pid
+        assert time.monotonic() - started < 5
+    finally:
+        copy.stop()
+        original.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_watcher_restarts_a_server_whose_pidfile_names_another_data_dirs_server():
+    """The watcher of a process that reused the server of a data_dir (``keygate demo`` next to
+    ``serve``) decides whether it is gone by the same test: the server stopped, and a
+    ``redis.pid`` restored there from a copy of a data_dir at a longer path ending this one
+    names that one's live server. It took that server for this data_dir's, "starting up",
+    and never started one again; now it sees it gone and starts this data_dir's own."""
+    base = Path(tempfile.mkdtemp(prefix="kgrv", dir="/tmp"))
+    here = base / "kg"
+    other = EmbeddedRedis(base / "m" / here.relative_to("/"))
+    owner, reuser = EmbeddedRedis(here), EmbeddedRedis(here)
+    try:
+        other.start()
+        owner.start()
+        reuser.start()
+        assert not reuser.owner and reuser.pid == owner.pid
+        reuser.watch(interval=0.1)
+        owner.stop()                                    # its pidfile and socket go with it
+        (here / "redis.pid").write_text(f"{other.pid}\n")  # restored from the other's copy
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not reuser.owner:
+            time.sleep(0.05)
+        assert reuser.owner and reuser.pid != other.pid, (
+            f"the watcher took pid {other.pid}, the server of {other.data_dir}, for this "
+            "data_dir's and started none")
+        with redis.Redis.from_url(reuser.url) as c:
+            assert int(c.info("server")["process_id"]) == reuser.pid
+    finally:
+        reuser.stop()
+        owner.stop()
+        other.stop()
+        shutil.rmtree(base, ignore_errors=True)

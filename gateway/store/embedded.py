@@ -724,10 +724,13 @@ def _is_redis(pid: int, data_dir: Path) -> bool:
         return True
     if b"redis-server" not in cmdline:
         return False
-    # Its arguments (or, once it has renamed itself, its title "unixsocket:<path>") name its
-    # socket; failing that, it runs in its data_dir (we start it there, and a moved directory
-    # moves its cwd with it).
-    if os.fsencode(data_dir / SOCKET_NAME) in cmdline:
+    # Its arguments (or, once it has renamed itself, its title "<binary> unixsocket:<path>")
+    # name its socket, as a whole: /mnt/old/srv/kg/redis.sock is not /srv/kg/redis.sock (a
+    # copy restored at a path ending the original's); failing that, it runs in its data_dir
+    # (we start it there, and a moved directory moves its cwd with it).
+    sock = os.fsencode(data_dir / SOCKET_NAME)
+    args = cmdline.rstrip(b"\0").split(b"\0")
+    if sock in args[1:] or args[0].endswith(b" unixsocket:" + sock):
         return True
     try:
         return Path(f"/proc/{pid}/cwd").resolve() == data_dir.resolve()
