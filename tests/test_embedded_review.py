@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from gateway.store.embedded import EmbeddedError, EmbeddedRedis, redis_server_binary
 
@@ -371,3 +373,127 @@ def test_the_watcher_restarts_a_server_whose_pidfile_names_another_data_dirs_ser
         owner.stop()
         other.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _big_aof(data_dir: Path, commands: int) -> None:
+    """An AOF of ``commands`` SETs (about 1.2 s of loading per million here)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "appendonly.aof", "wb") as f:
+        f.write(b"*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n")
+        chunk = []
+        for i in range(commands):
+            key = b"kg:k%d" % i
+            chunk.append(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (len(key), key))
+            if len(chunk) >= 100_000:
+                f.write(b"".join(chunk))
+                chunk = []
+        f.write(b"".join(chunk))
+
+
+def test_a_stop_while_the_watcher_reloads_a_large_aof_does_not_wait_for_the_load():
+    """The embedded redis-server of a keygate with a large store is killed (the OOM killer:
+    the larger the store, the likelier); the watcher starts it again, and it spends seconds to
+    minutes LOADING its AOF. A SIGTERM now (the pod deleted, `systemctl stop`): serve drains,
+    quiesces the store and calls ``EmbeddedRedis.stop()``, which first takes ``_mutex`` --
+    held by the watcher for the whole of ``start()``, whose wait for a LOADING server has no
+    end (each LOADING answer resets START_TIMEOUT) and no look at ``_quiet``/``_stopping``
+    (only at a *pending* SIGTERM, which the event loop has already taken). So keygate cannot
+    exit until the whole AOF has loaded, only for the server to be shut down at once: past a
+    grace period (docker's 10 s, the Deployment's 70 s), a SIGKILL. docs/operations.md says of
+    the same wait at start-up: "one that comes while it waits for the embedded store (a large
+    AOF loading) stops that wait at once, and the server it started".
+
+    Expected: stop() (after quiesce) ends the watcher's wait at once and stops the server it
+    was starting (a loading redis exits on SIGTERM): well under a second here, where the load
+    takes about three."""
+    data_dir = Path(tempfile.mkdtemp(prefix="kgrv", dir="/tmp"))
+    _big_aof(data_dir, 2_500_000)
+    server = EmbeddedRedis(data_dir)
+    restarted = None
+    try:
+        server.start()                       # loads it once (a few seconds)
+        first = server.pid
+        server.watch(interval=0.1)
+        os.kill(first, 9)                    # the OOM killer
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:   # the watcher's new server, LOADING its AOF
+            try:
+                pid = int((data_dir / "redis.pid").read_text())
+            except (OSError, ValueError):
+                pid = None
+            if pid and pid != first:
+                try:
+                    with redis.Redis(unix_socket_path=str(data_dir / "redis.sock"),
+                                     socket_timeout=0.5, retry=Retry(NoBackoff(), 0)) as c:
+                        c.ping()
+                except redis.BusyLoadingError:
+                    restarted = pid
+                    break
+                except (redis.RedisError, OSError):
+                    pass
+            time.sleep(0.02)
+        if restarted is None:
+            pytest.skip("did not catch the restarted server while it was loading")
+        began = time.monotonic()
+        server.quiesce()                     # serve's SIGTERM handler
+        server.stop()                        # serve's way out
+        took = time.monotonic() - began
+        assert took < 1.0, (
+            f"stop() waited {took:.1f} s for the restarted server to finish loading its AOF "
+            "before it could stop it")
+    finally:
+        server.stop()
+        for pid in (restarted,):
+            if pid:
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_a_stop_alone_while_the_watcher_reloads_a_large_aof_stops_that_server_at_once():
+    """``keygate demo`` (Ctrl-C) and a process that never quiesced call ``stop()`` alone: it
+    too ends the watcher's wait for the restarted server's AOF load at once, and that server
+    (which keygate started, and nobody else will stop) does not outlive it."""
+    data_dir = Path(tempfile.mkdtemp(prefix="kgrv", dir="/tmp"))
+    _big_aof(data_dir, 2_500_000)
+    server = EmbeddedRedis(data_dir)
+    restarted = None
+    try:
+        server.start()
+        first = server.pid
+        server.watch(interval=0.1)
+        os.kill(first, 9)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and restarted is None:
+            try:
+                pid = int((data_dir / "redis.pid").read_text())
+            except (OSError, ValueError):
+                pid = None
+            if pid and pid != first:
+                try:
+                    with redis.Redis(unix_socket_path=str(data_dir / "redis.sock"),
+                                     socket_timeout=0.5, retry=Retry(NoBackoff(), 0)) as c:
+                        c.ping()
+                except redis.BusyLoadingError:
+                    restarted = pid
+                except (redis.RedisError, OSError):
+                    pass
+            time.sleep(0.02)
+        if restarted is None:
+            pytest.skip("did not catch the restarted server while it was loading")
+        began = time.monotonic()
+        server.stop()
+        took = time.monotonic() - began
+        assert took < 1.0, f"stop() waited {took:.1f} s for the restarted server's AOF load"
+        assert not Path(f"/proc/{restarted}").exists(), (
+            f"the restarted server (pid {restarted}) outlived stop()")
+    finally:
+        server.stop()
+        if restarted:
+            try:
+                os.kill(restarted, 9)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(data_dir, ignore_errors=True)

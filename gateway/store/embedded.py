@@ -40,7 +40,9 @@ While keygate runs, ``watch`` keeps the server running: a thread checks it every
 that reused another's server, no longer answers (that process stopped it), starts it again from
 its AOF under the lock, logging the outage once and the recovery once. Meanwhile requests get
 503 ``store_unavailable`` as for any store outage. From the moment keygate begins to stop
-(``quiesce``) it restarts nothing: a SIGTERM to the whole service stops the server too. (The
+(``quiesce``) it restarts nothing, and gives up a restart under way (its server still
+loading the AOF, which may take minutes), stopping that server, so that ``stop`` does not wait
+for the load: a SIGTERM to the whole service stops the server too. (The
 thread that restarted the server is the one its death signal is tied to; it lives until
 ``stop``.)
 
@@ -69,7 +71,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Iterator
+from typing import IO, TYPE_CHECKING, Callable, Iterator
 from urllib.parse import quote
 
 import redis
@@ -245,19 +247,29 @@ class EmbeddedRedis:
 
     def start(self) -> str:
         """Return the URL of the server for ``data_dir``, starting one if none is running."""
+        return self._start(lambda: _stop_requested())
+
+    def _start(self, halted: Callable[[], bool]) -> str:
+        """``start``, whose waits (the lock, a server loading its AOF) give up with
+        ``StoppedWhileStarting`` once ``halted()``, stopping a server they started."""
         if self._proc is not None and self._proc.poll() is None:
             return self.url
         self._check_socket_path()
         binary = redis_server_binary()
         self._make_data_dir()
-        with self._locked(stoppable=True):
-            pid = self._running_pid()
+        with self._locked(halted):
+            pid = self._running_pid(halted)
             if pid is not None:
                 self.pid = pid
                 self._proc = None   # someone else's server now (ours, if any, has exited)
                 return self.url
-            self._launch(binary)
+            self._launch(binary, halted)
         return self.url
+
+    def _halted(self) -> bool:
+        """For the watcher's restart: keygate has begun to stop (quiesce, stop, a held
+        SIGTERM), so a server still loading its AOF is stopped rather than waited for."""
+        return self._quiet or self._stopping.is_set() or _stop_requested()
 
     def _check_socket_path(self) -> None:
         if problem := data_dir_problem(self.data_dir):
@@ -306,10 +318,11 @@ class EmbeddedRedis:
                             "chmod 700 %r", str(self.data_dir), mode, str(self.data_dir))
 
     @contextlib.contextmanager
-    def _locked(self, stoppable: bool = False) -> Iterator[None]:
+    def _locked(self, halted: Callable[[], bool] | None = None) -> Iterator[None]:
         """Hold the data_dir's lock file: one process at a time starts or stops its server.
-        ``stoppable`` (a start): the wait gives up on a held SIGTERM, as the start's own waits
-        do; another keygate may hold the lock for as long as its server's AOF takes to load."""
+        ``halted`` (a start): the wait gives up once it says so (a held SIGTERM), as the
+        start's own waits do; another keygate may hold the lock for as long as its server's
+        AOF takes to load."""
         try:
             fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | _NOFOLLOW,
                          0o600)
@@ -317,7 +330,7 @@ class EmbeddedRedis:
             raise EmbeddedError(f"cannot open lock file {str(self.lockfile)!r}: "
                                 f"{exc.strerror or exc}") from None
         try:
-            if not stoppable:
+            if halted is None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             else:
                 while True:
@@ -325,7 +338,7 @@ class EmbeddedRedis:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                         break
                     except BlockingIOError:
-                        if _stop_requested():
+                        if halted():
                             raise StoppedWhileStarting(
                                 "stopped while waiting for the embedded store's lock") from None
                         time.sleep(0.05)
@@ -365,7 +378,7 @@ class EmbeddedRedis:
             return None
         return pid if pid > 0 and _alive(pid) else None
 
-    def _running_pid(self) -> int | None:
+    def _running_pid(self, halted: Callable[[], bool]) -> int | None:
         """The pid of a server already serving this data_dir, waiting out an AOF load."""
         deadline = time.monotonic() + START_TIMEOUT
         while True:
@@ -380,7 +393,7 @@ class EmbeddedRedis:
                     return None    # nothing there: stale pidfile/socket are redis's to replace
                 # A server of ours runs on this AOF, yet its socket and pidfile are gone:
                 # starting another would make two writers of one AOF.
-                if _stop_requested():
+                if halted():
                     raise StoppedWhileStarting("stopped while waiting for the embedded store")
                 if time.monotonic() > deadline:
                     raise EmbeddedError(
@@ -391,7 +404,7 @@ class EmbeddedRedis:
                 continue
             if state is None:      # LOADING its AOF: progress, however large the file
                 deadline = time.monotonic() + START_TIMEOUT
-            if _stop_requested():  # not ours to stop: another keygate started it
+            if halted():           # not ours to stop: another keygate started it
                 raise StoppedWhileStarting("stopped while waiting for the embedded store")
             if time.monotonic() > deadline:
                 raise EmbeddedError(f"a redis-server (pid {pid}) holds {str(self.data_dir)!r} "
@@ -460,7 +473,7 @@ class EmbeddedRedis:
             "--hash-max-ziplist-value", "128",
         ]
 
-    def _launch(self, binary: Path) -> None:
+    def _launch(self, binary: Path, halted: Callable[[], bool]) -> None:
         # redis writes its pidfile (fopen "w") and log (fopen "a") following links: each is
         # a plain file or none (data_dir is ours and only ours to write: checked at start)
         for path in (self.pidfile, self.logfile):
@@ -511,7 +524,7 @@ class EmbeddedRedis:
                 return
             if state is None:   # LOADING its AOF: progress, however large the file
                 deadline = time.monotonic() + START_TIMEOUT
-            if _stop_requested():  # it serves nothing yet: a loading redis exits on SIGTERM
+            if halted():           # it serves nothing yet: a loading redis exits on SIGTERM
                 _terminate(proc, grace=1.0)
                 raise StoppedWhileStarting("stopped while the embedded store was starting")
             if proc.poll() is not None:
@@ -590,7 +603,9 @@ class EmbeddedRedis:
                     log.error("embedded redis-server %s; starting it again", gone)
                     down, failures = True, 0
                 try:
-                    self.start()
+                    self._start(self._halted)
+                except StoppedWhileStarting:
+                    continue    # keygate is stopping: the next look ends the thread
                 except EmbeddedError as exc:
                     if str(exc) != last_error:   # once per distinct reason, not every second
                         log.error("embedded redis-server could not be started again: %s", exc)
@@ -630,8 +645,10 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Stop the server if this object started it (SHUTDOWN fsyncs the AOF); else nothing."""
+        # Before the mutex: a restart the watcher has under way (its server loading a large
+        # AOF, for seconds to minutes) sees this, stops that server and lets the mutex go.
+        self._stopping.set()
         with self._mutex:           # the watcher restarts nothing from now on
-            self._stopping.set()
             proc, self._proc = self._proc, None
         try:
             self._stop(proc)
