@@ -497,3 +497,54 @@ def test_a_stop_alone_while_the_watcher_reloads_a_large_aof_stops_that_server_at
             except ProcessLookupError:
                 pass
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_an_embedded_store_on_a_full_disk_is_not_blamed_on_credentials_or_tls(tmp_path):
+    """``keygate serve`` with the default ``store.redis_url: embedded`` and its ``data_dir`` on
+    a full file system: the bundled redis-server starts, but refuses every write (MISCONF:
+    "Errors writing to the AOF file: No space left on device"), so serve's start-up check
+    fails and it exits 1 -- rightly. Its one line, though, ends with workers.py
+    ``store_hint``'s advice for a remote Redis that answered: "check store.redis_url: its
+    credentials, database and TLS options". The embedded store has no credentials, database
+    or TLS options, and store.redis_url is just ``embedded``: the operator is sent to the wrong
+    setting, while the thing to fix (the disk under store.data_dir) is named nowhere but inside
+    a Lua error's text.
+
+    Expected: for the embedded store the hint names store.data_dir (its file system is full or
+    it cannot be written), not credentials/TLS of store.redis_url."""
+    mount = Path(tempfile.mkdtemp(prefix="kgfull-", dir="/tmp"))
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "kgrv", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        os.rmdir(mount)
+        pytest.skip(f"no tmpfs can be mounted here: {done.stderr.strip()}")
+    try:
+        fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)  # the disk fills up
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        import sys
+
+        from served import env, write_config
+        config, _, _ = write_config(tmp_path, data_dir=str(mount / "data"))
+        run = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             env=env(), cwd=str(tmp_path), timeout=60)
+        assert run.returncode == 1, run.stderr
+        line = run.stderr.strip().splitlines()[-1]
+        assert "No space left on device" in line, line      # the cause is there, buried
+        assert "credentials" not in line and "TLS" not in line, (
+            f"the embedded store's full disk is blamed on store.redis_url's credentials/TLS: "
+            f"{line}")
+        assert "data_dir" in line, line
+        assert line.endswith(
+            f"; the embedded store cannot write to store.data_dir {str(mount / 'data')!r} (No "
+            "space left on device): free space on its file system or make it writable (or "
+            "choose another store.data_dir), then start keygate again"), line
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+        shutil.rmtree(mount, ignore_errors=True)
