@@ -548,3 +548,66 @@ def test_an_embedded_store_on_a_full_disk_is_not_blamed_on_credentials_or_tls(tm
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
         shutil.rmtree(mount, ignore_errors=True)
+
+
+@pytest.mark.parametrize("url, option", [
+    ("rediss://:hunter2@h/0?ssl_ca_cert=/etc/keygate/ca.pem", "ssl_ca_cert"),
+    ("redis://:hunter2@h:6379/0?sockettimeout=5", "sockettimeout"),
+    ("redis+sentinel://:hunter2@s1/m?sentinel_pasword=x", "sentinel_pasword"),
+    ("redis://:hunter2@h:6379/0?socket_timeout=5s", "socket_timeout"),
+    ("redis://:hunter2@h:6379/0?db=one", "db"),
+])
+def test_a_store_url_option_typo_from_the_environment_says_which_option(tmp_path, monkeypatch,
+                                                                        url, option):
+    """SPEC "Config": every error in a config names the field *and what is wrong*; the
+    documented way to give the store URL is ``${KEYGATE_REDIS_URL}`` (deploy/config.yaml,
+    Dockerfile). A value from the environment keeps its reason only when the reason quotes
+    nothing (config/nodes.py ``_env_problem``: any ``'`` drops it). The store URL's reasons
+    for a mistyped or badly valued *option* quote the option's name -- never the value, never
+    a password (redis_urls.py: "unknown TLS option 'ssl_ca_cert'", redis-py's "Invalid value
+    for 'socket_timeout' in connection URL.") -- so they are all dropped, and the operator who
+    wrote ``ssl_ca_cert`` for ``ssl_ca_certs`` gets only "store.redis_url: the value from
+    ${KEYGATE_REDIS_URL} is invalid", with nothing to go on (the same URL written in the file
+    says exactly what is wrong). tests/test_redis_topologies.py's
+    test_a_store_url_from_the_environment_is_refused_with_its_reason fixed this for the
+    reasons that quoted an apostrophe; these still lose theirs.
+
+    Expected: the reason, which names the option and never the value, is kept."""
+    from gateway.config import ConfigError, load_config
+    monkeypatch.setenv("KG_TEST_STORE_URL", url)
+    path = tmp_path / "config.yaml"
+    path.write_text("store:\n  redis_url: ${KG_TEST_STORE_URL}\n")
+    with pytest.raises(ConfigError) as bad:
+        load_config(path)
+    (problem,) = bad.value.problems
+    assert "hunter2" not in problem, problem
+    assert problem.rstrip().endswith("is invalid") is False and option in \
+        problem.split(" is invalid", 1)[-1], f"the reason (option {option}) is dropped: {problem}"
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:hunter2@h:6379/0?hunter2=1",                    # the password as an option name
+    "redis://hunter2:x@h:6379/0?sockettimeout=5",             # as the user
+    "redis://h:6379/0?password=hunter2&sockettimeout=5",      # as an option's value
+    "redis://h:6379/0?password=hunter%32&sockettimeout=5",    # percent-encoded
+    "redis://:hunter2@h:6379/0?socket_timeout=hunter2",       # the bad value itself
+    "redis://:hunter2@h:6379/0?db=hunter2",
+    "rediss://:hunter2@h/0?ssl_password=hunter2&ssl_ca_cert=x",
+    "redis+sentinel://:hunter2@s1/m?sentinel_password=hunter2&sentinel_pasword=x",
+    "redis://:hunter2@h:6379/0?'hunter2'=1",
+    "redis://:hunter2@h:6379/0?ssl_ca_certs=hunter2",
+])
+def test_a_password_in_a_store_url_from_the_environment_never_appears(tmp_path, monkeypatch,
+                                                                      url):
+    """The reasons kept for a store URL from ``${ENV}`` quote option names only: wherever the
+    password sits in the URL (user, password, an option's value or name, percent-encoded),
+    the problem never shows it, nor any option's value."""
+    from gateway.config import ConfigError, load_config
+    monkeypatch.setenv("KG_TEST_STORE_URL", url)
+    path = tmp_path / "config.yaml"
+    path.write_text("store:\n  redis_url: ${KG_TEST_STORE_URL}\n")
+    with pytest.raises(ConfigError) as bad:
+        load_config(path)
+    (problem,) = bad.value.problems
+    assert "store.redis_url: the value from ${KG_TEST_STORE_URL} is invalid" in problem
+    assert "hunter" not in problem, problem
