@@ -611,3 +611,41 @@ def test_a_password_in_a_store_url_from_the_environment_never_appears(tmp_path, 
     (problem,) = bad.value.problems
     assert "store.redis_url: the value from ${KG_TEST_STORE_URL} is invalid" in problem
     assert "hunter" not in problem, problem
+
+
+def test_the_watcher_recovers_a_running_server_whose_socket_was_deleted(caplog):
+    """``redis.sock`` deleted while the server runs (a clean-up of /tmp by systemd-tmpfiles
+    or by hand, an ``rm -rf`` of the wrong directory): the server runs on, unreachable, and
+    every request is 503 ``store_unavailable``. The watcher looked only at whether the process
+    it started still ran, so it never noticed; keygate stayed down until restarted by hand.
+    It now stops that server (SIGTERM: its AOF fsync'ed) and starts it again on a new socket,
+    with its data."""
+    import logging
+    data_dir = Path(tempfile.mkdtemp(prefix="kgrv", dir="/tmp"))
+    server = EmbeddedRedis(data_dir)
+    try:
+        with redis.Redis.from_url(server.start()) as c:
+            c.set("kg:kept", "1")
+        first = server.pid
+        server.watch(interval=0.1)
+        caplog.set_level(logging.WARNING, "keygate.store")
+        (data_dir / "redis.sock").unlink()
+        deadline = time.monotonic() + 10
+        answered = False
+        while time.monotonic() < deadline and not answered:
+            try:
+                with redis.Redis(unix_socket_path=str(data_dir / "redis.sock"),
+                                 socket_timeout=0.5, retry=Retry(NoBackoff(), 0)) as c:
+                    answered = c.get("kg:kept") == b"1"
+            except (redis.RedisError, OSError):
+                time.sleep(0.05)
+        assert answered, "the server whose socket was deleted was never recovered"
+        while time.monotonic() < deadline and not server.owner:  # the watcher's own look
+            time.sleep(0.05)
+        assert server.owner and server.pid != first and not Path(f"/proc/{first}").exists()
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == [f"embedded redis-server (pid {first}) lost its socket "
+                          f"{str(data_dir / 'redis.sock')!r}; starting it again"], errors
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -37,7 +37,8 @@ anyway, the next ``start`` on that ``data_dir`` simply reuses it.
 
 While keygate runs, ``watch`` keeps the server running: a thread checks it every
 ``WATCH_INTERVAL`` seconds and, when it has exited (SIGKILL, the OOM killer) or, for a process
-that reused another's server, no longer answers (that process stopped it), starts it again from
+that reused another's server, no longer answers (that process stopped it), or its socket was
+deleted while it runs (unreachable: it is stopped, its AOF fsync'ed), starts it again from
 its AOF under the lock, logging the outage once and the recovery once. Meanwhile requests get
 503 ``store_unavailable`` as for any store outage. From the moment keygate begins to stop
 (``quiesce``) it restarts nothing, and gives up a restart under way (its server still
@@ -602,6 +603,10 @@ class EmbeddedRedis:
                 if not down:
                     log.error("embedded redis-server %s; starting it again", gone)
                     down, failures = True, 0
+                proc = self._proc
+                if proc is not None and proc.poll() is None:   # runs, but lost its socket:
+                    self._proc = None                           # SIGTERM (its AOF fsync'ed)
+                    self._stop(proc)
                 try:
                     self._start(self._halted)
                 except StoppedWhileStarting:
@@ -623,6 +628,16 @@ class EmbeddedRedis:
         if proc is not None:
             code = proc.poll()
             if code is None:
+                # runs; but with its socket deleted (a clean-up of /tmp, an rm) nothing can
+                # reach it again: it is as good as gone
+                try:
+                    lost = not stat.S_ISSOCK(self.socket_path.lstat().st_mode)
+                except FileNotFoundError:
+                    lost = True
+                except OSError:
+                    lost = False
+                if lost:
+                    return f"(pid {proc.pid}) lost its socket {str(self.socket_path)!r}"
                 return None
             if code < 0:    # killed: its log's last line says nothing about that
                 return f"(pid {proc.pid}) was killed by signal {-code}"
