@@ -156,7 +156,8 @@ async def _provision(admin_url: str, token: str, revoke_earlier: bool) -> dict[s
 
 def _lock(path: str, how: int) -> int:
     """``path`` opened and flock'ed ``how``; closing the descriptor releases it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0),
+                 0o600)
     try:
         fcntl.flock(fd, how)
     except BaseException:
@@ -243,7 +244,8 @@ def _banner(proxy: str, admin: str, admin_token: str, tokens: dict[str, str],
 
 async def _run(data_dir: str) -> int:
     from .app import ListenError, running_gateway, start_listeners, stop_listeners
-    from .store.embedded import MAX_SOCKET_PATH, SOCKET_NAME, EmbeddedError, EmbeddedRedis
+    from .store.embedded import (MAX_SOCKET_PATH, SOCKET_NAME, EmbeddedError, EmbeddedRedis,
+                                 data_dir_trust_problem)
 
     # The store's unix socket lives in ./.keygate-demo and a socket path has a length limit.
     # The embedded store's own message names store.data_dir, which the demo has none of.
@@ -259,6 +261,12 @@ async def _run(data_dir: str) -> int:
     # (run from a read-only or someone else's directory, or with a file of that name there).
     try:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        # one another user made first in a shared directory (/tmp): theirs to read and plant
+        # a store of their own in, never the demo's keys' home
+        if untrusted := data_dir_trust_problem(data_dir):
+            print(f"keygate: the demo keeps its store in {data_dir}, which {untrusted}; or "
+                  "run keygate demo from another directory", file=sys.stderr)
+            return 1
         problem = None if os.access(data_dir, os.W_OK | os.X_OK) else "not writable"
     except OSError as exc:
         problem = exc.strerror or str(exc)

@@ -38,8 +38,12 @@ def store_hint(problem: str, config: Config, reached: bool) -> str:
     """``problem`` (the store failed at start-up) followed by what the operator should do and
     where the URL comes from: ``store.redis_url`` at its line of the file, and the environment
     variable it names (the container config's ``${KEYGATE_REDIS_URL:-embedded}``).
-    ``reached``: whether Redis answered at all (else: not running, or not reachable)."""
+    ``reached``: whether Redis answered at all (else: not running, or not reachable). The
+    embedded store has no credentials, database or TLS options, nor a Redis to start: its
+    hint names ``store.data_dir``, where its files are."""
     problem = problem.rstrip(". ")
+    if config.store.redis_url == "embedded":
+        return _embedded_hint(problem, config)
     where = _redis_url_line(config.source) if config.source else None
     if where is None:
         setting = "store.redis_url"
@@ -52,6 +56,25 @@ def store_hint(problem: str, config: Config, reached: bool) -> str:
         return (f"{problem}; start Redis, or point {setting} at one this host can reach "
                 "(keygate does not serve without its store)")
     return f"{problem}; check {setting}: its credentials, database and TLS options"
+
+
+# What an embedded store that cannot write its AOF says (redis's MISCONF, with the errno's text)
+_WRITE_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                   "Permission denied", "Input/output error")
+
+
+def _embedded_hint(problem: str, config: Config) -> str:
+    from .store.embedded import LOGFILE_NAME, data_dir_path
+    data_dir = data_dir_path(config.store.data_dir)
+    cause = next((c for c in _WRITE_FAILURES if c in problem), None)
+    if cause is None and "MISCONF" in problem:
+        cause = "it cannot write its AOF"
+    if cause is not None:
+        return (f"{problem}; the embedded store cannot write to store.data_dir "
+                f"{str(data_dir)!r} ({cause}): free space on its file system or make it "
+                "writable (or choose another store.data_dir), then start keygate again")
+    return (f"{problem}; see the embedded store's log, {str(data_dir / LOGFILE_NAME)!r} "
+            "(in store.data_dir)")
 
 
 def _answered(problem: str) -> bool:

@@ -107,10 +107,49 @@ def _env_problem(message: str, names: list[str], texts: list[str]) -> str:
     reason = message.split(", got ", 1)[0]
     for text in sorted((t for t in texts if t), key=len, reverse=True):  # whole words only:
         reason = re.sub(rf"(?<!\w){re.escape(text)}(?!\w)", refs, reason)  # 0 is not in 1024
-    # anything left of a value long enough to be a secret, or quoted: no reason at all
-    if "'" in reason or any(len(t) >= 4 and t in reason for t in texts):
+    # anything left of a value long enough to be a secret, or of a URL's user or passwords,
+    # or quoted (but for the name of an option of the URL): no reason at all
+    if _quotes_more_than_option_names(reason, texts) \
+            or any(len(t) >= 4 and t in reason for t in texts) \
+            or any(re.search(rf"(?<!\w){re.escape(part)}(?!\w)", reason)
+                   for t in texts for part in _url_secrets(t)):
         return f"the value from {refs} is invalid"
     return f"the value from {refs} is invalid: {reason}"
+
+
+def _url_options(text: str) -> set[str]:
+    """The names of a URL's query options (``?ssl_ca_certs=...&db=1``: ssl_ca_certs, db)."""
+    query = text.partition("?")[2].partition("#")[0]
+    return {item.partition("=")[0] for item in query.split("&") if "=" in item}
+
+
+def _url_secrets(text: str) -> set[str]:
+    """What a URL holds that a message must not show: its user and password, and the values
+    of its password options (percent-encoded or not)."""
+    from urllib.parse import unquote
+    parts: set[str] = set()
+    head = text.partition("?")[0]
+    if "://" in head and "@" in head.partition("://")[2].partition("/")[0]:
+        userinfo = head.partition("://")[2].partition("/")[0].rpartition("@")[0]
+        parts.update(userinfo.split(":", 1))
+    query = text.partition("?")[2].partition("#")[0]
+    parts.update(value for name, _, value in (item.partition("=") for item in query.split("&"))
+                 if "password" in name.lower())
+    return {form for part in parts if part for form in (part, unquote(part))}
+
+
+def _quotes_more_than_option_names(reason: str, texts: list[str]) -> bool:
+    """Whether ``reason`` quotes anything but the names of the values' URL options ("unknown
+    TLS option 'ssl_ca_cert'", "Invalid value for 'db' in connection URL."): a form of the
+    value, say (``'0777' is octal (511)``). An apostrophe within a word (redis-py's) quotes
+    nothing."""
+    bare = re.sub(r"(?<=\w)'(?=\w)", "", reason)
+    quoted = re.findall(r"'([^']*)'", bare)
+    if "'" in re.sub(r"'[^']*'", "", bare):
+        return True     # a quote left open
+    names = set().union(*(_url_options(t) for t in texts)) if texts else set()
+    return any(not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", q) or q not in names
+               for q in quoted)
 
 
 def suggest(word: str, choices: Any) -> str:

@@ -16,6 +16,12 @@ Files in ``data_dir``::
                       proof a server holds this data_dir that survives a deleted socket/pidfile
     appendonly.aof    the data
 
+Only a ``data_dir`` of the user keygate runs as, which no one else may write to, is used
+(``data_dir_trust_problem``): in one another user made first (``./.keygate-data`` in a shared
+directory) they could leave a redis-server of their own on its socket, or links named as
+keygate's files. A server answering on the socket is reused only when it runs as that user
+too (SO_PEERCRED), and keygate's files there are opened without following links.
+
 One server per ``data_dir``: several workers, a ``keygate serve`` and a ``keygate demo``, or a
 restart after a crash all find the server that is already answering on the socket and reuse it
 (``EmbeddedRedis.start`` returns its URL without starting another). Only the object that started
@@ -31,10 +37,13 @@ anyway, the next ``start`` on that ``data_dir`` simply reuses it.
 
 While keygate runs, ``watch`` keeps the server running: a thread checks it every
 ``WATCH_INTERVAL`` seconds and, when it has exited (SIGKILL, the OOM killer) or, for a process
-that reused another's server, no longer answers (that process stopped it), starts it again from
+that reused another's server, no longer answers (that process stopped it), or its socket was
+deleted while it runs (unreachable: it is stopped, its AOF fsync'ed), starts it again from
 its AOF under the lock, logging the outage once and the recovery once. Meanwhile requests get
 503 ``store_unavailable`` as for any store outage. From the moment keygate begins to stop
-(``quiesce``) it restarts nothing: a SIGTERM to the whole service stops the server too. (The
+(``quiesce``) it restarts nothing, and gives up a restart under way (its server still
+loading the AOF, which may take minutes), stopping that server, so that ``stop`` does not wait
+for the load: a SIGTERM to the whole service stops the server too. (The
 thread that restarted the server is the one its death signal is tied to; it lives until
 ``stop``.)
 
@@ -55,13 +64,15 @@ import os
 import re
 import shlex
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Iterator
+from typing import IO, TYPE_CHECKING, Callable, Iterator
 from urllib.parse import quote
 
 import redis
@@ -143,6 +154,29 @@ def _load_libc() -> ctypes.CDLL | None:
 
 _LIBC = _load_libc()
 
+# O_NOFOLLOW where the platform has it: keygate's files in data_dir are opened as themselves,
+# never through a link (a link there is refused: ELOOP)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def data_dir_trust_problem(data_dir: str | os.PathLike[str]) -> str:
+    """Why ``data_dir`` (an existing directory) cannot be trusted with the store, or '': it
+    belongs to another user than the one keygate runs as, or others than its owner may write
+    to it. Either way someone else could put a redis-server of their own on its socket (and
+    so read every key hash and write key records of their own), or links named as keygate's
+    files (and so have keygate write where they point)."""
+    info = os.stat(data_dir)
+    me = os.geteuid()
+    if info.st_uid != me:
+        return (f"belongs to uid {info.st_uid}, not to uid {me} that runs keygate: that user "
+                "could put a store of their own there; use a directory of your own, or chown "
+                f"it to uid {me}")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        return (f"is writable by other users (mode {mode:04o}): they could put a store of "
+                "their own there; chmod 700 it")
+    return ""
+
 
 def data_dir_path(data_dir: str | os.PathLike[str]) -> Path:
     """``store.data_dir`` as the store uses it: ``~`` expanded, a relative one read from the
@@ -214,19 +248,29 @@ class EmbeddedRedis:
 
     def start(self) -> str:
         """Return the URL of the server for ``data_dir``, starting one if none is running."""
+        return self._start(lambda: _stop_requested())
+
+    def _start(self, halted: Callable[[], bool]) -> str:
+        """``start``, whose waits (the lock, a server loading its AOF) give up with
+        ``StoppedWhileStarting`` once ``halted()``, stopping a server they started."""
         if self._proc is not None and self._proc.poll() is None:
             return self.url
         self._check_socket_path()
         binary = redis_server_binary()
         self._make_data_dir()
-        with self._locked(stoppable=True):
-            pid = self._running_pid()
+        with self._locked(halted):
+            pid = self._running_pid(halted)
             if pid is not None:
                 self.pid = pid
                 self._proc = None   # someone else's server now (ours, if any, has exited)
                 return self.url
-            self._launch(binary)
+            self._launch(binary, halted)
         return self.url
+
+    def _halted(self) -> bool:
+        """For the watcher's restart: keygate has begun to stop (quiesce, stop, a held
+        SIGTERM), so a server still loading its AOF is stopped rather than waited for."""
+        return self._quiet or self._stopping.is_set() or _stop_requested()
 
     def _check_socket_path(self) -> None:
         if problem := data_dir_problem(self.data_dir):
@@ -240,6 +284,13 @@ class EmbeddedRedis:
                                 f"{exc.strerror or exc}") from None
         if not self.data_dir.is_dir():
             raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r} is not a directory")
+        try:
+            problem = data_dir_trust_problem(self.data_dir)
+        except OSError as exc:
+            raise EmbeddedError(f"cannot look at store.data_dir {str(self.data_dir)!r}: "
+                                f"{exc.strerror or exc}") from None
+        if problem:
+            raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r} {problem}")
         if not os.access(self.data_dir, os.W_OK | os.X_OK):
             raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r} is not writable")
         self._keep_private()
@@ -252,10 +303,14 @@ class EmbeddedRedis:
         for name in (AOF_NAME, LOGFILE_NAME, PIDFILE_NAME):
             path = self.data_dir / name
             with contextlib.suppress(OSError):
-                info = path.lstat()
-                if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() \
-                        and info.st_mode & 0o077:
-                    os.chmod(path, 0o600)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | _NOFOLLOW | os.O_NONBLOCK)
+                try:
+                    info = os.fstat(fd)
+                    if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() \
+                            and info.st_mode & 0o077:
+                        os.fchmod(fd, 0o600)
+                finally:
+                    os.close(fd)
         with contextlib.suppress(OSError):
             mode = stat.S_IMODE(self.data_dir.stat().st_mode)
             if mode & 0o066:  # others may list or write it; entering it reads no 0600 file
@@ -264,17 +319,19 @@ class EmbeddedRedis:
                             "chmod 700 %r", str(self.data_dir), mode, str(self.data_dir))
 
     @contextlib.contextmanager
-    def _locked(self, stoppable: bool = False) -> Iterator[None]:
+    def _locked(self, halted: Callable[[], bool] | None = None) -> Iterator[None]:
         """Hold the data_dir's lock file: one process at a time starts or stops its server.
-        ``stoppable`` (a start): the wait gives up on a held SIGTERM, as the start's own waits
-        do; another keygate may hold the lock for as long as its server's AOF takes to load."""
+        ``halted`` (a start): the wait gives up once it says so (a held SIGTERM), as the
+        start's own waits do; another keygate may hold the lock for as long as its server's
+        AOF takes to load."""
         try:
-            fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | _NOFOLLOW,
+                         0o600)
         except OSError as exc:
             raise EmbeddedError(f"cannot open lock file {str(self.lockfile)!r}: "
                                 f"{exc.strerror or exc}") from None
         try:
-            if not stoppable:
+            if halted is None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             else:
                 while True:
@@ -282,7 +339,7 @@ class EmbeddedRedis:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                         break
                     except BlockingIOError:
-                        if _stop_requested():
+                        if halted():
                             raise StoppedWhileStarting(
                                 "stopped while waiting for the embedded store's lock") from None
                         time.sleep(0.05)
@@ -313,16 +370,22 @@ class EmbeddedRedis:
 
     def _pidfile_pid(self) -> int | None:
         try:
-            pid = int(self.pidfile.read_text().strip())
+            fd = os.open(self.pidfile, os.O_RDONLY | os.O_CLOEXEC | _NOFOLLOW | os.O_NONBLOCK)
+            try:
+                pid = int(os.read(fd, 64).strip())
+            finally:
+                os.close(fd)
         except (OSError, ValueError):
             return None
         return pid if pid > 0 and _alive(pid) else None
 
-    def _running_pid(self) -> int | None:
+    def _running_pid(self, halted: Callable[[], bool]) -> int | None:
         """The pid of a server already serving this data_dir, waiting out an AOF load."""
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             state = self._ping()
+            if state is not False:  # answers, or loads its AOF: whose server is it?
+                self._check_peer()
             pid = self._pidfile_pid()
             if state:
                 return pid or self._server_pid()
@@ -331,7 +394,7 @@ class EmbeddedRedis:
                     return None    # nothing there: stale pidfile/socket are redis's to replace
                 # A server of ours runs on this AOF, yet its socket and pidfile are gone:
                 # starting another would make two writers of one AOF.
-                if _stop_requested():
+                if halted():
                     raise StoppedWhileStarting("stopped while waiting for the embedded store")
                 if time.monotonic() > deadline:
                     raise EmbeddedError(
@@ -342,7 +405,7 @@ class EmbeddedRedis:
                 continue
             if state is None:      # LOADING its AOF: progress, however large the file
                 deadline = time.monotonic() + START_TIMEOUT
-            if _stop_requested():  # not ours to stop: another keygate started it
+            if halted():           # not ours to stop: another keygate started it
                 raise StoppedWhileStarting("stopped while waiting for the embedded store")
             if time.monotonic() > deadline:
                 raise EmbeddedError(f"a redis-server (pid {pid}) holds {str(self.data_dir)!r} "
@@ -350,10 +413,26 @@ class EmbeddedRedis:
                                     f"stop it or see {str(self.logfile)!r}")
             time.sleep(0.05)       # starting up or loading its AOF
 
+    def _check_peer(self) -> None:
+        """Refuse a server on the socket that runs as another user: keygate would keep every
+        key record in a store that user reads and writes. The kernel's word for it
+        (SO_PEERCRED); where there is none, the owner of the socket file."""
+        try:
+            uid = _peer_uid(self.socket_path)
+        except OSError:
+            return              # gone since it answered: the caller's next look says so
+        me = os.geteuid()
+        if uid != me:
+            raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r}: the redis-server on "
+                                f"{str(self.socket_path)!r} runs as uid {uid}, not as uid {me}"
+                                " that runs keygate; it is not keygate's store: stop it, or "
+                                "use a directory of your own")
+
     def _server_holds_data_dir(self) -> bool:
         """True while a server launched by keygate for this data_dir runs (it holds RUNFILE)."""
         try:
-            fd = os.open(self.runfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.runfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | _NOFOLLOW,
+                         0o600)
         except OSError:
             return False
         try:
@@ -395,19 +474,27 @@ class EmbeddedRedis:
             "--hash-max-ziplist-value", "128",
         ]
 
-    def _launch(self, binary: Path) -> None:
+    def _launch(self, binary: Path, halted: Callable[[], bool]) -> None:
+        # redis writes its pidfile (fopen "w") and log (fopen "a") following links: each is
+        # a plain file or none (data_dir is ours and only ours to write: checked at start)
+        for path in (self.pidfile, self.logfile):
+            with contextlib.suppress(OSError):
+                if not stat.S_ISREG(path.lstat().st_mode):
+                    raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r}: {path.name} "
+                                        "there is not a plain file (a link?); remove it")
         try:
             log_start = self.logfile.stat().st_size
         except OSError:
             log_start = 0
         try:
             log: IO[bytes] = open(os.open(self.logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                                          | os.O_CLOEXEC, 0o600), "ab")
+                                          | os.O_CLOEXEC | _NOFOLLOW, 0o600), "ab")
         except OSError as exc:
             raise EmbeddedError(f"cannot write {str(self.logfile)!r}: "
                                 f"{exc.strerror or exc}") from None
         try:
-            running = os.open(self.runfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            running = os.open(self.runfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | _NOFOLLOW,
+                              0o600)
         except OSError as exc:
             log.close()
             raise EmbeddedError(f"cannot open {str(self.runfile)!r}: "
@@ -438,7 +525,7 @@ class EmbeddedRedis:
                 return
             if state is None:   # LOADING its AOF: progress, however large the file
                 deadline = time.monotonic() + START_TIMEOUT
-            if _stop_requested():  # it serves nothing yet: a loading redis exits on SIGTERM
+            if halted():           # it serves nothing yet: a loading redis exits on SIGTERM
                 _terminate(proc, grace=1.0)
                 raise StoppedWhileStarting("stopped while the embedded store was starting")
             if proc.poll() is not None:
@@ -464,7 +551,7 @@ class EmbeddedRedis:
     def _log_reason(self, offset: int) -> str:
         """The last line redis logged since ``offset``, without its pid/time prefix."""
         try:
-            with open(self.logfile, "rb") as f:
+            with open(os.open(self.logfile, os.O_RDONLY | os.O_CLOEXEC | _NOFOLLOW), "rb") as f:
                 f.seek(offset)
                 tail = f.read()[-8192:].decode("utf-8", "replace")
         except OSError:
@@ -516,8 +603,14 @@ class EmbeddedRedis:
                 if not down:
                     log.error("embedded redis-server %s; starting it again", gone)
                     down, failures = True, 0
+                proc = self._proc
+                if proc is not None and proc.poll() is None:   # runs, but lost its socket:
+                    self._proc = None                           # SIGTERM (its AOF fsync'ed)
+                    self._stop(proc)
                 try:
-                    self.start()
+                    self._start(self._halted)
+                except StoppedWhileStarting:
+                    continue    # keygate is stopping: the next look ends the thread
                 except EmbeddedError as exc:
                     if str(exc) != last_error:   # once per distinct reason, not every second
                         log.error("embedded redis-server could not be started again: %s", exc)
@@ -535,6 +628,16 @@ class EmbeddedRedis:
         if proc is not None:
             code = proc.poll()
             if code is None:
+                # runs; but with its socket deleted (a clean-up of /tmp, an rm) nothing can
+                # reach it again: it is as good as gone
+                try:
+                    lost = not stat.S_ISSOCK(self.socket_path.lstat().st_mode)
+                except FileNotFoundError:
+                    lost = True
+                except OSError:
+                    lost = False
+                if lost:
+                    return f"(pid {proc.pid}) lost its socket {str(self.socket_path)!r}"
                 return None
             if code < 0:    # killed: its log's last line says nothing about that
                 return f"(pid {proc.pid}) was killed by signal {-code}"
@@ -557,8 +660,10 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Stop the server if this object started it (SHUTDOWN fsyncs the AOF); else nothing."""
+        # Before the mutex: a restart the watcher has under way (its server loading a large
+        # AOF, for seconds to minutes) sees this, stops that server and lets the mutex go.
+        self._stopping.set()
         with self._mutex:           # the watcher restarts nothing from now on
-            self._stopping.set()
             proc, self._proc = self._proc, None
         try:
             self._stop(proc)
@@ -614,6 +719,21 @@ class EmbeddedRedis:
         self.stop()
 
 
+def _peer_uid(path: Path) -> int:
+    """The uid of the process listening on the unix socket ``path``: the kernel's word
+    (SO_PEERCRED, Linux); elsewhere the owner of the socket file."""
+    peercred = getattr(socket, "SO_PEERCRED", None)
+    if peercred is None:
+        return os.lstat(path).st_uid
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(1.0)
+        conn.connect(str(path))
+        # struct ucred: pid_t pid, uid_t uid, gid_t gid
+        _, uid, _ = struct.unpack("iII", conn.getsockopt(socket.SOL_SOCKET, peercred,
+                                                         struct.calcsize("iII")))
+    return uid
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -636,10 +756,13 @@ def _is_redis(pid: int, data_dir: Path) -> bool:
         return True
     if b"redis-server" not in cmdline:
         return False
-    # Its arguments (or, once it has renamed itself, its title "unixsocket:<path>") name its
-    # socket; failing that, it runs in its data_dir (we start it there, and a moved directory
-    # moves its cwd with it).
-    if os.fsencode(data_dir / SOCKET_NAME) in cmdline:
+    # Its arguments (or, once it has renamed itself, its title "<binary> unixsocket:<path>")
+    # name its socket, as a whole: /mnt/old/srv/kg/redis.sock is not /srv/kg/redis.sock (a
+    # copy restored at a path ending the original's); failing that, it runs in its data_dir
+    # (we start it there, and a moved directory moves its cwd with it).
+    sock = os.fsencode(data_dir / SOCKET_NAME)
+    args = cmdline.rstrip(b"\0").split(b"\0")
+    if sock in args[1:] or args[0].endswith(b" unixsocket:" + sock):
         return True
     try:
         return Path(f"/proc/{pid}/cwd").resolve() == data_dir.resolve()
