@@ -175,7 +175,8 @@ def cmd_keys_usage(args: argparse.Namespace, client: AdminClient) -> int:
 def cmd_keys_delete(args: argparse.Namespace, client: AdminClient) -> int:
     key = client.request("DELETE", f"/workspaces/{seg(args.workspace)}/keys/{seg(args.id)}")
     return show(args, client, lambda: f"deleted key {esc(key.get('id', args.id))} of workspace "
-                                      f"{args.workspace} (its audit entries stay)")
+                                      f"{esc(key.get('workspace', args.workspace))} (its audit "
+                                      "entries stay)")
 
 
 def cmd_workspaces_limits(args: argparse.Namespace, client: AdminClient) -> int:

@@ -203,8 +203,9 @@ def cmd_keys_revoke(args: argparse.Namespace, client: AdminClient) -> int:
             print(f"aborted: key {args.id} was not revoked", file=sys.stderr)
             return 2
     key = client.request("POST", _key_path(args) + "/revoke")
+    # the workspace the answer names: the key revoked is the one the API says it is
     return show(args, client, lambda: f"revoked key {esc(key.get('id', args.id))} of workspace "
-                                      f"{args.workspace}")
+                                      f"{esc(key.get('workspace', args.workspace))}")
 
 
 def cmd_keys_rotate(args: argparse.Namespace, client: AdminClient) -> int:

@@ -1,0 +1,207 @@
+"""The defects an adversarial review of the ``keygate`` CLI found (rv-cli), each pinned: the
+console script run as a real subprocess against a real admin API
+(``gateway.admin.create_admin_app`` on a loopback port, on a real redis-server), or against
+an HTTP server answering a fixed body where the answer's shape is the point.
+
+Each docstring says what the CLI did before its fix and what it does now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOKEN = "rv-cli-operator-token-0123456789abcdef"
+KEYGATE = str(Path(sys.executable).with_name("keygate"))
+
+
+def _environ(url: str | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+    env["KEYGATE_ADMIN_TOKEN"] = TOKEN
+    if url:
+        env["KEYGATE_ADMIN_URL"] = url
+    env.update(extra)
+    return env
+
+
+def _run(argv: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("stdout", subprocess.PIPE)
+    return subprocess.run([KEYGATE, *argv], env=env, stdin=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, timeout=60, **kw)
+
+
+async def keygate(argv: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
+    """The console script in a thread: the admin API it talks to runs on this test's loop."""
+    return await asyncio.to_thread(_run, argv, env, **kw)
+
+
+@pytest.fixture
+async def admin(redis_url, monkeypatch):
+    """A real admin API on a loopback port, on a real redis-server; its URL."""
+    import dataclasses
+
+    from aiohttp import web
+
+    from gateway import admin as admin_api
+    from gateway.config import Argon2Config, Config, Plan
+    from gateway.store import Store
+
+    monkeypatch.setenv("KEYGATE_ADMIN_TOKEN", TOKEN)  # the admin app reads it here
+    config = Config(plans={"free": Plan("free")}, default_plan="free",
+                    roles={"reader": ("people:read",)})
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, argon2=Argon2Config(1, 8, 1)))
+    store = await Store.connect(redis_url, config)
+    runner = web.AppRunner(admin_api.create_admin_app(config, store))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+        await store.close()
+
+
+async def _workspace_with_key(url: str) -> str:
+    env = _environ(url)
+    done = await keygate(["workspaces", "create", "acme", "--name", "Acme"], env)
+    assert done.returncode == 0, done.stderr
+    done = await keygate(["keys", "create", "-w", "acme", "--name", "ci", "--role", "reader",
+                          "--json"], env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["key"]["id"]
+
+
+async def _keys(url: str) -> list[dict]:
+    done = await keygate(["keys", "list", "-w", "acme", "--json"], _environ(url))
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["items"]
+
+
+# --- 8. an id with '../' reaches another workspace behind a path-prefix reverse proxy ------------
+
+async def test_an_id_with_dot_segments_never_reaches_another_workspace_behind_a_proxy(
+        admin, tmp_path):
+    """docs/cli.md: `--admin-url` takes "a path prefix ... for a listener behind a reverse
+    proxy". The CLI puts ids into the path with seg() = quote(value, safe="") ("an id with '/'
+    or '?' in it stays one segment", client.py seg) and refuses only empty ids
+    (parsing.identifier). A reverse proxy decodes %2F and removes dot segments before passing
+    the request on (nginx does, with `proxy_pass` and a URI), so
+    `keygate keys revoke -w acme ../../other/keys/VICTIM --yes` is
+    `POST .../workspaces/acme/keys/..%2F..%2Fother%2Fkeys%2FVICTIM/revoke` →
+    `POST /admin/v1/workspaces/other/keys/VICTIM/revoke`: a key of *another* workspace is
+    revoked, exit 0 (a support script revoking "$ID" from a ticket is a confused deputy).
+    Here a real nginx (`location /kg/ { proxy_pass http://ADMIN/; }`) stands in front of a real
+    admin API. Expected: an id holding '/' (or being '.'/'..': no keygate id, slug or key id,
+    is one) is bad usage, exit 2, and nothing is sent."""
+    import shutil
+    import time
+
+    from conftest import free_port
+
+    nginx = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
+    if nginx is None:
+        pytest.skip("nginx is not installed")
+    await _workspace_with_key(admin)
+    direct = _environ(admin)
+    assert (await keygate(["workspaces", "create", "other", "--name", "Other"], direct)
+            ).returncode == 0
+    made = await keygate(["keys", "create", "-w", "other", "--name", "victim", "--role",
+                          "reader", "--json"], direct)
+    victim = json.loads(made.stdout)["key"]["id"]
+    port = free_port()
+    for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp_path / d).mkdir()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp_path}/body;
+    proxy_temp_path {tmp_path}/proxy;
+    fastcgi_temp_path {tmp_path}/fastcgi;
+    uwsgi_temp_path {tmp_path}/uwsgi;
+    scgi_temp_path {tmp_path}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location /kg/ {{ proxy_pass {admin}/; }}
+    }}
+}}
+""")
+    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        via = _environ(f"http://127.0.0.1:{port}/kg")
+        listed = await keygate(["workspaces", "list"], via)  # the proxy works
+        assert listed.returncode == 0, listed.stderr
+        done = await keygate(["keys", "revoke", "-w", "acme", f"../../other/keys/{victim}",
+                              "--yes"], via)
+        shown = await keygate(["keys", "show", "-w", "other", victim, "--json"], direct)
+        assert json.loads(shown.stdout)["status"] == "active", done.stdout
+        assert done.returncode == 2, done.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+
+
+@pytest.mark.parametrize("where, bad", [("key", ".."), ("key", "a\\b"), ("workspace", "."),
+                                        ("workspace", "../other"), ("role", "a/b"),
+                                        ("plan", "..\\free")])
+async def test_an_id_that_is_a_path_is_bad_usage_and_nothing_is_sent(admin, where, bad):
+    """No workspace id (a slug), key id (base62), role (a slug) or plan name (a letter or
+    digit first) holds '/' or '\\\\' or is '.' or '..' (SPEC), so such an id is bad usage
+    wherever it goes into a path: exit 2, before anything is sent (sent, the API would answer
+    404, exit 1)."""
+    await _workspace_with_key(admin)
+    argv = {"key": ["keys", "show", "-w", "acme", bad],
+            "workspace": ["keys", "list", "-w", bad],
+            "role": ["roles", "delete", "-w", "acme", bad],
+            "plan": ["workspaces", "set-plan", "acme", bad]}[where]
+    done = await keygate(argv, _environ(admin))
+    err = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 2, err
+    assert "is not an id or name" in err and "Traceback" not in err, err
+    shown = await keygate(["workspaces", "show", "acme", "--json"], _environ(admin))
+    assert json.loads(shown.stdout)["plan"] == "free"
+
+
+async def test_revoke_names_the_workspace_the_answer_names(aiohttp_server):
+    """What was revoked is what the API answered: the key's own workspace, not the argument
+    (which, before ids that are paths were refused, a proxy could turn into another)."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"id": "K1", "workspace": "other", "status": "revoked"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("")).rstrip("/")
+    done = await keygate(["--admin-url", url, "keys", "revoke", "-w", "acme", "K1", "--yes"],
+                         _environ(None))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == "revoked key K1 of workspace other\n"
