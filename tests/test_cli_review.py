@@ -85,6 +85,49 @@ async def _keys(url: str) -> list[dict]:
     return json.loads(done.stdout)["items"]
 
 
+# --- 1. an admin URL that urllib cannot encode ends in a traceback --------------------------------
+
+def _bad_urls(port: int) -> list[str]:
+    return [f"http://127.0.0.1:{port}/ä",                # a path prefix that is not ASCII
+            f"http://ｌｏｃａｌｈｏｓｔ:{port}",            # fullwidth letters in the host
+            f"http://{'a' * 64}.example:{port}",         # a DNS label over 63 characters
+            f"http://a..b:{port}"]                       # an empty DNS label
+
+
+@pytest.mark.parametrize("which", range(4))
+@pytest.mark.parametrize("how", ["--admin-url", "KEYGATE_ADMIN_URL"])
+async def test_an_admin_url_urllib_cannot_encode_is_one_line_not_a_traceback(admin, which, how):
+    """docs/cli.md: exit 1 when the API "could not be reached" (message on stderr), 2 on bad
+    usage; admin_url() lets through any printable URL, and a non-ASCII path prefix
+    (UnicodeEncodeError in http.client's request line), a non-ASCII host (UnicodeEncodeError on
+    the Host header) or a host with an empty or over-long label (UnicodeError from the idna
+    codec in getaddrinfo) escape AdminClient._send, which catches OSError/URLError/
+    HTTPException only: a Python traceback, exit 1 from the interpreter."""
+    port = int(admin.rsplit(":", 1)[1])
+    url = _bad_urls(port)[which]
+    if how == "--admin-url":
+        done = await keygate(["--admin-url", url, "workspaces", "list"], _environ(None))
+    else:
+        done = await keygate(["workspaces", "list"], _environ(url))
+    err = done.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err, err
+    assert done.returncode in (1, 2)
+    assert err.startswith(("keygate", "usage")), err
+
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1/ä", "http://ｌｏｃａｌｈｏｓｔ:1",
+                                 f"http://{'a' * 64}.example:1", "http://a..b:1"])
+def test_a_url_urllib_cannot_send_is_cannot_reach_in_the_client(url):
+    """admin_url() refuses the URLs above before a client is made; the client itself, handed
+    one it does not know of, says it cannot reach the API (a CliError: one line, exit 1),
+    never a UnicodeError or ValueError traceback."""
+    from gateway.cli.client import AdminClient, CliError
+
+    client = AdminClient(url, TOKEN, 5.0, None, "KEYGATE_ADMIN_TOKEN")
+    with pytest.raises(CliError, match="cannot reach the admin API"):
+        client.request("GET", "/workspaces")
+
 # --- 8. an id with '../' reaches another workspace behind a path-prefix reverse proxy ------------
 
 async def test_an_id_with_dot_segments_never_reaches_another_workspace_behind_a_proxy(

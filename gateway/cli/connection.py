@@ -31,6 +31,13 @@ def admin_url(text: str) -> str:
     if "@" in parts.netloc:
         raise ValueError(f"'{text}' names a user or password; the admin API takes the operator "
                          "token (KEYGATE_ADMIN_TOKEN), not credentials in its URL")
+    if not text.isascii():
+        # urllib sends neither: a UnicodeEncodeError in the request line or Host header
+        raise ValueError(f"'{text}' is not ASCII; give the host in its ASCII form "
+                         "(xn--... for an international name) and percent-encode the path")
+    host_problem = _host_problem(parts.hostname or "")
+    if host_problem:
+        raise ValueError(f"'{text}' {host_problem}")
     if parts.query or parts.fragment or text.rstrip().endswith(("?", "#")):
         raise ValueError(f"'{text}' has a query or fragment; give the admin listener's "
                          "address only, e.g. http://127.0.0.1:8081")
@@ -42,6 +49,22 @@ def admin_url(text: str) -> str:
     if parts.port == 0:
         raise ValueError(f"'{text}' does not have a valid port (a number from 1 to 65535)")
     return text
+
+
+def _host_problem(host: str) -> str | None:
+    """What keeps ``host`` (a URL's, brackets taken off) from being looked up, or None: a
+    name's labels are 1 to 63 characters, 253 in all (the idna codec refuses the rest in
+    getaddrinfo with a UnicodeError)."""
+    if not host:
+        return "has no host"
+    if ":" in host:  # an IPv6 address, which urlsplit found between brackets
+        return None
+    name = host[:-1] if host.endswith(".") else host  # one trailing dot: the root
+    if len(name) > 253:
+        return "has a host name over 253 characters"
+    if any(not 1 <= len(label) <= 63 for label in name.split(".")):
+        return "has a host name with an empty label or one over 63 characters"
+    return None
 
 
 def connection(args: argparse.Namespace) -> tuple[str, str | None, str | None, str]:
