@@ -128,6 +128,48 @@ def test_a_url_urllib_cannot_send_is_cannot_reach_in_the_client(url):
     with pytest.raises(CliError, match="cannot reach the admin API"):
         client.request("GET", "/workspaces")
 
+# --- 2. the token of a new key, and the old key, lost to a pipe with no reader --------------------
+
+async def test_keys_rotate_into_a_pipe_with_no_reader_sends_nothing(admin):
+    """docs/cli.md, keys create: "With stdout closed (>&-) nothing is sent and it exits 1: the
+    token would be written nowhere (keys rotate too)". A pipe whose reader has already gone
+    (`keygate keys rotate ... | tee x` where tee failed to open x, `| true`) is the same: the
+    token can be written nowhere. The CLI checks only for a closed descriptor
+    (cli/__init__.py _stdout_open), sends the rotation, and the old key is revoked (grace 0)
+    while the new token is lost: the integration is locked out. Linux reports a pipe with no
+    reader as POLLERR on its write end, so it can be detected before anything is sent."""
+    old = await _workspace_with_key(admin)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command runs
+    try:
+        done = await keygate(["keys", "rotate", "-w", "acme", old], _environ(admin),
+                             stdout=write)
+    finally:
+        os.close(write)
+    assert done.returncode == 1
+    assert b"nothing was sent" in done.stderr, done.stderr
+    statuses = {k["id"]: k["status"] for k in await _keys(admin)}
+    assert statuses[old] == "active", (statuses, done.stderr)
+    assert len(statuses) == 1, statuses  # no new key whose token nobody has
+
+
+async def test_keys_create_into_a_pipe_with_no_reader_sends_nothing(admin):
+    """Same as above for keys create: a key is made whose token is written nowhere (it takes
+    one of the workspace's max_keys and has to be found and revoked by hand)."""
+    await _workspace_with_key(admin)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = await keygate(["keys", "create", "-w", "acme", "--name", "lost", "--role",
+                              "reader"], _environ(admin), stdout=write)
+    finally:
+        os.close(write)
+    assert done.returncode == 1
+    assert b"nothing was sent" in done.stderr, done.stderr
+    names = [k["name"] for k in await _keys(admin)]
+    assert names == ["ci"], (names, done.stderr)
+
+
 # --- 8. an id with '../' reaches another workspace behind a path-prefix reverse proxy ------------
 
 async def test_an_id_with_dot_segments_never_reaches_another_workspace_behind_a_proxy(

@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "prints_token", False) and not _stdout_open():
             # the key would be made and its token, shown once, written nowhere
             print("keygate: the output was closed before the command ran (stdout is not "
-                  "open): the new token would be written nowhere, so nothing was sent",
-                  file=sys.stderr)
+                  "open, or a pipe nothing reads): the new token would be written nowhere, so "
+                  "nothing was sent", file=sys.stderr)
             return 1
         url, token, cert_file, token_source = connection(args)
         try:
@@ -124,17 +124,27 @@ def _store_hint(method: str, path: str) -> str:
 
 def _stdout_open() -> bool:
     """Whether stdout can be written to: with ``>&-`` Python's sys.stdout is None, and
-    print() then writes nothing, silently."""
+    print() then writes nothing, silently; a pipe whose reader is gone (``| true``, a ``tee``
+    that could not open its file) takes nothing either, and Linux says so before anything is
+    written, as POLLERR on its write end."""
     import os
+    import select
     if sys.stdout is None:
         return False
     try:
-        os.fstat(sys.stdout.fileno())
+        fd = sys.stdout.fileno()
+        os.fstat(fd)
     except (AttributeError, ValueError, io.UnsupportedOperation):  # no file descriptor (a
         return True                                                # test's capture)
     except OSError:
         return False
-    return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        events = poller.poll(0)
+    except (AttributeError, OSError, ValueError):  # no poll() here: what fstat said stands
+        return True
+    return not any(revents & (select.POLLERR | select.POLLNVAL) for _, revents in events)
 
 
 def _output_closed() -> int:
