@@ -170,6 +170,43 @@ async def test_keys_create_into_a_pipe_with_no_reader_sends_nothing(admin):
     assert names == ["ci"], (names, done.stderr)
 
 
+# --- 3. an output that cannot be written (disk full, I/O error) ends in a traceback ---------------
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+async def test_an_output_write_error_is_one_line_not_a_traceback(admin, json_flag):
+    """`keygate keys list > file` on a full disk (here /dev/full: ENOSPC) ends in an OSError
+    traceback: main() catches BrokenPipeError only (cli/__init__.py, `except BrokenPipeError`),
+    not the other OSErrors a write to stdout raises (ENOSPC, EIO, EDQUOT). Expected: one
+    `keygate:` line on stderr and exit 1, as for a closed pipe."""
+    await _workspace_with_key(admin)
+    with open("/dev/full", "wb") as full:
+        done = await keygate(["keys", "list", "-w", "acme", *json_flag], _environ(admin),
+                             stdout=full)
+    err = done.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err, err
+    assert done.returncode == 1
+    assert err.startswith("keygate: "), err
+    assert "could not be written" in err, err
+
+
+def test_a_local_commands_output_write_error_is_one_line_not_a_traceback(tmp_path):
+    """`keygate config check > file` on a full disk: its "ok:" line was written at the
+    interpreter's exit, whose flush failed with "Exception ignored" and a traceback (exit
+    120). The output is flushed in main(): one `keygate:` line, exit 1."""
+    config = tmp_path / "keygate.yaml"
+    config.write_text('upstreams:\n  crm: {url: "http://127.0.0.1:9000", timeout: 5}\n'
+                      'routes:\n  - {path: "/people/**", methods: [GET], upstream: crm, '
+                      'scopes: ["people:read"]}\n')
+    with open("/dev/full", "wb") as full:
+        done = _run(["config", "check", str(config)], _environ(None), stdout=full,
+                    cwd=tmp_path)
+    err = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 1, err
+    assert "Traceback" not in err, err  # (a note says the store was not asked)
+    assert err.splitlines()[-1] == ("keygate: the output could not be written (No space "
+                                    "left on device)"), err
+
+
 # --- 8. an id with '../' reaches another workspace behind a path-prefix reverse proxy ------------
 
 async def test_an_id_with_dot_segments_never_reaches_another_workspace_behind_a_proxy(

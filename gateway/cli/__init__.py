@@ -31,6 +31,19 @@ __all__ = ["build_parser", "main", "parse_duration", "parse_expiry"]
 def main(argv: list[str] | None = None) -> int:
     """Run one ``keygate`` command; the exit code is returned (the console script exits
     with it)."""
+    code = _command(argv)
+    try:  # here, not at the interpreter's exit: a file's output is written when flushed
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return _output_closed()
+    except OSError as exc:
+        return _output_failed(exc)
+    return code
+
+
+def _command(argv: list[str] | None) -> int:
+    """The command ``argv`` names, run; its exit code."""
     for stream in (sys.stdout, sys.stderr):
         # A name the terminal's encoding cannot show (a Latin-1 terminal, a Windows console)
         # is written escaped, as stderr already does, instead of ending the command in a
@@ -105,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _output_closed()
+    except OSError as exc:
+        # a remote command's own OSErrors are its output's (the API's are CliErrors), as are
+        # config check's (a file it cannot read is said as such): a full disk (ENOSPC), an
+        # I/O error; serve's and demo's are their own to report
+        if getattr(args, "local", False) and not getattr(args, "output_errors", False):
+            raise
+        return _output_failed(exc)
 
 
 def _store_hint(method: str, path: str) -> str:
@@ -150,15 +170,25 @@ def _stdout_open() -> bool:
 def _output_closed() -> int:
     """stdout's reader went away (``keygate keys list | head``): one line, exit 1, instead of
     a BrokenPipeError traceback and a second one when Python flushes stdout at exit."""
+    return _output_lost("the output was closed before all of it was written")
+
+
+def _output_failed(exc: OSError) -> int:
+    """stdout could not be written (``> file`` on a full disk: ENOSPC; EIO): one line, exit 1,
+    instead of an OSError traceback."""
+    return _output_lost(f"the output could not be written ({exc.strerror or exc})")
+
+
+def _output_lost(why: str) -> int:
     import os
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the exit's flush goes nowhere, quietly
         os.close(devnull)
-    except (OSError, ValueError):  # no real file descriptor (a test's capture)
-        pass
+    except (AttributeError, OSError, ValueError):  # no real file descriptor (a test's
+        pass                                       # capture), or none at all
     try:
-        print("keygate: the output was closed before all of it was written", file=sys.stderr)
-    except OSError:
+        print(f"keygate: {why}", file=sys.stderr)
+    except (OSError, ValueError):
         pass
     return 1

@@ -184,7 +184,10 @@ def _confirm(question: str) -> bool | None:
     if sys.stdin is None:  # closed (`<&-`): no answer can come, as at the end of input
         print("", file=sys.stderr)
         return None
-    answer = sys.stdin.readline()
+    try:
+        answer = sys.stdin.readline()
+    except OSError:  # a terminal hung up (EIO): no answer came
+        answer = ""
     if not answer:
         return None
     return answer.strip().lower() in ("y", "yes")

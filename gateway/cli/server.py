@@ -41,6 +41,7 @@ def add_local_commands(tree: CommandTree) -> None:
     config = tree.group("config", "configuration tools", local=True)
     check = tree.command(config, "check", "validate a config file", cmd_config_check,
                          local=True)
+    check.set_defaults(output_errors=True)  # its OSErrors left are its output's (main())
     check.add_argument("path", nargs="?", metavar="PATH",
                        help=f"config file (default: $KEYGATE_CONFIG, else ./{DEFAULT_CONFIG})")
 
