@@ -22,6 +22,7 @@ import sys
 
 from .client import AdminClient, ApiError, CliError, UsageError, key_minting, printable
 from .connection import admin_url, connection
+from .output import discard_stdout
 from .parser import build_parser
 from .parsing import parse_duration, parse_expiry
 
@@ -180,13 +181,7 @@ def _output_failed(exc: OSError) -> int:
 
 
 def _output_lost(why: str) -> int:
-    import os
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # the exit's flush goes nowhere, quietly
-        os.close(devnull)
-    except (AttributeError, OSError, ValueError):  # no real file descriptor (a test's
-        pass                                       # capture), or none at all
+    discard_stdout()  # the exit's flush goes nowhere, quietly
     try:
         print(f"keygate: {why}", file=sys.stderr)
     except (OSError, ValueError):

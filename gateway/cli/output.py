@@ -51,7 +51,7 @@ def print_new_token(answer: dict, args: argparse.Namespace, client: AdminClient,
                        "object, which keygate always sends (if that is your keygate, the key "
                        "may have been made: check with keygate keys list)")
     if args.json:
-        print_body(client)
+        _token_written(key, lambda: print_body(client))
     else:  # as the API sent them: escaped, so no terminal escape sequence gets through
         print(printable(f"keygate: {what} key {key.get('id')} ({key.get('name')}) in "
                         f"workspace {key.get('workspace')}"), file=sys.stderr)
@@ -65,8 +65,34 @@ def print_new_token(answer: dict, args: argparse.Namespace, client: AdminClient,
                            "a control or invisible character, which a keygate token never "
                            "holds; it is not printed (if that is your keygate, the key was "
                            "made: revoke it)")
-        print(token)
+        _token_written(key, lambda: print(token))
     print(TOKEN_WARNING, file=sys.stderr)
+
+
+def _token_written(key: dict, write: Callable[[], None]) -> None:
+    """``write()`` the token, flushed: one that cannot be written (a full disk, a pipe closed
+    since the command began) leaves a working key nobody holds, so the error names it."""
+    try:
+        write()
+        sys.stdout.flush()
+    except OSError as exc:
+        discard_stdout()
+        raise CliError(f"key {key.get('id')} of workspace {key.get('workspace')} was made, but "
+                       f"its token could not be written ({exc.strerror or exc}): nobody holds "
+                       f"it. Revoke it: keygate keys revoke --workspace {key.get('workspace')} "
+                       f"{key.get('id')}") from None
+
+
+def discard_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null: what is left in its buffer, flushed
+    later (at exit), goes nowhere instead of failing once more."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # no real file descriptor (a test's
+        pass                                       # capture), or none at all
 
 
 def human_time(value: str | None) -> str:
