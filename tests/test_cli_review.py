@@ -244,6 +244,30 @@ async def test_a_rotated_token_that_cannot_be_written_says_which_key_to_revoke(a
     assert (f"key {new[0]} of workspace acme was made, but its token could not be written "
             f"(No space left on device)") in err, err
     assert f"keygate keys revoke --workspace acme {new[0]}" in err, err
+# --- 4. a password in a URL without '//' is repeated in the error ---------------------------------
+
+@pytest.mark.parametrize("url", ["admin:s3cretpw@127.0.0.1:8081",
+                                 "http:/admin:s3cretpw@127.0.0.1:8081",
+                                 "http:admin:s3cretpw@127.0.0.1:8081",
+                                 "http://admin:s3cretpw@[::1:8081",
+                                 "http://admin:s3cretpw@127.0.0.1\uff0f:8081"])
+@pytest.mark.parametrize("how", ["--admin-url", "KEYGATE_ADMIN_URL"])
+async def test_an_admin_url_error_never_repeats_a_password(url, how):
+    """cli/connection.py admin_url(): "ValueError, whose message never repeats a password".
+    It masks what precedes an '@' only when urlsplit found a netloc; a URL with the '//'
+    missing (`admin:pw@host:8081`, `http:/admin:pw@host`) has none, and the error
+    "'admin:s3cretpw@127.0.0.1:8081' is not an http(s) URL" prints the password on stderr
+    (a CI log). So did urlsplit's own ValueError ("Invalid IPv6 URL", a netloc holding a
+    character NFKC turns into '/'), whose message holds the netloc."""
+    if how == "--admin-url":
+        done = await keygate(["--admin-url", url, "workspaces", "list"], _environ(None))
+    else:
+        done = await keygate(["workspaces", "list"], _environ(url))
+    err = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 2, err
+    assert "s3cretpw" not in err, err
+
+
 # --- 8. an id with '../' reaches another workspace behind a path-prefix reverse proxy ------------
 
 async def test_an_id_with_dot_segments_never_reaches_another_workspace_behind_a_proxy(
