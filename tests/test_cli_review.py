@@ -268,6 +268,40 @@ async def test_an_admin_url_error_never_repeats_a_password(url, how):
     assert "s3cretpw" not in err, err
 
 
+# --- 5. UTF-8 arguments refused as "not UTF-8 text" under an ASCII locale -------------------------
+
+async def test_utf8_arguments_under_an_ascii_locale_are_sent_not_refused(admin):
+    """cli/parser.py _utf8(): a value holding a lone surrogate is refused as "not UTF-8 text
+    (typed in a terminal set to another encoding?)". Under an ASCII locale without Python's
+    UTF-8 mode (LC_ALL=C with PYTHONUTF8=0: a cron job, a minimal container, a service unit),
+    Python decodes argv as ASCII with surrogateescape, so *every* non-ASCII argument is
+    surrogates, valid UTF-8 bytes included: `keygate workspaces rename acme --name Café` is
+    refused (exit 2) with a message that says the bytes 'Caf\\xc3\\xa9' are not UTF-8, which
+    they are. Expected: the argument's own bytes (os.fsencode) are decoded as UTF-8 and sent;
+    only bytes that are not UTF-8 are bad usage."""
+    await _workspace_with_key(admin)
+    env = _environ(admin, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    done = await keygate(["workspaces", "rename", "acme", "--name", "Café"], env)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    shown = await keygate(["workspaces", "show", "acme", "--json"], _environ(admin))
+    assert json.loads(shown.stdout)["name"] == "Café"
+
+
+
+@pytest.mark.parametrize("utf8_mode", ["0", "1"])
+async def test_bytes_that_are_not_utf8_are_still_refused_under_any_locale(admin, utf8_mode):
+    """Only what really is not UTF-8 is bad usage: a Latin-1 'é' (0xe9) is refused under an
+    ASCII locale and in UTF-8 mode alike, saying which bytes, and nothing is sent."""
+    await _workspace_with_key(admin)
+    env = _environ(admin, LC_ALL="C", LANG="C", PYTHONUTF8=utf8_mode,
+                   PYTHONCOERCECLOCALE="0")
+    done = await keygate([b"workspaces", b"rename", b"acme", b"--name", b"Caf\xe9"], env)
+    err = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 2, err
+    assert "'Caf\\xe9' is not UTF-8 text" in err, err
+    shown = await keygate(["workspaces", "show", "acme", "--json"], _environ(admin))
+    assert json.loads(shown.stdout)["name"] == "Acme"
+
 # --- 8. an id with '../' reaches another workspace behind a path-prefix reverse proxy ------------
 
 async def test_an_id_with_dot_segments_never_reaches_another_workspace_behind_a_proxy(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from . import key_controls, keys, reports, roles, server, workspaces
@@ -92,10 +93,18 @@ def _utf8(inner: Any) -> Any:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            shown = text.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
-            raise argparse.ArgumentTypeError(
-                f"'{shown}' is not UTF-8 text (typed in a terminal set to another encoding?); "
-                "the admin API takes UTF-8 only") from None
+            # Under an ASCII locale without Python's UTF-8 mode (LC_ALL=C, PYTHONUTF8=0: cron,
+            # a minimal container) every non-ASCII byte arrives as a surrogate, UTF-8 ones
+            # too: the argument's own bytes are read as UTF-8, and only bytes that are not
+            # UTF-8 are refused.
+            raw = os.fsencode(text)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                shown = raw.decode("ascii", "backslashreplace")
+                raise argparse.ArgumentTypeError(
+                    f"'{shown}' is not UTF-8 text (typed in a terminal set to another "
+                    "encoding?); the admin API takes UTF-8 only") from None
         return text if inner is None else inner(text)
     convert.__name__ = getattr(inner, "__name__", "text")
     return convert
