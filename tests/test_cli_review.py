@@ -302,6 +302,24 @@ async def test_bytes_that_are_not_utf8_are_still_refused_under_any_locale(admin,
     shown = await keygate(["workspaces", "show", "acme", "--json"], _environ(admin))
     assert json.loads(shown.stdout)["name"] == "Acme"
 
+# --- 6. `workspaces create --plan ""` silently creates the workspace on the default plan ---------
+
+async def test_workspaces_create_with_an_empty_plan_is_refused_not_dropped(admin):
+    """`keygate workspaces create acme --name Acme --plan "$PLAN"` with PLAN unset: the empty
+    plan is dropped (cli/workspaces.py cmd_workspaces_create, `if args.plan:`), and the
+    workspace is created on the default plan, exit 0: a customer meant for `pro` silently gets
+    `free`'s limits. Every other empty name is refused: `workspaces set-plan ID ""` is bad usage
+    ("must not be empty", parsing.identifier, whose docstring gives this very case: "an unset
+    shell variable"), `keys create --env ""` / `--role ""` are sent and refused by the API.
+    Expected: a non-zero exit and no workspace made."""
+    done = await keygate(["workspaces", "create", "acme", "--name", "Acme", "--plan", ""],
+                         _environ(admin))
+    assert done.returncode == 2, done.stdout
+    assert b"--plan" in done.stderr and b"must not be empty" in done.stderr, done.stderr
+    shown = await keygate(["workspaces", "show", "acme"], _environ(admin))
+    assert shown.returncode == 1, shown.stdout  # not_found: nothing was made
+
+
 # --- 8. an id with '../' reaches another workspace behind a path-prefix reverse proxy ------------
 
 async def test_an_id_with_dot_segments_never_reaches_another_workspace_behind_a_proxy(
