@@ -440,3 +440,48 @@ async def test_revoke_names_the_workspace_the_answer_names(aiohttp_server):
                          _environ(None))
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode() == "revoked key K1 of workspace other\n"
+# --- 9. the revoke prompt writes an id's terminal controls raw -----------------------------------
+
+@pytest.mark.parametrize("answer", [b"n\n", b""])
+async def test_the_revoke_prompt_never_writes_terminal_controls(admin, answer):
+    """Everything the CLI shows from the API goes through printable() (client.py), so no
+    terminal escape sequence gets through; but the revoke confirmation, its "aborted" line and
+    the "no answer" usage error print the ID and workspace as given (keys.py cmd_keys_revoke,
+    _confirm; the same in cmd_keys_rotate's "the old key ... is revoked"), unescaped. An id
+    taken from untrusted text (a ticket, a web form: `keygate keys revoke -w "$WS" "$ID"`)
+    holding `ESC ] 0 ; ... BEL` retitles the operator's terminal, `ESC ] 52` writes its
+    clipboard, `ESC [ 2 J` wipes what it showed. Expected: shown escaped (\\x1b), as the API's
+    own answers are."""
+    await _workspace_with_key(admin)
+    hostile = "\x1b]0;PWNED\x07\x1b[2J"
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run([KEYGATE, "keys", "revoke", "-w", "acme", hostile],
+                              env=_environ(admin), input=answer, capture_output=True,
+                              timeout=60)
+    done = await asyncio.to_thread(run)
+    assert done.returncode == 2
+    assert b"\x1b" not in done.stderr and b"\x07" not in done.stderr, done.stderr
+
+
+
+async def test_rotates_old_key_line_never_writes_terminal_controls(aiohttp_server):
+    """keys rotate's "the old key ID is revoked" line printed the ID as given."""
+    from aiohttp import web
+
+    hostile = "\x1b]0;PWNED\x07\x1b[2J"
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"key": {"id": "NEW", "name": "n", "workspace": "acme"},
+                                  "token": "kg_live_" + "a" * 50}, status=201)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("")).rstrip("/")
+    done = await keygate(["--admin-url", url, "keys", "rotate", "-w", "acme", hostile],
+                         _environ(None))
+    assert done.returncode == 0, done.stderr
+    assert b"the old key \\x1b]0;PWNED\\x07\\x1b[2J is revoked" in done.stderr, done.stderr
+    assert b"\x1b" not in done.stderr and b"\x07" not in done.stderr, done.stderr
+

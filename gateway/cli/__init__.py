@@ -79,8 +79,9 @@ def _command(argv: list[str] | None) -> int:
             return 2
         client = AdminClient(url, token, args.timeout, cert_file, token_source)
         return int(args.handler(args, client) or 0)
-    except UsageError as exc:
-        print(f"keygate: error: {exc}", file=sys.stderr)
+    except UsageError as exc:  # some echo an argument as given: escaped
+        print("\n".join(printable(line) for line in f"keygate: error: {exc}".split("\n")),
+              file=sys.stderr)
         return 2
     except ApiError as exc:
         if getattr(args, "json", False) and exc.body:

@@ -180,7 +180,8 @@ def cmd_keys_update(args: argparse.Namespace, client: AdminClient) -> int:
 def _confirm(question: str) -> bool | None:
     """True on y/yes, False on any other answer, None when there is no answer (end of input:
     a script that forgot --yes)."""
-    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    # the ids in it as given (from a ticket, a form): escaped, as the API's answers are
+    print(f"{printable(question)} [y/N] ", end="", file=sys.stderr, flush=True)
     if sys.stdin is None:  # closed (`<&-`): no answer can come, as at the end of input
         print("", file=sys.stderr)
         return None
@@ -203,7 +204,7 @@ def cmd_keys_revoke(args: argparse.Namespace, client: AdminClient) -> int:
             raise UsageError(f"no answer to the confirmation (end of input): key {args.id} was "
                              "not revoked. Pass --yes to revoke without asking")
         if not confirmed:
-            print(f"aborted: key {args.id} was not revoked", file=sys.stderr)
+            print(printable(f"aborted: key {args.id} was not revoked"), file=sys.stderr)
             return 2
     key = client.request("POST", _key_path(args) + "/revoke")
     # the workspace the answer names: the key revoked is the one the API says it is
@@ -221,7 +222,7 @@ def cmd_keys_rotate(args: argparse.Namespace, client: AdminClient) -> int:
             print(printable(f"keygate: the old key {args.id} keeps working "
                             f"{_old_key_until(args, client)}"), file=sys.stderr)
         else:
-            print(f"keygate: the old key {args.id} is revoked", file=sys.stderr)
+            print(printable(f"keygate: the old key {args.id} is revoked"), file=sys.stderr)
     return 0
 
 
