@@ -485,3 +485,31 @@ async def test_rotates_old_key_line_never_writes_terminal_controls(aiohttp_serve
     assert b"the old key \\x1b]0;PWNED\\x07\\x1b[2J is revoked" in done.stderr, done.stderr
     assert b"\x1b" not in done.stderr and b"\x07" not in done.stderr, done.stderr
 
+# --- 10. with stderr closed, every stderr line goes to stdout -------------------------------------
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+async def test_with_stderr_closed_stdout_stays_the_token_or_the_json(admin, json_flag):
+    """docs/cli.md, keys create: "Prints the token on stdout, once; a line saying it cannot be
+    shown again goes to stderr ... With --json, stdout is {"key": {...}, "token": "..."}", so
+    `TOKEN=$(keygate keys create ...)` captures just the token. With stderr closed (`2>&-`, a
+    daemon or CI runner that closed it: the CLI handles a closed stdout and stdin already),
+    Python's sys.stderr is None and every `print(..., file=sys.stderr)` writes to *stdout*
+    (print's file=None is sys.stdout): stdout becomes "keygate: created key ...", the token,
+    and the warning, three lines a script stores as the token; with --json, the JSON is
+    followed by the warning and is no longer JSON. Expected: stderr's lines dropped (or
+    nowhere), stdout the token alone / the body alone."""
+    await _workspace_with_key(admin)
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run([KEYGATE, "keys", "create", "-w", "acme", "--name", "s",
+                               "--role", "reader", *json_flag],
+                              env=_environ(admin), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2),
+                              timeout=60)
+    done = await asyncio.to_thread(run)
+    assert done.returncode == 0
+    out = done.stdout.decode()
+    if json_flag:
+        json.loads(out)  # the API's body alone
+    else:
+        assert out.startswith("kg_") and len(out.splitlines()) == 1, out

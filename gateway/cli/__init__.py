@@ -17,6 +17,7 @@ per noun: :mod:`.server` (serve, demo, config check, reload), :mod:`.workspaces`
 from __future__ import annotations
 
 import io
+import os
 import re
 import sys
 
@@ -32,6 +33,10 @@ __all__ = ["build_parser", "main", "parse_duration", "parse_expiry"]
 def main(argv: list[str] | None = None) -> int:
     """Run one ``keygate`` command; the exit code is returned (the console script exits
     with it)."""
+    if sys.stderr is None:
+        # closed (2>&-): print(..., file=None) writes to stdout, so stderr's lines landed in
+        # a captured token or the --json body; they go nowhere instead
+        sys.stderr = open(os.devnull, "w", encoding="utf-8", errors="backslashreplace")
     code = _command(argv)
     try:  # here, not at the interpreter's exit: a file's output is written when flushed
         if sys.stdout is not None:
@@ -149,7 +154,6 @@ def _stdout_open() -> bool:
     print() then writes nothing, silently; a pipe whose reader is gone (``| true``, a ``tee``
     that could not open its file) takes nothing either, and Linux says so before anything is
     written, as POLLERR on its write end."""
-    import os
     import select
     if sys.stdout is None:
         return False
