@@ -320,6 +320,59 @@ async def test_workspaces_create_with_an_empty_plan_is_refused_not_dropped(admin
     assert shown.returncode == 1, shown.stdout  # not_found: nothing was made
 
 
+# --- 7. JSON of keygate's shape whose fields are of another type: tracebacks ----------------------
+
+FIELD_SHAPES = {
+    "workspaces list, created_at a number": (
+        ["workspaces", "list"], b'{"items": [{"id": "a", "created_at": 5}]}'),
+    "keys list, scopes a number": (
+        ["keys", "list", "-w", "acme"], b'{"items": [{"id": "a", "scopes": 5}]}'),
+    "keys list, created_at a number": (
+        ["keys", "list", "-w", "acme"], b'{"items": [{"id": "a", "created_at": 5}]}'),
+    "audit, at a number": (["audit", "-w", "acme"], b'{"items": [{"at": 5}]}'),
+    "roles list, scopes numbers": (
+        ["roles", "list", "-w", "acme"], b'{"items": [{"name": "r", "scopes": [1, 2]}]}'),
+    "workspaces limits, limits a list": (
+        ["workspaces", "limits", "acme"], b'{"id": "acme", "limits": [1]}'),
+    "reload, restart_required a number": (["reload"], b'{"restart_required": 5}'),
+    "roles set, scopes a number": (
+        ["roles", "set", "-w", "acme", "r", "--scope", "a:b"], b'{"name": "r", "scopes": 5}'),
+    "workspaces limits, custom_limits a number": (
+        ["workspaces", "limits", "acme"], b'{"id": "acme", "limits": {}, "custom_limits": 5}'),
+    "usage --daily, requests a list": (
+        ["usage", "-w", "acme", "--daily"], b'{"items": [{"date": 5, "requests": [1]}]}'),
+}
+
+
+@pytest.mark.parametrize("case", FIELD_SHAPES, ids=list(FIELD_SHAPES))
+async def test_an_answer_whose_fields_have_another_type_is_one_line_not_a_traceback(
+        aiohttp_server, case):
+    """tests/test_cli.py test_a_json_answer_of_another_shape_is_one_line_exit_1 made a JSON
+    answer of another *top-level* shape (an admin URL that is not keygate's, a proxy's JSON
+    page, another version) one line and exit 1 instead of a traceback. One level down the same
+    crash remains: the table and line builders assume each field's type (output.py human_time
+    calls value.replace on any truthy value; keys.py _key_access maps over `scopes`; roles.py
+    joins `scopes` as strings; key_controls.py cmd_workspaces_limits calls .get on `limits`;
+    server.py cmd_reload maps over `restart_required`), so a number where a string or list is
+    expected ends in an AttributeError/TypeError traceback. Expected: one `keygate:` line,
+    exit 1 (or the value shown as it came)."""
+    from aiohttp import web
+
+    argv, body = FIELD_SHAPES[case]
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("")).rstrip("/")
+    done = await keygate(["--admin-url", url, *argv], _environ(None))
+    err = done.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err, err
+    assert done.returncode in (0, 1), err
+
+
 # --- 8. an id with '../' reaches another workspace behind a path-prefix reverse proxy ------------
 
 async def test_an_id_with_dot_segments_never_reaches_another_workspace_behind_a_proxy(

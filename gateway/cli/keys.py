@@ -13,7 +13,8 @@ from typing import Any
 
 from . import key_controls
 from .client import AdminClient, CliError, UsageError, printable, seg
-from .output import cell, esc, fields, format_table, human_time, print_new_token, show
+from .output import (cell, esc, fields, format_table, human_time, print_new_token, show,
+                     words)
 from .parsing import (CommandTree, SubCommands, argtype, given, parse_duration, parse_expiry,
                       ID, rate, scope, workspace_option)
 
@@ -130,7 +131,7 @@ def _status(key: dict) -> str:
 def _key_access(key: dict) -> str:
     if key.get("role"):
         return f"role:{esc(key['role'])}"
-    return ",".join(map(esc, key.get("scopes") or [])) or "-"
+    return words(key.get("scopes"), ",")
 
 
 def cmd_keys_list(args: argparse.Namespace, client: AdminClient) -> int:

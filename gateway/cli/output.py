@@ -26,7 +26,18 @@ def show(args: argparse.Namespace, client: AdminClient, text: Callable[[], str])
     if args.json:
         print_body(client)
     else:  # and once more line by line: no terminal escape sequence gets through
-        print("\n".join(printable(line) for line in text().split("\n")))
+        try:
+            shown = text()
+        except (AttributeError, TypeError, KeyError, ValueError):
+            # a field of another type than keygate sends (a number for a list, a list for an
+            # object): the builders show what they can as it came; this is the backstop
+            raise CliError(f"the admin API at {client.base_url} answered with JSON whose "
+                           "fields are not of the types keygate sends (not keygate, or another "
+                           "version?); --json prints it as it came"
+                           + ("" if client.last_method in ("GET", "HEAD") else
+                              " (the change asked for may have been made: read it back)")) \
+                from None
+        print("\n".join(printable(line) for line in shown.split("\n")))
     return 0
 
 
@@ -95,8 +106,11 @@ def discard_stdout() -> None:
         pass                                       # capture), or none at all
 
 
-def human_time(value: str | None) -> str:
-    """``2026-11-05T12:34:56Z`` → ``2026-11-05 12:34 UTC``; None → ``-``."""
+def human_time(value: Any) -> str:
+    """``2026-11-05T12:34:56Z`` → ``2026-11-05 12:34 UTC``; None → ``-``; what is not a
+    string (an answer not of keygate's shape) as it came."""
+    if not isinstance(value, str):
+        return cell(value)
     if not value:
         return "-"
     try:
@@ -126,6 +140,13 @@ def columns(text: str) -> int:
 
 def cell(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
+
+
+def words(values: Any, sep: str = " ") -> str:
+    """A list (of scopes, of names) as one cell, each escaped; anything else as it came."""
+    if isinstance(values, list):
+        return sep.join(esc(v) for v in values) or "-"
+    return esc(cell(values))
 
 
 def fields(obj: dict, order: Sequence[str]) -> str:

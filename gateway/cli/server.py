@@ -12,7 +12,7 @@ import signal
 import sys
 
 from .client import AdminClient, ApiError, printable
-from .output import esc, show
+from .output import esc, show, words
 from .parsing import CommandTree, argtype, positive_int
 
 DEFAULT_CONFIG = "config.yaml"
@@ -173,4 +173,4 @@ def cmd_reload(args: argparse.Namespace, client: AdminClient) -> int:
         raise
     kept = result.get("restart_required") or []
     return show(args, client, lambda: f"reloaded {esc(result.get('config'))}" + (
-        f"; kept until a restart: {', '.join(map(esc, kept))}" if kept else ""))
+        f"; kept until a restart: {words(kept, ', ')}" if kept else ""))

@@ -47,9 +47,10 @@ def cmd_workspaces_create(args: argparse.Namespace, client: AdminClient) -> int:
 
 def cmd_workspaces_list(args: argparse.Namespace, client: AdminClient) -> int:
     items = client.listing("/workspaces")
-    rows = [[cell(w.get("id")), cell(w.get("name")), cell(w.get("plan")),
-             human_time(w.get("created_at"))] for w in items]
-    return show(args, client, lambda: format_table(["ID", "NAME", "PLAN", "CREATED"], rows))
+    return show(args, client, lambda: format_table(
+        ["ID", "NAME", "PLAN", "CREATED"],
+        [[cell(w.get("id")), cell(w.get("name")), cell(w.get("plan")),
+          human_time(w.get("created_at"))] for w in items]))
 
 
 def cmd_workspaces_show(args: argparse.Namespace, client: AdminClient) -> int:
