@@ -566,3 +566,28 @@ async def test_with_stderr_closed_stdout_stays_the_token_or_the_json(admin, json
         json.loads(out)  # the API's body alone
     else:
         assert out.startswith("kg_") and len(out.splitlines()) == 1, out
+
+
+# --- argparse's usage errors echo values as given ----------------------------------------------
+
+HOSTILE = "\x1b]0;PWNED\x07\x1b[2J"
+
+
+@pytest.mark.parametrize("argv, env, shown", [
+    (["keys", "rotate", "-w", "acme", "K", "--grace", HOSTILE], {},
+     "'\\x1b]0;PWNED\\x07\\x1b[2J' is not a duration"),
+    (["workspaces", "list", HOSTILE], {}, "unrecognized arguments: \\x1b]0;PWNED\\x07\\x1b[2J"),
+    (["keys", "create", "-w", "acme", "--name", "n", "--role", "r", "--expires", HOSTILE], {},
+     "'\\x1b]0;PWNED\\x07\\x1b[2J' is neither a duration"),
+    (["workspaces", "list"], {"KEYGATE_ADMIN_URL": HOSTILE},
+     "KEYGATE_ADMIN_URL: '\\x1b]0;PWNED\\x07\\x1b[2J' is not an http(s) URL"),
+], ids=["parse_duration", "unrecognized", "parse_expiry", "admin-url-env"])
+def test_a_usage_error_never_writes_terminal_controls(argv, env, shown):
+    """argparse's errors echo the value refused ("'{text}' is not a duration",
+    "unrecognized arguments: ...") and main() the admin URL, as given: a value from untrusted
+    text retitled or wiped the terminal. Shown escaped, as every other line."""
+    done = _run(argv, _environ(None, **env))
+    err = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 2, err
+    assert "\x1b" not in err and "\x07" not in err, err
+    assert shown in err, err

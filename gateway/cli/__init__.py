@@ -80,7 +80,7 @@ def _command(argv: list[str] | None) -> int:
             # admin listener (with --config) or the environment
             source = (f"the admin listener of {args.config}" if getattr(args, "config", None)
                       else "KEYGATE_ADMIN_URL")
-            print(f"keygate: error: {source}: {exc}", file=sys.stderr)
+            print(printable(f"keygate: error: {source}: {exc}"), file=sys.stderr)
             return 2
         client = AdminClient(url, token, args.timeout, cert_file, token_source)
         return int(args.handler(args, client) or 0)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 from . import key_controls, keys, reports, roles, server, workspaces
-from .client import DEFAULT_TIMEOUT
+from .client import DEFAULT_TIMEOUT, printable
 from .connection import DEFAULT_ADMIN_URL, admin_url
 from .parsing import CommandTree, argtype, seconds
 
@@ -44,10 +44,21 @@ def admin_options(suppress: bool, hidden: bool = False) -> argparse.ArgumentPars
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors show the values they echo (``'...' is not a
+    duration``, ``unrecognized arguments: ...``, an admin URL) with their control characters
+    escaped, as every other line the CLI writes: a value from untrusted text must not
+    retitle, wipe or write to the clipboard of the terminal. Its subparsers are of its class
+    (argparse makes them so)."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error("\n".join(printable(line) for line in message.split("\n")))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="keygate", parents=[admin_options(suppress=False)], allow_abbrev=False,
         description="keygate: an authenticating reverse proxy for API keys.",
         epilog="Exit codes: 0 success, 1 API or runtime error, 2 bad usage, 130 interrupted.")
