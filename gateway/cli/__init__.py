@@ -17,11 +17,13 @@ per noun: :mod:`.server` (serve, demo, config check, reload), :mod:`.workspaces`
 from __future__ import annotations
 
 import io
+import os
 import re
 import sys
 
 from .client import AdminClient, ApiError, CliError, UsageError, key_minting, printable
 from .connection import admin_url, connection
+from .output import discard_stdout
 from .parser import build_parser
 from .parsing import parse_duration, parse_expiry
 
@@ -31,6 +33,23 @@ __all__ = ["build_parser", "main", "parse_duration", "parse_expiry"]
 def main(argv: list[str] | None = None) -> int:
     """Run one ``keygate`` command; the exit code is returned (the console script exits
     with it)."""
+    if sys.stderr is None:
+        # closed (2>&-): print(..., file=None) writes to stdout, so stderr's lines landed in
+        # a captured token or the --json body; they go nowhere instead
+        sys.stderr = open(os.devnull, "w", encoding="utf-8", errors="backslashreplace")
+    code = _command(argv)
+    try:  # here, not at the interpreter's exit: a file's output is written when flushed
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return _output_closed()
+    except OSError as exc:
+        return _output_failed(exc)
+    return code
+
+
+def _command(argv: list[str] | None) -> int:
+    """The command ``argv`` names, run; its exit code."""
     for stream in (sys.stdout, sys.stderr):
         # A name the terminal's encoding cannot show (a Latin-1 terminal, a Windows console)
         # is written escaped, as stderr already does, instead of ending the command in a
@@ -49,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "prints_token", False) and not _stdout_open():
             # the key would be made and its token, shown once, written nowhere
             print("keygate: the output was closed before the command ran (stdout is not "
-                  "open): the new token would be written nowhere, so nothing was sent",
-                  file=sys.stderr)
+                  "open, or a pipe nothing reads): the new token would be written nowhere, so "
+                  "nothing was sent", file=sys.stderr)
             return 1
         url, token, cert_file, token_source = connection(args)
         try:
@@ -61,12 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             # admin listener (with --config) or the environment
             source = (f"the admin listener of {args.config}" if getattr(args, "config", None)
                       else "KEYGATE_ADMIN_URL")
-            print(f"keygate: error: {source}: {exc}", file=sys.stderr)
+            print(printable(f"keygate: error: {source}: {exc}"), file=sys.stderr)
             return 2
         client = AdminClient(url, token, args.timeout, cert_file, token_source)
         return int(args.handler(args, client) or 0)
-    except UsageError as exc:
-        print(f"keygate: error: {exc}", file=sys.stderr)
+    except UsageError as exc:  # some echo an argument as given: escaped
+        print("\n".join(printable(line) for line in f"keygate: error: {exc}".split("\n")),
+              file=sys.stderr)
         return 2
     except ApiError as exc:
         if getattr(args, "json", False) and exc.body:
@@ -105,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _output_closed()
+    except OSError as exc:
+        # a remote command's own OSErrors are its output's (the API's are CliErrors), as are
+        # config check's (a file it cannot read is said as such): a full disk (ENOSPC), an
+        # I/O error; serve's and demo's are their own to report
+        if getattr(args, "local", False) and not getattr(args, "output_errors", False):
+            raise
+        return _output_failed(exc)
 
 
 def _store_hint(method: str, path: str) -> str:
@@ -124,31 +151,44 @@ def _store_hint(method: str, path: str) -> str:
 
 def _stdout_open() -> bool:
     """Whether stdout can be written to: with ``>&-`` Python's sys.stdout is None, and
-    print() then writes nothing, silently."""
-    import os
+    print() then writes nothing, silently; a pipe whose reader is gone (``| true``, a ``tee``
+    that could not open its file) takes nothing either, and Linux says so before anything is
+    written, as POLLERR on its write end."""
+    import select
     if sys.stdout is None:
         return False
     try:
-        os.fstat(sys.stdout.fileno())
+        fd = sys.stdout.fileno()
+        os.fstat(fd)
     except (AttributeError, ValueError, io.UnsupportedOperation):  # no file descriptor (a
         return True                                                # test's capture)
     except OSError:
         return False
-    return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        events = poller.poll(0)
+    except (AttributeError, OSError, ValueError):  # no poll() here: what fstat said stands
+        return True
+    return not any(revents & (select.POLLERR | select.POLLNVAL) for _, revents in events)
 
 
 def _output_closed() -> int:
     """stdout's reader went away (``keygate keys list | head``): one line, exit 1, instead of
     a BrokenPipeError traceback and a second one when Python flushes stdout at exit."""
-    import os
+    return _output_lost("the output was closed before all of it was written")
+
+
+def _output_failed(exc: OSError) -> int:
+    """stdout could not be written (``> file`` on a full disk: ENOSPC; EIO): one line, exit 1,
+    instead of an OSError traceback."""
+    return _output_lost(f"the output could not be written ({exc.strerror or exc})")
+
+
+def _output_lost(why: str) -> int:
+    discard_stdout()  # the exit's flush goes nowhere, quietly
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # the exit's flush goes nowhere, quietly
-        os.close(devnull)
-    except (OSError, ValueError):  # no real file descriptor (a test's capture)
-        pass
-    try:
-        print("keygate: the output was closed before all of it was written", file=sys.stderr)
-    except OSError:
+        print(f"keygate: {why}", file=sys.stderr)
+    except (OSError, ValueError):
         pass
     return 1

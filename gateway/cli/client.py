@@ -263,6 +263,12 @@ class AdminClient:
         except (ConnectionError, OSError) as exc:
             raise CliError(f"cannot reach the admin API at {self.base_url}: {exc}"
                            f"{_UNREACHABLE}") from None
+        except ValueError as exc:
+            # a URL urllib cannot send (admin_url refuses those it knows of): a UnicodeError
+            # from the idna codec looking up a host, a UnicodeEncodeError in the request line
+            # or Host header, http.client's InvalidURL; nothing was sent
+            raise CliError(f"cannot reach the admin API at {self.base_url}: "
+                           f"{printable(str(exc))[:200]}{_UNREACHABLE}") from None
         if failed:
             error = self._api_error(status, raw)
             error.invalid_token = 'error="invalid_token"' in headers.get(

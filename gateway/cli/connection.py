@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import urllib.parse
 
 from .client import CliError
@@ -19,29 +20,66 @@ DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
 def admin_url(text: str) -> str:
     """The admin URL as given, if it is an http(s) URL with a host (and a port, a path
     prefix), no user or password, query or fragment; else ValueError, whose message never
-    repeats a password."""
-    parts = urllib.parse.urlsplit(text)
-    if "@" in parts.netloc:  # shown without what precedes the '@'
-        text = urllib.parse.urlunsplit(parts._replace(
-            netloc="***@" + parts.netloc.rpartition("@")[2]))
+    repeats a password (what precedes the last '@' is masked before any is built)."""
+    shown = _masked(text)
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:  # "Invalid IPv6 URL", a netloc NFKC changes: its message repeats it
+        raise ValueError(f"'{shown}' is not an http(s) URL with a host") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"'{text}' is not an http(s) URL")
+        raise ValueError(f"'{shown}' is not an http(s) URL")
     if any(c.isspace() or not c.isprintable() for c in text):
-        raise ValueError(f"{text!r} holds blanks or control characters")
+        raise ValueError(f"{shown!r} holds blanks or control characters")
     if "@" in parts.netloc:
-        raise ValueError(f"'{text}' names a user or password; the admin API takes the operator "
-                         "token (KEYGATE_ADMIN_TOKEN), not credentials in its URL")
+        raise ValueError(f"'{shown}' names a user or password; the admin API takes the "
+                         "operator token (KEYGATE_ADMIN_TOKEN), not credentials in its URL")
+    if not text.isascii():
+        # urllib sends neither: a UnicodeEncodeError in the request line or Host header
+        raise ValueError(f"'{shown}' is not ASCII; give the host in its ASCII form "
+                         "(xn--... for an international name) and percent-encode the path")
+    host_problem = _host_problem(parts.hostname or "")
+    if host_problem:
+        raise ValueError(f"'{shown}' {host_problem}")
     if parts.query or parts.fragment or text.rstrip().endswith(("?", "#")):
-        raise ValueError(f"'{text}' has a query or fragment; give the admin listener's "
+        raise ValueError(f"'{shown}' has a query or fragment; give the admin listener's "
                          "address only, e.g. http://127.0.0.1:8081")
     try:
         parts.port  # a port that is not a number from 0 to 65535 raises ValueError here
     except ValueError:
-        raise ValueError(f"'{text}' does not have a valid port (a number from 1 to 65535)") \
+        raise ValueError(f"'{shown}' does not have a valid port (a number from 1 to 65535)") \
             from None
     if parts.port == 0:
-        raise ValueError(f"'{text}' does not have a valid port (a number from 1 to 65535)")
+        raise ValueError(f"'{shown}' does not have a valid port (a number from 1 to 65535)")
     return text
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _masked(text: str) -> str:
+    """``text`` with everything up to its last '@' (a user and password, wherever urlsplit
+    would put them: ``admin:pw@host``, ``http:/admin:pw@host``) shown as ``***``; a leading
+    ``scheme://`` is kept."""
+    if "@" not in text:
+        return text
+    scheme = _SCHEME.match(text)
+    return (scheme.group() if scheme else "") + "***@" + text.rpartition("@")[2]
+
+
+def _host_problem(host: str) -> str | None:
+    """What keeps ``host`` (a URL's, brackets taken off) from being looked up, or None: a
+    name's labels are 1 to 63 characters, 253 in all (the idna codec refuses the rest in
+    getaddrinfo with a UnicodeError)."""
+    if not host:
+        return "has no host"
+    if ":" in host:  # an IPv6 address, which urlsplit found between brackets
+        return None
+    name = host[:-1] if host.endswith(".") else host  # one trailing dot: the root
+    if len(name) > 253:
+        return "has a host name over 253 characters"
+    if any(not 1 <= len(label) <= 63 for label in name.split(".")):
+        return "has a host name with an empty label or one over 63 characters"
+    return None
 
 
 def connection(args: argparse.Namespace) -> tuple[str, str | None, str | None, str]:

@@ -175,7 +175,8 @@ def cmd_keys_usage(args: argparse.Namespace, client: AdminClient) -> int:
 def cmd_keys_delete(args: argparse.Namespace, client: AdminClient) -> int:
     key = client.request("DELETE", f"/workspaces/{seg(args.workspace)}/keys/{seg(args.id)}")
     return show(args, client, lambda: f"deleted key {esc(key.get('id', args.id))} of workspace "
-                                      f"{args.workspace} (its audit entries stay)")
+                                      f"{esc(key.get('workspace', args.workspace))} (its audit "
+                                      "entries stay)")
 
 
 def cmd_workspaces_limits(args: argparse.Namespace, client: AdminClient) -> int:
@@ -196,6 +197,10 @@ def cmd_workspaces_limits(args: argparse.Namespace, client: AdminClient) -> int:
     def text() -> str:
         limits, custom = workspace.get("limits") or {}, workspace.get("custom_limits") or {}
         lines = [f"workspace {esc(workspace.get('id'))}  plan {esc(workspace.get('plan'))}"]
+        if not isinstance(limits, dict) or not isinstance(custom, (dict, list)):
+            # not keygate's shape: shown as it came
+            return "\n".join(lines + [f"  limits {esc(limits)}",
+                                      f"  custom_limits {esc(custom)}"])
         for field in ("monthly_requests", "max_keys", "rate_limit"):
             source = "custom" if field in custom else "plan"
             value = limits.get(field)

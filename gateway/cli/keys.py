@@ -13,7 +13,8 @@ from typing import Any
 
 from . import key_controls
 from .client import AdminClient, CliError, UsageError, printable, seg
-from .output import cell, esc, fields, format_table, human_time, print_new_token, show
+from .output import (cell, esc, fields, format_table, human_time, print_new_token, show,
+                     words)
 from .parsing import (CommandTree, SubCommands, argtype, given, parse_duration, parse_expiry,
                       ID, rate, scope, workspace_option)
 
@@ -130,7 +131,7 @@ def _status(key: dict) -> str:
 def _key_access(key: dict) -> str:
     if key.get("role"):
         return f"role:{esc(key['role'])}"
-    return ",".join(map(esc, key.get("scopes") or [])) or "-"
+    return words(key.get("scopes"), ",")
 
 
 def cmd_keys_list(args: argparse.Namespace, client: AdminClient) -> int:
@@ -180,11 +181,15 @@ def cmd_keys_update(args: argparse.Namespace, client: AdminClient) -> int:
 def _confirm(question: str) -> bool | None:
     """True on y/yes, False on any other answer, None when there is no answer (end of input:
     a script that forgot --yes)."""
-    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    # the ids in it as given (from a ticket, a form): escaped, as the API's answers are
+    print(f"{printable(question)} [y/N] ", end="", file=sys.stderr, flush=True)
     if sys.stdin is None:  # closed (`<&-`): no answer can come, as at the end of input
         print("", file=sys.stderr)
         return None
-    answer = sys.stdin.readline()
+    try:
+        answer = sys.stdin.readline()
+    except OSError:  # a terminal hung up (EIO): no answer came
+        answer = ""
     if not answer:
         return None
     return answer.strip().lower() in ("y", "yes")
@@ -200,11 +205,12 @@ def cmd_keys_revoke(args: argparse.Namespace, client: AdminClient) -> int:
             raise UsageError(f"no answer to the confirmation (end of input): key {args.id} was "
                              "not revoked. Pass --yes to revoke without asking")
         if not confirmed:
-            print(f"aborted: key {args.id} was not revoked", file=sys.stderr)
+            print(printable(f"aborted: key {args.id} was not revoked"), file=sys.stderr)
             return 2
     key = client.request("POST", _key_path(args) + "/revoke")
+    # the workspace the answer names: the key revoked is the one the API says it is
     return show(args, client, lambda: f"revoked key {esc(key.get('id', args.id))} of workspace "
-                                      f"{args.workspace}")
+                                      f"{esc(key.get('workspace', args.workspace))}")
 
 
 def cmd_keys_rotate(args: argparse.Namespace, client: AdminClient) -> int:
@@ -217,7 +223,7 @@ def cmd_keys_rotate(args: argparse.Namespace, client: AdminClient) -> int:
             print(printable(f"keygate: the old key {args.id} keeps working "
                             f"{_old_key_until(args, client)}"), file=sys.stderr)
         else:
-            print(f"keygate: the old key {args.id} is revoked", file=sys.stderr)
+            print(printable(f"keygate: the old key {args.id} is revoked"), file=sys.stderr)
     return 0
 
 

@@ -26,7 +26,18 @@ def show(args: argparse.Namespace, client: AdminClient, text: Callable[[], str])
     if args.json:
         print_body(client)
     else:  # and once more line by line: no terminal escape sequence gets through
-        print("\n".join(printable(line) for line in text().split("\n")))
+        try:
+            shown = text()
+        except (AttributeError, TypeError, KeyError, ValueError):
+            # a field of another type than keygate sends (a number for a list, a list for an
+            # object): the builders show what they can as it came; this is the backstop
+            raise CliError(f"the admin API at {client.base_url} answered with JSON whose "
+                           "fields are not of the types keygate sends (not keygate, or another "
+                           "version?); --json prints it as it came"
+                           + ("" if client.last_method in ("GET", "HEAD") else
+                              " (the change asked for may have been made: read it back)")) \
+                from None
+        print("\n".join(printable(line) for line in shown.split("\n")))
     return 0
 
 
@@ -51,7 +62,7 @@ def print_new_token(answer: dict, args: argparse.Namespace, client: AdminClient,
                        "object, which keygate always sends (if that is your keygate, the key "
                        "may have been made: check with keygate keys list)")
     if args.json:
-        print_body(client)
+        _token_written(key, lambda: print_body(client))
     else:  # as the API sent them: escaped, so no terminal escape sequence gets through
         print(printable(f"keygate: {what} key {key.get('id')} ({key.get('name')}) in "
                         f"workspace {key.get('workspace')}"), file=sys.stderr)
@@ -65,12 +76,41 @@ def print_new_token(answer: dict, args: argparse.Namespace, client: AdminClient,
                            "a control or invisible character, which a keygate token never "
                            "holds; it is not printed (if that is your keygate, the key was "
                            "made: revoke it)")
-        print(token)
+        _token_written(key, lambda: print(token))
     print(TOKEN_WARNING, file=sys.stderr)
 
 
-def human_time(value: str | None) -> str:
-    """``2026-11-05T12:34:56Z`` → ``2026-11-05 12:34 UTC``; None → ``-``."""
+def _token_written(key: dict, write: Callable[[], None]) -> None:
+    """``write()`` the token, flushed: one that cannot be written (a full disk, a pipe closed
+    since the command began) leaves a working key nobody holds, so the error names it."""
+    try:
+        write()
+        sys.stdout.flush()
+    except OSError as exc:
+        discard_stdout()
+        raise CliError(f"key {key.get('id')} of workspace {key.get('workspace')} was made, but "
+                       f"its token could not be written ({exc.strerror or exc}): nobody holds "
+                       f"it. Revoke it: keygate keys revoke --workspace {key.get('workspace')} "
+                       f"{key.get('id')}") from None
+
+
+def discard_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null: what is left in its buffer, flushed
+    later (at exit), goes nowhere instead of failing once more."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # no real file descriptor (a test's
+        pass                                       # capture), or none at all
+
+
+def human_time(value: Any) -> str:
+    """``2026-11-05T12:34:56Z`` → ``2026-11-05 12:34 UTC``; None → ``-``; what is not a
+    string (an answer not of keygate's shape) as it came."""
+    if not isinstance(value, str):
+        return cell(value)
     if not value:
         return "-"
     try:
@@ -100,6 +140,13 @@ def columns(text: str) -> int:
 
 def cell(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
+
+
+def words(values: Any, sep: str = " ") -> str:
+    """A list (of scopes, of names) as one cell, each escaped; anything else as it came."""
+    if isinstance(values, list):
+        return sep.join(esc(v) for v in values) or "-"
+    return esc(cell(values))
 
 
 def fields(obj: dict, order: Sequence[str]) -> str:

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
+from typing import Any, NoReturn
 
 from . import key_controls, keys, reports, roles, server, workspaces
-from .client import DEFAULT_TIMEOUT
+from .client import DEFAULT_TIMEOUT, printable
 from .connection import DEFAULT_ADMIN_URL, admin_url
 from .parsing import CommandTree, argtype, seconds
 
@@ -43,10 +44,21 @@ def admin_options(suppress: bool, hidden: bool = False) -> argparse.ArgumentPars
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors show the values they echo (``'...' is not a
+    duration``, ``unrecognized arguments: ...``, an admin URL) with their control characters
+    escaped, as every other line the CLI writes: a value from untrusted text must not
+    retitle, wipe or write to the clipboard of the terminal. Its subparsers are of its class
+    (argparse makes them so)."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error("\n".join(printable(line) for line in message.split("\n")))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="keygate", parents=[admin_options(suppress=False)], allow_abbrev=False,
         description="keygate: an authenticating reverse proxy for API keys.",
         epilog="Exit codes: 0 success, 1 API or runtime error, 2 bad usage, 130 interrupted.")
@@ -92,10 +104,18 @@ def _utf8(inner: Any) -> Any:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            shown = text.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
-            raise argparse.ArgumentTypeError(
-                f"'{shown}' is not UTF-8 text (typed in a terminal set to another encoding?); "
-                "the admin API takes UTF-8 only") from None
+            # Under an ASCII locale without Python's UTF-8 mode (LC_ALL=C, PYTHONUTF8=0: cron,
+            # a minimal container) every non-ASCII byte arrives as a surrogate, UTF-8 ones
+            # too: the argument's own bytes are read as UTF-8, and only bytes that are not
+            # UTF-8 are refused.
+            raw = os.fsencode(text)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                shown = raw.decode("ascii", "backslashreplace")
+                raise argparse.ArgumentTypeError(
+                    f"'{shown}' is not UTF-8 text (typed in a terminal set to another "
+                    "encoding?); the admin API takes UTF-8 only") from None
         return text if inner is None else inner(text)
     convert.__name__ = getattr(inner, "__name__", "text")
     return convert

@@ -253,9 +253,19 @@ class CommandTree:
 def identifier(text: str) -> str:
     """A workspace, key, role or plan named on the command line: an empty one (an unset
     shell variable) would ask for another path (``/workspaces/acme/keys/``) and read as "no
-    such admin endpoint"."""
+    such admin endpoint".
+
+    No workspace id, key id, role or plan name holds '/' or '\\' or is '.' or '..' (slugs,
+    base62 key ids, plan names starting with a letter or digit: SPEC). Sent as one segment,
+    such an id is still read as a path by a reverse proxy in front of the admin listener
+    (nginx decodes %2F and removes dot segments): ``keys revoke -w acme
+    ../../other/keys/ID`` revoked a key of workspace ``other``. Refused before anything is
+    sent."""
     if not text.strip():
         raise ValueError("must not be empty")
+    if text in (".", "..") or "/" in text or "\\" in text:
+        raise ValueError(f"{text!r} is not an id or name: none holds '/' or '\\' or is '.' "
+                         "or '..'")
     return text
 
 

@@ -52,9 +52,9 @@ def cmd_usage(args: argparse.Namespace, client: AdminClient) -> int:
 def cmd_audit(args: argparse.Namespace, client: AdminClient) -> int:
     query = {"limit": str(args.limit)} if args.limit is not None else None
     items = client.listing(f"/workspaces/{seg(args.workspace)}/audit", query)
-    rows = [[human_time(e.get("at")), cell(e.get("actor")), cell(e.get("action")),
-             cell(e.get("target")),
-             json.dumps(e.get("details"), separators=(",", ":")) if e.get("details") else "-"]
-            for e in items]
-    return show(args, client, lambda: format_table(["AT", "ACTOR", "ACTION", "TARGET",
-                                                    "DETAILS"], rows))
+    return show(args, client, lambda: format_table(
+        ["AT", "ACTOR", "ACTION", "TARGET", "DETAILS"],
+        [[human_time(e.get("at")), cell(e.get("actor")), cell(e.get("action")),
+          cell(e.get("target")),
+          json.dumps(e.get("details"), separators=(",", ":")) if e.get("details") else "-"]
+         for e in items]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .client import AdminClient, seg
-from .output import cell, esc, format_table, show
+from .output import cell, esc, format_table, show, words
 from .parsing import ID, CommandTree, argtype, scope, workspace_option
 
 
@@ -30,16 +30,16 @@ def _role_path(args: argparse.Namespace) -> str:
 
 def cmd_roles_list(args: argparse.Namespace, client: AdminClient) -> int:
     items = client.listing(f"/workspaces/{seg(args.workspace)}/roles")
-    rows = [[cell(r.get("name")), cell(r.get("source")), " ".join(r.get("scopes") or []) or "-"]
-            for r in items]
-    return show(args, client, lambda: format_table(["NAME", "SOURCE", "SCOPES"], rows))
+    return show(args, client, lambda: format_table(
+        ["NAME", "SOURCE", "SCOPES"],
+        [[cell(r.get("name")), cell(r.get("source")), words(r.get("scopes"))] for r in items]))
 
 
 def cmd_roles_set(args: argparse.Namespace, client: AdminClient) -> int:
     role = client.request("PUT", _role_path(args), {"scopes": args.scope})
     return show(args, client, lambda: f"role {esc(role.get('name'))} of workspace "
                                       f"{args.workspace}: "
-                                      f"{' '.join(map(esc, role.get('scopes') or [])) or '(no scopes)'}")
+                                      f"{words(role.get('scopes')) if role.get('scopes') else '(no scopes)'}")
 
 
 def cmd_roles_delete(args: argparse.Namespace, client: AdminClient) -> int:

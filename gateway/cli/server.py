@@ -12,7 +12,7 @@ import signal
 import sys
 
 from .client import AdminClient, ApiError, printable
-from .output import esc, show
+from .output import esc, show, words
 from .parsing import CommandTree, argtype, positive_int
 
 DEFAULT_CONFIG = "config.yaml"
@@ -41,6 +41,7 @@ def add_local_commands(tree: CommandTree) -> None:
     config = tree.group("config", "configuration tools", local=True)
     check = tree.command(config, "check", "validate a config file", cmd_config_check,
                          local=True)
+    check.set_defaults(output_errors=True)  # its OSErrors left are its output's (main())
     check.add_argument("path", nargs="?", metavar="PATH",
                        help=f"config file (default: $KEYGATE_CONFIG, else ./{DEFAULT_CONFIG})")
 
@@ -172,4 +173,4 @@ def cmd_reload(args: argparse.Namespace, client: AdminClient) -> int:
         raise
     kept = result.get("restart_required") or []
     return show(args, client, lambda: f"reloaded {esc(result.get('config'))}" + (
-        f"; kept until a restart: {', '.join(map(esc, kept))}" if kept else ""))
+        f"; kept until a restart: {words(kept, ', ')}" if kept else ""))

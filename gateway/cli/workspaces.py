@@ -19,7 +19,8 @@ def add_commands(tree: CommandTree) -> SubCommands:
     p = tree.command(workspaces, "create", "create a workspace", cmd_workspaces_create)
     p.add_argument("id", type=ID, metavar="ID", help="slug: lowercase letters, digits, '-'")
     p.add_argument("--name", required=True, help="display name")
-    p.add_argument("--plan", help="plan name (default: the config's default_plan)")
+    # an empty one (an unset variable) is bad usage, as for set-plan: not the default plan
+    p.add_argument("--plan", type=ID, help="plan name (default: the config's default_plan)")
     tree.command(workspaces, "list", "list workspaces", cmd_workspaces_list)
     p = tree.command(workspaces, "show", "show one workspace", cmd_workspaces_show)
     p.add_argument("id", type=ID, metavar="ID", help="workspace id")
@@ -36,7 +37,7 @@ def add_commands(tree: CommandTree) -> SubCommands:
 
 def cmd_workspaces_create(args: argparse.Namespace, client: AdminClient) -> int:
     body: dict[str, Any] = {"id": args.id, "name": args.name}
-    if args.plan:
+    if args.plan is not None:
         body["plan"] = args.plan
     workspace = client.request("POST", "/workspaces", body)
     return show(args, client, lambda: f"created workspace {esc(workspace.get('id'))} "
@@ -46,9 +47,10 @@ def cmd_workspaces_create(args: argparse.Namespace, client: AdminClient) -> int:
 
 def cmd_workspaces_list(args: argparse.Namespace, client: AdminClient) -> int:
     items = client.listing("/workspaces")
-    rows = [[cell(w.get("id")), cell(w.get("name")), cell(w.get("plan")),
-             human_time(w.get("created_at"))] for w in items]
-    return show(args, client, lambda: format_table(["ID", "NAME", "PLAN", "CREATED"], rows))
+    return show(args, client, lambda: format_table(
+        ["ID", "NAME", "PLAN", "CREATED"],
+        [[cell(w.get("id")), cell(w.get("name")), cell(w.get("plan")),
+          human_time(w.get("created_at"))] for w in items]))
 
 
 def cmd_workspaces_show(args: argparse.Namespace, client: AdminClient) -> int:
