@@ -390,9 +390,9 @@ async def test_an_id_with_dot_segments_never_reaches_another_workspace_behind_a_
     admin API. Expected: an id holding '/' (or being '.'/'..': no keygate id, slug or key id,
     is one) is bad usage, exit 2, and nothing is sent."""
     import shutil
-    import time
 
     from conftest import free_port
+    from test_nginx_verify import nginx_main, running_nginx
 
     nginx = shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
@@ -406,41 +406,11 @@ async def test_an_id_with_dot_segments_never_reaches_another_workspace_behind_a_
                           "reader", "--json"], direct)
     victim = json.loads(made.stdout)["key"]["id"]
     port = free_port()
-    for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp_path / d).mkdir()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(f"""
-daemon off;
-master_process off;
-worker_processes 1;
-pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp_path}/body;
-    proxy_temp_path {tmp_path}/proxy;
-    fastcgi_temp_path {tmp_path}/fastcgi;
-    uwsgi_temp_path {tmp_path}/uwsgi;
-    scgi_temp_path {tmp_path}/scgi;
-    server {{
+    conf = nginx_main(tmp_path, f"""server {{
         listen 127.0.0.1:{port};
         location /kg/ {{ proxy_pass {admin}/; }}
-    }}
-}}
-""")
-    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                _, w = await asyncio.open_connection("127.0.0.1", port)
-                w.close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                await asyncio.sleep(0.05)
+    }}""", worker_connections=64)
+    async with running_nginx(conf, port, nginx):
         via = _environ(f"http://127.0.0.1:{port}/kg")
         listed = await keygate(["workspaces", "list"], via)  # the proxy works
         assert listed.returncode == 0, listed.stderr
@@ -449,11 +419,6 @@ http {{
         shown = await keygate(["keys", "show", "-w", "other", victim, "--json"], direct)
         assert json.loads(shown.stdout)["status"] == "active", done.stdout
         assert done.returncode == 2, done.stderr
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 
 
 @pytest.mark.parametrize("where, bad", [("key", ".."), ("key", "a\\b"), ("workspace", "."),

@@ -35,6 +35,14 @@ def nginx_config(tmp: Path, port: int, keygate: str, api: str,
         assert shipped in snippet
         snippet = snippet.replace(shipped, ours)
     (tmp / "keygate.conf").write_text(snippet)
+    conf = nginx_main(tmp, f"""{http_extra}
+    include {tmp}/keygate.conf;""")
+    return conf
+
+
+def nginx_main(tmp: Path, http: str, worker_connections: int = 256) -> Path:
+    """``tmp``/nginx.conf: a foreground nginx whose files all live under ``tmp``, with
+    ``http`` inside its ``http {}`` block."""
     for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp / d).mkdir(exist_ok=True)
     conf = tmp / "nginx.conf"
@@ -44,7 +52,7 @@ master_process off;
 worker_processes 1;
 pid {tmp}/nginx.pid;
 error_log {tmp}/error.log warn;
-events {{ worker_connections 256; }}
+events {{ worker_connections {worker_connections}; }}
 http {{
     access_log off;
     client_body_temp_path {tmp}/body;
@@ -52,11 +60,38 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
-    {http_extra}
-    include {tmp}/keygate.conf;
+    {http}
 }}
 """)
     return conf
+
+
+@contextlib.asynccontextmanager
+async def running_nginx(conf: Path, port: int, nginx: str | None = None):
+    """``nginx -t`` on ``conf``, then nginx running it (its prefix the file's directory) from
+    when ``port`` accepts connections until the block ends."""
+    prefix = conf.parent
+    nginx = nginx or NGINX
+    check = subprocess.run([nginx, "-t", "-c", str(conf), "-p", str(prefix)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(prefix)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    (prefix / "error.log").read_text()
+                await asyncio.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @contextlib.asynccontextmanager
@@ -75,26 +110,8 @@ async def nginx_stack(tmp_path: Path, api_port: int, redis_url: str, monkeypatch
         port = free_port()
         conf = nginx_config(tmp_path, port, f"127.0.0.1:{gw.proxy_server.port}",
                             f"127.0.0.1:{api_port}", edits, http_extra)
-        check = subprocess.run([NGINX, "-t", "-c", str(conf), "-p", str(tmp_path)],
-                               capture_output=True, text=True)
-        assert check.returncode == 0, check.stderr
-        proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    _, w = await asyncio.open_connection("127.0.0.1", port)
-                    w.close()
-                    break
-                except OSError:
-                    assert proc.poll() is None and time.monotonic() < deadline, \
-                        (tmp_path / "error.log").read_text()
-                    await asyncio.sleep(0.05)
+        async with running_nginx(conf, port):
             yield gw, f"http://127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 @pytest.fixture

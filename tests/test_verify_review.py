@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import subprocess
 import time
 
 import pytest
@@ -19,7 +18,7 @@ from conftest import free_port
 from gateway.config import Route
 from gateway.models import MAX_SCOPE_LEN, MAX_SCOPES
 from harness import gateway_under_test, make_config, target_parser
-from test_nginx_verify import NGINX, nginx_config, nginx_stack
+from test_nginx_verify import NGINX, nginx_config, nginx_stack, running_nginx
 
 # ------------------------------------------------------------------------------------------
 # helpers
@@ -241,25 +240,8 @@ async def _nginx_in_front(tmp_path, api_port, redis_url, monkeypatch, routes=(),
         port = free_port()
         conf = nginx_config(tmp_path, port, f"127.0.0.1:{gw.proxy_server.port}",
                             f"127.0.0.1:{api_port}")
-        check = subprocess.run([NGINX, "-t", "-c", str(conf), "-p", str(tmp_path)],
-                               capture_output=True, text=True)
-        assert check.returncode == 0, check.stderr
-        proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    _, w = await asyncio.open_connection("127.0.0.1", port)
-                    w.close()
-                    break
-                except OSError:
-                    assert proc.poll() is None and time.monotonic() < deadline
-                    await asyncio.sleep(0.05)
+        async with running_nginx(conf, port):
             yield gw, port
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 @needs_nginx
@@ -449,21 +431,7 @@ async def test_ingress_nginx_gives_the_api_one_request_id_and_keygate_the_host(
         conf = nginx_config(tmp_path / "ingress", port, "127.0.0.1:1", "127.0.0.1:1")
         (tmp_path / "ingress" / "keygate.conf").write_text(_ingress_server(
             port, f"127.0.0.1:{gw.proxy_server.port}", f"127.0.0.1:{raw_api.port}"))
-        check = subprocess.run([NGINX, "-t", "-c", str(conf), "-p", str(tmp_path / "ingress")],
-                               capture_output=True, text=True)
-        assert check.returncode == 0, check.stderr
-        proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path / "ingress")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    _, w = await asyncio.open_connection("127.0.0.1", port)
-                    w.close()
-                    break
-                except OSError:
-                    assert proc.poll() is None and time.monotonic() < deadline
-                    await asyncio.sleep(0.05)
+        async with running_nginx(conf, port):
             answer = await _exchange(port, b"GET /health HTTP/1.1\r\nHost: api.example\r\n"
                                            b"Connection: close\r\n\r\n")
             assert _status_code(answer)[0] == 200, answer
@@ -478,9 +446,6 @@ async def test_ingress_nginx_gives_the_api_one_request_id_and_keygate_the_host(
                                          b"Connection: close\r\n\r\n")
             assert b"evil.example" not in raw_api.received()
             assert _status_code(evil)[0] in (400, 500), evil  # 500: ingress-nginx's mapping
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 # ------------------------------------------------------------------------------------------
