@@ -595,7 +595,8 @@ def standalone_client(url: str, *, timeout: float, decode_responses: bool) -> Re
     pool = BlockingConnectionPool.from_url(
         url, max_connections=POOL_CONNECTIONS, timeout=None, decode_responses=decode_responses,
         socket_timeout=timeout, socket_connect_timeout=timeout,
-        retry=_retry(timeout, loading_is_final=True), **NO_SETINFO)
+        retry=_retry(timeout, loading_retries=0 if scheme_of(url) == "unix" else 1),
+        **NO_SETINFO)
     # (set after: from_url lets the URL's scheme choose the class over any argument)
     pool.connection_class = fresh_tls(pool.connection_class)  # rotated TLS files: FreshTLS
     return Redis.from_pool(pool)  # closing the client closes its pool
@@ -610,14 +611,14 @@ class _ConnectionRetry(Retry):
     ``within`` seconds have passed since the first failure."""
 
     def __init__(self, retries: int, within: float, supported_errors: tuple,
-                 loading_is_final: bool) -> None:
+                 loading_retries: int) -> None:
         super().__init__(NoBackoff(), retries, supported_errors=supported_errors)
         self._within = within
-        self._loading_is_final = loading_is_final
+        self._loading_retries = loading_retries
 
     async def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None,
                               with_failure_count: bool = False) -> Any:
-        failures, give_up_at = 0, 0.0
+        failures, loading, give_up_at = 0, 0, 0.0
         while True:
             try:
                 return await do()
@@ -633,12 +634,13 @@ class _ConnectionRetry(Retry):
                     give_up_at = time.monotonic() + self._within
                 # LOADING (redis-py makes it a ConnectionError) is a live Redis's answer: sent
                 # again at once to the same server it is LOADING again, after another chunk
+                loading += isinstance(error, BusyLoadingError)
                 if (failures > self._retries or time.monotonic() >= give_up_at
-                        or (self._loading_is_final and isinstance(error, BusyLoadingError))):
+                        or loading > self._loading_retries):
                     raise error
 
 
-def _retry(within: float, *, loading_is_final: bool = False) -> Any:
+def _retry(within: float, *, loading_retries: int = CONNECTION_RETRIES) -> Any:
     """Immediate retries of a command whose connection turned out dead (closed, reset,
     refused), each on a fresh connection: up to ``CONNECTION_RETRIES``, none begun once
     ``within`` seconds (the store timeout) have passed since the first failure. Commands are
@@ -646,16 +648,17 @@ def _retry(within: float, *, loading_is_final: bool = False) -> Any:
     server closing connections in rounds (CLIENT KILL, a proxy) may close the fresh one too:
     with one retry, a healthy Redis answered such commands 503 (a request or an admin read in
     a few hundred under a storm of kills). A timeout is not retried (the command may have run).
-    ``loading_is_final``: nor a LOADING answer, where a fresh connection goes to the same
-    server (a standalone URL): a Redis loading its data set answers only between the chunks it
-    loads, and each retry waited for another (serve's first PING learnt of the load four
-    chunks late, and a chunk past the store timeout on a retry read as "cannot reach"). Behind
-    Sentinels a fresh connection asks them for the master again (a demoted master syncing
-    answers LOADING; the new one does not), so there it is retried.
+    A LOADING answer is retried ``loading_retries`` times at most: a Redis loading its data set
+    answers only between the chunks it loads, and each retry on the same server waited for
+    another (serve's first PING learnt of the load four chunks late, and a chunk past the
+    store timeout on a retry read as "cannot reach"). A unix socket is the same server every
+    time (none); a host name may lead a fresh connection elsewhere (a Service, a managed
+    Redis's primary endpoint after a failover, the demoted primary resyncing: one); behind
+    Sentinels a fresh connection asks them for the master again (as for a dead connection).
     A command that does not fail costs what redis-py's own loop costs."""
     return _ConnectionRetry(CONNECTION_RETRIES, within,
                             (RedisConnectionError, ConnectionResetError, BrokenPipeError),
-                            loading_is_final)
+                            loading_retries)
 
 
 def redact(url: str) -> str:

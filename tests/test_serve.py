@@ -419,13 +419,15 @@ def loading_redis(snapshot: Path, data_dir: Path, port: int) -> subprocess.Popen
         raise
 
 
-async def test_a_loading_redis_is_asked_once_per_call_not_four_times(tmp_path,
-                                                                     snapshot_of_25_mb):
+async def test_a_loading_redis_is_asked_twice_per_call_not_four_times(tmp_path,
+                                                                      snapshot_of_25_mb):
     """A LOADING answer (redis-py's BusyLoadingError, a ConnectionError to it) was sent again
     at once on a fresh connection, three times: a Redis loading answers only between the
     2 MB chunks it loads (every ~0.6 s here), so serve's first PING waited four chunks to learn
     it was loading, 8-9.5 s under load, and a chunk slower than the store timeout on any of
-    the three repeats counted as "cannot reach the store". One connection, one answer."""
+    the three repeats counted as "cannot reach the store". Over TCP it is asked once more (a
+    host name may lead a fresh connection to another server:
+    test_a_loading_answer_behind_a_service_is_asked_again_on_a_fresh_connection), no more."""
     from gateway.config import load_config
     from gateway.store import Store
     port = free_port()
@@ -445,8 +447,8 @@ async def test_a_loading_redis_is_asked_once_per_call_not_four_times(tmp_path,
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
             stats = _ask(probe, b"INFO stats").decode()
-        # the fixture's probe, the store's PING, this one
-        assert "total_connections_received:3\r\n" in stats, stats
+        # the fixture's probe, the store's PING and its one retry, this one
+        assert "total_connections_received:4\r\n" in stats, stats
     finally:
         server.kill()
         server.wait(10)
@@ -461,6 +463,72 @@ def _ask(probe: socket.socket, command: bytes) -> bytes:
         while len(answer) < answer.index(b"\r\n") + 2 + size + 2:
             answer += probe.recv(65536)
     return answer
+
+
+class _Service:
+    """A TCP relay on loopback standing in for a Kubernetes Service / a cloud load balancer /
+    a managed Redis's primary endpoint (ElastiCache, Memorystore, Azure Cache): a standalone
+    ``redis://host:port`` whose connections go to whichever server is the primary when they
+    are made. ``targets``: the backend port for the 1st, 2nd, ... connection (the last one for
+    any after)."""
+
+    def __init__(self, targets: list[int]) -> None:
+        self.targets, self.made = targets, 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> "_Service":
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def _relay(self, reader, writer) -> None:
+        port = self.targets[min(self.made, len(self.targets) - 1)]
+        self.made += 1
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", port)
+
+        async def pipe(r, w):
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except OSError:
+                pass
+            finally:
+                w.close()
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+
+async def test_a_loading_answer_behind_a_service_is_asked_again_on_a_fresh_connection(
+        tmp_path, own_redis, snapshot_of_25_mb):
+    """Failover behind a standalone URL (a Service, an LB, a managed Redis's primary DNS
+    name): the demoted primary resyncs and answers LOADING on the connections keygate already
+    has, while a fresh connection reaches the promoted one. redis_urls.standalone_client now
+    made LOADING final for a while (no retry on a standalone URL): the call raised
+    BusyLoadingError (the request or admin call answered 503 ``store_unavailable``) where the
+    retry on a fresh connection answered; "a fresh connection goes to the same server" holds
+    for a unix socket only. SPEC (Store): "A store that is healthy is never reported as unavailable ...
+    Connections the server closed (restart, failover ...) are re-made without a wrong
+    answer". Expected: the call answers (retried on a fresh connection, as before)."""
+    from gateway.redis_urls import standalone_client
+    port = free_port()
+    loading = loading_redis(snapshot_of_25_mb, tmp_path, port)
+    try:
+        async with _Service([port, own_redis.port]) as service:
+            client = standalone_client(service.url, timeout=2.0, decode_responses=True)
+            try:
+                assert await client.set("k", "v")   # the first connection: the LOADING one
+            finally:
+                await client.aclose()
+        assert service.made >= 2
+    finally:
+        loading.kill()
+        loading.wait(10)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
