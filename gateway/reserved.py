@@ -218,19 +218,23 @@ async def verify(steps: RequestSteps, request: web.BaseRequest, suffix: str,
 
 
 def original_host(steps: RequestSteps, request: web.BaseRequest) -> None:
-    """The original request's ``Host``, judged as the proxy judges its own (400 for one that
-    is not ``host[:port]``: userinfo, a path, a quote): the proxy in front forwards it to the
-    API as ``Host`` and ``X-Forwarded-Host``, which APIs build absolute URLs from. It is the
+    """The original request's host, judged as the proxy judges its own ``Host`` (400 for one
+    that is not ``host[:port]``: userinfo, a path, a quote): the proxy in front forwards it to
+    the API as ``Host`` and ``X-Forwarded-Host``, which APIs build absolute URLs from. It is the
     ``X-Forwarded-Host`` the proxy in front sends (Traefik always does; the nginx configs in
     docs/verify set it); in Envoy's ``path_prefix`` mode it is the call's own ``Host``, which
-    the pipeline has already judged. None sent: nothing to judge, as the proxy forwards a
-    request without ``Host`` (HTTP/1.0)."""
-    hosts = request.headers.getall(_X_FORWARDED_HOST, ())
-    if not hosts:
-        return
-    if len(hosts) > 1:  # two hosts: which one the API reads is its own choice
-        raise errors.BadRequest("X-Forwarded-Host was sent twice.", code="bad_request")
-    steps.check_host(hosts[0])
+    the pipeline has already judged. Behind a chain of proxies it is a list (Apache and
+    HAProxy append ", host"; a second header line): each entry is judged, as any of them may
+    be the one the API reads, and a list is no refusal (keygate's own proxy forwards a trusted
+    peer's list as it came). None sent: nothing to judge, as the proxy forwards a request
+    without ``Host`` (HTTP/1.0)."""
+    for value in request.headers.getall(_X_FORWARDED_HOST, ()):
+        for host in value.split(","):
+            try:
+                steps.check_host(host.strip(" \t"))
+            except errors.BadRequest:
+                raise errors.BadRequest("X-Forwarded-Host holds a host that is not a valid "
+                                        "host[:port].", code="bad_request") from None
 
 
 def original_length(request: web.BaseRequest) -> int:

@@ -17,7 +17,7 @@ import pytest
 from conftest import free_port
 from gateway.config import Route
 from gateway.models import MAX_SCOPE_LEN, MAX_SCOPES
-from harness import gateway_under_test, make_config, target_parser
+from harness import gateway_under_test, make_config, target_parser, verify_config
 from test_nginx_verify import NGINX, nginx_config, nginx_stack, running_nginx
 
 # ------------------------------------------------------------------------------------------
@@ -134,17 +134,56 @@ async def test_verify_judges_the_calls_own_host_in_envoys_path_mode(gw, upstream
     assert _status_code(verified) == (400, "bad_request"), verified
 
 
-async def test_verify_refuses_two_original_hosts_and_takes_a_good_one(gw, upstream):
-    """Two X-Forwarded-Host lines: which one the API reads is its own choice (400); one good
-    host (with a port) passes, as the proxy takes it."""
+async def test_verify_judges_every_host_of_an_original_host_list(gw, upstream):
+    """Behind a chain of proxies X-Forwarded-Host is a list: Apache and HAProxy append
+    ", host", another proxy adds a second line, Traefik with trustForwardHeader passes the one
+    it got. keygate's own proxy forwards a trusted peer's list as it came; verify answered 400
+    to it (the list judged as one Host: a space), so every request of such a deployment was
+    refused. Each entry is judged now: a list of hosts passes, one bad entry anywhere is a 400
+    that names the header; a good host with a port passes."""
     port = gw.proxy_server.port
     head = ("GET /_keygate/v1/verify HTTP/1.1\r\nHost: keygate:8080\r\nConnection: close\r\n"
             "X-Forwarded-Method: GET\r\nX-Forwarded-Uri: /health\r\n")
-    twice = await _exchange(port, (head + "X-Forwarded-Host: api.example\r\n"
-                                   "X-Forwarded-Host: evil.example\r\n\r\n").encode())
-    assert _status_code(twice) == (400, "bad_request"), twice
-    good = await _exchange(port, (head + "X-Forwarded-Host: api.example:8443\r\n\r\n").encode())
-    assert _status_code(good)[0] == 200, good
+    for hosts in (["api.example.com, lb.internal"], ["api.example", "lb.internal:8443"],
+                  ["api.example:8443"]):
+        lines = "".join(f"X-Forwarded-Host: {h}\r\n" for h in hosts)
+        good = await _exchange(port, (head + lines + "\r\n").encode())
+        assert _status_code(good)[0] == 200, (hosts, good)
+    for hosts in (["api.example, good.example@evil.example"],
+                  ["api.example", "good.example@evil.example"]):
+        lines = "".join(f"X-Forwarded-Host: {h}\r\n" for h in hosts)
+        bad = await _exchange(port, (head + lines + "\r\n").encode())
+        assert _status_code(bad) == (400, "bad_request"), (hosts, bad)
+        assert b"X-Forwarded-Host" in bad, bad
+
+
+@pytest.mark.parametrize("xfh", ["api.example.com, lb.internal"])  # Apache mod_proxy appends
+async def test_verify_allows_what_the_proxy_forwards_behind_a_trusted_appending_proxy(
+        redis_url, upstream, monkeypatch, xfh):
+    """Behind a chain of proxies, X-Forwarded-Host is a list: Apache mod_proxy (and HAProxy,
+    Envoy with append_x_forwarded_host) append ", <host>" to one already there, and Traefik
+    with ``trustForwardHeader`` hands the incoming one to forwardAuth unchanged. keygate's own
+    proxy, with the peer in ``server.trusted_proxies``, forwards that header as it came
+    (proxying/headers.py passed_on_by_rule: a trusted X-Forwarded-Host is kept, never judged)
+    and answers 200. verify judged the whole list as one Host (no space allowed) and answered
+    400 ``bad_request`` to every request of such a deployment (nginx/Traefik turn it into
+    500). SPEC (Deployment modes): "Refused: the same status ... the proxy would answer"; here
+    the proxy forwards."""
+    config = verify_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, server=dataclasses.replace(
+        config.server, trusted_proxies=("127.0.0.1",)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        port = g.proxy_server.port
+        proxied = await _exchange(port, (
+            "GET /health HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n"
+            f"X-Forwarded-Host: {xfh}\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n").encode())
+        assert _status_code(proxied)[0] == 200, proxied
+        assert dict(upstream.requests[-1]["headers"])["X-Forwarded-Host"] == xfh
+        verified = await _exchange(port, (
+            "GET /_keygate/v1/verify HTTP/1.1\r\nHost: keygate:8080\r\nConnection: close\r\n"
+            "X-Forwarded-Method: GET\r\nX-Forwarded-Uri: /health\r\n"
+            f"X-Forwarded-Host: {xfh}\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n").encode())
+        assert _status_code(verified)[0] == 200, verified
 
 
 @needs_nginx
