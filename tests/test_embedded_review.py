@@ -606,3 +606,77 @@ def test_the_watcher_recovers_a_running_server_whose_socket_was_deleted(caplog):
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+# From the rv-today review: config check, and a peer check the other side can delay
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a redis-server as another user")
+@pytest.mark.parametrize("foreign", ["data_dir", "server"])
+def test_config_check_does_not_consult_another_users_redis_on_the_embedded_socket(foreign):
+    """serve and demo now refuse a store.data_dir another user owns, and a server on its
+    socket that runs as another user (embedded.py data_dir_trust_problem, _check_peer;
+    docs/security.md: "A server already answering on its socket is reused only when it runs
+    as keygate's own user"). ``keygate config check`` (cli/server.py _in_use_problems) still
+    connects to whatever answers on ``DATA_DIR/redis.sock`` and reads the plans and roles in
+    use from it: the other user who made ``./.keygate-data`` first in a shared directory
+    decides what ``config check`` reports about the operator's own store (an "ok" for a
+    config whose roles keys still use, or problems that are not there). Expected: the same
+    checks as serve (owner, mode, SO_PEERCRED) before connecting; a foreign server is named,
+    not consulted."""
+    base = Path(tempfile.mkdtemp(prefix="kgrvt-", dir="/tmp"))  # a shared directory's child
+    os.chmod(base, 0o755)
+    data_dir = base / ".keygate-data"
+    data_dir.mkdir()
+    os.chown(data_dir, NOBODY, NOBODY)
+    os.chmod(data_dir, 0o700)
+    socket_path = data_dir / "redis.sock"
+    squatter = subprocess.Popen(
+        [str(redis_server_binary()), "--port", "0", "--unixsocket", str(socket_path),
+         "--unixsocketperm", "777", "--dir", str(data_dir), "--save", "", "--appendonly", "no"],
+        user=NOBODY, group=NOBODY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with redis.Redis(unix_socket_path=str(socket_path), socket_timeout=1) as c:
+                    c.ping()
+                break
+            except (redis.ConnectionError, OSError):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        if foreign == "server":  # the directory is ours (and private) now, its server is not
+            os.chown(data_dir, 0, 0)
+        watch = redis.Redis(unix_socket_path=str(socket_path), socket_timeout=1)
+        stats = watch.info("stats")   # one connection, kept: it alone counts in the deltas
+        before = int(stats["total_connections_received"])
+        commands = int(stats["total_commands_processed"])
+        config = base / "keygate.yaml"
+        config.write_text(
+            f"store:\n  redis_url: embedded\n  data_dir: {data_dir}\n"
+            "upstreams:\n  crm: {url: \"http://127.0.0.1:9000\", timeout: 5}\n"
+            "routes:\n  - {path: \"/people/**\", methods: [GET], upstream: crm, "
+            "scopes: [\"people:read\"]}\n")
+        done = subprocess.run([os.path.join(os.path.dirname(os.sys.executable), "keygate"),
+                               "config", "check", str(config)],
+                              capture_output=True, text=True, timeout=60, cwd=base)
+        stats = watch.info("stats")
+        watch.close()
+        after = int(stats["total_connections_received"])
+        # the peer check's connect (SO_PEERCRED) is a connection, never a command
+        assert after == before + (foreign == "server"), (
+            f"config check connected {after - before} time(s) to the redis-server of uid "
+            f"{NOBODY} on {socket_path} and read the store's state from it: "
+            f"{done.stdout!r} {done.stderr!r}")
+        assert int(stats["total_commands_processed"]) == commands + 1, done.stderr
+        # named, in one line, as not checked; the file itself passes
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"ok: {config}\n"
+        note, = done.stderr.splitlines()
+        assert note.startswith(f"keygate: note: the embedded store in {data_dir} was not "
+                               "asked: "), note
+        assert (f"uid {NOBODY}" in note and "were not checked against it" in note), note
+    finally:
+        squatter.kill()
+        squatter.wait(10)
+        shutil.rmtree(base, ignore_errors=True)

@@ -415,18 +415,25 @@ class EmbeddedRedis:
 
     def _check_peer(self) -> None:
         """Refuse a server on the socket that runs as another user: keygate would keep every
-        key record in a store that user reads and writes. The kernel's word for it
-        (SO_PEERCRED); where there is none, the owner of the socket file."""
+        key record in a store that user reads and writes."""
         try:
-            uid = _peer_uid(self.socket_path)
+            problem = self.peer_problem()
         except OSError:
             return              # gone since it answered: the caller's next look says so
+        if problem:
+            raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r}: {problem}")
+
+    def peer_problem(self) -> str:
+        """Why the server answering on the socket is not keygate's store, or '': it runs as
+        another user than keygate (the kernel's word for it, SO_PEERCRED; where there is none,
+        the owner of the socket file). OSError: nobody could be asked."""
+        uid = _peer_uid(self.socket_path)
         me = os.geteuid()
         if uid != me:
-            raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r}: the redis-server on "
-                                f"{str(self.socket_path)!r} runs as uid {uid}, not as uid {me}"
-                                " that runs keygate; it is not keygate's store: stop it, or "
-                                "use a directory of your own")
+            return (f"the redis-server on {str(self.socket_path)!r} runs as uid {uid}, not as "
+                    f"uid {me} that runs keygate; it is not keygate's store: stop it, or use a "
+                    "directory of your own")
+        return ""
 
     def _server_holds_data_dir(self) -> bool:
         """True while a server launched by keygate for this data_dir runs (it holds RUNFILE)."""
