@@ -680,3 +680,98 @@ def test_config_check_does_not_consult_another_users_redis_on_the_embedded_socke
         squatter.kill()
         squatter.wait(10)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# A stand-in for another user's server on the socket: it answers the first connection as a
+# Redis would (PING: PONG, anything else: OK), then keeps its listen queue full with a
+# connection of its own, so that a second connect() fails; later it could accept again.
+_SQUATTER = r'''
+import os, socket, sys, time
+path = sys.argv[1]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path)
+os.chmod(path, 0o777)
+s.listen(0)
+# the socket itself, held: connect() through /proc/self/fd/N needs no search permission on the
+# directory, which is not this user's any more by then
+held = os.open(path, os.O_PATH)
+with open(os.path.join(os.path.dirname(path), "redis.pid"), "w") as f:   # as redis writes it
+    f.write(f"{os.getpid()}\n")
+os.chmod(os.path.join(os.path.dirname(path), "redis.pid"), 0o644)
+# HELLO 3 (redis-py's handshake): a RESP3 map, as redis 6.2 answers it
+fields = [b"server", b"redis", b"version", b"6.2.14", b"proto", 3, b"id", 1, b"mode",
+          b"standalone", b"role", b"master", b"modules"]
+HELLO = b"%7\r\n" + b"".join(b":%d\r\n" % f if isinstance(f, int) else
+                              b"$%d\r\n%s\r\n" % (len(f), f) for f in fields) + b"*0\r\n"
+print("ready", flush=True)
+c, _ = s.accept()
+filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+filler.connect(f"/proc/self/fd/{held}")   # queued, never accepted: the queue (backlog 0) is full
+buf = b""
+while True:
+    data = c.recv(65536)
+    if not data:
+        break
+    buf += data
+    while buf.startswith(b"*"):
+        head, sep, rest = buf.partition(b"\r\n")
+        if not sep:
+            break
+        n, parts, ok = int(head[1:]), [], True
+        for _ in range(n):
+            h, sep, rest2 = rest.partition(b"\r\n")
+            if not sep:
+                ok = False; break
+            size = int(h[1:])
+            if len(rest2) < size + 2:
+                ok = False; break
+            parts.append(rest2[:size]); rest = rest2[size + 2:]
+        if not ok:
+            break
+        buf = rest
+        word = parts[0].upper() if parts else b""
+        c.sendall(b"+PONG\r\n" if word == b"PING" else HELLO if word == b"HELLO" else b"+OK\r\n")
+time.sleep(60)
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a server as another user")
+def test_a_foreign_server_that_delays_the_peer_check_is_not_adopted():
+    """embedded.py _check_peer (called from _running_pid once PING answered) asks the kernel
+    who listens on the socket (SO_PEERCRED) over a second connection, and on any OSError
+    returns as if all were well ("gone since it answered: the caller's next look says so").
+    The next look is not a peer check: ``state`` is True, so _running_pid returns and start()
+    hands out the socket's URL, with the pid from redis.pid. A server of another user on the
+    socket (the case test_a_server_of_another_user_on_the_socket_of_our_own_data_dir_is_refused
+    covers: the directory was theirs before a chown), which left its redis.pid there, answers
+    the PING and then keeps its listen queue full, so that the peer check's connect() fails
+    (EAGAIN; a blocked one would time out after 1 s): it is adopted as keygate's store
+    (``owner`` False, its pid), and once it accepts again it serves every key record. The
+    check fails open exactly when the other side chooses. Expected: fail closed (an
+    EmbeddedError, or another look that does establish the peer's uid)."""
+    if not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("no system python3 for the other user")
+    data_dir = Path(tempfile.mkdtemp(prefix="kgpc-", dir="/tmp"))
+    os.chown(data_dir, NOBODY, NOBODY)
+    socket_path = data_dir / "redis.sock"
+    squatter = subprocess.Popen(["/usr/bin/python3", "-c", _SQUATTER, str(socket_path)],
+                                user=NOBODY, group=NOBODY, stdout=subprocess.PIPE)
+    try:
+        assert squatter.stdout.readline().strip() == b"ready"
+        os.chown(data_dir, 0, 0)      # ours and private now, as in the test named above
+        os.chmod(data_dir, 0o700)
+        embedded = EmbeddedRedis(data_dir)
+        try:
+            url = embedded.start()
+        except EmbeddedError as exc:    # refused: expected, naming the socket
+            assert str(socket_path) in str(exc), exc
+            return
+        try:
+            assert embedded.owner, (f"start() adopted {url}, the socket of a server running "
+                                    f"as uid {NOBODY} (pid {squatter.pid})")
+        finally:
+            embedded.stop()
+    finally:
+        squatter.kill()
+        squatter.wait(10)
+        shutil.rmtree(data_dir, ignore_errors=True)
