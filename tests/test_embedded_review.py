@@ -606,3 +606,172 @@ def test_the_watcher_recovers_a_running_server_whose_socket_was_deleted(caplog):
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+# From the rv-today review: config check, and a peer check the other side can delay
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a redis-server as another user")
+@pytest.mark.parametrize("foreign", ["data_dir", "server"])
+def test_config_check_does_not_consult_another_users_redis_on_the_embedded_socket(foreign):
+    """serve and demo now refuse a store.data_dir another user owns, and a server on its
+    socket that runs as another user (embedded.py data_dir_trust_problem, _check_peer;
+    docs/security.md: "A server already answering on its socket is reused only when it runs
+    as keygate's own user"). ``keygate config check`` (cli/server.py _in_use_problems) still
+    connects to whatever answers on ``DATA_DIR/redis.sock`` and reads the plans and roles in
+    use from it: the other user who made ``./.keygate-data`` first in a shared directory
+    decides what ``config check`` reports about the operator's own store (an "ok" for a
+    config whose roles keys still use, or problems that are not there). Expected: the same
+    checks as serve (owner, mode, SO_PEERCRED) before connecting; a foreign server is named,
+    not consulted."""
+    base = Path(tempfile.mkdtemp(prefix="kgrvt-", dir="/tmp"))  # a shared directory's child
+    os.chmod(base, 0o755)
+    data_dir = base / ".keygate-data"
+    data_dir.mkdir()
+    os.chown(data_dir, NOBODY, NOBODY)
+    os.chmod(data_dir, 0o700)
+    socket_path = data_dir / "redis.sock"
+    squatter = subprocess.Popen(
+        [str(redis_server_binary()), "--port", "0", "--unixsocket", str(socket_path),
+         "--unixsocketperm", "777", "--dir", str(data_dir), "--save", "", "--appendonly", "no"],
+        user=NOBODY, group=NOBODY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with redis.Redis(unix_socket_path=str(socket_path), socket_timeout=1) as c:
+                    c.ping()
+                break
+            except (redis.ConnectionError, OSError):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        if foreign == "server":  # the directory is ours (and private) now, its server is not
+            os.chown(data_dir, 0, 0)
+        watch = redis.Redis(unix_socket_path=str(socket_path), socket_timeout=1)
+        stats = watch.info("stats")   # one connection, kept: it alone counts in the deltas
+        before = int(stats["total_connections_received"])
+        commands = int(stats["total_commands_processed"])
+        config = base / "keygate.yaml"
+        config.write_text(
+            f"store:\n  redis_url: embedded\n  data_dir: {data_dir}\n"
+            "upstreams:\n  crm: {url: \"http://127.0.0.1:9000\", timeout: 5}\n"
+            "routes:\n  - {path: \"/people/**\", methods: [GET], upstream: crm, "
+            "scopes: [\"people:read\"]}\n")
+        done = subprocess.run([os.path.join(os.path.dirname(os.sys.executable), "keygate"),
+                               "config", "check", str(config)],
+                              capture_output=True, text=True, timeout=60, cwd=base)
+        stats = watch.info("stats")
+        watch.close()
+        after = int(stats["total_connections_received"])
+        # the peer check's connect (SO_PEERCRED) is a connection, never a command
+        assert after == before + (foreign == "server"), (
+            f"config check connected {after - before} time(s) to the redis-server of uid "
+            f"{NOBODY} on {socket_path} and read the store's state from it: "
+            f"{done.stdout!r} {done.stderr!r}")
+        assert int(stats["total_commands_processed"]) == commands + 1, done.stderr
+        # named, in one line, as not checked; the file itself passes
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"ok: {config}\n"
+        note, = done.stderr.splitlines()
+        assert note.startswith(f"keygate: note: the embedded store in {data_dir} was not "
+                               "asked: "), note
+        assert (f"uid {NOBODY}" in note and "were not checked against it" in note), note
+    finally:
+        squatter.kill()
+        squatter.wait(10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# A stand-in for another user's server on the socket: it answers the first connection as a
+# Redis would (PING: PONG, anything else: OK), then keeps its listen queue full with a
+# connection of its own, so that a second connect() fails; later it could accept again.
+_SQUATTER = r'''
+import os, socket, sys, time
+path = sys.argv[1]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path)
+os.chmod(path, 0o777)
+s.listen(0)
+# the socket itself, held: connect() through /proc/self/fd/N needs no search permission on the
+# directory, which is not this user's any more by then
+held = os.open(path, os.O_PATH)
+with open(os.path.join(os.path.dirname(path), "redis.pid"), "w") as f:   # as redis writes it
+    f.write(f"{os.getpid()}\n")
+os.chmod(os.path.join(os.path.dirname(path), "redis.pid"), 0o644)
+# HELLO 3 (redis-py's handshake): a RESP3 map, as redis 6.2 answers it
+fields = [b"server", b"redis", b"version", b"6.2.14", b"proto", 3, b"id", 1, b"mode",
+          b"standalone", b"role", b"master", b"modules"]
+HELLO = b"%7\r\n" + b"".join(b":%d\r\n" % f if isinstance(f, int) else
+                              b"$%d\r\n%s\r\n" % (len(f), f) for f in fields) + b"*0\r\n"
+print("ready", flush=True)
+c, _ = s.accept()
+filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+filler.connect(f"/proc/self/fd/{held}")   # queued, never accepted: the queue (backlog 0) is full
+buf = b""
+while True:
+    data = c.recv(65536)
+    if not data:
+        break
+    buf += data
+    while buf.startswith(b"*"):
+        head, sep, rest = buf.partition(b"\r\n")
+        if not sep:
+            break
+        n, parts, ok = int(head[1:]), [], True
+        for _ in range(n):
+            h, sep, rest2 = rest.partition(b"\r\n")
+            if not sep:
+                ok = False; break
+            size = int(h[1:])
+            if len(rest2) < size + 2:
+                ok = False; break
+            parts.append(rest2[:size]); rest = rest2[size + 2:]
+        if not ok:
+            break
+        buf = rest
+        word = parts[0].upper() if parts else b""
+        c.sendall(b"+PONG\r\n" if word == b"PING" else HELLO if word == b"HELLO" else b"+OK\r\n")
+time.sleep(60)
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a server as another user")
+def test_a_foreign_server_that_delays_the_peer_check_is_not_adopted():
+    """embedded.py _check_peer (called from _running_pid once PING answered) asks the kernel
+    who listens on the socket (SO_PEERCRED) over a second connection, and on any OSError
+    returns as if all were well ("gone since it answered: the caller's next look says so").
+    The next look is not a peer check: ``state`` is True, so _running_pid returns and start()
+    hands out the socket's URL, with the pid from redis.pid. A server of another user on the
+    socket (the case test_a_server_of_another_user_on_the_socket_of_our_own_data_dir_is_refused
+    covers: the directory was theirs before a chown), which left its redis.pid there, answers
+    the PING and then keeps its listen queue full, so that the peer check's connect() fails
+    (EAGAIN; a blocked one would time out after 1 s): it is adopted as keygate's store
+    (``owner`` False, its pid), and once it accepts again it serves every key record. The
+    check fails open exactly when the other side chooses. Expected: fail closed (an
+    EmbeddedError, or another look that does establish the peer's uid)."""
+    if not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("no system python3 for the other user")
+    data_dir = Path(tempfile.mkdtemp(prefix="kgpc-", dir="/tmp"))
+    os.chown(data_dir, NOBODY, NOBODY)
+    socket_path = data_dir / "redis.sock"
+    squatter = subprocess.Popen(["/usr/bin/python3", "-c", _SQUATTER, str(socket_path)],
+                                user=NOBODY, group=NOBODY, stdout=subprocess.PIPE)
+    try:
+        assert squatter.stdout.readline().strip() == b"ready"
+        os.chown(data_dir, 0, 0)      # ours and private now, as in the test named above
+        os.chmod(data_dir, 0o700)
+        embedded = EmbeddedRedis(data_dir)
+        try:
+            url = embedded.start()
+        except EmbeddedError as exc:    # refused: expected, naming the socket
+            assert str(socket_path) in str(exc), exc
+            return
+        try:
+            assert embedded.owner, (f"start() adopted {url}, the socket of a server running "
+                                    f"as uid {NOBODY} (pid {squatter.pid})")
+        finally:
+            embedded.stop()
+    finally:
+        squatter.kill()
+        squatter.wait(10)
+        shutil.rmtree(data_dir, ignore_errors=True)

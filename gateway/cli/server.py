@@ -135,7 +135,7 @@ def _in_use_problems(config) -> tuple[list[str], str | None]:
     unchecked = f"{not_checked(config, None)} were not checked against it"
     url = config.store.redis_url
     if url == "embedded":
-        from ..store.embedded import EmbeddedRedis
+        from ..store.embedded import EmbeddedRedis, data_dir_trust_problem
         embedded = EmbeddedRedis(config.store.data_dir)
         try:
             running = embedded.socket_path.exists()
@@ -144,6 +144,16 @@ def _in_use_problems(config) -> tuple[list[str], str | None]:
                         f"({exc.strerror or exc}); {unchecked}")
         if not running:
             return [], f"the embedded store in {embedded.data_dir} is not running; {unchecked}"
+        # serve's trust rules: a data_dir or a server of another user is never consulted
+        # (that user would decide what this check reports about keygate's own store)
+        try:
+            problem = data_dir_trust_problem(embedded.data_dir)
+            problem = (f"it {problem}" if problem else embedded.peer_problem())
+        except OSError as exc:
+            problem = f"whose server answers on it is unknown ({exc.strerror or exc})"
+        if problem:
+            return [], (f"the embedded store in {embedded.data_dir} was not asked: {problem}; "
+                        f"{unchecked}")
         url = embedded.url
 
     async def check() -> list[str]:

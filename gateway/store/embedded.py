@@ -90,6 +90,7 @@ RUNFILE_NAME = "redis.running"  # flock'ed by the server for its whole life (an 
 AOF_NAME = "appendonly.aof"
 MAX_SOCKET_PATH = 103          # bytes, without the NUL: fits macOS (104) and Linux (108)
 START_TIMEOUT = 10.0           # seconds for a new server to answer PING (LOADING resets it)
+PEER_TIMEOUT = 5.0             # seconds a server may answer PING yet not let its user be told
 STOP_TIMEOUT = 10.0            # seconds for SHUTDOWN before SIGTERM, then SIGKILL
 WATCH_INTERVAL = 1.0           # seconds between two checks that the server still runs
 WATCH_MAX_BACKOFF = 60.0       # at most this long between attempts to restart one that fails
@@ -382,10 +383,26 @@ class EmbeddedRedis:
     def _running_pid(self, halted: Callable[[], bool]) -> int | None:
         """The pid of a server already serving this data_dir, waiting out an AOF load."""
         deadline = time.monotonic() + START_TIMEOUT
+        unknown_since: float | None = None   # since when the peer check cannot be made
         while True:
             state = self._ping()
             if state is not False:  # answers, or loads its AOF: whose server is it?
-                self._check_peer()
+                if (error := self._check_peer()) is not None:
+                    # No word on its user (the connect failed: gone since, or a listen queue
+                    # kept full): never adopted on that. Look again; refused if it lasts.
+                    unknown_since = unknown_since or time.monotonic()
+                    if halted():
+                        raise StoppedWhileStarting(
+                            "stopped while waiting for the embedded store")
+                    if time.monotonic() - unknown_since > PEER_TIMEOUT:
+                        raise EmbeddedError(
+                            f"store.data_dir {str(self.data_dir)!r}: a server answers on "
+                            f"{str(self.socket_path)!r} but which user runs it could not be "
+                            f"told for {PEER_TIMEOUT:g} s ({error}); it is not adopted as "
+                            "keygate's store: stop it, or use a directory of your own")
+                    time.sleep(0.05)
+                    continue
+                unknown_since = None
             pid = self._pidfile_pid()
             if state:
                 return pid or self._server_pid()
@@ -413,20 +430,29 @@ class EmbeddedRedis:
                                     f"stop it or see {str(self.logfile)!r}")
             time.sleep(0.05)       # starting up or loading its AOF
 
-    def _check_peer(self) -> None:
+    def _check_peer(self) -> str | None:
         """Refuse a server on the socket that runs as another user: keygate would keep every
-        key record in a store that user reads and writes. The kernel's word for it
-        (SO_PEERCRED); where there is none, the owner of the socket file."""
+        key record in a store that user reads and writes. None: it runs as keygate's user;
+        else why that could not be told (the caller looks again, then refuses)."""
         try:
-            uid = _peer_uid(self.socket_path)
-        except OSError:
-            return              # gone since it answered: the caller's next look says so
+            problem = self.peer_problem()
+        except OSError as exc:
+            return exc.strerror or str(exc) or type(exc).__name__
+        if problem:
+            raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r}: {problem}")
+        return None
+
+    def peer_problem(self) -> str:
+        """Why the server answering on the socket is not keygate's store, or '': it runs as
+        another user than keygate (the kernel's word for it, SO_PEERCRED; where there is none,
+        the owner of the socket file). OSError: nobody could be asked."""
+        uid = _peer_uid(self.socket_path)
         me = os.geteuid()
         if uid != me:
-            raise EmbeddedError(f"store.data_dir {str(self.data_dir)!r}: the redis-server on "
-                                f"{str(self.socket_path)!r} runs as uid {uid}, not as uid {me}"
-                                " that runs keygate; it is not keygate's store: stop it, or "
-                                "use a directory of your own")
+            return (f"the redis-server on {str(self.socket_path)!r} runs as uid {uid}, not as "
+                    f"uid {me} that runs keygate; it is not keygate's store: stop it, or use a "
+                    "directory of your own")
+        return ""
 
     def _server_holds_data_dir(self) -> bool:
         """True while a server launched by keygate for this data_dir runs (it holds RUNFILE)."""
