@@ -566,10 +566,12 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
                           and cpu.waited(t - timeout - 0.1, t) >= timeout / 2)
             # the healthy primary's connections are kept, not made again at each slot read
             # (more may be added: the pool grows with the load). A call given up at its
-            # deadline closes its connection (its reply unread): one per starved 503 (3 of 66
-            # kept, 101 made, 124 such 503s once, under a load average of ~15)
-            assert len(kept) >= 0.8 * open_before - starved, \
-                (len(kept), open_before, len(remade), starved)
+            # deadline closes its connection (its reply unread): one per 503 of that
+            # workspace, starved or not (3 of 66 kept, 101 made, 124 such 503s once, under a
+            # load average of ~15; 3 of 4 kept, with 10 503s none of them starved, in a
+            # suite run whose flood had made only 4 connections to it by the kill)
+            assert len(kept) >= 0.8 * open_before - down, \
+                (len(kept), open_before, len(remade), down, starved)
             if full_coverage == "no":
                 # none in a quiet run (37 and 217 before the fix, 256 of 804 on a loaded
                 # machine). A 503 whose deadline the loop spent mostly waiting for a CPU (half
