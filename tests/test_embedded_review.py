@@ -43,6 +43,21 @@ def _stop(proc: subprocess.Popen | None) -> None:
         proc.wait(10)
 
 
+def _foreign_redis(data_dir: Path) -> subprocess.Popen:
+    """A redis-server run by another user (``NOBODY``) on ``data_dir``/redis.sock, answering."""
+    socket_path = data_dir / "redis.sock"
+    server = subprocess.Popen(
+        [str(redis_server_binary()), "--port", "0", "--unixsocket", str(socket_path),
+         "--unixsocketperm", "777", "--dir", str(data_dir), "--save", "", "--appendonly", "no"],
+        user=NOBODY, group=NOBODY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_socket(socket_path)
+    except BaseException:
+        _stop(server)
+        raise
+    return server
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a redis-server as another user")
 def test_a_redis_server_of_another_user_in_data_dir_is_not_adopted_as_the_store():
     """``store.data_dir`` defaults to ``.keygate-data`` in the current directory, and
@@ -65,15 +80,9 @@ def test_a_redis_server_of_another_user_in_data_dir_is_not_adopted_as_the_store(
     data_dir.mkdir()
     os.chown(data_dir, NOBODY, NOBODY)             # made first by the other user,
     os.chmod(data_dir, 0o700)                      # private to them: no warning either
-    socket_path = data_dir / "redis.sock"
     squatter = ours = None
     try:
-        squatter = subprocess.Popen(
-            [str(redis_server_binary()), "--port", "0", "--unixsocket", str(socket_path),
-             "--unixsocketperm", "777", "--dir", str(data_dir), "--save", "",
-             "--appendonly", "no"],
-            user=NOBODY, group=NOBODY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_socket(socket_path)
+        squatter = _foreign_redis(data_dir)
         ours = EmbeddedRedis(data_dir)
         try:
             url = ours.start()
@@ -113,12 +122,7 @@ def test_keygate_demo_from_a_shared_directory_keeps_its_keys_in_another_users_re
     socket_path = data_dir / "redis.sock"
     squatter = demo = None
     try:
-        squatter = subprocess.Popen(
-            [str(redis_server_binary()), "--port", "0", "--unixsocket", str(socket_path),
-             "--unixsocketperm", "777", "--dir", str(data_dir), "--save", "",
-             "--appendonly", "no"],
-            user=NOBODY, group=NOBODY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_socket(socket_path)
+        squatter = _foreign_redis(data_dir)
         environ = {k: v for k, v in os.environ.items()
                    if k not in ("KEYGATE_ADMIN_TOKEN", "PROMETHEUS_MULTIPROC_DIR")}
         demo = subprocess.Popen([sys.executable, "-m", "gateway", "demo"], cwd=str(base),
@@ -276,12 +280,7 @@ def test_a_server_of_another_user_on_the_socket_of_our_own_data_dir_is_refused()
     socket_path = data_dir / "redis.sock"
     squatter = None
     try:
-        squatter = subprocess.Popen(
-            [str(redis_server_binary()), "--port", "0", "--unixsocket", str(socket_path),
-             "--unixsocketperm", "777", "--dir", str(data_dir), "--save", "",
-             "--appendonly", "no"],
-            user=NOBODY, group=NOBODY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_socket(socket_path)
+        squatter = _foreign_redis(data_dir)
         os.chown(data_dir, 0, 0)
         os.chmod(data_dir, 0o700)
         with pytest.raises(EmbeddedError) as refused:
