@@ -475,18 +475,20 @@ async def test_a_flood_of_distinct_invalid_keys_grows_no_memory_or_label_set(tmp
 
         lasting0 = lasting()
         samples0 = await metrics(s, gw)
-        await round_(0, 60, 50)    # warm-up: 3k
+        await round_(0, 40, 50)    # warm-up: 2k
         m1 = await metrics(s, gw)
         first = snapshot(pid)
         started = time.monotonic()
-        t1 = await round_(1, 200, 50)   # 10k
-        t2 = await round_(2, 200, 50)   # 10k
+        # 12k measured: a third of them to a path of their own, past the 4,096 (method, path)
+        # pairs whose route is remembered
+        t1 = await round_(1, 120, 50)   # 6k
+        t2 = await round_(2, 120, 50)   # 6k
         took = time.monotonic() - started
         second = await settled(pid, first, SLACK)
         m2 = await metrics(s, gw)
-        print(f"key flood: 20k in {took:.1f}s ({t1} / {t2}); after warm-up {first}, "
-              f"after 20k more {second}; series {len(samples0)} -> {len(m1)} -> {len(m2)}")
-        assert sum(t1.values()) + sum(t2.values()) >= 19_500
+        print(f"key flood: 12k in {took:.1f}s ({t1} / {t2}); after warm-up {first}, "
+              f"after 12k more {second}; series {len(samples0)} -> {len(m1)} -> {len(m2)}")
+        assert sum(t1.values()) + sum(t2.values()) >= 11_700
         grown = sorted(set(lasting()) - set(lasting0))
         print(f"keys in Redis: {store.dbsize()}, that never expire {len(lasting0)} -> "
               f"{len(lasting0) + len(grown)}: {grown[:5]}")
@@ -494,7 +496,9 @@ async def test_a_flood_of_distinct_invalid_keys_grows_no_memory_or_label_set(tmp
         store.close()
         assert len(m2) == len(m1), sorted(set(m2) - set(m1))[:20]
         assert within(second, first, SLACK), (first, second)
-        assert second["rss_kb"] < first["rss_kb"] + 8_000, (first, second)
+        # ~1 MB of the allocator's own over 12k (1.6 MB over 20k); 400 bytes kept a request
+        # would be 4.8 MB more
+        assert second["rss_kb"] < first["rss_kb"] + 5_000, (first, second)
 
 
 # --- reloads -----------------------------------------------------------------------------------
