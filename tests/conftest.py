@@ -27,6 +27,18 @@ if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
 
 
+def pytest_configure(config) -> None:
+    """The gateway's bytecode written once, before the workers start. The suite starts
+    keygate as a process of its own hundreds of times (serve, its workers, the CLI, demo);
+    with PYTHONDONTWRITEBYTECODE set (CI images, many shells) none of them could leave a
+    .pyc behind, and each compiled the package's ~27k lines again: ~0.2 s of CPU a process
+    on a loaded machine. Python reads a .pyc whatever that variable says."""
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller did it
+        return
+    import compileall
+    compileall.compile_dir(str(Path(__file__).resolve().parent.parent / "gateway"), quiet=1)
+
+
 # The metrics the README documents (name → type); gateway/metrics.py, the Grafana dashboard
 # and the deploy checks all agree with this list.
 DOCUMENTED_METRICS = {
