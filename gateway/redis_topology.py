@@ -2,7 +2,8 @@
 failover for pooled connections too, and ``_ConfirmingSentinelMaster``, the admin store's, which
 confirms that a write ran on the node the Sentinels name as the master) and Cluster
 (``_cluster_class``: connections handed out most recently released first, TRYAGAIN waited out
-within the store timeout, the slots re-read without closing connections in use).
+within the store timeout, the slots re-read without closing connections in use, a node's
+other connections kept when one of its commands fails).
 
 ``topology_client`` builds one from a ``redis+sentinel://`` or ``redis+cluster://`` URL (the
 URL forms, their options and their checks are ``gateway.redis_urls``').
@@ -243,7 +244,9 @@ def _cluster_class() -> Any:
     reported unavailable. Handing out the most recently released connection gives the command
     the very connection ``ASKING`` was sent on (nothing runs in between: both are in one task,
     with no await between the release and the next acquire). The nodes also take their idle
-    connections out of the free list while closing them (see ``disconnect_free_connections``).
+    connections out of the free list while closing them (see ``disconnect_free_connections``),
+    and keep them all when one command fails on the node (see
+    ``update_active_connections_for_reconnect``).
     Nodes are made by redis-py's NodesManager, so each node this client sends a command to is
     given the subclass's behaviour as it is used (its layout is the same: the subclass adds no
     slots)."""
@@ -253,6 +256,10 @@ def _cluster_class() -> Any:
     import contextvars
     _IN_COMMAND = contextvars.ContextVar("keygate_cluster_command", default=False)
     _GIVE_UP_AT = contextvars.ContextVar("keygate_cluster_give_up_at", default=None)
+    # True while redis-py's ``RedisCluster._execute_command`` runs (``_Cluster``): there, a
+    # node is told to recycle its connections only by its handler of a command's
+    # ConnectionError or TimeoutError (see ``_RecentFirstNode``).
+    _ON_NODE = contextvars.ContextVar("keygate_cluster_on_node", default=False)
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
     import asyncio
@@ -273,7 +280,28 @@ def _cluster_class() -> Any:
                 return self._free.pop()
             return super().acquire_connection()
 
+        # redis-py 8.1.0 answers a command's ConnectionError or TimeoutError (a reply or a
+        # connect past the store timeout, a connection closed under it) by closing every
+        # idle connection of the node it was sent to and marking every busy one to be closed
+        # once released: "stale state" such as READONLY, which keygate never sets (it reads
+        # from primaries only). The failed connection closes itself; the others are no less
+        # sound for it. Under load one late reply from a healthy primary (the loop slow to
+        # read it) had every connection to it made again, a connect and AUTH on the way of
+        # each of its workspace's requests to the store deadline; those connects came late
+        # too, and each closed them all again: of 64 connections to the other workspace's
+        # primary when a primary was killed at 150 in flight, 1 was kept and 76 made again,
+        # and its requests were answered 503. So after a command's error the node's other
+        # connections are kept: one to a node that died is at its end and is made again
+        # before its next command (``_WriteTracking``), one to a node that stopped answering
+        # fails at its own command's timeout. A node dropped from the layout
+        # (``NodesManager.set_nodes``) still has its connections closed.
+        def update_active_connections_for_reconnect(self) -> None:
+            if not _ON_NODE.get():
+                super().update_active_connections_for_reconnect()
+
         async def disconnect_free_connections(self) -> None:
+            if _ON_NODE.get():  # a command's error (above)
+                return
             # redis-py closes the idle connections (after one failed) while they stay in the
             # free list: a command that took one meanwhile found its writer gone (AttributeError,
             # not retried: a 503 from a healthy node). They leave the list while being closed,
@@ -328,7 +356,8 @@ def _cluster_class() -> Any:
             # its SlotNotCoveredError
             if slot not in self.slots_cache:
                 raise SlotNotCoveredError(f'Slot "{slot}" not covered by the cluster.')
-            return super().get_node_from_slot(slot, *args, **kwargs)
+            # the node a MOVED redirection sends a command to is looked up here
+            return recent_first(super().get_node_from_slot(slot, *args, **kwargs))
 
         def set_nodes(self, old: Any, new: Any, remove_old: bool = False) -> None:
             # redis-py marks every connection of every node it keeps for reconnection at each
@@ -505,7 +534,7 @@ def _cluster_class() -> Any:
                 # with an error redis-py does not retry (its check is by exact type)
                 raise _GaveUp(f"no answer from the cluster within the store timeout "
                               f"({self.try_again_for:g} s), connections failing")
-            token = _IN_COMMAND.set(True)
+            token, on_node = _IN_COMMAND.set(True), _ON_NODE.set(True)
             until = time.monotonic() + self.try_again_for
             if give_up_at is not None and give_up_at < until:
                 until = give_up_at
@@ -534,6 +563,7 @@ def _cluster_class() -> Any:
                                 at_once.unsure = True
                         raise
             finally:
+                _ON_NODE.reset(on_node)
                 _IN_COMMAND.reset(token)
 
         # Seconds between two re-reads of the slots asked for by a command's error (CLUSTERDOWN,

@@ -177,6 +177,73 @@ async def test_a_paused_cluster_node_is_given_up_on_once_and_a_refund_is_not_rep
         owner.close()
 
 
+def _keygates(node: redis.Redis) -> dict[int, str]:
+    """The ids of the clients connected to ``node`` but the asking one, with their flags
+    (``CLIENT LIST``: "b" for one blocked in a command)."""
+    me = node.client_id()
+    return {int(c["id"]): c["flags"] for c in node.client_list(_type="normal")
+            if int(c["id"]) != me}
+
+
+@pytest.mark.parametrize("fault", ["timed out", "connection closed"])
+async def test_a_command_that_fails_on_a_healthy_cluster_node_leaves_its_other_connections(
+        redis_cluster, fault) -> None:  # noqa: F811
+    """One command on a node that is up fails otherwise than by an answer: its reply comes
+    after the store timeout (here a BLPOP blocking longer; under load, a reply or a connect
+    the loaded loop got to late), or its connection is closed under it. Only that command's
+    connection is closed: the node's other connections, idle or running a command then, are
+    kept, and the commands they run are answered.
+
+    redis-py answered any such error by closing every idle connection to the node and
+    marking every busy one to be closed once released: under load one late reply had every
+    connection to a healthy primary made again (connect and AUTH, each on a request's way
+    to its store deadline), whose connects came late in turn and closed them all again. Of
+    64 connections to the healthy primary when another primary was killed under 150 requests
+    in flight, 1 was kept and 76 made again, and its workspace got 503s
+    (test_topology_under_load's kill of a Cluster primary)."""
+    from gateway.redis_topology import topology_client
+    ports = redis_cluster["ports"]
+    _, port = _owner(ports, "{acme}")
+    node = _node(port)
+    client = topology_client(redis_cluster["url"], timeout=2.0, decode_responses=True)
+    try:
+        # several connections to the node, as any load leaves (the command table and the
+        # slots are read first, on connections of their own)
+        await client.get("{acme}:x")
+        await asyncio.gather(*(client.blpop(["{acme}:warm"], timeout=0.2) for _ in range(6)))
+        before = _keygates(node)
+        assert len(before) >= 6, before
+
+        failing = asyncio.ensure_future(client.blpop(["{acme}:never"], timeout=30))
+        for _ in range(200):  # its BLPOP reached the node
+            await asyncio.sleep(0.01)
+            blocked = [i for i, flags in _keygates(node).items()
+                       if "b" in flags and i in before]
+            if blocked:
+                break
+        assert len(blocked) == 1, _keygates(node)
+        # busy when the command fails (for 1.5 s: their own timeout is 2 s), and answered
+        busy = [asyncio.ensure_future(client.blpop(["{acme}:busy"], timeout=1.5))
+                for _ in range(2)]
+        await asyncio.sleep(0.3)
+        if fault == "connection closed":
+            node.client_kill_filter(_id=blocked[0])
+        with pytest.raises(redis.RedisError):  # at the store timeout (the kill's retry too)
+            await failing
+        assert await asyncio.gather(*busy) == [None, None]
+
+        after = _keygates(node)
+        kept = set(before) - set(blocked)
+        assert kept <= set(after), (f"{len(kept - set(after))} of {len(kept)} of the node's "
+                                    f"other connections closed", before, after)
+        # and a burst as wide as before uses them: nothing made again
+        await asyncio.gather(*(client.blpop(["{acme}:warm"], timeout=0.2) for _ in range(6)))
+        assert kept <= set(_keygates(node))
+    finally:
+        await client.aclose()
+        node.close()
+
+
 # --- Sentinel: a burst, then a failover under load ------------------------------------------
 
 from test_redis_topologies import DATA_PW, MASTER, SENTINEL_PW, sentinel_group  # noqa: E402,F401
