@@ -159,6 +159,41 @@ async def test_a_trusted_proxy_vouches_only_for_the_forwarded_headers_it_writes(
     assert [v for k, v in forwarded if k == "x-forwarded-proto"] == ["http"]
 
 
+async def test_connection_cannot_strip_the_forwarded_chain_keygate_judged_the_client_by(
+        upstream, redis_url, monkeypatch, capfd):
+    """Hop-by-hop abuse. SPEC: "hop-by-hop headers and every header that `Connection` names
+    are dropped first, and `Connection` can never name an identity header"; the headers
+    keygate sets are added after that filtering. ``X-Forwarded-For`` is one keygate sets
+    (SPEC: "then the identity headers are set ..., plus `X-Forwarded-For`"), but from a
+    trusted proxy it is the proxy's chain extended, and a ``Connection: X-Forwarded-For``
+    (passed on by a balancer that does not consume the client's ``Connection`` header)
+    drops that chain: the upstream gets ``X-Forwarded-For: <the balancer>`` alone, i.e. the
+    request appears to come from the balancer's internal address, while keygate itself
+    judged the client (failure throttle, ``allowed_ips``, access log) by the chain it then
+    threw away. An upstream that trusts its internal network (or rate-limits per client) is
+    fooled by one header. tests/test_trust.py states the rule this breaks: "keygate judged
+    the client by the hyphenated chain alone ..., so the upstream must get that chain".
+    Expected: the chain keygate read reaches the upstream (Connection cannot name
+    X-Forwarded-For, as it cannot name an identity header)."""
+    base = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(base, server=dataclasses.replace(
+        base.server, trusted_proxies=("127.0.0.1",)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        await gw.workspace("acme")
+        token, _ = await gw.key(scopes=["people:read"])
+        async with gw.proxy.get("/people/1", headers=[
+                ("Authorization", f"Bearer {token}"),
+                ("X-Forwarded-For", "203.0.113.9"),          # written by the balancer
+                ("Connection", "keep-alive, X-Forwarded-For")]) as r:
+            assert r.status == 200
+        _, err = gw.logs(capfd)
+    [line] = [json.loads(x) for x in err.splitlines() if '"/people/1"' in x]
+    assert line["client"] == "203.0.113.9"  # what keygate judged the request by
+    xff = [v for k, v in upstream.requests[-1]["headers"] if k.lower() == "x-forwarded-for"]
+    # the upstream, trusting keygate and keygate's peer, must find the same client
+    assert TrustedProxies(["127.0.0.1"]).client_address("127.0.0.1", xff) == "203.0.113.9", xff
+
+
 async def test_the_failure_throttle_counts_an_ipv6_client_by_its_64_prefix(
         redis_url, upstream, monkeypatch):
     """An IPv6 subscriber is handed a whole /64: an attacker rotating addresses inside it must

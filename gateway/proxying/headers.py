@@ -6,7 +6,10 @@ Request headers, in one pass over the client's headers:
 - hop-by-hop headers (``Connection``, ``Keep-Alive``, ``Proxy-Connection``, ``TE``,
   ``Trailer``, ``Transfer-Encoding``, ``Upgrade``, ``Proxy-Authorization``,
   ``Proxy-Authenticate``) and every header ``Connection`` names are dropped. The headers keygate
-  sets are added after this filtering, so ``Connection`` can never remove one of them;
+  sets are added after this filtering, so ``Connection`` can never remove one of them; nor
+  can it remove the ``X-Forwarded-*``, ``Forwarded`` and ``FROM_PROXIES`` headers a trusted
+  proxy sends (a balancer passing on its client's ``Connection: X-Forwarded-For`` would
+  otherwise have the upstream see the balancer as the client keygate judged by the chain);
 - keygate's credential headers (``config.keys.headers``) are dropped, and ``Authorization``
   when it is the ``Bearer`` credential (on a public route, only when it carries a keygate token,
   as text or in ``Basic`` credentials, or is ``Bearer`` and a mistyped one: an upstream doing
@@ -304,10 +307,13 @@ class RequestHeaderRules:
         xf_proto = xf_host = None
         for name, value in headers.items():
             lname = _norm(name)
-            if lname in drop or lname in named or _unjudged_override(lname, name):
+            if lname in drop or _unjudged_override(lname, name):
                 continue
             if lname.startswith("x-forwarded-") or lname == "forwarded" or \
                     lname in FROM_PROXIES:
+                # never dropped for being named in Connection: the chain (and address, host,
+                # user) keygate judged the client by must reach the upstream as it read them;
+                # from anyone else they are dropped anyway and keygate sets its own
                 # a trusted proxy vouches for the ones it writes: never an "_" (or other
                 # punctuated) spelling, which it passes on from the client and which
                 # gateway.trust does not read either
@@ -320,6 +326,8 @@ class RequestHeaderRules:
                     xf_proto = value
                 elif lname == "x-forwarded-host":
                     xf_host = value
+            elif lname in named:
+                continue
             elif lname == "authorization":
                 if self._credential(value, principal):
                     continue
