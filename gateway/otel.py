@@ -32,7 +32,7 @@ import re
 import threading
 import time
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from .closing import bounded
 from .config import TracingConfig
@@ -65,6 +65,15 @@ def traces_url(endpoint: str) -> str:
     if urlsplit(endpoint).path in ("", "/"):
         return endpoint.rstrip("/") + "/v1/traces"
     return endpoint
+
+
+def shown_endpoint(url: str) -> str:
+    """``url`` fit for log lines: without its user info (``user:password@``, which the
+    exporter sends as Basic credentials) and its query and fragment, on one line."""
+    for unsafe in "\t\r\n":
+        url = url.replace(unsafe, "")
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def _method_attributes(method: str) -> dict[str, Any]:
@@ -243,13 +252,22 @@ class _Reported:
     and an error a second, for as long as it stayed down."""
 
     def __init__(self, exporter: Any, url: str) -> None:
-        self.exporter, self.url = exporter, url
+        self.exporter, self.url = exporter, shown_endpoint(url)
+        # the exporter's own lines for the first failed batch name the URL's path and query
+        # (urllib3's "url: /v1/traces?..."): a query is masked there
+        self.query = urlsplit(url).query
         self.dropped = 0
         self.failing = False
         _EXPORTER_LOG.addFilter(self)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not self.failing
+        if self.failing:
+            return False
+        if self.query:
+            message = record.getMessage()
+            if self.query in message:
+                record.msg, record.args = message.replace(self.query, "***"), None
+        return True
 
     def unmute(self) -> None:
         _EXPORTER_LOG.removeFilter(self)
