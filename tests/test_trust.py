@@ -550,3 +550,59 @@ def test_the_security_model_names_every_host_and_path_header_keygate_guards():
     text = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
     named = {h.lower().replace("_", "-") for h in re.findall(r"`([A-Za-z0-9_-]+)`", text)}
     assert HOST_OVERRIDE | PATH_OVERRIDE <= named, (HOST_OVERRIDE | PATH_OVERRIDE) - named
+
+
+async def test_a_client_cannot_tell_the_upstream_its_scheme_with_x_scheme(
+        upstream, redis_url, monkeypatch):
+    """SPEC: "client `X-Forwarded-*` are replaced unless the peer is listed in
+    `server.trusted_proxies`": the upstream is to learn the scheme the client really used
+    from keygate (``X-Forwarded-Proto``), never from the client. keygate drops every other
+    header upstreams read the same facts from (client address, host, path, signed-in user:
+    docs/security.md), but not ``X-Scheme``, the scheme header Tornado's ``xheaders=True``
+    reads *before* ``X-Forwarded-Proto`` (tornado.httputil ``_apply_xheaders``:
+    ``headers.get("X-Scheme", headers.get("X-Forwarded-Proto", ...))``) and that
+    ingress-nginx writes. A client of keygate's plain-HTTP listener sending
+    ``X-Scheme: https`` has a Tornado upstream take the request as HTTPS (or, behind a TLS
+    listener, ``X-Scheme: http`` as plain HTTP: redirect loops, insecure URLs built), while
+    keygate itself told it ``X-Forwarded-Proto: http``. Expected: dropped from anyone but a
+    trusted proxy (any case, ``_`` spelling too), as ``X-Forwarded-Proto`` is."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        async with gw.proxy.get("/health", headers=[("X-Scheme", "https"),
+                                                    ("x_scheme", "https")]) as r:
+            assert r.status == 200
+    assert [v for k, v in upstream.requests[-1]["headers"]
+            if k.lower() == "x-forwarded-proto"] == ["http"]
+    assert [v for k, v in upstream.requests[-1]["headers"]
+            if k.lower().replace("_", "-") == "x-scheme"] == []
+
+
+# The request's scheme as upstreams read it before X-Forwarded-Proto (SCHEME_OVERRIDE)
+SCHEME_SPOOFS = [("X-Scheme", "spoof-scheme-01"), ("x-url-scheme", "spoof-scheme-02"),
+                 ("Front-End-Https", "spoof-scheme-03"), ("X-ARR-SSL", "spoof-scheme-04"),
+                 ("X_Scheme", "spoof-scheme-05"), ("X.Url.Scheme", "spoof-scheme-06")]
+SCHEME_LOOKALIKES = [("X-Schema", "own-21"), ("X-Scheme-Version", "own-22")]
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted-peer", "trusted-proxy"])
+async def test_scheme_headers_reach_the_upstream_only_from_a_trusted_proxy(
+        redis_url, monkeypatch, trusted):
+    """``X-Scheme`` (Tornado reads it before ``X-Forwarded-Proto``), ``X-Url-Scheme``,
+    ``Front-End-Https`` and ``X-ARR-SSL``: from a peer keygate does not trust they are dropped
+    in every spelling, as ``X-Forwarded-Proto`` is replaced; from a trusted proxy they pass as
+    it wrote them. Judged on the bytes the upstream received, on a keyed route and a public
+    one."""
+    await _spoofs_reach_upstream_only_from_a_trusted_proxy(
+        redis_url, monkeypatch, trusted, SCHEME_SPOOFS, SCHEME_LOOKALIKES)
+
+
+def test_the_security_model_names_every_scheme_header_keygate_guards():
+    """Every header keygate passes only from a trusted proxy because an upstream takes the
+    request's scheme from it is named in docs/security.md."""
+    import re
+    from pathlib import Path
+
+    from gateway.models import SCHEME_OVERRIDE
+    text = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    named = {h.lower() for h in re.findall(r"`([A-Za-z0-9_-]+)`", text)}
+    assert SCHEME_OVERRIDE <= named, SCHEME_OVERRIDE - named

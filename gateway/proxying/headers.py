@@ -31,7 +31,10 @@ Request headers, in one pass over the client's headers:
   (``PATH_OVERRIDE``), which some upstreams route by instead of the request line: from anyone
   else they would name another path than the one keygate authorised; and ``X-Original-Host``,
   ``X-Host`` and ``X-HTTP-Host-Override`` (``HOST_OVERRIDE``), which some build URLs or pick
-  a virtual host by: from anyone else they would be the client's choice of host. And
+  a virtual host by: from anyone else they would be the client's choice of host; and
+  ``X-Scheme``, ``X-Url-Scheme``, ``Front-End-Https`` and ``X-ARR-SSL``
+  (``SCHEME_OVERRIDE``), which some read the scheme from before ``X-Forwarded-Proto``: from
+  anyone else they would contradict the scheme keygate sends. And
   so do the headers authenticating proxies name the signed-in user in (``AUTH_USER``:
   ``X-Remote-User``, ``Remote-User``, ``X-Auth-Request-User``, ``X-WEBAUTH-USER``, ...),
   which an upstream behind such a proxy believes from keygate's address: from anyone else
@@ -68,8 +71,8 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from ..config import Config
 from ..cors import CorsPolicy
-from ..models import (HOP_BY_HOP, HOST_OVERRIDE, PATH_OVERRIDE, Principal, header_key,
-                      plain_header_name)
+from ..models import (HOP_BY_HOP, HOST_OVERRIDE, PATH_OVERRIDE, SCHEME_OVERRIDE, Principal,
+                      header_key, plain_header_name)
 from ..signature import DEFAULT_HEADER as SIGNATURE_HEADER
 from ..overrides import HEADERS as OVERRIDE_HEADERS
 from ..routes import query_has_token
@@ -148,7 +151,7 @@ AUTH_USER = frozenset({"x-remote-user", "remote-user", "x-remote-group", "remote
 # Passed as sent from a trusted proxy only, beside X-Forwarded-* and Forwarded (_norm names).
 # The verify-mode examples in docs/verify/ clear the same names (tests/test_verify_docs.py
 # derives what each must clear from this set).
-FROM_PROXIES = CLIENT_ADDRESS | PATH_OVERRIDE | AUTH_USER | HOST_OVERRIDE
+FROM_PROXIES = CLIENT_ADDRESS | PATH_OVERRIDE | AUTH_USER | HOST_OVERRIDE | SCHEME_OVERRIDE
 # Method-override headers (gateway.overrides) in their _norm names. The pipeline authorises a
 # request as the method their "-" and "_" spellings name; any other punctuation (lighttpd
 # hands X.HTTP.Method.Override to PHP as HTTP_X_HTTP_METHOD_OVERRIDE too) is dropped here.
