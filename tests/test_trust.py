@@ -606,3 +606,26 @@ def test_the_security_model_names_every_scheme_header_keygate_guards():
     text = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
     named = {h.lower() for h in re.findall(r"`([A-Za-z0-9_-]+)`", text)}
     assert SCHEME_OVERRIDE <= named, SCHEME_OVERRIDE - named
+
+
+def test_config_check_warns_of_trusted_proxies_that_trust_every_peer(tmp_path, capsys):
+    """``trusted_proxies: [0.0.0.0/0]`` (or ``::/0``, or the IPv4-mapped ``::ffff:0.0.0.0/96``)
+    makes every client a trusted proxy: it names its own address in X-Forwarded-For (the
+    failure throttle, allowed_ips and the access log believe it) and hands the upstream its
+    own X-Real-IP, X-Forwarded-Host, signed-in user... It is served (a keygate reachable only
+    through balancers may mean it), but config check says so, line and entry named; a
+    narrower network says nothing."""
+    from gateway.cli import main
+    path = tmp_path / "keygate.yaml"
+    path.write_text("server:\n"
+                    "  trusted_proxies: [10.0.0.0/8, 0.0.0.0/0, '::/0', '::ffff:0.0.0.0/96']\n"
+                    "upstreams:\n  crm: {url: 'http://127.0.0.1:9000'}\n"
+                    "routes:\n  - {path: /people/**, upstream: crm, public: true}\n")
+    assert main(["config", "check", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"ok: {path}\n"
+    warned = [line for line in err.splitlines() if "trusts every" in line]
+    assert [line.split(": warning: ")[0] for line in warned] == [
+        f"{path}:2: server.trusted_proxies[{i}]" for i in (1, 2, 3)], err
+    assert "'0.0.0.0/0' trusts every IPv4 peer" in warned[0]
+    assert "'::/0' trusts every IPv6 peer" in warned[1]
