@@ -63,6 +63,14 @@ PATH_OVERRIDE = frozenset({"x-original-url", "x-rewrite-url", "script-name", "x-
 # X-Forwarded-Host and Forwarded's host= would be.
 HOST_OVERRIDE = frozenset({"x-original-host", "x-host", "x-http-host-override",
                            "x-forwarded-server"})
+# Headers upstreams take the request's scheme from instead of X-Forwarded-Proto: Tornado's
+# xheaders read X-Scheme first (ingress-nginx writes it), X-Url-Scheme (older WSGI
+# middleware), Front-End-Https (Microsoft's proxies, "on") and X-ARR-SSL (IIS ARR). From
+# anyone but a trusted proxy they would be the client's word on the scheme, against keygate's
+# X-Forwarded-Proto: an http request taken as https (secure cookies, no redirect) or the
+# reverse (redirect loops). X-Forwarded-Ssl and X-Forwarded-Scheme (Rack, gunicorn) are
+# X-Forwarded-* headers, judged as such.
+SCHEME_OVERRIDE = frozenset({"x-scheme", "x-url-scheme", "front-end-https", "x-arr-ssl"})
 
 
 # The characters a header name may hold besides letters, digits and "-" (RFC 9110 tchar)

@@ -16,7 +16,8 @@ recorded.
 Sampling: a caller's sampled flag is followed (parent-based); a trace keygate starts is kept
 with probability ``sample_ratio``. Spans are batched and sent from the SDK's own thread, so
 the event loop never waits for the collector; when the collector is down, spans are dropped,
-logged once when the sending fails and once when it works again (with the count lost between).
+logged once when the sending fails and once when it works again (with the count lost between:
+the failed batches' spans and those the SDK's full queue pushed out, _CountedBatch).
 The exporter reads the standard ``OTEL_EXPORTER_OTLP_*`` variables for anything else (headers,
 certificates, compression).
 
@@ -32,7 +33,7 @@ import re
 import threading
 import time
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from .closing import bounded
 from .config import TracingConfig
@@ -65,6 +66,15 @@ def traces_url(endpoint: str) -> str:
     if urlsplit(endpoint).path in ("", "/"):
         return endpoint.rstrip("/") + "/v1/traces"
     return endpoint
+
+
+def shown_endpoint(url: str) -> str:
+    """``url`` fit for log lines: without its user info (``user:password@``, which the
+    exporter sends as Basic credentials) and its query and fragment, on one line."""
+    for unsafe in "\t\r\n":
+        url = url.replace(unsafe, "")
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def _method_attributes(method: str) -> dict[str, Any]:
@@ -162,8 +172,9 @@ class OtelTracer(Tracer):
         url = traces_url(config.otlp_endpoint)
         exporter = _Reported(exporter or OTLPSpanExporter(endpoint=url, timeout=3), url)
         self.exporter = exporter
-        self.provider.add_span_processor(BatchSpanProcessor(exporter,
-                                                            schedule_delay_millis=1000))
+        processor = _CountedBatch(exporter, schedule_delay_millis=1000)
+        exporter.queue_lost = processor.lost
+        self.provider.add_span_processor(processor)
         self.tracer = self.provider.get_tracer("keygate", __version__)
         self.upstream_hosts = upstream_hosts
         self.mask_path = mask_path or (lambda p: p)
@@ -233,6 +244,38 @@ class OtelTracer(Tracer):
 
 # the logger the OTLP/HTTP span exporter reports each failed batch on (two or three lines)
 _EXPORTER_LOG = logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+# the logger of the SDK's batch processor, which says "Queue full, dropping Span." (at most
+# every 20 s) while its queue is full: muted while the collector is failing, its drops counted
+_QUEUE_LOG = logging.getLogger("opentelemetry.sdk._shared_internal")
+
+
+class _CountedBatch(BatchSpanProcessor):
+    """The SDK's batch processor, counting the spans it drops because its queue is full.
+
+    While the collector is down or stalls, the SDK's export thread waits on each batch (up
+    to the exporter's timeout) and the queue fills: every span ended then pushes out one
+    queued span (the queue is a bounded deque), which the exporter never sees. Those are
+    counted here (``lost``), so that _Reported tells the whole count. On the request path
+    this costs what the SDK's own ``on_end`` does, and a length check."""
+
+    def __init__(self, exporter: Any, **options: Any) -> None:
+        super().__init__(exporter, **options)
+        self.full = 0  # spans pushed out of the full queue; only the event loop adds
+        batch = getattr(self, "_batch_processor", None)
+        queue = getattr(batch, "_queue", None)
+        if batch is None or getattr(queue, "maxlen", None) is None:  # another SDK: not counted
+            return
+        self._queue, self._max, self._emit = queue, queue.maxlen, batch.emit
+        self.on_end = self._on_end  # type: ignore[method-assign]
+
+    def _on_end(self, span: Any) -> None:
+        if span.context.trace_flags.sampled:
+            if len(self._queue) == self._max:
+                self.full += 1
+            self._emit(span)
+
+    def lost(self) -> int:
+        return self.full
 
 
 class _Reported:
@@ -243,25 +286,47 @@ class _Reported:
     and an error a second, for as long as it stayed down."""
 
     def __init__(self, exporter: Any, url: str) -> None:
-        self.exporter, self.url = exporter, url
-        self.dropped = 0
+        self.exporter, self.url = exporter, shown_endpoint(url)
+        # the exporter's own lines for the first failed batch name the URL's path and query
+        # (urllib3's "url: /v1/traces?..."): a query is masked there
+        self.query = urlsplit(url).query
+        self.dropped = 0  # spans of batches the exporter failed to send, this outage
         self.failing = False
+        # spans the batch processor dropped with its queue full (_CountedBatch.lost, a count
+        # since start); those since the last batch sent are lost to this outage too
+        self.queue_lost: Any = lambda: 0
+        self.queue_lost_before = 0
         _EXPORTER_LOG.addFilter(self)
+        _QUEUE_LOG.addFilter(self.queue_full_filter)
+
+    def queue_full_filter(self, record: logging.LogRecord) -> bool:
+        return not (self.failing and str(record.msg).startswith("Queue full"))
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not self.failing
+        if self.failing:
+            return False
+        if self.query:
+            message = record.getMessage()
+            if self.query in message:
+                record.msg, record.args = message.replace(self.query, "***"), None
+        return True
 
     def unmute(self) -> None:
         _EXPORTER_LOG.removeFilter(self)
+        _QUEUE_LOG.removeFilter(self.queue_full_filter)
 
     def export(self, spans: Any) -> Any:
         result = self.exporter.export(spans)
         if result is SpanExportResult.SUCCESS:
+            queue_lost = self.queue_lost()
             if self.failing:
                 self.failing = False
                 log.warning("tracing: the collector at %s takes spans again; %d spans were "
-                            "dropped while it did not", self.url, self.dropped)
+                            "dropped while it did not", self.url,
+                            self.dropped + queue_lost - self.queue_lost_before)
                 self.dropped = 0
+            # dropped while the collector took batches: the SDK said so ("Queue full")
+            self.queue_lost_before = queue_lost
         else:
             self.dropped += len(spans)
             if not self.failing:

@@ -1651,9 +1651,10 @@ def test_every_header_the_proxy_treats_itself_is_reserved_from_identity_headers(
     from gateway import overrides
     from gateway.config.access import RESERVED_HEADERS
     from gateway.models import header_key
+    from gateway.models import SCHEME_OVERRIDE
     from gateway.proxying.headers import HOP_BY_HOP, HOST_OVERRIDE, PATH_OVERRIDE
-    wanted = HOP_BY_HOP | PATH_OVERRIDE | HOST_OVERRIDE | {header_key(h)
-                                                           for h in overrides.HEADERS}
+    wanted = HOP_BY_HOP | PATH_OVERRIDE | HOST_OVERRIDE | SCHEME_OVERRIDE | {
+        header_key(h) for h in overrides.HEADERS}
     assert wanted <= RESERVED_HEADERS, sorted(wanted - RESERVED_HEADERS)
 
 

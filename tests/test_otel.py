@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import time
 
 import pytest
 from aiohttp import web
@@ -313,6 +314,142 @@ async def test_a_collector_that_stays_down_is_logged_once_not_per_batch(
             assert len(back) == 1 and "dropped" in back[0].getMessage()
     finally:
         await runner.cleanup()
+
+
+async def test_the_spans_lost_while_the_collector_stalled_are_all_counted(
+        upstream, redis_url, monkeypatch, caplog):
+    """gateway/otel.py: when the collector is down "spans are dropped, logged once when the
+    sending fails and once when it works again (with the count lost between)".
+
+    The count is only of the spans in batches the exporter failed to send
+    (``_Reported.export``). A collector that stalls (accepts, does not answer: an overloaded
+    collector, a stuck balancer in front of it) holds the SDK's export thread for the
+    exporter's 3 s timeout per batch; meanwhile the BatchSpanProcessor's queue fills and every
+    further span is dropped *there* ("Queue full, dropping Span.", logged by the SDK at most
+    once per 20 s), never counted. At the default queue (2048 spans; a keyed request makes 4)
+    ~45 keyed requests/s already overflow it, so the operator is told "16 spans were dropped"
+    when thousands were. The queue is made small here (the SDK's own OTEL_BSP_* variables,
+    which keygate leaves in force) so a few dozen requests show it.
+    Expected: the reported count plus the spans that reached the collector is every span
+    made. And while the collector fails, the SDK's "Queue full" warning is not repeated
+    (its own filter lets it through every 20 s: forgotten here, to see keygate's mute)."""
+    import asyncio
+    import logging
+    import re
+
+    import gateway.otel
+
+    state = {"up": False}
+    arrived: list[int] = []
+
+    async def export(request: web.Request) -> web.Response:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest)
+        body = await request.read()
+        if not state["up"]:
+            await asyncio.sleep(10)  # past the exporter's 3 s timeout: that batch fails
+            return web.Response(status=503)
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(body)
+        arrived.append(sum(len(ss.spans) for rs in message.resource_spans
+                           for ss in rs.scope_spans))
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", export)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "16")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "8")
+    monkeypatch.setattr(gateway.otel, "SPAN_FLUSH_TIMEOUT", 2)
+    config = make_config(str(upstream.make_url("")),
+                         tracing=TracingConfig(f"http://127.0.0.1:{port}"))
+    caplog.set_level(logging.INFO)
+
+    def ours() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "keygate.tracing"]
+
+    try:
+        async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+            for _ in range(60):  # 120 spans (the request's and its forward step's)
+                async with gw.proxy.get("/health") as r:
+                    assert r.status == 200
+            for _ in range(200):  # the first batch's export timed out
+                if ours():
+                    break
+                await asyncio.sleep(0.1)
+            assert ours(), "no export failure was reported"
+            failed_at = time.time()
+            for f in logging.getLogger("opentelemetry.sdk._shared_internal").filters:
+                monkeypatch.delattr(f, "last_log", raising=False)  # the SDK's 20 s window
+            for _ in range(20):  # 40 spans more, into the full queue
+                async with gw.proxy.get("/health") as r:
+                    assert r.status == 200
+            state["up"] = True
+            for _ in range(300):  # a batch went through, and what was queued after it
+                if len(ours()) >= 2 and arrived and sum(arrived) >= 0:
+                    await asyncio.sleep(2.5)
+                    break
+                await asyncio.sleep(0.1)
+            said = ours()
+    finally:
+        await runner.cleanup()
+    assert len(said) >= 2, said
+    dropped = int(re.search(r"; (\d+) spans were dropped", said[1]).group(1))
+    assert dropped + sum(arrived) == 160, (said, arrived)
+    repeated = [r for r in caplog.records
+                if r.getMessage().startswith("Queue full") and r.created > failed_at]
+    assert repeated == []
+
+
+async def test_the_collector_password_in_otlp_endpoint_never_reaches_the_log(
+        tmp_path, upstream, redis_url, monkeypatch, caplog):
+    """``tracing.otlp_endpoint`` accepts a URL with credentials (``https://user:pass@...``,
+    which the OTLP exporter's ``requests`` session does send as Basic auth to a collector
+    behind an authenticating proxy; ``${ENV}`` expansion makes it the natural place for a
+    secret), and when the collector cannot be reached ``_Reported.export`` logs
+    ``"tracing: spans could not be sent to <the whole URL>"`` (gateway/otel.py:269, and
+    again at :262 when it is back): the collector's password in keygate's log.
+    Everywhere else keygate keeps credentials out of its lines (SPEC: a store that refuses
+    the credentials is "a start-up error (one line, no password in it)"; an upstream URL with
+    ``user:password@`` is refused at load; docs/operations.md: "No token, secret or credential
+    header is ever logged"). Expected: such an endpoint is refused at load, or its
+    credentials are masked wherever it is logged. It is accepted (the SPEC sets no rule on
+    it, and Basic credentials are how such a collector is reached), so masked: and the same
+    secret in the URL's query, which the exporter's own line for the first failed batch
+    names (urllib3's "url: /v1/traces?..."), is masked there too."""
+    import asyncio
+    import logging
+
+    from conftest import free_port
+    from gateway.config import load_config
+
+    secret = "c0llect0r-S3cret"
+    monkeypatch.setenv("OTEL_COLLECTOR_PASSWORD", secret)
+    path = tmp_path / "keygate.yaml"
+    path.write_text(
+        f"upstreams: {{api: {{url: '{upstream.make_url('')}'}}}}\n"
+        "routes: [{path: /health, upstream: api, public: true}]\n"
+        f"tracing: {{otlp_endpoint: 'http://keygate:${{OTEL_COLLECTOR_PASSWORD}}"
+        f"@127.0.0.1:{free_port()}/v1/traces?token=${{OTEL_COLLECTOR_PASSWORD}}'}}\n")
+    loaded = load_config(path)
+    config = make_config(str(upstream.make_url("")), tracing=loaded.tracing)
+    caplog.set_level(logging.DEBUG)
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        async with gw.proxy.get("/health") as r:
+            assert r.status == 200
+        for _ in range(100):  # the first batch goes out after ~1 s, and fails
+            if any(r.name == "keygate.tracing" for r in caplog.records):
+                break
+            await asyncio.sleep(0.05)
+        lines = [r.getMessage() for r in caplog.records]
+    assert any("could not be sent" in line for line in lines), lines[-5:]
+    leaked = [line for line in lines if secret in line]
+    assert leaked == []
+    assert any("/v1/traces?***" in line for line in lines), lines[-5:]  # the exporter's line
 
 
 async def test_a_collector_that_never_finishes_its_answer_holds_up_no_stop(

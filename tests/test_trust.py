@@ -159,6 +159,41 @@ async def test_a_trusted_proxy_vouches_only_for_the_forwarded_headers_it_writes(
     assert [v for k, v in forwarded if k == "x-forwarded-proto"] == ["http"]
 
 
+async def test_connection_cannot_strip_the_forwarded_chain_keygate_judged_the_client_by(
+        upstream, redis_url, monkeypatch, capfd):
+    """Hop-by-hop abuse. SPEC: "hop-by-hop headers and every header that `Connection` names
+    are dropped first, and `Connection` can never name an identity header"; the headers
+    keygate sets are added after that filtering. ``X-Forwarded-For`` is one keygate sets
+    (SPEC: "then the identity headers are set ..., plus `X-Forwarded-For`"), but from a
+    trusted proxy it is the proxy's chain extended, and a ``Connection: X-Forwarded-For``
+    (passed on by a balancer that does not consume the client's ``Connection`` header)
+    drops that chain: the upstream gets ``X-Forwarded-For: <the balancer>`` alone, i.e. the
+    request appears to come from the balancer's internal address, while keygate itself
+    judged the client (failure throttle, ``allowed_ips``, access log) by the chain it then
+    threw away. An upstream that trusts its internal network (or rate-limits per client) is
+    fooled by one header. tests/test_trust.py states the rule this breaks: "keygate judged
+    the client by the hyphenated chain alone ..., so the upstream must get that chain".
+    Expected: the chain keygate read reaches the upstream (Connection cannot name
+    X-Forwarded-For, as it cannot name an identity header)."""
+    base = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(base, server=dataclasses.replace(
+        base.server, trusted_proxies=("127.0.0.1",)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        await gw.workspace("acme")
+        token, _ = await gw.key(scopes=["people:read"])
+        async with gw.proxy.get("/people/1", headers=[
+                ("Authorization", f"Bearer {token}"),
+                ("X-Forwarded-For", "203.0.113.9"),          # written by the balancer
+                ("Connection", "keep-alive, X-Forwarded-For")]) as r:
+            assert r.status == 200
+        _, err = gw.logs(capfd)
+    [line] = [json.loads(x) for x in err.splitlines() if '"/people/1"' in x]
+    assert line["client"] == "203.0.113.9"  # what keygate judged the request by
+    xff = [v for k, v in upstream.requests[-1]["headers"] if k.lower() == "x-forwarded-for"]
+    # the upstream, trusting keygate and keygate's peer, must find the same client
+    assert TrustedProxies(["127.0.0.1"]).client_address("127.0.0.1", xff) == "203.0.113.9", xff
+
+
 async def test_the_failure_throttle_counts_an_ipv6_client_by_its_64_prefix(
         redis_url, upstream, monkeypatch):
     """An IPv6 subscriber is handed a whole /64: an attacker rotating addresses inside it must
@@ -515,3 +550,82 @@ def test_the_security_model_names_every_host_and_path_header_keygate_guards():
     text = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
     named = {h.lower().replace("_", "-") for h in re.findall(r"`([A-Za-z0-9_-]+)`", text)}
     assert HOST_OVERRIDE | PATH_OVERRIDE <= named, (HOST_OVERRIDE | PATH_OVERRIDE) - named
+
+
+async def test_a_client_cannot_tell_the_upstream_its_scheme_with_x_scheme(
+        upstream, redis_url, monkeypatch):
+    """SPEC: "client `X-Forwarded-*` are replaced unless the peer is listed in
+    `server.trusted_proxies`": the upstream is to learn the scheme the client really used
+    from keygate (``X-Forwarded-Proto``), never from the client. keygate drops every other
+    header upstreams read the same facts from (client address, host, path, signed-in user:
+    docs/security.md), but not ``X-Scheme``, the scheme header Tornado's ``xheaders=True``
+    reads *before* ``X-Forwarded-Proto`` (tornado.httputil ``_apply_xheaders``:
+    ``headers.get("X-Scheme", headers.get("X-Forwarded-Proto", ...))``) and that
+    ingress-nginx writes. A client of keygate's plain-HTTP listener sending
+    ``X-Scheme: https`` has a Tornado upstream take the request as HTTPS (or, behind a TLS
+    listener, ``X-Scheme: http`` as plain HTTP: redirect loops, insecure URLs built), while
+    keygate itself told it ``X-Forwarded-Proto: http``. Expected: dropped from anyone but a
+    trusted proxy (any case, ``_`` spelling too), as ``X-Forwarded-Proto`` is."""
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        async with gw.proxy.get("/health", headers=[("X-Scheme", "https"),
+                                                    ("x_scheme", "https")]) as r:
+            assert r.status == 200
+    assert [v for k, v in upstream.requests[-1]["headers"]
+            if k.lower() == "x-forwarded-proto"] == ["http"]
+    assert [v for k, v in upstream.requests[-1]["headers"]
+            if k.lower().replace("_", "-") == "x-scheme"] == []
+
+
+# The request's scheme as upstreams read it before X-Forwarded-Proto (SCHEME_OVERRIDE)
+SCHEME_SPOOFS = [("X-Scheme", "spoof-scheme-01"), ("x-url-scheme", "spoof-scheme-02"),
+                 ("Front-End-Https", "spoof-scheme-03"), ("X-ARR-SSL", "spoof-scheme-04"),
+                 ("X_Scheme", "spoof-scheme-05"), ("X.Url.Scheme", "spoof-scheme-06")]
+SCHEME_LOOKALIKES = [("X-Schema", "own-21"), ("X-Scheme-Version", "own-22")]
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted-peer", "trusted-proxy"])
+async def test_scheme_headers_reach_the_upstream_only_from_a_trusted_proxy(
+        redis_url, monkeypatch, trusted):
+    """``X-Scheme`` (Tornado reads it before ``X-Forwarded-Proto``), ``X-Url-Scheme``,
+    ``Front-End-Https`` and ``X-ARR-SSL``: from a peer keygate does not trust they are dropped
+    in every spelling, as ``X-Forwarded-Proto`` is replaced; from a trusted proxy they pass as
+    it wrote them. Judged on the bytes the upstream received, on a keyed route and a public
+    one."""
+    await _spoofs_reach_upstream_only_from_a_trusted_proxy(
+        redis_url, monkeypatch, trusted, SCHEME_SPOOFS, SCHEME_LOOKALIKES)
+
+
+def test_the_security_model_names_every_scheme_header_keygate_guards():
+    """Every header keygate passes only from a trusted proxy because an upstream takes the
+    request's scheme from it is named in docs/security.md."""
+    import re
+    from pathlib import Path
+
+    from gateway.models import SCHEME_OVERRIDE
+    text = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    named = {h.lower() for h in re.findall(r"`([A-Za-z0-9_-]+)`", text)}
+    assert SCHEME_OVERRIDE <= named, SCHEME_OVERRIDE - named
+
+
+def test_config_check_warns_of_trusted_proxies_that_trust_every_peer(tmp_path, capsys):
+    """``trusted_proxies: [0.0.0.0/0]`` (or ``::/0``, or the IPv4-mapped ``::ffff:0.0.0.0/96``)
+    makes every client a trusted proxy: it names its own address in X-Forwarded-For (the
+    failure throttle, allowed_ips and the access log believe it) and hands the upstream its
+    own X-Real-IP, X-Forwarded-Host, signed-in user... It is served (a keygate reachable only
+    through balancers may mean it), but config check says so, line and entry named; a
+    narrower network says nothing."""
+    from gateway.cli import main
+    path = tmp_path / "keygate.yaml"
+    path.write_text("server:\n"
+                    "  trusted_proxies: [10.0.0.0/8, 0.0.0.0/0, '::/0', '::ffff:0.0.0.0/96']\n"
+                    "upstreams:\n  crm: {url: 'http://127.0.0.1:9000'}\n"
+                    "routes:\n  - {path: /people/**, upstream: crm, public: true}\n")
+    assert main(["config", "check", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"ok: {path}\n"
+    warned = [line for line in err.splitlines() if "trusts every" in line]
+    assert [line.split(": warning: ")[0] for line in warned] == [
+        f"{path}:2: server.trusted_proxies[{i}]" for i in (1, 2, 3)], err
+    assert "'0.0.0.0/0' trusts every IPv4 peer" in warned[0]
+    assert "'::/0' trusts every IPv6 peer" in warned[1]

@@ -35,11 +35,13 @@ FROM_CLIENTS = frozenset(FROM_PROXIES | FORWARDING | {
 SET_BY = {
     "nginx.conf": {"x-forwarded-for", "x-real-ip", "x-forwarded-host", "x-forwarded-proto",
                    "x-forwarded-port"},
-    # the controller's own proxy_set_header lines (use-forwarded-headers off); it also writes
+    # the controller's own proxy_set_header lines (use-forwarded-headers off; X-Scheme too,
+    # from the connection's scheme, as X-Forwarded-Proto); it also writes
     # X-Original-Forwarded-For from the client's X-Forwarded-For, which a snippet cannot clear
     # (a second proxy_set_header of a name does not replace the first): the example says so
     "ingress-nginx.yaml": {"x-forwarded-for", "x-real-ip", "x-forwarded-host",
-                           "x-forwarded-proto", "x-forwarded-port", "x-original-forwarded-for"},
+                           "x-forwarded-proto", "x-forwarded-port", "x-original-forwarded-for",
+                           "x-scheme"},
     # use_remote_address
     "envoy.yaml": {"x-forwarded-for", "x-forwarded-proto"},
     # forwardedHeaders with no trusted IPs replace these (X-Forwarded-Uri/-Method it only

@@ -8,7 +8,8 @@ import re
 from typing import Any
 
 from ..models import (HOP_BY_HOP, HOST_OVERRIDE, METHOD_OVERRIDE_HEADERS, NAME_RE, PATH_OVERRIDE,
-                      ROLE_NAME_HINT, ROLE_NAME_RE, SCOPE_RE, Plan, header_key, parse_rate_limit)
+                      ROLE_NAME_HINT, ROLE_NAME_RE, SCHEME_OVERRIDE, SCOPE_RE, Plan, header_key,
+                      parse_rate_limit)
 from ..signature import secrets_of
 from ..settings import (Argon2Config, FailureLimits, IdentityHeaders, IdentitySignature,
                         KeysConfig, VerifyQueueLimits)
@@ -23,13 +24,15 @@ HEADER_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 # identity or signature header may take: keygate sets them, or HTTP gives them a meaning
 # (an identity header named Expect makes the upstream answer 417), or upstreams read them as
 # the request's method, path or host (an identity header named X-HTTP-Method-Override or
-# X-Original-URL made every request another method or path than the one keygate authorised).
+# X-Original-URL made every request another method or path than the one keygate authorised),
+# or its scheme (X-Scheme).
 # Built from the lists the proxy's header rules use (gateway.models), so none drifts apart.
 RESERVED_HEADERS = frozenset({
     "authorization", "host", "content-length", "content-type", "x-request-id",
     "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "expect",
     "traceparent", "tracestate",
-}) | HOP_BY_HOP | PATH_OVERRIDE | HOST_OVERRIDE | {header_key(h) for h in METHOD_OVERRIDE_HEADERS}
+}) | HOP_BY_HOP | PATH_OVERRIDE | HOST_OVERRIDE | SCHEME_OVERRIDE | {
+    header_key(h) for h in METHOD_OVERRIDE_HEADERS}
 MAX_WINDOW_SECONDS = 100 * 365 * 86400  # keys.failures.window_seconds
 # Bytes of the secret keygate signs with (identity_signature): one signed request lets anyone
 # try secrets offline at HMAC speed, so a short or guessable one is as good as none

@@ -11,7 +11,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..redis_urls import check_store_url
-from ..settings import AdminConfig, ServerConfig, StoreConfig, Timeouts, TLSConfig, TracingConfig
+from ..settings import (AdminConfig, ConfigWarning, ServerConfig, StoreConfig, Timeouts,
+                        TLSConfig, TracingConfig)
+from ..trust import as_network
 from .nodes import BAD, Node, child, is_null
 from .schema import SchemaReader
 
@@ -150,10 +152,19 @@ class ServiceSections(SchemaReader):
             if text is BAD:
                 return BAD
             try:
-                ipaddress.ip_network(text.strip(), strict=False)
+                net = ipaddress.ip_network(text.strip(), strict=False)
             except ValueError:
                 return self.fail(child, sub, f"'{text}' is not an IP address or CIDR network "
                                              "(e.g. 10.0.0.0/8)")
+            net = as_network(str(net))
+            if net.prefixlen == 0:  # served as written, but every client is then a proxy
+                self.warnings.append(ConfigWarning(
+                    f"{self.source}:{child.start_mark.line + 1}: {sub}: warning: '{text}' "
+                    f"trusts every IPv{net.version} peer: any client then names its own address in "
+                    "X-Forwarded-For (the failure throttle, allowed_ips, the access log) and "
+                    "passes X-Forwarded-*, X-Real-IP and the other headers kept from trusted "
+                    "proxies to the upstream; list the balancers' addresses instead",
+                    ("trust-everyone", text.strip())))
             return text.strip()
         values = self.string_list(node, path, network)
         return BAD if values is BAD else tuple(values)

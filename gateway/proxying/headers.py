@@ -6,7 +6,10 @@ Request headers, in one pass over the client's headers:
 - hop-by-hop headers (``Connection``, ``Keep-Alive``, ``Proxy-Connection``, ``TE``,
   ``Trailer``, ``Transfer-Encoding``, ``Upgrade``, ``Proxy-Authorization``,
   ``Proxy-Authenticate``) and every header ``Connection`` names are dropped. The headers keygate
-  sets are added after this filtering, so ``Connection`` can never remove one of them;
+  sets are added after this filtering, so ``Connection`` can never remove one of them; nor
+  can it remove the ``X-Forwarded-*``, ``Forwarded`` and ``FROM_PROXIES`` headers a trusted
+  proxy sends (a balancer passing on its client's ``Connection: X-Forwarded-For`` would
+  otherwise have the upstream see the balancer as the client keygate judged by the chain);
 - keygate's credential headers (``config.keys.headers``) are dropped, and ``Authorization``
   when it is the ``Bearer`` credential (on a public route, only when it carries a keygate token,
   as text or in ``Basic`` credentials, or is ``Bearer`` and a mistyped one: an upstream doing
@@ -28,7 +31,10 @@ Request headers, in one pass over the client's headers:
   (``PATH_OVERRIDE``), which some upstreams route by instead of the request line: from anyone
   else they would name another path than the one keygate authorised; and ``X-Original-Host``,
   ``X-Host`` and ``X-HTTP-Host-Override`` (``HOST_OVERRIDE``), which some build URLs or pick
-  a virtual host by: from anyone else they would be the client's choice of host. And
+  a virtual host by: from anyone else they would be the client's choice of host; and
+  ``X-Scheme``, ``X-Url-Scheme``, ``Front-End-Https`` and ``X-ARR-SSL``
+  (``SCHEME_OVERRIDE``), which some read the scheme from before ``X-Forwarded-Proto``: from
+  anyone else they would contradict the scheme keygate sends. And
   so do the headers authenticating proxies name the signed-in user in (``AUTH_USER``:
   ``X-Remote-User``, ``Remote-User``, ``X-Auth-Request-User``, ``X-WEBAUTH-USER``, ...),
   which an upstream behind such a proxy believes from keygate's address: from anyone else
@@ -65,8 +71,8 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from ..config import Config
 from ..cors import CorsPolicy
-from ..models import (HOP_BY_HOP, HOST_OVERRIDE, PATH_OVERRIDE, Principal, header_key,
-                      plain_header_name)
+from ..models import (HOP_BY_HOP, HOST_OVERRIDE, PATH_OVERRIDE, SCHEME_OVERRIDE, Principal,
+                      header_key, plain_header_name)
 from ..signature import DEFAULT_HEADER as SIGNATURE_HEADER
 from ..overrides import HEADERS as OVERRIDE_HEADERS
 from ..routes import query_has_token
@@ -145,7 +151,7 @@ AUTH_USER = frozenset({"x-remote-user", "remote-user", "x-remote-group", "remote
 # Passed as sent from a trusted proxy only, beside X-Forwarded-* and Forwarded (_norm names).
 # The verify-mode examples in docs/verify/ clear the same names (tests/test_verify_docs.py
 # derives what each must clear from this set).
-FROM_PROXIES = CLIENT_ADDRESS | PATH_OVERRIDE | AUTH_USER | HOST_OVERRIDE
+FROM_PROXIES = CLIENT_ADDRESS | PATH_OVERRIDE | AUTH_USER | HOST_OVERRIDE | SCHEME_OVERRIDE
 # Method-override headers (gateway.overrides) in their _norm names. The pipeline authorises a
 # request as the method their "-" and "_" spellings name; any other punctuation (lighttpd
 # hands X.HTTP.Method.Override to PHP as HTTP_X_HTTP_METHOD_OVERRIDE too) is dropped here.
@@ -304,10 +310,13 @@ class RequestHeaderRules:
         xf_proto = xf_host = None
         for name, value in headers.items():
             lname = _norm(name)
-            if lname in drop or lname in named or _unjudged_override(lname, name):
+            if lname in drop or _unjudged_override(lname, name):
                 continue
             if lname.startswith("x-forwarded-") or lname == "forwarded" or \
                     lname in FROM_PROXIES:
+                # never dropped for being named in Connection: the chain (and address, host,
+                # user) keygate judged the client by must reach the upstream as it read them;
+                # from anyone else they are dropped anyway and keygate sets its own
                 # a trusted proxy vouches for the ones it writes: never an "_" (or other
                 # punctuated) spelling, which it passes on from the client and which
                 # gateway.trust does not read either
@@ -320,6 +329,8 @@ class RequestHeaderRules:
                     xf_proto = value
                 elif lname == "x-forwarded-host":
                     xf_host = value
+            elif lname in named:
+                continue
             elif lname == "authorization":
                 if self._credential(value, principal):
                     continue
