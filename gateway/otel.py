@@ -63,8 +63,9 @@ _METHODS = frozenset(HTTP_METHODS)  # span names: a known method, else "HTTP"
 def traces_url(endpoint: str) -> str:
     """An OTLP/HTTP base URL gets the traces path (``/v1/traces``) appended; a URL with a path
     is used as given (like ``OTEL_EXPORTER_OTLP_ENDPOINT`` and ``..._TRACES_ENDPOINT``)."""
-    if urlsplit(endpoint).path in ("", "/"):
-        return endpoint.rstrip("/") + "/v1/traces"
+    parts = urlsplit(endpoint)
+    if parts.path in ("", "/"):  # before any query (``http://c:4318?tenant=a``), which stays
+        return urlunsplit(parts._replace(path="/v1/traces"))
     return endpoint
 
 

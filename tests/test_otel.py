@@ -524,3 +524,26 @@ async def test_a_malformed_tracestate_is_never_logged(upstream, receiver, redis_
         token=token)]) == 1  # the upstream still gets it as sent
     assert said == []
     assert token.encode() not in b"".join(receiver.raw)
+
+
+async def test_a_bare_collector_endpoint_with_a_query_gets_the_traces_path_before_it(
+        upstream, receiver, redis_url, monkeypatch):
+    """``http://collector:4318?tenant=acme`` (a query some collectors and gateways route by):
+    the traces path was appended to the whole string, ``...?tenant=acme/v1/traces``, so every
+    batch went to ``/`` with a mangled query and no span arrived. The path goes before the
+    query, which is kept."""
+    config = make_config(str(upstream.make_url("")), tracing=TracingConfig(
+        str(receiver.make_url("")).rstrip("/") + "?tenant=acme"))
+    async with gateway_under_test(config, redis_url, monkeypatch) as gw:
+        async with gw.proxy.get("/health") as r:
+            assert r.status == 200
+    assert set(by_name(receiver.spans)) == {"GET /health", "forward"}
+
+
+def test_the_traces_path_is_added_to_a_bare_endpoint_only():
+    from gateway.otel import traces_url
+    assert traces_url("http://c:4318") == "http://c:4318/v1/traces"
+    assert traces_url("http://c:4318/") == "http://c:4318/v1/traces"
+    assert traces_url("http://c:4318?tenant=a") == "http://c:4318/v1/traces?tenant=a"
+    assert traces_url("http://c:4318/?tenant=a#x") == "http://c:4318/v1/traces?tenant=a#x"
+    assert traces_url("http://c:4318/otlp/v1/traces?t=1") == "http://c:4318/otlp/v1/traces?t=1"
