@@ -27,13 +27,14 @@ import time
 from typing import Callable
 
 from .config import Config, Plan, RateLimit
-from .errors import (ServiceUnavailable, StoreError, TooManyRequests, Unauthorized,
-                     client_closed, invalid_token)
+from .errors import (GatewayError, ServiceUnavailable, StoreError, TooManyRequests,
+                     Unauthorized, client_closed, invalid_token)
 from .store.records import WORKSPACE_ID_RE, key_from_hash, workspace_from_hash
 from .store.request import RequestStore
 from .usage import effective_plan, key_rate_limit
 from .models import KeyRecord, Principal, Workspace
-from .tokens import MalformedToken, ParsedToken, SecretHasher, parse_token
+from .tokens import (Argon2CouldNotRun, MalformedHash, MalformedToken, ParsedToken,
+                     SecretHasher, parse_token)
 from .trust import throttle_client
 from .argon2_pool import Argon2Pool
 from .verify_queue import VerifyQueue
@@ -166,6 +167,7 @@ def token_digest(raw_token: str) -> bytes:
 # A workspace found gone from the store (lost data) is said at most this often (seconds).
 LOST_STORE_SAID_EVERY = 60.0
 log = logging.getLogger("keygate.store")
+auth_log = logging.getLogger("keygate")
 
 
 class Authenticator:
@@ -215,6 +217,9 @@ class Authenticator:
         # workspaces found gone since the last line about a lost store, and when it was said
         self._gone: set[str] = set()
         self._gone_said = -float("inf")
+        # argon2 runs that could not be made since the last line saying so, and when it was
+        self._not_run = 0
+        self._not_run_said = -float("inf")
 
     def reconfigure(self, config: Config) -> None:
         """Take ``config`` (a reload). Verified secrets stay verified (no argon2 re-run); each
@@ -643,11 +648,17 @@ class Authenticator:
         workspace_id = await self.requests.key_workspace(token.key_id)
         key, workspace, role = await self._read(workspace_id, token.key_id) \
             if workspace_id else (None, None, None)
-        if key is not None and key.environment == token.environment:
-            ok = await self.argon2.run(self.hasher.verify, key.hash, token.secret)
-        else:  # no such key: the same run, so that the answer's timing tells no key id exists
-            await self.argon2.run(self.hasher.verify, self._decoy_hash, token.secret)
-            ok = False
+        try:
+            if key is not None and key.environment == token.environment:
+                ok = await self.argon2.run(self.hasher.verify, key.hash, token.secret)
+            else:  # no such key: the same run, so that its timing tells no key id exists
+                await self.argon2.run(self.hasher.verify, self._decoy_hash, token.secret)
+                ok = False
+        except MalformedHash as exc:  # answered as every malformed record is (503)
+            raise StoreError(f"the store holds a malformed key hash ({token.key_id!r}): "
+                             f"{exc}") from exc
+        except Argon2CouldNotRun as exc:  # no answer about the secret: nothing is counted
+            raise self._could_not_run(exc) from exc
         if self.metrics:
             self.metrics.argon2.labels("ok" if ok else "fail").inc()
         if not ok:
@@ -665,6 +676,21 @@ class Authenticator:
             raise invalid_token("invalid_key", "The API key is not valid.")
         self._remember(entry, parsed)
         return entry
+
+    def _could_not_run(self, exc: Argon2CouldNotRun) -> GatewayError:
+        """The 500 of a verification whose argon2 run could not be made (its ``memory_cost``
+        or a thread could not be had: a memory limit, strict overcommit, many runs at once).
+        It says nothing about the secret, so it is no failed verification: nothing is
+        counted and a cached entry stays. Logged as an error at most every
+        ``LOST_STORE_SAID_EVERY`` s, with how many runs failed so since."""
+        self._not_run += 1
+        now = time.monotonic()
+        if now - self._not_run_said >= LOST_STORE_SAID_EVERY:
+            auth_log.error("argon2 could not run (%s): %d verification(s) answered 500 "
+                           "internal_error since the last such line; give keygate more memory "
+                           "or lower keys.argon2.memory_cost", exc, self._not_run)
+            self._not_run, self._not_run_said = 0, now
+        return GatewayError("The API key could not be verified now; retry in a moment.")
 
     def _workspace_gone(self, ws: str) -> None:
         """A workspace this process served keys of (or whose key is still stored) is no longer
