@@ -61,7 +61,7 @@ class CachedKey:
 
     __slots__ = ("key_id", "scopes", "expires_at", "revoked_at", "enabled", "rev",
                  "monthly_requests", "workspace_record", "limits", "rate", "secret_digest",
-                 "verified_until", "generation", "networks", "budget", "used")
+                 "verified_until", "generation", "networks", "budget", "used", "environment")
 
     def __init__(self, key: KeyRecord, workspace: Workspace, principal: Principal,
                  limits: Plan | None, rate: RateLimit | None, secret_digest: bytes,
@@ -86,6 +86,7 @@ class CachedKey:
         self.networks = networks      # the key's allowed_ips (None: any address)
         self.budget = key.budget_id   # the key id its rate log and own month count go under
         self.used = False  # served from the cache since it last made room (_make_room)
+        self.environment = key.environment  # its token's (a reload removing it drops it)
 
     @property
     def id(self) -> str:
@@ -176,8 +177,8 @@ class Authenticator:
         self.generation = 0             # bumped by a reload: cached entries are re-derived
         self.config = config
         self.under = (config, 0)        # (config, generation): a request's snapshot of both
-        # the generation the cache was last cleared at (a reload changing keys.prefix or
-        # keys.environments): the cache's epoch. An entry whose request took its snapshot
+        # the generation the cache was last cleared at (a reload changing keys.prefix, or
+        # removing one of keys.environments: its keys only): the cache's epoch. An entry whose request took its snapshot
         # (``under``) before it, its token parsed under keys settings since replaced, is not
         # put back by a read that spanned the clear (``_remember``).
         self.epoch = 0
@@ -224,9 +225,11 @@ class Authenticator:
     def reconfigure(self, config: Config) -> None:
         """Take ``config`` (a reload). Verified secrets stay verified (no argon2 re-run); each
         cached key's plan, rate and role scopes are re-read on its next request. A changed
-        token prefix or environment list drops the cache: what verified may no longer parse."""
-        keys_changed = (config.keys.prefix, config.keys.environments) != \
-            (self.config.keys.prefix, self.config.keys.environments)
+        token prefix drops the cache, and an environment no longer accepted drops its keys:
+        their tokens no longer parse. An environment added drops nothing (every token that
+        verified still parses): its keys stay verified, exempt from the failure throttle."""
+        prefix_changed = config.keys.prefix != self._prefix
+        removed = self._environments - frozenset(config.keys.environments)
         self.config = config
         self._prefix = config.keys.prefix
         self._environments = frozenset(config.keys.environments)
@@ -238,8 +241,12 @@ class Authenticator:
         self.argon2.reread_cpu_limit()  # a pod resized in place: a reload follows it
         self.generation += 1
         self.under = (config, self.generation)
-        if keys_changed:
-            self.cache.clear()
+        if prefix_changed or removed:
+            if prefix_changed:
+                self.cache.clear()
+            else:
+                for digest in [d for d, e in self.cache.items() if e.environment in removed]:
+                    del self.cache[digest]
             self.epoch = self.generation  # what began before this no longer goes in (_remember)
 
     def _decoy_for(self, config: Config) -> None:
@@ -775,8 +782,8 @@ class Authenticator:
     def _remember(self, entry: CachedKey, began: int) -> None:
         """Cache ``entry``, whose request took its snapshot (``under``) at generation
         ``began``, before its token was parsed or the entry it re-reads was found. Begun
-        before the cache was last cleared (a reload changed keys.prefix or keys.environments
-        while its key was read), it is not cached: its token was accepted under keys settings
+        before the cache was last cleared (a reload changed keys.prefix or removed one of
+        keys.environments while its key was read), it is not cached: its token was accepted under keys settings
         since replaced, and a cached entry is never parsed again. It still answers its own
         request (finishing on the old config). Cold path only: after a store read."""
         if began < self.epoch:

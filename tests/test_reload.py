@@ -20,7 +20,7 @@ from aiohttp import ClientSession, TCPConnector, web
 
 from gateway.config import load_config
 from prometheus_client.parser import text_string_to_metric_families
-from harness import bearer, eventually, gateway_under_test, refusal_times, serving
+from harness import bearer, eventually, gateway_under_test, get_all, refusal_times, serving
 from served import ADMIN_TOKEN, TIMEOUT, Served, admin_json, children_of, new_key, write_config
 
 
@@ -1964,3 +1964,87 @@ async def test_a_token_environment_dropped_by_a_reload_is_refused_on_the_next_re
                 body = await r.json()
                 assert (r.status, body.get("error", {}).get("code")) == \
                     (401, "malformed_key"), (r.status, body)
+
+
+# --- reloads the verification cache lives through -------------------------------------------
+
+def _doc(upstream_url: str, **changes) -> dict:
+    """A config whose store is fail-open, with cheap argon2 (the review rv-throttle's)."""
+    doc = {
+        "server": {"host": "127.0.0.1", "port": 18080},
+        "admin": {"host": "127.0.0.1", "port": 18081},
+        "store": {"timeout": 0.3, "on_store_error": "open"},
+        "keys": {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}},
+        "plans": {"starter": {"monthly_requests": 1000, "max_keys": 5}},
+        "default_plan": "starter",
+        "roles": {"reader": ["people:read"]},
+        "upstreams": {"api": {"url": upstream_url, "timeout": 5}},
+        "routes": [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
+                    "scopes": ["people:read"]}],
+    }
+    doc.update(changes)
+    return doc
+
+
+async def test_a_reload_that_only_adds_an_environment_keeps_verified_keys_verified(
+        redis_url, upstream, tmp_path, monkeypatch):
+    """docs/security.md: a token that already verified in the process is not held to the
+    failure throttle again ("a guesser sharing its client's address ... cannot lock a working
+    integration out"). ``Authenticator.reconfigure`` drops the whole cache whenever
+    ``keys.environments`` differs, even when a reload only *adds* one (every token that
+    verified still parses): every key is cold again, pays argon2 again (a cold burst of every
+    integration at once), and loses its exemption, so a working integration behind an
+    address where someone else sent bad keys (a NAT, an office) is refused 429
+    ``too_many_failures`` right after an unrelated reload."""
+    from gateway.tokens import make_token
+    url = str(upstream.make_url(""))
+    keys = {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1},
+            "failures": {"per_ip": 2, "window_seconds": 60}}
+    path = tmp_path / "keygate.yaml"
+    write(path, _doc(url, keys=keys))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                  config_path=str(path)) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        assert (await get_all(g, token, 1))[0][0] == 200
+        for _ in range(2):  # someone else at the same address: two bad keys
+            async with g.proxy.get("/people/1", headers=bearer(make_token("kg", "live")[0])) as r:
+                assert r.status == 401
+        assert (await get_all(g, token, 1))[0][0] == 200  # cached: still fine
+        write(path, _doc(url, keys={**keys, "environments": ["live", "test", "staging"]}))
+        status, body = await g.admin_json("POST", "/reload")
+        assert status == 200, body
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            got = r.status, await r.text()
+        assert got[0] == 200, got  # was 429 too_many_failures
+
+
+async def test_a_reload_that_removes_an_environment_drops_only_that_environments_keys(
+        redis_url, upstream, tmp_path, monkeypatch):
+    """A reload that stops accepting an environment refuses its tokens at once (401
+    ``malformed_key``, though they were cached), while keys of the environments kept stay
+    verified: no argon2 again, and no failure throttle others' bad keys filled."""
+    from gateway.tokens import make_token
+    url = str(upstream.make_url(""))
+    keys = {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1},
+            "failures": {"per_ip": 2, "window_seconds": 60},
+            "environments": ["live", "test"]}
+    path = tmp_path / "keygate.yaml"
+    write(path, _doc(url, keys=keys))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                  config_path=str(path)) as g:
+        await g.workspace("acme")
+        live, _ = await g.key()
+        test, _ = await g.key(environment="test")
+        assert [s for s, _ in await get_all(g, live, 1) + await get_all(g, test, 1)] == [200, 200]
+        for _ in range(2):  # someone else at the same address: two bad keys
+            async with g.proxy.get("/people/1", headers=bearer(make_token("kg", "live")[0])) as r:
+                assert r.status == 401
+        write(path, _doc(url, keys={**keys, "environments": ["live"]}))
+        status, body = await g.admin_json("POST", "/reload")
+        assert status == 200, body
+        async with g.proxy.get("/people/1", headers=bearer(test)) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (401, "malformed_key")
+        async with g.proxy.get("/people/1", headers=bearer(live)) as r:
+            assert r.status == 200, await r.text()
+        assert not any(e.environment == "test" for e in g.gw.pipeline.auth.cache.values())
