@@ -303,7 +303,17 @@ class Authenticator:
                 self._hit.inc()
             entry.used = True
             if entry.generation != self.generation:  # derived under a config since reloaded
-                fresh = await self.refresh(entry)
+                under = self.under
+                try:
+                    fresh = await self.refresh(entry, under)
+                except StoreError:
+                    if under[0].store.on_store_error != "open":
+                        raise
+                    # fail-open: a key verified here goes through while the store is down,
+                    # a reload since or not (the pipeline decides from its cached state)
+                    if self.metrics:
+                        self.metrics.store_errors.inc()
+                    return entry
                 if fresh is None:
                     raise invalid_token("invalid_key", "The API key is not valid.")
                 return fresh

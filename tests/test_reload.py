@@ -2048,3 +2048,29 @@ async def test_a_reload_that_removes_an_environment_drops_only_that_environments
         async with g.proxy.get("/people/1", headers=bearer(live)) as r:
             assert r.status == 200, await r.text()
         assert not any(e.environment == "test" for e in g.gw.pipeline.auth.cache.values())
+
+
+async def test_fail_open_keeps_verified_keys_working_across_a_reload_during_an_outage(
+        own_redis, upstream, tmp_path, monkeypatch):
+    """SPEC (Store): ``on_store_error: open`` lets keys already verified in this process
+    through until the store returns. A reload (SIGHUP, POST /admin/v1/reload) while Redis is
+    down is accepted ("reloading without that check"), but it bumps the cache generation,
+    and every cached key's next request then re-reads its key from the store
+    (``Authenticator.authenticate`` -> ``refresh``) outside the fail-open ``except
+    StoreError`` of ``authenticate``: every verified key is answered 503 store_unavailable
+    for the rest of the outage, as if the gateway were fail-closed."""
+    path = tmp_path / "keygate.yaml"
+    write(path, _doc(str(upstream.make_url(""))))
+    async with gateway_under_test(load_config(path), own_redis.url, monkeypatch,
+                                  config_path=str(path)) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        assert (await get_all(g, token, 1))[0][0] == 200
+        own_redis.stop()
+        try:
+            status, body = await g.admin_json("POST", "/reload")
+            assert status == 200, body
+            got = [s for s, _ in await get_all(g, token, 2)]
+            assert got == [200, 200], got  # was [503, 503]
+        finally:
+            own_redis.start()
