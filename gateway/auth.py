@@ -61,15 +61,20 @@ class CachedKey:
 
     __slots__ = ("key_id", "scopes", "expires_at", "revoked_at", "enabled", "rev",
                  "monthly_requests", "workspace_record", "limits", "rate", "secret_digest",
-                 "verified_until", "generation", "networks", "budget", "used", "environment")
+                 "verified_until", "generation", "networks", "budget", "used", "environment",
+                 "config_role")
 
     def __init__(self, key: KeyRecord, workspace: Workspace, principal: Principal,
                  limits: Plan | None, rate: RateLimit | None, secret_digest: bytes,
                  verified_until: float, generation: int = 0,
-                 networks: tuple[IPNetwork, ...] | None = None) -> None:
+                 networks: tuple[IPNetwork, ...] | None = None,
+                 config_role: str | None = None) -> None:
         """``key``, ``workspace``: the records as read; ``principal``: the key's effective
         scopes (its ``workspace`` and ``plan`` are the records'); ``limits``: the plan in
-        force for the workspace; ``rate``: the key's rate limit in force."""
+        force for the workspace; ``rate``: the key's rate limit in force; ``config_role``:
+        the role whose scopes ``principal`` has, when the config defines them (the key is
+        bound to a role its workspace did not define when it was read; None for a key's own
+        scopes or a workspace's role, which are store state)."""
         self.key_id = key.id
         self.scopes: frozenset[str] = principal.scopes
         self.expires_at = key.expires_at
@@ -87,11 +92,20 @@ class CachedKey:
         self.budget = key.budget_id   # the key id its rate log and own month count go under
         self.used = False  # served from the cache since it last made room (_make_room)
         self.environment = key.environment  # its token's (a reload removing it drops it)
+        self.config_role = config_role  # what a reload re-derives without the store
 
     @property
     def id(self) -> str:
         """The key id, under ``KeyRecord``'s name."""
         return self.key_id
+
+    def with_scopes(self, scopes: frozenset[str]) -> "CachedKey":
+        """A copy (never cached) whose requests have ``scopes`` instead."""
+        copy = object.__new__(CachedKey)
+        for name in CachedKey.__slots__:
+            setattr(copy, name, getattr(self, name))
+        copy.scopes = scopes
+        return copy
 
     # --- as a Principal (forwarded upstream, handed to the self-service endpoints) ---------------
 
@@ -313,7 +327,7 @@ class Authenticator:
                     # a reload since or not (the pipeline decides from its cached state)
                     if self.metrics:
                         self.metrics.store_errors.inc()
-                    return entry
+                    return self.failing_open(entry, under)
                 if fresh is None:
                     raise invalid_token("invalid_key", "The API key is not valid.")
                 return fresh
@@ -365,8 +379,19 @@ class Authenticator:
             if entry is not None and self.config.store.on_store_error == "open":
                 if self.metrics:  # the key's read failed: a store error all the same (a
                     self.metrics.store_errors.inc()  # raised one the pipeline counts)
-                return entry
+                return self.failing_open(entry, under)
             raise
+
+    def failing_open(self, entry: CachedKey, under: tuple[Config, int]) -> CachedKey:
+        """``entry`` as fail-open lets it through under ``under`` (the config its request
+        began under, and its generation) while its key cannot be read: its state as last read
+        (the store's), but the scopes of a role the config defines as that config gives them
+        (a reload during the outage takes a scope from the role: it is never forwarded with
+        it). A workspace's own role, and a key's own scopes, are store state: as last read."""
+        if entry.config_role is None or entry.generation == under[1]:
+            return entry
+        scopes = frozenset(under[0].roles.get(entry.config_role, ()))
+        return entry if scopes == entry.scopes else entry.with_scopes(self._shared(scopes))
 
     async def _as_of(self, entry: CachedKey, under: tuple[Config, int]) -> CachedKey:
         """``entry`` as derived under the config ``under`` (config, generation): a request
@@ -746,6 +771,7 @@ class Authenticator:
         under ``config`` (generation ``generation``). None when the workspace is gone."""
         if workspace is None:
             return None
+        config_role = None
         if key.role is None:
             scopes = key.scopes
         elif role is not None:
@@ -755,15 +781,18 @@ class Authenticator:
                 raise StoreError("the store holds a malformed workspace role") from exc
         else:
             scopes = tuple(config.roles.get(key.role, ()))
-        return self.entry(key, workspace, scopes, digest, verified_until, generation, config)
+            config_role = key.role
+        return self.entry(key, workspace, scopes, digest, verified_until, generation, config,
+                          config_role)
 
     def entry(self, key: KeyRecord, workspace: Workspace, scopes, digest: bytes,
               verified_until: float, generation: int | None = None,
-              config: Config | None = None) -> CachedKey:
+              config: Config | None = None, config_role: str | None = None) -> CachedKey:
         """The cache entry for a verified key, kept lean (bench/memory.py): only what deciding
         a request needs, in one ``CachedKey``; workspaces, plans, rate limits, scope sets and
         allow-lists equal to ones already cached are shared (all immutable). ``config``: the
-        config ``generation`` is (both default to those in force)."""
+        config ``generation`` is (both default to those in force); ``config_role``: the role
+        of ``config`` that ``scopes`` are (``CachedKey``)."""
         if config is None:
             config = self.config
         workspace = self._shared(workspace)
@@ -778,7 +807,8 @@ class Authenticator:
         principal = Principal(workspace.id, key.id, self._shared(frozenset(scopes)),
                               workspace.plan)
         return CachedKey(key, workspace, principal, plan, rate, digest, verified_until,
-                         self.generation if generation is None else generation, networks)
+                         self.generation if generation is None else generation, networks,
+                         config_role)
 
     def _shared(self, value):
         """One instance per distinct immutable value among cached keys."""

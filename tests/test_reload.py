@@ -2074,3 +2074,50 @@ async def test_fail_open_keeps_verified_keys_working_across_a_reload_during_an_o
             assert got == [200, 200], got  # was [503, 503]
         finally:
             own_redis.start()
+
+
+async def test_fail_open_never_grants_a_scope_a_reload_took_from_the_keys_role(
+        own_redis, upstream, tmp_path, monkeypatch):
+    """SPEC (Reload): roles are swapped atomically and the next request sees the new ones;
+    SPEC (Store): fail-open lets keys already verified through *from their state*. A key whose
+    ``keys.cache_ttl`` ran out while Redis is down is let through from its cache entry
+    (``Authenticator.authenticate``'s ``except StoreError: ... return entry``) as it was
+    derived before the reload, its role's old scopes included: a reload that took
+    ``people:write`` from the role ``editor`` during an outage leaves every editor key able
+    to write (forwarded, ``X-Api-Scopes`` still naming it) until Redis returns. The global
+    role's scopes are config, not store state: they are known without the store."""
+    url = str(upstream.make_url(""))
+    routes = [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
+               "scopes": ["people:read"]},
+              {"path": "/people/**", "methods": ["POST"], "upstream": "api",
+               "scopes": ["people:write"]}]
+    keys = {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}, "cache_ttl": 1}
+    path = tmp_path / "keygate.yaml"
+    write(path, _doc(url, routes=routes, keys=keys,
+                      roles={"editor": ["people:read", "people:write"]}))
+    async with gateway_under_test(load_config(path), own_redis.url, monkeypatch,
+                                  config_path=str(path)) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(role="editor")
+        async with g.proxy.post("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        own_redis.stop()
+        try:
+            write(path, _doc(url, routes=routes, keys=keys, roles={"editor": ["people:read"]}))
+            status, body = await g.admin_json("POST", "/reload")
+            assert status == 200, body
+            for when in ("within its cache_ttl", "past its cache_ttl"):
+                if when == "past its cache_ttl":
+                    await asyncio.sleep(1.2)  # the key's cache_ttl runs out, Redis still down
+                before = len(upstream.requests)
+                async with g.proxy.post("/people/1", headers=bearer(token)) as r:
+                    got = r.status, await r.text()
+                if len(upstream.requests) > before:  # forwarded, with the scope taken away
+                    seen = {k.lower(): v for k, v in upstream.requests[-1]["headers"]}
+                    pytest.fail(f"{when}: forwarded as {got[0]} with X-Api-Scopes: "
+                                f"{seen['x-api-scopes']}")
+                assert got[0] in (403, 503), (when, got)  # was 200
+                async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                    assert r.status == 200, (when, await r.text())  # what the role still gives
+        finally:
+            own_redis.start()
