@@ -594,7 +594,10 @@ class Authenticator:
         no guess, so it is not refused for failures others sent from the same address (a NAT,
         an office) or against the same public key id. Should it fail, its entry is dropped:
         the exemption holds once."""
-        async with self.queue.turn(client_ip):
+        # one verified before waits for a turn but is never refused one (docs/errors.md: a key
+        # already verified is never refused 503 overloaded): the cache bounds how many there
+        # are (one verification per cached token at a time)
+        async with self.queue.turn(client_ip, bounded=not verified_before):
             if verification is not None:
                 verification.turned = True  # from now on it runs to its end
             if not verified_before:

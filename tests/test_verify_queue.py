@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 
 import pytest
@@ -377,3 +378,67 @@ async def test_an_admin_call_sharing_a_queued_verification_is_answered_when_the_
         for r, w in holders:
             assert (await asyncio.wait_for(r.read(), 10)).startswith(b"HTTP/1.1 200")
             w.close()
+
+
+async def test_a_key_verified_here_is_not_refused_overloaded_once_its_cache_ttl_ran_out(
+        redis_url, upstream, monkeypatch):
+    """docs/errors.md: 503 ``overloaded`` is a full verification queue, and "a key already
+    verified is never refused this way"; docs/operations.md and security.md call a token that
+    verified in this process and only outlived ``keys.cache_ttl`` already verified (it skips
+    the failure throttle and is let through fail-open). SPEC: cached keys keep working during
+    a cold burst. But its re-verification takes a place in the same bounded queue as strangers'
+    guesses (``Authenticator._verify``: ``self.queue.turn`` before ``verified_before`` is
+    looked at): while a flood of first requests or wrong guesses from other addresses fills
+    ``verify_queue.total``, every working integration is refused 503 ``overloaded`` once per
+    ``cache_ttl``. Here the queue (total 1) is held by one slow guess from another address."""
+    from aiohttp import ClientSession, TCPConnector
+
+    from gateway.config import Argon2Config, VerifyQueueLimits
+    from gateway.tokens import make_token
+    from harness import bearer, eventually, gateway_under_test, get_all, make_config
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, cache_ttl=0.5, verify_queue=VerifyQueueLimits(per_ip=1, total=1)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()  # its hash: the cheap test parameters
+        assert (await get_all(g, token, 1))[0][0] == 200  # verified in this process
+        auth = g.gw.pipeline.auth
+        # new keys (and the decoy an unknown key id is verified against) at a slower cost:
+        # one guess then holds its place in the queue for a while
+        auth.reconfigure(dataclasses.replace(config, keys=dataclasses.replace(
+            config.keys, argon2=Argon2Config(200, 8192, 1))))
+        await asyncio.sleep(0.6)  # the key's cache_ttl runs out
+        guess, _ = make_token("kg", "live")
+        async with ClientSession(str(g.proxy_server.make_url("")), connector=TCPConnector(
+                local_addr=("127.0.0.2", 0))) as stranger:
+            pending = asyncio.ensure_future(stranger.get("/people/1", headers=bearer(guess)))
+            try:
+                assert await eventually(lambda: auth.queue.queued == 1), "no guess queued"
+                async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                    got = r.status, await r.text()
+            finally:
+                (await pending).release()
+        assert got[0] == 200, got  # was 503 overloaded
+
+async def test_an_unbounded_turn_is_never_refused_nor_counted_but_waits_its_turn():
+    """``turn(ip, bounded=False)`` (a token verified in this process whose ``cache_ttl`` ran
+    out): past the per-address and total bounds it is not refused, and it takes no place
+    within them; it still waits, round-robin, for one of the turns."""
+    queue, order, release = VerifyQueue(1, 1, 1), [], asyncio.Event()
+    held = asyncio.ensure_future(_hold(queue, "a", order, release))
+    await asyncio.sleep(0.01)
+    with pytest.raises(ServiceUnavailable):
+        async with queue.turn("b"):
+            pass
+
+    async def verified_again(ip: str) -> None:
+        async with queue.turn(ip, bounded=False):
+            order.append("again " + ip)
+
+    again = [asyncio.ensure_future(verified_again(ip)) for ip in ("a", "b")]
+    await asyncio.sleep(0.01)
+    assert order == ["a"] and queue.queued == 1 and queue.busy == 1  # waiting, not refused
+    release.set()
+    await asyncio.gather(held, *again)
+    assert order == ["a", "again a", "again b"] and queue.busy == 0 and queue.queued == 0
