@@ -593,7 +593,10 @@ class Authenticator:
         ``cache_ttl`` ran out. The throttle bounds the argon2 runs that guesses cost; this is
         no guess, so it is not refused for failures others sent from the same address (a NAT,
         an office) or against the same public key id. Should it fail, its entry is dropped:
-        the exemption holds once."""
+        the exemption holds once. Its key is read before it takes a turn, so that no turn is
+        held while the store is waited on (a hung Redis and fail-open: every key whose TTL
+        ran out waits out one store timeout, at once, not in turns of a few)."""
+        read = await self._key_of(token) if verified_before else None
         # one verified before waits for a turn but is never refused one (docs/errors.md: a key
         # already verified is never refused 503 overloaded): the cache bounds how many there
         # are (one verification per cached token at a time)
@@ -607,7 +610,7 @@ class Authenticator:
                 self._running[name] = self._running.get(name, 0) + 1
             try:
                 return await self._verify_counted(token, digest, client_ip, verification,
-                                                  parsed)
+                                                  parsed, read)
             finally:
                 for name in running:
                     if (n := self._running[name] - 1) > 0:
@@ -683,16 +686,26 @@ class Authenticator:
         ms = max((int((a - now) * 1000) for a in at if a is not None), default=0)
         return max(1, min(window, -(-ms // 1000)))
 
-    async def _verify_counted(self, token: ParsedToken, digest: bytes, client_ip: str,
-                              verification: _Verification | None, parsed: int) -> CachedKey:
+    async def _key_of(self, token: ParsedToken) -> tuple:
+        """(config, generation) taken before the reads, then the key's workspace id, the key,
+        its workspace and the workspace's definition of its role (Nones: no such key)."""
         # the config the key is derived under, taken with its generation before the first
         # await: a reload while this runs leaves the entry stale, derived under the config the
         # request began with, never under half of each (its route was matched under it)
-        config, generation = self.under
-        limits = config.keys.failures
+        under = self.under
         workspace_id = await self.requests.key_workspace(token.key_id)
         key, workspace, role = await self._read(workspace_id, token.key_id) \
             if workspace_id else (None, None, None)
+        return under, workspace_id, key, workspace, role
+
+    async def _verify_counted(self, token: ParsedToken, digest: bytes, client_ip: str,
+                              verification: _Verification | None, parsed: int,
+                              read: tuple | None = None) -> CachedKey:
+        """Verify ``token`` against its key (``read``: as ``_key_of`` read it; None: read
+        now), counting a failure."""
+        (config, generation), workspace_id, key, workspace, role = \
+            read if read is not None else await self._key_of(token)
+        limits = config.keys.failures
         try:
             if key is not None and key.environment == token.environment:
                 ok = await self.argon2.run(self.hasher.verify, key.hash, token.secret)

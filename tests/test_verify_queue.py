@@ -442,3 +442,49 @@ async def test_an_unbounded_turn_is_never_refused_nor_counted_but_waits_its_turn
     release.set()
     await asyncio.gather(held, *again)
     assert order == ["a", "again a", "again b"] and queue.busy == 0 and queue.queued == 0
+
+
+async def test_fail_open_during_a_hung_store_does_not_serialise_verified_keys(
+        redis_url, upstream, monkeypatch):
+    """docs/operations.md (When Redis is down): with ``on_store_error: open``, keys already
+    verified in this process keep working, "also once their keys.cache_ttl has run out". When
+    Redis hangs (paused, stalled: the usual outage, not a refused connection), each such
+    re-verification holds one of the verification queue's few turns (argon2 threads + 1)
+    while its key read waits out ``store.timeout`` (``Authenticator._verify``: the turn is
+    taken before anything else, a verified token's included), so they are let through
+    ``slots`` at a time, one ``store.timeout`` after another: N keys whose TTL ran out wait
+    up to N / slots timeouts, and past ``verify_queue.per_ip`` / ``total`` get 503
+    ``overloaded``. With the shipped 2 s timeout and 300 s TTL a replica serving ~1000 keys
+    falls behind within minutes of a hang. Each should wait one store timeout, not a queue."""
+    import time
+
+    import redis as sync_redis
+
+    from gateway.config import StoreConfig
+    from harness import (bearer, eventually, gateway_under_test, get_all, make_config,
+                         redis_answers)
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    config = dataclasses.replace(config, keys=dataclasses.replace(config.keys, cache_ttl=0.5))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme", plan="unlimited")
+        tokens = [(await g.key(name=f"k{i}"))[0] for i in range(24)]
+        for token in tokens:
+            assert (await get_all(g, token, 1))[0][0] == 200  # each verified here
+        await asyncio.sleep(0.6)  # their cache_ttl runs out
+        sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "6000")
+
+        async def timed(token: str) -> tuple[int, float]:
+            started = time.perf_counter()
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                return r.status, time.perf_counter() - started
+        try:
+            got = await asyncio.gather(*(timed(t) for t in tokens))
+        finally:
+            assert await eventually(redis_answers(redis_url), timeout=15)
+        assert all(status == 200 for status, _ in got), got
+        slowest = max(took for _, took in got)
+        # two store calls time out (0.3 s each) for every one of them, at once: ~0.7 s; in
+        # turns of argon2 threads + 1 (3 here) it was ~3 s
+        assert slowest < 1.8, f"slowest {slowest:.2f} s of {len(got)} (queue slots: " \
+                              f"{g.gw.pipeline.auth.queue.slots})"
