@@ -56,13 +56,13 @@ class CachedKey:
 
     Only what deciding a request needs (bench/memory.py): a stripped ``KeyRecord`` copy, a
     ``Principal`` and an entry holding both took 352 of the ~600 bytes a cached key cost; this
-    takes 144. The argon2 hash, name, description, prefix and timestamps other than expiry
+    took 144 then, 24 more since with its environment, config role and ``gone``. The argon2 hash, name, description, prefix and timestamps other than expiry
     are not kept (answers that show a key read it from the store)."""
 
     __slots__ = ("key_id", "scopes", "expires_at", "revoked_at", "enabled", "rev",
                  "monthly_requests", "workspace_record", "limits", "rate", "secret_digest",
                  "verified_until", "generation", "networks", "budget", "used", "environment",
-                 "config_role")
+                 "config_role", "gone")
 
     def __init__(self, key: KeyRecord, workspace: Workspace, principal: Principal,
                  limits: Plan | None, rate: RateLimit | None, secret_digest: bytes,
@@ -93,6 +93,10 @@ class CachedKey:
         self.used = False  # served from the cache since it last made room (_make_room)
         self.environment = key.environment  # its token's (a reload removing it drops it)
         self.config_role = config_role  # what a reload re-derives without the store
+        # deleted from listings (DELETE .../keys/{id}): revoked or expired for good, its
+        # record kept for its token (kg:gone); its refusal needs no confirming (no call can
+        # change it), and its token is never answered as an unknown key's failed guess
+        self.gone = False
 
     @property
     def id(self) -> str:
@@ -567,10 +571,10 @@ class Authenticator:
         request began with (stale, so the key's next request derives it anew), never half
         of each (SPEC: requests in flight finish on the old config)."""
         config, generation = under or self.under  # (also the cache epoch it may go back in)
-        key, workspace, role = await self._read(entry.workspace, entry.key_id)
+        key, workspace, role, gone = await self._read(entry.workspace, entry.key_id)
         fresh = None if key is None else self._entry_for(
             key, workspace, role, entry.secret_digest, entry.verified_until, generation,
-            config)
+            config, gone)
         if workspace is None:
             self._workspace_gone(entry.workspace)
         if fresh is None:
@@ -688,22 +692,23 @@ class Authenticator:
 
     async def _key_of(self, token: ParsedToken) -> tuple:
         """(config, generation) taken before the reads, then the key's workspace id, the key,
-        its workspace and the workspace's definition of its role (Nones: no such key)."""
+        its workspace, the workspace's definition of its role (Nones: no such key) and
+        whether the key was deleted from listings (``_read``)."""
         # the config the key is derived under, taken with its generation before the first
         # await: a reload while this runs leaves the entry stale, derived under the config the
         # request began with, never under half of each (its route was matched under it)
         under = self.under
         workspace_id = await self.requests.key_workspace(token.key_id)
-        key, workspace, role = await self._read(workspace_id, token.key_id) \
-            if workspace_id else (None, None, None)
-        return under, workspace_id, key, workspace, role
+        key, workspace, role, gone = await self._read(workspace_id, token.key_id) \
+            if workspace_id else (None, None, None, False)
+        return under, workspace_id, key, workspace, role, gone
 
     async def _verify_counted(self, token: ParsedToken, digest: bytes, client_ip: str,
                               verification: _Verification | None, parsed: int,
                               read: tuple | None = None) -> CachedKey:
         """Verify ``token`` against its key (``read``: as ``_key_of`` read it; None: read
         now), counting a failure."""
-        (config, generation), workspace_id, key, workspace, role = \
+        (config, generation), workspace_id, key, workspace, role, gone = \
             read if read is not None else await self._key_of(token)
         limits = config.keys.failures
         try:
@@ -727,7 +732,8 @@ class Authenticator:
                 verification.failed = True  # its joiners from other clients count it too
             raise invalid_token("invalid_key", "The API key is not valid.")
         entry = self._entry_for(key, workspace, role, digest,
-                                time.monotonic() + config.keys.cache_ttl, generation, config)
+                                time.monotonic() + config.keys.cache_ttl, generation, config,
+                                gone)
         if entry is None:  # the workspace vanished under the key
             self._workspace_gone(workspace_id)
             self.cache.pop(digest, None)
@@ -771,20 +777,23 @@ class Authenticator:
         self._gone_said = now
 
     async def _read(self, ws: str, key_id: str
-                    ) -> tuple[KeyRecord | None, Workspace | None, str | None]:
-        """The key, its workspace and the workspace's definition of the key's role (JSON),
-        in one round trip on the request path's connection."""
+                    ) -> tuple[KeyRecord | None, Workspace | None, str | None, bool]:
+        """The key, its workspace, the workspace's definition of the key's role (JSON) and
+        whether the key was deleted from listings (its record kept for its token: revoked or
+        expired for good), in one round trip on the request path's connection."""
         if not WORKSPACE_ID_RE.fullmatch(ws):
-            return None, None, None
+            return None, None, None, False
         stored = await self.requests.read_key(ws, key_id)
-        return key_from_hash(stored.key), workspace_from_hash(stored.workspace), stored.role
+        return (key_from_hash(stored.key), workspace_from_hash(stored.workspace), stored.role,
+                stored.gone)
 
     def _entry_for(self, key: KeyRecord, workspace: Workspace | None, role: str | None,
                    digest: bytes, verified_until: float, generation: int,
-                   config: Config) -> CachedKey | None:
+                   config: Config, gone: bool = False) -> CachedKey | None:
         """The cache entry, with the key's scopes now: its own, or its role's (the workspace's
         definition shadows the config's; a role neither defines grants nothing), derived
-        under ``config`` (generation ``generation``). None when the workspace is gone."""
+        under ``config`` (generation ``generation``). None when the workspace is gone.
+        ``gone``: the key was deleted from listings (``CachedKey.gone``)."""
         if workspace is None:
             return None
         config_role = None
@@ -798,8 +807,10 @@ class Authenticator:
         else:
             scopes = tuple(config.roles.get(key.role, ()))
             config_role = key.role
-        return self.entry(key, workspace, scopes, digest, verified_until, generation, config,
-                          config_role)
+        entry = self.entry(key, workspace, scopes, digest, verified_until, generation, config,
+                           config_role)
+        entry.gone = gone
+        return entry
 
     def entry(self, key: KeyRecord, workspace: Workspace, scopes, digest: bytes,
               verified_until: float, generation: int | None = None,

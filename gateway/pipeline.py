@@ -521,6 +521,8 @@ class Pipeline:
             # a key enabled again, and even a revoked key can be deleted (its token then reads
             # as unknown, invalid_key, at every replica).
             refused = refusal(key, scopes, now=now, blocked=blocked)
+            if refused is not None and key.gone:  # deleted: revoked or expired for good,
+                raise refused                     # its record as kept is the last word
             month = self.months.get(now)
             day = self.months.day(now)
             rate = key.rate
