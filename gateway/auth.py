@@ -175,6 +175,13 @@ class _Verification:
         self.failed = False
 
 
+def too_many_failures(wait: int) -> TooManyRequests:
+    """The 429 of a client (or key id) over its failure limit; ``wait``: Retry-After, s."""
+    return TooManyRequests(
+        "Too many failed attempts with invalid keys; wait before trying again.",
+        code="too_many_failures", headers={"Retry-After": str(wait)})
+
+
 def token_digest(raw_token: str) -> bytes:
     """What the cache is keyed by: BLAKE2s-256 of the whole token. The token itself is never
     kept; a token that once verified is known well-formed, so a hit skips parsing it again.
@@ -248,6 +255,8 @@ class Authenticator:
         verified still parses): its keys stay verified, exempt from the failure throttle."""
         prefix_changed = config.keys.prefix != self._prefix
         removed = self._environments - frozenset(config.keys.environments)
+        if config.keys.failures != self.config.keys.failures:
+            self._failure_resets.clear()  # over its limit then, perhaps not under the new one
         self.config = config
         self._prefix = config.keys.prefix
         self._environments = frozenset(config.keys.environments)
@@ -600,6 +609,8 @@ class Authenticator:
         the exemption holds once. Its key is read before it takes a turn, so that no turn is
         held while the store is waited on (a hung Redis and fail-open: every key whose TTL
         ran out waits out one store timeout, at once, not in turns of a few)."""
+        if not verified_before:  # known over its limit: refused before it takes a place
+            self._refuse_known_over_limit(token.key_id, client_ip, verification)
         read = await self._key_of(token) if verified_before else None
         # one verified before waits for a turn but is never refused one (docs/errors.md: a key
         # already verified is never refused 503 overloaded): the cache bounds how many there
@@ -646,15 +657,36 @@ class Authenticator:
                                                      key_id if over_key else None)
                 if verification is not None and not over_key:
                     verification.refused_client = True  # for client_ip's failures alone
-                raise TooManyRequests(
-                    "Too many failed attempts with invalid keys; wait before trying again.",
-                    code="too_many_failures", headers={"Retry-After": str(wait)})
+                raise too_many_failures(wait)
             if by_ip + self._running.get(client_ip, 0) < limits.per_ip:
                 if not per_key or by_key + self._running.get(key_id, 0) < per_key:
                     return
                 await self._finished.setdefault(key_id, asyncio.Event()).wait()
             else:
                 await self._finished.setdefault(client_ip, asyncio.Event()).wait()
+
+    def _refuse_known_over_limit(self, key_id: str, client_ip: str,
+                                 verification: _Verification | None) -> None:
+        """429 too_many_failures at once, before a place in the verification queue is taken,
+        for a client IP (or, with ``per_key``, a key id) this process already refused for its
+        failures in the counter's current window (its reset is remembered: a fixed window,
+        whose counter only grows until then). Queued, a throttled address's guesses held
+        places in ``verify_queue.total`` until their turn only to be refused then: 16 such
+        addresses filled the default 4096, and legitimate first requests got 503 overloaded.
+        No store call: the same answer the turn would give, from what the refusal learnt."""
+        known = self._failure_resets
+        if not known:
+            return
+        now, window = time.monotonic(), self.config.keys.failures.window_seconds
+        resets = (known.get("ip " + client_ip),
+                  known.get("key " + key_id) if self._per_key_limit else None)
+        over = [at for at in resets if at is not None and now < at <= now + window]
+        if not over:
+            return
+        if verification is not None and (resets[1] is None or resets[1] not in over):
+            verification.refused_client = True  # for client_ip's failures alone
+        ms = int((max(over) - now) * 1000)
+        raise too_many_failures(max(1, min(window, -(-ms // 1000))))
 
     async def _failures_reset_in(self, client_ip: str | None, key_id: str | None) -> int:
         """Whole seconds (at least 1, rounded up) until the counters over their limit reset:

@@ -488,3 +488,62 @@ async def test_fail_open_during_a_hung_store_does_not_serialise_verified_keys(
         # turns of argon2 threads + 1 (3 here) it was ~3 s
         assert slowest < 1.8, f"slowest {slowest:.2f} s of {len(got)} (queue slots: " \
                               f"{g.gw.pipeline.auth.queue.slots})"
+
+
+async def test_a_client_known_to_be_over_its_failure_limit_takes_no_place_in_the_queue(
+        redis_url, upstream, monkeypatch):
+    """An address this process already refused 429 ``too_many_failures`` (its counter's reset
+    is known) is refused again before it queues, not at its turn: queued, its guesses took
+    places in ``verify_queue.total`` (16 throttled addresses x ``per_ip`` 256 fill the
+    default 4096) and a legitimate first request from elsewhere got 503 ``overloaded``."""
+    from aiohttp import ClientSession, TCPConnector
+
+    from gateway.config import Argon2Config, FailureLimits, VerifyQueueLimits
+    from gateway.tokens import make_token
+    from harness import bearer, eventually, gateway_under_test, make_config
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, failures=FailureLimits(per_ip=1, per_key=None, window_seconds=60)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()  # never used yet: its first request is a cold one
+        auth = g.gw.pipeline.auth
+        base = str(g.proxy_server.make_url(""))
+        sessions = []
+
+        def session_at(address: str) -> ClientSession:
+            sessions.append(ClientSession(base, connector=TCPConnector(
+                local_addr=(address, 0))))
+            return sessions[-1]
+
+        async def status(session: ClientSession, sent: str) -> int:
+            async with session.get("/people/1", headers=bearer(sent)) as r:
+                return r.status
+
+        pending = []
+        try:
+            attacker = session_at("127.0.0.2")
+            assert await status(attacker, make_token("kg", "live")[0]) == 401
+            assert await status(attacker, make_token("kg", "live")[0]) == 429  # known now
+            slots = auth.queue.slots
+            # guesses from other addresses at a slow cost hold every turn for a while, and
+            # the queue has room for two more
+            auth.reconfigure(dataclasses.replace(config, keys=dataclasses.replace(
+                config.keys, argon2=Argon2Config(200, 8192, 1),
+                verify_queue=VerifyQueueLimits(per_ip=8, total=slots + 2))))
+            pending = [asyncio.ensure_future(status(session_at(f"127.0.0.{3 + i}"),
+                                                    make_token("kg", "live")[0]))
+                       for i in range(slots)]
+            assert await eventually(lambda: auth.queue.busy == slots), "turns not held"
+            again = [asyncio.ensure_future(status(attacker, make_token("kg", "live")[0]))
+                     for _ in range(2)]
+            pending += again
+            await eventually(lambda: auth.queue.queued == slots + 2
+                             or all(t.done() for t in again), timeout=5)
+            got = await status(g.proxy, token)
+            assert got == 200, (got, auth.queue.queued)  # was 503 overloaded
+            assert [await t for t in again] == [429, 429]
+        finally:
+            await asyncio.gather(*pending, return_exceptions=True)
+            for s in sessions:
+                await s.close()
