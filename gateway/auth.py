@@ -56,8 +56,9 @@ class CachedKey:
 
     Only what deciding a request needs (bench/memory.py): a stripped ``KeyRecord`` copy, a
     ``Principal`` and an entry holding both took 352 of the ~600 bytes a cached key cost; this
-    took 144 then, 24 more since with its environment, config role and ``gone``. The argon2 hash, name, description, prefix and timestamps other than expiry
-    are not kept (answers that show a key read it from the store)."""
+    took 144 then (24 more since: its environment, config role and ``gone``). The argon2 hash,
+    name, description, prefix and timestamps other than expiry are not kept (answers that
+    show a key read it from the store)."""
 
     __slots__ = ("key_id", "scopes", "expires_at", "revoked_at", "enabled", "rev",
                  "monthly_requests", "workspace_record", "limits", "rate", "secret_digest",
@@ -203,9 +204,10 @@ class Authenticator:
         self.config = config
         self.under = (config, 0)        # (config, generation): a request's snapshot of both
         # the generation the cache was last cleared at (a reload changing keys.prefix, or
-        # removing one of keys.environments: its keys only): the cache's epoch. An entry whose request took its snapshot
-        # (``under``) before it, its token parsed under keys settings since replaced, is not
-        # put back by a read that spanned the clear (``_remember``).
+        # removing one of keys.environments: its keys only): the cache's epoch. An entry
+        # whose request took its snapshot (``under``) before it, its token parsed under keys
+        # settings since replaced, is not put back by a read that spanned the clear
+        # (``_remember``).
         self.epoch = 0
         self.store = store              # gateway.store.Store (redis-py; cold path only)
         self.requests = requests        # hot path
@@ -882,9 +884,10 @@ class Authenticator:
         """Cache ``entry``, whose request took its snapshot (``under``) at generation
         ``began``, before its token was parsed or the entry it re-reads was found. Begun
         before the cache was last cleared (a reload changed keys.prefix or removed one of
-        keys.environments while its key was read), it is not cached: its token was accepted under keys settings
-        since replaced, and a cached entry is never parsed again. It still answers its own
-        request (finishing on the old config). Cold path only: after a store read."""
+        keys.environments while its key was read), it is not cached: its token was accepted
+        under keys settings since replaced, and a cached entry is never parsed again. It still
+        answers its own request (finishing on the old config). Cold path only: after a store
+        read."""
         if began < self.epoch:
             return
         cache = self.cache
