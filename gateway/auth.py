@@ -27,13 +27,14 @@ import time
 from typing import Callable
 
 from .config import Config, Plan, RateLimit
-from .errors import (ServiceUnavailable, StoreError, TooManyRequests, Unauthorized,
-                     client_closed, invalid_token)
+from .errors import (GatewayError, ServiceUnavailable, StoreError, TooManyRequests,
+                     Unauthorized, client_closed, invalid_token)
 from .store.records import WORKSPACE_ID_RE, key_from_hash, workspace_from_hash
 from .store.request import RequestStore
 from .usage import effective_plan, key_rate_limit
 from .models import KeyRecord, Principal, Workspace
-from .tokens import MalformedToken, ParsedToken, SecretHasher, parse_token
+from .tokens import (Argon2CouldNotRun, MalformedHash, MalformedToken, ParsedToken,
+                     SecretHasher, parse_token)
 from .trust import throttle_client
 from .argon2_pool import Argon2Pool
 from .verify_queue import VerifyQueue
@@ -55,20 +56,26 @@ class CachedKey:
 
     Only what deciding a request needs (bench/memory.py): a stripped ``KeyRecord`` copy, a
     ``Principal`` and an entry holding both took 352 of the ~600 bytes a cached key cost; this
-    takes 144. The argon2 hash, name, description, prefix and timestamps other than expiry
-    are not kept (answers that show a key read it from the store)."""
+    took 144 then (24 more since: its environment, config role and ``gone``). The argon2 hash,
+    name, description, prefix and timestamps other than expiry are not kept (answers that
+    show a key read it from the store)."""
 
     __slots__ = ("key_id", "scopes", "expires_at", "revoked_at", "enabled", "rev",
                  "monthly_requests", "workspace_record", "limits", "rate", "secret_digest",
-                 "verified_until", "generation", "networks", "budget", "used")
+                 "verified_until", "generation", "networks", "budget", "used", "environment",
+                 "config_role", "gone")
 
     def __init__(self, key: KeyRecord, workspace: Workspace, principal: Principal,
                  limits: Plan | None, rate: RateLimit | None, secret_digest: bytes,
                  verified_until: float, generation: int = 0,
-                 networks: tuple[IPNetwork, ...] | None = None) -> None:
+                 networks: tuple[IPNetwork, ...] | None = None,
+                 config_role: str | None = None) -> None:
         """``key``, ``workspace``: the records as read; ``principal``: the key's effective
         scopes (its ``workspace`` and ``plan`` are the records'); ``limits``: the plan in
-        force for the workspace; ``rate``: the key's rate limit in force."""
+        force for the workspace; ``rate``: the key's rate limit in force; ``config_role``:
+        the role whose scopes ``principal`` has, when the config defines them (the key is
+        bound to a role its workspace did not define when it was read; None for a key's own
+        scopes or a workspace's role, which are store state)."""
         self.key_id = key.id
         self.scopes: frozenset[str] = principal.scopes
         self.expires_at = key.expires_at
@@ -85,11 +92,25 @@ class CachedKey:
         self.networks = networks      # the key's allowed_ips (None: any address)
         self.budget = key.budget_id   # the key id its rate log and own month count go under
         self.used = False  # served from the cache since it last made room (_make_room)
+        self.environment = key.environment  # its token's (a reload removing it drops it)
+        self.config_role = config_role  # what a reload re-derives without the store
+        # deleted from listings (DELETE .../keys/{id}): revoked or expired for good, its
+        # record kept for its token (kg:gone); its refusal needs no confirming (no call can
+        # change it), and its token is never answered as an unknown key's failed guess
+        self.gone = False
 
     @property
     def id(self) -> str:
         """The key id, under ``KeyRecord``'s name."""
         return self.key_id
+
+    def with_scopes(self, scopes: frozenset[str]) -> "CachedKey":
+        """A copy (never cached) whose requests have ``scopes`` instead."""
+        copy = object.__new__(CachedKey)
+        for name in CachedKey.__slots__:
+            setattr(copy, name, getattr(self, name))
+        copy.scopes = scopes
+        return copy
 
     # --- as a Principal (forwarded upstream, handed to the self-service endpoints) ---------------
 
@@ -155,6 +176,13 @@ class _Verification:
         self.failed = False
 
 
+def too_many_failures(wait: int) -> TooManyRequests:
+    """The 429 of a client (or key id) over its failure limit; ``wait``: Retry-After, s."""
+    return TooManyRequests(
+        "Too many failed attempts with invalid keys; wait before trying again.",
+        code="too_many_failures", headers={"Retry-After": str(wait)})
+
+
 def token_digest(raw_token: str) -> bytes:
     """What the cache is keyed by: BLAKE2s-256 of the whole token. The token itself is never
     kept; a token that once verified is known well-formed, so a hit skips parsing it again.
@@ -166,6 +194,7 @@ def token_digest(raw_token: str) -> bytes:
 # A workspace found gone from the store (lost data) is said at most this often (seconds).
 LOST_STORE_SAID_EVERY = 60.0
 log = logging.getLogger("keygate.store")
+auth_log = logging.getLogger("keygate")
 
 
 class Authenticator:
@@ -174,10 +203,11 @@ class Authenticator:
         self.generation = 0             # bumped by a reload: cached entries are re-derived
         self.config = config
         self.under = (config, 0)        # (config, generation): a request's snapshot of both
-        # the generation the cache was last cleared at (a reload changing keys.prefix or
-        # keys.environments): the cache's epoch. An entry whose request took its snapshot
-        # (``under``) before it, its token parsed under keys settings since replaced, is not
-        # put back by a read that spanned the clear (``_remember``).
+        # the generation the cache was last cleared at (a reload changing keys.prefix, or
+        # removing one of keys.environments: its keys only): the cache's epoch. An entry
+        # whose request took its snapshot (``under``) before it, its token parsed under keys
+        # settings since replaced, is not put back by a read that spanned the clear
+        # (``_remember``).
         self.epoch = 0
         self.store = store              # gateway.store.Store (redis-py; cold path only)
         self.requests = requests        # hot path
@@ -215,13 +245,20 @@ class Authenticator:
         # workspaces found gone since the last line about a lost store, and when it was said
         self._gone: set[str] = set()
         self._gone_said = -float("inf")
+        # argon2 runs that could not be made since the last line saying so, and when it was
+        self._not_run = 0
+        self._not_run_said = -float("inf")
 
     def reconfigure(self, config: Config) -> None:
         """Take ``config`` (a reload). Verified secrets stay verified (no argon2 re-run); each
         cached key's plan, rate and role scopes are re-read on its next request. A changed
-        token prefix or environment list drops the cache: what verified may no longer parse."""
-        keys_changed = (config.keys.prefix, config.keys.environments) != \
-            (self.config.keys.prefix, self.config.keys.environments)
+        token prefix drops the cache, and an environment no longer accepted drops its keys:
+        their tokens no longer parse. An environment added drops nothing (every token that
+        verified still parses): its keys stay verified, exempt from the failure throttle."""
+        prefix_changed = config.keys.prefix != self._prefix
+        removed = self._environments - frozenset(config.keys.environments)
+        if config.keys.failures != self.config.keys.failures:
+            self._failure_resets.clear()  # over its limit then, perhaps not under the new one
         self.config = config
         self._prefix = config.keys.prefix
         self._environments = frozenset(config.keys.environments)
@@ -233,8 +270,12 @@ class Authenticator:
         self.argon2.reread_cpu_limit()  # a pod resized in place: a reload follows it
         self.generation += 1
         self.under = (config, self.generation)
-        if keys_changed:
-            self.cache.clear()
+        if prefix_changed or removed:
+            if prefix_changed:
+                self.cache.clear()
+            else:
+                for digest in [d for d, e in self.cache.items() if e.environment in removed]:
+                    del self.cache[digest]
             self.epoch = self.generation  # what began before this no longer goes in (_remember)
 
     def _decoy_for(self, config: Config) -> None:
@@ -291,7 +332,17 @@ class Authenticator:
                 self._hit.inc()
             entry.used = True
             if entry.generation != self.generation:  # derived under a config since reloaded
-                fresh = await self.refresh(entry)
+                under = self.under
+                try:
+                    fresh = await self.refresh(entry, under)
+                except StoreError:
+                    if under[0].store.on_store_error != "open":
+                        raise
+                    # fail-open: a key verified here goes through while the store is down,
+                    # a reload since or not (the pipeline decides from its cached state)
+                    if self.metrics:
+                        self.metrics.store_errors.inc()
+                    return self.failing_open(entry, under)
                 if fresh is None:
                     raise invalid_token("invalid_key", "The API key is not valid.")
                 return fresh
@@ -343,8 +394,19 @@ class Authenticator:
             if entry is not None and self.config.store.on_store_error == "open":
                 if self.metrics:  # the key's read failed: a store error all the same (a
                     self.metrics.store_errors.inc()  # raised one the pipeline counts)
-                return entry
+                return self.failing_open(entry, under)
             raise
+
+    def failing_open(self, entry: CachedKey, under: tuple[Config, int]) -> CachedKey:
+        """``entry`` as fail-open lets it through under ``under`` (the config its request
+        began under, and its generation) while its key cannot be read: its state as last read
+        (the store's), but the scopes of a role the config defines as that config gives them
+        (a reload during the outage takes a scope from the role: it is never forwarded with
+        it). A workspace's own role, and a key's own scopes, are store state: as last read."""
+        if entry.config_role is None or entry.generation == under[1]:
+            return entry
+        scopes = frozenset(under[0].roles.get(entry.config_role, ()))
+        return entry if scopes == entry.scopes else entry.with_scopes(self._shared(scopes))
 
     async def _as_of(self, entry: CachedKey, under: tuple[Config, int]) -> CachedKey:
         """``entry`` as derived under the config ``under`` (config, generation): a request
@@ -520,10 +582,10 @@ class Authenticator:
         request began with (stale, so the key's next request derives it anew), never half
         of each (SPEC: requests in flight finish on the old config)."""
         config, generation = under or self.under  # (also the cache epoch it may go back in)
-        key, workspace, role = await self._read(entry.workspace, entry.key_id)
+        key, workspace, role, gone = await self._read(entry.workspace, entry.key_id)
         fresh = None if key is None else self._entry_for(
             key, workspace, role, entry.secret_digest, entry.verified_until, generation,
-            config)
+            config, gone)
         if workspace is None:
             self._workspace_gone(entry.workspace)
         if fresh is None:
@@ -546,8 +608,16 @@ class Authenticator:
         ``cache_ttl`` ran out. The throttle bounds the argon2 runs that guesses cost; this is
         no guess, so it is not refused for failures others sent from the same address (a NAT,
         an office) or against the same public key id. Should it fail, its entry is dropped:
-        the exemption holds once."""
-        async with self.queue.turn(client_ip):
+        the exemption holds once. Its key is read before it takes a turn, so that no turn is
+        held while the store is waited on (a hung Redis and fail-open: every key whose TTL
+        ran out waits out one store timeout, at once, not in turns of a few)."""
+        if not verified_before:  # known over its limit: refused before it takes a place
+            self._refuse_known_over_limit(token.key_id, client_ip, verification)
+        read = await self._key_of(token) if verified_before else None
+        # one verified before waits for a turn but is never refused one (docs/errors.md: a key
+        # already verified is never refused 503 overloaded): the cache bounds how many there
+        # are (one verification per cached token at a time)
+        async with self.queue.turn(client_ip, bounded=not verified_before):
             if verification is not None:
                 verification.turned = True  # from now on it runs to its end
             if not verified_before:
@@ -557,7 +627,7 @@ class Authenticator:
                 self._running[name] = self._running.get(name, 0) + 1
             try:
                 return await self._verify_counted(token, digest, client_ip, verification,
-                                                  parsed)
+                                                  parsed, read)
             finally:
                 for name in running:
                     if (n := self._running[name] - 1) > 0:
@@ -589,15 +659,36 @@ class Authenticator:
                                                      key_id if over_key else None)
                 if verification is not None and not over_key:
                     verification.refused_client = True  # for client_ip's failures alone
-                raise TooManyRequests(
-                    "Too many failed attempts with invalid keys; wait before trying again.",
-                    code="too_many_failures", headers={"Retry-After": str(wait)})
+                raise too_many_failures(wait)
             if by_ip + self._running.get(client_ip, 0) < limits.per_ip:
                 if not per_key or by_key + self._running.get(key_id, 0) < per_key:
                     return
                 await self._finished.setdefault(key_id, asyncio.Event()).wait()
             else:
                 await self._finished.setdefault(client_ip, asyncio.Event()).wait()
+
+    def _refuse_known_over_limit(self, key_id: str, client_ip: str,
+                                 verification: _Verification | None) -> None:
+        """429 too_many_failures at once, before a place in the verification queue is taken,
+        for a client IP (or, with ``per_key``, a key id) this process already refused for its
+        failures in the counter's current window (its reset is remembered: a fixed window,
+        whose counter only grows until then). Queued, a throttled address's guesses held
+        places in ``verify_queue.total`` until their turn only to be refused then: 16 such
+        addresses filled the default 4096, and legitimate first requests got 503 overloaded.
+        No store call: the same answer the turn would give, from what the refusal learnt."""
+        known = self._failure_resets
+        if not known:
+            return
+        now, window = time.monotonic(), self.config.keys.failures.window_seconds
+        resets = (known.get("ip " + client_ip),
+                  known.get("key " + key_id) if self._per_key_limit else None)
+        over = [at for at in resets if at is not None and now < at <= now + window]
+        if not over:
+            return
+        if verification is not None and (resets[1] is None or resets[1] not in over):
+            verification.refused_client = True  # for client_ip's failures alone
+        ms = int((max(over) - now) * 1000)
+        raise too_many_failures(max(1, min(window, -(-ms // 1000))))
 
     async def _failures_reset_in(self, client_ip: str | None, key_id: str | None) -> int:
         """Whole seconds (at least 1, rounded up) until the counters over their limit reset:
@@ -633,21 +724,38 @@ class Authenticator:
         ms = max((int((a - now) * 1000) for a in at if a is not None), default=0)
         return max(1, min(window, -(-ms // 1000)))
 
-    async def _verify_counted(self, token: ParsedToken, digest: bytes, client_ip: str,
-                              verification: _Verification | None, parsed: int) -> CachedKey:
+    async def _key_of(self, token: ParsedToken) -> tuple:
+        """(config, generation) taken before the reads, then the key's workspace id, the key,
+        its workspace, the workspace's definition of its role (Nones: no such key) and
+        whether the key was deleted from listings (``_read``)."""
         # the config the key is derived under, taken with its generation before the first
         # await: a reload while this runs leaves the entry stale, derived under the config the
         # request began with, never under half of each (its route was matched under it)
-        config, generation = self.under
-        limits = config.keys.failures
+        under = self.under
         workspace_id = await self.requests.key_workspace(token.key_id)
-        key, workspace, role = await self._read(workspace_id, token.key_id) \
-            if workspace_id else (None, None, None)
-        if key is not None and key.environment == token.environment:
-            ok = await self.argon2.run(self.hasher.verify, key.hash, token.secret)
-        else:  # no such key: the same run, so that the answer's timing tells no key id exists
-            await self.argon2.run(self.hasher.verify, self._decoy_hash, token.secret)
-            ok = False
+        key, workspace, role, gone = await self._read(workspace_id, token.key_id) \
+            if workspace_id else (None, None, None, False)
+        return under, workspace_id, key, workspace, role, gone
+
+    async def _verify_counted(self, token: ParsedToken, digest: bytes, client_ip: str,
+                              verification: _Verification | None, parsed: int,
+                              read: tuple | None = None) -> CachedKey:
+        """Verify ``token`` against its key (``read``: as ``_key_of`` read it; None: read
+        now), counting a failure."""
+        (config, generation), workspace_id, key, workspace, role, gone = \
+            read if read is not None else await self._key_of(token)
+        limits = config.keys.failures
+        try:
+            if key is not None and key.environment == token.environment:
+                ok = await self.argon2.run(self.hasher.verify, key.hash, token.secret)
+            else:  # no such key: the same run, so that its timing tells no key id exists
+                await self.argon2.run(self.hasher.verify, self._decoy_hash, token.secret)
+                ok = False
+        except MalformedHash as exc:  # answered as every malformed record is (503)
+            raise StoreError(f"the store holds a malformed key hash ({token.key_id!r}): "
+                             f"{exc}") from exc
+        except Argon2CouldNotRun as exc:  # no answer about the secret: nothing is counted
+            raise self._could_not_run(exc) from exc
         if self.metrics:
             self.metrics.argon2.labels("ok" if ok else "fail").inc()
         if not ok:
@@ -658,13 +766,29 @@ class Authenticator:
                 verification.failed = True  # its joiners from other clients count it too
             raise invalid_token("invalid_key", "The API key is not valid.")
         entry = self._entry_for(key, workspace, role, digest,
-                                time.monotonic() + config.keys.cache_ttl, generation, config)
+                                time.monotonic() + config.keys.cache_ttl, generation, config,
+                                gone)
         if entry is None:  # the workspace vanished under the key
             self._workspace_gone(workspace_id)
             self.cache.pop(digest, None)
             raise invalid_token("invalid_key", "The API key is not valid.")
         self._remember(entry, parsed)
         return entry
+
+    def _could_not_run(self, exc: Argon2CouldNotRun) -> GatewayError:
+        """The 500 of a verification whose argon2 run could not be made (its ``memory_cost``
+        or a thread could not be had: a memory limit, strict overcommit, many runs at once).
+        It says nothing about the secret, so it is no failed verification: nothing is
+        counted and a cached entry stays. Logged as an error at most every
+        ``LOST_STORE_SAID_EVERY`` s, with how many runs failed so since."""
+        self._not_run += 1
+        now = time.monotonic()
+        if now - self._not_run_said >= LOST_STORE_SAID_EVERY:
+            auth_log.error("argon2 could not run (%s): %d verification(s) answered 500 "
+                           "internal_error since the last such line; give keygate more memory "
+                           "or lower keys.argon2.memory_cost", exc, self._not_run)
+            self._not_run, self._not_run_said = 0, now
+        return GatewayError("The API key could not be verified now; retry in a moment.")
 
     def _workspace_gone(self, ws: str) -> None:
         """A workspace this process served keys of (or whose key is still stored) is no longer
@@ -687,22 +811,26 @@ class Authenticator:
         self._gone_said = now
 
     async def _read(self, ws: str, key_id: str
-                    ) -> tuple[KeyRecord | None, Workspace | None, str | None]:
-        """The key, its workspace and the workspace's definition of the key's role (JSON),
-        in one round trip on the request path's connection."""
+                    ) -> tuple[KeyRecord | None, Workspace | None, str | None, bool]:
+        """The key, its workspace, the workspace's definition of the key's role (JSON) and
+        whether the key was deleted from listings (its record kept for its token: revoked or
+        expired for good), in one round trip on the request path's connection."""
         if not WORKSPACE_ID_RE.fullmatch(ws):
-            return None, None, None
+            return None, None, None, False
         stored = await self.requests.read_key(ws, key_id)
-        return key_from_hash(stored.key), workspace_from_hash(stored.workspace), stored.role
+        return (key_from_hash(stored.key), workspace_from_hash(stored.workspace), stored.role,
+                stored.gone)
 
     def _entry_for(self, key: KeyRecord, workspace: Workspace | None, role: str | None,
                    digest: bytes, verified_until: float, generation: int,
-                   config: Config) -> CachedKey | None:
+                   config: Config, gone: bool = False) -> CachedKey | None:
         """The cache entry, with the key's scopes now: its own, or its role's (the workspace's
         definition shadows the config's; a role neither defines grants nothing), derived
-        under ``config`` (generation ``generation``). None when the workspace is gone."""
+        under ``config`` (generation ``generation``). None when the workspace is gone.
+        ``gone``: the key was deleted from listings (``CachedKey.gone``)."""
         if workspace is None:
             return None
+        config_role = None
         if key.role is None:
             scopes = key.scopes
         elif role is not None:
@@ -712,15 +840,20 @@ class Authenticator:
                 raise StoreError("the store holds a malformed workspace role") from exc
         else:
             scopes = tuple(config.roles.get(key.role, ()))
-        return self.entry(key, workspace, scopes, digest, verified_until, generation, config)
+            config_role = key.role
+        entry = self.entry(key, workspace, scopes, digest, verified_until, generation, config,
+                           config_role)
+        entry.gone = gone
+        return entry
 
     def entry(self, key: KeyRecord, workspace: Workspace, scopes, digest: bytes,
               verified_until: float, generation: int | None = None,
-              config: Config | None = None) -> CachedKey:
+              config: Config | None = None, config_role: str | None = None) -> CachedKey:
         """The cache entry for a verified key, kept lean (bench/memory.py): only what deciding
         a request needs, in one ``CachedKey``; workspaces, plans, rate limits, scope sets and
         allow-lists equal to ones already cached are shared (all immutable). ``config``: the
-        config ``generation`` is (both default to those in force)."""
+        config ``generation`` is (both default to those in force); ``config_role``: the role
+        of ``config`` that ``scopes`` are (``CachedKey``)."""
         if config is None:
             config = self.config
         workspace = self._shared(workspace)
@@ -735,7 +868,8 @@ class Authenticator:
         principal = Principal(workspace.id, key.id, self._shared(frozenset(scopes)),
                               workspace.plan)
         return CachedKey(key, workspace, principal, plan, rate, digest, verified_until,
-                         self.generation if generation is None else generation, networks)
+                         self.generation if generation is None else generation, networks,
+                         config_role)
 
     def _shared(self, value):
         """One instance per distinct immutable value among cached keys."""
@@ -749,10 +883,11 @@ class Authenticator:
     def _remember(self, entry: CachedKey, began: int) -> None:
         """Cache ``entry``, whose request took its snapshot (``under``) at generation
         ``began``, before its token was parsed or the entry it re-reads was found. Begun
-        before the cache was last cleared (a reload changed keys.prefix or keys.environments
-        while its key was read), it is not cached: its token was accepted under keys settings
-        since replaced, and a cached entry is never parsed again. It still answers its own
-        request (finishing on the old config). Cold path only: after a store read."""
+        before the cache was last cleared (a reload changed keys.prefix or removed one of
+        keys.environments while its key was read), it is not cached: its token was accepted
+        under keys settings since replaced, and a cached entry is never parsed again. It still
+        answers its own request (finishing on the old config). Cold path only: after a store
+        read."""
         if began < self.epoch:
             return
         cache = self.cache

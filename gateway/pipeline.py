@@ -521,6 +521,8 @@ class Pipeline:
             # a key enabled again, and even a revoked key can be deleted (its token then reads
             # as unknown, invalid_key, at every replica).
             refused = refusal(key, scopes, now=now, blocked=blocked)
+            if refused is not None and key.gone:  # deleted: revoked or expired for good,
+                raise refused                     # its record as kept is the last word
             month = self.months.get(now)
             day = self.months.day(now)
             rate = key.rate
@@ -639,9 +641,17 @@ class Pipeline:
             # stored revision moved on, which a reload does not)
             try:
                 fresh = await self.auth.refresh(key)
-            except StoreError as exc:  # counted and logged as such; the tunnel stays
+            except StoreError as exc:  # counted and logged as such
                 self.store_down(exc)
-                return key
+                if not self.fail_open:
+                    return key  # the tunnel stays
+                # judged from its cached state, as authorise does fail-open, with the scopes
+                # the config now gives a role it defines: a reload during the outage that
+                # took the route's scope from the key's role closes the tunnel
+                key = self.auth.failing_open(key, self.auth.under)
+                blocked = key.networks is not None and not key.allows(client)
+                refused = refusal(key, scopes, now=self.clock(), blocked=blocked)
+                return key if refused is None or refused.status not in (401, 403) else None
             if fresh is None:  # gone meanwhile (its workspace deleted)
                 return None
             key = fresh

@@ -122,7 +122,32 @@ class SecretHasher:
         return self._ph.hash(secret)
 
     def verify(self, encoded_hash: str, secret: str) -> bool:
+        """True for the right secret, False for a wrong one (argon2's mismatch: nothing else
+        is). ``Argon2CouldNotRun``: the run itself failed (its ``memory_cost`` or a thread
+        could not be had): no answer about the secret. ``MalformedHash``: the stored hash
+        cannot be read (or names parameters argon2 refuses)."""
         try:
             return self._ph.verify(encoded_hash, secret)
-        except (VerifyMismatchError, VerificationError, InvalidHashError):
+        except VerifyMismatchError:
             return False
+        except InvalidHashError as exc:
+            raise MalformedHash(str(exc) or "not an argon2 hash") from exc
+        except VerificationError as exc:
+            if str(exc) in _COULD_NOT_RUN:
+                raise Argon2CouldNotRun(str(exc)) from exc
+            raise MalformedHash(str(exc)) from exc
+
+
+# libargon2's messages (argon2.low_level.error_to_str) for a run that could not be made,
+# whatever the hash: ARGON2_MEMORY_ALLOCATION_ERROR and ARGON2_THREAD_FAIL. Every other
+# error but the mismatch is about the hash's encoding or the parameters it names.
+_COULD_NOT_RUN = frozenset({"Memory allocation error", "Threading failure"})
+
+
+class Argon2CouldNotRun(RuntimeError):
+    """argon2 could not run (memory or a thread could not be had): a failure of the server,
+    not of the secret."""
+
+
+class MalformedHash(ValueError):
+    """A stored hash argon2 cannot read."""

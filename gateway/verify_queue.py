@@ -3,7 +3,8 @@
 A verification (read the key, argon2 its secret) runs only while it holds one of ``slots``
 turns. Verifications waiting for a turn queue instead of being refused, bounded per client IP
 (``keys.verify_queue.per_ip``) and in total (``keys.verify_queue.total``); past either bound
-the request is answered 503 ``overloaded`` with ``Retry-After: 1``. Turns are handed out
+the request is answered 503 ``overloaded`` with ``Retry-After: 1`` (never one whose token
+already verified in this process: its turn is outside the bounds). Turns are handed out
 round-robin across client IPs, so one address with a long queue cannot delay every other
 address's first request by its whole queue.
 
@@ -40,7 +41,17 @@ class VerifyQueue:
         self._ring: collections.deque[str] = collections.deque()  # IPs with waiters, in turn
 
     @contextlib.asynccontextmanager
-    async def turn(self, ip: str) -> AsyncIterator[None]:
+    async def turn(self, ip: str, bounded: bool = True) -> AsyncIterator[None]:
+        """``bounded`` False: a caller outside the bounds (a token verified in this process
+        whose ``keys.cache_ttl`` ran out, bounded by the verification cache itself): never
+        refused, counted in neither bound, it waits for a turn round-robin as others do."""
+        if not bounded:
+            await self._acquire(ip)
+            try:
+                yield
+            finally:
+                self._release()
+            return
         n = self._by_ip.get(ip, 0)
         if n >= self.per_ip or self.queued >= self.total:
             raise overloaded()

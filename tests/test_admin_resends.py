@@ -464,14 +464,18 @@ def test_a_copy_of_a_marked_call_answers_as_it_did_and_an_unmarked_call_runs_as_
     assert r.xlen("kg:ws:{b}:audit") == 2 and r.hget("kg:ws:{b}", "name") == odd
     # nil answered (no such key), and a hash that is gone by the copy (the key deleted)
     delete = load("admin_delete_key").text
-    keys = ("kg:key:{b}:k1", "kg:ws:{b}:keys", "kg:ws:{b}:active", "kg:ws:{b}:audit")
-    assert [r.eval(delete, 5, *keys, "kg:once:{b}:admin:t:3", "k1", 1000, "{}", 100, 30000)
+    keys = ("kg:key:{b}:k1", "kg:ws:{b}:keys", "kg:ws:{b}:active", "kg:ws:{b}:audit",
+            "kg:gone:{b}:k1")
+    assert [r.eval(delete, 6, *keys, "kg:once:{b}:admin:t:3", "k1", 1000, "{}", 100, 30000)
             for _ in range(2)] == [None, None]
-    r.hset("kg:key:{b}:k1", mapping={"id": "k1", "revoked_at": "900"})
-    answers = [r.eval(delete, 5, *keys, "kg:once:{b}:admin:t:4", "k1", 1000, "{}", 100, 30000)
+    r.hset("kg:key:{b}:k1", mapping={"id": "k1", "revoked_at": "900", "name": "n"})
+    answers = [r.eval(delete, 6, *keys, "kg:once:{b}:admin:t:4", "k1", 1000, "{}", 100, 30000)
                for _ in range(2)]
     assert answers[0] == answers[1] and b"k1" in answers[0]
     assert not r.exists("kg:key:{b}:k1") and r.xlen("kg:ws:{b}:audit") == 3
+    # what answering its token needs is kept, once
+    assert r.hgetall("kg:gone:{b}:k1") == {b"id": b"k1", b"revoked_at": b"900",
+                                          b"deleted_at": b"1000"}
     r.close()
 
 

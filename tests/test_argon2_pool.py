@@ -8,6 +8,7 @@ shipped cost.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -21,7 +22,9 @@ import pytest
 
 from gateway import argon2_pool
 from gateway.argon2_pool import Argon2Pool
+from gateway.config import FailureLimits
 from gateway.tokens import SecretHasher
+from harness import bearer, gateway_under_test, make_config
 
 linux_only = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling")
 
@@ -798,3 +801,75 @@ async def test_a_thread_starting_as_a_lifted_limit_is_followed_is_not_left_on_it
         release.set()
         await asyncio.gather(*runs)
         pool.shutdown()
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    pytest.skip("no /proc/self/status VmSize")
+
+
+async def test_an_argon2_run_that_could_not_run_is_no_failed_verification(
+        redis_url, upstream, monkeypatch):
+    """SPEC (Failed-verification throttle): only verifications that *failed* count, and
+    legitimate first requests are never refused as failures. ``SecretHasher.verify``
+    (gateway/tokens.py) turns every argon2 ``VerificationError`` into False, not only the
+    mismatch (``VerifyMismatchError``): an argon2 run that could not run at all (here its
+    ``memory_cost`` could not be allocated: a host with strict overcommit or an address-space
+    limit, under load, or parallel runs of a large ``memory_cost``) answers a *right* secret
+    401 ``invalid_key`` and records a failure against the client's address; a few of those
+    and every new key of that address is 429 ``too_many_failures``. A server-side failure of
+    the verification must be answered as one (5xx) and counted as no failure."""
+    import redis as sync_redis
+    import resource
+
+    from gateway.config import Argon2Config
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, argon2=Argon2Config(1, 65536, 1),  # 64 MiB a run
+        failures=FailureLimits(per_ip=20, per_key=None, window_seconds=60)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()  # hashed now, while memory can still be had
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (_vm_size() + 40 * 2 ** 20, hard))
+        try:
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                status, body = r.status, await r.json()
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        client = sync_redis.Redis.from_url(redis_url)
+        try:
+            counted = client.keys("kg:fail:*")
+        finally:
+            client.close()
+        assert counted == [], (status, body, counted)  # the right secret: a failed guess
+        assert status != 401, (status, body)  # was 401 invalid_key
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+
+async def test_a_stored_hash_argon2_cannot_read_is_a_store_problem_not_a_failed_guess(
+        redis_url, upstream, monkeypatch):
+    """A key record whose ``hash`` argon2 cannot read (a store written by hand, restored
+    from a damaged backup) is a malformed record, answered as every other malformed record
+    is: 503 ``store_unavailable`` (the key's state cannot be confirmed), never 401
+    ``invalid_key`` counted against the client's address as a wrong guess."""
+    import redis as sync_redis
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, failures=FailureLimits(per_ip=20, per_key=None, window_seconds=60)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, key = await g.key()
+        client = sync_redis.Redis.from_url(redis_url)
+        try:
+            for damaged in ("not a hash", "$argon2id$v=19$m=8,t=1,p=1$c2FsdA$"):
+                client.hset(f"kg:key:{{acme}}:{key['id']}", "hash", damaged)
+                async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                    got = r.status, await r.json()
+                assert got[0] == 503 and got[1]["error"]["code"] == "store_unavailable", got
+            assert client.keys("kg:fail:*") == []
+        finally:
+            client.close()

@@ -14,7 +14,7 @@ import time
 import pytest
 import redis
 
-from gateway.config import StoreConfig
+from gateway.config import FailureLimits, StoreConfig
 from gateway.store.admin_keys import LIST_STEP
 from harness import Clock, bearer, eventually, gateway_under_test, make_config, wrong_secret
 
@@ -889,7 +889,8 @@ async def test_delete_removes_a_dead_key_from_listings_keeps_its_audit_refuses_a
     assert (await gut.admin_json("GET", f"/workspaces/acme/keys/{key['id']}"))[0] == 404
     async with gut.admin.delete(f"/admin/v1/workspaces/acme/keys/{key['id']}") as r:
         assert r.status == 404
-    assert (await call(gut, token))[:2] == (401, "invalid_key")
+    # answered as before the delete (never as an unknown key's failed guess)
+    assert (await call(gut, token))[:2] == (401, "revoked_key")
     _, audit = await gut.admin_json("GET", "/workspaces/acme/audit")
     actions = [e["action"] for e in audit["items"]]
     assert actions[:3] == ["key.delete", "key.revoke", "key.create"]
@@ -1846,3 +1847,86 @@ async def test_a_restricted_admin_key_cannot_enable_a_less_restricted_admin_key(
     status, _ = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{free['id']}",
                                      {"enabled": True})
     assert status == 200
+
+
+async def test_deleting_a_revoked_key_from_listings_does_not_turn_its_use_into_failures(
+        redis_url, upstream, monkeypatch):
+    """SPEC: ``DELETE /workspaces/{ws}/keys/{id}`` "removes a revoked or expired key from
+    listings" (docs/cli.md: "from listings"; revoked stays permanent). A revoked key's token,
+    still sent by a forgotten integration, is 401 ``revoked_key`` after its secret verified:
+    no failed verification, nothing counted. Once an operator tidies the listing, the same
+    requests are 401 ``invalid_key`` and each counts against the address as a failed guess
+    (the key record and its ``kg:keyid`` index are deleted, ``store/admin_keys.py``), so the
+    forgotten integration locks every *new* key of its address (a NAT, a shared egress) out
+    with 429 ``too_many_failures``, window after window."""
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, failures=FailureLimits(per_ip=3, per_key=None, window_seconds=60)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        old, key = await g.key(name="forgotten")
+        status, body = await g.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+        assert status == 200, body
+        seen = []
+        for _ in range(3):
+            async with g.proxy.get("/people/1", headers=bearer(old)) as r:
+                seen.append((await r.json())["error"]["code"])
+        assert seen == ["revoked_key"] * 3  # counted as nothing
+        status, body = await g.admin_json("DELETE", f"/workspaces/acme/keys/{key['id']}")
+        assert status in (200, 204), body
+        seen = []
+        for _ in range(4):
+            async with g.proxy.get("/people/1", headers=bearer(old)) as r:
+                seen.append((await r.json())["error"]["code"])
+        new, _ = await g.key(name="new integration")  # same address, never used yet
+        async with g.proxy.get("/people/1", headers=bearer(new)) as r:
+            got = r.status, await r.text()
+        assert got[0] == 200, (seen, got)  # was 429: the deleted key's uses counted as guesses
+
+
+async def test_a_deleted_key_leaves_every_listing_and_its_id_is_not_found_but_its_token_answers_as_before(
+        redis_url, upstream, monkeypatch):
+    """``DELETE .../keys/{id}`` removes a revoked or expired key from listings: it is in no
+    listing, count or key cap, and its id is 404 to every call (GET, PATCH, revoke, rotate,
+    usage, DELETE again); its token keeps its answer (``revoked_key``, ``expired_key``), and
+    counts no failure, at a replica that had it cached and at one that never saw it."""
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, failures=FailureLimits(per_ip=2, per_key=None, window_seconds=60)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        revoked, key = await g.key(name="revoked")
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 2))
+        expired, short = await g.key(name="expired", expires_at=expires)
+        async with g.proxy.get("/people/1", headers=bearer(revoked)) as r:
+            assert r.status == 200  # cached here
+        status, body = await g.admin_json("POST", f"/workspaces/acme/keys/{key['id']}/revoke")
+        assert status == 200, body
+        await asyncio.sleep(2.2)  # the second one expires
+        for k in (key, short):
+            status, body = await g.admin_json("DELETE", f"/workspaces/acme/keys/{k['id']}")
+            assert status == 200, body
+            base = f"/workspaces/acme/keys/{k['id']}"
+            for method, path, payload in (("GET", base, None), ("PATCH", base, {"name": "x"}),
+                                          ("POST", base + "/revoke", None),
+                                          ("POST", base + "/rotate", None),
+                                          ("GET", base + "/usage/daily", None),
+                                          ("DELETE", base, None)):
+                status, body = await g.admin_json(method, path, payload)
+                assert status == 404, (method, path, status, body)
+        for listing in ("", "?status=revoked", "?status=expired"):
+            status, body = await g.admin_json("GET", "/workspaces/acme/keys" + listing)
+            assert status == 200, body
+            assert {k["id"] for k in body["items"]} & {key["id"], short["id"]} == set(), body
+        # a replica that never saw either token, and this one (the revoked one cached here)
+        g.gw.pipeline.auth.cache.clear()
+        for token, code in ((revoked, "revoked_key"), (expired, "expired_key")) * 3:
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                assert (r.status, (await r.json())["error"]["code"]) == (401, code)
+        client = redis.Redis.from_url(redis_url)
+        try:
+            assert client.keys("kg:fail:*") == []
+            gone = client.hgetall(f"kg:gone:{{acme}}:{key['id']}")
+            assert b"name" not in gone and b"hash" in gone  # what verification needs only
+        finally:
+            client.close()

@@ -20,7 +20,7 @@ from aiohttp import ClientSession, TCPConnector, web
 
 from gateway.config import load_config
 from prometheus_client.parser import text_string_to_metric_families
-from harness import bearer, eventually, gateway_under_test, refusal_times, serving
+from harness import bearer, eventually, gateway_under_test, get_all, refusal_times, serving
 from served import ADMIN_TOKEN, TIMEOUT, Served, admin_json, children_of, new_key, write_config
 
 
@@ -1964,3 +1964,160 @@ async def test_a_token_environment_dropped_by_a_reload_is_refused_on_the_next_re
                 body = await r.json()
                 assert (r.status, body.get("error", {}).get("code")) == \
                     (401, "malformed_key"), (r.status, body)
+
+
+# --- reloads the verification cache lives through -------------------------------------------
+
+def _doc(upstream_url: str, **changes) -> dict:
+    """A config whose store is fail-open, with cheap argon2 (the review rv-throttle's)."""
+    doc = {
+        "server": {"host": "127.0.0.1", "port": 18080},
+        "admin": {"host": "127.0.0.1", "port": 18081},
+        "store": {"timeout": 0.3, "on_store_error": "open"},
+        "keys": {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}},
+        "plans": {"starter": {"monthly_requests": 1000, "max_keys": 5}},
+        "default_plan": "starter",
+        "roles": {"reader": ["people:read"]},
+        "upstreams": {"api": {"url": upstream_url, "timeout": 5}},
+        "routes": [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
+                    "scopes": ["people:read"]}],
+    }
+    doc.update(changes)
+    return doc
+
+
+async def test_a_reload_that_only_adds_an_environment_keeps_verified_keys_verified(
+        redis_url, upstream, tmp_path, monkeypatch):
+    """docs/security.md: a token that already verified in the process is not held to the
+    failure throttle again ("a guesser sharing its client's address ... cannot lock a working
+    integration out"). ``Authenticator.reconfigure`` drops the whole cache whenever
+    ``keys.environments`` differs, even when a reload only *adds* one (every token that
+    verified still parses): every key is cold again, pays argon2 again (a cold burst of every
+    integration at once), and loses its exemption, so a working integration behind an
+    address where someone else sent bad keys (a NAT, an office) is refused 429
+    ``too_many_failures`` right after an unrelated reload."""
+    from gateway.tokens import make_token
+    url = str(upstream.make_url(""))
+    keys = {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1},
+            "failures": {"per_ip": 2, "window_seconds": 60}}
+    path = tmp_path / "keygate.yaml"
+    write(path, _doc(url, keys=keys))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                  config_path=str(path)) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        assert (await get_all(g, token, 1))[0][0] == 200
+        for _ in range(2):  # someone else at the same address: two bad keys
+            async with g.proxy.get("/people/1", headers=bearer(make_token("kg", "live")[0])) as r:
+                assert r.status == 401
+        assert (await get_all(g, token, 1))[0][0] == 200  # cached: still fine
+        write(path, _doc(url, keys={**keys, "environments": ["live", "test", "staging"]}))
+        status, body = await g.admin_json("POST", "/reload")
+        assert status == 200, body
+        async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+            got = r.status, await r.text()
+        assert got[0] == 200, got  # was 429 too_many_failures
+
+
+async def test_a_reload_that_removes_an_environment_drops_only_that_environments_keys(
+        redis_url, upstream, tmp_path, monkeypatch):
+    """A reload that stops accepting an environment refuses its tokens at once (401
+    ``malformed_key``, though they were cached), while keys of the environments kept stay
+    verified: no argon2 again, and no failure throttle others' bad keys filled."""
+    from gateway.tokens import make_token
+    url = str(upstream.make_url(""))
+    keys = {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1},
+            "failures": {"per_ip": 2, "window_seconds": 60},
+            "environments": ["live", "test"]}
+    path = tmp_path / "keygate.yaml"
+    write(path, _doc(url, keys=keys))
+    async with gateway_under_test(load_config(path), redis_url, monkeypatch,
+                                  config_path=str(path)) as g:
+        await g.workspace("acme")
+        live, _ = await g.key()
+        test, _ = await g.key(environment="test")
+        assert [s for s, _ in await get_all(g, live, 1) + await get_all(g, test, 1)] == [200, 200]
+        for _ in range(2):  # someone else at the same address: two bad keys
+            async with g.proxy.get("/people/1", headers=bearer(make_token("kg", "live")[0])) as r:
+                assert r.status == 401
+        write(path, _doc(url, keys={**keys, "environments": ["live"]}))
+        status, body = await g.admin_json("POST", "/reload")
+        assert status == 200, body
+        async with g.proxy.get("/people/1", headers=bearer(test)) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (401, "malformed_key")
+        async with g.proxy.get("/people/1", headers=bearer(live)) as r:
+            assert r.status == 200, await r.text()
+        assert not any(e.environment == "test" for e in g.gw.pipeline.auth.cache.values())
+
+
+async def test_fail_open_keeps_verified_keys_working_across_a_reload_during_an_outage(
+        own_redis, upstream, tmp_path, monkeypatch):
+    """SPEC (Store): ``on_store_error: open`` lets keys already verified in this process
+    through until the store returns. A reload (SIGHUP, POST /admin/v1/reload) while Redis is
+    down is accepted ("reloading without that check"), but it bumps the cache generation,
+    and every cached key's next request then re-reads its key from the store
+    (``Authenticator.authenticate`` -> ``refresh``) outside the fail-open ``except
+    StoreError`` of ``authenticate``: every verified key is answered 503 store_unavailable
+    for the rest of the outage, as if the gateway were fail-closed."""
+    path = tmp_path / "keygate.yaml"
+    write(path, _doc(str(upstream.make_url(""))))
+    async with gateway_under_test(load_config(path), own_redis.url, monkeypatch,
+                                  config_path=str(path)) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()
+        assert (await get_all(g, token, 1))[0][0] == 200
+        own_redis.stop()
+        try:
+            status, body = await g.admin_json("POST", "/reload")
+            assert status == 200, body
+            got = [s for s, _ in await get_all(g, token, 2)]
+            assert got == [200, 200], got  # was [503, 503]
+        finally:
+            own_redis.start()
+
+
+async def test_fail_open_never_grants_a_scope_a_reload_took_from_the_keys_role(
+        own_redis, upstream, tmp_path, monkeypatch):
+    """SPEC (Reload): roles are swapped atomically and the next request sees the new ones;
+    SPEC (Store): fail-open lets keys already verified through *from their state*. A key whose
+    ``keys.cache_ttl`` ran out while Redis is down is let through from its cache entry
+    (``Authenticator.authenticate``'s ``except StoreError: ... return entry``) as it was
+    derived before the reload, its role's old scopes included: a reload that took
+    ``people:write`` from the role ``editor`` during an outage leaves every editor key able
+    to write (forwarded, ``X-Api-Scopes`` still naming it) until Redis returns. The global
+    role's scopes are config, not store state: they are known without the store."""
+    url = str(upstream.make_url(""))
+    routes = [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
+               "scopes": ["people:read"]},
+              {"path": "/people/**", "methods": ["POST"], "upstream": "api",
+               "scopes": ["people:write"]}]
+    keys = {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}, "cache_ttl": 1}
+    path = tmp_path / "keygate.yaml"
+    write(path, _doc(url, routes=routes, keys=keys,
+                      roles={"editor": ["people:read", "people:write"]}))
+    async with gateway_under_test(load_config(path), own_redis.url, monkeypatch,
+                                  config_path=str(path)) as g:
+        await g.workspace("acme")
+        token, _ = await g.key(role="editor")
+        async with g.proxy.post("/people/1", headers=bearer(token)) as r:
+            assert r.status == 200
+        own_redis.stop()
+        try:
+            write(path, _doc(url, routes=routes, keys=keys, roles={"editor": ["people:read"]}))
+            status, body = await g.admin_json("POST", "/reload")
+            assert status == 200, body
+            for when in ("within its cache_ttl", "past its cache_ttl"):
+                if when == "past its cache_ttl":
+                    await asyncio.sleep(1.2)  # the key's cache_ttl runs out, Redis still down
+                before = len(upstream.requests)
+                async with g.proxy.post("/people/1", headers=bearer(token)) as r:
+                    got = r.status, await r.text()
+                if len(upstream.requests) > before:  # forwarded, with the scope taken away
+                    seen = {k.lower(): v for k, v in upstream.requests[-1]["headers"]}
+                    pytest.fail(f"{when}: forwarded as {got[0]} with X-Api-Scopes: "
+                                f"{seen['x-api-scopes']}")
+                assert got[0] in (403, 503), (when, got)  # was 200
+                async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                    assert r.status == 200, (when, await r.text())  # what the role still gives
+        finally:
+            own_redis.start()

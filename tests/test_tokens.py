@@ -6,8 +6,8 @@ import zlib
 
 import pytest
 
-from gateway.tokens import (ALPHABET, MalformedToken, SecretHasher, base62, checksum,
-                            looks_like_token, make_token, parse_token)
+from gateway.tokens import (ALPHABET, MalformedHash, MalformedToken, SecretHasher, base62,
+                            checksum, looks_like_token, make_token, parse_token)
 
 ENVS = ("live", "test")
 ID, SECRET = "A" * 12, "b" * 32
@@ -84,4 +84,7 @@ def test_argon2id_hash_verifies_only_the_right_secret():
     assert encoded.startswith("$argon2id$") and SECRET not in encoded
     assert hasher.verify(encoded, SECRET)
     assert not hasher.verify(encoded, "c" * 32)
-    assert not hasher.verify("not a hash", SECRET)
+    with pytest.raises(MalformedHash):  # a damaged record: no answer about the secret
+        hasher.verify("not a hash", SECRET)
+    with pytest.raises(MalformedHash):
+        hasher.verify(encoded.rsplit("$", 1)[0] + "$", SECRET)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 
 import pytest
@@ -377,3 +378,172 @@ async def test_an_admin_call_sharing_a_queued_verification_is_answered_when_the_
         for r, w in holders:
             assert (await asyncio.wait_for(r.read(), 10)).startswith(b"HTTP/1.1 200")
             w.close()
+
+
+async def test_a_key_verified_here_is_not_refused_overloaded_once_its_cache_ttl_ran_out(
+        redis_url, upstream, monkeypatch):
+    """docs/errors.md: 503 ``overloaded`` is a full verification queue, and "a key already
+    verified is never refused this way"; docs/operations.md and security.md call a token that
+    verified in this process and only outlived ``keys.cache_ttl`` already verified (it skips
+    the failure throttle and is let through fail-open). SPEC: cached keys keep working during
+    a cold burst. But its re-verification takes a place in the same bounded queue as strangers'
+    guesses (``Authenticator._verify``: ``self.queue.turn`` before ``verified_before`` is
+    looked at): while a flood of first requests or wrong guesses from other addresses fills
+    ``verify_queue.total``, every working integration is refused 503 ``overloaded`` once per
+    ``cache_ttl``. Here the queue (total 1) is held by one slow guess from another address."""
+    from aiohttp import ClientSession, TCPConnector
+
+    from gateway.config import Argon2Config, VerifyQueueLimits
+    from gateway.tokens import make_token
+    from harness import bearer, eventually, gateway_under_test, get_all, make_config
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, cache_ttl=0.5, verify_queue=VerifyQueueLimits(per_ip=1, total=1)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()  # its hash: the cheap test parameters
+        assert (await get_all(g, token, 1))[0][0] == 200  # verified in this process
+        auth = g.gw.pipeline.auth
+        # new keys (and the decoy an unknown key id is verified against) at a slower cost:
+        # one guess then holds its place in the queue for a while
+        auth.reconfigure(dataclasses.replace(config, keys=dataclasses.replace(
+            config.keys, argon2=Argon2Config(200, 8192, 1))))
+        await asyncio.sleep(0.6)  # the key's cache_ttl runs out
+        guess, _ = make_token("kg", "live")
+        async with ClientSession(str(g.proxy_server.make_url("")), connector=TCPConnector(
+                local_addr=("127.0.0.2", 0))) as stranger:
+            pending = asyncio.ensure_future(stranger.get("/people/1", headers=bearer(guess)))
+            try:
+                assert await eventually(lambda: auth.queue.queued == 1), "no guess queued"
+                async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                    got = r.status, await r.text()
+            finally:
+                (await pending).release()
+        assert got[0] == 200, got  # was 503 overloaded
+
+async def test_an_unbounded_turn_is_never_refused_nor_counted_but_waits_its_turn():
+    """``turn(ip, bounded=False)`` (a token verified in this process whose ``cache_ttl`` ran
+    out): past the per-address and total bounds it is not refused, and it takes no place
+    within them; it still waits, round-robin, for one of the turns."""
+    queue, order, release = VerifyQueue(1, 1, 1), [], asyncio.Event()
+    held = asyncio.ensure_future(_hold(queue, "a", order, release))
+    await asyncio.sleep(0.01)
+    with pytest.raises(ServiceUnavailable):
+        async with queue.turn("b"):
+            pass
+
+    async def verified_again(ip: str) -> None:
+        async with queue.turn(ip, bounded=False):
+            order.append("again " + ip)
+
+    again = [asyncio.ensure_future(verified_again(ip)) for ip in ("a", "b")]
+    await asyncio.sleep(0.01)
+    assert order == ["a"] and queue.queued == 1 and queue.busy == 1  # waiting, not refused
+    release.set()
+    await asyncio.gather(held, *again)
+    assert order == ["a", "again a", "again b"] and queue.busy == 0 and queue.queued == 0
+
+
+async def test_fail_open_during_a_hung_store_does_not_serialise_verified_keys(
+        redis_url, upstream, monkeypatch):
+    """docs/operations.md (When Redis is down): with ``on_store_error: open``, keys already
+    verified in this process keep working, "also once their keys.cache_ttl has run out". When
+    Redis hangs (paused, stalled: the usual outage, not a refused connection), each such
+    re-verification holds one of the verification queue's few turns (argon2 threads + 1)
+    while its key read waits out ``store.timeout`` (``Authenticator._verify``: the turn is
+    taken before anything else, a verified token's included), so they are let through
+    ``slots`` at a time, one ``store.timeout`` after another: N keys whose TTL ran out wait
+    up to N / slots timeouts, and past ``verify_queue.per_ip`` / ``total`` get 503
+    ``overloaded``. With the shipped 2 s timeout and 300 s TTL a replica serving ~1000 keys
+    falls behind within minutes of a hang. Each should wait one store timeout, not a queue."""
+    import time
+
+    import redis as sync_redis
+
+    from gateway.config import StoreConfig
+    from harness import (bearer, eventually, gateway_under_test, get_all, make_config,
+                         redis_answers)
+    config = make_config(str(upstream.make_url("")),
+                         store=StoreConfig(timeout=0.3, on_store_error="open"))
+    config = dataclasses.replace(config, keys=dataclasses.replace(config.keys, cache_ttl=0.5))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme", plan="unlimited")
+        tokens = [(await g.key(name=f"k{i}"))[0] for i in range(24)]
+        for token in tokens:
+            assert (await get_all(g, token, 1))[0][0] == 200  # each verified here
+        await asyncio.sleep(0.6)  # their cache_ttl runs out
+        sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "6000")
+
+        async def timed(token: str) -> tuple[int, float]:
+            started = time.perf_counter()
+            async with g.proxy.get("/people/1", headers=bearer(token)) as r:
+                return r.status, time.perf_counter() - started
+        try:
+            got = await asyncio.gather(*(timed(t) for t in tokens))
+        finally:
+            assert await eventually(redis_answers(redis_url), timeout=15)
+        assert all(status == 200 for status, _ in got), got
+        slowest = max(took for _, took in got)
+        # two store calls time out (0.3 s each) for every one of them, at once: ~0.7 s; in
+        # turns of argon2 threads + 1 (3 here) it was ~3 s
+        assert slowest < 1.8, f"slowest {slowest:.2f} s of {len(got)} (queue slots: " \
+                              f"{g.gw.pipeline.auth.queue.slots})"
+
+
+async def test_a_client_known_to_be_over_its_failure_limit_takes_no_place_in_the_queue(
+        redis_url, upstream, monkeypatch):
+    """An address this process already refused 429 ``too_many_failures`` (its counter's reset
+    is known) is refused again before it queues, not at its turn: queued, its guesses took
+    places in ``verify_queue.total`` (16 throttled addresses x ``per_ip`` 256 fill the
+    default 4096) and a legitimate first request from elsewhere got 503 ``overloaded``."""
+    from aiohttp import ClientSession, TCPConnector
+
+    from gateway.config import Argon2Config, FailureLimits, VerifyQueueLimits
+    from gateway.tokens import make_token
+    from harness import bearer, eventually, gateway_under_test, make_config
+    config = make_config(str(upstream.make_url("")))
+    config = dataclasses.replace(config, keys=dataclasses.replace(
+        config.keys, failures=FailureLimits(per_ip=1, per_key=None, window_seconds=60)))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        await g.workspace("acme")
+        token, _ = await g.key()  # never used yet: its first request is a cold one
+        auth = g.gw.pipeline.auth
+        base = str(g.proxy_server.make_url(""))
+        sessions = []
+
+        def session_at(address: str) -> ClientSession:
+            sessions.append(ClientSession(base, connector=TCPConnector(
+                local_addr=(address, 0))))
+            return sessions[-1]
+
+        async def status(session: ClientSession, sent: str) -> int:
+            async with session.get("/people/1", headers=bearer(sent)) as r:
+                return r.status
+
+        pending = []
+        try:
+            attacker = session_at("127.0.0.2")
+            assert await status(attacker, make_token("kg", "live")[0]) == 401
+            assert await status(attacker, make_token("kg", "live")[0]) == 429  # known now
+            slots = auth.queue.slots
+            # guesses from other addresses at a slow cost hold every turn for a while, and
+            # the queue has room for two more
+            auth.reconfigure(dataclasses.replace(config, keys=dataclasses.replace(
+                config.keys, argon2=Argon2Config(200, 8192, 1),
+                verify_queue=VerifyQueueLimits(per_ip=8, total=slots + 2))))
+            pending = [asyncio.ensure_future(status(session_at(f"127.0.0.{3 + i}"),
+                                                    make_token("kg", "live")[0]))
+                       for i in range(slots)]
+            assert await eventually(lambda: auth.queue.busy == slots), "turns not held"
+            again = [asyncio.ensure_future(status(attacker, make_token("kg", "live")[0]))
+                     for _ in range(2)]
+            pending += again
+            await eventually(lambda: auth.queue.queued == slots + 2
+                             or all(t.done() for t in again), timeout=5)
+            got = await status(g.proxy, token)
+            assert got == 200, (got, auth.queue.queued)  # was 503 overloaded
+            assert [await t for t in again] == [429, 429]
+        finally:
+            await asyncio.gather(*pending, return_exceptions=True)
+            for s in sessions:
+                await s.close()

@@ -1157,6 +1157,43 @@ async def test_a_tunnel_closes_soon_after_a_reload_takes_the_scope_from_its_keys
                 assert (await kept.receive(timeout=5)).data == "echo:still"
 
 
+async def test_fail_open_closes_a_tunnel_whose_role_a_reload_during_an_outage_took_its_scope(
+        redis_url, monkeypatch):
+    """With ``on_store_error: open`` and Redis not answering, an open tunnel's key is judged
+    from its cached state; the scopes of its config-defined role are the config's, which
+    are known without the store: a reload during the outage that takes the route's scope
+    from the role closes the tunnel at its next check, as the key's next request is refused.
+    A key with scopes of its own keeps its tunnel."""
+    import redis as sync_redis
+
+    async with ws_upstream() as (url, _), gateway(
+            redis_url, monkeypatch, url, websocket_recheck=1.0,
+            store=StoreConfig(timeout=0.2, on_store_error="open")) as g:
+        token, _ = await g.key(role="reader")
+        own_token, _ = await g.key(name="own")
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(ws_url(g, "/ws/x"), headers=bearer(token)) as ws, \
+                    client.ws_connect(ws_url(g, "/ws/y"), headers=bearer(own_token)) as kept:
+                await ws.send_str("a")
+                assert (await ws.receive(timeout=5)).data == "echo:a"
+                sync_redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "5000")
+                try:
+                    config = g.gw.config
+                    g.gw.reloader.apply(dataclasses.replace(
+                        config, roles={**config.roles, "reader": ("companies:read",)}))
+                    try:  # websocket_recheck is 1 s; each check waits out 0.2 s twice at most
+                        msg = await ws.receive(timeout=4)
+                    except TimeoutError:
+                        raise AssertionError("the tunnel of a key its role no longer allows "
+                                             "is still open 4 s after the reload")
+                    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                        aiohttp.WSMsgType.ERROR), msg
+                    await kept.send_str("still")
+                    assert (await kept.receive(timeout=5)).data == "echo:still"
+                finally:
+                    assert await eventually(redis_answers(redis_url), timeout=10)
+
+
 @pytest.mark.parametrize("path,changed", [
     ("/ws/x", Route("/ws/**", "api", ("GET",), ("people:write",), websocket=True)),
     ("/ws/x", Route("/ws/**", "api", ("GET",), ("people:read",))),

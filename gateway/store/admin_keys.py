@@ -16,8 +16,8 @@ from ..models import KeyRecord, Workspace, rfc3339, whole_second
 from ..tokens import ID_LEN, make_token
 from .admin_base import (AUDIT_MAXLEN, ID_ATTEMPTS, OPERATOR, StoreBase, confirmed_write, no_key,
                          no_workspace, revoked_key, role_gone, store_errors, unknown_role)
-from .keyspace import (key_index_key, key_key, undone_key, ws_active_key, ws_audit_key,
-                       ws_bindings_key, ws_key, ws_keys_key, ws_roles_key)
+from .keyspace import (gone_key_key, key_index_key, key_key, undone_key, ws_active_key,
+                       ws_audit_key, ws_bindings_key, ws_key, ws_keys_key, ws_roles_key)
 from .records import (SUMMARY_FIELDS, UNSET, WORKSPACE_ID_RE, KeySummary, NewKey,
                       control_fields, epoch_field, hash_pairs, key_from_hash, key_summaries,
                       key_summary, shown_ws, workspace_from_hash)
@@ -816,14 +816,18 @@ class KeyStore(StoreBase):
 
     @confirmed_write
     async def delete_key(self, ws: str, key_id: str, *, actor: str = OPERATOR) -> KeyRecord:
-        """Remove a revoked or expired key for good (Conflict for an active key: revoke it
-        first). Its audit entries stay; its token then reads as unknown (invalid_key)."""
+        """Remove a revoked or expired key from listings for good (Conflict for an active
+        key: revoke it first): no listing, count or admin call finds it again. Its audit
+        entries stay, and so do its record for answering its token (``kg:gone``, without its
+        name, description and meta) and its ``kg:keyid`` index: the token is still answered
+        ``revoked_key`` or ``expired_key``, not ``invalid_key`` counted as a failed guess
+        against the address of an integration nobody told."""
         if not WORKSPACE_ID_RE.fullmatch(ws):
             raise no_workspace(ws)
         now = self.clock()
         reply = await self._run(
             "delete_key", (key_key(ws, key_id), ws_keys_key(ws), ws_active_key(ws),
-                           ws_audit_key(ws)),
+                           ws_audit_key(ws), gone_key_key(ws, key_id)),
             (key_id, epoch_field(now), self._audit_entry(now, actor, "key.delete", key_id, {}),
              AUDIT_MAXLEN))
         if reply == "active":
@@ -832,6 +836,4 @@ class KeyStore(StoreBase):
         key = key_from_hash(hash_pairs(reply))
         if key is None:
             raise no_key(ws, key_id)
-        with store_errors("write"):  # the global index, in its own slot: after the key
-            await self.redis.delete(key_index_key(key_id))
         return key

@@ -68,8 +68,16 @@ per-request script and every admin script touch a single slot.
                                           (a bumped rev is Redis's TIME in µs, or +1 when that
                                           is not above it: a restore or failover that takes
                                           revs back never hands a cached one out again)
+    kg:gone:{ws}:<id>             HASH    a deleted key (DELETE .../keys/{id}: revoked or
+                                          expired): what answering its token needs, its
+                                          kg:key hash renamed, without name, description,
+                                          meta and last_used_at, and with deleted_at (epoch
+                                          seconds). In no listing, count or cap, and no admin
+                                          call finds it; its token is still answered
+                                          revoked_key or expired_key, never as a failed guess
     kg:keyid:<id>                 STRING  workspace id of key <id> (global index, own slot;
-                                          read only on a key's first request in a process).
+                                          read only on a key's first request in a process;
+                                          kept when the key is deleted: kg:gone:{ws}:<id>).
                                           Written (SET NX, which also catches id collisions)
                                           *before* the key's script runs and deleted if the
                                           script refuses, so a key never exists without its
@@ -164,6 +172,11 @@ def key_key(ws: str, key_id: str) -> str:
 
 def ready_key() -> str:
     return "kg:ready"
+
+
+def gone_key_key(ws: str, key_id: str) -> str:
+    """A deleted key's record, kept for answering its token (the module's table)."""
+    return f"kg:gone:{{{ws}}}:{key_id}"
 
 
 def key_index_key(key_id: str) -> str:

@@ -19,7 +19,7 @@ from ..errors import StoreError, describe
 from ..usage import utc_day
 from .clients import ScriptClient, connect
 from .keyspace import (daily_key, fail_ip_key, fail_key_key, fail_operator_key,
-                       key_daily_key, key_index_key,
+                       gone_key_key, key_daily_key, key_index_key,
                        key_key, key_usage_key, once_key, own_calls_rate_key, rate_key, ready_key, usage_key,
                        write_key, ws_key, ws_roles_key)
 from .scripts import Script, load
@@ -85,10 +85,15 @@ HOT_KEYS = 1024
 
 class StoredKey(NamedTuple):
     """A key's hash and its workspace's, as stored (empty when absent), and the workspace's
-    definition of the key's role (JSON scopes; None when the workspace defines none)."""
+    definition of the key's role (JSON scopes; None when the workspace defines none). A key
+    deleted from listings is its record kept for its token (``kg:gone``): ``gone``."""
     key: dict[str, str]
     workspace: dict[str, str]
     role: str | None
+
+    @property
+    def gone(self) -> bool:
+        return "deleted_at" in self.key
 
 
 def _fields(flat: list) -> dict[str, str]:
@@ -407,10 +412,12 @@ class RequestStore:
     async def read_key(self, ws: str, key_id: str) -> StoredKey:
         """The key, its workspace and the workspace's definition of the key's role, in one
         round trip on this connection (the cold path and refreshes: through redis-py these
-        were three or four round trips at ~0.2 ms of the event loop's CPU each)."""
+        were three or four round trips at ~0.2 ms of the event loop's CPU each). A key
+        deleted from listings: its record kept for its token (``StoredKey.gone``)."""
         try:
             key, workspace, role = await self._resp.run(
-                READ_KEY, (key_key(ws, key_id), ws_key(ws), ws_roles_key(ws)), ())
+                READ_KEY, (key_key(ws, key_id), ws_key(ws), ws_roles_key(ws),
+                           gone_key_key(ws, key_id)), ())
         except Exception as exc:
             raise StoreError(f"store call failed: {describe(exc)}") from exc
         return StoredKey(_fields(key), _fields(workspace),

@@ -1,15 +1,18 @@
 -- Delete a key that is revoked or expired (never an active one), and audit it, in one step:
--- the hash goes, the key leaves the workspace's key set and active set. Every replica that
--- cached it finds it gone on its next request (the authorize script reads it as stale).
+-- the key leaves the workspace's key set and active set, and its hash becomes KEYS[5], the
+-- deleted key's record (no admin call reads it): what answering its token needs, so that its
+-- token is still answered revoked_key or expired_key (read_key.lua), not as an unknown key's
+-- failed guess. Every replica that cached it re-reads it on its next request (the authorize
+-- script reads it as stale).
 -- KEYS[1] kg:key:{ws}:<id>   KEYS[2] kg:ws:{ws}:keys   KEYS[3] kg:ws:{ws}:active
--- KEYS[4] kg:ws:{ws}:audit
+-- KEYS[4] kg:ws:{ws}:audit   KEYS[5] kg:gone:{ws}:<id>
 -- ARGV[1] key id   ARGV[2] now   ARGV[3] audit entry (JSON)   ARGV[4] audit stream cap
 -- Returns the key hash as it was (HGETALL), nil when it does not exist, or 'active'.
--- KEYS[5] and the last ARGV (a call that may be sent again): this call's marker
+-- KEYS[6] and the last ARGV (a call that may be sent again): this call's marker
 -- kg:once:{ws}:admin:<call-id> and how long it is kept, ms: a copy of a call that ran
 -- answers as it did, doing nothing again (_once.lua)
 -- include: _once.lua
-local ran = once_ran(4)
+local ran = once_ran(5)
 if ran then return ran[1] end
 local function delete()
   local h = redis.call('HGETALL', KEYS[1])
@@ -18,7 +21,10 @@ local function delete()
   local revoked = st[1] and st[1] ~= ''
   local exp = tonumber(st[2] or '')
   if not revoked and (exp == nil or exp > tonumber(ARGV[2])) then return 'active' end
-  redis.call('DEL', KEYS[1])
+  redis.call('RENAME', KEYS[1], KEYS[5])
+  redis.call('HDEL', KEYS[5], 'name', 'description', 'meta', 'last_used_at', 'rotated_to',
+             'rotated_gen')
+  redis.call('HSET', KEYS[5], 'deleted_at', ARGV[2])
   redis.call('SREM', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'e', ARGV[3])
