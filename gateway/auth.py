@@ -56,7 +56,7 @@ class CachedKey:
 
     Only what deciding a request needs (bench/memory.py): a stripped ``KeyRecord`` copy, a
     ``Principal`` and an entry holding both took 352 of the ~600 bytes a cached key cost; this
-    took 144 then (24 more since: its environment, config role and ``gone``). The argon2 hash,
+    took 144 then (184 since: its environment, config role and ``gone``). The argon2 hash,
     name, description, prefix and timestamps other than expiry are not kept (answers that
     show a key read it from the store)."""
 
