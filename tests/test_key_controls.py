@@ -1122,6 +1122,172 @@ async def test_a_self_service_patch_is_refused_if_the_key_changed_after_it_was_j
     assert status == 200 and body["allowed_ips"] is None
 
 
+async def _open(gut, listener: str):
+    port = gut.proxy_server.port if listener == "proxy" else gut.admin_server.port
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    body = await asyncio.wait_for(reader.readexactly(length), 10)
+    return status, json.loads(body) if body else {}
+
+
+async def _start_held_body(gut, listener: str, method: str, path: str, token: str,
+                           body: bytes):
+    """Send a request's head with ``Expect: 100-continue``; return once keygate has admitted
+    the caller and asked for the body (its ``100 Continue``), the body still unsent."""
+    reader, writer = await _open(gut, listener)
+    writer.write((f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                  f"Expect: 100-continue\r\n\r\n").encode())
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert interim.startswith(b"HTTP/1.1 100"), interim
+    return reader, writer
+
+
+def _prefix(listener: str) -> str:
+    return "/_keygate/v1/keys" if listener == "proxy" else "/admin/v1/workspaces/acme/keys"
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+@pytest.mark.parametrize("change", ["revoke", "descope", "disable"])
+async def test_a_patch_by_an_admin_key_revoked_or_narrowed_in_flight_grants_nothing(
+        gut, listener, change):
+    """The acting key (keys:admin, people:read, people:write) is authenticated and judged when
+    its PATCH's head arrives; its body is read afterwards. The operator revokes it (or takes
+    keys:admin and people:write from it, or disables it) before the body comes: the PATCH
+    re-bound another key to people:write. Now its write checks the acting key again, as a
+    create's or rotation's does (lua/_acting_key.lua): 409 conflict, nothing written."""
+    await gut.workspace("acme", plan="unlimited")
+    token, me = await gut.key(name="admin",
+                              scopes=["keys:admin", "people:read", "people:write"])
+    _, target = await gut.key(name="target", scopes=["people:read"])
+    body = json.dumps({"scopes": ["people:read", "people:write"]}).encode()
+    reader, writer = await _start_held_body(gut, listener, "PATCH",
+                                            f"{_prefix(listener)}/{target['id']}", token, body)
+    try:
+        if change == "revoke":
+            status, answer = await gut.admin_json("POST",
+                                                  f"/workspaces/acme/keys/{me['id']}/revoke")
+        elif change == "descope":
+            status, answer = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{me['id']}",
+                                                  {"scopes": ["people:read"]})
+        else:
+            status, answer = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{me['id']}",
+                                                  {"enabled": False})
+        assert status == 200, answer
+        writer.write(body)
+        await writer.drain()
+        status, answer = await _read_response(reader)
+    finally:
+        writer.close()
+    _, now = await gut.admin_json("GET", f"/workspaces/acme/keys/{target['id']}")
+    assert now["scopes"] == ["people:read"], (
+        f"a key that no longer may ({change}) widened another key: {status} {answer}")
+    assert (status, answer["error"]["code"]) == (409, "conflict"), (status, answer)
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+async def test_a_revoked_admin_keys_held_requests_cannot_revoke_the_workspaces_keys(
+        gut, listener):
+    """The same window, for a leaked admin key the operator revokes: requests it opened before
+    the revocation (each admitted at its head, the body held back up to server.timeouts.body,
+    60 s) revoked the workspace's integration keys afterwards. Now nothing is changed by a
+    key that was revoked before the change was written (as for creates and rotations: 409
+    conflict, nothing written)."""
+    await gut.workspace("acme", plan="unlimited")
+    token, me = await gut.key(name="leaked", scopes=["keys:admin", "people:read"])
+    _, prod = await gut.key(name="production", scopes=["people:read"])
+    held = await _start_held_body(gut, listener, "POST",
+                                  f"{_prefix(listener)}/{prod['id']}/revoke", token, b"{}")
+    reader, writer = held
+    try:
+        status, answer = await gut.admin_json("POST", f"/workspaces/acme/keys/{me['id']}/revoke")
+        assert status == 200, answer
+        writer.write(b"{}")
+        await writer.drain()
+        status, answer = await _read_response(reader)
+    finally:
+        writer.close()
+    _, now = await gut.admin_json("GET", f"/workspaces/acme/keys/{prod['id']}")
+    assert now["status"] == "active", (
+        f"a revoked key revoked the production key: {status} {answer.get('error', '')}")
+    assert (status, answer["error"]["code"]) == (409, "conflict"), (status, answer)
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+async def test_a_patch_by_an_admin_key_whose_role_was_narrowed_in_flight_grants_nothing(
+        gut, listener):
+    """The acting key is bound to a workspace role; the operator redefines the role without
+    people:write while the PATCH's body is held (a role edit changes no key's rev): the
+    PATCH, judged on the role as it was, gives another key nothing (409), as a create or a
+    rotation would not. With the role as it is now, a PATCH within it still goes through."""
+    await gut.workspace("acme", plan="unlimited")
+    status, _ = await gut.admin_json("PUT", "/workspaces/acme/roles/ws-admin",
+                                     {"scopes": ["keys:admin", "people:read", "people:write"]})
+    assert status == 200
+    token, me = await gut.key(name="admin", role="ws-admin")
+    _, target = await gut.key(name="target", scopes=["people:read"])
+    body = json.dumps({"scopes": ["people:read", "people:write"]}).encode()
+    reader, writer = await _start_held_body(gut, listener, "PATCH",
+                                            f"{_prefix(listener)}/{target['id']}", token, body)
+    try:
+        status, answer = await gut.admin_json("PUT", "/workspaces/acme/roles/ws-admin",
+                                              {"scopes": ["keys:admin", "people:read"]})
+        assert status == 200, answer
+        writer.write(body)
+        await writer.drain()
+        status, answer = await _read_response(reader)
+    finally:
+        writer.close()
+    assert (status, answer["error"]["code"]) == (409, "conflict"), answer
+    _, now = await gut.admin_json("GET", f"/workspaces/acme/keys/{target['id']}")
+    assert now["scopes"] == ["people:read"]
+    session = gut.proxy if listener == "proxy" else gut.admin
+    async with session.patch(f"{_prefix(listener)}/{target['id']}", json={"name": "renamed"},
+                             headers=bearer(token)) as r:
+        assert r.status == 200, await r.text()
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+async def test_a_delete_by_an_admin_key_changed_since_it_was_judged_deletes_nothing(
+        gut, listener):
+    """A DELETE's body (none needed, but a 400 for unknown fields) is read after its head was
+    judged: an acting key revoked meanwhile deletes nothing (409 conflict), as it revokes and
+    patches nothing; the operator's delete is not held to any acting key."""
+    await gut.workspace("acme", plan="unlimited")
+    token, me = await gut.key(name="admin", scopes=["keys:admin", "people:read"])
+    _, old = await gut.key(name="old", scopes=["people:read"])
+    status, _ = await gut.admin_json("POST", f"/workspaces/acme/keys/{old['id']}/revoke")
+    assert status == 200
+    reader, writer = await _start_held_body(gut, listener, "DELETE",
+                                            f"{_prefix(listener)}/{old['id']}", token, b"{}")
+    try:
+        status, answer = await gut.admin_json("POST", f"/workspaces/acme/keys/{me['id']}/revoke")
+        assert status == 200, answer
+        writer.write(b"{}")
+        await writer.drain()
+        status, answer = await _read_response(reader)
+    finally:
+        writer.close()
+    assert (status, answer["error"]["code"]) == (409, "conflict"), answer
+    assert "was revoked, disabled, changed or expired" in answer["error"]["message"]
+    status, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{old['id']}")
+    assert (status, read["status"]) == (200, "revoked")
+    status, _ = await gut.admin_json("DELETE", f"/workspaces/acme/keys/{old['id']}")
+    assert status == 200
+    status, _ = await gut.admin_json("GET", f"/workspaces/acme/keys/{old['id']}")
+    assert status == 404
+
+
 # --- days, months and rotation ------------------------------------------------------------------
 
 async def test_days_and_the_keys_month_turn_over_at_midnight_utc(redis_url, upstream,

@@ -96,6 +96,9 @@ class KeyOps:
         self.limit_scopes = None if actor.is_operator else actor.scopes
         self.limit_expires_at = None if actor.is_operator else actor.expires_at
         self.acting_rev = None if actor.is_operator else actor.rev
+        # the scopes this call's checks needed the acting key to hold (``_within_limit``): a
+        # PATCH's script refuses if its role no longer grants them when it writes
+        self._judged_scopes: dict[str, None] = {}
 
     def _within_lifetime(self, expires_at: float | None) -> None:
         if self.limit_scopes is None or self.limit_expires_at is None:
@@ -154,7 +157,10 @@ class KeyOps:
                              f"{self.ws}/roles/{role}) first.")
 
     def _within_limit(self, scopes: tuple[str, ...], verb: str = "grant") -> None:
-        if self.limit_scopes is None or "ALL" in self.limit_scopes:
+        if self.limit_scopes is None:
+            return
+        self._judged_scopes.update(dict.fromkeys(scopes))
+        if "ALL" in self.limit_scopes:
             return
         wider = [s for s in scopes if s not in self.limit_scopes]
         if wider:
@@ -222,7 +228,8 @@ class KeyOps:
         return body
 
     async def delete(self, key_id: str) -> dict:
-        key = await self.store.delete_key(self.ws, self._key_id(key_id), actor=self.actor)
+        key = await self.store.delete_key(self.ws, self._key_id(key_id), actor=self.actor,
+                                          acting_rev=self.acting_rev)
         return await self.key_json(key, used=0)
 
     async def daily(self, key_id: str, query: Mapping[str, str]) -> dict:
@@ -341,7 +348,11 @@ class KeyOps:
         key = await self.store.update_key(self.ws, key_id, actor=self.actor,
                                           **{f: changes.get(f, UNSET) for f in PATCH_FIELDS},
                                           expect_rev=None if self.limit_scopes is None
-                                          else current.rev)  # the rev the checks judged
+                                          else current.rev,  # the rev the checks judged
+                                          # the acting key as they judged it (its scopes,
+                                          # expiry), still so when the change is written
+                                          acting_rev=self.acting_rev,
+                                          acting_grants=tuple(self._judged_scopes))
         return await self.key_json(key)
 
     async def _admin_patch_no_looser(self, key: KeyRecord, granted: tuple[str, ...] | None,
@@ -371,7 +382,8 @@ class KeyOps:
 
     async def revoke(self, key_id: str, raw: bytes) -> dict:
         parse_body(raw, (), operator_token=self._operator_token)
-        key = await self.store.revoke_key(self.ws, self._key_id(key_id), actor=self.actor)
+        key = await self.store.revoke_key(self.ws, self._key_id(key_id), actor=self.actor,
+                                          acting_rev=self.acting_rev)
         return await self.key_json(key)
 
     async def rotate(self, key_id: str, raw: bytes) -> dict:

@@ -713,7 +713,8 @@ class KeyStore(StoreBase):
                          expires_at: Any = UNSET, rate_limit: Any = UNSET,
                          monthly_requests: Any = UNSET, enabled: Any = UNSET, meta: Any = UNSET,
                          allowed_ips: Any = UNSET, actor: str = OPERATOR,
-                         expect_rev: int | None = None) -> KeyRecord:
+                         expect_rev: int | None = None, acting_rev: int | None = None,
+                         acting_grants: Sequence[str] = ()) -> KeyRecord:
         """Change the given fields (UNSET = leave as is). ``role`` binds the key to a role,
         ``scopes`` to explicit scopes (the other binding is cleared); ``expires_at`` None
         removes the expiry. Bumps the key's rev: every replica applies it on the next request.
@@ -721,7 +722,9 @@ class KeyStore(StoreBase):
         plan's cap is reached; so is a later expiry (or none) for an active key while the
         workspace is over its cap (the old key of a rotation's grace: it would keep it over). With ``expect_rev`` (the rev the caller judged the change on,
         e.g. self-service's loosening checks), Conflict if the key changed since, and nothing
-        is written."""
+        is written. ``acting_rev``, ``acting_grants``: as for :meth:`create_key` (the scopes
+        the change was judged to need of the acting key: those it binds the key to, and the key's
+        own when it loosens or extends it)."""
         fields: list[str] = []
         details: dict[str, Any] = {}
         if name is not UNSET:
@@ -759,14 +762,17 @@ class KeyStore(StoreBase):
             now = self.clock()
             reply = await self._run(
                 "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws),
-                               ws_roles_key(ws), ws_key(ws), ws_bindings_key(ws)),
+                               ws_roles_key(ws), ws_key(ws), ws_bindings_key(ws),
+                               key_key(ws, actor)),
                 (key_id, score, epoch_field(now), max_keys,
                  self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
                  "" if expect_rev is None else expect_rev,
                  self._bound_role(role),
                  # a new expiry brings an expired key back: the role it keeps must still exist
                  json.dumps(dict.fromkeys(self.config.roles, True))
-                 if score and role is UNSET and scopes is UNSET else "", cap_basis, *fields))
+                 if score and role is UNSET and scopes is UNSET else "", cap_basis,
+                 "" if acting_rev is None else acting_rev, json.dumps(list(acting_grants)),
+                 *fields))
             if reply != "stale_ws":  # else the cap changed since it was read: read it again
                 break
         if reply == "stale_ws":  # its cap changed under it every time
@@ -774,6 +780,8 @@ class KeyStore(StoreBase):
                                       "nothing was changed")
         if reply == "no_role":  # deleted since the caller checked it
             raise unknown_role(ws, role)
+        if reply == "actor_changed":
+            raise acting_key_changed(actor, "nothing was changed")
         if isinstance(reply, list) and reply[:1] == ["unbound"]:
             raise Conflict(f"Key '{shown(key_id, 12)}' is bound to role "
                            f"'{shown(reply[1])}', which neither workspace '{shown_ws(ws)}' nor "
@@ -800,36 +808,47 @@ class KeyStore(StoreBase):
         return key
 
     @confirmed_write
-    async def revoke_key(self, ws: str, key_id: str, *, actor: str = OPERATOR) -> KeyRecord:
-        """Revoke for good (idempotent: revoking again changes nothing and audits nothing)."""
+    async def revoke_key(self, ws: str, key_id: str, *, actor: str = OPERATOR,
+                         acting_rev: int | None = None) -> KeyRecord:
+        """Revoke for good (idempotent: revoking again changes nothing and audits nothing).
+        ``acting_rev``: as for :meth:`create_key` (Conflict, nothing revoked, if the acting
+        key changed since its call was judged, or its role no longer grants keys:admin)."""
         if not WORKSPACE_ID_RE.fullmatch(ws):
             raise no_workspace(ws)
         now = self.clock()
         reply = await self._run(
-            "revoke_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws)),
+            "revoke_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws),
+                           key_key(ws, actor), ws_roles_key(ws)),
             (key_id, epoch_field(now), self._audit_entry(now, actor, "key.revoke", key_id, {}),
-             AUDIT_MAXLEN))
+             AUDIT_MAXLEN, "" if acting_rev is None else acting_rev))
+        if reply == "actor_changed":
+            raise acting_key_changed(actor, "nothing was revoked")
         key = key_from_hash(hash_pairs(reply))
         if key is None:
             raise no_key(ws, key_id)
         return key
 
     @confirmed_write
-    async def delete_key(self, ws: str, key_id: str, *, actor: str = OPERATOR) -> KeyRecord:
+    async def delete_key(self, ws: str, key_id: str, *, actor: str = OPERATOR,
+                         acting_rev: int | None = None) -> KeyRecord:
         """Remove a revoked or expired key from listings for good (Conflict for an active
         key: revoke it first): no listing, count or admin call finds it again. Its audit
         entries stay, and so do its record for answering its token (``kg:gone``, without its
         name, description and meta) and its ``kg:keyid`` index: the token is still answered
         ``revoked_key`` or ``expired_key``, not ``invalid_key`` counted as a failed guess
-        against the address of an integration nobody told."""
+        against the address of an integration nobody told. ``acting_rev``: as for
+        :meth:`revoke_key`."""
         if not WORKSPACE_ID_RE.fullmatch(ws):
             raise no_workspace(ws)
         now = self.clock()
         reply = await self._run(
             "delete_key", (key_key(ws, key_id), ws_keys_key(ws), ws_active_key(ws),
-                           ws_audit_key(ws), gone_key_key(ws, key_id)),
+                           ws_audit_key(ws), gone_key_key(ws, key_id), key_key(ws, actor),
+                           ws_roles_key(ws)),
             (key_id, epoch_field(now), self._audit_entry(now, actor, "key.delete", key_id, {}),
-             AUDIT_MAXLEN))
+             AUDIT_MAXLEN, "" if acting_rev is None else acting_rev))
+        if reply == "actor_changed":
+            raise acting_key_changed(actor, "nothing was deleted")
         if reply == "active":
             raise Conflict(f"Key '{shown(key_id, 12)}' is active; revoke it (or let it expire) "
                            "before deleting it.")

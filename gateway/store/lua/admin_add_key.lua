@@ -33,9 +33,10 @@
 --         a change of either is 'stale_ws'. Not the workspace's rev: creates and rotations
 --         made stale by role changes gave up (503) under a stream of them
 -- ARGV[12] the acting key's rev when its call was judged ('' = the operator): the key must
---         still have it and not have expired, else 'actor_changed' and nothing is written. A
---         create or rotation waits its turn to hash between the judging and here (seconds
---         behind a burst): a key revoked, disabled or re-scoped meanwhile mints nothing more
+--         still have it and not have expired (_acting_key.lua), else 'actor_changed' and
+--         nothing is written. A create or rotation waits its turn to hash between the judging
+--         and here (seconds behind a burst): a key revoked, disabled or re-scoped meanwhile
+--         mints nothing more
 -- ARGV[13] with ARGV[12]: the scopes the new key gets (JSON list): when the acting key is
 --         bound to a role the workspace defines, that role must still grant it keys:admin (or
 --         ALL) and each of them, else 'actor_changed' (a role edit changes no key's rev)
@@ -58,6 +59,7 @@
 -- kg:once:{ws}:admin:<call-id> and how long it is kept, ms: a copy of a call that ran
 -- answers as it did, doing nothing again (_once.lua)
 -- include: _new_rev.lua
+-- include: _acting_key.lua
 -- include: _cap_basis.lua
 -- include: _active_keys.lua
 -- include: _bound_to_role.lua
@@ -83,23 +85,8 @@ local function add()
     end
   end
   if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
-  if ARGV[12] ~= '' then
-    local acting = redis.call('HMGET', KEYS[8], 'rev', 'expires_at', 'role')
-    local exp = tonumber(acting[2] or '')
-    if (acting[1] or '0') ~= ARGV[12] or (exp ~= nil and exp <= tonumber(ARGV[1])) then
-      return 'actor_changed'
-    end
-    local def = acting[3] and acting[3] ~= '' and redis.call('HGET', KEYS[6], acting[3])
-    if def then
-      local held = {}
-      for _, s in ipairs(cjson.decode(def)) do held[s] = true end
-      if not held['ALL'] then
-        if not held['keys:admin'] then return 'actor_changed' end
-        for _, s in ipairs(cjson.decode(ARGV[13])) do
-          if not held[s] then return 'actor_changed' end
-        end
-      end
-    end
+  if acting_key_changed(KEYS[8], ARGV[12], ARGV[1], KEYS[6], ARGV[13]) then
+    return 'actor_changed'
   end
   if cap_basis_changed(KEYS[1], ARGV[11]) then return 'stale_ws' end
   if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[6], ARGV[10]) == 0 then return 'no_role' end
