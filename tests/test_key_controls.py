@@ -1288,6 +1288,78 @@ async def test_a_delete_by_an_admin_key_changed_since_it_was_judged_deletes_noth
     assert status == 404
 
 
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+async def test_rotating_a_key_in_its_grace_again_never_leaves_the_workspace_over_its_cap(
+        gut, listener):
+    """Plan 'starter': max_keys 5. A keys:admin key fills the cap, rotates one key with a grace
+    (one over the cap for the grace: documented) and then rotates the same old key again
+    without a grace. The add script took the old key for an active key being replaced (no
+    cap check): the old key was revoked and BOTH successors stayed active for good, 6 active
+    keys under a cap of 5 (docs/api.md: "the workspace may go one key over its cap, never
+    more", "for a while"). A key whose successor is active now meets the cap as a create
+    does: 409 key_limit_reached, and the grace runs on; revoking the old key still works."""
+    await gut.workspace("acme", plan="starter")
+    token, me = await gut.key(name="admin", scopes=["keys:admin", "people:read"])
+    prefix = _prefix(listener)
+    session = gut.proxy if listener == "proxy" else gut.admin
+    headers = bearer(token)
+
+    async def post(path: str, body: dict) -> tuple[int, dict]:
+        async with session.post(prefix + path, json=body, headers=headers) as r:
+            return r.status, await r.json()
+
+    ids = []
+    for i in range(4):
+        status, made = await post("", {"name": f"k{i}", "scopes": ["people:read"]})
+        assert status == 201, made
+        ids.append(made["key"]["id"])
+    status, answer = await post("", {"name": "over", "scopes": ["people:read"]})
+    assert (status, answer["error"]["code"]) == (409, "key_limit_reached")
+    victim = ids[-1]
+    status, first = await post(f"/{victim}/rotate", {"grace_seconds": 3600})
+    assert status == 201, first
+    status, second = await post(f"/{victim}/rotate", {"grace_seconds": 0})
+    _, listing = await gut.admin_json("GET", "/workspaces/acme/keys?status=active")
+    active = listing["items"]
+    in_grace = [k for k in active if k["id"] == victim]
+    assert len(active) - len(in_grace) <= 5, (
+        f"second rotation answered {status}; {len(active)} active keys under a cap of 5, "
+        f"none in a grace: {[(k['name'], k['expires_at']) for k in active]}")
+    assert (status, second["error"]["code"]) == (409, "key_limit_reached"), second
+    assert len(active) == 6 and in_grace, active  # the first rotation's grace runs on
+    # with a grace asked, refused as well (it was already: the workspace is over its cap)
+    status, third = await post(f"/{victim}/rotate", {"grace_seconds": 60})
+    assert (status, third["error"]["code"]) == (409, "key_limit_reached"), third
+    # the old key can be revoked (the integration moved to its successor): back at the cap
+    status, _ = await post(f"/{victim}/revoke", {})
+    assert status == 200
+    _, listing = await gut.admin_json("GET", "/workspaces/acme/keys?status=active")
+    assert len(listing["items"]) == 5
+
+
+async def test_a_key_in_its_grace_is_held_to_the_cap_while_its_successor_is_active(gut):
+    """The operator's rotations meet the same cap: a key in its grace whose successor is
+    active is rotated again only within the cap, also once a rename has cleared the
+    rotation's 'rotated_to' mark; with its successor revoked it is the integration's only key
+    again, and a rotation without a grace replaces it as before, at the cap."""
+    await gut.workspace("acme", plan="starter")  # max_keys 5
+    ids = [(await gut.key(name=f"k{i}"))[1]["id"] for i in range(5)]
+    old = ids[-1]
+    keys = "/workspaces/acme/keys"
+    status, first = await gut.admin_json("POST", f"{keys}/{old}/rotate", {"grace_seconds": 3600})
+    assert status == 201, first
+    status, _ = await gut.admin_json("PATCH", f"{keys}/{old}", {"name": "renamed"})
+    assert status == 200
+    status, body = await gut.admin_json("POST", f"{keys}/{old}/rotate", {"grace_seconds": 0})
+    assert (status, body["error"]["code"]) == (409, "key_limit_reached"), body
+    status, _ = await gut.admin_json("POST", f"{keys}/{first['key']['id']}/revoke")
+    assert status == 200
+    status, second = await gut.admin_json("POST", f"{keys}/{old}/rotate", {"grace_seconds": 0})
+    assert status == 201, second
+    _, listing = await gut.admin_json("GET", f"{keys}?status=active")
+    assert sorted(k["id"] for k in listing["items"]) == sorted(ids[:4] + [second["key"]["id"]])
+
+
 # --- days, months and rotation ------------------------------------------------------------------
 
 async def test_days_and_the_keys_month_turn_over_at_midnight_utc(redis_url, upstream,

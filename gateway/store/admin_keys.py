@@ -566,6 +566,8 @@ class KeyStore(StoreBase):
                     raise self._expired_at_cap(ws, key_id, workspace)
                 if reply == "grace_limit":
                     raise self._over_cap_in_grace(ws, workspace)
+                if reply == "successor_limit":
+                    raise self._superseded_at_cap(ws, key_id, workspace)
                 if reply == "actor_changed":
                     raise acting_key_changed(actor, "nothing was changed")
                 if reply == "collision":  # the new id is taken after all: another one
@@ -686,15 +688,40 @@ class KeyStore(StoreBase):
             raise
 
     def _rotation_room(self, ws: str, old: KeyRecord, now: float, grace_seconds: int
-                       ) -> Callable[[], Awaitable[None]] | None:
+                       ) -> Callable[[], Awaitable[None]]:
         """The cap check (``_room``) of a rotation of ``old`` as the add script makes it: an
-        expired key's successor is a key like any other; an active key's, with a grace, may go
-        one over the cap; without a grace it replaces the old key and meets no cap."""
+        expired key's successor is a key like any other, and so is the successor of a key
+        whose last rotation's key is still active; an active key's, with a grace, may go one
+        over the cap; without a grace it replaces the old key and meets no cap."""
         if old.expires_at is not None and old.expires_at <= now:
             return lambda: self._room(ws, 0, lambda w: self._expired_at_cap(ws, old.id, w))
-        if grace_seconds > 0:
-            return lambda: self._room(ws, 1, lambda w: self._over_cap_in_grace(ws, w))
-        return None
+
+        async def room() -> None:
+            if await self._successor_active(ws, old.id):
+                await self._room(ws, 0, lambda w: self._superseded_at_cap(ws, old.id, w))
+            elif grace_seconds > 0:
+                await self._room(ws, 1, lambda w: self._over_cap_in_grace(ws, w))
+        return room
+
+    async def _successor_active(self, ws: str, key_id: str) -> bool:
+        """Whether the key the last rotation of ``key_id`` made is active (as the add script
+        reads it: 'successor', else 'rotated_to')."""
+        with store_errors("read"):
+            successor, rotated_to = await self.redis.hmget(key_key(ws, key_id),
+                                                           ["successor", "rotated_to"])
+            successor = successor or rotated_to
+            if not successor:
+                return False
+            score = await self.redis.zscore(ws_active_key(ws), successor)
+        return score is not None and score > self.clock()
+
+    def _superseded_at_cap(self, ws: str, key_id: str, workspace: Workspace) -> Conflict:
+        return Conflict(f"Key '{shown(key_id, 12)}' was rotated already and the key that "
+                        f"rotation made is active, so rotating it again makes one more active "
+                        f"key, and workspace '{shown_ws(ws)}' already has the "
+                        f"{self._max_keys(workspace)} active keys its plan allows. Revoke "
+                        "the old key instead (or revoke another key first).",
+                        code="key_limit_reached")
 
     @staticmethod
     def _kept_changing(ws: str, reply: str | None, doing: str, outcome: str,

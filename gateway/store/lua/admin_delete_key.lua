@@ -32,7 +32,7 @@ local function delete()
   if not revoked and (exp == nil or exp > tonumber(ARGV[2])) then return 'active' end
   redis.call('RENAME', KEYS[1], KEYS[5])
   redis.call('HDEL', KEYS[5], 'name', 'description', 'meta', 'last_used_at', 'rotated_to',
-             'rotated_gen')
+             'rotated_gen', 'successor')
   redis.call('HSET', KEYS[5], 'deleted_at', ARGV[2])
   redis.call('SREM', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[3], ARGV[1])
