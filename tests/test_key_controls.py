@@ -1360,6 +1360,64 @@ async def test_a_key_in_its_grace_is_held_to_the_cap_while_its_successor_is_acti
     assert sorted(k["id"] for k in listing["items"]) == sorted(ids[:4] + [second["key"]["id"]])
 
 
+async def test_a_restricted_admin_key_cannot_revive_an_expired_unrestricted_admin_key(
+        redis_url, upstream, monkeypatch):
+    """The operator bound the workspace's admin key to the office network (A), and the old,
+    unrestricted admin key X has expired. Self-service refuses to let A rotate X (a fresh
+    unrestricted admin token) or enable X if it were disabled ("loosens (enabling it
+    included)"), but A could give X a new expiry: X, expired, was active again, with no
+    allow-list, and its old token managed the workspace from anywhere. Reviving an expired
+    key is an enabling in all but name (docs/security.md: "Without this, an admin key the
+    operator bound to the office network ... could ... manage the workspace's keys from
+    anywhere"): now 403 insufficient_scope, as for rotating it. An expired admin key as
+    restricted as A is still revived by A, and an active wider one still re-dated."""
+    clock = Clock(time.time())
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as gut:
+        await gut.workspace("acme", plan="unlimited")
+        x_token, x = await gut.key(name="old-admin", scopes=["keys:admin", "people:read"],
+                                   expires_in=60)
+        a_token, a = await gut.key(name="office-admin", scopes=["keys:admin", "people:read"],
+                                   allowed_ips=["127.0.0.0/8"], monthly_requests=100)
+        clock.now += 120
+        _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{x['id']}")
+        assert read["status"] == "expired"
+        path = f"/_keygate/v1/keys/{x['id']}"
+        async with gut.proxy.post(path + "/rotate", json={}, headers=bearer(a_token)) as r:
+            assert r.status == 403, await r.text()  # rotating it: refused, as documented
+        async with gut.proxy.patch(path, json={"expires_at": "2099-01-01T00:00:00Z"},
+                                   headers=bearer(a_token)) as r:
+            status, body = r.status, await r.json()
+        async with gut.proxy.get("/_keygate/v1/keys", headers=bearer(x_token)) as r:
+            revived = r.status
+        assert (status, revived) == (403, 401), (
+            f"re-dating the expired unrestricted admin key answered {status}; its old token "
+            f"now answers {revived} on /_keygate/v1/keys ({body.get('status')}, "
+            f"allowed_ips={body.get('allowed_ips')})")
+        assert body["error"]["code"] == "insufficient_scope", body
+        # on the admin listener too
+        async with gut.admin.patch(f"/admin/v1/workspaces/acme/keys/{x['id']}",
+                                   json={"expires_at": None}, headers=bearer(a_token)) as r:
+            assert r.status == 403, await r.text()
+        _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{x['id']}")
+        assert read["status"] == "expired"
+        # an expired admin key within A's limits: A brings it back
+        _, y = await gut.key(name="office-deputy", scopes=["keys:admin"], expires_in=60,
+                             allowed_ips=["127.0.0.1/32"], monthly_requests=50)
+        clock.now += 120
+        async with gut.proxy.patch(f"/_keygate/v1/keys/{y['id']}",
+                                   json={"expires_at": "2099-01-01T00:00:00Z"},
+                                   headers=bearer(a_token)) as r:
+            assert r.status == 200 and (await r.json())["status"] == "active", await r.text()
+        # X brought back by the operator: A may still re-date it (an active key)
+        status, _ = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{x['id']}",
+                                         {"expires_at": "2099-01-01T00:00:00Z"})
+        assert status == 200
+        async with gut.proxy.patch(path, json={"expires_at": "2098-01-01T00:00:00Z"},
+                                   headers=bearer(a_token)) as r:
+            assert r.status == 200, await r.text()
+
+
 # --- days, months and rotation ------------------------------------------------------------------
 
 async def test_days_and_the_keys_month_turn_over_at_midnight_utc(redis_url, upstream,

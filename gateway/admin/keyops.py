@@ -257,7 +257,7 @@ class KeyOps:
             return controls
         if controls.get("rate_limit") is not None:
             await self._rate_within_plan(controls["rate_limit"])
-        if target is not None and _loosens(target, controls):
+        if target is not None and _loosens(target, controls, self.store.clock()):
             if target.id == self.actor:  # else the operator's limits on it bind nothing
                 raise Forbidden("A key cannot loosen its own limits (lift its cap, raise its "
                                 "rate, widen its addresses); the operator can.")
@@ -360,8 +360,9 @@ class KeyOps:
         """Self-service: a PATCH that leaves ``key`` holding ``keys:admin`` and gives it a
         scope it lacked or loosens its limits must leave it no less restricted than the acting
         key. Renaming, re-dating and tightening a wider admin key (the operator's) stay open.
-        Enabling a disabled key loosens it too (as ``_loosens`` has it)."""
-        widens = _loosens(key, changes)
+        Enabling a disabled key loosens it too, and so does a new expiry for an expired key,
+        which brings it back to life (as ``_loosens`` has it)."""
+        widens = _loosens(key, changes, self.store.clock())
         if granted is None and not widens:
             return
         held = await self.store.effective_scopes(self.ws, key)
@@ -425,9 +426,13 @@ class KeyOps:
                 "token": new.token}
 
 
-def _loosens(key: KeyRecord, controls: Mapping[str, Any]) -> bool:
-    """Whether ``controls`` would let ``key`` do more than it may now."""
+def _loosens(key: KeyRecord, controls: Mapping[str, Any], now: float) -> bool:
+    """Whether ``controls`` (a PATCH's changes) would let ``key`` do more than it may now:
+    enabling a disabled key, giving an expired key a new expiry (or none: it is active again),
+    or a limit made looser (``_widened``)."""
     if controls.get("enabled") is True and not key.enabled:
+        return True
+    if "expires_at" in controls and key.revoked_at is None and key.status(now) == "expired":
         return True
     return bool(_widened(key, controls))
 
