@@ -1122,6 +1122,77 @@ async def test_a_self_service_patch_is_refused_if_the_key_changed_after_it_was_j
     assert status == 200 and body["allowed_ips"] is None
 
 
+async def test_a_self_service_rate_is_written_only_on_the_plan_it_was_judged_by(
+        gut, monkeypatch):
+    """A workspace key's PATCH of a rate_limit is judged against the workspace's plan (never
+    faster); the operator moves the workspace to a slower plan between that judging and the
+    write: the write, judged on the old plan, gave the key a rate above the new plan's. Now it
+    is written only on the plan and limits it was judged by: 409 conflict, nothing written;
+    judged again on the plan as it is, 403."""
+    await gut.workspace("acme", plan="metered")  # 1000/s
+    token, me = await gut.key(name="admin", scopes=["people:read", "keys:admin"])
+    _, target = await gut.key(name="target", scopes=["people:read"])
+    store = gut.gw.store
+    real_update = store.update_key
+    moved = []
+
+    async def operator_moves_plan_first(ws, key_id, **fields):
+        if fields.get("actor") == me["id"] and not moved:
+            moved.append(await store.update_workspace(ws, plan="limited"))  # 3/s
+        return await real_update(ws, key_id, **fields)
+
+    monkeypatch.setattr(store, "update_key", operator_moves_plan_first)
+    for session, url in ((gut.proxy, f"/_keygate/v1/keys/{target['id']}"),
+                         (gut.admin, f"/admin/v1/workspaces/acme/keys/{target['id']}")):
+        moved.clear()
+        await store.update_workspace("acme", plan="metered")
+        async with session.patch(url, json={"rate_limit": "500/s"}, headers=bearer(token)) as r:
+            body = await r.json()
+            assert (r.status, body["error"]["code"]) == (409, "conflict"), body
+            assert "plan or limits" in body["error"]["message"]
+        assert moved, "the hook never ran"
+        _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{target['id']}")
+        assert read["rate_limit"] is None
+        async with session.patch(url, json={"rate_limit": "500/s"}, headers=bearer(token)) as r:
+            assert r.status == 403, await r.text()
+    monkeypatch.undo()
+    await store.update_workspace("acme", plan="metered")
+    async with gut.proxy.patch(f"/_keygate/v1/keys/{target['id']}", json={"rate_limit": "500/s"},
+                               headers=bearer(token)) as r:
+        assert r.status == 200 and (await r.json())["rate_limit"] == "500/s", await r.text()
+
+
+async def test_a_self_service_create_is_made_only_on_the_plan_its_rate_was_judged_by(
+        gut, monkeypatch):
+    """As for a PATCH: a create's rate_limit judged against the plan, the plan slowed while
+    the create waited its turn to hash: 409 conflict and no key; the operator's creates are
+    not held to a plan's rate."""
+    await gut.workspace("acme", plan="metered")  # 1000/s
+    token, _ = await gut.key(name="admin", scopes=["people:read", "keys:admin"])
+    store = gut.gw.store
+    real_new_token = store._new_token
+    moved = []
+
+    async def plan_moved_meanwhile(*args, **kwargs):
+        made = await real_new_token(*args, **kwargs)
+        if not moved:
+            moved.append(await store.update_workspace("acme", plan="limited"))  # 3/s
+        return made
+
+    monkeypatch.setattr(store, "_new_token", plan_moved_meanwhile)
+    async with gut.proxy.post("/_keygate/v1/keys", headers=bearer(token),
+                              json={"name": "fast", "scopes": ["people:read"],
+                                    "rate_limit": "500/s"}) as r:
+        body = await r.json()
+        assert (r.status, body["error"]["code"]) == (409, "conflict"), body
+    assert moved, "the hook never ran"
+    _, listing = await gut.admin_json("GET", "/workspaces/acme/keys")
+    assert [k["name"] for k in listing["items"]] == ["admin"]
+    status, body = await gut.admin_json("POST", "/workspaces/acme/keys",
+                                        {"name": "fast", "rate_limit": "500/s"})
+    assert status == 201, body
+
+
 async def _open(gut, listener: str):
     port = gut.proxy_server.port if listener == "proxy" else gut.admin_server.port
     return await asyncio.open_connection("127.0.0.1", port)

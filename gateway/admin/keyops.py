@@ -99,6 +99,9 @@ class KeyOps:
         # the scopes this call's checks needed the acting key to hold (``_within_limit``): a
         # PATCH's script refuses if its role no longer grants them when it writes
         self._judged_scopes: dict[str, None] = {}
+        # the workspace's plan and limits a new rate_limit was judged against (the write is
+        # refused if they changed since)
+        self._plan_basis: str | None = None
 
     def _within_lifetime(self, expires_at: float | None) -> None:
         if self.limit_scopes is None or self.limit_expires_at is None:
@@ -294,14 +297,15 @@ class KeyOps:
         new = await self.store.create_key(
             self.ws, name=name, description=description, environment=environment, role=role,
             scopes=scopes, expires_at=expires_at, actor=self.actor, acting_rev=self.acting_rev,
-            acting_grants=granted, wanted=self.connected, **controls)
+            acting_grants=granted, wanted=self.connected, plan_basis=self._plan_basis,
+            **controls)
         # answered from what is known, no store read after the write: a read failing there
         # answered 503 for a key that stood, its token never shown
         return {"key": await self.key_json(new.key, roles={role: granted} if role else {},
                                            used=0), "token": new.token}
 
     async def _rate_within_plan(self, rate_limit: str) -> None:
-        workspace = await self.store.require_workspace(self.ws)
+        workspace, self._plan_basis = await self.store.capped_workspace(self.ws)
         plan = effective_plan(self.config, workspace)  # the workspace's own limits included
         if plan.rate_limit is None:
             return
@@ -352,7 +356,8 @@ class KeyOps:
                                           # the acting key as they judged it (its scopes,
                                           # expiry), still so when the change is written
                                           acting_rev=self.acting_rev,
-                                          acting_grants=tuple(self._judged_scopes))
+                                          acting_grants=tuple(self._judged_scopes),
+                                          plan_basis=self._plan_basis)
         return await self.key_json(key)
 
     async def _admin_patch_no_looser(self, key: KeyRecord, granted: tuple[str, ...] | None,

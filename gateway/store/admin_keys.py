@@ -121,6 +121,11 @@ def changed_meanwhile(key_id: str) -> Conflict:
                     "again and retry.")
 
 
+def plan_changed(ws: str, outcome: str) -> Conflict:
+    return Conflict(f"Workspace '{shown_ws(ws)}' changed its plan or limits while this call "
+                    f"was being checked against them; {outcome}. Retry.")
+
+
 def caller_gone(outcome: str) -> BadRequest:
     """Nobody reads it (the caller has gone): it is what the admin log says."""
     return BadRequest(f"The caller closed the connection before it could be answered; "
@@ -165,6 +170,12 @@ class KeyStore(StoreBase):
         if workspace is None:
             raise no_workspace(ws)
         return workspace, f"{h.get('plan', '')}\n{h.get('limits', '')}"
+
+    async def capped_workspace(self, ws: str) -> tuple[Workspace, str]:
+        """The workspace and the plan and own limits it was read with (``_capped_workspace``):
+        a check judged on its plan (self-service's rate limit) hands the latter to the write,
+        which is refused if they changed since (``plan_changed``)."""
+        return await self._capped_workspace(ws)
 
     async def list_keys(self, ws: str, status: str | None = None) -> list[KeyRecord]:
         """The workspace's keys, oldest first; ``status`` filters (active|expired|revoked)."""
@@ -396,7 +407,8 @@ class KeyStore(StoreBase):
                          allowed_ips: Sequence[str] | None = None,
                          actor: str = OPERATOR, acting_rev: int | None = None,
                          acting_grants: Sequence[str] = (),
-                         wanted: Callable[[], bool] | None = None) -> NewKey:
+                         wanted: Callable[[], bool] | None = None,
+                         plan_basis: str | None = None) -> NewKey:
         """Create a key bound to ``role`` (if given) or to ``scopes``. Raises NotFound (no such
         workspace) or Conflict ``key_limit_reached`` (the plan's active-key cap is reached;
         checked and applied in one script, so concurrent creates cannot overshoot).
@@ -405,8 +417,11 @@ class KeyStore(StoreBase):
         expired since, or if the workspace role it is bound to no longer grants it keys:admin
         and each of ``acting_grants`` (the scopes the new key gets). ``wanted``: whether the
         caller is still there to take the token, asked once the hash is made (after waiting its
-        turn): if not, nothing is written."""
+        turn): if not, nothing is written. ``plan_basis``: as for :meth:`update_key` (the
+        script writes only on the plan and limits it is given, checked here to be those)."""
         workspace, cap_basis = await self._capped_workspace(ws)
+        if plan_basis is not None and cap_basis != plan_basis:
+            raise plan_changed(ws, "no key was created")
         for _ in range(ID_ATTEMPTS):
             key_id, token, hashed = await self._new_token(
                 ws, environment, lambda: self._room(ws, 0, lambda w: self._at_cap(ws, w)))
@@ -441,6 +456,9 @@ class KeyStore(StoreBase):
                 # the workspace's cap changed while this create waited its turn to hash: its
                 # cap as it is now (the hash stays good)
                 workspace, cap_basis = await self._capped_workspace(ws)
+                if plan_basis is not None and cap_basis != plan_basis:
+                    await self._release_id(key_id)
+                    raise plan_changed(ws, "no key was created")
             if reply == "ok":
                 if wanted is not None and not wanted():  # gone while the store made it
                     self._take_back(ws, key_id, None, actor, "was made as its caller left")
@@ -741,7 +759,8 @@ class KeyStore(StoreBase):
                          monthly_requests: Any = UNSET, enabled: Any = UNSET, meta: Any = UNSET,
                          allowed_ips: Any = UNSET, actor: str = OPERATOR,
                          expect_rev: int | None = None, acting_rev: int | None = None,
-                         acting_grants: Sequence[str] = ()) -> KeyRecord:
+                         acting_grants: Sequence[str] = (),
+                         plan_basis: str | None = None) -> KeyRecord:
         """Change the given fields (UNSET = leave as is). ``role`` binds the key to a role,
         ``scopes`` to explicit scopes (the other binding is cleared); ``expires_at`` None
         removes the expiry. Bumps the key's rev: every replica applies it on the next request.
@@ -751,7 +770,9 @@ class KeyStore(StoreBase):
         e.g. self-service's loosening checks), Conflict if the key changed since, and nothing
         is written. ``acting_rev``, ``acting_grants``: as for :meth:`create_key` (the scopes
         the change was judged to need of the acting key: those it binds the key to, and the key's
-        own when it loosens or extends it)."""
+        own when it loosens or extends it). ``plan_basis``: the workspace's plan and limits a
+        new ``rate_limit`` was judged against (``capped_workspace``): Conflict, nothing
+        written, if they changed since."""
         fields: list[str] = []
         details: dict[str, Any] = {}
         if name is not UNSET:
@@ -799,7 +820,7 @@ class KeyStore(StoreBase):
                  json.dumps(dict.fromkeys(self.config.roles, True))
                  if score and role is UNSET and scopes is UNSET else "", cap_basis,
                  "" if acting_rev is None else acting_rev, json.dumps(list(acting_grants)),
-                 *fields))
+                 plan_basis or "", *fields))
             if reply != "stale_ws":  # else the cap changed since it was read: read it again
                 break
         if reply == "stale_ws":  # its cap changed under it every time
@@ -809,6 +830,8 @@ class KeyStore(StoreBase):
             raise unknown_role(ws, role)
         if reply == "actor_changed":
             raise acting_key_changed(actor, "nothing was changed")
+        if reply == "plan_changed":
+            raise plan_changed(ws, "nothing was changed")
         if isinstance(reply, list) and reply[:1] == ["unbound"]:
             raise Conflict(f"Key '{shown(key_id, 12)}' is bound to role "
                            f"'{shown(reply[1])}', which neither workspace '{shown_ws(ws)}' nor "

@@ -27,12 +27,15 @@
 --         disabled, changed or expired since, or whose workspace role no longer grants
 --         keys:admin and those, changes nothing ('actor_changed'; _acting_key.lua). KEYS[7]:
 --         the acting key's hash (the operator's: unread)
--- ARGV[13..] field, value pairs
+-- ARGV[13] the workspace's plan and own limits a new rate_limit was judged against (a
+--         workspace admin key's: never above the plan's rate), joined as _cap_basis.lua has
+--         them ('' = none judged): a change of either since is 'plan_changed', nothing written
+-- ARGV[14..] field, value pairs
 -- An active key given a later expiry (or none) needs that room too while the workspace is over
 -- its cap ('over_limit'): the old key of a rotation's grace would otherwise keep it over.
 -- Returns the key hash (HGETALL), nil when the key does not exist, 'limit', 'over_limit', 'stale',
 -- 'stale_ws', 'no_role' (ARGV[8] is not defined; nothing written), 'actor_changed' (see
--- ARGV[11]) or {'unbound', role} (see ARGV[9]).
+-- ARGV[11]), 'plan_changed' (see ARGV[13]) or {'unbound', role} (see ARGV[9]).
 -- KEYS[8] and the last ARGV (a call that may be sent again): this call's marker
 -- kg:once:{ws}:admin:<call-id> and how long it is kept, ms: a copy of a call that ran
 -- answers as it did, doing nothing again (_once.lua)
@@ -50,6 +53,7 @@ local function update()
   if acting_key_changed(KEYS[7], ARGV[11], ARGV[3], KEYS[4], ARGV[12]) then
     return 'actor_changed'
   end
+  if (ARGV[13] or '') ~= '' and cap_basis_changed(KEYS[5], ARGV[13]) then return 'plan_changed' end
   if ARGV[7] ~= '' and (st[3] or '0') ~= ARGV[7] then return 'stale' end
   if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[4], ARGV[8]) == 0 then return 'no_role' end
   local revoked = st[2] and st[2] ~= ''
@@ -95,9 +99,9 @@ local function update()
   if redated then  -- the key's expiry is the one given now, a grace it was in apart
     redis.call('HDEL', KEYS[1], 'own_expires_at')
   end
-  if once_args >= 14 then
+  if once_args >= 15 then
     local fields = {}
-    for i = 13, once_args do fields[#fields + 1] = ARGV[i] end
+    for i = 14, once_args do fields[#fields + 1] = ARGV[i] end
     redis.call('HSET', KEYS[1], unpack(fields))
   end
   if not revoked then
