@@ -465,11 +465,12 @@ def test_a_copy_of_a_marked_call_answers_as_it_did_and_an_unmarked_call_runs_as_
     # nil answered (no such key), and a hash that is gone by the copy (the key deleted)
     delete = load("admin_delete_key").text
     keys = ("kg:key:{b}:k1", "kg:ws:{b}:keys", "kg:ws:{b}:active", "kg:ws:{b}:audit",
-            "kg:gone:{b}:k1")
-    assert [r.eval(delete, 6, *keys, "kg:once:{b}:admin:t:3", "k1", 1000, "{}", 100, 30000)
+            "kg:gone:{b}:k1", "kg:key:{b}:k0", "kg:ws:{b}:roles")
+    assert [r.eval(delete, 8, *keys, "kg:once:{b}:admin:t:3", "k1", 1000, "{}", 100, "", 30000)
             for _ in range(2)] == [None, None]
     r.hset("kg:key:{b}:k1", mapping={"id": "k1", "revoked_at": "900", "name": "n"})
-    answers = [r.eval(delete, 6, *keys, "kg:once:{b}:admin:t:4", "k1", 1000, "{}", 100, 30000)
+    answers = [r.eval(delete, 8, *keys, "kg:once:{b}:admin:t:4", "k1", 1000, "{}", 100, "",
+                      30000)
                for _ in range(2)]
     assert answers[0] == answers[1] and b"k1" in answers[0]
     assert not r.exists("kg:key:{b}:k1") and r.xlen("kg:ws:{b}:audit") == 3
@@ -531,12 +532,14 @@ def test_a_refusal_of_each_admin_script_records_no_marker_and_a_change_does(redi
     undone = "kg:ws:{nows}:undone:k1"
     calls = {  # script: (its own keys, its own ARGV, the refusal answered)
         "update_workspace": ((ws, audit), ("{}", 100, ""), None),
-        "revoke_key": ((k, active, audit), ("k1", 1000, "{}", 100), None),
-        "delete_key": ((k, keys_, active, audit), ("k1", 1000, "{}", 100), None),
+        "revoke_key": ((k, active, audit, k, roles), ("k1", 1000, "{}", 100, ""), None),
+        "delete_key": ((k, keys_, active, audit, "kg:gone:{nows}:k1", k, roles),
+                       ("k1", 1000, "{}", 100, ""), None),
         "set_role": ((ws, roles, audit, bindings), ("delete", "r", "", "{}", 100, "", ""),
                      b"no_workspace"),
-        "update_key": ((k, active, audit, roles, ws, bindings),
-                       ("k1", "", 1000, -1, "{}", 100, "", "", "", ""), None),
+        "update_key": ((k, active, audit, roles, ws, bindings, k),
+                       ("k1", "", 1000, -1, "{}", 100, "", "", "", "", "", "[]", ""),
+                       None),
         "add_key": ((ws, keys_, active, k, audit, roles, k, k, undone, bindings),
                     (1000, -1, "+inf", "k1", "{}", 100, "", "", "", "", "", "", "[]",
                      "id", "k1"), b"no_workspace"),

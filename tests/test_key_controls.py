@@ -1122,6 +1122,373 @@ async def test_a_self_service_patch_is_refused_if_the_key_changed_after_it_was_j
     assert status == 200 and body["allowed_ips"] is None
 
 
+async def test_a_self_service_rate_is_written_only_on_the_plan_it_was_judged_by(
+        gut, monkeypatch):
+    """A workspace key's PATCH of a rate_limit is judged against the workspace's plan (never
+    faster); the operator moves the workspace to a slower plan between that judging and the
+    write: the write, judged on the old plan, gave the key a rate above the new plan's. Now it
+    is written only on the plan and limits it was judged by: 409 conflict, nothing written;
+    judged again on the plan as it is, 403."""
+    await gut.workspace("acme", plan="metered")  # 1000/s
+    token, me = await gut.key(name="admin", scopes=["people:read", "keys:admin"])
+    _, target = await gut.key(name="target", scopes=["people:read"])
+    store = gut.gw.store
+    real_update = store.update_key
+    moved = []
+
+    async def operator_moves_plan_first(ws, key_id, **fields):
+        if fields.get("actor") == me["id"] and not moved:
+            moved.append(await store.update_workspace(ws, plan="limited"))  # 3/s
+        return await real_update(ws, key_id, **fields)
+
+    monkeypatch.setattr(store, "update_key", operator_moves_plan_first)
+    for session, url in ((gut.proxy, f"/_keygate/v1/keys/{target['id']}"),
+                         (gut.admin, f"/admin/v1/workspaces/acme/keys/{target['id']}")):
+        moved.clear()
+        await store.update_workspace("acme", plan="metered")
+        async with session.patch(url, json={"rate_limit": "500/s"}, headers=bearer(token)) as r:
+            body = await r.json()
+            assert (r.status, body["error"]["code"]) == (409, "conflict"), body
+            assert "plan or limits" in body["error"]["message"]
+        assert moved, "the hook never ran"
+        _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{target['id']}")
+        assert read["rate_limit"] is None
+        async with session.patch(url, json={"rate_limit": "500/s"}, headers=bearer(token)) as r:
+            assert r.status == 403, await r.text()
+    monkeypatch.undo()
+    await store.update_workspace("acme", plan="metered")
+    async with gut.proxy.patch(f"/_keygate/v1/keys/{target['id']}", json={"rate_limit": "500/s"},
+                               headers=bearer(token)) as r:
+        assert r.status == 200 and (await r.json())["rate_limit"] == "500/s", await r.text()
+
+
+async def test_a_self_service_create_is_made_only_on_the_plan_its_rate_was_judged_by(
+        gut, monkeypatch):
+    """As for a PATCH: a create's rate_limit judged against the plan, the plan slowed while
+    the create waited its turn to hash: 409 conflict and no key; the operator's creates are
+    not held to a plan's rate."""
+    await gut.workspace("acme", plan="metered")  # 1000/s
+    token, _ = await gut.key(name="admin", scopes=["people:read", "keys:admin"])
+    store = gut.gw.store
+    real_new_token = store._new_token
+    moved = []
+
+    async def plan_moved_meanwhile(*args, **kwargs):
+        made = await real_new_token(*args, **kwargs)
+        if not moved:
+            moved.append(await store.update_workspace("acme", plan="limited"))  # 3/s
+        return made
+
+    monkeypatch.setattr(store, "_new_token", plan_moved_meanwhile)
+    async with gut.proxy.post("/_keygate/v1/keys", headers=bearer(token),
+                              json={"name": "fast", "scopes": ["people:read"],
+                                    "rate_limit": "500/s"}) as r:
+        body = await r.json()
+        assert (r.status, body["error"]["code"]) == (409, "conflict"), body
+    assert moved, "the hook never ran"
+    _, listing = await gut.admin_json("GET", "/workspaces/acme/keys")
+    assert [k["name"] for k in listing["items"]] == ["admin"]
+    status, body = await gut.admin_json("POST", "/workspaces/acme/keys",
+                                        {"name": "fast", "rate_limit": "500/s"})
+    assert status == 201, body
+
+
+async def _open(gut, listener: str):
+    port = gut.proxy_server.port if listener == "proxy" else gut.admin_server.port
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    body = await asyncio.wait_for(reader.readexactly(length), 10)
+    return status, json.loads(body) if body else {}
+
+
+async def _start_held_body(gut, listener: str, method: str, path: str, token: str,
+                           body: bytes):
+    """Send a request's head with ``Expect: 100-continue``; return once keygate has admitted
+    the caller and asked for the body (its ``100 Continue``), the body still unsent."""
+    reader, writer = await _open(gut, listener)
+    writer.write((f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                  f"Expect: 100-continue\r\n\r\n").encode())
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert interim.startswith(b"HTTP/1.1 100"), interim
+    return reader, writer
+
+
+def _prefix(listener: str) -> str:
+    return "/_keygate/v1/keys" if listener == "proxy" else "/admin/v1/workspaces/acme/keys"
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+@pytest.mark.parametrize("change", ["revoke", "descope", "disable"])
+async def test_a_patch_by_an_admin_key_revoked_or_narrowed_in_flight_grants_nothing(
+        gut, listener, change):
+    """The acting key (keys:admin, people:read, people:write) is authenticated and judged when
+    its PATCH's head arrives; its body is read afterwards. The operator revokes it (or takes
+    keys:admin and people:write from it, or disables it) before the body comes: the PATCH
+    re-bound another key to people:write. Now its write checks the acting key again, as a
+    create's or rotation's does (lua/_acting_key.lua): 409 conflict, nothing written."""
+    await gut.workspace("acme", plan="unlimited")
+    token, me = await gut.key(name="admin",
+                              scopes=["keys:admin", "people:read", "people:write"])
+    _, target = await gut.key(name="target", scopes=["people:read"])
+    body = json.dumps({"scopes": ["people:read", "people:write"]}).encode()
+    reader, writer = await _start_held_body(gut, listener, "PATCH",
+                                            f"{_prefix(listener)}/{target['id']}", token, body)
+    try:
+        if change == "revoke":
+            status, answer = await gut.admin_json("POST",
+                                                  f"/workspaces/acme/keys/{me['id']}/revoke")
+        elif change == "descope":
+            status, answer = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{me['id']}",
+                                                  {"scopes": ["people:read"]})
+        else:
+            status, answer = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{me['id']}",
+                                                  {"enabled": False})
+        assert status == 200, answer
+        writer.write(body)
+        await writer.drain()
+        status, answer = await _read_response(reader)
+    finally:
+        writer.close()
+    _, now = await gut.admin_json("GET", f"/workspaces/acme/keys/{target['id']}")
+    assert now["scopes"] == ["people:read"], (
+        f"a key that no longer may ({change}) widened another key: {status} {answer}")
+    assert (status, answer["error"]["code"]) == (409, "conflict"), (status, answer)
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+async def test_a_revoked_admin_keys_held_requests_cannot_revoke_the_workspaces_keys(
+        gut, listener):
+    """The same window, for a leaked admin key the operator revokes: requests it opened before
+    the revocation (each admitted at its head, the body held back up to server.timeouts.body,
+    60 s) revoked the workspace's integration keys afterwards. Now nothing is changed by a
+    key that was revoked before the change was written (as for creates and rotations: 409
+    conflict, nothing written)."""
+    await gut.workspace("acme", plan="unlimited")
+    token, me = await gut.key(name="leaked", scopes=["keys:admin", "people:read"])
+    _, prod = await gut.key(name="production", scopes=["people:read"])
+    held = await _start_held_body(gut, listener, "POST",
+                                  f"{_prefix(listener)}/{prod['id']}/revoke", token, b"{}")
+    reader, writer = held
+    try:
+        status, answer = await gut.admin_json("POST", f"/workspaces/acme/keys/{me['id']}/revoke")
+        assert status == 200, answer
+        writer.write(b"{}")
+        await writer.drain()
+        status, answer = await _read_response(reader)
+    finally:
+        writer.close()
+    _, now = await gut.admin_json("GET", f"/workspaces/acme/keys/{prod['id']}")
+    assert now["status"] == "active", (
+        f"a revoked key revoked the production key: {status} {answer.get('error', '')}")
+    assert (status, answer["error"]["code"]) == (409, "conflict"), (status, answer)
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+async def test_a_patch_by_an_admin_key_whose_role_was_narrowed_in_flight_grants_nothing(
+        gut, listener):
+    """The acting key is bound to a workspace role; the operator redefines the role without
+    people:write while the PATCH's body is held (a role edit changes no key's rev): the
+    PATCH, judged on the role as it was, gives another key nothing (409), as a create or a
+    rotation would not. With the role as it is now, a PATCH within it still goes through."""
+    await gut.workspace("acme", plan="unlimited")
+    status, _ = await gut.admin_json("PUT", "/workspaces/acme/roles/ws-admin",
+                                     {"scopes": ["keys:admin", "people:read", "people:write"]})
+    assert status == 200
+    token, me = await gut.key(name="admin", role="ws-admin")
+    _, target = await gut.key(name="target", scopes=["people:read"])
+    body = json.dumps({"scopes": ["people:read", "people:write"]}).encode()
+    reader, writer = await _start_held_body(gut, listener, "PATCH",
+                                            f"{_prefix(listener)}/{target['id']}", token, body)
+    try:
+        status, answer = await gut.admin_json("PUT", "/workspaces/acme/roles/ws-admin",
+                                              {"scopes": ["keys:admin", "people:read"]})
+        assert status == 200, answer
+        writer.write(body)
+        await writer.drain()
+        status, answer = await _read_response(reader)
+    finally:
+        writer.close()
+    assert (status, answer["error"]["code"]) == (409, "conflict"), answer
+    _, now = await gut.admin_json("GET", f"/workspaces/acme/keys/{target['id']}")
+    assert now["scopes"] == ["people:read"]
+    session = gut.proxy if listener == "proxy" else gut.admin
+    async with session.patch(f"{_prefix(listener)}/{target['id']}", json={"name": "renamed"},
+                             headers=bearer(token)) as r:
+        assert r.status == 200, await r.text()
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+async def test_a_delete_by_an_admin_key_changed_since_it_was_judged_deletes_nothing(
+        gut, listener):
+    """A DELETE's body (none needed, but a 400 for unknown fields) is read after its head was
+    judged: an acting key revoked meanwhile deletes nothing (409 conflict), as it revokes and
+    patches nothing; the operator's delete is not held to any acting key."""
+    await gut.workspace("acme", plan="unlimited")
+    token, me = await gut.key(name="admin", scopes=["keys:admin", "people:read"])
+    _, old = await gut.key(name="old", scopes=["people:read"])
+    status, _ = await gut.admin_json("POST", f"/workspaces/acme/keys/{old['id']}/revoke")
+    assert status == 200
+    reader, writer = await _start_held_body(gut, listener, "DELETE",
+                                            f"{_prefix(listener)}/{old['id']}", token, b"{}")
+    try:
+        status, answer = await gut.admin_json("POST", f"/workspaces/acme/keys/{me['id']}/revoke")
+        assert status == 200, answer
+        writer.write(b"{}")
+        await writer.drain()
+        status, answer = await _read_response(reader)
+    finally:
+        writer.close()
+    assert (status, answer["error"]["code"]) == (409, "conflict"), answer
+    assert "was revoked, disabled, changed or expired" in answer["error"]["message"]
+    status, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{old['id']}")
+    assert (status, read["status"]) == (200, "revoked")
+    status, _ = await gut.admin_json("DELETE", f"/workspaces/acme/keys/{old['id']}")
+    assert status == 200
+    status, _ = await gut.admin_json("GET", f"/workspaces/acme/keys/{old['id']}")
+    assert status == 404
+
+
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+async def test_rotating_a_key_in_its_grace_again_never_leaves_the_workspace_over_its_cap(
+        gut, listener):
+    """Plan 'starter': max_keys 5. A keys:admin key fills the cap, rotates one key with a grace
+    (one over the cap for the grace: documented) and then rotates the same old key again
+    without a grace. The add script took the old key for an active key being replaced (no
+    cap check): the old key was revoked and BOTH successors stayed active for good, 6 active
+    keys under a cap of 5 (docs/api.md: "the workspace may go one key over its cap, never
+    more", "for a while"). A key whose successor is active now meets the cap as a create
+    does: 409 key_limit_reached, and the grace runs on; revoking the old key still works."""
+    await gut.workspace("acme", plan="starter")
+    token, me = await gut.key(name="admin", scopes=["keys:admin", "people:read"])
+    prefix = _prefix(listener)
+    session = gut.proxy if listener == "proxy" else gut.admin
+    headers = bearer(token)
+
+    async def post(path: str, body: dict) -> tuple[int, dict]:
+        async with session.post(prefix + path, json=body, headers=headers) as r:
+            return r.status, await r.json()
+
+    ids = []
+    for i in range(4):
+        status, made = await post("", {"name": f"k{i}", "scopes": ["people:read"]})
+        assert status == 201, made
+        ids.append(made["key"]["id"])
+    status, answer = await post("", {"name": "over", "scopes": ["people:read"]})
+    assert (status, answer["error"]["code"]) == (409, "key_limit_reached")
+    victim = ids[-1]
+    status, first = await post(f"/{victim}/rotate", {"grace_seconds": 3600})
+    assert status == 201, first
+    status, second = await post(f"/{victim}/rotate", {"grace_seconds": 0})
+    _, listing = await gut.admin_json("GET", "/workspaces/acme/keys?status=active")
+    active = listing["items"]
+    in_grace = [k for k in active if k["id"] == victim]
+    assert len(active) - len(in_grace) <= 5, (
+        f"second rotation answered {status}; {len(active)} active keys under a cap of 5, "
+        f"none in a grace: {[(k['name'], k['expires_at']) for k in active]}")
+    assert (status, second["error"]["code"]) == (409, "key_limit_reached"), second
+    assert len(active) == 6 and in_grace, active  # the first rotation's grace runs on
+    # with a grace asked, refused as well (it was already: the workspace is over its cap)
+    status, third = await post(f"/{victim}/rotate", {"grace_seconds": 60})
+    assert (status, third["error"]["code"]) == (409, "key_limit_reached"), third
+    # the old key can be revoked (the integration moved to its successor): back at the cap
+    status, _ = await post(f"/{victim}/revoke", {})
+    assert status == 200
+    _, listing = await gut.admin_json("GET", "/workspaces/acme/keys?status=active")
+    assert len(listing["items"]) == 5
+
+
+async def test_a_key_in_its_grace_is_held_to_the_cap_while_its_successor_is_active(gut):
+    """The operator's rotations meet the same cap: a key in its grace whose successor is
+    active is rotated again only within the cap, also once a rename has cleared the
+    rotation's 'rotated_to' mark; with its successor revoked it is the integration's only key
+    again, and a rotation without a grace replaces it as before, at the cap."""
+    await gut.workspace("acme", plan="starter")  # max_keys 5
+    ids = [(await gut.key(name=f"k{i}"))[1]["id"] for i in range(5)]
+    old = ids[-1]
+    keys = "/workspaces/acme/keys"
+    status, first = await gut.admin_json("POST", f"{keys}/{old}/rotate", {"grace_seconds": 3600})
+    assert status == 201, first
+    status, _ = await gut.admin_json("PATCH", f"{keys}/{old}", {"name": "renamed"})
+    assert status == 200
+    status, body = await gut.admin_json("POST", f"{keys}/{old}/rotate", {"grace_seconds": 0})
+    assert (status, body["error"]["code"]) == (409, "key_limit_reached"), body
+    status, _ = await gut.admin_json("POST", f"{keys}/{first['key']['id']}/revoke")
+    assert status == 200
+    status, second = await gut.admin_json("POST", f"{keys}/{old}/rotate", {"grace_seconds": 0})
+    assert status == 201, second
+    _, listing = await gut.admin_json("GET", f"{keys}?status=active")
+    assert sorted(k["id"] for k in listing["items"]) == sorted(ids[:4] + [second["key"]["id"]])
+
+
+async def test_a_restricted_admin_key_cannot_revive_an_expired_unrestricted_admin_key(
+        redis_url, upstream, monkeypatch):
+    """The operator bound the workspace's admin key to the office network (A), and the old,
+    unrestricted admin key X has expired. Self-service refuses to let A rotate X (a fresh
+    unrestricted admin token) or enable X if it were disabled ("loosens (enabling it
+    included)"), but A could give X a new expiry: X, expired, was active again, with no
+    allow-list, and its old token managed the workspace from anywhere. Reviving an expired
+    key is an enabling in all but name (docs/security.md: "Without this, an admin key the
+    operator bound to the office network ... could ... manage the workspace's keys from
+    anywhere"): now 403 insufficient_scope, as for rotating it. An expired admin key as
+    restricted as A is still revived by A, and an active wider one still re-dated."""
+    clock = Clock(time.time())
+    config = make_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch, clock=clock) as gut:
+        await gut.workspace("acme", plan="unlimited")
+        x_token, x = await gut.key(name="old-admin", scopes=["keys:admin", "people:read"],
+                                   expires_in=60)
+        a_token, a = await gut.key(name="office-admin", scopes=["keys:admin", "people:read"],
+                                   allowed_ips=["127.0.0.0/8"], monthly_requests=100)
+        clock.now += 120
+        _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{x['id']}")
+        assert read["status"] == "expired"
+        path = f"/_keygate/v1/keys/{x['id']}"
+        async with gut.proxy.post(path + "/rotate", json={}, headers=bearer(a_token)) as r:
+            assert r.status == 403, await r.text()  # rotating it: refused, as documented
+        async with gut.proxy.patch(path, json={"expires_at": "2099-01-01T00:00:00Z"},
+                                   headers=bearer(a_token)) as r:
+            status, body = r.status, await r.json()
+        async with gut.proxy.get("/_keygate/v1/keys", headers=bearer(x_token)) as r:
+            revived = r.status
+        assert (status, revived) == (403, 401), (
+            f"re-dating the expired unrestricted admin key answered {status}; its old token "
+            f"now answers {revived} on /_keygate/v1/keys ({body.get('status')}, "
+            f"allowed_ips={body.get('allowed_ips')})")
+        assert body["error"]["code"] == "insufficient_scope", body
+        # on the admin listener too
+        async with gut.admin.patch(f"/admin/v1/workspaces/acme/keys/{x['id']}",
+                                   json={"expires_at": None}, headers=bearer(a_token)) as r:
+            assert r.status == 403, await r.text()
+        _, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{x['id']}")
+        assert read["status"] == "expired"
+        # an expired admin key within A's limits: A brings it back
+        _, y = await gut.key(name="office-deputy", scopes=["keys:admin"], expires_in=60,
+                             allowed_ips=["127.0.0.1/32"], monthly_requests=50)
+        clock.now += 120
+        async with gut.proxy.patch(f"/_keygate/v1/keys/{y['id']}",
+                                   json={"expires_at": "2099-01-01T00:00:00Z"},
+                                   headers=bearer(a_token)) as r:
+            assert r.status == 200 and (await r.json())["status"] == "active", await r.text()
+        # X brought back by the operator: A may still re-date it (an active key)
+        status, _ = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{x['id']}",
+                                         {"expires_at": "2099-01-01T00:00:00Z"})
+        assert status == 200
+        async with gut.proxy.patch(path, json={"expires_at": "2098-01-01T00:00:00Z"},
+                                   headers=bearer(a_token)) as r:
+            assert r.status == 200, await r.text()
+
+
 # --- days, months and rotation ------------------------------------------------------------------
 
 async def test_days_and_the_keys_month_turn_over_at_midnight_utc(redis_url, upstream,

@@ -199,13 +199,14 @@ def test_both_scripts_meeting_the_key_cap_refuse_a_changed_plan_or_limits(redis_
                 "kg:ws:{acme}:bindings")
     update = load("admin_update_key").text
     update_keys = ("kg:key:{acme}:k1", "kg:ws:{acme}:active", "kg:ws:{acme}:audit",
-                   "kg:ws:{acme}:roles", "kg:ws:{acme}", "kg:ws:{acme}:bindings")
+                   "kg:ws:{acme}:roles", "kg:ws:{acme}", "kg:ws:{acme}:bindings",
+                   "kg:key:{acme}:k1")
     for basis, answer in ((changed, "stale_ws"), (stored, "ok")):
         assert r.eval(add, len(add_keys), *add_keys, 1000, 5, "+inf", "k2", "{}", 100, "",
                       "", "", "", basis, "", "", "id", "k2") == answer
     assert r.eval(update, len(update_keys), *update_keys, "k1", "+inf", 1000, 5, "{}", 100,
-                  "", "", "", changed) == "stale_ws"
+                  "", "", "", changed, "", "[]", "") == "stale_ws"
     assert r.zscore("kg:ws:{acme}:active", "k1") is None  # nothing written
     reply = r.eval(update, len(update_keys), *update_keys, "k1", "+inf", 1000, 5, "{}", 100,
-                   "", "", "", stored)
+                   "", "", "", stored, "", "[]", "")
     assert "k1" in reply and r.zscore("kg:ws:{acme}:active", "k1") == float("inf")

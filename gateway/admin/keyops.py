@@ -96,6 +96,12 @@ class KeyOps:
         self.limit_scopes = None if actor.is_operator else actor.scopes
         self.limit_expires_at = None if actor.is_operator else actor.expires_at
         self.acting_rev = None if actor.is_operator else actor.rev
+        # the scopes this call's checks needed the acting key to hold (``_within_limit``): a
+        # PATCH's script refuses if its role no longer grants them when it writes
+        self._judged_scopes: dict[str, None] = {}
+        # the workspace's plan and limits a new rate_limit was judged against (the write is
+        # refused if they changed since)
+        self._plan_basis: str | None = None
 
     def _within_lifetime(self, expires_at: float | None) -> None:
         if self.limit_scopes is None or self.limit_expires_at is None:
@@ -154,7 +160,10 @@ class KeyOps:
                              f"{self.ws}/roles/{role}) first.")
 
     def _within_limit(self, scopes: tuple[str, ...], verb: str = "grant") -> None:
-        if self.limit_scopes is None or "ALL" in self.limit_scopes:
+        if self.limit_scopes is None:
+            return
+        self._judged_scopes.update(dict.fromkeys(scopes))
+        if "ALL" in self.limit_scopes:
             return
         wider = [s for s in scopes if s not in self.limit_scopes]
         if wider:
@@ -222,7 +231,8 @@ class KeyOps:
         return body
 
     async def delete(self, key_id: str) -> dict:
-        key = await self.store.delete_key(self.ws, self._key_id(key_id), actor=self.actor)
+        key = await self.store.delete_key(self.ws, self._key_id(key_id), actor=self.actor,
+                                          acting_rev=self.acting_rev)
         return await self.key_json(key, used=0)
 
     async def daily(self, key_id: str, query: Mapping[str, str]) -> dict:
@@ -250,7 +260,7 @@ class KeyOps:
             return controls
         if controls.get("rate_limit") is not None:
             await self._rate_within_plan(controls["rate_limit"])
-        if target is not None and _loosens(target, controls):
+        if target is not None and _loosens(target, controls, self.store.clock()):
             if target.id == self.actor:  # else the operator's limits on it bind nothing
                 raise Forbidden("A key cannot loosen its own limits (lift its cap, raise its "
                                 "rate, widen its addresses); the operator can.")
@@ -287,14 +297,15 @@ class KeyOps:
         new = await self.store.create_key(
             self.ws, name=name, description=description, environment=environment, role=role,
             scopes=scopes, expires_at=expires_at, actor=self.actor, acting_rev=self.acting_rev,
-            acting_grants=granted, wanted=self.connected, **controls)
+            acting_grants=granted, wanted=self.connected, plan_basis=self._plan_basis,
+            **controls)
         # answered from what is known, no store read after the write: a read failing there
         # answered 503 for a key that stood, its token never shown
         return {"key": await self.key_json(new.key, roles={role: granted} if role else {},
                                            used=0), "token": new.token}
 
     async def _rate_within_plan(self, rate_limit: str) -> None:
-        workspace = await self.store.require_workspace(self.ws)
+        workspace, self._plan_basis = await self.store.capped_workspace(self.ws)
         plan = effective_plan(self.config, workspace)  # the workspace's own limits included
         if plan.rate_limit is None:
             return
@@ -341,7 +352,12 @@ class KeyOps:
         key = await self.store.update_key(self.ws, key_id, actor=self.actor,
                                           **{f: changes.get(f, UNSET) for f in PATCH_FIELDS},
                                           expect_rev=None if self.limit_scopes is None
-                                          else current.rev)  # the rev the checks judged
+                                          else current.rev,  # the rev the checks judged
+                                          # the acting key as they judged it (its scopes,
+                                          # expiry), still so when the change is written
+                                          acting_rev=self.acting_rev,
+                                          acting_grants=tuple(self._judged_scopes),
+                                          plan_basis=self._plan_basis)
         return await self.key_json(key)
 
     async def _admin_patch_no_looser(self, key: KeyRecord, granted: tuple[str, ...] | None,
@@ -349,8 +365,9 @@ class KeyOps:
         """Self-service: a PATCH that leaves ``key`` holding ``keys:admin`` and gives it a
         scope it lacked or loosens its limits must leave it no less restricted than the acting
         key. Renaming, re-dating and tightening a wider admin key (the operator's) stay open.
-        Enabling a disabled key loosens it too (as ``_loosens`` has it)."""
-        widens = _loosens(key, changes)
+        Enabling a disabled key loosens it too, and so does a new expiry for an expired key,
+        which brings it back to life (as ``_loosens`` has it)."""
+        widens = _loosens(key, changes, self.store.clock())
         if granted is None and not widens:
             return
         held = await self.store.effective_scopes(self.ws, key)
@@ -371,7 +388,8 @@ class KeyOps:
 
     async def revoke(self, key_id: str, raw: bytes) -> dict:
         parse_body(raw, (), operator_token=self._operator_token)
-        key = await self.store.revoke_key(self.ws, self._key_id(key_id), actor=self.actor)
+        key = await self.store.revoke_key(self.ws, self._key_id(key_id), actor=self.actor,
+                                          acting_rev=self.acting_rev)
         return await self.key_json(key)
 
     async def rotate(self, key_id: str, raw: bytes) -> dict:
@@ -413,9 +431,13 @@ class KeyOps:
                 "token": new.token}
 
 
-def _loosens(key: KeyRecord, controls: Mapping[str, Any]) -> bool:
-    """Whether ``controls`` would let ``key`` do more than it may now."""
+def _loosens(key: KeyRecord, controls: Mapping[str, Any], now: float) -> bool:
+    """Whether ``controls`` (a PATCH's changes) would let ``key`` do more than it may now:
+    enabling a disabled key, giving an expired key a new expiry (or none: it is active again),
+    or a limit made looser (``_widened``)."""
     if controls.get("enabled") is True and not key.enabled:
+        return True
+    if "expires_at" in controls and key.revoked_at is None and key.status(now) == "expired":
         return True
     return bool(_widened(key, controls))
 

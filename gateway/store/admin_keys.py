@@ -121,6 +121,11 @@ def changed_meanwhile(key_id: str) -> Conflict:
                     "again and retry.")
 
 
+def plan_changed(ws: str, outcome: str) -> Conflict:
+    return Conflict(f"Workspace '{shown_ws(ws)}' changed its plan or limits while this call "
+                    f"was being checked against them; {outcome}. Retry.")
+
+
 def caller_gone(outcome: str) -> BadRequest:
     """Nobody reads it (the caller has gone): it is what the admin log says."""
     return BadRequest(f"The caller closed the connection before it could be answered; "
@@ -165,6 +170,12 @@ class KeyStore(StoreBase):
         if workspace is None:
             raise no_workspace(ws)
         return workspace, f"{h.get('plan', '')}\n{h.get('limits', '')}"
+
+    async def capped_workspace(self, ws: str) -> tuple[Workspace, str]:
+        """The workspace and the plan and own limits it was read with (``_capped_workspace``):
+        a check judged on its plan (self-service's rate limit) hands the latter to the write,
+        which is refused if they changed since (``plan_changed``)."""
+        return await self._capped_workspace(ws)
 
     async def list_keys(self, ws: str, status: str | None = None) -> list[KeyRecord]:
         """The workspace's keys, oldest first; ``status`` filters (active|expired|revoked)."""
@@ -396,7 +407,8 @@ class KeyStore(StoreBase):
                          allowed_ips: Sequence[str] | None = None,
                          actor: str = OPERATOR, acting_rev: int | None = None,
                          acting_grants: Sequence[str] = (),
-                         wanted: Callable[[], bool] | None = None) -> NewKey:
+                         wanted: Callable[[], bool] | None = None,
+                         plan_basis: str | None = None) -> NewKey:
         """Create a key bound to ``role`` (if given) or to ``scopes``. Raises NotFound (no such
         workspace) or Conflict ``key_limit_reached`` (the plan's active-key cap is reached;
         checked and applied in one script, so concurrent creates cannot overshoot).
@@ -405,8 +417,11 @@ class KeyStore(StoreBase):
         expired since, or if the workspace role it is bound to no longer grants it keys:admin
         and each of ``acting_grants`` (the scopes the new key gets). ``wanted``: whether the
         caller is still there to take the token, asked once the hash is made (after waiting its
-        turn): if not, nothing is written."""
+        turn): if not, nothing is written. ``plan_basis``: as for :meth:`update_key` (the
+        script writes only on the plan and limits it is given, checked here to be those)."""
         workspace, cap_basis = await self._capped_workspace(ws)
+        if plan_basis is not None and cap_basis != plan_basis:
+            raise plan_changed(ws, "no key was created")
         for _ in range(ID_ATTEMPTS):
             key_id, token, hashed = await self._new_token(
                 ws, environment, lambda: self._room(ws, 0, lambda w: self._at_cap(ws, w)))
@@ -441,6 +456,9 @@ class KeyStore(StoreBase):
                 # the workspace's cap changed while this create waited its turn to hash: its
                 # cap as it is now (the hash stays good)
                 workspace, cap_basis = await self._capped_workspace(ws)
+                if plan_basis is not None and cap_basis != plan_basis:
+                    await self._release_id(key_id)
+                    raise plan_changed(ws, "no key was created")
             if reply == "ok":
                 if wanted is not None and not wanted():  # gone while the store made it
                     self._take_back(ws, key_id, None, actor, "was made as its caller left")
@@ -566,6 +584,8 @@ class KeyStore(StoreBase):
                     raise self._expired_at_cap(ws, key_id, workspace)
                 if reply == "grace_limit":
                     raise self._over_cap_in_grace(ws, workspace)
+                if reply == "successor_limit":
+                    raise self._superseded_at_cap(ws, key_id, workspace)
                 if reply == "actor_changed":
                     raise acting_key_changed(actor, "nothing was changed")
                 if reply == "collision":  # the new id is taken after all: another one
@@ -686,15 +706,40 @@ class KeyStore(StoreBase):
             raise
 
     def _rotation_room(self, ws: str, old: KeyRecord, now: float, grace_seconds: int
-                       ) -> Callable[[], Awaitable[None]] | None:
+                       ) -> Callable[[], Awaitable[None]]:
         """The cap check (``_room``) of a rotation of ``old`` as the add script makes it: an
-        expired key's successor is a key like any other; an active key's, with a grace, may go
-        one over the cap; without a grace it replaces the old key and meets no cap."""
+        expired key's successor is a key like any other, and so is the successor of a key
+        whose last rotation's key is still active; an active key's, with a grace, may go one
+        over the cap; without a grace it replaces the old key and meets no cap."""
         if old.expires_at is not None and old.expires_at <= now:
             return lambda: self._room(ws, 0, lambda w: self._expired_at_cap(ws, old.id, w))
-        if grace_seconds > 0:
-            return lambda: self._room(ws, 1, lambda w: self._over_cap_in_grace(ws, w))
-        return None
+
+        async def room() -> None:
+            if await self._successor_active(ws, old.id):
+                await self._room(ws, 0, lambda w: self._superseded_at_cap(ws, old.id, w))
+            elif grace_seconds > 0:
+                await self._room(ws, 1, lambda w: self._over_cap_in_grace(ws, w))
+        return room
+
+    async def _successor_active(self, ws: str, key_id: str) -> bool:
+        """Whether the key the last rotation of ``key_id`` made is active (as the add script
+        reads it: 'successor', else 'rotated_to')."""
+        with store_errors("read"):
+            successor, rotated_to = await self.redis.hmget(key_key(ws, key_id),
+                                                           ["successor", "rotated_to"])
+            successor = successor or rotated_to
+            if not successor:
+                return False
+            score = await self.redis.zscore(ws_active_key(ws), successor)
+        return score is not None and score > self.clock()
+
+    def _superseded_at_cap(self, ws: str, key_id: str, workspace: Workspace) -> Conflict:
+        return Conflict(f"Key '{shown(key_id, 12)}' was rotated already and the key that "
+                        f"rotation made is active, so rotating it again makes one more active "
+                        f"key, and workspace '{shown_ws(ws)}' already has the "
+                        f"{self._max_keys(workspace)} active keys its plan allows. Revoke "
+                        "the old key instead (or revoke another key first).",
+                        code="key_limit_reached")
 
     @staticmethod
     def _kept_changing(ws: str, reply: str | None, doing: str, outcome: str,
@@ -713,7 +758,9 @@ class KeyStore(StoreBase):
                          expires_at: Any = UNSET, rate_limit: Any = UNSET,
                          monthly_requests: Any = UNSET, enabled: Any = UNSET, meta: Any = UNSET,
                          allowed_ips: Any = UNSET, actor: str = OPERATOR,
-                         expect_rev: int | None = None) -> KeyRecord:
+                         expect_rev: int | None = None, acting_rev: int | None = None,
+                         acting_grants: Sequence[str] = (),
+                         plan_basis: str | None = None) -> KeyRecord:
         """Change the given fields (UNSET = leave as is). ``role`` binds the key to a role,
         ``scopes`` to explicit scopes (the other binding is cleared); ``expires_at`` None
         removes the expiry. Bumps the key's rev: every replica applies it on the next request.
@@ -721,7 +768,11 @@ class KeyStore(StoreBase):
         plan's cap is reached; so is a later expiry (or none) for an active key while the
         workspace is over its cap (the old key of a rotation's grace: it would keep it over). With ``expect_rev`` (the rev the caller judged the change on,
         e.g. self-service's loosening checks), Conflict if the key changed since, and nothing
-        is written."""
+        is written. ``acting_rev``, ``acting_grants``: as for :meth:`create_key` (the scopes
+        the change was judged to need of the acting key: those it binds the key to, and the key's
+        own when it loosens or extends it). ``plan_basis``: the workspace's plan and limits a
+        new ``rate_limit`` was judged against (``capped_workspace``): Conflict, nothing
+        written, if they changed since."""
         fields: list[str] = []
         details: dict[str, Any] = {}
         if name is not UNSET:
@@ -759,14 +810,17 @@ class KeyStore(StoreBase):
             now = self.clock()
             reply = await self._run(
                 "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws),
-                               ws_roles_key(ws), ws_key(ws), ws_bindings_key(ws)),
+                               ws_roles_key(ws), ws_key(ws), ws_bindings_key(ws),
+                               key_key(ws, actor)),
                 (key_id, score, epoch_field(now), max_keys,
                  self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
                  "" if expect_rev is None else expect_rev,
                  self._bound_role(role),
                  # a new expiry brings an expired key back: the role it keeps must still exist
                  json.dumps(dict.fromkeys(self.config.roles, True))
-                 if score and role is UNSET and scopes is UNSET else "", cap_basis, *fields))
+                 if score and role is UNSET and scopes is UNSET else "", cap_basis,
+                 "" if acting_rev is None else acting_rev, json.dumps(list(acting_grants)),
+                 plan_basis or "", *fields))
             if reply != "stale_ws":  # else the cap changed since it was read: read it again
                 break
         if reply == "stale_ws":  # its cap changed under it every time
@@ -774,6 +828,10 @@ class KeyStore(StoreBase):
                                       "nothing was changed")
         if reply == "no_role":  # deleted since the caller checked it
             raise unknown_role(ws, role)
+        if reply == "actor_changed":
+            raise acting_key_changed(actor, "nothing was changed")
+        if reply == "plan_changed":
+            raise plan_changed(ws, "nothing was changed")
         if isinstance(reply, list) and reply[:1] == ["unbound"]:
             raise Conflict(f"Key '{shown(key_id, 12)}' is bound to role "
                            f"'{shown(reply[1])}', which neither workspace '{shown_ws(ws)}' nor "
@@ -800,36 +858,47 @@ class KeyStore(StoreBase):
         return key
 
     @confirmed_write
-    async def revoke_key(self, ws: str, key_id: str, *, actor: str = OPERATOR) -> KeyRecord:
-        """Revoke for good (idempotent: revoking again changes nothing and audits nothing)."""
+    async def revoke_key(self, ws: str, key_id: str, *, actor: str = OPERATOR,
+                         acting_rev: int | None = None) -> KeyRecord:
+        """Revoke for good (idempotent: revoking again changes nothing and audits nothing).
+        ``acting_rev``: as for :meth:`create_key` (Conflict, nothing revoked, if the acting
+        key changed since its call was judged, or its role no longer grants keys:admin)."""
         if not WORKSPACE_ID_RE.fullmatch(ws):
             raise no_workspace(ws)
         now = self.clock()
         reply = await self._run(
-            "revoke_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws)),
+            "revoke_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws),
+                           key_key(ws, actor), ws_roles_key(ws)),
             (key_id, epoch_field(now), self._audit_entry(now, actor, "key.revoke", key_id, {}),
-             AUDIT_MAXLEN))
+             AUDIT_MAXLEN, "" if acting_rev is None else acting_rev))
+        if reply == "actor_changed":
+            raise acting_key_changed(actor, "nothing was revoked")
         key = key_from_hash(hash_pairs(reply))
         if key is None:
             raise no_key(ws, key_id)
         return key
 
     @confirmed_write
-    async def delete_key(self, ws: str, key_id: str, *, actor: str = OPERATOR) -> KeyRecord:
+    async def delete_key(self, ws: str, key_id: str, *, actor: str = OPERATOR,
+                         acting_rev: int | None = None) -> KeyRecord:
         """Remove a revoked or expired key from listings for good (Conflict for an active
         key: revoke it first): no listing, count or admin call finds it again. Its audit
         entries stay, and so do its record for answering its token (``kg:gone``, without its
         name, description and meta) and its ``kg:keyid`` index: the token is still answered
         ``revoked_key`` or ``expired_key``, not ``invalid_key`` counted as a failed guess
-        against the address of an integration nobody told."""
+        against the address of an integration nobody told. ``acting_rev``: as for
+        :meth:`revoke_key`."""
         if not WORKSPACE_ID_RE.fullmatch(ws):
             raise no_workspace(ws)
         now = self.clock()
         reply = await self._run(
             "delete_key", (key_key(ws, key_id), ws_keys_key(ws), ws_active_key(ws),
-                           ws_audit_key(ws), gone_key_key(ws, key_id)),
+                           ws_audit_key(ws), gone_key_key(ws, key_id), key_key(ws, actor),
+                           ws_roles_key(ws)),
             (key_id, epoch_field(now), self._audit_entry(now, actor, "key.delete", key_id, {}),
-             AUDIT_MAXLEN))
+             AUDIT_MAXLEN, "" if acting_rev is None else acting_rev))
+        if reply == "actor_changed":
+            raise acting_key_changed(actor, "nothing was deleted")
         if reply == "active":
             raise Conflict(f"Key '{shown(key_id, 12)}' is active; revoke it (or let it expire) "
                            "before deleting it.")

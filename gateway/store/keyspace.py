@@ -60,6 +60,10 @@ per-request script and every admin script touch a single slot.
                                           answered 503 give it back, see admin_take_back),
                                           rotated_gen (with rotated_to: its role's delete
                                           generation then, see kg:ws:{ws}:bindings),
+                                          successor (the id of the key its last rotation
+                                          made, kept through later changes: while that key
+                                          is active, rotating this one again meets the cap
+                                          as a create does, see admin_add_key),
                                           own_expires_at (a rotation's grace set expires_at
                                           to its end, sooner: the key's own expiry, "" =
                                           none, whose lifetime a later rotation copies;

@@ -7,7 +7,11 @@
 -- on the cap (the new key replaces the old). With a grace both stay active for a while, so the
 -- workspace may go one key over its cap, never more (else rotating the newest key again and
 -- again, each time with a grace, would mint any number of active keys). Rotating an expired
--- key creates a key like any other, so the cap applies.
+-- key creates a key like any other, so the cap applies; so does rotating a key whose last
+-- rotation's key is still active (its 'successor', or its 'rotated_to' when rotated before
+-- that field was kept): the old key no longer stands alone for its integration, and replacing
+-- it (in its grace) by one more live key left the workspace over its cap for good
+-- ('successor_limit').
 --
 -- KEYS[1] kg:ws:{ws}   KEYS[2] kg:ws:{ws}:keys   KEYS[3] kg:ws:{ws}:active
 -- KEYS[4] new key hash   KEYS[5] kg:ws:{ws}:audit   KEYS[6] kg:ws:{ws}:roles
@@ -33,9 +37,10 @@
 --         a change of either is 'stale_ws'. Not the workspace's rev: creates and rotations
 --         made stale by role changes gave up (503) under a stream of them
 -- ARGV[12] the acting key's rev when its call was judged ('' = the operator): the key must
---         still have it and not have expired, else 'actor_changed' and nothing is written. A
---         create or rotation waits its turn to hash between the judging and here (seconds
---         behind a burst): a key revoked, disabled or re-scoped meanwhile mints nothing more
+--         still have it and not have expired (_acting_key.lua), else 'actor_changed' and
+--         nothing is written. A create or rotation waits its turn to hash between the judging
+--         and here (seconds behind a burst): a key revoked, disabled or re-scoped meanwhile
+--         mints nothing more
 -- ARGV[13] with ARGV[12]: the scopes the new key gets (JSON list): when the acting key is
 --         bound to a role the workspace defines, that role must still grant it keys:admin (or
 --         ALL) and each of them, else 'actor_changed' (a role edit changes no key's rev)
@@ -43,21 +48,24 @@
 -- Returns 'ok' | 'no_workspace' | 'stale_ws' | 'no_role' (ARGV[10] is not defined) |
 -- 'collision' (new key id taken) | 'limit' (cap reached) | 'actor_changed' (see ARGV[12]) and,
 -- rotating, 'not_found' | 'revoked' | 'stale' | 'grace_limit' (grace asked, workspace
--- already over its cap) | 'undone' (see KEYS[9]). 'ok' as well when the new key is there
+-- already over its cap) | 'successor_limit' (the key's last successor is active and the
+-- workspace is at its cap) | 'undone' (see KEYS[9]). 'ok' as well when the new key is there
 -- already with this call's hash: a resend of a call that ran (see below).
 -- A grace that ends before the old key would have expired keeps its own expiry in
 -- 'own_expires_at' ('' = none; set once, by the first such grace; a new expiry given to the
 -- key removes it: admin_update_key). A take-back giving the key its expiry back leaves it: it
 -- then holds that same expiry.
--- A rotation marks the old key 'rotated_to' = the new id (any later change clears it, see
--- _new_rev.lua): admin_take_back gives it back as it was only while that mark stands. With
--- it, 'rotated_gen': the delete generation of the key's role then (its 'deleted:<role>' in
--- KEYS[10], admin_set_role): a take-back gives the key back only while no delete of the role
--- came since (a role deleted and defined again is another role).
+-- A rotation marks the old key 'successor' = the new id (kept through later changes) and
+-- 'rotated_to' = the new id (any later change clears it, see _new_rev.lua): admin_take_back
+-- gives it back as it was only while that mark stands. With it, 'rotated_gen': the delete
+-- generation of the key's role then (its 'deleted:<role>' in KEYS[10], admin_set_role): a
+-- take-back gives the key back only while no delete of the role came since (a role deleted
+-- and defined again is another role).
 -- KEYS[11] and the last ARGV (a call that may be sent again): this call's marker
 -- kg:once:{ws}:admin:<call-id> and how long it is kept, ms: a copy of a call that ran
 -- answers as it did, doing nothing again (_once.lua)
 -- include: _new_rev.lua
+-- include: _acting_key.lua
 -- include: _cap_basis.lua
 -- include: _active_keys.lua
 -- include: _bound_to_role.lua
@@ -83,23 +91,8 @@ local function add()
     end
   end
   if redis.call('EXISTS', KEYS[1]) == 0 then return 'no_workspace' end
-  if ARGV[12] ~= '' then
-    local acting = redis.call('HMGET', KEYS[8], 'rev', 'expires_at', 'role')
-    local exp = tonumber(acting[2] or '')
-    if (acting[1] or '0') ~= ARGV[12] or (exp ~= nil and exp <= tonumber(ARGV[1])) then
-      return 'actor_changed'
-    end
-    local def = acting[3] and acting[3] ~= '' and redis.call('HGET', KEYS[6], acting[3])
-    if def then
-      local held = {}
-      for _, s in ipairs(cjson.decode(def)) do held[s] = true end
-      if not held['ALL'] then
-        if not held['keys:admin'] then return 'actor_changed' end
-        for _, s in ipairs(cjson.decode(ARGV[13])) do
-          if not held[s] then return 'actor_changed' end
-        end
-      end
-    end
+  if acting_key_changed(KEYS[8], ARGV[12], ARGV[1], KEYS[6], ARGV[13]) then
+    return 'actor_changed'
   end
   if cap_basis_changed(KEYS[1], ARGV[11]) then return 'stale_ws' end
   if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[6], ARGV[10]) == 0 then return 'no_role' end
@@ -107,14 +100,17 @@ local function add()
   local old_exp = nil
   local old_exp_field = ''
   local old_role = ''
+  local old_successor = ''
   if rotating then
-    local old = redis.call('HMGET', KEYS[7], 'id', 'revoked_at', 'expires_at', 'rev', 'role')
+    local old = redis.call('HMGET', KEYS[7], 'id', 'revoked_at', 'expires_at', 'rev', 'role',
+                           'successor', 'rotated_to')
     if not old[1] then return 'not_found' end
     if old[2] and old[2] ~= '' then return 'revoked' end
     if (old[4] or '0') ~= ARGV[9] then return 'stale' end
     old_exp = tonumber(old[3] or '')
     old_exp_field = old[3] or ''
     old_role = old[5] or ''
+    old_successor = old[6] or old[7] or ''
   end
   if redis.call('EXISTS', KEYS[4]) == 1 then return 'collision' end
   local now = tonumber(ARGV[1])
@@ -123,6 +119,10 @@ local function add()
   local max = tonumber(ARGV[2])
   if not replaces_active and max >= 0 and active >= max then
     return 'limit'
+  end
+  if replaces_active and old_successor ~= '' and max >= 0 and active >= max then
+    local score = redis.call('ZSCORE', KEYS[3], old_successor)
+    if score and (score == 'inf' or tonumber(score) > now) then return 'successor_limit' end
   end
   if replaces_active and ARGV[8] ~= '' and max >= 0 and active > max then
     return 'grace_limit'
@@ -145,7 +145,7 @@ local function add()
       end
     end
     new_rev(KEYS[7])
-    redis.call('HSET', KEYS[7], 'rotated_to', ARGV[4], 'rotated_gen',
+    redis.call('HSET', KEYS[7], 'successor', ARGV[4], 'rotated_to', ARGV[4], 'rotated_gen',
                old_role ~= '' and redis.call('HGET', KEYS[10], 'deleted:' .. old_role) or '0')
   end
 

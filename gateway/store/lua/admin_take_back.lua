@@ -51,10 +51,11 @@ local function take_back()
     if role ~= '' and not cjson.decode(ARGV[7])[role]
         and (redis.call('HEXISTS', KEYS[9], role) == 0
              or (redis.call('HGET', KEYS[8], 'deleted:' .. role) or '0') ~= (old[2] or '0')) then
-      redis.call('HDEL', KEYS[6], 'rotated_to', 'rotated_gen')
+      redis.call('HDEL', KEYS[6], 'rotated_to', 'rotated_gen', 'successor')
       outcome = 'kept'
     else
       redis.call('HSET', KEYS[6], 'revoked_at', '', 'expires_at', ARGV[6])
+      redis.call('HDEL', KEYS[6], 'successor')
       redis.call('ZADD', KEYS[3], ARGV[6] == '' and '+inf' or ARGV[6], ARGV[4])
       new_rev(KEYS[6])
       if role ~= '' then bound_to_role(KEYS[7], KEYS[8], role) end

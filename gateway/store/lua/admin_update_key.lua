@@ -22,25 +22,38 @@
 -- ARGV[10] when ARGV[2] is given: the workspace's plan and own limits ARGV[4] was worked out
 --         from (_cap_basis.lua); a key brought back meets the cap as it is now, so a change of
 --         either is 'stale_ws' (nothing written)
--- ARGV[11..] field, value pairs
+-- ARGV[11] the acting key's rev when its call was judged ('' = the operator) and ARGV[12] the
+--         scopes its checks judged it to need (JSON list): a workspace admin key revoked,
+--         disabled, changed or expired since, or whose workspace role no longer grants
+--         keys:admin and those, changes nothing ('actor_changed'; _acting_key.lua). KEYS[7]:
+--         the acting key's hash (the operator's: unread)
+-- ARGV[13] the workspace's plan and own limits a new rate_limit was judged against (a
+--         workspace admin key's: never above the plan's rate), joined as _cap_basis.lua has
+--         them ('' = none judged): a change of either since is 'plan_changed', nothing written
+-- ARGV[14..] field, value pairs
 -- An active key given a later expiry (or none) needs that room too while the workspace is over
 -- its cap ('over_limit'): the old key of a rotation's grace would otherwise keep it over.
 -- Returns the key hash (HGETALL), nil when the key does not exist, 'limit', 'over_limit', 'stale',
--- 'stale_ws', 'no_role' (ARGV[8] is not defined; nothing written) or {'unbound', role} (see
--- ARGV[9]).
--- KEYS[7] and the last ARGV (a call that may be sent again): this call's marker
+-- 'stale_ws', 'no_role' (ARGV[8] is not defined; nothing written), 'actor_changed' (see
+-- ARGV[11]), 'plan_changed' (see ARGV[13]) or {'unbound', role} (see ARGV[9]).
+-- KEYS[8] and the last ARGV (a call that may be sent again): this call's marker
 -- kg:once:{ws}:admin:<call-id> and how long it is kept, ms: a copy of a call that ran
 -- answers as it did, doing nothing again (_once.lua)
 -- include: _new_rev.lua
+-- include: _acting_key.lua
 -- include: _cap_basis.lua
 -- include: _active_keys.lua
 -- include: _bound_to_role.lua
 -- include: _once.lua
-local ran = once_ran(6)
+local ran = once_ran(7)
 if ran then return ran[1] end
 local function update()
   local st = redis.call('HMGET', KEYS[1], 'id', 'revoked_at', 'rev', 'role')
   if not st[1] then return false end
+  if acting_key_changed(KEYS[7], ARGV[11], ARGV[3], KEYS[4], ARGV[12]) then
+    return 'actor_changed'
+  end
+  if (ARGV[13] or '') ~= '' and cap_basis_changed(KEYS[5], ARGV[13]) then return 'plan_changed' end
   if ARGV[7] ~= '' and (st[3] or '0') ~= ARGV[7] then return 'stale' end
   if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[4], ARGV[8]) == 0 then return 'no_role' end
   local revoked = st[2] and st[2] ~= ''
@@ -86,9 +99,9 @@ local function update()
   if redated then  -- the key's expiry is the one given now, a grace it was in apart
     redis.call('HDEL', KEYS[1], 'own_expires_at')
   end
-  if once_args >= 12 then
+  if once_args >= 15 then
     local fields = {}
-    for i = 11, once_args do fields[#fields + 1] = ARGV[i] end
+    for i = 14, once_args do fields[#fields + 1] = ARGV[i] end
     redis.call('HSET', KEYS[1], unpack(fields))
   end
   if not revoked then
