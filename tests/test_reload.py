@@ -1969,21 +1969,9 @@ async def test_a_token_environment_dropped_by_a_reload_is_refused_on_the_next_re
 # --- reloads the verification cache lives through -------------------------------------------
 
 def _doc(upstream_url: str, **changes) -> dict:
-    """A config whose store is fail-open, with cheap argon2 (the review rv-throttle's)."""
-    doc = {
-        "server": {"host": "127.0.0.1", "port": 18080},
-        "admin": {"host": "127.0.0.1", "port": 18081},
-        "store": {"timeout": 0.3, "on_store_error": "open"},
-        "keys": {"argon2": {"time_cost": 1, "memory_cost": 8, "parallelism": 1}},
-        "plans": {"starter": {"monthly_requests": 1000, "max_keys": 5}},
-        "default_plan": "starter",
-        "roles": {"reader": ["people:read"]},
-        "upstreams": {"api": {"url": upstream_url, "timeout": 5}},
-        "routes": [{"path": "/people/**", "methods": ["GET"], "upstream": "api",
-                    "scopes": ["people:read"]}],
-    }
-    doc.update(changes)
-    return doc
+    """``config_doc``'s, with a fail-open store (the review rv-throttle's)."""
+    return config_doc(upstream_url, **{"store": {"timeout": 0.3, "on_store_error": "open"},
+                                       **changes})
 
 
 async def test_a_reload_that_only_adds_an_environment_keeps_verified_keys_verified(
