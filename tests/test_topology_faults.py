@@ -1426,3 +1426,75 @@ async def test_a_paused_cluster_node_fails_an_admin_pipeline_within_the_store_ti
         assert others and set(others) == {200}, others
         status, listing = await gut.admin_json("GET", "/workspaces")
         assert status == 200 and len(listing["items"]) == len(spaces)
+
+
+async def test_a_dead_cluster_primary_is_503_within_the_store_timeout_with_150_in_flight(
+        redis_cluster, upstream, monkeypatch) -> None:  # noqa: F811
+    """The test above under a flood: a workspace's primary SIGKILLed with 150 requests in
+    flight over that workspace and 30 over a healthy one. Each 503 store_unavailable comes
+    within the store timeout and a slack, the healthy workspace answers 200 throughout (but
+    on a machine too loaded to run it), and the slots are read at most once per
+    ``REREAD_GAP``. Each call that failed on the refused connection waited for a read of the
+    slots behind the client's slot-read lock, and the waiters went through it one per turn of
+    the event loop only to find the read done: 503 after 0.7-1.15 s on average and 1.0-1.7 s
+    at most with a 0.5 s store timeout, 3 or 4 reads in 2.5 s (0.55-0.6 s and 0.7 s since).
+
+    The slack is the rest of a request's path through this loop, measured in the same flood:
+    the slowest answer to the healthy workspace, whose store calls answer at once (0.3 s on a
+    quiet machine, 0.8 s in a run of the whole suite: the flood, the gateway and the upstream
+    share the test's one event loop), and 0.1 s for the give-up's own turn of the loop.
+    Times are the loop's own (``CpuWait``)."""
+    from harness import CpuWait, under_load_config
+    from test_topology_under_load import ByWorkspace, _cluster_calls
+    from gateway.redis_topology import _cluster_class
+    ports = redis_cluster["ports"]
+    for port in ports:
+        with _node(port) as n:
+            n.config_set("cluster-require-full-coverage", "no")
+    spaces = _one_workspace_per_node(ports)
+    timeout = 0.5
+    config = under_load_config(upstream, timeout)
+    async with gateway_under_test(config, redis_cluster["url"], monkeypatch) as gut:
+        tokens = await _three_keys_each(gut, spaces)
+        lost, healthy = spaces[0], spaces[1]
+        _, owner = _owner(ports, f"kg:ws:{{{lost}}}")
+        with _node(owner) as n:
+            pid = int(n.info("server")["process_id"])
+        survivors = [p for p in ports if p != owner]
+        # 180 clients: 150 over the dead primary's workspace, 30 over a healthy one
+        mix = [(ws, t) for ws, t in tokens if ws == lost] * 5 + \
+            [(ws, t) for ws, t in tokens if ws == healthy]
+        async with CpuWait() as cpu, ByWorkspace(gut, mix, n=180) as flood:
+            await asyncio.sleep(1.0)  # every client's connections made
+            reads_before = await asyncio.to_thread(_cluster_calls, survivors)
+            os.kill(pid, signal.SIGKILL)
+            killed = time.monotonic()
+            await asyncio.sleep(2.5)
+            reads = await asyncio.to_thread(_cluster_calls, survivors) - reads_before
+            window = time.monotonic() - killed
+
+    def own(ws: str) -> list[float]:
+        """The loop's own seconds to each answer to ``ws`` sent after the kill."""
+        return sorted(t - sent - cpu.waited(sent, t)
+                      for (t, _, _), sent in zip(flood.seen_by[ws], flood.sent_by[ws])
+                      if sent > killed)
+    dead, alive = own(lost), own(healthy)
+    slack = alive[-1] + 0.1
+    # The healthy workspace's 503s whose deadline the loop spent mostly waiting for a CPU
+    # (half the store timeout or more, in it and 0.1 s before the answer) are the machine's:
+    # none in a quiet run, 12 of 162 once in a run of the whole suite on 2 cores
+    down = [t for (t, s, _), sent in zip(flood.seen_by[healthy], flood.sent_by[healthy])
+            if sent > killed and s != 200]
+    starved = sum(1 for t in down if cpu.waited(t - timeout - 0.1, t) >= timeout / 2)
+    print(f"a dead primary under a flood: {len(dead)} 503s after {sum(dead) / len(dead):.3f} s "
+          f"on average, {dead[-1]:.3f} s at most, of the loop's own; the healthy workspace's "
+          f"{len(alive)} answers after {alive[-1]:.3f} s at most, {len(down)} not 200 "
+          f"({starved} with the loop waiting for a CPU); {reads} slot reads (CLUSTER calls) in "
+          f"{window:.2f} s")
+    assert flood.kinds_of(lost, sent_after=killed) == {(503, "store_unavailable"): len(dead)}
+    assert set(flood.kinds_of(healthy, sent_after=killed)) <= {(200, None),
+                                                               (503, "store_unavailable")}
+    assert len(down) - starved <= max(3, len(alive) // 100), flood.kinds_of(healthy)
+    assert dead[-1] < timeout + slack, (dead[-1], timeout, slack, sum(dead) / len(dead))
+    # one read per REREAD_GAP at most, each asking the two nodes left (the dead one refuses)
+    assert reads <= len(survivors) * (window / _cluster_class().REREAD_GAP + 1), (reads, window)
