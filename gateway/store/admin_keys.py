@@ -811,7 +811,7 @@ class KeyStore(StoreBase):
             reply = await self._run(
                 "update_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws),
                                ws_roles_key(ws), ws_key(ws), ws_bindings_key(ws),
-                               key_key(ws, actor)),
+                               _acting_hash(ws, actor, key_id, acting_rev)),
                 (key_id, score, epoch_field(now), max_keys,
                  self._audit_entry(now, actor, "key.update", key_id, details), AUDIT_MAXLEN,
                  "" if expect_rev is None else expect_rev,
@@ -868,7 +868,8 @@ class KeyStore(StoreBase):
         now = self.clock()
         reply = await self._run(
             "revoke_key", (key_key(ws, key_id), ws_active_key(ws), ws_audit_key(ws),
-                           key_key(ws, actor), ws_roles_key(ws)),
+                           _acting_hash(ws, actor, key_id, acting_rev),
+                           _acting_roles(ws, key_id, acting_rev)),
             (key_id, epoch_field(now), self._audit_entry(now, actor, "key.revoke", key_id, {}),
              AUDIT_MAXLEN, "" if acting_rev is None else acting_rev))
         if reply == "actor_changed":
@@ -893,8 +894,9 @@ class KeyStore(StoreBase):
         now = self.clock()
         reply = await self._run(
             "delete_key", (key_key(ws, key_id), ws_keys_key(ws), ws_active_key(ws),
-                           ws_audit_key(ws), gone_key_key(ws, key_id), key_key(ws, actor),
-                           ws_roles_key(ws)),
+                           ws_audit_key(ws), gone_key_key(ws, key_id),
+                           _acting_hash(ws, actor, key_id, acting_rev),
+                           _acting_roles(ws, key_id, acting_rev)),
             (key_id, epoch_field(now), self._audit_entry(now, actor, "key.delete", key_id, {}),
              AUDIT_MAXLEN, "" if acting_rev is None else acting_rev))
         if reply == "actor_changed":
@@ -906,3 +908,19 @@ class KeyStore(StoreBase):
         if key is None:
             raise no_key(ws, key_id)
         return key
+
+
+def _acting_hash(ws: str, actor: str, key_id: str, acting_rev: int | None) -> str:
+    """The acting key's record as a script's key (``_acting_key.lua``). The operator's call
+    (``acting_rev`` None) reads none: the target key's record stands in, so that the script
+    names no key that does not exist. While a slot migrates, a multi-key script with a key
+    missing from the node is answered TRYAGAIN: an operator's revoke of a key whose slot was
+    migrating, with all its keys still in place, failed on the operator's own (absent)
+    record."""
+    return key_key(ws, key_id if acting_rev is None else actor)
+
+
+def _acting_roles(ws: str, key_id: str, acting_rev: int | None) -> str:
+    """The workspace's roles as a script's key for ``_acting_key.lua``: unread (and the
+    target key's record in their place, see ``_acting_hash``) for the operator."""
+    return key_key(ws, key_id) if acting_rev is None else ws_roles_key(ws)
