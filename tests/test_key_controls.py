@@ -1228,6 +1228,20 @@ def _prefix(listener: str) -> str:
     return "/_keygate/v1/keys" if listener == "proxy" else "/admin/v1/workspaces/acme/keys"
 
 
+async def _answer_after(held, change, body: bytes = b"{}") -> tuple[int, dict]:
+    """The held call's answer (``_start_held_body``) once ``change``, an operator's call
+    ((status, answer), which must succeed), ran between its admission and its body."""
+    reader, writer = held
+    try:
+        status, answer = await change
+        assert status == 200, answer
+        writer.write(body)
+        await writer.drain()
+        return await _read_response(reader)
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize("listener", ["proxy", "admin"])
 @pytest.mark.parametrize("change", ["revoke", "descope", "disable"])
 async def test_a_patch_by_an_admin_key_revoked_or_narrowed_in_flight_grants_nothing(
@@ -1242,24 +1256,17 @@ async def test_a_patch_by_an_admin_key_revoked_or_narrowed_in_flight_grants_noth
                               scopes=["keys:admin", "people:read", "people:write"])
     _, target = await gut.key(name="target", scopes=["people:read"])
     body = json.dumps({"scopes": ["people:read", "people:write"]}).encode()
-    reader, writer = await _start_held_body(gut, listener, "PATCH",
-                                            f"{_prefix(listener)}/{target['id']}", token, body)
-    try:
-        if change == "revoke":
-            status, answer = await gut.admin_json("POST",
-                                                  f"/workspaces/acme/keys/{me['id']}/revoke")
-        elif change == "descope":
-            status, answer = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{me['id']}",
-                                                  {"scopes": ["people:read"]})
-        else:
-            status, answer = await gut.admin_json("PATCH", f"/workspaces/acme/keys/{me['id']}",
-                                                  {"enabled": False})
-        assert status == 200, answer
-        writer.write(body)
-        await writer.drain()
-        status, answer = await _read_response(reader)
-    finally:
-        writer.close()
+    held = await _start_held_body(gut, listener, "PATCH",
+                                  f"{_prefix(listener)}/{target['id']}", token, body)
+    if change == "revoke":
+        operator = gut.admin_json("POST", f"/workspaces/acme/keys/{me['id']}/revoke")
+    elif change == "descope":
+        operator = gut.admin_json("PATCH", f"/workspaces/acme/keys/{me['id']}",
+                                  {"scopes": ["people:read"]})
+    else:
+        operator = gut.admin_json("PATCH", f"/workspaces/acme/keys/{me['id']}",
+                                  {"enabled": False})
+    status, answer = await _answer_after(held, operator, body)
     _, now = await gut.admin_json("GET", f"/workspaces/acme/keys/{target['id']}")
     assert now["scopes"] == ["people:read"], (
         f"a key that no longer may ({change}) widened another key: {status} {answer}")
@@ -1279,15 +1286,8 @@ async def test_a_revoked_admin_keys_held_requests_cannot_revoke_the_workspaces_k
     _, prod = await gut.key(name="production", scopes=["people:read"])
     held = await _start_held_body(gut, listener, "POST",
                                   f"{_prefix(listener)}/{prod['id']}/revoke", token, b"{}")
-    reader, writer = held
-    try:
-        status, answer = await gut.admin_json("POST", f"/workspaces/acme/keys/{me['id']}/revoke")
-        assert status == 200, answer
-        writer.write(b"{}")
-        await writer.drain()
-        status, answer = await _read_response(reader)
-    finally:
-        writer.close()
+    status, answer = await _answer_after(
+        held, gut.admin_json("POST", f"/workspaces/acme/keys/{me['id']}/revoke"))
     _, now = await gut.admin_json("GET", f"/workspaces/acme/keys/{prod['id']}")
     assert now["status"] == "active", (
         f"a revoked key revoked the production key: {status} {answer.get('error', '')}")
@@ -1339,16 +1339,10 @@ async def test_a_delete_by_an_admin_key_changed_since_it_was_judged_deletes_noth
     _, old = await gut.key(name="old", scopes=["people:read"])
     status, _ = await gut.admin_json("POST", f"/workspaces/acme/keys/{old['id']}/revoke")
     assert status == 200
-    reader, writer = await _start_held_body(gut, listener, "DELETE",
-                                            f"{_prefix(listener)}/{old['id']}", token, b"{}")
-    try:
-        status, answer = await gut.admin_json("POST", f"/workspaces/acme/keys/{me['id']}/revoke")
-        assert status == 200, answer
-        writer.write(b"{}")
-        await writer.drain()
-        status, answer = await _read_response(reader)
-    finally:
-        writer.close()
+    held = await _start_held_body(gut, listener, "DELETE",
+                                  f"{_prefix(listener)}/{old['id']}", token, b"{}")
+    status, answer = await _answer_after(
+        held, gut.admin_json("POST", f"/workspaces/acme/keys/{me['id']}/revoke"))
     assert (status, answer["error"]["code"]) == (409, "conflict"), answer
     assert "was revoked, disabled, changed or expired" in answer["error"]["message"]
     status, read = await gut.admin_json("GET", f"/workspaces/acme/keys/{old['id']}")
