@@ -980,7 +980,12 @@ async def test_a_request_counted_on_a_connection_redis_never_answered_is_taken_b
         async with gateway_under_test(config, relay.url, monkeypatch, ledger_retry=0.05) as g:
             await g.workspace(plan="unlimited")
             token, _ = await g.key()
-            assert await _one_request(g, token) == (200, None)  # verified in this process
+            # verified in this process (tried again: on a loaded machine the 0.3 s timeout can
+            # pass while a store connection opens; a call answered 503 counts nothing)
+            for _ in range(3):
+                if (first := await _one_request(g, token)) != (503, "store_unavailable"):
+                    break
+            assert first == (200, None)
             relay.hold()
             assert await _one_request(g, token) == (503, "store_unavailable")
             assert await _one_request(g, token) == (503, "store_unavailable")  # new connection
