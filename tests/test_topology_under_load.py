@@ -582,6 +582,13 @@ async def test_a_cluster_primary_killed_under_load_fails_over_to_its_replica(
                 # answer) is the machine's: 26 of 879 once, all within 0.2 s of the kill, the
                 # loop waiting 0.39-0.43 s of each 0.6 s. Of the others a handful is allowed
                 # (a starved redis-server): 1% of the workspace's requests, at least 10.
+                # Batches of them, 5-31 a run (at the flood's start too, before the kill), came
+                # with full collections of this test process's heap, 160-300 ms of the loop's
+                # own CPU each, which CpuWait does not see; the healthy redis-server waited
+                # 13-90 ms for a CPU in those windows, and the dead node's waiting commands
+                # took 30-55 µs each per slot read, 6-56 ms over a failover. The flood now
+                # settles the heap first, as `keygate serve` does (conftest.settle_heap): none
+                # in 6 runs, 64 before.
                 print(f"the other workspace's 503s: {down} of {asked}, {starved} of them with "
                       f"the loop waiting for a CPU")
                 assert down - starved <= max(10, asked // 100), (others, starved)
