@@ -8,6 +8,7 @@ another): a helper several scripts share is written once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from importlib import resources
@@ -27,6 +28,7 @@ def _read(name: str) -> str:
     return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
 
 
+@functools.cache  # package data, read once a process: each Store made read its 18 again
 def load(name: str) -> Script:
     text = _INCLUDE.sub(lambda m: _read(m.group(1)).rstrip("\n"), _read(name))
     return Script(name, text, hashlib.sha1(text.encode()).hexdigest())
