@@ -57,8 +57,10 @@ class CachedKey:
     Only what deciding a request needs (bench/memory.py): a stripped ``KeyRecord`` copy, a
     ``Principal`` and an entry holding both took 352 of the ~600 bytes a cached key cost; this
     took 144 then (184 since: its environment, config role and ``gone``). The argon2 hash,
-    name, description, prefix and timestamps other than expiry are not kept (answers that
-    show a key read it from the store)."""
+    name, description, meta, prefix and timestamps other than expiry are not kept (answers
+    that show a key read it from the store), nor read of ``workspace_record`` but its id,
+    plan, limits and rev: a change of only those fields, a workspace's name, moves no rev
+    (``lua/_new_rev.lua``), so what is kept of them may be older than the store's."""
 
     __slots__ = ("key_id", "scopes", "expires_at", "revoked_at", "enabled", "rev",
                  "monthly_requests", "workspace_record", "limits", "rate", "secret_digest",

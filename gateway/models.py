@@ -291,7 +291,7 @@ class Workspace:
     name: str
     plan: str
     created_at: float
-    rev: int = 0  # bumped on every change that affects authorisation (plan, workspace roles)
+    rev: int = 0  # bumped on every change that affects authorisation (plan, limits, roles)
     # the workspace's own limits over its plan's (a custom deal): (field, value) pairs of
     # LIMIT_FIELDS, a value of None meaning unlimited; a field not given is the plan's. A tuple,
     # so a workspace stays hashable (the key cache shares equal workspaces).

@@ -47,8 +47,9 @@ access_log = logging.getLogger("keygate.access")
 
 _STALE_RETRIES = 16
 """Tries of a request whose check finds the key (or its workspace) changed since it was read:
-each re-reads it and checks again. Any change moves the rev (a script editing a key's meta
-does), so a key edited while in use meets some; 3 answered ~1 request in 6 503
+each re-reads it and checks again. A change that can decide a request moves the rev (an edit
+of a key's name, description or meta, or a workspace's name, does not: lua/_new_rev.lua), so a
+key re-scoped, re-dated or disabled while in use meets some; 3 answered ~1 request in 6 503
 store_unavailable from a healthy store under a few edits a millisecond. Costs only requests
 that meet a change."""
 # Request paths remembered as canonical: at most this many, each at most CANONICAL_LEN long

@@ -462,6 +462,33 @@ async def test_a_revoke_sent_after_a_rotation_answered_503_is_never_undone(held)
     assert (st, key["status"]) == (200, "revoked"), key
 
 
+async def test_a_meta_edit_after_a_rotation_answered_503_is_never_undone(held):
+    """As a revoke: the operator edits the old key's meta through another replica after the
+    rotation was answered 503 (an edit that moves no rev, nothing a request decides on); the
+    take-back still finds the key changed since the rotation, removes the new key and leaves
+    the old one as the rotation and the edit left it, never as it was before either."""
+    from gateway.store import Store
+    g, relay, url, first = held
+    relay.hold_when(b"key.rotate")
+    try:
+        status, body = await asyncio.wait_for(g.admin_json(
+            "POST", f"/workspaces/acme/keys/{first}/rotate", {}), 10)
+        assert status == 503, body
+        other = await Store.connect(url, g.gw.config)  # another replica, straight to Redis
+        try:
+            edited = await other.update_key("acme", first, meta=json.dumps({"crm": "c-2"}))
+            assert edited.revoked_at is not None  # the rotation ran: revoked
+        finally:
+            await other.close()
+    finally:
+        relay.release()  # this replica's take-back gets through now
+    assert await eventually(lambda: _state(url) == {"keys": {first}, "active": set()}), \
+        _state(url)
+    await asyncio.sleep(0.5)
+    st, key = await g.admin_json("GET", f"/workspaces/acme/keys/{first}")
+    assert (st, key["status"], key["meta"]) == (200, "revoked", {"crm": "c-2"}), key
+
+
 @pytest.mark.parametrize("grace", [None, 0, 3600])
 async def test_a_write_resent_on_a_fresh_connection_after_it_ran_makes_one_key(held, grace):
     """The connection dies after Redis ran the create or rotation, before its answer came

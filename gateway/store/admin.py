@@ -84,7 +84,8 @@ class Store(KeyStore):
                                plan: str | None = None, limits: Any = UNSET,
                                actor: str = OPERATOR) -> Workspace:
         """Rename, re-plan and/or change the workspace's own limits; bumps the workspace's rev
-        (cached authorisations re-read it on their next request).
+        (cached authorisations re-read it on their next request) unless only its name, which
+        none of them holds, changes.
 
         ``limits``: a dict of LIMIT_FIELDS merged into the overrides (a value of None:
         unlimited), or None to drop every override (back to the plan's). The merge happens in

@@ -496,7 +496,8 @@ class KeyStore(StoreBase):
         Returns (old key as now, new key). Conflict if the key is revoked.
 
         The new key copies the old one as the script finds it: if the old key changed between
-        the read here and the script (its rev moved), the rotation is retried from a fresh read
+        the read here and the script (its rev moved, or its name, description or meta, which
+        move no rev, are not those copied), the rotation is retried from a fresh read
         -- or, with ``expect_rev`` (the rev the caller checked, e.g. self-service's scope check),
         refused with Conflict. ``acting_rev``, ``wanted``: as for :meth:`create_key` (a
         rotation whose caller has gone neither revokes nor shortens the old key)."""
@@ -763,7 +764,8 @@ class KeyStore(StoreBase):
                          plan_basis: str | None = None) -> KeyRecord:
         """Change the given fields (UNSET = leave as is). ``role`` binds the key to a role,
         ``scopes`` to explicit scopes (the other binding is cleared); ``expires_at`` None
-        removes the expiry. Bumps the key's rev: every replica applies it on the next request.
+        removes the expiry. Bumps the key's rev: every replica applies it on the next request (a
+        change of only name, description and/or meta, which no replica caches, bumps none).
         A new expiry for an expired key re-activates it: Conflict ``key_limit_reached`` if the
         plan's cap is reached; so is a later expiry (or none) for an active key while the
         workspace is over its cap (the old key of a rotation's grace: it would keep it over). With ``expect_rev`` (the rev the caller judged the change on,

@@ -10,8 +10,9 @@ per-request script and every admin script touch a single slot.
                                           limits (JSON object of the workspace's own limits
                                           over its plan's; absent = none)
                                           (rev is bumped on any change that affects
-                                          authorisation: plan change, workspace role edit;
-                                          the admin scripts bump it on every workspace change),
+                                          authorisation: plan change, limits, workspace role
+                                          edit; not by a change of the name only, which no
+                                          cached workspace holds: lua/_new_rev.lua),
                                           bindings (a count bumped each time a key is made
                                           live bound to a role, any role: what the role deletes
                                           of builds before kg:ws:{ws}:bindings check; absent
@@ -68,7 +69,10 @@ per-request script and every admin script touch a single slot.
                                           to its end, sooner: the key's own expiry, "" =
                                           none, whose lifetime a later rotation copies;
                                           absent = expires_at is its own),
-                                          rev (bumped on every change)
+                                          rev (bumped on every change but one of only name,
+                                          description and/or meta, which no cached key
+                                          holds: lua/_new_rev.lua; such a change clears
+                                          rotated_to and rotated_gen all the same)
                                           (a bumped rev is Redis's TIME in µs, or +1 when that
                                           is not above it: a restore or failover that takes
                                           revs back never hands a cached one out again)

@@ -29,7 +29,8 @@
 -- ARGV[5] audit entry (JSON)   ARGV[6] audit stream cap
 -- ARGV[7] old key id ('' = create, not rotate)   ARGV[8] end of grace (epoch s; '' = revoke now)
 -- ARGV[9] the old key's rev the new key's fields were copied from (the copy is refused as
---         'stale' if the key changed since: the caller re-reads and tries again)
+--         'stale' if the key changed since: the caller re-reads and tries again; so is a copy
+--         whose name, description or meta the key no longer has, which moves no rev)
 -- ARGV[10] the workspace role the new key is bound to, when no configured role of that name
 --         stands behind it ('' = none): it must still exist, checked in this step, since a
 --         role delete refuses while keys use it (admin_set_role) and must see this key
@@ -107,6 +108,14 @@ local function add()
     if not old[1] then return 'not_found' end
     if old[2] and old[2] ~= '' then return 'revoked' end
     if (old[4] or '0') ~= ARGV[9] then return 'stale' end
+    -- nor a copy of a name, description or meta edited since: such an edit moves no rev
+    -- (_new_rev.lua), and the new key would carry what it replaced
+    local now_has = redis.call('HMGET', KEYS[7], 'name', 'description', 'meta')
+    local stored = {name = now_has[1] or '', description = now_has[2] or '',
+                    meta = (now_has[3] or '') ~= '' and now_has[3] or '{}'}  -- as read
+    for i = 14, once_args - 1, 2 do
+      if UNREVISED[ARGV[i]] and stored[ARGV[i]] ~= ARGV[i + 1] then return 'stale' end
+    end
     old_exp = tonumber(old[3] or '')
     old_exp_field = old[3] or ''
     old_role = old[5] or ''

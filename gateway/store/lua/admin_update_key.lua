@@ -1,5 +1,6 @@
--- Change a key's fields, bump its rev (every gateway replica re-reads it on its next request)
--- and audit it, in one step. Giving an expired key a new expiry makes it active again, so that
+-- Change a key's fields, bump its rev (every gateway replica re-reads it on its next request;
+-- not for a change of only its name, description and/or meta, see _new_rev.lua) and audit
+-- it, in one step. Giving an expired key a new expiry makes it active again, so that
 -- counts against the plan's key cap like a create.
 -- KEYS[1] kg:key:{ws}:<id>   KEYS[2] kg:ws:{ws}:active   KEYS[3] kg:ws:{ws}:audit
 -- KEYS[4] kg:ws:{ws}:roles   KEYS[5] kg:ws:{ws}   KEYS[6] kg:ws:{ws}:bindings
@@ -113,7 +114,13 @@ local function update()
       bound_to_role(KEYS[5], KEYS[6], role)
     end
   end
-  new_rev(KEYS[1])
+  -- a change of its name, description and/or meta only, which no cached key holds, moves no
+  -- rev (_new_rev.lua): every replica's cached key stays current
+  if not redated and only_unrevised(14, once_args) then
+    changed_unrevised(KEYS[1])
+  else
+    new_rev(KEYS[1])
+  end
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
   return redis.call('HGETALL', KEYS[1]), true
 end

@@ -1,5 +1,6 @@
 -- Change a workspace's name, plan and/or own limits, bump its rev (cached authorisations
--- re-read it on their next request), and audit it, in one step.
+-- re-read it on their next request; not for a change of its name only, see _new_rev.lua),
+-- and audit it, in one step.
 -- KEYS[1] kg:ws:{ws}   KEYS[2] kg:ws:{ws}:audit
 -- ARGV[1] audit entry (JSON)   ARGV[2] audit stream cap
 -- ARGV[3] limits: '' = unchanged, 'null' = drop every override, else a JSON object merged
@@ -41,7 +42,11 @@ local function update()
     end
     redis.call('HSET', KEYS[1], 'limits', '{' .. table.concat(parts, ',') .. '}')
   end
-  new_rev(KEYS[1])
+  if ARGV[3] == '' and only_unrevised(4, once_args) then  -- its name only (_new_rev.lua)
+    changed_unrevised(KEYS[1])
+  else
+    new_rev(KEYS[1])
+  end
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
   return redis.call('HGETALL', KEYS[1]), true
 end
