@@ -1024,12 +1024,22 @@ async def continue_if_expected(request: web.BaseRequest) -> None:
     """Answer ``Expect: 100-continue`` before the body is waited for: such a client holds its
     body back until asked (RFC 9110 10.1.1), and the proxy listener is aiohttp's low-level
     server, which leaves that to the handler (as the admin listener does: ``EXPECTATION``)."""
-    if continues(request) or request.version >= (1, 1) and \
-            request.headers.get("Expect", "").lower() == "100-continue":
+    if continues(request) or request.version >= (1, 1) and expects_continue(request.headers):
         try:
             await request.writer.write(_CONTINUE)
         except ConnectionError:  # the client left before it was asked for its body
             raise body_cut_short() from None
+
+
+def expects_continue(headers) -> bool:
+    """Whether a request's ``Expect`` fields ask for ``100 Continue``: ``100-continue`` in any
+    spelling (RFC 9110 10.1.1: case-insensitive), in any of the list's members, in any of
+    the fields (``100-Continue``; ``100-continue, foo``; ``Expect: foo`` then ``Expect:
+    100-continue``), as a front proxy may read them."""
+    if hdrs.EXPECT not in headers:  # nearly every request: no generator made
+        return False
+    return any(member.strip().lower() == "100-continue"
+               for value in headers.getall(hdrs.EXPECT) for member in value.split(","))
 
 
 EXPECTATION = web.RequestKey("expectation", str)
