@@ -64,6 +64,7 @@ _X_REQUEST_ID = istr("X-Request-Id")
 _VERIFY_UNDER = reserved.VERIFY + "/"
 _CACHE_CONTROL = istr("Cache-Control")
 _HOST = hdrs.HOST
+_EXPECT = hdrs.EXPECT
 # RFC 9112 3.2's Host: uri-host [":" port], uri-host an IP literal or a reg-name (RFC 3986 3.2.2)
 _HOST_VALUE = re.compile(r"(?:\[[0-9A-Za-z._~!$&'()*+,;=:%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)"
                          r"(?::[0-9]*)?")
@@ -88,9 +89,13 @@ def _held_back_its_body(request: web.BaseRequest) -> bool:
     Continue`` and did not get it: its body may follow or not (RFC 9110 10.1.1). Reading the
     next bytes as that body would swallow the head of a next request sent without it (the
     "0.CL" desync behind a pooling proxy). A body asked for and read whole is at its end; one
-    asked for and not all read yet may be closed on too (it would only be dropped)."""
+    asked for and not all read yet may be closed on too (it would only be dropped).
+
+    Any ``Expect`` counts, not only the exact ``100-continue``: a list holding it, a second
+    field, another spelling, or an expectation keygate does not know, which a front proxy
+    may have taken for one (and answered with a 100 of its own, holding the body back)."""
     return request.body_exists and not request.content.is_eof() and \
-        request.headers.get("Expect", "").lower() == "100-continue"
+        _EXPECT in request.headers
 
 
 def _check_transfer_coding(values: list[str]) -> None:

@@ -521,6 +521,71 @@ async def test_a_refused_request_that_held_back_its_body_for_100_continue_closes
         assert upstream.requests == []
 
 
+EXPECT_SPELLINGS = {
+    "case": b"Expect: 100-Continue\r\n",            # RFC 9110 10.1.1: case-insensitive
+    "list": b"Expect: 100-continue, foo\r\n",       # a list holding 100-continue
+    "two fields": b"Expect: foo\r\nExpect: 100-continue\r\n",
+    "unknown": b"Expect: foo\r\n",  # a hop in front may have taken it for 100-continue
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(EXPECT_SPELLINGS))
+@pytest.mark.parametrize("listener", ["proxy", "admin"])
+async def test_a_refused_request_with_any_expect_never_has_the_next_request_read_as_its_body(
+        redis_url, upstream, monkeypatch, spelling, listener):
+    """The held-back body above, whatever the spelling of its ``Expect``: only the exact
+    ``100-continue`` was recognised, so a request whose Expect said it another way (a list,
+    two fields; or an expectation keygate does not know, which a front proxy may have met
+    with a 100 of its own) was refused with its connection kept open, and the client's next
+    request, sent without the body, was read as that body (the "0.CL" desync). The refusal
+    closes the connection; nothing reaches the upstream."""
+    config = edge_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        if listener == "proxy":
+            reader, writer = await g.raw_connection()
+            target, follow = b"/people/x", b"GET /public/x HTTP/1.1\r\nHost: g\r\n\r\n"
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", g.admin_server.port)
+            target, follow = b"/admin/v1/workspaces", b"GET /healthz HTTP/1.1\r\nHost: g\r\n\r\n"
+        writer.write(b"POST " + target + b" HTTP/1.1\r\nHost: g\r\n" + EXPECT_SPELLINGS[spelling]
+                     + b"Content-Type: application/json\r\nContent-Length: 40\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith((b"HTTP/1.1 401 ", b"HTTP/1.1 417 ")), head
+        # the client goes on without the body: two more requests. Kept open, the first 40
+        # bytes were read as the body and the rest parsed as a request
+        writer.write(follow * 2)
+        try:
+            rest = await asyncio.wait_for(reader.read(), 5)   # to EOF: the server closed
+        except ConnectionError:
+            rest = b""
+        writer.close()
+        assert b"HTTP/1.1" not in rest.split(b"\r\n\r\n", 1)[-1], rest
+        assert b"connection: close" in head.lower(), head
+        assert upstream.requests == []
+
+
+@pytest.mark.parametrize("spelling", ["case", "list", "two fields"])
+async def test_an_allowed_request_whose_expect_holds_100_continue_in_any_spelling_is_asked_for_it(
+        redis_url, upstream, monkeypatch, spelling):
+    """A forwarded request whose Expect holds ``100-continue`` in another spelling than the
+    exact one (a list, two fields) was never sent ``100 Continue``: a client that waits for
+    it (RFC 9110 10.1.1) sent its body only after its own timeout (curl's 1 s), or never.
+    It gets its 100, then its body is forwarded whole, and the connection stays open."""
+    config = edge_config(str(upstream.make_url("")))
+    async with gateway_under_test(config, redis_url, monkeypatch) as g:
+        reader, writer = await g.raw_connection()
+        writer.write(b"POST /public/x HTTP/1.1\r\nHost: g\r\n" + EXPECT_SPELLINGS[spelling]
+                     + b"Content-Length: 40\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.9)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+        writer.write(b"b" * 40)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in head.lower()
+        assert [r["body_len"] for r in upstream.requests] == [40]
+        assert not any(k.lower() == "expect" for k, _ in upstream.requests[0]["headers"])
+
+
 @pytest.mark.parametrize("method, path", [("GET", "/_keygate/v1/usage"),
                                           ("GET", "/_keygate/v1/verify/people/1"),
                                           ("POST", "/_keygate/v1/verify/people/1"),

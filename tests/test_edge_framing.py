@@ -455,6 +455,80 @@ async def test_pipelined_allowed_requests_each_reach_the_upstream_once(edge):
         [(b"/people/a", b"one"), (b"/public/b", b"two"), (b"/people/c", b"")]
 
 
+# --- a read holding a request and then bytes the parser refuses ------------------------------
+#
+# aiohttp's C parser raises for a whole read when llhttp stops with an error anywhere in it, and
+# the requests it completed earlier in that read went with it: a valid request was answered
+# 400 or served depending on how TCP happened to segment the client's bytes.
+
+
+async def test_a_request_saying_connection_close_is_answered_though_bytes_follow_it(edge):
+    """RFC 9112 9.6: a server that receives ``Connection: close`` sends the final answer to
+    that request, then closes (and processes nothing after it), as nginx does. llhttp stops at
+    the bytes behind such a request ("Data after Connection: close"), and the valid, keyed
+    request was answered 400 ``bad_request``, never forwarded."""
+    auth = [("Authorization", f"Bearer {edge.token}")]
+    payload = request("GET", "/people/1", auth) + request("GET", "/people/2", auth, close=False)
+    answer, closed = await exchange_to_close(edge.proxy_server.port, payload)
+    assert statuses(answer) == [200], answer[:300]
+    assert closed and [r.target for r in edge.up.requests] == [b"/people/1"]
+    assert await edge.used() == 1
+
+
+async def test_an_http_1_0_request_is_answered_though_bytes_follow_it(edge):
+    """The same for an HTTP/1.0 request without keep-alive: its connection closes after it."""
+    payload = (b"GET /public/a HTTP/1.0\r\nHost: gateway\r\n\r\n"
+               + request("GET", "/public/b", [], close=False))
+    answer, closed = await exchange_to_close(edge.proxy_server.port, payload)
+    assert statuses(answer) == [200], answer[:300]
+    assert closed and [r.target for r in edge.up.requests] == [b"/public/a"]
+
+
+async def test_a_valid_pipelined_request_is_answered_before_a_malformed_one_behind_it(edge):
+    """A valid request and a malformed one behind it (two Content-Length values) in one
+    read: the valid one is answered (forwarded once), then the 400, then the connection
+    closes. Both were answered with one 400, and behind a front proxy pipelining several
+    clients' requests one client's bad request answered another's good one."""
+    payload = (request("GET", "/public/a", [], close=False)
+               + request("POST", "/public/b", [("Content-Length", "1"), ("Content-Length", "2")],
+                         b"xx", close=False))
+    answer, closed = await exchange_to_close(edge.proxy_server.port, payload)
+    assert statuses(answer) == [200, 400], answer[:400]
+    assert b'"code": "bad_request"' in answer
+    assert closed and [r.target for r in edge.up.requests] == [b"/public/a"]
+
+
+async def test_requests_served_ahead_of_a_parse_error_are_judged_as_any(edge):
+    """The requests served ahead of bytes the parser refuses are held to every edge rule,
+    as in a read of their own: a trailer never reaches the upstream as the next request's
+    header, an HTTP/1.0 request with Transfer-Encoding is refused, a head over 32 KiB is
+    refused; each behind one valid request, then garbage."""
+    junk = b"GET /public/z HTTP/1.1\r\nHost: g\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+    lead = request("GET", "/public/a", [], close=False)
+    chunked = (b"POST /public/x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"3\r\nabc\r\n0\r\nX-Smuggled: first\r\nX-Smuggled-Last: evil\r\n\r\n")
+    answer, closed = await exchange_to_close(
+        edge.proxy_server.port, chunked + request("GET", "/public/y", [], close=False) + junk)
+    assert statuses(answer) == [200] and closed, answer[:400]
+    assert b"Smuggled" not in b"".join(edge.up.raw)
+    assert [(r.target, r.body) for r in edge.up.requests] == [(b"/public/x", b"abc")]
+    edge.up.reset()
+    framed = (b"POST /public/x HTTP/1.0\r\nHost: g\r\nConnection: keep-alive\r\n"
+              b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    big = request("GET", "/public/big", [(f"X-Pad-{i}", "p" * 4000) for i in range(9)],
+                  close=False)
+    for refused, why in ((framed, b"Transfer-Encoding"), (big, b"32 KiB")):
+        # refused as in a read of its own: first, a 400 with the reason, then closed...
+        answer, closed = await exchange_to_close(edge.proxy_server.port, refused + junk)
+        assert statuses(answer) == [400] and closed and why in answer, answer[:400]
+        # ...behind a request, that one is answered 'Connection: close' (the client sends
+        # what followed again), and the refused one is never forwarded
+        answer, closed = await exchange_to_close(edge.proxy_server.port, lead + refused + junk)
+        assert statuses(answer) == [200] and closed, answer[:400]
+        assert [r.target for r in edge.up.requests] == [b"/public/a"]
+        edge.up.reset()
+
+
 # --- property: any framing the gateway accepts reaches the upstream once, body intact ---------
 
 framings = st.fixed_dictionaries({

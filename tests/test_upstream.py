@@ -937,3 +937,120 @@ async def test_an_upload_slot_handed_to_a_waiter_cancelled_or_timed_out_is_passe
     pool._release_upload("d")
     assert pool.streaming == 0 and pool._uploading == {}
     await pool.close()
+
+
+# --- max_connections: a connection coming free goes to the longest waiter ---------------------
+
+
+def path_of(resp) -> bytes:
+    """The path the test upstream (``echo``) was asked for."""
+    return dict(resp.headers)[b"X-Path"]
+
+
+async def _whole(resp) -> bytes:
+    """The body of a tiny answer, once it is in (a few ms); the connection goes back."""
+    for _ in range(400):
+        body = resp.body_if_complete()
+        if body is not None:
+            return body
+        await asyncio.sleep(0.005)
+    raise AssertionError("the answer's body never came")
+
+
+async def test_a_request_waiting_for_an_upstream_connection_is_not_passed_by_later_ones(server):
+    """max_connections 1, the wait for a connection 1 s. One request holds the connection,
+    a second waits for it. Each time it came free, a request made ready in the same turn of
+    the loop (as under load) took it ahead of the one waiting, which was only woken: it found
+    none and queued again at the back, and failed with UpstreamUnreached (504
+    upstream_timeout) after its second while a dozen later requests were served. The
+    connection goes to the longest waiter as it comes free (as upload slots do), and later
+    requests queue behind."""
+    pool = UpstreamPool(str(server.make_url("")), connect_timeout=1.0, max_connections=1)
+    try:
+        held = await pool.request(head("GET", "/echo/first"), timeout=5.0)
+        waiting = asyncio.ensure_future(pool.request(head("GET", "/echo/waiting"), timeout=5.0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and len(pool._waiters) == 1
+        # a later request, ready to run in this turn of the loop, as the connection comes free
+        later = asyncio.ensure_future(pool.request(head("GET", "/echo/later"), timeout=5.0))
+        assert await _whole(held) == b""
+        done, _ = await asyncio.wait({waiting, later}, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {waiting}, "a later request took the connection ahead of the waiter"
+        first = waiting.result()
+        assert path_of(first) == b"/echo/waiting"
+        assert pool.opened == 1 and len(pool._waiters) == 1  # the later one waits its turn
+        await _whole(first)
+        second = await later  # and is served once the connection comes free again
+        assert path_of(second) == b"/echo/later"
+        await _whole(second)
+        assert pool.opened == 1 and len(pool.idle) == 1 and not pool._waiters
+    finally:
+        await pool.close()
+
+
+async def test_a_connection_handed_to_a_waiter_that_gave_up_is_passed_on_never_leaked(server):
+    """The hand-over races: a waiter handed a connection is cancelled (its client went) or
+    its deadline passes before it runs; a connection handed over closes before its waiter
+    runs; a connection is lost while requests wait (its slot is handed over, and the waiter
+    opens a new one). No connection nor slot is leaked, and nobody is passed."""
+    pool = UpstreamPool(str(server.make_url("")), connect_timeout=2.0, max_connections=1)
+    loop = asyncio.get_running_loop()
+
+    def ask(path: str):
+        return asyncio.ensure_future(pool.request(head("GET", "/echo" + path), timeout=5.0))
+
+    try:
+        held = await pool.request(head("GET", "/echo/held"), timeout=5.0)
+        gone, nxt = ask("/gone"), ask("/next")
+        await asyncio.sleep(0.05)
+        assert len(pool._waiters) == 2
+        await _whole(held)          # handed to /gone...
+        gone.cancel()               # ...which is cancelled before it runs
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        resp = await nxt            # it passed the connection on
+        assert path_of(resp) == b"/echo/next" and pool.opened == 1
+        # handed to a waiter that then gives up with no one behind it: back to idle
+        alone = ask("/alone")
+        await asyncio.sleep(0.05)
+        await _whole(resp)
+        alone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await alone
+        assert len(pool.idle) == 1 and pool.opened == 1 and not pool._waiters
+        # the deadline passes in the turn the connection comes free: passed on, not kept
+        resp = await pool.request(head("GET", "/echo/held"), timeout=5.0)
+        pool.connect_timeout = 0.1
+        late = ask("/late")
+        await asyncio.sleep(0)
+        pool.connect_timeout = 2.0
+        after = ask("/after")
+        await asyncio.sleep(0.09)
+        assert len(pool._waiters) == 2
+        loop.call_at(loop.time() + 0.01, resp.body_if_complete)
+        with pytest.raises(Exception) as failed:
+            await late
+        assert "no free connection" in str(failed.value)
+        resp = await after
+        assert path_of(resp) == b"/echo/after" and pool.opened == 1
+        # the connection is lost while one waits: its slot is handed over, a new one opened
+        waits = ask("/waits")
+        await asyncio.sleep(0.05)
+        resp.close()                # abandoned mid-use: closed, its slot freed
+        resp = await waits
+        assert path_of(resp) == b"/echo/waits" and pool.opened == 1
+        # a connection handed over that closes before its waiter runs: the waiter keeps its
+        # turn, and opens a new connection in the slot that one held
+        first, second = ask("/first"), ask("/second")
+        await asyncio.sleep(0.05)
+        conn = resp._conn
+        await _whole(resp)          # handed to /first ...
+        conn.close()                # ... and lost before /first runs
+        resp = await first
+        assert path_of(resp) == b"/echo/first"
+        await _whole(resp)
+        resp = await second
+        await _whole(resp)
+        assert pool.opened == 1 and len(pool.idle) == 1 and not pool._waiters
+    finally:
+        await pool.close()

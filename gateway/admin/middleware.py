@@ -22,7 +22,7 @@ from aiohttp import web
 
 from ..accesslog import TARGET_MAX, cut_target, holds_decoded, mask_target
 from ..config import Config
-from ..proxying.server import EXPECTATION, answer_and_close, continue_if_expected, continues
+from ..proxying.server import EXPECTATION, answer_and_close, continue_if_expected
 from ..errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
                       NotImplemented_, RequestTimeout, ServiceUnavailable, StoreError,
                       Unauthorized, body_cut_short, body_too_large, shown)
@@ -290,8 +290,10 @@ def error_middleware(config: Config, *, authenticate: bool = True,
         rid = request_id_of(request)
         started, actor = time.perf_counter(), "-"
         # a client that waits for 100 Continue before it sends its body (AdminRunner leaves
-        # that answer to this middleware: it is sent once the caller is admitted)
-        held_back = continues(request) and request.body_exists
+        # that answer to this middleware: it is sent once the caller is admitted). Any
+        # expectation counts: one refused 417 below (a list holding 100-continue, two fields,
+        # one unknown) may have been met with a 100 by a proxy in front, the body held back
+        held_back = request.body_exists and bool(request.get(EXPECTATION))
         try:
             if request.method == "CONNECT":
                 # aiohttp's parser ends a CONNECT at its head and, once it is answered, reads

@@ -5,8 +5,10 @@ refuses, and the edge limits aiohttp lacks (a whole request head within
 aiohttp offers no public hook for either, so this module subclasses its ``RequestHandler`` and
 reads some of its private attributes (``_manager``, ``_loop``, ``_request_in_progress``,
 ``_messages``, ``_request_count``, ``_connections``, ``_kwargs``, ``_current_request``,
-``_upgraded``, ``_payload_parser`` and the request's ``_cache``; a WebSocket tunnel takes a
-connection over with ``set_parser``, aiohttp's own seat for a WebSocket reader). The proxy listener's
+``_upgraded``, ``_payload_parser`` and the request's ``_cache``; on a parse error only, the C
+parser's own list of the requests it completed before it: ``_parsed_before_error``; a WebSocket
+tunnel takes a connection over with ``set_parser``, aiohttp's own seat for a WebSocket
+reader). The proxy listener's
 handler also runs a copy of aiohttp's ``RequestHandler.start`` without its per-request task
 (``_InlineRequestHandler``), and with it the rest of that method's private state. They are used
 here and nowhere else, so an aiohttp upgrade that moves them breaks one module (and
@@ -16,6 +18,7 @@ tests/test_edge_*.py say so); an upgrade that changes ``start`` only turns the c
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import inspect
 import logging
@@ -27,7 +30,7 @@ from typing import Callable
 
 from aiohttp import hdrs, web, web_protocol
 from aiohttp.helpers import ceil_timeout
-from aiohttp.http_exceptions import InvalidURLError, LineTooLong
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError, LineTooLong
 from aiohttp.http_writer import HttpVersion10, HttpVersion11
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD
@@ -44,6 +47,10 @@ log = logging.getLogger("keygate")
 
 
 _ERR_INFO = getattr(web_protocol, "_ErrInfo", None)  # what aiohttp queues for a parse error
+try:  # a request as aiohttp's C parser makes it (see _parsed_before_error)
+    from aiohttp._http_parser import RawRequestMessage as _C_MESSAGE
+except ImportError:  # no C extension: the pure-Python parser
+    _C_MESSAGE = None
 
 # The end of a chunked body without a trailer section: the last chunk (zeros, perhaps an
 # extension) and the empty line, as the last bytes a connection sent, but for empty lines the
@@ -223,22 +230,27 @@ class _JsonErrorRequestHandler(RequestHandler):
                 self._bound_pipelined()
             if self._messages:
                 message, self._last_payload = self._messages[-1]
-                if message.__class__ is not _ERR_INFO and message.upgrade and \
-                        not self._upgraded and _upgrade_drops_the_rest(message):
-                    # aiohttp drops what follows it in this read and parses the next read
-                    # from wherever it begins (a body taken for a request): nothing after it
-                    # is served, its answer closes the connection
-                    self._messages[-1] = (message._replace(should_close=True),
-                                          self._last_payload)
-                if message.__class__ is _ERR_INFO and body is not None and not body.is_eof():
-                    # the parser found the framing broken in the body of the request in
-                    # flight: aiohttp queues its own 400 behind that request and leaves its
-                    # body stream waiting, which then stalled until server.timeouts.body
-                    # (a 408). The body fails at once instead (a 400, the connection closed).
-                    body.set_exception(BodyFramingBroken("the request body's framing broke"))
-                elif new == 1 and self._chunked is None and message.__class__ is not _ERR_INFO \
-                        and not message.chunked and message.version is HttpVersion11:
-                    return  # the usual read: one HTTP/1.1 request, not chunked, none pending
+                if message.__class__ is _ERR_INFO:
+                    if new == 1 and self._rescue_parsed():
+                        return  # the requests the read completed before its error, judged
+                    if body is not None and not body.is_eof():
+                        # the parser found the framing broken in the body of the request in
+                        # flight: aiohttp queues its own 400 behind that request and leaves
+                        # its body stream waiting, which then stalled until
+                        # server.timeouts.body (a 408). The body fails at once instead (a
+                        # 400, the connection closed).
+                        body.set_exception(BodyFramingBroken("the request body's framing broke"))
+                else:
+                    if message.upgrade and not self._upgraded and \
+                            _upgrade_drops_the_rest(message):
+                        # aiohttp drops what follows it in this read and parses the next read
+                        # from wherever it begins (a body taken for a request): nothing after
+                        # it is served, its answer closes the connection
+                        self._messages[-1] = (message._replace(should_close=True),
+                                              self._last_payload)
+                    if new == 1 and self._chunked is None and not message.chunked \
+                            and message.version is HttpVersion11:
+                        return  # the usual read: one HTTP/1.1 request, not chunked, none pending
                 if self._refuse_versions(new):
                     return
             self._judge_chunked_ends(new)
@@ -249,6 +261,62 @@ class _JsonErrorRequestHandler(RequestHandler):
             self._count_head(len(data) - (body.total_bytes - fed if in_body else 0))
         if self._chunked is not None:
             self._judge_chunked_ends(0)
+
+    def _rescue_parsed(self) -> bool:
+        """The parser refused the read just received (aiohttp queued its 400 for all of it):
+        serve the requests that read completed before the error, as they would have been had
+        the error come in a later read; whether there were any. aiohttp's C parser raises for
+        the whole read and keeps them in its own list, never handed over: a valid request
+        followed in its read by a malformed one was answered only 400, and one saying
+        ``Connection: close`` (or HTTP/1.0's close) followed by any byte too (llhttp's "Data
+        after Connection: close"), where RFC 9112 9.6 has it answered and what follows
+        ignored (as nginx does).
+
+        Each request read whole is queued, judged as any (head bound, version, framing,
+        chunked ends, pipelining bound); then the 400, unless the last of them closes the
+        connection: nothing after it is read, it is not answered. Nothing more is parsed on
+        the connection (the parser stays broken). Only on this error path: the usual read
+        never gets here."""
+        queued = self._messages
+        if self._close or self._force_close or self._parse_no_more or \
+                not isinstance(queued[-1][0].exc, HttpProcessingError):
+            return False  # (a refusal of keygate's own: the connection is closing already)
+        parsed = _parsed_before_error(self._parser)
+        if not parsed:
+            return False
+        done = []
+        for message, payload in parsed:
+            if not payload.is_eof() or payload is EMPTY_PAYLOAD and \
+                    hdrs.TRANSFER_ENCODING in message.headers:
+                # not read whole: its body cut by the error, or its framing the error itself
+                # (llhttp refuses a request's Transfer-Encoding other than chunked once its
+                # head is parsed: aiohttp made it a request without a body): refused with it
+                break
+            done.append((message, payload))
+            if message.should_close:  # the connection ends with it (RFC 9112 9.6)
+                break
+        parsed.clear()  # the parser's own list: never rescued twice
+        if not done:
+            return False
+        refusal = queued.pop()
+        queued.extend(done)
+        new = len(done)
+        if not done[-1][0].should_close:
+            queued.append(refusal)
+            new += 1
+        self._request_count += new - 1  # (the refusal was counted)
+        self._parse_no_more = True  # the parser can take no more: later reads are dropped
+        for i in range(len(queued) - new, len(queued)):
+            message = queued[i][0]
+            if message.__class__ is not _ERR_INFO and _head_size(message) > HEAD_MAX:
+                self._refuse_head(i)  # (drops what is queued behind it)
+                return True
+        if len(queued) > 1:
+            self._bound_pipelined()
+        self._last_payload = queued[-1][1] if queued else EMPTY_PAYLOAD
+        if not self._refuse_versions(new):
+            self._judge_chunked_ends(new)
+        return True
 
     def _count_head(self, received: int) -> None:
         """``received`` more bytes of a request head not yet whole: past ``HEAD_MAX`` the
@@ -344,7 +412,9 @@ class _JsonErrorRequestHandler(RequestHandler):
                 break
             consumed += size + payload.total_bytes
         self._head_bytes = 0
-        if not (refused or chunked) and queued and queued[-1][1].is_eof():  # a next head
+        if not (refused or chunked) and queued and queued[-1][1].is_eof() \
+                and queued[-1][0].__class__ is not _ERR_INFO:  # a next head (none after
+            # a parse error: nothing more is parsed; _rescue_parsed judges what came before)
             self._count_head(max(received - max(consumed, 0), 0))
 
     def _bound_pipelined(self) -> None:
@@ -895,6 +965,20 @@ class _InlineRequestHandler(_JsonErrorRequestHandler):
                     self.transport.close()
 
 
+def _parsed_before_error(parser) -> list | None:
+    """The requests aiohttp's C parser completed (their heads, at least) in a read it then
+    raised for: its own list of them (``HttpParser._messages``, a C attribute Python code
+    cannot name, found among the objects the parser holds), or None (none, or another
+    parser: the pure-Python one keeps none)."""
+    if type(parser).__module__ != "aiohttp._http_parser":
+        return None
+    for held in gc.get_referents(parser):
+        if held.__class__ is list and held and held[0].__class__ is tuple \
+                and held[0][0].__class__ is _C_MESSAGE:
+            return held
+    return None
+
+
 def _upgrade_drops_the_rest(message) -> bool:
     """Whether aiohttp's parser drops what a client sends behind ``message``, a request its
     HTTP parser (llhttp) reads as asking to upgrade (``Connection: upgrade`` and an
@@ -940,12 +1024,22 @@ async def continue_if_expected(request: web.BaseRequest) -> None:
     """Answer ``Expect: 100-continue`` before the body is waited for: such a client holds its
     body back until asked (RFC 9110 10.1.1), and the proxy listener is aiohttp's low-level
     server, which leaves that to the handler (as the admin listener does: ``EXPECTATION``)."""
-    if continues(request) or request.version >= (1, 1) and \
-            request.headers.get("Expect", "").lower() == "100-continue":
+    if continues(request) or request.version >= (1, 1) and expects_continue(request.headers):
         try:
             await request.writer.write(_CONTINUE)
         except ConnectionError:  # the client left before it was asked for its body
             raise body_cut_short() from None
+
+
+def expects_continue(headers) -> bool:
+    """Whether a request's ``Expect`` fields ask for ``100 Continue``: ``100-continue`` in any
+    spelling (RFC 9110 10.1.1: case-insensitive), in any of the list's members, in any of
+    the fields (``100-Continue``; ``100-continue, foo``; ``Expect: foo`` then ``Expect:
+    100-continue``), as a front proxy may read them."""
+    if hdrs.EXPECT not in headers:  # nearly every request: no generator made
+        return False
+    return any(member.strip().lower() == "100-continue"
+               for value in headers.getall(hdrs.EXPECT) for member in value.split(","))
 
 
 EXPECTATION = web.RequestKey("expectation", str)

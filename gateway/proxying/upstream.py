@@ -104,6 +104,9 @@ class UpstreamPool:
         self.max_connections = max_connections
         self.opened = 0                                  # connections holding a slot
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        # connections handed to a waiter that has not run yet: one lost meanwhile leaves its
+        # slot to that waiter (it opens a new connection in it, keeping its turn)
+        self._handed: set[UpstreamConnection] = set()
         # Upload slots: a client trickling its body (a byte now and then never stalls it for
         # server.timeouts.body) holds its connection as long as it likes; such requests hold
         # at most max_streaming connections, so that requests with a complete body always
@@ -168,8 +171,7 @@ class UpstreamPool:
         conn.buffered, conn.skip_body, conn.until_close = 0, False, False
         conn.sender = None  # its body was all sent (else the connection is not taken back)
         conn.idle_since = conn.loop.time()
-        self.idle.append(conn)
-        self._wake_one()
+        self._give(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
         self.active.discard(conn)
@@ -179,62 +181,114 @@ class UpstreamPool:
             pass
         if conn.counted:
             conn.counted = False
-            self.opened -= 1
-            self._wake_one()
+            if conn not in self._handed:  # (else its slot is its waiter's: _wait_turn)
+                self._free_slot()
 
-    def _wake_one(self) -> None:
-        """A connection went idle or a slot came free: the longest waiter may take it."""
-        _wake_first(self._waiters)
+    # A connection or a connection slot that comes free while requests wait for one is handed
+    # to the longest waiter at once, as upload slots are: a request that reaches _checkout in
+    # the meantime (ready in the same turn of the loop, as under load) finds none free and
+    # queues behind them. Only woken, the longest waiter found the connection taken by such a
+    # request and queued again at the back: under steady load at max_connections the requests
+    # that had waited longest were the ones answered 504.
+
+    def _give(self, conn: UpstreamConnection) -> None:
+        """``conn``, open and reusable, came free: to the longest waiter, else idle."""
+        if self._waiters and _hand_first(self._waiters, conn):
+            self._handed.add(conn)
+        else:
+            self.idle.append(conn)
+
+    def _free_slot(self) -> None:
+        """A connection slot came free: the longest waiter takes it (to open a connection in),
+        else it is free."""
+        if not (self._waiters and _hand_first(self._waiters, _SLOT)):
+            self.opened -= 1
+
+    def _queued(self) -> bool:
+        """Whether a request waits for a connection (a waiter given up but not yet out of the
+        queue does not)."""
+        waiters = self._waiters
+        while waiters and waiters[0].done():
+            waiters.popleft()
+        return bool(waiters)
 
     async def _checkout(self, deadline: float | None = None,
                         fresh: bool = False) -> tuple[UpstreamConnection, bool]:
         """An idle connection (reused: True) or a new one, within ``max_connections``; waiting
         for one at most until ``deadline`` (loop time; by default ``connect_timeout`` from the
         moment it starts waiting). ``fresh``: a new one while there is room for it (a retry
-        after an idle connection the upstream had dropped: it drops its idle ones together)."""
+        after an idle connection the upstream had dropped: it drops its idle ones together).
+
+        While requests wait, one arriving queues behind them, whatever is free: connections
+        and slots coming free are handed to the longest waiter (``_give``, ``_free_slot``)."""
         while True:
-            while self.idle and not (fresh and self.opened < self.max_connections):
-                conn = self.idle.pop()
-                if conn.loop.time() - conn.idle_since > self.idle_ttl:
-                    # the newest idle connection is too old: so are all the others
-                    stale, self.idle = self.idle, []
-                    for old in stale + [conn]:
-                        old.close()
-                    break
-                if not conn.closed:
-                    return conn, True
-            if self.opened < self.max_connections:
-                self.opened += 1
-                try:
-                    conn = await self._connect()
-                except BaseException:
-                    self.opened -= 1
-                    self._wake_one()
-                    raise
-                if conn.closed:  # lost before we could hold it: its slot is free again
-                    self.opened -= 1
-                    self._wake_one()
-                    continue
-                conn.counted = True
-                return conn, False
-            loop = asyncio.get_running_loop()
-            if deadline is None:
-                deadline = loop.time() + self.connect_timeout
-            waiter = loop.create_future()
-            self._waiters.append(waiter)
+            slot = False
+            if not (self._waiters and self._queued()):
+                while self.idle and not (fresh and self.opened < self.max_connections):
+                    conn = self.idle.pop()
+                    if conn.loop.time() - conn.idle_since > self.idle_ttl:
+                        # the newest idle connection is too old: so are all the others
+                        stale, self.idle = self.idle, []
+                        for old in stale + [conn]:
+                            old.close()
+                        break
+                    if not conn.closed:
+                        return conn, True
+                if self.opened < self.max_connections:
+                    self.opened += 1
+                    slot = True
+            if not slot:
+                if deadline is None:
+                    deadline = asyncio.get_running_loop().time() + self.connect_timeout
+                handed = await self._wait_turn(deadline)
+                if handed is not None:
+                    return handed, True
+            # a slot held (taken, or handed over): a new connection in it
             try:
-                async with asyncio.timeout_at(deadline):
-                    await waiter
-            except BaseException as exc:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-                elif waiter.done() and not waiter.cancelled():
-                    self._wake_one()  # woken as we gave up: pass the turn on
-                if isinstance(exc, TimeoutError):
-                    raise UpstreamUnreached(
-                        f"no free connection to the upstream within {self.connect_timeout:g} s"
-                        f" (max_connections {self.max_connections})") from None
+                conn = await self._connect()
+            except BaseException:
+                self._free_slot()
                 raise
+            if conn.closed:  # lost before we could hold it: its slot is free again
+                self._free_slot()
+                continue
+            conn.counted = True
+            return conn, False
+
+    async def _wait_turn(self, deadline: float) -> UpstreamConnection | None:
+        """Wait until ``deadline`` (loop time) for a connection to be handed over, or a slot
+        (None: counted already, to open a connection in; also when the connection handed
+        over was lost before this ran)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout_at(deadline):
+                handed = await waiter
+        except BaseException as exc:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # handed one as we gave up (timed out, or the client went): passed on
+                handed = waiter.result()
+                if handed is _SLOT:
+                    self._free_slot()
+                else:
+                    self._handed.discard(handed)
+                    if handed.closed:
+                        self._free_slot()  # the slot it held was left to us
+                    elif self.closed:
+                        handed.close()  # (the pool closed meanwhile: its slot goes on)
+                    else:
+                        self._give(handed)
+            if isinstance(exc, TimeoutError):
+                raise UpstreamUnreached(
+                    f"no free connection to the upstream within {self.connect_timeout:g} s"
+                    f" (max_connections {self.max_connections})") from None
+            raise
+        if handed is _SLOT:
+            return None
+        self._handed.discard(handed)
+        return None if handed.closed else handed
 
     async def _connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
@@ -606,11 +660,14 @@ def _why(exc: BaseException) -> str:
     return f"{name}: {said}" if said else name
 
 
-def _wake_first(waiters: "collections.deque[asyncio.Future]") -> bool:
-    """Wake the longest of ``waiters`` still waiting (False: none is)."""
+_SLOT = object()  # what a waiter for a connection is handed when a slot (not one) came free
+
+
+def _hand_first(waiters: "collections.deque[asyncio.Future]", handed: object) -> bool:
+    """Hand ``handed`` to the longest of ``waiters`` still waiting (False: none is)."""
     while waiters:
         waiter = waiters.popleft()
         if not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(handed)
             return True
     return False
