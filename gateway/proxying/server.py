@@ -58,6 +58,11 @@ except ImportError:  # no C extension: the pure-Python parser
 # field line can never match it (a field name holds no ';', and a line without ':' is refused).
 _TRAILERLESS_END = re.compile(rb"\r\n0+(?:;[^\r\n]*)?\r\n\r\n(?:\r\n)*\Z")
 _RECENT = 512  # the last bytes of each of a connection's last two reads it is judged by
+# Where a request head ends: the first empty line after its first byte (aiohttp's request
+# parsers, llhttp's and the pure-Python one, take CRLF line ends only: a bare LF is refused);
+# and the empty lines the parser skips before a request line, no part of any head.
+_HEAD_END = b"\r\n\r\n"
+_BLANK_LINES = re.compile(rb"[\r\n]*")
 # The largest request head (request line and header fields) taken, in bytes: nginx's default
 # (4 x 8 KiB). aiohttp alone bounds a head only at 128 fields of 8 KiB (~1 MiB, ~2.4 MB of
 # memory once parsed), which server.max_connections clients could each hold until
@@ -104,8 +109,11 @@ class FramingRefused(VersionRefused):
 
 
 def _head_size(message) -> int:
-    """The bytes of a parsed request head as sent, but for optional blanks (the request line,
-    each ``Name: value`` line, the empty line)."""
+    """The bytes of a parsed request head as parsed: the request line, each ``Name: value``
+    line, the empty line. Less than the bytes sent by the optional blanks the parser strips
+    (around a field's value, between the request line's parts): what a queued head holds in
+    memory (``_bound_pipelined``), not what the 32 KiB bound on a head as sent is judged by
+    (``_heads_as_sent``)."""
     return len(message.method) + len(message.path) + 14 + sum(
         len(name) + len(value) + 4 for name, value in message.raw_headers)
 
@@ -133,6 +141,7 @@ class _JsonErrorRequestHandler(RequestHandler):
     _latest = b""     # and its latest (likewise)
     _head_bytes = 0   # bytes received of the request head under way (see _count_head)
     _head_from = 0    # the connection's request count when that head began
+    _head_tail = b""  # its last 3 bytes (none while only blank lines came): see _heads_as_sent
     _tunnel = None    # the WebSocket tunnel this connection became (gateway.proxying.tunnel)
     # while the request waits for its upstream: the timeout of a streamed answer's wait for
     # the upstream's next bytes (forward.py), or the future of the wait for the answer head
@@ -224,14 +233,16 @@ class _JsonErrorRequestHandler(RequestHandler):
             if self._head_bytes + len(data) <= HEAD_MAX and data.endswith(b"\r\n\r\n"):
                 self._head_bytes = 0  # the usual read: a head, whole, ending the read
             else:  # a long read, the end of a long head, or bytes after a head or a body
-                self._judge_heads(len(data), new, body.total_bytes - fed if in_body else 0,
+                self._judge_heads(data, new, body.total_bytes - fed if in_body else 0,
                                   in_body and body is self._chunked)
             if len(self._messages) > 1:  # pipelined behind a request not yet answered
                 self._bound_pipelined()
             if self._messages:
                 message, self._last_payload = self._messages[-1]
                 if message.__class__ is _ERR_INFO:
-                    if new == 1 and self._rescue_parsed():
+                    if new == 1 and self._rescue_parsed(
+                            data, body.total_bytes - fed if in_body else 0,
+                            in_body and body is self._chunked):
                         return  # the requests the read completed before its error, judged
                     if body is not None and not body.is_eof():
                         # the parser found the framing broken in the body of the request in
@@ -258,12 +269,13 @@ class _JsonErrorRequestHandler(RequestHandler):
         if body is None or (body.is_eof() and body is not self._chunked):
             # (part of) a head: its bytes, less a body's end (after a chunked body, whose
             # framing total_bytes leaves out, _judge_chunked_ends closes on anything)
-            self._count_head(len(data) - (body.total_bytes - fed if in_body else 0))
+            self._count_head(data, body.total_bytes - fed if in_body else 0)
         if self._chunked is not None:
             self._judge_chunked_ends(0)
 
-    def _rescue_parsed(self) -> bool:
-        """The parser refused the read just received (aiohttp queued its 400 for all of it):
+    def _rescue_parsed(self, data: bytes, body_end: int, chunked: bool) -> bool:
+        """The parser refused the read ``data`` just received (aiohttp queued its 400 for all
+        of it; it began with ``body_end`` bytes of an earlier body, ``chunked`` or not):
         serve the requests that read completed before the error, as they would have been had
         the error come in a later read; whether there were any. aiohttp's C parser raises for
         the whole read and keeps them in its own list, never handed over: a valid request
@@ -284,6 +296,9 @@ class _JsonErrorRequestHandler(RequestHandler):
         parsed = _parsed_before_error(self._parser)
         if not parsed:
             return False
+        # the first head's bytes received in earlier reads (_judge_heads left them counted:
+        # on the usual path, none, and every head in the read is within HEAD_MAX anyway)
+        earlier = self._head_bytes if self._head_from == self._request_count - 1 else 0
         done = []
         for message, payload in parsed:
             if not payload.is_eof() or payload is EMPTY_PAYLOAD and \
@@ -306,9 +321,10 @@ class _JsonErrorRequestHandler(RequestHandler):
             new += 1
         self._request_count += new - 1  # (the refusal was counted)
         self._parse_no_more = True  # the parser can take no more: later reads are dropped
-        for i in range(len(queued) - new, len(queued)):
-            message = queued[i][0]
-            if message.__class__ is not _ERR_INFO and _head_size(message) > HEAD_MAX:
+        self._head_bytes = 0
+        sizes, _ = self._heads_as_sent(data, done, body_end, earlier, chunked)
+        for i, size in enumerate(sizes, len(queued) - new):
+            if size > HEAD_MAX:  # as sent: the bytes the client sent, blanks and all
                 self._refuse_head(i)  # (drops what is queued behind it)
                 return True
         if len(queued) > 1:
@@ -318,9 +334,11 @@ class _JsonErrorRequestHandler(RequestHandler):
             self._judge_chunked_ends(new)
         return True
 
-    def _count_head(self, received: int) -> None:
-        """``received`` more bytes of a request head not yet whole: past ``HEAD_MAX`` the
-        request is refused and nothing more is parsed, so the parser never holds more."""
+    def _count_head(self, data: bytes, start: int) -> None:
+        """The bytes of the read ``data`` from ``start`` on are more of a request head not yet
+        whole: past ``HEAD_MAX`` the request is refused and nothing more is parsed, so the
+        parser never holds more. (Its last bytes are kept once it has begun: see
+        ``_heads_as_sent``.)"""
         if self._close or self._force_close:
             return
         if self._upgraded and self._payload_parser is None:
@@ -335,6 +353,15 @@ class _JsonErrorRequestHandler(RequestHandler):
         if self._head_from != self._request_count:  # the first bytes of a next head
             self._head_from = self._request_count
             self._head_bytes = 0
+        received = max(len(data) - start, 0)
+        if received:
+            # the head's last 3 bytes, from its first byte that is no blank line on (blank
+            # lines before a request line are skipped by the parser, never a head's end)
+            tail = self._head_tail if self._head_bytes else b""
+            if not tail:
+                start = _BLANK_LINES.match(data, start).end()
+            tail += data[max(start, len(data) - 3):]
+            self._head_tail = tail[-3:]
         self._head_bytes += received
         if received and self._head_since is None:
             # a head begun behind a request (in its read, or while it is answered): due from
@@ -388,34 +415,80 @@ class _JsonErrorRequestHandler(RequestHandler):
             if self._buffer_paused:  # aiohttp held no more than read_bufsize
                 self._resume_reading_if_drained()
 
-    def _judge_heads(self, received: int, new: int, body_end: int, chunked: bool) -> None:
-        """A read of ``received`` bytes that completed ``new`` requests (``body_end`` of them
-        were the rest of an earlier request's body, ``chunked`` or not), but not the usual
-        way: each new head over ``HEAD_MAX`` is refused, and what follows them and their
+    def _judge_heads(self, data: bytes, new: int, body_end: int, chunked: bool) -> None:
+        """A read ``data`` that completed ``new`` requests (its first ``body_end`` bytes were
+        the rest of an earlier request's body, ``chunked`` or not), but not the usual way:
+        each new head over ``HEAD_MAX`` as sent is refused, and what follows them and their
         bodies in the read counts towards the next head (a client may pipeline). Not after a
         chunked body (its framing is no part of ``total_bytes``): ``_judge_chunked_ends``
         drops whatever follows one."""
         queued = self._messages
+        if new == 1 and queued and queued[-1][0].__class__ is _ERR_INFO:
+            return  # a parse error: _rescue_parsed judges the requests read before it
         # the first head's bytes received in earlier reads are counted already (not when
         # requests were parsed outside data_received since: a declined upgrade's tail)
         earlier = self._head_bytes if self._head_from == self._request_count - new else 0
-        consumed, refused = body_end - earlier, False
-        for i in range(max(len(queued) - new, 0), len(queued)):
-            message, payload = queued[i]
-            if message.__class__ is _ERR_INFO:
-                continue
-            chunked = chunked or message.chunked
-            size = _head_size(message)
+        first = max(len(queued) - new, 0)
+        sizes, end = self._heads_as_sent(data, list(queued)[first:], body_end, earlier,
+                                         chunked)
+        self._head_bytes = 0
+        for i, size in enumerate(sizes, first):
             if size > HEAD_MAX:
                 self._refuse_head(i)  # (drops what is queued behind it)
-                refused = True
-                break
-            consumed += size + payload.total_bytes
-        self._head_bytes = 0
-        if not (refused or chunked) and queued and queued[-1][1].is_eof() \
+                return
+        if end is not None and queued and queued[-1][1].is_eof() \
                 and queued[-1][0].__class__ is not _ERR_INFO:  # a next head (none after
             # a parse error: nothing more is parsed; _rescue_parsed judges what came before)
-            self._count_head(max(received - max(consumed, 0), 0))
+            self._count_head(data, end)
+
+    def _heads_as_sent(self, data: bytes, requests, at: int, earlier: int,
+                       chunked: bool) -> tuple[list[int], int | None]:
+        """The size as sent of the head of each of ``requests`` (the requests the read
+        ``data`` completed, in order, each with its body stream), and where in ``data`` the
+        last one's body ends (None when that is unknown). The read begins with ``at`` bytes
+        of an earlier request's body (``chunked`` or not), or with the rest of a head of which
+        ``earlier`` bytes came in earlier reads. Each head ends at the first empty line from
+        its first byte (for a head begun earlier, that empty line may begin in its last bytes
+        received, ``_head_tail``), and is followed by ``total_bytes`` of body. A head not
+        found where it should be is sized by all the rest of the read: never less than sent.
+
+        Measured in the bytes received, not from the parsed fields (``_head_size``), which
+        leave out the optional blanks the parser strips: a head of 33 KB of blanks before a
+        field's value was forwarded. After a chunked body (whose framing ``total_bytes``
+        leaves out) where the next head begins is unknown: those heads, which
+        ``_judge_chunked_ends`` drops anyway, are sized as parsed. Only for the reads that
+        are not the usual one (one head, whole, ending the read within ``HEAD_MAX``)."""
+        sizes: list[int] = []
+        pos: int | None = None if chunked else at
+        for message, payload in requests:
+            if message.__class__ is _ERR_INFO:  # (nothing is parsed after it)
+                sizes.append(0)
+                pos = None
+                continue
+            if pos is None:
+                sizes.append(_head_size(message))
+                continue
+            if earlier:  # the rest of a head begun in earlier reads
+                start, size = 0, earlier
+                earlier, tail = 0, self._head_tail
+                found = (tail + data[:3]).find(_HEAD_END) if tail else -1
+                if found >= 0:  # its empty line began in an earlier read
+                    end = found + 4 - len(tail)
+                else:
+                    found = data.find(_HEAD_END, 0 if tail else _BLANK_LINES.match(data).end())
+                    end = found + 4 if found >= 0 else -1
+            else:
+                start = _BLANK_LINES.match(data, pos).end()
+                size = 0
+                found = data.find(_HEAD_END, start)
+                end = found + 4 if found >= 0 else -1
+            if end < 0:  # (never expected) all the rest of the read, at least as parsed
+                end = len(data)
+                sizes.append(max(size + end - start, _head_size(message)))
+            else:
+                sizes.append(size + end - start)
+            pos = None if message.chunked else end + payload.total_bytes
+        return sizes, pos
 
     def _bound_pipelined(self) -> None:
         """Requests a client pipelines wait parsed, heads and all, in aiohttp's queue (up to
@@ -426,6 +499,9 @@ class _JsonErrorRequestHandler(RequestHandler):
         total = 0
         for message, _ in self._messages:
             if message.__class__ is not _ERR_INFO:
+                # as parsed, not as sent: this bounds what the queued heads hold in memory,
+                # and the blanks the parser stripped are held nowhere (each head's bytes as
+                # sent are judged by _heads_as_sent as it is read)
                 total += _head_size(message)
                 if total > HEAD_MAX:
                     self._close_after_chunked(0 if self._request_in_progress else 1)
