@@ -2111,3 +2111,39 @@ async def test_fail_open_never_grants_a_scope_a_reload_took_from_the_keys_role(
                     assert r.status == 200, (when, await r.text())  # what the role still gives
         finally:
             own_redis.start()
+
+
+async def test_identity_header_names_a_reload_retired_are_still_stripped_from_requests(
+        reloadable, upstreams):
+    """A reload that renames the identity headers leaves the old names to the client: an
+    upstream still reading X-Workspace-Id during the migration believed a client's forged
+    copy. A name keygate has set in this process's life stays dropped from client requests,
+    in any spelling, on both the fast path and the one a ``Connection`` header takes."""
+    gw, path = reloadable
+    urls, _, _ = upstreams
+    token, _ = await gw.key(role="reader")
+    forged = [("X-Workspace-Id", "evil"), ("x_workspace_id", "evil"),
+              ("X.Api.Key.Id", "evil"), ("X-Api-Scopes", "evil"), ("X-Workspace-Plan", "evil"),
+              ("X-Tenant", "evil")]
+
+    async def seen(*extra: tuple[str, str]) -> dict[str, str]:
+        headers = [("Authorization", f"Bearer {token}"), *forged, *extra]
+        async with gw.proxy.get("/people/1", headers=headers) as r:
+            assert r.status == 200
+            return {k.lower(): v for k, v in (await r.json())["headers"].items()}
+
+    renamed = {"workspace": "X-Tenant", "key_id": "X-Tenant-Key", "scopes": "X-Tenant-Scopes",
+               "plan": "X-Tenant-Plan"}
+    write(path, config_doc(urls["a"], identity_headers=renamed))
+    assert (await reload(gw))[0] == 200
+    for extra in ((), (("Connection", "X-Unrelated"),)):
+        got = await seen(*extra)
+        assert got["x-tenant"] == "acme", got  # keygate's own, not the client's
+        assert "evil" not in got.values(), got
+    # renamed again: both earlier names stay dropped
+    write(path, config_doc(urls["a"], identity_headers={"workspace": "X-Org"}))
+    assert (await reload(gw))[0] == 200
+    for extra in ((), (("Connection", "X-Unrelated"),)):
+        got = await seen(*extra)
+        assert got["x-org"] == "acme" and got["x-api-key-id"] != "evil", got
+        assert "evil" not in got.values() and "x-tenant" not in got, got

@@ -164,6 +164,7 @@ class Forwarder:
         # the pools a reload took out of use, by the upstream they were made for, until their
         # requests are done: requests in flight through the reload still use them
         self._retired: dict[Upstream, tuple[UpstreamPool, str, str]] = {}
+        self.header_rules: RequestHeaderRules | None = None
         self._settle(config)
         # Called with (upstream name, seconds from sending to the response headers) for each
         # upstream answer; the app wires it to keygate_upstream_duration_seconds.
@@ -171,7 +172,9 @@ class Forwarder:
 
     def _settle(self, config: Config) -> None:
         self.config = config
-        self.header_rules = RequestHeaderRules(config)
+        # the identity header names earlier configs set stay dropped from client requests
+        before = self.header_rules
+        self.header_rules = RequestHeaderRules(config, before.injected if before else ())
         signing = config.identity_signature
         self._sign_secret: bytes | None = None
         if signing is not None:
